@@ -1,0 +1,3 @@
+"""Memory-optimized AlignProp for Stable Diffusion."""
+
+__version__ = "0.1.0"

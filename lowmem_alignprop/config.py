@@ -1,0 +1,255 @@
+"""The run configuration: one typed dataclass, every field with help, validated before any model loads.
+
+Layering (later wins): dataclass defaults < hardware profile YAML < explicit CLI flags < ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from .errors import UserError
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # ---- what to train -------------------------------------------------------------------------
+    model: str = _f("tiny", "Base model: 'tiny' (built-in, offline), sd15|sd21|sdxl (architecture only, random "
+                    "weights, for planning), a hub id, a diffusers directory, or a single-file .safetensors/.ckpt.")
+    model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
+                         ("auto", "sd15", "sd21", "sdxl"))
+    reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or "
+                     "'package.module:function' for your own differentiable reward.")
+    reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default.")
+    prompts: str = _f("simple_animals", "Prompt set: a built-in name or a UTF-8 text file with one prompt per line.")
+    output_dir: str = _f("outputs/run", "Where the LoRA, metrics, samples, reports and config.yaml are written.")
+    seed: int = _f(0, "Random seed for prompts, noise and LoRA init.")
+    steps: int = _f(20, "Number of optimizer steps to train.")
+
+    # ---- sampler -------------------------------------------------------------------------------
+    sample_steps: int = _f(50, "DDIM steps per rollout (T).")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1.0 disables the unconditional branch).")
+    eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM (AlignProp uses 1.0).")
+    resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
+
+    # ---- truncated backprop (DESIGN.md section 2) ------------------------------------------------
+    truncation: str = _f("fixed", "How K is chosen, once per rollout: fixed K, or uniform in [k_min, k_max].",
+                         ("fixed", "uniform"))
+    k: int = _f(1, "Fixed K: gradients flow through the last K denoising steps.")
+    k_min: int = _f(1, "Smallest K when truncation=uniform.")
+    k_max: int = _f(50, "Largest K when truncation=uniform (at most sample_steps).")
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    batch_size: int = _f(1, "Images per micro-step (per process).")
+    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
+    lr: float = _f(1e-3, "Learning rate (AlignProp uses 1e-3 for LoRA).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
+    loss_scale: float = _f(1.0, "loss = -loss_scale * mean(reward) (or loss_scale * mean(|reward - target|)).")
+    reward_target: float | None = _f(None, "If set, minimise the distance to this reward value instead "
+                                     "(e.g. 10 for the aesthetic score, as in AlignProp).")
+    train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
+    lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
+    optimizer: str = _f("adamw", "adamw (fp32 state, 8 bytes/param), adamw8bit (bitsandbytes, 2 bytes/param), "
+                        "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
+                        ("adamw", "adamw8bit", "paged_adamw8bit"))
+
+    # ---- memory features (set by the hardware profile) ---------------------------------------------
+    budget_gb: float = _f(0.0, "The card's memory budget in GiB that this configuration must fit (0 = no check).")
+    mixed_precision: str = _f("no", "Precision of the frozen modules (UNet, VAE, text encoder, reward); LoRA and "
+                              "optimizer stay fp32. fp16/bf16 halve the frozen weights.", ("no", "fp16", "bf16"))
+    attention: str = _f("sdpa", "Attention kernel: sdpa (PyTorch fused, default), xformers (CUDA only), "
+                        "sliced (lowest memory, slowest).", ("sdpa", "xformers", "sliced"))
+    unet_checkpointing: str = _f("call", "Gradient checkpointing of the UNet in the grad window: one checkpoint per "
+                                 "UNet call (always), or also per UNet block (less memory in backward, ~30% slower).",
+                                 ("call", "blocks"))
+    vae_checkpointing: str = _f("none", "VAE decoder checkpointing: none, per up-block, or per resnet (least memory).",
+                                ("none", "blocks", "resnets"))
+    reward_checkpointing: bool = _f(False, "Checkpoint the reward model's layers (saves its activations in backward).")
+    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch (lower decode peak).")
+    tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images).")
+    tile_size: int = _f(64, "Latent tile side for tiled_decode.")
+    tile_overlap: int = _f(16, "Latent tile overlap for tiled_decode.")
+    cache_prompt_embeddings: bool = _f(False, "Encode every prompt once at start-up; the text encoder then leaves the GPU.")
+    offload_frozen: bool = _f(False, "Keep frozen modules on the CPU while not in use (VAE and reward model during "
+                              "sampling, text encoder after encoding). Saves their weights' memory, costs transfers.")
+    activation_offload: bool = _f(False, "Move tensors saved for backward to CPU (saved-tensor hooks). Needs "
+                                  "checkpointing; costs PCIe transfers.")
+    base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
+                         ("none", "int8", "nf4"))
+    deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))
+    offload: str = _f("none", "DeepSpeed offload: none, optimizer state to CPU (ZeRO-2/3), or params too (ZeRO-3).",
+                      ("none", "optimizer", "params"))
+
+    # ---- logging and outputs ---------------------------------------------------------------------
+    report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
+    sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
+    checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
+    log_every: int = _f(1, "Print a per-step summary line every N steps.")
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Check types and impossible combinations. Raises UserError naming the fix."""
+        hints = get_type_hints(Config)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise UserError(f"{f.name}={v!r} is not one of {', '.join(map(str, choices))}: "
+                                f"use --set {f.name}={choices[0]}")
+            t = hints[f.name]
+            if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
+                raise UserError(f"{f.name} must be {t.__name__}, got {v!r}")
+        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "k", "k_min", "k_max"]
+        for name in pos:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if self.resolution % 8:
+            raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
+                            f"{max(8, self.resolution // 8 * 8)}")
+        if self.truncation == "fixed" and self.k > self.sample_steps:
+            raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
+                            f"{self.sample_steps} or raise sample_steps")
+        if self.truncation == "uniform":
+            if self.k_min > self.k_max:
+                raise UserError(f"k_min={self.k_min} is larger than k_max={self.k_max}: swap them")
+            if self.k_max > self.sample_steps:
+                raise UserError(f"k_max={self.k_max} is larger than sample_steps={self.sample_steps}: use --set "
+                                f"k_max={self.sample_steps}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive (got {self.lr})")
+        if self.optimizer != "adamw" and not _has("bitsandbytes"):
+            raise UserError(f"optimizer={self.optimizer} needs bitsandbytes: pip install bitsandbytes, "
+                            "or use --set optimizer=adamw")
+        if self.base_quant != "none" and not _has("bitsandbytes"):
+            raise UserError(f"base_quant={self.base_quant} needs bitsandbytes: pip install bitsandbytes, "
+                            "or use --set base_quant=none")
+        if self.base_quant != "none" and self.train_unet == "full":
+            raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
+        if self.deepspeed_zero and not _has("deepspeed"):
+            raise UserError(f"deepspeed_zero={self.deepspeed_zero} needs DeepSpeed: pip install deepspeed, "
+                            "or use --set deepspeed_zero=0")
+        if self.offload != "none" and not self.deepspeed_zero:
+            raise UserError(f"offload={self.offload} is a DeepSpeed ZeRO feature: add --set deepspeed_zero=2 "
+                            "(optimizer) or 3 (params), or use --set offload=none")
+        if self.offload == "params" and self.deepspeed_zero != 3:
+            raise UserError("offload=params needs deepspeed_zero=3: use --set deepspeed_zero=3")
+        if self.deepspeed_zero and self.optimizer != "adamw":
+            raise UserError("DeepSpeed brings its own optimizer: use --set optimizer=adamw with deepspeed_zero")
+        if self.activation_offload and self.vae_checkpointing == "none":
+            raise UserError("activation_offload moves checkpointed tensors to the CPU; without VAE checkpointing it "
+                            "would ship every decoder activation over PCIe: add --set vae_checkpointing=blocks")
+        if self.tiled_decode and self.sliced_decode:
+            raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
+        if self.tile_overlap * 2 >= self.tile_size:
+            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}")
+        if self.guidance_scale < 1.0:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def window_bounds(self) -> tuple[int, int]:
+        """The range of K this config can draw."""
+        if self.truncation == "fixed":
+            return self.k, self.k
+        return self.k_min, self.k_max
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(Config))
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
+    if name not in FIELD_NAMES:
+        import difflib
+        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
+    t = get_type_hints(Config)[name]
+    if isinstance(value, str):
+        s = value.strip()
+        if t is bool:
+            low = s.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        if t is int or (name == "deepspeed_zero"):
+            try:
+                return int(s)
+            except ValueError:
+                raise UserError(f"{name} must be a whole number, got {value!r}") from None
+        if t is float or t == (float | None):
+            if t == (float | None) and s.lower() in ("", "none", "null"):
+                return None
+            try:
+                return float(s)
+            except ValueError:
+                raise UserError(f"{name} must be a number, got {value!r}") from None
+        return s
+    # values coming from YAML already have a type: check it
+    if name == "vae_checkpointing" and isinstance(value, bool):
+        return "blocks" if value else "none"  # yes/no in a profile means per up-block
+    if t is bool and not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    if t in (float, float | None) and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if t is str and not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {value!r}")
+    return value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse repeated ``--set key=value`` strings into typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"malformed --set {item!r}: write it as --set key=value, e.g. --set k=2")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        out[key] = coerce(key, value)
+    return out
+
+
+def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """Merge profile < explicit CLI flags < --set overrides into a validated Config."""
+    values: dict[str, Any] = {}
+    for source in (profile_values, explicit, overrides):
+        for k, v in source.items():
+            values[k] = coerce(k, v)
+    return Config(**values).validate()
+
+
+def field_help() -> str:
+    """Every field with its default and help text, for --help."""
+    lines = []
+    for f in fields(Config):
+        choices = f.metadata.get("choices")
+        ch = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name}{ch} (default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)
