@@ -1,0 +1,345 @@
+"""StageProfiler on CPU: real allocation peaks per stage, aggregation, reports, and CUDA gating."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from lowmem_alignprop import profiler as profiler_mod
+from lowmem_alignprop.profiler import (
+    CpuAllocationTracker,
+    StageProfiler,
+    fmt_bytes,
+    gib,
+    live_tensor_bytes,
+    measure_cpu_stages,
+    resident_bytes,
+)
+from lowmem_alignprop.stages import STAGES
+
+MiB = 1024**2
+
+
+def _alloc(nbytes: int) -> torch.Tensor:
+    return torch.ones(nbytes // 4, dtype=torch.float32)  # ones, not empty: the pages are touched
+
+
+def _fake_step(prof: StageProfiler, kept: list) -> None:
+    """decode: 64 MiB, freed; backward: 128 MiB freed + a 16 MiB result kept."""
+    with prof.stage("encode_prompts"):
+        pass
+    with prof.stage("decode"):
+        x = _alloc(64 * MiB)
+        del x
+    with prof.stage("backward"):
+        big = _alloc(128 * MiB)
+        kept.append(_alloc(16 * MiB))
+        del big
+
+
+def _close(measured: int, expected: int, rel: float = 0.05) -> bool:
+    return abs(measured - expected) <= rel * expected
+
+
+@pytest.fixture(scope="module")
+def two_steps():
+    """One profiler, load + two detail steps + one plain step; shared by several tests (fast)."""
+    kept: list = []
+    prof = StageProfiler("cpu", budget_gb=1.0, detail_steps={1, 2}, snapshot_steps=(1, 2))
+    with prof.stage("load"):
+        model = torch.nn.Linear(256, 256)
+        weights = _alloc(32 * MiB)  # stays resident, like model weights
+    lora = [model.bias]
+    prof.record_modules({"unet": model, "vae": weights, "lora": lora})
+    summaries = []
+    for step in (1, 2, 3):
+        prof.begin_step(step)
+        _fake_step(prof, kept)
+        summaries.append(prof.end_step())
+    return prof, summaries, kept, (model, weights)
+
+
+def test_known_peaks_within_5_percent(two_steps):
+    prof, summaries, _, _ = two_steps
+    for s in summaries[:2]:
+        assert s["source"] == "cpu_profiler"
+        base = s["baseline"]
+        st = s["stages"]
+        assert _close(st["decode"]["peak_allocated"] - base, 64 * MiB)
+        assert _close(st["backward"]["peak_allocated"] - base, 144 * MiB)  # 128 + 16 live together
+        assert abs(st["encode_prompts"]["peak_allocated"] - base) < 0.05 * MiB
+        assert _close(s["retained"], 16 * MiB)
+        assert s["peak_stage"] == "backward"
+        assert s["peak_allocated"] == st["backward"]["peak_allocated"]
+
+
+def test_baseline_counts_live_tensors(two_steps):
+    _, summaries, _, (model, weights) = two_steps
+    b1, b2 = summaries[0]["baseline"], summaries[1]["baseline"]
+    assert b1 >= 32 * MiB + model.weight.nbytes
+    assert _close(b2 - b1, 16 * MiB, rel=0.01)  # the result step 1 kept
+
+
+def test_load_peak_and_module_split(two_steps):
+    prof, _, _, (model, weights) = two_steps
+    load = prof.outside["load"]
+    assert load["source"] == "cpu_profiler"
+    assert load["peak_allocated"] >= 32 * MiB
+    split = prof.modules["after_load"]
+    assert split["lora"]["bytes"] == model.bias.nbytes
+    assert split["unet"]["bytes"] == model.weight.nbytes  # LoRA left out of the UNet
+    assert split["vae"]["bytes"] == 32 * MiB
+    assert split["unet"]["by_device"] == {"cpu": model.weight.nbytes}
+
+
+def test_plain_steps_record_time_and_rss_only(two_steps):
+    _, summaries, _, _ = two_steps
+    s = summaries[2]
+    assert s["source"] == "time_rss"
+    assert s["peak_allocated"] is None and s["peak_stage"] is None
+    assert s["stages"]["backward"]["seconds"] > 0
+    assert s["stages"]["backward"]["rss"] > 0
+    assert "mem step 3" in StageProfiler("cpu").format_step(s)
+
+
+def test_format_step(two_steps):
+    prof, summaries, _, _ = two_steps
+    line = prof.format_step(summaries[1])
+    assert line.startswith("mem step 2: peak ") and "in backward" in line and line.endswith(" s")
+    assert "\n" not in line and len(line) < 120
+
+
+def test_stage_entered_twice_aggregates():
+    prof = StageProfiler("cpu", detail_steps="all")
+    kept = []
+    prof.begin_step(1)
+    for _ in range(2):  # grad accumulation: backward twice, the second on top of the first's result
+        with prof.stage("backward"):
+            big = _alloc(32 * MiB)
+            kept.append(_alloc(8 * MiB))
+            del big
+    with prof.stage("optimizer"):
+        pass
+    s = prof.end_step()
+    fig = s["stages"]["backward"]
+    assert fig["calls"] == 2
+    assert _close(fig["peak_allocated"] - s["baseline"], 48 * MiB)  # max of 40 and 8 + 40
+    assert list(s["stages"]) == ["backward", "optimizer"]  # STAGES order
+    assert s["peak_stage"] == "backward"
+
+
+def test_unknown_stage_rejected():
+    with pytest.raises(ValueError, match="unknown stage"):
+        with StageProfiler("cpu").stage("sampling"):
+            pass
+
+
+def test_write_produces_three_valid_files(two_steps, tmp_path):
+    from PIL import Image
+
+    prof, _, _, _ = two_steps
+    paths = prof.write(tmp_path)
+    for name in ("memory_report.json", "memory_report.md", "memory_report.png"):
+        assert (tmp_path / name).is_file() and paths[name] == tmp_path / name
+
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    for key in ("device", "torch", "budget_gb", "modules", "stages", "steps", "summary_steps",
+                "peak_allocated", "peak_stage", "fits_budget", "snapshot"):
+        assert key in report, key
+    assert report["torch"] == torch.__version__
+    assert report["device"]["type"] == "cpu"
+    assert report["peak_stage"] == "backward" and report["peak_step"] == 2
+    assert report["fits_budget"] is True  # ~0.2 GiB peak vs a 1 GiB budget
+    assert report["summary_steps"]["warmup_excluded"] == 1
+    assert report["stages"]["backward"]["peak_steps"] == "2"
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3]
+    assert "after_load" in report["modules"]
+    assert report["snapshot"]["path"] is None
+
+    md = (tmp_path / "memory_report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    stage_rows = [r for r in rows if r in STAGES]
+    assert stage_rows == list(STAGES)
+    assert "| unet |" in md
+
+    with Image.open(tmp_path / "memory_report.png") as img:
+        img.verify()
+    with Image.open(tmp_path / "memory_report.png") as img:
+        assert img.size[0] >= 400 and img.size[1] >= 300
+    assert (tmp_path / "memory_report.png").stat().st_size > 5000
+
+
+def test_budget_exceeded_and_no_budget(tmp_path):
+    prof = StageProfiler("cpu", budget_gb=0.01, detail_steps={1})
+    keep = []
+    prof.begin_step(1)
+    _fake_step(prof, keep)
+    prof.end_step()
+    rep = prof.report()
+    assert rep["fits_budget"] is False
+    assert rep["summary_steps"]["warmup_excluded"] is None  # one step: nothing excluded
+    assert StageProfiler("cpu").report()["fits_budget"] is None
+    StageProfiler("cpu").write(tmp_path)  # an empty report still writes (and plots) cleanly
+    assert (tmp_path / "memory_report.png").stat().st_size > 0
+
+
+def test_snapshot_request_on_cpu_only_logs(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING, logger=profiler_mod.__name__):
+        prof = StageProfiler("cpu", snapshot_steps=(1, 2))
+    assert sum("snapshots need CUDA" in r.getMessage() for r in caplog.records) == 1
+    for step in (1, 2):
+        prof.begin_step(step)
+        with prof.stage("reward"):
+            pass
+        prof.end_step()
+    prof.write(tmp_path)
+    assert not (tmp_path / profiler_mod.SNAPSHOT_FILE).exists()
+    with pytest.raises(ValueError):
+        StageProfiler("cpu", snapshot_steps=(3, 1))
+
+
+CUDA_FUNCS = ("reset_peak_memory_stats", "max_memory_allocated", "max_memory_reserved", "memory_stats",
+              "synchronize", "get_device_name", "get_device_properties", "current_device",
+              "memory_allocated", "reset_max_memory_allocated")
+CUDA_MEMORY_FUNCS = ("_record_memory_history", "_dump_snapshot", "_snapshot")
+
+
+@pytest.mark.parametrize("device,available", [("cpu", False), ("cpu", True), ("cuda", False)])
+def test_no_cuda_calls_without_cuda(monkeypatch, tmp_path, device, available):
+    """Gate on both the device type and torch.cuda.is_available(); CPU builds raise or lie."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a torch.cuda memory function was called")
+
+    for name in CUDA_FUNCS:
+        monkeypatch.setattr(torch.cuda, name, boom, raising=False)
+    for name in CUDA_MEMORY_FUNCS:
+        monkeypatch.setattr(torch.cuda.memory, name, boom, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+    prof = StageProfiler(device, budget_gb=1.0, detail_steps={1}, snapshot_steps=(1, 1), output_dir=tmp_path)
+    with prof.stage("load"):
+        model = torch.nn.Linear(8, 8)
+    prof.record_modules({"unet": model})
+    keep = []
+    for step in (1, 2):
+        prof.begin_step(step)
+        _fake_step(prof, keep)
+        prof.format_step(prof.end_step())
+    prof.write(tmp_path)
+    prof.close()
+    assert json.loads((tmp_path / "memory_report.json").read_text())["device"]["type"] == device
+
+
+def test_measure_cpu_stages_compares_features():
+    """The helper for tests and benchmarks: same code, a memory feature on and off."""
+    x = torch.randn(256, 1024, requires_grad=True)
+    layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU())
+                                   for _ in range(8)])
+
+    def step(checkpoint: bool) -> None:
+        prof = StageProfiler("cpu")  # no step begun: stages are plain record_function ranges
+        with prof.stage("sample_grad"):
+            if checkpoint:
+                y = torch.utils.checkpoint.checkpoint(layers, x, use_reentrant=False)
+            else:
+                y = layers(x)
+            loss = y.square().mean()
+        with prof.stage("backward"):
+            loss.backward()
+
+    plain = measure_cpu_stages(step, False)
+    ckpt = measure_cpu_stages(step, True)
+    act = 256 * 1024 * 4  # one activation tensor: 1 MiB
+    assert plain["sample_grad"] >= 16 * act  # 8 Linear + 8 GELU outputs saved
+    assert ckpt["sample_grad"] < 4 * act  # only the output (and its square's input) stay
+    assert ckpt["backward"] > 0 and plain["backward"] > 0
+    assert plain["*"] >= max(plain["sample_grad"], plain["backward"])
+
+
+def test_tracker_absolute_peak_and_nesting_refused():
+    keep = _alloc(8 * MiB)
+    with CpuAllocationTracker() as tracker:
+        with torch.profiler.record_function("decode"):
+            tmp = _alloc(4 * MiB)
+            del tmp
+        with pytest.raises(RuntimeError, match="already running"):
+            CpuAllocationTracker().__enter__()
+    assert tracker.baseline >= keep.nbytes
+    assert _close(tracker.peaks["decode"], 4 * MiB)
+    assert tracker.peak_allocated("decode") == tracker.baseline + tracker.peaks["decode"]
+    assert tracker.calls["decode"] == 1 and tracker.seconds["decode"] > 0
+
+
+def test_detail_step_inside_outer_tracker_falls_back():
+    prof = StageProfiler("cpu", detail_steps="all")
+    with CpuAllocationTracker(count_baseline=False) as tracker:
+        prof.begin_step(1)
+        with prof.stage("decode"):
+            tmp = _alloc(4 * MiB)
+            del tmp
+        s = prof.end_step()
+    assert s["source"] == "time_rss"  # the outer tracker measured instead
+    assert _close(tracker.peaks["decode"], 4 * MiB)
+
+
+def test_optimizer_state_recorded_after_first_step():
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    prof = StageProfiler("cpu")
+    assert prof.record_modules({"unet": model, "optimizer": opt})["optimizer"]["bytes"] == 0
+    prof.begin_step(1)
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    split = prof.record_modules({"unet": model, "optimizer": opt})
+    prof.end_step()
+    n = sum(p.nbytes for p in model.parameters())
+    assert split["optimizer"]["bytes"] >= 2 * n  # exp_avg + exp_avg_sq (+ step scalars)
+    assert list(prof.modules) == ["after_load", "after_step_1"]
+
+
+def test_helpers():
+    assert gib(3 * 1024**3) == 3.0
+    assert fmt_bytes(None) == "n/a"
+    assert fmt_bytes(512) == "512 B"
+    assert fmt_bytes(64 * MiB) == "64.00 MiB"
+    assert fmt_bytes(int(1.5 * 1024**3)) == "1.50 GiB"
+    assert fmt_bytes(-2048) == "-2.00 KiB"
+    shared = torch.zeros(1024)
+    assert resident_bytes([shared, shared[:10], {"a": shared}]) == {"cpu": 4096}
+    assert resident_bytes(torch.zeros(10, device="meta")) == {"meta": 40}
+    before = live_tensor_bytes("cpu")
+    extra = torch.zeros(MiB // 4)
+    assert live_tensor_bytes("cpu") - before >= extra.nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reset_then_read(tmp_path):
+    dev = torch.device("cuda")
+    prof = StageProfiler(dev, budget_gb=1.0, snapshot_steps=(2, 2))
+    keep = []
+    for step in (1, 2):
+        prof.begin_step(step)
+        with prof.stage("decode"):
+            x = torch.empty(64 * MiB, dtype=torch.uint8, device=dev)
+            del x
+        with prof.stage("backward"):
+            big = torch.empty(128 * MiB, dtype=torch.uint8, device=dev)
+            keep.append(torch.empty(16 * MiB, dtype=torch.uint8, device=dev))
+            del big
+        s = prof.end_step()
+    base = torch.cuda.memory_allocated(dev) - 32 * MiB  # after step 2, both results kept
+    st = s["stages"]
+    assert _close(st["decode"]["peak_allocated"] - base - 16 * MiB, 64 * MiB)
+    assert _close(st["backward"]["peak_allocated"] - base - 16 * MiB, 144 * MiB)
+    assert st["backward"]["peak_reserved"] >= st["backward"]["peak_allocated"]
+    assert st["backward"]["peak_active"] >= 144 * MiB
+    assert s["peak_stage"] == "backward"
+    paths = prof.write(tmp_path)
+    assert (tmp_path / profiler_mod.SNAPSHOT_FILE).stat().st_size > 0
+    assert profiler_mod.SNAPSHOT_FILE in paths
+    rep = json.loads((tmp_path / "memory_report.json").read_text())
+    assert rep["device"]["total_memory"] > 0 and rep["snapshot"]["recorded_steps"] == [2, 2]
