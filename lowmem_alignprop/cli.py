@@ -1,0 +1,163 @@
+"""Command line: ``lowmem-alignprop [train|plan|sample|profiles] ...`` (train is the default command).
+
+Bad input prints one line naming the fix and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import build_config, field_help, parse_set
+from .errors import UserError
+
+COMMANDS = ("train", "plan", "sample", "profiles")
+
+EPILOG = """config fields (set them in a profile YAML or with --set key=value):
+{fields}
+
+examples:
+  lowmem-alignprop                                    # tiny built-in model, cpu profile, brightness reward
+  accelerate launch -m lowmem_alignprop --profile rtx3060 --model runwayml/stable-diffusion-v1-5 --reward aesthetic
+  lowmem-alignprop plan --profile rtx3060 --model sd15
+  lowmem-alignprop profiles
+"""
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to our own progress: the libraries' info chatter and download bars go."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EPILOG.format(fields=field_help()))
+    p.add_argument("--profile", default="auto",
+                   help="hardware profile: a shipped name (cpu, rtx3060, rtx4090, a100-40gb, a100-80gb), auto "
+                        "(picked by the detected GPU; cpu without one), or a path to your own .yaml")
+    p.add_argument("--model", help="tiny (default), sd15|sd21|sdxl (random weights), a hub id, a diffusers "
+                                   "directory, or a single-file .safetensors/.ckpt")
+    p.add_argument("--reward", help="brightness, colorfulness, jpeg_compressibility, aesthetic, clip, pickscore, "
+                                    "hpsv2; 'a:1,b:0.5' to combine; 'package.module:function' for your own")
+    p.add_argument("--prompts", help="built-in prompt set (simple_animals, ...) or a UTF-8 text file, one per line")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--output-dir", help="where the LoRA, metrics, samples and reports go")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), help="accelerate tracker")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field (repeatable), e.g. --set k=3 --set truncation=uniform")
+    return p
+
+
+def resolve_config(args) -> tuple[str, object]:
+    """profile < explicit flags < --set, validated."""
+    from .profiles import load_profile
+
+    overrides = parse_set(args.set)  # malformed --set fails before the profile is even read
+    name, values = load_profile(args.profile)
+    explicit = {k: v for k, v in {"model": args.model, "reward": args.reward, "prompts": args.prompts,
+                                  "steps": args.steps, "output_dir": args.output_dir, "seed": args.seed,
+                                  "report_to": args.report_to}.items() if v is not None}
+    return name, build_config(values, explicit, overrides)
+
+
+def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        a, _, b = spec.partition("-")
+        lo, hi = int(a), int(b or a)
+    except ValueError:
+        raise UserError(f"--memory-snapshot {spec!r}: write a step or a range, e.g. 2 or 2-3") from None
+    if lo < 1 or hi < lo:
+        raise UserError(f"--memory-snapshot {spec!r}: steps start at 1 and the range must not be empty")
+    return lo, hi
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = common_parser("lowmem-alignprop", "Align a Stable Diffusion model to a differentiable reward with "
+                                          "AlignProp, within your GPU's memory.")
+    p.add_argument("--memory-snapshot", metavar="STEPS",
+                   help="record a CUDA memory history for these steps (e.g. 2 or 2-3) and write "
+                        "memory_snapshot.pickle for https://pytorch.org/memory_viz")
+    p.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint in --output-dir or a "
+                                                          "checkpoint directory")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
+    args = p.parse_args(argv)
+    if args.checkpoint_every is not None:
+        args.set.append(f"checkpoint_every={args.checkpoint_every}")
+    name, cfg = resolve_config(args)
+    snapshot = parse_snapshot(args.memory_snapshot)
+    _check_device_for_profile(name)
+    from .train import train
+    train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume)
+    return 0
+
+
+def _check_device_for_profile(name: str) -> None:
+    import torch
+
+    from .profiles import GPU_PROFILES
+
+    if name in GPU_PROFILES and not torch.cuda.is_available():
+        raise UserError(f"profile {name} is for a CUDA GPU and this machine has none: train here with --profile cpu, "
+                        f"or ask whether it fits that card with `lowmem-alignprop plan --profile {name}`")
+
+
+def cmd_profiles(argv: list[str]) -> int:
+    from .profiles import describe, load_profile, shipped_profiles
+
+    argparse.ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
+        .parse_args(argv)
+    for name, path in shipped_profiles().items():
+        _, values = load_profile(name)
+        budget = values.get("budget_gb", 0)
+        print(f"{name:12s} {budget:5.1f} GiB  {describe(path)}")
+    print("\nUse one with --profile NAME, or --profile path/to/your.yaml; override fields with --set key=value.")
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from .planner import plan_main
+    return plan_main(argv)
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from .evaluate import sample_main
+    return sample_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    command = "train"
+    if argv and argv[0] in COMMANDS:
+        command = argv.pop(0)
+    handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles}[command]
+    try:
+        return handler(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

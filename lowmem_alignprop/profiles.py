@@ -1,0 +1,80 @@
+"""Hardware profiles: small commented YAML files that pick memory features and sizes, never model paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import FIELD_NAMES, coerce
+from .errors import UserError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory).
+AUTO_LADDER = (("a100-80gb", 70.0), ("a100-40gb", 36.0), ("rtx4090", 20.0), ("rtx3060", 7.0))
+GPU_PROFILES = tuple(name for name, _ in AUTO_LADDER)
+
+
+def shipped_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a profile file: what card it is for."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def detect_auto() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for name, need in AUTO_LADDER:
+        if total >= need:
+            return name
+    return "rtx3060"  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
+
+
+def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
+    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
+    if spec == "auto":
+        spec = detect_auto()
+    shipped = shipped_profiles()
+    if spec in shipped:
+        path, name = shipped[spec], spec
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+            hint = f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else f"unknown profile {spec!r}"
+            raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
+                            "(`lowmem-alignprop profiles` lists them)")
+        name = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"profile {path} is not valid YAML{where}: fix the file (see profiles/cpu.yaml for the format)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        if key not in FIELD_NAMES:
+            coerce(str(key), value)  # raises a UserError naming the closest field
+        if key in ("model", "output_dir"):
+            raise UserError(f"profile {path} sets {key}: profiles choose memory features, not paths; "
+                            f"pass --{key.replace('_', '-')} on the command line instead")
+        try:
+            values[key] = coerce(key, value)
+        except UserError as e:
+            raise UserError(f"profile {path}: {e}") from None
+    return name, values

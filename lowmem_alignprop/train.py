@@ -1,0 +1,305 @@
+"""The AlignProp training loop: one readable function, stage by stage.
+
+    for each optimizer step:
+        encode_prompts -> sample_nograd (T-K DDIM steps) -> sample_grad (last K, checkpointed)
+        -> decode (VAE, with grad) -> reward -> backward (into LoRA only) -> optimizer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import stages
+from .config import Config
+from .errors import UserError
+from .models import add_lora, load_components, lora_state_dict, resolve_model, set_attention
+from .optim import build_optimizer
+from .placement import Placement
+from .sampling import (decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
+                       make_pipeline, rollout)
+
+log = logging.getLogger("lowmem_alignprop")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """loss = -loss_scale * mean(reward); with reward_target: loss_scale * mean(|reward - target|)."""
+    if cfg.reward_target is not None:
+        return cfg.loss_scale * (rewards - cfg.reward_target).abs().mean()
+    return -cfg.loss_scale * rewards.mean()
+
+
+def make_accelerator(cfg: Config, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs = {}
+    if cfg.deepspeed_zero:
+        from .distributed import deepspeed_plugin
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg)
+    mp = cfg.mixed_precision
+    if not torch.cuda.is_available() and mp == "fp16":
+        log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
+        mp = "no"
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=None if cfg.report_to == "none" else cfg.report_to,
+                       project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                           logging_dir=str(output_dir / "logs")),
+                       **kwargs)
+
+
+def prepare_inputs(cfg: Config):
+    """Everything that can fail on bad input, before any model is loaded or anything is written."""
+    from .prompts import load_prompts
+    from .rewards import parse_reward_spec
+
+    cfg.validate()
+    prompts = load_prompts(cfg.prompts)
+    parse_reward_spec(cfg.reward)  # unknown names and unimportable modules fail here
+    resolve_model(cfg.model)  # missing paths fail here
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file: choose a directory")
+    return prompts
+
+
+def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
+          resume: str | None = None) -> dict:
+    """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
+    from tqdm.auto import tqdm
+
+    from .export import save_sample_grid, write_metrics_line
+    from .profiler import StageProfiler
+    from .rewards import build_reward
+
+    prompts = prepare_inputs(cfg)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out)
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+    weight_dtype = DTYPES[accelerator.mixed_precision] if device.type != "cpu" else torch.float32
+    prof = StageProfiler(device=device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
+                         snapshot_steps=memory_snapshot)
+    place = Placement(device, offload=cfg.offload_frozen)
+
+    # ================================ load ================================
+    with prof.stage(stages.LOAD):
+        comps = load_components(cfg, weight_dtype)
+        unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
+        for m in comps.frozen_modules().values():
+            m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
+        if comps.is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)  # SDXL's stock VAE overflows in fp16: decode in fp32 (see DESIGN.md section 3)
+        attention = set_attention(unet, vae, cfg.attention, device)
+        if cfg.unet_checkpointing == "blocks":
+            unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
+        enable_vae_checkpointing(vae, cfg.vae_checkpointing)
+        if cfg.train_unet == "lora":
+            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        else:
+            unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
+            params = list(unet.parameters())
+        unet.to(device).train()
+        place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
+        place.park("vae", vae)  # on the GPU only from decode to backward when offload_frozen is on
+        reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=cfg.reward_checkpointing,
+                              weights=cfg.reward_weights)
+        place.park("reward", reward)
+        optimizer = build_optimizer(cfg, params)
+        unet_train, optimizer = accelerator.prepare(unet, optimizer)
+        pipe = make_pipeline(comps)
+    prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
+                         "lora": params, "optimizer": optimizer})
+
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump({"profile": profile_name, **cfg.to_dict()}, sort_keys=False))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
+                                                              if isinstance(v, (int, float, str, bool))})
+
+    # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
+    cache: dict[str, object] = {}
+
+    def embed(batch_prompts: list[str]):
+        if cfg.cache_prompt_embeddings and not cache:
+            unique = sorted(set(prompts) | set(sample_prompts))
+            for i in range(0, len(unique), 16):
+                chunk = unique[i:i + 16]
+                e = encode_prompts(pipe, chunk, device, cfg.resolution)
+                for j, p in enumerate(chunk):
+                    cache[p] = e.index(slice(j, j + 1))
+            place.offload("text_encoder", text_encoder, comps.text_encoder_2)  # cached: its weights can leave
+        if cache:
+            from .sampling import PromptEmbeds
+            parts = [cache[p] for p in batch_prompts]
+            cat = (lambda name: None if getattr(parts[0], name) is None
+                   else torch.cat([getattr(x, name) for x in parts]))
+            return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
+        return encode_prompts(pipe, batch_prompts, device, cfg.resolution)
+
+    rank = accelerator.process_index
+    rng = random.Random(cfg.seed * 1000 + rank)  # prompt order and K draws; each rank its own stream
+    sample_prompts = prompts[: cfg.sample_prompts]
+    scheduler = comps.scheduler
+    bare_unet = accelerator.unwrap_model(unet_train)
+
+    def generate(batch_prompts: list[str], seed: int):
+        """Fixed-seed images and rewards with no gradient (the before/after grid)."""
+        with torch.no_grad(), accelerator.autocast():
+            g = torch.Generator().manual_seed(seed)
+            emb = embed(batch_prompts)
+            scheduler.set_timesteps(cfg.sample_steps, device=device)
+            lat = initial_latents(len(batch_prompts), bare_unet, vae, cfg.resolution, g, device)
+            lat = rollout(bare_unet, scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                          generator=g)
+            place.to_device("vae", vae)
+            place.to_device("reward", reward)
+            imgs = decode(vae, lat, sliced=True)
+            r = reward(imgs, batch_prompts).float()
+            place.park("vae", vae)
+            place.park("reward", reward)
+        return imgs.float().cpu(), r.cpu()
+
+    before = generate(sample_prompts, cfg.seed + 12345) if sample_prompts and is_main else None
+
+    # ================================ train ================================
+    history: list[dict] = []
+    metrics_path = out / "metrics.jsonl"
+    if is_main and resume is None:
+        metrics_path.write_text("")
+    bar = tqdm(range(1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True)
+    for step in bar:
+        prof.begin_step(step)
+        t0 = time.perf_counter()
+        step_rewards, ks, losses = [], [], []
+        for micro in range(cfg.grad_accum):
+            with accelerator.accumulate(unet_train):
+                batch_prompts = [rng.choice(prompts) for _ in range(cfg.batch_size)]
+                k = draw_k(cfg, rng)  # once per rollout: the window is the contiguous last K steps
+                ks.append(k)
+                with prof.stage(stages.ENCODE_PROMPTS):
+                    place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
+                    emb = embed(batch_prompts)
+                    if not cfg.cache_prompt_embeddings:
+                        place.park("text_encoder", text_encoder, comps.text_encoder_2)
+                g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) % 2**63)
+                scheduler.set_timesteps(cfg.sample_steps, device=device)
+                latents = initial_latents(cfg.batch_size, bare_unet, vae, cfg.resolution, g, device)
+                with accelerator.autocast():
+                    latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale,
+                                      eta=cfg.eta, generator=g, stage=prof.stage, grad_unet=unet_train)
+                    with prof.stage(stages.DECODE):
+                        place.to_device("vae", vae)
+                        images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
+                                        tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+                    with prof.stage(stages.REWARD):
+                        place.to_device("reward", reward)
+                        rewards = reward(images, batch_prompts).float()
+                    loss = loss_from_reward(rewards, cfg)
+                with prof.stage(stages.BACKWARD):
+                    accelerator.backward(loss)  # gradients reach only the LoRA weights
+                del images, latents  # free the graph's inputs before the next rollout
+                place.park("vae", vae)
+                place.park("reward", reward)
+                step_rewards.append(accelerator.gather(rewards.detach()))
+                losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    with prof.stage(stages.OPTIMIZER):
+                        grad_norm = None
+                        if cfg.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
+        mem = prof.end_step()
+        if step == 1:
+            prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
+                                 "lora": params, "optimizer": optimizer})
+        r_all = torch.cat(step_rewards).float()
+        loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        row = {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
+               "loss": loss_mean, "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "seconds": time.perf_counter() - t0, "peak_memory_gb": mem["peak_allocated"] / 2**30,
+               "peak_stage": mem["peak_stage"]}
+        history.append(row)
+        if is_main:
+            write_metrics_line(metrics_path, row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
+            if cfg.log_every and step % cfg.log_every == 0:
+                bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                          f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
+        if cfg.report_to != "none":
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    # ================================ save ================================
+    accelerator.wait_for_everyone()
+    summary = {"steps": cfg.steps}
+    if is_main:
+        final = accelerator.unwrap_model(unet_train)
+        if cfg.train_unet == "lora":
+            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora_state_dict(final))
+        else:
+            final.save_pretrained(out / "unet")
+        if before is not None:
+            after = generate(sample_prompts, cfg.seed + 12345)
+            grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
+            log_images(accelerator, cfg, grid)
+            summary["sample_reward_before"] = before[1].mean().item()
+            summary["sample_reward_after"] = after[1].mean().item()
+        prof.write(out)
+        n = max(1, min(3, len(history) // 2))
+        summary.update({
+            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
+            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n,
+            "seconds_per_step": sum(h["seconds"] for h in history) / len(history),
+            "peak_memory_gb": max(h["peak_memory_gb"] for h in history),
+            "attention": attention, "device": str(device), "output_dir": str(out),
+        })
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary, cfg, profile_name)
+    accelerator.end_training()
+    return summary
+
+
+def log_images(accelerator, cfg: Config, grid_path: Path) -> None:
+    """Send the before/after grid to the configured tracker (tensorboard or wandb)."""
+    if cfg.report_to == "none":
+        return
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(Image.open(grid_path).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples/before_after", arr, cfg.steps, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({"samples/before_after": wandb.Image(arr)}, step=cfg.steps)
+
+
+def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
+    change = s["reward_last"] - s["reward_first"]
+    lines = [
+        "",
+        "=" * 64,
+        f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, model {cfg.model})",
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})",
+    ]
+    if "sample_reward_before" in s:
+        lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    lines += [
+        f" {s['seconds_per_step']:.2f} s/step, peak memory {s['peak_memory_gb']:.3f} GiB, attention {s['attention']}",
+        f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), samples/, metrics.jsonl,",
+        "        memory_report.{json,md,png}, config.yaml",
+        "=" * 64,
+    ]
+    print("\n".join(lines), flush=True)
