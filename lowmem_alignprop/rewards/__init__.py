@@ -1,0 +1,193 @@
+"""Differentiable rewards: ``reward = build_reward(spec, ...)``; ``scores = reward(images, prompts)``.
+
+``images``: float ``[B, 3, H, W]`` in [0, 1] (any size); ``prompts``: B strings; ``scores``: float32 ``[B]``,
+differentiable w.r.t. the images. Higher is better for every reward.
+
+Spec forms:
+  * a built-in name (see ``REWARDS``; ``colourfulness`` is accepted for ``colorfulness``);
+  * ``"a:1.0,b:0.5"``: a weighted sum of terms (a term may also be a user reward, ``pkg.mod:fn:0.5``);
+  * ``"package.module:function"``: a user callable ``fn(images, prompts) -> tensor[B]``, a ``RewardModule``
+    subclass, or a factory returning one (a factory may take any of the keyword arguments ``device``,
+    ``dtype``, ``checkpointing``, ``weights``).
+A term ``x:y`` is a weight when ``y`` is a number and ``x`` has no dot; otherwise it is ``module:function``.
+
+``weights`` says where a model reward's weights are (hub id, directory or file; see
+:mod:`.clip_rewards`). With several model rewards in one spec, give ``"name=PATH;name=PATH"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from .base import CallableReward, RewardModule, WeightedSumReward
+
+__all__ = ["REWARDS", "RewardModule", "build_reward", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
+
+REWARDS: dict[str, str] = {
+    "brightness": "mean luminance of the image (0..1); weight-free",
+    "colorfulness": "Hasler-Suesstrunk colourfulness (0..~150); weight-free (alias: colourfulness)",
+    "jpeg_compressibility": "minus a differentiable estimate of the JPEG (q95) file size in KB; weight-free",
+    "aesthetic": "LAION aesthetic predictor v2 on CLIP ViT-L/14 (~1..10); needs sac+logos+ava1-l14-linearMSE.pth",
+    "clip": "CLIP image-prompt cosine similarity; default openai/clip-vit-large-patch14",
+    "pickscore": "PickScore (yuvalkirstain/PickScore_v1): logit_scale * cosine(image, prompt)",
+    "hpsv2": "HPS v2 human preference score (ViT-H-14; HPS_v2_compressed.pt / HPS_v2.1_compressed.pt)",
+}
+ALIASES: dict[str, str] = {"colourfulness": "colorfulness", "jpeg": "jpeg_compressibility"}
+MODEL_REWARDS = frozenset({"aesthetic", "clip", "pickscore", "hpsv2"})
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _names_hint() -> str:
+    return ", ".join(REWARDS) + " (alias colourfulness)"
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``spec`` -> [(term, weight)], a term being a built-in name or ``module:function``. No imports."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"empty reward spec; use a built-in name ({_names_hint()}), 'name:weight,...' or "
+                        "'package.module:function'")
+    terms = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            raise UserError(f"reward spec {spec!r} has an empty term; write e.g. 'brightness:1.0,colorfulness:0.01'")
+        weight = 1.0
+        left, sep, right = part.rpartition(":")
+        if sep and _NUMBER.match(right.strip()) and (":" in left or "." not in left):
+            part, weight = left.strip(), float(right)
+        terms.append((part, weight))
+    return terms
+
+
+def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
+    from . import simple
+
+    if name == "brightness":
+        return simple.BrightnessReward()
+    if name == "colorfulness":
+        return simple.ColorfulnessReward()
+    if name == "jpeg_compressibility":
+        return simple.JpegCompressibilityReward()
+    from . import clip_rewards
+
+    builder = {"aesthetic": clip_rewards.build_aesthetic, "clip": clip_rewards.build_clip,
+               "pickscore": clip_rewards.build_pickscore, "hpsv2": clip_rewards.build_hpsv2}[name]
+    return builder(weights=weights, checkpointing=checkpointing)
+
+
+def _import_user(term: str) -> tuple[object, str]:
+    module_name, _, attr = term.partition(":")
+    module_name, attr = module_name.strip(), attr.strip()
+    if not module_name or not attr or ":" in attr:
+        raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
+                        f"(install it or add its folder to PYTHONPATH) or use a built-in reward: {_names_hint()}") from exc
+    obj = module
+    for piece in attr.split("."):
+        if not hasattr(obj, piece):
+            raise UserError(f"reward {term!r}: module {module_name!r} has no {attr!r}; check the function name "
+                            f"or use a built-in reward: {_names_hint()}")
+        obj = getattr(obj, piece)
+    return obj, attr
+
+
+def _call_with_supported(fn: Callable, options: dict):
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**options)
+    return fn(**{k: v for k, v in options.items() if k in params})
+
+
+def _is_reward_function(fn: Callable) -> bool:
+    """True for ``fn(images, prompts)``: at least two required positional parameters."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _user_reward(term: str, options: dict) -> RewardModule:
+    obj, attr = _import_user(term)
+    name = term
+    if inspect.isclass(obj):
+        if not issubclass(obj, torch.nn.Module):
+            raise UserError(f"reward {term!r} is a class but not a torch.nn.Module; subclass "
+                            "lowmem_alignprop.rewards.RewardModule or give a function (images, prompts) -> tensor[B]")
+        obj = obj() if obj.__init__ is torch.nn.Module.__init__ else _call_with_supported(obj, options)
+    elif callable(obj) and not isinstance(obj, torch.nn.Module) and not _is_reward_function(obj):
+        obj = _call_with_supported(obj, options)  # a factory
+    if isinstance(obj, RewardModule):
+        if getattr(obj, "name", "reward") in ("reward", type(obj).__name__):
+            obj.name = name
+        return obj
+    if not callable(obj):
+        raise UserError(f"reward {term!r} is not callable; give a function (images, prompts) -> tensor[B]")
+    return CallableReward(obj, name)
+
+
+def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
+    weights = (weights or "").strip()
+    if not weights:
+        return {}
+    if "=" in weights and re.match(r"^\s*[A-Za-z_]\w*\s*=", weights):
+        out = {}
+        for item in weights.split(";"):
+            if not item.strip():
+                continue
+            key, _, value = item.partition("=")
+            key = ALIASES.get(key.strip(), key.strip())
+            if key not in MODEL_REWARDS:
+                raise UserError(f"reward_weights entry {item.strip()!r}: {key!r} is not a model reward; "
+                                f"use one of {', '.join(sorted(MODEL_REWARDS))}")
+            out[key] = value.strip()
+        return out
+    if len(set(model_terms)) > 1:
+        raise UserError(f"reward_weights is one path but the spec has several model rewards ({', '.join(model_terms)});"
+                        " give one per reward: --set reward_weights='aesthetic=PATH;clip=PATH'")
+    return {t: weights for t in model_terms}
+
+
+def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
+                 weights: str = "") -> RewardModule:
+    """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``."""
+    terms = parse_reward_spec(spec)
+    resolved = []
+    for term, weight in terms:
+        if ":" in term:
+            resolved.append(("user", term, weight))
+            continue
+        name = ALIASES.get(term.lower(), term.lower())
+        if name not in REWARDS:
+            raise UserError(f"unknown reward {term!r}; use one of: {_names_hint()}, 'name:weight,...', or "
+                            "'package.module:function' for your own")
+        resolved.append(("builtin", name, weight))
+    model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
+    per_reward = _split_weights(weights, model_terms)
+    options = {"device": device, "dtype": dtype, "checkpointing": checkpointing, "weights": weights}
+    modules = []
+    for kind, name, weight in resolved:
+        if kind == "user":
+            module = _user_reward(name, options)
+        else:
+            module = _builtin(name, checkpointing=checkpointing, weights=per_reward.get(name, ""))
+        modules.append((module, weight))
+    reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
+    reward.freeze()
+    # float dtypes only touch floating-point tensors; buffers such as position ids stay integer
+    return reward.to(device=device, dtype=dtype)
