@@ -1,0 +1,287 @@
+"""Model rewards (aesthetic, clip, pickscore, hpsv2) on tiny CLIP models built from config, saved and
+loaded by path through ``build_reward(..., weights=path)`` exactly like real checkpoints."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.rewards import RewardModule, build_reward
+from lowmem_alignprop.rewards.clip_rewards import AESTHETIC_HEAD_FILE, AestheticHead, ClipPreprocess
+from lowmem_alignprop.rewards.openclip_convert import (config_from_open_clip, hf_to_open_clip, load_open_clip_as_hf,
+                                                       open_clip_to_hf)
+
+MODEL_REWARDS = ["aesthetic", "clip", "pickscore", "hpsv2"]
+PROMPTS = ["a cat", "the dog", "a horse riding a bike"]
+
+
+def tiny_clip(heads=4, seed=0):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from lowmem_alignprop.tiny import byte_level_vocab
+
+    torch.manual_seed(seed)
+    vocab, merges = byte_level_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                  hidden_act="gelu", projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=len(vocab), max_position_embeddings=16,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(common, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward_models")
+    model, tokenizer = tiny_clip()
+    clip_dir = root / "clip"
+    model.save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    # aesthetic: DIR/sac+logos+ava1-l14-linearMSE.pth + DIR/clip/
+    aes_dir = root / "aesthetic"
+    shutil.copytree(clip_dir, aes_dir / "clip")
+    torch.manual_seed(1)
+    torch.save(AestheticHead(16).state_dict(), aes_dir / AESTHETIC_HEAD_FILE)
+    # hpsv2: an open_clip-format checkpoint written with the inverse key mapping, + tokenizer + config.json
+    hps_dir = root / "hps"
+    hps_dir.mkdir()
+    torch.save({"state_dict": hf_to_open_clip(model.state_dict()), "epoch": 1}, hps_dir / "HPS_v2_compressed.pt")
+    tokenizer.save_pretrained(hps_dir)
+    model.config.save_pretrained(hps_dir)
+    return {"clip": clip_dir, "pickscore": clip_dir, "hpsv2": clip_dir, "aesthetic": aes_dir, "hps_pt": hps_dir,
+            "model": model, "tokenizer": tokenizer, "root": root}
+
+
+def images(batch=3, h=48, w=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, h, w, generator=g)
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_scores_and_gradients(dirs, name):
+    reward = build_reward(name, weights=str(dirs[name]))
+    assert isinstance(reward, RewardModule) and reward.name == name and reward.higher_is_better
+    assert not reward.training and all(not p.requires_grad for p in reward.parameters())
+    x = images().requires_grad_(True)
+    scores = reward(x, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_checkpointing_same_gradient(dirs, name):
+    plain = build_reward(name, weights=str(dirs[name]))
+    ckpt = build_reward(name, weights=str(dirs[name]), checkpointing=True)
+    grads, saved = [], []
+    for reward in (plain, ckpt):
+        x = images().requires_grad_(True)
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scores = reward(x, PROMPTS)
+        scores.sum().backward()
+        grads.append(x.grad)
+        saved.append(count[0])
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert saved[1] < saved[0]  # the checkpointed layers saved only their inputs
+
+
+def test_scores_match_manual_computation(dirs):
+    model, tokenizer = dirs["model"], dirs["tokenizer"]
+    x = images()
+    pixels = ClipPreprocess(32, 32)(x)
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        tok = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        txt = model.text_projection(model.text_model(**tok).pooler_output)
+        cos = F.cosine_similarity(img, txt, dim=-1)
+        head = AestheticHead(16)
+        head.load_state_dict(torch.load(dirs["aesthetic"] / AESTHETIC_HEAD_FILE))
+        aesthetic = head.eval()(F.normalize(img, dim=-1))[:, 0]
+        got = {n: build_reward(n, weights=str(dirs[n]))(x, PROMPTS) for n in MODEL_REWARDS}
+    torch.testing.assert_close(got["clip"], cos, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["hpsv2"], cos, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["pickscore"], model.logit_scale.exp() * cos, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["aesthetic"], aesthetic, rtol=1e-4, atol=1e-5)
+
+
+def test_aesthetic_weight_layouts(dirs):
+    x = images()
+    ref = build_reward("aesthetic", weights=str(dirs["aesthetic"]))(x, PROMPTS)
+    head, clip = dirs["aesthetic"] / AESTHETIC_HEAD_FILE, dirs["clip"]
+    torch.testing.assert_close(build_reward("aesthetic", weights=f"{head},{clip}")(x, PROMPTS), ref)
+    flat = dirs["root"] / "aesthetic_flat"  # head and CLIP files in one directory
+    shutil.copytree(clip, flat)
+    shutil.copy(head, flat / AESTHETIC_HEAD_FILE)
+    torch.testing.assert_close(build_reward("aesthetic", weights=str(flat))(x, PROMPTS), ref)
+
+
+def test_combined_model_and_weight_free(dirs):
+    x = images()
+    spec = "aesthetic:1,brightness:0.5,clip:2"
+    reward = build_reward(spec, weights=f"aesthetic={dirs['aesthetic']};clip={dirs['clip']}")
+    expected = (build_reward("aesthetic", weights=str(dirs["aesthetic"]))(x, PROMPTS)
+                + 0.5 * build_reward("brightness")(x, PROMPTS)
+                + 2 * build_reward("clip", weights=str(dirs["clip"]))(x, PROMPTS))
+    torch.testing.assert_close(reward(x, PROMPTS), expected)
+    with pytest.raises(UserError, match="one per reward"):
+        build_reward(spec, weights=str(dirs["clip"]))
+
+
+# --- preprocessing against transformers' processor --------------------------------------------------
+def uint8_image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 / w, yy * 255 / h, 128 + 100 * np.sin(xx / 7 + yy / 5)], -1)
+    return np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("hw, size", [((300, 200), 224), ((97, 131), 224), ((224, 224), 224), ((512, 512), 224),
+                                      ((64, 64), 32), ((130, 257), 32), ((20, 20), 32)])
+def test_preprocessing_matches_clip_image_processor(hw, size):
+    """Torch preprocessing vs CLIPImageProcessorPil (the default CLIPImageProcessor needs torchvision).
+
+    Tolerance, in [0, 1] pixel units (normalisation undone): max 2/255, mean 0.5/255. Measured: max about
+    1.07/255, mean 0.3/255 -- the PIL path rounds each resize pass to uint8, the torch path does not.
+    """
+    from transformers import CLIPImageProcessorPil
+
+    a = uint8_image(*hw, seed=size + hw[0])
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    ref = processor(images=Image.fromarray(a), return_tensors="pt")["pixel_values"]
+    pre = ClipPreprocess(size, size)
+    with torch.no_grad():
+        mine = pre(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)
+    assert mine.shape == ref.shape
+    diff = ((mine - ref) * pre.std).abs()
+    assert diff.max().item() <= 2 / 255 and diff.mean().item() <= 0.5 / 255
+
+
+def test_preprocessor_config_is_used(dirs):
+    from transformers import CLIPImageProcessorPil
+
+    d = dirs["root"] / "clip_with_processor"
+    shutil.copytree(dirs["clip"], d)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(d)
+    reward = build_reward("clip", weights=str(d))
+    assert reward.preprocess.size == 32
+    torch.testing.assert_close(reward.preprocess.std.flatten(), torch.full((3,), 0.25))
+    a = uint8_image(45, 60, seed=3)
+    ref = CLIPImageProcessorPil.from_pretrained(d)(images=Image.fromarray(a), return_tensors="pt")["pixel_values"]
+    mine = reward.preprocess(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)
+    assert ((mine - ref) * 0.25).abs().max().item() <= 2 / 255
+
+
+# --- open_clip conversion (HPS v2) ------------------------------------------------------------------
+def test_open_clip_round_trip(dirs):
+    model = dirs["model"]
+    hf = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    oc = hf_to_open_clip(hf)
+    assert oc["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
+    assert oc["visual.proj"].shape == (32, 16) and oc["text_projection"].shape == (32, 16)
+    assert oc["visual.conv1.weight"].shape == (32, 3, 8, 8) and oc["visual.positional_embedding"].shape == (17, 32)
+    assert not any(k.startswith(("vision_model", "text_model")) for k in oc)
+    back = open_clip_to_hf(oc)
+    assert back.keys() == hf.keys()
+    for k in hf:
+        assert torch.equal(back[k], hf[k]), k
+    config = config_from_open_clip(oc)
+    for sub in ("vision_config", "text_config"):
+        a, b = getattr(config, sub), getattr(model.config, sub)
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim", "hidden_act"):
+            assert getattr(a, field) == getattr(b, field), (sub, field)
+    assert config.vision_config.image_size == 32 and config.vision_config.patch_size == 8
+    assert config.text_config.vocab_size == model.config.text_config.vocab_size
+
+
+def test_hpsv2_from_open_clip_checkpoint(dirs):
+    x = images()
+    ref = build_reward("hpsv2", weights=str(dirs["hpsv2"]))(x, PROMPTS)  # transformers directory
+    for weights in (dirs["hps_pt"], dirs["hps_pt"] / "HPS_v2_compressed.pt"):
+        reward = build_reward("hpsv2", weights=str(weights))
+        torch.testing.assert_close(reward(x, PROMPTS), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hpsv2_config_inferred_from_shapes(tmp_path):
+    """Without config.json the heads are taken as 64 wide (open_clip's ViTs); a 1-head tiny model fits that."""
+    model, tokenizer = tiny_clip(heads=1, seed=2)
+    torch.save({"state_dict": {"module." + k: v for k, v in hf_to_open_clip(model.state_dict()).items()}},
+               tmp_path / "HPS_v2.1_compressed.pt")
+    tokenizer.save_pretrained(tmp_path)
+    converted = load_open_clip_as_hf(hf_to_open_clip(model.state_dict()))
+    x = images()
+    with torch.no_grad():
+        pix = ClipPreprocess(32, 32)(x)
+        torch.testing.assert_close(converted.vision_model(pixel_values=pix).pooler_output,
+                                   model.vision_model(pixel_values=pix).pooler_output)
+        ids = tokenizer(PROMPTS, padding=True, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(converted.text_model(input_ids=ids).pooler_output,
+                                   model.text_model(input_ids=ids).pooler_output)
+    scores = build_reward("hpsv2", weights=str(tmp_path / "HPS_v2.1_compressed.pt"))(x, PROMPTS)
+    img = F.normalize(model.get_image_features(pixel_values=pix).pooler_output, dim=-1)
+    txt = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    torch.testing.assert_close(scores, (img * txt).sum(-1).detach(), rtol=1e-4, atol=1e-5)
+
+
+# --- missing weights --------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
+
+
+def _hub_cached(repo, filename):
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+@pytest.mark.parametrize("name, missing", [("aesthetic", AESTHETIC_HEAD_FILE), ("hpsv2", "HPS_v2.1_compressed.pt"),
+                                           ("clip", "config.json"), ("pickscore", "config.json")])
+def test_offline_without_weights(offline, name, missing):
+    if name == "clip" and _hub_cached("openai/clip-vit-large-patch14", "config.json"):
+        pytest.skip("the real CLIP is in this machine's Hugging Face cache")
+    if name == "pickscore" and _hub_cached("yuvalkirstain/PickScore_v1", "config.json"):
+        pytest.skip("PickScore is in this machine's Hugging Face cache")
+    if name == "hpsv2" and _hub_cached("xswu/HPSv2", "HPS_v2.1_compressed.pt"):
+        pytest.skip("HPS v2 is in this machine's Hugging Face cache")
+    with pytest.raises(UserError) as err:
+        build_reward(name)
+    message = str(err.value)
+    assert missing in message and "reward_weights" in message and "\n" not in message
+
+
+def test_incomplete_directories(dirs, tmp_path):
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    shutil.copy(dirs["clip"] / "config.json", only_config)
+    with pytest.raises(UserError, match="model.safetensors"):
+        build_reward("clip", weights=str(only_config))
+    no_head = tmp_path / "no_head"
+    shutil.copytree(dirs["clip"], no_head / "clip")
+    with pytest.raises(UserError, match=AESTHETIC_HEAD_FILE.replace("+", r"\+")):
+        build_reward("aesthetic", weights=str(no_head))
+    with pytest.raises(UserError, match="does not exist"):
+        build_reward("clip", weights=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="HPS_v2"):
+        build_reward("hpsv2", weights=str(tmp_path / "no_head"))
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo": torch.zeros(2)}, bad)
+    with pytest.raises(UserError, match="open_clip"):
+        build_reward("hpsv2", weights=str(bad))
