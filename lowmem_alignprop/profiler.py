@@ -46,6 +46,7 @@ import os
 import pickle
 import platform
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -321,7 +322,9 @@ class CpuAllocationTracker:
             record_shapes=False,
             with_stack=False,
         )
-        self._prof.__enter__()
+        with warnings.catch_warnings():  # torch 2.11 warns that a profile without cycles drops events
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")
+            self._prof.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -468,7 +471,8 @@ class StageProfiler:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time and measure one stage; a stage entered several times in a step aggregates
-        (max of peaks, sum of seconds). Outside a step (``load``) the figures go to ``outside``."""
+        (max of peaks, sum of seconds). Outside a step (``load``) the figures go to ``outside``.
+        Memory used only between stages belongs to no stage: keep all work of a step inside stages."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
         bucket = self._step_figures if self._step is not None else self.outside
@@ -593,7 +597,8 @@ class StageProfiler:
             if summary.get("peak_reserved") is not None:
                 parts.append(f"(reserved {fmt_bytes(summary['peak_reserved'])})")
             if self.budget_gb:
-                parts.append(f"= {100 * gib(summary['peak_allocated']) / self.budget_gb:.0f}% of {self.budget_gb:g} GiB")
+                share = 100 * gib(summary["peak_allocated"]) / self.budget_gb
+                parts.append(f"= {share:.0f}% of {self.budget_gb:g} GiB")
         if summary.get("rss") is not None and not self._cuda:
             parts.append(f"| rss {fmt_bytes(summary['rss'])}")
         parts.append(f"| {summary['seconds']:.2f} s")
@@ -623,7 +628,8 @@ class StageProfiler:
             split[name] = {"bytes": sum(by_device.values()), "by_device": by_device}
         split = {name: split[name] for name in modules}  # caller's order
         self.modules[label] = split
-        if self.outside.get(LOAD) is not None and self.outside[LOAD]["peak_allocated"] is None and label == "after_load":
+        load = self.outside.get(LOAD)
+        if label == "after_load" and load is not None and load["peak_allocated"] is None:
             # No measured load peak (not CPU detail, not CUDA): report what load left resident.
             self.outside[LOAD]["peak_allocated"] = sum(s["bytes"] for s in split.values())
             self.outside[LOAD]["source"] = "resident"
@@ -868,8 +874,8 @@ def _markdown(report: dict[str, Any]) -> str:
         row = [stage, _g(fig["peak_allocated"])]
         row += [_g(fig["peak_reserved"]), _g(fig["peak_active"])] if cuda else [_g(fig.get("rss_max"))]
         row.append(f"{fig['seconds_mean']:.3f}")
-        share = "n/a" if (not budget or fig["peak_allocated"] is None) else f"{100 * fig['peak_allocated'] / budget:.1f}%"
-        row.append(share)
+        peak = fig["peak_allocated"]
+        row.append("n/a" if (not budget or peak is None) else f"{100 * peak / budget:.1f}%")
         lines.append("| " + " | ".join(row) + " |")
     if report["modules"]:
         labels = list(report["modules"])
@@ -906,9 +912,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.barh(y, reserved, height=0.7, color="#c6dbef", label="peak reserved")
     ax.barh(y, alloc, height=0.45 if cuda else 0.7, color="#2171b5", label="peak allocated")
     top = max(alloc + reserved + [0.0])
-    for yi, s, a in zip(y, stages, alloc):
+    for yi, s, a, r in zip(y, stages, alloc, reserved):
         measured = report["stages"].get(s, {}).get("peak_allocated") is not None
-        ax.text(a + top * 0.01, yi, f"{a:.3f}" if measured else "n/a", va="center", fontsize=8)
+        ax.text(max(a, r) + top * 0.01, yi, f"{a:.3f}" if measured else "n/a", va="center", fontsize=8)
     if report["budget_gb"]:
         ax.axvline(report["budget_gb"], color="#cb181d", linestyle="--", linewidth=1.5,
                    label=f"budget {report['budget_gb']:g} GiB")
@@ -924,7 +930,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     if report["peak_allocated"] is None:
         ax.text(0.5, 0.5, "no allocation measured\n(CPU: set detail_steps)", transform=ax.transAxes,
                 ha="center", va="center", color="gray")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -343,3 +343,13 @@ def test_cuda_reset_then_read(tmp_path):
     assert profiler_mod.SNAPSHOT_FILE in paths
     rep = json.loads((tmp_path / "memory_report.json").read_text())
     assert rep["device"]["total_memory"] > 0 and rep["snapshot"]["recorded_steps"] == [2, 2]
+
+
+def test_load_without_detail_reports_resident_bytes():
+    prof = StageProfiler("cpu", detail_load=False)
+    with prof.stage("load"):
+        model = torch.nn.Linear(128, 128)
+    assert prof.outside["load"]["peak_allocated"] is None
+    prof.record_modules({"unet": model})
+    assert prof.outside["load"]["peak_allocated"] == sum(p.nbytes for p in model.parameters())
+    assert prof.outside["load"]["source"] == "resident"
