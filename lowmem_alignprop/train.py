@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -37,6 +38,50 @@ def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
     return -cfg.loss_scale * rewards.mean()
 
 
+def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
+    """Freeze, cast, pick attention and checkpointing, add LoRA. Returns (trainable params, attention used).
+
+    The planner calls this too, so its estimate is of exactly the configuration that trains.
+    """
+    unet, vae = comps.unet, comps.vae
+    for m in comps.frozen_modules().values():
+        m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
+    if comps.is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)  # SDXL's stock VAE overflows in fp16: decode in fp32 (see DESIGN.md section 3)
+    attention = set_attention(unet, vae, cfg.attention, device)
+    if cfg.unet_checkpointing == "blocks":
+        unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
+    enable_vae_checkpointing(vae, cfg.vae_checkpointing)
+    if cfg.train_unet == "lora":
+        params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    else:
+        unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
+        params = list(unet.parameters())
+    return params, attention
+
+
+def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
+                 k: int, generator, stage, place: Placement | None = None):
+    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards)."""
+    scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
+    # activation_offload: every tensor saved for backward (checkpoint inputs included) waits in CPU memory
+    offload = (torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda) if cfg.activation_offload
+               else contextlib.nullcontext())
+    with offload:
+        latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                          generator=generator, stage=stage, grad_unet=grad_unet)
+        with stage(stages.DECODE):
+            if place is not None:
+                place.to_device("vae", vae)
+            images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
+                            tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+        with stage(stages.REWARD):
+            if place is not None:
+                place.to_device("reward", reward)
+            rewards = reward(images, prompts).float()
+    return loss_from_reward(rewards, cfg), rewards
+
+
 def make_accelerator(cfg: Config, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -59,11 +104,11 @@ def make_accelerator(cfg: Config, output_dir: Path):
 def prepare_inputs(cfg: Config):
     """Everything that can fail on bad input, before any model is loaded or anything is written."""
     from .prompts import load_prompts
-    from .rewards import parse_reward_spec
+    from .rewards import check_reward_spec
 
     cfg.validate()
     prompts = load_prompts(cfg.prompts)
-    parse_reward_spec(cfg.reward)  # unknown names and unimportable modules fail here
+    check_reward_spec(cfg.reward)  # unknown names and unimportable modules fail here, before any load
     resolve_model(cfg.model)  # missing paths fail here
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -94,19 +139,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     with prof.stage(stages.LOAD):
         comps = load_components(cfg, weight_dtype)
         unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
-        for m in comps.frozen_modules().values():
-            m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
-        if comps.is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
-            vae.to(torch.float32)  # SDXL's stock VAE overflows in fp16: decode in fp32 (see DESIGN.md section 3)
-        attention = set_attention(unet, vae, cfg.attention, device)
-        if cfg.unet_checkpointing == "blocks":
-            unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
-        enable_vae_checkpointing(vae, cfg.vae_checkpointing)
-        if cfg.train_unet == "lora":
-            params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-        else:
-            unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
-            params = list(unet.parameters())
+        params, attention = apply_memory_features(comps, cfg, device, weight_dtype)
         unet.to(device).train()
         place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
         place.park("vae", vae)  # on the GPU only from decode to backward when offload_frozen is on
@@ -195,19 +228,11 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 scheduler.set_timesteps(cfg.sample_steps, device=device)
                 latents = initial_latents(cfg.batch_size, bare_unet, vae, cfg.resolution, g, device)
                 with accelerator.autocast():
-                    latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale,
-                                      eta=cfg.eta, generator=g, stage=prof.stage, grad_unet=unet_train)
-                    with prof.stage(stages.DECODE):
-                        place.to_device("vae", vae)
-                        images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
-                                        tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
-                    with prof.stage(stages.REWARD):
-                        place.to_device("reward", reward)
-                        rewards = reward(images, batch_prompts).float()
-                    loss = loss_from_reward(rewards, cfg)
+                    loss, rewards = rollout_loss(cfg, bare_unet, unet_train, scheduler, vae, reward, latents, emb,
+                                                 batch_prompts, k=k, generator=g, stage=prof.stage, place=place)
                 with prof.stage(stages.BACKWARD):
                     accelerator.backward(loss)  # gradients reach only the LoRA weights
-                del images, latents  # free the graph's inputs before the next rollout
+                del latents  # free the graph's inputs before the next rollout
                 place.park("vae", vae)
                 place.park("reward", reward)
                 step_rewards.append(accelerator.gather(rewards.detach()))
@@ -228,7 +253,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         row = {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
                "loss": loss_mean, "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "seconds": time.perf_counter() - t0, "peak_memory_gb": mem["peak_allocated"] / 2**30,
+               "seconds": time.perf_counter() - t0,
+               "peak_memory_gb": None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                "peak_stage": mem["peak_stage"]}
         history.append(row)
         if is_main:
@@ -261,7 +287,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             "reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
             "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n,
             "seconds_per_step": sum(h["seconds"] for h in history) / len(history),
-            "peak_memory_gb": max(h["peak_memory_gb"] for h in history),
+            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h["peak_memory_gb"] is not None),
+                                  default=None),
             "attention": attention, "device": str(device), "output_dir": str(out),
         })
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -297,7 +324,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
     lines += [
-        f" {s['seconds_per_step']:.2f} s/step, peak memory {s['peak_memory_gb']:.3f} GiB, attention {s['attention']}",
+        f" {s['seconds_per_step']:.2f} s/step, peak memory "
+        + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB") + f", attention {s['attention']}",
         f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), samples/, metrics.jsonl,",
         "        memory_report.{json,md,png}, config.yaml",
         "=" * 64,

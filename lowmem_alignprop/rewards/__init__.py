@@ -27,7 +27,7 @@ import torch
 from ..errors import UserError
 from .base import CallableReward, RewardModule, WeightedSumReward
 
-__all__ = ["REWARDS", "RewardModule", "build_reward", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
+__all__ = ["REWARDS", "RewardModule", "build_reward", "check_reward_spec", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
 
 REWARDS: dict[str, str] = {
     "brightness": "mean luminance of the image (0..1); weight-free",
@@ -163,12 +163,10 @@ def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
     return {t: weights for t in model_terms}
 
 
-def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
-                 weights: str = "") -> RewardModule:
-    """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``."""
-    terms = parse_reward_spec(spec)
+def _resolve_terms(spec: str) -> list[tuple[str, str, float]]:
+    """[(kind 'user'|'builtin', name, weight)]; unknown built-in names raise UserError."""
     resolved = []
-    for term, weight in terms:
+    for term, weight in parse_reward_spec(spec):
         if ":" in term:
             resolved.append(("user", term, weight))
             continue
@@ -177,6 +175,20 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
             raise UserError(f"unknown reward {term!r}; use one of: {_names_hint()}, 'name:weight,...', or "
                             "'package.module:function' for your own")
         resolved.append(("builtin", name, weight))
+    return resolved
+
+
+def check_reward_spec(spec: str) -> None:
+    """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported."""
+    for kind, name, _ in _resolve_terms(spec):
+        if kind == "user":
+            _import_user(name)
+
+
+def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
+                 weights: str = "") -> RewardModule:
+    """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``."""
+    resolved = _resolve_terms(spec)
     model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
     per_reward = _split_weights(weights, model_terms)
     options = {"device": device, "dtype": dtype, "checkpointing": checkpointing, "weights": weights}

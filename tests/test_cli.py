@@ -1,0 +1,66 @@
+"""Bad input: one line naming the fix, exit code 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lowmem_alignprop.cli import main
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--reward", "no_such_reward"], "no_such_reward"),
+    (["--profile", "no_such_profile"], "unknown profile 'no_such_profile'"),
+    (["--set", "k3"], "malformed --set 'k3'"),
+    (["--set", "kk=3"], "unknown config key 'kk'"),
+    (["--set", "k=three"], "k must be a whole number"),
+    (["--model", "/nonexistent/model_dir"], "model path /nonexistent/model_dir does not exist"),
+    (["--model", "missing.safetensors"], "does not exist"),
+    (["--set", "k=20"], "k=20 is larger than sample_steps=10"),
+    (["--set", "truncation=uniform", "--set", "k_min=5", "--set", "k_max=2"], "k_min=5 is larger than k_max=2"),
+    (["--set", "mixed_precision=fp8"], "mixed_precision='fp8' is not one of"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
+    out = tmp_path / "run"
+    rc = main(["--profile", "cpu", "--output-dir", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert not out.exists()
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n# only a comment\n\n")
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--prompts", str(prompts), "--output-dir", str(out)]) == 2
+    assert "prompt" in capsys.readouterr().err.lower()
+    assert not out.exists()
+
+
+def test_gpu_profile_without_gpu_points_to_cpu_and_plan(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--profile", "rtx3060", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--profile cpu" in err and "lowmem-alignprop plan --profile rtx3060" in err
+
+
+def test_profiles_command_lists_shipped_profiles(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu" in out
+
+
+def test_module_entry_point_and_help():
+    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    for name in ("sample_steps", "guidance_scale", "eta", "truncation", "k_min", "k_max", "batch_size",
+                 "grad_accum", "lr", "lora_rank", "resolution", "max_grad_norm", "--profile", "--set"):
+        assert name in r.stdout, name
+    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--reward", "nope", "--profile", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
