@@ -185,12 +185,15 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _torch_load(path: Path) -> dict:
+    import pickle
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a disallowed class, not a damaged file
             raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
                             "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
         raise
@@ -227,6 +230,9 @@ def _detect_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> str:
         return "sd21"
     if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         return "sd15"
+    if any(k.startswith(("lora_", "lora.")) or ".lora_" in k for k in shapes):
+        raise UserError(f"{where} is a LoRA file, not a base model; pass the base model checkpoint here. Supported: "
+                        f"{_SUPPORTED}")
     if any(re.match(r"(down_blocks|up_blocks|mid_block)\.", k) for k in shapes):
         raise UserError(f"{where} holds diffusers-layout weights (a single component?), not an original single-file "
                         "checkpoint; pass the diffusers model directory instead of this file")

@@ -185,6 +185,9 @@ def test_detect_arch_rejects_other_files(tmp_path):
     save_file({**UNET_KEYS["sd15"], U + "input_blocks.0.0.weight": _z(320, 9, 3, 3)}, tmp_path / "inpaint.safetensors")
     with pytest.raises(UserError, match="inpainting"):
         arch.detect_arch(tmp_path / "inpaint.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": _z(4, 4)}, tmp_path / "lora.safetensors")
+    with pytest.raises(UserError, match="LoRA"):
+        arch.detect_arch(tmp_path / "lora.safetensors")
     save_file({"conditioner.embedders.0.model.positional_embedding": _z(77, 1280)}, tmp_path / "refiner.safetensors")
     with pytest.raises(UserError, match="refiner"):
         arch.detect_arch(tmp_path / "refiner.safetensors")
