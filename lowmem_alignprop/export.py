@@ -14,8 +14,9 @@ def write_metrics_line(path: Path, row: dict) -> None:
 
 
 def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor, torch.Tensor],
-                     after: tuple[torch.Tensor, torch.Tensor], cell: int = 192) -> Path:
-    """A PNG grid: one column per prompt, rows 'before' and 'after', each image labelled with its reward."""
+                     after: tuple[torch.Tensor, torch.Tensor], cell: int = 192,
+                     row_names: tuple[str, str] = ("before", "after")) -> Path:
+    """A PNG grid: one column per prompt, two rows (``row_names``), each image labelled with its reward."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +26,7 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
     draw = ImageDraw.Draw(grid)
     for j, p in enumerate(prompts):
         draw.text((left + j * cell + 4, 4), p[:28], fill="black")
-    for i, (name, (imgs, rewards)) in enumerate((("before", before), ("after", after))):
+    for i, (name, (imgs, rewards)) in enumerate(zip(row_names, (before, after))):
         y = 20 + i * (cell + label_h)
         draw.text((4, y + cell // 2), name, fill="black")
         for j in range(n):
