@@ -1,0 +1,252 @@
+"""Real training steps on one NVIDIA GPU, capped at each profile's budget; writes benchmarks/results/gpu-*.json.
+
+Run through ``benchmarks/gpu_check.sh`` (which installs the wheels it brings). Models are built from the
+shipped SD1.5 / SDXL architecture configs with random weights (memory and speed do not depend on weight
+values); the aesthetic reward is a CLIP ViT-L/14 built from config with a random head. Each run is its
+own process with ``torch.cuda.set_per_process_memory_fraction(budget / total)``, so "fits in 8 GB" is a
+real run that either passes or raises out-of-memory.
+
+    python benchmarks/gpu_check.py --out DIR [--quick] [--deadline SECONDS]
+    python benchmarks/gpu_check.py --cpu-smoke --out DIR   # the same plumbing on the tiny model, on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Features switched on one after another (SD1.5, 512 px, batch 1, fp16): the measured "each option added in turn".
+LADDER = [
+    ("fp16, per-call checkpoint only", {"unet_checkpointing": "call", "vae_checkpointing": "none",
+                                        "reward_checkpointing": False, "cache_prompt_embeddings": False,
+                                        "offload_frozen": False, "sliced_decode": False}),
+    ("+ VAE checkpointing (up-blocks)", {"vae_checkpointing": "blocks"}),
+    ("+ UNet block checkpointing", {"unet_checkpointing": "blocks"}),
+    ("+ reward checkpointing, cached prompts", {"reward_checkpointing": True, "cache_prompt_embeddings": True}),
+    ("+ offload frozen modules (= rtx3060)", {"offload_frozen": True}),
+    ("+ VAE checkpointing per resnet", {"vae_checkpointing": "resnets"}),
+]
+
+# (name, profile, model, overrides, budget GiB for the cap)
+PROFILE_RUNS = [
+    ("rtx3060 sd15 512 K~U[1,50]", "rtx3060", "sd15", {"grad_accum": 1}, 7.5),
+    ("rtx4090 sd15 512 batch 8", "rtx4090", "sd15", {"truncation": "fixed", "k": 1}, 20.0),
+    ("rtx4090 sdxl 1024 batch 1", "rtx4090", "sdxl", {"batch_size": 1, "resolution": 1024, "truncation": "fixed",
+                                                       "k": 1, "sample_steps": 20}, 16.0),
+    ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
+]
+
+CHILD = """
+import json, sys, torch
+frac = float(sys.argv[1])
+if frac > 0:
+    torch.cuda.set_per_process_memory_fraction(frac)
+from lowmem_alignprop.cli import main
+rc = main(sys.argv[2:])
+sys.exit(rc)
+"""
+
+
+def make_aesthetic_weights(path: Path, tiny: bool) -> Path:
+    """A CLIP ViT-L/14-shaped model and aesthetic head with random weights, saved where the reward loader looks."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from lowmem_alignprop.rewards.clip_rewards import AESTHETIC_HEAD_FILE, AestheticHead
+
+    if (path / AESTHETIC_HEAD_FILE).exists():
+        return path
+    if tiny:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        proj = 32
+    else:  # openai/clip-vit-large-patch14
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14)
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        proj = 768
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=proj))
+    model.to(torch.float16).save_pretrained(path / "clip")
+    torch.save(AestheticHead(proj).state_dict(), path / AESTHETIC_HEAD_FILE)
+    return path
+
+
+def run_one(name: str, args: list[str], budget_gb: float, out: Path, timeout: float, cpu: bool) -> dict:
+    frac = 0.0
+    total = None
+    if not cpu:
+        import torch
+        total = torch.cuda.get_device_properties(0).total_memory
+        frac = min(1.0, budget_gb * 2**30 / total) if budget_gb else 0.0
+    run_dir = out / "runs" / name.replace(" ", "_").replace("/", "-").replace("+", "").replace(",", "")
+    cmd = [sys.executable, "-c", CHILD, str(frac), *args, "--output-dir", str(run_dir)]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        rc, log = p.returncode, (p.stdout[-3000:] + "\n" + p.stderr[-3000:])
+    except subprocess.TimeoutExpired as e:
+        rc, log = "timeout", str(e)[-2000:]
+    result = {"name": name, "command": "lowmem-alignprop " + " ".join(args), "budget_gb": budget_gb,
+              "memory_fraction": frac, "returncode": rc, "wall_seconds": round(time.time() - t0, 1)}
+    oom = "out of memory" in log.lower() or "OutOfMemory" in log
+    result["status"] = "ok" if rc == 0 else ("oom" if oom else "error")
+    if rc != 0:
+        result["log_tail"] = log[-2500:]
+    rep = run_dir / "memory_report.json"
+    if rep.exists():
+        result["memory_report"] = json.loads(rep.read_text())
+    summ = run_dir / "summary.json"
+    if summ.exists():
+        result["summary"] = json.loads(summ.read_text())
+    met = run_dir / "metrics.jsonl"
+    if met.exists():
+        result["metrics"] = [json.loads(x) for x in met.read_text().splitlines() if x.strip()]
+    print(f"[{result['status']:>5}] {name}: {result['wall_seconds']} s", flush=True)
+    return result
+
+
+class PlannerPool:
+    """Planner estimates for the same configurations, computed on the CPU cores while the GPU trains."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def submit(self, name: str, args: list[str]) -> None:
+        if not self.enabled:
+            return
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", "plan", "--json", *args],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                            env=env)
+
+    def collect(self, name: str, timeout: float) -> dict:
+        p = self.procs.get(name)
+        if p is None:
+            return {"error": "planner not run"}
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return {"error": "planner timed out"}
+        if p.returncode != 0:
+            return {"error": err[-800:]}
+        try:
+            return json.loads(out)
+        except json.JSONDecodeError:
+            return {"error": "planner output is not JSON", "stdout": out[-800:]}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the plumbing only")
+    ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
+    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    os.environ.setdefault("LOWMEM_ALIGNPROP_CACHE", str(out / "cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    cpu = a.cpu_smoke
+    if not cpu and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu-smoke to check the plumbing on CPU", file=sys.stderr)
+        return 2
+    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant"}
+    aes = make_aesthetic_weights(Path(os.environ["LOWMEM_ALIGNPROP_CACHE"]) / "aesthetic-random", tiny=cpu)
+    device = {"name": "cpu", "total_gb": None} if cpu else {
+        "name": torch.cuda.get_device_name(0),
+        "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
+    doc = {"kind": "gpu_check", "date": dt.date.today().isoformat(), "device": device, "versions": versions(),
+           "command": "bash benchmarks/gpu_check.sh", "ladder": [], "profiles": []}
+    common = ["--reward", "aesthetic", "--set", f"reward_weights={aes}", "--steps", "2", "--set", "sample_prompts=0"]
+    if cpu:
+        common += ["--set", "mixed_precision=no"]
+
+    def time_left() -> bool:
+        return time.time() - t_start < a.deadline
+
+    try:
+        import lowmem_alignprop.planner  # noqa: F401
+        have_planner = not cpu
+    except ImportError:
+        have_planner = False
+    pool = PlannerPool(have_planner)
+    jobs: list[tuple[str, str, list[str], float]] = []  # (section, name, args, budget)
+    if "ladder" in only:
+        cfg = {}
+        for label, change in LADDER:
+            cfg.update(change)
+            sets = [x for k, v in cfg.items() for x in ("--set", f"{k}={str(v).lower()}")]
+            base = (["--profile", "cpu", "--model", "tiny"] if cpu else
+                    ["--profile", "rtx3060", "--model", "sd15", "--set", "truncation=fixed", "--set", "k=1",
+                     "--set", "sample_steps=10", "--set", "grad_accum=1"])
+            jobs.append(("ladder", "ladder " + label, base + common + sets, 0))
+    if "profiles" in only:
+        for name, profile, model, over, budget in PROFILE_RUNS:
+            if cpu:
+                profile, model, over = "cpu", "tiny", {}
+            sets = [x for k, v in over.items() for x in ("--set", f"{k}={v}")]
+            jobs.append(("profiles", name, ["--profile", profile, "--model", model, *common, *sets], budget))
+    for _, name, args, _ in jobs:
+        pool.submit(name, args)
+    for section, name, args, budget in jobs:
+        if not time_left():
+            doc[section].append({"name": name, "status": "skipped (deadline)"})
+            continue
+        r = run_one(name, args, budget, out, 300, cpu)
+        doc[section].append(r)
+    for section in ("ladder", "profiles"):
+        for r in doc[section]:
+            if r.get("status") != "skipped (deadline)":
+                r["planner"] = pool.collect(r["name"], timeout=max(10, a.deadline + 120 - (time.time() - t_start)))
+    if "quant" in only and not cpu and time_left():
+        try:
+            from lowmem_alignprop.quant import gpu_verify_quant
+            doc["quant"] = gpu_verify_quant(out / "quant")
+        except Exception as e:
+            doc["quant"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    doc["wall_seconds"] = round(time.time() - t_start, 1)
+    slug = "cpu-smoke" if cpu else device["name"].lower().replace("nvidia ", "").replace(" ", "-")
+    path = out / f"gpu-{slug}-{doc['date']}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"wrote {path}")
+    gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")
+    print(f"  {'run':<48} {'status':>8} {'peak GiB':>8} {'reserved':>8} {'stage':>10} {'s/step':>7}")
+    for r in doc["ladder"] + doc["profiles"]:
+        rep = r.get("memory_report") or {}
+        sps = (r.get("summary") or {}).get("seconds_per_step")
+        print(f"  {r['name']:<48} {r.get('status'):>8} {gib(rep.get('peak_allocated')):>8} "
+              f"{gib(rep.get('peak_reserved')):>8} {str(rep.get('peak_stage')):>10} "
+              f"{'-' if sps is None else round(sps, 2):>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

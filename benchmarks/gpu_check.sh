@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU check: real AlignProp steps of SD1.5/SDXL-shaped random-weight models under each GPU profile,
+# each process capped at the profile's budget with torch.cuda.set_per_process_memory_fraction, plus
+# the planner's estimate of the same configuration. Runs offline in about 7 minutes on one big NVIDIA GPU.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: benchmarks/results)
+#
+# The GPU's Python needs torch with CUDA, transformers, accelerate and peft. Packages it lacks
+# (diffusers, bitsandbytes) are installed from wheels in .whl/ when present; make them on a networked
+# machine with:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 bitsandbytes==0.50.2
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results}}"
+need=()
+for pkg in diffusers bitsandbytes; do
+  python3 -c "import $pkg" 2>/dev/null || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  wheels=()
+  for pkg in "${need[@]}"; do wheels+=(.whl/"$pkg"-*.whl); done
+  echo "installing from .whl/: ${need[*]}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 benchmarks/gpu_check.py --out "$OUT_DIR" --deadline "${DEADLINE:-400}"
