@@ -89,7 +89,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
                 from .arch import load_single_file
                 pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
             else:
-                pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=weight_dtype, safety_checker=None)
+                pipe = DiffusionPipeline.from_pretrained(where, safety_checker=None, **dtype_kwarg(weight_dtype))
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
@@ -110,6 +110,13 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
     return comps
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers >= 0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated there); older releases only ``torch_dtype=``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def set_attention(unet, vae, attention: str, device: torch.device) -> str:
