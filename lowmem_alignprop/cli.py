@@ -97,9 +97,13 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint in --output-dir or a "
                                                           "checkpoint directory")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
+    p.add_argument("--auto-fit", action="store_true", help="on out-of-memory, step down automatically (smaller "
+                   "micro-batch, more checkpointing, offload) and continue")
     args = p.parse_args(argv)
     if args.checkpoint_every is not None:
         args.set.append(f"checkpoint_every={args.checkpoint_every}")
+    if args.auto_fit:
+        args.set.append("auto_fit=true")
     name, cfg = resolve_config(args)
     snapshot = parse_snapshot(args.memory_snapshot)
     _check_device_for_profile(name)

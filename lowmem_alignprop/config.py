@@ -29,6 +29,9 @@ class Config:
                     "weights, for planning), a hub id, a diffusers directory, or a single-file .safetensors/.ckpt.")
     model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
                          ("auto", "sd15", "sd21", "sdxl"))
+    vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
+                  "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
+                  "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
     reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or "
                      "'package.module:function' for your own differentiable reward.")
     reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default.")
@@ -97,6 +100,13 @@ class Config:
     report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
     sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
+    keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
+
+    # ---- faults ------------------------------------------------------------------------------------
+    auto_fit: bool = _f(False, "On out-of-memory, step down automatically (smaller micro-batch with more accumulation, "
+                        "more checkpointing, offload) and repeat the step, instead of stopping with advice.")
+    max_bad_steps: int = _f(3, "Steps in a row with a NaN/inf reward or loss (each skipped) before the run stops "
+                            "with a checkpoint.")
     log_every: int = _f(1, "Print a per-step summary line every N steps.")
 
     # ------------------------------------------------------------------------------------------------
@@ -112,7 +122,11 @@ class Config:
             t = hints[f.name]
             if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
                 raise UserError(f"{f.name} must be {t.__name__}, got {v!r}")
-        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "k", "k_min", "k_max"]
+        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "k", "k_min", "k_max",
+               "max_bad_steps"]
+        for name in ("checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         for name in pos:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")

@@ -8,16 +8,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import random
+import signal
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import stages
+from . import checkpoint as ckpt
+from . import faults, stages
 from .config import Config
 from .errors import UserError
 from .models import add_lora, load_components, lora_state_dict, resolve_model, set_attention
@@ -46,8 +51,9 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
     unet, vae = comps.unet, comps.vae
     for m in comps.frozen_modules().values():
         m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
-    if comps.is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae.to(torch.float32)  # SDXL's stock VAE overflows in fp16: decode in fp32 (see DESIGN.md section 3)
+    from .models import choose_vae_dtype
+    # SDXL's stock VAE overflows in fp16: bf16 where the GPU has it (same memory), else fp32 (logged with its cost)
+    choose_vae_dtype(vae, weight_dtype, device, comps.is_sdxl)
     attention = set_attention(unet, vae, cfg.attention, device)
     if cfg.unet_checkpointing == "blocks":
         unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
@@ -87,13 +93,15 @@ def make_accelerator(cfg: Config, output_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     kwargs = {}
-    if cfg.deepspeed_zero:
-        from .distributed import deepspeed_plugin
-        kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg)
     mp = cfg.mixed_precision
     if not torch.cuda.is_available() and mp == "fp16":
         log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
         mp = "no"
+    if cfg.deepspeed_zero:
+        from .distributed import deepspeed_plugin
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed
+    elif not torch.cuda.is_available():
+        kwargs["cpu"] = True  # several CPU processes then talk over gloo (DESIGN.md section 7)
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
                        log_with=None if cfg.report_to == "none" else cfg.report_to,
                        project_config=ProjectConfiguration(project_dir=str(output_dir),
@@ -113,7 +121,24 @@ def prepare_inputs(cfg: Config):
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file: choose a directory")
+    check_writable(out)
     return prompts
+
+
+def check_writable(out: Path) -> None:
+    """The output dir (or the nearest folder that exists above it) must accept files; nothing is left behind."""
+    probe = out.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--output-dir {out} cannot be created: {probe} is a file, not a folder; choose another "
+                        "--output-dir")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}): choose a folder you can write "
+                        "to with --output-dir") from None
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
@@ -121,12 +146,19 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
     from tqdm.auto import tqdm
 
+    from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3
     from .export import save_sample_grid, write_metrics_line
     from .profiler import StageProfiler
     from .rewards import build_reward
 
     prompts = prepare_inputs(cfg)
+    cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
     out = Path(cfg.output_dir)
+    resume_path = resume_state = None
+    if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
+        resume_path = ckpt.find_resume(out, resume)
+        resume_state = ckpt.read_state(resume_path)
+        ckpt.check_config(resume_state, cfg, resume_path)
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
     is_main = accelerator.is_main_process
@@ -134,21 +166,34 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     prof = StageProfiler(device=device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
                          snapshot_steps=memory_snapshot)
     place = Placement(device, offload=cfg.offload_frozen)
+    guard = faults.StageGuard(prof.stage)  # names the stage an out-of-memory error happens in
 
     # ================================ load ================================
-    with prof.stage(stages.LOAD):
-        comps = load_components(cfg, weight_dtype)
-        unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
-        params, attention = apply_memory_features(comps, cfg, device, weight_dtype)
-        unet.to(device).train()
-        place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
-        place.park("vae", vae)  # on the GPU only from decode to backward when offload_frozen is on
-        reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=cfg.reward_checkpointing,
-                              weights=cfg.reward_weights)
-        place.park("reward", reward)
-        optimizer = build_optimizer(cfg, params)
-        unet_train, optimizer = accelerator.prepare(unet, optimizer)
-        pipe = make_pipeline(comps)
+    try:
+        with guard.stage(stages.LOAD):
+            comps = load_components(cfg, weight_dtype)
+            unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
+            fingerprint = ckpt.fingerprint(cfg, unet)  # before DeepSpeed partitions the weights
+            if resume_path is not None:
+                ckpt.check_fingerprint(resume_state["fingerprint"], fingerprint, resume_path)
+            params, attention = apply_memory_features(comps, cfg, device, weight_dtype)
+            unet.to(device).train()
+            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
+            place.park("vae", vae)  # on the GPU only from decode to backward when offload_frozen is on
+            reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype,
+                                  checkpointing=cfg.reward_checkpointing, weights=cfg.reward_weights)
+            place.park("reward", reward)
+            if cfg.deepspeed_zero:
+                from .distributed import build_optimizer as build_ds_optimizer
+                optimizer = build_ds_optimizer(cfg, params)
+            else:
+                optimizer = build_optimizer(cfg, params)
+            unet_train, optimizer = accelerator.prepare(unet, optimizer)
+            pipe = make_pipeline(comps)
+    except faults.OOM_ERRORS as e:
+        fit = faults.next_fit(cfg, stages.LOAD)
+        raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
+                                                    False) + f" [{str(e).splitlines()[0][:100]}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
 
@@ -184,6 +229,10 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     sample_prompts = prompts[: cfg.sample_prompts]
     scheduler = comps.scheduler
     bare_unet = accelerator.unwrap_model(unet_train)
+    engine = deepspeed_engine(accelerator, unet_train)  # None unless DeepSpeed
+    gather = gatherer(accelerator, params)  # ZeRO-3: the partitioned LoRA weights made whole for reading
+    # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
+    samples_here = is_main or is_zero3(accelerator)
 
     def generate(batch_prompts: list[str], seed: int):
         """Fixed-seed images and rewards with no gradient (the before/after grid)."""
@@ -202,24 +251,65 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             place.park("reward", reward)
         return imgs.float().cpu(), r.cpu()
 
-    before = generate(sample_prompts, cfg.seed + 12345) if sample_prompts and is_main else None
+    # the before row comes from the untrained LoRA, so it is generated before a checkpoint is restored
+    before = generate(sample_prompts, cfg.seed + 12345) if sample_prompts and samples_here else None
+
+    def apply_fit(fit: faults.Fit) -> None:
+        """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step)."""
+        nonlocal reward
+        dataclasses.replace(cfg, **fit.overrides).validate()
+        for key, value in fit.overrides.items():
+            setattr(cfg, key, value)  # sliced_decode, cache_prompt_embeddings, activation_offload: read per step
+        keys = set(fit.overrides)
+        if "grad_accum" in keys:
+            accelerator.gradient_accumulation_steps = cfg.grad_accum
+        if "vae_checkpointing" in keys:
+            enable_vae_checkpointing(vae, cfg.vae_checkpointing)
+        if cfg.unet_checkpointing == "blocks" and "unet_checkpointing" in keys:
+            bare_unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute in backward
+        if "reward_checkpointing" in keys:
+            reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype,
+                                  checkpointing=cfg.reward_checkpointing, weights=cfg.reward_weights)
+            place.where.pop("reward", None)
+            place.park("reward", reward)
+        if "offload_frozen" in keys:
+            place.offload_enabled = cfg.offload_frozen
+        if "attention" in keys:
+            set_attention(bare_unet, vae, cfg.attention, device)
 
     # ================================ train ================================
     history: list[dict] = []
+    start = 0
     metrics_path = out / "metrics.jsonl"
-    if is_main and resume is None:
+    if resume_path is not None:
+        state, rng_state = ckpt.restore(accelerator, resume_path, bare_unet=bare_unet, optimizer=optimizer,
+                                        engine=engine, gather=gather)
+        start, history = int(state["step"]), list(state.get("history", []))
+        if rng_state is not None:
+            set_rng_state(rng, rng_state)
+        if is_main:  # metrics continue from the checkpoint: rows written after it (before a crash) go
+            keep_metrics_until(metrics_path, start)
+        log.info("resumed from %s at step %d", resume_path, start)
+    elif is_main:
         metrics_path.write_text("")
-    bar = tqdm(range(1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True)
-    for step in bar:
-        prof.begin_step(step)
+
+    def save_checkpoint(step: int, extra: dict | None = None) -> Path:
+        return ckpt.save(accelerator, out, step, cfg=cfg, bare_unet=bare_unet, optimizer=optimizer, engine=engine,
+                         rng_state=get_rng_state(rng), history=history, fp=fingerprint, gather=gather,
+                         extra={"auto_fit": fits, "skipped_steps": streak.skipped, **(extra or {})})
+
+    def run_step(step: int) -> tuple[dict | None, str | None]:
+        """One optimizer step over grad_accum micro-batches. Returns (metrics row, None) or (None, what was not finite)."""
         t0 = time.perf_counter()
         step_rewards, ks, losses = [], [], []
+        grad_norm = None
+        accelerator.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(unet_train):
                 batch_prompts = [rng.choice(prompts) for _ in range(cfg.batch_size)]
                 k = draw_k(cfg, rng)  # once per rollout: the window is the contiguous last K steps
                 ks.append(k)
-                with prof.stage(stages.ENCODE_PROMPTS):
+                with guard.stage(stages.ENCODE_PROMPTS):
                     place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
                     emb = embed(batch_prompts)
                     if not cfg.cache_prompt_embeddings:
@@ -229,8 +319,13 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 latents = initial_latents(cfg.batch_size, bare_unet, vae, cfg.resolution, g, device)
                 with accelerator.autocast():
                     loss, rewards = rollout_loss(cfg, bare_unet, unet_train, scheduler, vae, reward, latents, emb,
-                                                 batch_prompts, k=k, generator=g, stage=prof.stage, place=place)
-                with prof.stage(stages.BACKWARD):
+                                                 batch_prompts, k=k, generator=g, stage=guard.stage, place=place)
+                bad = None if faults.finite(rewards) else "the reward"
+                bad = bad or (None if faults.finite(loss) else "the loss")
+                if any_rank(accelerator, bad is not None):  # every rank skips together (DDP needs all backwards)
+                    optimizer.zero_grad(set_to_none=True)
+                    return None, bad or "the reward on another process"
+                with guard.stage(stages.BACKWARD):
                     accelerator.backward(loss)  # gradients reach only the LoRA weights
                 del latents  # free the graph's inputs before the next rollout
                 place.park("vae", vae)
@@ -238,63 +333,198 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 step_rewards.append(accelerator.gather(rewards.detach()))
                 losses.append(loss.detach())
                 if accelerator.sync_gradients:
-                    with prof.stage(stages.OPTIMIZER):
-                        grad_norm = None
+                    with guard.stage(stages.OPTIMIZER):
                         if cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        if engine is None and grad_norm is not None and not faults.isfinite_number(grad_norm):
+                            optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: same on every rank
+                            return None, "the gradient norm"
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
-        mem = prof.end_step()
-        if step == 1:
-            prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
-                                 "lora": params, "optimizer": optimizer})
         r_all = torch.cat(step_rewards).float()
         loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        row = {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
-               "loss": loss_mean, "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
-               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "seconds": time.perf_counter() - t0,
-               "peak_memory_gb": None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
-               "peak_stage": mem["peak_stage"]}
-        history.append(row)
-        if is_main:
-            write_metrics_line(metrics_path, row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
-            if cfg.log_every and step % cfg.log_every == 0:
-                bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
-                          f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
-        if cfg.report_to != "none":
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
+                "loss": loss_mean, "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "seconds": time.perf_counter() - t0}, None
+
+    streak = faults.NonFiniteStreak(cfg.max_bad_steps)
+    fits: list[dict] = []
+    stop = StopRequest()
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True,
+               initial=start, total=cfg.steps)
+    step, last_saved = start + 1, start if resume_path is not None else None
+    with stop.installed():
+        while step <= cfg.steps:
+            guard.step = step
+            rng_before = rng.getstate()
+            prof.begin_step(step)
+            try:
+                row, bad = run_step(step)
+            except faults.OOM_ERRORS as e:
+                stage = faults.stage_of(e, guard.current)
+                detail = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                del e
+                prof.end_step()
+                optimizer.zero_grad(set_to_none=True)
+                faults.free_memory()
+                fit = faults.next_fit(cfg, stage)
+                peak = faults.peak_so_far([h.get("peak_memory_gb") for h in history])
+                message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
+                if not cfg.auto_fit or fit is None or accelerator.num_processes > 1:
+                    if accelerator.num_processes == 1 and step - 1 > (last_saved or 0):
+                        save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
+                    raise faults.OutOfMemory(f"{message} [{detail}]") from None
+                log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
+                apply_fit(fit)
+                fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
+                rng.setstate(rng_before)  # the repeated step draws the same prompts and K
+                bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
+                continue
+            mem = prof.end_step()
+            if step == start + 1:
+                prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
+                                     "lora": params, "optimizer": optimizer})
+            if bad is not None:
+                if is_main:
+                    write_metrics_line(metrics_path, {"step": step, "skipped": f"{bad} is NaN or infinite"})
+                if streak.bad(step, bad):
+                    path = save_checkpoint(step)
+                    raise faults.TrainingDiverged(streak.message(path))
+            else:
+                streak.good()
+                row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
+                           peak_stage=mem["peak_stage"])
+                history.append(row)
+                if is_main:
+                    write_metrics_line(metrics_path, row)
+                    bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"],
+                                    s_per_step=f"{row['seconds']:.2f}")
+                    if cfg.log_every and step % cfg.log_every == 0:
+                        bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                                  f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
+                if cfg.report_to != "none":
+                    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+            bar.update(1)
+            stopping = stop.agreed(accelerator)
+            if stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                path = save_checkpoint(step)
+                last_saved = step
+                if stopping:
+                    bar.write(f"{stop.name} received: saved checkpoint {path}; continue with --resume latest")
+                    break
+            step += 1
+    bar.close()
 
     # ================================ save ================================
     accelerator.wait_for_everyone()
-    summary = {"steps": cfg.steps}
+    summary = {"steps": cfg.steps, "interrupted": stop.name is not None, "resumed_from": str(resume_path or "")
+               or None, "skipped_steps": streak.skipped, "auto_fit": fits}
+    final = accelerator.unwrap_model(unet_train)
+    lora = None
+    if cfg.train_unet == "lora":
+        with gather():
+            lora = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
+    after = None
+    if before is not None and stop.name is None:
+        after = generate(sample_prompts, cfg.seed + 12345)
     if is_main:
-        final = accelerator.unwrap_model(unet_train)
-        if cfg.train_unet == "lora":
-            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora_state_dict(final))
+        if lora is not None:
+            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora)
         else:
             final.save_pretrained(out / "unet")
-        if before is not None:
-            after = generate(sample_prompts, cfg.seed + 12345)
+        if after is not None:
             grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
             log_images(accelerator, cfg, grid)
             summary["sample_reward_before"] = before[1].mean().item()
             summary["sample_reward_after"] = after[1].mean().item()
+        if fits:  # the configuration that finally fitted, for the next run
+            (out / "config.yaml").write_text(yaml.safe_dump({"profile": profile_name, **cfg.to_dict(),
+                                                             "auto_fit_changes": fits}, sort_keys=False))
         prof.write(out)
         n = max(1, min(3, len(history) // 2))
         summary.update({
-            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
-            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n,
-            "seconds_per_step": sum(h["seconds"] for h in history) / len(history),
-            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h["peak_memory_gb"] is not None),
+            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
+            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n if history else float("nan"),
+            "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
+            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),
             "attention": attention, "device": str(device), "output_dir": str(out),
         })
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, cfg, profile_name)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down before interpreter exit: no gloo abort
     return summary
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.name: str | None = None
+
+    def _handle(self, signum, frame):
+        if self.name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+            log.warning("%s received: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+                        self.name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank if any rank was asked to stop (they save the same step together)."""
+        from .distributed import any_rank
+        return any_rank(accelerator, self.name is not None) and (self.name is not None or self._adopt())
+
+    def _adopt(self) -> bool:
+        self.name = "stop request from another process"
+        return True
+
+
+def get_rng_state(rng: random.Random) -> dict:
+    state = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(rng: random.Random, state: dict) -> None:
+    version, internal, gauss = state["python"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
+    if not path.exists():
+        path.write_text("")
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line)
+        except ValueError:
+            continue  # a line cut off by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def log_images(accelerator, cfg: Config, grid_path: Path) -> None:

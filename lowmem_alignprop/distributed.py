@@ -1,0 +1,114 @@
+"""Scale-out helpers: the DeepSpeed config generated from the profile, ZeRO-3 gathers, rank agreement.
+
+Data parallel needs nothing here: ``accelerate launch --num_processes N -m lowmem_alignprop ...`` runs
+the same loop on every rank; accelerate wraps the UNet in DDP (gloo on CPU, NCCL on GPUs). DeepSpeed
+ZeRO comes from the profile's ``deepspeed_zero`` / ``offload`` fields: no hand-written JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+import torch
+
+log = logging.getLogger("lowmem_alignprop")
+
+
+def deepspeed_config(cfg, mixed_precision: str | None = None) -> dict:
+    """The DeepSpeed JSON config for ``cfg`` (ZeRO stage, offload, batch, accumulation, clipping, precision)."""
+    mp = cfg.mixed_precision if mixed_precision is None else mixed_precision
+    pin = torch.cuda.is_available()  # pinned host buffers speed up GPU<->CPU copies; there are none on a CPU
+    zero: dict = {"stage": cfg.deepspeed_zero,
+                  "overlap_comm": False,  # no extra communication buckets: saves memory on small cards
+                  "contiguous_gradients": True}  # gradients in one buffer: no fragmentation
+    if cfg.offload in ("optimizer", "params"):
+        # Adam's fp32 moments and master weights live in CPU memory (8-12 bytes per trained weight off the GPU)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.offload == "params":
+        # ZeRO-3 keeps the (frozen and trained) weights in CPU memory and fetches each layer when it runs
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.deepspeed_zero == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we save only the trained weights, gathered
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": float(cfg.max_grad_norm),  # 0 disables clipping, as in the config
+        "zero_optimization": zero,
+        "fp16": {"enabled": mp == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": mp == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_plugin(cfg, mixed_precision: str | None = None):
+    """accelerate's DeepSpeedPlugin built from the profile (train.make_accelerator passes it to Accelerator)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    ensure_process_group_env()
+    # zero3_init_flag off: the frozen models load whole on the CPU first (and peft's LoRA init must not run
+    # inside zero.Init, see DESIGN.md section 7); deepspeed.initialize then partitions them.
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision), zero3_init_flag=False)
+
+
+def build_optimizer(cfg, params):
+    """DeepSpeed's CPU Adam when its state is offloaded (vectorised, ~5x torch's AdamW on CPU), else ours."""
+    if cfg.deepspeed_zero and cfg.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
+    from .optim import build_optimizer as build
+    return build(cfg, params)
+
+
+def ensure_process_group_env() -> None:
+    """DeepSpeed needs a process group; a plain ``lowmem-alignprop`` run (no launcher) gets a 1-process one."""
+    if "LOCAL_RANK" in os.environ:
+        return  # launched by accelerate / torchrun / deepspeed: they set everything
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    log.info("deepspeed: no launcher found, running as a single process (use `accelerate launch` for several)")
+
+
+def is_zero3(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def deepspeed_engine(accelerator, model):
+    """The DeepSpeed engine when ``model`` was prepared under DeepSpeed, else None."""
+    from accelerate.utils import DistributedType
+    return model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+
+
+def gatherer(accelerator, params):
+    """A context factory: under ZeRO-3 the partitioned ``params`` are whole inside it; elsewhere a no-op.
+
+    ``modify=True``: changes made inside are written back to every rank's partition (for loading).
+    """
+    def ctx(modify: bool = False):
+        if not is_zero3(accelerator):
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+    return ctx
+
+
+def all_ranks_ok(accelerator, ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (one tiny collective; a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool(accelerator.gather(flag).min().item() > 0.5)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
+    return not all_ranks_ok(accelerator, not flag)

@@ -1,0 +1,166 @@
+"""Checkpoints and resume on the tiny model: 6 steps == 3 steps + 3 resumed; atomic writes; Ctrl-C."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop.cli import main
+
+# Small and fast, but with everything that must continue across a resume: gradient accumulation over two
+# micro-batches, K drawn at random per rollout (python RNG), DDIM noise (eta=1), AdamW moments.
+FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "k=1",
+        "--set", "batch_size=1", "--set", "grad_accum=2", "--set", "truncation=uniform", "--set", "k_min=1",
+        "--set", "k_max=2", "--set", "lr=0.01"]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return load_file(str(path / "trainable.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_dir):
+    base = tmp_path_factory.mktemp("resume")
+    full, split = base / "full", base / "split"
+    assert main([*FAST, "--output-dir", str(full), "--steps", "6"]) == 0
+    assert main([*FAST, "--output-dir", str(split), "--steps", "3", "--checkpoint-every", "1"]) == 0
+    first_half = rows(split)
+    assert main([*FAST, "--output-dir", str(split), "--steps", "6", "--resume", "latest"]) == 0
+    return full, split, first_half
+
+
+def test_six_steps_equal_three_plus_three_resumed(runs):
+    full, split, first_half = runs
+    a, b = rows(full), rows(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # metrics continue in the same file
+    assert b[:3] == [dict(r) for r in first_half]  # the first half is kept as it was
+    for x, y in zip(a, b):
+        assert x["k_all"] == y["k_all"]  # the prompt/K random stream continued
+        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert len({tuple(r["k_all"]) for r in a}) > 1  # K really was random: the test can fail on a lost RNG state
+    wa, wb = weights(full / "checkpoints" / "step-00000006"), weights(split / "checkpoints" / "step-00000006")
+    assert set(wa) == set(wb) and len(wa) > 0
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    # ... and the trained LoRA moved: a broken resume that reloads the initial weights would fail above
+    w0 = weights(split / "checkpoints" / "step-00000003")
+    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4
+    # the exported LoRA is the same as well
+    la, lb = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors")), \
+        load_file(str(split / "lora" / "pytorch_lora_weights.safetensors"))
+    assert max((la[k] - lb[k]).abs().max().item() for k in la) < 1e-6
+    sa, sb = json.loads((full / "summary.json").read_text()), json.loads((split / "summary.json").read_text())
+    assert sb["reward_first"] == pytest.approx(sa["reward_first"], abs=1e-6)  # history came back from the checkpoint
+    assert sb["resumed_from"].endswith("step-00000003")
+
+
+def test_checkpoints_are_small_and_hold_only_what_trains(runs):
+    _, split, _ = runs
+    path = split / "checkpoints" / "step-00000006"
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["manifest.json", "optimizer.pt", "rng.pt", "state.json", "trainable.safetensors"]
+    w = weights(path)
+    assert all("lora" in k for k in w)  # no frozen UNet weights
+    lora_bytes = sum(t.numel() * t.element_size() for t in w.values())
+    total = sum(p.stat().st_size for p in path.iterdir())
+    assert total < 3 * lora_bytes + 200_000  # LoRA + 2 Adam moments + small metadata
+    state = ckpt.read_state(path)
+    assert state["step"] == 6 and len(state["history"]) == 6 and state["world_size"] == 1
+    # keep_checkpoints=2 (default): only the newest two remain
+    assert [p.name for p in ckpt.list_checkpoints(split / "checkpoints")] == ["step-00000006", "step-00000003"]
+
+
+def test_corrupt_or_partial_checkpoint_is_reported_and_the_previous_one_used(runs, tmp_path, caplog):
+    _, split, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(split, run)
+    root = run / "checkpoints"
+    newest = root / "step-00000006"
+    data = (newest / "trainable.safetensors").read_bytes()
+    (newest / "trainable.safetensors").write_bytes(data[: len(data) // 2])  # torn write
+    (root / ".tmp-step-00000007").mkdir()  # a write that never finished
+    assert ckpt.verify(newest) is not None and "trainable.safetensors" in ckpt.verify(newest)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        chosen = ckpt.find_resume(run, "latest")
+    assert chosen == root / "step-00000003"
+    text = caplog.text
+    assert "step-00000006 is incomplete or corrupt" in text and ".tmp-step-00000007" in text
+    # naming the broken one explicitly is an error, not a silent substitution
+    with pytest.raises(ckpt.UserError, match="incomplete or corrupt"):
+        ckpt.find_resume(run, str(newest))
+    # a manifest-less directory (killed mid-write before the rename cannot happen, but a copy can) is skipped too
+    (root / "step-00000003" / "manifest.json").unlink()
+    with pytest.raises(ckpt.UserError, match="no intact checkpoint"):
+        ckpt.find_resume(run, "latest")
+
+
+def test_resume_continues_from_the_previous_good_checkpoint(runs, tmp_path, capsys):
+    """End to end: the newest checkpoint is corrupt, --resume latest trains on from the one before."""
+    _, split, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(split, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    bad = run / "checkpoints" / "step-00000005"
+    shutil.copytree(run / "checkpoints" / "step-00000003", bad)
+    (bad / "state.json").write_text("{not json")
+    assert main([*FAST, "--output-dir", str(run), "--steps", "4", "--resume", "latest"]) == 0
+    got = rows(run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # rows 4-6 of the old run were dropped, step 4 redone
+    assert got[3]["reward_mean"] == pytest.approx(rows(split)[3]["reward_mean"], abs=1e-6)
+
+
+def test_atomic_publish_replaces_an_existing_step(tmp_path):
+    root = tmp_path / "checkpoints"
+    final = ckpt.step_dir(root, 2)
+    for content in (b"old", b"new"):
+        tmp = root / ".tmp-x"
+        tmp.mkdir(parents=True)
+        (tmp / "state.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": 2}))
+        (tmp / "trainable.safetensors").write_bytes(content)
+        ckpt.write_manifest(tmp)
+        ckpt.publish(tmp, final)
+    assert (final / "trainable.safetensors").read_bytes() == b"new"
+    assert ckpt.verify(final) is None
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # no temp or old copies left
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
+                             "--steps", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM received" in stderr + stdout
+    done = len(rows(out))
+    assert 1 <= done < 200
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert saved and saved[0].name == f"step-{done:08d}" and ckpt.verify(saved[0]) is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()  # the LoRA so far is exported too
+    # and the run continues from there
+    assert main([*FAST, "--output-dir", str(out), "--steps", str(done + 1), "--resume", "latest"]) == 0
+    assert [r["step"] for r in rows(out)] == list(range(1, done + 2))
