@@ -1,0 +1,289 @@
+"""`lowmem-alignprop sample` on the tiny model: base vs LoRA images from the same seeds, rewards, adapter mixing.
+
+The LoRAs are built directly (random A and B matrices, saved with ``save_lora_weights`` exactly as training saves
+them) so the file stays fast; a slow test trains a real brightness LoRA. ``sample_steps=3`` keeps each image cheap.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.evaluate import (GRID_NAME, RESULTS_NAME, generate, load_adapters, mix_adapters, parse_lora)
+
+STEPS = "3"
+COMMON = ["--profile", "cpu", "--set", f"sample_steps={STEPS}"]
+
+
+def _save_lora(path, unet, tensors):
+    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=tensors)
+    return path
+
+
+def _random_lora(template: dict, seed: int, up_std: float) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in template.items():
+        std = up_std if ".up." in k else 0.5  # down ~ N(0, 1/r) as peft's gaussian init (r=4); up: the update
+        out[k] = torch.randn(v.shape, generator=g) * std
+    return out
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, tiny_dir):
+    """a: a random LoRA for the tiny UNet that visibly changes its images; neg_a: a with its up matrices negated
+    (update -dW_a); small_a, small_b: two weak ones (the images stay close to linear in their weights);
+    other: a LoRA for a UNet with cross_attention_dim 48 (another base model)."""
+    from diffusers import UNet2DConditionModel
+
+    from lowmem_alignprop.models import add_lora, lora_state_dict
+
+    root = tmp_path_factory.mktemp("loras")
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    add_lora(unet, 4, None, 0)
+    template = lora_state_dict(unet)
+    a = _random_lora(template, 1, 0.1)
+    neg_a = {k: -v if ".up." in k else v.clone() for k, v in a.items()}
+    other = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": 48})
+    add_lora(other, 4, None, 0)
+    return {"a": _save_lora(root / "a", unet, a), "neg_a": _save_lora(root / "neg_a", unet, neg_a),
+            "small_a": _save_lora(root / "small_a", unet, _random_lora(template, 2, 0.02)),
+            "small_b": _save_lora(root / "small_b", unet, _random_lora(template, 3, 0.02)),
+            "other": _save_lora(root / "other", other, lora_state_dict(other))}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, loras):
+    out = tmp_path_factory.mktemp("sample") / "eval"
+    rc = main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "2", "--images-per-prompt", "2",
+               "--seed", "5", "--output-dir", str(out)])
+    assert rc == 0
+    return out, json.loads((out / RESULTS_NAME).read_text())
+
+
+def _tiny_pipe(tiny_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _direct(pipe, prompt, seed):
+    """One image the plain diffusers way, with the cpu profile's sampler settings."""
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=int(STEPS), guidance_scale=7.5, eta=1.0, height=64, width=64,
+                generator=g, output_type="pt").images
+
+
+def _brightness(images):
+    from lowmem_alignprop.rewards import build_reward
+    return build_reward("brightness")(images, [""] * len(images))
+
+
+def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
+    out, r = run
+    assert r["sampler"] == {"scheduler": "DDIM", "sample_steps": 3, "guidance_scale": 7.5, "eta": 1.0,
+                            "resolution": 64}
+    assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]  # the first two of simple_animals
+    assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
+    pipe = _tiny_pipe(tiny_dir)
+    for p in r["per_prompt"]:
+        direct = [_brightness(_direct(pipe, p["prompt"], s)).item() for s in p["seeds"]]
+        assert p["base"] == pytest.approx(direct, abs=1e-5)
+    pipe.load_lora_weights(str(loras["a"]))
+    for p in r["per_prompt"]:
+        direct = [_brightness(_direct(pipe, p["prompt"], s)).item() for s in p["seeds"]]
+        assert p["lora"] == pytest.approx(direct, abs=1e-5)
+        assert p["base_mean"] == pytest.approx(sum(p["base"]) / 2)
+        assert p["difference"] == pytest.approx(p["lora_mean"] - p["base_mean"])
+    all_base = [x for p in r["per_prompt"] for x in p["base"]]
+    all_lora = [x for p in r["per_prompt"] for x in p["lora"]]
+    assert r["base_mean"] == pytest.approx(sum(all_base) / 4) and r["lora_mean"] == pytest.approx(sum(all_lora) / 4)
+    assert r["difference"] == pytest.approx(r["lora_mean"] - r["base_mean"])
+    assert abs(r["difference"]) > 1e-3, r["difference"]  # the LoRA changes the images' mean brightness
+
+
+def test_sampler_is_the_training_rollout(run, tiny_dir):
+    """The pipeline's image equals training's own DDIM rollout (sampling.rollout, k=0) from the same generator."""
+    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.models import load_components
+    from lowmem_alignprop.sampling import decode, encode_prompts, initial_latents, make_pipeline, rollout
+
+    _, r = run
+    comps = load_components(Config(model=str(tiny_dir)))
+    pipe = make_pipeline(comps)
+    g = torch.Generator().manual_seed(r["per_prompt"][1]["seeds"][0])
+    emb = encode_prompts(pipe, ["dog"], "cpu", 64)
+    comps.scheduler.set_timesteps(3)
+    with torch.no_grad():
+        lat = initial_latents(1, comps.unet, comps.vae, 64, g, "cpu")
+        lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=7.5, eta=1.0, generator=g)
+        reward = _brightness(decode(comps.vae, lat)).item()
+    assert reward == pytest.approx(r["per_prompt"][1]["base"][0], abs=1e-5)
+
+
+def test_grid_png_has_one_column_per_image_and_two_rows(run):
+    from PIL import Image
+
+    out, _ = run
+    grid = Image.open(out / GRID_NAME)
+    # export.save_sample_grid: 64 px row labels + 192 px per image; 20 px title + 2 rows of (192 + 28 label)
+    assert grid.size == (64 + 4 * 192, 20 + 2 * (192 + 28))
+    import numpy as np
+    assert np.asarray(grid.convert("L"), dtype=np.float32).std() > 20  # images were pasted, not a blank canvas
+
+
+# ------------------------------------------------------------------------------------------------------------
+# mixing adapters: weights interpolate the adapters' weight updates
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixer(tiny_dir, loras):
+    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.evaluate import build_pipeline
+
+    cfg = Config(model=str(tiny_dir), sample_steps=int(STEPS), resolution=64, k=1)
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    specs = {name: parse_lora(str(loras[name]), i) for i, name in enumerate(("a", "neg_a", "small_a", "small_b"))}
+    load_adapters(pipe, list(specs.values()), cfg.model)
+    prompts, seeds = ["cat", "dog"], [11, 12]
+    cache = {}
+
+    def images(**weights):
+        """Images with the given adapter weights ({} = base model); each mix generated once."""
+        key = tuple(sorted(weights.items()))
+        if key in cache:
+            return cache[key]
+        if not weights:
+            pipe.disable_lora()
+        else:
+            chosen = []
+            for name, w in weights.items():
+                specs[name].weight = w
+                chosen.append(specs[name])
+            mix_adapters(pipe, chosen)
+        cache[key] = generate(pipe, prompts, seeds, cfg, batch_size=2)
+        return cache[key]
+
+    return pipe, specs, images
+
+
+def test_weights_one_and_zero_equal_the_first_adapter_alone(mixer):
+    _, _, images = mixer
+    a = images(a=1.0)
+    assert torch.allclose(images(a=1.0, small_b=0.0), a, atol=1e-5)
+    assert (a - images()).abs().max() > 1e-2  # and a really changes the images
+    assert (images(small_b=1.0) - a).abs().max() > 1e-2  # small_b is another adapter
+
+
+def test_opposite_updates_cancel_and_halves_add_up(mixer):
+    """0.5 * dW_a + 0.5 * (-dW_a) = 0 gives the base model's images; a at 0.5 twice equals a at 1.0."""
+    _, _, images = mixer
+    assert torch.allclose(images(a=0.5, neg_a=0.5), images(), atol=1e-5)
+    # 1.5 dW_a + 0.5 (-dW_a) = dW_a
+    assert torch.allclose(images(a=1.5, neg_a=0.5), images(a=1.0), atol=1e-5)
+    assert (images(a=0.5) - images(a=1.0)).abs().max() > 1e-3  # the weight scales, it is not ignored
+
+
+def test_every_adapted_layer_computes_the_weighted_sum_of_updates(mixer):
+    """In each LoRA layer: out(0.3 a + 0.7 b) - base = 0.3 (out(a) - base) + 0.7 (out(b) - base), exactly."""
+    pipe, specs, _ = mixer
+    name_a, name_b = specs["a"].name, specs["small_b"].name
+    layers = [(n, m) for n, m in pipe.unet.named_modules() if name_a in getattr(m, "lora_A", {})]
+    assert len(layers) == 32  # 8 attention blocks x (to_q, to_k, to_v, to_out.0)
+    g = torch.Generator().manual_seed(0)
+    xs = {n: torch.randn(3, m.in_features, generator=g) for n, m in layers}
+
+    def outputs(**weights):
+        if weights:
+            from lowmem_alignprop.evaluate import LoraSpec
+            mix_adapters(pipe, [LoraSpec("", None, w, {"a": name_a, "b": name_b}[k]) for k, w in weights.items()])
+        else:
+            pipe.disable_lora()
+        with torch.no_grad():
+            return {n: m(xs[n]) for n, m in layers}
+
+    base, out_a, out_b, mix = outputs(), outputs(a=1.0), outputs(b=1.0), outputs(a=0.3, b=0.7)
+    worst = max(((mix[n] - base[n]) - 0.3 * (out_a[n] - base[n]) - 0.7 * (out_b[n] - base[n])).abs().max().item()
+                for n, _ in layers)
+    smallest_update = min(min((out_a[n] - base[n]).abs().max().item(), (out_b[n] - base[n]).abs().max().item())
+                          for n, _ in layers)
+    assert worst < 1e-5 and smallest_update > 1e-3, (worst, smallest_update)
+
+
+def test_half_half_mix_lies_between_the_two_adapters(mixer):
+    """Images of 0.5 a + 0.5 b (weak adapters): closer to each adapter's images than those are to each other, and
+    near their mean (the images are nonlinear in the weights, so 'near' is within 25% of the a-b distance; measured
+    0.09 here, and it grows with the adapters' size: 0.22 with updates 2.5x as large)."""
+    _, _, images = mixer
+    ia, ib, im = images(small_a=1.0), images(small_b=1.0), images(small_a=0.5, small_b=0.5)
+    d_ab = (ia - ib).norm().item()
+    assert (im - ia).norm().item() < d_ab and (im - ib).norm().item() < d_ab
+    ratio = (im - (ia + ib) / 2).norm().item() / d_ab
+    print(f"distance of the 0.5/0.5 mix from the mean image: {ratio:.3f} of the a-b distance")
+    assert ratio < 0.25, ratio
+
+
+def test_cli_weights_reach_the_adapters(tmp_path, loras):
+    """--lora a:0.5 --lora neg_a:0.5 through the CLI: the LoRA row has the base row's rewards."""
+    out = tmp_path / "mix"
+    rc = main(["sample", *COMMON, "--lora", f"{loras['a']}:0.5", "--lora", f"{loras['neg_a']}:0.5",
+               "--num-prompts", "2", "--output-dir", str(out)])
+    assert rc == 0
+    r = json.loads((out / RESULTS_NAME).read_text())
+    assert [d["weight"] for d in r["loras"]] == [0.5, 0.5]
+    for p in r["per_prompt"]:
+        assert p["lora"] == pytest.approx(p["base"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input: one line naming the fix, exit 2, nothing written
+# ------------------------------------------------------------------------------------------------------------
+def test_parse_lora_forms(tmp_path, loras):
+    spec = parse_lora(f"{loras['a']}:0.25", 3)
+    assert spec.weight == 0.25 and spec.name == "lora3" and spec.file.name == "pytorch_lora_weights.safetensors"
+    assert parse_lora(str(loras["a"]), 0).weight == 1.0
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "lora").symlink_to(loras["a"], target_is_directory=True)
+    assert parse_lora(f"{run_dir}:-0.5", 0).file.parent == run_dir / "lora"  # a run's output dir works too
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
+                                  "zero_prompts"])
+def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"missing": ["--lora", str(tmp_path / "nope")],
+            "empty_dir": ["--lora", str(empty)],
+            "bad_weight": ["--lora", f"{loras['a']}:half"],
+            "no_weight": ["--lora", f"{loras['a']}:"],
+            "other_model": ["--lora", str(loras["a"]), "--lora", f"{loras['other']}:0.5"],
+            "no_lora": [],
+            "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"]}[case]
+    out = tmp_path / "out"
+    rc = main(["sample", *COMMON, *args, "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists()
+    expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
+                "no_weight": "is not a number", "other_model": "[4, 48] in the LoRA, [4, 32] here",
+                "no_lora": "--lora DIR", "zero_prompts": "at least 1"}[case]
+    assert expected in err[0], err[0]
+
+
+@pytest.mark.slow
+def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
+    """Train 4 steps on brightness, then evaluate on seeds training never used: brightness goes up."""
+    run_dir = tmp_path / "train"
+    assert main(["--profile", "cpu", "--steps", "4", "--output-dir", str(run_dir), "--set", "sample_prompts=0",
+                 "--set", f"sample_steps={STEPS}", "--set", "lr=0.03"]) == 0
+    out = tmp_path / "eval"
+    assert main(["sample", *COMMON, "--lora", str(run_dir), "--num-prompts", "4", "--seed", "1000",
+                 "--output-dir", str(out)]) == 0
+    r = json.loads((out / RESULTS_NAME).read_text())
+    assert r["difference"] > 0.002, r["difference"]
