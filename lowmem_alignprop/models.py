@@ -78,6 +78,10 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if kind == "tiny":
         from .tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
+    quant = getattr(cfg, "base_quant", "none")
+    if quant != "none":
+        from . import quant as q
+        q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
     if kind == "arch":
         from .arch import build_random_components
         parts = build_random_components(where, device="cpu", dtype=weight_dtype)
@@ -88,6 +92,11 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
             if kind == "file":
                 from .arch import load_single_file
                 pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
+            elif quant != "none":
+                # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
+                unet = q.load_quantized_unet(where, quant, weight_dtype)
+                pipe = DiffusionPipeline.from_pretrained(where, unet=unet, safety_checker=None,
+                                                         **dtype_kwarg(weight_dtype))
             else:
                 pipe = DiffusionPipeline.from_pretrained(where, safety_checker=None, **dtype_kwarg(weight_dtype))
         except UserError:
@@ -104,6 +113,10 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if comps.unet is None or comps.vae is None or comps.text_encoder is None:
         raise UserError(f"{cfg.model} is not a Stable Diffusion model (needs unet, vae and text_encoder): "
                         "supported are SD 1.x, SD 2.x and SDXL")
+    if quant != "none":
+        q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
+    if getattr(cfg, "vae", ""):
+        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     # AlignProp samples with DDIM; keep the model's noise schedule and prediction type.
     comps.scheduler = DDIMScheduler.from_config(comps.scheduler.config)
     if comps.pipeline_class is None:
@@ -117,6 +130,65 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     from diffusers.pipelines import pipeline_utils
 
     return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
+    """A replacement VAE (config field ``vae``): a diffusers folder (or a pipeline folder with ``vae/``), a hub
+    id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16), or a single
+    .safetensors file (read with the model's own VAE config). Raises UserError."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    path = Path(os.path.expanduser(spec))
+    try:
+        if path.is_dir():
+            sub = "vae" if not (path / "config.json").exists() and (path / "vae" / "config.json").exists() else None
+            if sub is None and not (path / "config.json").exists():
+                raise UserError(f"vae={spec} is a folder without config.json (or vae/config.json): pass the folder "
+                                "that AutoencoderKL.save_pretrained wrote, a hub id, or a .safetensors file")
+            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **dtype_kwarg(dtype))
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise UserError(f"vae={spec} is not a VAE checkpoint: pass a .safetensors file, a folder or a hub id")
+            with tempfile.TemporaryDirectory() as tmp:
+                own_vae.save_config(Path(tmp) / "vae")  # the file holds weights only: use the model's VAE config
+                vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
+                                                     torch_dtype=dtype)
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "~")):
+            vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
+        else:
+            raise UserError(f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id "
+                            "(e.g. madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load vae={spec!r}: {first[:300]}. It must match the model's VAE "
+                        "(same latent channels); hub ids need network access") from None
+    if vae.config.latent_channels != own_vae.config.latent_channels:
+        raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
+                        f"{own_vae.config.latent_channels}: use a VAE made for this model")
+    log.info("VAE: %s instead of the model's own", spec)
+    return vae
+
+
+def choose_vae_dtype(vae, weight_dtype: torch.dtype, device: torch.device, is_sdxl: bool) -> torch.dtype:
+    """SDXL's stock VAE overflows in fp16 (its config says force_upcast). Decode in bf16 where the GPU has it
+    (same memory as fp16, fp32's range), else in fp32, and say what that costs. Casts ``vae``; returns its dtype.
+    The fp16-fix VAE (``--set vae=madebyollin/sdxl-vae-fp16-fix``, force_upcast false) stays in fp16."""
+    if not (is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False)):
+        return vae.dtype
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        vae.to(torch.bfloat16)  # same bytes as fp16, no overflow
+        log.warning("SDXL's VAE overflows in fp16: decoding in bf16 instead (same memory as fp16)")
+        return torch.bfloat16
+    vae.to(torch.float32)  # no bf16 on this device: fp32 doubles the VAE's weights and its decode activations
+    extra = module_bytes(vae) / 2 / 2**20
+    log.warning("SDXL's VAE overflows in fp16 and this device has no bf16: decoding in fp32 (+%.0f MiB weights, "
+                "about twice the decode/backward activation memory); --set vae=madebyollin/sdxl-vae-fp16-fix "
+                "keeps it in fp16", extra)
+    return torch.float32
 
 
 def set_attention(unet, vae, attention: str, device: torch.device) -> str:

@@ -130,14 +130,18 @@ def decode(vae, latents: torch.Tensor, *, sliced: bool = False, tiled: bool = Fa
     z = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         z = z + vae.config.shift_factor
-    if tiled:
-        from .tiling import tiled_decode
-        x = tiled_decode(vae, z.to(dtype), tile_size=tile_size, overlap=tile_overlap)
-    elif sliced and z.shape[0] > 1:
-        # one image at a time: the decoder's activations exist for one image, not the batch
-        x = torch.cat([vae.decode(z[i:i + 1].to(dtype)).sample for i in range(z.shape[0])])
-    else:
-        x = vae.decode(z.to(dtype)).sample
+    dev = z.device.type
+    # a VAE kept in another dtype than autocast's (SDXL's in bf16/fp32) runs in its own: fp16 autocast would overflow it
+    own_dtype = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != dtype
+    with torch.autocast(dev, enabled=False) if own_dtype else contextlib.nullcontext():
+        if tiled:
+            from .tiling import tiled_decode
+            x = tiled_decode(vae, z.to(dtype), tile_size=tile_size, overlap=tile_overlap)
+        elif sliced and z.shape[0] > 1:
+            # one image at a time: the decoder's activations exist for one image, not the batch
+            x = torch.cat([vae.decode(z[i:i + 1].to(dtype)).sample for i in range(z.shape[0])])
+        else:
+            x = vae.decode(z.to(dtype)).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
 
 

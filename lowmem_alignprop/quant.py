@@ -1,0 +1,457 @@
+"""Quantized frozen base UNet (QLoRA style): bitsandbytes int8 or nf4 Linear layers under fp32 LoRA.
+
+``base_quant`` (none|int8|nf4) replaces every ``nn.Linear`` of the frozen UNet (attention projections,
+feed-forwards, time/text embeddings) with a bitsandbytes layer; convolutions, norms and the LoRA adapters
+stay as they are, and the LoRA weights and their gradients stay fp32. Two ways in, same result:
+
+* a diffusers directory or hub id loads the UNet with diffusers' own quantization support
+  (``UNet2DConditionModel.from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``);
+* models built in memory (``--model sd15|sd21|sdxl`` random weights, single-file checkpoints) are
+  quantized in place: each Linear is swapped for ``bnb.nn.Linear8bitLt`` / ``bnb.nn.Linear4bit`` and
+  bitsandbytes quantizes the weight when the module moves to the device.
+
+bitsandbytes' kernels need CUDA here: diffusers refuses to quantize without a GPU ("No GPU found"),
+and so do we (a UserError) unless the environment variable ``LOWMEM_ALIGNPROP_QUANT_ON_CPU=1`` is
+set, which the tests use together with a monkeypatched diffusers environment check (DESIGN.md
+section 7: int8 and nf4 then run on CPU; nf4 on CPU needs the UNet in ``train()`` mode).
+
+For the planner (which cannot run bitsandbytes under fake tensors) :func:`quantized_weight_bytes`
+gives the analytic size of the quantized UNet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "nf4")
+CPU_OVERRIDE_ENV = "LOWMEM_ALIGNPROP_QUANT_ON_CPU"  # tests only: let bitsandbytes run on the CPU
+NF4_BLOCKSIZE = 64  # bitsandbytes' default: one absmax scale per 64 weights
+DOUBLE_QUANT = True  # QLoRA's double quantization: the absmax scales are themselves 8-bit (-0.37 bits/weight)
+_DQ_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax scales in blocks of 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------------
+
+def require_bitsandbytes(mode: str):
+    """Import bitsandbytes or raise a UserError naming the fix."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(f"base_quant={mode} needs bitsandbytes: pip install bitsandbytes, "
+                        "or use --set base_quant=none") from None
+    return bitsandbytes
+
+
+def cpu_override() -> bool:
+    return os.environ.get(CPU_OVERRIDE_ENV, "") not in ("", "0")
+
+
+def check_device(mode: str) -> None:
+    """Quantized kernels need a CUDA GPU (unless the tests' CPU override is set)."""
+    if torch.cuda.is_available() or cpu_override():
+        return
+    raise UserError(f"base_quant={mode} needs a CUDA GPU: bitsandbytes' quantized kernels run on CUDA and none "
+                    "was found; use --set base_quant=none on this machine")
+
+
+def prepare(mode: str) -> None:
+    """Everything that can fail before loading: the mode, bitsandbytes, a CUDA device."""
+    if mode not in MODES:
+        raise UserError(f"base_quant={mode!r} is not one of none, {', '.join(MODES)}")
+    require_bitsandbytes(mode)
+    check_device(mode)
+
+
+def target_device() -> torch.device:
+    """Where the quantized UNet lives: the current CUDA device (accelerate sets it per process), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantizing
+# ----------------------------------------------------------------------------------------------------
+
+def bnb_config(mode: str, compute_dtype: torch.dtype, double_quant: bool = DOUBLE_QUANT):
+    """diffusers' ``BitsAndBytesConfig`` for ``mode``."""
+    from diffusers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)  # LLM.int8(): 1 byte per weight, outliers in fp16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # 0.5 byte per weight + scales
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder: str = "unet"):
+    """The UNet of a diffusers directory or hub id, loaded quantized through diffusers' bitsandbytes support.
+
+    The non-Linear layers are loaded in ``dtype``; the model lands on :func:`target_device`.
+    """
+    from diffusers import UNet2DConditionModel
+
+    prepare(mode)
+    device = target_device()
+    unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype,
+                                                quantization_config=bnb_config(mode, dtype),
+                                                device_map={"": str(device)})
+    log.info("UNet loaded with %s Linear layers (diffusers BitsAndBytesConfig): %d layers quantized",
+             mode, count_quantized(unet)[mode])
+    return unet
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def _plain_linears(model: nn.Module):
+    """(parent, attribute, qualified name, layer) for every plain nn.Linear outside LoRA adapters."""
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if type(child) is nn.Linear and not _is_lora(name):
+                yield parent, attr, name, child
+
+
+def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_quant: bool = DOUBLE_QUANT,
+                      device: torch.device | str | None = None) -> int:
+    """Swap every nn.Linear of ``unet`` for a bitsandbytes layer and move the model to ``device``
+    (default :func:`target_device`); bitsandbytes quantizes each weight as it moves. Returns the count.
+
+    For models built in memory (random-weight architectures, single-file checkpoints); directories and hub
+    ids go through :func:`load_quantized_unet` instead. Call before adding LoRA.
+    """
+    prepare(mode)
+    bnb = require_bitsandbytes(mode)
+    device = torch.device(device) if device is not None else target_device()
+    count = 0
+    for parent, attr, _, lin in _plain_linears(unet):
+        has_bias = lin.bias is not None
+        if mode == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                    threshold=6.0, device="meta")
+            # int8 weights are built from fp16 (bitsandbytes' int8 path); the fp copy is freed once quantized
+            q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16), requires_grad=False,
+                                         has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=dtype,
+                                  compress_statistics=double_quant, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE,
+                                         compress_statistics=double_quant, quant_type="nf4", module=q)
+        if has_bias:
+            q.bias = nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
+        setattr(parent, attr, q)
+        count += 1
+    unet.to(device)  # quantization happens here, one weight at a time: the fp16 copy of each is freed
+    unet.requires_grad_(False)
+    # the attributes diffusers sets on a quantized model: peft then wraps these layers with its bnb LoRA layers
+    if mode == "int8":
+        unet.is_loaded_in_8bit = True
+    else:
+        unet.is_loaded_in_4bit = True
+    log.info("UNet quantized in place to %s: %d Linear layers", mode, count)
+    return count
+
+
+def quantize_unet(comps, mode: str, dtype: torch.dtype) -> int:
+    """Quantize ``comps.unet`` in place unless it was loaded quantized. Returns the number of quantized layers."""
+    counts = count_quantized(comps.unet)
+    if counts["int8"] or counts["nf4"]:
+        return counts[mode]
+    return quantize_in_place(comps.unet, mode, dtype)
+
+
+def count_quantized(model: nn.Module) -> dict[str, int]:
+    """How many layers are int8, nf4 (or other 4-bit), and how many plain nn.Linear are left (LoRA excluded)."""
+    out = {"int8": 0, "nf4": 0, "linear": 0}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    for name, m in model.named_modules():
+        if _is_lora(name):
+            continue
+        if bnb is not None and isinstance(m, bnb.nn.Linear8bitLt):
+            out["int8"] += 1
+        elif bnb is not None and isinstance(m, bnb.nn.Linear4bit):
+            out["nf4"] += 1
+        elif type(m) is nn.Linear:
+            out["linear"] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# sizes
+# ----------------------------------------------------------------------------------------------------
+
+def quantized_linear_weight_bytes(numel: int, out_features: int, mode: str, *, double_quant: bool = DOUBLE_QUANT,
+                                  blocksize: int = NF4_BLOCKSIZE) -> int:
+    """Bytes bitsandbytes keeps for one Linear weight of ``numel`` elements (``out_features`` rows)."""
+    if mode == "int8":
+        return numel + 4 * out_features  # int8 weight + one fp32 scale per output row (SCB)
+    if mode != "nf4":
+        raise ValueError(f"unknown quantization mode {mode!r}")
+    blocks = math.ceil(numel / blocksize)
+    packed = (numel + 1) // 2  # two 4-bit codes per byte
+    if not double_quant:
+        return packed + 4 * blocks  # one fp32 absmax per block
+    # 8-bit absmax per block, one fp32 scale per 256 absmax values, and one fp32 offset per layer
+    return packed + blocks + 4 * math.ceil(blocks / _DQ_BLOCKSIZE) + 4
+
+
+def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = DOUBLE_QUANT,
+                           blocksize: int = NF4_BLOCKSIZE) -> int:
+    """Analytic bytes of ``unet``'s parameters and buffers once its Linear layers are quantized with ``mode``.
+
+    For the planner, which cannot run bitsandbytes under fake tensors. Works on any UNet: real, ``meta`` or
+    fake, plain or already quantized, with or without LoRA. Counted:
+
+    * every Linear weight outside LoRA adapters (``in_features * out_features`` elements), as bitsandbytes
+      stores it: ``int8`` 1 byte per weight + a 4-byte fp32 scale per output row; ``nf4`` 0.5 byte per
+      weight + one absmax per ``blocksize`` (64) weights, either fp32 (4 bytes) or, with double
+      quantization (``double_quant=True``, our default, as QLoRA), 1 byte, plus 4 bytes per 256 blocks
+      and a 4-byte offset per layer. bitsandbytes' shared code tables (1 KiB per device) are not counted;
+    * everything else unchanged, at its current element size: Linear biases, convolutions, norms,
+      embeddings, and LoRA adapters if present.
+
+    ``mode="none"`` returns the plain size. So with ``plain = quantized_weight_bytes(unet, "none")``
+    (= ``models.module_bytes(unet)`` for an unquantized UNet) the planner subtracts
+    ``plain - quantized_weight_bytes(unet, mode)`` from the resident weights. The real footprint on a
+    GPU matches within the allocator's rounding (``gpu_verify_quant`` measures it).
+    """
+    total = 0
+    for name, m in unet.named_modules():
+        own = [(n, t) for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+               if t is not None]
+        if mode != "none" and isinstance(m, nn.Linear) and not _is_lora(name):
+            total += quantized_linear_weight_bytes(m.in_features * m.out_features, m.out_features, mode,
+                                                   double_quant=double_quant, blocksize=blocksize)
+            own = [(n, t) for n, t in own if n != "weight"]
+        elif mode == "none" and isinstance(m, nn.Linear) and not _is_lora(name) and _bnb_weight(m):
+            total += m.in_features * m.out_features * 2  # an already-quantized layer counted at fp16
+            own = [(n, t) for n, t in own if n != "weight"]
+        total += sum(t.numel() * t.element_size() for _, t in own)
+    return total
+
+
+def _bnb_weight(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return w is not None and type(w).__name__ in ("Params4bit", "Int8Params")
+
+
+def measured_weight_bytes(model: nn.Module) -> int:
+    """Bytes really held by ``model``: parameters and buffers, plus bitsandbytes' scales that live outside
+    them (nf4 absmax/offset/nested scales in ``quant_state``, int8 row scales ``SCB``). Shared storages are
+    counted once; bitsandbytes' shared code tables are not counted (as in :func:`quantized_weight_bytes`)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            add(t)
+            qs = getattr(t, "quant_state", None)
+            if qs is not None:
+                add(qs.absmax)
+                add(getattr(qs, "offset", None))
+                if getattr(qs, "state2", None) is not None:
+                    add(qs.state2.absmax)
+            add(getattr(t, "SCB", None))
+        state = getattr(m, "state", None)  # Linear8bitLt moves the int8 weight's row scales here on first use
+        add(getattr(state, "CB", None))
+        add(getattr(state, "SCB", None))
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU verification (called by benchmarks/gpu_check.py; needs CUDA)
+# ----------------------------------------------------------------------------------------------------
+
+def _sd15_unet(device, dtype, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    from .arch import _default_dtype, arch_config_dir
+
+    torch.manual_seed(seed)
+    config = UNet2DConditionModel.load_config(arch_config_dir("sd15"), subfolder="unet")
+    with torch.device(device), _default_dtype(dtype):  # created directly in fp16 on the GPU
+        unet = UNet2DConditionModel.from_config(config)
+    return unet.requires_grad_(False)
+
+
+def _fwd_bwd(unet, inputs, dtype) -> dict:
+    """LoRA on, one forward + backward into LoRA; returns peak memory above the start, grad facts, output."""
+    from .models import add_lora
+
+    params = add_lora(unet, rank=4, alpha=4, seed=0)
+    unet.train()  # the trainer's mode (nf4 needs it on CPU; harmless on CUDA)
+    x, t, enc = inputs
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=dtype):
+        out = unet(x, t, encoder_hidden_states=enc).sample
+    loss = out.float().square().mean()
+    loss.backward()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - start
+    grads = [p.grad for p in params]
+    base_grads = sum(1 for n, p in unet.named_parameters() if p.grad is not None and "lora_" not in n)
+    return {
+        "fwd_bwd_seconds": round(seconds, 4),
+        "fwd_bwd_peak_bytes": int(peak),
+        "lora_params": sum(p.numel() for p in params),
+        "lora_grads_present": sum(g is not None for g in grads),
+        "lora_grad_norm": float(torch.stack([g.float().norm() for g in grads if g is not None]).norm()),
+        "lora_grads_finite": all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
+        "base_params_with_grad": base_grads,
+        "output": out.detach().float(),
+    }
+
+
+def gpu_verify_quant(out_dir: str | os.PathLike | None = None) -> dict:
+    """On CUDA: an SD1.5-shaped UNet (random weights) in fp16, then quantized int8 and nf4 (in place, and nf4
+    also through diffusers' ``from_pretrained(quantization_config=...)`` on a saved copy); for each, the weight
+    bytes (measured and analytic), one forward+backward into LoRA (batch 2 = one CFG pair, 64x64 latents, 77
+    tokens) with its peak memory, and the output's relative error against fp16. Errors are caught per mode
+    and reported in the dict. Writes ``quant_gpu.json`` under ``out_dir`` when given. About 30-60 s on an H100.
+    """
+    import json
+
+    result: dict = {"ok": False, "modes": {}}
+    t_all = time.perf_counter()
+    if not torch.cuda.is_available():
+        result["error"] = "no CUDA device"
+        return result
+    try:
+        import bitsandbytes
+        result["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError as e:
+        result["error"] = f"bitsandbytes not importable: {e}"
+        return result
+    import diffusers
+
+    result.update(device=torch.cuda.get_device_name(0), torch=torch.__version__, diffusers=diffusers.__version__)
+    dtype = torch.float16
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device="cpu").manual_seed(1)
+    inputs = (torch.randn(2, 4, 64, 64, generator=g).to(dev, dtype), torch.tensor([500, 500], device=dev),
+              torch.randn(2, 77, 768, generator=g).to(dev, dtype))
+    reference = None
+    tmp_dir = None
+
+    def run_mode(label: str, build) -> None:
+        nonlocal reference
+        entry: dict = {}
+        t0 = time.perf_counter()
+        try:
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()
+            unet, mode = build()
+            torch.cuda.synchronize()
+            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
+            entry["allocated_weight_bytes"] = int(torch.cuda.memory_allocated() - before)
+            entry["measured_weight_bytes"] = measured_weight_bytes(unet)
+            entry["analytic_weight_bytes"] = quantized_weight_bytes(unet, mode)
+            entry["quantized_layers"] = count_quantized(unet)
+            res = _fwd_bwd(unet, inputs, dtype)
+            out = res.pop("output")
+            if reference is None:
+                reference = out
+            entry["output_rel_error_vs_fp16"] = float((out - reference).norm() / reference.norm())
+            entry.update(res)
+            entry["ok"] = (res["lora_grads_present"] == len([1 for n, _ in unet.named_parameters() if "lora_" in n])
+                           and res["lora_grads_finite"] and res["base_params_with_grad"] == 0)
+            del unet
+        except Exception as e:  # report and go on with the next mode
+            entry["ok"] = False
+            entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        result["modes"][label] = entry
+        torch.cuda.empty_cache()
+
+    def build_fp16():
+        unet = _sd15_unet(dev, dtype)
+        return unet, "none"
+
+    def build_inplace(mode):
+        def build():
+            unet = _sd15_unet(dev, dtype)
+            quantize_in_place(unet, mode, dtype, device=dev)
+            return unet, mode
+        return build
+
+    def build_diffusers_nf4():
+        nonlocal tmp_dir
+        import tempfile
+        tmp_dir = tempfile.mkdtemp(prefix="lac_quant_")
+        _sd15_unet(dev, dtype).save_pretrained(Path(tmp_dir) / "unet")
+        unet = load_quantized_unet(tmp_dir, "nf4", dtype)
+        return unet, "nf4"
+
+    run_mode("fp16", build_fp16)
+    run_mode("int8", build_inplace("int8"))
+    run_mode("nf4", build_inplace("nf4"))
+    if time.perf_counter() - t_all < 40:  # the diffusers load path too, if time allows (saves 1.7 GB first)
+        run_mode("nf4_diffusers_from_pretrained", build_diffusers_nf4)
+    if tmp_dir:
+        import shutil
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    fp16 = result["modes"].get("fp16", {})
+    for label, entry in result["modes"].items():
+        if label != "fp16" and "measured_weight_bytes" in entry and "measured_weight_bytes" in fp16:
+            entry["weight_saving_bytes"] = fp16["measured_weight_bytes"] - entry["measured_weight_bytes"]
+            if "fwd_bwd_peak_bytes" in entry and "fwd_bwd_peak_bytes" in fp16:
+                entry["fwd_bwd_peak_change_bytes"] = entry["fwd_bwd_peak_bytes"] - fp16["fwd_bwd_peak_bytes"]
+    result["analytic_gib"] = _analytic_table()
+    result["ok"] = all(e.get("ok") for e in result["modes"].values()) and len(result["modes"]) >= 3
+    result["seconds"] = round(time.perf_counter() - t_all, 2)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quant_gpu.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _analytic_table() -> dict:
+    """quantized_weight_bytes of the shipped SD1.5 and SDXL UNets in fp16 (built on meta: no memory), in GiB."""
+    from diffusers import UNet2DConditionModel
+
+    from .arch import _default_dtype, arch_config_dir
+
+    table = {}
+    for name in ("sd15", "sdxl"):
+        try:
+            config = UNet2DConditionModel.load_config(arch_config_dir(name), subfolder="unet")
+            with torch.device("meta"), _default_dtype(torch.float16):
+                unet = UNet2DConditionModel.from_config(config)
+            table[name] = {m: round(quantized_weight_bytes(unet, m) / 2**30, 3) for m in ("none", "int8", "nf4")}
+        except Exception as e:
+            table[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return table

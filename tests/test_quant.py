@@ -1,0 +1,199 @@
+"""Quantized frozen base UNet (bitsandbytes int8/nf4 under fp32 LoRA): which layers, sizes, gradients, errors.
+
+bitsandbytes runs on this CPU once diffusers' "No GPU found" check is bypassed (here, by monkeypatch) and
+our own CUDA check is lifted with LOWMEM_ALIGNPROP_QUANT_ON_CPU=1 (DESIGN.md section 7). The GPU side
+(weight bytes and peak memory against fp16) is ``quant.gpu_verify_quant``, run by benchmarks/gpu_check.py.
+"""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("bitsandbytes")
+
+from lowmem_alignprop import quant  # noqa: E402
+from lowmem_alignprop.config import Config  # noqa: E402
+from lowmem_alignprop.errors import UserError  # noqa: E402
+from lowmem_alignprop.models import add_lora, load_components, module_bytes  # noqa: E402
+
+
+@pytest.fixture
+def cpu_quant(monkeypatch):
+    """Let bitsandbytes quantize on the CPU: bypass diffusers' GPU check and ours (tests only)."""
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer as bq
+
+    monkeypatch.setattr(bq.BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    monkeypatch.setattr(bq.BnB8BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
+
+
+def _plain_unet(tiny_dir):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").requires_grad_(False)
+
+
+def _layer_census(model):
+    kinds = {}
+    for name, m in model.named_modules():
+        if "lora_" in name:
+            continue
+        kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    return kinds
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 16, 32, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_only_linear_layers_are_quantized(tiny_dir, cpu_quant, mode):
+    plain = _plain_unet(tiny_dir)
+    before = _layer_census(plain)
+    n_linear = before["Linear"]
+    assert n_linear == 50  # attention projections, feed-forwards, proj_in/out, time embedding of the tiny UNet
+    for unet in (quant.load_quantized_unet(str(tiny_dir), mode, torch.float32), _plain_unet(tiny_dir)):
+        if quant.count_quantized(unet)[mode] == 0:
+            assert quant.quantize_in_place(unet, mode, torch.float32) == n_linear
+        counts = quant.count_quantized(unet)
+        assert counts == {"int8": n_linear if mode == "int8" else 0, "nf4": n_linear if mode == "nf4" else 0,
+                          "linear": 0}
+        after = _layer_census(unet)
+        for kind in ("Conv2d", "GroupNorm", "LayerNorm"):  # everything that is not Linear stays as it was
+            assert after.get(kind, 0) == before.get(kind, 0) > 0
+        for name, m in unet.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
+                assert m.weight.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_in_place_and_diffusers_paths_agree(tiny_dir, cpu_quant, mode):
+    a = quant.load_quantized_unet(str(tiny_dir), mode, torch.float32).train()  # nf4 on CPU needs train mode
+    b = _plain_unet(tiny_dir)
+    quant.quantize_in_place(b, mode, torch.float32)
+    b.train()
+    x, enc = _inputs()
+    with torch.no_grad():
+        ya = a(x, 10, encoder_hidden_states=enc).sample
+        yb = b(x, 10, encoder_hidden_states=enc).sample
+        yp = _plain_unet(tiny_dir)(x, 10, encoder_hidden_states=enc).sample
+    assert torch.equal(ya, yb)  # same quantized weights, bit for bit
+    err = ((ya - yp).norm() / yp.norm()).item()
+    assert 0 < err < (0.05 if mode == "int8" else 0.25), err  # quantized, but still the same network
+    assert quant.measured_weight_bytes(a) == quant.measured_weight_bytes(b)
+
+
+@pytest.mark.parametrize("mode,double_quant", [("int8", True), ("nf4", True), ("nf4", False)])
+def test_analytic_bytes_equal_measured(tiny_dir, cpu_quant, mode, double_quant):
+    unet = _plain_unet(tiny_dir)
+    plain = module_bytes(unet)
+    assert quant.quantized_weight_bytes(unet, "none") == plain
+    analytic = quant.quantized_weight_bytes(unet, mode, double_quant=double_quant)
+    quant.quantize_in_place(unet, mode, torch.float32, double_quant=double_quant)
+    assert quant.measured_weight_bytes(unet) == analytic  # exact, scales included
+    # the analytic figure also reads right off the quantized model itself (planner may get either)
+    assert quant.quantized_weight_bytes(unet, mode, double_quant=double_quant) == analytic
+    linear_w = sum(m.in_features * m.out_features for m in _plain_unet(tiny_dir).modules() if type(m) is nn.Linear)
+    saved = plain - analytic
+    per_weight = {"int8": 3, "nf4": 3.5}[mode]  # fp32 -> 1 byte or 0.5 byte, less the scales
+    assert 0.85 * per_weight * linear_w < saved < per_weight * linear_w
+
+
+def test_sd15_and_sdxl_savings_on_meta():
+    """The planner's numbers for the shipped architectures in fp16 (built on meta: nothing allocated)."""
+    from diffusers import UNet2DConditionModel
+
+    from lowmem_alignprop.arch import _default_dtype, arch_config_dir
+
+    gib = {}
+    for name in ("sd15", "sdxl"):
+        config = UNet2DConditionModel.load_config(arch_config_dir(name), subfolder="unet")
+        with torch.device("meta"), _default_dtype(torch.float16):
+            unet = UNet2DConditionModel.from_config(config)
+        assert quant.quantized_weight_bytes(unet, "none") == module_bytes(unet)
+        gib[name] = {m: quant.quantized_weight_bytes(unet, m) / 2**30 for m in ("none", "int8", "nf4")}
+    # SD1.5's UNet is mostly convolutions: nf4 saves ~0.37 GiB of 1.60; SDXL's is mostly Linear: ~3.1 of 4.78
+    assert gib["sd15"]["none"] == pytest.approx(1.601, abs=0.01)
+    assert gib["sd15"]["none"] - gib["sd15"]["nf4"] == pytest.approx(0.373, abs=0.01)
+    assert gib["sd15"]["none"] - gib["sd15"]["int8"] == pytest.approx(0.251, abs=0.01)
+    assert gib["sdxl"]["none"] - gib["sdxl"]["nf4"] == pytest.approx(3.086, abs=0.02)
+    assert gib["sdxl"]["none"] - gib["sdxl"]["int8"] == pytest.approx(2.074, abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_lora_trains_on_the_quantized_base(tiny_dir, cpu_quant, mode):
+    unet = quant.load_quantized_unet(str(tiny_dir), mode, torch.float32)
+    params = add_lora(unet, rank=4, alpha=4, seed=0)
+    unet.train()
+    lora_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert lora_names and all("lora_" in n for n in lora_names)
+    assert all(p.dtype == torch.float32 for p in params)  # LoRA weights stay full precision
+    # peft wrapped the bitsandbytes layers with its bnb LoRA layers (not plain Linear LoRA)
+    wrapped = [m for n, m in unet.named_modules() if n.endswith("attn1.to_q")]
+    assert wrapped and type(wrapped[0]).__module__.startswith("peft.tuners.lora.bnb")
+    frozen_before = quant.measured_weight_bytes(unet) - sum(p.numel() * 4 for p in params)
+    base_snapshot = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, enc = _inputs()
+    losses = []
+    for _ in range(3):
+        out = unet(x, 10, encoder_hidden_states=enc).sample
+        loss = out.square().mean()
+        loss.backward()
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        assert sum(g.abs().sum().item() for g in grads) > 0
+        assert all(p.grad is None for n, p in unet.named_parameters() if not p.requires_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the LoRA on top of the quantized base learns
+    for n, p in unet.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), base_snapshot[n]), n  # the quantized base did not move
+    assert quant.measured_weight_bytes(unet) - sum(p.numel() * 4 for p in params) == frozen_before
+
+
+def test_load_components_quantizes_the_unet(tiny_dir, cpu_quant):
+    comps = load_components(Config(model=str(tiny_dir), base_quant="nf4"))
+    assert quant.count_quantized(comps.unet)["nf4"] == 50
+    assert quant.count_quantized(comps.text_encoder)["nf4"] == 0  # only the UNet
+    assert comps.vae.dtype == torch.float32
+
+
+def test_missing_bitsandbytes_is_a_user_error(tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        quant.require_bitsandbytes("nf4")
+    with pytest.raises(UserError, match="base_quant=nf4 needs bitsandbytes"):
+        Config(base_quant="nf4").validate()
+    with pytest.raises(UserError, match="needs bitsandbytes"):
+        load_components(Config(model=str(tiny_dir), base_quant="int8"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_no_cuda_is_a_user_error(tiny_dir, monkeypatch):
+    monkeypatch.delenv(quant.CPU_OVERRIDE_ENV, raising=False)
+    with pytest.raises(UserError, match="needs a CUDA GPU.*base_quant=none"):
+        load_components(Config(model=str(tiny_dir), base_quant="nf4"))
+
+
+def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
+    from lowmem_alignprop.train import train
+
+    cfg = Config(model=str(tiny_dir), base_quant="int8", output_dir=str(tmp_path / "run"), steps=2, resolution=64,
+                 sample_steps=3, k=1, batch_size=1, sample_prompts=0, lr=0.01).validate()
+    summary = train(cfg, profile_name="test")
+    assert summary["steps"] == 2
+    assert (tmp_path / "run" / "lora").is_dir()
+    from safetensors.torch import load_file
+    lora = load_file(next((tmp_path / "run" / "lora").glob("*.safetensors")))
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of the GPU check")
+def test_gpu_verify_reports_without_cuda(tmp_path):
+    result = quant.gpu_verify_quant(tmp_path)
+    assert result["ok"] is False and result["error"] == "no CUDA device"
