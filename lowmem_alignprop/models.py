@@ -235,6 +235,12 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def lora_metadata(unet) -> dict:
+    """The adapter's peft config (rank, alpha, targets) saved beside the weights, so diffusers loads it
+    with the trained scale even when lora_alpha differs from the rank."""
+    return unet.peft_config["default"].to_dict()
+
+
 def module_bytes(module: torch.nn.Module | None) -> int:
     if module is None:
         return 0

@@ -1,0 +1,44 @@
+"""Model loading and LoRA export details."""
+
+import pytest
+import torch
+
+from lowmem_alignprop.config import Config
+from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model
+
+
+def test_lora_with_alpha_unlike_rank_keeps_its_scale_through_diffusers(tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    comps = load_components(Config(model=str(tiny_dir)))
+    params = add_lora(comps.unet, rank=4, alpha=16, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=lora_state_dict(comps.unet),
+                                              unet_lora_adapter_metadata=lora_metadata(comps.unet))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path))
+    x, t, h = torch.randn(1, 4, 32, 32), torch.tensor(500), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        ours = comps.unet(x, t, encoder_hidden_states=h).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=h).sample
+        comps.unet.disable_adapters()
+        base = comps.unet(x, t, encoder_hidden_states=h).sample
+    assert (ours - base).abs().max() > 1e-3  # the LoRA matters
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, kind", [("tiny", "tiny"), ("sd15", "arch"), ("runwayml/stable-diffusion-v1-5", "hub")])
+def test_resolve_model_kinds(spec, kind):
+    assert resolve_model(spec)[0] == kind
+
+
+def test_resolve_model_rejects_non_model_directory(tmp_path):
+    with pytest.raises(UserError, match="not a diffusers model"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not a checkpoint"):
+        resolve_model(str(tmp_path / "notes.txt"))
