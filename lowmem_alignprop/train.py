@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import faults, stages
 from .config import Config
 from .errors import UserError
-from .models import add_lora, load_components, lora_state_dict, resolve_model, set_attention
+from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
 from .sampling import (decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
@@ -430,7 +430,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         after = generate(sample_prompts, cfg.seed + 12345)
     if is_main:
         if lora is not None:
-            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora)
+            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
+                                                   unet_lora_adapter_metadata=lora_metadata(final))
         else:
             final.save_pretrained(out / "unet")
         if after is not None:
