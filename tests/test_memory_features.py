@@ -1,0 +1,327 @@
+"""Every memory feature saves memory in the stage it targets, and none changes the gradient.
+
+Measured on CPU with the project's profiler (``measure_cpu_stages``: real allocation from torch.profiler
+memory events, per stage, above the level at the step's start) on a mid-size SD-shaped model
+(tests/midsize.py: UNet (64, 128, 256), VAE (32, 64, 128, 128), 128 px, batch 2, CFG), going through
+the training code path: ``train.apply_memory_features`` -> ``train.rollout_loss`` -> ``loss.backward()``.
+
+Each comparison turns one feature on against a baseline with the others fixed; the baseline is the
+setting where the feature matters (the way the profiles combine them): UNet block checkpointing and
+reward checkpointing are measured with the VAE checkpointed, because otherwise the VAE's saved
+activations set the peak and hide them, as on SD1.5 (DESIGN.md section 3).
+Run with ``-s`` to see the table; the module prints it at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from midsize import MIDSIZE_RESOLUTION, build_clip_reward_dir, build_midsize_dir  # noqa: E402
+
+from lowmem_alignprop import stages  # noqa: E402
+from lowmem_alignprop.config import Config  # noqa: E402
+from lowmem_alignprop.models import load_components  # noqa: E402
+from lowmem_alignprop.profiler import StageProfiler, measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.rewards import build_reward  # noqa: E402
+from lowmem_alignprop.sampling import decode, encode_prompts, initial_latents, make_pipeline  # noqa: E402
+from lowmem_alignprop.train import apply_memory_features, rollout_loss  # noqa: E402
+
+CPU = torch.device("cpu")
+BATCH = 2
+PROMPTS = ["a cat", "the dog", "a horse", "the cat"]
+MIB = 2**20
+MIN_SAVING = 0.10  # every feature must cut its stage's peak by at least 10% here
+# Gradient tolerance, as ||g_feature - g_plain|| / ||g_plain|| over all LoRA weights: recomputation and
+# per-image decoding only reorder float32 sums (measured: checkpointing 0, sliced decode 2e-4).
+GRAD_RTOL = 1e-3
+
+SAVINGS: list[tuple[str, str, int, int]] = []  # (feature, stage, off bytes, on bytes) for the table
+
+
+@dataclass
+class Run:
+    peaks: dict[str, int]
+    grads: list[torch.Tensor]
+    loss: float
+    attention: str
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("midsize")
+    return {"mid": build_midsize_dir(root / "mid"), "clip": build_clip_reward_dir(root / "clip", layers=6)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def savings_table(request):
+    yield
+    if not SAVINGS:
+        return
+    lines = ["", "memory features on the mid-size model (CPU allocation above the step's start, MiB):",
+             f"{'feature':52s} {'stage':13s} {'off':>8s} {'on':>8s} {'saving':>7s}"]
+    for feature, stage, off, on in SAVINGS:
+        lines.append(f"{feature:52s} {stage:13s} {off / MIB:8.2f} {on / MIB:8.2f} {100 * (1 - on / off):6.1f}%")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        reporter.write_line(line) if reporter else print(line)
+
+
+def _perturb(params, seed=5):
+    """peft starts lora_B at zero; give it values so every LoRA matrix gets a gradient to compare."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            if not p.abs().any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def _step_setup(dirs, *, reward="brightness", batch=BATCH, resolution=MIDSIZE_RESOLUTION, after_apply=None,
+                **features):
+    cfg = Config(model=str(dirs["mid"]), resolution=resolution, sample_steps=3, k=1, batch_size=batch,
+                 guidance_scale=4.0, eta=1.0, seed=0, reward=reward,
+                 reward_weights=str(dirs["clip"]) if reward == "clip" else "", **features).validate()
+    comps = load_components(cfg)
+    params, attention = apply_memory_features(comps, cfg, CPU, torch.float32)
+    if after_apply is not None:
+        after_apply(comps)
+    comps.unet.train()
+    _perturb(params)
+    reward_model = build_reward(cfg.reward, checkpointing=cfg.reward_checkpointing, weights=cfg.reward_weights)
+    prompts = PROMPTS[:batch]
+    emb = encode_prompts(make_pipeline(comps), prompts, CPU, resolution)
+    latents = initial_latents(batch, comps.unet, comps.vae, resolution, torch.Generator().manual_seed(1), CPU)
+    return cfg, comps, params, attention, reward_model, prompts, emb, latents
+
+
+def run_step(dirs, **kwargs) -> Run:
+    """One training micro-step (sample_nograd, sample_grad, decode, reward, backward) measured per stage."""
+    cfg, comps, params, attention, reward_model, prompts, emb, latents = _step_setup(dirs, **kwargs)
+    result = {}
+
+    def step():
+        prof = StageProfiler("cpu")  # no step begun: its stages are plain record_function ranges
+        g = torch.Generator().manual_seed(2)
+        loss, _ = rollout_loss(cfg, comps.unet, comps.unet, comps.scheduler, comps.vae, reward_model, latents, emb,
+                               prompts, k=cfg.k, generator=g, stage=prof.stage)
+        with prof.stage(stages.BACKWARD):
+            loss.backward()
+        result["loss"] = loss.item()
+
+    peaks = measure_cpu_stages(step)
+    grads = [p.grad.detach().clone() for p in params]
+    return Run(peaks, grads, result["loss"], attention)
+
+
+_CACHE: dict[tuple, Run] = {}
+
+
+@pytest.fixture(scope="module")
+def measure(dirs):
+    def get(**kwargs) -> Run:
+        key = tuple(sorted(kwargs.items()))
+        if key not in _CACHE:
+            _CACHE[key] = run_step(dirs, **kwargs)
+        return _CACHE[key]
+    return get
+
+
+def _saving(feature: str, stage: str, off: Run, on: Run) -> float:
+    a, b = off.peaks[stage], on.peaks[stage]
+    SAVINGS.append((feature, stage, a, b))
+    print(f"{feature}: {stage} peak {a / MIB:.2f} -> {b / MIB:.2f} MiB ({100 * (1 - b / a):.1f}% less)")
+    return 1 - b / a
+
+
+def _assert_same_grads(ref: Run, other: Run) -> float:
+    """The LoRA gradients agree: relative L2 difference of all of them together under GRAD_RTOL.
+    Returns that relative difference."""
+    assert all(bool(g.abs().any()) for g in ref.grads)  # every LoRA matrix has a gradient to compare
+    a = torch.cat([g.flatten() for g in ref.grads]).double()
+    b = torch.cat([g.flatten() for g in other.grads]).double()
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel <= GRAD_RTOL, rel
+    assert abs(ref.loss - other.loss) <= 1e-5 * max(1.0, abs(ref.loss))
+    return rel
+
+
+# ------------------------------------------------------------------------------------------------------
+# memory: each feature lowers the peak of the stage it targets
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["blocks", "resnets"])
+def test_vae_checkpointing_lowers_backward_peak(measure, granularity):
+    off, on = measure(), measure(vae_checkpointing=granularity)
+    assert _saving(f"vae_checkpointing={granularity}", stages.BACKWARD, off, on) >= MIN_SAVING
+    # the decoder's activations are no longer kept between decode and backward either
+    assert _saving(f"vae_checkpointing={granularity}", stages.DECODE, off, on) >= MIN_SAVING
+
+
+def test_unet_block_checkpointing_lowers_backward_peak(measure):
+    base = dict(vae_checkpointing="resnets", sliced_decode=True)
+    off, on = measure(**base), measure(**base, unet_checkpointing="blocks")
+    assert _saving("unet_checkpointing=blocks (VAE ckpt on)", stages.BACKWARD, off, on) >= MIN_SAVING
+
+
+def test_reward_checkpointing_lowers_reward_peak(measure):
+    base = dict(reward="clip", vae_checkpointing="resnets")
+    off, on = measure(**base), measure(**base, reward_checkpointing=True)
+    assert _saving("reward_checkpointing (CLIP reward, VAE ckpt on)", stages.REWARD, off, on) >= MIN_SAVING
+    assert on.peaks[stages.BACKWARD] <= off.peaks[stages.BACKWARD]
+
+
+def test_sliced_decode_lowers_backward_peak_with_vae_checkpointing(measure):
+    """With a checkpointed decoder, backward recomputes it one image at a time instead of the whole batch."""
+    base = dict(vae_checkpointing="blocks", unet_checkpointing="blocks")
+    off, on = measure(**base), measure(**base, sliced_decode=True)
+    assert _saving("sliced_decode (batch 2, VAE+UNet ckpt blocks)", stages.BACKWARD, off, on) >= MIN_SAVING
+
+
+def test_sliced_decode_without_checkpointing_saves_nothing_in_training(measure):
+    """What slicing cannot do: activations saved for backward exist for every image however they are made."""
+    off, on = measure(), measure(sliced_decode=True)
+    for stage in (stages.DECODE, stages.BACKWARD):
+        assert abs(on.peaks[stage] - off.peaks[stage]) < 0.05 * off.peaks[stage]
+
+
+def test_sliced_decode_lowers_nograd_decode_peak(dirs):
+    """The sample grid decodes without gradient: there slicing cuts the decode peak itself."""
+    comps = load_components(Config(model=str(dirs["mid"])))
+    latents = torch.randn(4, 4, MIDSIZE_RESOLUTION // 8, MIDSIZE_RESOLUTION // 8, generator=torch.Generator().manual_seed(0))
+    out = {}
+
+    def run(sliced):
+        prof = StageProfiler("cpu")
+        with torch.no_grad(), prof.stage(stages.DECODE):
+            out[sliced] = decode(comps.vae, latents, sliced=sliced)
+
+    off, on = measure_cpu_stages(run, False), measure_cpu_stages(run, True)
+    a, b = off[stages.DECODE], on[stages.DECODE]
+    SAVINGS.append(("sliced_decode (no grad, batch 4)", stages.DECODE, a, b))
+    print(f"sliced_decode no-grad: decode peak {a / MIB:.2f} -> {b / MIB:.2f} MiB")
+    assert b <= (1 - MIN_SAVING) * a
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)
+
+
+def _unet_rollout(dirs, attention: str, side: int = 32, after_apply=None) -> Run:
+    """The sampling stages alone (2 DDIM steps, the last with grad, then backward from the latents; one image
+    with CFG), so the UNet's attention is measured at 32x32 latents (256 px) without a 256 px VAE decode."""
+    from lowmem_alignprop.sampling import rollout
+
+    cfg = Config(model=str(dirs["mid"]), attention=attention, resolution=8 * side, sample_steps=2, k=1).validate()
+    comps = load_components(cfg)
+    params, used = apply_memory_features(comps, cfg, CPU, torch.float32)
+    if after_apply is not None:
+        after_apply(comps)
+    comps.unet.train()
+    _perturb(params)
+    emb = encode_prompts(make_pipeline(comps), PROMPTS[:1], CPU, cfg.resolution)
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
+    result = {}
+
+    def step():
+        prof = StageProfiler("cpu")
+        comps.scheduler.set_timesteps(cfg.sample_steps)
+        out = rollout(comps.unet, comps.scheduler, latents, emb, k=1, guidance_scale=4.0, eta=0.0, generator=None,
+                      stage=prof.stage)
+        with prof.stage(stages.BACKWARD):
+            loss = out.square().mean()
+            loss.backward()
+        result["loss"] = loss.item()
+
+    peaks = measure_cpu_stages(step)
+    return Run(peaks, [p.grad.detach().clone() for p in params], result["loss"], used)
+
+
+def test_attention_sliced_vs_sdpa(dirs):
+    """On CPU, PyTorch's SDPA never materialises the attention scores; diffusers' sliced attention keeps one
+    slice of scores at a time without grad, and all of them for backward. So sliced only beats the
+    unfused attention (AttnProcessor), and sdpa is the lowest-memory choice wherever its fused kernel runs."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    def unfused(comps):
+        comps.unet.set_attn_processor(AttnProcessor())
+
+    sdpa, sliced = _unet_rollout(dirs, "sdpa"), _unet_rollout(dirs, "sliced")
+    plain = _unet_rollout(dirs, "sdpa", after_apply=unfused)
+    assert (sdpa.attention, sliced.attention) == ("sdpa", "sliced")
+    ng, bw = stages.SAMPLE_NOGRAD, stages.BACKWARD
+    SAVINGS.append(("attention=sliced vs unfused (32x32 latents)", ng, plain.peaks[ng], sliced.peaks[ng]))
+    SAVINGS.append(("attention=sdpa vs sliced (32x32 latents)", ng, sliced.peaks[ng], sdpa.peaks[ng]))
+    SAVINGS.append(("attention=sdpa vs sliced (32x32 latents)", bw, sliced.peaks[bw], sdpa.peaks[bw]))
+    print({name: {s: round(r.peaks[s] / MIB, 2) for s in (ng, bw)}
+           for name, r in (("sdpa", sdpa), ("sliced", sliced), ("unfused", plain))})
+    assert sliced.peaks[ng] <= (1 - MIN_SAVING) * plain.peaks[ng]
+    assert sdpa.peaks[ng] <= (1 - MIN_SAVING) * sliced.peaks[ng]
+    assert sdpa.peaks[bw] <= (1 - MIN_SAVING) * sliced.peaks[bw]
+    _assert_same_grads(sdpa, sliced)
+    _assert_same_grads(sdpa, plain)
+
+
+# ------------------------------------------------------------------------------------------------------
+# gradients: checkpointing and slicing change memory, not the result
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features", [
+    dict(vae_checkpointing="blocks"),
+    dict(vae_checkpointing="resnets"),
+    dict(unet_checkpointing="blocks"),
+    dict(sliced_decode=True),
+    dict(vae_checkpointing="blocks", sliced_decode=True),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_features_do_not_change_the_lora_gradient(measure, features):
+    rel = _assert_same_grads(measure(), measure(**features))
+    print(f"{features}: relative gradient difference {rel:.1e}")
+
+
+def test_reward_checkpointing_does_not_change_the_lora_gradient(measure):
+    base = dict(reward="clip", vae_checkpointing="resnets")
+    _assert_same_grads(measure(**base), measure(**base, reward_checkpointing=True))
+
+
+# ------------------------------------------------------------------------------------------------------
+# activation offload: on CPU we can check what the hooks do, not the GPU memory they free
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_activation_offload_packs_every_saved_tensor_to_cpu_and_keeps_the_gradient(dirs, monkeypatch):
+    """With activation_offload every tensor autograd saves outside a checkpoint goes through torch's
+    save_on_cpu hooks and is stored on the CPU; the bytes they hold equal the bytes saved without offload."""
+    packed: list[torch.Tensor] = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class RecordingSaveOnCpu(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+
+            def recording_pack(t):
+                out = pack(t)
+                packed.append(out[1])
+                return out
+
+            self.pack_hook = recording_pack
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", RecordingSaveOnCpu)
+    on = run_step(dirs, vae_checkpointing="blocks", activation_offload=True)
+    assert packed and all(t.device.type == "cpu" for t in packed)
+    offloaded = sum(t.numel() * t.element_size() for t in packed)
+
+    # the same step without offload, counting what autograd saves (outermost hooks see the same tensors)
+    saved = []
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu",
+                        lambda *a, **k: torch.autograd.graph.saved_tensors_hooks(
+                            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t))
+    off = run_step(dirs, vae_checkpointing="blocks", activation_offload=True)
+    assert len(saved) == len(packed) and sum(saved) == offloaded
+    print(f"activation_offload: {len(packed)} saved tensors, {offloaded / MIB:.2f} MiB stored on the CPU")
+    _assert_same_grads(off, on)
+    plain = run_step(dirs, vae_checkpointing="blocks")
+    _assert_same_grads(plain, on)
