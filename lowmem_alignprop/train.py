@@ -354,7 +354,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     step, last_saved = start + 1, start if resume_path is not None else None
-    with stop.installed():
+    with stop.installed(), contextlib.closing(bar):  # the bar ends its line even when an error stops the run
         while step <= cfg.steps:
             guard.step = step
             rng_before = rng.getstate()
@@ -414,7 +414,6 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                     bar.write(f"{stop.name} received: saved checkpoint {path}; continue with --resume latest")
                     break
             step += 1
-    bar.close()
 
     # ================================ save ================================
     accelerator.wait_for_everyone()

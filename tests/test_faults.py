@@ -1,0 +1,191 @@
+"""Faults: out-of-memory per stage (message, --auto-fit), NaN/inf rewards and gradients."""
+
+import json
+import sys
+import textwrap
+import types
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop import faults, stages
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.config import Config
+
+FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- out of memory ---------------------------------------------------------------------------------
+
+def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monkeypatch, tiny_dir):
+    monkeypatch.setenv(faults.INJECT_ENV, "decode@3")
+    out = tmp_path / "run"
+    rc = main([*FAST, "--output-dir", str(out), "--steps", "4", "--set", "budget_gb=6"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1, err
+    msg = line[0]
+    assert "out of memory in stage 'decode' at step 3" in msg
+    assert "6 GiB budget" in msg and "peak so far" in msg
+    assert "--set sliced_decode=true" in msg and "--auto-fit" in msg
+    # nothing lost: the two finished steps are in a checkpoint that --resume latest takes
+    assert [r["step"] for r in rows(out)] == [1, 2]
+    assert ckpt.find_resume(out, "latest").name == "step-00000002"
+
+
+def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir):
+    # the reward stage runs out of memory twice at step 2: first reward checkpointing is switched on,
+    # then the micro-batch halves with twice the accumulation; the step is repeated and the run goes on
+    monkeypatch.setenv(faults.INJECT_ENV, "reward@2*2")
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--auto-fit", "--set", "batch_size=2"]) == 0
+    got = rows(out)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert len(got[0]["k_all"]) == 1 and len(got[1]["k_all"]) == 2  # 1 micro-batch of 2 -> 2 micro-batches of 1
+    summary = json.loads((out / "summary.json").read_text())
+    changes = [(c["step"], c["stage"], c["change"]) for c in summary["auto_fit"]]
+    assert changes == [(2, "reward", {"reward_checkpointing": True}),
+                       (2, "reward", {"batch_size": 1, "grad_accum": 2})]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())  # the configuration that fitted, for next time
+    assert cfg["batch_size"] == 1 and cfg["grad_accum"] == 2 and cfg["reward_checkpointing"] is True
+    captured = capsys.readouterr()
+    assert "auto-fit at step 2 (reward)" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("stage, expected", [
+    (stages.DECODE, [{"sliced_decode": True}, {"vae_checkpointing": "blocks"}, {"vae_checkpointing": "resnets"},
+                     {"batch_size": 1, "grad_accum": 4}]),
+    (stages.BACKWARD, [{"vae_checkpointing": "blocks"}, {"unet_checkpointing": "blocks"},
+                       {"reward_checkpointing": True}, {"vae_checkpointing": "resnets"}]),
+    (stages.SAMPLE_NOGRAD, [{"attention": "sliced"}, {"batch_size": 1, "grad_accum": 4}]),
+    (stages.ENCODE_PROMPTS, [{"cache_prompt_embeddings": True}]),
+])
+def test_fit_ladder_targets_the_stage_first(stage, expected):
+    import dataclasses
+    cfg = Config(batch_size=2, grad_accum=2, sample_steps=10, k=1, cache_prompt_embeddings=False)
+    got = []
+    for _ in range(len(expected)):
+        fit = faults.next_fit(cfg, stage, use_planner=False)
+        got.append(fit.overrides)
+        cfg = dataclasses.replace(cfg, **fit.overrides)
+    assert got == expected
+
+
+def test_ladder_runs_out_and_says_so():
+    import dataclasses
+    cfg = Config(sample_steps=10, k=1)
+    seen = 0
+    while (fit := faults.next_fit(cfg, stages.BACKWARD, use_planner=False)) is not None:
+        cfg = dataclasses.replace(cfg, **fit.overrides)
+        seen += 1
+        assert seen < 20
+    assert seen >= 5
+    msg = faults.oom_message(stages.BACKWARD, 7, 3.5, 8, None, auto_fit=True)
+    assert "stage 'backward' at step 7" in msg and "3.50 GiB" in msg and "no lighter setting" in msg
+
+
+def test_ladder_keeps_the_deepspeed_micro_batch():
+    cfg = Config(batch_size=2, sample_steps=10, k=1)
+    cfg.deepspeed_zero = 2  # (validate() would need DeepSpeed installed; the ladder only reads the field)
+    assert faults._smaller_batch(cfg) is None
+
+
+def test_planner_suggestion_is_used_when_the_planner_offers_one(monkeypatch):
+    import lowmem_alignprop
+    fake = types.ModuleType("lowmem_alignprop.planner")
+    fake.next_feature = lambda cfg: ("the planner says so", {"unet_checkpointing": "blocks"})
+    monkeypatch.setitem(sys.modules, "lowmem_alignprop.planner", fake)
+    monkeypatch.setattr(lowmem_alignprop, "planner", fake, raising=False)
+    fit = faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE)
+    assert fit.overrides == {"unet_checkpointing": "blocks"} and fit.description == "the planner says so"
+    fake.next_feature = lambda cfg: {"no_such_field": 1}  # an unusable suggestion falls back to the ladder
+    assert faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE).overrides == {"vae_checkpointing": "blocks"}
+
+
+def test_injection_spec_and_stage_tagging():
+    import contextlib
+    import torch
+    guard = faults.StageGuard(lambda name: contextlib.nullcontext())
+    guard._inject = faults.parse_injection("backward@2*2,decode")
+    guard.step = 1
+    with guard.stage(stages.BACKWARD):
+        pass  # not at step 1
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        with guard.stage(stages.DECODE):
+            pass
+    assert faults.stage_of(e.value) == "decode"
+    with pytest.raises(MemoryError) as e:  # a real error raised inside nested stages names the innermost one
+        with guard.stage(stages.SAMPLE_GRAD), guard.stage(stages.REWARD):
+            raise MemoryError
+    assert faults.stage_of(e.value) == "reward"
+    with pytest.raises(ValueError, match="unknown stage"):
+        faults.parse_injection("nowhere@1")
+
+
+# -- NaN / inf -------------------------------------------------------------------------------------
+
+REWARD = """
+import torch
+calls = {{"n": 0}}
+
+def reward(images, prompts):
+    calls["n"] += 1
+    r = images.mean(dim=(1, 2, 3))
+    if calls["n"] in {nan_calls}:
+        return r * float("nan")
+    if calls["n"] in {bad_grad_calls}:
+        # finite value, infinite gradient: sqrt at 0
+        return r + (images - images.detach()).abs().mean(dim=(1, 2, 3)).sqrt()
+    return r
+"""
+
+
+def reward_module(tmp_path, monkeypatch, name, nan_calls, bad_grad_calls=()):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(REWARD.format(nan_calls=set(nan_calls) or "set()",
+                                                                       bad_grad_calls=set(bad_grad_calls) or "set()")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:reward"
+
+
+def test_nan_reward_and_infinite_gradient_skip_the_step(tmp_path, caplog, monkeypatch, tiny_dir):
+    spec = reward_module(tmp_path, monkeypatch, "nan_reward_a", nan_calls=[2], bad_grad_calls=[4])
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "5", "--reward", spec, "--set", "batch_size=1",
+                 "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
+    got = {r["step"]: r for r in rows(out)}
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert "reward is NaN" in got[2]["skipped"] and "gradient norm is NaN" in got[4]["skipped"]
+    assert all("skipped" not in got[s] for s in (1, 3, 5))
+    assert "step 2 skipped" in caplog.text and "step 4 skipped" in caplog.text
+
+    def w(step):
+        return load_file(str(ckpt.step_dir(out / "checkpoints", step) / "trainable.safetensors"))
+
+    def diff(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff(w(1), w(2)) == 0 and diff(w(3), w(4)) == 0  # skipped steps leave the LoRA alone
+    assert diff(w(2), w(3)) > 0 and diff(w(4), w(5)) > 0  # and training goes on after them
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == [2, 4]
+
+
+def test_nan_in_a_row_stops_with_a_checkpoint(tmp_path, capsys, monkeypatch, tiny_dir):
+    spec = reward_module(tmp_path, monkeypatch, "nan_reward_b", nan_calls=range(3, 100))
+    out = tmp_path / "run"
+    rc = main([*FAST, "--output-dir", str(out), "--steps", "8", "--reward", spec, "--set", "batch_size=1",
+               "--set", "max_bad_steps=3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    msg = [x for x in err.splitlines() if x.startswith("error: ")][0]
+    assert "NaN/inf in 3 steps in a row (steps 3-5)" in msg and "unchanged since step 2" in msg
+    assert "--set lr=" in msg and "--resume latest" in msg
+    path = ckpt.find_resume(out, "latest")
+    assert path.name == "step-00000005" and str(path) in msg
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
