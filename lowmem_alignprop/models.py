@@ -179,7 +179,9 @@ def choose_vae_dtype(vae, weight_dtype: torch.dtype, device: torch.device, is_sd
     The fp16-fix VAE (``--set vae=madebyollin/sdxl-vae-fp16-fix``, force_upcast false) stays in fp16."""
     if not (is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False)):
         return vae.dtype
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    # planning for a CUDA target on a machine without one (the planner): assume a card with bf16 (Ampere or newer)
+    has_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else device.type == "cuda"
+    if device.type == "cuda" and has_bf16:
         vae.to(torch.bfloat16)  # same bytes as fp16, no overflow
         log.warning("SDXL's VAE overflows in fp16: decoding in bf16 instead (same memory as fp16)")
         return torch.bfloat16

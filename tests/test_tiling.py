@@ -292,7 +292,11 @@ def test_sdxl_vae_dtype_choice(monkeypatch, caplog):
     assert choose_vae_dtype(v, torch.float16, cpu, is_sdxl=True) == torch.float16 == v.dtype
     v = make(True)  # SD1.5's VAE in fp16 is fine
     assert choose_vae_dtype(v, torch.float16, cpu, is_sdxl=False) == torch.float16 == v.dtype
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the planner, for a CUDA target: assumes bf16
     v = make(True)
     assert choose_vae_dtype(v, torch.float16, cuda, is_sdxl=True) == torch.bfloat16 == v.dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):  # Ampere+ / Turing
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, _b=has_bf16, **k: _b)
+        v = make(True)
+        assert choose_vae_dtype(v, torch.float16, cuda, is_sdxl=True) == expected == v.dtype
