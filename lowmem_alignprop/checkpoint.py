@@ -298,9 +298,16 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
     tmp = root / f"{TMP_PREFIX}{final.name}"
     previous = next(iter(list_checkpoints(root)), None)
     is_main = accelerator.is_main_process
-    rngs = gather_object([rng_state]) if accelerator.num_processes > 1 else [rng_state]
     with (gather() if gather is not None else contextlib.nullcontext()):
         weights = trainable_state(bare_unet)  # LoRA only: a few MB, not the frozen UNet
+    # each rank's RNG state, and a checksum of its weights: data-parallel ranks must hold the same LoRA
+    mine = {"rng": rng_state, "sum": [float(sum(t.double().sum() for t in weights.values())),
+                                      float(sum(t.double().abs().sum() for t in weights.values()))]}
+    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    rngs, rank_sums = [r["rng"] for r in ranks], [r["sum"] for r in ranks]
+    if any(s != rank_sums[0] for s in rank_sums):
+        log.warning("checkpoint: the processes hold different weights (sums %s): data parallelism is broken",
+                    rank_sums)
     error: OSError | None = None
     if is_main:
         try:
@@ -320,7 +327,7 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             error = e
     if is_main and error is None:
         state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes, "config": cfg.to_dict(),
-                 "fingerprint": fp, "history": history, **(extra or {})}
+                 "fingerprint": fp, "history": history, "rank_weight_sums": rank_sums, **(extra or {})}
         try:
             save_file(weights, str(tmp / "trainable.safetensors"))
             if engine is None:

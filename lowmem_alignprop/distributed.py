@@ -55,6 +55,22 @@ def deepspeed_plugin(cfg, mixed_precision: str | None = None):
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision), zero3_init_flag=False)
 
 
+def size_buckets(accelerator, params) -> None:
+    """Size DeepSpeed's communication buffers to what trains (call before prepare).
+
+    Its defaults (5e8 elements) allocate a 1.9 GiB fp32 gradient bucket in backward even for a LoRA of
+    under a million weights; a bucket no larger than the trained weights saves that on a small card.
+    """
+    n = sum(p.numel() for p in params)
+    bucket = int(min(max(n, 100_000), 50_000_000))
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    zero.setdefault("reduce_bucket_size", bucket)  # gradient reduction buffer: bucket elements, not 5e8
+    zero.setdefault("allgather_bucket_size", bucket)  # ZeRO-2 weight all-gather buffer, same bound
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", bucket)  # weights fetched ahead of use
+        zero.setdefault("stage3_max_live_parameters", 100_000_000)  # at most 1e8 gathered weights at once
+
+
 def build_optimizer(cfg, params):
     """DeepSpeed's CPU Adam when its state is offloaded (vectorised, ~5x torch's AdamW on CPU), else ours."""
     if cfg.deepspeed_zero and cfg.offload != "none":
@@ -74,6 +90,31 @@ def ensure_process_group_env() -> None:
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     log.info("deepspeed: no launcher found, running as a single process (use `accelerate launch` for several)")
+
+
+def whole_models(accelerator):
+    """A context in which transformers loads models whole, not partitioned by ``deepspeed.zero.Init``.
+
+    Under ZeRO-3 accelerate registers its DeepSpeed config with transformers, whose ``from_pretrained``
+    would then partition the frozen text encoder and reward model at load time; they run outside the
+    engine, so they must stay whole. (Only the UNet given to ``prepare`` is partitioned.)
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    return _without_hf_deepspeed_config(plugin)
+
+
+@contextlib.contextmanager
+def _without_hf_deepspeed_config(plugin):
+    # accelerate's zero3_init_context_manager(enable=False) does nothing when zero3_init_flag is already
+    # False, yet the config stays registered with transformers: unregister it ourselves while loading.
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def is_zero3(accelerator) -> bool:

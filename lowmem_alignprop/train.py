@@ -146,7 +146,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
     from tqdm.auto import tqdm
 
-    from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3
+    from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3, whole_models
     from .export import save_sample_grid, write_metrics_line
     from .profiler import StageProfiler
     from .rewards import build_reward
@@ -170,7 +170,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
 
     # ================================ load ================================
     try:
-        with guard.stage(stages.LOAD):
+        with guard.stage(stages.LOAD), whole_models(accelerator):
             comps = load_components(cfg, weight_dtype)
             unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
             fingerprint = ckpt.fingerprint(cfg, unet)  # before DeepSpeed partitions the weights
@@ -185,6 +185,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             place.park("reward", reward)
             if cfg.deepspeed_zero:
                 from .distributed import build_optimizer as build_ds_optimizer
+                from .distributed import size_buckets
+                size_buckets(accelerator, params)
                 optimizer = build_ds_optimizer(cfg, params)
             else:
                 optimizer = build_optimizer(cfg, params)
@@ -344,7 +346,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         r_all = torch.cat(step_rewards).float()
         loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
-                "loss": loss_mean, "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
+                "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
+                "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "seconds": time.perf_counter() - t0}, None
 
