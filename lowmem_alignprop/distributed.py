@@ -117,6 +117,21 @@ def _without_hf_deepspeed_config(plugin):
         plugin.set_deepspeed_weakref()
 
 
+def repair_cpu_deepspeed_ranks(accelerator) -> None:
+    """accelerate 1.15 + DeepSpeed on CPU: its state keeps backend None and so reports one process with
+    index 0 on *every* rank (all would act as the main process; gather and reduce would break). The
+    process group itself is right: copy its world size and rank into accelerate's shared state."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not dist.is_initialized() or accelerator.num_processes == dist.get_world_size():
+        return
+    fix = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+           "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+    PartialState._shared_state.update(fix)
+    AcceleratorState._shared_state.update(fix)
+
+
 def is_zero3(accelerator) -> bool:
     from accelerate.utils import DistributedType
     return (accelerator.distributed_type == DistributedType.DEEPSPEED

@@ -28,7 +28,7 @@ from .errors import UserError
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
-from .sampling import (decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
+from .sampling import (PromptEmbeds, decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
                        make_pipeline, rollout)
 
 log = logging.getLogger("lowmem_alignprop")
@@ -102,11 +102,15 @@ def make_accelerator(cfg: Config, output_dir: Path):
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed
     elif not torch.cuda.is_available():
         kwargs["cpu"] = True  # several CPU processes then talk over gloo (DESIGN.md section 7)
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with=None if cfg.report_to == "none" else cfg.report_to,
-                       project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                           logging_dir=str(output_dir / "logs")),
-                       **kwargs)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / "logs")),
+                              **kwargs)
+    if cfg.deepspeed_zero and not torch.cuda.is_available():
+        from .distributed import repair_cpu_deepspeed_ranks
+        repair_cpu_deepspeed_ranks(accelerator)
+    return accelerator
 
 
 def prepare_inputs(cfg: Config):
@@ -178,7 +182,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 ckpt.check_fingerprint(resume_state["fingerprint"], fingerprint, resume_path)
             params, attention = apply_memory_features(comps, cfg, device, weight_dtype)
             unet.to(device).train()
-            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
+            place.park("text_encoder", text_encoder, comps.text_encoder_2)  # to the device only to encode
             place.park("vae", vae)  # on the GPU only from decode to backward when offload_frozen is on
             reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype,
                                   checkpointing=cfg.reward_checkpointing, weights=cfg.reward_weights)
@@ -210,7 +214,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     cache: dict[str, object] = {}
 
     def embed(batch_prompts: list[str]):
+        """Text embeddings; the text encoder is on the device only while it encodes."""
         if cfg.cache_prompt_embeddings and not cache:
+            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
             unique = sorted(set(prompts) | set(sample_prompts))
             for i in range(0, len(unique), 16):
                 chunk = unique[i:i + 16]
@@ -218,13 +224,15 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 for j, p in enumerate(chunk):
                     cache[p] = e.index(slice(j, j + 1))
             place.offload("text_encoder", text_encoder, comps.text_encoder_2)  # cached: its weights can leave
-        if cache:
-            from .sampling import PromptEmbeds
-            parts = [cache[p] for p in batch_prompts]
-            cat = (lambda name: None if getattr(parts[0], name) is None
-                   else torch.cat([getattr(x, name) for x in parts]))
-            return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
-        return encode_prompts(pipe, batch_prompts, device, cfg.resolution)
+        if not cache:
+            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
+            emb = encode_prompts(pipe, batch_prompts, device, cfg.resolution)
+            place.park("text_encoder", text_encoder, comps.text_encoder_2)  # to the CPU until the next step
+            return emb
+        parts = [cache[p] for p in batch_prompts]
+        cat = (lambda name: None if getattr(parts[0], name) is None
+               else torch.cat([getattr(x, name) for x in parts]))
+        return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
 
     rank = accelerator.process_index
     rng = random.Random(cfg.seed * 1000 + rank)  # prompt order and K draws; each rank its own stream
@@ -312,10 +320,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 k = draw_k(cfg, rng)  # once per rollout: the window is the contiguous last K steps
                 ks.append(k)
                 with guard.stage(stages.ENCODE_PROMPTS):
-                    place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
                     emb = embed(batch_prompts)
-                    if not cfg.cache_prompt_embeddings:
-                        place.park("text_encoder", text_encoder, comps.text_encoder_2)
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) % 2**63)
                 scheduler.set_timesteps(cfg.sample_steps, device=device)
                 latents = initial_latents(cfg.batch_size, bare_unet, vae, cfg.resolution, g, device)
