@@ -59,12 +59,16 @@ def tiled_decode(vae, z: torch.Tensor, *, tile_size: int = 64, overlap: int = 16
     """Decode latents ``z`` (already divided by the VAE's scaling factor) tile by tile, with gradients.
 
     ``tile_size`` and ``overlap`` are in latent cells (x8 pixels for Stable Diffusion's VAE). Returns the
-    decoder's output (range about [-1, 1]) with the same shape as ``vae.decode(z).sample``. A latent no
-    larger than one tile is decoded whole (no seams). With ``checkpoint_tiles`` (default) and gradients
-    on, each tile's decoder activations are recomputed in backward instead of kept.
+    decoder's output (range about [-1, 1]) with the same shape as ``vae.decode(z).sample``. Images are
+    decoded one at a time, and a latent no larger than one tile is decoded whole (no seams). With
+    ``checkpoint_tiles`` (default) and gradients on, each tile's decoder activations are recomputed in
+    backward instead of kept.
     """
     if overlap * 2 >= tile_size:
         raise ValueError(f"overlap={overlap} must be under half of tile_size={tile_size}")
+    if z.shape[0] > 1:  # one image at a time: a tile's activations exist for one image, not the batch
+        return torch.cat([tiled_decode(vae, z[i:i + 1], tile_size=tile_size, overlap=overlap,
+                                       checkpoint_tiles=checkpoint_tiles) for i in range(z.shape[0])])
     _, _, h, w = z.shape
     if h <= tile_size and w <= tile_size:
         return vae.decode(z).sample

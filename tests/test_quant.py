@@ -197,3 +197,21 @@ def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
 def test_gpu_verify_reports_without_cuda(tmp_path):
     result = quant.gpu_verify_quant(tmp_path)
     assert result["ok"] is False and result["error"] == "no CUDA device"
+
+
+def test_gpu_verify_flow_runs_on_cpu_with_a_small_unet(tiny_dir, cpu_quant, tmp_path):
+    """The GPU check's own logic (build, quantize both ways, LoRA fwd+bwd, report), on CPU with the tiny UNet."""
+    import json
+
+    result = quant.gpu_verify_quant(tmp_path, device="cpu", arch=str(tiny_dir), latent=16, tokens=8)
+    modes = result["modes"]
+    assert list(modes) == ["fp32", "int8", "nf4", "nf4_diffusers_from_pretrained"], modes
+    assert result["ok"], {k: v.get("error") for k, v in modes.items()}
+    for label in ("int8", "nf4", "nf4_diffusers_from_pretrained"):
+        e = modes[label]
+        assert e["measured_weight_bytes"] == e["analytic_weight_bytes"] < modes["fp32"]["measured_weight_bytes"]
+        assert e["weight_saving_bytes"] > 0 and e["lora_grads_present"] == e["lora_tensors"] == 64
+        assert 0 < e["output_rel_error_vs_fp16"] < 0.3
+    assert modes["nf4"]["measured_weight_bytes"] == modes["nf4_diffusers_from_pretrained"]["measured_weight_bytes"]
+    assert result["analytic_gib"]["sdxl"]["nf4"] == pytest.approx(1.696, abs=0.01)
+    assert json.loads((tmp_path / "quant_gpu.json").read_text())["ok"] is True

@@ -248,6 +248,17 @@ def test_diffusers_tiled_decode_is_differentiable_but_saves_nothing_in_backward(
     assert peaks["backward"] > whole > 2 * ours  # measured 424 vs 286 vs 73 MiB
 
 
+def test_batch_is_decoded_image_by_image():
+    vae = _PixelwiseVAE()
+    calls = []
+    plain = vae.decode
+    vae.decode = lambda z: calls.append(z.shape[0]) or plain(z)
+    z = torch.randn(3, 4, 24, 24, generator=torch.Generator().manual_seed(2))
+    x = tiled_decode(vae, z, tile_size=TILE, overlap=OVERLAP)
+    assert calls == [1] * 12  # 3 images x 2x2 tiles, one image each
+    assert torch.allclose(x, plain(z).sample, atol=1e-6)
+
+
 def test_decode_routes_tiled_and_matches_tiling(vae, latents):
     z = latents * vae.config.scaling_factor
     images = decode(vae, z, tiled=True, tile_size=TILE, tile_overlap=OVERLAP)
@@ -300,3 +311,17 @@ def test_sdxl_vae_dtype_choice(monkeypatch, caplog):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, _b=has_bf16, **k: _b)
         v = make(True)
         assert choose_vae_dtype(v, torch.float16, cuda, is_sdxl=True) == expected == v.dtype
+
+
+@pytest.mark.parametrize("name,resolution", [("rtx3060-sdxl", 1024), ("laptop-6gb", 512)])
+def test_low_memory_profiles_tile_their_latent_in_2x2(name, resolution):
+    from lowmem_alignprop.config import build_config
+    from lowmem_alignprop.profiles import load_profile
+
+    _, values = load_profile(name)
+    cfg = build_config(values, {}, {})
+    assert cfg.resolution == resolution and cfg.tiled_decode and not cfg.sliced_decode
+    assert cfg.base_quant == "nf4" and cfg.vae_checkpointing == "resnets" and cfg.unet_checkpointing == "blocks"
+    starts = tile_starts(resolution // 8, cfg.tile_size, cfg.tile_overlap)
+    assert len(starts) == 2 and starts[-1] + cfg.tile_size == resolution // 8
+    assert starts[1] - starts[0] <= cfg.tile_size - cfg.tile_overlap
