@@ -143,8 +143,9 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
         if mode == "int8":
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
                                     threshold=6.0, device="meta")
-            # int8 weights are built from fp16 (bitsandbytes' int8 path); the fp copy is freed once quantized
-            q.weight = bnb.nn.Int8Params(lin.weight.data.to(torch.float16), requires_grad=False,
+            # int8 weights are built from fp16 (bitsandbytes' int8 path); the fp copy is freed once quantized.
+            # Int8Params quantizes only when it moves off the CPU (or stays there), so it starts on the CPU
+            q.weight = bnb.nn.Int8Params(lin.weight.data.to("cpu", torch.float16), requires_grad=False,
                                          has_fp16_weights=False)
         else:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=dtype,
