@@ -1,0 +1,1149 @@
+"""``lowmem-alignprop plan``: will this configuration fit the card? Answered without a GPU and without weights.
+
+How (DESIGN.md section 4):
+
+1. The models are built from their architecture configs on the ``meta`` device in the target dtype
+   (``--model sd15|sd21|sdxl``: the shipped configs; ``tiny``, a diffusers directory or a cached hub
+   snapshot: its config files; a single-file checkpoint: the detected architecture). Model rewards
+   (aesthetic, clip, pickscore, hpsv2) are CLIP architectures built from config the same way.
+2. The trainer's own :func:`~lowmem_alignprop.train.apply_memory_features` casts, freezes, picks
+   attention and checkpointing and adds LoRA, still on meta.
+3. Inside ``FakeTensorMode(allow_non_fake_inputs=True)`` the modules get fake CPU storage
+   (``to_empty(device="cpu")``: no memory behind it), and one training step runs through the trainer's
+   :func:`~lowmem_alignprop.train.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
+   reward, backward, optimizer (after one warm-up optimizer step, so Adam's state exists as it does
+   from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage (freed ones
+   leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
+   the stages where they sit on the device (``offload_frozen``, ``cache_prompt_embeddings``).
+4. On a CUDA target, ``torch.autocast("cuda")`` is emulated (its op lists: convolutions, matmuls and
+   attention in fp16/bf16; norms, upsampling, softmax, pow, exp... in fp32), because the CPU autocast
+   has different lists and a CUDA fake tensor cannot run on a CPU-only build.
+
+What fake tensors cannot see is added as explicit, printed allowances (:data:`ALLOWANCES`): the CUDA
+context, the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces.
+
+Cost control: the no-grad steps leave nothing behind, so one is simulated; the grad window is simulated
+with ``min(K, 2)`` steps and the bytes each further step keeps (its checkpoint input and scheduler
+graph, measured between the two) are added for the remaining ``K - 2`` steps. Randomized K is
+planned at ``k_max``, its worst case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import math
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import stages
+from .config import Config
+from .errors import UserError
+
+GIB = 1024**3
+MIB = 1024**2
+
+# ---------------------------------------------------------------------------------------------------
+# allowances for what fake tensors cannot see (CUDA targets only; a CPU target gets none)
+# ---------------------------------------------------------------------------------------------------
+CUDA_BLOCK = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
+RESERVED_FACTOR = 1.10  # reserved ~ allocated x this: segment rounding (2 MiB / 20 MiB) and fragmentation
+WORKSPACE_BYTES = 160 * MIB  # cuBLAS workspaces (a few MiB per handle/stream) + the cuDNN conv workspace
+CUDA_CONTEXT_BYTES = 400 * MIB  # driver, kernels, cuDNN/cuBLAS handles: outside the allocator
+
+ALLOWANCES = {
+    "allocator_rounding": f"every allocation rounded up to {CUDA_BLOCK} B (counted in the allocated estimate)",
+    "reserved_factor": f"reserved = allocated x {RESERVED_FACTOR:.2f} (segment rounding, fragmentation)",
+    "workspaces": f"+{WORKSPACE_BYTES / MIB:.0f} MiB on top of reserved for cuBLAS/cuDNN workspaces "
+                  "(fake tensors do not run kernels, so cannot see them)",
+    "cuda_context": f"~{CUDA_CONTEXT_BYTES / MIB:.0f} MiB of CUDA context is NOT in allocated/reserved; the shipped "
+                    "profiles' budgets already leave room for it (e.g. rtx3060: 7.5 of 8 GB)",
+}
+
+TEXT_ENCODER = "text_encoder"
+MODULE_NAMES = ("unet", "lora", TEXT_ENCODER, "vae", "reward")
+
+# Model rewards are CLIP architectures: (vision, text, projection) sizes of the public checkpoints.
+_VIT_L14 = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=224, patch_size=14, hidden_act="quick_gelu"),
+                text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          hidden_act="quick_gelu"),
+                projection_dim=768)  # openai/clip-vit-large-patch14 (aesthetic, clip)
+_VIT_H14 = dict(vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                            image_size=224, patch_size=14, hidden_act="gelu"),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          hidden_act="gelu"),
+                projection_dim=1024)  # laion ViT-H-14 (pickscore, hpsv2)
+REWARD_ARCH = {"aesthetic": ("ViT-L/14", _VIT_L14), "clip": ("ViT-L/14", _VIT_L14),
+               "pickscore": ("ViT-H/14", _VIT_H14), "hpsv2": ("ViT-H/14", _VIT_H14)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# counting live storages
+# ---------------------------------------------------------------------------------------------------
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every storage an op creates until it is freed; keeps per-stage peaks.
+
+    Weight storages (registered with :meth:`add_static`) are never counted as new allocations: their
+    bytes come from ``resident`` (the modules on the device now), set by :class:`Residency`.
+    ``round_to`` rounds each storage up like the CUDA caching allocator (1 = exact bytes).
+    """
+
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        self.round_to = round_to
+        self._live: dict[int, tuple[int, Any]] = {}  # id(storage) -> (bytes, weakref)
+        self._static: set[int] = set()
+        self.dynamic = 0  # bytes of live non-weight storages
+        self.resident = 0  # bytes of the weights on the device now
+        self.open: list[str] = []  # open stages, outermost first
+        self.peaks: dict[str, int] = {}
+        self.weights_at_peak: dict[str, int] = {}
+        self.where: tuple[str, ...] = ()  # the modules on the device now (set by Residency)
+        self.where_at_peak: dict[str, tuple[str, ...]] = {}
+        self.host_depth = 0  # > 0: new storages live in host memory (activation offload), not counted
+
+    @property
+    def current(self) -> int:
+        return self.dynamic + self.resident
+
+    def add_static(self, tensors) -> None:
+        for t in tensors:
+            self._static.add(id(t.untyped_storage()))
+
+    def _rounded(self, n: int) -> int:
+        r = self.round_to
+        return n if r <= 1 else (n + r - 1) // r * r
+
+    def _freed(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.dynamic -= entry[0]
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live or key in self._static or self.host_depth:
+            return
+        n = self._rounded(st.nbytes())
+        ref = weakref.ref(st, lambda _r, k=key: self._freed(k))
+        self._live[key] = (n, ref)
+        self.dynamic += n
+        self.bump()
+
+    def bump(self) -> None:
+        """Fold the current level into every open stage's peak."""
+        cur = self.current
+        for name in self.open:
+            if cur > self.peaks.get(name, -1):
+                self.peaks[name] = cur
+                self.weights_at_peak[name] = self.resident
+                self.where_at_peak[name] = self.where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
+                elif isinstance(t, (tuple, list)):
+                    for u in t:
+                        if isinstance(u, torch.Tensor):
+                            self.track(u)
+        return out
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in stages.STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+        self.open.append(name)
+        self.bump()
+        try:
+            yield
+        finally:
+            self.open.remove(name)
+
+    @contextlib.contextmanager
+    def host(self):
+        self.host_depth += 1
+        try:
+            yield
+        finally:
+            self.host_depth -= 1
+
+
+class Residency:
+    """The trainer's :class:`~lowmem_alignprop.placement.Placement`, as bookkeeping: which modules' weights
+    are on the device now. Nothing moves (everything is fake); the counter's ``resident`` follows."""
+
+    def __init__(self, counter: LiveBytes, weights: dict[str, int], offload: bool, host: bool = False):
+        self.counter = counter
+        self.weights = weights
+        self.offload_enabled = offload
+        self.host = host  # the device is the CPU: "offloading" moves nothing, every module stays in memory
+        self.extra = 0  # bytes resident in every stage besides the modules (a dequantized layer)
+        self.on_device = set(weights)
+
+    def _set(self, name: str, on: bool) -> None:
+        if not self.host:
+            (self.on_device.add if on else self.on_device.discard)(name)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.counter.resident = self.extra + sum(self.weights.get(n, 0) for n in self.on_device)
+        order = {n: i for i, n in enumerate(MODULE_NAMES + ("optimizer_state",))}
+        self.counter.where = tuple(sorted((n for n in self.weights if n in self.on_device and self.weights[n]),
+                                          key=lambda n: order.get(n, len(order))))
+        self.counter.bump()
+
+    def to_device(self, name: str, *modules) -> None:
+        self._set(name, True)
+
+    def park(self, name: str, *modules) -> None:
+        self._set(name, not self.offload_enabled)
+
+    def offload(self, name: str, *modules) -> None:
+        self._set(name, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.autocast("cuda") emulated on fake CPU tensors
+# ---------------------------------------------------------------------------------------------------
+# ATen's CUDA autocast lists (aten/src/ATen/autocast_mode.h) where they differ from the CPU's, by Python name.
+# The CPU autocast already casts convolutions, linear layers, matmuls and attention down (with the same weight
+# cache); these few lower-precision ops are CUDA-only ...
+_LOWER_CUDA_ONLY = frozenset({"addmv", "addr", "einsum", "mv", "chain_matmul", "linalg_multi_dot"})
+# ... and these run in fp32 on CUDA but not on the CPU: norms, upsampling, pow/exp/log..., losses
+_FP32 = frozenset({"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
+                   "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "group_norm", "cosine_similarity",
+                   "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div", "nll_loss",
+                   "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+                   "interpolate"})
+# ... and these reductions return fp32 for fp16/bf16 inputs on CUDA
+_FP32_OUT = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "norm", "vector_norm",
+                       "matrix_norm"})
+
+
+class CudaAutocast(torch.overrides.TorchFunctionMode):
+    """``torch.autocast("cuda", dtype)`` on fake CPU tensors: the real CPU autocast in that dtype (it casts
+    convolutions, linear layers, matmuls and attention down, with autocast's own weight cache) plus this
+    mode, which adds CUDA's differences above autograd (so its casts are saved for backward as real
+    autocast's are): norms, upsampling, pow/exp/log and losses in fp32, reductions with fp32 output, a few
+    more ops cast down. It acts only while CPU autocast is on, so ``torch.autocast(enabled=False)``
+    regions (decode of a VAE kept in its own dtype) are honoured.
+
+    The autograd engine does not carry torch-function modes into backward, so a checkpoint's recompute would
+    run without this mode (and fail checkpointing's dtype check): :meth:`replay_in_recompute` makes every
+    non-reentrant checkpoint re-enter it for its recompute (the CPU autocast state is replayed by
+    checkpointing itself)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def active(self):
+        return torch.autocast("cpu", dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def replay_in_recompute(self):
+        import torch.utils.checkpoint as ckpt
+
+        plain = ckpt._checkpoint_without_reentrant_generator  # private; looked up by checkpoint() at call time
+        dtype = self.dtype
+
+        def generator(fn, preserve_rng_state, context_fn, *rest, **kwargs):
+            def contexts():
+                forward_ctx, recompute_ctx = context_fn()
+                stack = contextlib.ExitStack()
+
+                class _Recompute:
+                    def __enter__(self):
+                        stack.enter_context(CudaAutocast(dtype))
+                        stack.enter_context(recompute_ctx)
+
+                    def __exit__(self, *exc):
+                        return stack.__exit__(*exc)
+
+                return forward_ctx, _Recompute()
+
+            return plain(fn, preserve_rng_state, contexts, *rest, **kwargs)
+
+        ckpt._checkpoint_without_reentrant_generator = generator
+        try:
+            yield
+        finally:
+            ckpt._checkpoint_without_reentrant_generator = plain
+
+    def _lower(self, t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype == torch.float32:
+            return t.to(self.dtype)
+        return t
+
+    @staticmethod
+    def _upper(t):
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+            return t.float()
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not (name in _FP32 or name in _FP32_OUT or name in _LOWER_CUDA_ONLY) \
+                or not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        from torch.utils._pytree import tree_map
+        if name in _LOWER_CUDA_ONLY:
+            return func(*tree_map(self._lower, args), **tree_map(self._lower, kwargs))
+        if name in _FP32:
+            if name == "interpolate" and (kwargs.get("mode") or (args[3] if len(args) > 3 else "nearest")) == "area":
+                return func(*args, **kwargs)  # area interpolation is adaptive pooling: not on the fp32 list
+            return func(*tree_map(self._upper, args), **tree_map(self._upper, kwargs))
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.dtype in (torch.float16, torch.bfloat16) \
+                and kwargs.get("dtype") is None:
+            try:
+                return func(*args, **dict(kwargs, dtype=torch.float32))  # autocast's fp32 output for reductions
+            except TypeError:
+                return func(self._upper(first), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+class _HostSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+    """``save_on_cpu`` for a fake CUDA target: the packed copy lives in host memory (not counted) and the
+    device original is freed once nothing else holds it; unpacking copies back to the device (counted)."""
+
+    def __init__(self, counter: LiveBytes):
+        def pack(t):
+            with counter.host():
+                return t.clone()
+
+        def unpack(t):
+            return t.clone()
+
+        super().__init__(pack, unpack)
+
+
+# ---------------------------------------------------------------------------------------------------
+# components on meta
+# ---------------------------------------------------------------------------------------------------
+_META_CACHE: dict[tuple, Any] = {}
+
+
+def _dir_components(root: Path, dtype: torch.dtype) -> dict:
+    """unet, vae, text encoder(s) on meta and tokenizer(s), scheduler from a diffusers directory's configs."""
+    import diffusers
+    import transformers
+
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{root} has no readable model_index.json: pass a diffusers model directory") from None
+    out: dict = {}
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            out["unet"] = diffusers.UNet2DConditionModel.from_config(
+                diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
+            out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
+            for te in ("text_encoder", "text_encoder_2"):
+                if index.get(te) and index[te][1]:
+                    cls = getattr(transformers, index[te][1])
+                    config = transformers.CLIPTextConfig.from_pretrained(root / te)
+                    out[te] = cls._from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(prev)
+    for m in (v for v in out.values() if isinstance(v, torch.nn.Module)):
+        m.requires_grad_(False).eval()
+        if any(p.dtype != dtype for p in m.parameters()):
+            m.to(dtype)
+    for tok in ("tokenizer", "tokenizer_2"):
+        if index.get(tok) and index[tok][1]:
+            out[tok] = transformers.AutoTokenizer.from_pretrained(root, subfolder=tok)
+    sched = getattr(diffusers, index["scheduler"][1])
+    out["scheduler"] = sched.from_config(sched.load_config(root, subfolder="scheduler"))
+    return out
+
+
+def _hub_config_dir(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, local_files_only=True,
+                                      allow_patterns=["*.json", "*.txt", "tokenizer*/*"]))
+    except Exception:  # not in the local cache (and the planner never downloads)
+        raise UserError(f"plan needs the architecture of {repo!r} but it is not in the local Hugging Face cache: "
+                        "use --model sd15|sd21|sdxl for its architecture, or a local diffusers directory") from None
+
+
+def meta_components(cfg: Config, dtype: torch.dtype):
+    """The model of ``cfg.model`` on meta (no weights), as :class:`~lowmem_alignprop.models.Components`.
+
+    Built once per (model, dtype); each call returns fresh deep copies of the modules, because the memory
+    features modify them in place."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .models import Components, resolve_model
+
+    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype)
+    if key not in _META_CACHE:
+        kind, where = resolve_model(cfg.model)
+        if kind == "tiny":
+            from .tiny import tiny_model_dir
+            parts, source = _dir_components(tiny_model_dir(), dtype), "tiny (built-in)"
+        elif kind in ("arch", "file"):
+            from .arch import build_random_components, detect_arch
+            arch = where if kind == "arch" else (cfg.model_arch if cfg.model_arch != "auto" else detect_arch(where))
+            parts, source = build_random_components(arch, device="meta", dtype=dtype), f"{arch} architecture"
+        elif kind == "dir":
+            parts, source = _dir_components(Path(where), dtype), where
+        else:
+            parts, source = _dir_components(_hub_config_dir(where), dtype), f"{where} (configs from the HF cache)"
+        is_sdxl = parts.get("text_encoder_2") is not None
+        comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
+                           is_sdxl=is_sdxl, source=source,
+                           pipeline_class=StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline)
+        comps.scheduler = DDIMScheduler.from_config(comps.scheduler.config)
+        if getattr(cfg, "vae", ""):
+            comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
+        _META_CACHE[key] = comps
+    base = _META_CACHE[key]
+    fresh = copy.copy(base)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(base, name)
+        if module is not None:
+            setattr(fresh, name, copy.deepcopy(module))
+    fresh.scheduler = copy.deepcopy(base.scheduler)
+    return fresh
+
+
+def _meta_vae_override(spec: str, vae, dtype: torch.dtype):
+    """``--set vae=...``: a local folder's config on meta; otherwise (hub id, single file) the model's own VAE
+    architecture with force_upcast off (what an fp16-fix VAE such as madebyollin/sdxl-vae-fp16-fix is)."""
+    import diffusers
+
+    p = Path(spec).expanduser()
+    for folder in (p, p / "vae"):
+        if (folder / "config.json").is_file():
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                with torch.device("meta"):
+                    new = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder))
+            finally:
+                torch.set_default_dtype(prev)
+            return new.requires_grad_(False).eval()
+    vae.register_to_config(force_upcast=False)
+    return vae
+
+
+def _clip_config_for(name: str, weights: str):
+    """The CLIPConfig of a model reward: from a local weights directory when one is given, else the public
+    architecture (ViT-L/14 for aesthetic/clip, ViT-H/14 for pickscore/hpsv2)."""
+    from transformers import CLIPConfig
+
+    candidates = []
+    for part in (weights or "").split(","):
+        p = Path(part.strip()).expanduser()
+        if part.strip() and p.is_dir():
+            candidates += [p / "clip", p]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            try:
+                config = CLIPConfig.from_pretrained(str(c))
+                return config, f"{name}: CLIP from {c / 'config.json'}", c
+            except Exception:  # noqa: BLE001 - not a CLIPConfig: fall back to the public architecture
+                continue
+    label, arch = REWARD_ARCH[name]
+    config = CLIPConfig(text_config=arch["text"], vision_config=arch["vision"], projection_dim=arch["projection_dim"])
+    return config, f"{name}: CLIP {label} built from config (random weights on meta)", None
+
+
+def _clip_tokenizer(directory: Path | None):
+    if directory is not None and any((directory / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(directory))
+    from transformers import CLIPTokenizer
+
+    from .arch import clip_bpe
+    vocab, merges = clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
+
+
+def _model_reward_on_meta(name: str, weights: str, checkpointing: bool, notes: list[str]):
+    from transformers import CLIPModel
+
+    from .rewards import clip_rewards as cr
+
+    config, note, directory = _clip_config_for(name, weights)
+    notes.append(note)
+    with torch.device("meta"):
+        model = CLIPModel(config)
+    preprocess = cr.ClipPreprocess(config.vision_config.image_size, config.vision_config.image_size)
+    if name == "aesthetic":
+        model.text_model = None  # as build_aesthetic: the text tower is dropped
+        model.text_projection = None
+        with torch.device("meta"):
+            head = cr.AestheticHead(config.projection_dim)
+        return cr.AestheticReward(model, head, preprocess, checkpointing)
+    cls = {"clip": cr.ClipScoreReward, "pickscore": cr.PickScoreReward, "hpsv2": cr.HPSv2Reward}[name]
+    return cls(model, _clip_tokenizer(directory), preprocess, checkpointing)
+
+
+def meta_reward(cfg: Config, dtype: torch.dtype, notes: list[str]):
+    """The reward of ``cfg.reward`` on meta: weight-free rewards as built by the trainer, model rewards from
+    their CLIP architecture (random weights, nothing loaded)."""
+    from . import rewards as R
+    from .rewards.base import WeightedSumReward
+
+    resolved = R._resolve_terms(cfg.reward)
+    model_terms = [n for kind, n, _ in resolved if kind == "builtin" and n in R.MODEL_REWARDS]
+    per = R._split_weights(cfg.reward_weights, model_terms)
+    options = {"device": "meta", "dtype": dtype, "checkpointing": cfg.reward_checkpointing,
+               "weights": cfg.reward_weights}
+    modules = []
+    for kind, name, weight in resolved:
+        if kind == "user":
+            module = R._user_reward(name, options)
+            notes.append(f"reward {name}: user reward built with device='meta'")
+        elif name in R.MODEL_REWARDS:
+            module = _model_reward_on_meta(name, per.get(name, ""), cfg.reward_checkpointing, notes)
+        else:
+            module = R._builtin(name, checkpointing=cfg.reward_checkpointing, weights="")
+        modules.append((module, weight))
+    reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
+    reward.freeze()
+    return reward.to(device="meta", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one training step, shared by the estimate (fake tensors) and the CPU measurement (real tensors)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class StepParts:
+    cfg: Config
+    comps: Any
+    pipe: Any
+    reward: Any
+    params: list
+    optimizer: Any
+    prompts: list[str]
+    place: Any
+    stage: Callable
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    run_optimizer: bool = True
+
+
+def warm_up_optimizer(parts: StepParts) -> None:
+    """One optimizer step on zero gradients: Adam's state exists, as it does from step 2 on. With
+    gradient accumulation the gradients stay allocated (the last micro-step finds them there)."""
+    for p in parts.params:
+        p.grad = torch.zeros_like(p)
+    if parts.run_optimizer:
+        parts.optimizer.step()
+    if parts.cfg.grad_accum == 1:
+        parts.optimizer.zero_grad(set_to_none=True)
+
+
+def run_step(parts: StepParts, *, k: int, seed: int = 0):
+    """One micro-step plus the optimizer step, exactly as the training loop of :func:`~lowmem_alignprop.train.train`
+    runs them (placement calls included). Returns what stays alive afterwards (the prompt cache)."""
+    from .sampling import PromptEmbeds, encode_prompts, initial_latents
+    from .train import rollout_loss
+
+    cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
+    device = torch.device("cpu")
+    rng = __import__("random").Random(seed)
+    batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
+    cache: dict[str, Any] = {}
+    with stage(stages.ENCODE_PROMPTS):
+        place.to_device(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
+        if cfg.cache_prompt_embeddings:
+            # the first step's worst case: every prompt encoded (16 at a time), then the text encoder leaves
+            unique = sorted(set(parts.prompts))
+            for i in range(0, len(unique), 16):
+                chunk = unique[i:i + 16]
+                e = encode_prompts(parts.pipe, chunk, device, cfg.resolution)
+                for j, p in enumerate(chunk):
+                    cache[p] = e.index(slice(j, j + 1))
+            place.offload(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
+            got = [cache[p] for p in batch_prompts]
+            cat = (lambda n: None if getattr(got[0], n) is None else torch.cat([getattr(x, n) for x in got]))
+            emb = PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
+        else:
+            emb = encode_prompts(parts.pipe, batch_prompts, device, cfg.resolution)
+            place.park(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
+    g = torch.Generator().manual_seed(seed)
+    comps.scheduler.set_timesteps(cfg.sample_steps, device=device)
+    latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)
+    with parts.autocast():
+        loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, comps.scheduler, comps.vae, parts.reward, latents,
+                                     emb, batch_prompts, k=k, generator=g, stage=stage, place=place)
+    with stage(stages.BACKWARD):
+        loss.backward()  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
+    del latents, loss, rewards
+    place.park("vae", comps.vae)
+    place.park("reward", parts.reward)
+    with stage(stages.OPTIMIZER):
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm)
+        if parts.run_optimizer:
+            parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
+    return cache, emb
+
+
+# ---------------------------------------------------------------------------------------------------
+# the estimate
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    target: str  # "cuda" or "cpu"
+    stages: dict[str, dict]  # stage -> {"allocated", "weights", "reserved" (bytes), "on_device" (module names)}
+    peak_allocated: int
+    peak_stage: str
+    peak_reserved: int  # what must fit the budget: reserved estimate + workspaces on CUDA
+    weights: dict[str, int]  # module -> bytes
+    k_planned: int
+    k_simulated: int
+    per_k_bytes: int
+    step_start: int  # bytes on the device when the step begins (weights there, optimizer state, kept gradients)
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, budget_gb: float) -> bool | None:
+        return None if not budget_gb else self.peak_reserved <= budget_gb * GIB
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _weight_dtype(cfg: Config, target: str) -> torch.dtype:
+    from .train import DTYPES
+    return DTYPES[cfg.mixed_precision] if target == "cuda" else torch.float32  # the trainer keeps CPU runs in fp32
+
+
+def _unique_bytes(tensors, seen: set, round_to: int = 1) -> int:
+    total = 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) in seen:
+            continue
+        seen.add(id(st))
+        total += (st.nbytes() + round_to - 1) // round_to * round_to  # each weight is its own allocation
+    return total
+
+
+def _quantized_unet_bytes(unet, base_quant: str) -> tuple[int, int]:
+    """(bytes saved by quantizing the frozen UNet's Linear weights, largest dequantized layer): analytic, from
+    :func:`lowmem_alignprop.quant.quantized_weight_bytes` (bitsandbytes cannot run on fake tensors)."""
+    from .quant import quantized_weight_bytes
+
+    saved = quantized_weight_bytes(unet, "none") - quantized_weight_bytes(unet, base_quant)
+    largest = max((m.in_features * m.out_features * 2 for n, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lora_" not in n), default=0)  # dequantized to fp16
+    return saved, largest
+
+
+def _adam8bit_state_bytes(params) -> int:
+    # bitsandbytes: 8-bit state (2 bytes/param + fp32 absmax per 256) for tensors of 4096+ elements, else fp32
+    return sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
+               for p in params)
+
+
+def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None) -> Estimate:
+    """Per-stage peak memory of one training step of ``cfg`` on ``target`` ("cuda" or "cpu"), with fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    from .optim import build_optimizer
+    from .prompts import load_prompts
+    from .sampling import make_pipeline
+    from .train import apply_memory_features
+
+    t0 = time.perf_counter()
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"target device must be cuda or cpu, not {target!r}")
+    notes: list[str] = []
+    cuda = target == "cuda"
+    k_plan = cfg.window_bounds()[1]
+    if cfg.truncation == "uniform":
+        notes.append(f"K ~ U{{{cfg.k_min}..{cfg.k_max}}}: planned at k_max={cfg.k_max}, the worst case")
+    k_sim = min(k_plan, 2)
+    # the no-grad steps leave nothing behind: one shows their peak (also when K = T, to fill the table's row)
+    n_nograd = 1 if (cfg.sample_steps > k_plan or k_plan > k_sim) else 0
+    sim = dataclasses.replace(cfg, sample_steps=k_sim + n_nograd, truncation="fixed", k=k_sim)
+    if cfg.attention == "xformers":
+        sim = dataclasses.replace(sim, attention="sdpa")
+        notes.append("attention=xformers estimated as sdpa (both keep no n^2 attention matrix)")
+    if cfg.deepspeed_zero:
+        notes.append(f"deepspeed_zero={cfg.deepspeed_zero} not modelled: estimated as plain torch (an upper bound "
+                     "when DeepSpeed offloads to the CPU)")
+    if cfg.optimizer == "paged_adamw8bit":
+        notes.append("paged_adamw8bit: its state is counted as resident (it pages to the CPU only under pressure)")
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    dtype = _weight_dtype(cfg, target)
+
+    # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
+    comps = meta_components(cfg, dtype)
+    reward = meta_reward(cfg, dtype, notes)
+    models_log = logging.getLogger("lowmem_alignprop.models")
+    level = models_log.level
+    models_log.setLevel(logging.ERROR)  # its device warnings are about this CPU, not the target GPU
+    try:
+        apply_memory_features(comps, sim, torch.device(target), dtype)
+    finally:
+        models_log.setLevel(level)
+    if cuda and comps.is_sdxl and comps.vae.dtype == torch.float32 and dtype == torch.float16 \
+            and comps.vae.config.get("force_upcast", False):
+        comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
+        notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
+                     "decodes in fp32: about twice the decode memory")
+    # 3. fake storage for everything
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: [comps.text_encoder, comps.text_encoder_2],
+               "reward": reward}
+    with fake:
+        for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward):
+            if m is not None:
+                m.to_empty(device="cpu")
+    comps.unet.train()  # as the trainer: LoRA layers in train mode (frozen modules stay in eval)
+    params = [p for p in comps.unet.parameters() if p.requires_grad]
+    seen: set = set()
+    block = CUDA_BLOCK if cuda else 1
+    weights = {"lora": _unique_bytes(params, seen, block)}
+    for name, obj in modules.items():
+        ms = [m for m in (obj if isinstance(obj, list) else [obj]) if m is not None]
+        weights[name] = _unique_bytes([t for m in ms for t in list(m.parameters()) + list(m.buffers())], seen, block)
+    if cfg.base_quant != "none":
+        saved, largest = _quantized_unet_bytes(comps.unet, cfg.base_quant)
+        weights["unet"] -= saved
+        notes.append(f"base_quant={cfg.base_quant}: UNet Linear weights counted at their quantized size "
+                     f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized; +{largest / MIB:.0f} MiB "
+                     "for one dequantized layer added to every stage")
+    else:
+        largest = 0
+
+    # the scheduler's tables are real tensors made outside fake mode: its timesteps become ints, so DDIM's step
+    # indexes them with an int (a fake index would be data-dependent)
+    sched = comps.scheduler
+    plain_set, plain_step = sched.set_timesteps, sched.step
+
+    def set_timesteps(n, device=None, **kw):
+        with unset_fake_temporarily():
+            plain_set(n, device="cpu", **kw)
+            sched.timesteps = [int(t) for t in sched.timesteps]  # plain ints: slicing them inside fake mode stays real
+
+    def step(model_output, timestep, sample, *a, **kw):
+        if isinstance(timestep, torch.Tensor):
+            with unset_fake_temporarily():
+                timestep = int(timestep)
+        return plain_step(model_output, timestep, sample, *a, **kw)
+
+    sched.set_timesteps, sched.step = set_timesteps, step
+
+    counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
+    counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
+                       if m is not None for t in list(m.parameters()) + list(m.buffers()))
+    place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
+    if cuda and cfg.offload_frozen:  # after load the VAE and the reward model are parked on the CPU
+        place.on_device -= {"vae", "reward"}
+
+    autocast_mode = None
+    if cuda and cfg.mixed_precision != "no":
+        autocast_mode = CudaAutocast(dtype)
+        autocast = autocast_mode.active
+    elif not cuda and cfg.mixed_precision == "bf16":
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # as accelerate does on a CPU
+    else:
+        autocast = contextlib.nullcontext
+
+    optimizer = None
+    run_opt = cfg.optimizer == "adamw"
+    if run_opt:
+        optimizer = build_optimizer(cfg, params)
+        if cuda:
+            for group in optimizer.param_groups:  # on CUDA AdamW takes the foreach path: full-size temporaries
+                group["foreach"] = True
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr)  # only zero_grad is used; the 8-bit state is analytic
+        weights["optimizer_state"] = _adam8bit_state_bytes(params)
+        place.on_device.add("optimizer_state")
+        notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
+                     "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")
+    place.extra = largest
+    place.refresh()
+
+    # the level at each grad-window UNet call; when the window starts the rollout, autocast's cache of the LoRA
+    # weights' casts is made inside the first call: count it as there before (it is made once, not per step)
+    grad_calls: list[int] = []
+
+    def at_grad_call(module, args):
+        if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
+            cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
+            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
+
+    hook = comps.unet.register_forward_pre_hook(at_grad_call)
+    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place, counter.stage,
+                      autocast, run_optimizer=run_opt)
+    save_on_cpu = torch.autograd.graph.save_on_cpu
+    try:
+        with fake, contextlib.ExitStack() as stack:
+            if autocast_mode is not None:
+                stack.enter_context(autocast_mode)
+                stack.enter_context(autocast_mode.replay_in_recompute())
+            if cuda and cfg.activation_offload:
+                torch.autograd.graph.save_on_cpu = lambda pin_memory=False: _HostSaveOnCpu(counter)
+            stack.enter_context(counter)
+            warm_up_optimizer(parts)
+            step_start = counter.current
+            keep = run_step(parts, k=k_sim, seed=cfg.seed)
+            del keep
+    finally:
+        torch.autograd.graph.save_on_cpu = save_on_cpu
+        hook.remove()
+
+    # K beyond the simulated window: each further grad step keeps what the second one kept
+    per_k = max(0, grad_calls[1] - grad_calls[0]) if len(grad_calls) >= 2 else 0
+    extra = per_k * (k_plan - k_sim)
+    if extra:
+        for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD):
+            if name in counter.peaks:
+                counter.peaks[name] += extra
+        notes.append(f"K={k_plan}: {k_sim} grad steps simulated, {k_plan - k_sim} more at {per_k / 1024:.0f} KiB each "
+                     "(their checkpoint inputs and scheduler graph)")
+    # load: what sits on the device once loading is done (the optimizer state comes with the first step)
+    at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
+               if weights.get(n) and not (cuda and cfg.offload_frozen and n in ("vae", "reward"))]
+    load = sum(weights[n] for n in at_load) + largest
+    out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
+    for name in stages.STEP_STAGES:
+        if name in counter.peaks:
+            out[name] = {"allocated": counter.peaks[name], "weights": counter.weights_at_peak[name],
+                         "on_device": list(counter.where_at_peak[name])}
+    for fig in out.values():
+        fig["reserved"] = _reserved(fig["allocated"], cuda)
+    peak_stage = max(out, key=lambda n: out[n]["allocated"])
+    peak = out[peak_stage]["allocated"]
+    return Estimate(target=target, stages=out, peak_allocated=peak, peak_stage=peak_stage,
+                    peak_reserved=_reserved(peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
+                    k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
+                    seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _reserved(allocated: int, cuda: bool) -> int:
+    return int(allocated * RESERVED_FACTOR) if cuda else allocated
+
+
+# ---------------------------------------------------------------------------------------------------
+# what to change when it does not fit
+# ---------------------------------------------------------------------------------------------------
+def _has_model_reward(cfg: Config) -> bool:
+    from . import rewards as R
+    return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R._resolve_terms(cfg.reward))
+
+
+def candidate_changes(cfg: Config, target: str = "cuda") -> list[tuple[str, dict[str, Any]]]:
+    """Memory features this configuration does not use yet, cheapest in speed first (one step each)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.cache_prompt_embeddings:
+        out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
+    if not cfg.reward_checkpointing and _has_model_reward(cfg):
+        out.append(("checkpoint the reward model (recomputes its forward)", {"reward_checkpointing": True}))
+    if cfg.vae_checkpointing == "none":
+        out.append(("checkpoint the VAE decoder per up-block", {"vae_checkpointing": "blocks"}))
+    if cfg.unet_checkpointing == "call":
+        out.append(("checkpoint the UNet per block (~30% slower backward)", {"unet_checkpointing": "blocks"}))
+    if not cfg.sliced_decode and not cfg.tiled_decode and cfg.batch_size > 1:
+        out.append(("decode one image at a time", {"sliced_decode": True}))
+    if not cfg.offload_frozen and target == "cuda":
+        out.append(("offload frozen modules to the CPU while idle (PCIe transfers)", {"offload_frozen": True}))
+    if cfg.vae_checkpointing != "resnets":
+        out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
+    if cfg.train_unet == "full" and cfg.optimizer == "adamw":
+        out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
+    if cfg.batch_size > 1:
+        b = cfg.batch_size // 2
+        accum = cfg.grad_accum * cfg.batch_size // b
+        out.append((f"batch {b} per micro-step, grad_accum {accum} (about the same images per step)",
+                    {"batch_size": b, "grad_accum": accum}))
+    if cfg.resolution > 256:
+        r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
+        out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
+    return out
+
+
+def _apply(cfg: Config, change: dict[str, Any]) -> Config:
+    return dataclasses.replace(cfg, **change).validate()
+
+
+def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None, max_estimates: int = 12,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The cheapest change that makes ``cfg`` fit its budget: first each single change in order of speed cost,
+    then the changes accumulated in that order (batch halved and resolution lowered repeatedly). Every
+    candidate is re-estimated. Returns {"found": change or None, "tried": [...]}."""
+    tried: list[dict[str, Any]] = []
+
+    def check(label: str, change: dict[str, Any]) -> bool:
+        new = _apply(cfg, change)
+        est = estimate(new, target=target, prompts=prompts)
+        fits = bool(est.fits(cfg.budget_gb))
+        tried.append({"change": label, "set": change, "peak_allocated": est.peak_allocated,
+                      "peak_reserved": est.peak_reserved, "peak_stage": est.peak_stage, "fits": fits})
+        if log:
+            log(f"  tried {_set_args(change)}: {est.peak_reserved / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
+        return fits
+
+    singles = candidate_changes(cfg, target)
+    for label, change in singles:
+        if len(tried) >= max_estimates:
+            return {"found": None, "tried": tried, "gave_up": True}
+        if check(label, change):
+            return {"found": tried[-1], "tried": tried}
+    # nothing alone suffices: accumulate, shrinking batch and resolution as far as they go
+    total: dict[str, Any] = {}
+    labels: list[str] = []
+    current = cfg
+    while len(tried) < max_estimates:
+        options = candidate_changes(current, target)
+        if not options:
+            break
+        label, change = options[0]
+        total.update(change)
+        labels.append(label)
+        current = _apply(cfg, total)
+        if check(" + ".join(labels), dict(total)):
+            return {"found": tried[-1], "tried": tried}
+    return {"found": None, "tried": tried, "gave_up": len(tried) >= max_estimates}
+
+
+def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:
+    """For ``--auto-fit`` after an out-of-memory error (see :mod:`lowmem_alignprop.faults`): the cheapest change
+    in speed that lowers the estimated peak by at least 3%, or None. Resolution changes are never offered here
+    (they change the task). Costs up to ``max_estimates`` + 1 estimates."""
+    base = estimate(cfg, target=target)
+    for label, change in [c for c in candidate_changes(cfg, target) if "resolution" not in c[1]][:max_estimates]:
+        est = estimate(_apply(cfg, change), target=target)
+        if est.peak_reserved < 0.97 * base.peak_reserved:
+            return label, change
+    return None
+
+
+def _set_args(change: dict[str, Any]) -> str:
+    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+    import platform
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def default_target(profile_name: str) -> str:
+    from .profiles import GPU_PROFILES
+    return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
+
+
+def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
+         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict."""
+    from .prompts import load_prompts
+
+    target = target or default_target(profile)
+    prompts = load_prompts(cfg.prompts)
+    est = estimate(cfg, target=target, prompts=prompts)
+    fits = est.fits(cfg.budget_gb)
+    result: dict[str, Any] = {
+        "kind": "plan", "profile": profile, "model": cfg.model, "reward": cfg.reward, "target": target,
+        "method": "fake tensors (FakeTensorMode on CPU) + live-storage counting; no GPU, no weights",
+        "autocast": (f"torch.autocast('cuda', {cfg.mixed_precision}) emulated" if target == "cuda" and
+                     cfg.mixed_precision != "no" else "none" if cfg.mixed_precision == "no" or target == "cuda"
+                     else f"torch.autocast('cpu', {cfg.mixed_precision})"),
+        "config": cfg.to_dict(), "estimate": est.to_dict(),
+        "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+        "peak_reserved": est.peak_reserved, "budget_gb": cfg.budget_gb or None,
+        "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
+        "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
+        "notes": est.notes, "suggestion": None, "tried": [], "versions": _versions(),
+    }
+    if fits is False and suggest_changes:
+        found = suggest(cfg, target=target, prompts=prompts, log=log)
+        result["suggestion"] = found["found"]
+        result["tried"] = found["tried"]
+        result["suggestion_gave_up"] = found.get("gave_up", False)
+    result["seconds"] = round(time.perf_counter() - _T0.get("plan", time.perf_counter()), 1)
+    return result
+
+
+_T0: dict[str, float] = {}
+
+
+def _g(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.3f}"
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    cfg, est = r["config"], r["estimate"]
+    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
+    feats = [f"mixed_precision={cfg['mixed_precision']}", f"attention={cfg['attention']}",
+             f"unet_checkpointing={cfg['unet_checkpointing']}", f"vae_checkpointing={cfg['vae_checkpointing']}"]
+    feats += [name for name in ("reward_checkpointing", "sliced_decode", "tiled_decode", "cache_prompt_embeddings",
+                                "offload_frozen", "activation_offload") if cfg[name]]
+    if cfg["base_quant"] != "none":
+        feats.append(f"base_quant={cfg['base_quant']}")
+    lines = [
+        f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
+        f"target {r['target']} ({r['autocast']})",
+        f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
+        f"{cfg['sample_steps']} steps, {cfg['train_unet']} (r={cfg['lora_rank']}), {cfg['optimizer']}",
+        f"  features: {', '.join(feats)}",
+        "",
+        f"  {'stage':<15} {'allocated':>10} {'weights':>9} {'other':>9} {'reserved':>9}  on the device (GiB)",
+    ]
+    for name in stages.STAGES:
+        f = r["stages"].get(name)
+        if f is None:
+            lines.append(f"  {name:<15} {'-':>10}")
+            continue
+        mark = "  <- peak" if name == r["peak_stage"] else ""
+        lines.append(f"  {name:<15} {_g(f['allocated']):>10} {_g(f['weights']):>9} "
+                     f"{_g(f['allocated'] - f['weights']):>9} {_g(f['reserved']):>9}  "
+                     f"{', '.join(f['on_device'])}{mark}")
+    cuda = r["target"] == "cuda"
+    lines.append("")
+    if cuda:
+        lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
+                     f"{_g(int(r['peak_allocated'] * RESERVED_FACTOR))} reserved + {WORKSPACE_BYTES / MIB:.0f} MiB "
+                     f"workspaces = {_g(r['peak_reserved'])} GiB needed")
+    else:
+        lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} (CPU: exact bytes)")
+    if r["budget_bytes"]:
+        share = 100 * r["peak_reserved"] / r["budget_bytes"]
+        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+        spare = (r["budget_bytes"] - r["peak_reserved"]) / GIB
+        lines.append(f"  budget: {r['budget_gb']:g} GiB (profile {r['profile']}): {verdict} "
+                     f"({share:.0f}% of the budget, {spare:+.2f} GiB spare)")
+    else:
+        lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
+    if r["fits"] is False:
+        s = r.get("suggestion")
+        if s:
+            lines.append(f"  cheapest change that fits: {s['change']}")
+            lines.append(f"      {_set_args(s['set'])}   -> {_g(s['peak_reserved'])} GiB needed, peak in "
+                         f"{s['peak_stage']}")
+        elif r.get("tried"):
+            lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
+                         + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
+    lines.append("")
+    lines.append("  allowances for what fake tensors cannot see:")
+    lines += [f"    - {k}: {v}" for k, v in r["allowances"].items()]
+    if r["notes"]:
+        lines.append("  notes:")
+        lines += [f"    - {n}" for n in r["notes"]]
+    lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
+                 f"plan total {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """``lowmem-alignprop plan``: the same options as training, plus --json and --device."""
+    import logging
+    import warnings
+
+    from .cli import common_parser, resolve_config
+
+    _T0["plan"] = time.perf_counter()
+    p = common_parser("lowmem-alignprop plan", "Estimate the peak memory of each stage of a training step on the "
+                                               "target GPU, without a GPU and without weights, and say whether it "
+                                               "fits the profile's budget (and what to change if not).")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
+    p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
+    args = p.parse_args(argv)
+    if args.profile == "auto":
+        args.profile = "rtx3060" if not torch.cuda.is_available() else "auto"  # plan for the smallest GPU profile
+    name, cfg = resolve_config(args)
+    from .rewards import check_reward_spec
+    check_reward_spec(cfg.reward)
+    logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
+        result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log)
+    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same step measured for real on the CPU (tests and benchmarks check the estimate against it)
+# ---------------------------------------------------------------------------------------------------
+def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0) -> dict[str, Any]:
+    """Run the step of :func:`run_step` for real on the CPU (weights as the trainer loads them, fp32) and measure
+    each stage's peak allocation from torch.profiler memory events (:class:`~lowmem_alignprop.profiler.
+    CpuAllocationTracker`, StageProfiler's method) plus the resident bytes at the step's start. After one warm-up
+    optimizer step, like the estimate. ``timed_steps`` more steps without the profiler give seconds per step."""
+    from .models import load_components
+    from .optim import build_optimizer
+    from .placement import Placement
+    from .profiler import CpuAllocationTracker, StageProfiler, resident_bytes
+    from .prompts import load_prompts
+    from .rewards import build_reward
+    from .sampling import make_pipeline
+    from .train import apply_memory_features
+
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    comps = load_components(cfg, torch.float32)
+    params, _ = apply_memory_features(comps, cfg, cpu, torch.float32)
+    comps.unet.train()
+    reward = build_reward(cfg.reward, device="cpu", dtype=torch.float32, checkpointing=cfg.reward_checkpointing,
+                          weights=cfg.reward_weights)
+    optimizer = build_optimizer(cfg, params)
+    prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
+    autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
+                else contextlib.nullcontext)
+    parts = StepParts(cfg, comps, make_pipeline(comps), reward, params, optimizer, prompts,
+                      Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)
+    k = cfg.window_bounds()[1]
+    warm_up_optimizer(parts)
+    held = [comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward, optimizer,
+            [p.grad for p in params if p.grad is not None]]
+    baseline = sum(resident_bytes(held).values())
+    with CpuAllocationTracker(count_baseline=False, names=set(stages.STAGES)) as tracker:
+        keep = run_step(parts, k=k, seed=cfg.seed)
+    del keep
+    out = {"stages": {n: baseline + tracker.peaks[n] for n in stages.STEP_STAGES if n in tracker.peaks},
+           "baseline": baseline, "k": k, "profiled_seconds": sum(tracker.seconds.values())}
+    times = []
+    for i in range(timed_steps):
+        t0 = time.perf_counter()
+        run_step(parts, k=k, seed=cfg.seed + 1 + i)
+        times.append(time.perf_counter() - t0)
+    if times:
+        out["seconds_per_step"] = sum(times) / len(times)
+    out["peak_allocated"] = max(out["stages"].values())
+    out["peak_stage"] = max(out["stages"], key=out["stages"].get)
+    return out
