@@ -325,3 +325,38 @@ def test_low_memory_profiles_tile_their_latent_in_2x2(name, resolution):
     starts = tile_starts(resolution // 8, cfg.tile_size, cfg.tile_overlap)
     assert len(starts) == 2 and starts[-1] + cfg.tile_size == resolution // 8
     assert starts[1] - starts[0] <= cfg.tile_size - cfg.tile_overlap
+
+
+def test_vae_field_replaces_the_models_vae(tiny_dir, tmp_path):
+    """`--set vae=...` (e.g. madebyollin/sdxl-vae-fp16-fix): a folder, a pipeline folder, or a single file."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from ldm_format import vae_to_ldm
+    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.errors import UserError
+    from lowmem_alignprop.models import load_components
+
+    own = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    other = copy.deepcopy(own)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    other.register_to_config(force_upcast=False)
+    other.save_pretrained(tmp_path / "vae_dir")
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(other.state_dict(), other.config).items()},
+              tmp_path / "vae.safetensors")
+
+    base = load_components(Config(model=str(tiny_dir)))
+    for spec in (tmp_path / "vae_dir", tmp_path / "vae.safetensors"):
+        comps = load_components(Config(model=str(tiny_dir), vae=str(spec)))
+        for (name, a), b in zip(comps.vae.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), (spec, name)
+        assert not torch.equal(comps.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
+        assert comps.unet is not None and comps.vae.config.latent_channels == 4
+    assert load_components(Config(model=str(tiny_dir), vae=str(tmp_path / "vae_dir"))).vae.config.force_upcast is False
+    with pytest.raises(UserError, match="does not exist"):
+        load_components(Config(model=str(tiny_dir), vae=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="without config.json"):
+        load_components(Config(model=str(tiny_dir), vae=str(tmp_path / "empty")))
