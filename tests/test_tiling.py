@@ -98,7 +98,8 @@ def test_ramp_weights():
     assert torch.allclose(w, torch.tensor([0.125, 0.375, 0.625, 0.875, 1, 1, 0.875, 0.625, 0.375, 0.125]))
     assert torch.equal(ramp_weights(6, 4, False, False, "cpu", torch.float32), torch.ones(6))
     # two tiles meeting with an overlap of exactly the ramp: weights sum to one across the seam
-    left, right = ramp_weights(8, 4, False, True, "cpu", torch.float32), ramp_weights(8, 4, True, False, "cpu", torch.float32)
+    left = ramp_weights(8, 4, False, True, "cpu", torch.float32)
+    right = ramp_weights(8, 4, True, False, "cpu", torch.float32)
     assert torch.allclose(left[-4:] + right[:4], torch.ones(4))
 
 
