@@ -569,7 +569,7 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
     cache: dict[str, Any] = {}
     with stage(stages.ENCODE_PROMPTS):
-        place.to_device(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
+        place.to_device(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)  # on the device only to encode
         if cfg.cache_prompt_embeddings:
             # the first step's worst case: every prompt encoded (16 at a time), then the text encoder leaves
             unique = sorted(set(parts.prompts))
@@ -757,8 +757,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
                        if m is not None for t in list(m.parameters()) + list(m.buffers()))
     place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
-    if cuda and cfg.offload_frozen:  # after load the VAE and the reward model are parked on the CPU
-        place.on_device -= {"vae", "reward"}
+    if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
+        place.on_device -= {TEXT_ENCODER, "vae", "reward"}
 
     autocast_mode = None
     if cuda and cfg.mixed_precision != "no":
@@ -825,7 +825,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                      "(their checkpoint inputs and scheduler graph)")
     # load: what sits on the device once loading is done (the optimizer state comes with the first step)
     at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
-               if weights.get(n) and not (cuda and cfg.offload_frozen and n in ("vae", "reward"))]
+               if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))]
     load = sum(weights[n] for n in at_load) + largest
     out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
     for name in stages.STEP_STAGES:
