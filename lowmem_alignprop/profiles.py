@@ -13,11 +13,14 @@ from .errors import UserError
 PROFILE_DIR = Path(__file__).parent / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory).
 AUTO_LADDER = (("a100-80gb", 70.0), ("a100-40gb", 36.0), ("rtx4090", 20.0), ("rtx3060", 7.0))
-GPU_PROFILES = tuple(name for name, _ in AUTO_LADDER)
 
 
 def shipped_profiles() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
+# every shipped profile but cpu targets a CUDA card (training refuses them without one; plan does not)
+GPU_PROFILES = tuple(name for name in shipped_profiles() if name != "cpu")
 
 
 def describe(path: Path) -> str:

@@ -265,12 +265,7 @@ def test_xformers_on_cpu_falls_back_to_sdpa_with_one_log_line(tiny_dir, caplog):
     assert all(type(p) is AttnProcessor2_0 for p in comps.unet.attn_processors.values())
 
 
-GPU_CHECK_GAP = ("cli refuses a GPU profile on a machine without CUDA only for profiles.GPU_PROFILES (the auto "
-                 "ladder); laptop-6gb and rtx3060-sdxl start loading and fail later on base_quant=nf4 instead")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=GPU_CHECK_GAP))
-                                  if n not in GPU_PROFILES else n for n in GPU_SHIPPED])
+@pytest.mark.parametrize("name", GPU_SHIPPED)
 def test_gpu_profile_without_cuda_points_to_cpu_and_plan(name, tmp_path, capsys, monkeypatch):
     _forbid_model_loading(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
