@@ -16,7 +16,7 @@ import lowmem_alignprop.train as train_mod
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.config import Config, build_config
 from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.profiles import AUTO_LADDER, GPU_PROFILES, describe, detect_auto, load_profile, shipped_profiles
+from lowmem_alignprop.profiles import AUTO_LADDER, describe, detect_auto, load_profile, shipped_profiles
 
 SHIPPED = sorted(shipped_profiles())
 GPU_SHIPPED = [name for name in SHIPPED if name != "cpu"]
