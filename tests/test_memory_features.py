@@ -14,6 +14,7 @@ Run with ``-s`` to see the table; the module prints it at the end.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +114,20 @@ def run_step(dirs, **kwargs) -> Run:
             loss.backward()
         result["loss"] = loss.item()
 
-    peaks = measure_cpu_stages(step)
+    peaks = _measure(step)
     grads = [p.grad.detach().clone() for p in params]
     return Run(peaks, grads, result["loss"], attention)
+
+
+def _measure(fn, *args) -> dict[str, int]:
+    """measure_cpu_stages with the garbage of earlier runs collected first and none collected during the run:
+    the running total counts frees too, so old tensors freed mid-step would lower the measured peaks."""
+    gc.collect()
+    gc.disable()
+    try:
+        return measure_cpu_stages(fn, *args)
+    finally:
+        gc.enable()
 
 
 _CACHE: dict[tuple, Run] = {}
@@ -201,7 +213,7 @@ def test_sliced_decode_lowers_nograd_decode_peak(dirs):
         with torch.no_grad(), prof.stage(stages.DECODE):
             out[sliced] = decode(comps.vae, latents, sliced=sliced)
 
-    off, on = measure_cpu_stages(run, False), measure_cpu_stages(run, True)
+    off, on = _measure(run, False), _measure(run, True)
     a, b = off[stages.DECODE], on[stages.DECODE]
     SAVINGS.append(("sliced_decode (no grad, batch 4)", stages.DECODE, a, b))
     print(f"sliced_decode no-grad: decode peak {a / MIB:.2f} -> {b / MIB:.2f} MiB")
@@ -235,7 +247,7 @@ def _unet_rollout(dirs, attention: str, side: int = 32, after_apply=None) -> Run
             loss.backward()
         result["loss"] = loss.item()
 
-    peaks = measure_cpu_stages(step)
+    peaks = _measure(step)
     return Run(peaks, [p.grad.detach().clone() for p in params], result["loss"], used)
 
 
