@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import math
+import random
 import sys
 import time
 import weakref
@@ -565,7 +566,7 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
 
     cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
     device = torch.device("cpu")
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
     cache: dict[str, Any] = {}
     with stage(stages.ENCODE_PROMPTS):
@@ -1063,6 +1064,8 @@ def format_plan(r: dict[str, Any]) -> str:
         lines += [f"    - {n}" for n in r["notes"]]
     lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
                  f"plan total {r['seconds']:.0f} s")
+    if not cuda:
+        lines.append("  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
     return "\n".join(lines)
 
 
@@ -1082,8 +1085,6 @@ def plan_main(argv: list[str]) -> int:
                    help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
     args = p.parse_args(argv)
-    if args.profile == "auto":
-        args.profile = "rtx3060" if not torch.cuda.is_available() else "auto"  # plan for the smallest GPU profile
     name, cfg = resolve_config(args)
     from .rewards import check_reward_spec
     check_reward_spec(cfg.reward)

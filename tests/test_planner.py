@@ -201,3 +201,42 @@ def test_live_bytes_counts_storages_once_and_frees_them():
     assert counter.peaks[stages.DECODE] == 1536
     with contextlib.suppress(ValueError), counter.stage("sampling"):
         raise AssertionError("unknown stage names are refused")
+
+
+def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
+    """benchmarks/memory_bench.py reads results/gpu-*.json (gpu_check.sh's shape, or the flat one) into REPORT.md."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_bench.py"
+    spec = importlib.util.spec_from_file_location("memory_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    label = bench.LADDER[1][0]
+    cpu = {"kind": "memory_bench", "date": "2026-01-01", "file": "cpu-2026-01-01.json", "command": "x",
+           "device": {"name": "cpu", "logical_cores": 2, "torch_threads": 1}, "versions": {"torch": "2"},
+           "ladder": {"setup": bench.LADDER_BASE, "command": "plan ...", "rows": [
+               {"label": label, "stages": {"backward": {"allocated": 4 * GIB}}, "peak_allocated": 4 * GIB,
+                "peak_stage": "backward", "peak_reserved": 5 * GIB, "fits": True, "budget_gb": 7.5}]}}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu-2026-01-01.json").write_text(json.dumps(cpu))
+    nested = {"name": "ladder " + label, "status": "ok", "budget_gb": 0,
+              "memory_report": {"stages": {"backward": {"peak_allocated": 5 * GIB, "peak_reserved": 6 * GIB}},
+                                "peak_allocated": 5 * GIB, "peak_reserved": 6 * GIB, "peak_stage": "backward"},
+              "summary": {"seconds_per_step": 3.25},
+              "planner": {"stages": {"backward": {"allocated": 4 * GIB}}, "peak_allocated": 4 * GIB,
+                          "peak_reserved": 5 * GIB}}
+    flat = {"name": "rtx3060 sd15", "status": "oom", "budget_gb": 7.5, "seconds_per_step": None,
+            "stages": {"decode": {"peak_allocated": 7 * GIB, "peak_reserved": 7.4 * GIB}}}
+    (results / "gpu-h100-2026-01-02.json").write_text(json.dumps({
+        "kind": "gpu_check", "date": "2026-01-02", "device": {"name": "NVIDIA H100", "total_gb": 79.2},
+        "ladder": [nested], "profiles": [flat]}))
+    runs = bench.gpu_runs(json.loads((results / "gpu-h100-2026-01-02.json").read_text()))
+    assert [(r["status"], r["peak_allocated"], r["peak_stage"]) for r in runs] == [
+        ("ok", 5 * GIB, "backward"), ("oom", 7 * GIB, None)]
+    doc, gpu = bench.load_results(results)
+    text = bench.report(doc, gpu, results)
+    assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
+    assert "| rtx3060 sd15 | 7.5 | oom | 7.00 (-) |" in text
+    assert "5.00 / 4.00" in text  # per stage, measured / estimated

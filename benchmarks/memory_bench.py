@@ -1,0 +1,539 @@
+"""Memory benchmark: planner estimates for SD1.5 / SD2.1 / SDXL, and measured CPU figures on a mid-size model.
+
+    python benchmarks/memory_bench.py                # everything (the SDXL estimates make it ~15-25 min on 2 cores)
+    python benchmarks/memory_bench.py --quick --out /tmp/mb   # smoke test: a few rows of each section (~2 min)
+    python benchmarks/memory_bench.py --report-only  # rebuild REPORT.md from results/*.json (e.g. after gpu_check)
+    python benchmarks/memory_bench.py --only ladder,cpu   # some sections (the others come from the latest results)
+
+Writes ``<out>/results/<device>-<date>.json`` (``-quick`` added for --quick) and regenerates ``<out>/REPORT.md``
+(``<out>`` defaults to ``benchmarks/``) with:
+
+1. SD1.5 at 512 px, "each option added in turn": the planner's per-stage estimates (labelled as estimates)
+   from no optimization to the full ``rtx3060`` profile, with the measured GPU figures beside them where a
+   ``results/gpu-*.json`` has the same row;
+2. "what fits" per GPU profile for sd15, sd21 and sdxl: the resolution, the largest batch per micro-step and
+   the K range that fit the profile's budget (planner estimates);
+3. measured CPU figures on a mid-size SD-shaped model (UNet channels 64/128/256): peak allocation and
+   seconds per step with each memory feature off and on, the planner's estimate beside each.
+
+Measured GPU figures are read from ``results/gpu-*.json``, which ``benchmarks/gpu_check.sh`` writes. The shape
+read (extra keys are ignored; see :func:`gpu_runs`)::
+
+    {"kind": "gpu_check", "date": "YYYY-MM-DD", "command": "...",
+     "device": {"name": "NVIDIA H100 80GB HBM3", "total_gb": 79.2},
+     "versions": {"torch": "...", ...},
+     "ladder":   [RUN, ...],      # rows named "ladder <label>" with the labels of LADDER below
+     "profiles": [RUN, ...]}
+    RUN = {"name": str, "command": str, "status": "ok" | "oom" | "error" | "skipped ...",
+           "budget_gb": float,                      # the cap (set_per_process_memory_fraction); 0 = none
+           "profile": str, "model": str,            # optional
+           # per-stage measured peaks, bytes, either flat ...
+           "stages": {stage: {"peak_allocated": int, "peak_reserved": int}}, "seconds_per_step": float,
+           # ... or as the trainer writes them (memory_report.json and summary.json of the run):
+           "memory_report": {"stages": {stage: {"peak_allocated": int, "peak_reserved": int, ...}},
+                             "peak_allocated": int, "peak_reserved": int, "peak_stage": str},
+           "summary": {"seconds_per_step": float},
+           "planner": {...}}                        # optional: `plan --json` for the same arguments
+
+A run with status "oom" did not fit its cap. Ratios in the report are measured / estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the mid-size model builder lives with the tests
+
+GIB = 2**30
+MIB = 2**20
+
+# Section 1, the rows of gpu_check.py's ladder (same labels, so measured rows line up): SD1.5 512 px, batch 1,
+# aesthetic reward (CLIP ViT-L/14), K = 1 of 10 steps (memory is flat in K), features switched on in turn.
+LADDER_BASE = {"profile": "rtx3060", "model": "sd15", "reward": "aesthetic",
+               "set": {"truncation": "fixed", "k": 1, "sample_steps": 10, "grad_accum": 1}}
+LADDER = [
+    ("fp32 frozen weights, per-call checkpoint only (no optimization)",
+     {"mixed_precision": "no", "unet_checkpointing": "call", "vae_checkpointing": "none", "reward_checkpointing": False,
+      "cache_prompt_embeddings": False, "offload_frozen": False, "sliced_decode": False}),
+    ("fp16, per-call checkpoint only", {"mixed_precision": "fp16"}),
+    ("+ VAE checkpointing (up-blocks)", {"vae_checkpointing": "blocks"}),
+    ("+ UNet block checkpointing", {"unet_checkpointing": "blocks"}),
+    ("+ reward checkpointing, cached prompts", {"reward_checkpointing": True, "cache_prompt_embeddings": True}),
+    ("+ offload frozen modules (= rtx3060)", {"offload_frozen": True, "sliced_decode": True}),
+    ("+ VAE checkpointing per resnet", {"vae_checkpointing": "resnets"}),
+]
+
+# Section 2
+FIT_PROFILES = ("rtx3060", "rtx4090", "a100-40gb", "a100-80gb")
+FIT_MODELS = {"sd15": (512,), "sd21": (768, 512), "sdxl": (1024, 768, 512)}
+MAX_BATCH = 64
+
+# Section 3: the mid-size model on the CPU; each feature switched on alone from the baseline.
+CPU_BASE = {"resolution": 128, "batch_size": 2, "sample_steps": 4, "truncation": "fixed", "k": 2,
+            "mixed_precision": "no", "prompts": "simple_animals", "guidance_scale": 7.5}
+CPU_FEATURES = [
+    ("vae_checkpointing", "blocks", {}),
+    ("vae_checkpointing", "resnets", {}),
+    ("unet_checkpointing", "blocks", {}),
+    ("reward_checkpointing", True, {}),
+    ("sliced_decode", True, {}),
+    ("cache_prompt_embeddings", True, {}),
+    ("attention", "sliced", {}),
+    ("activation_offload", True, {"vae_checkpointing": "blocks"}),  # needs checkpointing; CPU: nowhere to go
+    ("offload_frozen", True, {}),  # CPU: host memory is all there is
+]
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info() -> dict:
+    import torch
+
+    from lowmem_alignprop.profiler import _cpu_name
+
+    return {"type": "cpu", "name": _cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available()}
+
+
+def _cfg(profile: str, model: str, reward: str, changes: dict):
+    from lowmem_alignprop.config import build_config
+    from lowmem_alignprop.profiles import load_profile
+
+    _, values = load_profile(profile)
+    return build_config(values, {"model": model, "reward": reward}, changes)
+
+
+def _est_row(est, cfg) -> dict:
+    return {"stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+            "peak_reserved": est.peak_reserved, "fits": est.fits(cfg.budget_gb), "budget_gb": cfg.budget_gb,
+            "seconds": round(est.seconds, 1), "notes": est.notes}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the three sections
+# ---------------------------------------------------------------------------------------------------
+def run_ladder(quick: bool) -> dict:
+    from lowmem_alignprop import planner
+
+    rows, changes = [], dict(LADDER_BASE["set"])
+    ladder = LADDER[:2] if quick else LADDER
+    for label, change in ladder:
+        changes.update(change)
+        cfg = _cfg(LADDER_BASE["profile"], LADDER_BASE["model"], LADDER_BASE["reward"], changes)
+        est = planner.estimate(cfg, target="cuda")
+        rows.append({"label": label, "set": dict(changes), **_est_row(est, cfg)})
+        _log(f"ladder {label}: {est.peak_allocated / GIB:.2f} GiB in {est.peak_stage} ({est.seconds:.0f} s)")
+    return {"setup": LADDER_BASE, "command": _command(LADDER_BASE, changes), "rows": rows}
+
+
+def _command(base: dict, changes: dict) -> str:
+    sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+    return f"lowmem-alignprop plan --profile {base['profile']} --model {base['model']} --reward {base['reward']} {sets}"
+
+
+def what_fits(profile: str, model: str, resolutions: tuple[int, ...], reward: str, max_estimates: int) -> dict:
+    """The largest resolution (of ``resolutions``) where batch 1 fits, then the largest batch there: the needed
+    memory is nearly linear in the batch, so batch 2 gives the slope, and the predicted largest batch is checked
+    (and stepped down while it does not fit)."""
+    from lowmem_alignprop import planner
+
+    tried = []
+
+    def need(res: int, batch: int):
+        cfg = _cfg(profile, model, reward, {"resolution": res, "batch_size": batch})
+        est = planner.estimate(cfg, target="cuda")
+        tried.append({"resolution": res, "batch_size": batch, "peak_reserved": est.peak_reserved,
+                      "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+                      "fits": bool(est.fits(cfg.budget_gb)), "seconds": round(est.seconds, 1)})
+        _log(f"  {profile} {model} {res}px batch {batch}: {est.peak_reserved / GIB:.2f} GiB needed "
+             f"({'fits' if tried[-1]['fits'] else 'no'}, {est.seconds:.0f} s)")
+        return cfg, est
+
+    out = {"profile": profile, "model": model, "reward": reward, "resolution": None, "batch_size": 0}
+    for res in resolutions:
+        cfg, est1 = need(res, 1)
+        out["budget_gb"] = cfg.budget_gb
+        out["k_range"] = list(cfg.window_bounds())
+        if not est1.fits(cfg.budget_gb):
+            continue
+        budget = cfg.budget_gb * GIB
+        best, best_est = 1, est1
+        _, est2 = need(res, 2)
+        if est2.fits(cfg.budget_gb):
+            best, best_est = 2, est2
+            slope = max(est2.peak_reserved - est1.peak_reserved, 1)
+            guess = min(MAX_BATCH, 1 + int((budget - est1.peak_reserved) // slope))
+            while guess > best and len(tried) < max_estimates:
+                _, est = need(res, guess)
+                if est.fits(cfg.budget_gb):
+                    best, best_est = guess, est
+                    guess = guess + 1 if guess < MAX_BATCH else guess  # the next batch up must not fit
+                    continue
+                slope = max((est.peak_reserved - est1.peak_reserved) / (guess - 1), 1)
+                guess = max(best, min(guess - 1, 1 + int((budget - est1.peak_reserved) // slope)))
+        out.update(resolution=res, batch_size=best, peak_reserved=best_est.peak_reserved,
+                   peak_stage=best_est.peak_stage, batch1_reserved=est1.peak_reserved,
+                   per_image=(est2.peak_reserved - est1.peak_reserved), per_k_bytes=est1.per_k_bytes,
+                   capped=best == MAX_BATCH)
+        break
+    out["tried"] = tried
+    return out
+
+
+def run_what_fits(quick: bool) -> dict:
+    cells = []
+    profiles = FIT_PROFILES[:1] if quick else FIT_PROFILES
+    models = {"sd15": FIT_MODELS["sd15"]} if quick else FIT_MODELS
+    for profile in profiles:
+        for model, resolutions in models.items():
+            cells.append(what_fits(profile, model, resolutions, "aesthetic", max_estimates=3 if quick else 6))
+    return {"reward": "aesthetic", "note": "each profile's own settings (features, K range, sample steps); "
+                                           "resolution tried from the model's native size down", "cells": cells}
+
+
+def run_cpu_measured(quick: bool, workdir: Path) -> dict:
+    from midsize import build_clip_reward_dir, build_midsize_dir
+
+    from lowmem_alignprop import planner
+    from lowmem_alignprop.config import Config
+
+    model = build_midsize_dir(workdir / "midsize")
+    clip = build_clip_reward_dir(workdir / "clip")
+    base = Config(model=str(model), reward="clip", reward_weights=str(clip), **CPU_BASE).validate()
+    features = CPU_FEATURES[:2] if quick else CPU_FEATURES
+    timed = 1 if quick else 2
+
+    def one(cfg) -> dict:
+        m = planner.measure_cpu_step(cfg, timed_steps=timed)
+        e = planner.estimate(cfg, target="cpu")
+        return {"measured": {"stages": m["stages"], "peak_allocated": m["peak_allocated"],
+                             "peak_stage": m["peak_stage"], "seconds_per_step": m.get("seconds_per_step"),
+                             "step_start": m["baseline"]},
+                "estimate": {"stages": {k: v["allocated"] for k, v in e.stages.items()},
+                             "peak_allocated": e.peak_allocated, "peak_stage": e.peak_stage}}
+
+    rows = [{"feature": "baseline (all off)", "value": None, **one(base)}]
+    _log(f"cpu baseline: {rows[0]['measured']['peak_allocated'] / MIB:.1f} MiB, "
+         f"{rows[0]['measured']['seconds_per_step']:.2f} s/step")
+    for name, value, extra in features:
+        cfg = dataclasses.replace(base, **{name: value, **extra}).validate()
+        row = {"feature": name, "value": value, "with": extra, **one(cfg)}
+        if extra:  # its reference is the baseline with the prerequisite on
+            row["reference"] = one(dataclasses.replace(base, **extra).validate())["measured"]
+        rows.append(row)
+        _log(f"cpu {name}={value}: {row['measured']['peak_allocated'] / MIB:.1f} MiB, "
+             f"{row['measured']['seconds_per_step']:.2f} s/step")
+    return {"model": "mid-size SD-shaped (tests/midsize.py): UNet (64, 128, 256), VAE (32, 64, 128, 128), "
+                     "CLIP text width 64; reward: a 4-layer CLIP ViT (width 128, 224 px)",
+            "config": {k: v for k, v in base.to_dict().items() if k in CPU_BASE or k in ("reward",)},
+            "timed_steps": timed, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU results (gpu_check.sh)
+# ---------------------------------------------------------------------------------------------------
+def gpu_runs(doc: dict) -> list[dict]:
+    """Normalise one gpu-*.json into runs: name, section, status, stages {stage: (allocated, reserved)},
+    peak_allocated, peak_reserved, peak_stage, seconds_per_step, budget_gb, planner (or None)."""
+    out = []
+    for section in ("ladder", "profiles"):
+        for r in doc.get(section) or []:
+            rep = r.get("memory_report") or {}
+            raw = r.get("stages") or rep.get("stages") or {}
+            st = {k: (v.get("peak_allocated"), v.get("peak_reserved")) for k, v in raw.items() if isinstance(v, dict)}
+            alloc = r.get("peak_allocated", rep.get("peak_allocated"))
+            if alloc is None and st:
+                alloc = max((a for a, _ in st.values() if a is not None), default=None)
+            reserved = r.get("peak_reserved", rep.get("peak_reserved"))
+            if reserved is None and st:
+                reserved = max((b for _, b in st.values() if b is not None), default=None)
+            sps = r.get("seconds_per_step") or (r.get("summary") or {}).get("seconds_per_step")
+            status = r.get("status") or ("oom" if r.get("oom") else "ok" if r.get("fits", True) else "oom")
+            out.append({"name": r.get("name", "?"), "section": section, "status": status, "stages": st,
+                        "peak_allocated": alloc, "peak_reserved": reserved,
+                        "peak_stage": r.get("peak_stage", rep.get("peak_stage")), "seconds_per_step": sps,
+                        "budget_gb": r.get("budget_gb"), "command": r.get("command", ""),
+                        "planner": r.get("planner") if isinstance(r.get("planner"), dict)
+                        and "stages" in r.get("planner") else None})
+    return out
+
+
+def load_results(results: Path) -> tuple[dict | None, list[tuple[Path, dict]]]:
+    cpu = sorted(p for p in results.glob("cpu-*.json") if not p.stem.endswith("-quick"))
+    quick = sorted(results.glob("cpu-*-quick.json"))
+    latest = cpu[-1] if cpu else (quick[-1] if quick else None)
+    gpu = []
+    for p in sorted(results.glob("gpu-*.json")):
+        try:
+            gpu.append((p, json.loads(p.read_text())))
+        except (OSError, ValueError) as e:
+            _log(f"skipping {p}: {e}")
+    return (json.loads(latest.read_text()) if latest else None), gpu
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------
+def _g(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def _m(n) -> str:
+    return "-" if n is None else f"{n / MIB:.1f}"
+
+
+def _s(seconds) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) -> str:
+    from lowmem_alignprop import planner
+    from lowmem_alignprop.stages import STAGES
+
+    L = ["# Memory benchmark report", "",
+         "Generated by `benchmarks/memory_bench.py` (rebuild with `python benchmarks/memory_bench.py --report-only`).",
+         "**Estimates** come from the planner (`lowmem-alignprop plan`: fake tensors, no GPU, no weights). "
+         "**Measured** figures are real runs: CPU allocation from torch.profiler memory events here, "
+         "CUDA `max_memory_allocated/reserved` from `benchmarks/gpu_check.sh` where a GPU was available.", ""]
+    if doc is None:
+        L += ["No CPU/planner results yet: run `python benchmarks/memory_bench.py`.", ""]
+    else:
+        dev, ver = doc["device"], doc["versions"]
+        L += [f"- planner/CPU results: `{results_dir.name}/{doc['file']}` ({doc['date']}"
+              + (", QUICK smoke run" if doc.get("quick") else "") + f"), command `{doc['command']}`",
+              f"- device: {dev['name']} ({dev['logical_cores']} logical cores, torch threads {dev['torch_threads']}); "
+              + ", ".join(f"{k} {v}" for k, v in ver.items() if v), ""]
+        L += ["Allowances the planner adds for a CUDA target (what fake tensors cannot see):", ""]
+        L += [f"- {k}: {v}" for k, v in planner.ALLOWANCES.items()]
+        L += ["- **needed** = allocated x reserved factor + workspaces: what must fit the profile's budget", ""]
+        L += _section_ladder(doc.get("ladder"), gpu, STAGES)
+        L += _section_fits(doc.get("what_fits"))
+        L += _section_cpu(doc.get("cpu_measured"), STAGES)
+    L += _section_gpu(gpu, STAGES)
+    return "\n".join(L) + "\n"
+
+
+def _gpu_ladder_rows(gpu) -> dict[str, tuple[str, dict]]:
+    rows = {}
+    for path, d in gpu:
+        for r in gpu_runs(d):
+            if r["section"] == "ladder":
+                rows[r["name"].removeprefix("ladder ")] = ((d.get("device") or {}).get("name", path.stem), r)
+    return rows
+
+
+def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
+    L = ["## 1. SD1.5 at 512 px: each option added in turn (planner ESTIMATES)", ""]
+    if not lad:
+        return L + ["Not run in this results file.", ""]
+    s = lad["setup"]
+    L += [f"Profile `{s['profile']}` (budget {lad['rows'][0]['budget_gb']:g} GiB), model `{s['model']}` (architecture "
+          f"only), reward `{s['reward']}` (CLIP ViT-L/14), batch 1, K = 1 of 10 steps (memory is flat in K: "
+          f"each further grad step keeps ~66 KiB, so rtx3060's K ~ U{{1..50}} adds ~3 MiB). Target CUDA, "
+          "autocast emulated. Last row's command:", "", f"    {lad['command']}", "",
+          "Peak allocated per stage, GiB (estimates):", ""]
+    short = {"encode_prompts": "encode", "sample_nograd": "nograd", "sample_grad": "grad", "optimizer": "optim"}
+    head = ["configuration"] + [short.get(n, n) for n in STAGES] + ["peak", "needed", "fits 7.5"]
+    L += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in lad["rows"]:
+        cells = [r["label"]] + [_g(r["stages"].get(n, {}).get("allocated")) for n in STAGES]
+        cells += [f"**{_g(r['peak_allocated'])}** ({short.get(r['peak_stage'], r['peak_stage'])})",
+                  _g(r["peak_reserved"]), "yes" if r["fits"] else "NO"]
+        L.append("| " + " | ".join(cells) + " |")
+    measured = _gpu_ladder_rows(gpu)
+    L += ["", "### Measured on a GPU next to the estimate", ""]
+    if not measured:
+        L += ["_No `results/gpu-*.json` yet. When `benchmarks/gpu_check.sh` has run, rebuild this report: each "
+              "ladder row gets its measured peak (allocated / reserved, the stage) and seconds per step here._", ""]
+        return L
+    L += ["| configuration | GPU | status | measured allocated (stage) | measured reserved | estimated allocated | "
+          "measured/estimated | s/step |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in lad["rows"]:
+        if r["label"] not in measured:
+            continue
+        name, m = measured[r["label"]]
+        L.append(f"| {r['label']} | {name} | {m['status']} | {_g(m['peak_allocated'])} ({m['peak_stage']}) | "
+                 f"{_g(m['peak_reserved'])} | {_g(r['peak_allocated'])} | {_ratio(m['peak_allocated'], r['peak_allocated'])}"
+                 f" | {_s(m['seconds_per_step'])} |")
+    return L + [""]
+
+
+def _section_fits(fits: dict | None) -> list[str]:
+    L = ["## 2. What fits each GPU profile (planner ESTIMATES)", ""]
+    if not fits:
+        return L + ["Not run in this results file.", ""]
+    L += [f"Reward `{fits['reward']}`; {fits['note']}. The largest batch per micro-step at the largest resolution "
+          "where batch 1 fits; K is drawn in the profile's range and memory is flat in K (each further grad "
+          "step keeps only its input latent), so the whole range fits whenever K = k_max does (that is what is "
+          "estimated).", "",
+          "| profile | budget GiB | model | resolution | largest batch | K range | needed at that batch GiB "
+          "(peak stage) | batch 1 needs GiB | + per image GiB |", "|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for c in fits["cells"]:
+        if c.get("resolution") is None:
+            L.append(f"| {c['profile']} | {c.get('budget_gb', 0):g} | {c['model']} | does not fit even at "
+                     f"{min(t['resolution'] for t in c['tried'])} px, batch 1 | - | - | "
+                     f"{_g(min(t['peak_reserved'] for t in c['tried']))} | - | - |")
+            continue
+        k = c["k_range"]
+        batch = f"{c['batch_size']}" + ("+" if c.get("capped") else "")
+        L.append(f"| {c['profile']} | {c['budget_gb']:g} | {c['model']} | {c['resolution']} | {batch} | "
+                 f"{k[0]}..{k[1]} | {_g(c['peak_reserved'])} ({c['peak_stage']}) | {_g(c['batch1_reserved'])} | "
+                 f"{_g(c['per_image'])} |")
+    return L + ["", f"(`+`: capped at {MAX_BATCH}.)", ""]
+
+
+def _section_cpu(cpu: dict | None, STAGES) -> list[str]:
+    L = ["## 3. Measured on the CPU: each memory feature off and on (mid-size model)", ""]
+    if not cpu:
+        return L + ["Not run in this results file.", ""]
+    c = cpu["config"]
+    L += [f"{cpu['model']}. {c['resolution']} px, batch {c['batch_size']}, K = {c['k']} of {c['sample_steps']} "
+          f"steps, fp32, reward `{c['reward']}`. **Measured**: peak CPU allocation per stage from torch.profiler "
+          "memory events (weights included), seconds per step as the mean of "
+          f"{cpu['timed_steps']} steps after the profiled one. The planner's CPU estimate for the same step beside it. "
+          "Each feature is switched on alone from the baseline (activation offload together with VAE "
+          "checkpointing, which it needs).", "",
+          "| feature | peak MiB (stage) | change vs off | decode MiB | reward MiB | backward MiB | s/step | "
+          "slower by | planner MiB | planner/measured |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = cpu["rows"][0]["measured"]
+    for r in cpu["rows"]:
+        m, e = r["measured"], r["estimate"]
+        ref = r.get("reference") or base
+        name = r["feature"] if r["value"] is None else f"{r['feature']}={str(r['value']).lower()}"
+        if r.get("with"):
+            name += " (with " + ", ".join(f"{k}={v}" for k, v in r["with"].items()) + ")"
+        delta = "" if r["value"] is None else f"{(m['peak_allocated'] - ref['peak_allocated']) / MIB:+.1f}"
+        slower = "" if r["value"] is None or not ref.get("seconds_per_step") else \
+            f"{100 * (m['seconds_per_step'] / ref['seconds_per_step'] - 1):+.0f}%"
+        L.append(f"| {name} | {_m(m['peak_allocated'])} ({m['peak_stage']}) | {delta} | "
+                 f"{_m(m['stages'].get('decode'))} | {_m(m['stages'].get('reward'))} | {_m(m['stages'].get('backward'))} | "
+                 f"{m['seconds_per_step']:.2f} | {slower} | {_m(e['peak_allocated'])} | "
+                 f"{_ratio(e['peak_allocated'], m['peak_allocated'])} |")
+    L += ["", "On a CPU, `offload_frozen` and `activation_offload` have nowhere to move tensors to (host memory is "
+          "the only memory), so they show no saving here; on a GPU they move weights and saved activations off "
+          "the card (section 1 and the GPU table). Timing on a shared 2-core machine is noisy (a few %).", ""]
+    return L
+
+
+def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
+    L = ["## 4. Measured on a GPU (from `results/gpu-*.json`)", "",
+         "<!-- GPU-MEASURED: filled from benchmarks/results/gpu-*.json written by benchmarks/gpu_check.sh -->", ""]
+    if not gpu:
+        return L + ["_No GPU results yet. Run `bash benchmarks/gpu_check.sh` on a machine with an NVIDIA GPU, then "
+                    "`python benchmarks/memory_bench.py --report-only`: every run's measured per-stage peaks "
+                    "(allocated/reserved), seconds per step and fit/OOM under the profile's cap appear here, with the "
+                    "planner's estimate for the same arguments beside them._", ""]
+    for path, d in gpu:
+        dev = d.get("device") or {}
+        L += [f"### {dev.get('name', '?')} ({dev.get('total_gb', '?')} GiB), {d.get('date', '?')}: `{path.name}`", "",
+              f"Command: `{d.get('command', 'bash benchmarks/gpu_check.sh')}`; versions: "
+              + ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items() if v), "",
+              "| run | cap GiB | status | measured allocated (stage) | measured reserved | estimated allocated | "
+              "estimated needed | measured/estimated allocated | s/step |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        runs = gpu_runs(d)
+        for r in runs:
+            p = r["planner"] or {}
+            L.append(f"| {r['name']} | {r['budget_gb'] or '-'} | {r['status']} | {_g(r['peak_allocated'])} "
+                     f"({r['peak_stage'] or '-'}) | {_g(r['peak_reserved'])} | {_g(p.get('peak_allocated'))} | "
+                     f"{_g(p.get('peak_reserved'))} | {_ratio(r['peak_allocated'], p.get('peak_allocated'))} | "
+                     f"{_s(r['seconds_per_step'])} |")
+        staged = [r for r in runs if r["stages"] and r["planner"]]
+        if staged:
+            L += ["", "Per stage, measured / estimated allocated (GiB):", "",
+                  "| run | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
+            for r in staged:
+                cells = []
+                for n in STAGES:
+                    meas = (r["stages"].get(n) or (None, None))[0]
+                    est = ((r["planner"].get("stages") or {}).get(n) or {}).get("allocated")
+                    cells.append(f"{_g(meas)} / {_g(est)}")
+                L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: a few rows of each section")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"),
+                    help="folder for results/ and REPORT.md (default: benchmarks/)")
+    ap.add_argument("--only", default="", help="comma-separated sections: ladder,fits,cpu (others: from the latest "
+                                               "results file)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild REPORT.md from the results files only")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+    import warnings
+
+    from lowmem_alignprop.cli import _quiet_libraries
+
+    _quiet_libraries()
+    logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
+    warnings.simplefilter("ignore")
+    if not a.report_only:
+        t0 = time.time()
+        only = set(filter(None, a.only.split(","))) or {"ladder", "fits", "cpu"}
+        previous, _ = load_results(results)
+        date = dt.date.today().isoformat()
+        doc = {"kind": "memory_bench", "date": date, "quick": a.quick, "device": device_info(), "versions": versions(),
+               "command": "python benchmarks/memory_bench.py" + (" --quick" if a.quick else "")
+               + (f" --only {a.only}" if a.only else "")}
+        if "ladder" in only:
+            doc["ladder"] = run_ladder(a.quick)
+        if "fits" in only:
+            doc["what_fits"] = run_what_fits(a.quick)
+        if "cpu" in only:
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                doc["cpu_measured"] = run_cpu_measured(a.quick, Path(tmp))
+        for key in ("ladder", "what_fits", "cpu_measured"):  # sections not rerun: carried from the latest file
+            if key not in doc and previous and key in previous:
+                doc[key] = previous[key]
+                doc.setdefault("carried_from", []).append(previous.get("file"))
+        doc["wall_seconds"] = round(time.time() - t0, 1)
+        name = f"{doc['device']['type']}-{date}{'-quick' if a.quick else ''}.json"
+        doc["file"] = name
+        (results / name).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        _log(f"wrote {results / name} ({doc['wall_seconds']:.0f} s)")
+    doc, gpu = load_results(results)
+    (out / "REPORT.md").write_text(report(doc, gpu, results))
+    _log(f"wrote {out / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
