@@ -178,11 +178,11 @@ def planner_fit(cfg, stage: str) -> Fit | None:
         from . import planner
     except Exception:
         return None
-    fn = getattr(planner, "next_feature", None) or getattr(planner, "suggest_next_feature", None)
+    fn = getattr(planner, "next_feature", None)
     if fn is None:
         return None
     try:
-        got = fn(cfg)
+        got = fn(cfg, target="cuda" if torch.cuda.is_available() else "cpu")  # estimate for where this run is
     except Exception as e:  # the planner is advice: never let it hide the real error
         log.debug("planner suggestion failed: %s", e)
         return None

@@ -159,6 +159,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
     out = Path(cfg.output_dir)
     resume_path = resume_state = None
+    if not resume and ckpt.list_checkpoints(ckpt.root_of(out)):
+        raise UserError(f"--output-dir {out} already holds a run (checkpoints/): continue it with --resume latest, "
+                        "or choose another --output-dir (nothing was overwritten)")
     if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
         resume_path = ckpt.find_resume(out, resume)
         resume_state = ckpt.read_state(resume_path)
@@ -202,6 +205,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                                                     False) + f" [{str(e).splitlines()[0][:100]}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
+    with torch.no_grad():  # a reward that returns the wrong shape fails here, before anything is written
+        reward(torch.full((1, 3, 64, 64), 0.5, device=device if place.where.get("reward") == "device" else "cpu"),
+               prompts[:1])
 
     out.mkdir(parents=True, exist_ok=True)
     if is_main:

@@ -23,7 +23,13 @@ def rows(run):
 
 # -- out of memory ---------------------------------------------------------------------------------
 
-def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monkeypatch, tiny_dir):
+@pytest.fixture
+def ladder_only(monkeypatch):
+    """The fixed ladder's choices (the planner's are tested on their own below)."""
+    monkeypatch.setattr(faults, "planner_fit", lambda cfg, stage: None)
+
+
+def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):
     monkeypatch.setenv(faults.INJECT_ENV, "decode@3")
     out = tmp_path / "run"
     rc = main([*FAST, "--output-dir", str(out), "--steps", "4", "--set", "budget_gb=6"])
@@ -40,7 +46,7 @@ def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monke
     assert ckpt.find_resume(out, "latest").name == "step-00000002"
 
 
-def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir):
+def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):
     # the reward stage runs out of memory twice at step 2: first reward checkpointing is switched on,
     # then the micro-batch halves with twice the accumulation; the step is repeated and the run goes on
     monkeypatch.setenv(faults.INJECT_ENV, "reward@2*2")
@@ -100,13 +106,26 @@ def test_ladder_keeps_the_deepspeed_micro_batch():
 def test_planner_suggestion_is_used_when_the_planner_offers_one(monkeypatch):
     import lowmem_alignprop
     fake = types.ModuleType("lowmem_alignprop.planner")
-    fake.next_feature = lambda cfg: ("the planner says so", {"unet_checkpointing": "blocks"})
+    fake.next_feature = lambda cfg, target: ("the planner says so", {"unet_checkpointing": "blocks"})
     monkeypatch.setitem(sys.modules, "lowmem_alignprop.planner", fake)
     monkeypatch.setattr(lowmem_alignprop, "planner", fake, raising=False)
     fit = faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE)
     assert fit.overrides == {"unet_checkpointing": "blocks"} and fit.description == "the planner says so"
-    fake.next_feature = lambda cfg: {"no_such_field": 1}  # an unusable suggestion falls back to the ladder
+    fake.next_feature = lambda cfg, target: {"no_such_field": 1}  # unusable: the ladder decides
     assert faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE).overrides == {"vae_checkpointing": "blocks"}
+
+
+def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, tiny_dir):
+    planner = pytest.importorskip("lowmem_alignprop.planner")
+    monkeypatch.setenv(faults.INJECT_ENV, "backward@1")
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--steps", "2"]
+    assert main(args) == 2
+    msg = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][0]
+    from lowmem_alignprop.cli import common_parser, resolve_config
+    _, cfg = resolve_config(common_parser("t", "t").parse_known_args(args)[0])
+    label, change = planner.next_feature(cfg, target="cpu")
+    assert f"this should fit: {faults.Fit(label, change).as_flags()} ({label})" in msg, msg
 
 
 def test_injection_spec_and_stage_tagging():
@@ -136,6 +155,8 @@ import torch
 calls = {{"n": 0}}
 
 def reward(images, prompts):
+    if not torch.is_grad_enabled():  # the start-up check of the reward's output: not a training step
+        return images.mean(dim=(1, 2, 3))
     calls["n"] += 1
     r = images.mean(dim=(1, 2, 3))
     if calls["n"] in {nan_calls}:

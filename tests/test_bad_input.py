@@ -1,0 +1,261 @@
+"""The bad-input table of docs/bad_inputs.md: each row gets one clear line, exit code 2, and nothing is
+written (a new run) or changed (an existing run). Rows already covered in test_cli.py, test_faults.py and
+test_evaluate.py are not repeated here; the table names their tests."""
+
+import errno
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop.cli import main
+
+FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+        "--set", "batch_size=1"]
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr():
+    """main() calls logging.basicConfig, which binds to the stderr of the first test that ran it; start clean."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its checksum: 'nothing lost or half-written' is an equality of these."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fails(capsys, args, needle) -> str:
+    rc = main(args)
+    err = capsys.readouterr().err
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error: ")]
+    assert rc == 2, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir):
+    """A finished 2-step run (checkpoint at step 2, LoRA exported)."""
+    out = tmp_path_factory.mktemp("bad") / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2"]) == 0
+    return out
+
+
+# -- before anything loads: nothing may be written ---------------------------------------------------
+
+def _profile(tmp_path, text):
+    p = tmp_path / "mine.yaml"
+    p.write_text(text)
+    return ["--profile", str(p)]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("yaml_malformed", "is not valid YAML at line"),
+    ("yaml_unknown_key", "unknown config key 'bach_size' (did you mean batch_size?)"),
+    ("yaml_wrong_type", "batch_size must be a whole number, got 'two'"),
+    ("set_wrong_type", "lr must be a number, got 'fast'"),
+    ("impossible_combination", "activation_offload moves checkpointed tensors"),
+    ("negative_checkpoint_every", "checkpoint_every must be 0 or more"),
+    ("prompts_not_utf8", "is not valid UTF-8"),
+    ("prompts_missing", "does not exist"),
+    ("reward_not_importable", "no_such_module_xyz"),
+    ("output_dir_is_a_file", "is a file: choose a directory"),
+    ("output_dir_under_a_file", "cannot be created"),
+    ("resume_without_checkpoint", "no intact checkpoint"),
+    ("resume_missing_dir", "no such checkpoint directory"),
+])
+def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out)]
+    if case == "yaml_malformed":
+        args += _profile(tmp_path, "resolution: 64\nbatch_size: [1, 2\n")
+    elif case == "yaml_unknown_key":
+        args += _profile(tmp_path, "bach_size: 2\n")
+    elif case == "yaml_wrong_type":
+        args += _profile(tmp_path, "batch_size: two\n")
+    elif case == "set_wrong_type":
+        args += ["--set", "lr=fast"]
+    elif case == "impossible_combination":
+        args += ["--set", "activation_offload=true", "--set", "vae_checkpointing=none"]
+    elif case == "negative_checkpoint_every":
+        args += ["--checkpoint-every", "-1"]
+    elif case == "prompts_not_utf8":
+        bad = tmp_path / "p.txt"
+        bad.write_bytes("un chat\n".encode("utf-16"))
+        args += ["--prompts", str(bad)]
+    elif case == "prompts_missing":
+        args += ["--prompts", str(tmp_path / "nope.txt")]
+    elif case == "reward_not_importable":
+        args += ["--reward", "no_such_module_xyz:score"]
+    elif case == "output_dir_is_a_file":
+        out.write_text("precious")
+    elif case == "output_dir_under_a_file":
+        (tmp_path / "afile").write_text("precious")
+        out = tmp_path / "afile" / "run"
+        args += ["--output-dir", str(out)]
+    elif case == "resume_without_checkpoint":
+        args += ["--resume", "latest"]
+    elif case == "resume_missing_dir":
+        args += ["--resume", str(tmp_path / "checkpoints" / "step-00000009")]
+    before = snapshot(tmp_path)
+    fails(capsys, args, needle)
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_read_only_output_dir(tmp_path, capsys):
+    # root may write anywhere with chmod 000; a read-only file system stops everyone
+    target = Path("/proc/lowmem_alignprop_test_run")
+    fails(capsys, [*FAST, "--output-dir", str(target)], "is not writable")
+    assert not target.exists()
+
+
+# -- after loading: the model, its weights, the reward ------------------------------------------------
+
+def test_missing_model_weights(tmp_path, tiny_dir, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    for f in (model / "unet").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    out = tmp_path / "run"
+    # in a subprocess: diffusers' own log handler (bound to the stderr of whichever test loaded it first)
+    # reports the missing file too, which only a fresh process shows as the user sees it
+    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--model", str(model), "--output-dir",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "could not load model" in errors[0] and "diffusion_pytorch_model" in errors[0]
+    assert not out.exists()
+
+
+def test_missing_reward_model_weights(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    fails(capsys, [*FAST, "--reward", "aesthetic", "--set", f"reward_weights={tmp_path / 'no_such_dir'}",
+                   "--output-dir", str(out)], "aesthetic reward")
+    assert not out.exists()
+
+
+def test_reward_returning_the_wrong_shape(tmp_path, tiny_dir, capsys, monkeypatch):
+    (tmp_path / "shape_reward.py").write_text("def reward(images, prompts):\n    return images.mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    fails(capsys, [*FAST, "--reward", "shape_reward:reward", "--output-dir", str(out)], "returned shape ()")
+    assert not out.exists()  # checked at start-up, before the run directory is created
+
+
+def test_lora_file_given_as_the_base_model(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    fails(capsys, [*FAST, "--model", str(trained / "lora" / "pytorch_lora_weights.safetensors"),
+                   "--output-dir", str(out)], "is not a Stable Diffusion checkpoint")
+    assert not out.exists()
+
+
+def _other_unet_model(dst: Path) -> Path:
+    """The tiny pipeline with a narrower UNet: LoRA layers of another shape."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from lowmem_alignprop.tiny import build_tiny_pipeline
+    p = build_tiny_pipeline()
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    StableDiffusionPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=unet,
+                            scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(dst)
+    return dst
+
+
+def test_lora_for_another_base_model(trained, tmp_path, capsys):
+    model = _other_unet_model(tmp_path / "other")
+    out = tmp_path / "samples"
+    fails(capsys, ["sample", "--model", str(model), "--lora", str(trained / "lora"), "--output-dir", str(out),
+                   "--profile", "cpu"], "does not fit this model")
+    assert not out.exists()
+
+
+# -- an existing run: nothing in it may change --------------------------------------------------------
+
+def test_new_run_into_a_finished_runs_dir(trained, capsys):
+    before = snapshot(trained)
+    fails(capsys, [*FAST, "--output-dir", str(trained), "--steps", "3"], "already holds a run")
+    assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--set", "lora_rank=8"], "trained with lora_rank=4, this run has lora_rank=8"),
+    (["--set", "optimizer=adamw8bit"], "trained with optimizer='adamw'"),
+    (["--set", "train_unet=full"], "trained with train_unet='lora'"),
+])
+def test_resume_with_another_config(trained, capsys, change, needle):
+    pytest.importorskip("bitsandbytes") if "optimizer=adamw8bit" in change else None
+    before = snapshot(trained)
+    fails(capsys, [*FAST, *change, "--output-dir", str(trained), "--steps", "4", "--resume", "latest"], needle)
+    assert snapshot(trained) == before
+
+
+def test_resume_another_models_checkpoint(trained, tmp_path, capsys):
+    from lowmem_alignprop.tiny import build_tiny_pipeline
+    other = tmp_path / "other"
+    build_tiny_pipeline(seed=1).save_pretrained(other)  # same architecture, other weights
+    before = snapshot(trained)
+    fails(capsys, [*FAST, "--model", str(other), "--output-dir", str(trained), "--steps", "4", "--resume", "latest"],
+          "belongs to another base model ('tiny'; its UNet weights differ")
+    narrower = _other_unet_model(tmp_path / "narrow")
+    fails(capsys, [*FAST, "--model", str(narrower), "--output-dir", str(trained), "--steps", "4",
+                   "--resume", "latest"], "its UNet architecture differs")
+    assert snapshot(trained) == before
+
+
+def test_resume_with_nothing_left_to_train(trained, capsys):
+    before = snapshot(trained)
+    fails(capsys, [*FAST, "--output-dir", str(trained), "--steps", "2", "--resume", "latest"],
+          "nothing left to train; raise --steps above 2")
+    assert snapshot(trained) == before
+
+
+def test_resume_a_corrupt_checkpoint_by_name(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ck = ckpt.step_dir(run / "checkpoints", 2)
+    (ck / "optimizer.pt").write_bytes(b"\0" * 10)
+    before = snapshot(run)
+    fails(capsys, [*FAST, "--output-dir", str(run), "--steps", "4", "--resume", str(ck)], "incomplete or corrupt")
+    assert snapshot(run) == before
+
+
+def test_disk_full_while_checkpointing(tmp_path, tiny_dir, capsys, monkeypatch):
+    import safetensors.torch as st
+    real, calls = st.save_file, []
+
+    def save_file(tensors, filename, *a, **k):
+        if ".tmp-step-" in str(filename):
+            calls.append(filename)
+            if len(calls) == 2:  # the second checkpoint: the disk fills up half-way through it
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    out = tmp_path / "run"
+    fails(capsys, [*FAST, "--output-dir", str(out), "--steps", "3", "--checkpoint-every", "1"],
+          "the disk is full; nothing was half-written (the previous checkpoint")
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]  # no partial step-2, no temp dir
+    assert ckpt.verify(root / "step-00000001") is None
+    # and the run continues from it once there is space again
+    monkeypatch.setattr(st, "save_file", real)
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
+    assert ckpt.find_resume(out, "latest").name == "step-00000003"
