@@ -205,7 +205,8 @@ def test_sliced_decode_without_checkpointing_saves_nothing_in_training(measure):
 def test_sliced_decode_lowers_nograd_decode_peak(dirs):
     """The sample grid decodes without gradient: there slicing cuts the decode peak itself."""
     comps = load_components(Config(model=str(dirs["mid"])))
-    latents = torch.randn(4, 4, MIDSIZE_RESOLUTION // 8, MIDSIZE_RESOLUTION // 8, generator=torch.Generator().manual_seed(0))
+    side = MIDSIZE_RESOLUTION // 8
+    latents = torch.randn(4, 4, side, side, generator=torch.Generator().manual_seed(0))
     out = {}
 
     def run(sliced):

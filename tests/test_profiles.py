@@ -142,7 +142,8 @@ def test_user_profile_path_trains_and_is_recorded(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("text, needles", [
     ("budget_gb: 8\nsliced_decode: [true\n", ["not valid YAML at line", "fix the file"]),
-    ("budget_gb: 8\nvae_checkpoint: blocks\n", ["unknown config key 'vae_checkpoint'", "did you mean vae_checkpointing"]),
+    ("budget_gb: 8\nvae_checkpoint: blocks\n",
+     ["unknown config key 'vae_checkpoint'", "did you mean vae_checkpointing"]),
     ("sliced_decode: maybe\n", ["sliced_decode must be true or false, got 'maybe'"]),
     ("batch_size: two\n", ["batch_size must be a whole number, got 'two'"]),
     ("lr: fast\n", ["lr must be a number"]),
