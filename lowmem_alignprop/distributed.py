@@ -80,6 +80,26 @@ def build_optimizer(cfg, params):
     return build(cfg, params)
 
 
+def adopt_launcher_deepspeed(cfg) -> None:
+    """``accelerate launch --use_deepspeed --zero_stage N [--offload_*_device cpu]`` with a profile that has no
+    DeepSpeed: take the launcher's stage and offload into the config, which then generates the DeepSpeed config
+    as usual (a profile's own deepspeed_zero wins over the launcher)."""
+    from .errors import UserError
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or cfg.deepspeed_zero:
+        return
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    if stage not in (2, 3):
+        raise UserError(f"accelerate launch --zero_stage {stage}: this trainer runs ZeRO stage 2 or 3; launch with "
+                        "--zero_stage 2 or 3 (or set deepspeed_zero in the profile)")
+    params = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none"
+    opt = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"
+    cfg.deepspeed_zero = stage
+    cfg.offload = "params" if params else "optimizer" if opt else "none"
+    cfg.validate()
+    log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
+
+
 def ensure_process_group_env() -> None:
     """DeepSpeed needs a process group; a plain ``lowmem-alignprop`` run (no launcher) gets a 1-process one."""
     if "LOCAL_RANK" in os.environ:

@@ -157,6 +157,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
 
     prompts = prepare_inputs(cfg)
     cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
+    if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from .distributed import adopt_launcher_deepspeed
+        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
     out = Path(cfg.output_dir)
     resume_path = resume_state = None
     if not resume and ckpt.list_checkpoints(ckpt.root_of(out)):

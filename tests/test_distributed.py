@@ -113,9 +113,12 @@ def test_deepspeed_zero2_optimizer_offload_trains_and_resumes(tmp_path, tiny_dir
 @needs_deepspeed
 def test_deepspeed_zero3_param_offload_two_processes(tmp_path, tiny_dir):
     out = tmp_path / "z3"
-    run([*LAUNCH, "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
-         "--set", "deepspeed_zero=3", "--set", "offload=params", "--output-dir", str(out), "--steps", "4",
+    # the launcher's DeepSpeed flags are taken into the config (the cpu profile has no DeepSpeed fields set)
+    run([*LAUNCH, "--use_deepspeed", "--zero_stage", "3", "--offload_param_device", "cpu", "--offload_optimizer_device",
+         "cpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out), "--steps", "4",
          "--set", "sample_prompts=1"])
+    saved = ckpt.read_state(ckpt.find_resume(out, "latest"))["config"]
+    assert saved["deepspeed_zero"] == 3 and saved["offload"] == "params"
     got = rows(out)
     assert [r["images"] for r in got] == [2, 2, 2, 2]
     assert got[-1]["reward_mean"] > got[0]["reward_mean"] + 0.003, [r["reward_mean"] for r in got]
