@@ -358,6 +358,10 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
 
     state = read_state(path)
     if engine is not None:
+        if int(state.get("world_size", 1)) != accelerator.num_processes:
+            raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {state.get('world_size')} processes; "
+                            f"this run has {accelerator.num_processes}: resume with --num_processes "
+                            f"{state.get('world_size')}")
         engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=False)
     with (gather(modify=True) if gather is not None else contextlib.nullcontext()):
