@@ -480,11 +480,15 @@ class StopRequest:
 
     def __init__(self):
         self.name: str | None = None
+        self._first = 0.0
 
     def _handle(self, signum, frame):
-        if self.name == "SIGINT" and signum == signal.SIGINT:
+        # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
+        # two SIGINTs within milliseconds: only a second press a moment later aborts
+        if self.name == "SIGINT" and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
             raise KeyboardInterrupt
         if self.name is None:
+            self._first = time.monotonic()
             self.name = signal.Signals(signum).name
             log.warning("%s received: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
                         self.name)
