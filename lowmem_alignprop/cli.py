@@ -29,6 +29,11 @@ examples:
 def _quiet_libraries() -> None:
     """Keep the console to our own progress: the libraries' info chatter and download bars go."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import importlib.util
+    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns on every rank that it found no GPU
     for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

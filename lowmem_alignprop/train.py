@@ -434,7 +434,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
 
     # ================================ save ================================
     accelerator.wait_for_everyone()
-    summary = {"steps": cfg.steps, "interrupted": stop.name is not None, "resumed_from": str(resume_path or "")
+    summary = {"steps": cfg.steps, "steps_done": step if stop.name else min(step, cfg.steps),
+               "interrupted": stop.name is not None, "resumed_from": str(resume_path or "")
                or None, "skipped_steps": streak.skipped, "auto_fit": fits}
     final = accelerator.unwrap_model(unet_train)
     lora = None
@@ -569,7 +570,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     lines = [
         "",
         "=" * 64,
-        f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, model {cfg.model})",
+        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
+         if s.get("interrupted") else
+         f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, model {cfg.model})"),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})",
     ]
     if "sample_reward_before" in s:
@@ -578,7 +581,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
         + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB") + f", attention {s['attention']}",
         f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), samples/, metrics.jsonl,",
-        "        memory_report.{json,md,png}, config.yaml",
+        "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
         "=" * 64,
     ]
     print("\n".join(lines), flush=True)
