@@ -167,6 +167,7 @@ def main() -> int:
     ap.add_argument("--work", default="", help="scratch folder for the runs (default: a temporary folder)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the plumbing only")
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
+    ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
     ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant")
     a = ap.parse_args()
     results_dir = Path(a.out)
@@ -219,6 +220,8 @@ def main() -> int:
                     ["--profile", "rtx3060", "--model", "sd15", "--set", "truncation=fixed", "--set", "k=1",
                      "--set", "sample_steps=10", "--set", "grad_accum=1"])
             jobs.append(("ladder", "ladder " + label, base + common + sets, 0))
+    if a.match:  # rerun a subset: jobs whose name contains one of the comma-separated words
+        jobs = [j for j in jobs if any(w in j[1] for w in a.match.split(","))]
     for _, name, args, _ in jobs:
         pool.submit(name, args)
     if "quant" in only and not cpu:  # about a minute: nf4/int8 base UNet forward+backward into LoRA

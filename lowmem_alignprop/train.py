@@ -352,7 +352,10 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                     with guard.stage(stages.OPTIMIZER):
                         if cfg.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        if engine is None and grad_norm is not None and not faults.isfinite_number(grad_norm):
+                        overflow = grad_norm is not None and not faults.isfinite_number(grad_norm)
+                        if overflow and accelerator.scaler is not None:
+                            pass  # fp16 loss-scale overflow: optimizer.step() skips the update, lowers the scale
+                        elif engine is None and overflow:
                             optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: same on every rank
                             return None, "the gradient norm"
                         optimizer.step()
