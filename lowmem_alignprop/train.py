@@ -445,6 +445,10 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     if cfg.train_unet == "lora":
         with gather():
             lora = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
+    else:
+        with gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
+            if is_main:
+                final.save_pretrained(out / "unet")
     after = None
     if before is not None and stop.name is None:
         after = generate(sample_prompts, cfg.seed + 12345)
@@ -452,8 +456,6 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if lora is not None:
             comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
                                                    unet_lora_adapter_metadata=lora_metadata(final))
-        else:
-            final.save_pretrained(out / "unet")
         if after is not None:
             grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
             log_images(accelerator, cfg, grid)
