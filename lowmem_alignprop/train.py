@@ -318,7 +318,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                          extra={"auto_fit": fits, "skipped_steps": streak.skipped, **(extra or {})})
 
     def run_step(step: int) -> tuple[dict | None, str | None]:
-        """One optimizer step over grad_accum micro-batches. Returns (metrics row, None) or (None, what was not finite)."""
+        """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         t0 = time.perf_counter()
         step_rewards, ks, losses = [], [], []
         grad_norm = None
@@ -577,7 +577,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         "=" * 64,
         (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
          if s.get("interrupted") else
-         f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, model {cfg.model})"),
+         f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, "
+         f"model {cfg.model})"),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})",
     ]
     if "sample_reward_before" in s:

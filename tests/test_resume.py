@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from lowmem_alignprop import checkpoint as ckpt
