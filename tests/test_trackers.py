@@ -1,0 +1,24 @@
+"""Metrics and the sample grid reach accelerate's trackers (--report-to tensorboard)."""
+
+import pytest
+
+from lowmem_alignprop.cli import main
+
+
+def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "3", "--report-to", "tensorboard",
+                 "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "reward_mean" in tags["scalars"] and "loss" in tags["scalars"]
+    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2, 3]
+    assert "samples/before_after" in tags["images"]
+    img = acc.Images("samples/before_after")[0]
+    assert img.width > 100 and img.height > 100
