@@ -147,7 +147,17 @@ def run_ladder(quick: bool) -> dict:
         est = planner.estimate(cfg, target="cuda")
         rows.append({"label": label, "set": dict(changes), **_est_row(est, cfg)})
         _log(f"ladder {label}: {est.peak_allocated / GIB:.2f} GiB in {est.peak_stage} ({est.seconds:.0f} s)")
-    return {"setup": LADDER_BASE, "command": _command(LADDER_BASE, changes), "rows": rows}
+    # what CUDA autocast's fp32 norms/upsampling cost: the same steps with the frozen modules purely in fp16
+    autocast_cost = []
+    for r in rows[1:] if not quick else rows[1:2]:
+        cfg = _cfg(LADDER_BASE["profile"], LADDER_BASE["model"], LADDER_BASE["reward"], r["set"])
+        est = planner.estimate(cfg, target="cuda", emulate_autocast=False)
+        autocast_cost.append({"label": r["label"], "with_autocast": r["peak_allocated"],
+                              "without_autocast": est.peak_allocated, "stage_without": est.peak_stage,
+                              "stages_without": {k: v["allocated"] for k, v in est.stages.items()}})
+        _log(f"  without autocast: {est.peak_allocated / GIB:.2f} GiB in {est.peak_stage}")
+    return {"setup": LADDER_BASE, "command": _command(LADDER_BASE, changes), "rows": rows,
+            "autocast_cost": autocast_cost}
 
 
 def _command(base: dict, changes: dict) -> str:
@@ -328,9 +338,11 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
     else:
         dev, ver = doc["device"], doc["versions"]
         L += [f"- planner/CPU results: `{results_dir.name}/{doc['file']}` ({doc['date']}"
-              + (", QUICK smoke run" if doc.get("quick") else "") + f"), command `{doc['command']}`",
+              + (", QUICK smoke run" if doc.get("quick") else "") + f"), command `{doc['command']}`"
+              + (" (the sections it did not rerun come from the previous full run)" if doc.get("carried_from") else ""),
               f"- device: {dev['name']} ({dev['logical_cores']} logical cores, torch threads {dev['torch_threads']}); "
               + ", ".join(f"{k} {v}" for k, v in ver.items() if v), ""]
+        L += _summary(doc, gpu)
         L += ["Allowances the planner adds for a CUDA target (what fake tensors cannot see):", ""]
         L += [f"- {k}: {v}" for k, v in planner.ALLOWANCES.items()]
         L += ["- **needed** = allocated x reserved factor + workspaces: what must fit the profile's budget", ""]
@@ -339,6 +351,36 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
         L += _section_cpu(doc.get("cpu_measured"), STAGES)
     L += _section_gpu(gpu, STAGES)
     return "\n".join(L) + "\n"
+
+
+def _summary(doc: dict, gpu) -> list[str]:
+    """A few headline numbers, computed from the results (so they never go stale)."""
+    L = ["### Summary", ""]
+    lad = doc.get("ladder") or {}
+    rows = lad.get("rows") or []
+    if len(rows) >= 2:
+        full = next((r for r in rows if "= rtx3060" in r["label"]), rows[-1])
+        L.append(f"- SD1.5 512 px with the aesthetic reward (estimates): {_g(rows[0]['peak_allocated'])} GiB peak with no "
+                 f"optimization, {_g(rows[1]['peak_allocated'])} GiB with fp16 frozen weights, "
+                 f"{_g(full['peak_allocated'])} GiB with the full rtx3060 profile ({_g(full['peak_reserved'])} GiB "
+                 f"needed of its {full['budget_gb']:g}); the peak is in `{full['peak_stage']}`.")
+    cost = lad.get("autocast_cost") or []
+    if cost:
+        d = [(c["with_autocast"] - c["without_autocast"]) / GIB for c in cost]
+        L.append(f"- CUDA autocast's fp32 norms/upsampling cost {min(d):.2f}-{max(d):.2f} GiB of that peak "
+                 "(section 1): running decode and reward without autocast (their weights are fp16 already) "
+                 "would save it.")
+    ratios = [r["peak_allocated"] / r["planner"]["peak_allocated"] for _, d in gpu for r in gpu_runs(d)
+              if r["status"] == "ok" and r["peak_allocated"] and r["planner"] and r["planner"].get("peak_allocated")]
+    if ratios:
+        L.append(f"- Planner vs real GPU runs: measured / estimated peak allocated {min(ratios):.3f}-{max(ratios):.3f} "
+                 f"over {len(ratios)} runs (section 4).")
+    cpu = (doc.get("cpu_measured") or {}).get("rows") or []
+    if cpu:
+        r = [row["estimate"]["peak_allocated"] / row["measured"]["peak_allocated"] for row in cpu]
+        L.append(f"- Planner vs real CPU allocation on the mid-size model: estimated / measured peak "
+                 f"{min(r):.3f}-{max(r):.3f} over {len(r)} configurations (section 3).")
+    return L + [""]
 
 
 def _gpu_ladder_rows(gpu) -> dict[str, tuple[str, dict]]:
@@ -368,6 +410,18 @@ def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
         cells += [f"**{_g(r['peak_allocated'])}** ({short.get(r['peak_stage'], r['peak_stage'])})",
                   _g(r["peak_reserved"]), "yes" if r["fits"] else "NO"]
         L.append("| " + " | ".join(cells) + " |")
+    if lad.get("autocast_cost"):
+        L += ["", "### What CUDA autocast costs (estimates)", "",
+              "The trainer runs the rollout under `accelerator.autocast()`. Its frozen modules are already fp16, so "
+              "autocast's only memory effect is to keep GroupNorm/LayerNorm, upsampling and softmax outputs in fp32, "
+              "and the VAE decoder's saved activations are mostly those. The same steps estimated without autocast "
+              "(frozen modules purely in fp16; not a config option today). Without autocast the estimates reproduce "
+              "DESIGN.md section 3's fake-tensor figures (5.51 / 4.54 / 4.08 / 3.85 / 3.39 GiB); with it they match "
+              "the H200 runs of section 4 (which use autocast, as training does):", "",
+              "| configuration | with autocast | without | autocast costs |", "|---|---:|---:|---:|"]
+        for c in lad["autocast_cost"]:
+            L.append(f"| {c['label']} | {_g(c['with_autocast'])} | {_g(c['without_autocast'])} | "
+                     f"{(c['with_autocast'] - c['without_autocast']) / GIB:+.2f} GiB |")
     measured = _gpu_ladder_rows(gpu)
     L += ["", "### Measured on a GPU next to the estimate", ""]
     if not measured:
@@ -380,7 +434,7 @@ def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
         if r["label"] not in measured:
             continue
         name, m = measured[r["label"]]
-        L.append(f"| {r['label']} | {name} | {m['status']} | {_g(m['peak_allocated'])} ({m['peak_stage']}) | "
+        L.append(f"| {r['label']} | {name} | {m['status']} | {_g(m['peak_allocated'])} ({m['peak_stage'] or '-'}) | "
                  f"{_g(m['peak_reserved'])} | {_g(r['peak_allocated'])} | {_ratio(m['peak_allocated'], r['peak_allocated'])}"
                  f" | {_s(m['seconds_per_step'])} |")
     return L + [""]
@@ -454,13 +508,18 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
                     "planner's estimate for the same arguments beside them._", ""]
     for path, d in gpu:
         dev = d.get("device") or {}
+        runs = gpu_runs(d)
+        ratios = [r["peak_allocated"] / r["planner"]["peak_allocated"] for r in runs
+                  if r["status"] == "ok" and r["peak_allocated"] and r["planner"] and r["planner"].get("peak_allocated")]
         L += [f"### {dev.get('name', '?')} ({dev.get('total_gb', '?')} GiB), {d.get('date', '?')}: `{path.name}`", "",
               f"Command: `{d.get('command', 'bash benchmarks/gpu_check.sh')}`; versions: "
-              + ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items() if v), "",
-              "| run | cap GiB | status | measured allocated (stage) | measured reserved | estimated allocated | "
+              + ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items() if v), ""]
+        if ratios:
+            L += [f"**Measured / estimated peak allocated over the {len(ratios)} completed runs with an estimate: "
+                  f"{min(ratios):.3f} to {max(ratios):.3f}.**", ""]
+        L += ["| run | cap GiB | status | measured allocated (stage) | measured reserved | estimated allocated | "
               "estimated needed | measured/estimated allocated | s/step |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-        runs = gpu_runs(d)
         for r in runs:
             p = r["planner"] or {}
             L.append(f"| {r['name']} | {r['budget_gb'] or '-'} | {r['status']} | {_g(r['peak_allocated'])} "
@@ -478,6 +537,8 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
                     est = ((r["planner"].get("stages") or {}).get(n) or {}).get("allocated")
                     cells.append(f"{_g(meas)} / {_g(est)}")
                 L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+            L += ["", "(The estimate's `encode_prompts` is the first step's, when every prompt is encoded for the cache; "
+                  "the measured per-stage figures leave the first step out as warm-up.)"]
         L.append("")
     return L
 

@@ -664,8 +664,12 @@ def _adam8bit_state_bytes(params) -> int:
                for p in params)
 
 
-def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None) -> Estimate:
-    """Per-stage peak memory of one training step of ``cfg`` on ``target`` ("cuda" or "cpu"), with fake tensors."""
+def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None,
+             emulate_autocast: bool = True) -> Estimate:
+    """Per-stage peak memory of one training step of ``cfg`` on ``target`` ("cuda" or "cpu"), with fake tensors.
+
+    ``emulate_autocast=False`` runs a CUDA target's step without autocast (frozen modules purely in their own
+    dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from .optim import build_optimizer
@@ -762,7 +766,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         place.on_device -= {TEXT_ENCODER, "vae", "reward"}
 
     autocast_mode = None
-    if cuda and cfg.mixed_precision != "no":
+    if cuda and cfg.mixed_precision != "no" and emulate_autocast:
         autocast_mode = CudaAutocast(dtype)
         autocast = autocast_mode.active
     elif not cuda and cfg.mixed_precision == "bf16":
