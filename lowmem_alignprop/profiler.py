@@ -314,6 +314,11 @@ class CpuAllocationTracker:
     def __enter__(self) -> CpuAllocationTracker:
         if _profiler_active():
             raise RuntimeError("CpuAllocationTracker: another torch profiler is already running")
+        # garbage from earlier work freed mid-block would read as negative allocation: collect it now
+        # and keep the collector off inside the block (its timing would make peaks depend on history)
+        gc.collect()
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
         self.baseline = live_tensor_bytes("cpu", self.extra) if self.count_baseline else 0
         self.extra = []  # do not keep the models alive
         self._prof = torch.profiler.profile(
@@ -330,6 +335,8 @@ class CpuAllocationTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         prof, self._prof = self._prof, None
         prof.__exit__(exc_type, exc, tb)
+        if getattr(self, "_gc_was_enabled", False):
+            gc.enable()
         t0 = time.perf_counter()
         result = _analyse_events(prof.profiler.kineto_results.events(), self.names)
         del prof  # the retained events cost ~200 MB for a big step
