@@ -113,10 +113,11 @@ def test_offload_and_cached_prompts_decide_what_is_on_the_device(tiny_dir):
 
 
 def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
-    """`plan --profile rtx3060 --model sd15` on this CPU-only machine. DESIGN.md section 3 measured 3.85 GiB for
-    these features with the aesthetic reward and no autocast; the profile's brightness reward drops the CLIP
-    (-0.6 GiB) and CUDA autocast keeps the VAE's normalised activations in fp32 (about +1 GiB), so the
-    tolerance is 0.8x to 1.4x of 3.85 GiB. It must take at most about a minute."""
+    """`plan --profile rtx3060 --model sd15` on this CPU-only machine. DESIGN.md section 3 found 3.85 GiB (VAE
+    checkpointed per up-block) and 3.39 GiB (per resnet) for these features with the aesthetic reward and no
+    autocast; the profile's brightness reward drops the CLIP (-0.6 GiB) and CUDA autocast keeps the VAE's
+    normalised activations in fp32 (+0.6 to 1.1 GiB, benchmarks/REPORT.md section 1), so the tolerance is
+    0.8x to 1.4x of 3.85 GiB. It must take at most about a minute."""
     assert not torch.cuda.is_available()
     assert main(["plan", "--profile", "rtx3060", "--model", "sd15", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
