@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input the user can fix. The message must name the fix; no traceback is shown."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message (or its type), short enough for a one-line error."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load model {cfg.model!r}: {first[:300]}. Check the path or hub id "
+            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path or hub id "
                             "(hub ids need network access; offline, pass a local directory or file)") from None
         comps = Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                            scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
@@ -163,8 +162,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load vae={spec!r}: {first[:300]}. It must match the model's VAE "
+        raise UserError(f"could not load vae={spec!r}: {first_line(e)}. It must match the model's VAE "
                         "(same latent channels); hub ids need network access") from None
     if vae.config.latent_channels != own_vae.config.latent_channels:
         raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
