@@ -89,11 +89,13 @@ def test_two_processes_data_parallel(tmp_path, tiny_dir):
 def test_deepspeed_zero2_optimizer_offload_trains_and_resumes(tmp_path, tiny_dir):
     """No launcher: `lowmem-alignprop --set deepspeed_zero=2 --set offload=optimizer` runs as one process."""
     out = tmp_path / "z2"
-    ds = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer"]
+    ds = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--set", "sample_prompts=2"]
     run([sys.executable, "-m", "lowmem_alignprop", *FAST, *ds, "--output-dir", str(out), "--steps", "4",
          "--checkpoint-every", "2"])
     got = rows(out)
-    assert got[-1]["reward_mean"] > got[0]["reward_mean"] + 0.003, [r["reward_mean"] for r in got]
+    # per-step rewards of batch-1 rollouts are noisy; the fixed-seed before/after samples are not
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sample_reward_after"] > summary["sample_reward_before"] + 0.003, summary
     assert lora_b_norm(out) > 0
     ck = ckpt.find_resume(out, "latest")
     assert (ck / "deepspeed" / "state").is_dir() and not (ck / "optimizer.pt").exists()
