@@ -36,6 +36,10 @@ def _quiet_libraries() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns on every rank that it found no GPU
     for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # libraries' Python warnings (deprecations, peft's adapter notes) go to the log at ERROR level only:
+    # our own messages are log lines and one-line errors, never warnings
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog
         dlog.set_verbosity_error()
