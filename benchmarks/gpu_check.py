@@ -33,8 +33,8 @@ LADDER = [
     ("+ VAE checkpointing (up-blocks)", {"vae_checkpointing": "blocks"}),
     ("+ UNet block checkpointing", {"unet_checkpointing": "blocks"}),
     ("+ reward checkpointing, cached prompts", {"reward_checkpointing": True, "cache_prompt_embeddings": True}),
-    ("+ offload frozen modules (= rtx3060)", {"offload_frozen": True}),
-    ("+ VAE checkpointing per resnet", {"vae_checkpointing": "resnets"}),
+    ("+ offload frozen modules", {"offload_frozen": True}),
+    ("+ VAE checkpointing per resnet (= rtx3060)", {"vae_checkpointing": "resnets"}),
 ]
 
 # (name, profile, model, overrides, budget GiB for the cap)
