@@ -40,6 +40,10 @@ def deepspeed_config(cfg, mixed_precision: str | None = None) -> dict:
         "fp16": {"enabled": mp == "fp16", "initial_scale_power": 16},
         "bf16": {"enabled": mp == "bf16"},
         "zero_allow_untested_optimizer": True,
+        # keep our optimizer: with this True (the default) and offload on, accelerate's prepare swaps any client
+        # optimizer for a new DeepSpeedCPUAdam(adamw_mode=False) unless it is a torch AdamW, i.e. our AdamW
+        # becomes Adam with L2 decay, which for LoRA's tiny gradients steps every weight by -lr*sign(w)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
