@@ -29,7 +29,7 @@ from .models import add_lora, load_components, lora_metadata, lora_state_dict, r
 from .optim import build_optimizer
 from .placement import Placement
 from .sampling import (PromptEmbeds, decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
-                       make_pipeline, rollout)
+                       make_pipeline, rollout, without_autocast)
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -84,7 +84,8 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
         with stage(stages.REWARD):
             if place is not None:
                 place.to_device("reward", reward)
-            rewards = reward(images, prompts).float()
+            with without_autocast(images.device.type):  # the frozen reward model in its own dtype, as the VAE
+                rewards = reward(images, prompts).float()
     return loss_from_reward(rewards, cfg), rewards
 
 
