@@ -44,6 +44,8 @@ PROFILE_RUNS = [
     ("rtx4090 sdxl 1024 batch 1", "rtx4090", "sdxl", {"batch_size": 1, "resolution": 1024, "truncation": "fixed",
                                                        "k": 1, "sample_steps": 20}, 16.0),
     ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
+    ("rtx3060-sdxl sdxl 1024 nf4", "rtx3060-sdxl", "sdxl", {"grad_accum": 1}, 7.0),
+    ("laptop-6gb sd15 512 nf4", "laptop-6gb", "sd15", {"grad_accum": 1}, 3.5),
 ]
 
 CHILD = """
