@@ -308,7 +308,7 @@ def test_load_single_file_errors(tiny, tmp_path):
 
 
 def _tiny_sdxl():
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
