@@ -45,7 +45,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -95,15 +94,9 @@ CPU_FEATURES = [
 
 
 def versions() -> dict:
-    import importlib.metadata as md
+    from lowmem_alignprop.profiler import library_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return library_versions()
 
 
 def device_info() -> dict:

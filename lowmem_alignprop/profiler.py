@@ -941,3 +941,16 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries whose behaviour the figures depend on (None: not installed)."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
