@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -878,6 +879,13 @@ def candidate_changes(cfg: Config, target: str = "cuda") -> list[tuple[str, dict
         out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
+    if (cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda"
+            and importlib.util.find_spec("bitsandbytes") is not None):
+        out.append(("quantize the frozen UNet to nf4 (bitsandbytes; its Linear weights at 4 bits)",
+                    {"base_quant": "nf4"}))
+    if not cfg.tiled_decode and cfg.resolution >= 512:
+        out.append(("decode in overlapping tiles (approximate at the seams)",
+                    {"tiled_decode": True, "sliced_decode": False}))
     if cfg.batch_size > 1:
         b = cfg.batch_size // 2
         accum = cfg.grad_accum * cfg.batch_size // b

@@ -241,3 +241,16 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
     assert "| rtx3060 sd15 | 7.5 | oom | 7.00 (-) |" in text
     assert "5.00 / 4.00" in text  # per stage, measured / estimated
+
+
+def test_candidates_include_the_issue_7_features_before_task_changes():
+    """SDXL on an 8 GB card fits with an nf4 base (not with a lower resolution): the planner must offer it."""
+    cfg = Config(model="sdxl", resolution=1024, sample_steps=10, k=1, vae_checkpointing="resnets",
+                 unet_checkpointing="blocks", cache_prompt_embeddings=True, offload_frozen=True).validate()
+    labels = [change for _, change in planner.candidate_changes(cfg, target="cuda")]
+    assert {"base_quant": "nf4"} in labels and {"tiled_decode": True, "sliced_decode": False} in labels
+    task = next(i for i, c in enumerate(labels) if "resolution" in c)
+    assert labels.index({"base_quant": "nf4"}) < task
+    done = dataclasses.replace(cfg, base_quant="nf4", tiled_decode=True).validate()
+    assert not any("base_quant" in c or "tiled_decode" in c for _, c in planner.candidate_changes(done, "cuda"))
+    assert not any("base_quant" in c for _, c in planner.candidate_changes(cfg, target="cpu"))
