@@ -562,31 +562,19 @@ def warm_up_optimizer(parts: StepParts) -> None:
 def run_step(parts: StepParts, *, k: int, seed: int = 0):
     """One micro-step plus the optimizer step, exactly as the training loop of :func:`~lowmem_alignprop.train.train`
     runs them (placement calls included). Returns what stays alive afterwards (the prompt cache)."""
-    from .sampling import PromptEmbeds, encode_prompts, initial_latents
+    from .sampling import PromptEncoder, initial_latents
     from .train import rollout_loss
 
     cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
     device = torch.device("cpu")
     rng = random.Random(seed)
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
-    cache: dict[str, Any] = {}
+    # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves
+    encoder = PromptEncoder(parts.pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
+                            prompts=parts.prompts)
     with stage(stages.ENCODE_PROMPTS):
-        place.to_device(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)  # on the device only to encode
-        if cfg.cache_prompt_embeddings:
-            # the first step's worst case: every prompt encoded (16 at a time), then the text encoder leaves
-            unique = sorted(set(parts.prompts))
-            for i in range(0, len(unique), 16):
-                chunk = unique[i:i + 16]
-                e = encode_prompts(parts.pipe, chunk, device, cfg.resolution)
-                for j, p in enumerate(chunk):
-                    cache[p] = e.index(slice(j, j + 1))
-            place.offload(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
-            got = [cache[p] for p in batch_prompts]
-            cat = (lambda n: None if getattr(got[0], n) is None else torch.cat([getattr(x, n) for x in got]))
-            emb = PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
-        else:
-            emb = encode_prompts(parts.pipe, batch_prompts, device, cfg.resolution)
-            place.park(TEXT_ENCODER, comps.text_encoder, comps.text_encoder_2)
+        emb = encoder(batch_prompts)
+    cache = encoder.cache
     g = torch.Generator().manual_seed(seed)
     comps.scheduler.set_timesteps(cfg.sample_steps, device=device)
     latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)

@@ -72,6 +72,41 @@ def encode_prompts(pipe, prompts: list[str], device, resolution: int) -> PromptE
     return PromptEmbeds(cond, uncond)
 
 
+class PromptEncoder:
+    """Text embeddings for a batch of prompts; the text encoder is on the device only while it encodes.
+
+    With ``cache=True`` every prompt is encoded at the first call (16 at a time) and the text encoder then
+    leaves the device for good; otherwise each call encodes its batch and parks the encoder again.
+    The training loop and the planner both call this, so the planner estimates what training does.
+    """
+
+    def __init__(self, pipe, comps, place, device, resolution: int, *, cache: bool, prompts):
+        self.pipe, self.place, self.device, self.resolution = pipe, place, device, resolution
+        self.encoders = (comps.text_encoder, comps.text_encoder_2)
+        self.caching = cache
+        self.prompts = sorted(set(prompts))
+        self.cache: dict[str, PromptEmbeds] = {}
+
+    def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
+        if self.caching and not self.cache:
+            self.place.to_device("text_encoder", *self.encoders)
+            for i in range(0, len(self.prompts), 16):
+                chunk = self.prompts[i:i + 16]
+                e = encode_prompts(self.pipe, chunk, self.device, self.resolution)
+                for j, p in enumerate(chunk):
+                    self.cache[p] = e.index(slice(j, j + 1))
+            self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
+        if not self.caching:
+            self.place.to_device("text_encoder", *self.encoders)
+            emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution)
+            self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
+            return emb
+        parts = [self.cache[p] for p in batch_prompts]
+        cat = (lambda name: None if getattr(parts[0], name) is None
+               else torch.cat([getattr(x, name) for x in parts]))
+        return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
+
+
 def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
     """One UNet call with classifier-free guidance (both branches batched together)."""
     use_cfg = guidance_scale > 1.0

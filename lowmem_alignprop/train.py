@@ -28,7 +28,7 @@ from .errors import UserError
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
-from .sampling import (PromptEmbeds, decode, draw_k, encode_prompts, enable_vae_checkpointing, initial_latents,
+from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, rollout, without_autocast)
 
 log = logging.getLogger("lowmem_alignprop")
@@ -220,33 +220,12 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
 
-    # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
-    cache: dict[str, object] = {}
-
-    def embed(batch_prompts: list[str]):
-        """Text embeddings; the text encoder is on the device only while it encodes."""
-        if cfg.cache_prompt_embeddings and not cache:
-            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
-            unique = sorted(set(prompts) | set(sample_prompts))
-            for i in range(0, len(unique), 16):
-                chunk = unique[i:i + 16]
-                e = encode_prompts(pipe, chunk, device, cfg.resolution)
-                for j, p in enumerate(chunk):
-                    cache[p] = e.index(slice(j, j + 1))
-            place.offload("text_encoder", text_encoder, comps.text_encoder_2)  # cached: its weights can leave
-        if not cache:
-            place.to_device("text_encoder", text_encoder, comps.text_encoder_2)
-            emb = encode_prompts(pipe, batch_prompts, device, cfg.resolution)
-            place.park("text_encoder", text_encoder, comps.text_encoder_2)  # to the CPU until the next step
-            return emb
-        parts = [cache[p] for p in batch_prompts]
-        cat = (lambda name: None if getattr(parts[0], name) is None
-               else torch.cat([getattr(x, name) for x in parts]))
-        return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
-
     rank = accelerator.process_index
     rng = random.Random(cfg.seed * 1000 + rank)  # prompt order and K draws; each rank its own stream
     sample_prompts = prompts[: cfg.sample_prompts]
+    # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
+    embed = PromptEncoder(pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
+                          prompts=set(prompts) | set(sample_prompts))
     scheduler = comps.scheduler
     bare_unet = accelerator.unwrap_model(unet_train)
     engine = deepspeed_engine(accelerator, unet_train)  # None unless DeepSpeed
