@@ -45,6 +45,7 @@ import logging
 import os
 import pickle
 import platform
+import sys
 import time
 import warnings
 import weakref
@@ -282,6 +283,26 @@ def _profiler_active() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto writes 'USDT: ... profiler_start/stop' lines straight to file descriptor 2 (no setting turns them
+    off in torch 2.13): point that descriptor at /dev/null while the profiler starts or stops."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 class CpuAllocationTracker:
     """Measures real CPU allocation inside a block, per ``record_function`` range.
 
@@ -327,14 +348,15 @@ class CpuAllocationTracker:
             record_shapes=False,
             with_stack=False,
         )
-        with warnings.catch_warnings():  # torch 2.11 warns that a profile without cycles drops events
-            warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with warnings.catch_warnings(), _native_stderr_silenced():  # torch 2.11 warns that a profile without
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")  # cycles drops events
             self._prof.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         prof, self._prof = self._prof, None
-        prof.__exit__(exc_type, exc, tb)
+        with _native_stderr_silenced():
+            prof.__exit__(exc_type, exc, tb)
         if getattr(self, "_gc_was_enabled", False):
             gc.enable()
         t0 = time.perf_counter()
@@ -606,8 +628,9 @@ class StageProfiler:
             if self.budget_gb:
                 share = 100 * gib(summary["peak_allocated"]) / self.budget_gb
                 parts.append(f"= {share:.0f}% of {self.budget_gb:g} GiB")
+        measured = len(parts) > 1
         if summary.get("rss") is not None and not self._cuda:
-            parts.append(f"| rss {fmt_bytes(summary['rss'])}")
+            parts.append(f"{'| ' if measured else ''}rss {fmt_bytes(summary['rss'])}")
         parts.append(f"| {summary['seconds']:.2f} s")
         return " ".join(parts)
 
