@@ -73,15 +73,17 @@ class Config:
     budget_gb: float = _f(0.0, "The card's memory budget in GiB that this configuration must fit (0 = no check).")
     mixed_precision: str = _f("no", "Precision of the frozen modules (UNet, VAE, text encoder, reward); LoRA and "
                               "optimizer stay fp32. fp16/bf16 halve the frozen weights.", ("no", "fp16", "bf16"))
-    attention: str = _f("sdpa", "Attention kernel: sdpa (PyTorch fused, default), xformers (CUDA only), "
-                        "sliced (lowest memory, slowest).", ("sdpa", "xformers", "sliced"))
+    attention: str = _f("sdpa", "Attention kernel: sdpa (PyTorch fused, default: no score matrix kept), xformers "
+                        "(CUDA only), sliced (one head slice at a time: below unfused attention but above sdpa, "
+                        "slowest; for old GPUs without fused kernels).", ("sdpa", "xformers", "sliced"))
     unet_checkpointing: str = _f("call", "Gradient checkpointing of the UNet in the grad window: one checkpoint per "
                                  "UNet call (always), or also per UNet block (less memory in backward, ~30% slower).",
                                  ("call", "blocks"))
     vae_checkpointing: str = _f("none", "VAE decoder checkpointing: none, per up-block, or per resnet (least memory).",
                                 ("none", "blocks", "resnets"))
     reward_checkpointing: bool = _f(False, "Checkpoint the reward model's layers (saves its activations in backward).")
-    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch (lower decode peak).")
+    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch: lowers the decode "
+                             "peak, and the backward peak when the VAE is checkpointed (batch_size > 1).")
     tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images).")
     tile_size: int = _f(64, "Latent tile side for tiled_decode.")
     tile_overlap: int = _f(16, "Latent tile overlap for tiled_decode.")
