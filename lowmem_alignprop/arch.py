@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.errors import UserError, first_line
 
 ARCHS = ("sd15", "sd21", "sdxl")
 
@@ -321,7 +321,7 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
                                     local_files_only=True, **kwargs)
     except SingleFileComponentError as e:
         raise UserError(f"{path} lacks the weights of a pipeline component for {what} "
-                        f"({str(e).splitlines()[0]}). Use a full checkpoint that includes the UNet, VAE and text "
+                        f"({first_line(e, 1000)}). Use a full checkpoint that includes the UNet, VAE and text "
                         "encoder(s)") from e
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         if "meta tensor" in str(e):  # diffusers left a tensor the checkpoint lacks on meta, then moved it

@@ -202,7 +202,7 @@ def set_attention(unet, vae, attention: str, device: torch.device) -> str:
             vae.enable_xformers_memory_efficient_attention()
             return "xformers"
         except Exception as e:  # ImportError, or xformers' own CUDA checks
-            log.warning("attention=xformers unavailable (%s): falling back to sdpa", str(e).splitlines()[0][:120])
+            log.warning("attention=xformers unavailable (%s): falling back to sdpa", first_line(e, 120))
             attention = "sdpa"
     if attention == "sliced":
         unet.set_attention_slice("auto")  # one attention head slice at a time: lowest memory, slowest

@@ -24,7 +24,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import faults, stages
 from .config import Config
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
@@ -206,7 +206,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     except faults.OOM_ERRORS as e:
         fit = faults.next_fit(cfg, stages.LOAD)
         raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
-                                                    False) + f" [{str(e).splitlines()[0][:100]}]") from None
+                                                    False) + f" [{first_line(e, 100)}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
     with torch.no_grad():  # a reward that returns the wrong shape fails here, before anything is written
@@ -363,7 +363,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 row, bad = run_step(step)
             except faults.OOM_ERRORS as e:
                 stage = faults.stage_of(e, guard.current)
-                detail = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                detail = first_line(e, 100)
                 del e
                 prof.end_step()
                 optimizer.zero_grad(set_to_none=True)
