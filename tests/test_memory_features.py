@@ -82,17 +82,23 @@ def _perturb(params, seed=5):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def _step_setup(dirs, *, reward="brightness", batch=BATCH, resolution=MIDSIZE_RESOLUTION, after_apply=None,
-                **features):
-    cfg = Config(model=str(dirs["mid"]), resolution=resolution, sample_steps=3, k=1, batch_size=batch,
-                 guidance_scale=4.0, eta=1.0, seed=0, reward=reward,
-                 reward_weights=str(dirs["clip"]) if reward == "clip" else "", **features).validate()
+def _prepared(cfg, after_apply=None):
+    """The model as training prepares it (features applied, LoRA perturbed so it matters)."""
     comps = load_components(cfg)
     params, attention = apply_memory_features(comps, cfg, CPU, torch.float32)
     if after_apply is not None:
         after_apply(comps)
     comps.unet.train()
     _perturb(params)
+    return comps, params, attention
+
+
+def _step_setup(dirs, *, reward="brightness", batch=BATCH, resolution=MIDSIZE_RESOLUTION, after_apply=None,
+                **features):
+    cfg = Config(model=str(dirs["mid"]), resolution=resolution, sample_steps=3, k=1, batch_size=batch,
+                 guidance_scale=4.0, eta=1.0, seed=0, reward=reward,
+                 reward_weights=str(dirs["clip"]) if reward == "clip" else "", **features).validate()
+    comps, params, attention = _prepared(cfg, after_apply)
     reward_model = build_reward(cfg.reward, checkpointing=cfg.reward_checkpointing, weights=cfg.reward_weights)
     prompts = PROMPTS[:batch]
     emb = encode_prompts(make_pipeline(comps), prompts, CPU, resolution)
@@ -228,12 +234,7 @@ def _unet_rollout(dirs, attention: str, side: int = 32, after_apply=None) -> Run
     from lowmem_alignprop.sampling import rollout
 
     cfg = Config(model=str(dirs["mid"]), attention=attention, resolution=8 * side, sample_steps=2, k=1).validate()
-    comps = load_components(cfg)
-    params, used = apply_memory_features(comps, cfg, CPU, torch.float32)
-    if after_apply is not None:
-        after_apply(comps)
-    comps.unet.train()
-    _perturb(params)
+    comps, params, used = _prepared(cfg, after_apply)
     emb = encode_prompts(make_pipeline(comps), PROMPTS[:1], CPU, cfg.resolution)
     latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
     result = {}
