@@ -576,7 +576,6 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
         emb = encoder(batch_prompts)
     cache = encoder.cache
     g = torch.Generator().manual_seed(seed)
-    comps.scheduler.set_timesteps(cfg.sample_steps, device=device)
     latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)
     with parts.autocast():
         loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, comps.scheduler, comps.vae, parts.reward, latents,

@@ -311,7 +311,6 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 with guard.stage(stages.ENCODE_PROMPTS):
                     emb = embed(batch_prompts)
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, rank)) % 2**63)
-                scheduler.set_timesteps(cfg.sample_steps, device=device)
                 latents = initial_latents(cfg.batch_size, bare_unet, vae, cfg.resolution, g, device)
                 with accelerator.autocast():
                     loss, rewards = rollout_loss(cfg, bare_unet, unet_train, scheduler, vae, reward, latents, emb,
