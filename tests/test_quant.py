@@ -156,6 +156,44 @@ def test_lora_trains_on_the_quantized_base(tiny_dir, cpu_quant, mode):
     assert quant.measured_weight_bytes(unet) - sum(p.numel() * 4 for p in params) == frozen_before
 
 
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_layers_keep_activations_in_the_autocast_dtype(tiny_dir, cpu_quant, mode):
+    """bitsandbytes layers return their input's dtype: without our hook a float32 input (autocast keeps
+    LayerNorm outputs and the timestep embedding in float32) gave float32 activations downstream: twice
+    the memory of the unquantized UNet, and on CPU a GroupNorm dtype error. With it, a quantized UNet under
+    autocast keeps what it stores for backward at the unquantized UNet's size (nf4 stores nothing more;
+    int8 also keeps each layer's input, measured separately below)."""
+    from lowmem_alignprop.profiler import CpuAllocationTracker
+
+    dtype = torch.bfloat16  # CPU autocast's half type; on CUDA the same code runs in float16
+    x, enc = _inputs()
+
+    def forward_retained(unet):
+        add_lora(unet, rank=4, alpha=4, seed=0)
+        unet.train()
+        with CpuAllocationTracker(count_baseline=False) as tracker, torch.autocast("cpu", dtype=dtype):
+            out = unet(x, 10, encoder_hidden_states=enc).sample
+        assert out.dtype == dtype
+        return tracker.retained, out
+
+    plain_retained, plain_out = forward_retained(_plain_unet(tiny_dir).to(dtype))
+    unet = _plain_unet(tiny_dir).to(dtype)
+    n = quant.quantize_in_place(unet, mode, dtype)
+    assert quant.follow_autocast(unet) == n  # every quantized layer has the hook (and a second call adds none)
+    retained, out = forward_retained(unet)
+    assert (out.float() - plain_out.float()).norm() / plain_out.float().norm() < 0.2  # same model, quantized
+    if mode == "nf4":  # bitsandbytes' 4-bit matmul stores only the packed weight
+        assert retained == pytest.approx(plain_retained, rel=0.02)
+    else:  # its 8-bit matmul keeps its input too, at the autocast dtype's size (no float32 copies)
+        assert plain_retained < retained < 1.5 * plain_retained
+    # one layer: a float32 input under autocast gives the autocast dtype, as nn.Linear does
+    layer = next(m for m in unet.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+    with torch.autocast("cpu", dtype=dtype):
+        assert layer(torch.randn(3, layer.in_features)).dtype == dtype
+    assert layer(torch.randn(3, layer.in_features, dtype=dtype)).dtype == dtype  # no autocast: left alone
+
+
 def test_load_components_quantizes_the_unet(tiny_dir, cpu_quant):
     comps = load_components(Config(model=str(tiny_dir), base_quant="nf4"))
     assert quant.count_quantized(comps.unet)["nf4"] == 50
