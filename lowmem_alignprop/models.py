@@ -225,8 +225,8 @@ def add_lora(unet, rank: int, alpha: float | None, seed: int) -> list[torch.nn.P
     for p in params:
         p.data = p.data.float()  # LoRA weights and their optimizer state stay fp32 for stable updates
     if getattr(unet, "is_loaded_in_4bit", False) or getattr(unet, "is_loaded_in_8bit", False):
-        from .quant import follow_autocast
-        follow_autocast(unet)  # a quantized layer and its adapter share one fp16 input under autocast
+        from .quant import prepare_quantized_layers
+        prepare_quantized_layers(unet)  # a quantized layer and its adapter share one fp16 input under autocast
     return params
 
 

@@ -114,10 +114,30 @@ def _autocast_input(module: nn.Module, args: tuple):
     return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
 
-def follow_autocast(model: nn.Module) -> int:
-    """Make every bitsandbytes layer of ``model`` (and the LoRA layer wrapping it, if any) take and produce the
-    autocast dtype, as ``nn.Linear`` does (see :func:`_autocast_input`). Idempotent; returns how many modules
-    have the hook."""
+def _drop_unused_saved_input(module: nn.Module, args: tuple, out):
+    """Forward hook of an int8 layer: forget the input its autograd node kept for a weight gradient.
+
+    bitsandbytes' 8-bit matmul keeps its input on the node (``ctx.tensors`` on CUDA, ``ctx.A`` on CPU)
+    whether or not the weight needs a gradient, and outside ``save_for_backward``, so activation
+    checkpointing cannot drop it: every int8 layer's input stayed alive for the whole gradient window.
+    The frozen base never needs that gradient (its input gradient uses only the int8 weight), so the
+    reference is dropped: that saves one fp16 copy of every Linear input per UNet call kept for backward.
+    """
+    node = getattr(out, "grad_fn", None)
+    needs = getattr(node, "needs_input_grad", None)
+    if node is None or needs is None or len(needs) < 2 or needs[1]:
+        return  # no graph, or not bitsandbytes' node, or a weight that trains: leave it
+    if isinstance(getattr(node, "tensors", None), (tuple, list)) and len(node.tensors) == 3:  # MatMul8bitLt
+        node.tensors = (None, None, None)  # (int8 input for the weight grad, outlier columns, input)
+    if isinstance(getattr(node, "A", None), torch.Tensor):  # MatMul8bitFp (CPU)
+        node.A = None
+
+
+def prepare_quantized_layers(model: nn.Module) -> int:
+    """Make the bitsandbytes layers of ``model`` cost no more activation memory than ``nn.Linear``: every
+    quantized layer (and the LoRA layer wrapping it, if any) takes and returns the autocast dtype
+    (:func:`_autocast_input`), and int8 layers keep no input for backward (:func:`_drop_unused_saved_input`).
+    Idempotent; returns how many quantized layers it prepared."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -126,14 +146,16 @@ def follow_autocast(model: nn.Module) -> int:
     count = 0
     for m in model.modules():
         base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
-        # a LoRA wrapper (peft) gets the hook too: its adapter and its base layer then share one fp16 input
-        if isinstance(base, quantized):
-            if not getattr(m, "_lowmem_follows_autocast", False):
-                m.register_forward_pre_hook(_autocast_input)
-                m._lowmem_follows_autocast = True
-            count += 1
+        if not isinstance(base, quantized) or getattr(m, "_lowmem_prepared", False):
+            count += isinstance(m, quantized)
+            continue
+        # a LoRA wrapper (peft) gets the cast too: its adapter and its base layer then share one fp16 input
+        m.register_forward_pre_hook(_autocast_input)
+        if m is base and isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_forward_hook(_drop_unused_saved_input)
+        m._lowmem_prepared = True
+        count += m is base
     return count
-
 
 def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder: str = "unet"):
     """The UNet of a diffusers directory or hub id, loaded quantized through diffusers' bitsandbytes support.
@@ -147,7 +169,7 @@ def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder:
     unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype,
                                                 quantization_config=bnb_config(mode, dtype),
                                                 device_map={"": str(device)})
-    follow_autocast(unet)  # activations in fp16 under autocast, not fp32 (see _autocast_input)
+    prepare_quantized_layers(unet)  # activations as small as nn.Linear's: fp16, no kept int8 inputs
     log.info("UNet loaded with %s Linear layers (diffusers BitsAndBytesConfig): %d layers quantized",
              mode, count_quantized(unet)[mode])
     return unet
@@ -198,7 +220,7 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
         count += 1
     unet.to(device)  # quantization happens here, one weight at a time: the fp16 copy of each is freed
     unet.requires_grad_(False)
-    follow_autocast(unet)  # activations in fp16 under autocast, not fp32 (see _autocast_input)
+    prepare_quantized_layers(unet)  # activations as small as nn.Linear's: fp16, no kept int8 inputs
     # the attributes diffusers sets on a quantized model: peft then wraps these layers with its bnb LoRA layers
     if mode == "int8":
         unet.is_loaded_in_8bit = True

@@ -158,35 +158,62 @@ def test_lora_trains_on_the_quantized_base(tiny_dir, cpu_quant, mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_quantized_layers_keep_activations_in_the_autocast_dtype(tiny_dir, cpu_quant, mode):
-    """bitsandbytes layers return their input's dtype: without our hook a float32 input (autocast keeps
-    LayerNorm outputs and the timestep embedding in float32) gave float32 activations downstream: twice
-    the memory of the unquantized UNet, and on CPU a GroupNorm dtype error. With it, a quantized UNet under
-    autocast keeps what it stores for backward at the unquantized UNet's size (nf4 stores nothing more;
-    int8 also keeps each layer's input, measured separately below)."""
+def test_quantized_layers_store_no_more_for_backward_than_linear(tiny_dir, cpu_quant, mode):
+    """What a quantized UNet keeps alive for backward equals the unquantized UNet's, with and without
+    activation checkpointing. Without quant.prepare_quantized_layers: bitsandbytes' layers return their
+    input's dtype, so float32 inputs (autocast keeps LayerNorm outputs and the timestep embedding in
+    float32) made every activation downstream float32 (and on CPU a GroupNorm dtype error); and its 8-bit
+    matmul kept each layer's input on its autograd node, out of checkpointing's reach."""
+    from torch.utils.checkpoint import checkpoint
+
     from lowmem_alignprop.profiler import CpuAllocationTracker
 
     dtype = torch.bfloat16  # CPU autocast's half type; on CUDA the same code runs in float16
     x, enc = _inputs()
 
-    def forward_retained(unet):
-        add_lora(unet, rank=4, alpha=4, seed=0)
+    def measure(unet):
+        params = add_lora(unet, rank=4, alpha=4, seed=0)
         unet.train()
-        with CpuAllocationTracker(count_baseline=False) as tracker, torch.autocast("cpu", dtype=dtype):
-            out = unet(x, 10, encoder_hidden_states=enc).sample
-        assert out.dtype == dtype
-        return tracker.retained, out
+        retained = {}
+        for how in ("plain", "checkpointed"):
+            def call(latents):
+                return unet(latents, 10, encoder_hidden_states=enc).sample
+            with CpuAllocationTracker(count_baseline=False) as tracker, torch.autocast("cpu", dtype=dtype):
+                out = checkpoint(call, x, use_reentrant=False) if how == "checkpointed" else call(x)
+            assert out.dtype == dtype
+            retained[how] = tracker.retained - out.numel() * out.element_size()
+            for p in params:
+                p.grad = None
+            out.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in params])
+        return retained, out.detach().float(), grads
 
-    plain_retained, plain_out = forward_retained(_plain_unet(tiny_dir).to(dtype))
+    plain, plain_out, _ = measure(_plain_unet(tiny_dir).to(dtype))
     unet = _plain_unet(tiny_dir).to(dtype)
     n = quant.quantize_in_place(unet, mode, dtype)
-    assert quant.follow_autocast(unet) == n  # every quantized layer has the hook (and a second call adds none)
-    retained, out = forward_retained(unet)
-    assert (out.float() - plain_out.float()).norm() / plain_out.float().norm() < 0.2  # same model, quantized
-    if mode == "nf4":  # bitsandbytes' 4-bit matmul stores only the packed weight
-        assert retained == pytest.approx(plain_retained, rel=0.02)
-    else:  # its 8-bit matmul keeps its input too, at the autocast dtype's size (no float32 copies)
-        assert plain_retained < retained < 1.5 * plain_retained
+    assert quant.prepare_quantized_layers(unet) == n  # every quantized layer, once (a second call adds nothing)
+    retained, out, grads = measure(unet)
+    assert (out - plain_out).norm() / plain_out.norm() < 0.2  # the same model, quantized
+    assert plain["plain"] > 100_000 and plain["checkpointed"] < 10_000
+    assert retained["plain"] == pytest.approx(plain["plain"], rel=0.02)
+    assert retained["checkpointed"] == pytest.approx(plain["checkpointed"], abs=10_000)
+    # the gradient does not need what was dropped: the same as with bitsandbytes left alone
+    raw = _plain_unet(tiny_dir).to(dtype)
+    quant.quantize_in_place(raw, mode, dtype)
+    for m in raw.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    raw_params = add_lora(raw, rank=4, alpha=4, seed=0)
+    raw.train()
+    for m in raw.modules():  # add_lora prepared the wrappers: undo it
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    with torch.autocast("cpu", dtype=dtype):
+        raw_out = checkpoint(lambda latents: raw(latents, 10, encoder_hidden_states=enc).sample, x.to(dtype),
+                             use_reentrant=False)
+    raw_out.float().square().mean().backward()  # the same input and loss as measure()'s last call
+    raw_grads = torch.cat([p.grad.flatten() for p in raw_params])
+    assert torch.allclose(grads, raw_grads, rtol=1e-2, atol=1e-6)
     # one layer: a float32 input under autocast gives the autocast dtype, as nn.Linear does
     layer = next(m for m in unet.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
     with torch.autocast("cpu", dtype=dtype):
