@@ -6,8 +6,13 @@ values); the aesthetic reward is a CLIP ViT-L/14 built from config with a random
 own process with ``torch.cuda.set_per_process_memory_fraction(budget / total)``, so "fits in 8 GB" is a
 real run that either passes or raises out-of-memory.
 
-    python benchmarks/gpu_check.py --out DIR [--quick] [--deadline SECONDS]
+    python benchmarks/gpu_check.py --out DIR [--jobs N] [--match WORDS] [--deadline SECONDS]
     python benchmarks/gpu_check.py --cpu-smoke --out DIR   # the same plumbing on the tiny model, on CPU
+
+``--jobs N`` runs N trainings at once on the GPU: each is its own process with its own cap, and CUDA's peak
+counters are per process, so the memory figures are those of a run alone; the seconds per step are not
+(each result records ``concurrent_runs``). A second call on the same day and device merges into the same
+results file: runs with the same name are replaced, the others kept.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +157,43 @@ class PlannerPool:
             return {"error": f"planner output is not JSON: {e}", "stdout_head": out[:600], "stderr": err[-600:]}
 
 
+def code_version() -> str | None:
+    """The commit of the checkout (None where the copy has no git metadata, as on a lent device)."""
+    try:
+        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+def merge_results(path: Path, doc: dict, committed: Path | None = None) -> dict:
+    """``doc`` merged into the results file at ``path`` when it exists (same device and day), else into
+    ``committed`` (the file of that name in the checkout's benchmarks/results, for a call whose output folder
+    starts empty): runs with the same name are replaced by the new ones, the others kept in their order;
+    ``quant`` is replaced only when this call measured it. Lets a check be split over several calls."""
+    if not path.exists() and committed is not None and committed.exists():
+        path = committed
+    if not path.exists():
+        doc["calls"] = [{"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}]
+        return doc
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return doc  # unreadable: this call's results replace it
+    for section in ("ladder", "profiles"):
+        ran = {r["name"]: r for r in doc.get(section, []) if r.get("status") != "skipped (deadline)"}
+        before = old.get(section, [])
+        names = {r["name"] for r in before}
+        old[section] = [ran.get(r["name"], r) for r in before] + [r for r in doc.get(section, [])
+                                                                  if r["name"] not in names]
+    if "quant" in doc:
+        old["quant"] = doc["quant"]
+    old["versions"] = doc["versions"]
+    old["calls"] = old.get("calls", []) + [{"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}]
+    return old
+
+
 def versions() -> dict:
     from lowmem_alignprop.profiler import library_versions
 
@@ -165,6 +208,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
     ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
     ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (memory figures stay per run; "
+                                                        "seconds per step then include the contention)")
     a = ap.parse_args()
     results_dir = Path(a.out)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +231,8 @@ def main() -> int:
         "name": torch.cuda.get_device_name(0),
         "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
     doc = {"kind": "gpu_check", "date": dt.date.today().isoformat(), "device": device, "versions": versions(),
-           "command": "bash benchmarks/gpu_check.sh", "ladder": [], "profiles": []}
+           "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), "code": code_version(),
+           "ladder": [], "profiles": []}
     common = ["--reward", "aesthetic", "--set", f"reward_weights={aes}", "--steps", "2", "--set", "sample_prompts=0"]
     if cpu:
         common += ["--set", "mixed_precision=no"]
@@ -226,12 +272,17 @@ def main() -> int:
             doc["quant"] = gpu_verify_quant(out / "quant")
         except Exception as e:
             doc["quant"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
-    for section, name, args, budget in jobs:
+    def run_job(job):
+        section, name, args, budget = job
         if not time_left():
-            doc[section].append({"name": name, "status": "skipped (deadline)"})
-            continue
-        r = run_one(name, args, budget, out, 200 if section == "profiles" else 120, cpu)
-        doc[section].append(r)
+            return {"name": name, "status": "skipped (deadline)"}
+        r = run_one(name, args, budget, out, 240 if section == "profiles" else 150, cpu)
+        r["concurrent_runs"] = a.jobs
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:  # each job is a subprocess: threads suffice
+        for (section, *_), r in zip(jobs, ex.map(run_job, jobs)):
+            doc[section].append(r)
     for section in ("ladder", "profiles"):
         for r in doc[section]:
             if r.get("status") != "skipped (deadline)":
@@ -239,6 +290,7 @@ def main() -> int:
     doc["wall_seconds"] = round(time.time() - t_start, 1)
     slug = "cpu-smoke" if cpu else device["name"].lower().replace("nvidia ", "").replace(" ", "-")
     path = results_dir / f"gpu-{slug}-{doc['date']}.json"
+    doc = merge_results(path, doc, ROOT / "benchmarks" / "results" / path.name)
     path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # GPU check: real AlignProp steps of SD1.5/SDXL-shaped random-weight models under each GPU profile,
 # each process capped at the profile's budget with torch.cuda.set_per_process_memory_fraction, plus
-# the planner's estimate of the same configuration. Runs offline in about 7 minutes on one big NVIDIA GPU.
+# the planner's estimate of the same configuration and the nf4/int8 base UNet check. Offline.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: benchmarks/results)
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options]   (OUT_DIR default: $OUT, else benchmarks/results)
+#
+# One call on an 80 GB card does everything in about 6 minutes with three trainings at a time:
+#   JOBS=3 DEADLINE=400 bash benchmarks/gpu_check.sh
+# (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
+# Split over calls with --match (comma-separated words of run names) or --only ladder,profiles,quant;
+# calls on the same day and device merge into one results file.
 #
 # The GPU's Python needs torch with CUDA, transformers, accelerate and peft. Packages it lacks
 # (diffusers, bitsandbytes) are installed from wheels in .whl/ when present; make them on a networked
@@ -12,7 +18,8 @@
 #     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 bitsandbytes==0.50.2
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${1:-${OUT:-benchmarks/results}}"
+OUT_DIR="${OUT:-benchmarks/results}"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then OUT_DIR="$1"; shift; fi
 need=()
 for pkg in diffusers bitsandbytes; do
   python3 -c "import $pkg" 2>/dev/null || need+=("$pkg")
@@ -26,4 +33,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/gpu_check.py --out "$OUT_DIR" --deadline "${DEADLINE:-400}"
+python3 benchmarks/gpu_check.py --out "$OUT_DIR" --deadline "${DEADLINE:-400}" --jobs "${JOBS:-1}" "$@"

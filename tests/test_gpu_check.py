@@ -1,0 +1,75 @@
+"""benchmarks/gpu_check.py, the script a lent GPU runs: its plumbing on the CPU (tiny model), and the merge
+that lets a check be split over several short device calls."""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Two runs at once (--jobs 2) of the CPU smoke check: a profile run and a ladder row."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOWMEM_ALIGNPROP_CACHE=str(out / "cache"))
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out / "results"),
+                        "--work", str(out / "work"), "--match", "rtx3060 sd15,ladder fp16", "--jobs", "2",
+                        "--deadline", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    files = list((out / "results").glob("gpu-cpu-smoke-*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text())
+
+
+def test_cpu_smoke_measures_and_plans_each_run(smoke):
+    runs = smoke["ladder"] + smoke["profiles"]
+    assert [r["name"] for r in runs] == ["ladder fp16, per-call checkpoint only", "rtx3060 sd15 512 K~U[1,50]"]
+    for r in runs:
+        assert r["status"] == "ok", r.get("log_tail")
+        assert r["concurrent_runs"] == 2
+        rep = r["memory_report"]
+        assert rep["peak_allocated"] > 0 and "backward" in rep["stages"]
+        assert "error" not in r["planner"] and r["planner"]["peak_allocated"] > 0  # the estimate beside it
+        assert len(r["metrics"]) == 2  # both training steps logged
+    assert smoke["calls"][0]["command"].startswith("python benchmarks/gpu_check.py --cpu-smoke")
+
+
+def test_a_second_call_merges_into_the_first(smoke, tmp_path):
+    gc = _gpu_check()
+    path = tmp_path / "gpu-h100-2026-01-02.json"
+    path.write_text(json.dumps(smoke))
+    ladder, profile = smoke["ladder"][0], smoke["profiles"][0]
+    second = {"command": "python benchmarks/gpu_check.py --match ladder", "versions": {"torch": "x"},
+              "wall_seconds": 5.0,
+              "ladder": [dict(copy.deepcopy(ladder), wall_seconds=-1.0),  # rerun: replaces the first call's
+                         {"name": "ladder + VAE checkpointing (up-blocks)", "status": "ok"}],  # new: appended
+              "profiles": [{"name": profile["name"], "status": "skipped (deadline)"},  # skipped: keeps the old
+                           {"name": "laptop-6gb sd15 512 nf4", "status": "skipped (deadline)"}]}
+    merged = gc.merge_results(path, second)
+    assert [r["name"] for r in merged["ladder"]] == [ladder["name"], "ladder + VAE checkpointing (up-blocks)"]
+    assert merged["ladder"][0]["wall_seconds"] == -1.0
+    assert merged["profiles"][0] == profile
+    assert merged["profiles"][1]["status"] == "skipped (deadline)"  # not measured anywhere: said so
+    assert "quant" not in merged  # neither call measured it
+    assert [c["command"] for c in merged["calls"]] == [smoke["calls"][0]["command"], second["command"]]
+    # an empty output folder (a device's $OUT) merges into the checkout's committed file of the same name
+    fresh = tmp_path / "out" / path.name
+    again = gc.merge_results(fresh, dict(copy.deepcopy(second), quant={"ok": True}), committed=path)
+    assert again["profiles"][0] == profile and again["quant"] == {"ok": True}
+    # no earlier file: this call's results as they are
+    alone = gc.merge_results(tmp_path / "none.json", copy.deepcopy(second))
+    assert alone["ladder"] == second["ladder"] and len(alone["calls"]) == 1
