@@ -116,9 +116,32 @@ def cmd_train(argv: list[str]) -> int:
     name, cfg = resolve_config(args)
     snapshot = parse_snapshot(args.memory_snapshot)
     _check_device_for_profile(name)
+    chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
+    if not chosen and not args.resume:
+        cfg = _next_free_output_dir(cfg)
     from .train import train
     train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume)
     return 0
+
+
+def _next_free_output_dir(cfg):
+    """Running the same command twice must not fail: with the default output directory (not one the user
+    named), a folder that holds an earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used."""
+    import dataclasses
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+
+    base = Path(cfg.output_dir)
+    out, n = base, 1
+    while ckpt.list_checkpoints(ckpt.root_of(out)):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    if out != base:
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s holds an earlier run (continue it with --resume latest --output-dir %s): this run writes to %s",
+            base, base, out)
+    return dataclasses.replace(cfg, output_dir=str(out))
 
 
 def _check_device_for_profile(name: str) -> None:

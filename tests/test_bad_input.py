@@ -195,6 +195,22 @@ def test_new_run_into_a_finished_runs_dir(trained, capsys):
     assert snapshot(trained) == before
 
 
+
+def test_the_same_command_twice_keeps_the_first_run(trained, capsys, caplog, monkeypatch, tmp_path):
+    """Without --output-dir, a second run of the same command writes beside the first (outputs/run-2), says so,
+    and leaves the first alone; a directory the user names is still refused (above)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained, tmp_path / "outputs" / "run")
+    before = snapshot(tmp_path / "outputs" / "run")
+    assert main([*FAST, "--steps", "1"]) == 0
+    assert "outputs/run holds an earlier run" in caplog.text and "writes to outputs/run-2" in caplog.text
+    assert (tmp_path / "outputs" / "run-2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert snapshot(tmp_path / "outputs" / "run") == before
+    fails(capsys, [*FAST, "--set", "output_dir=outputs/run", "--steps", "1"], "already holds a run")
+
+
 @pytest.mark.parametrize("change, needle", [
     (["--set", "lora_rank=8"], "trained with lora_rank=4, this run has lora_rank=8"),
     (["--set", "optimizer=adamw8bit"], "trained with optimizer='adamw'"),
