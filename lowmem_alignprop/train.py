@@ -301,7 +301,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         t0 = time.perf_counter()
         step_rewards, ks, losses = [], [], []
-        grad_norm = None
+        grad_norm, scaler_skipped = None, False
         accelerator.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(unet_train):
@@ -333,7 +333,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         overflow = grad_norm is not None and not faults.isfinite_number(grad_norm)
                         if overflow and accelerator.scaler is not None:
-                            pass  # fp16 loss-scale overflow: optimizer.step() skips the update, lowers the scale
+                            scaler_skipped = True  # fp16 loss-scale overflow: optimizer.step() skips, lowers the scale
                         elif engine is None and overflow:
                             optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: same on every rank
                             return None, "the gradient norm"
@@ -345,6 +345,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                **({"loss_scale": accelerator.scaler.get_scale(), "update_skipped": scaler_skipped}
+                   if accelerator.scaler is not None else {}),
                 "seconds": time.perf_counter() - t0}, None
 
     streak = faults.NonFiniteStreak(cfg.max_bad_steps)
@@ -418,7 +420,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     accelerator.wait_for_everyone()
     summary = {"steps": cfg.steps, "steps_done": step if stop.name else min(step, cfg.steps),
                "interrupted": stop.name is not None, "resumed_from": str(resume_path or "")
-               or None, "skipped_steps": streak.skipped, "auto_fit": fits}
+               or None, "skipped_steps": streak.skipped, "auto_fit": fits,
+               "fp16_overflow_skips": sum(1 for h in history if h.get("update_skipped"))}
     final = accelerator.unwrap_model(unet_train)
     lora = None
     if cfg.train_unet == "lora":
@@ -562,6 +565,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     ]
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    if s.get("fp16_overflow_skips"):
+        lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
+                     "its scale (normal in the first steps)")
     lines += [
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
         + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")

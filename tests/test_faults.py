@@ -210,3 +210,38 @@ def test_nan_in_a_row_stops_with_a_checkpoint(tmp_path, capsys, monkeypatch, tin
     path = ckpt.find_resume(out, "latest")
     assert path.name == "step-00000005" and str(path) in msg
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
+
+
+def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path, monkeypatch, tiny_dir):
+    """On CUDA fp16, accelerate's GradScaler starts at a scale that overflows the first backward(s): the update is
+    skipped, the scale drops, training goes on, none of it counts as a diverging run, and the metrics say so. (A
+    bug once bypassed the scaler on overflow, and the next step's unscale_ raised.) Here the same path runs on the
+    CPU: fp16 autocast and a GradScaler whose first scale overflows for certain."""
+    import torch
+    from accelerate import Accelerator
+
+    from lowmem_alignprop import train as train_mod
+
+    def fp16_accelerator(cfg, output_dir):
+        acc = Accelerator(cpu=True, mixed_precision="fp16")
+        acc.native_amp = True  # as on CUDA: clip_grad_norm_ unscales through the scaler
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)  # 2**100, then 1024
+        return acc
+
+    monkeypatch.setattr(train_mod, "make_accelerator", fp16_accelerator)
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--set", "batch_size=1", "--set", "max_bad_steps=1",
+                 "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
+    got = rows(out)
+    assert [r["step"] for r in got] == [1, 2, 3] and all("skipped" not in r for r in got)
+    assert got[0]["update_skipped"] and got[0]["loss_scale"] == 1024.0
+    assert not torch.isfinite(torch.tensor(got[0]["grad_norm"]))
+    assert all(not r["update_skipped"] and 0 < r["grad_norm"] < 1e3 for r in got[1:])
+
+    def w(step):
+        return load_file(str(ckpt.step_dir(out / "checkpoints", step) / "trainable.safetensors"))
+
+    init = {k: v for k, v in w(1).items()}
+    assert max((w(2)[k] - init[k]).abs().max().item() for k in init) > 0  # step 2 updated the LoRA
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fp16_overflow_skips"] == 1 and summary["skipped_steps"] == []
