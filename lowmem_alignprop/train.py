@@ -89,6 +89,12 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
     return loss_from_reward(rewards, cfg), rewards
 
 
+def frozen_weight_dtype(accelerator, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen weights: the mixed-precision type on a GPU (half the memory of fp32); fp32 on a
+    CPU, where half-precision kernels are slow or missing."""
+    return DTYPES[accelerator.mixed_precision] if device.type != "cpu" else torch.float32
+
+
 def make_accelerator(cfg: Config, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -173,7 +179,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
     is_main = accelerator.is_main_process
-    weight_dtype = DTYPES[accelerator.mixed_precision] if device.type != "cpu" else torch.float32
+    weight_dtype = frozen_weight_dtype(accelerator, device)
     prof = StageProfiler(device=device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
                          snapshot_steps=memory_snapshot)
     place = Placement(device, offload=cfg.offload_frozen)

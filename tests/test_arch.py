@@ -20,6 +20,7 @@ from lowmem_alignprop.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm_format import clip_to_ldm, open_clip_to_ldm, pipeline_to_ldm, unet_to_ldm, vae_to_ldm  # noqa: E402
+from midsize import build_tiny_sdxl_pipeline  # noqa: E402
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # 'a photo of a cat' with the real CLIP tokenizer
 
@@ -307,39 +308,9 @@ def test_load_single_file_errors(tiny, tmp_path):
         arch.load_single_file(root / "tiny.safetensors", config_dir=tmp_path)
 
 
-def _tiny_sdxl():
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lowmem_alignprop.tiny import build_tiny_pipeline
-
-    base = build_tiny_pipeline()
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        sample_size=32, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 48,
-        cross_attention_dim=32 + 48,
-    )
-    vocab = len(base.tokenizer)
-    kw = dict(vocab_size=vocab, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    # the widths must differ: diffusers tells SDXL's two text encoders apart by their hidden size only
-    te1 = CLIPTextModel(CLIPTextConfig(**kw, hidden_size=32, hidden_act="quick_gelu", projection_dim=32))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**kw, hidden_size=48, hidden_act="gelu", projection_dim=48))
-    return StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=base.tokenizer, tokenizer_2=base.tokenizer,
-        unet=unet, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                                    beta_schedule="scaled_linear", timestep_spacing="leading"),
-        add_watermarker=False,
-    ).to(torch.float32)
-
-
 def test_sdxl_layout_round_trip_is_bitwise_identical(tmp_path):
     """The conditioner.embedders.{0,1} layout (CLIP-L + OpenCLIP) of SDXL, on a tiny SDXL-shaped model."""
-    pipe = _tiny_sdxl()
+    pipe = build_tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "config")
     sd = pipeline_to_ldm(pipe)
     assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight") for k in sd)

@@ -212,7 +212,8 @@ def test_nan_in_a_row_stops_with_a_checkpoint(tmp_path, capsys, monkeypatch, tin
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
 
 
-def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path, monkeypatch, tiny_dir, request):
+def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path, monkeypatch, tiny_dir,
+                                                                          fresh_accelerate_state):
     """On CUDA fp16, accelerate's GradScaler starts at a scale that overflows the first backward(s): the update is
     skipped, the scale drops, training goes on, none of it counts as a diverging run, and the metrics say so. (A
     bug once bypassed the scaler on overflow, and the next step's unscale_ raised.) Here the same path runs on the
@@ -222,11 +223,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 
     from lowmem_alignprop import train as train_mod
 
-    from accelerate.state import AcceleratorState
-
     def fp16_accelerator(cfg, output_dir):
-        AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state holds the earlier runs' "no"
-        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))  # and for later tests
         acc = Accelerator(cpu=True, mixed_precision="fp16")
         acc.native_amp = True  # as on CUDA: clip_grad_norm_ unscales through the scaler
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)  # 2**100, then 1024

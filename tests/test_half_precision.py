@@ -1,0 +1,116 @@
+"""Training with the frozen weights in half precision, as on a GPU, and SDXL-shaped models, end to end on the CPU.
+
+On a GPU the frozen UNet, VAE, text encoders and reward model are fp16/bf16 while the LoRA weights stay fp32 under
+autocast, and the VAE and reward run in their own dtype outside autocast: every dtype boundary of the loop. On a
+CPU the trainer keeps fp32 (``train.frozen_weight_dtype``), so these tests switch it to bf16 with CPU bf16 autocast,
+which crosses the same boundaries (fp16 and bf16 differ in range, not in where casts happen).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_alignprop import train as train_mod
+from lowmem_alignprop.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from midsize import build_clip_reward_dir, build_tiny_sdxl_pipeline  # noqa: E402
+
+FAST = ["--profile", "cpu", "--seed", "3", "--steps", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3",
+        "--set", "k=2", "--set", "batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return build_clip_reward_dir(tmp_path_factory.mktemp("clip"), width=32, layers=2, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl")
+    build_tiny_sdxl_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def half_weights(monkeypatch, fresh_accelerate_state):
+    """The GPU's layout on the CPU: frozen weights in bf16, bf16 autocast."""
+    monkeypatch.setattr(train_mod, "frozen_weight_dtype", lambda accelerator, device: torch.bfloat16)
+    return ["--set", "mixed_precision=bf16"]
+
+
+@pytest.fixture
+def cpu_quant(monkeypatch):
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer as bq
+
+    from lowmem_alignprop import quant
+
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bq.BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
+
+
+def fp32_bytes(model_dir: Path, sub: str) -> int:
+    from diffusers import UNet2DConditionModel
+
+    m = UNet2DConditionModel.from_pretrained(model_dir, subfolder=sub)
+    return sum(p.numel() * 4 for p in m.parameters())
+
+
+def trained(out: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "memory_report.json").read_text())
+
+
+def assert_trained(rows):
+    assert [r["step"] for r in rows] == [1, 2] and all("skipped" not in r for r in rows)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)  # gradient reached the LoRA
+
+
+@pytest.mark.parametrize("case", ["checkpointed", "tiled_decode", "nf4_base"])
+def test_half_precision_frozen_weights_train(case, tiny_dir, clip_dir, half_weights, tmp_path, request):
+    sets = {"checkpointed": ["--set", "unet_checkpointing=blocks", "--set", "vae_checkpointing=resnets",
+                             "--set", "reward_checkpointing=true"],
+            "tiled_decode": ["--set", "tiled_decode=true", "--set", "tile_size=6", "--set", "tile_overlap=1"],
+            "nf4_base": ["--set", "base_quant=nf4"]}[case]
+    if case == "nf4_base":
+        request.getfixturevalue("cpu_quant")
+    out = tmp_path / "run"
+    assert main([*FAST, *half_weights, *sets, "--model", str(tiny_dir), "--reward", "clip",
+                 "--set", f"reward_weights={clip_dir}", "--output-dir", str(out)]) == 0
+    rows, report = trained(out)
+    assert_trained(rows)
+    unet_bytes = report["modules"]["after_load"]["unet"]["bytes"]
+    full = fp32_bytes(tiny_dir, "unet")
+    # the frozen UNet is stored in half precision (nf4: its Linear layers in 4 bits, the rest bf16)
+    assert unet_bytes < (0.45 if case == "nf4_base" else 0.55) * full
+    assert report["modules"]["after_load"]["lora"]["bytes"] > 0
+    from safetensors.torch import load_file
+    lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())  # LoRA trained and saved in fp32
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
+def test_sdxl_shaped_model_trains_and_its_lora_loads_in_diffusers(half, sdxl_dir, tmp_path, request):
+    """SDXL's extra conditioning (two text encoders, pooled embeddings, size/crop time ids) through the loop, and the
+    LoRA it writes loads into diffusers' StableDiffusionXLPipeline and changes its images."""
+    flags = request.getfixturevalue("half_weights") if half else []
+    out = tmp_path / "run"
+    assert main([*FAST, *flags, "--model", str(sdxl_dir), "--reward", "brightness", "--set", "resolution=64",
+                 "--set", "lr=0.05", "--output-dir", str(out)]) == 0
+    rows, _ = trained(out)
+    assert_trained(rows)
+    if half:
+        return
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    kw = dict(prompt="a cat", num_inference_steps=3, height=64, width=64, output_type="pt")
+    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(out / "lora"))
+    tuned = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert (tuned - base).abs().max() > 1e-3
