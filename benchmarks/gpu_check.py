@@ -12,7 +12,8 @@ real run that either passes or raises out-of-memory.
 ``--jobs N`` runs N trainings at once on the GPU: each is its own process with its own cap, and CUDA's peak
 counters are per process, so the memory figures are those of a run alone; the seconds per step are not
 (each result records ``concurrent_runs``). A second call on the same day and device merges into the same
-results file: runs with the same name are replaced, the others kept.
+results file: runs with the same name are replaced, the others kept. The file is saved after every run, so a
+call stopped at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,6 +141,11 @@ class PlannerPool:
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                             env=env)
 
+    def cancel(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None and p.poll() is None:
+            p.kill()
+
     def collect(self, name: str, timeout: float) -> dict:
         p = self.procs.get(name)
         if p is None:
@@ -167,31 +174,49 @@ def code_version() -> str | None:
     return p.stdout.strip() or None if p.returncode == 0 else None
 
 
-def merge_results(path: Path, doc: dict, committed: Path | None = None) -> dict:
-    """``doc`` merged into the results file at ``path`` when it exists (same device and day), else into
-    ``committed`` (the file of that name in the checkout's benchmarks/results, for a call whose output folder
-    starts empty): runs with the same name are replaced by the new ones, the others kept in their order;
-    ``quant`` is replaced only when this call measured it. Lets a check be split over several calls."""
-    if not path.exists() and committed is not None and committed.exists():
-        path = committed
-    if not path.exists():
-        doc["calls"] = [{"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}]
-        return doc
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return doc  # unreadable: this call's results replace it
+PENDING = "not run (the call ended first)"  # a placeholder until its run ends: the file is saved after each run
+
+
+def _measured(r: dict) -> bool:
+    return not (r.get("status", "").startswith("skipped") or r.get("status") == PENDING)
+
+
+def load_previous(path: Path, committed: Path | None = None) -> dict | None:
+    """The results file this call adds to: ``path`` when it exists (same device and day), else ``committed`` (the
+    file of that name in the checkout's benchmarks/results, for a call whose output folder starts empty)."""
+    for p in (path, committed):
+        if p is not None and p.exists():
+            try:
+                return json.loads(p.read_text())
+            except (OSError, ValueError):
+                return None  # unreadable: this call's results replace it
+    return None
+
+
+def merge_docs(old: dict | None, doc: dict) -> dict:
+    """``doc`` merged into ``old``: runs with the same name are replaced by the new ones that were measured, the
+    others kept in their order; ``quant`` is replaced only when this call measured it. Lets a check be split over
+    several calls. Neither argument is changed."""
+    call = {"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}
+    if old is None:
+        return dict(doc, calls=[call])
+    merged = json.loads(json.dumps(old))
     for section in ("ladder", "profiles"):
-        ran = {r["name"]: r for r in doc.get(section, []) if r.get("status") != "skipped (deadline)"}
-        before = old.get(section, [])
+        ran = {r["name"]: r for r in doc.get(section, []) if _measured(r)}
+        before = merged.get(section, [])
         names = {r["name"] for r in before}
-        old[section] = [ran.get(r["name"], r) for r in before] + [r for r in doc.get(section, [])
-                                                                  if r["name"] not in names]
+        merged[section] = [ran.get(r["name"], r) for r in before] + [r for r in doc.get(section, [])
+                                                                     if r["name"] not in names]
     if "quant" in doc:
-        old["quant"] = doc["quant"]
-    old["versions"] = doc["versions"]
-    old["calls"] = old.get("calls", []) + [{"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}]
-    return old
+        merged["quant"] = doc["quant"]
+    merged["versions"] = doc["versions"]
+    merged["calls"] = merged.get("calls", []) + [call]
+    return merged
+
+
+def merge_results(path: Path, doc: dict, committed: Path | None = None) -> dict:
+    """:func:`merge_docs` of the results file at ``path`` (or ``committed``, see :func:`load_previous`) and ``doc``."""
+    return merge_docs(load_previous(path, committed), doc)
 
 
 def versions() -> dict:
@@ -266,32 +291,45 @@ def main() -> int:
         jobs = [j for j in jobs if any(w in j[1] for w in a.match.split(","))]
     for _, name, args, _ in jobs:
         pool.submit(name, args)
+    slug = "cpu-smoke" if cpu else device["name"].lower().replace("nvidia ", "").replace(" ", "-")
+    path = results_dir / f"gpu-{slug}-{doc['date']}.json"
+    previous = load_previous(path, ROOT / "benchmarks" / "results" / path.name)
+    lock = threading.Lock()
+
+    def save() -> None:  # after every run: a call stopped at the device's time limit keeps what it measured
+        with lock:
+            doc["wall_seconds"] = round(time.time() - t_start, 1)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(merge_docs(previous, doc), indent=1, default=str))
+            os.replace(tmp, path)  # whole files only: a kill mid-write leaves the previous save
+
+    for section, name, _, _ in jobs:
+        doc[section].append({"name": name, "status": PENDING})
+    save()
     if "quant" in only and not cpu:  # about a minute: nf4/int8 base UNet forward+backward into LoRA
         try:
             from lowmem_alignprop.quant import gpu_verify_quant
             doc["quant"] = gpu_verify_quant(out / "quant")
         except Exception as e:
             doc["quant"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+        save()
+
     def run_job(job):
         section, name, args, budget = job
         if not time_left():
-            return {"name": name, "status": "skipped (deadline)"}
-        r = run_one(name, args, budget, out, 240 if section == "profiles" else 150, cpu)
-        r["concurrent_runs"] = a.jobs
-        return r
+            r = {"name": name, "status": "skipped (deadline)"}
+            pool.cancel(name)
+        else:
+            r = run_one(name, args, budget, out, 240 if section == "profiles" else 150, cpu)
+            r["concurrent_runs"] = a.jobs
+            r["planner"] = pool.collect(name, timeout=max(10, a.deadline + 120 - (time.time() - t_start)))
+        slot = next(i for i, x in enumerate(doc[section]) if x["name"] == name)
+        doc[section][slot] = r
+        save()
 
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:  # each job is a subprocess: threads suffice
-        for (section, *_), r in zip(jobs, ex.map(run_job, jobs)):
-            doc[section].append(r)
-    for section in ("ladder", "profiles"):
-        for r in doc[section]:
-            if r.get("status") != "skipped (deadline)":
-                r["planner"] = pool.collect(r["name"], timeout=max(10, a.deadline + 120 - (time.time() - t_start)))
-    doc["wall_seconds"] = round(time.time() - t_start, 1)
-    slug = "cpu-smoke" if cpu else device["name"].lower().replace("nvidia ", "").replace(" ", "-")
-    path = results_dir / f"gpu-{slug}-{doc['date']}.json"
-    doc = merge_results(path, doc, ROOT / "benchmarks" / "results" / path.name)
-    path.write_text(json.dumps(doc, indent=1, default=str))
+        list(ex.map(run_job, jobs))
+    doc = merge_docs(previous, doc)
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")
     print(f"  {'run':<48} {'status':>8} {'peak GiB':>8} {'reserved':>8} {'stage':>10} {'s/step':>7}")

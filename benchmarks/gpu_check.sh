@@ -9,7 +9,8 @@
 #   JOBS=3 DEADLINE=400 bash benchmarks/gpu_check.sh
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
 # Split over calls with --match (comma-separated words of run names) or --only ladder,profiles,quant;
-# calls on the same day and device merge into one results file.
+# calls on the same day and device merge into one results file, saved after every run (a call killed at its
+# time limit keeps what it measured).
 #
 # The GPU's Python needs torch with CUDA, transformers, accelerate and peft. Packages it lacks
 # (diffusers, bitsandbytes) are installed from wheels in .whl/ when present; make them on a networked

@@ -73,3 +73,33 @@ def test_a_second_call_merges_into_the_first(smoke, tmp_path):
     # no earlier file: this call's results as they are
     alone = gc.merge_results(tmp_path / "none.json", copy.deepcopy(second))
     assert alone["ladder"] == second["ladder"] and len(alone["calls"]) == 1
+
+
+def test_a_call_killed_midway_keeps_the_runs_it_finished(tmp_path):
+    """The device stops a call at its time limit: the results file is saved after every run, so what was measured
+    before the kill stays, and the runs that never ran say so."""
+    import time
+
+    out = tmp_path / "results"
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOWMEM_ALIGNPROP_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out),
+                             "--work", str(tmp_path / "work"), "--match", "ladder fp16,(up-blocks)", "--jobs", "1",
+                             "--only", "ladder", "--deadline", "300"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    doc, t0 = None, time.time()
+    try:
+        while time.time() - t0 < 300 and proc.poll() is None:
+            files = list(out.glob("gpu-cpu-smoke-*.json"))
+            if files:
+                doc = json.loads(files[0].read_text())  # always whole: written to a temporary file, then renamed
+                if doc["ladder"][0]["status"] == "ok":
+                    break
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert doc is not None, "no results file while the first run went on"
+    first, second = doc["ladder"]
+    assert first["status"] == "ok" and first["memory_report"]["peak_allocated"] > 0
+    assert second["name"] == "ladder + VAE checkpointing (up-blocks)"
+    assert second["status"] in (_gpu_check().PENDING, "ok")  # "ok" only if it finished within the poll interval
