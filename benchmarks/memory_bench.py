@@ -502,9 +502,15 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
         runs = gpu_runs(d)
         ratios = [r["peak_allocated"] / r["planner"]["peak_allocated"] for r in runs
                   if r["status"] == "ok" and r["peak_allocated"] and r["planner"] and r["planner"].get("peak_allocated")]
+        calls = [c.get("command") for c in d.get("calls") or []] or [d.get("command", "bash benchmarks/gpu_check.sh")]
         L += [f"### {dev.get('name', '?')} ({dev.get('total_gb', '?')} GiB), {d.get('date', '?')}: `{path.name}`", "",
-              f"Command: `{d.get('command', 'bash benchmarks/gpu_check.sh')}`; versions: "
+              "Command" + ("s" if len(calls) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in calls)
+              + (f"; code {d['code']}" if d.get("code") else "") + "; versions: "
               + ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items() if v), ""]
+        together = max((r.get("concurrent_runs") or 1 for s in ("ladder", "profiles") for r in d.get(s) or []), default=1)
+        if together > 1:
+            L += [f"Up to {together} runs shared the GPU at once: memory figures are per run (CUDA's counters are per "
+                  "process); seconds per step include the contention.", ""]
         if ratios:
             L += [f"**Measured / estimated peak allocated over the {len(ratios)} completed runs with an estimate: "
                   f"{min(ratios):.3f} to {max(ratios):.3f}.**", ""]

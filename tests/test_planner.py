@@ -232,7 +232,9 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
             "stages": {"decode": {"peak_allocated": 7 * GIB, "peak_reserved": 7.4 * GIB}}}
     (results / "gpu-h100-2026-01-02.json").write_text(json.dumps({
         "kind": "gpu_check", "date": "2026-01-02", "device": {"name": "NVIDIA H100", "total_gb": 79.2},
-        "ladder": [nested], "profiles": [flat]}))
+        "calls": [{"command": "python benchmarks/gpu_check.py --jobs 3"}, {"command": "python benchmarks/gpu_check.py "
+                                                                                   "--match rtx3060"}],
+        "code": "abc1234", "ladder": [dict(nested, concurrent_runs=3)], "profiles": [flat]}))
     runs = bench.gpu_runs(json.loads((results / "gpu-h100-2026-01-02.json").read_text()))
     assert [(r["status"], r["peak_allocated"], r["peak_stage"]) for r in runs] == [
         ("ok", 5 * GIB, "backward"), ("oom", 7 * GIB, None)]
@@ -241,6 +243,9 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
     assert "| rtx3060 sd15 | 7.5 | oom | 7.00 (-) |" in text
     assert "5.00 / 4.00" in text  # per stage, measured / estimated
+    assert ("Commands: `python benchmarks/gpu_check.py --jobs 3`; `python benchmarks/gpu_check.py --match rtx3060`; "
+            "code abc1234;") in text  # a check split over two calls, and the code it measured
+    assert "Up to 3 runs shared the GPU at once" in text
 
 
 def test_candidates_include_the_issue_7_features_before_task_changes():
