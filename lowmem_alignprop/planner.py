@@ -723,7 +723,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         saved, largest = _quantized_unet_bytes(comps.unet, cfg.base_quant)
         weights["unet"] -= saved
         notes.append(f"base_quant={cfg.base_quant}: UNet Linear weights counted at their quantized size "
-                     f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized; +{largest / MIB:.0f} MiB "
+                     f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized (quant.prepare_quantized_layers "
+                     f"keeps them so); +{largest / MIB:.0f} MiB "
                      "for one dequantized layer added to every stage")
     else:
         largest = 0
