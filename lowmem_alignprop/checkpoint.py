@@ -55,6 +55,17 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
+RUN_MARKS = ("lora", "unet", "metrics.jsonl", "summary.json")  # what a run writes besides its checkpoints
+
+
+def holds_a_run(output_dir: str | os.PathLike) -> str | None:
+    """What shows that ``output_dir`` already holds a run (its checkpoints, or the files a run writes), or None."""
+    out = Path(output_dir)
+    if list_checkpoints(root_of(out)):
+        return f"{DIRNAME}/"
+    return next((m + ("/" if (out / m).is_dir() else "") for m in RUN_MARKS if (out / m).exists()), None)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoint directories, newest (highest step) first."""
     if not root.is_dir():

@@ -55,8 +55,10 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=EPILOG.format(fields=field_help()))
+    from .profiles import shipped_profiles
+
     p.add_argument("--profile", default="auto",
-                   help="hardware profile: a shipped name (cpu, rtx3060, rtx4090, a100-40gb, a100-80gb), auto "
+                   help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
                         "(picked by the detected GPU; cpu without one), or a path to your own .yaml")
     p.add_argument("--model", help="tiny (default), sd15|sd21|sdxl (random weights), a hub id, a diffusers "
                                    "directory, or a single-file .safetensors/.ckpt")
@@ -134,13 +136,13 @@ def _next_free_output_dir(cfg):
 
     base = Path(cfg.output_dir)
     out, n = base, 1
-    while ckpt.list_checkpoints(ckpt.root_of(out)):
+    while ckpt.holds_a_run(out):
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     if out != base:
-        logging.getLogger("lowmem_alignprop").warning(
-            "%s holds an earlier run (continue it with --resume latest --output-dir %s): this run writes to %s",
-            base, base, out)
+        logging.getLogger("lowmem_alignprop").warning("%s holds an earlier run (%s): this run writes to %s", base,
+                                                      "--resume latest continues it" if ckpt.list_checkpoints(
+                                                          ckpt.root_of(base)) else "left as it is", out)
     return dataclasses.replace(cfg, output_dir=str(out))
 
 

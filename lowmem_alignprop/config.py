@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import UserError
@@ -124,9 +126,20 @@ class Config:
             t = hints[f.name]
             if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
                 raise UserError(f"{f.name} must be {t.__name__}, got {v!r}")
+        for f in fields(self):  # nan/inf pass every comparison below: refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{f.name}={v} is not a finite number: give a number such as "
+                                f"--set {f.name}={f.default if f.default is not None else 1.0}")
+        if not self.output_dir.strip():
+            raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
+        if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
+            raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
+                            "e.g. --output-dir outputs/run")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "k", "k_min", "k_max",
-               "max_bad_steps"]
-        for name in ("checkpoint_every", "keep_checkpoints"):
+               "max_bad_steps", "tile_size"]
+        for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "log_every", "tile_overlap",
+                     "weight_decay", "max_grad_norm", "budget_gb"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         for name in pos:
@@ -146,6 +159,13 @@ class Config:
                                 f"k_max={self.sample_steps}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive (got {self.lr})")
+        if self.loss_scale <= 0:
+            raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
+                            "a negative weight in --reward instead")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
         if self.optimizer != "adamw" and not _has("bitsandbytes"):
             raise UserError(f"optimizer={self.optimizer} needs bitsandbytes: pip install bitsandbytes, "
                             "or use --set optimizer=adamw")
@@ -257,6 +277,12 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     for source in (profile_values, explicit, overrides):
         for k, v in source.items():
             values[k] = coerce(k, v)
+    user = {**explicit, **overrides}
+    steps = values.get("sample_steps", Config.sample_steps)
+    if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
+        # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
+        values["k_max"] = steps
+        values["k_min"] = min(values.get("k_min", Config.k_min), steps)
     return Config(**values).validate()
 
 

@@ -43,6 +43,24 @@ def detect_auto() -> str:
     return "rtx3060"  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word: a profile that says batch_size twice is a
+    mistake to point out, not to resolve silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
     if spec == "auto":
@@ -53,20 +71,25 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     else:
         path = Path(spec).expanduser()
         if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
-            hint = f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else f"unknown profile {spec!r}"
+            hint = (f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else
+                    f"{spec} is not a profile (profile files end in .yaml)" if path.is_file() else
+                    f"unknown profile {spec!r}")
             raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
                             "(`lowmem-alignprop profiles` lists them)")
         name = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"profile {path} is not valid YAML{where}: fix the file (see profiles/cpu.yaml for the format)") from None
     except UnicodeDecodeError:
         raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
+    except _DuplicateKey as e:
+        raise UserError(f"profile {path} sets {e} twice: keep one line") from None
     if data is None:
-        data = {}
+        raise UserError(f"profile {path} is empty: set at least the fields that differ from the defaults "
+                        "(copy one from profiles/, e.g. profiles/cpu.yaml)")
     if not isinstance(data, dict):
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}

@@ -169,9 +169,12 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
     out = Path(cfg.output_dir)
     resume_path = resume_state = None
-    if not resume and ckpt.list_checkpoints(ckpt.root_of(out)):
-        raise UserError(f"--output-dir {out} already holds a run (checkpoints/): continue it with --resume latest, "
-                        "or choose another --output-dir (nothing was overwritten)")
+    mark = None if resume else ckpt.holds_a_run(out)
+    if mark:
+        cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
+                "it has no checkpoint to continue from:")
+        raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
+                        "(nothing was overwritten)")
     if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
         resume_path = ckpt.find_resume(out, resume)
         resume_state = ckpt.read_state(resume_path)

@@ -116,6 +116,36 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "lr=nan"], "lr=nan is not a finite number"),
+    (["--set", "lr=1e999"], "lr=inf is not a finite number"),  # would train to NaN weights
+    (["--set", "budget_gb=inf"], "budget_gb=inf is not a finite number"),
+    (["--set", "reward_target=nan"], "reward_target=nan is not a finite number"),
+    (["--set", "weight_decay=-1"], "weight_decay must be 0 or more"),
+    (["--set", "budget_gb=-1"], "budget_gb must be 0 or more"),
+    (["--set", "max_grad_norm=-1"], "max_grad_norm must be 0 or more"),
+    (["--set", "sample_prompts=-1"], "sample_prompts must be 0 or more"),
+    (["--set", "tile_overlap=-1"], "tile_overlap must be 0 or more"),
+    (["--set", "eta=5"], "eta=5.0 must be between 0"),
+    (["--set", "loss_scale=0"], "loss_scale must be positive"),
+    (["--set", "lora_alpha=0"], "lora_alpha must be positive"),
+    (["--set", "output_dir="], "output_dir is empty"),
+    (["--output-dir", "/"], "is the file system's root"),
+    ("dup", "sets 'batch_size' (line 2) twice"),
+    ("empty", "is empty: set at least the fields"),
+    ("noext", "is not a profile (profile files end in .yaml)"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_values_of_the_right_type_that_make_no_sense(args, needle, tmp_path, capsys):
+    """Values that pass the type check but would crash later, train to NaN, or write where they should not."""
+    if args in ("dup", "empty", "noext"):
+        path = tmp_path / ("p.txt" if args == "noext" else "p.yaml")
+        path.write_text({"dup": "batch_size: 2\nbatch_size: 3\n", "empty": "", "noext": "batch_size: 2\n"}[args])
+        args = ["--profile", str(path)]
+    before = snapshot(tmp_path)
+    fails(capsys, [*FAST, "--output-dir", str(tmp_path / "run"), *args], needle)
+    assert snapshot(tmp_path) == before
+
+
 def test_read_only_output_dir(tmp_path, capsys):
     # root may write anywhere with chmod 000; a read-only file system stops everyone
     target = Path("/proc/lowmem_alignprop_test_run")

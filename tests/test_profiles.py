@@ -275,3 +275,16 @@ def test_gpu_profile_without_cuda_points_to_cpu_and_plan(name, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "--profile cpu" in err and f"lowmem-alignprop plan --profile {name}" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(shipped_profiles()))
+def test_every_profile_takes_either_truncation_and_fewer_steps(name):
+    """`--set truncation=uniform` (or fixed) works on every shipped profile as it is, and asking for fewer DDIM steps
+    brings the profile's K range down with them; a k_max the user asks for is still checked."""
+    _, values = load_profile(name)
+    for truncation in ("fixed", "uniform"):
+        build_config(values, {}, {"truncation": truncation})
+    fewer = build_config(values, {}, {"sample_steps": 5, "truncation": "uniform"})
+    assert fewer.k_max <= 5 and fewer.k_min <= fewer.k_max
+    with pytest.raises(UserError, match="k_max=8 is larger than sample_steps=5"):
+        build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_max": 8})
