@@ -86,9 +86,9 @@ class StageGuard:
             with self._stage_fn(name):
                 self._maybe_inject(name)
                 yield
-        except OOM_ERRORS as e:
+        except Exception as e:
             if getattr(e, "lowmem_stage", None) is None:
-                e.lowmem_stage = name  # the innermost stage is where memory ran out
+                e.lowmem_stage = name  # the innermost stage is where memory ran out (or the error happened)
             raise
         finally:
             self.current = previous

@@ -127,7 +127,7 @@ def prepare_inputs(cfg: Config):
 
     cfg.validate()
     prompts = load_prompts(cfg.prompts)
-    check_reward_spec(cfg.reward)  # unknown names and unimportable modules fail here, before any load
+    check_reward_spec(cfg.reward, resolution=cfg.resolution)  # unknown names, unimportable or broken user rewards
     resolve_model(cfg.model)  # missing paths fail here
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -391,6 +391,24 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 rng.setstate(rng_before)  # the repeated step draws the same prompts and K
                 bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
                 continue
+            except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
+                stage = getattr(e, "lowmem_stage", None)
+                prof.end_step()
+                optimizer.zero_grad(set_to_none=True)
+                rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
+                saved = (save_checkpoint(step - 1) if accelerator.num_processes == 1 and step - 1 > (last_saved or 0)
+                         else None)
+                done = "step 1 is" if step - 1 == 1 else f"steps 1-{step - 1} are"
+                kept = f"; {done} saved in {saved}: --resume latest continues once it is fixed" if saved else ""
+                if isinstance(e, UserError):
+                    raise UserError(f"step {step}: {e}{kept}") from None
+                if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
+                    raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
+                                    f"{first_line(e)}{kept}") from None
+                if saved:
+                    log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step,
+                              stage or "the loop", saved)
+                raise
             mem = prof.end_step()
             if step == start + 1:
                 prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,

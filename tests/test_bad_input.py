@@ -4,6 +4,7 @@ test_evaluate.py are not repeated here; the table names their tests."""
 
 import errno
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
@@ -305,3 +306,71 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr(st, "save_file", real)
     assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
     assert ckpt.find_resume(out, "latest").name == "step-00000003"
+
+
+USER_REWARDS = '''
+import torch
+
+def boom(images, prompts):
+    raise ValueError("my reward exploded")
+
+def nograd(images, prompts):
+    return torch.zeros(images.shape[0])
+
+def detached(images, prompts):
+    return images.mean((1, 2, 3)).detach()
+
+def nan(images, prompts):
+    return images.mean((1, 2, 3)) * float("nan")
+
+def make(scale):  # a factory whose argument the trainer cannot give
+    return lambda images, prompts: scale * images.mean((1, 2, 3))
+'''
+
+
+@pytest.mark.parametrize("term, needle", [
+    ("qa_syntax:f", "importing module 'qa_syntax' failed with SyntaxError: expected ':'"),
+    ("qa_rewards:boom", "raised ValueError: my reward exploded; fix the function"),
+    ("qa_rewards:nograd", "returned scores with no gradient to the images"),
+    ("qa_rewards:detached", "returned scores with no gradient to the images"),
+    ("qa_rewards:nan", "returned NaN or inf"),
+    ("qa_rewards:make", "building it failed with TypeError"),
+    ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),
+])
+def test_a_broken_user_reward_is_named_before_anything_loads(term, needle, tmp_path, capsys, monkeypatch):
+    """A user reward is imported and called once on two random images at startup: it must import, run, give finite
+    scores and a gradient back to the images; each failure is one line, and nothing is written."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "qa_rewards.py").write_text(USER_REWARDS)
+    (mods / "qa_syntax.py").write_text("def f(images, prompts)\n    return images.mean()\n")
+    monkeypatch.syspath_prepend(str(mods))
+    before = snapshot(tmp_path)
+    fails(capsys, [*FAST, "--output-dir", str(tmp_path / "run"), "--reward", term], needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_reward_that_fails_mid_run_keeps_the_finished_steps(tmp_path, capsys, monkeypatch):
+    """A reward that raises at step 3 (a model server gone, a bug on some image): one line naming the step and the
+    error, steps 1-2 saved in a checkpoint, and once it is fixed --resume latest finishes the run."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "qa_late.py").write_text(
+        "import os, torch\n"
+        "calls = {'n': 0}\n"
+        "def reward(images, prompts):\n"
+        "    if images.shape[0] == 1 and torch.is_grad_enabled():  # training steps, not the start-up checks\n"
+        "        calls['n'] += 1\n"
+        "        if calls['n'] == 3 and not os.environ.get('QA_FIXED'):\n"
+        "            raise RuntimeError('model server went away')\n"
+        "    return images.mean((1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(mods))
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--reward", "qa_late:reward", "--steps", "4"]
+    line = fails(capsys, args, "step 3: the reward 'qa_late:reward' raised RuntimeError: model server went away")
+    assert "steps 1-2 are saved in" in line and "--resume latest" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    monkeypatch.setenv("QA_FIXED", "1")
+    assert main([*args, "--resume", "latest"]) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -155,8 +155,8 @@ import torch
 calls = {{"n": 0}}
 
 def reward(images, prompts):
-    if not torch.is_grad_enabled():  # the start-up check of the reward's output: not a training step
-        return images.mean(dim=(1, 2, 3))
+    if not torch.is_grad_enabled() or images.shape[0] == 2:  # the start-up checks (two random images; the
+        return images.mean(dim=(1, 2, 3))                     # training steps here have batch_size=1)
     calls["n"] += 1
     r = images.mean(dim=(1, 2, 3))
     if calls["n"] in {nan_calls}:

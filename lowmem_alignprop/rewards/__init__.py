@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward
 
 __all__ = ["REWARDS", "RewardModule", "build_reward", "check_reward_spec", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
@@ -87,11 +87,17 @@ def _import_user(term: str) -> tuple[object, str]:
     module_name, attr = module_name.strip(), attr.strip()
     if not module_name or not attr or ":" in attr:
         raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
+    if ALIASES.get(module_name.lower(), module_name.lower()) in REWARDS:  # 'brightness:abc': a weight, not a module
+        raise UserError(f"reward {term!r}: the weight {attr!r} is not a number; write e.g. {module_name}:0.5")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
                         f"(install it or add its folder to PYTHONPATH) or use a built-in reward: {_names_hint()}") from exc
+    except Exception as exc:  # a SyntaxError or an error at the module's top level: the user's code, named
+        what = f"{exc.msg} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else first_line(exc)
+        raise UserError(f"reward {term!r}: importing module {module_name!r} failed with {type(exc).__name__}: "
+                        f"{what}; fix the module") from None
     obj = module
     for piece in attr.split("."):
         if not hasattr(obj, piece):
@@ -178,11 +184,44 @@ def _resolve_terms(spec: str) -> list[tuple[str, str, float]]:
     return resolved
 
 
-def check_reward_spec(spec: str) -> None:
-    """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported."""
+def check_reward_spec(spec: str, *, resolution: int | None = None) -> None:
+    """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
+    ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
     for kind, name, _ in _resolve_terms(spec):
         if kind == "user":
             _import_user(name)
+            if resolution:
+                options = {"device": device, "dtype": torch.float32, "checkpointing": False, "weights": ""}
+                try:
+                    module = _user_reward(name, options)
+                except UserError:
+                    raise
+                except Exception as e:
+                    raise UserError(f"reward {name!r}: building it failed with {type(e).__name__}: {first_line(e)}; "
+                                    "fix the function (images, prompts) -> tensor[B], or its factory") from None
+                probe_reward(module.freeze().to(device), resolution)
+
+
+def probe_reward(reward: RewardModule, resolution: int) -> None:
+    """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels, as the trainer will: it must run,
+    return one finite score per image and carry a gradient back to the images (AlignProp backpropagates through
+    it). Each failure is a UserError naming the fix, before any model loads."""
+    g = torch.Generator().manual_seed(0)
+    device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
+    images = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
+    what = f"reward {reward.name!r}, called on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
+    try:
+        scores = reward(images, ["a photo of a cat", "a painting of a dog"])
+    except UserError as e:
+        raise UserError(f"{e} (on 2 random test images)") from None
+    except Exception as e:
+        raise UserError(f"{what}, raised {type(e).__name__}: {first_line(e)}; fix the function") from None
+    if not torch.isfinite(scores.detach()).all():
+        raise UserError(f"{what}, returned NaN or inf ({scores.detach().tolist()}); make it return finite scores")
+    if not scores.requires_grad:
+        raise UserError(f"{what}, returned scores with no gradient to the images (a .detach(), .item(), numpy or "
+                        "new tensor inside?): AlignProp needs a differentiable reward")
 
 
 def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
