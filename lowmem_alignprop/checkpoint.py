@@ -66,6 +66,29 @@ def holds_a_run(output_dir: str | os.PathLike) -> str | None:
     return next((m + ("/" if (out / m).is_dir() else "") for m in RUN_MARKS if (out / m).exists()), None)
 
 
+def set_aside_newer(resume_path: Path) -> Path | None:
+    """Resuming from an older checkpoint of a run starts a new branch: the run's newer checkpoints move into
+    ``checkpoints/superseded-after-step-N/`` (kept, but no longer what ``--resume latest`` or rotation sees).
+    Returns that folder, or None when there was nothing newer."""
+    root = resume_path.parent
+    step = int(resume_path.name[len(PREFIX):]) if resume_path.name.startswith(PREFIX) else None
+    if step is None or root.name != DIRNAME:
+        return None
+    newer = [p for p in list_checkpoints(root) if int(p.name[len(PREFIX):]) > step]
+    if not newer:
+        return None
+    aside = root / f"superseded-after-step-{step}"
+    aside.mkdir(exist_ok=True)
+    for p in newer:
+        target = aside / p.name
+        if target.exists():
+            shutil.rmtree(target)  # an even older abandoned branch's copy of the same step
+        p.rename(target)
+    log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
+                "branch", step, ", ".join(p.name for p in newer), aside)
+    return aside
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoint directories, newest (highest step) first."""
     if not root.is_dir():

@@ -163,3 +163,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir):
     # and the run continues from there
     assert main([*FAST, "--output-dir", str(out), "--steps", str(done + 1), "--resume", "latest"]) == 0
     assert [r["step"] for r in rows(out)] == list(range(1, done + 2))
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    """Going back to step 2 of a 4-step run starts a new branch: the old steps 3-4 are kept but set aside, so
+    --resume latest continues the new branch and rotation never deletes its newest checkpoint."""
+    run = tmp_path / "run"
+    keep_all = ["--set", "keep_checkpoints=0", "--checkpoint-every", "1"]
+    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "4"]) == 0
+    old = {p.name: weights(p) for p in ckpt.list_checkpoints(run / "checkpoints")}
+    assert sorted(old) == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+    back = run / "checkpoints" / "step-00000002"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
+    assert "moved to" in caplog.text and "superseded-after-step-2" in caplog.text
+    aside = run / "checkpoints" / "superseded-after-step-2"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
+    assert weights(aside / "step-00000004").keys() == old["step-00000004"].keys()  # kept as they were
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
+        "step-00000003", "step-00000002", "step-00000001"]
+    assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
+    assert [r["step"] for r in rows(run)] == [1, 2, 3]
