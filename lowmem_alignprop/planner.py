@@ -895,8 +895,12 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
     then the changes accumulated in that order (batch halved and resolution lowered repeatedly). Every
     candidate is re-estimated. Returns {"found": change or None, "tried": [...]}."""
     tried: list[dict[str, Any]] = []
+    seen: dict[tuple, bool] = {}  # the first accumulated change is often a single one already estimated
 
     def check(label: str, change: dict[str, Any]) -> bool:
+        key = tuple(sorted(change.items()))
+        if key in seen:
+            return seen[key]
         new = _apply(cfg, change)
         est = estimate(new, target=target, prompts=prompts)
         fits = bool(est.fits(cfg.budget_gb))
@@ -904,6 +908,7 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
                       "peak_reserved": est.peak_reserved, "peak_stage": est.peak_stage, "fits": fits})
         if log:
             log(f"  tried {_set_args(change)}: {est.peak_reserved / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
+        seen[key] = fits
         return fits
 
     singles = candidate_changes(cfg, target)

@@ -259,3 +259,30 @@ def test_candidates_include_the_issue_7_features_before_task_changes():
     done = dataclasses.replace(cfg, base_quant="nf4", tiled_decode=True).validate()
     assert not any("base_quant" in c or "tiled_decode" in c for _, c in planner.candidate_changes(done, "cuda"))
     assert not any("base_quant" in c for _, c in planner.candidate_changes(cfg, target="cpu"))
+
+
+def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
+    """The accumulated search starts with the first single change: it must not be estimated (and listed) again."""
+    calls = []
+
+    class Est:
+        peak_allocated = peak_reserved = 10 * GIB
+        peak_stage = "encode_prompts"
+
+        def fits(self, budget):
+            return False
+
+    def fake_estimate(cfg, **kw):
+        calls.append(cfg.resolution)
+        return Est()
+
+    def fake_candidates(cfg, target):
+        return {512: [("lower resolution 384 px", {"resolution": 384})],
+                384: [("lower resolution 256 px", {"resolution": 256})]}.get(cfg.resolution, [])
+
+    monkeypatch.setattr(planner, "estimate", fake_estimate)
+    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    out = planner.suggest(Config(resolution=512, budget_gb=1.0).validate(), target="cuda")
+    assert out["found"] is None
+    assert calls == [384, 256]
+    assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
