@@ -136,7 +136,7 @@ class Config:
         if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
             raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
                             "e.g. --output-dir outputs/run")
-        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "k", "k_min", "k_max",
+        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "log_every", "tile_overlap",
                      "weight_decay", "max_grad_norm", "budget_gb"):
@@ -145,6 +145,9 @@ class Config:
         for name in pos:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if self.resolution < 8:
+            raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
+                            "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
         if self.resolution % 8:
             raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
                             f"{max(8, self.resolution // 8 * 8)}")

@@ -601,7 +601,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
         + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
         + f", attention {s['attention']}",
-        f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), samples/, metrics.jsonl,",
+        f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), "
+        + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "") + "metrics.jsonl,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
         "=" * 64,
     ]
