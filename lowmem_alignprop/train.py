@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -260,6 +261,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         return imgs.float().cpu(), r.cpu()
 
     # the before row comes from the untrained LoRA, so it is generated before a checkpoint is restored
+    if sample_prompts and samples_here:
+        log.info("sampling %d fixed-seed images before training (%d px, %d steps; --set sample_prompts=0 skips it)",
+                 len(sample_prompts), cfg.resolution, cfg.sample_steps)
     before = generate(sample_prompts, cfg.seed + 12345) if sample_prompts and samples_here else None
 
     def apply_fit(fit: faults.Fit) -> None:
@@ -590,7 +594,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
          if s.get("interrupted") else
          f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
-        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})",
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})"
+        if math.isfinite(change) else
+        f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
