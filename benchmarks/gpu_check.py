@@ -44,15 +44,15 @@ LADDER = [
     ("+ VAE checkpointing per resnet (= rtx3060)", {"vae_checkpointing": "resnets"}),
 ]
 
-# (name, profile, model, overrides, budget GiB for the cap)
+# (name, profile, model, overrides, budget GiB for the cap); the small cards' claims first (a call may be cut off)
 PROFILE_RUNS = [
     ("rtx3060 sd15 512 K~U[1,50]", "rtx3060", "sd15", {"grad_accum": 1}, 7.5),
-    ("rtx4090 sd15 512 batch 8", "rtx4090", "sd15", {"truncation": "fixed", "k": 1}, 20.0),
-    ("rtx4090 sdxl 1024 batch 1", "rtx4090", "sdxl", {"batch_size": 1, "resolution": 1024, "truncation": "fixed",
-                                                       "k": 1, "sample_steps": 20}, 16.0),
-    ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
     ("rtx3060-sdxl sdxl 1024 nf4", "rtx3060-sdxl", "sdxl", {"grad_accum": 1}, 7.0),
     ("laptop-6gb sd15 512 nf4", "laptop-6gb", "sd15", {"grad_accum": 1}, 3.5),
+    ("rtx4090 sdxl 1024 batch 1", "rtx4090", "sdxl", {"batch_size": 1, "resolution": 1024, "truncation": "fixed",
+                                                       "k": 1, "sample_steps": 20}, 16.0),
+    ("rtx4090 sd15 512 batch 8", "rtx4090", "sd15", {"truncation": "fixed", "k": 1}, 20.0),
+    ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
 ]
 
 CHILD = """
@@ -306,7 +306,7 @@ def main() -> int:
     for section, name, _, _ in jobs:
         doc[section].append({"name": name, "status": PENDING})
     save()
-    if "quant" in only and not cpu:  # about a minute: nf4/int8 base UNet forward+backward into LoRA
+    def quant_check() -> None:  # about a minute: nf4/int8 base UNet forward+backward into LoRA, in this process
         try:
             from lowmem_alignprop.quant import gpu_verify_quant
             doc["quant"] = gpu_verify_quant(out / "quant")
@@ -327,8 +327,15 @@ def main() -> int:
         doc[section][slot] = r
         save()
 
+    quant = "quant" in only and not cpu
+    if quant and a.jobs <= 1:  # alone, before the trainings: its seconds are then its own
+        quant_check()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:  # each job is a subprocess: threads suffice
-        list(ex.map(run_job, jobs))
+        runs = ex.map(run_job, jobs)
+        if quant and a.jobs > 1:  # beside the first trainings (its peak counters are this process's own)
+            quant_check()
+            doc["quant"]["concurrent_runs"] = a.jobs
+        list(runs)
     doc = merge_docs(previous, doc)
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")
