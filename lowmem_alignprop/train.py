@@ -362,7 +362,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                    if accelerator.scaler is not None else {}),
                 "seconds": time.perf_counter() - t0}, None
 
-    if resume_path is not None and is_main:
+    if resume_path is not None and is_main and resume_path.parent.resolve() == ckpt.root_of(out).resolve():
         ckpt.set_aside_newer(resume_path)  # an older checkpoint starts a new branch: --resume latest must follow it
     streak = faults.NonFiniteStreak(cfg.max_bad_steps)
     fits: list[dict] = []

@@ -184,3 +184,10 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
         "step-00000003", "step-00000002", "step-00000001"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
     assert [r["step"] for r in rows(run)] == [1, 2, 3]
+    # a checkpoint of this run resumed into another folder: this run's checkpoints are not touched
+    listing = sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*"))
+    other = tmp_path / "other"
+    assert main([*FAST, *keep_all, "--output-dir", str(other), "--steps", "2",
+                 "--resume", str(run / "checkpoints" / "step-00000001")]) == 0
+    assert sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*")) == listing
+    assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["step-00000002"]
