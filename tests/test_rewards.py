@@ -232,3 +232,15 @@ def test_input_checks():
         reward(torch.rand(2, 8, 8), ["", ""])
     with pytest.raises(ValueError):
         reward(torch.rand(2, 3, 8, 8), [""])
+
+
+def test_a_zero_weight_term_is_pointed_out(caplog):
+    from lowmem_alignprop.rewards import check_reward_spec
+
+    with caplog.at_level("WARNING"):
+        check_reward_spec("brightness:1,colorfulness:0")
+    assert "reward term 'colorfulness' has weight 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_reward_spec("brightness:1,colorfulness:0.5")
+    assert "weight 0" not in caplog.text

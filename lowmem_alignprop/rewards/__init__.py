@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 from typing import Callable
 
@@ -188,7 +189,10 @@ def check_reward_spec(spec: str, *, resolution: int | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
     ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
-    for kind, name, _ in _resolve_terms(spec):
+    for kind, name, weight in _resolve_terms(spec):
+        if weight == 0:
+            logging.getLogger(__name__).warning("reward term %r has weight 0: it is computed every step but does "
+                                                "not train anything; drop it or give it a weight", name)
         if kind == "user":
             _import_user(name)
             if resolution:
