@@ -56,6 +56,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 RUN_MARKS = ("lora", "unet", "metrics.jsonl", "summary.json")  # what a run writes besides its checkpoints
+                                                               # (metrics.jsonl only once it has a row)
 
 
 def holds_a_run(output_dir: str | os.PathLike) -> str | None:
@@ -63,7 +64,10 @@ def holds_a_run(output_dir: str | os.PathLike) -> str | None:
     out = Path(output_dir)
     if list_checkpoints(root_of(out)):
         return f"{DIRNAME}/"
-    return next((m + ("/" if (out / m).is_dir() else "") for m in RUN_MARKS if (out / m).exists()), None)
+    def made(m: str) -> bool:  # a run that failed before its first step leaves an empty metrics.jsonl
+        p = out / m
+        return p.exists() and (p.is_dir() or p.stat().st_size > 0)
+    return next((m + ("/" if (out / m).is_dir() else "") for m in RUN_MARKS if made(m)), None)
 
 
 def set_aside_newer(resume_path: Path) -> Path | None:
@@ -77,15 +81,15 @@ def set_aside_newer(resume_path: Path) -> Path | None:
     newer = [p for p in list_checkpoints(root) if int(p.name[len(PREFIX):]) > step]
     if not newer:
         return None
-    aside = root / f"superseded-after-step-{step}"
-    aside.mkdir(exist_ok=True)
+    aside, n = root / f"superseded-after-step-{step}", 1
+    while aside.exists():  # an earlier branch from the same step keeps its own folder
+        n += 1
+        aside = root / f"superseded-after-step-{step}-{n}"
+    aside.mkdir()
     for p in newer:
-        target = aside / p.name
-        if target.exists():
-            shutil.rmtree(target)  # an even older abandoned branch's copy of the same step
-        p.rename(target)
+        p.rename(aside / p.name)
     log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
-                "branch", step, ", ".join(p.name for p in newer), aside)
+                "branch", step, ", ".join(p.name for p in reversed(newer)), aside)
     return aside
 
 
@@ -401,11 +405,14 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
     with (gather(modify=True) if gather is not None else contextlib.nullcontext()):
         load_trainable(bare_unet, path)
     if engine is None:
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
         try:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"checkpoint {path}: its optimizer state does not fit this run ({str(e)[:120]}); "
                             "resume with the optimizer it was trained with") from None
+        for group, settings in zip(optimizer.param_groups, hyper):
+            group.update(settings)  # the moments come from the checkpoint; lr, weight decay... from this run
     rngs = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     if len(rngs) != world:

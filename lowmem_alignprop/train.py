@@ -128,7 +128,7 @@ def prepare_inputs(cfg: Config):
 
     cfg.validate()
     prompts = load_prompts(cfg.prompts)
-    check_reward_spec(cfg.reward, resolution=cfg.resolution)  # unknown names, unimportable or broken user rewards
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
     resolve_model(cfg.model)  # missing paths fail here
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -219,9 +219,15 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                                                     False) + f" [{first_line(e, 100)}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
-    with torch.no_grad():  # a reward that returns the wrong shape fails here, before anything is written
-        reward(torch.full((1, 3, 64, 64), 0.5, device=device if place.where.get("reward") == "device" else "cpu"),
-               prompts[:1])
+    try:
+        with torch.no_grad():  # a reward that fails on its device or in no-grad mode (as for the sample images)
+            reward(torch.full((1, 3, 64, 64), 0.5, device=device if place.where.get("reward") == "device" else "cpu"),
+                   prompts[:1])
+    except (UserError, *faults.OOM_ERRORS):
+        raise
+    except Exception as e:  # before anything is written
+        raise UserError(f"the reward {cfg.reward!r} raised {type(e).__name__} on a test image without gradient "
+                        f"(as for the sample images): {first_line(e)}; fix it") from None
 
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -255,7 +261,14 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             place.to_device("vae", vae)
             place.to_device("reward", reward)
             imgs = decode(vae, lat, sliced=True)
-            r = reward(imgs, batch_prompts).float()
+            try:
+                r = reward(imgs, batch_prompts).float()
+            except faults.OOM_ERRORS:
+                raise
+            except Exception as e:  # the user's reward on the sample images: their error, named
+                raise UserError(f"the reward {cfg.reward!r} raised {type(e).__name__} while scoring the fixed-seed "
+                                f"sample images: {first_line(e)}; fix it, or skip the samples with --set "
+                                "sample_prompts=0") from None
             place.park("vae", vae)
             place.park("reward", reward)
         return imgs.float().cpu(), r.cpu()
@@ -333,6 +346,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 if any_rank(accelerator, bad is not None):  # every rank skips together (DDP needs all backwards)
                     optimizer.zero_grad(set_to_none=True)
                     return None, bad or "the reward on another process"
+                if not loss.requires_grad:  # a reward that lost its graph on this batch (.detach(), numpy, ...)
+                    raise UserError(f"the reward {cfg.reward!r} returned scores with no gradient to the images: "
+                                    "AlignProp needs a differentiable reward on every batch")
                 with guard.stage(stages.BACKWARD):
                     accelerator.backward(loss)  # gradients reach only the LoRA weights
                 del latents  # free the graph's inputs before the next rollout
@@ -466,7 +482,10 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 final.save_pretrained(out / "unet")
     after = None
     if before is not None and stop.name is None:
-        after = generate(sample_prompts, cfg.seed + 12345)
+        try:
+            after = generate(sample_prompts, cfg.seed + 12345)
+        except UserError as e:  # the LoRA and summary are still written
+            log.warning("%s (the before/after samples are left out)", e)
     if is_main:
         if lora is not None:
             comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,

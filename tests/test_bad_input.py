@@ -325,6 +325,25 @@ def nan(images, prompts):
 
 def make(scale):  # a factory whose argument the trainer cannot give
     return lambda images, prompts: scale * images.mean((1, 2, 3))
+
+def gradonly(images, prompts):  # fails without gradient, as when the sample images are scored
+    if not torch.is_grad_enabled():
+        raise RuntimeError("no scoring without grad")
+    return images.mean((1, 2, 3))
+
+TABLE = {"a red car": 1.0, "a blue boat": 2.0}
+
+def lookup(images, prompts):  # valid for the run's own prompts only
+    return images.mean((1, 2, 3)) * torch.tensor([TABLE[p] for p in prompts])
+
+calls = {"n": 0}
+
+def sometimes(images, prompts):  # loses its gradient on the second training batch
+    if images.shape[0] == 1 and torch.is_grad_enabled():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return images.mean((1, 2, 3)).detach()
+    return images.mean((1, 2, 3))
 '''
 
 
@@ -335,6 +354,7 @@ def make(scale):  # a factory whose argument the trainer cannot give
     ("qa_rewards:detached", "returned scores with no gradient to the images"),
     ("qa_rewards:nan", "returned NaN or inf"),
     ("qa_rewards:make", "building it failed with TypeError"),
+    ("qa_rewards:gradonly", "raised RuntimeError on a test image without gradient (as for the sample images)"),
     ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),
 ])
 def test_a_broken_user_reward_is_named_before_anything_loads(term, needle, tmp_path, capsys, monkeypatch):
@@ -374,3 +394,19 @@ def test_a_reward_that_fails_mid_run_keeps_the_finished_steps(tmp_path, capsys, 
     assert main([*args, "--resume", "latest"]) == 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_the_startup_reward_check_uses_the_runs_prompts_and_a_lost_gradient_mid_run_is_named(tmp_path, capsys,
+                                                                                              monkeypatch):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "qa_rewards2.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(mods))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na blue boat\n")
+    assert main([*FAST, "--output-dir", str(tmp_path / "ok"), "--reward", "qa_rewards2:lookup", "--steps", "1",
+                 "--prompts", str(prompts)]) == 0
+    out = tmp_path / "run"
+    line = fails(capsys, [*FAST, "--output-dir", str(out), "--reward", "qa_rewards2:sometimes", "--steps", "3"],
+                 "step 2: the reward 'qa_rewards2:sometimes' returned scores with no gradient to the images")
+    assert "step 1 is saved in" in line

@@ -174,8 +174,12 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     old = {p.name: weights(p) for p in ckpt.list_checkpoints(run / "checkpoints")}
     assert sorted(old) == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
     back = run / "checkpoints" / "step-00000002"
-    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # with another lr: it must apply
+        assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back),
+                     "--set", "lr=0.02"]) == 0
+    import torch
+    groups = torch.load(run / "checkpoints" / "step-00000003" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {g["lr"] for g in groups} == {0.02}  # the moments came from the checkpoint, the lr from this run
     assert "moved to" in caplog.text and "superseded-after-step-2" in caplog.text
     aside = run / "checkpoints" / "superseded-after-step-2"
     assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
@@ -184,6 +188,10 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
         "step-00000003", "step-00000002", "step-00000001"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
     assert [r["step"] for r in rows(run)] == [1, 2, 3]
+    # the same step resumed again: the branch set aside first keeps its folder
+    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
+    assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == ["step-00000003"]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
     # a checkpoint of this run resumed into another folder: this run's checkpoints are not touched
     listing = sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*"))
     other = tmp_path / "other"
@@ -191,3 +199,11 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
                  "--resume", str(run / "checkpoints" / "step-00000001")]) == 0
     assert sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*")) == listing
     assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["step-00000002"]
+
+
+def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
+    (tmp_path / "config.yaml").write_text("steps: 2\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert ckpt.holds_a_run(tmp_path) is None  # the same command may run there again
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert ckpt.holds_a_run(tmp_path) == "metrics.jsonl"

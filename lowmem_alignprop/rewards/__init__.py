@@ -185,7 +185,7 @@ def _resolve_terms(spec: str) -> list[tuple[str, str, float]]:
     return resolved
 
 
-def check_reward_spec(spec: str, *, resolution: int | None = None) -> None:
+def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list[str] | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
     ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
@@ -204,19 +204,22 @@ def check_reward_spec(spec: str, *, resolution: int | None = None) -> None:
                 except Exception as e:
                     raise UserError(f"reward {name!r}: building it failed with {type(e).__name__}: {first_line(e)}; "
                                     "fix the function (images, prompts) -> tensor[B], or its factory") from None
-                probe_reward(module.freeze().to(device), resolution)
+                probe_reward(module.freeze().to(device), resolution, prompts)
 
 
-def probe_reward(reward: RewardModule, resolution: int) -> None:
-    """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels, as the trainer will: it must run,
+def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | None = None) -> None:
+    """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels with the first two of the run's
+    ``prompts``, as the trainer will: it must run,
     return one finite score per image and carry a gradient back to the images (AlignProp backpropagates through
     it). Each failure is a UserError naming the fix, before any model loads."""
     g = torch.Generator().manual_seed(0)
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
     images = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
-    what = f"reward {reward.name!r}, called on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
+    pair = (list(prompts or []) * 2)[:2] or ["a photo of a cat", "a painting of a dog"]
+    what = (f"reward {reward.name!r}, called on 2 random images (2x3x{resolution}x{resolution} in [0, 1]) with the "
+            f"prompts {pair}")
     try:
-        scores = reward(images, ["a photo of a cat", "a painting of a dog"])
+        scores = reward(images, pair)
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
     except Exception as e:
