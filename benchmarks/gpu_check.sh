@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options]   (OUT_DIR default: $OUT, else benchmarks/results)
 #
 # One call on an 80 GB card does everything in about 6 minutes with three trainings at a time:
-#   JOBS=3 DEADLINE=400 bash benchmarks/gpu_check.sh
+#   JOBS=3 DEADLINE=330 bash benchmarks/gpu_check.sh   (runs start until 330 s; each takes 1-4 min)
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
 # Split over calls with --match (comma-separated words of run names) or --only ladder,profiles,quant;
 # calls on the same day and device merge into one results file, saved after every run (a call killed at its
