@@ -67,6 +67,10 @@ def _lora_file(path: Path, arg: str) -> Path:
         if path.suffix.lower() not in (".safetensors", ".bin"):
             raise UserError(f"--lora {arg}: {path} is not a LoRA weights file; pass a .safetensors file or its folder")
         return path
+    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():  # a training checkpoint
+        run = path.parent.parent
+        raise UserError(f"--lora {arg}: {path} is a training checkpoint, not a LoRA; pass {run / 'lora'} (written at "
+                        f"the end of the run), or continue training with --resume {path}")
     for folder in (path, path / "lora"):  # a run's output dir holds its LoRA in lora/
         if (folder / LORA_WEIGHT_NAME).is_file():
             return folder / LORA_WEIGHT_NAME

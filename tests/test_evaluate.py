@@ -253,17 +253,22 @@ def test_parse_lora_forms(tmp_path, loras):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
-                                  "zero_prompts"])
+                                  "zero_prompts", "checkpoint"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"  # what a training checkpoint holds
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    (step / "state.json").write_text("{}")
     args = {"missing": ["--lora", str(tmp_path / "nope")],
             "empty_dir": ["--lora", str(empty)],
             "bad_weight": ["--lora", f"{loras['a']}:half"],
             "no_weight": ["--lora", f"{loras['a']}:"],
             "other_model": ["--lora", str(loras["a"]), "--lora", f"{loras['other']}:0.5"],
             "no_lora": [],
-            "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"]}[case]
+            "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"],
+            "checkpoint": ["--lora", str(step)]}[case]
     out = tmp_path / "out"
     rc = main(["sample", *COMMON, *args, "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -272,7 +277,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert not out.exists()
     expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
                 "no_weight": "is not a number", "other_model": "[4, 48] in the LoRA, [4, 32] here",
-                "no_lora": "--lora DIR", "zero_prompts": "at least 1"}[case]
+                "no_lora": "--lora DIR", "zero_prompts": "at least 1",
+                "checkpoint": f"is a training checkpoint, not a LoRA; pass {tmp_path / 'run' / 'lora'}"}[case]
     assert expected in err[0], err[0]
 
 
