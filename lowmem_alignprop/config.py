@@ -285,7 +285,8 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
         # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
         values["k_max"] = steps
-        values["k_min"] = min(values.get("k_min", Config.k_min), steps)
+        if "k_min" not in user:  # one the user asked for is checked, as k and k_max are
+            values["k_min"] = min(values.get("k_min", Config.k_min), steps)
     return Config(**values).validate()
 
 

@@ -288,3 +288,5 @@ def test_every_profile_takes_either_truncation_and_fewer_steps(name):
     assert fewer.k_max <= 5 and fewer.k_min <= fewer.k_max
     with pytest.raises(UserError, match="k_max=8 is larger than sample_steps=5"):
         build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_max": 8})
+    with pytest.raises(UserError, match="k_min=8 is larger than k_max=5"):
+        build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_min": 8})
