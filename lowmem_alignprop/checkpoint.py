@@ -64,21 +64,29 @@ def holds_a_run(output_dir: str | os.PathLike) -> str | None:
     out = Path(output_dir)
     if list_checkpoints(root_of(out)):
         return f"{DIRNAME}/"
-    def made(m: str) -> bool:  # a run that failed before its first step leaves an empty metrics.jsonl
-        p = out / m
-        return p.exists() and (p.is_dir() or p.stat().st_size > 0)
-    return next((m + ("/" if (out / m).is_dir() else "") for m in RUN_MARKS if made(m)), None)
+    for mark in RUN_MARKS:
+        p = out / mark
+        if p.is_dir():
+            return f"{mark}/"
+        if p.is_file() and p.stat().st_size > 0:  # a run that failed before its first step leaves an empty one
+            return mark
+    return None
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a ``step-N`` checkpoint directory (None for any other name)."""
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def set_aside_newer(resume_path: Path) -> Path | None:
     """Resuming from an older checkpoint of a run starts a new branch: the run's newer checkpoints move into
     ``checkpoints/superseded-after-step-N/`` (kept, but no longer what ``--resume latest`` or rotation sees).
     Returns that folder, or None when there was nothing newer."""
-    root = resume_path.parent
-    step = int(resume_path.name[len(PREFIX):]) if resume_path.name.startswith(PREFIX) else None
+    root, step = resume_path.parent, step_of(resume_path)
     if step is None or root.name != DIRNAME:
         return None
-    newer = [p for p in list_checkpoints(root) if int(p.name[len(PREFIX):]) > step]
+    newer = [p for p in list_checkpoints(root) if step_of(p) > step]
     if not newer:
         return None
     aside, n = root / f"superseded-after-step-{step}", 1
@@ -99,8 +107,8 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
-            found.append((int(p.name[len(PREFIX):]), p))
+        if p.is_dir() and step_of(p) is not None:
+            found.append((step_of(p), p))
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -135,14 +135,16 @@ def _next_free_output_dir(cfg):
     from . import checkpoint as ckpt
 
     base = Path(cfg.output_dir)
+    mark = ckpt.holds_a_run(base)
+    if not mark:
+        return cfg
     out, n = base, 1
     while ckpt.holds_a_run(out):
         n += 1
         out = base.with_name(f"{base.name}-{n}")
-    if out != base:
-        logging.getLogger("lowmem_alignprop").warning("%s holds an earlier run (%s): this run writes to %s", base,
-                                                      "--resume latest continues it" if ckpt.list_checkpoints(
-                                                          ckpt.root_of(base)) else "left as it is", out)
+    logging.getLogger("lowmem_alignprop").warning(
+        "%s holds an earlier run (%s): this run writes to %s", base,
+        "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else "left as it is", out)
     return dataclasses.replace(cfg, output_dir=str(out))
 
 

@@ -157,6 +157,7 @@ def prepare_quantized_layers(model: nn.Module) -> int:
         count += m is base
     return count
 
+
 def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder: str = "unet"):
     """The UNet of a diffusers directory or hub id, loaded quantized through diffusers' bitsandbytes support.
 

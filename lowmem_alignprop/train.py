@@ -219,15 +219,19 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                                                     False) + f" [{first_line(e, 100)}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
-    try:
-        with torch.no_grad():  # a reward that fails on its device or in no-grad mode (as for the sample images)
-            reward(torch.full((1, 3, 64, 64), 0.5, device=device if place.where.get("reward") == "device" else "cpu"),
-                   prompts[:1])
-    except (UserError, *faults.OOM_ERRORS):
-        raise
-    except Exception as e:  # before anything is written
-        raise UserError(f"the reward {cfg.reward!r} raised {type(e).__name__} on a test image without gradient "
-                        f"(as for the sample images): {first_line(e)}; fix it") from None
+    def score(images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
+        """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
+        try:
+            return reward(images, batch_prompts).float()
+        except (UserError, *faults.OOM_ERRORS):
+            raise
+        except Exception as e:
+            raise UserError(f"the reward {cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
+                            f"{fix}") from None
+
+    with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before anything is written
+        score(torch.full((1, 3, 64, 64), 0.5, device=device if place.where.get("reward") == "device" else "cpu"),
+              prompts[:1], "on a test image without gradient (as for the sample images)")
 
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -261,14 +265,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             place.to_device("vae", vae)
             place.to_device("reward", reward)
             imgs = decode(vae, lat, sliced=True)
-            try:
-                r = reward(imgs, batch_prompts).float()
-            except faults.OOM_ERRORS:
-                raise
-            except Exception as e:  # the user's reward on the sample images: their error, named
-                raise UserError(f"the reward {cfg.reward!r} raised {type(e).__name__} while scoring the fixed-seed "
-                                f"sample images: {first_line(e)}; fix it, or skip the samples with --set "
-                                "sample_prompts=0") from None
+            r = score(imgs, batch_prompts, "while scoring the fixed-seed sample images",
+                      "fix it, or skip the samples with --set sample_prompts=0")
             place.park("vae", vae)
             place.park("reward", reward)
         return imgs.float().cpu(), r.cpu()
@@ -414,7 +412,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                 bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
                 continue
             except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
-                stage = getattr(e, "lowmem_stage", None)
+                stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
                 prof.end_step()
                 optimizer.zero_grad(set_to_none=True)
                 rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
@@ -429,7 +427,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                                     f"{first_line(e)}{kept}") from None
                 if saved:
                     log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step,
-                              stage or "the loop", saved)
+                              stage, saved)
                 raise
             mem = prof.end_step()
             if step == start + 1:

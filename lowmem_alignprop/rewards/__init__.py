@@ -209,9 +209,9 @@ def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list
 
 def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | None = None) -> None:
     """Call ``reward`` on two random images in [0, 1] of ``resolution`` pixels with the first two of the run's
-    ``prompts``, as the trainer will: it must run,
-    return one finite score per image and carry a gradient back to the images (AlignProp backpropagates through
-    it). Each failure is a UserError naming the fix, before any model loads."""
+    ``prompts``, as the trainer will: it must run, return one finite score per image and carry a gradient back to
+    the images (AlignProp backpropagates through it). Each failure is a UserError naming the fix, before any model
+    loads."""
     g = torch.Generator().manual_seed(0)
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
     images = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
