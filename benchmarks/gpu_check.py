@@ -214,11 +214,6 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
     return merged
 
 
-def merge_results(path: Path, doc: dict, committed: Path | None = None) -> dict:
-    """:func:`merge_docs` of the results file at ``path`` (or ``committed``, see :func:`load_previous`) and ``doc``."""
-    return merge_docs(load_previous(path, committed), doc)
-
-
 def versions() -> dict:
     from lowmem_alignprop.profiler import library_versions
 

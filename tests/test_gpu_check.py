@@ -59,7 +59,7 @@ def test_a_second_call_merges_into_the_first(smoke, tmp_path):
                          {"name": "ladder + VAE checkpointing (up-blocks)", "status": "ok"}],  # new: appended
               "profiles": [{"name": profile["name"], "status": "skipped (deadline)"},  # skipped: keeps the old
                            {"name": "laptop-6gb sd15 512 nf4", "status": "skipped (deadline)"}]}
-    merged = gc.merge_results(path, second)
+    merged = gc.merge_docs(gc.load_previous(path), second)
     assert [r["name"] for r in merged["ladder"]] == [ladder["name"], "ladder + VAE checkpointing (up-blocks)"]
     assert merged["ladder"][0]["wall_seconds"] == -1.0
     assert merged["profiles"][0] == profile
@@ -68,10 +68,10 @@ def test_a_second_call_merges_into_the_first(smoke, tmp_path):
     assert [c["command"] for c in merged["calls"]] == [smoke["calls"][0]["command"], second["command"]]
     # an empty output folder (a device's $OUT) merges into the checkout's committed file of the same name
     fresh = tmp_path / "out" / path.name
-    again = gc.merge_results(fresh, dict(copy.deepcopy(second), quant={"ok": True}), committed=path)
+    again = gc.merge_docs(gc.load_previous(fresh, committed=path), dict(copy.deepcopy(second), quant={"ok": True}))
     assert again["profiles"][0] == profile and again["quant"] == {"ok": True}
     # no earlier file: this call's results as they are
-    alone = gc.merge_results(tmp_path / "none.json", copy.deepcopy(second))
+    alone = gc.merge_docs(gc.load_previous(tmp_path / "none.json"), copy.deepcopy(second))
     assert alone["ladder"] == second["ladder"] and len(alone["calls"]) == 1
 
 
