@@ -133,19 +133,30 @@ def _next_free_output_dir(cfg):
     from pathlib import Path
 
     from . import checkpoint as ckpt
+    from .runlock import holder
+
+    def taken(folder: Path) -> str | None:
+        return ("a run still going" if holder(folder) else None) or ckpt.holds_a_run(folder)
 
     base = Path(cfg.output_dir)
-    mark = ckpt.holds_a_run(base)
+    mark = taken(base)
     if not mark:
         return cfg
-    out, n = base, 1
-    while ckpt.holds_a_run(out):
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
+    out = next_free_dir(base, taken)
     logging.getLogger("lowmem_alignprop").warning(
         "%s holds an earlier run (%s): this run writes to %s", base,
-        "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else "left as it is", out)
+        "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else mark if mark == "a run still going"
+        else "left as it is", out)
     return dataclasses.replace(cfg, output_dir=str(out))
+
+
+def next_free_dir(base, taken):
+    """``base``, or the first of ``base-2``, ``base-3``... for which ``taken(folder)`` is falsy."""
+    out, n = base, 1
+    while taken(out):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _check_device_for_profile(name: str) -> None:

@@ -253,8 +253,9 @@ def sample_main(argv: list[str]) -> int:
     if not args.lora:
         raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
-    if args.output_dir is None:
-        args.output_dir = DEFAULT_OUTPUT_DIR
+    if args.output_dir is None:  # an earlier evaluation there is kept: this one goes to outputs/sample-2, -3...
+        from .cli import next_free_dir
+        args.output_dir = str(next_free_dir(Path(DEFAULT_OUTPUT_DIR), lambda d: (d / RESULTS_NAME).exists()))
     from .cli import resolve_config
 
     profile_name, cfg = resolve_config(args)
@@ -319,6 +320,8 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     }
 
     out = Path(cfg.output_dir)  # written only now: bad input above leaves nothing behind
+    if (out / RESULTS_NAME).exists():
+        logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
     save_sample_grid(out / GRID_NAME, labels, (base_images, base_r), (lora_images, lora_r), row_names=("base", "lora"))

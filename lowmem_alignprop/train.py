@@ -29,6 +29,7 @@ from .errors import UserError, first_line
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
+from .runlock import RunLock, check_free, global_rank
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, rollout, without_autocast)
 
@@ -156,6 +157,25 @@ def check_writable(out: Path) -> None:
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
           resume: str | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
+    prompts = prepare_inputs(cfg)
+    cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
+    if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from .distributed import adopt_launcher_deepspeed
+        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
+    out = Path(cfg.output_dir)
+    check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
+    mark = None if resume else ckpt.holds_a_run(out)
+    if mark:
+        cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
+                "it has no checkpoint to continue from:")
+        raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
+                        "(nothing was overwritten)")
+    with RunLock(out, enabled=global_rank() == 0):  # no second run (or --resume of this one) writes here meanwhile
+        return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot, resume=resume)
+
+
+def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
+           memory_snapshot: tuple[int, int] | None, resume: str | None) -> dict:
     from tqdm.auto import tqdm
 
     from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3, whole_models
@@ -163,19 +183,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     from .profiler import StageProfiler
     from .rewards import build_reward
 
-    prompts = prepare_inputs(cfg)
-    cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
-    if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from .distributed import adopt_launcher_deepspeed
-        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
-    out = Path(cfg.output_dir)
     resume_path = resume_state = None
-    mark = None if resume else ckpt.holds_a_run(out)
-    if mark:
-        cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
-                "it has no checkpoint to continue from:")
-        raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
-                        "(nothing was overwritten)")
     if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
         resume_path = ckpt.find_resume(out, resume)
         resume_state = ckpt.read_state(resume_path)

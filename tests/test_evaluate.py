@@ -5,6 +5,7 @@ them) so the file stays fast; a slow test trains a real brightness LoRA. ``sampl
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -293,3 +294,18 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
                  "--output-dir", str(out)]) == 0
     r = json.loads((out / RESULTS_NAME).read_text())
     assert r["difference"] > 0.002, r["difference"]
+
+
+def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    one = ["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1"]
+    assert main([*one, "--seed", "1"]) == 0
+    first = (tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text()
+    assert main([*one, "--seed", "2"]) == 0
+    assert (tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text() == first  # left as it was
+    second = json.loads((tmp_path / "outputs" / "sample-2" / RESULTS_NAME).read_text())
+    assert second["seed"] == 2 and json.loads(first)["seed"] == 1
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # a folder the user names is reused, saying so
+        assert main([*one, "--seed", "3", "--output-dir", "outputs/sample"]) == 0
+    assert "outputs/sample held an earlier evaluation: replacing it" in caplog.text
+    assert json.loads((tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text())["seed"] == 3

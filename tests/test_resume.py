@@ -137,7 +137,7 @@ def test_atomic_publish_replaces_an_existing_step(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # no temp or old copies left
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir):
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
@@ -149,6 +149,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 2  # it is live: refused
+    assert "another run is writing to" in capsys.readouterr().err
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-2000:]
