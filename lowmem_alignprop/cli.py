@@ -11,7 +11,8 @@ import os
 import sys
 
 from .config import build_config, field_help, parse_set
-from .errors import UserError
+from .errors import UserError, same_on_every_rank
+from .runlock import global_rank
 
 COMMANDS = ("train", "plan", "sample", "profiles")
 
@@ -115,12 +116,13 @@ def cmd_train(argv: list[str]) -> int:
         args.set.append(f"checkpoint_every={args.checkpoint_every}")
     if args.auto_fit:
         args.set.append("auto_fit=true")
-    name, cfg = resolve_config(args)
-    snapshot = parse_snapshot(args.memory_snapshot)
-    _check_device_for_profile(name)
-    chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
-    if not chosen and not args.resume:
-        cfg = _next_free_output_dir(cfg)
+    with same_on_every_rank():
+        name, cfg = resolve_config(args)
+        snapshot = parse_snapshot(args.memory_snapshot)
+        _check_device_for_profile(name)
+        chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
+        if not chosen and not args.resume:
+            cfg = _next_free_output_dir(cfg)
     from .train import train
     train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume)
     return 0
@@ -203,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = global_rank()
+        if rank and getattr(e, "same_on_every_rank", False):
+            import time
+            time.sleep(5)  # rank 0 prints it: exiting at once could have the launcher stop rank 0 before it does
+            return 2
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import faults, stages
 from .config import Config
-from .errors import UserError, first_line
+from .errors import UserError, first_line, same_on_every_rank
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
@@ -157,19 +157,20 @@ def check_writable(out: Path) -> None:
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
           resume: str | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
-    prompts = prepare_inputs(cfg)
-    cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
-    if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from .distributed import adopt_launcher_deepspeed
-        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
-    out = Path(cfg.output_dir)
-    check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
-    mark = None if resume else ckpt.holds_a_run(out)
-    if mark:
-        cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
-                "it has no checkpoint to continue from:")
-        raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
-                        "(nothing was overwritten)")
+    with same_on_every_rank():
+        prompts = prepare_inputs(cfg)
+        cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
+        if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            from .distributed import adopt_launcher_deepspeed
+            adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
+        out = Path(cfg.output_dir)
+        check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
+        mark = None if resume else ckpt.holds_a_run(out)
+        if mark:
+            cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
+                    "it has no checkpoint to continue from:")
+            raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
+                            "(nothing was overwritten)")
     with RunLock(out, enabled=global_rank() == 0):  # no second run (or --resume of this one) writes here meanwhile
         return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot, resume=resume)
 
@@ -185,9 +186,10 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
 
     resume_path = resume_state = None
     if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
-        resume_path = ckpt.find_resume(out, resume)
-        resume_state = ckpt.read_state(resume_path)
-        ckpt.check_config(resume_state, cfg, resume_path)
+        with same_on_every_rank():
+            resume_path = ckpt.find_resume(out, resume)
+            resume_state = ckpt.read_state(resume_path)
+            ckpt.check_config(resume_state, cfg, resume_path)
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
     is_main = accelerator.is_main_process

@@ -64,3 +64,24 @@ def test_module_entry_point_and_help():
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--reward", "nope", "--profile", "cpu"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_name_their_rank(monkeypatch, capsys):
+    import lowmem_alignprop.cli as cli
+    from lowmem_alignprop.errors import UserError, same_on_every_rank
+
+    def input_error(argv):
+        with same_on_every_rank():
+            raise UserError("k=20 is larger than sample_steps=10")
+
+    def rank_error(argv):
+        raise UserError("step 3: the reward raised")
+
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # the wait that lets rank 0 print first
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, handler, printed in [("1", input_error, ""), ("0", input_error, "error: k=20 is larger than "
+                                   "sample_steps=10\n"), ("1", rank_error, "error: [rank 1] step 3: the reward raised\n")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(cli, "cmd_train", handler)
+        assert cli.main([]) == 2
+        assert capsys.readouterr().err == printed

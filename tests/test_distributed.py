@@ -158,3 +158,14 @@ def test_deepspeed_zero3_param_offload_two_processes(tmp_path, tiny_dir):
     assert state["world_size"] == 2 and state["rank_weight_sums"][0] == state["rank_weight_sums"][1]
     parts = sorted(p.name for p in (ckpt.find_resume(out, "latest") / "deepspeed" / "state").iterdir())
     assert parts == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+
+
+def test_bad_input_under_a_launcher_is_one_line_from_rank_0(tmp_path, tiny_dir):
+    out = tmp_path / "bad"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+                        "--set", "k=20", "--output-dir", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: k=20 is larger than sample_steps=3: use --set k=3 or raise sample_steps"], r.stderr[-3000:]
+    assert not out.exists()
