@@ -382,7 +382,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                **({"loss_scale": accelerator.scaler.get_scale(), "update_skipped": scaler_skipped}
+                **({"grad_scale": accelerator.scaler.get_scale(), "update_skipped": scaler_skipped}
                    if accelerator.scaler is not None else {}),
                 "seconds": time.perf_counter() - t0}, None
 

@@ -235,7 +235,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
                  "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
     got = rows(out)
     assert [r["step"] for r in got] == [1, 2, 3] and all("skipped" not in r for r in got)
-    assert got[0]["update_skipped"] and got[0]["loss_scale"] == 1024.0
+    assert got[0]["update_skipped"] and got[0]["grad_scale"] == 1024.0
     assert not torch.isfinite(torch.tensor(got[0]["grad_norm"]))
     assert all(not r["update_skipped"] and 0 < r["grad_norm"] < 1e3 for r in got[1:])
 
