@@ -169,6 +169,8 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.is_dir():
         raise UserError(f"{path} is a directory; a single-file checkpoint (.safetensors or .ckpt) is expected here "
                         "(a diffusers model directory is loaded as a model directory, not as a single file)")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): its download or copy did not finish; fetch it again")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -196,7 +198,8 @@ def _torch_load(path: Path) -> dict:
         if "Unsupported global" in str(e):  # a disallowed class, not a damaged file
             raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
                             "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
-        raise
+        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (damaged, truncated, or "
+                        "another format); re-download it, or pass a .safetensors file") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -230,9 +233,9 @@ def _detect_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> str:
         return "sd21"
     if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         return "sd15"
-    if any(k.startswith(("lora_", "lora.")) or ".lora_" in k for k in shapes):
-        raise UserError(f"{where} is a LoRA file, not a base model; pass the base model checkpoint here. Supported: "
-                        f"{_SUPPORTED}")
+    if any(k.startswith(("lora_", "lora.")) or ".lora_" in k or ".lora." in k for k in shapes):
+        raise UserError(f"{where} is a LoRA file, not a base model: pass the base model it was trained on as "
+                        f"--model; to see what the LoRA does, run `lowmem-alignprop sample --lora {where}`")
     if any(re.match(r"(down_blocks|up_blocks|mid_block)\.", k) for k in shapes):
         raise UserError(f"{where} holds diffusers-layout weights (a single component?), not an original single-file "
                         "checkpoint; pass the diffusers model directory instead of this file")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DEFAULT_OUTPUT_DIR = "outputs/sample"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
@@ -59,7 +59,24 @@ class LoraSpec:
 # input checks (before any model loads or anything is written)
 # ---------------------------------------------------------------------------------------------------------
 def _lora_file(path: Path, arg: str) -> Path:
-    """The weights file of a LoRA given as a file, a ``lora/`` folder, or a training run's output folder."""
+    """The weights file of a LoRA given as a file, a ``lora/`` folder, or a training run's output folder,
+    checked to be a readable LoRA before any model loads."""
+    file = _find_lora_file(path, arg)
+    if file.stat().st_size == 0:
+        raise UserError(f"--lora {arg}: {file} is empty (0 bytes): its copy or download did not finish; copy it again")
+    if file.suffix.lower() == ".safetensors":
+        try:
+            layers = _layers_in_file(file)
+        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+            raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
+                            "copy it again from the run's lora/ folder") from None
+        if layers == 0:
+            raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
+                            "lora/ folder a training run wrote")
+    return file
+
+
+def _find_lora_file(path: Path, arg: str) -> Path:
     if not path.exists():
         raise UserError(f"--lora {arg}: {path} does not exist; pass the lora/ folder a training run wrote "
                         f"(e.g. outputs/run/lora), optionally with a weight: DIR:0.5")
@@ -274,6 +291,9 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
 
     t0 = time.perf_counter()
     prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
+    if len(prompts) < num_prompts:
+        logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
+                                                      num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32  # no fast fp16 on CPU
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until

@@ -54,9 +54,8 @@ def resolve_model(spec: str) -> tuple[str, str]:
         return "arch", spec
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
-            raise UserError(f"{spec} is a directory but not a diffusers model (no model_index.json): pass the "
-                            "folder that `save_pretrained` wrote, or a single .safetensors/.ckpt file")
+        from .model_check import check_model_dir
+        check_model_dir(path, spec)  # a complete SD text-to-image model, from its JSON files alone
         return "dir", str(path)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -102,9 +101,14 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
-            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path or hub id "
-                            "(hub ids need network access; offline, pass a local directory or file)") from None
-        comps = Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+            if kind == "hub":
+                raise UserError(hub_message("model", where, e)) from None
+            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+        if kind == "dir":
+            from .arch import _check_loaded
+            _check_loaded(pipe, where, Path(where))  # e.g. a tokenizer that loaded with 2 tokens
+        comps = Components(unet=getattr(pipe, "unet", None), vae=getattr(pipe, "vae", None),
+                           text_encoder=getattr(pipe, "text_encoder", None), tokenizer=getattr(pipe, "tokenizer", None),
                            scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
                            tokenizer_2=getattr(pipe, "tokenizer_2", None),
                            is_sdxl=getattr(pipe, "text_encoder_2", None) is not None, source=where,
@@ -112,6 +116,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if comps.unet is None or comps.vae is None or comps.text_encoder is None:
         raise UserError(f"{cfg.model} is not a Stable Diffusion model (needs unet, vae and text_encoder): "
                         "supported are SD 1.x, SD 2.x and SDXL")
+    from .model_check import check_loaded
+    check_loaded(comps, cfg.model)  # an inpainting UNet, or a text encoder of another model
     if quant != "none":
         q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
     if getattr(cfg, "vae", ""):
@@ -122,6 +128,19 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
     return comps
+
+
+def hub_message(what: str, repo: str, error: Exception) -> str:
+    """One line for a hub id that did not load: offline (the usual case here) or not a repository."""
+    text = str(error)
+    offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
+                                      "Connection", "does not appear to have a file named", "offline"))
+    if offline:
+        return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
+                f"set) nor found in the local cache: on a machine with network run `hf download {repo} --local-dir "
+                f"DIR`, then pass that DIR")
+    return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
+            "or pass a local directory")
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -162,8 +181,13 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"could not load vae={spec!r}: {first_line(e)}. It must match the model's VAE "
-                        "(same latent channels); hub ids need network access") from None
+        if not path.exists():
+            raise UserError(hub_message("vae", spec, e).replace("then pass that DIR", "then --set vae=DIR")) from None
+        if "meta tensor" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
+            raise UserError(f"vae={spec}: its weights do not fit the model's VAE architecture (other layer sizes): "
+                            "use a VAE made for this model, or leave vae empty for the model's own") from None
+        raise UserError(f"could not load vae={spec!r}: {first_line(e)}. It must be a VAE for this model "
+                        "(same latent channels and layer sizes)") from None
     if vae.config.latent_channels != own_vae.config.latent_channels:
         raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
                         f"{own_vae.config.latent_channels}: use a VAE made for this model")

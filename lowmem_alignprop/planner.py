@@ -383,11 +383,14 @@ def _hub_config_dir(repo: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, local_files_only=True,
+        root = Path(snapshot_download(repo, local_files_only=True,
                                       allow_patterns=["*.json", "*.txt", "tokenizer*/*"]))
     except Exception:  # not in the local cache (and the planner never downloads)
         raise UserError(f"plan needs the architecture of {repo!r} but it is not in the local Hugging Face cache: "
                         "use --model sd15|sd21|sdxl for its architecture, or a local diffusers directory") from None
+    from .model_check import check_model_dir
+    check_model_dir(root, repo)  # the cached configs of a complete SD model
+    return root
 
 
 def meta_components(cfg: Config, dtype: torch.dtype):
@@ -703,6 +706,10 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
         notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
                      "decodes in fp32: about twice the decode memory")
+    from .sampling import resolution_note
+    off_size = resolution_note(comps.unet, comps.vae, cfg.resolution)  # e.g. SDXL planned at 512 px
+    if off_size:
+        notes.append(off_size)
     # 3. fake storage for everything
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: [comps.text_encoder, comps.text_encoder_2],

@@ -62,3 +62,13 @@ def load_prompts(spec: str) -> list[str]:
         return read_prompt_file(path)
     raise UserError(f"unknown prompt set {spec!r}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
                     "text file with one prompt per line")
+
+
+def cut_prompts_note(tokenizer, prompts: list[str]) -> str | None:
+    """A warning when prompts are longer than the text encoder reads (CLIP: 77 tokens); diffusers cuts them."""
+    limit = tokenizer.model_max_length
+    cut = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
+    if not cut:
+        return None
+    return (f"{len(cut)} of {len(prompts)} prompts are longer than the {limit} tokens the text encoder reads: their "
+            f"ends are ignored (e.g. {cut[0][:60]!r}...); shorten them to keep every word")

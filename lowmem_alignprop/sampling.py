@@ -191,6 +191,17 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def resolution_note(unet, vae, resolution: int) -> str | None:
+    """A warning when ``resolution`` is half the model's native image size or less, or twice it or more."""
+    size = unet.config.sample_size
+    native = (size if isinstance(size, int) else max(size)) * vae_scale_factor(vae)
+    if native // 2 < resolution < native * 2:
+        return None
+    return (f"the model was made for {native} px images and this run uses {resolution} px: that far from its size "
+            f"its images, and so the reward's signal, are poor; --set resolution={native} (check the fit with "
+            "`lowmem-alignprop plan`)")
+
+
 def initial_latents(batch: int, unet, vae, resolution: int, generator: torch.Generator, device) -> torch.Tensor:
     side = resolution // vae_scale_factor(vae)
     shape = (batch, unet.config.in_channels, side, side)

@@ -29,9 +29,10 @@ from .errors import UserError, first_line, same_on_every_rank
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
 from .placement import Placement
+from .prompts import cut_prompts_note
 from .runlock import RunLock, check_free, global_rank
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
-                       make_pipeline, rollout, without_autocast)
+                       make_pipeline, resolution_note, rollout, without_autocast)
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -229,6 +230,11 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                                                     False) + f" [{first_line(e, 100)}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
                          "lora": params, "optimizer": optimizer})
+    for note in (resolution_note(unet, vae, cfg.resolution),  # e.g. SD1.5 under the cpu profile's 64 px
+                 cut_prompts_note(comps.tokenizer, prompts)):
+        if note and is_main:
+            log.warning(note)
+
     def score(images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
         try:

@@ -190,7 +190,8 @@ def test_reward_returning_the_wrong_shape(tmp_path, tiny_dir, capsys, monkeypatc
 def test_lora_file_given_as_the_base_model(trained, tmp_path, capsys):
     out = tmp_path / "run"
     fails(capsys, [*FAST, "--model", str(trained / "lora" / "pytorch_lora_weights.safetensors"),
-                   "--output-dir", str(out)], "is not a Stable Diffusion checkpoint")
+                   "--output-dir", str(out)], "is a LoRA file, not a base model: pass the base model it was "
+          "trained on as --model; to see what the LoRA does, run `lowmem-alignprop sample --lora")
     assert not out.exists()
 
 

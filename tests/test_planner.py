@@ -130,7 +130,14 @@ def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
     assert "text_encoder" not in fig[stages.BACKWARD]["on_device"] and "vae" in fig[stages.BACKWARD]["on_device"]
     assert set(r["allowances"]) == {"allocator_rounding", "reserved_factor", "workspaces", "cuda_context"}
     assert any("k_max=50" in n for n in r["notes"])
+    assert not any("the model was made for" in n for n in r["notes"])  # 512 px is SD1.5's own size
     assert r["estimate"]["seconds"] < 90
+
+
+def test_a_resolution_far_from_the_models_is_noted(tiny_dir, capsys):
+    assert main(["plan", "--profile", "cpu", "--set", "resolution=16", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("the model was made for 64 px images and this run uses 16 px" in n for n in notes), notes
 
 
 def test_too_small_budget_does_not_fit_and_the_suggestion_fits(tiny_dir, capsys):

@@ -1,0 +1,121 @@
+"""A model folder or file that is not a complete text-to-image SD model: one line naming what is wrong, the
+same from train, plan and sample, before anything loads (no traceback, nothing written, no network)."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from lowmem_alignprop.cli import main
+
+FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def broken_model(case, root, tiny_dir):
+    """A copy of the tiny model with one thing wrong (or a file that is not a model)."""
+    if case.endswith(".ckpt"):
+        path = root / case
+        path.write_bytes(b"" if case == "empty.ckpt" else bytes(range(256)) * 40)
+        return path
+    model = root / case
+    shutil.copytree(tiny_dir, model)
+    if case == "not_sd":  # e.g. an unconditional DDPMPipeline: a unet and a scheduler, nothing else
+        index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                 "scheduler": ["diffusers", "DDPMScheduler"]}
+        (model / "model_index.json").write_text(json.dumps(index))
+    elif case == "inpainting":
+        _edit_json(model / "unet" / "config.json", in_channels=9)
+    elif case in ("no_vae", "no_tokenizer"):
+        shutil.rmtree(model / case[3:])
+    elif case == "no_unet_config":
+        (model / "unet" / "config.json").unlink()
+    elif case == "other_text_encoder":
+        _edit_json(model / "text_encoder" / "config.json", hidden_size=64)
+    elif case == "index_not_json":
+        (model / "model_index.json").write_text("{not json")
+    return model
+
+
+CASES = [
+    ("not_sd", "holds a DDPMPipeline, not a Stable Diffusion model (it has no vae, text_encoder, tokenizer)"),
+    ("inpainting", "has a UNet with 9 input channels for a VAE with 4 latent channels: it is an inpainting"),
+    ("no_vae", "is incomplete: its model_index.json lists vae but the vae/ folder is missing"),
+    ("no_tokenizer", "is incomplete: its model_index.json lists tokenizer but the tokenizer/ folder is missing"),
+    ("no_unet_config", "unet has no config.json"),
+    ("other_text_encoder", "the UNet expects text embeddings 32 wide but its text encoder(s) give 64"),
+    ("index_not_json", "model_index.json is not valid JSON"),
+    ("garbage.ckpt", "it is not a PyTorch checkpoint (damaged, truncated, or another format)"),
+    ("empty.ckpt", "is empty (0 bytes)"),
+]
+
+
+@pytest.mark.parametrize("case, needle", CASES, ids=[c for c, _ in CASES])
+def test_train_and_plan_name_what_is_wrong_with_the_model(case, needle, tmp_path, tiny_dir, capsys):
+    model = broken_model(case, tmp_path, tiny_dir)
+    out = tmp_path / "run"
+    for command in ([], ["plan"]):
+        assert main([*command, *FAST, "--model", str(model), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]
+    assert not out.exists()
+
+
+def test_the_loaded_model_is_checked_too(tiny_dir):
+    """Hub ids and single files are checked on their loaded configs: an inpainting UNet is refused there."""
+    from diffusers import UNet2DConditionModel
+
+    from lowmem_alignprop.errors import UserError
+    from lowmem_alignprop.model_check import check_loaded
+    from lowmem_alignprop.models import Components, load_components
+    from lowmem_alignprop.config import Config
+
+    comps = load_components(Config(model=str(tiny_dir)))
+    check_loaded(comps, "tiny")  # the shipped tiny model passes
+    inpaint = UNet2DConditionModel.from_config({**comps.unet.config, "in_channels": 9})
+    with pytest.raises(UserError, match="9 input channels for a VAE with 4 latent channels"):
+        check_loaded(Components(**{**comps.__dict__, "unet": inpaint}), "owner/inpainting-model")
+
+
+def test_a_hub_id_offline_says_how_to_get_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", "someone/some-model", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'someone/some-model' is a Hugging Face hub id" in err and "hf download someone/some-model" in err, err
+    assert "local_files_only" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "is empty (0 bytes)"),
+                                             (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged")])
+def test_sample_checks_the_lora_file_before_loading_the_model(content, needle, tmp_path, capsys):
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(content)
+    out = tmp_path / "eval"
+    assert main(["sample", "--profile", "cpu", "--lora", str(lora), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_a_resolution_far_from_the_models_and_prompts_the_encoder_cuts_are_pointed_out(tmp_path, caplog):
+    import logging
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n" + "a very detailed photograph of a small grey cat on a red sofa " * 8 + "\n")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*FAST, "--set", "resolution=16", "--prompts", str(prompts), "--output-dir",
+                     str(tmp_path / "run")]) == 0
+    assert "the model was made for 64 px images and this run uses 16 px" in caplog.text
+    assert "--set resolution=64" in caplog.text
+    assert re.search(r"1 of 2 prompts are longer than the \d+ tokens the text encoder reads", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # at the model's own size: no warning
+        assert main([*FAST, "--output-dir", str(tmp_path / "run2")]) == 0
+    assert "the model was made for" not in caplog.text and "prompts are longer" not in caplog.text
