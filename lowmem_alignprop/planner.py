@@ -50,7 +50,7 @@ import torch
 
 from . import stages
 from .config import Config
-from .errors import UserError
+from .errors import UserError, first_line
 
 GIB = 1024**3
 MIB = 1024**2
@@ -811,6 +811,9 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             step_start = counter.current
             keep = run_step(parts, k=k_sim, seed=cfg.seed)
             del keep
+    except Exception as e:
+        _name_a_user_reward_that_needs_data(cfg.reward, e)
+        raise
     finally:
         torch.autograd.graph.save_on_cpu = save_on_cpu
         hook.remove()
@@ -841,6 +844,26 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                     peak_reserved=_reserved(peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
                     k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
                     seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
+    """A user reward that failed on fake tensors (it reads values: .item(), float(t), a branch on a value): one
+    line naming it, instead of the fake-tensor traceback. Other errors are left as they are."""
+    import importlib
+    import traceback
+
+    from .rewards import _resolve_terms
+
+    for kind, term, _ in _resolve_terms(spec):
+        if kind != "user":
+            continue
+        source = getattr(importlib.import_module(term.partition(":")[0].strip()), "__file__", None)
+        if source and any(frame.filename == source for frame in traceback.extract_tb(error.__traceback__)):
+            raise UserError(f"plan cannot follow the reward {term!r} with fake tensors: it failed there with "
+                            f"{type(error).__name__} ({first_line(error, 120)}), usually because it reads tensor "
+                            "values (.item(), float(t), an if on a value), which a plan has no data for. Plan with "
+                            "--reward brightness and add your reward model's own memory, or keep the reward to "
+                            "tensor operations") from None
 
 
 def _reserved(allocated: int, cuda: bool) -> int:
@@ -1098,8 +1121,10 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
     args = p.parse_args(argv)
     name, cfg = resolve_config(args)
+    from .prompts import load_prompts
     from .rewards import check_reward_spec
-    check_reward_spec(cfg.reward)
+    # a user reward that fails, returns NaN or loses the gradient is named here, as train would
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
     logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     with warnings.catch_warnings():

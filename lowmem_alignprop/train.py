@@ -132,11 +132,22 @@ def prepare_inputs(cfg: Config):
     prompts = load_prompts(cfg.prompts)
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
     resolve_model(cfg.model)  # missing paths fail here
+    check_tracker(cfg.report_to)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file: choose a directory")
     check_writable(out)
     return prompts
+
+
+def check_tracker(report_to: str) -> None:
+    """--report-to needs its package: without it accelerate would drop the tracker with a warning only."""
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if needs and not any(importlib.util.find_spec(n) for n in needs):
+        raise UserError(f"--report-to {report_to} needs the {needs[0]} package, which is not installed: "
+                        f"pip install -e \".[{report_to}]\" (or pip install {needs[0]}), or leave --report-to out")
 
 
 def check_writable(out: Path) -> None:

@@ -293,3 +293,19 @@ def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
     assert out["found"] is None
     assert calls == [384, 256]
     assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
+
+
+def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, monkeypatch, capsys, tiny_dir):
+    (tmp_path / "plan_rewards_mod.py").write_text(
+        "def reads_values(images, prompts):\n"
+        "    s = images.mean(dim=(1, 2, 3))\n"
+        "    return s / max(float(s.detach().max().item()), 1e-3)\n\n"
+        "def raises(images, prompts):\n"
+        "    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for term, needle in [("reads_values", "plan cannot follow the reward 'plan_rewards_mod:reads_values' with fake "
+                                          "tensors: it failed there with DataDependentOutputException"),
+                         ("raises", "raised RuntimeError: boom; fix the function")]:
+        assert main(["plan", "--profile", "cpu", "--reward", f"plan_rewards_mod:{term}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]

@@ -22,3 +22,18 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir):
     assert "samples/before_after" in tags["images"]
     img = acc.Images("samples/before_after")[0]
     assert img.width > 100 and img.height > 100
+
+
+@pytest.mark.parametrize("tracker, package", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads(tracker, package, tmp_path, capsys,
+                                                                              monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in (package, "tensorboardX") else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--report-to", tracker]) == 2
+    err = capsys.readouterr().err
+    assert f"--report-to {tracker} needs the {package} package, which is not installed" in err
+    assert f'pip install -e ".[{tracker}]"' in err and err.count("\n") == 1
+    assert not out.exists()
