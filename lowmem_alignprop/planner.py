@@ -878,8 +878,9 @@ def _has_model_reward(cfg: Config) -> bool:
     return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R._resolve_terms(cfg.reward))
 
 
-def candidate_changes(cfg: Config, target: str = "cuda") -> list[tuple[str, dict[str, Any]]]:
-    """Memory features this configuration does not use yet, cheapest in speed first (one step each)."""
+def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Memory features this configuration does not use yet, cheapest in speed first (one step each). A smaller
+    batch keeps ``images`` per optimizer step (default: this configuration's) through more accumulation."""
     out: list[tuple[str, dict[str, Any]]] = []
     if not cfg.cache_prompt_embeddings:
         out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
@@ -906,9 +907,10 @@ def candidate_changes(cfg: Config, target: str = "cuda") -> list[tuple[str, dict
                     {"tiled_decode": True, "sliced_decode": False}))
     if cfg.batch_size > 1:
         b = cfg.batch_size // 2
-        accum = cfg.grad_accum * cfg.batch_size // b
-        out.append((f"batch {b} per micro-step, grad_accum {accum} (about the same images per step)",
-                    {"batch_size": b, "grad_accum": accum}))
+        was = images or cfg.batch_size * cfg.grad_accum
+        accum = math.ceil(was / b)  # never fewer images per optimizer step
+        same = f"the same {was} images per step" if b * accum == was else f"{b * accum} images per step, was {was}"
+        out.append((f"batch {b} per micro-step, grad_accum {accum} ({same})", {"batch_size": b, "grad_accum": accum}))
     if cfg.resolution > 256:
         r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
         out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
@@ -949,19 +951,38 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
             return {"found": tried[-1], "tried": tried}
     # nothing alone suffices: accumulate, shrinking batch and resolution as far as they go
     total: dict[str, Any] = {}
-    labels: list[str] = []
+    steps: list[tuple[str, dict[str, Any]]] = []
     current = cfg
+
+    def label_of(changes: dict[str, Any]) -> str:  # only the steps still in effect (a later one may replace one)
+        return " + ".join(lab for lab, c in steps if all(changes.get(k) == v for k, v in c.items()))
+
     while len(tried) < max_estimates:
-        options = candidate_changes(current, target)
+        options = candidate_changes(current, target, images=cfg.batch_size * cfg.grad_accum)
         if not options:
             break
         label, change = options[0]
         total.update(change)
-        labels.append(label)
+        steps.append((label, change))
         current = _apply(cfg, total)
-        if check(" + ".join(labels), dict(total)):
-            return {"found": tried[-1], "tried": tried}
+        if check(label_of(total), dict(total)):
+            return {"found": _pruned(tried[-1], steps, check, label_of, max_estimates, tried), "tried": tried}
     return {"found": None, "tried": tried, "gave_up": len(tried) >= max_estimates}
+
+
+def _pruned(found: dict[str, Any], steps, check, label_of, max_estimates: int, tried: list) -> dict[str, Any]:
+    """Drop the accumulated changes the fit does not need (e.g. sliced decode once the batch is 1), earliest first,
+    with up to 4 estimates beyond the search's: the suggestion is then no more than what is needed."""
+    total = dict(found["set"])
+    for _, change in steps[:-1]:
+        if len(tried) >= max_estimates + 4:
+            break
+        if not all(total.get(k) == v for k, v in change.items()):
+            continue  # replaced by a later step
+        without = {k: v for k, v in total.items() if k not in change}
+        if check(label_of(without), without):
+            total, found = without, tried[-1]
+    return found
 
 
 def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:

@@ -309,3 +309,18 @@ def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, m
         assert main(["plan", "--profile", "cpu", "--reward", f"plan_rewards_mod:{term}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]
+
+
+def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_needs(tiny_dir, capsys):
+    args = ["plan", "--profile", "cpu", "--set", "batch_size=5", "--set", "budget_gb=0.02", "--json"]
+    assert main(args) == 0
+    s = json.loads(capsys.readouterr().out)["suggestion"]
+    assert s is not None and s["fits"]
+    change = s["set"]
+    assert change.get("batch_size", 5) * change.get("grad_accum", 1) == 5  # 5 images per step, as asked
+    assert "up-block" not in s["change"] and "decode one image" not in s["change"]  # replaced or not needed
+    for key in [k for k in change if k not in ("batch_size", "grad_accum")]:  # each remaining change is needed
+        rest = {k: v for k, v in change.items() if k != key}
+        sets = [x for k, v in rest.items() for x in ("--set", f"{k}={str(v).lower()}")]
+        assert main([*args, "--no-suggest", *sets]) == 0
+        assert json.loads(capsys.readouterr().out)["fits"] is False, key
