@@ -1099,8 +1099,9 @@ def format_plan(r: dict[str, Any]) -> str:
         share = 100 * r["peak_reserved"] / r["budget_bytes"]
         verdict = "FITS" if r["fits"] else "DOES NOT FIT"
         spare = (r["budget_bytes"] - r["peak_reserved"]) / GIB
+        digits = 1 if 99 <= share <= 101 else 0  # at the edge, "100%" could be either side of the verdict
         lines.append(f"  budget: {r['budget_gb']:g} GiB (profile {r['profile']}): {verdict} "
-                     f"({share:.0f}% of the budget, {spare:+.2f} GiB spare)")
+                     f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
     else:
         lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
     if r["fits"] is False:

@@ -324,3 +324,13 @@ def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_ne
         sets = [x for k, v in rest.items() for x in ("--set", f"{k}={str(v).lower()}")]
         assert main([*args, "--no-suggest", *sets]) == 0
         assert json.loads(capsys.readouterr().out)["fits"] is False, key
+
+
+def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
+    assert main(["plan", "--profile", "cpu", "--json", "--no-suggest"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    r.update(budget_bytes=int(r["peak_reserved"] / 1.0013), fits=False)
+    r["budget_gb"] = r["budget_bytes"] / GIB
+    assert "DOES NOT FIT (100.1% of the budget" in planner.format_plan(r)
+    r.update(budget_bytes=r["peak_reserved"] * 2, fits=True)
+    assert "FITS (50% of the budget" in planner.format_plan(r)
