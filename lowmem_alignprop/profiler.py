@@ -777,6 +777,7 @@ class StageProfiler:
         else:
             method = f"{self.device.type}: time and RSS only"
         steps_kept = [s["step"] for s in self.steps if s["step"] != warmup]
+        measured = _describe_steps(s["step"] for s in self.steps if s["peak_allocated"] is not None)
         return {
             "device": self.device_info(),
             "torch": torch.__version__,
@@ -786,9 +787,11 @@ class StageProfiler:
             "summary_steps": {
                 "steps": _describe_steps(steps_kept),
                 "warmup_excluded": warmup,
+                "peak_measured_steps": measured or None,  # on CPU only the detail steps measure a peak
                 "note": ("per-stage peaks are the max and seconds the mean over these steps"
                          + (f"; step {warmup} excluded as warm-up" if warmup is not None else "")
-                         + "; the overall peak includes every step"),
+                         + f"; peaks were measured in steps {measured or 'none'}, and the overall peak is the "
+                           "largest of them"),
             },
             "modules": self.modules,
             "stages": stages,
@@ -877,9 +880,15 @@ def _markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("- peak allocated: not measured (CPU without detail steps records time and RSS only)")
     summ = report["summary_steps"]
-    lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}"
-                 + (f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else "")
-                 + "; the overall peak includes every step")
+    measured = summ.get("peak_measured_steps")
+    excluded = f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else ""
+    if measured and measured != summ["steps"]:  # CPU: peaks only on the detail steps
+        lines.append(f"- per-stage figures: mean seconds over steps {summ['steps'] or 'none'}{excluded}; peaks "
+                     f"measured in step{'' if measured.isdigit() else 's'} {measured} only (the overall peak is the "
+                     "largest of them)")
+    else:
+        lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}{excluded}"
+                     "; the overall peak includes every step")
     lines.append(f"- method: {report['method']}")
     snap = report["snapshot"]
     if snap:

@@ -164,6 +164,9 @@ def test_write_produces_three_valid_files(two_steps, tmp_path):
     stage_rows = [r for r in rows if r in STAGES]
     assert stage_rows == list(STAGES)
     assert "| unet |" in md
+    # steps 2-3 are summarised, but only steps 1-2 (the detail steps) measured a peak on the CPU: the report says so
+    assert report["summary_steps"]["steps"] == "2-3" and report["summary_steps"]["peak_measured_steps"] == "1-2"
+    assert "mean seconds over steps 2-3 (step 1 excluded as warm-up); peaks measured in steps 1-2 only" in md
 
     with Image.open(tmp_path / "memory_report.png") as img:
         img.verify()
