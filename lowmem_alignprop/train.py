@@ -524,6 +524,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
             (out / "config.yaml").write_text(yaml.safe_dump({"profile": profile_name, **cfg.to_dict(),
                                                              "auto_fit_changes": fits}, sort_keys=False))
         prof.write(out)
+        fits_budget = prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         n = max(1, min(3, len(history) // 2))
         summary.update({
             "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
@@ -531,7 +532,9 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),
+            "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
             "attention": attention, "device": str(device), "output_dir": str(out),
+            "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, cfg, profile_name)
@@ -647,12 +650,16 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     if s.get("fp16_overflow_skips"):
         lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
                      "its scale (normal in the first steps)")
+    budget = {True: f" (budget {s.get('budget_gb')} GiB: fits)",
+              False: f", OVER the {s.get('budget_gb')} GiB budget: see memory_report.md", None: ""}
+    trained = (f"{s['output_dir']}/lora (pipe.load_lora_weights)" if s.get("trained", "lora") == "lora" else
+               f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
     lines += [
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
         + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
-        + f", attention {s['attention']}",
-        f" wrote: {s['output_dir']}/lora (pipe.load_lora_weights), "
-        + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "") + "metrics.jsonl,",
+        + budget[s.get("fits_budget")] + f", attention {s['attention']}",
+        f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
+        + "metrics.jsonl, summary.json,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
         "=" * 64,
     ]

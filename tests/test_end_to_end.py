@@ -41,6 +41,17 @@ def test_outputs_written(run_dir):
     assert report  # contents are tested in test_profiler.py
     for name in ("memory_report.md", "memory_report.png", "lora/pytorch_lora_weights.safetensors"):
         assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["budget_gb"] == 8.0 and summary["fits_budget"] is True and summary["trained"] == "lora"
+
+
+def test_a_run_over_its_budget_says_so_at_the_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "1", "--set", "sample_prompts=0",
+                 "--set", "sample_steps=2", "--set", "k=1", "--set", "budget_gb=0.01"]) == 0
+    assert "OVER the 0.01 GiB budget: see memory_report.md" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fits_budget"] is False and summary["peak_memory_gb"] > 0.01
 
 
 def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(run_dir, tiny_dir):
