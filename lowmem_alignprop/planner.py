@@ -1073,7 +1073,9 @@ def format_plan(r: dict[str, Any]) -> str:
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({r['autocast']})",
         f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
-        f"{cfg['sample_steps']} steps, {cfg['train_unet']} (r={cfg['lora_rank']}), {cfg['optimizer']}",
+        f"{cfg['sample_steps']} steps, "
+        + (f"lora (r={cfg['lora_rank']})" if cfg["train_unet"] == "lora" else "the full UNet trains")
+        + f", {cfg['optimizer']}",
         f"  features: {', '.join(feats)}",
         "",
         f"  {'stage':<15} {'allocated':>10} {'weights':>9} {'other':>9} {'reserved':>9}  on the device (GiB)",
@@ -1084,9 +1086,12 @@ def format_plan(r: dict[str, Any]) -> str:
             lines.append(f"  {name:<15} {'-':>10}")
             continue
         mark = "  <- peak" if name == r["peak_stage"] else ""
+        # train_unet=full: the trained weights are the whole UNet (the estimate counts them as "lora")
+        where = [("unet (trained)" if m == "lora" else m) for m in f["on_device"] if m != "unet"] \
+            if cfg["train_unet"] == "full" else f["on_device"]
         lines.append(f"  {name:<15} {_g(f['allocated']):>10} {_g(f['weights']):>9} "
                      f"{_g(f['allocated'] - f['weights']):>9} {_g(f['reserved']):>9}  "
-                     f"{', '.join(f['on_device'])}{mark}")
+                     f"{', '.join(where)}{mark}")
     cuda = r["target"] == "cuda"
     lines.append("")
     if cuda:

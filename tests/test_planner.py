@@ -334,3 +334,10 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
     assert "DOES NOT FIT (100.1% of the budget" in planner.format_plan(r)
     r.update(budget_bytes=r["peak_reserved"] * 2, fits=True)
     assert "FITS (50% of the budget" in planner.format_plan(r)
+
+
+def test_a_full_unet_plan_is_labelled_as_such(tiny_dir, capsys):
+    assert main(["plan", "--profile", "cpu", "--set", "train_unet=full", "--no-suggest"]) == 0
+    text = capsys.readouterr().out
+    assert "the full UNet trains" in text and "(r=" not in text
+    assert "unet (trained)" in text and ", lora" not in text
