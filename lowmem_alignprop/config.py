@@ -114,6 +114,19 @@ class Config:
     log_every: int = _f(1, "Print a per-step summary line every N steps.")
 
     # ------------------------------------------------------------------------------------------------
+    def check_installed(self) -> "Config":
+        """The packages this configuration runs with are installed (train and sample; a plan needs none of them)."""
+        if self.optimizer != "adamw" and not _has("bitsandbytes"):
+            raise UserError(f"optimizer={self.optimizer} needs bitsandbytes: pip install bitsandbytes, "
+                            "or use --set optimizer=adamw")
+        if self.base_quant != "none" and not _has("bitsandbytes"):
+            raise UserError(f"base_quant={self.base_quant} needs bitsandbytes: pip install bitsandbytes, "
+                            "or use --set base_quant=none")
+        if self.deepspeed_zero and not _has("deepspeed"):
+            raise UserError(f"deepspeed_zero={self.deepspeed_zero} needs DeepSpeed: pip install deepspeed, "
+                            "or use --set deepspeed_zero=0")
+        return self
+
     def validate(self) -> "Config":
         """Check types and impossible combinations. Raises UserError naming the fix."""
         hints = get_type_hints(Config)
@@ -169,17 +182,8 @@ class Config:
             raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
-        if self.optimizer != "adamw" and not _has("bitsandbytes"):
-            raise UserError(f"optimizer={self.optimizer} needs bitsandbytes: pip install bitsandbytes, "
-                            "or use --set optimizer=adamw")
-        if self.base_quant != "none" and not _has("bitsandbytes"):
-            raise UserError(f"base_quant={self.base_quant} needs bitsandbytes: pip install bitsandbytes, "
-                            "or use --set base_quant=none")
         if self.base_quant != "none" and self.train_unet == "full":
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
-        if self.deepspeed_zero and not _has("deepspeed"):
-            raise UserError(f"deepspeed_zero={self.deepspeed_zero} needs DeepSpeed: pip install deepspeed, "
-                            "or use --set deepspeed_zero=0")
         if self.offload != "none" and not self.deepspeed_zero:
             raise UserError(f"offload={self.offload} is a DeepSpeed ZeRO feature: add --set deepspeed_zero=2 "
                             "(optimizer) or 3 (params), or use --set offload=none")

@@ -34,7 +34,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import math
@@ -898,10 +897,9 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
-    if (cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda"
-            and importlib.util.find_spec("bitsandbytes") is not None):
-        out.append(("quantize the frozen UNet to nf4 (bitsandbytes; its Linear weights at 4 bits)",
-                    {"base_quant": "nf4"}))
+    if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
+        out.append(("quantize the frozen UNet to nf4 (its Linear weights at 4 bits; needs bitsandbytes on the "
+                    "GPU machine)", {"base_quant": "nf4"}))
     if not cfg.tiled_decode and cfg.resolution >= 512:
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
@@ -1028,6 +1026,10 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     from .prompts import load_prompts
 
     target = target or default_target(profile)
+    if target == "cpu" and cfg.base_quant != "none":  # what train would refuse on this target
+        raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
+                        f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
+                        "--set base_quant")
     prompts = load_prompts(cfg.prompts)
     est = estimate(cfg, target=target, prompts=prompts)
     fits = est.fits(cfg.budget_gb)
@@ -1036,7 +1038,8 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "method": "fake tensors (FakeTensorMode on CPU) + live-storage counting; no GPU, no weights",
         "autocast": (f"torch.autocast('cuda', {cfg.mixed_precision}) emulated" if target == "cuda" and
                      cfg.mixed_precision != "no" else "none" if cfg.mixed_precision == "no" or target == "cuda"
-                     else f"torch.autocast('cpu', {cfg.mixed_precision})"),
+                     else "torch.autocast('cpu', bf16)" if cfg.mixed_precision == "bf16"
+                     else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
         "config": cfg.to_dict(), "estimate": est.to_dict(),
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
         "peak_reserved": est.peak_reserved, "budget_gb": cfg.budget_gb or None,
@@ -1127,7 +1130,10 @@ def format_plan(r: dict[str, Any]) -> str:
     lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
                  f"plan total {r['seconds']:.0f} s")
     if not cuda:
-        lines.append("  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
+        from .profiles import GPU_PROFILES
+        lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
+                     "--device cpu to plan for the card)" if r["profile"] in GPU_PROFILES else
+                     "  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
     return "\n".join(lines)
 
 

@@ -128,7 +128,7 @@ def prepare_inputs(cfg: Config):
     from .prompts import load_prompts
     from .rewards import check_reward_spec
 
-    cfg.validate()
+    cfg.validate().check_installed()
     prompts = load_prompts(cfg.prompts)
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
     resolve_model(cfg.model)  # missing paths fail here

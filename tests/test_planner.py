@@ -283,7 +283,7 @@ def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
         calls.append(cfg.resolution)
         return Est()
 
-    def fake_candidates(cfg, target):
+    def fake_candidates(cfg, target, images=None):
         return {512: [("lower resolution 384 px", {"resolution": 384})],
                 384: [("lower resolution 256 px", {"resolution": 256})]}.get(cfg.resolution, [])
 
@@ -341,3 +341,25 @@ def test_a_full_unet_plan_is_labelled_as_such(tiny_dir, capsys):
     text = capsys.readouterr().out
     assert "the full UNet trains" in text and "(r=" not in text
     assert "unet (trained)" in text and ", lora" not in text
+
+
+def test_a_cpu_plan_refuses_what_a_cpu_run_cannot_do_and_says_what_it_plans(tiny_dir, capsys):
+    assert main(["plan", "--profile", "cpu", "--set", "base_quant=nf4"]) == 2
+    err = capsys.readouterr().err
+    assert "base_quant=nf4 needs a CUDA GPU" in err and err.count("\n") == 1
+    assert main(["plan", "--profile", "rtx3060", "--device", "cpu", "--no-suggest"]) == 0
+    text = capsys.readouterr().out
+    assert "target cpu (none: fp16 runs in fp32 on a CPU, as the trainer does)" in text
+    assert "the budget is the rtx3060 card's" in text and "e.g. --profile rtx3060" not in text
+
+
+def test_a_laptop_without_bitsandbytes_plans_and_suggests_nf4_for_a_card(tiny_dir, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "bitsandbytes"
+                        else real(name, *a, **k))
+    assert main(["plan", "--profile", "rtx3060", "--set", "base_quant=nf4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert any("base_quant=nf4" in n for n in r["notes"])
+    cfg = Config(model="tiny", budget_gb=0.001).validate()
+    assert {"base_quant": "nf4"} in [c for _, c in planner.candidate_changes(cfg, target="cuda")]
