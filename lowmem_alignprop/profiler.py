@@ -89,6 +89,16 @@ def fmt_bytes(nbytes: int | float | None) -> str:
     return f"{sign}{int(n)} B"
 
 
+def budget_verdict(peak_allocated: int | None, peak_reserved: int | None, budget: int | None,
+                   cuda: bool) -> dict[str, Any]:
+    """Did the run fit its budget? On CUDA the caching allocator's reserved bytes are what the card must hold (and
+    what a per-process memory cap limits), so they decide, as in the planner; on the CPU the allocated bytes."""
+    use_reserved = cuda and peak_reserved is not None
+    basis = peak_reserved if use_reserved else peak_allocated
+    return {"fits_budget": (basis <= budget) if (budget is not None and basis is not None) else None,
+            "fits_basis": "peak_reserved" if use_reserved else "peak_allocated"}
+
+
 def _describe_steps(steps: Iterable[int]) -> str:
     """[2, 3, 4, 7] -> '2-4, 7' (compact enough for a report even after thousands of steps)."""
     steps = sorted(set(steps))
@@ -800,7 +810,7 @@ class StageProfiler:
             "peak_step": peak_step,
             "peak_reserved": max(reserved) if reserved else None,
             "budget_bytes": budget,
-            "fits_budget": (peak <= budget) if (budget is not None and peak is not None) else None,
+            **budget_verdict(peak, max(reserved) if reserved else None, budget, self._cuda),
             "fits_budget_basis": "peak_allocated",
             "snapshot": self._snapshot_info(),
             "load": self.outside.get(LOAD),
@@ -875,8 +885,10 @@ def _markdown(report: dict[str, Any]) -> str:
     if report["peak_allocated"] is not None:
         where = f"in {report['peak_stage']}" + (f" (step {report['peak_step']})" if report["peak_step"] else "")
         fits = {True: "fits", False: "does NOT fit", None: "no budget given"}[report["fits_budget"]]
+        basis = (f" (judged on the {_g(report['peak_reserved'])} GiB reserved)"
+                 if report.get("fits_basis") == "peak_reserved" else "")
         lines.append(f"- peak allocated: {_g(report['peak_allocated'])} GiB {where}"
-                     + (f"; budget {report['budget_gb']:g} GiB: {fits}" if budget else ""))
+                     + (f"; budget {report['budget_gb']:g} GiB: {fits}{basis}" if budget else ""))
     else:
         lines.append("- peak allocated: not measured (CPU without detail steps records time and RSS only)")
     summ = report["summary_steps"]

@@ -356,3 +356,16 @@ def test_load_without_detail_reports_resident_bytes():
     prof.record_modules({"unet": model})
     assert prof.outside["load"]["peak_allocated"] == sum(p.nbytes for p in model.parameters())
     assert prof.outside["load"]["source"] == "resident"
+
+
+def test_on_cuda_the_reserved_bytes_decide_the_fit_as_in_the_planner():
+    from lowmem_alignprop.profiler import budget_verdict
+
+    gib = 2**30
+    # 7.0 GiB allocated but 7.8 GiB reserved on an 7.5 GiB card: it did not fit (the allocator held more)
+    assert budget_verdict(int(7.0 * gib), int(7.8 * gib), int(7.5 * gib), cuda=True) == {
+        "fits_budget": False, "fits_basis": "peak_reserved"}
+    assert budget_verdict(int(7.0 * gib), None, int(7.5 * gib), cuda=True)["fits_budget"] is True
+    assert budget_verdict(int(7.0 * gib), int(7.8 * gib), int(7.5 * gib), cuda=False) == {
+        "fits_budget": True, "fits_basis": "peak_allocated"}  # a CPU has no reserved pool
+    assert budget_verdict(None, None, int(gib), cuda=False)["fits_budget"] is None
