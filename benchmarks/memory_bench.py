@@ -380,8 +380,14 @@ def _gpu_ladder_rows(gpu) -> dict[str, tuple[str, dict]]:
     for path, d in gpu:
         for r in gpu_runs(d):
             if r["section"] == "ladder":
-                rows[r["name"].removeprefix("ladder ")] = ((d.get("device") or {}).get("name", path.stem), r)
+                rows[_ladder_key(r["name"].removeprefix("ladder "))] = ((d.get("device") or {}).get("name", path.stem), r)
     return rows
+
+
+def _ladder_key(label: str) -> str:
+    """A ladder row's label without the "(= rtx3060)" marker, which earlier LADDERs put on another row: the rows
+    (the same changes in the same order) still line up with measurements taken under those labels."""
+    return label.replace(" (= rtx3060)", "")
 
 
 def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
@@ -422,9 +428,9 @@ def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
     L += ["| configuration | GPU | status | measured allocated (stage) | measured reserved | estimated allocated | "
           "measured/estimated | s/step |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in lad["rows"]:
-        if r["label"] not in measured:
+        if _ladder_key(r["label"]) not in measured:
             continue
-        name, m = measured[r["label"]]
+        name, m = measured[_ladder_key(r["label"])]
         L.append(f"| {r['label']} | {name} | {m['status']} | {_g(m['peak_allocated'])} ({m['peak_stage'] or '-'}) | "
                  f"{_g(m['peak_reserved'])} | {_g(r['peak_allocated'])} | {_ratio(m['peak_allocated'], r['peak_allocated'])}"
                  f" | {_s(m['seconds_per_step'])} |")
@@ -444,8 +450,8 @@ def _section_fits(fits: dict | None) -> list[str]:
     for c in fits["cells"]:
         if c.get("resolution") is None:
             L.append(f"| {c['profile']} | {c.get('budget_gb', 0):g} | {c['model']} | does not fit even at "
-                     f"{min(t['resolution'] for t in c['tried'])} px, batch 1 | - | - | "
-                     f"{_g(min(t['peak_reserved'] for t in c['tried']))} | - | - |")
+                     f"{min(t['resolution'] for t in c['tried'])} px, batch 1 | - | - | - | "
+                     f"{_g(min(t['peak_reserved'] for t in c['tried']))} | - |")
             continue
         k = c["k_range"]
         batch = f"{c['batch_size']}" + ("+" if c.get("capped") else "")
@@ -470,9 +476,12 @@ def _section_cpu(cpu: dict | None, STAGES) -> list[str]:
           "slower by | planner MiB | planner/measured |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = cpu["rows"][0]["measured"]
+    alone = {(r["feature"], str(r["value"])): r["measured"] for r in cpu["rows"] if not r.get("with")}
     for r in cpu["rows"]:
         m, e = r["measured"], r["estimate"]
-        ref = r.get("reference") or base
+        # a feature measured with a prerequisite compares with that prerequisite's own row (same run, same noise)
+        pre = [alone.get((k, str(v))) for k, v in (r.get("with") or {}).items()]
+        ref = (pre[0] if len(pre) == 1 and pre[0] else None) or r.get("reference") or base
         name = r["feature"] if r["value"] is None else f"{r['feature']}={str(r['value']).lower()}"
         if r.get("with"):
             name += " (with " + ", ".join(f"{k}={v}" for k, v in r["with"].items()) + ")"

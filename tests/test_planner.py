@@ -225,7 +225,10 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
            "device": {"name": "cpu", "logical_cores": 2, "torch_threads": 1}, "versions": {"torch": "2"},
            "ladder": {"setup": bench.LADDER_BASE, "command": "plan ...", "rows": [
                {"label": label, "stages": {"backward": {"allocated": 4 * GIB}}, "peak_allocated": 4 * GIB,
-                "peak_stage": "backward", "peak_reserved": 5 * GIB, "fits": True, "budget_gb": 7.5}]}}
+                "peak_stage": "backward", "peak_reserved": 5 * GIB, "fits": True, "budget_gb": 7.5},
+               {"label": bench.LADDER[-1][0], "stages": {}, "peak_allocated": 3 * GIB, "peak_stage": "backward",
+                "peak_reserved": 4 * GIB, "fits": True, "budget_gb": 7.5}]}}
+    assert "(= rtx3060)" in bench.LADDER[-1][0]
     results = tmp_path / "results"
     results.mkdir()
     (results / "cpu-2026-01-01.json").write_text(json.dumps(cpu))
@@ -241,13 +244,19 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
         "kind": "gpu_check", "date": "2026-01-02", "device": {"name": "NVIDIA H100", "total_gb": 79.2},
         "calls": [{"command": "python benchmarks/gpu_check.py --jobs 3"}, {"command": "python benchmarks/gpu_check.py "
                                                                                    "--match rtx3060"}],
-        "code": "abc1234", "ladder": [dict(nested, concurrent_runs=3)], "profiles": [flat]}))
+        "code": "abc1234", "profiles": [flat], "ladder": [
+            dict(nested, concurrent_runs=3),
+            # measured under an earlier LADDER that put the "(= rtx3060)" marker on another row: still lines up
+            dict(nested, name="ladder " + bench.LADDER[-1][0].replace(" (= rtx3060)", ""),
+                 memory_report={"stages": {}, "peak_allocated": int(3.3 * GIB), "peak_reserved": 4 * GIB,
+                                "peak_stage": "backward"})]}))
     runs = bench.gpu_runs(json.loads((results / "gpu-h100-2026-01-02.json").read_text()))
     assert [(r["status"], r["peak_allocated"], r["peak_stage"]) for r in runs] == [
-        ("ok", 5 * GIB, "backward"), ("oom", 7 * GIB, None)]
+        ("ok", 5 * GIB, "backward"), ("ok", int(3.3 * GIB), "backward"), ("oom", 7 * GIB, None)]
     doc, gpu = bench.load_results(results)
     text = bench.report(doc, gpu, results)
     assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
+    assert f"| {bench.LADDER[-1][0]} | NVIDIA H100 | ok | 3.30 (backward) | 4.00 | 3.00 | 1.10 |" in text
     assert "| rtx3060 sd15 | 7.5 | oom | 7.00 (-) |" in text
     assert "5.00 / 4.00" in text  # per stage, measured / estimated
     assert ("Commands: `python benchmarks/gpu_check.py --jobs 3`; `python benchmarks/gpu_check.py --match rtx3060`; "
