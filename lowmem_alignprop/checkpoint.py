@@ -217,14 +217,21 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 
 
-def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
-    problem = None
+LORA_BASE_FILE = "base_model.json"  # beside the exported LoRA: the fingerprint of the model it was trained on
+
+
+def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:
+    """How the base model of ``saved`` differs from ``ours`` (None: the same model)."""
     if saved.get("unet_config_sha") != ours["unet_config_sha"]:
-        problem = "its UNet architecture differs"
-    else:
-        a, b = torch.tensor(saved.get("conv_in", [])), torch.tensor(ours["conv_in"])
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
-            problem = "its UNet weights differ"
+        return "its UNet architecture differs"
+    a, b = torch.tensor(saved.get("conv_in", [])), torch.tensor(ours["conv_in"])
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
+        return "its UNet weights differ"
+    return None
+
+
+def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
+    problem = fingerprint_difference(saved, ours)
     if problem:
         raise UserError(f"checkpoint {path} belongs to another base model ({saved.get('model')!r}; {problem} from "
                         f"{ours['model']!r}): resume with --model {saved.get('model')}, or start a new run in another "

@@ -183,6 +183,30 @@ def _misfit_detail(error: Exception) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
+def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
+    """A LoRA our trainer wrote names its base model (lora/base_model.json): applied to another model with the same
+    layer shapes it loads fine but does not show what training did, so say so (a fine-tune of the base may be
+    intended: a warning, not an error)."""
+    from . import checkpoint as ckpt
+
+    ours = None
+    for spec in specs:
+        info = spec.file.parent / ckpt.LORA_BASE_FILE
+        if not info.is_file():
+            continue  # a LoRA from elsewhere: nothing to compare
+        try:
+            saved = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue
+        ours = ours or ckpt.fingerprint(cfg, unet)
+        problem = ckpt.fingerprint_difference(saved, ours)
+        if problem:
+            logging.getLogger("lowmem_alignprop").warning(
+                "--lora %s was trained on base model %r, and %s from --model %r here: the images show it on another "
+                "model; pass --model %s to see what training did", spec.arg, saved.get("model"), problem, cfg.model,
+                saved.get("model"))
+
+
 def load_adapters(pipe, specs: list[LoraSpec], model: str) -> None:
     """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError."""
     peft_log = logging.getLogger("diffusers.loaders.peft")
@@ -300,6 +324,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
     pipe = build_pipeline(cfg, device, weight_dtype)
+    warn_other_base(pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)
 
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)

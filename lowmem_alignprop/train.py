@@ -515,6 +515,8 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
         if lora is not None:
             comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
                                                    unet_lora_adapter_metadata=lora_metadata(final))
+            # which base model it belongs to: `sample` warns when it is applied to another one
+            (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
         if after is not None:
             grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
             log_images(accelerator, cfg, grid)

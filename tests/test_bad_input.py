@@ -411,3 +411,20 @@ def test_the_startup_reward_check_uses_the_runs_prompts_and_a_lost_gradient_mid_
     line = fails(capsys, [*FAST, "--output-dir", str(out), "--reward", "qa_rewards2:sometimes", "--steps", "3"],
                  "step 2: the reward 'qa_rewards2:sometimes' returned scores with no gradient to the images")
     assert "step 1 is saved in" in line
+
+
+def test_a_lora_sampled_on_another_base_model_of_the_same_shapes_is_pointed_out(trained, tmp_path, caplog):
+    from lowmem_alignprop.tiny import build_tiny_pipeline
+
+    assert (trained / "lora" / "base_model.json").is_file()  # written beside the LoRA by the trainer
+    other = tmp_path / "other"
+    build_tiny_pipeline(1).save_pretrained(other)  # same architecture, other weights
+    common = ["sample", "--profile", "cpu", "--set", "sample_steps=2", "--num-prompts", "1", "--lora",
+              str(trained / "lora")]
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*common, "--model", str(other), "--output-dir", str(tmp_path / "s1")]) == 0
+    assert "was trained on base model 'tiny', and its UNet weights differ from --model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # its own base: nothing to say
+        assert main([*common, "--output-dir", str(tmp_path / "s2")]) == 0
+    assert "was trained on base model" not in caplog.text
