@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,13 +80,21 @@ def step_of(path: Path) -> int | None:
     return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
-def set_aside_newer(resume_path: Path) -> Path | None:
-    """Resuming from an older checkpoint of a run starts a new branch: the run's newer checkpoints move into
-    ``checkpoints/superseded-after-step-N/`` (kept, but no longer what ``--resume latest`` or rotation sees).
-    Returns that folder, or None when there was nothing newer."""
-    root, step = resume_path.parent, step_of(resume_path)
-    if step is None or root.name != DIRNAME:
-        return None
+def branch_point(resume_path: Path, root: Path) -> int | None:
+    """The step after which ``root``'s checkpoints belong to another branch than ``resume_path``: its own step for
+    one of ``root``'s checkpoints, N for one in ``root/superseded-after-step-N[-k]/``; None for another run's."""
+    parent = resume_path.resolve().parent
+    if parent == root.resolve():
+        return step_of(resume_path)
+    found = re.fullmatch(r"superseded-after-step-(\d+)(-\d+)?", parent.name)
+    return int(found.group(1)) if found and parent.parent == root.resolve() else None
+
+
+def set_aside_newer(root: Path, step: int, metrics: Path | None = None) -> Path | None:
+    """Resuming from an older checkpoint of a run (or from a branch set aside earlier) starts a new branch: the
+    run's checkpoints after ``step`` move into ``checkpoints/superseded-after-step-N/`` (kept, but no longer what
+    ``--resume latest`` or rotation sees), with a copy of the run's ``metrics`` as they were. Returns that folder,
+    or None when there was nothing newer."""
     newer = [p for p in list_checkpoints(root) if step_of(p) > step]
     if not newer:
         return None
@@ -96,6 +105,8 @@ def set_aside_newer(resume_path: Path) -> Path | None:
     aside.mkdir()
     for p in newer:
         p.rename(aside / p.name)
+    if metrics is not None and metrics.is_file():
+        shutil.copy2(metrics, aside / metrics.name)  # that branch's rows, before this one rewrites them
     log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
                 "branch", step, ", ".join(p.name for p in reversed(newer)), aside)
     return aside

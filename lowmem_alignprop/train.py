@@ -337,8 +337,15 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
         start, history = int(state["step"]), list(state.get("history", []))
         if rng_state is not None:
             set_rng_state(rng, rng_state)
-        if is_main:  # metrics continue from the checkpoint: rows written after it (before a crash) go
-            keep_metrics_until(metrics_path, start)
+        if is_main:
+            root = ckpt.root_of(out)
+            branch = ckpt.branch_point(resume_path, root)
+            if branch is not None:  # newer checkpoints (and their metrics) are another branch: set aside, kept
+                ckpt.set_aside_newer(root, branch, metrics_path)
+            if resume_path.resolve().parent == root.resolve():
+                keep_metrics_until(metrics_path, start)  # rows written after the checkpoint (before a crash) go
+            else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
+                metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
         log.info("resumed from %s at step %d", resume_path, start)
     elif is_main:
         metrics_path.write_text("")
@@ -403,8 +410,6 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                    if accelerator.scaler is not None else {}),
                 "seconds": time.perf_counter() - t0}, None
 
-    if resume_path is not None and is_main and resume_path.parent.resolve() == ckpt.root_of(out).resolve():
-        ckpt.set_aside_newer(resume_path)  # an older checkpoint starts a new branch: --resume latest must follow it
     streak = faults.NonFiniteStreak(cfg.max_bad_steps)
     fits: list[dict] = []
     stop = StopRequest()

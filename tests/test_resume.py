@@ -175,6 +175,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "4"]) == 0
     old = {p.name: weights(p) for p in ckpt.list_checkpoints(run / "checkpoints")}
     assert sorted(old) == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+    old_rows = rows(run)
     back = run / "checkpoints" / "step-00000002"
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # with another lr: it must apply
         assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back),
@@ -184,16 +185,27 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert {g["lr"] for g in groups} == {0.02}  # the moments came from the checkpoint, the lr from this run
     assert "moved to" in caplog.text and "superseded-after-step-2" in caplog.text
     aside = run / "checkpoints" / "superseded-after-step-2"
-    assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]
     assert weights(aside / "step-00000004").keys() == old["step-00000004"].keys()  # kept as they were
+    assert rows(aside) == old_rows  # and that branch's metrics with them
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
         "step-00000003", "step-00000002", "step-00000001"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
     assert [r["step"] for r in rows(run)] == [1, 2, 3]
     # the same step resumed again: the branch set aside first keeps its folder
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
-    assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == ["step-00000003"]
-    assert sorted(p.name for p in aside.iterdir()) == ["step-00000003", "step-00000004"]
+    assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == [
+        "metrics.jsonl", "step-00000003"]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]
+    # the first branch taken up again from inside its folder: it continues with its own metrics, and the
+    # branch it replaces is set aside in turn
+    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "5", "--resume",
+                 str(aside / "step-00000004")]) == 0
+    assert [r["reward_mean"] for r in rows(run)[:4]] == [r["reward_mean"] for r in old_rows]
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-3").iterdir()) == [
+        "metrics.jsonl", "step-00000003"]
+    assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000005"
     # a checkpoint of this run resumed into another folder: this run's checkpoints are not touched
     listing = sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*"))
     other = tmp_path / "other"
@@ -201,6 +213,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
                  "--resume", str(run / "checkpoints" / "step-00000001")]) == 0
     assert sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*")) == listing
     assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["step-00000002"]
+    assert [r["step"] for r in rows(other)] == [1, 2]  # step 1's row comes from the checkpoint
+    assert rows(other)[0]["reward_mean"] == old_rows[0]["reward_mean"]
 
 
 def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
