@@ -123,6 +123,7 @@ def cmd_train(argv: list[str]) -> int:
         chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if not chosen and not args.resume:
             cfg = _next_free_output_dir(cfg)
+    warn_if_launcher_started_fewer_processes()
     from .train import train
     train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume)
     return 0
@@ -159,6 +160,29 @@ def next_free_dir(base, taken):
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
+
+
+def warn_if_launcher_started_fewer_processes() -> None:
+    """``accelerate launch --num_processes 2`` without ``--multi_gpu`` (on the CPU, say) starts one plain process:
+    say so, instead of training on one process while the user thinks there are two."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return  # not Linux, or no parent to read
+    if not any("accelerate" in a for a in argv):
+        return
+    wanted = None
+    for i, a in enumerate(argv):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv):
+            wanted = argv[i + 1]
+        elif a.startswith(("--num_processes=", "--num-processes=")):
+            wanted = a.split("=", 1)[1]
+    if wanted and wanted.isdigit() and int(wanted) > 1:
+        logging.getLogger("lowmem_alignprop").warning(
+            "accelerate launch was asked for %s processes but started one: add --multi_gpu (also on the CPU), or "
+            "run `accelerate config`; this run trains on one process", wanted)
 
 
 def _check_device_for_profile(name: str) -> None:

@@ -25,7 +25,7 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
     grid = Image.new("RGB", (left + n * cell, 20 + 2 * (cell + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for j, p in enumerate(prompts):
-        draw.text((left + j * cell + 4, 4), p[:28], fill="black")
+        draw.text((left + j * cell + 4, 4), p if len(p) <= 28 else p[:25] + "...", fill="black")
     for i, (name, (imgs, rewards)) in enumerate(zip(row_names, (before, after))):
         y = 20 + i * (cell + label_h)
         draw.text((4, y + cell // 2), name, fill="black")

@@ -85,3 +85,27 @@ def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_na
         monkeypatch.setattr(cli, "cmd_train", handler)
         assert cli.main([]) == 2
         assert capsys.readouterr().err == printed
+
+
+def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypatch, caplog):
+    """`accelerate launch --cpu --num_processes 2` without --multi_gpu runs one plain process: the run says so."""
+    import logging
+    import os
+
+    from lowmem_alignprop.cli import warn_if_launcher_started_fewer_processes
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accelerate", "launch",
+                                 "--cpu", "--num_processes", "2", "-m", "lowmem_alignprop"])
+    try:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            warn_if_launcher_started_fewer_processes()
+        assert "accelerate launch was asked for 2 processes but started one: add --multi_gpu" in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("WORLD_SIZE", "2")  # the processes did start: nothing to say
+        warn_if_launcher_started_fewer_processes()
+        assert caplog.text == ""
+    finally:
+        launcher.kill()
+        launcher.wait()

@@ -29,6 +29,10 @@ def test_reward_rises_by_a_clear_margin(run_dir):
     assert last - first > 0.02, (first, last)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sample_reward_after"] > summary["sample_reward_before"] + 0.01
+    images = json.loads((run_dir / "samples" / "before_after.json").read_text())["images"]
+    assert len(images) == 3 and all(p["prompt"] for p in images)
+    mean = sum(i["reward_after"] for i in images) / 3
+    assert mean == pytest.approx(summary["sample_reward_after"], rel=1e-5)  # the grid's rewards, in full
 
 
 def test_outputs_written(run_dir):
