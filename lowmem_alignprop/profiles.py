@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .config import FIELD_NAMES, coerce
+from .config import coerce
 from .errors import UserError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -94,13 +94,11 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}
     for key, value in data.items():
-        if key not in FIELD_NAMES:
-            coerce(str(key), value)  # raises a UserError naming the closest field
         if key in ("model", "output_dir"):
             raise UserError(f"profile {path} sets {key}: profiles choose memory features, not paths; "
                             f"pass --{key.replace('_', '-')} on the command line instead")
         try:
-            values[key] = coerce(key, value)
+            values[key] = coerce(str(key), value)  # an unknown key names the closest field
         except UserError as e:
             raise UserError(f"profile {path}: {e}") from None
     return name, values

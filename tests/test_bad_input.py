@@ -66,7 +66,7 @@ def _profile(tmp_path, text):
 
 @pytest.mark.parametrize("case, needle", [
     ("yaml_malformed", "is not valid YAML at line"),
-    ("yaml_unknown_key", "unknown config key 'bach_size' (did you mean batch_size?)"),
+    ("yaml_unknown_key", "mine.yaml: unknown config key 'bach_size' (did you mean batch_size?)"),
     ("yaml_wrong_type", "batch_size must be a whole number, got 'two'"),
     ("set_wrong_type", "lr must be a number, got 'fast'"),
     ("impossible_combination", "activation_offload moves checkpointed tensors"),
@@ -428,3 +428,13 @@ def test_a_lora_sampled_on_another_base_model_of_the_same_shapes_is_pointed_out(
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # its own base: nothing to say
         assert main([*common, "--output-dir", str(tmp_path / "s2")]) == 0
     assert "was trained on base model" not in caplog.text
+
+
+def test_a_run_folder_without_checkpoints_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"a finished run's LoRA")
+    before = snapshot(tmp_path)
+    fails(capsys, [*FAST, "--output-dir", str(run)], "already holds a run (lora/): it has no checkpoint to continue "
+                                                     "from: choose another --output-dir (nothing was overwritten)")
+    assert snapshot(tmp_path) == before
