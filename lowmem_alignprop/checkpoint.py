@@ -186,6 +186,10 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
         if problem is None:
             return path
         log.warning("checkpoint: %s is incomplete or corrupt (%s): using the previous one", path, problem)
+    if holds_a_run(output_dir):  # e.g. killed before its first checkpoint: a plain start would be refused too
+        raise UserError(f"--resume latest: no intact checkpoint in {root}, so the run in {output_dir} cannot be "
+                        "continued (--checkpoint-every N saves them): delete the folder to start again there, or "
+                        "start a new run in another --output-dir")
     raise UserError(f"--resume latest: no intact checkpoint in {root}; start the run without --resume "
                     "(or check --output-dir)")
 

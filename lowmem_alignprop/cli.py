@@ -12,7 +12,7 @@ import sys
 
 from .config import build_config, field_help, parse_set
 from .errors import UserError, same_on_every_rank
-from .runlock import global_rank
+from .runlock import global_rank, next_free_dir
 
 COMMANDS = ("train", "plan", "sample", "profiles")
 
@@ -75,12 +75,21 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args) -> tuple[str, object]:
-    """profile < explicit flags < --set, validated."""
+def resolve_config(args, resumed: tuple[str, dict] | None = None) -> tuple[str, object]:
+    """profile < explicit flags < --set, validated. ``resumed`` (--resume): the run's own (profile name, config)
+    replaces the profile, unless --profile names another one (then that profile applies on top of it)."""
     from .profiles import load_profile
 
     overrides = parse_set(args.set)  # malformed --set fails before the profile is even read
-    name, values = load_profile(args.profile)
+    if resumed is None:
+        name, values = load_profile(args.profile)
+    else:
+        name, values = resumed
+        if args.profile not in ("auto", name):  # another card: its memory features on top of the run's settings
+            name, profile = load_profile(args.profile)
+            values = {**values, **profile}
+            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
+                                                          name)
     explicit = {k: v for k, v in {"model": args.model, "reward": args.reward, "prompts": args.prompts,
                                   "steps": args.steps, "output_dir": args.output_dir, "seed": args.seed,
                                   "report_to": args.report_to}.items() if v is not None}
@@ -117,16 +126,64 @@ def cmd_train(argv: list[str]) -> int:
     if args.auto_fit:
         args.set.append("auto_fit=true")
     with same_on_every_rank():
+        chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
+        if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
+            args.output_dir = run_folder_of(args.resume)
         name, cfg = resolve_config(args)
+        settings = _resumed_settings(cfg.output_dir, args.resume) if args.resume else None
+        if settings:  # the run goes on with its own settings; this command's flags change them
+            name, cfg = resolve_config(args, resumed=settings)
         snapshot = parse_snapshot(args.memory_snapshot)
         _check_device_for_profile(name)
-        chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if not chosen and not args.resume:
             cfg = _next_free_output_dir(cfg)
     warn_if_launcher_started_fewer_processes()
     from .train import train
-    train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume)
+    train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume,
+          auto_output_dir=not chosen and not args.resume)
     return 0
+
+
+def run_folder_of(resume: str) -> str | None:
+    """The run folder of a ``--resume`` value: a run folder itself, ``RUN/checkpoints/step-N``, or a checkpoint of
+    a branch set aside, ``RUN/checkpoints/superseded-after-step-N/step-M``. None for ``latest`` or anything else."""
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+
+    if resume == "latest":
+        return None
+    path = Path(resume).expanduser()
+    for run in (path, path.parent.parent, path.parent.parent.parent):
+        if (run / ckpt.DIRNAME).is_dir() and (run == path or ckpt.DIRNAME in path.relative_to(run).parts[:1]):
+            return str(run)
+    return None
+
+
+def _resumed_settings(output_dir: str, resume: str) -> tuple[str, dict] | None:
+    """(profile name, config) the checkpoint was trained with, or None (train() then says what is wrong)."""
+    from pathlib import Path
+
+    import yaml
+
+    from . import checkpoint as ckpt
+    from .config import FIELD_NAMES
+
+    quiet = logging.getLogger("lowmem_alignprop")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # train() reports a broken checkpoint it skips; once is enough
+    try:
+        state = ckpt.read_state(ckpt.find_resume(Path(output_dir), resume))
+    except (UserError, OSError, ValueError):
+        return None
+    finally:
+        quiet.setLevel(level)
+    values = {k: v for k, v in (state.get("config") or {}).items() if k in FIELD_NAMES and k != "output_dir"}
+    try:
+        name = yaml.safe_load((Path(output_dir) / "config.yaml").read_text()).get("profile", "resumed")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        name = "resumed"
+    return (str(name), values) if values else None
 
 
 def _next_free_output_dir(cfg):
@@ -151,15 +208,6 @@ def _next_free_output_dir(cfg):
         "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else mark if mark == "a run still going"
         else "left as it is", out)
     return dataclasses.replace(cfg, output_dir=str(out))
-
-
-def next_free_dir(base, taken):
-    """``base``, or the first of ``base-2``, ``base-3``... for which ``taken(folder)`` is falsy."""
-    out, n = base, 1
-    while taken(out):
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
 
 
 def warn_if_launcher_started_fewer_processes() -> None:

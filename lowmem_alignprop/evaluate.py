@@ -295,7 +295,7 @@ def sample_main(argv: list[str]) -> int:
         raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     if args.output_dir is None:  # an earlier evaluation there is kept: this one goes to outputs/sample-2, -3...
-        from .cli import next_free_dir
+        from .runlock import next_free_dir
         args.output_dir = str(next_free_dir(Path(DEFAULT_OUTPUT_DIR), lambda d: (d / RESULTS_NAME).exists()))
     from .cli import resolve_config
 

@@ -1,12 +1,15 @@
 """One run at a time per output folder.
 
 Two runs writing into the same folder would interleave their metrics, checkpoints and LoRA. A training run
-holds ``OUTPUT_DIR/.run.lock`` (its pid, host and start time) from before it writes anything until it ends;
-a second run into that folder, a ``--resume`` of it while it is live, or the auto-numbered default folder
-of a second run started at the same moment, sees the lock and goes elsewhere or stops with one line.
+holds ``OUTPUT_DIR/.run.lock`` from before it writes anything until it ends: an exclusive ``flock`` on the
+file (the kernel releases it when the process dies, however it dies), with the holder's pid, host and start
+time written into it for the messages. A second run into that folder, or a ``--resume`` of it while it is
+live, stops with one line; the auto-numbered default folder of a run started at the same moment moves on to
+the next free one (see :func:`lowmem_alignprop.train.train`).
 
-A lock left by a run that was killed (its pid no longer exists on this host) is taken over with a note.
-Under ``accelerate launch`` only global rank 0 takes it: one lock per run, not per process.
+A lock file left by a killed run holds no lock any more and is simply taken. Under ``accelerate launch`` only
+global rank 0 takes it (one lock per run, not per process); the other ranks recognise their launch in it.
+Without ``fcntl`` (Windows) the file is created exclusively and a leftover is judged by its pid instead.
 """
 
 from __future__ import annotations
@@ -20,9 +23,31 @@ from pathlib import Path
 
 from .errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 log = logging.getLogger("lowmem_alignprop")
 
 LOCK_NAME = ".run.lock"
+
+
+class LockTaken(UserError):
+    """Another live run holds the output folder."""
+
+
+def _flock(fd: int, tries: int = 3) -> bool:
+    """Take the exclusive lock without waiting; a few quick retries, since a run checking whether the folder is
+    free (:func:`holder`) holds it for a moment."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -30,50 +55,67 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: it exists
+    except (PermissionError, OSError):  # someone else's process (or no way to tell): it exists
         return True
     return True
 
 
-def holder(output_dir: str | os.PathLike) -> dict | None:
-    """The live run holding ``output_dir`` (its lock's content), or None when no live run holds it.
-    A lock from another host cannot be checked, so it counts as live."""
-    path = Path(output_dir) / LOCK_NAME
+def _content(path: Path) -> dict:
     try:
         info = json.loads(path.read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except FileNotFoundError:
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):  # being written this instant, or damaged
+        return {}
+
+
+def holder(output_dir: str | os.PathLike) -> dict | None:
+    """The live run holding ``output_dir`` (what its lock file says, plus ``path``), or None."""
+    path = Path(output_dir) / LOCK_NAME
+    if not path.exists():
         return None
-    except (OSError, ValueError, KeyError, TypeError):  # being written this instant, or damaged: treat as held
-        return {"pid": "?", "host": "?", "started": "?", "path": str(path)}
-    if host == socket.gethostname() and not _alive(pid):
-        return None
+    info = _content(path)
     if info.get("launch") and info.get("launch") == launch_id():
         return None  # taken by rank 0 of this same launch: the other ranks write there with it
-    return {**info, "path": str(path)}
+    if fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if _flock(fd):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None  # a file left by a run that ended: nobody holds it
+        finally:
+            os.close(fd)
+    elif info.get("host") == socket.gethostname() and str(info.get("pid", "")).isdigit() \
+            and not _alive(int(info["pid"])):
+        return None
+    return {"pid": "?", "host": "?", "started": "?", **info, "path": str(path)}
 
 
 def check_free(output_dir: str | os.PathLike) -> None:
     """Stop with one line when a live run holds ``output_dir``."""
     live = holder(output_dir)
     if live is not None:
-        raise UserError(f"another run is writing to {output_dir} (pid {live.get('pid')} on {live.get('host')}, "
-                        f"started {live.get('started')}): wait for it to finish, or choose another --output-dir; "
-                        f"if no run is active there, delete {live['path']}")
+        raise LockTaken(f"another run is writing to {output_dir} (pid {live.get('pid')} on {live.get('host')}, "
+                        f"started {live.get('started')}): wait for it to finish, or choose another --output-dir")
 
 
 class RunLock:
-    """``with RunLock(out):`` holds ``out`` for this run. Creates ``out`` if needed; on exit removes the lock,
-    and the folders it created when the run left nothing in them (bad input found after the lock: no trace)."""
+    """``with RunLock(out):`` (or ``acquire()`` ... ``release()``) holds ``out`` for this run. Creates ``out`` if
+    needed; on release removes the lock file, and the folders it created when the run left nothing in them (bad
+    input found after the lock: no trace). Raises :class:`LockTaken` when a live run holds ``out``."""
 
     def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
         self.out = Path(output_dir)
         self.path = self.out / LOCK_NAME
         self.enabled = enabled
         self._created: list[Path] = []
+        self._fd: int | None = None
+        self._held = False
 
-    def __enter__(self) -> "RunLock":
-        if not self.enabled:
+    def acquire(self) -> "RunLock":
+        if not self.enabled or self._held:
             return self
         missing, p = [], self.out.absolute()
         while not p.exists() and p != p.parent:
@@ -81,38 +123,87 @@ class RunLock:
             p = p.parent
         self.out.mkdir(parents=True, exist_ok=True)
         self._created = missing  # deepest first: removed in that order when left empty
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd(), "launch": launch_id()}
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd(), "launch": launch_id()})
+        try:
+            if fcntl is not None:
+                self._acquire_flock(info)
+            else:
+                self._acquire_exclusive(info)
+        except LockTaken:
+            self._remove_created()
+            raise
+        self._held = True
+        return self
+
+    def _acquire_flock(self, info: str) -> None:
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _flock(fd):
+                os.close(fd)
+                check_free(self.out)  # names the holder (raises LockTaken)
+                raise LockTaken(f"another run is writing to {self.out}: wait for it to finish, or choose another "
+                                "--output-dir")
+            try:  # the file may have been removed (by a run ending) between our open and our lock: then retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            if os.fstat(fd).st_size:
+                log.warning("%s was left by a run that no longer runs: taking it over", self.path)
+            os.ftruncate(fd, 0)
+            os.write(fd, info.encode())
+            self._fd = fd
+            return
+        raise LockTaken(f"could not take {self.path}: other runs keep replacing it; choose another --output-dir")
+
+    def _acquire_exclusive(self, info: str) -> None:
         for _ in range(2):
-            tmp = self.out / f"{LOCK_NAME}.{os.getpid()}"
-            tmp.write_text(json.dumps(info))
             try:
-                os.link(tmp, self.path)  # atomic: fails if the lock exists, and never exposes a half-written one
-                return self
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                try:
-                    check_free(self.out)
-                except UserError:
-                    self._cleanup()
-                    raise
-                log.warning("%s was left by a run that no longer exists: taking it over", self.path)
+                check_free(self.out)
+                log.warning("%s was left by a run that no longer runs: taking it over", self.path)
                 self.path.unlink(missing_ok=True)
-            finally:
-                tmp.unlink(missing_ok=True)
-        self._cleanup()
-        raise UserError(f"another run took {self.out} at the same moment: choose another --output-dir")
+                continue
+            os.write(fd, info.encode())
+            os.close(fd)
+            return
+        raise LockTaken(f"another run took {self.out} at the same moment: choose another --output-dir")
 
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
-            self._cleanup()
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self.path.unlink(missing_ok=True)  # while still locked: a run that opened this file sees it is gone
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        self._remove_created()
 
-    def _cleanup(self) -> None:
+    def _remove_created(self) -> None:
         for folder in self._created:
             try:
                 folder.rmdir()  # only if the run wrote nothing there
             except OSError:
                 break
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def next_free_dir(base: Path, taken) -> Path:
+    """``base``, or the first of ``base-2``, ``base-3``... for which ``taken(folder)`` is falsy."""
+    out, n = base, 1
+    while taken(out):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def launch_id() -> str | None:

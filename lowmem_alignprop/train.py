@@ -14,10 +14,13 @@ import logging
 import math
 import os
 import random
+import re
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -30,7 +33,7 @@ from .models import add_lora, load_components, lora_metadata, lora_state_dict, r
 from .optim import build_optimizer
 from .placement import Placement
 from .prompts import cut_prompts_note
-from .runlock import RunLock, check_free, global_rank
+from .runlock import LockTaken, RunLock, check_free, global_rank, holder, next_free_dir
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, resolution_note, rollout, without_autocast)
 
@@ -167,8 +170,10 @@ def check_writable(out: Path) -> None:
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
-          resume: str | None = None) -> dict:
-    """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir)."""
+          resume: str | None = None, auto_output_dir: bool = False) -> dict:
+    """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
+    ``auto_output_dir``: the output dir was numbered automatically (not the user's), so when another run takes it
+    at the same moment this one moves on to the next free one."""
     with same_on_every_rank():
         prompts = prepare_inputs(cfg)
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
@@ -176,19 +181,44 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             from .distributed import adopt_launcher_deepspeed
             adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
         out = Path(cfg.output_dir)
-        check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
-        mark = None if resume else ckpt.holds_a_run(out)
-        if mark:
+        if not auto_output_dir:  # (a numbered default folder taken meanwhile: the next one, below)
+            check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
+        mark = ckpt.holds_a_run(out)
+        resume_path = ckpt.find_resume(out, resume) if resume else None  # missing or broken: fails here
+        if mark and resume_path is None:
             cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
+                    "it stopped before its first checkpoint, so nothing there can be continued: delete the folder "
+                    "to start again there, or" if mark == "metrics.jsonl" else
                     "it has no checkpoint to continue from:")
             raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
                             "(nothing was overwritten)")
-    with RunLock(out, enabled=global_rank() == 0):  # no second run (or --resume of this one) writes here meanwhile
-        return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot, resume=resume)
+        if mark and ckpt.branch_point(resume_path, ckpt.root_of(out)) is None:  # another run's checkpoint
+            raise UserError(f"--output-dir {out} holds another run ({mark}): resuming {resume_path} there would mix "
+                            "the two runs' files; leave --output-dir out to continue in that checkpoint's own run "
+                            "folder, or pass a new --output-dir (nothing was overwritten)")
+    lock = RunLock(out, enabled=global_rank() == 0)  # no second run (or --resume of this one) writes here meanwhile
+    while True:
+        try:
+            lock.acquire()
+            if auto_output_dir and ckpt.holds_a_run(out):  # a run started with this one got there first
+                lock.release()
+                raise LockTaken(f"{out} was taken meanwhile")
+            break
+        except LockTaken:
+            if not auto_output_dir or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                raise
+            # the default folder was taken a moment ago by a run started with this one: the next free one
+            base = out.with_name(re.sub(r"-\d+$", "", out.name))
+            out = next_free_dir(base, lambda d: holder(d) or ckpt.holds_a_run(d))
+            cfg = dataclasses.replace(cfg, output_dir=str(out))
+            lock = RunLock(out)
+    with lock:
+        return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot,
+                      resume_path=resume_path, lock=lock)
 
 
 def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
-           memory_snapshot: tuple[int, int] | None, resume: str | None) -> dict:
+           memory_snapshot: tuple[int, int] | None, resume_path: Path | None, lock: RunLock) -> dict:
     from tqdm.auto import tqdm
 
     from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3, whole_models
@@ -196,10 +226,9 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
     from .profiler import StageProfiler
     from .rewards import build_reward
 
-    resume_path = resume_state = None
-    if resume:  # a missing, broken or incompatible checkpoint fails here, before any model loads
+    resume_state = None
+    if resume_path is not None:  # an incompatible checkpoint fails here, before any model loads
         with same_on_every_rank():
-            resume_path = ckpt.find_resume(out, resume)
             resume_state = ckpt.read_state(resume_path)
             ckpt.check_config(resume_state, cfg, resume_path)
     accelerator = make_accelerator(cfg, out)
@@ -412,7 +441,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
 
     streak = faults.NonFiniteStreak(cfg.max_bad_steps)
     fits: list[dict] = []
-    stop = StopRequest()
+    stop = StopRequest(on_abort=lock.release)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     step, last_saved = start + 1, start if resume_path is not None else None
@@ -491,14 +520,17 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                 path = save_checkpoint(step)
                 last_saved = step
                 if stopping:
-                    bar.write(f"{stop.name} received: saved checkpoint {path}; continue with --resume latest")
+                    bar.write(f"{stop.name} received: saved checkpoint {path}; " + (
+                        "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
+                        else "continue with --resume latest"))
                     break
             step += 1
 
     # ================================ save ================================
     accelerator.wait_for_everyone()
-    summary = {"steps": cfg.steps, "steps_done": step if stop.name else min(step, cfg.steps),
-               "interrupted": stop.name is not None, "resumed_from": str(resume_path or "")
+    done = step if stop.name else min(step, cfg.steps)  # a stop request in the last step still finishes the run
+    summary = {"steps": cfg.steps, "steps_done": done,
+               "interrupted": done < cfg.steps, "resumed_from": str(resume_path or "")
                or None, "skipped_steps": streak.skipped, "auto_fit": fits,
                "fp16_overflow_skips": sum(1 for h in history if h.get("update_skipped"))}
     final = accelerator.unwrap_model(unet_train)
@@ -512,10 +544,14 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                 final.save_pretrained(out / "unet")
     after = None
     if before is not None and stop.name is None:
+        stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
         try:
-            after = generate(sample_prompts, cfg.seed + 12345)
+            with stop.installed():
+                after = generate(sample_prompts, cfg.seed + 12345)
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
+        except KeyboardInterrupt:
+            log.warning("%s received: the after samples are skipped; writing the LoRA and summary", stop.name)
     if is_main:
         if lora is not None:
             comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
@@ -557,22 +593,40 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
 
 
 class StopRequest:
-    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts."""
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts at once
+    (``on_abort`` runs first: the run's lock is released). With ``raise_now`` set (the after samples, which only
+    cost time), the first signal raises KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
 
-    def __init__(self):
+    def __init__(self, on_abort: Callable[[], None] | None = None):
         self.name: str | None = None
         self._first = 0.0
+        self.on_abort = on_abort
+        self.raise_now = False
 
     def _handle(self, signum, frame):
         # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
         # two SIGINTs within milliseconds: only a second press a moment later aborts
         if self.name == "SIGINT" and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
-            raise KeyboardInterrupt
+            self._abort()
         if self.name is None:
             self._first = time.monotonic()
             self.name = signal.Signals(signum).name
-            log.warning("%s received: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-                        self.name)
+            if self.raise_now:
+                raise KeyboardInterrupt
+            again = ("the launcher stops the processes if they take longer than 30 s" if global_rank() or
+                     int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "Ctrl-C again to abort")
+            log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
+
+    def _abort(self):
+        """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash
+        the interpreter): the steps since the last checkpoint are lost, the rest stays as it was."""
+        log.warning("aborted by a second Ctrl-C: the steps since the last checkpoint are lost; --resume latest "
+                    "continues from it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.on_abort is not None:
+            self.on_abort()
+        os._exit(130)
 
     @contextlib.contextmanager
     def installed(self):

@@ -438,3 +438,15 @@ def test_a_run_folder_without_checkpoints_is_not_overwritten(tmp_path, capsys):
     fails(capsys, [*FAST, "--output-dir", str(run)], "already holds a run (lora/): it has no checkpoint to continue "
                                                      "from: choose another --output-dir (nothing was overwritten)")
     assert snapshot(tmp_path) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n')  # killed at step 2: no checkpoint yet
+    before = snapshot(tmp_path)
+    fails(capsys, [*FAST, "--output-dir", str(run)], "it stopped before its first checkpoint, so nothing there can "
+                                                     "be continued: delete the folder to start again there")
+    fails(capsys, [*FAST, "--output-dir", str(run), "--resume", "latest"], "cannot be continued (--checkpoint-every "
+                                                                           "N saves them): delete the folder")
+    assert snapshot(tmp_path) == before

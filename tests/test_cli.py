@@ -97,6 +97,12 @@ def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypat
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accelerate", "launch",
                                  "--cpu", "--num_processes", "2", "-m", "lowmem_alignprop"])
     try:
+        import time
+        cmdline = f"/proc/{launcher.pid}/cmdline"
+        for _ in range(200):  # until the child has exec'd (before, its cmdline is pytest's)
+            if b"accelerate" in open(cmdline, "rb").read():
+                break
+            time.sleep(0.05)
         monkeypatch.delenv("WORLD_SIZE", raising=False)
         monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
         with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):

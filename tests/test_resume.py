@@ -37,7 +37,9 @@ def runs(tmp_path_factory, tiny_dir):
     assert main([*FAST, "--output-dir", str(full), "--steps", "6"]) == 0
     assert main([*FAST, "--output-dir", str(split), "--steps", "3", "--checkpoint-every", "1"]) == 0
     first_half = rows(split)
-    assert main([*FAST, "--output-dir", str(split), "--steps", "6", "--resume", "latest"]) == 0
+    # the resumed run keeps its own settings (FAST's); the flags given change them: --steps extends it, and
+    # checkpoints now come every 3 steps (so step 3's stays beside step 6 under keep_checkpoints=2)
+    assert main(["--output-dir", str(split), "--steps", "6", "--resume", "latest", "--checkpoint-every", "3"]) == 0
     return full, split, first_half
 
 
@@ -223,3 +225,75 @@ def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
     assert ckpt.holds_a_run(tmp_path) is None  # the same command may run there again
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     assert ckpt.holds_a_run(tmp_path) == "metrics.jsonl"
+
+
+def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    """`--resume RUN/checkpoints/step-N` without --output-dir continues in RUN, with the steps, lr... RUN was
+    started with (not the profile's defaults); into a folder holding another run it is refused."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "first"
+    keep_all = ["--set", "keep_checkpoints=0", "--checkpoint-every", "1"]
+    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "4", "--set", "lr=0.02"]) == 0
+    for extra in ("step-00000004", "step-00000003"):
+        shutil.rmtree(run / "checkpoints" / extra)  # as if it had stopped after step 2
+    (run / "metrics.jsonl").write_text("".join(f"{line}\n" for line in (run / "metrics.jsonl").read_text()
+                                               .splitlines()[:2]))
+    other = tmp_path / "other"
+    assert main([*FAST, "--output-dir", str(other), "--steps", "1"]) == 0
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    capsys.readouterr()
+    assert main(["--resume", str(run / "checkpoints" / "step-00000002"), "--output-dir", str(other)]) == 2
+    assert "holds another run (checkpoints/): resuming" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before  # nothing changed there
+
+    assert main(["--profile", "cpu", "--resume", str(run / "checkpoints" / "step-00000002")]) == 0
+    assert not (tmp_path / "outputs").exists()  # not the default folder: the checkpoint's own run
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4]  # its 4 steps, not the profile's 20
+    import torch
+    groups = torch.load(run / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {g["lr"] for g in groups} == {0.02}  # and its lr
+
+
+def _slow_run(out, *extra):
+    """A run with ~2-5 s steps on 1 thread, so that signals land inside a step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", "--profile", "cpu", "--set", "sample_steps=40",
+                             "--set", "k=10", "--set", "batch_size=4", "--set", "sample_prompts=0",
+                             "--output-dir", str(out), *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(proc, metrics, n, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(proc.communicate()[1][-2000:])
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
+    out = tmp_path / "run"
+    proc = _slow_run(out, "--steps", "50", "--checkpoint-every", "1")
+    _wait_for_rows(proc, out / "metrics.jsonl", 1)  # in step 2: the profiler's detail step
+    proc.send_signal(signal.SIGINT)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]  # not a crash (it once segfaulted here)
+    assert "aborted by a second Ctrl-C" in stderr and "Traceback" not in stderr
+    assert not (out / ".run.lock").exists()
+    assert ckpt.find_resume(out, "latest").name == "step-00000001"  # --resume latest goes on from there
+
+
+def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path):
+    out = tmp_path / "run"
+    proc = _slow_run(out, "--steps", "2")
+    _wait_for_rows(proc, out / "metrics.jsonl", 1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["steps_done"] == 2
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "continue with --resume latest" not in stdout + stderr

@@ -6,56 +6,68 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from lowmem_alignprop import runlock
 from lowmem_alignprop.cli import _next_free_output_dir, main
-from lowmem_alignprop.config import Config
+from lowmem_alignprop.config import Config, build_config
 
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
 
 
+HOLD = ("import sys, time\n"
+        "from lowmem_alignprop.runlock import RunLock\n"
+        "locks = [RunLock(d).acquire() for d in sys.argv[1:]]\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")
+
+
 @pytest.fixture
-def live_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
+def live_run():
+    """hold(folder, ...): another process holds the folders' locks, as a live run does, until the test ends."""
+    procs = []
+
+    def hold(*folders):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, *map(str, folders)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "held"
+        procs.append(proc)
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def write_lock(folder, pid):
+def leftover_lock(folder):
+    """The lock file a killed run leaves: its content, but no process holds the lock any more."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+    (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": socket.gethostname(),
                                                         "started": "2026-11-26 10:00:00"}))
 
 
-def test_a_live_run_folder_is_refused_for_training_and_for_resume(tmp_path, capsys, live_pid):
+def test_a_live_run_folder_is_refused_for_training_and_for_resume(tmp_path, capsys, live_run):
     out = tmp_path / "run"
-    write_lock(out, live_pid)
+    live_pid = live_run(out)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the live run's first row
     before = sorted(p.name for p in out.iterdir())
     for extra in ([], ["--resume", "latest"]):
         assert main([*FAST, "--output-dir", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"another run is writing to {out} (pid {live_pid}" in err, err
-        assert "choose another --output-dir" in err and str(out / runlock.LOCK_NAME) in err
+        assert "choose another --output-dir" in err
     assert sorted(p.name for p in out.iterdir()) == before  # the live run's files are untouched
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_a_killed_runs_lock_is_taken_over_and_a_finished_run_leaves_none(tmp_path, caplog):
     out = tmp_path / "run"
-    write_lock(out, dead_pid())
+    leftover_lock(out)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*FAST, "--output-dir", str(out)]) == 0
-    assert "left by a run that no longer exists" in caplog.text
+    assert "left by a run that no longer runs: taking it over" in caplog.text
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not list(out.glob(runlock.LOCK_NAME + "*"))
 
@@ -67,15 +79,52 @@ def test_bad_input_found_after_the_lock_leaves_no_folder(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
-def test_the_default_folder_moves_past_a_live_run(tmp_path, live_pid, caplog):
+def test_the_default_folder_moves_past_a_live_run(tmp_path, live_run, caplog):
     base = tmp_path / "outputs" / "run"
-    write_lock(base, live_pid)
+    live_run(base)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         cfg = _next_free_output_dir(Config(output_dir=str(base)))
     assert cfg.output_dir == str(tmp_path / "outputs" / "run-2")
     assert "a run still going" in caplog.text
-    write_lock(base, dead_pid())  # a killed run's folder without a checkpoint or metrics is free again
-    assert _next_free_output_dir(Config(output_dir=str(base))).output_dir == str(base)
+    leftover_lock(tmp_path / "outputs" / "old")  # a killed run's folder without a checkpoint or metrics is free
+    assert _next_free_output_dir(Config(output_dir=str(tmp_path / "outputs" / "old"))).output_dir == \
+        str(tmp_path / "outputs" / "old")
+
+
+def test_a_default_folder_taken_a_moment_ago_moves_on_to_the_next(tmp_path, live_run):
+    """Two runs started together both choose outputs/run; the one that loses the lock goes to outputs/run-2."""
+    from lowmem_alignprop.train import train
+
+    base = tmp_path / "outputs" / "run"
+    live_run(base)  # the other run took it after this one chose it
+    cfg = build_config({"resolution": 64}, {"output_dir": str(base), "steps": 1},
+                       {"sample_prompts": 0, "sample_steps": 2, "k": 1})
+    summary = train(cfg, auto_output_dir=True)
+    assert summary["output_dir"] == str(tmp_path / "outputs" / "run-2")
+    assert (tmp_path / "outputs" / "run-2" / "lora").is_dir() and not (base / "lora").exists()
+    with pytest.raises(runlock.LockTaken, match="another run is writing to"):  # a folder the user chose: refused
+        train(cfg)
+
+
+def test_exactly_one_of_several_runs_takes_a_leftover_lock(tmp_path):
+    """A killed run's lock file, and four runs (say four --resume latest) starting at the same instant."""
+    out = tmp_path / "run"
+    leftover_lock(out)
+    code = ("import sys, time\n"
+            "from lowmem_alignprop.runlock import RunLock, LockTaken\n"
+            "start = float(sys.argv[2])\n"
+            "time.sleep(max(0, start - time.time()))\n"
+            "try:\n"
+            "    RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(3)\n"
+            "except LockTaken:\n"
+            "    print('taken', flush=True)\n")
+    for _ in range(3):
+        start = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(start)], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert results == ["held", "taken", "taken", "taken"], results
+        leftover_lock(out)
 
 
 def test_the_ranks_of_one_launch_share_rank_0s_lock(tmp_path, monkeypatch):
@@ -86,6 +135,6 @@ def test_the_ranks_of_one_launch_share_rank_0s_lock(tmp_path, monkeypatch):
         assert runlock.holder(tmp_path / "run") is None  # rank 1 of this launch writes there with rank 0
         monkeypatch.setenv("MASTER_PORT", "29501")  # another launch on this host
         assert runlock.holder(tmp_path / "run")["pid"] == runlock.os.getpid()
-        with pytest.raises(runlock.UserError, match="another run is writing"):
-            runlock.RunLock(tmp_path / "run").__enter__()
+        with pytest.raises(runlock.LockTaken, match="another run is writing"):
+            runlock.RunLock(tmp_path / "run").acquire()
     assert not (tmp_path / "run").exists()  # the run wrote nothing: no trace
