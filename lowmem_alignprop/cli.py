@@ -203,10 +203,11 @@ def _next_free_output_dir(cfg):
     if not mark:
         return cfg
     out = next_free_dir(base, taken)
-    logging.getLogger("lowmem_alignprop").warning(
-        "%s holds an earlier run (%s): this run writes to %s", base,
-        "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else mark if mark == "a run still going"
-        else "left as it is", out)
+    if global_rank() == 0:  # once per run, not once per process
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s holds an earlier run (%s): this run writes to %s", base,
+            "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else mark if mark == "a run still going"
+            else "left as it is", out)
     return dataclasses.replace(cfg, output_dir=str(out))
 
 

@@ -615,7 +615,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             again = ("the launcher stops the processes if they take longer than 30 s" if global_rank() or
                      int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "Ctrl-C again to abort")
-            log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
+            if global_rank() == 0:  # once per run, not once per process
+                log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
 
     def _abort(self):
         """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash

@@ -297,3 +297,15 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path):
     assert summary["interrupted"] is False and summary["steps_done"] == 2
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "continue with --resume latest" not in stdout + stderr
+
+
+def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(tmp_path):
+    out = tmp_path / "run"
+    proc = _slow_run(out, "--steps", "1", "--set", "sample_prompts=2")
+    _wait_for_rows(proc, out / "metrics.jsonl", 1)  # the last step is done: the after samples come now
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is False
+    assert not (out / "samples" / "before_after.png").exists()  # skipped, as asked
