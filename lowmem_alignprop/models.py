@@ -191,6 +191,10 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     if vae.config.latent_channels != own_vae.config.latent_channels:
         raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
                         f"{own_vae.config.latent_channels}: use a VAE made for this model")
+    theirs, ours = (2 ** (len(v.config.block_out_channels) - 1) for v in (vae, own_vae))
+    if theirs != ours:  # the UNet would run on latents of another size than it was trained on
+        raise UserError(f"vae={spec} downsamples images {theirs}x, the model's VAE {ours}x: use a VAE made for "
+                        "this model")
     log.info("VAE: %s instead of the model's own", spec)
     return vae
 

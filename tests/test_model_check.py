@@ -119,3 +119,18 @@ def test_a_resolution_far_from_the_models_and_prompts_the_encoder_cuts_are_point
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # at the model's own size: no warning
         assert main([*FAST, "--output-dir", str(tmp_path / "run2")]) == 0
     assert "the model was made for" not in caplog.text and "prompts are longer" not in caplog.text
+
+
+def test_a_vae_with_another_downsampling_is_refused(tmp_path, tiny_dir, capsys):
+    from diffusers import AutoencoderKL
+
+    own = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    deeper = AutoencoderKL.from_config({**own.config, "block_out_channels": [16, 32, 32, 32],
+                                        "down_block_types": ["DownEncoderBlock2D"] * 4,
+                                        "up_block_types": ["UpDecoderBlock2D"] * 4})
+    deeper.save_pretrained(tmp_path / "vae8")
+    out = tmp_path / "run"
+    assert main([*FAST, "--set", f"vae={tmp_path / 'vae8'}", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "downsamples images 8x, the model's VAE 2x: use a VAE made for this model" in err, err
+    assert not out.exists()
