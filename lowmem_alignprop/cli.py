@@ -115,8 +115,9 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--memory-snapshot", metavar="STEPS",
                    help="record a CUDA memory history for these steps (e.g. 2 or 2-3) and write "
                         "memory_snapshot.pickle for https://pytorch.org/memory_viz")
-    p.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint in --output-dir or a "
-                                                          "checkpoint directory")
+    p.add_argument("--resume", metavar="latest|DIR", help="continue a run, with the settings it was started with "
+                   "(flags given now change them), from the latest checkpoint in --output-dir, or from a checkpoint "
+                   "directory (in that run's folder unless --output-dir says otherwise)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--auto-fit", action="store_true", help="on out-of-memory, step down automatically (smaller "
                    "micro-batch, more checkpointing, offload) and continue")
