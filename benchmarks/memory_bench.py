@@ -118,7 +118,7 @@ def _cfg(profile: str, model: str, reward: str, changes: dict):
 
 def _est_row(est, cfg) -> dict:
     return {"stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
-            "peak_reserved": est.peak_reserved, "fits": est.fits(cfg.budget_gb), "budget_gb": cfg.budget_gb,
+            "peak_reserved": est.peak_needed, "fits": est.fits(cfg.budget_gb), "budget_gb": cfg.budget_gb,
             "seconds": round(est.seconds, 1), "notes": est.notes}
 
 
@@ -169,10 +169,10 @@ def what_fits(profile: str, model: str, resolutions: tuple[int, ...], reward: st
     def need(res: int, batch: int):
         cfg = _cfg(profile, model, reward, {"resolution": res, "batch_size": batch})
         est = planner.estimate(cfg, target="cuda")
-        tried.append({"resolution": res, "batch_size": batch, "peak_reserved": est.peak_reserved,
+        tried.append({"resolution": res, "batch_size": batch, "peak_reserved": est.peak_needed,
                       "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
                       "fits": bool(est.fits(cfg.budget_gb)), "seconds": round(est.seconds, 1)})
-        _log(f"  {profile} {model} {res}px batch {batch}: {est.peak_reserved / GIB:.2f} GiB needed "
+        _log(f"  {profile} {model} {res}px batch {batch}: {est.peak_needed / GIB:.2f} GiB needed "
              f"({'fits' if tried[-1]['fits'] else 'no'}, {est.seconds:.0f} s)")
         return cfg, est
 
@@ -188,19 +188,19 @@ def what_fits(profile: str, model: str, resolutions: tuple[int, ...], reward: st
         _, est2 = need(res, 2)
         if est2.fits(cfg.budget_gb):
             best, best_est = 2, est2
-            slope = max(est2.peak_reserved - est1.peak_reserved, 1)
-            guess = min(MAX_BATCH, 1 + int((budget - est1.peak_reserved) // slope))
+            slope = max(est2.peak_needed - est1.peak_needed, 1)
+            guess = min(MAX_BATCH, 1 + int((budget - est1.peak_needed) // slope))
             while guess > best and len(tried) < max_estimates:
                 _, est = need(res, guess)
                 if est.fits(cfg.budget_gb):
                     best, best_est = guess, est
                     guess = guess + 1 if guess < MAX_BATCH else guess  # the next batch up must not fit
                     continue
-                slope = max((est.peak_reserved - est1.peak_reserved) / (guess - 1), 1)
-                guess = max(best, min(guess - 1, 1 + int((budget - est1.peak_reserved) // slope)))
-        out.update(resolution=res, batch_size=best, peak_reserved=best_est.peak_reserved,
-                   peak_stage=best_est.peak_stage, batch1_reserved=est1.peak_reserved,
-                   per_image=(est2.peak_reserved - est1.peak_reserved), per_k_bytes=est1.per_k_bytes,
+                slope = max((est.peak_needed - est1.peak_needed) / (guess - 1), 1)
+                guess = max(best, min(guess - 1, 1 + int((budget - est1.peak_needed) // slope)))
+        out.update(resolution=res, batch_size=best, peak_reserved=best_est.peak_needed,
+                   peak_stage=best_est.peak_stage, batch1_reserved=est1.peak_needed,
+                   per_image=(est2.peak_needed - est1.peak_needed), per_k_bytes=est1.per_k_bytes,
                    capped=best == MAX_BATCH)
         break
     out["tried"] = tried
@@ -530,7 +530,8 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
             p = r["planner"] or {}
             L.append(f"| {r['name']} | {r['budget_gb'] or '-'} | {r['status']} | {_g(r['peak_allocated'])} "
                      f"({r['peak_stage'] or '-'}) | {_g(r['peak_reserved'])} | {_g(p.get('peak_allocated'))} | "
-                     f"{_g(p.get('peak_reserved'))} | {_ratio(r['peak_allocated'], p.get('peak_allocated'))} | "
+                     f"{_g(p.get('peak_needed', p.get('peak_reserved')))} | "  # (peak_reserved: plans before the rename)
+                     f"{_ratio(r['peak_allocated'], p.get('peak_allocated'))} | "
                      f"{_s(r['seconds_per_step'])} |")
         staged = [r for r in runs if r["stages"] and r["planner"]]
         if staged:

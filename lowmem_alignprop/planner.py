@@ -605,7 +605,7 @@ class Estimate:
     stages: dict[str, dict]  # stage -> {"allocated", "weights", "reserved" (bytes), "on_device" (module names)}
     peak_allocated: int
     peak_stage: str
-    peak_reserved: int  # what must fit the budget: reserved estimate + workspaces on CUDA
+    peak_needed: int  # what must fit the budget: reserved estimate + workspaces on CUDA
     weights: dict[str, int]  # module -> bytes
     k_planned: int
     k_simulated: int
@@ -615,7 +615,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     def fits(self, budget_gb: float) -> bool | None:
-        return None if not budget_gb else self.peak_reserved <= budget_gb * GIB
+        return None if not budget_gb else self.peak_needed <= budget_gb * GIB
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -840,7 +840,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     peak_stage = max(out, key=lambda n: out[n]["allocated"])
     peak = out[peak_stage]["allocated"]
     return Estimate(target=target, stages=out, peak_allocated=peak, peak_stage=peak_stage,
-                    peak_reserved=_reserved(peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
+                    peak_needed=_reserved(peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
                     k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
                     seconds=time.perf_counter() - t0, notes=notes)
 
@@ -935,9 +935,9 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
         est = estimate(new, target=target, prompts=prompts)
         fits = bool(est.fits(cfg.budget_gb))
         tried.append({"change": label, "set": change, "peak_allocated": est.peak_allocated,
-                      "peak_reserved": est.peak_reserved, "peak_stage": est.peak_stage, "fits": fits})
+                      "peak_needed": est.peak_needed, "peak_stage": est.peak_stage, "fits": fits})
         if log:
-            log(f"  tried {_set_args(change)}: {est.peak_reserved / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
+            log(f"  tried {_set_args(change)}: {est.peak_needed / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
         seen[key] = fits
         return fits
 
@@ -992,7 +992,7 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -
             if "resolution" not in c[1] and "base_quant" not in c[1]]  # the task, and a reload: not mid-run
     for label, change in live[:max_estimates]:
         est = estimate(_apply(cfg, change), target=target)
-        if est.peak_reserved < 0.97 * base.peak_reserved:
+        if est.peak_needed < 0.97 * base.peak_needed:
             return label, change
     return None
 
@@ -1044,7 +1044,9 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                      else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
         "config": cfg.to_dict(), "estimate": est.to_dict(),
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
-        "peak_reserved": est.peak_reserved, "budget_gb": cfg.budget_gb or None,
+        "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's
+        # "reserved" has no workspaces)
+        "budget_gb": cfg.budget_gb or None,
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
         "notes": est.notes, "suggestion": None, "tried": [], "versions": _versions(),
@@ -1102,13 +1104,13 @@ def format_plan(r: dict[str, Any]) -> str:
     if cuda:
         lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
                      f"{_g(int(r['peak_allocated'] * RESERVED_FACTOR))} reserved + {WORKSPACE_BYTES / MIB:.0f} MiB "
-                     f"workspaces = {_g(r['peak_reserved'])} GiB needed")
+                     f"workspaces = {_g(r['peak_needed'])} GiB needed")
     else:
         lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} (CPU: exact bytes)")
     if r["budget_bytes"]:
-        share = 100 * r["peak_reserved"] / r["budget_bytes"]
+        share = 100 * r["peak_needed"] / r["budget_bytes"]
         verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-        spare = (r["budget_bytes"] - r["peak_reserved"]) / GIB
+        spare = (r["budget_bytes"] - r["peak_needed"]) / GIB
         digits = 1 if 99 <= share <= 101 else 0  # at the edge, "100%" could be either side of the verdict
         lines.append(f"  budget: {r['budget_gb']:g} GiB (profile {r['profile']}): {verdict} "
                      f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
@@ -1118,7 +1120,7 @@ def format_plan(r: dict[str, Any]) -> str:
         s = r.get("suggestion")
         if s:
             lines.append(f"  cheapest change that fits: {s['change']}")
-            lines.append(f"      {_set_args(s['set'])}   -> {_g(s['peak_reserved'])} GiB needed, peak in "
+            lines.append(f"      {_set_args(s['set'])}   -> {_g(s['peak_needed'])} GiB needed, peak in "
                          f"{s['peak_stage']}")
         elif r.get("tried"):
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"

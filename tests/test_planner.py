@@ -109,7 +109,7 @@ def test_offload_and_cached_prompts_decide_what_is_on_the_device(tiny_dir):
     assert saved == est.weights["vae"] + est.weights["text_encoder"]
     # a CUDA target gets the allocator's 512-byte rounding and the documented reserved factor and workspaces
     assert all(fig["allocated"] % planner.CUDA_BLOCK == 0 for fig in est.stages.values())
-    assert est.peak_reserved == int(est.peak_allocated * planner.RESERVED_FACTOR) + planner.WORKSPACE_BYTES
+    assert est.peak_needed == int(est.peak_allocated * planner.RESERVED_FACTOR) + planner.WORKSPACE_BYTES
 
 
 def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
@@ -146,13 +146,13 @@ def test_too_small_budget_does_not_fit_and_the_suggestion_fits(tiny_dir, capsys)
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and r["peak_allocated"] > 0.05 * GIB
     s = r["suggestion"]
-    assert s is not None and s["fits"] and s["peak_reserved"] <= 0.05 * GIB
+    assert s is not None and s["fits"] and s["peak_needed"] <= 0.05 * GIB
     text = planner.format_plan(r)
     assert "DOES NOT FIT" in text and "cheapest change that fits" in text
     sets = [x for k, v in s["set"].items() for x in ("--set", f"{k}={str(v).lower()}")]
     assert main(args + sets + ["--json"]) == 0  # re-planned with the suggestion: it fits
     again = json.loads(capsys.readouterr().out)
-    assert again["fits"] is True and again["peak_reserved"] == s["peak_reserved"]
+    assert again["fits"] is True and again["peak_needed"] == s["peak_needed"]
 
 
 def test_next_feature_for_auto_fit_lowers_the_peak(tiny_dir):
@@ -161,7 +161,7 @@ def test_next_feature_for_auto_fit_lowers_the_peak(tiny_dir):
     # the tiny model's peak is the UNet's backward (its VAE is smaller): the cheaper candidates before it
     # (cache prompts, VAE per up-block) do not lower it by 3%, UNet block checkpointing does
     assert change == {"unet_checkpointing": "blocks"} and "UNet" in label
-    peak = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").peak_reserved
+    peak = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").peak_needed
             for k, c in {"before": {}, "vae": {"vae_checkpointing": "blocks"}, "unet": change}.items()}
     assert peak["vae"] >= 0.97 * peak["before"] > peak["unet"], peak
 
@@ -282,7 +282,7 @@ def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
     calls = []
 
     class Est:
-        peak_allocated = peak_reserved = 10 * GIB
+        peak_allocated = peak_needed = 10 * GIB
         peak_stage = "encode_prompts"
 
         def fits(self, budget):
@@ -338,10 +338,10 @@ def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_ne
 def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
     assert main(["plan", "--profile", "cpu", "--json", "--no-suggest"]) == 0
     r = json.loads(capsys.readouterr().out)
-    r.update(budget_bytes=int(r["peak_reserved"] / 1.0013), fits=False)
+    r.update(budget_bytes=int(r["peak_needed"] / 1.0013), fits=False)
     r["budget_gb"] = r["budget_bytes"] / GIB
     assert "DOES NOT FIT (100.1% of the budget" in planner.format_plan(r)
-    r.update(budget_bytes=r["peak_reserved"] * 2, fits=True)
+    r.update(budget_bytes=r["peak_needed"] * 2, fits=True)
     assert "FITS (50% of the budget" in planner.format_plan(r)
 
 
