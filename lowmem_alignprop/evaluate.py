@@ -294,27 +294,43 @@ def sample_main(argv: list[str]) -> int:
     if not args.lora:
         raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
-    if args.output_dir is None:  # an earlier evaluation there is kept: this one goes to outputs/sample-2, -3...
-        from .runlock import next_free_dir
-        args.output_dir = str(next_free_dir(Path(DEFAULT_OUTPUT_DIR), lambda d: (d / RESULTS_NAME).exists()))
+    numbered = args.output_dir is None
+    if numbered:  # an earlier evaluation there is kept: this one goes to outputs/sample-2, -3...
+        from .runlock import holder, next_free_dir
+        args.output_dir = str(next_free_dir(Path(DEFAULT_OUTPUT_DIR), lambda d: holder(d) or has_results(d)))
     from .cli import resolve_config
 
     profile_name, cfg = resolve_config(args)
     results = evaluate(cfg, specs, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
-                       profile_name=profile_name)
-    print_summary(results, Path(cfg.output_dir))
+                       profile_name=profile_name, numbered_output_dir=numbered)
+    print_summary(results, Path(results["output_dir"]))
     return 0
 
 
+def has_results(folder: Path) -> bool:
+    return (folder / RESULTS_NAME).exists()
+
+
 def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
-             profile_name: str = "custom") -> dict:
-    """Generate, score and write the grid and JSON into ``cfg.output_dir``. Returns the JSON's content."""
+             profile_name: str = "custom", numbered_output_dir: bool = False) -> dict:
+    """Generate, score and write the grid and JSON into ``cfg.output_dir`` (held for this evaluation; a numbered
+    default folder taken meanwhile gives way to the next). Returns the JSON's content."""
+    from .runlock import hold_folder
+    from .train import prepare_inputs
+
+    prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
+    with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
+        return _evaluate(cfg, specs, prompts, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+                         profile_name=profile_name)
+
+
+def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
+              images_per_prompt: int, profile_name: str) -> dict:
     from .export import save_sample_grid
     from .rewards import build_reward
-    from .train import DTYPES, prepare_inputs
+    from .train import DTYPES
 
     t0 = time.perf_counter()
-    prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
     if len(prompts) < num_prompts:
         logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
@@ -362,10 +378,10 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
         "grid": GRID_NAME, "device": str(device), "seconds": round(time.perf_counter() - t0, 2),
+        "output_dir": str(out),
     }
 
-    out = Path(cfg.output_dir)  # written only now: bad input above leaves nothing behind
-    if (out / RESULTS_NAME).exists():
+    if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
         logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]

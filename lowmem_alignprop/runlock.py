@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -195,6 +197,25 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def hold_folder(out: Path, taken: Callable[[Path], object], *, numbered: bool, enabled: bool = True) -> RunLock:
+    """The acquired lock of ``out``. A ``numbered`` folder (the default ``outputs/run-N``, not one the user named)
+    that another run took a moment ago, or that ``taken`` finds filled meanwhile, gives way to the next free one
+    (``lock.out`` says which); a folder the user named raises :class:`LockTaken`."""
+    base = out.with_name(re.sub(r"-\d+$", "", out.name))
+    while True:
+        lock = RunLock(out, enabled=enabled)
+        try:
+            lock.acquire()
+            if numbered and taken(out):  # a run started with this one got there first
+                lock.release()
+                raise LockTaken(f"{out} was taken meanwhile")
+            return lock
+        except LockTaken:
+            if not numbered:
+                raise
+            out = next_free_dir(base, lambda d: holder(d) or taken(d))
 
 
 def next_free_dir(base: Path, taken) -> Path:

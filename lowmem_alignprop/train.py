@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from .models import add_lora, load_components, lora_metadata, lora_state_dict, r
 from .optim import build_optimizer
 from .placement import Placement
 from .prompts import cut_prompts_note
-from .runlock import LockTaken, RunLock, check_free, global_rank, holder, next_free_dir
+from .runlock import RunLock, check_free, global_rank, hold_folder
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, resolution_note, rollout, without_autocast)
 
@@ -196,22 +195,12 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             raise UserError(f"--output-dir {out} holds another run ({mark}): resuming {resume_path} there would mix "
                             "the two runs' files; leave --output-dir out to continue in that checkpoint's own run "
                             "folder, or pass a new --output-dir (nothing was overwritten)")
-    lock = RunLock(out, enabled=global_rank() == 0)  # no second run (or --resume of this one) writes here meanwhile
-    while True:
-        try:
-            lock.acquire()
-            if auto_output_dir and ckpt.holds_a_run(out):  # a run started with this one got there first
-                lock.release()
-                raise LockTaken(f"{out} was taken meanwhile")
-            break
-        except LockTaken:
-            if not auto_output_dir or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-                raise
-            # the default folder was taken a moment ago by a run started with this one: the next free one
-            base = out.with_name(re.sub(r"-\d+$", "", out.name))
-            out = next_free_dir(base, lambda d: holder(d) or ckpt.holds_a_run(d))
-            cfg = dataclasses.replace(cfg, output_dir=str(out))
-            lock = RunLock(out)
+    # no second run (or a --resume of this one) writes here meanwhile; under a launcher, rank 0 holds it for all
+    lock = hold_folder(out, ckpt.holds_a_run, enabled=global_rank() == 0,
+                       numbered=auto_output_dir and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
+    if lock.out != out:  # the numbered default folder was taken a moment ago by a run started with this one
+        out = lock.out
+        cfg = dataclasses.replace(cfg, output_dir=str(out))
     with lock:
         return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot,
                       resume_path=resume_path, lock=lock)

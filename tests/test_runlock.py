@@ -138,3 +138,17 @@ def test_the_ranks_of_one_launch_share_rank_0s_lock(tmp_path, monkeypatch):
         with pytest.raises(runlock.LockTaken, match="another run is writing"):
             runlock.RunLock(tmp_path / "run").acquire()
     assert not (tmp_path / "run").exists()  # the run wrote nothing: no trace
+
+
+def test_an_evaluation_holds_its_folder_too(tmp_path, live_run, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(run)]) == 0
+    monkeypatch.chdir(tmp_path)
+    live_run(tmp_path / "outputs" / "sample")  # another evaluation is writing there
+    args = ["sample", "--profile", "cpu", "--set", "sample_steps=2", "--num-prompts", "1", "--lora", str(run)]
+    assert main(args) == 0
+    assert (tmp_path / "outputs" / "sample-2" / "sample_results.json").is_file()
+    assert not (tmp_path / "outputs" / "sample" / "sample_results.json").exists()
+    capsys.readouterr()
+    assert main([*args, "--output-dir", "outputs/sample"]) == 2  # a folder named by the user: refused
+    assert "another run is writing to outputs/sample" in capsys.readouterr().err
