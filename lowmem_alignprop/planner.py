@@ -515,6 +515,13 @@ def meta_reward(cfg: Config, dtype: torch.dtype, notes: list[str]):
     resolved = R._resolve_terms(cfg.reward)
     model_terms = [n for kind, n, _ in resolved if kind == "builtin" and n in R.MODEL_REWARDS]
     per = R._split_weights(cfg.reward_weights, model_terms)
+    from .rewards.clip_rewards import FLAG, _looks_like_path
+    for name, spec in per.items():  # a mistyped path fails here as in training, not as a plan of the default model
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            path = Path(part).expanduser()
+            local = _looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
+            if local and not path.exists():
+                raise UserError(f"{name} reward: {part} does not exist; fix the path in {FLAG}")
     options = {"device": "meta", "dtype": dtype, "checkpointing": cfg.reward_checkpointing,
                "weights": cfg.reward_weights}
     modules = []

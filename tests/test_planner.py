@@ -372,3 +372,9 @@ def test_a_laptop_without_bitsandbytes_plans_and_suggests_nf4_for_a_card(tiny_di
     assert any("base_quant=nf4" in n for n in r["notes"])
     cfg = Config(model="tiny", budget_gb=0.001).validate()
     assert {"base_quant": "nf4"} in [c for _, c in planner.candidate_changes(cfg, target="cuda")]
+
+
+def test_a_missing_reward_weights_path_fails_the_plan_as_it_fails_training(tiny_dir, tmp_path, capsys):
+    assert main(["plan", "--profile", "cpu", "--reward", "clip", "--set", f"reward_weights={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"clip reward: {tmp_path / 'nope'} does not exist" in err and err.count("\n") == 1

@@ -285,3 +285,25 @@ def test_incomplete_directories(dirs, tmp_path):
     torch.save({"foo": torch.zeros(2)}, bad)
     with pytest.raises(UserError, match="open_clip"):
         build_reward("hpsv2", weights=str(bad))
+
+
+def test_weights_of_another_model_or_damaged_files_are_refused(dirs, tmp_path):
+    """A text-only CLIP would load as a CLIPModel with random weights (transformers only logs it): refused."""
+    from transformers import CLIPTextModel
+
+    text_only = tmp_path / "text_only"
+    CLIPTextModel(dirs["model"].config.text_config).save_pretrained(text_only)
+    dirs["tokenizer"].save_pretrained(text_only)
+    with pytest.raises(UserError, match="is not a full CLIP model \\(text and vision\\): [0-9]+ of its weights are "
+                                        "missing"):
+        build_reward("clip", weights=str(text_only))
+    cut = tmp_path / "cut"
+    shutil.copytree(dirs["clip"], cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot load the CLIP model in .*: its files are incomplete"):
+        build_reward("pickscore", weights=str(cut))
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(UserError, match="cannot read .*head.safetensors as a torch checkpoint"):
+        build_reward("aesthetic", weights=f"{head},{dirs['clip']}")

@@ -191,6 +191,23 @@ def _check_hf_dir(path: Path, reward: str):
                         f"weights there or point {FLAG} at a complete directory")
 
 
+def _checked_load(cls, where: str, reward: str, **kwargs):
+    """``cls.from_pretrained`` that refuses weights of another model: every weight must be found in the files (a
+    text-only CLIP loads as a CLIPModel with random weights otherwise), and a damaged file is one line."""
+    try:
+        model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any reader error (SafetensorError is none of the builtin ones)
+        text = str(exc).strip()
+        raise UserError(f"{reward} reward: cannot load the CLIP model in {where} "
+                        f"({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}): its files are "
+                        f"incomplete or of another model; fix the folder given by {FLAG}") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing:
+        raise UserError(f"{reward} reward: {where} is not a full CLIP model (text and vision): {len(missing)} of its "
+                        f"weights are missing (e.g. {missing[0]}); point {FLAG} at a CLIPModel directory")
+    return model
+
+
 def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
     """``cls.from_pretrained`` on a local directory or a hub id (cache first; the network only when online)."""
     path = Path(source).expanduser()
@@ -199,19 +216,20 @@ def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
             raise UserError(f"{reward} reward: {path} is a file; a transformers CLIP directory is needed here "
                             f"({FLAG} with a directory)")
         _check_hf_dir(path, reward)
-        return cls.from_pretrained(str(path), **kwargs)
+        return _checked_load(cls, str(path), reward, **kwargs)
     if _looks_like_path(source):
         raise UserError(f"{reward} reward: {path} does not exist; fix the path in {FLAG}")
     try:
-        return cls.from_pretrained(source, local_files_only=True, **kwargs)
-    except Exception:
-        pass
+        return _checked_load(cls, source, reward, local_files_only=True, **kwargs)
+    except UserError as exc:
+        if "is not a full CLIP model" in str(exc):
+            raise
     error = "offline and not in the Hugging Face cache"
     if not _offline():
         try:
-            return cls.from_pretrained(source, **kwargs)
-        except Exception as exc:  # network errors, missing repo, ...
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return _checked_load(cls, source, reward, **kwargs)
+        except UserError as exc:  # network errors, missing repo, ...
+            error = str(exc)
     raise UserError(f"{reward} reward: cannot load '{source}' (config.json / model.safetensors missing: {error}); "
                     f"download it (huggingface-cli download {source}) or pass a local directory with {FLAG}")
 
@@ -269,11 +287,11 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
 
 
 def _torch_load(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}); check the file given "
