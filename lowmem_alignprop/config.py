@@ -36,7 +36,9 @@ class Config:
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
     reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or "
                      "'package.module:function' for your own differentiable reward.")
-    reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default.")
+    reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default. "
+                                 "With several model rewards, one per reward: 'aesthetic=PATH;clip=PATH' (aesthetic: "
+                                 "a folder with the head and clip/, or 'HEAD_FILE,CLIP_DIR').")
     prompts: str = _f("simple_animals", "Prompt set: a built-in name or a UTF-8 text file with one prompt per line.")
     output_dir: str = _f("outputs/run", "Where the LoRA, metrics, samples, reports and config.yaml are written.")
     seed: int = _f(0, "Random seed for prompts, noise and LoRA init.")

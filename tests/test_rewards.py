@@ -244,3 +244,17 @@ def test_a_zero_weight_term_is_pointed_out(caplog):
     with caplog.at_level("WARNING"):
         check_reward_spec("brightness:1,colorfulness:0.5")
     assert "weight 0" not in caplog.text
+
+
+def test_a_reward_weights_entry_no_reward_uses_is_pointed_out(caplog):
+    import logging
+
+    from lowmem_alignprop.rewards import _split_weights
+
+    with caplog.at_level(logging.WARNING):
+        assert _split_weights("aesthetic=/a;clip=/b", ["clip"])["clip"] == "/b"
+    assert "reward_weights gives aesthetic=/a for aesthetic, which --reward does not use" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _split_weights("aesthetic=/a;clip=/b", ["clip", "aesthetic"])
+    assert caplog.text == ""

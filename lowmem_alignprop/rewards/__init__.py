@@ -163,6 +163,10 @@ def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
                 raise UserError(f"reward_weights entry {item.strip()!r}: {key!r} is not a model reward; "
                                 f"use one of {', '.join(sorted(MODEL_REWARDS))}")
             out[key] = value.strip()
+        unused = sorted(set(out) - set(model_terms))
+        if unused:  # a typo in --reward, or a leftover: said, not silently ignored
+            logging.getLogger(__name__).warning("reward_weights gives %s for %s, which --reward does not use",
+                                                ", ".join(f"{k}={out[k]}" for k in unused), ", ".join(unused))
         return out
     if len(set(model_terms)) > 1:
         raise UserError(f"reward_weights is one path but the spec has several model rewards ({', '.join(model_terms)});"
