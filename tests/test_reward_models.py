@@ -307,3 +307,14 @@ def test_weights_of_another_model_or_damaged_files_are_refused(dirs, tmp_path):
     head.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(UserError, match="cannot read .*head.safetensors as a torch checkpoint"):
         build_reward("aesthetic", weights=f"{head},{dirs['clip']}")
+
+
+def test_aesthetic_head_messages_name_the_candidates_or_the_clip_folder(dirs, tmp_path):
+    two = tmp_path / "two_heads"
+    two.mkdir()
+    for name in ("a.pth", "b.pth"):
+        torch.save(AestheticHead(16).state_dict(), two / name)
+    with pytest.raises(UserError, match="holds several files that could be the head \\(a.pth, b.pth\\)"):
+        build_reward("aesthetic", weights=str(two))
+    with pytest.raises(UserError, match="it holds a CLIP model: put the head file beside it"):
+        build_reward("aesthetic", weights=str(dirs["clip"]))  # a CLIP folder, not its model.safetensors as a head

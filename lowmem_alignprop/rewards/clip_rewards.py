@@ -430,12 +430,13 @@ def _head_state(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if k.startswith("layers.")}
 
 
-def _find_head(directory: Path) -> Path | None:
+def _head_candidates(directory: Path) -> list[Path]:
+    """The aesthetic head file of ``directory`` (its usual name first), or every file that could be one."""
     exact = directory / AESTHETIC_HEAD_FILE
     if exact.is_file():
-        return exact
-    candidates = [p for ext in ("*.pth", "*.pt", "*.safetensors") for p in sorted(directory.glob(ext))]
-    return candidates[0] if len(candidates) == 1 else None
+        return [exact]
+    return [p for ext in ("*.pth", "*.pt", "*.safetensors") for p in sorted(directory.glob(ext))
+            if p.name not in HF_WEIGHT_FILES]  # a CLIP model's own weights are not a head
 
 
 def build_aesthetic(weights: str = "", checkpointing: bool = False) -> AestheticReward:
@@ -445,13 +446,16 @@ def build_aesthetic(weights: str = "", checkpointing: bool = False) -> Aesthetic
     head_spec, clip_spec = head_spec.strip(), clip_spec.strip()
     default_dir = reward_cache_dir("aesthetic")
     head_path: Path | None
+    candidates: list[Path] = []
     if not head_spec:
-        head_path = _find_head(default_dir) if default_dir.is_dir() else None
+        candidates = _head_candidates(default_dir) if default_dir.is_dir() else []
+        head_path = candidates[0] if len(candidates) == 1 else None
         where = default_dir
     else:
         p = Path(head_spec).expanduser()
         if p.is_dir():
-            head_path, where = _find_head(p), p
+            candidates = _head_candidates(p)
+            head_path, where = (candidates[0] if len(candidates) == 1 else None), p
             if not clip_spec:
                 if (p / "clip").is_dir():
                     clip_spec = str(p / "clip")
@@ -462,8 +466,13 @@ def build_aesthetic(weights: str = "", checkpointing: bool = False) -> Aesthetic
         else:
             raise UserError(f"aesthetic reward: {p} does not exist; point {FLAG} at the directory holding "
                             f"{AESTHETIC_HEAD_FILE} (and optionally clip/) or at that file")
+    if head_path is None and len(candidates) > 1:
+        raise UserError(f"aesthetic reward: {where} holds several files that could be the head "
+                        f"({', '.join(c.name for c in candidates)}): pass the one you mean, "
+                        f"{FLAG.replace('PATH', f'{candidates[0]},CLIP_DIR')}")
     if head_path is None:
-        raise UserError(f"aesthetic reward: missing {AESTHETIC_HEAD_FILE} in {where}; download it from "
+        clip_here = " (it holds a CLIP model: put the head file beside it)" if (where / "config.json").is_file() else ""
+        raise UserError(f"aesthetic reward: missing {AESTHETIC_HEAD_FILE} in {where}{clip_here}; download it from "
                         "https://github.com/christophschuhmann/improved-aesthetic-predictor and put it there, "
                         f"or pass {FLAG} (a directory with the head and clip/, or the head file)")
     sd = _head_state(_torch_load(head_path))
