@@ -318,3 +318,10 @@ def test_aesthetic_head_messages_name_the_candidates_or_the_clip_folder(dirs, tm
         build_reward("aesthetic", weights=str(two))
     with pytest.raises(UserError, match="it holds a CLIP model: put the head file beside it"):
         build_reward("aesthetic", weights=str(dirs["clip"]))  # a CLIP folder, not its model.safetensors as a head
+
+
+def test_with_several_model_rewards_the_fix_names_the_missing_ones_entry(offline, dirs):
+    if _hub_cached("openai/clip-vit-large-patch14", "config.json"):
+        pytest.skip("the real CLIP is in this machine's Hugging Face cache")
+    with pytest.raises(UserError, match=r"--set reward_weights='\.\.\.;clip=PATH'"):
+        build_reward("aesthetic:1,clip:0.5", weights=f"aesthetic={dirs['aesthetic']}")
