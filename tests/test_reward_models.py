@@ -218,8 +218,9 @@ def test_hpsv2_from_open_clip_checkpoint(dirs):
         torch.testing.assert_close(reward(x, PROMPTS), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_hpsv2_config_inferred_from_shapes(tmp_path):
-    """Without config.json the heads are taken as 64 wide (open_clip's ViTs); a 1-head tiny model fits that."""
+def test_hpsv2_config_inferred_from_shapes(tmp_path, caplog):
+    """Without config.json the heads are taken as 64 wide (open_clip's ViTs), and the log says so; a 1-head tiny
+    model fits that."""
     model, tokenizer = tiny_clip(heads=1, seed=2)
     torch.save({"state_dict": {"module." + k: v for k, v in hf_to_open_clip(model.state_dict()).items()}},
                tmp_path / "HPS_v2.1_compressed.pt")
@@ -233,7 +234,10 @@ def test_hpsv2_config_inferred_from_shapes(tmp_path):
         ids = tokenizer(PROMPTS, padding=True, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
         torch.testing.assert_close(converted.text_model(input_ids=ids).pooler_output,
                                    model.text_model(input_ids=ids).pooler_output)
-    scores = build_reward("hpsv2", weights=str(tmp_path / "HPS_v2.1_compressed.pt"))(x, PROMPTS)
+    import logging
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        scores = build_reward("hpsv2", weights=str(tmp_path / "HPS_v2.1_compressed.pt"))(x, PROMPTS)
+    assert "attention heads taken as 64 wide" in caplog.text
     img = F.normalize(model.get_image_features(pixel_values=pix).pooler_output, dim=-1)
     txt = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
     torch.testing.assert_close(scores, (img * txt).sum(-1).detach(), rtol=1e-4, atol=1e-5)

@@ -34,6 +34,7 @@ Where the weights come from (``weights`` argument = ``--set reward_weights=...``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from functools import wraps
 from pathlib import Path
@@ -560,6 +561,10 @@ def build_hpsv2(weights: str = "", checkpointing: bool = False) -> HPSv2Reward:
     config = None
     if directory is not None and (directory / "config.json").is_file():
         config = CLIPConfig.from_pretrained(str(directory))
+    else:  # shapes do not tell the number of attention heads
+        logging.getLogger("lowmem_alignprop").info(
+            "hpsv2 reward: no config.json beside %s: attention heads taken as 64 wide, as in the released ViT-H/14 "
+            "HPS v2 weights (for other weights put their CLIPConfig's config.json beside the file)", ckpt)
     model = load_open_clip_as_hf({k: v.float() for k, v in sd.items()}, config)
     assert isinstance(model, CLIPModel)
     sources = [str(directory)] if directory is not None else []
