@@ -9,10 +9,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import build_config, field_help, parse_set
 from .errors import UserError, same_on_every_rank
-from .runlock import global_rank, next_free_dir
+from .runlock import global_rank, next_free_dir, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles")
 
@@ -148,8 +149,6 @@ def cmd_train(argv: list[str]) -> int:
 def run_folder_of(resume: str) -> str | None:
     """The run folder of a ``--resume`` value: a run folder itself, ``RUN/checkpoints/step-N``, or a checkpoint of
     a branch set aside, ``RUN/checkpoints/superseded-after-step-N/step-M``. None for ``latest`` or anything else."""
-    from pathlib import Path
-
     from . import checkpoint as ckpt
 
     if resume == "latest":
@@ -162,9 +161,8 @@ def run_folder_of(resume: str) -> str | None:
 
 
 def _resumed_settings(output_dir: str, resume: str) -> tuple[str, dict] | None:
-    """(profile name, config) the checkpoint was trained with, or None (train() then says what is wrong)."""
-    from pathlib import Path
-
+    """(profile name, config) the checkpoint was trained with, or None (train() then says what is wrong: a live
+    run in the folder first, then a missing or broken checkpoint)."""
     import yaml
 
     from . import checkpoint as ckpt
@@ -191,7 +189,6 @@ def _next_free_output_dir(cfg):
     """Running the same command twice must not fail: with the default output directory (not one the user
     named), a folder that holds an earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used."""
     import dataclasses
-    from pathlib import Path
 
     from . import checkpoint as ckpt
     from .runlock import holder
@@ -215,7 +212,7 @@ def _next_free_output_dir(cfg):
 def warn_if_launcher_started_fewer_processes() -> None:
     """``accelerate launch --num_processes 2`` without ``--multi_gpu`` (on the CPU, say) starts one plain process:
     say so, instead of training on one process while the user thinks there are two."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if world_size() > 1:
         return
     try:
         argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")

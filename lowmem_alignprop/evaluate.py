@@ -294,10 +294,9 @@ def sample_main(argv: list[str]) -> int:
     if not args.lora:
         raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
-    numbered = args.output_dir is None
-    if numbered:  # an earlier evaluation there is kept: this one goes to outputs/sample-2, -3...
-        from .runlock import holder, next_free_dir
-        args.output_dir = str(next_free_dir(Path(DEFAULT_OUTPUT_DIR), lambda d: holder(d) or has_results(d)))
+    numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
+    if numbered:
+        args.output_dir = DEFAULT_OUTPUT_DIR  # (evaluate's hold_folder moves on to the next free one)
     from .cli import resolve_config
 
     profile_name, cfg = resolve_config(args)

@@ -130,7 +130,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     return comps
 
 
-def hub_message(what: str, repo: str, error: Exception) -> str:
+def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR") -> str:
     """One line for a hub id that did not load: offline (the usual case here) or not a repository."""
     text = str(error)
     offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
@@ -138,7 +138,7 @@ def hub_message(what: str, repo: str, error: Exception) -> str:
     if offline:
         return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
                 f"set) nor found in the local cache: on a machine with network run `hf download {repo} --local-dir "
-                f"DIR`, then pass that DIR")
+                f"DIR`, then {use}")
     return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
             "or pass a local directory")
 
@@ -182,7 +182,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
         raise
     except (OSError, ValueError, RuntimeError) as e:
         if not path.exists():
-            raise UserError(hub_message("vae", spec, e).replace("then pass that DIR", "then --set vae=DIR")) from None
+            raise UserError(hub_message("vae", spec, e, use="--set vae=DIR")) from None
         if "meta tensor" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
             raise UserError(f"vae={spec}: its weights do not fit the model's VAE architecture (other layer sizes): "
                             "use a VAE made for this model, or leave vae empty for the model's own") from None
@@ -191,7 +191,8 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     if vae.config.latent_channels != own_vae.config.latent_channels:
         raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
                         f"{own_vae.config.latent_channels}: use a VAE made for this model")
-    theirs, ours = (2 ** (len(v.config.block_out_channels) - 1) for v in (vae, own_vae))
+    from .sampling import vae_scale_factor
+    theirs, ours = vae_scale_factor(vae), vae_scale_factor(own_vae)
     if theirs != ours:  # the UNet would run on latents of another size than it was trained on
         raise UserError(f"vae={spec} downsamples images {theirs}x, the model's VAE {ours}x: use a VAE made for "
                         "this model")

@@ -229,9 +229,14 @@ def next_free_dir(base: Path, taken) -> Path:
 
 def launch_id() -> str | None:
     """What the processes of one ``accelerate launch``/torchrun share (None for a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if world_size() <= 1:
         return None
     return "/".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+
+
+def world_size() -> int:
+    """How many processes ``accelerate launch``/torchrun started (1 when started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def global_rank() -> int:

@@ -32,7 +32,7 @@ from .models import add_lora, load_components, lora_metadata, lora_state_dict, r
 from .optim import build_optimizer
 from .placement import Placement
 from .prompts import cut_prompts_note
-from .runlock import RunLock, check_free, global_rank, hold_folder
+from .runlock import RunLock, check_free, global_rank, hold_folder, world_size
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, resolution_note, rollout, without_autocast)
 
@@ -197,7 +197,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                             "folder, or pass a new --output-dir (nothing was overwritten)")
     # no second run (or a --resume of this one) writes here meanwhile; under a launcher, rank 0 holds it for all
     lock = hold_folder(out, ckpt.holds_a_run, enabled=global_rank() == 0,
-                       numbered=auto_output_dir and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
+                       numbered=auto_output_dir and world_size() == 1)
     if lock.out != out:  # the numbered default folder was taken a moment ago by a run started with this one
         out = lock.out
         cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -602,8 +602,8 @@ class StopRequest:
             self.name = signal.Signals(signum).name
             if self.raise_now:
                 raise KeyboardInterrupt
-            again = ("the launcher stops the processes if they take longer than 30 s" if global_rank() or
-                     int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "Ctrl-C again to abort")
+            again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
+                     else "Ctrl-C again to abort")
             if global_rank() == 0:  # once per run, not once per process
                 log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
 

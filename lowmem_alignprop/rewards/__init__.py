@@ -253,8 +253,8 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
                 if len(set(model_terms)) < 2:
                     raise
                 # several model rewards: their weights are given one per reward, so the fix names this one's entry
-                raise UserError(str(e).replace("--set reward_weights=PATH",
-                                               f"--set reward_weights='...;{name}=PATH'")) from None
+                from .clip_rewards import FLAG
+                raise UserError(str(e).replace(FLAG, f"--set reward_weights='...;{name}=PATH'")) from None
         modules.append((module, weight))
     reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
     reward.freeze()

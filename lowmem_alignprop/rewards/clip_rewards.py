@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import RewardModule
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -192,20 +192,23 @@ def _check_hf_dir(path: Path, reward: str):
                         f"weights there or point {FLAG} at a complete directory")
 
 
+class NotAFullClip(UserError):
+    """The files hold weights of another model than a full CLIP (a text-only or vision-only one, say)."""
+
+
 def _checked_load(cls, where: str, reward: str, **kwargs):
     """``cls.from_pretrained`` that refuses weights of another model: every weight must be found in the files (a
     text-only CLIP loads as a CLIPModel with random weights otherwise), and a damaged file is one line."""
     try:
         model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any reader error (SafetensorError is none of the builtin ones)
-        text = str(exc).strip()
-        raise UserError(f"{reward} reward: cannot load the CLIP model in {where} "
-                        f"({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}): its files are "
-                        f"incomplete or of another model; fix the folder given by {FLAG}") from None
+        raise UserError(f"{reward} reward: cannot load the CLIP model in {where} ({type(exc).__name__}: "
+                        f"{first_line(exc, 160)}): its files are incomplete or of another model; fix the folder "
+                        f"given by {FLAG}") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
-        raise UserError(f"{reward} reward: {where} is not a full CLIP model (text and vision): {len(missing)} of its "
-                        f"weights are missing (e.g. {missing[0]}); point {FLAG} at a CLIPModel directory")
+        raise NotAFullClip(f"{reward} reward: {where} is not a full CLIP model (text and vision): {len(missing)} of "
+                           f"its weights are missing (e.g. {missing[0]}); point {FLAG} at a CLIPModel directory")
     return model
 
 
@@ -222,9 +225,10 @@ def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
         raise UserError(f"{reward} reward: {path} does not exist; fix the path in {FLAG}")
     try:
         return _checked_load(cls, source, reward, local_files_only=True, **kwargs)
-    except UserError as exc:
-        if "is not a full CLIP model" in str(exc):
-            raise
+    except NotAFullClip:
+        raise
+    except UserError:
+        pass  # not in the cache
     error = "offline and not in the Hugging Face cache"
     if not _offline():
         try:
