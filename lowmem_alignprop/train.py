@@ -434,150 +434,151 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="AlignProp", disable=not is_main, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     step, last_saved = start + 1, start if resume_path is not None else None
-    with stop.installed(), contextlib.closing(bar):  # the bar ends its line even when an error stops the run
-        while step <= cfg.steps:
-            guard.step = step
-            rng_before = rng.getstate()
-            prof.begin_step(step)
-            try:
-                row, bad = run_step(step)
-            except faults.OOM_ERRORS as e:
-                stage = faults.stage_of(e, guard.current)
-                detail = first_line(e, 100)
-                del e
-                prof.end_step()
-                optimizer.zero_grad(set_to_none=True)
-                faults.free_memory()
-                fit = faults.next_fit(cfg, stage)
-                peak = faults.peak_so_far([h.get("peak_memory_gb") for h in history])
-                message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
-                if not cfg.auto_fit or fit is None or accelerator.num_processes > 1:
-                    if accelerator.num_processes == 1 and step - 1 > (last_saved or 0):
-                        save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
-                    raise faults.OutOfMemory(f"{message} [{detail}]") from None
-                log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
-                apply_fit(fit)
-                fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
-                rng.setstate(rng_before)  # the repeated step draws the same prompts and K
-                bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
-                continue
-            except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
-                stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
-                prof.end_step()
-                optimizer.zero_grad(set_to_none=True)
-                rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
-                saved = (save_checkpoint(step - 1) if accelerator.num_processes == 1 and step - 1 > (last_saved or 0)
-                         else None)
-                done = "step 1 is" if step - 1 == 1 else f"steps 1-{step - 1} are"
-                kept = f"; {done} saved in {saved}: --resume latest continues once it is fixed" if saved else ""
-                if isinstance(e, UserError):
-                    raise UserError(f"step {step}: {e}{kept}") from None
-                if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
-                    raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
-                                    f"{first_line(e)}{kept}") from None
-                if saved:
-                    log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step,
-                              stage, saved)
-                raise
-            mem = prof.end_step()
-            if step == start + 1:
-                prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
-                                     "lora": params, "optimizer": optimizer})
-            if bad is not None:
-                if is_main:
-                    write_metrics_line(metrics_path, {"step": step, "skipped": f"{bad} is NaN or infinite"})
-                if streak.bad(step, bad):
+    with stop.installed():  # SIGINT/SIGTERM are stop requests from the first step until the LoRA is written
+        with contextlib.closing(bar):  # the bar ends its line even when an error stops the run
+            while step <= cfg.steps:
+                guard.step = step
+                rng_before = rng.getstate()
+                prof.begin_step(step)
+                try:
+                    row, bad = run_step(step)
+                except faults.OOM_ERRORS as e:
+                    stage = faults.stage_of(e, guard.current)
+                    detail = first_line(e, 100)
+                    del e
+                    prof.end_step()
+                    optimizer.zero_grad(set_to_none=True)
+                    faults.free_memory()
+                    fit = faults.next_fit(cfg, stage)
+                    peak = faults.peak_so_far([h.get("peak_memory_gb") for h in history])
+                    message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
+                    if not cfg.auto_fit or fit is None or accelerator.num_processes > 1:
+                        if accelerator.num_processes == 1 and step - 1 > (last_saved or 0):
+                            save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
+                        raise faults.OutOfMemory(f"{message} [{detail}]") from None
+                    log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
+                    apply_fit(fit)
+                    fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
+                    rng.setstate(rng_before)  # the repeated step draws the same prompts and K
+                    bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
+                    continue
+                except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
+                    stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
+                    prof.end_step()
+                    optimizer.zero_grad(set_to_none=True)
+                    rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
+                    saved = (save_checkpoint(step - 1)
+                             if accelerator.num_processes == 1 and step - 1 > (last_saved or 0) else None)
+                    done = "step 1 is" if step - 1 == 1 else f"steps 1-{step - 1} are"
+                    kept = f"; {done} saved in {saved}: --resume latest continues once it is fixed" if saved else ""
+                    if isinstance(e, UserError):
+                        raise UserError(f"step {step}: {e}{kept}") from None
+                    if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
+                        raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
+                                        f"{first_line(e)}{kept}") from None
+                    if saved:
+                        log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step,
+                                  stage, saved)
+                    raise
+                mem = prof.end_step()
+                if step == start + 1:
+                    prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
+                                         "lora": params, "optimizer": optimizer})
+                if bad is not None:
+                    if is_main:
+                        write_metrics_line(metrics_path, {"step": step, "skipped": f"{bad} is NaN or infinite"})
+                    if streak.bad(step, bad):
+                        path = save_checkpoint(step)
+                        raise faults.TrainingDiverged(streak.message(path))
+                else:
+                    streak.good()
+                    row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
+                               peak_stage=mem["peak_stage"])
+                    history.append(row)
+                    if is_main:
+                        write_metrics_line(metrics_path, row)
+                        bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"],
+                                        s_per_step=f"{row['seconds']:.2f}")
+                        if cfg.log_every and step % cfg.log_every == 0:
+                            bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                                      f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
+                    if cfg.report_to != "none":
+                        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+                bar.update(1)
+                stopping = stop.agreed(accelerator)
+                if stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     path = save_checkpoint(step)
-                    raise faults.TrainingDiverged(streak.message(path))
-            else:
-                streak.good()
-                row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
-                           peak_stage=mem["peak_stage"])
-                history.append(row)
-                if is_main:
-                    write_metrics_line(metrics_path, row)
-                    bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"],
-                                    s_per_step=f"{row['seconds']:.2f}")
-                    if cfg.log_every and step % cfg.log_every == 0:
-                        bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
-                                  f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
-                if cfg.report_to != "none":
-                    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
-            bar.update(1)
-            stopping = stop.agreed(accelerator)
-            if stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                path = save_checkpoint(step)
-                last_saved = step
-                if stopping:
-                    bar.write(f"{stop.name} received: saved checkpoint {path}; " + (
-                        "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
-                        else "continue with --resume latest"))
-                    break
-            step += 1
+                    last_saved = step
+                    if stopping:
+                        bar.write(f"{stop.name} received: saved checkpoint {path}; " + (
+                            "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
+                            else "continue with --resume latest"))
+                        break
+                step += 1
 
-    # ================================ save ================================
-    accelerator.wait_for_everyone()
-    done = step if stop.name else min(step, cfg.steps)  # a stop request in the last step still finishes the run
-    summary = {"steps": cfg.steps, "steps_done": done,
-               "interrupted": done < cfg.steps, "resumed_from": str(resume_path or "")
-               or None, "skipped_steps": streak.skipped, "auto_fit": fits,
-               "fp16_overflow_skips": sum(1 for h in history if h.get("update_skipped"))}
-    final = accelerator.unwrap_model(unet_train)
-    lora = None
-    if cfg.train_unet == "lora":
-        with gather():
-            lora = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
-    else:
-        with gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
-            if is_main:
-                final.save_pretrained(out / "unet")
-    after = None
-    if before is not None and stop.name is None:
-        stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
-        try:
-            with stop.installed():
+        # ================================ save ================================
+        accelerator.wait_for_everyone()
+        done = min(step, cfg.steps)  # a stop breaks out at the step it saved; a finished loop leaves step = steps + 1
+        summary = {"steps": cfg.steps, "steps_done": done,
+                   "interrupted": done < cfg.steps, "resumed_from": str(resume_path or "")
+                   or None, "skipped_steps": streak.skipped, "auto_fit": fits,
+                   "fp16_overflow_skips": sum(1 for h in history if h.get("update_skipped"))}
+        final = accelerator.unwrap_model(unet_train)
+        lora = None
+        if cfg.train_unet == "lora":
+            with gather():
+                lora = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
+        else:
+            with gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
+                if is_main:
+                    final.save_pretrained(out / "unet")
+        after = None
+        if before is not None and stop.name is None:
+            stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
+            try:
                 after = generate(sample_prompts, cfg.seed + 12345)
-        except UserError as e:  # the LoRA and summary are still written
-            log.warning("%s (the before/after samples are left out)", e)
-        except KeyboardInterrupt:
-            log.warning("%s received: the after samples are skipped; writing the LoRA and summary", stop.name)
-    if is_main:
-        if lora is not None:
-            comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
-                                                   unet_lora_adapter_metadata=lora_metadata(final))
-            # which base model it belongs to: `sample` warns when it is applied to another one
-            (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
-        if after is not None:
-            grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
-            # the grid's labels are short (and Latin-only): every prompt in full, with its two rewards
-            (out / "samples" / "before_after.json").write_text(json.dumps(
-                {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
-                    {"prompt": p, "reward_before": b, "reward_after": a}
-                    for p, b, a in zip(sample_prompts, before[1].tolist(), after[1].tolist())]},
-                indent=1, ensure_ascii=False))
-            log_images(accelerator, cfg, grid)
-            summary["sample_reward_before"] = before[1].mean().item()
-            summary["sample_reward_after"] = after[1].mean().item()
-        if fits:  # the configuration that finally fitted, for the next run
-            (out / "config.yaml").write_text(yaml.safe_dump({"profile": profile_name, **cfg.to_dict(),
-                                                             "auto_fit_changes": fits}, sort_keys=False))
-        prof.write(out)
-        fits_budget = prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
-        n = max(1, min(3, len(history) // 2))
-        summary.update({
-            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
-            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n if history else float("nan"),
-            "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
-            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
-                                  default=None),
-            "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
-            "attention": attention, "device": str(device), "output_dir": str(out),
-            "trained": "lora" if cfg.train_unet == "lora" else "unet",
-        })
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary, cfg, profile_name)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # tears the process group down before interpreter exit: no gloo abort
+            except UserError as e:  # the LoRA and summary are still written
+                log.warning("%s (the before/after samples are left out)", e)
+            except KeyboardInterrupt:
+                log.warning("%s received: the after samples are skipped; writing the LoRA and summary", stop.name)
+            stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
+        if is_main:
+            if lora is not None:
+                comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
+                                                       unet_lora_adapter_metadata=lora_metadata(final))
+                # which base model it belongs to: `sample` warns when it is applied to another one
+                (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
+            if after is not None:
+                grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
+                # the grid's labels are short (and Latin-only): every prompt in full, with its two rewards
+                (out / "samples" / "before_after.json").write_text(json.dumps(
+                    {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
+                        {"prompt": p, "reward_before": b, "reward_after": a}
+                        for p, b, a in zip(sample_prompts, before[1].tolist(), after[1].tolist())]},
+                    indent=1, ensure_ascii=False))
+                log_images(accelerator, cfg, grid)
+                summary["sample_reward_before"] = before[1].mean().item()
+                summary["sample_reward_after"] = after[1].mean().item()
+            if fits:  # the configuration that finally fitted, for the next run
+                (out / "config.yaml").write_text(yaml.safe_dump({"profile": profile_name, **cfg.to_dict(),
+                                                                 "auto_fit_changes": fits}, sort_keys=False))
+            prof.write(out)
+            fits_budget = prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
+            n = max(1, min(3, len(history) // 2))
+            summary.update({
+                "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
+                "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n if history else float("nan"),
+                "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
+                "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
+                                      default=None),
+                "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
+                "attention": attention, "device": str(device), "output_dir": str(out),
+                "trained": "lora" if cfg.train_unet == "lora" else "unet",
+            })
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            print_summary(summary, cfg, profile_name)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()  # tears the process group down before interpreter exit: no gloo abort
     return summary
 
 
