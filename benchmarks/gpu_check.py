@@ -36,12 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LADDER = [
     ("fp16, per-call checkpoint only", {"unet_checkpointing": "call", "vae_checkpointing": "none",
                                         "reward_checkpointing": False, "cache_prompt_embeddings": False,
-                                        "offload_frozen": False, "sliced_decode": False}),
+                                        "offload_frozen": False, "sliced_decode": False,
+                                        "expandable_segments": False}),
     ("+ VAE checkpointing (up-blocks)", {"vae_checkpointing": "blocks"}),
     ("+ UNet block checkpointing", {"unet_checkpointing": "blocks"}),
     ("+ reward checkpointing, cached prompts", {"reward_checkpointing": True, "cache_prompt_embeddings": True}),
     ("+ offload frozen modules", {"offload_frozen": True}),
-    ("+ VAE checkpointing per resnet (= rtx3060)", {"vae_checkpointing": "resnets"}),
+    ("+ VAE checkpointing per resnet", {"vae_checkpointing": "resnets"}),
+    ("+ expandable allocator segments (= rtx3060)", {"expandable_segments": True}),
 ]
 
 # (name, profile, model, overrides, budget GiB for the cap); the small cards' claims first (a call may be cut off)

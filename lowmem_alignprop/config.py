@@ -96,6 +96,10 @@ class Config:
                               "sampling, text encoder after encoding). Saves their weights' memory, costs transfers.")
     activation_offload: bool = _f(False, "Move tensors saved for backward to CPU (saved-tensor hooks). Needs "
                                   "checkpointing; costs PCIe transfers.")
+    expandable_segments: bool = _f(True, "CUDA only: the caching allocator grows its memory segments in place, so "
+                                   "memory freed between stages is reused instead of staying reserved (cuts "
+                                   "fragmentation: benchmarks/REPORT.md). A "
+                                   "PYTORCH_CUDA_ALLOC_CONF you set yourself takes precedence.")
     base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
                          ("none", "int8", "nf4"))
     deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))

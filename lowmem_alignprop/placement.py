@@ -7,7 +7,31 @@ recorded in ``events`` so tests can check placement on a machine without a GPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # PyTorch's old and new names
+
+
+def configure_cuda_allocator(expandable_segments: bool) -> str:
+    """Let the CUDA caching allocator grow its segments in place (CUDA virtual memory) instead of caching
+    fixed-size ones: memory freed between stages is reused for differently sized tensors rather than held as
+    reserved-but-unused (measured in benchmarks/REPORT.md). Safe to call after
+    CUDA is up (it applies to segments made from then on). A user's own allocator variable wins. Returns what the
+    allocator runs with, for summary.json."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    for var in ALLOC_CONF_VARS:
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]} (yours)"
+    if not expandable_segments:
+        return "fixed segments"
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except RuntimeError as e:  # a driver without CUDA virtual memory management
+        return f"fixed segments (expandable segments unavailable: {str(e).strip()[:120]})"
+    return "expandable segments"
 
 
 class Placement:

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import UserError, first_line, same_on_every_rank
 from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
 from .optim import build_optimizer
-from .placement import Placement
+from .placement import Placement, configure_cuda_allocator
 from .prompts import cut_prompts_note
 from .runlock import RunLock, check_free, global_rank, hold_folder, world_size
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
@@ -220,6 +220,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
         with same_on_every_rank():
             resume_state = ckpt.read_state(resume_path)
             ckpt.check_config(resume_state, cfg, resume_path)
+    allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
     is_main = accelerator.is_main_process
@@ -572,7 +573,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                 "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                       default=None),
                 "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
-                "attention": attention, "device": str(device), "output_dir": str(out),
+                "attention": attention, "cuda_allocator": allocator, "device": str(device), "output_dir": str(out),
                 "trained": "lora" if cfg.train_unet == "lora" else "unet",
             })
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
