@@ -63,13 +63,15 @@ LADDER_BASE = {"profile": "rtx3060", "model": "sd15", "reward": "aesthetic",
 LADDER = [
     ("fp32 frozen weights, per-call checkpoint only (no optimization)",
      {"mixed_precision": "no", "unet_checkpointing": "call", "vae_checkpointing": "none", "reward_checkpointing": False,
-      "cache_prompt_embeddings": False, "offload_frozen": False, "sliced_decode": False}),
+      "cache_prompt_embeddings": False, "offload_frozen": False, "sliced_decode": False,
+      "expandable_segments": False}),
     ("fp16, per-call checkpoint only", {"mixed_precision": "fp16"}),
     ("+ VAE checkpointing (up-blocks)", {"vae_checkpointing": "blocks"}),
     ("+ UNet block checkpointing", {"unet_checkpointing": "blocks"}),
     ("+ reward checkpointing, cached prompts", {"reward_checkpointing": True, "cache_prompt_embeddings": True}),
     ("+ offload frozen modules", {"offload_frozen": True, "sliced_decode": True}),
-    ("+ VAE checkpointing per resnet (= rtx3060)", {"vae_checkpointing": "resnets"}),
+    ("+ VAE checkpointing per resnet", {"vae_checkpointing": "resnets"}),
+    ("+ expandable allocator segments (= rtx3060)", {"expandable_segments": True}),
 ]
 
 # Section 2
@@ -274,12 +276,16 @@ def gpu_runs(doc: dict) -> list[dict]:
             reserved = r.get("peak_reserved", rep.get("peak_reserved"))
             if reserved is None and st:
                 reserved = max((b for _, b in st.values() if b is not None), default=None)
-            sps = r.get("seconds_per_step") or (r.get("summary") or {}).get("seconds_per_step")
+            summary = r.get("summary") or {}
+            sps = r.get("seconds_per_step") or summary.get("seconds_per_step")
+            allocator = summary.get("cuda_allocator") or ("fixed segments" if summary else None)  # (before the field)
             status = r.get("status") or ("oom" if r.get("oom") else "ok" if r.get("fits", True) else "oom")
             out.append({"name": r.get("name", "?"), "section": section, "status": status, "stages": st,
                         "peak_allocated": alloc, "peak_reserved": reserved,
                         "peak_stage": r.get("peak_stage", rep.get("peak_stage")), "seconds_per_step": sps,
                         "budget_gb": r.get("budget_gb"), "command": r.get("command", ""),
+                        "allocator": allocator, "k": [m.get("k") for m in r.get("metrics") or []],
+                        "concurrent_runs": r.get("concurrent_runs"),
                         "planner": r.get("planner") if isinstance(r.get("planner"), dict)
                         and "stages" in r.get("planner") else None})
     return out
@@ -379,9 +385,22 @@ def _gpu_ladder_rows(gpu) -> dict[str, tuple[str, dict]]:
     rows = {}
     for path, d in gpu:
         for r in gpu_runs(d):
-            if r["section"] == "ladder":
-                rows[_ladder_key(r["name"].removeprefix("ladder "))] = ((d.get("device") or {}).get("name", path.stem), r)
+            key = _ladder_key(r["name"].removeprefix("ladder "))
+            if r["section"] == "ladder" and (key not in rows or _skipped(rows[key][1]) or not _skipped(r)):
+                rows[key] = ((d.get("device") or {}).get("name", path.stem), r)  # a measured row beats a skipped one
     return rows
+
+
+def _display_name(run: dict) -> str:
+    """A ladder run under the current LADDER's label (an earlier LADDER put "(= rtx3060)" on another row)."""
+    if run["section"] != "ladder":
+        return run["name"]
+    key = _ladder_key(run["name"].removeprefix("ladder "))
+    return "ladder " + next((label for label, _ in LADDER if _ladder_key(label) == key), key)
+
+
+def _skipped(run: dict) -> bool:
+    return run["status"].startswith("skipped") or run["status"].startswith("not run")
 
 
 def _ladder_key(label: str) -> str:
@@ -434,6 +453,10 @@ def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
         L.append(f"| {r['label']} | {name} | {m['status']} | {_g(m['peak_allocated'])} ({m['peak_stage'] or '-'}) | "
                  f"{_g(m['peak_reserved'])} | {_g(r['peak_allocated'])} | {_ratio(m['peak_allocated'], r['peak_allocated'])}"
                  f" | {_s(m['seconds_per_step'])} |")
+    shared = max((m.get("concurrent_runs") or 1 for _, m in measured.values()), default=1)
+    if shared > 1:
+        L += ["", f"Up to {shared} runs shared the GPU (section 4): the seconds per step are not a speed comparison "
+              "between rows."]
     return L + [""]
 
 
@@ -523,16 +546,22 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
         if ratios:
             L += [f"**Measured / estimated peak allocated over the {len(ratios)} completed runs with an estimate: "
                   f"{min(ratios):.3f} to {max(ratios):.3f}.**", ""]
-        L += ["| run | cap GiB | status | measured allocated (stage) | measured reserved | estimated allocated | "
-              "estimated needed | measured/estimated allocated | s/step |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        L += ["| run | cap GiB | status | allocator segments | measured allocated (stage) | measured reserved | "
+              "estimated allocated | estimated needed | measured/estimated allocated | K per step | runs at once | "
+              "s/step |", "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in runs:
             p = r["planner"] or {}
-            L.append(f"| {r['name']} | {r['budget_gb'] or '-'} | {r['status']} | {_g(r['peak_allocated'])} "
+            seg = (r["allocator"] or "-").replace(" segments", "")
+            L.append(f"| {_display_name(r)} | {r['budget_gb'] or '-'} | {r['status']} | {seg} | {_g(r['peak_allocated'])} "
                      f"({r['peak_stage'] or '-'}) | {_g(r['peak_reserved'])} | {_g(p.get('peak_allocated'))} | "
                      f"{_g(p.get('peak_needed', p.get('peak_reserved')))} | "  # (peak_reserved: plans before the rename)
                      f"{_ratio(r['peak_allocated'], p.get('peak_allocated'))} | "
+                     f"{', '.join(str(k) for k in r['k']) or '-'} | {r['concurrent_runs'] or '-'} | "
                      f"{_s(r['seconds_per_step'])} |")
+        L += ["", "The estimates were computed with expandable allocator segments in mind (x1.10 + workspaces); a run "
+              "with fixed segments is planned with a fragmentation allowance on top (`planner.fragmentation_allowance`). "
+              "Seconds per step follow the K drawn (each grad step is a UNet forward and backward) and the runs "
+              "sharing the GPU; they are not a speed comparison between rows."]
         staged = [r for r in runs if r["stages"] and r["planner"]]
         if staged:
             L += ["", "Per stage, measured / estimated allocated (GiB):", "",
@@ -543,10 +572,35 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
                     meas = (r["stages"].get(n) or (None, None))[0]
                     est = ((r["planner"].get("stages") or {}).get(n) or {}).get("allocated")
                     cells.append(f"{_g(meas)} / {_g(est)}")
-                L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+                L.append(f"| {_display_name(r)} | " + " | ".join(cells) + " |")
             L += ["", "(The estimate's `encode_prompts` is the first step's, when every prompt is encoded for the cache; "
                   "the measured per-stage figures leave the first step out as warm-up.)"]
+        L += _quant_table(d.get("quant"))
         L.append("")
+    return L
+
+
+def _quant_table(q: dict | None) -> list[str]:
+    """The quantized-base check (quant.gpu_verify_quant): one UNet forward+backward into LoRA per mode."""
+    if not q or not q.get("modes"):
+        return [] if not q else ["", f"Quantized base check: {q.get('error', 'no modes ran')}"]
+    base = next(iter(q["modes"].values()))
+    L = ["", f"Quantized frozen UNet ({q.get('arch', 'sd15')}, random weights, batch 2 = one CFG pair, 64x64 latents, "
+         f"77 tokens; one forward+backward into LoRA; bitsandbytes {q.get('bitsandbytes', '?')}; all modes "
+         f"{'passed' if q.get('ok') else 'did NOT all pass'}):", "",
+         "| mode | weights GiB | fwd+bwd peak GiB | vs first row | LoRA grads (finite) | output error vs fp16 | "
+         "fwd+bwd s |", "|---|---:|---:|---:|---|---:|---:|"]
+    for label, m in q["modes"].items():
+        if "error" in m:
+            L.append(f"| {label} | - | - | - | {m['error']} | - | - |")
+            continue
+        change = m.get("fwd_bwd_peak_change_bytes")
+        L.append(f"| {label} | {_g(m.get('measured_weight_bytes'))} | {_g(m.get('fwd_bwd_peak_bytes'))} | "
+                 f"{'-' if change is None else f'{change / GIB:+.3f}'} | {m.get('lora_grads_present')}/"
+                 f"{m.get('lora_tensors')} ({'yes' if m.get('lora_grads_finite') else 'NO'}) | "
+                 f"{100 * m.get('output_rel_error_vs_fp16', 0):.1f}% | {_s(m.get('fwd_bwd_seconds'))} |")
+    if base.get("fwd_bwd_seconds") and len(q["modes"]) > 1:
+        L += ["", "(The first row's seconds include CUDA's first-use start-up: cuBLAS handles, kernel loading.)"]
     return L
 
 

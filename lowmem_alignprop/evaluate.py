@@ -326,6 +326,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
 def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
               images_per_prompt: int, profile_name: str) -> dict:
     from .export import save_sample_grid
+    from .placement import configure_cuda_allocator
     from .rewards import build_reward
     from .train import DTYPES
 
@@ -334,6 +335,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
     weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32  # no fast fp16 on CPU
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
     # scoring, so the reward model and the diffusion model are never on the GPU together
@@ -376,7 +378,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
-        "grid": GRID_NAME, "device": str(device), "seconds": round(time.perf_counter() - t0, 2),
+        "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator, "seconds": round(time.perf_counter() - t0, 2),
         "output_dir": str(out),
     }
 

@@ -58,13 +58,20 @@ MIB = 1024**2
 # allowances for what fake tensors cannot see (CUDA targets only; a CPU target gets none)
 # ---------------------------------------------------------------------------------------------------
 CUDA_BLOCK = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
-RESERVED_FACTOR = 1.10  # reserved ~ allocated x this: segment rounding (2 MiB / 20 MiB) and fragmentation
+# reserved ~ allocated x this, with expandable segments (the default): the H100 runs of benchmarks/REPORT.md reserved
+# 1.03-1.09x their allocated peak (segment rounding, some fragmentation)
+RESERVED_FACTOR = 1.10
+# with fixed segments (expandable_segments=false) freed blocks of the large decode tensors fragment: the same runs
+# reserved up to 0.26 GiB more than allocated x 1.10 at 512 px, 1.4-1.8 GiB more at SDXL's 1024 px (4x the area)
+FIXED_SEGMENTS_BYTES_PER_512PX = 512 * MIB
 WORKSPACE_BYTES = 160 * MIB  # cuBLAS workspaces (a few MiB per handle/stream) + the cuDNN conv workspace
 CUDA_CONTEXT_BYTES = 400 * MIB  # driver, kernels, cuDNN/cuBLAS handles: outside the allocator
 
 ALLOWANCES = {
     "allocator_rounding": f"every allocation rounded up to {CUDA_BLOCK} B (counted in the allocated estimate)",
-    "reserved_factor": f"reserved = allocated x {RESERVED_FACTOR:.2f} (segment rounding, fragmentation)",
+    "reserved_factor": f"reserved = allocated x {RESERVED_FACTOR:.2f} (segment rounding, fragmentation; measured "
+                       "on an H100, benchmarks/REPORT.md); with expandable_segments=false, "
+                       f"+{FIXED_SEGMENTS_BYTES_PER_512PX / MIB:.0f} MiB more per 512x512 px of image (fragmentation)",
     "workspaces": f"+{WORKSPACE_BYTES / MIB:.0f} MiB on top of reserved for cuBLAS/cuDNN workspaces "
                   "(fake tensors do not run kernels, so cannot see them)",
     "cuda_context": f"~{CUDA_CONTEXT_BYTES / MIB:.0f} MiB of CUDA context is NOT in allocated/reserved; the shipped "
@@ -843,11 +850,11 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             out[name] = {"allocated": counter.peaks[name], "weights": counter.weights_at_peak[name],
                          "on_device": list(counter.where_at_peak[name])}
     for fig in out.values():
-        fig["reserved"] = _reserved(fig["allocated"], cuda)
+        fig["reserved"] = _reserved(cfg, fig["allocated"], cuda)
     peak_stage = max(out, key=lambda n: out[n]["allocated"])
     peak = out[peak_stage]["allocated"]
     return Estimate(target=target, stages=out, peak_allocated=peak, peak_stage=peak_stage,
-                    peak_needed=_reserved(peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
+                    peak_needed=_reserved(cfg, peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
                     k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
                     seconds=time.perf_counter() - t0, notes=notes)
 
@@ -872,8 +879,15 @@ def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
                             "tensor operations") from None
 
 
-def _reserved(allocated: int, cuda: bool) -> int:
-    return int(allocated * RESERVED_FACTOR) if cuda else allocated
+def fragmentation_allowance(cfg: Config) -> int:
+    """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area (0 with
+    expandable segments, the default)."""
+    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * (cfg.resolution / 512) ** 2)
+
+
+def _reserved(cfg: Config, allocated: int, cuda: bool) -> int:
+    """What the CUDA caching allocator holds for ``allocated`` bytes in use; a CPU target: exact bytes."""
+    return int(allocated * RESERVED_FACTOR) + fragmentation_allowance(cfg) if cuda else allocated
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -888,6 +902,9 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
     """Memory features this configuration does not use yet, cheapest in speed first (one step each). A smaller
     batch keeps ``images`` per optimizer step (default: this configuration's) through more accumulation."""
     out: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.expandable_segments and target == "cuda":
+        out.append(("expandable allocator segments (less fragmentation)",
+                    {"expandable_segments": True}))
     if not cfg.cache_prompt_embeddings:
         out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
     if not cfg.reward_checkpointing and _has_model_reward(cfg):
@@ -1051,6 +1068,8 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                      else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
         "config": cfg.to_dict(), "estimate": est.to_dict(),
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+        "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
+        "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
         "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's
         # "reserved" has no workspaces)
         "budget_gb": cfg.budget_gb or None,
@@ -1083,6 +1102,8 @@ def format_plan(r: dict[str, Any]) -> str:
                                 "offload_frozen", "activation_offload") if cfg[name]]
     if cfg["base_quant"] != "none":
         feats.append(f"base_quant={cfg['base_quant']}")
+    if not cfg.get("expandable_segments", True):
+        feats.append("expandable_segments=false")
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({r['autocast']})",
@@ -1109,8 +1130,11 @@ def format_plan(r: dict[str, Any]) -> str:
     cuda = r["target"] == "cuda"
     lines.append("")
     if cuda:
+        frag = r.get("fragmentation_allowance", 0)
         lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
-                     f"{_g(int(r['peak_allocated'] * RESERVED_FACTOR))} reserved + {WORKSPACE_BYTES / MIB:.0f} MiB "
+                     f"{_g(int(r['peak_allocated'] * RESERVED_FACTOR) + frag)} reserved (x{RESERVED_FACTOR:.2f}"
+                     + (f" + {_g(frag)} fixed-segment fragmentation" if frag else "")
+                     + f") + {WORKSPACE_BYTES / MIB:.0f} MiB "
                      f"workspaces = {_g(r['peak_needed'])} GiB needed")
     else:
         lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} (CPU: exact bytes)")

@@ -47,6 +47,7 @@ def test_outputs_written(run_dir):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["budget_gb"] == 8.0 and summary["fits_budget"] is True and summary["trained"] == "lora"
+    assert summary["cuda_allocator"] == "cpu"  # expandable segments are a CUDA allocator setting
 
 
 def test_a_run_over_its_budget_says_so_at_the_end(tmp_path, capsys):

@@ -91,6 +91,7 @@ def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
                             "resolution": 64}
     assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]  # the first two of simple_animals
     assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
+    assert r["device"] == "cpu" and r["cuda_allocator"] == "cpu"  # (expandable segments: CUDA only)
     pipe = _tiny_pipe(tiny_dir)
     for p in r["per_prompt"]:
         direct = [_brightness(_direct(pipe, p["prompt"], s)).item() for s in p["seeds"]]

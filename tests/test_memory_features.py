@@ -471,3 +471,62 @@ def test_offload_frozen_text_encoder_on_device_only_to_encode(placement_log, cac
         assert all(where["text_encoder"] == "cpu" for _, _, where in log[last_cpu:])
     else:  # on the device only while encoding: never while the UNet samples
         assert all(where["text_encoder"] == "cpu" for module, _, where in uses if module == "unet")
+
+
+# ---- the CUDA allocator's expandable segments (CUDA only: the calls into PyTorch are recorded here) ----------
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda made to look available; what is asked of the allocator is recorded, not done."""
+    from lowmem_alignprop import placement
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for var in placement.ALLOC_CONF_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_expandable_segments_are_switched_on_by_default(fake_cuda):
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    assert Config().expandable_segments is True
+    assert configure_cuda_allocator(Config().expandable_segments) == "expandable segments"
+    assert fake_cuda == ["expandable_segments:True"]
+
+
+def test_expandable_segments_off_leaves_the_allocator_alone(fake_cuda):
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    assert configure_cuda_allocator(False) == "fixed segments"
+    assert fake_cuda == []
+
+
+@pytest.mark.parametrize("var", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_a_users_own_allocator_setting_wins(fake_cuda, monkeypatch, var):
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    monkeypatch.setenv(var, "max_split_size_mb:128")
+    assert configure_cuda_allocator(True) == f"{var}=max_split_size_mb:128 (yours)"
+    assert fake_cuda == []
+
+
+def test_a_driver_without_expandable_segments_falls_back_with_the_reason(fake_cuda, monkeypatch):
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    def refuse(setting):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuse)
+    said = configure_cuda_allocator(True)
+    assert said.startswith("fixed segments (expandable segments unavailable: expandable_segments not supported")
+
+
+def test_no_allocator_setting_without_cuda(monkeypatch):
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings",
+                        lambda s: pytest.fail("the allocator was configured without CUDA"))
+    assert configure_cuda_allocator(True) == "cpu"

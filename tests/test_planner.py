@@ -244,12 +244,25 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
         "kind": "gpu_check", "date": "2026-01-02", "device": {"name": "NVIDIA H100", "total_gb": 79.2},
         "calls": [{"command": "python benchmarks/gpu_check.py --jobs 3"}, {"command": "python benchmarks/gpu_check.py "
                                                                                    "--match rtx3060"}],
-        "code": "abc1234", "profiles": [flat], "ladder": [
-            dict(nested, concurrent_runs=3),
+        "code": "abc1234", "profiles": [flat],
+        "quant": {"ok": True, "bitsandbytes": "0.50.2", "modes": {
+            "fp16": {"measured_weight_bytes": 2 * GIB, "fwd_bwd_peak_bytes": 3 * GIB, "lora_grads_present": 8,
+                     "lora_tensors": 8, "lora_grads_finite": True, "output_rel_error_vs_fp16": 0.0,
+                     "fwd_bwd_seconds": 9.0},
+            "nf4": {"measured_weight_bytes": int(1.5 * GIB), "fwd_bwd_peak_bytes": int(2.75 * GIB),
+                    "fwd_bwd_peak_change_bytes": -GIB // 4, "lora_grads_present": 8, "lora_tensors": 8,
+                    "lora_grads_finite": True, "output_rel_error_vs_fp16": 0.055, "fwd_bwd_seconds": 0.2}}},
+        "ladder": [
+            dict(nested, concurrent_runs=3, metrics=[{"k": 1}, {"k": 1}],
+                 summary={"seconds_per_step": 3.25, "cuda_allocator": "expandable segments"}),
             # measured under an earlier LADDER that put the "(= rtx3060)" marker on another row: still lines up
             dict(nested, name="ladder " + bench.LADDER[-1][0].replace(" (= rtx3060)", ""),
                  memory_report={"stages": {}, "peak_allocated": int(3.3 * GIB), "peak_reserved": 4 * GIB,
                                 "peak_stage": "backward"})]}))
+    # a later file (sorted after) whose call was cut off before that row: the measured row still shows
+    (results / "gpu-h200-2026-01-03.json").write_text(json.dumps({
+        "kind": "gpu_check", "date": "2026-01-03", "device": {"name": "NVIDIA H200", "total_gb": 139.8},
+        "ladder": [{"name": "ladder " + label, "status": "skipped (deadline)"}], "profiles": []}))
     runs = bench.gpu_runs(json.loads((results / "gpu-h100-2026-01-02.json").read_text()))
     assert [(r["status"], r["peak_allocated"], r["peak_stage"]) for r in runs] == [
         ("ok", 5 * GIB, "backward"), ("ok", int(3.3 * GIB), "backward"), ("oom", 7 * GIB, None)]
@@ -257,7 +270,12 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     text = bench.report(doc, gpu, results)
     assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
     assert f"| {bench.LADDER[-1][0]} | NVIDIA H100 | ok | 3.30 (backward) | 4.00 | 3.00 | 1.10 |" in text
-    assert "| rtx3060 sd15 | 7.5 | oom | 7.00 (-) |" in text
+    assert f"| {label} | NVIDIA H100 | ok | 5.00 (backward) |" in text  # not the H200's skipped row
+    assert "| rtx3060 sd15 | 7.5 | oom | - | 7.00 (-) |" in text
+    # the allocator the run used (runs before the field: fixed segments), the K drawn, the runs sharing the GPU
+    assert f"| ladder {label} | - | ok | expandable | 5.00 (backward) | 6.00 | 4.00 | 5.00 | 1.25 | 1, 1 | 3 | 3.25 |" in text
+    assert f"| ladder {bench.LADDER[-1][0]} | - | ok | fixed | 3.30 (backward) |" in text  # under today's label
+    assert "| nf4 | 1.50 | 2.75 | -0.250 | 8/8 (yes) | 5.5% | 0.20 |" in text  # the quantized-base check
     assert "5.00 / 4.00" in text  # per stage, measured / estimated
     assert ("Commands: `python benchmarks/gpu_check.py --jobs 3`; `python benchmarks/gpu_check.py --match rtx3060`; "
             "code abc1234;") in text  # a check split over two calls, and the code it measured
@@ -378,3 +396,36 @@ def test_a_missing_reward_weights_path_fails_the_plan_as_it_fails_training(tiny_
     assert main(["plan", "--profile", "cpu", "--reward", "clip", "--set", f"reward_weights={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err
     assert f"clip reward: {tmp_path / 'nope'} does not exist" in err and err.count("\n") == 1
+
+
+def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first_fix(tiny_dir, capsys):
+    """With expandable segments (the default) the H100 runs reserved at most 1.09x their allocated peak; with
+    fixed segments the large decode tensors fragment it, by more as the image grows (SDXL 1024 px: 1.4-1.8 GiB
+    beyond x1.10): the planner's 'needed' follows the allocator mode, and a plan with fixed segments that does
+    not fit is offered expandable segments first."""
+    cfg = Config(model="tiny", resolution=64, sample_steps=3, k=1).validate()
+    fixed = dataclasses.replace(cfg, expandable_segments=False)
+    on, off = planner.estimate(cfg, target="cuda"), planner.estimate(fixed, target="cuda")
+    assert off.peak_allocated == on.peak_allocated  # the allocator mode changes what is reserved, not allocated
+    assert on.peak_needed == int(on.peak_allocated * 1.10) + planner.WORKSPACE_BYTES
+    assert off.peak_needed - on.peak_needed == 512 * MIB // 64  # 64 px: 1/64 of a 512x512 image's area
+    for name, fig in off.stages.items():
+        assert fig["reserved"] - on.stages[name]["reserved"] == 8 * MIB, name
+    assert planner.fragmentation_allowance(dataclasses.replace(fixed, resolution=1024)) == 2 * GIB
+    assert planner.estimate(fixed, target="cpu").peak_needed == planner.estimate(cfg, target="cpu").peak_needed
+    assert planner.candidate_changes(fixed, "cuda")[0][1] == {"expandable_segments": True}
+    assert not any("expandable_segments" in c for _, c in planner.candidate_changes(cfg, "cuda"))
+    assert not any("expandable_segments" in c for _, c in planner.candidate_changes(fixed, "cpu"))
+    # a budget between the two: fits with expandable segments, not without; the suggestion switches them on
+    args = ["plan", "--profile", "cpu", "--device", "cuda", "--json"]
+    needed = {}
+    for mode in ("true", "false"):
+        assert main(args + ["--no-suggest", "--set", f"expandable_segments={mode}"]) == 0
+        needed[mode] = json.loads(capsys.readouterr().out)["peak_needed"]
+    budget = (needed["true"] + needed["false"]) / 2 / GIB
+    assert main(args + ["--set", f"budget_gb={budget}", "--set", "expandable_segments=false"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] is False and r["fragmentation_allowance"] == 8 * MIB
+    assert r["suggestion"]["set"] == {"expandable_segments": True} and r["suggestion"]["fits"]
+    text = planner.format_plan(r)
+    assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
