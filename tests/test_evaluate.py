@@ -310,3 +310,31 @@ def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras,
         assert main([*one, "--seed", "3", "--output-dir", "outputs/sample"]) == 0
     assert "outputs/sample held an earlier evaluation: replacing it" in caplog.text
     assert json.loads((tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text())["seed"] == 3
+
+
+def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, monkeypatch):
+    """Pillow's built-in font draws every non-Latin character as the same box: two Cyrillic prompts gave identical
+    labels. The grid's font now has their glyphs; a prompt wider than its cell is cut to it with '...'."""
+    import numpy as np
+    from PIL import Image
+
+    from lowmem_alignprop.export import label_font, save_sample_grid
+
+    imgs = (torch.zeros(2, 3, 8, 8), torch.zeros(2))
+    grid = Image.open(save_sample_grid(tmp_path / "g.png", ["Жук", "Щит"], imgs, imgs))
+    title = np.asarray(grid.convert("L"))[:18]
+    first, second = title[:, 64:64 + 60], title[:, 64 + 192:64 + 192 + 60]
+    assert (first < 128).any() and (second < 128).any()  # something is drawn
+    assert not np.array_equal(first, second)  # and not the same box twice
+
+    long = "an oil painting of a very small red fox sleeping under a tree in autumn"
+    grid = Image.open(save_sample_grid(tmp_path / "h.png", [long, "cat"], imgs, imgs))
+    title = np.asarray(grid.convert("L"))[:18]
+    assert (title[:, 64:64 + 192 - 4] < 128).any() and not (title[:, 64 + 192 - 4:64 + 196] < 128).any()
+
+    # characters no installed font has (here: only DejaVu Sans is installed, and it has no CJK): said once, drawn anyway
+    from matplotlib import font_manager
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [])
+    with caplog.at_level("WARNING", logger="lowmem_alignprop"):
+        assert label_font(["猫 cat"]) is not None
+    assert "no installed font has the characters '猫'" in caplog.text and "fonts-noto-cjk" in caplog.text

@@ -269,6 +269,9 @@ def test_offline_without_weights(offline, name, missing):
         build_reward(name)
     message = str(err.value)
     assert missing in message and "reward_weights" in message and "\n" not in message
+    hub = {"clip": "openai/clip-vit-large-patch14", "pickscore": "yuvalkirstain/PickScore_v1"}
+    if name in hub:  # the same download command as a model's hub id (models.hub_message)
+        assert f"`hf download {hub[name]} --local-dir DIR`, then pass that DIR with --set reward_weights" in message
 
 
 def test_incomplete_directories(dirs, tmp_path):
