@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
                            is_sdxl=where == "sdxl", source=f"{where} (random weights)")
     else:
+        if kind == "hub":
+            hub.offline()  # no network: diffusers reads the local cache only and fails at once, not after retries
         try:
             if kind == "file":
                 from .arch import load_single_file
@@ -174,6 +177,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
                 vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
                                                      torch_dtype=dtype)
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "~")):
+            hub.offline()  # no network: the local cache only, at once
             vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
         else:
             raise UserError(f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id "

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import hub
 from ..errors import UserError, first_line
 from .base import RewardModule
 
@@ -155,18 +156,6 @@ def _checkpointed(forward):
 # --------------------------------------------------------------------------------------------------
 # locating weights
 # --------------------------------------------------------------------------------------------------
-def _offline() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return False
-
-
 def _looks_like_path(spec: str) -> bool:
     return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") != 1
             or spec.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
@@ -230,7 +219,7 @@ def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
     except UserError:
         pass  # not in the cache
     error = "offline and not in the Hugging Face cache"
-    if not _offline():
+    if not hub.offline():
         try:
             return _checked_load(cls, source, reward, **kwargs)
         except UserError as exc:  # network errors, missing repo, ...
@@ -259,7 +248,7 @@ def _load_tokenizer(sources: Sequence[str], reward: str):
             return AutoTokenizer.from_pretrained(source, local_files_only=True)
         except Exception:
             pass
-        if not _offline():
+        if not hub.offline():
             try:
                 return AutoTokenizer.from_pretrained(source)
             except Exception:
@@ -518,7 +507,7 @@ def _hub_hps_file() -> Path | None:
             return Path(hf_hub_download(HPS_HUB_REPO, name, local_files_only=True))
         except Exception:
             pass
-    if not _offline():
+    if not hub.offline():
         try:
             return Path(hf_hub_download(HPS_HUB_REPO, HPS_FILES[0]))
         except Exception:

@@ -1,0 +1,110 @@
+"""Without network, a hub id fails at once from the local cache instead of after huggingface_hub's retries.
+
+The probe (one TCP connection to the hub's endpoint) is replaced here by a fake: these tests never touch the
+network, and each starts with huggingface_hub out of offline mode (conftest sets HF_HUB_OFFLINE for the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+import pytest
+from huggingface_hub import constants
+
+from lowmem_alignprop import hub
+from lowmem_alignprop.cli import main
+
+
+@pytest.fixture
+def online_by_setting(monkeypatch):
+    """No offline variable set, huggingface_hub in online mode; the probe's cache is cleared before and after."""
+    for var in hub.OFFLINE_VARS + hub.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub.unreachable.cache_clear()
+    probes: list[tuple] = []
+    yield probes
+    hub.unreachable.cache_clear()
+
+
+def _no_dns(probes):
+    def connect(address, timeout=None):
+        probes.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+    return connect
+
+
+def test_an_unresolvable_hub_switches_huggingface_hub_to_the_cache_once(online_by_setting, monkeypatch, caplog):
+    monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert hub.offline() is True and hub.offline() is True
+    assert online_by_setting == [(("huggingface.co", 443), hub.TIMEOUT)]  # probed once
+    assert constants.HF_HUB_OFFLINE is True  # diffusers and transformers now read the cache only
+    said = [r.getMessage() for r in caplog.records if "no network" in r.getMessage()]
+    assert said == ["no network to the Hugging Face hub: huggingface.co cannot be resolved (Name or service not "
+                    "known); hub ids load from the local cache only"]
+
+
+def test_a_reachable_hub_stays_online(online_by_setting, monkeypatch):
+    def connect(address, timeout=None):
+        online_by_setting.append(address)
+        return contextlib.nullcontext()
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert hub.offline() is False and constants.HF_HUB_OFFLINE is False
+
+
+def test_a_refused_connection_to_a_mirror_endpoint_is_offline(online_by_setting, monkeypatch):
+    def refuse(address, timeout=None):
+        online_by_setting.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.example:8080")  # HF_ENDPOINT
+    assert hub.unreachable() == "mirror.example:8080 cannot be reached (Connection refused)"
+    assert online_by_setting == [("mirror.example", 8080)]
+
+
+def test_behind_a_proxy_no_probe_is_made(online_by_setting, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed past the proxy"))
+    assert hub.offline() is False
+
+
+def test_offline_by_setting_needs_no_probe(online_by_setting, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed although offline"))
+    assert hub.offline() is True
+
+
+def test_a_reward_from_the_hub_without_network_fails_at_once_in_one_clean_line(online_by_setting, monkeypatch,
+                                                                             tmp_path, capsys):
+    """Before: about 50 s of retries (the CLIP model, then its tokenizer), then an error that nested a second
+    'cannot load ... fix the folder' message inside the first. The hub loaders must not be asked online."""
+    monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
+    from huggingface_hub import file_download
+
+    def no_request(*a, **k):
+        raise AssertionError("a request went to the hub although it is unreachable")
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_request)
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--reward", "clip", "--steps", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: clip reward: cannot load 'openai/clip-vit-large-patch14' (config.json / model.safetensors "
+                   "missing: offline and not in the Hugging Face cache); on a machine with network run `hf download "
+                   "openai/clip-vit-large-patch14 --local-dir DIR`, then pass that DIR with --set reward_weights=PATH")
+    assert not out.exists() and len(online_by_setting) == 1
+
+
+def test_a_model_hub_id_without_network_fails_at_once(online_by_setting, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
+    from huggingface_hub import file_download
+
+    monkeypatch.setattr(file_download, "get_hf_file_metadata",
+                        lambda *a, **k: pytest.fail("a request went to the hub although it is unreachable"))
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", "someone/sd-model", "--steps", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: model 'someone/sd-model' is a Hugging Face hub id, and it could not be fetched")
+    assert "hf download someone/sd-model --local-dir DIR" in err and not out.exists()
