@@ -325,7 +325,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
 
     def apply_fit(fit: faults.Fit) -> None:
         """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step)."""
-        nonlocal reward
+        nonlocal reward, allocator
         dataclasses.replace(cfg, **fit.overrides).validate()
         for key, value in fit.overrides.items():
             setattr(cfg, key, value)  # sliced_decode, cache_prompt_embeddings, activation_offload: read per step
@@ -345,6 +345,8 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
             place.offload_enabled = cfg.offload_frozen
         if "attention" in keys:
             set_attention(bare_unet, vae, cfg.attention, device)
+        if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
+            allocator = configure_cuda_allocator(cfg.expandable_segments)
 
     # ================================ train ================================
     history: list[dict] = []

@@ -246,3 +246,27 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
     assert max((w(2)[k] - init[k]).abs().max().item() for k in init) > 0  # step 2 updated the LoRA
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fp16_overflow_skips"] == 1 and summary["skipped_steps"] == []
+
+
+def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monkeypatch, tiny_dir):
+    """On a card, the planner's first step for a run with fixed allocator segments is expandable segments: the
+    live allocator must be switched (not only the config), and summary.json say what it runs with."""
+    from lowmem_alignprop import train
+
+    calls = []
+
+    def allocator(expandable):
+        calls.append(expandable)
+        return "expandable segments" if expandable else "fixed segments"
+    monkeypatch.setattr(train, "configure_cuda_allocator", allocator)
+    monkeypatch.setattr(faults, "planner_fit", lambda cfg, stage: faults.Fit("expandable allocator segments",
+                                                                              {"expandable_segments": True}))
+    monkeypatch.setenv(faults.INJECT_ENV, "backward@2")
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--auto-fit",
+                 "--set", "expandable_segments=false"]) == 0
+    assert calls == [False, True]  # at start-up as configured, then switched by the auto-fit
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["change"] for c in summary["auto_fit"]] == [{"expandable_segments": True}]
+    assert summary["cuda_allocator"] == "expandable segments"
+    assert yaml.safe_load((out / "config.yaml").read_text())["expandable_segments"] is True
