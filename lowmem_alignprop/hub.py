@@ -60,6 +60,9 @@ def offline() -> bool:
         return False
     from huggingface_hub import constants
 
+    from .runlock import global_rank
+
     constants.HF_HUB_OFFLINE = True  # diffusers and transformers read it per call: cache only, no retries
-    log.warning("no network to the Hugging Face hub: %s; hub ids load from the local cache only", reason)
+    if global_rank() == 0:  # once per run, not once per process
+        log.warning("no network to the Hugging Face hub: %s; hub ids load from the local cache only", reason)
     return True

@@ -108,3 +108,11 @@ def test_a_model_hub_id_without_network_fails_at_once(online_by_setting, monkeyp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model 'someone/sd-model' is a Hugging Face hub id, and it could not be fetched")
     assert "hf download someone/sd-model --local-dir DIR" in err and not out.exists()
+
+
+def test_under_a_launcher_only_rank_0_says_so(online_by_setting, monkeypatch, caplog):
+    monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert hub.offline() is True
+    assert "no network" not in caplog.text and constants.HF_HUB_OFFLINE is True  # offline all the same
