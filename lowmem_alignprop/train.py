@@ -718,7 +718,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     lines += [
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
         + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
-        + budget[s.get("fits_budget")] + f", attention {s['attention']}",
+        + budget[s.get("fits_budget")] + f", attention {s['attention']}"
+        + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
         f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
         + "metrics.jsonl, summary.json,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",

@@ -92,3 +92,18 @@ def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(run_dir, tiny_
                                    feature_extractor=None, requires_safety_checker=False)
     ours.set_progress_bar_config(disable=True)
     assert torch.allclose(images(ours), with_lora, atol=1e-5)
+
+
+def test_the_end_of_run_line_names_the_cuda_allocator_mode(tmp_path, capsys):
+    """On a card the summary says what the allocator ran with (it changes the reserved peak); on a CPU nothing."""
+    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.train import print_summary
+
+    s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cuda:0", "seconds_per_step": 3.1,
+         "peak_memory_gb": 3.59, "budget_gb": 7.5, "fits_budget": True, "attention": "sdpa",
+         "output_dir": str(tmp_path), "cuda_allocator": "expandable segments"}
+    print_summary(s, Config(), "rtx3060")
+    assert "peak memory 3.590 GiB (budget 7.5 GiB: fits), attention sdpa, allocator: expandable segments" in \
+        capsys.readouterr().out
+    print_summary(dict(s, device="cpu", cuda_allocator="cpu"), Config(), "cpu")
+    assert "allocator" not in capsys.readouterr().out
