@@ -98,8 +98,9 @@ class Config:
                                   "checkpointing; costs PCIe transfers.")
     expandable_segments: bool = _f(True, "CUDA only: the caching allocator grows its memory segments in place, so "
                                    "memory freed between stages is reused instead of staying reserved (SDXL "
-                                   "1024 px on rtx3060-sdxl: 5.77 -> 4.43 GiB reserved, measured). A "
-                                   "PYTORCH_CUDA_ALLOC_CONF you set yourself takes precedence.")
+                                   "1024 px on rtx3060-sdxl: 5.77 -> 4.43 GiB reserved, measured). Linux only "
+                                   "(PyTorch has none on Windows). A PYTORCH_CUDA_ALLOC_CONF you set yourself "
+                                   "takes precedence.")
     base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
                          ("none", "int8", "nf4"))
     deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))

@@ -8,6 +8,7 @@ recorded in ``events`` so tests can check placement on a machine without a GPU.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -27,6 +28,8 @@ def configure_cuda_allocator(expandable_segments: bool) -> str:
             return f"{var}={os.environ[var]} (yours)"
     if not expandable_segments:
         return "fixed segments"
+    if sys.platform == "win32":  # PyTorch only warns there and keeps fixed segments
+        return "fixed segments (PyTorch has no expandable segments on Windows)"
     try:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except RuntimeError as e:  # a driver without CUDA virtual memory management

@@ -1058,6 +1058,9 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                         "--set base_quant")
     prompts = load_prompts(cfg.prompts)
     est = estimate(cfg, target=target, prompts=prompts)
+    if target == "cuda" and cfg.expandable_segments and sys.platform == "win32":
+        est.notes.append("planned with expandable allocator segments, which PyTorch has on Linux only: to train on "
+                         "this Windows machine, plan with --set expandable_segments=false")
     fits = est.fits(cfg.budget_gb)
     result: dict[str, Any] = {
         "kind": "plan", "profile": profile, "model": cfg.model, "reward": cfg.reward, "target": target,

@@ -530,3 +530,14 @@ def test_no_allocator_setting_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings",
                         lambda s: pytest.fail("the allocator was configured without CUDA"))
     assert configure_cuda_allocator(True) == "cpu"
+
+
+def test_on_windows_the_allocator_keeps_fixed_segments_and_says_so(fake_cuda, monkeypatch):
+    """PyTorch builds expandable segments on Linux only; on Windows the setting would only warn."""
+    import sys
+
+    from lowmem_alignprop.placement import configure_cuda_allocator
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert configure_cuda_allocator(True) == "fixed segments (PyTorch has no expandable segments on Windows)"
+    assert fake_cuda == []

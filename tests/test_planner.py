@@ -429,3 +429,18 @@ def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first
     assert r["suggestion"]["set"] == {"expandable_segments": True} and r["suggestion"]["fits"]
     text = planner.format_plan(r)
     assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
+
+
+def test_a_plan_made_on_windows_says_expandable_segments_are_linux_only(tiny_dir, capsys, monkeypatch):
+    import sys
+
+    args = ["plan", "--profile", "cpu", "--device", "cuda", "--json", "--no-suggest"]
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert main(args) == 0
+    assert any("PyTorch has on Linux only" in n and "--set expandable_segments=false" in n
+               for n in json.loads(capsys.readouterr().out)["notes"])
+    assert main(args + ["--set", "expandable_segments=false"]) == 0  # already planned as it will run: no note
+    assert not any("Linux only" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert main(args) == 0
+    assert not any("Linux only" in n for n in json.loads(capsys.readouterr().out)["notes"])
