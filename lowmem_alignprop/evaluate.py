@@ -378,7 +378,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
-        "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator, "seconds": round(time.perf_counter() - t0, 2),
+        "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator,
+        "seconds": round(time.perf_counter() - t0, 2),
         "output_dir": str(out),
     }
 

@@ -23,6 +23,11 @@ OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
+def download_hint(repo: str, then: str) -> str:
+    """How to get a hub id onto a machine without network (the end of every 'not in the cache' message)."""
+    return f"on a machine with network run `hf download {repo} --local-dir DIR`, then {then}"
+
+
 def offline_by_setting() -> bool:
     """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set (or huggingface_hub is already in offline mode)."""
     if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARS):

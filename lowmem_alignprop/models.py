@@ -140,8 +140,7 @@ def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DI
                                       "Connection", "does not appear to have a file named", "offline"))
     if offline:
         return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
-                f"set) nor found in the local cache: on a machine with network run `hf download {repo} --local-dir "
-                f"DIR`, then {use}")
+                f"set) nor found in the local cache: {hub.download_hint(repo, use)}")
     return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
             "or pass a local directory")
 

@@ -1135,7 +1135,7 @@ def format_plan(r: dict[str, Any]) -> str:
     if cuda:
         frag = r.get("fragmentation_allowance", 0)
         lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
-                     f"{_g(int(r['peak_allocated'] * RESERVED_FACTOR) + frag)} reserved (x{RESERVED_FACTOR:.2f}"
+                     f"{_g(r['stages'][r['peak_stage']]['reserved'])} reserved (x{RESERVED_FACTOR:.2f}"
                      + (f" + {_g(frag)} fixed-segment fragmentation" if frag else "")
                      + f") + {WORKSPACE_BYTES / MIB:.0f} MiB "
                      f"workspaces = {_g(r['peak_needed'])} GiB needed")

@@ -553,7 +553,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                 (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
             if after is not None:
                 grid = save_sample_grid(out / "samples" / "before_after.png", sample_prompts, before, after)
-                # the grid's labels are short (and Latin-only): every prompt in full, with its two rewards
+                # the grid's labels are cut to their cell: every prompt in full, with its two rewards
                 (out / "samples" / "before_after.json").write_text(json.dumps(
                     {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
                         {"prompt": p, "reward_before": b, "reward_after": a}

@@ -225,7 +225,7 @@ def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
         except UserError as exc:  # network errors, missing repo, ...
             error = str(exc)
     raise UserError(f"{reward} reward: cannot load '{source}' (config.json / model.safetensors missing: {error}); "
-                    f"on a machine with network run `hf download {source} --local-dir DIR`, then pass that DIR with {FLAG}")
+                    f"{hub.download_hint(source, f'pass that DIR with {FLAG}')}")
 
 
 def _load_tokenizer(sources: Sequence[str], reward: str):
