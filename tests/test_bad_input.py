@@ -354,7 +354,7 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
     ("qa_rewards:nograd", "returned scores with no gradient to the images"),
     ("qa_rewards:detached", "returned scores with no gradient to the images"),
     ("qa_rewards:nan", "returned NaN or inf"),
-    ("qa_rewards:make", "building it failed with TypeError"),
+    ("qa_rewards:make()", "building it failed with TypeError"),
     ("qa_rewards:gradonly", "raised RuntimeError on a test image without gradient (as for the sample images)"),
     ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),
 ])

@@ -195,7 +195,7 @@ def test_custom_function():
 def test_custom_factory_class_and_weights():
     images = torch.rand(2, 3, 8, 8)
     red, green = images[:, 0].mean(dim=(1, 2)), images[:, 1].mean(dim=(1, 2))
-    torch.testing.assert_close(build_reward("tests.test_rewards:reward_factory")(images, ["", ""]), red)
+    torch.testing.assert_close(build_reward("tests.test_rewards:reward_factory()")(images, ["", ""]), red)
     torch.testing.assert_close(build_reward("tests.test_rewards:GreenReward")(images, ["", ""]), green)
     mixed = build_reward("tests.test_rewards:red_reward:0.5,brightness:1,tests.test_rewards:GreenReward")
     torch.testing.assert_close(mixed(images, ["", ""]),

@@ -6,10 +6,17 @@ differentiable w.r.t. the images. Higher is better for every reward.
 Spec forms:
   * a built-in name (see ``REWARDS``; ``colourfulness`` is accepted for ``colorfulness``);
   * ``"a:1.0,b:0.5"``: a weighted sum of terms (a term may also be a user reward, ``pkg.mod:fn:0.5``);
-  * ``"package.module:function"``: a user callable ``fn(images, prompts) -> tensor[B]``, a ``RewardModule``
-    subclass, or a factory returning one (a factory may take any of the keyword arguments ``device``,
-    ``dtype``, ``checkpointing``, ``weights``).
-A term ``x:y`` is a weight when ``y`` is a number and ``x`` has no dot; otherwise it is ``module:function``.
+  * ``"package.module:function"``: your own reward. What it is follows from the spec, never from a guess:
+      - a function or any other callable (``functools.partial``, an object with ``__call__``, an ``nn.Module``)
+        is the reward itself: its first positional parameter takes the images, and the prompts are passed as
+        the second when it accepts a second positional argument (``f(images)``, ``f(images, prompts=None)``,
+        ``f(images, prompts, **kw)`` all work);
+      - a class (a ``RewardModule`` or other ``nn.Module`` subclass) is constructed;
+      - ``"package.module:factory()"`` (empty parentheses) calls ``factory`` to build the reward.
+    A class or a ``factory()`` is given the keyword options it names among ``device``, ``dtype``,
+    ``checkpointing``, ``weights`` (all of them if it takes ``**kwargs``).
+A term ``x:y`` is a weight when ``y`` is a number and ``x`` has no dot; otherwise it is ``module:function``
+(``pkg.mod:factory():0.5`` weighs a factory's reward).
 
 ``weights`` says where a model reward's weights are (hub id, directory or file; see
 :mod:`.clip_rewards`). With several model rewards in one spec, give ``"name=PATH;name=PATH"``.
@@ -26,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError, first_line
-from .base import CallableReward, RewardModule, WeightedSumReward
+from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "build_reward", "check_reward_spec", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
 
@@ -42,6 +49,7 @@ REWARDS: dict[str, str] = {
 ALIASES: dict[str, str] = {"colourfulness": "colorfulness", "jpeg": "jpeg_compressibility"}
 MODEL_REWARDS = frozenset({"aesthetic", "clip", "pickscore", "hpsv2"})
 
+FACTORY_OPTIONS = ("device", "dtype", "checkpointing", "weights")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -54,6 +62,10 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"empty reward spec; use a built-in name ({_names_hint()}), 'name:weight,...' or "
                         "'package.module:function'")
+    if re.search(r"[()]", re.sub(r"\(\s*\)", "", spec)):
+        raise UserError(f"reward spec {spec!r}: a factory is written 'package.module:factory()' with empty "
+                        f"parentheses; it is given the options it names among {', '.join(FACTORY_OPTIONS)}: "
+                        "set any other argument in your module (a default or functools.partial)")
     terms = []
     for part in spec.split(","):
         part = part.strip()
@@ -86,6 +98,8 @@ def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
 def _import_user(term: str) -> tuple[object, str]:
     module_name, _, attr = term.partition(":")
     module_name, attr = module_name.strip(), attr.strip()
+    if _is_factory_term(term):
+        attr = attr[:-2].rstrip()
     if not module_name or not attr or ":" in attr:
         raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
     if ALIASES.get(module_name.lower(), module_name.lower()) in REWARDS:  # 'brightness:abc': a weight, not a module
@@ -108,44 +122,66 @@ def _import_user(term: str) -> tuple[object, str]:
     return obj, attr
 
 
-def _call_with_supported(fn: Callable, options: dict):
+def _is_factory_term(term: str) -> bool:
+    """``module:factory()``: the spec marks ``factory`` as a builder of the reward."""
+    return re.sub(r"\s+", "", term).endswith("()")
+
+
+def _supported_options(fn: Callable, options: dict) -> dict:
+    """The keyword options ``fn`` names (all of them if it takes ``**kwargs``)."""
+    if inspect.isclass(fn) and fn.__init__ is torch.nn.Module.__init__:
+        return {}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return fn()
+        return {}
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(**options)
-    return fn(**{k: v for k, v in options.items() if k in params})
+        return dict(options)
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {k: v for k, v in options.items() if k in params and params[k].kind in by_keyword}
 
 
-def _is_reward_function(fn: Callable) -> bool:
-    """True for ``fn(images, prompts)``: at least two required positional parameters."""
+def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
+    """Call a reward class or a marked factory with the options it names: (what it returned, the call, for
+    messages). An error there is one line naming the call."""
+    kwargs = _supported_options(builder, options)
+    call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    return len(required) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+        return builder(**kwargs), call
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"reward {term!r}: building it failed with {type(e).__name__}: {first_line(e)} (called "
+                        f"{call}; a reward class or factory is given the options it names among "
+                        f"{', '.join(FACTORY_OPTIONS)}, by keyword, and returns the reward)") from None
 
 
 def _user_reward(term: str, options: dict) -> RewardModule:
+    """A user reward from ``module:function`` (see the module docstring for what each form means)."""
     obj, attr = _import_user(term)
-    name = term
+    label = None
     if inspect.isclass(obj):
         if not issubclass(obj, torch.nn.Module):
             raise UserError(f"reward {term!r} is a class but not a torch.nn.Module; subclass "
                             "lowmem_alignprop.rewards.RewardModule or give a function (images, prompts) -> tensor[B]")
-        obj = obj() if obj.__init__ is torch.nn.Module.__init__ else _call_with_supported(obj, options)
-    elif callable(obj) and not isinstance(obj, torch.nn.Module) and not _is_reward_function(obj):
-        obj = _call_with_supported(obj, options)  # a factory
+        obj, call = _build(term, obj, options)
+    elif _is_factory_term(term):
+        if not callable(obj):
+            raise UserError(f"reward {term!r}: {attr} is of type {type(obj).__name__}, not a function that builds "
+                            "the reward; give a factory, or drop the parentheses to use a reward itself")
+        obj, call = _build(term, obj, options)
+        if not callable(obj):
+            raise UserError(f"reward {term!r}: called {call} and it returned a value of type {type(obj).__name__}, "
+                            "not a reward; a factory returns a function (images, prompts) -> tensor[B] or a "
+                            "RewardModule")
+        label = call  # the reward it built is named by the call that built it
     if isinstance(obj, RewardModule):
         if getattr(obj, "name", "reward") in ("reward", type(obj).__name__):
-            obj.name = name
+            obj.name = term
         return obj
     if not callable(obj):
         raise UserError(f"reward {term!r} is not callable; give a function (images, prompts) -> tensor[B]")
-    return CallableReward(obj, name)
+    return CallableReward(obj, term, label)
 
 
 def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
@@ -201,13 +237,7 @@ def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list
             _import_user(name)
             if resolution:
                 options = {"device": device, "dtype": torch.float32, "checkpointing": False, "weights": ""}
-                try:
-                    module = _user_reward(name, options)
-                except UserError:
-                    raise
-                except Exception as e:
-                    raise UserError(f"reward {name!r}: building it failed with {type(e).__name__}: {first_line(e)}; "
-                                    "fix the function (images, prompts) -> tensor[B], or its factory") from None
+                module = _user_reward(name, options)  # a class or factory that fails: one line naming the call
                 probe_reward(module.freeze().to(device), resolution, prompts)
 
 
@@ -220,18 +250,20 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
     images = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
     pair = (list(prompts or []) * 2)[:2] or ["a photo of a cat", "a painting of a dog"]
-    what = (f"reward {reward.name!r}, called on 2 random images (2x3x{resolution}x{resolution} in [0, 1]) with the "
-            f"prompts {pair}")
+    call = getattr(reward, "call", f"{type(reward).__qualname__}.score(images, prompts)")
+    with_prompts = f" with the prompts {pair}" if getattr(reward, "takes_prompts", True) else ""
+    what = (f"reward {reward.name!r}: called {call} on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
+            f"{with_prompts} and it")
     try:
         scores = reward(images, pair)
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
     except Exception as e:
-        raise UserError(f"{what}, raised {type(e).__name__}: {first_line(e)}; fix the function") from None
+        raise UserError(f"{what} raised {type(e).__name__}: {first_line(e)}; fix the function") from None
     if not torch.isfinite(scores.detach()).all():
-        raise UserError(f"{what}, returned NaN or inf ({scores.detach().tolist()}); make it return finite scores")
+        raise UserError(f"{what} returned NaN or inf ({scores.detach().tolist()}); make it return finite scores")
     if not scores.requires_grad:
-        raise UserError(f"{what}, returned scores with no gradient to the images (a .detach(), .item(), numpy or "
+        raise UserError(f"{what} returned scores with no gradient to the images (a .detach(), .item(), numpy or "
                         "new tensor inside?): AlignProp needs a differentiable reward")
 
 

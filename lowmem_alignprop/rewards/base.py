@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -88,12 +90,54 @@ class WeightedSumReward(RewardModule):
         return {r.name: r(images, prompts) for r in self.rewards}
 
 
-class CallableReward(RewardModule):
-    """Wraps a user function ``fn(images, prompts) -> tensor[B]`` (or any callable module)."""
+def callable_label(fn) -> str:
+    """How a user callable is named in messages: ``redness``, ``partial(redness)``, ``Scorer.__call__``."""
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_label(fn.func)})"
+    if isinstance(fn, torch.nn.Module):
+        return f"{type(fn).__qualname__}.forward"
+    if hasattr(fn, "__qualname__") and (inspect.isroutine(fn) or inspect.isclass(fn)):
+        return fn.__qualname__
+    return f"{type(fn).__qualname__}.__call__"
 
-    def __init__(self, fn: Callable, name: str):
+
+def takes_prompts(fn, name: str, label: str) -> bool:
+    """The reward contract, read from ``fn``'s signature without guessing what ``fn`` is: the first positional
+    parameter takes the images; the prompts are passed as the second when ``fn`` accepts a second positional
+    argument. True: ``fn(images, prompts)``; False: ``fn(images)``; UserError if it cannot take the images so."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the documented form
+        return True
+    for args, result in (((0, 1), True), ((0,), False)):
+        try:
+            sig.bind(*args)
+            return result
+        except TypeError:
+            continue
+    factory = f"; if {label} builds the reward (a factory), write it as '{name}()'" if _marks(name) else ""
+    raise UserError(f"reward {name!r}: {label}{sig} cannot be called with the images as its first argument (tried "
+                    f"{label}(images, prompts) and {label}(images)); a reward is f(images) or f(images, prompts) "
+                    f"-> tensor[B]{factory}")
+
+
+def _marks(name: str) -> bool:
+    """True when ``name`` is a 'module:function' term that is not already marked as a factory."""
+    return ":" in name and not name.rstrip().endswith(")")
+
+
+class CallableReward(RewardModule):
+    """Wraps a user reward: a callable (function, ``functools.partial``, callable object or ``nn.Module``) whose
+    first positional parameter takes the images; it is called ``fn(images, prompts)`` when it accepts a second
+    positional argument, else ``fn(images)`` (see :func:`takes_prompts`). ``label`` names it in messages."""
+
+    def __init__(self, fn: Callable, name: str, label: str | None = None):
         super().__init__()
         self.name = name
+        self.label = label or callable_label(fn)
+        self.takes_prompts = takes_prompts(fn, name, self.label)
+        self.call = f"{self.label}(images, prompts)" if self.takes_prompts else f"{self.label}(images)"
         if isinstance(fn, torch.nn.Module):
             self.inner = fn  # registered, so .to(device) / offloading reaches its weights
             self._fn = None
@@ -102,4 +146,10 @@ class CallableReward(RewardModule):
 
     def score(self, images, prompts):
         fn = self.inner if self._fn is None else self._fn
-        return fn(images, prompts)
+        scores = fn(images, prompts) if self.takes_prompts else fn(images)
+        if callable(scores) and not torch.is_tensor(scores):
+            factory = (f"; if {self.label} builds the reward (a factory), write it as '{self.name}()'"
+                       if _marks(self.name) else "")
+            raise UserError(f"reward {self.name!r}: called {self.call} and it returned {callable_label(scores)} "
+                            f"(a {type(scores).__name__}), not a tensor of scores{factory}")
+        return scores

@@ -1,0 +1,239 @@
+"""User rewards: what a 'module:function' spec is follows from the spec, never from a guess (issue 21).
+
+A callable is the reward: its first positional parameter takes the images, the prompts come second when it
+accepts a second positional argument. A class is constructed; ``module:factory()`` builds the reward. Each form
+below trains one step on the tiny model and must log the same numbers as the built-in ``brightness`` reward it
+reimplements (times its scale).
+"""
+
+import functools
+import importlib
+import json
+import logging
+
+import pytest
+import torch
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.rewards import RewardModule, build_reward, check_reward_spec
+
+HERE = "tests.test_user_rewards"
+SEEN: dict[str, list] = {}  # what each user reward was given: prompts (None: called without), options
+
+
+def luma(images):
+    """The built-in brightness, op for op (BT.601 luma, mean over the pixels): the same float32 result."""
+    x = images.float()
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2))
+
+
+def _saw(key, prompts, images):
+    assert images.dim() == 4 and images.shape[1] == 3
+    SEEN.setdefault(key, []).append(None if prompts is None else (list(prompts), images.shape[0]))
+
+
+# --- the forms of a user reward ---------------------------------------------------------------------
+def images_only(images):
+    _saw("images_only", None, images)
+    return luma(images)
+
+
+def prompts_optional(images, prompts=None):
+    _saw("prompts_optional", prompts, images)
+    return luma(images)
+
+
+def prompts_and_kwargs(images, prompts, **kw):
+    _saw("prompts_and_kwargs", prompts, images)
+    assert kw == {}
+    return luma(images)
+
+
+def scaled(images, prompts, *, scale):
+    _saw("scaled", prompts, images)
+    return scale * luma(images)
+
+
+doubled = functools.partial(scaled, scale=2.0)
+
+
+class Scorer:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, images, prompts):
+        _saw("Scorer", prompts, images)
+        return self.scale * luma(images)
+
+
+scorer = Scorer(2.0)
+
+
+class PlainModule(RewardModule):
+    def score(self, images, prompts):
+        _saw("PlainModule", prompts, images)
+        return luma(images)
+
+
+class ConfiguredModule(RewardModule):
+    def __init__(self, dtype=None, checkpointing=None, scale=2.0):
+        super().__init__()
+        SEEN.setdefault("ConfiguredModule options", []).append({"dtype": dtype, "checkpointing": checkpointing})
+        self.scale = scale
+
+    def score(self, images, prompts):
+        return self.scale * luma(images)
+
+
+def make_reward(device=None, checkpointing=False):  # a factory in today's style, marked by 'make_reward()'
+    SEEN.setdefault("make_reward options", []).append({"device": str(device), "checkpointing": checkpointing})
+    return doubled
+
+
+# --- bad ones ---------------------------------------------------------------------------------------
+def unmarked_factory(checkpointing=False):
+    return images_only
+
+
+def takes_nothing():
+    return images_only
+
+
+def needs_scale(images, prompts, scale):
+    return scale * luma(images)
+
+
+def raises(images, prompts=None):
+    raise ValueError("my reward exploded")
+
+
+def make_needs_scale(scale):
+    return functools.partial(scaled, scale=scale)
+
+
+def make_number():
+    return 3
+
+
+not_callable = 3
+
+
+# --- one training step, in process -------------------------------------------------------------------
+FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+        "--set", "batch_size=1", "--steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr():
+    """main() calls logging.basicConfig, which binds to the stderr of the first test that ran it; start clean."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved
+
+
+def train_one_step(out, reward: str) -> dict:
+    """One optimizer step (1 image, 3 DDIM steps, no sample grid) with ``reward``: its metrics line."""
+    assert main([*FAST, "--output-dir", str(out), "--reward", reward]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory):
+    row = train_one_step(tmp_path_factory.mktemp("ref") / "run", "brightness")
+    assert 0 < row["reward_mean"] < 1 and row["grad_norm"] > 0  # a real image and a real gradient to compare
+    return row
+
+
+@pytest.mark.parametrize("spec, scale, seen", [
+    ("images_only", 1, "images_only"),                # def f(images)
+    ("prompts_optional", 1, "prompts_optional"),      # def f(images, prompts=None): the issue's failing case
+    ("prompts_and_kwargs", 1, "prompts_and_kwargs"),  # def f(images, prompts, **kw)
+    ("doubled", 2, "scaled"),                         # functools.partial(scaled, scale=2.0)
+    ("scorer", 2, "Scorer"),                          # an object with __call__(images, prompts)
+    ("PlainModule", 1, "PlainModule"),                # a RewardModule subclass, no constructor options
+    ("ConfiguredModule", 2, "ConfiguredModule options"),  # ... taking dtype and checkpointing
+    ("make_reward()", 2, "make_reward options"),      # a factory, marked by the parentheses
+    ("make_reward():0.5", 1, "make_reward options"),  # ... with a weight
+])
+def test_each_form_of_a_user_reward_trains_a_step(spec, scale, seen, reference, tmp_path):
+    """The logged reward is the form's own score (brightness times its scale) and its gradient reaches the LoRA:
+    scaling a reward by 2 (exact in binary floating point) doubles the gradient norm exactly, and a scale of 1
+    gives the reference's numbers; rel 1e-6 covers a reordered float32 sum, any mis-wiring is off by far more."""
+    seen_by = importlib.import_module(HERE).SEEN  # the module the spec imports (pytest may import this file apart)
+    seen_by.clear()
+    row = train_one_step(tmp_path / "run", f"{HERE}:{spec}")
+    assert row["reward_mean"] == pytest.approx(scale * reference["reward_mean"], rel=1e-6)
+    assert row["loss"] == pytest.approx(-scale * reference["reward_mean"], rel=1e-6)
+    assert row["grad_norm"] == pytest.approx(scale * reference["grad_norm"], rel=1e-6)
+    calls = seen_by[seen]
+    assert calls
+    if seen.endswith("options"):  # built once per build (start-up check, training), with the options it names
+        assert {k for c in calls for k in c} <= {"dtype", "checkpointing", "device"}
+        assert all(c["checkpointing"] is False for c in calls)
+        assert all(c.get("dtype", torch.float32) is torch.float32 for c in calls)
+        assert all(c.get("device", "cpu") == "cpu" for c in calls)
+    elif seen == "images_only":
+        assert all(c is None for c in calls)  # called f(images): no prompts to take
+    else:  # prompts passed as the second argument, one per image, the run's own (simple_animals)
+        assert all(c is not None and len(c[0]) == c[1] and all(isinstance(p, str) and p for p in c[0])
+                   for c in calls)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("images_only", "images_only(images)"),
+    ("prompts_optional", "prompts_optional(images, prompts)"),
+    ("doubled", "partial(scaled)(images, prompts)"),
+    ("scorer", "Scorer.__call__(images, prompts)"),
+])
+def test_how_each_callable_is_called_is_read_from_its_signature(spec, expected):
+    reward = build_reward(f"{HERE}:{spec}")
+    assert reward.call == expected
+    images = torch.rand(2, 3, 8, 8)
+    scale = 2 if spec in ("doubled", "scorer") else 1
+    torch.testing.assert_close(reward(images, ["a", "b"]), scale * luma(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    # a factory without the parentheses is called as a reward: the message says what was tried and the fix
+    ("unmarked_factory", f"reward '{HERE}:unmarked_factory': called unmarked_factory(images) and it returned "
+                         "images_only (a function), not a tensor of scores; if unmarked_factory builds the reward (a "
+                         f"factory), write it as '{HERE}:unmarked_factory()' (on 2 random test images)"),
+    ("takes_nothing", f"reward '{HERE}:takes_nothing': takes_nothing() cannot be called with the images as its first "
+                      "argument (tried takes_nothing(images, prompts) and takes_nothing(images)); a reward is "
+                      f"f(images) or f(images, prompts) -> tensor[B]; if takes_nothing builds the reward (a factory), "
+                      f"write it as '{HERE}:takes_nothing()'"),
+    ("needs_scale", "needs_scale(images, prompts, scale) cannot be called with the images as its first argument"),
+    ("raises", f"reward '{HERE}:raises': called raises(images, prompts) on 2 random images (2x3x16x16 in [0, 1]) "
+               "with the prompts ['a photo of a cat', 'a painting of a dog'] and it raised ValueError: my reward "
+               "exploded; fix the function"),
+    ("make_needs_scale()", f"reward '{HERE}:make_needs_scale()': building it failed with TypeError: "
+                           "make_needs_scale() missing 1 required positional argument: 'scale' (called "
+                           "make_needs_scale(); a reward class or factory is given the options it names among "
+                           "device, dtype, checkpointing, weights, by keyword, and returns the reward)"),
+    ("make_number()", "called make_number() and it returned a value of type int, not a reward"),
+    ("not_callable()", "not_callable is of type int, not a function that builds the reward"),
+    ("not_callable", "is not callable"),
+    ("make_needs_scale(scale=2)", "a factory is written 'package.module:factory()' with empty parentheses"),
+])
+def test_a_user_reward_that_cannot_be_used_says_what_was_tried(spec, needle):
+    with pytest.raises(UserError) as err:
+        check_reward_spec(f"{HERE}:{spec}", resolution=16)
+    message = str(err.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_the_issue_example_trains_from_the_command_line(tmp_path, monkeypatch, reference):
+    """The report of issue 21, as written: a module on PYTHONPATH with def redness(images, prompts=None, **kw)."""
+    (tmp_path / "myreward.py").write_text(
+        "def redness(images, prompts=None, **kw):\n"
+        "    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    row = train_one_step(tmp_path / "run", "myreward:redness")
+    # the tiny model's images are near grey (brightness ~0.5), so redness is near 0: |R - mean(G, B)| <= 1 always
+    assert abs(row["reward_mean"]) < 1 and row["grad_norm"] > 0
+    assert row["reward_mean"] != pytest.approx(reference["reward_mean"], abs=0.1)  # redness, not brightness
