@@ -34,8 +34,12 @@ class Config:
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
-    reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or "
-                     "'package.module:function' for your own differentiable reward.")
+    reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or your own "
+                     "differentiable reward: 'package.module:fn', fn(images) or fn(images, prompts) -> one score per "
+                     "image (images [B, 3, H, W] in [0, 1]; any callable: a function, functools.partial, an object; "
+                     "prompts passed when it takes a second argument), or a RewardModule class (constructed), or "
+                     "'package.module:factory()' (parentheses: called to build the reward, with those of device, "
+                     "dtype, checkpointing, weights it names).")
     reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default. "
                                  "With several model rewards, one per reward: 'aesthetic=PATH;clip=PATH' (aesthetic: "
                                  "a folder with the head and clip/, or 'HEAD_FILE,CLIP_DIR').")

@@ -198,7 +198,7 @@ def test_how_each_callable_is_called_is_read_from_its_signature(spec, expected):
     torch.testing.assert_close(reward(images, ["a", "b"]), scale * luma(images), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("spec, needle", [
+BAD = [
     # a factory without the parentheses is called as a reward: the message says what was tried and the fix
     ("unmarked_factory", f"reward '{HERE}:unmarked_factory': called unmarked_factory(images) and it returned "
                          "images_only (a function), not a tensor of scores; if unmarked_factory builds the reward (a "
@@ -219,7 +219,10 @@ def test_how_each_callable_is_called_is_read_from_its_signature(spec, expected):
     ("not_callable()", "not_callable is of type int, not a function that builds the reward"),
     ("not_callable", "is not callable"),
     ("make_needs_scale(scale=2)", "a factory is written 'package.module:factory()' with empty parentheses"),
-])
+]
+
+
+@pytest.mark.parametrize("spec, needle", BAD, ids=[spec for spec, _ in BAD])
 def test_a_user_reward_that_cannot_be_used_says_what_was_tried(spec, needle):
     with pytest.raises(UserError) as err:
         check_reward_spec(f"{HERE}:{spec}", resolution=16)
