@@ -148,7 +148,7 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
         return builder(**kwargs), call
-    except UserError:
+    except (UserError, torch.cuda.OutOfMemoryError, MemoryError):  # out of memory stays itself (--auto-fit)
         raise
     except Exception as e:
         raise UserError(f"reward {term!r}: building it failed with {type(e).__name__}: {first_line(e)} (called "
