@@ -116,13 +116,13 @@ def takes_prompts(fn, name: str, label: str) -> bool:
             return result
         except TypeError:
             continue
-    factory = f"; if {label} builds the reward (a factory), write it as '{name}()'" if _marks(name) else ""
+    factory = f"; if {label} builds the reward (a factory), write it as '{name}()'" if _unmarked_term(name) else ""
     raise UserError(f"reward {name!r}: {label}{sig} cannot be called with the images as its first argument (tried "
                     f"{label}(images, prompts) and {label}(images)); a reward is f(images) or f(images, prompts) "
                     f"-> tensor[B]{factory}")
 
 
-def _marks(name: str) -> bool:
+def _unmarked_term(name: str) -> bool:
     """True when ``name`` is a 'module:function' term that is not already marked as a factory."""
     return ":" in name and not name.rstrip().endswith(")")
 
@@ -149,7 +149,7 @@ class CallableReward(RewardModule):
         scores = fn(images, prompts) if self.takes_prompts else fn(images)
         if callable(scores) and not torch.is_tensor(scores):
             factory = (f"; if {self.label} builds the reward (a factory), write it as '{self.name}()'"
-                       if _marks(self.name) else "")
+                       if _unmarked_term(self.name) else "")
             raise UserError(f"reward {self.name!r}: called {self.call} and it returned {callable_label(scores)} "
                             f"(a {type(scores).__name__}), not a tensor of scores{factory}")
         return scores
