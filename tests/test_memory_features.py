@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from numerics import REORDERED, assert_rel_close
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from midsize import MIDSIZE_RESOLUTION, build_clip_reward_dir, build_midsize_dir  # noqa: E402
 
@@ -225,7 +227,7 @@ def test_sliced_decode_lowers_nograd_decode_peak(dirs):
     SAVINGS.append(("sliced_decode (no grad, batch 4)", stages.DECODE, a, b))
     print(f"sliced_decode no-grad: decode peak {a / MIB:.2f} -> {b / MIB:.2f} MiB")
     assert b <= (1 - MIN_SAVING) * a
-    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)
+    assert_rel_close(out[True], out[False], REORDERED, "sliced decode")  # one image at a time: other conv blocking
 
 
 def _unet_rollout(dirs, attention: str, side: int = 32, after_apply=None) -> Run:

@@ -15,6 +15,8 @@ import json
 import pytest
 import torch
 
+from numerics import EPS32, REORDERED, flat, relative_difference
+
 import lowmem_alignprop.train as train_mod
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.config import Config
@@ -116,7 +118,12 @@ def test_full_unet_fine_tuning_trains_every_weight(tiny_dir, tmp_path, captured)
 
 def _accumulated_update(tiny_dir, tmp_path, batch: int, accum: int, total: int = 4):
     """One optimizer step over ``total`` images as ``accum`` micro-batches of ``batch``, through accelerate's
-    accumulate/backward and train.rollout_loss. Deterministic sampling (eta=0) so the images are the same."""
+    accumulate/backward and train.rollout_loss. Deterministic sampling (eta=0) so the images are the same.
+
+    The step is plain SGD: its update is linear in the gradient, so the weights after it differ from the big
+    batch's by exactly lr times the gradients' difference. (Adam's first update is lr * g / (|g| + eps), about
+    lr * sign(g): for an entry whose gradient is near zero, float rounding noise in g flips the sign and moves
+    that weight by up to 2 lr, on some CPUs and not on others.)"""
     cfg = Config(model=str(tiny_dir), resolution=32, sample_steps=3, k=2, batch_size=batch, grad_accum=accum,
                  eta=0.0, guidance_scale=4.0, lr=0.01, output_dir=str(tmp_path)).validate()
     comps = load_components(cfg)
@@ -132,7 +139,7 @@ def _accumulated_update(tiny_dir, tmp_path, batch: int, accum: int, total: int =
     latents = torch.randn(total, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     accelerator = make_accelerator(cfg, tmp_path)
     accelerator.step = 0
-    unet_train, optimizer = accelerator.prepare(comps.unet, torch.optim.AdamW(params, lr=cfg.lr))
+    unet_train, optimizer = accelerator.prepare(comps.unet, torch.optim.SGD(params, lr=cfg.lr))
     grads, steps = None, 0
     for micro in range(accum):
         part = slice(micro * batch, (micro + 1) * batch)
@@ -152,12 +159,15 @@ def _accumulated_update(tiny_dir, tmp_path, batch: int, accum: int, total: int =
 
 def test_grad_accumulation_matches_one_big_batch(tiny_dir, tmp_path):
     ref_grads, ref_weights = _accumulated_update(tiny_dir, tmp_path, batch=4, accum=1)
-    norm = torch.cat([g.flatten() for g in ref_grads]).norm()
-    assert norm > 0
+    lr = 0.01
     for batch, accum in ((2, 2), (1, 4)):
         grads, weights = _accumulated_update(tiny_dir, tmp_path, batch=batch, accum=accum)
-        rel = (torch.cat([(a - b).flatten() for a, b in zip(grads, ref_grads)]).norm() / norm).item()
+        rel = relative_difference(grads, ref_grads)
         print(f"batch {batch} x accum {accum} vs batch 4: relative gradient difference {rel:.1e}")
-        assert rel < 1e-4
-        for w, rw in zip(weights, ref_weights):  # and so the same AdamW step (each weight moves by ~lr)
-            torch.testing.assert_close(w, rw, rtol=0, atol=1e-3 * 0.01)
+        assert rel < REORDERED  # the same sums split into micro-batches: float32 reordering only
+        # exactly one SGD step with the accumulated gradient: ||dW|| = lr ||dg|| (+ rounding of W - lr g)
+        dw = (flat(weights) - flat(ref_weights)).norm().item()
+        dg = (flat(grads) - flat(ref_grads)).norm().item()
+        assert dw <= lr * dg + 4 * EPS32 * flat(ref_weights).norm().item(), (dw, dg)
+        # a step per micro-batch (or none) would move the weights by about lr ||g|| instead
+        assert dw < 0.01 * lr * flat(ref_grads).norm().item()

@@ -6,6 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
+from numerics import SAME_OPS, assert_rel_close
 import torch.nn.functional as F
 from PIL import Image
 
@@ -96,8 +98,7 @@ def test_checkpointing_same_gradient(dirs, name):
         scores.sum().backward()
         grads.append(x.grad)
         saved.append(count[0])
-    assert grads[1].abs().sum() > 0
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert_rel_close(grads[1], grads[0], SAME_OPS, "image gradient")  # a recompute is no approximation
     assert saved[1] < saved[0]  # the checkpointed layers saved only their inputs
 
 
