@@ -1,0 +1,269 @@
+"""The toy world: renderer, caption grammar, train/held-out split and the exact evaluators agree.
+
+Everything here is seeded (numpy's PCG64 streams and torch's CPU generator are the same on every machine), and
+every statistical bound is stated with the distribution it comes from.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections import Counter
+from math import comb
+
+import numpy as np
+import pytest
+import torch
+
+from lowmem_alignprop.toy import fidelity as fid
+from lowmem_alignprop.toy.scenes import (
+    ALL_PAIRS, BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, MAX_OBJECTS, SHAPES, TRAIN_PAIRS, Content, Obj, Scene,
+    all_contents, caption, content, heldout_prompts, make_content, parse_caption, render, render_batch,
+    sample_scenes, split_of,
+)
+
+N_SCENES = 400  # rendered once per module; the evaluator reads them all in about a second
+
+
+@pytest.fixture(scope="module")
+def world():
+    scenes = sample_scenes(N_SCENES, seed=123, split="all")
+    images = render_batch(scenes)  # anti-aliased, float [B, 3, 64, 64]
+    return scenes, images, fid.detect(images)
+
+
+# ------------------------------------------------------------------------------------------- renderer
+
+def test_renderer_is_deterministic_per_seed():
+    a, b = sample_scenes(12, seed=5), sample_scenes(12, seed=5)
+    assert a == b
+    assert all(np.array_equal(render(x), render(y)) for x, y in zip(a, b))
+    # a scene is addressable alone: scene i of the stream does not depend on the draws before it
+    assert sample_scenes(1, seed=5, start=7) == a[7:8]
+    assert sample_scenes(12, seed=6) != a
+    assert sample_scenes(12, seed=5, split="heldout") != sample_scenes(12, seed=5, split="train")
+
+
+def test_renderer_draws_what_the_scene_says():
+    """Checked without the evaluator: the centre pixel of each object has its colour exactly, the corners are
+    background, and an object's anti-aliased pixel count is its exact area (rounded per pixel)."""
+    scene = Scene((Obj("square", "red", 0.3, 0.3, 0.25), Obj("circle", "blue", 0.7, 0.7, 0.25),
+                   Obj("triangle", "green", 0.3, 0.75, 0.25), Obj("diamond", "yellow", 0.75, 0.25, 0.25)),
+                  "white")
+    img = render(scene, 64)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    for o in scene.objects:
+        cy, cx = int(o.y * 64), int(o.x * 64)
+        assert tuple(img[cy, cx]) == COLOURS[o.colour]
+    for y, x in ((0, 0), (0, 63), (63, 0), (63, 63)):
+        assert tuple(img[y, x]) == BACKGROUNDS["white"]
+    # the square is 16 px on a side: 256 px of coverage, whatever its sub-pixel offset
+    red = np.array(COLOURS["red"], float)
+    white = np.array(BACKGROUNDS["white"], float)
+    d = red - white
+    cover = ((img[:32, :32].astype(float) - white) @ d) / (d @ d)
+    # 4x4 supersampling counts exactly 64 x 64 sample points in a 16 px square; storing uint8 moves each
+    # channel by <= 1/2 level, so each pixel's coverage by <= |d|_1 / 2 / |d|^2
+    assert cover.sum() == pytest.approx(256, abs=32 * 32 * 0.5 * np.abs(d).sum() / (d @ d))
+    # without anti-aliasing every pixel is a palette colour
+    flat = render(scene, 64, antialias=False).reshape(-1, 3)
+    palette = {tuple(c) for c in COLOURS.values()} | {BACKGROUNDS["white"]}
+    assert {tuple(p) for p in flat} <= palette
+
+
+def test_render_batch_is_the_trainer_format():
+    scenes = sample_scenes(3, seed=1)
+    batch = render_batch(scenes, size=32)
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+    assert 0 <= batch.min() and batch.max() <= 1
+    assert torch.equal((batch[1] * 255).round().byte().permute(1, 2, 0), torch.from_numpy(render(scenes[1], 32)))
+
+
+def test_scenes_stay_inside_the_frame_and_apart():
+    from lowmem_alignprop.toy.scenes import GAP, MARGIN
+    for s in sample_scenes(300, seed=2, split="all"):
+        assert 1 <= len(s.objects) <= MAX_OBJECTS
+        for o in s.objects:
+            x0, y0, x1, y1 = o.box()
+            assert MARGIN - 1e-12 <= min(x0, y0) and max(x1, y1) <= 1 - MARGIN + 1e-12
+        for p, q in itertools.combinations(s.objects, 2):
+            (a0, b0, a1, b1), (c0, d0, c1, d1) = p.box(), q.box()
+            assert max(c0 - a1, a0 - c1, d0 - b1, b0 - d1) >= GAP - 1e-12
+
+
+# ------------------------------------------------------------------------------------------- grammar
+
+def test_caption_examples():
+    assert parse_caption("two red circles") == make_content([("red", "circle")] * 2)
+    assert parse_caption("a blue square and a yellow triangle on a white background") == \
+        make_content([("blue", "square"), ("yellow", "triangle")], "white")
+    # any order, "one", an Oxford comma, capitals, a full stop, repeated groups
+    assert parse_caption("A yellow triangle, one blue square, and a blue square.") == \
+        make_content([("blue", "square")] * 2 + [("yellow", "triangle")])
+    assert caption(make_content([("orange", "diamond"), ("red", "circle"), ("orange", "diamond")], "gray")) == \
+        "a red circle and two orange diamonds on a gray background"
+    assert caption(make_content([("orange", "circle")])) == "an orange circle"
+    for bad in ("two red circle", "a red circles", "a red hexagon", "a pink circle", "red circles", "",
+                "a red circle on a pink background", "a red circle and"):
+        with pytest.raises(ValueError):
+            parse_caption(bad)
+
+
+def test_caption_round_trip():
+    for s in sample_scenes(500, seed=3, split="all"):
+        assert parse_caption(caption(s)) == content(s)
+        expected_bg = s.background if s.mention_background else None
+        assert parse_caption(caption(s)) == make_content([(o.colour, o.shape) for o in s.objects], expected_bg)
+    # one caption per content: captions of the whole space up to 3 objects are distinct and parse back
+    space = list(all_contents(max_objects=3))
+    captions = [caption(c) for c in space]
+    assert len(set(captions)) == len(space)
+    assert all(parse_caption(t) == c for t, c in zip(captions, space))
+
+
+# ------------------------------------------------------------------------------------------- split
+
+def _multisets(n_types: int, max_size: int) -> int:
+    return sum(comb(n_types + k - 1, k) for k in range(1, max_size + 1))
+
+
+def test_heldout_split_is_disjoint_from_training():
+    # the caption space partitions: exactly the multisets over the 20 training pairs are 'train'
+    space = list(all_contents(max_objects=3))
+    n_bg = len(BACKGROUNDS) + 1  # or none
+    assert len(space) == _multisets(len(ALL_PAIRS), 3) * n_bg
+    assert sum(split_of(c) == "train" for c in space) == _multisets(len(TRAIN_PAIRS), 3) * n_bg
+    # samplers: no training caption holds a held-out pair, every held-out caption holds one
+    train = {caption(s) for s in sample_scenes(2000, seed=4, split="train")}
+    held = {caption(s) for s in sample_scenes(500, seed=4, split="heldout")}
+    assert not train & held
+    assert all(not set(parse_caption(t).objects) & HELD_OUT_PAIRS for t in train)
+    assert all(set(parse_caption(t).objects) & HELD_OUT_PAIRS for t in held)
+    assert all(split_of(t) == "train" for t in train) and all(split_of(t) == "heldout" for t in held)
+    # training still sees every colour, every shape and every other pair; the held-out stream every held-out pair
+    train_pairs = {p for t in train for p in parse_caption(t).objects}
+    assert train_pairs == set(TRAIN_PAIRS)
+    assert {c for c, _ in train_pairs} == set(COLOURS) and {s for _, s in train_pairs} == set(SHAPES)
+    assert HELD_OUT_PAIRS <= {p for t in held for p in parse_caption(t).objects}
+    prompts = heldout_prompts(20, seed=0)
+    assert len(set(prompts)) == 20 and all(split_of(t) == "heldout" for t in prompts)
+    assert prompts == heldout_prompts(20, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- evaluators
+
+def test_fidelity_is_perfect_on_the_renderers_own_scenes(world):
+    scenes, images, dets = world
+    results = [fid.compare(content(s), d.content) for s, d in zip(scenes, dets)]
+    wrong = [(caption(s), d.content) for s, d, r in zip(scenes, dets, results) if not r.all_ok]
+    assert not wrong, wrong[:3]
+    assert all(r.score == 1.0 for r in results)
+    # the sample covers the world: every pair, count and background (so the 100% is over all of them)
+    assert {(o.colour, o.shape) for s in scenes for o in s.objects} == set(ALL_PAIRS)
+    assert {len(s.objects) for s in scenes} == set(range(1, MAX_OBJECTS + 1))
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+    # the background is read even where the caption does not name it
+    assert all(d.background == s.background for s, d in zip(scenes, dets))
+
+
+def test_fidelity_without_antialiasing_and_from_uint8():
+    scenes = sample_scenes(100, seed=77, split="all")
+    u8 = np.stack([render(s, antialias=False) for s in scenes])  # [B, H, W, 3] uint8
+    res = fid.fidelity(u8, [caption(s) for s in scenes])
+    assert all(r.all_ok for r in res)
+    # every input form reads the same: float batch, one float image, one uint8 image, PIL, a list
+    from PIL import Image
+    one = render(scenes[0])
+    as_float = torch.from_numpy(one).permute(2, 0, 1).float() / 255
+    forms = [one, as_float, as_float[None], Image.fromarray(one), [one]]
+    assert len({fid.detect(f)[0].content for f in forms}) == 1
+
+
+def test_fidelity_survives_pixel_noise():
+    """Gaussian noise of sd 0.04 (10 levels of 255) per channel: a pixel leaves its colour's blend line by more
+    than RESIDUAL_MAX = 40 with probability exp(-40^2 / (2 * 10.2^2)) < 1e-3 and crosses half-way to another
+    colour (>= 40 levels from the background along the line) about as rarely, so objects keep their shape."""
+    scenes = sample_scenes(100, seed=8, split="all")
+    images = render_batch(scenes)
+    noisy = (images + 0.04 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert all(r.all_ok for r in fid.fidelity(noisy, [caption(s) for s in scenes]))
+
+
+def test_fidelity_notices_a_missing_object():
+    scene = sample_scenes(1, seed=9, n_objects=3)[0]
+    fewer = Scene(scene.objects[:2], scene.background)
+    r = fid.fidelity(render_batch([fewer]), caption(scene))[0]
+    assert not r.count_ok and not r.objects_ok and not r.all_ok and r.score < 1
+    assert r.detected.count == 2
+
+
+def _chance_same_multiset(n_types: int) -> float:
+    """P(two independent scenes have the same multiset of one attribute), the sampler drawing the count
+    uniformly in 1..4 and each object's value uniformly among n_types: sum over counts k of P(k)^2 times
+    sum over multisets m of size k of P(m | k)^2, P(m | k) = multinomial(k; m) / n_types^k."""
+    total = 0.0
+    for k in range(1, MAX_OBJECTS + 1):
+        same = 0.0
+        for m in itertools.combinations_with_replacement(range(n_types), k):
+            mult = math.factorial(k)
+            for c in Counter(m).values():
+                mult //= math.factorial(c)
+            same += (mult / n_types ** k) ** 2
+        total += (1 / MAX_OBJECTS) ** 2 * same
+    return total
+
+
+def test_fidelity_on_shuffled_captions_is_at_chance(world):
+    """Each image is scored against the caption of an independent scene of the same distribution. Per image
+    the evaluator must give exactly the truth (the two scenes' contents compared); over the batch each rate
+    is Binomial(N, p) / N with p computed from the sampler, within 5 standard deviations."""
+    scenes, _, dets = world
+    others = sample_scenes(N_SCENES, seed=321, split="all")
+    results = [fid.compare(content(o), d.content) for o, d in zip(others, dets)]
+    truth = [fid.compare(content(o), Content(content(s).objects, s.background)) for o, s in zip(others, scenes)]
+    assert results == truth
+    chance = {
+        "count_ok": 1 / MAX_OBJECTS,
+        "colours_ok": _chance_same_multiset(len(COLOURS)),
+        "shapes_ok": _chance_same_multiset(len(SHAPES)),
+        "objects_ok": _chance_same_multiset(len(ALL_PAIRS)),
+        # the caption names a background half the time, the right one a third of the time
+        "background_ok": 0.5 + 0.5 / len(BACKGROUNDS),
+    }
+    chance["all_ok"] = chance["objects_ok"] * chance["background_ok"]  # independent draws
+    rates = fid.summarize(results)
+    for key, p in chance.items():
+        sd = math.sqrt(p * (1 - p) / N_SCENES)
+        assert abs(rates[key] - p) <= 5 * sd, (key, rates[key], p, sd)
+    # and the own captions score far above it
+    assert fid.summarize([fid.compare(content(s), d.content) for s, d in zip(scenes, dets)])["all_ok"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------- JPEG size
+
+def test_jpeg_size_is_the_real_file_size():
+    from PIL import Image
+    img = render(sample_scenes(1, seed=10)[0])
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95, subsampling=2)
+    assert fid.jpeg_sizes(img) == [len(buf.getvalue())]
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+    assert decoded.shape == img.shape  # a real, decodable JPEG of the image
+    as_float = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    assert fid.jpeg_sizes(as_float) == fid.jpeg_sizes(img)
+    assert fid.jpeg_sizes(img, quality=50)[0] < fid.jpeg_sizes(img, quality=95)[0]
+
+
+def test_jpeg_size_grows_with_objects_and_noise():
+    scenes = sample_scenes(40, seed=12, n_objects=4, split="all")
+    by_count = []
+    for k in range(0, MAX_OBJECTS + 1):
+        prefix = [Scene(s.objects[:k], s.background) for s in scenes]
+        by_count.append(float(np.mean(fid.jpeg_sizes(render_batch(prefix)))))
+    assert all(a < b for a, b in zip(by_count, by_count[1:])), by_count
+    images = render_batch(scenes)
+    gen = torch.Generator().manual_seed(1)
+    by_noise = [float(np.mean(fid.jpeg_sizes((images + s * torch.randn(images.shape, generator=gen)).clamp(0, 1))))
+                for s in (0.0, 0.02, 0.08)]
+    assert by_noise[0] < by_noise[1] < by_noise[2], by_noise
