@@ -267,3 +267,77 @@ def test_jpeg_size_grows_with_objects_and_noise():
     by_noise = [float(np.mean(fid.jpeg_sizes((images + s * torch.randn(images.shape, generator=gen)).clamp(0, 1))))
                 for s in (0.0, 0.02, 0.08)]
     assert by_noise[0] < by_noise[1] < by_noise[2], by_noise
+
+
+# ------------------------------------------------------------------------------------------- toy model training
+
+def test_tokenizer_makes_each_grammar_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from lowmem_alignprop.toy.tokenizer import MAX_LENGTH, build_tokenizer, grammar_words
+
+    tok = build_tokenizer()
+    for w in grammar_words():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    longest = "a red circle, a red square, a red triangle and a red diamond on a white background"
+    ids = tok(longest).input_ids
+    assert len(ids) == 19 + 2 <= MAX_LENGTH
+    assert tok.convert_ids_to_tokens(ids)[1:4] == ["a</w>", "red</w>", "circle</w>"]
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    assert again(longest).input_ids == ids
+    assert len(tok("a pink hexagon").input_ids) > 5  # unknown words still tokenize, by bytes
+
+
+TINY_SCHEDULE = dict(vae_steps=2, vae_batch=4, pool=8, unet_steps=2, unet_batch=4, clip_steps=2, count_steps=2,
+                     reward_batch=8, recon_pool=8, eval_samples=4, sample_steps=2)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU: one thread avoids oversubscription stalls (10x slower on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_train_world_writes_loadable_weights(tmp_path, one_thread):
+    import hashlib
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.toy.rewards import load_toy_clip, load_toy_count
+    from lowmem_alignprop.toy.train_world import TRAIN_VERSION, Schedule, train_world
+
+    lines = []
+    report = train_world(tmp_path, seed=0, schedule=Schedule(**TINY_SCHEDULE), threads=1, log=lines.append)
+    assert any(line.startswith("unet 2/2 loss") for line in lines)
+    # the text-to-image model loads by path like any diffusers directory and samples
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor == report["vae_scaling_factor"] > 0
+    assert pipe.tokenizer.model_max_length == 24
+    out = pipe(["two red circles"], height=64, width=64, num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert len(fid.fidelity(out, "two red circles")) == 1
+    # the rewards load as frozen RewardModules, differentiable w.r.t. the images
+    images = render_batch(sample_scenes(2, seed=0)).requires_grad_(True)
+    clip = load_toy_clip(tmp_path / "rewards" / "toy_clip")
+    count = load_toy_count(tmp_path / "rewards" / "toy_count", target=3)
+    score = clip(images, ["two red circles", "a blue square"]) + count(images)
+    assert score.shape == (2,)
+    score.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in clip.parameters())
+    # the report records the versions, the seed and each file's checksum
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["train_version"] == TRAIN_VERSION and saved["seed"] == 0 and saved["reproducible"]
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.name != "report.json"}
+    assert set(saved["sha256"]) == files
+    assert "model/unet/diffusion_pytorch_model.safetensors" in files
+    for name, digest in saved["sha256"].items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
+    assert 0 <= saved["samples_heldout"]["all_ok"] <= 1 and "toy_count_accuracy" in saved["rewards_on_renders"]
