@@ -19,13 +19,20 @@ How each number is measured:
 * CUDA: reset-then-read. Each stage starts with ``torch.cuda.reset_peak_memory_stats()`` and ends by
   reading ``max_memory_allocated``, ``max_memory_reserved`` and the ``active_bytes.all.peak`` stat, so
   every stage of every step gets its own peak. Stages are timed between two synchronizations.
-* CPU: torch has no CPU allocator statistics. For the steps in ``detail_steps`` one ``torch.profiler``
-  session with ``profile_memory=True`` covers the whole step and each stage is a ``record_function``
-  range. Afterwards the ``[memory]`` events (time, signed bytes) are summed in time order; a stage's
-  peak is the running total's maximum inside its ranges plus the *baseline*: the bytes of the CPU
-  tensors alive when the step began (see :func:`live_tensor_bytes`). This matches real allocation
-  within about 1%, costs a few percent while it runs and ~0.6 s to analyse a step, so other steps
-  record only time and process RSS (RSS cannot see stages: the C allocator keeps freed memory).
+* CPU: torch has no CPU allocator statistics. For the steps in ``detail_steps`` a :class:`StorageCounter` (a
+  ``TorchDispatchMode``) is active for the whole step: it adds the bytes of every new storage an op returns,
+  takes them off when the storage is freed (a weak reference on it), counts views and shared storages once, and
+  sees each stage start and end (``record_function`` ranges are ops too). A stage's peak is the highest level
+  while it was open, plus the *baseline*: the bytes of the CPU tensors alive when the step began (see
+  :func:`live_tensor_bytes`). It keeps no log, only one entry per live storage, so the measured step costs no
+  more memory than a plain one (a few MB; ``measurement_bytes`` in the report), and some per-op Python overhead
+  in time. It cannot see what a kernel allocates and frees inside one op (a convolution's scratch): within 0.1%
+  of torch.profiler's allocator events at the peak of the mid-size model's step (benchmarks/REPORT.md), the
+  same blind spot as the planner's estimate. ``CpuAllocationTracker(method="events")`` measures with those
+  events instead (exact, but it keeps every event: hundreds of MB for a 256 px step), for cross-checks.
+  Other steps record time and RSS only (RSS cannot see stages: the C allocator keeps freed memory).
+* RSS, told apart in the report (``rss``): after load, the largest over the steps not measured, the largest over
+  the measured steps, the process's high-water mark, and what the measurement itself held.
 * Other devices (mps, xpu, a CUDA device on a build without CUDA): time and RSS only.
 
 Every ``torch.cuda`` memory call is gated on ``torch.cuda.is_available()`` *and* the device type: on a
@@ -39,6 +46,7 @@ tests and benchmarks can compare the peak of one stage with a memory feature on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -55,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .stages import LOAD, STAGES
 
@@ -66,6 +75,7 @@ SNAPSHOT_FILE = "memory_snapshot.pickle"
 REPORT_FILES = ("memory_report.json", "memory_report.md", "memory_report.png")
 # The three peak figures a stage can have; on CPU only peak_allocated is measured.
 PEAK_KEYS = ("peak_allocated", "peak_reserved", "peak_active")
+CPU_SOURCE = "cpu_counter"  # a CPU figure measured by counting live storages (StorageCounter)
 
 # ---------------------------------------------------------------------------------------------------
 # formatting
@@ -182,18 +192,12 @@ def resident_bytes(obj: Any, exclude: set | None = None) -> dict[str, int]:
     return out
 
 
-def live_tensor_bytes(device: str | torch.device = "cpu", extra: Iterable[Any] = ()) -> int:
-    """Bytes of all distinct tensor storages on ``device`` that can be reached right now.
-
-    The baseline of the CPU measurement. It counts the union of (a) every tensor the garbage collector
-    tracks (all tensors that have a Python object: parameters, buffers, optimizer state, caches, ...)
-    and the gradients of leaf tensors among them, and (b) the tensors of ``extra`` (modules, optimizers,
-    tensor lists: their gradients too), each storage once. It misses tensors that live only in C++ (for
-    example activations saved by autograd between steps, which a training loop should not hold).
-    Costs one pass over ``gc.get_objects()`` (about 0.1 s in a process with diffusers loaded).
-    """
+def _live_storages(device: str | torch.device = "cpu", extra: Iterable[Any] = ()) -> tuple[int, list[Any], int]:
+    """(bytes, storages, objects walked) of the distinct tensor storages on ``device`` reachable now; see
+    :func:`live_tensor_bytes`."""
     want = torch.device(device).type
     seen: set = set()
+    storages: list[Any] = []
     total = 0
 
     def add(t: torch.Tensor) -> None:
@@ -205,6 +209,8 @@ def live_tensor_bytes(device: str | torch.device = "cpu", extra: Iterable[Any] =
             return
         seen.add(key[0])
         total += key[1]
+        with contextlib.suppress(Exception):
+            storages.append(t.untyped_storage())
 
     def add_with_grad(t: torch.Tensor) -> None:
         add(t)
@@ -214,21 +220,224 @@ def live_tensor_bytes(device: str | torch.device = "cpu", extra: Iterable[Any] =
                 add(g)
 
     tensor_type = torch.Tensor
-    for obj in gc.get_objects():
-        try:
-            # type() rather than isinstance(): some module objects fake __class__ and warn when asked.
-            if issubclass(type(obj), tensor_type):
-                add_with_grad(obj)
-        except Exception:  # proxies and half-built objects can raise on isinstance or attribute access
-            continue
+    objects = gc.get_objects()
+    n_objects = len(objects)
+    try:
+        for obj in objects:
+            try:
+                # type() rather than isinstance(): some module objects fake __class__ and warn when asked.
+                if issubclass(type(obj), tensor_type):
+                    add_with_grad(obj)
+            except Exception:  # proxies and half-built objects can raise on isinstance or attribute access
+                continue
+    finally:
+        del objects  # the list of every object in the process: gone before anything else runs
     for obj in extra:
         for t in _iter_tensors(obj):
             add_with_grad(t)
-    return total
+    return total, storages, n_objects
+
+
+def live_tensor_bytes(device: str | torch.device = "cpu", extra: Iterable[Any] = ()) -> int:
+    """Bytes of all distinct tensor storages on ``device`` that can be reached right now.
+
+    The baseline of the CPU measurement. It counts the union of (a) every tensor the garbage collector
+    tracks (all tensors that have a Python object: parameters, buffers, optimizer state, caches, ...)
+    and the gradients of leaf tensors among them, and (b) the tensors of ``extra`` (modules, optimizers,
+    tensor lists: their gradients too), each storage once. It misses tensors that live only in C++ (for
+    example activations saved by autograd between steps, which a training loop should not hold).
+    Costs one pass over ``gc.get_objects()`` (about 0.1 s in a process with diffusers loaded; the list
+    it walks is 8 bytes per object, freed at once).
+    """
+    return _live_storages(device, extra)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
-# CPU: allocation peaks from torch.profiler memory events
+# CPU: allocation peaks from a count of live storages (what the training loop uses)
+# ---------------------------------------------------------------------------------------------------
+
+_ENTER, _EXIT = "enter", "exit"
+_RANGE_OPS = {"profiler::_record_function_enter_new": _ENTER, "profiler::_record_function_enter": _ENTER,
+              "profiler::_record_function_exit": _EXIT}
+_OP_KINDS: dict[Any, Any] = {}  # op -> _ENTER, _EXIT, or a tuple: per return, does it get a new storage
+
+
+def _op_kind(func: Any) -> Any:
+    """What an op's results are: a record_function range's start or end, or per return whether it is a new
+    storage (no alias annotation) or an existing one (views ``Tensor(a)``, in-place and out= ``Tensor(a!)``)."""
+    kind = _OP_KINDS.get(func)
+    if kind is None:
+        try:
+            schema = func._schema
+            kind = _RANGE_OPS.get(schema.name) or tuple(r.alias_info is None for r in schema.returns)
+        except Exception:  # an op without a schema: take its results as new
+            kind = ()
+        _OP_KINDS[func] = kind
+    return kind
+
+
+_BOOKKEEPING_BYTES = 250  # per counted storage: its Python object (kept by torch anyway), a weakref, a table entry
+
+
+class StorageCounter(TorchDispatchMode):
+    """Counts the bytes of the tensor storages alive now, from the ops that create them, and keeps per-range peaks.
+
+    Exact for what it counts, and it holds no log: one table entry per *live* counted storage, a few counters
+    per range. How:
+
+    * Every op's results pass through :meth:`__torch_dispatch__`. A result the op's schema marks as new (no
+      alias annotation) whose storage is not counted yet is added; views and in-place/out= results share an
+      existing storage and add nothing (an out= result that grew a counted storage adds the growth). Each
+      storage is counted once however many tensors view it.
+    * A weak reference on each counted storage takes its bytes off when it is freed. :meth:`watch` does the same
+      for storages that existed before (their frees lower the level below 0, as an allocator's running total).
+    * ``torch.profiler.record_function`` ranges (and so :meth:`StageProfiler.stage`) are ops too: the counter
+      sees them start and end, and folds the level into every open range: ``peaks[name]`` is the highest level
+      while a range of that name was open (including the level when it opened). ``names`` restricts the ranges.
+      Ranges must nest (as ``with`` blocks do): an end closes the innermost open range.
+
+    What it cannot see: memory a kernel allocates and frees inside one op (workspaces), and tensors made without
+    an op (``torch.from_numpy``). The planner's fake-tensor estimate counts the same way (``planner.LiveBytes``),
+    and measures within 0.1% of the allocator events on the mid-size model. Levels are relative to the start.
+    The class is self-contained (torch only) so that the planner's counter can later be built on it.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", names: Iterable[str] | None = None):
+        super().__init__()
+        self.device_type = torch.device(device).type
+        self.names = set(names) if names is not None else None
+        self.level = 0  # bytes allocated since the start and still alive, minus watched storages freed
+        self.peak = 0  # highest level (never below 0: the level at the start)
+        self.peaks: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.max_entries = 0  # most storages in the table at once (the counter's own memory)
+        self.ops = 0
+        self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, weakref]
+        self._ranges: list[tuple[str | None, float]] = []  # open ranges, innermost last: (name, start time)
+        self._open: tuple[str, ...] = ()
+
+    # -- storages -----------------------------------------------------------------------------------
+
+    def _freed(self, key: int, _ref: Any = None) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.level -= entry[0]
+
+    def _add(self, storage: Any, nbytes: int) -> None:
+        key = id(storage)
+        self._live[key] = [nbytes, weakref.ref(storage, functools.partial(self._freed, key))]
+        if len(self._live) > self.max_entries:
+            self.max_entries = len(self._live)
+
+    def watch(self, storages: Iterable[Any]) -> None:
+        """Storages alive before counting began: their frees lower the level (their bytes are not added)."""
+        for st in storages:
+            with contextlib.suppress(TypeError, RuntimeError):
+                if id(st) not in self._live and st.nbytes() > 0:
+                    self._add(st, st.nbytes())
+
+    def _bump(self) -> None:
+        level = self.level
+        if level > self.peak:
+            self.peak = level
+        for name in self._open:
+            if level > self.peaks[name]:
+                self.peaks[name] = level
+
+    def _track(self, t: torch.Tensor, new: bool) -> None:
+        if self.device_type == "cpu":
+            if not t.is_cpu:
+                return
+        elif t.device.type != self.device_type:
+            return
+        try:
+            st = t.untyped_storage()
+        except Exception:  # sparse, nested, or a wrapper subclass without a plain storage
+            return
+        entry = self._live.get(id(st))
+        if entry is not None:
+            if not new:  # an out= or resize_ result can grow a storage already counted
+                n = st.nbytes()
+                if n != entry[0]:
+                    self.level += n - entry[0]
+                    entry[0] = n
+                    self._bump()
+            return
+        if not new or (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and _is_fake(t)):
+            return  # a view of a storage made outside the count (or before it): not an allocation here
+        n = st.nbytes()  # 0 is kept too: an out= op may grow it later
+        self._add(st, n)
+        self.level += n
+        self._bump()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        kind = _OP_KINDS.get(func)
+        if kind is None:
+            kind = _op_kind(func)
+        if kind is _ENTER:
+            self._range_start(args[0] if args else "?")
+        elif kind is _EXIT:
+            self._range_end()
+        elif isinstance(out, torch.Tensor):
+            self._track(out, kind[0] if kind else True)
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                new = kind[0] if len(kind) == 1 else (kind[i] if i < len(kind) else True)
+                if isinstance(o, torch.Tensor):
+                    self._track(o, new)
+                elif isinstance(o, (tuple, list)):
+                    for u in o:
+                        if isinstance(u, torch.Tensor):
+                            self._track(u, new)
+        return out
+
+    # -- ranges -------------------------------------------------------------------------------------
+
+    def _range_start(self, name: Any) -> None:
+        name = str(name)
+        if self.names is not None and name not in self.names:
+            self._ranges.append((None, 0.0))  # not measured, but its end must pair with it
+            return
+        self._ranges.append((name, time.perf_counter()))
+        self._open = tuple(dict.fromkeys(r[0] for r in self._ranges if r[0] is not None))
+        self.peaks[name] = max(self.peaks.get(name, self.level), self.level)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def _range_end(self) -> None:
+        # The handle torch passes to the end op is a new Python object each time (and cannot be compared), so
+        # ends pair with starts as ranges nest: the innermost open one ends. An end with none open belongs to
+        # a range opened before counting began.
+        if not self._ranges:
+            return
+        name, t0 = self._ranges.pop()
+        if name is not None:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self._open = tuple(dict.fromkeys(r[0] for r in self._ranges if r[0] is not None))
+
+    def release(self) -> None:
+        """Drop the table (its weak references with it): nothing is counted or kept after this."""
+        self._live.clear()
+        self._ranges.clear()
+        self._open = ()
+
+    @property
+    def bookkeeping_bytes(self) -> int:
+        """About what the counter itself held at most: its table, at its largest."""
+        return self.max_entries * _BOOKKEEPING_BYTES
+
+
+_ACTIVE_TRACKER: list[Any] = []  # the CpuAllocationTracker running now (one at a time)
+
+
+def _tracker_active() -> bool:
+    return bool(_ACTIVE_TRACKER)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: allocation peaks from torch.profiler memory events (the cross-check: exact, but it keeps every event)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -325,11 +534,24 @@ class CpuAllocationTracker:
         tracker.peak_allocated("backward")  # the same plus the baseline: an absolute peak
 
     ``baseline`` (bytes) is measured on entry by :func:`live_tensor_bytes` (``count_baseline=False``
-    skips it and leaves 0). ``names`` restricts the ranges analysed. Only one torch profiler can run
-    at a time: entering while another is active raises RuntimeError.
+    reports 0). ``names`` restricts the ranges measured. One tracker runs at a time: entering while
+    another is active raises RuntimeError.
+
+    ``method``: ``"counter"`` (default) counts live storages with a :class:`StorageCounter`: nothing is kept
+    but one entry per live storage, so the measurement costs almost no memory (``bookkeeping_bytes``).
+    ``"events"`` runs ``torch.profiler`` with ``profile_memory=True`` and sums its ``[memory]`` events
+    afterwards; it also sees kernels' internal workspaces, but keeps every event of the block (hundreds of MB
+    for a training step at 256 px, more while they are analysed): a cross-check for tests and benchmarks,
+    refused while another torch profiler runs.
     """
 
-    def __init__(self, *, count_baseline: bool = True, extra: Iterable[Any] = (), names: Iterable[str] | None = None):
+    METHODS = ("counter", "events")
+
+    def __init__(self, *, count_baseline: bool = True, extra: Iterable[Any] = (), names: Iterable[str] | None = None,
+                 method: str = "counter"):
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        self.method = method
         self.count_baseline = count_baseline
         self.extra = list(extra)
         self.names = set(names) if names is not None else None
@@ -339,36 +561,83 @@ class CpuAllocationTracker:
         self.calls: dict[str, int] = {}
         self.peak = 0  # whole block, above the start level
         self.retained = 0  # allocated inside the block and still alive at its end (can be < 0)
-        self.analysis_seconds = 0.0
+        self.analysis_seconds = 0.0  # events: summing the events afterwards; counter: the scan at the start
+        self.bookkeeping_bytes = 0  # counter: what the measurement itself held at most (see measurement_bytes)
+        self.scan_bytes = 0  # the list of the garbage collector's objects walked once at the start (freed at once)
         self._prof: Any = None
+        self._counter: StorageCounter | None = None
+
+    @property
+    def measurement_bytes(self) -> int:
+        """The measurement's own memory at its largest: the scan's object list or the counter's table (they are
+        never alive together); for the events method not known (its event log is the large part)."""
+        return max(self.scan_bytes, self.bookkeeping_bytes)
 
     def __enter__(self) -> CpuAllocationTracker:
-        if _profiler_active():
+        if _ACTIVE_TRACKER:
+            raise RuntimeError("CpuAllocationTracker: another CPU allocation tracker is already running")
+        if self.method == "events" and _profiler_active():
             raise RuntimeError("CpuAllocationTracker: another torch profiler is already running")
         # garbage from earlier work freed mid-block would read as negative allocation: collect it now
         # and keep the collector off inside the block (its timing would make peaks depend on history)
         gc.collect()
         self._gc_was_enabled = gc.isenabled()
         gc.disable()
-        self.baseline = live_tensor_bytes("cpu", self.extra) if self.count_baseline else 0
-        self.extra = []  # do not keep the models alive
-        self._prof = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU],
-            profile_memory=True,
-            record_shapes=False,
-            with_stack=False,
-        )
-        with warnings.catch_warnings(), _native_stderr_silenced():  # torch 2.11 warns that a profile without
-            warnings.filterwarnings("ignore", message=".*Profiler clears events")  # cycles drops events
-            self._prof.__enter__()
+        _ACTIVE_TRACKER.append(self)
+        try:
+            t0 = time.perf_counter()
+            if self.method == "counter":
+                baseline, storages, n_objects = _live_storages("cpu", self.extra)
+                self.scan_bytes = 8 * n_objects  # the scan's list: one pointer per object
+                self.extra = []  # do not keep the models alive
+                self._counter = StorageCounter("cpu", names=self.names)
+                self._counter.watch(storages)  # older tensors freed in the block lower the level, as allocator events
+                del storages
+                self.baseline = baseline if self.count_baseline else 0
+                self.analysis_seconds = time.perf_counter() - t0
+                self._counter.__enter__()
+                return self
+            self.baseline = live_tensor_bytes("cpu", self.extra) if self.count_baseline else 0
+            self.extra = []
+            self._prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU],
+                profile_memory=True,
+                record_shapes=False,
+                with_stack=False,
+            )
+            with warnings.catch_warnings(), _native_stderr_silenced():  # torch 2.11 warns that a profile without
+                warnings.filterwarnings("ignore", message=".*Profiler clears events")  # cycles drops events
+                self._prof.__enter__()
+        except BaseException:
+            self._finish_gc()
+            raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        prof, self._prof = self._prof, None
-        with _native_stderr_silenced():
-            prof.__exit__(exc_type, exc, tb)
+    def _finish_gc(self) -> None:
+        with contextlib.suppress(ValueError):
+            _ACTIVE_TRACKER.remove(self)
         if getattr(self, "_gc_was_enabled", False):
             gc.enable()
+            self._gc_was_enabled = False
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._counter is not None:
+            counter, self._counter = self._counter, None
+            try:
+                counter.__exit__(exc_type, exc, tb)
+            finally:
+                self._finish_gc()
+            self.peaks, self.seconds, self.calls = dict(counter.peaks), dict(counter.seconds), dict(counter.calls)
+            self.peak, self.retained = counter.peak, counter.level
+            self.bookkeeping_bytes = counter.bookkeeping_bytes
+            counter.release()
+            return
+        prof, self._prof = self._prof, None
+        try:
+            with _native_stderr_silenced():
+                prof.__exit__(exc_type, exc, tb)
+        finally:
+            self._finish_gc()
         t0 = time.perf_counter()
         result = _analyse_events(prof.profiler.kineto_results.events(), self.names)
         del prof  # the retained events cost ~200 MB for a big step
@@ -381,15 +650,16 @@ class CpuAllocationTracker:
         return self.baseline + (self.peak if name is None else self.peaks[name])
 
 
-def measure_cpu_stages(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+def measure_cpu_stages(fn: Callable[..., Any], *args: Any, method: str = "counter", **kwargs: Any) -> dict[str, int]:
     """Run ``fn(*args, **kwargs)`` once and return, per ``record_function`` / ``prof.stage`` name, its
     peak CPU allocation in bytes *above the level when fn started* (weights and other resident tensors
     excluded, so two runs of the same models compare directly). The key ``"*"`` holds fn's overall peak.
 
     ``fn`` may use a :class:`StageProfiler` (no step begun, or ``detail_steps`` empty): its stages are
-    record_function ranges on every device, and it never starts its own profiler while one runs.
+    record_function ranges on every device, and it never starts its own tracker while one runs. ``method``: see
+    :class:`CpuAllocationTracker`.
     """
-    with CpuAllocationTracker(count_baseline=False) as tracker:
+    with CpuAllocationTracker(count_baseline=False, method=method) as tracker:
         fn(*args, **kwargs)
     return {**tracker.peaks, "*": tracker.peak}
 
@@ -427,8 +697,8 @@ class StageProfiler:
         device: the training device. CUDA gets reset-then-read peaks on every step; CPU gets real
             allocation peaks on ``detail_steps``; anything else time and RSS only.
         budget_gb: the memory budget (GiB) the report compares the peak with; None for no budget.
-        detail_steps: CPU only: the steps measured with torch.profiler memory events; ``"all"`` (or
-            True) for every step. Ignored on CUDA, whose counters are cheap enough for every step.
+        detail_steps: CPU only: the steps whose allocation is measured (a count of live storages);
+            ``"all"`` (or True) for every step. Ignored on CUDA, whose counters are cheap enough for every step.
         snapshot_steps: ``(first, last)``: CUDA only: record the allocator history from
             ``begin_step(first)`` and dump it at ``end_step(last)`` to ``memory_snapshot.pickle``
             (opens at https://pytorch.org/memory_viz). On other devices one log line, nothing else.
@@ -495,6 +765,8 @@ class StageProfiler:
         self._last_step: int | None = None
         self._step_figures: dict[str, dict[str, Any]] = {}
         self._step_t0 = 0.0
+        self._step_rss0: int | None = None
+        self.rss_after_load: int | None = None  # RSS when the load stage ended
         self._tracker: CpuAllocationTracker | None = None  # the detail step's profiler session
         self._frames: list[_CudaFrame] = []
         self._snapshot_recording = False
@@ -517,7 +789,7 @@ class StageProfiler:
         bucket = self._step_figures if self._step is not None else self.outside
         figures = bucket.setdefault(name, _new_figures())
         load_tracker = None
-        if name == LOAD and self._step is None and self._cpu and self.detail_load and not _profiler_active():
+        if name == LOAD and self._step is None and self._cpu and self.detail_load and not _tracker_active():
             load_tracker = CpuAllocationTracker(names={name}, extra=self._live_module_objects())
             load_tracker.__enter__()
         frame = None
@@ -547,11 +819,14 @@ class StageProfiler:
             figures["rss"] = _max_opt(figures["rss"], self._rss())
             if load_tracker is not None:
                 load_tracker.__exit__(None, None, None)
-                # Memory-mapped weights are no allocator events; what is alive at the end was live.
+                # Memory-mapped weights are made by no op the counter sees; what is alive at the end was live.
                 live_end = live_tensor_bytes("cpu", self._live_module_objects())
                 peak = max(load_tracker.peak_allocated(), live_end)
                 figures["peak_allocated"] = _max_opt(figures["peak_allocated"], peak)
-                figures["source"] = "cpu_profiler"
+                figures["source"] = CPU_SOURCE
+                figures["measurement_bytes"] = load_tracker.measurement_bytes
+            if name == LOAD and self._step is None:
+                self.rss_after_load = self._rss()  # what the process holds before any step (measurement done)
 
     def _cuda_fold(self) -> None:
         """Fold the peaks since the last reset into every open stage, then reset (CUDA only)."""
@@ -567,6 +842,7 @@ class StageProfiler:
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def _rss(self) -> int | None:
+        """The process's resident memory now (psutil)."""
         if self._process is None:
             return None
         try:
@@ -587,11 +863,12 @@ class StageProfiler:
             self._snapshot_recording = True
             self._snapshot_window = (step, step)
         if self.is_detail_step(step):
-            if _profiler_active():
-                logger.info("profiler: another torch profiler is running; step %d records time only", step)
+            if _tracker_active():
+                logger.info("profiler: another CPU allocation tracker is running; step %d records time only", step)
             else:
                 self._tracker = CpuAllocationTracker(names=set(STAGES), extra=self._live_module_objects())
                 self._tracker.__enter__()
+        self._step_rss0 = self._rss()
         self._step_t0 = time.perf_counter()
 
     def end_step(self) -> dict[str, Any]:
@@ -600,7 +877,7 @@ class StageProfiler:
             raise RuntimeError("end_step() without begin_step()")
         step, figures = self._step, self._step_figures
         seconds = time.perf_counter() - self._step_t0
-        summary: dict[str, Any] = {"step": step, "seconds": seconds, "source": "time_rss"}
+        summary: dict[str, Any] = {"step": step, "seconds": seconds, "source": "time_rss", "rss_start": self._step_rss0}
         if self._cuda:
             summary["source"] = "cuda"
         if self._tracker is not None:
@@ -609,8 +886,8 @@ class StageProfiler:
             for name, fig in figures.items():
                 if name in tracker.peaks:
                     fig["peak_allocated"] = tracker.baseline + tracker.peaks[name]
-            summary.update(source="cpu_profiler", baseline=tracker.baseline, retained=tracker.retained,
-                           analysis_seconds=tracker.analysis_seconds)
+            summary.update(source=CPU_SOURCE, baseline=tracker.baseline, retained=tracker.retained,
+                           analysis_seconds=tracker.analysis_seconds, measurement_bytes=tracker.measurement_bytes)
         summary["stages"] = {name: figures[name] for name in STAGES if name in figures}
         peak_stage, peak = None, None
         for name, fig in summary["stages"].items():
@@ -621,6 +898,9 @@ class StageProfiler:
             summary["peak_reserved"] = max((f["peak_reserved"] or 0 for f in figures.values()), default=None)
         rss = [f["rss"] for f in figures.values() if f["rss"] is not None]
         summary["rss"] = max(rss) if rss else None
+        # the process's high-water mark so far, this step included (the kernel's counters and psutil's RSS can
+        # differ by a few pages: never below an RSS seen)
+        summary["rss_hwm"] = _max_opt(_process_peak_rss(), summary["rss"])
         if self._snapshot_recording and self.snapshot_steps and step >= self.snapshot_steps[1]:
             self._snapshot_window = (self._snapshot_window or (step, step))[0], step
             self._take_snapshot()
@@ -736,6 +1016,7 @@ class StageProfiler:
         """Per stage: max of peaks and mean seconds over the steps after the first (warm-up) one
         when there are more; a stage measured only in the warm-up step falls back to it."""
         warmup = self.steps[0]["step"] if len(self.steps) > 1 else None
+        measured = {s["step"] for s in self.steps if s.get("source") == CPU_SOURCE}
         out: dict[str, dict[str, Any]] = {}
         for name in STAGES:
             rows = [(s["step"], s["stages"][name]) for s in self.steps if name in s["stages"]]
@@ -758,8 +1039,11 @@ class StageProfiler:
                     entry["peak_steps"] = _describe_steps(st for st, _ in vals) if vals else None
             entry["seconds_mean"] = sum(f["seconds"] for _, f in kept) / len(kept)
             entry["calls_mean"] = sum(f["calls"] for _, f in kept) / len(kept)
-            rss = [f["rss"] for _, f in kept if f["rss"] is not None]
-            entry["rss_max"] = max(rss) if rss else None
+            # RSS of the steps whose allocation was not measured: a measured step's RSS includes the measurement
+            plain = [(st, f) for st, f in kept if st not in measured and f["rss"] is not None] or [
+                (st, f) for st, f in kept if f["rss"] is not None]
+            entry["rss_max"] = max(f["rss"] for _, f in plain) if plain else None
+            entry["rss_steps"] = _describe_steps(st for st, _ in plain) if plain else None
             entry["steps"] = _describe_steps(st for st, _ in kept)
             out[name] = entry
         return out, warmup
@@ -781,9 +1065,10 @@ class StageProfiler:
         if self._cuda:
             method = "cuda: reset_peak_memory_stats at each stage start, max_memory_* at its end"
         elif self._cpu:
-            method = ("cpu: torch.profiler [memory] events on detail steps (running total's max per stage) "
-                      "plus the baseline of live CPU tensors at the step start (gc-reachable tensors, their "
-                      "grads, registered modules and optimizer state); other steps time and RSS only")
+            method = ("cpu: on detail steps, the bytes of live tensor storages counted as ops create and free "
+                      "them (a dispatch mode; max per stage) plus the baseline of live CPU tensors at the step start "
+                      "(gc-reachable tensors, their grads, registered modules and optimizer state); other steps "
+                      "time and RSS only")
         else:
             method = f"{self.device.type}: time and RSS only"
         steps_kept = [s["step"] for s in self.steps if s["step"] != warmup]
@@ -814,7 +1099,33 @@ class StageProfiler:
             "fits_budget_basis": "peak_allocated",
             "snapshot": self._snapshot_info(),
             "load": self.outside.get(LOAD),
+            "rss": self._rss_summary(),
             "steps": [_compact(s) for s in self.steps],
+        }
+
+    def _rss_summary(self) -> dict[str, Any] | None:
+        """Resident memory of the process, told apart: after loading, in the steps, in the measured steps, the
+        process's peak, and what the CPU measurement itself held."""
+        if self._cuda or self._process is None:
+            return None
+        measured = [s for s in self.steps if s.get("source") == CPU_SOURCE]
+        plain = [s for s in self.steps if s.get("source") != CPU_SOURCE and s.get("rss") is not None]
+        hwm = [s["rss_hwm"] for s in self.steps if s.get("rss_hwm") is not None]
+        cost = [s["measurement_bytes"] for s in measured if s.get("measurement_bytes") is not None]
+        load = self.outside.get(LOAD) or {}
+        return {
+            "after_load": self.rss_after_load,
+            "steps_max": max((s["rss"] for s in plain), default=None),
+            "steps": _describe_steps(s["step"] for s in plain) or None,
+            "measured_steps_max": max((s["rss"] for s in measured if s.get("rss") is not None), default=None),
+            "measured_steps": _describe_steps(s["step"] for s in measured) or None,
+            "process_peak": max(hwm) if hwm else None,  # high-water mark at the end of the last step
+            "measurement_bytes": max(cost) if cost else None,
+            "load_measurement_bytes": load.get("measurement_bytes"),
+            "note": ("RSS sampled at each stage's end; process_peak is the process's high-water mark (getrusage) "
+                     "at the end of the last step; measurement_bytes is what the CPU measurement itself held at most "
+                     "in a measured step (a list of the process's objects scanned once at the step start, then one "
+                     "table entry per live storage)"),
         }
 
     def _snapshot_info(self) -> dict[str, Any] | None:
@@ -857,6 +1168,24 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def _process_peak_rss() -> int | None:
+    """The process's peak resident memory so far (its high-water mark; only rises), in bytes; None if unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows: the peak working set
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().peak_wset)
+        except Exception:
+            return None
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):  # pragma: no cover
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux, BSD: KiB
 
 
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:
@@ -902,6 +1231,9 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}{excluded}"
                      "; the overall peak includes every step")
     lines.append(f"- method: {report['method']}")
+    rss = report.get("rss")
+    if rss:
+        lines.append(_rss_line(rss))
     snap = report["snapshot"]
     if snap:
         if snap.get("path"):
@@ -914,7 +1246,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if cuda:
         head += ["peak reserved (GiB)", "peak active (GiB)"]
     else:
-        head += ["max RSS (GiB)"]
+        rss_steps = sorted({f.get("rss_steps") for f in report["stages"].values() if f.get("rss_steps")})
+        head += [f"max RSS (GiB{', steps ' + rss_steps[0] if len(rss_steps) == 1 else ''})"]
     head += ["seconds (mean)", "share of budget"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for stage in STAGES:
@@ -944,6 +1277,25 @@ def _markdown(report: dict[str, Any]) -> str:
                 cells.append(_g(b))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _rss_line(rss: dict[str, Any]) -> str:
+    """The report's line on resident memory: the training's and the measurement's apart."""
+    parts = []
+    if rss.get("after_load") is not None:
+        parts.append(f"{_g(rss['after_load'])} GiB after load")
+    if rss.get("steps_max") is not None:
+        parts.append(f"up to {_g(rss['steps_max'])} GiB in steps {rss['steps']} (allocation not measured)")
+    if rss.get("measured_steps_max") is not None:
+        parts.append(f"{_g(rss['measured_steps_max'])} GiB in measured step{'' if rss['measured_steps'].isdigit() else 's'} "
+                     f"{rss['measured_steps']}")
+    if rss.get("process_peak") is not None:
+        parts.append(f"process peak {_g(rss['process_peak'])} GiB by the last step")
+    line = "- resident memory (RSS, GiB): " + ("; ".join(parts) if parts else "not measured")
+    if rss.get("measurement_bytes") is not None:
+        line += (f". The allocation measurement itself held at most {fmt_bytes(rss['measurement_bytes'])} "
+                 "(one scan of the process's objects at the step start, then a table of the live storages)")
+    return line
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

@@ -65,7 +65,7 @@ def two_steps():
 def test_known_peaks_within_5_percent(two_steps):
     prof, summaries, _, _ = two_steps
     for s in summaries[:2]:
-        assert s["source"] == "cpu_profiler"
+        assert s["source"] == "cpu_counter"
         base = s["baseline"]
         st = s["stages"]
         assert _close(st["decode"]["peak_allocated"] - base, 64 * MiB)
@@ -86,7 +86,7 @@ def test_baseline_counts_live_tensors(two_steps):
 def test_load_peak_and_module_split(two_steps):
     prof, _, _, (model, weights) = two_steps
     load = prof.outside["load"]
-    assert load["source"] == "cpu_profiler"
+    assert load["source"] == "cpu_counter"
     assert load["peak_allocated"] >= 32 * MiB
     split = prof.modules["after_load"]
     assert split["lora"]["bytes"] == model.bias.nbytes
@@ -369,3 +369,185 @@ def test_on_cuda_the_reserved_bytes_decide_the_fit_as_in_the_planner():
     assert budget_verdict(int(7.0 * gib), int(7.8 * gib), int(7.5 * gib), cuda=False) == {
         "fits_budget": True, "fits_basis": "peak_allocated"}  # a CPU has no reserved pool
     assert budget_verdict(None, None, int(gib), cuda=False)["fits_budget"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the live-storage counter of the CPU measurement (issue 22: no event log, the measurement costs ~nothing)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_counter_counts_each_storage_once_and_sees_frees():
+    from lowmem_alignprop.profiler import StorageCounter
+
+    old = _alloc(4 * MiB)
+    with StorageCounter() as counter:
+        counter.watch([old.untyped_storage()])
+        a = _alloc(2 * MiB)  # new: +2 MiB
+        views = [a[:10], a.view(2, -1), a.t() if a.dim() == 2 else a.unsqueeze(0)]  # views: nothing new
+        a.add_(1)  # in place: nothing new
+        assert counter.level == 2 * MiB
+        out = torch.empty(0)
+        torch.add(a, 1, out=out)  # out= grows an empty storage it made: +2 MiB
+        assert counter.level == 4 * MiB
+        del a
+        assert counter.level == 4 * MiB  # a's storage lives on in its views
+        del views
+        assert counter.level == 2 * MiB  # its last view went: freed
+        del out
+        assert counter.level == 0
+        del old  # a storage from before: its free lowers the level, like an allocator's running total
+        assert counter.level == -4 * MiB
+    assert counter.peak == 4 * MiB
+    counter.release()
+    assert not counter._live  # nothing kept after
+
+
+def test_counter_ranges_nest_and_unmeasured_ranges_pair():
+    from lowmem_alignprop.profiler import StorageCounter
+
+    with StorageCounter(names={"decode", "backward"}) as counter:
+        with torch.profiler.record_function("decode"):
+            with torch.profiler.record_function("not measured"):
+                x = _alloc(MiB)
+            y = _alloc(MiB)
+            del x, y
+        with torch.profiler.record_function("backward"):
+            z = _alloc(3 * MiB)
+            del z
+    assert counter.peaks == {"decode": 2 * MiB, "backward": 3 * MiB}
+    assert counter.calls == {"decode": 1, "backward": 1} and counter.seconds["decode"] > 0
+    assert not counter._ranges and not counter._open
+
+
+@pytest.mark.parametrize("method", ["counter", "events"])
+def test_an_error_inside_a_tracker_leaves_nothing_running(method):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    was = __import__("gc").isenabled()
+    with pytest.raises(ZeroDivisionError):
+        with CpuAllocationTracker(method=method):
+            1 / 0
+    assert _get_current_dispatch_mode() is None and not profiler_mod._tracker_active()
+    assert __import__("gc").isenabled() == was
+    with CpuAllocationTracker(method=method):  # a new one starts
+        pass
+
+
+def _small_training_step(seed: int = 0):
+    """A conv + GroupNorm + attention net with a checkpointed part, backward and AdamW: the ops of a UNet step."""
+    torch.manual_seed(seed)
+    c = 32
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, c, 3, padding=1), torch.nn.GroupNorm(8, c), torch.nn.SiLU(),
+                              torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.GroupNorm(8, c), torch.nn.SiLU(),
+                              torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(c, 3, 3, padding=1))
+    attn = torch.nn.MultiheadAttention(c, 4, batch_first=True)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(attn.parameters()))
+    x = torch.randn(2, 4, 32, 32)
+
+    def step(prof: StageProfiler) -> None:
+        with prof.stage("sample_grad"):
+            h = net[:6](x)
+            b, ch, hh, ww = h.shape
+            t = h.flatten(2).transpose(1, 2)
+            h = attn(t, t, t, need_weights=False)[0].transpose(1, 2).reshape(b, ch, hh, ww)
+        with prof.stage("decode"):
+            y = torch.utils.checkpoint.checkpoint(net[6:], h, use_reentrant=False)
+            loss = y.square().mean()
+        with prof.stage("backward"):
+            loss.backward()
+        with prof.stage("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def test_counter_agrees_with_allocator_events_where_ops_use_no_workspace():
+    """Ops that allocate only what they return (GroupNorm, SiLU, elementwise math, forward and backward): the
+    counter and torch.profiler's allocator events see the same allocations, so the same peaks per stage. The
+    slack is 64 KiB: small allocations outside tensors (autograd's bookkeeping) that only the events see."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.GroupNorm(8, 32), torch.nn.SiLU(), torch.nn.GroupNorm(8, 32), torch.nn.SiLU())
+    x = torch.randn(2, 32, 64, 64, requires_grad=True)  # 1 MiB per activation
+
+    def step() -> None:
+        prof = StageProfiler("cpu")
+        with prof.stage("sample_grad"):
+            y = net(x)
+        with prof.stage("reward"):
+            loss = (y * y).mean()
+        with prof.stage("backward"):
+            loss.backward()
+        x.grad = None
+
+    counter = measure_cpu_stages(step, method="counter")
+    events = measure_cpu_stages(step, method="events")
+    for name in ("sample_grad", "reward", "backward", "*"):
+        assert abs(counter[name] - events[name]) <= 64 * 1024, (name, counter[name], events[name])
+    assert counter["backward"] >= 4 * MiB  # saved activations and gradients: a real amount
+
+
+def test_counter_never_exceeds_the_allocator_events():
+    """Convolutions, upsampling, attention, checkpointing and AdamW: what a kernel allocates and frees inside one op
+    (a convolution's scratch, a contiguous copy of its input) is invisible to a count of the storages ops return,
+    so the counter is at most the events' peak per stage (the planner's fake tensors cannot see that scratch
+    either); it is never above it (64 KiB slack, as above)."""
+    step = _small_training_step()
+    prof = StageProfiler("cpu")
+    step(prof)  # warm-up: Adam's state exists, as from step 2 on
+    counter = measure_cpu_stages(step, prof, method="counter")
+    events = measure_cpu_stages(step, prof, method="events")
+    for name in ("sample_grad", "decode", "backward", "optimizer"):
+        assert counter[name] <= events[name] + 64 * 1024, (name, counter[name], events[name])
+    assert counter["backward"] > 2 * MiB
+
+
+def test_detail_step_keeps_no_log_and_costs_little(tmp_path):
+    """The measured step holds one table entry per live storage (no events); the report says what it cost and
+    tells the RSS after load, in the steps and in the measured step apart."""
+    step = _small_training_step()
+    prof = StageProfiler("cpu", detail_steps={2})
+    with prof.stage("load"):
+        pass
+    for n in (1, 2, 3):
+        prof.begin_step(n)
+        step(prof)
+        s = prof.end_step()
+        assert prof._tracker is None
+    measured = prof.steps[1]
+    assert measured["source"] == "cpu_counter" and measured["peak_stage"] == "backward"
+    # its own memory: a list of the process's objects (8 B each) once, then a few hundred bytes per live storage
+    assert 0 < measured["measurement_bytes"] < 64 * MiB
+    assert s["rss_hwm"] is None or s["rss_hwm"] >= s["rss"] > 0
+    rep = prof.report()
+    rss = rep["rss"]
+    assert rss["after_load"] > 0 and rss["steps"] == "1, 3" and rss["measured_steps"] == "2"
+    assert rss["measurement_bytes"] == measured["measurement_bytes"]
+    assert rep["stages"]["backward"]["rss_steps"] == "3"  # the column leaves the measured step out
+    prof.write(tmp_path)
+    md = (tmp_path / "memory_report.md").read_text()
+    assert "GiB after load" in md and "in measured step 2" in md and "measurement itself held at most" in md
+    assert "max RSS (GiB, steps 3)" in md
+
+
+def test_the_steps_import_nothing_the_report_needs():
+    """matplotlib is imported by write() after the loop, never by a step (a subprocess: a clean sys.modules)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from lowmem_alignprop.profiler import StageProfiler\n"
+        "prof = StageProfiler('cpu', detail_steps='all')\n"
+        "for n in (1, 2):\n"
+        "    prof.begin_step(n)\n"
+        "    with prof.stage('backward'):\n"
+        "        torch.ones(1000).sum()\n"
+        "    prof.end_step()\n"
+        "assert not [m for m in sys.modules if m.startswith('matplotlib')], 'matplotlib imported by the steps'\n"
+        "import tempfile\n"
+        "prof.write(tempfile.mkdtemp())\n"
+        "assert 'matplotlib' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,121 @@
+"""Resident memory of a whole training run, measured from outside the process (issue 22).
+
+Runs a training command as a child process and records:
+
+* the child's peak resident memory as the kernel accounts it (``ru_maxrss`` from ``wait4``, what
+  ``/usr/bin/time -v`` prints as "Maximum resident set size");
+* the RSS the run prints per step (``mem step N: ... rss X``) and, from its ``memory_report.json``, the RSS after
+  load, the step's peak tensor bytes and what the allocation measurement itself held.
+
+Usage (the mid-size run of benchmarks/REPORT.md; ``--midsize DIR`` builds tests/midsize.py's model there first)::
+
+    python benchmarks/rss_bench.py --midsize /tmp/midsize --label after --json benchmarks/results/rss-midsize-after.json \\
+        -- python -m lowmem_alignprop --profile cpu --model /tmp/midsize --steps 8 --output-dir /tmp/rss-run \\
+           --set resolution=256 --set k=1 --set sample_steps=20 --set batch_size=1 --set sample_prompts=0 --set log_every=1
+
+To measure another version of the package ("before"), put its source first on PYTHONPATH, e.g.
+``git archive 9a978a0 lowmem_alignprop | tar -x -C /tmp/before`` and ``PYTHONPATH=/tmp/before``.
+Linux or macOS (``os.wait4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_STEP = re.compile(r"mem step (\d+):(.*?)\| [\d.]+ s")
+_SIZE = re.compile(r"([\d.]+) (B|KiB|MiB|GiB)")
+
+
+def _bytes(text: str) -> int:
+    m = _SIZE.search(text)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else -1
+
+
+def parse_steps(output: str) -> dict[int, dict]:
+    """The per-step figures the run printed: {step: {"rss": bytes, "peak": bytes or None}}."""
+    steps: dict[int, dict] = {}
+    for m in _STEP.finditer(output):
+        body = m.group(2)
+        rss = body.split("rss ", 1)[1] if "rss " in body else ""
+        peak = body.split("peak ", 1)[1].split(" in ", 1)[0] if "peak " in body else None
+        steps[int(m.group(1))] = {"rss": _bytes(rss) if rss else None, "peak": _bytes(peak) if peak else None}
+    return steps
+
+
+def _output_dir(cmd: list[str]) -> Path | None:
+    for i, a in enumerate(cmd[:-1]):
+        if a == "--output-dir":
+            return Path(cmd[i + 1])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--label", default="run")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--midsize", type=Path, help="build tests/midsize.py's model in this folder first")
+    ap.add_argument("--log", type=Path, help="keep the run's output here")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the training command")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the training command after --")
+    if args.midsize is not None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from midsize import build_midsize_dir
+
+        build_midsize_dir(args.midsize)
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    if args.log:
+        args.log.write_text(out)
+    steps = parse_steps(out)
+    result: dict = {"label": args.label, "command": " ".join(cmd), "returncode": proc.returncode,
+                    "seconds": round(time.time() - t0, 1), "peak_rss_outside": maxrss, "steps": steps,
+                    "pythonpath": os.environ.get("PYTHONPATH")}
+    run_dir = _output_dir(cmd)
+    report_path = run_dir / "memory_report.json" if run_dir else None
+    if report_path and report_path.is_file():
+        rep = json.loads(report_path.read_text())
+        peak_step = rep.get("peak_step")
+        step = next((s for s in rep.get("steps", []) if s.get("step") == peak_step), {})
+        result["report"] = {"rss": rep.get("rss"), "peak_allocated": rep.get("peak_allocated"),
+                            "baseline": step.get("baseline"), "method": rep.get("method"),
+                            "load_rss": (rep.get("load") or {}).get("rss")}
+    try:
+        sys.path.insert(0, str(ROOT))
+        from lowmem_alignprop.profiler import _cpu_name, library_versions
+
+        result["device"] = f"{_cpu_name()} ({os.cpu_count()} logical cores)"
+        result["versions"] = library_versions()
+    except Exception:  # pragma: no cover
+        result["device"] = platform.processor()
+    tail = sorted(s for s in steps if s >= 4)
+    steady = [steps[s]["rss"] for s in tail if steps[s]["rss"]]
+    print(f"{args.label}: exit {proc.returncode}, peak RSS (outside) {maxrss / MIB:.0f} MiB; steps' RSS "
+          + ", ".join(f"{s}: {v['rss'] / MIB:.0f}" for s, v in sorted(steps.items()) if v["rss"])
+          + (f" MiB; steady (steps 4+) {min(steady) / MIB:.0f}-{max(steady) / MIB:.0f} MiB" if steady else ""))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
