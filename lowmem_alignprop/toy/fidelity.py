@@ -5,16 +5,21 @@ so they are the ground truth that a learned reward (toy_clip, toy_count) only ap
 
 Reading an image (:func:`detect`):
 
-1. every pixel takes the nearest palette colour (6 object colours + 3 backgrounds, Euclidean in RGB);
-2. the background is the most common label on the one-pixel frame (objects never touch the frame);
-3. for each object colour other than the background, the 8-connected components of its pixels are found;
-   a component is an object when it is solid (at least one pixel whose 3x3 neighbourhood is all the same
-   colour: this drops the one-pixel rings that anti-aliased edges leave in an in-between colour) and not
-   dust (at least 40% of the smallest object the sampler draws, a 0.16-wide triangle);
-4. its shape follows from two numbers of its pixels: ``fill`` = area / bounding-box area (square 1,
-   circle pi/4 = 0.785, triangle and diamond 1/2) and ``top`` = the share of the area above the box's
-   middle line (triangle, apex up, 1/4; the others 1/2). Thresholds sit half-way: fill >= 0.9 square,
-   >= 0.67 circle, else top < 0.375 triangle, else diamond.
+1. the background: the most common nearest-palette colour (6 object colours + 3 backgrounds, Euclidean in
+   RGB) on the one-pixel frame (objects never touch the frame), its RGB the median of those frame pixels;
+2. matting: each pixel is explained as ``bg + alpha (c - bg)`` for each object colour c, as the renderer's
+   anti-aliasing makes it (objects never touch, so a pixel mixes the background and at most one object).
+   The pixel belongs to the colour whose blend line passes nearest, among those reached at least half-way
+   (alpha >= 1/2, the 50% coverage contour), when it lies within RESIDUAL_MAX of it; the clamped alpha is
+   that colour's coverage. (Plain nearest-colour labels fail: a half-covered orange pixel on white is
+   nearer yellow than orange.)
+3. the 8-connected components of same-colour pixels; a component is an object when it is solid (one pixel
+   whose 3x3 neighbourhood is all its colour) and not dust (at least 40% of the smallest object the sampler
+   draws, a 0.16-wide triangle);
+4. its shape: each of the four shapes is fitted to the component's coverage map (same area, same centroid),
+   drawn as the renderer draws it (anti-aliased or at pixel centres, whichever fits better), and the
+   highest soft IoU wins (:func:`shape_ious`). On 1,500 rendered scenes the right shape scores >= 0.99
+   (anti-aliased) / >= 0.94 (aliased), the best wrong one <= 0.90.
 
 Comparing with a caption (:func:`fidelity`): count (number of objects), colours (multiset), shapes (multiset),
 objects (multiset of colour-shape pairs), background (only when the caption names one), and ``all_ok``:
@@ -54,8 +59,8 @@ class DetectedObject:
     shape: str
     area: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, exclusive end)
-    iou: float         # IoU with the chosen shape's template
-    runner_up: float   # the best IoU among the other shapes
+    iou: float         # soft IoU with the chosen shape fitted to the object
+    runner_up: float   # the best soft IoU among the other shapes (iou - runner_up: how sure the reading is)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,9 @@ class Fidelity:
 # ------------------------------------------------------------------------------------------ image input
 
 def as_float_batch(images) -> torch.Tensor:
-    """Any supported image input -> float32 tensor [B, 3, H, W] in 0-255."""
+    """Any supported image input -> float32 tensor [B, 3, H, W] in 0-255. Arrays and PIL images of uint8 are
+    channels-last (as PIL and numpy image code have them); tensors and float arrays are channels-first (as the
+    trainer and torchvision have them), a uint8 tensor in 0-255, anything else in [0, 1]."""
     if isinstance(images, (list, tuple)):
         return torch.cat([as_float_batch(im) for im in images])
     if not torch.is_tensor(images):
@@ -131,7 +138,7 @@ def _labels(img: torch.Tensor) -> torch.Tensor:
     return d.argmin(-1)
 
 
-def _object_colours(img: torch.Tensor, bg_rgb: torch.Tensor) -> torch.Tensor:
+def _object_colours(img: torch.Tensor, bg_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pixel as a blend ``bg + alpha (c - bg)`` of the background and one object colour c (what the
     renderer's anti-aliasing makes, objects never touching): the colour whose blend line passes nearest the
     pixel, among those reached at least half-way (alpha >= 1/2: the 50%-coverage contour), when the pixel is
