@@ -323,6 +323,14 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     assert len(fid.fidelity(out, "two red circles")) == 1
+    # ... and through this package's own loader, as `--model DIR` loads it (model checks included)
+    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.models import load_components
+    from lowmem_alignprop.sampling import encode_prompts, make_pipeline, resolution_note
+
+    comps = load_components(Config(model=str(tmp_path / "model"), resolution=64))
+    embeds = encode_prompts(make_pipeline(comps), ["two red circles"], "cpu", 64)
+    assert embeds.cond.shape == (1, 24, 64) and resolution_note(comps.unet, comps.vae, 64) is None
     # the rewards load as frozen RewardModules, differentiable w.r.t. the images
     images = render_batch(sample_scenes(2, seed=0)).requires_grad_(True)
     clip = load_toy_clip(tmp_path / "rewards" / "toy_clip")
