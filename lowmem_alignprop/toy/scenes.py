@@ -46,8 +46,9 @@ MAX_OBJECTS = 4
 COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 
-# Colour-shape pairs that no training caption contains: each colour and each shape still appears in training
-# with every other partner, so a held-out prompt asks for a new combination of known words.
+# Colour-shape pairs that no training caption contains: each shape and four colours lose one partner each,
+# every word still appears in training with all its other partners, so a held-out prompt asks for a new
+# combination of known words.
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
     ("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"),
 })
@@ -213,7 +214,7 @@ def _draw_pairs(rng: np.random.Generator, n: int, split: str) -> list[tuple[str,
         return [TRAIN_PAIRS[i] for i in rng.integers(0, len(TRAIN_PAIRS), n)]
     if split == "all":
         return [ALL_PAIRS[i] for i in rng.integers(0, len(ALL_PAIRS), n)]
-    # held out: uniform over the n-object multisets drawn from ALL_PAIRS that hold a held-out pair (rejection;
+    # held out: uniform over the lists of n pairs from ALL_PAIRS that hold a held-out pair (rejection;
     # P(accept) >= 4/24 per draw)
     while True:
         pairs = [ALL_PAIRS[i] for i in rng.integers(0, len(ALL_PAIRS), n)]
