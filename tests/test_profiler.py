@@ -237,8 +237,9 @@ def test_no_cuda_calls_without_cuda(monkeypatch, tmp_path, device, available):
     assert json.loads((tmp_path / "memory_report.json").read_text())["device"]["type"] == device
 
 
-def test_measure_cpu_stages_compares_features():
-    """The helper for tests and benchmarks: same code, a memory feature on and off."""
+@pytest.mark.parametrize("method", ["events", "counter"])
+def test_measure_cpu_stages_compares_features(method):
+    """The helper for tests and benchmarks: same code, a memory feature on and off (either method)."""
     x = torch.randn(256, 1024, requires_grad=True)
     layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU())
                                    for _ in range(8)])
@@ -254,8 +255,8 @@ def test_measure_cpu_stages_compares_features():
         with prof.stage("backward"):
             loss.backward()
 
-    plain = measure_cpu_stages(step, False)
-    ckpt = measure_cpu_stages(step, True)
+    plain = measure_cpu_stages(step, False, method=method)
+    ckpt = measure_cpu_stages(step, True, method=method)
     act = 256 * 1024 * 4  # one activation tensor: 1 MiB
     assert plain["sample_grad"] >= 16 * act  # 8 Linear + 8 GELU outputs saved
     assert ckpt["sample_grad"] < 4 * act  # only the output (and its square's input) stay
@@ -505,15 +506,18 @@ def test_counter_never_exceeds_the_allocator_events():
 def test_detail_step_keeps_no_log_and_costs_little(tmp_path):
     """The measured step holds one table entry per live storage (no events); the report says what it cost and
     tells the RSS after load, in the steps and in the measured step apart."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     step = _small_training_step()
     prof = StageProfiler("cpu", detail_steps={2})
     with prof.stage("load"):
         pass
     for n in (1, 2, 3):
+        assert _get_current_dispatch_mode() is None  # the counter runs in the measured step only
         prof.begin_step(n)
         step(prof)
         s = prof.end_step()
-        assert prof._tracker is None
+        assert prof._tracker is None and _get_current_dispatch_mode() is None
     measured = prof.steps[1]
     assert measured["source"] == "cpu_counter" and measured["peak_stage"] == "backward"
     # its own memory: a list of the process's objects (8 B each) once, then a few hundred bytes per live storage
