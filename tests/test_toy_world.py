@@ -369,3 +369,21 @@ def test_train_world_is_seeded(tmp_path, one_thread):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_evaluate_batch_judges_only_the_grammars_prompts():
+    from lowmem_alignprop.toy.scenes import train_prompts
+
+    scenes = sample_scenes(6, seed=13, split="all")
+    images = render_batch(scenes)
+    prompts = [caption(s) for s in scenes]
+    prompts[1] = "a photo of a cat"  # outside the grammar: not judged
+    prompts[2] = caption(sample_scenes(1, seed=14, n_objects=4)[0]) if len(scenes[2].objects) != 4 else \
+        caption(sample_scenes(1, seed=14, n_objects=1)[0])  # wrong count: judged wrong
+    m = fid.evaluate_batch(images, prompts)
+    assert m["fidelity_images"] == 5
+    assert m["fidelity_all_ok"] == pytest.approx(4 / 5) and m["fidelity_count_ok"] == pytest.approx(4 / 5)
+    assert m["jpeg_bytes"] == pytest.approx(np.mean(fid.jpeg_sizes(images)))
+    assert "fidelity_all_ok" not in fid.evaluate_batch(images[:2], ["a cat", "a dog"])
+    train = train_prompts(30, seed=0)
+    assert len(set(train)) == 30 and all(split_of(p) == "train" for p in train)

@@ -9,5 +9,5 @@ See docs/toy_world.md.
 
 from .scenes import (  # noqa: F401
     BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, WORLD_VERSION, Content, Obj, Scene, caption, content,
-    parse_caption, render, render_batch, sample_scene, sample_scenes, split_of,
+    heldout_prompts, parse_caption, render, render_batch, sample_scene, sample_scenes, split_of, train_prompts,
 )

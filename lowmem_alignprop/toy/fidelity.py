@@ -330,3 +330,29 @@ def jpeg_sizes(images, quality: int = JPEG_QUALITY) -> list[int]:
         Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
         sizes.append(buf.tell())
     return sizes
+
+
+# ------------------------------------------------------------------------------------------ for the trainer
+
+def parses(prompt: str) -> bool:
+    try:
+        parse_caption(prompt)
+        return True
+    except ValueError:
+        return False
+
+
+def evaluate_batch(images, prompts: Sequence[str], quality: int = JPEG_QUALITY) -> dict[str, float]:
+    """What the trainer reports for a batch of its images: ``jpeg_bytes`` (mean real JPEG size) for every
+    image and, over the images whose prompt the toy grammar parses, the rate of each fidelity check
+    (``fidelity_all_ok``, ``fidelity_count_ok``, ...) and ``fidelity_images`` (how many were judged)."""
+    images = as_float_batch(images) / 255.0
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    out: dict[str, float] = {"jpeg_bytes": float(np.mean(jpeg_sizes(images, quality)))}
+    keep = [i for i, p in enumerate(prompts) if parses(p)]
+    out["fidelity_images"] = float(len(keep))
+    if keep:
+        rates = summarize(fidelity(images[keep], [prompts[i] for i in keep]))
+        out.update({f"fidelity_{k}": v for k, v in rates.items()})
+    return out

@@ -268,16 +268,28 @@ def sample_scenes(n: int, seed: int = 0, split: str = "train", start: int = 0, *
     return [sample_scene(scene_rng(seed, i, split), split, **kw) for i in range(start, start + n)]
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[str]:
-    """n distinct held-out captions, in a fixed order for a seed."""
+def prompts_of(split: str, n: int, seed: int = 0) -> list[str]:
+    """n distinct captions of a split's scene stream, in a fixed order for a seed (prompt sets)."""
     out: list[str] = []
+    seen: set[str] = set()
     i = 0
     while len(out) < n:
-        c = caption(sample_scene(scene_rng(seed, i, "heldout"), "heldout"))
-        if c not in out:
+        c = caption(sample_scene(scene_rng(seed, i, split), split))
+        if c not in seen:
+            seen.add(c)
             out.append(c)
         i += 1
     return out
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct held-out captions, in a fixed order for a seed."""
+    return prompts_of("heldout", n, seed)
+
+
+def train_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct training captions, in a fixed order for a seed."""
+    return prompts_of("train", n, seed)
 
 
 # ----------------------------------------------------------------------------------------------- renderer
