@@ -3,6 +3,30 @@ import os
 import pytest
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the default, see pyproject.toml): one worker per core, at most one per 3 GiB of memory
+    (a worker that trains the mid-size model holds about 2 GiB) and at most 8: a 64-core machine gains little
+    past that and a 4 GiB one must not swap."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    by_memory = int(psutil.virtual_memory().total / 3 / 2**30)
+    return max(1, min(cores, by_memory, 8))
+
+
+def pytest_configure(config):
+    """Under xdist, each worker computes with its share of the cores (and so do the processes it starts): N
+    workers each using every core would oversubscribe the machine N times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Built-in artefacts (the tiny model) go to a per-session cache, never the user's; nothing is downloaded."""

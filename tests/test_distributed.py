@@ -23,6 +23,8 @@ FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set",
         "--set", "batch_size=1", "--set", "lr=0.01"]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]
+# every launch here binds accelerate's default rendezvous port: one worker runs them all, one after another
+pytestmark = pytest.mark.xdist_group("launcher")
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (pip install deepspeed)")
 
