@@ -272,14 +272,55 @@ def _wait_for_rows(proc, metrics, n, timeout=300):
     raise AssertionError(proc.communicate()[1][-2000:])
 
 
+GATE_REWARD = """
+import os, time
+def reward(images, prompts):
+    # brightness; from the second training step on, it waits while the HOLD file exists (the test holds the step)
+    metrics = os.environ["GATE_METRICS"]
+    if os.path.exists(metrics) and open(metrics).read().count("\\n") >= 1:
+        open(os.environ["GATE_ENTERED"], "w").close()
+        while os.path.exists(os.environ["GATE_HOLD"]):
+            time.sleep(0.05)
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def _wait_for(predicate, what, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {what} (exit {proc.poll()})")
+
+
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
-    out = tmp_path / "run"
-    proc = _slow_run(out, "--steps", "50", "--checkpoint-every", "1")
-    _wait_for_rows(proc, out / "metrics.jsonl", 1)  # in step 2: the profiler's detail step
-    proc.send_signal(signal.SIGINT)
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    """The step is held inside its reward (a user reward that waits on a file), so however slow or loaded the
+    machine, both signals land in step 2, and the second comes more than the 2 s launcher window after the run
+    took the first (it says so on stderr) -- no race with the step's own duration."""
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    (gate / "gate_reward.py").write_text(GATE_REWARD)
+    hold, entered, err = gate / "hold", gate / "entered", tmp_path / "stderr.txt"
+    hold.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(gate), "GATE_METRICS": str(out / "metrics.jsonl"),
+           "GATE_HOLD": str(hold), "GATE_ENTERED": str(entered)}
+    with open(err, "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--reward", "gate_reward:reward",
+                                 "--steps", "50", "--checkpoint-every", "1", "--output-dir", str(out)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
+        try:
+            _wait_for(entered.exists, "step 2 reach its reward", proc)  # step 1 and its checkpoint are done
+            proc.send_signal(signal.SIGINT)
+            _wait_for(lambda: "SIGINT received" in err.read_text(), "the first Ctrl-C taken", proc)
+            time.sleep(2.5)  # past the 2.0 s in which a second SIGINT is a launcher's echo of the first
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            hold.unlink(missing_ok=True)
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err.read_text()
     assert proc.returncode == 130, stderr[-2000:]  # not a crash (it once segfaulted here)
     assert "aborted by a second Ctrl-C" in stderr and "Traceback" not in stderr
     assert not (out / ".run.lock").exists()
