@@ -115,14 +115,21 @@ def test_exactly_one_of_several_runs_takes_a_leftover_lock(tmp_path):
             "start = float(sys.argv[2])\n"
             "time.sleep(max(0, start - time.time()))\n"
             "try:\n"
-            "    RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(3)\n"
+            "    RunLock(sys.argv[1]).acquire(); print('held', flush=True)\n"
+            "    deadline = time.time() + 120\n"
+            "    while not os.path.exists(sys.argv[3]) and time.time() < deadline:\n"
+            "        time.sleep(0.05)\n"  # the holder keeps the lock until every run has answered
             "except LockTaken:\n"
             "    print('taken', flush=True)\n")
-    for _ in range(3):
-        start = time.time() + 2.0
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(start)], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(4)]
-        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    code = code.replace("import sys, time", "import os, sys, time")
+    for attempt in range(3):
+        start, release = time.time() + 2.0, tmp_path / f"release-{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(start), str(release)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        results = sorted(p.stdout.readline().strip() for p in procs)  # each run's answer, however late it started
+        release.touch()
+        for p in procs:
+            p.communicate(timeout=60)
         assert results == ["held", "taken", "taken", "taken"], results
         leftover_lock(out)
 
