@@ -51,7 +51,9 @@ class Config:
     # ---- sampler -------------------------------------------------------------------------------
     sample_steps: int = _f(50, "DDIM steps per rollout (T).")
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1.0 disables the unconditional branch).")
-    eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM (AlignProp uses 1.0).")
+    eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
+                        "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
+                        "then draws fresh noise, so rollouts of one prompt differ.")
     resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
 
     # ---- truncated backprop (DESIGN.md section 2) ------------------------------------------------

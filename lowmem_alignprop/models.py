@@ -72,7 +72,7 @@ def resolve_model(spec: str) -> tuple[str, str]:
 
 def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     kind, where = resolve_model(cfg.model)
     if kind == "tiny":
@@ -125,8 +125,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
     if getattr(cfg, "vae", ""):
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
-    # AlignProp samples with DDIM; keep the model's noise schedule and prediction type.
-    comps.scheduler = DDIMScheduler.from_config(comps.scheduler.config)
+    from .sampling import ddim_scheduler
+    comps.scheduler = ddim_scheduler(comps.scheduler.config)  # DDIM with the model's schedule, x0 never clamped
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline

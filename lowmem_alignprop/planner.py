@@ -404,7 +404,7 @@ def meta_components(cfg: Config, dtype: torch.dtype):
 
     Built once per (model, dtype); each call returns fresh deep copies of the modules, because the memory
     features modify them in place."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .models import Components, resolve_model
 
@@ -426,7 +426,8 @@ def meta_components(cfg: Config, dtype: torch.dtype):
         comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
                            is_sdxl=is_sdxl, source=source,
                            pipeline_class=StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline)
-        comps.scheduler = DDIMScheduler.from_config(comps.scheduler.config)
+        from .sampling import ddim_scheduler
+        comps.scheduler = ddim_scheduler(comps.scheduler.config)
         if getattr(cfg, "vae", ""):
             comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
         _META_CACHE[key] = comps

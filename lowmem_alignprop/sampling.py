@@ -18,6 +18,22 @@ from torch.utils.checkpoint import checkpoint
 from . import stages
 
 
+# What DDIM sampling uses for every model family, whatever the model's own scheduler config says or omits.
+# clip_sample=False: DDIMScheduler's default (True) clamps the predicted x0 to [-1, 1], meant for pixel-space
+# models; in latent space it cuts ~31% of a unit-variance latent's entries (SDXL's and SD 1.5's stock configs
+# leave the key out, and only StableDiffusionPipeline's constructor used to reset it). set_alpha_to_one=False:
+# the last step uses alphas_cumprod[0], as the SD/SDXL reference configs do (True would step to alpha 1).
+DDIM_SETTINGS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+def ddim_scheduler(config):
+    """The DDIM scheduler AlignProp samples with: the model's noise schedule and prediction type from
+    ``config`` (any diffusers scheduler's config), with :data:`DDIM_SETTINGS` set explicitly."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config, **DDIM_SETTINGS)
+
+
 @dataclass
 class PromptEmbeds:
     """Conditional and unconditional text conditioning for a batch (SDXL adds pooled embeds and time ids)."""

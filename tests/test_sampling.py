@@ -121,3 +121,56 @@ def test_fewer_than_50_sampler_steps_still_gives_gradient(tiny):
     comps, params, emb = tiny
     _, grads = _grads(comps, params, emb, k=1, steps=2, checkpoint_calls=True)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+# reference DDIM settings per family: the model's own schedule and prediction type, x0 never clamped in latent
+# space, the last step to alphas_cumprod[0]
+FAMILIES = {"sd15": "epsilon", "sd21": "v_prediction", "sdxl": "epsilon"}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_ddim_scheduler_of_every_family_never_clamps_x0(arch):
+    import diffusers
+
+    from lowmem_alignprop.arch import _SHIPPED_DIR as ARCH_ROOT
+    from lowmem_alignprop.sampling import ddim_scheduler
+
+    root = ARCH_ROOT / arch
+    cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(root)["scheduler"][1])
+    shipped = cls.load_config(root, subfolder="scheduler")
+    sched = ddim_scheduler(shipped)
+    c = sched.config
+    assert (c.clip_sample, c.set_alpha_to_one, c.prediction_type) == (False, False, FAMILIES[arch])
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset", "timestep_spacing"):
+        assert c[key] == shipped[key], key  # the model's own noise schedule
+    assert sched.final_alpha_cumprod == sched.alphas_cumprod[0]
+    # a latent entry of 3 (3 sigma of a unit-variance latent) survives a step; a clamp would pull x0 to 1
+    sched.set_timesteps(10)
+    t = sched.timesteps[-1]
+    sample, model_out = torch.full((1, 4, 2, 2), 3.0), torch.zeros(1, 4, 2, 2)
+    expected = sample if c.prediction_type == "epsilon" else None
+    out = sched.step(model_out, t, sample, eta=0.0).pred_original_sample
+    if expected is not None:  # eps = 0: x0 = x_t / sqrt(alpha_t), above 3
+        assert out.min() > 3.0
+    else:  # v = 0: x0 = sqrt(alpha_t) x_t
+        assert torch.allclose(out, sched.alphas_cumprod[t].sqrt() * sample)
+
+
+def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(tiny_dir, tmp_path):
+    """SDXL's stock scheduler is Euler, whose config has no clip_sample: DDIM's default (True) must not leak in."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    cfg_file = model / "scheduler" / "scheduler_config.json"
+    sched = json.loads(cfg_file.read_text())
+    sched = {k: v for k, v in sched.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    sched["_class_name"] = "EulerDiscreteScheduler"
+    cfg_file.write_text(json.dumps(sched))
+    index = json.loads((model / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    comps = load_components(Config(model=str(model)))
+    assert type(comps.scheduler).__name__ == "DDIMScheduler"
+    assert comps.scheduler.config.clip_sample is False and comps.scheduler.config.set_alpha_to_one is False
