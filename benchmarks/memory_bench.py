@@ -357,18 +357,23 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
 def _section_rss(results_dir: Path) -> list[str]:
     """Resident memory of whole CPU training runs, from outside the process (results/rss-*.json written by
     benchmarks/rss_bench.py): the run's peak against its steady steps and its RSS after load (issue 22)."""
-    files = sorted(results_dir.glob("rss-*.json"))
+    files = sorted(results_dir.glob("rss-*.json"), key=lambda p: (p.stem.removesuffix("-after").removesuffix("-before"),
+                                                                  p.stem.endswith("-after")))  # before, then after
     if not files:
         return []
     L = ["", "## 5. Resident memory of a CPU training run (from `results/rss-*.json`)", "",
          "Measured from outside by `benchmarks/rss_bench.py` (the child's `ru_maxrss`, as `/usr/bin/time -v` prints "
-         "it) with the RSS the run prints per step and its `memory_report.json`. Step 2 is the step whose allocation "
-         "the profiler measures (the detail step). *Before*: torch.profiler memory events kept for the step and summed "
-         "afterwards; *after*: a count of live storages (no event log). **steady** = steps 4 and later; "
-         "**load + step** = RSS after load + the step's peak tensor bytes above its start (peak allocated - baseline).",
-         "", "| run | code | peak RSS (outside) MiB | step 1 | step 2 (measured) | step 3 | steady | RSS after load "
-         "| step peak allocated (above start) | load + step | measurement held | command |",
+         "it) with the RSS the run prints per step (sampled at each stage's end) and its `memory_report.json`. Step 2 "
+         "is the step whose allocation the profiler measures. *before*: torch.profiler memory events kept for that "
+         "step and summed afterwards; *after*: a count of live storages, no event log. **steady** = steps 4 and "
+         "later. **load** = RSS when the load stage ended (when step 1 began). **peak allocated** = the measured "
+         "step's peak tensor bytes (above its start: without the weights and state already there). "
+         "**load + peak** = RSS when step 1 began (else after load) + peak allocated (+ the part above the start). "
+         "MiB throughout.", "",
+         "| run | code | peak RSS (outside) | step 1 | step 2 (measured) | step 3 | steady | load (step 1 began) "
+         "| peak allocated (above start) | load + peak (above start) | measurement held | command |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    notes, devs = [], set()
     for path in files:
         try:
             r = json.loads(path.read_text())
@@ -381,18 +386,20 @@ def _section_rss(results_dir: Path) -> list[str]:
         rep = r.get("report") or {}
         rrss = rep.get("rss") or {}
         after_load = rrss.get("after_load") or rep.get("load_rss")
+        start = rrss.get("before_first_step") or after_load
         peak, base = rep.get("peak_allocated"), rep.get("baseline")
         above = peak - base if peak is not None and base is not None else None
-        load_step = after_load + above if after_load is not None and above is not None else None
-        held = rrss.get("measurement_bytes")
+        both = (f"{_m(start + peak)} ({_m(start + above)})" if start is not None and peak is not None
+                and above is not None else "-")
         L.append(f"| {path.stem.removeprefix('rss-')} | {r.get('label', '?')} | {_m(r.get('peak_rss_outside'))} | "
                  f"{_m(rss.get(1))} | {_m(rss.get(2))} | {_m(rss.get(3))} | "
                  + (f"{_m(min(steady))}-{_m(max(steady))}" if steady else "-")
-                 + f" | {_m(after_load)} | {_m(peak)} ({_m(above)}) | {_m(load_step)} | {_m(held)} | "
-                 f"`{r.get('command', '?')}` |")
-    notes = sorted({r2 for r2 in (json.loads(p.read_text()).get("note") for p in files) if r2})
-    devs = sorted({json.loads(p.read_text()).get("device") or "?" for p in files})
-    L += ["", f"Device: {', '.join(devs)}. " + " ".join(notes)]
+                 + f" | {_m(after_load)} ({_m(rrss.get('before_first_step'))}) | {_m(peak)} ({_m(above)}) | {both} | "
+                 f"{_m(rrss.get('measurement_bytes'))} | `{r.get('command', '?')}` |")
+        if r.get("note") and r["note"] not in notes:
+            notes.append(r["note"])
+        devs.add(r.get("device") or "?")
+    L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default. Notes: " + " ".join(notes)]
     return L
 
 

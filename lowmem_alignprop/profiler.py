@@ -1117,6 +1117,8 @@ class StageProfiler:
         load = self.outside.get(LOAD) or {}
         return {
             "after_load": self.rss_after_load,
+            # set-up between load and the first step (prompt cache, a reward check) is in this one
+            "before_first_step": self.steps[0].get("rss_start") if self.steps else None,
             "steps_max": max((s["rss"] for s in plain), default=None),
             "steps": _describe_steps(s["step"] for s in plain) or None,
             "measured_steps_max": max((s["rss"] for s in measured if s.get("rss") is not None), default=None),
@@ -1286,6 +1288,8 @@ def _rss_line(rss: dict[str, Any]) -> str:
     parts = []
     if rss.get("after_load") is not None:
         parts.append(f"{_g(rss['after_load'])} GiB after load")
+    if rss.get("before_first_step") is not None:
+        parts.append(f"{_g(rss['before_first_step'])} GiB when the first step began")
     if rss.get("steps_max") is not None:
         parts.append(f"up to {_g(rss['steps_max'])} GiB in steps {rss['steps']} (allocation not measured)")
     if rss.get("measured_steps_max") is not None:
