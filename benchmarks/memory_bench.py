@@ -386,7 +386,8 @@ def _section_rss(results_dir: Path) -> list[str]:
         rep = r.get("report") or {}
         rrss = rep.get("rss") or {}
         after_load = rrss.get("after_load") or rep.get("load_rss")
-        start = rrss.get("before_first_step") or after_load
+        first = rrss.get("before_first_step") or rep.get("first_step_rss_start")
+        start = first or after_load
         peak, base = rep.get("peak_allocated"), rep.get("baseline")
         above = peak - base if peak is not None and base is not None else None
         both = (f"{_m(start + peak)} ({_m(start + above)})" if start is not None and peak is not None
@@ -394,7 +395,7 @@ def _section_rss(results_dir: Path) -> list[str]:
         L.append(f"| {path.stem.removeprefix('rss-')} | {r.get('label', '?')} | {_m(r.get('peak_rss_outside'))} | "
                  f"{_m(rss.get(1))} | {_m(rss.get(2))} | {_m(rss.get(3))} | "
                  + (f"{_m(min(steady))}-{_m(max(steady))}" if steady else "-")
-                 + f" | {_m(after_load)} ({_m(rrss.get('before_first_step'))}) | {_m(peak)} ({_m(above)}) | {both} | "
+                 + f" | {_m(after_load)} ({_m(first)}) | {_m(peak)} ({_m(above)}) | {both} | "
                  f"{_m(rrss.get('measurement_bytes'))} | `{r.get('command', '?')}` |")
         if r.get("note") and r["note"] not in notes:
             notes.append(r["note"])

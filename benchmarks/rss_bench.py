@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         step = next((s for s in rep.get("steps", []) if s.get("step") == peak_step), {})
         result["report"] = {"rss": rep.get("rss"), "peak_allocated": rep.get("peak_allocated"),
                             "baseline": step.get("baseline"), "method": rep.get("method"),
-                            "load_rss": (rep.get("load") or {}).get("rss")}
+                            "load_rss": (rep.get("load") or {}).get("rss"),
+                            "first_step_rss_start": (rep.get("steps") or [{}])[0].get("rss_start")}
     try:
         sys.path.insert(0, str(ROOT))
         from lowmem_alignprop.profiler import _cpu_name, library_versions

@@ -923,6 +923,8 @@ class StageProfiler:
         measured = len(parts) > 1
         if summary.get("rss") is not None and not self._cuda:
             parts.append(f"{'| ' if measured else ''}rss {fmt_bytes(summary['rss'])}")
+            if summary.get("measurement_bytes") is not None:  # the part of that RSS the measurement itself held
+                parts.append(f"(measuring held {fmt_bytes(summary['measurement_bytes'])})")
         parts.append(f"| {summary['seconds']:.2f} s")
         return " ".join(parts)
 

@@ -109,7 +109,9 @@ def test_format_step(two_steps):
     prof, summaries, _, _ = two_steps
     line = prof.format_step(summaries[1])
     assert line.startswith("mem step 2: peak ") and "in backward" in line and line.endswith(" s")
+    assert "(measuring held " in line  # the measured step's RSS names the measurement's own share
     assert "\n" not in line and len(line) < 120
+    assert "measuring" not in prof.format_step(summaries[2])
 
 
 def test_stage_entered_twice_aggregates():
