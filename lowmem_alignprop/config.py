@@ -6,13 +6,14 @@ Layering (later wins): dataclass defaults < hardware profile YAML < explicit CLI
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import UserError
+from .errors import UserError, quote
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -147,11 +148,11 @@ class Config:
             v = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices and v not in choices:
-                raise UserError(f"{f.name}={v!r} is not one of {', '.join(map(str, choices))}: "
-                                f"use --set {f.name}={choices[0]}")
+                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(map(str, choices))}: "
+                                f"use --set {f.name}={_closest_choice(v, choices)}")
             t = hints[f.name]
             if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
-                raise UserError(f"{f.name} must be {t.__name__}, got {v!r}")
+                raise UserError(f"{f.name} must be {t.__name__}, got {quote(v)}")
         for f in fields(self):  # nan/inf pass every comparison below: refuse them first
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
@@ -236,7 +237,6 @@ def _has(module: str) -> bool:
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
     if name not in FIELD_NAMES:
-        import difflib
         close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
@@ -249,34 +249,47 @@ def coerce(name: str, value: Any) -> Any:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise UserError(f"{name} must be true or false, got {value!r}")
+            raise UserError(f"{name} must be true or false, got {quote(value)}")
         if t is int or (name == "deepspeed_zero"):
             try:
                 return int(s)
             except ValueError:
-                raise UserError(f"{name} must be a whole number, got {value!r}") from None
+                raise UserError(f"{name} must be a whole number, got {quote(value)}") from None
         if t is float or t == (float | None):
             if t == (float | None) and s.lower() in ("", "none", "null"):
                 return None
             try:
                 return float(s)
             except ValueError:
-                raise UserError(f"{name} must be a number, got {value!r}") from None
+                raise UserError(f"{name} must be a number, got {quote(value)}") from None
         return s
     # values coming from YAML already have a type: check it
     if name == "vae_checkpointing" and isinstance(value, bool):
         return "blocks" if value else "none"  # yes/no in a profile means per up-block
     if t is bool and not isinstance(value, bool):
-        raise UserError(f"{name} must be true or false, got {value!r}")
+        raise UserError(f"{name} must be true or false, got {quote(value)}")
     if t is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{name} must be a whole number, got {value!r}")
+        raise UserError(f"{name} must be a whole number, got {quote(value)}")
     if t in (float, float | None) and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{name} must be a number, got {value!r}")
+            raise UserError(f"{name} must be a number, got {quote(value)}")
         return float(value)
+    if t is str and isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as false/true
+        raise UserError(f"{name} must be text, got {quote(value)} (YAML reads a bare no, yes, off or on as "
+                        f"false/true): quote the value, e.g. {name}: \"no\"")
     if t is str and not isinstance(value, str):
-        raise UserError(f"{name} must be text, got {value!r}")
+        raise UserError(f"{name} must be text, got {quote(value)}")
     return value
+
+
+def _closest_choice(value, choices) -> str:
+    """The choice a mistyped value meant (same letters in another case, or the nearest spelling), else the first."""
+    text = str(value).strip().lower()
+    for c in choices:
+        if str(c).lower() == text:
+            return str(c)
+    close = difflib.get_close_matches(text, [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else str(choices[0])
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

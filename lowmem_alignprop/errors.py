@@ -1,6 +1,7 @@
 """The one exception type for bad user input: the CLI prints its message and exits 2."""
 
 import contextlib
+import reprlib
 
 
 class UserError(Exception):
@@ -11,6 +12,18 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of a library's error message (or its type), short enough for a one-line error."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+_QUOTE = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 60, 60
+_QUOTE.maxlist = _QUOTE.maxdict = _QUOTE.maxtuple = _QUOTE.maxset = 4
+
+
+def quote(value, limit: int = 80) -> str:
+    """``repr(value)`` for a message, bounded: a value from a user's file (a YAML alias bomb is a few hundred
+    bytes that expand to gigabytes) is never expanded in full."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -54,11 +54,52 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # <<: *base brings keys that the mapping's own keys may override, as YAML says
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+MAX_YAML_VALUES = 10_000  # a profile has ~40 fields; aliases that expand past this are a mistake or an attack
+
+
+def _expanded_size(node, memo: dict, limit: int) -> int:
+    """How many values the node stands for once every alias is expanded (counted, never built)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a node met again while being counted is a cycle: too large
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, limit)
+        if size > limit:
+            break
+    memo[id(node)] = size
+    return size
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load with unique keys, refusing documents whose aliases expand past MAX_YAML_VALUES values."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise _TooLarge(MAX_YAML_VALUES)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
@@ -78,7 +119,10 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
                             "(`lowmem-alignprop profiles` lists them)")
         name = str(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except _TooLarge as e:
+        raise UserError(f"profile {path} uses YAML aliases (*name) that expand to more than {e} values: write the "
+                        "fields out (a profile is a few `field: value` lines)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

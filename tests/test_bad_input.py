@@ -68,6 +68,10 @@ def _profile(tmp_path, text):
     ("yaml_malformed", "is not valid YAML at line"),
     ("yaml_unknown_key", "mine.yaml: unknown config key 'bach_size' (did you mean batch_size?)"),
     ("yaml_wrong_type", "batch_size must be a whole number, got 'two'"),
+    ("yaml_alias_bomb", "uses YAML aliases (*name) that expand to more than 10000 values"),
+    ("yaml_bare_no", 'mixed_precision must be text, got False (YAML reads a bare no'),
+    ("yaml_huge_wrong_value", "batch_size must be a whole number, got [['xxx"),
+    ("set_choice_in_capitals", "truncation='UNIFORM' is not one of fixed, uniform: use --set truncation=uniform"),
     ("set_wrong_type", "lr must be a number, got 'fast'"),
     ("impossible_combination", "activation_offload moves checkpointed tensors"),
     ("negative_checkpoint_every", "checkpoint_every must be 0 or more"),
@@ -88,6 +92,17 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += _profile(tmp_path, "bach_size: 2\n")
     elif case == "yaml_wrong_type":
         args += _profile(tmp_path, "batch_size: two\n")
+    elif case == "yaml_alias_bomb":  # 9^9 strings from 9 lines: expanded, a message quoting it takes gigabytes
+        lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+        lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
+        args += _profile(tmp_path, "\n".join(lines) + "\nbatch_size: [" + ", ".join(["*l7"] * 9) + "]\n")
+    elif case == "yaml_bare_no":
+        args += _profile(tmp_path, "mixed_precision: no\n")
+    elif case == "yaml_huge_wrong_value":  # 4^5 strings of 1000 characters: the message quotes a bounded part
+        levels = ['&a0 ["' + "x" * 1000 + '"]'] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 4)}]" for i in range(1, 6)]
+        args += _profile(tmp_path, f"batch_size: [{', '.join(levels)}]\n")
+    elif case == "set_choice_in_capitals":
+        args += ["--set", "truncation=UNIFORM"]
     elif case == "set_wrong_type":
         args += ["--set", "lr=fast"]
     elif case == "impossible_combination":
@@ -113,8 +128,10 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     elif case == "resume_missing_dir":
         args += ["--resume", str(tmp_path / "checkpoints" / "step-00000009")]
     before = snapshot(tmp_path)
-    fails(capsys, args, needle)
+    line = fails(capsys, args, needle)
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
+    if case == "yaml_huge_wrong_value":
+        assert len(line) < 300, len(line)  # 1 MB of value, quoted in a bounded part
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -290,3 +290,17 @@ def test_every_profile_takes_either_truncation_and_fewer_steps(name):
         build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_max": 8})
     with pytest.raises(UserError, match="k_min=8 is larger than k_max=5"):
         build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_min": 8})
+
+
+def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):
+    from lowmem_alignprop.profiles import load_profile
+
+    p = tmp_path / "mine.yaml"
+    p.write_text("<<: {batch_size: 3, grad_accum: 2}\nk: &one 1\nk_min: *one\n")
+    _, values = load_profile(str(p))
+    assert values == {"batch_size": 3, "grad_accum": 2, "k": 1, "k_min": 1}
+    p.write_text("<<: {batch_size: 3, k: 1}\nbatch_size: 4\n")  # the mapping's own key overrides a merged one
+    assert load_profile(str(p))[1] == {"batch_size": 4, "k": 1}
+    p.write_text("batch_size: 3\nbatch_size: 4\n")  # the same key twice is still a mistake
+    with pytest.raises(Exception, match="twice"):
+        load_profile(str(p))
