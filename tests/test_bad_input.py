@@ -341,6 +341,15 @@ def detached(images, prompts):
 def nan(images, prompts):
     return images.mean((1, 2, 3)) * float("nan")
 
+def constant(images, prompts):  # requires_grad, but the images are not in its graph
+    return torch.ones(images.shape[0], requires_grad=True)
+
+def stepwise(images, prompts):  # depends on the images through a rounding: zero gradient everywhere
+    return torch.round(images * 4).mean((1, 2, 3)) + 0 * images.mean((1, 2, 3))
+
+def nangrad(images, prompts):  # sqrt at 0: finite scores, NaN gradient
+    return (images - images).sqrt().mean((1, 2, 3))
+
 def make(scale):  # a factory whose argument the trainer cannot give
     return lambda images, prompts: scale * images.mean((1, 2, 3))
 
@@ -371,6 +380,9 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
     ("qa_rewards:nograd", "returned scores with no gradient to the images"),
     ("qa_rewards:detached", "returned scores with no gradient to the images"),
     ("qa_rewards:nan", "returned NaN or inf"),
+    ("qa_rewards:constant", "returned scores that do not depend on the images"),
+    ("qa_rewards:stepwise", "gradient to the images is exactly zero"),
+    ("qa_rewards:nangrad", "gradient to the images is NaN or inf"),
     ("qa_rewards:make()", "building it failed with TypeError"),
     ("qa_rewards:gradonly", "raised RuntimeError on a test image without gradient (as for the sample images)"),
     ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),

@@ -265,6 +265,22 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     if not scores.requires_grad:
         raise UserError(f"{what} returned scores with no gradient to the images (a .detach(), .item(), numpy or "
                         "new tensor inside?): AlignProp needs a differentiable reward")
+    try:  # one backward, as training does: requires_grad alone passes a tensor made with requires_grad=True
+        (grad,) = torch.autograd.grad(scores.sum(), images, allow_unused=True)
+    except Exception as e:
+        raise UserError(f"{what} returned scores whose backward raised {type(e).__name__}: {first_line(e)}; "
+                        "AlignProp backpropagates through the reward: fix the function") from None
+    if grad is None:
+        raise UserError(f"{what} returned scores that do not depend on the images (their gradient never reaches "
+                        "them: a constant, or a tensor made with requires_grad=True?): compute the scores from "
+                        "the images")
+    if not torch.isfinite(grad).all():
+        raise UserError(f"{what} returned scores whose gradient to the images is NaN or inf: make the reward "
+                        "differentiable where it is evaluated (a sqrt or log of 0?)")
+    if not grad.any():
+        raise UserError(f"{what} returned scores whose gradient to the images is exactly zero (a threshold, "
+                        "rounding or argmax inside?): AlignProp learns only from a reward whose gradient "
+                        "reaches the pixels")
 
 
 def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
