@@ -41,6 +41,7 @@ A run with status "oom" did not fit its cap. Ratios in the report are measured /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -370,10 +371,11 @@ def _section_rss(results_dir: Path) -> list[str]:
          "step's peak tensor bytes (above its start: without the weights and state already there). "
          "**load + peak** = RSS when step 1 began (else after load) + peak allocated (+ the part above the start). "
          "MiB throughout.", "",
-         "| run | code | peak RSS (outside) | step 1 | step 2 (measured) | step 3 | steady | load (step 1 began) "
-         "| peak allocated (above start) | load + peak (above start) | measurement held | command |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    notes, devs = [], set()
+         "| run | code | peak RSS (outside) | step 1 | step 2 (measured) | step 3 | steady | peak - steady | "
+         "load (step 1 began) | peak allocated (above start) | load + peak (above start) | steady - (load + peak) | "
+         "measurement held | command |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    notes, devs, growth = [], set(), []
     for path in files:
         try:
             r = json.loads(path.read_text())
@@ -390,17 +392,50 @@ def _section_rss(results_dir: Path) -> list[str]:
         start = first or after_load
         peak, base = rep.get("peak_allocated"), rep.get("baseline")
         above = peak - base if peak is not None and base is not None else None
-        both = (f"{_m(start + peak)} ({_m(start + above)})" if start is not None and peak is not None
-                and above is not None else "-")
+        both = gap = "-"
+        if start is not None and peak is not None and above is not None:
+            both = f"{_m(start + peak)} ({_m(start + above)})"
+            if steady:
+                gap = f"{_m(min(steady) - start - peak)} to {_m(max(steady) - start - peak)}"
+        over = (f"{_m(r['peak_rss_outside'] - max(steady))} to {_m(r['peak_rss_outside'] - min(steady))}"
+                if steady and r.get("peak_rss_outside") else "-")
         L.append(f"| {path.stem.removeprefix('rss-')} | {r.get('label', '?')} | {_m(r.get('peak_rss_outside'))} | "
                  f"{_m(rss.get(1))} | {_m(rss.get(2))} | {_m(rss.get(3))} | "
                  + (f"{_m(min(steady))}-{_m(max(steady))}" if steady else "-")
-                 + f" | {_m(after_load)} ({_m(first)}) | {_m(peak)} ({_m(above)}) | {both} | "
+                 + f" | {over} | {_m(after_load)} ({_m(first)}) | {_m(peak)} ({_m(above)}) | {both} | {gap} | "
                  f"{_m(rrss.get('measurement_bytes'))} | `{r.get('command', '?')}` |")
         if r.get("note") and r["note"] not in notes:
             notes.append(r["note"])
+        if first is not None and rss.get(1) and above is not None:
+            growth.append(f"{path.stem.removeprefix('rss-')}: {_m(first)} -> {_m(rss[1])} MiB, for {_m(above)} MiB of "
+                          "tensors above its start")
         devs.add(r.get("device") or "?")
     L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default. Notes: " + " ".join(notes)]
+    if growth:
+        L += ["", "What is left between the steady RSS and load + peak is not the measurement's: step 1 measures "
+              "nothing, and already grows the RSS it began with by much more than its tensors ("
+              + "; ".join(growth) + "): code and kernels loaded on first use, and memory glibc keeps after frees "
+              "(with `MALLOC_MMAP_THRESHOLD_=131072` a 128 px run of the same model held 39 MiB less in its steady "
+              "steps)."]
+    # the same measured step, both methods (same seed): what the counter cannot see is scratch inside single ops
+    runs = {}
+    for path in files:
+        with contextlib.suppress(OSError, ValueError):
+            r = json.loads(path.read_text())
+            if (r.get("report") or {}).get("stages"):
+                runs.setdefault(path.stem.removeprefix("rss-").removesuffix("-after").removesuffix("-before"), {})[r.get("label")] = r
+    for name, pair in runs.items():
+        if not {"before", "after"} <= set(pair):
+            continue
+        b, a = pair["before"]["report"], pair["after"]["report"]
+        L += ["", f"Peak allocated per stage of the measured step of `{name}` (the same step, same seed), MiB: "
+              "*before* from torch.profiler's allocator events, *after* from the count of live storages. The events "
+              "also see what a kernel allocates and frees inside one op (the VAE decoder's convolutions and "
+              "upsampling), which the count of storages (like the planner) does not.", "",
+              "| stage | events (before) | storages (after) | after / before |", "|---|---:|---:|---:|"]
+        for stage, fig in a["stages"].items():
+            x, y = fig.get("peak_allocated"), (b["stages"].get(stage) or {}).get("peak_allocated")
+            L.append(f"| {stage} | {_m(y)} | {_m(x)} | " + (f"{x / y:.4f}" if x and y else "-") + " |")
     return L
 
 

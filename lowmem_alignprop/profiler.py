@@ -26,9 +26,9 @@ How each number is measured:
   while it was open, plus the *baseline*: the bytes of the CPU tensors alive when the step began (see
   :func:`live_tensor_bytes`). It keeps no log, only one entry per live storage, so the measured step costs no
   more memory than a plain one (a few MB; ``measurement_bytes`` in the report), and some per-op Python overhead
-  in time. It cannot see what a kernel allocates and frees inside one op (a convolution's scratch): within 0.1%
-  of torch.profiler's allocator events at the peak of the mid-size model's step (benchmarks/REPORT.md), the
-  same blind spot as the planner's estimate. ``CpuAllocationTracker(method="events")`` measures with those
+  in time. It cannot see what a kernel allocates and frees inside one op (a convolution's scratch): on the
+  mid-size model's 256 px step it reads 2-3% below torch.profiler's allocator events in decode and backward and
+  the same (within 0.01%) in the other stages (benchmarks/REPORT.md section 5), the planner's blind spot too. ``CpuAllocationTracker(method="events")`` measures with those
   events instead (exact, but it keeps every event: hundreds of MB for a 256 px step), for cross-checks.
   Other steps record time and RSS only (RSS cannot see stages: the C allocator keeps freed memory).
 * RSS, told apart in the report (``rss``): after load, the largest over the steps not measured, the largest over
@@ -296,9 +296,9 @@ class StorageCounter(TorchDispatchMode):
       while a range of that name was open (including the level when it opened). ``names`` restricts the ranges.
       Ranges must nest (as ``with`` blocks do): an end closes the innermost open range.
 
-    What it cannot see: memory a kernel allocates and frees inside one op (workspaces), and tensors made without
-    an op (``torch.from_numpy``). The planner's fake-tensor estimate counts the same way (``planner.LiveBytes``),
-    and measures within 0.1% of the allocator events on the mid-size model. Levels are relative to the start.
+    What it cannot see: memory a kernel allocates and frees inside one op (workspaces: 2-3% of the decode and
+    backward peaks of the mid-size model's step), and tensors made without an op (``torch.from_numpy``). The
+    planner's fake-tensor estimate counts the same way (``planner.LiveBytes``). Levels are relative to the start.
     The class is self-contained (torch only) so that the planner's counter can later be built on it.
     """
 
