@@ -14,36 +14,88 @@ def write_metrics_line(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def label_font(texts: list[str], size: int = 11):
-    """A TrueType font with a glyph for every character of ``texts`` (matplotlib's DejaVu Sans: Latin, Greek,
-    Cyrillic...; else the first system font that has them all, e.g. a CJK one), so prompts in any script are
-    drawn as text, not boxes. With none, DejaVu Sans and a warning naming what is missing."""
+def _drawing_fonts() -> list[tuple[str, frozenset[int]]]:
+    """(file, code points) of the installed fonts that draw real glyphs, matplotlib's DejaVu Sans first. A
+    "last resort" font maps every code point to a placeholder box: choosing it for one rare character drew the
+    whole grid, numbers included, as boxes."""
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
-    from PIL import ImageFont
 
-    needed = {ord(c) for t in texts for c in t if not c.isspace()}
     default = font_manager.findfont("DejaVu Sans")
-    for candidate in [default] + sorted({f.fname for f in font_manager.fontManager.ttflist} - {default}):
+    others = sorted({f.fname for f in font_manager.fontManager.ttflist if "last resort" not in f.name.lower()})
+    out = []
+    for path in [default] + [p for p in others if p != default]:
         try:
-            if needed <= set(FT2Font(candidate).get_charmap()):
-                return ImageFont.truetype(candidate, size)
+            out.append((path, frozenset(FT2Font(path).get_charmap())))
         except (OSError, RuntimeError, ValueError):  # a font file FreeType cannot read
             continue
-    missing = "".join(sorted({chr(c) for c in needed} - set(map(chr, FT2Font(default).get_charmap()))))[:12]
-    logging.getLogger("lowmem_alignprop").warning(
-        "no installed font has the characters %r of the prompts: the PNG grid shows boxes for them (install a "
-        "font that has them, e.g. fonts-noto-cjk; the JSON beside the grid holds the prompts as text)", missing)
-    return ImageFont.truetype(default, size)
+    return out
 
 
-def _fit(draw, text: str, font, width: int) -> str:
-    """``text`` cut (with '...') to ``width`` pixels in ``font``."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+class GlyphText:
+    """Draws text one glyph run at a time, each character in the first font that has it (DejaVu Sans first), so a
+    prompt in any script is text, not boxes, and labels and numbers stay in DejaVu Sans whatever the prompts hold.
+    Control characters (a NUL in a prompt file) are drawn as U+FFFD. Characters no font has are drawn by DejaVu
+    Sans (as boxes) and named once, by :meth:`warn_missing`."""
+
+    def __init__(self, size: int = 11):
+        from PIL import ImageFont
+
+        self._fonts = _drawing_fonts()
+        self._loaded = {path: ImageFont.truetype(path, size) for path, _ in self._fonts[:1]}
+        self._size = size
+        self.missing: set[str] = set()
+
+    def _font_for(self, ch: str):
+        from PIL import ImageFont
+
+        for path, charmap in self._fonts:
+            if ord(ch) in charmap:
+                if path not in self._loaded:
+                    self._loaded[path] = ImageFont.truetype(path, self._size)
+                return self._loaded[path]
+        if not ch.isspace():
+            self.missing.add(ch)
+        return self._loaded[self._fonts[0][0]]
+
+    def runs(self, text: str) -> list[tuple[object, str]]:
+        """``text`` as (font, substring) runs."""
+        import unicodedata
+
+        out: list[tuple[object, str]] = []
+        for ch in text:
+            if unicodedata.category(ch) in ("Cc", "Cs"):
+                ch = "\ufffd"
+            font = self._font_for(ch)
+            if out and out[-1][0] is font:
+                out[-1] = (font, out[-1][1] + ch)
+            else:
+                out.append((font, ch))
+        return out
+
+    def width(self, draw, text: str) -> float:
+        return sum(draw.textlength(part, font=font) for font, part in self.runs(text))
+
+    def fit(self, draw, text: str, width: int) -> str:
+        """``text`` cut (with '...') to ``width`` pixels."""
+        if self.width(draw, text) <= width:
+            return text
+        while text and self.width(draw, text + "...") > width:
+            text = text[:-1]
+        return text + "..."
+
+    def draw(self, draw, xy: tuple[int, int], text: str, width: int, fill="black") -> None:
+        x, y = xy
+        for font, part in self.runs(self.fit(draw, text, width)):
+            draw.text((x, y), part, fill=fill, font=font)
+            x += draw.textlength(part, font=font)
+
+    def warn_missing(self) -> None:
+        if self.missing:
+            logging.getLogger("lowmem_alignprop").warning(
+                "no installed font has the characters %r of the prompts: the PNG grid shows boxes for them (install "
+                "a font that has them, e.g. fonts-noto-cjk; the JSON beside the grid holds the prompts as text)",
+                "".join(sorted(self.missing))[:12])
 
 
 def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor, torch.Tensor],
@@ -57,17 +109,17 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
     n = len(prompts)
     grid = Image.new("RGB", (left + n * cell, 20 + 2 * (cell + label_h)), "white")
     draw = ImageDraw.Draw(grid)
-    font = label_font(list(prompts) + list(row_names))
+    text = GlyphText()
     for j, p in enumerate(prompts):
-        draw.text((left + j * cell + 4, 4), _fit(draw, p, font, cell - 8), fill="black", font=font)
+        text.draw(draw, (left + j * cell + 4, 4), p, cell - 8)
     for i, (name, (imgs, rewards)) in enumerate(zip(row_names, (before, after))):
         y = 20 + i * (cell + label_h)
-        draw.text((4, y + cell // 2), _fit(draw, name, font, left - 6), fill="black", font=font)
+        text.draw(draw, (4, y + cell // 2), name, left - 6)
         for j in range(n):
             arr = (imgs[j].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             im = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
             grid.paste(im, (left + j * cell, y))
-            draw.text((left + j * cell + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", fill="black",
-                      font=font)
+            text.draw(draw, (left + j * cell + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
+    text.warn_missing()  # once per grid
     grid.save(path)
     return path

@@ -318,7 +318,7 @@ def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, 
     import numpy as np
     from PIL import Image
 
-    from lowmem_alignprop.export import label_font, save_sample_grid
+    from lowmem_alignprop.export import save_sample_grid
 
     imgs = (torch.zeros(2, 3, 8, 8), torch.zeros(2))
     grid = Image.open(save_sample_grid(tmp_path / "g.png", ["Жук", "Щит"], imgs, imgs))
@@ -332,9 +332,28 @@ def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, 
     title = np.asarray(grid.convert("L"))[:18]
     assert (title[:, 64:64 + 192 - 4] < 128).any() and not (title[:, 64 + 192 - 4:64 + 196] < 128).any()
 
-    # characters no installed font has (here: only DejaVu Sans is installed, and it has no CJK): said once, drawn anyway
+
+def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, caplog, monkeypatch):
+    """Fonts are picked per glyph: a CJK character or a NUL in one prompt (with no CJK font installed) is one box
+    in that prompt; every other label, the row names and the reward numbers are drawn exactly as without it, and
+    the missing character is named once. matplotlib's 'Last Resort' font, which claims every code point and draws
+    boxes, is never chosen (it was, and the whole grid became boxes)."""
+    import numpy as np
     from matplotlib import font_manager
-    monkeypatch.setattr(font_manager.fontManager, "ttflist", [])
+    from PIL import Image
+
+    from lowmem_alignprop.export import save_sample_grid
+
+    fonts = [f for f in font_manager.fontManager.ttflist if f.name in ("DejaVu Sans", "Last Resort High-Efficiency")]
+    assert any(f.name == "DejaVu Sans" for f in fonts)
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", fonts)  # the machine of the report: no CJK font
+    imgs = (torch.zeros(2, 3, 8, 8), torch.tensor([0.1234, 0.5678]))
     with caplog.at_level("WARNING", logger="lowmem_alignprop"):
-        assert label_font(["猫 cat"]) is not None
-    assert "no installed font has the characters '猫'" in caplog.text and "fonts-noto-cjk" in caplog.text
+        odd = np.asarray(Image.open(save_sample_grid(tmp_path / "odd.png", ["a cat", "猫 and\x00 dog"], imgs, imgs)))
+    plain = np.asarray(Image.open(save_sample_grid(tmp_path / "plain.png", ["a cat", "x and dog"], imgs, imgs)))
+    assert np.array_equal(odd[20:], plain[20:])  # row names, images and the reward numbers: the same pixels
+    assert np.array_equal(odd[:18, :64 + 192], plain[:18, :64 + 192])  # the other prompt's label too
+    assert not np.array_equal(odd[:18, 64 + 192:], plain[:18, 64 + 192:])  # the odd prompt differs, but is drawn
+    assert (odd[:18, 64 + 192 + 40:] < 128).any()  # its Latin part after the box is text ('and dog')
+    warnings = [r for r in caplog.records if "no installed font has the characters" in r.getMessage()]
+    assert len(warnings) == 1 and "猫" in warnings[0].getMessage() and "fonts-noto-cjk" in warnings[0].getMessage()
