@@ -436,6 +436,20 @@ def _section_rss(results_dir: Path) -> list[str]:
         for stage, fig in a["stages"].items():
             x, y = fig.get("peak_allocated"), (b["stages"].get(stage) or {}).get("peak_allocated")
             L.append(f"| {stage} | {_m(y)} | {_m(x)} | " + (f"{x / y:.4f}" if x and y else "-") + " |")
+    for path in sorted(results_dir.glob("counter-vs-events-*.json")):  # benchmarks/counter_vs_events.py
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            r = json.loads(path.read_text())
+            c, e, cfg = r["counter"], r["events"], r["config"]
+            L += ["", f"`planner.measure_cpu_step` both ways on the mid-size model (brightness reward) at {cfg['resolution']} px (batch "
+                  f"{cfg['batch_size']}, {cfg['sample_steps']} DDIM steps, K = {cfg['k']}), each in its own process "
+                  f"(`{path.name}`, command `{r['command']}`), MiB:", "",
+                  "| stage | events | storages | storages / events |", "|---|---:|---:|---:|"]
+            for stage, x in c["stages"].items():
+                y = e["stages"][stage]
+                L.append(f"| {stage} | {_m(y)} | {_m(x)} | {x / y:.4f} |")
+            L.append(f"| process max RSS | {_m(e['maxrss'])} | {_m(c['maxrss'])} | |")
+            if r.get("note"):
+                L += ["", f"({r['note']}.)"]
     return L
 
 
