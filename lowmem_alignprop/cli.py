@@ -15,7 +15,7 @@ from .config import build_config, field_help, parse_set
 from .errors import UserError, same_on_every_rank
 from .runlock import global_rank, next_free_dir, world_size
 
-COMMANDS = ("train", "plan", "sample", "profiles")
+COMMANDS = ("train", "plan", "sample", "profiles", "export")
 
 EPILOG = """config fields (set them in a profile YAML or with --set key=value):
 {fields}
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "train"
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
-    handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles}[command]
+    handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
+               "export": lambda a: __import__("lowmem_alignprop.export_cmd").export_cmd.export_main(a)}[command]
     try:
         return handler(argv)
     except UserError as e:
