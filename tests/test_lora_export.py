@@ -1,0 +1,408 @@
+"""``lowmem-alignprop export``: the LoRA in kohya, peft and diffusers layouts, merged into the base model, with a
+model card; each bad input one line, nothing written.
+
+LoRAs are built the way a run saves them (models.add_lora, lora_B perturbed, save_lora_weights with the adapter
+config, base_model.json), with lora_alpha = 2 * rank: an export that drops or misfolds alpha / rank doubles or
+halves the LoRA's effect, far above the tolerance. Every loader compared is the consumer's own (diffusers'
+load_lora_weights for the kohya file, peft's PeftModel.from_pretrained, from_pretrained for the merged model).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lowmem_alignprop import lora_export as lx
+from lowmem_alignprop.cli import main
+from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
+
+RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
+
+
+def _inputs(xl: bool) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(123)
+    sample = torch.randn(2, 4, 32, 32, generator=g)
+    t = torch.tensor([20, 700])
+    ehs = torch.randn(2, 16, 80 if xl else 32, generator=g)
+    kw = {}
+    if xl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 48, generator=g),
+                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return (sample, t, ehs), kw
+
+
+@torch.no_grad()
+def unet_out(unet, xl: bool) -> torch.Tensor:
+    args, kw = _inputs(xl)
+    return unet(*args, **kw).sample
+
+
+def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
+    """A LoRA saved as a run saves it, its run folder (config.yaml, summary.json, the grid), and the UNet outputs
+    of the base model and of base + LoRA (peft, in memory: the reference)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from lowmem_alignprop import checkpoint as ckpt
+    from lowmem_alignprop.cli import common_parser, resolve_config
+    from lowmem_alignprop.models import add_lora, lora_metadata, lora_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    base_out = unet_out(unet, xl)
+    add_lora(unet, RANK, ALPHA, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = unet_out(unet, xl)
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    cls.save_lora_weights(str(run / "lora"), unet_lora_layers=lora_state_dict(unet),
+                          unet_lora_adapter_metadata=lora_metadata(unet))
+    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
+                                                                               unet)))
+    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
+                                               "--reward", "colorfulness", "--output-dir", str(run),
+                                               "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
+                                               "--set", "k_max=2", "--set", "sample_steps=3"])
+    name, cfg = resolve_config(args)
+    (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
+                                                  "reward_first": 0.4321, "reward_last": 0.5678,
+                                                  "sample_reward_before": 0.41, "sample_reward_after": 0.59}))
+    (run / "samples").mkdir()
+    Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
+    modules = sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above " \
+                                                                 "the tolerances, else the tests prove nothing"
+    return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out, "xl": xl,
+            "modules": modules, "cls": cls}
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory, tiny_dir):
+    return _make_lora(Path(tiny_dir), tmp_path_factory.mktemp("sd-run"), xl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory, _isolated_cache):
+    from midsize import build_tiny_sdxl_pipeline
+
+    base = tmp_path_factory.mktemp("sdxl-base")
+    build_tiny_sdxl_pipeline().save_pretrained(base)
+    return _make_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def case(request):
+    return request.getfixturevalue(request.param)
+
+
+def _export(tmp_path, lora, *extra) -> Path:
+    out = tmp_path / "out"
+    assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
+    return out
+
+
+def _base_unet(case):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(case["base"] / "unet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kohya
+# ---------------------------------------------------------------------------------------------------------
+
+def test_kohya_file_loads_in_diffusers_and_reproduces_the_lora(case, tmp_path):
+    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    files = sorted(p.name for p in out.iterdir())
+    kohya = [f for f in files if f.endswith(".safetensors")]
+    assert kohya == [f"{case['run'].name}_alignprop_lora.safetensors"] and "README.md" in files
+    pipe = case["cls"].from_pretrained(case["base"])
+    pipe.load_lora_weights(str(out / kohya[0]))  # diffusers' own kohya reader (lora_conversion_utils)
+    assert_rel_close(unet_out(pipe.unet, case["xl"]), case["ref"], SAME_OPS, "kohya file via load_lora_weights")
+
+
+def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
+    """ComfyUI (comfy/lora.py model_lora_keys_unet) maps ``lora_unet_`` + a diffusers UNet weight's path without
+    ``.weight``, dots as underscores, to that weight, and reads ``NAME.lora_up.weight``, ``NAME.lora_down.weight``
+    and ``NAME.alpha`` (scale alpha / rows of lora_down); AUTOMATIC1111 converts the same names. Every adapted
+    layer must appear once, with those three keys and nothing else, and name a Linear of matching shape."""
+    from safetensors import safe_open
+
+    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    file = next(out.glob("*.safetensors"))
+    base = _base_unet(case).state_dict()
+    key_map: dict[str, str] = {}
+    for k in base:  # ComfyUI's map, built the same way from the model's own weights
+        if k.endswith(".weight"):
+            name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
+            assert name not in key_map, f"two weights collapse to {name}: the names would be ambiguous"
+            key_map[name] = k
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+        meta = f.metadata()
+    names = {k.split(".", 1)[0] for k in keys}
+    assert len(names) == len(case["modules"]) == len(keys) // 3
+    assert names == {"lora_unet_" + m.replace(".", "_") for m in case["modules"]}
+    for name in names:
+        assert {f"{name}{s}" for s in lx.KOHYA_SUFFIXES} <= keys
+        assert name in key_map, f"{name}: ComfyUI has no UNet weight of that name"
+        weight = base[key_map[name]]
+        down, up, alpha = (tensors[f"{name}{s}"] for s in lx.KOHYA_SUFFIXES)
+        assert down.shape == (RANK, weight.shape[1]) and up.shape == (weight.shape[0], RANK)
+        assert alpha.ndim == 0 and alpha.item() == ALPHA  # scale alpha / dim = 8 / 4, as trained
+    assert all(k.startswith("lora_unet_") and k.endswith(lx.KOHYA_SUFFIXES) for k in keys)
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if case["xl"] else "sd_v1")
+    assert meta["alignprop_reward"] == "colorfulness" and meta["alignprop_steps"] == "3"
+    assert meta["alignprop_base_model"] == str(case["base"])
+
+
+def test_kohya_alpha_folds_a_per_layer_alpha_pattern(sd):
+    """peft's alpha_pattern (a layer with its own alpha) and rsLoRA (alpha / sqrt(r)) end up in each .alpha."""
+    lora = lx.read_lora(str(sd["lora"]))
+    first, other = lora.modules[0], lora.modules[1]
+    lora.config = {**lora.config, "alpha_pattern": {first: 2.0}}
+    state = lx.kohya_state_dict(lora)
+    assert state[f"{lx.kohya_name(first)}.alpha"].item() == 2.0
+    assert state[f"{lx.kohya_name(other)}.alpha"].item() == ALPHA
+    lora.config = {**lora.config, "alpha_pattern": {}, "use_rslora": True}
+    state = lx.kohya_state_dict(lora)
+    assert state[f"{lx.kohya_name(first)}.alpha"].item() == pytest.approx(ALPHA / RANK ** 0.5 * RANK)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peft, diffusers, merged
+# ---------------------------------------------------------------------------------------------------------
+
+def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
+    from peft import PeftConfig, PeftModel
+
+    out = _export(tmp_path, case["lora"], "--format", "peft")
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    config = PeftConfig.from_pretrained(str(out))
+    assert (config.r, config.lora_alpha) == (RANK, ALPHA)
+    model = PeftModel.from_pretrained(_base_unet(case), str(out))
+    assert_rel_close(unet_out(model.base_model.model, case["xl"]), case["ref"], SAME_OPS, "peft folder")
+
+
+def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
+    out = _export(tmp_path, sd["lora"])  # --format diffusers is the default
+    for name in ("pytorch_lora_weights.safetensors", "base_model.json"):
+        assert (out / name).read_bytes() == (sd["lora"] / name).read_bytes()
+    pipe = sd["cls"].from_pretrained(sd["base"])
+    pipe.load_lora_weights(str(out))
+    assert_rel_close(unet_out(pipe.unet, False), sd["ref"], SAME_OPS, "diffusers export")
+
+
+def test_merged_model_is_base_plus_lora_and_weight_zero_is_the_base(case, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = _export(tmp_path, case["run"], "--merge")  # the run folder works as --lora too
+    merged = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert not any("lora" in k for k in merged.state_dict())
+    # (W + s B A) x against W x + s B (A x): the same sums grouped otherwise
+    assert_rel_close(unet_out(merged, case["xl"]), case["ref"], REORDERED, "merged at weight 1")
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    zero = _export(tmp_path / "zero", case["lora"], "--merge", "--weight", "0")
+    assert_rel_close(unet_out(UNet2DConditionModel.from_pretrained(zero / "unet"), case["xl"]), case["base_out"],
+                     SAME_OPS, "merged at weight 0")
+
+
+def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.5")
+    pipe = sd["cls"].from_pretrained(sd["base"])
+    pipe.load_lora_weights(str(sd["lora"]), adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    half = unet_out(pipe.unet, False)
+    assert relative_difference(half, sd["ref"]) > 100 * REORDERED
+    assert_rel_close(unet_out(UNet2DConditionModel.from_pretrained(out / "unet"), False), half, REORDERED,
+                     "merged at weight 0.5")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model card
+# ---------------------------------------------------------------------------------------------------------
+
+def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrains_it(sd, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from lowmem_alignprop.cli import common_parser, resolve_config
+
+    out = _export(tmp_path, sd["lora"], "--format", "kohya")
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and "lora" in card.data.tags and "stable-diffusion" in card.data.tags
+    assert card.data.base_model is None  # a local folder is no hub id
+    assert card.data.license is None and "# license:" in text  # left to the user
+    for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K uniform in [1, 2] of 3 DDIM steps",
+                   "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8", "![before and after training, same seeds]"
+                   "(before_after.png)", "ComfyUI/models/loras/", "models/Lora/",
+                   f"lowmem-alignprop export --lora {sd['lora']} --out {out} --format kohya"):
+        assert needle in text, needle
+    assert (out / "before_after.png").read_bytes() == (sd["run"] / "samples" / "before_after.png").read_bytes()
+    # the training command in the card gives the run's config back
+    train_cmd = next(line for line in text.splitlines() if line.startswith("lowmem-alignprop --profile"))
+    name, cfg = resolve_config(common_parser("t", "t").parse_args(shlex.split(train_cmd)[1:]))
+    saved = yaml.safe_load((sd["run"] / "config.yaml").read_text())
+    assert {"profile": name, **cfg.to_dict()} == saved
+
+
+def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
+    from huggingface_hub import ModelCard
+
+    lora = lx.read_lora(str(sd["lora"]))
+    lora.base = {**lora.base, "model": "runwayml/stable-diffusion-v1-5"}
+    lx.export(lora, "peft", tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "runwayml/stable-diffusion-v1-5" and card.data.library_name == "peft"
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "runwayml/stable-diffusion-v1-5"
+
+
+def test_merged_card_says_merged(sd, tmp_path):
+    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.75")
+    text = (out / "README.md").read_text()
+    assert "merged in at weight 0.75" in text and "- lora\n" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the hub
+# ---------------------------------------------------------------------------------------------------------
+
+def test_check_push_to_hub_offline_and_without_token_is_one_line(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.errors import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="switched off here") as e:
+        lx.check_push_to_hub("you/lora")
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    with pytest.raises(UserError, match="no Hugging Face token") as e:
+        lx.check_push_to_hub("you/lora")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not a hub repository id"):
+        lx.check_push_to_hub("you/bad name")
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw))
+                        or f"https://huggingface.co/{repo}")
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    monkeypatch.setattr(lx, "check_push_to_hub", lambda repo: None)  # the network part is the mock's
+    out = _export(tmp_path, sd["lora"], "--format", "kohya", "--push-to-hub", "you/lora", "--private")
+    assert calls[0] == ("create", "you/lora", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"
+    assert calls[1][1]["folder_path"] == str(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory, _isolated_cache):
+    """The tiny architecture with other weights (seed 1): a LoRA of the seed-0 model must not merge into it."""
+    from lowmem_alignprop.tiny import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("other-base")
+    build_tiny_pipeline(seed=1).save_pretrained(path)
+    return path
+
+
+def _damaged(tmp: Path, sd) -> Path:
+    lora = tmp / "damaged" / "lora"
+    lora.mkdir(parents=True)
+    data = (sd["lora"] / lx.LORA_WEIGHT_NAME).read_bytes()
+    (lora / lx.LORA_WEIGHT_NAME).write_bytes(data[: len(data) // 2])  # a copy cut short
+    return lora
+
+
+def _no_base_file(tmp: Path, sd) -> Path:
+    lora = tmp / "foreign" / "lora"
+    lora.mkdir(parents=True)
+    (lora / lx.LORA_WEIGHT_NAME).write_bytes((sd["lora"] / lx.LORA_WEIGHT_NAME).read_bytes())
+    return lora
+
+
+BAD = {
+    "unknown_format": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohyaa"],
+                       "--format 'kohyaa' is not one of diffusers, kohya, peft: did you mean kohya?"),
+    "merge_onto_other_weights": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--model", str(o)],
+                                 "its UNet weights differ"),
+    "merge_onto_other_shapes": (lambda t, sd, o: ["--lora", str(_no_base_file(t, sd)), "--merge", "--model",
+                                                  "sdxl-base"], "does not fit this model"),
+    "merge_without_base": (lambda t, sd, o: ["--lora", str(_no_base_file(t, sd)), "--merge"],
+                           "does not say which base model it was trained on"),
+    "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
+    "lora_dir_without_weights": (lambda t, sd, o: ["--lora", str(t)], "holds no pytorch_lora_weights.safetensors"),
+    "damaged_lora_file": (lambda t, sd, o: ["--lora", str(_damaged(t, sd)), "--format", "kohya"],
+                          "is damaged or not a safetensors file"),
+    "push_offline": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--push-to-hub", "you/lora"],
+                     "the Hugging Face hub is switched off here"),
+    "weight_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--weight", "0.5"], "add --merge"),
+    "merge_to_kohya": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--format", "kohya"],
+                       "--merge writes the whole model"),
+}
+
+
+def _tree(*roots: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for r in roots if r.exists() for p in sorted(r.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("what", sorted(BAD))
+def test_bad_export_input_is_one_line_and_writes_nothing(what, sd, other_base, tmp_path, capsys, request):
+    make_args, message = BAD[what]
+    argv = make_args(tmp_path, sd, other_base)
+    if "sdxl-base" in argv:  # built only for the case that needs it
+        argv[argv.index("sdxl-base")] = str(request.getfixturevalue("sdxl")["base"])
+    before = _tree(tmp_path, sd["run"])
+    out = tmp_path / "out"
+    assert main(["export", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+    assert _tree(tmp_path, sd["run"]) == before  # nothing written, nothing changed (no export/, no temp folder)
+
+
+def test_out_folder_that_is_not_empty_is_refused(sd, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", "--lora", str(sd["lora"]), "--out", str(tmp_path / "out")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_default_out_is_beside_the_run_and_never_overwrites(sd):
+    lora = lx.read_lora(str(sd["run"]))
+    first = lx.default_out(lora, "kohya", False)
+    assert first == sd["run"] / "export" / "kohya"
+    first.mkdir(parents=True)
+    (first / "x").write_text("")
+    try:
+        assert lx.default_out(lora, "kohya", False) == sd["run"] / "export" / "kohya-2"
+    finally:
+        (first / "x").unlink()
+        first.rmdir()
+        first.parent.rmdir()
