@@ -1,0 +1,327 @@
+"""The flow-matching rollout (lowmem_alignprop/flow.py) on tiny SD3-shaped and FLUX-shaped pipelines.
+
+* our schedule, packing, guidance and decode give the pipeline's own images (diffusers' ``__call__``);
+* the checkpointed gradient through the last K Euler steps equals plain autograd through the same window;
+* the window is the last K steps, K is drawn once per rollout;
+* a LoRA saved with ``save_lora_weights`` loads with ``load_lora_weights`` and reproduces our images;
+* a tiny reward rises over a few optimizer steps;
+* the shipped sd35m / sd35l / flux configs build (on the meta device) transformers of the published sizes.
+"""
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
+from numerics import SAME_OPS, assert_rel_close, relative_difference
+
+from lowmem_alignprop import flow
+
+RES = FLOW_RESOLUTION
+MSL = 16  # max_sequence_length: the tiny tokenizers' length
+PROMPTS = ["a photo of a cat", "a red dog"]
+# (builder, options, guidance scale, sampling steps)
+VARIANTS = {
+    "sd3": (build_tiny_sd3_dir, {}, 4.0, 4),
+    "sd3_no_t5": (build_tiny_sd3_dir, {"with_t5": False}, 4.0, 4),
+    "flux_dev": (build_tiny_flux_dir, {}, 3.5, 4),
+    "flux_schnell": (build_tiny_flux_dir, {"schnell": True}, 0.0, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowmodels")
+    return {name: build(root / name, **opts) for name, (build, opts, _, _) in VARIANTS.items()}
+
+
+def _load(model_dirs, name):
+    from diffusers import DiffusionPipeline
+
+    # a pipeline saved without T5 loads with it left out explicitly (SD3.5 without T5-XXL)
+    missing = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3_no_t5" else {}
+    pipe = DiffusionPipeline.from_pretrained(model_dirs[name], **missing)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.requires_grad_(False)
+    return pipe
+
+
+def _ours(pipe, emb, latents, ids, steps, gs, k):
+    lh, lw = flow.latent_size(pipe.vae, RES, RES, flow.family_of(pipe.transformer))
+    flow.set_flow_timesteps(pipe.scheduler, pipe.transformer, steps, lh, lw)
+    lat = flow.rollout(pipe.transformer, pipe.scheduler, latents, emb, k=k, guidance_scale=gs, img_ids=ids)
+    return flow.decode(pipe.vae, lat, height=RES, width=RES)
+
+
+def _setup(pipe, name, seed=0):
+    _, _, gs, steps = VARIANTS[name]
+    emb = flow.encode_prompts(pipe, PROMPTS, "cpu", guidance_scale=gs, max_sequence_length=MSL)
+    lat, ids = flow.initial_latents(pipe.transformer, pipe.vae, len(PROMPTS), RES, RES,
+                                    torch.Generator().manual_seed(seed))
+    return emb, lat, ids, gs, steps
+
+
+def _pipeline_images(pipe, latents, gs, steps):
+    return pipe(prompt=PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=gs, height=RES,
+                width=RES, output_type="pt", max_sequence_length=MSL).images
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_rollout_gives_the_pipelines_own_images(model_dirs, name):
+    """Same noise, steps and guidance: our schedule (shift / resolution-dependent shift), packing, guidance
+    (CFG for SD3, the guidance embedding for FLUX-dev, none for schnell), Euler steps and decode are the
+    pipeline's. The window's checkpoints (k=2) change nothing in the forward pass."""
+    pipe = _load(model_dirs, name)
+    emb, lat, ids, gs, steps = _setup(pipe, name)
+    with torch.no_grad():
+        theirs = _pipeline_images(pipe, lat, gs, steps)
+    ours = _ours(pipe, emb, lat, ids, steps, gs, k=2)
+    assert ours.shape == theirs.shape == (2, 3, RES, RES)
+    assert_rel_close(ours, theirs, SAME_OPS, f"{name}: rollout vs pipeline")
+    # the schedule is the model's: SD3.5 shifts by 3, FLUX-dev by its resolution's mu, schnell not at all
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    unshifted = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
+                                                            use_dynamic_shifting=False)
+    lh, lw = flow.latent_size(pipe.vae, RES, RES, flow.family_of(pipe.transformer))
+    flow.set_flow_timesteps(unshifted, pipe.transformer, steps, lh, lw)
+    sig, plain = pipe.scheduler.sigmas[:-1].double(), unshifted.sigmas[:-1].double()
+    if name == "flux_schnell":
+        assert torch.allclose(sig, plain, rtol=1e-6)
+    else:
+        assert (sig[1:] > plain[1:] + 1e-3).all(), (sig, plain)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# gradients
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["sd3", "flux_dev"])
+def lora_model(request, model_dirs):
+    name = request.param
+    pipe = _load(model_dirs, name)
+    params = flow.add_flow_lora(pipe.transformer, rank=4, alpha=4, seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:  # lora_B starts at zero; give it values so the LoRA path matters
+            p.add_(0.05 * torch.randn_like(p))
+    return name, pipe, params
+
+
+def _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, k, manual):
+    lh, lw = flow.latent_size(pipe.vae, RES, RES, flow.family_of(pipe.transformer))
+    sched = pipe.scheduler
+    flow.set_flow_timesteps(sched, pipe.transformer, steps, lh, lw)
+    if manual:  # plain autograd written out: no-grad steps, detach, then K steps with the whole graph kept
+        ts = list(sched.timesteps)
+        with torch.no_grad():
+            for t in ts[:steps - k]:
+                lat = sched.step(flow.guided_velocity(pipe.transformer, lat, t, emb, gs, ids), t, lat,
+                                 return_dict=False)[0]
+        lat = lat.detach()
+        for t in ts[steps - k:]:
+            lat = sched.step(flow.guided_velocity(pipe.transformer, lat, t, emb, gs, ids), t, lat,
+                             return_dict=False)[0]
+    else:
+        lat = flow.rollout(pipe.transformer, sched, lat, emb, k=k, guidance_scale=gs, img_ids=ids)
+    loss = -flow.decode(pipe.vae, lat, height=RES, width=RES).mean()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_checkpointed_window_matches_plain_autograd(lora_model, k):
+    name, pipe, params = lora_model
+    emb, lat, ids, gs, steps = _setup(pipe, name)
+    loss, grads = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, k, manual=False)
+    ref_loss, ref = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, k, manual=True)
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")  # fails on an all-zero reference
+    if k == 3:  # a longer window is another gradient (the K=1 one is not simply repeated)
+        _, g1 = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, 1, manual=False)
+        assert relative_difference(g1, grads) > 1e-3
+
+
+def test_block_checkpointing_gives_the_same_gradient(model_dirs):
+    pipe = _load(model_dirs, "flux_dev")
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p, generator=None))
+    emb, lat, ids, gs, steps = _setup(pipe, "flux_dev")
+    _, ref = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, 2, manual=True)
+    flow.enable_block_checkpointing(pipe.transformer)
+    assert pipe.transformer.gradient_checkpointing
+    _, grads = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, 2, manual=False)
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients with block checkpointing")
+
+
+class _Perturbed(torch.nn.Module):
+    """The transformer plus a zero tensor added to its output at each sampling step: the gradient to that tensor
+    is the gradient to the step's velocity. Records whether autograd was on at each call."""
+
+    def __init__(self, transformer, timesteps, scale):
+        super().__init__()
+        self.module = transformer
+        self.index = {round(float(t) / scale, 3): i for i, t in enumerate(timesteps)}
+        self.scale = scale
+        self.deltas, self.calls = {}, []
+
+    def forward(self, **kw):
+        self.calls.append(torch.is_grad_enabled())  # before the call: a checkpoint's recompute stops early
+        out = self.module(**kw)[0]
+        i = self.index[round(float(kw["timestep"][0]), 3)]
+        d = self.deltas.setdefault(i, torch.zeros_like(out, requires_grad=True))
+        return (out + d,)
+
+
+def test_the_window_is_the_last_k_steps(lora_model):
+    """T-K no-grad calls then K with autograd, one recompute per window call in backward, and the gradient to
+    a step's velocity is zero outside the window and non-zero inside it."""
+    name, pipe, params = lora_model
+    emb, lat, ids, gs, _ = _setup(pipe, name)
+    steps, k = 6, 2
+    lh, lw = flow.latent_size(pipe.vae, RES, RES, flow.family_of(pipe.transformer))
+    ts = flow.set_flow_timesteps(pipe.scheduler, pipe.transformer, steps, lh, lw)
+    wrapped = _Perturbed(pipe.transformer, ts, 1000.0 if name.startswith("flux") else 1.0)
+    out = flow.rollout(wrapped, pipe.scheduler, lat, emb, k=k, guidance_scale=gs, img_ids=ids)
+    assert wrapped.calls == [False] * (steps - k) + [True] * k
+    loss = flow.decode(pipe.vae, out, height=RES, width=RES).mean()
+    order = sorted(wrapped.deltas)
+    grads = torch.autograd.grad(loss, [wrapped.deltas[i] for i in order] + params, allow_unused=True)[:steps]
+    assert len(wrapped.calls) == steps + k  # the backward recomputed each window call once
+    norms = [0.0 if g is None else g.norm().item() for g in grads]
+    assert norms[:steps - k] == [0.0] * (steps - k), norms
+    assert all(n > 0 for n in norms[steps - k:]), norms
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_k_is_drawn_once_per_rollout(model_dirs, name, monkeypatch):
+    pipe = _load(model_dirs, name)
+    flow.add_flow_lora(pipe.transformer, rank=2, seed=0)
+    emb, _, _, gs, _ = _setup(pipe, name)
+    draws = []
+    real = flow.draw_k
+    monkeypatch.setattr(flow, "draw_k", lambda cfg, rng: draws.append(real(cfg, rng)) or draws[-1])
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    cfg = SimpleNamespace(truncation="uniform", k_min=1, k_max=4)
+    rng = random.Random(0)
+    try:
+        for seed in range(3):
+            calls.clear()
+            images, k = flow.sample_images(pipe.transformer, pipe.scheduler, pipe.vae, emb, cfg=cfg, rng=rng,
+                                           steps=5, height=RES, width=RES, guidance_scale=gs,
+                                           generator=torch.Generator().manual_seed(seed))
+            assert draws[-1] == k and len(draws) == seed + 1  # one draw per rollout
+            assert calls == [False] * (5 - k) + [True] * k  # and that one K is the window throughout
+            assert images.shape == (2, 3, RES, RES) and images.requires_grad
+    finally:
+        hook.remove()
+
+
+def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs):
+    pipe = _load(model_dirs, "sd3")
+    calls = []
+    hook = pipe.text_encoder_3.register_forward_pre_hook(lambda m, a: calls.append(1))
+    moves = []
+    place = SimpleNamespace(to_device=lambda name, *m: moves.append(("to", len(m))),
+                            offload=lambda name, *m: moves.append(("off", len(m))))
+    prompts = [f"a photo of {w}" for w in ("cat", "dog", "sky", "tree")]
+    cache = flow.FlowPromptCache(pipe, prompts, "cpu", guidance_scale=4.0, max_sequence_length=MSL, place=place,
+                                 chunk=3)
+    try:
+        a = cache(prompts[:2])
+        b = cache(prompts[2:][::-1])
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * 2  # all four prompts in two chunks (+ the negative prompt each), once for all
+    assert moves == [("to", 3), ("off", 3)]
+    direct = flow.encode_prompts(pipe, prompts[2:][::-1], "cpu", guidance_scale=4.0, max_sequence_length=MSL)
+    for field in ("cond", "pooled", "uncond", "uncond_pooled"):
+        assert_rel_close(getattr(b, field), getattr(direct, field), SAME_OPS, field)
+    assert a.cond.shape == (2, 2 * MSL, 32)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# LoRA export and a reward that rises
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_lora_round_trip_through_the_diffusers_pipeline(model_dirs, name, tmp_path):
+    pipe = _load(model_dirs, name)
+    emb, lat, ids, gs, steps = _setup(pipe, name)
+    with torch.no_grad():
+        base = _ours(pipe, emb, lat, ids, steps, gs, k=0)
+    params = flow.add_flow_lora(pipe.transformer, rank=4, alpha=8, seed=0)  # alpha != rank: the scale must travel
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+    with torch.no_grad():
+        ours = _ours(pipe, emb, lat, ids, steps, gs, k=0)
+    assert relative_difference(ours, base) > 1e-3  # the adapter changes the images
+    flow.save_flow_lora(type(pipe), pipe.transformer, tmp_path)
+    fresh = _load(model_dirs, name)
+    fresh.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        theirs = _pipeline_images(fresh, lat, gs, steps)
+    assert_rel_close(theirs, ours, SAME_OPS, f"{name}: loaded LoRA vs trained")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_brightness_rises_over_a_few_steps(model_dirs, name):
+    from lowmem_alignprop.rewards import build_reward
+
+    pipe = _load(model_dirs, name)
+    reward = build_reward("brightness")
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0)
+    opt = torch.optim.Adam(params, lr=0.1)
+    emb, lat, ids, gs, steps = _setup(pipe, name)
+
+    def score(k):
+        return reward(_ours(pipe, emb, lat, ids, steps, gs, k=k), PROMPTS).mean()
+
+    with torch.no_grad():
+        before = score(0).item()
+    for _ in range(4):
+        loss = -score(2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = score(0).item()
+    # measured on these tiny models: +0.009 to +0.02 after 4 steps (random weights, so only a small rise)
+    assert after > before + 0.005, (before, after)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# shipped architectures
+# -------------------------------------------------------------------------------------------------------------
+
+ARCH_FLOW = Path(__file__).resolve().parents[1] / "lowmem_alignprop" / "arch_flow"
+PUBLISHED = {"sd35m": 2.5e9, "sd35l": 8.1e9, "flux": 11.9e9}  # transformer parameters, as the models are published
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_shipped_transformer_has_the_published_size(name):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    root = ARCH_FLOW / name
+    index = json.loads((root / "model_index.json").read_text())
+    cls = {"FluxTransformer2DModel": FluxTransformer2DModel, "SD3Transformer2DModel": SD3Transformer2DModel}[
+        index["transformer"][1]]
+    config = cls.load_config(root / "transformer")
+    with init_empty_weights():
+        model = cls.from_config(config)
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing materialised
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / PUBLISHED[name] - 1) < 0.03, f"{name}: {n / 1e9:.3f}B parameters"
+    for sub in index:
+        if not sub.startswith("_") and index[sub][0] is not None:
+            assert (root / sub).is_dir(), sub  # every component the index names has its config folder
