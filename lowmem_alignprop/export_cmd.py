@@ -32,6 +32,8 @@ def export_parser() -> argparse.ArgumentParser:
                                                         "folder)")
     p.add_argument("--weight", type=float, metavar="W", help="with --merge: the LoRA's weight (1 = as trained, "
                                                              "0 = the base model)")
+    p.add_argument("--dtype", metavar="fp32|fp16|bf16", help="with --merge: the precision the merged model is saved "
+                                                              "in (default fp32; fused in fp32 either way)")
     p.add_argument("--model", help="with --merge: the base model (default: the one the LoRA was trained on)")
     p.add_argument("--out", metavar="PATH", help="a new folder for the export (default: RUN/export/FORMAT)")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub repository (owner/name)")
@@ -43,7 +45,7 @@ def export_main(argv: list[str]) -> int:
     from . import lora_export as lx
 
     args = export_parser().parse_args(argv)
-    lx.check_format(args.format, args.merge, args.weight)  # cheap checks first: nothing is read yet
+    lx.check_format(args.format, args.merge, args.weight, args.dtype)  # cheap checks first: nothing is read yet
     if args.model and not args.merge:
         raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")
     if args.private and not args.push_to_hub:
@@ -55,7 +57,8 @@ def export_main(argv: list[str]) -> int:
     lora = lx.read_lora(args.lora)
     out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
-    files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model, command=command)
+    files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
+                      dtype=args.dtype, command=command)
     log.info("exported %s (%s) to %s: %s", lora.path, "merged" if args.merge else args.format, out,
              ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:

@@ -43,6 +43,7 @@ from .errors import UserError, first_line, quote
 log = logging.getLogger("lowmem_alignprop")
 
 FORMATS = ("diffusers", "kohya", "peft")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what a merged model is saved in
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
 BASE_FILE = "base_model.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -554,7 +555,7 @@ def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
 # one export
 # ---------------------------------------------------------------------------------------------------------
 
-def check_format(fmt: str, merge: bool, weight: float | None) -> None:
+def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None = None) -> None:
     if fmt not in FORMATS:
         import difflib
         near = difflib.get_close_matches(fmt.lower(), FORMATS, n=1)
@@ -566,6 +567,10 @@ def check_format(fmt: str, merge: bool, weight: float | None) -> None:
     if weight is not None and not merge:
         raise UserError("--weight sets the LoRA's weight in a merged model: add --merge (ComfyUI and AUTOMATIC1111 set "
                         "a LoRA's strength when they load it)")
+    if dtype is not None and not merge:
+        raise UserError("--dtype sets the precision a merged model is saved in: add --merge (a LoRA keeps its own)")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {quote(dtype)} is not one of {', '.join(DTYPES)}")
     if weight is not None and not math.isfinite(weight):
         raise UserError(f"--weight {weight}: write a finite number (1 = as trained, 0 = the base model)")
 
@@ -585,15 +590,17 @@ def default_out(lora: Lora, fmt: str, merge: bool) -> Path:
 
 
 def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: float | None = None,
-           model: str | None = None, command: str = "") -> list[Path]:
-    """Write one export into ``out`` (a new folder), model card included; returns the files written."""
-    check_format(fmt, merge, weight)
+           model: str | None = None, dtype: str | None = None, command: str = "") -> list[Path]:
+    """Write one export into ``out`` (a new folder), model card included; returns the files written. A merged
+    model is fused in fp32 and saved in ``dtype`` (default fp32)."""
+    check_format(fmt, merge, weight, dtype)
     check_out(out)
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if pipe is not None:
+            pipe.to(DTYPES[dtype or "fp32"])
             pipe.save_pretrained(str(tmp))
             files = ["model_index.json"] + sorted(p.name + "/" for p in tmp.iterdir() if p.is_dir())
         elif fmt == "kohya":

@@ -26,7 +26,7 @@ RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison
 
 def _inputs(xl: bool) -> tuple[tuple, dict]:
     g = torch.Generator().manual_seed(123)
-    sample = torch.randn(2, 4, 32, 32, generator=g)
+    sample = torch.randn(2, 4, 16, 16, generator=g)  # small latents: the LoRA layers are all used, the CPU time is not
     t = torch.tensor([20, 700])
     ehs = torch.randn(2, 16, 80 if xl else 32, generator=g)
     kw = {}
@@ -271,10 +271,14 @@ def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
     assert config["base_model_name_or_path"] == "runwayml/stable-diffusion-v1-5"
 
 
-def test_merged_card_says_merged(sd, tmp_path):
-    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.75")
+def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path):
+    from safetensors import safe_open
+
+    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.75", "--dtype", "fp16")
     text = (out / "README.md").read_text()
     assert "merged in at weight 0.75" in text and "- lora\n" not in text
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,6 +366,8 @@ BAD = {
     "push_offline": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--push-to-hub", "you/lora"],
                      "the Hugging Face hub is switched off here"),
     "weight_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--weight", "0.5"], "add --merge"),
+    "dtype_unknown": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--dtype", "fp8"],
+                      "--dtype 'fp8' is not one of fp32, fp16, bf16"),
     "merge_to_kohya": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--format", "kohya"],
                        "--merge writes the whole model"),
 }
