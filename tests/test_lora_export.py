@@ -368,6 +368,8 @@ BAD = {
     "weight_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--weight", "0.5"], "add --merge"),
     "dtype_unknown": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--dtype", "fp8"],
                       "--dtype 'fp8' is not one of fp32, fp16, bf16"),
+    "model_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--model", str(o)], "add --merge"),
+    "private_without_push": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--private"], "--private applies to"),
     "merge_to_kohya": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--format", "kohya"],
                        "--merge writes the whole model"),
 }
