@@ -118,7 +118,7 @@ def read_lora(spec: str) -> Lora:
     try:
         with safe_open(str(file), framework="pt") as f:
             header = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"--lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
                         "export from a complete lora/ folder (train again, or copy it again)") from None
@@ -345,7 +345,7 @@ def load_base(spec: str):
         return DiffusionPipeline.from_pretrained(where)
     except UserError:
         raise
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         if kind == "hub":
             raise UserError(hub_message("model", where, e, use="pass --model DIR")) from None
         raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None

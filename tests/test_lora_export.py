@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop import lora_export as lx
 from lowmem_alignprop.cli import main
-from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
 
@@ -45,7 +45,11 @@ def unet_out(unet, xl: bool) -> torch.Tensor:
 def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     """A LoRA saved as a run saves it, its run folder (config.yaml, summary.json, the grid), and the UNet outputs
     of the base model and of base + LoRA (peft, in memory: the reference)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from PIL import Image
 
     from lowmem_alignprop import checkpoint as ckpt
@@ -247,8 +251,8 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert card.data.base_model is None  # a local folder is no hub id
     assert card.data.license is None and "# license:" in text  # left to the user
     for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K uniform in [1, 2] of 3 DDIM steps",
-                   "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8", "![before and after training, same seeds]"
-                   "(before_after.png)", "ComfyUI/models/loras/", "models/Lora/",
+                   "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8",
+                   "![before and after training, same seeds](before_after.png)", "ComfyUI/models/loras/", "models/Lora/",
                    f"lowmem-alignprop export --lora {sd['lora']} --out {out} --format kohya"):
         assert needle in text, needle
     assert (out / "before_after.png").read_bytes() == (sd["run"] / "samples" / "before_after.png").read_bytes()
@@ -278,7 +282,7 @@ def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path
     text = (out / "README.md").read_text()
     assert "merged in at weight 0.75" in text and "- lora\n" not in text
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
 
 
 # ---------------------------------------------------------------------------------------------------------
