@@ -454,7 +454,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {_num(lora.config.get('lora_alpha') or ranks[0])}"
                  f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
     if "reward_first" in info and "reward_last" in info:
-        rows.append(("training reward, first -> final steps", f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
+        rows.append(("training reward, first -> final steps",
+                     f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
     if "sample_reward_before" in info and "sample_reward_after" in info:
         rows.append(("sample reward, before -> after", f"{info['sample_reward_before']:.4f} -> "
                                                        f"{info['sample_reward_after']:.4f}"))

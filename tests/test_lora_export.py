@@ -252,7 +252,8 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert card.data.license is None and "# license:" in text  # left to the user
     for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K uniform in [1, 2] of 3 DDIM steps",
                    "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8",
-                   "![before and after training, same seeds](before_after.png)", "ComfyUI/models/loras/", "models/Lora/",
+                   "![before and after training, same seeds](before_after.png)",
+                   "ComfyUI/models/loras/", "models/Lora/",
                    f"lowmem-alignprop export --lora {sd['lora']} --out {out} --format kohya"):
         assert needle in text, needle
     assert (out / "before_after.png").read_bytes() == (sd["run"] / "samples" / "before_after.png").read_bytes()
