@@ -315,7 +315,6 @@ def _meta_components(root: Path) -> dict:
     """Every model the shipped model_index names, built from its config on the meta device (no memory)."""
     import diffusers
     import transformers
-    from accelerate import init_empty_weights
 
     index = json.loads((root / "model_index.json").read_text())
     built = {}
@@ -329,14 +328,14 @@ def _meta_components(root: Path) -> dict:
             if sub == "scheduler":
                 built[sub] = cls.from_config(config)
                 continue
-            with init_empty_weights():
+            with torch.device("meta"):  # parameters and buffers (SD3's positional table) alike
                 built[sub] = cls.from_config(config)
         else:
             config = transformers.AutoConfig.from_pretrained(root / sub)
-            with init_empty_weights():
+            with torch.device("meta"):
                 built[sub] = getattr(transformers, cls_name)._from_config(config)
-            # built on meta, T5's encoder.embed_tokens is not yet tied to `shared` (a real construction ties it):
-            # untied, the planner would count the 4096 x 32128 embedding twice (+0.26 GB in bf16)
+            # the checkpoint's T5 has encoder.embed_tokens tied to `shared`: count it once (accelerate's
+            # init_empty_weights leaves it untied, and the 4096 x 32128 embedding would count twice)
             built[sub].tie_weights()
     return built
 
@@ -352,7 +351,8 @@ def test_shipped_architecture_builds_on_meta_with_the_published_sizes(name):
     comps = _meta_components(ARCH_FLOW / name)
     for sub, model in comps.items():
         if isinstance(model, torch.nn.Module):
-            assert all(t.device.type == "meta" for t in model.parameters()), sub  # nothing materialised
+            tensors = list(model.parameters()) + list(model.buffers())
+            assert all(t.device.type == "meta" for t in tensors), sub  # nothing materialised
     n = _size(comps["transformer"])
     assert abs(n / PUBLISHED[name] - 1) < 0.03, f"{name}: {n / 1e9:.3f}B"
     t5 = comps["text_encoder_2" if name == "flux" else "text_encoder_3"]
