@@ -34,8 +34,9 @@ from .sampling import decode as _decode_latents
 from .sampling import draw_k, vae_scale_factor
 
 __all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "decode", "draw_k",
-           "encode_prompts", "enable_block_checkpointing", "family_of", "guided_velocity", "initial_latents",
-           "rollout", "sample_images", "save_flow_lora", "set_flow_timesteps"]
+           "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity", "image_seq_len",
+           "initial_latents", "latent_image_ids", "latent_size", "pack", "rollout", "sample_images",
+           "save_flow_lora", "set_flow_timesteps", "unpack"]
 
 # The attention projections of both transformer families: the image stream (to_q/k/v, to_out.0) and, in the
 # joint (MM-DiT) blocks, the text stream (add_*_proj, to_add_out). FLUX's single blocks have to_q/k/v only.
