@@ -48,7 +48,7 @@ SD3, FLUX = "sd3", "flux"
 def _bare(module):
     """The model under a DDP/DeepSpeed/compile wrapper."""
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+        module = getattr(module, "module", None) or module._orig_mod
     return module
 
 
@@ -327,7 +327,8 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     return latents
 
 
-def decode(vae, latents: torch.Tensor, *, height: int | None = None, width: int | None = None, **kwargs) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, *, height: int | None = None, width: int | None = None,
+           **kwargs) -> torch.Tensor:
     """16-channel latents -> images in [0, 1], differentiable. FLUX's packed tokens ([B, N, 4C]) are unpacked
     first (``height``/``width``: the image size); then ``latents / scaling_factor + shift_factor`` and the VAE,
     as ``sampling.decode`` does (its ``sliced``/``tiled`` options pass through)."""
