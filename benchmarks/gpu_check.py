@@ -305,7 +305,7 @@ def main() -> int:
     save()
     def quant_check() -> None:  # about a minute: nf4/int8 base UNet forward+backward into LoRA, in this process
         try:
-            from lowmem_alignprop.quant import gpu_verify_quant
+            from verify_quant import gpu_verify_quant  # benchmarks/verify_quant.py, beside this script
             doc["quant"] = gpu_verify_quant(out / "quant")
         except Exception as e:
             doc["quant"] = {"error": f"{type(e).__name__}: {e}"[:1000]}

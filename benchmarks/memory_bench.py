@@ -682,7 +682,7 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
 
 
 def _quant_table(q: dict | None) -> list[str]:
-    """The quantized-base check (quant.gpu_verify_quant): one UNet forward+backward into LoRA per mode."""
+    """The quantized-base check (benchmarks/verify_quant.py): one UNet forward+backward into LoRA per mode."""
     if not q or not q.get("modes"):
         return [] if not q else ["", f"Quantized base check: {q.get('error', 'no modes ran')}"]
     base = next(iter(q["modes"].values()))

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import build_config, field_help, parse_set
+from .config import field_help
 from .errors import UserError, same_on_every_rank
 from .runlock import global_rank, next_free_dir, world_size
 
@@ -76,25 +76,11 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args, resumed: tuple[str, dict] | None = None) -> tuple[str, object]:
-    """profile < explicit flags < --set, validated. ``resumed`` (--resume): the run's own (profile name, config)
-    replaces the profile, unless --profile names another one (then that profile applies on top of it)."""
-    from .profiles import load_profile
+def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None) -> tuple[str, object]:
+    """The common options' (profile name, Config): :func:`lowmem_alignprop.profiles.resolve_config` does the work."""
+    from .profiles import FLAG_FIELDS, resolve_config
 
-    overrides = parse_set(args.set)  # malformed --set fails before the profile is even read
-    if resumed is None:
-        name, values = load_profile(args.profile)
-    else:
-        name, values = resumed
-        if args.profile not in ("auto", name):  # another card: its memory features on top of the run's settings
-            name, profile = load_profile(args.profile)
-            values = {**values, **profile}
-            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
-                                                          name)
-    explicit = {k: v for k, v in {"model": args.model, "reward": args.reward, "prompts": args.prompts,
-                                  "steps": args.steps, "output_dir": args.output_dir, "seed": args.seed,
-                                  "report_to": args.report_to}.items() if v is not None}
-    return name, build_config(values, explicit, overrides)
+    return resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed)
 
 
 def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
@@ -131,10 +117,10 @@ def cmd_train(argv: list[str]) -> int:
         chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
             args.output_dir = run_folder_of(args.resume)
-        name, cfg = resolve_config(args)
+        name, cfg = config_from_args(args)
         settings = _resumed_settings(cfg.output_dir, args.resume) if args.resume else None
         if settings:  # the run goes on with its own settings; this command's flags change them
-            name, cfg = resolve_config(args, resumed=settings)
+            name, cfg = config_from_args(args, resumed=settings)
         snapshot = parse_snapshot(args.memory_snapshot)
         _check_device_for_profile(name)
         if not chosen and not args.resume:
@@ -256,13 +242,79 @@ def cmd_profiles(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from .planner import plan_main
-    return plan_main(argv)
+    """``lowmem-alignprop plan``: the same options as training, plus --json and --device."""
+    import json
+    import time
+    import warnings
+
+    started = time.perf_counter()
+    p = common_parser("lowmem-alignprop plan", "Estimate the peak memory of each stage of a training step on the "
+                                               "target GPU, without a GPU and without weights, and say whether it "
+                                               "fits the profile's budget (and what to change if not).")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
+    p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
+    args = p.parse_args(argv)
+    name, cfg = config_from_args(args)
+    from .planner import format_plan, plan
+    from .prompts import load_prompts
+    from .rewards import check_reward_spec
+    # a user reward that fails, returns NaN or loses the gradient is named here, as train would
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
+    logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
+        result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
+                      started=started)
+    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
+    return 0
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    from .evaluate import DEFAULT_OUTPUT_DIR, GRID_NAME, RESULTS_NAME
+
+    p = common_parser("lowmem-alignprop sample",
+                      "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
+                      "a reward, and write a side-by-side grid and sample_results.json.")
+    for action in p._actions:  # the shared parser's options, as this command reads them
+        if action.dest in ("steps", "report_to"):
+            action.help = argparse.SUPPRESS  # training-only: accepted, not advertised
+        elif action.dest == "output_dir":
+            action.help = f"where {GRID_NAME} and {RESULTS_NAME} go (default {DEFAULT_OUTPUT_DIR})"
+        elif action.dest == "seed":
+            action.help = "seed of the first image; image j of prompt i uses seed + i * images_per_prompt + j"
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="a trained LoRA (the lora/ folder of a run, the run folder, or the .safetensors file), "
+                        "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
+                        "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
+    p.add_argument("--num-prompts", type=int, default=4, metavar="N",
+                   help="first N prompts of the prompt set (default 4)")
+    p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
+    return p
 
 
 def cmd_sample(argv: list[str]) -> int:
-    from .evaluate import sample_main
-    return sample_main(argv)
+    """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
+    from .evaluate import DEFAULT_OUTPUT_DIR, evaluate, parse_lora, print_summary
+
+    args = sample_parser().parse_args(argv)
+    if args.num_prompts < 1:
+        raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
+    if args.images_per_prompt < 1:
+        raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
+    if not args.lora:
+        raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
+    specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
+    numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
+    if numbered:
+        args.output_dir = DEFAULT_OUTPUT_DIR  # (evaluate's hold_folder moves on to the next free one)
+    profile_name, cfg = config_from_args(args)
+    results = evaluate(cfg, specs, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
+                       profile_name=profile_name, numbered_output_dir=numbered)
+    print_summary(results, Path(results["output_dir"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

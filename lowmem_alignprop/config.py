@@ -130,15 +130,10 @@ class Config:
     # ------------------------------------------------------------------------------------------------
     def check_installed(self) -> "Config":
         """The packages this configuration runs with are installed (train and sample; a plan needs none of them)."""
-        if self.optimizer != "adamw" and not _has("bitsandbytes"):
-            raise UserError(f"optimizer={self.optimizer} needs bitsandbytes: pip install bitsandbytes, "
-                            "or use --set optimizer=adamw")
-        if self.base_quant != "none" and not _has("bitsandbytes"):
-            raise UserError(f"base_quant={self.base_quant} needs bitsandbytes: pip install bitsandbytes, "
-                            "or use --set base_quant=none")
-        if self.deepspeed_zero and not _has("deepspeed"):
-            raise UserError(f"deepspeed_zero={self.deepspeed_zero} needs DeepSpeed: pip install deepspeed, "
-                            "or use --set deepspeed_zero=0")
+        for name, off, module in NEEDS_PACKAGE:
+            value = getattr(self, name)
+            if value != off and not _has(module):
+                raise missing_package(f"{name}={value}", module, f"{name}={off}")
         return self
 
     def validate(self) -> "Config":
@@ -230,6 +225,26 @@ class Config:
 FIELD_NAMES = tuple(f.name for f in fields(Config))
 
 
+# (field, the value that needs nothing, the package any other value needs)
+NEEDS_PACKAGE = (("optimizer", "adamw", "bitsandbytes"), ("base_quant", "none", "bitsandbytes"),
+                 ("deepspeed_zero", 0, "deepspeed"))
+_PACKAGE_NAMES = {"deepspeed": "DeepSpeed"}
+
+
+def missing_package(setting: str, module: str, fallback: str) -> UserError:
+    """The one message for a setting whose package is not installed, e.g. ``optimizer=adamw8bit needs bitsandbytes``."""
+    return UserError(f"{setting} needs {_PACKAGE_NAMES.get(module, module)}: pip install {module}, "
+                     f"or use --set {fallback}")
+
+
+def import_needed(module: str, setting: str, fallback: str):
+    """Import the package ``setting`` needs, or raise :func:`missing_package`'s message."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_package(setting, module, fallback) from None
+
+
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -302,6 +317,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         out[key] = coerce(key, value)
     return out
+
+
+def set_flags(overrides: dict[str, Any]) -> str:
+    """The ``--set key=value`` flags that give ``overrides`` (the inverse of :func:`parse_set`), for messages."""
+    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
 
 
 def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> Config:

@@ -22,7 +22,6 @@ images are not a linear mix of the two adapters' images: the network is nonlinea
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -262,50 +261,6 @@ def score(reward, images: torch.Tensor, prompts: list[str], device: torch.device
 # ---------------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from .cli import common_parser
-
-    p = common_parser("lowmem-alignprop sample",
-                      "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
-                      "a reward, and write a side-by-side grid and sample_results.json.")
-    for action in p._actions:  # the shared parser's options, as this command reads them
-        if action.dest in ("steps", "report_to"):
-            action.help = argparse.SUPPRESS  # training-only: accepted, not advertised
-        elif action.dest == "output_dir":
-            action.help = f"where {GRID_NAME} and {RESULTS_NAME} go (default {DEFAULT_OUTPUT_DIR})"
-        elif action.dest == "seed":
-            action.help = "seed of the first image; image j of prompt i uses seed + i * images_per_prompt + j"
-    p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="a trained LoRA (the lora/ folder of a run, the run folder, or the .safetensors file), "
-                        "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
-                        "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
-    p.add_argument("--num-prompts", type=int, default=4, metavar="N",
-                   help="first N prompts of the prompt set (default 4)")
-    p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
-    return p
-
-
-def sample_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_prompts < 1:
-        raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
-    if not args.lora:
-        raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
-    specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
-    numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
-    if numbered:
-        args.output_dir = DEFAULT_OUTPUT_DIR  # (evaluate's hold_folder moves on to the next free one)
-    from .cli import resolve_config
-
-    profile_name, cfg = resolve_config(args)
-    results = evaluate(cfg, specs, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
-                       profile_name=profile_name, numbered_output_dir=numbered)
-    print_summary(results, Path(results["output_dir"]))
-    return 0
-
-
 def has_results(folder: Path) -> bool:
     return (folder / RESULTS_NAME).exists()
 
@@ -315,7 +270,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     """Generate, score and write the grid and JSON into ``cfg.output_dir`` (held for this evaluation; a numbered
     default folder taken meanwhile gives way to the next). Returns the JSON's content."""
     from .runlock import hold_folder
-    from .train import prepare_inputs
+    from .inputs import prepare_inputs
 
     prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
@@ -328,7 +283,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     from .export import save_sample_grid
     from .placement import configure_cuda_allocator
     from .rewards import build_reward
-    from .train import DTYPES
+    from .precision import frozen_weight_dtype
 
     t0 = time.perf_counter()
     if len(prompts) < num_prompts:
@@ -336,7 +291,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
                                                       num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
-    weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32  # no fast fp16 on CPU
+    weight_dtype = frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import stages
+from .config import set_flags
 from .errors import UserError
 
 log = logging.getLogger("lowmem_alignprop")
@@ -112,7 +113,7 @@ class Fit:
     overrides: dict
 
     def as_flags(self) -> str:
-        return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.overrides.items())
+        return set_flags(self.overrides)
 
 
 def _smaller_batch(cfg) -> Fit | None:
@@ -172,17 +173,13 @@ def _valid(cfg, overrides: dict) -> bool:
     return any(getattr(changed, k) != getattr(cfg, k) for k in overrides)
 
 
-def planner_fit(cfg, stage: str) -> Fit | None:
-    """The planner's next feature for ``cfg``, if the planner module offers one (any failure: None)."""
-    try:
-        from . import planner
-    except Exception:
-        return None
-    fn = getattr(planner, "next_feature", None)
-    if fn is None:
+def planner_fit(cfg, stage: str, suggest: Callable | None) -> Fit | None:
+    """The planner's next feature for ``cfg`` (``suggest`` is :func:`lowmem_alignprop.planner.next_feature`, passed in
+    by the trainer: this module sits below the planner), if it offers one (any failure: None)."""
+    if suggest is None:
         return None
     try:
-        got = fn(cfg, target="cuda" if torch.cuda.is_available() else "cpu")  # estimate for where this run is
+        got = suggest(cfg, target="cuda" if torch.cuda.is_available() else "cpu")  # estimate for where this run is
     except Exception as e:  # the planner is advice: never let it hide the real error
         log.debug("planner suggestion failed: %s", e)
         return None
@@ -198,10 +195,10 @@ def planner_fit(cfg, stage: str) -> Fit | None:
     return None
 
 
-def next_fit(cfg, stage: str, *, use_planner: bool = True) -> Fit | None:
-    """The next change that lowers memory for an OOM in ``stage``: the planner's, else the ladder's."""
-    if use_planner:
-        fit = planner_fit(cfg, stage)
+def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
+    """The next change that lowers memory for an OOM in ``stage``: the planner's (``suggest``), else the ladder's."""
+    if suggest is not None:
+        fit = planner_fit(cfg, stage, suggest)
         if fit is not None and _valid(cfg, fit.overrides):
             return fit
     order = list(STAGE_FIRST.get(stage, ())) + [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())]

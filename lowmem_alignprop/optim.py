@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import import_needed
 from .errors import UserError
 
 
@@ -13,11 +14,7 @@ def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
     if cfg.optimizer == "adamw":
         # fp32 Adam state: 8 bytes per trained weight (negligible for LoRA, 6.9 GB for a full SD1.5 UNet)
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError(f"optimizer={cfg.optimizer} needs bitsandbytes: pip install bitsandbytes, "
-                        "or use --set optimizer=adamw") from None
+    bnb = import_needed("bitsandbytes", f"optimizer={cfg.optimizer}", "optimizer=adamw")
     if cfg.optimizer == "adamw8bit":
         # 8-bit Adam state: 2 bytes per trained weight instead of 8 (state quantized blockwise)
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -48,8 +48,11 @@ from typing import Any, Callable
 import torch
 
 from . import stages
-from .config import Config
+from .config import Config, set_flags
 from .errors import UserError, first_line
+from .precision import frozen_weight_dtype
+from .profiler import library_versions
+from .step import apply_memory_features, rollout_loss
 
 GIB = 1024**3
 MIB = 1024**2
@@ -78,6 +81,7 @@ ALLOWANCES = {
                     "profiles' budgets already leave room for it (e.g. rtx3060: 7.5 of 8 GB)",
 }
 
+PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
 TEXT_ENCODER = "text_encoder"
 MODULE_NAMES = ("unet", "lora", TEXT_ENCODER, "vae", "reward")
 
@@ -580,7 +584,6 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     """One micro-step plus the optimizer step, exactly as the training loop of :func:`~lowmem_alignprop.train.train`
     runs them (placement calls included). Returns what stays alive afterwards (the prompt cache)."""
     from .sampling import PromptEncoder, initial_latents
-    from .train import rollout_loss
 
     cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
     device = torch.device("cpu")
@@ -636,11 +639,6 @@ class Estimate:
         return dataclasses.asdict(self)
 
 
-def _weight_dtype(cfg: Config, target: str) -> torch.dtype:
-    from .train import DTYPES
-    return DTYPES[cfg.mixed_precision] if target == "cuda" else torch.float32  # the trainer keeps CPU runs in fp32
-
-
 def _unique_bytes(tensors, seen: set, round_to: int = 1) -> int:
     total = 0
     for t in tensors:
@@ -680,7 +678,6 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     from .optim import build_optimizer
     from .prompts import load_prompts
     from .sampling import make_pipeline
-    from .train import apply_memory_features
 
     t0 = time.perf_counter()
     if target not in ("cuda", "cpu"):
@@ -703,7 +700,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     if cfg.optimizer == "paged_adamw8bit":
         notes.append("paged_adamw8bit: its state is counted as resident (it pages to the CPU only under pressure)")
     prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
-    dtype = _weight_dtype(cfg, target)
+    dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
 
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
     comps = meta_components(cfg, dtype)
@@ -962,7 +959,7 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
         tried.append({"change": label, "set": change, "peak_allocated": est.peak_allocated,
                       "peak_needed": est.peak_needed, "peak_stage": est.peak_stage, "fits": fits})
         if log:
-            log(f"  tried {_set_args(change)}: {est.peak_needed / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
+            log(f"  tried {set_flags(change)}: {est.peak_needed / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
         seen[key] = fits
         return fits
 
@@ -1022,35 +1019,21 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -
     return None
 
 
-def _set_args(change: dict[str, Any]) -> str:
-    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
-
-
 # ---------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-    import platform
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def default_target(profile_name: str) -> str:
     from .profiles import GPU_PROFILES
     return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
 
 
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
-         log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict."""
+         log: Callable[[str], None] | None = None, started: float | None = None) -> dict[str, Any]:
+    """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict.
+    ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there)."""
     from .prompts import load_prompts
+
+    started = time.perf_counter() if started is None else started
 
     target = target or default_target(profile)
     if target == "cpu" and cfg.base_quant != "none":  # what train would refuse on this target
@@ -1079,18 +1062,15 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "budget_gb": cfg.budget_gb or None,
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
-        "notes": est.notes, "suggestion": None, "tried": [], "versions": _versions(),
+        "notes": est.notes, "suggestion": None, "tried": [], "versions": library_versions(PLAN_LIBRARIES),
     }
     if fits is False and suggest_changes:
         found = suggest(cfg, target=target, prompts=prompts, log=log)
         result["suggestion"] = found["found"]
         result["tried"] = found["tried"]
         result["suggestion_gave_up"] = found.get("gave_up", False)
-    result["seconds"] = round(time.perf_counter() - _T0.get("plan", time.perf_counter()), 1)
+    result["seconds"] = round(time.perf_counter() - started, 1)
     return result
-
-
-_T0: dict[str, float] = {}
 
 
 def _g(n: int | None) -> str:
@@ -1155,7 +1135,7 @@ def format_plan(r: dict[str, Any]) -> str:
         s = r.get("suggestion")
         if s:
             lines.append(f"  cheapest change that fits: {s['change']}")
-            lines.append(f"      {_set_args(s['set'])}   -> {_g(s['peak_needed'])} GiB needed, peak in "
+            lines.append(f"      {set_flags(s['set'])}   -> {_g(s['peak_needed'])} GiB needed, peak in "
                          f"{s['peak_stage']}")
         elif r.get("tried"):
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
@@ -1176,36 +1156,6 @@ def format_plan(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan_main(argv: list[str]) -> int:
-    """``lowmem-alignprop plan``: the same options as training, plus --json and --device."""
-    import logging
-    import warnings
-
-    from .cli import common_parser, resolve_config
-
-    _T0["plan"] = time.perf_counter()
-    p = common_parser("lowmem-alignprop plan", "Estimate the peak memory of each stage of a training step on the "
-                                               "target GPU, without a GPU and without weights, and say whether it "
-                                               "fits the profile's budget (and what to change if not).")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
-    p.add_argument("--device", choices=("cuda", "cpu"),
-                   help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
-    p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
-    args = p.parse_args(argv)
-    name, cfg = resolve_config(args)
-    from .prompts import load_prompts
-    from .rewards import check_reward_spec
-    # a user reward that fails, returns NaN or loses the gradient is named here, as train would
-    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
-    logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
-    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
-        result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log)
-    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------
 # the same step measured for real on the CPU (tests and benchmarks check the estimate against it)
 # ---------------------------------------------------------------------------------------------------
@@ -1221,7 +1171,6 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     from .prompts import load_prompts
     from .rewards import build_reward
     from .sampling import make_pipeline
-    from .train import apply_memory_features
 
     prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
     cpu = torch.device("cpu")

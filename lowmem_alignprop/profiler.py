@@ -1349,12 +1349,15 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def library_versions() -> dict[str, str | None]:
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed")
+
+
+def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
     """Versions of Python and the libraries whose behaviour the figures depend on (None: not installed)."""
     import importlib.metadata as md
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed"):
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import coerce
+from .config import Config, build_config, coerce, parse_set
 from .errors import UserError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -146,3 +147,25 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
         except UserError as e:
             raise UserError(f"profile {path}: {e}") from None
     return name, values
+
+
+FLAG_FIELDS = ("model", "reward", "prompts", "steps", "output_dir", "seed", "report_to")  # fields with their own flag
+
+
+def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
+                   resumed: tuple[str, dict] | None = None) -> tuple[str, Config]:
+    """profile < explicit flags (``flags``: FLAG_FIELDS, None where not given) < ``--set`` items, validated.
+    ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
+    one (then that profile applies on top of it)."""
+    overrides = parse_set(sets)  # malformed --set fails before the profile is even read
+    if resumed is None:
+        name, values = load_profile(profile)
+    else:
+        name, values = resumed
+        if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
+            name, card = load_profile(profile)
+            values = {**values, **card}
+            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
+                                                          name)
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    return name, build_config(values, explicit, overrides)

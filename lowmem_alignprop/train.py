@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,80 +24,20 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from . import faults, stages
+from . import faults, planner, precision, stages
 from .config import Config
 from .errors import UserError, first_line, same_on_every_rank
-from .models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model, set_attention
+from .inputs import prepare_inputs
+from .models import load_components, lora_metadata, lora_state_dict, set_attention
 from .optim import build_optimizer
 from .placement import Placement, configure_cuda_allocator
 from .prompts import cut_prompts_note
 from .runlock import RunLock, check_free, global_rank, hold_folder, world_size
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
-                       make_pipeline, resolution_note, rollout, without_autocast)
+                       make_pipeline, resolution_note, rollout)
+from .step import apply_memory_features, rollout_loss
 
 log = logging.getLogger("lowmem_alignprop")
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """loss = -loss_scale * mean(reward); with reward_target: loss_scale * mean(|reward - target|)."""
-    if cfg.reward_target is not None:
-        return cfg.loss_scale * (rewards - cfg.reward_target).abs().mean()
-    return -cfg.loss_scale * rewards.mean()
-
-
-def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
-    """Freeze, cast, pick attention and checkpointing, add LoRA. Returns (trainable params, attention used).
-
-    The planner calls this too, so its estimate is of exactly the configuration that trains.
-    """
-    unet, vae = comps.unet, comps.vae
-    for m in comps.frozen_modules().values():
-        m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
-    from .models import choose_vae_dtype
-    # SDXL's stock VAE overflows in fp16: bf16 where the GPU has it (same memory), else fp32 (logged with its cost)
-    choose_vae_dtype(vae, weight_dtype, device, comps.is_sdxl)
-    attention = set_attention(unet, vae, cfg.attention, device)
-    if cfg.unet_checkpointing == "blocks":
-        unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
-    enable_vae_checkpointing(vae, cfg.vae_checkpointing)
-    if cfg.train_unet == "lora":
-        params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    else:
-        unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
-        params = list(unet.parameters())
-    return params, attention
-
-
-def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
-                 k: int, generator, stage, place: Placement | None = None):
-    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards)."""
-    scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
-    # activation_offload: every tensor saved for backward (checkpoint inputs included) waits in CPU memory
-    offload = (torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda) if cfg.activation_offload
-               else contextlib.nullcontext())
-    with offload:
-        latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                          generator=generator, stage=stage, grad_unet=grad_unet)
-        with stage(stages.DECODE):
-            if place is not None:
-                place.to_device("vae", vae)
-            images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
-                            tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
-        with stage(stages.REWARD):
-            if place is not None:
-                place.to_device("reward", reward)
-            with without_autocast(images.device.type):  # the frozen reward model in its own dtype, as the VAE
-                rewards = reward(images, prompts).float()
-    return loss_from_reward(rewards, cfg), rewards
-
-
-def frozen_weight_dtype(accelerator, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen weights: the mixed-precision type on a GPU (half the memory of fp32); fp32 on a
-    CPU, where half-precision kernels are slow or missing."""
-    return DTYPES[accelerator.mixed_precision] if device.type != "cpu" else torch.float32
-
 
 def make_accelerator(cfg: Config, output_dir: Path):
     from accelerate import Accelerator
@@ -123,49 +62,6 @@ def make_accelerator(cfg: Config, output_dir: Path):
         from .distributed import repair_cpu_deepspeed_ranks
         repair_cpu_deepspeed_ranks(accelerator)
     return accelerator
-
-
-def prepare_inputs(cfg: Config):
-    """Everything that can fail on bad input, before any model is loaded or anything is written."""
-    from .prompts import load_prompts
-    from .rewards import check_reward_spec
-
-    cfg.validate().check_installed()
-    prompts = load_prompts(cfg.prompts)
-    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
-    resolve_model(cfg.model)  # missing paths fail here
-    check_tracker(cfg.report_to)
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file: choose a directory")
-    check_writable(out)
-    return prompts
-
-
-def check_tracker(report_to: str) -> None:
-    """--report-to needs its package: without it accelerate would drop the tracker with a warning only."""
-    import importlib.util
-
-    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
-    if needs and not any(importlib.util.find_spec(n) for n in needs):
-        raise UserError(f"--report-to {report_to} needs the {needs[0]} package, which is not installed: "
-                        f"pip install -e \".[{report_to}]\" (or pip install {needs[0]}), or leave --report-to out")
-
-
-def check_writable(out: Path) -> None:
-    """The output dir (or the nearest folder that exists above it) must accept files; nothing is left behind."""
-    probe = out.expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--output-dir {out} cannot be created: {probe} is a file, not a folder; choose another "
-                        "--output-dir")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}): choose a folder you can write "
-                        "to with --output-dir") from None
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
@@ -224,7 +120,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
     is_main = accelerator.is_main_process
-    weight_dtype = frozen_weight_dtype(accelerator, device)
+    weight_dtype = precision.frozen_weight_dtype(accelerator.mixed_precision, device.type)
     prof = StageProfiler(device=device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
                          snapshot_steps=memory_snapshot)
     place = Placement(device, offload=cfg.offload_frozen)
@@ -255,7 +151,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
             unet_train, optimizer = accelerator.prepare(unet, optimizer)
             pipe = make_pipeline(comps)
     except faults.OOM_ERRORS as e:
-        fit = faults.next_fit(cfg, stages.LOAD)
+        fit = faults.next_fit(cfg, stages.LOAD, suggest=planner.next_feature)
         raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
                                                     False) + f" [{first_line(e, 100)}]") from None
     prof.record_modules({"unet": unet, "vae": vae, "text_encoder": text_encoder, "reward": reward,
@@ -452,7 +348,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
                     prof.end_step()
                     optimizer.zero_grad(set_to_none=True)
                     faults.free_memory()
-                    fit = faults.next_fit(cfg, stage)
+                    fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
                     peak = faults.peak_so_far([h.get("peak_memory_gb") for h in history])
                     message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
                     if not cfg.auto_fit or fit is None or accelerator.num_processes > 1:

@@ -1,9 +1,7 @@
 """Faults: out-of-memory per stage (message, --auto-fit), NaN/inf rewards and gradients."""
 
 import json
-import sys
 import textwrap
-import types
 
 import pytest
 import yaml
@@ -26,7 +24,8 @@ def rows(run):
 @pytest.fixture
 def ladder_only(monkeypatch):
     """The fixed ladder's choices (the planner's are tested on their own below)."""
-    monkeypatch.setattr(faults, "planner_fit", lambda cfg, stage: None)
+    from lowmem_alignprop import planner
+    monkeypatch.setattr(planner, "next_feature", lambda cfg, target: None)
 
 
 def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):
@@ -78,7 +77,7 @@ def test_fit_ladder_targets_the_stage_first(stage, expected):
     cfg = Config(batch_size=2, grad_accum=2, sample_steps=10, k=1, cache_prompt_embeddings=False)
     got = []
     for _ in range(len(expected)):
-        fit = faults.next_fit(cfg, stage, use_planner=False)
+        fit = faults.next_fit(cfg, stage)
         got.append(fit.overrides)
         cfg = dataclasses.replace(cfg, **fit.overrides)
     assert got == expected
@@ -88,7 +87,7 @@ def test_ladder_runs_out_and_says_so():
     import dataclasses
     cfg = Config(sample_steps=10, k=1)
     seen = 0
-    while (fit := faults.next_fit(cfg, stages.BACKWARD, use_planner=False)) is not None:
+    while (fit := faults.next_fit(cfg, stages.BACKWARD)) is not None:
         cfg = dataclasses.replace(cfg, **fit.overrides)
         seen += 1
         assert seen < 20
@@ -103,27 +102,26 @@ def test_ladder_keeps_the_deepspeed_micro_batch():
     assert faults._smaller_batch(cfg) is None
 
 
-def test_planner_suggestion_is_used_when_the_planner_offers_one(monkeypatch):
-    import lowmem_alignprop
-    fake = types.ModuleType("lowmem_alignprop.planner")
-    fake.next_feature = lambda cfg, target: ("the planner says so", {"unet_checkpointing": "blocks"})
-    monkeypatch.setitem(sys.modules, "lowmem_alignprop.planner", fake)
-    monkeypatch.setattr(lowmem_alignprop, "planner", fake, raising=False)
-    fit = faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE)
+def test_planner_suggestion_is_used_when_the_planner_offers_one():
+    def says_so(cfg, target):
+        return "the planner says so", {"unet_checkpointing": "blocks"}
+
+    fit = faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE, suggest=says_so)
     assert fit.overrides == {"unet_checkpointing": "blocks"} and fit.description == "the planner says so"
-    fake.next_feature = lambda cfg, target: {"no_such_field": 1}  # unusable: the ladder decides
-    assert faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE).overrides == {"vae_checkpointing": "blocks"}
+    unusable = lambda cfg, target: {"no_such_field": 1}  # noqa: E731  (the ladder decides)
+    assert faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE, suggest=unusable).overrides == \
+        {"vae_checkpointing": "blocks"}
 
 
 def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, tiny_dir):
-    planner = pytest.importorskip("lowmem_alignprop.planner")
+    from lowmem_alignprop import planner
     monkeypatch.setenv(faults.INJECT_ENV, "backward@1")
     out = tmp_path / "run"
     args = [*FAST, "--output-dir", str(out), "--steps", "2"]
     assert main(args) == 2
     msg = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][0]
-    from lowmem_alignprop.cli import common_parser, resolve_config
-    _, cfg = resolve_config(common_parser("t", "t").parse_known_args(args)[0])
+    from lowmem_alignprop.cli import common_parser, config_from_args
+    _, cfg = config_from_args(common_parser("t", "t").parse_known_args(args)[0])
     label, change = planner.next_feature(cfg, target="cpu")
     assert f"this should fit: {faults.Fit(label, change).as_flags()} ({label})" in msg, msg
 
@@ -259,8 +257,9 @@ def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monk
         calls.append(expandable)
         return "expandable segments" if expandable else "fixed segments"
     monkeypatch.setattr(train, "configure_cuda_allocator", allocator)
-    monkeypatch.setattr(faults, "planner_fit", lambda cfg, stage: faults.Fit("expandable allocator segments",
-                                                                              {"expandable_segments": True}))
+    from lowmem_alignprop import planner
+    monkeypatch.setattr(planner, "next_feature", lambda cfg, target: faults.Fit("expandable allocator segments",
+                                                                                {"expandable_segments": True}))
     monkeypatch.setenv(faults.INJECT_ENV, "backward@2")
     out = tmp_path / "run"
     assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--auto-fit",

@@ -2,7 +2,7 @@
 
 On a GPU the frozen UNet, VAE, text encoders and reward model are fp16/bf16 while the LoRA weights stay fp32 under
 autocast, and the VAE and reward run in their own dtype outside autocast: every dtype boundary of the loop. On a
-CPU the trainer keeps fp32 (``train.frozen_weight_dtype``), so these tests switch it to bf16 with CPU bf16 autocast,
+CPU the trainer keeps fp32 (``precision.frozen_weight_dtype``), so these tests switch it to bf16 with CPU bf16 autocast,
 which crosses the same boundaries (fp16 and bf16 differ in range, not in where casts happen).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_alignprop import train as train_mod
+from lowmem_alignprop import precision
 from lowmem_alignprop.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +39,7 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture
 def half_weights(monkeypatch, fresh_accelerate_state):
     """The GPU's layout on the CPU: frozen weights in bf16, bf16 autocast."""
-    monkeypatch.setattr(train_mod, "frozen_weight_dtype", lambda accelerator, device: torch.bfloat16)
+    monkeypatch.setattr(precision, "frozen_weight_dtype", lambda mixed_precision, device_type: torch.bfloat16)
     return ["--set", "mixed_precision=bf16"]
 
 

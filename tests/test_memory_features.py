@@ -3,7 +3,7 @@
 Measured on CPU with the project's profiler (``measure_cpu_stages``: real allocation from torch.profiler
 memory events, per stage, above the level at the step's start) on a mid-size SD-shaped model
 (tests/midsize.py: UNet (64, 128, 256), VAE (32, 64, 128, 128), 128 px, batch 2, CFG), going through
-the training code path: ``train.apply_memory_features`` -> ``train.rollout_loss`` -> ``loss.backward()``.
+the training code path: ``step.apply_memory_features`` -> ``step.rollout_loss`` -> ``loss.backward()``.
 
 Each comparison turns one feature on against a baseline with the others fixed; the baseline is the
 setting where the feature matters (the way the profiles combine them): UNet block checkpointing and
@@ -33,7 +33,7 @@ from lowmem_alignprop.models import load_components  # noqa: E402
 from lowmem_alignprop.profiler import StageProfiler, measure_cpu_stages  # noqa: E402
 from lowmem_alignprop.rewards import build_reward  # noqa: E402
 from lowmem_alignprop.sampling import decode, encode_prompts, initial_latents, make_pipeline  # noqa: E402
-from lowmem_alignprop.train import apply_memory_features, rollout_loss  # noqa: E402
+from lowmem_alignprop.step import apply_memory_features, rollout_loss  # noqa: E402
 
 CPU = torch.device("cpu")
 BATCH = 2

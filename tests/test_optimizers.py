@@ -23,7 +23,8 @@ from lowmem_alignprop.config import Config
 from lowmem_alignprop.models import load_components
 from lowmem_alignprop.rewards import build_reward
 from lowmem_alignprop.sampling import encode_prompts, make_pipeline
-from lowmem_alignprop.train import apply_memory_features, make_accelerator, rollout_loss
+from lowmem_alignprop.step import apply_memory_features, rollout_loss
+from lowmem_alignprop.train import make_accelerator
 
 FAST = ["--steps", "8", "--set", "resolution=32", "--set", "sample_steps=3", "--set", "k=2",
         "--set", "batch_size=2", "--set", "sample_prompts=0"]
@@ -118,7 +119,7 @@ def test_full_unet_fine_tuning_trains_every_weight(tiny_dir, tmp_path, captured)
 
 def _accumulated_update(tiny_dir, tmp_path, batch: int, accum: int, total: int = 4):
     """One optimizer step over ``total`` images as ``accum`` micro-batches of ``batch``, through accelerate's
-    accumulate/backward and train.rollout_loss. Deterministic sampling (eta=0) so the images are the same.
+    accumulate/backward and step.rollout_loss. Deterministic sampling (eta=0) so the images are the same.
 
     The step is plain SGD: its update is linear in the gradient, so the weights after it differ from the big
     batch's by exactly lr times the gradients' difference. (Adam's first update is lr * g / (|g| + eps), about

@@ -2,7 +2,7 @@
 
 bitsandbytes runs on this CPU once diffusers' "No GPU found" check is bypassed (here, by monkeypatch) and
 our own CUDA check is lifted with LOWMEM_ALIGNPROP_QUANT_ON_CPU=1 (DESIGN.md section 7). The GPU side
-(weight bytes and peak memory against fp16) is ``quant.gpu_verify_quant``, run by benchmarks/gpu_check.py.
+(weight bytes and peak memory against fp16) is ``gpu_verify_quant`` in benchmarks/verify_quant.py, run by benchmarks/gpu_check.py.
 """
 
 import sys

@@ -1,0 +1,17 @@
+"""The one rule for the dtype of the frozen weights (UNet, VAE, text encoders, reward model).
+
+Training, the planner and ``sample`` all ask :func:`frozen_weight_dtype`: the mixed-precision type on a GPU (half the
+memory of fp32), fp32 on a CPU, where half-precision kernels are slow or missing. LoRA weights and the optimizer
+state stay fp32 everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_weight_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
+    """``mixed_precision`` is a config value (no|fp16|bf16); ``device_type`` where the run computes (cuda, cpu...)."""
+    return DTYPES[mixed_precision] if device_type != "cpu" else torch.float32
