@@ -1007,11 +1007,12 @@ def _pruned(found: dict[str, Any], steps, check, label_of, max_estimates: int, t
 
 def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:
     """For ``--auto-fit`` after an out-of-memory error (see :mod:`lowmem_alignprop.faults`): the cheapest change
-    in speed that lowers the estimated peak by at least 3%, or None. Resolution changes (they change the task) and
-    base_quant (it needs the model loaded again) are never offered here. Costs up to ``max_estimates`` + 1 estimates."""
+    in speed that lowers the estimated peak by at least 3%, or None. Resolution changes (they change the task),
+    base_quant (it needs the model loaded again) and the optimizer (its state would start again) are never offered
+    here. Costs up to ``max_estimates`` + 1 estimates."""
     base = estimate(cfg, target=target)
     live = [c for c in candidate_changes(cfg, target)
-            if "resolution" not in c[1] and "base_quant" not in c[1]]  # the task, and a reload: not mid-run
+            if not {"resolution", "base_quant", "optimizer"} & set(c[1])]  # the task, a reload, a new state: not mid-run
     for label, change in live[:max_estimates]:
         est = estimate(_apply(cfg, change), target=target)
         if est.peak_needed < 0.97 * base.peak_needed:

@@ -224,8 +224,10 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
         nonlocal reward, allocator
         dataclasses.replace(cfg, **fit.overrides).validate()
         for key, value in fit.overrides.items():
-            setattr(cfg, key, value)  # sliced_decode, cache_prompt_embeddings, activation_offload: read per step
+            setattr(cfg, key, value)  # batch_size, sliced_decode, tiled_decode, activation_offload: read per step
         keys = set(fit.overrides)
+        if "cache_prompt_embeddings" in keys:  # the prompt encoder holds its own copy of the flag
+            embed.caching = cfg.cache_prompt_embeddings
         if "grad_accum" in keys:
             accelerator.gradient_accumulation_steps = cfg.grad_accum
         if "vae_checkpointing" in keys:

@@ -1,0 +1,228 @@
+"""Every --auto-fit rung takes effect in the live run, not only in its config.
+
+Each test trains three steps of the tiny model with ``--auto-fit``; step 2 runs out of memory (the test hook) and
+the planner's suggestion (a stand-in here) is one rung. Hooks on the run's own modules record what the run did in
+step 1 (before the rung) and step 3 (after it), and the test checks that behaviour changed: more recomputation,
+smaller decode calls, the text encoder left alone, offloaded modules, and so on.
+"""
+
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowmem_alignprop.rewards as rewards_pkg
+import lowmem_alignprop.train as train_mod
+from lowmem_alignprop import faults, planner
+from lowmem_alignprop.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from midsize import build_clip_reward_dir  # noqa: E402
+
+FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+        "--steps", "3", "--auto-fit"]
+
+
+class Recorder:
+    """Events per training step (0: set-up), counted by hooks on the run's modules."""
+
+    def __init__(self):
+        self.guard = None
+        self.events: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.shapes: dict[int, list] = collections.defaultdict(list)
+        self.place = None
+        self.place_events: dict[int, list] = collections.defaultdict(list)
+        self.fits: list[dict] = []
+
+    @property
+    def step(self) -> int:
+        return self.guard.step if self.guard is not None else 0
+
+    def count(self, name: str):
+        def hook(module, args, kwargs=None):
+            self.events[self.step][name] += 1
+        return hook
+
+    def shape(self, name: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.shapes[self.step].append((name, tuple(x.shape)))
+        return hook
+
+    def before(self, step: int) -> collections.Counter:
+        return self.events[step]
+
+
+@pytest.fixture
+def recorded(monkeypatch, tiny_dir):
+    """Run the tiny model with ``sets``, a rung ``change`` applied after the OOM at step 2; returns the Recorder."""
+    rec = Recorder()
+
+    class Guard(faults.StageGuard):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            rec.guard = self
+
+    real_place = train_mod.Placement
+
+    class Place(real_place):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            rec.place = self
+
+        def _move(self, name, target, modules):
+            super()._move(name, target, modules)
+            rec.place_events[rec.step].append((name, target))
+
+    real_load = train_mod.load_components
+
+    def load_components(cfg, dtype):
+        comps = real_load(cfg, dtype)
+        unet, vae = comps.unet, comps.vae
+        unet.register_forward_pre_hook(rec.shape("unet"), with_kwargs=True)
+        unet.down_blocks[0].register_forward_pre_hook(rec.count("unet_block"))
+        attn = next(m for n, m in unet.named_modules() if n.endswith("attn1"))
+        attn.register_forward_pre_hook(lambda m, a: rec.shapes[rec.step].append(("processor",
+                                                                                 type(m.processor).__name__)))
+        vae.decoder.register_forward_pre_hook(rec.shape("decoder"), with_kwargs=True)
+        vae.decoder.up_blocks[0].register_forward_pre_hook(rec.count("vae_block"))
+        vae.decoder.up_blocks[0].resnets[0].register_forward_pre_hook(rec.count("vae_resnet"))
+        comps.text_encoder.register_forward_pre_hook(rec.count("text_encoder"))
+        return comps
+
+    real_reward = rewards_pkg.build_reward
+
+    def build_reward(*a, **k):
+        reward = real_reward(*a, **k)
+        for m in reward.modules():
+            if type(m).__name__.endswith("EncoderLayer"):
+                m.register_forward_pre_hook(rec.count("reward_layer"))
+        return reward
+
+    def run(tmp_path, sets: list[str], change: dict, reward: list[str] = ()):
+        def next_feature(cfg, target):
+            rec.fits.append(change)
+            return "the rung under test", change
+
+        monkeypatch.setattr(faults, "StageGuard", Guard)
+        monkeypatch.setattr(train_mod, "Placement", Place)
+        monkeypatch.setattr(train_mod, "load_components", load_components)
+        monkeypatch.setattr(rewards_pkg, "build_reward", build_reward)
+        monkeypatch.setattr(planner, "next_feature", next_feature)
+        monkeypatch.setenv(faults.INJECT_ENV, "encode_prompts@2")
+        out = tmp_path / "run"
+        assert main([*FAST, *reward, *sets, "--model", str(tiny_dir), "--output-dir", str(out)]) == 0
+        assert rec.fits == [change]  # the rung was applied once, at step 2
+        return rec
+
+    run.rec = rec
+    return run
+
+
+def shapes(rec: Recorder, step: int, name: str) -> list:
+    return [s for n, s in rec.shapes[step] if n == name]
+
+
+def test_batch_rung_halves_the_micro_batch(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "batch_size=2"], {"batch_size": 1, "grad_accum": 2})
+    assert {s[0] for s in shapes(rec, 1, "decoder")} == {2}
+    assert {s[0] for s in shapes(rec, 3, "decoder")} == {1} and len(shapes(rec, 3, "decoder")) == 2
+
+
+def test_vae_blocks_rung_recomputes_the_decoder_blocks(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "vae_checkpointing=none"], {"vae_checkpointing": "blocks"})
+    assert rec.events[3]["vae_block"] == 2 * rec.events[1]["vae_block"] > 0
+
+
+def test_vae_resnets_rung_recomputes_each_resnet(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "vae_checkpointing=blocks"], {"vae_checkpointing": "resnets"})
+    assert rec.events[3]["vae_resnet"] > rec.events[1]["vae_resnet"] > 0
+
+
+def test_unet_blocks_rung_recomputes_the_unet_blocks(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "unet_checkpointing=call"], {"unet_checkpointing": "blocks"})
+    assert rec.events[3]["unet_block"] > rec.events[1]["unet_block"] > 0
+
+
+def test_reward_checkpointing_rung_recomputes_the_reward_model(recorded, tmp_path):
+    clip = build_clip_reward_dir(tmp_path / "clip", width=32, layers=2, image_size=64)
+    rec = recorded(tmp_path, ["--set", "reward_checkpointing=false"], {"reward_checkpointing": True},
+                   reward=["--reward", "clip", "--set", f"reward_weights={clip}"])
+    assert rec.events[3]["reward_layer"] > rec.events[1]["reward_layer"] > 0
+
+
+def test_sliced_decode_rung_decodes_one_image_at_a_time(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "batch_size=2", "--set", "sliced_decode=false"], {"sliced_decode": True})
+    assert [s[0] for s in shapes(rec, 1, "decoder")] == [2]
+    assert [s[0] for s in shapes(rec, 3, "decoder")] == [1, 1]
+
+
+def test_tiled_decode_rung_decodes_in_tiles(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "tile_size=6", "--set", "tile_overlap=1"],
+                   {"tiled_decode": True, "sliced_decode": False})
+    full = shapes(rec, 1, "decoder")
+    tiles = shapes(rec, 3, "decoder")
+    assert len(full) == 1 and len(tiles) > 1 and all(t[-1] < full[0][-1] for t in tiles)
+
+
+def test_cache_prompts_rung_leaves_the_text_encoder_alone(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "cache_prompt_embeddings=false"], {"cache_prompt_embeddings": True})
+    assert rec.events[1]["text_encoder"] > 0  # encoded its batch
+    assert rec.events[2]["text_encoder"] > 0 and rec.events[3]["text_encoder"] == 0  # cached once, then no more
+    assert ("text_encoder", "cpu") in rec.place_events[2]  # and the encoder left the device
+
+
+def test_offload_frozen_rung_parks_idle_modules_on_the_cpu(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "offload_frozen=false"], {"offload_frozen": True})
+    assert not any(target == "cpu" for name, target in rec.place_events[1] if name in ("vae", "reward"))
+    assert ("vae", "cpu") in rec.place_events[3] and ("vae", "device") in rec.place_events[3]
+
+
+def test_attention_rung_switches_the_attention_processor(recorded, tmp_path):
+    rec = recorded(tmp_path, ["--set", "attention=sdpa"], {"attention": "sliced"})
+    before, after = set(shapes(rec, 1, "processor")), set(shapes(rec, 3, "processor"))
+    assert before and after and before != after and all("Sliced" in p for p in after)
+
+
+def test_activation_offload_rung_saves_tensors_on_the_cpu(recorded, tmp_path, monkeypatch):
+    saved = collections.Counter()
+    real = torch.autograd.graph.save_on_cpu
+
+    class Recording(real):  # what the run hands to autograd: count the tensors it sends to the CPU, per step
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            pack = self.pack_hook
+
+            def counting(t):
+                saved[recorded.rec.step] += 1
+                return pack(t)
+            self.pack_hook = counting
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    recorded(tmp_path, ["--set", "vae_checkpointing=blocks", "--set", "activation_offload=false"],
+             {"activation_offload": True})
+    assert saved[1] == 0 and saved[3] > 0
+
+
+def test_expandable_segments_rung_is_covered_in_test_faults():
+    """The allocator rung switches the live allocator: test_faults.py's
+    test_auto_fit_can_switch_the_allocator_to_expandable_segments runs it through a step."""
+    import test_faults
+    assert hasattr(test_faults, "test_auto_fit_can_switch_the_allocator_to_expandable_segments")
+
+
+def test_every_rung_has_a_test():
+    """The ladder's rungs and the planner's live changes all appear above."""
+    covered = {"batch_size", "grad_accum", "vae_checkpointing", "unet_checkpointing", "reward_checkpointing",
+               "sliced_decode", "tiled_decode", "cache_prompt_embeddings", "offload_frozen", "attention",
+               "activation_offload", "expandable_segments"}
+    from lowmem_alignprop.config import Config
+    cfg = Config(batch_size=4, sample_steps=10, k=1, cache_prompt_embeddings=False, expandable_segments=False,
+                 unet_checkpointing="call", resolution=512)
+    ladder = set().union(*(set(fix(cfg).overrides) for fix in faults.LADDER.values()
+                           if fix(cfg) is not None))
+    live = {k for _, change in planner.candidate_changes(cfg, "cuda")
+            if not {"resolution", "base_quant", "optimizer"} & set(change) for k in change}
+    assert ladder | live <= covered, (ladder | live) - covered
