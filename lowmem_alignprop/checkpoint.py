@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +58,39 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 RUN_MARKS = ("lora", "unet", "metrics.jsonl", "summary.json")  # what a run writes besides its checkpoints
-                                                               # (metrics.jsonl only once it has a row)
 
 
-def holds_a_run(output_dir: str | os.PathLike) -> str | None:
+@dataclass(frozen=True)
+class RunEvidence:
+    """What shows that a folder already holds a run: its checkpoints, or a file or folder a run writes."""
+    name: str  # DIRNAME or one of RUN_MARKS
+    is_dir: bool
+
+    def __str__(self) -> str:  # as messages name it: "checkpoints/", "lora/", "metrics.jsonl"
+        return f"{self.name}/" if self.is_dir else self.name
+
+    @property
+    def checkpoints(self) -> bool:
+        """It has checkpoints: --resume latest continues it."""
+        return self.is_dir and self.name == DIRNAME
+
+    @property
+    def started_only(self) -> bool:
+        """Only the metrics of a run that stopped before its first checkpoint."""
+        return not self.is_dir and self.name == "metrics.jsonl"
+
+
+def holds_a_run(output_dir: str | os.PathLike) -> RunEvidence | None:
     """What shows that ``output_dir`` already holds a run (its checkpoints, or the files a run writes), or None."""
     out = Path(output_dir)
     if list_checkpoints(root_of(out)):
-        return f"{DIRNAME}/"
+        return RunEvidence(DIRNAME, True)
     for mark in RUN_MARKS:
         p = out / mark
         if p.is_dir():
-            return f"{mark}/"
+            return RunEvidence(mark, True)
         if p.is_file() and p.stat().st_size > 0:  # a run that failed before its first step leaves an empty one
-            return mark
+            return RunEvidence(mark, False)
     return None
 
 
@@ -420,11 +440,13 @@ def _cleanup(tmp: Path, is_main: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=None) -> tuple[dict, dict | None]:
-    """Load weights, optimizer and this rank's RNG state from ``path``. Returns (state.json, rng state or None)."""
+def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=None,
+            state: dict[str, Any] | None = None) -> tuple[dict, dict | None]:
+    """Load weights, optimizer and this rank's RNG state from ``path`` (``state``: its state.json when already
+    read). Returns (state.json, rng state or None)."""
     import contextlib
 
-    state = read_state(path)
+    state = read_state(path) if state is None else state
     if engine is not None:
         if int(state.get("world_size", 1)) != accelerator.num_processes:
             raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {state.get('world_size')} processes; "

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .config import field_help
 from .errors import UserError, same_on_every_rank
-from .runlock import global_rank, next_free_dir, world_size
+from .runfolder import RunFolder
+from .runlock import global_rank, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
 
@@ -116,83 +117,20 @@ def cmd_train(argv: list[str]) -> int:
     with same_on_every_rank():
         chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
-            args.output_dir = run_folder_of(args.resume)
+            args.output_dir = RunFolder.of_checkpoint(args.resume)
         name, cfg = config_from_args(args)
-        settings = _resumed_settings(cfg.output_dir, args.resume) if args.resume else None
+        folder = RunFolder.for_command(cfg.output_dir, chosen=chosen, resume=args.resume)
+        settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
             name, cfg = config_from_args(args, resumed=settings)
         snapshot = parse_snapshot(args.memory_snapshot)
         _check_device_for_profile(name)
-        if not chosen and not args.resume:
-            cfg = _next_free_output_dir(cfg)
+        folder.move_past_an_earlier_run()
+        cfg = folder.with_output_dir(cfg)
     warn_if_launcher_started_fewer_processes()
     from .train import train
-    train(cfg, profile_name=name, memory_snapshot=snapshot, resume=args.resume,
-          auto_output_dir=not chosen and not args.resume)
+    train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder)
     return 0
-
-
-def run_folder_of(resume: str) -> str | None:
-    """The run folder of a ``--resume`` value: a run folder itself, ``RUN/checkpoints/step-N``, or a checkpoint of
-    a branch set aside, ``RUN/checkpoints/superseded-after-step-N/step-M``. None for ``latest`` or anything else."""
-    from . import checkpoint as ckpt
-
-    if resume == "latest":
-        return None
-    path = Path(resume).expanduser()
-    for run in (path, path.parent.parent, path.parent.parent.parent):
-        if (run / ckpt.DIRNAME).is_dir() and (run == path or ckpt.DIRNAME in path.relative_to(run).parts[:1]):
-            return str(run)
-    return None
-
-
-def _resumed_settings(output_dir: str, resume: str) -> tuple[str, dict] | None:
-    """(profile name, config) the checkpoint was trained with, or None (train() then says what is wrong: a live
-    run in the folder first, then a missing or broken checkpoint)."""
-    import yaml
-
-    from . import checkpoint as ckpt
-    from .config import FIELD_NAMES
-
-    quiet = logging.getLogger("lowmem_alignprop")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # train() reports a broken checkpoint it skips; once is enough
-    try:
-        state = ckpt.read_state(ckpt.find_resume(Path(output_dir), resume))
-    except (UserError, OSError, ValueError):
-        return None
-    finally:
-        quiet.setLevel(level)
-    values = {k: v for k, v in (state.get("config") or {}).items() if k in FIELD_NAMES and k != "output_dir"}
-    try:
-        name = yaml.safe_load((Path(output_dir) / "config.yaml").read_text()).get("profile", "resumed")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        name = "resumed"
-    return (str(name), values) if values else None
-
-
-def _next_free_output_dir(cfg):
-    """Running the same command twice must not fail: with the default output directory (not one the user
-    named), a folder that holds an earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used."""
-    import dataclasses
-
-    from . import checkpoint as ckpt
-    from .runlock import holder
-
-    def taken(folder: Path) -> str | None:
-        return ("a run still going" if holder(folder) else None) or ckpt.holds_a_run(folder)
-
-    base = Path(cfg.output_dir)
-    mark = taken(base)
-    if not mark:
-        return cfg
-    out = next_free_dir(base, taken)
-    if global_rank() == 0:  # once per run, not once per process
-        logging.getLogger("lowmem_alignprop").warning(
-            "%s holds an earlier run (%s): this run writes to %s", base,
-            "--resume latest continues it" if mark == f"{ckpt.DIRNAME}/" else mark if mark == "a run still going"
-            else "left as it is", out)
-    return dataclasses.replace(cfg, output_dir=str(out))
 
 
 def warn_if_launcher_started_fewer_processes() -> None:

@@ -5,7 +5,7 @@ holds ``OUTPUT_DIR/.run.lock`` from before it writes anything until it ends: an 
 file (the kernel releases it when the process dies, however it dies), with the holder's pid, host and start
 time written into it for the messages. A second run into that folder, or a ``--resume`` of it while it is
 live, stops with one line; the auto-numbered default folder of a run started at the same moment moves on to
-the next free one (see :func:`lowmem_alignprop.train.train`).
+the next free one (see :class:`lowmem_alignprop.runfolder.RunFolder`).
 
 A lock file left by a killed run holds no lock any more and is simply taken. Under ``accelerate launch`` only
 global rank 0 takes it (one lock per run, not per process); the other ranks recognise their launch in it.

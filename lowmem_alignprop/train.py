@@ -32,7 +32,8 @@ from .models import load_components, lora_metadata, lora_state_dict, set_attenti
 from .optim import build_optimizer
 from .placement import Placement, configure_cuda_allocator
 from .prompts import cut_prompts_note
-from .runlock import RunLock, check_free, global_rank, hold_folder, world_size
+from .runfolder import ResumePoint, RunFolder
+from .runlock import RunLock, global_rank, world_size
 from .sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing, initial_latents,
                        make_pipeline, resolution_note, rollout)
 from .step import apply_memory_features, rollout_loss
@@ -65,45 +66,27 @@ def make_accelerator(cfg: Config, output_dir: Path):
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
-          resume: str | None = None, auto_output_dir: bool = False) -> dict:
+          folder: RunFolder | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
-    ``auto_output_dir``: the output dir was numbered automatically (not the user's), so when another run takes it
-    at the same moment this one moves on to the next free one."""
+    ``folder``: the run folder (the command line's choice, with its --resume); default: ``cfg.output_dir`` as named,
+    a new run."""
+    folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
         prompts = prepare_inputs(cfg)
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
         if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             from .distributed import adopt_launcher_deepspeed
             adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
-        out = Path(cfg.output_dir)
-        if not auto_output_dir:  # (a numbered default folder taken meanwhile: the next one, below)
-            check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
-        mark = ckpt.holds_a_run(out)
-        resume_path = ckpt.find_resume(out, resume) if resume else None  # missing or broken: fails here
-        if mark and resume_path is None:
-            cont = ("continue it with --resume latest, or" if mark == f"{ckpt.DIRNAME}/" else
-                    "it stopped before its first checkpoint, so nothing there can be continued: delete the folder "
-                    "to start again there, or" if mark == "metrics.jsonl" else
-                    "it has no checkpoint to continue from:")
-            raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
-                            "(nothing was overwritten)")
-        if mark and ckpt.branch_point(resume_path, ckpt.root_of(out)) is None:  # another run's checkpoint
-            raise UserError(f"--output-dir {out} holds another run ({mark}): resuming {resume_path} there would mix "
-                            "the two runs' files; leave --output-dir out to continue in that checkpoint's own run "
-                            "folder, or pass a new --output-dir (nothing was overwritten)")
-    # no second run (or a --resume of this one) writes here meanwhile; under a launcher, rank 0 holds it for all
-    lock = hold_folder(out, ckpt.holds_a_run, enabled=global_rank() == 0,
-                       numbered=auto_output_dir and world_size() == 1)
-    if lock.out != out:  # the numbered default folder was taken a moment ago by a run started with this one
-        out = lock.out
-        cfg = dataclasses.replace(cfg, output_dir=str(out))
+        point = folder.check()
+    lock = folder.hold()
+    cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     with lock:
-        return _train(cfg, prompts, out, profile_name=profile_name, memory_snapshot=memory_snapshot,
-                      resume_path=resume_path, lock=lock)
+        return _train(cfg, prompts, folder, profile_name=profile_name, memory_snapshot=memory_snapshot,
+                      point=point, lock=lock)
 
 
-def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
-           memory_snapshot: tuple[int, int] | None, resume_path: Path | None, lock: RunLock) -> dict:
+def _train(cfg: Config, prompts: list[str], folder: RunFolder, *, profile_name: str,
+           memory_snapshot: tuple[int, int] | None, point: ResumePoint | None, lock: RunLock) -> dict:
     from tqdm.auto import tqdm
 
     from .distributed import any_rank, deepspeed_engine, gatherer, is_zero3, whole_models
@@ -111,11 +94,11 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
     from .profiler import StageProfiler
     from .rewards import build_reward
 
-    resume_state = None
-    if resume_path is not None:  # an incompatible checkpoint fails here, before any model loads
+    out = folder.path
+    resume_path = point.path if point is not None else None
+    if point is not None:  # an incompatible checkpoint fails here, before any model loads
         with same_on_every_rank():
-            resume_state = ckpt.read_state(resume_path)
-            ckpt.check_config(resume_state, cfg, resume_path)
+            ckpt.check_config(point.state, cfg, point.path)
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused
     accelerator = make_accelerator(cfg, out)
     device = accelerator.device
@@ -133,7 +116,7 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
             unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
             fingerprint = ckpt.fingerprint(cfg, unet)  # before DeepSpeed partitions the weights
             if resume_path is not None:
-                ckpt.check_fingerprint(resume_state["fingerprint"], fingerprint, resume_path)
+                ckpt.check_fingerprint(point.state["fingerprint"], fingerprint, resume_path)
             params, attention = apply_memory_features(comps, cfg, device, weight_dtype)
             unet.to(device).train()
             place.park("text_encoder", text_encoder, comps.text_encoder_2)  # to the device only to encode
@@ -249,25 +232,18 @@ def _train(cfg: Config, prompts: list[str], out: Path, *, profile_name: str,
     # ================================ train ================================
     history: list[dict] = []
     start = 0
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = folder.metrics
     if resume_path is not None:
         state, rng_state = ckpt.restore(accelerator, resume_path, bare_unet=bare_unet, optimizer=optimizer,
-                                        engine=engine, gather=gather)
+                                        engine=engine, gather=gather, state=point.state)
         start, history = int(state["step"]), list(state.get("history", []))
         if rng_state is not None:
             set_rng_state(rng, rng_state)
         if is_main:
-            root = ckpt.root_of(out)
-            branch = ckpt.branch_point(resume_path, root)
-            if branch is not None:  # newer checkpoints (and their metrics) are another branch: set aside, kept
-                ckpt.set_aside_newer(root, branch, metrics_path)
-            if resume_path.resolve().parent == root.resolve():
-                keep_metrics_until(metrics_path, start)  # rows written after the checkpoint (before a crash) go
-            else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
-                metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+            folder.start_metrics(point, history)
         log.info("resumed from %s at step %d", resume_path, start)
     elif is_main:
-        metrics_path.write_text("")
+        folder.start_metrics(None, history)
 
     def save_checkpoint(step: int, extra: dict | None = None) -> Path:
         return ckpt.save(accelerator, out, step, cfg=cfg, bare_unet=bare_unet, optimizer=optimizer, engine=engine,
@@ -556,23 +532,6 @@ def set_rng_state(rng: random.Random, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
-    if not path.exists():
-        path.write_text("")
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                rows.append(line)
-        except ValueError:
-            continue  # a line cut off by a crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def log_images(accelerator, cfg: Config, grid_path: Path) -> None:

@@ -224,7 +224,7 @@ def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert ckpt.holds_a_run(tmp_path) is None  # the same command may run there again
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert ckpt.holds_a_run(tmp_path) == "metrics.jsonl"
+    assert str(ckpt.holds_a_run(tmp_path)) == "metrics.jsonl"
 
 
 def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_path, monkeypatch, capsys):

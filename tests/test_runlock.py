@@ -11,8 +11,9 @@ import time
 import pytest
 
 from lowmem_alignprop import runlock
-from lowmem_alignprop.cli import _next_free_output_dir, main
+from lowmem_alignprop.cli import main
 from lowmem_alignprop.config import Config, build_config
+from lowmem_alignprop.runfolder import RunFolder
 
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
 
@@ -79,6 +80,12 @@ def test_bad_input_found_after_the_lock_leaves_no_folder(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def _next_free_output_dir(cfg):
+    folder = RunFolder(cfg.output_dir, numbered=True)  # the default folder, not one the user named
+    folder.move_past_an_earlier_run()
+    return folder.with_output_dir(cfg)
+
+
 def test_the_default_folder_moves_past_a_live_run(tmp_path, live_run, caplog):
     base = tmp_path / "outputs" / "run"
     live_run(base)
@@ -99,7 +106,7 @@ def test_a_default_folder_taken_a_moment_ago_moves_on_to_the_next(tmp_path, live
     live_run(base)  # the other run took it after this one chose it
     cfg = build_config({"resolution": 64}, {"output_dir": str(base), "steps": 1},
                        {"sample_prompts": 0, "sample_steps": 2, "k": 1})
-    summary = train(cfg, auto_output_dir=True)
+    summary = train(cfg, folder=RunFolder(cfg.output_dir, numbered=True))
     assert summary["output_dir"] == str(tmp_path / "outputs" / "run-2")
     assert (tmp_path / "outputs" / "run-2" / "lora").is_dir() and not (base / "lora").exists()
     with pytest.raises(runlock.LockTaken, match="another run is writing to"):  # a folder the user chose: refused
