@@ -1,6 +1,6 @@
 """``lowmem-alignprop plan``: will this configuration fit the card? Answered without a GPU and without weights.
 
-How (DESIGN.md section 4):
+How (docs/design.md section 4):
 
 1. The models are built from their architecture configs on the ``meta`` device in the target dtype
    (``--model sd15|sd21|sdxl``: the shipped configs; ``tiny``, a diffusers directory or a cached hub
@@ -53,6 +53,7 @@ from .errors import UserError, first_line
 from .precision import frozen_weight_dtype
 from .profiler import library_versions
 from .step import apply_memory_features, rollout_loss
+from .torch_private import recompute_inside
 
 GIB = 1024**3
 MIB = 1024**2
@@ -259,7 +260,8 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
     The autograd engine does not carry torch-function modes into backward, so a checkpoint's recompute would
     run without this mode (and fail checkpointing's dtype check): :meth:`replay_in_recompute` makes every
     non-reentrant checkpoint re-enter it for its recompute (the CPU autocast state is replayed by
-    checkpointing itself)."""
+    checkpointing itself), through the one private torch function this package touches
+    (:mod:`lowmem_alignprop.torch_private`)."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -268,35 +270,10 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
     def active(self):
         return torch.autocast("cpu", dtype=self.dtype)
 
-    @contextlib.contextmanager
     def replay_in_recompute(self):
-        import torch.utils.checkpoint as ckpt
-
-        plain = ckpt._checkpoint_without_reentrant_generator  # private; looked up by checkpoint() at call time
+        """While active, every non-reentrant checkpoint's recompute re-enters this mode (see torch_private)."""
         dtype = self.dtype
-
-        def generator(fn, preserve_rng_state, context_fn, *rest, **kwargs):
-            def contexts():
-                forward_ctx, recompute_ctx = context_fn()
-                stack = contextlib.ExitStack()
-
-                class _Recompute:
-                    def __enter__(self):
-                        stack.enter_context(CudaAutocast(dtype))
-                        stack.enter_context(recompute_ctx)
-
-                    def __exit__(self, *exc):
-                        return stack.__exit__(*exc)
-
-                return forward_ctx, _Recompute()
-
-            return plain(fn, preserve_rng_state, contexts, *rest, **kwargs)
-
-        ckpt._checkpoint_without_reentrant_generator = generator
-        try:
-            yield
-        finally:
-            ckpt._checkpoint_without_reentrant_generator = plain
+        return recompute_inside(lambda: CudaAutocast(dtype))
 
     def _lower(self, t):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype == torch.float32:
@@ -330,6 +307,33 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
             except TypeError:
                 return func(self._upper(first), *args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+class _RealTimesteps:
+    """The components' scheduler for a step on fake tensors: its tables are real tensors made outside fake mode and
+    its timesteps plain ints, so DDIM's step indexes them with an int (a fake index would be data-dependent). Every
+    other attribute is the scheduler's own."""
+
+    def __init__(self, scheduler):
+        self._scheduler = scheduler
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+    def set_timesteps(self, n, device=None, **kw):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            self._scheduler.set_timesteps(n, device="cpu", **kw)
+            self._scheduler.timesteps = [int(t) for t in self._scheduler.timesteps]  # slicing them stays real
+
+    def step(self, model_output, timestep, sample, *a, **kw):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        if isinstance(timestep, torch.Tensor):
+            with unset_fake_temporarily():
+                timestep = int(timestep)
+        return self._scheduler.step(model_output, timestep, sample, *a, **kw)
 
 
 class _HostSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
@@ -567,6 +571,8 @@ class StepParts:
     stage: Callable
     autocast: Callable[[], Any] = contextlib.nullcontext
     run_optimizer: bool = True
+    scheduler: Any = None  # None: the components' own
+    saved_tensors: Callable[[], Any] | None = None  # activation_offload's hooks; None: torch's save_on_cpu
 
 
 def warm_up_optimizer(parts: StepParts) -> None:
@@ -598,8 +604,9 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)
     with parts.autocast():
-        loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, comps.scheduler, comps.vae, parts.reward, latents,
-                                     emb, batch_prompts, k=k, generator=g, stage=stage, place=place)
+        loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
+                                     parts.reward, latents, emb, batch_prompts, k=k, generator=g, stage=stage,
+                                     place=place, saved_tensors=parts.saved_tensors)
     with stage(stages.BACKWARD):
         loss.backward()  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
     del latents, loss, rewards
@@ -673,9 +680,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
 
     ``emulate_autocast=False`` runs a CUDA target's step without autocast (frozen modules purely in their own
     dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost."""
-    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .optim import build_optimizer
     from .prompts import load_prompts
     from .sampling import make_pipeline
 
@@ -684,6 +690,61 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         raise UserError(f"target device must be cuda or cpu, not {target!r}")
     notes: list[str] = []
     cuda = target == "cuda"
+    k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
+
+    # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
+    comps, reward = _meta_models(cfg, sim, target, dtype, notes)
+    # 3. fake storage for everything
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    params, weights, largest = _fake_weights(cfg, comps, reward, fake, cuda, notes)
+    counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
+    counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
+                       if m is not None for t in list(m.parameters()) + list(m.buffers()))
+    place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
+    if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
+        place.on_device -= {TEXT_ENCODER, "vae", "reward"}
+    autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
+    optimizer, run_opt = _optimizer_for(cfg, params, cuda, weights, place, notes)
+    place.extra = largest
+    place.refresh()
+
+    # the level at each grad-window UNet call; when the window starts the rollout, autocast's cache of the LoRA
+    # weights' casts is made inside the first call: count it as there before (it is made once, not per step)
+    grad_calls: list[int] = []
+
+    def at_grad_call(module, args):
+        if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
+            cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
+            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
+
+    hook = comps.unet.register_forward_pre_hook(at_grad_call)
+    # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
+    # activation_offload go to (uncounted) host memory, the stage is the counter's
+    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place, counter.stage,
+                      autocast, run_optimizer=run_opt, scheduler=_RealTimesteps(comps.scheduler),
+                      saved_tensors=(lambda: _HostSaveOnCpu(counter)) if cuda and cfg.activation_offload else None)
+    try:
+        with fake, contextlib.ExitStack() as stack:
+            if autocast_mode is not None:
+                stack.enter_context(autocast_mode)
+                stack.enter_context(autocast_mode.replay_in_recompute())
+            stack.enter_context(counter)
+            warm_up_optimizer(parts)
+            step_start = counter.current
+            keep = run_step(parts, k=k_sim, seed=cfg.seed)
+            del keep
+    except Exception as e:
+        _name_a_user_reward_that_needs_data(cfg.reward, e)
+        raise
+    finally:
+        hook.remove()
+    return _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
+
+
+def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
+    """(K planned, K simulated, no-grad steps simulated, the configuration simulated)."""
     k_plan = cfg.window_bounds()[1]
     if cfg.truncation == "uniform":
         notes.append(f"K ~ U{{{cfg.k_min}..{cfg.k_max}}}: planned at k_max={cfg.k_max}, the worst case")
@@ -699,10 +760,13 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                      "when DeepSpeed offloads to the CPU)")
     if cfg.optimizer == "paged_adamw8bit":
         notes.append("paged_adamw8bit: its state is counted as resident (it pages to the CPU only under pressure)")
-    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
-    dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
+    return k_plan, k_sim, n_nograd, sim
 
-    # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
+
+def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str]):
+    """The components and reward model on meta, with the trainer's memory features applied."""
+    from .sampling import resolution_note
+
     comps = meta_components(cfg, dtype)
     reward = meta_reward(cfg, dtype, notes)
     models_log = logging.getLogger("lowmem_alignprop.models")
@@ -712,17 +776,19 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         apply_memory_features(comps, sim, torch.device(target), dtype)
     finally:
         models_log.setLevel(level)
-    if cuda and comps.is_sdxl and comps.vae.dtype == torch.float32 and dtype == torch.float16 \
+    if target == "cuda" and comps.is_sdxl and comps.vae.dtype == torch.float32 and dtype == torch.float16 \
             and comps.vae.config.get("force_upcast", False):
         comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
         notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
                      "decodes in fp32: about twice the decode memory")
-    from .sampling import resolution_note
     off_size = resolution_note(comps.unet, comps.vae, cfg.resolution)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)
-    # 3. fake storage for everything
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    return comps, reward
+
+
+def _fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str]) -> tuple[list, dict[str, int], int]:
+    """Fake storage for every module; (LoRA parameters, bytes per module, the largest dequantized layer)."""
     modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: [comps.text_encoder, comps.text_encoder_2],
                "reward": reward}
     with fake:
@@ -737,6 +803,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     for name, obj in modules.items():
         ms = [m for m in (obj if isinstance(obj, list) else [obj]) if m is not None]
         weights[name] = _unique_bytes([t for m in ms for t in list(m.parameters()) + list(m.buffers())], seen, block)
+    largest = 0
     if cfg.base_quant != "none":
         saved, largest = _quantized_unet_bytes(comps.unet, cfg.base_quant)
         weights["unet"] -= saved
@@ -744,91 +811,42 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                      f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized (quant.prepare_quantized_layers "
                      f"keeps them so); +{largest / MIB:.0f} MiB "
                      "for one dequantized layer added to every stage")
-    else:
-        largest = 0
+    return params, weights, largest
 
-    # the scheduler's tables are real tensors made outside fake mode: its timesteps become ints, so DDIM's step
-    # indexes them with an int (a fake index would be data-dependent)
-    sched = comps.scheduler
-    plain_set, plain_step = sched.set_timesteps, sched.step
 
-    def set_timesteps(n, device=None, **kw):
-        with unset_fake_temporarily():
-            plain_set(n, device="cpu", **kw)
-            sched.timesteps = [int(t) for t in sched.timesteps]  # plain ints: slicing them inside fake mode stays real
+def _autocast_for(cfg: Config, cuda: bool, dtype: torch.dtype, emulate: bool):
+    """(the CUDA autocast emulation or None, the autocast context the step runs in)."""
+    if cuda and cfg.mixed_precision != "no" and emulate:
+        mode = CudaAutocast(dtype)
+        return mode, mode.active
+    if not cuda and cfg.mixed_precision == "bf16":
+        return None, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # as accelerate does on a CPU
+    return None, contextlib.nullcontext
 
-    def step(model_output, timestep, sample, *a, **kw):
-        if isinstance(timestep, torch.Tensor):
-            with unset_fake_temporarily():
-                timestep = int(timestep)
-        return plain_step(model_output, timestep, sample, *a, **kw)
 
-    sched.set_timesteps, sched.step = set_timesteps, step
+def _optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], place, notes: list[str]):
+    """(the optimizer the step runs, whether it steps): AdamW for real; an 8-bit state counted analytically."""
+    from .optim import build_optimizer
 
-    counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
-    counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
-                       if m is not None for t in list(m.parameters()) + list(m.buffers()))
-    place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
-    if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
-        place.on_device -= {TEXT_ENCODER, "vae", "reward"}
-
-    autocast_mode = None
-    if cuda and cfg.mixed_precision != "no" and emulate_autocast:
-        autocast_mode = CudaAutocast(dtype)
-        autocast = autocast_mode.active
-    elif not cuda and cfg.mixed_precision == "bf16":
-        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # as accelerate does on a CPU
-    else:
-        autocast = contextlib.nullcontext
-
-    optimizer = None
-    run_opt = cfg.optimizer == "adamw"
-    if run_opt:
+    if cfg.optimizer == "adamw":
         optimizer = build_optimizer(cfg, params)
         if cuda:
             for group in optimizer.param_groups:  # on CUDA AdamW takes the foreach path: full-size temporaries
                 group["foreach"] = True
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr)  # only zero_grad is used; the 8-bit state is analytic
-        weights["optimizer_state"] = _adam8bit_state_bytes(params)
-        place.on_device.add("optimizer_state")
-        notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
-                     "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")
-    place.extra = largest
-    place.refresh()
+        return optimizer, True
+    optimizer = torch.optim.SGD(params, lr=cfg.lr)  # only zero_grad is used; the 8-bit state is analytic
+    weights["optimizer_state"] = _adam8bit_state_bytes(params)
+    place.on_device.add("optimizer_state")
+    notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
+                 "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")
+    return optimizer, False
 
-    # the level at each grad-window UNet call; when the window starts the rollout, autocast's cache of the LoRA
-    # weights' casts is made inside the first call: count it as there before (it is made once, not per step)
-    grad_calls: list[int] = []
 
-    def at_grad_call(module, args):
-        if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
-            cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
-            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
-
-    hook = comps.unet.register_forward_pre_hook(at_grad_call)
-    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place, counter.stage,
-                      autocast, run_optimizer=run_opt)
-    save_on_cpu = torch.autograd.graph.save_on_cpu
-    try:
-        with fake, contextlib.ExitStack() as stack:
-            if autocast_mode is not None:
-                stack.enter_context(autocast_mode)
-                stack.enter_context(autocast_mode.replay_in_recompute())
-            if cuda and cfg.activation_offload:
-                torch.autograd.graph.save_on_cpu = lambda pin_memory=False: _HostSaveOnCpu(counter)
-            stack.enter_context(counter)
-            warm_up_optimizer(parts)
-            step_start = counter.current
-            keep = run_step(parts, k=k_sim, seed=cfg.seed)
-            del keep
-    except Exception as e:
-        _name_a_user_reward_that_needs_data(cfg.reward, e)
-        raise
-    finally:
-        torch.autograd.graph.save_on_cpu = save_on_cpu
-        hook.remove()
-
+def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int], largest: int,
+             grad_calls: list[int], k_plan: int, k_sim: int, step_start: int, t0: float,
+             notes: list[str]) -> Estimate:
+    """The per-stage figures: the counter's peaks, K beyond the simulated window, load, the reserved estimate."""
+    cuda = target == "cuda"
     # K beyond the simulated window: each further grad step keeps what the second one kept
     per_k = max(0, grad_calls[1] - grad_calls[0]) if len(grad_calls) >= 2 else 0
     extra = per_k * (k_plan - k_sim)

@@ -8,6 +8,7 @@ See docs/design.md section 1 (stages) and section 2 (truncated backprop).
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, ContextManager
 
 import torch
 
@@ -48,12 +49,23 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
 
 
 def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
-                 k: int, generator, stage, place: Placement | None = None):
-    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards)."""
+                 k: int, generator, stage, place: Placement | None = None,
+                 saved_tensors: Callable[[], ContextManager] | None = None):
+    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards).
+
+    What differs between a real step (the trainer) and an estimated one (the planner, on fake tensors) is passed in,
+    never patched into torch or another module: ``scheduler`` (the planner's keeps its timesteps real), ``stage``
+    (the profiler's or the planner's counter), ``place`` (where the frozen modules sit), ``saved_tensors`` (where
+    activation_offload sends the tensors saved for backward; default torch's ``save_on_cpu``). Autocast is the
+    caller's: the trainer's accelerator, or the planner's emulation of CUDA autocast."""
     scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
     # activation_offload: every tensor saved for backward (checkpoint inputs included) waits in CPU memory
-    offload = (torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda) if cfg.activation_offload
-               else contextlib.nullcontext())
+    if not cfg.activation_offload:
+        offload = contextlib.nullcontext()
+    elif saved_tensors is not None:
+        offload = saved_tensors()
+    else:
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda)
     with offload:
         latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                           generator=generator, stage=stage, grad_unet=grad_unet)

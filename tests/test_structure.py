@@ -1,4 +1,5 @@
-"""The package's import graph: no module imports (at the top or inside a function) one that imports it back."""
+"""The package's shape: an import graph without cycles (imports at the top or inside a function), no function
+longer than about 120 lines, and a training step that fits a screen."""
 
 import ast
 from pathlib import Path
@@ -73,3 +74,21 @@ def test_find_cycle_finds_one():
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def _functions():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
+def test_no_function_is_longer_than_120_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path, node in _functions() if node.end_lineno - node.lineno + 1 > 120]
+    assert not long, long
+
+
+def test_the_training_step_fits_a_screen():
+    (step,) = [node for path, node in _functions() if path.name == "train.py" and node.name == "train_step"]
+    assert step.end_lineno - step.lineno + 1 <= 50
