@@ -533,7 +533,7 @@ def _section_ladder(lad: dict | None, gpu, STAGES) -> list[str]:
               "The trainer runs the UNet calls under `accelerator.autocast()`, and the frozen VAE and reward model "
               "in their own fp16 outside it (autocast would keep their GroupNorm/LayerNorm, upsampling and softmax "
               "outputs in fp32: 0.6-1.9 GiB more at 512 px, as the H200 runs of section 4 measured before that "
-              "change). The same steps estimated with no autocast at all; they reproduce DESIGN.md section 3's "
+              "change). The same steps estimated with no autocast at all; they reproduce docs/design.md section 3's "
               "fake-tensor figures (5.51 / 4.54 / 4.08 / 3.85 / 3.39 GiB):", "",
               "| configuration | with autocast | without | autocast costs |", "|---|---:|---:|---:|"]
         for c in lad["autocast_cost"]:

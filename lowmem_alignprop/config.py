@@ -57,7 +57,7 @@ class Config:
                         "then draws fresh noise, so rollouts of one prompt differ.")
     resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
 
-    # ---- truncated backprop (DESIGN.md section 2) ------------------------------------------------
+    # ---- truncated backprop (docs/design.md section 2) -------------------------------------------
     truncation: str = _f("fixed", "How K is chosen, once per rollout: fixed K, or uniform in [k_min, k_max].",
                          ("fixed", "uniform"))
     k: int = _f(1, "Fixed K: gradients flow through the last K denoising steps.")

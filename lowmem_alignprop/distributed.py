@@ -55,7 +55,7 @@ def deepspeed_plugin(cfg, mixed_precision: str | None = None):
 
     ensure_process_group_env()
     # zero3_init_flag off: the frozen models load whole on the CPU first (and peft's LoRA init must not run
-    # inside zero.Init, see DESIGN.md section 7); deepspeed.initialize then partitions them.
+    # inside zero.Init, see docs/design.md section 8); deepspeed.initialize then partitions them.
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision), zero3_init_flag=False)
 
 

@@ -1,4 +1,4 @@
-"""Memory and time of each stage of a training step (DESIGN.md sections 1, 3 and 4).
+"""Memory and time of each stage of a training step (docs/design.md sections 1 and 6).
 
 Usage, as the training loop does it::
 

@@ -12,8 +12,8 @@ stay as they are, and the LoRA weights and their gradients stay fp32. Two ways i
 
 bitsandbytes' kernels need CUDA here: diffusers refuses to quantize without a GPU ("No GPU found"),
 and so do we (a UserError) unless the environment variable ``LOWMEM_ALIGNPROP_QUANT_ON_CPU=1`` is
-set, which the tests use together with a monkeypatched diffusers environment check (DESIGN.md
-section 7: int8 and nf4 then run on CPU; nf4 on CPU needs the UNet in ``train()`` mode).
+set, which the tests use together with a monkeypatched diffusers environment check (docs/design.md
+section 8: int8 and nf4 then run on CPU; nf4 on CPU needs the UNet in ``train()`` mode).
 
 For the planner (which cannot run bitsandbytes under fake tensors) :func:`quantized_weight_bytes`
 gives the analytic size of the quantized UNet.

@@ -1,6 +1,6 @@
 """The differentiable rollout: prompt encoding, DDIM with classifier-free guidance, truncated backprop, decode.
 
-Truncation (DESIGN.md section 2): K is drawn once per rollout, the gradient flows through the contiguous
+Truncation (docs/design.md section 2): K is drawn once per rollout, the gradient flows through the contiguous
 last K steps, and the latent entering that window is detached. Each UNet call in the window is one
 gradient checkpoint, so only its input latent is kept and memory is almost flat in K.
 """

@@ -1,4 +1,4 @@
-"""The shared vocabulary of a training step (DESIGN.md section 1).
+"""The shared vocabulary of a training step (docs/design.md section 1).
 
 The profiler, the planner, the reports and the logs use exactly these names, in this order.
 """

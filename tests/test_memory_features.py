@@ -8,7 +8,7 @@ the training code path: ``step.apply_memory_features`` -> ``step.rollout_loss`` 
 Each comparison turns one feature on against a baseline with the others fixed; the baseline is the
 setting where the feature matters (the way the profiles combine them): UNet block checkpointing and
 reward checkpointing are measured with the VAE checkpointed, because otherwise the VAE's saved
-activations set the peak and hide them, as on SD1.5 (DESIGN.md section 3).
+activations set the peak and hide them, as on SD1.5 (docs/design.md section 3).
 Run with ``-s`` to see the table; the module prints it at the end.
 """
 

@@ -113,7 +113,7 @@ def test_offload_and_cached_prompts_decide_what_is_on_the_device(tiny_dir):
 
 
 def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
-    """`plan --profile rtx3060 --model sd15` on this CPU-only machine. DESIGN.md section 3 found 3.39 GiB for
+    """`plan --profile rtx3060 --model sd15` on this CPU-only machine. docs/design.md section 3 gives 3.39 GiB for
     these features (VAE checkpointed per resnet, frozen modules in fp16) with the aesthetic reward; the default
     brightness reward drops the CLIP (-0.6 GiB), so about 2.8 GiB is expected, and the decode and reward
     stages run outside autocast as the trainer does. Tolerance 0.85x to 1.25x of 2.8 GiB. It must take at

@@ -1,7 +1,7 @@
 """Quantized frozen base UNet (bitsandbytes int8/nf4 under fp32 LoRA): which layers, sizes, gradients, errors.
 
 bitsandbytes runs on this CPU once diffusers' "No GPU found" check is bypassed (here, by monkeypatch) and
-our own CUDA check is lifted with LOWMEM_ALIGNPROP_QUANT_ON_CPU=1 (DESIGN.md section 7). The GPU side
+our own CUDA check is lifted with LOWMEM_ALIGNPROP_QUANT_ON_CPU=1 (docs/design.md section 8). The GPU side
 (weight bytes and peak memory against fp16) is ``gpu_verify_quant`` in benchmarks/verify_quant.py, run by benchmarks/gpu_check.py.
 """
 
