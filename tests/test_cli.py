@@ -87,6 +87,7 @@ def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_na
         assert capsys.readouterr().err == printed
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the launcher's /proc/PID/cmdline")
 def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypatch, caplog):
     """`accelerate launch --cpu --num_processes 2` without --multi_gpu runs one plain process: the run says so."""
     import logging

@@ -1,0 +1,112 @@
+"""The run folder (lowmem_alignprop/runfolder.py): choosing the folder, what it holds (typed), the one lookup of
+the checkpoint to resume, metrics of a resumed branch. Fast: no model is trained here (test_resume.py and
+test_runlock.py run the same paths end to end)."""
+
+import json
+import logging
+
+import pytest
+
+from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.runfolder import RunFolder, keep_metrics_until
+
+
+def fake_checkpoint(run, step: int, **state):
+    """A checkpoint folder the lookup accepts: state.json listed with its checksum in the manifest."""
+    path = ckpt.step_dir(ckpt.root_of(run), step)
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": step, **state}))
+    ckpt.write_manifest(path)
+    return path
+
+
+def test_what_a_folder_holds_is_typed(tmp_path):
+    assert ckpt.holds_a_run(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    mark = ckpt.holds_a_run(tmp_path)
+    assert str(mark) == "metrics.jsonl" and mark.started_only and not mark.checkpoints
+    fake_checkpoint(tmp_path, 1)
+    mark = ckpt.holds_a_run(tmp_path)
+    assert str(mark) == "checkpoints/" and mark.checkpoints and not mark.started_only
+
+
+def test_the_run_folder_of_a_resume_value(tmp_path):
+    run = tmp_path / "run"
+    step = fake_checkpoint(run, 2)
+    aside = ckpt.root_of(run) / "superseded-after-step-1"
+    aside.mkdir()
+    assert RunFolder.of_checkpoint(str(run)) == str(run)
+    assert RunFolder.of_checkpoint(str(step)) == str(run)
+    assert RunFolder.of_checkpoint(str(aside / "step-00000002")) == str(run)
+    assert RunFolder.of_checkpoint("latest") is None
+    assert RunFolder.of_checkpoint(str(tmp_path / "elsewhere")) is None
+
+
+def test_only_the_default_folder_moves_past_an_earlier_run(tmp_path, caplog):
+    base = tmp_path / "run"
+    fake_checkpoint(base, 1)
+    named = RunFolder.for_command(base, chosen=True, resume=None)
+    named.move_past_an_earlier_run()
+    assert named.path == base
+    default = RunFolder.for_command(base, chosen=False, resume=None)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        default.move_past_an_earlier_run()
+    assert default.path == tmp_path / "run-2"
+    assert "--resume latest continues it" in caplog.text
+    with pytest.raises(UserError, match=r"already holds a run \(checkpoints/\): continue it with --resume latest"):
+        named.check()
+
+
+def test_the_checkpoint_to_resume_is_read_once(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 3, config={"lr": 0.5, "output_dir": "elsewhere", "no_such_field": 1})
+    reads = []
+    real = ckpt.read_state
+    monkeypatch.setattr(ckpt, "read_state", lambda path: reads.append(path) or real(path))
+    folder = RunFolder.for_command(run, chosen=True, resume="latest")
+    assert folder.resumed_settings() == ("resumed", {"lr": 0.5})  # known fields, never the output dir
+    point = folder.check()
+    assert point.step == 3 and point.path.name == "step-00000003"
+    assert len(reads) == 1
+
+
+def test_a_broken_checkpoint_is_said_where_the_run_checks(tmp_path, caplog):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 1)
+    broken = fake_checkpoint(run, 2)
+    (broken / "state.json").write_text("{}")  # no longer matches its checksum
+    folder = RunFolder.for_command(run, chosen=True, resume="latest")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        folder.resumed_settings()  # the lookup itself says nothing yet
+        assert "incomplete or corrupt" not in caplog.text
+        point = folder.check()
+    assert point.step == 1
+    assert caplog.text.count("incomplete or corrupt") == 1
+
+
+def test_no_checkpoint_to_resume_fails_at_the_check(tmp_path):
+    folder = RunFolder.for_command(tmp_path / "run", chosen=True, resume="latest")
+    assert folder.resumed_settings() is None
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        folder.check()
+
+
+def test_resuming_an_older_step_sets_the_newer_ones_aside_with_their_metrics(tmp_path):
+    run = tmp_path / "run"
+    old = fake_checkpoint(run, 1)
+    fake_checkpoint(run, 2)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    folder = RunFolder.for_command(run, chosen=True, resume=str(old))
+    point = folder.check()
+    folder.start_metrics(point, [{"step": 1}])
+    aside = ckpt.root_of(run) / "superseded-after-step-1"
+    assert (aside / "step-00000002").is_dir() and (aside / "metrics.jsonl").read_text().count("\n") == 2
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_keep_metrics_until_drops_later_and_cut_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    keep_metrics_until(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
