@@ -195,7 +195,8 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
-    from .planner import format_plan, plan
+    from .planner import plan
+    from .reports import format_plan
     from .prompts import load_prompts
     from .rewards import check_reward_spec
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would

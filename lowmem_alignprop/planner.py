@@ -53,34 +53,9 @@ from .errors import UserError, first_line
 from .precision import frozen_weight_dtype
 from .profiler import library_versions
 from .step import apply_memory_features, rollout_loss
+from .allowances import (ALLOWANCES, CUDA_BLOCK, CUDA_CONTEXT_BYTES, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB,  # noqa: F401
+                         RESERVED_FACTOR, WORKSPACE_BYTES)
 from .torch_private import recompute_inside
-
-GIB = 1024**3
-MIB = 1024**2
-
-# ---------------------------------------------------------------------------------------------------
-# allowances for what fake tensors cannot see (CUDA targets only; a CPU target gets none)
-# ---------------------------------------------------------------------------------------------------
-CUDA_BLOCK = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
-# reserved ~ allocated x this, with expandable segments (the default): the H100 runs of benchmarks/REPORT.md reserved
-# 1.03-1.09x their allocated peak (segment rounding, some fragmentation)
-RESERVED_FACTOR = 1.10
-# with fixed segments (expandable_segments=false) freed blocks of the large decode tensors fragment: the same runs
-# reserved up to 0.26 GiB more than allocated x 1.10 at 512 px, 1.4-1.8 GiB more at SDXL's 1024 px (4x the area)
-FIXED_SEGMENTS_BYTES_PER_512PX = 512 * MIB
-WORKSPACE_BYTES = 160 * MIB  # cuBLAS workspaces (a few MiB per handle/stream) + the cuDNN conv workspace
-CUDA_CONTEXT_BYTES = 400 * MIB  # driver, kernels, cuDNN/cuBLAS handles: outside the allocator
-
-ALLOWANCES = {
-    "allocator_rounding": f"every allocation rounded up to {CUDA_BLOCK} B (counted in the allocated estimate)",
-    "reserved_factor": f"reserved = allocated x {RESERVED_FACTOR:.2f} (segment rounding, fragmentation; measured "
-                       "on an H100, benchmarks/REPORT.md); with expandable_segments=false, "
-                       f"+{FIXED_SEGMENTS_BYTES_PER_512PX / MIB:.0f} MiB more per 512x512 px of image (fragmentation)",
-    "workspaces": f"+{WORKSPACE_BYTES / MIB:.0f} MiB on top of reserved for cuBLAS/cuDNN workspaces "
-                  "(fake tensors do not run kernels, so cannot see them)",
-    "cuda_context": f"~{CUDA_CONTEXT_BYTES / MIB:.0f} MiB of CUDA context is NOT in allocated/reserved; the shipped "
-                    "profiles' budgets already leave room for it (e.g. rtx3060: 7.5 of 8 GB)",
-}
 
 PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
 TEXT_ENCODER = "text_encoder"
@@ -1090,89 +1065,6 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         result["suggestion_gave_up"] = found.get("gave_up", False)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
-
-
-def _g(n: int | None) -> str:
-    return "-" if n is None else f"{n / GIB:.3f}"
-
-
-def format_plan(r: dict[str, Any]) -> str:
-    cfg, est = r["config"], r["estimate"]
-    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
-    feats = [f"mixed_precision={cfg['mixed_precision']}", f"attention={cfg['attention']}",
-             f"unet_checkpointing={cfg['unet_checkpointing']}", f"vae_checkpointing={cfg['vae_checkpointing']}"]
-    feats += [name for name in ("reward_checkpointing", "sliced_decode", "tiled_decode", "cache_prompt_embeddings",
-                                "offload_frozen", "activation_offload") if cfg[name]]
-    if cfg["base_quant"] != "none":
-        feats.append(f"base_quant={cfg['base_quant']}")
-    if not cfg.get("expandable_segments", True):
-        feats.append("expandable_segments=false")
-    lines = [
-        f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
-        f"target {r['target']} ({r['autocast']})",
-        f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
-        f"{cfg['sample_steps']} steps, "
-        + (f"lora (r={cfg['lora_rank']})" if cfg["train_unet"] == "lora" else "the full UNet trains")
-        + f", {cfg['optimizer']}",
-        f"  features: {', '.join(feats)}",
-        "",
-        f"  {'stage':<15} {'allocated':>10} {'weights':>9} {'other':>9} {'reserved':>9}  on the device (GiB)",
-    ]
-    for name in stages.STAGES:
-        f = r["stages"].get(name)
-        if f is None:
-            lines.append(f"  {name:<15} {'-':>10}")
-            continue
-        mark = "  <- peak" if name == r["peak_stage"] else ""
-        # train_unet=full: the trained weights are the whole UNet (the estimate counts them as "lora")
-        where = [("unet (trained)" if m == "lora" else m) for m in f["on_device"] if m != "unet"] \
-            if cfg["train_unet"] == "full" else f["on_device"]
-        lines.append(f"  {name:<15} {_g(f['allocated']):>10} {_g(f['weights']):>9} "
-                     f"{_g(f['allocated'] - f['weights']):>9} {_g(f['reserved']):>9}  "
-                     f"{', '.join(where)}{mark}")
-    cuda = r["target"] == "cuda"
-    lines.append("")
-    if cuda:
-        frag = r.get("fragmentation_allowance", 0)
-        lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
-                     f"{_g(r['stages'][r['peak_stage']]['reserved'])} reserved (x{RESERVED_FACTOR:.2f}"
-                     + (f" + {_g(frag)} fixed-segment fragmentation" if frag else "")
-                     + f") + {WORKSPACE_BYTES / MIB:.0f} MiB "
-                     f"workspaces = {_g(r['peak_needed'])} GiB needed")
-    else:
-        lines.append(f"  peak: {_g(r['peak_allocated'])} GiB allocated in {r['peak_stage']} (CPU: exact bytes)")
-    if r["budget_bytes"]:
-        share = 100 * r["peak_needed"] / r["budget_bytes"]
-        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-        spare = (r["budget_bytes"] - r["peak_needed"]) / GIB
-        digits = 1 if 99 <= share <= 101 else 0  # at the edge, "100%" could be either side of the verdict
-        lines.append(f"  budget: {r['budget_gb']:g} GiB (profile {r['profile']}): {verdict} "
-                     f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
-    else:
-        lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
-    if r["fits"] is False:
-        s = r.get("suggestion")
-        if s:
-            lines.append(f"  cheapest change that fits: {s['change']}")
-            lines.append(f"      {set_flags(s['set'])}   -> {_g(s['peak_needed'])} GiB needed, peak in "
-                         f"{s['peak_stage']}")
-        elif r.get("tried"):
-            lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
-                         + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
-    lines.append("")
-    lines.append("  allowances for what fake tensors cannot see:")
-    lines += [f"    - {k}: {v}" for k, v in r["allowances"].items()]
-    if r["notes"]:
-        lines.append("  notes:")
-        lines += [f"    - {n}" for n in r["notes"]]
-    lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
-                 f"plan total {r['seconds']:.0f} s")
-    if not cuda:
-        from .profiles import GPU_PROFILES
-        lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
-                     "--device cpu to plan for the card)" if r["profile"] in GPU_PROFILES else
-                     "  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------

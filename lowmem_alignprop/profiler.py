@@ -65,12 +65,12 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .reports import MEMORY_VIZ_URL, fmt_bytes, memory_report_markdown
 from .stages import LOAD, STAGES
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 REPORT_FILES = ("memory_report.json", "memory_report.md", "memory_report.png")
 # The three peak figures a stage can have; on CPU only peak_allocated is measured.
@@ -85,18 +85,6 @@ CPU_SOURCE = "cpu_counter"  # a CPU figure measured by counting live storages (S
 def gib(nbytes: int | float) -> float:
     """Bytes -> GiB (2**30 bytes)."""
     return float(nbytes) / GIB
-
-
-def fmt_bytes(nbytes: int | float | None) -> str:
-    """A short human-readable size: '512 B', '3.00 KiB', '64.00 MiB', '1.23 GiB'; 'n/a' for None."""
-    if nbytes is None:
-        return "n/a"
-    sign = "-" if nbytes < 0 else ""
-    n = abs(float(nbytes))
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{int(n)} B"
 
 
 def budget_verdict(peak_allocated: int | None, peak_reserved: int | None, budget: int | None,
@@ -1163,7 +1151,7 @@ class StageProfiler:
         report = self.report()
         paths = {name: out / name for name in REPORT_FILES}
         paths[REPORT_FILES[0]].write_text(json.dumps(report, indent=1) + "\n")
-        paths[REPORT_FILES[1]].write_text(_markdown(report))
+        paths[REPORT_FILES[1]].write_text(memory_report_markdown(report))
         _plot(report, paths[REPORT_FILES[2]])
         if self._snapshot_path is not None:
             paths[SNAPSHOT_FILE] = self._snapshot_path
@@ -1205,107 +1193,6 @@ def _compact(summary: dict[str, Any]) -> dict[str, Any]:
     out = clean({k: v for k, v in summary.items() if k != "stages"})
     out["stages"] = {name: clean(fig) for name, fig in summary["stages"].items()}
     return out
-
-
-def _g(nbytes: int | None) -> str:
-    return "n/a" if nbytes is None else f"{gib(nbytes):.3f}"
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    dev = report["device"]
-    cuda = dev["type"] == "cuda"
-    budget = report["budget_bytes"]
-    name = dev.get("name", dev["str"])
-    if dev.get("total_memory"):
-        name += f", {gib(dev['total_memory']):.1f} GiB"
-    lines = ["# Memory report", "", f"- device: {dev['str']} ({name}); torch {report['torch']}"]
-    if report["peak_allocated"] is not None:
-        where = f"in {report['peak_stage']}" + (f" (step {report['peak_step']})" if report["peak_step"] else "")
-        fits = {True: "fits", False: "does NOT fit", None: "no budget given"}[report["fits_budget"]]
-        basis = (f" (judged on the {_g(report['peak_reserved'])} GiB reserved)"
-                 if report.get("fits_basis") == "peak_reserved" else "")
-        lines.append(f"- peak allocated: {_g(report['peak_allocated'])} GiB {where}"
-                     + (f"; budget {report['budget_gb']:g} GiB: {fits}{basis}" if budget else ""))
-    else:
-        lines.append("- peak allocated: not measured (CPU without detail steps records time and RSS only)")
-    summ = report["summary_steps"]
-    measured = summ.get("peak_measured_steps")
-    excluded = f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else ""
-    if measured and measured != summ["steps"]:  # CPU: peaks only on the detail steps
-        lines.append(f"- per-stage figures: mean seconds over steps {summ['steps'] or 'none'}{excluded}; peaks "
-                     f"measured in step{'' if measured.isdigit() else 's'} {measured} only (the overall peak is the "
-                     "largest of them)")
-    else:
-        lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}{excluded}"
-                     "; the overall peak includes every step")
-    lines.append(f"- method: {report['method']}")
-    rss = report.get("rss")
-    if rss:
-        lines.append(_rss_line(rss))
-    snap = report["snapshot"]
-    if snap:
-        if snap.get("path"):
-            lines.append(f"- memory snapshot of steps {snap['recorded_steps']}: `{snap['path']}`; "
-                         f"open {MEMORY_VIZ_URL} and drag and drop the file onto it")
-        else:
-            lines.append(f"- memory snapshot: {snap.get('note', 'not taken')}")
-    lines += ["", "## Peak per stage", ""]
-    head = ["stage", "peak allocated (GiB)"]
-    if cuda:
-        head += ["peak reserved (GiB)", "peak active (GiB)"]
-    else:
-        rss_steps = sorted({f.get("rss_steps") for f in report["stages"].values() if f.get("rss_steps")})
-        head += [f"max RSS (GiB{', steps ' + rss_steps[0] if len(rss_steps) == 1 else ''})"]
-    head += ["seconds (mean)", "share of budget"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for stage in STAGES:
-        fig = report["stages"].get(stage)
-        if fig is None:
-            lines.append("| " + " | ".join([stage] + ["-"] * (len(head) - 1)) + " |")
-            continue
-        row = [stage, _g(fig["peak_allocated"])]
-        row += [_g(fig["peak_reserved"]), _g(fig["peak_active"])] if cuda else [_g(fig.get("rss_max"))]
-        row.append(f"{fig['seconds_mean']:.3f}")
-        peak = fig["peak_allocated"]
-        row.append("n/a" if (not budget or peak is None) else f"{100 * peak / budget:.1f}%")
-        lines.append("| " + " | ".join(row) + " |")
-    if report["modules"]:
-        labels = list(report["modules"])
-        names: list[str] = []
-        for split in report["modules"].values():
-            names += [n for n in split if n not in names]
-        lines += ["", "## Resident bytes by module (params + buffers; optimizer: state; LoRA counted once)", "",
-                  "| module | " + " | ".join(f"{lab.replace('_', ' ')} (GiB)" for lab in labels) + " |",
-                  "|---|" + "---:|" * len(labels)]
-        for n in names + ["total"]:
-            cells = []
-            for lab in labels:
-                split = report["modules"][lab]
-                b = sum(s["bytes"] for s in split.values()) if n == "total" else split.get(n, {}).get("bytes")
-                cells.append(_g(b))
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _rss_line(rss: dict[str, Any]) -> str:
-    """The report's line on resident memory: the training's and the measurement's apart."""
-    parts = []
-    if rss.get("after_load") is not None:
-        parts.append(f"{_g(rss['after_load'])} GiB after load")
-    if rss.get("before_first_step") is not None:
-        parts.append(f"{_g(rss['before_first_step'])} GiB when the first step began")
-    if rss.get("steps_max") is not None:
-        parts.append(f"up to {_g(rss['steps_max'])} GiB in steps {rss['steps']} (allocation not measured)")
-    if rss.get("measured_steps_max") is not None:
-        parts.append(f"{_g(rss['measured_steps_max'])} GiB in measured step{'' if rss['measured_steps'].isdigit() else 's'} "
-                     f"{rss['measured_steps']}")
-    if rss.get("process_peak") is not None:
-        parts.append(f"process peak {_g(rss['process_peak'])} GiB by the last step")
-    line = "- resident memory (RSS, GiB): " + ("; ".join(parts) if parts else "not measured")
-    if rss.get("measurement_bytes") is not None:
-        line += (f". The allocation measurement itself held at most {fmt_bytes(rss['measurement_bytes'])} "
-                 "(one scan of the process's objects at the step start, then a table of the live storages)")
-    return line
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

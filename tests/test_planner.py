@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_alignprop import planner, stages
+from lowmem_alignprop import planner, reports, stages
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.config import Config
 
@@ -147,7 +147,7 @@ def test_too_small_budget_does_not_fit_and_the_suggestion_fits(tiny_dir, capsys)
     assert r["fits"] is False and r["peak_allocated"] > 0.05 * GIB
     s = r["suggestion"]
     assert s is not None and s["fits"] and s["peak_needed"] <= 0.05 * GIB
-    text = planner.format_plan(r)
+    text = reports.format_plan(r)
     assert "DOES NOT FIT" in text and "cheapest change that fits" in text
     sets = [x for k, v in s["set"].items() for x in ("--set", f"{k}={str(v).lower()}")]
     assert main(args + sets + ["--json"]) == 0  # re-planned with the suggestion: it fits
@@ -358,9 +358,9 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
     r = json.loads(capsys.readouterr().out)
     r.update(budget_bytes=int(r["peak_needed"] / 1.0013), fits=False)
     r["budget_gb"] = r["budget_bytes"] / GIB
-    assert "DOES NOT FIT (100.1% of the budget" in planner.format_plan(r)
+    assert "DOES NOT FIT (100.1% of the budget" in reports.format_plan(r)
     r.update(budget_bytes=r["peak_needed"] * 2, fits=True)
-    assert "FITS (50% of the budget" in planner.format_plan(r)
+    assert "FITS (50% of the budget" in reports.format_plan(r)
 
 
 def test_a_full_unet_plan_is_labelled_as_such(tiny_dir, capsys):
@@ -427,7 +427,7 @@ def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and r["fragmentation_allowance"] == 8 * MIB
     assert r["suggestion"]["set"] == {"expandable_segments": True} and r["suggestion"]["fits"]
-    text = planner.format_plan(r)
+    text = reports.format_plan(r)
     assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
 
 
