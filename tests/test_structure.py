@@ -92,3 +92,9 @@ def test_no_function_is_longer_than_120_lines():
 def test_the_training_step_fits_a_screen():
     (step,) = [node for path, node in _functions() if path.name == "train.py" and node.name == "train_step"]
     assert step.end_lineno - step.lineno + 1 <= 50
+
+
+def test_the_frozen_weight_dtype_rule_is_written_once():
+    """train, plan and sample ask precision.frozen_weight_dtype; nobody else maps mixed_precision to a dtype."""
+    owners = {path.name for path in PACKAGE.rglob("*.py") if '"bf16": torch.bfloat16' in path.read_text()}
+    assert owners == {"precision.py"}
