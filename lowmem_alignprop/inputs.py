@@ -13,12 +13,13 @@ from .errors import UserError
 
 
 def prepare_inputs(cfg: Config):
-    """Everything that can fail on bad input, before any model is loaded or anything is written."""
+    """Everything that can fail on bad input, before any model is loaded or anything is written. ``cfg`` is
+    validated where it was built (profiles.resolve_config, or ``Config(...).validate()``): not again here."""
     from .models import resolve_model
     from .prompts import load_prompts
     from .rewards import check_reward_spec
 
-    cfg.validate().check_installed()
+    cfg.check_installed()
     prompts = load_prompts(cfg.prompts)
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
     resolve_model(cfg.model)  # missing paths fail here

@@ -70,6 +70,7 @@ def make_accelerator(cfg: Config, output_dir: Path):
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
           folder: RunFolder | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
+    ``cfg``: a validated Config (``profiles.resolve_config`` validates; by hand: ``Config(...).validate()``).
     ``folder``: the run folder (the command line's choice, with its --resume); default: ``cfg.output_dir`` as named,
     a new run."""
     folder = folder or RunFolder(cfg.output_dir)
