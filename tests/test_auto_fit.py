@@ -82,13 +82,14 @@ def recorded(monkeypatch, tiny_dir):
         comps = real_load(cfg, dtype)
         unet, vae = comps.unet, comps.vae
         unet.register_forward_pre_hook(rec.shape("unet"), with_kwargs=True)
-        unet.down_blocks[0].register_forward_pre_hook(rec.count("unet_block"))
+        # a checkpointed module's recompute calls its forward directly, so count a module inside it
+        unet.down_blocks[0].resnets[0].conv1.register_forward_pre_hook(rec.count("unet_block"))
         attn = next(m for n, m in unet.named_modules() if n.endswith("attn1"))
         attn.register_forward_pre_hook(lambda m, a: rec.shapes[rec.step].append(("processor",
                                                                                  type(m.processor).__name__)))
         vae.decoder.register_forward_pre_hook(rec.shape("decoder"), with_kwargs=True)
         vae.decoder.up_blocks[0].register_forward_pre_hook(rec.count("vae_block"))
-        vae.decoder.up_blocks[0].resnets[0].register_forward_pre_hook(rec.count("vae_resnet"))
+        vae.decoder.up_blocks[0].resnets[0].conv1.register_forward_pre_hook(rec.count("vae_resnet"))
         comps.text_encoder.register_forward_pre_hook(rec.count("text_encoder"))
         return comps
 
@@ -97,8 +98,9 @@ def recorded(monkeypatch, tiny_dir):
     def build_reward(*a, **k):
         reward = real_reward(*a, **k)
         for m in reward.modules():
-            if type(m).__name__.endswith("EncoderLayer"):
-                m.register_forward_pre_hook(rec.count("reward_layer"))
+            if type(m).__name__.endswith("EncoderLayer"):  # (checkpointed whole: count a layer inside it)
+                inner = next(c for c in m.modules() if isinstance(c, torch.nn.Linear))
+                inner.register_forward_pre_hook(rec.count("reward_layer"))
         return reward
 
     def run(tmp_path, sets: list[str], change: dict, reward: list[str] = ()):
