@@ -96,5 +96,6 @@ def test_the_training_step_fits_a_screen():
 
 def test_the_frozen_weight_dtype_rule_is_written_once():
     """train, plan and sample ask precision.frozen_weight_dtype; nobody else maps mixed_precision to a dtype."""
-    owners = {path.name for path in PACKAGE.rglob("*.py") if '"bf16": torch.bfloat16' in path.read_text()}
+    owners = {path.name for path in PACKAGE.rglob("*.py") if '"no": torch.float32' in path.read_text()
+              or "[cfg.mixed_precision]" in path.read_text() or "[accelerator.mixed_precision]" in path.read_text()}
     assert owners == {"precision.py"}
