@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,28 +46,22 @@ EXPECTED_CLASSES = {
 
 @pytest.fixture(scope="module")
 def components():
-    out, seconds = {}, {}
-    for name in arch.ARCHS:
-        t0 = time.perf_counter()
-        out[name] = arch.build_random_components(name)  # meta, fp16
-        seconds[name] = time.perf_counter() - t0
-    return out, seconds
+    return {name: arch.build_random_components(name) for name in arch.ARCHS}  # meta, fp16: nothing allocated
 
 
 @pytest.mark.parametrize("name", arch.ARCHS)
 def test_components_classes_and_parameter_counts(components, name):
-    comps, seconds = components
+    comps = components
     c = comps[name]
     assert {k: type(v).__name__ for k, v in c.items()} == EXPECTED_CLASSES[name]
     for key, millions in EXPECTED_PARAMS[name].items():
         n = sum(p.numel() for p in c[key].parameters()) / 1e6
         assert abs(n - millions) / millions < 0.005, (name, key, n)
         assert all(p.is_meta and p.dtype == torch.float16 and not p.requires_grad for p in c[key].parameters())
-    assert seconds[name] < 30, seconds
 
 
 def test_config_values_match_the_real_models(components):
-    comps, _ = components
+    comps = components
     sd15, sd21, sdxl = comps["sd15"], comps["sd21"], comps["sdxl"]
     assert sd15["unet"].config.cross_attention_dim == 768 and sd15["unet"].config.sample_size == 64
     assert sd21["unet"].config.cross_attention_dim == 1024 and sd21["unet"].config.use_linear_projection
@@ -104,7 +97,7 @@ def test_config_files_use_only_known_fields(name):
 
 @pytest.mark.parametrize("name", arch.ARCHS)
 def test_tokenizers_are_the_real_clip_tokenizer(components, name):
-    comps, _ = components
+    comps = components
     folders = ["tokenizer", "tokenizer_2"] if name == "sdxl" else ["tokenizer"]
     for folder in folders:
         tok = comps[name][folder]
@@ -343,7 +336,7 @@ def test_shipped_configs_fit_the_ldm_layout(components, name):
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
-    comps, _ = components
+    comps = components
     c = comps[name]
     sd = {**unet_to_ldm(c["unet"].state_dict(), c["unet"].config), **vae_to_ldm(c["vae"].state_dict(), c["vae"].config)}
     assert arch.detect_arch_from_state_dict(sd) == name

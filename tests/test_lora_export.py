@@ -53,7 +53,7 @@ def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     from PIL import Image
 
     from lowmem_alignprop import checkpoint as ckpt
-    from lowmem_alignprop.cli import common_parser, resolve_config
+    from lowmem_alignprop.cli import common_parser, config_from_args
     from lowmem_alignprop.models import add_lora, lora_metadata, lora_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
@@ -74,7 +74,7 @@ def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
                                                "--reward", "colorfulness", "--output-dir", str(run),
                                                "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
                                                "--set", "k_max=2", "--set", "sample_steps=3"])
-    name, cfg = resolve_config(args)
+    name, cfg = config_from_args(args)
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
     (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
                                                   "reward_first": 0.4321, "reward_last": 0.5678,
@@ -241,7 +241,7 @@ def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
 def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrains_it(sd, tmp_path):
     from huggingface_hub import ModelCard
 
-    from lowmem_alignprop.cli import common_parser, resolve_config
+    from lowmem_alignprop.cli import common_parser, config_from_args
 
     out = _export(tmp_path, sd["lora"], "--format", "kohya")
     text = (out / "README.md").read_text()
@@ -259,7 +259,7 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert (out / "before_after.png").read_bytes() == (sd["run"] / "samples" / "before_after.png").read_bytes()
     # the training command in the card gives the run's config back
     train_cmd = next(line for line in text.splitlines() if line.startswith("lowmem-alignprop --profile"))
-    name, cfg = resolve_config(common_parser("t", "t").parse_args(shlex.split(train_cmd)[1:]))
+    name, cfg = config_from_args(common_parser("t", "t").parse_args(shlex.split(train_cmd)[1:]))
     saved = yaml.safe_load((sd["run"] / "config.yaml").read_text())
     assert {"profile": name, **cfg.to_dict()} == saved
 

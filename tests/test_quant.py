@@ -258,9 +258,21 @@ def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
     assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
 
 
+def _verify_quant():
+    """benchmarks/verify_quant.py (a benchmark script, not part of the package), imported by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verify_quant.py"
+    spec = importlib.util.spec_from_file_location("verify_quant", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of the GPU check")
 def test_gpu_verify_reports_without_cuda(tmp_path):
-    result = quant.gpu_verify_quant(tmp_path)
+    result = _verify_quant().gpu_verify_quant(tmp_path)
     assert result["ok"] is False and result["error"] == "no CUDA device"
 
 
@@ -268,7 +280,7 @@ def test_gpu_verify_flow_runs_on_cpu_with_a_small_unet(tiny_dir, cpu_quant, tmp_
     """The GPU check's own logic (build, quantize both ways, LoRA fwd+bwd, report), on CPU with the tiny UNet."""
     import json
 
-    result = quant.gpu_verify_quant(tmp_path, device="cpu", arch=str(tiny_dir), latent=16, tokens=8)
+    result = _verify_quant().gpu_verify_quant(tmp_path, device="cpu", arch=str(tiny_dir), latent=16, tokens=8)
     modes = result["modes"]
     assert list(modes) == ["fp32", "int8", "nf4", "nf4_diffusers_from_pretrained"], modes
     assert result["ok"], {k: v.get("error") for k, v in modes.items()}
