@@ -51,3 +51,16 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_log_handlers():
+    """main() calls logging.basicConfig, which binds to the stderr of the first test that ran it: a test that reads
+    its own stderr starts with no root handlers, and the earlier ones come back after it."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved

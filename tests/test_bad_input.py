@@ -20,14 +20,7 @@ FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set",
         "--set", "batch_size=1"]
 
 
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr():
-    """main() calls logging.basicConfig, which binds to the stderr of the first test that ran it; start clean."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers.clear()
-    yield
-    root.handlers[:] = saved
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -8,6 +8,9 @@ import yaml
 
 from lowmem_alignprop.cli import main
 
+# one worker runs this file: its module fixture (the 20-step run (25 s)) is then made once, not once per worker
+pytestmark = pytest.mark.xdist_group("end_to_end")
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_dir):

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# one worker runs this file: its module fixture (the CPU smoke run (50 s)) is then made once, not once per worker
+pytestmark = pytest.mark.xdist_group("gpu_check")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
