@@ -182,14 +182,19 @@ def train_vae(vae, sched: Schedule, seed: int, clock: Clock, log) -> None:
         rec = (vae.decode(z).sample + 1) / 2
         err = rec - x
         loss = ((err.abs() + 0.1 * err ** 2) * weight).mean() / weight.mean() + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return descend(opt, loss)
 
     vae.train()
     clock.run("vae", sched.vae_steps, step, max(sched.vae_steps // 20, 1), log)
     vae.eval()
+
+
+def descend(opt, loss: torch.Tensor) -> float:
+    """One optimizer update on ``loss``; the loss as a number for the log."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -339,10 +344,7 @@ def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock:
                    - torch.logsumexp(torch.cat([logits, hard], 1), 1)).mean()
         loss_t = F.cross_entropy(logits.T.masked_fill(same & ~torch.eye(b, dtype=torch.bool), -1e4), target)
         loss = (loss_i + loss_t) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return descend(opt, loss)
 
     model.train()
     clock.run("toy_clip", sched.clip_steps, step, max(sched.clip_steps // 20, 1), log)
@@ -357,10 +359,7 @@ def train_toy_count(model, batches, sched: Schedule, clock: Clock, log) -> None:
         target = torch.tensor([len(s.objects) for s in scenes])
         cosine_lr(opt, i, sched.count_steps, 1e-3, warmup=min(100, sched.count_steps // 10))
         loss = F.cross_entropy(model(images), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return descend(opt, loss)
 
     model.train()
     clock.run("toy_count", sched.count_steps, step, max(sched.count_steps // 20, 1), log)
