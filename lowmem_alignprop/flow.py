@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import stages
 from .sampling import decode as _decode_latents
-from .sampling import draw_k, vae_scale_factor
+from .sampling import BatchedTensors, draw_k, vae_scale_factor
 
 __all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "decode", "draw_k",
            "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity", "image_seq_len",
@@ -69,7 +69,7 @@ def family_of(transformer) -> str:
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
-class FlowEmbeds:
+class FlowEmbeds(BatchedTensors):
     """Text conditioning for a batch.
 
     ``cond``: the token embeddings the transformer attends to ([B, S, D]: SD3's CLIP-L+G and T5 tokens joined,
@@ -83,20 +83,7 @@ class FlowEmbeds:
     uncond_pooled: torch.Tensor | None = None
     text_ids: torch.Tensor | None = None
 
-    def index(self, idx) -> "FlowEmbeds":
-        pick = (lambda t: None if t is None else t[idx])
-        return FlowEmbeds(self.cond[idx], self.pooled[idx], pick(self.uncond), pick(self.uncond_pooled),
-                          self.text_ids)
-
-    def to(self, device) -> "FlowEmbeds":
-        mv = (lambda t: None if t is None else t.to(device))
-        return FlowEmbeds(mv(self.cond), mv(self.pooled), mv(self.uncond), mv(self.uncond_pooled), mv(self.text_ids))
-
-    @staticmethod
-    def cat(parts: list["FlowEmbeds"]) -> "FlowEmbeds":
-        join = (lambda name: None if getattr(parts[0], name) is None
-                else torch.cat([getattr(p, name) for p in parts]))
-        return FlowEmbeds(join("cond"), join("pooled"), join("uncond"), join("uncond_pooled"), parts[0].text_ids)
+    SHARED = ("text_ids",)  # the same position ids for every prompt
 
 
 def _text_encoders(pipe) -> tuple:

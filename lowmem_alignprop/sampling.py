@@ -8,9 +8,11 @@ gradient checkpoint, so only its input latent is kept and memory is almost flat 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,24 +36,38 @@ def ddim_scheduler(config):
     return DDIMScheduler.from_config(config, **DDIM_SETTINGS)
 
 
+class BatchedTensors:
+    """For a dataclass of per-prompt tensors (None allowed): pick prompts, move, join. Fields named in ``SHARED``
+    are the same for every prompt and are carried along, not indexed or joined."""
+    SHARED: ClassVar[tuple[str, ...]] = ()
+
+    def _map(self, fn, shared_too: bool = False):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if shared_too or f.name not in self.SHARED}
+        return dataclasses.replace(self, **{k: None if v is None else fn(v) for k, v in values.items()})
+
+    def index(self, idx):
+        return self._map(lambda t: t[idx])
+
+    def to(self, device):
+        return self._map(lambda t: t.to(device), shared_too=True)
+
+    @classmethod
+    def cat(cls, parts: list):
+        first = parts[0]
+        return dataclasses.replace(first, **{f.name: None if getattr(first, f.name) is None else
+                                             torch.cat([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first) if f.name not in cls.SHARED})
+
+
 @dataclass
-class PromptEmbeds:
+class PromptEmbeds(BatchedTensors):
     """Conditional and unconditional text conditioning for a batch (SDXL adds pooled embeds and time ids)."""
     cond: torch.Tensor
     uncond: torch.Tensor
     pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
-
-    def index(self, idx) -> "PromptEmbeds":
-        pick = (lambda t: None if t is None else t[idx])
-        return PromptEmbeds(self.cond[idx], self.uncond[idx], pick(self.pooled), pick(self.uncond_pooled),
-                            pick(self.time_ids))
-
-    def to(self, device) -> "PromptEmbeds":
-        mv = (lambda t: None if t is None else t.to(device))
-        return PromptEmbeds(mv(self.cond), mv(self.uncond), mv(self.pooled), mv(self.uncond_pooled),
-                            mv(self.time_ids))
 
 
 def draw_k(cfg, rng: random.Random) -> int:
@@ -117,10 +133,7 @@ class PromptEncoder:
             emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution)
             self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
             return emb
-        parts = [self.cache[p] for p in batch_prompts]
-        cat = (lambda name: None if getattr(parts[0], name) is None
-               else torch.cat([getattr(x, name) for x in parts]))
-        return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"), cat("time_ids"))
+        return PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
 
 
 def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
