@@ -3,13 +3,18 @@ import os
 import pytest
 
 
+def _cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (the default, see pyproject.toml): one worker per core, at most one per 3 GiB of memory
     (a worker that trains the mid-size model holds about 2 GiB) and at most 8: a 64-core machine gains little
     past that and a 4 GiB one must not swap."""
     import psutil
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     by_memory = int(psutil.virtual_memory().total / 3 / 2**30)
     return max(1, min(cores, by_memory, 8))
 
@@ -19,7 +24,7 @@ def pytest_configure(config):
     workers each using every core would oversubscribe the machine N times over."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = _cores()
         threads = max(1, cores // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
