@@ -24,9 +24,9 @@ _CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from midsize import build_midsize_dir
-import lowmem_alignprop.profiler as profiler
+import lowmem_alignprop.measure.profiler as profiler
 from lowmem_alignprop import planner
-from lowmem_alignprop.config import Config
+from lowmem_alignprop.settings.config import Config
 
 method = {method!r}
 base = profiler.CpuAllocationTracker
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'seconds':16} {c['seconds']:12.1f} {e['seconds']:11.1f}")
     try:
         sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.profiler import _cpu_name, library_versions
+        from lowmem_alignprop.measure.profiler import _cpu_name, library_versions
 
         out["device"], out["versions"] = f"{_cpu_name()} ({os.cpu_count()} logical cores)", library_versions()
     except Exception:  # pragma: no cover

@@ -217,7 +217,7 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
 
 
 def versions() -> dict:
-    from lowmem_alignprop.profiler import library_versions
+    from lowmem_alignprop.measure.profiler import library_versions
 
     return library_versions()
 
@@ -263,7 +263,7 @@ def main() -> int:
         return time.time() - t_start < a.deadline
 
     try:
-        import lowmem_alignprop.planner  # noqa: F401
+        import lowmem_alignprop.measure.planner  # noqa: F401
         have_planner = True
     except ImportError:
         have_planner = False

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                             "first_step_rss_start": (rep.get("steps") or [{}])[0].get("rss_start")}
     try:
         sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.profiler import _cpu_name, library_versions
+        from lowmem_alignprop.measure.profiler import _cpu_name, library_versions
 
         result["device"] = f"{_cpu_name()} ({os.cpu_count()} logical cores)"
         result["versions"] = library_versions()

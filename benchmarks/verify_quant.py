@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.arch import ARCHS, _default_dtype, arch_config_dir
-from lowmem_alignprop.models import add_lora
-from lowmem_alignprop.quant import (count_quantized, load_quantized_unet, measured_weight_bytes, quantize_in_place,
+from lowmem_alignprop.models.arch import ARCHS, _default_dtype, arch_config_dir
+from lowmem_alignprop.models.loading import add_lora
+from lowmem_alignprop.memory.quant import (count_quantized, load_quantized_unet, measured_weight_bytes, quantize_in_place,
                                     quantized_weight_bytes)
 
-log = logging.getLogger("lowmem_alignprop.quant")
+log = logging.getLogger("lowmem_alignprop.memory.quant")
 
 
 def _arch_unet(config_dir, device, dtype, seed: int = 0):

@@ -11,10 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import field_help
-from .errors import UserError, same_on_every_rank
-from .runfolder import RunFolder
-from .runlock import global_rank, world_size
+from lowmem_alignprop.settings.config import field_help
+from lowmem_alignprop.settings.errors import UserError, same_on_every_rank
+from lowmem_alignprop.run.runfolder import RunFolder
+from lowmem_alignprop.run.runlock import global_rank, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
 
@@ -58,7 +58,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=EPILOG.format(fields=field_help()))
-    from .profiles import shipped_profiles
+    from lowmem_alignprop.settings.profiles import shipped_profiles
 
     p.add_argument("--profile", default="auto",
                    help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
@@ -78,8 +78,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None) -> tuple[str, object]:
-    """The common options' (profile name, Config): :func:`lowmem_alignprop.profiles.resolve_config` does the work."""
-    from .profiles import FLAG_FIELDS, resolve_config
+    """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the work."""
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
 
     return resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed)
 
@@ -128,7 +128,7 @@ def cmd_train(argv: list[str]) -> int:
         folder.move_past_an_earlier_run()
         cfg = folder.with_output_dir(cfg)
     warn_if_launcher_started_fewer_processes()
-    from .train import train
+    from lowmem_alignprop.commands.train import train
     train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder)
     return 0
 
@@ -159,7 +159,7 @@ def warn_if_launcher_started_fewer_processes() -> None:
 def _check_device_for_profile(name: str) -> None:
     import torch
 
-    from .profiles import GPU_PROFILES
+    from lowmem_alignprop.settings.profiles import GPU_PROFILES
 
     if name in GPU_PROFILES and not torch.cuda.is_available():
         raise UserError(f"profile {name} is for a CUDA GPU and this machine has none: train here with --profile cpu, "
@@ -167,7 +167,7 @@ def _check_device_for_profile(name: str) -> None:
 
 
 def cmd_profiles(argv: list[str]) -> int:
-    from .profiles import describe, load_profile, shipped_profiles
+    from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
 
     argparse.ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
         .parse_args(argv)
@@ -195,9 +195,9 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
-    from .planner import plan
-    from .reports import format_plan
-    from .prompts import load_prompts
+    from lowmem_alignprop.measure.planner import plan
+    from lowmem_alignprop.measure.reports import format_plan
+    from lowmem_alignprop.step.prompts import load_prompts
     from .rewards import check_reward_spec
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
@@ -212,7 +212,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    from .evaluate import DEFAULT_OUTPUT_DIR, GRID_NAME, RESULTS_NAME
+    from lowmem_alignprop.commands.evaluate import DEFAULT_OUTPUT_DIR, GRID_NAME, RESULTS_NAME
 
     p = common_parser("lowmem-alignprop sample",
                       "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
@@ -236,7 +236,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
-    from .evaluate import DEFAULT_OUTPUT_DIR, evaluate, parse_lora, print_summary
+    from lowmem_alignprop.commands.evaluate import DEFAULT_OUTPUT_DIR, evaluate, parse_lora, print_summary
 
     args = sample_parser().parse_args(argv)
     if args.num_prompts < 1:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
-               "export": lambda a: __import__("lowmem_alignprop.export_cmd").export_cmd.export_main(a)}[command]
+               "export": lambda a: __import__("lowmem_alignprop.commands.export_cmd").export_cmd.export_main(a)}[command]
     try:
         return handler(argv)
     except UserError as e:

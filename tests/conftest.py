@@ -43,7 +43,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(_isolated_cache):
-    from lowmem_alignprop.tiny import tiny_model_dir
+    from lowmem_alignprop.models.tiny import tiny_model_dir
     return tiny_model_dir()
 
 

@@ -2,7 +2,7 @@
 
 Both are built from the diffusers classes the real models use (SD3Transformer2DModel / FluxTransformer2DModel,
 AutoencoderKL with 16 latent channels and a scaling and shift factor, FlowMatchEulerDiscreteScheduler) with
-CLIP text encoders on the byte-level CLIP tokenizer of :mod:`lowmem_alignprop.tiny` and a small T5 encoder on a
+CLIP text encoders on the byte-level CLIP tokenizer of :mod:`lowmem_alignprop.models.tiny` and a small T5 encoder on a
 T5 tokenizer made from a word-level unigram vocabulary (no sentencepiece file, no hub). ``build_*_dir(path)``
 saves the pipeline with ``save_pretrained`` so the tests load it by path, as a downloaded model would be.
 
@@ -47,7 +47,7 @@ def tiny_t5_encoder(vocab_size: int, width: int = 32):
 def _clip_tokenizer(max_length: int = 16):
     from transformers import CLIPTokenizer
 
-    from lowmem_alignprop.tiny import byte_level_vocab
+    from lowmem_alignprop.models.tiny import byte_level_vocab
 
     vocab, merges = byte_level_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length), vocab

@@ -28,7 +28,7 @@ def build_midsize_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lowmem_alignprop.tiny import byte_level_vocab
+    from lowmem_alignprop.models.tiny import byte_level_vocab
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -69,7 +69,7 @@ def build_clip_reward_dir(path, *, width: int = 128, layers: int = 4, image_size
     """Write a small CLIP model + tokenizer to ``path`` for ``build_reward('clip', weights=path)``."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from lowmem_alignprop.tiny import byte_level_vocab
+    from lowmem_alignprop.models.tiny import byte_level_vocab
 
     path = Path(path)
     if (path / "config.json").exists():
@@ -98,7 +98,7 @@ def build_tiny_sdxl_pipeline():
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
 
     base = build_tiny_pipeline()
     torch.manual_seed(1)

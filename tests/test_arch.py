@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowmem_alignprop import arch
-from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.models import arch
+from lowmem_alignprop.settings.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm_format import clip_to_ldm, open_clip_to_ldm, pipeline_to_ldm, unet_to_ldm, vae_to_ldm  # noqa: E402
@@ -208,7 +208,7 @@ def test_detect_arch_refuses_pickled_objects(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     root = tmp_path_factory.mktemp("tiny")
@@ -391,7 +391,7 @@ def test_loading_without_hf_hub_offline_touches_no_network(tiny):
         "def refuse(*a, **k):\n"
         "    print('NETWORK', a, file=sys.stderr); raise OSError('no network')\n"
         "socket.socket.connect = refuse; socket.getaddrinfo = refuse\n"
-        "from lowmem_alignprop import arch\n"
+        "from lowmem_alignprop.models import arch\n"
         f"pipe = arch.load_single_file({str(root / 'tiny.safetensors')!r}, config_dir={str(root / 'config')!r})\n"
         "assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size\n"
         "print('OK')\n"

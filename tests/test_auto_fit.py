@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import lowmem_alignprop.rewards as rewards_pkg
-import lowmem_alignprop.train as train_mod
-from lowmem_alignprop import faults, planner
+import lowmem_alignprop.commands.train as train_mod
+from lowmem_alignprop.run import faults
+from lowmem_alignprop.measure import planner
 from lowmem_alignprop.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -230,7 +231,7 @@ def test_every_rung_has_a_test():
     covered = {"batch_size", "grad_accum", "vae_checkpointing", "unet_checkpointing", "reward_checkpointing",
                "sliced_decode", "tiled_decode", "cache_prompt_embeddings", "offload_frozen", "attention",
                "activation_offload", "expandable_segments"}
-    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.settings.config import Config
     cfg = Config(batch_size=4, sample_steps=10, k=1, cache_prompt_embeddings=False, expandable_segments=False,
                  unet_checkpointing="call", resolution=512)
     ladder = set().union(*(set(fix(cfg).overrides) for fix in faults.LADDER.values()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.cli import main
 
 FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
@@ -210,7 +210,7 @@ def _other_unet_model(dst: Path) -> Path:
     """The tiny pipeline with a narrower UNet: LoRA layers of another shape."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
     p = build_tiny_pipeline()
     unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -267,7 +267,7 @@ def test_resume_with_another_config(trained, capsys, change, needle):
 
 
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys):
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
     other = tmp_path / "other"
     build_tiny_pipeline(seed=1).save_pretrained(other)  # same architecture, other weights
     before = snapshot(trained)
@@ -437,7 +437,7 @@ def test_the_startup_reward_check_uses_the_runs_prompts_and_a_lost_gradient_mid_
 
 
 def test_a_lora_sampled_on_another_base_model_of_the_same_shapes_is_pointed_out(trained, tmp_path, caplog):
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
 
     assert (trained / "lora" / "base_model.json").is_file()  # written beside the LoRA by the trainer
     other = tmp_path / "other"

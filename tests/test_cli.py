@@ -68,7 +68,7 @@ def test_module_entry_point_and_help():
 
 def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_name_their_rank(monkeypatch, capsys):
     import lowmem_alignprop.cli as cli
-    from lowmem_alignprop.errors import UserError, same_on_every_rank
+    from lowmem_alignprop.settings.errors import UserError, same_on_every_rank
 
     def input_error(argv):
         with same_on_every_rank():

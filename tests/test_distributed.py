@@ -15,9 +15,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from lowmem_alignprop import checkpoint as ckpt
-from lowmem_alignprop.config import Config
-from lowmem_alignprop.distributed import deepspeed_config
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.run.distributed import deepspeed_config
 
 FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--set", "batch_size=1", "--set", "lr=0.01"]

@@ -69,8 +69,8 @@ def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(run_dir, tiny_
     """pipe.load_lora_weights(dir) on the base model gives the trained model's images, and differs from the base."""
     from diffusers import StableDiffusionPipeline
 
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.models import add_lora, load_components
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.models.loading import add_lora, load_components
     from safetensors.torch import load_file
 
     def images(pipe):
@@ -102,8 +102,8 @@ def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(run_dir, tiny_
 
 def test_the_end_of_run_line_names_the_cuda_allocator_mode(tmp_path, capsys):
     """On a card the summary says what the allocator ran with (it changes the reserved peak); on a CPU nothing."""
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.train import print_summary
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.commands.train import print_summary
 
     s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cuda:0", "seconds_per_step": 3.1,
          "peak_memory_gb": 3.59, "budget_gb": 7.5, "fits_budget": True, "attention": "sdpa",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.evaluate import (GRID_NAME, RESULTS_NAME, generate, load_adapters, mix_adapters, parse_lora)
+from lowmem_alignprop.commands.evaluate import (GRID_NAME, RESULTS_NAME, generate, load_adapters, mix_adapters, parse_lora)
 
 STEPS = "3"
 COMMON = ["--profile", "cpu", "--set", f"sample_steps={STEPS}"]
@@ -39,7 +39,7 @@ def loras(tmp_path_factory, tiny_dir):
     other: a LoRA for a UNet with cross_attention_dim 48 (another base model)."""
     from diffusers import UNet2DConditionModel
 
-    from lowmem_alignprop.models import add_lora, lora_state_dict
+    from lowmem_alignprop.models.loading import add_lora, lora_state_dict
 
     root = tmp_path_factory.mktemp("loras")
     unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
@@ -111,9 +111,9 @@ def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
 
 def test_sampler_is_the_training_rollout(run, tiny_dir):
     """The pipeline's image equals training's own DDIM rollout (sampling.rollout, k=0) from the same generator."""
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.models import load_components
-    from lowmem_alignprop.sampling import decode, encode_prompts, initial_latents, make_pipeline, rollout
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, make_pipeline, rollout
 
     _, r = run
     comps = load_components(Config(model=str(tiny_dir)))
@@ -144,8 +144,8 @@ def test_grid_png_has_one_column_per_image_and_two_rows(run):
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixer(tiny_dir, loras):
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.evaluate import build_pipeline
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.commands.evaluate import build_pipeline
 
     cfg = Config(model=str(tiny_dir), sample_steps=int(STEPS), resolution=64, k=1)
     pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
@@ -201,7 +201,7 @@ def test_every_adapted_layer_computes_the_weighted_sum_of_updates(mixer):
 
     def outputs(**weights):
         if weights:
-            from lowmem_alignprop.evaluate import LoraSpec
+            from lowmem_alignprop.commands.evaluate import LoraSpec
             mix_adapters(pipe, [LoraSpec("", None, w, {"a": name_a, "b": name_b}[k]) for k, w in weights.items()])
         else:
             pipe.disable_lora()
@@ -318,7 +318,7 @@ def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, 
     import numpy as np
     from PIL import Image
 
-    from lowmem_alignprop.export import save_sample_grid
+    from lowmem_alignprop.commands.grid import save_sample_grid
 
     imgs = (torch.zeros(2, 3, 8, 8), torch.zeros(2))
     grid = Image.open(save_sample_grid(tmp_path / "g.png", ["Жук", "Щит"], imgs, imgs))
@@ -342,7 +342,7 @@ def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, ca
     from matplotlib import font_manager
     from PIL import Image
 
-    from lowmem_alignprop.export import save_sample_grid
+    from lowmem_alignprop.commands.grid import save_sample_grid
 
     fonts = [f for f in font_manager.fontManager.ttflist if f.name in ("DejaVu Sans", "Last Resort High-Efficiency")]
     assert any(f.name == "DejaVu Sans" for f in fonts)

@@ -7,10 +7,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from lowmem_alignprop import checkpoint as ckpt
-from lowmem_alignprop import faults, stages
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import faults
+from lowmem_alignprop.memory import stages
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.config import Config
+from lowmem_alignprop.settings.config import Config
 
 FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]
 
@@ -24,7 +25,7 @@ def rows(run):
 @pytest.fixture
 def ladder_only(monkeypatch):
     """The fixed ladder's choices (the planner's are tested on their own below)."""
-    from lowmem_alignprop import planner
+    from lowmem_alignprop.measure import planner
     monkeypatch.setattr(planner, "next_feature", lambda cfg, target: None)
 
 
@@ -114,7 +115,7 @@ def test_planner_suggestion_is_used_when_the_planner_offers_one():
 
 
 def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, tiny_dir):
-    from lowmem_alignprop import planner
+    from lowmem_alignprop.measure import planner
     monkeypatch.setenv(faults.INJECT_ENV, "backward@1")
     out = tmp_path / "run"
     args = [*FAST, "--output-dir", str(out), "--steps", "2"]
@@ -219,7 +220,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
     import torch
     from accelerate import Accelerator
 
-    from lowmem_alignprop import train as train_mod
+    from lowmem_alignprop.commands import train as train_mod
 
     def fp16_accelerator(cfg, output_dir):
         acc = Accelerator(cpu=True, mixed_precision="fp16")
@@ -249,7 +250,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monkeypatch, tiny_dir):
     """On a card, the planner's first step for a run with fixed allocator segments is expandable segments: the
     live allocator must be switched (not only the config), and summary.json say what it runs with."""
-    from lowmem_alignprop import train
+    from lowmem_alignprop.commands import train
 
     calls = []
 
@@ -257,7 +258,7 @@ def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monk
         calls.append(expandable)
         return "expandable segments" if expandable else "fixed segments"
     monkeypatch.setattr(train, "configure_cuda_allocator", allocator)
-    from lowmem_alignprop import planner
+    from lowmem_alignprop.measure import planner
     monkeypatch.setattr(planner, "next_feature", lambda cfg, target: faults.Fit("expandable allocator segments",
                                                                                 {"expandable_segments": True}))
     monkeypatch.setenv(faults.INJECT_ENV, "backward@2")

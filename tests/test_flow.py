@@ -1,4 +1,4 @@
-"""The flow-matching rollout (lowmem_alignprop/flow.py) on tiny SD3-shaped and FLUX-shaped pipelines.
+"""The flow-matching rollout (lowmem_alignprop/models/flow.py) on tiny SD3-shaped and FLUX-shaped pipelines.
 
 * our schedule, packing, guidance and decode give the pipeline's own images (diffusers' ``__call__``);
 * the checkpointed gradient through the last K Euler steps equals plain autograd through the same window;
@@ -20,7 +20,7 @@ import torch
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
-from lowmem_alignprop import flow
+from lowmem_alignprop.models import flow
 
 RES = FLOW_RESOLUTION
 MSL = 16  # max_sequence_length: the tiny tokenizers' length

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_alignprop import precision
+from lowmem_alignprop.memory import precision
 from lowmem_alignprop.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,7 +47,7 @@ def half_weights(monkeypatch, fresh_accelerate_state):
 def cpu_quant(monkeypatch):
     from diffusers.quantizers.bitsandbytes import bnb_quantizer as bq
 
-    from lowmem_alignprop import quant
+    from lowmem_alignprop.memory import quant
 
     pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(bq.BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)

@@ -13,7 +13,7 @@ import socket
 import pytest
 from huggingface_hub import constants
 
-from lowmem_alignprop import hub
+from lowmem_alignprop.run import hub
 from lowmem_alignprop.cli import main
 
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
-from lowmem_alignprop import lora_export as lx
+from lowmem_alignprop.commands import lora_export as lx
 from lowmem_alignprop.cli import main
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
@@ -52,9 +52,9 @@ def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     )
     from PIL import Image
 
-    from lowmem_alignprop import checkpoint as ckpt
+    from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.models import add_lora, lora_metadata, lora_state_dict
+    from lowmem_alignprop.models.loading import add_lora, lora_metadata, lora_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     base_out = unet_out(unet, xl)
@@ -293,7 +293,7 @@ def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path
 def test_check_push_to_hub_offline_and_without_token_is_one_line(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from lowmem_alignprop.errors import UserError
+    from lowmem_alignprop.settings.errors import UserError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="switched off here") as e:
@@ -333,7 +333,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory, _isolated_cache):
     """The tiny architecture with other weights (seed 1): a LoRA of the seed-0 model must not merge into it."""
-    from lowmem_alignprop.tiny import build_tiny_pipeline
+    from lowmem_alignprop.models.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("other-base")
     build_tiny_pipeline(seed=1).save_pretrained(path)

@@ -27,13 +27,13 @@ from numerics import REORDERED, assert_rel_close
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from midsize import MIDSIZE_RESOLUTION, build_clip_reward_dir, build_midsize_dir  # noqa: E402
 
-from lowmem_alignprop import stages  # noqa: E402
-from lowmem_alignprop.config import Config  # noqa: E402
-from lowmem_alignprop.models import load_components  # noqa: E402
-from lowmem_alignprop.profiler import StageProfiler, measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.memory import stages  # noqa: E402
+from lowmem_alignprop.settings.config import Config  # noqa: E402
+from lowmem_alignprop.models.loading import load_components  # noqa: E402
+from lowmem_alignprop.measure.profiler import StageProfiler, measure_cpu_stages  # noqa: E402
 from lowmem_alignprop.rewards import build_reward  # noqa: E402
-from lowmem_alignprop.sampling import decode, encode_prompts, initial_latents, make_pipeline  # noqa: E402
-from lowmem_alignprop.step import apply_memory_features, rollout_loss  # noqa: E402
+from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, make_pipeline  # noqa: E402
+from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss  # noqa: E402
 
 CPU = torch.device("cpu")
 BATCH = 2
@@ -233,7 +233,7 @@ def test_sliced_decode_lowers_nograd_decode_peak(dirs):
 def _unet_rollout(dirs, attention: str, side: int = 32, after_apply=None) -> Run:
     """The sampling stages alone (2 DDIM steps, the last with grad, then backward from the latents; one image
     with CFG), so the UNet's attention is measured at 32x32 latents (256 px) without a 256 px VAE decode."""
-    from lowmem_alignprop.sampling import rollout
+    from lowmem_alignprop.models.sampling import rollout
 
     cfg = Config(model=str(dirs["mid"]), attention=attention, resolution=8 * side, sample_steps=2, k=1).validate()
     comps, params, used = _prepared(cfg, after_apply)
@@ -353,8 +353,8 @@ def _placement_run(cfg: Config) -> list[tuple[str, str | None, dict[str, str]]]:
     import contextlib
 
     import lowmem_alignprop.rewards as rewards_pkg
-    import lowmem_alignprop.train as train_mod
-    from lowmem_alignprop.placement import Placement
+    import lowmem_alignprop.commands.train as train_mod
+    from lowmem_alignprop.memory.placement import Placement
 
     current: list[str] = []
     log: list[tuple[str, str | None, dict[str, str]]] = []
@@ -480,7 +480,7 @@ def test_offload_frozen_text_encoder_on_device_only_to_encode(placement_log, cac
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """torch.cuda made to look available; what is asked of the allocator is recorded, not done."""
-    from lowmem_alignprop import placement
+    from lowmem_alignprop.memory import placement
 
     calls: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -491,7 +491,7 @@ def fake_cuda(monkeypatch):
 
 
 def test_expandable_segments_are_switched_on_by_default(fake_cuda):
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     assert Config().expandable_segments is True
     assert configure_cuda_allocator(Config().expandable_segments) == "expandable segments"
@@ -499,7 +499,7 @@ def test_expandable_segments_are_switched_on_by_default(fake_cuda):
 
 
 def test_expandable_segments_off_leaves_the_allocator_alone(fake_cuda):
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     assert configure_cuda_allocator(False) == "fixed segments"
     assert fake_cuda == []
@@ -507,7 +507,7 @@ def test_expandable_segments_off_leaves_the_allocator_alone(fake_cuda):
 
 @pytest.mark.parametrize("var", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
 def test_a_users_own_allocator_setting_wins(fake_cuda, monkeypatch, var):
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     monkeypatch.setenv(var, "max_split_size_mb:128")
     assert configure_cuda_allocator(True) == f"{var}=max_split_size_mb:128 (yours)"
@@ -515,7 +515,7 @@ def test_a_users_own_allocator_setting_wins(fake_cuda, monkeypatch, var):
 
 
 def test_a_driver_without_expandable_segments_falls_back_with_the_reason(fake_cuda, monkeypatch):
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     def refuse(setting):
         raise RuntimeError("expandable_segments not supported on this platform")
@@ -526,7 +526,7 @@ def test_a_driver_without_expandable_segments_falls_back_with_the_reason(fake_cu
 
 
 def test_no_allocator_setting_without_cuda(monkeypatch):
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings",
@@ -538,7 +538,7 @@ def test_on_windows_the_allocator_keeps_fixed_segments_and_says_so(fake_cuda, mo
     """PyTorch builds expandable segments on Linux only; on Windows the setting would only warn."""
     import sys
 
-    from lowmem_alignprop.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
 
     monkeypatch.setattr(sys, "platform", "win32")
     assert configure_cuda_allocator(True) == "fixed segments (PyTorch has no expandable segments on Windows)"

@@ -71,10 +71,10 @@ def test_the_loaded_model_is_checked_too(tiny_dir):
     """Hub ids and single files are checked on their loaded configs: an inpainting UNet is refused there."""
     from diffusers import UNet2DConditionModel
 
-    from lowmem_alignprop.errors import UserError
-    from lowmem_alignprop.model_check import check_loaded
-    from lowmem_alignprop.models import Components, load_components
-    from lowmem_alignprop.config import Config
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.models.model_check import check_loaded
+    from lowmem_alignprop.models.loading import Components, load_components
+    from lowmem_alignprop.settings.config import Config
 
     comps = load_components(Config(model=str(tiny_dir)))
     check_loaded(comps, "tiny")  # the shipped tiny model passes

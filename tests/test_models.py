@@ -5,9 +5,9 @@ import torch
 
 from numerics import SAME_OPS, assert_rel_close
 
-from lowmem_alignprop.config import Config
-from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.models import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.models.loading import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model
 
 
 def test_lora_with_alpha_unlike_rank_keeps_its_scale_through_diffusers(tiny_dir, tmp_path):

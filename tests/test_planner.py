@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_alignprop import planner, reports, stages
+from lowmem_alignprop.measure import planner, reports
+from lowmem_alignprop.memory import stages
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.config import Config
+from lowmem_alignprop.settings.config import Config
 
 MIB = 2**20
 GIB = 2**30

@@ -1,8 +1,8 @@
-"""The one rule for the frozen weights' dtype (lowmem_alignprop/precision.py), used by train, plan and sample."""
+"""The one rule for the frozen weights' dtype (lowmem_alignprop/memory/precision.py), used by train, plan and sample."""
 
 import torch
 
-from lowmem_alignprop.precision import frozen_weight_dtype
+from lowmem_alignprop.memory.precision import frozen_weight_dtype
 
 
 def test_half_precision_on_a_gpu_fp32_on_a_cpu():

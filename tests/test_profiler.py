@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from lowmem_alignprop import profiler as profiler_mod
-from lowmem_alignprop.profiler import (
+from lowmem_alignprop.measure import profiler as profiler_mod
+from lowmem_alignprop.measure.profiler import (
     CpuAllocationTracker,
     StageProfiler,
     fmt_bytes,
@@ -18,7 +18,7 @@ from lowmem_alignprop.profiler import (
     measure_cpu_stages,
     resident_bytes,
 )
-from lowmem_alignprop.stages import STAGES
+from lowmem_alignprop.memory.stages import STAGES
 
 MiB = 1024**2
 
@@ -362,7 +362,7 @@ def test_load_without_detail_reports_resident_bytes():
 
 
 def test_on_cuda_the_reserved_bytes_decide_the_fit_as_in_the_planner():
-    from lowmem_alignprop.profiler import budget_verdict
+    from lowmem_alignprop.measure.profiler import budget_verdict
 
     gib = 2**30
     # 7.0 GiB allocated but 7.8 GiB reserved on an 7.5 GiB card: it did not fit (the allocator held more)
@@ -380,7 +380,7 @@ def test_on_cuda_the_reserved_bytes_decide_the_fit_as_in_the_planner():
 
 
 def test_counter_counts_each_storage_once_and_sees_frees():
-    from lowmem_alignprop.profiler import StorageCounter
+    from lowmem_alignprop.measure.profiler import StorageCounter
 
     old = _alloc(4 * MiB)
     with StorageCounter() as counter:
@@ -406,7 +406,7 @@ def test_counter_counts_each_storage_once_and_sees_frees():
 
 
 def test_counter_ranges_nest_and_unmeasured_ranges_pair():
-    from lowmem_alignprop.profiler import StorageCounter
+    from lowmem_alignprop.measure.profiler import StorageCounter
 
     with StorageCounter(names={"decode", "backward"}) as counter:
         with torch.profiler.record_function("decode"):
@@ -543,7 +543,7 @@ def test_the_steps_import_nothing_the_report_needs():
 
     code = (
         "import sys, torch\n"
-        "from lowmem_alignprop.profiler import StageProfiler\n"
+        "from lowmem_alignprop.measure.profiler import StageProfiler\n"
         "prof = StageProfiler('cpu', detail_steps='all')\n"
         "for n in (1, 2):\n"
         "    prof.begin_step(n)\n"

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-import lowmem_alignprop.models as models_mod
-import lowmem_alignprop.train as train_mod
+import lowmem_alignprop.models.loading as models_mod
+import lowmem_alignprop.commands.train as train_mod
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.config import Config, build_config
-from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.profiles import AUTO_LADDER, describe, detect_auto, load_profile, shipped_profiles
+from lowmem_alignprop.settings.config import Config, build_config
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.profiles import AUTO_LADDER, describe, detect_auto, load_profile, shipped_profiles
 
 SHIPPED = sorted(shipped_profiles())
 GPU_SHIPPED = [name for name in SHIPPED if name != "cpu"]
@@ -293,7 +293,7 @@ def test_every_profile_takes_either_truncation_and_fewer_steps(name):
 
 
 def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):
-    from lowmem_alignprop.profiles import load_profile
+    from lowmem_alignprop.settings.profiles import load_profile
 
     p = tmp_path / "mine.yaml"
     p.write_text("<<: {batch_size: 3, grad_accum: 2}\nk: &one 1\nk_min: *one\n")

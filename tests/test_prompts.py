@@ -1,7 +1,7 @@
 import pytest
 
-from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.prompts import PROMPT_SETS, load_prompts
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.step.prompts import PROMPT_SETS, load_prompts
 
 
 def test_simple_animals():

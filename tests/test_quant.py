@@ -13,10 +13,10 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from lowmem_alignprop import quant  # noqa: E402
-from lowmem_alignprop.config import Config  # noqa: E402
-from lowmem_alignprop.errors import UserError  # noqa: E402
-from lowmem_alignprop.models import add_lora, load_components, module_bytes  # noqa: E402
+from lowmem_alignprop.memory import quant  # noqa: E402
+from lowmem_alignprop.settings.config import Config  # noqa: E402
+from lowmem_alignprop.settings.errors import UserError  # noqa: E402
+from lowmem_alignprop.models.loading import add_lora, load_components, module_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_sd15_and_sdxl_savings_on_meta():
     """The planner's numbers for the shipped architectures in fp16 (built on meta: nothing allocated)."""
     from diffusers import UNet2DConditionModel
 
-    from lowmem_alignprop.arch import _default_dtype, arch_config_dir
+    from lowmem_alignprop.models.arch import _default_dtype, arch_config_dir
 
     gib = {}
     for name in ("sd15", "sdxl"):
@@ -166,7 +166,7 @@ def test_quantized_layers_store_no_more_for_backward_than_linear(tiny_dir, cpu_q
     matmul kept each layer's input on its autograd node, out of checkpointing's reach."""
     from torch.utils.checkpoint import checkpoint
 
-    from lowmem_alignprop.profiler import CpuAllocationTracker
+    from lowmem_alignprop.measure.profiler import CpuAllocationTracker
 
     dtype = torch.bfloat16  # CPU autocast's half type; on CUDA the same code runs in float16
     x, enc = _inputs()
@@ -246,7 +246,7 @@ def test_no_cuda_is_a_user_error(tiny_dir, monkeypatch):
 
 
 def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
-    from lowmem_alignprop.train import train
+    from lowmem_alignprop.commands.train import train
 
     cfg = Config(model=str(tiny_dir), base_quant="int8", output_dir=str(tmp_path / "run"), steps=2, resolution=64,
                  sample_steps=3, k=1, batch_size=1, sample_prompts=0, lr=0.01).validate()

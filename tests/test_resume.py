@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from lowmem_alignprop import checkpoint as ckpt
+from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.cli import main
 
 # Small and fast, but with everything that must continue across a resume: gradient accumulation over two

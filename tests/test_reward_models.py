@@ -11,7 +11,7 @@ from numerics import SAME_OPS, assert_rel_close
 import torch.nn.functional as F
 from PIL import Image
 
-from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.rewards import RewardModule, build_reward
 from lowmem_alignprop.rewards.clip_rewards import AESTHETIC_HEAD_FILE, AestheticHead, ClipPreprocess
 from lowmem_alignprop.rewards.openclip_convert import (config_from_open_clip, hf_to_open_clip, load_open_clip_as_hf,
@@ -24,7 +24,7 @@ PROMPTS = ["a cat", "the dog", "a horse riding a bike"]
 def tiny_clip(heads=4, seed=0):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from lowmem_alignprop.tiny import byte_level_vocab
+    from lowmem_alignprop.models.tiny import byte_level_vocab
 
     torch.manual_seed(seed)
     vocab, merges = byte_level_vocab()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.rewards import REWARDS, RewardModule, build_reward
 
 

@@ -1,4 +1,4 @@
-"""The run folder (lowmem_alignprop/runfolder.py): choosing the folder, what it holds (typed), the one lookup of
+"""The run folder (lowmem_alignprop/run/runfolder.py): choosing the folder, what it holds (typed), the one lookup of
 the checkpoint to resume, metrics of a resumed branch. Fast: no model is trained here (test_resume.py and
 test_runlock.py run the same paths end to end)."""
 
@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from lowmem_alignprop import checkpoint as ckpt
-from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.runfolder import RunFolder, keep_metrics_until
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.run.runfolder import RunFolder, keep_metrics_until
 
 
 def fake_checkpoint(run, step: int, **state):

@@ -10,16 +10,16 @@ import time
 
 import pytest
 
-from lowmem_alignprop import runlock
+from lowmem_alignprop.run import runlock
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.config import Config, build_config
-from lowmem_alignprop.runfolder import RunFolder
+from lowmem_alignprop.settings.config import Config, build_config
+from lowmem_alignprop.run.runfolder import RunFolder
 
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
 
 
 HOLD = ("import sys, time\n"
-        "from lowmem_alignprop.runlock import RunLock\n"
+        "from lowmem_alignprop.run.runlock import RunLock\n"
         "locks = [RunLock(d).acquire() for d in sys.argv[1:]]\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n")
@@ -100,7 +100,7 @@ def test_the_default_folder_moves_past_a_live_run(tmp_path, live_run, caplog):
 
 def test_a_default_folder_taken_a_moment_ago_moves_on_to_the_next(tmp_path, live_run):
     """Two runs started together both choose outputs/run; the one that loses the lock goes to outputs/run-2."""
-    from lowmem_alignprop.train import train
+    from lowmem_alignprop.commands.train import train
 
     base = tmp_path / "outputs" / "run"
     live_run(base)  # the other run took it after this one chose it
@@ -118,7 +118,7 @@ def test_exactly_one_of_several_runs_takes_a_leftover_lock(tmp_path):
     out = tmp_path / "run"
     leftover_lock(out)
     code = ("import sys, time\n"
-            "from lowmem_alignprop.runlock import RunLock, LockTaken\n"
+            "from lowmem_alignprop.run.runlock import RunLock, LockTaken\n"
             "start = float(sys.argv[2])\n"
             "time.sleep(max(0, start - time.time()))\n"
             "try:\n"

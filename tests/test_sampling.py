@@ -7,10 +7,10 @@ import torch
 
 from numerics import SAME_OPS, assert_rel_close
 
-from lowmem_alignprop.config import Config
-from lowmem_alignprop.errors import UserError
-from lowmem_alignprop.models import add_lora, load_components
-from lowmem_alignprop.sampling import PromptEmbeds, decode, draw_k, guided_eps, rollout
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.models.loading import add_lora, load_components
+from lowmem_alignprop.models.sampling import PromptEmbeds, decode, draw_k, guided_eps, rollout
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ FAMILIES = {"sd15": "epsilon", "sd21": "v_prediction", "sdxl": "epsilon"}
 def test_ddim_scheduler_of_every_family_never_clamps_x0(arch):
     import diffusers
 
-    from lowmem_alignprop.arch import _SHIPPED_DIR as ARCH_ROOT
-    from lowmem_alignprop.sampling import ddim_scheduler
+    from lowmem_alignprop.models.arch import _SHIPPED_DIR as ARCH_ROOT
+    from lowmem_alignprop.models.sampling import ddim_scheduler
 
     root = ARCH_ROOT / arch
     cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(root)["scheduler"][1])

@@ -99,3 +99,31 @@ def test_the_frozen_weight_dtype_rule_is_written_once():
     owners = {path.name for path in PACKAGE.rglob("*.py") if '"no": torch.float32' in path.read_text()
               or "[cfg.mixed_precision]" in path.read_text() or "[accelerator.mixed_precision]" in path.read_text()}
     assert owners == {"precision.py"}
+
+
+# The folders are the layers, bottom first; a module imports only from its own layer or the ones below it.
+LAYERS = ["settings", "memory", "run", "models", "toy", "rewards", "step", "measure", "commands", "cli"]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__main__", "cli"):
+        return LAYERS.index("cli")  # the package root: the command line
+    return LAYERS.index(parts[1])
+
+
+def test_every_module_lives_in_a_layer_folder():
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py", "cli.py")]
+    assert not loose, f"put {loose} in one of the layer folders {LAYERS[:-1]}"
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders == set(LAYERS[:-1])
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{m} -> {t}" for m, targets in import_graph().items() for t in targets if _layer(t) > _layer(m)]
+    assert not upward, upward
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("lowmem_alignprop.settings.config") < _layer("lowmem_alignprop.commands.train")
+    assert _layer("lowmem_alignprop.__main__") == _layer("lowmem_alignprop") == len(LAYERS) - 1

@@ -30,9 +30,9 @@ from torch.profiler import record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from midsize import build_midsize_pipeline  # noqa: E402
 
-from lowmem_alignprop.profiler import measure_cpu_stages  # noqa: E402
-from lowmem_alignprop.sampling import decode, enable_vae_checkpointing  # noqa: E402
-from lowmem_alignprop.tiling import ramp_weights, tile_starts, tiled_decode  # noqa: E402
+from lowmem_alignprop.measure.profiler import measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing  # noqa: E402
+from lowmem_alignprop.memory.tiling import ramp_weights, tile_starts, tiled_decode  # noqa: E402
 
 LATENT = 32  # 256 px images from the mid-size VAE
 TILE, OVERLAP = 16, 4
@@ -291,14 +291,14 @@ def test_decode_keeps_a_vae_in_its_own_dtype_under_autocast(latents):
 def test_sdxl_vae_dtype_choice(monkeypatch, caplog):
     from diffusers import AutoencoderKL
 
-    from lowmem_alignprop.models import choose_vae_dtype
+    from lowmem_alignprop.models.loading import choose_vae_dtype
 
     def make(force_upcast):
         return AutoencoderKL(block_out_channels=(32,), layers_per_block=1, norm_num_groups=32,
                              force_upcast=force_upcast).to(torch.float16)
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop.models"):
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop.models.loading"):
         v = make(True)
         assert choose_vae_dtype(v, torch.float16, cpu, is_sdxl=True) == torch.float32 == v.dtype
     assert "decoding in fp32" in caplog.text and "sdxl-vae-fp16-fix" in caplog.text
@@ -318,8 +318,8 @@ def test_sdxl_vae_dtype_choice(monkeypatch, caplog):
 
 @pytest.mark.parametrize("name,resolution", [("rtx3060-sdxl", 1024), ("laptop-6gb", 512)])
 def test_low_memory_profiles_tile_their_latent_in_2x2(name, resolution):
-    from lowmem_alignprop.config import build_config
-    from lowmem_alignprop.profiles import load_profile
+    from lowmem_alignprop.settings.config import build_config
+    from lowmem_alignprop.settings.profiles import load_profile
 
     _, values = load_profile(name)
     cfg = build_config(values, {}, {})
@@ -336,9 +336,9 @@ def test_vae_field_replaces_the_models_vae(tiny_dir, tmp_path):
     from safetensors.torch import save_file
 
     from ldm_format import vae_to_ldm
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.errors import UserError
-    from lowmem_alignprop.models import load_components
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.models.loading import load_components
 
     own = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
     other = copy.deepcopy(own)

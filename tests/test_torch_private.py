@@ -1,4 +1,4 @@
-"""The private torch function the planner's autocast emulation wraps (lowmem_alignprop/torch_private.py): fails
+"""The private torch function the planner's autocast emulation wraps (lowmem_alignprop/memory/torch_private.py): fails
 loudly when torch renames it or changes the parameters the wrapper relies on."""
 
 import contextlib
@@ -7,7 +7,7 @@ import inspect
 import torch
 import torch.utils.checkpoint
 
-from lowmem_alignprop import torch_private
+from lowmem_alignprop.memory import torch_private
 
 
 def test_torch_still_has_the_private_checkpoint_generator_the_planner_wraps():

@@ -309,8 +309,8 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
 
     from diffusers import StableDiffusionPipeline
 
-    from lowmem_alignprop.toy.rewards import load_toy_clip, load_toy_count
-    from lowmem_alignprop.toy.train_world import TRAIN_VERSION, Schedule, train_world
+    from lowmem_alignprop.rewards.toy import load_toy_clip, load_toy_count
+    from lowmem_alignprop.commands.train_toy_world import TRAIN_VERSION, Schedule, train_world
 
     lines = []
     report = train_world(tmp_path, seed=0, schedule=Schedule(**TINY_SCHEDULE), threads=1, log=lines.append)
@@ -325,9 +325,9 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     assert len(fid.fidelity(out, "two red circles")) == 1
     # ... and through this package's own loader, as `--model DIR` loads it (model checks included)
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.models import load_components
-    from lowmem_alignprop.sampling import encode_prompts, make_pipeline, resolution_note
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import encode_prompts, make_pipeline, resolution_note
 
     comps = load_components(Config(model=str(tmp_path / "model"), resolution=64))
     embeds = encode_prompts(make_pipeline(comps), ["two red circles"], "cpu", 64)
@@ -356,7 +356,7 @@ def test_train_world_is_seeded(tmp_path, one_thread):
     """Same seed, same software, same machine: the same bytes in every weight file; another seed: others."""
     import json
 
-    from lowmem_alignprop.toy.train_world import Schedule, main, train_world
+    from lowmem_alignprop.commands.train_toy_world import Schedule, main, train_world
 
     digests = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -404,9 +404,9 @@ def test_shipped_weights_are_the_recorded_run_and_draw_the_scenes_they_are_asked
     import hashlib
     import json
 
-    from lowmem_alignprop.config import Config
-    from lowmem_alignprop.models import load_components
-    from lowmem_alignprop.toy.train_world import TRAIN_VERSION
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.commands.train_toy_world import TRAIN_VERSION
 
     report = json.loads((SHIPPED / "report.json").read_text())
     assert report["train_version"] == TRAIN_VERSION and report["seed"] == 0 and report["scale"] == 1.0

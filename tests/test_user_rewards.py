@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.errors import UserError
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.rewards import RewardModule, build_reward, check_reward_spec
 
 HERE = "tests.test_user_rewards"

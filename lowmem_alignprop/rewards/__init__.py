@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError, first_line
+from ..settings.errors import UserError, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "build_reward", "check_reward_spec", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]

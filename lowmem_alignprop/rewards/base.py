@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import UserError
+from lowmem_alignprop.settings.errors import UserError
 
 
 class RewardModule(torch.nn.Module):

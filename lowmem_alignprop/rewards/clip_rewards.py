@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .. import hub
-from ..errors import UserError, first_line
+from lowmem_alignprop.run import hub
+from lowmem_alignprop.settings.errors import UserError, first_line
 from .base import RewardModule
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

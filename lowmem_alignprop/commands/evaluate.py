@@ -1,0 +1,357 @@
+"""``lowmem-alignprop sample``: what did training do? Base model vs LoRA(s), same seeds, scored by a reward.
+
+For the first ``--num-prompts`` prompts of the prompt set, ``--images-per-prompt`` images each, this generates
+every image twice with the diffusers pipeline and the training sampler's settings (DDIM, ``sample_steps``,
+``guidance_scale``, ``eta``, ``resolution`` of the profile/config): once from the base model and once with the
+LoRA adapter(s). Image ``n`` of the run uses its own CPU generator seeded ``seed + n`` for its initial noise and
+every DDIM noise draw, so base and LoRA images start from the same noise and an image does not depend on the
+batch it was generated in. Both sets are scored with ``--reward`` (any reward spec) and written as
+
+    OUTPUT_DIR/sample_grid.png        columns = images, rows = base / lora, each labelled with its reward
+    OUTPUT_DIR/sample_results.json    per-prompt rewards (base, lora), their means and lora - base
+
+Mixing adapters (``--lora a:0.5 --lora b:0.5``), as AlignProp mixes LoRAs trained on different rewards:
+every adapter is loaded with ``pipe.load_lora_weights(..., adapter_name=...)`` and combined with
+``pipe.set_adapters(names, adapter_weights=weights)``. peft then computes, in every layer the adapters touch,
+``W x + sum_i w_i * dW_i x`` with ``dW_i = (alpha_i / r_i) B_i A_i`` the update adapter ``i`` learned. So the
+weights interpolate the adapters' *weight updates* linearly: ``a:1`` is adapter a as trained, ``a:0.5`` is
+halfway between the base model and a, ``a:0.5 b:0.5`` is the midpoint of a and b in weight space (not the
+average of their A and B matrices, which would not be linear), weights above 1 or below 0 extrapolate. The
+images are not a linear mix of the two adapters' images: the network is nonlinear in its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.settings.errors import UserError, first_line
+
+DEFAULT_OUTPUT_DIR = "outputs/sample"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
+GRID_NAME = "sample_grid.png"
+RESULTS_NAME = "sample_results.json"
+# keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
+_DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight")
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+@dataclass
+class LoraSpec:
+    """One ``--lora DIR[:weight]``: the weights file, its mixing weight, and the adapter name it loads as."""
+    arg: str
+    file: Path
+    weight: float
+    name: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input checks (before any model loads or anything is written)
+# ---------------------------------------------------------------------------------------------------------
+def _lora_file(path: Path, arg: str) -> Path:
+    """The weights file of a LoRA given as a file, a ``lora/`` folder, or a training run's output folder,
+    checked to be a readable LoRA before any model loads."""
+    file = _find_lora_file(path, arg)
+    if file.stat().st_size == 0:
+        raise UserError(f"--lora {arg}: {file} is empty (0 bytes): its copy or download did not finish; copy it again")
+    if file.suffix.lower() == ".safetensors":
+        try:
+            layers = _layers_in_file(file)
+        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+            raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
+                            "copy it again from the run's lora/ folder") from None
+        if layers == 0:
+            raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
+                            "lora/ folder a training run wrote")
+    return file
+
+
+def _find_lora_file(path: Path, arg: str) -> Path:
+    if not path.exists():
+        raise UserError(f"--lora {arg}: {path} does not exist; pass the lora/ folder a training run wrote "
+                        f"(e.g. outputs/run/lora), optionally with a weight: DIR:0.5")
+    if path.is_file():
+        if path.suffix.lower() not in (".safetensors", ".bin"):
+            raise UserError(f"--lora {arg}: {path} is not a LoRA weights file; pass a .safetensors file or its folder")
+        return path
+    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():  # a training checkpoint
+        run = path.parent.parent
+        raise UserError(f"--lora {arg}: {path} is a training checkpoint, not a LoRA; pass {run / 'lora'} (written at "
+                        f"the end of the run), or continue training with --resume {path}")
+    for folder in (path, path / "lora"):  # a run's output dir holds its LoRA in lora/
+        if (folder / LORA_WEIGHT_NAME).is_file():
+            return folder / LORA_WEIGHT_NAME
+        found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise UserError(f"--lora {arg}: {folder} holds several .safetensors files; pass the one you mean: "
+                            f"--lora {found[0]}")
+    raise UserError(f"--lora {arg}: {path} holds no LoRA weights ({LORA_WEIGHT_NAME}); pass the lora/ folder a "
+                    "training run wrote")
+
+
+def parse_lora(arg: str, index: int) -> LoraSpec:
+    """``DIR`` (weight 1.0) or ``DIR:WEIGHT``. Raises UserError for a missing path or a weight that is no number."""
+    text = arg.strip()
+    if not text:
+        raise UserError("--lora needs a path: --lora DIR or --lora DIR:WEIGHT (e.g. outputs/run/lora:0.5)")
+    where, weight = text, 1.0
+    if not Path(text).expanduser().exists() and ":" in text:
+        where, tail = text.rsplit(":", 1)
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise UserError(f"--lora {arg}: weight {tail!r} is not a number; write --lora DIR:0.5 "
+                            "(DIR alone means weight 1.0)") from None
+        if not math.isfinite(weight):
+            raise UserError(f"--lora {arg}: weight must be a finite number, e.g. --lora DIR:0.5")
+        if not where:
+            raise UserError(f"--lora {arg}: the path is missing; write --lora DIR:{tail}")
+    return LoraSpec(arg=arg, file=_lora_file(Path(where).expanduser(), arg), weight=weight, name=f"lora{index}")
+
+
+def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
+    """Seed of image j of prompt i: ``seed + i * images_per_prompt + j`` (one generator per image)."""
+    return [[seed + i * images_per_prompt + j for j in range(images_per_prompt)] for i in range(num_prompts)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pipeline and its adapters
+# ---------------------------------------------------------------------------------------------------------
+def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype):
+    """The diffusers pipeline (StableDiffusionPipeline or SDXL) over the components training loads, DDIM scheduler."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    comps = load_components(cfg, weight_dtype)
+    pipe = make_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    if cfg.sliced_decode:
+        pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
+    if cfg.tiled_decode:
+        pipe.vae.enable_tiling()  # decode in tiles: activations of one tile, not the whole image
+    if cfg.attention == "sliced":
+        pipe.unet.set_attention_slice("auto")  # one attention slice at a time: lowest memory, slowest
+    if cfg.offload_frozen and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)  # only the running module (text encoder/UNet/VAE) on the GPU
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def _adapted_layers(pipe, name: str) -> int:
+    """How many layers of the pipeline's models carry adapter ``name``."""
+    count = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            count += sum(1 for m in component.modules() if name in getattr(m, "lora_A", {}))
+    return count
+
+
+def _layers_in_file(path: Path) -> int:
+    if path.suffix.lower() != ".safetensors":
+        return 0  # .bin: no cheap header read; rely on diffusers' own checks
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(1 for k in f.keys() if k.endswith(_DOWN_SUFFIXES))
+
+
+def _misfit_detail(error: Exception) -> str:
+    """A one-line reading of diffusers/peft's error for a LoRA that does not fit the model."""
+    text = str(error)
+    found = _SIZE_MISMATCH.findall(text)
+    if found:
+        key, theirs, ours = found[0]
+        layer = re.sub(r"\.lora_[AB]\.[^.]+\.weight$", "", key)
+        return (f"{len(found)} of its weights have other shapes than this model's layers "
+                f"(e.g. {layer}: {theirs} in the LoRA, {ours} here)")
+    if "not found in the base model" in text:
+        return "none of its layers exist in this model"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
+    """A LoRA our trainer wrote names its base model (lora/base_model.json): applied to another model with the same
+    layer shapes it loads fine but does not show what training did, so say so (a fine-tune of the base may be
+    intended: a warning, not an error)."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    ours = None
+    for spec in specs:
+        info = spec.file.parent / ckpt.LORA_BASE_FILE
+        if not info.is_file():
+            continue  # a LoRA from elsewhere: nothing to compare
+        try:
+            saved = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue
+        ours = ours or ckpt.fingerprint(cfg, unet)
+        problem = ckpt.fingerprint_difference(saved, ours)
+        if problem:
+            logging.getLogger("lowmem_alignprop").warning(
+                "--lora %s was trained on base model %r, and %s from --model %r here: the images show it on another "
+                "model; pass --model %s to see what training did", spec.arg, saved.get("model"), problem, cfg.model,
+                saved.get("model"))
+
+
+def load_adapters(pipe, specs: list[LoraSpec], model: str) -> None:
+    """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError."""
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    for spec in specs:
+        fix = f"it was trained for another base model: pass that model with --model (now {model!r})"
+        level = peft_log.level
+        peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
+        try:
+            with warnings.catch_warnings():
+                # our LoRAs adapt only the UNet; diffusers warns that the text encoder has none
+                warnings.filterwarnings("ignore", message="No LoRA keys associated")
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
+                pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=spec.name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"--lora {spec.arg} does not fit this model: {_misfit_detail(e)}; {fix}") from None
+        finally:
+            peft_log.setLevel(level)
+        expected, got = _layers_in_file(spec.file), _adapted_layers(pipe, spec.name)
+        if got == 0 or got < expected:
+            raise UserError(f"--lora {spec.arg} does not fit this model: only {got} of its {expected} layers exist "
+                            f"here; {fix}")
+
+
+def mix_adapters(pipe, specs: list[LoraSpec]) -> None:
+    """Activate the adapters with their weights: each layer computes W x + sum_i w_i dW_i x (see module doc)."""
+    pipe.enable_lora()
+    pipe.set_adapters([s.name for s in specs], adapter_weights=[s.weight for s in specs])
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -> torch.Tensor:
+    """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n]."""
+    out = []
+    for i in range(0, len(prompts), batch_size):  # batch_size images per pipeline call bounds the UNet's activations
+        chunk = prompts[i:i + batch_size]
+        # CPU generators: the same noise on every device, and the same draws as training's initial_latents
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        images = pipe(prompt=chunk, negative_prompt=[""] * len(chunk),  # training's unconditional prompt is ""
+                      num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                      height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt").images
+        out.append(images.float().cpu())  # kept on the CPU: the GPU holds one batch at a time
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score(reward, images: torch.Tensor, prompts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(reward(images[i:i + batch_size].to(device), prompts[i:i + batch_size]).float().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------
+def has_results(folder: Path) -> bool:
+    return (folder / RESULTS_NAME).exists()
+
+
+def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
+             profile_name: str = "custom", numbered_output_dir: bool = False) -> dict:
+    """Generate, score and write the grid and JSON into ``cfg.output_dir`` (held for this evaluation; a numbered
+    default folder taken meanwhile gives way to the next). Returns the JSON's content."""
+    from lowmem_alignprop.run.runlock import hold_folder
+    from lowmem_alignprop.step.inputs import prepare_inputs
+
+    prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
+    with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
+        return _evaluate(cfg, specs, prompts, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+                         profile_name=profile_name)
+
+
+def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
+              images_per_prompt: int, profile_name: str) -> dict:
+    from lowmem_alignprop.commands.grid import save_sample_grid
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator
+    from lowmem_alignprop.rewards import build_reward
+    from lowmem_alignprop.memory.precision import frozen_weight_dtype
+
+    t0 = time.perf_counter()
+    if len(prompts) < num_prompts:
+        logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
+                                                      num_prompts, cfg.prompts, len(prompts))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
+    weight_dtype = frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
+    # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
+    # scoring, so the reward model and the diffusion model are never on the GPU together
+    reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
+    pipe = build_pipeline(cfg, device, weight_dtype)
+    warn_other_base(pipe.unet, specs, cfg)
+    load_adapters(pipe, specs, cfg.model)
+
+    seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
+    flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    flat_seeds = [s for row in seeds for s in row]
+    batch = cfg.batch_size  # the profile's training batch fits with gradients, so surely without
+    pipe.disable_lora()
+    base_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
+    mix_adapters(pipe, specs)
+    lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
+
+    if device.type == "cuda":
+        if not cfg.offload_frozen:  # (with offload, the pipeline's hooks have already moved everything back)
+            pipe.to("cpu")  # the diffusion model leaves the GPU before the reward model arrives
+        torch.cuda.empty_cache()
+    reward.to(device)
+    base_r = score(reward, base_images, flat_prompts, device, batch)
+    lora_r = score(reward, lora_images, flat_prompts, device, batch)
+
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        b = base_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
+        lo = lora_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
+        per_prompt.append({"prompt": prompt, "seeds": seeds[i], "base": b, "lora": lo,
+                           "base_mean": sum(b) / len(b), "lora_mean": sum(lo) / len(lo),
+                           "difference": sum(lo) / len(lo) - sum(b) / len(b)})
+    base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
+    results = {
+        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": cfg.prompts,
+        "loras": [{"path": str(s.file), "weight": s.weight, "adapter_name": s.name} for s in specs],
+        "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
+        "sampler": {"scheduler": "DDIM", "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+                    "eta": cfg.eta, "resolution": cfg.resolution},
+        "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
+        "per_prompt": per_prompt,
+        "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
+        "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "output_dir": str(out),
+    }
+
+    if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
+        logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
+    save_sample_grid(out / GRID_NAME, labels, (base_images, base_r), (lora_images, lora_r), row_names=("base", "lora"))
+    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_summary(r: dict, out: Path) -> None:
+    mix = " + ".join(f"{d['weight']:g} x {d['path']}" for d in r["loras"])
+    lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
+             f"(DDIM {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
+             f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
+             f"  lora = {mix}",
+             f"wrote {out / GRID_NAME} and {out / RESULTS_NAME}"]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,67 @@
+"""``lowmem-alignprop export``: a run's LoRA in the format other tools read, with a model card; optionally
+merged into the base model, optionally pushed to the Hugging Face hub. See lora_export.py for the formats."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+from lowmem_alignprop.settings.errors import UserError
+
+log = logging.getLogger("lowmem_alignprop")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowmem-alignprop export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a trained LoRA for ComfyUI / AUTOMATIC1111 (kohya), peft or diffusers, or merge it into "
+                    "the base model; every export gets a README.md model card.",
+        epilog="examples:\n"
+               "  lowmem-alignprop export --lora outputs/run/lora --format kohya      # ComfyUI models/loras, A1111 "
+               "models/Lora\n"
+               "  lowmem-alignprop export --lora outputs/run/lora --format peft\n"
+               "  lowmem-alignprop export --lora outputs/run/lora --merge --weight 0.8 --out merged-model\n"
+               "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora")
+    p.add_argument("--lora", required=True, metavar="DIR", help="the lora/ folder a run wrote (or the run folder)")
+    p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
+                   help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
+                        "(default)")
+    p.add_argument("--merge", action="store_true", help="write the base model with the LoRA fused in (a diffusers "
+                                                        "folder)")
+    p.add_argument("--weight", type=float, metavar="W", help="with --merge: the LoRA's weight (1 = as trained, "
+                                                             "0 = the base model)")
+    p.add_argument("--dtype", metavar="fp32|fp16|bf16", help="with --merge: the precision the merged model is saved "
+                                                              "in (default fp32; fused in fp32 either way)")
+    p.add_argument("--model", help="with --merge: the base model (default: the one the LoRA was trained on)")
+    p.add_argument("--out", metavar="PATH", help="a new folder for the export (default: RUN/export/FORMAT)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub repository (owner/name)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    return p
+
+
+def export_main(argv: list[str]) -> int:
+    from lowmem_alignprop.commands import lora_export as lx
+
+    args = export_parser().parse_args(argv)
+    lx.check_format(args.format, args.merge, args.weight, args.dtype)  # cheap checks first: nothing is read yet
+    if args.model and not args.merge:
+        raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")
+    if args.private and not args.push_to_hub:
+        raise UserError("--private applies to --push-to-hub REPO: add it, or drop --private")
+    if args.push_to_hub:
+        lx.check_push_to_hub(args.push_to_hub)
+    if args.out:
+        lx.check_out(Path(args.out).expanduser())
+    lora = lx.read_lora(args.lora)
+    out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
+    command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
+    files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
+                      dtype=args.dtype, command=command)
+    log.info("exported %s (%s) to %s: %s", lora.path, "merged" if args.merge else args.format, out,
+             ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
+    if args.push_to_hub:
+        url = lx.push_to_hub(out, args.push_to_hub, private=args.private)
+        log.info("pushed to %s", url)
+    return 0

@@ -1,0 +1,710 @@
+"""The AlignProp trainer: :class:`Trainer` with ``setup()``, ``train_step()``, ``fit()`` and ``finish()``.
+
+    for each optimizer step (Trainer.train_step):
+        encode_prompts -> sample_nograd (T-K DDIM steps) -> sample_grad (last K, checkpointed)
+        -> decode (VAE, with grad) -> reward -> backward (into LoRA only) -> optimizer
+
+See docs/design.md section 1 (the stages) and section 5 (faults: out of memory, NaN, signals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import faults
+from lowmem_alignprop.measure import planner
+from lowmem_alignprop.memory import precision, stages
+from lowmem_alignprop import rewards
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
+from lowmem_alignprop.step.inputs import prepare_inputs
+from lowmem_alignprop.models.loading import load_components, lora_metadata, lora_state_dict, set_attention
+from lowmem_alignprop.memory.optim import build_optimizer
+from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
+from lowmem_alignprop.step.prompts import cut_prompts_note
+from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder
+from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
+from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing,
+                                              initial_latents, make_pipeline, resolution_note, rollout)
+from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+
+log = logging.getLogger("lowmem_alignprop")
+
+def make_accelerator(cfg: Config, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs = {}
+    mp = cfg.mixed_precision
+    if not torch.cuda.is_available() and mp == "fp16":
+        log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
+        mp = "no"
+    if cfg.deepspeed_zero:
+        from lowmem_alignprop.run.distributed import deepspeed_plugin
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed
+    elif not torch.cuda.is_available():
+        kwargs["cpu"] = True  # several CPU processes then talk over gloo (docs/design.md section 8)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / "logs")),
+                              **kwargs)
+    if cfg.deepspeed_zero and not torch.cuda.is_available():
+        from lowmem_alignprop.run.distributed import repair_cpu_deepspeed_ranks
+        repair_cpu_deepspeed_ranks(accelerator)
+    return accelerator
+
+
+def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
+          folder: RunFolder | None = None) -> dict:
+    """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
+    ``cfg``: a validated Config (``profiles.resolve_config`` validates; by hand: ``Config(...).validate()``).
+    ``folder``: the run folder (the command line's choice, with its --resume); default: ``cfg.output_dir`` as named,
+    a new run."""
+    folder = folder or RunFolder(cfg.output_dir)
+    with same_on_every_rank():
+        prompts = prepare_inputs(cfg)
+        cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
+        if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
+            adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
+        point = folder.check()
+    lock = folder.hold()
+    cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
+    with lock:
+        return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
+                       lock=lock).run()
+
+
+class Trainer:
+    """One AlignProp run, in the shape of a recipe: :meth:`setup` (accelerator, models, reward check, samples before,
+    resume), :meth:`fit` (the loop: faults, signals and checkpoints around :meth:`train_step`), :meth:`finish` (LoRA,
+    samples after, reports, summary). :meth:`run` does the three, with Ctrl-C a stop request from the first step until
+    the LoRA is written."""
+
+    def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
+                 memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
+                 lock: RunLock | None = None):
+        self.cfg, self.folder, self.prompts = cfg, folder, prompts
+        self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
+        self.history: list[dict] = []  # one metrics row per trained step
+        self.fits: list[dict] = []  # the --auto-fit changes made
+        self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
+        self.stop = StopRequest(on_abort=lock.release if lock is not None else None)
+        self.start = point.step if point is not None else 0
+        self.last_saved = self.start if point is not None else None
+        self.step = self.start + 1
+        self.before = None
+
+    @property
+    def out(self) -> Path:
+        return self.folder.path
+
+    def run(self) -> dict:
+        self.setup()
+        with self.stop.installed():  # SIGINT/SIGTERM are stop requests from the first step until the LoRA is written
+            self.fit()
+            return self.finish()
+
+    # ================================ setup ================================
+    def setup(self) -> None:
+        """Everything before the first step, in the order its failures are reported."""
+        if self.point is not None:  # an incompatible checkpoint fails here, before any model loads
+            with same_on_every_rank():
+                ckpt.check_config(self.point.state, self.cfg, self.point.path)
+        self.setup_accelerator()
+        self.load_models()
+        with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before any write
+            where = self.device if self.place.where.get("reward") == "device" else "cpu"
+            self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],
+                       "on a test image without gradient (as for the sample images)")
+        self.write_config()
+        self.setup_sampling()
+        self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
+        self.restore()
+
+    def setup_accelerator(self) -> None:
+        from lowmem_alignprop.measure.profiler import StageProfiler
+
+        cfg = self.cfg
+        self.allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused
+        self.accelerator = make_accelerator(cfg, self.out)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.weight_dtype = precision.frozen_weight_dtype(self.accelerator.mixed_precision, self.device.type)
+        self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
+                                  snapshot_steps=self.memory_snapshot)
+        self.place = Placement(self.device, offload=cfg.offload_frozen)
+        self.guard = faults.StageGuard(self.prof.stage)  # names the stage an out-of-memory error happens in
+
+    def load_models(self) -> None:
+        from lowmem_alignprop.run.distributed import whole_models
+
+        cfg = self.cfg
+        try:
+            with self.guard.stage(stages.LOAD), whole_models(self.accelerator):
+                self._load()
+        except faults.OOM_ERRORS as e:
+            fit = faults.next_fit(cfg, stages.LOAD, suggest=planner.next_feature)
+            raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
+                                                        False) + f" [{first_line(e, 100)}]") from None
+        self.prof.record_modules(self.modules())
+        for note in (resolution_note(self.unet, self.vae, cfg.resolution),  # e.g. SD1.5 under the cpu profile's 64 px
+                     cut_prompts_note(self.comps.tokenizer, self.prompts)):
+            if note and self.is_main:
+                log.warning(note)
+
+    def _load(self) -> None:
+        cfg, place = self.cfg, self.place
+        self.comps = comps = load_components(cfg, self.weight_dtype)
+        self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
+        self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
+        if self.point is not None:
+            ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
+        self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
+        self.unet.to(self.device).train()
+        place.park("text_encoder", self.text_encoder, comps.text_encoder_2)  # to the device only to encode
+        place.park("vae", self.vae)  # on the GPU only from decode to backward when offload_frozen is on
+        self.reward = self.build_reward()
+        place.park("reward", self.reward)
+        if cfg.deepspeed_zero:
+            from lowmem_alignprop.run.distributed import build_optimizer as build_ds_optimizer
+            from lowmem_alignprop.run.distributed import size_buckets
+            size_buckets(self.accelerator, self.params)
+            optimizer = build_ds_optimizer(cfg, self.params)
+        else:
+            optimizer = build_optimizer(cfg, self.params)
+        self.unet_train, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.pipe = make_pipeline(comps)
+
+    def build_reward(self):
+        return rewards.build_reward(self.cfg.reward, device="cpu", dtype=self.weight_dtype,
+                                    checkpointing=self.cfg.reward_checkpointing, weights=self.cfg.reward_weights)
+
+    def modules(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "reward": self.reward,
+                "lora": self.params, "optimizer": self.optimizer}
+
+    def score(self, images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
+        """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
+        try:
+            return self.reward(images, batch_prompts).float()
+        except (UserError, *faults.OOM_ERRORS):
+            raise
+        except Exception as e:
+            raise UserError(f"the reward {self.cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
+                            f"{fix}") from None
+
+    def write_config(self) -> None:
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict()},
+                                                            sort_keys=False))
+        if cfg.report_to != "none":
+            self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
+                                                                       if isinstance(v, (int, float, str, bool))})
+
+    def setup_sampling(self) -> None:
+        from lowmem_alignprop.run.distributed import deepspeed_engine, gatherer, is_zero3
+
+        cfg, acc = self.cfg, self.accelerator
+        self.rank = acc.process_index
+        self.rng = random.Random(cfg.seed * 1000 + self.rank)  # prompt order and K draws; each rank its own stream
+        self.sample_prompts = self.prompts[: cfg.sample_prompts]
+        # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
+        self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
+                                   cache=cfg.cache_prompt_embeddings,
+                                   prompts=set(self.prompts) | set(self.sample_prompts))
+        self.scheduler = self.comps.scheduler
+        self.bare_unet = acc.unwrap_model(self.unet_train)
+        self.engine = deepspeed_engine(acc, self.unet_train)  # None unless DeepSpeed
+        self.gather = gatherer(acc, self.params)  # ZeRO-3: the partitioned LoRA weights made whole for reading
+        # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
+        self.samples_here = self.is_main or is_zero3(acc)
+
+    def generate(self, batch_prompts: list[str], seed: int):
+        """Fixed-seed images and rewards with no gradient (the before/after grid)."""
+        cfg, place = self.cfg, self.place
+        with torch.no_grad(), self.accelerator.autocast():
+            g = torch.Generator().manual_seed(seed)
+            emb = self.embed(batch_prompts)
+            self.scheduler.set_timesteps(cfg.sample_steps, device=self.device)
+            lat = initial_latents(len(batch_prompts), self.bare_unet, self.vae, cfg.resolution, g, self.device)
+            lat = rollout(self.bare_unet, self.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
+                          eta=cfg.eta, generator=g)
+            place.to_device("vae", self.vae)
+            place.to_device("reward", self.reward)
+            imgs = decode(self.vae, lat, sliced=True)
+            r = self.score(imgs, batch_prompts, "while scoring the fixed-seed sample images",
+                           "fix it, or skip the samples with --set sample_prompts=0")
+            place.park("vae", self.vae)
+            place.park("reward", self.reward)
+        return imgs.float().cpu(), r.cpu()
+
+    def sample_before(self) -> None:
+        cfg = self.cfg
+        if not (self.sample_prompts and self.samples_here):
+            return
+        log.info("sampling %d fixed-seed images before training (%d px, %d steps; --set sample_prompts=0 skips it)",
+                 len(self.sample_prompts), cfg.resolution, cfg.sample_steps)
+        self.before = self.generate(self.sample_prompts, cfg.seed + 12345)
+
+    def restore(self) -> None:
+        """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
+        point = self.point
+        if point is not None:
+            state, rng_state = ckpt.restore(self.accelerator, point.path, bare_unet=self.bare_unet,
+                                            optimizer=self.optimizer, engine=self.engine, gather=self.gather,
+                                            state=point.state)
+            self.history = list(state.get("history", []))
+            if rng_state is not None:
+                set_rng_state(self.rng, rng_state)
+        if self.is_main:
+            self.folder.start_metrics(point, self.history)
+        if point is not None:
+            log.info("resumed from %s at step %d", point.path, self.start)
+
+    # ================================ the step ================================
+    def train_step(self, step: int) -> tuple[dict | None, str | None]:
+        """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
+        cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
+        t0, rewards_all, losses, ks = time.perf_counter(), [], [], []
+        self.grad_norm, self.scaler_skipped = None, False
+        acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
+        for micro in range(cfg.grad_accum):
+            with acc.accumulate(self.unet_train):
+                batch_prompts = [self.rng.choice(self.prompts) for _ in range(cfg.batch_size)]
+                ks.append(k := draw_k(cfg, self.rng))  # once per rollout: the window is the contiguous last K steps
+                with stage(stages.ENCODE_PROMPTS):
+                    emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
+                g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
+                latents = initial_latents(cfg.batch_size, self.bare_unet, self.vae, cfg.resolution, g, self.device)
+                with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
+                    loss, rewards_ = rollout_loss(cfg, self.bare_unet, self.unet_train, self.scheduler, self.vae,
+                                                  self.reward, latents, emb, batch_prompts, k=k, generator=g,
+                                                  stage=stage, place=place)
+                if bad := self.not_finite(loss, rewards_):  # every rank skips together (DDP needs all backwards)
+                    return None, bad
+                with stage(stages.BACKWARD):
+                    acc.backward(loss)  # gradients reach only the LoRA weights
+                del latents  # free the graph's inputs before the next rollout
+                place.park("vae", self.vae)  # offload_frozen: the VAE and reward model wait on the CPU again
+                place.park("reward", self.reward)
+                rewards_all.append(acc.gather(rewards_.detach()))
+                losses.append(loss.detach())
+                if acc.sync_gradients:
+                    with stage(stages.OPTIMIZER):
+                        if bad := self.optimizer_step():
+                            return None, bad
+        return self.metrics_row(step, t0, rewards_all, losses, ks), None
+
+    def not_finite(self, loss: torch.Tensor, rewards_: torch.Tensor) -> str | None:
+        """What was NaN/inf on any rank (the gradients are then dropped), or None; a reward without a graph fails."""
+        from lowmem_alignprop.run.distributed import any_rank
+
+        bad = None if faults.finite(rewards_) else "the reward"
+        bad = bad or (None if faults.finite(loss) else "the loss")
+        if any_rank(self.accelerator, bad is not None):
+            self.optimizer.zero_grad(set_to_none=True)
+            return bad or "the reward on another process"
+        if not loss.requires_grad:  # a reward that lost its graph on this batch (.detach(), numpy, ...)
+            raise UserError(f"the reward {self.cfg.reward!r} returned scores with no gradient to the images: "
+                            "AlignProp needs a differentiable reward on every batch")
+        return None
+
+    def optimizer_step(self) -> str | None:
+        """Clip, step, zero the gradients (freed as soon as possible). Returns "the gradient norm" when it was not
+        finite and nothing else handles it (the update is then skipped)."""
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.max_grad_norm > 0:
+            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        overflow = self.grad_norm is not None and not faults.isfinite_number(self.grad_norm)
+        if overflow and acc.scaler is not None:
+            self.scaler_skipped = True  # fp16 loss-scale overflow: optimizer.step() skips, lowers the scale
+        elif self.engine is None and overflow:
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: same on every rank
+            return "the gradient norm"
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def metrics_row(self, step: int, t0: float, rewards_all: list, losses: list, ks: list[int]) -> dict:
+        acc = self.accelerator
+        r_all = torch.cat(rewards_all).float()
+        loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
+                "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
+                "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
+                "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+                **({"grad_scale": acc.scaler.get_scale(), "update_skipped": self.scaler_skipped}
+                   if acc.scaler is not None else {}),
+                "seconds": time.perf_counter() - t0}
+
+    # ================================ the loop ================================
+    def fit(self) -> None:
+        """Steps start+1..steps; an OOM steps down (--auto-fit) or stops with its message, any other error keeps the
+        finished steps in a checkpoint, a stop request saves one and ends the loop."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="AlignProp", disable=not self.is_main,
+                   dynamic_ncols=True, initial=self.start, total=cfg.steps)
+        self.bar = bar
+        with contextlib.closing(bar):  # the bar ends its line even when an error stops the run
+            while self.step <= cfg.steps:
+                step = self.step
+                self.guard.step = step
+                rng_before = self.rng.getstate()
+                self.prof.begin_step(step)
+                try:
+                    row, bad = self.train_step(step)
+                except faults.OOM_ERRORS as e:
+                    stage, detail = faults.stage_of(e, self.guard.current), first_line(e, 100)
+                    del e
+                    self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
+                    continue  # the same step again, lighter
+                except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
+                    self.keep_finished_steps(e, step, rng_before)  # raises
+                self.record(step, row, bad)
+                bar.update(1)
+                if self.save_if_due(step):
+                    break
+                self.step += 1
+
+    def step_down(self, step: int, stage: str, detail: str, rng_before) -> None:
+        """Out of memory in ``stage``: with --auto-fit apply the next lighter setting (the step is then repeated with
+        the same prompts and K); else keep the finished steps in a checkpoint and stop with the change that fits."""
+        cfg = self.cfg
+        self.prof.end_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        faults.free_memory()
+        fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
+        peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
+        message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
+        if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes == 1 and step - 1 > (self.last_saved or 0):
+                self.save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
+            raise faults.OutOfMemory(f"{message} [{detail}]") from None
+        log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
+        self.apply_fit(fit)
+        self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
+        self.rng.setstate(rng_before)  # the repeated step draws the same prompts and K
+        self.bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
+
+    def apply_fit(self, fit: faults.Fit) -> None:
+        """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step). Each
+        setting reaches the object that acts on it: the tests/test_auto_fit.py rung tests check every one."""
+        cfg, keys = self.cfg, set(fit.overrides)
+        dataclasses.replace(cfg, **fit.overrides).validate()
+        for key, value in fit.overrides.items():
+            setattr(cfg, key, value)  # batch_size, sliced_decode, tiled_decode, activation_offload: read per step
+        if "cache_prompt_embeddings" in keys:  # the prompt encoder holds its own copy of the flag
+            self.embed.caching = cfg.cache_prompt_embeddings
+        if "grad_accum" in keys:
+            self.accelerator.gradient_accumulation_steps = cfg.grad_accum
+        if "vae_checkpointing" in keys:
+            enable_vae_checkpointing(self.vae, cfg.vae_checkpointing)
+        if cfg.unet_checkpointing == "blocks" and "unet_checkpointing" in keys:
+            self.bare_unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute in backward
+        if "reward_checkpointing" in keys:
+            self.reward = self.build_reward()
+            self.place.where.pop("reward", None)
+            self.place.park("reward", self.reward)
+        if "offload_frozen" in keys:
+            self.place.offload_enabled = cfg.offload_frozen
+        if "attention" in keys:
+            set_attention(self.bare_unet, self.vae, cfg.attention, self.device)
+        if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
+            self.allocator = configure_cuda_allocator(cfg.expandable_segments)
+
+    def keep_finished_steps(self, e: Exception, step: int, rng_before) -> None:
+        """An error in a step: the steps before it go into a checkpoint; a reward's error is named as the user's."""
+        cfg = self.cfg
+        stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
+        self.prof.end_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
+        saved = (self.save_checkpoint(step - 1)
+                 if self.accelerator.num_processes == 1 and step - 1 > (self.last_saved or 0) else None)
+        done = "step 1 is" if step - 1 == 1 else f"steps 1-{step - 1} are"
+        kept = f"; {done} saved in {saved}: --resume latest continues once it is fixed" if saved else ""
+        if isinstance(e, UserError):
+            raise UserError(f"step {step}: {e}{kept}") from None
+        if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
+            raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
+                            f"{first_line(e)}{kept}") from None
+        if saved:
+            log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
+        raise e
+
+    def record(self, step: int, row: dict | None, bad: str | None) -> None:
+        """The step's metrics line, progress bar and tracker; a NaN/inf step is skipped (too many in a row stop)."""
+        from lowmem_alignprop.commands.grid import write_metrics_line
+
+        cfg, prof = self.cfg, self.prof
+        mem = prof.end_step()
+        if step == self.start + 1:
+            prof.record_modules(self.modules())
+        if bad is not None:
+            if self.is_main:
+                write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite"})
+            if self.streak.bad(step, bad):
+                path = self.save_checkpoint(step)
+                raise faults.TrainingDiverged(self.streak.message(path))
+            return
+        self.streak.good()
+        row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
+                   peak_stage=mem["peak_stage"])
+        self.history.append(row)
+        if self.is_main:
+            write_metrics_line(self.folder.metrics, row)
+            self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
+            if cfg.log_every and step % cfg.log_every == 0:
+                self.bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
+                               f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
+        if cfg.report_to != "none":
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def save_if_due(self, step: int) -> bool:
+        """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
+        cfg = self.cfg
+        stopping = self.stop.agreed(self.accelerator)
+        if not (stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            return False
+        path = self.save_checkpoint(step)
+        self.last_saved = step
+        if stopping:
+            self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
+                "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
+                else "continue with --resume latest"))
+        return stopping
+
+    def save_checkpoint(self, step: int) -> Path:
+        return ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
+                         optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
+                         history=self.history, fp=self.fingerprint, gather=self.gather,
+                         extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped})
+
+    # ================================ finish ================================
+    def finish(self) -> dict:
+        """The LoRA (or full UNet), the after samples, config.yaml after an auto-fit, the reports and summary."""
+        cfg, acc = self.cfg, self.accelerator
+        acc.wait_for_everyone()
+        done = min(self.step, cfg.steps)  # a stop breaks out at the step it saved; a finished loop: steps + 1
+        summary = {"steps": cfg.steps, "steps_done": done,
+                   "interrupted": done < cfg.steps, "resumed_from": str(self.point.path if self.point else "")
+                   or None, "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
+                   "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped"))}
+        final = acc.unwrap_model(self.unet_train)
+        lora = self.final_weights(final)
+        after = self.sample_after()
+        if self.is_main:
+            self.write_outputs(summary, final, lora, after)
+        acc.wait_for_everyone()
+        acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
+        return summary
+
+    def final_weights(self, final) -> dict | None:
+        """The LoRA's tensors on the CPU (ZeRO-3: gathered whole); a full fine-tune writes its UNet here."""
+        if self.cfg.train_unet == "lora":
+            with self.gather():
+                return {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
+        with self.gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
+            if self.is_main:
+                final.save_pretrained(self.out / "unet")
+        return None
+
+    def sample_after(self):
+        if self.before is None or self.stop.name is not None:
+            return None
+        after = None
+        self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
+        try:
+            after = self.generate(self.sample_prompts, self.cfg.seed + 12345)
+        except UserError as e:  # the LoRA and summary are still written
+            log.warning("%s (the before/after samples are left out)", e)
+        except KeyboardInterrupt:
+            log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
+        self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
+        return after
+
+    def write_outputs(self, summary: dict, final, lora: dict | None, after) -> None:
+        from lowmem_alignprop.commands.grid import save_sample_grid
+
+        cfg, out, before, history = self.cfg, self.out, self.before, self.history
+        if lora is not None:
+            self.comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
+                                                        unet_lora_adapter_metadata=lora_metadata(final))
+            # which base model it belongs to: `sample` warns when it is applied to another one
+            (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
+        if after is not None:
+            grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
+            # the grid's labels are cut to their cell: every prompt in full, with its two rewards
+            (out / "samples" / "before_after.json").write_text(json.dumps(
+                {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
+                    {"prompt": p, "reward_before": b, "reward_after": a}
+                    for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
+                indent=1, ensure_ascii=False))
+            log_images(self.accelerator, cfg, grid)
+            summary["sample_reward_before"] = before[1].mean().item()
+            summary["sample_reward_after"] = after[1].mean().item()
+        if self.fits:  # the configuration that finally fitted, for the next run
+            (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
+                                                             "auto_fit_changes": self.fits}, sort_keys=False))
+        self.prof.write(out)
+        fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
+        n = max(1, min(3, len(history) // 2))
+        summary.update({
+            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
+            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n if history else float("nan"),
+            "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
+            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
+                                  default=None),
+            "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
+            "attention": self.attention, "cuda_allocator": self.allocator, "device": str(self.device),
+            "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
+        })
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary, cfg, self.profile_name)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts at once
+    (``on_abort`` runs first: the run's lock is released). With ``raise_now`` set (the after samples, which only
+    cost time), the first signal raises KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
+
+    def __init__(self, on_abort: Callable[[], None] | None = None):
+        self.name: str | None = None
+        self._first = 0.0
+        self.on_abort = on_abort
+        self.raise_now = False
+
+    def _handle(self, signum, frame):
+        # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
+        # two SIGINTs within milliseconds: only a second press a moment later aborts
+        if self.name == "SIGINT" and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
+            self._abort()
+        if self.name is None:
+            self._first = time.monotonic()
+            self.name = signal.Signals(signum).name
+            if self.raise_now:
+                raise KeyboardInterrupt
+            again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
+                     else "Ctrl-C again to abort")
+            if global_rank() == 0:  # once per run, not once per process
+                log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
+
+    def _abort(self):
+        """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash
+        the interpreter): the steps since the last checkpoint are lost, the rest stays as it was."""
+        log.warning("aborted by a second Ctrl-C: the steps since the last checkpoint are lost; --resume latest "
+                    "continues from it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.on_abort is not None:
+            self.on_abort()
+        os._exit(130)
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank if any rank was asked to stop (they save the same step together)."""
+        from lowmem_alignprop.run.distributed import any_rank
+        return any_rank(accelerator, self.name is not None) and (self.name is not None or self._adopt())
+
+    def _adopt(self) -> bool:
+        self.name = "stop request from another process"
+        return True
+
+
+def get_rng_state(rng: random.Random) -> dict:
+    state = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(rng: random.Random, state: dict) -> None:
+    version, internal, gauss = state["python"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def log_images(accelerator, cfg: Config, grid_path: Path) -> None:
+    """Send the before/after grid to the configured tracker (tensorboard or wandb)."""
+    if cfg.report_to == "none":
+        return
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(Image.open(grid_path).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples/before_after", arr, cfg.steps, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({"samples/before_after": wandb.Image(arr)}, step=cfg.steps)
+
+
+def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
+    change = s["reward_last"] - s["reward_first"]
+    lines = [
+        "",
+        "=" * 64,
+        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
+         if s.get("interrupted") else
+         f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, "
+         f"model {cfg.model})"),
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})"
+        if math.isfinite(change) else
+        f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
+    ]
+    if "sample_reward_before" in s:
+        lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    if s.get("fp16_overflow_skips"):
+        lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
+                     "its scale (normal in the first steps)")
+    budget = {True: f" (budget {s.get('budget_gb')} GiB: fits)",
+              False: f", OVER the {s.get('budget_gb')} GiB budget: see memory_report.md", None: ""}
+    trained = (f"{s['output_dir']}/lora (pipe.load_lora_weights)" if s.get("trained", "lora") == "lora" else
+               f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
+    lines += [
+        f" {s['seconds_per_step']:.2f} s/step, peak memory "
+        + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
+        + budget[s.get("fits_budget")] + f", attention {s['attention']}"
+        + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
+        f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
+        + "metrics.jsonl, summary.json,",
+        "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
+        "=" * 64,
+    ]
+    print("\n".join(lines), flush=True)

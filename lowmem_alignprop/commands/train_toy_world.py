@@ -1,0 +1,526 @@
+"""Train the toy world's models on the renderer's data: an SD-shaped text-to-image model and two rewards.
+
+    python -m lowmem_alignprop.commands.train_toy_world --out DIR [--seed 0] [--scale 1.0] [--max-minutes N]
+
+Phases, in order (docs/toy_world.md has the reasons):
+
+1. VAE (AutoencoderKL, 64x64x3 -> 16x16x4) on freshly rendered training-split scenes; then the latent
+   scaling factor (1 / std of the latents) and the latents of a fixed pool of training scenes.
+2. Text encoder (CLIPTextModel) and UNet (UNet2DConditionModel) together, epsilon-prediction on the pool,
+   captions dropped to "" 10% of the time (classifier-free guidance); the UNet's EMA is what is saved.
+3. toy_clip (contrastive, with hard-negative captions) and 4. toy_count (cross-entropy over 0..4 objects),
+   on rendered scenes of the whole caption space (or the training split, --reward-split train), half of
+   each batch passed through the trained VAE so that they know its artefacts.
+5. Report: exact fidelity of DDIM samples on training and held-out prompts, reward accuracies, sha256 of
+   every file written, versions, the seed and the wall time of each phase -> DIR/report.json.
+
+Output: DIR/model (a diffusers StableDiffusionPipeline directory, fp16 safetensors), DIR/rewards/toy_clip,
+DIR/rewards/toy_count, DIR/report.json.
+
+Fixed step counts make a run reproducible on the same software and CPU (float sums are reordered
+elsewhere). ``--scale`` multiplies every step count (the tests use a tiny one); ``--max-minutes`` cuts each
+phase at its share of the budget, and the report then says the run was truncated.
+
+Time: the default schedule (scale 1) is planned for about an hour on an idle 2-core CPU. That is an estimate:
+one thread on a heavily shared 2-core machine took 0.75-0.95 s per VAE step (batch 16), 0.54 s per UNet step
+(batch 32), 0.45 s per toy_clip step and 0.3 s per toy_count step (batch 64), about 95 minutes for the whole
+schedule. report.json records the measured wall time of each phase; the first full run must state it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lowmem_alignprop.toy import fidelity as fid
+from lowmem_alignprop.toy.scenes import (
+    ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, WORLD_VERSION, Obj, Scene, caption, content,
+    heldout_prompts, make_content, render, sample_scenes,
+)
+
+TRAIN_VERSION = "1"  # bump with any change to the architectures, the schedule or the data this script draws
+RESOLUTION = 64
+OBJECT_WEIGHT = 5.0  # the VAE's reconstruction loss on object pixels, relative to background pixels
+
+
+@dataclass
+class Schedule:
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    pool: int = 20000          # training scenes whose latents the UNet learns from
+    unet_steps: int = 6000
+    unet_batch: int = 32
+    clip_steps: int = 1500
+    count_steps: int = 1000
+    reward_batch: int = 64
+    recon_pool: int = 4000     # scenes passed through the VAE for the rewards
+    eval_samples: int = 256    # per prompt set, in the report
+    sample_steps: int = 20
+    guidance: float = 3.0
+
+    def scaled(self, scale: float) -> "Schedule":
+        s = Schedule(**asdict(self))
+        if scale == 1:
+            return s
+        for k in ("vae_steps", "pool", "unet_steps", "clip_steps", "count_steps", "recon_pool", "eval_samples"):
+            setattr(s, k, max(1, int(round(getattr(s, k) * scale))))
+        s.pool = max(s.pool, s.unet_batch)
+        s.recon_pool = max(s.recon_pool, s.reward_batch)
+        s.eval_samples = max(s.eval_samples, 4)
+        return s
+
+
+# planned share of the wall time per phase (for --max-minutes)
+SHARES = {"vae": 0.2, "unet": 0.6, "toy_clip": 0.12, "toy_count": 0.08}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def build_models(seed: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lowmem_alignprop.toy.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], projection_dim=64,
+    ))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    return tokenizer, vae, unet, text_encoder, scheduler
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def render_scenes(scenes) -> np.ndarray:
+    return np.stack([render(s, RESOLUTION) for s in scenes])
+
+
+def cosine_lr(opt, step: int, total: int, base: float, warmup: int = 0) -> None:
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / max(total - warmup, 1)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Clock:
+    def __init__(self, max_minutes: float | None):
+        self.max_s = None if max_minutes is None else 60.0 * max_minutes
+        self.times: dict[str, float] = {}
+        self.truncated: dict[str, int] = {}
+
+    def budget(self, phase: str) -> float | None:
+        return None if self.max_s is None else self.max_s * SHARES[phase]
+
+    def run(self, phase: str, steps: int, step_fn, log_every: int, log) -> None:
+        t0, budget = time.time(), self.budget(phase)
+        for i in range(steps):
+            loss = step_fn(i)
+            if i % log_every == 0 or i == steps - 1:
+                log(f"{phase} {i + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f} s)")
+            if budget is not None and time.time() - t0 > budget and i < steps - 1:
+                self.truncated[phase] = i + 1
+                log(f"{phase}: stopped at step {i + 1} of {steps} (--max-minutes)")
+                break
+        self.times[phase] = round(time.time() - t0, 1)
+
+
+# ------------------------------------------------------------------------------------------ phases
+
+def train_vae(vae, sched: Schedule, seed: int, clock: Clock, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def step(i):
+        scenes = sample_scenes(sched.vae_batch, seed + 1, "train", start=i * sched.vae_batch)
+        x = to_tensor(render_scenes(scenes))
+        # objects cover ~10% of the pixels but carry all the caption: their pixels (and edges) weigh
+        # OBJECT_WEIGHT times a background pixel's
+        bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).div(255).view(-1, 3, 1, 1)
+        weight = 1 + (OBJECT_WEIGHT - 1) * ((x - bg).abs().amax(1, keepdim=True) > 0.5 / 255).float()
+        cosine_lr(opt, i, sched.vae_steps, 1e-3, warmup=min(50, sched.vae_steps // 10))
+        post = vae.encode(x * 2 - 1).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = (vae.decode(z).sample + 1) / 2
+        err = rec - x
+        loss = ((err.abs() + 0.1 * err ** 2) * weight).mean() / weight.mean() + 1e-6 * post.kl().mean()
+        return descend(opt, loss)
+
+    vae.train()
+    clock.run("vae", sched.vae_steps, step, max(sched.vae_steps // 20, 1), log)
+    vae.eval()
+
+
+def descend(opt, loss: torch.Tensor) -> float:
+    """One optimizer update on ``loss``; the loss as a number for the log."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def encode_pool(vae, scenes, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(scenes), batch):
+        post = vae.encode(to_tensor(render_scenes(scenes[i:i + batch])) * 2 - 1).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents, stds, captions, sched: Schedule, seed: int,
+               clock: Clock, log) -> None:
+    ids = tokenize(tokenizer, captions)
+    empty = tokenize(tokenizer, [""])[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    gen = torch.Generator().manual_seed(seed + 2)
+    rng = np.random.default_rng(seed + 2)
+    alphas = scheduler.alphas_cumprod
+
+    def step(i):
+        idx = torch.from_numpy(rng.integers(0, len(latents), sched.unet_batch))
+        z0 = latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)
+        tok = ids[idx].clone()
+        drop = torch.from_numpy(rng.random(sched.unet_batch) < 0.1)
+        tok[drop] = empty
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (sched.unet_batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cosine_lr(opt, i, sched.unet_steps, 5e-4, warmup=min(200, sched.unet_steps // 10))
+        pred = unet(zt, t, encoder_hidden_states=text_encoder(tok)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + i) / (10 + i))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        return loss.item()
+
+    unet.train()
+    text_encoder.train()
+    clock.run("unet", sched.unet_steps, step, max(sched.unet_steps // 40, 1), log)
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+
+
+def perturb(c, rng: np.random.Generator):
+    """A caption content one edit away: one object's colour or shape changed, an object added or removed, or
+    the background named differently."""
+    objs = list(c.objects)
+    kind = int(rng.integers(0, 4))
+    if kind == 3 and c.background is None:
+        kind = int(rng.integers(0, 3))
+    if kind == 0:
+        i = int(rng.integers(0, len(objs)))
+        others = [k for k in COLOURS if k != objs[i][0]]
+        objs[i] = (others[int(rng.integers(0, len(others)))], objs[i][1])
+    elif kind == 1:
+        i = int(rng.integers(0, len(objs)))
+        others = [s for s in SHAPES if s != objs[i][1]]
+        objs[i] = (objs[i][0], others[int(rng.integers(0, len(others)))])
+    elif kind == 2:
+        if len(objs) > 1 and (len(objs) == MAX_OBJECTS or rng.random() < 0.5):
+            objs.pop(int(rng.integers(0, len(objs))))
+        else:
+            objs.append(ALL_PAIRS[int(rng.integers(0, len(ALL_PAIRS)))])
+    else:
+        others = [b for b in BACKGROUNDS if b != c.background]
+        return make_content(objs, others[int(rng.integers(0, len(others)))])
+    return make_content(objs, c.background)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of sd uniform in [0, 0.05] and, for half the images, a 3x3 binomial blur."""
+    b = x.shape[0]
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3).contiguous()
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    pick = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
+    x = pick * blurred + (1 - pick) * x
+    sd = 0.05 * torch.rand(b, 1, 1, 1, generator=gen)
+    return (x + sd * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        post = vae.encode(images[i:i + batch] * 2 - 1).latent_dist
+        out.append(((vae.decode(post.mean).sample + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
+def reward_batches(vae, sched: Schedule, seed: int, split: str, with_empty: bool):
+    """An endless stream of (images, scenes): half rendered and augmented, half VAE reconstructions of a
+    fixed pool; with_empty adds scenes of 0 objects (for the counter)."""
+    pool = sample_scenes(sched.recon_pool, seed + 3, split)
+    recon = reconstruct(vae, to_tensor(render_scenes(pool)))
+    rng = np.random.default_rng(seed + 4)
+    gen = torch.Generator().manual_seed(seed + 4)
+    half = sched.reward_batch // 2
+    i = 0
+    while True:
+        fresh = sample_scenes(sched.reward_batch - half, seed + 5, split, start=i * sched.reward_batch)
+        if with_empty:
+            fresh = [Scene((), s.background) if rng.random() < 1 / (MAX_OBJECTS + 1) else s for s in fresh]
+        pick = rng.integers(0, len(pool), half)
+        images = torch.cat([augment(to_tensor(render_scenes(fresh)), gen), recon[torch.from_numpy(pick)]])
+        yield images, fresh + [pool[j] for j in pick]
+        i += 1
+
+
+def scene_caption(s: Scene) -> str:
+    return caption(s) if s.objects else ""
+
+
+def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock: Clock, log) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    rng = np.random.default_rng(seed + 6)
+
+    def step(i):
+        images, scenes = next(batches)
+        contents = [content(s) for s in scenes]
+        texts = [caption(c) for c in contents]
+        negatives = [caption(perturb(c, rng)) for c in contents for _ in range(4)]
+        cosine_lr(opt, i, sched.clip_steps, 1e-3, warmup=min(100, sched.clip_steps // 10))
+        img = model.embed_images(images)
+        txt = model.embed_text(tokenize(tokenizer, texts + negatives))
+        b = len(texts)
+        pos, neg = txt[:b], txt[b:].view(b, 4, -1)
+        scale = model.logit_scale.clamp(max=math.log(100)).exp()
+        logits = scale * img @ pos.T  # [B, B]
+        hard = scale * torch.einsum("bd,bkd->bk", img, neg)  # [B, 4]
+        target = torch.arange(b)
+        # two captions can be the same text: every matching caption counts as right
+        same = torch.tensor([[ti == tj for tj in texts] for ti in texts])
+        loss_i = -(torch.logsumexp(logits.masked_fill(~same, -1e4), 1)
+                   - torch.logsumexp(torch.cat([logits, hard], 1), 1)).mean()
+        loss_t = F.cross_entropy(logits.T.masked_fill(same & ~torch.eye(b, dtype=torch.bool), -1e4), target)
+        loss = (loss_i + loss_t) / 2
+        return descend(opt, loss)
+
+    model.train()
+    clock.run("toy_clip", sched.clip_steps, step, max(sched.clip_steps // 20, 1), log)
+    model.eval()
+
+
+def train_toy_count(model, batches, sched: Schedule, clock: Clock, log) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def step(i):
+        images, scenes = next(batches)
+        target = torch.tensor([len(s.objects) for s in scenes])
+        cosine_lr(opt, i, sched.count_steps, 1e-3, warmup=min(100, sched.count_steps // 10))
+        loss = F.cross_entropy(model(images), target)
+        return descend(opt, loss)
+
+    model.train()
+    clock.run("toy_count", sched.count_steps, step, max(sched.count_steps // 20, 1), log)
+    model.eval()
+
+
+# ------------------------------------------------------------------------------------------ report
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], sched: Schedule, seed: int, batch: int = 32) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        res = pipe(prompts[i:i + batch], height=RESOLUTION, width=RESOLUTION, num_inference_steps=sched.sample_steps,
+                   guidance_scale=sched.guidance, generator=g, output_type="pt")
+        out.append(res.images.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def sha256s(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "report.json":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@torch.no_grad()
+def evaluate(out: Path, sched: Schedule, seed: int, log) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.rewards.toy import load_toy_clip, load_toy_count
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    clip_r, count_r = load_toy_clip(out / "rewards" / "toy_clip"), load_toy_count(out / "rewards" / "toy_count")
+    report = {}
+    sets = {"train": [caption(s) for s in sample_scenes(sched.eval_samples, seed + 7, "train")],
+            "heldout": heldout_prompts(sched.eval_samples, seed + 7)}
+    for name, prompts in sets.items():
+        images = sample_images(pipe, prompts, sched, seed + 8)
+        res = fid.summarize(fid.fidelity(images, prompts))
+        res["toy_clip"] = float(clip_r(images, prompts).mean())
+        res["jpeg_bytes"] = float(np.mean(fid.jpeg_sizes(images)))
+        report[f"samples_{name}"] = {k: round(v, 4) for k, v in res.items()}
+        log(f"samples on {name} prompts: {report[f'samples_{name}']}")
+    # the rewards on rendered scenes of the whole space: do they rank the right caption first, count right?
+    scenes = sample_scenes(sched.eval_samples, seed + 9, "all")
+    images = to_tensor(render_scenes(scenes))
+    texts = [caption(s) for s in scenes]
+    rng = np.random.default_rng(seed + 9)
+    right = clip_r(images, texts)
+    wrong = clip_r(images, [caption(perturb(content(s), rng)) for s in scenes])
+    counts = count_r.model.expected_count(images).round()
+    report["rewards_on_renders"] = {
+        "toy_clip_prefers_true_caption_over_one_edit": round(float((right > wrong).float().mean()), 4),
+        "toy_count_accuracy": round(float((counts == torch.tensor([len(s.objects) for s in scenes])).float().mean()), 4),
+    }
+    log(f"rewards on renders: {report['rewards_on_renders']}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def train_world(out: str | Path, seed: int = 0, scale: float = 1.0, max_minutes: float | None = None,
+                reward_split: str = "all", threads: int | None = None, evaluate_samples: bool = True,
+                schedule: Schedule | None = None, log=print) -> dict:
+    """Train everything into ``out`` (see the module doc); returns the report. ``schedule`` replaces the
+    default schedule (then ``scale`` multiplies it). ``threads`` sets torch's CPU threads for the run (on a
+    shared or busy machine 1 is often faster than oversubscribed cores)."""
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train_world(Path(out), seed, scale, max_minutes, reward_split, evaluate_samples, schedule, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, reward_split: str,
+                 evaluate_samples: bool, schedule: Schedule | None, log) -> dict:
+    import diffusers
+    import transformers
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.rewards.toy import ToyClipModel, ToyCountModel, save_model
+    from lowmem_alignprop.toy.tokenizer import BOS, EOS
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sched = (schedule or Schedule()).scaled(scale)
+    random.seed(seed)
+    np.random.seed(seed)
+    clock = Clock(max_minutes)
+    t_start = time.time()
+    tokenizer, vae, unet, text_encoder, scheduler = build_models(seed)
+
+    train_vae(vae, sched, seed, clock, log)
+    t0 = time.time()
+    pool = sample_scenes(sched.pool, seed, "train")
+    means, stds = encode_pool(vae, pool)
+    sf = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=sf)
+    check = pool[:min(len(pool), sched.eval_samples)]
+    recon = reconstruct(vae, to_tensor(render_scenes(check)))
+    vae_fid = fid.summarize(fid.fidelity(recon, [caption(s) for s in check]))
+    clock.times["latents"] = round(time.time() - t0, 1)
+    log(f"vae: scaling factor {sf:.4f}; reconstructions' exact fidelity {vae_fid['all_ok']:.3f}")
+
+    train_unet(unet, text_encoder, tokenizer, scheduler, means * sf, stds * sf, [caption(s) for s in pool],
+               sched, seed, clock, log)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)  # half the bytes
+    pipe.to(torch.float32)
+
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed + 10)
+    clip = ToyClipModel(len(tokenizer), vocab[BOS], vocab[EOS], max_length=tokenizer.model_max_length)
+    train_toy_clip(clip, tokenizer, reward_batches(vae, sched, seed, reward_split, False), sched, seed, clock, log)
+    save_model(clip, out / "rewards" / "toy_clip", "toy_clip")
+    torch.manual_seed(seed + 11)
+    counter = ToyCountModel()
+    train_toy_count(counter, reward_batches(vae, sched, seed + 100, reward_split, True), sched, clock, log)
+    save_model(counter, out / "rewards" / "toy_count", "toy_count")
+
+    report = {
+        "world_version": WORLD_VERSION, "train_version": TRAIN_VERSION, "seed": seed, "scale": scale,
+        "schedule": asdict(sched), "reward_split": reward_split, "max_minutes": max_minutes,
+        "truncated": clock.truncated, "reproducible": not clock.truncated,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "vae_scaling_factor": sf, "vae_reconstruction_fidelity": round(vae_fid["all_ok"], 4),
+    }
+    if evaluate_samples:
+        t0 = time.time()
+        report.update(evaluate(out, sched, seed, log))
+        clock.times["report"] = round(time.time() - t0, 1)
+    report["wall_seconds"] = {**clock.times, "total": round(time.time() - t_start, 1)}
+    report["sha256"] = sha256s(out)
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    log(f"wrote {out} in {report['wall_seconds']['total']:.0f} s")
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lowmem_alignprop.commands.train_toy_world", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (1 = about an hour)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="cut each phase at its share of this budget (the run is then not reproducible)")
+    ap.add_argument("--reward-split", choices=("all", "train"), default="all")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-eval", action="store_true", help="skip sampling and the report's fidelity numbers")
+    args = ap.parse_args(argv)
+    train_world(args.out, seed=args.seed, scale=args.scale, max_minutes=args.max_minutes,
+                reward_split=args.reward_split, threads=args.threads, evaluate_samples=not args.no_eval)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1120 @@
+"""``lowmem-alignprop plan``: will this configuration fit the card? Answered without a GPU and without weights.
+
+How (docs/design.md section 4):
+
+1. The models are built from their architecture configs on the ``meta`` device in the target dtype
+   (``--model sd15|sd21|sdxl``: the shipped configs; ``tiny``, a diffusers directory or a cached hub
+   snapshot: its config files; a single-file checkpoint: the detected architecture). Model rewards
+   (aesthetic, clip, pickscore, hpsv2) are CLIP architectures built from config the same way.
+2. The trainer's own :func:`~lowmem_alignprop.commands.train.apply_memory_features` casts, freezes, picks
+   attention and checkpointing and adds LoRA, still on meta.
+3. Inside ``FakeTensorMode(allow_non_fake_inputs=True)`` the modules get fake CPU storage
+   (``to_empty(device="cpu")``: no memory behind it), and one training step runs through the trainer's
+   :func:`~lowmem_alignprop.commands.train.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
+   reward, backward, optimizer (after one warm-up optimizer step, so Adam's state exists as it does
+   from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage (freed ones
+   leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
+   the stages where they sit on the device (``offload_frozen``, ``cache_prompt_embeddings``).
+4. On a CUDA target, ``torch.autocast("cuda")`` is emulated (its op lists: convolutions, matmuls and
+   attention in fp16/bf16; norms, upsampling, softmax, pow, exp... in fp32), because the CPU autocast
+   has different lists and a CUDA fake tensor cannot run on a CPU-only build.
+
+What fake tensors cannot see is added as explicit, printed allowances (:data:`ALLOWANCES`): the CUDA
+context, the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces.
+
+Cost control: the no-grad steps leave nothing behind, so one is simulated; the grad window is simulated
+with ``min(K, 2)`` steps and the bytes each further step keeps (its checkpoint input and scheduler
+graph, measured between the two) are added for the remaining ``K - 2`` steps. Randomized K is
+planned at ``k_max``, its worst case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import math
+import random
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.settings.config import Config, set_flags
+from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.memory.precision import frozen_weight_dtype
+from lowmem_alignprop.measure.profiler import library_versions
+from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, CUDA_CONTEXT_BYTES,
+                                                FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB, RESERVED_FACTOR,
+                                                WORKSPACE_BYTES)
+from lowmem_alignprop.memory.torch_private import recompute_inside
+
+PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
+TEXT_ENCODER = "text_encoder"
+MODULE_NAMES = ("unet", "lora", TEXT_ENCODER, "vae", "reward")
+
+# Model rewards are CLIP architectures: (vision, text, projection) sizes of the public checkpoints.
+_VIT_L14 = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=224, patch_size=14, hidden_act="quick_gelu"),
+                text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          hidden_act="quick_gelu"),
+                projection_dim=768)  # openai/clip-vit-large-patch14 (aesthetic, clip)
+_VIT_H14 = dict(vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                            image_size=224, patch_size=14, hidden_act="gelu"),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          hidden_act="gelu"),
+                projection_dim=1024)  # laion ViT-H-14 (pickscore, hpsv2)
+REWARD_ARCH = {"aesthetic": ("ViT-L/14", _VIT_L14), "clip": ("ViT-L/14", _VIT_L14),
+               "pickscore": ("ViT-H/14", _VIT_H14), "hpsv2": ("ViT-H/14", _VIT_H14)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# counting live storages
+# ---------------------------------------------------------------------------------------------------
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every storage an op creates until it is freed; keeps per-stage peaks.
+
+    Weight storages (registered with :meth:`add_static`) are never counted as new allocations: their
+    bytes come from ``resident`` (the modules on the device now), set by :class:`Residency`.
+    ``round_to`` rounds each storage up like the CUDA caching allocator (1 = exact bytes).
+    """
+
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        self.round_to = round_to
+        self._live: dict[int, tuple[int, Any]] = {}  # id(storage) -> (bytes, weakref)
+        self._static: set[int] = set()
+        self.dynamic = 0  # bytes of live non-weight storages
+        self.resident = 0  # bytes of the weights on the device now
+        self.open: list[str] = []  # open stages, outermost first
+        self.peaks: dict[str, int] = {}
+        self.weights_at_peak: dict[str, int] = {}
+        self.where: tuple[str, ...] = ()  # the modules on the device now (set by Residency)
+        self.where_at_peak: dict[str, tuple[str, ...]] = {}
+        self.host_depth = 0  # > 0: new storages live in host memory (activation offload), not counted
+
+    @property
+    def current(self) -> int:
+        return self.dynamic + self.resident
+
+    def add_static(self, tensors) -> None:
+        for t in tensors:
+            self._static.add(id(t.untyped_storage()))
+
+    def _rounded(self, n: int) -> int:
+        r = self.round_to
+        return n if r <= 1 else (n + r - 1) // r * r
+
+    def _freed(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.dynamic -= entry[0]
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live or key in self._static or self.host_depth:
+            return
+        n = self._rounded(st.nbytes())
+        ref = weakref.ref(st, lambda _r, k=key: self._freed(k))
+        self._live[key] = (n, ref)
+        self.dynamic += n
+        self.bump()
+
+    def bump(self) -> None:
+        """Fold the current level into every open stage's peak."""
+        cur = self.current
+        for name in self.open:
+            if cur > self.peaks.get(name, -1):
+                self.peaks[name] = cur
+                self.weights_at_peak[name] = self.resident
+                self.where_at_peak[name] = self.where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
+                elif isinstance(t, (tuple, list)):
+                    for u in t:
+                        if isinstance(u, torch.Tensor):
+                            self.track(u)
+        return out
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in stages.STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+        self.open.append(name)
+        self.bump()
+        try:
+            yield
+        finally:
+            self.open.remove(name)
+
+    @contextlib.contextmanager
+    def host(self):
+        self.host_depth += 1
+        try:
+            yield
+        finally:
+            self.host_depth -= 1
+
+
+class Residency:
+    """The trainer's :class:`~lowmem_alignprop.memory.placement.Placement`, as bookkeeping: which modules' weights
+    are on the device now. Nothing moves (everything is fake); the counter's ``resident`` follows."""
+
+    def __init__(self, counter: LiveBytes, weights: dict[str, int], offload: bool, host: bool = False):
+        self.counter = counter
+        self.weights = weights
+        self.offload_enabled = offload
+        self.host = host  # the device is the CPU: "offloading" moves nothing, every module stays in memory
+        self.extra = 0  # bytes resident in every stage besides the modules (a dequantized layer)
+        self.on_device = set(weights)
+
+    def _set(self, name: str, on: bool) -> None:
+        if not self.host:
+            (self.on_device.add if on else self.on_device.discard)(name)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.counter.resident = self.extra + sum(self.weights.get(n, 0) for n in self.on_device)
+        order = {n: i for i, n in enumerate(MODULE_NAMES + ("optimizer_state",))}
+        self.counter.where = tuple(sorted((n for n in self.weights if n in self.on_device and self.weights[n]),
+                                          key=lambda n: order.get(n, len(order))))
+        self.counter.bump()
+
+    def to_device(self, name: str, *modules) -> None:
+        self._set(name, True)
+
+    def park(self, name: str, *modules) -> None:
+        self._set(name, not self.offload_enabled)
+
+    def offload(self, name: str, *modules) -> None:
+        self._set(name, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.autocast("cuda") emulated on fake CPU tensors
+# ---------------------------------------------------------------------------------------------------
+# ATen's CUDA autocast lists (aten/src/ATen/autocast_mode.h) where they differ from the CPU's, by Python name.
+# The CPU autocast already casts convolutions, linear layers, matmuls and attention down (with the same weight
+# cache); these few lower-precision ops are CUDA-only ...
+_LOWER_CUDA_ONLY = frozenset({"addmv", "addr", "einsum", "mv", "chain_matmul", "linalg_multi_dot"})
+# ... and these run in fp32 on CUDA but not on the CPU: norms, upsampling, pow/exp/log..., losses
+_FP32 = frozenset({"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
+                   "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "group_norm", "cosine_similarity",
+                   "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div", "nll_loss",
+                   "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+                   "interpolate"})
+# ... and these reductions return fp32 for fp16/bf16 inputs on CUDA
+_FP32_OUT = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "norm", "vector_norm",
+                       "matrix_norm"})
+
+
+class CudaAutocast(torch.overrides.TorchFunctionMode):
+    """``torch.autocast("cuda", dtype)`` on fake CPU tensors: the real CPU autocast in that dtype (it casts
+    convolutions, linear layers, matmuls and attention down, with autocast's own weight cache) plus this
+    mode, which adds CUDA's differences above autograd (so its casts are saved for backward as real
+    autocast's are): norms, upsampling, pow/exp/log and losses in fp32, reductions with fp32 output, a few
+    more ops cast down. It acts only while CPU autocast is on, so ``torch.autocast(enabled=False)``
+    regions (decode of a VAE kept in its own dtype) are honoured.
+
+    The autograd engine does not carry torch-function modes into backward, so a checkpoint's recompute would
+    run without this mode (and fail checkpointing's dtype check): :meth:`replay_in_recompute` makes every
+    non-reentrant checkpoint re-enter it for its recompute (the CPU autocast state is replayed by
+    checkpointing itself), through the one private torch function this package touches
+    (:mod:`lowmem_alignprop.memory.torch_private`)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def active(self):
+        return torch.autocast("cpu", dtype=self.dtype)
+
+    def replay_in_recompute(self):
+        """While active, every non-reentrant checkpoint's recompute re-enters this mode (see torch_private)."""
+        dtype = self.dtype
+        return recompute_inside(lambda: CudaAutocast(dtype))
+
+    def _lower(self, t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype == torch.float32:
+            return t.to(self.dtype)
+        return t
+
+    @staticmethod
+    def _upper(t):
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+            return t.float()
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not (name in _FP32 or name in _FP32_OUT or name in _LOWER_CUDA_ONLY) \
+                or not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        from torch.utils._pytree import tree_map
+        if name in _LOWER_CUDA_ONLY:
+            return func(*tree_map(self._lower, args), **tree_map(self._lower, kwargs))
+        if name in _FP32:
+            if name == "interpolate" and (kwargs.get("mode") or (args[3] if len(args) > 3 else "nearest")) == "area":
+                return func(*args, **kwargs)  # area interpolation is adaptive pooling: not on the fp32 list
+            return func(*tree_map(self._upper, args), **tree_map(self._upper, kwargs))
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.dtype in (torch.float16, torch.bfloat16) \
+                and kwargs.get("dtype") is None:
+            try:
+                return func(*args, **dict(kwargs, dtype=torch.float32))  # autocast's fp32 output for reductions
+            except TypeError:
+                return func(self._upper(first), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+class _RealTimesteps:
+    """The components' scheduler for a step on fake tensors: its tables are real tensors made outside fake mode and
+    its timesteps plain ints, so DDIM's step indexes them with an int (a fake index would be data-dependent). Every
+    other attribute is the scheduler's own."""
+
+    def __init__(self, scheduler):
+        self._scheduler = scheduler
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+    def set_timesteps(self, n, device=None, **kw):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            self._scheduler.set_timesteps(n, device="cpu", **kw)
+            self._scheduler.timesteps = [int(t) for t in self._scheduler.timesteps]  # slicing them stays real
+
+    def step(self, model_output, timestep, sample, *a, **kw):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        if isinstance(timestep, torch.Tensor):
+            with unset_fake_temporarily():
+                timestep = int(timestep)
+        return self._scheduler.step(model_output, timestep, sample, *a, **kw)
+
+
+class _HostSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+    """``save_on_cpu`` for a fake CUDA target: the packed copy lives in host memory (not counted) and the
+    device original is freed once nothing else holds it; unpacking copies back to the device (counted)."""
+
+    def __init__(self, counter: LiveBytes):
+        def pack(t):
+            with counter.host():
+                return t.clone()
+
+        def unpack(t):
+            return t.clone()
+
+        super().__init__(pack, unpack)
+
+
+# ---------------------------------------------------------------------------------------------------
+# components on meta
+# ---------------------------------------------------------------------------------------------------
+_META_CACHE: dict[tuple, Any] = {}
+
+
+def _dir_components(root: Path, dtype: torch.dtype) -> dict:
+    """unet, vae, text encoder(s) on meta and tokenizer(s), scheduler from a diffusers directory's configs."""
+    import diffusers
+    import transformers
+
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{root} has no readable model_index.json: pass a diffusers model directory") from None
+    out: dict = {}
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            out["unet"] = diffusers.UNet2DConditionModel.from_config(
+                diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
+            out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
+            for te in ("text_encoder", "text_encoder_2"):
+                if index.get(te) and index[te][1]:
+                    cls = getattr(transformers, index[te][1])
+                    config = transformers.CLIPTextConfig.from_pretrained(root / te)
+                    out[te] = cls._from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(prev)
+    for m in (v for v in out.values() if isinstance(v, torch.nn.Module)):
+        m.requires_grad_(False).eval()
+        if any(p.dtype != dtype for p in m.parameters()):
+            m.to(dtype)
+    for tok in ("tokenizer", "tokenizer_2"):
+        if index.get(tok) and index[tok][1]:
+            out[tok] = transformers.AutoTokenizer.from_pretrained(root, subfolder=tok)
+    sched = getattr(diffusers, index["scheduler"][1])
+    out["scheduler"] = sched.from_config(sched.load_config(root, subfolder="scheduler"))
+    return out
+
+
+def _hub_config_dir(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(repo, local_files_only=True,
+                                      allow_patterns=["*.json", "*.txt", "tokenizer*/*"]))
+    except Exception:  # not in the local cache (and the planner never downloads)
+        raise UserError(f"plan needs the architecture of {repo!r} but it is not in the local Hugging Face cache: "
+                        "use --model sd15|sd21|sdxl for its architecture, or a local diffusers directory") from None
+    from lowmem_alignprop.models.model_check import check_model_dir
+    check_model_dir(root, repo)  # the cached configs of a complete SD model
+    return root
+
+
+def meta_components(cfg: Config, dtype: torch.dtype):
+    """The model of ``cfg.model`` on meta (no weights), as :class:`~lowmem_alignprop.models.loading.Components`.
+
+    Built once per (model, dtype); each call returns fresh deep copies of the modules, because the memory
+    features modify them in place."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from lowmem_alignprop.models.loading import Components, resolve_model
+
+    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype)
+    if key not in _META_CACHE:
+        kind, where = resolve_model(cfg.model)
+        if kind == "tiny":
+            from lowmem_alignprop.models.tiny import tiny_model_dir
+            parts, source = _dir_components(tiny_model_dir(), dtype), "tiny (built-in)"
+        elif kind in ("arch", "file"):
+            from lowmem_alignprop.models.arch import build_random_components, detect_arch
+            arch = where if kind == "arch" else (cfg.model_arch if cfg.model_arch != "auto" else detect_arch(where))
+            parts, source = build_random_components(arch, device="meta", dtype=dtype), f"{arch} architecture"
+        elif kind == "dir":
+            parts, source = _dir_components(Path(where), dtype), where
+        else:
+            parts, source = _dir_components(_hub_config_dir(where), dtype), f"{where} (configs from the HF cache)"
+        is_sdxl = parts.get("text_encoder_2") is not None
+        comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
+                           is_sdxl=is_sdxl, source=source,
+                           pipeline_class=StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline)
+        from lowmem_alignprop.models.sampling import ddim_scheduler
+        comps.scheduler = ddim_scheduler(comps.scheduler.config)
+        if getattr(cfg, "vae", ""):
+            comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
+        _META_CACHE[key] = comps
+    base = _META_CACHE[key]
+    fresh = copy.copy(base)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(base, name)
+        if module is not None:
+            setattr(fresh, name, copy.deepcopy(module))
+    fresh.scheduler = copy.deepcopy(base.scheduler)
+    return fresh
+
+
+def _meta_vae_override(spec: str, vae, dtype: torch.dtype):
+    """``--set vae=...``: a local folder's config on meta; otherwise (hub id, single file) the model's own VAE
+    architecture with force_upcast off (what an fp16-fix VAE such as madebyollin/sdxl-vae-fp16-fix is)."""
+    import diffusers
+
+    p = Path(spec).expanduser()
+    for folder in (p, p / "vae"):
+        if (folder / "config.json").is_file():
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                with torch.device("meta"):
+                    new = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder))
+            finally:
+                torch.set_default_dtype(prev)
+            return new.requires_grad_(False).eval()
+    vae.register_to_config(force_upcast=False)
+    return vae
+
+
+def _clip_config_for(name: str, weights: str):
+    """The CLIPConfig of a model reward: from a local weights directory when one is given, else the public
+    architecture (ViT-L/14 for aesthetic/clip, ViT-H/14 for pickscore/hpsv2)."""
+    from transformers import CLIPConfig
+
+    candidates = []
+    for part in (weights or "").split(","):
+        p = Path(part.strip()).expanduser()
+        if part.strip() and p.is_dir():
+            candidates += [p / "clip", p]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            try:
+                config = CLIPConfig.from_pretrained(str(c))
+                return config, f"{name}: CLIP from {c / 'config.json'}", c
+            except Exception:  # noqa: BLE001 - not a CLIPConfig: fall back to the public architecture
+                continue
+    label, arch = REWARD_ARCH[name]
+    config = CLIPConfig(text_config=arch["text"], vision_config=arch["vision"], projection_dim=arch["projection_dim"])
+    return config, f"{name}: CLIP {label} built from config (random weights on meta)", None
+
+
+def _clip_tokenizer(directory: Path | None):
+    if directory is not None and any((directory / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(directory))
+    from transformers import CLIPTokenizer
+
+    from lowmem_alignprop.models.arch import clip_bpe
+    vocab, merges = clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
+
+
+def _model_reward_on_meta(name: str, weights: str, checkpointing: bool, notes: list[str]):
+    from transformers import CLIPModel
+
+    from lowmem_alignprop.rewards import clip_rewards as cr
+
+    config, note, directory = _clip_config_for(name, weights)
+    notes.append(note)
+    with torch.device("meta"):
+        model = CLIPModel(config)
+    preprocess = cr.ClipPreprocess(config.vision_config.image_size, config.vision_config.image_size)
+    if name == "aesthetic":
+        model.text_model = None  # as build_aesthetic: the text tower is dropped
+        model.text_projection = None
+        with torch.device("meta"):
+            head = cr.AestheticHead(config.projection_dim)
+        return cr.AestheticReward(model, head, preprocess, checkpointing)
+    cls = {"clip": cr.ClipScoreReward, "pickscore": cr.PickScoreReward, "hpsv2": cr.HPSv2Reward}[name]
+    return cls(model, _clip_tokenizer(directory), preprocess, checkpointing)
+
+
+def meta_reward(cfg: Config, dtype: torch.dtype, notes: list[str]):
+    """The reward of ``cfg.reward`` on meta: weight-free rewards as built by the trainer, model rewards from
+    their CLIP architecture (random weights, nothing loaded)."""
+    from lowmem_alignprop import rewards as R
+    from lowmem_alignprop.rewards.base import WeightedSumReward
+
+    resolved = R._resolve_terms(cfg.reward)
+    model_terms = [n for kind, n, _ in resolved if kind == "builtin" and n in R.MODEL_REWARDS]
+    per = R._split_weights(cfg.reward_weights, model_terms)
+    from lowmem_alignprop.rewards.clip_rewards import FLAG, _looks_like_path
+    for name, spec in per.items():  # a mistyped path fails here as in training, not as a plan of the default model
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            path = Path(part).expanduser()
+            local = _looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
+            if local and not path.exists():
+                raise UserError(f"{name} reward: {part} does not exist; fix the path in {FLAG}")
+    options = {"device": "meta", "dtype": dtype, "checkpointing": cfg.reward_checkpointing,
+               "weights": cfg.reward_weights}
+    modules = []
+    for kind, name, weight in resolved:
+        if kind == "user":
+            module = R._user_reward(name, options)
+            notes.append(f"reward {name}: user reward built with device='meta'")
+        elif name in R.MODEL_REWARDS:
+            module = _model_reward_on_meta(name, per.get(name, ""), cfg.reward_checkpointing, notes)
+        else:
+            module = R._builtin(name, checkpointing=cfg.reward_checkpointing, weights="")
+        modules.append((module, weight))
+    reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
+    reward.freeze()
+    return reward.to(device="meta", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one training step, shared by the estimate (fake tensors) and the CPU measurement (real tensors)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class StepParts:
+    cfg: Config
+    comps: Any
+    pipe: Any
+    reward: Any
+    params: list
+    optimizer: Any
+    prompts: list[str]
+    place: Any
+    stage: Callable
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    run_optimizer: bool = True
+    scheduler: Any = None  # None: the components' own
+    saved_tensors: Callable[[], Any] | None = None  # activation_offload's hooks; None: torch's save_on_cpu
+
+
+def warm_up_optimizer(parts: StepParts) -> None:
+    """One optimizer step on zero gradients: Adam's state exists, as it does from step 2 on. With
+    gradient accumulation the gradients stay allocated (the last micro-step finds them there)."""
+    for p in parts.params:
+        p.grad = torch.zeros_like(p)
+    if parts.run_optimizer:
+        parts.optimizer.step()
+    if parts.cfg.grad_accum == 1:
+        parts.optimizer.zero_grad(set_to_none=True)
+
+
+def run_step(parts: StepParts, *, k: int, seed: int = 0):
+    """One micro-step plus the optimizer step, exactly as the training loop of :func:`~lowmem_alignprop.commands.train.train`
+    runs them (placement calls included). Returns what stays alive afterwards (the prompt cache)."""
+    from lowmem_alignprop.models.sampling import PromptEncoder, initial_latents
+
+    cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
+    device = torch.device("cpu")
+    rng = random.Random(seed)
+    batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
+    # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves
+    encoder = PromptEncoder(parts.pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
+                            prompts=parts.prompts)
+    with stage(stages.ENCODE_PROMPTS):
+        emb = encoder(batch_prompts)
+    cache = encoder.cache
+    g = torch.Generator().manual_seed(seed)
+    latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)
+    with parts.autocast():
+        loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
+                                     parts.reward, latents, emb, batch_prompts, k=k, generator=g, stage=stage,
+                                     place=place, saved_tensors=parts.saved_tensors)
+    with stage(stages.BACKWARD):
+        loss.backward()  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
+    del latents, loss, rewards
+    place.park("vae", comps.vae)
+    place.park("reward", parts.reward)
+    with stage(stages.OPTIMIZER):
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm)
+        if parts.run_optimizer:
+            parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
+    return cache, emb
+
+
+# ---------------------------------------------------------------------------------------------------
+# the estimate
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    target: str  # "cuda" or "cpu"
+    stages: dict[str, dict]  # stage -> {"allocated", "weights", "reserved" (bytes), "on_device" (module names)}
+    peak_allocated: int
+    peak_stage: str
+    peak_needed: int  # what must fit the budget: reserved estimate + workspaces on CUDA
+    weights: dict[str, int]  # module -> bytes
+    k_planned: int
+    k_simulated: int
+    per_k_bytes: int
+    step_start: int  # bytes on the device when the step begins (weights there, optimizer state, kept gradients)
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, budget_gb: float) -> bool | None:
+        return None if not budget_gb else self.peak_needed <= budget_gb * GIB
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _unique_bytes(tensors, seen: set, round_to: int = 1) -> int:
+    total = 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) in seen:
+            continue
+        seen.add(id(st))
+        total += (st.nbytes() + round_to - 1) // round_to * round_to  # each weight is its own allocation
+    return total
+
+
+def _quantized_unet_bytes(unet, base_quant: str) -> tuple[int, int]:
+    """(bytes saved by quantizing the frozen UNet's Linear weights, largest dequantized layer): analytic, from
+    :func:`lowmem_alignprop.memory.quant.quantized_weight_bytes` (bitsandbytes cannot run on fake tensors)."""
+    from lowmem_alignprop.memory.quant import quantized_weight_bytes
+
+    saved = quantized_weight_bytes(unet, "none") - quantized_weight_bytes(unet, base_quant)
+    largest = max((m.in_features * m.out_features * 2 for n, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lora_" not in n), default=0)  # dequantized to fp16
+    return saved, largest
+
+
+def _adam8bit_state_bytes(params) -> int:
+    # bitsandbytes: 8-bit state (2 bytes/param + fp32 absmax per 256) for tensors of 4096+ elements, else fp32
+    return sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
+               for p in params)
+
+
+def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None,
+             emulate_autocast: bool = True) -> Estimate:
+    """Per-stage peak memory of one training step of ``cfg`` on ``target`` ("cuda" or "cpu"), with fake tensors.
+
+    ``emulate_autocast=False`` runs a CUDA target's step without autocast (frozen modules purely in their own
+    dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    t0 = time.perf_counter()
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"target device must be cuda or cpu, not {target!r}")
+    notes: list[str] = []
+    cuda = target == "cuda"
+    k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
+
+    # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
+    comps, reward = _meta_models(cfg, sim, target, dtype, notes)
+    # 3. fake storage for everything
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    params, weights, largest = _fake_weights(cfg, comps, reward, fake, cuda, notes)
+    counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
+    counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
+                       if m is not None for t in list(m.parameters()) + list(m.buffers()))
+    place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
+    if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
+        place.on_device -= {TEXT_ENCODER, "vae", "reward"}
+    autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
+    optimizer, run_opt = _optimizer_for(cfg, params, cuda, weights, place, notes)
+    place.extra = largest
+    place.refresh()
+
+    # the level at each grad-window UNet call; when the window starts the rollout, autocast's cache of the LoRA
+    # weights' casts is made inside the first call: count it as there before (it is made once, not per step)
+    grad_calls: list[int] = []
+
+    def at_grad_call(module, args):
+        if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
+            cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
+            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
+
+    hook = comps.unet.register_forward_pre_hook(at_grad_call)
+    # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
+    # activation_offload go to (uncounted) host memory, the stage is the counter's
+    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place, counter.stage,
+                      autocast, run_optimizer=run_opt, scheduler=_RealTimesteps(comps.scheduler),
+                      saved_tensors=(lambda: _HostSaveOnCpu(counter)) if cuda and cfg.activation_offload else None)
+    try:
+        with fake, contextlib.ExitStack() as stack:
+            if autocast_mode is not None:
+                stack.enter_context(autocast_mode)
+                stack.enter_context(autocast_mode.replay_in_recompute())
+            stack.enter_context(counter)
+            warm_up_optimizer(parts)
+            step_start = counter.current
+            keep = run_step(parts, k=k_sim, seed=cfg.seed)
+            del keep
+    except Exception as e:
+        _name_a_user_reward_that_needs_data(cfg.reward, e)
+        raise
+    finally:
+        hook.remove()
+    return _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
+
+
+def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
+    """(K planned, K simulated, no-grad steps simulated, the configuration simulated)."""
+    k_plan = cfg.window_bounds()[1]
+    if cfg.truncation == "uniform":
+        notes.append(f"K ~ U{{{cfg.k_min}..{cfg.k_max}}}: planned at k_max={cfg.k_max}, the worst case")
+    k_sim = min(k_plan, 2)
+    # the no-grad steps leave nothing behind: one shows their peak (also when K = T, to fill the table's row)
+    n_nograd = 1 if (cfg.sample_steps > k_plan or k_plan > k_sim) else 0
+    sim = dataclasses.replace(cfg, sample_steps=k_sim + n_nograd, truncation="fixed", k=k_sim)
+    if cfg.attention == "xformers":
+        sim = dataclasses.replace(sim, attention="sdpa")
+        notes.append("attention=xformers estimated as sdpa (both keep no n^2 attention matrix)")
+    if cfg.deepspeed_zero:
+        notes.append(f"deepspeed_zero={cfg.deepspeed_zero} not modelled: estimated as plain torch (an upper bound "
+                     "when DeepSpeed offloads to the CPU)")
+    if cfg.optimizer == "paged_adamw8bit":
+        notes.append("paged_adamw8bit: its state is counted as resident (it pages to the CPU only under pressure)")
+    return k_plan, k_sim, n_nograd, sim
+
+
+def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str]):
+    """The components and reward model on meta, with the trainer's memory features applied."""
+    from lowmem_alignprop.models.sampling import resolution_note
+
+    comps = meta_components(cfg, dtype)
+    reward = meta_reward(cfg, dtype, notes)
+    models_log = logging.getLogger("lowmem_alignprop.models.loading")
+    level = models_log.level
+    models_log.setLevel(logging.ERROR)  # its device warnings are about this CPU, not the target GPU
+    try:
+        apply_memory_features(comps, sim, torch.device(target), dtype)
+    finally:
+        models_log.setLevel(level)
+    if target == "cuda" and comps.is_sdxl and comps.vae.dtype == torch.float32 and dtype == torch.float16 \
+            and comps.vae.config.get("force_upcast", False):
+        comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
+        notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
+                     "decodes in fp32: about twice the decode memory")
+    off_size = resolution_note(comps.unet, comps.vae, cfg.resolution)  # e.g. SDXL planned at 512 px
+    if off_size:
+        notes.append(off_size)
+    return comps, reward
+
+
+def _fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str]) -> tuple[list, dict[str, int], int]:
+    """Fake storage for every module; (LoRA parameters, bytes per module, the largest dequantized layer)."""
+    modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: [comps.text_encoder, comps.text_encoder_2],
+               "reward": reward}
+    with fake:
+        for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward):
+            if m is not None:
+                m.to_empty(device="cpu")
+    comps.unet.train()  # as the trainer: LoRA layers in train mode (frozen modules stay in eval)
+    params = [p for p in comps.unet.parameters() if p.requires_grad]
+    seen: set = set()
+    block = CUDA_BLOCK if cuda else 1
+    weights = {"lora": _unique_bytes(params, seen, block)}
+    for name, obj in modules.items():
+        ms = [m for m in (obj if isinstance(obj, list) else [obj]) if m is not None]
+        weights[name] = _unique_bytes([t for m in ms for t in list(m.parameters()) + list(m.buffers())], seen, block)
+    largest = 0
+    if cfg.base_quant != "none":
+        saved, largest = _quantized_unet_bytes(comps.unet, cfg.base_quant)
+        weights["unet"] -= saved
+        notes.append(f"base_quant={cfg.base_quant}: UNet Linear weights counted at their quantized size "
+                     f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized (quant.prepare_quantized_layers "
+                     f"keeps them so); +{largest / MIB:.0f} MiB "
+                     "for one dequantized layer added to every stage")
+    return params, weights, largest
+
+
+def _autocast_for(cfg: Config, cuda: bool, dtype: torch.dtype, emulate: bool):
+    """(the CUDA autocast emulation or None, the autocast context the step runs in)."""
+    if cuda and cfg.mixed_precision != "no" and emulate:
+        mode = CudaAutocast(dtype)
+        return mode, mode.active
+    if not cuda and cfg.mixed_precision == "bf16":
+        return None, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # as accelerate does on a CPU
+    return None, contextlib.nullcontext
+
+
+def _optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], place, notes: list[str]):
+    """(the optimizer the step runs, whether it steps): AdamW for real; an 8-bit state counted analytically."""
+    from lowmem_alignprop.memory.optim import build_optimizer
+
+    if cfg.optimizer == "adamw":
+        optimizer = build_optimizer(cfg, params)
+        if cuda:
+            for group in optimizer.param_groups:  # on CUDA AdamW takes the foreach path: full-size temporaries
+                group["foreach"] = True
+        return optimizer, True
+    optimizer = torch.optim.SGD(params, lr=cfg.lr)  # only zero_grad is used; the 8-bit state is analytic
+    weights["optimizer_state"] = _adam8bit_state_bytes(params)
+    place.on_device.add("optimizer_state")
+    notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
+                 "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")
+    return optimizer, False
+
+
+def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int], largest: int,
+             grad_calls: list[int], k_plan: int, k_sim: int, step_start: int, t0: float,
+             notes: list[str]) -> Estimate:
+    """The per-stage figures: the counter's peaks, K beyond the simulated window, load, the reserved estimate."""
+    cuda = target == "cuda"
+    # K beyond the simulated window: each further grad step keeps what the second one kept
+    per_k = max(0, grad_calls[1] - grad_calls[0]) if len(grad_calls) >= 2 else 0
+    extra = per_k * (k_plan - k_sim)
+    if extra:
+        for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD):
+            if name in counter.peaks:
+                counter.peaks[name] += extra
+        notes.append(f"K={k_plan}: {k_sim} grad steps simulated, {k_plan - k_sim} more at {per_k / 1024:.0f} KiB each "
+                     "(their checkpoint inputs and scheduler graph)")
+    # load: what sits on the device once loading is done (the optimizer state comes with the first step)
+    at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
+               if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))]
+    load = sum(weights[n] for n in at_load) + largest
+    out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
+    for name in stages.STEP_STAGES:
+        if name in counter.peaks:
+            out[name] = {"allocated": counter.peaks[name], "weights": counter.weights_at_peak[name],
+                         "on_device": list(counter.where_at_peak[name])}
+    for fig in out.values():
+        fig["reserved"] = _reserved(cfg, fig["allocated"], cuda)
+    peak_stage = max(out, key=lambda n: out[n]["allocated"])
+    peak = out[peak_stage]["allocated"]
+    return Estimate(target=target, stages=out, peak_allocated=peak, peak_stage=peak_stage,
+                    peak_needed=_reserved(cfg, peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
+                    k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
+                    seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
+    """A user reward that failed on fake tensors (it reads values: .item(), float(t), a branch on a value): one
+    line naming it, instead of the fake-tensor traceback. Other errors are left as they are."""
+    import importlib
+    import traceback
+
+    from lowmem_alignprop.rewards import _resolve_terms
+
+    for kind, term, _ in _resolve_terms(spec):
+        if kind != "user":
+            continue
+        source = getattr(importlib.import_module(term.partition(":")[0].strip()), "__file__", None)
+        if source and any(frame.filename == source for frame in traceback.extract_tb(error.__traceback__)):
+            raise UserError(f"plan cannot follow the reward {term!r} with fake tensors: it failed there with "
+                            f"{type(error).__name__} ({first_line(error, 120)}), usually because it reads tensor "
+                            "values (.item(), float(t), an if on a value), which a plan has no data for. Plan with "
+                            "--reward brightness and add your reward model's own memory, or keep the reward to "
+                            "tensor operations") from None
+
+
+def fragmentation_allowance(cfg: Config) -> int:
+    """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area (0 with
+    expandable segments, the default)."""
+    return 0 if cfg.expandable_segments else int(FIXED_SEGMENTS_BYTES_PER_512PX * (cfg.resolution / 512) ** 2)
+
+
+def _reserved(cfg: Config, allocated: int, cuda: bool) -> int:
+    """What the CUDA caching allocator holds for ``allocated`` bytes in use; a CPU target: exact bytes."""
+    return int(allocated * RESERVED_FACTOR) + fragmentation_allowance(cfg) if cuda else allocated
+
+
+# ---------------------------------------------------------------------------------------------------
+# what to change when it does not fit
+# ---------------------------------------------------------------------------------------------------
+def _has_model_reward(cfg: Config) -> bool:
+    from lowmem_alignprop import rewards as R
+    return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R._resolve_terms(cfg.reward))
+
+
+def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Memory features this configuration does not use yet, cheapest in speed first (one step each). A smaller
+    batch keeps ``images`` per optimizer step (default: this configuration's) through more accumulation."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.expandable_segments and target == "cuda":
+        out.append(("expandable allocator segments (less fragmentation)",
+                    {"expandable_segments": True}))
+    if not cfg.cache_prompt_embeddings:
+        out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
+    if not cfg.reward_checkpointing and _has_model_reward(cfg):
+        out.append(("checkpoint the reward model (recomputes its forward)", {"reward_checkpointing": True}))
+    if cfg.vae_checkpointing == "none":
+        out.append(("checkpoint the VAE decoder per up-block", {"vae_checkpointing": "blocks"}))
+    if cfg.unet_checkpointing == "call":
+        out.append(("checkpoint the UNet per block (~30% slower backward)", {"unet_checkpointing": "blocks"}))
+    if not cfg.sliced_decode and not cfg.tiled_decode and cfg.batch_size > 1:
+        out.append(("decode one image at a time", {"sliced_decode": True}))
+    if not cfg.offload_frozen and target == "cuda":
+        out.append(("offload frozen modules to the CPU while idle (PCIe transfers)", {"offload_frozen": True}))
+    if cfg.vae_checkpointing != "resnets":
+        out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
+    if cfg.train_unet == "full" and cfg.optimizer == "adamw":
+        out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
+    if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
+        out.append(("quantize the frozen UNet to nf4 (its Linear weights at 4 bits; needs bitsandbytes on the "
+                    "GPU machine)", {"base_quant": "nf4"}))
+    if not cfg.tiled_decode and cfg.resolution >= 512:
+        out.append(("decode in overlapping tiles (approximate at the seams)",
+                    {"tiled_decode": True, "sliced_decode": False}))
+    if cfg.batch_size > 1:
+        b = cfg.batch_size // 2
+        was = images or cfg.batch_size * cfg.grad_accum
+        accum = math.ceil(was / b)  # never fewer images per optimizer step
+        same = f"the same {was} images per step" if b * accum == was else f"{b * accum} images per step, was {was}"
+        out.append((f"batch {b} per micro-step, grad_accum {accum} ({same})", {"batch_size": b, "grad_accum": accum}))
+    if cfg.resolution > 256:
+        r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
+        out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
+    return out
+
+
+def _apply(cfg: Config, change: dict[str, Any]) -> Config:
+    return dataclasses.replace(cfg, **change).validate()
+
+
+def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None, max_estimates: int = 12,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The cheapest change that makes ``cfg`` fit its budget: first each single change in order of speed cost,
+    then the changes accumulated in that order (batch halved and resolution lowered repeatedly). Every
+    candidate is re-estimated. Returns {"found": change or None, "tried": [...]}."""
+    tried: list[dict[str, Any]] = []
+    seen: dict[tuple, bool] = {}  # the first accumulated change is often a single one already estimated
+
+    def check(label: str, change: dict[str, Any]) -> bool:
+        key = tuple(sorted(change.items()))
+        if key in seen:
+            return seen[key]
+        new = _apply(cfg, change)
+        est = estimate(new, target=target, prompts=prompts)
+        fits = bool(est.fits(cfg.budget_gb))
+        tried.append({"change": label, "set": change, "peak_allocated": est.peak_allocated,
+                      "peak_needed": est.peak_needed, "peak_stage": est.peak_stage, "fits": fits})
+        if log:
+            log(f"  tried {set_flags(change)}: {est.peak_needed / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
+        seen[key] = fits
+        return fits
+
+    singles = candidate_changes(cfg, target)
+    for label, change in singles:
+        if len(tried) >= max_estimates:
+            return {"found": None, "tried": tried, "gave_up": True}
+        if check(label, change):
+            return {"found": tried[-1], "tried": tried}
+    # nothing alone suffices: accumulate, shrinking batch and resolution as far as they go
+    total: dict[str, Any] = {}
+    steps: list[tuple[str, dict[str, Any]]] = []
+    current = cfg
+
+    def label_of(changes: dict[str, Any]) -> str:  # only the steps still in effect (a later one may replace one)
+        return " + ".join(lab for lab, c in steps if all(changes.get(k) == v for k, v in c.items()))
+
+    while len(tried) < max_estimates:
+        options = candidate_changes(current, target, images=cfg.batch_size * cfg.grad_accum)
+        if not options:
+            break
+        label, change = options[0]
+        total.update(change)
+        steps.append((label, change))
+        current = _apply(cfg, total)
+        if check(label_of(total), dict(total)):
+            return {"found": _pruned(tried[-1], steps, check, label_of, max_estimates, tried), "tried": tried}
+    return {"found": None, "tried": tried, "gave_up": len(tried) >= max_estimates}
+
+
+def _pruned(found: dict[str, Any], steps, check, label_of, max_estimates: int, tried: list) -> dict[str, Any]:
+    """Drop the accumulated changes the fit does not need (e.g. sliced decode once the batch is 1), earliest first,
+    with up to 4 estimates beyond the search's: the suggestion is then no more than what is needed."""
+    total = dict(found["set"])
+    for _, change in steps[:-1]:
+        if len(tried) >= max_estimates + 4:
+            break
+        if not all(total.get(k) == v for k, v in change.items()):
+            continue  # replaced by a later step
+        without = {k: v for k, v in total.items() if k not in change}
+        if check(label_of(without), without):
+            total, found = without, tried[-1]
+    return found
+
+
+def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:
+    """For ``--auto-fit`` after an out-of-memory error (see :mod:`lowmem_alignprop.run.faults`): the cheapest change
+    in speed that lowers the estimated peak by at least 3%, or None. Resolution changes (they change the task),
+    base_quant (it needs the model loaded again) and the optimizer (its state would start again) are never offered
+    here. Costs up to ``max_estimates`` + 1 estimates."""
+    base = estimate(cfg, target=target)
+    live = [c for c in candidate_changes(cfg, target)
+            if not {"resolution", "base_quant", "optimizer"} & set(c[1])]  # the task, a reload, a new state: not mid-run
+    for label, change in live[:max_estimates]:
+        est = estimate(_apply(cfg, change), target=target)
+        if est.peak_needed < 0.97 * base.peak_needed:
+            return label, change
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------
+def default_target(profile_name: str) -> str:
+    from lowmem_alignprop.settings.profiles import GPU_PROFILES
+    return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
+
+
+def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
+         log: Callable[[str], None] | None = None, started: float | None = None) -> dict[str, Any]:
+    """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict.
+    ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there)."""
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    started = time.perf_counter() if started is None else started
+
+    target = target or default_target(profile)
+    if target == "cpu" and cfg.base_quant != "none":  # what train would refuse on this target
+        raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
+                        f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
+                        "--set base_quant")
+    prompts = load_prompts(cfg.prompts)
+    est = estimate(cfg, target=target, prompts=prompts)
+    if target == "cuda" and cfg.expandable_segments and sys.platform == "win32":
+        est.notes.append("planned with expandable allocator segments, which PyTorch has on Linux only: to train on "
+                         "this Windows machine, plan with --set expandable_segments=false")
+    fits = est.fits(cfg.budget_gb)
+    result: dict[str, Any] = {
+        "kind": "plan", "profile": profile, "model": cfg.model, "reward": cfg.reward, "target": target,
+        "method": "fake tensors (FakeTensorMode on CPU) + live-storage counting; no GPU, no weights",
+        "autocast": (f"torch.autocast('cuda', {cfg.mixed_precision}) emulated" if target == "cuda" and
+                     cfg.mixed_precision != "no" else "none" if cfg.mixed_precision == "no" or target == "cuda"
+                     else "torch.autocast('cpu', bf16)" if cfg.mixed_precision == "bf16"
+                     else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
+        "config": cfg.to_dict(), "estimate": est.to_dict(),
+        "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+        "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
+        "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
+        "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's
+        # "reserved" has no workspaces)
+        "budget_gb": cfg.budget_gb or None,
+        "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
+        "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
+        "notes": est.notes, "suggestion": None, "tried": [], "versions": library_versions(PLAN_LIBRARIES),
+    }
+    if fits is False and suggest_changes:
+        found = suggest(cfg, target=target, prompts=prompts, log=log)
+        result["suggestion"] = found["found"]
+        result["tried"] = found["tried"]
+        result["suggestion_gave_up"] = found.get("gave_up", False)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same step measured for real on the CPU (tests and benchmarks check the estimate against it)
+# ---------------------------------------------------------------------------------------------------
+def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0) -> dict[str, Any]:
+    """Run the step of :func:`run_step` for real on the CPU (weights as the trainer loads them, fp32) and measure
+    each stage's peak allocation from torch.profiler memory events (:class:`~lowmem_alignprop.measure.profiler.
+    CpuAllocationTracker`, StageProfiler's method) plus the resident bytes at the step's start. After one warm-up
+    optimizer step, like the estimate. ``timed_steps`` more steps without the profiler give seconds per step."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.memory.optim import build_optimizer
+    from lowmem_alignprop.memory.placement import Placement
+    from lowmem_alignprop.measure.profiler import CpuAllocationTracker, StageProfiler, resident_bytes
+    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.rewards import build_reward
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    comps = load_components(cfg, torch.float32)
+    params, _ = apply_memory_features(comps, cfg, cpu, torch.float32)
+    comps.unet.train()
+    reward = build_reward(cfg.reward, device="cpu", dtype=torch.float32, checkpointing=cfg.reward_checkpointing,
+                          weights=cfg.reward_weights)
+    optimizer = build_optimizer(cfg, params)
+    prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
+    autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
+                else contextlib.nullcontext)
+    parts = StepParts(cfg, comps, make_pipeline(comps), reward, params, optimizer, prompts,
+                      Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)
+    k = cfg.window_bounds()[1]
+    warm_up_optimizer(parts)
+    held = [comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward, optimizer,
+            [p.grad for p in params if p.grad is not None]]
+    baseline = sum(resident_bytes(held).values())
+    with CpuAllocationTracker(count_baseline=False, names=set(stages.STAGES)) as tracker:
+        keep = run_step(parts, k=k, seed=cfg.seed)
+    del keep
+    out = {"stages": {n: baseline + tracker.peaks[n] for n in stages.STEP_STAGES if n in tracker.peaks},
+           "baseline": baseline, "k": k, "profiled_seconds": sum(tracker.seconds.values())}
+    times = []
+    for i in range(timed_steps):
+        t0 = time.perf_counter()
+        run_step(parts, k=k, seed=cfg.seed + 1 + i)
+        times.append(time.perf_counter() - t0)
+    if times:
+        out["seconds_per_step"] = sum(times) / len(times)
+    out["peak_allocated"] = max(out["stages"].values())
+    out["peak_stage"] = max(out["stages"], key=out["stages"].get)
+    return out

@@ -1,0 +1,210 @@
+"""Reports, formatted next to each other: the plan's table (``lowmem-alignprop plan``) and the memory report
+(memory_report.md). The modules that compute the numbers (planner.py, profiler.py) hand over plain dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES
+from lowmem_alignprop.settings.config import set_flags
+from lowmem_alignprop.memory.stages import STAGES
+
+MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
+
+
+def _gib_or_dash(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.3f}"
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    """The plan's table (planner.plan's result) as the command prints it."""
+    cfg, est = r["config"], r["estimate"]
+    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
+    feats = [f"mixed_precision={cfg['mixed_precision']}", f"attention={cfg['attention']}",
+             f"unet_checkpointing={cfg['unet_checkpointing']}", f"vae_checkpointing={cfg['vae_checkpointing']}"]
+    feats += [name for name in ("reward_checkpointing", "sliced_decode", "tiled_decode", "cache_prompt_embeddings",
+                                "offload_frozen", "activation_offload") if cfg[name]]
+    if cfg["base_quant"] != "none":
+        feats.append(f"base_quant={cfg['base_quant']}")
+    if not cfg.get("expandable_segments", True):
+        feats.append("expandable_segments=false")
+    lines = [
+        f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
+        f"target {r['target']} ({r['autocast']})",
+        f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
+        f"{cfg['sample_steps']} steps, "
+        + (f"lora (r={cfg['lora_rank']})" if cfg["train_unet"] == "lora" else "the full UNet trains")
+        + f", {cfg['optimizer']}",
+        f"  features: {', '.join(feats)}",
+        "",
+        f"  {'stage':<15} {'allocated':>10} {'weights':>9} {'other':>9} {'reserved':>9}  on the device (GiB)",
+    ]
+    for name in STAGES:
+        f = r["stages"].get(name)
+        if f is None:
+            lines.append(f"  {name:<15} {'-':>10}")
+            continue
+        mark = "  <- peak" if name == r["peak_stage"] else ""
+        # train_unet=full: the trained weights are the whole UNet (the estimate counts them as "lora")
+        where = [("unet (trained)" if m == "lora" else m) for m in f["on_device"] if m != "unet"] \
+            if cfg["train_unet"] == "full" else f["on_device"]
+        lines.append(f"  {name:<15} {_gib_or_dash(f['allocated']):>10} {_gib_or_dash(f['weights']):>9} "
+                     f"{_gib_or_dash(f['allocated'] - f['weights']):>9} {_gib_or_dash(f['reserved']):>9}  "
+                     f"{', '.join(where)}{mark}")
+    cuda = r["target"] == "cuda"
+    lines.append("")
+    if cuda:
+        frag = r.get("fragmentation_allowance", 0)
+        lines.append(f"  peak: {_gib_or_dash(r['peak_allocated'])} GiB allocated in {r['peak_stage']} -> "
+                     f"{_gib_or_dash(r['stages'][r['peak_stage']]['reserved'])} reserved (x{RESERVED_FACTOR:.2f}"
+                     + (f" + {_gib_or_dash(frag)} fixed-segment fragmentation" if frag else "")
+                     + f") + {WORKSPACE_BYTES / MIB:.0f} MiB "
+                     f"workspaces = {_gib_or_dash(r['peak_needed'])} GiB needed")
+    else:
+        lines.append(f"  peak: {_gib_or_dash(r['peak_allocated'])} GiB allocated in {r['peak_stage']} (CPU: exact bytes)")
+    if r["budget_bytes"]:
+        share = 100 * r["peak_needed"] / r["budget_bytes"]
+        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+        spare = (r["budget_bytes"] - r["peak_needed"]) / GIB
+        digits = 1 if 99 <= share <= 101 else 0  # at the edge, "100%" could be either side of the verdict
+        lines.append(f"  budget: {r['budget_gb']:g} GiB (profile {r['profile']}): {verdict} "
+                     f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
+    else:
+        lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
+    if r["fits"] is False:
+        s = r.get("suggestion")
+        if s:
+            lines.append(f"  cheapest change that fits: {s['change']}")
+            lines.append(f"      {set_flags(s['set'])}   -> {_gib_or_dash(s['peak_needed'])} GiB needed, peak in "
+                         f"{s['peak_stage']}")
+        elif r.get("tried"):
+            lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
+                         + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
+    lines.append("")
+    lines.append("  allowances for what fake tensors cannot see:")
+    lines += [f"    - {k}: {v}" for k, v in r["allowances"].items()]
+    if r["notes"]:
+        lines.append("  notes:")
+        lines += [f"    - {n}" for n in r["notes"]]
+    lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
+                 f"plan total {r['seconds']:.0f} s")
+    if not cuda:
+        from lowmem_alignprop.settings.profiles import GPU_PROFILES
+        lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
+                     "--device cpu to plan for the card)" if r["profile"] in GPU_PROFILES else
+                     "  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
+    return "\n".join(lines)
+
+
+def fmt_bytes(nbytes: int | float | None) -> str:
+    """A short human-readable size: '512 B', '3.00 KiB', '64.00 MiB', '1.23 GiB'; 'n/a' for None."""
+    if nbytes is None:
+        return "n/a"
+    sign = "-" if nbytes < 0 else ""
+    n = abs(float(nbytes))
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def _gib_or_na(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / GIB:.3f}"
+
+
+def memory_report_markdown(report: dict[str, Any]) -> str:
+    """memory_report.md: the profiler's report (profiler.StageProfiler.report) as Markdown."""
+    dev = report["device"]
+    cuda = dev["type"] == "cuda"
+    budget = report["budget_bytes"]
+    name = dev.get("name", dev["str"])
+    if dev.get("total_memory"):
+        name += f", {dev['total_memory'] / GIB:.1f} GiB"
+    lines = ["# Memory report", "", f"- device: {dev['str']} ({name}); torch {report['torch']}"]
+    if report["peak_allocated"] is not None:
+        where = f"in {report['peak_stage']}" + (f" (step {report['peak_step']})" if report["peak_step"] else "")
+        fits = {True: "fits", False: "does NOT fit", None: "no budget given"}[report["fits_budget"]]
+        basis = (f" (judged on the {_gib_or_na(report['peak_reserved'])} GiB reserved)"
+                 if report.get("fits_basis") == "peak_reserved" else "")
+        lines.append(f"- peak allocated: {_gib_or_na(report['peak_allocated'])} GiB {where}"
+                     + (f"; budget {report['budget_gb']:g} GiB: {fits}{basis}" if budget else ""))
+    else:
+        lines.append("- peak allocated: not measured (CPU without detail steps records time and RSS only)")
+    summ = report["summary_steps"]
+    measured = summ.get("peak_measured_steps")
+    excluded = f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else ""
+    if measured and measured != summ["steps"]:  # CPU: peaks only on the detail steps
+        lines.append(f"- per-stage figures: mean seconds over steps {summ['steps'] or 'none'}{excluded}; peaks "
+                     f"measured in step{'' if measured.isdigit() else 's'} {measured} only (the overall peak is the "
+                     "largest of them)")
+    else:
+        lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}{excluded}"
+                     "; the overall peak includes every step")
+    lines.append(f"- method: {report['method']}")
+    rss = report.get("rss")
+    if rss:
+        lines.append(_rss_line(rss))
+    snap = report["snapshot"]
+    if snap:
+        if snap.get("path"):
+            lines.append(f"- memory snapshot of steps {snap['recorded_steps']}: `{snap['path']}`; "
+                         f"open {MEMORY_VIZ_URL} and drag and drop the file onto it")
+        else:
+            lines.append(f"- memory snapshot: {snap.get('note', 'not taken')}")
+    lines += ["", "## Peak per stage", ""]
+    head = ["stage", "peak allocated (GiB)"]
+    if cuda:
+        head += ["peak reserved (GiB)", "peak active (GiB)"]
+    else:
+        rss_steps = sorted({f.get("rss_steps") for f in report["stages"].values() if f.get("rss_steps")})
+        head += [f"max RSS (GiB{', steps ' + rss_steps[0] if len(rss_steps) == 1 else ''})"]
+    head += ["seconds (mean)", "share of budget"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for stage in STAGES:
+        fig = report["stages"].get(stage)
+        if fig is None:
+            lines.append("| " + " | ".join([stage] + ["-"] * (len(head) - 1)) + " |")
+            continue
+        row = [stage, _gib_or_na(fig["peak_allocated"])]
+        row += [_gib_or_na(fig["peak_reserved"]), _gib_or_na(fig["peak_active"])] if cuda else [_gib_or_na(fig.get("rss_max"))]
+        row.append(f"{fig['seconds_mean']:.3f}")
+        peak = fig["peak_allocated"]
+        row.append("n/a" if (not budget or peak is None) else f"{100 * peak / budget:.1f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    if report["modules"]:
+        labels = list(report["modules"])
+        names: list[str] = []
+        for split in report["modules"].values():
+            names += [n for n in split if n not in names]
+        lines += ["", "## Resident bytes by module (params + buffers; optimizer: state; LoRA counted once)", "",
+                  "| module | " + " | ".join(f"{lab.replace('_', ' ')} (GiB)" for lab in labels) + " |",
+                  "|---|" + "---:|" * len(labels)]
+        for n in names + ["total"]:
+            cells = []
+            for lab in labels:
+                split = report["modules"][lab]
+                b = sum(s["bytes"] for s in split.values()) if n == "total" else split.get(n, {}).get("bytes")
+                cells.append(_gib_or_na(b))
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rss_line(rss: dict[str, Any]) -> str:
+    """The report's line on resident memory: the training's and the measurement's apart."""
+    parts = []
+    if rss.get("after_load") is not None:
+        parts.append(f"{_gib_or_na(rss['after_load'])} GiB after load")
+    if rss.get("before_first_step") is not None:
+        parts.append(f"{_gib_or_na(rss['before_first_step'])} GiB when the first step began")
+    if rss.get("steps_max") is not None:
+        parts.append(f"up to {_gib_or_na(rss['steps_max'])} GiB in steps {rss['steps']} (allocation not measured)")
+    if rss.get("measured_steps_max") is not None:
+        parts.append(f"{_gib_or_na(rss['measured_steps_max'])} GiB in measured step{'' if rss['measured_steps'].isdigit() else 's'} "
+                     f"{rss['measured_steps']}")
+    if rss.get("process_peak") is not None:
+        parts.append(f"process peak {_gib_or_na(rss['process_peak'])} GiB by the last step")
+    line = "- resident memory (RSS, GiB): " + ("; ".join(parts) if parts else "not measured")
+    if rss.get("measurement_bytes") is not None:
+        line += (f". The allocation measurement itself held at most {fmt_bytes(rss['measurement_bytes'])} "
+                 "(one scan of the process's objects at the step start, then a table of the live storages)")
+    return line

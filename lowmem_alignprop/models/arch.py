@@ -1,0 +1,407 @@
+"""Shipped Stable Diffusion architectures and offline single-file checkpoint loading.
+
+The package ships diffusers-layout config directories for SD 1.5, SD 2.1 (768-v) and SDXL base 1.0
+in ``lowmem_alignprop/arch/<name>`` (config files only, no weights, no tokenizer vocabulary). The
+CLIP BPE vocabulary ships once, as ``lowmem_alignprop/data/bpe_simple_vocab_16e6.txt.gz``; on first
+use :func:`arch_config_dir` assembles a complete config directory (configs + ``vocab.json`` +
+``merges.txt`` for every tokenizer) under ``cache_root()/arch/<name>``.
+
+Such a directory is what diffusers' ``from_single_file(path, config=dir)`` needs to load an original
+LDM-layout ``.safetensors``/``.ckpt`` checkpoint without touching the network, and what
+:func:`build_random_components` builds random-weight (or meta) models from for the memory planner
+and GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.settings.errors import UserError, first_line
+
+ARCHS = ("sd15", "sd21", "sdxl")
+
+ARCH_DESCRIPTIONS = {
+    "sd15": "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder, 512 px)",
+    "sd21": "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder, 768 px v-prediction)",
+    "sdxl": "Stable Diffusion XL base 1.0 (CLIP-L + OpenCLIP bigG text encoders, 1024 px)",
+}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+CLIP_VOCAB_SIZE = 49408
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the package root: arch/ and data/ ship there
+_SHIPPED_DIR = _PACKAGE_DIR / "arch"
+_BPE_FILE = _PACKAGE_DIR / "data" / "bpe_simple_vocab_16e6.txt.gz"
+_FORMAT_VERSION = "1"  # bump when the way the cache directory is assembled changes
+
+_SUPPORTED = "; ".join(f"{k}: {v}" for k, v in ARCH_DESCRIPTIONS.items())
+
+
+def _check_name(name: str) -> str:
+    if name not in ARCHS:
+        raise UserError(f"unknown architecture {name!r}: choose one of {', '.join(ARCHS)} ({_SUPPORTED})")
+    return name
+
+
+def _tokenizer_folders(name: str) -> tuple[str, ...]:
+    return ("tokenizer", "tokenizer_2") if name == "sdxl" else ("tokenizer",)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP BPE vocabulary
+# --------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """The OpenAI CLIP tokenizer vocabulary, derived from the shipped BPE merges file.
+
+    Returns ``(vocab, merges)``: ``vocab`` maps the 49408 tokens to ids (256 byte symbols, the same
+    symbols word-final with ``</w>``, the first 48894 merges joined, then ``<|startoftext|>`` and
+    ``<|endoftext|>``); ``merges`` are the 48894 merge lines ``"a b"`` in rank order.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    with gzip.open(_BPE_FILE, "rb") as f:
+        lines = f.read().decode("utf-8").split("\n")
+    n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48894: the vocabulary is bytes, bytes + "</w>", merges, 2 specials
+    merges = lines[1:1 + n_merges]  # line 0 is the "#version" header
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"CLIP vocabulary from {_BPE_FILE} has {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return vocab, merges
+
+
+# --------------------------------------------------------------------------------------------------
+# Config directories
+# --------------------------------------------------------------------------------------------------
+
+def _shipped_files(name: str) -> list[Path]:
+    root = _SHIPPED_DIR / name
+    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _stamp(name: str) -> str:
+    h = hashlib.sha256(_FORMAT_VERSION.encode())
+    root = _SHIPPED_DIR / name
+    for p in _shipped_files(name):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(hashlib.sha256(_BPE_FILE.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _assemble(name: str, dest: Path) -> None:
+    root = _SHIPPED_DIR / name
+    for p in _shipped_files(name):
+        target = dest / p.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, target)
+    vocab, merges = clip_bpe()
+    vocab_json = json.dumps(vocab, ensure_ascii=False)
+    merges_txt = "#version: 0.2\n" + "\n".join(merges) + "\n"
+    for folder in _tokenizer_folders(name):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+        (dest / folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
+        (dest / folder / "merges.txt").write_text(merges_txt, encoding="utf-8")
+
+
+def arch_config_dir(name: str) -> Path:
+    """A local diffusers-layout directory for architecture ``name`` holding only config files.
+
+    Usable as ``config=`` for ``from_single_file`` and with ``from_pretrained(dir, subfolder=...)`` /
+    ``from_config`` for every component, tokenizers included. Built once (atomically) into
+    ``cache_root()/arch/<name>`` and rebuilt when the shipped files change. No network.
+    """
+    from lowmem_alignprop.models.tiny import cache_root
+
+    _check_name(name)
+    stamp = _stamp(name)
+    target = cache_root() / "arch" / name
+    stamp_file = target / ".stamp"
+    if stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _assemble(name, tmp)
+        (tmp / ".stamp").write_text(stamp)
+        if target.exists():  # stale: move it aside first (a rename is atomic; another process may win)
+            trash = target.parent / f".old-{name}-{uuid.uuid4().hex}"
+            with contextlib.suppress(OSError):
+                os.rename(target, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            pass  # another process installed it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        raise RuntimeError(f"could not build the {name} config directory in {target}")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint inspection
+# --------------------------------------------------------------------------------------------------
+
+_UNET = "model.diffusion_model."
+_CROSS_ATTN_DIM = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a single-file checkpoint, reading only the header where the format allows."""
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}; pass the path of an existing .safetensors or .ckpt file")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; a single-file checkpoint (.safetensors or .ckpt) is expected here "
+                        "(a diffusers model directory is loaded as a model directory, not as a single file)")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): its download or copy did not finish; fetch it again")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        sd = _torch_load(path)
+        return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Check that the file is a complete "
+                        ".safetensors or .ckpt download (re-download it if it was truncated)") from e
+
+
+def _torch_load(path: Path) -> dict:
+    import pickle
+
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a disallowed class, not a damaged file
+            raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
+                            "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
+        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (damaged, truncated, or "
+                        "another format); re-download it, or pass a .safetensors file") from None
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return obj
+
+
+def _detect_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> str:
+    not_sd = (f"{where} is not a Stable Diffusion checkpoint in the original single-file layout. Supported: "
+              f"{_SUPPORTED}")
+    conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise UserError(f"{where} is an inpainting/instruct-pix2pix style UNet ({conv_in[1]} input channels); only "
+                        f"text-to-image checkpoints with 4 latent input channels are supported ({_SUPPORTED})")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in shapes) and not any(
+            k.startswith("conditioner.embedders.1.") for k in shapes):
+        raise UserError(f"{where} looks like the SDXL refiner, which cannot be trained here; use an SDXL base "
+                        f"checkpoint. Supported: {_SUPPORTED}")
+    # 1) the UNet's cross-attention width is the most reliable signal
+    for key, shape in shapes.items():
+        if key.startswith(_UNET) and key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            arch = _CROSS_ATTN_DIM.get(shape[-1])
+            if arch is None:
+                raise UserError(f"{where}: UNet cross-attention width {shape[-1]} matches no supported model. "
+                                f"Supported: {_SUPPORTED}")
+            return arch
+    # 2) otherwise the text encoder's layout
+    if any(k.startswith("conditioner.embedders.1.") for k in shapes):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "sd21"
+    if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        return "sd15"
+    if any(k.startswith(("lora_", "lora.")) or ".lora_" in k or ".lora." in k for k in shapes):
+        raise UserError(f"{where} is a LoRA file, not a base model: pass the base model it was trained on as "
+                        f"--model; to see what the LoRA does, run `lowmem-alignprop sample --lora {where}`")
+    if any(re.match(r"(down_blocks|up_blocks|mid_block)\.", k) for k in shapes):
+        raise UserError(f"{where} holds diffusers-layout weights (a single component?), not an original single-file "
+                        "checkpoint; pass the diffusers model directory instead of this file")
+    raise UserError(not_sd)
+
+
+def detect_arch(path) -> str:
+    """Return "sd15", "sd21" or "sdxl" for a single-file ``.safetensors``/``.ckpt`` checkpoint.
+
+    Reads only key names and shapes (the safetensors header; ``torch.load(weights_only=True,
+    mmap=True)`` for ``.ckpt``). Raises :class:`UserError` for files that are not a supported Stable
+    Diffusion checkpoint. SD 2.0/2.1 512-px "base" (epsilon) checkpoints also detect as "sd21".
+    """
+    path = Path(path)
+    return _detect_from_shapes(_read_shapes(path), str(path))
+
+
+def detect_arch_from_state_dict(state_dict: dict) -> str:
+    """Like :func:`detect_arch` for an in-memory state dict (tensors or anything with ``.shape``)."""
+    return _detect_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, "the state dict")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+def pipeline_class(name: str):
+    import diffusers
+
+    _check_name(name)
+    return diffusers.StableDiffusionXLPipeline if name == "sdxl" else diffusers.StableDiffusionPipeline
+
+
+def _check_loaded(pipe, where: str, config_dir: Path) -> None:
+    for tok_attr, te_attr in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tok, te = getattr(pipe, tok_attr, None), getattr(pipe, te_attr, None)
+        if tok is not None and te is not None and len(tok) != te.config.vocab_size:
+            # e.g. a config directory without tokenizer files silently gives a 2-token tokenizer
+            raise UserError(f"the {tok_attr} loaded from {config_dir} has {len(tok)} tokens but the text encoder "
+                            f"expects {te.config.vocab_size}: put the tokenizer files (vocab.json, merges.txt, "
+                            f"tokenizer_config.json) into {config_dir / tok_attr}")
+    for attr in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+        if missing:
+            raise UserError(f"{where} is incomplete: {len(missing)} {attr} tensors are missing (e.g. {missing[0]}). "
+                            "Use a full checkpoint, or check that the architecture matches the file")
+
+
+def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=None,
+                     prediction_type: str | None = None):
+    """Load an original-layout single-file checkpoint into a diffusers pipeline, fully offline.
+
+    ``arch`` is "auto" (see :func:`detect_arch`) or one of :data:`ARCHS`. The pipeline is a
+    ``StableDiffusionPipeline`` (sd15/sd21) or ``StableDiffusionXLPipeline`` (sdxl, invisible
+    watermark off) with the architecture's stock scheduler; ``prediction_type`` overrides the
+    scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21").
+    ``config_dir`` replaces the shipped config directory (any diffusers-layout directory holding the
+    configs and tokenizer files of a compatible model; its model_index.json picks the pipeline class).
+    """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    path = Path(path)
+    if config_dir is None:
+        if arch != "auto":
+            _check_name(arch)
+        shapes = _read_shapes(path)  # clear errors for a missing / unreadable file before diffusers sees it
+        if arch == "auto":
+            arch = _detect_from_shapes(shapes, str(path))
+        cls, config_dir = pipeline_class(arch), arch_config_dir(arch)
+        what = f"{arch} ({ARCH_DESCRIPTIONS[arch]})"
+    else:
+        config_dir = Path(config_dir)
+        cls = _pipeline_class_of(config_dir)
+        what = f"a {cls.__name__} configured by {config_dir}"
+        _read_shapes(path)
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    kwargs = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {}
+    try:
+        # config must be a str: a Path passes the pipeline-level isdir() check, but the per-model
+        # from_single_file then rejects it ("Invalid `config` argument").
+        pipe = cls.from_single_file(str(path), config=str(config_dir), torch_dtype=torch_dtype,
+                                    local_files_only=True, **kwargs)
+    except SingleFileComponentError as e:
+        raise UserError(f"{path} lacks the weights of a pipeline component for {what} "
+                        f"({first_line(e, 1000)}). Use a full checkpoint that includes the UNet, VAE and text "
+                        "encoder(s)") from e
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        if "meta tensor" in str(e):  # diffusers left a tensor the checkpoint lacks on meta, then moved it
+            raise UserError(f"{path} is incomplete: some tensors of {what} are missing from it. Use a full "
+                            "checkpoint, or check that the architecture matches the file") from e
+        raise UserError(f"cannot load {path} as {what}: {type(e).__name__}: {str(e)[:500]}. Check that the file "
+                        "is a complete Stable Diffusion checkpoint and that the architecture matches it (or let it "
+                        "be detected automatically)") from e
+    _check_loaded(pipe, str(path), config_dir)
+    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def _pipeline_class_of(config_dir: Path):
+    import diffusers
+
+    try:
+        name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{config_dir} is not a diffusers config directory (no readable model_index.json); "
+                        "pass a directory written by save_pretrained or one of the shipped architectures") from e
+    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise UserError(f"{config_dir} describes a {name}; only StableDiffusionPipeline and "
+                        "StableDiffusionXLPipeline models are supported")
+    return getattr(diffusers, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random / empty components
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_random_components(name: str, *, device="meta", dtype=torch.float16) -> dict:
+    """Models of architecture ``name`` from the shipped configs with random weights (or none, on meta).
+
+    Returns a dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (and
+    ``text_encoder_2``, ``tokenizer_2`` for sdxl). The modules are created directly on ``device`` in
+    ``dtype`` (``torch.device(device)`` as the default device, ``dtype`` as the default dtype), so
+    ``device="meta"`` allocates nothing and takes a few seconds even for SDXL; on a real device the
+    weights get the libraries' usual random initialisation. The modules are returned frozen
+    (``requires_grad=False``) and in eval mode, as the trainer uses its base models. Nothing is downloaded.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    _check_name(name)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserError(f"dtype must be a floating torch.dtype, not {dtype!r}")
+    root = arch_config_dir(name)
+    index = json.loads((root / "model_index.json").read_text())
+    out: dict = {}
+    with torch.device(device), _default_dtype(dtype):
+        out["unet"] = diffusers.UNet2DConditionModel.from_config(
+            diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
+        out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
+        for te in ("text_encoder", "text_encoder_2"):
+            if te in index:
+                te_cls = {"CLIPTextModel": CLIPTextModel,
+                          "CLIPTextModelWithProjection": CLIPTextModelWithProjection}[index[te][1]]
+                config = CLIPTextConfig.from_pretrained(root / te)
+                out[te] = te_cls._from_config(config, dtype=dtype)
+    for module in (v for v in out.values() if isinstance(v, torch.nn.Module)):
+        module.requires_grad_(False).eval()
+        if any(p.dtype != dtype for p in module.parameters()):  # e.g. libraries that force fp32 parts
+            module.to(dtype)
+    for tok in _tokenizer_folders(name):
+        out[tok] = CLIPTokenizer.from_pretrained(root, subfolder=tok)
+    sched_config = getattr(diffusers, index["scheduler"][1]).load_config(root, subfolder="scheduler")
+    out["scheduler"] = getattr(diffusers, index["scheduler"][1]).from_config(sched_config)
+    return out

@@ -1,0 +1,282 @@
+"""Load the base model's components, add LoRA, and choose attention and checkpointing.
+
+Every source goes through diffusers: the built-in tiny model is a saved diffusers directory, a user's
+directory or hub id goes through ``from_pretrained``, a single-file checkpoint through
+``from_single_file`` with a config shipped in the package (no network), and ``sd15|sd21|sdxl`` builds
+the architecture from that config with random weights (for planning and benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_alignprop.run import hub
+from lowmem_alignprop.settings.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet attention projections, as AlignProp does
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+ARCH_NAMES = ("sd15", "sd21", "sdxl")
+
+
+@dataclass
+class Components:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    is_sdxl: bool = False
+    source: str = ""
+    pipeline_class: Any = None
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            mods["text_encoder_2"] = self.text_encoder_2
+        return mods
+
+
+def resolve_model(spec: str) -> tuple[str, str]:
+    """Classify a --model value as (kind, location): tiny, arch, dir, file or hub. Raises UserError."""
+    if spec in ("", "tiny"):
+        return "tiny", "tiny"
+    if spec in ARCH_NAMES:
+        return "arch", spec
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        from lowmem_alignprop.models.model_check import check_model_dir
+        check_model_dir(path, spec)  # a complete SD text-to-image model, from its JSON files alone
+        return "dir", str(path)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"{spec} is a file but not a checkpoint: pass a .safetensors or .ckpt file")
+        return "file", str(path)
+    looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES \
+        or spec.count("/") > 1 or "\\" in spec
+    if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"model path {spec} does not exist: pass an existing diffusers directory, a "
+                        ".safetensors/.ckpt file, a hub id (owner/name), or leave --model out for the built-in tiny model")
+    return "hub", spec
+
+
+def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Components:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``."""
+    from diffusers import DiffusionPipeline
+
+    kind, where = resolve_model(cfg.model)
+    if kind == "tiny":
+        from lowmem_alignprop.models.tiny import tiny_model_dir
+        kind, where = "dir", str(tiny_model_dir())
+    quant = getattr(cfg, "base_quant", "none")
+    if quant != "none":
+        from lowmem_alignprop.memory import quant as q
+        q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
+    if kind == "arch":
+        from lowmem_alignprop.models.arch import build_random_components
+        parts = build_random_components(where, device="cpu", dtype=weight_dtype)
+        comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
+                           is_sdxl=where == "sdxl", source=f"{where} (random weights)")
+    else:
+        if kind == "hub":
+            hub.offline()  # no network: diffusers reads the local cache only and fails at once, not after retries
+        try:
+            if kind == "file":
+                from lowmem_alignprop.models.arch import load_single_file
+                pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
+            elif quant != "none":
+                # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
+                unet = q.load_quantized_unet(where, quant, weight_dtype)
+                pipe = DiffusionPipeline.from_pretrained(where, unet=unet, safety_checker=None,
+                                                         **dtype_kwarg(weight_dtype))
+            else:
+                pipe = DiffusionPipeline.from_pretrained(where, safety_checker=None, **dtype_kwarg(weight_dtype))
+        except UserError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as e:
+            if kind == "hub":
+                raise UserError(hub_message("model", where, e)) from None
+            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+        if kind == "dir":
+            from lowmem_alignprop.models.arch import _check_loaded
+            _check_loaded(pipe, where, Path(where))  # e.g. a tokenizer that loaded with 2 tokens
+        comps = Components(unet=getattr(pipe, "unet", None), vae=getattr(pipe, "vae", None),
+                           text_encoder=getattr(pipe, "text_encoder", None), tokenizer=getattr(pipe, "tokenizer", None),
+                           scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                           tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                           is_sdxl=getattr(pipe, "text_encoder_2", None) is not None, source=where,
+                           pipeline_class=type(pipe))
+    if comps.unet is None or comps.vae is None or comps.text_encoder is None:
+        raise UserError(f"{cfg.model} is not a Stable Diffusion model (needs unet, vae and text_encoder): "
+                        "supported are SD 1.x, SD 2.x and SDXL")
+    from lowmem_alignprop.models.model_check import check_loaded
+    check_loaded(comps, cfg.model)  # an inpainting UNet, or a text encoder of another model
+    if quant != "none":
+        q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
+    if getattr(cfg, "vae", ""):
+        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
+    from lowmem_alignprop.models.sampling import ddim_scheduler
+    comps.scheduler = ddim_scheduler(comps.scheduler.config)  # DDIM with the model's schedule, x0 never clamped
+    if comps.pipeline_class is None:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
+    return comps
+
+
+def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR") -> str:
+    """One line for a hub id that did not load: offline (the usual case here) or not a repository."""
+    text = str(error)
+    offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
+                                      "Connection", "does not appear to have a file named", "offline"))
+    if offline:
+        return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
+                f"set) nor found in the local cache: {hub.download_hint(repo, use)}")
+    return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
+            "or pass a local directory")
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers >= 0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated there); older releases only ``torch_dtype=``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
+    """A replacement VAE (config field ``vae``): a diffusers folder (or a pipeline folder with ``vae/``), a hub
+    id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16), or a single
+    .safetensors file (read with the model's own VAE config). Raises UserError."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    path = Path(os.path.expanduser(spec))
+    try:
+        if path.is_dir():
+            sub = "vae" if not (path / "config.json").exists() and (path / "vae" / "config.json").exists() else None
+            if sub is None and not (path / "config.json").exists():
+                raise UserError(f"vae={spec} is a folder without config.json (or vae/config.json): pass the folder "
+                                "that AutoencoderKL.save_pretrained wrote, a hub id, or a .safetensors file")
+            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **dtype_kwarg(dtype))
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise UserError(f"vae={spec} is not a VAE checkpoint: pass a .safetensors file, a folder or a hub id")
+            with tempfile.TemporaryDirectory() as tmp:
+                own_vae.save_config(Path(tmp) / "vae")  # the file holds weights only: use the model's VAE config
+                vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
+                                                     torch_dtype=dtype)
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "~")):
+            hub.offline()  # no network: the local cache only, at once
+            vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
+        else:
+            raise UserError(f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id "
+                            "(e.g. madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        if not path.exists():
+            raise UserError(hub_message("vae", spec, e, use="--set vae=DIR")) from None
+        if "meta tensor" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
+            raise UserError(f"vae={spec}: its weights do not fit the model's VAE architecture (other layer sizes): "
+                            "use a VAE made for this model, or leave vae empty for the model's own") from None
+        raise UserError(f"could not load vae={spec!r}: {first_line(e)}. It must be a VAE for this model "
+                        "(same latent channels and layer sizes)") from None
+    if vae.config.latent_channels != own_vae.config.latent_channels:
+        raise UserError(f"vae={spec} has {vae.config.latent_channels} latent channels, the model's VAE "
+                        f"{own_vae.config.latent_channels}: use a VAE made for this model")
+    from lowmem_alignprop.models.sampling import vae_scale_factor
+    theirs, ours = vae_scale_factor(vae), vae_scale_factor(own_vae)
+    if theirs != ours:  # the UNet would run on latents of another size than it was trained on
+        raise UserError(f"vae={spec} downsamples images {theirs}x, the model's VAE {ours}x: use a VAE made for "
+                        "this model")
+    log.info("VAE: %s instead of the model's own", spec)
+    return vae
+
+
+def choose_vae_dtype(vae, weight_dtype: torch.dtype, device: torch.device, is_sdxl: bool) -> torch.dtype:
+    """SDXL's stock VAE overflows in fp16 (its config says force_upcast). Decode in bf16 where the GPU has it
+    (same memory as fp16, fp32's range), else in fp32, and say what that costs. Casts ``vae``; returns its dtype.
+    The fp16-fix VAE (``--set vae=madebyollin/sdxl-vae-fp16-fix``, force_upcast false) stays in fp16."""
+    if not (is_sdxl and weight_dtype == torch.float16 and vae.config.get("force_upcast", False)):
+        return vae.dtype
+    # planning for a CUDA target on a machine without one (the planner): assume a card with bf16 (Ampere or newer)
+    has_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else device.type == "cuda"
+    if device.type == "cuda" and has_bf16:
+        vae.to(torch.bfloat16)  # same bytes as fp16, no overflow
+        log.warning("SDXL's VAE overflows in fp16: decoding in bf16 instead (same memory as fp16)")
+        return torch.bfloat16
+    vae.to(torch.float32)  # no bf16 on this device: fp32 doubles the VAE's weights and its decode activations
+    extra = module_bytes(vae) / 2 / 2**20
+    log.warning("SDXL's VAE overflows in fp16 and this device has no bf16: decoding in fp32 (+%.0f MiB weights, "
+                "about twice the decode/backward activation memory); --set vae=madebyollin/sdxl-vae-fp16-fix "
+                "keeps it in fp16", extra)
+    return torch.float32
+
+
+def set_attention(unet, vae, attention: str, device: torch.device) -> str:
+    """Choose the attention kernel; returns what is actually used (xformers falls back to sdpa)."""
+    if attention == "xformers":
+        try:
+            if device.type != "cuda":
+                raise RuntimeError("xformers runs only on CUDA devices")
+            import xformers  # noqa: F401
+            unet.enable_xformers_memory_efficient_attention()
+            vae.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as e:  # ImportError, or xformers' own CUDA checks
+            log.warning("attention=xformers unavailable (%s): falling back to sdpa", first_line(e, 120))
+            attention = "sdpa"
+    if attention == "sliced":
+        unet.set_attention_slice("auto")  # one attention head slice at a time: lowest memory, slowest
+        return "sliced"
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())  # fused scaled-dot-product attention: no n^2 score tensor kept
+    return "sdpa"
+
+
+def add_lora(unet, rank: int, alpha: float | None, seed: int) -> list[torch.nn.Parameter]:
+    """Add peft LoRA adapters to the attention projections; only they train. Returns their parameters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # LoRA weights and their optimizer state stay fp32 for stable updates
+    if getattr(unet, "is_loaded_in_4bit", False) or getattr(unet, "is_loaded_in_8bit", False):
+        from lowmem_alignprop.memory.quant import prepare_quantized_layers
+        prepare_quantized_layers(unet)  # a quantized layer and its adapter share one fp16 input under autocast
+    return params
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA weights in diffusers' key format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def lora_metadata(unet) -> dict:
+    """The adapter's peft config (rank, alpha, targets) saved beside the weights, so diffusers loads it
+    with the trained scale even when lora_alpha differs from the rank."""
+    return unet.peft_config["default"].to_dict()
+
+
+def module_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))

@@ -1,0 +1,269 @@
+"""The differentiable rollout: prompt encoding, DDIM with classifier-free guidance, truncated backprop, decode.
+
+Truncation (docs/design.md section 2): K is drawn once per rollout, the gradient flows through the contiguous
+last K steps, and the latent entering that window is detached. Each UNet call in the window is one
+gradient checkpoint, so only its input latent is kept and memory is almost flat in K.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lowmem_alignprop.memory import stages
+
+
+# What DDIM sampling uses for every model family, whatever the model's own scheduler config says or omits.
+# clip_sample=False: DDIMScheduler's default (True) clamps the predicted x0 to [-1, 1], meant for pixel-space
+# models; in latent space it cuts ~31% of a unit-variance latent's entries (SDXL's and SD 1.5's stock configs
+# leave the key out, and only StableDiffusionPipeline's constructor used to reset it). set_alpha_to_one=False:
+# the last step uses alphas_cumprod[0], as the SD/SDXL reference configs do (True would step to alpha 1).
+DDIM_SETTINGS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+def ddim_scheduler(config):
+    """The DDIM scheduler AlignProp samples with: the model's noise schedule and prediction type from
+    ``config`` (any diffusers scheduler's config), with :data:`DDIM_SETTINGS` set explicitly."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config, **DDIM_SETTINGS)
+
+
+class BatchedTensors:
+    """For a dataclass of per-prompt tensors (None allowed): pick prompts, move, join. Fields named in ``SHARED``
+    are the same for every prompt and are carried along, not indexed or joined."""
+    SHARED: ClassVar[tuple[str, ...]] = ()
+
+    def _map(self, fn, shared_too: bool = False):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if shared_too or f.name not in self.SHARED}
+        return dataclasses.replace(self, **{k: None if v is None else fn(v) for k, v in values.items()})
+
+    def index(self, idx):
+        return self._map(lambda t: t[idx])
+
+    def to(self, device):
+        return self._map(lambda t: t.to(device), shared_too=True)
+
+    @classmethod
+    def cat(cls, parts: list):
+        first = parts[0]
+        return dataclasses.replace(first, **{f.name: None if getattr(first, f.name) is None else
+                                             torch.cat([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first) if f.name not in cls.SHARED})
+
+
+@dataclass
+class PromptEmbeds(BatchedTensors):
+    """Conditional and unconditional text conditioning for a batch (SDXL adds pooled embeds and time ids)."""
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+def draw_k(cfg, rng: random.Random) -> int:
+    """K for one rollout: fixed, or uniform in [k_min, k_max] (AlignProp's randomized truncation)."""
+    if cfg.truncation == "fixed":
+        return cfg.k
+    return rng.randint(cfg.k_min, cfg.k_max)
+
+
+def make_pipeline(comps):
+    """A diffusers pipeline object over our components, used only for its prompt-encoding helpers."""
+    if comps.is_sdxl:
+        return comps.pipeline_class(vae=comps.vae, text_encoder=comps.text_encoder,
+                                    text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
+                                    tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler)
+    return comps.pipeline_class(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device, resolution: int) -> PromptEmbeds:
+    """Prompts and the empty negative prompt -> text embeddings (no gradient: the text encoder is frozen)."""
+    if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None:
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(prompts))
+        size = (resolution, resolution)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids.to(device).repeat(len(prompts), 1))
+    cond, uncond = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
+    return PromptEmbeds(cond, uncond)
+
+
+class PromptEncoder:
+    """Text embeddings for a batch of prompts; the text encoder is on the device only while it encodes.
+
+    With ``cache=True`` every prompt is encoded at the first call (16 at a time) and the text encoder then
+    leaves the device for good; otherwise each call encodes its batch and parks the encoder again.
+    The training loop and the planner both call this, so the planner estimates what training does.
+    """
+
+    def __init__(self, pipe, comps, place, device, resolution: int, *, cache: bool, prompts):
+        self.pipe, self.place, self.device, self.resolution = pipe, place, device, resolution
+        self.encoders = (comps.text_encoder, comps.text_encoder_2)
+        self.caching = cache
+        self.prompts = sorted(set(prompts))
+        self.cache: dict[str, PromptEmbeds] = {}
+
+    def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
+        if self.caching and not self.cache:
+            self.place.to_device("text_encoder", *self.encoders)
+            for i in range(0, len(self.prompts), 16):
+                chunk = self.prompts[i:i + 16]
+                e = encode_prompts(self.pipe, chunk, self.device, self.resolution)
+                for j, p in enumerate(chunk):
+                    self.cache[p] = e.index(slice(j, j + 1))
+            self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
+        if not self.caching:
+            self.place.to_device("text_encoder", *self.encoders)
+            emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution)
+            self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
+            return emb
+        return PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
+
+
+def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
+    """One UNet call with classifier-free guidance (both branches batched together)."""
+    use_cfg = guidance_scale > 1.0
+    x = torch.cat([latents, latents]) if use_cfg else latents
+    hidden = torch.cat([emb.uncond, emb.cond]) if use_cfg else emb.cond
+    kwargs = {}
+    if emb.pooled is not None:
+        pooled = torch.cat([emb.uncond_pooled, emb.pooled]) if use_cfg else emb.pooled
+        time_ids = torch.cat([emb.time_ids, emb.time_ids]) if use_cfg else emb.time_ids
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    dtype = next(unet.parameters()).dtype if not hasattr(unet, "dtype") else unet.dtype
+    out = unet(x.to(dtype), t, encoder_hidden_states=hidden.to(dtype), **kwargs).sample.float()
+    if not use_cfg:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
+            eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
+            checkpoint_calls: bool = True) -> torch.Tensor:
+    """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
+
+    ``scheduler.set_timesteps`` must have been called. ``grad_unet`` is the module used inside the grad
+    window (the DDP/DeepSpeed wrapper, so gradients are synchronised); no-grad steps may use the bare UNet.
+    """
+    stage = stage or (lambda name: contextlib.nullcontext())
+    grad_unet = grad_unet if grad_unet is not None else unet
+    timesteps = scheduler.timesteps
+    n = len(timesteps)
+    if not 0 <= k <= n:
+        raise ValueError(f"K={k} must be between 0 and the number of sampling steps ({n})")
+    split = n - k
+    with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
+        for t in timesteps[:split]:
+            eps = guided_eps(unet, latents, t, emb, guidance_scale)
+            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    latents = latents.detach()  # the gradient window starts here
+    if k == 0:
+        return latents
+    with stage(stages.SAMPLE_GRAD):
+        for t in timesteps[split:]:
+            if checkpoint_calls:
+                # one checkpoint per UNet call: keep only its input latent, recompute the call in backward
+                eps = checkpoint(guided_eps, grad_unet, latents, t, emb, guidance_scale, use_reentrant=False)
+            else:
+                eps = guided_eps(grad_unet, latents, t, emb, guidance_scale)
+            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    return latents
+
+
+def decode(vae, latents: torch.Tensor, *, sliced: bool = False, tiled: bool = False, tile_size: int = 64,
+           tile_overlap: int = 16) -> torch.Tensor:
+    """Latents -> images in [0, 1], differentiable."""
+    dtype = vae.dtype
+    z = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        z = z + vae.config.shift_factor
+    # the frozen VAE runs in its own dtype, outside autocast: autocast would keep its norms and upsampling in
+    # fp32, and those saved activations are most of the backward peak (-0.6 GiB at 512 px); an fp16 autocast
+    # would also overflow a VAE that was kept in bf16/fp32 for that reason (SDXL's)
+    with without_autocast(z.device.type):
+        if tiled:
+            from lowmem_alignprop.memory.tiling import tiled_decode
+            x = tiled_decode(vae, z.to(dtype), tile_size=tile_size, overlap=tile_overlap)
+        elif sliced and z.shape[0] > 1:
+            # one image at a time: the decoder's activations exist for one image, not the batch
+            x = torch.cat([vae.decode(z[i:i + 1].to(dtype)).sample for i in range(z.shape[0])])
+        else:
+            x = vae.decode(z.to(dtype)).sample
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def without_autocast(device_type: str):
+    """Run frozen low-precision modules in their own dtype (a no-op when autocast is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def resolution_note(unet, vae, resolution: int) -> str | None:
+    """A warning when ``resolution`` is half the model's native image size or less, or twice it or more."""
+    size = unet.config.sample_size
+    native = (size if isinstance(size, int) else max(size)) * vae_scale_factor(vae)
+    if native // 2 < resolution < native * 2:
+        return None
+    return (f"the model was made for {native} px images and this run uses {resolution} px: that far from its size "
+            f"its images, and so the reward's signal, are poor; --set resolution={native} (check the fit with "
+            "`lowmem-alignprop plan`)")
+
+
+def initial_latents(batch: int, unet, vae, resolution: int, generator: torch.Generator, device) -> torch.Tensor:
+    side = resolution // vae_scale_factor(vae)
+    shape = (batch, unet.config.in_channels, side, side)
+    return torch.randn(shape, generator=generator, device="cpu").to(device)
+
+
+def checkpoint_modules(modules) -> int:
+    """Wrap each module's forward in a non-reentrant gradient checkpoint (active only when grad is on)."""
+    count = 0
+    for m in modules:
+        if getattr(m, "_lowmem_ckpt", False):
+            continue
+        plain = m.forward
+
+        @functools.wraps(plain)
+        def wrapped(*args, _plain=plain, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        m.forward = wrapped
+        m._lowmem_ckpt = True
+        count += 1
+    return count
+
+
+def enable_vae_checkpointing(vae, granularity: str) -> None:
+    """none | blocks (each decoder up-block, diffusers' own) | resnets (each resnet and attention: least memory)."""
+    if granularity == "blocks":
+        vae.enable_gradient_checkpointing()  # keep one input per up-block, recompute the block in backward
+    elif granularity == "resnets":
+        dec = vae.decoder
+        mods = list(dec.mid_block.resnets) + list(dec.mid_block.attentions or [])
+        for block in dec.up_blocks:
+            mods += list(block.resnets) + list(getattr(block, "upsamplers", None) or [])
+        checkpoint_modules(mods)  # keep one input per resnet: the full-resolution block's peak shrinks most

@@ -1,0 +1,473 @@
+"""Resumable checkpoints: the trained weights, optimizer state, RNG states, step and metrics history.
+
+Layout (``OUTPUT_DIR/checkpoints/step-00000012/``)::
+
+    trainable.safetensors   every parameter that trains (the LoRA adapters, or the whole UNet with
+                            train_unet=full), keyed by its name in the bare UNet
+    optimizer.pt            the optimizer's state_dict (plain torch / bitsandbytes optimizers)
+    deepspeed/              DeepSpeed runs: engine.save_checkpoint(..., exclude_frozen_parameters=True),
+                            which holds the partitioned optimizer state of every rank
+    rng.pt                  per rank: the prompt/K random.Random state and torch's RNG states
+    state.json              step, config, model fingerprint, metrics history, world size
+    manifest.json           size and sha256 of every file above; written last
+
+Why not ``accelerator.save_state``: it saves ``model.state_dict()``, i.e. the whole frozen UNet
+(1.6 GiB for SD1.5 in fp16) at every checkpoint; ours holds only what trains (a few MB for LoRA).
+
+Writes are atomic: everything goes into ``checkpoints/.tmp-step-N`` and the directory is renamed to
+``step-N`` only after the manifest is written and synced. A checkpoint whose manifest is missing or
+whose files do not match it is reported and skipped by ``--resume latest`` (the previous good one is used).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_alignprop.settings.errors import UserError
+
+log = logging.getLogger("lowmem_alignprop")
+
+FORMAT = 1
+DIRNAME = "checkpoints"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+# Config fields that must match to resume: they change what the saved tensors mean or their shapes.
+STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "optimizer", "deepspeed_zero")
+# Fields a resumed run may change silently (the rest change with a warning).
+FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
+               "keep_checkpoints", "auto_fit", "max_bad_steps", "budget_gb")
+
+
+def root_of(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / DIRNAME
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+RUN_MARKS = ("lora", "unet", "metrics.jsonl", "summary.json")  # what a run writes besides its checkpoints
+
+
+@dataclass(frozen=True)
+class RunEvidence:
+    """What shows that a folder already holds a run: its checkpoints, or a file or folder a run writes."""
+    name: str  # DIRNAME or one of RUN_MARKS
+    is_dir: bool
+
+    def __str__(self) -> str:  # as messages name it: "checkpoints/", "lora/", "metrics.jsonl"
+        return f"{self.name}/" if self.is_dir else self.name
+
+    @property
+    def checkpoints(self) -> bool:
+        """It has checkpoints: --resume latest continues it."""
+        return self.is_dir and self.name == DIRNAME
+
+    @property
+    def started_only(self) -> bool:
+        """Only the metrics of a run that stopped before its first checkpoint."""
+        return not self.is_dir and self.name == "metrics.jsonl"
+
+
+def holds_a_run(output_dir: str | os.PathLike) -> RunEvidence | None:
+    """What shows that ``output_dir`` already holds a run (its checkpoints, or the files a run writes), or None."""
+    out = Path(output_dir)
+    if list_checkpoints(root_of(out)):
+        return RunEvidence(DIRNAME, True)
+    for mark in RUN_MARKS:
+        p = out / mark
+        if p.is_dir():
+            return RunEvidence(mark, True)
+        if p.is_file() and p.stat().st_size > 0:  # a run that failed before its first step leaves an empty one
+            return RunEvidence(mark, False)
+    return None
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a ``step-N`` checkpoint directory (None for any other name)."""
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
+def branch_point(resume_path: Path, root: Path) -> int | None:
+    """The step after which ``root``'s checkpoints belong to another branch than ``resume_path``: its own step for
+    one of ``root``'s checkpoints, N for one in ``root/superseded-after-step-N[-k]/``; None for another run's."""
+    parent = resume_path.resolve().parent
+    if parent == root.resolve():
+        return step_of(resume_path)
+    found = re.fullmatch(r"superseded-after-step-(\d+)(-\d+)?", parent.name)
+    return int(found.group(1)) if found and parent.parent == root.resolve() else None
+
+
+def set_aside_newer(root: Path, step: int, metrics: Path | None = None) -> Path | None:
+    """Resuming from an older checkpoint of a run (or from a branch set aside earlier) starts a new branch: the
+    run's checkpoints after ``step`` move into ``checkpoints/superseded-after-step-N/`` (kept, but no longer what
+    ``--resume latest`` or rotation sees), with a copy of the run's ``metrics`` as they were. Returns that folder,
+    or None when there was nothing newer."""
+    newer = [p for p in list_checkpoints(root) if step_of(p) > step]
+    if not newer:
+        return None
+    aside, n = root / f"superseded-after-step-{step}", 1
+    while aside.exists():  # an earlier branch from the same step keeps its own folder
+        n += 1
+        aside = root / f"superseded-after-step-{step}-{n}"
+    aside.mkdir()
+    for p in newer:
+        p.rename(aside / p.name)
+    if metrics is not None and metrics.is_file():
+        shutil.copy2(metrics, aside / metrics.name)  # that branch's rows, before this one rewrites them
+    log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
+                "branch", step, ", ".join(p.name for p in reversed(newer)), aside)
+    return aside
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoint directories, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and step_of(p) is not None:
+            found.append((step_of(p), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    for rel, meta in entries.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, OSError):
+        return "state.json is unreadable"
+    if state.get("format") != FORMAT:
+        return f"format {state.get('format')!r}, this version reads format {FORMAT}"
+    return None
+
+
+def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
+    """The checkpoint to resume from: ``latest`` (newest intact one in the run's output dir) or a directory.
+
+    Broken checkpoints met on the way are reported with a warning and skipped; an explicitly named
+    broken checkpoint is an error. Raises UserError when there is nothing to resume from.
+    """
+    if spec != "latest":
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--resume {spec}: no such checkpoint directory; use --resume latest, or a "
+                            f"{DIRNAME}/{PREFIX}N directory of an earlier run")
+        if not (path / "manifest.json").exists() and not (path / "state.json").exists():
+            if (path / DIRNAME).is_dir():
+                return find_resume(path, "latest")  # a run's output dir: its newest good checkpoint
+            raise UserError(f"--resume {spec} is not a checkpoint (no manifest.json): point to a "
+                            f"{DIRNAME}/{PREFIX}N directory or use --resume latest")
+        problem = verify(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is incomplete or corrupt: {problem}; use --resume latest to "
+                            "take the newest intact one")
+        return path
+    root = root_of(output_dir)
+    for tmp in sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []:
+        log.warning("checkpoint: ignoring %s, a checkpoint write that did not finish", tmp)
+    for path in list_checkpoints(root):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint: %s is incomplete or corrupt (%s): using the previous one", path, problem)
+    if holds_a_run(output_dir):  # e.g. killed before its first checkpoint: a plain start would be refused too
+        raise UserError(f"--resume latest: no intact checkpoint in {root}, so the run in {output_dir} cannot be "
+                        "continued (--checkpoint-every N saves them): delete the folder to start again there, or "
+                        "start a new run in another --output-dir")
+    raise UserError(f"--resume latest: no intact checkpoint in {root}; start the run without --resume "
+                    "(or check --output-dir)")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text())
+
+
+def check_config(state: dict[str, Any], cfg, path: Path) -> None:
+    """Before any model loads: the checkpoint must come from a compatible configuration."""
+    saved = state.get("config", {})
+    for name in STRICT_FIELDS:
+        ours, theirs = getattr(cfg, name), saved.get(name)
+        if name == "lora_alpha":  # None means "equal to the rank"
+            ours, theirs = ours or cfg.lora_rank, theirs or saved.get("lora_rank")
+        if ours != theirs:
+            raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
+                            f"resume with --set {name}={theirs}, or start a new run in another --output-dir")
+    if int(state["step"]) >= cfg.steps:
+        raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
+                        f"train; raise --steps above {state['step']} to continue")
+    changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
+               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+    for n in changed:
+        log.warning("resume: %s was %r in the checkpoint, now %r", n, saved[n], getattr(cfg, n))
+
+
+# -- model identity ----------------------------------------------------------------------------------
+
+def fingerprint(cfg, unet) -> dict[str, Any]:
+    """What identifies the base model: its UNet config and a few statistics of its first weights.
+
+    Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
+    DeepSpeed partitions the weights.
+    """
+    conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    conf_sha = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    w = unet.conv_in.weight.detach().float().flatten()
+    return {"model": cfg.model, "unet_config_sha": conf_sha,
+            "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
+
+
+LORA_BASE_FILE = "base_model.json"  # beside the exported LoRA: the fingerprint of the model it was trained on
+
+
+def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:
+    """How the base model of ``saved`` differs from ``ours`` (None: the same model)."""
+    if saved.get("unet_config_sha") != ours["unet_config_sha"]:
+        return "its UNet architecture differs"
+    a, b = torch.tensor(saved.get("conv_in", [])), torch.tensor(ours["conv_in"])
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
+        return "its UNet weights differ"
+    return None
+
+
+def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
+    problem = fingerprint_difference(saved, ours)
+    if problem:
+        raise UserError(f"checkpoint {path} belongs to another base model ({saved.get('model')!r}; {problem} from "
+                        f"{ours['model']!r}): resume with --model {saved.get('model')}, or start a new run in another "
+                        "--output-dir")
+    if saved.get("model") != ours["model"]:
+        log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
+                    saved.get("model"), ours["model"])
+
+
+# -- trained weights ---------------------------------------------------------------------------------
+
+def trainable_state(unet) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of the bare UNet, on the CPU (call inside a ZeRO-3 gather)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable(unet, path: Path) -> None:
+    """Copy the saved trainable weights into ``unet`` (inside a ZeRO-3 gather); shape mismatch -> UserError."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(saved))
+    extra = sorted(set(saved) - set(params))
+    if missing or extra:
+        raise UserError(f"checkpoint {path} does not fit this model: {len(missing)} trainable weights missing, "
+                        f"{len(extra)} unknown (e.g. {(missing or extra)[0]}); it was trained on another model "
+                        "or LoRA layout")
+    for n, p in params.items():
+        if saved[n].shape != p.shape:
+            raise UserError(f"checkpoint {path} does not fit this model: {n} has shape {tuple(saved[n].shape)}, "
+                            f"the model's is {tuple(p.shape)}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(tmp: Path) -> None:
+    """Sizes and checksums of every file in ``tmp``; then fsync, so a rename publishes a complete checkpoint."""
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    with open(tmp / "manifest.json", "w") as fh:
+        json.dump({"format": FORMAT, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp dir to its final name (replacing an older copy of the same step)."""
+    old = None
+    if final.exists():
+        old = final.with_name(TMP_PREFIX + "old-" + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(root: Path, keep: int, protect: Path) -> None:
+    """Keep the newest ``keep`` intact checkpoints (always ``protect``), remove older ones."""
+    if keep <= 0:
+        return
+    good = [p for p in list_checkpoints(root) if p == protect or verify(p) is None]
+    for p in good[keep:]:
+        if p != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def disk_error(e: OSError, where: Path, previous: Path | None) -> UserError:
+    """The one-line error for a failed checkpoint write (disk full, permissions, ...)."""
+    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return UserError(f"could not write checkpoint {where}: {what}; nothing was half-written ({keep}). Free space "
+                     "in --output-dir (or choose another one) and rerun with --resume latest")
+
+
+# -- save and restore a run ----------------------------------------------------------------------------
+
+def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engine, rng_state: dict,
+         history: list[dict], fp: dict, extra: dict | None = None, gather=None) -> Path:
+    """Write a checkpoint of step ``step`` atomically; every rank must call this (it gathers the RNG states).
+
+    Returns the checkpoint directory. A failed write (disk full, ...) leaves no partial checkpoint and
+    raises UserError on every rank, the previous checkpoint untouched.
+    """
+    import contextlib
+
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.distributed import all_ranks_ok
+
+    root = root_of(output_dir)
+    final = step_dir(root, step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    previous = next(iter(list_checkpoints(root)), None)
+    is_main = accelerator.is_main_process
+    with (gather() if gather is not None else contextlib.nullcontext()):
+        weights = trainable_state(bare_unet)  # LoRA only: a few MB, not the frozen UNet
+    # each rank's RNG state, and a checksum of its weights: data-parallel ranks must hold the same LoRA
+    mine = {"rng": rng_state, "sum": [float(sum(t.double().sum() for t in weights.values())),
+                                      float(sum(t.double().abs().sum() for t in weights.values()))]}
+    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    rngs, rank_sums = [r["rng"] for r in ranks], [r["sum"] for r in ranks]
+    if any(s != rank_sums[0] for s in rank_sums):
+        log.warning("checkpoint: the processes hold different weights (sums %s): data parallelism is broken",
+                    rank_sums)
+    error: OSError | None = None
+    if is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    if not all_ranks_ok(accelerator, error is None):
+        _cleanup(tmp, is_main)
+        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous)
+    if engine is not None:
+        try:  # DeepSpeed: each rank writes its optimizer partition; frozen weights are left out
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=True)
+        except OSError as e:
+            error = e
+    if is_main and error is None:
+        state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes, "config": cfg.to_dict(),
+                 "fingerprint": fp, "history": history, "rank_weight_sums": rank_sums, **(extra or {})}
+        try:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            if engine is None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(rngs, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            write_manifest(tmp)
+            publish(tmp, final)
+        except OSError as e:
+            error = e
+    ok = all_ranks_ok(accelerator, error is None)
+    if not ok:
+        _cleanup(tmp, is_main)
+        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous)
+    if is_main:
+        prune(root, cfg.keep_checkpoints, protect=final)
+    return final
+
+
+def _cleanup(tmp: Path, is_main: bool) -> None:
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=None,
+            state: dict[str, Any] | None = None) -> tuple[dict, dict | None]:
+    """Load weights, optimizer and this rank's RNG state from ``path`` (``state``: its state.json when already
+    read). Returns (state.json, rng state or None)."""
+    import contextlib
+
+    state = read_state(path) if state is None else state
+    if engine is not None:
+        if int(state.get("world_size", 1)) != accelerator.num_processes:
+            raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {state.get('world_size')} processes; "
+                            f"this run has {accelerator.num_processes}: resume with --num_processes "
+                            f"{state.get('world_size')}")
+        engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    with (gather(modify=True) if gather is not None else contextlib.nullcontext()):
+        load_trainable(bare_unet, path)
+    if engine is None:
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
+        try:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path}: its optimizer state does not fit this run ({str(e)[:120]}); "
+                            "resume with the optimizer it was trained with") from None
+        for group, settings in zip(optimizer.param_groups, hyper):
+            group.update(settings)  # the moments come from the checkpoint; lr, weight decay... from this run
+    rngs = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(rngs) != world:
+        log.warning("resume: the checkpoint was written by %d processes, this run has %d: prompt order and noise "
+                    "differ from an uninterrupted run", len(rngs), world)
+    return state, (rngs[rank] if rank < len(rngs) else None)

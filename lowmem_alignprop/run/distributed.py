@@ -1,0 +1,194 @@
+"""Scale-out helpers: the DeepSpeed config generated from the profile, ZeRO-3 gathers, rank agreement.
+
+Data parallel needs nothing here: ``accelerate launch --num_processes N -m lowmem_alignprop ...`` runs
+the same loop on every rank; accelerate wraps the UNet in DDP (gloo on CPU, NCCL on GPUs). DeepSpeed
+ZeRO comes from the profile's ``deepspeed_zero`` / ``offload`` fields: no hand-written JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+import torch
+
+log = logging.getLogger("lowmem_alignprop")
+
+
+def deepspeed_config(cfg, mixed_precision: str | None = None) -> dict:
+    """The DeepSpeed JSON config for ``cfg`` (ZeRO stage, offload, batch, accumulation, clipping, precision)."""
+    mp = cfg.mixed_precision if mixed_precision is None else mixed_precision
+    pin = torch.cuda.is_available()  # pinned host buffers speed up GPU<->CPU copies; there are none on a CPU
+    zero: dict = {"stage": cfg.deepspeed_zero,
+                  "overlap_comm": False,  # no extra communication buckets: saves memory on small cards
+                  "contiguous_gradients": True}  # gradients in one buffer: no fragmentation
+    if cfg.offload in ("optimizer", "params"):
+        # Adam's fp32 moments and master weights live in CPU memory (8-12 bytes per trained weight off the GPU)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.offload == "params":
+        # ZeRO-3 keeps the (frozen and trained) weights in CPU memory and fetches each layer when it runs
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.deepspeed_zero == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we save only the trained weights, gathered
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": float(cfg.max_grad_norm),  # 0 disables clipping, as in the config
+        "zero_optimization": zero,
+        "fp16": {"enabled": mp == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": mp == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # keep our optimizer: with this True (the default) and offload on, accelerate's prepare swaps any client
+        # optimizer for a new DeepSpeedCPUAdam(adamw_mode=False) unless it is a torch AdamW, i.e. our AdamW
+        # becomes Adam with L2 decay, which for LoRA's tiny gradients steps every weight by -lr*sign(w)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_plugin(cfg, mixed_precision: str | None = None):
+    """accelerate's DeepSpeedPlugin built from the profile (train.make_accelerator passes it to Accelerator)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    ensure_process_group_env()
+    # zero3_init_flag off: the frozen models load whole on the CPU first (and peft's LoRA init must not run
+    # inside zero.Init, see docs/design.md section 8); deepspeed.initialize then partitions them.
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision), zero3_init_flag=False)
+
+
+def size_buckets(accelerator, params) -> None:
+    """Size DeepSpeed's communication buffers to what trains (call before prepare).
+
+    Its defaults (5e8 elements) allocate a 1.9 GiB fp32 gradient bucket in backward even for a LoRA of
+    under a million weights; a bucket no larger than the trained weights saves that on a small card.
+    """
+    n = sum(p.numel() for p in params)
+    bucket = int(min(max(n, 100_000), 50_000_000))
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    zero.setdefault("reduce_bucket_size", bucket)  # gradient reduction buffer: bucket elements, not 5e8
+    zero.setdefault("allgather_bucket_size", bucket)  # ZeRO-2 weight all-gather buffer, same bound
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", bucket)  # weights fetched ahead of use
+        zero.setdefault("stage3_max_live_parameters", 100_000_000)  # at most 1e8 gathered weights at once
+
+
+def build_optimizer(cfg, params):
+    """DeepSpeed's CPU Adam when its state is offloaded (vectorised, ~5x torch's AdamW on CPU), else ours."""
+    if cfg.deepspeed_zero and cfg.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
+    from lowmem_alignprop.memory.optim import build_optimizer as build
+    return build(cfg, params)
+
+
+def adopt_launcher_deepspeed(cfg) -> None:
+    """``accelerate launch --use_deepspeed --zero_stage N [--offload_*_device cpu]`` with a profile that has no
+    DeepSpeed: take the launcher's stage and offload into the config, which then generates the DeepSpeed config
+    as usual (a profile's own deepspeed_zero wins over the launcher)."""
+    from lowmem_alignprop.settings.errors import UserError
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or cfg.deepspeed_zero:
+        return
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    if stage not in (2, 3):
+        raise UserError(f"accelerate launch --zero_stage {stage}: this trainer runs ZeRO stage 2 or 3; launch with "
+                        "--zero_stage 2 or 3 (or set deepspeed_zero in the profile)")
+    params = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none"
+    opt = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"
+    cfg.deepspeed_zero = stage
+    cfg.offload = "params" if params else "optimizer" if opt else "none"
+    cfg.validate()
+    log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
+
+
+def ensure_process_group_env() -> None:
+    """DeepSpeed needs a process group; a plain ``lowmem-alignprop`` run (no launcher) gets a 1-process one."""
+    if "LOCAL_RANK" in os.environ:
+        return  # launched by accelerate / torchrun / deepspeed: they set everything
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    log.info("deepspeed: no launcher found, running as a single process (use `accelerate launch` for several)")
+
+
+def whole_models(accelerator):
+    """A context in which transformers loads models whole, not partitioned by ``deepspeed.zero.Init``.
+
+    Under ZeRO-3 accelerate registers its DeepSpeed config with transformers, whose ``from_pretrained``
+    would then partition the frozen text encoder and reward model at load time; they run outside the
+    engine, so they must stay whole. (Only the UNet given to ``prepare`` is partitioned.)
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    return _without_hf_deepspeed_config(plugin)
+
+
+@contextlib.contextmanager
+def _without_hf_deepspeed_config(plugin):
+    # accelerate's zero3_init_context_manager(enable=False) does nothing when zero3_init_flag is already
+    # False, yet the config stays registered with transformers: unregister it ourselves while loading.
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def repair_cpu_deepspeed_ranks(accelerator) -> None:
+    """accelerate 1.15 + DeepSpeed on CPU: its state keeps backend None and so reports one process with
+    index 0 on *every* rank (all would act as the main process; gather and reduce would break). The
+    process group itself is right: copy its world size and rank into accelerate's shared state."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not dist.is_initialized() or accelerator.num_processes == dist.get_world_size():
+        return
+    fix = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+           "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+    PartialState._shared_state.update(fix)
+    AcceleratorState._shared_state.update(fix)
+
+
+def is_zero3(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def deepspeed_engine(accelerator, model):
+    """The DeepSpeed engine when ``model`` was prepared under DeepSpeed, else None."""
+    from accelerate.utils import DistributedType
+    return model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+
+
+def gatherer(accelerator, params):
+    """A context factory: under ZeRO-3 the partitioned ``params`` are whole inside it; elsewhere a no-op.
+
+    ``modify=True``: changes made inside are written back to every rank's partition (for loading).
+    """
+    def ctx(modify: bool = False):
+        if not is_zero3(accelerator):
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+    return ctx
+
+
+def all_ranks_ok(accelerator, ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (one tiny collective; a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool(accelerator.gather(flag).min().item() > 0.5)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
+    return not all_ranks_ok(accelerator, not flag)

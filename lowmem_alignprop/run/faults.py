@@ -1,0 +1,275 @@
+"""Surviving bad luck: out-of-memory per stage (with ``--auto-fit``), NaN/inf rewards and losses.
+
+Out of memory: every stage of a step runs inside :meth:`StageGuard.stage`, so an OOM error carries the
+name of the stage it happened in. Without ``auto_fit`` the run stops with one message naming the stage,
+the peak so far, the budget and the change that should fit; with it, :func:`next_fit` picks that change
+(from the planner when it has a suggestion, else from a fixed ladder ordered by the stage), the loop
+applies it to the live run and repeats the step.
+
+Test hook: ``LOWMEM_ALIGNPROP_INJECT_OOM="stage[@step][*count]"`` (comma-separated) raises
+``torch.OutOfMemoryError`` when that stage starts (at that step; ``count`` times, default once), so the
+handling is exercised on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.settings.config import set_flags
+from lowmem_alignprop.settings.errors import UserError
+
+log = logging.getLogger("lowmem_alignprop")
+
+OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)  # CUDA (and other accelerators) / host memory
+INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_OOM"
+
+
+class OutOfMemory(UserError):
+    """Out of memory in a named stage and no (further) automatic fit: the message says what to change."""
+
+
+class TrainingDiverged(UserError):
+    """Too many steps in a row had a NaN/inf reward or loss."""
+
+
+# -- stages with a name ------------------------------------------------------------------------------
+
+@dataclass
+class _Injection:
+    stage: str
+    step: int | None
+    count: int
+
+
+def parse_injection(spec: str | None) -> list[_Injection]:
+    out = []
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        count = 1
+        if "*" in part:
+            part, c = part.split("*", 1)
+            count = int(c)
+        step = None
+        if "@" in part:
+            part, s = part.split("@", 1)
+            step = int(s)
+        if part not in stages.STAGES:
+            raise ValueError(f"{INJECT_ENV}: unknown stage {part!r} (stages: {', '.join(stages.STAGES)})")
+        out.append(_Injection(part, step, count))
+    return out
+
+
+class StageGuard:
+    """Wraps a ``stage(name)`` context (the profiler's): remembers the running stage, tags OOM errors
+    with it, and injects test faults."""
+
+    def __init__(self, stage_fn: Callable[[str], contextlib.AbstractContextManager]):
+        self._stage_fn = stage_fn
+        self.current: str | None = None
+        self.step = 0
+        self._inject = parse_injection(os.environ.get(INJECT_ENV))
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        previous, self.current = self.current, name
+        try:
+            with self._stage_fn(name):
+                self._maybe_inject(name)
+                yield
+        except Exception as e:
+            if getattr(e, "lowmem_stage", None) is None:
+                e.lowmem_stage = name  # the innermost stage is where memory ran out (or the error happened)
+            raise
+        finally:
+            self.current = previous
+
+    def _maybe_inject(self, name: str) -> None:
+        for inj in self._inject:
+            if inj.stage == name and inj.count > 0 and (inj.step is None or inj.step == self.step):
+                inj.count -= 1
+                raise torch.OutOfMemoryError(f"injected out-of-memory in stage {name} (test hook {INJECT_ENV})")
+
+
+def stage_of(error: BaseException, default: str | None = None) -> str:
+    return getattr(error, "lowmem_stage", None) or default or "unknown"
+
+
+# -- what would fit ------------------------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    description: str
+    overrides: dict
+
+    def as_flags(self) -> str:
+        return set_flags(self.overrides)
+
+
+def _smaller_batch(cfg) -> Fit | None:
+    if cfg.batch_size <= 1 or cfg.deepspeed_zero:  # DeepSpeed fixes the micro-batch in its engine
+        return None
+    b = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
+    ga = cfg.grad_accum * (cfg.batch_size // b)
+    return Fit(f"micro-batch {cfg.batch_size} -> {b} with grad_accum {cfg.grad_accum} -> {ga} (same images per "
+               "optimizer step, fewer at once)", {"batch_size": b, "grad_accum": ga})
+
+
+def _flag(field: str, value, when: Callable, why: str) -> Callable:
+    def fix(cfg) -> Fit | None:
+        if getattr(cfg, field) == value or not when(cfg):
+            return None
+        return Fit(why, {field: value})
+    return fix
+
+
+_cuda = (lambda cfg: torch.cuda.is_available())
+_always = (lambda cfg: True)
+LADDER: dict[str, Callable] = {
+    "batch": _smaller_batch,
+    "vae_blocks": _flag("vae_checkpointing", "blocks", lambda c: c.vae_checkpointing == "none",
+                        "checkpoint the VAE decoder per up-block (its activations are recomputed in backward)"),
+    "unet_blocks": _flag("unet_checkpointing", "blocks", _always,
+                         "checkpoint each UNet block (backward recomputes one block at a time)"),
+    "reward_ckpt": _flag("reward_checkpointing", True, _always, "checkpoint the reward model's layers"),
+    "vae_resnets": _flag("vae_checkpointing", "resnets", lambda c: c.vae_checkpointing == "blocks",
+                         "checkpoint the VAE decoder per resnet (least memory)"),
+    "sliced_decode": _flag("sliced_decode", True, lambda c: c.batch_size > 1 and not c.tiled_decode,
+                           "decode one image at a time"),
+    "cache_prompts": _flag("cache_prompt_embeddings", True, _always,
+                           "cache the prompt embeddings (the text encoder leaves the GPU)"),
+    "offload_frozen": _flag("offload_frozen", True, _cuda, "keep idle frozen modules on the CPU"),
+    "attention_sliced": _flag("attention", "sliced", _always, "sliced attention (lowest memory, slowest)"),
+    "activation_offload": _flag("activation_offload", True, lambda c: _cuda(c) and c.vae_checkpointing != "none",
+                                "offload checkpointed activations to the CPU"),
+}
+# The fixes that target each stage's own memory first; the rest of the ladder follows in LADDER's order.
+STAGE_FIRST: dict[str, tuple[str, ...]] = {
+    stages.ENCODE_PROMPTS: ("cache_prompts", "offload_frozen"),
+    stages.SAMPLE_NOGRAD: ("attention_sliced", "batch", "offload_frozen"),
+    stages.SAMPLE_GRAD: ("unet_blocks", "batch", "attention_sliced"),
+    stages.DECODE: ("sliced_decode", "vae_blocks", "vae_resnets", "batch"),
+    stages.REWARD: ("reward_ckpt", "batch"),
+    stages.BACKWARD: ("vae_blocks", "unet_blocks", "reward_ckpt", "vae_resnets", "batch"),
+    stages.OPTIMIZER: ("batch", "offload_frozen"),
+}
+
+
+def _valid(cfg, overrides: dict) -> bool:
+    try:
+        changed = dataclasses.replace(cfg, **overrides).validate()
+    except (UserError, TypeError):
+        return False
+    return any(getattr(changed, k) != getattr(cfg, k) for k in overrides)
+
+
+def planner_fit(cfg, stage: str, suggest: Callable | None) -> Fit | None:
+    """The planner's next feature for ``cfg`` (``suggest`` is :func:`lowmem_alignprop.measure.planner.next_feature`, passed in
+    by the trainer: this module sits below the planner), if it offers one (any failure: None)."""
+    if suggest is None:
+        return None
+    try:
+        got = suggest(cfg, target="cuda" if torch.cuda.is_available() else "cpu")  # estimate for where this run is
+    except Exception as e:  # the planner is advice: never let it hide the real error
+        log.debug("planner suggestion failed: %s", e)
+        return None
+    if isinstance(got, Fit):
+        return got
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+        return Fit(str(got[0]), dict(got[1]))
+    if isinstance(got, dict) and got:
+        return Fit("the planner's next feature", dict(got))
+    overrides = getattr(got, "overrides", None)
+    if isinstance(overrides, dict) and overrides:
+        return Fit(str(getattr(got, "description", "the planner's next feature")), dict(overrides))
+    return None
+
+
+def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
+    """The next change that lowers memory for an OOM in ``stage``: the planner's (``suggest``), else the ladder's."""
+    if suggest is not None:
+        fit = planner_fit(cfg, stage, suggest)
+        if fit is not None and _valid(cfg, fit.overrides):
+            return fit
+    order = list(STAGE_FIRST.get(stage, ())) + [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())]
+    for key in order:
+        fit = LADDER[key](cfg)
+        if fit is not None and _valid(cfg, fit.overrides):
+            return fit
+    return None
+
+
+# -- messages ------------------------------------------------------------------------------------------
+
+def peak_so_far(history_peaks: list[float | None]) -> float | None:
+    """GiB: the largest step peak seen, and on CUDA the peak since the profiler's last reset."""
+    peaks = [p for p in history_peaks if p is not None]
+    if torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+    return max(peaks) if peaks else None
+
+
+def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, fit: Fit | None,
+                auto_fit: bool) -> str:
+    peak = "n/a on this device" if peak_gb is None else f"{peak_gb:.2f} GiB"
+    budget = f"{budget_gb:g} GiB budget" if budget_gb else "no budget set"
+    msg = f"out of memory in stage '{stage}' at step {step} (peak so far {peak}, {budget})"
+    if fit is None:
+        return msg + ("; no lighter setting is left to try: lower resolution or batch_size, use a smaller model, "
+                      "or a card with more memory")
+    tail = "" if auto_fit else ", or rerun with --auto-fit to step down automatically"
+    return msg + f"; this should fit: {fit.as_flags()} ({fit.description}){tail}"
+
+
+def free_memory() -> None:
+    """After an OOM: drop cached blocks so the retry starts from a clean allocator."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- NaN / inf -----------------------------------------------------------------------------------------
+
+def finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t is not None)
+
+
+class NonFiniteStreak:
+    """Counts steps skipped for a NaN/inf reward, loss or gradient norm; too many in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.run: list[int] = []
+        self.skipped: list[int] = []
+
+    def bad(self, step: int, what: str) -> bool:
+        """Record a skipped step; True when the run must stop."""
+        self.run.append(step)
+        self.skipped.append(step)
+        log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops at %d)", step, what,
+                    len(self.run), self.limit)
+        return len(self.run) >= self.limit
+
+    def good(self) -> None:
+        self.run = []
+
+    def message(self, checkpoint) -> str:
+        return (f"stopped: the reward or loss was NaN/inf in {len(self.run)} steps in a row (steps {self.run[0]}-"
+                f"{self.run[-1]}); the LoRA is unchanged since step {self.run[0] - 1} and saved in {checkpoint}. "
+                "Lower the learning rate (--set lr=...), check the reward function, or use "
+                "--set mixed_precision=bf16 instead of fp16; then --resume latest")
+
+
+def isfinite_number(x) -> bool:
+    return x is not None and math.isfinite(float(x))

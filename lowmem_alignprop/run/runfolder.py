@@ -1,0 +1,220 @@
+"""The run folder: which output folder a training run writes to, what it already holds, the one lookup of the
+checkpoint to resume, the lock that keeps a second run out, and setting a superseded branch aside.
+
+    folder = RunFolder.for_command(cfg.output_dir, chosen=..., resume=args.resume)
+    folder.resumed_settings()      # the checkpoint's own settings (read once), for the config
+    folder.move_past_an_earlier_run()   # the default folder only: outputs/run -> outputs/run-2 ...
+    point = folder.check()         # a live run, a run there already, a missing or broken checkpoint: one line each
+    with folder.hold():            # the lock (see runlock.py); a numbered default folder taken meanwhile moves on
+        folder.start_metrics(point, history)   # a new metrics.jsonl, or the resumed branch's, newer ones set aside
+
+See docs/design.md section 7 (resume and the run folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
+                                          world_size)
+
+log = logging.getLogger("lowmem_alignprop")
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, with its state.json (read once, after its checksums were verified)."""
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+class _Captured(logging.Handler):
+    """The warnings of a lookup (broken checkpoints skipped), held back until the run reaches the point where it
+    reports them: after the input checks and the live-run check, as a run that looked once would."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class RunFolder:
+    """One training run's output folder. ``numbered``: the default folder (not one the user named), which moves on
+    to ``<dir>-2``, ``-3``... when it holds an earlier run or another run takes it a moment before this one.
+    ``resume``: the --resume value (``latest`` or a checkpoint / run folder), or None."""
+
+    def __init__(self, path: str | os.PathLike, *, numbered: bool = False, resume: str | None = None):
+        self.path = Path(path)
+        self.numbered = numbered
+        self.resume = resume
+        self._found: tuple[ResumePoint | None, UserError | None, list[logging.LogRecord]] | None = None
+
+    @classmethod
+    def for_command(cls, output_dir: str | os.PathLike, *, chosen: bool, resume: str | None) -> "RunFolder":
+        """``chosen``: the user named the folder (--output-dir or --set output_dir)."""
+        return cls(output_dir, numbered=not chosen and not resume, resume=resume)
+
+    @staticmethod
+    def of_checkpoint(resume: str) -> str | None:
+        """The run folder of a ``--resume`` value: a run folder itself, ``RUN/checkpoints/step-N``, or a checkpoint of
+        a branch set aside, ``RUN/checkpoints/superseded-after-step-N/step-M``. None for ``latest`` or anything
+        else."""
+        if resume == "latest":
+            return None
+        path = Path(resume).expanduser()
+        for run in (path, path.parent.parent, path.parent.parent.parent):
+            if (run / ckpt.DIRNAME).is_dir() and (run == path or ckpt.DIRNAME in path.relative_to(run).parts[:1]):
+                return str(run)
+        return None
+
+    # ---- the checkpoint to resume: looked up once -------------------------------------------------------------
+    def _lookup(self) -> tuple[ResumePoint | None, UserError | None, list[logging.LogRecord]]:
+        if self._found is None:
+            point, error, logger, captured = None, None, logging.getLogger("lowmem_alignprop"), _Captured()
+            propagate, handlers = logger.propagate, logger.handlers
+            logger.propagate, logger.handlers = False, [captured]
+            try:
+                path = ckpt.find_resume(self.path, self.resume)  # verifies the checksums
+                point = ResumePoint(path, ckpt.read_state(path))
+            except UserError as e:
+                error = e
+            except (OSError, ValueError) as e:
+                error = UserError(f"checkpoint {self.resume}: state.json is unreadable ({type(e).__name__})")
+            finally:
+                logger.propagate, logger.handlers = propagate, handlers
+            self._found = (point, error, captured.records)
+        return self._found
+
+    def resumed_settings(self) -> tuple[str, dict] | None:
+        """(profile name, config) the checkpoint was trained with, or None (no --resume, or :meth:`check` will say
+        what is wrong: a live run in the folder first, then a missing or broken checkpoint)."""
+        from lowmem_alignprop.settings.config import FIELD_NAMES
+
+        if not self.resume:
+            return None
+        point, _, _ = self._lookup()
+        if point is None:
+            return None
+        values = {k: v for k, v in (point.state.get("config") or {}).items()
+                  if k in FIELD_NAMES and k != "output_dir"}
+        try:
+            name = yaml.safe_load((self.path / "config.yaml").read_text()).get("profile", "resumed")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            name = "resumed"
+        return (str(name), values) if values else None
+
+    # ---- choosing the folder ------------------------------------------------------------------------------------
+    def move_past_an_earlier_run(self) -> None:
+        """Running the same command twice must not fail: the default folder (not one the user named) that holds an
+        earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used."""
+        if not self.numbered:
+            return
+
+        def taken(folder: Path) -> ckpt.RunEvidence | str | None:
+            return ("a run still going" if holder(folder) else None) or ckpt.holds_a_run(folder)
+
+        base = self.path
+        mark = taken(base)
+        if not mark:
+            return
+        self.path = next_free_dir(base, taken)
+        if global_rank() == 0:  # once per run, not once per process
+            why = ("--resume latest continues it" if isinstance(mark, ckpt.RunEvidence) and mark.checkpoints
+                   else mark if mark == "a run still going" else "left as it is")
+            log.warning("%s holds an earlier run (%s): this run writes to %s", base, why, self.path)
+
+    def with_output_dir(self, cfg):
+        """``cfg`` writing to this folder."""
+        return cfg if cfg.output_dir == str(self.path) else dataclasses.replace(cfg, output_dir=str(self.path))
+
+    # ---- before the lock ----------------------------------------------------------------------------------------
+    def check(self) -> ResumePoint | None:
+        """A live run there, a run there already (without --resume), another run's checkpoint, a missing or broken
+        checkpoint: one line each. Returns the checkpoint to resume (None for a new run)."""
+        out = self.path
+        if not self.numbered:  # (a numbered default folder taken meanwhile: the next one, in hold())
+            check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
+        mark = ckpt.holds_a_run(out)
+        point = None
+        if self.resume:
+            point, error, records = self._lookup()
+            for record in records:  # the broken checkpoints skipped, said once
+                log.handle(record)
+            if error is not None:
+                raise error
+        if mark and point is None:
+            cont = ("continue it with --resume latest, or" if mark.checkpoints else
+                    "it stopped before its first checkpoint, so nothing there can be continued: delete the folder "
+                    "to start again there, or" if mark.started_only else
+                    "it has no checkpoint to continue from:")
+            raise UserError(f"--output-dir {out} already holds a run ({mark}): {cont} choose another --output-dir "
+                            "(nothing was overwritten)")
+        if mark and ckpt.branch_point(point.path, ckpt.root_of(out)) is None:  # another run's checkpoint
+            raise UserError(f"--output-dir {out} holds another run ({mark}): resuming {point.path} there would mix "
+                            "the two runs' files; leave --output-dir out to continue in that checkpoint's own run "
+                            "folder, or pass a new --output-dir (nothing was overwritten)")
+        return point
+
+    def hold(self) -> RunLock:
+        """The acquired lock: no second run (or a --resume of this one) writes here meanwhile; under a launcher,
+        rank 0 holds it for all. A numbered default folder taken a moment ago by a run started with this one gives
+        way to the next (``self.path`` follows)."""
+        lock = hold_folder(self.path, ckpt.holds_a_run, enabled=global_rank() == 0,
+                           numbered=self.numbered and world_size() == 1)
+        self.path = lock.out
+        return lock
+
+    # ---- metrics of the run (rank 0) ----------------------------------------------------------------------------
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    def start_metrics(self, point: ResumePoint | None, history: list[dict]) -> None:
+        """A new run starts an empty metrics.jsonl. A resumed one keeps its rows up to the checkpoint; resuming an
+        older step sets the newer checkpoints (and their metrics) aside as another branch."""
+        if point is None:
+            self.metrics.write_text("")
+            return
+        root = ckpt.root_of(self.path)
+        branch = ckpt.branch_point(point.path, root)
+        if branch is not None:  # newer checkpoints (and their metrics) are another branch: set aside, kept
+            ckpt.set_aside_newer(root, branch, self.metrics)
+        if point.path.resolve().parent == root.resolve():
+            keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
+        else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
+            self.metrics.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
+    if not path.exists():
+        path.write_text("")
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line)
+        except ValueError:
+            continue  # a line cut off by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)

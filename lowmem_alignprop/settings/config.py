@@ -1,0 +1,351 @@
+"""The run configuration: one typed dataclass, every field with help, validated before any model loads.
+
+Layering (later wins): dataclass defaults < hardware profile YAML < explicit CLI flags < ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from lowmem_alignprop.settings.errors import UserError, quote
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # ---- what to train -------------------------------------------------------------------------
+    model: str = _f("tiny", "Base model: 'tiny' (built-in, offline), sd15|sd21|sdxl (architecture only, random "
+                    "weights, for planning), a hub id, a diffusers directory, or a single-file .safetensors/.ckpt.")
+    model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
+                         ("auto", "sd15", "sd21", "sdxl"))
+    vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
+                  "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
+                  "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
+    reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or your own "
+                     "differentiable reward: 'package.module:fn', fn(images) or fn(images, prompts) -> one score per "
+                     "image (images [B, 3, H, W] in [0, 1]; any callable: a function, functools.partial, an object; "
+                     "prompts passed when it takes a second argument), or a RewardModule class (constructed), or "
+                     "'package.module:factory()' (parentheses: called to build the reward, with those of device, "
+                     "dtype, checkpointing, weights it names).")
+    reward_weights: str = _f("", "Where the reward model's weights are (hub id, directory or file); empty = its default. "
+                                 "With several model rewards, one per reward: 'aesthetic=PATH;clip=PATH' (aesthetic: "
+                                 "a folder with the head and clip/, or 'HEAD_FILE,CLIP_DIR').")
+    prompts: str = _f("simple_animals", "Prompt set: a built-in name or a UTF-8 text file with one prompt per line.")
+    output_dir: str = _f("outputs/run", "Where the LoRA, metrics, samples, reports and config.yaml are written.")
+    seed: int = _f(0, "Random seed for prompts, noise and LoRA init.")
+    steps: int = _f(20, "Number of optimizer steps to train.")
+
+    # ---- sampler -------------------------------------------------------------------------------
+    sample_steps: int = _f(50, "DDIM steps per rollout (T).")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1.0 disables the unconditional branch).")
+    eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
+                        "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
+                        "then draws fresh noise, so rollouts of one prompt differ.")
+    resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
+
+    # ---- truncated backprop (docs/design.md section 2) -------------------------------------------
+    truncation: str = _f("fixed", "How K is chosen, once per rollout: fixed K, or uniform in [k_min, k_max].",
+                         ("fixed", "uniform"))
+    k: int = _f(1, "Fixed K: gradients flow through the last K denoising steps.")
+    k_min: int = _f(1, "Smallest K when truncation=uniform.")
+    k_max: int = _f(50, "Largest K when truncation=uniform (at most sample_steps).")
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    batch_size: int = _f(1, "Images per micro-step (per process).")
+    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
+    lr: float = _f(1e-3, "Learning rate (AlignProp uses 1e-3 for LoRA).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
+    loss_scale: float = _f(1.0, "loss = -loss_scale * mean(reward) (or loss_scale * mean(|reward - target|)).")
+    reward_target: float | None = _f(None, "If set, minimise the distance to this reward value instead "
+                                     "(e.g. 10 for the aesthetic score, as in AlignProp).")
+    train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
+    lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
+    optimizer: str = _f("adamw", "adamw (fp32 state, 8 bytes/param), adamw8bit (bitsandbytes, 2 bytes/param), "
+                        "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
+                        ("adamw", "adamw8bit", "paged_adamw8bit"))
+
+    # ---- memory features (set by the hardware profile) ---------------------------------------------
+    budget_gb: float = _f(0.0, "The card's memory budget in GiB that this configuration must fit (0 = no check).")
+    mixed_precision: str = _f("no", "Precision of the frozen modules (UNet, VAE, text encoder, reward); LoRA and "
+                              "optimizer stay fp32. fp16/bf16 halve the frozen weights.", ("no", "fp16", "bf16"))
+    attention: str = _f("sdpa", "Attention kernel: sdpa (PyTorch fused, default: no score matrix kept), xformers "
+                        "(CUDA only), sliced (one head slice at a time: below unfused attention but above sdpa, "
+                        "slowest; for old GPUs without fused kernels).", ("sdpa", "xformers", "sliced"))
+    unet_checkpointing: str = _f("call", "Gradient checkpointing of the UNet in the grad window: one checkpoint per "
+                                 "UNet call (always), or also per UNet block (less memory in backward, ~30% slower).",
+                                 ("call", "blocks"))
+    vae_checkpointing: str = _f("none", "VAE decoder checkpointing: none, per up-block, or per resnet (least memory).",
+                                ("none", "blocks", "resnets"))
+    reward_checkpointing: bool = _f(False, "Checkpoint the reward model's layers (saves its activations in backward).")
+    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch: lowers the decode "
+                             "peak, and the backward peak when the VAE is checkpointed (batch_size > 1).")
+    tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images).")
+    tile_size: int = _f(64, "Latent tile side for tiled_decode.")
+    tile_overlap: int = _f(16, "Latent tile overlap for tiled_decode.")
+    cache_prompt_embeddings: bool = _f(False, "Encode every prompt once at start-up; the text encoder then leaves the GPU.")
+    offload_frozen: bool = _f(False, "Keep frozen modules on the CPU while not in use (VAE and reward model during "
+                              "sampling, text encoder after encoding). Saves their weights' memory, costs transfers.")
+    activation_offload: bool = _f(False, "Move tensors saved for backward to CPU (saved-tensor hooks). Needs "
+                                  "checkpointing; costs PCIe transfers.")
+    expandable_segments: bool = _f(True, "CUDA only: the caching allocator grows its memory segments in place, so "
+                                   "memory freed between stages is reused instead of staying reserved (SDXL "
+                                   "1024 px on rtx3060-sdxl: 5.77 -> 4.43 GiB reserved, measured). Linux only "
+                                   "(PyTorch has none on Windows). A PYTORCH_CUDA_ALLOC_CONF you set yourself "
+                                   "takes precedence.")
+    base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
+                         ("none", "int8", "nf4"))
+    deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))
+    offload: str = _f("none", "DeepSpeed offload: none, optimizer state to CPU (ZeRO-2/3), or params too (ZeRO-3).",
+                      ("none", "optimizer", "params"))
+
+    # ---- logging and outputs ---------------------------------------------------------------------
+    report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
+    sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
+    checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
+    keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
+
+    # ---- faults ------------------------------------------------------------------------------------
+    auto_fit: bool = _f(False, "On out-of-memory, step down automatically (smaller micro-batch with more accumulation, "
+                        "more checkpointing, offload) and repeat the step, instead of stopping with advice.")
+    max_bad_steps: int = _f(3, "Steps in a row with a NaN/inf reward or loss (each skipped) before the run stops "
+                            "with a checkpoint.")
+    log_every: int = _f(1, "Print a per-step summary line every N steps.")
+
+    # ------------------------------------------------------------------------------------------------
+    def check_installed(self) -> "Config":
+        """The packages this configuration runs with are installed (train and sample; a plan needs none of them)."""
+        for name, off, module in NEEDS_PACKAGE:
+            value = getattr(self, name)
+            if value != off and not _has(module):
+                raise missing_package(f"{name}={value}", module, f"{name}={off}")
+        return self
+
+    def validate(self) -> "Config":
+        """Check types and impossible combinations. Raises UserError naming the fix."""
+        hints = get_type_hints(Config)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(map(str, choices))}: "
+                                f"use --set {f.name}={_closest_choice(v, choices)}")
+            t = hints[f.name]
+            if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
+                raise UserError(f"{f.name} must be {t.__name__}, got {quote(v)}")
+        for f in fields(self):  # nan/inf pass every comparison below: refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{f.name}={v} is not a finite number: give a number such as "
+                                f"--set {f.name}={f.default if f.default is not None else 1.0}")
+        if not self.output_dir.strip():
+            raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
+        if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
+            raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
+                            "e.g. --output-dir outputs/run")
+        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
+               "max_bad_steps", "tile_size"]
+        for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "log_every", "tile_overlap",
+                     "weight_decay", "max_grad_norm", "budget_gb"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
+        for name in pos:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if self.resolution < 8:
+            raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
+                            "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
+        if self.resolution % 8:
+            raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
+                            f"{max(8, self.resolution // 8 * 8)}")
+        if self.truncation == "fixed" and self.k > self.sample_steps:
+            raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
+                            f"{self.sample_steps} or raise sample_steps")
+        if self.truncation == "uniform":
+            if self.k_min > self.k_max:
+                raise UserError(f"k_min={self.k_min} is larger than k_max={self.k_max}: swap them")
+            if self.k_max > self.sample_steps:
+                raise UserError(f"k_max={self.k_max} is larger than sample_steps={self.sample_steps}: use --set "
+                                f"k_max={self.sample_steps}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive (got {self.lr})")
+        if self.loss_scale <= 0:
+            raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
+                            "a negative weight in --reward instead")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
+        if self.base_quant != "none" and self.train_unet == "full":
+            raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
+        if self.offload != "none" and not self.deepspeed_zero:
+            raise UserError(f"offload={self.offload} is a DeepSpeed ZeRO feature: add --set deepspeed_zero=2 "
+                            "(optimizer) or 3 (params), or use --set offload=none")
+        if self.offload == "params" and self.deepspeed_zero != 3:
+            raise UserError("offload=params needs deepspeed_zero=3: use --set deepspeed_zero=3")
+        if self.deepspeed_zero and self.optimizer != "adamw":
+            raise UserError("DeepSpeed brings its own optimizer: use --set optimizer=adamw with deepspeed_zero")
+        if self.activation_offload and self.vae_checkpointing == "none":
+            raise UserError("activation_offload moves checkpointed tensors to the CPU; without VAE checkpointing it "
+                            "would ship every decoder activation over PCIe: add --set vae_checkpointing=blocks")
+        if self.tiled_decode and self.sliced_decode:
+            raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
+        if self.tile_overlap * 2 >= self.tile_size:
+            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}")
+        if self.guidance_scale < 1.0:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def window_bounds(self) -> tuple[int, int]:
+        """The range of K this config can draw."""
+        if self.truncation == "fixed":
+            return self.k, self.k
+        return self.k_min, self.k_max
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(Config))
+
+
+# (field, the value that needs nothing, the package any other value needs)
+NEEDS_PACKAGE = (("optimizer", "adamw", "bitsandbytes"), ("base_quant", "none", "bitsandbytes"),
+                 ("deepspeed_zero", 0, "deepspeed"))
+_PACKAGE_NAMES = {"deepspeed": "DeepSpeed"}
+
+
+def missing_package(setting: str, module: str, fallback: str) -> UserError:
+    """The one message for a setting whose package is not installed, e.g. ``optimizer=adamw8bit needs bitsandbytes``."""
+    return UserError(f"{setting} needs {_PACKAGE_NAMES.get(module, module)}: pip install {module}, "
+                     f"or use --set {fallback}")
+
+
+def import_needed(module: str, setting: str, fallback: str):
+    """Import the package ``setting`` needs, or raise :func:`missing_package`'s message."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_package(setting, module, fallback) from None
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
+    if name not in FIELD_NAMES:
+        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
+    t = get_type_hints(Config)[name]
+    if isinstance(value, str):
+        s = value.strip()
+        if t is bool:
+            low = s.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{name} must be true or false, got {quote(value)}")
+        if t is int or (name == "deepspeed_zero"):
+            try:
+                return int(s)
+            except ValueError:
+                raise UserError(f"{name} must be a whole number, got {quote(value)}") from None
+        if t is float or t == (float | None):
+            if t == (float | None) and s.lower() in ("", "none", "null"):
+                return None
+            try:
+                return float(s)
+            except ValueError:
+                raise UserError(f"{name} must be a number, got {quote(value)}") from None
+        return s
+    # values coming from YAML already have a type: check it
+    if name == "vae_checkpointing" and isinstance(value, bool):
+        return "blocks" if value else "none"  # yes/no in a profile means per up-block
+    if t is bool and not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {quote(value)}")
+    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{name} must be a whole number, got {quote(value)}")
+    if t in (float, float | None) and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name} must be a number, got {quote(value)}")
+        return float(value)
+    if t is str and isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as false/true
+        raise UserError(f"{name} must be text, got {quote(value)} (YAML reads a bare no, yes, off or on as "
+                        f"false/true): quote the value, e.g. {name}: \"no\"")
+    if t is str and not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {quote(value)}")
+    return value
+
+
+def _closest_choice(value, choices) -> str:
+    """The choice a mistyped value meant (same letters in another case, or the nearest spelling), else the first."""
+    text = str(value).strip().lower()
+    for c in choices:
+        if str(c).lower() == text:
+            return str(c)
+    close = difflib.get_close_matches(text, [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else str(choices[0])
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse repeated ``--set key=value`` strings into typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"malformed --set {item!r}: write it as --set key=value, e.g. --set k=2")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        out[key] = coerce(key, value)
+    return out
+
+
+def set_flags(overrides: dict[str, Any]) -> str:
+    """The ``--set key=value`` flags that give ``overrides`` (the inverse of :func:`parse_set`), for messages."""
+    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+
+
+def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """Merge profile < explicit CLI flags < --set overrides into a validated Config."""
+    values: dict[str, Any] = {}
+    for source in (profile_values, explicit, overrides):
+        for k, v in source.items():
+            values[k] = coerce(k, v)
+    user = {**explicit, **overrides}
+    steps = values.get("sample_steps", Config.sample_steps)
+    if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
+        # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
+        values["k_max"] = steps
+        if "k_min" not in user:  # one the user asked for is checked, as k and k_max are
+            values["k_min"] = min(values.get("k_min", Config.k_min), steps)
+    return Config(**values).validate()
+
+
+def field_help() -> str:
+    """Every field with its default and help text, for --help."""
+    lines = []
+    for f in fields(Config):
+        choices = f.metadata.get("choices")
+        ch = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name}{ch} (default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Hardware profiles: small commented YAML files that pick memory features and sizes, never model paths."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set
+from lowmem_alignprop.settings.errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
+# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory).
+AUTO_LADDER = (("a100-80gb", 70.0), ("a100-40gb", 36.0), ("rtx4090", 20.0), ("rtx3060", 7.0))
+
+
+def shipped_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
+# every shipped profile but cpu targets a CUDA card (training refuses them without one; plan does not)
+GPU_PROFILES = tuple(name for name in shipped_profiles() if name != "cpu")
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a profile file: what card it is for."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def detect_auto() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for name, need in AUTO_LADDER:
+        if total >= need:
+            return name
+    return "rtx3060"  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word: a profile that says batch_size twice is a
+    mistake to point out, not to resolve silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # <<: *base brings keys that the mapping's own keys may override, as YAML says
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+MAX_YAML_VALUES = 10_000  # a profile has ~40 fields; aliases that expand past this are a mistake or an attack
+
+
+def _expanded_size(node, memo: dict, limit: int) -> int:
+    """How many values the node stands for once every alias is expanded (counted, never built)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a node met again while being counted is a cycle: too large
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, limit)
+        if size > limit:
+            break
+    memo[id(node)] = size
+    return size
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load with unique keys, refusing documents whose aliases expand past MAX_YAML_VALUES values."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise _TooLarge(MAX_YAML_VALUES)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
+    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
+    if spec == "auto":
+        spec = detect_auto()
+    shipped = shipped_profiles()
+    if spec in shipped:
+        path, name = shipped[spec], spec
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+            hint = (f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else
+                    f"{spec} is not a profile (profile files end in .yaml)" if path.is_file() else
+                    f"unknown profile {spec!r}")
+            raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
+                            "(`lowmem-alignprop profiles` lists them)")
+        name = str(path)
+    try:
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except _TooLarge as e:
+        raise UserError(f"profile {path} uses YAML aliases (*name) that expand to more than {e} values: write the "
+                        "fields out (a profile is a few `field: value` lines)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"profile {path} is not valid YAML{where}: fix the file (see profiles/cpu.yaml for the format)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
+    except _DuplicateKey as e:
+        raise UserError(f"profile {path} sets {e} twice: keep one line") from None
+    if data is None:
+        raise UserError(f"profile {path} is empty: set at least the fields that differ from the defaults "
+                        "(copy one from profiles/, e.g. profiles/cpu.yaml)")
+    if not isinstance(data, dict):
+        raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        if key in ("model", "output_dir"):
+            raise UserError(f"profile {path} sets {key}: profiles choose memory features, not paths; "
+                            f"pass --{key.replace('_', '-')} on the command line instead")
+        try:
+            values[key] = coerce(str(key), value)  # an unknown key names the closest field
+        except UserError as e:
+            raise UserError(f"profile {path}: {e}") from None
+    return name, values
+
+
+FLAG_FIELDS = ("model", "reward", "prompts", "steps", "output_dir", "seed", "report_to")  # fields with their own flag
+
+
+def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
+                   resumed: tuple[str, dict] | None = None) -> tuple[str, Config]:
+    """profile < explicit flags (``flags``: FLAG_FIELDS, None where not given) < ``--set`` items, validated.
+    ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
+    one (then that profile applies on top of it)."""
+    overrides = parse_set(sets)  # malformed --set fails before the profile is even read
+    if resumed is None:
+        name, values = load_profile(profile)
+    else:
+        name, values = resumed
+        if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
+            name, card = load_profile(profile)
+            values = {**values, **card}
+            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
+                                                          name)
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    return name, build_config(values, explicit, overrides)

@@ -1,0 +1,57 @@
+"""Bad input, found before any model loads or anything is written: one line naming the fix (a UserError).
+
+Training and ``sample`` call :func:`prepare_inputs` first; the planner checks the reward spec the same way.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+
+
+def prepare_inputs(cfg: Config):
+    """Everything that can fail on bad input, before any model is loaded or anything is written. ``cfg`` is
+    validated where it was built (profiles.resolve_config, or ``Config(...).validate()``): not again here."""
+    from lowmem_alignprop.models.loading import resolve_model
+    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.rewards import check_reward_spec
+
+    cfg.check_installed()
+    prompts = load_prompts(cfg.prompts)
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
+    resolve_model(cfg.model)  # missing paths fail here
+    check_tracker(cfg.report_to)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file: choose a directory")
+    check_writable(out)
+    return prompts
+
+
+def check_tracker(report_to: str) -> None:
+    """--report-to needs its package: without it accelerate would drop the tracker with a warning only."""
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if needs and not any(importlib.util.find_spec(n) for n in needs):
+        raise UserError(f"--report-to {report_to} needs the {needs[0]} package, which is not installed: "
+                        f"pip install -e \".[{report_to}]\" (or pip install {needs[0]}), or leave --report-to out")
+
+
+def check_writable(out: Path) -> None:
+    """The output dir (or the nearest folder that exists above it) must accept files; nothing is left behind."""
+    probe = out.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--output-dir {out} cannot be created: {probe} is a file, not a folder; choose another "
+                        "--output-dir")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}): choose a folder you can write "
+                        "to with --output-dir") from None

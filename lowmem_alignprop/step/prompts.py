@@ -1,0 +1,74 @@
+"""Prompt sets: ``load_prompts(spec) -> list[str]``.
+
+``spec`` is a built-in name (see ``PROMPT_SETS``) or the path of a UTF-8 text file with one prompt per line
+(blank lines and lines starting with ``#`` are skipped; surrounding whitespace is stripped).
+The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowmem_alignprop.settings.errors import UserError
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+
+PROMPT_SETS: dict[str, str] = {
+    "simple_animals": "45 common animal names ('cat', 'dog', 'horse', ...), as in AlignProp/DDPO",
+    "animals_activities": "'a {animal} {activity}' for every animal and 8 activities ('a dog riding a bike', ...)",
+}
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"prompt file {path} does not exist; give an existing text file (one prompt per line) or a "
+                        f"built-in prompt set: {', '.join(PROMPT_SETS)}")
+    if not path.is_file():
+        raise UserError(f"prompt file {path} is not a file; give a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompt file {path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read prompt file {path} ({exc.strerror}); check its permissions") from exc
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {path} has no prompts (only blank lines or # comments); write one prompt per line")
+    return prompts
+
+
+def _builtin(name: str) -> list[str]:
+    if name == "simple_animals":
+        return read_prompt_file(DATA_DIR / "simple_animals.txt")
+    if name == "animals_activities":
+        animals = read_prompt_file(DATA_DIR / "simple_animals.txt")
+        activities = read_prompt_file(DATA_DIR / "activities.txt")
+        return [f"a {animal} {activity}" for animal in animals for activity in activities]
+    raise KeyError(name)
+
+
+def load_prompts(spec: str) -> list[str]:
+    """A built-in prompt set by name, or the prompts of a text file."""
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise UserError(f"empty prompt set; use a built-in one ({', '.join(PROMPT_SETS)}) or a text file path")
+    spec = str(spec).strip()
+    if spec in PROMPT_SETS:
+        return _builtin(spec)
+    path = Path(spec).expanduser()
+    if path.exists() or "/" in spec or "\\" in spec or path.suffix:
+        return read_prompt_file(path)
+    raise UserError(f"unknown prompt set {spec!r}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
+                    "text file with one prompt per line")
+
+
+def cut_prompts_note(tokenizer, prompts: list[str]) -> str | None:
+    """A warning when prompts are longer than the text encoder reads (CLIP: 77 tokens); diffusers cuts them."""
+    limit = tokenizer.model_max_length
+    cut = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
+    if not cut:
+        return None
+    return (f"{len(cut)} of {len(prompts)} prompts are longer than the {limit} tokens the text encoder reads: their "
+            f"ends are ignored (e.g. {cut[0][:60]!r}...); shorten them to keep every word")

@@ -1,0 +1,82 @@
+"""One AlignProp training step's pieces, shared by the trainer and the planner.
+
+:func:`apply_memory_features` turns loaded (or meta) components into the configuration that trains;
+:func:`rollout_loss` runs sample_nograd -> sample_grad -> decode -> reward of one micro-batch and returns the loss.
+See docs/design.md section 1 (stages) and section 2 (truncated backprop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.models.loading import add_lora, choose_vae_dtype, set_attention
+from lowmem_alignprop.memory.placement import Placement
+from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing, rollout, without_autocast
+
+
+def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """loss = -loss_scale * mean(reward); with reward_target: loss_scale * mean(|reward - target|)."""
+    if cfg.reward_target is not None:
+        return cfg.loss_scale * (rewards - cfg.reward_target).abs().mean()
+    return -cfg.loss_scale * rewards.mean()
+
+
+def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
+    """Freeze, cast, pick attention and checkpointing, add LoRA. Returns (trainable params, attention used).
+
+    The planner calls this too, so its estimate is of exactly the configuration that trains.
+    """
+    unet, vae = comps.unet, comps.vae
+    for m in comps.frozen_modules().values():
+        m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
+    # SDXL's stock VAE overflows in fp16: bf16 where the GPU has it (same memory), else fp32 (logged with its cost)
+    choose_vae_dtype(vae, weight_dtype, device, comps.is_sdxl)
+    attention = set_attention(unet, vae, cfg.attention, device)
+    if cfg.unet_checkpointing == "blocks":
+        unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
+    enable_vae_checkpointing(vae, cfg.vae_checkpointing)
+    if cfg.train_unet == "lora":
+        params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    else:
+        unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
+        params = list(unet.parameters())
+    return params, attention
+
+
+def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
+                 k: int, generator, stage, place: Placement | None = None,
+                 saved_tensors: Callable[[], ContextManager] | None = None):
+    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards).
+
+    What differs between a real step (the trainer) and an estimated one (the planner, on fake tensors) is passed in,
+    never patched into torch or another module: ``scheduler`` (the planner's keeps its timesteps real), ``stage``
+    (the profiler's or the planner's counter), ``place`` (where the frozen modules sit), ``saved_tensors`` (where
+    activation_offload sends the tensors saved for backward; default torch's ``save_on_cpu``). Autocast is the
+    caller's: the trainer's accelerator, or the planner's emulation of CUDA autocast."""
+    scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
+    # activation_offload: every tensor saved for backward (checkpoint inputs included) waits in CPU memory
+    if not cfg.activation_offload:
+        offload = contextlib.nullcontext()
+    elif saved_tensors is not None:
+        offload = saved_tensors()
+    else:
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda)
+    with offload:
+        latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                          generator=generator, stage=stage, grad_unet=grad_unet)
+        with stage(stages.DECODE):
+            if place is not None:
+                place.to_device("vae", vae)
+            images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
+                            tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+        with stage(stages.REWARD):
+            if place is not None:
+                place.to_device("reward", reward)
+            with without_autocast(images.device.type):  # the frozen reward model in its own dtype, as the VAE
+                rewards = reward(images, prompts).float()
+    return loss_from_reward(rewards, cfg), rewards
