@@ -256,6 +256,12 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from lowmem_alignprop.commands.export_cmd import export_main
+
+    return export_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
-               "export": lambda a: __import__("lowmem_alignprop.commands.export_cmd").export_cmd.export_main(a)}[command]
+               "export": cmd_export}[command]
     try:
         return handler(argv)
     except UserError as e:
