@@ -42,6 +42,7 @@ from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing,
                                               initial_latents, make_pipeline, resolution_note, rollout)
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+from lowmem_alignprop.step.update import optimizer_update
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -329,19 +330,16 @@ class Trainer:
         return None
 
     def optimizer_step(self) -> str | None:
-        """Clip, step, zero the gradients (freed as soon as possible). Returns "the gradient norm" when it was not
-        finite and nothing else handles it (the update is then skipped)."""
-        acc, cfg = self.accelerator, self.cfg
-        if cfg.max_grad_norm > 0:
-            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        overflow = self.grad_norm is not None and not faults.isfinite_number(self.grad_norm)
-        if overflow and acc.scaler is not None:
-            self.scaler_skipped = True  # fp16 loss-scale overflow: optimizer.step() skips, lowers the scale
-        elif self.engine is None and overflow:
-            self.optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: same on every rank
+        """Clip, step, zero the gradients (freed as soon as possible), as the planner does. Returns "the gradient norm"
+        when it was not finite and nothing else handles it (the update is then skipped)."""
+        acc = self.accelerator
+        # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
+        drop = acc.scaler is None and self.engine is None
+        self.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
+                                                   clip=acc.clip_grad_norm_, drop_if_not_finite=drop)
+        if dropped:
             return "the gradient norm"
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler_skipped = acc.scaler is not None and self.grad_norm is not None and not math.isfinite(self.grad_norm)
         return None
 
     def metrics_row(self, step: int, t0: float, rewards_all: list, losses: list, ks: list[int]) -> dict:
@@ -577,7 +575,8 @@ class Trainer:
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),
             "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
-            "attention": self.attention, "cuda_allocator": self.allocator, "device": str(self.device),
+            "attention": self.attention, "cuda_allocator": self.allocator,
+            "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

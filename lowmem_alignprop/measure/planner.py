@@ -53,6 +53,7 @@ from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.profiler import library_versions
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, CUDA_CONTEXT_BYTES,
                                                 FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB, RESERVED_FACTOR,
                                                 WORKSPACE_BYTES)
@@ -499,36 +500,34 @@ def _model_reward_on_meta(name: str, weights: str, checkpointing: bool, notes: l
 
 
 def meta_reward(cfg: Config, dtype: torch.dtype, notes: list[str]):
-    """The reward of ``cfg.reward`` on meta: weight-free rewards as built by the trainer, model rewards from
-    their CLIP architecture (random weights, nothing loaded)."""
+    """The reward of ``cfg.reward`` on meta, through the trainer's own :func:`~lowmem_alignprop.rewards.build_reward`:
+    weight-free and user rewards as the trainer builds them, model rewards from their CLIP architecture (random
+    weights, nothing loaded)."""
     from lowmem_alignprop import rewards as R
-    from lowmem_alignprop.rewards.base import WeightedSumReward
 
-    resolved = R._resolve_terms(cfg.reward)
-    model_terms = [n for kind, n, _ in resolved if kind == "builtin" and n in R.MODEL_REWARDS]
-    per = R._split_weights(cfg.reward_weights, model_terms)
+    class MetaRewards(R.RewardBuilder):
+        def model(self, name: str, *, weights: str, checkpointing: bool):
+            _check_weights_exist(name, weights)  # a mistyped path fails here as in training, not as a default plan
+            return _model_reward_on_meta(name, weights, checkpointing, notes)
+
+        def user(self, term: str, options: dict):
+            module = super().user(term, options)
+            notes.append(f"reward {term}: user reward built with device='meta'")
+            return module
+
+    return R.build_reward(cfg.reward, device="meta", dtype=dtype, checkpointing=cfg.reward_checkpointing,
+                          weights=cfg.reward_weights, builder=MetaRewards())
+
+
+def _check_weights_exist(name: str, weights: str) -> None:
+    """A model reward's local weights path that does not exist: the UserError training would give."""
     from lowmem_alignprop.rewards.clip_rewards import FLAG, _looks_like_path
-    for name, spec in per.items():  # a mistyped path fails here as in training, not as a plan of the default model
-        for part in filter(None, (x.strip() for x in spec.split(","))):
-            path = Path(part).expanduser()
-            local = _looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
-            if local and not path.exists():
-                raise UserError(f"{name} reward: {part} does not exist; fix the path in {FLAG}")
-    options = {"device": "meta", "dtype": dtype, "checkpointing": cfg.reward_checkpointing,
-               "weights": cfg.reward_weights}
-    modules = []
-    for kind, name, weight in resolved:
-        if kind == "user":
-            module = R._user_reward(name, options)
-            notes.append(f"reward {name}: user reward built with device='meta'")
-        elif name in R.MODEL_REWARDS:
-            module = _model_reward_on_meta(name, per.get(name, ""), cfg.reward_checkpointing, notes)
-        else:
-            module = R._builtin(name, checkpointing=cfg.reward_checkpointing, weights="")
-        modules.append((module, weight))
-    reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
-    reward.freeze()
-    return reward.to(device="meta", dtype=dtype)
+
+    for part in filter(None, (x.strip() for x in weights.split(","))):
+        path = Path(part).expanduser()
+        local = _looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
+        if local and not path.exists():
+            raise UserError(f"{name} reward: {part} does not exist; fix the path in {FLAG}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -563,8 +562,9 @@ def warm_up_optimizer(parts: StepParts) -> None:
 
 
 def run_step(parts: StepParts, *, k: int, seed: int = 0):
-    """One micro-step plus the optimizer step, exactly as the training loop of :func:`~lowmem_alignprop.commands.train.train`
-    runs them (placement calls included). Returns what stays alive afterwards (the prompt cache)."""
+    """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.commands.train.Trainer.train_step` runs
+    them (the same rollout_loss and optimizer_update, placement calls included). Returns what stays alive afterwards
+    (the prompt cache and the batch's embeddings)."""
     from lowmem_alignprop.models.sampling import PromptEncoder, initial_latents
 
     cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
@@ -588,12 +588,9 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     del latents, loss, rewards
     place.park("vae", comps.vae)
     place.park("reward", parts.reward)
-    with stage(stages.OPTIMIZER):
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm)
-        if parts.run_optimizer:
-            parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
+    with stage(stages.OPTIMIZER):  # the trainer's own update: clip, step, free the gradients
+        optimizer_update(parts.optimizer, parts.params, cfg.max_grad_norm, step=parts.run_optimizer,
+                         read_norm=False)
     return cache, emb
 
 
@@ -857,9 +854,9 @@ def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
     import importlib
     import traceback
 
-    from lowmem_alignprop.rewards import _resolve_terms
+    from lowmem_alignprop.rewards import reward_terms
 
-    for kind, term, _ in _resolve_terms(spec):
+    for kind, term, _ in reward_terms(spec):
         if kind != "user":
             continue
         source = getattr(importlib.import_module(term.partition(":")[0].strip()), "__file__", None)
@@ -887,7 +884,7 @@ def _reserved(cfg: Config, allocated: int, cuda: bool) -> int:
 # ---------------------------------------------------------------------------------------------------
 def _has_model_reward(cfg: Config) -> bool:
     from lowmem_alignprop import rewards as R
-    return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R._resolve_terms(cfg.reward))
+    return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R.reward_terms(cfg.reward))
 
 
 def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -1073,9 +1070,10 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
 # ---------------------------------------------------------------------------------------------------
 def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0) -> dict[str, Any]:
     """Run the step of :func:`run_step` for real on the CPU (weights as the trainer loads them, fp32) and measure
-    each stage's peak allocation from torch.profiler memory events (:class:`~lowmem_alignprop.measure.profiler.
-    CpuAllocationTracker`, StageProfiler's method) plus the resident bytes at the step's start. After one warm-up
-    optimizer step, like the estimate. ``timed_steps`` more steps without the profiler give seconds per step."""
+    each stage's peak allocation by counting live storages (:class:`~lowmem_alignprop.measure.profiler.
+    CpuAllocationTracker`'s default, StageProfiler's method: every tensor an op returns, not the scratch inside one
+    op, like the estimate) plus the resident bytes at the step's start. After one warm-up optimizer step, like the
+    estimate. ``timed_steps`` more steps without the profiler give seconds per step."""
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.memory.optim import build_optimizer
     from lowmem_alignprop.memory.placement import Placement

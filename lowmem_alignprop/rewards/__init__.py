@@ -35,7 +35,8 @@ import torch
 from ..settings.errors import UserError, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
-__all__ = ["REWARDS", "RewardModule", "build_reward", "check_reward_spec", "parse_reward_spec", "ALIASES", "MODEL_REWARDS"]
+__all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
+           "reward_terms", "ALIASES", "MODEL_REWARDS"]
 
 REWARDS: dict[str, str] = {
     "brightness": "mean luminance of the image (0..1); weight-free",
@@ -210,7 +211,7 @@ def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
     return {t: weights for t in model_terms}
 
 
-def _resolve_terms(spec: str) -> list[tuple[str, str, float]]:
+def reward_terms(spec: str) -> list[tuple[str, str, float]]:
     """[(kind 'user'|'builtin', name, weight)]; unknown built-in names raise UserError."""
     resolved = []
     for term, weight in parse_reward_spec(spec):
@@ -229,7 +230,7 @@ def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
     ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
-    for kind, name, weight in _resolve_terms(spec):
+    for kind, name, weight in reward_terms(spec):
         if weight == 0:
             logging.getLogger(__name__).warning("reward term %r has weight 0: it is computed every step but does "
                                                 "not train anything; drop it or give it a weight", name)
@@ -283,20 +284,39 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
                         "reaches the pixels")
 
 
+class RewardBuilder:
+    """How :func:`build_reward` makes the module of one term. This one loads a model reward's weights and imports a
+    user reward; the planner's subclass builds model rewards' architectures on meta (random weights, nothing read),
+    so that the rule for a spec (terms, weights per model reward, the weighted sum, freezing, the dtype) is this
+    module's alone."""
+
+    def model(self, name: str, *, weights: str, checkpointing: bool) -> RewardModule:
+        """A model reward (``name`` in ``MODEL_REWARDS``); ``weights``: this reward's own entry of reward_weights."""
+        return _builtin(name, checkpointing=checkpointing, weights=weights)
+
+    def user(self, term: str, options: dict) -> RewardModule:
+        """A user reward ``module:function`` given ``options`` (device, dtype, checkpointing, weights)."""
+        return _user_reward(term, options)
+
+
 def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
-                 weights: str = "") -> RewardModule:
-    """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``."""
-    resolved = _resolve_terms(spec)
+                 weights: str = "", builder: RewardBuilder | None = None) -> RewardModule:
+    """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``.
+    ``builder`` makes each model and user term's module (default: :class:`RewardBuilder`, which loads them)."""
+    builder = builder or RewardBuilder()
+    resolved = reward_terms(spec)
     model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
     per_reward = _split_weights(weights, model_terms)
     options = {"device": device, "dtype": dtype, "checkpointing": checkpointing, "weights": weights}
     modules = []
     for kind, name, weight in resolved:
         if kind == "user":
-            module = _user_reward(name, options)
+            module = builder.user(name, options)
+        elif name not in MODEL_REWARDS:
+            module = _builtin(name, checkpointing=checkpointing, weights="")  # weight-free
         else:
             try:
-                module = _builtin(name, checkpointing=checkpointing, weights=per_reward.get(name, ""))
+                module = builder.model(name, weights=per_reward.get(name, ""), checkpointing=checkpointing)
             except UserError as e:
                 if len(set(model_terms)) < 2:
                     raise

@@ -1,0 +1,34 @@
+"""The optimizer stage of a training step (clip, step, zero the gradients), shared by the trainer and the planner.
+
+What differs between them is passed in: how the gradients are clipped (the accelerator's ``clip_grad_norm_``, which
+unscales fp16 gradients and knows DeepSpeed, or torch's), whether the optimizer runs at all (the planner's stand-in
+for 8-bit Adam does not), and whether a gradient norm that is not finite drops the update (the trainer without a
+GradScaler or DeepSpeed engine, which skip such a step themselves; the planner's fake norm has no value to test).
+See docs/design.md section 1 (the stages) and section 5 (NaN/inf).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+def optimizer_update(optimizer, params: list, max_grad_norm: float, *,
+                     clip: Callable = torch.nn.utils.clip_grad_norm_, step: bool = True, read_norm: bool = True,
+                     drop_if_not_finite: bool = False) -> tuple[float | None, bool]:
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (no clipping when it is 0), step ``optimizer`` and free
+    the gradients. Returns (the gradient norm before clipping, as a number; None without clipping or without
+    ``read_norm``, whether the update was dropped). With ``drop_if_not_finite`` a NaN/inf norm frees the gradients
+    without a step. The norm's tensor is gone before the step either way (``read_norm=False``: a fake tensor has no
+    value to read)."""
+    norm = clip(params, max_grad_norm) if max_grad_norm > 0 else None
+    norm = float(norm) if read_norm and norm is not None else None  # one device sync; the metrics need it anyway
+    if drop_if_not_finite and norm is not None and not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: every rank drops the same update
+        return norm, True
+    if step:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
+    return norm, False

@@ -1,0 +1,57 @@
+"""step/update.py: the optimizer stage (clip, step, free the gradients) shared by the trainer and the planner."""
+
+import math
+
+import torch
+
+from lowmem_alignprop.step.update import optimizer_update
+
+
+def _param(grad):
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    p.grad = torch.tensor(grad)
+    return p, torch.optim.SGD([p], lr=1.0)
+
+
+def test_the_update_clips_to_max_grad_norm_steps_and_frees_the_gradients():
+    p, opt = _param([3.0, 4.0])  # norm 5
+    norm, dropped = optimizer_update(opt, [p], 1.0)
+    assert norm == 5.0 and isinstance(norm, float) and not dropped
+    coef = 1.0 / (5.0 + 1e-6)  # torch's clip coefficient: max_norm / (norm + 1e-6)
+    expected = torch.tensor([1.0 - 3.0 * coef, 1.0 - 4.0 * coef])
+    assert torch.allclose(p.detach(), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    assert p.grad is None  # set to None, not zeroed: the memory goes back
+
+
+def test_without_clipping_the_full_gradient_is_applied_and_no_norm_is_read():
+    p, opt = _param([3.0, 4.0])
+    norm, dropped = optimizer_update(opt, [p], 0.0)
+    assert norm is None and not dropped
+    assert p.detach().tolist() == [-2.0, -3.0]
+
+
+def test_a_clip_passed_in_is_used_and_its_norm_can_stay_unread():
+    p, opt = _param([3.0, 4.0])
+    calls = []
+
+    def clip(params, max_norm):
+        calls.append(max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    norm, _ = optimizer_update(opt, [p], 2.5, clip=clip, read_norm=False)
+    assert calls == [2.5] and norm is None  # the planner's fake norm has no value to read
+    assert math.isclose(p.detach().norm().item(), torch.tensor([1.0 - 1.5, 1.0 - 2.0]).norm().item(), rel_tol=1e-6)
+
+
+def test_a_norm_that_is_not_finite_drops_the_update_when_asked():
+    p, opt = _param([float("nan"), 1.0])
+    norm, dropped = optimizer_update(opt, [p], 1.0, drop_if_not_finite=True)
+    assert dropped and math.isnan(norm)
+    assert p.detach().tolist() == [1.0, 1.0] and p.grad is None  # no step, gradients freed
+
+
+def test_without_the_optimizer_step_only_the_gradients_are_freed():
+    p, opt = _param([3.0, 4.0])
+    norm, dropped = optimizer_update(opt, [p], 0.0, step=False)
+    assert (norm, dropped) == (None, False)
+    assert p.detach().tolist() == [1.0, 1.0] and p.grad is None
