@@ -1,0 +1,86 @@
+"""step/inputs.py: bad input found before any model loads or anything is written (one UserError naming the fix)."""
+
+import os
+import tempfile
+
+import pytest
+
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.step.inputs import check_tracker, check_writable, prepare_inputs
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_prepare_inputs_returns_the_prompts_and_writes_nothing(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\ntwo blue squares\nthree green triangles\n")
+    out = tmp_path / "runs" / "first"
+    before = _listing(tmp_path)
+    got = prepare_inputs(Config(prompts=str(prompts), output_dir=str(out), reward="brightness").validate())
+    assert got == ["a red circle", "two blue squares", "three green triangles"]
+    assert _listing(tmp_path) == before  # the output folder is not made, the write probe is gone
+
+
+@pytest.mark.parametrize("change,needle", [
+    # each row is broken in its own field and in every field checked after it: the first check's message wins
+    ({"prompts": "no_such_set", "reward": "no_such_reward", "model": "/no/such/model"}, "unknown prompt set"),
+    ({"reward": "no_such_reward", "model": "/no/such/model"}, "unknown reward"),
+    ({"model": "/no/such/model", "report_to": "wandb"}, "model path /no/such/model does not exist"),
+])
+def test_the_first_bad_input_is_the_one_reported(change, needle, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name))
+    cfg = Config(output_dir=str(tmp_path / "out"), **change).validate()
+    with pytest.raises(UserError, match=needle):
+        prepare_inputs(cfg)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(UserError, match=r"--output-dir .*taken is a file: choose a directory"):
+        prepare_inputs(Config(output_dir=str(tmp_path / "taken"), reward="brightness").validate())
+
+
+def test_check_writable_probes_the_nearest_folder_that_exists(tmp_path, monkeypatch):
+    probed = []
+    real = tempfile.TemporaryFile
+
+    def spy(*args, **kwargs):
+        probed.append(kwargs["dir"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+    check_writable(tmp_path / "a" / "b" / "c")
+    assert probed == [tmp_path]  # three levels that do not exist yet: the first one up that does
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "run")
+
+
+def test_a_folder_that_refuses_files_is_named_with_the_reason(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: the refusal is simulated
+    with pytest.raises(UserError, match=r"is not writable \(Permission denied\): choose a folder"):
+        check_writable(tmp_path / "run")
+
+
+def test_a_tracker_needs_its_package(monkeypatch):
+    import importlib.util
+
+    check_tracker("none")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name))
+    with pytest.raises(UserError, match=r"--report-to wandb needs the wandb package.*pip install wandb"):
+        check_tracker("wandb")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name))
+    with pytest.raises(UserError, match="needs the tensorboard package"):
+        check_tracker("tensorboard")

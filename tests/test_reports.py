@@ -1,0 +1,99 @@
+"""measure/reports.py: the plan's table and memory_report.md, formatted from plain dicts (numbers checked)."""
+
+import re
+
+from lowmem_alignprop.measure.reports import format_plan, memory_report_markdown
+from lowmem_alignprop.memory.allowances import ALLOWANCES, GIB, MIB, WORKSPACE_BYTES
+from lowmem_alignprop.memory.stages import STAGES
+from lowmem_alignprop.settings.config import Config
+
+
+def _plan(**over):
+    backward = {"allocated": 3 * GIB, "weights": 1 * GIB, "reserved": int(3.3 * GIB), "on_device": ["unet", "vae"]}
+    decode = {"allocated": 2 * GIB, "weights": int(1.25 * GIB), "reserved": int(2.2 * GIB), "on_device": ["unet"]}
+    r = {"config": Config(truncation="fixed", k=1).to_dict(), "estimate": {"seconds": 4.2}, "profile": "rtx3060",
+         "model": "sd15", "reward": "aesthetic", "target": "cuda", "autocast": "emulated",
+         "stages": {"decode": decode, "backward": backward}, "peak_stage": "backward", "peak_allocated": 3 * GIB,
+         "peak_needed": int(3.3 * GIB) + WORKSPACE_BYTES, "fragmentation_allowance": 0,
+         "budget_bytes": 8 * GIB, "budget_gb": 8.0, "fits": True, "allowances": ALLOWANCES, "notes": ["a note"],
+         "seconds": 5.0}
+    r.update(over)
+    return r
+
+
+def _row(text: str, stage: str) -> list[str]:
+    return next(line.split() for line in text.splitlines() if line.strip().startswith(stage + " "))
+
+
+def test_the_plan_table_shows_each_stage_and_the_other_bytes():
+    text = format_plan(_plan())
+    assert _row(text, "backward") == ["backward", "3.000", "1.000", "2.000", "3.300", "unet,", "vae", "<-", "peak"]
+    assert _row(text, "decode") == ["decode", "2.000", "1.250", "0.750", "2.200", "unet"]
+    assert _row(text, "reward") == ["reward", "-"]  # a stage the estimate has no figure for
+    assert [line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()
+            and line.split()[0] in STAGES] == list(STAGES)  # every stage, in the step's order
+
+
+def test_the_plan_adds_reserve_and_workspaces_and_judges_the_budget():
+    text = format_plan(_plan())
+    # 3.3 GiB reserved + 160 MiB of workspaces = 3.456 GiB; 3.456 / 8 = 43%, 4.54 GiB spare
+    assert "-> 3.300 reserved (x1.10) + 160 MiB workspaces = 3.456 GiB needed" in text
+    assert "budget: 8 GiB (profile rtx3060): FITS (43% of the budget, +4.54 GiB spare)" in text
+    edge = format_plan(_plan(budget_bytes=int(3.44 * GIB), budget_gb=3.44, fits=False))
+    assert "DOES NOT FIT (100.5% of the budget, -0.02 GiB spare)" in edge  # a decimal at the edge
+    frag = format_plan(_plan(fragmentation_allowance=512 * MIB))
+    assert "(x1.10 + 0.500 fixed-segment fragmentation)" in frag
+
+
+def test_a_plan_that_does_not_fit_names_the_cheapest_change():
+    s = {"change": "+ vae_checkpointing=blocks", "set": {"vae_checkpointing": "blocks", "sliced_decode": True},
+         "peak_needed": int(2.5 * GIB), "peak_stage": "decode"}
+    text = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, suggestion=s))  # 3.456 / 2
+    assert "DOES NOT FIT (173% of the budget, -1.46 GiB spare)" in text
+    assert "cheapest change that fits: + vae_checkpointing=blocks" in text
+    assert "--set vae_checkpointing=blocks --set sliced_decode=true   -> 2.500 GiB needed, peak in decode" in text
+    none = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=[{}, {}, {}]))
+    assert "no change from the feature list made it fit (3 tried)" in none
+
+
+def test_a_cpu_plan_reports_exact_bytes_without_allowances_on_top():
+    text = format_plan(_plan(target="cpu", profile="cpu", budget_bytes=0))
+    assert "peak: 3.000 GiB allocated in backward (CPU: exact bytes)" in text
+    assert "workspaces =" not in text and "budget: none given" in text
+
+
+def _memory_report():
+    fig = {"peak_reserved": None, "peak_active": None, "rss_steps": "1-3"}
+    return {
+        "device": {"type": "cpu", "str": "cpu", "name": "a test CPU"}, "torch": "2.x", "budget_bytes": 1 * GIB,
+        "budget_gb": 1.0, "peak_allocated": GIB // 4, "peak_stage": "backward", "peak_step": 2,
+        "peak_reserved": None, "fits_budget": True, "method": "counted",
+        "summary_steps": {"steps": "2-3", "warmup_excluded": 1, "peak_measured_steps": "2"},
+        "rss": {"after_load": GIB // 2, "steps_max": GIB, "steps": "1, 3", "measured_steps_max": int(1.25 * GIB),
+                "measured_steps": "2", "measurement_bytes": int(4.7 * MIB)},
+        "snapshot": None,
+        "stages": {"decode": {**fig, "peak_allocated": GIB // 8, "rss_max": GIB // 2, "seconds_mean": 0.5},
+                   "backward": {**fig, "peak_allocated": GIB // 4, "rss_max": GIB, "seconds_mean": 1.25}},
+        "modules": {"after_load": {"unet": {"bytes": GIB // 2}, "lora": {"bytes": GIB // 4}},
+                    "end": {"unet": {"bytes": GIB // 2}, "lora": {"bytes": GIB // 4}, "optimizer": {"bytes": GIB // 8}}},
+    }
+
+
+def test_the_memory_report_has_the_peaks_their_share_and_the_module_totals():
+    text = memory_report_markdown(_memory_report())
+    assert "- peak allocated: 0.250 GiB in backward (step 2); budget 1 GiB: fits" in text
+    assert "| backward | 0.250 | 1.000 | 1.250 | 25.0% |" in text  # 0.25 of a 1 GiB budget
+    assert "| decode | 0.125 | 0.500 | 0.500 | 12.5% |" in text
+    assert "| reward | - | - | - | - |" in text
+    assert "max RSS (GiB, steps 1-3)" in text
+    assert "| optimizer | n/a | 0.125 |" in text  # a module present in one column only
+    assert "| total | 0.750 | 0.875 |" in text
+    assert "peaks measured in step 2 only" in text and "(step 1 excluded as warm-up)" in text
+
+
+def test_the_memory_report_tells_the_measurements_memory_apart_from_the_training():
+    line = next(x for x in memory_report_markdown(_memory_report()).splitlines() if x.startswith("- resident"))
+    assert "0.500 GiB after load" in line
+    assert "up to 1.000 GiB in steps 1, 3 (allocation not measured)" in line
+    assert "1.250 GiB in measured step 2" in line
+    assert re.search(r"measurement itself held at most 4\.70 MiB", line)
