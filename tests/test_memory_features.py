@@ -133,7 +133,7 @@ def _measure(fn, *args) -> dict[str, int]:
     gc.collect()
     gc.disable()
     try:
-        return measure_cpu_stages(fn, *args)
+        return measure_cpu_stages(fn, *args, method="events")  # also the scratch inside ops
     finally:
         gc.enable()
 

@@ -640,16 +640,17 @@ class CpuAllocationTracker:
         return self.baseline + (self.peak if name is None else self.peaks[name])
 
 
-def measure_cpu_stages(fn: Callable[..., Any], *args: Any, method: str = "events", **kwargs: Any) -> dict[str, int]:
+def measure_cpu_stages(fn: Callable[..., Any], *args: Any, method: str = "counter", **kwargs: Any) -> dict[str, int]:
     """Run ``fn(*args, **kwargs)`` once and return, per ``record_function`` / ``prof.stage`` name, its
     peak CPU allocation in bytes *above the level when fn started* (weights and other resident tensors
     excluded, so two runs of the same models compare directly). The key ``"*"`` holds fn's overall peak.
 
     ``fn`` may use a :class:`StageProfiler` (no step begun, or ``detail_steps`` empty): its stages are
     record_function ranges on every device, and it never starts its own tracker while one runs. ``method``: see
-    :class:`CpuAllocationTracker`; the default here stays ``"events"`` (it also sees the scratch memory inside
-    ops, which features such as tiling change, and a test's memory is no concern), while the training loop
-    and :func:`~lowmem_alignprop.measure.planner.measure_cpu_step` count storages.
+    :class:`CpuAllocationTracker`. The default counts live storages, as the training loop and
+    :func:`~lowmem_alignprop.measure.planner.measure_cpu_step` do: exact for every tensor an op returns, and it
+    keeps no log. It cannot see the scratch a kernel allocates and frees inside one op (a convolution's
+    workspace): to compare features that change that scratch (tiled decode), pass ``method="events"``.
     """
     with CpuAllocationTracker(count_baseline=False, method=method) as tracker:
         fn(*args, **kwargs)
