@@ -238,12 +238,15 @@ def mix_adapters(pipe, specs: list[LoraSpec]) -> None:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -> torch.Tensor:
     """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n]."""
+    from lowmem_alignprop.models.sampling import negative_prompts
+
     out = []
     for i in range(0, len(prompts), batch_size):  # batch_size images per pipeline call bounds the UNet's activations
         chunk = prompts[i:i + batch_size]
         # CPU generators: the same noise on every device, and the same draws as training's initial_latents
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-        images = pipe(prompt=chunk, negative_prompt=[""] * len(chunk),  # training's unconditional prompt is ""
+        # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
+        images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                       height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt").images
         out.append(images.float().cpu())  # kept on the CPU: the GPU holds one batch at a time

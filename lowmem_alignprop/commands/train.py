@@ -230,7 +230,7 @@ class Trainer:
         self.sample_prompts = self.prompts[: cfg.sample_prompts]
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
         self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
-                                   cache=cfg.cache_prompt_embeddings,
+                                   cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
                                    prompts=set(self.prompts) | set(self.sample_prompts))
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)

@@ -573,7 +573,7 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
     # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves
     encoder = PromptEncoder(parts.pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
-                            prompts=parts.prompts)
+                            prompts=parts.prompts, negative_prompt=cfg.negative_prompt)
     with stage(stages.ENCODE_PROMPTS):
         emb = encoder(batch_prompts)
     cache = encoder.cache

@@ -39,6 +39,8 @@ class Components:
     is_sdxl: bool = False
     source: str = ""
     pipeline_class: Any = None
+    # SDXL: zero embeddings for an empty negative prompt (the model's model_index.json; SDXL base: true)
+    force_zeros_for_empty_prompt: bool = True
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         mods = {"vae": self.vae, "text_encoder": self.text_encoder}
@@ -115,7 +117,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
                            scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
                            tokenizer_2=getattr(pipe, "tokenizer_2", None),
                            is_sdxl=getattr(pipe, "text_encoder_2", None) is not None, source=where,
-                           pipeline_class=type(pipe))
+                           pipeline_class=type(pipe),
+                           force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
     if comps.unet is None or comps.vae is None or comps.text_encoder is None:
         raise UserError(f"{cfg.model} is not a Stable Diffusion model (needs unet, vae and text_encoder): "
                         "supported are SD 1.x, SD 2.x and SDXL")

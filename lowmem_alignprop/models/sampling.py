@@ -82,25 +82,34 @@ def make_pipeline(comps):
     if comps.is_sdxl:
         return comps.pipeline_class(vae=comps.vae, text_encoder=comps.text_encoder,
                                     text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
-                                    tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler)
+                                    tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler,
+                                    force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt)
     return comps.pipeline_class(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                 unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False)
 
 
+def negative_prompts(negative_prompt: str, n: int) -> list[str] | None:
+    """What the pipelines' ``negative_prompt`` gets: None for an empty one, so that each pipeline does what it does
+    by default (SD 1.x/2.x encode the empty prompt; SDXL uses zero embeddings when its force_zeros_for_empty_prompt
+    is set, as in SDXL base's model_index.json), else the negative prompt for each of the ``n`` prompts."""
+    return [negative_prompt] * n if negative_prompt else None
+
+
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device, resolution: int) -> PromptEmbeds:
-    """Prompts and the empty negative prompt -> text embeddings (no gradient: the text encoder is frozen)."""
+def encode_prompts(pipe, prompts: list[str], device, resolution: int, negative_prompt: str = "") -> PromptEmbeds:
+    """Prompts and the negative prompt -> text embeddings (no gradient: the text encoder is frozen)."""
+    negative = negative_prompts(negative_prompt, len(prompts))
     if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None:
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=[""] * len(prompts))
+            negative_prompt=negative)
         size = (resolution, resolution)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids.to(device).repeat(len(prompts), 1))
     cond, uncond = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                      do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
+                                      do_classifier_free_guidance=True, negative_prompt=negative)
     return PromptEmbeds(cond, uncond)
 
 
@@ -112,8 +121,10 @@ class PromptEncoder:
     The training loop and the planner both call this, so the planner estimates what training does.
     """
 
-    def __init__(self, pipe, comps, place, device, resolution: int, *, cache: bool, prompts):
+    def __init__(self, pipe, comps, place, device, resolution: int, *, cache: bool, prompts,
+                 negative_prompt: str = ""):
         self.pipe, self.place, self.device, self.resolution = pipe, place, device, resolution
+        self.negative_prompt = negative_prompt
         self.encoders = (comps.text_encoder, comps.text_encoder_2)
         self.caching = cache
         self.prompts = sorted(set(prompts))
@@ -124,13 +135,13 @@ class PromptEncoder:
             self.place.to_device("text_encoder", *self.encoders)
             for i in range(0, len(self.prompts), 16):
                 chunk = self.prompts[i:i + 16]
-                e = encode_prompts(self.pipe, chunk, self.device, self.resolution)
+                e = encode_prompts(self.pipe, chunk, self.device, self.resolution, self.negative_prompt)
                 for j, p in enumerate(chunk):
                     self.cache[p] = e.index(slice(j, j + 1))
             self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
         if not self.caching:
             self.place.to_device("text_encoder", *self.encoders)
-            emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution)
+            emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution, self.negative_prompt)
             self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
             return emb
         return PromptEmbeds.cat([self.cache[p] for p in batch_prompts])

@@ -56,6 +56,9 @@ class Config:
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
                         "then draws fresh noise, so rollouts of one prompt differ.")
     resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
+    negative_prompt: str = _f("", "Negative prompt: the unconditional branch of classifier-free guidance in training, "
+                              "the sample images, `sample` and `plan`. Empty: the empty prompt, and on SDXL zero "
+                              "embeddings, as its pipeline does (force_zeros_for_empty_prompt in model_index.json).")
 
     # ---- truncated backprop (docs/design.md section 2) -------------------------------------------
     truncation: str = _f("fixed", "How K is chosen, once per rollout: fixed K, or uniform in [k_min, k_max].",
