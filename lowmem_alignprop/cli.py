@@ -109,7 +109,11 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--auto-fit", action="store_true", help="on out-of-memory, step down automatically (smaller "
                    "micro-batch, more checkpointing, offload) and continue")
+    p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
+                   "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one")
     args = p.parse_args(argv)
+    if args.init_lora is not None:
+        args.set.append(f"init_lora={args.init_lora}")
     if args.checkpoint_every is not None:
         args.set.append(f"checkpoint_every={args.checkpoint_every}")
     if args.auto_fit:

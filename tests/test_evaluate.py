@@ -280,7 +280,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
                 "no_weight": "is not a number", "other_model": "[4, 48] in the LoRA, [4, 32] here",
                 "no_lora": "--lora DIR", "zero_prompts": "at least 1",
-                "checkpoint": f"is a training checkpoint, not a LoRA; pass {tmp_path / 'run' / 'lora'}"}[case]
+                "checkpoint": "is incomplete or corrupt: no manifest.json"}[case]
     assert expected in err[0], err[0]
 
 

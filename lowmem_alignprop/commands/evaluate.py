@@ -76,6 +76,11 @@ def _lora_file(path: Path, arg: str) -> Path:
 
 
 def _find_lora_file(path: Path, arg: str) -> Path:
+    from lowmem_alignprop.run.checkpoint import named_checkpoint
+
+    checkpoint = named_checkpoint(path)
+    if checkpoint is not None:  # checkpoints/step-300: its LoRA, as the run would have written it at that step
+        return _checkpoint_lora(checkpoint)
     if not path.exists():
         raise UserError(f"--lora {arg}: {path} does not exist; pass the lora/ folder a training run wrote "
                         f"(e.g. outputs/run/lora), optionally with a weight: DIR:0.5")
@@ -83,10 +88,6 @@ def _find_lora_file(path: Path, arg: str) -> Path:
         if path.suffix.lower() not in (".safetensors", ".bin"):
             raise UserError(f"--lora {arg}: {path} is not a LoRA weights file; pass a .safetensors file or its folder")
         return path
-    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():  # a training checkpoint
-        run = path.parent.parent
-        raise UserError(f"--lora {arg}: {path} is a training checkpoint, not a LoRA; pass {run / 'lora'} (written at "
-                        f"the end of the run), or continue training with --resume {path}")
     for folder in (path, path / "lora"):  # a run's output dir holds its LoRA in lora/
         if (folder / LORA_WEIGHT_NAME).is_file():
             return folder / LORA_WEIGHT_NAME
@@ -98,6 +99,19 @@ def _find_lora_file(path: Path, arg: str) -> Path:
                             f"--lora {found[0]}")
     raise UserError(f"--lora {arg}: {path} holds no LoRA weights ({LORA_WEIGHT_NAME}); pass the lora/ folder a "
                     "training run wrote")
+
+
+def _checkpoint_lora(checkpoint: Path) -> Path:
+    """A training checkpoint's LoRA in a temporary lora/ folder (removed when the process ends)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from lowmem_alignprop.models.loading import write_checkpoint_lora
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-checkpoint-lora-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return write_checkpoint_lora(checkpoint, tmp / "lora")
 
 
 def parse_lora(arg: str, index: int) -> LoraSpec:

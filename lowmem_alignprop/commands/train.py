@@ -111,6 +111,7 @@ class Trainer:
         self.last_saved = self.start if point is not None else None
         self.step = self.start + 1
         self.before = None
+        self.init_file: Path | None = None  # --init-lora's file, checked in setup()
 
     @property
     def out(self) -> Path:
@@ -128,6 +129,10 @@ class Trainer:
         if self.point is not None:  # an incompatible checkpoint fails here, before any model loads
             with same_on_every_rank():
                 ckpt.check_config(self.point.state, self.cfg, self.point.path)
+        if self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
+            from lowmem_alignprop.commands.lora_export import check_init_lora
+            with same_on_every_rank():
+                self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank)
         self.setup_accelerator()
         self.load_models()
         with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before any write
@@ -178,6 +183,10 @@ class Trainer:
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
+        if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
+            from lowmem_alignprop.commands.lora_export import start_from_lora
+            layers = start_from_lora(make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
+            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
         self.unet.to(self.device).train()
         place.park("text_encoder", self.text_encoder, comps.text_encoder_2)  # to the device only to encode
         place.park("vae", self.vae)  # on the GPU only from decode to backward when offload_frozen is on

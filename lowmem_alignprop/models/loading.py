@@ -8,6 +8,7 @@ the architecture from that config with random weights (for planning and benchmar
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -277,6 +278,42 @@ def lora_metadata(unet) -> dict:
     """The adapter's peft config (rank, alpha, targets) saved beside the weights, so diffusers loads it
     with the trained scale even when lora_alpha differs from the rank."""
     return unet.peft_config["default"].to_dict()
+
+
+def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
+    """A training checkpoint's LoRA written as the run writes ``lora/`` at its end (the weights in diffusers'
+    layout with the adapter config, base_model.json), so that anything that reads a run's LoRA reads any step.
+    Returns the weights file. A damaged checkpoint or a full fine-tune's raises UserError."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    problem = ckpt.verify(checkpoint)
+    if problem:
+        raise UserError(f"checkpoint {checkpoint} is incomplete or corrupt: {problem}; pass another step's "
+                        f"checkpoint or the run's lora/ folder")
+    state = ckpt.read_state(checkpoint)
+    run_cfg = state.get("config", {})
+    if run_cfg.get("train_unet", "lora") != "lora":
+        raise UserError(f"checkpoint {checkpoint} is of a full UNet fine-tune (train_unet=full), not a LoRA: resume "
+                        f"it with --resume {checkpoint} and use the unet/ folder it writes")
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    # peft's parameter names carry the adapter's name ("lora_A.default.weight"); its state dicts do not
+    weights = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+               for k, v in saved.items()}
+    if not weights or any(not k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights):
+        raise UserError(f"checkpoint {checkpoint} holds weights other than LoRA adapters: it is not a LoRA run's")
+    rank = run_cfg.get("lora_rank") or 4
+    config = LoraConfig(r=rank, lora_alpha=run_cfg.get("lora_alpha") or rank, init_lora_weights="gaussian",
+                        target_modules=LORA_TARGETS)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(weights),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
+    return folder / "pytorch_lora_weights.safetensors"
 
 
 def module_bytes(module: torch.nn.Module | None) -> int:

@@ -214,6 +214,17 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
                     "(or check --output-dir)")
 
 
+def named_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder ``path`` names, as written (``step-00000300``) or by its step (``step-300``); None
+    when it names none."""
+    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():
+        return path
+    step = step_of(path)
+    if step is not None and not path.exists() and step_dir(path.parent, step).is_dir():
+        return named_checkpoint(step_dir(path.parent, step))
+    return None
+
+
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 

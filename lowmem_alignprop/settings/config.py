@@ -79,6 +79,10 @@ class Config:
     train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
     lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
+    init_lora: str = _f("", "Start from an existing LoRA instead of a fresh one (--init-lora): a run's lora/ folder, a "
+                        "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, or a peft adapter "
+                        "folder, of this model and of rank lora_rank. Step 0 then renders what that LoRA renders. "
+                        "Empty: a fresh LoRA.")
     optimizer: str = _f("adamw", "adamw (fp32 state, 8 bytes/param), adamw8bit (bitsandbytes, 2 bytes/param), "
                         "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
                         ("adamw", "adamw8bit", "paged_adamw8bit"))
@@ -194,6 +198,8 @@ class Config:
             raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
+        if self.init_lora and self.train_unet != "lora":
+            raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.base_quant != "none" and self.train_unet == "full":
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
         if self.offload != "none" and not self.deepspeed_zero:
