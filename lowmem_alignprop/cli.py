@@ -109,9 +109,13 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--auto-fit", action="store_true", help="on out-of-memory, step down automatically (smaller "
                    "micro-batch, more checkpointing, offload) and continue")
+    p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
+                   "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
     p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
                    "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one")
     args = p.parse_args(argv)
+    if args.sample_every is not None:
+        args.set.append(f"sample_every={args.sample_every}")
     if args.init_lora is not None:
         args.set.append(f"init_lora={args.init_lora}")
     if args.checkpoint_every is not None:
@@ -133,7 +137,10 @@ def cmd_train(argv: list[str]) -> int:
         cfg = folder.with_output_dir(cfg)
     warn_if_launcher_started_fewer_processes()
     from lowmem_alignprop.commands.train import train
-    train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder)
+    import shlex
+    # the exact command, as typed (accelerate launch's own options are the launcher's): the run folder records it
+    train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder,
+          command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
     return 0
 
 

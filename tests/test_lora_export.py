@@ -221,6 +221,41 @@ def test_merged_model_is_base_plus_lora_and_weight_zero_is_the_base(case, tmp_pa
                      SAME_OPS, "merged at weight 0")
 
 
+def _images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lora(case, tmp_path):
+    """--merge --single-file: one LDM-layout checkpoint (A1111 / ComfyUI); diffusers' from_single_file (offline,
+    the base model's own configs) reads it back into base + LoRA: the UNet's outputs and the images."""
+    from safetensors import safe_open
+
+    from lowmem_alignprop.models.arch import load_single_file
+
+    out = _export(tmp_path, case["lora"], "--merge", "--single-file")
+    files = sorted(p.name for p in out.iterdir())
+    file = out / f"{case['run'].name}_alignprop_merged.safetensors"
+    assert files == sorted([file.name, "README.md", "before_after.png"])
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    assert any(k.startswith("model.diffusion_model.") for k in keys) and any(
+        k.startswith("first_stage_model.") for k in keys)
+    assert any(k.startswith("conditioner.embedders.1.model." if case["xl"] else "cond_stage_model.transformer.")
+               for k in keys)
+    loaded = load_single_file(file, config_dir=case["base"])
+    assert_rel_close(unet_out(loaded.unet, case["xl"]), case["ref"], REORDERED, "single file, UNet")
+    reference = case["cls"].from_pretrained(case["base"])
+    base_images = _images(reference)
+    reference.load_lora_weights(str(case["lora"]))
+    lora_images = _images(reference)
+    assert relative_difference(lora_images, base_images) > 100 * REORDERED
+    assert_rel_close(_images(loaded), lora_images, REORDERED, "single file, images")
+    card = (out / "README.md").read_text()
+    assert "ComfyUI/models/checkpoints/" in card and "models/Stable-diffusion/" in card
+
+
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -377,6 +412,10 @@ BAD = {
     "private_without_push": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--private"], "--private applies to"),
     "merge_to_kohya": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--format", "kohya"],
                        "--merge writes the whole model"),
+    "single_file_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--single-file"],
+                                  "--single-file writes a merged model as one checkpoint file: add --merge"),
+    "single_file_onto_other_weights": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--single-file",
+                                                         "--model", str(o)], "its UNet weights differ"),
 }
 
 

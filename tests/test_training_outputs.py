@@ -174,3 +174,122 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
         err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
         assert len(err) == 1 and needle in err[0], err
         assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run with everything on: --sample-every, tensorboard, export_format, the recorded command, checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+RUN_ARGS = ["--profile", "cpu", "--steps", "4", "--sample-every", "2", "--report-to", "tensorboard",
+            "--checkpoint-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
+            "--set", "keep_checkpoints=0", "--set", "export_format=kohya,peft", "--set", "lr=0.01",
+            "--set", f"negative_prompt={NEGATIVE}"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_dir):
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert main([*RUN_ARGS, "--output-dir", str(out)]) == 0
+    return out
+
+
+def _metrics(run):
+    import json
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):
+    import json
+
+    from PIL import Image
+
+    assert sorted(p.name for p in (full_run / "samples").glob("step-*.png")) == ["step-000002.png", "step-000004.png"]
+    grid = Image.open(full_run / "samples" / "step-000002.png")
+    assert grid.size == Image.open(full_run / "samples" / "before_after.png").size  # 2 prompts, before / step 2
+    rows = {r["step"]: r for r in _metrics(full_run)}
+    assert sorted(rows) == [1, 2, 3, 4]
+    sampled = sorted(s for s, r in rows.items() if "sample_rewards" in r)
+    assert sampled == [2, 4]
+    for s in sampled:
+        assert len(rows[s]["sample_rewards"]) == 2
+        assert rows[s]["sample_reward_mean"] == pytest.approx(sum(rows[s]["sample_rewards"]) / 2, rel=1e-6)
+    # the same prompts and seeds as the grid: step 4's images are the "after" images of the final LoRA
+    after = [i["reward_after"] for i in json.loads((full_run / "samples" / "before_after.json").read_text())["images"]]
+    assert rows[4]["sample_rewards"] == pytest.approx(after, rel=1e-6)
+    assert rows[2]["sample_rewards"] != pytest.approx(after, rel=1e-4)  # step 2's LoRA renders otherwise
+
+
+def test_tensorboard_event_file_holds_the_sampled_steps_images(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from PIL import Image
+
+    # the run's event file (init_trackers writes the hyperparameters into a subfolder of their own)
+    folder = full_run / "logs" / "lowmem_alignprop"
+    assert list(folder.glob("events.out.tfevents.*")), list((full_run / "logs").rglob("*"))
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("samples/during_training")
+    assert [i.step for i in images] == [2, 4]
+    size = Image.open(full_run / "samples" / "step-000002.png").size
+    assert all((i.width, i.height) == size for i in images)
+    assert [i.step for i in acc.Images("samples/before_after")] == [4]
+
+
+def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
+    import shlex
+
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+
+    recorded = (full_run / "command.txt").read_text().splitlines()
+    assert recorded == ["lowmem-alignprop " + shlex.join([*RUN_ARGS, "--output-dir", str(full_run)])]
+    kohya = list((full_run / "export" / "kohya").glob("*.safetensors"))
+    assert len(kohya) == 1 and (full_run / "export" / "peft" / "adapter_model.safetensors").is_file()
+    card = (full_run / "export" / "kohya" / "README.md").read_text()
+    assert recorded[0] in card  # the model card's command is the real one
+    # the same files as the export command writes from lora/
+    assert main(["export", "--lora", str(full_run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    again = load_file(str(next((tmp_path / "k").glob("*.safetensors"))))
+    ours = load_file(str(kohya[0]))
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+    assert not list(full_run.rglob(".*.tmp")) and not list((full_run / "export").glob(".*"))  # no temporary leftovers
+
+
+def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    common = ["sample", "--profile", "cpu", "--set", "sample_steps=3", "--num-prompts", "1"]
+
+    def lora_rewards(spec, name):
+        out = tmp_path / name
+        assert main([*common, "--lora", str(spec), "--output-dir", str(out)]) == 0
+        return [r for p in json.loads((out / "sample_results.json").read_text())["per_prompt"] for r in p["lora"]]
+
+    final = lora_rewards(full_run / "lora", "final")
+    # the last checkpoint holds the final LoRA; written by its step number or as the folder is named
+    assert lora_rewards(full_run / "checkpoints" / "step-4", "ckpt4") == final
+    assert lora_rewards(full_run / "checkpoints" / "step-00000002", "ckpt2") != pytest.approx(final, rel=1e-4)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["export_format=kohya,kohyaa"], "export_format: 'kohyaa' is not one of diffusers, kohya, peft: use --set "
+                                     "export_format=kohya"),
+    (["export_format=peft", "train_unet=full"], "export_format exports a LoRA and train_unet=full"),
+    (["sample_every=5", "sample_prompts=0"], "sample_every=5 renders the sample prompts, and sample_prompts=0"),
+    (["init_lora=x", "train_unet=full"], "init_lora starts LoRA training from a LoRA"),
+])
+def test_training_output_settings_that_cannot_work_are_one_line(sets, needle, tmp_path, capsys, fresh_log_handlers):
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "run"
+    args = ["--profile", "cpu", "--output-dir", str(out)] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()

@@ -23,6 +23,7 @@ def export_parser() -> argparse.ArgumentParser:
                "models/Lora\n"
                "  lowmem-alignprop export --lora outputs/run/lora --format peft\n"
                "  lowmem-alignprop export --lora outputs/run/lora --merge --weight 0.8 --out merged-model\n"
+               "  lowmem-alignprop export --lora outputs/run/lora --merge --single-file   # A1111 models/Stable-diffusion\n"
                "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora")
     p.add_argument("--lora", required=True, metavar="DIR", help="the lora/ folder a run wrote (or the run folder)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
@@ -30,6 +31,8 @@ def export_parser() -> argparse.ArgumentParser:
                         "(default)")
     p.add_argument("--merge", action="store_true", help="write the base model with the LoRA fused in (a diffusers "
                                                         "folder)")
+    p.add_argument("--single-file", action="store_true", help="with --merge: one .safetensors in the original "
+                   "(LDM) layout for AUTOMATIC1111 (models/Stable-diffusion) and ComfyUI (models/checkpoints)")
     p.add_argument("--weight", type=float, metavar="W", help="with --merge: the LoRA's weight (1 = as trained, "
                                                              "0 = the base model)")
     p.add_argument("--dtype", metavar="fp32|fp16|bf16", help="with --merge: the precision the merged model is saved "
@@ -45,7 +48,7 @@ def export_main(argv: list[str]) -> int:
     from lowmem_alignprop.commands import lora_export as lx
 
     args = export_parser().parse_args(argv)
-    lx.check_format(args.format, args.merge, args.weight, args.dtype)  # cheap checks first: nothing is read yet
+    lx.check_format(args.format, args.merge, args.weight, args.dtype, args.single_file)  # cheap checks first: nothing is read yet
     if args.model and not args.merge:
         raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")
     if args.private and not args.push_to_hub:
@@ -58,7 +61,7 @@ def export_main(argv: list[str]) -> int:
     out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
     files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
-                      dtype=args.dtype, command=command)
+                      dtype=args.dtype, command=command, single_file=args.single_file)
     log.info("exported %s (%s) to %s: %s", lora.path, "merged" if args.merge else args.format, out,
              ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -121,5 +122,7 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
             grid.paste(im, (left + j * cell, y))
             text.draw(draw, (left + j * cell + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
     text.warn_missing()  # once per grid
-    grid.save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)  # a reader (or a crash) never sees half a PNG
     return path

@@ -15,7 +15,9 @@ Formats (``lowmem-alignprop export --format ...``):
 * ``peft`` -- a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, keys
   ``base_model.model.<module>.lora_A.weight``): ``PeftModel.from_pretrained(unet, DIR)``.
 * ``--merge`` -- the base model with ``W * scale * B @ A`` added to each adapted weight (diffusers'
-  ``fuse_lora(lora_scale=W)`` then ``unload_lora_weights``), saved as a diffusers directory.
+  ``fuse_lora(lora_scale=W)`` then ``unload_lora_weights``), saved as a diffusers directory, or with
+  ``--single-file`` as one ``.safetensors`` in the original LDM layout (models/ldm_layout.py) that AUTOMATIC1111
+  (models/Stable-diffusion), ComfyUI (models/checkpoints) and ``from_single_file`` load.
 
 Every export writes a ``README.md`` model card (the hub's format: YAML front matter, then the run's numbers).
 Each export is written to a temporary folder beside ``--out`` and renamed into place when complete, so bad
@@ -38,11 +40,12 @@ from typing import Any
 
 import torch
 
+from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 log = logging.getLogger("lowmem_alignprop")
 
-FORMATS = ("diffusers", "kohya", "peft")
+FORMATS = EXPORT_FORMATS  # the same list as the export_format config field's
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what a merged model is saved in
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
 BASE_FILE = "base_model.json"
@@ -377,6 +380,22 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     return pipe
 
 
+def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> Path:
+    """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
+    weight in it, the run's reward and steps."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
+
+    info = run_info(lora)
+    path = folder / f"{_file_stem(lora).removesuffix('_lora')}_merged.safetensors"
+    save_file(pipeline_to_ldm(pipe), str(path), metadata={
+        "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
+        "alignprop_lora_weight": _num(1.0 if weight is None else weight),
+        "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", ""))})
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model card
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +418,17 @@ def run_info(lora: Lora) -> dict[str, Any]:
 
 
 def training_command(lora: Lora) -> str | None:
-    """A command that trains this run again: its profile, and --set for each field that differs from it."""
+    """The command that trained this run, as the run folder recorded it (command.txt: one line per start, a
+    --resume included); for a run without that record, a command that trains it again: its profile, and --set for
+    each field that differs from it."""
+    from lowmem_alignprop.run.checkpoint import COMMAND_FILE
+
+    recorded = lora.run / COMMAND_FILE if lora.run is not None else None
+    if recorded is not None and recorded.is_file():
+        try:
+            return recorded.read_text(encoding="utf-8").strip() or None
+        except (OSError, ValueError):
+            pass
     c = lora.run_config
     if not c:
         return None
@@ -482,6 +511,13 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
 
 def _usage(fmt: str, files: list[str], base: str | None, merged: float | None) -> list[str]:
     base = base or "BASE_MODEL"
+    if merged is not None and fmt == "single-file":
+        return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
+                "node.",
+                "- AUTOMATIC1111 / Forge: copy it to `stable-diffusion-webui/models/Stable-diffusion/` and choose it "
+                "as the checkpoint.",
+                f"- diffusers: `StableDiffusionPipeline.from_single_file(\"{files[0]}\")` "
+                "(`StableDiffusionXLPipeline` for SDXL)."]
     if merged is not None:
         return ["```python", "from diffusers import DiffusionPipeline",
                 "pipe = DiffusionPipeline.from_pretrained(\"THIS_FOLDER\")", "```"]
@@ -556,7 +592,8 @@ def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
 # one export
 # ---------------------------------------------------------------------------------------------------------
 
-def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None = None) -> None:
+def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None = None,
+                 single_file: bool = False) -> None:
     if fmt not in FORMATS:
         import difflib
         near = difflib.get_close_matches(fmt.lower(), FORMATS, n=1)
@@ -565,6 +602,9 @@ def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None 
     if merge and fmt != "diffusers":
         raise UserError(f"--merge writes the whole model as a diffusers folder, not a {fmt} LoRA: leave --format out, "
                         "or drop --merge")
+    if single_file and not merge:
+        raise UserError("--single-file writes a merged model as one checkpoint file: add --merge (a kohya LoRA is "
+                        "already one file: --format kohya)")
     if weight is not None and not merge:
         raise UserError("--weight sets the LoRA's weight in a merged model: add --merge (ComfyUI and AUTOMATIC1111 set "
                         "a LoRA's strength when they load it)")
@@ -591,16 +631,20 @@ def default_out(lora: Lora, fmt: str, merge: bool) -> Path:
 
 
 def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: float | None = None,
-           model: str | None = None, dtype: str | None = None, command: str = "") -> list[Path]:
+           model: str | None = None, dtype: str | None = None, command: str = "", single_file: bool = False
+           ) -> list[Path]:
     """Write one export into ``out`` (a new folder), model card included; returns the files written. A merged
-    model is fused in fp32 and saved in ``dtype`` (default fp32)."""
-    check_format(fmt, merge, weight, dtype)
+    model is fused in fp32 and saved in ``dtype`` (default fp32): a diffusers folder, or with ``single_file`` one
+    ``.safetensors`` in the original LDM layout."""
+    check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if pipe is not None:
+        if pipe is not None and single_file:
+            files = [write_single_file(lora, pipe.to(DTYPES[dtype or "fp32"]), tmp, weight).name]
+        elif pipe is not None:
             pipe.to(DTYPES[dtype or "fp32"])
             pipe.save_pretrained(str(tmp))
             files = ["model_index.json"] + sorted(p.name + "/" for p in tmp.iterdir() if p.is_dir())
@@ -614,7 +658,7 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         if lora.run is not None and (lora.run / "samples" / GRID_NAME).is_file():
             shutil.copy2(lora.run / "samples" / GRID_NAME, tmp / GRID_NAME)
             grid = GRID_NAME
-        (tmp / CARD_NAME).write_text(model_card(lora, fmt, files, command, merged_weight=(
+        (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command, merged_weight=(
             (1.0 if weight is None else weight) if merge else None), grid=grid), encoding="utf-8")
         if out.is_dir():
             out.rmdir()  # empty (checked above)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -72,11 +73,11 @@ def make_accelerator(cfg: Config, output_dir: Path):
 
 
 def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[int, int] | None = None,
-          folder: RunFolder | None = None) -> dict:
+          folder: RunFolder | None = None, command: str | None = None) -> dict:
     """Train LoRA adapters with AlignProp. Returns the final summary (also written to the output dir).
     ``cfg``: a validated Config (``profiles.resolve_config`` validates; by hand: ``Config(...).validate()``).
     ``folder``: the run folder (the command line's choice, with its --resume); default: ``cfg.output_dir`` as named,
-    a new run."""
+    a new run. ``command``: the command line that started it, recorded in the run folder (command.txt)."""
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
         prompts = prepare_inputs(cfg)
@@ -89,7 +90,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     with lock:
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
-                       lock=lock).run()
+                       lock=lock, command=command).run()
 
 
 class Trainer:
@@ -100,8 +101,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
-                 lock: RunLock | None = None):
-        self.cfg, self.folder, self.prompts = cfg, folder, prompts
+                 lock: RunLock | None = None, command: str | None = None):
+        self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.fits: list[dict] = []  # the --auto-fit changes made
@@ -226,6 +227,8 @@ class Trainer:
         if self.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict()},
                                                             sort_keys=False))
+            if self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
+                ckpt.append_line(out / ckpt.COMMAND_FILE, self.command)
         if cfg.report_to != "none":
             self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
                                                                        if isinstance(v, (int, float, str, bool))})
@@ -476,6 +479,7 @@ class Trainer:
                 raise faults.TrainingDiverged(self.streak.message(path))
             return
         self.streak.good()
+        row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
         self.history.append(row)
@@ -487,6 +491,25 @@ class Trainer:
                                f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
         if cfg.report_to != "none":
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def sample_if_due(self, step: int) -> dict:
+        """--sample-every N: the grid's prompts and seeds rendered at steps N, 2N, ...: samples/step-N.png (before
+        vs step N), the image to the tracker; returns the rewards for the step's metrics line."""
+        from lowmem_alignprop.commands.grid import save_sample_grid
+
+        cfg = self.cfg
+        if not (cfg.sample_every and step % cfg.sample_every == 0 and self.before is not None):
+            return {}
+        try:
+            images, rewards = self.generate(self.sample_prompts, cfg.seed + 12345)
+        except UserError as e:  # the reward's error on the sample images: training goes on without them
+            log.warning("%s (no samples at step %d)", e, step)
+            return {}
+        if self.is_main:
+            grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
+                                    (images, rewards), row_names=("before", f"step {step}"))
+            log_images(self.accelerator, cfg, grid, "samples/during_training", step)
+        return {"sample_reward_mean": rewards.mean().item(), "sample_rewards": rewards.tolist()}
 
     def save_if_due(self, step: int) -> bool:
         """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
@@ -523,6 +546,7 @@ class Trainer:
         after = self.sample_after()
         if self.is_main:
             self.write_outputs(summary, final, lora, after)
+            self.export_at_end()
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary
@@ -568,7 +592,7 @@ class Trainer:
                     {"prompt": p, "reward_before": b, "reward_after": a}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
                 indent=1, ensure_ascii=False))
-            log_images(self.accelerator, cfg, grid)
+            log_images(self.accelerator, cfg, grid, "samples/before_after", cfg.steps)
             summary["sample_reward_before"] = before[1].mean().item()
             summary["sample_reward_after"] = after[1].mean().item()
         if self.fits:  # the configuration that finally fitted, for the next run
@@ -590,6 +614,26 @@ class Trainer:
         })
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, cfg, self.profile_name)
+
+
+    def export_at_end(self) -> None:
+        """export_format: lora/ exported as `lowmem-alignprop export --format F` exports it, into export/F/ (each
+        folder complete or absent). A failed export leaves the run's files as they are and says how to redo it."""
+        from lowmem_alignprop.commands import lora_export as lx
+
+        lora_dir = self.out / "lora"
+        if not self.cfg.export_formats() or not (lora_dir / lx.LORA_WEIGHT_NAME).is_file():
+            return
+        for fmt in self.cfg.export_formats():
+            command = f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
+            try:
+                lora = lx.read_lora(str(lora_dir))
+                out = lx.default_out(lora, fmt, False)
+                lx.export(lora, fmt, out, command=command)
+                log.info("exported the LoRA (%s) to %s", fmt, out)
+            except (UserError, OSError) as e:
+                log.error("export --format %s failed (%s); the LoRA is in %s: `%s` tries again", fmt,
+                          first_line(e, 160), lora_dir, command)
 
 
 class StopRequest:
@@ -667,8 +711,8 @@ def set_rng_state(rng: random.Random, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def log_images(accelerator, cfg: Config, grid_path: Path) -> None:
-    """Send the before/after grid to the configured tracker (tensorboard or wandb)."""
+def log_images(accelerator, cfg: Config, grid_path: Path, tag: str, step: int) -> None:
+    """Send a sample grid to the configured tracker (tensorboard or wandb) as image ``tag`` at ``step``."""
     if cfg.report_to == "none":
         return
     import numpy as np
@@ -677,10 +721,10 @@ def log_images(accelerator, cfg: Config, grid_path: Path) -> None:
     arr = np.asarray(Image.open(grid_path).convert("RGB"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples/before_after", arr, cfg.steps, dataformats="HWC")
+            tracker.writer.add_image(tag, arr, step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
-            tracker.log({"samples/before_after": wandb.Image(arr)}, step=cfg.steps)
+            tracker.log({tag: wandb.Image(arr)}, step=step)
 
 
 def print_summary(s: dict, cfg: Config, profile_name: str) -> None:

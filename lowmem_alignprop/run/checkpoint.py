@@ -264,6 +264,15 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
 
 
 LORA_BASE_FILE = "base_model.json"  # beside the exported LoRA: the fingerprint of the model it was trained on
+COMMAND_FILE = "command.txt"  # in the run folder: the command line of each start of the run, one per line
+
+
+def append_line(path: Path, line: str) -> None:
+    """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(old + line.rstrip("\n") + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:

@@ -16,6 +16,9 @@ from typing import Any, get_type_hints
 from lowmem_alignprop.settings.errors import UserError, quote
 
 
+EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # what `export --format` writes (commands/lora_export.py)
+
+
 def _f(default: Any, help: str, choices: tuple | None = None):
     meta = {"help": help}
     if choices:
@@ -124,6 +127,12 @@ class Config:
     # ---- logging and outputs ---------------------------------------------------------------------
     report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
     sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
+    sample_every: int = _f(0, "Render the sample grid's fixed-seed prompts (same seeds) every N steps (--sample-every): "
+                           "samples/step-N.png (before vs step N), their rewards in that step's metrics.jsonl line, "
+                           "the grid to the --report-to tracker. 0 = only before and after training.")
+    export_format: str = _f("", "Export the LoRA at the end of the run, as `lowmem-alignprop export --format F` does, "
+                            "into export/F/ (model card included): a comma-separated list of "
+                            f"{', '.join(EXPORT_FORMATS)}, e.g. kohya,peft. Empty: only lora/.")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
     keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
 
@@ -167,7 +176,8 @@ class Config:
                             "e.g. --output-dir outputs/run")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
                "max_bad_steps", "tile_size"]
-        for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "log_every", "tile_overlap",
+        for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
+                     "tile_overlap",
                      "weight_decay", "max_grad_norm", "budget_gb"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
@@ -198,6 +208,17 @@ class Config:
             raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
+        for fmt in self.export_formats():
+            if fmt not in EXPORT_FORMATS:
+                near = difflib.get_close_matches(fmt.lower(), EXPORT_FORMATS, n=1)
+                raise UserError(f"export_format: {quote(fmt)} is not one of {', '.join(EXPORT_FORMATS)}: use --set "
+                                f"export_format={near[0] if near else 'kohya'}")
+        if self.export_format and self.train_unet != "lora":
+            raise UserError("export_format exports a LoRA and train_unet=full trains the whole UNet (written to "
+                            "unet/): drop export_format, or train with --set train_unet=lora")
+        if self.sample_every and not self.sample_prompts:
+            raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
+                            "use --set sample_prompts=4, or drop --sample-every")
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.base_quant != "none" and self.train_unet == "full":
@@ -226,6 +247,10 @@ class Config:
         if self.truncation == "fixed":
             return self.k, self.k
         return self.k_min, self.k_max
+
+    def export_formats(self) -> list[str]:
+        """export_format as a list: 'kohya, peft' -> ['kohya', 'peft'] (each once, in the order given)."""
+        return list(dict.fromkeys(f.strip() for f in self.export_format.split(",") if f.strip()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
