@@ -293,3 +293,20 @@ def test_training_output_settings_that_cannot_work_are_one_line(sets, needle, tm
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def test_the_trainer_renders_with_the_negative_prompt(tiny_pipe, tmp_path):
+    """The trainer's prompt encoder (training steps and sample images alike) carries negative_prompt."""
+    from lowmem_alignprop.models.sampling import decode, initial_latents, rollout
+
+    cfg = _cfg(tmp_path / "run", "--set", f"negative_prompt={NEGATIVE}")
+    images = _images_at_step_0(cfg)
+    comps, pipe = tiny_pipe
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        comps.scheduler.set_timesteps(cfg.sample_steps)
+        lat = initial_latents(len(PROMPTS), comps.unet, comps.vae, cfg.resolution, g, "cpu")
+        emb = encode_prompts(pipe, PROMPTS, "cpu", cfg.resolution, negative_prompt=NEGATIVE)
+        ref = decode(comps.vae, rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
+                                        eta=cfg.eta, generator=g))
+    assert_rel_close(images, ref, SAME_OPS, "trainer's images with the negative prompt")
