@@ -222,9 +222,8 @@ def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):
 
 
 def test_tensorboard_event_file_holds_the_sampled_steps_images(full_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # the run's event file (init_trackers writes the hyperparameters into a subfolder of their own)
     folder = full_run / "logs" / "lowmem_alignprop"

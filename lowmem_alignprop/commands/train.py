@@ -615,7 +615,6 @@ class Trainer:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, cfg, self.profile_name)
 
-
     def export_at_end(self) -> None:
         """export_format: lora/ exported as `lowmem-alignprop export --format F` exports it, into export/F/ (each
         folder complete or absent). A failed export leaves the run's files as they are and says how to redo it."""
