@@ -236,7 +236,8 @@ def sample_parser() -> argparse.ArgumentParser:
         elif action.dest == "seed":
             action.help = "seed of the first image; image j of prompt i uses seed + i * images_per_prompt + j"
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="a trained LoRA (the lora/ folder of a run, the run folder, or the .safetensors file), "
+                   help="a trained LoRA (the lora/ folder of a run, the run folder, the .safetensors file, or a "
+                        "training checkpoint: checkpoints/step-300), "
                         "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
                         "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
     p.add_argument("--num-prompts", type=int, default=4, metavar="N",
