@@ -364,6 +364,22 @@ def test_shipped_configs_fit_the_ldm_layout(components, name):
     assert arch.detect_arch_from_state_dict(te_sd) == name  # the text encoders alone identify the model too
 
 
+@pytest.mark.parametrize("name", arch.ARCHS)
+def test_a_merged_single_file_of_each_architecture_is_detected_as_it(components, name):
+    """export --merge --single-file writes pipeline_to_ldm's layout: SD 2.x's text encoder in OpenCLIP layout
+    (chosen from the 1024-wide cross-attention), and each file detected as its architecture, so ``--model FILE``
+    and from_single_file with the shipped configs read it."""
+    from types import SimpleNamespace
+
+    c = components[name]
+    sd = pipeline_to_ldm(SimpleNamespace(unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"],
+                                         text_encoder_2=c.get("text_encoder_2")))
+    prefix = {"sd15": "cond_stage_model.transformer.", "sd21": "cond_stage_model.model.",
+              "sdxl": "conditioner.embedders.1.model."}[name]
+    assert any(k.startswith(prefix) for k in sd)
+    assert arch.detect_arch_from_state_dict(sd) == name
+
+
 # ------------------------------------------------------------------------------------------------
 # no network
 # ------------------------------------------------------------------------------------------------
