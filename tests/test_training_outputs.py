@@ -309,3 +309,30 @@ def test_the_trainer_renders_with_the_negative_prompt(tiny_pipe, tmp_path):
         ref = decode(comps.vae, rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
                                         eta=cfg.eta, generator=g))
     assert_rel_close(images, ref, SAME_OPS, "trainer's images with the negative prompt")
+
+
+def test_export_of_a_checkpoint_is_that_steps_lora(full_run, tmp_path):
+    """export --lora checkpoints/step-N: the LoRA of step N, named after it; the last checkpoint's is the run's."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import lora_export as lx
+
+    lora = lx.read_lora(str(full_run / "checkpoints" / "step-2"))
+    assert lora.step == 2 and lora.run == full_run
+    assert lx.default_out(lora, "kohya", False) == full_run / "export" / "kohya-step-2"
+
+    def kohya(step):
+        out = tmp_path / f"k{step}"
+        assert main(["export", "--lora", str(full_run / "checkpoints" / f"step-{step}"), "--format", "kohya",
+                     "--out", str(out)]) == 0
+        return out, load_file(str(out / f"{full_run.name}_step{step}_alignprop_lora.safetensors"))
+
+    out2, step2 = kohya(2)
+    _, step4 = kohya(4)
+    final = load_file(str(next((full_run / "export" / "kohya").glob("*.safetensors"))))
+    assert step4.keys() == final.keys() and all(torch.equal(step4[k], final[k]) for k in final)
+    assert any(not torch.equal(step2[k], final[k]) for k in final if k.endswith(".lora_up.weight"))
+    card = (out2 / "README.md").read_text()
+    assert "| steps | 2 |" in card and "![before training and at step 2, same seeds](step-000002.png)" in card
+    assert (out2 / "step-000002.png").read_bytes() == (full_run / "samples" / "step-000002.png").read_bytes()

@@ -25,7 +25,8 @@ def export_parser() -> argparse.ArgumentParser:
                "  lowmem-alignprop export --lora outputs/run/lora --merge --weight 0.8 --out merged-model\n"
                "  lowmem-alignprop export --lora outputs/run/lora --merge --single-file   # A1111 models/Stable-diffusion\n"
                "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora")
-    p.add_argument("--lora", required=True, metavar="DIR", help="the lora/ folder a run wrote (or the run folder)")
+    p.add_argument("--lora", required=True, metavar="DIR", help="the lora/ folder a run wrote (or the run folder, or a "
+                   "training checkpoint: checkpoints/step-300)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
                    help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
                         "(default)")

@@ -69,6 +69,7 @@ class Lora:
     run: Path | None                # the run folder (config.yaml / summary.json), when there is one
     run_config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None         # a training checkpoint's step (export of checkpoints/step-N), else None
 
     @property
     def modules(self) -> list[str]:
@@ -113,6 +114,11 @@ def read_lora(spec: str) -> Lora:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import safe_open
 
+    from lowmem_alignprop.run.checkpoint import named_checkpoint
+
+    checkpoint = named_checkpoint(Path(spec).expanduser())
+    if checkpoint is not None:
+        return _read_checkpoint(checkpoint, spec)
     path = lora_dir_of(spec)
     file = path / LORA_WEIGHT_NAME
     if not file.is_file():
@@ -163,6 +169,30 @@ def read_lora(spec: str) -> Lora:
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
     if run is not None:
         lora.run_config, lora.summary = _read_run(run)
+    return lora
+
+
+def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
+    """A training checkpoint's LoRA (checkpoints/step-N), as the run would have written it at that step: its card
+    tells the steps and rewards up to N, and its files are named after the run and the step."""
+    from lowmem_alignprop.models.loading import write_checkpoint_lora
+    from lowmem_alignprop.run.checkpoint import read_state
+
+    folder = write_checkpoint_lora(checkpoint, _temporary_folder() / "lora").parent
+    lora = read_lora(str(folder))
+    state = read_state(checkpoint)
+    run = checkpoint.parent.parent  # RUN/checkpoints/step-N
+    lora.run = run if checkpoint.parent.name == "checkpoints" else None
+    if lora.run is not None:
+        lora.run_config, _ = _read_run(run)
+    lora.run_config = {**lora.run_config, **state.get("config", {})}
+    lora.step = int(state["step"])
+    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
+    n = max(1, min(3, len(history) // 2))  # as the trainer's summary averages them
+    lora.summary = {"steps": lora.step, "steps_done": lora.step}
+    if history:
+        lora.summary.update(reward_first=sum(h["reward_mean"] for h in history[:n]) / n,
+                            reward_last=sum(h["reward_mean"] for h in history[-n:]) / n)
     return lora
 
 
@@ -497,7 +527,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     if grid:
-        lines += ["", "## Before / after", "", f"![before and after training, same seeds]({grid})"]
+        what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
+        lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     lines += ["", "## Use", ""] + _usage(fmt, files, base, merged_weight)
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -626,7 +657,8 @@ def check_out(out: Path) -> None:
 def default_out(lora: Lora, fmt: str, merge: bool) -> Path:
     from lowmem_alignprop.run.runlock import next_free_dir
 
-    base = (lora.run or lora.path.parent) / "export" / ("merged" if merge else fmt)
+    base = (lora.run or lora.path.parent) / "export" / (("merged" if merge else fmt)
+                                                       + (f"-step-{lora.step}" if lora.step is not None else ""))
     return next_free_dir(base, lambda p: p.exists() and (not p.is_dir() or any(p.iterdir())))
 
 
@@ -655,9 +687,12 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         else:
             files = [p.name for p in write_diffusers(lora, tmp)]
         grid = None
-        if lora.run is not None and (lora.run / "samples" / GRID_NAME).is_file():
-            shutil.copy2(lora.run / "samples" / GRID_NAME, tmp / GRID_NAME)
-            grid = GRID_NAME
+        # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
+        source = (lora.run / "samples" / (GRID_NAME if lora.step is None else f"step-{lora.step:06d}.png")
+                  if lora.run is not None else None)
+        if source is not None and source.is_file():
+            grid = GRID_NAME if lora.step is None else source.name
+            shutil.copy2(source, tmp / grid)
         (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command, merged_weight=(
             (1.0 if weight is None else weight) if merge else None), grid=grid), encoding="utf-8")
         if out.is_dir():
@@ -673,6 +708,8 @@ def _file_stem(lora: Lora) -> str:
     """The kohya file's name: the run folder's (what users see in ComfyUI's and A1111's LoRA lists)."""
     name = (lora.run or lora.path.parent).resolve().name if lora.path.name == "lora" else lora.path.resolve().name
     name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "alignprop"
+    if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)
+        return f"{name}_step{lora.step}_alignprop_lora"
     return f"{name}_alignprop_lora"
 
 
