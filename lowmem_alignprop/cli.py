@@ -111,11 +111,15 @@ def cmd_train(argv: list[str]) -> int:
                    "micro-batch, more checkpointing, offload) and continue")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
+    p.add_argument("--push-to-hub", metavar="REPO", help="at the end, upload the LoRA's export with its model card to "
+                   "this hub repository (owner/name); checked before training starts")
     p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
                    "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one")
     args = p.parse_args(argv)
     if args.sample_every is not None:
         args.set.append(f"sample_every={args.sample_every}")
+    if args.push_to_hub is not None:
+        args.set.append(f"push_to_hub={args.push_to_hub}")
     if args.init_lora is not None:
         args.set.append(f"init_lora={args.init_lora}")
     if args.checkpoint_every is not None:

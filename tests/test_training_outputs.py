@@ -183,15 +183,25 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
 RUN_ARGS = ["--profile", "cpu", "--steps", "4", "--sample-every", "2", "--report-to", "tensorboard",
             "--checkpoint-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
             "--set", "keep_checkpoints=0", "--set", "export_format=kohya,peft", "--set", "lr=0.01",
-            "--set", f"negative_prompt={NEGATIVE}"]
+            "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop"]
+HUB_CALLS: list = []  # what the run asked of the (mocked) hub
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_dir):
+    import huggingface_hub
+
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import lora_export as lx
 
     out = tmp_path_factory.mktemp("full") / "run"
-    assert main([*RUN_ARGS, "--output-dir", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the hub's part is the mock's (no network here)
+        mp.setattr(lx, "check_push_to_hub", lambda repo: HUB_CALLS.append(("check", repo)))
+        mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: HUB_CALLS.append(("create", repo))
+                   or f"https://huggingface.co/{repo}")
+        mp.setattr(huggingface_hub, "upload_folder", lambda **kw: HUB_CALLS.append(("upload", kw["repo_id"],
+                                                                                    kw["folder_path"])))
+        assert main([*RUN_ARGS, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -256,6 +266,9 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     ours = load_file(str(kohya[0]))
     assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
     assert not list(full_run.rglob(".*.tmp")) and not list((full_run / "export").glob(".*"))  # no temporary leftovers
+    # --push-to-hub: checked before training, the first export (its model card with it) uploaded at the end
+    assert HUB_CALLS == [("check", "you/alignprop"), ("create", "you/alignprop"),
+                         ("upload", "you/alignprop", str(full_run / "export" / "kohya"))]
 
 
 def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
@@ -282,6 +295,8 @@ def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
     (["export_format=peft", "train_unet=full"], "export_format exports a LoRA and train_unet=full"),
     (["sample_every=5", "sample_prompts=0"], "sample_every=5 renders the sample prompts, and sample_prompts=0"),
     (["init_lora=x", "train_unet=full"], "init_lora starts LoRA training from a LoRA"),
+    (["push_to_hub=you/lora"], "--push-to-hub you/lora: the Hugging Face hub is switched off here"),
+    (["push_to_hub=you/lora", "train_unet=full"], "push_to_hub exports a LoRA and train_unet=full"),
 ])
 def test_training_output_settings_that_cannot_work_are_one_line(sets, needle, tmp_path, capsys, fresh_log_handlers):
     from lowmem_alignprop.cli import main

@@ -81,6 +81,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
         prompts = prepare_inputs(cfg)
+        if cfg.push_to_hub:  # offline or without a token: now, not after the training
+            from lowmem_alignprop.commands.lora_export import check_push_to_hub
+            check_push_to_hub(cfg.push_to_hub)
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
         if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
@@ -617,14 +620,19 @@ class Trainer:
 
     def export_at_end(self) -> None:
         """export_format: lora/ exported as `lowmem-alignprop export --format F` exports it, into export/F/ (each
-        folder complete or absent). A failed export leaves the run's files as they are and says how to redo it."""
+        folder complete or absent); push_to_hub uploads the first. A failed export or upload leaves the run's files
+        as they are and says how to redo it."""
         from lowmem_alignprop.commands import lora_export as lx
 
-        lora_dir = self.out / "lora"
-        if not self.cfg.export_formats() or not (lora_dir / lx.LORA_WEIGHT_NAME).is_file():
+        cfg, lora_dir = self.cfg, self.out / "lora"
+        formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
+        if not formats or not (lora_dir / lx.LORA_WEIGHT_NAME).is_file():
             return
-        for fmt in self.cfg.export_formats():
-            command = f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
+        pushed = False
+        for fmt in formats:
+            push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
+            command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
+                       + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
             try:
                 lora = lx.read_lora(str(lora_dir))
                 out = lx.default_out(lora, fmt, False)
@@ -633,6 +641,13 @@ class Trainer:
             except (UserError, OSError) as e:
                 log.error("export --format %s failed (%s); the LoRA is in %s: `%s` tries again", fmt,
                           first_line(e, 160), lora_dir, command)
+                continue
+            if push:
+                pushed = True
+                try:
+                    log.info("pushed %s to %s", out, lx.push_to_hub(out, cfg.push_to_hub))
+                except UserError as e:  # the upload failed: the export is complete, the message says so
+                    log.error("%s", e)
 
 
 class StopRequest:

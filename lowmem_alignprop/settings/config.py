@@ -133,6 +133,9 @@ class Config:
     export_format: str = _f("", "Export the LoRA at the end of the run, as `lowmem-alignprop export --format F` does, "
                             "into export/F/ (model card included): a comma-separated list of "
                             f"{', '.join(EXPORT_FORMATS)}, e.g. kohya,peft. Empty: only lora/.")
+    push_to_hub: str = _f("", "Upload the LoRA's export (the first of export_format, else diffusers) with its model card "
+                          "to this Hugging Face hub repository (owner/name) at the end (--push-to-hub). Checked "
+                          "before training starts: offline or without a token the run does not start.")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
     keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
 
@@ -213,9 +216,10 @@ class Config:
                 near = difflib.get_close_matches(fmt.lower(), EXPORT_FORMATS, n=1)
                 raise UserError(f"export_format: {quote(fmt)} is not one of {', '.join(EXPORT_FORMATS)}: use --set "
                                 f"export_format={near[0] if near else 'kohya'}")
-        if self.export_format and self.train_unet != "lora":
-            raise UserError("export_format exports a LoRA and train_unet=full trains the whole UNet (written to "
-                            "unet/): drop export_format, or train with --set train_unet=lora")
+        if (self.export_format or self.push_to_hub) and self.train_unet != "lora":
+            what = "export_format" if self.export_format else "push_to_hub"
+            raise UserError(f"{what} exports a LoRA and train_unet=full trains the whole UNet (written to "
+                            f"unet/): drop {what}, or train with --set train_unet=lora")
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or drop --sample-every")
