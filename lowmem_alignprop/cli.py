@@ -72,6 +72,14 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the LoRA, metrics, samples and reports go")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), help="accelerate tracker")
+    from lowmem_alignprop.settings.config import shipped_recipes
+    p.add_argument("--recipe", choices=tuple(shipped_recipes()),
+                   help="the paper's settings for a run (reward, loss scale, clipping, weight decay, K range), "
+                        "between the profile and the flags; printed in config.yaml")
+    p.add_argument("--eval-every", type=int, metavar="N", help="score held-out prompts with fixed seeds every N "
+                   "steps (eval_reward in metrics.jsonl) and keep the best step's LoRA in best/")
+    p.add_argument("--early-stop", type=int, metavar="P", help="end the run when evaluation has not improved for "
+                   "P evaluations in a row (needs --eval-every)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field (repeatable), e.g. --set k=3 --set truncation=uniform")
     return p
@@ -191,6 +199,10 @@ def cmd_profiles(argv: list[str]) -> int:
         budget = values.get("budget_gb", 0)
         print(f"{name:12s} {budget:5.1f} GiB  {describe(path)}")
     print("\nUse one with --profile NAME, or --profile path/to/your.yaml; override fields with --set key=value.")
+    from lowmem_alignprop.settings.config import shipped_recipes
+    print("\nrecipes (--recipe NAME: the paper's settings, applied between the profile and your flags):")
+    for name, path in shipped_recipes().items():
+        print(f"{name:12s} {describe(path)}")
     return 0
 
 
@@ -233,7 +245,7 @@ def sample_parser() -> argparse.ArgumentParser:
                       "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
                       "a reward, and write a side-by-side grid and sample_results.json.")
     for action in p._actions:  # the shared parser's options, as this command reads them
-        if action.dest in ("steps", "report_to"):
+        if action.dest in ("steps", "report_to", "eval_every", "early_stop"):
             action.help = argparse.SUPPRESS  # training-only: accepted, not advertised
         elif action.dest == "output_dir":
             action.help = f"where {GRID_NAME} and {RESULTS_NAME} go (default {DEFAULT_OUTPUT_DIR})"

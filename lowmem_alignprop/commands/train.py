@@ -40,8 +40,9 @@ from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocato
 from lowmem_alignprop.step.prompts import cut_prompts_note
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
-from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, enable_vae_checkpointing,
-                                              initial_latents, make_pipeline, resolution_note, rollout)
+from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, enable_block_checkpointing,
+                                              enable_vae_checkpointing, initial_latents, make_pipeline,
+                                              resolution_note, rollout)
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 
@@ -434,7 +435,7 @@ class Trainer:
         if "vae_checkpointing" in keys:
             enable_vae_checkpointing(self.vae, cfg.vae_checkpointing)
         if cfg.unet_checkpointing == "blocks" and "unet_checkpointing" in keys:
-            self.bare_unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute in backward
+            enable_block_checkpointing(self.bare_unet)  # keep one input per UNet block, recompute in backward
         if "reward_checkpointing" in keys:
             self.reward = self.build_reward()
             self.place.where.pop("reward", None)

@@ -820,8 +820,10 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
              notes: list[str]) -> Estimate:
     """The per-stage figures: the counter's peaks, K beyond the simulated window, load, the reserved estimate."""
     cuda = target == "cuda"
-    # K beyond the simulated window: each further grad step keeps what the second one kept
-    per_k = max(0, grad_calls[1] - grad_calls[0]) if len(grad_calls) >= 2 else 0
+    # K beyond the simulated window: each further grad step keeps what the second one kept (with kl_coeff each
+    # window step makes two UNet calls, the LoRA model's and the base model's: the step is every second call)
+    calls = 2 if cfg.kl_coeff > 0 else 1
+    per_k = max(0, grad_calls[calls] - grad_calls[0]) if len(grad_calls) > calls else 0
     extra = per_k * (k_plan - k_sim)
     if extra:
         for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD):

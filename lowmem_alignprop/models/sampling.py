@@ -165,13 +165,56 @@ def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
     return uncond + guidance_scale * (cond - uncond)
 
 
+@contextlib.contextmanager
+def adapters_off(unet):
+    """The frozen base model: the UNet with its LoRA adapters switched off (diffusers' ``disable_adapters``).
+    peft's switch also clears the adapters' ``requires_grad`` and sets it again when they come back on: every
+    parameter's flag is restored as it was, so a frozen adapter stays frozen. While it is off, the UNet's block
+    checkpoints (:func:`enable_block_checkpointing`) are made to recompute with the adapters off too."""
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.disable_adapters()
+    unet._lowmem_base_call = True
+    try:
+        yield unet
+    finally:
+        unet._lowmem_base_call = False
+        unet.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _block_checkpoint(unet, block, *args):
+    """diffusers' per-block checkpoint (non-reentrant). A block of the base model's call (inside
+    :func:`adapters_off`) is recomputed in backward, long after that call returned: its recompute switches the
+    adapters off again, else it would recompute the LoRA model's block."""
+    if getattr(unet, "_lowmem_base_call", False):
+        context_fn = lambda: (contextlib.nullcontext(), adapters_off(unet))  # noqa: E731
+        return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
+    return checkpoint(block.__call__, *args, use_reentrant=False)
+
+
+def enable_block_checkpointing(unet) -> None:
+    """unet_checkpointing=blocks: keep one input per UNet block, recompute the block in backward."""
+    unet.enable_gradient_checkpointing(functools.partial(_block_checkpoint, unet))
+
+
+def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
+    """:func:`guided_eps` of the frozen base model (the adapters off, also when a checkpoint recomputes it)."""
+    with adapters_off(unet):
+        return guided_eps(unet, latents, t, emb, guidance_scale)
+
+
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
             eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
-            checkpoint_calls: bool = True) -> torch.Tensor:
+            checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1) -> torch.Tensor:
     """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
 
     ``scheduler.set_timesteps`` must have been called. ``grad_unet`` is the module used inside the grad
     window (the DDP/DeepSpeed wrapper, so gradients are synchronised); no-grad steps may use the bare UNet.
+    ``kl``: a list that receives, for each grad-window step, the distance ``mean((eps - eps_base)^2)`` between
+    the LoRA model's and the base model's predictions (``unet`` with its adapters off). ``lv_draws`` > 1
+    (DRaFT-LV): the result holds ``lv_draws`` batches, the trajectory's own last step first (see
+    :func:`last_step_draws`).
     """
     stage = stage or (lambda name: contextlib.nullcontext())
     grad_unet = grad_unet if grad_unet is not None else unet
@@ -187,15 +230,35 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     latents = latents.detach()  # the gradient window starts here
     if k == 0:
         return latents
+    call = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else (lambda f, *a: f(*a))
     with stage(stages.SAMPLE_GRAD):
         for t in timesteps[split:]:
-            if checkpoint_calls:
-                # one checkpoint per UNet call: keep only its input latent, recompute the call in backward
-                eps = checkpoint(guided_eps, grad_unet, latents, t, emb, guidance_scale, use_reentrant=False)
-            else:
-                eps = guided_eps(grad_unet, latents, t, emb, guidance_scale)
+            # one checkpoint per UNet call: keep only its input latent, recompute the call in backward
+            eps = call(guided_eps, grad_unet, latents, t, emb, guidance_scale)
+            if kl is not None:  # the base model's call is its own checkpoint: in backward one call is recomputed
+                eps_base = call(base_eps, unet, latents, t, emb, guidance_scale)  # at a time, as without KL
+                kl.append((eps - eps_base).pow(2).mean())
             latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+        if lv_draws > 1:
+            latents = last_step_draws(grad_unet, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale,
+                                      eta=eta, generator=generator, call=call)
     return latents
+
+
+def last_step_draws(unet, scheduler, x0: torch.Tensor, emb: PromptEmbeds, draws: int, *, guidance_scale: float,
+                    eta: float, generator, call) -> torch.Tensor:
+    """DRaFT-LV (Clark et al. 2023): ``x0`` (the trajectory's own last step, draw 1) and ``draws - 1`` more last
+    steps, each from ``x0`` without its gradient re-noised to the last step's noise level (the scheduler's
+    ``add_noise``) and denoised again with gradients: ``[draws * B, ...]``, draw-major. The extra draws run as one
+    batched, checkpointed UNet call."""
+    t = scheduler.timesteps[-1]
+    more = draws - 1
+    start = x0.detach().repeat(more, *([1] * (x0.dim() - 1)))
+    noise = torch.randn(start.shape, generator=generator, device="cpu", dtype=start.dtype).to(start.device)
+    t_batch = torch.as_tensor(t, device=start.device).reshape(1).long()
+    noisy = scheduler.add_noise(start, noise, t_batch)
+    eps = call(guided_eps, unet, noisy, t, PromptEmbeds.cat([emb] * more), guidance_scale)
+    return torch.cat([x0, scheduler.step(eps, t, noisy, eta=eta, generator=generator).prev_sample])
 
 
 def decode(vae, latents: torch.Tensor, *, sliced: bool = False, tiled: bool = False, tile_size: int = 64,

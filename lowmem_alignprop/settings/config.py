@@ -90,6 +90,31 @@ class Config:
                         "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
                         ("adamw", "adamw8bit", "paged_adamw8bit"))
 
+    # ---- aligning without over-optimising (docs/design.md section 10) ---------------------------------
+    recipe: str = _f("", "The named recipe applied (--recipe NAME: the paper's settings, lowmem_alignprop/recipes/; "
+                     "order profile < recipe < flags < --set). Its values are already in the other fields.")
+    kl_coeff: float = _f(0.0, "Weight of a penalty on the distance between the LoRA model's and the frozen base "
+                         "model's noise predictions along the grad window (DRaFT+): loss += kl_coeff * sum over the "
+                         "window's steps of mean((eps_lora - eps_base)^2). The base is the same UNet with its adapter "
+                         "switched off, one more checkpointed UNet call per window step: it costs time, not memory. "
+                         "0 = off.")
+    lv_draws: int = _f(1, "DRaFT-LV (Clark et al. 2023): the last step is taken this many times, the first from the "
+                       "sampled trajectory and the others from its image re-noised to the last step's noise level, "
+                       "and the reward is averaged over all (lower-variance gradients). Decode and reward then "
+                       "work on lv_draws x batch_size images. 1 = plain AlignProp.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights with this decay (e.g. "
+                          "0.99; diffusers' EMAModel), held in checkpoints. 0 = off.")
+    ema_outputs: bool = _f(True, "With ema_decay: the after samples, evaluation, best/ and the exported lora/ use "
+                           "the EMA weights (false: the trained weights; the EMA is still kept in checkpoints).")
+    eval_every: int = _f(0, "Score the held-out prompts with fixed seeds every N optimizer steps (eval_reward in "
+                         "metrics.jsonl and the trackers) and keep the LoRA of the best evaluated step in best/. "
+                         "0 = off.")
+    eval_prompts: str = _f("", "Held-out prompts: a built-in set or a UTF-8 file; empty = eval_holdout prompts of "
+                           "the training set, set aside with the seed and never trained on.")
+    eval_holdout: int = _f(4, "With eval_every and no eval_prompts: how many training prompts are held out.")
+    early_stop: int = _f(0, "End the run when evaluation has not improved for this many evaluations in a row "
+                         "(needs eval_every; 0 = never).")
+
     # ---- memory features (set by the hardware profile) ---------------------------------------------
     budget_gb: float = _f(0.0, "The card's memory budget in GiB that this configuration must fit (0 = no check).")
     mixed_precision: str = _f("no", "Precision of the frozen modules (UNet, VAE, text encoder, reward); LoRA and "
@@ -241,9 +266,32 @@ class Config:
             raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
         if self.tile_overlap * 2 >= self.tile_size:
             raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}")
+        self._validate_alignment()
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self
+
+    def _validate_alignment(self) -> None:
+        """KL, EMA, evaluation and early stop: ranges and the combinations that cannot work."""
+        for name in ("kl_coeff", "eval_every", "early_stop"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
+        for name in ("lv_draws", "eval_holdout"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. --set ema_decay=0.99 (0 = off)")
+        if self.kl_coeff > 0 and self.train_unet != "lora":
+            raise UserError("kl_coeff needs train_unet=lora: the base model is the UNet with its LoRA switched off "
+                            "(use --set kl_coeff=0 to fine-tune the full UNet)")
+        if self.ema_decay > 0 and self.deepspeed_zero == 3:
+            raise UserError("ema_decay with deepspeed_zero=3: the EMA would average partitioned weights; use "
+                            "--set deepspeed_zero=2 or --set ema_decay=0")
+        if self.early_stop and not self.eval_every:
+            raise UserError(f"early_stop={self.early_stop} stops when evaluation stops improving, and evaluation "
+                            "is off: add --eval-every N")
+        if self.recipe and self.recipe not in shipped_recipes():
+            raise UserError(f"unknown recipe {self.recipe!r}: use one of {', '.join(shipped_recipes())}")
 
     # ------------------------------------------------------------------------------------------------
     def window_bounds(self) -> tuple[int, int]:
@@ -261,6 +309,12 @@ class Config:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the paper's settings, one YAML file per recipe
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
 
 
 # (field, the value that needs nothing, the package any other value needs)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set
+from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
 from lowmem_alignprop.settings.errors import UserError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -149,14 +149,27 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     return name, values
 
 
-FLAG_FIELDS = ("model", "reward", "prompts", "steps", "output_dir", "seed", "report_to")  # fields with their own flag
+FLAG_FIELDS = ("model", "reward", "prompts", "steps", "output_dir", "seed", "report_to", "recipe", "eval_every",
+               "early_stop")  # fields with their own flag
+# a recipe chooses what is trained and how (reward, loss, optimiser, truncation), never paths
+NOT_IN_A_RECIPE = ("model", "output_dir", "recipe")
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A shipped recipe's field values (lowmem_alignprop/recipes/NAME.yaml), typed; unknown name -> UserError."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        raise UserError(f"unknown recipe {name!r}: use one of {', '.join(recipes)}")
+    data = _load_yaml(recipes[name].read_text(encoding="utf-8")) or {}
+    values = {str(k): coerce(str(k), v) for k, v in data.items() if k not in NOT_IN_A_RECIPE}
+    return {**values, "recipe": name}
 
 
 def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                    resumed: tuple[str, dict] | None = None) -> tuple[str, Config]:
-    """profile < explicit flags (``flags``: FLAG_FIELDS, None where not given) < ``--set`` items, validated.
-    ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
-    one (then that profile applies on top of it)."""
+    """profile < recipe < explicit flags (``flags``: FLAG_FIELDS, None where not given) < ``--set`` items, validated.
+    The recipe is ``flags["recipe"]`` or ``--set recipe=NAME``. ``resumed`` (--resume): the run's own (profile name,
+    config) replaces the profile, unless ``profile`` names another one (then that profile applies on top of it)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     if resumed is None:
         name, values = load_profile(profile)
@@ -168,4 +181,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
             logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
                                                           name)
     explicit = {k: v for k, v in flags.items() if v is not None}
+    recipe = overrides.get("recipe", explicit.get("recipe"))
+    if recipe:  # the paper's settings, between the profile and what the user typed
+        values = {**values, **load_recipe(recipe)}
     return name, build_config(values, explicit, overrides)

@@ -16,7 +16,8 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.models.loading import add_lora, choose_vae_dtype, set_attention
 from lowmem_alignprop.memory.placement import Placement
-from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing, rollout, without_autocast
+from lowmem_alignprop.models.sampling import (decode, enable_block_checkpointing, enable_vae_checkpointing, rollout,
+                                              without_autocast)
 
 
 def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -38,7 +39,7 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
     choose_vae_dtype(vae, weight_dtype, device, comps.is_sdxl)
     attention = set_attention(unet, vae, cfg.attention, device)
     if cfg.unet_checkpointing == "blocks":
-        unet.enable_gradient_checkpointing()  # keep one input per UNet block, recompute inside backward
+        enable_block_checkpointing(unet)  # keep one input per UNet block, recompute inside backward
     enable_vae_checkpointing(vae, cfg.vae_checkpointing)
     if cfg.train_unet == "lora":
         params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
@@ -50,8 +51,13 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
 
 def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
                  k: int, generator, stage, place: Placement | None = None,
-                 saved_tensors: Callable[[], ContextManager] | None = None):
-    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards).
+                 saved_tensors: Callable[[], ContextManager] | None = None, terms: dict | None = None):
+    """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards): the rewards of
+    the sampled images (with lv_draws > 1 the loss averages the extra draws' rewards too).
+
+    loss = the reward term (:func:`loss_from_reward`) + kl_coeff * the KL term (the sum over the grad window of the
+    distance to the base model's predictions, computed in ``sample_grad``: docs/design.md section 10). ``terms``:
+    a dict that receives the loss's parts (``kl``), detached, for the metrics.
 
     What differs between a real step (the trainer) and an estimated one (the planner, on fake tensors) is passed in,
     never patched into torch or another module: ``scheduler`` (the planner's keeps its timesteps real), ``stage``
@@ -66,9 +72,10 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
         offload = saved_tensors()
     else:
         offload = torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda)
+    kl: list | None = [] if cfg.kl_coeff > 0 else None
     with offload:
         latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                          generator=generator, stage=stage, grad_unet=grad_unet)
+                          generator=generator, stage=stage, grad_unet=grad_unet, kl=kl, lv_draws=cfg.lv_draws)
         with stage(stages.DECODE):
             if place is not None:
                 place.to_device("vae", vae)
@@ -78,5 +85,11 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
             if place is not None:
                 place.to_device("reward", reward)
             with without_autocast(images.device.type):  # the frozen reward model in its own dtype, as the VAE
-                rewards = reward(images, prompts).float()
-    return loss_from_reward(rewards, cfg), rewards
+                rewards = reward(images, prompts * cfg.lv_draws).float()
+    loss = loss_from_reward(rewards, cfg)
+    if kl:
+        kl_sum = torch.stack(kl).sum()
+        loss = loss + cfg.kl_coeff * kl_sum
+        if terms is not None:
+            terms["kl"] = kl_sum.detach()
+    return loss, rewards[:len(prompts)]
