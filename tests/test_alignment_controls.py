@@ -222,3 +222,94 @@ def test_more_lv_draws_lower_the_gradient_variance(tiny_dir):
         variance[draws] = torch.stack(grads).double().var(0).sum().item()
     print(f"gradient variance over 8 seeds by draws: {variance}")
     assert variance[4] < 0.95 * variance[1], variance
+
+
+# -- EMA, held-out evaluation, best/, early stop, resume --------------------------------------------------
+
+REWARD = '''
+def score(images, prompts):
+    """Brightness, except on night prompts, where darkness scores: training on bright prompts makes the held-out
+    night prompts worse with every step (a reward over-optimised, in miniature)."""
+    bright = images.mean((1, 2, 3))
+    night = [("night" in p or "dark" in p) for p in prompts]
+    return torch.stack([1 - b if n else b for b, n in zip(bright, night)])
+'''
+
+RUN = ["--profile", "cpu", "--seed", "4", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+       "--set", "batch_size=2", "--set", "lr=0.05", "--reward", "night_reward:score"]
+
+
+@pytest.fixture
+def night(tmp_path, monkeypatch, fresh_log_handlers):
+    (tmp_path / "night_reward.py").write_text("import torch\n" + REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "train.txt").write_text("a sunny beach\na bright field\na white room\n")
+    (tmp_path / "eval.txt").write_text("a night sky\na dark cave\n")
+    return RUN + ["--prompts", str(tmp_path / "train.txt"), "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lora(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_path):
+    """eval_every 1, early_stop 2: the held-out reward falls after its first evaluation, so step 1 goes to best/
+    (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "run"
+    assert main([*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--early-stop", "2"]) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    objective = [r["eval_objective"] for r in rows]
+    assert objective[0] > max(objective[1:]), objective  # the evaluation peaked at step 1 ...
+    assert rows[-1]["eval_since_best"] == 2 and rows[-1]["eval_best_step"] == 1
+    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]  # ... while the training reward kept rising
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == 1 and best["eval_reward"] == rows[0]["eval_reward"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped_at"] == 3 and not summary["interrupted"] and summary["best_step"] == 1
+    assert (out / "checkpoints" / "step-00000003").is_dir()  # the stop saved its step
+
+    one = tmp_path / "one"
+    assert main([*night, "--output-dir", str(one), "--steps", "1"]) == 0
+    a, b = _lora(out / "best"), _lora(one / "lora")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], _lora(out / "lora")[k]) for k in a)  # lora/ is step 3's, not the best
+
+
+def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
+    """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average) and evaluation every step:
+    the same lora/, the same best/ (step 1: a resume that forgot the best so far would put step 3 there), the same
+    eval metrics."""
+    from lowmem_alignprop.cli import main
+
+    extra = ["--eval-every", "1", "--set", "ema_decay=0.9"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main([*night, *extra, "--output-dir", str(full), "--steps", "4"]) == 0
+    assert main([*night, *extra, "--output-dir", str(split), "--steps", "2"]) == 0
+    point = split / "checkpoints" / "step-00000002"
+    assert (point / "ema.pt").is_file()
+    assert json.loads((point / "state.json").read_text())["evaluation"]["best_step"] == 1
+    assert main(["--output-dir", str(split), "--steps", "4", "--resume", "latest"]) == 0
+    a, b = _rows(full), _rows(split)
+    assert [r["eval_reward"] for r in a] == pytest.approx([r["eval_reward"] for r in b], abs=1e-6)
+    for name in ("best", "lora"):
+        x, y = _lora(full / name), _lora(split / name)
+        assert x.keys() == y.keys()
+        assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-6, name
+    assert json.loads((split / "best" / "best.json").read_text())["step"] == 1
+    trained = ckpt_weights(split / "checkpoints" / "step-00000004")
+    ema_lora = _lora(split / "lora")
+    assert sum(t.abs().sum().item() for t in trained.values()) != pytest.approx(
+        sum(t.abs().sum().item() for t in ema_lora.values()))  # lora/ is the average, not the last weights
+
+
+def ckpt_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "trainable.safetensors"))

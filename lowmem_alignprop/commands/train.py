@@ -33,7 +33,7 @@ from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
-from lowmem_alignprop.step.inputs import prepare_inputs
+from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
 from lowmem_alignprop.models.loading import load_components, lora_metadata, lora_state_dict, set_attention
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
@@ -45,6 +45,7 @@ from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, ena
                                               resolution_note, rollout)
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
+from lowmem_alignprop.commands.evaluation import BEST_DIR, HeldOut, WeightEMA
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -81,7 +82,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     a new run. ``command``: the command line that started it, recorded in the run folder (command.txt)."""
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
-        prompts = prepare_inputs(cfg)
+        prompts, eval_prompts = split_eval_prompts(cfg, prepare_inputs(cfg))  # held-out prompts never train
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.commands.lora_export import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
@@ -94,7 +95,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     with lock:
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
-                       lock=lock, command=command).run()
+                       lock=lock, command=command, eval_prompts=eval_prompts).run()
 
 
 class Trainer:
@@ -105,8 +106,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
-                 lock: RunLock | None = None, command: str | None = None):
+                 lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
+        self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.fits: list[dict] = []  # the --auto-fit changes made
@@ -117,6 +119,8 @@ class Trainer:
         self.step = self.start + 1
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
+        self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
+        self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
 
     @property
     def out(self) -> Path:
@@ -247,13 +251,22 @@ class Trainer:
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
         self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
                                    cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
-                                   prompts=set(self.prompts) | set(self.sample_prompts))
+                                   prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts))
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
         self.engine = deepspeed_engine(acc, self.unet_train)  # None unless DeepSpeed
         self.gather = gatherer(acc, self.params)  # ZeRO-3: the partitioned LoRA weights made whole for reading
         # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
         self.samples_here = self.is_main or is_zero3(acc)
+        if cfg.ema_decay:
+            self.ema = WeightEMA(self.params, cfg.ema_decay)
+        if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
+            self.held_out = HeldOut(cfg, self.eval_prompts, self.out, sample=self.generate, write_lora=self.write_lora)
+
+    def output_weights(self):
+        """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
+        trained ones."""
+        return self.ema.swapped(self.cfg.ema_outputs) if self.ema is not None else contextlib.nullcontext()
 
     def generate(self, batch_prompts: list[str], seed: int):
         """Fixed-seed images and rewards with no gradient (the before/after grid)."""
@@ -292,6 +305,11 @@ class Trainer:
             self.history = list(state.get("history", []))
             if rng_state is not None:
                 set_rng_state(self.rng, rng_state)
+            if self.ema is not None and not self.ema.load(point.path):
+                log.warning("resume: %s holds no EMA of the weights: the average starts from step %d's weights",
+                            point.path, self.start)
+            if self.held_out is not None:
+                self.held_out.load_state(state.get("evaluation"))  # best so far and patience go on
         if self.is_main:
             self.folder.start_metrics(point, self.history)
         if point is not None:
@@ -356,7 +374,19 @@ class Trainer:
         if dropped:
             return "the gradient norm"
         self.scaler_skipped = acc.scaler is not None and self.grad_norm is not None and not math.isfinite(self.grad_norm)
+        if self.ema is not None:
+            self.ema.update()
         return None
+
+    def evaluate_if_due(self, step: int) -> dict:
+        """At its steps, the held-out evaluation's eval_* metrics (for the step's metrics row); best/ and the early
+        stop are decided here."""
+        if self.held_out is None or not self.held_out.due(step):
+            return {}
+        with self.output_weights():
+            metrics = self.held_out.evaluate()
+            self.held_out.after_evaluation(step, metrics, self.is_main)
+        return metrics
 
     def metrics_row(self, step: int, t0: float, rewards_all: list, losses: list, ks: list[int]) -> dict:
         acc = self.accelerator
@@ -395,6 +425,8 @@ class Trainer:
                     continue  # the same step again, lighter
                 except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
                     self.keep_finished_steps(e, step, rng_before)  # raises
+                if row is not None:
+                    row.update(self.evaluate_if_due(step))
                 self.record(step, row, bad)
                 bar.update(1)
                 if self.save_if_due(step):
@@ -519,10 +551,15 @@ class Trainer:
         """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
         cfg = self.cfg
         stopping = self.stop.agreed(self.accelerator)
-        if not (stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+        early = self.held_out is not None and self.held_out.exhausted
+        if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return False
         path = self.save_checkpoint(step)
         self.last_saved = step
+        if early and not stopping and step < cfg.steps:
+            self.bar.write(f"early stop at step {step}: the held-out evaluation has not improved for {cfg.early_stop} "
+                           f"evaluations; the best step ({self.held_out.best_step}) is in {self.out / BEST_DIR}")
+            return True
         if stopping:
             self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
                 "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
@@ -533,7 +570,9 @@ class Trainer:
         return ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
-                         extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped})
+                         extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
+                                **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
+                         write_extra=self.ema.save if self.ema is not None else None)
 
     # ================================ finish ================================
     def finish(self) -> dict:
@@ -541,13 +580,18 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         acc.wait_for_everyone()
         done = min(self.step, cfg.steps)  # a stop breaks out at the step it saved; a finished loop: steps + 1
-        summary = {"steps": cfg.steps, "steps_done": done,
-                   "interrupted": done < cfg.steps, "resumed_from": str(self.point.path if self.point else "")
+        early = self.held_out.stopped_at if self.held_out is not None and done < cfg.steps else None
+        summary = {"steps": cfg.steps, "steps_done": done, "early_stopped_at": early,
+                   "interrupted": done < cfg.steps and early is None,
+                   "resumed_from": str(self.point.path if self.point else "")
                    or None, "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped"))}
+        if self.held_out is not None:
+            summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward)
         final = acc.unwrap_model(self.unet_train)
-        lora = self.final_weights(final)
-        after = self.sample_after()
+        with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
+            lora = self.final_weights(final)
+            after = self.sample_after()
         if self.is_main:
             self.write_outputs(summary, final, lora, after)
             self.export_at_end()
@@ -564,6 +608,20 @@ class Trainer:
             if self.is_main:
                 final.save_pretrained(self.out / "unet")
         return None
+
+    def save_lora(self, folder: Path, lora: dict, final) -> None:
+        """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
+        self.comps.pipeline_class.save_lora_weights(str(folder), unet_lora_layers=lora,
+                                                    unet_lora_adapter_metadata=lora_metadata(final))
+        (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
+
+    def write_lora(self, folder: Path) -> None:
+        """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""
+        final = self.accelerator.unwrap_model(self.unet_train)
+        if self.cfg.train_unet != "lora":
+            final.save_pretrained(folder / "unet")
+            return
+        self.save_lora(folder, {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}, final)
 
     def sample_after(self):
         if self.before is None or self.stop.name is not None:
@@ -584,10 +642,7 @@ class Trainer:
 
         cfg, out, before, history = self.cfg, self.out, self.before, self.history
         if lora is not None:
-            self.comps.pipeline_class.save_lora_weights(str(out / "lora"), unet_lora_layers=lora,
-                                                        unet_lora_adapter_metadata=lora_metadata(final))
-            # which base model it belongs to: `sample` warns when it is applied to another one
-            (out / "lora" / ckpt.LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
+            self.save_lora(out / "lora", lora, final)
         if after is not None:
             grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
@@ -755,6 +810,11 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         if math.isfinite(change) else
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]
+    if s.get("early_stopped_at"):
+        lines.append(f" early stop at step {s['early_stopped_at']}: the held-out evaluation stopped improving")
+    if s.get("best_step") is not None:
+        lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
+                     f"-> {s['output_dir']}/{BEST_DIR}")
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
     if s.get("fp16_overflow_skips"):

@@ -8,7 +8,9 @@ Layout (``OUTPUT_DIR/checkpoints/step-00000012/``)::
     deepspeed/              DeepSpeed runs: engine.save_checkpoint(..., exclude_frozen_parameters=True),
                             which holds the partitioned optimizer state of every rank
     rng.pt                  per rank: the prompt/K random.Random state and torch's RNG states
-    state.json              step, config, model fingerprint, metrics history, world size
+    ema.pt                  with ema_decay: diffusers' EMAModel state (the averaged trained weights)
+    state.json              step, config, model fingerprint, metrics history, world size; with eval_every the
+                            held-out evaluation's best so far and patience ("evaluation")
     manifest.json           size and sha256 of every file above; written last
 
 Why not ``accelerator.save_state``: it saves ``model.state_dict()``, i.e. the whole frozen UNet
@@ -30,7 +32,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,7 +48,7 @@ TMP_PREFIX = ".tmp-"
 STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "optimizer", "deepspeed_zero")
 # Fields a resumed run may change silently (the rest change with a warning).
 FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
-               "keep_checkpoints", "auto_fit", "max_bad_steps", "budget_gb")
+               "keep_checkpoints", "auto_fit", "max_bad_steps", "budget_gb", "eval_every", "early_stop")
 
 
 def root_of(output_dir: str | os.PathLike) -> Path:
@@ -388,8 +390,10 @@ def disk_error(e: OSError, where: Path, previous: Path | None) -> UserError:
 # -- save and restore a run ----------------------------------------------------------------------------
 
 def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engine, rng_state: dict,
-         history: list[dict], fp: dict, extra: dict | None = None, gather=None) -> Path:
+         history: list[dict], fp: dict, extra: dict | None = None, gather=None,
+         write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint of step ``step`` atomically; every rank must call this (it gathers the RNG states).
+    ``extra``: more entries of state.json; ``write_extra(folder)``: writes more files (the EMA's) on rank 0.
 
     Returns the checkpoint directory. A failed write (disk full, ...) leaves no partial checkpoint and
     raises UserError on every rank, the previous checkpoint untouched.
@@ -441,6 +445,8 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             if engine is None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
+            if write_extra is not None:
+                write_extra(tmp)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             write_manifest(tmp)
             publish(tmp, final)

@@ -287,6 +287,9 @@ class Config:
         if self.ema_decay > 0 and self.deepspeed_zero == 3:
             raise UserError("ema_decay with deepspeed_zero=3: the EMA would average partitioned weights; use "
                             "--set deepspeed_zero=2 or --set ema_decay=0")
+        if self.eval_every and self.deepspeed_zero == 3:
+            raise UserError("eval_every with deepspeed_zero=3: best/ would need the partitioned LoRA gathered on "
+                            "every process; use --set deepspeed_zero=2, or evaluate the exported LoRA with `sample`")
         if self.early_stop and not self.eval_every:
             raise UserError(f"early_stop={self.early_stop} stops when evaluation stops improving, and evaluation "
                             "is off: add --eval-every N")

@@ -55,3 +55,23 @@ def check_writable(out: Path) -> None:
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}): choose a folder you can write "
                         "to with --output-dir") from None
+
+
+def split_eval_prompts(cfg: Config, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts). With eval_every: the eval_prompts set or file, or else eval_holdout of
+    the training prompts, chosen with the seed and removed from training (never trained on). Without: (prompts, [])."""
+    import random
+
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    if not cfg.eval_every:
+        return prompts, []
+    if cfg.eval_prompts:
+        return prompts, load_prompts(cfg.eval_prompts)
+    distinct = sorted(set(prompts))
+    if len(distinct) <= cfg.eval_holdout:
+        raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {len(distinct)} distinct "
+                        "training prompts, which leaves none to train on: give held-out prompts with --set "
+                        "eval_prompts=FILE, or lower --set eval_holdout")
+    held = set(random.Random(cfg.seed).sample(distinct, cfg.eval_holdout))
+    return [p for p in prompts if p not in held], sorted(held)

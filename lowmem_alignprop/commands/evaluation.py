@@ -1,0 +1,151 @@
+"""What keeps a run from over-optimising its reward, around the training step (docs/design.md section 10):
+
+- :class:`WeightEMA`: an exponential moving average of the trained weights (diffusers' ``EMAModel``), swapped in for
+  the after samples, evaluation, ``best/`` and the exported LoRA when ``ema_outputs`` is on;
+- :class:`HeldOut`: every ``eval_every`` steps the held-out prompts are sampled with fixed seeds and scored
+  (``eval_reward``), the best evaluated step's LoRA is kept in ``best/``, and ``early_stop`` ends the run after that
+  many evaluations without improvement. Its state (best so far, patience) travels in the checkpoints.
+
+:meth:`HeldOut.evaluate` is the hook for further metrics: each function in ``HeldOut.evaluators`` gets the images
+(``[N, 3, H, W]`` in [0, 1]) and their prompts and returns a dict of numbers, added to the ``eval_*`` metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.step.rollout import loss_from_reward
+
+log = logging.getLogger("lowmem_alignprop")
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
+EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation
+EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
+
+
+class WeightEMA:
+    """diffusers' ``EMAModel`` over the trained parameters. Its decay ramps up as (1 + n) / (10 + n) in the first
+    updates, then stays at ``ema_decay``. :meth:`swapped` puts the average into the model for a while."""
+
+    def __init__(self, params: list, decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.params, self.decay = params, decay
+        self.model = EMAModel(params, decay=decay)  # fp32 copies of the LoRA weights: a few MB
+
+    def update(self) -> None:
+        self.model.step(self.params)
+
+    @contextlib.contextmanager
+    def swapped(self, on: bool = True):
+        """The average in the model's weights inside the block, the trained weights back afterwards."""
+        if not on:
+            yield
+            return
+        self.model.store(self.params)
+        self.model.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.model.restore(self.params)
+
+    def save(self, folder: Path) -> None:
+        torch.save(self.model.state_dict(), folder / EMA_FILE)
+
+    def load(self, folder: Path) -> bool:
+        """The checkpoint's average (False when it holds none: the average starts from the weights now)."""
+        path = folder / EMA_FILE
+        if not path.is_file():
+            return False
+        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.model.decay = self.decay  # this run's setting; the average and its update count are the checkpoint's
+        self.model.to(self.params[0].device)
+        return True
+
+
+class HeldOut:
+    """Held-out evaluation, best/ and early stop. ``sample(prompts, seed) -> (images, rewards)`` is the trainer's
+    fixed-seed sampler (no gradient); ``write_lora(folder)`` writes the LoRA as it is now."""
+
+    def __init__(self, cfg: Config, prompts: list[str], out: Path, *, sample: Callable, write_lora: Callable):
+        self.cfg, self.prompts, self.out = cfg, prompts, out
+        self.sample, self.write_lora = sample, write_lora
+        self.evaluators: list[Callable[[torch.Tensor, list[str]], dict]] = []
+        self.best: float | None = None  # the best objective so far (higher is better)
+        self.best_step: int | None = None
+        self.best_reward: float | None = None
+        self.since_best = 0  # evaluations since the best one
+        self.stopped_at: int | None = None
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(every) and (step % every == 0 or step == self.cfg.steps)
+
+    def evaluate(self) -> dict:
+        """Every held-out prompt, sampled with fixed seeds (the same at every evaluation) and scored: eval_reward,
+        eval_reward_std, eval_objective (what best/ is chosen by: -loss, so nearest reward_target when it is set)
+        and every evaluator's metrics, prefixed eval_."""
+        images, rewards = [], []
+        size = self.cfg.batch_size
+        for i in range(0, len(self.prompts), size):
+            imgs, r = self.sample(self.prompts[i:i + size], self.cfg.seed + EVAL_SEED_OFFSET + i // size)
+            images.append(imgs)
+            rewards.append(r.float())
+        r_all, imgs_all = torch.cat(rewards), torch.cat(images)
+        metrics = {"eval_reward": r_all.mean().item(), "eval_reward_std": r_all.std(unbiased=False).item(),
+                   "eval_objective": -loss_from_reward(r_all, self.cfg).item()}
+        for fn in self.evaluators:
+            metrics.update({k if k.startswith("eval_") else f"eval_{k}": float(v)
+                            for k, v in fn(imgs_all, list(self.prompts)).items()})
+        return metrics
+
+    def after_evaluation(self, step: int, metrics: dict, is_main: bool) -> None:
+        """Keep the step in best/ when it improved on the best so far; count the evaluations since; decide the
+        early stop."""
+        objective = metrics["eval_objective"]
+        if math.isfinite(objective) and (self.best is None or objective > self.best):
+            self.best, self.best_step, self.best_reward, self.since_best = objective, step, metrics["eval_reward"], 0
+            if is_main:
+                self.write_best(step, metrics)
+        else:
+            self.since_best += 1
+        metrics.update(eval_best_step=self.best_step, eval_since_best=self.since_best)
+        if self.cfg.early_stop and self.since_best >= self.cfg.early_stop:
+            self.stopped_at = step
+
+    def write_best(self, step: int, metrics: dict) -> None:
+        """best/ replaced atomically: written into a temporary folder, then renamed into place."""
+        final = self.out / BEST_DIR
+        tmp = self.out / f"{ckpt.TMP_PREFIX}{BEST_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.write_lora(tmp)
+        (tmp / BEST_FILE).write_text(json.dumps({"step": step, **{k: v for k, v in metrics.items()
+                                                                  if k.startswith("eval_")},
+                                                 "eval_prompts": len(self.prompts), "seed": self.cfg.seed}, indent=1))
+        ckpt.publish(tmp, final)
+        log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"], final)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.stopped_at is not None
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "best_reward": self.best_reward,
+                "since_best": self.since_best}
+
+    def load_state(self, state: dict | None) -> None:
+        if state:
+            self.best, self.best_step = state.get("best"), state.get("best_step")
+            self.best_reward, self.since_best = state.get("best_reward"), int(state.get("since_best", 0))
