@@ -284,12 +284,13 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
 
 
 def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
-    """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average) and evaluation every step:
+    """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average), the KL term and evaluation
+    every step:
     the same lora/, the same best/ (step 1: a resume that forgot the best so far would put step 3 there), the same
     eval metrics."""
     from lowmem_alignprop.cli import main
 
-    extra = ["--eval-every", "1", "--set", "ema_decay=0.9"]
+    extra = ["--eval-every", "1", "--set", "ema_decay=0.9", "--set", "kl_coeff=0.5"]
     full, split = tmp_path / "full", tmp_path / "split"
     assert main([*night, *extra, "--output-dir", str(full), "--steps", "4"]) == 0
     assert main([*night, *extra, "--output-dir", str(split), "--steps", "2"]) == 0
@@ -298,6 +299,7 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     assert json.loads((point / "state.json").read_text())["evaluation"]["best_step"] == 1
     assert main(["--output-dir", str(split), "--steps", "4", "--resume", "latest"]) == 0
     a, b = _rows(full), _rows(split)
+    assert all(r["kl"] > 0 for r in a[1:]) and a[0]["kl"] == 0  # LoRA B starts at zero: no distance at step 1
     assert [r["eval_reward"] for r in a] == pytest.approx([r["eval_reward"] for r in b], abs=1e-6)
     for name in ("best", "lora"):
         x, y = _lora(full / name), _lora(split / name)
@@ -313,3 +315,25 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
 def ckpt_weights(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path / "trainable.safetensors"))
+
+
+# -- recipes ------------------------------------------------------------------------------------------------
+
+def test_a_recipe_sits_between_the_profile_and_the_flags():
+    """--recipe aesthetic brings the official aesthetic run's settings (config/align_prop.py: loss coefficient 0.01,
+    clip 5, weight decay 0.1, target 10, lr 1e-3, K ~ U{1..50}); the profile's memory fields stay; flags and
+    --set win over it; the recipe's name is in the resolved config (config.yaml)."""
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+
+    flags = dict.fromkeys(FLAG_FIELDS)
+    _, plain = resolve_config("cpu", flags, [])
+    _, cfg = resolve_config("cpu", {**flags, "recipe": "aesthetic"}, [])
+    assert (cfg.reward, cfg.loss_scale, cfg.max_grad_norm, cfg.weight_decay, cfg.reward_target, cfg.lr) == \
+        ("aesthetic", 0.01, 5.0, 0.1, 10.0, 1e-3)
+    assert (cfg.truncation, cfg.k_min, cfg.k_max, cfg.sample_steps) == ("uniform", 1, 50, 50)
+    assert (cfg.resolution, cfg.batch_size, cfg.budget_gb) == (plain.resolution, plain.batch_size, plain.budget_gb)
+    assert cfg.to_dict()["recipe"] == "aesthetic" and plain.recipe == ""
+    _, mine = resolve_config("cpu", {**flags, "recipe": "aesthetic", "reward": "brightness"}, ["lr=0.5"])
+    assert (mine.reward, mine.lr, mine.loss_scale) == ("brightness", 0.5, 0.01)
+    _, hps = resolve_config("cpu", flags, ["recipe=hps"])
+    assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")

@@ -111,6 +111,7 @@ class Trainer:
         self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
+        self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.stop = StopRequest(on_abort=lock.release if lock is not None else None)
@@ -319,7 +320,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict | None, str | None]:
         """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
-        t0, rewards_all, losses, ks = time.perf_counter(), [], [], []
+        t0, rewards_all, losses, ks, self.terms = time.perf_counter(), [], [], [], []
         self.grad_norm, self.scaler_skipped = None, False
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
@@ -333,7 +334,8 @@ class Trainer:
                 with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
                     loss, rewards_ = rollout_loss(cfg, self.bare_unet, self.unet_train, self.scheduler, self.vae,
                                                   self.reward, latents, emb, batch_prompts, k=k, generator=g,
-                                                  stage=stage, place=place)
+                                                  stage=stage, place=place, terms=(terms := {}))
+                self.terms.append(terms)  # the loss's further terms (kl), for the metrics
                 if bad := self.not_finite(loss, rewards_):  # every rank skips together (DDP needs all backwards)
                     return None, bad
                 with stage(stages.BACKWARD):
@@ -396,6 +398,8 @@ class Trainer:
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+                **({"kl": acc.reduce(torch.stack([t["kl"] for t in self.terms]).mean(), reduction="mean").item()}
+                   if self.terms and "kl" in self.terms[0] else {}),
                 **({"grad_scale": acc.scaler.get_scale(), "update_skipped": self.scaler_skipped}
                    if acc.scaler is not None else {}),
                 "seconds": time.perf_counter() - t0}

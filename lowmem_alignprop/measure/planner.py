@@ -193,7 +193,7 @@ class Residency:
 
     def refresh(self) -> None:
         self.counter.resident = self.extra + sum(self.weights.get(n, 0) for n in self.on_device)
-        order = {n: i for i, n in enumerate(MODULE_NAMES + ("optimizer_state",))}
+        order = {n: i for i, n in enumerate(MODULE_NAMES + ("optimizer_state", "ema"))}
         self.counter.where = tuple(sorted((n for n in self.weights if n in self.on_device and self.weights[n]),
                                           key=lambda n: order.get(n, len(order))))
         self.counter.bump()
@@ -680,6 +680,9 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         place.on_device -= {TEXT_ENCODER, "vae", "reward"}
     autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     optimizer, run_opt = _optimizer_for(cfg, params, cuda, weights, place, notes)
+    if cfg.ema_decay:  # the EMA's fp32 copy of the trained weights sits beside them on the device
+        weights["ema"] = sum(p.numel() * 4 for p in params)
+        place.on_device.add("ema")
     place.extra = largest
     place.refresh()
 
