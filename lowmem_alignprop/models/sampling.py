@@ -187,10 +187,11 @@ def _block_checkpoint(unet, block, *args):
     """diffusers' per-block checkpoint (non-reentrant). A block of the base model's call (inside
     :func:`adapters_off`) is recomputed in backward, long after that call returned: its recompute switches the
     adapters off again, else it would recompute the LoRA model's block."""
+    ckpt = torch.utils.checkpoint.checkpoint  # looked up at call time, as diffusers' own block checkpoint does
     if getattr(unet, "_lowmem_base_call", False):
         context_fn = lambda: (contextlib.nullcontext(), adapters_off(unet))  # noqa: E731
-        return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
-    return checkpoint(block.__call__, *args, use_reentrant=False)
+        return ckpt(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
+    return ckpt(block.__call__, *args, use_reentrant=False)
 
 
 def enable_block_checkpointing(unet) -> None:
