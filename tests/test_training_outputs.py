@@ -351,3 +351,27 @@ def test_export_of_a_checkpoint_is_that_steps_lora(full_run, tmp_path):
     card = (out2 / "README.md").read_text()
     assert "| steps | 2 |" in card and "![before training and at step 2, same seeds](step-000002.png)" in card
     assert (out2 / "step-000002.png").read_bytes() == (full_run / "samples" / "step-000002.png").read_bytes()
+
+
+@pytest.mark.parametrize("error", ["oom", "reward"])
+def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_path):
+    """Out of memory, or the reward's error, while rendering step N's samples: no samples that step, no crash."""
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.memory.placement import Placement
+    from lowmem_alignprop.run.runfolder import RunFolder
+    from lowmem_alignprop.settings.errors import UserError
+
+    cfg = _cfg(tmp_path / "run", "--set", "sample_every=2")
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.before, trainer.sample_prompts = (torch.zeros(2, 3, 8, 8), torch.zeros(2)), PROMPTS
+    trainer.place, trainer.vae, trainer.reward = Placement(torch.device("cpu"), offload=False), None, None
+    calls = []
+
+    def fail(prompts, seed):
+        calls.append(seed)
+        raise torch.OutOfMemoryError("CUDA out of memory") if error == "oom" else UserError("the reward raised")
+
+    trainer.generate = fail
+    assert trainer.sample_if_due(1) == {} and calls == []  # not a sampled step
+    assert trainer.sample_if_due(2) == {} and len(calls) == 1
+    assert not (tmp_path / "run" / "samples").exists()

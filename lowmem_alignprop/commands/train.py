@@ -545,6 +545,13 @@ class Trainer:
         except UserError as e:  # the reward's error on the sample images: training goes on without them
             log.warning("%s (no samples at step %d)", e, step)
             return {}
+        except faults.OOM_ERRORS:  # the samples are not worth the run: it goes on without them
+            self.place.park("vae", self.vae)
+            self.place.park("reward", self.reward)
+            faults.free_memory()
+            log.warning("out of memory while rendering the samples of step %d: skipped (a smaller --set "
+                        "sample_prompts needs less)", step)
+            return {}
         if self.is_main:
             grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
