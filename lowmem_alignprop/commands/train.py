@@ -541,7 +541,8 @@ class Trainer:
         if not (cfg.sample_every and step % cfg.sample_every == 0 and self.before is not None):
             return {}
         try:
-            images, rewards = self.generate(self.sample_prompts, cfg.seed + 12345)
+            with self.output_weights():  # with ema_outputs the EMA's images, as lora/ will render
+                images, rewards = self.generate(self.sample_prompts, cfg.seed + 12345)
         except UserError as e:  # the reward's error on the sample images: training goes on without them
             log.warning("%s (no samples at step %d)", e, step)
             return {}

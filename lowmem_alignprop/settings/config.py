@@ -104,8 +104,9 @@ class Config:
                        "work on lv_draws x batch_size images. 1 = plain AlignProp.")
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the trained weights with this decay (e.g. "
                           "0.99; diffusers' EMAModel), held in checkpoints. 0 = off.")
-    ema_outputs: bool = _f(True, "With ema_decay: the after samples, evaluation, best/ and the exported lora/ use "
-                           "the EMA weights (false: the trained weights; the EMA is still kept in checkpoints).")
+    ema_outputs: bool = _f(True, "With ema_decay: the sample grids (after, and --sample-every's), evaluation, best/ "
+                           "and the exported lora/ use the EMA weights (false: the trained weights; the EMA is "
+                           "still kept in checkpoints, whose trainable weights are the trained ones).")
     eval_every: int = _f(0, "Score the held-out prompts with fixed seeds every N optimizer steps (eval_reward in "
                          "metrics.jsonl and the trackers) and keep the LoRA of the best evaluated step in best/. "
                          "0 = off.")
