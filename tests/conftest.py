@@ -2,6 +2,11 @@ import os
 
 import pytest
 
+# The suite trains the tiny random model unless a test names another (fast; the tests' numbers are about it): the
+# package's own default, the toy world, is tested by name in tests/test_toy_world.py. Set before anything reads it,
+# and inherited by the runs the tests start as subprocesses.
+os.environ["LOWMEM_ALIGNPROP_MODEL"] = "tiny"
+
 
 def _cores() -> int:
     """The cores this process may run on (the affinity mask where the OS has one)."""

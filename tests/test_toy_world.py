@@ -16,6 +16,7 @@ import numpy as np
 from pathlib import Path
 import pytest
 import torch
+from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
@@ -426,3 +427,92 @@ def test_shipped_weights_are_the_recorded_run_and_draw_the_scenes_they_are_asked
     print("shipped toy model, 64 training prompts:", rates)
     assert rates["fidelity_images"] == 64, rates
     assert rates["fidelity_count_ok"] >= 0.35 and rates["fidelity_background_ok"] >= 0.7, rates  # >= 3 sd below the run's rates
+
+
+# ------------------------------------------------------------------------------------------- wiring: --model toy
+
+def test_toy_is_the_default_model_with_its_own_sampler_reward_and_prompts(monkeypatch):
+    """No flags: the toy world (the suite itself sets LOWMEM_ALIGNPROP_MODEL=tiny, see conftest.py). The toy model's
+    size and sampler beat a profile's; flags and --set beat them; a GPU profile's K range ends at its 20 steps."""
+    from lowmem_alignprop.models.loading import TOY_MODEL_DIR, resolve_model
+    from lowmem_alignprop.settings.config import MODEL_ENV, Config
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    monkeypatch.delenv(MODEL_ENV)
+    assert Config().model == "toy"
+    assert resolve_model("toy") == ("dir", str(TOY_MODEL_DIR))
+    _, cfg = resolve_config("cpu", {}, [])
+    assert (cfg.model, cfg.resolution, cfg.sample_steps, cfg.guidance_scale, cfg.reward, cfg.prompts) == \
+        ("toy", 64, 20, 3.0, "toy_clip", "toy-heldout")
+    _, cfg = resolve_config("rtx3060", {"model": "toy", "reward": "brightness"}, ["sample_steps=10"])
+    assert (cfg.resolution, cfg.sample_steps, cfg.reward, cfg.k_max) == (64, 10, "brightness", 10)
+    _, cfg = resolve_config("cpu", {"model": "tiny"}, [])
+    assert (cfg.resolution, cfg.sample_steps, cfg.reward, cfg.prompts) == (64, 10, "brightness", "simple_animals")
+
+
+def test_toy_model_loads_in_float32_with_the_grammars_tokenizer():
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.toy.tokenizer import build_tokenizer, grammar_words
+
+    comps = load_components(Config(model="toy", resolution=64))  # fp16 on disk
+    assert {p.dtype for m in (comps.unet, comps.vae, comps.text_encoder) for p in m.parameters()} == {torch.float32}
+    made = build_tokenizer()  # the shipped tokenizer is the one the code makes
+    text = " ".join(grammar_words()) + " a pink hexagon"
+    assert comps.tokenizer(text).input_ids == made(text).input_ids
+    assert comps.tokenizer.model_max_length == made.model_max_length == 24
+
+
+def test_plan_accepts_the_toy_model(capsys):
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    assert main(["plan", "--profile", "rtx3060", "--model", "toy", "--json", "--no-suggest"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == "toy" and plan["reward"] == "toy_clip" and plan["fits"], plan
+    assert 0 < plan["peak_allocated"] < 2**30  # a 2.5 M-parameter model at 64 px
+
+
+def test_toy_prompt_sets_are_the_grammars_split():
+    from lowmem_alignprop.step.prompts import PROMPT_SETS, load_prompts
+    from lowmem_alignprop.toy.scenes import eval_prompts
+
+    train, held = load_prompts("toy-train"), load_prompts("toy-heldout")
+    assert {"toy-train", "toy-heldout"} <= set(PROMPT_SETS)
+    assert len(set(train)) == len(set(held)) == 64
+    assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "heldout" for p in held)
+    judged = eval_prompts(32)  # what the trainer's exact evaluators judge: held out, and never in toy-heldout
+    assert len(set(judged)) == 32 and all(split_of(p) == "heldout" for p in judged) and not set(judged) & set(held)
+
+
+def test_toy_rewards_are_registered_and_know_the_world():
+    """On rendered scenes: toy_clip scores an image's own caption above a caption with one object's colour changed
+    (the full run measured 94% against any one edit); toy_count=N is highest at N objects. Both combine like any
+    built-in, and a target the counter cannot count fails before any model loads."""
+    from lowmem_alignprop.rewards import REWARDS, build_reward, check_reward_spec
+    from lowmem_alignprop.settings.errors import UserError
+
+    assert {"toy_clip", "toy_count"} <= set(REWARDS)
+    scenes = sample_scenes(48, seed=31, split="all")
+    images = render_batch(scenes)
+    clip = build_reward("toy_clip")
+    own = clip(images, [caption(s) for s in scenes])
+    recoloured = []
+    for s in scenes:
+        o = s.objects[0]
+        other = next(c for c in COLOURS if c != o.colour)
+        recoloured.append(caption(Scene((Obj(o.shape, other, o.x, o.y, o.size),) + s.objects[1:], s.background,
+                                        s.mention_background)))
+    assert (own > clip(images, recoloured)).float().mean() >= 0.8
+    by_count = [sample_scenes(16, seed=32, n_objects=n, split="all") for n in range(1, 5)]
+    for target in (1, 3):
+        count = build_reward(f"toy_count={target}")
+        means = [count(render_batch(group)).mean().item() for group in by_count]
+        assert max(range(4), key=means.__getitem__) + 1 == target, means
+    mixed = build_reward("toy_clip:1,toy_count=3:0.5")
+    expected = clip(images, [caption(s) for s in scenes]) + 0.5 * build_reward("toy_count=3")(images)
+    assert_rel_close(mixed(images, [caption(s) for s in scenes]), expected, SAME_OPS, "toy_clip:1,toy_count=3:0.5")
+    for bad in ("toy_count=5", "toy_count=x", "toy_count=-1"):
+        with pytest.raises(UserError, match="from 0 to 4"):
+            check_reward_spec(bad)

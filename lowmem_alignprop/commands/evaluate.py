@@ -350,6 +350,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
+        **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
         "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator,
         "seconds": round(time.perf_counter() - t0, 2),
         "output_dir": str(out),
@@ -364,11 +365,25 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     return results
 
 
+def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images: torch.Tensor) -> dict:
+    """In the toy world (docs/toy_world.md): the exact evaluators on both image sets, ``{"fidelity": {"base": ...,
+    "lora": ...}}`` (fidelity_* rates over the prompts its grammar parses, jpeg_bytes); elsewhere nothing."""
+    from lowmem_alignprop.toy.fidelity import applies, evaluate_batch
+
+    if not applies(cfg.model, prompts):
+        return {}
+    return {"fidelity": {"base": evaluate_batch(base_images, prompts), "lora": evaluate_batch(lora_images, prompts)}}
+
+
 def print_summary(r: dict, out: Path) -> None:
     mix = " + ".join(f"{d['weight']:g} x {d['path']}" for d in r["loras"])
     lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
              f"(DDIM {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
              f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
              f"  lora = {mix}",
+             *([f"  exact fidelity (toy world): all right {r['fidelity']['base']['fidelity_all_ok']:.0%} -> "
+                f"{r['fidelity']['lora']['fidelity_all_ok']:.0%}, score {r['fidelity']['base']['fidelity_score']:.3f}"
+                f" -> {r['fidelity']['lora']['fidelity_score']:.3f}"] if "fidelity_all_ok" in r.get("fidelity", {})
+               .get("base", {}) else []),
              f"wrote {out / GRID_NAME} and {out / RESULTS_NAME}"]
     print("\n".join(lines), flush=True)

@@ -122,6 +122,7 @@ class Trainer:
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
         self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
+        self.fidelity_before = self.fidelity_after = None
 
     @property
     def out(self) -> Path:
@@ -152,6 +153,7 @@ class Trainer:
         self.write_config()
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
+        self.fidelity_before = self.judge()  # the toy world's exact evaluators, likewise
         self.restore()
 
     def setup_accelerator(self) -> None:
@@ -249,6 +251,7 @@ class Trainer:
         self.rank = acc.process_index
         self.rng = random.Random(cfg.seed * 1000 + self.rank)  # prompt order and K draws; each rank its own stream
         self.sample_prompts = self.prompts[: cfg.sample_prompts]
+        self.eval_prompts = toy_eval_prompts(cfg, self.prompts)  # the toy world's exact evaluators judge these
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
         self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
                                    cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
@@ -295,6 +298,19 @@ class Trainer:
         log.info("sampling %d fixed-seed images before training (%d px, %d steps; --set sample_prompts=0 skips it)",
                  len(self.sample_prompts), cfg.resolution, cfg.sample_steps)
         self.before = self.generate(self.sample_prompts, cfg.seed + 12345)
+
+    def judge(self) -> dict | None:
+        """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of its held-out prompts:
+        fidelity_* rates, jpeg_bytes and the reward's mean; None outside the toy world or with fidelity_images=0."""
+        if not (self.eval_prompts and self.samples_here):
+            return None
+        from lowmem_alignprop.toy.fidelity import evaluate_batch
+
+        chunk = self.cfg.batch_size  # a training micro-batch fits with gradients, so surely without
+        parts = [self.generate(self.eval_prompts[i:i + chunk], self.cfg.seed + 54321 + i)
+                 for i in range(0, len(self.eval_prompts), chunk)]
+        images, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return {"reward": scores.mean().item(), **evaluate_batch(images, self.eval_prompts)}
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -522,6 +538,8 @@ class Trainer:
         row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
+        if cfg.fidelity_every and step % cfg.fidelity_every == 0 and (judged := self.judge()):
+            row.update({("eval_reward" if k == "reward" else k): v for k, v in judged.items()})
         self.history.append(row)
         if self.is_main:
             write_metrics_line(self.folder.metrics, row)
@@ -636,12 +654,15 @@ class Trainer:
         self.save_lora(folder, {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}, final)
 
     def sample_after(self):
-        if self.before is None or self.stop.name is not None:
+        if self.stop.name is not None:
             return None
         after = None
         self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
         try:
-            after = self.generate(self.sample_prompts, self.cfg.seed + 12345)
+            if self.before is not None:
+                after = self.generate(self.sample_prompts, self.cfg.seed + 12345)
+            if self.fidelity_before is not None:
+                self.fidelity_after = self.judge()
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
         except KeyboardInterrupt:
@@ -666,6 +687,9 @@ class Trainer:
             log_images(self.accelerator, cfg, grid, "samples/before_after", cfg.steps)
             summary["sample_reward_before"] = before[1].mean().item()
             summary["sample_reward_after"] = after[1].mean().item()
+        if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
+            summary["toy_world"] = {"heldout_prompts": len(self.eval_prompts), "before": self.fidelity_before,
+                                    "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
             (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
                                                              "auto_fit_changes": self.fits}, sort_keys=False))
@@ -809,6 +833,27 @@ def log_images(accelerator, cfg: Config, grid_path: Path, tag: str, step: int) -
             tracker.log({tag: wandb.Image(arr)}, step=step)
 
 
+def toy_eval_prompts(cfg: Config, prompts: list[str]) -> list[str]:
+    """The held-out prompts the toy world's exact evaluators judge (fidelity_images of them), or none outside it."""
+    from lowmem_alignprop.toy.fidelity import applies
+    from lowmem_alignprop.toy.scenes import eval_prompts
+
+    return eval_prompts(cfg.fidelity_images) if cfg.fidelity_images and applies(cfg.model, prompts) else []
+
+
+def toy_world_lines(t: dict | None) -> list[str]:
+    """The summary's toy-world lines: the reward and the exact held-out fidelity, before -> after."""
+    if not t or "fidelity_all_ok" not in t["before"]:
+        return []
+    b, a = t["before"], t["after"]
+    rates = "  ".join(f"{name} {b[f'fidelity_{key}']:.0%} -> {a[f'fidelity_{key}']:.0%}" for key, name in
+                      (("all_ok", "all right"), ("objects_ok", "objects"), ("colours_ok", "colours"),
+                       ("shapes_ok", "shapes"), ("count_ok", "count")))
+    return [f" held-out prompts ({t['heldout_prompts']}, fixed seeds): reward {b['reward']:.4f} -> {a['reward']:.4f}",
+            f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
+            f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
+
+
 def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     change = s["reward_last"] - s["reward_first"]
     lines = [
@@ -829,6 +874,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
                      f"-> {s['output_dir']}/{BEST_DIR}")
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    lines += toy_world_lines(s.get("toy_world"))
     if s.get("fp16_overflow_skips"):
         lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
                      "its scale (normal in the first steps)")

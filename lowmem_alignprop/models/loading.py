@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet attention projections, as AlignProp does
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 ARCH_NAMES = ("sd15", "sd21", "sdxl")
+# --model toy: the toy world's pretrained SD-shaped model that ships with the package (docs/toy_world.md), a plain
+# diffusers directory (fp16 on disk; loaded in the run's dtype like any other)
+TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "weights" / "model"
 
 
 @dataclass
@@ -51,9 +54,12 @@ class Components:
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
-    """Classify a --model value as (kind, location): tiny, arch, dir, file or hub. Raises UserError."""
+    """Classify a --model value as (kind, location): tiny, arch, dir, file or hub (``toy``: the shipped directory).
+    Raises UserError."""
     if spec in ("", "tiny"):
         return "tiny", "tiny"
+    if spec == "toy":
+        return "dir", str(TOY_MODEL_DIR)
     if spec in ARCH_NAMES:
         return "arch", spec
     path = Path(os.path.expanduser(spec))

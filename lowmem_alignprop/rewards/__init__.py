@@ -4,7 +4,8 @@
 differentiable w.r.t. the images. Higher is better for every reward.
 
 Spec forms:
-  * a built-in name (see ``REWARDS``; ``colourfulness`` is accepted for ``colorfulness``);
+  * a built-in name (see ``REWARDS``; ``colourfulness`` is accepted for ``colorfulness``); ``toy_count=3`` is the
+    toy world's counter with its target count (``toy_count=3:0.5`` weighs it: after ``:`` always comes a weight);
   * ``"a:1.0,b:0.5"``: a weighted sum of terms (a term may also be a user reward, ``pkg.mod:fn:0.5``);
   * ``"package.module:function"``: your own reward. What it is follows from the spec, never from a guess:
       - a function or any other callable (``functools.partial``, an object with ``__call__``, an ``nn.Module``)
@@ -38,6 +39,7 @@ from .base import CallableReward, RewardModule, WeightedSumReward, callable_labe
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
            "reward_terms", "ALIASES", "MODEL_REWARDS"]
 
+TOY_COUNT_TARGET = 2.0  # toy_count without =N
 REWARDS: dict[str, str] = {
     "brightness": "mean luminance of the image (0..1); weight-free",
     "colorfulness": "Hasler-Suesstrunk colourfulness (0..~150); weight-free (alias: colourfulness)",
@@ -46,6 +48,9 @@ REWARDS: dict[str, str] = {
     "clip": "CLIP image-prompt cosine similarity; default openai/clip-vit-large-patch14",
     "pickscore": "PickScore (yuvalkirstain/PickScore_v1): logit_scale * cosine(image, prompt)",
     "hpsv2": "HPS v2 human preference score (ViT-H-14; HPS_v2_compressed.pt / HPS_v2.1_compressed.pt)",
+    "toy_clip": "the toy world's image-prompt alignment, 100 x cosine (CLIP-like; ships with the package, --model toy)",
+    "toy_count": "the toy world's object counter: -(expected count - N)^2, written toy_count=N (N in 0..4, default "
+                 f"{TOY_COUNT_TARGET:g}); ships with the package",
 }
 ALIASES: dict[str, str] = {"colourfulness": "colorfulness", "jpeg": "jpeg_compressibility"}
 MODEL_REWARDS = frozenset({"aesthetic", "clip", "pickscore", "hpsv2"})
@@ -89,6 +94,11 @@ def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
         return simple.ColorfulnessReward()
     if name == "jpeg_compressibility":
         return simple.JpegCompressibilityReward()
+    if name.startswith("toy_"):
+        from . import toy
+        if name == "toy_clip":
+            return toy.load_toy_clip(toy.SHIPPED_REWARDS / "toy_clip")
+        return toy.load_toy_count(toy.SHIPPED_REWARDS / "toy_count", target=toy_count_target(name))
     from . import clip_rewards
 
     builder = {"aesthetic": clip_rewards.build_aesthetic, "clip": clip_rewards.build_clip,
@@ -211,12 +221,32 @@ def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
     return {t: weights for t in model_terms}
 
 
+def toy_count_target(term: str) -> float:
+    """The target of ``toy_count`` or ``toy_count=N`` (a count the counter knows, 0..4). Raises UserError."""
+    _, sep, value = term.partition("=")
+    if not sep:
+        return TOY_COUNT_TARGET
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if not 0 <= target <= 4:  # (NaN fails too)
+        raise UserError(f"reward {term!r}: the target count must be a number from 0 to 4 (what the toy counter "
+                        "knows), e.g. toy_count=3")
+    return target
+
+
 def reward_terms(spec: str) -> list[tuple[str, str, float]]:
     """[(kind 'user'|'builtin', name, weight)]; unknown built-in names raise UserError."""
     resolved = []
     for term, weight in parse_reward_spec(spec):
         if ":" in term:
             resolved.append(("user", term, weight))
+            continue
+        if term.partition("=")[0].strip().lower() == "toy_count":
+            name = "toy_count=" + term.partition("=")[2].strip() if "=" in term else "toy_count"
+            toy_count_target(name)  # a bad target fails here, before any model loads
+            resolved.append(("builtin", name, weight))
             continue
         name = ALIASES.get(term.lower(), term.lower())
         if name not in REWARDS:
@@ -313,7 +343,7 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
         if kind == "user":
             module = builder.user(name, options)
         elif name not in MODEL_REWARDS:
-            module = _builtin(name, checkpointing=checkpointing, weights="")  # weight-free
+            module = _builtin(name, checkpointing=checkpointing, weights="")  # weight-free, or the toy world's shipped
         else:
             try:
                 module = builder.model(name, weights=per_reward.get(name, ""), checkpointing=checkpointing)

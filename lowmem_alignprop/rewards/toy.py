@@ -1,7 +1,7 @@
 """The toy world's learned rewards: toy_clip (prompt alignment) and toy_count (a target object count).
 
 Both read the trainer's images (float [B, 3, H, W] in [0, 1], resized to 64 px differentiably) with a small
-CNN. They are trained by ``train_world.py`` on the renderer's data and saved as ``config.json`` +
+CNN. They are trained by ``commands/train_toy_world.py`` on the renderer's data and saved as ``config.json`` +
 ``model.safetensors`` directories; :func:`load_toy_clip` and :func:`load_toy_count` give frozen
 ``RewardModule``s. The exact evaluators in ``fidelity.py`` are the ground truth they approximate.
 """
@@ -18,6 +18,7 @@ from torch import nn
 
 from .base import RewardModule
 
+SHIPPED_REWARDS = Path(__file__).resolve().parents[1] / "toy" / "weights" / "rewards"  # the full run's (report.json)
 INPUT_SIZE = 64
 MAX_COUNT = 4
 
@@ -36,7 +37,7 @@ class ConvTower(nn.Module):
         self.head = nn.Linear(c, out_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+        x = images.to(self.head.weight.dtype)  # the tower's own dtype (fp16 under mixed precision)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         x = self.body(x * 2 - 1)
@@ -138,6 +139,7 @@ class ToyCountReward(RewardModule):
         super().__init__()
         self.model = model
         self.target = float(target)
+        self.name = f"toy_count={self.target:g}"
         self.freeze()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -9,11 +9,14 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, quote
+
+MODEL_ENV = "LOWMEM_ALIGNPROP_MODEL"  # the model when none is named (default toy)
 
 
 EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # what `export --format` writes (commands/lora_export.py)
@@ -31,8 +34,11 @@ def _f(default: Any, help: str, choices: tuple | None = None):
 @dataclass
 class Config:
     # ---- what to train -------------------------------------------------------------------------
-    model: str = _f("tiny", "Base model: 'tiny' (built-in, offline), sd15|sd21|sdxl (architecture only, random "
-                    "weights, for planning), a hub id, a diffusers directory, or a single-file .safetensors/.ckpt.")
+    model: str = field(default_factory=lambda: os.environ.get(MODEL_ENV, "toy"), metadata={"help": (
+        "Base model: 'toy' (the toy world's pretrained model, shipped; docs/toy_world.md), 'tiny' (random weights, "
+        "built in code: tests and planning), sd15|sd21|sdxl (architecture only, random weights, for planning), a hub "
+        "id, a diffusers directory, or a single-file .safetensors/.ckpt. Default: toy, or $LOWMEM_ALIGNPROP_MODEL "
+        "(the test suite sets tiny).")})
     model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
                          ("auto", "sd15", "sd21", "sdxl"))
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
@@ -162,6 +168,11 @@ class Config:
     push_to_hub: str = _f("", "Upload the LoRA's export (the first of export_format, else diffusers) with its model card "
                           "to this Hugging Face hub repository (owner/name) at the end (--push-to-hub). Checked "
                           "before training starts: offline or without a token the run does not start.")
+    fidelity_images: int = _f(32, "Toy world only (--model toy, or prompts in its grammar): held-out prompts whose "
+                              "fixed-seed images the exact evaluators judge before and after training (fidelity_* "
+                              "rates and jpeg_bytes in summary.json; docs/toy_world.md). 0 turns it off.")
+    fidelity_every: int = _f(0, "Toy world only: every N optimizer steps judge those images too and add fidelity_* and "
+                             "jpeg_bytes to that step's line of metrics.jsonl (0 = before and after training only).")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
     keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
 
@@ -206,7 +217,7 @@ class Config:
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
-                     "tile_overlap",
+                     "tile_overlap", "fidelity_images", "fidelity_every",
                      "weight_decay", "max_grad_norm", "budget_gb"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")

@@ -149,6 +149,26 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     return name, values
 
 
+# What a model needs whatever the card: its native size and sampler, and the reward and prompts it was made for. They
+# sit between the profile (whose resolution is for SD-sized models) and the flags and --set, which still win.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the toy world (docs/toy_world.md): trained at 64 px and sampled with DDIM 20 steps, guidance 3
+    "toy": {"resolution": 64, "sample_steps": 20, "guidance_scale": 3.0, "reward": "toy_clip",
+            "prompts": "toy-heldout"},
+}
+
+
+def with_model_defaults(values: dict[str, Any], model: str) -> dict[str, Any]:
+    """A profile's ``values`` with :data:`MODEL_DEFAULTS` of ``model`` on top; a K range past the model's DDIM steps
+    ends at its last step (the profile's K range was for the profile's step count)."""
+    defaults = MODEL_DEFAULTS.get(model, {})
+    values = {**values, **defaults}
+    if "sample_steps" in defaults:
+        for key in ("k", "k_min", "k_max"):
+            values[key] = min(values.get(key, getattr(Config, key)), defaults["sample_steps"])
+    return values
+
+
 FLAG_FIELDS = ("model", "reward", "prompts", "steps", "output_dir", "seed", "report_to", "recipe", "eval_every",
                "early_stop")  # fields with their own flag
 # a recipe chooses what is trained and how (reward, loss, optimiser, truncation), never paths
@@ -167,12 +187,16 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                    resumed: tuple[str, dict] | None = None) -> tuple[str, Config]:
-    """profile < recipe < explicit flags (``flags``: FLAG_FIELDS, None where not given) < ``--set`` items, validated.
-    The recipe is ``flags["recipe"]`` or ``--set recipe=NAME``. ``resumed`` (--resume): the run's own (profile name,
-    config) replaces the profile, unless ``profile`` names another one (then that profile applies on top of it)."""
+    """profile < the model's defaults (:data:`MODEL_DEFAULTS`) < recipe < explicit flags (``flags``: FLAG_FIELDS, None
+    where not given) < ``--set`` items, validated. The recipe is ``flags["recipe"]`` or ``--set recipe=NAME``.
+    ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
+    one (then that profile applies on top of it)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
+    explicit = {k: v for k, v in flags.items() if v is not None}
     if resumed is None:
         name, values = load_profile(profile)
+        model = overrides.get("model", explicit.get("model", Config().model))
+        values = with_model_defaults(values, str(model))
     else:
         name, values = resumed
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
@@ -180,7 +204,6 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
             values = {**values, **card}
             logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
                                                           name)
-    explicit = {k: v for k, v in flags.items() if v is not None}
     recipe = overrides.get("recipe", explicit.get("recipe"))
     if recipe:  # the paper's settings, between the profile and what the user typed
         values = {**values, **load_recipe(recipe)}

@@ -2,7 +2,8 @@
 
 ``spec`` is a built-in name (see ``PROMPT_SETS``) or the path of a UTF-8 text file with one prompt per line
 (blank lines and lines starting with ``#`` are skipped; surrounding whitespace is stripped).
-The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``.
+The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``; the toy world's (``toy-train``,
+``toy-heldout``) are captions of its grammar (docs/toy_world.md).
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
 PROMPT_SETS: dict[str, str] = {
     "simple_animals": "45 common animal names ('cat', 'dog', 'horse', ...), as in AlignProp/DDPO",
     "animals_activities": "'a {animal} {activity}' for every animal and 8 activities ('a dog riding a bike', ...)",
+    "toy-train": f"{PROMPT_SET_SIZE} captions of the toy world's training split ('two red circles', ...; "
+                 "docs/toy_world.md)",
+    "toy-heldout": f"{PROMPT_SET_SIZE} toy-world captions that each hold a colour-shape pair the toy model never saw in "
+                   "training ('a red triangle and two blue squares', ...)",
 }
 
 
@@ -47,6 +53,9 @@ def _builtin(name: str) -> list[str]:
         animals = read_prompt_file(DATA_DIR / "simple_animals.txt")
         activities = read_prompt_file(DATA_DIR / "activities.txt")
         return [f"a {animal} {activity}" for animal in animals for activity in activities]
+    if name in ("toy-train", "toy-heldout"):
+        from lowmem_alignprop.toy.scenes import heldout_prompts, train_prompts
+        return (train_prompts if name == "toy-train" else heldout_prompts)(PROMPT_SET_SIZE, seed=0)
     raise KeyError(name)
 
 
