@@ -19,6 +19,7 @@ from lowmem_alignprop.cli import main
     (["--set", "k=20"], "k=20 is larger than sample_steps=10"),
     (["--set", "truncation=uniform", "--set", "k_min=5", "--set", "k_max=2"], "k_min=5 is larger than k_max=2"),
     (["--set", "mixed_precision=fp8"], "mixed_precision='fp8' is not one of"),
+    (["--reward", "toy_count=7"], "reward 'toy_count=7': the target count must be a number from 0 to 4"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "run"

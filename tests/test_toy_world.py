@@ -476,14 +476,11 @@ def test_plan_accepts_the_toy_model(capsys):
 
 def test_toy_prompt_sets_are_the_grammars_split():
     from lowmem_alignprop.step.prompts import PROMPT_SETS, load_prompts
-    from lowmem_alignprop.toy.scenes import eval_prompts
 
     train, held = load_prompts("toy-train"), load_prompts("toy-heldout")
     assert {"toy-train", "toy-heldout"} <= set(PROMPT_SETS)
     assert len(set(train)) == len(set(held)) == 64
     assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "heldout" for p in held)
-    judged = eval_prompts(32)  # what the trainer's exact evaluators judge: held out, and never in toy-heldout
-    assert len(set(judged)) == 32 and all(split_of(p) == "heldout" for p in judged) and not set(judged) & set(held)
 
 
 def test_toy_rewards_are_registered_and_know_the_world():

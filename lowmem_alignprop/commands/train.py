@@ -300,8 +300,8 @@ class Trainer:
         self.before = self.generate(self.sample_prompts, cfg.seed + 12345)
 
     def judge(self) -> dict | None:
-        """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of its held-out prompts:
-        fidelity_* rates, jpeg_bytes and the reward's mean; None outside the toy world or with fidelity_images=0."""
+        """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
+        rates, jpeg_bytes and the reward's mean; None outside the toy world or with fidelity_images=0."""
         if not (self.eval_prompts and self.samples_here):
             return None
         from lowmem_alignprop.toy.fidelity import evaluate_batch
@@ -688,8 +688,12 @@ class Trainer:
             summary["sample_reward_before"] = before[1].mean().item()
             summary["sample_reward_after"] = after[1].mean().item()
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
-            summary["toy_world"] = {"heldout_prompts": len(self.eval_prompts), "before": self.fidelity_before,
-                                    "after": self.fidelity_after}
+            from lowmem_alignprop.toy.fidelity import parses
+            from lowmem_alignprop.toy.scenes import split_of
+            kinds = [split_of(p) if parses(p) else "other" for p in set(self.eval_prompts)]
+            summary["toy_world"] = {"images": len(self.eval_prompts), "prompts": len(kinds),
+                                    "held_out": kinds.count("heldout"),
+                                    "before": self.fidelity_before, "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
             (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
                                                              "auto_fit_changes": self.fits}, sort_keys=False))
@@ -834,11 +838,13 @@ def log_images(accelerator, cfg: Config, grid_path: Path, tag: str, step: int) -
 
 
 def toy_eval_prompts(cfg: Config, prompts: list[str]) -> list[str]:
-    """The held-out prompts the toy world's exact evaluators judge (fidelity_images of them), or none outside it."""
+    """What the toy world's exact evaluators judge: fidelity_images images of the run's prompts, in order and round
+    again if there are fewer (each image its own noise); none outside the toy world."""
     from lowmem_alignprop.toy.fidelity import applies
-    from lowmem_alignprop.toy.scenes import eval_prompts
 
-    return eval_prompts(cfg.fidelity_images) if cfg.fidelity_images and applies(cfg.model, prompts) else []
+    if not (cfg.fidelity_images and applies(cfg.model, prompts)):
+        return []
+    return (prompts * -(-cfg.fidelity_images // len(prompts)))[:cfg.fidelity_images]
 
 
 def toy_world_lines(t: dict | None) -> list[str]:
@@ -849,7 +855,9 @@ def toy_world_lines(t: dict | None) -> list[str]:
     rates = "  ".join(f"{name} {b[f'fidelity_{key}']:.0%} -> {a[f'fidelity_{key}']:.0%}" for key, name in
                       (("all_ok", "all right"), ("objects_ok", "objects"), ("colours_ok", "colours"),
                        ("shapes_ok", "shapes"), ("count_ok", "count")))
-    return [f" held-out prompts ({t['heldout_prompts']}, fixed seeds): reward {b['reward']:.4f} -> {a['reward']:.4f}",
+    held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
+    return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
+            f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}",
             f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
 

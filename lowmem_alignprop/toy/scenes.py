@@ -285,12 +285,6 @@ def prompts_of(split: str, n: int, seed: int = 0) -> list[str]:
 PROMPT_SET_SIZE = 64  # the prompt sets toy-train and toy-heldout: the first 64 captions of their split's stream (seed 0)
 
 
-def eval_prompts(n: int) -> list[str]:
-    """The held-out prompts a run is judged on (the trainer's fidelity_images): the n held-out captions that follow
-    the toy-heldout prompt set's in its stream, so a run trained on that set is judged on prompts it never saw."""
-    return heldout_prompts(PROMPT_SET_SIZE + n, seed=0)[PROMPT_SET_SIZE:]
-
-
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct held-out captions, in a fixed order for a seed."""
     return prompts_of("heldout", n, seed)
