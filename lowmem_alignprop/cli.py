@@ -22,7 +22,7 @@ EPILOG = """config fields (set them in a profile YAML or with --set key=value):
 {fields}
 
 examples:
-  lowmem-alignprop                                    # tiny built-in model, cpu profile, brightness reward
+  lowmem-alignprop                                    # the shipped toy world, cpu profile, toy_clip reward
   accelerate launch -m lowmem_alignprop --profile rtx3060 --model runwayml/stable-diffusion-v1-5 --reward aesthetic
   lowmem-alignprop plan --profile rtx3060 --model sd15
   lowmem-alignprop profiles
@@ -63,11 +63,13 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto",
                    help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
                         "(picked by the detected GPU; cpu without one), or a path to your own .yaml")
-    p.add_argument("--model", help="tiny (default), sd15|sd21|sdxl (random weights), a hub id, a diffusers "
-                                   "directory, or a single-file .safetensors/.ckpt")
+    p.add_argument("--model", help="toy (default: the shipped toy world), tiny, sd15|sd21|sdxl (random weights), a hub "
+                                   "id, a diffusers directory, or a single-file .safetensors/.ckpt")
     p.add_argument("--reward", help="brightness, colorfulness, jpeg_compressibility, aesthetic, clip, pickscore, "
-                                    "hpsv2; 'a:1,b:0.5' to combine; 'package.module:function' for your own")
-    p.add_argument("--prompts", help="built-in prompt set (simple_animals, ...) or a UTF-8 text file, one per line")
+                                    "hpsv2, toy_clip, toy_count=N; 'a:1,b:0.5' to combine; 'package.module:function' "
+                                    "for your own")
+    p.add_argument("--prompts", help="built-in prompt set (simple_animals, toy-heldout, ...) or a UTF-8 text file, "
+                                     "one per line")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--output-dir", help="where the LoRA, metrics, samples and reports go")
     p.add_argument("--seed", type=int, help="random seed")

@@ -20,8 +20,8 @@ PROMPT_SETS: dict[str, str] = {
     "animals_activities": "'a {animal} {activity}' for every animal and 8 activities ('a dog riding a bike', ...)",
     "toy-train": f"{PROMPT_SET_SIZE} captions of the toy world's training split ('two red circles', ...; "
                  "docs/toy_world.md)",
-    "toy-heldout": f"{PROMPT_SET_SIZE} toy-world captions that each hold a colour-shape pair the toy model never saw in "
-                   "training ('a red triangle and two blue squares', ...)",
+    "toy-heldout": f"{PROMPT_SET_SIZE} toy-world captions that each hold a colour-shape pair the toy model never saw "
+                   "in training ('a red triangle and two blue squares', ...)",
 }
 
 

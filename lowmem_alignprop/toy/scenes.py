@@ -282,7 +282,7 @@ def prompts_of(split: str, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-PROMPT_SET_SIZE = 64  # the prompt sets toy-train and toy-heldout: the first 64 captions of their split's stream (seed 0)
+PROMPT_SET_SIZE = 64  # prompt sets toy-train and toy-heldout: the first 64 captions of their split's stream (seed 0)
 
 
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
