@@ -351,3 +351,23 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
     assert (mine.reward, mine.lr, mine.loss_scale) == ("brightness", 0.5, 0.01)
     _, hps = resolve_config("cpu", flags, ["recipe=hps"])
     assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")
+
+
+def test_the_planner_counts_kl_lv_and_ema(tiny_dir):
+    """The planner runs the same rollout_loss on fake tensors: with kl_coeff each window step keeps a few more
+    latent-sized tensors (the base model's prediction and the difference; the backward peak barely moves), with
+    lv_draws the decode works on 3x the images, and the EMA's fp32 copy of the LoRA weights is on the device."""
+    from lowmem_alignprop.measure.planner import estimate
+
+    cfg = Config(model=str(tiny_dir), sample_steps=6, truncation="fixed", k=4, resolution=64, batch_size=1).validate()
+    plain = estimate(cfg, target="cpu")
+    kl = estimate(dataclasses.replace(cfg, kl_coeff=0.1), target="cpu")
+    latent = 1 * 4 * 32 * 32 * 4  # one fp32 latent of this model at 64 px
+    assert 0 < kl.per_k_bytes - plain.per_k_bytes <= 3 * latent, (plain.per_k_bytes, kl.per_k_bytes)
+    backward = [e.stages["backward"]["allocated"] for e in (plain, kl)]
+    assert backward[0] < backward[1] <= 1.01 * backward[0], backward
+    lv = estimate(dataclasses.replace(cfg, lv_draws=3), target="cpu")
+    assert lv.stages["decode"]["allocated"] > 1.5 * plain.stages["decode"]["allocated"]
+    ema = estimate(dataclasses.replace(cfg, ema_decay=0.9), target="cpu")
+    assert ema.weights["ema"] == ema.weights["lora"] > 0
+    assert ema.stages["optimizer"]["allocated"] == plain.stages["optimizer"]["allocated"] + ema.weights["ema"]
