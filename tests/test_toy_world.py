@@ -519,3 +519,51 @@ def test_toy_rewards_are_registered_and_know_the_world():
     for bad in ("toy_count=5", "toy_count=x", "toy_count=-1"):
         with pytest.raises(UserError, match="from 0 to 4"):
             check_reward_spec(bad)
+
+
+@pytest.fixture(scope="module")
+def short_toy_run(tmp_path_factory):
+    """Two steps on the shipped toy model, judged every step on 4 images (DDIM 4 steps: the wiring, not learning)."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path_factory.mktemp("toy") / "run"
+    assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
+                 "sample_steps=4", "--set", "fidelity_images=4", "--set", "fidelity_every=1", "--set",
+                 "sample_prompts=1"]) == 0
+    return out
+
+
+def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
+    import json
+
+    import yaml
+
+    summary = json.loads((short_toy_run / "summary.json").read_text())
+    toy = summary["toy_world"]
+    assert (toy["images"], toy["prompts"], toy["held_out"]) == (4, 4, 4)  # toy-heldout: every prompt held out
+    for when in ("before", "after"):
+        assert toy[when]["fidelity_images"] == 4 and 0 <= toy[when]["fidelity_all_ok"] <= 1
+        assert toy[when]["jpeg_bytes"] > 0 and math.isfinite(toy[when]["reward"])
+    rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["fidelity_images"] == 4 and "eval_reward" in r and "jpeg_bytes" in r for r in rows)
+    assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
+    config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
+    assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
+        ("toy", "toy_clip", "toy-heldout", 64)
+    from lowmem_alignprop.commands.train import toy_world_lines
+    lines = toy_world_lines(toy)
+    assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
+
+
+def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_path, capsys):
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "sample"
+    assert main(["sample", "--model", "toy", "--profile", "cpu", "--lora", str(short_toy_run / "lora"),
+                 "--num-prompts", "2", "--output-dir", str(out), "--set", "sample_steps=4"]) == 0
+    results = json.loads((out / "sample_results.json").read_text())
+    assert set(results["fidelity"]) == {"base", "lora"}
+    assert results["fidelity"]["base"]["fidelity_images"] == results["fidelity"]["lora"]["fidelity_images"] == 2
+    assert "exact fidelity (toy world)" in capsys.readouterr().out
