@@ -371,3 +371,18 @@ def test_the_planner_counts_kl_lv_and_ema(tiny_dir):
     ema = estimate(dataclasses.replace(cfg, ema_decay=0.9), target="cpu")
     assert ema.weights["ema"] == ema.weights["lora"] > 0
     assert ema.stages["optimizer"]["allocated"] == plain.stages["optimizer"]["allocated"] + ema.weights["ema"]
+
+
+def test_held_out_evaluation_in_the_toy_world_reports_its_exact_fidelity(tmp_path, fresh_log_handlers):
+    """In the toy world the held-out evaluation's metrics carry the exact evaluators' rates (HeldOut.evaluators), and
+    the toy world's own before/after judgement keeps its prompts (the run's, not the held-out ones)."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "toy"
+    assert main(["--profile", "cpu", "--model", "toy", "--reward", "toy_clip", "--steps", "1", "--eval-every", "1",
+                 "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "fidelity_images=4",
+                 "--set", "eval_holdout=2", "--output-dir", str(out)]) == 0
+    row = _rows(out)[0]
+    assert row["eval_fidelity_images"] == 2.0 and 0.0 <= row["eval_fidelity_score"] <= 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["toy_world"]["images"] == 4 and summary["best_step"] == 1

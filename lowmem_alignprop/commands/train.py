@@ -120,6 +120,7 @@ class Trainer:
         self.step = self.start + 1
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
+        self.judge_prompts: list[str] = []  # the toy world's exact evaluators' prompts (set with the sampling)
         self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
         self.fidelity_before = self.fidelity_after = None
@@ -251,11 +252,12 @@ class Trainer:
         self.rank = acc.process_index
         self.rng = random.Random(cfg.seed * 1000 + self.rank)  # prompt order and K draws; each rank its own stream
         self.sample_prompts = self.prompts[: cfg.sample_prompts]
-        self.eval_prompts = toy_eval_prompts(cfg, self.prompts)  # the toy world's exact evaluators judge these
+        self.judge_prompts = toy_eval_prompts(cfg, self.prompts)  # the toy world's exact evaluators judge these
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
         self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
                                    cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
-                                   prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts))
+                                   prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts)
+                                   | set(self.judge_prompts))
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
         self.engine = deepspeed_engine(acc, self.unet_train)  # None unless DeepSpeed
@@ -266,6 +268,9 @@ class Trainer:
             self.ema = WeightEMA(self.params, cfg.ema_decay)
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, sample=self.generate, write_lora=self.write_lora)
+            if self.judge_prompts:  # the toy world: its exact evaluators judge the held-out images too (eval_fidelity_*)
+                from lowmem_alignprop.toy.fidelity import evaluate_batch
+                self.held_out.evaluators.append(evaluate_batch)
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
@@ -302,15 +307,15 @@ class Trainer:
     def judge(self) -> dict | None:
         """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
         rates, jpeg_bytes and the reward's mean; None outside the toy world or with fidelity_images=0."""
-        if not (self.eval_prompts and self.samples_here):
+        if not (self.judge_prompts and self.samples_here):
             return None
         from lowmem_alignprop.toy.fidelity import evaluate_batch
 
         chunk = self.cfg.batch_size  # a training micro-batch fits with gradients, so surely without
-        parts = [self.generate(self.eval_prompts[i:i + chunk], self.cfg.seed + 54321 + i)
-                 for i in range(0, len(self.eval_prompts), chunk)]
+        parts = [self.generate(self.judge_prompts[i:i + chunk], self.cfg.seed + 54321 + i)
+                 for i in range(0, len(self.judge_prompts), chunk)]
         images, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return {"reward": scores.mean().item(), **evaluate_batch(images, self.eval_prompts)}
+        return {"reward": scores.mean().item(), **evaluate_batch(images, self.judge_prompts)}
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -690,8 +695,8 @@ class Trainer:
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
             from lowmem_alignprop.toy.fidelity import parses
             from lowmem_alignprop.toy.scenes import split_of
-            kinds = [split_of(p) if parses(p) else "other" for p in set(self.eval_prompts)]
-            summary["toy_world"] = {"images": len(self.eval_prompts), "prompts": len(kinds),
+            kinds = [split_of(p) if parses(p) else "other" for p in set(self.judge_prompts)]
+            summary["toy_world"] = {"images": len(self.judge_prompts), "prompts": len(kinds),
                                     "held_out": kinds.count("heldout"),
                                     "before": self.fidelity_before, "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
@@ -869,14 +874,15 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         "=" * 64,
         (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
          if s.get("interrupted") else
-         f" AlignProp finished: {cfg.steps} steps on {s['device']} (profile {profile_name}, "
+         f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})"
         if math.isfinite(change) else
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]
     if s.get("early_stopped_at"):
-        lines.append(f" early stop at step {s['early_stopped_at']}: the held-out evaluation stopped improving")
+        lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation had not "
+                     f"improved for {cfg.early_stop} evaluations")
     if s.get("best_step") is not None:
         lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
                      f"-> {s['output_dir']}/{BEST_DIR}")
