@@ -222,6 +222,12 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
+    p.add_argument("--fastest", action="store_true", help="search the memory features (checkpointing, offload, "
+                   "decode, micro-batch for the same images per step) for the lowest estimated step time that fits "
+                   "the budget; prints it as --set flags and as a profile YAML")
+    p.add_argument("--allow-task-changes", action="store_true", help="with --fastest: when nothing else fits, also "
+                   "quantize the frozen UNet and lower the resolution (these change what is trained)")
+    p.add_argument("--max-estimates", type=int, default=40, metavar="N", help="with --fastest: at most N estimates")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
     from lowmem_alignprop.measure.planner import plan
@@ -234,6 +240,13 @@ def cmd_plan(argv: list[str]) -> int:
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
+        if args.fastest:
+            from lowmem_alignprop.measure.fastest import fastest
+            from lowmem_alignprop.measure.reports import format_fastest
+            result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
+                             max_estimates=args.max_estimates, log=log)
+            print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
+            return 0
         result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
                       started=started)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))

@@ -34,7 +34,8 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
-from lowmem_alignprop.models.loading import load_components, lora_metadata, lora_state_dict, set_attention
+from lowmem_alignprop.models.loading import (apply_speed_features, load_components, lora_metadata, lora_state_dict,
+                                             nograd_unet, set_attention)
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
 from lowmem_alignprop.step.prompts import cut_prompts_note
@@ -201,6 +202,7 @@ class Trainer:
             layers = start_from_lora(make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
             log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
         self.unet.to(self.device).train()
+        apply_speed_features(self.unet, self.vae, cfg, self.device)  # channels_last, tf32, regional compile
         place.park("text_encoder", self.text_encoder, comps.text_encoder_2)  # to the device only to encode
         place.park("vae", self.vae)  # on the GPU only from decode to backward when offload_frozen is on
         self.reward = self.build_reward()
@@ -260,6 +262,7 @@ class Trainer:
                                    | set(self.judge_prompts))
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
+        self.nograd_unet = nograd_unet(self.bare_unet, cfg)  # compile=nograd: a compiled view for no-grad steps
         self.engine = deepspeed_engine(acc, self.unet_train)  # None unless DeepSpeed
         self.gather = gatherer(acc, self.params)  # ZeRO-3: the partitioned LoRA weights made whole for reading
         # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
@@ -285,7 +288,7 @@ class Trainer:
             emb = self.embed(batch_prompts)
             self.scheduler.set_timesteps(cfg.sample_steps, device=self.device)
             lat = initial_latents(len(batch_prompts), self.bare_unet, self.vae, cfg.resolution, g, self.device)
-            lat = rollout(self.bare_unet, self.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
+            lat = rollout(self.nograd_unet, self.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
                           eta=cfg.eta, generator=g)
             place.to_device("vae", self.vae)
             place.to_device("reward", self.reward)
@@ -353,7 +356,7 @@ class Trainer:
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
                 latents = initial_latents(cfg.batch_size, self.bare_unet, self.vae, cfg.resolution, g, self.device)
                 with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
-                    loss, rewards_ = rollout_loss(cfg, self.bare_unet, self.unet_train, self.scheduler, self.vae,
+                    loss, rewards_ = rollout_loss(cfg, self.nograd_unet, self.unet_train, self.scheduler, self.vae,
                                                   self.reward, latents, emb, batch_prompts, k=k, generator=g,
                                                   stage=stage, place=place, terms=(terms := {}))
                 self.terms.append(terms)  # the loss's further terms (kl), for the metrics

@@ -51,6 +51,7 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
+from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.profiler import library_versions
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
@@ -185,9 +186,12 @@ class Residency:
         self.host = host  # the device is the CPU: "offloading" moves nothing, every module stays in memory
         self.extra = 0  # bytes resident in every stage besides the modules (a dequantized layer)
         self.on_device = set(weights)
+        self.on_move: Callable[[int], None] | None = None  # bytes copied host <-> device (StageWork's count)
 
     def _set(self, name: str, on: bool) -> None:
         if not self.host:
+            if self.on_move is not None and (name in self.on_device) != on:
+                self.on_move(self.weights.get(name, 0))  # the module's weights cross PCIe (either way)
             (self.on_device.add if on else self.on_device.discard)(name)
         self.refresh()
 
@@ -206,6 +210,114 @@ class Residency:
 
     def offload(self, name: str, *modules) -> None:
         self._set(name, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# counting the work of each stage (the time estimate)
+# ---------------------------------------------------------------------------------------------------
+WORK_KEYS = ("matmul_flops", "attention_flops", "other_bytes", "ops", "pcie_bytes", "dequant_bytes")
+AFTER = "+after"  # StageWork's bucket for the work between a stage and the next (parking modules after backward)
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def _flop_formulas() -> dict:
+    """torch.utils.flop_counter's per-op formulas (what FlopCounterMode counts: 2*m*n*k per matmul, convolutions,
+    fused attention forward and backward), plus the CPU flash-attention kernels fake CPU tensors dispatch to."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    formulas = dict(flop_registry)
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
+    return formulas
+
+
+def _attention_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+             "_flash_attention_forward", "_flash_attention_backward", "_efficient_attention_forward",
+             "_efficient_attention_backward", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention_for_cpu_backward")
+    return frozenset(getattr(aten, n) for n in names if hasattr(aten, n))
+
+
+def _tensor_bytes(tree) -> int:
+    from torch.utils._pytree import tree_leaves
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class StageWork(torch.utils._python_dispatch.TorchDispatchMode):
+    """The work of every op, per stage: floating-point operations of matmuls/convolutions and of attention (the
+    formulas of ``torch.utils.flop_counter.FlopCounterMode``, which work on fake tensors), the bytes every other
+    op reads and writes (views move nothing), the ops launched, and (added by the planner) host <-> device bytes
+    and dequantized weight bytes. Runs as well in backward, so checkpoint recomputes count where they happen.
+    Work outside any stage is kept apart, after the stage that closed last (not scaled with K)."""
+
+    def __init__(self):
+        super().__init__()
+        self.formulas = _flop_formulas()
+        self.attention = _attention_ops()
+        self.work: dict[str, dict[str, int]] = {}
+        self.open: list[str] = []
+        self.last: str | None = None
+        self.unet_calls: dict[str, int] = {}
+        self.marks: dict[str, dict[str, int]] = {}  # e.g. backward's work when its first UNet recompute began
+
+    def bucket(self) -> dict[str, int] | None:
+        name = self.open[-1] if self.open else None if self.last is None else self.last + AFTER
+        return None if name is None else self.work.setdefault(name, dict.fromkeys(WORK_KEYS, 0))
+
+    def add(self, key: str, n: int) -> None:
+        b = self.bucket()
+        if b is not None:
+            b[key] += int(n)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        b = self.bucket()
+        if b is None:
+            return out
+        packet = func._overloadpacket
+        formula = self.formulas.get(packet)
+        if formula is not None:
+            b["attention_flops" if packet in self.attention else "matmul_flops"] += int(formula(*args, **kwargs,
+                                                                                               out_val=out))
+            b["ops"] += 1
+        elif not func.is_view:
+            b["other_bytes"] += _tensor_bytes((args, kwargs, out))  # read the inputs, write the outputs
+            b["ops"] += 1
+        return out
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.open.append(name)
+        self.bucket()
+        try:
+            yield
+        finally:
+            self.open.remove(name)
+            self.last = name
+
+    def unet_call(self) -> None:
+        """A UNet call begins (forward, or its recompute in backward)."""
+        name = self.open[-1] if self.open else None
+        if name is None:
+            return
+        self.unet_calls[name] = self.unet_calls.get(name, 0) + 1
+        if name == stages.BACKWARD and "backward_unet" not in self.marks:
+            self.marks["backward_unet"] = dict(self.bucket())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,14 +427,19 @@ class _RealTimesteps:
 
 class _HostSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
     """``save_on_cpu`` for a fake CUDA target: the packed copy lives in host memory (not counted) and the
-    device original is freed once nothing else holds it; unpacking copies back to the device (counted)."""
+    device original is freed once nothing else holds it; unpacking copies back to the device (counted).
+    ``work`` (a StageWork) counts both copies' bytes as host <-> device traffic."""
 
-    def __init__(self, counter: LiveBytes):
+    def __init__(self, counter: LiveBytes, work: "StageWork | None" = None):
         def pack(t):
+            if work is not None:
+                work.add("pcie_bytes", t.numel() * t.element_size())
             with counter.host():
                 return t.clone()
 
         def unpack(t):
+            if work is not None:
+                work.add("pcie_bytes", t.numel() * t.element_size())
             return t.clone()
 
         super().__init__(pack, unpack)
@@ -611,6 +728,9 @@ class Estimate:
     step_start: int  # bytes on the device when the step begins (weights there, optimizer state, kept gradients)
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # stage -> the work of one optimizer step's share of it (StageWork's keys; micro-step stages per micro-step),
+    # scaled from the simulated step to all T steps and the mean K (step_work)
+    work: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB
@@ -673,11 +793,13 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     params, weights, largest = _fake_weights(cfg, comps, reward, fake, cuda, notes)
     counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
+    work = StageWork()  # the time estimate's counts, beside the memory counter
     counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
                        if m is not None for t in list(m.parameters()) + list(m.buffers()))
     place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
     if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
         place.on_device -= {TEXT_ENCODER, "vae", "reward"}
+    place.on_move = lambda n: work.add("pcie_bytes", n)
     autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     optimizer, run_opt = _optimizer_for(cfg, params, cuda, weights, place, notes)
     if cfg.ema_decay:  # the EMA's fp32 copy of the trained weights sits beside them on the device
@@ -691,16 +813,18 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     grad_calls: list[int] = []
 
     def at_grad_call(module, args):
+        work.unet_call()
         if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
             cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
             grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
 
-    hook = comps.unet.register_forward_pre_hook(at_grad_call)
+    hooks = [comps.unet.register_forward_pre_hook(at_grad_call)] + _dequant_hooks(cfg, comps.unet, work)
     # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
     # activation_offload go to (uncounted) host memory, the stage is the counter's
-    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place, counter.stage,
-                      autocast, run_optimizer=run_opt, scheduler=_RealTimesteps(comps.scheduler),
-                      saved_tensors=(lambda: _HostSaveOnCpu(counter)) if cuda and cfg.activation_offload else None)
+    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place,
+                      _both_stages(counter.stage, work.stage), autocast, run_optimizer=run_opt,
+                      scheduler=_RealTimesteps(comps.scheduler),
+                      saved_tensors=(lambda: _HostSaveOnCpu(counter, work)) if cuda and cfg.activation_offload else None)
     try:
         with fake, contextlib.ExitStack() as stack:
             if autocast_mode is not None:
@@ -709,14 +833,86 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             stack.enter_context(counter)
             warm_up_optimizer(parts)
             step_start = counter.current
-            keep = run_step(parts, k=k_sim, seed=cfg.seed)
+            with work:
+                keep = run_step(parts, k=k_sim, seed=cfg.seed)
             del keep
     except Exception as e:
         _name_a_user_reward_that_needs_data(cfg.reward, e)
         raise
     finally:
-        hook.remove()
-    return _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
+        for hook in hooks:
+            hook.remove()
+    est = _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
+    est.work = step_work(cfg, work, k_sim, n_nograd)
+    est.seconds = time.perf_counter() - t0
+    return est
+
+
+
+def _both_stages(*stage_fns):
+    """One stage context that opens the same stage in each counter."""
+    @contextlib.contextmanager
+    def stage(name: str):
+        with contextlib.ExitStack() as stack:
+            for fn in stage_fns:
+                stack.enter_context(fn(name))
+            yield
+    return stage
+
+
+def _dequant_hooks(cfg: Config, unet, work: StageWork) -> list:
+    """base_quant: every call of a quantized Linear layer dequantizes its weight (reads the packed weight, writes it
+    in fp16); counted per call, recomputes included. The planner's layers stay unquantized (bitsandbytes cannot run
+    on fake tensors), so the count is analytic."""
+    if cfg.base_quant == "none":
+        return []
+    packed = {"int8": 1.0, "nf4": 0.5}[cfg.base_quant]  # bytes per weight as stored
+
+    def hook(module, args):
+        work.add("dequant_bytes", module.in_features * module.out_features * (2 + packed))
+    return [m.register_forward_pre_hook(hook) for n, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+
+
+def mean_k(cfg: Config) -> float:
+    """The K a step runs on average: fixed K, or the middle of [k_min, k_max]."""
+    lo, hi = cfg.window_bounds()
+    return (lo + hi) / 2
+
+
+def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int) -> dict[str, dict[str, float]]:
+    """The simulated step's counts scaled to the configuration's: the no-grad steps to ``sample_steps - K``, the grad
+    window and its backward (from the first UNet recompute on) to the mean K; with cached prompt embeddings a step
+    encodes nothing (the first step's encoding of every prompt is left out: it happens once); the backward's
+    dequantization adds one more pass per grad-window call (the input gradient of each quantized layer)."""
+    k = mean_k(cfg)
+    zero = dict.fromkeys(WORK_KEYS, 0)
+
+    def scaled(d: dict, f: float) -> dict:
+        return {key: d.get(key, 0) * f for key in WORK_KEYS}
+
+    out: dict[str, dict[str, float]] = {}
+    for name in stages.STEP_STAGES:
+        d = work.work.get(name)
+        if d is None:
+            continue
+        if name == stages.ENCODE_PROMPTS and cfg.cache_prompt_embeddings:
+            d = zero
+        elif name == stages.SAMPLE_NOGRAD:
+            d = scaled(d, (cfg.sample_steps - k) / n_nograd if n_nograd else 0)
+        elif name == stages.SAMPLE_GRAD:
+            d = scaled(d, k / k_sim)
+        elif name == stages.BACKWARD:
+            before = work.marks.get("backward_unet", d)
+            after = {key: d[key] - before[key] for key in WORK_KEYS}
+            d = {key: before[key] + after[key] * k / k_sim for key in WORK_KEYS}
+            if cfg.base_quant != "none":
+                grad_calls = work.unet_calls.get(stages.SAMPLE_GRAD, 0)
+                per_call = work.work.get(stages.SAMPLE_GRAD, zero)["dequant_bytes"] / max(grad_calls, 1)
+                d["dequant_bytes"] += per_call * k
+        between = work.work.get(name + AFTER, zero)
+        out[name] = {key: float(v + between[key]) for key, v in d.items()}
+    return out
 
 
 def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
@@ -882,6 +1078,39 @@ def fragmentation_allowance(cfg: Config) -> int:
 def _reserved(cfg: Config, allocated: int, cuda: bool) -> int:
     """What the CUDA caching allocator holds for ``allocated`` bytes in use; a CPU target: exact bytes."""
     return int(allocated * RESERVED_FACTOR) + fragmentation_allowance(cfg) if cuda else allocated
+
+
+# ---------------------------------------------------------------------------------------------------
+# seconds per step (measure/devices.py turns the counted work into seconds)
+# ---------------------------------------------------------------------------------------------------
+def matmul_dtype(cfg: Config, target: str) -> str:
+    """The dtype the step's matmuls run in: the mixed precision on a GPU (autocast), fp32 without it; on a CPU
+    fp16 runs in fp32 as the trainer does."""
+    if cfg.mixed_precision == "no" or (target == "cpu" and cfg.mixed_precision == "fp16"):
+        return "fp32"
+    return cfg.mixed_precision
+
+
+def step_time(cfg: Config, est: Estimate, device) -> dict[str, Any]:
+    """Seconds per stage (micro-step stages per micro-step; the optimizer once), per micro-step and per optimizer
+    step (grad_accum micro-steps + the optimizer), for ``device`` (a :class:`devices.Device`; None: no card named)."""
+    from lowmem_alignprop.measure import devices
+
+    totals = {key: sum(w[key] for w in est.work.values()) for key in WORK_KEYS}
+    out: dict[str, Any] = {"k_mean": mean_k(cfg), "work_per_micro_step": totals}
+    if device is None:
+        out["device"] = None
+        out["note"] = "no card named: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|h100|h200|laptop for seconds"
+        return out
+    dtype = matmul_dtype(cfg, est.target)
+    tf32 = cfg.tf32 and est.target == "cuda"
+    per_stage = {name: devices.seconds(w, device, dtype, tf32) for name, w in est.work.items()}
+    micro = sum(t for name, t in per_stage.items() if name != stages.OPTIMIZER)
+    out.update(device=device.name, device_figures=device.to_dict(), matmul_dtype=dtype + (" (tf32)" if tf32 and
+                                                                                          dtype == "fp32" else ""),
+               stages=per_stage, micro_step=micro,
+               optimizer_step=cfg.grad_accum * micro + per_stage.get(stages.OPTIMIZER, 0.0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1060,6 +1289,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
         "notes": est.notes, "suggestion": None, "tried": [], "versions": library_versions(PLAN_LIBRARIES),
+        "time": step_time(cfg, est, device_for(cfg.card, profile, target)),
     }
     if fits is False and suggest_changes:
         found = suggest(cfg, target=target, prompts=prompts, log=log)

@@ -80,6 +80,7 @@ def format_plan(r: dict[str, Any]) -> str:
         elif r.get("tried"):
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
                          + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
+    lines += format_time(r.get("time"), r["config"])
     lines.append("")
     lines.append("  allowances for what fake tensors cannot see:")
     lines += [f"    - {k}: {v}" for k, v in r["allowances"].items()]
@@ -93,6 +94,54 @@ def format_plan(r: dict[str, Any]) -> str:
         lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
                      "--device cpu to plan for the card)" if r["profile"] in GPU_PROFILES else
                      "  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
+    return "\n".join(lines)
+
+
+def format_time(t: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
+    """The plan's time lines: seconds per stage on the card, per micro-step and per optimizer step."""
+    if not t:
+        return []
+    k = f"K = {t['k_mean']:g}" if cfg["truncation"] == "fixed" else f"mean K = {t['k_mean']:g}"
+    w = t["work_per_micro_step"]
+    work = (f"{(w['matmul_flops'] + w['attention_flops']) / 1e12:.2f} TFLOP, {w['other_bytes'] / 1e9:.1f} GB "
+            f"elementwise, {w['ops'] / 1e3:.0f}k ops, {w['pcie_bytes'] / 1e9:.2f} GB over PCIe per micro-step")
+    lines = ["", f"  time per step ({k}, {cfg['sample_steps']} steps): {work}"]
+    if t.get("device") is None:
+        return lines + [f"    {t['note']}"]
+    d = t["device_figures"]
+    peak = {"fp16": d["fp16_tflops"], "bf16": d["bf16_tflops"]}.get(t["matmul_dtype"].split()[0],
+                                                                     d["tf32_tflops"] if "tf32" in t["matmul_dtype"]
+                                                                     else d["fp32_tflops"])
+    lines.append(f"    on {t['device']} ({peak:g} TFLOPS {t['matmul_dtype']}, {d['memory_gbs']:g} GB/s"
+                 + (f", PCIe {d['pcie_gbs']:g} GB/s" if d["pcie_gbs"] else "") + "), seconds:")
+    lines.append("    " + "  ".join(f"{name} {sec:.3g}" for name, sec in t["stages"].items()))
+    lines.append(f"    per micro-step {t['micro_step']:.3g} s; per optimizer step {t['optimizer_step']:.3g} s "
+                 f"({cfg['grad_accum']} micro-step{'s' if cfg['grad_accum'] > 1 else ''} + optimizer); an estimate "
+                 "(calibration and its error: benchmarks/REPORT.md section 6)")
+    return lines
+
+
+def format_fastest(r: dict[str, Any]) -> str:
+    """plan --fastest's answer: the quickest configuration that fits, as flags and a profile, then its plan."""
+    given, found = r["given"], r["found"]
+    lines = [f"lowmem-alignprop plan --fastest: profile {r['profile']}, card {r['device']}, "
+             f"{r['images_per_step']} image{'s' if r['images_per_step'] > 1 else ''} per optimizer step, "
+             f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"]
+    if found is None:
+        lines.append("  nothing in the searched features fits the budget; the configuration as given:")
+        return "\n".join(lines + ["", format_plan(r["plan"])])
+    budget = r["plan"]["budget_bytes"]
+    lines.append(f"  fastest that fits: {found['seconds']:.3g} s per optimizer step (estimated), "
+                 f"{found['needed'] / GIB:.2f} GiB needed ({100 * found['needed'] / budget:.0f}% of the budget)")
+    if given is not None:
+        verdict = "fits" if given["fits"] else "does not fit"
+        speed = (f": {given['seconds'] / found['seconds']:.2f}x the time" if given["fits"] and found["seconds"] else "")
+        lines.append(f"  as given: {given['seconds']:.3g} s per optimizer step, {given['needed'] / GIB:.2f} GiB needed "
+                     f"({verdict}){speed}")
+    lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
+    lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")
+    lines += ["    " + line for line in r["profile_yaml"].splitlines()]
+    lines += ["", format_plan(r["plan"])]
     return "\n".join(lines)
 
 

@@ -326,3 +326,27 @@ def module_bytes(module: torch.nn.Module | None) -> int:
     if module is None:
         return 0
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def apply_speed_features(unet, vae, cfg, device: torch.device) -> None:
+    """The speed fields that act on the loaded modules (after LoRA is added); none changes results beyond
+    rounding, none saves memory. ``compile=nograd`` is :func:`nograd_unet`'s."""
+    if cfg.channels_last:
+        # NHWC weights: tensor-core convolutions without layout transposes (same values, other strides)
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile == "regional":
+        # regional compilation: each repeated transformer block compiled in place (diffusers' _repeated_blocks),
+        # one compile reused by every block of the same shape, for no-grad, grad and recompute calls alike
+        unet.compile_repeated_blocks()
+
+
+def nograd_unet(unet, cfg):
+    """The UNet the no-grad sampling steps call: with ``compile=nograd`` a torch.compile'd view of the same module
+    (same weights: the LoRA updates are seen), else the module itself."""
+    if cfg.compile != "nograd":
+        return unet
+    return torch.compile(unet)

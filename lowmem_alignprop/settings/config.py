@@ -156,6 +156,21 @@ class Config:
     offload: str = _f("none", "DeepSpeed offload: none, optimizer state to CPU (ZeRO-2/3), or params too (ZeRO-3).",
                       ("none", "optimizer", "params"))
 
+    # ---- speed (README "Speed"; their measured effect on a GPU is pending) ---------------------------
+    card: str = _f("", "The card plan times the step for (its figures in measure/devices.py): empty = the profile's "
+                   "card (rtx3060, rtx4090, a100-40gb, a100-80gb, laptop for laptop-6gb; the CPU for --profile cpu).",
+                   ("", "rtx3060", "rtx4090", "a100-40gb", "a100-80gb", "h100", "h200", "laptop"))
+    compile: str = _f("none", "torch.compile the UNet: nograd (a compiled copy runs the no-grad sampling steps; "
+                      "the grad window stays eager), regional (its repeated transformer blocks compiled in place, "
+                      "for every call: small compile time), or none. The first steps pay the compile time.",
+                      ("none", "nograd", "regional"))
+    channels_last: bool = _f(False, "UNet and VAE weights in channels-last memory format (faster convolutions on "
+                             "tensor-core GPUs; same results up to rounding).")
+    tf32: bool = _f(False, "CUDA only: fp32 matmuls and convolutions on TF32 tensor cores (Ampere or newer). Pays "
+                    "with mixed_precision=no; fp16/bf16 runs barely have fp32 matmuls.")
+    fused_adamw: bool = _f(False, "AdamW as one fused kernel (torch.optim.AdamW(fused=True)): fewer launches per "
+                           "optimizer step; the same update up to rounding.")
+
     # ---- logging and outputs ---------------------------------------------------------------------
     report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
     sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
@@ -279,6 +294,9 @@ class Config:
         if self.tile_overlap * 2 >= self.tile_size:
             raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}")
         self._validate_alignment()
+        if self.fused_adamw and self.optimizer != "adamw":
+            raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
+                            "--set fused_adamw=false")
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self

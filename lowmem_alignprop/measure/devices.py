@@ -1,0 +1,123 @@
+"""Device figures that turn the planner's counted work into seconds (``plan`` prints seconds per step).
+
+The planner counts, per stage, the work of one training step on fake tensors (:class:`~lowmem_alignprop.measure.
+planner.StageWork`): floating-point operations of matmuls/convolutions and of attention (PyTorch's flop-counter
+formulas), the bytes the other ops read and write, the ops launched, the bytes copied between host and card
+(offload, activation offload) and the weights dequantized (int8/nf4 base). :func:`seconds` adds up one time per
+class of work::
+
+    matmul_flops / (peak * matmul_eff) + attention_flops / (peak * attention_eff)
+      + other_bytes / (memory_bandwidth * memory_eff) + ops * launch_s + pcie_bytes / pcie_bandwidth
+      + dequant_bytes / (memory_bandwidth * memory_eff)
+
+``peak`` is the card's dense tensor-core rate in the step's matmul dtype (fp16/bf16 with fp32 accumulation, as
+cuBLAS runs PyTorch's half matmuls; fp32 matmuls at the TF32 rate when ``tf32`` is on, else the plain fp32 rate).
+
+Peak figures are the vendors' dense (no sparsity) numbers; sources per card below. The efficiency factors and
+the per-op launch time are calibrated against the measured GPU steps in benchmarks/results/ (REPORT.md section 6
+states the error); on one card type only (H100/H200), so the other cards' figures are that calibration
+carried over by their datasheet peaks. Treat a figure as +-50% until a GPU session has measured that card.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    fp16_tflops: float  # dense tensor-core fp16 with fp32 accumulation (what PyTorch's fp16 matmuls run as)
+    bf16_tflops: float  # dense tensor-core bf16, fp32 accumulation
+    tf32_tflops: float  # dense tensor-core TF32 (fp32 matmuls with tf32 on)
+    fp32_tflops: float  # plain fp32 (CUDA cores)
+    memory_gbs: float  # device memory bandwidth, GB/s (1e9 bytes)
+    pcie_gbs: float  # host <-> device copies, GB/s effective (pinned, one direction at a time)
+    source: str
+    # efficiency factors (fraction of peak reached by each class of work) and per-op launch time
+    matmul_eff: float = 0.45
+    attention_eff: float = 0.30
+    memory_eff: float = 0.55
+    launch_s: float = 12e-6
+
+    def peak_tflops(self, dtype: str, tf32: bool = False) -> float:
+        if dtype == "fp16":
+            return self.fp16_tflops
+        if dtype == "bf16":
+            return self.bf16_tflops
+        return self.tf32_tflops if tf32 else self.fp32_tflops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_AMPERE = "NVIDIA Ampere GA102 architecture whitepaper (GeForce tensor rates: fp16 with fp32 accumulate at half the " \
+          "fp16-accumulate rate)"
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("rtx3060", 25.5, 25.5, 12.7, 12.7, 360, 25,
+           f"RTX 3060 12 GB: 3584 CUDA cores at 1.78 GHz boost, 192-bit GDDR6 360 GB/s (the 8 GB model: 240 GB/s), "
+           f"PCIe 4.0 x16; {_AMPERE}"),
+    Device("rtx4090", 165.2, 165.2, 82.6, 82.6, 1008, 25,
+           "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090 column (165.2 TFLOPS fp16/bf16 with fp32 "
+           "accumulate, dense), 1008 GB/s GDDR6X, PCIe 4.0 x16"),
+    Device("a100-40gb", 312, 312, 156, 19.5, 1555, 25,
+           "NVIDIA A100 datasheet (SXM4 40 GB: 312 TFLOPS fp16/bf16 dense, 156 TF32, 19.5 fp32, 1555 GB/s HBM2), "
+           "PCIe 4.0 x16"),
+    Device("a100-80gb", 312, 312, 156, 19.5, 2039, 25,
+           "NVIDIA A100 datasheet (SXM4 80 GB: as the 40 GB, 2039 GB/s HBM2e), PCIe 4.0 x16"),
+    Device("h100", 989.4, 989.4, 494.7, 66.9, 3350, 50,
+           "NVIDIA H100 datasheet (SXM5: 989.4 TFLOPS fp16/bf16 dense, 494.7 TF32, 66.9 fp32, 3.35 TB/s HBM3), "
+           "PCIe 5.0 x16"),
+    Device("h200", 989.4, 989.4, 494.7, 66.9, 4800, 50,
+           "NVIDIA H200 datasheet (SXM: the H100's compute, 4.8 TB/s HBM3e), PCIe 5.0 x16"),
+    Device("laptop", 21.8, 21.8, 10.9, 10.9, 336, 12,
+           "RTX 3060 Laptop GPU 6 GB at about 1.42 GHz (the clock depends on the laptop's power limit), 336 GB/s, "
+           f"PCIe 4.0 x8; {_AMPERE}; the roughest row"),
+    # the CPU: per core, multiplied by torch's thread count when used (see cpu_device); no tensor cores, no
+    # transfers; matmul efficiency and launch time calibrated with benchmarks/speed_bench.py on a 2-core Xeon
+    Device("cpu", 0.064, 0.064, 0.064, 0.064, 8, 0,
+           "one x86 core with AVX-512 at 2 GHz: 2 FMA units x 16 fp32 lanes x 2 = 64 GFLOPS peak; about 8 GB/s of "
+           "memory bandwidth per core; bf16 counted at the fp32 rate (no AMX assumed)",
+           matmul_eff=0.5, attention_eff=0.3, memory_eff=0.5, launch_s=20e-6),
+)}
+
+# the card each shipped profile is for (a custom profile names its card with --set card=NAME)
+PROFILE_CARDS = {"rtx3060": "rtx3060", "rtx3060-sdxl": "rtx3060", "rtx4090": "rtx4090", "a100-40gb": "a100-40gb",
+                 "a100-80gb": "a100-80gb", "laptop-6gb": "laptop", "cpu": "cpu"}
+
+
+def cpu_device(threads: int | None = None) -> Device:
+    """The ``cpu`` row scaled to ``threads`` cores (default: torch's intra-op thread count)."""
+    import dataclasses
+
+    import torch
+
+    n = threads or torch.get_num_threads() or os.cpu_count() or 1
+    base = DEVICES["cpu"]
+    return dataclasses.replace(base, name=f"cpu ({n} threads)", fp16_tflops=base.fp16_tflops * n,
+                               bf16_tflops=base.bf16_tflops * n, tf32_tflops=base.tf32_tflops * n,
+                               fp32_tflops=base.fp32_tflops * n, memory_gbs=base.memory_gbs * n)
+
+
+def device_for(card: str, profile: str, target: str) -> Device | None:
+    """The figures to time a plan with: ``card`` when given, else the profile's card, the CPU row for a CPU target;
+    None when nothing names a card (a custom profile on CUDA without --set card=...)."""
+    if target == "cpu":
+        return cpu_device()
+    name = card or PROFILE_CARDS.get(profile, "")
+    if not name or name == "cpu":
+        return None
+    return DEVICES[name]
+
+
+def seconds(work: dict, device: Device, dtype: str, tf32: bool = False) -> float:
+    """Seconds for one stage's ``work`` (StageWork's counts) on ``device``; ``dtype``: the matmul dtype
+    ("fp16", "bf16" or "fp32")."""
+    peak = device.peak_tflops(dtype, tf32) * 1e12
+    t = work["matmul_flops"] / (peak * device.matmul_eff) + work["attention_flops"] / (peak * device.attention_eff)
+    bandwidth = device.memory_gbs * 1e9 * device.memory_eff
+    t += (work["other_bytes"] + work["dequant_bytes"]) / bandwidth + work["ops"] * device.launch_s
+    if work["pcie_bytes"]:
+        t += work["pcie_bytes"] / (device.pcie_gbs * 1e9) if device.pcie_gbs else 0.0
+    return t

@@ -1,0 +1,263 @@
+"""``lowmem-alignprop plan --fastest``: the memory features with the lowest estimated step time that fit the budget.
+
+Every memory feature trades time for bytes (a recompute, a PCIe copy, more micro-steps). The search keeps what is
+trained (images per optimizer step, resolution, K range, base weights) and picks, for each micro-batch that divides
+the images per optimizer step, the levels of:
+
+    unet_checkpointing call < blocks      vae_checkpointing none < blocks < resnets     reward_checkpointing
+    decode plain < sliced < tiled          offload_frozen                                activation_offload
+
+(cache_prompt_embeddings and expandable segments are always on: they cost no time.) ``--allow-task-changes`` adds
+a quantized base (int8, nf4) and lower resolutions, used only when nothing else fits.
+
+It stays cheap by reusing estimates stage-wise: per micro-batch, every feature is estimated alone on top of the
+all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time
+deltas and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are
+estimated for real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already
+slower than the best found is not searched. Finally each single step back (one feature a level lower, a larger
+micro-batch) is estimated, and taken when it fits and is faster, until none is. Every estimate is cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lowmem_alignprop.memory.allowances import GIB, WORKSPACE_BYTES
+from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure.devices import device_for
+from lowmem_alignprop.settings.config import Config, set_flags
+from lowmem_alignprop.settings.errors import UserError
+
+DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decode": True, "tiled_decode": False},
+                 {"sliced_decode": False, "tiled_decode": True})
+# the fields a profile YAML from --fastest holds
+PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "unet_checkpointing",
+                  "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
+                  "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
+                  "base_quant", "resolution", "sample_steps", "guidance_scale", "truncation", "k", "k_min", "k_max",
+                  "batch_size", "grad_accum", "lr", "lora_rank")
+
+
+def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The searched features at micro-batch ``batch``: (name, levels from fastest to least memory)."""
+    dims: list[tuple[str, list[dict[str, Any]]]] = [
+        ("unet_checkpointing", [{"unet_checkpointing": "call"}, {"unet_checkpointing": "blocks"}]),
+        ("vae_checkpointing", [{"vae_checkpointing": v} for v in ("none", "blocks", "resnets")]),
+    ]
+    if planner._has_model_reward(cfg):
+        dims.append(("reward_checkpointing", [{"reward_checkpointing": False}, {"reward_checkpointing": True}]))
+    decode = [DECODE_LEVELS[0]] + ([DECODE_LEVELS[1]] if batch > 1 else []) \
+        + ([DECODE_LEVELS[2]] if cfg.resolution >= 512 else [])
+    if len(decode) > 1:
+        dims.append(("decode", decode))
+    if target == "cuda":
+        dims.append(("offload_frozen", [{"offload_frozen": False}, {"offload_frozen": True}]))
+        dims.append(("activation_offload", [{"activation_offload": False}, {"activation_offload": True}]))
+    return dims
+
+
+def batch_options(images: int, limit: int = 6) -> list[int]:
+    """Micro-batches that divide ``images`` exactly, largest first."""
+    return [b for b in range(images, 0, -1) if images % b == 0][:limit]
+
+
+@dataclass
+class _Search:
+    cfg: Config
+    target: str
+    device: Any
+    prompts: list[str]
+    max_estimates: int
+    log: Callable[[str], None] | None = None
+    cache: dict = dataclasses.field(default_factory=dict)
+    tried: list = dataclasses.field(default_factory=list)
+
+    def config(self, change: dict[str, Any]) -> Config | None:
+        try:
+            return dataclasses.replace(self.cfg, **change).validate()
+        except UserError:
+            return None  # an impossible combination (activation offload without VAE checkpointing)
+
+    def run(self, change: dict[str, Any]) -> dict[str, Any] | None:
+        """Estimate ``cfg`` + ``change`` (cached): {"set", "needed", "fits", "seconds", "stages"}; None when the
+        combination is invalid or the estimate budget is spent."""
+        key = tuple(sorted(change.items()))
+        if key in self.cache:
+            return self.cache[key]
+        cfg = self.config(change)
+        if cfg is None:
+            return None
+        if len(self.tried) >= self.max_estimates:
+            return None
+        est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
+        t = planner.step_time(cfg, est, self.device)
+        row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
+               "fits": bool(est.fits(cfg.budget_gb)), "seconds": t["optimizer_step"],
+               "stages": {n: f["allocated"] for n, f in est.stages.items()}}
+        self.tried.append(row)
+        self.cache[key] = row
+        if self.log:
+            shown = set_flags({k: v for k, v in change.items() if getattr(self.cfg, k) != v})
+            self.log(f"  {len(self.tried):>2}. {shown or '(as given)'}: {est.peak_needed / GIB:.2f} GiB, "
+                     f"{t['optimizer_step']:.3g} s/step -> {'fits' if row['fits'] else 'no'}")
+        return row
+
+    def needed(self, stage_bytes: dict[str, float]) -> float:
+        peak = max(stage_bytes.values())
+        return planner._reserved(self.cfg, int(peak), self.target == "cuda") + \
+            (WORKSPACE_BYTES if self.target == "cuda" else 0)
+
+    def at_batch(self, fixed: dict[str, Any], best: float) -> dict[str, Any] | None:
+        """The quickest fitting combination at this micro-batch (``fixed``: batch and the always-on fields), or None."""
+        dims = dimensions(self.cfg, self.target, fixed["batch_size"])
+        base_change = dict(fixed)
+        for _, levels in dims:
+            base_change.update(levels[0])
+        base = self.run(base_change)
+        if base is None or base["seconds"] >= best:
+            return None  # the features only add time: this micro-batch cannot win
+        if base["fits"]:
+            return base
+        most = dict(fixed)
+        for _, levels in dims:
+            most.update(levels[-1])
+        top = self.run(most) or self.run({**most, "activation_offload": False})
+        if top is None or not top["fits"]:
+            return None
+        # each feature alone on the all-off configuration: its time and per-stage memory deltas
+        deltas: list[list[tuple[dict, float, dict]]] = []
+        for _, levels in dims:
+            options = [({}, 0.0, {})]
+            for level in levels[1:]:
+                row = self.run({**base_change, **level})
+                if row is None:
+                    continue
+                options.append((level, row["seconds"] - base["seconds"],
+                                {n: row["stages"][n] - base["stages"].get(n, 0) for n in row["stages"]}))
+            deltas.append(options)
+        ranked = []
+        for combo in itertools.product(*deltas):
+            seconds = base["seconds"] + sum(c[1] for c in combo)
+            stage_bytes = {n: b + sum(c[2].get(n, 0) for c in combo) for n, b in base["stages"].items()}
+            change = dict(base_change)
+            for level, _, _ in combo:
+                change.update(level)
+            ranked.append((seconds, self.needed(stage_bytes), change))
+        ranked.sort(key=lambda r: r[0])
+        budget = self.cfg.budget_gb * GIB
+        for seconds, needed, change in ranked:
+            if seconds >= best:
+                break
+            if needed > budget * 1.05:  # predicted not to fit (with the deltas' 5% slack)
+                continue
+            row = self.run(change)
+            if row is None:
+                if len(self.tried) >= self.max_estimates:
+                    break
+                continue
+            if row["fits"]:
+                return row
+        return top
+
+    def polish(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One step back at a time (a feature a level lower, or twice the micro-batch with half the accumulation):
+        taken while it fits and is faster."""
+        improved = True
+        while improved and len(self.tried) < self.max_estimates:
+            improved = False
+            change = row["set"]
+            for neighbour in self.neighbours(change):
+                other = self.run(neighbour)
+                if other is not None and other["fits"] and other["seconds"] < row["seconds"]:
+                    row, improved = other, True
+                    break
+        return row
+
+    def neighbours(self, change: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        b = change["batch_size"]
+        for name, levels in dimensions(self.cfg, self.target, b):
+            now = next((i for i, lv in enumerate(levels) if all(change.get(k) == v for k, v in lv.items())), 0)
+            if now > 0:
+                out.append({**change, **levels[now - 1]})
+        images = b * change["grad_accum"]
+        bigger = [x for x in batch_options(images) if x > b]
+        if bigger:
+            nb = min(bigger)
+            out.append({**change, "batch_size": nb, "grad_accum": images // nb})
+        return out
+
+
+
+def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, allow_task_changes: bool = False,
+            max_estimates: int = 40, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The quickest configuration (estimated seconds per optimizer step) whose "needed" fits ``cfg.budget_gb``,
+    keeping the images per optimizer step. Returns {"found": the chosen plan (planner.plan's dict) or None, "set":
+    the changes to ``cfg``, "profile_yaml", "given": the configuration as given, "tried": every estimate}. When
+    nothing fits, "plan" is planner.plan's answer for ``cfg`` as given (DOES NOT FIT and the cheapest change)."""
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    started = time.perf_counter()
+    target = target or planner.default_target(profile)
+    if not cfg.budget_gb:
+        raise UserError("--fastest needs a budget to fit: set budget_gb in the profile or --set budget_gb=8")
+    device = device_for(cfg.card, profile, target)
+    if device is None:
+        raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|"
+                        "h100|h200|laptop")
+    prompts = load_prompts(cfg.prompts)
+    search = _Search(cfg, target, device, prompts, max_estimates, log)
+    given = search.run({})
+    images = cfg.batch_size * cfg.grad_accum
+    always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
+    if cfg.attention == "sliced":
+        always["attention"] = "sdpa"  # sliced attention is the slowest kernel and keeps more than sdpa
+    ladders: list[dict[str, Any]] = [{}]
+    if allow_task_changes:  # only when nothing that keeps the task fits
+        ladders += [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.train_unet == "lora"]
+        r = cfg.resolution
+        while r > 256:
+            r = max(256, (r * 3 // 4) // 64 * 64)
+            ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
+                                                 cfg.train_unet == "lora" else {})})
+    best: dict[str, Any] | None = None
+    for task in ladders:
+        for b in batch_options(images):
+            fixed = {**always, **task, "batch_size": b, "grad_accum": images // b}
+            row = search.at_batch(fixed, best["seconds"] if best else float("inf"))
+            if row is not None and row["fits"] and (best is None or row["seconds"] < best["seconds"]):
+                best = row
+        if best is not None:
+            break
+    result: dict[str, Any] = {"kind": "fastest", "profile": profile, "target": target, "device": device.name,
+                              "images_per_step": images, "given": given, "tried": search.tried}
+    if best is None:
+        result.update(found=None, set=None, profile_yaml=None,
+                       plan=planner.plan(cfg, profile=profile, target=target, log=log, started=started))
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        return result
+    best = search.polish(best)
+    chosen = dataclasses.replace(cfg, **best["set"]).validate()
+    changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
+    result.update(found=best, set=changes, profile_yaml=profile_yaml(chosen, profile, best),
+                  plan=planner.plan(chosen, profile=profile, target=target, suggest_changes=False, started=started))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
+    """The chosen configuration as a profile the user can save and pass with --profile FILE."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"' if v in ("", "no", "yes", "on", "off") else v
+        return v
+    lines = [f"# plan --fastest for profile {profile}: {row['seconds']:.3g} s per optimizer step (estimated), "
+             f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
+    lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,176 @@
+"""The planner's time estimate (counted work per stage) and ``plan --fastest``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lowmem_alignprop.measure import devices, fastest, planner
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory.allowances import GIB
+from lowmem_alignprop.settings.config import Config
+
+WIDTHS = (8, 16, 32, 4)  # a stack of Linear layers: in 8 -> 16 -> 32 -> 4
+BATCH = 3
+
+
+def _linear_flops() -> list[int]:
+    return [2 * BATCH * a * b for a, b in zip(WIDTHS, WIDTHS[1:])]  # 2*m*n*k per matmul, exact
+
+
+def _counted_step(work: planner.StageWork):
+    """A checkpointed forward in sample_grad and its backward in backward, on fake tensors, as the planner runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        layers = [torch.nn.Linear(a, b) for a, b in zip(WIDTHS, WIDTHS[1:])]
+        model = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+        x = torch.randn(BATCH, WIDTHS[0])  # the input needs no gradient: no input-gradient matmul for layer 1
+        with work:
+            with work.stage(stages.SAMPLE_GRAD):
+                out = checkpoint(model, x, use_reentrant=False)
+            with work.stage(stages.BACKWARD):
+                out.sum().backward()
+    return work
+
+
+def test_flop_count_of_a_step_matches_the_hand_count():
+    f = _linear_flops()
+    work = _counted_step(planner.StageWork()).work
+    forward = sum(f)
+    assert work[stages.SAMPLE_GRAD]["matmul_flops"] == forward
+    # backward: the checkpoint's recompute (the forward again, up to the last tensor saved for backward: the last
+    # layer's output is not one, so torch's non-reentrant checkpoint stops before its matmul), every weight's
+    # gradient (one matmul per layer) and the input gradient of layers 2 and 3 (layer 1's input needs none)
+    assert work[stages.BACKWARD]["matmul_flops"] == (forward - f[-1]) + sum(f) + sum(f[1:])
+    assert work[stages.SAMPLE_GRAD]["attention_flops"] == 0 and work[stages.BACKWARD]["ops"] > 0
+    # the same formulas as torch's FlopCounterMode over the whole step
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        layers = [torch.nn.Linear(a, b) for a, b in zip(WIDTHS, WIDTHS[1:])]
+        model = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+        with counter:
+            checkpoint(model, torch.randn(BATCH, WIDTHS[0]), use_reentrant=False).sum().backward()
+    assert counter.get_total_flops() == forward + (forward - f[-1]) + sum(f) + sum(f[1:])
+
+
+def test_sdpa_on_fake_cpu_tensors_counts_attention_flops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, h, n, d = 2, 4, 16, 8
+    work = planner.StageWork()
+    with FakeTensorMode():
+        q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+        with work, work.stage(stages.SAMPLE_GRAD):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        with work, work.stage(stages.BACKWARD):
+            out.sum().backward()
+    one = 2 * b * h * n * n * d  # one [n, d] x [d, n] (or [n, n] x [n, d]) matmul per head
+    assert work.work[stages.SAMPLE_GRAD]["attention_flops"] == 2 * one  # q @ k^T and p @ v
+    assert work.work[stages.BACKWARD]["attention_flops"] == 5 * one  # the scores again + 4 gradient matmuls
+
+
+def _tiny(**kw) -> Config:
+    base = dict(model="tiny", resolution=64, sample_steps=4, k=1, mixed_precision="fp16", budget_gb=1.0)
+    return Config(**{**base, **kw}).validate()
+
+
+def test_work_scales_with_steps_and_k_and_counts_transfers(tiny_dir):
+    cfg = _tiny()
+    est = planner.estimate(cfg, target="cuda")
+    more = planner.estimate(dataclasses.replace(cfg, sample_steps=6), target="cuda")
+    nograd = est.work[stages.SAMPLE_NOGRAD]["matmul_flops"]
+    assert nograd > 0 and more.work[stages.SAMPLE_NOGRAD]["matmul_flops"] == pytest.approx(nograd * 5 / 3)
+    k3 = planner.estimate(dataclasses.replace(cfg, k=3), target="cuda")  # 2 simulated, the third scaled
+    grad_call = est.work[stages.SAMPLE_GRAD]["matmul_flops"]
+    assert k3.work[stages.SAMPLE_GRAD]["matmul_flops"] == pytest.approx(3 * grad_call)
+    # each further K adds one recompute of a UNet call (at most its forward) and its backward: the input gradient
+    # of every frozen matmul and convolution (as many flops as the forward) and the small LoRA weight gradients
+    per_k = (k3.work[stages.BACKWARD]["matmul_flops"] - est.work[stages.BACKWARD]["matmul_flops"]) / 2
+    assert 1.5 * grad_call < per_k <= 2.5 * grad_call, (per_k, grad_call)
+    assert est.work[stages.BACKWARD]["pcie_bytes"] == 0
+    # offloaded frozen modules cross PCIe: the VAE in (decode) and out again (after backward); the text encoder,
+    # not cached, in and out in every step
+    off = planner.estimate(dataclasses.replace(cfg, offload_frozen=True), target="cuda")
+    moved = sum(w["pcie_bytes"] for w in off.work.values())
+    assert moved == 2 * off.weights["vae"] + 2 * off.weights["text_encoder"] + 2 * off.weights["reward"]
+    # block checkpointing recomputes the blocks once more in backward: more flops there, none elsewhere
+    blocks = planner.estimate(dataclasses.replace(cfg, unet_checkpointing="blocks"), target="cuda")
+    assert blocks.work[stages.BACKWARD]["matmul_flops"] > est.work[stages.BACKWARD]["matmul_flops"]
+    assert blocks.work[stages.SAMPLE_GRAD]["matmul_flops"] == grad_call
+    t = planner.step_time(cfg, est, devices.DEVICES["rtx4090"])
+    assert t["optimizer_step"] == pytest.approx(sum(t["stages"].values()))
+
+
+def test_seconds_follow_the_device_figures():
+    work = dict.fromkeys(planner.WORK_KEYS, 0)
+    work.update(matmul_flops=2e12, other_bytes=1e9, ops=1000, pcie_bytes=2e9)
+    dev = devices.DEVICES["rtx4090"]
+    expected = (2e12 / (165.2e12 * dev.matmul_eff) + 1e9 / (1008e9 * dev.memory_eff) + 1000 * dev.launch_s
+                + 2e9 / 25e9)
+    assert devices.seconds(work, dev, "fp16") == pytest.approx(expected)
+    # fp32 matmuls: the plain rate, or the TF32 rate with tf32 on
+    assert devices.seconds(work, dev, "fp32") > devices.seconds(work, dev, "fp32", tf32=False) * 0.99
+    a100 = devices.DEVICES["a100-40gb"]
+    assert devices.seconds(work, a100, "fp32", tf32=True) < devices.seconds(work, a100, "fp32")
+    assert devices.device_for("", "rtx3060-sdxl", "cuda").name == "rtx3060"
+    assert devices.device_for("", "my.yaml", "cuda") is None
+    assert devices.device_for("h100", "my.yaml", "cuda").name == "h100"
+
+
+def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
+    est = planner.estimate(cfg, target=target)
+    return planner.step_time(cfg, est, device)["optimizer_step"], bool(est.fits(cfg.budget_gb))
+
+
+def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
+    given = _tiny(batch_size=2, sample_steps=3, unet_checkpointing="blocks", vae_checkpointing="resnets",
+                  sliced_decode=True, cache_prompt_embeddings=True)
+    top = planner.estimate(given, target="cpu").peak_needed  # every feature on
+    bottom = planner.estimate(dataclasses.replace(given, unet_checkpointing="call", vae_checkpointing="none",
+                                                  sliced_decode=False), target="cpu").peak_needed
+    assert top < bottom
+    cfg = dataclasses.replace(given, budget_gb=(top + bottom) / 2 / GIB)  # something fits, not everything
+    r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30)
+    found = r["found"]
+    assert found is not None and r["plan"]["fits"] and r["plan"]["peak_needed"] <= cfg.budget_gb * GIB
+    chosen = dataclasses.replace(cfg, **found["set"]).validate()
+    device = devices.cpu_device()
+    seconds, fits = _time(chosen, "cpu", device)
+    assert fits and seconds == pytest.approx(found["seconds"])
+    assert seconds <= r["given"]["seconds"]
+    search = fastest._Search(cfg, "cpu", device, [], 0)
+    changes = search.neighbours(found["set"])  # one feature a level lower, a larger micro-batch
+    for name, levels in fastest.dimensions(cfg, "cpu", chosen.batch_size):  # ... and a level higher
+        now = next(i for i, lv in enumerate(levels) if all(getattr(chosen, k) == v for k, v in lv.items()))
+        if now + 1 < len(levels):
+            changes.append({**found["set"], **levels[now + 1]})
+    if chosen.batch_size > 1:
+        changes.append({**found["set"], "batch_size": chosen.batch_size // 2, "grad_accum": chosen.grad_accum * 2})
+    assert len(changes) >= 3
+    for change in changes:
+        other, other_fits = _time(dataclasses.replace(cfg, **change).validate(), "cpu", device)
+        assert not other_fits or other >= seconds * (1 - 1e-9), (change, other, seconds)
+    assert "budget_gb:" in r["profile_yaml"] and "vae_checkpointing:" in r["profile_yaml"]
+
+
+def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(tiny_dir):
+    # every searched feature already on, batch 1: only quantizing the base (a change of what is trained) can help
+    cfg = _tiny(unet_checkpointing="blocks", vae_checkpointing="resnets", cache_prompt_embeddings=True,
+                offload_frozen=True, activation_offload=True)
+    top = planner.estimate(cfg, target="cuda").peak_needed
+    quant = planner.estimate(dataclasses.replace(cfg, base_quant="nf4"), target="cuda").peak_needed
+    assert quant < top
+    cfg = dataclasses.replace(cfg, budget_gb=(quant + top) / 2 / GIB)
+    r = fastest.fastest(cfg, profile="custom", target="cuda", max_estimates=10)
+    assert r["found"] is None and r["plan"]["fits"] is False
+    assert r["plan"]["suggestion"]["set"] == {"base_quant": "nf4"}
+    from lowmem_alignprop.measure.reports import format_fastest
+    text = format_fastest(r)
+    assert "DOES NOT FIT" in text and "--set base_quant=nf4" in text
