@@ -57,6 +57,24 @@ PROFILE_RUNS = [
     ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
 ]
 
+# Speed features one at a time on one configuration (README "Speed"): SD1.5 512 px batch 1 under the rtx4090
+# profile, K = 1 of 20 steps. Compare the second step's seconds (the first pays any compile time); JOBS=1.
+SPEED_BASE = ["--profile", "rtx4090", "--model", "sd15", "--set", "batch_size=1", "--set", "grad_accum=1",
+              "--set", "truncation=fixed", "--set", "k=1", "--set", "sample_steps=20"]
+SPEED_RUNS = [
+    ("speed: the rtx4090 profile as it is", {}),
+    ("speed: + compile=nograd", {"compile": "nograd"}),
+    ("speed: + compile=regional", {"compile": "regional"}),
+    ("speed: + channels_last", {"channels_last": True}),
+    ("speed: + fused_adamw", {"fused_adamw": True}),
+    ("speed: mixed_precision=no", {"mixed_precision": "no"}),
+    ("speed: mixed_precision=no + tf32", {"mixed_precision": "no", "tf32": True}),
+    # plan --fastest's choice for this configuration on the rtx4090 (computed on a CPU, benchmarks/REPORT.md
+    # section 6): nothing checkpointed or offloaded fits 22 GiB at batch 1
+    ("speed: plan --fastest's choice", {"unet_checkpointing": "call", "vae_checkpointing": "none",
+                                        "reward_checkpointing": False, "sliced_decode": False}),
+]
+
 CHILD = """
 import json, sys, torch
 frac = float(sys.argv[1])
@@ -203,7 +221,7 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
     if old is None:
         return dict(doc, calls=[call])
     merged = json.loads(json.dumps(old))
-    for section in ("ladder", "profiles"):
+    for section in ("ladder", "profiles", "speed"):
         ran = {r["name"]: r for r in doc.get(section, []) if _measured(r)}
         before = merged.get(section, [])
         names = {r["name"] for r in before}
@@ -229,7 +247,7 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the plumbing only")
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
     ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
-    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant")
+    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,speed")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (memory figures stay per run; "
                                                         "seconds per step then include the contention)")
     a = ap.parse_args()
@@ -247,14 +265,14 @@ def main() -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu-smoke to check the plumbing on CPU", file=sys.stderr)
         return 2
-    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant"}
+    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "speed"}
     aes = make_aesthetic_weights(Path(os.environ["LOWMEM_ALIGNPROP_CACHE"]) / "aesthetic-random", tiny=cpu)
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),
         "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
     doc = {"kind": "gpu_check", "date": dt.date.today().isoformat(), "device": device, "versions": versions(),
            "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), "code": code_version(),
-           "ladder": [], "profiles": []}
+           "ladder": [], "profiles": [], "speed": []}
     common = ["--reward", "aesthetic", "--set", f"reward_weights={aes}", "--steps", "2", "--set", "sample_prompts=0"]
     if cpu:
         common += ["--set", "mixed_precision=no"]
@@ -284,6 +302,11 @@ def main() -> int:
                     ["--profile", "rtx3060", "--model", "sd15", "--set", "truncation=fixed", "--set", "k=1",
                      "--set", "sample_steps=10", "--set", "grad_accum=1"])
             jobs.append(("ladder", "ladder " + label, base + common + sets, 0))
+    if "speed" in only:
+        for label, change in SPEED_RUNS:
+            sets = [x for k, v in change.items() for x in ("--set", f"{k}={str(v).lower()}")]
+            base = ["--profile", "cpu", "--model", "tiny"] if cpu else SPEED_BASE
+            jobs.append(("speed", label, base + common + sets, 0))
     if a.match:  # rerun a subset: jobs whose name contains one of the comma-separated words
         jobs = [j for j in jobs if any(w in j[1] for w in a.match.split(","))]
     for _, name, args, _ in jobs:
@@ -337,7 +360,7 @@ def main() -> int:
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")
     print(f"  {'run':<48} {'status':>8} {'peak GiB':>8} {'reserved':>8} {'stage':>10} {'s/step':>7}")
-    for r in doc["ladder"] + doc["profiles"]:
+    for r in doc["ladder"] + doc["profiles"] + doc.get("speed", []):
         rep = r.get("memory_report") or {}
         sps = (r.get("summary") or {}).get("seconds_per_step")
         print(f"  {r['name']:<48} {r.get('status'):>8} {gib(rep.get('peak_allocated')):>8} "

@@ -8,7 +8,9 @@
 # One call on an 80 GB card does everything in about 6 minutes with three trainings at a time:
 #   JOBS=3 DEADLINE=330 bash benchmarks/gpu_check.sh   (runs start until 330 s; each takes 1-4 min)
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
-# Split over calls with --match (comma-separated words of run names) or --only ladder,profiles,quant;
+# The speed rows (--only speed: compile, channels_last, fused AdamW, tf32 and plan --fastest's choice, one at a
+# time on SD1.5 batch 1 under rtx4090) need JOBS=1 to be a timing: about 8 minutes on their own.
+# Split over calls with --match (comma-separated words of run names) or --only ladder,profiles,quant,speed;
 # calls on the same day and device merge into one results file, saved after every run (a call killed at its
 # time limit keeps what it measured).
 #

@@ -140,6 +140,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "eta=5"], "eta=5.0 must be between 0"),
     (["--set", "loss_scale=0"], "loss_scale must be positive"),
     (["--set", "lora_alpha=0"], "lora_alpha must be positive"),
+    (["--set", "fused_adamw=true", "--set", "optimizer=adamw8bit"], "fused_adamw fuses torch's AdamW"),
     (["--set", "output_dir="], "output_dir is empty"),
     (["--output-dir", "/"], "is the file system's root"),
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),

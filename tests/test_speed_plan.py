@@ -174,3 +174,99 @@ def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(ti
     from lowmem_alignprop.measure.reports import format_fastest
     text = format_fastest(r)
     assert "DOES NOT FIT" in text and "--set base_quant=nf4" in text
+
+
+def test_fastest_refuses_without_budget_or_card(tiny_dir):
+    from lowmem_alignprop.settings.errors import UserError
+
+    with pytest.raises(UserError, match="needs a budget"):
+        fastest.fastest(_tiny(budget_gb=0.0), profile="rtx3060")
+    with pytest.raises(UserError, match="--set card="):
+        fastest.fastest(_tiny(), profile="mine.yaml", target="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# speed features: the same results up to rounding
+# ---------------------------------------------------------------------------------------------------
+def test_fused_adamw_makes_the_same_update():
+    from numerics import SAME_OPS, assert_rel_close
+
+    from lowmem_alignprop.memory.optim import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 8), torch.randn(300)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    out = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = build_optimizer(Config(fused_adamw=fused).validate(), params)
+        assert opt.defaults["fused"] is (True if fused else None)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        out[fused] = [p.detach() for p in params]
+    moved = [a - b for a, b in zip(out[False], start)]
+    # Adam's update is elementwise: the fused kernel computes the same formula per weight (rounding only); the
+    # comparison is on the update (a few lr-sized steps), not on the weights it is added to
+    assert_rel_close([a - b for a, b in zip(out[True], start)], moved, SAME_OPS, "fused vs foreach AdamW update")
+
+
+def _unet_and_input(tiny_dir):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    emb = torch.randn(2, 8, c.cross_attention_dim, generator=g)
+    return unet, (x, torch.tensor([500, 20]), emb)
+
+
+def test_channels_last_gives_the_same_unet_output(tiny_dir):
+    from numerics import REORDERED, assert_rel_close
+
+    from lowmem_alignprop.models.loading import apply_speed_features
+
+    unet, args = _unet_and_input(tiny_dir)
+    with torch.no_grad():
+        ref = unet(*args).sample
+        vae = torch.nn.Conv2d(4, 4, 3)
+        apply_speed_features(unet, vae, Config(channels_last=True).validate(), torch.device("cpu"))
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        out = unet(*args).sample
+    # another convolution algorithm for the other layout: the same sums in another order
+    assert_rel_close(out, ref, REORDERED, "channels_last vs contiguous")
+
+
+def test_compile_nograd_is_a_compiled_view_of_the_same_weights(tiny_dir):
+    from lowmem_alignprop.models.loading import nograd_unet
+
+    unet, _ = _unet_and_input(tiny_dir)
+    assert nograd_unet(unet, Config().validate()) is unet
+    compiled = nograd_unet(unet, Config(compile="nograd").validate())
+    assert compiled is not unet and compiled._orig_mod is unet  # torch.compile compiles lazily, at the first call
+    assert list(compiled.parameters())[0] is list(unet.parameters())[0]
+
+
+def _have_compiler() -> bool:
+    import shutil
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about a minute for the tiny UNet's blocks
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile's inductor backend on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("mode", ["nograd", "regional"])
+def test_compiled_unet_gives_the_same_output(tiny_dir, mode):
+    from numerics import REORDERED, assert_rel_close
+
+    from lowmem_alignprop.models.loading import apply_speed_features, nograd_unet
+
+    unet, args = _unet_and_input(tiny_dir)
+    cfg = Config(compile=mode).validate()
+    with torch.no_grad():
+        ref = unet(*args).sample
+        apply_speed_features(unet, torch.nn.Identity(), cfg, torch.device("cpu"))
+        out = nograd_unet(unet, cfg)(*args).sample
+    # inductor fuses and reorders the same sums
+    assert_rel_close(out, ref, REORDERED, f"compile={mode} vs eager")

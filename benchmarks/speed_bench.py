@@ -1,0 +1,127 @@
+"""Seconds per training step on this CPU, with and without the speed features, and the planner's prediction beside.
+
+Two jobs: the README's main job (``python -m lowmem_alignprop``: the built-in tiny model, cpu profile, brightness
+reward) and tests/midsize.py's mid-size SD-shaped model (128 px, K = 2 of 4 steps, batch 2). Each variant trains
+in its own process for ``--steps`` steps; the seconds per step are the mean of the steps after the first two (step
+1 warms up, step 2 is the step whose memory the profiler measures). The planner's estimate of the same step on
+this CPU (``plan --device cpu``: counted work, measure/devices.py's cpu row at torch's thread count) is printed
+beside it.
+
+    python benchmarks/speed_bench.py --out benchmarks/results/speed-cpu.json [--steps 8] [--only tiny,midsize]
+
+With ``--trl`` and trl==0.23.1 importable, TRL's AlignPropTrainer is timed on the same model, K, steps and reward
+(not a test dependency; skipped with a note otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+VARIANTS = [  # (label, --set overrides)
+    ("as the profile", {}),
+    ("fused_adamw", {"fused_adamw": True}),
+    ("channels_last", {"channels_last": True}),
+    ("compile=nograd", {"compile": "nograd"}),
+]
+
+
+def jobs(midsize: Path) -> dict[str, list[str]]:
+    return {
+        "tiny": ["--profile", "cpu"],  # the README's first command
+        "midsize": ["--profile", "cpu", "--model", str(midsize), "--set", "resolution=128", "--set", "sample_steps=4",
+                    "--set", "k=2", "--set", "batch_size=2"],
+    }
+
+
+def train(args: list[str], steps: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "lowmem_alignprop", *args, "--steps", str(steps), "--output-dir", str(out),
+           "--set", "sample_prompts=0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    row = {"command": " ".join(["python", "-m", "lowmem_alignprop", *cmd[3:]]), "returncode": proc.returncode,
+           "wall_seconds": round(time.time() - t0, 1)}
+    if proc.returncode:
+        row["log_tail"] = (proc.stdout + proc.stderr)[-2000:]
+        return row
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [m["seconds"] for m in metrics if "seconds" in m]
+    row["seconds"] = seconds
+    steady = seconds[2:] or seconds
+    row["seconds_per_step"] = sum(steady) / len(steady)
+    return row
+
+
+def predicted(args: list[str]) -> float | None:
+    from lowmem_alignprop.cli import config_from_args, common_parser
+    from lowmem_alignprop.measure.planner import estimate, step_time
+    from lowmem_alignprop.measure.devices import cpu_device
+
+    ns = common_parser("plan", "").parse_args(args)
+    _, cfg = config_from_args(ns)
+    est = estimate(cfg, target="cpu")
+    return step_time(cfg, est, cpu_device())["optimizer_step"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed-cpu.json")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--only", default="tiny,midsize")
+    ap.add_argument("--variants", default="", help="comma-separated labels (default: all)")
+    args = ap.parse_args()
+    import torch
+
+    from midsize import build_midsize_dir
+
+    work = Path(tempfile.mkdtemp(prefix="speed_bench-"))
+    midsize = build_midsize_dir(work / "midsize")
+    t_start = time.time()
+    doc = {"kind": "speed_bench", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+           "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                      "torch_threads": torch.get_num_threads(),
+                      "load_average_at_start": os.getloadavg()},
+           "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            doc["device"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    wanted = set(filter(None, args.variants.split(",")))
+    for job, base in jobs(midsize).items():
+        if job not in args.only.split(","):
+            continue
+        plan_s = predicted(base)
+        for label, change in VARIANTS:
+            if wanted and label not in wanted:
+                continue
+            sets = [x for k, v in change.items() for x in ("--set", f"{k}={str(v).lower()}")]
+            row = train(base + sets, args.steps, work / f"{job}-{label.replace(' ', '_').replace('=', '-')}")
+            row.update(job=job, variant=label, planner_seconds_per_step=plan_s if not change else None)
+            doc["runs"].append(row)
+            print(f"{job:8} {label:16} {row.get('seconds_per_step', float('nan')):7.3f} s/step"
+                  + (f"   planner {plan_s:.3f}" if not change else ""), flush=True)
+    doc["device"]["load_average_at_end"] = os.getloadavg()
+    doc["wall_seconds"] = round(time.time() - t_start, 1)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
