@@ -154,8 +154,10 @@ def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
     if chosen.batch_size > 1:
         changes.append({**found["set"], "batch_size": chosen.batch_size // 2, "grad_accum": chosen.grad_accum * 2})
     assert len(changes) >= 3
-    for change in changes:
-        other, other_fits = _time(dataclasses.replace(cfg, **change).validate(), "cpu", device)
+    done = {tuple(sorted(row["set"].items())): (row["seconds"], row["fits"]) for row in r["tried"]}
+    for change in changes:  # the search's own estimates where it made them, else a new one
+        other, other_fits = done.get(tuple(sorted(change.items()))) or \
+            _time(dataclasses.replace(cfg, **change).validate(), "cpu", device)
         assert not other_fits or other >= seconds * (1 - 1e-9), (change, other, seconds)
     assert "budget_gb:" in r["profile_yaml"] and "vae_checkpointing:" in r["profile_yaml"]
 
@@ -163,7 +165,7 @@ def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
 def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(tiny_dir):
     # every searched feature already on, batch 1: only quantizing the base (a change of what is trained) can help
     cfg = _tiny(unet_checkpointing="blocks", vae_checkpointing="resnets", cache_prompt_embeddings=True,
-                offload_frozen=True, activation_offload=True)
+                offload_frozen=True, activation_offload=True, card="rtx3060")
     top = planner.estimate(cfg, target="cuda").peak_needed
     quant = planner.estimate(dataclasses.replace(cfg, base_quant="nf4"), target="cuda").peak_needed
     assert quant < top

@@ -15,8 +15,9 @@ cuBLAS runs PyTorch's half matmuls; fp32 matmuls at the TF32 rate when ``tf32`` 
 
 Peak figures are the vendors' dense (no sparsity) numbers; sources per card below. The efficiency factors and
 the per-op launch time are calibrated against the measured GPU steps in benchmarks/results/ (REPORT.md section 6
-states the error); on one card type only (H100/H200), so the other cards' figures are that calibration
-carried over by their datasheet peaks. Treat a figure as +-50% until a GPU session has measured that card.
+states the error): two runs alone on an H200, one model (SD1.5 512 px, batch 8), so the other cards' figures are
+that calibration carried over by their datasheet peaks, and small batches (launch-bound) are unchecked. Treat a
+figure as a rough guide (about a factor of 1.5 either way) until a GPU session has measured that card.
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ class Device:
     memory_gbs: float  # device memory bandwidth, GB/s (1e9 bytes)
     pcie_gbs: float  # host <-> device copies, GB/s effective (pinned, one direction at a time)
     source: str
-    # efficiency factors (fraction of peak reached by each class of work) and per-op launch time
-    matmul_eff: float = 0.45
-    attention_eff: float = 0.30
-    memory_eff: float = 0.55
-    launch_s: float = 12e-6
+    # effective factors (fraction of peak reached by each class of work) and the per-op launch time, fitted to the
+    # two SD1.5 batch-8 steps measured alone on an H200 (benchmarks/calibrate_time.py): launch and memory fixed
+    # at typical values (5 us, 80% of the bandwidth), one factor for matmuls and attention fitted. They are
+    # effective, not physical: the elementwise byte count is an upper bound (every input read, every output
+    # written, no fusion), which the high matmul factor absorbs
+    matmul_eff: float = 0.75
+    attention_eff: float = 0.75
+    memory_eff: float = 0.8
+    launch_s: float = 5e-6
 
     def peak_tflops(self, dtype: str, tf32: bool = False) -> float:
         if dtype == "fp16":

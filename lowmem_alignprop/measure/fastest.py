@@ -243,7 +243,8 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
     best = search.polish(best)
     chosen = dataclasses.replace(cfg, **best["set"]).validate()
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
-    result.update(found=best, set=changes, profile_yaml=profile_yaml(chosen, profile, best),
+    named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "")
+    result.update(found=best, set=changes, profile_yaml=profile_yaml(named, profile, best),
                   plan=planner.plan(chosen, profile=profile, target=target, suggest_changes=False, started=started))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

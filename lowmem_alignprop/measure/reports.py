@@ -135,7 +135,7 @@ def format_fastest(r: dict[str, Any]) -> str:
                  f"{found['needed'] / GIB:.2f} GiB needed ({100 * found['needed'] / budget:.0f}% of the budget)")
     if given is not None:
         verdict = "fits" if given["fits"] else "does not fit"
-        speed = (f": {given['seconds'] / found['seconds']:.2f}x the time" if given["fits"] and found["seconds"] else "")
+        speed = (f"; {given['seconds'] / found['seconds']:.2f}x the fastest's time" if found["seconds"] else "")
         lines.append(f"  as given: {given['seconds']:.3g} s per optimizer step, {given['needed'] / GIB:.2f} GiB needed "
                      f"({verdict}){speed}")
     lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
