@@ -352,7 +352,55 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
         L += _section_cpu(doc.get("cpu_measured"), STAGES)
     L += _section_gpu(gpu, STAGES)
     L += _section_rss(results_dir)
+    L += _section_speed(results_dir)
     return "\n".join(L) + "\n"
+
+
+def _section_speed(results_dir: Path) -> list[str]:
+    """Section 6: the planner's seconds per step against measured steps (time-calibration.json) and the CPU speed
+    benchmark (speed-cpu.json)."""
+    cal_path, bench_path = results_dir / "time-calibration.json", results_dir / "speed-cpu.json"
+    if not cal_path.exists() and not bench_path.exists():
+        return []
+    L = ["", "## 6. Seconds per step: the planner's estimate against measured steps", ""]
+    if cal_path.exists():
+        cal = json.loads(cal_path.read_text())
+        L += [f"`results/{cal_path.name}`, command `{cal['command']}` ({cal['date']}): every completed GPU run of "
+              "section 4 planned again with the K its measured step drew; its counted work (`planner.StageWork`) "
+              "turned into seconds with the card's figures (`lowmem_alignprop/measure/devices.py`). Measured: the "
+              "step-2 seconds of the stages below (the profiler synchronizes the GPU at each stage's edges). The "
+              "factors were fitted to the two runs alone on the GPU (in-sample); runs that shared the GPU are "
+              "slower than one alone by up to their number, so they can only show that the estimate is not above them.",
+              "", f"**Runs alone: measured / predicted {cal['alone']['min']:.2f} to {cal['alone']['max']:.2f} "
+              f"({cal['alone']['n']} runs, fitted to them). Runs sharing the GPU: {cal['shared']['min']:.2f} to "
+              f"{cal['shared']['max']:.2f} ({cal['shared']['n']} runs).**", "",
+              "| card | run | runs at once | measured s | predicted s | measured / predicted | per stage, measured / predicted s |",
+              "|---|---|---:|---:|---:|---:|---|"]
+        for r in cal["runs"]:
+            per = ", ".join(f"{n} {r['measured'].get(n, 0):.2f} / {t:.2f}" for n, t in r["predicted"].items())
+            L.append(f"| {r['card']} | {r['name']} | {r['concurrent_runs'] or 1} | {r['measured_stages_sum']:.2f} | "
+                     f"{r['predicted_step']:.2f} | {r['measured_over_predicted']:.2f} | {per} |")
+        L += ["", "What this does not show: cards other than the H100/H200 (their figures are the calibration "
+              "carried over by datasheet peaks), small batches alone on a GPU (launch-bound; every batch-1 run here "
+              "shared the GPU), and the speed features (not modelled; `gpu_check.py --only speed` measures them)."]
+    if bench_path.exists():
+        b = json.loads(bench_path.read_text())
+        dev = b["device"]
+        L += ["", f"### CPU: seconds per training step (`results/{bench_path.name}`)", "",
+              f"Command `{b['command']}` ({b['date']}); {dev['cpu']}, {dev['cores']} cores, torch threads "
+              f"{dev['torch_threads']}; " + ", ".join(f"{k} {v}" for k, v in b["versions"].items())
+              + f"; load average {dev['load_average_at_start'][0]:.1f} at the start and "
+              f"{dev['load_average_at_end'][0]:.1f} at the end (other jobs shared the cores: the seconds are an "
+              "upper bound and not comparable between rows). Mean of the steps after the first two.", "",
+              "| job | variant | s/step | planner s/step |", "|---|---|---:|---:|"]
+        for r in b["runs"]:
+            sps = r.get("seconds_per_step")
+            plan = r.get("planner_seconds_per_step")
+            L.append(f"| {r['job']} | {r['variant']} | {'failed' if sps is None else f'{sps:.3f}'} | "
+                     f"{'' if plan is None else f'{plan:.3f}'} |")
+        L += ["", "TRL's AlignPropTrainer (trl 0.23.1) was not run: not installed here, and the benchmark is not a "
+              "test dependency."]
+    return L
 
 
 def _section_rss(results_dir: Path) -> list[str]:
