@@ -448,8 +448,8 @@ def test_toy_is_the_default_model_with_its_own_sampler_reward_and_prompts(monkey
     assert Config().model == "toy"
     assert resolve_model("toy") == ("dir", str(TOY_MODEL_DIR))
     _, cfg = resolve_config("cpu", {}, [])
-    assert (cfg.model, cfg.resolution, cfg.sample_steps, cfg.guidance_scale, cfg.reward, cfg.prompts) == \
-        ("toy", 64, 20, 3.0, "toy_clip", "toy-heldout")
+    assert (cfg.model, cfg.resolution, cfg.sample_steps, cfg.guidance_scale, cfg.reward, cfg.prompts, cfg.batch_size) \
+        == ("toy", 64, 20, 3.0, "toy_clip", "toy-pairs", 4)
     _, cfg = resolve_config("rtx3060", {"model": "toy", "reward": "brightness"}, ["sample_steps=10"])
     assert (cfg.resolution, cfg.sample_steps, cfg.reward, cfg.k_max) == (64, 10, "brightness", 10)
     _, cfg = resolve_config("cpu", {"model": "tiny"}, [])
@@ -484,7 +484,8 @@ def test_toy_prompt_sets_are_the_grammars_split():
     from lowmem_alignprop.step.prompts import PROMPT_SETS, load_prompts
 
     train, held = load_prompts("toy-train"), load_prompts("toy-heldout")
-    assert {"toy-train", "toy-heldout"} <= set(PROMPT_SETS)
+    assert {"toy-train", "toy-heldout", "toy-pairs"} <= set(PROMPT_SETS)
+    assert {parse_caption(p).objects for p in load_prompts("toy-pairs")} == {(pair,) for pair in HELD_OUT_PAIRS}
     assert len(set(train)) == len(set(held)) == 64
     assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "heldout" for p in held)
 
@@ -540,7 +541,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
 
     summary = json.loads((short_toy_run / "summary.json").read_text())
     toy = summary["toy_world"]
-    assert (toy["images"], toy["prompts"], toy["held_out"]) == (4, 4, 4)  # toy-heldout: every prompt held out
+    assert (toy["images"], toy["prompts"], toy["held_out"]) == (4, 4, 4)  # toy-pairs: every prompt held out
     for when in ("before", "after"):
         assert toy[when]["fidelity_images"] == 4 and 0 <= toy[when]["fidelity_all_ok"] <= 1
         assert toy[when]["jpeg_bytes"] > 0 and math.isfinite(toy[when]["reward"])
@@ -549,7 +550,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
-        ("toy", "toy_clip", "toy-heldout", 64)
+        ("toy", "toy_clip", "toy-pairs", 64)
     from lowmem_alignprop.commands.train import toy_world_lines
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
@@ -567,3 +568,27 @@ def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_p
     assert set(results["fidelity"]) == {"base", "lora"}
     assert results["fidelity"]["base"]["fidelity_images"] == results["fidelity"]["lora"]["fidelity_images"] == 2
     assert "exact fidelity (toy world)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The README's first command on the toy world (its defaults: toy_clip on the four held-out pairs, 4 images a
+    step, 20 steps), seed 0, without the sample grid."""
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path_factory.mktemp("toy") / "default"
+    assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--set", "sample_prompts=0"]) == 0
+    return json.loads((out / "summary.json").read_text())["toy_world"]
+
+
+def test_a_one_minute_run_raises_exact_fidelity(default_run):
+    """Judged on the same 32 fixed-seed images (8 of each held-out pair) before and after, the exact evaluators'
+    fidelity score rises by a clear margin (measured here 0.675 -> 0.762: shapes 44% -> 66%, all right 44% -> 59%;
+    held at +0.04). toy_clip's mean on those images is reported, not held: with the prompts in another order the same
+    settings raised it by 10 (72.5 -> 82.4), here it falls by 8 (the grid's blue diamond collapses; docs/toy_world.md)."""
+    before, after = default_run["before"], default_run["after"]
+    assert default_run["held_out"] == default_run["prompts"] == 4 and default_run["images"] == 32
+    assert after["fidelity_score"] >= before["fidelity_score"] + 0.04, (before, after)
+    assert after["fidelity_shapes_ok"] > before["fidelity_shapes_ok"], (before, after)

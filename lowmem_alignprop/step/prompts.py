@@ -20,6 +20,8 @@ PROMPT_SETS: dict[str, str] = {
     "animals_activities": "'a {animal} {activity}' for every animal and 8 activities ('a dog riding a bike', ...)",
     "toy-train": f"{PROMPT_SET_SIZE} captions of the toy world's training split ('two red circles', ...; "
                  "docs/toy_world.md)",
+    "toy-pairs": "the four colour-shape pairs the toy model never saw, one object each ('a red triangle', 'a green "
+                 "circle', 'a blue diamond', 'a yellow square'): the toy world's default",
     "toy-heldout": f"{PROMPT_SET_SIZE} toy-world captions that each hold a colour-shape pair the toy model never saw "
                    "in training ('a red triangle and two blue squares', ...)",
 }
@@ -53,10 +55,18 @@ def _builtin(name: str) -> list[str]:
         animals = read_prompt_file(DATA_DIR / "simple_animals.txt")
         activities = read_prompt_file(DATA_DIR / "activities.txt")
         return [f"a {animal} {activity}" for animal in animals for activity in activities]
+    if name == "toy-pairs":
+        from lowmem_alignprop.toy.scenes import HELD_OUT_PAIRS, caption, make_content
+        return [caption(make_content([pair])) for pair in sorted(HELD_OUT_PAIRS, key=_pair_order)]
     if name in ("toy-train", "toy-heldout"):
         from lowmem_alignprop.toy.scenes import heldout_prompts, train_prompts
         return (train_prompts if name == "toy-train" else heldout_prompts)(PROMPT_SET_SIZE, seed=0)
     raise KeyError(name)
+
+
+def _pair_order(pair: tuple[str, str]) -> int:
+    from lowmem_alignprop.toy.scenes import SHAPES
+    return list(SHAPES).index(pair[1])
 
 
 def load_prompts(spec: str) -> list[str]:
