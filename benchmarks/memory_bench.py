@@ -414,7 +414,9 @@ def _section_rss(results_dir: Path) -> list[str]:
          "Measured from outside by `benchmarks/rss_bench.py` (the child's `ru_maxrss`, as `/usr/bin/time -v` prints "
          "it) with the RSS the run prints per step (sampled at each stage's end) and its `memory_report.json`. Step 2 "
          "is the step whose allocation the profiler measures. *before*: torch.profiler memory events kept for that "
-         "step and summed afterwards; *after*: a count of live storages, no event log. **steady** = steps 4 and "
+         "step and summed afterwards; *after*: a count of live storages, no event log; *after + release*: the same, and "
+         "the trainer fixes glibc's mmap and trim thresholds at 128 KiB on a CPU run (`memory/host_allocator.py`: "
+         "freed tensors go back to the system instead of staying in glibc's heap). **steady** = steps 4 and "
          "later. **load** = RSS when the load stage ended (when step 1 began). **peak allocated** = the measured "
          "step's peak tensor bytes (above its start: without the weights and state already there). "
          "**load + peak** = RSS when step 1 began (else after load) + peak allocated (+ the part above the start). "
@@ -461,10 +463,15 @@ def _section_rss(results_dir: Path) -> list[str]:
     L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default. Notes: " + " ".join(notes)]
     if growth:
         L += ["", "What is left between the steady RSS and load + peak is not the measurement's: step 1 measures "
-              "nothing, and already grows the RSS it began with by much more than its tensors ("
-              + "; ".join(growth) + "): code and kernels loaded on first use, and memory glibc keeps after frees "
-              "(with `MALLOC_MMAP_THRESHOLD_=131072` a 128 px run of the same model held 39 MiB less in its steady "
-              "steps)."]
+              "nothing, and already grows the RSS it began with by more than its tensors ("
+              + "; ".join(growth) + "). Without *release* most of it was memory glibc kept after frees: it raises its "
+              "mmap threshold (up to 32 MiB) each time a large block is freed, so from the first step on the "
+              "activations came from the heap, which keeps what is freed (`MALLOC_MMAP_THRESHOLD_=131072` in the "
+              "environment, which fixes the threshold the same way, held 39 MiB less at 128 px). With *release* "
+              "(midsize-release, 256 px) the steady RSS is 13 MiB above load + peak and the run's peak 15 MiB above "
+              "the steady RSS (before: 177-197 and 12-33 MiB); what step 1 still adds beyond its tensors is no "
+              "longer freed heap and was not broken down further (code and kernels loaded on first use, thread "
+              "pools and the Python objects of a step are the likely parts)."]
     # the same measured step, both methods (same seed): what the counter cannot see is scratch inside single ops
     runs = {}
     for path in files:

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                             "baseline": step.get("baseline"), "method": rep.get("method"),
                             "load_rss": (rep.get("load") or {}).get("rss"),
                             "first_step_rss_start": (rep.get("steps") or [{}])[0].get("rss_start")}
+    summary_path = run_dir / "summary.json" if run_dir else None
+    if summary_path and summary_path.is_file():  # what the C allocator ran with (None before it was recorded)
+        result["host_allocator"] = json.loads(summary_path.read_text()).get("host_allocator")
     try:
         sys.path.insert(0, str(ROOT))
         from lowmem_alignprop.measure.profiler import _cpu_name, library_versions

@@ -54,6 +54,10 @@ def test_outputs_written(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["budget_gb"] == 8.0 and summary["fits_budget"] is True and summary["trained"] == "lora"
     assert summary["cuda_allocator"] == "cpu"  # expandable segments are a CUDA allocator setting
+    # a CPU run hands freed tensors back to the system (memory/host_allocator.py; test_host_allocator.py)
+    from lowmem_alignprop.memory.host_allocator import glibc
+    assert summary["host_allocator"].startswith("glibc malloc, mmap and trim thresholds fixed" if glibc() else "the ")
+    assert summary["host_allocator"] in (run_dir / "memory_report.md").read_text()
 
 
 def test_a_run_over_its_budget_says_so_at_the_end(tmp_path, capsys):

@@ -70,7 +70,7 @@ def _memory_report():
         "peak_reserved": None, "fits_budget": True, "method": "counted",
         "summary_steps": {"steps": "2-3", "warmup_excluded": 1, "peak_measured_steps": "2"},
         "rss": {"after_load": GIB // 2, "steps_max": GIB, "steps": "1, 3", "measured_steps_max": int(1.25 * GIB),
-                "measured_steps": "2", "measurement_bytes": int(4.7 * MIB)},
+                "measured_steps": "2", "measurement_bytes": int(4.7 * MIB), "host_allocator": "glibc, fixed"},
         "snapshot": None,
         "stages": {"decode": {**fig, "peak_allocated": GIB // 8, "rss_max": GIB // 2, "seconds_mean": 0.5},
                    "backward": {**fig, "peak_allocated": GIB // 4, "rss_max": GIB, "seconds_mean": 1.25}},
@@ -97,3 +97,4 @@ def test_the_memory_report_tells_the_measurements_memory_apart_from_the_training
     assert "up to 1.000 GiB in steps 1, 3 (allocation not measured)" in line
     assert "1.250 GiB in measured step 2" in line
     assert re.search(r"measurement itself held at most 4\.70 MiB", line)
+    assert line.endswith(". C allocator: glibc, fixed")  # what RSS is read with

@@ -37,6 +37,7 @@ from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
 from lowmem_alignprop.models.loading import (apply_speed_features, load_components, lora_metadata, lora_state_dict,
                                              nograd_unet, set_attention)
 from lowmem_alignprop.memory.optim import build_optimizer
+from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
 from lowmem_alignprop.step.prompts import cut_prompts_note
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder
@@ -165,10 +166,13 @@ class Trainer:
         self.allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused
         self.accelerator = make_accelerator(cfg, self.out)
         self.device = self.accelerator.device
+        # a CPU step's activations are host memory: freed ones go back to the system instead of glibc's heap
+        self.host_allocator = release_freed_tensors() if self.device.type == "cpu" else None
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = precision.frozen_weight_dtype(self.accelerator.mixed_precision, self.device.type)
         self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
                                   snapshot_steps=self.memory_snapshot)
+        self.prof.host_allocator = self.host_allocator
         self.place = Placement(self.device, offload=cfg.offload_frozen)
         self.guard = faults.StageGuard(self.prof.stage)  # names the stage an out-of-memory error happens in
 
@@ -715,7 +719,7 @@ class Trainer:
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),
             "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
-            "attention": self.attention, "cuda_allocator": self.allocator,
+            "attention": self.attention, "cuda_allocator": self.allocator, "host_allocator": self.host_allocator,
             "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })

@@ -760,6 +760,7 @@ class StageProfiler:
         self._step_t0 = 0.0
         self._step_rss0: int | None = None
         self.rss_after_load: int | None = None  # RSS when the load stage ended
+        self.host_allocator: str | None = None  # what the C allocator under CPU tensors runs with (the trainer's)
         self._tracker: CpuAllocationTracker | None = None  # the detail step's profiler session
         self._frames: list[_CudaFrame] = []
         self._snapshot_recording = False
@@ -1119,6 +1120,7 @@ class StageProfiler:
             "process_peak": max(hwm) if hwm else None,  # high-water mark at the end of the last step
             "measurement_bytes": max(cost) if cost else None,
             "load_measurement_bytes": load.get("measurement_bytes"),
+            "host_allocator": self.host_allocator,
             "note": ("RSS sampled at each stage's end; process_peak is the process's high-water mark (getrusage) "
                      "at the end of the last step; measurement_bytes is what the CPU measurement itself held at most "
                      "in a measured step (a list of the process's objects scanned once at the step start, then one "

@@ -256,4 +256,6 @@ def _rss_line(rss: dict[str, Any]) -> str:
     if rss.get("measurement_bytes") is not None:
         line += (f". The allocation measurement itself held at most {fmt_bytes(rss['measurement_bytes'])} "
                  "(one scan of the process's objects at the step start, then a table of the live storages)")
+    if rss.get("host_allocator"):  # glibc keeps freed memory unless told otherwise: RSS is read knowing which
+        line += f". C allocator: {rss['host_allocator']}"
     return line
