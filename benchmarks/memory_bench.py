@@ -398,8 +398,10 @@ def _section_speed(results_dir: Path) -> list[str]:
             plan = r.get("planner_seconds_per_step")
             L.append(f"| {r['job']} | {r['variant']} | {'failed' if sps is None else f'{sps:.3f}'} | "
                      f"{'' if plan is None else f'{plan:.3f}'} |")
-        L += ["", "TRL's AlignPropTrainer (trl 0.23.1) was not run: not installed here, and the benchmark is not a "
-              "test dependency."]
+        L += ["", "The planner's `cpu` row (measure/devices.py) is not calibrated by this: with the cores shared "
+              "(load average above 2 per core), wall seconds say little about the step's own cost; an idle run "
+              "is pending. TRL's AlignPropTrainer (trl 0.23.1) was not run: not installed here, and the benchmark "
+              "is not a test dependency."]
     return L
 
 
