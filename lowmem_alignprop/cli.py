@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lowmem_alignprop.settings.config import field_help
-from lowmem_alignprop.settings.errors import UserError, same_on_every_rank
+from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runfolder import RunFolder
 from lowmem_alignprop.run.runlock import global_rank, world_size
 
@@ -317,16 +317,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(argv)
     except UserError as e:
-        rank = global_rank()
-        if rank and getattr(e, "same_on_every_rank", False):
-            import time
-            time.sleep(5)  # rank 0 prints it: exiting at once could have the launcher stop rank 0 before it does
-            return 2
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
-        return 2
+        return _report(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        from lowmem_alignprop.run import atomic
+        if not atomic.is_disk_full(e):
+            raise
+        return _report(UserError(f"{atomic.describe(e)} (writing {atomic.file_of(e)}): no file was half-written; "
+                                 "free space (or choose another --output-dir) and run the command again (a training "
+                                 "run: --resume latest continues from its last checkpoint)"))
+    except (MemoryError, RuntimeError) as e:  # host memory: torch raises RuntimeError("... can't allocate memory")
+        from lowmem_alignprop.run.faults import is_oom
+        if not is_oom(e):
+            raise
+        return _report(UserError(f"out of host memory ({first_line(e, 120)}): lower resolution or batch_size, close "
+                                 "other programs, or use a machine with more memory"))
+
+
+def _report(e: UserError) -> int:
+    """Print a UserError as one line (under a launcher once, by rank 0, when every rank has the same one); exit 2."""
+    try:
+        rank = global_rank()
+    except UserError:  # the environment's own rank is what is wrong
+        rank = 0
+    if rank and getattr(e, "same_on_every_rank", False):
+        import time
+        time.sleep(5)  # rank 0 prints it: exiting at once could have the launcher stop rank 0 before it does
+        return 2
+    print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

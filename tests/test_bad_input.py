@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -479,3 +480,168 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, caps
     fails(capsys, [*FAST, "--output-dir", str(run), "--resume", "latest"], "cannot be continued (--checkpoint-every "
                                                                            "N saves them): delete the folder")
     assert snapshot(tmp_path) == before
+
+
+# -- issue 19: one line instead of a traceback --------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, needle", [
+    ("huge_seed", "seed=99999999999999999999999 is out of range: give a whole number from 0 to 4294967295"),
+    ("output_dir_symlink_loop", "is a symlink loop (its links point at each other): choose a folder"),
+    ("output_dir_dangling_symlink", "which does not exist: choose a folder (or fix the link)"),
+    ("world_size_not_a_number", "WORLD_SIZE='abc' in the environment is not a count of processes"),
+    ("rank_outside_a_launcher", "k=99 is larger than sample_steps=3"),
+    ("model_dev_null", "model path /dev/null is not a regular file (a device such as /dev/null"),
+    ("prompts_a_directory", "is a directory, not a file; give a text file"),
+    ("profile_a_directory", "is a directory, not a profile file"),
+    ("resolution_absurd", "resolution=100000 is larger than 4096, the most this tool takes"),
+    ("batch_absurd", "batch_size=1000000 is larger than 1024, the most this tool takes"),
+    ("read_only_home_no_cache", "the built-in tiny model is built once into"),
+    ("model_ckpt_with_code", "holds pickled Python objects besides tensors, which are not loaded for safety"),
+])
+def test_environment_paths_and_sizes_are_one_line(case, needle, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out)]
+    if case == "huge_seed":
+        args += ["--seed", "99999999999999999999999"]
+    elif case == "output_dir_symlink_loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        args += ["--output-dir", str(tmp_path / "a")]
+    elif case == "output_dir_dangling_symlink":
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        args += ["--output-dir", str(tmp_path / "link")]
+    elif case == "world_size_not_a_number":
+        monkeypatch.setenv("WORLD_SIZE", "abc")
+    elif case == "rank_outside_a_launcher":  # RANK left in the shell: no launcher, so this process must say it
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        args += ["--set", "k=99"]
+    elif case == "model_dev_null":
+        args += ["--model", "/dev/null"]
+    elif case == "prompts_a_directory":
+        args += ["--prompts", str(tmp_path)]
+    elif case == "profile_a_directory":
+        (tmp_path / "p.yaml").mkdir()
+        args += ["--profile", str(tmp_path / "p.yaml")]
+    elif case == "resolution_absurd":
+        args += ["--set", "resolution=100000"]
+    elif case == "batch_absurd":
+        args += ["--set", "batch_size=1000000"]
+    elif case == "read_only_home_no_cache":  # (a file as HOME: not writable even for root)
+        (tmp_path / "home").write_text("not a folder")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("LOWMEM_ALIGNPROP_CACHE")
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    elif case == "model_ckpt_with_code":
+        import torch
+
+        class Code:
+            def __reduce__(self):
+                return (os.system, ("echo never run",))
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Code()}, tmp_path / "m.ckpt")
+        args += ["--model", str(tmp_path / "m.ckpt")]
+    before = snapshot(tmp_path)
+    fails(capsys, args, needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_plan_bounds_its_inputs_and_says_when_host_memory_runs_out(tmp_path, capsys, monkeypatch):
+    from lowmem_alignprop.measure import planner
+
+    fails(capsys, ["plan", "--profile", "cpu", "--set", "resolution=100000"], "resolution=100000 is larger than")
+    fails(capsys, ["plan", "--profile", "cpu", "--set", "batch_size=1000000"], "batch_size=1000000 is larger than")
+
+    def estimate(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(planner, "estimate", estimate)
+    fails(capsys, ["plan", "--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1"],
+          "out of host memory ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+
+def test_host_memory_running_out_in_a_step_is_an_out_of_memory_stop(tmp_path, capsys, monkeypatch, tiny_dir):
+    """torch's CPU allocator raises RuntimeError("... can't allocate memory"), not MemoryError: the run stops as for
+    any out-of-memory, naming the stage and a change that fits."""
+    (tmp_path / "qa_hog.py").write_text(
+        "import torch\n"
+        "def reward(images, prompts):\n"
+        "    if torch.is_grad_enabled() and images.shape[0] == 1:  # a training step, not the start-up checks\n"
+        "        raise RuntimeError(\"[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory\")\n"
+        "    return images.mean((1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fails(capsys, [*FAST, "--output-dir", str(tmp_path / "run"), "--reward", "qa_hog:reward"],
+          "out of memory in stage 'reward' at step 1")
+
+
+def test_the_tilde_of_output_dir_is_the_home_folder(tmp_path, monkeypatch):
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, cfg = resolve_config("cpu", {"output_dir": "~/x"}, [])
+    assert cfg.output_dir == str(tmp_path / "x")
+    _, cfg = resolve_config("cpu", {}, ["output_dir=~/y"])
+    assert cfg.output_dir == str(tmp_path / "y")
+
+
+@pytest.mark.parametrize("manifest, state", [
+    ("[1, 2]", None), ('{"files": [1]}', None), ('{"files": {"state.json": 5}}', None),
+    ('{"files": {"state.json": {"bytes": "x", "sha256": 1}}}', None), (None, "[1]"), (None, '{"step": "2"}'),
+])
+def test_a_checkpoint_of_valid_json_but_the_wrong_shape_is_skipped_like_a_corrupt_one(manifest, state, trained,
+                                                                                      tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    good = ckpt.step_dir(run / "checkpoints", 2)
+    bad = ckpt.step_dir(run / "checkpoints", 3)
+    shutil.copytree(good, bad)
+    if manifest is not None:
+        (bad / "manifest.json").write_text(manifest)
+    else:  # a state.json of the wrong shape, its manifest rewritten to match it
+        (bad / "state.json").write_text(state)
+        (bad / "manifest.json").unlink()
+        ckpt.write_manifest(bad)
+    assert "wrong shape" in ckpt.verify(bad)
+    assert ckpt.find_resume(run, "latest") == good  # the previous intact one
+    assert "incomplete or corrupt" in caplog.text
+
+
+def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained, tmp_path, capsys, caplog):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands.evaluate import LoraSpec, warn_other_base
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo never run",))
+    torch.save({"unet.x.lora_A.weight": torch.zeros(1), "x": Code()}, tmp_path / "evil.bin")
+    fails(capsys, ["sample", *FAST, "--lora", str(tmp_path / "evil.bin")], "holds pickled code")
+    (tmp_path / "cut.bin").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    fails(capsys, ["sample", *FAST, "--lora", str(tmp_path / "cut.bin")], "cannot be read")
+    weights = load_file(str(trained / "lora" / "pytorch_lora_weights.safetensors"))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, str(tmp_path / "nan.safetensors"))
+    out = tmp_path / "samples"
+    fails(capsys, ["sample", *FAST, "--lora", str(tmp_path / "nan.safetensors"), "--output-dir", str(out)],
+          "holds NaN or inf weights")
+    assert not out.exists()
+    # a base_model.json of the wrong shape: the base model is not compared, and that is said
+    lora = tmp_path / "lora"
+    shutil.copytree(trained / "lora", lora)
+    (lora / ckpt.LORA_BASE_FILE).write_text("[1, 2]")
+    spec = LoraSpec(arg=str(lora), file=lora / "pytorch_lora_weights.safetensors", weight=1.0, name="lora0")
+    warn_other_base(None, [spec], None)
+    assert "wrong shape" in caplog.text
+    assert ckpt.fingerprint_difference({"unet_config_sha": "s", "conv_in": ["a", {}]},
+                                       {"unet_config_sha": "s", "conv_in": [0.0]}) == "its weights' record is unreadable"
+
+
+def test_a_training_checkpoint_file_that_imports_code_is_refused_as_such(tmp_path):
+    import torch
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo never run",))
+    torch.save({"state": Code()}, tmp_path / "optimizer.pt")
+    from lowmem_alignprop.settings.errors import UserError
+    with pytest.raises(UserError, match="holds pickled code"):
+        ckpt.load_tensors(tmp_path / "optimizer.pt")

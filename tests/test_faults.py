@@ -1,6 +1,9 @@
 """Faults: out-of-memory per stage (message, --auto-fit), NaN/inf rewards and gradients."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -270,3 +273,78 @@ def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monk
     assert [c["change"] for c in summary["auto_fit"]] == [{"expandable_segments": True}]
     assert summary["cuda_allocator"] == "expandable segments"
     assert yaml.safe_load((out / "config.yaml").read_text())["expandable_segments"] is True
+
+
+# -- user code that exits, a gradient that never reaches the LoRA (issue 19) ---------------------------------------
+
+EXITING = """
+import os, sys, torch
+calls = {"n": 0}
+
+def reward(images, prompts):
+    if not torch.is_grad_enabled() or images.shape[0] == 2:  # the start-up checks
+        return images.mean(dim=(1, 2, 3))
+    calls["n"] += 1
+    if calls["n"] == int(os.environ.get("QA_EXIT_AT", "0")):
+        kind = os.environ["QA_EXIT_KIND"]
+        if kind == "exit":
+            sys.exit(3)
+        raise KeyboardInterrupt  # as the reward's own code raises it (the run's Ctrl-C never raises in a step)
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.mark.parametrize("kind, at, named", [
+    ("exit", 2, "SystemExit: 3"),  # step 2 is the measured (profiled) step: it crashed the interpreter
+    ("interrupt", 3, "KeyboardInterrupt"),
+])
+def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, named, tmp_path, tiny_dir):
+    """sys.exit, KeyboardInterrupt or another BaseException raised by the user's reward in a step is the reward's
+    failure like any other: the finished steps are saved, one line, exit 2, no crash (in a subprocess: a crash
+    at exit is what is checked)."""
+    (tmp_path / "qa_exiting.py").write_text(EXITING)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "QA_EXIT_AT": str(at),
+           "QA_EXIT_KIND": kind}
+    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out), "--steps", "4",
+                           "--reward", "qa_exiting:reward"], env=env, capture_output=True, text=True, timeout=600)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"step {at}: the reward 'qa_exiting:reward' raised {named}" in lines[0]
+    done = "step 1 is" if at == 2 else f"steps 1-{at - 1} are"
+    assert f"{done} saved in" in lines[0] and "--resume latest" in lines[0]
+    assert ckpt.find_resume(out, "latest").name == f"step-{at - 1:08d}"
+
+
+def test_a_reward_that_exits_at_start_up_is_one_line(tmp_path, capsys, monkeypatch, tiny_dir):
+    (tmp_path / "qa_exit_now.py").write_text("import sys\ndef reward(images, prompts):\n    sys.exit(0)\n")
+    (tmp_path / "qa_exit_import.py").write_text("import sys\nsys.exit('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, needle in [("qa_exit_now:reward", "raised SystemExit: 0; fix the function"),
+                         ("qa_exit_import:reward", "importing module 'qa_exit_import' failed with SystemExit: no GPU")]:
+        assert main([*FAST, "--output-dir", str(tmp_path / "run"), "--reward", spec]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err[-2000:]
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_gradient_that_never_reaches_the_lora_stops_the_run(tmp_path, capsys, monkeypatch, tiny_dir):
+    """The start-up check passes (the reward is differentiable on its test images) but on the training batches its
+    gradient is exactly zero: after max_zero_grad_steps such steps in a row the run stops with a checkpoint."""
+    (tmp_path / "qa_flat.py").write_text(
+        "import torch\n"
+        "def reward(images, prompts):\n"
+        "    if not torch.is_grad_enabled() or images.shape[0] == 2:  # the start-up checks\n"
+        "        return images.mean(dim=(1, 2, 3))\n"
+        "    return images.mean(dim=(1, 2, 3)) * 0.0 + 1.0  # a saturated score: zero gradient\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    rc = main([*FAST, "--output-dir", str(out), "--steps", "6", "--reward", "qa_flat:reward",
+               "--set", "max_zero_grad_steps=2"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    msg = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(msg) == 1 and "LoRA's gradient was exactly zero in 2 steps in a row (steps 1-2)" in msg[0]
+    assert ckpt.find_resume(out, "latest").name == "step-00000002" and "step-00000002" in msg[0]
+    assert [r["step"] for r in rows(out)] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows(out))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 DEFAULT_OUTPUT_DIR = "outputs/sample"
@@ -63,16 +64,40 @@ def _lora_file(path: Path, arg: str) -> Path:
     file = _find_lora_file(path, arg)
     if file.stat().st_size == 0:
         raise UserError(f"--lora {arg}: {file} is empty (0 bytes): its copy or download did not finish; copy it again")
-    if file.suffix.lower() == ".safetensors":
-        try:
-            layers = _layers_in_file(file)
-        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
-            raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
-                            "copy it again from the run's lora/ folder") from None
-        if layers == 0:
-            raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
-                            "lora/ folder a training run wrote")
+    try:
+        tensors = _read_tensors(file)
+    except OSError as e:  # permissions, an I/O error
+        raise UserError(f"--lora {arg}: {file} cannot be read ({e.strerror or type(e).__name__}): check its "
+                        "permissions, or copy it again") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file (or one holding code)
+        if "global" in str(e).lower() and file.suffix.lower() == ".bin":
+            raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
+                            "which is never loaded: use the .safetensors LoRA a training run wrote, or convert this "
+                            "file where you trust it") from None
+        raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
+                        "copy it again from the run's lora/ folder") from None
+    if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
+        raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
+                        "lora/ folder a training run wrote")
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # its images would be NaN, and their rewards too
+        raise UserError(f"--lora {arg}: {file} holds NaN or inf weights ({bad}): the run that wrote it diverged; "
+                        "sample a checkpoint from before it, or train again with a lower learning rate")
     return file
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a LoRA file (a few MB), read as diffusers would: safetensors, or a .bin through torch.load
+    with weights_only (a file that imports code raises instead of running it)."""
+    with open(file, "rb"):
+        pass  # unreadable (permissions): OSError, before any parser sees it
+    if file.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a dictionary of tensors")
+    return {str(k): v for k, v in state.items()}
 
 
 def _find_lora_file(path: Path, arg: str) -> Path:
@@ -211,6 +236,11 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
             saved = json.loads(info.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(saved, dict) or not isinstance(saved.get("conv_in", []), list):
+            logging.getLogger("lowmem_alignprop").warning(
+                "--lora %s: %s is not the base-model record a training run writes (wrong shape): which model the "
+                "LoRA belongs to is not checked", spec.arg, info)
+            continue
         ours = ours or ckpt.fingerprint(cfg, unet)
         problem = ckpt.fingerprint_difference(saved, ours)
         if problem:
@@ -332,6 +362,11 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     reward.to(device)
     base_r = score(reward, base_images, flat_prompts, device, batch)
     lora_r = score(reward, lora_images, flat_prompts, device, batch)
+    for name, r in (("the base model's", base_r), ("the LoRA's", lora_r)):
+        if not torch.isfinite(r).all():  # JSON has no NaN: a result that holds one is a failure, said as one
+            raise UserError(f"the reward {cfg.reward!r} scored {int((~torch.isfinite(r)).sum())} of {name} "
+                            f"{r.numel()} images NaN or inf: nothing was written; check the LoRA (a diverged run?) "
+                            "and the reward")
 
     per_prompt = []
     for i, prompt in enumerate(prompts):
@@ -361,7 +396,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
     save_sample_grid(out / GRID_NAME, labels, (base_images, base_r), (lora_images, lora_r), row_names=("base", "lora"))
-    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
+    atomic.write_text(out / RESULTS_NAME, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
     return results
 
 

@@ -58,6 +58,7 @@ def export_main(argv: list[str]) -> int:
         lx.check_push_to_hub(args.push_to_hub)
     if args.out:
         lx.check_out(Path(args.out).expanduser())
+    recover_lora(args.lora)
     lora = lx.read_lora(args.lora)
     out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
@@ -69,3 +70,20 @@ def export_main(argv: list[str]) -> int:
         url = lx.push_to_hub(out, args.push_to_hub, private=args.private)
         log.info("pushed to %s", url)
     return 0
+
+
+def recover_lora(spec: str) -> None:
+    """The LoRA of a run folder that is missing or damaged (a full disk or a kill while the run wrote it) is written
+    again from the run's newest intact checkpoint, holding the run's lock meanwhile."""
+    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, rewrite_from_checkpoint
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run.runlock import RunLock
+
+    path = Path(spec).expanduser()
+    run = path.parent if path.name == "lora" else path.parent.parent if path.name == LORA_WEIGHT_NAME else path
+    if path.name == "lora" and path.exists() and not path.is_dir():
+        return  # not a run's lora/ folder: read_lora says what it is
+    if not (run / ckpt.DIRNAME).is_dir():
+        return
+    with RunLock(run):  # a run still writing there: one line (LockTaken), nothing touched
+        rewrite_from_checkpoint(run)

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import logging
+import os
 from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.run import atomic
+
 
 def write_metrics_line(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    """One line appended to metrics.jsonl (an append-only log, each line in one write; a write that fails, a full
+    disk, is cut back off, so the file never ends in half a line)."""
+    line = memoryview((json.dumps(row) + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            e.lowmem_file = path
+            raise
+    finally:
+        os.close(fd)
 
 
 def _drawing_fonts() -> list[tuple[str, frozenset[int]]]:
@@ -122,7 +140,6 @@ def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor,
             grid.paste(im, (left + j * cell, y))
             text.draw(draw, (left + j * cell + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
     text.warn_missing()  # once per grid
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)  # a reader (or a crash) never sees half a PNG
+    with atomic.replacing(path) as tmp:  # a full disk or a kill leaves no half-written PNG
+        grid.save(tmp)
     return path

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import yaml
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.measure import planner
@@ -126,23 +127,33 @@ class Trainer:
         self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
         self.fidelity_before = self.fidelity_after = None
+        self.refinish: str | None = None  # a finished run's outputs to write again (see missing_outputs)
+        self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
 
     @property
     def out(self) -> Path:
         return self.folder.path
 
     def run(self) -> dict:
-        self.setup()
-        with self.stop.installed():  # SIGINT/SIGTERM are stop requests from the first step until the LoRA is written
-            self.fit()
-            return self.finish()
+        try:
+            self.setup()
+            with self.stop.installed():  # SIGINT/SIGTERM are stop requests from the first step until the LoRA is written
+                self.fit()
+                return self.finish()
+        finally:  # a measured step left open by any exception (a reward's sys.exit included) would leave torch's
+            if getattr(self, "prof", None) is not None:  # dispatch mode on and the collector off: a crash at exit
+                self.prof.close()
 
     # ================================ setup ================================
     def setup(self) -> None:
         """Everything before the first step, in the order its failures are reported."""
         if self.point is not None:  # an incompatible checkpoint fails here, before any model loads
             with same_on_every_rank():
-                ckpt.check_config(self.point.state, self.cfg, self.point.path)
+                self.refinish = self.missing_outputs()
+                ckpt.check_config(self.point.state, self.cfg, self.point.path, finished=self.refinish is not None)
+            if self.refinish and self.is_rank0():
+                log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
+                            self.point.step, self.refinish, self.point.path)
         if self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
             from lowmem_alignprop.commands.lora_export import check_init_lora
             with same_on_every_rank():
@@ -158,6 +169,19 @@ class Trainer:
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
         self.fidelity_before = self.judge()  # the toy world's exact evaluators, likewise
         self.restore()
+
+    def missing_outputs(self) -> str | None:
+        """A --resume of a finished run whose LoRA or summary is missing or damaged (a full disk or a kill while they
+        were written): what is missing. The run then trains no step and writes them again from the checkpoint."""
+        from lowmem_alignprop.commands.final_lora import outputs_problem
+
+        if self.point.step != self.cfg.steps or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve():
+            return None
+        return outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
+
+    @staticmethod
+    def is_rank0() -> bool:
+        return global_rank() == 0
 
     def setup_accelerator(self) -> None:
         from lowmem_alignprop.measure.profiler import StageProfiler
@@ -183,7 +207,9 @@ class Trainer:
         try:
             with self.guard.stage(stages.LOAD), whole_models(self.accelerator):
                 self._load()
-        except faults.OOM_ERRORS as e:
+        except (*faults.OOM_ERRORS, RuntimeError) as e:
+            if not faults.is_oom(e):
+                raise
             fit = faults.next_fit(cfg, stages.LOAD, suggest=planner.next_feature)
             raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
                                                         False) + f" [{first_line(e, 100)}]") from None
@@ -233,9 +259,9 @@ class Trainer:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
         try:
             return self.reward(images, batch_prompts).float()
-        except (UserError, *faults.OOM_ERRORS):
+        except (UserError, KeyboardInterrupt, *faults.OOM_ERRORS):
             raise
-        except Exception as e:
+        except BaseException as e:  # the user's code: any failure, sys.exit included
             raise UserError(f"the reward {self.cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
                             f"{fix}") from None
 
@@ -243,8 +269,8 @@ class Trainer:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict()},
-                                                            sort_keys=False))
+            atomic.write_text(out / "config.yaml", yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict()},
+                                                                  sort_keys=False))
             if self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
                 ckpt.append_line(out / ckpt.COMMAND_FILE, self.command)
         if cfg.report_to != "none":
@@ -341,6 +367,7 @@ class Trainer:
                 self.held_out.load_state(state.get("evaluation"))  # best so far and patience go on
         if self.is_main:
             self.folder.start_metrics(point, self.history)
+            self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
         if point is not None:
             log.info("resumed from %s at step %d", point.path, self.start)
 
@@ -349,7 +376,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
         t0, rewards_all, losses, ks, self.terms = time.perf_counter(), [], [], [], []
-        self.grad_norm, self.scaler_skipped = None, False
+        self.grad_norm, self.scaler_skipped, self.grad_zero = None, False, False
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):
@@ -399,11 +426,15 @@ class Trainer:
         acc = self.accelerator
         # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
         drop = acc.scaler is None and self.engine is None
+        # the LoRA's gradient exactly zero? read before the update frees it when no clip reads the norm (one sync)
+        zero = faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 else None
         self.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
                                                    clip=acc.clip_grad_norm_, drop_if_not_finite=drop)
         if dropped:
             return "the gradient norm"
         self.scaler_skipped = acc.scaler is not None and self.grad_norm is not None and not math.isfinite(self.grad_norm)
+        if self.engine is None and not self.scaler_skipped:  # (DeepSpeed keeps the gradients in its engine)
+            self.grad_zero = zero if zero is not None else faults.all_zero(self.grad_norm, self.params)
         if self.ema is not None:
             self.ema.update()
         return None
@@ -450,13 +481,13 @@ class Trainer:
                 self.prof.begin_step(step)
                 try:
                     row, bad = self.train_step(step)
-                except faults.OOM_ERRORS as e:
+                except BaseException as e:  # out of memory (device or host), or any error (a reward's sys.exit too)
+                    if not faults.is_oom(e):  # keep the finished steps, and name a reward's error as such; raises
+                        self.keep_finished_steps(e, step, rng_before)
                     stage, detail = faults.stage_of(e, self.guard.current), first_line(e, 100)
                     del e
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
                     continue  # the same step again, lighter
-                except Exception as e:  # any other error: keep the finished steps, and name a reward's error as such
-                    self.keep_finished_steps(e, step, rng_before)  # raises
                 if row is not None:
                     row.update(self.evaluate_if_due(step))
                 self.record(step, row, bad)
@@ -511,8 +542,10 @@ class Trainer:
         if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
             self.allocator = configure_cuda_allocator(cfg.expandable_segments)
 
-    def keep_finished_steps(self, e: Exception, step: int, rng_before) -> None:
-        """An error in a step: the steps before it go into a checkpoint; a reward's error is named as the user's."""
+    def keep_finished_steps(self, e: BaseException, step: int, rng_before) -> None:
+        """An error in a step: the steps before it go into a checkpoint; a reward's error is named as the user's,
+        whatever it is (SystemExit and KeyboardInterrupt from the reward's own code included: the stop requests of
+        Ctrl-C and SIGTERM never raise in a step)."""
         cfg = self.cfg
         stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
         self.prof.end_step()
@@ -527,6 +560,11 @@ class Trainer:
         if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
             raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
                             f"{first_line(e)}{kept}") from None
+        if not isinstance(e, (Exception, KeyboardInterrupt)):  # sys.exit deep in a library: never a silent exit
+            raise UserError(f"step {step}: {type(e).__name__} ({first_line(e)}) in stage {stage}{kept}") from None
+        if isinstance(e, OSError) and atomic.is_disk_full(e):
+            raise UserError(f"step {step}: {atomic.describe(e)} (writing {atomic.file_of(e)}){kept or ''}; free "
+                            "space in --output-dir, then --resume latest") from None
         if saved:
             log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
         raise e
@@ -561,6 +599,8 @@ class Trainer:
                                f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
         if cfg.report_to != "none":
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        if self.zero_grads.step(step, self.grad_zero):  # the reward's gradient never reaches the LoRA
+            raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
     def sample_if_due(self, step: int) -> dict:
         """--sample-every N: the grid's prompts and seeds rendered at steps N, 2N, ...: samples/step-N.png (before
@@ -631,11 +671,18 @@ class Trainer:
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward)
         final = acc.unwrap_model(self.unet_train)
-        with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
-            lora = self.final_weights(final)
-            after = self.sample_after()
+        try:
+            with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
+                lora = self.final_weights(final)
+                after = self.sample_after()
+            if self.is_main:
+                self.write_outputs(summary, final, lora, after)
+        except OSError as e:  # a full disk: what is safe, and how to get the rest
+            saved = ckpt.step_dir(ckpt.root_of(self.out), done)
+            raise UserError(f"could not write {atomic.file_of(e)}: {atomic.describe(e)}; the trained weights are "
+                            f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
+                            "then --resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
-            self.write_outputs(summary, final, lora, after)
             self.export_at_end()
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
@@ -648,7 +695,8 @@ class Trainer:
                 return {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
         with self.gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
             if self.is_main:
-                final.save_pretrained(self.out / "unet")
+                with atomic.replacing_dir(self.out / "unet") as tmp:
+                    final.save_pretrained(tmp)
         return None
 
     def save_lora(self, folder: Path, lora: dict, final) -> None:
@@ -686,12 +734,13 @@ class Trainer:
         from lowmem_alignprop.commands.grid import save_sample_grid
 
         cfg, out, before, history = self.cfg, self.out, self.before, self.history
-        if lora is not None:
-            self.save_lora(out / "lora", lora, final)
+        if lora is not None:  # every file here is written atomically: a full disk or a kill leaves none half-written
+            with atomic.replacing_dir(out / "lora") as tmp:
+                self.save_lora(tmp, lora, final)
         if after is not None:
             grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
-            (out / "samples" / "before_after.json").write_text(json.dumps(
+            atomic.write_text(out / "samples" / "before_after.json", json.dumps(
                 {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
                     {"prompt": p, "reward_before": b, "reward_after": a}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
@@ -707,8 +756,8 @@ class Trainer:
                                     "held_out": kinds.count("heldout"),
                                     "before": self.fidelity_before, "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
-            (out / "config.yaml").write_text(yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
-                                                             "auto_fit_changes": self.fits}, sort_keys=False))
+            atomic.write_text(out / "config.yaml", yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
+                                                                   "auto_fit_changes": self.fits}, sort_keys=False))
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         n = max(1, min(3, len(history) // 2))
@@ -723,7 +772,7 @@ class Trainer:
             "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))  # last: with it, the run is whole
         print_summary(summary, cfg, self.profile_name)
 
     def export_at_end(self) -> None:

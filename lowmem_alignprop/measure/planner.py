@@ -836,7 +836,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             with work:
                 keep = run_step(parts, k=k_sim, seed=cfg.seed)
             del keep
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a user reward's sys.exit on fake tensors is its failure too
         _name_a_user_reward_that_needs_data(cfg.reward, e)
         raise
     finally:

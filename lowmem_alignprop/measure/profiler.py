@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.measure.reports import MEMORY_VIZ_URL, fmt_bytes, memory_report_markdown
 from lowmem_alignprop.memory.stages import LOAD, STAGES
 
@@ -973,7 +974,8 @@ class StageProfiler:
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 path = self.output_dir / SNAPSHOT_FILE
-                torch.cuda.memory._dump_snapshot(str(path))
+                with atomic.replacing(path) as tmp:
+                    torch.cuda.memory._dump_snapshot(str(tmp))
                 self._snapshot_path = path
                 logger.info("profiler: memory snapshot written to %s (open it at %s)", path, MEMORY_VIZ_URL)
             else:
@@ -1148,14 +1150,14 @@ class StageProfiler:
             self._take_snapshot()
         if self._snapshot_data is not None:
             path = out / SNAPSHOT_FILE
-            with open(path, "wb") as f:
-                pickle.dump(self._snapshot_data, f)
+            atomic.write_bytes(path, pickle.dumps(self._snapshot_data))
             self._snapshot_data, self._snapshot_path = None, path
         report = self.report()
-        paths = {name: out / name for name in REPORT_FILES}
-        paths[REPORT_FILES[0]].write_text(json.dumps(report, indent=1) + "\n")
-        paths[REPORT_FILES[1]].write_text(memory_report_markdown(report))
-        _plot(report, paths[REPORT_FILES[2]])
+        paths = {name: out / name for name in REPORT_FILES}  # each written atomically: never half a report
+        atomic.write_text(paths[REPORT_FILES[0]], json.dumps(report, indent=1) + "\n")
+        atomic.write_text(paths[REPORT_FILES[1]], memory_report_markdown(report))
+        with atomic.replacing(paths[REPORT_FILES[2]]) as tmp:
+            _plot(report, tmp)
         if self._snapshot_path is not None:
             paths[SNAPSHOT_FILE] = self._snapshot_path
         return paths

@@ -195,7 +195,7 @@ def _torch_load(path: Path) -> dict:
         except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a disallowed class, not a damaged file
+        if "unsupported global" in str(e).lower():  # a disallowed class or function (code), not a damaged file
             raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
                             "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
         raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (damaged, truncated, or "

@@ -20,6 +20,8 @@ import torch
 
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.paths import describe as describe_path
+from lowmem_alignprop.settings.paths import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ def resolve_model(spec: str) -> tuple[str, str]:
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{spec} is a file but not a checkpoint: pass a .safetensors or .ckpt file")
         return "file", str(path)
+    if kind_of(path) not in ("missing",):  # /dev/null, a dangling symlink, a loop: said as what it is
+        raise UserError(f"model path {spec} {describe_path(path)}: pass an existing diffusers directory, a "
+                        ".safetensors/.ckpt file, a hub id (owner/name), or leave --model out for the built-in tiny model")
     looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES \
         or spec.count("/") > 1 or "\\" in spec
     if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):

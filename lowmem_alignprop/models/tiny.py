@@ -19,10 +19,11 @@ TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 2, so latents are 32
 
 def cache_root() -> Path:
     """Where built-in artefacts go: $LOWMEM_ALIGNPROP_CACHE, else $XDG_CACHE_HOME/lowmem_alignprop."""
-    env = os.environ.get("LOWMEM_ALIGNPROP_CACHE")
+    env = os.environ.get("LOWMEM_ALIGNPROP_CACHE", "").strip()
     if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem_alignprop"
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()  # empty or relative: unset, by the XDG spec
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "lowmem_alignprop"
 
 
 def byte_level_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -74,8 +75,14 @@ def tiny_model_dir() -> Path:
     target = cache_root() / f"tiny-sd-{TINY_VERSION}"
     if (target / "model_index.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    except OSError as e:  # a read-only HOME with no cache yet
+        from lowmem_alignprop.settings.errors import UserError
+        raise UserError(f"the built-in tiny model is built once into {target.parent}, which cannot be written "
+                        f"({e.strerror or type(e).__name__}): set LOWMEM_ALIGNPROP_CACHE (or XDG_CACHE_HOME) to a "
+                        "folder you can write to") from None
     try:
         build_tiny_pipeline().save_pretrained(tmp)
         try:

@@ -120,7 +120,9 @@ def _import_user(term: str) -> tuple[object, str]:
     except ImportError as exc:
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
                         f"(install it or add its folder to PYTHONPATH) or use a built-in reward: {_names_hint()}") from exc
-    except Exception as exc:  # a SyntaxError or an error at the module's top level: the user's code, named
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a SyntaxError, an error or sys.exit at the module's top level: the user's code
         what = f"{exc.msg} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else first_line(exc)
         raise UserError(f"reward {term!r}: importing module {module_name!r} failed with {type(exc).__name__}: "
                         f"{what}; fix the module") from None
@@ -159,9 +161,9 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
         return builder(**kwargs), call
-    except (UserError, torch.cuda.OutOfMemoryError, MemoryError):  # out of memory stays itself (--auto-fit)
+    except (UserError, torch.cuda.OutOfMemoryError, MemoryError, KeyboardInterrupt):  # out of memory stays itself
         raise
-    except Exception as e:
+    except BaseException as e:  # the user's code: any failure, sys.exit included
         raise UserError(f"reward {term!r}: building it failed with {type(e).__name__}: {first_line(e)} (called "
                         f"{call}; a reward class or factory is given the options it names among "
                         f"{', '.join(FACTORY_OPTIONS)}, by keyword, and returns the reward)") from None
@@ -289,7 +291,9 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
         scores = reward(images, pair)
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the user's code: any failure, sys.exit included
         raise UserError(f"{what} raised {type(e).__name__}: {first_line(e)}; fix the function") from None
     if not torch.isfinite(scores.detach()).all():
         raise UserError(f"{what} returned NaN or inf ({scores.detach().tolist()}); make it return finite scores")
@@ -298,7 +302,9 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
                         "new tensor inside?): AlignProp needs a differentiable reward")
     try:  # one backward, as training does: requires_grad alone passes a tensor made with requires_grad=True
         (grad,) = torch.autograd.grad(scores.sum(), images, allow_unused=True)
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         raise UserError(f"{what} returned scores whose backward raised {type(e).__name__}: {first_line(e)}; "
                         "AlignProp backpropagates through the reward: fix the function") from None
     if grad is None:

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 import torch
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.run import atomic
+from lowmem_alignprop.settings.errors import UserError, first_line
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -48,7 +49,8 @@ TMP_PREFIX = ".tmp-"
 STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "optimizer", "deepspeed_zero")
 # Fields a resumed run may change silently (the rest change with a warning).
 FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
-               "keep_checkpoints", "auto_fit", "max_bad_steps", "budget_gb", "eval_every", "early_stop")
+               "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps", "budget_gb", "eval_every",
+               "early_stop")
 
 
 def root_of(output_dir: str | os.PathLike) -> Path:
@@ -128,7 +130,8 @@ def set_aside_newer(root: Path, step: int, metrics: Path | None = None) -> Path 
     for p in newer:
         p.rename(aside / p.name)
     if metrics is not None and metrics.is_file():
-        shutil.copy2(metrics, aside / metrics.name)  # that branch's rows, before this one rewrites them
+        with atomic.replacing(aside / metrics.name) as tmp:  # that branch's rows, before this one rewrites them
+            shutil.copy2(metrics, tmp)
     log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
                 "branch", step, ", ".join(p.name for p in reversed(newer)), aside)
     return aside
@@ -154,14 +157,19 @@ def _sha256(path: Path) -> str:
 
 
 def verify(path: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    """None if the checkpoint is complete and intact, else what is wrong with it (a manifest or state.json of valid
+    JSON but the wrong shape included: the checkpoint is then skipped like a corrupt one)."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return "no manifest.json (the write did not finish)"
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
+    if not isinstance(entries, dict) or not all(
+            isinstance(rel, str) and isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str) for rel, meta in entries.items()):
+        return "manifest.json is not a checkpoint manifest (wrong shape)"
     for rel, meta in entries.items():
         f = path / rel
         if not f.is_file():
@@ -174,6 +182,9 @@ def verify(path: Path) -> str | None:
         state = json.loads((path / "state.json").read_text())
     except (ValueError, OSError):
         return "state.json is unreadable"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("config", {}), dict):
+        return "state.json is not a checkpoint's state (wrong shape)"
     if state.get("format") != FORMAT:
         return f"format {state.get('format')!r}, this version reads format {FORMAT}"
     return None
@@ -231,8 +242,9 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def check_config(state: dict[str, Any], cfg, path: Path) -> None:
-    """Before any model loads: the checkpoint must come from a compatible configuration."""
+def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = False) -> None:
+    """Before any model loads: the checkpoint must come from a compatible configuration. ``finished``: the run ended
+    at this checkpoint and its outputs are to be written again (no step left to train is then no error)."""
     saved = state.get("config", {})
     for name in STRICT_FIELDS:
         ours, theirs = getattr(cfg, name), saved.get(name)
@@ -241,7 +253,7 @@ def check_config(state: dict[str, Any], cfg, path: Path) -> None:
         if ours != theirs:
             raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
                             f"resume with --set {name}={theirs}, or start a new run in another --output-dir")
-    if int(state["step"]) >= cfg.steps:
+    if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
         raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
                         f"train; raise --steps above {state['step']} to continue")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
@@ -281,7 +293,11 @@ def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str |
     """How the base model of ``saved`` differs from ``ours`` (None: the same model)."""
     if saved.get("unet_config_sha") != ours["unet_config_sha"]:
         return "its UNet architecture differs"
-    a, b = torch.tensor(saved.get("conv_in", [])), torch.tensor(ours["conv_in"])
+    try:
+        a, b = torch.tensor(saved.get("conv_in", []), dtype=torch.float64), torch.tensor(ours["conv_in"],
+                                                                                         dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):  # a record of the wrong shape: not this model's
+        return "its weights' record is unreadable"
     if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
         return "its UNet weights differ"
     return None
@@ -466,6 +482,22 @@ def _cleanup(tmp: Path, is_main: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_tensors(file: Path):
+    """``torch.load`` of a checkpoint file with weights_only: a file that imports code (a blocked global) is refused
+    as such, not read and not called damaged."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            raise UserError(f"checkpoint file {file} holds pickled code (it imports a Python object, not only "
+                            "tensors), which is never loaded: this checkpoint was not written by lowmem-alignprop; "
+                            "resume from one of your own runs") from None
+        raise UserError(f"checkpoint file {file} cannot be read ({first_line(e, 100)}): it is damaged; use "
+                        "--resume latest to take the newest intact checkpoint") from None
+
+
 def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=None,
             state: dict[str, Any] | None = None) -> tuple[dict, dict | None]:
     """Load weights, optimizer and this rank's RNG state from ``path`` (``state``: its state.json when already
@@ -485,13 +517,13 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
     if engine is None:
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's settings
         try:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"checkpoint {path}: its optimizer state does not fit this run ({str(e)[:120]}); "
                             "resume with the optimizer it was trained with") from None
         for group, settings in zip(optimizer.param_groups, hyper):
             group.update(settings)  # the moments come from the checkpoint; lr, weight decay... from this run
-    rngs = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    rngs = load_tensors(path / "rng.pt")
     rank, world = accelerator.process_index, accelerator.num_processes
     if len(rngs) != world:
         log.warning("resume: the checkpoint was written by %d processes, this run has %d: prompt order and noise "

@@ -30,6 +30,14 @@ from lowmem_alignprop.settings.errors import UserError
 log = logging.getLogger("lowmem_alignprop")
 
 OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)  # CUDA (and other accelerators) / host memory
+HOST_OOM_TEXT = ("can't allocate memory", "cannot allocate memory")  # torch's CPU allocator: a RuntimeError
+
+
+def is_oom(error: BaseException) -> bool:
+    """Out of memory, on the device or the host (torch's CPU allocator raises RuntimeError, not MemoryError)."""
+    if isinstance(error, OOM_ERRORS):
+        return True
+    return isinstance(error, RuntimeError) and any(t in str(error).lower() for t in HOST_OOM_TEXT)
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_OOM"
 
 
@@ -87,9 +95,10 @@ class StageGuard:
             with self._stage_fn(name):
                 self._maybe_inject(name)
                 yield
-        except Exception as e:
+        except BaseException as e:  # a user reward's SystemExit too: the trainer names the stage's owner
             if getattr(e, "lowmem_stage", None) is None:
-                e.lowmem_stage = name  # the innermost stage is where memory ran out (or the error happened)
+                with contextlib.suppress(AttributeError):  # (an exception type without a __dict__)
+                    e.lowmem_stage = name  # the innermost stage is where memory ran out (or the error happened)
             raise
         finally:
             self.current = previous
@@ -273,3 +282,25 @@ class NonFiniteStreak:
 
 def isfinite_number(x) -> bool:
     return x is not None and math.isfinite(float(x))
+
+
+class ZeroGradStreak:
+    """Counts optimizer steps in a row whose LoRA gradient was exactly zero: the reward's gradient does not reach the
+    trained weights (a reward that saturates, thresholds, or multiplies by 0 on the training batches), so the run
+    would report success without learning. ``limit`` in a row stop the run (0: never)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.run: list[int] = []
+
+    def step(self, step: int, zero: bool) -> bool:
+        """Record a step; True when the run must stop."""
+        self.run = self.run + [step] if zero else []
+        return bool(self.limit) and len(self.run) >= self.limit
+
+    def message(self, reward: str, checkpoint) -> str:
+        return (f"stopped: the LoRA's gradient was exactly zero in {len(self.run)} steps in a row (steps "
+                f"{self.run[0]}-{self.run[-1]}): the reward {reward!r} gives no gradient through the images to the "
+                f"LoRA on these batches (a threshold, a saturated or constant score?), so training learns nothing; "
+                f"the steps so far are saved in {checkpoint}. Fix the reward, then --resume latest "
+                "(--set max_zero_grad_steps=0 trains on regardless)")

@@ -17,12 +17,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
@@ -187,11 +189,18 @@ class RunFolder:
     def metrics(self) -> Path:
         return self.path / METRICS
 
+    def remove_leftovers(self) -> None:
+        """Remove the temporary files and folders of writes a kill cut short (``.partial-*``: never a finished
+        file); call with the lock held."""
+        for path in atomic.leftovers(self.path):
+            log.warning("removing %s, a write that did not finish (the run was killed while writing it)", path)
+            _remove(path)
+
     def start_metrics(self, point: ResumePoint | None, history: list[dict]) -> None:
         """A new run starts an empty metrics.jsonl. A resumed one keeps its rows up to the checkpoint; resuming an
         older step sets the newer checkpoints (and their metrics) aside as another branch."""
         if point is None:
-            self.metrics.write_text("")
+            atomic.write_text(self.metrics, "")
             return
         root = ckpt.root_of(self.path)
         branch = ckpt.branch_point(point.path, root)
@@ -200,13 +209,20 @@ class RunFolder:
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
-            self.metrics.write_text("".join(json.dumps(row) + "\n" for row in history))
+            atomic.write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
     if not path.exists():
-        path.write_text("")
+        atomic.write_text(path, "")
         return
     rows = []
     for line in path.read_text().splitlines():
@@ -215,6 +231,4 @@ def keep_metrics_until(path: Path, step: int) -> None:
                 rows.append(line)
         except ValueError:
             continue  # a line cut off by a crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(r + "\n" for r in rows))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, quote
 
 try:
     import fcntl
@@ -234,11 +234,28 @@ def launch_id() -> str | None:
     return "/".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
 
 
+def _env_count(name: str, default: int) -> int:
+    """A launcher's variable as a whole number; one that is not (``WORLD_SIZE=abc`` left in a shell) is a UserError."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"{name}={quote(text)} in the environment is not a count of processes: launchers (accelerate "
+                        f"launch, torchrun) set it; unset {name} to run as one process")
+    return value
+
+
 def world_size() -> int:
     """How many processes ``accelerate launch``/torchrun started (1 when started plainly)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return max(1, _env_count("WORLD_SIZE", 1))
 
 
 def global_rank() -> int:
-    """This process's rank under ``accelerate launch``/torchrun (0 when started plainly)."""
-    return int(os.environ.get("RANK", "0") or 0)
+    """This process's rank under ``accelerate launch``/torchrun (0 when started plainly: a RANK left in the
+    environment without a WORLD_SIZE above 1 is no launcher's)."""
+    rank = _env_count("RANK", 0)
+    return rank if world_size() > 1 else 0

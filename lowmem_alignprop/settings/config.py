@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.paths import describe as describe_path
+from lowmem_alignprop.settings.paths import kind_of
+
+MIN_SEED, MAX_SEED = 0, 2**32 - 1  # (torch's generators take 64 bits; the trainer derives seeds from this one)
 
 MODEL_ENV = "LOWMEM_ALIGNPROP_MODEL"  # the model when none is named (default toy)
 
@@ -196,6 +200,8 @@ class Config:
                         "more checkpointing, offload) and repeat the step, instead of stopping with advice.")
     max_bad_steps: int = _f(3, "Steps in a row with a NaN/inf reward or loss (each skipped) before the run stops "
                             "with a checkpoint.")
+    max_zero_grad_steps: int = _f(5, "Steps in a row whose LoRA gradient is exactly zero (the reward's gradient "
+                                  "does not reach the weights) before the run stops with a checkpoint (0 = never).")
     log_every: int = _f(1, "Print a per-step summary line every N steps.")
 
     # ------------------------------------------------------------------------------------------------
@@ -226,19 +232,32 @@ class Config:
                                 f"--set {f.name}={f.default if f.default is not None else 1.0}")
         if not self.output_dir.strip():
             raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
+        if "\0" in self.output_dir:
+            raise UserError(f"output_dir={quote(self.output_dir)} holds a NUL character: name a folder")
+        kind = kind_of(Path(self.output_dir).expanduser())
+        if kind in ("dangling symlink", "symlink loop", "special file"):
+            raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
+                            "choose a folder (or fix the link)")
+        if not MIN_SEED <= self.seed <= MAX_SEED:
+            raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
+                            f"{MAX_SEED}, e.g. --seed 42")
         if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
             raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
                             "e.g. --output-dir outputs/run")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
-                     "tile_overlap", "fidelity_images", "fidelity_every",
+                     "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
                      "weight_decay", "max_grad_norm", "budget_gb"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         for name in pos:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        for name, most, why in UPPER_BOUNDS:  # absurd sizes fail here: a plan or a start-up check would run for
+            if getattr(self, name) > most:     # hours or take all memory on them
+                raise UserError(f"{name}={getattr(self, name)} is larger than {most}, the most this tool takes "
+                                f"({why}): use --set {name}={most} or less")
         if self.resolution < 8:
             raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
                             "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
@@ -348,6 +367,18 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the paper's sett
 
 def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+# (field, largest value, why): beyond these no model, card or schedule makes sense
+UPPER_BOUNDS = (
+    ("resolution", 4096, "4x the largest native size, SDXL's 1024 px"),
+    ("batch_size", 1024, "images per micro-step; more images per optimizer step come from grad_accum"),
+    ("grad_accum", 65536, "micro-steps per optimizer step"),
+    ("sample_steps", 1000, "the DDIM schedule's training timesteps"),
+    ("steps", 10_000_000, "optimizer steps"),
+    ("lora_rank", 1024, "larger than the attention layers it adapts"),
+    ("tile_size", 4096, "the largest resolution"),
+)
 
 
 # (field, the value that needs nothing, the package any other value needs)
@@ -462,6 +493,8 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
         values["k_max"] = steps
         if "k_min" not in user:  # one the user asked for is checked, as k and k_max are
             values["k_min"] = min(values.get("k_min", Config.k_min), steps)
+    if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
+        values["output_dir"] = os.path.expanduser(values["output_dir"])
     return Config(**values).validate()
 
 

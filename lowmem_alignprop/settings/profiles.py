@@ -10,6 +10,8 @@ import yaml
 
 from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import describe as describe_path
+from lowmem_alignprop.settings.paths import kind_of
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory).
@@ -113,7 +115,9 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     else:
         path = Path(spec).expanduser()
         if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
-            hint = (f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else
+            kind = kind_of(path)
+            hint = (f"profile {spec} {describe_path(path)}, not a profile file" if kind not in ("missing", "file") else
+                    f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else
                     f"{spec} is not a profile (profile files end in .yaml)" if path.is_file() else
                     f"unknown profile {spec!r}")
             raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
@@ -130,6 +134,9 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
         raise UserError(f"profile {path} is not valid YAML{where}: fix the file (see profiles/cpu.yaml for the format)") from None
     except UnicodeDecodeError:
         raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as e:  # permissions, an I/O error
+        raise UserError(f"cannot read profile {path} ({e.strerror or type(e).__name__}): check its permissions") \
+            from None
     except _DuplicateKey as e:
         raise UserError(f"profile {path} sets {e} twice: keep one line") from None
     if data is None:

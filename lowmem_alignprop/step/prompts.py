@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import describe as describe_path
+from lowmem_alignprop.settings.paths import kind_of
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -30,11 +32,13 @@ PROMPT_SETS: dict[str, str] = {
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped."""
     path = Path(path).expanduser()
-    if not path.exists():
+    kind = kind_of(path)
+    if kind == "missing":
         raise UserError(f"prompt file {path} does not exist; give an existing text file (one prompt per line) or a "
                         f"built-in prompt set: {', '.join(PROMPT_SETS)}")
-    if not path.is_file():
-        raise UserError(f"prompt file {path} is not a file; give a text file with one prompt per line")
+    if kind != "file":
+        raise UserError(f"prompt file {path} {describe_path(path)}, not a file; give a text file with one prompt per "
+                        "line")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,0 +1,78 @@
+"""The LoRA a run ends with (``RUN/lora/``): written atomically, and written again from the run's last checkpoint when
+it is missing or damaged (a full disk or a kill while it was written), by ``--resume`` of the finished run or by
+``export``. The trained weights are never only in the LoRA folder: the last checkpoint holds them too."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run import checkpoint as ckpt
+
+log = logging.getLogger("lowmem_alignprop")
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+def lora_problem(run: Path) -> str | None:
+    """What is wrong with the LoRA a finished run wrote (None: it is whole)."""
+    from safetensors import safe_open
+
+    file = run / "lora" / LORA_WEIGHT_NAME
+    if not file.is_file():
+        return f"{file.parent} is missing" if not file.parent.is_dir() else f"{file} is missing"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types for a truncated file
+        return f"{file} is damaged ({type(e).__name__})"
+    try:
+        base = json.loads((run / "lora" / ckpt.LORA_BASE_FILE).read_text())
+        if not isinstance(base, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return f"{run / 'lora' / ckpt.LORA_BASE_FILE} is missing or damaged"
+    return None
+
+
+def outputs_problem(run: Path, trained: str = "lora") -> str | None:
+    """What a finished run's folder lacks (None: the final weights and summary.json are whole). summary.json is
+    written last, so with it everything before it was written."""
+    if trained == "lora":
+        problem = lora_problem(run)
+    else:
+        problem = None if (run / "unet" / "config.json").is_file() else f"{run / 'unet'} is missing"
+    if problem:
+        return problem
+    try:
+        if not isinstance(json.loads((run / "summary.json").read_text()), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return f"{run / 'summary.json'} is missing or damaged"
+    return None
+
+
+def rewrite_from_checkpoint(run: Path) -> Path | None:
+    """``export``: a run whose LoRA is missing or damaged gets it written again, atomically, from its newest intact
+    checkpoint (``models.loading.write_checkpoint_lora``: as the run writes ``lora/``). Returns the checkpoint used, or
+    None when the LoRA is whole, there is no intact checkpoint, or the run's lora/ is not the checkpoint's weights
+    (a full fine-tune; with ema_outputs the EMA's: then ``--resume latest`` writes it again)."""
+    from lowmem_alignprop.models.loading import write_checkpoint_lora
+
+    problem = lora_problem(run)
+    if problem is None:
+        return None
+    for path in ckpt.list_checkpoints(ckpt.root_of(run)):
+        if ckpt.verify(path) is not None:
+            continue
+        config = ckpt.read_state(path).get("config") or {}
+        if config.get("train_unet", "lora") != "lora" or (config.get("ema_outputs") and config.get("ema_decay")):
+            return None
+        with atomic.replacing_dir(run / "lora") as tmp:
+            write_checkpoint_lora(path, tmp)
+        log.warning("%s: wrote %s again from checkpoint %s", problem, run / "lora", path)
+        return path
+    return None

@@ -1,0 +1,166 @@
+"""Every file a command leaves behind is written atomically: into a temporary name beside it, synced, then renamed
+into place with ``os.replace``. A full disk or a kill during the write leaves the previous file (or none), never a
+truncated one. A folder (the LoRA, an export) is written into a temporary folder that is renamed the same way.
+
+    atomic.write_text(out / "summary.json", text)
+    with atomic.replacing(out / "grid.png") as tmp:      # a library writes the file itself
+        image.save(tmp)
+    with atomic.replacing_dir(out / "lora") as tmp:      # a whole folder
+        pipe.save_lora_weights(str(tmp), ...)
+
+An error while writing carries the final path as ``error.lowmem_file``, so a one-line message can name the file.
+
+Test hook: ``LOWMEM_ALIGNPROP_INJECT_WRITE="NAME[:enospc|kill]"`` (comma-separated) fails the write of the file or
+folder called NAME just before it is renamed into place: ``enospc`` (the default) raises a disk-full OSError, ``kill``
+kills the process with SIGKILL, as a crash would, leaving the temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Iterator
+
+INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
+PARTIAL = ".partial-"  # temporary names start with it; a reader never takes them for a finished file
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def partial_name(path: Path) -> Path:
+    """The temporary name beside ``path``; it ends in the same suffix, so writers that pick the format by the name
+    (PIL, matplotlib) write the same bytes."""
+    return path.with_name(f"{PARTIAL}{os.getpid()}-{path.name}")
+
+
+def inject(path: Path) -> None:
+    """The test hook (see the module docstring): called with the final path just before the rename."""
+    for part in os.environ.get(INJECT_ENV, "").split(","):
+        name, _, action = part.strip().partition(":")
+        if name and name == path.name:
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, f"No space left on device (test hook {INJECT_ENV})", str(path))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _tag(error: BaseException, path: Path) -> None:
+    if getattr(error, "lowmem_file", None) is None:
+        try:
+            error.lowmem_file = path
+        except AttributeError:  # an exception type without a __dict__
+            pass
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write it completely, and on leaving it is synced and renamed to
+    ``path`` (replacing an older file). On any error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        inject(path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _tag(e, path)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    return write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder beside ``path``; on leaving, its files are synced and it is renamed to
+    ``path``. An older ``path`` is moved aside first and removed after (a crash in between leaves it beside, whole).
+    On any error the temporary folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    old = None
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync_file(f)
+        fsync_dir(tmp)
+        inject(path)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f"{PARTIAL}old-{os.getpid()}-{path.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _tag(e, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, path)  # the older folder goes back: nothing lost
+        raise
+    fsync_dir(path.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files and folders of writes that did not finish (a kill), anywhere under ``folder``."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob(f"{PARTIAL}*")) if folder.is_dir() else []
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
+def describe(error: OSError) -> str:
+    """What went wrong, in words: 'the disk is full', 'Permission denied'..."""
+    return "the disk is full" if is_disk_full(error) else (error.strerror or type(error).__name__)
+
+
+def file_of(error: BaseException) -> str:
+    """The file an OSError happened on: the final name an atomic write was making, else the error's own."""
+    tagged = getattr(error, "lowmem_file", None)
+    if tagged is not None:
+        return str(tagged)
+    return str(getattr(error, "filename", None) or "a file")

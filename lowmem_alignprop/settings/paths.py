@@ -1,0 +1,44 @@
+"""What a path given by the user is, in words, for one-line errors: a file option given a directory, /dev/null, a
+dangling symlink or a symlink loop is told so, not "does not exist"."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def kind_of(path: str | os.PathLike) -> str:
+    """'missing', 'file', 'directory', 'dangling symlink', 'symlink loop', or 'special file' (a device such as
+    /dev/null, a pipe, a socket)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            return "symlink loop"
+        if path.is_symlink():
+            return "dangling symlink"
+        try:  # a loop in a folder above it reads as ELOOP too
+            os.stat(path.parent)
+        except OSError as parent_error:
+            if parent_error.errno == 40:
+                return "symlink loop"
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "special file"
+
+
+def describe(path: str | os.PathLike) -> str:
+    """'does not exist', 'is a directory', 'is a symlink to X, which does not exist'... for a message."""
+    kind = kind_of(path)
+    if kind == "dangling symlink":
+        return f"is a symlink to {os.readlink(path)}, which does not exist"
+    if kind == "symlink loop":
+        return "is a symlink loop (its links point at each other)"
+    if kind == "special file":
+        return "is not a regular file (a device such as /dev/null, a pipe or a socket)"
+    return {"missing": "does not exist", "file": "is a file", "directory": "is a directory"}[kind]

@@ -1,0 +1,232 @@
+"""Nothing lost, ever: every file a command leaves behind is written atomically (a temporary name, then os.replace),
+a full disk at any final file is one line naming what is safe, a kill while the LoRA is written leaves no half of it,
+and the LoRA is written again from the last checkpoint by --resume of the finished run and by export."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.commands import final_lora
+from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run import checkpoint as ckpt
+
+FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1"]
+LORA_FILE = Path("lora") / final_lora.LORA_WEIGHT_NAME
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+def tensors(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def adapter_metadata(file: Path) -> dict:
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    meta["unet.target_modules"] = sorted(meta["unet.target_modules"])  # a set in peft: written in hash order
+    return meta
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k  # the same stored values, not a recomputation
+    assert adapter_metadata(a) == adapter_metadata(b)
+
+
+class Renames:
+    """Every os.replace / os.rename destination (resolved), and every file open()ed for writing in place."""
+
+    def __init__(self, monkeypatch):
+        self.targets: set[Path] = set()
+        real_replace, real_rename = os.replace, os.rename
+
+        def replace(src, dst, *a, **k):
+            real_replace(src, dst, *a, **k)
+            self.targets.add(Path(dst).resolve())
+
+        def rename(src, dst, *a, **k):
+            real_rename(src, dst, *a, **k)
+            self.targets.add(Path(dst).resolve())
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+
+    def published(self, path: Path) -> bool:
+        """``path`` arrived by a rename, itself or a folder above it."""
+        path = path.resolve()
+        return any(p in self.targets for p in (path, *path.parents))
+
+
+# metrics.jsonl is an append-only log (each line in one write, cut back off when a write fails); the lock file is the
+# run's flock. Everything else a command leaves must have arrived by a rename.
+NOT_RENAMED = {"metrics.jsonl", ".run.lock"}
+
+
+def files_not_published(root: Path, renames: Renames) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.name not in NOT_RENAMED and not renames.published(p))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_dir):
+    """A finished 2-step run with samples and a checkpoint per step, and every rename it made."""
+    mp = pytest.MonkeyPatch()
+    try:
+        renames = Renames(mp)
+        out = tmp_path_factory.mktemp("atomic") / "run"
+        assert main([*FAST, "--set", "sample_prompts=1", "--output-dir", str(out), "--steps", "2",
+                     "--checkpoint-every", "1"]) == 0
+    finally:
+        mp.undo()
+    return out, renames
+
+
+def test_every_file_train_sample_export_and_plan_write_arrives_by_a_rename(finished, tmp_path, monkeypatch, capsys):
+    out, renames = finished
+    written = {p.name for p in out.rglob("*") if p.is_file()}
+    assert {"pytorch_lora_weights.safetensors", "base_model.json", "summary.json", "config.yaml", "metrics.jsonl",
+            "memory_report.json", "memory_report.md", "memory_report.png", "before_after.png",
+            "before_after.json", "state.json"} <= written  # the walk below sees every kind of output
+    assert files_not_published(out, renames) == []
+    assert atomic.leftovers(out) == []
+
+    renames = Renames(monkeypatch)
+    samples = tmp_path / "samples"
+    assert main(["sample", *FAST, "--lora", str(out / "lora"), "--num-prompts", "1", "--output-dir",
+                 str(samples)]) == 0
+    for fmt in ("diffusers", "kohya", "peft"):
+        assert main(["export", "--lora", str(out / "lora"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    for root in [samples] + [tmp_path / f for f in ("diffusers", "kohya", "peft")]:
+        assert sorted(p.name for p in root.iterdir()), root
+        assert files_not_published(root, renames) == [], root
+        assert atomic.leftovers(root) == []
+    before = {p for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert main(["plan", "--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--no-suggest",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "plan"
+    assert {p for p in tmp_path.rglob("*")} == before  # a plan prints; it writes nothing
+
+
+@pytest.mark.parametrize("name", ["summary.json", "memory_report.png", "before_after.json"])
+def test_atomic_write_failing_at_the_rename_leaves_the_old_file_and_no_partial(name, tmp_path, monkeypatch):
+    target = tmp_path / name
+    target.write_bytes(b"old")
+    monkeypatch.setenv(atomic.INJECT_ENV, f"{name}:enospc")
+    with pytest.raises(OSError) as info:
+        atomic.write_text(target, "new")
+    assert info.value.errno == errno.ENOSPC and info.value.lowmem_file == target
+    assert target.read_bytes() == b"old" and atomic.leftovers(tmp_path) == []
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "w").write_text("old")
+    monkeypatch.setenv(atomic.INJECT_ENV, "lora")
+    with pytest.raises(OSError), atomic.replacing_dir(folder) as tmp:
+        (tmp / "w").write_text("new")
+    assert (folder / "w").read_text() == "old" and atomic.leftovers(tmp_path) == []
+    monkeypatch.delenv(atomic.INJECT_ENV)
+    with atomic.replacing_dir(folder) as tmp:
+        (tmp / "w").write_text("new")
+    assert (folder / "w").read_text() == "new" and atomic.leftovers(tmp_path) == []
+
+
+def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_path, capsys, monkeypatch,
+                                                                             tiny_dir):
+    """The disk fills up in the LoRA's own writer (safetensors): one line saying the weights are safe in the last
+    checkpoint; --resume latest of the finished run trains nothing and writes the LoRA (the same tensors as the
+    checkpoint's), the reports and the summary."""
+    import safetensors.torch as st
+
+    real = st.save_file
+
+    def save_file(tensors_, filename, *a, **k):
+        if final_lora.LORA_WEIGHT_NAME in str(filename):
+            Path(filename).write_bytes(b"\0" * 100)  # half-written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors_, filename, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    out = tmp_path / "run"
+    args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"could not write {out / 'lora'}: the disk is full; the trained weights are safe in checkpoint " \
+           f"{out / 'checkpoints' / 'step-00000002'}" in lines[0] and "--resume latest" in lines[0]
+    assert not (out / "lora").exists() and not (out / "summary.json").exists() and atomic.leftovers(out) == []
+    monkeypatch.setattr(st, "save_file", real)
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main([*args, "--resume", "latest"]) == 0
+    assert final_lora.outputs_problem(out) is None
+    assert (out / "metrics.jsonl").read_text() == metrics  # no step trained again
+    layers, _, _ = final_lora.lora_from_checkpoint(out / "checkpoints" / "step-00000002")
+    saved = tensors(out / LORA_FILE)
+    assert saved.keys() == {f"unet.{k}" for k in layers}
+    assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in layers.items())
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 2
+    # now whole: a second --resume has nothing to do and says so
+    assert main([*args, "--resume", "latest"]) == 2
+    assert "nothing left to train" in capsys.readouterr().err
+
+
+def test_disk_full_at_the_summary_names_the_file_and_what_is_safe(tmp_path, capsys, monkeypatch, tiny_dir):
+    monkeypatch.setenv(atomic.INJECT_ENV, "summary.json:enospc")
+    out = tmp_path / "run"
+    assert main([*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and "Traceback" not in err
+    assert f"could not write {out / 'summary.json'}: the disk is full; the trained weights are safe" in line[0]
+    assert not (out / "summary.json").exists() and atomic.leftovers(out) == []
+    assert final_lora.lora_problem(out) is None  # written before the summary, whole
+    assert final_lora.outputs_problem(out) == f"{out / 'summary.json'} is missing or damaged"
+
+
+def test_a_kill_while_the_lora_is_written_leaves_no_half_and_resume_writes_it(tmp_path, tiny_dir):
+    """A real SIGKILL just before the LoRA folder is renamed into place (test hook): no lora/ at all, only the
+    temporary folder; --resume latest removes it and writes the LoRA from the last checkpoint."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: "lora:kill"}
+    args = [sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "sample_prompts=0", "--output-dir", str(out),
+            "--steps", "1"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "lora").exists() and [p.name.split("-", 2)[-1] for p in atomic.leftovers(out)] == ["lora"]
+    assert ckpt.verify(out / "checkpoints" / "step-00000001") is None
+    del env[atomic.INJECT_ENV]
+    proc = subprocess.run([*args, "--resume", "latest"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "writing its outputs again from checkpoint" in proc.stderr
+    assert final_lora.outputs_problem(out) is None and atomic.leftovers(out) == []
+
+
+def test_export_writes_a_damaged_or_missing_lora_again_from_the_checkpoint(finished, tmp_path, caplog):
+    out, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    original = tmp_path / "original.safetensors"
+    shutil.copy2(run / LORA_FILE, original)
+    (run / LORA_FILE).write_bytes((run / LORA_FILE).read_bytes()[:200])  # cut short
+    assert final_lora.lora_problem(run).endswith("is damaged (SafetensorError)")
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    assert "wrote " in caplog.text and "again from checkpoint" in caplog.text
+    assert_same_lora(run / LORA_FILE, original)  # bit for bit the weights and adapter settings training wrote
+    assert json.loads((run / "lora" / "base_model.json").read_text()) == json.loads(
+        (out / "lora" / "base_model.json").read_text())
+    shutil.rmtree(run / "lora")
+    assert main(["export", "--lora", str(run / "lora"), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
+    assert_same_lora(run / LORA_FILE, original)
