@@ -113,6 +113,7 @@ def test_a_model_hub_id_without_network_fails_at_once(online_by_setting, monkeyp
 def test_under_a_launcher_only_rank_0_says_so(online_by_setting, monkeypatch, caplog):
     monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (a RANK without a launcher's WORLD_SIZE is no rank: runlock.global_rank)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert hub.offline() is True
     assert "no network" not in caplog.text and constants.HF_HUB_OFFLINE is True  # offline all the same
