@@ -307,7 +307,7 @@ def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, name
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "QA_EXIT_AT": str(at),
            "QA_EXIT_KIND": kind}
     proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out), "--steps", "4",
-                           "--reward", "qa_exiting:reward"], env=env, capture_output=True, text=True, timeout=600)
+                           "--reward", "qa_exiting:reward", "--set", "batch_size=1"], env=env, capture_output=True, text=True, timeout=600)
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -340,7 +340,7 @@ def test_a_gradient_that_never_reaches_the_lora_stops_the_run(tmp_path, capsys, 
         "    return images.mean(dim=(1, 2, 3)) * 0.0 + 1.0  # a saturated score: zero gradient\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    rc = main([*FAST, "--output-dir", str(out), "--steps", "6", "--reward", "qa_flat:reward",
+    rc = main([*FAST, "--output-dir", str(out), "--steps", "6", "--reward", "qa_flat:reward", "--set", "batch_size=1",
                "--set", "max_zero_grad_steps=2"])
     err = capsys.readouterr().err
     assert rc == 2, err[-2000:]

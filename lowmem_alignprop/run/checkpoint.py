@@ -284,9 +284,7 @@ COMMAND_FILE = "command.txt"  # in the run folder: the command line of each star
 def append_line(path: Path, line: str) -> None:
     """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(old + line.rstrip("\n") + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, old + line.rstrip("\n") + "\n")
 
 
 def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:

@@ -284,6 +284,15 @@ def isfinite_number(x) -> bool:
     return x is not None and math.isfinite(float(x))
 
 
+def all_zero(grad_norm, params) -> bool:
+    """The gradients of ``params`` are all exactly zero (or absent): from the clip's total norm when there is one,
+    else from the largest gradient entry (one device sync either way)."""
+    if grad_norm is not None:
+        return float(grad_norm) == 0.0
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return not grads or float(torch.stack([g.abs().amax().float() for g in grads]).amax()) == 0.0
+
+
 class ZeroGradStreak:
     """Counts optimizer steps in a row whose LoRA gradient was exactly zero: the reward's gradient does not reach the
     trained weights (a reward that saturates, thresholds, or multiplies by 0 on the training batches), so the run
