@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.commands import final_lora
+from lowmem_alignprop.models.loading import write_checkpoint_lora
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 
@@ -173,10 +174,8 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     assert main([*args, "--resume", "latest"]) == 0
     assert final_lora.outputs_problem(out) is None
     assert (out / "metrics.jsonl").read_text() == metrics  # no step trained again
-    layers, _, _ = final_lora.lora_from_checkpoint(out / "checkpoints" / "step-00000002")
-    saved = tensors(out / LORA_FILE)
-    assert saved.keys() == {f"unet.{k}" for k in layers}
-    assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in layers.items())
+    write_checkpoint_lora(out / "checkpoints" / "step-00000002", tmp_path / "from_checkpoint")
+    assert_same_lora(out / LORA_FILE, tmp_path / "from_checkpoint" / final_lora.LORA_WEIGHT_NAME)
     assert json.loads((out / "summary.json").read_text())["steps_done"] == 2
     # now whole: a second --resume has nothing to do and says so
     assert main([*args, "--resume", "latest"]) == 2
