@@ -163,9 +163,10 @@ def verify(path: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest.json (the write did not finish)"
     try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
+    entries = data.get("files") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(
             isinstance(rel, str) and isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
             and isinstance(meta.get("sha256"), str) for rel, meta in entries.items()):
