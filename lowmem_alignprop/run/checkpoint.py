@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.settings.errors import UserError, first_line
 
@@ -343,19 +344,6 @@ def load_trainable(unet, path: Path) -> None:
 
 # -- writing -----------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest(tmp: Path) -> None:
     """Sizes and checksums of every file in ``tmp``; then fsync, so a rename publishes a complete checkpoint."""
     files = {}
@@ -368,7 +356,7 @@ def write_manifest(tmp: Path) -> None:
         json.dump({"format": FORMAT, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -379,7 +367,7 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
