@@ -26,7 +26,8 @@ MEMORY_FIELDS = ("budget_gb", "mixed_precision", "attention", "optimizer", "unet
                  "activation_offload", "base_quant", "deepspeed_zero", "offload", "train_unet")
 # What a CPU cannot run from a GPU profile, set to tiny values so one training step takes seconds.
 CPU_OVERRIDES = {"resolution": 32, "sample_steps": 3, "k": 1, "k_min": 1, "k_max": 2, "batch_size": 1,
-                 "grad_accum": 1, "mixed_precision": "no", "base_quant": "none", "steps": 1, "sample_prompts": 0}
+                 "grad_accum": 1, "mixed_precision": "no", "base_quant": "none", "steps": 1, "sample_prompts": 0,
+                 "block_swap": 2}  # the flow profiles swap 19-49 transformer blocks: the tiny UNet swaps 2 units
 
 
 def test_shipped_profiles_are_the_ladder():

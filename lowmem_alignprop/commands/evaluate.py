@@ -168,18 +168,23 @@ def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[lis
 # the pipeline and its adapters
 # ---------------------------------------------------------------------------------------------------------
 def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype):
-    """The diffusers pipeline (StableDiffusionPipeline or SDXL) over the components training loads, DDIM scheduler."""
+    """The diffusers pipeline over the components training loads: StableDiffusionPipeline or SDXL with the DDIM
+    scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler."""
+    from lowmem_alignprop.models.family import family_for, materialize_meta
     from lowmem_alignprop.models.loading import load_components
-    from lowmem_alignprop.models.sampling import make_pipeline
 
     comps = load_components(cfg, weight_dtype)
-    pipe = make_pipeline(comps)
+    family = family_for(comps)
+    if comps.meta:  # sd35m|sd35l|flux: random weights, drawn on the device
+        materialize_meta(comps, device, cfg.seed)
+    pipe = family.make_pipeline(comps)
+    pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments
     pipe.set_progress_bar_config(disable=True)
     if cfg.sliced_decode:
         pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
     if cfg.tiled_decode:
         pipe.vae.enable_tiling()  # decode in tiles: activations of one tile, not the whole image
-    if cfg.attention == "sliced":
+    if cfg.attention == "sliced" and not family.flow:
         pipe.unet.set_attention_slice("auto")  # one attention slice at a time: lowest memory, slowest
     if cfg.offload_frozen and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)  # only the running module (text encoder/UNet/VAE) on the GPU
@@ -219,6 +224,32 @@ def _misfit_detail(error: Exception) -> str:
         return "none of its layers exist in this model"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def lora_family(path: Path) -> str | None:
+    """``unet`` or ``transformer`` (SD3/FLUX): which denoiser a LoRA file adapts, from its key names (diffusers'
+    ``unet.`` / ``transformer.`` prefixes, kohya's ``lora_unet_`` / ``lora_transformer_``); None when unknown."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    for family, prefixes in (("unet", ("unet.", "lora_unet_")), ("transformer", ("transformer.", "lora_transformer_"))):
+        if any(k.startswith(prefixes) for k in keys):
+            return family
+    return None
+
+
+def check_lora_family(pipe, specs: list[LoraSpec], model: str) -> None:
+    """A LoRA of an SD3/FLUX transformer given to a UNet model, or the reverse: one line, before anything loads."""
+    ours = "transformer" if hasattr(pipe, "transformer") else "unet"
+    names = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/SD3.5 or FLUX.1 transformer"}
+    for spec in specs:
+        theirs = lora_family(spec.file)
+        if theirs is not None and theirs != ours:
+            raise UserError(f"--lora {spec.arg} adapts {names[theirs]}, but --model {model} is {names[ours]}: "
+                            "pass the model it was trained on with --model")
 
 
 def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
@@ -289,6 +320,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -
         chunk = prompts[i:i + batch_size]
         # CPU generators: the same noise on every device, and the same draws as training's initial_latents
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        family = getattr(pipe, "_lowmem_family", None)
+        if family is not None and family.flow:  # SD3 (CFG on "") / FLUX (guidance embedding): Euler, no eta
+            negative = {"negative_prompt": [""] * len(chunk)} if family.name == "sd3" else {}
+            images = pipe(prompt=chunk, num_inference_steps=cfg.sample_steps, guidance_scale=family.guidance(cfg),
+                          height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt",
+                          max_sequence_length=family.max_sequence_length(cfg), **negative).images
+            out.append(images.float().cpu())
+            continue
         # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
         images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
@@ -343,7 +382,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
     pipe = build_pipeline(cfg, device, weight_dtype)
-    warn_other_base(pipe.unet, specs, cfg)
+    check_lora_family(pipe, specs, cfg.model)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2
+    warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)
 
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
@@ -380,7 +420,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": cfg.prompts,
         "loras": [{"path": str(s.file), "weight": s.weight, "adapter_name": s.name} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
-        "sampler": {"scheduler": "DDIM", "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+        "sampler": {"scheduler": type(pipe.scheduler).__name__.removesuffix("Scheduler"),  # DDIM or FlowMatchEuler...
+                    "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                     "eta": cfg.eta, "resolution": cfg.resolution},
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
@@ -413,7 +454,7 @@ def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images
 def print_summary(r: dict, out: Path) -> None:
     mix = " + ".join(f"{d['weight']:g} x {d['path']}" for d in r["loras"])
     lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
-             f"(DDIM {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
+             f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
              f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
              f"  lora = {mix}",
              *([f"  exact fidelity (toy world): all right {r['fidelity']['base']['fidelity_all_ok']:.0%} -> "

@@ -35,17 +35,16 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
-from lowmem_alignprop.models.loading import (apply_speed_features, load_components, lora_metadata, lora_state_dict,
-                                             nograd_unet, set_attention)
+from lowmem_alignprop.models.family import check_supported, family_for, materialize_meta, model_defaults_note
+from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
+from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
 from lowmem_alignprop.step.prompts import cut_prompts_note
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
-from lowmem_alignprop.models.sampling import (PromptEncoder, decode, draw_k, enable_block_checkpointing,
-                                              enable_vae_checkpointing, initial_latents, make_pipeline,
-                                              resolution_note, rollout)
+from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import BEST_DIR, HeldOut, WeightEMA
@@ -214,14 +213,18 @@ class Trainer:
             raise faults.OutOfMemory(faults.oom_message(stages.LOAD, 0, faults.peak_so_far([]), cfg.budget_gb, fit,
                                                         False) + f" [{first_line(e, 100)}]") from None
         self.prof.record_modules(self.modules())
-        for note in (resolution_note(self.unet, self.vae, cfg.resolution),  # e.g. SD1.5 under the cpu profile's 64 px
-                     cut_prompts_note(self.comps.tokenizer, self.prompts)):
+        for note in (self.family.resolution_note(cfg),  # e.g. SD1.5 under the cpu profile's 64 px
+                     model_defaults_note(self.comps, cfg), cut_prompts_note(self.comps.tokenizer, self.prompts)):
             if note and self.is_main:
                 log.warning(note)
 
     def _load(self) -> None:
         cfg, place = self.cfg, self.place
         self.comps = comps = load_components(cfg, self.weight_dtype)
+        self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
+        check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
+        if comps.meta:  # sd35m|sd35l|flux: random weights drawn on the device, never initialised on the CPU
+            materialize_meta(comps, self.device, cfg.seed)
         self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:
@@ -229,11 +232,16 @@ class Trainer:
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
             from lowmem_alignprop.commands.lora_export import start_from_lora
-            layers = start_from_lora(make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
+            layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
             log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
-        self.unet.to(self.device).train()
+        # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
+        self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
+        (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
         apply_speed_features(self.unet, self.vae, cfg, self.device)  # channels_last, tf32, regional compile
-        place.park("text_encoder", self.text_encoder, comps.text_encoder_2)  # to the device only to encode
+        if cfg.encode_on_cpu:  # SD3/FLUX: the text encoders (T5-XXL) encode on the CPU and never reach the device
+            place.offload("text_encoder", *comps.text_encoders())
+        else:
+            place.park("text_encoder", *comps.text_encoders())  # to the device only to encode
         place.park("vae", self.vae)  # on the GPU only from decode to backward when offload_frozen is on
         self.reward = self.build_reward()
         place.park("reward", self.reward)
@@ -244,8 +252,10 @@ class Trainer:
             optimizer = build_ds_optimizer(cfg, self.params)
         else:
             optimizer = build_optimizer(cfg, self.params)
-        self.unet_train, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
-        self.pipe = make_pipeline(comps)
+        # with block swap the model is placed already (accelerate's .to(device) would bring the swapped blocks back)
+        self.unet_train, self.optimizer = self.accelerator.prepare(
+            self.unet, optimizer, device_placement=[False, False] if self.swap else None)
+        self.pipe = self.family.make_pipeline(comps)
 
     def build_reward(self):
         return rewards.build_reward(self.cfg.reward, device="cpu", dtype=self.weight_dtype,
@@ -286,10 +296,9 @@ class Trainer:
         self.sample_prompts = self.prompts[: cfg.sample_prompts]
         self.judge_prompts = toy_eval_prompts(cfg, self.prompts)  # the toy world's exact evaluators judge these
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
-        self.embed = PromptEncoder(self.pipe, self.comps, self.place, self.device, cfg.resolution,
-                                   cache=cfg.cache_prompt_embeddings, negative_prompt=cfg.negative_prompt,
-                                   prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts)
-                                   | set(self.judge_prompts))
+        self.embed = self.family.prompt_encoder(
+            self.pipe, self.comps, self.place, self.device, cfg,
+            prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts) | set(self.judge_prompts))
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
         self.nograd_unet = nograd_unet(self.bare_unet, cfg)  # compile=nograd: a compiled view for no-grad steps
@@ -316,13 +325,11 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             g = torch.Generator().manual_seed(seed)
             emb = self.embed(batch_prompts)
-            self.scheduler.set_timesteps(cfg.sample_steps, device=self.device)
-            lat = initial_latents(len(batch_prompts), self.bare_unet, self.vae, cfg.resolution, g, self.device)
-            lat = rollout(self.nograd_unet, self.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale,
-                          eta=cfg.eta, generator=g)
+            lat = self.family.initial_latents(cfg, len(batch_prompts), g, self.device)
+            lat = self.family.rollout(cfg, self.nograd_unet, None, self.scheduler, lat, emb, k=0, generator=g)
             place.to_device("vae", self.vae)
             place.to_device("reward", self.reward)
-            imgs = decode(self.vae, lat, sliced=True)
+            imgs = self.family.decode(self.vae, lat, cfg, sliced=True)
             r = self.score(imgs, batch_prompts, "while scoring the fixed-seed sample images",
                            "fix it, or skip the samples with --set sample_prompts=0")
             place.park("vae", self.vae)
@@ -385,11 +392,11 @@ class Trainer:
                 with stage(stages.ENCODE_PROMPTS):
                     emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
-                latents = initial_latents(cfg.batch_size, self.bare_unet, self.vae, cfg.resolution, g, self.device)
+                latents = self.family.initial_latents(cfg, cfg.batch_size, g, self.device)
                 with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
                     loss, rewards_ = rollout_loss(cfg, self.nograd_unet, self.unet_train, self.scheduler, self.vae,
                                                   self.reward, latents, emb, batch_prompts, k=k, generator=g,
-                                                  stage=stage, place=place, terms=(terms := {}))
+                                                  stage=stage, place=place, terms=(terms := {}), family=self.family)
                 self.terms.append(terms)  # the loss's further terms (kl), for the metrics
                 if bad := self.not_finite(loss, rewards_):  # every rank skips together (DDP needs all backwards)
                     return None, bad
@@ -538,7 +545,7 @@ class Trainer:
         if "offload_frozen" in keys:
             self.place.offload_enabled = cfg.offload_frozen
         if "attention" in keys:
-            set_attention(self.bare_unet, self.vae, cfg.attention, self.device)
+            self.family.set_attention(self.bare_unet, self.vae, cfg.attention, self.device)
         if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
             self.allocator = configure_cuda_allocator(cfg.expandable_segments)
 
@@ -692,7 +699,7 @@ class Trainer:
         """The LoRA's tensors on the CPU (ZeRO-3: gathered whole); a full fine-tune writes its UNet here."""
         if self.cfg.train_unet == "lora":
             with self.gather():
-                return {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}
+                return {k: v.detach().to("cpu", copy=True) for k, v in self.family.lora_state_dict(final).items()}
         with self.gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
             if self.is_main:
                 with atomic.replacing_dir(self.out / "unet") as tmp:
@@ -701,8 +708,7 @@ class Trainer:
 
     def save_lora(self, folder: Path, lora: dict, final) -> None:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
-        self.comps.pipeline_class.save_lora_weights(str(folder), unet_lora_layers=lora,
-                                                    unet_lora_adapter_metadata=lora_metadata(final))
+        self.family.save_lora(self.comps.pipeline_class, final, lora, folder)  # the pipeline's LoRA format
         (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
 
     def write_lora(self, folder: Path) -> None:
@@ -711,7 +717,8 @@ class Trainer:
         if self.cfg.train_unet != "lora":
             final.save_pretrained(folder / "unet")
             return
-        self.save_lora(folder, {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(final).items()}, final)
+        self.save_lora(folder, {k: v.detach().to("cpu", copy=True)
+                                for k, v in self.family.lora_state_dict(final).items()}, final)
 
     def sample_after(self):
         if self.stop.name is not None:

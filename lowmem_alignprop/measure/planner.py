@@ -510,9 +510,11 @@ def meta_components(cfg: Config, dtype: torch.dtype):
 
     from lowmem_alignprop.models.loading import Components, resolve_model
 
-    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype)
+    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
+    kind, where = resolve_model(cfg.model)
+    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components):
+        _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
     if key not in _META_CACHE:
-        kind, where = resolve_model(cfg.model)
         if kind == "tiny":
             from lowmem_alignprop.models.tiny import tiny_model_dir
             parts, source = _dir_components(tiny_model_dir(), dtype), "tiny (built-in)"
@@ -535,12 +537,31 @@ def meta_components(cfg: Config, dtype: torch.dtype):
         _META_CACHE[key] = comps
     base = _META_CACHE[key]
     fresh = copy.copy(base)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(base, name)
         if module is not None:
             setattr(fresh, name, copy.deepcopy(module))
     fresh.scheduler = copy.deepcopy(base.scheduler)
     return fresh
+
+
+def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype):
+    """SD3/FLUX on meta: a shipped architecture, a model folder's configs, or (a single-file transformer) the
+    configs of its ``model_components`` folder."""
+    from lowmem_alignprop.models import flow_loading as fl
+    from lowmem_alignprop.models.loading import flow_components
+
+    if kind == "flow_arch":
+        pipe = fl.build_flow_components(where, device="meta", dtype=dtype, t5=cfg.t5_encoder)
+    else:
+        root = Path(where if kind == "flow_dir" else cfg.model_components).expanduser()
+        if not fl.is_flow_dir(root):
+            root = _hub_config_dir(str(root)) if kind == "hub" and not cfg.model_components else root
+        pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder)
+    comps = flow_components(pipe, cfg, f"{where} (configs only)", dtype, meta=True)
+    if getattr(cfg, "vae", ""):
+        comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
+    return comps
 
 
 def _meta_vae_override(spec: str, vae, dtype: torch.dtype):
@@ -682,24 +703,24 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.commands.train.Trainer.train_step` runs
     them (the same rollout_loss and optimizer_update, placement calls included). Returns what stays alive afterwards
     (the prompt cache and the batch's embeddings)."""
-    from lowmem_alignprop.models.sampling import PromptEncoder, initial_latents
+    from lowmem_alignprop.models.family import family_for
 
     cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
+    family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler), as the trainer
     device = torch.device("cpu")
     rng = random.Random(seed)
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
     # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves
-    encoder = PromptEncoder(parts.pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
-                            prompts=parts.prompts, negative_prompt=cfg.negative_prompt)
+    encoder = family.prompt_encoder(parts.pipe, comps, place, device, cfg, prompts=parts.prompts)
     with stage(stages.ENCODE_PROMPTS):
         emb = encoder(batch_prompts)
     cache = encoder.cache
     g = torch.Generator().manual_seed(seed)
-    latents = initial_latents(cfg.batch_size, comps.unet, comps.vae, cfg.resolution, g, device)
+    latents = family.initial_latents(cfg, cfg.batch_size, g, device)
     with parts.autocast():
         loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
                                      parts.reward, latents, emb, batch_prompts, k=k, generator=g, stage=stage,
-                                     place=place, saved_tensors=parts.saved_tensors)
+                                     place=place, saved_tensors=parts.saved_tensors, family=family)
     with stage(stages.BACKWARD):
         loss.backward()  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
     del latents, loss, rewards
@@ -775,8 +796,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from lowmem_alignprop.models.family import family_for
     from lowmem_alignprop.step.prompts import load_prompts
-    from lowmem_alignprop.models.sampling import make_pipeline
 
     t0 = time.perf_counter()
     if target not in ("cuda", "cpu"):
@@ -794,12 +815,15 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     params, weights, largest = _fake_weights(cfg, comps, reward, fake, cuda, notes)
     counter = LiveBytes(round_to=CUDA_BLOCK if cuda else 1)
     work = StageWork()  # the time estimate's counts, beside the memory counter
-    counter.add_static(t for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward)
+    counter.add_static(t for m in (comps.unet, comps.vae, *comps.text_encoders(), reward)
                        if m is not None for t in list(m.parameters()) + list(m.buffers()))
+    _block_swap(cfg, comps, weights, cuda, notes)
     place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
     if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
         place.on_device -= {TEXT_ENCODER, "vae", "reward"}
     place.on_move = lambda n: work.add("pcie_bytes", n)
+    if cuda and cfg.encode_on_cpu:  # SD3/FLUX: the text encoders never reach the device
+        place.on_device -= {TEXT_ENCODER}
     autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     optimizer, run_opt = _optimizer_for(cfg, params, cuda, weights, place, notes)
     if cfg.ema_decay:  # the EMA's fp32 copy of the trained weights sits beside them on the device
@@ -821,9 +845,10 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     hooks = [comps.unet.register_forward_pre_hook(at_grad_call)] + _dequant_hooks(cfg, comps.unet, work)
     # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
     # activation_offload go to (uncounted) host memory, the stage is the counter's
-    parts = StepParts(sim, comps, make_pipeline(comps), reward, params, optimizer, prompts, place,
+    family = family_for(comps)
+    parts = StepParts(sim, comps, family.make_pipeline(comps), reward, params, optimizer, prompts, place,
                       _both_stages(counter.stage, work.stage), autocast, run_optimizer=run_opt,
-                      scheduler=_RealTimesteps(comps.scheduler),
+                      scheduler=None if family.flow else _RealTimesteps(comps.scheduler),
                       saved_tensors=(lambda: _HostSaveOnCpu(counter, work)) if cuda and cfg.activation_offload else None)
     try:
         with fake, contextlib.ExitStack() as stack:
@@ -915,6 +940,23 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int) -> dict[s
     return out
 
 
+def _block_swap(cfg: Config, comps, weights: dict[str, int], cuda: bool, notes: list[str]) -> None:
+    """block_swap: the trainer's hooks on the fake model. On a GPU the swapped blocks' frozen weights wait in host
+    memory (not counted) and each copy the hooks make while a block is in flight is counted where it happens; on
+    the CPU the host copies are memory too, so they stay counted."""
+    from lowmem_alignprop.memory.block_swap import install
+
+    swap = install(comps.unet, cfg.block_swap, "cpu")
+    if swap is None:
+        return
+    comps.block_swap = swap  # held for the step (the hooks live as long as the model)
+    if cuda:
+        swapped = _unique_bytes([p for pairs in swap.host for p, _ in pairs], set(), CUDA_BLOCK)
+        weights["unet"] -= swapped
+        notes.append(f"block_swap={cfg.block_swap}: {swapped / GIB:.2f} GiB of frozen blocks in pinned host memory; "
+                     "the copies of the blocks in flight (at most two) counted where they happen")
+
+
 def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
     """(K planned, K simulated, no-grad steps simulated, the configuration simulated)."""
     k_plan = cfg.window_bounds()[1]
@@ -937,7 +979,7 @@ def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
 
 def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str]):
     """The components and reward model on meta, with the trainer's memory features applied."""
-    from lowmem_alignprop.models.sampling import resolution_note
+    from lowmem_alignprop.models.family import family_for
 
     comps = meta_components(cfg, dtype)
     reward = meta_reward(cfg, dtype, notes)
@@ -953,7 +995,7 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
         comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
         notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
                      "decodes in fp32: about twice the decode memory")
-    off_size = resolution_note(comps.unet, comps.vae, cfg.resolution)  # e.g. SDXL planned at 512 px
+    off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)
     return comps, reward
@@ -961,10 +1003,9 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
 
 def _fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str]) -> tuple[list, dict[str, int], int]:
     """Fake storage for every module; (LoRA parameters, bytes per module, the largest dequantized layer)."""
-    modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: [comps.text_encoder, comps.text_encoder_2],
-               "reward": reward}
+    modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: list(comps.text_encoders()), "reward": reward}
     with fake:
-        for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward):
+        for m in (comps.unet, comps.vae, *comps.text_encoders(), reward):
             if m is not None:
                 m.to_empty(device="cpu")
     comps.unet.train()  # as the trainer: LoRA layers in train mode (frozen modules stay in eval)
@@ -1032,7 +1073,8 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
                      "(their checkpoint inputs and scheduler graph)")
     # load: what sits on the device once loading is done (the optimizer state comes with the first step)
     at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
-               if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))]
+               if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))
+               and not (cuda and cfg.encode_on_cpu and n == TEXT_ENCODER)]
     load = sum(weights[n] for n in at_load) + largest
     out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
     for name in stages.STEP_STAGES:
@@ -1314,14 +1356,16 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     from lowmem_alignprop.memory.placement import Placement
     from lowmem_alignprop.measure.profiler import CpuAllocationTracker, StageProfiler, resident_bytes
     from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.memory.block_swap import install
+    from lowmem_alignprop.models.family import family_for
     from lowmem_alignprop.rewards import build_reward
-    from lowmem_alignprop.models.sampling import make_pipeline
 
     prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
     cpu = torch.device("cpu")
     torch.manual_seed(cfg.seed)
     comps = load_components(cfg, torch.float32)
     params, _ = apply_memory_features(comps, cfg, cpu, torch.float32)
+    swap = install(comps.unet, cfg.block_swap, cpu)  # noqa: F841 - its hooks live as long as it does
     comps.unet.train()
     reward = build_reward(cfg.reward, device="cpu", dtype=torch.float32, checkpointing=cfg.reward_checkpointing,
                           weights=cfg.reward_weights)
@@ -1329,11 +1373,11 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
     autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                 else contextlib.nullcontext)
-    parts = StepParts(cfg, comps, make_pipeline(comps), reward, params, optimizer, prompts,
+    parts = StepParts(cfg, comps, family_for(comps).make_pipeline(comps), reward, params, optimizer, prompts,
                       Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)
     k = cfg.window_bounds()[1]
     warm_up_optimizer(parts)
-    held = [comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, reward, optimizer,
+    held = [comps.unet, comps.vae, *comps.text_encoders(), reward, optimizer,
             [p.grad for p in params if p.grad is not None]]
     baseline = sum(resident_bytes(held).values())
     with CpuAllocationTracker(count_baseline=False, names=set(stages.STAGES)) as tracker:

@@ -47,11 +47,24 @@ class Components:
     pipeline_class: Any = None
     # SDXL: zero embeddings for an empty negative prompt (the model's model_index.json; SDXL base: true)
     force_zeros_for_empty_prompt: bool = True
+    text_encoder_3: Any = None  # SD3's T5 (FLUX's T5 is text_encoder_2)
+    tokenizer_3: Any = None
+    family: str = "unet"  # "unet" (SD 1.x/2.x/SDXL), "sd3" or "flux": for flow models ``unet`` holds the transformer
+    meta: bool = False  # an architecture-only model still on the meta device (the trainer materialises it)
+
+    @property
+    def transformer(self):
+        return self.unet
+
+    def text_encoders(self) -> tuple:
+        return tuple(m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         mods = {"vae": self.vae, "text_encoder": self.text_encoder}
         if self.text_encoder_2 is not None:
             mods["text_encoder_2"] = self.text_encoder_2
+        if self.text_encoder_3 is not None:
+            mods["text_encoder_3"] = self.text_encoder_3
         return mods
 
 
@@ -64,7 +77,14 @@ def resolve_model(spec: str) -> tuple[str, str]:
         return "dir", str(TOY_MODEL_DIR)
     if spec in ARCH_NAMES:
         return "arch", spec
+    from lowmem_alignprop.models import flow_loading
+
+    if spec in flow_loading.FLOW_ARCHS:
+        return "flow_arch", spec
     path = Path(os.path.expanduser(spec))
+    if path.is_dir() and flow_loading.is_flow_dir(path):
+        flow_loading.check_flow_dir(path, spec)  # SD3/SD3.5 or FLUX.1: every listed component has its folder
+        return "flow_dir", str(path)
     if path.is_dir():
         from lowmem_alignprop.models.model_check import check_model_dir
         check_model_dir(path, spec)  # a complete SD text-to-image model, from its JSON files alone
@@ -89,6 +109,9 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     from diffusers import DiffusionPipeline
 
     kind, where = resolve_model(cfg.model)
+    if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
+            or (kind == "file" and _is_flow_transformer_file(where)):
+        return load_flow_components(cfg, kind, where, weight_dtype)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
@@ -121,6 +144,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
             if kind == "hub":
                 raise UserError(hub_message("model", where, e)) from None
             raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+        if type(pipe).__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):  # a hub id of a flow model
+            return flow_components(pipe, cfg, where, weight_dtype)
         if kind == "dir":
             from lowmem_alignprop.models.arch import _check_loaded
             _check_loaded(pipe, where, Path(where))  # e.g. a tokenizer that loaded with 2 tokens
@@ -145,6 +170,76 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
+    return comps
+
+
+def _is_flow_transformer_file(path: str) -> bool:
+    """A .safetensors file holding an SD3/FLUX transformer alone (it then needs model_components)."""
+    from lowmem_alignprop.models import flow_loading as fl
+
+    if not path.lower().endswith(".safetensors"):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        fl.transformer_layout(keys)
+    except Exception:  # noqa: BLE001 - not a flow transformer: the SD single-file path reports what it is
+        return False
+    return not any(k.startswith(("model.diffusion_model.input_blocks", "conditioner.", "cond_stage_model."))
+                   for k in keys)
+
+
+def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) -> Components:
+    """SD3/SD3.5 or FLUX.1: a diffusers folder or hub id, a single-file transformer with the rest from
+    ``model_components``, or a shipped architecture on the meta device (docs/flow_models.md)."""
+    from lowmem_alignprop.models import flow_loading as fl
+
+    t5 = getattr(cfg, "t5_encoder", True)
+    if getattr(cfg, "base_quant", "none") != "none":
+        raise UserError("base_quant quantizes UNets only so far; for SD3/FLUX use --set base_quant=none (with "
+                        "--set block_swap=N to keep part of the transformer in CPU memory)")
+    if kind == "flow_arch":
+        # random weights for planning and benchmarks: built on meta (nothing allocated); the trainer materialises
+        # them on its device, so a 12B model is never initialised on the CPU
+        pipe = fl.build_flow_components(where, device="meta", dtype=weight_dtype, t5=t5)
+        source = f"{where} (random weights)"
+    else:
+        if kind == "hub":
+            hub.offline()
+        try:
+            if kind == "file":
+                pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5,
+                                                dtype_kwargs=dtype_kwarg(weight_dtype))
+            else:
+                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, dtype_kwargs=dtype_kwarg(weight_dtype))
+        except UserError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as e:
+            if kind == "hub":
+                raise UserError(hub_message("model", where, e)) from None
+            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+        source = where
+    return flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
+
+
+def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: bool = False) -> Components:
+    """The Components record of a loaded SD3/SD3.5 or FLUX.1 pipeline."""
+    from lowmem_alignprop.models import flow_loading as fl
+
+    family = fl.FLOW_PIPELINES.get(type(pipe).__name__)
+    if family is None:
+        raise UserError(f"{cfg.model} is a {type(pipe).__name__}, not an SD3/SD3.5 or FLUX.1 pipeline")
+    comps = Components(unet=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                       tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                       text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                       tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                       text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                       tokenizer_3=getattr(pipe, "tokenizer_3", None), source=source,
+                       pipeline_class=type(pipe), family=family, meta=meta)
+    if getattr(cfg, "vae", ""):
+        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     return comps
 
 

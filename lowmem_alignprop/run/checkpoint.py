@@ -274,7 +274,8 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
     """
     conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     conf_sha = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    w = unet.conv_in.weight.detach().float().flatten()
+    first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
+    w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
     return {"model": cfg.model, "unet_config_sha": conf_sha,
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 

@@ -40,9 +40,18 @@ class Config:
     # ---- what to train -------------------------------------------------------------------------
     model: str = field(default_factory=lambda: os.environ.get(MODEL_ENV, "toy"), metadata={"help": (
         "Base model: 'toy' (the toy world's pretrained model, shipped; docs/toy_world.md), 'tiny' (random weights, "
-        "built in code: tests and planning), sd15|sd21|sdxl (architecture only, random weights, for planning), a hub "
-        "id, a diffusers directory, or a single-file .safetensors/.ckpt. Default: toy, or $LOWMEM_ALIGNPROP_MODEL "
-        "(the test suite sets tiny).")})
+        "built in code: tests and planning), sd15|sd21|sdxl|sd35m|sd35l|flux (architecture only, random weights, for "
+        "planning), a hub id, a diffusers directory (SD 1.x/2.x/SDXL, SD3/SD3.5, FLUX.1), or a single-file "
+        ".safetensors/.ckpt (an SD3/FLUX transformer file needs model_components). Default: toy, or "
+        "$LOWMEM_ALIGNPROP_MODEL (the test suite sets tiny).")})
+    model_components: str = _f("", "SD3/SD3.5/FLUX.1 single-file transformer checkpoints: the model's diffusers folder "
+                               "(or hub id) that supplies the text encoders, tokenizers, VAE and scheduler.")
+    t5_encoder: bool = _f(True, "SD3/SD3.5: load the T5-XXL text encoder (false: leave it out, as the model allows; "
+                          "zeros take its tokens' place). FLUX always needs its T5.")
+    encode_on_cpu: bool = _f(False, "SD3/FLUX: run the text encoders (T5-XXL is 9.5 GB in bf16) on the CPU for the one "
+                             "pass that encodes the prompt set; they never reach the GPU (slower start-up).")
+    max_sequence_length: int = _f(0, "SD3/FLUX: T5 tokens per prompt (0 = the model's default: 256 for SD3.5 and "
+                                  "FLUX.1-schnell, 512 for FLUX.1-dev).")
     model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
                          ("auto", "sd15", "sd21", "sdxl"))
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
@@ -154,6 +163,10 @@ class Config:
                                    "1024 px on rtx3060-sdxl: 5.77 -> 4.43 GiB reserved, measured). Linux only "
                                    "(PyTorch has none on Windows). A PYTORCH_CUDA_ALLOC_CONF you set yourself "
                                    "takes precedence.")
+    block_swap: int = _f(0, "Keep N of the frozen transformer (or UNet) blocks in pinned CPU memory and copy each "
+                         "to the GPU just before it runs (forward, checkpoint recompute, backward), on a side stream "
+                         "that overlaps compute; LoRA weights stay on the GPU. Saves N blocks' weights, costs PCIe "
+                         "time per step (docs/design.md).")
     base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
                          ("none", "int8", "nf4"))
     deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))
@@ -248,7 +261,7 @@ class Config:
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
                      "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
-                     "weight_decay", "max_grad_norm", "budget_gb"):
+                     "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         for name in pos:
@@ -316,6 +329,13 @@ class Config:
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
                             "--set fused_adamw=false")
+        if self.block_swap and self.unet_checkpointing != "blocks":
+            raise UserError("block_swap streams one block at a time, also in backward, only with per-block "
+                            "checkpointing (a whole-call recompute would hold every block): add --set "
+                            "unet_checkpointing=blocks")
+        if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
+            raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
+                            "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self

@@ -14,10 +14,10 @@ import torch
 
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config
-from lowmem_alignprop.models.loading import add_lora, choose_vae_dtype, set_attention
+from lowmem_alignprop.models.family import UNetFamily, family_for
+from lowmem_alignprop.models.loading import choose_vae_dtype
 from lowmem_alignprop.memory.placement import Placement
-from lowmem_alignprop.models.sampling import (decode, enable_block_checkpointing, enable_vae_checkpointing, rollout,
-                                              without_autocast)
+from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing, without_autocast
 
 
 def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -30,19 +30,21 @@ def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
 def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
     """Freeze, cast, pick attention and checkpointing, add LoRA. Returns (trainable params, attention used).
 
-    The planner calls this too, so its estimate is of exactly the configuration that trains.
+    The planner calls this too, so its estimate is of exactly the configuration that trains. ``comps.unet`` is the
+    denoiser: a UNet, or an SD3/FLUX transformer (its family decides attention and LoRA targets).
     """
+    family = family_for(comps)
     unet, vae = comps.unet, comps.vae
     for m in comps.frozen_modules().values():
         m.requires_grad_(False).eval()  # frozen: no gradients, no optimizer state
     # SDXL's stock VAE overflows in fp16: bf16 where the GPU has it (same memory), else fp32 (logged with its cost)
     choose_vae_dtype(vae, weight_dtype, device, comps.is_sdxl)
-    attention = set_attention(unet, vae, cfg.attention, device)
+    attention = family.set_attention(unet, vae, cfg.attention, device)
     if cfg.unet_checkpointing == "blocks":
-        enable_block_checkpointing(unet)  # keep one input per UNet block, recompute inside backward
+        enable_block_checkpointing(unet)  # keep one input per UNet/transformer block, recompute inside backward
     enable_vae_checkpointing(vae, cfg.vae_checkpointing)
     if cfg.train_unet == "lora":
-        params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        params = family.add_lora(unet, cfg)
     else:
         unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
         params = list(unet.parameters())
@@ -51,7 +53,8 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
 
 def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
                  k: int, generator, stage, place: Placement | None = None,
-                 saved_tensors: Callable[[], ContextManager] | None = None, terms: dict | None = None):
+                 saved_tensors: Callable[[], ContextManager] | None = None, terms: dict | None = None,
+                 family=None):
     """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards): the rewards of
     the sampled images (with lv_draws > 1 the loss averages the extra draws' rewards too).
 
@@ -63,8 +66,9 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
     never patched into torch or another module: ``scheduler`` (the planner's keeps its timesteps real), ``stage``
     (the profiler's or the planner's counter), ``place`` (where the frozen modules sit), ``saved_tensors`` (where
     activation_offload sends the tensors saved for backward; default torch's ``save_on_cpu``). Autocast is the
-    caller's: the trainer's accelerator, or the planner's emulation of CUDA autocast."""
-    scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
+    caller's: the trainer's accelerator, or the planner's emulation of CUDA autocast. ``family``: the model family
+    (:mod:`lowmem_alignprop.models.family`: schedule, rollout and decode of UNets or flow transformers; default UNet)."""
+    family = family or UNetFamily(None)
     # activation_offload: every tensor saved for backward (checkpoint inputs included) waits in CPU memory
     if not cfg.activation_offload:
         offload = contextlib.nullcontext()
@@ -74,13 +78,13 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
         offload = torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda)
     kl: list | None = [] if cfg.kl_coeff > 0 else None
     with offload:
-        latents = rollout(bare_unet, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                          generator=generator, stage=stage, grad_unet=grad_unet, kl=kl, lv_draws=cfg.lv_draws)
+        latents = family.rollout(cfg, bare_unet, grad_unet, scheduler, latents, emb, k=k, generator=generator,
+                                 stage=stage, kl=kl)
         with stage(stages.DECODE):
             if place is not None:
                 place.to_device("vae", vae)
-            images = decode(vae, latents, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
-                            tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+            images = family.decode(vae, latents, cfg, sliced=cfg.sliced_decode, tiled=cfg.tiled_decode,
+                                   tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
         with stage(stages.REWARD):
             if place is not None:
                 place.to_device("reward", reward)

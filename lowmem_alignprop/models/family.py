@@ -1,0 +1,213 @@
+"""The model family: one object per kind of denoiser that the trainer, the step and ``sample`` call, so that the
+difference between UNets (SD 1.x/2.x/SDXL, DDIM) and flow-matching transformers (SD3/SD3.5, FLUX.1, Euler) lives
+here and nowhere else.
+
+    family = family_for(comps)
+    embed = family.prompt_encoder(pipe, comps, place, device, cfg, prompts)   # text embeddings per batch
+    latents = family.initial_latents(cfg, batch, generator, device)           # the starting noise
+    latents = family.rollout(cfg, model, grad_model, scheduler, latents, emb, k=k, generator=g, stage=stage)
+    images = family.decode(vae, latents, cfg)                                 # [B, 3, H, W] in [0, 1]
+    params = family.add_lora(model, cfg); family.save_lora(pipeline_class, model, layers, out_dir)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lowmem_alignprop.models import flow, sampling
+
+log = logging.getLogger(__name__)
+
+
+class UNetFamily:
+    """SD 1.x / 2.x / SDXL: DDIM with classifier-free guidance, LoRA in diffusers' UNet key format."""
+    name = "unet"
+    flow = False
+
+    def __init__(self, comps):
+        self.comps = comps
+
+    def make_pipeline(self, comps):
+        return sampling.make_pipeline(comps)
+
+    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts):
+        return sampling.PromptEncoder(pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
+                                      negative_prompt=cfg.negative_prompt, prompts=prompts)
+
+    def initial_latents(self, cfg, batch: int, generator, device):
+        return sampling.initial_latents(batch, self.comps.unet, self.comps.vae, cfg.resolution, generator, device)
+
+    def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator, stage=None, kl=None):
+        scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
+        return sampling.rollout(model, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                                generator=generator, stage=stage, grad_unet=grad_model, kl=kl,
+                                lv_draws=cfg.lv_draws if k else 1)  # the no-grad samples: one draw
+
+    def decode(self, vae, latents, cfg, **options):
+        return sampling.decode(vae, latents, **options)
+
+    def set_attention(self, model, vae, attention: str, device) -> str:
+        from lowmem_alignprop.models.loading import set_attention
+        return set_attention(model, vae, attention, device)
+
+    def add_lora(self, model, cfg):
+        from lowmem_alignprop.models.loading import add_lora
+        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+
+    def lora_state_dict(self, model) -> dict:
+        from lowmem_alignprop.models.loading import lora_state_dict
+        return lora_state_dict(model)
+
+    def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
+        from lowmem_alignprop.models.loading import lora_metadata
+        pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=layers,
+                                         unet_lora_adapter_metadata=lora_metadata(model))
+
+    def resolution_note(self, cfg) -> str | None:
+        return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution)
+
+
+class FlowFamily(UNetFamily):
+    """SD3/SD3.5 (``sd3``) and FLUX.1 (``flux``): the schedule, guidance and Euler steps of the model's own
+    pipeline (:mod:`lowmem_alignprop.models.flow`), the prompt set encoded once (T5-XXL leaves the device after),
+    LoRA on the attention projections saved in the pipeline's peft key format."""
+    flow = True
+
+    def __init__(self, comps):
+        super().__init__(comps)
+        self.name = comps.family
+
+    # -- defaults the model's pipeline uses ----------------------------------------------------------
+    def max_sequence_length(self, cfg) -> int:
+        """T5 tokens per prompt: the config's, else 512 for FLUX.1-dev and 256 for SD3.5 and schnell, never more
+        than the T5 tokenizer reads."""
+        if cfg.max_sequence_length:
+            return cfg.max_sequence_length
+        dev = self.name == flow.FLUX and self.comps.unet.config.guidance_embeds
+        t5_tok = self.comps.tokenizer_2 if self.name == flow.FLUX else self.comps.tokenizer_3
+        limit = getattr(t5_tok, "model_max_length", 512) if t5_tok is not None else 512
+        return min(512 if dev else 256, limit)
+
+    def guidance(self, cfg) -> float:
+        """SD3: the CFG scale; FLUX.1-dev: the guidance embedding's value; schnell: none (ignored)."""
+        return cfg.guidance_scale
+
+    def make_pipeline(self, comps):
+        parts = dict(transformer=comps.unet, vae=comps.vae, scheduler=comps.scheduler,
+                     text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                     text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2)
+        if self.name == flow.SD3:
+            parts.update(text_encoder_3=comps.text_encoder_3, tokenizer_3=comps.tokenizer_3)
+        return comps.pipeline_class(**parts)
+
+    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts):
+        # always cached: T5-XXL (4.7B parameters) is on the device for one encoding pass, then leaves it
+        if not cfg.encode_on_cpu:
+            return flow.FlowPromptCache(pipe, prompts, device, guidance_scale=self.guidance(cfg),
+                                        max_sequence_length=self.max_sequence_length(cfg), place=place)
+        place.offload("text_encoder", *comps.text_encoders())  # encode_on_cpu: the encoders never reach the device
+        cache = flow.FlowPromptCache(pipe, prompts, "cpu", guidance_scale=self.guidance(cfg),
+                                     max_sequence_length=self.max_sequence_length(cfg))
+        return _OnDevice(cache, device)
+
+    def _latent_size(self, cfg):
+        return flow.latent_size(self.comps.vae, cfg.resolution, cfg.resolution, self.name)
+
+    def initial_latents(self, cfg, batch: int, generator, device):
+        latents, _ = flow.initial_latents(self.comps.unet, self.comps.vae, batch, cfg.resolution, cfg.resolution,
+                                          generator, device)
+        return latents
+
+    def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator=None, stage=None,
+                kl=None):
+        lh, lw = self._latent_size(cfg)
+        flow.set_flow_timesteps(scheduler, self.comps.unet, cfg.sample_steps, lh, lw, latents.device)
+        ids = flow.latent_image_ids(lh, lw, latents.device) if self.name == flow.FLUX else None
+        return flow.rollout(model, scheduler, latents, emb, k=k, guidance_scale=self.guidance(cfg), img_ids=ids,
+                            stage=stage, grad_transformer=grad_model)
+
+    def decode(self, vae, latents, cfg, **options):
+        return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)
+
+    def set_attention(self, model, vae, attention: str, device) -> str:
+        # the transformers' own processors already call PyTorch's fused scaled-dot-product attention
+        if attention != "sdpa":
+            log.warning("attention=%s applies to UNets: SD3/FLUX use their own sdpa attention processors", attention)
+        return "sdpa"
+
+    def add_lora(self, model, cfg):
+        return flow.add_flow_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+
+    def lora_state_dict(self, model) -> dict:
+        from peft.utils import get_peft_model_state_dict
+        # peft's keys as they are: diffusers' UNet conversion (lora.down/up) is what SD3's loader drops
+        return get_peft_model_state_dict(flow._bare(model))
+
+    def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
+        bare = flow._bare(model)
+        pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
+                                         transformer_lora_adapter_metadata=bare.peft_config["default"].to_dict())
+
+    def resolution_note(self, cfg) -> str | None:
+        config = self.comps.unet.config
+        size = getattr(config, "sample_size", None) or 128  # FLUX.1 has none: it was trained at 1024 px (128 latent)
+        native = size * sampling.vae_scale_factor(self.comps.vae)
+        if native // 2 < cfg.resolution < native * 2:
+            return None
+        return (f"the model was made for {native} px images and this run uses {cfg.resolution} px: --set "
+                f"resolution={native} (check the fit with `lowmem-alignprop plan`)")
+
+
+class _OnDevice:
+    """A prompt cache filled on the CPU whose batches go to the device (``encode_on_cpu``)."""
+
+    def __init__(self, cache, device):
+        self.inner, self.device = cache, device
+
+    @property
+    def cache(self):
+        return self.inner.cache
+
+    def __call__(self, batch_prompts):
+        return self.inner(batch_prompts).to(self.device)
+
+
+def check_supported(comps, cfg) -> None:
+    """What the flow families do not do yet (kl_coeff, lv_draws): one line before anything is written."""
+    from lowmem_alignprop.settings.errors import UserError
+
+    if getattr(comps, "family", "unet") == "unet":
+        return
+    if cfg.kl_coeff > 0 or cfg.lv_draws > 1:
+        raise UserError("kl_coeff and lv_draws are implemented for UNet models only so far: for SD3/FLUX use --set "
+                        "kl_coeff=0 --set lv_draws=1")
+
+
+def family_for(comps) -> UNetFamily:
+    """The family object of loaded components (``comps.family``: unet, sd3 or flux)."""
+    return FlowFamily(comps) if getattr(comps, "family", "unet") != "unet" else UNetFamily(comps)
+
+
+def materialize_meta(comps, device, seed: int = 0) -> None:
+    """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
+    is initialised on the GPU in seconds, never on the CPU)."""
+    from lowmem_alignprop.models.flow_loading import materialize
+
+    for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
+        if any(t.is_meta for t in module.parameters()):
+            # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
+            on = device if module in (comps.unet, comps.vae) else "cpu"
+            materialize(module, on, seed=seed + i)
+    comps.meta = False
+
+
+def model_defaults_note(comps, cfg) -> str | None:
+    """Settings far from what the model's own pipeline uses (e.g. FLUX.1-schnell with 50 steps)."""
+    if getattr(comps, "family", "unet") == flow.FLUX and not comps.unet.config.guidance_embeds \
+            and cfg.sample_steps > 8:
+        return (f"FLUX.1-schnell samples in 1-4 steps; sample_steps={cfg.sample_steps} costs time for nothing: "
+                "--set sample_steps=4")
+    return None
+
+
+__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta", "model_defaults_note"]

@@ -1,0 +1,242 @@
+"""Loading SD3 / SD3.5 and FLUX.1 models: diffusers directories and hub ids, single-file transformer checkpoints
+with the rest of the pipeline from a directory, and the shipped architectures ``sd35m``, ``sd35l``, ``flux``
+(random weights, built on the meta device for planning; the trainer materialises them on its device).
+
+Everything goes through diffusers: ``DiffusionPipeline.from_pretrained`` for folders,
+``SD3Transformer2DModel.from_single_file`` / ``FluxTransformer2DModel.from_single_file`` (which converts the
+original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.settings.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+FLOW_ARCHS = ("sd35m", "sd35l", "flux")
+FLOW_ARCH_DESCRIPTIONS = {
+    "sd35m": "Stable Diffusion 3.5 Medium (MMDiT-X 2.5B; CLIP-L + CLIP-G + T5-XXL, 1024 px)",
+    "sd35l": "Stable Diffusion 3.5 Large (MMDiT 8.1B; CLIP-L + CLIP-G + T5-XXL, 1024 px)",
+    "flux": "FLUX.1-dev (12B, guidance embedding; CLIP-L + T5-XXL, 1024 px)",
+}
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"
+# original-layout key prefixes that wrap a transformer inside a full checkpoint (ComfyUI / Stability files)
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+
+
+def is_flow_dir(path: Path) -> bool:
+    """A diffusers folder of an SD3/SD3.5 or FLUX.1 pipeline (its model_index.json says so)."""
+    try:
+        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name") in FLOW_PIPELINES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_flow_dir(path: Path, spec: str) -> None:
+    """Every component the index lists has its folder (T5 listed as null is allowed: SD3 without T5)."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
+        entry = index.get(part)
+        if not (isinstance(entry, list) and entry[0] is not None):
+            raise UserError(f"{spec} holds a {index['_class_name']} without {part}: pass a complete model folder")
+        if not (Path(path) / part).is_dir():
+            raise UserError(f"{spec} is incomplete: its model_index.json lists {part} but the {part}/ folder is "
+                            "missing; copy the whole model folder (every subfolder)")
+
+
+# --------------------------------------------------------------------------------------------------
+# single-file transformers
+# --------------------------------------------------------------------------------------------------
+
+def transformer_layout(keys) -> tuple[str, str]:
+    """(family, layout) of a transformer checkpoint's keys: family ``sd3`` or ``flux``, layout ``original`` (BFL /
+    Stability names, converted by diffusers) or ``diffusers``. Raises UserError for any other layout."""
+    keys = [next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys]
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("double_blocks.") and has("single_blocks."):
+        return "flux", "original"
+    if has("joint_blocks."):
+        return "sd3", "original"
+    if has("single_transformer_blocks.") and has("x_embedder."):
+        return "flux", "diffusers"
+    if has("transformer_blocks.") and has("pos_embed.proj."):
+        return "sd3", "diffusers"
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+    raise UserError(f"unknown transformer layout (keys {sample}...): expected an SD3/SD3.5 (joint_blocks.*) or "
+                    "FLUX.1 (double_blocks.*/single_blocks.*) transformer, in the original or the diffusers layout")
+
+
+def has_guidance(keys) -> bool:
+    """FLUX.1-dev has a guidance embedding, FLUX.1-schnell none."""
+    return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
+
+
+def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5: bool = True,
+                          dtype_kwargs: dict | None = None):
+    """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
+    ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
+    ``dtype_kwargs``: how this diffusers takes the dtype in ``from_pretrained`` (``loading.dtype_kwarg``)."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a damaged or non-safetensors file
+        raise UserError(f"cannot read {path} as a .safetensors transformer ({first_line(e, 120)}): pass a complete "
+                        ".safetensors file") from None
+    family, layout = transformer_layout(keys)
+    if not components:
+        raise UserError(f"{path} holds only a {family.upper()} transformer: name the folder with the text encoders, "
+                        "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
+    comp = Path(components).expanduser()
+    if not is_flow_dir(comp):
+        raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
+                        "model_index.json names no StableDiffusion3Pipeline / FluxPipeline)")
+    theirs = FLOW_PIPELINES[json.loads((comp / "model_index.json").read_text())["_class_name"]]
+    if theirs != family:
+        raise UserError(f"{path} is a {family.upper()} transformer but model_components={components} is a "
+                        f"{theirs.upper()} pipeline: pass the folder of the model the transformer belongs to")
+    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
+    config = json.loads((comp / "transformer" / "config.json").read_text())
+    if family == "flux":
+        config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "transformer").mkdir()
+        (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(config))
+        try:
+            transformer = cls.from_single_file(path, config=tmp, subfolder="transformer", local_files_only=True,
+                                               torch_dtype=dtype)
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            raise UserError(f"cannot load {path} ({layout} layout) as the transformer of {components}: "
+                            f"{first_line(e, 200)}; pass the model folder this transformer belongs to") from None
+    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
+    return DiffusionPipeline.from_pretrained(str(comp), transformer=transformer, **missing,
+                                             **(dtype_kwargs or {"torch_dtype": dtype}))
+
+
+def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, dtype_kwargs: dict | None = None):
+    """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
+    folder has none."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {}
+    index_file = Path(where) / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        if index.get("_class_name") == "StableDiffusion3Pipeline" and (
+                not t5 or (index.get("text_encoder_3") or [None])[0] is None):
+            kwargs = {"text_encoder_3": None, "tokenizer_3": None}  # the pipeline's zeros take T5's place
+    elif not t5:
+        kwargs = {"text_encoder_3": None, "tokenizer_3": None}
+    return DiffusionPipeline.from_pretrained(where, **kwargs, **(dtype_kwargs or {"torch_dtype": dtype}))
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped architectures, on meta
+# --------------------------------------------------------------------------------------------------
+
+def _clip_tokenizer(folder: Path):
+    """CLIP's tokenizer from the vocabulary shipped once (data/bpe_simple_vocab_16e6.txt.gz) and the folder's
+    tokenizer_config.json."""
+    from transformers import CLIPTokenizer
+
+    from lowmem_alignprop.models.arch import clip_bpe
+
+    vocab, merges = clip_bpe()
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=conf.get("model_max_length", 77))
+
+
+def _stand_in_t5_tokenizer(max_length: int):
+    """No sentencepiece model ships for T5: random-weight models get a stand-in (letters and a few words) that
+    pads to the same sequence length, which is all that a random-weight model's memory and time depend on."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def build_flow_components(name: str, *, device="meta", dtype=torch.bfloat16, t5: bool = True):
+    """The pipeline of a shipped flow architecture with every model built on ``device`` (default meta: nothing
+    allocated, seconds even for FLUX's 12B) in ``dtype``, frozen and in eval mode. Nothing is downloaded."""
+    if name not in FLOW_ARCHS:
+        raise UserError(f"unknown flow architecture {name!r}: choose one of {', '.join(FLOW_ARCHS)}")
+    return flow_pipeline_from_configs(ARCH_FLOW_DIR / name, device=device, dtype=dtype, t5=t5, shipped=True)
+
+
+def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat16, t5: bool = True,
+                               shipped: bool = False):
+    """An SD3/FLUX pipeline from a diffusers folder's configs alone (the planner: on meta, no weights read). A
+    ``shipped`` architecture has no tokenizer files: CLIP's come from the shipped BPE vocabulary, T5's is a
+    stand-in; a model folder's own tokenizers are loaded."""
+    import diffusers
+    import transformers
+
+    root = Path(root)
+    index = json.loads((root / "model_index.json").read_text())
+    parts = {}
+    for sub, (library, cls_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
+        if library is None or sub.startswith("tokenizer") or sub == "scheduler":
+            continue
+        if sub == "text_encoder_3" and not t5:
+            continue
+        if library == "diffusers":
+            cls = getattr(diffusers, cls_name)
+            # under torch.device("meta") parameters and buffers alike (SD3.5 Medium's 226M positional table) stay
+            # on meta; accelerate's init_empty_weights would materialise buffers on the CPU
+            with torch.device(device):
+                parts[sub] = cls.from_config(cls.load_config(root / sub)).to(dtype)
+        else:
+            config = transformers.AutoConfig.from_pretrained(root / sub)
+            with torch.device(device):
+                parts[sub] = getattr(transformers, cls_name)._from_config(config, dtype=dtype)
+            parts[sub].tie_weights()  # T5's encoder.embed_tokens is `shared`: one 131M-entry embedding, not two
+    for module in parts.values():
+        module.requires_grad_(False).eval()
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if not (index.get(tok) and index[tok][0]) or (tok == "tokenizer_3" and not t5):
+            continue
+        if not shipped:
+            parts[tok] = transformers.AutoTokenizer.from_pretrained(root / tok)
+        elif index[tok][1] == "CLIPTokenizer":
+            parts[tok] = _clip_tokenizer(root / tok)
+        else:
+            conf = json.loads((root / tok / "tokenizer_config.json").read_text())
+            parts[tok] = _stand_in_t5_tokenizer(conf.get("model_max_length", 512))
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    parts["scheduler"] = sched_cls.from_config(sched_cls.load_config(root / "scheduler"))
+    pipe_cls = getattr(diffusers, index["_class_name"])
+    if pipe_cls.__name__ == "StableDiffusion3Pipeline" and "text_encoder_3" not in parts:
+        parts.update(text_encoder_3=None, tokenizer_3=None)
+    return pipe_cls(**parts)
+
+
+def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """A meta module made real on ``device`` with random weights (normal(0, std); norms' weights 1), drawn on
+    that device: a 12B model is initialised on the GPU in seconds, not on the CPU in minutes."""
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if t.dim() == 1:  # norms' weights 1, biases 0
+                t.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
+    return module

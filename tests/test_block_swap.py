@@ -1,0 +1,204 @@
+"""Block swap (lowmem_alignprop/memory/block_swap.py): N frozen blocks live in CPU memory and are copied to the device
+only around their use. On the CPU build the copies are CPU -> CPU, with the same placement logic, so these tests
+check what it does: the loss and the LoRA gradients are those without it, every swapped block is where it should
+be in every stage (at rest on the CPU, on the device while it runs, in forward, in the checkpoint recompute of
+backward), no layer ever runs on its CPU copy, and LoRA weights never move."""
+
+import pytest
+import torch
+
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from numerics import SAME_OPS, assert_rel_close
+
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory.block_swap import BlockSwap, install, swappable_blocks
+from lowmem_alignprop.models import flow
+
+RES = FLOW_RESOLUTION
+STEPS, K = 3, 2
+
+
+def _pipe(name):
+    pipe = build_tiny_flux_pipeline(seed=0) if name == "flux" else build_tiny_sd3_pipeline(seed=0)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # built in code: train mode, and T5's dropout would make two runs differ
+    pipe.vae.requires_grad_(False)
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in params:  # lora_B starts at zero: give it values so the LoRA path matters
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    flow.enable_block_checkpointing(pipe.transformer)  # block swap streams blocks one at a time in backward too
+    return pipe, params
+
+
+def _loss_and_grads(pipe, params, stage=None):
+    gs = 3.5 if flow.family_of(pipe.transformer) == flow.FLUX else 4.0
+    emb = flow.encode_prompts(pipe, ["a photo of a cat"], "cpu", guidance_scale=gs, max_sequence_length=16)
+    lat, ids = flow.initial_latents(pipe.transformer, pipe.vae, 1, RES, RES, torch.Generator().manual_seed(0))
+    lh, lw = flow.latent_size(pipe.vae, RES, RES, flow.family_of(pipe.transformer))
+    flow.set_flow_timesteps(pipe.scheduler, pipe.transformer, STEPS, lh, lw)
+    lat = flow.rollout(pipe.transformer, pipe.scheduler, lat, emb, k=K, guidance_scale=gs, img_ids=ids, stage=stage)
+    loss = -flow.decode(pipe.vae, lat, height=RES, width=RES).mean()
+    with (stage or (lambda n: torch.enable_grad()))(stages.BACKWARD):
+        grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_same_loss_and_lora_gradients_with_block_swap(name):
+    pipe, params = _pipe(name)
+    ref_loss, ref = _loss_and_grads(pipe, params)
+    blocks = swappable_blocks(pipe.transformer)
+    swap = install(pipe.transformer, len(blocks), "cpu")  # every block swapped
+    loss, grads = _loss_and_grads(pipe, params)
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")  # fails on an all-zero reference
+    assert swap.most_resident <= 2  # the block computing and the prefetched one, never more
+    swap.release()
+    assert swap.where == ["cpu"] * len(blocks)
+
+
+def _guard_layers(swap):
+    """A pre-hook on every layer of the swapped blocks: it records any call made while the layer's frozen weights
+    are their CPU copy (on a GPU that call would fail; on the CPU it would silently work)."""
+    host = {id(p): h for pairs in swap.host for p, h in pairs}
+    bad, handles = [], []
+    for block in swap.blocks:
+        for m in block.modules():
+            own = [p for p in m.parameters(recurse=False) if id(p) in host]
+            if own:
+                def hook(mod, args, own=own):
+                    if any(p.data.data_ptr() == host[id(p)].data_ptr() for p in own):
+                        bad.append(type(mod).__name__)
+                handles.append(m.register_forward_pre_hook(hook))
+    return bad, handles
+
+
+def test_placement_of_every_block_in_every_stage():
+    pipe, params = _pipe("flux")
+    lora_before = [(p.data_ptr(), p.device) for p in params]
+    swap = install(pipe.transformer, 2, "cpu")  # FLUX's double block and its single block
+    assert swap.where == ["cpu", "cpu"]
+    for pairs in swap.host:  # at rest the frozen weights are the (pinned, on CUDA) CPU copy
+        assert pairs and all(p.data.data_ptr() == h.data_ptr() for p, h in pairs)
+    bad, handles = _guard_layers(swap)
+    marks = []
+
+    def stage(name):
+        marks.append((len(swap.log), name))
+        return torch.enable_grad() if name == stages.BACKWARD else __import__("contextlib").nullcontext()
+
+    _loss_and_grads(pipe, params, stage=stage)
+    for h in handles:
+        h.remove()
+    assert bad == []  # no layer ever ran on its CPU copy: forward, the window, backward's recompute
+    log = swap.log
+    start = dict((name, i) for i, name in marks)
+    nograd = log[start[stages.SAMPLE_NOGRAD]:start[stages.SAMPLE_GRAD]]
+    grad = log[start[stages.SAMPLE_GRAD]:start[stages.BACKWARD]]
+    backward = log[start[stages.BACKWARD]:]
+    # each transformer call: block 0 comes, block 1 is prefetched while block 0 runs, each leaves after its use
+    call = [(0, "device", "forward"), (1, "device", "forward"), (0, "cpu", "forward"), (1, "cpu", "forward")]
+    assert nograd == call * (STEPS - K)
+    assert grad == call * K
+    # backward, for the last window call first: the per-call checkpoint recomputes the call (blocks in order, each
+    # brought back and sent away), then the per-block checkpoints recompute each block for its own backward, in
+    # reverse order; the earlier call's backward then needs both blocks again
+    loads = [(i, phase) for i, where, phase in backward if where == "device"]
+    assert all(phase == "backward" for _, phase in loads)
+    assert [i for i, _ in loads][:4] == [0, 1, 1, 0] and {i for i, _ in loads[4:]} == {0, 1}
+    # a checkpoint's recompute stops after the last tensor it needs: the block it cut short stays until the next
+    # block's turn (or release()); never more than the block computing and the prefetched one
+    assert swap.most_resident == 2
+    swap.release()
+    assert swap.where == ["cpu", "cpu"]
+    assert [(p.data_ptr(), p.device) for p in params] == lora_before  # LoRA weights never moved
+    assert not any(p.requires_grad for pairs in swap.host for p, _ in pairs)
+
+
+def test_unet_block_swap_through_the_training_step(tiny_dir):
+    """The UNet's units (resnets, attentions, samplers) through step.rollout_loss: same loss and gradients."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import PromptEncoder, initial_latents, make_pipeline
+    from lowmem_alignprop.rewards import build_reward
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+
+    cfg = Config(resolution=64, sample_steps=3, k=2, eta=0.0, unet_checkpointing="blocks", block_swap=5).validate()
+    comps = load_components(cfg)
+    params, _ = apply_memory_features(comps, cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    emb = PromptEncoder(make_pipeline(comps), comps, None, "cpu", 64, cache=False, prompts=["cat"])
+    reward = build_reward("brightness")
+
+    class NoPlace:
+        def to_device(self, *a):
+            pass
+        park = offload = to_device
+
+    emb.place = NoPlace()
+    e = emb(["cat"])
+
+    def run():
+        lat = initial_latents(1, comps.unet, comps.vae, 64, torch.Generator().manual_seed(0), "cpu")
+        loss, _ = rollout_loss(cfg, comps.unet, comps.unet, comps.scheduler, comps.vae, reward, lat, e, ["cat"], k=2,
+                               generator=None, stage=lambda n: __import__("contextlib").nullcontext())
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    ref_loss, ref = run()
+    swap = install(comps.unet, cfg.block_swap, "cpu")
+    bad, handles = _guard_layers(swap)
+    loss, grads = run()
+    assert bad == []
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")
+    assert len(swap.blocks) == 5 and swap.most_resident <= 2
+    assert any(phase == "backward" for _, where, phase in swap.log if where == "device")
+
+
+def test_too_many_blocks_is_refused():
+    pipe, _ = _pipe("sd3")
+    from lowmem_alignprop.settings.errors import UserError
+
+    with pytest.raises(UserError, match="block_swap=3 but the model has 2 blocks"):
+        install(pipe.transformer, 3, "cpu")
+    assert isinstance(install(pipe.transformer, 1, "cpu"), BlockSwap)
+
+
+def test_trainer_with_block_swap_trains_the_same(tmp_path):
+    """A step of the trainer on the tiny FLUX model, with and without block_swap: the same reward, loss and
+    trained LoRA (the blocks' copies are exact)."""
+    import json
+
+    from flowmodels import build_tiny_flux_dir
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+
+    model = build_tiny_flux_dir(tmp_path / "flux")
+    base = ["--profile", "cpu", "--model", str(model), "--steps", "1", "--set", f"resolution={RES}", "--set",
+            "sample_steps=3", "--set", "k=2", "--set", "batch_size=1", "--set", "guidance_scale=3.5", "--set",
+            "sample_prompts=0", "--set", "unet_checkpointing=blocks", "--set", "lr=0.05"]
+    runs = {}
+    for n in (0, 2):
+        out = tmp_path / f"swap{n}"
+        assert main([*base, "--output-dir", str(out), "--set", f"block_swap={n}"]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[n] = (torch.tensor([[r["reward_mean"], r["loss"]] for r in rows]),
+                   load_file(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert_rel_close(runs[2][0], runs[0][0], SAME_OPS, "rewards and losses")
+    keys = sorted(runs[0][1])
+    assert_rel_close([runs[2][1][k] for k in keys], [runs[0][1][k] for k in keys], SAME_OPS, "trained LoRA")
+
+
+def test_block_swap_needs_block_checkpointing(capsys, tmp_path):
+    from lowmem_alignprop.cli import main
+
+    rc = main(["--profile", "cpu", "--set", "block_swap=2", "--output-dir", str(tmp_path / "run")])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert rc == 2 and len(err) == 1 and "unet_checkpointing=blocks" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,277 @@
+"""SD3 and FLUX.1 in the product (issue 18): ``--model`` loads them (diffusers folders, single-file transformers with
+the rest from a folder, the shipped architectures on meta), the trainer runs them end to end (prompt cache, rollout,
+decode, reward, LoRA, before/after grid, resume), the exported LoRA loads into the diffusers pipeline and reproduces
+the trainer's images, and ``sample`` runs them and refuses a LoRA of the other denoiser family."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_flux_pipeline, build_tiny_sd3_dir
+from numerics import SAME_OPS, assert_rel_close
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.models import flow
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+
+RES = FLOW_RESOLUTION
+FLOW = ["--profile", "cpu", "--seed", "0", "--set", f"resolution={RES}", "--set", "sample_steps=4", "--set", "k=2",
+        "--set", "batch_size=1"]
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowdirs")
+    return {"flux": build_tiny_flux_dir(root / "flux"), "sd3": build_tiny_sd3_dir(root / "sd3"),
+            "schnell": build_tiny_flux_dir(root / "schnell", schnell=True)}
+
+
+@pytest.fixture(scope="module")
+def flux_run(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fluxrun") / "run"
+    rc = main([*FLOW, "--model", str(dirs["flux"]), "--output-dir", str(out), "--steps", "2", "--set",
+               "guidance_scale=3.5", "--set", "sample_prompts=2", "--set", "lr=0.05", "--set", "checkpoint_every=1"])
+    assert rc == 0
+    return out
+
+
+def _errors(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    return [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error: ")]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# training
+# -------------------------------------------------------------------------------------------------------------
+
+def test_flux_trains_and_its_lora_reproduces_the_trainers_images(flux_run, dirs):
+    """The run's after images (their brightness rewards in before_after.json) are the diffusers pipeline's images
+    with the exported LoRA loaded, from the same noise: the LoRA format, its scale and the sampler all agree."""
+    from diffusers import FluxPipeline
+
+    rows = [json.loads(x) for x in (flux_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["k"] == 2 for r in rows)
+    samples = json.loads((flux_run / "samples" / "before_after.json").read_text())
+    pipe = FluxPipeline.from_pretrained(dirs["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(flux_run / "lora")
+    prompts = [i["prompt"] for i in samples["images"]]
+    lat, _ = flow.initial_latents(pipe.transformer, pipe.vae, len(prompts), RES, RES,
+                                  torch.Generator().manual_seed(samples["seed"]))
+    with torch.no_grad():
+        images = pipe(prompt=prompts, latents=lat, num_inference_steps=4, guidance_scale=3.5, height=RES, width=RES,
+                      output_type="pt", max_sequence_length=16).images
+    from lowmem_alignprop.rewards import build_reward
+
+    ours = torch.tensor([i["reward_after"] for i in samples["images"]])
+    theirs = build_reward("brightness")(images.float(), prompts)
+    assert_rel_close(theirs, ours, SAME_OPS, "pipeline + exported LoRA vs the trainer's after images")
+    before = torch.tensor([i["reward_before"] for i in samples["images"]])
+    assert (ours - before).abs().max() > 1e-5  # training changed the images: the comparison is not of the base
+
+
+def test_flux_run_resumes(flux_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(flux_run, run)
+    saved = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    rc = main(["--resume", "latest", "--output-dir", str(run), "--steps", "3"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() != saved  # step 3 trained on
+
+
+def test_sd3_trains_and_exports_a_lora_its_pipeline_loads(dirs, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    rc = main([*FLOW, "--model", str(dirs["sd3"]), "--output-dir", str(out), "--steps", "1", "--set",
+               "guidance_scale=4.0", "--set", "sample_prompts=0"])
+    assert rc == 0
+    layers = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert layers and all(k.startswith("transformer.") for k in layers)
+    pipe = StableDiffusion3Pipeline.from_pretrained(dirs["sd3"])
+    pipe.load_lora_weights(out / "lora")
+    adapted = sum(1 for m in pipe.transformer.modules() if "default_0" in getattr(m, "lora_A", {}))
+    assert adapted == sum(1 for k in layers if k.endswith("lora_A.weight")) > 0
+    trained = load_file(sorted((out / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    for name, value in trained.items():  # the exported weights are the trained ones
+        key = "transformer." + name.replace(".default.", ".")
+        assert torch.equal(layers[key], value), key
+
+
+# -------------------------------------------------------------------------------------------------------------
+# loading
+# -------------------------------------------------------------------------------------------------------------
+
+def _transformer_file(tmp_path, pipe, name="transformer.safetensors"):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(path))
+    return path
+
+
+def test_single_file_transformer_with_the_rest_from_a_folder(dirs, tmp_path):
+    """A schnell transformer file with FLUX.1-dev's folder: the file's weights, schnell's config (no guidance
+    embedding, told by the file's keys), the folder's text encoders and VAE."""
+    from lowmem_alignprop.models.loading import load_components
+
+    schnell = build_tiny_flux_pipeline(seed=3, schnell=True)
+    path = _transformer_file(tmp_path, schnell)
+    comps = load_components(Config(model=str(path), model_components=str(dirs["flux"])))
+    assert comps.family == "flux" and comps.unet.config.guidance_embeds is False
+    for (n, a), b in zip(schnell.transformer.state_dict().items(), comps.unet.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert comps.text_encoder_2 is not None and comps.vae.config.latent_channels == 16
+
+
+def test_transformer_layouts_are_told_apart():
+    from lowmem_alignprop.models.flow_loading import has_guidance, transformer_layout
+
+    assert transformer_layout(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]) == \
+        ("flux", "original")
+    assert transformer_layout(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]) == ("sd3", "original")
+    assert transformer_layout(["x_embedder.weight", "single_transformer_blocks.0.proj_out.weight"]) == \
+        ("flux", "diffusers")
+    assert transformer_layout(["pos_embed.proj.weight", "transformer_blocks.0.attn.to_q.weight"]) == \
+        ("sd3", "diffusers")
+    assert has_guidance(["guidance_in.in_layer.weight"]) and not has_guidance(["img_in.weight"])
+    with pytest.raises(UserError, match="unknown transformer layout"):
+        transformer_layout(["blocks.0.weight"])
+
+
+@pytest.mark.parametrize("name, size, t5", [("sd35m", 2.47e9, 4.76e9), ("flux", 11.9e9, 4.76e9)])
+def test_shipped_flow_architectures_load_on_meta(name, size, t5):
+    from lowmem_alignprop.models.loading import load_components
+
+    comps = load_components(Config(model=name), torch.bfloat16)
+    assert comps.meta and comps.family == ("flux" if name == "flux" else "sd3")
+    for module in (comps.unet, comps.vae, *comps.text_encoders()):
+        assert all(t.is_meta for t in list(module.parameters()) + list(module.buffers()))  # nothing allocated
+    count = sum(t.numel() for t in list(comps.unet.parameters()) + list(comps.unet.buffers()))
+    assert abs(count / size - 1) < 0.03, count
+    t5_model = comps.text_encoder_2 if name == "flux" else comps.text_encoder_3
+    assert abs(sum(p.numel() for p in t5_model.parameters()) / t5 - 1) < 0.03
+    ids = comps.tokenizer(["a photo of a cat"]).input_ids[0]
+    assert len(ids) == 7 and max(ids) < comps.text_encoder.config.vocab_size  # CLIP's real vocabulary
+
+
+def test_materialized_meta_model_is_random_and_runs():
+    from diffusers import FluxTransformer2DModel
+
+    from lowmem_alignprop.models.flow_loading import materialize
+
+    config = build_tiny_flux_pipeline().transformer.config
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    materialize(model, "cpu")
+    tensors = list(model.parameters())
+    assert not any(t.is_meta for t in tensors) and all(torch.isfinite(t).all() for t in tensors)
+    assert all(t.std() > 0 for t in tensors if t.dim() == 2)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# sample, and bad input (docs/bad_inputs.md)
+# -------------------------------------------------------------------------------------------------------------
+
+def test_sample_runs_a_flux_lora(flux_run, dirs, tmp_path):
+    out = tmp_path / "sample"
+    rc = main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(flux_run / "lora"), "--num-prompts", "2",
+               "--set", "guidance_scale=3.5", "--output-dir", str(out)])
+    assert rc == 0
+    r = json.loads((out / "sample_results.json").read_text())
+    assert r["sampler"]["scheduler"] == "FlowMatchEulerDiscrete"
+    samples = json.loads((flux_run / "samples" / "before_after.json").read_text())
+    # the first prompt, its own seed: not the grid's noise, but the same model, so rewards are close
+    assert abs(r["lora_mean"] - samples["images"][0]["reward_after"]) < 0.05
+
+
+def _unet_lora(tmp_path, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from lowmem_alignprop.models.loading import add_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    add_lora(pipe.unet, 2, None, 0)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "unet_lora"),
+                                              unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return tmp_path / "unet_lora"
+
+
+def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, capsys):
+    rc = main(["sample", *FLOW, "--lora", str(flux_run / "lora"), "--output-dir", str(tmp_path / "a")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "adapts an SD3/SD3.5 or FLUX.1 transformer" in lines[0], lines
+    rc = main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(_unet_lora(tmp_path, tiny_dir)),
+               "--output-dir", str(tmp_path / "b")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "adapts a UNet model" in lines[0], lines
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_input_single_files(dirs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"blocks.0.weight": torch.zeros(2, 2)}, str(odd))
+    rc = main([*FLOW, "--model", str(odd), "--set", f"model_components={dirs['flux']}", "--output-dir",
+               str(tmp_path / "a")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "unknown transformer layout" in lines[0], lines
+    path = _transformer_file(tmp_path, build_tiny_flux_pipeline())
+    rc = main([*FLOW, "--model", str(path), "--output-dir", str(tmp_path / "b")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "model_components" in lines[0], lines
+    rc = main([*FLOW, "--model", str(path), "--set", f"model_components={dirs['sd3']}", "--output-dir",
+               str(tmp_path / "c")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "is a FLUX transformer but" in lines[0], lines
+
+
+def test_bad_input_k_beyond_schnells_steps(dirs, tmp_path, capsys):
+    rc = main([*FLOW, "--model", str(dirs["schnell"]), "--set", "k=6", "--output-dir", str(tmp_path / "a")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and "k=6 is larger than sample_steps=4" in lines[0], lines
+    assert not (tmp_path / "a").exists()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the planner (as tests/test_planner.py does for UNets)
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, extra", [("flux", {}), ("sd3", {"block_swap": 2, "unet_checkpointing": "blocks"})])
+def test_planner_estimates_the_flow_step_within_5_percent_per_stage(dirs, name, extra):
+    """The fake-tensor estimate against the real CPU step (torch.profiler memory events) of the tiny models: the
+    prompt cache with T5, the Euler window, the 16-channel decode; block swap's in-flight copies."""
+    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.memory import stages
+
+    cfg = Config(model=str(dirs[name]), resolution=RES, sample_steps=4, k=2, batch_size=2, prompts="simple_animals",
+                 guidance_scale=3.5 if name == "flux" else 4.0, **extra).validate()
+    est = planner.estimate(cfg, target="cpu")
+    meas = planner.measure_cpu_step(cfg)
+    assert set(meas["stages"]) == set(stages.STEP_STAGES)
+    for stage in stages.STEP_STAGES:
+        e, m = est.stages[stage]["allocated"], meas["stages"][stage]
+        assert abs(e - m) <= 0.05 * m, f"{stage}: estimate {e / 2**20:.3f} MiB vs measured {m / 2**20:.3f} MiB"
+    assert est.peak_stage == meas["peak_stage"]
+
+
+def test_block_swap_lowers_the_gpu_estimate_of_the_resident_weights(dirs):
+    from lowmem_alignprop.measure import planner
+
+    base = dict(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=2, guidance_scale=3.5,
+                unet_checkpointing="blocks", mixed_precision="bf16")
+    plain = planner.estimate(Config(**base).validate(), target="cuda")
+    swapped = planner.estimate(Config(**base, block_swap=2).validate(), target="cuda")
+    assert swapped.weights["unet"] < plain.weights["unet"]  # the swapped blocks wait in host memory
+    assert swapped.stages["load"]["allocated"] < plain.stages["load"]["allocated"]
+    assert any("block_swap=2" in n for n in swapped.notes)
