@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
-    ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, WORLD_VERSION, Obj, Scene, caption, content,
+    ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, WORLD_VERSION, Scene, caption, content,
     heldout_prompts, make_content, render, sample_scenes,
 )
 

@@ -38,7 +38,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .scenes import BACKGROUNDS, COLOURS, MIN_SIZE, SHAPES, Content, _inside, make_content, parse_caption
 
