@@ -63,8 +63,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto",
                    help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
                         "(picked by the detected GPU; cpu without one), or a path to your own .yaml")
-    p.add_argument("--model", help="toy (default: the shipped toy world), tiny, sd15|sd21|sdxl (random weights), a hub "
-                                   "id, a diffusers directory, or a single-file .safetensors/.ckpt")
+    p.add_argument("--model", help="toy (default: the shipped toy world), tiny, sd15|sd21|sdxl|sd35m|sd35l|flux (random "
+                                   "weights), a hub id, a diffusers directory (SD 1.x/2.x/SDXL, SD3/SD3.5, FLUX.1), or "
+                                   "a single-file .safetensors/.ckpt")
     p.add_argument("--reward", help="brightness, colorfulness, jpeg_compressibility, aesthetic, clip, pickscore, "
                                     "hpsv2, toy_clip, toy_count=N; 'a:1,b:0.5' to combine; 'package.module:function' "
                                     "for your own")
