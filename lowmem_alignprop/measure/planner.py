@@ -55,8 +55,8 @@ from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.profiler import library_versions
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
-from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB, RESERVED_FACTOR,
-                                                WORKSPACE_BYTES)
+from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB,
+                                                RESERVED_FACTOR, WORKSPACE_BYTES)
 from lowmem_alignprop.memory.torch_private import recompute_inside
 
 PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
