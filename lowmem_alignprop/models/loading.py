@@ -104,6 +104,13 @@ def resolve_model(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
+
+def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
+    """The one line for a model that does not load: the hub's own message for a hub id, else the path's."""
+    if kind == "hub":
+        return UserError(hub_message("model", where, e))
+    return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
+
 def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``."""
     from diffusers import DiffusionPipeline
@@ -141,9 +148,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
-            if kind == "hub":
-                raise UserError(hub_message("model", where, e)) from None
-            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+            raise _load_error(cfg, kind, where, e) from None
         if type(pipe).__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):  # a hub id of a flow model
             return flow_components(pipe, cfg, where, weight_dtype)
         if kind == "dir":
@@ -217,9 +222,7 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
-            if kind == "hub":
-                raise UserError(hub_message("model", where, e)) from None
-            raise UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path") from None
+            raise _load_error(cfg, kind, where, e) from None
         source = where
     return flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
 
