@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import BatchedTensors, draw_k, vae_scale_factor
+from lowmem_alignprop.models.sampling import BatchedTensors, draw_k, vae_scale_factor, window_start
 
 __all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "decode", "draw_k",
            "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity", "image_seq_len",
@@ -291,10 +291,7 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     stage = stage or (lambda name: contextlib.nullcontext())
     grad_transformer = grad_transformer if grad_transformer is not None else transformer
     timesteps = scheduler.timesteps
-    n = len(timesteps)
-    if not 0 <= k <= n:
-        raise ValueError(f"K={k} must be between 0 and the number of sampling steps ({n})")
-    split = n - k
+    split = window_start(timesteps, k)
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad():
         for t in timesteps[:split]:
             v = guided_velocity(transformer, latents, t, emb, guidance_scale, img_ids)

@@ -205,6 +205,13 @@ def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
         return guided_eps(unet, latents, t, emb, guidance_scale)
 
 
+def window_start(timesteps, k: int) -> int:
+    """Index of the first of the last ``k`` steps (the gradient window) in ``timesteps``; 0 <= k <= their number."""
+    if not 0 <= k <= len(timesteps):
+        raise ValueError(f"K={k} must be between 0 and the number of sampling steps ({len(timesteps)})")
+    return len(timesteps) - k
+
+
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
             eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1) -> torch.Tensor:
@@ -220,10 +227,7 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     stage = stage or (lambda name: contextlib.nullcontext())
     grad_unet = grad_unet if grad_unet is not None else unet
     timesteps = scheduler.timesteps
-    n = len(timesteps)
-    if not 0 <= k <= n:
-        raise ValueError(f"K={k} must be between 0 and the number of sampling steps ({n})")
-    split = n - k
+    split = window_start(timesteps, k)
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
         for t in timesteps[:split]:
             eps = guided_eps(unet, latents, t, emb, guidance_scale)
