@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from lowmem_alignprop.measure import devices  # noqa: E402
 from lowmem_alignprop.memory import stages  # noqa: E402
+from lowmem_alignprop.run import atomic  # noqa: E402
 
 OUT = HERE / "results" / "time-calibration.json"
 TIMED = (stages.SAMPLE_NOGRAD, stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD, stages.OPTIMIZER)
@@ -106,9 +106,7 @@ def main() -> int:
            "shared": {"n": len(ratios_shared), "min": min(ratios_shared, default=None),
                       "max": max(ratios_shared, default=None)},
            "runs": rows, "wall_seconds": round(time.time() - t0, 1)}
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out)
+    atomic.write_text(args.out, json.dumps(out, indent=1))
     print(f"measured / predicted, runs alone on the GPU: {out['alone']}; sharing it: {out['shared']}")
     return 0
 

@@ -30,6 +30,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from lowmem_alignprop.run import atomic  # noqa: E402
+
 VARIANTS = [  # (label, --set overrides)
     ("as the profile", {}),
     ("fused_adamw", {"fused_adamw": True}),
@@ -116,9 +118,7 @@ def main() -> int:
                   + (f"   planner {plan_s:.3f}" if not change else ""), flush=True)
     doc["device"]["load_average_at_end"] = os.getloadavg()
     doc["wall_seconds"] = round(time.time() - t_start, 1)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, args.out)
+    atomic.write_text(args.out, json.dumps(doc, indent=1))
     print(f"wrote {args.out}")
     return 0
 
