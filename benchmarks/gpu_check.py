@@ -329,9 +329,9 @@ def main() -> int:
     def save() -> None:  # after every run: a call stopped at the device's time limit keeps what it measured
         with lock:
             doc["wall_seconds"] = round(time.time() - t_start, 1)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(merge_docs(previous, doc), indent=1, default=str))
-            os.replace(tmp, path)  # whole files only: a kill mid-write leaves the previous save
+            from lowmem_alignprop.run import atomic  # whole files only: a kill mid-write leaves the previous save
+
+            atomic.write_text(path, json.dumps(merge_docs(previous, doc), indent=1, default=str))
 
     for section, name, _, _ in jobs:
         doc[section].append({"name": name, "status": PENDING})
