@@ -124,7 +124,8 @@ class FlowFamily(UNetFamily):
         flow.set_flow_timesteps(scheduler, self.comps.unet, cfg.sample_steps, lh, lw, latents.device)
         ids = flow.latent_image_ids(lh, lw, latents.device) if self.name == flow.FLUX else None
         return flow.rollout(model, scheduler, latents, emb, k=k, guidance_scale=self.guidance(cfg), img_ids=ids,
-                            stage=stage, grad_transformer=grad_model)
+                            stage=stage, grad_transformer=grad_model, kl=kl, generator=generator,
+                            lv_draws=cfg.lv_draws if k else 1)  # the no-grad samples: one draw
 
     def decode(self, vae, latents, cfg, **options):
         return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)
@@ -173,14 +174,9 @@ class _OnDevice:
 
 
 def check_supported(comps, cfg) -> None:
-    """What the flow families do not do yet (kl_coeff, lv_draws): one line before anything is written."""
-    from lowmem_alignprop.settings.errors import UserError
-
-    if getattr(comps, "family", "unet") == "unet":
-        return
-    if cfg.kl_coeff > 0 or cfg.lv_draws > 1:
-        raise UserError("kl_coeff and lv_draws are implemented for UNet models only so far: for SD3/FLUX use --set "
-                        "kl_coeff=0 --set lv_draws=1")
+    """What a model family does not do (one line before anything is written). Every option of the UNet step now
+    works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); the hook stays for the next such gap."""
+    return None
 
 
 def family_for(comps) -> UNetFamily:

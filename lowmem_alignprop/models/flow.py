@@ -22,6 +22,7 @@ transformer call in the window is one gradient checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from dataclasses import dataclass
 
@@ -31,12 +32,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import BatchedTensors, draw_k, vae_scale_factor, window_start
+from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, vae_scale_factor, window_start
 
-__all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "decode", "draw_k",
-           "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity", "image_seq_len",
-           "initial_latents", "latent_image_ids", "latent_size", "pack", "rollout", "sample_images",
-           "save_flow_lora", "set_flow_timesteps", "unpack"]
+__all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
+           "draw_k", "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity",
+           "image_seq_len", "initial_latents", "last_step_draws", "latent_image_ids", "latent_size", "pack",
+           "rollout", "sample_images", "save_flow_lora", "set_flow_timesteps", "unpack"]
 
 # The attention projections of both transformer families: the image stream (to_q/k/v, to_out.0) and, in the
 # joint (MM-DiT) blocks, the text stream (add_*_proj, to_add_out). FLUX's single blocks have to_q/k/v only.
@@ -279,14 +280,25 @@ def guided_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: fl
     return uncond + guidance_scale * (cond - uncond)
 
 
+def base_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: float, img_ids=None):
+    """:func:`guided_velocity` of the frozen base model: the transformer with its LoRA adapters off (also while
+    a per-block checkpoint recomputes it in backward: ``sampling.adapters_off``)."""
+    with adapters_off(_bare(transformer)):
+        return guided_velocity(transformer, latents, t, emb, guidance_scale, img_ids)
+
+
 def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k: int, guidance_scale: float,
             img_ids: torch.Tensor | None = None, stage=None, grad_transformer=None,
-            checkpoint_calls: bool = True) -> torch.Tensor:
+            checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Euler steps of the flow ODE from noise; the last ``k`` steps carry gradients (k=0: none do).
 
     :func:`set_flow_timesteps` must have been called for this rollout (the scheduler counts its steps).
     ``grad_transformer`` is the module used inside the window (a DDP/DeepSpeed wrapper, so gradients are
-    synchronised); the no-grad steps may use the bare transformer. Same contract as ``sampling.rollout``.
+    synchronised); the no-grad steps may use the bare transformer. Same contract as ``sampling.rollout``:
+    ``kl`` receives, per window step, ``mean((v - v_base)^2)`` against the transformer with its adapters off;
+    ``lv_draws`` > 1 returns that many batches of last steps (:func:`last_step_draws`; ``generator`` draws their
+    noise).
     """
     stage = stage or (lambda name: contextlib.nullcontext())
     grad_transformer = grad_transformer if grad_transformer is not None else transformer
@@ -299,16 +311,40 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     latents = latents.detach()  # the gradient window starts here
     if k == 0:
         return latents
+    call = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else (lambda f, *a: f(*a))
     with stage(stages.SAMPLE_GRAD):
         for t in timesteps[split:]:
-            if checkpoint_calls:
-                # one checkpoint per transformer call: keep its input latent, recompute the call in backward
-                v = checkpoint(guided_velocity, grad_transformer, latents, t, emb, guidance_scale, img_ids,
-                               use_reentrant=False)
-            else:
-                v = guided_velocity(grad_transformer, latents, t, emb, guidance_scale, img_ids)
+            # one checkpoint per transformer call: keep its input latent, recompute the call in backward
+            v = call(guided_velocity, grad_transformer, latents, t, emb, guidance_scale, img_ids)
+            if kl is not None:  # the base model's call is its own checkpoint: backward recomputes one at a time
+                v_base = call(base_velocity, transformer, latents, t, emb, guidance_scale, img_ids)
+                kl.append((v - v_base).pow(2).mean())
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        if lv_draws > 1:
+            latents = last_step_draws(grad_transformer, scheduler, latents, emb, lv_draws,
+                                      guidance_scale=guidance_scale, img_ids=img_ids, generator=generator, call=call)
     return latents
+
+
+def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, draws: int, *,
+                    guidance_scale: float, img_ids=None, generator=None, call=None) -> torch.Tensor:
+    """DRaFT-LV on the flow ODE: ``x0`` (the trajectory's own last step, draw 1) and ``draws - 1`` more last steps,
+    each from ``x0`` without its gradient put back on the straight path to fresh noise at the last step's noise
+    level (``sigma * noise + (1 - sigma) * x0``, the flow-matching forward process) and taken again with
+    gradients, as one batched transformer call: ``[draws * B, ...]``, draw-major.
+
+    The scheduler has walked past its last step by now (its step index is at the end), so its sigmas are read and
+    the Euler step ``x + (sigma_next - sigma) * v`` (``FlowMatchEulerDiscreteScheduler.step``'s, in float32) is
+    written out."""
+    call = call or functools.partial(checkpoint, use_reentrant=False)
+    t = scheduler.timesteps[-1]
+    sigma, sigma_next = scheduler.sigmas[-2], scheduler.sigmas[-1]  # 0-dim tensors (fake ones under the planner)
+    more = draws - 1
+    start = x0.detach().repeat(more, *([1] * (x0.dim() - 1)))
+    noise = torch.randn(start.shape, generator=generator, device="cpu", dtype=start.dtype).to(start.device)
+    noisy = sigma * noise + (1.0 - sigma) * start
+    v = call(guided_velocity, transformer, noisy, t, FlowEmbeds.cat([emb] * more), guidance_scale, img_ids)
+    return torch.cat([x0, (noisy.float() + (sigma_next - sigma) * v).to(x0.dtype)])
 
 
 def decode(vae, latents: torch.Tensor, *, height: int | None = None, width: int | None = None,
