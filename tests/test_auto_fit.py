@@ -239,3 +239,76 @@ def test_every_rung_has_a_test():
     live = {k for _, change in planner.candidate_changes(cfg, "cuda")
             if not {"resolution", "base_quant", "optimizer"} & set(change) for k in change}
     assert ladder | live <= covered, (ladder | live) - covered
+
+
+# ---------------------------------------------------------------------------------------------------
+# --auto-fit before the first step: plan --fastest's choice for the detected card
+# ---------------------------------------------------------------------------------------------------
+HEAVY = ["--set", "unet_checkpointing=blocks", "--set", "vae_checkpointing=resnets", "--set", "sliced_decode=true"]
+
+
+def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypatch, capsys, tiny_dir):
+    """On a (faked) RTX 3060 the run trains plan --fastest's choice: every recompute the 8 GiB budget does not need
+    dropped, printed as flags and recorded in config.yaml with where it came from."""
+    import json
+
+    import yaml
+
+    from lowmem_alignprop.settings import profiles
+
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 3060", 8.0))
+    given = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+             *HEAVY]
+    assert main(["plan", "--fastest", "--json", "--device", "cuda", "--set", "card=rtx3060", *given]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["found"] is not None and planned["set"]
+    out = tmp_path / "run"
+    assert main([*given, "--steps", "2", "--auto-fit", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    search = saved["auto_fit_search"]
+    assert search["set"] == planned["set"] and search["timed_as"] == "rtx3060"
+    assert search["source"].startswith("plan --fastest") and search["budget_gb"] == 8
+    for key, value in planned["set"].items():  # the run trained with the choice...
+        assert saved[key] == value, key
+    assert saved["unet_checkpointing"] == "call" and saved["vae_checkpointing"] == "none"  # ...which drops them
+    assert search["seconds_per_step"] == pytest.approx(planned["found"]["seconds"])
+    assert search["seconds_per_step"] < search["given_seconds_per_step"]
+    assert f"auto-fit: {search['flags']}" in printed and "--set unet_checkpointing=call" in search["flags"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny_dir):
+    from lowmem_alignprop.measure import fastest
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(model=str(tiny_dir), budget_gb=0.01, card="rtx3060").validate()
+    same, record = fastest.before_first_step(cfg, profile="custom", detected=None)
+    assert same is cfg and "no CUDA card" in record["skipped"]
+    canned = {"given": {"seconds": 1.0, "fits": False}, "found": None, "tried": [{}] * 3, "device": "rtx3060",
+              "seconds": 0.5, "plan": {"suggestion": {"set": {"base_quant": "nf4"}}}}
+    monkeypatch.setattr(fastest, "fastest", lambda *a, **k: canned)
+    same, record = fastest.before_first_step(cfg, profile="custom", detected=("NVIDIA GeForce RTX 3060", 8.0))
+    assert same is cfg and record["skipped"].startswith("nothing") and record["cheapest_change"] == \
+        "--set base_quant=nf4" and record["estimates"] == 3
+
+
+def test_profile_auto_takes_the_detected_cards_budget(monkeypatch):
+    from lowmem_alignprop.measure.devices import DEVICES, card_row
+    from lowmem_alignprop.settings import profiles
+
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 4090", 23.65))
+    name, cfg = profiles.resolve_config("auto", {}, [])
+    assert name == "rtx4090" and cfg.budget_gb == 22.4  # 23.65 GiB less 5%, rounded down to 0.1
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA A100-SXM4-80GB", 79.2))
+    assert profiles.resolve_config("auto", {}, [])[1].budget_gb == 75.2
+    monkeypatch.setattr(profiles, "detect_card", lambda: None)
+    name, cfg = profiles.resolve_config("auto", {}, [])
+    assert name == "cpu" and cfg.budget_gb == 8  # the cpu profile's own
+    assert profiles.card_budget(7.79) == 7.2 and profiles.card_budget(0.8) == 0.3  # at least 0.5 GiB kept back
+    rows = {p: card_row(p, m) for p, m in (("NVIDIA GeForce RTX 3060", 11.8), ("NVIDIA GeForce RTX 3060 Laptop GPU",
+            6.0), ("NVIDIA A100-PCIE-40GB", 39.4), ("NVIDIA A100 80GB PCIe", 79.2), ("NVIDIA H100 80GB HBM3", 79.2),
+            ("NVIDIA H200", 139.8), ("Tesla T4", 15.0))}
+    assert list(rows.values()) == ["rtx3060", "laptop", "a100-40gb", "a100-80gb", "h100", "h200", ""]
+    assert all(r in DEVICES for r in rows.values() if r)

@@ -96,8 +96,38 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     lock = folder.hold()
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     with lock:
+        searched = None
+        if cfg.auto_fit and point is None:  # a new run: the fastest configuration that fits, before the first step
+            cfg, searched = search_before_first_step(cfg, profile_name)
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
-                       lock=lock, command=command, eval_prompts=eval_prompts).run()
+                       lock=lock, command=command, eval_prompts=eval_prompts, searched=searched).run()
+
+
+def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, dict]:
+    """--auto-fit on a CUDA card: plan --fastest's choice for this run (fake tensors, no weights loaded), printed as
+    --set flags; returns the configuration to train and the record config.yaml keeps (auto_fit_search)."""
+    from lowmem_alignprop.measure.fastest import before_first_step
+    from lowmem_alignprop.settings.profiles import detect_card
+
+    if world_size() > 1:
+        return cfg, {"skipped": "several processes: the search runs in single-process runs"}
+    detected = detect_card()
+    if detected is not None:
+        print(f"auto-fit: searching the memory features for the fastest configuration that fits {detected[0]} "
+              f"({cfg.budget_gb:g} GiB budget); each estimate runs the step on fake tensors", flush=True)
+    chosen, record = before_first_step(cfg, profile=profile_name, detected=detected,
+                                       log=lambda line: log.info("auto-fit search:%s", line))
+    if "skipped" in record:
+        if detected is not None:
+            log.warning("auto-fit: no search result (%s): training as configured%s", record["skipped"],
+                        f"; the planner's cheapest change: {record['cheapest_change']}"
+                        if record.get("cheapest_change") else "")
+        return cfg, record
+    print(f"auto-fit: {record['flags'] or '(no change: the configuration as given is the fastest that fits)'} -> "
+          f"{record['seconds_per_step']:.3g} s per optimizer step estimated on {record['timed_as']} (as given: "
+          f"{record['given_seconds_per_step']:.3g} s, {'fits' if record['given_fits'] else 'does not fit'}), "
+          f"{record['needed_gb']:.2f} GiB needed of {cfg.budget_gb:g}", flush=True)
+    return chosen, record
 
 
 class Trainer:
@@ -108,8 +138,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
-                 lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None):
+                 lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None,
+                 searched: dict | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
+        self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
         self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
@@ -279,13 +311,22 @@ class Trainer:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            atomic.write_text(out / "config.yaml", yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict()},
-                                                                  sort_keys=False))
+            atomic.write_text(out / "config.yaml", self.config_yaml())
             if self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
                 ckpt.append_line(out / ckpt.COMMAND_FILE, self.command)
         if cfg.report_to != "none":
             self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
                                                                        if isinstance(v, (int, float, str, bool))})
+
+    def config_yaml(self) -> str:
+        """config.yaml: the profile's name, the resolved configuration, and where --auto-fit's changes came from (its
+        search before the first step; its step-downs after an out-of-memory error)."""
+        doc = {"profile": self.profile_name, **self.cfg.to_dict()}
+        if self.searched is not None:
+            doc["auto_fit_search"] = self.searched
+        if self.fits:
+            doc["auto_fit_changes"] = self.fits
+        return yaml.safe_dump(doc, sort_keys=False)
 
     def setup_sampling(self) -> None:
         from lowmem_alignprop.run.distributed import deepspeed_engine, gatherer, is_zero3
@@ -763,8 +804,7 @@ class Trainer:
                                     "held_out": kinds.count("heldout"),
                                     "before": self.fidelity_before, "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
-            atomic.write_text(out / "config.yaml", yaml.safe_dump({"profile": self.profile_name, **cfg.to_dict(),
-                                                                   "auto_fit_changes": self.fits}, sort_keys=False))
+            atomic.write_text(out / "config.yaml", self.config_yaml())
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         n = max(1, min(3, len(history) // 2))

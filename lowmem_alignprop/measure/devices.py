@@ -92,6 +92,21 @@ PROFILE_CARDS = {"rtx3060": "rtx3060", "rtx3060-sdxl": "rtx3060", "rtx4090": "rt
                  "a100-80gb": "a100-80gb", "laptop-6gb": "laptop", "cpu": "cpu"}
 
 
+# a detected card's product name (torch.cuda.get_device_properties().name) -> its row; the A100s by memory
+_PRODUCT_ROWS = (("RTX 4090", "rtx4090"), ("RTX 3060 Laptop", "laptop"), ("RTX 3060", "rtx3060"), ("H200", "h200"),
+                 ("H100", "h100"))
+
+
+def card_row(product: str, total_gib: float) -> str:
+    """The row of :data:`DEVICES` for a detected card, or "" for a card without figures here."""
+    for pattern, row in _PRODUCT_ROWS:
+        if pattern.lower() in product.lower():
+            return row
+    if "a100" in product.lower():
+        return "a100-80gb" if total_gib > 50 else "a100-40gb"
+    return ""
+
+
 def cpu_device(threads: int | None = None) -> Device:
     """The ``cpu`` row scaled to ``threads`` cores (default: torch's intra-op thread count)."""
     import dataclasses

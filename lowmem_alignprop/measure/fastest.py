@@ -262,3 +262,38 @@ def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
              f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
     lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
     return "\n".join(lines) + "\n"
+
+
+def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] | None, max_estimates: int = 40,
+                      log: Callable[[str], None] | None = None) -> tuple[Config, dict[str, Any]]:
+    """``--auto-fit`` before the first step: :func:`fastest` for the run's configuration on the card it trains on
+    (``detected``: the CUDA card's (product name, total GiB), settings.profiles.detect_card's answer), its choice
+    applied. Returns (the configuration to train, what happened: the record config.yaml keeps as
+    ``auto_fit_search``). Nothing fits, no card, no budget or no speed figures: ``cfg`` unchanged and the reason
+    (the run then trains as configured, and an out-of-memory error steps down as before)."""
+    from lowmem_alignprop.measure.devices import card_row
+
+    if detected is None:
+        return cfg, {"skipped": "no CUDA card: the search plans for the card a run trains on"}
+    product, total = detected
+    record: dict[str, Any] = {"source": "plan --fastest before the first step (--auto-fit)", "card": product,
+                              "card_memory_gib": round(total, 2), "budget_gb": cfg.budget_gb}
+    if not cfg.budget_gb:
+        return cfg, {**record, "skipped": "no budget: set budget_gb in the profile or with --set"}
+    row = cfg.card or card_row(product, total)
+    searched = dataclasses.replace(cfg, card=row) if row else cfg
+    try:
+        result = fastest(searched, profile=profile, target="cuda", max_estimates=max_estimates, log=log)
+    except UserError as e:  # a card without figures (the profile's own card is used when it names one)
+        return cfg, {**record, "skipped": str(e)}
+    given, found = result["given"], result["found"]
+    record.update(timed_as=result["device"], estimates=len(result["tried"]), search_seconds=result["seconds"])
+    if found is None:
+        suggestion = (result["plan"] or {}).get("suggestion") or {}
+        return cfg, {**record, "skipped": "nothing in the searched features fits the budget",
+                     "cheapest_change": set_flags(suggestion.get("set") or {}) or None}
+    chosen = dataclasses.replace(searched, **result["set"]).validate()
+    record.update(set=result["set"], flags=set_flags(result["set"]), needed_gb=round(found["needed"] / GIB, 3),
+                  seconds_per_step=found["seconds"], given_seconds_per_step=given["seconds"] if given else None,
+                  given_fits=given["fits"] if given else None)
+    return chosen, record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
-# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory).
+# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory); the budget is then
+# the card's own (card_budget).
 AUTO_LADDER = (("a100-80gb", 70.0), ("a100-40gb", 36.0), ("rtx4090", 20.0), ("rtx3060", 7.0))
 
 
@@ -34,14 +36,29 @@ def describe(path: Path) -> str:
     return ""
 
 
-def detect_auto() -> str:
+def detect_card() -> tuple[str, float] | None:
+    """The CUDA card this process would train on: (its product name, total memory in GiB); None without one."""
     import torch
 
     if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.name, props.total_memory / 2**30
+
+
+def card_budget(total_gib: float) -> float:
+    """The budget ``--profile auto`` gives a card of ``total_gib``: its memory less 5% and at least 0.5 GiB (the
+    CUDA context and what the allocator cannot see), rounded down to 0.1 GiB; close to the shipped profiles'
+    (rtx3060 7.5 of 8 GB, rtx4090 22 of 24 GB, a100-40gb 38 of 40 GB)."""
+    return max(0.1, math.floor(10 * min(total_gib - 0.5, total_gib * 0.95)) / 10)
+
+
+def detect_auto() -> str:
+    card = detect_card()
+    if card is None:
         return "cpu"
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
     for name, need in AUTO_LADDER:
-        if total >= need:
+        if card[1] >= need:
             return name
     return "rtx3060"  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
 
@@ -107,8 +124,9 @@ def _load_yaml(text: str):
 
 def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
-    if spec == "auto":
-        spec = detect_auto()
+    detected = None
+    if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
+        spec, detected = detect_auto(), detect_card()
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
@@ -153,6 +171,8 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
             values[key] = coerce(str(key), value)  # an unknown key names the closest field
         except UserError as e:
             raise UserError(f"profile {path}: {e}") from None
+    if detected is not None:
+        values["budget_gb"] = card_budget(detected[1])
     return name, values
 
 
