@@ -62,7 +62,8 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     p.add_argument("--profile", default="auto",
                    help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
-                        "(picked by the detected GPU; cpu without one), or a path to your own .yaml")
+                        "(the largest the detected GPU holds, with that card's memory less 5%% as the budget; cpu "
+                        "without one), or a path to your own .yaml")
     p.add_argument("--model", help="toy (default: the shipped toy world), tiny, sd15|sd21|sdxl|sd35m|sd35l|flux (random "
                                    "weights), a hub id, a diffusers directory (SD 1.x/2.x/SDXL, SD3/SD3.5, FLUX.1), or "
                                    "a single-file .safetensors/.ckpt")
@@ -118,8 +119,10 @@ def cmd_train(argv: list[str]) -> int:
                    "(flags given now change them), from the latest checkpoint in --output-dir, or from a checkpoint "
                    "directory (in that run's folder unless --output-dir says otherwise)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
-    p.add_argument("--auto-fit", action="store_true", help="on out-of-memory, step down automatically (smaller "
-                   "micro-batch, more checkpointing, offload) and continue")
+    p.add_argument("--auto-fit", action="store_true", help="on a CUDA card, train the fastest configuration that "
+                   "fits (plan --fastest for the card and budget, searched on fake tensors before the first step); on "
+                   "out-of-memory, step down automatically (smaller micro-batch, more checkpointing, offload) and "
+                   "continue")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
     p.add_argument("--push-to-hub", metavar="REPO", help="at the end, upload the LoRA's export with its model card to "

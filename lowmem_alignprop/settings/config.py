@@ -209,8 +209,10 @@ class Config:
     keep_checkpoints: int = _f(2, "Keep the newest N intact checkpoints (older ones are deleted; 0 keeps all).")
 
     # ---- faults ------------------------------------------------------------------------------------
-    auto_fit: bool = _f(False, "On out-of-memory, step down automatically (smaller micro-batch with more accumulation, "
-                        "more checkpointing, offload) and repeat the step, instead of stopping with advice.")
+    auto_fit: bool = _f(False, "On a CUDA card, before the first step: train plan --fastest's choice of memory features "
+                        "for that card and budget (printed as --set flags, recorded in config.yaml). On out-of-memory, "
+                        "step down automatically (smaller micro-batch with more accumulation, more checkpointing, "
+                        "offload) and repeat the step, instead of stopping with advice.")
     max_bad_steps: int = _f(3, "Steps in a row with a NaN/inf reward or loss (each skipped) before the run stops "
                             "with a checkpoint.")
     max_zero_grad_steps: int = _f(5, "Steps in a row whose LoRA gradient is exactly zero (the reward's gradient "
