@@ -16,7 +16,8 @@ import lowmem_alignprop.commands.train as train_mod
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config, build_config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.profiles import AUTO_LADDER, describe, detect_auto, load_profile, shipped_profiles
+from lowmem_alignprop.settings.profiles import AUTO_LADDER, card_budget, describe, detect_auto, load_profile, \
+    shipped_profiles
 
 SHIPPED = sorted(shipped_profiles())
 GPU_SHIPPED = [name for name in SHIPPED if name != "cpu"]
@@ -194,7 +195,11 @@ def test_auto_picks_by_detected_memory(monkeypatch, total_gib, expected):
     _fake_cuda(monkeypatch, total_gib)
     assert detect_auto() == expected
     name, values = load_profile("auto")
-    assert name == expected and values == load_profile(expected)[1]
+    shipped = load_profile(expected)[1]
+    if total_gib is not None:  # the profile's features with the card's own budget: its memory less 5%
+        assert values.pop("budget_gb") == card_budget(total_gib) < total_gib
+        shipped.pop("budget_gb")
+    assert name == expected and values == shipped
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def detect_card() -> tuple[str, float] | None:
 
     if not torch.cuda.is_available():
         return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(0)
     return props.name, props.total_memory / 2**30
 
 
@@ -50,7 +50,7 @@ def card_budget(total_gib: float) -> float:
     """The budget ``--profile auto`` gives a card of ``total_gib``: its memory less 5% and at least 0.5 GiB (the
     CUDA context and what the allocator cannot see), rounded down to 0.1 GiB; close to the shipped profiles'
     (rtx3060 7.5 of 8 GB, rtx4090 22 of 24 GB, a100-40gb 38 of 40 GB)."""
-    return max(0.1, math.floor(10 * min(total_gib - 0.5, total_gib * 0.95)) / 10)
+    return max(0.1, math.floor(10 * min(total_gib - 0.5, total_gib * 0.95) + 1e-6) / 10)  # 1e-6: bytes to GiB
 
 
 def detect_auto() -> str:
