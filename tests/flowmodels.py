@@ -10,7 +10,8 @@ saves the pipeline with ``save_pretrained`` so the tests load it by path, as a d
   (SD3.5's published schedule); ``with_t5=False`` leaves the third encoder out (the pipeline's zeros instead).
 * FLUX: CLIP-L pooled (width 32) + T5 (width 32), one double and one single block, 2x2 packed latents,
   ``guidance_embeds=True`` (dev) with FLUX.1-dev's resolution-dependent shift, or ``schnell=True``:
-  no guidance embedding and a fixed ``shift=1.0``, as FLUX.1-schnell is published.
+  no guidance embedding and a fixed ``shift=1.0``, as FLUX.1-schnell is published. ``single_layers=0`` leaves the
+  single-stream blocks out (diffusers' kohya FLUX reader splits their fused linear1 at FLUX.1's own widths only).
 
 Images are 32 px: the VAE downsamples by 2, so latents are 16 channels x 16 x 16 (64 tokens in both models).
 """
@@ -95,13 +96,14 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
                                     tokenizer_3=tok3)
 
 
-def build_tiny_flux_pipeline(seed: int = 0, *, schnell: bool = False):
+def build_tiny_flux_pipeline(seed: int = 0, *, schnell: bool = False, single_layers: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=single_layers,
+        attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6))
     vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's published factors
@@ -130,5 +132,5 @@ def build_tiny_sd3_dir(path, *, with_t5: bool = True) -> Path:
     return _save(build_tiny_sd3_pipeline(with_t5=with_t5), path)
 
 
-def build_tiny_flux_dir(path, *, schnell: bool = False) -> Path:
-    return _save(build_tiny_flux_pipeline(schnell=schnell), path)
+def build_tiny_flux_dir(path, *, schnell: bool = False, single_layers: int = 1) -> Path:
+    return _save(build_tiny_flux_pipeline(schnell=schnell, single_layers=single_layers), path)

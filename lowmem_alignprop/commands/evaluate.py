@@ -322,7 +322,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
         family = getattr(pipe, "_lowmem_family", None)
         if family is not None and family.flow:  # SD3 (CFG on "") / FLUX (guidance embedding): Euler, no eta
-            negative = {"negative_prompt": [""] * len(chunk)} if family.name == "sd3" else {}
+            negative = {"negative_prompt": [cfg.negative_prompt] * len(chunk)} if family.name == "sd3" else {}
             images = pipe(prompt=chunk, num_inference_steps=cfg.sample_steps, guidance_scale=family.guidance(cfg),
                           height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt",
                           max_sequence_length=family.max_sequence_length(cfg), **negative).images

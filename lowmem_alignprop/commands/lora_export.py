@@ -70,6 +70,16 @@ class Lora:
     run_config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     step: int | None = None         # a training checkpoint's step (export of checkpoints/step-N), else None
+    family: str = "unet"            # unet (SD 1.x/2.x/SDXL), sd3 (SD3/SD3.5) or flux (FLUX.1): which denoiser
+
+    @property
+    def flow(self) -> bool:
+        return self.family != "unet"
+
+    @property
+    def component(self) -> str:
+        """The pipeline component the LoRA adapts (its keys' prefix in diffusers' layout)."""
+        return "transformer" if self.flow else "unet"
 
     @property
     def modules(self) -> list[str]:
@@ -131,18 +141,21 @@ def read_lora(spec: str) -> Lora:
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"--lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
                         "export from a complete lora/ folder (train again, or copy it again)") from None
-    others = sorted(k for k in raw if not k.startswith("unet."))
+    component = "transformer" if raw and all(k.startswith("transformer.") for k in raw) else "unet"
+    others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:
-        raise UserError(f"--lora {spec} holds layers outside the UNet (e.g. {quote(others[0])}): only UNet LoRAs "
-                        "(what lowmem-alignprop trains) export")
+        raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "
+                        "LoRAs of the denoiser (what lowmem-alignprop trains) export")
     if not raw:
         raise UserError(f"--lora {spec}: {file.name} holds no LoRA weights: export from a complete lora/ folder")
-    weights = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in raw.items()})
+    weights = {k[len(component) + 1:]: v for k, v in raw.items()}
+    if component == "unet":  # a UNet LoRA is in diffusers' older lora.down/up names; a transformer's in peft's
+        weights = convert_unet_state_dict_to_peft(weights)
     bad = sorted(k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if bad:
         raise UserError(f"--lora {spec}: {file.name} holds {quote(bad[0])}, which is not a LoRA A/B weight: only "
                         "plain LoRA adapters export")
-    config = _adapter_config(header, spec)
+    config = _adapter_config(header, spec, component)
     for name in sorted(weights):
         a_key = name.replace(".lora_B.", ".lora_A.")
         b_key = name.replace(".lora_A.", ".lora_B.")
@@ -169,6 +182,9 @@ def read_lora(spec: str) -> Lora:
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
     if run is not None:
         lora.run_config, lora.summary = _read_run(run)
+    if component == "transformer":
+        from lowmem_alignprop.commands import flow_export
+        lora.family = flow_export.family_of_model(lora.base_model) or flow_export.family_of_weights(lora.modules)
     return lora
 
 
@@ -196,8 +212,9 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     return lora
 
 
-def _adapter_config(header: dict[str, str], spec: str) -> dict[str, Any]:
-    """The peft config saved in the header (``unet.``-prefixed keys), else rank = alpha as diffusers assumes."""
+def _adapter_config(header: dict[str, str], spec: str, component: str = "unet") -> dict[str, Any]:
+    """The peft config saved in the header (``unet.``- or ``transformer.``-prefixed keys), else rank = alpha as
+    diffusers assumes."""
     text = header.get("lora_adapter_metadata")
     if not text:
         log.warning("--lora %s carries no adapter config (lora_alpha): exported with alpha = rank, as diffusers "
@@ -208,7 +225,7 @@ def _adapter_config(header: dict[str, str], spec: str) -> dict[str, Any]:
     except ValueError:
         raise UserError(f"--lora {spec}: the adapter config in {LORA_WEIGHT_NAME} is damaged (not JSON): export "
                         "from a complete lora/ folder") from None
-    config = {k[len("unet."):]: v for k, v in meta.items() if k.startswith("unet.")}
+    config = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
     if config.get("use_dora"):
         raise UserError(f"--lora {spec} is a DoRA adapter: only plain LoRA exports")
     return config
@@ -231,7 +248,10 @@ def _read_run(run: Path) -> tuple[dict, dict]:
 
 def base_family(lora: Lora) -> str:
     """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
-    width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+    width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
+    if lora.flow:
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules)
     spec = lora.base_model or ""
     known = {"sd15": SD_V1, "sd21": SD_V2, "sdxl": SDXL}
     if spec in known:
@@ -259,8 +279,13 @@ def base_family(lora: Lora) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
-    """``lora_unet_*`` keys (diffusers' converter) with each ``.alpha`` set to the trained scale times the rank."""
+    """``lora_unet_*`` keys (diffusers' converter) with each ``.alpha`` set to the trained scale times the rank;
+    SD3/FLUX in their original module names, q/k/v fused (commands/flow_export.py)."""
     from diffusers.utils import convert_state_dict_to_kohya
+
+    if lora.flow:
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family)
 
     converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.weights.items()})
     for module in lora.modules:
@@ -287,7 +312,7 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
         "ss_network_alpha": _num(alpha),
         "ss_sd_model_name": str(lora.base_model or ""),
-        "ss_training_comment": "AlignProp reward fine-tuning with lowmem-alignprop (UNet LoRA only)",
+        "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({_what(lora)} LoRA only)",
         "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_reward": str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
@@ -295,7 +320,14 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     }
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = _num(info["reward_last"])
+    if lora.flow:  # what sd-scripts writes beside it for these families
+        from lowmem_alignprop.commands import flow_export
+        meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules)
     return meta
+
+
+def _what(lora: Lora) -> str:
+    return {"unet": "UNet", "sd3": "SD3 transformer", "flux": "FLUX transformer"}[lora.family]
 
 
 def write_kohya(lora: Lora, folder: Path, name: str) -> Path:
@@ -352,20 +384,30 @@ def merge_base(lora: Lora, model: str | None) -> str:
     from lowmem_alignprop.models.loading import resolve_model
 
     kind, _ = resolve_model(spec)
-    if kind == "arch":
+    if kind in ("arch", "flow_arch"):
         raise UserError(f"--merge onto {spec}: that is an architecture with random weights, not a model: pass the "
                         "model the LoRA was trained on with --model")
     return spec
 
 
-def load_base(spec: str):
-    """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete)."""
+def load_base(spec: str, run_config: dict | None = None):
+    """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete). SD3/FLUX
+    load as training loads them (a transformer file takes the run's model_components), in fp32."""
     from diffusers import DiffusionPipeline
 
     from lowmem_alignprop.run import hub
     from lowmem_alignprop.models.loading import hub_message, resolve_model
 
     kind, where = resolve_model(spec)
+    components = (run_config or {}).get("model_components") or ""
+    if kind.startswith("flow") or (kind == "file" and components):
+        from lowmem_alignprop.models.family import family_for
+        from lowmem_alignprop.models.loading import load_components
+        from lowmem_alignprop.settings.config import Config
+
+        comps = load_components(Config(model=spec, model_components=components,
+                                       t5_encoder=(run_config or {}).get("t5_encoder", True)))
+        return family_for(comps).make_pipeline(comps)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
@@ -390,10 +432,12 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     from lowmem_alignprop.commands.evaluate import LoraSpec, load_adapters
 
     spec = merge_base(lora, model)
-    pipe = load_base(spec)
-    unet = getattr(pipe, "unet", None)
+    pipe = load_base(spec, lora.run_config)
+    unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
-        raise UserError(f"--merge onto {spec}: not a Stable Diffusion model with a UNet (SD 1.x, 2.x or SDXL)")
+        theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
+        raise UserError(f"--merge onto {spec}: the LoRA adapts {theirs} and {spec} is not one: pass the model it was "
+                        "trained on with --model")
     if lora.base:
         ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
         problem = ckpt.fingerprint_difference(lora.base, ours)
@@ -405,7 +449,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
                                   name="alignprop")], spec)  # a LoRA of other layer shapes: one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe.fuse_lora(lora_scale=weight, components=["unet"], adapter_names=["alignprop"])
+        pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
     return pipe
 
@@ -495,20 +539,22 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     family = base_family(lora)
     base = lora.base_model
     tags = ["lowmem-alignprop", "alignprop", "reward-finetuning", "text-to-image",
-            "stable-diffusion-xl" if family == SDXL else "stable-diffusion"]
+            {"flux": "flux", "sd3": "sd3"}.get(lora.family, "stable-diffusion-xl" if family == SDXL
+                                               else "stable-diffusion")]
     if merged_weight is None:
         tags.insert(2, "lora")
     data = ModelCardData(base_model=base if _is_hub_id(base) else None, tags=tags,
                          library_name="peft" if fmt == "peft" else "diffusers")
     front = data.to_yaml() + "\n# license: set the license of the base model here (e.g. creativeml-openrail-m)"
     what = (f"the base model with the LoRA merged in at weight {_num(merged_weight)}" if merged_weight is not None
-            else f"a UNet LoRA, {fmt} format")
+            else f"a {_what(lora)} LoRA, {fmt} format")
     rows = [("base model", f"`{base}`" if base else "unknown"), ("reward", info.get("reward")),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
     if "truncation" in info:
         k = (f"K = {info.get('k')}" if info["truncation"] == "fixed"
              else f"K uniform in [{info.get('k_min')}, {info.get('k_max')}]")
-        rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} DDIM steps"))
+        rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
+                                                           f"{'Euler' if lora.flow else 'DDIM'} steps"))
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {_num(lora.config.get('lora_alpha') or ranks[0])}"
                  f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
@@ -522,14 +568,15 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("note", "the run was interrupted before its last step"))
     lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",
              f"This folder holds {what}, trained with lowmem-alignprop (AlignProp: reward "
-             "gradients backpropagated through the last K denoising steps into LoRA adapters on the UNet).", "",
+             "gradients backpropagated through the last K denoising steps into LoRA adapters on the "
+             f"{'transformer' if lora.flow else 'UNet'}).", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     if grid:
         what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
-    lines += ["", "## Use", ""] + _usage(fmt, files, base, merged_weight)
+    lines += ["", "## Use", ""] + _usage(fmt, files, base, merged_weight, lora.family)
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
     if train_cmd:
@@ -540,8 +587,11 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     return text
 
 
-def _usage(fmt: str, files: list[str], base: str | None, merged: float | None) -> list[str]:
+def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet") -> list[str]:
     base = base or "BASE_MODEL"
+    if family != "unet":
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.usage(fmt, files, base, merged, family)
     if merged is not None and fmt == "single-file":
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
                 "node.",
@@ -670,6 +720,11 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
+    if single_file and lora.flow:
+        raise UserError(f"--merge --single-file writes the UNet models' original (LDM) checkpoint; for "
+                        f"{'FLUX.1' if lora.family == 'flux' else 'SD3/SD3.5'} drop --single-file (a diffusers folder: "
+                        "its transformer/ loads in ComfyUI's Load Diffusion Model) or load the LoRA itself "
+                        "(--format kohya)")
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -725,8 +780,45 @@ _TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 def init_lora_file(spec: str) -> Path:
     """``--init-lora``: the one ``.safetensors`` file diffusers' ``load_lora_weights`` reads for a LoRA given as a
     run's ``lora/`` folder (or the run folder), a training checkpoint, a diffusers or kohya file, a folder holding
-    one such file (an ``export`` folder), or a peft adapter folder. A checkpoint and a peft folder are written in
-    diffusers' layout into a temporary folder first (removed when the process ends). Raises UserError."""
+    one such file (an ``export`` folder), or a peft adapter folder. A checkpoint, a peft folder and an SD3/FLUX
+    kohya file (fused q/k/v, which diffusers' SD3 loader does not read) are written in diffusers' layout into a
+    temporary folder first (removed when the process ends). Raises UserError."""
+    file = _init_lora_source(spec)
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        from lowmem_alignprop.commands import flow_export
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                kohya_flow = flow_export.is_kohya_flow(f.keys())
+        except Exception:  # a damaged file: lora_file_ranks says so in one line
+            return file
+        if kohya_flow:
+            return _kohya_flow_as_diffusers(file, spec)
+    return file
+
+
+def _kohya_flow_as_diffusers(file: Path, spec: str) -> Path:
+    """An SD3/FLUX kohya file split back into the transformer's own layers (flow_export.kohya_to_peft)."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    weights, _ = flow_export.kohya_to_peft(load_file(str(file)), spec)
+    ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
+    if len(ranks) > 1:
+        raise UserError(f"--init-lora {spec} has layers of ranks {'/'.join(map(str, ranks))} once split: pass a "
+                        "LoRA of one rank")
+    out = _temporary_folder() / "lora"
+    # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (scale 1)
+    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
+                                               transformer_lora_adapter_metadata={"r": ranks[0],
+                                                                                  "lora_alpha": ranks[0]})
+    return out / LORA_WEIGHT_NAME
+
+
+def _init_lora_source(spec: str) -> Path:
     from lowmem_alignprop.run.checkpoint import named_checkpoint
 
     path = Path(spec).expanduser()
@@ -776,6 +868,11 @@ def _peft_as_diffusers(folder: Path, spec: str) -> Path:
     weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
     known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
     out = _temporary_folder() / "lora"
+    if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
+        from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
+        StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=known)
+        return out / LORA_WEIGHT_NAME
     StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(weights),
                                               unet_lora_adapter_metadata=known)
     return out / LORA_WEIGHT_NAME

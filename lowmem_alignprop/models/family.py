@@ -104,10 +104,12 @@ class FlowFamily(UNetFamily):
         # always cached: T5-XXL (4.7B parameters) is on the device for one encoding pass, then leaves it
         if not cfg.encode_on_cpu:
             return flow.FlowPromptCache(pipe, prompts, device, guidance_scale=self.guidance(cfg),
-                                        max_sequence_length=self.max_sequence_length(cfg), place=place)
+                                        max_sequence_length=self.max_sequence_length(cfg), place=place,
+                                        negative_prompt=cfg.negative_prompt)
         place.offload("text_encoder", *comps.text_encoders())  # encode_on_cpu: the encoders never reach the device
         cache = flow.FlowPromptCache(pipe, prompts, "cpu", guidance_scale=self.guidance(cfg),
-                                     max_sequence_length=self.max_sequence_length(cfg))
+                                     max_sequence_length=self.max_sequence_length(cfg),
+                                     negative_prompt=cfg.negative_prompt)
         return _OnDevice(cache, device)
 
     def _latent_size(self, cfg):
@@ -175,8 +177,15 @@ class _OnDevice:
 
 def check_supported(comps, cfg) -> None:
     """What a model family does not do (one line before anything is written). Every option of the UNet step now
-    works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); the hook stays for the next such gap."""
-    return None
+    works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); FLUX.1 has no negative branch."""
+    from lowmem_alignprop.settings.errors import UserError
+
+    if getattr(comps, "family", "unet") == flow.FLUX and cfg.negative_prompt:
+        raise UserError(FLUX_NEGATIVE)  # (a hub id or a transformer file: Config.validate could not tell)
+
+
+FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free "
+                 "guidance pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
 def family_for(comps) -> UNetFamily:

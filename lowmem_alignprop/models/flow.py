@@ -9,8 +9,8 @@ position ids (``FluxPipeline._pack_latents`` / ``_unpack_latents`` / ``_prepare_
 prompt encoders (the pipelines' ``encode_prompt``). So with the same latents, steps and guidance, our images are
 the pipeline's (tests/test_flow.py checks it for both families).
 
-Guidance: SD3/SD3.5 use classifier-free guidance (the empty negative prompt and the prompt batched in one
-transformer call, as the pipeline does, when ``guidance_scale > 1``); FLUX.1-dev takes the guidance scale as an
+Guidance: SD3/SD3.5 use classifier-free guidance (the negative prompt, empty by default, and the prompt batched in
+one transformer call, as the pipeline does, when ``guidance_scale > 1``); FLUX.1-dev takes the guidance scale as an
 input of the transformer (its guidance embedding; one call, no negative prompt); FLUX.1-schnell has no guidance
 input at all and samples in a few steps (its scheduler has a fixed shift of 1).
 
@@ -94,12 +94,12 @@ def _text_encoders(pipe) -> tuple:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], device, *, guidance_scale: float,
-                   max_sequence_length: int) -> FlowEmbeds:
+                   max_sequence_length: int, negative_prompt: str = "") -> FlowEmbeds:
     """Prompts -> text embeddings with the pipeline's own ``encode_prompt`` (frozen encoders, no gradient).
 
     SD3: CLIP-L + CLIP-G (+ T5 when the pipeline has ``text_encoder_3``; without it the pipeline puts zeros in
-    the T5 tokens' place, as SD3 was trained to accept); the empty negative prompt is encoded too when
-    ``guidance_scale > 1``. FLUX: CLIP-L pooled + T5 tokens and the text position ids.
+    the T5 tokens' place, as SD3 was trained to accept); ``negative_prompt`` (empty: the empty prompt, as the
+    pipeline's default) is encoded too when ``guidance_scale > 1``. FLUX has no negative branch. FLUX: CLIP-L pooled + T5 tokens and the text position ids.
     """
     prompts = list(prompts)
     if family_of(pipe.transformer) == FLUX:
@@ -109,7 +109,7 @@ def encode_prompts(pipe, prompts: list[str], device, *, guidance_scale: float,
     cfg = guidance_scale > 1.0
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=cfg, negative_prompt=[""] * len(prompts) if cfg else None,
+        do_classifier_free_guidance=cfg, negative_prompt=[negative_prompt] * len(prompts) if cfg else None,
         max_sequence_length=max_sequence_length)
     return FlowEmbeds(cond, pooled, uncond, uncond_pooled)
 
@@ -123,8 +123,9 @@ class FlowPromptCache:
     """
 
     def __init__(self, pipe, prompts, device, *, guidance_scale: float, max_sequence_length: int, place=None,
-                 chunk: int = 16):
+                 chunk: int = 16, negative_prompt: str = ""):
         self.pipe, self.device, self.place, self.chunk = pipe, device, place, chunk
+        self.negative_prompt = negative_prompt
         self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
         self.prompts = sorted(set(prompts))
         self.cache: dict[str, FlowEmbeds] = {}
@@ -136,7 +137,7 @@ class FlowPromptCache:
         for i in range(0, len(self.prompts), self.chunk):
             part = self.prompts[i:i + self.chunk]
             e = encode_prompts(self.pipe, part, self.device, guidance_scale=self.guidance_scale,
-                               max_sequence_length=self.max_sequence_length)
+                               max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
             for j, p in enumerate(part):
                 self.cache[p] = e.index(slice(j, j + 1))
         if self.place is not None:

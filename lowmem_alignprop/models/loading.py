@@ -398,6 +398,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from lowmem_alignprop.models.flow import FLOW_LORA_TARGETS
     from lowmem_alignprop.run import checkpoint as ckpt
 
     problem = ckpt.verify(checkpoint)
@@ -416,11 +417,18 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     if not weights or any(not k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights):
         raise UserError(f"checkpoint {checkpoint} holds weights other than LoRA adapters: it is not a LoRA run's")
     rank = run_cfg.get("lora_rank") or 4
+    # an SD3/FLUX transformer's blocks: saved as its pipeline saves them (peft's keys under transformer.)
+    flow = all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights)
     config = LoraConfig(r=rank, lora_alpha=run_cfg.get("lora_alpha") or rank, init_lora_weights="gaussian",
-                        target_modules=LORA_TARGETS)
+                        target_modules=FLOW_LORA_TARGETS if flow else LORA_TARGETS)
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(weights),
-                                              unet_lora_adapter_metadata=config.to_dict())
+    if flow:
+        from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
+        StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=config.to_dict())
+    else:
+        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
+            weights), unet_lora_adapter_metadata=config.to_dict())
     (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
     return folder / "pytorch_lora_weights.safetensors"
 

@@ -309,6 +309,10 @@ class Config:
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or drop --sample-every")
+        if self.negative_prompt and _is_flux(self.model, self.model_components):
+            raise UserError("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free "
+                            "guidance pass), so it has no negative branch: drop --set negative_prompt, or use an "
+                            "SD3/SD3.5 model")
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.base_quant != "none" and self.train_unet == "full":
@@ -473,6 +477,24 @@ def coerce(name: str, value: Any) -> Any:
     if t is str and not isinstance(value, str):
         raise UserError(f"{name} must be text, got {quote(value)}")
     return value
+
+
+def _is_flux(model: str, components: str) -> bool:
+    """A FLUX.1 model as its files tell, without loading it: the shipped ``flux`` architecture, or a folder (the model,
+    or a transformer file's model_components) whose model_index.json names FluxPipeline. A hub id cannot be told
+    here: the loader refuses it there (models/family.check_supported)."""
+    import json
+
+    if model == "flux":
+        return True
+    for folder in (model, components):
+        try:
+            with open(os.path.join(os.path.expanduser(folder), "model_index.json"), encoding="utf-8") as f:
+                if json.load(f).get("_class_name") == "FluxPipeline":
+                    return True
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return False
 
 
 def _closest_choice(value, choices) -> str:

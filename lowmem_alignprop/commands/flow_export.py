@@ -1,0 +1,263 @@
+"""The flow families' LoRA (SD3/SD3.5 and FLUX.1) in the layout ComfyUI and kohya sd-scripts read.
+
+Those tools run the transformers under their original module names -- Stability's MMDiT
+(``joint_blocks.N.x_block.attn.qkv``) and Black Forest Labs' FLUX (``double_blocks.N.img_attn.qkv``,
+``single_blocks.N.linear1``) -- where one Linear computes q, k and v together (FLUX's single blocks also the MLP's
+input: ``linear1`` rows are ``[q; k; v; mlp]``, the MLP 4x the width). diffusers splits them (``attn.to_q``, ...),
+and so does our peft LoRA. A kohya file names the original module (``lora_unet_`` + its path, dots as
+underscores: what ComfyUI's generic key map builds from the model's ``diffusion_model.*`` weights, and what
+sd-scripts' ``networks/lora_sd3.py`` / ``lora_flux.py`` write), so the LoRAs of a fused module's parts are fused
+exactly: ``lora_down`` is their A matrices stacked (rank = the sum of theirs), ``lora_up`` block-diagonal (each
+part's B in its own rows and its own columns, zeros elsewhere: a part we do not train, FLUX's MLP rows, stays
+zero), and one ``alpha`` = scale x fused rank, so that the loaders' ``alpha / rank x up @ down`` is the sum of the
+parts' ``scale x B @ A`` in their rows. Parts trained with another scale (peft's ``alpha_pattern``) get their
+ratio folded into their B block. ``kohya_to_peft`` is the exact inverse (``--init-lora`` of such a file): a
+block-diagonal fused LoRA splits back into the parts' own ranks; a dense one (another trainer's) gives every part
+the whole ``lora_down``.
+
+kohya's ``ss_base_model_version`` is what sd-scripts writes: ``flux1`` for FLUX.1; for SD3 the MMDiT's type,
+``5-large`` (qk-norm), ``5-medium`` (qk-norm and dual attention, MMDiT-X) or ``medium`` (SD3 Medium).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.settings.errors import UserError, quote
+
+SD3, FLUX = "sd3", "flux"
+QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
+ADD_QKV = {"add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2}
+FLUX_MLP_RATIO = 4  # FLUX.1's single blocks: linear1 rows are q, k, v (the width each) and the MLP (4x the width)
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def family_of_weights(modules) -> str:
+    """FLUX.1 has single-stream blocks, SD3 none (used when the base model does not tell)."""
+    return FLUX if any(m.startswith("single_transformer_blocks.") for m in modules) else SD3
+
+
+def _table(family: str, kind: str) -> tuple[str, dict[str, tuple[str, int, int]]]:
+    """The original block name and {diffusers path in the block: (original path, slot, slots)}."""
+    if family == FLUX and kind == "single_transformer_blocks":
+        return "single_blocks", {**{f"attn.{k}": ("linear1", i, 4) for k, i in QKV.items()},
+                                 "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1),
+                                 "norm.linear": ("modulation.lin", 0, 1)}
+    if family == FLUX:
+        return "double_blocks", {**{f"attn.{k}": ("img_attn.qkv", i, 3) for k, i in QKV.items()},
+                                 **{f"attn.{k}": ("txt_attn.qkv", i, 3) for k, i in ADD_QKV.items()},
+                                 "attn.to_out.0": ("img_attn.proj", 0, 1), "attn.to_add_out": ("txt_attn.proj", 0, 1),
+                                 "ff.net.0.proj": ("img_mlp.0", 0, 1), "ff.net.2": ("img_mlp.2", 0, 1),
+                                 "ff_context.net.0.proj": ("txt_mlp.0", 0, 1), "ff_context.net.2": ("txt_mlp.2", 0, 1),
+                                 "norm1.linear": ("img_mod.lin", 0, 1), "norm1_context.linear": ("txt_mod.lin", 0, 1)}
+    if kind == "transformer_blocks":
+        return "joint_blocks", {**{f"attn.{k}": ("x_block.attn.qkv", i, 3) for k, i in QKV.items()},
+                                **{f"attn.{k}": ("context_block.attn.qkv", i, 3) for k, i in ADD_QKV.items()},
+                                **{f"attn2.{k}": ("x_block.attn2.qkv", i, 3) for k, i in QKV.items()},
+                                "attn.to_out.0": ("x_block.attn.proj", 0, 1),
+                                "attn.to_add_out": ("context_block.attn.proj", 0, 1),
+                                "attn2.to_out.0": ("x_block.attn2.proj", 0, 1),
+                                "ff.net.0.proj": ("x_block.mlp.fc1", 0, 1), "ff.net.2": ("x_block.mlp.fc2", 0, 1),
+                                "ff_context.net.0.proj": ("context_block.mlp.fc1", 0, 1),
+                                "ff_context.net.2": ("context_block.mlp.fc2", 0, 1)}
+    return "", {}  # SD3 has no single-stream blocks
+
+
+def original_slot(module: str, family: str) -> tuple[str, int, int]:
+    """(original module path, slot, slots) of a diffusers transformer module: ``slot`` is its part of a fused
+    module (q=0, k=1, v=2; FLUX's linear1 has a 4th, the MLP), ``slots`` their number (1: not fused)."""
+    m = _BLOCK.match(module)
+    if m is not None:
+        kind, n, rest = m.groups()
+        block, names = _table(family, kind)
+        if rest in names:
+            path, slot, slots = names[rest]
+            return f"{block}.{n}.{path}", slot, slots
+    raise UserError(f"the LoRA adapts {quote(module)}, which has no name in the original "
+                    f"{'FLUX' if family == FLUX else 'MMDiT'} layout: export it with --format diffusers or peft")
+
+
+def kohya_name(original: str) -> str:
+    return "lora_unet_" + original.replace(".", "_")
+
+
+def _slot_rows(slots: int, width: int) -> list[int]:
+    """Row counts of a fused module's parts: three equal q/k/v, and FLUX's MLP part 4x as wide."""
+    return [width] * 3 + ([FLUX_MLP_RATIO * width] if slots == 4 else []) if slots > 1 else [width]
+
+
+def kohya_state_dict(weights: dict[str, torch.Tensor], scale, family: str) -> dict[str, torch.Tensor]:
+    """``weights``: peft names (``transformer_blocks.0.attn.to_q.lora_A.weight``); ``scale(module)``: the factor
+    peft applies to its ``B @ A``. Returns the kohya state dict (fused modules fused exactly, module doc)."""
+    groups: dict[str, dict[int, str]] = {}
+    slots_of: dict[str, int] = {}
+    for module in sorted({k[: -len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")}):
+        original, slot, slots = original_slot(module, family)
+        groups.setdefault(original, {})[slot] = module
+        slots_of[original] = slots
+    out = {}
+    for original, parts in groups.items():
+        order = sorted(parts)
+        a = [weights[f"{parts[s]}.lora_A.weight"].float() for s in order]
+        b = [weights[f"{parts[s]}.lora_B.weight"].float() for s in order]
+        ref = scale(parts[order[0]])
+        rows = _slot_rows(slots_of[original], b[0].shape[0])
+        starts = [sum(rows[:s]) for s in range(len(rows))]
+        down = torch.cat(a)
+        up = torch.zeros(sum(rows), down.shape[0])
+        col = 0
+        for s, a_s, b_s in zip(order, a, b):
+            ratio = scale(parts[s]) / ref  # a part trained with another scale: the ratio goes into its B block
+            up[starts[s]:starts[s] + rows[s], col:col + a_s.shape[0]] = b_s if ratio == 1.0 else b_s * ratio
+            col += a_s.shape[0]
+        name = kohya_name(original)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(ref * down.shape[0], dtype=torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the inverse: a kohya SD3/FLUX file -> peft weights (--init-lora)
+# ---------------------------------------------------------------------------------------------------------
+
+_KOHYA_FLOW = re.compile(r"^lora_unet_(double_blocks|single_blocks|joint_blocks)_")
+
+
+def is_kohya_flow(keys) -> bool:
+    return any(_KOHYA_FLOW.match(k) for k in keys)
+
+
+def _inverse_map(family: str, names: set[str]) -> dict[str, dict[int, str]]:
+    """kohya module name -> {slot: diffusers module} for the blocks the file names."""
+    out: dict[str, dict[int, str]] = {}
+    blocks = {int(m.group(2)) for k in names if (m := re.match(r"lora_unet_(\w+?_blocks)_(\d+)_", k))}
+    candidates = []
+    for n in blocks:
+        if family == FLUX:
+            candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
+            candidates += [f"single_transformer_blocks.{n}.attn.{k}" for k in QKV]
+            candidates += [f"single_transformer_blocks.{n}.proj_mlp"]
+        else:
+            candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
+            candidates += [f"transformer_blocks.{n}.attn2.{k}" for k in (*QKV, "to_out.0")]
+    for module in candidates:
+        original, slot, _ = original_slot(module, family)
+        out.setdefault(kohya_name(original), {})[slot] = module
+    return out
+
+
+def _zero_outside(block: torch.Tensor, lo: int, hi: int) -> bool:
+    """Every column of ``block`` outside ``lo:hi`` is exactly zero (a block-diagonal fused lora_up)."""
+    return not block[:, :lo].any() and not block[:, hi:].any()
+
+
+def kohya_to_peft(state: dict[str, torch.Tensor], spec: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A kohya SD3/FLUX LoRA -> (peft weights with each layer's scale folded into B so that peft's scale is 1,
+    family). Raises UserError for a module this trainer does not adapt (FLUX's MLP rows of linear1, ...)."""
+    names = {k.split(".")[0] for k in state}
+    family = FLUX if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names) else SD3
+    known = _inverse_map(family, names)
+    out = {}
+    for name in sorted(names):
+        if name not in known or f"{name}.lora_down.weight" not in state:
+            raise UserError(f"--init-lora {spec} adapts {quote(name)}, a layer this run does not train (its LoRA is on "
+                            "the attention projections): pass a LoRA of those layers")
+        down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
+        parts = known[name]
+        slots = max(parts) + 1 if len(parts) > 1 else 1
+        rows = _slot_rows(slots, up.shape[0] // (3 + FLUX_MLP_RATIO) if slots == 4 else up.shape[0] // slots)
+        starts = [sum(rows[:s]) for s in range(len(rows))]
+        if slots == 4 and up[starts[3]:].abs().max() > 0:
+            raise UserError(f"--init-lora {spec} adapts the MLP input of {quote(name)}, a layer this run does not "
+                            "train (its LoRA is on the attention projections): pass a LoRA of those layers")
+        trained = [s for s in sorted(parts) if s < 3] if slots > 1 else [0]
+        r = rank // len(trained) if rank % len(trained) == 0 else 0
+        diagonal = r > 0 and all(_zero_outside(up[starts[s]:starts[s] + rows[s]], c * r, (c + 1) * r)
+                                 for c, s in enumerate(trained))
+        for c, s in enumerate(trained):
+            block = up[starts[s]:starts[s] + rows[s]]
+            a, b = (down[c * r:(c + 1) * r], block[:, c * r:(c + 1) * r]) if diagonal else (down, block)
+            out[f"{parts[s]}.lora_A.weight"] = a.contiguous()
+            out[f"{parts[s]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()  # the loaders' alpha / rank
+    return out, family
+
+
+# ---------------------------------------------------------------------------------------------------------
+# which model: kohya's ss_base_model_version, sai's modelspec.architecture
+# ---------------------------------------------------------------------------------------------------------
+
+def transformer_config(base_model: str | None) -> dict | None:
+    """The base model's transformer config, when the base model is a shipped architecture or a local folder."""
+    if not base_model:
+        return None
+    from lowmem_alignprop.models.flow_loading import ARCH_FLOW_DIR, FLOW_ARCHS
+
+    folder = ARCH_FLOW_DIR / base_model if base_model in FLOW_ARCHS else Path(base_model).expanduser()
+    try:
+        return json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def family_of_model(base_model: str | None) -> str | None:
+    """sd3 or flux from the base model's folder (model_index.json) or shipped name; None when it does not tell."""
+    if not base_model:
+        return None
+    from lowmem_alignprop.models.flow_loading import FLOW_ARCHS, FLOW_PIPELINES
+
+    if base_model in FLOW_ARCHS:
+        return FLUX if base_model == "flux" else SD3
+    try:
+        index = json.loads((Path(base_model).expanduser() / "model_index.json").read_text())
+        return FLOW_PIPELINES.get(index.get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def base_model_version(family: str, base_model: str | None, modules) -> str:
+    if family == FLUX:
+        return "flux1"
+    conf = transformer_config(base_model)
+    dual = any(".attn2." in m for m in modules) or bool((conf or {}).get("dual_attention_layers"))
+    if conf is not None and not conf.get("qk_norm"):
+        return "medium"  # SD3 Medium: no qk-norm
+    return "5-medium" if dual else "5-large"
+
+
+def architecture(family: str, base_model: str | None, modules) -> str:
+    """sai modelspec.architecture (what sd-scripts writes beside ss_base_model_version)."""
+    if family == FLUX:
+        conf = transformer_config(base_model)
+        return f"flux-1-{'schnell' if conf is not None and not conf.get('guidance_embeds') else 'dev'}/lora"
+    return f"stable-diffusion-3-{base_model_version(family, base_model, modules)}/lora"
+
+
+def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str) -> list[str]:
+    """The model card's "Use" lines for an SD3/FLUX export."""
+    pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
+    if merged is not None:
+        return ["```python", f"from diffusers import {pipeline}",
+                f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\")", "```",
+                "- ComfyUI: the merged transformer is `transformer/` (diffusers layout); its *Load Diffusion Model* "
+                "node reads a diffusers-layout transformer file in `ComfyUI/models/diffusion_models/`."]
+    if fmt == "kohya":
+        return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/loras/` and pick it in a *LoraLoaderModelOnly* "
+                f"(or *Load LoRA*) node after the {'FLUX.1' if family == FLUX else 'SD3.5'} model.",
+                "- kohya sd-scripts / Forge: the same file (`lora_unet_` + the original module names).",
+                *([f"- diffusers: `FluxPipeline.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")`."]
+                  if family == FLUX else
+                  ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "
+                   "kohya names."])]
+    if fmt == "peft":
+        return ["```python", "from peft import PeftModel",
+                f"transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")  # {base}'s transformer",
+                "```"]
+    return ["```python", f"pipe = {pipeline}.from_pretrained(\"{base}\")", "pipe.load_lora_weights(\"THIS_FOLDER\")",
+            "```"]

@@ -1,0 +1,272 @@
+"""Issue 17 for the flow families (SD3/SD3.5, FLUX.1): ``export`` in kohya, peft and diffusers layouts and
+``--merge``, ``--init-lora`` from each layout, SD3's negative prompt, FLUX's refusal of one, and a FLUX run with
+``--sample-every``, checkpoints and ``export_format=kohya,peft`` end to end.
+
+LoRAs are made as a run saves them (models.flow.add_flow_lora, lora_B perturbed, save_flow_lora with the adapter
+config, base_model.json), with lora_alpha = 2 * rank: an export that drops or misfolds alpha / rank doubles or
+halves the LoRA's effect, far above the tolerances. The loaders compared are the consumers' own: diffusers'
+``FluxPipeline.load_lora_weights`` (its kohya converter) for the kohya file, peft's ``PeftModel.from_pretrained``,
+``from_pretrained`` for the merged model; the kohya keys are checked against names written here from the
+original architectures (ComfyUI maps ``lora_unet_`` + an original weight's path, dots as underscores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
+from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
+
+from lowmem_alignprop.cli import main
+
+RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
+RES = FLOW_RESOLUTION
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+def _classes(family: str):
+    from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    return (FluxPipeline, FluxTransformer2DModel) if family == "flux" else (StableDiffusion3Pipeline,
+                                                                            SD3Transformer2DModel)
+
+
+@torch.no_grad()
+def transformer_out(transformer) -> torch.Tensor:
+    """One call of the transformer on fixed inputs that reach every adapted layer."""
+    from lowmem_alignprop.models import flow
+
+    c = transformer.config
+    g = torch.Generator().manual_seed(7)
+    ehs = torch.randn(2, 5, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=g)
+    if flow.family_of(transformer) == "flux":
+        return transformer(hidden_states=torch.randn(2, 16, c.in_channels, generator=g), encoder_hidden_states=ehs,
+                           pooled_projections=pooled, timestep=torch.tensor([0.3, 0.8]), img_ids=flow.latent_image_ids(8, 8),
+                           txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]), return_dict=False)[0]
+    return transformer(hidden_states=torch.randn(2, c.in_channels, 8, 8, generator=g), encoder_hidden_states=ehs,
+                       pooled_projections=pooled, timestep=torch.tensor([300.0, 800.0]), return_dict=False)[0]
+
+
+def _make_lora(base: Path, run: Path, family: str) -> dict:
+    """A LoRA saved as a run saves it, its run folder, and the transformer's outputs of the base model and of
+    base + LoRA (peft, in memory: the reference)."""
+    from lowmem_alignprop.models.flow import add_flow_lora, save_flow_lora
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    pipeline_cls, transformer_cls = _classes(family)
+    transformer = transformer_cls.from_pretrained(base / "transformer")
+    base_out = transformer_out(transformer)
+    add_flow_lora(transformer, RANK, ALPHA, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = transformer_out(transformer)
+    save_flow_lora(pipeline_cls, transformer, run / "lora")
+    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
+                                                                               transformer)))
+    (run / "config.yaml").write_text(yaml.safe_dump({"profile": "cpu", "model": str(base), "reward": "brightness",
+                                                     "steps": 3, "lora_rank": RANK, "lora_alpha": ALPHA,
+                                                     "truncation": "fixed", "k": 2, "sample_steps": 4}))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "reward_first": 0.41,
+                                                  "reward_last": 0.52}))
+    modules = sorted(n for n, m in transformer.named_modules() if "default" in getattr(m, "lora_A", {}))
+    scale = ALPHA / RANK
+    deltas = {n: scale * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
+              for n, m in transformer.named_modules() if "default" in getattr(m, "lora_A", {})}
+    assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above the " \
+                                                                 "tolerances, else the tests prove nothing"
+    return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out, "family": family,
+            "modules": modules, "deltas": deltas, "config": transformer.config}
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    return _make_lora(build_tiny_flux_dir(root / "base"), root / "run", "flux")
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    return _make_lora(build_tiny_sd3_dir(root / "base"), root / "run", "sd3")
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def case(request):
+    return request.getfixturevalue(request.param)
+
+
+def _export(tmp_path, lora, *extra) -> Path:
+    out = tmp_path / "out"
+    assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
+    return out
+
+
+def _kohya(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(str(files[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kohya: the original module names, q/k/v fused exactly
+# ---------------------------------------------------------------------------------------------------------
+
+def _original_modules(family: str, config) -> dict[str, tuple[int, int, list[str]]]:
+    """From the architectures (BFL's FLUX, Stability's MMDiT), not from the exporter: every original module our
+    LoRA reaches -> (rows of its weight, its input width, the diffusers layers stacked in its rows, in order)."""
+    width = config.num_attention_heads * config.attention_head_dim
+    out = {}
+    if family == "flux":
+        for i in range(config.num_layers):  # double-stream blocks: fused q/k/v per stream, then the projections
+            a = f"transformer_blocks.{i}.attn."
+            out[f"double_blocks.{i}.img_attn.qkv"] = (3 * width, width, [a + "to_q", a + "to_k", a + "to_v"])
+            out[f"double_blocks.{i}.txt_attn.qkv"] = (3 * width, width, [a + "add_q_proj", a + "add_k_proj",
+                                                                         a + "add_v_proj"])
+            out[f"double_blocks.{i}.img_attn.proj"] = (width, width, [a + "to_out.0"])
+            out[f"double_blocks.{i}.txt_attn.proj"] = (width, width, [a + "to_add_out"])
+        for i in range(config.num_single_layers):  # linear1 = [q; k; v; MLP input (4x the width)]
+            a = f"single_transformer_blocks.{i}.attn."
+            out[f"single_blocks.{i}.linear1"] = (7 * width, width, [a + "to_q", a + "to_k", a + "to_v", None])
+        return out
+    for i in range(config.num_layers):  # joint blocks: x (image) and context (text) streams
+        a = f"transformer_blocks.{i}.attn."
+        out[f"joint_blocks.{i}.x_block.attn.qkv"] = (3 * width, width, [a + "to_q", a + "to_k", a + "to_v"])
+        out[f"joint_blocks.{i}.x_block.attn.proj"] = (width, width, [a + "to_out.0"])
+        out[f"joint_blocks.{i}.context_block.attn.qkv"] = (3 * width, width, [a + "add_q_proj", a + "add_k_proj",
+                                                                               a + "add_v_proj"])
+        if i < config.num_layers - 1:  # the last context block is pre-only: no output projection
+            out[f"joint_blocks.{i}.context_block.attn.proj"] = (width, width, [a + "to_add_out"])
+    return out
+
+
+def test_kohya_keys_are_what_comfyui_maps_and_each_fused_delta_is_the_parts(case, tmp_path):
+    """ComfyUI (comfy/lora.py) maps ``lora_unet_`` + an original ``diffusion_model.`` weight's path without
+    ``.weight``, dots as underscores, and applies ``alpha / rows(lora_down) * lora_up @ lora_down`` to that weight.
+    Every original module must appear once with exactly its three keys and its weight's shape, and the delta it
+    applies must be, row block by row block, the trained ``scale * B @ A`` of each diffusers layer (zero in FLUX's
+    MLP rows, which we do not train)."""
+    state = _kohya(_export(tmp_path, case["lora"], "--format", "kohya"))
+    expected = _original_modules(case["family"], case["config"])
+    names = {"lora_unet_" + m.replace(".", "_"): m for m in expected}
+    assert set(state) == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    covered = set()
+    for name, module in names.items():
+        rows, width, parts = expected[module]
+        down, up, alpha = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"], state[f"{name}.alpha"]
+        assert up.shape[0] == rows and down.shape[1] == width and up.shape[1] == down.shape[0], name
+        delta = alpha.item() / down.shape[0] * up @ down  # what ComfyUI adds to the original weight
+        block = rows // (7 if len(parts) == 4 else len(parts))
+        start = 0
+        for part in parts:
+            height = 4 * block if part is None else block
+            piece = delta[start:start + height]
+            if part is None:
+                assert not piece.any(), f"{name}: the MLP rows must stay untouched"
+            else:
+                assert_rel_close(piece, case["deltas"][part], SAME_OPS, f"{name} rows of {part}")
+                covered.add(part)
+            start += height
+    assert covered == set(case["modules"])  # every trained layer is in the file
+
+
+def test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora(tmp_path):
+    """diffusers' own kohya FLUX reader (``_convert_kohya_flux_lora_to_diffusers``, from sd-scripts' converter) on
+    our file reproduces base + LoRA. It splits single blocks' linear1 at FLUX.1's own widths (3072/12288) only, so
+    this model has double-stream blocks only; the test below checks linear1 at FLUX.1's width."""
+    from diffusers import FluxPipeline
+
+    made = _make_lora(build_tiny_flux_dir(tmp_path / "base", single_layers=0), tmp_path / "run", "flux")
+    out = _export(tmp_path, made["lora"], "--format", "kohya")
+    pipe = FluxPipeline.from_pretrained(made["base"])
+    pipe.load_lora_weights(str(next(out.glob("*.safetensors"))))
+    assert_rel_close(transformer_out(pipe.transformer), made["ref"], SAME_OPS, "kohya file via load_lora_weights")
+
+
+def test_kohya_flux_single_block_is_what_diffusers_reads_at_flux1_width():
+    """A single block at FLUX.1's width (3072, MLP 12288; LoRA tensors only, no model): diffusers' kohya reader
+    gives back each of to_q/to_k/to_v the trained delta, and proj_mlp none."""
+    from diffusers import FluxPipeline
+
+    from lowmem_alignprop.commands import flow_export
+
+    g = torch.Generator().manual_seed(3)
+    weights = {}
+    for p in ("to_q", "to_k", "to_v"):
+        weights[f"single_transformer_blocks.0.attn.{p}.lora_A.weight"] = torch.randn(RANK, 3072, generator=g)
+        weights[f"single_transformer_blocks.0.attn.{p}.lora_B.weight"] = torch.randn(3072, RANK, generator=g)
+    state = flow_export.kohya_state_dict(weights, lambda m: ALPHA / RANK, "flux")
+    assert set(state) == {f"lora_unet_single_blocks_0_linear1.{s}" for s in ("lora_down.weight", "lora_up.weight",
+                                                                              "alpha")}
+    theirs = FluxPipeline.lora_state_dict(dict(state))
+    for p in ("to_q", "to_k", "to_v"):
+        key = f"transformer.single_transformer_blocks.0.attn.{p}"
+        ours = ALPHA / RANK * weights[key[12:] + ".lora_B.weight"] @ weights[key[12:] + ".lora_A.weight"]
+        assert_rel_close(theirs[key + ".lora_B.weight"] @ theirs[key + ".lora_A.weight"], ours, SAME_OPS, p)
+    mlp = theirs.get("transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight")
+    assert mlp is None or not mlp.any()
+
+
+def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
+    from safetensors import safe_open
+
+    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
+        meta = f.metadata()
+    # sd-scripts: "flux1"; SD3 by the MMDiT's type (the tiny SD3 has no qk-norm: SD3 Medium's "medium")
+    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "medium"}[case["family"]]
+    assert meta["modelspec.architecture"] == {"flux": "flux-1-dev/lora",
+                                              "sd3": "stable-diffusion-3-medium/lora"}[case["family"]]
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
+    assert meta["alignprop_reward"] == "brightness" and meta["alignprop_steps"] == "3"
+    card = (out / "README.md").read_text()
+    assert "Euler steps" in card and ("FluxPipeline" if case["family"] == "flux" else "diffusers export") in card
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peft, diffusers, merge
+# ---------------------------------------------------------------------------------------------------------
+
+def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
+    from peft import PeftModel
+
+    out = _export(tmp_path, case["lora"], "--format", "peft")
+    transformer = _classes(case["family"])[1].from_pretrained(case["base"] / "transformer")
+    model = PeftModel.from_pretrained(transformer, str(out))
+    assert_rel_close(transformer_out(model.base_model.model), case["ref"], SAME_OPS, "peft folder")
+
+
+def test_diffusers_export_loads_in_its_pipeline(case, tmp_path):
+    out = _export(tmp_path, case["lora"])
+    pipe = _classes(case["family"])[0].from_pretrained(case["base"])
+    pipe.load_lora_weights(str(out))
+    assert_rel_close(transformer_out(pipe.transformer), case["ref"], SAME_OPS, "diffusers export")
+
+
+def test_merged_model_is_base_plus_lora(case, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = _export(tmp_path, case["lora"], "--merge")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == _classes(case["family"])[0].__name__
+    # W + scale * B @ A in one weight vs the LoRA's separate path: the same sums, reordered
+    assert_rel_close(transformer_out(pipe.transformer), case["ref"], REORDERED, "merged transformer")
+    assert "merged in at weight 1" in (out / "README.md").read_text()
+
+
+def test_merge_single_file_of_a_flow_lora_is_one_line(flux, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", "--lora", str(flux["lora"]), "--merge", "--single-file", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "for FLUX.1 drop --single-file" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".out-*"))
