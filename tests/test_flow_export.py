@@ -270,3 +270,149 @@ def test_merge_single_file_of_a_flow_lora_is_one_line(flux, tmp_path, capsys):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert len(err) == 1 and "for FLUX.1 drop --single-file" in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".out-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a FLUX run end to end: --sample-every, checkpoints, export_format=kohya,peft; sample and export of a checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+FLOW = ["--profile", "cpu", "--seed", "0", "--set", f"resolution={RES}", "--set", "sample_steps=4", "--set", "k=2",
+        "--set", "batch_size=1", "--set", "guidance_scale=3.5", "--set", f"lora_rank={RANK}"]
+PROMPTS = ["a photo of a cat", "a dark tree"]
+
+
+@pytest.fixture(scope="module")
+def flux_run(flux, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fluxrun") / "run"
+    rc = main([*FLOW, "--model", str(flux["base"]), "--output-dir", str(out), "--steps", "2", "--sample-every", "1",
+               "--checkpoint-every", "1", "--set", "keep_checkpoints=0", "--set", "sample_prompts=2", "--set",
+               "lr=0.05", "--set", f"lora_alpha={ALPHA}", "--set", "export_format=kohya,peft"])
+    assert rc == 0
+    return out
+
+
+def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(flux_run, flux, tmp_path):
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in (flux_run / "samples").glob("step-*.png")) == ["step-000001.png", "step-000002.png"]
+    rows = [json.loads(x) for x in (flux_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["sample_rewards"]) == 2 for r in rows)
+    after = [i["reward_after"] for i in json.loads((flux_run / "samples" / "before_after.json").read_text())["images"]]
+    assert rows[-1]["sample_rewards"] == pytest.approx(after, rel=1e-6)  # the last sampled step is the final LoRA
+    kohya = load_file(str(next((flux_run / "export" / "kohya").glob("*.safetensors"))))
+    assert set(kohya) == set(_kohya(_export(tmp_path, flux_run / "lora", "--format", "kohya")))
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    assert (flux_run / "export" / "peft" / "adapter_model.safetensors").is_file()
+    assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()
+
+
+def test_sample_and_export_accept_a_flux_checkpoint(flux_run, flux, tmp_path):
+    def lora_rewards(spec, name):
+        out = tmp_path / name
+        assert main(["sample", *FLOW, "--model", str(flux["base"]), "--lora", str(spec), "--num-prompts", "1",
+                     "--output-dir", str(out)]) == 0
+        return [r for p in json.loads((out / "sample_results.json").read_text())["per_prompt"] for r in p["lora"]]
+
+    final = lora_rewards(flux_run / "lora", "final")
+    assert lora_rewards(flux_run / "checkpoints" / "step-2", "ckpt2") == pytest.approx(final, rel=1e-6)
+    assert lora_rewards(flux_run / "checkpoints" / "step-1", "ckpt1") != pytest.approx(final, rel=1e-4)
+    out = tmp_path / "export"
+    assert main(["export", "--lora", str(flux_run / "checkpoints" / "step-1"), "--format", "kohya", "--out",
+                 str(out)]) == 0
+    assert "_step1_" in next(out.glob("*.safetensors")).name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --init-lora for flow models
+# ---------------------------------------------------------------------------------------------------------
+
+def _images_at_step_0(base: Path, out: Path, *sets: str):
+    """The fixed-seed images the trainer renders before its first step (its `generate`, as for the grid)."""
+    from lowmem_alignprop.cli import common_parser, config_from_args
+    from lowmem_alignprop.commands.lora_export import check_init_lora
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    args = common_parser("t", "t").parse_args([*FLOW, "--model", str(base), "--output-dir", str(out), "--set",
+                                               "sample_prompts=2", *sets])
+    _, cfg = config_from_args(args)
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank) if cfg.init_lora else None
+    trainer.setup_accelerator()
+    trainer.load_models()
+    trainer.setup_sampling()
+    return trainer.generate(PROMPTS, 11)[0]
+
+
+@pytest.fixture(scope="module")
+def flux_exports(flux, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux-exports")
+    for fmt in ("kohya", "peft"):
+        assert main(["export", "--lora", str(flux["lora"]), "--format", fmt, "--out", str(root / fmt)]) == 0
+    reference = _images_at_step_0(flux["base"], root / "ref", "--set", f"init_lora={flux['lora']}")
+    base = _images_at_step_0(flux["base"], root / "base")
+    assert relative_difference(base, reference) > 0.01  # the LoRA changes the images: the comparisons prove something
+    return {"kohya": next((root / "kohya").glob("*.safetensors")), "peft": root / "peft", "reference": reference}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_flux_init_lora_from_kohya_or_peft_renders_what_the_lora_renders(layout, flux, flux_exports, tmp_path):
+    """Step 0 from the kohya file (fused q/k/v split back exactly) or the peft folder renders what the run's own
+    LoRA renders (alpha 8 over rank 4 in the LoRA, alpha = rank in this run: B is rescaled)."""
+    images = _images_at_step_0(flux["base"], tmp_path / "run", "--set", f"init_lora={flux_exports[layout]}")
+    assert_rel_close(images, flux_exports["reference"], SAME_OPS, f"step 0 from a {layout} LoRA")
+
+
+def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing(flux, sd3, tmp_path, capsys):
+    fast = [*FLOW, "--steps", "1", "--set", "sample_prompts=0"]
+    cases = [(["--model", str(flux["base"]), "--init-lora", str(flux["lora"]), "--set", "lora_rank=8"],
+              f"--init-lora {flux['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
+             (["--model", str(flux["base"]), "--init-lora", str(sd3["lora"])],
+              f"--init-lora {sd3['lora']} does not fit this model")]
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main([*fast, *args, "--output-dir", str(out)]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# negative_prompt: SD3's unconditional branch; FLUX has none
+# ---------------------------------------------------------------------------------------------------------
+
+def test_sd3_negative_prompt_is_the_pipelines_unconditional_branch(sd3):
+    """Our images with a negative prompt are StableDiffusion3Pipeline's with the same negative prompt and noise
+    (CFG as it does), and differ from the empty negative prompt's."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from lowmem_alignprop.models import flow
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3["base"])
+    pipe.set_progress_bar_config(disable=True)
+
+    def ours(negative):
+        emb = flow.encode_prompts(pipe, PROMPTS, "cpu", guidance_scale=4.0, max_sequence_length=16,
+                                  negative_prompt=negative)
+        images, _ = flow.sample_images(pipe.transformer, pipe.scheduler, pipe.vae, emb, cfg=type(
+            "C", (), {"truncation": "fixed", "k": 0})(), rng=None, steps=4, height=RES, width=RES, guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(5))
+        return images
+
+    with torch.no_grad():
+        mine = ours("a dark blurry photo")
+        lat, _ = flow.initial_latents(pipe.transformer, pipe.vae, 2, RES, RES, torch.Generator().manual_seed(5))
+        theirs = pipe(prompt=PROMPTS, negative_prompt=["a dark blurry photo"] * 2, latents=lat, num_inference_steps=4,
+                      guidance_scale=4.0, height=RES, width=RES, output_type="pt", max_sequence_length=16).images
+        empty = ours("")
+    assert_rel_close(mine, theirs.float(), REORDERED, "our SD3 rollout vs the pipeline, with a negative prompt")
+    assert relative_difference(mine, empty) > 100 * REORDERED
+
+
+def test_flux_negative_prompt_is_refused_before_anything_loads(flux, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FLOW, "--model", str(flux["base"]), "--set", "negative_prompt=blurry", "--output-dir",
+                 str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "FLUX.1 is guidance-distilled" in err[0], err
+    assert not out.exists()
