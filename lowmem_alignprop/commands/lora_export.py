@@ -733,7 +733,9 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             files = [write_single_file(lora, pipe.to(DTYPES[dtype or "fp32"]), tmp, weight).name]
         elif pipe is not None:
             pipe.to(DTYPES[dtype or "fp32"])
-            pipe.save_pretrained(str(tmp))
+            # SD3/FLUX: the transformer in one file (diffusers shards over 10 GB), which ComfyUI's Load Diffusion
+            # Model reads in the diffusers layout
+            pipe.save_pretrained(str(tmp), **({"max_shard_size": "1000GB"} if lora.flow else {}))
             files = ["model_index.json"] + sorted(p.name + "/" for p in tmp.iterdir() if p.is_dir())
         elif fmt == "kohya":
             files = [write_kohya(lora, tmp, _file_stem(lora)).name]
