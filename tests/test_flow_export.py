@@ -264,12 +264,74 @@ def test_merged_model_is_base_plus_lora(case, tmp_path):
     assert "merged in at weight 1" in (out / "README.md").read_text()
 
 
-def test_merge_single_file_of_a_flow_lora_is_one_line(flux, tmp_path, capsys):
+def test_merge_single_file_of_a_flux_lora_is_one_line(flux, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", "--lora", str(flux["lora"]), "--merge", "--single-file", "--out", str(out)]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(err) == 1 and "for FLUX.1 drop --single-file" in err[0], err
+    assert len(err) == 1 and "for FLUX.1 is not written" in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".out-*"))
+
+
+def _load_transformer_file(path: Path, components: Path):
+    """A transformer file as ``--model FILE --set model_components=DIR`` loads it (diffusers' from_single_file and
+    its original-layout converter)."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    return load_components(Config(model=str(path), model_components=str(components))).unet
+
+
+def test_merged_sd3_single_file_is_the_original_mmdit_layout_of_base_plus_lora(sd3, tmp_path):
+    from safetensors import safe_open
+
+    out = _export(tmp_path, sd3["lora"], "--merge", "--single-file")
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == ["run_alignprop_merged.safetensors"]
+    with safe_open(str(files[0]), framework="pt") as f:
+        keys = set(f.keys())
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in keys and not any(k.startswith("transformer_blocks") for k in keys)
+    transformer = _load_transformer_file(files[0], sd3["base"])
+    assert_rel_close(transformer_out(transformer), sd3["ref"], REORDERED, "merged SD3 single file")
+    assert "models/diffusion_models" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("qk_norm, dual", [(None, ()), ("rms_norm", (0,))])  # SD3 Medium; SD3.5 Medium's MMDiT-X
+def test_sd3_original_layout_reads_back_exactly_with_diffusers_converter(qk_norm, dual):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from lowmem_alignprop.models.flow_layout import sd3_to_original
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                                  qk_norm=qk_norm, dual_attention_layers=dual)
+    ours = model.state_dict()
+    back = convert_sd3_transformer_checkpoint_to_diffusers(sd3_to_original(ours, 2))
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_sd3_kohya_applied_as_comfyui_does_reproduces_the_lora(sd3, tmp_path):
+    """diffusers' SD3 loader reads no kohya names, so the file is applied as ComfyUI applies it: ``lora_unet_X`` to
+    the original weight ``X.weight`` (dots for underscores), ``W += alpha / rank * up @ down``; the patched
+    original-layout transformer, read back by diffusers' own converter, computes base + LoRA."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.flow_layout import sd3_to_original
+
+    base = SD3Transformer2DModel.from_pretrained(sd3["base"] / "transformer")
+    original = sd3_to_original(base.state_dict(), base.config.num_layers)
+    by_name = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in original if k.endswith(".weight")}
+    state = _kohya(_export(tmp_path, sd3["lora"], "--format", "kohya"))
+    for name in {k.split(".")[0] for k in state}:
+        down, up, alpha = (state[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        key = by_name[name]
+        original[key] = original[key] + alpha.item() / down.shape[0] * up @ down
+    save_file(original, str(tmp_path / "patched.safetensors"))
+    transformer = _load_transformer_file(tmp_path / "patched.safetensors", sd3["base"])
+    assert_rel_close(transformer_out(transformer), sd3["ref"], REORDERED, "kohya file applied as ComfyUI does")
 
 
 # ---------------------------------------------------------------------------------------------------------

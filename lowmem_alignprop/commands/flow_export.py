@@ -239,9 +239,15 @@ def architecture(family: str, base_model: str | None, modules) -> str:
     return f"stable-diffusion-3-{base_model_version(family, base_model, modules)}/lora"
 
 
-def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str) -> list[str]:
+def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str) -> list[str]:
     """The model card's "Use" lines for an SD3/FLUX export."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
+    if merged is not None and fmt == "single-file":  # SD3's merged transformer in the original MMDiT layout
+        return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/diffusion_models/` and pick it in a *Load "
+                "Diffusion Model* node (the text encoders and VAE: the base model's).",
+                f"- lowmem-alignprop: `--model {files[0]} --set model_components={components}`.",
+                f"- diffusers: `SD3Transformer2DModel.from_single_file(\"{files[0]}\", config=\"{components}\", "
+                "subfolder=\"transformer\")`."]
     if merged is not None:
         return ["```python", f"from diffusers import {pipeline}",
                 f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\")", "```",

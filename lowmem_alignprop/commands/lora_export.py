@@ -456,14 +456,20 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
 
 def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
-    weight in it, the run's reward and steps."""
+    weight in it, the run's reward and steps. SD3/SD3.5: the merged transformer alone, in Stability's MMDiT layout
+    (models/flow_layout.py; its text encoders and VAE are the base model's, unchanged)."""
     from safetensors.torch import save_file
 
     from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
 
     info = run_info(lora)
     path = folder / f"{_file_stem(lora).removesuffix('_lora')}_merged.safetensors"
-    save_file(pipeline_to_ldm(pipe), str(path), metadata={
+    if lora.flow:
+        from lowmem_alignprop.models.flow_layout import sd3_to_original
+        state = sd3_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
+    else:
+        state = pipeline_to_ldm(pipe)
+    save_file(state, str(path), metadata={
         "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_lora_weight": _num(1.0 if weight is None else weight),
         "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", ""))})
@@ -591,7 +597,7 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
     base = base or "BASE_MODEL"
     if family != "unet":
         from lowmem_alignprop.commands import flow_export
-        return flow_export.usage(fmt, files, base, merged, family)
+        return flow_export.usage(fmt, files, base, merged, family, base)
     if merged is not None and fmt == "single-file":
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
                 "node.",
@@ -720,11 +726,10 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
-    if single_file and lora.flow:
-        raise UserError(f"--merge --single-file writes the UNet models' original (LDM) checkpoint; for "
-                        f"{'FLUX.1' if lora.family == 'flux' else 'SD3/SD3.5'} drop --single-file (a diffusers folder: "
-                        "its transformer/ loads in ComfyUI's Load Diffusion Model) or load the LoRA itself "
-                        "(--format kohya)")
+    if single_file and lora.family == "flux":  # why: models/flow_layout.py
+        raise UserError("--merge --single-file writes an original-layout checkpoint, which for FLUX.1 is not written "
+                        "(it could not be checked against diffusers): drop --single-file (its transformer/ is one "
+                        "file that ComfyUI's Load Diffusion Model reads) or load the LoRA itself (--format kohya)")
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
