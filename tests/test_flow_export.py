@@ -264,12 +264,42 @@ def test_merged_model_is_base_plus_lora(case, tmp_path):
     assert "merged in at weight 1" in (out / "README.md").read_text()
 
 
-def test_merge_single_file_of_a_flux_lora_is_one_line(flux, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["export", "--lora", str(flux["lora"]), "--merge", "--single-file", "--out", str(out)]) == 2
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(err) == 1 and "for FLUX.1 is not written" in err[0], err
-    assert not out.exists() and not list(tmp_path.glob(".out-*"))
+def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path):
+    """The file is the merged folder's transformer in BFL's names (the mapping is read back by diffusers' converter
+    at FLUX.1's width below; its converter cannot read this tiny model's linear1)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.models.flow_layout import flux_to_original
+
+    single = load_file(str(next(_export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))))
+    merged = FluxTransformer2DModel.from_pretrained(_export(tmp_path / "b", flux["lora"], "--merge") / "transformer")
+    assert "single_blocks.0.linear1.weight" in single and "double_blocks.0.img_attn.qkv.weight" in single
+    expected = flux_to_original(merged.state_dict())
+    assert single.keys() == expected.keys() and all(torch.equal(single[k], expected[k]) for k in single)
+
+
+def test_flux_bfl_layout_reads_back_exactly_with_diffusers_converter_at_flux1_width():
+    """One double and one single block at FLUX.1's width (24 heads x 128; MLP 4x), each tensor an int16 view that
+    numbers its rows (row + 97 x the tensor's index, never equal across a q/k/v or key swap): diffusers' own
+    converter gives every tensor back exactly."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from lowmem_alignprop.models.flow_layout import flux_to_original
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+    def numbered(i, shape):
+        rows = ((torch.arange(shape[0]) + 97 * i) % 32749).to(torch.int16)
+        return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+    ours = {k: numbered(i, v.shape) for i, (k, v) in enumerate(sorted(model.state_dict().items()))}
+    back = convert_flux_transformer_checkpoint_to_diffusers(flux_to_original(ours))
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 def _load_transformer_file(path: Path, components: Path):

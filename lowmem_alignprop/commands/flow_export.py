@@ -242,11 +242,12 @@ def architecture(family: str, base_model: str | None, modules) -> str:
 def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str) -> list[str]:
     """The model card's "Use" lines for an SD3/FLUX export."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
-    if merged is not None and fmt == "single-file":  # SD3's merged transformer in the original MMDiT layout
+    if merged is not None and fmt == "single-file":  # the merged transformer in the original layout
+        cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/diffusion_models/` and pick it in a *Load "
                 "Diffusion Model* node (the text encoders and VAE: the base model's).",
                 f"- lowmem-alignprop: `--model {files[0]} --set model_components={components}`.",
-                f"- diffusers: `SD3Transformer2DModel.from_single_file(\"{files[0]}\", config=\"{components}\", "
+                f"- diffusers: `{cls}.from_single_file(\"{files[0]}\", config=\"{components}\", "
                 "subfolder=\"transformer\")`."]
     if merged is not None:
         return ["```python", f"from diffusers import {pipeline}",

@@ -456,15 +456,18 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
 
 def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
-    weight in it, the run's reward and steps. SD3/SD3.5: the merged transformer alone, in Stability's MMDiT layout
-    (models/flow_layout.py; its text encoders and VAE are the base model's, unchanged)."""
+    weight in it, the run's reward and steps. SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's
+    MMDiT or Black Forest Labs' layout (models/flow_layout.py; the text encoders and VAE are the base model's)."""
     from safetensors.torch import save_file
 
     from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
 
     info = run_info(lora)
     path = folder / f"{_file_stem(lora).removesuffix('_lora')}_merged.safetensors"
-    if lora.flow:
+    if lora.family == "flux":
+        from lowmem_alignprop.models.flow_layout import flux_to_original
+        state = {k: v.contiguous() for k, v in flux_to_original(pipe.transformer.state_dict()).items()}
+    elif lora.flow:
         from lowmem_alignprop.models.flow_layout import sd3_to_original
         state = sd3_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
     else:
@@ -726,10 +729,6 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
-    if single_file and lora.family == "flux":  # why: models/flow_layout.py
-        raise UserError("--merge --single-file writes an original-layout checkpoint, which for FLUX.1 is not written "
-                        "(it could not be checked against diffusers): drop --single-file (its transformer/ is one "
-                        "file that ComfyUI's Load Diffusion Model reads) or load the LoRA itself (--format kohya)")
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -1,12 +1,12 @@
-"""An SD3/SD3.5 transformer's diffusers weights in Stability's original MMDiT layout (``joint_blocks.N.x_block.
-attn.qkv``, ...: what ComfyUI's *Load Diffusion Model*, sd-scripts and ``SD3Transformer2DModel.from_single_file``
-read). diffusers converts only original -> diffusers (``convert_sd3_transformer_checkpoint_to_diffusers``), so this
-is the small inverse: names, q/k/v concatenated back, and the shift/scale halves of the pre-only adaLN layers (the
-last context block and the final layer) swapped back, as the original orders them. ``export --merge
---single-file`` writes it for SD3; tests/test_flow_export.py reads it back with diffusers' own converter.
-
-FLUX.1 is not written this way: diffusers' FLUX reader splits the single blocks' fused ``linear1`` at FLUX.1's own
-widths (3072 / 12288) only, so such a file could not be checked against diffusers on a small model.
+"""SD3/SD3.5 and FLUX.1 transformers' diffusers weights in their original layouts, what ComfyUI's *Load Diffusion
+Model*, sd-scripts and ``from_single_file`` read: Stability's MMDiT (``joint_blocks.N.x_block.attn.qkv``, ...) and
+Black Forest Labs' FLUX (``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``, ...). diffusers converts
+only original -> diffusers (``convert_sd3_transformer_checkpoint_to_diffusers`` / ``convert_flux_...``), so this is
+the small inverse: names, q/k/v (and FLUX's single-block MLP input) concatenated back, and the shift/scale halves of
+the pre-only adaLN layers (SD3's last context block, the final layer) swapped back. ``export --merge --single-file``
+writes them; tests/test_flow_export.py reads them back bit for bit with diffusers' own converters (FLUX's splits
+``linear1`` at FLUX.1's own widths, 3072 / 12288, only: that test runs at that width on one block of each kind,
+with row-numbered int16 views instead of weights).
 """
 
 from __future__ import annotations
@@ -72,3 +72,62 @@ def sd3_to_original(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, t
             raise KeyError(f"{name}: q, k and v are not all there")
         out[name] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLUX.1: Black Forest Labs' layout (double_blocks / single_blocks), as in flux1-dev.safetensors
+# ---------------------------------------------------------------------------------------------------------
+
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
+                "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+# the fused Linears: their parts in row order
+_FLUX_FUSED = {"double": {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                          "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")},
+               "single": {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}}
+_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def flux_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``FluxTransformer2DModel`` state dict -> BFL's (no prefix, as flux1-dev.safetensors): q/k/v (and
+    the single blocks' MLP input) concatenated back, RMSNorm weights named ``scale``, the final adaLN's halves
+    swapped back. Tensors may be views; the caller makes them contiguous to save. Raises KeyError."""
+    out, parts = {}, {}
+    fused_of = {(kind, p): (name, i) for kind, table in _FLUX_FUSED.items() for name, members in table.items()
+                for i, p in enumerate(members)}
+    for key, value in sd.items():
+        module, leaf = key.rsplit(".", 1)
+        if module in _FLUX_TOP:
+            out[f"{_FLUX_TOP[module]}.{leaf}"] = _swap_halves(value) if module == "norm_out.linear" else value
+            continue
+        m = _FLUX_BLOCK.match(key)
+        if m is None:
+            raise KeyError(f"no BFL name for FLUX weight {key}")
+        kind = "double" if m.group(1) == "transformer_blocks" else "single"
+        prefix = f"{kind}_blocks.{m.group(2)}."
+        rest = m.group(3)
+        names = _FLUX_DOUBLE if kind == "double" else _FLUX_SINGLE
+        if rest in names:
+            norm = "_norm" in names[rest] and leaf == "weight"  # BFL's RMSNorm keeps its weight as "scale"
+            out[prefix + names[rest] + "." + ("scale" if norm else leaf)] = value
+        elif (kind, rest) in fused_of:
+            name, i = fused_of[(kind, rest)]
+            parts.setdefault(f"{prefix}{name}.{leaf}", {})[i] = value
+        else:
+            raise KeyError(f"no BFL name for FLUX weight {key}")
+    for name, found in parts.items():
+        out[name] = torch.cat([found[i] for i in sorted(found)], dim=0)
+    return out
