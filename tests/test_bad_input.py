@@ -149,6 +149,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--early-stop", "2"], "early_stop=2 stops when evaluation stops improving, and evaluation is off"),
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),
     (["--eval-every", "1", "--set", "eval_holdout=99"], "leaves none to train on"),
+    (["--model", "flux", "--set", "negative_prompt=blurry"], "FLUX.1 is guidance-distilled"),
     ("dup", "sets 'batch_size' (line 2) twice"),
     ("empty", "is empty: set at least the fields"),
     ("noext", "is not a profile (profile files end in .yaml)"),
