@@ -398,7 +398,7 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
     assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()
 
 
-def test_sample_and_export_accept_a_flux_checkpoint(flux_run, flux, tmp_path):
+def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint(flux_run, flux, tmp_path):
     def lora_rewards(spec, name):
         out = tmp_path / name
         assert main(["sample", *FLOW, "--model", str(flux["base"]), "--lora", str(spec), "--num-prompts", "1",
@@ -407,6 +407,9 @@ def test_sample_and_export_accept_a_flux_checkpoint(flux_run, flux, tmp_path):
 
     final = lora_rewards(flux_run / "lora", "final")
     assert lora_rewards(flux_run / "checkpoints" / "step-2", "ckpt2") == pytest.approx(final, rel=1e-6)
+    # the kohya export of the run (fused q/k/v split back exactly) renders the same images
+    kohya = next((flux_run / "export" / "kohya").glob("*.safetensors"))
+    assert lora_rewards(kohya, "kohya") == pytest.approx(final, rel=1e-5)
     assert lora_rewards(flux_run / "checkpoints" / "step-1", "ckpt1") != pytest.approx(final, rel=1e-4)
     out = tmp_path / "export"
     assert main(["export", "--lora", str(flux_run / "checkpoints" / "step-1"), "--format", "kohya", "--out",

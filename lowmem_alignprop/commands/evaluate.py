@@ -83,6 +83,10 @@ def _lora_file(path: Path, arg: str) -> Path:
     if bad is not None:  # its images would be NaN, and their rewards too
         raise UserError(f"--lora {arg}: {file} holds NaN or inf weights ({bad}): the run that wrote it diverged; "
                         "sample a checkpoint from before it, or train again with a lower learning rate")
+    from lowmem_alignprop.commands import flow_export
+
+    if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
+        return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
     return file
 
 
@@ -235,6 +239,10 @@ def lora_family(path: Path) -> str | None:
 
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
+    from lowmem_alignprop.commands.flow_export import is_kohya_flow
+
+    if is_kohya_flow(keys):  # kohya's SD3/FLUX names: lora_unet_ + the original transformer's blocks
+        return "transformer"
     for family, prefixes in (("unet", ("unet.", "lora_unet_")), ("transformer", ("transformer.", "lora_transformer_"))):
         if any(k.startswith(prefixes) for k in keys):
             return family

@@ -156,16 +156,17 @@ def _zero_outside(block: torch.Tensor, lo: int, hi: int) -> bool:
     return not block[:, :lo].any() and not block[:, hi:].any()
 
 
-def kohya_to_peft(state: dict[str, torch.Tensor], spec: str) -> tuple[dict[str, torch.Tensor], str]:
+def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str, torch.Tensor], str]:
     """A kohya SD3/FLUX LoRA -> (peft weights with each layer's scale folded into B so that peft's scale is 1,
-    family). Raises UserError for a module this trainer does not adapt (FLUX's MLP rows of linear1, ...)."""
+    family). Raises UserError (``label``: the option and path, e.g. ``--init-lora x``) for a module this trainer does
+    not adapt (FLUX's MLP rows of linear1, ...)."""
     names = {k.split(".")[0] for k in state}
     family = FLUX if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names) else SD3
     known = _inverse_map(family, names)
     out = {}
     for name in sorted(names):
         if name not in known or f"{name}.lora_down.weight" not in state:
-            raise UserError(f"--init-lora {spec} adapts {quote(name)}, a layer this run does not train (its LoRA is on "
+            raise UserError(f"{label} adapts {quote(name)}, a layer lowmem-alignprop does not train (its LoRA is on "
                             "the attention projections): pass a LoRA of those layers")
         down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
         rank = down.shape[0]
@@ -175,8 +176,8 @@ def kohya_to_peft(state: dict[str, torch.Tensor], spec: str) -> tuple[dict[str, 
         rows = _slot_rows(slots, up.shape[0] // (3 + FLUX_MLP_RATIO) if slots == 4 else up.shape[0] // slots)
         starts = [sum(rows[:s]) for s in range(len(rows))]
         if slots == 4 and up[starts[3]:].abs().max() > 0:
-            raise UserError(f"--init-lora {spec} adapts the MLP input of {quote(name)}, a layer this run does not "
-                            "train (its LoRA is on the attention projections): pass a LoRA of those layers")
+            raise UserError(f"{label} adapts the MLP input of {quote(name)}, a layer lowmem-alignprop does not train "
+                            "(its LoRA is on the attention projections): pass a LoRA of those layers")
         trained = [s for s in sorted(parts) if s < 3] if slots > 1 else [0]
         r = rank // len(trained) if rank % len(trained) == 0 else 0
         diagonal = r > 0 and all(_zero_outside(up[starts[s]:starts[s] + rows[s]], c * r, (c + 1) * r)
@@ -187,6 +188,32 @@ def kohya_to_peft(state: dict[str, torch.Tensor], spec: str) -> tuple[dict[str, 
             out[f"{parts[s]}.lora_A.weight"] = a.contiguous()
             out[f"{parts[s]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()  # the loaders' alpha / rank
     return out, family
+
+
+def kohya_as_diffusers(file: Path, label: str) -> Path:
+    """An SD3/FLUX kohya file split back into the transformer's own layers (:func:`kohya_to_peft`), written in
+    diffusers' layout into a temporary folder (removed when the process ends): what ``--init-lora`` and
+    ``sample --lora`` load. ``label``: the option and path, for the messages."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    weights, _ = kohya_to_peft(load_file(str(file)), label)
+    ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
+    if len(ranks) > 1:
+        raise UserError(f"{label} has layers of ranks {'/'.join(map(str, ranks))} once split: pass a LoRA of one rank")
+    out = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    targets = sorted({k.split(".attn.")[-1].removesuffix(".lora_A.weight") for k in weights if ".lora_A." in k})
+    # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
+    config = LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets).to_dict()
+    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
+                                               transformer_lora_adapter_metadata=config)
+    return out / "pytorch_lora_weights.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -800,30 +800,8 @@ def init_lora_file(spec: str) -> Path:
         except Exception:  # a damaged file: lora_file_ranks says so in one line
             return file
         if kohya_flow:
-            return _kohya_flow_as_diffusers(file, spec)
+            return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
     return file
-
-
-def _kohya_flow_as_diffusers(file: Path, spec: str) -> Path:
-    """An SD3/FLUX kohya file split back into the transformer's own layers (flow_export.kohya_to_peft)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    from lowmem_alignprop.commands import flow_export
-
-    weights, _ = flow_export.kohya_to_peft(load_file(str(file)), spec)
-    ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
-    if len(ranks) > 1:
-        raise UserError(f"--init-lora {spec} has layers of ranks {'/'.join(map(str, ranks))} once split: pass a "
-                        "LoRA of one rank")
-    out = _temporary_folder() / "lora"
-    targets = sorted({k.split(".attn.")[-1].removesuffix(".lora_A.weight") for k in weights if ".lora_A." in k})
-    # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (scale 1)
-    config = LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets).to_dict()
-    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
-                                               transformer_lora_adapter_metadata=config)
-    return out / LORA_WEIGHT_NAME
 
 
 def _init_lora_source(spec: str) -> Path:
