@@ -217,6 +217,45 @@ def test_kohya_flux_single_block_is_what_diffusers_reads_at_flux1_width():
     assert mlp is None or not mlp.any()
 
 
+def test_kohya_folds_per_layer_scales_and_reads_back_to_each_layers_delta(case, tmp_path):
+    """Parts of one fused module trained with other scales (peft's alpha_pattern) keep their own delta: the ratio
+    goes into their lora_up block. kohya_to_peft (``--init-lora``/``sample`` of a kohya file) gives every layer its
+    delta back, from our block-diagonal file and from a dense fused LoRA (another trainer's: every part uses the
+    whole lora_down)."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    weights = {k[len("transformer."):]: v for k, v in load_file(str(case["lora"] / "pytorch_lora_weights.safetensors"))
+               .items()}
+    scales = {m: (1.0, 2.0, 0.5)[i % 3] for i, m in enumerate(case["modules"])}  # q, k, v of a module differ
+    state = flow_export.kohya_state_dict(weights, scales.__getitem__, case["family"])
+    back, family = flow_export.kohya_to_peft(state, "--init-lora x")
+    assert family == case["family"] and {k[: -len(".lora_A.weight")] for k in back if ".lora_A." in k} == \
+        set(case["modules"])
+    for m in case["modules"]:
+        ours = scales[m] * weights[f"{m}.lora_B.weight"] @ weights[f"{m}.lora_A.weight"]
+        assert_rel_close(back[f"{m}.lora_B.weight"] @ back[f"{m}.lora_A.weight"], ours, SAME_OPS, m)
+    name = next(k.split(".")[0] for k in state if "_qkv." in k or "_linear1." in k)
+    g = torch.Generator().manual_seed(9)
+    dense = dict(state)
+    dense[f"{name}.lora_up.weight"] = torch.randn(state[f"{name}.lora_up.weight"].shape, generator=g)
+    if name.endswith("linear1"):  # the MLP rows stay zero: a LoRA of the MLP input is refused (another layer)
+        width = dense[f"{name}.lora_up.weight"].shape[0] // 7
+        dense[f"{name}.lora_up.weight"][3 * width:] = 0
+    back, _ = flow_export.kohya_to_peft(dense, "--init-lora x")
+    down, up = dense[f"{name}.lora_down.weight"], dense[f"{name}.lora_up.weight"]
+    delta = dense[f"{name}.alpha"].item() / down.shape[0] * up @ down
+    parts = sorted(k[: -len(".lora_A.weight")] for k in back if ".lora_A." in k
+                   and flow_export.kohya_name(flow_export.original_slot(k[: -len(".lora_A.weight")], family)[0]) == name)
+    rows = delta.shape[0] // (7 if name.endswith("linear1") else 3)
+    for part in parts:
+        slot = flow_export.original_slot(part, family)[1]
+        assert back[f"{part}.lora_A.weight"].shape[0] == down.shape[0]  # dense: the whole rank
+        assert_rel_close(back[f"{part}.lora_B.weight"] @ back[f"{part}.lora_A.weight"],
+                         delta[slot * rows:(slot + 1) * rows], SAME_OPS, f"dense {part}")
+
+
 def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     from safetensors import safe_open
 
