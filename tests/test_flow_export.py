@@ -267,6 +267,7 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     assert meta["modelspec.architecture"] == {"flux": "flux-1-dev/lora",
                                               "sd3": "stable-diffusion-3-medium/lora"}[case["family"]]
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
+    assert meta["ss_network_module"] == {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}[case["family"]]
     assert meta["alignprop_reward"] == "brightness" and meta["alignprop_steps"] == "3"
     card = (out / "README.md").read_text()
     assert "Euler steps" in card and ("FluxPipeline" if case["family"] == "flux" else "diffusers export") in card

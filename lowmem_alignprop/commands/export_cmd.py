@@ -33,7 +33,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="write the base model with the LoRA fused in (a diffusers "
                                                         "folder)")
     p.add_argument("--single-file", action="store_true", help="with --merge: one .safetensors in the original "
-                   "(LDM) layout for AUTOMATIC1111 (models/Stable-diffusion) and ComfyUI (models/checkpoints)")
+                   "(LDM) layout for AUTOMATIC1111 (models/Stable-diffusion) and ComfyUI (models/checkpoints); for "
+                   "SD3/FLUX the merged transformer in Stability's / BFL's layout (ComfyUI models/diffusion_models)")
     p.add_argument("--weight", type=float, metavar="W", help="with --merge: the LoRA's weight (1 = as trained, "
                                                              "0 = the base model)")
     p.add_argument("--dtype", metavar="fp32|fp16|bf16", help="with --merge: the precision the merged model is saved "

@@ -308,7 +308,9 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     info = run_info(lora)
     meta = {
         "ss_base_model_version": base_family(lora),
-        "ss_network_module": "networks.lora",
+        # sd-scripts' module for the family (its SD3/FLUX LoRAs come from networks/lora_sd3.py and lora_flux.py)
+        "ss_network_module": {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}.get(lora.family,
+                                                                                               "networks.lora"),
         "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
         "ss_network_alpha": _num(alpha),
         "ss_sd_model_name": str(lora.base_model or ""),
