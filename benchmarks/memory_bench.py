@@ -353,7 +353,21 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
     L += _section_gpu(gpu, STAGES)
     L += _section_rss(results_dir)
     L += _section_speed(results_dir)
+    L += _section_toy(results_dir)
     return "\n".join(L) + "\n"
+
+
+def _section_toy(results_dir: Path) -> list[str]:
+    """Section 7: the paper's experiments on the toy world, as benchmarks/toy_experiments.py renders them from
+    results/toy/toy_experiments.json (that script writes the section itself when it runs; this keeps it on a rebuild)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "toy_experiments.py"
+    spec = importlib.util.spec_from_file_location("toy_experiments", path)
+    toy = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("toy_experiments", toy)  # its dataclasses look their module up there
+    spec.loader.exec_module(toy)
+    return toy.report_section(toy.load_doc(results_dir / "toy" / "toy_experiments.json"))
 
 
 def _section_speed(results_dir: Path) -> list[str]:
