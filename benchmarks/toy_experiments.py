@@ -56,6 +56,7 @@ SECTION_TITLE = "## 7. The paper's experiments on the toy world"
 T = 20  # the toy model's DDIM steps (settings.profiles.MODEL_DEFAULTS["toy"])
 COUNT_TARGETS = (1, 4)
 JPEG = "jpeg_compressibility"
+DEFAULT_NOTE = "one thread per run; the machine was shared with other jobs"
 
 
 @dataclass
@@ -385,12 +386,38 @@ def report_section(doc: dict | None) -> list[str]:
         if name not in doc["experiments"]:
             continue
         result = doc["experiments"][name]
-        L += [f"### {TITLES[name]}", "", f"![{name}](results/toy/toy-{name}.png)", ""]
+        L += [f"### {TITLES[name]}", "", f"{HOW[name]} Run {result.get('date', '?')}, toy weights "
+              f"{result.get('toy_weights', '?')}, {_settings(name, result)}.", "",
+              f"![{name}](results/toy/toy-{name}.png)", ""]
         L += [f"- {line}" for line in result["findings"]]
         if result.get("note"):
             L += ["", result["note"]]
         L.append("")
     return L
+
+
+HOW = {
+    "truncation": "toy_clip on `toy-pairs`; K fixed at 1, K drawn uniformly in 1..20 per rollout (`--set "
+                  "truncation=uniform --set k_min=1 --set k_max=20`), K = 20 (the whole chain).",
+    "count": "`--reward toy_count=N` on `toy-train` (1-4 objects a prompt); the exact evaluator's mean number of "
+             "objects detected against the target (dotted).",
+    "jpeg": "`--reward jpeg_compressibility` (minus the differentiable estimate of the JPEG size, in kB) on "
+            "`toy-pairs`; the real JPEG size of the same images from PIL.",
+    "mix": "LoRA A (experiment 1's K ~ U{1..20} run, toy_clip) and LoRA B (experiment 3's run, compressibility) "
+           "loaded as two adapters of one pipeline (`commands/evaluate.py`, as `sample --lora A:1-w --lora B:w`); "
+           "every weight renders the same prompts and seeds, scored by both rewards and the exact evaluators.",
+    "hack": "`jpeg_compressibility` on `toy-pairs`, trained long; the dashed line marks the first judged step "
+            "from which the exact fidelity score stays below its start.",
+}
+
+
+def _settings(name: str, result: dict) -> str:
+    if name == "mix":
+        return f"{result['images']} images ({result['prompts']}), weights w = " + ", ".join(
+            f"{r['weight_b']:g}" for r in result["mixes"])
+    run = next(iter(result["runs"].values()))
+    return (f"{run['steps']} steps, {run['judged_images']} judged images every {run['sets']['fidelity_every']} "
+            f"steps; command of the first run: `{run['command']}`")
 
 
 def update_report(doc: dict, report: Path = HERE / "REPORT.md") -> None:
@@ -423,18 +450,28 @@ def run_experiment(name: str, mode: Mode, work: Path, digest: str, args) -> dict
     return result
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def meta(args, mode: Mode, digest: str, cpu: float, wall: float) -> dict:
     import diffusers
     import peft
     import torch
 
     return {"mode": mode.name, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
-            "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+            "device": f"{_cpu_name()}, {os.cpu_count()} logical cores, "
                       f"{args.threads} torch thread(s) per run",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
                         f"{diffusers.__version__}, peft {peft.__version__}",
             "toy_weights": digest, "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
-            "note": args.note, "mode_settings": asdict(mode)}
+            "note": args.note or DEFAULT_NOTE, "mode_settings": asdict(mode)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -451,8 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="leave benchmarks/REPORT.md alone")
     ap.add_argument("--report-only", action="store_true", help="rebuild REPORT.md's section from the JSON")
-    ap.add_argument("--note", default="one thread per run; the machine was shared with other jobs",
-                    help="how the machine was loaded, for the report")
+    ap.add_argument("--note", default=None, help="how the machine was loaded and which weights, for the report "
+                    "(default: one thread per run on a machine shared with other jobs); with --report-only it "
+                    "replaces the stored note")
     return ap.parse_args(argv)
 
 
@@ -468,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out / f"toy_experiments{suffix}.json"
     write_report = not args.no_report and mode.name == "default" and args.out.resolve() == DEFAULT_OUT.resolve()
     if args.report_only:
-        update_report(load_doc(json_path))
+        doc = load_doc(json_path)
+        if doc and args.note:
+            doc["meta"]["note"] = args.note
+            atomic.write_text(json_path, json.dumps(doc, indent=1))
+        update_report(doc)
         return 0
     only = [e.strip() for e in args.only.split(",") if e.strip()]
     unknown = sorted(set(only) - set(EXPERIMENTS))
