@@ -21,7 +21,7 @@ training loop.
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # all five, about 30 min of CPU
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --quick    # the same, small: a few minutes
     python benchmarks/toy_experiments.py --only jpeg --steps 2 --fidelity-images 4 --out /tmp/x --no-plots  # smoke
-    python benchmarks/toy_experiments.py --report-only   # rebuild REPORT.md's section from the JSON
+    python benchmarks/toy_experiments.py --report-only   # redraw the plots, rebuild REPORT.md's section from the JSON
 
 Writes ``OUT/toy_experiments.json`` (``-quick`` for --quick; every file atomically), one PNG per experiment
 (``OUT/toy-<experiment>.png``, matplotlib), and (default mode, default OUT) section 7 of benchmarks/REPORT.md.
@@ -314,9 +314,10 @@ def plot(name: str, result: dict, path: Path) -> None:
 
 def _plot_curves(plt, name: str, result: dict):
     panels = {"truncation": ("reward", "fidelity_score"), "count": ("reward", "fidelity_objects"),
-              "jpeg": ("reward", "jpeg_bytes"), "hack": ("reward", "fidelity_score")}[name]
+              "jpeg": ("reward", "jpeg_bytes"), "hack": ("reward", "fidelity_score", "fidelity_all_ok")}[name]
     labels = {"reward": "reward on the fixed-seed images", "fidelity_score": "exact fidelity score",
-              "fidelity_objects": "objects detected (exact)", "jpeg_bytes": "real JPEG size (bytes)"}
+              "fidelity_objects": "objects detected (exact)", "jpeg_bytes": "real JPEG size (bytes)",
+              "fidelity_all_ok": "exact: images all right (rate)"}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8))
     for label, run in result["runs"].items():
         steps = [e["step"] for e in run["eval"]]
@@ -332,7 +333,8 @@ def _plot_curves(plt, name: str, result: dict):
             if step is not None:
                 for ax in axes:
                     ax.axvline(step, color="red", linestyle="--", label=f"fidelity below its start from step {step}")
-            axes[1].axhline(run["eval"][0]["fidelity_score"], color="gray", linestyle=":", label="start")
+            for ax, key in zip(axes[1:], panels[1:]):
+                ax.axhline(run["eval"][0][key], color="gray", linestyle=":", label="start")
         if name == "count":  # the run's target count, in its colour
             axes[1].axhline(float(run["reward"].split("=")[1]), color=axes[1].lines[-1].get_color(), linestyle=":")
     for ax, key in zip(axes, panels):
@@ -374,8 +376,9 @@ def report_section(doc: dict | None) -> list[str]:
     if not doc:
         return L + ["Not run yet: `OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py`.", ""]
     meta = doc["meta"]
-    L += [f"`benchmarks/toy_experiments.py` ({meta['date']}, `{meta['command']}`): {meta['device']}; "
-          f"{meta['versions']}; toy weights {meta['toy_weights']}. Total CPU time "
+    L += ["`OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py` (each experiment's date and toy "
+          f"weights are in its section; last invocation `{meta['command']}`, {meta['date']}): {meta['device']}; "
+          f"{meta['versions']}. Total CPU time of the runs "
           f"{meta['cpu_seconds']:.0f} s ({meta['cpu_seconds'] / 60:.1f} min), wall {meta['wall_seconds'] / 60:.0f} min "
           f"({meta['note']}). Results `results/toy/toy_experiments.json`, plots `results/toy/toy-*.png`.", "",
           "Every run: the shipped toy model, `--profile cpu` (LoRA rank 4, lr 3e-3, batch 4, DDIM 20 steps, guidance "
@@ -417,7 +420,7 @@ def _settings(name: str, result: dict) -> str:
             f"{r['weight_b']:g}" for r in result["mixes"])
     run = next(iter(result["runs"].values()))
     return (f"{run['steps']} steps, {run['judged_images']} judged images every {run['sets']['fidelity_every']} "
-            f"steps; command of the first run: `{run['command']}`")
+            f"steps; {'the first run' if len(result['runs']) > 1 else 'the run'}: `{run['command']}`")
 
 
 def update_report(doc: dict, report: Path = HERE / "REPORT.md") -> None:
@@ -487,7 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="retrain runs whose folders could be reused")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="leave benchmarks/REPORT.md alone")
-    ap.add_argument("--report-only", action="store_true", help="rebuild REPORT.md's section from the JSON")
+    ap.add_argument("--report-only", action="store_true", help="redraw the plots and rebuild REPORT.md's section "
+                    "from the JSON")
     ap.add_argument("--note", default=None, help="how the machine was loaded and which weights, for the report "
                     "(default: one thread per run on a machine shared with other jobs); with --report-only it "
                     "replaces the stored note")
@@ -505,12 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if mode.name == "default" else f"-{mode.name}"
     json_path = args.out / f"toy_experiments{suffix}.json"
     write_report = not args.no_report and mode.name == "default" and args.out.resolve() == DEFAULT_OUT.resolve()
-    if args.report_only:
+    if args.report_only:  # the plots and REPORT.md's section again, from the JSON alone
         doc = load_doc(json_path)
         if doc and args.note:
             doc["meta"]["note"] = args.note
             atomic.write_text(json_path, json.dumps(doc, indent=1))
-        update_report(doc)
+        for name, result in (doc or {}).get("experiments", {}).items():
+            if not args.no_plots:
+                plot(name, result, args.out / f"toy-{name}{suffix}.png")
+        if mode.name == "default":
+            update_report(doc)
         return 0
     only = [e.strip() for e in args.only.split(",") if e.strip()]
     unknown = sorted(set(only) - set(EXPERIMENTS))
