@@ -1344,12 +1344,14 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
 # ---------------------------------------------------------------------------------------------------
 # the same step measured for real on the CPU (tests and benchmarks check the estimate against it)
 # ---------------------------------------------------------------------------------------------------
-def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0) -> dict[str, Any]:
+def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Run the step of :func:`run_step` for real on the CPU (weights as the trainer loads them, fp32) and measure
     each stage's peak allocation by counting live storages (:class:`~lowmem_alignprop.measure.profiler.
     CpuAllocationTracker`'s default, StageProfiler's method: every tensor an op returns, not the scratch inside one
     op, like the estimate) plus the resident bytes at the step's start. After one warm-up optimizer step, like the
-    estimate. ``timed_steps`` more steps without the profiler give seconds per step."""
+    estimate. ``timed_steps`` more steps without the profiler give seconds per step and per stage, by ``clock``
+    (``time.process_time``: the CPU seconds, which other jobs on the machine change less than the wall's)."""
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.memory.optim import build_optimizer
     from lowmem_alignprop.memory.placement import Placement
@@ -1384,13 +1386,23 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     del keep
     out = {"stages": {n: baseline + tracker.peaks[n] for n in stages.STEP_STAGES if n in tracker.peaks},
            "baseline": baseline, "k": k, "profiled_seconds": sum(tracker.seconds.values())}
-    times = []
+    times, per_stage = [], dict.fromkeys(stages.STEP_STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        t0 = clock()
+        try:
+            yield
+        finally:
+            per_stage[name] += clock() - t0
+
     for i in range(timed_steps):
-        t0 = time.perf_counter()
-        run_step(parts, k=k, seed=cfg.seed + 1 + i)
-        times.append(time.perf_counter() - t0)
+        t0 = clock()
+        run_step(dataclasses.replace(parts, stage=timed), k=k, seed=cfg.seed + 1 + i)
+        times.append(clock() - t0)
     if times:
         out["seconds_per_step"] = sum(times) / len(times)
+        out["stage_seconds"] = {n: t / len(times) for n, t in per_stage.items()}
     out["peak_allocated"] = max(out["stages"].values())
     out["peak_stage"] = max(out["stages"], key=out["stages"].get)
     return out
