@@ -159,9 +159,9 @@ def jobs(midsize: Path, steps: int) -> list[dict]:
     ]
 
 
-def run_one(python: str, which: str, job: dict) -> dict:
+def run_one(python: str, which: str, job: dict, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="" if which == "trl" else str(ROOT),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     t0 = time.time()
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--driver", which, json.dumps(job)], env=env,
                           capture_output=True, text=True)
@@ -183,6 +183,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", default="toy world,midsize")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--ours-env", action="append", default=[], metavar="'VAR=VALUE ...'",
+                    help="one more run of ours per repeat with these environment variables (e.g. "
+                         "'MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=2097152'); repeatable")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -212,11 +215,14 @@ def main() -> int:
         if job["name"] not in args.only.split(","):
             continue
         for rep in range(args.repeats):
-            for which, python in (("ours", sys.executable), ("trl", args.trl_python)):  # A B A B
+            variants = [("ours", sys.executable, {}), ("trl", args.trl_python, {})] + [
+                ("ours", sys.executable, dict(x.split("=", 1) for x in spec.split())) for spec in args.ours_env]
+            for which, python, extra in variants:  # A B A B (A B C A B C with --ours-env)
                 row = {"job": job["name"], "repeat": rep, **{k: v for k, v in job.items() if k not in ("prompts",)},
-                       **run_one(python, which, job)}
+                       **({"env": extra} if extra else {}), **run_one(python, which, job, extra)}
                 doc["runs"].append(row)
-                print(f"{job['name']:10} {which:5} rep {rep}: " + (
+                label = which + "".join(f" {k}={v}" for k, v in extra.items())
+                print(f"{job['name']:10} {label:5} rep {rep}: " + (
                     f"{row['cpu_seconds_per_step']:.3f} CPU s/step, peak RSS {row['peak_rss_mib']:.0f} MiB"
                     if "error" not in row else "FAILED " + row["error"][-400:]), flush=True)
                 atomic.write_text(args.out, json.dumps(doc, indent=1))
