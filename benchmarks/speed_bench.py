@@ -9,8 +9,7 @@ beside it.
 
     python benchmarks/speed_bench.py --out benchmarks/results/speed-cpu.json [--steps 8] [--only tiny,midsize]
 
-With ``--trl`` and trl==0.23.1 importable, TRL's AlignPropTrainer is timed on the same model, K, steps and reward
-(not a test dependency; skipped with a note otherwise).
+TRL's AlignPropTrainer on the same models and settings: benchmarks/trl_compare.py (CPU seconds, interleaved runs).
 """
 
 from __future__ import annotations
