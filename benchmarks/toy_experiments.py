@@ -118,13 +118,16 @@ def runs_of(experiment: str, mode: Mode) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def toy_weights_digest() -> str:
-    """sha256 over the shipped toy weights (model and rewards): a run trained on other weights is not reused."""
+def toy_weights_digest(rewards: str) -> str:
+    """sha256 over the shipped toy model's weights and those of the toy rewards named in ``rewards`` (reward specs):
+    a run trained on other weights is not reused, and a run whose rewards need no weights survives a retraining of
+    the toy rewards."""
     from lowmem_alignprop.models.loading import TOY_MODEL_DIR
 
     weights = Path(TOY_MODEL_DIR).parent
+    folders = [weights / "model"] + [weights / "rewards" / n for n in ("toy_clip", "toy_count") if n in rewards]
     h = hashlib.sha256()
-    for path in sorted(weights.rglob("*.safetensors")):
+    for path in sorted(f for folder in folders for f in folder.rglob("*.safetensors")):
         h.update(str(path.relative_to(weights)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -144,11 +147,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(run: Run, work: Path, digest: str, threads: int, fresh: bool) -> dict:
+def train(run: Run, work: Path, threads: int, fresh: bool) -> dict:
     """Train ``run`` in its own process (or reuse a finished run of the same settings and weights) and return its
     curves: the per-step training batch's reward and K, and the fixed-seed evaluations (step 0 = before)."""
     out = work / run.name.replace(" ", "_").replace("/", "-")
-    stamp = {"run": asdict(run), "toy_weights": digest}
+    stamp = {"run": asdict(run), "toy_weights": toy_weights_digest(run.reward)}
     done = out / "summary.json"
     if fresh or not done.is_file() or _load(out / "benchmark_run.json") != stamp:
         if out.exists():
@@ -384,7 +387,8 @@ def report_section(doc: dict | None) -> list[str]:
           "Every run: the shipped toy model, `--profile cpu` (LoRA rank 4, lr 3e-3, batch 4, DDIM 20 steps, guidance "
           "3), seed 0; the exact evaluators judge the same fixed-seed images every few steps (step 0: before "
           "training). The rewards on those images, not the training batches' (other prompts each step), are "
-          "what the figures quote.", ""]
+          "what the figures quote. \"Toy weights\": 16 hex digits of a sha256 over the toy model's weight files and "
+          "those of the toy rewards the experiment trains on (`toy_weights_digest`).", ""]
     for name in EXPERIMENTS:
         if name not in doc["experiments"]:
             continue
@@ -442,8 +446,8 @@ def load_doc(path: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_experiment(name: str, mode: Mode, work: Path, digest: str, args) -> dict:
-    trained = {run.name: train(run, work, digest, args.threads, args.fresh) for run in runs_of(name, mode)}
+def run_experiment(name: str, mode: Mode, work: Path, args) -> dict:
+    trained = {run.name: train(run, work, args.threads, args.fresh) for run in runs_of(name, mode)}
     if name == "mix":
         a, b = runs_of("mix", mode)
         result = mix(trained[a.name], trained[b.name], mode, args.threads)
@@ -463,7 +467,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def meta(args, mode: Mode, digest: str, cpu: float, wall: float) -> dict:
+def meta(args, mode: Mode, cpu: float, wall: float) -> dict:
     import diffusers
     import peft
     import torch
@@ -473,7 +477,7 @@ def meta(args, mode: Mode, digest: str, cpu: float, wall: float) -> dict:
                       f"{args.threads} torch thread(s) per run",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
                         f"{diffusers.__version__}, peft {peft.__version__}",
-            "toy_weights": digest, "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
+            "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
             "note": args.note or DEFAULT_NOTE, "mode_settings": asdict(mode)}
 
 
@@ -525,19 +529,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--only: unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     work = args.work or ROOT / "outputs" / "toy_experiments" / mode.name
-    digest = toy_weights_digest()
     doc = load_doc(json_path) or {"experiments": {}}
     cpu0, t0 = _children_cpu() + _self_cpu(), time.time()
     for name in (e for e in EXPERIMENTS if e in only):  # in order: mix reuses (1)'s and (3)'s runs
         t1 = time.time()
-        doc["experiments"][name] = run_experiment(name, mode, work, digest, args)
+        digest = toy_weights_digest(" ".join(run.reward for run in runs_of(name, mode)))
+        doc["experiments"][name] = run_experiment(name, mode, work, args)
         doc["experiments"][name].update(toy_weights=digest, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         experiment_wall_seconds=round(time.time() - t1, 1))
         for line in doc["experiments"][name]["findings"]:
             print(f"[toy_experiments] {name}: {line}", flush=True)
         if not args.no_plots:
             plot(name, doc["experiments"][name], args.out / f"toy-{name}{suffix}.png")
-        doc["meta"] = meta(args, mode, digest, _children_cpu() + _self_cpu() - cpu0, time.time() - t0)
+        doc["meta"] = meta(args, mode, _children_cpu() + _self_cpu() - cpu0, time.time() - t0)
         atomic.write_text(json_path, json.dumps(doc, indent=1))
     # over every experiment in the file (some may come from an earlier invocation with --only)
     doc["meta"]["cpu_seconds"] = round(sum(_experiment_cpu(r) for r in doc["experiments"].values()), 1)
