@@ -312,3 +312,18 @@ def test_profile_auto_takes_the_detected_cards_budget(monkeypatch):
             ("NVIDIA H200", 139.8), ("Tesla T4", 15.0))}
     assert list(rows.values()) == ["rtx3060", "laptop", "a100-40gb", "a100-80gb", "h100", "h200", ""]
     assert all(r in DEVICES for r in rows.values() if r)
+
+
+def test_auto_fit_search_that_fails_leaves_the_run_as_configured(monkeypatch, tiny_dir):
+    from lowmem_alignprop.measure import fastest
+    from lowmem_alignprop.settings import profiles
+    from lowmem_alignprop.settings.config import Config
+
+    def broken(*a, **k):
+        raise RuntimeError("a model the planner cannot fake\nmore")
+
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 4090", 23.65))
+    monkeypatch.setattr(fastest, "fastest", broken)
+    cfg = Config(model=str(tiny_dir), budget_gb=8.0).validate()
+    same, record = train_mod.search_before_first_step(cfg, "custom")
+    assert same is cfg and record == {"skipped": "the search failed: RuntimeError: a model the planner cannot fake"}

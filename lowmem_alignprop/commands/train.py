@@ -115,8 +115,11 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
     if detected is not None:
         print(f"auto-fit: searching the memory features for the fastest configuration that fits {detected[0]} "
               f"({cfg.budget_gb:g} GiB budget); each estimate runs the step on fake tensors", flush=True)
-    chosen, record = before_first_step(cfg, profile=profile_name, detected=detected,
-                                       log=lambda line: log.info("auto-fit search:%s", line))
+    try:
+        chosen, record = before_first_step(cfg, profile=profile_name, detected=detected,
+                                           log=lambda line: log.info("auto-fit search:%s", line))
+    except Exception as e:  # noqa: BLE001 - the planner failing on this model or reward must not stop the run
+        chosen, record = cfg, {"skipped": f"the search failed: {type(e).__name__}: {first_line(e, 200)}"}
     if "skipped" in record:
         if detected is not None:
             log.warning("auto-fit: no search result (%s): training as configured%s", record["skipped"],
