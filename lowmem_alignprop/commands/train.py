@@ -110,6 +110,9 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
     from lowmem_alignprop.settings.profiles import detect_card
 
     if world_size() > 1:
+        if global_rank() == 0:
+            log.warning("auto-fit: the search before the first step runs in single-process runs: training as "
+                        "configured (an out-of-memory error still stops with the change that fits)")
         return cfg, {"skipped": "several processes: the search runs in single-process runs"}
     detected = detect_card()
     if detected is not None:
