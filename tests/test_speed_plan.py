@@ -272,3 +272,21 @@ def test_compiled_unet_gives_the_same_output(tiny_dir, mode):
         out = nograd_unet(unet, cfg)(*args).sample
     # inductor fuses and reorders the same sums
     assert_rel_close(out, ref, REORDERED, f"compile={mode} vs eager")
+
+
+def test_device_queries_count_no_work():
+    """Under autocast each cast asks the tensors' device (prim.device, ~1,000 times per UNet call, about half of its
+    counted elementwise bytes before they were left out): no kernel, no bytes. What a Linear layer under autocast
+    does: three casts to half precision (input, weight, bias: each read in fp32 and written in half) and one addmm."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    work = planner.StageWork()
+    with FakeTensorMode():
+        layer = torch.nn.Linear(4, 4)
+        x = torch.randn(2, 4)
+        with work, torch.autocast("cpu", dtype=torch.bfloat16):
+            with work.stage(stages.DECODE):
+                layer(x)
+    w = work.work[stages.DECODE]
+    casts = sum(n * (4 + 2) for n in (2 * 4, 4 * 4, 4))  # elements of x, weight, bias: 4 bytes read, 2 written
+    assert w["ops"] == 4 and w["other_bytes"] == casts and w["matmul_flops"] == 2 * 2 * 4 * 4
