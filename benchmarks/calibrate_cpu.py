@@ -4,8 +4,8 @@ For each configuration below (the built-in tiny model, the shipped toy world, te
 model at 128 px; a few memory features and batch sizes) the step is planned on fake tensors (``planner.estimate``,
 target cpu: its counted work per stage) and run for real on one thread (``planner.measure_cpu_step`` with
 ``time.process_time``: CPU seconds, which other jobs on a shared machine disturb less than wall seconds). The
-``cpu`` row's factors (matmul, attention and memory efficiency, seconds per op) are then fitted by non-negative
-least squares on the step seconds of the configurations marked ``fit``, relative to each step's time, and checked
+``cpu`` row's factors (matmul and attention efficiency, seconds per op; the memory efficiency fixed, see
+:func:`fit`) are then fitted by non-negative least squares on the step seconds of the configurations marked ``fit``, relative to each step's time, and checked
 on those marked ``held-out``.
 
     OMP_NUM_THREADS=1 python benchmarks/calibrate_cpu.py                 # writes results/cpu-time-calibration.json
@@ -54,24 +54,36 @@ CONFIGS = [  # (name, model, --set items, split)
     ("midsize 128 px T6 K2 b2 + unet_checkpointing=blocks", "midsize",
      ["resolution=128", "sample_steps=6", "k=2", "batch_size=2", "unet_checkpointing=blocks"], "held-out"),
 ]
+MEMORY_EFF = 2.0  # fixed: 16 GB/s a core (the small models' tensors stay in cache); see fit()
 WORK_KEYS = ("matmul_flops", "attention_flops", "other_bytes", "dequant_bytes", "ops", "pcie_bytes")
+
+
+def config_of(model: str, sets: list[str], midsize: Path):
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    model_arg = str(midsize) if model == "midsize" else model
+    _, cfg = resolve_config("cpu", {"model": model_arg}, [*FAST, *sets])
+    return dataclasses.replace(cfg, truncation="fixed").validate()
+
+
+def work_of(cfg) -> dict:
+    from lowmem_alignprop.measure import planner
+
+    est = planner.estimate(cfg, target="cpu")
+    return {n: {k: float(w.get(k, 0)) for k in WORK_KEYS} for n, w in est.work.items()}
 
 
 def measure(name: str, model: str, sets: list[str], steps: int, midsize: Path) -> dict:
     import torch
 
     from lowmem_alignprop.measure import planner
-    from lowmem_alignprop.settings.profiles import resolve_config
 
     torch.set_num_threads(1)
-    model_arg = str(midsize) if model == "midsize" else model
-    _, cfg = resolve_config("cpu", {"model": model_arg}, [*FAST, *sets])
-    cfg = dataclasses.replace(cfg, truncation="fixed").validate()
-    est = planner.estimate(cfg, target="cpu")
+    cfg = config_of(model, sets, midsize)
+    work = work_of(cfg)
     t0 = time.process_time()
     meas = planner.measure_cpu_step(cfg, timed_steps=steps, clock=time.process_time)
-    return {"name": name, "model": model, "set": sets, "k": meas["k"], "timed_steps": steps,
-            "work": {n: {k: float(w.get(k, 0)) for k in WORK_KEYS} for n, w in est.work.items()},
+    return {"name": name, "model": model, "set": sets, "k": meas["k"], "timed_steps": steps, "work": work,
             "measured_stage_seconds": {n: meas["stage_seconds"].get(n, 0.0) for n in STAGES},
             "measured_step_seconds": meas["seconds_per_step"],
             "cpu_seconds_spent": round(time.process_time() - t0, 1)}
@@ -84,11 +96,13 @@ def columns(work: dict, device) -> list[float]:
             (work["other_bytes"] + work["dequant_bytes"]) / bandwidth, work["ops"]]
 
 
-def fit(runs: list[dict]) -> dict:
-    """Non-negative least squares for (1/matmul_eff, 1/attention_eff, 1/memory_eff, launch_s) on the fit runs'
-    step seconds, each weighted by 1/its seconds (relative error). Whole steps, not stages: a stage's own seconds
-    carry the clock's edges and the work split between neighbours, and fitted per stage the held-out steps came out
-    worse (0.86-1.88 against 0.93-1.16 on the 2026-12-01 measurements)."""
+def fit(runs: list[dict], memory_eff: float = MEMORY_EFF) -> dict:
+    """Non-negative least squares for (1/matmul_eff, 1/attention_eff, launch_s) on the fit runs' step seconds, each
+    weighted by 1/its seconds (relative error), the memory factor fixed at ``memory_eff``: over these models the
+    elementwise bytes grow with the matmul FLOPs (their ratio stays within 0.5-1.1), so the two cannot be told apart
+    (fitted free, the memory factor went to infinity, i.e. no memory time at all). Whole steps, not stages: a stage's
+    own seconds carry the clock's edges and the work split between neighbours (fitted per stage, the held-out steps
+    came out worse)."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -100,12 +114,12 @@ def fit(runs: list[dict]) -> dict:
         if run["split"] != "fit":
             continue
         total = np.sum([columns(run["work"][n], device) for n in STAGES if n in run["work"]], axis=0)
-        rows.append(total / run["measured_step_seconds"])
-        target.append(1.0)
+        rows.append(total[[0, 1, 3]] / run["measured_step_seconds"])
+        target.append(1.0 - total[2] / memory_eff / run["measured_step_seconds"])
     coef, _ = nnls(np.array(rows), np.array(target))
     inv = lambda c: round(float(1.0 / c), 3) if c > 0 else None  # noqa: E731 - a factor never used: no work of that class
-    return {"matmul_eff": inv(coef[0]), "attention_eff": inv(coef[1]), "memory_eff": inv(coef[2]),
-            "launch_s": float(f"{coef[3]:.3g}")}
+    return {"matmul_eff": inv(coef[0]), "attention_eff": inv(coef[1]), "memory_eff": memory_eff,
+            "launch_s": float(f"{coef[2]:.3g}")}
 
 
 def predict(run: dict, device) -> dict:
@@ -120,7 +134,7 @@ def report(doc: dict) -> dict:
 
     base = DEVICES["cpu"]
     factors = fit(doc["runs"])
-    fitted = dataclasses.replace(base, **{k: (v if v is not None else 1.0) for k, v in factors.items()})
+    fitted = dataclasses.replace(base, **{k: v for k, v in factors.items() if v is not None})
     summary = {"fitted_row": factors, "shipped_row": {k: getattr(base, k) for k in factors}}
     for label, device in (("shipped", base), ("fitted", fitted)):
         ratios = {"fit": [], "held-out": []}
@@ -141,10 +155,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after the profiled one)")
     ap.add_argument("--reuse", action="store_true", help="fit again from the measurements stored in --out")
+    ap.add_argument("--replan", action="store_true", help="with --reuse: count each stored step's work again (the "
+                    "planner changed), keeping its measured seconds")
     ap.add_argument("--only", default="", help="comma-separated indices into CONFIGS (default: all)")
     args = ap.parse_args()
     if args.reuse:
         doc = json.loads(args.out.read_text())
+        if args.replan:
+            from midsize import build_midsize_dir
+
+            midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
+            for run in doc["runs"]:
+                run["work"] = work_of(config_of(run["model"], run["set"], midsize))
+            doc["replanned"] = time.strftime("%Y-%m-%d") + ": work counted again (--replan), seconds as measured"
     else:
         import torch
 

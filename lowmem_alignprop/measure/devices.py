@@ -82,13 +82,13 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
     # the CPU: per core, multiplied by torch's thread count when used (see cpu_device); no tensor cores, no
     # transfers. The factors are fitted (benchmarks/calibrate_cpu.py, results/cpu-time-calibration.json) to the CPU
     # seconds of 7 one-thread steps (tiny, toy world, mid-size model; a few features and batches) on a 2-core Xeon
-    # shared with other jobs: measured / predicted 0.93-1.04 on them, 0.93-1.16 on 4 held-out steps. Above 1 where
-    # the nominal figure is below what the core did: a turbo clock, and tensors small enough to stay in cache (the
-    # elementwise byte count assumes every byte comes from memory)
+    # shared with other jobs: measured / predicted 0.92-1.07 on them, 1.08-1.20 on 4 held-out steps. The memory
+    # factor is fixed at 2 (16 GB/s a core: these models' tensors stay in cache), as these models cannot tell it
+    # from the matmul one; above 1 for attention: the nominal peak is below what the core did (a turbo clock)
     Device("cpu", 0.128, 0.128, 0.128, 0.128, 8, 0,
            "one x86 core with AVX-512 at 2 GHz: 2 FMA units x 16 fp32 lanes x 2 flops = 64 flops per cycle, 128 "
            "GFLOPS peak; about 8 GB/s of memory bandwidth per core; bf16 counted at the fp32 rate (no AMX assumed)",
-           matmul_eff=1.133, attention_eff=1.474, memory_eff=2.079, launch_s=13.8e-6),
+           matmul_eff=0.538, attention_eff=1.426, memory_eff=2.0, launch_s=36.9e-6),
 )}
 
 # the card each shipped profile is for (a custom profile names its card with --set card=NAME)
