@@ -38,11 +38,12 @@ class Device:
     source: str
     # effective factors (fraction of peak reached by each class of work) and the per-op launch time, fitted to the
     # two SD1.5 batch-8 steps measured alone on an H200 (benchmarks/calibrate_time.py): launch and memory fixed
-    # at typical values (5 us, 80% of the bandwidth), one factor for matmuls and attention fitted. They are
-    # effective, not physical: the elementwise byte count is an upper bound (every input read, every output
-    # written, no fusion), which the high matmul factor absorbs
-    matmul_eff: float = 0.75
-    attention_eff: float = 0.75
+    # at typical values (5 us, 80% of the bandwidth), one factor for matmuls and attention fitted (0.22: the
+    # runs measured 0.92 and 1.11 of the estimate). It was 0.75 while the planner counted prim.device (a tensor's
+    # device, asked at every cast) as elementwise bytes: that phantom memory time stood in for slow matmuls.
+    # Effective, not physical: the elementwise byte count is still an upper bound (no fusion)
+    matmul_eff: float = 0.22
+    attention_eff: float = 0.22
     memory_eff: float = 0.8
     launch_s: float = 5e-6
 
