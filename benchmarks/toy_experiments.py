@@ -383,6 +383,7 @@ def report_section(doc: dict | None) -> list[str]:
           f"weights are in its section; last invocation `{meta['command']}`, {meta['date']}): {meta['device']}; "
           f"{meta['versions']}. Total CPU time of the runs "
           f"{meta['cpu_seconds']:.0f} s ({meta['cpu_seconds'] / 60:.1f} min), wall {meta['wall_seconds'] / 60:.0f} min "
+          "summed over the runs "
           f"({meta['note']}). Results `results/toy/toy_experiments.json`, plots `results/toy/toy-*.png`.", "",
           "Every run: the shipped toy model, `--profile cpu` (LoRA rank 4, lr 3e-3, batch 4, DDIM 20 steps, guidance "
           "3), seed 0; the exact evaluators judge the same fixed-seed images every few steps (step 0: before "
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic.write_text(json_path, json.dumps(doc, indent=1))
     # over every experiment in the file (some may come from an earlier invocation with --only)
     doc["meta"]["cpu_seconds"] = round(sum(_experiment_cpu(r) for r in doc["experiments"].values()), 1)
-    doc["meta"]["wall_seconds"] = round(sum(r["experiment_wall_seconds"] for r in doc["experiments"].values()), 1)
+    doc["meta"]["wall_seconds"] = round(sum(_experiment_cpu(r, "wall_seconds") for r in doc["experiments"].values()), 1)
     atomic.write_text(json_path, json.dumps(doc, indent=1))
     print(f"[toy_experiments] wrote {json_path} (CPU of every run in it: {doc['meta']['cpu_seconds']:.0f} s)")
     if write_report:
@@ -553,11 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _experiment_cpu(result: dict) -> float:
-    """CPU seconds an experiment's results cost (a run shared by two experiments counted in each)."""
+def _experiment_cpu(result: dict, key: str = "cpu_seconds") -> float:
+    """CPU (or wall) seconds an experiment's own runs took (mix: the mixing alone; it reuses runs of 1 and 3)."""
     if "runs" in result:
-        return sum(run["cpu_seconds"] for run in result["runs"].values())
-    return result.get("cpu_seconds", 0.0)
+        return sum(run[key] for run in result["runs"].values())
+    return result.get(key, 0.0)
 
 
 if __name__ == "__main__":
