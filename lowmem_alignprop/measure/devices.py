@@ -94,7 +94,10 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
 
 # the card each shipped profile is for (a custom profile names its card with --set card=NAME)
 PROFILE_CARDS = {"rtx3060": "rtx3060", "rtx3060-sdxl": "rtx3060", "rtx4090": "rtx4090", "a100-40gb": "a100-40gb",
-                 "a100-80gb": "a100-80gb", "laptop-6gb": "laptop", "cpu": "cpu"}
+                 "a100-80gb": "a100-80gb", "laptop-6gb": "laptop", "cpu": "cpu",
+                 # the flow profiles (issue 18); the 8 GB RTX 3060 timed with the 12 GB row (240 vs 360 GB/s)
+                 "rtx3060-sd35m": "rtx3060", "rtx3060-flux": "rtx3060", "rtx3060-12gb-sd35l": "rtx3060",
+                 "rtx3060-12gb-flux": "rtx3060", "rtx4090-flux": "rtx4090"}
 
 
 # a detected card's product name (torch.cuda.get_device_properties().name) -> its row; the A100s by memory

@@ -781,9 +781,23 @@ def _quantized_unet_bytes(unet, base_quant: str) -> tuple[int, int]:
     from lowmem_alignprop.memory.quant import quantized_weight_bytes
 
     saved = quantized_weight_bytes(unet, "none") - quantized_weight_bytes(unet, base_quant)
+    if base_quant == "fp8":
+        return saved, _fp8_block_upcast_bytes(unet)
     largest = max((m.in_features * m.out_features * 2 for n, m in unet.named_modules()
                    if isinstance(m, torch.nn.Linear) and "lora_" not in n), default=0)  # dequantized to fp16
     return saved, largest
+
+
+def _fp8_block_upcast_bytes(unet) -> int:
+    """fp8 storage in flight: the upcast (compute-dtype) copies of the largest block's fp8 layers, which a block's
+    backward keeps (its recompute saved them) under the per-block checkpointing fp8 requires."""
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+    from lowmem_alignprop.memory.quant import fp8_linears
+
+    fp8 = {id(m) for _, m in fp8_linears(unet)}
+    return max((sum(t.numel() * t.element_size() for m in block.modules() if id(m) in fp8
+                    for t in (m.weight, m.bias) if t is not None)
+                for block in swappable_blocks(unet)), default=0)
 
 
 def _adam8bit_state_bytes(params) -> int:
@@ -895,10 +909,13 @@ def _dequant_hooks(cfg: Config, unet, work: StageWork) -> list:
     on fake tensors), so the count is analytic."""
     if cfg.base_quant == "none":
         return []
-    packed = {"int8": 1.0, "nf4": 0.5}[cfg.base_quant]  # bytes per weight as stored
+    packed = {"int8": 1.0, "nf4": 0.5, "fp8": 1.0}[cfg.base_quant]  # bytes per weight as stored
 
     def hook(module, args):
         work.add("dequant_bytes", module.in_features * module.out_features * (2 + packed))
+    if cfg.base_quant == "fp8":  # the layers layerwise casting upcasts
+        from lowmem_alignprop.memory.quant import fp8_linears
+        return [m.register_forward_pre_hook(hook) for _, m in fp8_linears(unet)]
     return [m.register_forward_pre_hook(hook) for n, m in unet.named_modules()
             if isinstance(m, torch.nn.Linear) and "lora_" not in n]
 
@@ -1024,10 +1041,10 @@ def _fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str]
     if cfg.base_quant != "none":
         saved, largest = _quantized_unet_bytes(comps.unet, cfg.base_quant)
         weights["unet"] -= saved
-        notes.append(f"base_quant={cfg.base_quant}: UNet Linear weights counted at their quantized size "
+        in_flight = "one block's upcast layers" if cfg.base_quant == "fp8" else "one dequantized layer"
+        notes.append(f"base_quant={cfg.base_quant}: the denoiser's Linear weights counted at their quantized size "
                      f"(-{saved / GIB:.2f} GiB, analytic); activations as unquantized (quant.prepare_quantized_layers "
-                     f"keeps them so); +{largest / MIB:.0f} MiB "
-                     "for one dequantized layer added to every stage")
+                     f"keeps them so); +{largest / MIB:.0f} MiB for {in_flight} added to every stage")
     return params, weights, largest
 
 
@@ -1308,7 +1325,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     started = time.perf_counter() if started is None else started
 
     target = target or default_target(profile)
-    if target == "cpu" and cfg.base_quant != "none":  # what train would refuse on this target
+    if target == "cpu" and cfg.base_quant in ("int8", "nf4"):  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
                         "--set base_quant")

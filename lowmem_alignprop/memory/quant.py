@@ -1,8 +1,9 @@
-"""Quantized frozen base UNet (QLoRA style): bitsandbytes int8 or nf4 Linear layers under fp32 LoRA.
+"""Quantized frozen base (QLoRA style): bitsandbytes int8 or nf4 Linear layers, or fp8 storage, under fp32 LoRA.
 
-``base_quant`` (none|int8|nf4) replaces every ``nn.Linear`` of the frozen UNet (attention projections,
-feed-forwards, time/text embeddings) with a bitsandbytes layer; convolutions, norms and the LoRA adapters
-stay as they are, and the LoRA weights and their gradients stay fp32. Two ways in, same result:
+``base_quant`` (none|int8|nf4) replaces every ``nn.Linear`` of the frozen denoiser (a UNet's attention projections,
+feed-forwards, time/text embeddings; an SD3/FLUX transformer's attention, feed-forward and modulation layers) with
+a bitsandbytes layer; convolutions, norms and the LoRA adapters stay as they are, and the LoRA weights and their
+gradients stay fp32. Two ways in, same result:
 
 * a diffusers directory or hub id loads the UNet with diffusers' own quantization support
   (``UNet2DConditionModel.from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``);
@@ -15,8 +16,15 @@ and so do we (a UserError) unless the environment variable ``LOWMEM_ALIGNPROP_QU
 set, which the tests use together with a monkeypatched diffusers environment check (docs/design.md
 section 8: int8 and nf4 then run on CPU; nf4 on CPU needs the UNet in ``train()`` mode).
 
-For the planner (which cannot run bitsandbytes under fake tensors) :func:`quantized_weight_bytes`
-gives the analytic size of the quantized UNet.
+``base_quant=fp8`` (experimental) stores the frozen Linear weights in ``torch.float8_e4m3fn`` (1 byte, 3 mantissa
+bits: a relative rounding error of at most 2^-4 per weight in its normal range) and upcasts each layer to the
+compute dtype just while it runs: diffusers' layerwise casting (``ModelMixin.enable_layerwise_casting``), with its
+own choice of the precision-critical layers it leaves alone (norms and their modulation, positional and patch
+embeddings, proj_in/out) and the LoRA adapters skipped (:func:`store_fp8`). No bitsandbytes, any device (the float8
+dtypes exist on the CPU). Applied after LoRA is added (peft would otherwise give the adapters the fp8 dtype).
+
+For the planner (which cannot run bitsandbytes, nor layerwise casting's in-place ``.to(dtype)``, under fake
+tensors) :func:`quantized_weight_bytes` gives the analytic size of the quantized model.
 """
 
 from __future__ import annotations
@@ -33,7 +41,11 @@ from lowmem_alignprop.settings.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "nf4")
+MODES = ("int8", "nf4", "fp8")
+BNB_MODES = ("int8", "nf4")  # the bitsandbytes ones
+FP8 = torch.float8_e4m3fn  # fp8 storage: 4 exponent bits, 3 mantissa bits, no infinities (max 448)
+# what fp8 storage casts: Linear layers only, as int8/nf4 (a UNet's convolutions stay in their dtype)
+_FP8_SKIP_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 CPU_OVERRIDE_ENV = "LOWMEM_ALIGNPROP_QUANT_ON_CPU"  # tests only: let bitsandbytes run on the CPU
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one absmax scale per 64 weights
 DOUBLE_QUANT = True  # QLoRA's double quantization: the absmax scales are themselves 8-bit (-0.37 bits/weight)
@@ -62,9 +74,11 @@ def check_device(mode: str) -> None:
 
 
 def prepare(mode: str) -> None:
-    """Everything that can fail before loading: the mode, bitsandbytes, a CUDA device."""
+    """Everything that can fail before loading: the mode, bitsandbytes, a CUDA device (fp8 needs neither)."""
     if mode not in MODES:
         raise UserError(f"base_quant={mode!r} is not one of none, {', '.join(MODES)}")
+    if mode == "fp8":
+        return
     require_bitsandbytes(mode)
     check_device(mode)
 
@@ -184,7 +198,7 @@ def _plain_linears(model: nn.Module):
 
 
 def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_quant: bool = DOUBLE_QUANT,
-                      device: torch.device | str | None = None) -> int:
+                      device: torch.device | str | None = None, quiet: bool = False) -> int:
     """Swap every nn.Linear of ``unet`` for a bitsandbytes layer and move the model to ``device``
     (default :func:`target_device`); bitsandbytes quantizes each weight as it moves. Returns the count.
 
@@ -221,7 +235,8 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
         unet.is_loaded_in_8bit = True
     else:
         unet.is_loaded_in_4bit = True
-    log.info("UNet quantized in place to %s: %d Linear layers", mode, count)
+    if not quiet:
+        log.info("%s quantized in place to %s: %d Linear layers", type(unet).__name__, mode, count)
     return count
 
 
@@ -253,6 +268,60 @@ def count_quantized(model: nn.Module) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# fp8 storage
+# ----------------------------------------------------------------------------------------------------
+
+def _fp8_skip_patterns(model: nn.Module) -> tuple[str, ...]:
+    """The module-name patterns diffusers' ``enable_layerwise_casting`` leaves in full precision for ``model``:
+    its defaults, the model's own ``_skip_layerwise_casting_patterns`` and ``_keep_in_fp32_modules``, peft's
+    adapter layers."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft.tuners.lora.layer import LoraLayer
+
+    patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
+    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    patterns += list(getattr(model, "_skip_layerwise_casting_patterns", None) or [])
+    return tuple(patterns) + tuple(LoraLayer.adapter_layer_names)
+
+
+def fp8_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of every Linear that :func:`store_fp8` stores in fp8: diffusers' layerwise casting walks the
+    module tree and skips a module (and all below it) whose qualified name matches one of its patterns; LoRA
+    adapters never. For the planner's analytic count, on a meta model as on a real one."""
+    import re
+
+    patterns = _fp8_skip_patterns(model)
+    out = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or _is_lora(name):
+            continue
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if not any(re.search(p, prefix) for p in patterns for prefix in prefixes):
+            out.append((name, m))
+    return out
+
+
+def store_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """base_quant=fp8: the frozen Linear weights (and biases) of ``model`` stored in float8_e4m3fn, each layer
+    upcast to ``compute_dtype`` just before it runs and cast back after (diffusers' layerwise casting hooks; halves
+    bf16 weights). Call after LoRA is added: the adapters are skipped by name and stay fp32. Returns the count."""
+    expected = len(fp8_linears(model))
+    model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype,
+                                   skip_modules_classes=_FP8_SKIP_CLASSES)
+    count = sum(1 for n, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype == FP8)
+    if count != expected:  # the planner counts fp8_linears(): the two selections must be one
+        raise RuntimeError(f"fp8 storage cast {count} Linear layers where fp8_linears() names {expected}")
+    log.info("frozen Linear weights stored in fp8 (float8_e4m3fn), upcast to %s per layer: %d layers",
+             compute_dtype, count)
+    return count
+
+
+def is_fp8(model: nn.Module) -> bool:
+    return any(t.dtype == FP8 for t in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
 # sizes
 # ----------------------------------------------------------------------------------------------------
 
@@ -261,6 +330,8 @@ def quantized_linear_weight_bytes(numel: int, out_features: int, mode: str, *, d
     """Bytes bitsandbytes keeps for one Linear weight of ``numel`` elements (``out_features`` rows)."""
     if mode == "int8":
         return numel + 4 * out_features  # int8 weight + one fp32 scale per output row (SCB)
+    if mode == "fp8":
+        return numel  # one byte per weight, no scale (a plain cast)
     if mode != "nf4":
         raise ValueError(f"unknown quantization mode {mode!r}")
     blocks = math.ceil(numel / blocksize)
@@ -283,6 +354,7 @@ def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = D
       weight + one absmax per ``blocksize`` (64) weights, either fp32 (4 bytes) or, with double
       quantization (``double_quant=True``, our default, as QLoRA), 1 byte, plus 4 bytes per 256 blocks
       and a 4-byte offset per layer. bitsandbytes' shared code tables (1 KiB per device) are not counted;
+    * ``fp8``: the layers :func:`fp8_linears` names at 1 byte per weight and bias element, the rest unchanged;
     * everything else unchanged, at its current element size: Linear biases, convolutions, norms,
       embeddings, and LoRA adapters if present.
 
@@ -292,10 +364,15 @@ def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = D
     GPU matches within the allocator's rounding (``gpu_verify_quant`` measures it).
     """
     total = 0
+    fp8 = {id(m) for _, m in fp8_linears(unet)} if mode == "fp8" else set()
     for name, m in unet.named_modules():
         own = [(n, t) for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                if t is not None]
-        if mode != "none" and isinstance(m, nn.Linear) and not _is_lora(name):
+        if mode == "fp8":
+            if id(m) in fp8:  # weight and bias stored in 1 byte each (layerwise casting casts the whole layer)
+                total += sum(t.numel() for _, t in own)
+                continue
+        elif mode != "none" and isinstance(m, nn.Linear) and not _is_lora(name):
             total += quantized_linear_weight_bytes(m.in_features * m.out_features, m.out_features, mode,
                                                    double_quant=double_quant, blocksize=blocksize)
             own = [(n, t) for n, t in own if n != "weight"]

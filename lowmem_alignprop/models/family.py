@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from lowmem_alignprop.models import flow, sampling
 
 log = logging.getLogger(__name__)
@@ -193,17 +195,44 @@ def family_for(comps) -> UNetFamily:
     return FlowFamily(comps) if getattr(comps, "family", "unet") != "unet" else UNetFamily(comps)
 
 
-def materialize_meta(comps, device, seed: int = 0) -> None:
+def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", dtype=None) -> None:
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
-    is initialised on the GPU in seconds, never on the CPU)."""
+    is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4 the transformer is drawn
+    and quantized one block at a time (:func:`materialize_quantized`): FLUX's 23.8 GB of bf16 never exist at once."""
     from lowmem_alignprop.models.flow_loading import materialize
 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
         if any(t.is_meta for t in module.parameters()):
+            if module is comps.unet and base_quant in ("int8", "nf4"):
+                materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i)
+                continue
             # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
             on = device if module in (comps.unet, comps.vae) else "cpu"
             materialize(module, on, seed=seed + i)
     comps.meta = False
+
+
+def materialize_quantized(model, device, mode: str, dtype, seed: int = 0) -> int:
+    """A meta transformer made real and quantized part by part: each block (then each other top-level module) is
+    drawn on ``device`` in ``dtype`` and its Linear layers quantized before the next is drawn, so the peak is the
+    quantized model plus one block in full precision. Returns the number of quantized layers."""
+    from lowmem_alignprop.memory import quant
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+    from lowmem_alignprop.models.flow_loading import materialize
+
+    blocks = swappable_blocks(model)
+    lists = {id(m) for m in (getattr(model, "transformer_blocks", None), getattr(model, "single_transformer_blocks",
+                                                                                 None)) if m is not None}
+    count = 0
+    for j, block in enumerate(blocks):  # the bulk of the weights: drawn and quantized one block at a time
+        materialize(block.to(dtype), device, seed=seed * 1000 + j)
+        count += quant.quantize_in_place(block, mode, dtype, device=device, quiet=True)
+    for j, child in enumerate(model.children()):  # the small rest (embedders, output layers)
+        if id(child) not in lists and any(t.is_meta for t in list(child.parameters()) + list(child.buffers())):
+            materialize(child.to(dtype), device, seed=seed * 1000 + len(blocks) + j)
+    count += quant.quantize_in_place(model, mode, dtype, device=device, quiet=True)  # their Linear layers too
+    log.info("random-weight transformer drawn and quantized to %s block by block: %d Linear layers", mode, count)
+    return count
 
 
 def model_defaults_note(comps, cfg) -> str | None:
@@ -215,4 +244,5 @@ def model_defaults_note(comps, cfg) -> str | None:
     return None
 
 
-__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta", "model_defaults_note"]
+__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta", "materialize_quantized",
+           "model_defaults_note"]

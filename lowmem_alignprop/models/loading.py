@@ -122,7 +122,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
-    quant = getattr(cfg, "base_quant", "none")
+    quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if quant != "none":
         from lowmem_alignprop.memory import quant as q
         q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
@@ -202,9 +202,10 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
-    if getattr(cfg, "base_quant", "none") != "none":
-        raise UserError("base_quant quantizes UNets only so far; for SD3/FLUX use --set base_quant=none (with "
-                        "--set block_swap=N to keep part of the transformer in CPU memory)")
+    quant = _bnb_mode(cfg)
+    if quant != "none":
+        from lowmem_alignprop.memory import quant as q
+        q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
     if kind == "flow_arch":
         # random weights for planning and benchmarks: built on meta (nothing allocated); the trainer materialises
         # them on its device, so a 12B model is never initialised on the CPU
@@ -224,7 +225,16 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
         except (OSError, ValueError, EnvironmentError) as e:
             raise _load_error(cfg, kind, where, e) from None
         source = where
-    return flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
+    comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
+    if quant != "none" and not comps.meta:  # a meta model is quantized as it is materialised (family.materialize_meta)
+        q.quantize_in_place(comps.unet, quant, weight_dtype)  # the transformer's Linear layers, one at a time
+    return comps
+
+
+def _bnb_mode(cfg) -> str:
+    """The bitsandbytes mode the denoiser loads with (int8/nf4), else "none" (fp8 storage comes after LoRA)."""
+    mode = getattr(cfg, "base_quant", "none")
+    return mode if mode in ("int8", "nf4") else "none"
 
 
 def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: bool = False) -> Components:

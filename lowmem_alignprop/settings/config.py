@@ -167,8 +167,11 @@ class Config:
                          "to the GPU just before it runs (forward, checkpoint recompute, backward), on a side stream "
                          "that overlaps compute; LoRA weights stay on the GPU. Saves N blocks' weights, costs PCIe "
                          "time per step (docs/design.md).")
-    base_quant: str = _f("none", "Quantize the frozen base UNet's Linear layers with bitsandbytes (QLoRA style).",
-                         ("none", "int8", "nf4"))
+    base_quant: str = _f("none", "Store the frozen denoiser's (UNet's or SD3/FLUX transformer's) Linear layers in "
+                         "fewer bits under fp32 LoRA: int8 or nf4 with bitsandbytes (QLoRA style, CUDA), or fp8 "
+                         "(experimental: float8_e4m3fn storage upcast one layer at a time as it runs, diffusers' "
+                         "layerwise casting; no bitsandbytes, any device; not yet measured against int8 on a GPU).",
+                         ("none", "int8", "nf4", "fp8"))
     deepspeed_zero: int = _f(0, "DeepSpeed ZeRO stage through accelerate (0 = off).", (0, 2, 3))
     offload: str = _f("none", "DeepSpeed offload: none, optimizer state to CPU (ZeRO-2/3), or params too (ZeRO-3).",
                       ("none", "optimizer", "params"))
@@ -223,9 +226,9 @@ class Config:
     def check_installed(self) -> "Config":
         """The packages this configuration runs with are installed (train and sample; a plan needs none of them)."""
         for name, off, module in NEEDS_PACKAGE:
-            value = getattr(self, name)
-            if value != off and not _has(module):
-                raise missing_package(f"{name}={value}", module, f"{name}={off}")
+            value, offs = getattr(self, name), off if isinstance(off, tuple) else (off,)
+            if value not in offs and not _has(module):
+                raise missing_package(f"{name}={value}", module, f"{name}={offs[0]}")
         return self
 
     def validate(self) -> "Config":
@@ -339,6 +342,13 @@ class Config:
             raise UserError("block_swap streams one block at a time, also in backward, only with per-block "
                             "checkpointing (a whole-call recompute would hold every block): add --set "
                             "unet_checkpointing=blocks")
+        if self.base_quant == "fp8" and self.unet_checkpointing != "blocks":
+            raise UserError("base_quant=fp8 upcasts each layer's weights while it runs, and backward keeps the upcast "
+                            "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
+                            "at a time), or use --set base_quant=int8")
+        if self.block_swap and self.base_quant != "none":
+            raise UserError(f"block_swap streams full-precision blocks and does not take quantized ones yet: use "
+                            f"--set block_swap=0 with base_quant={self.base_quant}, or --set base_quant=none")
         if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
@@ -407,8 +417,8 @@ UPPER_BOUNDS = (
 )
 
 
-# (field, the value that needs nothing, the package any other value needs)
-NEEDS_PACKAGE = (("optimizer", "adamw", "bitsandbytes"), ("base_quant", "none", "bitsandbytes"),
+# (field, the value (or values) that need nothing, the package any other value needs)
+NEEDS_PACKAGE = (("optimizer", "adamw", "bitsandbytes"), ("base_quant", ("none", "fp8"), "bitsandbytes"),
                  ("deepspeed_zero", 0, "deepspeed"))
 _PACKAGE_NAMES = {"deepspeed": "DeepSpeed"}
 

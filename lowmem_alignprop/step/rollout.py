@@ -17,6 +17,7 @@ from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.models.family import UNetFamily, family_for
 from lowmem_alignprop.models.loading import choose_vae_dtype
 from lowmem_alignprop.memory.placement import Placement
+from lowmem_alignprop.memory.quant import store_fp8
 from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing, without_autocast
 
 
@@ -45,6 +46,10 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
     enable_vae_checkpointing(vae, cfg.vae_checkpointing)
     if cfg.train_unet == "lora":
         params = family.add_lora(unet, cfg)
+        if cfg.base_quant == "fp8" and not any(p.is_meta for p in unet.parameters()):
+            # frozen Linear weights at 1 byte (half of bf16), each layer upcast while it runs; after LoRA, so the
+            # adapters stay fp32. The planner's meta model is counted analytically (fake modules cannot be cast)
+            store_fp8(unet, weight_dtype)
     else:
         unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
         params = list(unet.parameters())
