@@ -55,13 +55,24 @@ PROFILE_RUNS = [
                                                        "k": 1, "sample_steps": 20}, 16.0),
     ("rtx4090 sd15 512 batch 8", "rtx4090", "sd15", {"truncation": "fixed", "k": 1}, 20.0),
     ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
-    # SD3.5 / FLUX.1 (issue 18): built on the meta device, the transformer and VAE materialised on the GPU, the text
-    # encoders on the CPU (encode_on_cpu; a 2-prompt set keeps T5-XXL's CPU pass short); not measured yet
-    ("rtx3060-sd35m sd35m 1024", "rtx3060-sd35m", "sd35m", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.0),
+    # SD3.5 / FLUX.1 (issue 18): built on the meta device, the transformer and VAE materialised on the GPU (with an
+    # int8/nf4 base: drawn and quantized one block at a time), the text encoders on the CPU (encode_on_cpu; a
+    # 2-prompt set keeps T5-XXL's CPU pass short); not measured yet. Planner figures: README / REPORT.md section 9
+    ("rtx3060-sd35m sd35m 1024 int8", "rtx3060-sd35m", "sd35m", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.0),
     ("rtx3060-flux flux 1024 block swap", "rtx3060-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.5),
-    ("rtx4090-flux flux 1024 block swap", "rtx4090-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 22.0),
-    ("rtx4090-flux flux 1024 no block swap", "rtx4090-flux", "flux",
-     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "block_swap": 0}, 22.0),  # expected to run out of memory (23.8 GB bf16)
+    ("rtx3060-12gb-flux flux 1024 nf4", "rtx3060-12gb-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"},
+     11.0),
+    ("rtx3060-12gb-sd35l sd35l 1024 nf4", "rtx3060-12gb-sd35l", "sd35l",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 11.0),
+    ("rtx4090-flux flux 1024 int8", "rtx4090-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 22.0),
+    # base_quant=fp8 (experimental) against int8 under the same profile and cap: memory and seconds per step decide
+    # whether fp8 ships as more than an option (issue 18); then bf16 with block swap instead of a quantized base
+    ("rtx4090-flux flux 1024 fp8", "rtx4090-flux", "flux",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "fp8"}, 22.0),
+    ("rtx3060-sd35m sd35m 1024 fp8", "rtx3060-sd35m", "sd35m",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "fp8"}, 7.0),
+    ("rtx4090-flux flux 1024 bf16 block swap 19", "rtx4090-flux", "flux",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "none", "block_swap": 19}, 22.0),
 ]
 
 # Speed features one at a time on one configuration (README "Speed"): SD1.5 512 px batch 1 under the rtx4090

@@ -354,6 +354,7 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path) ->
     L += _section_rss(results_dir)
     L += _section_speed(results_dir)
     L += _section_toy(results_dir)
+    L += section_flow_plans(results_dir)
     return "\n".join(L) + "\n"
 
 
@@ -368,6 +369,46 @@ def _section_toy(results_dir: Path) -> list[str]:
     sys.modules.setdefault("toy_experiments", toy)  # its dataclasses look their module up there
     spec.loader.exec_module(toy)
     return toy.report_section(toy.load_doc(results_dir / "toy" / "toy_experiments.json"))
+
+
+def section_flow_plans(results_dir: Path) -> list[str]:
+    """Section 8: SD3.5 and FLUX.1 at full size under their profiles (issue 18), planner estimates from
+    results/plan-*.json (the `plan --json` output plus the command, date, CPU time and the issue's target)."""
+    files = sorted(results_dir.glob("plan-*.json"))
+    if not files:
+        return []
+    L = ["", "## 8. SD3.5 and FLUX.1 at 1024 px under their profiles (planner ESTIMATES, issue 18)", "",
+         "Each row is `lowmem-alignprop plan --profile P --model M --reward aesthetic --json` (random-weight "
+         "architectures built on meta from the shipped configs; CLIP ViT-L/14 aesthetic reward; batch 1, K planned at "
+         "k_max=5 of 28 Euler steps; text encoders on the CPU) on a CPU, `results/plan-*.json`. Seconds per step are "
+         "the planner's time model on the profile's card (measure/devices.py: the RTX 3060 rows use the 12 GB card's "
+         "360 GB/s; the 8 GB card has 240 GB/s), at the mean K=3; an optimizer step is `grad_accum` (4) micro-steps. "
+         "Not measured on a GPU yet: `benchmarks/gpu_check.sh` has a row for each.", "",
+         "| profile | model | base_quant | block_swap | budget GiB | issue's target | allocated GiB (stage) | needed GiB "
+         "| fits | s / micro-step | s / optimizer step | plan CPU s |",
+         "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+    notes = []
+    for path in files:
+        r = json.loads(path.read_text())
+        c, t = r["config"], r.get("time") or {}
+        target = r.get("issue_target", "")
+        fits = "yes" if r["fits"] else f"**no, by {(r['peak_needed'] - r['budget_bytes']) / GIB:.2f} GiB**"
+        secs = [f"{t[key]:.0f}" if t.get(key) else "-" for key in ("micro_step", "optimizer_step")]
+        L.append(f"| {r['profile']} | {r['model']} | {c['base_quant']} | {c['block_swap']} | {r['budget_gb']} | "
+                 f"{target} | {r['peak_allocated'] / GIB:.2f} ({r['peak_stage']}) | {r['peak_needed'] / GIB:.2f} | "
+                 f"{fits} | {secs[0]} | {secs[1]} | {r.get('cpu_user_seconds', 0):.0f} |")
+        if not r["fits"] and r.get("suggestion"):
+            sug = r["suggestion"]
+            notes.append(f"- {r['profile']} with {c['base_quant']}: the planner's cheapest change that fits is "
+                         f"{sug['change']} (`" + " ".join(f"--set {k}={v}" for k, v in sug["set"].items())
+                         + f"`): {sug['peak_needed'] / GIB:.2f} GiB needed.")
+    first = json.loads(files[0].read_text())
+    ver = first.get("versions", {})
+    L += [""] + notes + ([""] if notes else [])
+    L += [f"Planned {first.get('date', '?')} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
+          "jobs on the machine (the CPU seconds are user time); " + ", ".join(f"{k} {v}" for k, v in ver.items())
+          + ". Commands: " + "; ".join(f"`{json.loads(p.read_text()).get('command', '?')}`" for p in files) + "."]
+    return L
 
 
 def _section_speed(results_dir: Path) -> list[str]:
