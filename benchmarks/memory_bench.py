@@ -402,7 +402,17 @@ def section_flow_plans(results_dir: Path) -> list[str]:
             notes.append(f"- {r['profile']} with {c['base_quant']}: the planner's cheapest change that fits is "
                          f"{sug['change']} (`" + " ".join(f"--set {k}={v}" for k, v in sug["set"].items())
                          + f"`): {sug['peak_needed'] / GIB:.2f} GiB needed.")
-    first = json.loads(files[0].read_text())
+    plans = [json.loads(p.read_text()) for p in files]
+    by = {(r["profile"], r["config"]["base_quant"]): r for r in plans}
+    for (profile, mode), r in by.items():
+        int8 = by.get((profile, "int8"))
+        if mode == "fp8" and int8:
+            notes.append(f"- {profile}: fp8 storage needs {(r['peak_needed'] - int8['peak_needed']) / GIB:+.2f} GiB "
+                         f"against int8 ({r['peak_needed'] / GIB:.2f} vs {int8['peak_needed'] / GIB:.2f}): diffusers' "
+                         "layerwise casting keeps the norms' modulation layers in bf16, and the planner adds one "
+                         "block's upcast layers. The time model counts fp8's upcast as int8's dequantization (the "
+                         "same bytes), so their seconds differ by little here; the GPU rows decide.")
+    first = plans[0]
     ver = first.get("versions", {})
     L += [""] + notes + ([""] if notes else [])
     L += [f"Planned {first.get('date', '?')} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
