@@ -57,7 +57,7 @@ PROFILE_RUNS = [
     ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
     # SD3.5 / FLUX.1 (issue 18): built on the meta device, the transformer and VAE materialised on the GPU (with an
     # int8/nf4 base: drawn and quantized one block at a time), the text encoders on the CPU (encode_on_cpu; a
-    # 2-prompt set keeps T5-XXL's CPU pass short); not measured yet. Planner figures: README / REPORT.md section 9
+    # 2-prompt set keeps T5-XXL's CPU pass short); not measured yet. Planner figures: README / REPORT.md section 8
     ("rtx3060-sd35m sd35m 1024 int8", "rtx3060-sd35m", "sd35m", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.0),
     ("rtx3060-flux flux 1024 block swap", "rtx3060-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.5),
     ("rtx3060-12gb-flux flux 1024 nf4", "rtx3060-12gb-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"},
