@@ -318,8 +318,6 @@ class Config:
                             "SD3/SD3.5 model")
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
-        if self.base_quant != "none" and self.train_unet == "full":
-            raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
         if self.offload != "none" and not self.deepspeed_zero:
             raise UserError(f"offload={self.offload} is a DeepSpeed ZeRO feature: add --set deepspeed_zero=2 "
                             "(optimizer) or 3 (params), or use --set offload=none")
@@ -338,6 +336,15 @@ class Config:
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
                             "--set fused_adamw=false")
+        self._validate_base_and_swap()
+        if self.guidance_scale < 1.0:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
+        return self
+
+    def _validate_base_and_swap(self) -> None:
+        """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
+        if self.base_quant != "none" and self.train_unet == "full":
+            raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
         if self.block_swap and self.unet_checkpointing != "blocks":
             raise UserError("block_swap streams one block at a time, also in backward, only with per-block "
                             "checkpointing (a whole-call recompute would hold every block): add --set "
@@ -352,9 +359,6 @@ class Config:
         if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
-        if self.guidance_scale < 1.0:
-            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
-        return self
 
     def _validate_alignment(self) -> None:
         """KL, EMA, evaluation and early stop: ranges and the combinations that cannot work."""
