@@ -1208,7 +1208,7 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
-        out.append(("quantize the frozen UNet to nf4 (its Linear weights at 4 bits; needs bitsandbytes on the "
+        out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs bitsandbytes on the "
                     "GPU machine)", {"base_quant": "nf4"}))
     if not cfg.tiled_decode and cfg.resolution >= 512:
         out.append(("decode in overlapping tiles (approximate at the seams)",
