@@ -292,7 +292,8 @@ def test_tokenizer_makes_each_grammar_word_one_token(tmp_path):
 
 
 TINY_SCHEDULE = dict(vae_steps=2, vae_batch=4, pool=8, unet_steps=2, unet_batch=4, clip_steps=2, count_steps=2,
-                     reward_batch=8, recon_pool=8, eval_samples=4, sample_steps=2)
+                     reward_batch=8, recon_pool=8, eval_samples=4, sample_steps=2, gen_samples=8, robust_clip_steps=2,
+                     robust_count_steps=2)
 
 
 @pytest.fixture
@@ -371,6 +372,34 @@ def test_train_world_is_seeded(tmp_path, one_thread):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_rewards_only_from_a_trained_directory_gives_the_full_runs_rewards(tmp_path, one_thread):
+    """--rewards-only --from DIR runs phases 5-6 (the rewards on the model's own samples) on DIR's model and phase 3-4
+    rewards: the same bytes as a full run, whose phases 5-6 start from the same saved fp16 files; the model is copied
+    unchanged and the report says where phases 1-4 came from."""
+    from lowmem_alignprop.commands.train_toy_world import Schedule, main, train_world
+
+    quiet = dict(seed=2, threads=1, evaluate_samples=False, log=lambda _: None)
+    full = train_world(tmp_path / "full", schedule=Schedule(**TINY_SCHEDULE), **quiet)
+    assert full["generated_pool"]["images"] == TINY_SCHEDULE["gen_samples"]
+    # gen_samples=0: phases 1-4 alone (what a train_version 1 run wrote)
+    first = train_world(tmp_path / "first", schedule=Schedule(**{**TINY_SCHEDULE, "gen_samples": 0}), **quiet)
+    assert "generated_pool" not in first
+    model = {k: v for k, v in full["sha256"].items() if k.startswith("model/")}
+    assert {k: v for k, v in first["sha256"].items() if k.startswith("model/")} == model
+    weights = ("rewards/toy_clip/model.safetensors", "rewards/toy_count/model.safetensors")
+    assert all(first["sha256"][w] != full["sha256"][w] for w in weights)  # phases 5-6 moved both rewards
+    lines = []
+    only = train_world(tmp_path / "only", schedule=Schedule(**TINY_SCHEDULE), rewards_from=tmp_path / "first",
+                       **{**quiet, "log": lines.append})
+    assert only["sha256"] == full["sha256"]
+    assert only["phases_1_4_from"]["sha256"] == first["sha256"] and only["generated_pool"] == full["generated_pool"]
+    assert any(line.startswith("robust_clip 2/2 loss") for line in lines)
+    assert main(["--out", str(tmp_path / "first"), "--rewards-only", "--no-eval", "--threads", "1", "--scale",
+                 "0.001"]) == 0  # --from defaults to --out: its rewards are replaced in place
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--from", str(tmp_path / "first")])  # --from needs --rewards-only
 
 
 def test_evaluate_batch_judges_only_the_grammars_prompts():

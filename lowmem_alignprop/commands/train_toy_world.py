@@ -43,10 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
-    ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, SHAPES, WORLD_VERSION, Scene, caption, content,
-    heldout_prompts, make_content, render, sample_scenes,
+    ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, P_MENTION_BACKGROUND, SHAPES, WORLD_VERSION, Content, Scene,
+    caption, content, heldout_prompts, make_content, parse_caption, render, sample_scenes,
 )
 
 TRAIN_VERSION = "1"  # bump with any change to the architectures, the schedule or the data this script draws
@@ -66,6 +67,9 @@ class Schedule:
     reward_batch: int = 64
     recon_pool: int = 4000     # scenes passed through the VAE for the rewards
     eval_samples: int = 256    # per prompt set, in the report
+    gen_samples: int = 2048    # the model's own DDIM samples, labelled by the exact evaluator (phase 5)
+    robust_clip_steps: int = 400   # phase 6: the rewards fine-tuned on generated + rendered + reconstructed images
+    robust_count_steps: int = 300
     sample_steps: int = 20
     guidance: float = 3.0
 
@@ -73,16 +77,18 @@ class Schedule:
         s = Schedule(**asdict(self))
         if scale == 1:
             return s
-        for k in ("vae_steps", "pool", "unet_steps", "clip_steps", "count_steps", "recon_pool", "eval_samples"):
+        for k in ("vae_steps", "pool", "unet_steps", "clip_steps", "count_steps", "recon_pool", "eval_samples",
+                  "gen_samples", "robust_clip_steps", "robust_count_steps"):
             setattr(s, k, max(1, int(round(getattr(s, k) * scale))))
         s.pool = max(s.pool, s.unet_batch)
         s.recon_pool = max(s.recon_pool, s.reward_batch)
         s.eval_samples = max(s.eval_samples, 4)
+        s.gen_samples = max(s.gen_samples, s.reward_batch) if s.gen_samples else 0
         return s
 
 
 # planned share of the wall time per phase (for --max-minutes)
-SHARES = {"vae": 0.2, "unet": 0.6, "toy_clip": 0.12, "toy_count": 0.08}
+SHARES = {"vae": 0.18, "unet": 0.55, "toy_clip": 0.1, "toy_count": 0.07, "robust_clip": 0.04, "robust_count": 0.02}
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -254,6 +260,8 @@ def perturb(c, rng: np.random.Generator):
     """A caption content one edit away: one object's colour or shape changed, an object added or removed, or
     the background named differently."""
     objs = list(c.objects)
+    if not objs:  # a generated image the evaluator reads nothing in: the one edit is an object
+        return make_content([ALL_PAIRS[int(rng.integers(0, len(ALL_PAIRS)))]], c.background)
     kind = int(rng.integers(0, 4))
     if kind == 3 and c.background is None:
         kind = int(rng.integers(0, 3))
@@ -276,15 +284,20 @@ def perturb(c, rng: np.random.Generator):
     return make_content(objs, c.background)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of sd uniform in [0, 0.05] and, for half the images, a 3x3 binomial blur."""
+def augment(x: torch.Tensor, gen: torch.Generator, max_sd: float = 0.05, jitter: float = 0.0) -> torch.Tensor:
+    """Gaussian noise of sd uniform in [0, max_sd] and, for half the images, a 3x3 binomial blur; with jitter > 0
+    first a colour jitter: each channel's gain in 1 +- jitter and offset in +- jitter (0.04 moves a colour by at
+    most ~20 RGB units, a quarter of the closest two palette colours' distance: the caption stays true)."""
     b = x.shape[0]
+    if jitter > 0:
+        gain = 1 + jitter * (2 * torch.rand(b, 3, 1, 1, generator=gen) - 1)
+        x = (x * gain + jitter * (2 * torch.rand(b, 3, 1, 1, generator=gen) - 1)).clamp(0, 1)
     k = torch.tensor([1.0, 2.0, 1.0])
     k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3).contiguous()
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
     x = pick * blurred + (1 - pick) * x
-    sd = 0.05 * torch.rand(b, 1, 1, 1, generator=gen)
+    sd = max_sd * torch.rand(b, 1, 1, 1, generator=gen)
     return (x + sd * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
 
@@ -316,20 +329,23 @@ def reward_batches(vae, sched: Schedule, seed: int, split: str, with_empty: bool
         i += 1
 
 
-def scene_caption(s: Scene) -> str:
-    return caption(s) if s.objects else ""
+def text_of(c) -> str:
+    """A scene's or content's caption; "" (the empty prompt) for no objects."""
+    return caption(c) if c.objects else ""
 
 
-def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock: Clock, log) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock: Clock, log, steps: int | None = None,
+                   lr: float = 1e-3, phase: str = "toy_clip") -> None:
+    steps = sched.clip_steps if steps is None else steps
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     rng = np.random.default_rng(seed + 6)
 
     def step(i):
         images, scenes = next(batches)
         contents = [content(s) for s in scenes]
-        texts = [caption(c) for c in contents]
+        texts = [text_of(c) for c in contents]
         negatives = [caption(perturb(c, rng)) for c in contents for _ in range(4)]
-        cosine_lr(opt, i, sched.clip_steps, 1e-3, warmup=min(100, sched.clip_steps // 10))
+        cosine_lr(opt, i, steps, lr, warmup=min(100, steps // 10))
         img = model.embed_images(images)
         txt = model.embed_text(tokenize(tokenizer, texts + negatives))
         b = len(texts)
@@ -347,34 +363,108 @@ def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock:
         return descend(opt, loss)
 
     model.train()
-    clock.run("toy_clip", sched.clip_steps, step, max(sched.clip_steps // 20, 1), log)
+    clock.run(phase, steps, step, max(steps // 20, 1), log)
     model.eval()
 
 
-def train_toy_count(model, batches, sched: Schedule, clock: Clock, log) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+def train_toy_count(model, batches, sched: Schedule, clock: Clock, log, steps: int | None = None,
+                    lr: float = 1e-3, phase: str = "toy_count") -> None:
+    steps = sched.count_steps if steps is None else steps
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
 
     def step(i):
         images, scenes = next(batches)
         target = torch.tensor([len(s.objects) for s in scenes])
-        cosine_lr(opt, i, sched.count_steps, 1e-3, warmup=min(100, sched.count_steps // 10))
+        cosine_lr(opt, i, steps, lr, warmup=min(100, steps // 10))
         loss = F.cross_entropy(model(images), target)
         return descend(opt, loss)
 
     model.train()
-    clock.run("toy_count", sched.count_steps, step, max(sched.count_steps // 20, 1), log)
+    clock.run(phase, steps, step, max(steps // 20, 1), log)
     model.eval()
+
+
+# ------------------------------------------------------------------------------------------ phases 5-6: robustness
+
+ROBUST_LR = 3e-4  # phase 6 fine-tunes the trained rewards: a third of their first learning rate
+ROBUST_JITTER = 0.04
+ROBUST_MAX_SD = 0.1
+
+
+def detected_label(d: fid.Detection, rng: np.random.Generator) -> Content | None:
+    """What the exact evaluator reads in a generated image, as a caption content: its objects, and its background
+    named half the time (as the sampler names it) when the frame is a background colour. None when it reads more
+    objects than the world holds (no caption says that)."""
+    if len(d.objects) > MAX_OBJECTS:
+        return None
+    named = d.background if d.background in BACKGROUNDS and rng.random() < P_MENTION_BACKGROUND else None
+    return make_content(((o.colour, o.shape) for o in d.objects), named)
+
+
+@torch.no_grad()
+def generated_pool(pipe, sched: Schedule, seed: int, split: str, log) -> tuple[torch.Tensor, list[Content], dict]:
+    """Phase 5: the model's own DDIM samples (eta 1, as the trainer samples) of captions of ``split``, each labelled
+    with what the exact evaluator reads in it (``detected_label``): the images AlignProp starts from, which the
+    rewards never saw rendered. Returns the images, their labels and the pool's statistics for the report."""
+    prompts = [caption(s) for s in sample_scenes(sched.gen_samples, seed + 12, split)]
+    images = sample_images(pipe, prompts, sched, seed + 13, eta=1.0)
+    rng = np.random.default_rng(seed + 14)
+    detections = fid.detect(images)
+    labels = [detected_label(d, rng) for d in detections]
+    keep = [i for i, c in enumerate(labels) if c is not None]
+    agree = fid.summarize([fid.compare(parse_caption(p), d.content) for p, d in zip(prompts, detections)])
+    stats = {"images": len(prompts), "kept": len(keep),
+             "no_object_read": sum(not d.objects for d in detections) / len(prompts),
+             "objects_read_mean": float(np.mean([len(d.objects) for d in detections])),
+             "prompt_all_ok": agree["all_ok"]}
+    log(f"generated pool: {stats}")
+    return images[torch.tensor(keep, dtype=torch.long)], [labels[i] for i in keep], \
+        {k: round(v, 4) for k, v in stats.items()}
+
+
+def robust_batches(vae, images: torch.Tensor, labels: list[Content], sched: Schedule, seed: int, split: str,
+                   with_empty: bool):
+    """Phase 6's stream: half of each batch generated images (colour-jittered, noised, blurred), half the
+    rendered + reconstructed mix of ``reward_batches``; (images, scenes or contents)."""
+    half = sched.reward_batch // 2
+    rest = reward_batches(vae, Schedule(**{**asdict(sched), "reward_batch": sched.reward_batch - half}), seed, split,
+                          with_empty)
+    rng = np.random.default_rng(seed + 15)
+    gen = torch.Generator().manual_seed(seed + 15)
+    while True:
+        pick = rng.integers(0, len(labels), half)
+        x = augment(images[torch.from_numpy(pick)], gen, max_sd=ROBUST_MAX_SD, jitter=ROBUST_JITTER)
+        other, scenes = next(rest)
+        yield torch.cat([x, other]), [labels[j] for j in pick] + scenes
+
+
+def robust_phases(pipe, clip, counter, tokenizer, sched: Schedule, seed: int, split: str, clock: Clock, log) -> dict:
+    """Phases 5-6: the rewards fine-tuned where AlignProp uses them, on the generator's own images labelled by the
+    exact evaluator (docs/toy_world.md: trained on renders alone, their gradients had found directions that
+    raise the score and not the fidelity). Returns the generated pool's statistics."""
+    t0 = time.time()
+    images, labels, stats = generated_pool(pipe, sched, seed + 200, split, log)
+    clock.times["generated_pool"] = round(time.time() - t0, 1)
+    if not labels:  # (an untrained model's noise can read as more objects than any caption holds)
+        log("generated pool: no image the world's captions describe; phase 6 skipped")
+        return stats
+    train_toy_clip(clip, tokenizer, robust_batches(pipe.vae, images, labels, sched, seed + 300, split, False), sched,
+                   seed + 300, clock, log, steps=sched.robust_clip_steps, lr=ROBUST_LR, phase="robust_clip")
+    train_toy_count(counter, robust_batches(pipe.vae, images, labels, sched, seed + 400, split, True), sched, clock,
+                    log, steps=sched.robust_count_steps, lr=ROBUST_LR, phase="robust_count")
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ report
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], sched: Schedule, seed: int, batch: int = 32) -> torch.Tensor:
+def sample_images(pipe, prompts: list[str], sched: Schedule, seed: int, batch: int = 32,
+                  eta: float = 0.0) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
         res = pipe(prompts[i:i + batch], height=RESOLUTION, width=RESOLUTION, num_inference_steps=sched.sample_steps,
-                   guidance_scale=sched.guidance, generator=g, output_type="pt")
+                   guidance_scale=sched.guidance, generator=g, output_type="pt", eta=eta)
         out.append(res.images.float().clamp(0, 1))
     return torch.cat(out)
 
@@ -426,37 +516,30 @@ def evaluate(out: Path, sched: Schedule, seed: int, log) -> dict:
 
 def train_world(out: str | Path, seed: int = 0, scale: float = 1.0, max_minutes: float | None = None,
                 reward_split: str = "all", threads: int | None = None, evaluate_samples: bool = True,
-                schedule: Schedule | None = None, log=print) -> dict:
+                schedule: Schedule | None = None, log=print, rewards_from: str | Path | None = None) -> dict:
     """Train everything into ``out`` (see the module doc); returns the report. ``schedule`` replaces the
     default schedule (then ``scale`` multiplies it). ``threads`` sets torch's CPU threads for the run (on a
-    shared or busy machine 1 is often faster than oversubscribed cores)."""
+    shared or busy machine 1 is often faster than oversubscribed cores). ``rewards_from``: a directory this
+    script wrote; its model and phase 3-4 rewards are taken as they are and only phases 5-6 run (what a full run
+    does after phase 4, which saved those same fp16 files)."""
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train_world(Path(out), seed, scale, max_minutes, reward_split, evaluate_samples, schedule, log)
+        return _train_world(Path(out), seed, scale, max_minutes, reward_split, evaluate_samples, schedule, log,
+                            None if rewards_from is None else Path(rewards_from))
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, reward_split: str,
-                 evaluate_samples: bool, schedule: Schedule | None, log) -> dict:
-    import diffusers
-    import transformers
+def _train_model_and_rewards(out: Path, sched: Schedule, seed: int, reward_split: str, clock: Clock, log) -> dict:
+    """Phases 1-4 into ``out``/model and ``out``/rewards (fp16); returns the VAE's part of the report."""
     from diffusers import StableDiffusionPipeline
 
     from lowmem_alignprop.rewards.toy import ToyClipModel, ToyCountModel, save_model
     from lowmem_alignprop.toy.tokenizer import BOS, EOS
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sched = (schedule or Schedule()).scaled(scale)
-    random.seed(seed)
-    np.random.seed(seed)
-    clock = Clock(max_minutes)
-    t_start = time.time()
     tokenizer, vae, unet, text_encoder, scheduler = build_models(seed)
-
     train_vae(vae, sched, seed, clock, log)
     t0 = time.time()
     pool = sample_scenes(sched.pool, seed, "train")
@@ -475,7 +558,7 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)  # half the bytes
-    pipe.to(torch.float32)
+    pipe.to(torch.float32)  # (the rewards' VAE reconstructions below: the fp16 weights, computed in fp32)
 
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed + 10)
@@ -486,22 +569,68 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
     counter = ToyCountModel()
     train_toy_count(counter, reward_batches(vae, sched, seed + 100, reward_split, True), sched, clock, log)
     save_model(counter, out / "rewards" / "toy_count", "toy_count")
+    return {"vae_scaling_factor": sf, "vae_reconstruction_fidelity": round(vae_fid["all_ok"], 4)}
 
-    report = {
+
+def _taken_from(source: Path, out: Path) -> dict:
+    """--rewards-only: ``source``'s model (copied into ``out`` unless it is ``out``) and phase 3-4 rewards; returns
+    what the report keeps of ``source``'s: its VAE figures and, under ``phases_1_4_from``, its version, seed,
+    schedule, wall times and checksums (of the rewards phases 5-6 start from too)."""
+    import shutil
+
+    prior = json.loads((source / "report.json").read_text())
+    if source.resolve() != out.resolve():
+        shutil.copytree(source / "model", out / "model", dirs_exist_ok=True)
+    keep = ("train_version", "seed", "scale", "schedule", "reward_split", "reproducible", "wall_seconds", "sha256")
+    return {"vae_scaling_factor": prior["vae_scaling_factor"],
+            "vae_reconstruction_fidelity": prior["vae_reconstruction_fidelity"],
+            "phases_1_4_from": {k: prior.get(k) for k in keep}}
+
+
+def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, reward_split: str,
+                 evaluate_samples: bool, schedule: Schedule | None, log, rewards_from: Path | None = None) -> dict:
+    import diffusers
+    import transformers
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.rewards.toy import load_model, save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    sched = (schedule or Schedule()).scaled(scale)
+    random.seed(seed)
+    np.random.seed(seed)
+    clock = Clock(max_minutes)
+    t_start = time.time()
+    if rewards_from is None:
+        report = _train_model_and_rewards(out, sched, seed, reward_split, clock, log)
+        rewards = out / "rewards"
+    else:
+        report = _taken_from(rewards_from, out)
+        rewards = rewards_from / "rewards"
+    # phases 5-6 start from the saved fp16 files, with or without --rewards-only: both paths give the same weights
+    if sched.gen_samples > 0:  # (0: phases 1-4 alone, as train_version 1 ran)
+        pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        clip, counter = load_model(rewards / "toy_clip").train(), load_model(rewards / "toy_count").train()
+        report["generated_pool"] = robust_phases(pipe, clip, counter, pipe.tokenizer, sched, seed, reward_split,
+                                                 clock, log)
+        save_model(clip, out / "rewards" / "toy_clip", "toy_clip")
+        save_model(counter, out / "rewards" / "toy_count", "toy_count")
+
+    report.update({
         "world_version": WORLD_VERSION, "train_version": TRAIN_VERSION, "seed": seed, "scale": scale,
         "schedule": asdict(sched), "reward_split": reward_split, "max_minutes": max_minutes,
         "truncated": clock.truncated, "reproducible": not clock.truncated,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "vae_scaling_factor": sf, "vae_reconstruction_fidelity": round(vae_fid["all_ok"], 4),
-    }
+    })
     if evaluate_samples:
         t0 = time.time()
         report.update(evaluate(out, sched, seed, log))
         clock.times["report"] = round(time.time() - t0, 1)
     report["wall_seconds"] = {**clock.times, "total": round(time.time() - t_start, 1)}
     report["sha256"] = sha256s(out)
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
     log(f"wrote {out} in {report['wall_seconds']['total']:.0f} s")
     return report
 
@@ -516,9 +645,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-split", choices=("all", "train"), default="all")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-eval", action="store_true", help="skip sampling and the report's fidelity numbers")
+    ap.add_argument("--rewards-only", action="store_true",
+                    help="run only phases 5-6 (the rewards on the model's own samples) from --from's model and rewards")
+    ap.add_argument("--from", dest="source", default=None,
+                    help="with --rewards-only: a directory this script wrote (default: --out itself)")
     args = ap.parse_args(argv)
+    if args.source and not args.rewards_only:
+        ap.error("--from needs --rewards-only")
+    source = (args.source or args.out) if args.rewards_only else None
     train_world(args.out, seed=args.seed, scale=args.scale, max_minutes=args.max_minutes,
-                reward_split=args.reward_split, threads=args.threads, evaluate_samples=not args.no_eval)
+                reward_split=args.reward_split, threads=args.threads, evaluate_samples=not args.no_eval,
+                rewards_from=source)
     return 0
 
 
