@@ -16,7 +16,7 @@ import numpy as np
 from pathlib import Path
 import pytest
 import torch
-from numerics import SAME_OPS, assert_rel_close
+from numerics import REORDERED, SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
@@ -583,6 +583,39 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     from lowmem_alignprop.commands.train import toy_world_lines
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
+
+
+def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_run):
+    """Each metrics row records every image's reward and prompt; the summary's first -> last reward is each prompt's
+    mean in the first and in the last steps, over the prompts in both (a prompt that scores 10 and is drawn only at
+    the start no longer makes a rising run look like a falling one)."""
+    import json
+
+    from lowmem_alignprop.commands.train import window_note
+    from lowmem_alignprop.run.runfolder import first_last_rewards
+
+    def row(ids, rewards):
+        return {"prompt_ids": ids, "rewards": rewards, "reward_mean": sum(rewards) / len(rewards)}
+
+    # prompt 0 rises 0 -> 1; prompt 1 (reward 10) is drawn only in the first steps
+    history = [row([0], [0.0]), row([1], [10.0]), row([0], [0.0])] + [row([0], [1.0])] * 3
+    got = first_last_rewards(history)
+    assert (got["reward_first"], got["reward_last"], got["reward_prompts"], got["reward_window"]) == (0.0, 1.0, 1, 3)
+    old = first_last_rewards([{"reward_mean": h["reward_mean"]} for h in history])  # rows of older runs
+    assert old["reward_first"] == pytest.approx(10 / 3) and old["reward_last"] == 1.0 and old["reward_prompts"] is None
+    assert window_note(old) == "  [first and last 3 steps, different prompts: noisy]"
+    # no prompt in both windows of 3: they widen to half the run (4 steps), where prompt 1 is in both
+    history = [row([0], [0.0])] * 3 + [row([1], [2.0]), row([2], [5.0])] + [row([1], [4.0])] * 3
+    got = first_last_rewards(history)
+    assert (got["reward_first"], got["reward_last"], got["reward_prompts"], got["reward_window"]) == (2.0, 4.0, 1, 4)
+    assert window_note(got) == "  [the same 1 prompt, first and last 4 steps]"
+    # a real run's rows: 4 images a step (toy defaults), each with its prompt's index in the run's 4 prompts
+    rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["rewards"]) == len(r["prompt_ids"]) == 4 and set(r["prompt_ids"]) <= set(range(4)) for r in rows)
+    assert_rel_close(torch.tensor(rows[0]["rewards"]).mean(), torch.tensor(rows[0]["reward_mean"]), REORDERED, "mean")
+    summary = json.loads((short_toy_run / "summary.json").read_text())
+    assert summary["reward_window"] == 1 and summary["reward_prompts"] >= 1
+    assert summary == {**summary, **first_last_rewards(rows)}
 
 
 def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_path, capsys):

@@ -204,11 +204,10 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     lora.run_config = {**lora.run_config, **state.get("config", {})}
     lora.step = int(state["step"])
     history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
-    n = max(1, min(3, len(history) // 2))  # as the trainer's summary averages them
     lora.summary = {"steps": lora.step, "steps_done": lora.step}
-    if history:
-        lora.summary.update(reward_first=sum(h["reward_mean"] for h in history[:n]) / n,
-                            reward_last=sum(h["reward_mean"] for h in history[-n:]) / n)
+    if history:  # as the trainer's summary compares them
+        from lowmem_alignprop.run.runfolder import first_last_rewards
+        lora.summary.update(first_last_rewards(history))
     return lora
 
 

@@ -42,7 +42,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
 from lowmem_alignprop.step.prompts import cut_prompts_note
-from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder
+from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
@@ -148,6 +148,7 @@ class Trainer:
                  searched: dict | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
         self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
+        self.prompt_id = {p: i for i, p in enumerate(prompts)}  # the metrics' per-image prompt_ids
         self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
@@ -429,7 +430,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict | None, str | None]:
         """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
-        t0, rewards_all, losses, ks, self.terms = time.perf_counter(), [], [], [], []
+        t0, rewards_all, ids_all, losses, ks, self.terms = time.perf_counter(), [], [], [], [], []
         self.grad_norm, self.scaler_skipped, self.grad_zero = None, False, False
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
@@ -453,12 +454,13 @@ class Trainer:
                 place.park("vae", self.vae)  # offload_frozen: the VAE and reward model wait on the CPU again
                 place.park("reward", self.reward)
                 rewards_all.append(acc.gather(rewards_.detach()))
+                ids_all.append(acc.gather(torch.tensor([self.prompt_id[p] for p in batch_prompts], device=self.device)))
                 losses.append(loss.detach())
                 if acc.sync_gradients:
                     with stage(stages.OPTIMIZER):
                         if bad := self.optimizer_step():
                             return None, bad
-        return self.metrics_row(step, t0, rewards_all, losses, ks), None
+        return self.metrics_row(step, t0, rewards_all, ids_all, losses, ks), None
 
     def not_finite(self, loss: torch.Tensor, rewards_: torch.Tensor) -> str | None:
         """What was NaN/inf on any rank (the gradients are then dropped), or None; a reward without a graph fails."""
@@ -503,12 +505,14 @@ class Trainer:
             self.held_out.after_evaluation(step, metrics, self.is_main)
         return metrics
 
-    def metrics_row(self, step: int, t0: float, rewards_all: list, losses: list, ks: list[int]) -> dict:
+    def metrics_row(self, step: int, t0: float, rewards_all: list, ids_all: list, losses: list, ks: list[int]) -> dict:
         acc = self.accelerator
         r_all = torch.cat(rewards_all).float()
         loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
         return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
+                # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison
+                "rewards": r_all.tolist(), "prompt_ids": torch.cat(ids_all).tolist(),
                 "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
                 **({"kl": acc.reduce(torch.stack([t["kl"] for t in self.terms]).mean(), reduction="mean").item()}
@@ -813,10 +817,8 @@ class Trainer:
             atomic.write_text(out / "config.yaml", self.config_yaml())
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
-        n = max(1, min(3, len(history) // 2))
         summary.update({
-            "reward_first": sum(h["reward_mean"] for h in history[:n]) / n if history else float("nan"),
-            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n if history else float("nan"),
+            **first_last_rewards(history),  # the same prompts' rewards in the first and the last steps
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),
@@ -976,6 +978,17 @@ def toy_world_lines(t: dict | None) -> list[str]:
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
 
 
+def window_note(s: dict) -> str:
+    """What the summary's first -> last reward compares (runfolder.first_last_rewards)."""
+    n = s.get("reward_window")
+    if not n:
+        return ""
+    steps = f"first and last {n} step{'s' if n > 1 else ''}"
+    if s.get("reward_prompts") is None:
+        return f"  [{steps}, different prompts: noisy]"
+    return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
+
+
 def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     change = s["reward_last"] - s["reward_first"]
     lines = [
@@ -985,7 +998,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
          if s.get("interrupted") else
          f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
-        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f})"
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
         if math.isfinite(change) else
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]

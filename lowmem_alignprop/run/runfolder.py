@@ -232,3 +232,38 @@ def keep_metrics_until(path: Path, step: int) -> None:
         except ValueError:
             continue  # a line cut off by a crash
     atomic.write_text(path, "".join(r + "\n" for r in rows))
+
+
+def first_last_rewards(history: list[dict]) -> dict[str, Any]:
+    """The run's reward at its start and at its end, on the same prompts: each prompt's mean reward over its images in
+    the first n and in the last n steps (n = 3, at most half the run, widened up to half the run until a prompt is
+    in both), averaged over the prompts in both. ``reward_prompts``: how many; ``reward_window``: n. Rows without
+    per-image prompts (runs before they were recorded) give the mean of every image in the windows instead
+    (``reward_prompts`` None: different prompts at the start and at the end)."""
+    nan = float("nan")
+    if not history:
+        return {"reward_first": nan, "reward_last": nan, "reward_prompts": None, "reward_window": 0}
+    half = max(1, len(history) // 2)
+    n = max(1, min(3, half))
+    if all("prompt_ids" in h and "rewards" in h for h in history):
+        first, last = _per_prompt(history[:n]), _per_prompt(history[-n:])
+        while not set(first) & set(last) and n < half:
+            n += 1
+            first, last = _per_prompt(history[:n]), _per_prompt(history[-n:])
+        common = sorted(set(first) & set(last))
+        if common:
+            return {"reward_first": sum(first[p] for p in common) / len(common),
+                    "reward_last": sum(last[p] for p in common) / len(common),
+                    "reward_prompts": len(common), "reward_window": n}
+    n = max(1, min(3, half))
+    return {"reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
+            "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n, "reward_prompts": None, "reward_window": n}
+
+
+def _per_prompt(rows: list[dict]) -> dict[int, float]:
+    """Each prompt's (index into the run's prompts) mean reward over its images in ``rows``."""
+    seen: dict[int, list[float]] = {}
+    for row in rows:
+        for p, r in zip(row["prompt_ids"], row["rewards"]):
+            seen.setdefault(int(p), []).append(float(r))
+    return {p: sum(v) / len(v) for p, v in seen.items()}
