@@ -1,6 +1,7 @@
 """Train the toy world's models on the renderer's data: an SD-shaped text-to-image model and two rewards.
 
     python -m lowmem_alignprop.commands.train_toy_world --out DIR [--seed 0] [--scale 1.0] [--max-minutes N]
+    python -m lowmem_alignprop.commands.train_toy_world --out DIR --rewards-only [--from SRC]   (phases 5-6 alone)
 
 Phases, in order (docs/toy_world.md has the reasons):
 
@@ -11,7 +12,13 @@ Phases, in order (docs/toy_world.md has the reasons):
 3. toy_clip (contrastive, with hard-negative captions) and 4. toy_count (cross-entropy over 0..4 objects),
    on rendered scenes of the whole caption space (or the training split, --reward-split train), half of
    each batch passed through the trained VAE so that they know its artefacts.
-5. Report: exact fidelity of DDIM samples on training and held-out prompts, reward accuracies, sha256 of
+5. The model's own DDIM samples (eta 1, as the trainer samples) of captions of the whole space, each labelled with
+   what the exact evaluator reads in it (its objects; "" when it reads none), and 6. both rewards fine-tuned on
+   them (half of each batch, colour-jittered, noised, blurred) with the rendered + reconstructed mix: trained on
+   renders alone, toy_clip's gradient had found directions that raise its score and not the fidelity, where
+   AlignProp starts (docs/toy_world.md). ``--rewards-only --from SRC`` runs these two phases alone on SRC's model
+   and phase 3-4 rewards (the same files a full run's phase 4 saved: the same weights).
+7. Report: exact fidelity of DDIM samples on training and held-out prompts, reward accuracies, sha256 of
    every file written, versions, the seed and the wall time of each phase -> DIR/report.json.
 
 Output: DIR/model (a diffusers StableDiffusionPipeline directory, fp16 safetensors), DIR/rewards/toy_clip,
@@ -50,7 +57,9 @@ from lowmem_alignprop.toy.scenes import (
     caption, content, heldout_prompts, make_content, parse_caption, render, sample_scenes,
 )
 
-TRAIN_VERSION = "1"  # bump with any change to the architectures, the schedule or the data this script draws
+# bump with any change to the architectures, the schedule or the data this script draws (2: phases 5-6; phases 1-4
+# are version 1's, so a version 1 directory plus --rewards-only is a version 2 run)
+TRAIN_VERSION = "2"
 RESOLUTION = 64
 OBJECT_WEIGHT = 5.0  # the VAE's reconstruction loss on object pixels, relative to background pixels
 
@@ -342,9 +351,12 @@ def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock:
 
     def step(i):
         images, scenes = next(batches)
-        contents = [content(s) for s in scenes]
+        contents = [s.label if isinstance(s, Generated) else content(s) for s in scenes]
         texts = [text_of(c) for c in contents]
         negatives = [caption(perturb(c, rng)) for c in contents for _ in range(4)]
+        for j, s in enumerate(scenes):  # a generated image's prompt, when it drew something else, is its first negative
+            if isinstance(s, Generated) and s.wrong is not None:
+                negatives[4 * j] = s.wrong
         cosine_lr(opt, i, steps, lr, warmup=min(100, steps // 10))
         img = model.embed_images(images)
         txt = model.embed_text(tokenize(tokenizer, texts + negatives))
@@ -391,6 +403,18 @@ ROBUST_JITTER = 0.04
 ROBUST_MAX_SD = 0.1
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A generated image's label: what the exact evaluator read (``label``), and its prompt when that differs from the
+    reading (``wrong``: toy_clip's hard negative for the image, where a reward trained on renders was fooled)."""
+    label: Content
+    wrong: str | None
+
+    @property
+    def objects(self):  # (the counter's target, as a Scene's)
+        return self.label.objects
+
+
 def detected_label(d: fid.Detection, rng: np.random.Generator) -> Content | None:
     """What the exact evaluator reads in a generated image, as a caption content: its objects, and its background
     named half the time (as the sampler names it) when the frame is a background colour. None when it reads more
@@ -402,27 +426,28 @@ def detected_label(d: fid.Detection, rng: np.random.Generator) -> Content | None
 
 
 @torch.no_grad()
-def generated_pool(pipe, sched: Schedule, seed: int, split: str, log) -> tuple[torch.Tensor, list[Content], dict]:
+def generated_pool(pipe, sched: Schedule, seed: int, split: str, log) -> tuple[torch.Tensor, list[Generated], dict]:
     """Phase 5: the model's own DDIM samples (eta 1, as the trainer samples) of captions of ``split``, each labelled
-    with what the exact evaluator reads in it (``detected_label``): the images AlignProp starts from, which the
-    rewards never saw rendered. Returns the images, their labels and the pool's statistics for the report."""
+    with what the exact evaluator reads in it (``detected_label``) and, when that is not what the prompt asked, the
+    prompt as a wrong caption: the images AlignProp starts from, which the rewards never saw rendered. Returns the
+    images, their labels and the pool's statistics for the report."""
     prompts = [caption(s) for s in sample_scenes(sched.gen_samples, seed + 12, split)]
     images = sample_images(pipe, prompts, sched, seed + 13, eta=1.0)
     rng = np.random.default_rng(seed + 14)
     detections = fid.detect(images)
+    checks = [fid.compare(parse_caption(p), d.content) for p, d in zip(prompts, detections)]
     labels = [detected_label(d, rng) for d in detections]
     keep = [i for i, c in enumerate(labels) if c is not None]
-    agree = fid.summarize([fid.compare(parse_caption(p), d.content) for p, d in zip(prompts, detections)])
     stats = {"images": len(prompts), "kept": len(keep),
              "no_object_read": sum(not d.objects for d in detections) / len(prompts),
              "objects_read_mean": float(np.mean([len(d.objects) for d in detections])),
-             "prompt_all_ok": agree["all_ok"]}
+             "prompt_all_ok": fid.summarize(checks)["all_ok"]}
     log(f"generated pool: {stats}")
-    return images[torch.tensor(keep, dtype=torch.long)], [labels[i] for i in keep], \
-        {k: round(v, 4) for k, v in stats.items()}
+    items = [Generated(labels[i], None if checks[i].all_ok else prompts[i]) for i in keep]
+    return images[torch.tensor(keep, dtype=torch.long)], items, {k: round(v, 4) for k, v in stats.items()}
 
 
-def robust_batches(vae, images: torch.Tensor, labels: list[Content], sched: Schedule, seed: int, split: str,
+def robust_batches(vae, images: torch.Tensor, labels: list[Generated], sched: Schedule, seed: int, split: str,
                    with_empty: bool):
     """Phase 6's stream: half of each batch generated images (colour-jittered, noised, blurred), half the
     rendered + reconstructed mix of ``reward_batches``; (images, scenes or contents)."""
