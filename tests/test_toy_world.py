@@ -396,10 +396,12 @@ def test_rewards_only_from_a_trained_directory_gives_the_full_runs_rewards(tmp_p
     assert only["sha256"] == full["sha256"]
     assert only["phases_1_4_from"]["sha256"] == first["sha256"] and only["generated_pool"] == full["generated_pool"]
     assert any(line.startswith("robust_clip 2/2 loss") for line in lines)
-    assert main(["--out", str(tmp_path / "first"), "--rewards-only", "--no-eval", "--threads", "1", "--scale",
-                 "0.001"]) == 0  # --from defaults to --out: its rewards are replaced in place
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "x"), "--from", str(tmp_path / "first")])  # --from needs --rewards-only
+    for bad in (["--from", str(tmp_path / "first")],  # --from needs --rewards-only
+                ["--rewards-only"]):  # ... which needs --gen-samples N
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(tmp_path / "x")] + bad)
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_batch_judges_only_the_grammars_prompts():
@@ -647,10 +649,39 @@ def default_run(tmp_path_factory):
 
 def test_a_one_minute_run_raises_exact_fidelity(default_run):
     """Judged on the same 32 fixed-seed images (8 of each held-out pair) before and after, the exact evaluators'
-    fidelity score rises by a clear margin (measured here 0.675 -> 0.762: shapes 44% -> 66%, all right 44% -> 59%;
-    held at +0.04). toy_clip's mean on those images is reported, not held: with the prompts in another order the same
-    settings raised it by 10 (72.5 -> 82.4), here it falls by 8 (the grid's blue diamond collapses; docs/toy_world.md)."""
+    fidelity score rises by a clear margin (measured here, seed 0: 0.675 -> 0.762, shapes 44% -> 66%, all right 44% ->
+    59%; held at +0.04). This holds seed 0's run only: seeds 1 and 2 measured +0.088 and -0.063, and toy_clip's mean on
+    those images -7.9, +14.4 and +16.3 (the grid's blue diamond collapses at seed 0), so neither rise is robust yet
+    (docs/toy_world.md, "What short runs do"); toy_clip is reported, not held."""
     before, after = default_run["before"], default_run["after"]
     assert default_run["held_out"] == default_run["prompts"] == 4 and default_run["images"] == 32
     assert after["fidelity_score"] >= before["fidelity_score"] + 0.04, (before, after)
     assert after["fidelity_shapes_ok"] > before["fidelity_shapes_ok"], (before, after)
+
+
+@pytest.fixture(scope="module")
+def count_run(tmp_path_factory):
+    """toy_count=3 with the toy model's other defaults (the four one-object held-out pairs, 4 images a step, 20
+    steps), seed 0, without the sample grid."""
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path_factory.mktemp("toy") / "count"
+    assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--reward", "toy_count=3", "--set",
+                 "sample_prompts=0"]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_toy_count_moves_the_exact_object_count_toward_its_target(count_run):
+    """Asked for 3 objects where the prompts ask for one, 20 steps move the mean number of objects the exact evaluator
+    reads in the 32 fixed-seed images toward 3: seeds 0, 1, 2 measured 0.94 -> 2.09, 0.97 -> 1.56, 0.88 -> 1.13 (+1.16,
+    +0.59, +0.25); held at +0.2, under the smallest. The prompt fidelity falls meanwhile (0.675 -> 0.450 at seed 0):
+    the count is what was asked, against the prompts."""
+    toy = count_run["toy_world"]
+    before, after = toy["before"], toy["after"]
+    assert after["fidelity_objects"] >= before["fidelity_objects"] + 0.2, (before, after)
+    assert abs(after["fidelity_objects"] - 3) < abs(before["fidelity_objects"] - 3)
+    assert after["reward"] > before["reward"] and count_run["reward_prompts"] == 4  # the same four prompts
+    assert count_run["reward_last"] > count_run["reward_first"]
+
