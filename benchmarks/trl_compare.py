@@ -119,8 +119,12 @@ def drive_ours(job: dict) -> dict:
     if main(argv) != 0:
         raise SystemExit("our run failed")
     import lowmem_alignprop
+    report = json.loads((work / "run" / "memory_report.json").read_text())  # issue 22: RSS against load + peak
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    memory = {k: report.get(k) for k in ("rss", "peak_allocated", "baseline", "first_step_rss_start")}
     return {"trainer": "ours", "versions": {"lowmem_alignprop": getattr(lowmem_alignprop, "__version__", "main"),
-                                            **_versions()}, "step_cpu_seconds": seconds}
+                                            **_versions()}, "step_cpu_seconds": seconds, "memory_report": memory,
+            "host_allocator": summary.get("host_allocator")}
 
 
 def _versions() -> dict:

@@ -69,6 +69,8 @@ def _profile(tmp_path, text):
     ("set_wrong_type", "lr must be a number, got 'fast'"),
     ("impossible_combination", "activation_offload moves checkpointed tensors"),
     ("negative_checkpoint_every", "checkpoint_every must be 0 or more"),
+    ("malloc_threshold_out_of_range", "cpu_malloc_threshold_kib=64 is outside glibc's range: use --set "
+                                      "cpu_malloc_threshold_kib=1024"),
     ("prompts_not_utf8", "is not valid UTF-8"),
     ("prompts_missing", "does not exist"),
     ("reward_not_importable", "no_such_module_xyz"),
@@ -103,6 +105,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--set", "activation_offload=true", "--set", "vae_checkpointing=none"]
     elif case == "negative_checkpoint_every":
         args += ["--checkpoint-every", "-1"]
+    elif case == "malloc_threshold_out_of_range":
+        args += ["--set", "cpu_malloc_threshold_kib=64"]
     elif case == "prompts_not_utf8":
         bad = tmp_path / "p.txt"
         bad.write_bytes("un chat\n".encode("utf-16"))

@@ -56,7 +56,7 @@ def test_outputs_written(run_dir):
     assert summary["cuda_allocator"] == "cpu"  # expandable segments are a CUDA allocator setting
     # a CPU run hands freed tensors back to the system (memory/host_allocator.py; test_host_allocator.py)
     from lowmem_alignprop.memory.host_allocator import glibc
-    assert summary["host_allocator"].startswith("glibc malloc, mmap and trim thresholds fixed" if glibc() else "the ")
+    assert summary["host_allocator"].startswith("glibc malloc, mmap threshold fixed at 1024 KiB" if glibc() else "the ")
     assert summary["host_allocator"] in (run_dir / "memory_report.md").read_text()
 
 

@@ -1,4 +1,5 @@
-"""memory/host_allocator.py: with glibc's thresholds fixed, freed CPU tensors go back to the system.
+"""memory/host_allocator.py: with glibc's thresholds fixed at cpu_malloc_threshold_kib, freed CPU tensors above it go
+back to the system; below it they stay in the heap (the speed/memory trade-off the field chooses).
 
 Each case runs in a fresh process (the thresholds are process-wide and glibc moves them as blocks are freed)."""
 
@@ -10,45 +11,69 @@ from pathlib import Path
 import pytest
 
 from lowmem_alignprop.memory import host_allocator
+from lowmem_alignprop.settings.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
+DEFAULT_KIB = Config().cpu_malloc_threshold_kib
 glibc_only = pytest.mark.skipif(host_allocator.glibc() is None, reason="mallopt is glibc's (Linux)")
 
 SCRIPT = r"""
 import sys
 import psutil, torch
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
-if sys.argv[1] == "fixed":
-    print(release_freed_tensors(), file=sys.stderr)
+threshold_kib, block_kib = int(sys.argv[1]), int(sys.argv[2])  # threshold -1: glibc untouched (the control)
+if threshold_kib >= 0:
+    print(release_freed_tensors(threshold_kib), file=sys.stderr)
 rss = lambda: psutil.Process().memory_info().rss
 big = torch.ones(8 * 2**20 // 4); del big  # one 8 MiB tensor freed: by default glibc raises its thresholds to it
 before = rss()
-blocks = [torch.ones(2 * 2**20 // 4) for _ in range(48)]  # 96 MiB of 2 MiB tensors, as a step's activations
-pin = torch.ones(2 * 2**20 // 4)  # allocated last and kept: the heap's top stays in use
+n = 96 * 1024 // block_kib
+blocks = [torch.ones(block_kib * 1024 // 4) for _ in range(n)]  # 96 MiB of tensors, as a step's activations
+pin = torch.ones(block_kib * 1024 // 4)  # allocated last and kept: the heap's top stays in use
 del blocks
 print(rss() - before)
 """
 
 
-def _retained(mode: str) -> tuple[int, str]:
+def _retained(threshold_kib: int, block_kib: int) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k not in host_allocator.USER_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(threshold_kib), str(block_kib)], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1]), out.stderr
 
 
 @glibc_only
-def test_freed_tensors_leave_the_process_with_the_thresholds_fixed():
-    (kept_default, _), (kept_fixed, said) = _retained("default"), _retained("fixed")
-    assert "mmap and trim thresholds fixed at 128 KiB" in said
-    # by default the 96 MiB freed stay in the heap under the kept tensor (the control: the setup shows the retention)
-    assert kept_default >= 80 * MIB, kept_default / MIB
-    # fixed: each 2 MiB tensor had its own mapping, unmapped when freed; the kept 2 MiB tensor remains
+def test_the_default_threshold_returns_freed_tensors_above_it():
+    block_kib = 2 * DEFAULT_KIB  # tensors above the default threshold (a step's large activations)
+    (kept_glibc, _), (kept_fixed, said) = _retained(-1, block_kib), _retained(DEFAULT_KIB, block_kib)
+    assert f"mmap threshold fixed at {DEFAULT_KIB} KiB and trim threshold at {2 * DEFAULT_KIB} KiB" in said
+    # glibc's own: the 96 MiB freed stay in the heap under the kept tensor (the control: the setup shows retention)
+    assert kept_glibc >= 80 * MIB, kept_glibc / MIB
+    # fixed: each tensor had its own mapping, unmapped when freed; the kept one remains
     assert kept_fixed <= 8 * MIB, kept_fixed / MIB
+
+
+@glibc_only
+def test_the_threshold_is_the_field_blocks_under_it_stay_in_the_heap():
+    # 512 KiB tensors: under the default 1024 KiB they come from the heap and stay when freed (the speed side of the
+    # trade-off); with the field at 128 KiB (glibc's initial value) each has its own mapping and leaves
+    assert DEFAULT_KIB > 512
+    (kept_default, _), (kept_128, said) = _retained(DEFAULT_KIB, 512), _retained(128, 512)
+    assert "mmap threshold fixed at 128 KiB" in said
+    assert kept_default >= 80 * MIB, kept_default / MIB
+    assert kept_128 <= 8 * MIB, kept_128 / MIB
+
+
+@glibc_only
+def test_zero_leaves_glibc_its_own_thresholds():
+    kept, said = _retained(0, 2048)
+    assert "its own moving thresholds" in said
+    assert kept >= 80 * MIB, kept / MIB  # as the untouched control: nothing was fixed
 
 
 def test_a_users_own_malloc_setting_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # glibc read it at start-up; nothing is changed here
-    assert host_allocator.release_freed_tensors() == "MALLOC_MMAP_THRESHOLD_=65536 (yours)"
+    assert host_allocator.release_freed_tensors(DEFAULT_KIB) == "MALLOC_MMAP_THRESHOLD_=65536 (yours)"

@@ -229,7 +229,8 @@ class Trainer:
         self.accelerator = make_accelerator(cfg, self.out)
         self.device = self.accelerator.device
         # a CPU step's activations are host memory: freed ones go back to the system instead of glibc's heap
-        self.host_allocator = release_freed_tensors() if self.device.type == "cpu" else None
+        cpu = self.device.type == "cpu"
+        self.host_allocator = release_freed_tensors(cfg.cpu_malloc_threshold_kib) if cpu else None
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = precision.frozen_weight_dtype(self.accelerator.mixed_precision, self.device.type)
         self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},

@@ -6,9 +6,13 @@ PyTorch allocates CPU tensors with ``posix_memalign``. glibc serves a request of
 size (up to 32 MiB) and the trim threshold to twice that: from the first training step on, most activations come
 from the heap, and the heap keeps what is freed (it gives back only a free top larger than the trim threshold).
 A step frees hundreds of MiB of activations in backward; the process then holds them as free heap for good.
-:func:`release_freed_tensors` fixes both thresholds at glibc's initial 128 KiB, so every tensor above it has its
-own mapping, returned to the system when the tensor is freed (mid-size model at 256 px: see benchmarks/REPORT.md
-section 5 for the resident memory and the step's time, before and after).
+:func:`release_freed_tensors` fixes both thresholds (the mmap threshold at ``cpu_malloc_threshold_kib``, the trim
+threshold at twice it), so every tensor above the threshold has its own mapping, returned to the system when the
+tensor is freed. The threshold trades speed for resident memory: each mapping costs page faults when it is first
+written (system CPU time), and blocks under the threshold stay in the heap once freed. glibc's initial 128 KiB
+follows the tensors most closely and was 10-25% slower per step than TRL's AlignPropTrainer on the mid-size model;
+1 MiB (the default) was as fast as TRL on it and on the toy world (benchmarks/REPORT.md sections 5 and 6).
+``cpu_malloc_threshold_kib=0`` leaves glibc's own moving thresholds (fastest, keeps freed activations).
 
 Linux with glibc only (``mallopt`` is glibc's); elsewhere nothing changes. A user's own ``MALLOC_MMAP_THRESHOLD_``
 or ``MALLOC_TRIM_THRESHOLD_`` wins.
@@ -22,7 +26,8 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 128 * 1024  # glibc's own initial value, made fixed
+GLIBC_INITIAL_KIB = 128  # glibc's own initial mmap threshold
+MAX_KIB = 32 * 1024  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2); mallopt refuses more
 USER_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -37,20 +42,23 @@ def glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
-def release_freed_tensors() -> str:
-    """Fix glibc's mmap and trim thresholds at 128 KiB (see the module docstring). Returns what the C allocator
-    runs with, for summary.json and the memory report."""
+def release_freed_tensors(threshold_kib: int) -> str:
+    """Fix glibc's mmap threshold at ``threshold_kib`` and its trim threshold at twice it (see the module docstring;
+    0 leaves glibc's own). Returns what the C allocator runs with, for summary.json and the memory report."""
     for var in USER_VARS:
         if os.environ.get(var):
             return f"{var}={os.environ[var]} (yours)"
     libc = glibc()
     if libc is None:
         return "the platform's malloc (unchanged: not glibc)"
-    ok = libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
-    if not ok:  # pragma: no cover - glibc refuses only values out of its range
+    if threshold_kib == 0:
+        return "glibc malloc, its own moving thresholds (cpu_malloc_threshold_kib=0: freed tensors stay in the heap)"
+    mmap_bytes = threshold_kib * 1024
+    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_bytes) == 1
+    if not ok:  # pragma: no cover - glibc refuses only values out of its range (Config.validate keeps them in it)
         return "glibc malloc (mallopt refused the thresholds: unchanged)"
-    return (f"glibc malloc, mmap and trim thresholds fixed at {THRESHOLD // 1024} KiB (freed tensors go back to the "
-            "system)")
+    return (f"glibc malloc, mmap threshold fixed at {threshold_kib} KiB and trim threshold at {2 * threshold_kib} KiB "
+            f"(freed tensors above {threshold_kib} KiB go back to the system)")
 
 
 def trim() -> bool:

@@ -163,6 +163,14 @@ class Config:
                                    "1024 px on rtx3060-sdxl: 5.77 -> 4.43 GiB reserved, measured). Linux only "
                                    "(PyTorch has none on Windows). A PYTORCH_CUDA_ALLOC_CONF you set yourself "
                                    "takes precedence.")
+    cpu_malloc_threshold_kib: int = _f(1024, "CPU runs, Linux/glibc: tensors above this many KiB get their own "
+                                       "memory mapping, returned to the system when freed (resident memory "
+                                       "follows the tensors); smaller ones reuse the heap. Lower follows the "
+                                       "tensors closer, higher is faster (fewer page faults). Mid-size model, CPU "
+                                       "s/step and peak RSS: 128 -> 2.07-2.16 s, 812 MiB; 1024 -> 1.61-1.80 s, "
+                                       "875 MiB (TRL's AlignPropTrainer: 1.71-1.96 s, 845 MiB; benchmarks/REPORT.md "
+                                       "section 6). 0 = glibc's own moving thresholds (freed activations stay in "
+                                       "the heap). Your MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ win.")
     block_swap: int = _f(0, "Keep N of the frozen transformer (or UNet) blocks in pinned CPU memory and copy each "
                          "to the GPU just before it runs (forward, checkpoint recompute, backward), on a side stream "
                          "that overlaps compute; LoRA weights stay on the GPU. Saves N blocks' weights, costs PCIe "
@@ -276,6 +284,9 @@ class Config:
             if getattr(self, name) > most:     # hours or take all memory on them
                 raise UserError(f"{name}={getattr(self, name)} is larger than {most}, the most this tool takes "
                                 f"({why}): use --set {name}={most} or less")
+        if self.cpu_malloc_threshold_kib and not 128 <= self.cpu_malloc_threshold_kib <= 32768:  # glibc's range
+            raise UserError(f"cpu_malloc_threshold_kib={self.cpu_malloc_threshold_kib} is outside glibc's range: use "
+                            "--set cpu_malloc_threshold_kib=1024 (128 to 32768, or 0 for glibc's own)")
         if self.resolution < 8:
             raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
                             "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
