@@ -10,8 +10,9 @@ A step frees hundreds of MiB of activations in backward; the process then holds 
 threshold at twice it), so every tensor above the threshold has its own mapping, returned to the system when the
 tensor is freed. The threshold trades speed for resident memory: each mapping costs page faults when it is first
 written (system CPU time), and blocks under the threshold stay in the heap once freed. glibc's initial 128 KiB
-follows the tensors most closely and was 10-25% slower per step than TRL's AlignPropTrainer on the mid-size model;
-1 MiB (the default) was as fast as TRL on it and on the toy world (benchmarks/REPORT.md sections 5 and 6).
+follows the tensors most closely and was 20-25% slower per step than TRL's AlignPropTrainer on the mid-size model;
+1 MiB (the default) was at least as fast as TRL on it and on the toy world in every repeat, for about 50 MiB more
+resident memory on the mid-size model (benchmarks/REPORT.md sections 5 and 6).
 ``cpu_malloc_threshold_kib=0`` leaves glibc's own moving thresholds (fastest, keeps freed activations).
 
 Linux with glibc only (``mallopt`` is glibc's); elsewhere nothing changes. A user's own ``MALLOC_MMAP_THRESHOLD_``

@@ -167,8 +167,8 @@ class Config:
                                        "memory mapping, returned to the system when freed (resident memory "
                                        "follows the tensors); smaller ones reuse the heap. Lower follows the "
                                        "tensors closer, higher is faster (fewer page faults). Mid-size model, CPU "
-                                       "s/step and peak RSS: 128 -> 2.07-2.16 s, 812 MiB; 1024 -> 1.61-1.80 s, "
-                                       "875 MiB (TRL's AlignPropTrainer: 1.71-1.96 s, 845 MiB; benchmarks/REPORT.md "
+                                       "s/step and peak RSS: 128 -> 1.93 s, 813 MiB; 1024 -> 1.39-1.54 s, 865 MiB "
+                                       "(TRL's AlignPropTrainer: 1.56-1.61 s, 845-854 MiB; benchmarks/REPORT.md "
                                        "section 6). 0 = glibc's own moving thresholds (freed activations stay in "
                                        "the heap). Your MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ win.")
     block_swap: int = _f(0, "Keep N of the frozen transformer (or UNet) blocks in pinned CPU memory and copy each "
