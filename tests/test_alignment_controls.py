@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from numerics import SAME_OPS, assert_rel_close
+from refusals import frozen_base_copy
 
 from lowmem_alignprop.models.loading import add_lora, load_components
 from lowmem_alignprop.models.sampling import (PromptEmbeds, decode, enable_block_checkpointing, guided_eps,
@@ -51,15 +52,6 @@ def _step(cfg, comps, params, emb, seed, terms=None):
     return loss, rewards, torch.autograd.grad(loss, params)
 
 
-def _base_copy(unet):
-    """The base model written out independently of peft's switch: a copy whose LoRA weights are zero (the adapter
-    then adds exact zeros), frozen."""
-    base = copy.deepcopy(unet)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_" in name:
-                p.zero_()
-    return base.requires_grad_(False)
 
 
 # -- KL to the base -----------------------------------------------------------------------------------------
@@ -83,7 +75,7 @@ def test_kl_gradient_is_autograds(tiny, blocks):
     ours = torch.autograd.grad(torch.stack(kl).sum(), lora)
     assert all(p.requires_grad for p in lora)  # the switch gave every adapter weight its flag back
 
-    base = _base_copy(comps.unet)
+    base = frozen_base_copy(comps.unet)
     g = torch.Generator().manual_seed(3)
     lat = torch.randn(2, 4, 32, 32, generator=g)
     ts = list(sched.timesteps)
@@ -102,7 +94,7 @@ def test_kl_gradient_is_autograds(tiny, blocks):
 
 def _distance_to_base(comps, emb) -> float:
     """mean((eps_lora - eps_base)^2) over a fixed batch of latents at three noise levels."""
-    base = _base_copy(comps.unet)
+    base = frozen_base_copy(comps.unet)
     g = torch.Generator().manual_seed(11)
     lat = torch.randn(2, 4, 32, 32, generator=g)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from numerics import SAME_OPS, assert_rel_close
+from refusals import frozen_base_copy
 
 from lowmem_alignprop.models import flow
 from lowmem_alignprop.models.family import FlowFamily
@@ -66,14 +67,6 @@ def _ids(m):
     return (flow.latent_image_ids(lh, lw) if m.name == "flux" else None), lh, lw
 
 
-def _base_copy(transformer):
-    """The base model written out without peft's switch: a frozen copy whose LoRA weights are zero."""
-    base = copy.deepcopy(transformer)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_" in name:
-                p.zero_()
-    return base.requires_grad_(False)
 
 
 # -- KL to the base -----------------------------------------------------------------------------------------
@@ -98,7 +91,7 @@ def test_kl_gradient_is_autograds(model, blocks):
     ours = torch.autograd.grad(torch.stack(kl).sum(), lora)
     assert all(p.requires_grad for p in lora)  # the switch gave every adapter weight its flag back
 
-    base = _base_copy(m.pipe.transformer)
+    base = frozen_base_copy(m.pipe.transformer)
     ts = list(flow.set_flow_timesteps(sched, transformer, 4, lh, lw))
     lat = start
     with torch.no_grad():

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
+from refusals import assert_refused
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
@@ -506,10 +507,7 @@ def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing
               f"--init-lora {sd3['lora']} does not fit this model")]
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        assert main([*fast, *args, "--output-dir", str(out)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-        assert len(err) == 1 and needle in err[0], err
-        assert not out.exists()
+        assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from refusals import assert_refused
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.models.sampling import encode_prompts
@@ -170,10 +171,7 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
              (["--init-lora", str(tmp_path / "nope")], "no such file or folder")]
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        assert main([*fast, *args, "--output-dir", str(out)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-        assert len(err) == 1 and needle in err[0], err
-        assert not out.exists()
+        assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,10 +301,7 @@ def test_training_output_settings_that_cannot_work_are_one_line(sets, needle, tm
 
     out = tmp_path / "run"
     args = ["--profile", "cpu", "--output-dir", str(out)] + [a for s in sets for a in ("--set", s)]
-    assert main(args) == 2
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(err) == 1 and needle in err[0], err
-    assert not out.exists()
+    assert_refused(main, args, needle, out, capsys)
 
 
 def test_the_trainer_renders_with_the_negative_prompt(tiny_pipe, tmp_path):

@@ -1,0 +1,28 @@
+"""Shared checks for the tests: a refused command (one ``error:`` line, exit 2, nothing written) and the frozen base
+copy that KL gradients are compared against."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+
+def assert_refused(main, argv: list[str], needle: str, out: Path, capsys) -> None:
+    """``main(argv)`` exits 2 with exactly one ``error:`` line holding ``needle``, and ``out`` was not created."""
+    assert main(argv) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def frozen_base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model written out independently of peft's switch: a frozen copy whose LoRA weights are zero (each
+    adapter then adds exact zeros)."""
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+    return base.requires_grad_(False)
