@@ -199,11 +199,12 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
     is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4 the transformer is drawn
     and quantized one block at a time (:func:`materialize_quantized`): FLUX's 23.8 GB of bf16 never exist at once."""
+    from lowmem_alignprop.memory.quant import BNB_MODES
     from lowmem_alignprop.models.flow_loading import materialize
 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
         if any(t.is_meta for t in module.parameters()):
-            if module is comps.unet and base_quant in ("int8", "nf4"):
+            if module is comps.unet and base_quant in BNB_MODES:
                 materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i)
                 continue
             # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)

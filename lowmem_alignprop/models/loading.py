@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lowmem_alignprop.memory import quant as q
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -123,9 +124,6 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
-    if quant != "none":
-        from lowmem_alignprop.memory import quant as q
-        q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
     if kind == "arch":
         from lowmem_alignprop.models.arch import build_random_components
         parts = build_random_components(where, device="cpu", dtype=weight_dtype)
@@ -203,9 +201,6 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
 
     t5 = getattr(cfg, "t5_encoder", True)
     quant = _bnb_mode(cfg)
-    if quant != "none":
-        from lowmem_alignprop.memory import quant as q
-        q.prepare(quant)  # bitsandbytes importable and a CUDA device present, before anything loads
     if kind == "flow_arch":
         # random weights for planning and benchmarks: built on meta (nothing allocated); the trainer materialises
         # them on its device, so a 12B model is never initialised on the CPU
@@ -232,9 +227,13 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
 
 
 def _bnb_mode(cfg) -> str:
-    """The bitsandbytes mode the denoiser loads with (int8/nf4), else "none" (fp8 storage comes after LoRA)."""
+    """The bitsandbytes mode the denoiser loads with (int8/nf4), else "none" (fp8 storage comes after LoRA). Any
+    base_quant is checked first (bitsandbytes importable and a CUDA device present), before anything loads."""
     mode = getattr(cfg, "base_quant", "none")
-    return mode if mode in ("int8", "nf4") else "none"
+    if mode == "none":
+        return mode
+    q.prepare(mode)
+    return mode if mode in q.BNB_MODES else "none"
 
 
 def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: bool = False) -> Components:
@@ -380,8 +379,7 @@ def add_lora(unet, rank: int, alpha: float | None, seed: int) -> list[torch.nn.P
     for p in params:
         p.data = p.data.float()  # LoRA weights and their optimizer state stay fp32 for stable updates
     if getattr(unet, "is_loaded_in_4bit", False) or getattr(unet, "is_loaded_in_8bit", False):
-        from lowmem_alignprop.memory.quant import prepare_quantized_layers
-        prepare_quantized_layers(unet)  # a quantized layer and its adapter share one fp16 input under autocast
+        q.prepare_quantized_layers(unet)  # a quantized layer and its adapter share one fp16 input under autocast
     return params
 
 
