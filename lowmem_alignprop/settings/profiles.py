@@ -54,7 +54,11 @@ def card_budget(total_gib: float) -> float:
 
 
 def detect_auto() -> str:
-    card = detect_card()
+    return profile_for_card(detect_card())
+
+
+def profile_for_card(card: tuple[str, float] | None) -> str:
+    """The shipped profile ``--profile auto`` picks for ``card`` (detect_card's answer)."""
     if card is None:
         return "cpu"
     for name, need in AUTO_LADDER:
@@ -126,7 +130,8 @@ def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
-        spec, detected = detect_auto(), detect_card()
+        detected = detect_card()
+        spec = profile_for_card(detected)
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
