@@ -58,6 +58,7 @@ from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB,
                                                 RESERVED_FACTOR, WORKSPACE_BYTES)
 from lowmem_alignprop.memory.torch_private import recompute_inside
+from lowmem_alignprop.memory.quant import BNB_MODES
 
 PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
 TEXT_ENCODER = "text_encoder"
@@ -1208,8 +1209,8 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
-        out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs bitsandbytes on the "
-                    "GPU machine)", {"base_quant": "nf4"}))
+        out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
+                    "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
     if not cfg.tiled_decode and cfg.resolution >= 512:
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
@@ -1325,7 +1326,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     started = time.perf_counter() if started is None else started
 
     target = target or default_target(profile)
-    if target == "cpu" and cfg.base_quant in ("int8", "nf4"):  # what train would refuse on this target
+    if target == "cpu" and cfg.base_quant in BNB_MODES:  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
                         "--set base_quant")

@@ -99,7 +99,8 @@ def encode_prompts(pipe, prompts: list[str], device, *, guidance_scale: float,
 
     SD3: CLIP-L + CLIP-G (+ T5 when the pipeline has ``text_encoder_3``; without it the pipeline puts zeros in
     the T5 tokens' place, as SD3 was trained to accept); ``negative_prompt`` (empty: the empty prompt, as the
-    pipeline's default) is encoded too when ``guidance_scale > 1``. FLUX has no negative branch. FLUX: CLIP-L pooled + T5 tokens and the text position ids.
+    pipeline's default) is encoded too when ``guidance_scale > 1``. FLUX: CLIP-L pooled + T5 tokens and the text
+    position ids (no negative branch).
     """
     prompts = list(prompts)
     if family_of(pipe.transformer) == FLUX:

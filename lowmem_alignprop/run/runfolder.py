@@ -244,7 +244,7 @@ def first_last_rewards(history: list[dict]) -> dict[str, Any]:
     if not history:
         return {"reward_first": nan, "reward_last": nan, "reward_prompts": None, "reward_window": 0}
     half = max(1, len(history) // 2)
-    n = max(1, min(3, half))
+    n = start = max(1, min(3, half))
     if all("prompt_ids" in h and "rewards" in h for h in history):
         first, last = _per_prompt(history[:n]), _per_prompt(history[-n:])
         while not set(first) & set(last) and n < half:
@@ -255,7 +255,7 @@ def first_last_rewards(history: list[dict]) -> dict[str, Any]:
             return {"reward_first": sum(first[p] for p in common) / len(common),
                     "reward_last": sum(last[p] for p in common) / len(common),
                     "reward_prompts": len(common), "reward_window": n}
-    n = max(1, min(3, half))
+    n = start
     return {"reward_first": sum(h["reward_mean"] for h in history[:n]) / n,
             "reward_last": sum(h["reward_mean"] for h in history[-n:]) / n, "reward_prompts": None, "reward_window": n}
 
