@@ -173,18 +173,14 @@ def main() -> int:
 
         from midsize import build_midsize_dir
 
+        from lowmem_alignprop.measure.profiler import cpu_name
+
         midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
         doc = {"kind": "cpu_time_calibration", "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["OMP_NUM_THREADS=1", "python"] + sys.argv),
-               "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
                           "torch_threads": 1, "load_average_at_start": os.getloadavg()},
                "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": []}
-        try:
-            with open("/proc/cpuinfo") as f:
-                doc["device"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                                            if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
         wanted = {int(i) for i in args.only.split(",") if i}
         for i, (name, model, sets, split) in enumerate(CONFIGS):
             if wanted and i not in wanted:

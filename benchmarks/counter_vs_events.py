@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'seconds':16} {c['seconds']:12.1f} {e['seconds']:11.1f}")
     try:
         sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.measure.profiler import _cpu_name, library_versions
+        from lowmem_alignprop.measure.profiler import cpu_name, library_versions
 
-        out["device"], out["versions"] = f"{_cpu_name()} ({os.cpu_count()} logical cores)", library_versions()
+        out["device"], out["versions"] = f"{cpu_name()} ({os.cpu_count()} logical cores)", library_versions()
     except Exception:  # pragma: no cover
         pass
     if args.json:

@@ -105,9 +105,9 @@ def versions() -> dict:
 def device_info() -> dict:
     import torch
 
-    from lowmem_alignprop.measure.profiler import _cpu_name
+    from lowmem_alignprop.measure.profiler import cpu_name
 
-    return {"type": "cpu", "name": _cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available()}
 
 

@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         result["host_allocator"] = json.loads(summary_path.read_text()).get("host_allocator")
     try:
         sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.measure.profiler import _cpu_name, library_versions
+        from lowmem_alignprop.measure.profiler import cpu_name, library_versions
 
-        result["device"] = f"{_cpu_name()} ({os.cpu_count()} logical cores)"
+        result["device"] = f"{cpu_name()} ({os.cpu_count()} logical cores)"
         result["versions"] = library_versions()
     except Exception:  # pragma: no cover
         result["device"] = platform.processor()

@@ -88,19 +88,16 @@ def main() -> int:
 
     from midsize import build_midsize_dir
 
+    from lowmem_alignprop.measure.profiler import cpu_name
+
     work = Path(tempfile.mkdtemp(prefix="speed_bench-"))
     midsize = build_midsize_dir(work / "midsize")
     t_start = time.time()
     doc = {"kind": "speed_bench", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-           "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
                       "torch_threads": torch.get_num_threads(),
                       "load_average_at_start": os.getloadavg()},
            "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            doc["device"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     wanted = set(filter(None, args.variants.split(",")))
     for job, base in jobs(midsize).items():
         if job not in args.only.split(","):

@@ -458,23 +458,15 @@ def run_experiment(name: str, mode: Mode, work: Path, args) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def meta(args, mode: Mode, cpu: float, wall: float) -> dict:
     import diffusers
     import peft
     import torch
 
+    from lowmem_alignprop.measure.profiler import cpu_name
+
     return {"mode": mode.name, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
-            "device": f"{_cpu_name()}, {os.cpu_count()} logical cores, "
+            "device": f"{cpu_name()}, {os.cpu_count()} logical cores, "
                       f"{args.threads} torch thread(s) per run",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
                         f"{diffusers.__version__}, peft {peft.__version__}",

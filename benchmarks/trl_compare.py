@@ -195,6 +195,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from midsize import build_midsize_dir
 
+    from lowmem_alignprop.measure.profiler import cpu_name
     from lowmem_alignprop.run import atomic
 
     probe = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
@@ -202,13 +203,8 @@ def main() -> int:
     trl_version = probe.stdout.strip() if probe.returncode == 0 else None
     doc = {"kind": "trl_compare", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
            "trl_python": args.trl_python, "trl_version": trl_version, "warmup_steps_left_out": WARMUP,
-           "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 1,
+           "device": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": 1,
                       "load_average_at_start": os.getloadavg()}, "runs": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            doc["device"]["cpu"] = next(x.split(":", 1)[1].strip() for x in f if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     if trl_version != "0.23.1":
         doc["skipped"] = f"trl 0.23.1 is not importable by {args.trl_python} ({trl_version or probe.stderr[-300:]})"
         atomic.write_text(args.out, json.dumps(doc, indent=1))

@@ -1003,7 +1003,7 @@ class StageProfiler:
             info.update(name=torch.cuda.get_device_name(self.device), total_memory=int(props.total_memory),
                         capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
         elif self._cpu:
-            info.update(name=_cpu_name(), logical_cores=os.cpu_count())
+            info.update(name=cpu_name(), logical_cores=os.cpu_count())
             with contextlib.suppress(Exception):
                 import psutil
 
@@ -1163,7 +1163,8 @@ class StageProfiler:
         return paths
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's, else the platform's), for reports and benchmark results."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
