@@ -180,14 +180,11 @@ class _OnDevice:
 def check_supported(comps, cfg) -> None:
     """What a model family does not do (one line before anything is written). Every option of the UNet step now
     works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); FLUX.1 has no negative branch."""
+    from lowmem_alignprop.settings.config import FLUX_NEGATIVE
     from lowmem_alignprop.settings.errors import UserError
 
     if getattr(comps, "family", "unet") == flow.FLUX and cfg.negative_prompt:
         raise UserError(FLUX_NEGATIVE)  # (a hub id or a transformer file: Config.validate could not tell)
-
-
-FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free "
-                 "guidance pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
 def family_for(comps) -> UNetFamily:

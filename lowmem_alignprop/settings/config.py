@@ -324,9 +324,7 @@ class Config:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or drop --sample-every")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
-            raise UserError("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free "
-                            "guidance pass), so it has no negative branch: drop --set negative_prompt, or use an "
-                            "SD3/SD3.5 model")
+            raise UserError(FLUX_NEGATIVE)
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.offload != "none" and not self.deepspeed_zero:
@@ -502,6 +500,11 @@ def coerce(name: str, value: Any) -> Any:
     if t is str and not isinstance(value, str):
         raise UserError(f"{name} must be text, got {quote(value)}")
     return value
+
+
+# a negative prompt on FLUX.1: Config.validate says it when the files tell, the loader (family.check_supported) else
+FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free guidance "
+                 "pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
 def _is_flux(model: str, components: str) -> bool:
