@@ -238,14 +238,11 @@ def family_of_model(base_model: str | None) -> str | None:
     if not base_model:
         return None
     from lowmem_alignprop.models.flow_loading import FLOW_ARCHS, FLOW_PIPELINES
+    from lowmem_alignprop.settings.paths import pipeline_class
 
     if base_model in FLOW_ARCHS:
         return FLUX if base_model == "flux" else SD3
-    try:
-        index = json.loads((Path(base_model).expanduser() / "model_index.json").read_text())
-        return FLOW_PIPELINES.get(index.get("_class_name"))
-    except (OSError, ValueError, AttributeError):
-        return None
+    return FLOW_PIPELINES.get(pipeline_class(Path(base_model).expanduser()))
 
 
 def base_model_version(family: str, base_model: str | None, modules) -> str:

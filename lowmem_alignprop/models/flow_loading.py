@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.paths import pipeline_class
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,7 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 def is_flow_dir(path: Path) -> bool:
     """A diffusers folder of an SD3/SD3.5 or FLUX.1 pipeline (its model_index.json says so)."""
-    try:
-        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name") in FLOW_PIPELINES
-    except (OSError, ValueError, AttributeError):
-        return False
+    return pipeline_class(path) in FLOW_PIPELINES
 
 
 def check_flow_dir(path: Path, spec: str) -> None:

@@ -511,18 +511,11 @@ def _is_flux(model: str, components: str) -> bool:
     """A FLUX.1 model as its files tell, without loading it: the shipped ``flux`` architecture, or a folder (the model,
     or a transformer file's model_components) whose model_index.json names FluxPipeline. A hub id cannot be told
     here: the loader refuses it there (models/family.check_supported)."""
-    import json
+    from lowmem_alignprop.settings.paths import pipeline_class
 
     if model == "flux":
         return True
-    for folder in (model, components):
-        try:
-            with open(os.path.join(os.path.expanduser(folder), "model_index.json"), encoding="utf-8") as f:
-                if json.load(f).get("_class_name") == "FluxPipeline":
-                    return True
-        except (OSError, ValueError, AttributeError, TypeError):
-            continue
-    return False
+    return any(pipeline_class(os.path.expanduser(folder)) == "FluxPipeline" for folder in (model, components))
 
 
 def _closest_choice(value, choices) -> str:

@@ -1,8 +1,9 @@
 """What a path given by the user is, in words, for one-line errors: a file option given a directory, /dev/null, a
-dangling symlink or a symlink loop is told so, not "does not exist"."""
+dangling symlink or a symlink loop is told so, not "does not exist"; and which pipeline a diffusers folder holds."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -42,3 +43,12 @@ def describe(path: str | os.PathLike) -> str:
     if kind == "special file":
         return "is not a regular file (a device such as /dev/null, a pipe or a socket)"
     return {"missing": "does not exist", "file": "is a file", "directory": "is a directory"}[kind]
+
+
+def pipeline_class(folder: str | os.PathLike) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None: no folder, no
+    index, not JSON."""
+    try:
+        return json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
