@@ -84,3 +84,14 @@ def test_a_tracker_needs_its_package(monkeypatch):
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name))
     with pytest.raises(UserError, match="needs the tensorboard package"):
         check_tracker("tensorboard")
+
+
+def test_a_negative_prompt_on_an_sd_model_ignores_the_working_directorys_model_index(tmp_path, monkeypatch):
+    """Config's FLUX check reads the model's folder and model_components' folder; an empty model_components is no
+    folder, so a FLUX model_index.json in the working directory does not make an SD1.5 run a FLUX one."""
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    monkeypatch.chdir(tmp_path)
+    cfg = Config(model="tiny", negative_prompt="blurry", output_dir=str(tmp_path / "out")).validate()
+    assert cfg.negative_prompt == "blurry"
+    with pytest.raises(UserError, match="FLUX.1 is guidance-distilled"):  # and a real FLUX folder is still refused
+        Config(model=str(tmp_path), negative_prompt="blurry", output_dir=str(tmp_path / "out")).validate()

@@ -515,7 +515,8 @@ def _is_flux(model: str, components: str) -> bool:
 
     if model == "flux":
         return True
-    return any(pipeline_class(os.path.expanduser(folder)) == "FluxPipeline" for folder in (model, components))
+    # an empty field is no folder (Path("") would read the working directory's model_index.json)
+    return any(pipeline_class(os.path.expanduser(folder)) == "FluxPipeline" for folder in (model, components) if folder)
 
 
 def _closest_choice(value, choices) -> str:
