@@ -212,6 +212,27 @@ def test_live_bytes_counts_storages_once_and_frees_them():
         raise AssertionError("unknown stage names are refused")
 
 
+def test_stage_counters_open_stages_one_way():
+    """LiveBytes and StageWork share StageCounter.stage: both refuse unknown names; StageWork files the work done
+    between two stages under the last closed stage + AFTER, LiveBytes folds the level at a stage's start into it."""
+    work = planner.StageWork()
+    with work:
+        with work.stage(stages.BACKWARD):
+            torch.ones(4)
+        torch.ones(8)  # after backward, before the next stage
+    assert work.work[stages.BACKWARD]["other_bytes"] == 16 and work.work[stages.BACKWARD]["ops"] == 1
+    assert work.work[stages.BACKWARD + planner.AFTER]["other_bytes"] == 32
+    counter = planner.LiveBytes()
+    with counter:
+        kept = torch.empty(100, dtype=torch.uint8)
+        with counter.stage(stages.OPTIMIZER):
+            pass
+    assert counter.peaks[stages.OPTIMIZER] == 100 and counter.open == [] and kept.numel() == 100
+    for c in (planner.StageWork(), planner.LiveBytes()):
+        with pytest.raises(ValueError, match="unknown stage"), c.stage("sampling"):
+            pass
+
+
 def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     """benchmarks/memory_bench.py reads results/gpu-*.json (gpu_check.sh's shape, or the flat one) into REPORT.md."""
     import importlib.util

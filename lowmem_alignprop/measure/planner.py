@@ -82,7 +82,34 @@ REWARD_ARCH = {"aesthetic": ("ViT-L/14", _VIT_L14), "clip": ("ViT-L/14", _VIT_L1
 # ---------------------------------------------------------------------------------------------------
 # counting live storages
 # ---------------------------------------------------------------------------------------------------
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+class StageCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that counts per stage: :meth:`stage` keeps ``open`` (the open stages, outermost first) and
+    calls :meth:`entered` and :meth:`left`, which say what opening and closing a stage means to the counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.open: list[str] = []
+
+    def entered(self, name: str) -> None:
+        pass
+
+    def left(self, name: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in stages.STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+        self.open.append(name)
+        self.entered(name)
+        try:
+            yield
+        finally:
+            self.open.remove(name)
+            self.left(name)
+
+
+class LiveBytes(StageCounter):
     """Counts the bytes of every storage an op creates until it is freed; keeps per-stage peaks.
 
     Weight storages (registered with :meth:`add_static`) are never counted as new allocations: their
@@ -97,7 +124,6 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         self._static: set[int] = set()
         self.dynamic = 0  # bytes of live non-weight storages
         self.resident = 0  # bytes of the weights on the device now
-        self.open: list[str] = []  # open stages, outermost first
         self.peaks: dict[str, int] = {}
         self.weights_at_peak: dict[str, int] = {}
         self.where: tuple[str, ...] = ()  # the modules on the device now (set by Residency)
@@ -155,16 +181,8 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
                             self.track(u)
         return out
 
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        if name not in stages.STAGES:
-            raise ValueError(f"unknown stage {name!r}")
-        self.open.append(name)
-        self.bump()
-        try:
-            yield
-        finally:
-            self.open.remove(name)
+    def entered(self, name: str) -> None:
+        self.bump()  # the level at the stage's start is already its peak
 
     @contextlib.contextmanager
     def host(self):
@@ -262,7 +280,7 @@ def _tensor_bytes(tree) -> int:
 NO_KERNEL_NAMESPACES = frozenset({"prim", "profiler"})
 
 
-class StageWork(torch.utils._python_dispatch.TorchDispatchMode):
+class StageWork(StageCounter):
     """The work of every op, per stage: floating-point operations of matmuls/convolutions and of attention (the
     formulas of ``torch.utils.flop_counter.FlopCounterMode``, which work on fake tensors), the bytes every other
     op reads and writes (views move nothing), the ops launched, and (added by the planner) host <-> device bytes
@@ -274,7 +292,6 @@ class StageWork(torch.utils._python_dispatch.TorchDispatchMode):
         self.formulas = _flop_formulas()
         self.attention = _attention_ops()
         self.work: dict[str, dict[str, int]] = {}
-        self.open: list[str] = []
         self.last: str | None = None
         self.unet_calls: dict[str, int] = {}
         self.marks: dict[str, dict[str, int]] = {}  # e.g. backward's work when its first UNet recompute began
@@ -305,15 +322,11 @@ class StageWork(torch.utils._python_dispatch.TorchDispatchMode):
             b["ops"] += 1
         return out
 
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self.open.append(name)
-        self.bucket()
-        try:
-            yield
-        finally:
-            self.open.remove(name)
-            self.last = name
+    def entered(self, name: str) -> None:
+        self.bucket()  # a stage that runs no op still has its (zero) work
+
+    def left(self, name: str) -> None:
+        self.last = name  # work until the next stage opens goes to name + AFTER
 
     def unet_call(self) -> None:
         """A UNet call begins (forward, or its recompute in backward)."""
