@@ -20,11 +20,11 @@ import torch
 import yaml
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from refusals import assert_refused
+from loras import ALPHA, RANK, each_of, export, lora_with_reference
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
 
-RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
 RES = FLOW_RESOLUTION
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
@@ -58,34 +58,21 @@ def _make_lora(base: Path, run: Path, family: str) -> dict:
     """A LoRA saved as a run saves it, its run folder, and the transformer's outputs of the base model and of
     base + LoRA (peft, in memory: the reference)."""
     from lowmem_alignprop.models.flow import add_flow_lora, save_flow_lora
-    from lowmem_alignprop.run import checkpoint as ckpt
 
     pipeline_cls, transformer_cls = _classes(family)
     transformer = transformer_cls.from_pretrained(base / "transformer")
-    base_out = transformer_out(transformer)
-    add_flow_lora(transformer, RANK, ALPHA, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ref = transformer_out(transformer)
-    save_flow_lora(pipeline_cls, transformer, run / "lora")
-    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
-                                                                               transformer)))
+    made = lora_with_reference(base, run, transformer, transformer_out,
+                               add_lora=lambda m: add_flow_lora(m, RANK, ALPHA, seed=0),
+                               save=lambda m, folder: save_flow_lora(pipeline_cls, m, folder))
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": "cpu", "model": str(base), "reward": "brightness",
                                                      "steps": 3, "lora_rank": RANK, "lora_alpha": ALPHA,
                                                      "truncation": "fixed", "k": 2, "sample_steps": 4}))
     (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "reward_first": 0.41,
                                                   "reward_last": 0.52}))
-    modules = sorted(n for n, m in transformer.named_modules() if "default" in getattr(m, "lora_A", {}))
     scale = ALPHA / RANK
     deltas = {n: scale * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
               for n, m in transformer.named_modules() if "default" in getattr(m, "lora_A", {})}
-    assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above the " \
-                                                                 "tolerances, else the tests prove nothing"
-    return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out, "family": family,
-            "modules": modules, "deltas": deltas, "config": transformer.config}
+    return {**made, "family": family, "deltas": deltas, "config": transformer.config}
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +87,7 @@ def sd3(tmp_path_factory):
     return _make_lora(build_tiny_sd3_dir(root / "base"), root / "run", "sd3")
 
 
-@pytest.fixture(params=["flux", "sd3"])
-def case(request):
-    return request.getfixturevalue(request.param)
-
-
-def _export(tmp_path, lora, *extra) -> Path:
-    out = tmp_path / "out"
-    assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
-    return out
+case = each_of("flux", "sd3")
 
 
 def _kohya(out: Path) -> dict[str, torch.Tensor]:
@@ -157,7 +136,7 @@ def test_kohya_keys_are_what_comfyui_maps_and_each_fused_delta_is_the_parts(case
     Every original module must appear once with exactly its three keys and its weight's shape, and the delta it
     applies must be, row block by row block, the trained ``scale * B @ A`` of each diffusers layer (zero in FLUX's
     MLP rows, which we do not train)."""
-    state = _kohya(_export(tmp_path, case["lora"], "--format", "kohya"))
+    state = _kohya(export(tmp_path, case["lora"], "--format", "kohya"))
     expected = _original_modules(case["family"], case["config"])
     names = {"lora_unet_" + m.replace(".", "_"): m for m in expected}
     assert set(state) == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
@@ -188,7 +167,7 @@ def test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora(tmp_path):
     from diffusers import FluxPipeline
 
     made = _make_lora(build_tiny_flux_dir(tmp_path / "base", single_layers=0), tmp_path / "run", "flux")
-    out = _export(tmp_path, made["lora"], "--format", "kohya")
+    out = export(tmp_path, made["lora"], "--format", "kohya")
     pipe = FluxPipeline.from_pretrained(made["base"])
     pipe.load_lora_weights(str(next(out.glob("*.safetensors"))))
     assert_rel_close(transformer_out(pipe.transformer), made["ref"], SAME_OPS, "kohya file via load_lora_weights")
@@ -260,7 +239,7 @@ def test_kohya_folds_per_layer_scales_and_reads_back_to_each_layers_delta(case, 
 def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     from safetensors import safe_open
 
-    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    out = export(tmp_path, case["lora"], "--format", "kohya")
     with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
         meta = f.metadata()
     # sd-scripts: "flux1"; SD3 by the MMDiT's type (the tiny SD3 has no qk-norm: SD3 Medium's "medium")
@@ -281,14 +260,14 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
 def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
     from peft import PeftModel
 
-    out = _export(tmp_path, case["lora"], "--format", "peft")
+    out = export(tmp_path, case["lora"], "--format", "peft")
     transformer = _classes(case["family"])[1].from_pretrained(case["base"] / "transformer")
     model = PeftModel.from_pretrained(transformer, str(out))
     assert_rel_close(transformer_out(model.base_model.model), case["ref"], SAME_OPS, "peft folder")
 
 
 def test_diffusers_export_loads_in_its_pipeline(case, tmp_path):
-    out = _export(tmp_path, case["lora"])
+    out = export(tmp_path, case["lora"])
     pipe = _classes(case["family"])[0].from_pretrained(case["base"])
     pipe.load_lora_weights(str(out))
     assert_rel_close(transformer_out(pipe.transformer), case["ref"], SAME_OPS, "diffusers export")
@@ -297,7 +276,7 @@ def test_diffusers_export_loads_in_its_pipeline(case, tmp_path):
 def test_merged_model_is_base_plus_lora(case, tmp_path):
     from diffusers import DiffusionPipeline
 
-    out = _export(tmp_path, case["lora"], "--merge")
+    out = export(tmp_path, case["lora"], "--merge")
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe).__name__ == _classes(case["family"])[0].__name__
     # W + scale * B @ A in one weight vs the LoRA's separate path: the same sums, reordered
@@ -313,8 +292,8 @@ def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, t
 
     from lowmem_alignprop.models.flow_layout import flux_to_original
 
-    single = load_file(str(next(_export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))))
-    merged = FluxTransformer2DModel.from_pretrained(_export(tmp_path / "b", flux["lora"], "--merge") / "transformer")
+    single = load_file(str(next(export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))))
+    merged = FluxTransformer2DModel.from_pretrained(export(tmp_path / "b", flux["lora"], "--merge") / "transformer")
     assert "single_blocks.0.linear1.weight" in single and "double_blocks.0.img_attn.qkv.weight" in single
     expected = flux_to_original(merged.state_dict())
     assert single.keys() == expected.keys() and all(torch.equal(single[k], expected[k]) for k in single)
@@ -355,7 +334,7 @@ def _load_transformer_file(path: Path, components: Path):
 def test_merged_sd3_single_file_is_the_original_mmdit_layout_of_base_plus_lora(sd3, tmp_path):
     from safetensors import safe_open
 
-    out = _export(tmp_path, sd3["lora"], "--merge", "--single-file")
+    out = export(tmp_path, sd3["lora"], "--merge", "--single-file")
     files = sorted(out.glob("*.safetensors"))
     assert [f.name for f in files] == ["run_alignprop_merged.safetensors"]
     with safe_open(str(files[0]), framework="pt") as f:
@@ -395,7 +374,7 @@ def test_sd3_kohya_applied_as_comfyui_does_reproduces_the_lora(sd3, tmp_path):
     base = SD3Transformer2DModel.from_pretrained(sd3["base"] / "transformer")
     original = sd3_to_original(base.state_dict(), base.config.num_layers)
     by_name = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in original if k.endswith(".weight")}
-    state = _kohya(_export(tmp_path, sd3["lora"], "--format", "kohya"))
+    state = _kohya(export(tmp_path, sd3["lora"], "--format", "kohya"))
     for name in {k.split(".")[0] for k in state}:
         down, up, alpha = (state[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
         key = by_name[name]
@@ -433,7 +412,7 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
     after = [i["reward_after"] for i in json.loads((flux_run / "samples" / "before_after.json").read_text())["images"]]
     assert rows[-1]["sample_rewards"] == pytest.approx(after, rel=1e-6)  # the last sampled step is the final LoRA
     kohya = load_file(str(next((flux_run / "export" / "kohya").glob("*.safetensors"))))
-    assert set(kohya) == set(_kohya(_export(tmp_path, flux_run / "lora", "--format", "kohya")))
+    assert set(kohya) == set(_kohya(export(tmp_path, flux_run / "lora", "--format", "kohya")))
     assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
     assert (flux_run / "export" / "peft" / "adapter_model.safetensors").is_file()
     assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()

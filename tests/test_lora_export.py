@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from loras import ALPHA, RANK, each_of, export, lora_with_reference
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.commands import lora_export as lx
 from lowmem_alignprop.cli import main
-
-RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison below
 
 
 def _inputs(xl: bool) -> tuple[tuple, dict]:
@@ -52,24 +51,16 @@ def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     )
     from PIL import Image
 
-    from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.cli import common_parser, config_from_args
     from lowmem_alignprop.models.loading import add_lora, lora_metadata, lora_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    base_out = unet_out(unet, xl)
-    add_lora(unet, RANK, ALPHA, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ref = unet_out(unet, xl)
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    cls.save_lora_weights(str(run / "lora"), unet_lora_layers=lora_state_dict(unet),
-                          unet_lora_adapter_metadata=lora_metadata(unet))
-    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
-                                                                               unet)))
+    made = lora_with_reference(base, run, unet, lambda m: unet_out(m, xl), seed=seed,
+                               add_lora=lambda m: add_lora(m, RANK, ALPHA, seed),
+                               save=lambda m, folder: cls.save_lora_weights(
+                                   str(folder), unet_lora_layers=lora_state_dict(m),
+                                   unet_lora_adapter_metadata=lora_metadata(m)))
     args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
                                                "--reward", "colorfulness", "--output-dir", str(run),
                                                "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
@@ -81,11 +72,7 @@ def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
                                                   "sample_reward_before": 0.41, "sample_reward_after": 0.59}))
     (run / "samples").mkdir()
     Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
-    modules = sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
-    assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above " \
-                                                                 "the tolerances, else the tests prove nothing"
-    return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out, "xl": xl,
-            "modules": modules, "cls": cls}
+    return {**made, "xl": xl, "cls": cls}
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +89,7 @@ def sdxl(tmp_path_factory, _isolated_cache):
     return _make_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
-@pytest.fixture(params=["sd", "sdxl"])
-def case(request):
-    return request.getfixturevalue(request.param)
-
-
-def _export(tmp_path, lora, *extra) -> Path:
-    out = tmp_path / "out"
-    assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
-    return out
+case = each_of("sd", "sdxl")
 
 
 def _base_unet(case):
@@ -123,7 +102,7 @@ def _base_unet(case):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_kohya_file_loads_in_diffusers_and_reproduces_the_lora(case, tmp_path):
-    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    out = export(tmp_path, case["lora"], "--format", "kohya")
     files = sorted(p.name for p in out.iterdir())
     kohya = [f for f in files if f.endswith(".safetensors")]
     assert kohya == [f"{case['run'].name}_alignprop_lora.safetensors"] and "README.md" in files
@@ -139,7 +118,7 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     layer must appear once, with those three keys and nothing else, and name a Linear of matching shape."""
     from safetensors import safe_open
 
-    out = _export(tmp_path, case["lora"], "--format", "kohya")
+    out = export(tmp_path, case["lora"], "--format", "kohya")
     file = next(out.glob("*.safetensors"))
     base = _base_unet(case).state_dict()
     key_map: dict[str, str] = {}
@@ -190,7 +169,7 @@ def test_kohya_alpha_folds_a_per_layer_alpha_pattern(sd):
 def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
     from peft import PeftConfig, PeftModel
 
-    out = _export(tmp_path, case["lora"], "--format", "peft")
+    out = export(tmp_path, case["lora"], "--format", "peft")
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     config = PeftConfig.from_pretrained(str(out))
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
@@ -199,7 +178,7 @@ def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
 
 
 def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
-    out = _export(tmp_path, sd["lora"])  # --format diffusers is the default
+    out = export(tmp_path, sd["lora"])  # --format diffusers is the default
     for name in ("pytorch_lora_weights.safetensors", "base_model.json"):
         assert (out / name).read_bytes() == (sd["lora"] / name).read_bytes()
     pipe = sd["cls"].from_pretrained(sd["base"])
@@ -210,13 +189,13 @@ def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
 def test_merged_model_is_base_plus_lora_and_weight_zero_is_the_base(case, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    out = _export(tmp_path, case["run"], "--merge")  # the run folder works as --lora too
+    out = export(tmp_path, case["run"], "--merge")  # the run folder works as --lora too
     merged = UNet2DConditionModel.from_pretrained(out / "unet")
     assert not any("lora" in k for k in merged.state_dict())
     # (W + s B A) x against W x + s B (A x): the same sums grouped otherwise
     assert_rel_close(unet_out(merged, case["xl"]), case["ref"], REORDERED, "merged at weight 1")
     assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
-    zero = _export(tmp_path / "zero", case["lora"], "--merge", "--weight", "0")
+    zero = export(tmp_path / "zero", case["lora"], "--merge", "--weight", "0")
     assert_rel_close(unet_out(UNet2DConditionModel.from_pretrained(zero / "unet"), case["xl"]), case["base_out"],
                      SAME_OPS, "merged at weight 0")
 
@@ -234,7 +213,7 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
 
     from lowmem_alignprop.models.arch import load_single_file
 
-    out = _export(tmp_path, case["lora"], "--merge", "--single-file")
+    out = export(tmp_path, case["lora"], "--merge", "--single-file")
     files = sorted(p.name for p in out.iterdir())
     file = out / f"{case['run'].name}_alignprop_merged.safetensors"
     assert files == sorted([file.name, "README.md", "before_after.png"])
@@ -259,7 +238,7 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.5")
+    out = export(tmp_path, sd["lora"], "--merge", "--weight", "0.5")
     pipe = sd["cls"].from_pretrained(sd["base"])
     pipe.load_lora_weights(str(sd["lora"]), adapter_name="a")
     pipe.set_adapters(["a"], adapter_weights=[0.5])
@@ -278,7 +257,7 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
 
     from lowmem_alignprop.cli import common_parser, config_from_args
 
-    out = _export(tmp_path, sd["lora"], "--format", "kohya")
+    out = export(tmp_path, sd["lora"], "--format", "kohya")
     text = (out / "README.md").read_text()
     assert text.startswith("---\n")
     card = ModelCard.load(out / "README.md")
@@ -314,7 +293,7 @@ def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
 def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path):
     from safetensors import safe_open
 
-    out = _export(tmp_path, sd["lora"], "--merge", "--weight", "0.75", "--dtype", "fp16")
+    out = export(tmp_path, sd["lora"], "--merge", "--weight", "0.75", "--dtype", "fp16")
     text = (out / "README.md").read_text()
     assert "merged in at weight 0.75" in text and "- lora\n" not in text
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
@@ -355,7 +334,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
                         or f"https://huggingface.co/{repo}")
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
     monkeypatch.setattr(lx, "check_push_to_hub", lambda repo: None)  # the network part is the mock's
-    out = _export(tmp_path, sd["lora"], "--format", "kohya", "--push-to-hub", "you/lora", "--private")
+    out = export(tmp_path, sd["lora"], "--format", "kohya", "--push-to-hub", "you/lora", "--private")
     assert calls[0] == ("create", "you/lora", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"
     assert calls[1][1]["folder_path"] == str(out)

@@ -1,0 +1,62 @@
+"""Shared by the export tests (test_lora_export, test_flow_export): a LoRA saved as a run saves it, with the
+reference outputs of the base model and of base + LoRA, the fixture that runs a test on each model family, and the
+``export`` command run into a fresh folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from numerics import REORDERED, relative_difference
+
+RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison of an export with the reference
+
+
+def adapted_modules(model: torch.nn.Module) -> list[str]:
+    """The names of the modules that carry the (default) LoRA adapter, sorted."""
+    return sorted(n for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {}))
+
+
+def lora_with_reference(base: Path, run: Path, model: torch.nn.Module, outputs: Callable, add_lora: Callable,
+                        save: Callable, seed: int = 0) -> dict:
+    """Adds a LoRA to ``model`` (loaded from ``base``) with random B weights, saves it into ``run/lora`` as a run
+    does (``save(model, folder)``, then base_model.json), and returns the run's paths with ``outputs(model)`` of the
+    base (``base_out``) and of base + LoRA (``ref``, peft in memory: the reference) and the adapted ``modules``.
+    Each file adds its run's config.yaml and summary.json."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    base_out = outputs(model)
+    add_lora(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = outputs(model)
+    save(model, run / "lora")
+    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
+                                                                               model)))
+    assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above the " \
+                                                                 "tolerances, else the tests prove nothing"
+    return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out,
+            "modules": adapted_modules(model)}
+
+
+def each_of(*fixture_names: str):
+    """A fixture that is, in turn, each of the named fixtures (one test per model family)."""
+    @pytest.fixture(params=fixture_names)
+    def case(request):
+        return request.getfixturevalue(request.param)
+    return case
+
+
+def export(tmp_path: Path, lora, *extra: str) -> Path:
+    """``lowmem-alignprop export --lora LORA --out tmp_path/out EXTRA...``, which must succeed; returns the folder."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
+    return out
