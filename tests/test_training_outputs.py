@@ -370,3 +370,33 @@ def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_p
     assert trainer.sample_if_due(1) == {} and calls == []  # not a sampled step
     assert trainer.sample_if_due(2) == {} and len(calls) == 1
     assert not (tmp_path / "run" / "samples").exists()
+
+
+def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(tmp_path):
+    """evaluation.render_fixed_seed: chunk i of the prompts is sampled with seed + i and the images and rewards come
+    back in prompt order; the held-out evaluation renders in batch_size chunks from seed + EVAL_SEED_OFFSET, the
+    sample grid (before, step N, after) all at once with seed + SAMPLE_SEED_OFFSET."""
+    from lowmem_alignprop.commands import evaluation as ev
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    calls = []
+
+    def sample(prompts, seed):
+        calls.append((list(prompts), seed))
+        return torch.full((len(prompts), 3, 2, 2), float(seed)), torch.full((len(prompts),), float(seed))
+
+    images, rewards = ev.render_fixed_seed(sample, list("abcde"), 100, 2)
+    assert calls == [(["a", "b"], 100), (["c", "d"], 101), (["e"], 102)]
+    assert rewards.tolist() == [100, 100, 101, 101, 102] and images[:, 0, 0, 0].tolist() == rewards.tolist()
+    cfg = _cfg(tmp_path / "run", "--set", "batch_size=2", "--seed", "7")
+    calls.clear()
+    metrics = ev.HeldOut(cfg, list("abc"), tmp_path, sample=sample, write_lora=None).evaluate()
+    first = 7 + ev.EVAL_SEED_OFFSET
+    assert calls == [(["a", "b"], first), (["c"], first + 1)]
+    assert metrics["eval_reward"] == pytest.approx((2 * first + first + 1) / 3, rel=1e-6)
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.generate, trainer.sample_prompts = sample, PROMPTS
+    calls.clear()
+    assert trainer.render_samples()[1].tolist() == [7 + ev.SAMPLE_SEED_OFFSET] * 2
+    assert calls == [(PROMPTS, 7 + ev.SAMPLE_SEED_OFFSET)]

@@ -31,7 +31,17 @@ log = logging.getLogger("lowmem_alignprop")
 BEST_DIR = "best"
 BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
 EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation
+SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is sampled with seed + SAMPLE_SEED_OFFSET
 EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
+
+
+def render_fixed_seed(sample: Callable, prompts: list[str], seed: int, chunk: int | None = None):
+    """``prompts`` rendered and scored by ``sample(prompts, seed) -> (images, rewards)`` in chunks of ``chunk``
+    prompts (all in one call when None), chunk i with ``seed + i``: the same images at every call. The one render
+    loop of the held-out evaluation and of the sample grid (before, ``--sample-every``'s step N, after)."""
+    size = chunk or max(len(prompts), 1)
+    parts = [sample(prompts[i:i + size], seed + i // size) for i in range(0, len(prompts), size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 class WeightEMA:
@@ -96,13 +106,9 @@ class HeldOut:
         """Every held-out prompt, sampled with fixed seeds (the same at every evaluation) and scored: eval_reward,
         eval_reward_std, eval_objective (what best/ is chosen by: -loss, so nearest reward_target when it is set)
         and every evaluator's metrics, prefixed eval_."""
-        images, rewards = [], []
-        size = self.cfg.batch_size
-        for i in range(0, len(self.prompts), size):
-            imgs, r = self.sample(self.prompts[i:i + size], self.cfg.seed + EVAL_SEED_OFFSET + i // size)
-            images.append(imgs)
-            rewards.append(r.float())
-        r_all, imgs_all = torch.cat(rewards), torch.cat(images)
+        imgs_all, r_all = render_fixed_seed(self.sample, self.prompts, self.cfg.seed + EVAL_SEED_OFFSET,
+                                            self.cfg.batch_size)
+        r_all = r_all.float()
         metrics = {"eval_reward": r_all.mean().item(), "eval_reward_std": r_all.std(unbiased=False).item(),
                    "eval_objective": -loss_from_reward(r_all, self.cfg).item()}
         for fn in self.evaluators:

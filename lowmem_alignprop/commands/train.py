@@ -47,7 +47,7 @@ from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
-from lowmem_alignprop.commands.evaluation import BEST_DIR, HeldOut, WeightEMA
+from lowmem_alignprop.commands.evaluation import BEST_DIR, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, render_fixed_seed
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -391,7 +391,11 @@ class Trainer:
             return
         log.info("sampling %d fixed-seed images before training (%d px, %d steps; --set sample_prompts=0 skips it)",
                  len(self.sample_prompts), cfg.resolution, cfg.sample_steps)
-        self.before = self.generate(self.sample_prompts, cfg.seed + 12345)
+        self.before = self.render_samples()
+
+    def render_samples(self):
+        """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after."""
+        return render_fixed_seed(self.generate, self.sample_prompts, self.cfg.seed + SAMPLE_SEED_OFFSET)
 
     def judge(self) -> dict | None:
         """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
@@ -671,7 +675,7 @@ class Trainer:
             return {}
         try:
             with self.output_weights():  # with ema_outputs the EMA's images, as lora/ will render
-                images, rewards = self.generate(self.sample_prompts, cfg.seed + 12345)
+                images, rewards = self.render_samples()
         except UserError as e:  # the reward's error on the sample images: training goes on without them
             log.warning("%s (no samples at step %d)", e, step)
             return {}
@@ -779,7 +783,7 @@ class Trainer:
         self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
         try:
             if self.before is not None:
-                after = self.generate(self.sample_prompts, self.cfg.seed + 12345)
+                after = self.render_samples()
             if self.fidelity_before is not None:
                 self.fidelity_after = self.judge()
         except UserError as e:  # the LoRA and summary are still written
@@ -800,7 +804,7 @@ class Trainer:
             grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
             atomic.write_text(out / "samples" / "before_after.json", json.dumps(
-                {"seed": cfg.seed + 12345, "sample_steps": cfg.sample_steps, "images": [
+                {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps, "images": [
                     {"prompt": p, "reward_before": b, "reward_after": a}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
                 indent=1, ensure_ascii=False))
