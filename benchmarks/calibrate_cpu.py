@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one c
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -169,18 +168,14 @@ def main() -> int:
                 run["work"] = work_of(config_of(run["model"], run["set"], midsize))
             doc["replanned"] = time.strftime("%Y-%m-%d") + ": work counted again (--replan), seconds as measured"
     else:
-        import torch
-
         from midsize import build_midsize_dir
 
-        from lowmem_alignprop.measure.profiler import cpu_name
+        from lowmem_alignprop.measure.profiler import provenance
 
         midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
-        doc = {"kind": "cpu_time_calibration", "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(["OMP_NUM_THREADS=1", "python"] + sys.argv),
-               "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                          "torch_threads": 1, "load_average_at_start": os.getloadavg()},
-               "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": []}
+        doc = {"kind": "cpu_time_calibration",  # the measured runs are subprocesses with one torch thread
+               **provenance(" ".join(["OMP_NUM_THREADS=1", "python"] + sys.argv), ("torch",), torch_threads=1,
+                            load_average_at_start=os.getloadavg()), "runs": []}
         wanted = {int(i) for i in args.only.split(",") if i}
         for i, (name, model, sets, split) in enumerate(CONFIGS):
             if wanted and i not in wanted:

@@ -46,6 +46,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,12 +95,6 @@ CPU_FEATURES = [
     ("activation_offload", True, {"vae_checkpointing": "blocks"}),  # needs checkpointing; CPU: nowhere to go
     ("offload_frozen", True, {}),  # CPU: host memory is all there is
 ]
-
-
-def versions() -> dict:
-    from lowmem_alignprop.measure.profiler import library_versions
-
-    return library_versions()
 
 
 def device_info() -> dict:
@@ -293,8 +288,10 @@ def gpu_runs(doc: dict) -> list[dict]:
 
 
 def load_results(results: Path) -> tuple[dict | None, list[tuple[Path, dict]]]:
-    cpu = sorted(p for p in results.glob("cpu-*.json") if not p.stem.endswith("-quick"))
-    quick = sorted(results.glob("cpu-*-quick.json"))
+    # this benchmark's own files are cpu-DATE[-quick].json (cpu-time-calibration.json is calibrate_cpu.py's)
+    ours = sorted(p for p in results.glob("cpu-*.json") if re.fullmatch(r"cpu-\d{4}-\d{2}-\d{2}(-quick)?", p.stem))
+    cpu = [p for p in ours if not p.stem.endswith("-quick")]
+    quick = [p for p in ours if p.stem.endswith("-quick")]
     latest = cpu[-1] if cpu else (quick[-1] if quick else None)
     gpu = []
     for p in sorted(results.glob("gpu-*.json")):
@@ -855,9 +852,12 @@ def main(argv: list[str] | None = None) -> int:
         only = set(filter(None, a.only.split(","))) or {"ladder", "fits", "cpu"}
         previous, _ = load_results(results)
         date = dt.date.today().isoformat()
-        doc = {"kind": "memory_bench", "date": date, "quick": a.quick, "device": device_info(), "versions": versions(),
-               "command": "python benchmarks/memory_bench.py" + (" --quick" if a.quick else "")
-               + (f" --only {a.only}" if a.only else "")}
+        from lowmem_alignprop.measure.profiler import provenance
+
+        command = ("python benchmarks/memory_bench.py" + (" --quick" if a.quick else "")
+                   + (f" --only {a.only}" if a.only else ""))
+        # its device block keeps the shape the report reads from earlier results (type, name, logical_cores)
+        doc = {"kind": "memory_bench", "quick": a.quick, **provenance(command), "date": date, "device": device_info()}
         if "ladder" in only:
             doc["ladder"] = run_ladder(a.quick)
         if "fits" in only:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -84,20 +83,15 @@ def main() -> int:
     ap.add_argument("--only", default="tiny,midsize")
     ap.add_argument("--variants", default="", help="comma-separated labels (default: all)")
     args = ap.parse_args()
-    import torch
-
     from midsize import build_midsize_dir
 
-    from lowmem_alignprop.measure.profiler import cpu_name
+    from lowmem_alignprop.measure.profiler import provenance
 
     work = Path(tempfile.mkdtemp(prefix="speed_bench-"))
     midsize = build_midsize_dir(work / "midsize")
     t_start = time.time()
-    doc = {"kind": "speed_bench", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-           "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                      "torch_threads": torch.get_num_threads(),
-                      "load_average_at_start": os.getloadavg()},
-           "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": []}
+    doc = {"kind": "speed_bench", **provenance(" ".join(["python"] + sys.argv), ("torch",),
+                                               load_average_at_start=os.getloadavg()), "runs": []}
     wanted = set(filter(None, args.variants.split(",")))
     for job, base in jobs(midsize).items():
         if job not in args.only.split(","):

@@ -195,16 +195,16 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from midsize import build_midsize_dir
 
-    from lowmem_alignprop.measure.profiler import cpu_name
+    from lowmem_alignprop.measure.profiler import provenance
     from lowmem_alignprop.run import atomic
 
     probe = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
                            text=True)
     trl_version = probe.stdout.strip() if probe.returncode == 0 else None
-    doc = {"kind": "trl_compare", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-           "trl_python": args.trl_python, "trl_version": trl_version, "warmup_steps_left_out": WARMUP,
-           "device": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": 1,
-                      "load_average_at_start": os.getloadavg()}, "runs": []}
+    doc = {"kind": "trl_compare",  # each run is a subprocess with one torch thread
+           **provenance(" ".join(["python"] + sys.argv), ("torch",), threads=1, torch_threads=1,
+                        load_average_at_start=os.getloadavg()),
+           "trl_python": args.trl_python, "trl_version": trl_version, "warmup_steps_left_out": WARMUP, "runs": []}
     if trl_version != "0.23.1":
         doc["skipped"] = f"trl 0.23.1 is not importable by {args.trl_python} ({trl_version or probe.stderr[-300:]})"
         atomic.write_text(args.out, json.dumps(doc, indent=1))

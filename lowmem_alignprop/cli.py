@@ -215,6 +215,7 @@ def cmd_profiles(argv: list[str]) -> int:
 def cmd_plan(argv: list[str]) -> int:
     """``lowmem-alignprop plan``: the same options as training, plus --json and --device."""
     import json
+    import shlex
     import time
     import warnings
 
@@ -252,7 +253,7 @@ def cmd_plan(argv: list[str]) -> int:
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
             return 0
         result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
-                      started=started)
+                      started=started, command=" ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)]))
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     return 0
 

@@ -385,6 +385,27 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
     assert "FITS (50% of the budget" in reports.format_plan(r)
 
 
+def test_plan_json_carries_its_provenance(tiny_dir, capsys):
+    """plan --json says what produced it, as benchmarks/ results do (profiler.provenance): the command line as typed,
+    the date, the machine that planned and the library versions; the estimate's own keys stay."""
+    import importlib.metadata
+    import os
+    import time
+
+    from lowmem_alignprop.measure.profiler import cpu_name
+
+    args = ["plan", "--profile", "cpu", "--json", "--no-suggest", "--set", "resolution=16"]
+    before = time.strftime("%Y-%m-%d")
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["command"] == "lowmem-alignprop " + " ".join(args)
+    assert r["date"] in {before, time.strftime("%Y-%m-%d")}
+    assert r["device"]["cpu"] == cpu_name() and r["device"]["cores"] == os.cpu_count()
+    assert set(r["versions"]) == {"python", *planner.PLAN_LIBRARIES}
+    assert r["versions"]["torch"] == importlib.metadata.version("torch")
+    assert r["kind"] == "plan" and r["target"] == "cpu" and r["peak_needed"] > 0 and r["time"]["k_mean"] >= 1
+
+
 def test_a_full_unet_plan_is_labelled_as_such(tiny_dir, capsys):
     assert main(["plan", "--profile", "cpu", "--set", "train_unet=full", "--no-suggest"]) == 0
     text = capsys.readouterr().out

@@ -52,7 +52,7 @@ from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.devices import device_for
-from lowmem_alignprop.measure.profiler import library_versions
+from lowmem_alignprop.measure.profiler import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB,
@@ -1331,9 +1331,12 @@ def default_target(profile_name: str) -> str:
 
 
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
-         log: Callable[[str], None] | None = None, started: float | None = None) -> dict[str, Any]:
+         log: Callable[[str], None] | None = None, started: float | None = None,
+         command: str | None = None) -> dict[str, Any]:
     """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict.
-    ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there)."""
+    ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there). ``command``:
+    the command line that asked (default: this Python program's), in the result's provenance (``command``, ``date``,
+    ``device``: the machine that planned, ``versions``)."""
     from lowmem_alignprop.step.prompts import load_prompts
 
     started = time.perf_counter() if started is None else started
@@ -1365,8 +1368,9 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "budget_gb": cfg.budget_gb or None,
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
-        "notes": est.notes, "suggestion": None, "tried": [], "versions": library_versions(PLAN_LIBRARIES),
+        "notes": est.notes, "suggestion": None, "tried": [],
         "time": step_time(cfg, est, device_for(cfg.card, profile, target)),
+        **provenance(command or " ".join(["python", *sys.argv]), PLAN_LIBRARIES),
     }
     if fits is False and suggest_changes:
         found = suggest(cfg, target=target, prompts=prompts, log=log)

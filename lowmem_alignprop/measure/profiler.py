@@ -1256,3 +1256,18 @@ def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | N
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def host_device() -> dict[str, Any]:
+    """The machine a figure was measured or estimated on: the CPU's model, its logical cores, torch's threads and
+    the first CUDA card (None without one)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def provenance(command: str, packages: tuple[str, ...] = LIBRARIES, **device: Any) -> dict[str, Any]:
+    """What a measured or estimated figure carries (benchmarks/ results, ``plan --json``): the command that produced
+    it, the date, the machine (:func:`host_device`; ``device`` adds or overrides entries) and the versions of
+    ``packages`` (:func:`library_versions`)."""
+    return {"command": command, "date": time.strftime("%Y-%m-%d"), "device": {**host_device(), **device},
+            "versions": library_versions(packages)}
