@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,15 +234,51 @@ def test_stage_counters_open_stages_one_way():
             pass
 
 
-def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
-    """benchmarks/memory_bench.py reads results/gpu-*.json (gpu_check.sh's shape, or the flat one) into REPORT.md."""
+def _memory_bench():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_bench.py"
     spec = importlib.util.spec_from_file_location("memory_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_report_rebuild_keeps_the_hand_written_blocks(tmp_path):
+    """memory_bench.py --report-only rebuilds REPORT.md from results/*.json and carries each hand-written block
+    (between its markers) over from the report it replaces: section 6 (the TRL comparison, the CPU time calibration,
+    their notes) rebuilds word for word. Without a previous report the TRL block names its results files."""
+    import logging
+    import shutil
+
+    bench = _memory_bench()
+    shipped = Path(bench.__file__).parent
+    shutil.copytree(shipped / "results", tmp_path / "results")
+    before = (shipped / "REPORT.md").read_text()
+    (tmp_path / "REPORT.md").write_text(before)
+    kept = bench.kept_blocks(before)
+    assert "| TRL 0.23.1 |" in "\n".join(kept["trl-compare"])  # the premise: the shipped report holds the block
+    level = logging.getLogger("lowmem_alignprop").level
+    try:
+        assert bench.main(["--report-only", "--out", str(tmp_path)]) == 0
+        after = (tmp_path / "REPORT.md").read_text()
+        (tmp_path / "REPORT.md").unlink()
+        assert bench.main(["--report-only", "--out", str(tmp_path)]) == 0
+        fresh = bench.kept_blocks((tmp_path / "REPORT.md").read_text())
+    finally:
+        logging.getLogger("lowmem_alignprop").setLevel(level)
+    assert bench.kept_blocks(after) == kept
+    section_6 = lambda text: text[text.index("## 6. "):text.index("## 7. ")]  # noqa: E731
+    assert section_6(after) == section_6(before)
+    trl = sorted((tmp_path / "results").glob("trl-compare-cpu*.json"))
+    assert len(trl) == 4 and len(fresh["trl-compare"]) == len(trl) + 1
+    for path, line in zip(trl, fresh["trl-compare"]):
+        assert line.startswith(f"`results/{path.name}`: command `{json.loads(path.read_text())['command']}`")
+
+
+def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
+    """benchmarks/memory_bench.py reads results/gpu-*.json (gpu_check.sh's shape, or the flat one) into REPORT.md."""
+    bench = _memory_bench()
     label = bench.LADDER[1][0]
     cpu = {"kind": "memory_bench", "date": "2026-01-01", "file": "cpu-2026-01-01.json", "command": "x",
            "device": {"name": "cpu", "logical_cores": 2, "torch_threads": 1}, "versions": {"torch": "2"},
