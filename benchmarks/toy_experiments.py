@@ -13,13 +13,15 @@ fixed-seed images every N steps (the toy world's ``metrics.jsonl`` figures; step
    ``commands/evaluate.py``'s adapter mixing (what ``sample --lora A:w --lora B:w`` does) at weights
    ``A: 1 - a, B: a``; toy_clip, jpeg_compressibility and the exact fidelity against ``a``;
 5. ``hack``: a long compressibility run: the reward keeps rising while the exact prompt fidelity falls; the
-   plot marks the first evaluated step from which the fidelity stays below its start.
-
-A DDPO-style likelihood-ratio baseline (the paper's optional comparison) is not here: it would need a second
-training loop.
+   plot marks the first evaluated step from which the fidelity stays below its start;
+6. ``rl``: the paper's headline comparison, AlignProp (the toy defaults) against DDPO (TRL's ``DDPOTrainer``, a
+   likelihood-ratio RL baseline, run in the Python given by ``--trl-python``; skipped with a line without it):
+   reward per sampled image, per optimizer step and per CPU second, both judged on the same fixed-seed images
+   (``benchmarks/ddpo_toy.py``).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # all five, about 30 min of CPU
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --quick    # the same, small: a few minutes
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --only rl --trl-python /work/trlvenv/bin/python
     python benchmarks/toy_experiments.py --only jpeg --steps 2 --fidelity-images 4 --out /tmp/x --no-plots  # smoke
     python benchmarks/toy_experiments.py --report-only   # redraw the plots, rebuild REPORT.md's section from the JSON
 
@@ -47,11 +49,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
+import ddpo_toy  # noqa: E402  (experiment rl; imports only the standard library here)
 from lowmem_alignprop.run import atomic  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "toy"
-EXPERIMENTS = ("truncation", "count", "jpeg", "mix", "hack")
+EXPERIMENTS = ("truncation", "count", "jpeg", "mix", "hack", "rl")
 SECTION_TITLE = "## 7. The paper's experiments on the toy world"
 T = 20  # the toy model's DDIM steps (settings.profiles.MODEL_DEFAULTS["toy"])
 COUNT_TARGETS = (1, 4)
@@ -70,13 +74,20 @@ class Mode:
     fidelity_images: int
     mix_weights: tuple[float, ...]
     mix_images: int
+    rl_every: int = 10  # experiment 6: AlignProp's LoRA judged every this many steps (of ``steps``)
+    rl_epochs: int = 120  # experiment 6: DDPO's epochs (each samples as many images as an AlignProp step)
+
+    def rl_plan(self) -> "ddpo_toy.Plan":
+        """DDPO is first judged when it has sampled as many images as AlignProp's whole run (epoch = ``steps``)."""
+        return ddpo_toy.Plan(steps=self.steps, every=self.rl_every, epochs=self.rl_epochs, epochs_every=self.steps,
+                             images=self.fidelity_images)
 
 
 MODES = {
     "default": Mode("default", steps=30, hack_steps=100, every=5, hack_every=10, fidelity_images=32,
                     mix_weights=(0.0, 0.25, 0.5, 0.75, 1.0), mix_images=32),
     "quick": Mode("quick", steps=6, hack_steps=12, every=3, hack_every=4, fidelity_images=8,
-                  mix_weights=(0.0, 0.5, 1.0), mix_images=8),
+                  mix_weights=(0.0, 0.5, 1.0), mix_images=8, rl_every=3, rl_epochs=12),
 }
 
 
@@ -114,6 +125,8 @@ def runs_of(experiment: str, mode: Mode) -> list[Run]:
     if experiment == "hack":
         sets = {**judged, "fidelity_every": mode.hack_every}
         return [Run(f"{JPEG} (long)", JPEG, "toy-pairs", mode.hack_steps, sets)]
+    if experiment == "rl":
+        return []  # both trainings are ddpo_toy.run_rl's (AlignProp with the toy defaults, DDPO in trl's Python)
     raise ValueError(experiment)
 
 
@@ -269,6 +282,8 @@ def hack_point(evals: list[dict]) -> int | None:
 
 def findings(name: str, result: dict) -> list[str]:
     """One line per run (or mix): the numbers the report quotes."""
+    if name == "rl":
+        return ddpo_toy.findings(result)
     if name == "mix":
         lines = [f"base model: {result['a']} {result['base'][result['a']]:.1f}, {result['b']} "
                  f"{result['base'][result['b']]:.3f}, fidelity score {result['base']['fidelity_score']:.3f}"]
@@ -305,6 +320,9 @@ def plot(name: str, result: dict, path: Path) -> None:
         return
     if name == "mix":
         fig, axes = _plot_mix(plt, result)
+    elif name == "rl":
+        fig, axes = ddpo_toy.plot(plt, result)
+        fig.suptitle(TITLES[name], fontsize=10)
     else:
         fig, axes = _plot_curves(plt, name, result)
     for ax in axes:
@@ -369,6 +387,7 @@ TITLES = {
     "jpeg": "3. compressibility: jpeg_compressibility reward and the real JPEG size",
     "mix": "4. mixing the toy_clip LoRA (A) and the compressibility LoRA (B)",
     "hack": "5. reward hacking: a long compressibility run and the exact prompt fidelity",
+    "rl": "6. AlignProp against DDPO (TRL's DDPOTrainer): reward per sampled image and per optimizer step",
 }
 
 
@@ -398,6 +417,8 @@ def report_section(doc: dict | None) -> list[str]:
               f"{result.get('toy_weights', '?')}, {_settings(name, result)}.", "",
               f"![{name}](results/toy/toy-{name}.png)", ""]
         L += [f"- {line}" for line in result["findings"]]
+        if name == "rl":
+            L += [""] + ddpo_toy.report_table(result)
         if result.get("note"):
             L += ["", result["note"]]
         L.append("")
@@ -416,10 +437,26 @@ HOW = {
            "every weight renders the same prompts and seeds, scored by both rewards and the exact evaluators.",
     "hack": "`jpeg_compressibility` on `toy-pairs`, trained long; the dashed line marks the first judged step "
             "from which the exact fidelity score stays below its start.",
+    "rl": "AlignProp: the toy world's defaults (`python -m lowmem_alignprop`: its reward, prompts, K, lr and batch, "
+          "read from the package when the experiment runs). DDPO: TRL's `DDPOTrainer` "
+          "(`DefaultDDPOStableDiffusionPipeline` over the same toy model; the same reward imported from this "
+          "repository, prompts, LoRA rank, resolution, DDIM steps, eta and guidance) in the venv given by "
+          "`--trl-python`, with DDPO's hyper-parameters scaled to the toy (below). Each method trains in its own "
+          "process, one thread; CPU seconds are `time.process_time` around each training step (model loading left "
+          "out). Both LoRAs, saved at a few points, are judged afterwards by one judge: the same fixed-seed images "
+          "(one generator per image) rendered by the `sample` pipeline, the reward's mean and the exact evaluators; "
+          "point 0 is the base model for both. Dashed: the training batches' reward.",
 }
 
 
 def _settings(name: str, result: dict) -> str:
+    if name == "rl":
+        toy, ap = result["toy"], result["runs"]["AlignProp"]
+        return (f"trl {result['trl']}, {result['judged_images']} judged images; AlignProp: `{ap['command']}` "
+                f"({toy['reward']} on `{toy['prompts']}`, {toy['resolution']} px, DDIM {toy['sample_steps']} steps, "
+                f"eta {toy['eta']:g}, guidance {toy['guidance_scale']:g}, batch {toy['batch_size']}, LoRA rank "
+                f"{toy['lora_rank']}, lr {toy['lr']:g}, K {toy['k']} ({toy['truncation']})); DDPO: "
+                f"{result['ddpo']['describe']}")
     if name == "mix":
         return f"{result['images']} images ({result['prompts']}), weights w = " + ", ".join(
             f"{r['weight_b']:g}" for r in result["mixes"])
@@ -447,7 +484,13 @@ def load_doc(path: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_experiment(name: str, mode: Mode, work: Path, args) -> dict:
+def run_experiment(name: str, mode: Mode, work: Path, args) -> dict | None:
+    """The experiment's result with its findings; None when it was skipped (rl without a Python that has trl)."""
+    if name == "rl":
+        result = ddpo_toy.run_rl(mode.rl_plan(), work, args.trl_python, args.threads)
+        if result is not None:
+            result["findings"] = findings(name, result)
+        return result
     trained = {run.name: train(run, work, args.threads, args.fresh) for run in runs_of(name, mode)}
     if name == "mix":
         a, b = runs_of("mix", mode)
@@ -485,6 +528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fidelity-images", type=int, default=None, help="override the judged images (smoke tests)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs whose folders could be reused")
+    ap.add_argument("--trl-python", default=None, metavar="PATH", help="a Python with trl 0.23.1 (its DDPOTrainer): "
+                    "enables experiment rl, AlignProp against DDPO (skipped without it; trl is not a dependency)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="leave benchmarks/REPORT.md alone")
     ap.add_argument("--report-only", action="store_true", help="redraw the plots and rebuild REPORT.md's section "
@@ -502,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps or mode.steps
         images = args.fidelity_images or mode.fidelity_images
         mode = Mode("custom", steps=steps, hack_steps=steps, every=max(1, steps // 2), hack_every=max(1, steps // 2),
-                    fidelity_images=images, mix_weights=(0.0, 1.0), mix_images=images)
+                    fidelity_images=images, mix_weights=(0.0, 1.0), mix_images=images, rl_every=max(1, steps // 2),
+                    rl_epochs=2 * steps)
     suffix = "" if mode.name == "default" else f"-{mode.name}"
     json_path = args.out / f"toy_experiments{suffix}.json"
     write_report = not args.no_report and mode.name == "default" and args.out.resolve() == DEFAULT_OUT.resolve()
@@ -526,8 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     cpu0, t0 = _children_cpu() + _self_cpu(), time.time()
     for name in (e for e in EXPERIMENTS if e in only):  # in order: mix reuses (1)'s and (3)'s runs
         t1 = time.time()
-        digest = toy_weights_digest(" ".join(run.reward for run in runs_of(name, mode)))
-        doc["experiments"][name] = run_experiment(name, mode, work, args)
+        rewards = ddpo_toy.toy_config().reward if name == "rl" else " ".join(run.reward for run in runs_of(name, mode))
+        digest = toy_weights_digest(rewards)
+        result = run_experiment(name, mode, work, args)
+        if result is None:  # skipped: an earlier result in the JSON stays
+            continue
+        doc["experiments"][name] = result
         doc["experiments"][name].update(toy_weights=digest, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         experiment_wall_seconds=round(time.time() - t1, 1))
         for line in doc["experiments"][name]["findings"]:
@@ -536,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             plot(name, doc["experiments"][name], args.out / f"toy-{name}{suffix}.png")
         doc["meta"] = meta(args, mode, _children_cpu() + _self_cpu() - cpu0, time.time() - t0)
         atomic.write_text(json_path, json.dumps(doc, indent=1))
+    if "meta" not in doc:  # every experiment asked for was skipped, and the file held none: nothing to write
+        return 0
     # over every experiment in the file (some may come from an earlier invocation with --only)
     doc["meta"]["cpu_seconds"] = round(sum(_experiment_cpu(r) for r in doc["experiments"].values()), 1)
     doc["meta"]["wall_seconds"] = round(sum(_experiment_cpu(r, "wall_seconds") for r in doc["experiments"].values()), 1)
@@ -548,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _experiment_cpu(result: dict, key: str = "cpu_seconds") -> float:
     """CPU (or wall) seconds an experiment's own runs took (mix: the mixing alone; it reuses runs of 1 and 3)."""
-    if "runs" in result:
-        return sum(run[key] for run in result["runs"].values())
+    if "runs" in result:  # rl: its judging too (the others judge inside their runs)
+        judging = result.get("judge_cpu_seconds", 0.0) if key == "cpu_seconds" else result.get("judge_wall_seconds", 0.0)
+        return sum(run[key] for run in result["runs"].values()) + judging
     return result.get(key, 0.0)
 
 
