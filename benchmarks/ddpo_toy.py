@@ -65,7 +65,7 @@ class DDPOSettings:
     ALIGNPROP_SD_LR = 1e-3  # AlignProp's LoRA learning rate on Stable Diffusion
 
     @classmethod
-    def for_toy(cls, alignprop_lr: float, batch: int) -> "DDPOSettings":
+    def for_toy(cls, alignprop_lr: float, batch: int) -> DDPOSettings:
         return cls(lr=cls.DDPO_SD_LR * alignprop_lr / cls.ALIGNPROP_SD_LR, images_per_epoch=batch)
 
     @property
@@ -417,7 +417,8 @@ def findings(result: dict) -> list[str]:
     same = eval_at(dd["eval"], "images", n)
     if same is not None:
         a = ap["eval"][-1]
-        lines.append(f"at the same {n} sampled images: AlignProp {a['reward']:.1f} (fidelity {a['fidelity_score']:.3f}, "
+        lines.append(f"at the same {n} sampled images: AlignProp {a['reward']:.1f} "
+                     f"(fidelity {a['fidelity_score']:.3f}, "
                      f"{ap['train']['cpu_seconds'][-1]:.0f} s CPU), DDPO {same['reward']:.1f} (fidelity "
                      f"{same['fidelity_score']:.3f}, {same['cpu_seconds']:.0f} s CPU)")
     k = ap["train"]["optimizer_step"][-1]
@@ -428,16 +429,16 @@ def findings(result: dict) -> list[str]:
     target = smoothed(ap)[-1]
     reached = first_reaching(dd["train"]["images"], smoothed(dd), target)
     lines.append(f"DDPO's training-batch reward ({SMOOTH_IMAGES}-image running mean) "
-                 + (f"first reached AlignProp's final {target:.1f} after {reached} sampled images" if reached is not None
-                    else f"never reached AlignProp's final {target:.1f} in its {dd['train']['images'][-1]} images "
+                 + (f"first reached AlignProp's final {target:.1f} after {reached} sampled images"
+                    if reached is not None else f"never reached AlignProp's final {target:.1f} in its {dd['train']['images'][-1]} images "
                          f"(best {max(smoothed(dd)):.1f})"))
     return lines
 
 
 def report_table(result: dict) -> list[str]:
     """REPORT.md's table: every judged point of both methods."""
-    L = ["| method | point | sampled images | optimizer steps | training CPU s | reward | fidelity score | "
-         "all right | objects detected |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L = [("| method | point | sampled images | optimizer steps | training CPU s | reward | fidelity score | "
+          "all right | objects detected |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in result["runs"].items():
         point = "step" if run["method"] == "alignprop" else "epoch"
         for e in run["eval"]:

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import ddpo_toy  # noqa: E402  (experiment rl; imports only the standard library here)
+
 from lowmem_alignprop.run import atomic  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "toy"
@@ -77,7 +78,7 @@ class Mode:
     rl_every: int = 10  # experiment 6: AlignProp's LoRA judged every this many steps (of ``steps``)
     rl_epochs: int = 120  # experiment 6: DDPO's epochs (each samples as many images as an AlignProp step)
 
-    def rl_plan(self) -> "ddpo_toy.Plan":
+    def rl_plan(self) -> ddpo_toy.Plan:
         """DDPO is first judged when it has sampled as many images as AlignProp's whole run (epoch = ``steps``)."""
         return ddpo_toy.Plan(steps=self.steps, every=self.rl_every, epochs=self.rl_epochs, epochs_every=self.steps,
                              images=self.fidelity_images)
@@ -572,11 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu0, t0 = _children_cpu() + _self_cpu(), time.time()
     for name in (e for e in EXPERIMENTS if e in only):  # in order: mix reuses (1)'s and (3)'s runs
         t1 = time.time()
-        rewards = ddpo_toy.toy_config().reward if name == "rl" else " ".join(run.reward for run in runs_of(name, mode))
-        digest = toy_weights_digest(rewards)
         result = run_experiment(name, mode, work, args)
         if result is None:  # skipped: an earlier result in the JSON stays
             continue
+        rewards = result["toy"]["reward"] if name == "rl" else " ".join(run.reward for run in runs_of(name, mode))
+        digest = toy_weights_digest(rewards)
         doc["experiments"][name] = result
         doc["experiments"][name].update(toy_weights=digest, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         experiment_wall_seconds=round(time.time() - t1, 1))
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_cpu(result: dict, key: str = "cpu_seconds") -> float:
     """CPU (or wall) seconds an experiment's own runs took (mix: the mixing alone; it reuses runs of 1 and 3)."""
     if "runs" in result:  # rl: its judging too (the others judge inside their runs)
-        judging = result.get("judge_cpu_seconds", 0.0) if key == "cpu_seconds" else result.get("judge_wall_seconds", 0.0)
+        judging = result.get("judge_" + key, 0.0)
         return sum(run[key] for run in result["runs"].values()) + judging
     return result.get(key, 0.0)
 

@@ -103,3 +103,99 @@ def test_smallest_mode_end_to_end(tmp_path):
         assert 0 <= e["fidelity_score"] <= 1 and e["jpeg_bytes"] > 100 and e["reward"] < 0  # minus kilobytes
     assert len(doc["experiments"]["jpeg"]["findings"]) == 1
     assert (ROOT / "benchmarks" / "REPORT.md").read_text() == report  # a smoke run leaves the report alone
+
+
+# ------------------------------------------------------------------------------------------------ experiment rl
+# benchmarks/ddpo_toy.py's own logic (AlignProp against TRL's DDPOTrainer): no trl here, hand-made curves
+
+
+@pytest.fixture(scope="module")
+def ddpo(toy):
+    return sys.modules["ddpo_toy"]  # toy_experiments imports it (standard library only at import)
+
+
+def _rl_result(ddpo):
+    """Two hand-made runs: AlignProp 4 steps of 4 images, DDPO 8 epochs of 4 images and 2 updates each."""
+    metrics = [{"step": s, "images": 4, "reward_mean": 10.0 * s} for s in range(1, 5)]
+    ap = ddpo.alignprop_curve(metrics, [2.0, 1.0, 1.0, 1.0], batch=4)
+    epochs = [{"epoch": e, "rewards": [float(e), float(e), 0.0, 0.0], "optimizer_step": 2 * e, "cpu_seconds": 3.0}
+              for e in range(1, 9)]
+    dd = ddpo.ddpo_curve(epochs)
+    row = {"fidelity_score": 0.5, "fidelity_all_ok": 0.25, "fidelity_objects": 1.0}
+    ap.update(cpu_seconds=20.0, wall_seconds=30.0, command="python -m lowmem_alignprop --steps 4",
+              eval=ddpo.with_positions({0: {**row, "reward": 50.0}, 2: {**row, "reward": 60.0},
+                                        4: {**row, "reward": 70.0, "fidelity_score": 0.75}}, ap))
+    dd.update(cpu_seconds=40.0, wall_seconds=50.0,
+              eval=ddpo.with_positions({0: {**row, "reward": 50.0}, 2: {**row, "reward": 51.0},
+                                        4: {**row, "reward": 52.0}, 8: {**row, "reward": 55.0}}, dd))
+    toy_settings = {"reward": "toy_clip", "prompts": "toy-pairs", "resolution": 64, "sample_steps": 20,
+                    "guidance_scale": 3.0, "eta": 1.0, "batch_size": 4, "lora_rank": 4, "lr": 3e-3,
+                    "truncation": "fixed", "k": 2, "seed": 0}
+    settings = ddpo.DDPOSettings.for_toy(3e-3, 4)
+    return {"runs": {"AlignProp": ap, "DDPO (TRL)": dd}, "trl": "0.23.1", "toy": toy_settings, "judged_images": 8,
+            "ddpo": {"describe": settings.describe()}, "judge_cpu_seconds": 9.0, "judge_wall_seconds": 11.0}
+
+
+def test_rl_curves_count_images_steps_and_cpu_per_method(ddpo):
+    result = _rl_result(ddpo)
+    ap, dd = result["runs"]["AlignProp"], result["runs"]["DDPO (TRL)"]
+    assert ap["train"]["images"] == [4, 8, 12, 16] and ap["train"]["optimizer_step"] == [1, 2, 3, 4]
+    assert ap["train"]["cpu_seconds"] == [2.0, 3.0, 4.0, 5.0]  # cumulative
+    assert dd["train"]["images"] == [4 * e for e in range(1, 9)] and dd["train"]["optimizer_step"][-1] == 16
+    assert dd["train"]["reward_mean"][:2] == [0.5, 1.0]  # each epoch's mean over its sampled images
+    # a judged point sits where its method was then: epoch 4 of DDPO = 16 images, 8 updates, 12 s
+    assert [(e["step"], e["images"], e["optimizer_step"], e["cpu_seconds"]) for e in dd["eval"]] == [
+        (0, 0, 0, 0), (2, 8, 4, 6.0), (4, 16, 8, 12.0), (8, 32, 16, 24.0)]
+    assert [e["images"] for e in ap["eval"]] == [0, 8, 16]
+
+
+def test_rl_running_mean_and_first_reaching(ddpo):
+    assert ddpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 5.0) == 8  # at least the target
+    assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 9.5) is None
+
+
+def test_rl_ddpo_settings_scale_with_the_toy(ddpo):
+    s = ddpo.DDPOSettings.for_toy(3e-3, 4)
+    assert s.lr == pytest.approx(9e-4)  # DDPO's 3e-4 times the toy's AlignProp boost (3e-3 / 1e-3)
+    assert s.images_per_epoch == 4 and s.train_batch == 2  # two updates an epoch, as DDPO's own setting
+    sd = ddpo.DDPOSettings.for_toy(1e-3, 8)
+    assert sd.lr == pytest.approx(3e-4) and sd.train_batch == 4
+    assert ddpo.Plan(steps=30, every=10, epochs=120, epochs_every=30, images=32).save_points(30, 10) == [10, 20, 30]
+    assert ddpo.Plan(1, 1, 5, 2, 4).save_points(5, 2) == [2, 4, 5]  # the end is always judged
+
+
+def test_rl_findings_and_report(toy, ddpo, tmp_path):
+    result = _rl_result(ddpo)
+    lines = toy.findings("rl", result)
+    assert lines[0].startswith("AlignProp: 4 optimizer steps on 16 sampled images, 5 s of CPU")
+    assert "toy_clip 50.0 -> 70.0, fidelity score 0.500 -> 0.750" in lines[0]
+    assert lines[1].startswith("DDPO (TRL): 16 optimizer steps on 32 sampled images, 24 s of CPU")
+    assert "at the same 16 sampled images: AlignProp 70.0 (fidelity 0.750, 5 s CPU), DDPO 52.0" in lines[2]
+    assert "at the same 4 optimizer steps: AlignProp 70.0, DDPO 51.0 (8 images)" in lines[3]
+    # AlignProp's training batches end at a 20-image (5-step) mean of 25; DDPO's epochs never get there
+    best = (2 + 2.5 + 3 + 3.5 + 4) / 5  # DDPO's last five epoch means
+    assert lines[4].endswith(f"never reached AlignProp's final 25.0 in its 32 images (best {best:.1f})")
+    assert toy._experiment_cpu(result) == pytest.approx(20.0 + 40.0 + 9.0)  # both trainings and the judging
+
+    result["findings"] = lines
+    doc = {"meta": {"date": "2026-12-01", "command": "python benchmarks/toy_experiments.py --only rl", "device": "cpu",
+                    "versions": "torch 2", "cpu_seconds": 69.0, "wall_seconds": 91.0, "note": "idle"},
+           "experiments": {"rl": result}}
+    report = tmp_path / "REPORT.md"
+    toy.update_report(doc, report)
+    text = report.read_text()
+    assert "### 6. AlignProp against DDPO" in text and "results/toy/toy-rl.png" in text and "trl 0.23.1" in text
+    assert "| DDPO (TRL) | epoch 4 | 16 | 8 | 12 | 52.0 | 0.500 | 25% | 1.00 |" in text
+    assert "python -m lowmem_alignprop --steps 4" in text and "lr 0.0009" in text
+
+
+def test_rl_is_skipped_with_a_line_without_trl(toy, tmp_path, capsys):
+    """No --trl-python (or one without trl): one line, nothing written, exit 0; earlier experiments stay."""
+    out = tmp_path / "out"
+    assert toy.main(["--only", "rl", "--out", str(out), "--work", str(tmp_path / "work"), "--no-report"]) == 0
+    assert "rl: skipped (pass --trl-python PATH" in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / "work").exists()
+    assert toy.main(["--only", "rl", "--out", str(out), "--trl-python", str(tmp_path / "no-python"),
+                     "--no-report"]) == 0
+    assert "rl: skipped: " in capsys.readouterr().out and not out.exists()
