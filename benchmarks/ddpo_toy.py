@@ -450,8 +450,9 @@ def report_table(result: dict) -> list[str]:
 
 def plot(plt, result: dict):
     """Reward against sampled images (training batches' running mean, dashed; the judged fixed-seed images,
-    markers), reward against optimizer steps, and the exact fidelity against sampled images; both methods."""
-    fig, axes = plt.subplots(1, 3, figsize=(15.6, 3.8))
+    markers), against optimizer steps and against CPU seconds, and the exact fidelity against sampled images; both
+    methods."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 3.8))
     for name, run in result["runs"].items():
         e, t = run["eval"], run["train"]
         label = f"{name} ({t['cpu_seconds'][-1]:.0f} s CPU)"
@@ -459,9 +460,11 @@ def plot(plt, result: dict):
         axes[0].plot(t["images"], smoothed(run), linestyle="--", alpha=0.4, color=line.get_color(),
                      label=f"  its training batches ({SMOOTH_IMAGES}-image mean)")
         axes[1].plot([x["optimizer_step"] for x in e], [x["reward"] for x in e], marker="o", label=name)
-        axes[2].plot([x["images"] for x in e], [x["fidelity_score"] for x in e], marker="o", label=name)
+        axes[2].plot([x["cpu_seconds"] for x in e], [x["reward"] for x in e], marker="o", label=name)
+        axes[3].plot([x["images"] for x in e], [x["fidelity_score"] for x in e], marker="o", label=name)
     reward = result["toy"]["reward"]
     for ax, (xlabel, ylabel) in zip(axes, (("sampled images", reward), ("optimizer steps", reward),
+                                           ("CPU seconds in training steps", reward),
                                            ("sampled images", "exact fidelity score"))):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel + (" (fixed-seed images)" if ylabel == reward else ""))

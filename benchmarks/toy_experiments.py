@@ -388,7 +388,7 @@ TITLES = {
     "jpeg": "3. compressibility: jpeg_compressibility reward and the real JPEG size",
     "mix": "4. mixing the toy_clip LoRA (A) and the compressibility LoRA (B)",
     "hack": "5. reward hacking: a long compressibility run and the exact prompt fidelity",
-    "rl": "6. AlignProp against DDPO (TRL's DDPOTrainer): reward per sampled image and per optimizer step",
+    "rl": "6. AlignProp against DDPO (TRL's DDPOTrainer): reward per sampled image, optimizer step and CPU second",
 }
 
 
