@@ -209,9 +209,28 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_driver(python: str, which: str, job: dict, threads: int) -> dict:
-    """One training process (``--driver which``); its result, with the process's CPU and wall seconds."""
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, data) -> None:
+    from lowmem_alignprop.run import atomic
+
+    atomic.write_text(path, json.dumps(data, indent=1))
+
+
+def run_driver(python: str, which: str, job: dict, threads: int, stamp: dict, fresh: bool = False) -> dict:
+    """One training process (``--driver which``); its result, with the process's CPU and wall seconds. A folder
+    that holds a finished run of the same job and ``stamp`` (weights, versions) is reused unless ``fresh``."""
     out = Path(job["out"])
+    stamp = {"job": job, **stamp}
+    done = _read(out / "process.json")
+    if not fresh and done is not None and _read(out / "stamp.json") == stamp and (out / "driver.json").is_file():
+        print(f"[toy_experiments] rl: reusing {out}", flush=True)
+        return {**json.loads((out / "driver.json").read_text()), **done}
     if out.exists():
         import shutil
         shutil.rmtree(out)
@@ -224,9 +243,10 @@ def run_driver(python: str, which: str, job: dict, threads: int) -> dict:
                           capture_output=True, text=True)
     if proc.returncode or not (out / "driver.json").is_file():
         raise SystemExit(f"rl: the {which} run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    result = json.loads((out / "driver.json").read_text())
-    result.update(cpu_seconds=round(_children_cpu() - cpu0, 1), wall_seconds=round(time.time() - t0, 1))
-    return result
+    process = {"cpu_seconds": round(_children_cpu() - cpu0, 1), "wall_seconds": round(time.time() - t0, 1)}
+    _write(out / "stamp.json", stamp)
+    _write(out / "process.json", process)  # last: its presence marks the run finished
+    return {**json.loads((out / "driver.json").read_text()), **process}
 
 
 @dataclass
@@ -243,8 +263,10 @@ class Plan:
         return sorted({*range(every, total + 1, every), total})
 
 
-def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int) -> dict | None:
-    """Both trainings, then the judge; None (with a line saying why) when no Python with trl is given."""
+def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights: str = "", fresh: bool = False
+           ) -> dict | None:
+    """Both trainings (or their finished folders, with the same settings and ``weights``, a digest of the toy
+    weights, unless ``fresh``), then the judge; None (with a line saying why) when no Python with trl is given."""
     if not trl_python:
         print("[toy_experiments] rl: skipped (pass --trl-python PATH, a Python with trl 0.23.1: trl is not a "
               "dependency)", flush=True)
@@ -265,15 +287,20 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int) -> dict
     ap_argv = ["--model", "toy", "--profile", "cpu", "--seed", str(cfg.seed), "--steps", str(plan.steps),
                "--set", f"checkpoint_every={plan.every}", "--set", "keep_checkpoints=0", "--set", "sample_prompts=0",
                "--set", "fidelity_images=0"]
-    ap = run_driver(sys.executable, "alignprop", {"out": str(ap_out), "threads": threads,
-                                                  "argv": ap_argv + ["--output-dir", str(ap_out / "run")]}, threads)
+    import diffusers
+    import torch
+
+    ours = {"weights": weights, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    ap = run_driver(sys.executable, "alignprop", {"out": str(ap_out), "threads": threads, "argv": ap_argv + [
+        "--output-dir", str(ap_out / "run")]}, threads, ours, fresh)
     from lowmem_alignprop.models.loading import TOY_MODEL_DIR
 
     dd = run_driver(trl_python, "ddpo", {
         "out": str(dd_out), "threads": threads, "ddpo": {k: v for k, v in asdict(ddpo).items()},
         "epochs": plan.epochs, "save_at": dd_points, "sample_steps": cfg.sample_steps, "eta": cfg.eta,
         "guidance": cfg.guidance_scale, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
-        "model": str(TOY_MODEL_DIR), "reward": cfg.reward, "prompts": prompts}, threads)
+        "model": str(TOY_MODEL_DIR), "reward": cfg.reward, "prompts": prompts}, threads,
+        {"weights": weights, "python": trl_python, "trl": version}, fresh)
     metrics = [json.loads(x) for x in (ap_out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     runs = {"AlignProp": alignprop_curve(metrics, ap["step_cpu_seconds"], cfg.batch_size),
             "DDPO (TRL)": ddpo_curve(dd["epochs"])}
@@ -316,7 +343,8 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
     def row() -> dict:
         imgs = ev.generate(pipe, shown, seeds, cfg, cfg.batch_size)
         scores = ev.score(reward, imgs, shown, torch.device("cpu"), cfg.batch_size)
-        return {"reward": float(scores.mean()), **evaluate_batch(imgs, shown)}
+        return {"reward": float(scores.mean()), "rewards": [round(float(x), 3) for x in scores],
+                **evaluate_batch(imgs, shown)}
 
     base = row()
     out = {}
@@ -373,9 +401,8 @@ def with_positions(judged: dict[int, dict], curve: dict) -> list[dict]:
 
 
 def running_mean(values: list[float], window: int) -> list[float]:
-    """Mean of the last ``window`` values at each position (fewer at the start)."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-            for i in range(len(values))]
+    """The mean of every full window of ``window`` consecutive values (``len(values) - window + 1`` of them)."""
+    return [sum(values[i - window + 1:i + 1]) / window for i in range(window - 1, len(values))]
 
 
 def first_reaching(xs: list[float], ys: list[float], target: float) -> float | None:
@@ -391,47 +418,75 @@ def eval_at(evals: list[dict], key: str, value: float) -> dict | None:
 SMOOTH_IMAGES = 20  # the training curves' running mean spans this many sampled images
 
 
-def smoothed(curve: dict) -> list[float]:
+def smoothed(curve: dict) -> tuple[list[int], list[float]]:
+    """The training batches' reward as a running mean over SMOOTH_IMAGES sampled images: (images at each window's
+    end, the window's mean)."""
     train = curve["train"]
-    per = max(1, train["images"][0]) if train["images"] else 1
-    return running_mean(train["reward_mean"], max(1, SMOOTH_IMAGES // per))
+    window = min(len(train["images"]), max(1, SMOOTH_IMAGES // max(1, train["images"][0])))
+    return train["images"][window - 1:], running_mean(train["reward_mean"], window)
+
+
+def paired(a: dict, b: dict) -> tuple[float, float] | None:
+    """Two judged rows of the same images (same prompts and seeds): the mean of the per-image reward differences
+    a - b and its standard error; None without per-image rewards."""
+    if not a.get("rewards") or len(a["rewards"]) != len(b.get("rewards") or ()) or len(a["rewards"]) < 2:
+        return None
+    d = [x - y for x, y in zip(a["rewards"], b["rewards"])]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, (var / len(d)) ** 0.5
+
+
+def _pm(a: dict, b: dict) -> str:
+    """" (+d ± se)" for a - b over the same images, or nothing."""
+    diff = paired(a, b)
+    return f" ({diff[0]:+.1f} ± {diff[1]:.1f})" if diff else ""
 
 
 def findings(result: dict) -> list[str]:
-    """The numbers the report quotes: each method's run, then the two at equal sampled images and equal steps."""
+    """The numbers the report quotes: each method's run, then the two at equal sampled images and equal steps.
+    "± x": the standard error of a mean difference over the same judged images (paired: same prompts and seeds)."""
     runs = result["runs"]
     ap, dd = runs["AlignProp"], runs["DDPO (TRL)"]
     lines = []
     for name, run in runs.items():
         e, t = run["eval"], run["train"]
+        _, smooth = smoothed(run)
         lines.append(
             f"{name}: {t['optimizer_step'][-1]} optimizer steps on {t['images'][-1]} sampled images, "
             f"{t['cpu_seconds'][-1]:.0f} s of CPU in its training steps ({t['cpu_seconds'][-1] / t['images'][-1]:.2f} "
             f"s an image, {t['cpu_seconds'][-1] / t['optimizer_step'][-1]:.2f} s an optimizer step); on the "
             f"{result['judged_images']} fixed-seed images {result['toy']['reward']} {e[0]['reward']:.1f} -> "
-            f"{e[-1]['reward']:.1f}, fidelity score {e[0]['fidelity_score']:.3f} -> {e[-1]['fidelity_score']:.3f}, "
-            f"all right {e[0]['fidelity_all_ok']:.0%} -> {e[-1]['fidelity_all_ok']:.0%}; training batches "
-            f"({SMOOTH_IMAGES}-image running mean) {smoothed(run)[0]:.1f} at the start -> {smoothed(run)[-1]:.1f} "
-            f"at the end")
+            f"{e[-1]['reward']:.1f}{_pm(e[-1], e[0])}, fidelity score {e[0]['fidelity_score']:.3f} -> "
+            f"{e[-1]['fidelity_score']:.3f}, all right {e[0]['fidelity_all_ok']:.0%} -> "
+            f"{e[-1]['fidelity_all_ok']:.0%}; "
+            f"its training batches' reward over the first {SMOOTH_IMAGES} sampled images {smooth[0]:.1f}, over the "
+            f"last {SMOOTH_IMAGES} {smooth[-1]:.1f}")
+    a = ap["eval"][-1]
     n = ap["train"]["images"][-1]
     same = eval_at(dd["eval"], "images", n)
     if same is not None:
-        a = ap["eval"][-1]
         lines.append(f"at the same {n} sampled images: AlignProp {a['reward']:.1f} "
                      f"(fidelity {a['fidelity_score']:.3f}, "
                      f"{ap['train']['cpu_seconds'][-1]:.0f} s CPU), DDPO {same['reward']:.1f} (fidelity "
-                     f"{same['fidelity_score']:.3f}, {same['cpu_seconds']:.0f} s CPU)")
+                     f"{same['fidelity_score']:.3f}, {same['cpu_seconds']:.0f} s CPU): AlignProp - DDPO"
+                     f"{_pm(a, same) or ' ' + format(a['reward'] - same['reward'], '+.1f')}")
     k = ap["train"]["optimizer_step"][-1]
     same_steps = eval_at(dd["eval"], "optimizer_step", k)
     if same_steps is not None:
-        lines.append(f"at the same {k} optimizer steps: AlignProp {ap['eval'][-1]['reward']:.1f}, DDPO "
-                     f"{same_steps['reward']:.1f} ({same_steps['images']} images)")
-    target = smoothed(ap)[-1]
-    reached = first_reaching(dd["train"]["images"], smoothed(dd), target)
-    lines.append(f"DDPO's training-batch reward ({SMOOTH_IMAGES}-image running mean) "
-                 + (f"first reached AlignProp's final {target:.1f} after {reached} sampled images"
-                    if reached is not None else f"never reached AlignProp's final {target:.1f} in its {dd['train']['images'][-1]} images "
-                         f"(best {max(smoothed(dd)):.1f})"))
+        lines.append(f"at the same {k} optimizer steps: AlignProp {a['reward']:.1f}, DDPO {same_steps['reward']:.1f} "
+                     f"({same_steps['images']} images){_pm(a, same_steps)}")
+    best = max(dd["eval"][1:] or dd["eval"], key=lambda e: e["reward"])
+    lines.append(f"DDPO's best judged point: {best['reward']:.1f} after {best['images']} sampled images "
+                 f"({best['cpu_seconds']:.0f} s CPU, fidelity {best['fidelity_score']:.3f}); AlignProp's final "
+                 f"{a['reward']:.1f}{_pm(a, best)}")
+    target = smoothed(ap)[1][-1]
+    reached = first_reaching(*smoothed(dd), target)
+    lines.append(f"DDPO's training batches ({SMOOTH_IMAGES}-image running mean) "
+                 + (f"first reached AlignProp's last {SMOOTH_IMAGES}-image mean {target:.1f} after {reached} sampled "
+                    "images" if reached is not None else
+                    f"never reached AlignProp's last {SMOOTH_IMAGES}-image mean {target:.1f} in their "
+                    f"{dd['train']['images'][-1]} images (best {max(smoothed(dd)[1]):.1f})"))
     return lines
 
 
@@ -457,7 +512,7 @@ def plot(plt, result: dict):
         e, t = run["eval"], run["train"]
         label = f"{name} ({t['cpu_seconds'][-1]:.0f} s CPU)"
         line = axes[0].plot([x["images"] for x in e], [x["reward"] for x in e], marker="o", label=label)[0]
-        axes[0].plot(t["images"], smoothed(run), linestyle="--", alpha=0.4, color=line.get_color(),
+        axes[0].plot(*smoothed(run), linestyle="--", alpha=0.4, color=line.get_color(),
                      label=f"  its training batches ({SMOOTH_IMAGES}-image mean)")
         axes[1].plot([x["optimizer_step"] for x in e], [x["reward"] for x in e], marker="o", label=name)
         axes[2].plot([x["cpu_seconds"] for x in e], [x["reward"] for x in e], marker="o", label=name)

@@ -488,7 +488,8 @@ def load_doc(path: Path) -> dict | None:
 def run_experiment(name: str, mode: Mode, work: Path, args) -> dict | None:
     """The experiment's result with its findings; None when it was skipped (rl without a Python that has trl)."""
     if name == "rl":
-        result = ddpo_toy.run_rl(mode.rl_plan(), work, args.trl_python, args.threads)
+        weights = toy_weights_digest(ddpo_toy.toy_config().reward)
+        result = ddpo_toy.run_rl(mode.rl_plan(), work, args.trl_python, args.threads, weights, args.fresh)
         if result is not None:
             result["findings"] = findings(name, result)
         return result

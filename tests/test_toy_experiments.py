@@ -122,12 +122,17 @@ def _rl_result(ddpo):
               for e in range(1, 9)]
     dd = ddpo.ddpo_curve(epochs)
     row = {"fidelity_score": 0.5, "fidelity_all_ok": 0.25, "fidelity_objects": 1.0}
+
+    def judged(*rewards):  # a judged row of 4 images with these per-image rewards
+        return {**row, "reward": sum(rewards) / len(rewards), "rewards": list(rewards)}
+
+    base = judged(40.0, 60.0, 40.0, 60.0)
     ap.update(cpu_seconds=20.0, wall_seconds=30.0, command="python -m lowmem_alignprop --steps 4",
-              eval=ddpo.with_positions({0: {**row, "reward": 50.0}, 2: {**row, "reward": 60.0},
-                                        4: {**row, "reward": 70.0, "fidelity_score": 0.75}}, ap))
+              eval=ddpo.with_positions({0: base, 2: judged(50.0, 70.0, 50.0, 70.0),
+                                        4: {**judged(60.0, 80.0, 62.0, 78.0), "fidelity_score": 0.75}}, ap))
     dd.update(cpu_seconds=40.0, wall_seconds=50.0,
-              eval=ddpo.with_positions({0: {**row, "reward": 50.0}, 2: {**row, "reward": 51.0},
-                                        4: {**row, "reward": 52.0}, 8: {**row, "reward": 55.0}}, dd))
+              eval=ddpo.with_positions({0: base, 2: judged(41.0, 61.0, 41.0, 61.0), 4: judged(42.0, 62.0, 42.0, 62.0),
+                                        8: judged(45.0, 65.0, 45.0, 65.0)}, dd))
     toy_settings = {"reward": "toy_clip", "prompts": "toy-pairs", "resolution": 64, "sample_steps": 20,
                     "guidance_scale": 3.0, "eta": 1.0, "batch_size": 4, "lora_rank": 4, "lr": 3e-3,
                     "truncation": "fixed", "k": 2, "seed": 0}
@@ -150,7 +155,9 @@ def test_rl_curves_count_images_steps_and_cpu_per_method(ddpo):
 
 
 def test_rl_running_mean_and_first_reaching(ddpo):
-    assert ddpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert ddpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [2.0, 4.0, 6.0]  # full windows only
+    assert ddpo.paired({"rewards": [3.0, 5.0, 7.0]}, {"rewards": [1.0, 1.0, 1.0]}) == pytest.approx((4.0, (4 / 3) ** 0.5))
+    assert ddpo.paired({"rewards": [3.0, 5.0]}, {}) is None  # no per-image rewards: no paired difference
     assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 5.0) == 8  # at least the target
     assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 9.5) is None
 
@@ -169,13 +176,18 @@ def test_rl_findings_and_report(toy, ddpo, tmp_path):
     result = _rl_result(ddpo)
     lines = toy.findings("rl", result)
     assert lines[0].startswith("AlignProp: 4 optimizer steps on 16 sampled images, 5 s of CPU")
-    assert "toy_clip 50.0 -> 70.0, fidelity score 0.500 -> 0.750" in lines[0]
+    # 70 - 50 per image is +20, +20, +22, +18: mean +20, standard error sqrt(8 / 3 / 4)
+    assert "toy_clip 50.0 -> 70.0 (+20.0 ± 0.8), fidelity score 0.500 -> 0.750" in lines[0]
+    # AlignProp's training batches: 20 images = 5 steps, more than its 4: one window over all, mean 25
+    assert lines[0].endswith("over the first 20 sampled images 25.0, over the last 20 25.0")
     assert lines[1].startswith("DDPO (TRL): 16 optimizer steps on 32 sampled images, 24 s of CPU")
-    assert "at the same 16 sampled images: AlignProp 70.0 (fidelity 0.750, 5 s CPU), DDPO 52.0" in lines[2]
-    assert "at the same 4 optimizer steps: AlignProp 70.0, DDPO 51.0 (8 images)" in lines[3]
-    # AlignProp's training batches end at a 20-image (5-step) mean of 25; DDPO's epochs never get there
-    best = (2 + 2.5 + 3 + 3.5 + 4) / 5  # DDPO's last five epoch means
-    assert lines[4].endswith(f"never reached AlignProp's final 25.0 in its 32 images (best {best:.1f})")
+    assert "toy_clip 50.0 -> 55.0 (+5.0 ± 0.0)" in lines[1]
+    assert lines[1].endswith("over the first 20 sampled images 1.5, over the last 20 3.0")  # epoch means e / 2
+    assert lines[2] == ("at the same 16 sampled images: AlignProp 70.0 (fidelity 0.750, 5 s CPU), DDPO 52.0 "
+                        "(fidelity 0.500, 12 s CPU): AlignProp - DDPO (+18.0 ± 0.8)")
+    assert lines[3] == "at the same 4 optimizer steps: AlignProp 70.0, DDPO 51.0 (8 images) (+19.0 ± 0.8)"
+    assert lines[4].startswith("DDPO's best judged point: 55.0 after 32 sampled images (24 s CPU")
+    assert lines[5].endswith("never reached AlignProp's last 20-image mean 25.0 in their 32 images (best 3.0)")
     assert toy._experiment_cpu(result) == pytest.approx(20.0 + 40.0 + 9.0)  # both trainings and the judging
 
     result["findings"] = lines
