@@ -19,7 +19,7 @@ fixed-seed images every N steps (the toy world's ``metrics.jsonl`` figures; step
    reward per sampled image, per optimizer step and per CPU second, both judged on the same fixed-seed images
    (``benchmarks/ddpo_toy.py``).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # all five, about 30 min of CPU
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # 1-5 (6 needs --trl-python), ~30 min of CPU
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --quick    # the same, small: a few minutes
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --only rl --trl-python /work/trlvenv/bin/python
     python benchmarks/toy_experiments.py --only jpeg --steps 2 --fidelity-images 4 --out /tmp/x --no-plots  # smoke
@@ -446,7 +446,8 @@ HOW = {
           "process, one thread; CPU seconds are `time.process_time` around each training step (model loading left "
           "out). Both LoRAs, saved at a few points, are judged afterwards by one judge: the same fixed-seed images "
           "(one generator per image) rendered by the `sample` pipeline, the reward's mean and the exact evaluators; "
-          "point 0 is the base model for both. Dashed: the training batches' reward.",
+          "point 0 is the base model for both; \"(+d ± s)\": the mean per-image difference of the reward over those "
+          "images (paired: same prompts and seeds) and its standard error. Dashed: the training batches' reward.",
 }
 
 
