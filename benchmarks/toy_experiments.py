@@ -19,7 +19,7 @@ fixed-seed images every N steps (the toy world's ``metrics.jsonl`` figures; step
    reward per sampled image, per optimizer step and per CPU second, both judged on the same fixed-seed images
    (``benchmarks/ddpo_toy.py``).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # 1-5 (6 needs --trl-python): ~30 min CPU
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py            # 1-5 (6: --trl-python): ~30 min CPU
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --quick    # the same, small: a few minutes
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/toy_experiments.py --only rl --trl-python /work/trlvenv/bin/python
     python benchmarks/toy_experiments.py --only jpeg --steps 2 --fidelity-images 4 --out /tmp/x --no-plots  # smoke
