@@ -183,16 +183,22 @@ def driver(argv: list[str]) -> int:
 
 
 # ================================================================================================ running both
-def trl_version(python: str) -> tuple[str | None, str]:
-    """(trl's version, '') when ``python`` imports trl's DDPOTrainer, else (None, why not)."""
+TRL_VENV_PACKAGES = ("trl", "torch", "diffusers", "peft", "transformers", "accelerate")
+_PROBE = ("import importlib.metadata as md, json, platform; from trl import DDPOTrainer; "
+          f"print(json.dumps({{'python': platform.python_version(), "
+          f"**{{p: md.version(p) for p in {TRL_VENV_PACKAGES!r}}}}}))")
+
+
+def trl_versions(python: str) -> tuple[dict | None, str]:
+    """(the versions of Python, trl and the libraries it runs on, '') when ``python`` imports trl's DDPOTrainer,
+    else (None, why not)."""
     try:
-        probe = subprocess.run([python, "-c", "import trl; from trl import DDPOTrainer; print(trl.__version__)"],
-                               capture_output=True, text=True, timeout=300)
+        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     except OSError as e:
         return None, f"{python} cannot run ({e.strerror or e})"
     if probe.returncode:
         return None, f"{python} cannot import trl's DDPOTrainer ({(probe.stderr.strip().splitlines() or ['?'])[-1]})"
-    return probe.stdout.strip(), ""
+    return json.loads(probe.stdout.strip().splitlines()[-1]), ""
 
 
 def toy_config(seed: int = 0):
@@ -271,10 +277,11 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
         print("[toy_experiments] rl: skipped (pass --trl-python PATH, a Python with trl 0.23.1: trl is not a "
               "dependency)", flush=True)
         return None
-    version, why = trl_version(trl_python)
-    if version is None:
+    versions, why = trl_versions(trl_python)
+    if versions is None:
         print(f"[toy_experiments] rl: skipped: {why}", flush=True)
         return None
+    load_start = [round(x, 1) for x in os.getloadavg()]  # 1, 5, 15 min: how busy the shared machine was
     cfg = toy_config()
     ddpo = DDPOSettings.for_toy(cfg.lr, cfg.batch_size)
     from lowmem_alignprop.step.prompts import load_prompts
@@ -300,7 +307,7 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
         "epochs": plan.epochs, "save_at": dd_points, "sample_steps": cfg.sample_steps, "eta": cfg.eta,
         "guidance": cfg.guidance_scale, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
         "model": str(TOY_MODEL_DIR), "reward": cfg.reward, "prompts": prompts}, threads,
-        {"weights": weights, "python": trl_python, "trl": version}, fresh)
+        {"weights": weights, "python": trl_python, "trl": versions["trl"]}, fresh)
     metrics = [json.loads(x) for x in (ap_out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     runs = {"AlignProp": alignprop_curve(metrics, ap["step_cpu_seconds"], cfg.batch_size),
             "DDPO (TRL)": ddpo_curve(dd["epochs"])}
@@ -313,7 +320,12 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
         runs[name].update(cpu_seconds=proc["cpu_seconds"], wall_seconds=proc["wall_seconds"],
                           eval=with_positions(judged[name], runs[name]))
     runs["AlignProp"]["command"] = "python -m lowmem_alignprop " + " ".join(ap_argv)
-    return {"runs": runs, "trl": version, "ddpo": {**asdict(ddpo), "describe": ddpo.describe()},
+    from lowmem_alignprop.measure.profiler import provenance
+
+    where = provenance(" ".join(["python", *sys.argv]), ("torch", "diffusers", "peft"), torch_threads=threads,
+                       load_average_start=load_start, load_average_end=[round(x, 1) for x in os.getloadavg()])
+    return {"runs": runs, "trl": versions["trl"], "trl_venv": versions, "provenance": where,
+            "ddpo": {**asdict(ddpo), "describe": ddpo.describe()},
             "toy": {k: getattr(cfg, k) for k in ("reward", "prompts", "resolution", "sample_steps", "guidance_scale",
                                                  "eta", "batch_size", "lora_rank", "lr", "truncation", "k", "seed")},
             "judged_images": plan.images, "judge_cpu_seconds": judge_cpu, "judge_wall_seconds": judge_wall,
@@ -488,6 +500,19 @@ def findings(result: dict) -> list[str]:
                     f"never reached AlignProp's last {SMOOTH_IMAGES}-image mean {target:.1f} in their "
                     f"{dd['train']['images'][-1]} images (best {max(smoothed(dd)[1]):.1f})"))
     return lines
+
+
+def provenance_line(result: dict) -> str:
+    """The experiment's command, CPU and versions (this environment's and trl's venv), for REPORT.md."""
+    where = result.get("provenance")
+    if not where:
+        return f"trl {result['trl']}"
+    dev, ours, venv = where["device"], where["versions"], result.get("trl_venv", {})
+    return (f"`{where['command']}` on {dev['cpu']} ({dev['cores']} logical cores, {dev['torch_threads']} thread a "
+            f"process; load average (1/5/15 min) {'/'.join(map(str, dev.get('load_average_start', [])))} at its "
+            f"start, {'/'.join(map(str, dev.get('load_average_end', [])))} at its end); here "
+            + ", ".join(f"{k} {v}" for k, v in ours.items()) + "; trl's venv "
+            + ", ".join(f"{k} {v}" for k, v in venv.items()))
 
 
 def report_table(result: dict) -> list[str]:

@@ -454,7 +454,8 @@ HOW = {
 def _settings(name: str, result: dict) -> str:
     if name == "rl":
         toy, ap = result["toy"], result["runs"]["AlignProp"]
-        return (f"trl {result['trl']}, {result['judged_images']} judged images; AlignProp: `{ap['command']}` "
+        return (f"{ddpo_toy.provenance_line(result)}; {result['judged_images']} judged images; AlignProp: "
+                f"`{ap['command']}` "
                 f"({toy['reward']} on `{toy['prompts']}`, {toy['resolution']} px, DDIM {toy['sample_steps']} steps, "
                 f"eta {toy['eta']:g}, guidance {toy['guidance_scale']:g}, batch {toy['batch_size']}, LoRA rank "
                 f"{toy['lora_rank']}, lr {toy['lr']:g}, K {toy['k']} ({toy['truncation']})); DDPO: "

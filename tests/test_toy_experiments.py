@@ -137,7 +137,11 @@ def _rl_result(ddpo):
                     "guidance_scale": 3.0, "eta": 1.0, "batch_size": 4, "lora_rank": 4, "lr": 3e-3,
                     "truncation": "fixed", "k": 2, "seed": 0}
     settings = ddpo.DDPOSettings.for_toy(3e-3, 4)
+    where = {"command": "python benchmarks/toy_experiments.py --only rl --trl-python /venv/bin/python",
+             "device": {"cpu": "Some CPU", "cores": 2, "torch_threads": 1, "load_average_start": [5.1, 4.0, 3.2],
+                        "load_average_end": [6.0, 5.5, 4.1]}, "versions": {"python": "3.11.7", "torch": "2.13.0"}}
     return {"runs": {"AlignProp": ap, "DDPO (TRL)": dd}, "trl": "0.23.1", "toy": toy_settings, "judged_images": 8,
+            "provenance": where, "trl_venv": {"python": "3.11.7", "trl": "0.23.1", "torch": "2.13.0"},
             "ddpo": {"describe": settings.describe()}, "judge_cpu_seconds": 9.0, "judge_wall_seconds": 11.0}
 
 
@@ -200,6 +204,10 @@ def test_rl_findings_and_report(toy, ddpo, tmp_path):
     assert "### 6. AlignProp against DDPO" in text and "results/toy/toy-rl.png" in text and "trl 0.23.1" in text
     assert "| DDPO (TRL) | epoch 4 | 16 | 8 | 12 | 52.0 | 0.500 | 25% | 1.00 |" in text
     assert "python -m lowmem_alignprop --steps 4" in text and "lr 0.0009" in text
+    # its own command, CPU, load and versions (the section's header names only the last invocation's)
+    assert ("`python benchmarks/toy_experiments.py --only rl --trl-python /venv/bin/python` on Some CPU (2 logical "
+            "cores, 1 thread a process; load average (1/5/15 min) 5.1/4.0/3.2 at its start, 6.0/5.5/4.1 at its end); "
+            "here python 3.11.7, torch 2.13.0; trl's venv python 3.11.7, trl 0.23.1, torch 2.13.0") in text
 
 
 def test_rl_is_skipped_with_a_line_without_trl(toy, tmp_path, capsys):
