@@ -215,6 +215,11 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _load() -> list[float]:
+    """The load average (1, 5, 15 min): how busy the shared machine was."""
+    return [round(x, 1) for x in os.getloadavg()]
+
+
 def _read(path: Path):
     try:
         return json.loads(path.read_text())
@@ -243,13 +248,14 @@ def run_driver(python: str, which: str, job: dict, threads: int, stamp: dict, fr
     out.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cpu0, t0 = _children_cpu(), time.time()
+    cpu0, t0, load0 = _children_cpu(), time.time(), _load()
     print(f"[toy_experiments] rl: training {which}", flush=True)
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--driver", which, json.dumps(job)], env=env,
                           capture_output=True, text=True)
     if proc.returncode or not (out / "driver.json").is_file():
         raise SystemExit(f"rl: the {which} run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    process = {"cpu_seconds": round(_children_cpu() - cpu0, 1), "wall_seconds": round(time.time() - t0, 1)}
+    process = {"cpu_seconds": round(_children_cpu() - cpu0, 1), "wall_seconds": round(time.time() - t0, 1),
+               "load_average_start": load0, "load_average_end": _load()}
     _write(out / "stamp.json", stamp)
     _write(out / "process.json", process)  # last: its presence marks the run finished
     return {**json.loads((out / "driver.json").read_text()), **process}
@@ -281,7 +287,7 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
     if versions is None:
         print(f"[toy_experiments] rl: skipped: {why}", flush=True)
         return None
-    load_start = [round(x, 1) for x in os.getloadavg()]  # 1, 5, 15 min: how busy the shared machine was
+    load_start = _load()
     cfg = toy_config()
     ddpo = DDPOSettings.for_toy(cfg.lr, cfg.batch_size)
     from lowmem_alignprop.step.prompts import load_prompts
@@ -317,13 +323,14 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
     judged, judge_cpu = judge(cfg, prompts, loras, plan.images, threads)
     judge_wall = round(time.time() - t0, 1)
     for name, proc in (("AlignProp", ap), ("DDPO (TRL)", dd)):
+        runs[name].update({k: proc[k] for k in ("load_average_start", "load_average_end") if k in proc})
         runs[name].update(cpu_seconds=proc["cpu_seconds"], wall_seconds=proc["wall_seconds"],
                           eval=with_positions(judged[name], runs[name]))
     runs["AlignProp"]["command"] = "python -m lowmem_alignprop " + " ".join(ap_argv)
     from lowmem_alignprop.measure.profiler import provenance
 
     where = provenance(" ".join(["python", *sys.argv]), ("torch", "diffusers", "peft"), torch_threads=threads,
-                       load_average_start=load_start, load_average_end=[round(x, 1) for x in os.getloadavg()])
+                       load_average_start=load_start, load_average_end=_load())
     return {"runs": runs, "trl": versions["trl"], "trl_venv": versions, "provenance": where,
             "ddpo": {**asdict(ddpo), "describe": ddpo.describe()},
             "toy": {k: getattr(cfg, k) for k in ("reward", "prompts", "resolution", "sample_steps", "guidance_scale",
@@ -508,9 +515,15 @@ def provenance_line(result: dict) -> str:
     if not where:
         return f"trl {result['trl']}"
     dev, ours, venv = where["device"], where["versions"], result.get("trl_venv", {})
+
+    def load(d: dict) -> str:
+        return "/".join(map(str, d.get("load_average_start", []))) + " -> " + "/".join(
+            map(str, d.get("load_average_end", [])))
+
+    loads = "; ".join(f"{name}'s training {load(run)}" for name, run in result["runs"].items()
+                      if "load_average_start" in run) or f"this invocation {load(dev)}"
     return (f"`{where['command']}` on {dev['cpu']} ({dev['cores']} logical cores, {dev['torch_threads']} thread a "
-            f"process; load average (1/5/15 min) {'/'.join(map(str, dev.get('load_average_start', [])))} at its "
-            f"start, {'/'.join(map(str, dev.get('load_average_end', [])))} at its end); here "
+            f"process; load average (1/5/15 min) {loads}); here "
             + ", ".join(f"{k} {v}" for k, v in ours.items()) + "; trl's venv "
             + ", ".join(f"{k} {v}" for k, v in venv.items()))
 

@@ -160,7 +160,8 @@ def test_rl_curves_count_images_steps_and_cpu_per_method(ddpo):
 
 def test_rl_running_mean_and_first_reaching(ddpo):
     assert ddpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [2.0, 4.0, 6.0]  # full windows only
-    assert ddpo.paired({"rewards": [3.0, 5.0, 7.0]}, {"rewards": [1.0, 1.0, 1.0]}) == pytest.approx((4.0, (4 / 3) ** 0.5))
+    # differences 2, 4, 6: mean 4, sample variance 4, standard error sqrt(4 / 3)
+    assert ddpo.paired({"rewards": [3.0, 5.0, 7.0]}, {"rewards": [1.0] * 3}) == pytest.approx((4.0, (4 / 3) ** 0.5))
     assert ddpo.paired({"rewards": [3.0, 5.0]}, {}) is None  # no per-image rewards: no paired difference
     assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 5.0) == 8  # at least the target
     assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 9.5) is None
@@ -204,9 +205,14 @@ def test_rl_findings_and_report(toy, ddpo, tmp_path):
     assert "### 6. AlignProp against DDPO" in text and "results/toy/toy-rl.png" in text and "trl 0.23.1" in text
     assert "| DDPO (TRL) | epoch 4 | 16 | 8 | 12 | 52.0 | 0.500 | 25% | 1.00 |" in text
     assert "python -m lowmem_alignprop --steps 4" in text and "lr 0.0009" in text
+    result["runs"]["DDPO (TRL)"].update(load_average_start=[1.0, 2.0, 3.0], load_average_end=[4.0, 5.0, 6.0])
+    toy.update_report(doc, report)  # a training's own load, when it recorded one, replaces the invocation's
+    assert "load average (1/5/15 min) DDPO (TRL)'s training 1.0/2.0/3.0 -> 4.0/5.0/6.0); here" in report.read_text()
+    del result["runs"]["DDPO (TRL)"]["load_average_start"], result["runs"]["DDPO (TRL)"]["load_average_end"]
+    toy.update_report(doc, report)
     # its own command, CPU, load and versions (the section's header names only the last invocation's)
     assert ("`python benchmarks/toy_experiments.py --only rl --trl-python /venv/bin/python` on Some CPU (2 logical "
-            "cores, 1 thread a process; load average (1/5/15 min) 5.1/4.0/3.2 at its start, 6.0/5.5/4.1 at its end); "
+            "cores, 1 thread a process; load average (1/5/15 min) this invocation 5.1/4.0/3.2 -> 6.0/5.5/4.1); "
             "here python 3.11.7, torch 2.13.0; trl's venv python 3.11.7, trl 0.23.1, torch 2.13.0") in text
 
 
