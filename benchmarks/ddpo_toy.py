@@ -329,7 +329,9 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
     runs["AlignProp"]["command"] = "python -m lowmem_alignprop " + " ".join(ap_argv)
     from lowmem_alignprop.measure.profiler import provenance
 
-    where = provenance(" ".join(["python", *sys.argv]), ("torch", "diffusers", "peft"), torch_threads=threads,
+    argv = [a for i, a in enumerate(sys.argv) if a != "--note" and not a.startswith("--note=")
+            and (i == 0 or sys.argv[i - 1] != "--note")]  # the note describes the machine, not the experiment
+    where = provenance(" ".join(["python", *argv]), ("torch", "diffusers", "peft"), torch_threads=threads,
                        load_average_start=load_start, load_average_end=_load())
     return {"runs": runs, "trl": versions["trl"], "trl_venv": versions, "provenance": where,
             "ddpo": {**asdict(ddpo), "describe": ddpo.describe()},
