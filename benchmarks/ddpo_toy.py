@@ -189,6 +189,13 @@ _PROBE = ("import importlib.metadata as md, json, platform; from trl import DDPO
           f"**{{p: md.version(p) for p in {TRL_VENV_PACKAGES!r}}}}}))")
 
 
+def command_line(argv: list[str]) -> str:
+    """``python`` and the script's arguments without ``--note``'s: the note describes the machine, not the run."""
+    kept = [a for i, a in enumerate(argv) if a != "--note" and not a.startswith("--note=")
+            and (i == 0 or argv[i - 1] != "--note")]
+    return " ".join(["python", *kept])
+
+
 def trl_versions(python: str) -> tuple[dict | None, str]:
     """(the versions of Python, trl and the libraries it runs on, '') when ``python`` imports trl's DDPOTrainer,
     else (None, why not)."""
@@ -329,9 +336,7 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
     runs["AlignProp"]["command"] = "python -m lowmem_alignprop " + " ".join(ap_argv)
     from lowmem_alignprop.measure.profiler import provenance
 
-    argv = [a for i, a in enumerate(sys.argv) if a != "--note" and not a.startswith("--note=")
-            and (i == 0 or sys.argv[i - 1] != "--note")]  # the note describes the machine, not the experiment
-    where = provenance(" ".join(["python", *argv]), ("torch", "diffusers", "peft"), torch_threads=threads,
+    where = provenance(command_line(sys.argv), ("torch", "diffusers", "peft"), torch_threads=threads,
                        load_average_start=load_start, load_average_end=_load())
     return {"runs": runs, "trl": versions["trl"], "trl_venv": versions, "provenance": where,
             "ddpo": {**asdict(ddpo), "describe": ddpo.describe()},

@@ -512,7 +512,7 @@ def meta(args, mode: Mode, cpu: float, wall: float) -> dict:
 
     from lowmem_alignprop.measure.profiler import cpu_name
 
-    return {"mode": mode.name, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+    return {"mode": mode.name, "date": time.strftime("%Y-%m-%d"), "command": ddpo_toy.command_line(sys.argv),
             "device": f"{cpu_name()}, {os.cpu_count()} logical cores, "
                       f"{args.threads} torch thread(s) per run",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "

@@ -167,6 +167,11 @@ def test_rl_running_mean_and_first_reaching(ddpo):
     assert ddpo.first_reaching([4, 8, 12], [1.0, 5.0, 9.0], 9.5) is None
 
 
+def test_command_line_leaves_the_note_out(ddpo):
+    argv = ["benchmarks/toy_experiments.py", "--only", "rl", "--note", "busy machine", "--quick", "--note=x"]
+    assert ddpo.command_line(argv) == "python benchmarks/toy_experiments.py --only rl --quick"
+
+
 def test_rl_ddpo_settings_scale_with_the_toy(ddpo):
     s = ddpo.DDPOSettings.for_toy(3e-3, 4)
     assert s.lr == pytest.approx(9e-4)  # DDPO's 3e-4 times the toy's AlignProp boost (3e-3 / 1e-3)
