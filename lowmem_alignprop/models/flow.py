@@ -14,14 +14,13 @@ one transformer call, as the pipeline does, when ``guidance_scale > 1``); FLUX.1
 input of the transformer (its guidance embedding; one call, no negative prompt); FLUX.1-schnell has no guidance
 input at all and samples in a few steps (its scheduler has a fixed shift of 1).
 
-Truncation is exactly the UNet rollout's (:func:`lowmem_alignprop.models.sampling.rollout`): K is drawn once per rollout
-(:func:`draw_k`), the first T-K steps run without autograd, the latent entering the window is detached, and each
-transformer call in the window is one gradient checkpoint.
+Truncation is the UNet rollout's own code (:func:`lowmem_alignprop.models.sampling.truncated_chain`): K is drawn
+once per rollout (:func:`draw_k`), the first T-K steps run without autograd, the latent entering the window is
+detached, and each transformer call in the window is one gradient checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 from dataclasses import dataclass
@@ -30,9 +29,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, vae_scale_factor, window_start
+from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor
 
 __all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
            "draw_k", "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity",
@@ -302,30 +300,18 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     ``lv_draws`` > 1 returns that many batches of last steps (:func:`last_step_draws`; ``generator`` draws their
     noise).
     """
-    stage = stage or (lambda name: contextlib.nullcontext())
     grad_transformer = grad_transformer if grad_transformer is not None else transformer
-    timesteps = scheduler.timesteps
-    split = window_start(timesteps, k)
-    with stage(stages.SAMPLE_NOGRAD), torch.no_grad():
-        for t in timesteps[:split]:
-            v = guided_velocity(transformer, latents, t, emb, guidance_scale, img_ids)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    latents = latents.detach()  # the gradient window starts here
-    if k == 0:
-        return latents
-    call = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else (lambda f, *a: f(*a))
-    with stage(stages.SAMPLE_GRAD):
-        for t in timesteps[split:]:
-            # one checkpoint per transformer call: keep its input latent, recompute the call in backward
-            v = call(guided_velocity, grad_transformer, latents, t, emb, guidance_scale, img_ids)
-            if kl is not None:  # the base model's call is its own checkpoint: backward recomputes one at a time
-                v_base = call(base_velocity, transformer, latents, t, emb, guidance_scale, img_ids)
-                kl.append((v - v_base).pow(2).mean())
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-        if lv_draws > 1:
-            latents = last_step_draws(grad_transformer, scheduler, latents, emb, lv_draws,
-                                      guidance_scale=guidance_scale, img_ids=img_ids, generator=generator, call=call)
-    return latents
+
+    def draws(latents, call):
+        return last_step_draws(grad_transformer, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale,
+                               img_ids=img_ids, generator=generator, call=call)
+
+    return truncated_chain(
+        scheduler.timesteps, latents, k=k, model=transformer, grad_model=grad_transformer,
+        predict=lambda model, x, t: guided_velocity(model, x, t, emb, guidance_scale, img_ids),
+        base_predict=lambda model, x, t: base_velocity(model, x, t, emb, guidance_scale, img_ids),
+        step=lambda v, t, x: scheduler.step(v, t, x, return_dict=False)[0],
+        stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None)
 
 
 def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, draws: int, *,

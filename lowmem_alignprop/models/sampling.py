@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import random
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -224,29 +224,46 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     (DRaFT-LV): the result holds ``lv_draws`` batches, the trajectory's own last step first (see
     :func:`last_step_draws`).
     """
-    stage = stage or (lambda name: contextlib.nullcontext())
     grad_unet = grad_unet if grad_unet is not None else unet
-    timesteps = scheduler.timesteps
+
+    def draws(latents, call):
+        return last_step_draws(grad_unet, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale, eta=eta,
+                               generator=generator, call=call)
+
+    return truncated_chain(
+        scheduler.timesteps, latents, k=k, model=unet, grad_model=grad_unet,
+        predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale),
+        base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale),
+        step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
+        stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None)
+
+
+def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_model, predict: Callable,
+                    base_predict: Callable, step: Callable, stage=None, checkpoint_calls: bool = True,
+                    kl: list | None = None, last: Callable | None = None) -> torch.Tensor:
+    """The chain every family samples (docs/design.md section 2): ``step(predict(model, x, t), t, x)`` over
+    ``timesteps``; the steps before the last ``k`` without autograd (``model``), the latent detached where the
+    window starts, and each window step's ``predict(grad_model, x, t)`` one checkpoint. ``kl`` receives, per window
+    step, ``mean((out - base_predict(model, x, t))^2)``; ``last(latents, call)`` (DRaFT-LV's extra draws) runs at
+    the window's end with the same checkpointing ``call``."""
+    stage = stage or (lambda name: contextlib.nullcontext())
     split = window_start(timesteps, k)
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
         for t in timesteps[:split]:
-            eps = guided_eps(unet, latents, t, emb, guidance_scale)
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+            latents = step(predict(model, latents, t), t, latents)
     latents = latents.detach()  # the gradient window starts here
     if k == 0:
         return latents
     call = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else (lambda f, *a: f(*a))
     with stage(stages.SAMPLE_GRAD):
         for t in timesteps[split:]:
-            # one checkpoint per UNet call: keep only its input latent, recompute the call in backward
-            eps = call(guided_eps, grad_unet, latents, t, emb, guidance_scale)
+            # one checkpoint per model call: keep only its input latent, recompute the call in backward
+            out = call(predict, grad_model, latents, t)
             if kl is not None:  # the base model's call is its own checkpoint: in backward one call is recomputed
-                eps_base = call(base_eps, unet, latents, t, emb, guidance_scale)  # at a time, as without KL
-                kl.append((eps - eps_base).pow(2).mean())
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
-        if lv_draws > 1:
-            latents = last_step_draws(grad_unet, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale,
-                                      eta=eta, generator=generator, call=call)
+                kl.append((out - call(base_predict, model, latents, t)).pow(2).mean())  # at a time, as without KL
+            latents = step(out, t, latents)
+        if last is not None:
+            latents = last(latents, call)
     return latents
 
 
