@@ -235,8 +235,10 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--max-estimates", type=int, default=40, metavar="N", help="with --fastest: at most N estimates")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
-    from lowmem_alignprop.measure.planner import plan
+    from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
+    from lowmem_alignprop.measure.profiler import provenance
     from lowmem_alignprop.measure.reports import format_plan
+    typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # the command line, in the JSON's provenance
     from lowmem_alignprop.step.prompts import load_prompts
     from .rewards import check_reward_spec
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
@@ -250,10 +252,12 @@ def cmd_plan(argv: list[str]) -> int:
             from lowmem_alignprop.measure.reports import format_fastest
             result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
                              max_estimates=args.max_estimates, log=log)
+            # nested: the search's own "device" is the card it timed for, this one the machine that searched
+            result["provenance"] = provenance(typed, PLAN_LIBRARIES)
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
             return 0
         result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
-                      started=started, command=" ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)]))
+                      started=started, command=typed)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     return 0
 

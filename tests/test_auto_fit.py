@@ -262,6 +262,9 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     assert main(["plan", "--fastest", "--json", "--device", "cuda", "--set", "card=rtx3060", *given]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["found"] is not None and planned["set"]
+    typed = planned["provenance"]  # what produced the choice: the command as typed, date, machine, versions
+    assert typed["command"].startswith("lowmem-alignprop plan --fastest --json --device cuda --set card=rtx3060")
+    assert typed["date"] and typed["device"]["cores"] >= 1 and typed["versions"]["torch"]
     out = tmp_path / "run"
     assert main([*given, "--steps", "2", "--auto-fit", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
