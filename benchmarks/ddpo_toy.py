@@ -151,21 +151,11 @@ def drive_alignprop(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    sys.path.insert(0, str(ROOT))
-    import lowmem_alignprop.commands.train as train_mod
+    from trl_compare import time_train_steps  # its neighbour in benchmarks/ (this script's folder is on sys.path)
+
+    seconds = time_train_steps()
     from lowmem_alignprop.cli import main
 
-    seconds: list[float] = []
-    plain = train_mod.Trainer.train_step
-
-    def timed(self, *args, **kwargs):
-        t0 = time.process_time()
-        try:
-            return plain(self, *args, **kwargs)
-        finally:
-            seconds.append(time.process_time() - t0)
-
-    train_mod.Trainer.train_step = timed
     if main(job["argv"]) != 0:
         raise SystemExit("the AlignProp run failed")
     return {"method": "alignprop", "step_cpu_seconds": seconds}

@@ -86,13 +86,10 @@ def drive_trl(job: dict) -> dict:
     return {"trainer": "trl", "versions": {"trl": trl.__version__, **_versions()}, "step_cpu_seconds": seconds}
 
 
-def drive_ours(job: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
+def time_train_steps() -> list[float]:
+    """From now on in this process, every ``Trainer.train_step`` appends its CPU seconds to the list returned."""
     sys.path.insert(0, str(ROOT))
     import lowmem_alignprop.commands.train as train_mod
-    from lowmem_alignprop.cli import main
 
     seconds: list[float] = []
     plain = train_mod.Trainer.train_step
@@ -105,6 +102,16 @@ def drive_ours(job: dict) -> dict:
             seconds.append(time.process_time() - t0)
 
     train_mod.Trainer.train_step = timed
+    return seconds
+
+
+def drive_ours(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    seconds = time_train_steps()
+    from lowmem_alignprop.cli import main
+
     work = Path(tempfile.mkdtemp(prefix="trl_compare-"))
     prompt_file = work / "prompts.txt"
     prompt_file.write_text("\n".join(job["prompts"]) + "\n")
