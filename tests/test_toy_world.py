@@ -576,8 +576,10 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     for when in ("before", "after"):
         assert toy[when]["fidelity_images"] == 4 and 0 <= toy[when]["fidelity_all_ok"] <= 1
         assert toy[when]["jpeg_bytes"] > 0 and math.isfinite(toy[when]["reward"])
+        assert math.isfinite(toy[when]["reward_median"])  # beside the mean: toy_clip is bimodal
     rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["fidelity_images"] == 4 and "eval_reward" in r and "jpeg_bytes" in r for r in rows)
+    assert all(r["fidelity_images"] == 4 and {"eval_reward", "eval_reward_median", "jpeg_bytes"} <= set(r)
+               for r in rows)
     assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
@@ -585,6 +587,25 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     from lowmem_alignprop.commands.train import toy_world_lines
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
+    assert f"(median {toy['before']['reward_median']:.4f} -> {toy['after']['reward_median']:.4f})" in lines[0]
+
+
+def test_the_judged_images_do_not_depend_on_the_batch_size(short_toy_run, tmp_path):
+    """Every judged image has its own seed (its index), so a run with another batch size is judged on the same images:
+    the "before" figures of a batch-1 run are short_toy_run's (batch 4) up to float reordering in the batched UNet,
+    VAE and reward (REORDERED; with a seed per chunk of batch_size, as before, three of the four images differed)."""
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "batch1"
+    assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "1", "--set",
+                 "sample_steps=4", "--set", "fidelity_images=4", "--set", "batch_size=1", "--set",
+                 "sample_prompts=0"]) == 0
+    one = json.loads((out / "summary.json").read_text())["toy_world"]["before"]
+    four = json.loads((short_toy_run / "summary.json").read_text())["toy_world"]["before"]
+    assert_rel_close(torch.tensor(one["reward"]), torch.tensor(four["reward"]), REORDERED, "judged reward")
+    assert one["fidelity_images"] == four["fidelity_images"] == 4
 
 
 def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_run):

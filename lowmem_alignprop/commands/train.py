@@ -368,13 +368,18 @@ class Trainer:
         trained ones."""
         return self.ema.swapped(self.cfg.ema_outputs) if self.ema is not None else contextlib.nullcontext()
 
-    def generate(self, batch_prompts: list[str], seed: int):
-        """Fixed-seed images and rewards with no gradient (the before/after grid)."""
+    def generate(self, batch_prompts: list[str], seed: int | list[int]):
+        """Fixed-seed images and rewards with no gradient (the before/after grid): one generator for the batch, or with
+        a list of seeds each image its own (its noise then does not depend on which images share its batch)."""
         cfg, place = self.cfg, self.place
         with torch.no_grad(), self.accelerator.autocast():
-            g = torch.Generator().manual_seed(seed)
             emb = self.embed(batch_prompts)
-            lat = self.family.initial_latents(cfg, len(batch_prompts), g, self.device)
+            if isinstance(seed, list):  # diffusers' schedulers draw image i's step noise from g[i]
+                g = [torch.Generator().manual_seed(s) for s in seed]
+                lat = torch.cat([self.family.initial_latents(cfg, 1, one, self.device) for one in g])
+            else:
+                g = torch.Generator().manual_seed(seed)
+                lat = self.family.initial_latents(cfg, len(batch_prompts), g, self.device)
             lat = self.family.rollout(cfg, self.nograd_unet, None, self.scheduler, lat, emb, k=0, generator=g)
             place.to_device("vae", self.vae)
             place.to_device("reward", self.reward)
@@ -405,10 +410,13 @@ class Trainer:
         from lowmem_alignprop.toy.fidelity import evaluate_batch
 
         chunk = self.cfg.batch_size  # a training micro-batch fits with gradients, so surely without
-        parts = [self.generate(self.judge_prompts[i:i + chunk], self.cfg.seed + 54321 + i)
+        seeds = [self.cfg.seed + 54321 + n for n in range(len(self.judge_prompts))]  # image n's own: any chunking
+        parts = [self.generate(self.judge_prompts[i:i + chunk], seeds[i:i + chunk])
                  for i in range(0, len(self.judge_prompts), chunk)]
         images, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return {"reward": scores.mean().item(), **evaluate_batch(images, self.judge_prompts)}
+        # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
+        return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
+                **evaluate_batch(images, self.judge_prompts)}
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -652,7 +660,7 @@ class Trainer:
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
         if cfg.fidelity_every and step % cfg.fidelity_every == 0 and (judged := self.judge()):
-            row.update({("eval_reward" if k == "reward" else k): v for k, v in judged.items()})
+            row.update({(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()})
         self.history.append(row)
         if self.is_main:
             write_metrics_line(self.folder.metrics, row)
@@ -977,8 +985,9 @@ def toy_world_lines(t: dict | None) -> list[str]:
                       (("all_ok", "all right"), ("objects_ok", "objects"), ("colours_ok", "colours"),
                        ("shapes_ok", "shapes"), ("count_ok", "count")))
     held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
+    median = f" (median {b['reward_median']:.4f} -> {a['reward_median']:.4f})" if "reward_median" in b else ""
     return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
-            f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}",
+            f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
             f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
 
