@@ -149,6 +149,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "output_dir="], "output_dir is empty"),
     (["--output-dir", "/"], "is the file system's root"),
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),
+    (["--set", "reward_cap=80", "--set", "reward_target=10"], "reward_cap and reward_target both shape the loss"),
+    (["--set", "reward_cap=inf"], "reward_cap=inf is not a finite number"),
     (["--set", "base_quant=fp8", "--set", "unet_checkpointing=call"], "add --set unet_checkpointing=blocks"),
     (["--set", "base_quant=fp8", "--set", "unet_checkpointing=blocks", "--set", "block_swap=2"],
      "does not take quantized ones yet"),

@@ -24,6 +24,11 @@ def test_the_loss_is_minus_the_scaled_mean_reward_or_the_scaled_distance_to_a_ta
     assert loss_from_reward(rewards, Config(loss_scale=2.0)).item() == -4.0  # -2 * mean(1, 3)
     # 2 * mean(|1 - 2.5|, |3 - 2.5|) = 2 * (1.5 + 0.5) / 2
     assert loss_from_reward(rewards, Config(loss_scale=2.0, reward_target=2.5)).item() == 2.0
+    # reward_cap: -2 * mean(min(1, 2), min(3, 2)) = -3, and the capped image gets no gradient, the other its share
+    r = rewards.clone().requires_grad_(True)
+    loss = loss_from_reward(r, Config(loss_scale=2.0, reward_cap=2.0))
+    loss.backward()
+    assert loss.item() == -3.0 and r.grad.tolist() == [-1.0, 0.0]
 
 
 def _lora_names(unet) -> set[str]:

@@ -577,9 +577,13 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
         assert toy[when]["fidelity_images"] == 4 and 0 <= toy[when]["fidelity_all_ok"] <= 1
         assert toy[when]["jpeg_bytes"] > 0 and math.isfinite(toy[when]["reward"])
         assert math.isfinite(toy[when]["reward_median"])  # beside the mean: toy_clip is bimodal
+        assert_rel_close(torch.tensor(toy[when]["image_rewards"]).mean(), torch.tensor(toy[when]["reward"]), REORDERED,
+                         "each image's reward")
+        scores = torch.tensor(toy[when]["image_scores"])  # every prompt parses: each image has its exact score
+        assert_rel_close(scores.mean(), torch.tensor(toy[when]["fidelity_score"]), REORDERED, "each image's score")
     rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["fidelity_images"] == 4 and {"eval_reward", "eval_reward_median", "jpeg_bytes"} <= set(r)
-               for r in rows)
+               and "image_rewards" not in r for r in rows)  # each image's figures: in summary.json only
     assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \

@@ -416,7 +416,19 @@ class Trainer:
         images, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
         return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
-                **evaluate_batch(images, self.judge_prompts)}
+                **evaluate_batch(images, self.judge_prompts),
+                # each image's figures (summary.json: which images moved; not in metrics.jsonl's rows)
+                "image_rewards": scores.tolist(), "image_scores": self.image_scores(images)}
+
+    def image_scores(self, images: torch.Tensor) -> list[float | None]:
+        """Each judged image's exact fidelity score (None where the grammar does not parse its prompt)."""
+        from lowmem_alignprop.toy.fidelity import fidelity, parses
+
+        judged = [i for i, p in enumerate(self.judge_prompts) if parses(p)]
+        scores: list[float | None] = [None] * len(self.judge_prompts)
+        for i, r in zip(judged, fidelity(images[judged], [self.judge_prompts[i] for i in judged]) if judged else []):
+            scores[i] = r.score
+        return scores
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -660,7 +672,8 @@ class Trainer:
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
         if cfg.fidelity_every and step % cfg.fidelity_every == 0 and (judged := self.judge()):
-            row.update({(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()})
+            row.update({(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
+                        if not k.startswith("image_")})
         self.history.append(row)
         if self.is_main:
             write_metrics_line(self.folder.metrics, row)

@@ -98,6 +98,12 @@ class Config:
     loss_scale: float = _f(1.0, "loss = -loss_scale * mean(reward) (or loss_scale * mean(|reward - target|)).")
     reward_target: float | None = _f(None, "If set, minimise the distance to this reward value instead "
                                      "(e.g. 10 for the aesthetic score, as in AlignProp).")
+    reward_cap: float | None = _f(None, "If set, the loss sees min(reward, reward_cap): an image already scoring "
+                                  "reward_cap or more gives no gradient, so the step goes to the images below it and "
+                                  "no image is pushed past the cap (a one-sided control against over-optimisation; "
+                                  "reward_target is two-sided). Logged rewards stay uncapped.")
+    reward_floor: float | None = _f(None, "If set, the loss sees max(reward, reward_floor): an image scoring below "
+                                    "it gives no gradient (EXPERIMENTAL).")
     train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
     lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
@@ -307,6 +313,9 @@ class Config:
         if self.loss_scale <= 0:
             raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
                             "a negative weight in --reward instead")
+        if self.reward_cap is not None and self.reward_target is not None:
+            raise UserError("reward_cap and reward_target both shape the loss (min(reward, cap) or |reward - target|): "
+                            "keep one, e.g. --set reward_target=null")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise UserError(f"lora_alpha must be positive (got {self.lora_alpha}): leave it unset for alpha = rank")
         if not 0.0 <= self.eta <= 1.0:

@@ -22,9 +22,14 @@ from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_
 
 
 def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """loss = -loss_scale * mean(reward); with reward_target: loss_scale * mean(|reward - target|)."""
+    """loss = -loss_scale * mean(reward); with reward_target: loss_scale * mean(|reward - target|); with reward_cap:
+    -loss_scale * mean(min(reward, cap)) (images at or above the cap give no gradient)."""
     if cfg.reward_target is not None:
         return cfg.loss_scale * (rewards - cfg.reward_target).abs().mean()
+    if cfg.reward_cap is not None:
+        rewards = rewards.clamp(max=cfg.reward_cap)
+    if cfg.reward_floor is not None:
+        rewards = rewards.clamp(min=cfg.reward_floor)
     return -cfg.loss_scale * rewards.mean()
 
 
