@@ -318,6 +318,29 @@ def test_the_trainer_logs_the_kl_term(night, tmp_path):
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
 
 
+def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):
+    """reward_cap: the loss sees min(reward, cap). A cap below every reward leaves nothing to learn: each step makes no
+    update (AdamW's momentum and weight decay would otherwise move the weights on a zero gradient), the LoRA's B stays
+    exactly zero, and such steps are not a broken reward (no zero-gradient stop). A cap above every reward changes
+    nothing: the same LoRA as the run without it."""
+    from lowmem_alignprop.cli import main
+
+    runs = {name: tmp_path / name for name in ("below", "above", "none")}
+    caps = {"below": ["--set", "reward_cap=-1"], "above": ["--set", "reward_cap=2"], "none": []}
+    for name, out in runs.items():
+        assert main([*night, "--output-dir", str(out), "--steps", "2", "--set", "max_zero_grad_steps=2",
+                     *caps[name]]) == 0
+    below = _rows(runs["below"])
+    assert [r["at_cap"] for r in below] == [True] * 2 and all(r["grad_norm"] == 0.0 for r in below)
+    lora_b = [t for n, t in _lora(runs["below"] / "lora").items() if "lora_B" in n or "lora.up" in n]
+    assert lora_b and all(not t.any() for t in lora_b)
+    assert [r["at_cap"] for r in _rows(runs["above"])] == [False] * 2 and "at_cap" not in _rows(runs["none"])[0]
+    above, none = _lora(runs["above"] / "lora"), _lora(runs["none"] / "lora")
+    assert above.keys() == none.keys()
+    assert_rel_close(list(above.values()), list(none.values()), SAME_OPS, "the LoRA under a cap that never binds")
+    assert any(t.any() for t in none.values() if t.dim())
+
+
 def ckpt_weights(path: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path / "trainable.safetensors"))

@@ -58,3 +58,23 @@ def test_unknown_name():
         load_prompts("no_such_set")
     message = str(err.value)
     assert "simple_animals" in message and "animals_activities" in message and "\n" not in message
+
+
+def test_shuffled_prompt_order_holds_every_prompt_once_per_pass_and_needs_no_state():
+    import random
+
+    from lowmem_alignprop.step.prompts import draw_prompts
+
+    prompts = [f"p{i}" for i in range(5)]
+    run = draw_prompts(prompts, "shuffled", random.Random(0), 0, 23, seed=7)
+    passes = [run[i:i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(p) == prompts for p in passes)  # each pass a permutation of the set
+    assert len({tuple(p) for p in passes}) > 1  # ... a fresh one each pass
+    # batch by batch (as steps draw them) gives the same sequence: a resumed run draws what an uninterrupted one does
+    assert sum((draw_prompts(prompts, "shuffled", random.Random(1), n, 3, seed=7) for n in range(0, 21, 3)), []) \
+        == draw_prompts(prompts, "shuffled", random.Random(2), 0, 21, seed=7)
+    assert draw_prompts(prompts, "shuffled", random.Random(0), 0, 20, seed=8) != run[:20]  # seeded
+    # random: with replacement, from the given generator (the trainer's, whose state checkpoints keep)
+    rng = random.Random(3)
+    expected = [rng.choice(prompts) for _ in range(8)]
+    assert draw_prompts(prompts, "random", random.Random(3), 0, 8, seed=7) == expected

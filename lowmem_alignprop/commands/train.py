@@ -41,7 +41,7 @@ from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
-from lowmem_alignprop.step.prompts import cut_prompts_note
+from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
@@ -456,11 +456,13 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
         cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
         t0, rewards_all, ids_all, losses, ks, self.terms = time.perf_counter(), [], [], [], [], []
-        self.grad_norm, self.scaler_skipped, self.grad_zero = None, False, False
+        self.grad_norm, self.scaler_skipped, self.grad_zero, self.at_cap = None, False, False, False
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):
-                batch_prompts = [self.rng.choice(self.prompts) for _ in range(cfg.batch_size)]
+                first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size  # rollouts of this rank so far
+                batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
+                                             cfg.seed * 1000 + self.rank)
                 ks.append(k := draw_k(cfg, self.rng))  # once per rollout: the window is the contiguous last K steps
                 with stage(stages.ENCODE_PROMPTS):
                     emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
@@ -483,7 +485,7 @@ class Trainer:
                 losses.append(loss.detach())
                 if acc.sync_gradients:
                     with stage(stages.OPTIMIZER):
-                        if bad := self.optimizer_step():
+                        if bad := self.optimizer_step(rewards_all):
                             return None, bad
         return self.metrics_row(step, t0, rewards_all, ids_all, losses, ks), None
 
@@ -501,10 +503,17 @@ class Trainer:
                             "AlignProp needs a differentiable reward on every batch")
         return None
 
-    def optimizer_step(self) -> str | None:
+    def optimizer_step(self, rewards_all: list) -> str | None:
         """Clip, step, zero the gradients (freed as soon as possible), as the planner does. Returns "the gradient norm"
-        when it was not finite and nothing else handles it (the update is then skipped)."""
+        when it was not finite and nothing else handles it (the update is then skipped). With reward_cap, a step whose
+        every image (``rewards_all``, gathered) is at the cap has no gradient and makes no update."""
         acc = self.accelerator
+        cap = self.cfg.reward_cap
+        self.at_cap = cap is not None and self.engine is None and bool(torch.cat(rewards_all).min() >= cap)
+        if self.at_cap:  # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_norm = 0.0
+            return None
         # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
         drop = acc.scaler is None and self.engine is None
         # the LoRA's gradient exactly zero? read before the update frees it when no clip reads the norm (one sync)
@@ -544,6 +553,7 @@ class Trainer:
                    if self.terms and "kl" in self.terms[0] else {}),
                 **({"grad_scale": acc.scaler.get_scale(), "update_skipped": self.scaler_skipped}
                    if acc.scaler is not None else {}),
+                **({"at_cap": self.at_cap} if self.cfg.reward_cap is not None else {}),  # no update: all at the cap
                 "seconds": time.perf_counter() - t0}
 
     # ================================ the loop ================================

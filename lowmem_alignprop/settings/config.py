@@ -67,6 +67,9 @@ class Config:
                                  "With several model rewards, one per reward: 'aesthetic=PATH;clip=PATH' (aesthetic: "
                                  "a folder with the head and clip/, or 'HEAD_FILE,CLIP_DIR').")
     prompts: str = _f("simple_animals", "Prompt set: a built-in name or a UTF-8 text file with one prompt per line.")
+    prompt_order: str = _f("random", "How each rollout's prompt is drawn from the set: random (with replacement) or "
+                           "shuffled (every prompt once per pass through the set, each pass in a fresh seeded order: "
+                           "a batch as large as the set holds each prompt once).", ("random", "shuffled"))
     output_dir: str = _f("outputs/run", "Where the LoRA, metrics, samples, reports and config.yaml are written.")
     seed: int = _f(0, "Random seed for prompts, noise and LoRA init.")
     steps: int = _f(20, "Number of optimizer steps to train.")
@@ -102,8 +105,6 @@ class Config:
                                   "reward_cap or more gives no gradient, so the step goes to the images below it and "
                                   "no image is pushed past the cap (a one-sided control against over-optimisation; "
                                   "reward_target is two-sided). Logged rewards stay uncapped.")
-    reward_floor: float | None = _f(None, "If set, the loss sees max(reward, reward_floor): an image scoring below "
-                                    "it gives no gradient (EXPERIMENTAL).")
     train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
     lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")

@@ -8,6 +8,7 @@ The built-in sets live as text files in ``lowmem_alignprop/data/prompts/``; the 
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError
@@ -95,3 +96,18 @@ def cut_prompts_note(tokenizer, prompts: list[str]) -> str | None:
         return None
     return (f"{len(cut)} of {len(prompts)} prompts are longer than the {limit} tokens the text encoder reads: their "
             f"ends are ignored (e.g. {cut[0][:60]!r}...); shorten them to keep every word")
+
+
+def draw_prompts(prompts: list[str], order: str, rng: random.Random, first: int, count: int, seed: int) -> list[str]:
+    """The prompts of ``count`` rollouts. ``order='random'``: each drawn from ``rng`` with replacement. ``'shuffled'``:
+    rollout n (``first`` + i, counted over the run) is place n of the endless sequence of passes through the prompt
+    set, each pass a fresh permutation seeded by (seed, pass): every prompt once per pass, and a resumed run draws
+    what an uninterrupted one would, without any state of its own."""
+    if order == "random":
+        return [rng.choice(prompts) for _ in range(count)]
+    out = []
+    for n in range(first, first + count):
+        deck = list(prompts)
+        random.Random(f"{seed}/{n // len(prompts)}").shuffle(deck)
+        out.append(deck[n % len(prompts)])
+    return out

@@ -28,8 +28,6 @@ def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
         return cfg.loss_scale * (rewards - cfg.reward_target).abs().mean()
     if cfg.reward_cap is not None:
         rewards = rewards.clamp(max=cfg.reward_cap)
-    if cfg.reward_floor is not None:
-        rewards = rewards.clamp(min=cfg.reward_floor)
     return -cfg.loss_scale * rewards.mean()
 
 
