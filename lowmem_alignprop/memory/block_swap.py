@@ -16,11 +16,22 @@ once per transformer call and once more per window call in backward (docs/design
 
 On a CPU the copies are CPU -> CPU (a real copy, so the placement logic is the same and tests can check it).
 ``where`` says where each swapped block's weights are, ``log`` records every move with the phase it happened in.
+
+A quantized frozen base swaps at its stored size (docs/design.md, "Block swap with a quantized base"): what moves is
+each frozen tensor as it is stored, with the quantization state that belongs to it (:class:`_Weight` and its
+bitsandbytes kinds). fp8 storage (diffusers' layerwise casting) stores plain float8 tensors: they move like any
+weight, and the layer's upcast happens on the device copy. bitsandbytes int8 keeps its int8 weight and row scales
+in the layer's ``MatmulLtState``, nf4 its block scales in the weight's ``QuantState``; bitsandbytes' autograd keeps
+that object *by reference* until the layer's backward, so each load gives the layer a fresh one holding the device
+copies (:class:`_Int8Weight`, :class:`_NF4Weight`): a backward then reads the copy its recompute made, as
+``F.linear``'s saved weight does, however often the layer has been unloaded since. ``host_bytes[i]`` is what block
+``i`` holds in host memory, and what each of its loads copies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -54,6 +65,114 @@ def _phase() -> str:
     return BACKWARD if torch._C._current_graph_task_id() != -1 else FORWARD
 
 
+class _Weight:
+    """One frozen parameter of a swapped block: its data waits in host memory (pinned on CUDA) and a device copy
+    stands in while the block runs (an fp8-stored weight is the same: plain float8 tensors)."""
+
+    def __init__(self, p: torch.nn.Parameter, pin):
+        self.p, self.host = p, pin(p.data)
+        p.data = self.host
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return [self.host]
+
+    def load(self, device) -> list[torch.Tensor]:
+        """The device copies made (the caller ties them to the compute stream)."""
+        self.p.data = _copy(self.host, device)
+        return [self.p.data]
+
+    def unload(self) -> None:
+        self.p.data = self.host  # the device copy is freed once nothing (a saved tensor of the graph) holds it
+
+
+class _Int8Weight(_Weight):
+    """A bitsandbytes ``Linear8bitLt``'s weight: the int8 matrix (``state.CB``, also the weight's data) and its fp32
+    row scales (``state.SCB``) live in the layer's ``MatmulLtState``, which bitsandbytes' matmul reads in forward
+    and keeps by reference for backward. Each load installs a fresh state object with the device copies and the
+    unload puts the host one back: a backward reads the copy its recompute made."""
+
+    def __init__(self, layer, pin):
+        if layer.weight.CB is not None:
+            layer.init_8bit_state()  # the int8 weight and its scales into layer.state, as its first forward does
+        if layer.state.CB is None or layer.state.SCB is None:
+            raise RuntimeError(f"block swap takes quantized int8 layers only; {type(layer).__name__} has no int8 "
+                               "weight yet (bitsandbytes quantizes it when it moves to its device)")
+        self.layer, self.p = layer, layer.weight
+        self.state = copy.copy(layer.state)  # the host state: its own object, never handed to a matmul
+        self.host, self.scb = pin(layer.state.CB), pin(layer.state.SCB)
+        self.state.CB, self.state.SCB = self.host, self.scb
+        self.unload()
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return [self.host, self.scb]
+
+    def load(self, device) -> list[torch.Tensor]:
+        state = copy.copy(self.state)  # a fresh object: the graph of an earlier load keeps its own
+        state.CB, state.SCB = _copy(self.host, device), _copy(self.scb, device)
+        self.layer.state, self.p.data = state, state.CB
+        return [state.CB, state.SCB]
+
+    def unload(self) -> None:
+        self.layer.state, self.p.data = self.state, self.host
+
+
+class _NF4Weight(_Weight):
+    """A bitsandbytes ``Linear4bit``'s weight: packed 4-bit codes and, in its ``QuantState``, one absmax per 64
+    weights (with double quantization: 8-bit absmax, their fp32 scales and an offset). bitsandbytes' matmul keeps
+    the QuantState by reference for backward, so each load installs a fresh one with the device copies. The two
+    code tables (16 and 256 values, 1.1 KiB per layer) are copied to the device once and stay there."""
+
+    def __init__(self, layer, pin, device):
+        self.layer, self.p = layer, layer.weight
+        qs = self.p.quant_state
+        self.host = pin(self.p.data)
+        self.qs = copy.copy(qs)
+        self.qs.code, self.qs.absmax = qs.code.to(device), pin(qs.absmax)  # the code table stays on the device
+        if qs.nested:
+            self.qs.offset, self.qs.state2 = pin(qs.offset), copy.copy(qs.state2)
+            self.qs.state2.code, self.qs.state2.absmax = qs.state2.code.to(device), pin(qs.state2.absmax)
+        self.unload()
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return [self.host, self.qs.absmax] + ([self.qs.offset, self.qs.state2.absmax] if self.qs.nested else [])
+
+    def load(self, device) -> list[torch.Tensor]:
+        qs = copy.copy(self.qs)  # a fresh object: the graph of an earlier load keeps its own
+        qs.absmax = _copy(self.qs.absmax, device)
+        if qs.nested:
+            qs.offset, qs.state2 = _copy(self.qs.offset, device), copy.copy(self.qs.state2)
+            qs.state2.absmax = _copy(self.qs.state2.absmax, device)
+        self.p.data, self.p.quant_state = _copy(self.host, device), qs
+        return [self.p.data, qs.absmax] + ([qs.offset, qs.state2.absmax] if qs.nested else [])
+
+    def unload(self) -> None:
+        self.p.data, self.p.quant_state = self.host, self.qs
+        self.layer.quant_state = self.qs  # the layer's own reference (bitsandbytes' fallback) is the host one too
+
+
+def _copy(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device, non_blocking=True, copy=True)
+
+
+def _frozen_weights(block: torch.nn.Module, pin, device) -> list[_Weight]:
+    """What of ``block`` is swapped: every frozen parameter (LoRA weights stay on the device), a bitsandbytes
+    layer's weight with its quantization state."""
+    out, seen = [], set()
+    for m in block.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            kind = type(p).__name__
+            if kind == "Int8Params" and p is m.weight:
+                out.append(_Int8Weight(m, pin))
+            elif kind == "Params4bit" and p is m.weight:
+                out.append(_NF4Weight(m, pin, device))
+            else:
+                out.append(_Weight(p, pin))
+    return out
+
+
 class BlockSwap:
     """Keep ``blocks``' frozen weights on the CPU (pinned on CUDA) and stream them to ``device`` around each use."""
 
@@ -62,32 +181,40 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # copies overlap compute
         self.ready: dict[int, torch.cuda.Event] = {}
-        self.host: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        self.copies: dict[int, list[torch.Tensor]] = {}  # each block's device copies while it is loaded
+        self.weights: list[list[_Weight]] = []
         self.where: list[str] = []
         self.log: list[tuple[int, str, str]] = []  # (block index, "device" | "cpu", phase)
         self.most_resident = 0
         self.last: int | None = None  # the block that ran last (its pre-hook)
         self.handles = []
+
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            host = t.to("cpu")
+            return host.pin_memory() if self.cuda else host  # pinned: asynchronous host-to-device copies
+
         for i, block in enumerate(self.blocks):
-            frozen = [p for p in block.parameters() if not p.requires_grad]  # LoRA weights stay on the device
-            pairs = []
-            for p in frozen:
-                host = p.data.to("cpu")
-                host = host.pin_memory() if self.cuda else host  # pinned: asynchronous host-to-device copies
-                p.data = host
-                pairs.append((p, host))
-            self.host.append(pairs)
+            self.weights.append(_frozen_weights(block, pin, self.device))
             self.where.append("cpu")
             self.handles.append(block.register_forward_pre_hook(self._before(i)))
             self.handles.append(block.register_forward_hook(self._after(i)))
+        # bytes each block holds in host memory, and copies per load: its frozen tensors as stored (quantized ones
+        # with their scales)
+        self.host_bytes = [sum(t.untyped_storage().nbytes() for w in ws for t in w.host_tensors())
+                           for ws in self.weights]
+
+    @property
+    def host(self) -> list[list[tuple[torch.nn.Parameter, torch.Tensor]]]:
+        """(parameter, its host data) per swapped block."""
+        return [[(w.p, w.host) for w in ws] for ws in self.weights]
 
     # -- moves -------------------------------------------------------------------------------------------
     def _load(self, i: int) -> None:
         if self.where[i] == "device":
             return
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext(), torch.no_grad():
-            for p, host in self.host[i]:
-                p.data = host.to(self.device, non_blocking=True, copy=True)
+            copies = [t for w in self.weights[i] for t in w.load(self.device)]
+        self.copies[i] = copies
         if self.cuda:
             self.ready[i] = torch.cuda.Event()
             self.ready[i].record(self.stream)
@@ -96,8 +223,9 @@ class BlockSwap:
         self.most_resident = max(self.most_resident, self.where.count("device"))
 
     def _unload(self, i: int) -> None:
-        for p, host in self.host[i]:
-            p.data = host  # the device copy is freed once nothing (a saved tensor of the graph) holds it
+        for w in self.weights[i]:
+            w.unload()
+        self.copies.pop(i, None)
         self.where[i] = "cpu"
         self.log.append((i, "cpu", _phase()))
 
@@ -112,8 +240,8 @@ class BlockSwap:
             self._load(i)
             if self.cuda:  # the compute stream waits for the copy; the allocator keeps it until compute is done
                 torch.cuda.current_stream().wait_event(self.ready[i])
-                for p, _ in self.host[i]:
-                    p.data.record_stream(torch.cuda.current_stream())
+                for t in self.copies.get(i, ()):
+                    t.record_stream(torch.cuda.current_stream())
             self.last = i
             if self.prefetch and nxt is not None and 0 <= nxt < len(self.blocks):
                 self._load(nxt)  # on the side stream: overlaps this block's compute
@@ -138,7 +266,7 @@ class BlockSwap:
     # -- the rest of the model ---------------------------------------------------------------------------
     def model_to(self, model: torch.nn.Module, device) -> torch.nn.Module:
         """``model.to(device)`` for everything but the swapped blocks' frozen weights (they stay on the CPU)."""
-        swapped = {id(p) for pairs in self.host for p, _ in pairs}
+        swapped = {id(w.p) for ws in self.weights for w in ws}
         for p in model.parameters():
             if id(p) not in swapped:
                 p.data = p.data.to(device)

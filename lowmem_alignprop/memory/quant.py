@@ -363,14 +363,20 @@ def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = D
     ``plain - quantized_weight_bytes(unet, mode)`` from the resident weights. The real footprint on a
     GPU matches within the allocator's rounding (``gpu_verify_quant`` measures it).
     """
-    total = 0
-    fp8 = {id(m) for _, m in fp8_linears(unet)} if mode == "fp8" else set()
-    for name, m in unet.named_modules():
+    return sum(n for _, _, n in _module_bytes(unet, mode, double_quant, blocksize))
+
+
+def _module_bytes(model: nn.Module, mode: str, double_quant: bool = DOUBLE_QUANT, blocksize: int = NF4_BLOCKSIZE):
+    """(qualified name, module, bytes of its own parameters and buffers once stored with ``mode``) for every module
+    of ``model``: the count of :func:`quantized_weight_bytes`, module by module."""
+    fp8 = {id(m) for _, m in fp8_linears(model)} if mode == "fp8" else set()
+    for name, m in model.named_modules():
         own = [(n, t) for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                if t is not None]
+        total = 0
         if mode == "fp8":
             if id(m) in fp8:  # weight and bias stored in 1 byte each (layerwise casting casts the whole layer)
-                total += sum(t.numel() for _, t in own)
+                yield name, m, sum(t.numel() for _, t in own)
                 continue
         elif mode != "none" and isinstance(m, nn.Linear) and not _is_lora(name):
             total += quantized_linear_weight_bytes(m.in_features * m.out_features, m.out_features, mode,
@@ -379,8 +385,15 @@ def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = D
         elif mode == "none" and isinstance(m, nn.Linear) and not _is_lora(name) and _bnb_weight(m):
             total += m.in_features * m.out_features * 2  # an already-quantized layer counted at fp16
             own = [(n, t) for n, t in own if n != "weight"]
-        total += sum(t.numel() * t.element_size() for _, t in own)
-    return total
+        yield name, m, total + sum(t.numel() * t.element_size() for _, t in own)
+
+
+def frozen_block_bytes(model: nn.Module, blocks: list[nn.Module], mode: str) -> list[int]:
+    """Analytic bytes of each block's frozen weights stored with ``mode`` (none: as they are now), LoRA adapters
+    left out: what block swap keeps in host memory per block and copies to the device per load. Counted in
+    ``model``'s context (fp8's skipped layers are chosen by qualified name). Real, meta or fake models."""
+    sizes = {id(m): (name, n) for name, m, n in _module_bytes(model, mode)}
+    return [sum(sizes[id(m)][1] for m in block.modules() if not _is_lora(sizes[id(m)][0])) for block in blocks]
 
 
 def _bnb_weight(m: nn.Module) -> bool:

@@ -372,9 +372,6 @@ class Config:
             raise UserError("base_quant=fp8 upcasts each layer's weights while it runs, and backward keeps the upcast "
                             "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
                             "at a time), or use --set base_quant=int8")
-        if self.block_swap and self.base_quant != "none":
-            raise UserError(f"block_swap streams full-precision blocks and does not take quantized ones yet: use "
-                            f"--set block_swap=0 with base_quant={self.base_quant}, or --set base_quant=none")
         if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")

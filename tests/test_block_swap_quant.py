@@ -1,0 +1,178 @@
+"""Block swap with a quantized frozen base (issue 18): fp8 storage (diffusers' layerwise casting: plain float8
+tensors) and bitsandbytes int8/nf4 (their scales travel with the weight), on the tiny FLUX/SD3 transformers.
+
+* the loss and the LoRA gradients equal those without block swap (same ops on the same values: SAME_OPS);
+* every swapped block is where it should be in every stage, no layer runs on its host copy, and bitsandbytes'
+  backward (which keeps the layer's quantization state by reference, not as a saved tensor) reads the device copy
+  its recompute made, never the host one;
+* the bytes each block holds in host memory, and copies to the device per load, are the quantized sizes:
+  :func:`quant.frozen_block_bytes` (analytic) = the host tensors = the device copies = what the layers hold while
+  the block runs (:func:`quant.measured_weight_bytes`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from numerics import SAME_OPS, assert_rel_close
+from test_block_swap import STEPS, K, _guard_layers, _loss_and_grads, _pipe
+
+from lowmem_alignprop.memory import block_swap, quant, stages
+from lowmem_alignprop.memory.block_swap import install, swappable_blocks
+from lowmem_alignprop.models import flow
+
+
+@pytest.fixture
+def cpu_quant(monkeypatch):
+    """bitsandbytes on the CPU (tests only), as in tests/test_quant.py."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
+
+
+def _quantized_pipe(name: str, mode: str):
+    """The tiny pipeline of test_block_swap with its transformer's frozen base stored as ``mode``, in the trainer's
+    order: int8/nf4 at load (before LoRA), fp8 after LoRA (the adapters stay fp32)."""
+    if mode == "fp8":
+        pipe, params = _pipe(name)
+        quant.store_fp8(pipe.transformer, torch.float32)
+        return pipe, params
+    pipe = build_tiny_flux_pipeline(seed=0) if name == "flux" else build_tiny_sd3_pipeline(seed=0)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.vae.requires_grad_(False)
+    quant.quantize_in_place(pipe.transformer, mode, torch.float32, device="cpu", quiet=True)
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0)
+    pipe.transformer.train()  # bitsandbytes' nf4 on the CPU runs in train mode (tests/test_quant.py)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    flow.enable_block_checkpointing(pipe.transformer)
+    return pipe, params
+
+
+class _BackwardReads:
+    """Wrap bitsandbytes' matmul backward: for each call, whether the quantization state it reads (int8: ``CB`` and
+    ``SCB``; nf4: the packed weight and ``absmax``) is a host copy of block swap, or a device copy one of its loads
+    made."""
+
+    def __init__(self, monkeypatch, swap):
+        from bitsandbytes.autograd import _functions as F
+
+        self.host = {t.data_ptr() for ws in swap.weights for w in ws for t in w.host_tensors()}
+        self.loaded: set[int] = set()
+        self.reads = {"host": 0, "loaded": 0, "other": 0}
+        copy = block_swap._copy
+
+        def recording_copy(t, device):
+            out = copy(t, device)
+            self.loaded.add(out.data_ptr())
+            return out
+
+        monkeypatch.setattr(block_swap, "_copy", recording_copy)
+        for cls, tensors in ((F.MatMul8bitFp, lambda ctx: (ctx.state.CB, ctx.state.SCB)),
+                             (F.MatMul4Bit, lambda ctx: (ctx.tensors[1], ctx.state.absmax))):
+            monkeypatch.setattr(cls, "backward", self._wrap(cls.backward, tensors))
+
+    def _wrap(self, backward, tensors):
+        def wrapped(ctx, *grads):
+            ptrs = {t.data_ptr() for t in tensors(ctx)}
+            kind = "host" if ptrs & self.host else "loaded" if ptrs <= self.loaded else "other"
+            self.reads[kind] += 1
+            return backward(ctx, *grads)
+        return staticmethod(wrapped)
+
+
+@pytest.mark.parametrize("name, mode, early_stop", [("flux", "fp8", True), ("sd3", "fp8", False),
+                                                    ("flux", "int8", False), ("sd3", "int8", True),
+                                                    ("flux", "nf4", False)])
+def test_same_loss_and_lora_gradients_with_a_quantized_base(name, mode, early_stop, request, monkeypatch):
+    if mode != "fp8":
+        request.getfixturevalue("cpu_quant")
+    pipe, params = _quantized_pipe(name, mode)
+    ref_loss, ref = _loss_and_grads(pipe, params)
+    blocks = swappable_blocks(pipe.transformer)
+    swap = install(pipe.transformer, len(blocks), "cpu")  # every block swapped
+    reads = _BackwardReads(monkeypatch, swap) if mode != "fp8" else None
+    bad, handles = _guard_layers(swap)
+    # a recompute that runs its block to the end (no early stop) unloads the block before that block's backward:
+    # bitsandbytes' backward must still find the device copy
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        loss, grads = _loss_and_grads(pipe, params)
+    for h in handles:
+        h.remove()
+    assert bad == []  # no layer ran on its host copy
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")  # fails on an all-zero reference
+    assert swap.most_resident <= 2
+    if reads is not None:  # the swapped layers' backward read the copies their recompute loaded, never the host's
+        assert reads.reads["host"] == 0 and reads.reads["loaded"] > 0, reads.reads
+    swap.release()
+    assert swap.where == ["cpu"] * len(blocks)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8", "nf4"])
+def test_placement_and_bytes_of_every_quantized_block_in_every_stage(mode, request):
+    """FLUX's double and single block swapped, with ``mode``: where each block is in each stage (the sequence of
+    test_block_swap), and its bytes on the host and in flight are the quantized ones."""
+    if mode != "fp8":
+        request.getfixturevalue("cpu_quant")
+    pipe, params = _quantized_pipe("flux", mode)
+    tr = pipe.transformer
+    expected = quant.frozen_block_bytes(tr, swappable_blocks(tr)[:2], mode)
+    lora = [sum(p.numel() * p.element_size() for p in b.parameters() if p.requires_grad) for b in
+            swappable_blocks(tr)[:2]]
+    swap = install(tr, 2, "cpu")
+    assert swap.host_bytes == expected
+    # against fp32: int8 1 byte, nf4 ~0.5 byte per Linear weight (+ scales; biases stay fp32); fp8 leaves the
+    # modulation layers (half of a tiny FLUX block's weights) in fp32
+    bound = {"fp8": 0.6, "int8": 0.35, "nf4": 0.2}[mode]
+    assert all(q < bound * f for q, f in zip(expected, _fp32_bytes(swap.blocks)))
+    if mode == "fp8":  # the host copies are the stored float8 tensors of exactly the layers fp8_linears names
+        fp8 = {id(t) for _, m in quant.fp8_linears(tr) for t in (m.weight, m.bias) if t is not None}
+        assert all((w.host.dtype == quant.FP8) == (id(w.p) in fp8) for ws in swap.weights for w in ws)
+        assert any(id(w.p) in fp8 for ws in swap.weights for w in ws)
+    in_flight = {0: [], 1: []}
+
+    def measure(i):
+        def hook(module, args):  # after block swap's own pre-hook: the block's copies are loaded
+            copies = swap.copies[i]
+            assert not {t.data_ptr() for t in copies} & {t.data_ptr() for w in swap.weights[i]
+                                                          for t in w.host_tensors()}
+            in_flight[i].append((sum(t.untyped_storage().nbytes() for t in copies),
+                                 quant.measured_weight_bytes(module) - lora[i]))
+        return hook
+
+    handles = [b.register_forward_pre_hook(measure(i)) for i, b in enumerate(swap.blocks)]
+    marks = []
+
+    def stage(name):
+        marks.append((len(swap.log), name))
+        return torch.enable_grad() if name == stages.BACKWARD else contextlib.nullcontext()
+
+    _loss_and_grads(pipe, params, stage=stage)
+    for h in handles:
+        h.remove()
+    for i in (0, 1):  # every load, forward and recompute: the quantized bytes, as the layers hold them
+        assert in_flight[i] and set(in_flight[i]) == {(expected[i], expected[i])}, (i, set(in_flight[i]))
+    start = dict((name, j) for j, name in marks)
+    call = [(0, "device", "forward"), (1, "device", "forward"), (0, "cpu", "forward"), (1, "cpu", "forward")]
+    assert swap.log[start[stages.SAMPLE_NOGRAD]:start[stages.SAMPLE_GRAD]] == call * (STEPS - K)
+    assert swap.log[start[stages.SAMPLE_GRAD]:start[stages.BACKWARD]] == call * K
+    loads = [(i, phase) for i, where, phase in swap.log[start[stages.BACKWARD]:] if where == "device"]
+    assert all(phase == "backward" for _, phase in loads) and [i for i, _ in loads][:4] == [0, 1, 1, 0]
+    swap.release()
+    # at rest the layers hold the host copies again: the same bytes (int8: the row scales, nf4: absmax and the
+    # double quantization's scales with them)
+    assert [quant.measured_weight_bytes(b) - n for b, n in zip(swap.blocks, lora)] == expected
+
+
+def _fp32_bytes(blocks) -> list[int]:
+    """Bytes of each block's frozen weights unquantized, in fp32 (the tests' weight dtype)."""
+    return [sum(4 * (m.in_features * m.out_features if type(p).__name__ in ("Int8Params", "Params4bit") else p.numel())
+                for m in b.modules() for p in m.parameters(recurse=False) if not p.requires_grad) for b in blocks]
