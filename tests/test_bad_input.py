@@ -152,8 +152,6 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "reward_cap=80", "--set", "reward_target=10"], "reward_cap and reward_target both shape the loss"),
     (["--set", "reward_cap=inf"], "reward_cap=inf is not a finite number"),
     (["--set", "base_quant=fp8", "--set", "unet_checkpointing=call"], "add --set unet_checkpointing=blocks"),
-    (["--set", "base_quant=fp8", "--set", "unet_checkpointing=blocks", "--set", "block_swap=2"],
-     "does not take quantized ones yet"),
     (["--set", "ema_decay=1"], "ema_decay=1.0 must be in [0, 1)"),
     (["--early-stop", "2"], "early_stop=2 stops when evaluation stops improving, and evaluation is off"),
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),

@@ -24,6 +24,7 @@ from test_block_swap import STEPS, K, _guard_layers, _loss_and_grads, _pipe
 from lowmem_alignprop.memory import block_swap, quant, stages
 from lowmem_alignprop.memory.block_swap import install, swappable_blocks
 from lowmem_alignprop.models import flow
+from lowmem_alignprop.settings.config import Config
 
 
 @pytest.fixture
@@ -176,3 +177,74 @@ def _fp32_bytes(blocks) -> list[int]:
     """Bytes of each block's frozen weights unquantized, in fp32 (the tests' weight dtype)."""
     return [sum(4 * (m.in_features * m.out_features if type(p).__name__ in ("Int8Params", "Params4bit") else p.numel())
                 for m in b.modules() for p in m.parameters(recurse=False) if not p.requires_grad) for b in blocks]
+
+
+# -- the planner -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from flowmodels import build_tiny_flux_dir
+
+    return build_tiny_flux_dir(tmp_path_factory.mktemp("swapquant") / "flux")
+
+
+def _real_swap(model_dir, mode):
+    """The tiny FLUX transformer as the trainer holds it on a GPU (bf16 frozen weights), stored as ``mode``, with
+    its two blocks swapped; and the loads (block, phase) of one rollout like the planner's (T=3, K=2)."""
+    from diffusers import FluxTransformer2DModel
+
+    tr = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch.bfloat16)
+    if mode in quant.BNB_MODES:
+        quant.quantize_in_place(tr, mode, torch.bfloat16, device="cpu", quiet=True)
+    flow.add_flow_lora(tr, rank=4, seed=0)
+    if mode == "fp8":
+        quant.store_fp8(tr, torch.bfloat16)
+    return tr, install(tr, 2, "cpu")
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_the_planner_counts_swapped_blocks_at_their_quantized_size(flux_dir, cpu_quant, mode):
+    """plan on a GPU target with base_quant + block_swap: the pinned host memory is the swapped blocks' stored bytes
+    (analytic = what the real BlockSwap holds), the resident weights drop by exactly those bytes (to the CUDA
+    allocator's 512-byte rounding), and PCIe carries each block's stored bytes once per load: the loads of the
+    real rollout (test_block_swap's sequence) times the stored bytes."""
+    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.memory.allowances import CUDA_BLOCK
+
+    base = dict(model=str(flux_dir), resolution=64, sample_steps=STEPS, k=K, guidance_scale=3.5, batch_size=1,
+                unet_checkpointing="blocks", mixed_precision="bf16", base_quant=mode, offload_frozen=False,
+                prompts="simple_animals")
+    kept = planner.estimate(Config(**base).validate(), target="cuda")
+    est = planner.estimate(Config(**base, block_swap=2).validate(), target="cuda")
+    tr, swap = _real_swap(flux_dir, mode)
+    stored = quant.frozen_block_bytes(tr, swap.blocks, mode)
+    assert est.host_pinned == sum(swap.host_bytes) == sum(stored) > 0
+    tensors = sum(1 for ws in swap.weights for _ in ws)
+    drop = kept.weights["unet"] - est.weights["unet"]
+    assert 0 <= drop - est.host_pinned < CUDA_BLOCK * tensors  # each stored tensor rounded up to 512 bytes
+    assert kept.stages["load"]["allocated"] - est.stages["load"]["allocated"] == drop
+    # one real rollout's loads: T transformer calls in forward, and backward's recomputes
+    pipe, params = _quantized_pipe("flux", mode)
+    swap_real = install(pipe.transformer, 2, "cpu")
+    _loss_and_grads(pipe, params)
+    loads = [i for i, where, _ in swap_real.log if where == "device"]
+    rollout = (stages.SAMPLE_NOGRAD, stages.SAMPLE_GRAD, stages.BACKWARD)  # (encoding moves the text encoder)
+    pcie = sum(est.work[name]["pcie_bytes"] for name in rollout)
+    assert pcie == sum(swap.host_bytes[i] for i in loads), (pcie, loads)
+    assert sum(kept.work[name]["pcie_bytes"] for name in rollout) == 0
+
+
+def test_the_planner_matches_the_cpu_step_with_fp8_and_block_swap(flux_dir):
+    """The fake-tensor estimate against the real CPU step (as test_flow_train's 5% test) with fp8 storage and both
+    blocks swapped: the blocks in flight are counted at their fp8 size. The peak stage within 5%; every stage at or
+    above the measurement (the planner adds the largest block's upcast layers to every stage: an allowance)."""
+    from lowmem_alignprop.measure import planner
+
+    cfg = Config(model=str(flux_dir), resolution=32, sample_steps=4, k=2, batch_size=2, prompts="simple_animals",
+                 guidance_scale=3.5, unet_checkpointing="blocks", base_quant="fp8", block_swap=2).validate()
+    est, meas = planner.estimate(cfg, target="cpu"), planner.measure_cpu_step(cfg)
+    assert est.peak_stage == meas["peak_stage"]
+    e, m = est.peak_allocated, meas["peak_allocated"]
+    assert abs(e - m) <= 0.05 * m, f"peak: estimate {e / 2**20:.3f} MiB vs measured {m / 2**20:.3f} MiB"
+    for name in stages.STEP_STAGES:
+        assert est.stages[name]["allocated"] >= meas["stages"][name], name

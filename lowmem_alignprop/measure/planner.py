@@ -147,12 +147,14 @@ class LiveBytes(StageCounter):
         if entry is not None:
             self.dynamic -= entry[0]
 
-    def track(self, t: torch.Tensor) -> None:
+    def track(self, t: torch.Tensor, nbytes: int | None = None) -> None:
+        """Count ``t``'s storage until it is freed, at its size or at ``nbytes`` (a quantized weight's copy, which
+        the fake model holds unquantized)."""
         st = t.untyped_storage()
         key = id(st)
         if key in self._live or key in self._static or self.host_depth:
             return
-        n = self._rounded(st.nbytes())
+        n = self._rounded(st.nbytes() if nbytes is None else nbytes)
         ref = weakref.ref(st, lambda _r, k=key: self._freed(k))
         self._live[key] = (n, ref)
         self.dynamic += n
@@ -295,6 +297,7 @@ class StageWork(StageCounter):
         self.last: str | None = None
         self.unet_calls: dict[str, int] = {}
         self.marks: dict[str, dict[str, int]] = {}  # e.g. backward's work when its first UNet recompute began
+        self.quiet = 0  # > 0: ops are not counted (work the planner adds itself, e.g. block swap's copies)
 
     def bucket(self) -> dict[str, int] | None:
         name = self.open[-1] if self.open else None if self.last is None else self.last + AFTER
@@ -309,7 +312,7 @@ class StageWork(StageCounter):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         b = self.bucket()
-        if b is None or func.namespace in NO_KERNEL_NAMESPACES:
+        if b is None or func.namespace in NO_KERNEL_NAMESPACES or self.quiet:
             return out
         packet = func._overloadpacket
         formula = self.formulas.get(packet)
@@ -327,6 +330,14 @@ class StageWork(StageCounter):
 
     def left(self, name: str) -> None:
         self.last = name  # work until the next stage opens goes to name + AFTER
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        self.quiet += 1
+        try:
+            yield
+        finally:
+            self.quiet -= 1
 
     def unet_call(self) -> None:
         """A UNet call begins (forward, or its recompute in backward)."""
@@ -770,6 +781,7 @@ class Estimate:
     # stage -> the work of one optimizer step's share of it (StageWork's keys; micro-step stages per micro-step),
     # scaled from the simulated step to all T steps and the mean K (step_work)
     work: dict[str, dict[str, float]] = field(default_factory=dict)
+    host_pinned: int = 0  # block swap: the swapped blocks' frozen weights in pinned host memory, as stored
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB
@@ -849,7 +861,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     work = StageWork()  # the time estimate's counts, beside the memory counter
     counter.add_static(t for m in (comps.unet, comps.vae, *comps.text_encoders(), reward)
                        if m is not None for t in list(m.parameters()) + list(m.buffers()))
-    _block_swap(cfg, comps, weights, cuda, notes)
+    host_pinned = _block_swap(cfg, comps, weights, counter, work, cuda, notes)
     place = Residency(counter, weights, offload=cfg.offload_frozen, host=not cuda)
     if cuda and cfg.offload_frozen:  # after load the text encoder, VAE and reward model are parked on the CPU
         place.on_device -= {TEXT_ENCODER, "vae", "reward"}
@@ -901,6 +913,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             hook.remove()
     est = _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
     est.work = step_work(cfg, work, k_sim, n_nograd)
+    est.host_pinned = host_pinned
     est.seconds = time.perf_counter() - t0
     return est
 
@@ -975,21 +988,41 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int) -> dict[s
     return out
 
 
-def _block_swap(cfg: Config, comps, weights: dict[str, int], cuda: bool, notes: list[str]) -> None:
-    """block_swap: the trainer's hooks on the fake model. On a GPU the swapped blocks' frozen weights wait in host
-    memory (not counted) and each copy the hooks make while a block is in flight is counted where it happens; on
-    the CPU the host copies are memory too, so they stay counted."""
+def _block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes, work: StageWork, cuda: bool,
+                notes: list[str]) -> int:
+    """block_swap: the trainer's hooks on the fake model; returns the bytes of pinned host memory they need. The
+    swapped blocks' frozen weights wait in host memory at their stored size (a quantized base: its quantized size,
+    :func:`quant.stored_tensor_bytes`; not counted on a GPU). Each copy a hook makes while a block is in flight is
+    counted where it happens at that stored size too (the fake weights are unquantized), and on a GPU its bytes go
+    over PCIe (StageWork's pcie_bytes, in place of the elementwise bytes of a copy)."""
+    from lowmem_alignprop.memory import quant
     from lowmem_alignprop.memory.block_swap import install
 
-    swap = install(comps.unet, cfg.block_swap, "cpu")
+    stored = quant.stored_tensor_bytes(comps.unet, cfg.base_quant)
+    by_host: dict[int, int] = {}
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        n = by_host[id(t)]
+        with work.uncounted() if cuda else contextlib.nullcontext(), counter.host():  # a GPU's copy: PCIe bytes
+            out = t.to("cpu", copy=True)
+        counter.track(out, nbytes=n)  # lives as long as the copy: until its block leaves and autograd is done
+        if cuda:
+            work.add("pcie_bytes", n)
+        return out
+
+    swap = install(comps.unet, cfg.block_swap, "cpu", copy=to_device)
     if swap is None:
-        return
+        return 0
     comps.block_swap = swap  # held for the step (the hooks live as long as the model)
-    if cuda:
-        swapped = _unique_bytes([p for pairs in swap.host for p, _ in pairs], set(), CUDA_BLOCK)
-        weights["unet"] -= swapped
-        notes.append(f"block_swap={cfg.block_swap}: {swapped / GIB:.2f} GiB of frozen blocks in pinned host memory; "
-                     "the copies of the blocks in flight (at most two) counted where they happen")
+    by_host.update((id(w.host), stored[id(w.p)]) for ws in swap.weights for w in ws)
+    host = sum(stored[id(w.p)] for ws in swap.weights for w in ws)
+    if cuda:  # the quantized size has left weights["unet"] already (_fake_weights): the swapped part leaves too
+        weights["unet"] -= sum(counter._rounded(stored[id(w.p)]) for ws in swap.weights for w in ws)
+        size = "" if cfg.base_quant == "none" else f" ({cfg.base_quant})"
+        notes.append(f"block_swap={cfg.block_swap}: {host / GIB:.2f} GiB of frozen blocks{size} in pinned host memory "
+                     f"(-{host / GIB:.2f} GiB on the card); the copies of the blocks in flight (at most two) counted "
+                     "where they happen, and over PCIe")
+    return host
 
 
 def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:

@@ -76,9 +76,10 @@ class _Weight:
     def host_tensors(self) -> list[torch.Tensor]:
         return [self.host]
 
-    def load(self, device) -> list[torch.Tensor]:
-        """The device copies made (the caller ties them to the compute stream)."""
-        self.p.data = _copy(self.host, device)
+    def load(self, to_device) -> list[torch.Tensor]:
+        """Install device copies (``to_device(host tensor)``); returns them (the caller ties them to the compute
+        stream)."""
+        self.p.data = to_device(self.host)
         return [self.p.data]
 
     def unload(self) -> None:
@@ -106,9 +107,9 @@ class _Int8Weight(_Weight):
     def host_tensors(self) -> list[torch.Tensor]:
         return [self.host, self.scb]
 
-    def load(self, device) -> list[torch.Tensor]:
+    def load(self, to_device) -> list[torch.Tensor]:
         state = copy.copy(self.state)  # a fresh object: the graph of an earlier load keeps its own
-        state.CB, state.SCB = _copy(self.host, device), _copy(self.scb, device)
+        state.CB, state.SCB = to_device(self.host), to_device(self.scb)
         self.layer.state, self.p.data = state, state.CB
         return [state.CB, state.SCB]
 
@@ -136,13 +137,13 @@ class _NF4Weight(_Weight):
     def host_tensors(self) -> list[torch.Tensor]:
         return [self.host, self.qs.absmax] + ([self.qs.offset, self.qs.state2.absmax] if self.qs.nested else [])
 
-    def load(self, device) -> list[torch.Tensor]:
+    def load(self, to_device) -> list[torch.Tensor]:
         qs = copy.copy(self.qs)  # a fresh object: the graph of an earlier load keeps its own
-        qs.absmax = _copy(self.qs.absmax, device)
+        qs.absmax = to_device(self.qs.absmax)
         if qs.nested:
-            qs.offset, qs.state2 = _copy(self.qs.offset, device), copy.copy(self.qs.state2)
-            qs.state2.absmax = _copy(self.qs.state2.absmax, device)
-        self.p.data, self.p.quant_state = _copy(self.host, device), qs
+            qs.offset, qs.state2 = to_device(self.qs.offset), copy.copy(self.qs.state2)
+            qs.state2.absmax = to_device(self.qs.state2.absmax)
+        self.p.data, self.p.quant_state = to_device(self.host), qs
         return [self.p.data, qs.absmax] + ([qs.offset, qs.state2.absmax] if qs.nested else [])
 
     def unload(self) -> None:
@@ -176,8 +177,10 @@ def _frozen_weights(block: torch.nn.Module, pin, device) -> list[_Weight]:
 class BlockSwap:
     """Keep ``blocks``' frozen weights on the CPU (pinned on CUDA) and stream them to ``device`` around each use."""
 
-    def __init__(self, blocks: list[torch.nn.Module], device, prefetch: bool = True):
+    def __init__(self, blocks: list[torch.nn.Module], device, prefetch: bool = True, copy=None):
         self.blocks, self.device, self.prefetch = list(blocks), torch.device(device), prefetch
+        # host tensor -> its device copy (the planner passes one that counts quantized bytes on fake tensors)
+        self.copy = copy or (lambda t: _copy(t, self.device))
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # copies overlap compute
         self.ready: dict[int, torch.cuda.Event] = {}
@@ -213,7 +216,7 @@ class BlockSwap:
         if self.where[i] == "device":
             return
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext(), torch.no_grad():
-            copies = [t for w in self.weights[i] for t in w.load(self.device)]
+            copies = [t for w in self.weights[i] for t in w.load(self.copy)]
         self.copies[i] = copies
         if self.cuda:
             self.ready[i] = torch.cuda.Event()
@@ -288,7 +291,7 @@ class BlockSwap:
         self.handles.clear()
 
 
-def install(model, n: int, device) -> BlockSwap | None:
+def install(model, n: int, device, copy=None) -> BlockSwap | None:
     """Swap the first ``n`` blocks of ``model`` (none for n=0). Raises UserError when it has fewer blocks."""
     if n <= 0:
         return None
@@ -296,4 +299,4 @@ def install(model, n: int, device) -> BlockSwap | None:
     if n > len(blocks):
         raise UserError(f"block_swap={n} but the model has {len(blocks)} blocks: use --set block_swap={len(blocks)} "
                          "or fewer")
-    return BlockSwap(blocks[:n], device)
+    return BlockSwap(blocks[:n], device, copy=copy)

@@ -363,37 +363,50 @@ def quantized_weight_bytes(unet: nn.Module, mode: str, *, double_quant: bool = D
     ``plain - quantized_weight_bytes(unet, mode)`` from the resident weights. The real footprint on a
     GPU matches within the allocator's rounding (``gpu_verify_quant`` measures it).
     """
-    return sum(n for _, _, n in _module_bytes(unet, mode, double_quant, blocksize))
+    return sum(n for _, _, n in _stored_bytes(unet, mode, double_quant, blocksize))
 
 
-def _module_bytes(model: nn.Module, mode: str, double_quant: bool = DOUBLE_QUANT, blocksize: int = NF4_BLOCKSIZE):
-    """(qualified name, module, bytes of its own parameters and buffers once stored with ``mode``) for every module
-    of ``model``: the count of :func:`quantized_weight_bytes`, module by module."""
+def _stored_bytes(model: nn.Module, mode: str, double_quant: bool = DOUBLE_QUANT, blocksize: int = NF4_BLOCKSIZE):
+    """(qualified name of its module, tensor, bytes once stored with ``mode``) for every parameter and buffer of
+    ``model``, module by module (:func:`quantized_weight_bytes`'s count); a quantized Linear weight's bytes include
+    its scales."""
     fp8 = {id(m) for _, m in fp8_linears(model)} if mode == "fp8" else set()
     for name, m in model.named_modules():
         own = [(n, t) for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                if t is not None]
-        total = 0
-        if mode == "fp8":
-            if id(m) in fp8:  # weight and bias stored in 1 byte each (layerwise casting casts the whole layer)
-                yield name, m, sum(t.numel() for _, t in own)
-                continue
-        elif mode != "none" and isinstance(m, nn.Linear) and not _is_lora(name):
-            total += quantized_linear_weight_bytes(m.in_features * m.out_features, m.out_features, mode,
-                                                   double_quant=double_quant, blocksize=blocksize)
-            own = [(n, t) for n, t in own if n != "weight"]
-        elif mode == "none" and isinstance(m, nn.Linear) and not _is_lora(name) and _bnb_weight(m):
-            total += m.in_features * m.out_features * 2  # an already-quantized layer counted at fp16
-            own = [(n, t) for n, t in own if n != "weight"]
-        yield name, m, total + sum(t.numel() * t.element_size() for _, t in own)
+        for n, t in own:
+            size = t.numel() * t.element_size()
+            if mode == "fp8" and id(m) in fp8:  # weight and bias stored in 1 byte each (layerwise casting)
+                size = t.numel()
+            elif n == "weight" and mode not in ("none", "fp8") and isinstance(m, nn.Linear) and not _is_lora(name):
+                size = quantized_linear_weight_bytes(m.in_features * m.out_features, m.out_features, mode,
+                                                     double_quant=double_quant, blocksize=blocksize)
+            elif n == "weight" and mode == "none" and isinstance(m, nn.Linear) and not _is_lora(name) and \
+                    _bnb_weight(m):
+                size = m.in_features * m.out_features * 2  # an already-quantized layer counted at fp16
+            yield name, t, size
+
+
+def stored_tensor_bytes(model: nn.Module, mode: str) -> dict[int, int]:
+    """id(tensor) -> its bytes once stored with ``mode``, for every parameter and buffer of ``model`` (the planner's
+    block swap copies each swapped weight at this size)."""
+    return {id(t): n for _, t, n in _stored_bytes(model, mode)}
 
 
 def frozen_block_bytes(model: nn.Module, blocks: list[nn.Module], mode: str) -> list[int]:
-    """Analytic bytes of each block's frozen weights stored with ``mode`` (none: as they are now), LoRA adapters
+    """Analytic bytes of each block's frozen parameters stored with ``mode`` (none: as they are now), LoRA adapters
     left out: what block swap keeps in host memory per block and copies to the device per load. Counted in
     ``model``'s context (fp8's skipped layers are chosen by qualified name). Real, meta or fake models."""
-    sizes = {id(m): (name, n) for name, m, n in _module_bytes(model, mode)}
-    return [sum(sizes[id(m)][1] for m in block.modules() if not _is_lora(sizes[id(m)][0])) for block in blocks]
+    sizes = stored_tensor_bytes(model, mode)
+    return [sum(sizes[id(p)] for p in _unique(block.parameters()) if not p.requires_grad) for block in blocks]
+
+
+def _unique(tensors):
+    seen = set()
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
 
 
 def _bnb_weight(m: nn.Module) -> bool:
