@@ -248,3 +248,62 @@ def test_the_planner_matches_the_cpu_step_with_fp8_and_block_swap(flux_dir):
     assert abs(e - m) <= 0.05 * m, f"peak: estimate {e / 2**20:.3f} MiB vs measured {m / 2**20:.3f} MiB"
     for name in stages.STEP_STAGES:
         assert est.stages[name]["allocated"] >= meas["stages"][name], name
+
+
+def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(flux_dir):
+    """plan's candidates on a GPU target: block swap (half the blocks, with the per-block checkpointing it needs)
+    after nf4 when the base is full precision, and still with a quantized base; none once blocks are swapped."""
+    from lowmem_alignprop.measure import planner
+
+    base = dict(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5)
+    swap = {"block_swap": 1, "unet_checkpointing": "blocks"}  # the tiny FLUX has 2 blocks
+    changes = [c for _, c in planner.candidate_changes(Config(**base).validate(), "cuda")]
+    assert swap in changes and changes.index({"base_quant": "nf4"}) < changes.index(swap)
+    quantized = [c for _, c in planner.candidate_changes(Config(**base, base_quant="int8").validate(), "cuda")]
+    assert swap in quantized and not any("base_quant" in c for c in quantized)
+    swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
+    assert not any("block_swap" in c for _, c in planner.candidate_changes(swapped, "cuda"))
+    assert not any("block_swap" in c for _, c in planner.candidate_changes(Config(**base).validate(), "cpu"))
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_a_meta_transformer_leaves_the_swapped_blocks_in_host_memory_as_it_is_drawn(cpu_quant, mode):
+    """The random-weight path (sd35m/sd35l/flux) with block_swap: each swapped block is drawn, then moved to the CPU
+    (and quantized there) before the next is drawn; the resident blocks and the rest are quantized for the device,
+    and the final pass leaves the host blocks where they are. ``cpu:0`` stands for the GPU (an argument distinct
+    from ``cpu``). The weights are those drawn without block swap."""
+    from diffusers import FluxTransformer2DModel
+
+    from lowmem_alignprop.models.family import materialize_quantized
+
+    config = build_tiny_flux_pipeline().transformer.config
+    drawn = {}
+    for host_blocks in (0, 1):
+        with torch.device("meta"):
+            tr = FluxTransformer2DModel.from_config(config)
+        blocks = swappable_blocks(tr)
+        calls, moves = [], []
+        quantize, to = quant.quantize_in_place, torch.nn.Module.to
+
+        def spy_quantize(module, *a, device=None, stay=(), **kw):
+            calls.append((blocks.index(module) if module in blocks else "model", str(device), list(stay)))
+            return quantize(module, *a, device=device, stay=stay, **kw)
+
+        def spy_to(module, *a, **kw):
+            if any(module is b for b in blocks) and a and str(a[0]) == "cpu":
+                moves.append(blocks.index(module))
+            return to(module, *a, **kw)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quant, "quantize_in_place", spy_quantize)
+            mp.setattr(torch.nn.Module, "to", spy_to)
+            materialize_quantized(tr, torch.device("cpu", 0), mode, torch.float32, seed=0, host_blocks=host_blocks)
+        assert sorted(set(moves)) == list(range(host_blocks))  # the host block went to the CPU as it was drawn
+        if mode == "int8":
+            assert calls == [(j, "cpu" if j < host_blocks else "cpu:0", []) for j in range(len(blocks))] + \
+                [("model", "cpu:0", blocks[:host_blocks])]
+        assert not any(t.is_meta for t in list(tr.parameters()) + list(tr.buffers()))
+        drawn[host_blocks] = {k: v.float() if v.is_floating_point() else v for k, v in tr.state_dict().items()
+                              if isinstance(v, torch.Tensor)}
+    assert drawn[0].keys() == drawn[1].keys()
+    assert all(torch.equal(drawn[0][k], drawn[1][k]) for k in drawn[0])

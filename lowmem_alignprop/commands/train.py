@@ -264,7 +264,8 @@ class Trainer:
         self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
         if comps.meta:  # sd35m|sd35l|flux: random weights drawn on the device, never initialised on the CPU
-            materialize_meta(comps, self.device, cfg.seed, base_quant=cfg.base_quant, dtype=self.weight_dtype)
+            materialize_meta(comps, self.device, cfg.seed, base_quant=cfg.base_quant, dtype=self.weight_dtype,
+                             host_blocks=cfg.block_swap)  # block swap's blocks go to host memory as they are drawn
         self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:

@@ -1257,6 +1257,11 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
         out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
                     "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
+    if not cfg.block_swap and cfg.train_unet == "lora" and not cfg.deepspeed_zero and target == "cuda":
+        n = _swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
+        if n:
+            out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
+                        "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
     if not cfg.tiled_decode and cfg.resolution >= 512:
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
@@ -1270,6 +1275,16 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
         out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
     return out
+
+
+def _swappable_count(cfg: Config) -> int:
+    """How many blocks block swap can take from ``cfg``'s denoiser (its meta model; 0 if it cannot be built)."""
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+
+    try:
+        return len(swappable_blocks(meta_components(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
+    except (UserError, TypeError):
+        return 0
 
 
 def _apply(cfg: Config, change: dict[str, Any]) -> Config:
@@ -1394,6 +1409,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                      else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
         "config": cfg.to_dict(), "estimate": est.to_dict(),
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
+        "host_pinned": est.host_pinned,  # block swap's frozen blocks in pinned host memory (bytes, as stored)
         "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
         "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
         "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's

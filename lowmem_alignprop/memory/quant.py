@@ -198,9 +198,10 @@ def _plain_linears(model: nn.Module):
 
 
 def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_quant: bool = DOUBLE_QUANT,
-                      device: torch.device | str | None = None, quiet: bool = False) -> int:
+                      device: torch.device | str | None = None, quiet: bool = False, stay=()) -> int:
     """Swap every nn.Linear of ``unet`` for a bitsandbytes layer and move the model to ``device``
-    (default :func:`target_device`); bitsandbytes quantizes each weight as it moves. Returns the count.
+    (default :func:`target_device`); bitsandbytes quantizes each weight as it moves. Returns the count. The
+    submodules in ``stay`` (block swap's host blocks, quantized on the CPU already) are left where they are.
 
     For models built in memory (random-weight architectures, single-file checkpoints); directories and hub
     ids go through :func:`load_quantized_unet` instead. Call before adding LoRA.
@@ -227,7 +228,7 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
             q.bias = nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
         setattr(parent, attr, q)
         count += 1
-    unet.to(device)  # quantization happens here, one weight at a time: the fp16 copy of each is freed
+    _move_except(unet, device, stay)  # quantization happens here, one weight at a time: the fp16 copy of each is freed
     unet.requires_grad_(False)
     prepare_quantized_layers(unet)  # activations as small as nn.Linear's: fp16, no kept int8 inputs
     # the attributes diffusers sets on a quantized model: peft then wraps these layers with its bnb LoRA layers
@@ -238,6 +239,24 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
     if not quiet:
         log.info("%s quantized in place to %s: %d Linear layers", type(unet).__name__, mode, count)
     return count
+
+
+def _move_except(model: nn.Module, device, stay) -> None:
+    """``model.to(device)`` but for the submodules in ``stay`` (and what is under them)."""
+    stay = {id(m) for m in stay}
+    if not stay:
+        model.to(device)
+        return
+    if id(model) in stay:
+        return
+    if not any(id(m) in stay for m in model.modules()):
+        model.to(device)
+        return
+    for name, t in list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False)):
+        if t is not None:
+            t.data = t.data.to(device)
+    for child in model.children():
+        _move_except(child, device, [m for m in child.modules() if id(m) in stay])
 
 
 def quantize_unet(comps, mode: str, dtype: torch.dtype) -> int:

@@ -222,7 +222,12 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
         source = where
     comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
     if quant != "none" and not comps.meta:  # a meta model is quantized as it is materialised (family.materialize_meta)
-        q.quantize_in_place(comps.unet, quant, weight_dtype)  # the transformer's Linear layers, one at a time
+        from lowmem_alignprop.memory.block_swap import swappable_blocks
+        # block_swap's host blocks are quantized on the CPU, where they stay: never all on the device at once
+        host = swappable_blocks(comps.unet)[:cfg.block_swap] if getattr(cfg, "block_swap", 0) else []
+        for block in host:
+            q.quantize_in_place(block, quant, weight_dtype, device="cpu", quiet=True)
+        q.quantize_in_place(comps.unet, quant, weight_dtype, stay=host)  # the other Linear layers, one at a time
     return comps
 
 
