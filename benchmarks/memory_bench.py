@@ -413,8 +413,8 @@ def section_flow_plans(results_dir: Path) -> list[str]:
          "360 GB/s; the 8 GB card has 240 GB/s), at the mean K=3; an optimizer step is `grad_accum` (4) micro-steps. "
          "Not measured on a GPU yet: `benchmarks/gpu_check.sh` has a row for each.", "",
          "| profile | model | base_quant | block_swap | budget GiB | issue's target | allocated GiB (stage) | needed GiB "
-         "| fits | s / micro-step | s / optimizer step | plan CPU s |",
-         "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+         "| fits | pinned host GiB | s / micro-step | s / optimizer step | plan CPU s |",
+         "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     notes = []
     for path in files:
         r = json.loads(path.read_text())
@@ -424,22 +424,32 @@ def section_flow_plans(results_dir: Path) -> list[str]:
         secs = [f"{t[key]:.0f}" if t.get(key) else "-" for key in ("micro_step", "optimizer_step")]
         L.append(f"| {r['profile']} | {r['model']} | {c['base_quant']} | {c['block_swap']} | {r['budget_gb']} | "
                  f"{target} | {r['peak_allocated'] / GIB:.2f} ({r['peak_stage']}) | {r['peak_needed'] / GIB:.2f} | "
-                 f"{fits} | {secs[0]} | {secs[1]} | {r.get('cpu_user_seconds', 0):.0f} |")
+                 f"{fits} | {r.get('host_pinned', 0) / GIB:.2f} | {secs[0]} | {secs[1]} | "
+                 f"{r.get('cpu_user_seconds', 0):.0f} |")
         if not r["fits"] and r.get("suggestion"):
             sug = r["suggestion"]
             notes.append(f"- {r['profile']} with {c['base_quant']}: the planner's cheapest change that fits is "
                          f"{sug['change']} (`" + " ".join(f"--set {k}={v}" for k, v in sug["set"].items())
                          + f"`): {sug['peak_needed'] / GIB:.2f} GiB needed.")
     plans = [json.loads(p.read_text()) for p in files]
-    by = {(r["profile"], r["config"]["base_quant"]): r for r in plans}
-    for (profile, mode), r in by.items():
-        int8 = by.get((profile, "int8"))
+    by = {(r["profile"], r["config"]["base_quant"], r["config"]["block_swap"]): r for r in plans}
+    for (profile, mode, swap), r in by.items():
+        int8 = by.get((profile, "int8", swap))  # fp8 against int8 with the same blocks swapped
         if mode == "fp8" and int8:
             notes.append(f"- {profile}: fp8 storage needs {(r['peak_needed'] - int8['peak_needed']) / GIB:+.2f} GiB "
                          f"against int8 ({r['peak_needed'] / GIB:.2f} vs {int8['peak_needed'] / GIB:.2f}): diffusers' "
                          "layerwise casting keeps the norms' modulation layers in bf16, and the planner adds one "
                          "block's upcast layers. The time model counts fp8's upcast as int8's dequantization (the "
                          "same bytes), so their seconds differ by little here; the GPU rows decide.")
+    for r in plans:  # block swap: its host memory and PCIe traffic (a quantized base swaps at its stored size)
+        c, t = r["config"], r.get("time") or {}
+        pcie = (t.get("work_per_micro_step") or {}).get("pcie_bytes", 0)
+        gbs = (t.get("device_figures") or {}).get("pcie_gbs")
+        if c["block_swap"] and r.get("host_pinned") and gbs:
+            notes.append(f"- {r['profile']} with base_quant={c['base_quant']}, block_swap={c['block_swap']}: "
+                         f"{r['host_pinned'] / GIB:.1f} GiB of frozen blocks in pinned host memory (as stored), "
+                         f"{pcie / 1e9:.0f} GB over PCIe per micro-step: {pcie / 1e9 / gbs:.0f} s at {gbs} GB/s, "
+                         "counted in full in the seconds (the time model does not overlap the copies with compute).")
     first = plans[0]
     ver = first.get("versions", {})
     L += [""] + notes + ([""] if notes else [])

@@ -307,3 +307,15 @@ def test_a_meta_transformer_leaves_the_swapped_blocks_in_host_memory_as_it_is_dr
                               if isinstance(v, torch.Tensor)}
     assert drawn[0].keys() == drawn[1].keys()
     assert all(torch.equal(drawn[0][k], drawn[1][k]) for k in drawn[0])
+
+
+def test_plan_fastest_tries_block_swap_before_task_changes(flux_dir):
+    """plan --fastest's ladder: block swap (which keeps the task) right after the configuration as given, with the
+    per-block checkpointing it needs; none off a GPU or once set."""
+    from lowmem_alignprop.measure import fastest
+
+    cfg = Config(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5).validate()
+    assert fastest.swap_ladder(cfg, "cuda") == [{"block_swap": 1, "unet_checkpointing": "blocks"}]  # 2 blocks
+    assert fastest.swap_ladder(cfg, "cpu") == []
+    swapped = Config(model=str(flux_dir), resolution=64, unet_checkpointing="blocks", block_swap=1).validate()
+    assert fastest.swap_ladder(swapped, "cuda") == [] and "block_swap" in fastest.PROFILE_FIELDS

@@ -38,7 +38,7 @@ DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decod
 PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "unet_checkpointing",
                   "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
                   "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
-                  "base_quant", "resolution", "sample_steps", "guidance_scale", "truncation", "k", "k_min", "k_max",
+                  "base_quant", "block_swap", "resolution", "sample_steps", "guidance_scale", "truncation", "k", "k_min", "k_max",
                   "batch_size", "grad_accum", "lr", "lora_rank")
 
 
@@ -113,7 +113,8 @@ class _Search:
 
     def at_batch(self, fixed: dict[str, Any], best: float) -> dict[str, Any] | None:
         """The quickest fitting combination at this micro-batch (``fixed``: batch and the always-on fields), or None."""
-        dims = dimensions(self.cfg, self.target, fixed["batch_size"])
+        dims = [(name, levels) for name, levels in dimensions(self.cfg, self.target, fixed["batch_size"])
+                if not any(key in fixed for level in levels for key in level)]  # block swap fixes its checkpointing
         base_change = dict(fixed)
         for _, levels in dims:
             base_change.update(levels[0])
@@ -216,9 +217,11 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
     if cfg.attention == "sliced":
         always["attention"] = "sdpa"  # sliced attention is the slowest kernel and keeps more than sdpa
-    ladders: list[dict[str, Any]] = [{}]
+    swaps = swap_ladder(cfg, target)
+    ladders: list[dict[str, Any]] = [{}] + swaps  # block swap keeps the task (slower: PCIe copies)
     if allow_task_changes:  # only when nothing that keeps the task fits
-        ladders += [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.train_unet == "lora"]
+        quants = [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.train_unet == "lora"]
+        ladders += quants + [{**q, **s} for q in quants for s in swaps]  # a quantized base swaps at its stored size
         r = cfg.resolution
         while r > 256:
             r = max(256, (r * 3 // 4) // 64 * 64)
@@ -248,6 +251,16 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
                   plan=planner.plan(chosen, profile=profile, target=target, suggest_changes=False, started=started))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def swap_ladder(cfg: Config, target: str) -> list[dict[str, Any]]:
+    """Block swap levels to try when nothing fits without: half, then seven eighths of the denoiser's blocks (with
+    the per-block checkpointing it needs). None off a GPU, for full fine-tuning or DeepSpeed, or once set."""
+    if target != "cuda" or cfg.block_swap or cfg.train_unet != "lora" or cfg.deepspeed_zero:
+        return []
+    n = planner._swappable_count(cfg)
+    levels = sorted({n // 2, n * 7 // 8} - {0})
+    return [{"block_swap": k, "unet_checkpointing": "blocks"} for k in levels]
 
 
 def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
