@@ -59,7 +59,10 @@ PROFILE_RUNS = [
     # int8/nf4 base: drawn and quantized one block at a time), the text encoders on the CPU (encode_on_cpu; a
     # 2-prompt set keeps T5-XXL's CPU pass short); not measured yet. Planner figures: README / REPORT.md section 8
     ("rtx3060-sd35m sd35m 1024 int8", "rtx3060-sd35m", "sd35m", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.0),
-    ("rtx3060-flux flux 1024 block swap", "rtx3060-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.5),
+    # block swap with a quantized base: 41 int8 blocks from pinned memory (swapped blocks drawn, moved to the host and
+    # quantized there one at a time: the card never holds more than the resident blocks and one being drawn)
+    ("rtx3060-flux flux 1024 int8 block swap 41", "rtx3060-flux", "flux",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS"}, 7.5),
     ("rtx3060-12gb-flux flux 1024 nf4", "rtx3060-12gb-flux", "flux", {"grad_accum": 1, "prompts": "FLOW_PROMPTS"},
      11.0),
     ("rtx3060-12gb-sd35l sd35l 1024 nf4", "rtx3060-12gb-sd35l", "sd35l",
@@ -73,6 +76,12 @@ PROFILE_RUNS = [
      {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "fp8"}, 7.0),
     ("rtx4090-flux flux 1024 bf16 block swap 19", "rtx4090-flux", "flux",
      {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "none", "block_swap": 19}, 22.0),
+    # the 8 GB FLUX profile's alternatives under the same cap: bf16 blocks (the profile before int8: 2.2x the pinned
+    # host memory and PCIe bytes) and fp8 blocks (issue 18's fp8-against-int8 question, with block swap)
+    ("rtx3060-flux flux 1024 bf16 block swap 49", "rtx3060-flux", "flux",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "none", "block_swap": 49}, 7.5),
+    ("rtx3060-flux flux 1024 fp8 block swap 45", "rtx3060-flux", "flux",
+     {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "fp8", "block_swap": 45}, 7.5),
 ]
 
 # Speed features one at a time on one configuration (README "Speed"): SD1.5 512 px batch 1 under the rtx4090

@@ -231,7 +231,8 @@ def cmd_plan(argv: list[str]) -> int:
                    "decode, micro-batch for the same images per step) for the lowest estimated step time that fits "
                    "the budget; prints it as --set flags and as a profile YAML")
     p.add_argument("--allow-task-changes", action="store_true", help="with --fastest: when nothing else fits, also "
-                   "quantize the frozen UNet or transformer and lower the resolution (these change what is trained)")
+                   "swap frozen blocks from CPU memory (block_swap), quantize the frozen UNet or transformer (with or "
+                   "without block swap) and lower the resolution (the last two change what is trained)")
     p.add_argument("--max-estimates", type=int, default=40, metavar="N", help="with --fastest: at most N estimates")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)

@@ -309,9 +309,9 @@ def test_a_meta_transformer_leaves_the_swapped_blocks_in_host_memory_as_it_is_dr
     assert all(torch.equal(drawn[0][k], drawn[1][k]) for k in drawn[0])
 
 
-def test_plan_fastest_tries_block_swap_before_task_changes(flux_dir):
-    """plan --fastest's ladder: block swap (which keeps the task) right after the configuration as given, with the
-    per-block checkpointing it needs; none off a GPU or once set."""
+def test_plan_fastest_offers_block_swap_levels(flux_dir):
+    """plan --fastest --allow-task-changes's block swap levels (alone, then with int8/nf4): half and seven eighths
+    of the blocks, with the per-block checkpointing block swap needs; none off a GPU or once set."""
     from lowmem_alignprop.measure import fastest
 
     cfg = Config(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5).validate()

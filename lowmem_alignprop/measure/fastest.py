@@ -8,7 +8,8 @@ the images per optimizer step, the levels of:
     decode plain < sliced < tiled          offload_frozen                                activation_offload
 
 (cache_prompt_embeddings and expandable segments are always on: they cost no time.) ``--allow-task-changes`` adds
-a quantized base (int8, nf4) and lower resolutions, used only when nothing else fits.
+block swap (half, then seven eighths of the blocks from pinned CPU memory), a quantized base (int8, nf4), both
+together, and lower resolutions, used only when nothing else fits.
 
 It stays cheap by reusing estimates stage-wise: per micro-batch, every feature is estimated alone on top of the
 all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time
@@ -217,11 +218,13 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
     if cfg.attention == "sliced":
         always["attention"] = "sdpa"  # sliced attention is the slowest kernel and keeps more than sdpa
-    swaps = swap_ladder(cfg, target)
-    ladders: list[dict[str, Any]] = [{}] + swaps  # block swap keeps the task (slower: PCIe copies)
+    ladders: list[dict[str, Any]] = [{}]
     if allow_task_changes:  # only when nothing that keeps the task fits
+        # block swap first (the same math, PCIe copies per call), then a quantized base, then both (the blocks then
+        # swap at their quantized size)
+        swaps = swap_ladder(cfg, target)
         quants = [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.train_unet == "lora"]
-        ladders += quants + [{**q, **s} for q in quants for s in swaps]  # a quantized base swaps at its stored size
+        ladders += swaps + quants + [{**q, **s} for q in quants for s in swaps]
         r = cfg.resolution
         while r > 256:
             r = max(256, (r * 3 // 4) // 64 * 64)
