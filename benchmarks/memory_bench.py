@@ -382,7 +382,9 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path, pr
     L += _section_rss(results_dir)
     L += _section_speed(results_dir, kept_blocks(previous))
     L += _section_toy(results_dir)
-    L += section_flow_plans(results_dir)
+    flow = section_flow_plans(results_dir)
+    # each section opens with its own blank line; the toy section (as toy_experiments.py splices it) ends with one
+    L += flow[1:] if flow and L and not L[-1] and not flow[0] else flow
     return "\n".join(L) + "\n"
 
 
