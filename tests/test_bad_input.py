@@ -142,6 +142,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "max_grad_norm=-1"], "max_grad_norm must be 0 or more"),
     (["--set", "sample_prompts=-1"], "sample_prompts must be 0 or more"),
     (["--set", "tile_overlap=-1"], "tile_overlap must be 0 or more"),
+    (["--set", "window_keep=-1"], "window_keep must be 0 or more (got -1): use --set window_keep=0"),
     (["--set", "eta=5"], "eta=5.0 must be between 0"),
     (["--set", "loss_scale=0"], "loss_scale must be positive"),
     (["--set", "lora_alpha=0"], "lora_alpha must be positive"),

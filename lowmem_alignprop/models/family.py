@@ -43,7 +43,8 @@ class UNetFamily:
         scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
         return sampling.rollout(model, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                                 generator=generator, stage=stage, grad_unet=grad_model, kl=kl,
-                                lv_draws=cfg.lv_draws if k else 1)  # the no-grad samples: one draw
+                                lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
+                                window_keep=cfg.window_keep)
 
     def decode(self, vae, latents, cfg, **options):
         return sampling.decode(vae, latents, **options)
@@ -129,7 +130,8 @@ class FlowFamily(UNetFamily):
         ids = flow.latent_image_ids(lh, lw, latents.device) if self.name == flow.FLUX else None
         return flow.rollout(model, scheduler, latents, emb, k=k, guidance_scale=self.guidance(cfg), img_ids=ids,
                             stage=stage, grad_transformer=grad_model, kl=kl, generator=generator,
-                            lv_draws=cfg.lv_draws if k else 1)  # the no-grad samples: one draw
+                            lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
+                            window_keep=cfg.window_keep)
 
     def decode(self, vae, latents, cfg, **options):
         return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)

@@ -214,7 +214,8 @@ def window_start(timesteps, k: int) -> int:
 
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
             eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
-            checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1) -> torch.Tensor:
+            checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
+            window_keep: int = 0) -> torch.Tensor:
     """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
 
     ``scheduler.set_timesteps`` must have been called. ``grad_unet`` is the module used inside the grad
@@ -222,7 +223,8 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     ``kl``: a list that receives, for each grad-window step, the distance ``mean((eps - eps_base)^2)`` between
     the LoRA model's and the base model's predictions (``unet`` with its adapters off). ``lv_draws`` > 1
     (DRaFT-LV): the result holds ``lv_draws`` batches, the trajectory's own last step first (see
-    :func:`last_step_draws`).
+    :func:`last_step_draws`). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint
+    (:func:`truncated_chain`).
     """
     grad_unet = grad_unet if grad_unet is not None else unet
 
@@ -235,17 +237,20 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
         predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale),
         base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale),
         step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
-        stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None)
+        stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
+        window_keep=window_keep)
 
 
 def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_model, predict: Callable,
                     base_predict: Callable, step: Callable, stage=None, checkpoint_calls: bool = True,
-                    kl: list | None = None, last: Callable | None = None) -> torch.Tensor:
+                    kl: list | None = None, last: Callable | None = None, window_keep: int = 0) -> torch.Tensor:
     """The chain every family samples (docs/design.md section 2): ``step(predict(model, x, t), t, x)`` over
     ``timesteps``; the steps before the last ``k`` without autograd (``model``), the latent detached where the
-    window starts, and each window step's ``predict(grad_model, x, t)`` one checkpoint. ``kl`` receives, per window
-    step, ``mean((out - base_predict(model, x, t))^2)``; ``last(latents, call)`` (DRaFT-LV's extra draws) runs at
-    the window's end with the same checkpointing ``call``."""
+    window starts, and each window step's ``predict(grad_model, x, t)`` one checkpoint, except the last
+    ``min(k, window_keep)`` steps' calls, which keep their activations (backward recomputes none of them). ``kl``
+    receives, per window step, ``mean((out - base_predict(model, x, t))^2)`` (the base call checkpointed or kept as
+    its step's); ``last(latents, call)`` (DRaFT-LV's extra draws) runs at the window's end with the last step's
+    ``call``."""
     stage = stage or (lambda name: contextlib.nullcontext())
     split = window_start(timesteps, k)
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
@@ -254,10 +259,14 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
     latents = latents.detach()  # the gradient window starts here
     if k == 0:
         return latents
-    call = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else (lambda f, *a: f(*a))
+    plain = lambda f, *a: f(*a)  # noqa: E731
+    checkpointed = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else plain
     with stage(stages.SAMPLE_GRAD):
-        for t in timesteps[split:]:
-            # one checkpoint per model call: keep only its input latent, recompute the call in backward
+        for i, t in enumerate(timesteps[split:]):
+            # one checkpoint per model call: keep only its input latent, recompute the call in backward; the last
+            # window_keep calls keep their activations instead: backward skips their recompute, memory grows by
+            # one call's activations each
+            call = plain if k - i <= window_keep else checkpointed
             out = call(predict, grad_model, latents, t)
             if kl is not None:  # the base model's call is its own checkpoint: in backward one call is recomputed
                 kl.append((out - call(base_predict, model, latents, t)).pow(2).mean())  # at a time, as without KL

@@ -152,6 +152,11 @@ class Config:
     unet_checkpointing: str = _f("call", "Gradient checkpointing of the UNet in the grad window: one checkpoint per "
                                  "UNet call (always), or also per UNet block (less memory in backward, ~30% slower).",
                                  ("call", "blocks"))
+    window_keep: int = _f(0, "Grad-window calls nearest the image (the last min(K, N)) that run without their per-call "
+                          "checkpoint: their activations stay for backward, which then recomputes K - N calls instead "
+                          "of K (faster; memory grows by one UNet call's activations per kept call, not with K "
+                          "beyond N). Per-block checkpoints (unet_checkpointing=blocks) stay in a kept call. "
+                          "0 = every call one checkpoint.")
     vae_checkpointing: str = _f("none", "VAE decoder checkpointing: none, per up-block, or per resnet (least memory).",
                                 ("none", "blocks", "resnets"))
     reward_checkpointing: bool = _f(False, "Checkpoint the reward model's layers (saves its activations in backward).")
@@ -281,7 +286,8 @@ class Config:
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
                      "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
-                     "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length"):
+                     "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length",
+                     "window_keep"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         for name in pos:
