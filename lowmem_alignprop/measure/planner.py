@@ -298,6 +298,8 @@ class StageWork(StageCounter):
         self.unet_calls: dict[str, int] = {}
         self.marks: dict[str, dict[str, int]] = {}  # e.g. backward's work when its first UNet recompute began
         self.quiet = 0  # > 0: ops are not counted (work the planner adds itself, e.g. block swap's copies)
+        self.window_marks: list[tuple[Any, dict[str, int]]] = []  # see window_output
+        self.window_labels: set = set()
 
     def bucket(self) -> dict[str, int] | None:
         name = self.open[-1] if self.open else None if self.last is None else self.last + AFTER
@@ -338,6 +340,17 @@ class StageWork(StageCounter):
             yield
         finally:
             self.quiet -= 1
+
+    def window_output(self, output, label) -> None:
+        """``output``: the result of a call of grad-window step ``label`` (or DRaFT-LV's "lv"). When backward first
+        reaches an output of that step, its backward begins: :attr:`window_marks` gets (label, the work so far),
+        in the order backward reaches them (each step's backward runs until the next mark)."""
+        def mark(grad):
+            if label not in self.window_labels and self.open and self.open[-1] == stages.BACKWARD:
+                self.window_labels.add(label)
+                self.window_marks.append((label, dict(self.bucket())))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(mark)
 
     def unet_call(self) -> None:
         """A UNet call begins (forward, or its recompute in backward)."""
@@ -774,7 +787,7 @@ class Estimate:
     weights: dict[str, int]  # module -> bytes
     k_planned: int
     k_simulated: int
-    per_k_bytes: int
+    per_k_bytes: int  # what each checkpointed grad step beyond the simulated ones keeps
     step_start: int  # bytes on the device when the step begins (weights there, optimizer state, kept gradients)
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -782,6 +795,7 @@ class Estimate:
     # scaled from the simulated step to all T steps and the mean K (step_work)
     work: dict[str, dict[str, float]] = field(default_factory=dict)
     host_pinned: int = 0  # block swap: the swapped blocks' frozen weights in pinned host memory, as stored
+    per_kept_bytes: int = 0  # what each kept grad step (window_keep) beyond the simulated ones keeps
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB
@@ -886,7 +900,16 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
             cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
             grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
 
-    hooks = [comps.unet.register_forward_pre_hook(at_grad_call)] + _dequant_hooks(cfg, comps.unet, work)
+    calls_per_step = 2 if cfg.kl_coeff > 0 else 1  # the LoRA model's call, and the base model's with KL
+
+    def after_grad_call(module, args, output):  # marks where backward reaches each window step (_backward_work)
+        if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
+            step = (len(grad_calls) - 1) // calls_per_step
+            work.window_output(output[0] if isinstance(output, tuple) else getattr(output, "sample", output),
+                               step if step < k_sim else "lv")
+
+    hooks = [comps.unet.register_forward_pre_hook(at_grad_call), comps.unet.register_forward_hook(after_grad_call)]
+    hooks += _dequant_hooks(cfg, comps.unet, work)
     # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
     # activation_offload go to (uncounted) host memory, the stage is the counter's
     family = family_for(comps)
@@ -911,8 +934,9 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     finally:
         for hook in hooks:
             hook.remove()
-    est = _figures(cfg, target, counter, weights, largest, grad_calls, k_plan, k_sim, step_start, t0, notes)
-    est.work = step_work(cfg, work, k_sim, n_nograd)
+    est = _figures(cfg, target, counter, weights, largest, grad_calls, (k_plan, k_sim, sim.window_keep), step_start,
+                   t0, notes)
+    est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
     est.seconds = time.perf_counter() - t0
     return est
@@ -953,9 +977,63 @@ def mean_k(cfg: Config) -> float:
     return (lo + hi) / 2
 
 
-def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int) -> dict[str, dict[str, float]]:
+def mean_kept(cfg: Config) -> float:
+    """The grad-window calls a step keeps without their checkpoint on average: min(K, window_keep) over K's range."""
+    lo, hi = cfg.window_bounds()
+    return sum(min(k, cfg.window_keep) for k in range(lo, hi + 1)) / (hi - lo + 1)
+
+
+def _window_counts(cfg: Config) -> tuple[float, float, float, float]:
+    """Over K's range (uniform), the mean number of: the window's first step checkpointed, the first step kept,
+    further checkpointed steps, further kept steps (window_keep keeps the last min(K, window_keep))."""
+    lo, hi = cfg.window_bounds()
+    totals = [0.0] * 4
+    for k in range(lo, hi + 1):
+        kept = min(k, cfg.window_keep)
+        first_ckpt = 1 if k > kept else 0
+        for i, n in enumerate((first_ckpt, 1 - first_ckpt if k else 0, k - kept - first_ckpt,
+                               kept - (1 - first_ckpt if k else 0))):
+            totals[i] += n
+    return tuple(t / (hi - lo + 1) for t in totals)
+
+
+def _backward_work(cfg: Config, work: StageWork, d: dict, k_sim: int, keep_sim: int) -> dict[str, float]:
+    """Backward's work scaled to the configuration's K: what runs before backward reaches the window (reward,
+    decode) and DRaFT-LV's call once; each simulated window step's backward (from where backward first reaches its
+    outputs to the next step's: a checkpointed step's recompute and backward, a kept step's backward alone)
+    counted per kind. The window's first step is its own kind (its input needs no gradient: less backward, and with
+    KL no backward through the base model's call), the others are averaged per kind."""
+    marks = work.window_marks
+    if not marks:  # backward never reached a window output (K = 0)
+        return {key: float(d[key]) for key in WORK_KEYS}
+    zero = dict.fromkeys(WORK_KEYS, 0)
+    ends = [snap for _, snap in marks[1:]] + [d]
+    seg = {label: {key: end[key] - snap[key] for key in WORK_KEYS} for (label, snap), end in zip(marks, ends)}
+    ckpt_sim = k_sim - keep_sim
+    first = seg.get(0, zero)
+    ckpt = [seg.get(s, zero) for s in range(1, ckpt_sim)]
+    kept = [seg.get(s, zero) for s in range(max(ckpt_sim, 1), k_sim)]
+    n_first_ckpt, n_first_kept, n_ckpt, n_kept = _window_counts(cfg)
+
+    def mean(parts: list, key: str) -> float:
+        return sum(p[key] for p in parts) / len(parts) if parts else 0.0
+    out = {}
+    for key in WORK_KEYS:
+        c, k = mean(ckpt, key), mean(kept, key)
+        # a first step of the kind the simulation did not begin with (uniform K, some K <= window_keep): the
+        # simulated first step with a kept step's backward in place of a checkpointed one's
+        first_ckpt = first[key]
+        first_kept = first[key] + (k - c) if ckpt_sim and ckpt else (k if ckpt_sim else first[key])
+        out[key] = (marks[0][1][key] + seg.get("lv", zero)[key] + n_first_ckpt * first_ckpt
+                    + n_first_kept * first_kept + n_ckpt * c + n_kept * k)
+    return out
+
+
+def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
+              keep_sim: int = 0) -> dict[str, dict[str, float]]:
     """The simulated step's counts scaled to the configuration's: the no-grad steps to ``sample_steps - K``, the grad
-    window and its backward (from the first UNet recompute on) to the mean K; with cached prompt embeddings a step
+    window to the mean K and its backward by :func:`_backward_work` (``keep_sim``: the simulated window's kept
+    steps); with cached prompt embeddings a step
     encodes nothing (the first step's encoding of every prompt is left out: it happens once); the backward's
     dequantization adds one more pass per grad-window call (the input gradient of each quantized layer)."""
     k = mean_k(cfg)
@@ -976,9 +1054,7 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int) -> dict[s
         elif name == stages.SAMPLE_GRAD:
             d = scaled(d, k / k_sim)
         elif name == stages.BACKWARD:
-            before = work.marks.get("backward_unet", d)
-            after = {key: d[key] - before[key] for key in WORK_KEYS}
-            d = {key: before[key] + after[key] * k / k_sim for key in WORK_KEYS}
+            d = _backward_work(cfg, work, d, k_sim, keep_sim)
             if cfg.base_quant != "none":
                 grad_calls = work.unet_calls.get(stages.SAMPLE_GRAD, 0)
                 per_call = work.work.get(stages.SAMPLE_GRAD, zero)["dequant_bytes"] / max(grad_calls, 1)
@@ -1030,10 +1106,16 @@ def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
     k_plan = cfg.window_bounds()[1]
     if cfg.truncation == "uniform":
         notes.append(f"K ~ U{{{cfg.k_min}..{cfg.k_max}}}: planned at k_max={cfg.k_max}, the worst case")
-    k_sim = min(k_plan, 2)
+    kept = min(cfg.window_keep, k_plan)
+    # window_keep: the simulated window is up to two checkpointed steps, then up to two kept ones (three when all
+    # are kept): the window's first step and a further one of each kind are measured, in memory (_figures) and
+    # work (_backward_work), and K beyond them is extrapolated per kind
+    ckpt_sim = min(k_plan - kept, 2)
+    keep_sim = min(kept, 2) if ckpt_sim else min(k_plan, 3)
+    k_sim = ckpt_sim + keep_sim
     # the no-grad steps leave nothing behind: one shows their peak (also when K = T, to fill the table's row)
     n_nograd = 1 if (cfg.sample_steps > k_plan or k_plan > k_sim) else 0
-    sim = dataclasses.replace(cfg, sample_steps=k_sim + n_nograd, truncation="fixed", k=k_sim)
+    sim = dataclasses.replace(cfg, sample_steps=k_sim + n_nograd, truncation="fixed", k=k_sim, window_keep=keep_sim)
     if cfg.attention == "xformers":
         sim = dataclasses.replace(sim, attention="sdpa")
         notes.append("attention=xformers estimated as sdpa (both keep no n^2 attention matrix)")
@@ -1124,21 +1206,32 @@ def _optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], pla
 
 
 def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int], largest: int,
-             grad_calls: list[int], k_plan: int, k_sim: int, step_start: int, t0: float,
+             grad_calls: list[int], window: tuple[int, int, int], step_start: int, t0: float,
              notes: list[str]) -> Estimate:
     """The per-stage figures: the counter's peaks, K beyond the simulated window, load, the reserved estimate."""
     cuda = target == "cuda"
     # K beyond the simulated window: each further grad step keeps what the second one kept (with kl_coeff each
     # window step makes two UNet calls, the LoRA model's and the base model's: the step is every second call)
+    k_plan, k_sim, keep_sim = window  # K planned, simulated, and the simulated steps kept without checkpoint
     calls = 2 if cfg.kl_coeff > 0 else 1
-    per_k = max(0, grad_calls[calls] - grad_calls[0]) if len(grad_calls) > calls else 0
-    extra = per_k * (k_plan - k_sim)
+
+    def kept_by_step(i: int) -> int:  # what simulated window step i keeps until step i + 1 begins
+        return max(0, grad_calls[calls * (i + 1)] - grad_calls[calls * i]) if len(grad_calls) > calls * (i + 1) else 0
+    ckpt_sim, kept_plan = k_sim - keep_sim, min(cfg.window_keep, k_plan)
+    per_k = kept_by_step(0) if ckpt_sim else 0
+    per_kept = kept_by_step(max(ckpt_sim, 1)) if keep_sim else 0  # a kept step after the window's first
+    more, more_kept = k_plan - kept_plan - ckpt_sim, kept_plan - keep_sim
+    extra = per_k * more + per_kept * more_kept
     if extra:
         for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD):
             if name in counter.peaks:
                 counter.peaks[name] += extra
-        notes.append(f"K={k_plan}: {k_sim} grad steps simulated, {k_plan - k_sim} more at {per_k / 1024:.0f} KiB each "
-                     "(their checkpoint inputs and scheduler graph)")
+        if more:
+            notes.append(f"K={k_plan}: {k_sim} grad steps simulated, {more} more at {per_k / 1024:.0f} KiB each "
+                         "(their checkpoint inputs and scheduler graph)")
+        if more_kept:
+            notes.append(f"window_keep={cfg.window_keep}: {keep_sim} kept steps simulated, {more_kept} more at "
+                         f"{per_kept / 2**20:.1f} MiB each (a call's activations kept for backward)")
     # load: what sits on the device once loading is done (the optimizer state comes with the first step)
     at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
                if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))
@@ -1155,7 +1248,8 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
     peak = out[peak_stage]["allocated"]
     return Estimate(target=target, stages=out, peak_allocated=peak, peak_stage=peak_stage,
                     peak_needed=_reserved(cfg, peak, cuda) + (WORKSPACE_BYTES if cuda else 0), weights=weights,
-                    k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, step_start=step_start,
+                    k_planned=k_plan, k_simulated=k_sim, per_k_bytes=per_k, per_kept_bytes=per_kept,
+                    step_start=step_start,
                     seconds=time.perf_counter() - t0, notes=notes)
 
 
