@@ -17,7 +17,7 @@ import torch
 
 from numerics import SAME_OPS, assert_rel_close
 
-from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure import devices, planner
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.family import UNetFamily
 from lowmem_alignprop.models.sampling import PromptEmbeds, enable_block_checkpointing
@@ -74,9 +74,8 @@ def _recomputed(cfg) -> int:
     return checkpointed + base_calls + (1 if cfg.lv_draws > 1 and kept == 0 else 0)
 
 
-@pytest.mark.parametrize("keep", [1, 2, 9])
-@pytest.mark.parametrize("variant", ["plain", "kl+lv", "blocks"])
-def test_unet_gradients_equal_the_checkpointed_windows(tiny, keep, variant):
+@pytest.mark.parametrize("variant,keep", [("plain", 1), ("plain", 9), ("kl+lv", 1), ("kl+lv", 2), ("blocks", 2)])
+def test_unet_gradients_equal_the_checkpointed_windows(tiny, variant, keep):
     """K=3 of 5 DDIM steps: window_keep=N gives the LoRA gradients of window_keep=0 (the same ops: SAME_OPS), K is
     still the contiguous last 3 calls of the rollout, and backward recomputes only the K - min(K, N) checkpointed
     steps' calls (with the KL term's base calls and DRaFT-LV's draws; with per-block checkpoints the kept call
@@ -141,3 +140,80 @@ def test_flow_gradients_equal_the_checkpointed_windows(tmp_path, name):
     assert_rel_close(out[1][0], out[0][0], SAME_OPS, f"{name}: loss")
     assert_rel_close(out[1][1], out[0][1], SAME_OPS, f"{name}: window_keep=1 LoRA gradients")
     assert (out[0][2], out[1][2]) == (_recomputed(cfg), _recomputed(dataclasses.replace(cfg, window_keep=1)))
+
+
+# -- the planner and plan --fastest -----------------------------------------------------------------------------
+
+def _tiny(**kw) -> Config:
+    base = dict(model="tiny", resolution=64, sample_steps=6, k=4, batch_size=2, prompts="simple_animals")
+    return Config(**{**base, **kw}).validate()
+
+
+def test_planner_counts_what_kept_calls_save_in_time_and_cost_in_memory(tiny_dir):
+    """K=4 of 6 steps: each kept call (after the window's first) leaves backward one call's recompute less to do:
+    the forward up to the last tensor it saved, so at most the call's forward (the sample_grad work per call) and
+    nearly all of it; the same for every kept call. Memory: backward's peak rises by per_kept_bytes (one call's
+    activations) per kept call from the second on; the first costs less, as without it backward's peak already
+    held one call's activations (a recompute's)."""
+    est = {n: planner.estimate(_tiny(window_keep=n), target="cpu") for n in (0, 1, 2, 3)}
+    forward = est[0].work[stages.SAMPLE_GRAD]["matmul_flops"]
+    assert all(e.work[stages.SAMPLE_GRAD]["matmul_flops"] == forward for e in est.values())  # forward unchanged
+    per_call = forward / 4
+    backward = [est[n].work[stages.BACKWARD]["matmul_flops"] for n in (0, 1, 2, 3)]
+    drops = [a - b for a, b in zip(backward, backward[1:])]
+    assert all(0.95 * per_call <= d <= per_call for d in drops), (drops, per_call)
+    assert drops == pytest.approx([drops[0]] * 3, rel=1e-9)
+    peaks = [est[n].stages[stages.BACKWARD]["allocated"] for n in (0, 1, 2, 3)]
+    kept = est[2].per_kept_bytes
+    assert kept > 20 * est[0].per_k_bytes  # a call's activations, not a latent
+    rises = [b - a for a, b in zip(peaks, peaks[1:])]
+    assert rises[1:] == pytest.approx([kept] * 2, rel=0.02) and 0 < rises[0] < kept, (rises, kept)
+    assert est[1].per_k_bytes == est[0].per_k_bytes  # the checkpointed steps keep what they kept
+    t = {n: planner.step_time(_tiny(window_keep=n), est[n], devices.cpu_device())
+         for n in (0, 3)}
+    assert t[3]["stages"][stages.BACKWARD] < t[0]["stages"][stages.BACKWARD]
+
+
+def test_planner_peak_with_kept_calls_matches_the_cpu_measurement(tiny_dir):
+    """The estimate (K=6, window_keep=3: two checkpointed and two kept steps simulated, one more of each kind
+    extrapolated) against the same step run for real on the CPU: every stage within the planner's 5%, and the rise
+    over window_keep=0 too."""
+    base = _tiny(sample_steps=7, k=6)
+    cfg = dataclasses.replace(base, window_keep=3)
+    est, meas = planner.estimate(cfg, target="cpu"), planner.measure_cpu_step(cfg)
+    est0, meas0 = planner.estimate(base, target="cpu"), planner.measure_cpu_step(base)
+    for name in stages.STEP_STAGES:
+        e, m = est.stages[name]["allocated"], meas["stages"][name]
+        assert abs(e - m) <= 0.05 * m, (name, e, m)
+    rise_est = est.stages[stages.BACKWARD]["allocated"] - est0.stages[stages.BACKWARD]["allocated"]
+    rise_meas = meas["stages"][stages.BACKWARD] - meas0["stages"][stages.BACKWARD]
+    assert rise_meas > 0 and abs(rise_est - rise_meas) <= 0.05 * rise_meas, (rise_est, rise_meas)
+    assert est.k_simulated == 4 and any("1 more at" in note for note in est.notes)
+
+
+def test_fastest_keeps_window_calls_only_when_the_budget_has_room(tiny_dir, monkeypatch):
+    """A large budget: --fastest keeps every grad-window call (the fastest level) and its own estimate says that is
+    faster than checkpointing them; a budget that only the all-checkpointed configuration fits: it keeps none (that
+    half searches window_keep alone, to stay quick)."""
+    from lowmem_alignprop.measure import fastest
+
+    cfg = _tiny(sample_steps=3, k=2, batch_size=1, cache_prompt_embeddings=True, budget_gb=8.0,
+                unet_checkpointing="blocks", vae_checkpointing="blocks")  # one image: no smaller micro-batch to try
+    r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30)
+    found = r["found"]
+    assert found is not None and found["set"]["window_keep"] == 2, found["set"]
+    chosen = dataclasses.replace(cfg, **found["set"]).validate()
+    device = devices.cpu_device()
+    none_kept = dataclasses.replace(chosen, window_keep=0)
+    slower = planner.step_time(none_kept, planner.estimate(none_kept, target="cpu"), device)["optimizer_step"]
+    assert found["seconds"] < slower
+    assert "window_keep: 2" in r["profile_yaml"]
+    # a budget that only window_keep=0 fits (the other features as given) leaves every call checkpointed
+    need = planner.estimate(none_kept, target="cpu").peak_needed
+    small = dataclasses.replace(none_kept, budget_gb=need * 1.001 / 2**30)
+    levels = fastest.dimensions(small, "cpu", 1)[0]
+    assert levels == ("window_keep", [{"window_keep": 2}, {"window_keep": 1}, {"window_keep": 0}])
+    monkeypatch.setattr(fastest, "dimensions", lambda *a: [levels])
+    r = fastest.fastest(small, profile="custom", target="cpu", max_estimates=30)
+    assert r["found"] is not None and dataclasses.replace(small, **r["found"]["set"]).window_keep == 0
+    assert any(not row["fits"] and row["set"].get("window_keep") for row in r["tried"])  # keeping was tried

@@ -4,8 +4,10 @@ Every memory feature trades time for bytes (a recompute, a PCIe copy, more micro
 trained (images per optimizer step, resolution, K range, base weights) and picks, for each micro-batch that divides
 the images per optimizer step, the levels of:
 
-    unet_checkpointing call < blocks      vae_checkpointing none < blocks < resnets     reward_checkpointing
-    decode plain < sliced < tiled          offload_frozen                                activation_offload
+    window_keep K_max > 4 > 2 > 1 > 0      unet_checkpointing call < blocks               reward_checkpointing
+    vae_checkpointing none < blocks < resnets     decode plain < sliced < tiled   offload_frozen   activation_offload
+
+(window_keep N: the last min(K, N) grad-window calls keep their activations and are not recomputed in backward.)
 
 (cache_prompt_embeddings and expandable segments are always on: they cost no time.) ``--allow-task-changes`` adds
 block swap (half, then seven eighths of the blocks from pinned CPU memory), a quantized base (int8, nf4), both
@@ -36,8 +38,8 @@ from lowmem_alignprop.settings.errors import UserError
 DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decode": True, "tiled_decode": False},
                  {"sliced_decode": False, "tiled_decode": True})
 # the fields a profile YAML from --fastest holds
-PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "unet_checkpointing",
-                  "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
+PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "window_keep",
+                  "unet_checkpointing", "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
                   "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
                   "base_quant", "block_swap", "resolution", "sample_steps", "guidance_scale", "truncation", "k", "k_min", "k_max",
                   "batch_size", "grad_accum", "lr", "lora_rank")
@@ -46,6 +48,7 @@ PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimize
 def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dict[str, Any]]]]:
     """The searched features at micro-batch ``batch``: (name, levels from fastest to least memory)."""
     dims: list[tuple[str, list[dict[str, Any]]]] = [
+        ("window_keep", [{"window_keep": n} for n in window_keep_levels(cfg)]),
         ("unet_checkpointing", [{"unet_checkpointing": "call"}, {"unet_checkpointing": "blocks"}]),
         ("vae_checkpointing", [{"vae_checkpointing": v} for v in ("none", "blocks", "resnets")]),
     ]
@@ -59,6 +62,12 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
         dims.append(("offload_frozen", [{"offload_frozen": False}, {"offload_frozen": True}]))
         dims.append(("activation_offload", [{"activation_offload": False}, {"activation_offload": True}]))
     return dims
+
+
+def window_keep_levels(cfg: Config) -> list[int]:
+    """window_keep's levels, fastest first: every grad-window call kept (K_max), 4, 2, 1, none."""
+    k_max = cfg.window_bounds()[1]
+    return sorted({n for n in (k_max, 4, 2, 1) if n <= k_max}, reverse=True) + [0]
 
 
 def batch_options(images: int, limit: int = 6) -> list[int]:

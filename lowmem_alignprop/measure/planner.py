@@ -1334,6 +1334,9 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
                     {"expandable_segments": True}))
     if not cfg.cache_prompt_embeddings:
         out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
+    if cfg.window_keep:
+        out.append(("checkpoint every grad-window call (window_keep=0: backward recomputes the kept calls)",
+                    {"window_keep": 0}))
     if not cfg.reward_checkpointing and _has_model_reward(cfg):
         out.append(("checkpoint the reward model (recomputes its forward)", {"reward_checkpointing": True}))
     if cfg.vae_checkpointing == "none":
