@@ -217,3 +217,31 @@ def test_fastest_keeps_window_calls_only_when_the_budget_has_room(tiny_dir, monk
     r = fastest.fastest(small, profile="custom", target="cpu", max_estimates=30)
     assert r["found"] is not None and dataclasses.replace(small, **r["found"]["set"]).window_keep == 0
     assert any(not row["fits"] and row["set"].get("window_keep") for row in r["tried"])  # keeping was tried
+
+
+def test_fastest_fills_the_budgets_room_with_kept_calls():
+    """Between the chosen window_keep level (4) and the next one up (K_max = 6), the search takes
+    the most kept calls the room holds, predicted from per_kept_bytes and confirmed by an estimate (here a linear
+    stand-in for the planner: 1 GiB and 0.1 s per kept call)."""
+    from lowmem_alignprop.measure import fastest
+    from lowmem_alignprop.memory.allowances import GIB
+
+    cfg = Config(model="tiny", sample_steps=8, k=6, budget_gb=10.5).validate()
+    search = fastest._Search(cfg, "cpu", devices.cpu_device(), [], max_estimates=10)
+
+    def row(n: int) -> dict:
+        needed = (4 + n) * GIB
+        return {"set": {"window_keep": n}, "needed": needed, "allocated": needed, "per_kept_bytes": GIB,
+                "seconds": 2.0 - 0.1 * n, "fits": needed <= cfg.budget_gb * GIB}
+
+    def run(change):
+        search.tried.append(change)
+        return row(change["window_keep"])
+    search.run = run
+    assert search.fill_window(row(4))["set"]["window_keep"] == 6  # 10 GiB needed of 10.5: K_max itself fits
+    search.cfg = dataclasses.replace(cfg, budget_gb=9.5)
+    search.tried.clear()
+    assert search.fill_window(row(4))["set"]["window_keep"] == 5 and len(search.tried) == 1
+    search.cfg = dataclasses.replace(cfg, budget_gb=8.5)
+    assert search.fill_window(row(4))["set"]["window_keep"] == 4  # no room for one more: nothing estimated
+    assert len(search.tried) == 1

@@ -18,7 +18,8 @@ all-off configuration (its time and per-stage memory deltas); combinations are r
 deltas and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are
 estimated for real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already
 slower than the best found is not searched. Finally each single step back (one feature a level lower, a larger
-micro-batch) is estimated, and taken when it fits and is faster, until none is. Every estimate is cached.
+micro-batch) is estimated, and taken when it fits and is faster, until none is; then window_keep grows from the
+chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class _Search:
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
         t = planner.step_time(cfg, est, self.device)
         row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
+               "allocated": est.peak_allocated, "per_kept_bytes": est.per_kept_bytes,
                "fits": bool(est.fits(cfg.budget_gb)), "seconds": t["optimizer_step"],
                "stages": {n: f["allocated"] for n, f in est.stages.items()}}
         self.tried.append(row)
@@ -188,6 +190,23 @@ class _Search:
                     break
         return row
 
+    def fill_window(self, row: dict[str, Any]) -> dict[str, Any]:
+        """More kept grad-window calls than the chosen window_keep level, up to what the budget's room holds: the
+        number predicted from what each kept call adds to the peak (its activations, in "needed" terms), then
+        estimated, one fewer at a time until one fits (taken when faster)."""
+        n, k_max = row["set"].get("window_keep", 0), self.cfg.window_bounds()[1]
+        per_call = row.get("per_kept_bytes", 0) * row["needed"] / max(row.get("allocated", 0), 1)
+        if not n or n >= k_max or not per_call:
+            return row
+        room = self.cfg.budget_gb * GIB - row["needed"]
+        for more in range(min(int(room // per_call), k_max - n), 0, -1):
+            if len(self.tried) >= self.max_estimates:
+                break
+            other = self.run({**row["set"], "window_keep": n + more})
+            if other is not None and other["fits"]:
+                return other if other["seconds"] < row["seconds"] else row
+        return row
+
     def neighbours(self, change: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
         b = change["batch_size"]
@@ -255,7 +274,7 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
                        plan=planner.plan(cfg, profile=profile, target=target, log=log, started=started))
         result["seconds"] = round(time.perf_counter() - started, 1)
         return result
-    best = search.polish(best)
+    best = search.fill_window(search.polish(best))
     chosen = dataclasses.replace(cfg, **best["set"]).validate()
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
     named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "")
