@@ -4,7 +4,7 @@ Every memory feature trades time for bytes (a recompute, a PCIe copy, more micro
 trained (images per optimizer step, resolution, K range, base weights) and picks, for each micro-batch that divides
 the images per optimizer step, the levels of:
 
-    window_keep K_max > 4 > 2 > 1 > 0      unet_checkpointing call < blocks               reward_checkpointing
+    window_keep K_max > 16 > 8 > 4 > 2 > 1 > 0      unet_checkpointing call < blocks      reward_checkpointing
     vae_checkpointing none < blocks < resnets     decode plain < sliced < tiled   offload_frozen   activation_offload
 
 (window_keep N: the last min(K, N) grad-window calls keep their activations and are not recomputed in backward.)
@@ -66,9 +66,10 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
 
 
 def window_keep_levels(cfg: Config) -> list[int]:
-    """window_keep's levels, fastest first: every grad-window call kept (K_max), 4, 2, 1, none."""
+    """window_keep's levels, fastest first: every grad-window call kept (K_max), 16, 8, 4, 2, 1, none (a kept SD1.5
+    call at 512 px holds about 2.4 GiB: the budget's room is a few calls; fill_window takes what lies between)."""
     k_max = cfg.window_bounds()[1]
-    return sorted({n for n in (k_max, 4, 2, 1) if n <= k_max}, reverse=True) + [0]
+    return sorted({n for n in (k_max, 16, 8, 4, 2, 1) if n <= k_max}, reverse=True) + [0]
 
 
 def batch_options(images: int, limit: int = 6) -> list[int]:
