@@ -67,7 +67,7 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
 
 def window_keep_levels(cfg: Config) -> list[int]:
     """window_keep's levels, fastest first: every grad-window call kept (K_max), 16, 8, 4, 2, 1, none (a kept SD1.5
-    call at 512 px holds about 2.4 GiB: the budget's room is a few calls; fill_window takes what lies between)."""
+    call at 512 px holds about 2.2 GiB: the budget's room is a few calls; fill_window takes what lies between)."""
     k_max = cfg.window_bounds()[1]
     return sorted({n for n in (k_max, 16, 8, 4, 2, 1) if n <= k_max}, reverse=True) + [0]
 

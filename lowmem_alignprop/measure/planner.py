@@ -1033,8 +1033,8 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
               keep_sim: int = 0) -> dict[str, dict[str, float]]:
     """The simulated step's counts scaled to the configuration's: the no-grad steps to ``sample_steps - K``, the grad
     window to the mean K and its backward by :func:`_backward_work` (``keep_sim``: the simulated window's kept
-    steps); with cached prompt embeddings a step
-    encodes nothing (the first step's encoding of every prompt is left out: it happens once); the backward's
+    steps); with cached prompt embeddings a step encodes nothing (the first step's encoding of every prompt is left
+    out: it happens once); the backward's
     dequantization adds one more pass per grad-window call (the input gradient of each quantized layer)."""
     k = mean_k(cfg)
     zero = dict.fromkeys(WORK_KEYS, 0)
