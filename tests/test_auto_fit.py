@@ -230,7 +230,8 @@ def test_every_rung_has_a_test():
     """The ladder's rungs and the planner's live changes all appear above."""
     covered = {"batch_size", "grad_accum", "vae_checkpointing", "unet_checkpointing", "reward_checkpointing",
                "sliced_decode", "tiled_decode", "cache_prompt_embeddings", "offload_frozen", "attention",
-               "activation_offload", "expandable_segments"}
+               "activation_offload", "expandable_segments",
+               "block_swap"}  # in tests/test_block_swap*.py: a run with it (gradients, placement), the suggestion
     from lowmem_alignprop.settings.config import Config
     cfg = Config(batch_size=4, sample_steps=10, k=1, cache_prompt_embeddings=False, expandable_segments=False,
                  unet_checkpointing="call", resolution=512)
