@@ -711,3 +711,36 @@ def test_toy_count_moves_the_exact_object_count_toward_its_target(count_run):
     assert after["reward"] > before["reward"] and count_run["reward_prompts"] == 4  # the same four prompts
     assert count_run["reward_last"] > count_run["reward_first"]
 
+
+
+def test_an_adversarial_round_fine_tunes_toy_clip_on_what_alignprop_runs_draw(tmp_path, one_thread):
+    """--rewards-only --adversarial RUN: samples the run's prompts with its LoRA (and without), labels them with the
+    exact evaluator and fine-tunes toy_clip alone on them; seeded, and the report names the runs' LoRA checksums."""
+    import json
+
+    from lowmem_alignprop.cli import main as cli_main
+    from lowmem_alignprop.commands.train_toy_world import Schedule, main, train_world
+
+    tiny = Schedule(**{**TINY_SCHEDULE, "gen_samples": 0, "adv_samples": 4})
+    quiet = dict(seed=1, threads=1, evaluate_samples=False, log=lambda _: None)
+    first = train_world(tmp_path / "first", schedule=tiny, **quiet)
+    run = tmp_path / "run"
+    assert cli_main(["--model", str(tmp_path / "first" / "model"), "--profile", "cpu", "--output-dir", str(run),
+                     "--steps", "1", "--reward", "toy_clip", "--prompts", "toy-pairs", "--set", "resolution=64",
+                     "--set", "sample_steps=2", "--set", "sample_prompts=0", "--set", "fidelity_images=0"]) == 0
+    lines = []
+    adv = [train_world(tmp_path / name, schedule=tiny, rewards_from=tmp_path / "first", adversarial=[run],
+                       **{**quiet, "log": lines.append}) for name in ("a", "b")]
+    assert adv[0]["sha256"] == adv[1]["sha256"]  # seeded
+    clip, count = "rewards/toy_clip/model.safetensors", "rewards/toy_count/model.safetensors"
+    assert adv[0]["sha256"][clip] != first["sha256"][clip] and adv[0]["sha256"][count] == first["sha256"][count]
+    pool = adv[0]["adversarial_pool"]
+    assert set(pool) == {"base", "run"} and all(p["images"] == 4 for p in pool.values())
+    assert adv[0]["adversarial_runs"]["run"]["lora_sha256"]
+    assert any(line.startswith("adversarial_clip 2/2 loss") for line in lines)
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert saved["adversarial_pool"] == pool and saved["phases_1_4_from"]["sha256"] == first["sha256"]
+    with pytest.raises(SystemExit) as exit_info:  # --adversarial needs --rewards-only
+        main(["--out", str(tmp_path / "x"), "--adversarial", str(run)])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "x").exists()

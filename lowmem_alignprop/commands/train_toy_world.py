@@ -82,6 +82,7 @@ class Schedule:
                                # 5-6 off; 2,048 measured: docs/toy_world.md, not yet better for AlignProp)
     robust_clip_steps: int = 400   # phase 6: the rewards fine-tuned on generated + rendered + reconstructed images
     robust_count_steps: int = 300
+    adv_samples: int = 128     # --adversarial: samples of the run's prompts per AlignProp run's LoRA (and the base)
     sample_steps: int = 20
     guidance: float = 3.0
 
@@ -90,7 +91,7 @@ class Schedule:
         if scale == 1:
             return s
         for k in ("vae_steps", "pool", "unet_steps", "clip_steps", "count_steps", "recon_pool", "eval_samples",
-                  "gen_samples", "robust_clip_steps", "robust_count_steps"):
+                  "gen_samples", "robust_clip_steps", "robust_count_steps", "adv_samples"):
             setattr(s, k, max(1, int(round(getattr(s, k) * scale))))
         s.pool = max(s.pool, s.unet_batch)
         s.recon_pool = max(s.recon_pool, s.reward_batch)
@@ -100,7 +101,8 @@ class Schedule:
 
 
 # planned share of the wall time per phase (for --max-minutes)
-SHARES = {"vae": 0.18, "unet": 0.55, "toy_clip": 0.1, "toy_count": 0.07, "robust_clip": 0.04, "robust_count": 0.02}
+SHARES = {"vae": 0.18, "unet": 0.55, "toy_clip": 0.1, "toy_count": 0.07, "robust_clip": 0.04, "robust_count": 0.02,
+          "adversarial_clip": 0.04}
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -483,6 +485,67 @@ def robust_phases(pipe, clip, counter, tokenizer, sched: Schedule, seed: int, sp
     return stats
 
 
+# ------------------------------------------------------------------------------------------ an adversarial round
+
+def _run_prompts(run: Path) -> list[str]:
+    """The prompts an AlignProp run trained on (its config.yaml's ``prompts``: a built-in set or a file)."""
+    import yaml
+
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    return load_prompts(yaml.safe_load((run / "config.yaml").read_text())["prompts"])
+
+
+@torch.no_grad()
+def adversarial_pool(pipe, runs: list[Path], sched: Schedule, seed: int, log) -> tuple[torch.Tensor, list[Generated],
+                                                                                         dict]:
+    """The images AlignProp runs drove the model to: ``sched.adv_samples`` DDIM samples (eta 1, as the trainer
+    samples) of each run's prompts with its LoRA loaded, and as many of the base model's, each labelled as phase 5
+    labels (what the exact evaluator reads; "" for no object, the prompt then a hard negative). Returns the images,
+    their labels and per-source statistics."""
+    rng = np.random.default_rng(seed + 16)
+    images, items, stats = [], [], {}
+    for k, run in enumerate([None, *runs]):
+        prompts = _run_prompts(runs[0] if run is None else run)
+        prompts = [prompts[i % len(prompts)] for i in range(sched.adv_samples)]
+        if run is not None:
+            pipe.load_lora_weights(str(run / "lora"), adapter_name=f"run{k}")
+        x = sample_images(pipe, prompts, sched, seed + 17 + 1000 * k, eta=1.0)
+        if run is not None:
+            pipe.delete_adapters(f"run{k}")
+        detections = fid.detect(x)
+        checks = [fid.compare(parse_caption(p), d.content) for p, d in zip(prompts, detections)]
+        labels = [detected_label(d, rng) for d in detections]
+        keep = [i for i, c in enumerate(labels) if c is not None]
+        images.append(x[torch.tensor(keep, dtype=torch.long)])
+        items += [Generated(labels[i], None if checks[i].all_ok else prompts[i]) for i in keep]
+        name = "base" if run is None else run.name
+        stats[name] = {"images": len(prompts), "kept": len(keep),
+                       "no_object_read": round(sum(not d.objects for d in detections) / len(prompts), 4),
+                       "prompt_all_ok": round(fid.summarize(checks)["all_ok"], 4)}
+        log(f"adversarial pool, {name}: {stats[name]}")
+    return torch.cat(images), items, stats
+
+
+def _run_record(run: Path) -> dict:
+    """What the report keeps of an adversarial round's AlignProp run: its command and its LoRA's checksums."""
+    return {"command": (run / "command.txt").read_text().strip() if (run / "command.txt").exists() else None,
+            "lora_sha256": sha256s(run / "lora")}
+
+
+def adversarial_round(pipe, clip, tokenizer, runs: list[Path], sched: Schedule, seed: int, split: str, clock: Clock,
+                      log) -> dict:
+    """toy_clip fine-tuned (as phase 6) on the images of ``adversarial_pool`` with the rendered + reconstructed
+    mix: the noisy frames and blanks short AlignProp runs made, which the rewards trained on renders scored above
+    blank images (docs/toy_world.md). Returns the pool's statistics."""
+    t0 = time.time()
+    images, labels, stats = adversarial_pool(pipe, runs, sched, seed + 500, log)
+    clock.times["adversarial_pool"] = round(time.time() - t0, 1)
+    train_toy_clip(clip, tokenizer, robust_batches(pipe.vae, images, labels, sched, seed + 600, split, False), sched,
+                   seed + 600, clock, log, steps=sched.robust_clip_steps, lr=ROBUST_LR, phase="adversarial_clip")
+    return stats
+
+
 # ------------------------------------------------------------------------------------------ report
 
 @torch.no_grad()
@@ -544,18 +607,20 @@ def evaluate(out: Path, sched: Schedule, seed: int, log) -> dict:
 
 def train_world(out: str | Path, seed: int = 0, scale: float = 1.0, max_minutes: float | None = None,
                 reward_split: str = "all", threads: int | None = None, evaluate_samples: bool = True,
-                schedule: Schedule | None = None, log=print, rewards_from: str | Path | None = None) -> dict:
+                schedule: Schedule | None = None, log=print, rewards_from: str | Path | None = None,
+                adversarial: list[str | Path] = ()) -> dict:
     """Train everything into ``out`` (see the module doc); returns the report. ``schedule`` replaces the
     default schedule (then ``scale`` multiplies it). ``threads`` sets torch's CPU threads for the run (on a
     shared or busy machine 1 is often faster than oversubscribed cores). ``rewards_from``: a directory this
     script wrote; its model and phase 3-4 rewards are taken as they are and only phases 5-6 run (what a full run
-    does after phase 4, which saved those same fp16 files)."""
+    does after phase 4, which saved those same fp16 files). ``adversarial``: AlignProp run directories on this
+    model; toy_clip is then fine-tuned on what their LoRAs draw (``adversarial_round``), after phases 5-6 if on."""
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return _train_world(Path(out), seed, scale, max_minutes, reward_split, evaluate_samples, schedule, log,
-                            None if rewards_from is None else Path(rewards_from))
+                            None if rewards_from is None else Path(rewards_from), [Path(r) for r in adversarial])
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -616,7 +681,8 @@ def _taken_from(source: Path, out: Path) -> dict:
 
 
 def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, reward_split: str,
-                 evaluate_samples: bool, schedule: Schedule | None, log, rewards_from: Path | None = None) -> dict:
+                 evaluate_samples: bool, schedule: Schedule | None, log, rewards_from: Path | None = None,
+                 adversarial: list[Path] = ()) -> dict:
     import diffusers
     import transformers
     from diffusers import StableDiffusionPipeline
@@ -636,12 +702,17 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
         report = _taken_from(rewards_from, out)
         rewards = rewards_from / "rewards"
     # phases 5-6 start from the saved fp16 files, with or without --rewards-only: both paths give the same weights
-    if sched.gen_samples > 0:  # (0: phases 1-4 alone, as train_version 1 ran)
+    if sched.gen_samples > 0 or adversarial:  # (neither: phases 1-4 alone, as train_version 1 ran)
         pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         clip, counter = load_model(rewards / "toy_clip").train(), load_model(rewards / "toy_count").train()
-        report["generated_pool"] = robust_phases(pipe, clip, counter, pipe.tokenizer, sched, seed, reward_split,
-                                                 clock, log)
+        if sched.gen_samples > 0:
+            report["generated_pool"] = robust_phases(pipe, clip, counter, pipe.tokenizer, sched, seed, reward_split,
+                                                     clock, log)
+        if adversarial:
+            report["adversarial_runs"] = {r.name: _run_record(r) for r in adversarial}
+            report["adversarial_pool"] = adversarial_round(pipe, clip, pipe.tokenizer, list(adversarial), sched, seed,
+                                                           reward_split, clock, log)
         save_model(clip, out / "rewards" / "toy_clip", "toy_clip")
         save_model(counter, out / "rewards" / "toy_count", "toy_count")
 
@@ -679,15 +750,23 @@ def main(argv=None) -> int:
                     help="run only phases 5-6 (the rewards on the model's own samples) from --from's model and rewards")
     ap.add_argument("--from", dest="source", default=None,
                     help="with --rewards-only: a directory this script wrote (default: --out itself)")
+    ap.add_argument("--adversarial", nargs="+", default=[], metavar="RUN",
+                    help="with --rewards-only: AlignProp run directories on --from's model; toy_clip is fine-tuned on "
+                         "what their LoRAs draw, labelled by the exact evaluator (an adversarial round)")
+    ap.add_argument("--adv-samples", type=int, default=Schedule.adv_samples,
+                    help="--adversarial: samples per run (and of the base model)")
     args = ap.parse_args(argv)
+    if args.adversarial and not args.rewards_only:
+        ap.error("--adversarial needs --rewards-only")
     if args.source and not args.rewards_only:
         ap.error("--from needs --rewards-only")
     source = (args.source or args.out) if args.rewards_only else None
-    if args.rewards_only and not args.gen_samples:
-        ap.error("--rewards-only runs phases 5-6: give --gen-samples N")
+    if args.rewards_only and not (args.gen_samples or args.adversarial):
+        ap.error("--rewards-only runs phases 5-6 or an adversarial round: give --gen-samples N or --adversarial RUN")
     train_world(args.out, seed=args.seed, scale=args.scale, max_minutes=args.max_minutes,
                 reward_split=args.reward_split, threads=args.threads, evaluate_samples=not args.no_eval,
-                schedule=Schedule(gen_samples=args.gen_samples), rewards_from=source)
+                schedule=Schedule(gen_samples=args.gen_samples, adv_samples=args.adv_samples), rewards_from=source,
+                adversarial=args.adversarial)
     return 0
 
 
