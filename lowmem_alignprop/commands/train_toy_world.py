@@ -2,6 +2,7 @@
 
     python -m lowmem_alignprop.commands.train_toy_world --out DIR [--seed 0] [--scale 1.0] [--max-minutes N]
     python -m lowmem_alignprop.commands.train_toy_world --out DIR --rewards-only --gen-samples 2048 [--from SRC]
+    python -m lowmem_alignprop.commands.train_toy_world --out DIR --rewards-only --from SRC --adversarial RUN [RUN ...]
 
 Phases, in order (docs/toy_world.md has the reasons):
 
@@ -20,6 +21,9 @@ Phases, in order (docs/toy_world.md has the reasons):
    on SRC's model and phase 3-4 rewards (the same files a full run's phase 4 saved: the same weights). Measured
    with N = 2048: about 8 minutes of CPU (one thread), and the rewards it gives move a short AlignProp run less,
    not better (docs/toy_world.md), so they are off by default and the shipped rewards are phase 3-4's.
+(off unless --adversarial RUN ...) An adversarial round: the images AlignProp runs on SRC's model drove it to (each
+   run's prompts sampled with its LoRA, and with none), labelled as in phase 5, and toy_clip fine-tuned on them as
+   in phase 6 (toy_count is left as it is). Measured: docs/toy_world.md ("Levers for a robust short run").
 7. Report: exact fidelity of DDIM samples on training and held-out prompts, reward accuracies, sha256 of
    every file written, versions, the seed and the wall time of each phase -> DIR/report.json.
 
