@@ -158,6 +158,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),
     (["--eval-every", "1", "--set", "eval_holdout=99"], "leaves none to train on"),
     (["--model", "flux", "--set", "negative_prompt=blurry"], "FLUX.1 is guidance-distilled"),
+    (["--set", "model=\x00x"], "model='\\x00x' holds a NUL character"),  # os.stat raises ValueError on it
+    (["--output-dir", "out\x00put"], "output_dir='out\\x00put' holds a NUL character"),
     ("dup", "sets 'batch_size' (line 2) twice"),
     ("empty", "is empty: set at least the fields"),
     ("noext", "is not a profile (profile files end in .yaml)"),

@@ -268,10 +268,12 @@ class Config:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{f.name}={v} is not a finite number: give a number such as "
                                 f"--set {f.name}={f.default if f.default is not None else 1.0}")
+        for f in fields(self):  # a path or a name cannot hold NUL (the OS refuses it with a ValueError, not an OSError)
+            v = getattr(self, f.name)
+            if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
+                raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
         if not self.output_dir.strip():
             raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
-        if "\0" in self.output_dir:
-            raise UserError(f"output_dir={quote(self.output_dir)} holds a NUL character: name a folder")
         kind = kind_of(Path(self.output_dir).expanduser())
         if kind in ("dangling symlink", "symlink loop", "special file"):
             raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
@@ -514,6 +516,8 @@ def coerce(name: str, value: Any) -> Any:
         raise UserError(f"{name} must be text, got {quote(value)}")
     return value
 
+
+TEXT_FIELDS = ("negative_prompt",)  # free text, as a prompt file's lines may be (every other str is a path or a name)
 
 # a negative prompt on FLUX.1: Config.validate says it when the files tell, the loader (family.check_supported) else
 FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance embedding, no classifier-free guidance "
