@@ -1,6 +1,7 @@
-"""Shared by the export tests (test_lora_export, test_flow_export): a LoRA saved as a run saves it, with the
-reference outputs of the base model and of base + LoRA, the fixture that runs a test on each model family, and the
-``export`` command run into a fresh folder."""
+"""Shared by the LoRA tests: :func:`nudge` (a fresh adapter that changes the output); for the export tests
+(test_lora_export, test_flow_export) a LoRA saved as a run saves it, with the reference outputs of the base model and
+of base + LoRA, the fixture that runs a test on each model family, and the ``export`` command run into a fresh
+folder."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ import torch
 from numerics import REORDERED, relative_difference
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison of an export with the reference
+
+
+def nudge(params, seed: int = 1) -> None:
+    """lora_B starts at zero: give every LoRA weight a random offset (0.05 sigma, torch's global seed ``seed``), so the
+    LoRA path, and the gradients and KL terms through it, matter."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
 
 
 def adapted_modules(model: torch.nn.Module) -> list[str]:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from loras import nudge
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
@@ -106,10 +107,7 @@ def lora_model(request, model_dirs):
     name = request.param
     pipe = _load(model_dirs, name)
     params = flow.add_flow_lora(pipe.transformer, rank=4, alpha=4, seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:  # lora_B starts at zero; give it values so the LoRA path matters
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(params)  # lora_B starts at zero
     return name, pipe, params
 
 

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from loras import nudge
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.settings.config import Config
@@ -17,10 +18,7 @@ from lowmem_alignprop.models.sampling import PromptEmbeds, decode, draw_k, guide
 def tiny(tiny_dir):
     comps = load_components(Config(model=str(tiny_dir)))
     params = add_lora(comps.unet, rank=4, alpha=4, seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:  # lora_B starts at zero; give it values so the LoRA path matters
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(params)  # lora_B starts at zero
     comps.vae.requires_grad_(False)
     emb = PromptEmbeds(torch.randn(2, 16, 32), torch.randn(2, 16, 32))
     return comps, params, emb

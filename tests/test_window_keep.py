@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from loras import nudge
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.measure import devices, planner
@@ -38,10 +39,7 @@ def tiny(tiny_dir):
 
     comps = load_components(Config(model=str(tiny_dir)))
     params = add_lora(comps.unet, rank=4, alpha=4, seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:  # lora_B starts at zero; give it values so the LoRA path (and the KL term) matters
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(params)  # lora_B starts at zero
     comps.vae.requires_grad_(False)
     emb = PromptEmbeds(torch.randn(2, 16, 32), torch.randn(2, 16, 32))
     return SimpleNamespace(comps=comps, params=params, emb=emb)
@@ -114,10 +112,7 @@ def test_flow_gradients_equal_the_checkpointed_windows(tmp_path, name):
     pipe = DiffusionPipeline.from_pretrained(root)
     pipe.vae.requires_grad_(False)
     params = flow.add_flow_lora(pipe.transformer, rank=4, alpha=4, seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(params)  # lora_B starts at zero
     gs = {"sd3": 4.0, "flux": 3.5}[name]
     emb = flow.encode_prompts(pipe, PROMPTS, "cpu", guidance_scale=gs, max_sequence_length=16)
     family = FlowFamily(SimpleNamespace(unet=pipe.transformer, vae=pipe.vae, family=name))
