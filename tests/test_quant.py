@@ -105,12 +105,12 @@ def test_sd15_and_sdxl_savings_on_meta():
     """The planner's numbers for the shipped architectures in fp16 (built on meta: nothing allocated)."""
     from diffusers import UNet2DConditionModel
 
-    from lowmem_alignprop.models.arch import _default_dtype, arch_config_dir
+    from lowmem_alignprop.models.arch import arch_config_dir, default_dtype
 
     gib = {}
     for name in ("sd15", "sdxl"):
         config = UNet2DConditionModel.load_config(arch_config_dir(name), subfolder="unet")
-        with torch.device("meta"), _default_dtype(torch.float16):
+        with torch.device("meta"), default_dtype(torch.float16):
             unet = UNet2DConditionModel.from_config(config)
         assert quant.quantized_weight_bytes(unet, "none") == module_bytes(unet)
         gib[name] = {m: quant.quantized_weight_bytes(unet, m) / 2**30 for m in ("none", "int8", "nf4")}

@@ -502,25 +502,9 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
         index = json.loads((root / "model_index.json").read_text())
     except (OSError, ValueError):
         raise UserError(f"{root} has no readable model_index.json: pass a diffusers model directory") from None
-    out: dict = {}
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            out["unet"] = diffusers.UNet2DConditionModel.from_config(
-                diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
-            out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
-            for te in ("text_encoder", "text_encoder_2"):
-                if index.get(te) and index[te][1]:
-                    cls = getattr(transformers, index[te][1])
-                    config = transformers.CLIPTextConfig.from_pretrained(root / te)
-                    out[te] = cls._from_config(config, dtype=dtype)
-    finally:
-        torch.set_default_dtype(prev)
-    for m in (v for v in out.values() if isinstance(v, torch.nn.Module)):
-        m.requires_grad_(False).eval()
-        if any(p.dtype != dtype for p in m.parameters()):
-            m.to(dtype)
+    from lowmem_alignprop.models.arch import modules_from_configs
+
+    out = modules_from_configs(root, index, device="meta", dtype=dtype)
     for tok in ("tokenizer", "tokenizer_2"):
         if index.get(tok) and index[tok][1]:
             out[tok] = transformers.AutoTokenizer.from_pretrained(root, subfolder=tok)
@@ -611,16 +595,13 @@ def _meta_vae_override(spec: str, vae, dtype: torch.dtype):
     architecture with force_upcast off (what an fp16-fix VAE such as madebyollin/sdxl-vae-fp16-fix is)."""
     import diffusers
 
+    from lowmem_alignprop.models.arch import default_dtype
+
     p = Path(spec).expanduser()
     for folder in (p, p / "vae"):
         if (folder / "config.json").is_file():
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                with torch.device("meta"):
-                    new = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder))
-            finally:
-                torch.set_default_dtype(prev)
+            with torch.device("meta"), default_dtype(dtype):
+                new = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder))
             return new.requires_grad_(False).eval()
     vae.register_to_config(force_upcast=False)
     return vae

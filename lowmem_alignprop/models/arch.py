@@ -358,7 +358,8 @@ def _pipeline_class_of(config_dir: Path):
 # --------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """``dtype`` as torch's default dtype inside the block (modules made there get it), the previous one after."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -367,39 +368,46 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def modules_from_configs(root: Path, index: dict, *, device="meta", dtype=torch.float16) -> dict:
+    """``unet``, ``vae`` and the text encoder(s) a diffusers folder's configs describe (``root``; ``index`` its
+    model_index.json), made directly on ``device`` in ``dtype`` (on meta: no memory, seconds even for SDXL), frozen
+    and in eval mode, as the trainer uses its base models."""
+    import diffusers
+    import transformers
+
+    out: dict = {}
+    with torch.device(device), default_dtype(dtype):
+        out["unet"] = diffusers.UNet2DConditionModel.from_config(
+            diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
+        out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
+        for te in ("text_encoder", "text_encoder_2"):
+            if index.get(te) and index[te][1]:
+                config = transformers.CLIPTextConfig.from_pretrained(root / te)
+                out[te] = getattr(transformers, index[te][1])._from_config(config, dtype=dtype)
+    for module in out.values():
+        module.requires_grad_(False).eval()
+        if any(p.dtype != dtype for p in module.parameters()):  # e.g. libraries that force fp32 parts
+            module.to(dtype)
+    return out
+
+
 def build_random_components(name: str, *, device="meta", dtype=torch.float16) -> dict:
     """Models of architecture ``name`` from the shipped configs with random weights (or none, on meta).
 
     Returns a dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (and
     ``text_encoder_2``, ``tokenizer_2`` for sdxl). The modules are created directly on ``device`` in
-    ``dtype`` (``torch.device(device)`` as the default device, ``dtype`` as the default dtype), so
-    ``device="meta"`` allocates nothing and takes a few seconds even for SDXL; on a real device the
-    weights get the libraries' usual random initialisation. The modules are returned frozen
-    (``requires_grad=False``) and in eval mode, as the trainer uses its base models. Nothing is downloaded.
+    ``dtype`` (:func:`modules_from_configs`); on a real device the weights get the libraries' usual random
+    initialisation. Nothing is downloaded.
     """
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     _check_name(name)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UserError(f"dtype must be a floating torch.dtype, not {dtype!r}")
     root = arch_config_dir(name)
     index = json.loads((root / "model_index.json").read_text())
-    out: dict = {}
-    with torch.device(device), _default_dtype(dtype):
-        out["unet"] = diffusers.UNet2DConditionModel.from_config(
-            diffusers.UNet2DConditionModel.load_config(root, subfolder="unet"))
-        out["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(root, subfolder="vae"))
-        for te in ("text_encoder", "text_encoder_2"):
-            if te in index:
-                te_cls = {"CLIPTextModel": CLIPTextModel,
-                          "CLIPTextModelWithProjection": CLIPTextModelWithProjection}[index[te][1]]
-                config = CLIPTextConfig.from_pretrained(root / te)
-                out[te] = te_cls._from_config(config, dtype=dtype)
-    for module in (v for v in out.values() if isinstance(v, torch.nn.Module)):
-        module.requires_grad_(False).eval()
-        if any(p.dtype != dtype for p in module.parameters()):  # e.g. libraries that force fp32 parts
-            module.to(dtype)
+    out = modules_from_configs(root, index, device=device, dtype=dtype)
     for tok in _tokenizer_folders(name):
         out[tok] = CLIPTokenizer.from_pretrained(root, subfolder=tok)
     sched_config = getattr(diffusers, index["scheduler"][1]).load_config(root, subfolder="scheduler")
