@@ -25,6 +25,22 @@ def nudge(params, seed: int = 1) -> None:
             p.add_(0.05 * torch.randn_like(p))
 
 
+def tiny_unet_with_lora(tiny_dir):
+    """The tiny SD model's components with a nudged rank-4 LoRA on its UNet, the VAE frozen, and random prompt
+    embeddings for two prompts: ``.comps``, ``.params``, ``.emb``."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.models.loading import add_lora, load_components
+    from lowmem_alignprop.models.sampling import PromptEmbeds
+    from lowmem_alignprop.settings.config import Config
+
+    comps = load_components(Config(model=str(tiny_dir)))
+    params = add_lora(comps.unet, rank=4, alpha=4, seed=0)
+    nudge(params)
+    comps.vae.requires_grad_(False)
+    return SimpleNamespace(comps=comps, params=params, emb=PromptEmbeds(torch.randn(2, 16, 32), torch.randn(2, 16, 32)))
+
+
 def adapted_modules(model: torch.nn.Module) -> list[str]:
     """The names of the modules that carry the (default) LoRA adapter, sorted."""
     return sorted(n for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {}))

@@ -5,23 +5,19 @@ import random
 import pytest
 import torch
 
-from loras import nudge
+from loras import tiny_unet_with_lora
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.models.loading import add_lora, load_components
-from lowmem_alignprop.models.sampling import PromptEmbeds, decode, draw_k, guided_eps, rollout
+from lowmem_alignprop.models.loading import load_components
+from lowmem_alignprop.models.sampling import decode, draw_k, guided_eps, rollout
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    comps = load_components(Config(model=str(tiny_dir)))
-    params = add_lora(comps.unet, rank=4, alpha=4, seed=0)
-    nudge(params)  # lora_B starts at zero
-    comps.vae.requires_grad_(False)
-    emb = PromptEmbeds(torch.randn(2, 16, 32), torch.randn(2, 16, 32))
-    return comps, params, emb
+    m = tiny_unet_with_lora(tiny_dir)
+    return m.comps, m.params, m.emb
 
 
 def _grads(comps, params, emb, k, steps, checkpoint_calls, seed=3):

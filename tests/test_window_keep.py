@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loras import nudge
+from loras import nudge, tiny_unet_with_lora
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.measure import devices, planner
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.family import UNetFamily
-from lowmem_alignprop.models.sampling import PromptEmbeds, enable_block_checkpointing
+from lowmem_alignprop.models.sampling import enable_block_checkpointing
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.rollout import rollout_loss
 
@@ -35,14 +35,7 @@ def brightness(images, prompts):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    from lowmem_alignprop.models.loading import add_lora, load_components
-
-    comps = load_components(Config(model=str(tiny_dir)))
-    params = add_lora(comps.unet, rank=4, alpha=4, seed=0)
-    nudge(params)  # lora_B starts at zero
-    comps.vae.requires_grad_(False)
-    emb = PromptEmbeds(torch.randn(2, 16, 32), torch.randn(2, 16, 32))
-    return SimpleNamespace(comps=comps, params=params, emb=emb)
+    return tiny_unet_with_lora(tiny_dir)
 
 
 def _unet_step(m, unet, params, cfg, seed=3):
