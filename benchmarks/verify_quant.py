@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.models.arch import ARCHS, _default_dtype, arch_config_dir
+from lowmem_alignprop.models.arch import ARCHS, arch_config_dir, default_dtype
 from lowmem_alignprop.models.loading import add_lora
 from lowmem_alignprop.memory.quant import (count_quantized, load_quantized_unet, measured_weight_bytes, quantize_in_place,
                                     quantized_weight_bytes)
@@ -25,7 +25,7 @@ def _arch_unet(config_dir, device, dtype, seed: int = 0):
 
     torch.manual_seed(seed)
     config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
-    with torch.device(device), _default_dtype(dtype):  # created directly in the target dtype on the device
+    with torch.device(device), default_dtype(dtype):  # created directly in the target dtype on the device
         unet = UNet2DConditionModel.from_config(config)
     return unet.requires_grad_(False)
 
