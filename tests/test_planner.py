@@ -397,6 +397,7 @@ def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, m
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err[-2000:]
 
 
+@pytest.mark.slow  # 70 s of CPU; test_too_small_budget_does_not_fit_and_the_suggestion_fits covers the suggestion's fit
 def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_needs(tiny_dir, capsys):
     args = ["plan", "--profile", "cpu", "--set", "batch_size=5", "--set", "budget_gb=0.02", "--json"]
     assert main(args) == 0

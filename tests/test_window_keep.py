@@ -179,6 +179,7 @@ def test_planner_peak_with_kept_calls_matches_the_cpu_measurement(tiny_dir):
     assert est.k_simulated == 4 and any("1 more at" in note for note in est.notes)
 
 
+@pytest.mark.slow  # 33 s of CPU: the room-filling unit test here and test_speed_plan's --fastest test cover its parts
 def test_fastest_keeps_window_calls_only_when_the_budget_has_room(tiny_dir, monkeypatch):
     """A large budget: --fastest keeps every grad-window call (the fastest level) and its own estimate says that is
     faster than checkpointing them; a budget that only the all-checkpointed configuration fits: it keeps none (that
