@@ -389,6 +389,16 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     images, rewards = ev.render_fixed_seed(sample, list("abcde"), 100, 2)
     assert calls == [(["a", "b"], 100), (["c", "d"], 101), (["e"], 102)]
     assert rewards.tolist() == [100, 100, 101, 101, 102] and images[:, 0, 0, 0].tolist() == rewards.tolist()
+    calls.clear()  # per_image (the toy world's judged images): image n's own seed + n, whatever the chunks
+    def sample_each(prompts, seeds):
+        calls.append((list(prompts), seeds))
+        return torch.tensor(seeds, dtype=torch.float32).reshape(-1, 1, 1, 1), torch.tensor(seeds, dtype=torch.float32)
+
+    for chunk in (2, 3):
+        assert ev.render_fixed_seed(sample_each, list("abcde"), 100, chunk, per_image=True)[1].tolist() == \
+            [100, 101, 102, 103, 104]
+    assert calls == [(["a", "b"], [100, 101]), (["c", "d"], [102, 103]), (["e"], [104]),
+                     (["a", "b", "c"], [100, 101, 102]), (["d", "e"], [103, 104])]
     cfg = _cfg(tmp_path / "run", "--set", "batch_size=2", "--seed", "7")
     calls.clear()
     metrics = ev.HeldOut(cfg, list("abc"), tmp_path, sample=sample, write_lora=None).evaluate()

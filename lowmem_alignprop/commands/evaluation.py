@@ -30,17 +30,22 @@ log = logging.getLogger("lowmem_alignprop")
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
-EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation
+EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation (the toy
+# world's judged image n with seed + EVAL_SEED_OFFSET + n)
 SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is sampled with seed + SAMPLE_SEED_OFFSET
 EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
 
 
-def render_fixed_seed(sample: Callable, prompts: list[str], seed: int, chunk: int | None = None):
+def render_fixed_seed(sample: Callable, prompts: list[str], seed: int, chunk: int | None = None,
+                      per_image: bool = False):
     """``prompts`` rendered and scored by ``sample(prompts, seed) -> (images, rewards)`` in chunks of ``chunk``
-    prompts (all in one call when None), chunk i with ``seed + i``: the same images at every call. The one render
-    loop of the held-out evaluation and of the sample grid (before, ``--sample-every``'s step N, after)."""
+    prompts (all in one call when None), chunk i with ``seed + i``: the same images at every call; ``per_image``:
+    image n with its own ``seed + n`` (``sample`` gets the chunk's list of seeds), so an image does not depend on
+    the chunking. The one render loop of the held-out evaluation, of the sample grid (before, ``--sample-every``'s
+    step N, after) and of the toy world's judged images."""
     size = chunk or max(len(prompts), 1)
-    parts = [sample(prompts[i:i + size], seed + i // size) for i in range(0, len(prompts), size)]
+    parts = [sample(prompts[i:i + size], [seed + n for n in range(i, min(i + size, len(prompts)))] if per_image
+                    else seed + i // size) for i in range(0, len(prompts), size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

@@ -47,7 +47,8 @@ from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
-from lowmem_alignprop.commands.evaluation import BEST_DIR, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, render_fixed_seed
+from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA,
+                                                  render_fixed_seed)
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -410,11 +411,10 @@ class Trainer:
             return None
         from lowmem_alignprop.toy.fidelity import evaluate_batch
 
-        chunk = self.cfg.batch_size  # a training micro-batch fits with gradients, so surely without
-        seeds = [self.cfg.seed + 54321 + n for n in range(len(self.judge_prompts))]  # image n's own: any chunking
-        parts = [self.generate(self.judge_prompts[i:i + chunk], seeds[i:i + chunk])
-                 for i in range(0, len(self.judge_prompts), chunk)]
-        images, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # chunks of a training micro-batch (it fits with gradients, so surely without); image n's own seed: the same
+        # images whatever the batch size
+        images, scores = render_fixed_seed(self.generate, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET,
+                                           self.cfg.batch_size, per_image=True)
         # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
         return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
                 **evaluate_batch(images, self.judge_prompts),
