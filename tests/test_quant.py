@@ -245,6 +245,19 @@ def test_no_cuda_is_a_user_error(tiny_dir, monkeypatch):
         load_components(Config(model=str(tiny_dir), base_quant="nf4"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the query without a GPU")
+def test_bnb_mode_is_a_query_the_check_is_apart(monkeypatch):
+    """Which bitsandbytes mode a config loads with is answered without checking bitsandbytes or the device (no GPU
+    here, no CPU override: the check alone raises)."""
+    from lowmem_alignprop.models.loading import _bnb_mode, _check_quant
+
+    monkeypatch.delenv(quant.CPU_OVERRIDE_ENV, raising=False)
+    assert [_bnb_mode(Config(base_quant=m)) for m in ("none", "int8", "nf4", "fp8")] == ["none", "int8", "nf4", "none"]
+    _check_quant(Config(base_quant="fp8"))  # fp8 needs neither bitsandbytes nor CUDA
+    with pytest.raises(UserError, match="base_quant=int8 needs a CUDA GPU"):
+        _check_quant(Config(base_quant="int8"))
+
+
 def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
     from lowmem_alignprop.commands.train import train
 

@@ -73,8 +73,9 @@ def check_device(mode: str) -> None:
                     "was found; use --set base_quant=none on this machine")
 
 
-def prepare(mode: str) -> None:
-    """Everything that can fail before loading: the mode, bitsandbytes, a CUDA device (fp8 needs neither)."""
+def check_mode(mode: str) -> None:
+    """Everything that can fail before loading: the mode, bitsandbytes, a CUDA device (fp8 needs neither).
+    A check only: it raises a UserError naming the fix, or returns having changed nothing."""
     if mode not in MODES:
         raise UserError(f"base_quant={mode!r} is not one of none, {', '.join(MODES)}")
     if mode == "fp8":
@@ -173,7 +174,7 @@ def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder:
     """
     from diffusers import UNet2DConditionModel
 
-    prepare(mode)
+    check_mode(mode)
     device = target_device()
     unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype,
                                                 quantization_config=bnb_config(mode, dtype),
@@ -206,7 +207,7 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
     For models built in memory (random-weight architectures, single-file checkpoints); directories and hub
     ids go through :func:`load_quantized_unet` instead. Call before adding LoRA.
     """
-    prepare(mode)
+    check_mode(mode)
     bnb = require_bitsandbytes(mode)
     device = torch.device(device) if device is not None else target_device()
     count = 0

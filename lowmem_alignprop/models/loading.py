@@ -123,6 +123,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
+    _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if kind == "arch":
         from lowmem_alignprop.models.arch import build_random_components
@@ -200,6 +201,7 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
+    _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)
     if kind == "flow_arch":
         # random weights for planning and benchmarks: built on meta (nothing allocated); the trainer materialises
@@ -231,13 +233,18 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
     return comps
 
 
-def _bnb_mode(cfg) -> str:
-    """The bitsandbytes mode the denoiser loads with (int8/nf4), else "none" (fp8 storage comes after LoRA). Any
-    base_quant is checked first (bitsandbytes importable and a CUDA device present), before anything loads."""
+def _check_quant(cfg) -> None:
+    """Any base_quant can be used here (bitsandbytes importable and a CUDA device present for int8/nf4), or a
+    UserError naming the fix: the loaders call it before anything loads."""
     mode = getattr(cfg, "base_quant", "none")
-    if mode == "none":
-        return mode
-    q.prepare(mode)
+    if mode != "none":
+        q.check_mode(mode)
+
+
+def _bnb_mode(cfg) -> str:
+    """The bitsandbytes mode the denoiser loads with (int8/nf4), else "none" (fp8 storage comes after LoRA).
+    A query: it checks nothing (:func:`_check_quant` does)."""
+    mode = getattr(cfg, "base_quant", "none")
     return mode if mode in q.BNB_MODES else "none"
 
 
