@@ -234,8 +234,9 @@ def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_b
     quantized, count = mode in quant.BNB_MODES, 0
     for j, block in enumerate(blocks):  # the bulk of the weights: drawn and quantized one block at a time
         materialize(block.to(dtype), device, seed=seed * 1000 + j)
-        on = "cpu" if j < host_blocks else device
+        on = device
         if j < host_blocks:
+            on = "cpu"
             block.to("cpu")  # block swap's host copy: off the device before the next block is drawn
         if quantized:
             count += quant.quantize_in_place(block, mode, dtype, device=on, quiet=True)
