@@ -12,6 +12,7 @@ tensors) and bitsandbytes int8/nf4 (their scales travel with the weight), on the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -264,6 +265,22 @@ def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(fl
     swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
     assert not any("block_swap" in c for _, c in planner.candidate_changes(swapped, "cuda"))
     assert not any("block_swap" in c for _, c in planner.candidate_changes(Config(**base).validate(), "cpu"))
+
+
+def test_counting_swappable_blocks_builds_and_copies_no_model(flux_dir, monkeypatch):
+    """The search asks how many blocks can swap for every suggestion it tries: the count reads the cached meta model
+    (built once per model and dtype), never a fresh copy of it, and is the copy's count."""
+    from lowmem_alignprop.measure import planner
+
+    cfg = Config(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5).validate()
+    n = len(swappable_blocks(planner.meta_components(cfg, torch.bfloat16).unet))  # builds it (cached) and copies
+    builds, copies = [], []
+    build, meta = planner._flow_meta_components, planner.meta_components
+    monkeypatch.setattr(planner, "_flow_meta_components", lambda *a: builds.append(a) or build(*a))
+    monkeypatch.setattr(planner, "meta_components", lambda *a: copies.append(a) or meta(*a))
+    counts = [planner._swappable_count(dataclasses.replace(cfg, batch_size=b, resolution=r))
+              for b in (1, 2) for r in (64, 128)]
+    assert counts == [n] * 4 and n == 2 and builds == [] and copies == []
 
 
 @pytest.mark.parametrize("mode", ["none", "int8"])

@@ -530,8 +530,21 @@ def _hub_config_dir(repo: str) -> Path:
 def meta_components(cfg: Config, dtype: torch.dtype):
     """The model of ``cfg.model`` on meta (no weights), as :class:`~lowmem_alignprop.models.loading.Components`.
 
-    Built once per (model, dtype); each call returns fresh deep copies of the modules, because the memory
-    features modify them in place."""
+    Built once per (model, dtype) (:func:`_meta_base`); each call returns fresh deep copies of the modules, because
+    the memory features modify them in place."""
+    base = _meta_base(cfg, dtype)
+    fresh = copy.copy(base)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(base, name)
+        if module is not None:
+            setattr(fresh, name, copy.deepcopy(module))
+    fresh.scheduler = copy.deepcopy(base.scheduler)
+    return fresh
+
+
+def _meta_base(cfg: Config, dtype: torch.dtype):
+    """The cached meta model of ``cfg.model`` in ``dtype``, built on first use. Shared: read it, never modify it
+    (:func:`meta_components` gives copies to modify)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lowmem_alignprop.models.loading import Components, resolve_model
@@ -561,14 +574,7 @@ def meta_components(cfg: Config, dtype: torch.dtype):
         if getattr(cfg, "vae", ""):
             comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
         _META_CACHE[key] = comps
-    base = _META_CACHE[key]
-    fresh = copy.copy(base)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(base, name)
-        if module is not None:
-            setattr(fresh, name, copy.deepcopy(module))
-    fresh.scheduler = copy.deepcopy(base.scheduler)
-    return fresh
+    return _META_CACHE[key]
 
 
 def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype):
@@ -1356,11 +1362,13 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
 
 
 def _swappable_count(cfg: Config) -> int:
-    """How many blocks block swap can take from ``cfg``'s denoiser (its meta model; 0 if it cannot be built)."""
+    """How many blocks block swap can take from ``cfg``'s denoiser (0 if its meta model cannot be built). Counted
+    on the cached meta model the plan's own estimate built (in the card's dtype), read only: no copy of the model
+    for each suggestion the search tries."""
     from lowmem_alignprop.memory.block_swap import swappable_blocks
 
     try:
-        return len(swappable_blocks(meta_components(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
+        return len(swappable_blocks(_meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
     except (UserError, TypeError):
         return 0
 
