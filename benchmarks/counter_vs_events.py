@@ -25,7 +25,7 @@ import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from midsize import build_midsize_dir
 import lowmem_alignprop.measure.profiler as profiler
-from lowmem_alignprop import planner
+from lowmem_alignprop.measure import planner
 from lowmem_alignprop.settings.config import Config
 
 method = {method!r}
@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    out: dict = {"command": " ".join([sys.executable, *sys.argv]), "config": {
+    sys.path.insert(0, str(ROOT))
+    from lowmem_alignprop.measure.profiler import provenance
+
+    # the provenance block every result carries: command, date, device, versions
+    out: dict = {**provenance(" ".join([sys.executable, *sys.argv])), "config": {
         "resolution": args.resolution, "sample_steps": args.sample_steps, "k": args.k, "batch_size": args.batch}}
     for method in ("counter", "events"):
         code = _CHILD.format(tests=str(ROOT / "tests"), method=method, model=str(args.midsize), batch=args.batch,
@@ -73,16 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16} {a / MIB:12.2f} {b / MIB:11.2f} {a / b:15.4f}")
     print(f"{'process max RSS':16} {c['maxrss'] / MIB:12.0f} {e['maxrss'] / MIB:11.0f}")
     print(f"{'seconds':16} {c['seconds']:12.1f} {e['seconds']:11.1f}")
-    try:
-        sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.measure.profiler import cpu_name, library_versions
-
-        out["device"], out["versions"] = f"{cpu_name()} ({os.cpu_count()} logical cores)", library_versions()
-    except Exception:  # pragma: no cover
-        pass
     if args.json:
+        from lowmem_alignprop.run import atomic
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        atomic.write_text(args.json, json.dumps(out, indent=1) + "\n")  # whole or not at all
     return 0
 
 

@@ -51,25 +51,37 @@ def command(name: str) -> list[str]:
 
 def plan_row(name: str) -> dict:
     """Run one row's plan in its own process; its JSON with the provenance section 8 reads."""
-    sys.path.insert(0, str(ROOT))
-    from lowmem_alignprop.measure.profiler import cpu_name
-
     argv = command(name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    load = os.getloadavg()
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "lowmem_alignprop", *argv[1:]], env=env,
                           cwd=ROOT, capture_output=True, text=True, check=False)
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{name}: plan failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    plan = json.loads(proc.stdout)
-    return {"command": "OMP_NUM_THREADS=1 nice -n 10 " + " ".join(map(shlex.quote, argv)),
-            "date": time.strftime("%Y-%m-%d"),
-            "host": f"{cpu_name()}, {os.cpu_count()} cores" + (", shared with other jobs"
-                                                                   if os.getloadavg()[0] > 1.5 else ""),
-            "cpu_user_seconds": round(after.ru_utime - before.ru_utime, 2), "wall_seconds": round(wall, 2),
-            "max_rss_kb": after.ru_maxrss, "issue_target": ROWS[name][3],
-            **{k: v for k, v in plan.items() if k not in ("command", "date")}}
+    return row_doc(name, json.loads(proc.stdout), load, cpu_user_seconds=after.ru_utime - before.ru_utime,
+                   wall_seconds=wall, max_rss_kb=after.ru_maxrss)
+
+
+def row_doc(name: str, plan: dict, load_at_start: tuple, *, cpu_user_seconds: float, wall_seconds: float,
+            max_rss_kb: int) -> dict:
+    """One row's results file: the plan's JSON under the provenance block ``plan --json`` carries
+    (``profiler.provenance``: command, date, device, versions), for this script's command line (the plan ran with
+    one torch thread), the CPU's load beside it; ``host`` is that device in words, as section 8 prints it."""
+    sys.path.insert(0, str(ROOT))
+    from lowmem_alignprop.measure.planner import PLAN_LIBRARIES
+    from lowmem_alignprop.measure.profiler import provenance
+
+    where = provenance("OMP_NUM_THREADS=1 nice -n 10 " + " ".join(map(shlex.quote, command(name))), PLAN_LIBRARIES,
+                       torch_threads=1, load_average_at_start=list(load_at_start),
+                       load_average_at_end=list(os.getloadavg()))
+    dev = where["device"]
+    shared = max(dev["load_average_at_start"][0], dev["load_average_at_end"][0]) > 1.5
+    return {**where, "host": f"{dev['cpu']}, {dev['cores']} cores" + (", shared with other jobs" if shared else ""),
+            "cpu_user_seconds": round(cpu_user_seconds, 2), "wall_seconds": round(wall_seconds, 2),
+            "max_rss_kb": max_rss_kb, "issue_target": ROWS[name][3],
+            **{k: v for k, v in plan.items() if k not in where}}
 
 
 def write(path: Path, doc: dict) -> None:

@@ -19,7 +19,6 @@ call stopped at a time limit keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -262,12 +261,6 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
     return merged
 
 
-def versions() -> dict:
-    from lowmem_alignprop.measure.profiler import library_versions
-
-    return library_versions()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="where the results JSON goes")
@@ -298,8 +291,12 @@ def main() -> int:
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),
         "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
-    doc = {"kind": "gpu_check", "date": dt.date.today().isoformat(), "device": device, "versions": versions(),
-           "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), "code": code_version(),
+    from lowmem_alignprop.measure.profiler import provenance
+
+    # the provenance block every result carries (command, date, device, versions); the device is this machine
+    # (CPU, cores, torch threads) with the card's name and memory
+    doc = {"kind": "gpu_check", **provenance("python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), **device),
+           "code": code_version(),
            "ladder": [], "profiles": [], "speed": []}
     common = ["--reward", "aesthetic", "--set", f"reward_weights={aes}", "--steps", "2", "--set", "sample_prompts=0"]
     if cpu:

@@ -523,6 +523,15 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
     return L
 
 
+def _device_words(dev) -> str:
+    """A result's machine in words: the provenance block's device (profiler.provenance), or the string older
+    results files wrote."""
+    if isinstance(dev, dict):
+        return f"{dev.get('cpu', '?')} ({dev.get('cores', '?')} logical cores)" + (
+            f", {dev['cuda']}" if dev.get("cuda") else "")
+    return dev or "?"
+
+
 def _section_rss(results_dir: Path) -> list[str]:
     """Resident memory of whole CPU training runs, from outside the process (results/rss-*.json written by
     benchmarks/rss_bench.py): the run's peak against its steady steps and its RSS after load (issue 22)."""
@@ -580,7 +589,7 @@ def _section_rss(results_dir: Path) -> list[str]:
         if first is not None and rss.get(1) and above is not None:
             growth.append(f"{path.stem.removeprefix('rss-')}: {_m(first)} -> {_m(rss[1])} MiB, for {_m(above)} MiB of "
                           "tensors above its start")
-        devs.add(r.get("device") or "?")
+        devs.add(_device_words(r.get("device")))
     L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default. Notes: " + " ".join(notes)]
     if growth:
         L += ["", "What is left between the steady RSS and load + peak is not the measurement's: step 1 measures "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -102,22 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = run_dir / "summary.json" if run_dir else None
     if summary_path and summary_path.is_file():  # what the C allocator ran with (None before it was recorded)
         result["host_allocator"] = json.loads(summary_path.read_text()).get("host_allocator")
-    try:
-        sys.path.insert(0, str(ROOT))
-        from lowmem_alignprop.measure.profiler import cpu_name, library_versions
+    sys.path.insert(0, str(ROOT))
+    from lowmem_alignprop.measure.profiler import provenance
 
-        result["device"] = f"{cpu_name()} ({os.cpu_count()} logical cores)"
-        result["versions"] = library_versions()
-    except Exception:  # pragma: no cover
-        result["device"] = platform.processor()
+    # the provenance block every result carries (command, date, device, versions); "command" stays the measured
+    # training command, "bench_command" is this script's command line
+    result = {**provenance(" ".join(cmd)), **result, "bench_command": " ".join([sys.executable, *sys.argv])}
     tail = sorted(s for s in steps if s >= 4)
     steady = [steps[s]["rss"] for s in tail if steps[s]["rss"]]
     print(f"{args.label}: exit {proc.returncode}, peak RSS (outside) {maxrss / MIB:.0f} MiB; steps' RSS "
           + ", ".join(f"{s}: {v['rss'] / MIB:.0f}" for s, v in sorted(steps.items()) if v["rss"])
           + (f" MiB; steady (steps 4+) {min(steady) / MIB:.0f}-{max(steady) / MIB:.0f} MiB" if steady else ""))
     if args.json:
+        from lowmem_alignprop.run import atomic
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=1) + "\n")  # whole or not at all
     return proc.returncode
 
 

@@ -49,6 +49,12 @@ def test_cpu_smoke_measures_and_plans_each_run(smoke):
         assert "error" not in r["planner"] and r["planner"]["peak_allocated"] > 0  # the estimate beside it
         assert len(r["metrics"]) == 2  # both training steps logged
     assert smoke["calls"][0]["command"].startswith("python benchmarks/gpu_check.py --cpu-smoke")
+    # the provenance block of every result (profiler.provenance), the card's name and memory in its device
+    from lowmem_alignprop.measure.profiler import cpu_name
+
+    assert smoke["command"] == smoke["calls"][0]["command"] and len(smoke["date"]) == 10
+    assert smoke["device"]["name"] == "cpu" and smoke["device"]["total_gb"] is None
+    assert smoke["device"]["cpu"] == cpu_name() and smoke["device"]["cores"] >= 1 and smoke["versions"]["torch"]
 
 
 def test_a_second_call_merges_into_the_first(smoke, tmp_path):

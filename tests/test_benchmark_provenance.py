@@ -1,0 +1,80 @@
+"""The benchmarks' results files carry the provenance block ``plan --json`` carries (``profiler.provenance``:
+command, date, device, versions), built by the one helper; their own keys stay. (gpu_check.py: tests/test_gpu_check.py.)"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+from lowmem_alignprop.measure.profiler import cpu_name, host_device
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_provenance(doc: dict, command: str, **device):
+    assert doc["command"] == command
+    assert len(doc["date"]) == 10 and doc["date"][4] == "-"
+    assert doc["device"]["cpu"] == cpu_name() and doc["device"]["cores"] >= 1
+    assert set(host_device()) <= set(doc["device"]) and all(doc["device"][k] == v for k, v in device.items())
+    assert doc["versions"]["python"] and doc["versions"]["torch"]
+
+
+def test_flow_plans_rows_carry_the_provenance_block_not_their_own():
+    """The plan's own provenance (the child's typed command) gives way to the script's command line; the plan's
+    figures and the row's keys (host, CPU seconds, issue target) stay."""
+    fp = _bench("flow_plans")
+    plan = {"command": "lowmem-alignprop plan ...", "date": "1999-01-01", "device": {"cpu": "other"},
+            "versions": {"torch": "0"}, "peak_needed": 5 * 2**30, "fits": True}
+    doc = fp.row_doc("rtx3060-flux", plan, (0.5, 0.5, 0.5), cpu_user_seconds=12.345, wall_seconds=20.0,
+                     max_rss_kb=1000)
+    _assert_provenance(doc, "OMP_NUM_THREADS=1 nice -n 10 " + " ".join(fp.command("rtx3060-flux")), torch_threads=1)
+    assert set(doc["versions"]) == {"python", "torch", "diffusers", "transformers", "peft", "accelerate"}  # plan's
+    assert doc["device"]["load_average_at_start"] == [0.5, 0.5, 0.5]
+    assert doc["host"].startswith(f"{cpu_name()}, {doc['device']['cores']} cores")
+    assert (doc["peak_needed"], doc["fits"], doc["cpu_user_seconds"], doc["max_rss_kb"]) == (5 * 2**30, True, 12.35,
+                                                                                             1000)
+    assert doc["issue_target"] == fp.ROWS["rtx3060-flux"][3]
+
+
+def test_rss_bench_writes_the_provenance_block(tmp_path):
+    out = tmp_path / "rss.json"
+    cmd = [sys.executable, "-c", "print('mem step 1: rss 10.0 MiB | 0.1 s')"]
+    p = subprocess.run([sys.executable, "benchmarks/rss_bench.py", "--label", "x", "--json", str(out), "--", *cmd],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    _assert_provenance(doc, " ".join(cmd))  # the measured command, as before
+    assert doc["bench_command"].endswith(f"--json {out} -- {' '.join(cmd)}")
+    assert doc["label"] == "x" and doc["steps"] == {"1": {"rss": 10 * 2**20, "peak": None}}
+    assert doc["peak_rss_outside"] > 0
+
+
+def test_counter_vs_events_writes_the_provenance_block(tmp_path, monkeypatch):
+    """Its two measured children replaced by canned answers: the file has the provenance block and its figures."""
+    cve = _bench("counter_vs_events")
+    answer = {"stages": {"decode": 3 * 2**20}, "baseline": 0, "seconds": 1.0, "maxrss": 2**30}
+    monkeypatch.setattr(cve.subprocess, "run", lambda *a, **kw: types.SimpleNamespace(
+        returncode=0, stdout="noise\n" + json.dumps(answer) + "\n", stderr=""))
+    monkeypatch.setattr(sys, "argv", ["benchmarks/counter_vs_events.py", "--midsize", "/x"])
+    out = tmp_path / "cve.json"
+    assert cve.main(["--midsize", str(tmp_path / "m"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    _assert_provenance(doc, f"{sys.executable} benchmarks/counter_vs_events.py --midsize /x")
+    assert doc["counter"] == doc["events"] == answer and doc["config"]["k"] == 2
+
+
+def test_counter_vs_events_child_imports_the_planner():
+    """The child program it runs per method imports what it uses (it named a module that moved)."""
+    code = _bench("counter_vs_events")._CHILD
+    imports = [line for line in code.splitlines() if line.startswith(("from lowmem_alignprop", "import lowmem"))]
+    assert imports
+    subprocess.run([sys.executable, "-c", "\n".join(imports)], cwd=ROOT, check=True, timeout=120)
