@@ -124,6 +124,63 @@ def test_seconds_follow_the_device_figures():
     assert devices.device_for("h100", "my.yaml", "cuda").name == "h100"
 
 
+def test_block_swap_copies_cost_what_the_block_before_does_not_hide():
+    """Each block swap copy runs on a side stream beside the compute of the block before it: it costs
+    max(0, copy - that compute). At 25 GB/s a 2.5 GB copy takes 0.1 s: behind 0.3 s of compute it costs nothing,
+    behind 0.04 s it costs 0.06 s; the simulated copies (5 GB) stand for the stage's 10 GB, so twice that: 0.12 s.
+    Other copies (offload, 1 GB: 0.04 s) stay serial; without windows every swap copy is serial (0.4 s)."""
+    dev = devices.DEVICES["rtx4090"]  # PCIe 25 GB/s
+    flops_per_s = 165.2e12 * dev.matmul_eff  # fp16
+
+    def work(**kw):
+        return {**dict.fromkeys(planner.WORK_KEYS, 0), **kw}
+    stage = work(matmul_flops=1.0 * flops_per_s, pcie_bytes=11e9, swap_bytes=10e9)
+    windows = [[2.5e9, work(matmul_flops=0.3 * flops_per_s)], [2.5e9, work(matmul_flops=0.04 * flops_per_s)]]
+    assert devices.swap_seconds(stage, dev, "fp16", windows=windows) == pytest.approx(0.12)
+    assert devices.seconds(stage, dev, "fp16", swap_windows=windows) == pytest.approx(1.0 + 0.04 + 0.12)
+    assert devices.seconds(stage, dev, "fp16") == pytest.approx(1.0 + 0.04 + 0.4)
+    hidden = [[5e9, work(matmul_flops=0.5 * flops_per_s)]]  # a window that hides the copy entirely
+    assert devices.seconds(stage, dev, "fp16", swap_windows=hidden) == pytest.approx(1.0 + 0.04)
+
+
+def test_planned_block_swap_time_overlaps_copies_with_compute(tmp_path):
+    """The planner on a tiny FLUX (1 double + 3 single blocks, all swapped): with a fast link (compute dominates)
+    a prefetched copy costs nothing and only the copies nothing prefetched (the first block of a walk) add their
+    copy time; with a slow link (PCIe dominates) the copies cost their copy time less at most the compute beside
+    them. The old serial model's extra time, all the copies, is the upper bound of both."""
+    from flowmodels import build_tiny_flux_dir
+
+    flux = build_tiny_flux_dir(tmp_path / "flux", single_layers=3)
+    cfg = Config(model=str(flux), resolution=64, sample_steps=4, k=2, guidance_scale=3.5, batch_size=1,
+                 unet_checkpointing="blocks", mixed_precision="bf16", offload_frozen=False, block_swap=4,
+                 prompts="simple_animals").validate()
+    est = planner.estimate(cfg, target="cuda")
+    rollout = (stages.SAMPLE_NOGRAD, stages.SAMPLE_GRAD, stages.BACKWARD)
+    for name in rollout:
+        w = est.work[name]
+        assert w["swap_bytes"] == w["pcie_bytes"] > 0  # the rollout's only copies are block swap's
+
+    def extra(gbs: float, windows: bool = True) -> tuple[float, float]:
+        """(seconds block swap adds to the rollout, those copies' own time) on an RTX 3060 with a gbs GB/s link."""
+        dev = dataclasses.replace(devices.DEVICES["rtx3060"], pcie_gbs=gbs)
+        e = est if windows else dataclasses.replace(est, swap_windows={})
+        t = planner.step_time(cfg, e, dev)["stages"]
+        bare = {name: devices.compute_seconds(est.work[name], dev, "bf16") for name in rollout}
+        return (sum(t[name] - bare[name] for name in rollout),
+                sum(est.work[name]["swap_bytes"] for name in rollout) / (gbs * 1e9))
+    compute = sum(devices.compute_seconds(est.work[name], devices.DEVICES["rtx3060"], "bf16") for name in rollout)
+
+    # compute dominates: what is left is exactly the copies nothing prefetched (scaled like their stage)
+    fast, fast_copies = extra(1e4)
+    unhidden = sum(est.work[name]["swap_bytes"] / sum(b for b, _ in est.swap_windows[name])
+                   * sum(b for b, w in est.swap_windows[name] if not any(w.values())) for name in rollout) / 1e13
+    assert fast == pytest.approx(unhidden, rel=1e-9) and 0 < fast < 0.6 * fast_copies
+    assert extra(1e4, windows=False)[0] == pytest.approx(fast_copies, rel=1e-9)  # serial: every copy in full
+    # PCIe dominates: each copy in full but for the compute beside it
+    slow, slow_copies = extra(1e-5)
+    assert compute < 1e-3 * slow_copies and slow_copies - compute <= slow <= slow_copies
+
+
 def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
     est = planner.estimate(cfg, target=target)
     return planner.step_time(cfg, est, device)["optimizer_step"], bool(est.fits(cfg.budget_gb))

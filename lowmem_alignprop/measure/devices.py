@@ -7,8 +7,12 @@ formulas), the bytes the other ops read and write, the ops launched, the bytes c
 class of work::
 
     matmul_flops / (peak * matmul_eff) + attention_flops / (peak * attention_eff)
-      + other_bytes / (memory_bandwidth * memory_eff) + ops * launch_s + pcie_bytes / pcie_bandwidth
+      + other_bytes / (memory_bandwidth * memory_eff) + ops * launch_s
       + dequant_bytes / (memory_bandwidth * memory_eff)
+      + (pcie_bytes - swap_bytes) / pcie_bandwidth + block swap's copies beyond the compute they overlap
+
+Block swap's copies (``swap_bytes``) run on a side stream, each beside the compute of the block before it: a copy
+costs max(0, copy - that compute) (:func:`swap_seconds`); the other copies (offload) are serial.
 
 ``peak`` is the card's dense tensor-core rate in the step's matmul dtype (fp16/bf16 with fp32 accumulation, as
 cuBLAS runs PyTorch's half matmuls; fp32 matmuls at the TF32 rate when ``tf32`` is on, else the plain fp32 rate).
@@ -139,13 +143,41 @@ def device_for(card: str, profile: str, target: str) -> Device | None:
     return DEVICES[name]
 
 
-def seconds(work: dict, device: Device, dtype: str, tf32: bool = False) -> float:
+def seconds(work: dict, device: Device, dtype: str, tf32: bool = False, swap_windows: list | None = None) -> float:
     """Seconds for one stage's ``work`` (StageWork's counts) on ``device``; ``dtype``: the matmul dtype
-    ("fp16", "bf16" or "fp32")."""
+    ("fp16", "bf16" or "fp32"). Host <-> device copies are serial to compute, except block swap's
+    (``swap_bytes``, a part of ``pcie_bytes``): see :func:`swap_seconds` (``swap_windows``)."""
+    t = compute_seconds(work, device, dtype, tf32)
+    other_pcie = work["pcie_bytes"] - work.get("swap_bytes", 0)  # offload's copies: on the compute stream
+    if other_pcie and device.pcie_gbs:
+        t += other_pcie / (device.pcie_gbs * 1e9)
+    return t + swap_seconds(work, device, dtype, tf32, swap_windows)
+
+
+def compute_seconds(work: dict, device: Device, dtype: str, tf32: bool = False) -> float:
+    """The card's own work in ``work``: matmuls, attention, elementwise and dequantized bytes, launches (no copies)."""
     peak = device.peak_tflops(dtype, tf32) * 1e12
     t = work["matmul_flops"] / (peak * device.matmul_eff) + work["attention_flops"] / (peak * device.attention_eff)
     bandwidth = device.memory_gbs * 1e9 * device.memory_eff
-    t += (work["other_bytes"] + work["dequant_bytes"]) / bandwidth + work["ops"] * device.launch_s
-    if work["pcie_bytes"]:
-        t += work["pcie_bytes"] / (device.pcie_gbs * 1e9) if device.pcie_gbs else 0.0
-    return t
+    return t + (work["other_bytes"] + work["dequant_bytes"]) / bandwidth + work["ops"] * device.launch_s
+
+
+def swap_seconds(work: dict, device: Device, dtype: str, tf32: bool = False, windows: list | None = None) -> float:
+    """What block swap's copies (``work["swap_bytes"]``) add to a stage's compute. memory/block_swap.py copies a
+    block on a side stream, started in the pre-hook of the block that runs before it, and the compute stream waits
+    for it in the block's own pre-hook: each copy overlaps exactly the compute between those two hooks (that block's
+    forward, or its recompute and backward in backward's walk back), and a copy nothing prefetched (the first
+    swapped block of each walk) overlaps nothing. So each copy costs max(0, copy - window) on top of compute.
+    ``windows``: [copy bytes, window work] of the simulated step's copies, grouped so that a group's copies have the
+    same copy-to-window ratio (then the sum of their maxima is the maximum of the sums), scaled to ``swap_bytes``
+    (the stage's copies at the configuration's step and K); None: no windows known, every copy serial (an upper
+    bound)."""
+    total = work.get("swap_bytes", 0)
+    if not total or not device.pcie_gbs:
+        return 0.0
+    pcie = device.pcie_gbs * 1e9
+    simulated = sum(b for b, _ in windows or ())
+    if not simulated:
+        return total / pcie
+    exposed = sum(max(0.0, b / pcie - compute_seconds(w, device, dtype, tf32)) for b, w in windows)
+    return exposed * total / simulated

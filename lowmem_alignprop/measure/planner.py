@@ -235,7 +235,9 @@ class Residency:
 # ---------------------------------------------------------------------------------------------------
 # counting the work of each stage (the time estimate)
 # ---------------------------------------------------------------------------------------------------
-WORK_KEYS = ("matmul_flops", "attention_flops", "other_bytes", "ops", "pcie_bytes", "dequant_bytes")
+# pcie_bytes: every host <-> device copy; swap_bytes: the part of them that block swap's copies are (they overlap
+# compute: devices.swap_seconds)
+WORK_KEYS = ("matmul_flops", "attention_flops", "other_bytes", "ops", "pcie_bytes", "dequant_bytes", "swap_bytes")
 AFTER = "+after"  # StageWork's bucket for the work between a stage and the next (parking modules after backward)
 
 
@@ -299,10 +301,14 @@ class StageWork(StageCounter):
         self.marks: dict[str, dict[str, int]] = {}  # e.g. backward's work when its first UNet recompute began
         self.quiet = 0  # > 0: ops are not counted (work the planner adds itself, e.g. block swap's copies)
         self.window_marks: list[tuple[Any, dict[str, int]]] = []  # see window_output
+        self.swap_windows: SwapWindows | None = None  # block swap on a GPU: what each copy overlaps
         self.window_labels: set = set()
 
+    def bucket_name(self) -> str | None:
+        return self.open[-1] if self.open else None if self.last is None else self.last + AFTER
+
     def bucket(self) -> dict[str, int] | None:
-        name = self.open[-1] if self.open else None if self.last is None else self.last + AFTER
+        name = self.bucket_name()
         return None if name is None else self.work.setdefault(name, dict.fromkeys(WORK_KEYS, 0))
 
     def add(self, key: str, n: int) -> None:
@@ -783,6 +789,8 @@ class Estimate:
     work: dict[str, dict[str, float]] = field(default_factory=dict)
     host_pinned: int = 0  # block swap: the swapped blocks' frozen weights in pinned host memory, as stored
     per_kept_bytes: int = 0  # what each kept grad step (window_keep) beyond the simulated ones keeps
+    # block swap on a GPU: stage -> [[copy bytes, the work it overlaps] per group] of the simulated step (SwapWindows)
+    swap_windows: dict[str, list] = field(default_factory=dict)
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB
@@ -925,6 +933,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                    t0, notes)
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
+    est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
     est.seconds = time.perf_counter() - t0
     return est
 
@@ -1063,6 +1072,7 @@ def _block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes,
 
     stored = quant.stored_tensor_bytes(comps.unet, cfg.base_quant)
     by_host: dict[int, int] = {}
+    windows = SwapWindows(work)
 
     def to_device(t: torch.Tensor) -> torch.Tensor:
         n = by_host[id(t)]
@@ -1070,13 +1080,19 @@ def _block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes,
             out = t.to("cpu", copy=True)
         counter.track(out, nbytes=n)  # lives as long as the copy: until its block leaves and autograd is done
         if cuda:
+            windows.copied(n)  # before its bytes count: the copy's window starts here
             work.add("pcie_bytes", n)
+            work.add("swap_bytes", n)
         return out
 
     swap = install(comps.unet, cfg.block_swap, "cpu", copy=to_device)
     if swap is None:
         return 0
     comps.block_swap = swap  # held for the step (the hooks live as long as the model)
+    if cuda:  # what each copy overlaps, for the time model (these pre-hooks run after the swap's own)
+        windows.swap, work.swap_windows = swap, windows
+        for i, block in enumerate(swap.blocks):
+            block.register_forward_pre_hook(windows.waited(i))
     by_host.update((id(w.host), stored[id(w.p)]) for ws in swap.weights for w in ws)
     host = sum(stored[id(w.p)] for ws in swap.weights for w in ws)
     if cuda:  # the quantized size has left weights["unet"] already (_fake_weights): the swapped part leaves too
@@ -1086,6 +1102,57 @@ def _block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes,
                      f"(-{host / GIB:.2f} GiB on the card); the copies of the blocks in flight (at most two) counted "
                      "where they happen, and over PCIe")
     return host
+
+
+class SwapWindows:
+    """What each of block swap's copies overlaps on a GPU (:func:`devices.swap_seconds`): the work counted from the
+    copy's start (the pre-hook that loads or prefetches its block: memory/block_swap.py) to its block's next
+    pre-hook, where the compute stream waits for it. Per stage, grouped by (the block copied, the block whose
+    pre-hook started the copy, whether any work overlapped it), blocks told apart by class and size: a group's
+    copies then have one copy-to-window ratio."""
+
+    def __init__(self, work: StageWork):
+        self.work, self.swap = work, None
+        self.open: dict[int, list] = {}  # block -> [bucket, work so far, group key, bytes] while its copy is in flight
+        self.groups: dict[str, dict[tuple, list]] = {}  # bucket -> group -> [bytes, window work]
+
+    def _kind(self, i: int | None):
+        if i is None:
+            return None
+        block = self.swap.blocks[i]
+        return type(block).__name__, sum(p.numel() for p in block.parameters())
+
+    def copied(self, n: int) -> None:
+        """``n`` bytes of the block being loaded are copied now."""
+        i = self.swap.loading
+        if i not in self.open:
+            name = self.work.bucket_name()
+            self.open[i] = [name, dict(self.work.bucket() or {}), (self._kind(i), self._kind(self.swap.last)), 0]
+        self.open[i][3] += n
+
+    def waited(self, i: int):
+        """Block ``i``'s pre-hook: the compute stream waits for its copy here, which closes the copy's window."""
+        def hook(module, args):
+            rec = self.open.pop(i, None)
+            if rec is None:
+                return
+            name, before, key, n = rec
+            now = self.work.bucket() if self.work.bucket_name() == name else None
+            window = {k: (now[k] - before.get(k, 0) if now is not None else 0) for k in WORK_KEYS}
+            window["pcie_bytes"] = window["swap_bytes"] = 0  # the other copies in flight are not compute
+            key = key if any(window.values()) else (key[0], None)  # nothing to hide behind: its own group
+            group = self.groups.setdefault(name, {}).setdefault(key, [0, dict.fromkeys(WORK_KEYS, 0)])
+            group[0] += n
+            for k, v in window.items():
+                group[1][k] += v
+        return hook
+
+    def per_stage(self) -> dict[str, list]:
+        """Stage -> [[bytes, window work] per group] (a stage's own work and what follows it until the next)."""
+        out: dict[str, list] = {}
+        for name, groups in self.groups.items():
+            out.setdefault(name.removesuffix(AFTER), []).extend([b, w] for b, w in groups.values())
+        return out
 
 
 def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
@@ -1295,12 +1362,18 @@ def step_time(cfg: Config, est: Estimate, device) -> dict[str, Any]:
         return out
     dtype = matmul_dtype(cfg, est.target)
     tf32 = cfg.tf32 and est.target == "cuda"
-    per_stage = {name: devices.seconds(w, device, dtype, tf32) for name, w in est.work.items()}
+    per_stage = {name: devices.seconds(w, device, dtype, tf32, est.swap_windows.get(name))
+                 for name, w in est.work.items()}
     micro = sum(t for name, t in per_stage.items() if name != stages.OPTIMIZER)
     out.update(device=device.name, device_figures=device.to_dict(), matmul_dtype=dtype + (" (tf32)" if tf32 and
                                                                                           dtype == "fp32" else ""),
                stages=per_stage, micro_step=micro,
                optimizer_step=cfg.grad_accum * micro + per_stage.get(stages.OPTIMIZER, 0.0))
+    if totals["swap_bytes"] and device.pcie_gbs:  # block swap: its copies' time, and what compute does not hide
+        out["block_swap_copies"] = {
+            "seconds": totals["swap_bytes"] / (device.pcie_gbs * 1e9),
+            "beyond_compute": sum(devices.swap_seconds(w, device, dtype, tf32, est.swap_windows.get(name))
+                                  for name, w in est.work.items() if name != stages.OPTIMIZER)}
     return out
 
 

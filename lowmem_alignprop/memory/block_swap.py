@@ -190,6 +190,7 @@ class BlockSwap:
         self.log: list[tuple[int, str, str]] = []  # (block index, "device" | "cpu", phase)
         self.most_resident = 0
         self.last: int | None = None  # the block that ran last (its pre-hook)
+        self.loading: int | None = None  # the block whose weights are being copied (for a ``copy`` that asks)
         self.handles = []
 
         def pin(t: torch.Tensor) -> torch.Tensor:
@@ -215,6 +216,7 @@ class BlockSwap:
     def _load(self, i: int) -> None:
         if self.where[i] == "device":
             return
+        self.loading = i
         with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext(), torch.no_grad():
             copies = [t for w in self.weights[i] for t in w.load(self.copy)]
         self.copies[i] = copies
