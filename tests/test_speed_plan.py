@@ -108,6 +108,19 @@ def test_work_scales_with_steps_and_k_and_counts_transfers(tiny_dir):
     assert t["optimizer_step"] == pytest.approx(sum(t["stages"].values()))
 
 
+def test_draft_lv_work_is_counted_once_whatever_k(tiny_dir):
+    """DRaFT-LV's extra draws are one batched call at the window's last step: what lv_draws=4 adds to a step (its
+    forward in sample_grad, its backward, its decode and reward) is the same at K=1 and K=3 (the grad window
+    simulated at 1 and 2 steps and scaled to K: the LV call must not be scaled with it)."""
+    def added(k: int) -> dict[str, float]:
+        lv, plain = (planner.estimate(_tiny(k=k, lv_draws=n), target="cuda") for n in (4, 1))
+        return {name: lv.work[name]["matmul_flops"] - plain.work[name]["matmul_flops"]
+                for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.BACKWARD)}
+    one, three = added(1), added(3)
+    assert all(v > 0 for v in one.values())
+    assert three == pytest.approx(one, rel=1e-12)  # same ops counted, same sums
+
+
 def test_seconds_follow_the_device_figures():
     work = dict.fromkeys(planner.WORK_KEYS, 0)
     work.update(matmul_flops=2e12, other_bytes=1e9, ops=1000, pcie_bytes=2e9)

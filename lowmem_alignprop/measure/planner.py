@@ -891,6 +891,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
 
     def at_grad_call(module, args):
         work.unet_call()
+        if len(grad_calls) == calls_per_step * k_sim and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
+            work.marks["lv"] = dict(work.bucket())  # DRaFT-LV's call begins: its work is counted once (step_work)
         if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
             cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
             grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
@@ -1047,8 +1049,10 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
             d = zero
         elif name == stages.SAMPLE_NOGRAD:
             d = scaled(d, (cfg.sample_steps - k) / n_nograd if n_nograd else 0)
-        elif name == stages.SAMPLE_GRAD:
-            d = scaled(d, k / k_sim)
+        elif name == stages.SAMPLE_GRAD:  # the window's calls to the mean K; DRaFT-LV's call (last step only) once
+            lv = work.marks.get("lv")
+            window = {key: lv[key] for key in WORK_KEYS} if lv else d
+            d = {key: window[key] * k / k_sim + (d[key] - window[key]) for key in WORK_KEYS}
         elif name == stages.BACKWARD:
             d = _backward_work(cfg, work, d, k_sim, keep_sim)
             if cfg.base_quant != "none":
