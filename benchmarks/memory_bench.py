@@ -452,6 +452,13 @@ def section_flow_plans(results_dir: Path) -> list[str]:
                          f"{r['host_pinned'] / GIB:.1f} GiB of frozen blocks in pinned host memory (as stored), "
                          f"{pcie / 1e9:.0f} GB over PCIe per micro-step: {pcie / 1e9 / gbs:.0f} s at {gbs} GB/s, "
                          + _swap_time_words(t))
+    first = plans[0]
+    ver = first.get("versions", {})
+    L += [""] + notes + ([""] if notes else [])
+    L += [f"Planned {first.get('date', '?')} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
+          "jobs on the machine (the CPU seconds are user time); " + ", ".join(f"{k} {v}" for k, v in ver.items())
+          + ". Commands: " + "; ".join(f"`{json.loads(p.read_text()).get('command', '?')}`" for p in files) + "."]
+    return L
 
 
 def _swap_time_words(t: dict) -> str:
@@ -461,13 +468,6 @@ def _swap_time_words(t: dict) -> str:
         return "counted in full in the seconds (the time model did not yet overlap the copies with compute)."
     return (f"of which {copies['beyond_compute']:.1f} s are beyond the compute they overlap (each copy runs beside "
             "the compute of the block before it): that is what the seconds count.")
-    first = plans[0]
-    ver = first.get("versions", {})
-    L += [""] + notes + ([""] if notes else [])
-    L += [f"Planned {first.get('date', '?')} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
-          "jobs on the machine (the CPU seconds are user time); " + ", ".join(f"{k} {v}" for k, v in ver.items())
-          + ". Commands: " + "; ".join(f"`{json.loads(p.read_text()).get('command', '?')}`" for p in files) + "."]
-    return L
 
 
 def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
