@@ -455,7 +455,8 @@ def section_flow_plans(results_dir: Path) -> list[str]:
     first = plans[0]
     ver = first.get("versions", {})
     L += [""] + notes + ([""] if notes else [])
-    L += [f"Planned {first.get('date', '?')} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
+    dates = " and ".join(sorted({r.get("date", "?") for r in plans}))  # rows rerun later carry their own date
+    L += [f"Planned {dates} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
           "jobs on the machine (the CPU seconds are user time); " + ", ".join(f"{k} {v}" for k, v in ver.items())
           + ". Commands: " + "; ".join(f"`{json.loads(p.read_text()).get('command', '?')}`" for p in files) + "."]
     return L
