@@ -121,6 +121,22 @@ def test_draft_lv_work_is_counted_once_whatever_k(tiny_dir):
     assert three == pytest.approx(one, rel=1e-12)  # same ops counted, same sums
 
 
+def test_a_quantized_base_dequantizes_once_more_per_call_backward_goes_through(tiny_dir):
+    """int8 base: every UNet call dequantizes each layer once (the per-call cost c, whatever the batch); backward
+    recomputes a checkpointed call (c, counted where it runs) and takes its input gradients (c more). At K=3: the
+    plain window's backward is 3 recomputes + 3 passes = 6c (sample_grad 3c); DRaFT-LV's call adds c forward and 2c
+    backward; KL's base calls add 3c forward and, all but the window's first (its input needs no gradient), 2c of
+    recompute and 2c of input gradients in backward."""
+    def dequant(**kw) -> tuple[float, float]:
+        est = planner.estimate(_tiny(k=3, base_quant="int8", **kw), target="cuda")
+        return est.work[stages.SAMPLE_GRAD]["dequant_bytes"], est.work[stages.BACKWARD]["dequant_bytes"]
+    grad, back = dequant()
+    c = grad / 3
+    assert c > 0 and back == pytest.approx(6 * c, rel=1e-12)
+    assert dequant(lv_draws=4) == pytest.approx((4 * c, 8 * c), rel=1e-12)
+    assert dequant(kl_coeff=0.1) == pytest.approx((6 * c, 10 * c), rel=1e-12)
+
+
 def test_seconds_follow_the_device_figures():
     work = dict.fromkeys(planner.WORK_KEYS, 0)
     work.update(matmul_flops=2e12, other_bytes=1e9, ops=1000, pcie_bytes=2e9)

@@ -1027,6 +1027,17 @@ def _backward_work(cfg: Config, work: StageWork, d: dict, k_sim: int, keep_sim: 
     return out
 
 
+def _input_gradient_calls(cfg: Config) -> float:
+    """The window's calls whose backward goes through the frozen layers' input gradients (one more dequantization
+    each with an int8/nf4 base; the recomputes' are counted where they run), on average over K's range: the LoRA
+    model's K calls; with KL the base model's calls but the window's first (its input needs no gradient);
+    DRaFT-LV's one call."""
+    lo, hi = cfg.window_bounds()
+    ks = range(lo, hi + 1)
+    base = sum(max(k - 1, 0) for k in ks) / len(ks) if cfg.kl_coeff > 0 else 0.0
+    return mean_k(cfg) + base + (1 if cfg.lv_draws > 1 else 0)
+
+
 def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
               keep_sim: int = 0) -> dict[str, dict[str, float]]:
     """The simulated step's counts scaled to the configuration's: the no-grad steps to ``sample_steps - K``, the grad
@@ -1058,7 +1069,7 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
             if cfg.base_quant != "none":
                 grad_calls = work.unet_calls.get(stages.SAMPLE_GRAD, 0)
                 per_call = work.work.get(stages.SAMPLE_GRAD, zero)["dequant_bytes"] / max(grad_calls, 1)
-                d["dequant_bytes"] += per_call * k
+                d["dequant_bytes"] += per_call * _input_gradient_calls(cfg)
         between = work.work.get(name + AFTER, zero)
         out[name] = {key: float(v + between[key]) for key, v in d.items()}
     return out
