@@ -254,24 +254,6 @@ def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_
     assert {g["lr"] for g in groups} == {0.02}  # and its lr
 
 
-def _slow_run(out, *extra):
-    """A run with ~2-5 s steps on 1 thread, so that signals land inside a step."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", "--profile", "cpu", "--set", "sample_steps=40",
-                             "--set", "k=10", "--set", "batch_size=4", "--set", "sample_prompts=0",
-                             "--output-dir", str(out), *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_rows(proc, metrics, n, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(proc.communicate()[1][-2000:])
-
-
 GATE_REWARD = """
 import os, time
 def reward(images, prompts):
@@ -285,68 +267,97 @@ def reward(images, prompts):
 """
 
 
-def _wait_for(predicate, what, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never saw {what} (exit {proc.poll()})")
+class Gated:
+    """A run whose reward, from the second training step on (and in the after samples), waits while a HOLD file
+    exists: a signal sent once ``entered`` exists lands inside that reward call, however slow or loaded the
+    machine -- no race with a step's own duration. ``release()`` lets it go on."""
+
+    def __init__(self, tmp_path, *extra):
+        self.out, gate = tmp_path / "run", tmp_path / "gate"
+        gate.mkdir()
+        (gate / "gate_reward.py").write_text(GATE_REWARD)
+        self.hold, self.entered, self.err = gate / "hold", gate / "entered", tmp_path / "stderr.txt"
+        self.hold.touch()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(gate),
+               "GATE_METRICS": str(self.out / "metrics.jsonl"), "GATE_HOLD": str(self.hold),
+               "GATE_ENTERED": str(self.entered)}
+        with open(self.err, "w") as stderr_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--reward",
+                                          "gate_reward:reward", "--output-dir", str(self.out), *extra],
+                                         env=env, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
+
+    def wait_for(self, predicate, what, timeout=300):
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {what} (exit {self.proc.poll()}): {self.stderr()[-2000:]}")
+
+    def held(self):
+        self.wait_for(self.entered.exists, "the run reach its held reward")
+
+    def release(self):
+        self.hold.unlink(missing_ok=True)
+
+    def finish(self, timeout=120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.release()
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
-    """The step is held inside its reward (a user reward that waits on a file), so however slow or loaded the
-    machine, both signals land in step 2, and the second comes more than the 2 s launcher window after the run
-    took the first (it says so on stderr) -- no race with the step's own duration."""
-    out, gate = tmp_path / "run", tmp_path / "gate"
-    gate.mkdir()
-    (gate / "gate_reward.py").write_text(GATE_REWARD)
-    hold, entered, err = gate / "hold", gate / "entered", tmp_path / "stderr.txt"
-    hold.touch()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(gate), "GATE_METRICS": str(out / "metrics.jsonl"),
-           "GATE_HOLD": str(hold), "GATE_ENTERED": str(entered)}
-    with open(err, "w") as stderr_file:
-        proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--reward", "gate_reward:reward",
-                                 "--steps", "50", "--checkpoint-every", "1", "--output-dir", str(out)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
-        try:
-            _wait_for(entered.exists, "step 2 reach its reward", proc)  # step 1 and its checkpoint are done
-            proc.send_signal(signal.SIGINT)
-            _wait_for(lambda: "SIGINT received" in err.read_text(), "the first Ctrl-C taken", proc)
-            time.sleep(2.5)  # past the 2.0 s in which a second SIGINT is a launcher's echo of the first
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-        finally:
-            hold.unlink(missing_ok=True)
-            if proc.poll() is None:
-                proc.kill()
-    stderr = err.read_text()
-    assert proc.returncode == 130, stderr[-2000:]  # not a crash (it once segfaulted here)
+    """Both signals land in step 2 (held inside its reward), and the second comes more than the 2 s launcher
+    window after the run took the first (it says so on stderr)."""
+    run = Gated(tmp_path, "--steps", "50", "--checkpoint-every", "1")
+    try:
+        run.held()  # step 1 and its checkpoint are done
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for(lambda: "SIGINT received" in run.stderr(), "the first Ctrl-C taken")
+        time.sleep(2.5)  # past the 2.0 s in which a second SIGINT is a launcher's echo of the first
+        run.proc.send_signal(signal.SIGINT)
+    finally:
+        code = run.finish()
+    stderr = run.stderr()
+    assert code == 130, stderr[-2000:]  # not a crash (it once segfaulted here)
     assert "aborted by a second Ctrl-C" in stderr and "Traceback" not in stderr
-    assert not (out / ".run.lock").exists()
-    assert ckpt.find_resume(out, "latest").name == "step-00000001"  # --resume latest goes on from there
+    assert not (run.out / ".run.lock").exists()
+    assert ckpt.find_resume(run.out, "latest").name == "step-00000001"  # --resume latest goes on from there
 
 
 def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path):
-    out = tmp_path / "run"
-    proc = _slow_run(out, "--steps", "2")
-    _wait_for_rows(proc, out / "metrics.jsonl", 1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    run = Gated(tmp_path, "--steps", "2")
+    try:
+        run.held()  # inside step 2's reward
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for(lambda: "SIGINT received" in run.stderr(), "the Ctrl-C taken")
+        run.release()
+    finally:
+        code = run.finish()
+    stderr = run.stderr()
+    assert code == 0, stderr[-2000:]
+    summary = json.loads((run.out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["steps_done"] == 2
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert "continue with --resume latest" not in stdout + stderr
+    assert (run.out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "continue with --resume latest" not in stderr
 
 
 def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(tmp_path):
-    out = tmp_path / "run"
-    proc = _slow_run(out, "--steps", "1", "--set", "sample_prompts=2")
-    _wait_for_rows(proc, out / "metrics.jsonl", 1)  # the last step is done: the after samples come now
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert json.loads((out / "summary.json").read_text())["interrupted"] is False
-    assert not (out / "samples" / "before_after.png").exists()  # skipped, as asked
+    run = Gated(tmp_path, "--steps", "1", "--set", "sample_prompts=2")
+    try:
+        run.held()  # step 1 is done: the reward now held is the after samples'
+        assert [r["step"] for r in rows(run.out)] == [1]
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for(lambda: "the after samples are skipped" in run.stderr(), "the after samples skipped")
+    finally:
+        code = run.finish()
+    assert code == 0, run.stderr()[-2000:]
+    assert (run.out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((run.out / "summary.json").read_text())["interrupted"] is False
+    assert not (run.out / "samples" / "before_after.png").exists()  # skipped, as asked
