@@ -99,7 +99,11 @@ def main() -> int:
         print(f"{run['card']:5} {run['name'][:48]:48} x{run['concurrent_runs'] or 1} measured {measured:7.2f} s "
               f"predicted {run['predicted_step']:7.2f} s  ratio {run['measured_over_predicted']:.2f}  "
               + " ".join(f"{n}={run['measured'].get(n, 0):.2f}/{t:.2f}" for n, t in run["predicted"].items()))
-    out = {"kind": "time-calibration", "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+    from lowmem_alignprop.measure.planner import PLAN_LIBRARIES
+    from lowmem_alignprop.measure.profiler import provenance
+
+    # the provenance block every result carries (command, date, device, versions: the planner's libraries)
+    out = {"kind": "time-calibration", **provenance(" ".join(["python"] + sys.argv), PLAN_LIBRARIES),
            "host": platform.node(), "devices": {k: v.to_dict() for k, v in devices.DEVICES.items()},
            "alone": {"n": len(ratios_alone), "min": min(ratios_alone, default=None),
                      "max": max(ratios_alone, default=None)},

@@ -3,10 +3,13 @@ command, date, device, versions), built by the one helper; their own keys stay. 
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import types
 from pathlib import Path
+
+import pytest
 
 from lowmem_alignprop.measure.profiler import cpu_name, host_device
 
@@ -78,3 +81,21 @@ def test_counter_vs_events_child_imports_the_planner():
     imports = [line for line in code.splitlines() if line.startswith(("from lowmem_alignprop", "import lowmem"))]
     assert imports
     subprocess.run([sys.executable, "-c", "\n".join(imports)], cwd=ROOT, check=True, timeout=120)
+
+
+def test_calibrate_time_writes_the_provenance_block(tmp_path):
+    """--reuse recomputes the seconds from the stored work counts (no estimate): the file keeps its figures and
+    carries the block."""
+    out = tmp_path / "time-calibration.json"
+    shutil.copy(ROOT / "benchmarks" / "results" / "time-calibration.json", out)
+    before = json.loads(out.read_text())
+    p = subprocess.run([sys.executable, "benchmarks/calibrate_time.py", "--reuse", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    _assert_provenance(doc, f"python benchmarks/calibrate_time.py --reuse --out {out}")
+    assert set(doc["versions"]) == {"python", "torch", "diffusers", "transformers", "peft", "accelerate"}
+    assert doc["kind"] == "time-calibration" and doc["host"] and len(doc["runs"]) == len(before["runs"]) > 0
+    # the same sums of float64 terms, grouped differently since the time model split compute from copies
+    assert [r["predicted_step"] for r in doc["runs"]] == pytest.approx([r["predicted_step"] for r in before["runs"]],
+                                                                       rel=1e-12)
