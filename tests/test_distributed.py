@@ -89,29 +89,37 @@ def test_two_processes_data_parallel(tmp_path, tiny_dir):
     assert (out / "samples" / "before_after.png").exists()  # written once, by the main process
 
 
-@needs_deepspeed
-def test_deepspeed_zero2_optimizer_offload_trains_and_resumes(tmp_path, tiny_dir):
-    """No launcher: `lowmem-alignprop --set deepspeed_zero=2 --set offload=optimizer` runs as one process."""
-    out = tmp_path / "z2"
-    ds = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--set", "sample_prompts=2"]
-    run([sys.executable, "-m", "lowmem_alignprop", *FAST, *ds, "--output-dir", str(out), "--steps", "4",
+Z2 = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--set", "sample_prompts=2"]
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory, tiny_dir):
+    """No launcher: `lowmem-alignprop --set deepspeed_zero=2 --set offload=optimizer` runs as one process (4 steps,
+    a checkpoint every 2); the trains-and-resumes test and the plain-AdamW comparison both read it."""
+    out = tmp_path_factory.mktemp("z2") / "z2"
+    run([sys.executable, "-m", "lowmem_alignprop", *FAST, *Z2, "--output-dir", str(out), "--steps", "4",
          "--checkpoint-every", "2"])
-    got = rows(out)
+    return out
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_optimizer_offload_trains_and_resumes(zero2, tmp_path):
+    got = rows(zero2)
     # per-step rewards of batch-1 rollouts are noisy; the fixed-seed before/after samples are not
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((zero2 / "summary.json").read_text())
     assert summary["sample_reward_after"] > summary["sample_reward_before"] + 0.003, summary
-    assert lora_b_norm(out) > 0
-    ck = ckpt.find_resume(out, "latest")
+    assert lora_b_norm(zero2) > 0
+    ck = ckpt.find_resume(zero2, "latest")
     assert (ck / "deepspeed" / "state").is_dir() and not (ck / "optimizer.pt").exists()
     # resume from step 2 (DeepSpeed's own optimizer partition files) reproduces steps 3-4
     again = tmp_path / "z2_resumed"
-    shutil.copytree(out, again)
+    shutil.copytree(zero2, again)
     shutil.rmtree(again / "checkpoints" / "step-00000004")
-    run([sys.executable, "-m", "lowmem_alignprop", *FAST, *ds, "--output-dir", str(again), "--steps", "4",
+    run([sys.executable, "-m", "lowmem_alignprop", *FAST, *Z2, "--output-dir", str(again), "--steps", "4",
          "--resume", "latest"])
     for a, b in zip(got, rows(again)):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-6)
-    wa = load_file(str(out / "checkpoints" / "step-00000004" / "trainable.safetensors"))
+    wa = load_file(str(zero2 / "checkpoints" / "step-00000004" / "trainable.safetensors"))
     wb = load_file(str(again / "checkpoints" / "step-00000004" / "trainable.safetensors"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
@@ -121,24 +129,25 @@ def lora(out) -> dict:
 
 
 @needs_deepspeed
-def test_deepspeed_offload_steps_match_plain_adamw(tmp_path, tiny_dir):
-    """Same seed, 3 optimizer steps: ZeRO-2 (optimizer offload) and ZeRO-3 (parameter offload) end with the LoRA
-    of plain torch AdamW. Measured: max |difference| 3e-7 (ZeRO-2), 1.4e-6 (ZeRO-3) from float rounding and
-    DeepSpeed's vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong optimizer: Adam with L2 decay
-    (what accelerate substituted before) moves every lora_A weight by lr = 0.01 in the very first step."""
-    runs = {"plain": [], "zero2": ["--set", "deepspeed_zero=2", "--set", "offload=optimizer"],
-            "zero3": ["--set", "deepspeed_zero=3", "--set", "offload=params"]}
+def test_deepspeed_offload_steps_match_plain_adamw(zero2, tmp_path):
+    """Same seed, 4 optimizer steps: ZeRO-2 (optimizer offload; the fixture's run) and ZeRO-3 (parameter offload)
+    end with the LoRA of plain torch AdamW. Measured after 3 steps: max |difference| 3e-7 (ZeRO-2), 1.4e-6 (ZeRO-3)
+    from float rounding and DeepSpeed's vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong
+    optimizer: Adam with L2 decay (what accelerate substituted before) moves every lora_A weight by lr = 0.01 in the
+    very first step."""
+    runs = {"plain": ["--set", "sample_prompts=2"],
+            "zero3": ["--set", "deepspeed_zero=3", "--set", "offload=params", "--set", "sample_prompts=2"]}
     for name, extra in runs.items():
         run([sys.executable, "-m", "lowmem_alignprop", *FAST, *extra, "--output-dir", str(tmp_path / name),
-             "--steps", "3"])
+             "--steps", "4"])
     ref, ref_rows = lora(tmp_path / "plain"), rows(tmp_path / "plain")
-    assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 3 steps moved lora_B
-    for name in ("zero2", "zero3"):
-        got = lora(tmp_path / name)
+    assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
+    for name, out in (("zero2", zero2), ("zero3", tmp_path / "zero3")):
+        got = lora(out)
         assert got.keys() == ref.keys()
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
         assert worst < 1e-4, (name, worst)
-        for a, b in zip(ref_rows, rows(tmp_path / name), strict=True):  # same rollouts, same gradients
+        for a, b in zip(ref_rows, rows(out), strict=True):  # same rollouts, same gradients
             assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-5)
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
