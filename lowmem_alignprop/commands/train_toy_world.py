@@ -43,6 +43,7 @@ schedule. report.json records the measured wall time of each phase; the first fu
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -64,8 +65,9 @@ from lowmem_alignprop.toy.scenes import (
 )
 
 # bump with any change to the architectures, the default schedule or the data this script draws (phases 5-6 are off
-# in the default schedule: with them on, the report's schedule says so)
-TRAIN_VERSION = "1"
+# in the default schedule: with them on, the report's schedule says so). 2: an adversarial round's toy_clip with the
+# blank margin and the anchor (blank_margin_terms; the shipped toy_clip); phases 1-4 are train_version 1's.
+TRAIN_VERSION = "2"
 RESOLUTION = 64
 OBJECT_WEIGHT = 5.0  # the VAE's reconstruction loss on object pixels, relative to background pixels
 
@@ -87,6 +89,11 @@ class Schedule:
     robust_clip_steps: int = 400   # phase 6: the rewards fine-tuned on generated + rendered + reconstructed images
     robust_count_steps: int = 300
     adv_samples: int = 128     # --adversarial: samples of the run's prompts per AlignProp run's LoRA (and the base)
+    adv_margin: float = 1.0    # --adversarial: how far (in cosine) a no-object image stays under the right images
+    adv_margin_weight: float = 1.0  # ... that hinge's weight (blank_margin_terms; 0 with the anchor's 0: the plain
+                                    # round of train_version 1's docs)
+    adv_anchor_weight: float = 10.0  # --adversarial: the right images' cosines held at the toy_clip fine-tuned from
+    adv_flat_weight: float = 0.0    # --adversarial: no-object images held exactly adv_margin under (0: off; measured)
     sample_steps: int = 20
     guidance: float = 3.0
 
@@ -353,7 +360,10 @@ def text_of(c) -> str:
 
 
 def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock: Clock, log, steps: int | None = None,
-                   lr: float = 1e-3, phase: str = "toy_clip") -> None:
+                   lr: float = 1e-3, phase: str = "toy_clip", reference=None) -> None:
+    """toy_clip's contrastive training (InfoNCE with hard negatives). With ``reference`` (a frozen copy of the model
+    being fine-tuned) and ``sched.adv_margin_weight`` / ``sched.adv_anchor_weight`` > 0, also the blank margin and
+    the anchor of ``blank_margin_terms``."""
     steps = sched.clip_steps if steps is None else steps
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     rng = np.random.default_rng(seed + 6)
@@ -381,11 +391,53 @@ def train_toy_clip(model, tokenizer, batches, sched: Schedule, seed: int, clock:
                    - torch.logsumexp(torch.cat([logits, hard], 1), 1)).mean()
         loss_t = F.cross_entropy(logits.T.masked_fill(same & ~torch.eye(b, dtype=torch.bool), -1e4), target)
         loss = (loss_i + loss_t) / 2
+        if reference is not None:
+            loss = loss + blank_margin_terms(model, reference, img, pos, images, scenes, texts, tokenizer, sched)
         return descend(opt, loss)
 
     model.train()
     clock.run(phase, steps, step, max(steps // 20, 1), log)
     model.eval()
+
+
+def blank_margin_terms(model, reference, img: torch.Tensor, pos: torch.Tensor, images: torch.Tensor, scenes,
+                       texts: list[str], tokenizer, sched: Schedule) -> torch.Tensor:
+    """The two terms that put an image with no object under every right image (docs/toy_world.md, "A blank
+    margin"). InfoNCE only orders the captions of one image, so a blank could still score 60 for "a blue diamond"
+    while the diamonds drawn right score 90 or less; here:
+
+    - margin: for each image the exact evaluator reads no object in (a blank or a noisy frame), its cosine with every
+      caption of the batch's right images (rendered, reconstructed, or generated and read right) and with the prompt
+      it was drawn for stays ``sched.adv_margin`` under that caption's right image's cosine (the prompt: under the mean
+      right cosine of the batch); hinge, weight ``sched.adv_margin_weight``;
+    - anchor: on the right images, each cosine with every caption of the batch stays where ``reference`` (toy_clip
+      before this fine-tuning) puts it: squared error, weight ``sched.adv_anchor_weight`` (so the fine-tuning cannot
+      flatten the right images' scores, as the plain round did)."""
+    blank = [j for j, s in enumerate(scenes) if isinstance(s, Generated) and not s.label.objects]
+    right = [i for i, s in enumerate(scenes) if texts[i] and not (isinstance(s, Generated) and s.wrong is not None)]
+    if not right:
+        return img.sum() * 0
+    r = torch.tensor(right)
+    right_cos = (img[r] * pos[r]).sum(-1)  # [R] each right image with its own caption
+    loss = img.sum() * 0
+    if blank and sched.adv_margin_weight > 0:
+        b = torch.tensor(blank)
+        over = img[b] @ pos[r].T - right_cos.detach()[None, :] + sched.adv_margin  # [NB, R]
+        drawn_for = [scenes[j].wrong or "" for j in blank]
+        prompt = model.embed_text(tokenize(tokenizer, drawn_for))
+        over_prompt = (img[b] * prompt).sum(-1) - right_cos.detach().mean() + sched.adv_margin
+        over_prompt = over_prompt[torch.tensor([bool(t) for t in drawn_for])]
+        loss = loss + sched.adv_margin_weight * (F.relu(over).mean() + F.relu(over_prompt).sum() / len(blank))
+    if blank and sched.adv_flat_weight > 0:  # two-sided: every no-object image at the same score, blank or noisy
+        b = torch.tensor(blank)
+        level = img[b] @ pos[r].T - right_cos.detach()[None, :] + sched.adv_margin  # [NB, R]
+        loss = loss + sched.adv_flat_weight * (level ** 2).mean()
+    if sched.adv_anchor_weight > 0:
+        with torch.no_grad():
+            ref_text = reference.embed_text(tokenize(tokenizer, [texts[i] for i in right]))
+            ref = reference.embed_images(images[r]) @ ref_text.T
+        loss = loss + sched.adv_anchor_weight * F.mse_loss(img[r] @ pos[r].T, ref)
+    return loss
 
 
 def train_toy_count(model, batches, sched: Schedule, clock: Clock, log, steps: int | None = None,
@@ -545,8 +597,12 @@ def adversarial_round(pipe, clip, tokenizer, runs: list[Path], sched: Schedule, 
     t0 = time.time()
     images, labels, stats = adversarial_pool(pipe, runs, sched, seed + 500, log)
     clock.times["adversarial_pool"] = round(time.time() - t0, 1)
+    reference = None
+    if sched.adv_margin_weight > 0 or sched.adv_anchor_weight > 0 or sched.adv_flat_weight > 0:  # the anchor's
+        reference = copy.deepcopy(clip).eval().requires_grad_(False)
     train_toy_clip(clip, tokenizer, robust_batches(pipe.vae, images, labels, sched, seed + 600, split, False), sched,
-                   seed + 600, clock, log, steps=sched.robust_clip_steps, lr=ROBUST_LR, phase="adversarial_clip")
+                   seed + 600, clock, log, steps=sched.robust_clip_steps, lr=ROBUST_LR, phase="adversarial_clip",
+                   reference=reference)
     return stats
 
 
@@ -759,6 +815,14 @@ def main(argv=None) -> int:
                          "what their LoRAs draw, labelled by the exact evaluator (an adversarial round)")
     ap.add_argument("--adv-samples", type=int, default=Schedule.adv_samples,
                     help="--adversarial: samples per run (and of the base model)")
+    ap.add_argument("--adv-margin-weight", type=float, default=Schedule.adv_margin_weight,
+                    help="--adversarial: weight of the hinge that keeps images with no object under every right image "
+                         "by --adv-margin (0: off)")
+    ap.add_argument("--adv-margin", type=float, default=Schedule.adv_margin,
+                    help="--adversarial: that margin, in cosine (100 x it in toy_clip's reward)")
+    ap.add_argument("--adv-anchor-weight", type=float, default=Schedule.adv_anchor_weight,
+                    help="--adversarial: weight of the squared error holding the right images' cosines at --from's "
+                         "toy_clip (0: off)")
     args = ap.parse_args(argv)
     if args.adversarial and not args.rewards_only:
         ap.error("--adversarial needs --rewards-only")
@@ -769,7 +833,9 @@ def main(argv=None) -> int:
         ap.error("--rewards-only runs phases 5-6 or an adversarial round: give --gen-samples N or --adversarial RUN")
     train_world(args.out, seed=args.seed, scale=args.scale, max_minutes=args.max_minutes,
                 reward_split=args.reward_split, threads=args.threads, evaluate_samples=not args.no_eval,
-                schedule=Schedule(gen_samples=args.gen_samples, adv_samples=args.adv_samples), rewards_from=source,
+                schedule=Schedule(gen_samples=args.gen_samples, adv_samples=args.adv_samples,
+                                  adv_margin=args.adv_margin, adv_margin_weight=args.adv_margin_weight,
+                                  adv_anchor_weight=args.adv_anchor_weight), rewards_from=source,
                 adversarial=args.adversarial)
     return 0
 
