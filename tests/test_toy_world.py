@@ -346,6 +346,7 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
     # the report records the versions, the seed and each file's checksum
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["train_version"] == TRAIN_VERSION and saved["seed"] == 0 and saved["reproducible"]
+    assert 0 < saved["cpu_seconds"] and saved["wall_seconds"]["total"] > 0
     files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.name != "report.json"}
     assert set(saved["sha256"]) == files
     assert "model/unet/diffusion_pytorch_model.safetensors" in files

@@ -754,7 +754,7 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
     random.seed(seed)
     np.random.seed(seed)
     clock = Clock(max_minutes)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     if rewards_from is None:
         report = _train_model_and_rewards(out, sched, seed, reward_split, clock, log)
         rewards = out / "rewards"
@@ -788,6 +788,7 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
         report.update(evaluate(out, sched, seed, log))
         clock.times["report"] = round(time.time() - t0, 1)
     report["wall_seconds"] = {**clock.times, "total": round(time.time() - t_start, 1)}
+    report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # this process's user + system time
     report["sha256"] = sha256s(out)
     atomic.write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
     log(f"wrote {out} in {report['wall_seconds']['total']:.0f} s")
