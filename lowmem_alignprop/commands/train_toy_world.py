@@ -20,10 +20,14 @@ Phases, in order (docs/toy_world.md has the reasons):
    AlignProp starts (docs/toy_world.md). ``--rewards-only --gen-samples N --from SRC`` runs these two phases alone
    on SRC's model and phase 3-4 rewards (the same files a full run's phase 4 saved: the same weights). Measured
    with N = 2048: about 8 minutes of CPU (one thread), and the rewards it gives move a short AlignProp run less,
-   not better (docs/toy_world.md), so they are off by default and the shipped rewards are phase 3-4's.
+   not better (docs/toy_world.md), so they are off by default (the shipped toy_count is phase 4's, the
+   shipped toy_clip phase 3's after the adversarial round below).
 (off unless --adversarial RUN ...) An adversarial round: the images AlignProp runs on SRC's model drove it to (each
    run's prompts sampled with its LoRA, and with none), labelled as in phase 5, and toy_clip fine-tuned on them as
-   in phase 6 (toy_count is left as it is). Measured: docs/toy_world.md ("Levers for a robust short run").
+   in phase 6 (toy_count is left as it is), with a margin that keeps images the evaluator reads no object in under
+   every right image and an anchor that keeps the right images' scores (``blank_margin_terms``). The shipped toy_clip
+   (train_version 2) is one such round on the first full run's weights; docs/toy_world.md ("A blank margin") has
+   the command, its four source runs and what it does to the README's run.
 7. Report: exact fidelity of DDIM samples on training and held-out prompts, reward accuracies, sha256 of
    every file written, versions, the seed and the wall time of each phase -> DIR/report.json.
 
