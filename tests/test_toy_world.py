@@ -789,7 +789,7 @@ def test_the_blank_margin_puts_no_object_images_under_every_right_image():
     assert_rel_close(got, expected, SAME_OPS, "margin term")
     # far enough under (a margin of -2: every cosine difference is above -2): no loss, no gradient
     far = blank_margin_terms(model, reference, img, pos, images, batch, texts, tok, Schedule(adv_margin=-2.0,
-                             adv_margin_weight=2.0))
+                             adv_margin_weight=2.0, adv_anchor_weight=0.0))
     assert far.item() == 0 and not torch.autograd.grad(far, img, allow_unused=True, materialize_grads=True)[0].any()
     anchor = Schedule(adv_margin_weight=0.0, adv_anchor_weight=10.0)
     assert blank_margin_terms(model, reference, img, pos, images, batch, texts, tok, anchor).item() < 1e-10
