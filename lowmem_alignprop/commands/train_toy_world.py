@@ -97,7 +97,6 @@ class Schedule:
     adv_margin_weight: float = 1.0  # ... that hinge's weight (blank_margin_terms; 0 with the anchor's 0: the plain
                                     # round of train_version 1's docs)
     adv_anchor_weight: float = 10.0  # --adversarial: the right images' cosines held at the toy_clip fine-tuned from
-    adv_flat_weight: float = 0.0    # --adversarial: no-object images held exactly adv_margin under (0: off; measured)
     sample_steps: int = 20
     guidance: float = 3.0
 
@@ -432,10 +431,6 @@ def blank_margin_terms(model, reference, img: torch.Tensor, pos: torch.Tensor, i
         over_prompt = (img[b] * prompt).sum(-1) - right_cos.detach().mean() + sched.adv_margin
         over_prompt = over_prompt[torch.tensor([bool(t) for t in drawn_for])]
         loss = loss + sched.adv_margin_weight * (F.relu(over).mean() + F.relu(over_prompt).sum() / len(blank))
-    if blank and sched.adv_flat_weight > 0:  # two-sided: every no-object image at the same score, blank or noisy
-        b = torch.tensor(blank)
-        level = img[b] @ pos[r].T - right_cos.detach()[None, :] + sched.adv_margin  # [NB, R]
-        loss = loss + sched.adv_flat_weight * (level ** 2).mean()
     if sched.adv_anchor_weight > 0:
         with torch.no_grad():
             ref_text = reference.embed_text(tokenize(tokenizer, [texts[i] for i in right]))
@@ -602,7 +597,7 @@ def adversarial_round(pipe, clip, tokenizer, runs: list[Path], sched: Schedule, 
     images, labels, stats = adversarial_pool(pipe, runs, sched, seed + 500, log)
     clock.times["adversarial_pool"] = round(time.time() - t0, 1)
     reference = None
-    if sched.adv_margin_weight > 0 or sched.adv_anchor_weight > 0 or sched.adv_flat_weight > 0:  # the anchor's
+    if sched.adv_margin_weight > 0 or sched.adv_anchor_weight > 0:  # a frozen copy: what the anchor holds to
         reference = copy.deepcopy(clip).eval().requires_grad_(False)
     train_toy_clip(clip, tokenizer, robust_batches(pipe.vae, images, labels, sched, seed + 600, split, False), sched,
                    seed + 600, clock, log, steps=sched.robust_clip_steps, lr=ROBUST_LR, phase="adversarial_clip",
