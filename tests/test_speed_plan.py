@@ -376,3 +376,24 @@ def test_device_queries_count_no_work():
     w = work.work[stages.DECODE]
     casts = sum(n * (4 + 2) for n in (2 * 4, 4 * 4, 4))  # elements of x, weight, bias: 4 bytes read, 2 written
     assert w["ops"] == 4 and w["other_bytes"] == casts and w["matmul_flops"] == 2 * 2 * 4 * 4
+
+
+def test_tiled_decode_is_searched_only_where_it_cuts_tiles():
+    """SD's VAE turns 512 px into 64 latent cells: one 64-cell tile, decoded whole, one image at a time, i.e. what
+    sliced decode does. --fastest and the cheapest-change search skip it there (the rtx4090 SD1.5 search spent 8 of
+    its 30 estimates on such no-op variants); at 768 px (96 cells) it tiles and is offered."""
+
+    def tiled_level(cfg) -> bool:
+        levels = dict(fastest.dimensions(cfg, "cuda", 2)).get("decode", [])
+        return {"sliced_decode": False, "tiled_decode": True} in levels
+
+    def tiled_candidate(cfg) -> bool:
+        return any(c.get("tiled_decode") for _, c in planner.candidate_changes(cfg, "cuda"))
+
+    at_512 = Config(model="sd15", resolution=512, batch_size=2).validate()
+    at_768 = dataclasses.replace(at_512, resolution=768).validate()
+    assert not planner.decode_tiles(at_512, "cuda") and planner.decode_tiles(at_768, "cuda")
+    assert not tiled_level(at_512) and not tiled_candidate(at_512)
+    assert tiled_level(at_768) and tiled_candidate(at_768)
+    # a smaller tile makes 512 px tile too
+    assert planner.decode_tiles(dataclasses.replace(at_512, tile_size=32, tile_overlap=8).validate(), "cuda")

@@ -56,7 +56,7 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
     if planner._has_model_reward(cfg):
         dims.append(("reward_checkpointing", [{"reward_checkpointing": False}, {"reward_checkpointing": True}]))
     decode = [DECODE_LEVELS[0]] + ([DECODE_LEVELS[1]] if batch > 1 else []) \
-        + ([DECODE_LEVELS[2]] if cfg.resolution >= 512 else [])
+        + ([DECODE_LEVELS[2]] if planner.decode_tiles(cfg, target) else [])
     if len(decode) > 1:
         dims.append(("decode", decode))
     if target == "cuda":

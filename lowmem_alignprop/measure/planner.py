@@ -1342,6 +1342,16 @@ def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
                             "tensor operations") from None
 
 
+def decode_tiles(cfg: Config, target: str) -> bool:
+    """Whether tiled_decode would cut this run's latents into tiles: only when a latent side exceeds ``tile_size``
+    (SD's VAE: 512 px is 64 cells, one tile). Otherwise it decodes each image whole, one at a time: sliced decode's
+    memory and time, so neither search offers it."""
+    from lowmem_alignprop.models.sampling import vae_scale_factor
+
+    vae = _meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
+    return cfg.resolution // vae_scale_factor(vae) > cfg.tile_size
+
+
 def fragmentation_allowance(cfg: Config) -> int:
     """What fixed allocator segments reserve beyond ``RESERVED_FACTOR``: grows with the image area (0 with
     expandable segments, the default)."""
@@ -1434,7 +1444,7 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
                         "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
-    if not cfg.tiled_decode and cfg.resolution >= 512:
+    if not cfg.tiled_decode and decode_tiles(cfg, target):
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
     if cfg.batch_size > 1:
