@@ -89,7 +89,9 @@ def test_two_processes_data_parallel(tmp_path, tiny_dir):
     assert (out / "samples" / "before_after.png").exists()  # written once, by the main process
 
 
-Z2 = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--set", "sample_prompts=2"]
+# the before/after samples (the trains test reads them); every run compared with the ZeRO-2 one draws them too
+SAMPLES = ["--set", "sample_prompts=2"]
+Z2 = ["--set", "deepspeed_zero=2", "--set", "offload=optimizer", *SAMPLES]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +137,7 @@ def test_deepspeed_offload_steps_match_plain_adamw(zero2, tmp_path):
     from float rounding and DeepSpeed's vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong
     optimizer: Adam with L2 decay (what accelerate substituted before) moves every lora_A weight by lr = 0.01 in the
     very first step."""
-    runs = {"plain": ["--set", "sample_prompts=2"],
-            "zero3": ["--set", "deepspeed_zero=3", "--set", "offload=params", "--set", "sample_prompts=2"]}
+    runs = {"plain": SAMPLES, "zero3": ["--set", "deepspeed_zero=3", "--set", "offload=params", *SAMPLES]}
     for name, extra in runs.items():
         run([sys.executable, "-m", "lowmem_alignprop", *FAST, *extra, "--output-dir", str(tmp_path / name),
              "--steps", "4"])

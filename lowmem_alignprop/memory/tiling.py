@@ -50,6 +50,12 @@ def ramp_weights(length: int, ramp: int, ramp_start: bool, ramp_end: bool, devic
     return w
 
 
+def cuts_tiles(height: int, width: int, tile: int) -> bool:
+    """Whether a latent of ``height`` x ``width`` cells is decoded in tiles of ``tile`` cells; one no larger than a
+    tile is decoded whole (one image at a time, as every tiled decode is)."""
+    return height > tile or width > tile
+
+
 def _decode_tile(vae, z_tile: torch.Tensor) -> torch.Tensor:
     return vae.decode(z_tile).sample
 
@@ -70,7 +76,7 @@ def tiled_decode(vae, z: torch.Tensor, *, tile_size: int = 64, overlap: int = 16
         return torch.cat([tiled_decode(vae, z[i:i + 1], tile_size=tile_size, overlap=overlap,
                                        checkpoint_tiles=checkpoint_tiles) for i in range(z.shape[0])])
     _, _, h, w = z.shape
-    if h <= tile_size and w <= tile_size:
+    if not cuts_tiles(h, w, tile_size):
         return vae.decode(z).sample
     rows, cols = tile_starts(h, tile_size, overlap), tile_starts(w, tile_size, overlap)
     th, tw = min(h, tile_size), min(w, tile_size)
