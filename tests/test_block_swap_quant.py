@@ -291,7 +291,7 @@ def test_a_meta_transformer_leaves_the_swapped_blocks_in_host_memory_as_it_is_dr
     from ``cpu``). The weights are those drawn without block swap."""
     from diffusers import FluxTransformer2DModel
 
-    from lowmem_alignprop.models.family import materialize_quantized
+    from lowmem_alignprop.models.block_loading import materialize_quantized
 
     config = build_tiny_flux_pipeline().transformer.config
     drawn = {}

@@ -113,7 +113,7 @@ def test_a_meta_transformer_is_drawn_and_quantized_block_by_block(cpu_quant, mod
     time; the result is the same kind of model as an in-place quantized one, at the analytic size."""
     from diffusers import FluxTransformer2DModel
 
-    from lowmem_alignprop.models.family import materialize_quantized
+    from lowmem_alignprop.models.block_loading import materialize_quantized
 
     config = build_tiny_flux_pipeline().transformer.config
     with torch.device("meta"):

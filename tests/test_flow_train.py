@@ -166,7 +166,7 @@ def test_shipped_flow_architectures_load_on_meta(name, size, t5):
 def test_materialized_meta_model_is_random_and_runs():
     from diffusers import FluxTransformer2DModel
 
-    from lowmem_alignprop.models.flow_loading import materialize
+    from lowmem_alignprop.models.block_loading import materialize
 
     config = build_tiny_flux_pipeline().transformer.config
     with torch.device("meta"):

@@ -198,10 +198,11 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
                      host_blocks: int = 0) -> None:
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
     is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4 the transformer is drawn
-    and quantized one block at a time (:func:`materialize_quantized`): FLUX's 23.8 GB of bf16 never exist at once.
+    and quantized one block at a time (``block_loading.materialize_quantized``): FLUX's 23.8 GB of bf16 never exist
+    at once.
     ``host_blocks`` (block_swap): the first N blocks end up in CPU memory, drawn on the device one at a time."""
     from lowmem_alignprop.memory.quant import BNB_MODES
-    from lowmem_alignprop.models.flow_loading import materialize
+    from lowmem_alignprop.models.block_loading import materialize, materialize_quantized
 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
         if any(t.is_meta for t in module.parameters()):
@@ -215,40 +216,6 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
     comps.meta = False
 
 
-def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_blocks: int = 0) -> int:
-    """A meta transformer made real and quantized part by part: each block (then each other top-level module) is
-    drawn on ``device`` in ``dtype`` and its Linear layers quantized before the next is drawn, so the peak is the
-    quantized model plus one block in full precision. Returns the number of quantized layers. ``mode`` none or fp8:
-    drawn only (fp8 storage comes after LoRA).
-
-    The first ``host_blocks`` blocks (those block swap keeps in host memory) go to the CPU as soon as they are drawn
-    and are quantized there (bitsandbytes' CPU ops; the same int8 / nf4 layout as on CUDA): the device never holds
-    more than the resident blocks and one block being drawn (an 8 GB card could not hold FLUX's 11.9 GB of int8)."""
-    from lowmem_alignprop.memory import quant
-    from lowmem_alignprop.memory.block_swap import swappable_blocks
-    from lowmem_alignprop.models.flow_loading import materialize
-
-    blocks = swappable_blocks(model)
-    lists = {id(m) for m in (getattr(model, "transformer_blocks", None), getattr(model, "single_transformer_blocks",
-                                                                                 None)) if m is not None}
-    quantized, count = mode in quant.BNB_MODES, 0
-    for j, block in enumerate(blocks):  # the bulk of the weights: drawn and quantized one block at a time
-        materialize(block.to(dtype), device, seed=seed * 1000 + j)
-        on = device
-        if j < host_blocks:
-            on = "cpu"
-            block.to("cpu")  # block swap's host copy: off the device before the next block is drawn
-        if quantized:
-            count += quant.quantize_in_place(block, mode, dtype, device=on, quiet=True)
-    for j, child in enumerate(model.children()):  # the small rest (embedders, output layers)
-        if id(child) not in lists and any(t.is_meta for t in list(child.parameters()) + list(child.buffers())):
-            materialize(child.to(dtype), device, seed=seed * 1000 + len(blocks) + j)
-    if quantized:  # their Linear layers too; the host blocks stay where they are
-        count += quant.quantize_in_place(model, mode, dtype, device=device, quiet=True, stay=blocks[:host_blocks])
-        log.info("random-weight transformer drawn and quantized to %s block by block: %d Linear layers", mode, count)
-    return count
-
-
 def model_defaults_note(comps, cfg) -> str | None:
     """Settings far from what the model's own pipeline uses (e.g. FLUX.1-schnell with 50 steps)."""
     if getattr(comps, "family", "unet") == flow.FLUX and not comps.unet.config.guidance_embeds \
@@ -258,5 +225,5 @@ def model_defaults_note(comps, cfg) -> str | None:
     return None
 
 
-__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta", "materialize_quantized",
+__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta",
            "model_defaults_note"]

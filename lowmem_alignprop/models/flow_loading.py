@@ -4,7 +4,9 @@ with the rest of the pipeline from a directory, and the shipped architectures ``
 
 Everything goes through diffusers: ``DiffusionPipeline.from_pretrained`` for folders,
 ``SD3Transformer2DModel.from_single_file`` / ``FluxTransformer2DModel.from_single_file`` (which converts the
-original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files.
+original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files. With a
+quantized base (``place``: int8/nf4) the transformer's .safetensors are read block by block instead, each block
+quantized before the next is read (:mod:`lowmem_alignprop.models.block_loading`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.models.block_loading import PREFIXES as _PREFIXES
+from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import pipeline_class
 
@@ -29,8 +33,6 @@ FLOW_ARCH_DESCRIPTIONS = {
 }
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"
-# original-layout key prefixes that wrap a transformer inside a full checkpoint (ComfyUI / Stability files)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
 def is_flow_dir(path: Path) -> bool:
@@ -78,10 +80,11 @@ def has_guidance(keys) -> bool:
 
 
 def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5: bool = True,
-                          dtype_kwargs: dict | None = None):
+                          dtype_kwargs: dict | None = None, place: Placement | None = None):
     """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
     ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
-    ``dtype_kwargs``: how this diffusers takes the dtype in ``from_pretrained`` (``loading.dtype_kwarg``)."""
+    ``dtype_kwargs``: how this diffusers takes the dtype in ``from_pretrained`` (``loading.dtype_kwarg``).
+    ``place``: read the transformer block by block, quantized and placed as it says (``block_loading``)."""
     import diffusers
     from diffusers import DiffusionPipeline
     from safetensors import safe_open
@@ -108,6 +111,16 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5:
     config = json.loads((comp / "transformer" / "config.json").read_text())
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
+    transformer = load_by_block(cls, config, [path], family, layout, place) if place else None
+    if transformer is None:
+        transformer = _whole_single_file(cls, config, path, components, layout, dtype)
+    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
+    return DiffusionPipeline.from_pretrained(str(comp), transformer=transformer, **missing,
+                                             **(dtype_kwargs or {"torch_dtype": dtype}))
+
+
+def _whole_single_file(cls, config: dict, path: str, components: str, layout: str, dtype: torch.dtype):
+    """diffusers' ``from_single_file``: the whole transformer read into host memory, converted, in ``dtype``."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "transformer").mkdir()
         (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(config))
@@ -117,26 +130,51 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5:
         except (ValueError, RuntimeError, KeyError, OSError) as e:
             raise UserError(f"cannot load {path} ({layout} layout) as the transformer of {components}: "
                             f"{first_line(e, 200)}; pass the model folder this transformer belongs to") from None
-    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
-    return DiffusionPipeline.from_pretrained(str(comp), transformer=transformer, **missing,
-                                             **(dtype_kwargs or {"torch_dtype": dtype}))
+    return transformer
 
 
-def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, dtype_kwargs: dict | None = None):
+def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, dtype_kwargs: dict | None = None,
+                       place: Placement | None = None):
     """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
-    folder has none."""
+    folder has none. ``place``: its transformer read block by block, quantized and placed as it says."""
     from diffusers import DiffusionPipeline
 
     kwargs = {}
+    transformer = _folder_transformer_by_block(where, place) if place else None
+    if transformer is not None:
+        kwargs["transformer"] = transformer
     index_file = Path(where) / "model_index.json"
     if index_file.is_file():
         index = json.loads(index_file.read_text())
         if index.get("_class_name") == "StableDiffusion3Pipeline" and (
                 not t5 or (index.get("text_encoder_3") or [None])[0] is None):
-            kwargs = {"text_encoder_3": None, "tokenizer_3": None}  # the pipeline's zeros take T5's place
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
     elif not t5:
-        kwargs = {"text_encoder_3": None, "tokenizer_3": None}
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     return DiffusionPipeline.from_pretrained(where, **kwargs, **(dtype_kwargs or {"torch_dtype": dtype}))
+
+
+def _folder_transformer_by_block(where: str, place: Placement):
+    """The transformer of a pipeline folder (or of a hub id's cached snapshot) read block by block from its
+    .safetensors; None where there are none (diffusers then loads it whole)."""
+    import diffusers
+
+    root = Path(where).expanduser()
+    if not (root / "model_index.json").is_file():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(where, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: from_pretrained gives its own message
+            return None
+    sub = root / "transformer"
+    files = folder_files(sub) if (sub / "config.json").is_file() else None
+    if not files:
+        return None
+    config = json.loads((sub / "config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    family = "flux" if cls is diffusers.FluxTransformer2DModel else "sd3"
+    return load_by_block(cls, config, files, family, "diffusers", place)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,19 +260,3 @@ def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat1
     if pipe_cls.__name__ == "StableDiffusion3Pipeline" and "text_encoder_3" not in parts:
         parts.update(text_encoder_3=None, tokenizer_3=None)
     return pipe_cls(**parts)
-
-
-def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """A meta module made real on ``device`` with random weights (normal(0, std); norms' weights 1), drawn on
-    that device: a 12B model is initialised on the GPU in seconds, not on the CPU in minutes."""
-    module.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            if t.dim() == 1:  # norms' weights 1, biases 0
-                t.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
-    return module

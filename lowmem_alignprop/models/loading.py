@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.memory import quant as q
+from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -211,19 +212,26 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
     else:
         if kind == "hub":
             hub.offline()
+        # an int8/nf4 base is read and quantized block by block: FLUX's 23.8 GB of bf16 never sit in host memory;
+        # block swap's host blocks are quantized on the CPU, where they stay
+        place = Placement(quant, weight_dtype, q.target_device(), getattr(cfg, "block_swap", 0)) \
+            if quant != "none" else None
         try:
             if kind == "file":
                 pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5,
-                                                dtype_kwargs=dtype_kwarg(weight_dtype))
+                                                dtype_kwargs=dtype_kwarg(weight_dtype), place=place)
             else:
-                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, dtype_kwargs=dtype_kwarg(weight_dtype))
+                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, dtype_kwargs=dtype_kwarg(weight_dtype),
+                                             place=place)
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
             raise _load_error(cfg, kind, where, e) from None
         source = where
     comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
-    if quant != "none" and not comps.meta:  # a meta model is quantized as it is materialised (family.materialize_meta)
+    # a meta model is quantized as it is materialised (family.materialize_meta), a block-by-block read as it is read;
+    # a transformer diffusers loaded whole (a .bin folder, a layout block_loading does not read) is quantized here
+    if quant != "none" and not comps.meta and not q.count_quantized(comps.unet)[quant]:
         from lowmem_alignprop.memory.block_swap import swappable_blocks
         # block_swap's host blocks are quantized on the CPU, where they stay: never all on the device at once
         host = swappable_blocks(comps.unet)[:cfg.block_swap] if getattr(cfg, "block_swap", 0) else []

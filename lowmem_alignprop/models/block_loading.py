@@ -1,0 +1,227 @@
+"""A transformer made real one block at a time, each block quantized (int8/nf4) before the next is made: the host
+and the card never hold more than the quantized model and one block in full precision.
+
+Two sources fill the blocks, in the same order and with the same placement (:func:`fill_by_block`):
+
+* **random weights** for the shipped architectures (``sd35m``, ``sd35l``, ``flux``), drawn on the device
+  (:func:`materialize_quantized`);
+* **a real checkpoint**: a single ``.safetensors`` transformer (Black Forest Labs' / Stability's original layout, or
+  diffusers'), or the ``transformer/`` folder of a diffusers pipeline (:func:`load_by_block`). ``safe_open`` reads
+  one tensor at a time from the memory-mapped file, so FLUX.1's 23.8 GB of bf16 are never in host memory at once
+  (diffusers' ``from_single_file`` and ``from_pretrained`` read the whole transformer before we could quantize it).
+
+diffusers converts the original layouts as one whole state dict; a block's share of it comes from the inverse that
+``export --single-file`` already uses (:mod:`lowmem_alignprop.models.flow_layout`), run once on row numbers: each
+original tensor's rows are named by the diffusers tensor and row they fill. One place for the layout's rules, and
+any layout the inverse cannot name falls back to diffusers' whole-model load with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# original-layout key prefixes that wrap a transformer inside a full checkpoint (ComfyUI / Stability files)
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+_ROW_BITS = 32  # a row number's bits in the row-id tensors: the diffusers tensor's index sits above them
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the filled blocks go: ``mode`` int8/nf4 quantizes each (none or fp8: filled only, fp8 storage comes
+    after LoRA), on ``device`` in ``dtype``; the first ``host_blocks`` (block swap's) go to the CPU instead."""
+    mode: str
+    dtype: torch.dtype
+    device: torch.device | str
+    host_blocks: int = 0
+
+
+def strip_prefix(key: str) -> str:
+    return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
+
+
+def fill_by_block(model, place: Placement, fill) -> int:
+    """Make every part of an empty (meta) transformer real with ``fill(module, index, on)`` (it leaves ``module``
+    real on ``on``): its blocks first, in execution order, each quantized before the next is filled, then the
+    small rest (embedders, output layers). Returns the number of quantized Linear layers."""
+    from lowmem_alignprop.memory import quant
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+
+    blocks = swappable_blocks(model)
+    lists = {id(m) for m in (getattr(model, "transformer_blocks", None),
+                             getattr(model, "single_transformer_blocks", None)) if m is not None}
+    quantized, count = place.mode in quant.BNB_MODES, 0
+    for j, block in enumerate(blocks):  # the bulk of the weights: one block in full precision at a time
+        on = "cpu" if j < place.host_blocks else place.device  # block swap's host copy never visits the device
+        fill(block, j, on)
+        if quantized:
+            count += quant.quantize_in_place(block, place.mode, place.dtype, device=on, quiet=True)
+    for j, child in enumerate(model.children()):
+        if id(child) not in lists:
+            fill(child, len(blocks) + j, place.device)
+    if quantized:  # the rest's Linear layers too; the host blocks stay where they are
+        count += quant.quantize_in_place(model, place.mode, place.dtype, device=place.device, quiet=True,
+                                         stay=blocks[:place.host_blocks])
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: {len(left)} tensors were not filled, e.g. {left[0]}")
+    return count
+
+
+def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """A meta module made real on ``device`` with random weights (normal(0, std); norms' weights 1), drawn on
+    that device: a 12B model is initialised on the GPU in seconds, not on the CPU in minutes."""
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if t.dim() == 1:  # norms' weights 1, biases 0
+                t.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
+    return module
+
+
+def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_blocks: int = 0) -> int:
+    """A meta transformer made real with random weights, drawn on ``device`` block by block and quantized as it
+    goes (:func:`fill_by_block`): the peak is the quantized model plus one block in full precision. Block swap's
+    ``host_blocks`` are drawn on the device (the same weights as without block swap) and moved to the CPU, where
+    they are quantized (bitsandbytes' CPU ops; the same int8 / nf4 layout as on CUDA), before the next is drawn: an
+    8 GB card could not hold FLUX's 11.9 GB of int8."""
+    def draw(module, index, on):
+        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            return
+        materialize(module.to(dtype), device, seed=seed * 1000 + index)
+        if str(on) != str(device):
+            module.to(on)
+
+    count = fill_by_block(model, Placement(mode, dtype, device, host_blocks), draw)
+    if count:
+        log.info("random-weight transformer drawn and quantized to %s block by block: %d Linear layers", mode, count)
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# real checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def folder_files(transformer_dir: Path) -> list[Path] | None:
+    """The .safetensors files of a diffusers ``transformer/`` folder (one file, or the shards its index names);
+    None when it has none (a .bin model: diffusers loads it whole)."""
+    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return [transformer_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    one = transformer_dir / "diffusion_pytorch_model.safetensors"
+    return [one] if one.is_file() else None
+
+
+def _row_segments(model, family: str, layout: str) -> dict[str, list[tuple[str, int, int, int]]]:
+    """For every tensor name of the checkpoint's layout: the (diffusers name, first row there, first row here,
+    rows) runs it fills. Raises KeyError for a weight the layout has no name for."""
+    from lowmem_alignprop.models import flow_layout
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = list(shapes)
+    if layout == "diffusers":
+        return {k: [(k, 0, 0, s[0] if s else 1)] for k, s in shapes.items()}
+    ids = {k: torch.arange(s[0] if s else 1, dtype=torch.int64) + (i << _ROW_BITS) for i, (k, s) in
+           enumerate(shapes.items())}
+    rows = flow_layout.flux_to_original(ids) if family == "flux" else \
+        flow_layout.sd3_to_original(ids, model.config.num_layers)
+    out = {}
+    for key, t in rows.items():
+        which, row = t >> _ROW_BITS, t & ((1 << _ROW_BITS) - 1)
+        cut = torch.ones(len(t), dtype=torch.bool)
+        cut[1:] = (which[1:] != which[:-1]) | (row[1:] != row[:-1] + 1)
+        starts = cut.nonzero().flatten().tolist() + [len(t)]
+        out[key] = [(names[int(which[a])], int(row[a]), a, b - a) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+class Checkpoint:
+    """Open safetensors files read one tensor at a time into the blocks of an empty transformer."""
+
+    def __init__(self, files, model, family: str, layout: str, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.handles = {}  # the checkpoint's name (prefix stripped) -> (open file, its own name)
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            self.handles.update({strip_prefix(k): (handle, k) for k in handle.keys()})
+        self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        self.segments = _row_segments(model, family, layout)
+        self.sources: dict[str, list[str]] = {}  # diffusers name -> the checkpoint names that fill it
+        for key, runs in self.segments.items():
+            for name, *_ in runs:
+                self.sources.setdefault(name, []).append(key)
+
+    def mismatch(self) -> str | None:
+        """Why these files are not this model's weights in this layout (other names or shapes), else None."""
+        missing = sorted(set(self.segments) - set(self.handles))
+        extra = sorted(set(self.handles) - set(self.segments))
+        if missing or extra:
+            return f"{len(missing)} tensors missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+        for key, runs in self.segments.items():
+            handle, own = self.handles[key]
+            shape = tuple(handle.get_slice(own).get_shape())
+            want = (sum(n for *_, n in runs), *self.shapes[runs[0][0]][1:]) if self.shapes[runs[0][0]] else ()
+            if shape != want and not (shape in ((), (1,)) and want in ((), (1,))):
+                return f"{key} has shape {list(shape)}, the model's {list(want)}"
+        return None
+
+    def fill(self, module, prefix: str, on, dtype: torch.dtype) -> None:
+        """Read ``module``'s tensors (its name in the model: ``prefix``) in ``dtype`` on the CPU, each checkpoint
+        tensor once, and move the module to ``on``."""
+        mine = [k for k in self.shapes if k.startswith(prefix)]
+        local = {k: torch.empty(self.shapes[k], dtype=dtype) for k in mine}
+        for key in dict.fromkeys(src for k in mine for src in self.sources[k]):
+            handle, own = self.handles[key]
+            tensor = handle.get_tensor(own)  # this one tensor, read from the memory-mapped file
+            for name, at, start, n in self.segments[key]:
+                dest = local[name]
+                if dest.dim():
+                    dest[at:at + n].copy_(tensor[start:start + n])  # the cast to dtype happens here
+                else:
+                    dest.copy_(tensor.reshape(()))
+        module.load_state_dict({k[len(prefix):]: v for k, v in local.items()}, strict=True, assign=True)
+        module.to(on)
+
+
+def load_by_block(cls, config: dict, files, family: str, layout: str, place: Placement):
+    """``cls`` (FluxTransformer2DModel / SD3Transformer2DModel) with ``config``, its weights read from ``files``
+    block by block and placed by ``place`` (:func:`fill_by_block`), frozen. None, with a warning, when the files are
+    not in a layout this reads (the caller then loads the whole transformer with diffusers)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta; buffers (SD3's positional table) real, as diffusers builds them
+        model = cls.from_config(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    with contextlib.ExitStack() as stack:
+        try:
+            checkpoint = Checkpoint(files, model, family, layout, stack)
+            why = checkpoint.mismatch()
+        except KeyError as e:  # the model has a weight the original layout's inverse has no name for
+            why = f"no {layout}-layout name for {e}"
+        if why is not None:
+            log.warning("%s is not read block by block (%s): diffusers loads the whole transformer into host memory "
+                        "first", ", ".join(str(f) for f in files), why)
+            return None
+        count = fill_by_block(model, place, lambda module, _, on: checkpoint.fill(
+            module, names[id(module)] + ".", on, place.dtype))
+    model.requires_grad_(False).eval()
+    log.info("%s read block by block%s: %d Linear layers quantized to %s", type(model).__name__,
+             f" ({place.host_blocks} blocks kept in host memory)" if place.host_blocks else "", count, place.mode)
+    return model
+
+
+__all__ = ["Checkpoint", "Placement", "fill_by_block", "folder_files", "load_by_block", "materialize", "materialize_quantized",
+           "strip_prefix"]

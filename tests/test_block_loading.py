@@ -1,0 +1,171 @@
+"""Real SD3/FLUX checkpoints read block by block (models/block_loading.py): each block of the transformer is read
+from the .safetensors file and quantized before the next, so a 12B FLUX never sits in host memory in bf16.
+
+* Every layout gives back the saved transformer bit for bit: the original (Black Forest Labs' / Stability's, with and
+  without ComfyUI's ``model.diffusion_model.`` prefix) and diffusers', in a file or a pipeline folder.
+* With int8, at no moment do more Linear weights exist in full precision than the largest block's, where diffusers'
+  whole-model load held all of them; the quantized weights are those of quantizing the whole loaded model.
+* Through ``load_components`` (a FLUX file in BFL's layout with block swap, a folder with nf4) the loaded transformer
+  is the quantized saved one, with block swap's host block quantized on the CPU.
+* A file of another model is not read block by block: one warning, and diffusers' whole load (with its own error).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from flowmodels import build_tiny_flux_dir, build_tiny_sd3_dir
+from torch import nn
+
+from lowmem_alignprop.memory import quant
+from lowmem_alignprop.memory.block_swap import swappable_blocks
+from lowmem_alignprop.models import block_loading as bl
+from lowmem_alignprop.models import flow_layout
+
+CPU = bl.Placement("none", torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blockload")
+    return {"flux": build_tiny_flux_dir(root / "flux", single_layers=2), "sd3": build_tiny_sd3_dir(root / "sd3")}
+
+
+@pytest.fixture
+def cpu_quant(monkeypatch):
+    """bitsandbytes on the CPU (tests only), as in tests/test_quant.py."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
+
+
+def _saved(directory):
+    """(class, config, state dict) of a tiny pipeline folder's transformer, as saved."""
+    import diffusers
+
+    tr = diffusers.DiffusionPipeline.from_pretrained(directory).transformer
+    return type(tr), dict(tr.config), tr.state_dict()
+
+
+def _write(path, sd, family: str, layout: str, prefix: str = "") -> list:
+    from safetensors.torch import save_file
+
+    if layout == "original":
+        sd = flow_layout.flux_to_original(sd) if family == "flux" else flow_layout.sd3_to_original(sd, 2)
+    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(path))
+    return [path]
+
+
+CASES = [("flux", "original", ""), ("flux", "original", "model.diffusion_model."), ("flux", "diffusers", ""),
+         ("sd3", "original", ""), ("sd3", "diffusers", "")]
+
+
+@pytest.mark.parametrize("family, layout, prefix", CASES)
+def test_every_layout_reads_back_the_saved_transformer_bit_for_bit(dirs, tmp_path, family, layout, prefix):
+    """The fused q/k/v (and FLUX's single-block linear1) split at the model's own widths, the adaLN halves swapped
+    back, SD3's positional table read: the state dict equals the saved one exactly, also cast to bf16."""
+    cls, config, sd = _saved(dirs[family])
+    files = _write(tmp_path / "t.safetensors", sd, family, layout, prefix)
+    model = bl.load_by_block(cls, config, files, family, layout, CPU)
+    got = model.state_dict()
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    half = bl.load_by_block(cls, config, files, family, layout, bl.Placement("none", torch.bfloat16, "cpu"))
+    assert all(torch.equal(v, sd[k].to(torch.bfloat16)) for k, v in half.state_dict().items())
+
+
+def _linear_bytes(model) -> int:
+    """Bytes of the Linear weights that exist in full precision (not on meta, not yet quantized)."""
+    return sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+               if type(m) is nn.Linear and not m.weight.is_meta)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_int8_holds_one_block_in_full_precision_and_quantizes_as_the_whole_model_does(dirs, tmp_path, cpu_quant,
+                                                                                      family):
+    """Measured where each block is quantized (the most full-precision weights exist just before): never more than
+    the largest block's Linear bytes, against all of them (over twice that here) in a whole-model load. The int8
+    weights and scales are those of quantizing the saved model in place."""
+    cls, config, sd = _saved(dirs[family])
+    files = _write(tmp_path / "t.safetensors", sd, family, "original")
+    seen, models = [], []
+    quantize = quant.quantize_in_place
+
+    def spy(module, *a, **kw):
+        seen.append(_linear_bytes(models[0]) if models else 0)
+        return quantize(module, *a, **kw)
+
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        template = cls.from_config(config)
+    block_bytes = max(_linear_bytes(b.to_empty(device="cpu")) for b in swappable_blocks(template))
+    whole = _linear_bytes(template.to_empty(device="cpu"))
+    real_from_config = cls.from_config
+
+    def keep(*a, **kw):  # the model under construction, to measure it from the spy
+        models.append(real_from_config(*a, **kw))
+        return models[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "quantize_in_place", spy)
+        mp.setattr(cls, "from_config", keep)
+        model = bl.load_by_block(cls, config, files, family, "original", bl.Placement("int8", torch.float32, "cpu"))
+    assert len(seen) == len(swappable_blocks(model)) + 1 and max(seen) <= block_bytes < whole / 2
+    reference = cls.from_config(config)
+    reference.load_state_dict(sd)
+    quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)
+    assert quant.count_quantized(model)["int8"] == quant.count_quantized(reference)["int8"] > 0
+    ref = reference.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+def test_a_bfl_flux_file_with_block_swap_loads_quantized_through_load_components(dirs, tmp_path, cpu_quant, caplog):
+    """``--model flux1.safetensors --set model_components=DIR base_quant=int8 block_swap=1`` (BFL layout at this
+    tiny width, which diffusers' own converter splits at FLUX.1's widths only): read block by block, the host block
+    quantized on the CPU and the rest for the device, the weights the saved model's."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    cls, config, sd = _saved(dirs["flux"])
+    files = _write(tmp_path / "flux1.safetensors", sd, "flux", "original", "model.diffusion_model.")
+    calls = []
+    quantize = quant.quantize_in_place
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "target_device", lambda: torch.device("cpu", 0))  # stands for the GPU: distinct from cpu
+        mp.setattr(quant, "quantize_in_place", lambda m, *a, device=None, **kw: calls.append(str(device)) or
+                   quantize(m, *a, device=device, **kw))
+        with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
+            comps = load_components(Config(model=str(files[0]), model_components=str(dirs["flux"]),
+                                           base_quant="int8", block_swap=1))
+    assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
+    assert "read block by block (1 blocks kept in host memory)" in caplog.text
+    reference = cls.from_config(config)
+    reference.load_state_dict(sd)
+    quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)
+    ref = reference.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in comps.unet.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+def test_a_pipeline_folder_with_nf4_is_read_block_by_block(dirs, cpu_quant, caplog):
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
+        comps = load_components(Config(model=str(dirs["sd3"]), base_quant="nf4"))
+    assert "SD3Transformer2DModel read block by block" in caplog.text
+    counts = quant.count_quantized(comps.unet)
+    assert counts["nf4"] > 0 and counts["linear"] == 0
+
+
+def test_a_file_of_another_model_falls_back_to_the_whole_load_with_one_warning(dirs, tmp_path, caplog):
+    """Another width (or a missing or extra tensor) is named in one warning; the caller loads with diffusers."""
+    cls, config, sd = _saved(dirs["sd3"])
+    files = _write(tmp_path / "t.safetensors", sd, "sd3", "original")
+    other = dict(config, attention_head_dim=4)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop.models.block_loading"):
+        assert bl.load_by_block(cls, other, files, "sd3", "original", CPU) is None
+        assert bl.load_by_block(cls, dict(config, num_layers=3), files, "sd3", "original", CPU) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "has shape" in lines[0] and "the model's" in lines[0]
+    assert "tensors missing" in lines[1] and "diffusers loads the whole transformer" in lines[1]
