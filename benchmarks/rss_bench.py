@@ -5,7 +5,9 @@ Runs a training command as a child process and records:
 * the child's peak resident memory as the kernel accounts it (``ru_maxrss`` from ``wait4``, what
   ``/usr/bin/time -v`` prints as "Maximum resident set size");
 * the RSS the run prints per step (``mem step N: ... rss X``) and, from its ``memory_report.json``, the RSS after
-  load, the step's peak tensor bytes and what the allocation measurement itself held.
+  load, the step's peak tensor bytes and what the allocation measurement itself held;
+* the child's user and system CPU seconds (from ``wait4`` too) beside its wall seconds, and the load average at the
+  start and the end (in ``device``: another job on the cores shows there).
 
 Usage (the mid-size run of benchmarks/REPORT.md; ``--midsize DIR`` builds tests/midsize.py's model there first)::
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         build_midsize_dir(args.midsize)
 
-    t0 = time.time()
+    t0, load_start = time.time(), os.getloadavg()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = parse_steps(out)
     result: dict = {"label": args.label, "command": " ".join(cmd), "returncode": proc.returncode,
                     "seconds": round(time.time() - t0, 1), "peak_rss_outside": maxrss, "steps": steps,
+                    # the child's CPU time (wait4's rusage): what a shared machine's load stretches far less than wall seconds
+                    "cpu_user_seconds": round(usage.ru_utime, 2), "cpu_system_seconds": round(usage.ru_stime, 2),
                     "pythonpath": os.environ.get("PYTHONPATH")}
     run_dir = _output_dir(cmd)
     report_path = run_dir / "memory_report.json" if run_dir else None
@@ -106,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # the provenance block every result carries (command, date, device, versions); "command" stays the measured
     # training command, "bench_command" is this script's command line
-    result = {**provenance(" ".join(cmd)), **result, "bench_command": " ".join([sys.executable, *sys.argv])}
+    where = provenance(" ".join(cmd), load_average_at_start=list(load_start), load_average_at_end=list(os.getloadavg()))
+    result = {**where, **result, "bench_command": " ".join([sys.executable, *sys.argv])}
     tail = sorted(s for s in steps if s >= 4)
     steady = [steps[s]["rss"] for s in tail if steps[s]["rss"]]
-    print(f"{args.label}: exit {proc.returncode}, peak RSS (outside) {maxrss / MIB:.0f} MiB; steps' RSS "
+    print(f"{args.label}: exit {proc.returncode}, peak RSS (outside) {maxrss / MIB:.0f} MiB, "
+          f"{usage.ru_utime:.1f} s user + {usage.ru_stime:.1f} s system CPU; steps' RSS "
           + ", ".join(f"{s}: {v['rss'] / MIB:.0f}" for s, v in sorted(steps.items()) if v["rss"])
           + (f" MiB; steady (steps 4+) {min(steady) / MIB:.0f}-{max(steady) / MIB:.0f} MiB" if steady else ""))
     if args.json:

@@ -59,6 +59,8 @@ def test_rss_bench_writes_the_provenance_block(tmp_path):
     assert doc["bench_command"].endswith(f"--json {out} -- {' '.join(cmd)}")
     assert doc["label"] == "x" and doc["steps"] == {"1": {"rss": 10 * 2**20, "peak": None}}
     assert doc["peak_rss_outside"] > 0
+    assert doc["cpu_user_seconds"] + doc["cpu_system_seconds"] > 0  # the child's CPU time, from wait4
+    assert len(doc["device"]["load_average_at_start"]) == len(doc["device"]["load_average_at_end"]) == 3
 
 
 def test_counter_vs_events_writes_the_provenance_block(tmp_path, monkeypatch):
