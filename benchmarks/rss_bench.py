@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--midsize", type=Path, help="build tests/midsize.py's model in this folder first")
     ap.add_argument("--log", type=Path, help="keep the run's output here")
+    ap.add_argument("--note", default="", help="what REPORT.md section 5 should say about this run (its environment, "
+                    "what it stands for)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the training command")
     args = ap.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                     # the child's CPU time (wait4's rusage): what a shared machine's load stretches far less than wall seconds
                     "cpu_user_seconds": round(usage.ru_utime, 2), "cpu_system_seconds": round(usage.ru_stime, 2),
                     "pythonpath": os.environ.get("PYTHONPATH")}
+    if args.note:
+        result["note"] = args.note
     run_dir = _output_dir(cmd)
     report_path = run_dir / "memory_report.json" if run_dir else None
     if report_path and report_path.is_file():

@@ -51,13 +51,14 @@ def test_flow_plans_rows_carry_the_provenance_block_not_their_own():
 def test_rss_bench_writes_the_provenance_block(tmp_path):
     out = tmp_path / "rss.json"
     cmd = [sys.executable, "-c", "print('mem step 1: rss 10.0 MiB | 0.1 s')"]
-    p = subprocess.run([sys.executable, "benchmarks/rss_bench.py", "--label", "x", "--json", str(out), "--", *cmd],
+    p = subprocess.run([sys.executable, "benchmarks/rss_bench.py", "--label", "x", "--note", "n", "--json", str(out),
+                        "--", *cmd],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads(out.read_text())
     _assert_provenance(doc, " ".join(cmd))  # the measured command, as before
     assert doc["bench_command"].endswith(f"--json {out} -- {' '.join(cmd)}")
-    assert doc["label"] == "x" and doc["steps"] == {"1": {"rss": 10 * 2**20, "peak": None}}
+    assert doc["label"] == "x" and doc["note"] == "n" and doc["steps"] == {"1": {"rss": 10 * 2**20, "peak": None}}
     assert doc["peak_rss_outside"] > 0
     assert doc["cpu_user_seconds"] + doc["cpu_system_seconds"] > 0  # the child's CPU time, from wait4
     assert len(doc["device"]["load_average_at_start"]) == len(doc["device"]["load_average_at_end"]) == 3
