@@ -2,7 +2,7 @@
 profile and variant, with what produced it (the command, the CPU, its CPU seconds, wall seconds and peak RSS) and the
 issue's target for that row. REPORT.md section 8 (``memory_bench.py``'s ``section_flow_plans``) is built from them.
 
-    python benchmarks/flow_plans.py                         # every row: about 6 min of CPU, one thread each
+    python benchmarks/flow_plans.py                         # every row: about 9 min of CPU, one thread each
     python benchmarks/flow_plans.py --only rtx3060-sd35m-bf16,rtx3060-flux
     python benchmarks/memory_bench.py --report-only          # then rebuild REPORT.md
 
