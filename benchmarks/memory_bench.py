@@ -600,7 +600,8 @@ def _section_rss(results_dir: Path) -> list[str]:
             growth.append(f"{path.stem.removeprefix('rss-')}: {_m(first)} -> {_m(rss[1])} MiB, for {_m(above)} MiB of "
                           "tensors above its start")
         devs.add(_device_words(r.get("device")))
-    L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default. Notes: " + " ".join(notes)]
+    L += ["", f"Device: {', '.join(sorted(devs))}; torch threads: default unless a note says otherwise. Notes: "
+          + " ".join(notes)]
     if growth:
         L += ["", "What is left between the steady RSS and load + peak is not the measurement's: step 1 measures "
               "nothing, and already grows the RSS it began with by more than its tensors ("
