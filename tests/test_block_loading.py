@@ -8,6 +8,8 @@ from the .safetensors file and quantized before the next, so a 12B FLUX never si
 * Through ``load_components`` (a FLUX file in BFL's layout with block swap, a folder with nf4) the loaded transformer
   is the quantized saved one, with block swap's host block quantized on the CPU.
 * A file of another model is not read block by block: one warning, and diffusers' whole load (with its own error).
+* A cached FLUX hub id with int8 loads as a flow model (it took the UNet's quantized path and failed before), read block
+  by block from its snapshot.
 """
 
 from __future__ import annotations
@@ -169,3 +171,27 @@ def test_a_file_of_another_model_falls_back_to_the_whole_load_with_one_warning(d
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "has shape" in lines[0] and "the model's" in lines[0]
     assert "tensors missing" in lines[1] and "diffusers loads the whole transformer" in lines[1]
+
+
+def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(dirs, tmp_path, cpu_quant, caplog,
+                                                                             monkeypatch):
+    """A hub id is told to be a FLUX pipeline from its cached model_index.json before anything loads (it went down
+    the UNet's quantized path before, and failed with 'not in the cache'); its cached snapshot is read block by
+    block."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    repo = tmp_path / "hub" / "models--someone--tiny-flux"
+    shutil.copytree(dirs["flux"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as run/hub.py sets it without network
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
+        comps = load_components(Config(model="someone/tiny-flux", base_quant="int8"))
+    assert comps.family == "flux" and "FluxTransformer2DModel read block by block" in caplog.text
+    assert quant.count_quantized(comps.unet)["int8"] > 0 and quant.count_quantized(comps.unet)["linear"] == 0

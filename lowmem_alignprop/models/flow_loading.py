@@ -161,11 +161,9 @@ def _folder_transformer_by_block(where: str, place: Placement):
 
     root = Path(where).expanduser()
     if not (root / "model_index.json").is_file():
-        try:
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(where, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached: from_pretrained gives its own message
+        try:  # a hub id: the files from_pretrained would fetch, into the cache (offline: the cache only)
+            root = Path(diffusers.DiffusionPipeline.download(where))
+        except Exception:  # noqa: BLE001 - not there: from_pretrained gives its own message
             return None
     sub = root / "transformer"
     files = folder_files(sub) if (sub / "config.json").is_file() else None

@@ -119,7 +119,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Component
 
     kind, where = resolve_model(cfg.model)
     if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
-            or (kind == "file" and _is_flow_transformer_file(where)):
+            or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and _is_flow_hub_id(where)):
         return load_flow_components(cfg, kind, where, weight_dtype)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
@@ -194,6 +194,21 @@ def _is_flow_transformer_file(path: str) -> bool:
         return False
     return not any(k.startswith(("model.diffusion_model.input_blocks", "conditioner.", "cond_stage_model."))
                    for k in keys)
+
+
+def _is_flow_hub_id(repo: str) -> bool:
+    """A hub id whose model_index.json (from the cache, or downloaded: a few hundred bytes) names an SD3/FLUX
+    pipeline. Told before loading, so a quantized base loads the transformer's way, not the UNet's."""
+    from lowmem_alignprop.models import flow_loading as fl
+
+    cache_only = hub.offline()  # no network: the cache only, at once
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = json.loads(Path(hf_hub_download(repo, "model_index.json", local_files_only=cache_only)).read_text())
+    except Exception:  # noqa: BLE001 - not cached or not a pipeline: the usual load says what it is
+        return False
+    return index.get("_class_name") in fl.FLOW_PIPELINES
 
 
 def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) -> Components:
