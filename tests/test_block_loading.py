@@ -173,25 +173,44 @@ def test_a_file_of_another_model_falls_back_to_the_whole_load_with_one_warning(d
     assert "tensors missing" in lines[1] and "diffusers loads the whole transformer" in lines[1]
 
 
-def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(dirs, tmp_path, cpu_quant, caplog,
-                                                                             monkeypatch):
-    """A hub id is told to be a FLUX pipeline from its cached model_index.json before anything loads (it went down
-    the UNet's quantized path before, and failed with 'not in the cache'); its cached snapshot is read block by
-    block."""
+@pytest.fixture
+def cached_flux_hub_id(dirs, tmp_path, monkeypatch) -> str:
+    """The tiny FLUX folder as a hub id in a Hugging Face cache (snapshot + refs/main), huggingface_hub offline as
+    run/hub.py sets it without network."""
     import shutil
 
     from huggingface_hub import constants
-
-    from lowmem_alignprop.models.loading import load_components
-    from lowmem_alignprop.settings.config import Config
 
     repo = tmp_path / "hub" / "models--someone--tiny-flux"
     shutil.copytree(dirs["flux"], repo / "snapshots" / ("0" * 40))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as run/hub.py sets it without network
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return "someone/tiny-flux"
+
+
+def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(cached_flux_hub_id, cpu_quant, caplog):
+    """A hub id is told to be a FLUX pipeline from its cached model_index.json before anything loads (it went down
+    the UNet's quantized path before, and failed with 'not in the cache'); its cached snapshot is read block by
+    block."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
-        comps = load_components(Config(model="someone/tiny-flux", base_quant="int8"))
+        comps = load_components(Config(model=cached_flux_hub_id, base_quant="int8"))
     assert comps.family == "flux" and "FluxTransformer2DModel read block by block" in caplog.text
     assert quant.count_quantized(comps.unet)["int8"] > 0 and quant.count_quantized(comps.unet)["linear"] == 0
+
+
+def test_plan_of_a_cached_flux_hub_id_is_the_plan_of_its_folder(cached_flux_hub_id, dirs, capsys):
+    """The planner read a cached hub id as an SD model only ('holds a FluxPipeline, not a Stable Diffusion model')."""
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    needed = []
+    for model in (cached_flux_hub_id, str(dirs["flux"])):
+        assert main(["plan", "--model", model, "--profile", "cpu", "--set", "resolution=32", "--json"]) == 0
+        needed.append(json.loads(capsys.readouterr().out)["peak_needed"])
+    assert needed[0] == needed[1] > 0

@@ -519,16 +519,23 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
     return out
 
 
-def _hub_config_dir(repo: str) -> Path:
+def _hub_snapshot(repo: str) -> Path:
+    """The configs of a hub id from the local cache (the planner never downloads), or a UserError."""
     try:
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(repo, local_files_only=True,
+        return Path(snapshot_download(repo, local_files_only=True,
                                       allow_patterns=["*.json", "*.txt", "tokenizer*/*"]))
-    except Exception:  # not in the local cache (and the planner never downloads)
+    except Exception:  # not in the local cache
         raise UserError(f"plan needs the architecture of {repo!r} but it is not in the local Hugging Face cache: "
-                        "use --model sd15|sd21|sdxl for its architecture, or a local diffusers directory") from None
+                        "use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers "
+                        "directory") from None
+
+
+def _hub_config_dir(repo: str) -> Path:
     from lowmem_alignprop.models.model_check import check_model_dir
+
+    root = _hub_snapshot(repo)
     check_model_dir(root, repo)  # the cached configs of a complete SD model
     return root
 
@@ -557,7 +564,7 @@ def _meta_base(cfg: Config, dtype: torch.dtype):
 
     key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
     kind, where = resolve_model(cfg.model)
-    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components):
+    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components or _is_flow_hub_id(kind, where)):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
     if key not in _META_CACHE:
         if kind == "tiny":
@@ -583,6 +590,13 @@ def _meta_base(cfg: Config, dtype: torch.dtype):
     return _META_CACHE[key]
 
 
+def _is_flow_hub_id(kind: str, where: str) -> bool:
+    """A hub id whose cached model_index.json names an SD3/FLUX pipeline."""
+    from lowmem_alignprop.models import flow_loading as fl
+
+    return kind == "hub" and fl.is_flow_dir(_hub_snapshot(where))
+
+
 def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype):
     """SD3/FLUX on meta: a shipped architecture, a model folder's configs, or (a single-file transformer) the
     configs of its ``model_components`` folder."""
@@ -593,8 +607,8 @@ def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype
         pipe = fl.build_flow_components(where, device="meta", dtype=dtype, t5=cfg.t5_encoder)
     else:
         root = Path(where if kind == "flow_dir" else cfg.model_components).expanduser()
-        if not fl.is_flow_dir(root):
-            root = _hub_config_dir(str(root)) if kind == "hub" and not cfg.model_components else root
+        if kind == "hub" and not cfg.model_components:
+            root = _hub_snapshot(where)
         pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder)
     comps = flow_components(pipe, cfg, f"{where} (configs only)", dtype, meta=True)
     if getattr(cfg, "vae", ""):
