@@ -1,8 +1,8 @@
 """Real SD3/FLUX checkpoints read block by block (models/block_loading.py): each block of the transformer is read
 from the .safetensors file and quantized before the next, so a 12B FLUX never sits in host memory in bf16.
 
-* Every layout gives back the saved transformer bit for bit: the original (Black Forest Labs' / Stability's, with and
-  without ComfyUI's ``model.diffusion_model.`` prefix) and diffusers', in a file or a pipeline folder.
+* Every layout gives back the saved transformer bit for bit: the original (Black Forest Labs' / Stability's, alone or
+  as the ``model.diffusion_model.`` part of a whole checkpoint) and diffusers', in a file or a pipeline folder.
 * With int8, at no moment do more Linear weights exist in full precision than the largest block's, where diffusers'
   whole-model load held all of them; the quantized weights are those of quantizing the whole loaded model.
 * Through ``load_components`` (a FLUX file in BFL's layout with block swap, a folder with nf4) the loaded transformer
@@ -51,16 +51,18 @@ def _saved(directory):
 
 
 def _write(path, sd, family: str, layout: str, prefix: str = "") -> list:
+    """The transformer as a single file; with a prefix also a VAE tensor beside it, as whole checkpoints have."""
     from safetensors.torch import save_file
 
     if layout == "original":
         sd = flow_layout.flux_to_original(sd) if family == "flux" else flow_layout.sd3_to_original(sd, 2)
-    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(path))
+    other = {"first_stage_model.decoder.conv_in.weight": torch.ones(2, 2)} if prefix else {}
+    save_file({**{prefix + k: v.contiguous() for k, v in sd.items()}, **other}, str(path))
     return [path]
 
 
 CASES = [("flux", "original", ""), ("flux", "original", "model.diffusion_model."), ("flux", "diffusers", ""),
-         ("sd3", "original", ""), ("sd3", "diffusers", "")]
+         ("sd3", "original", ""), ("sd3", "original", "model.diffusion_model."), ("sd3", "diffusers", "")]
 
 
 @pytest.mark.parametrize("family, layout, prefix", CASES)

@@ -156,7 +156,11 @@ class Checkpoint:
         self.handles = {}  # the checkpoint's name (prefix stripped) -> (open file, its own name)
         for f in files:
             handle = stack.enter_context(safe_open(str(f), framework="pt"))
-            self.handles.update({strip_prefix(k): (handle, k) for k in handle.keys()})
+            keys = list(handle.keys())
+            # a whole checkpoint (Stability's sd3.5_large.safetensors: the MMDiT beside first_stage_model.*): its
+            # transformer is what carries the prefix
+            wrapped = [k for k in keys if k.startswith(PREFIXES)]
+            self.handles.update({strip_prefix(k): (handle, k) for k in wrapped or keys})
         self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         self.segments = _row_segments(model, family, layout)
         self.sources: dict[str, list[str]] = {}  # diffusers name -> the checkpoint names that fill it
