@@ -631,9 +631,10 @@ def sha256s(root: Path) -> dict[str, str]:
 def evaluate(out: Path, sched: Schedule, seed: int, log) -> dict:
     from diffusers import StableDiffusionPipeline
 
+    from lowmem_alignprop.models.loading import dtype_kwarg
     from lowmem_alignprop.rewards.toy import load_toy_clip, load_toy_count
 
-    pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", **dtype_kwarg(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     clip_r, count_r = load_toy_clip(out / "rewards" / "toy_clip"), load_toy_count(out / "rewards" / "toy_count")
     report = {}
@@ -746,6 +747,7 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
     import transformers
     from diffusers import StableDiffusionPipeline
 
+    from lowmem_alignprop.models.loading import dtype_kwarg
     from lowmem_alignprop.rewards.toy import load_model, save_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -762,7 +764,7 @@ def _train_world(out: Path, seed: int, scale: float, max_minutes: float | None, 
         rewards = rewards_from / "rewards"
     # phases 5-6 start from the saved fp16 files, with or without --rewards-only: both paths give the same weights
     if sched.gen_samples > 0 or adversarial:  # (neither: phases 1-4 alone, as train_version 1 ran)
-        pipe = StableDiffusionPipeline.from_pretrained(out / "model", torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(out / "model", **dtype_kwarg(torch.float32))
         pipe.set_progress_bar_config(disable=True)
         clip, counter = load_model(rewards / "toy_clip").train(), load_model(rewards / "toy_count").train()
         if sched.gen_samples > 0:
