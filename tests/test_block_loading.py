@@ -216,3 +216,28 @@ def test_plan_of_a_cached_flux_hub_id_is_the_plan_of_its_folder(cached_flux_hub_
         assert main(["plan", "--model", model, "--profile", "cpu", "--set", "resolution=32", "--json"]) == 0
         needed.append(json.loads(capsys.readouterr().out)["peak_needed"])
     assert needed[0] == needed[1] > 0
+
+
+def test_a_full_precision_checkpoint_is_read_to_the_trainers_device_with_its_host_blocks_on_the_cpu(dirs, tmp_path):
+    """``load_components(cfg, dtype, device)`` (the trainer's call) without a quantized base: every block read from
+    the file straight to ``device`` (``cpu:0`` stands for the GPU), block swap's to the CPU, the weights the saved
+    ones. Without a device (``sample``, ``export``) it is read to the CPU the same way."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    cls, config, sd = _saved(dirs["flux"])
+    files = _write(tmp_path / "flux1.safetensors", sd, "flux", "original")
+    cfg = Config(model=str(files[0]), model_components=str(dirs["flux"]), block_swap=1)
+    where, fill = [], bl.Checkpoint.fill
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bl.Checkpoint, "fill", lambda self, m, prefix, on, dtype: where.append((prefix, str(on))) or
+                   fill(self, m, prefix, on, dtype))
+        comps = load_components(cfg, torch.float32, torch.device("cpu", 0))
+        blocks = [p for p, _ in where if "blocks." in p]
+        assert [on for _, on in where] == ["cpu"] + ["cpu:0"] * (len(where) - 1) and len(blocks) == 3
+        got = comps.unet.state_dict()
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+        where.clear()
+        comps = load_components(cfg, torch.float32)
+        assert [on for _, on in where] == ["cpu"] * len(where) and len(where) > 3
+        assert all(torch.equal(v, sd[k]) for k, v in comps.unet.state_dict().items())

@@ -261,7 +261,7 @@ class Trainer:
 
     def _load(self) -> None:
         cfg, place = self.cfg, self.place
-        self.comps = comps = load_components(cfg, self.weight_dtype)
+        self.comps = comps = load_components(cfg, self.weight_dtype, self.device)  # SD3/FLUX: read to the device
         self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
         if comps.meta:  # sd35m|sd35l|flux: random weights drawn on the device, never initialised on the CPU

@@ -1,14 +1,15 @@
-"""A transformer made real one block at a time, each block quantized (int8/nf4) before the next is made: the host
-and the card never hold more than the quantized model and one block in full precision.
+"""A transformer made real one block at a time, each block placed (and quantized, int8/nf4) before the next is made:
+the host and the card never hold more than the model as it will run and one block in full precision.
 
 Two sources fill the blocks, in the same order and with the same placement (:func:`fill_by_block`):
 
 * **random weights** for the shipped architectures (``sd35m``, ``sd35l``, ``flux``), drawn on the device
   (:func:`materialize_quantized`);
 * **a real checkpoint**: a single ``.safetensors`` transformer (Black Forest Labs' / Stability's original layout, or
-  diffusers'), or the ``transformer/`` folder of a diffusers pipeline (:func:`load_by_block`). ``safe_open`` reads
-  one tensor at a time from the memory-mapped file, so FLUX.1's 23.8 GB of bf16 are never in host memory at once
-  (diffusers' ``from_single_file`` and ``from_pretrained`` read the whole transformer before we could quantize it).
+  diffusers'), or the ``transformer/`` folder of a diffusers pipeline (:func:`load_by_block`), read to the device it
+  runs on. ``safe_open`` reads one tensor at a time from the memory-mapped file, so FLUX.1's 23.8 GB of bf16 are
+  never in host memory at once (diffusers' ``from_single_file`` and ``from_pretrained`` read the whole transformer
+  into host memory first, 1.3x its size at the peak).
 
 diffusers converts the original layouts as one whole state dict; a block's share of it comes from the inverse that
 ``export --single-file`` already uses (:mod:`lowmem_alignprop.models.flow_layout`), run once on row numbers: each

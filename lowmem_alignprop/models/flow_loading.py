@@ -4,9 +4,10 @@ with the rest of the pipeline from a directory, and the shipped architectures ``
 
 Everything goes through diffusers: ``DiffusionPipeline.from_pretrained`` for folders,
 ``SD3Transformer2DModel.from_single_file`` / ``FluxTransformer2DModel.from_single_file`` (which converts the
-original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files. With a
-quantized base (``place``: int8/nf4) the transformer's .safetensors are read block by block instead, each block
-quantized before the next is read (:mod:`lowmem_alignprop.models.block_loading`).
+original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files, except
+the transformer's .safetensors: given ``place`` (``loading.load_components`` always gives one) they are read block
+by block to where the transformer runs, an int8/nf4 base quantized block by block
+(:mod:`lowmem_alignprop.models.block_loading`); diffusers' whole load is the fallback.
 """
 
 from __future__ import annotations

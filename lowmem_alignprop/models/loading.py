@@ -113,14 +113,16 @@ def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
         return UserError(hub_message("model", where, e))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
-def load_components(cfg, weight_dtype: torch.dtype = torch.float32) -> Components:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``."""
+def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Components:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``. ``device``: where the
+    trainer runs; an SD3/FLUX transformer from a real checkpoint is then read to it block by block
+    (:func:`_placement`)."""
     from diffusers import DiffusionPipeline
 
     kind, where = resolve_model(cfg.model)
     if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
             or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and _is_flow_hub_id(where)):
-        return load_flow_components(cfg, kind, where, weight_dtype)
+        return load_flow_components(cfg, kind, where, weight_dtype, device)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
@@ -211,9 +213,21 @@ def _is_flow_hub_id(repo: str) -> bool:
     return index.get("_class_name") in fl.FLOW_PIPELINES
 
 
-def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) -> Components:
+def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
+    """Where a real SD3/FLUX checkpoint's transformer is read to, one block at a time (block_swap's blocks to the
+    CPU): an int8/nf4 base to its CUDA device, quantized as it is read; a full-precision one to the trainer's
+    ``device``, or the CPU (``sample``, ``export``; under DeepSpeed, which places the model itself)."""
+    host = getattr(cfg, "block_swap", 0)
+    if quant != "none":
+        return Placement(quant, dtype, q.target_device(), host)
+    to = device if device is not None and not getattr(cfg, "deepspeed_zero", 0) else "cpu"
+    return Placement("none", dtype, torch.device(to), host)
+
+
+def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, device=None) -> Components:
     """SD3/SD3.5 or FLUX.1: a diffusers folder or hub id, a single-file transformer with the rest from
-    ``model_components``, or a shipped architecture on the meta device (docs/flow_models.md)."""
+    ``model_components``, or a shipped architecture on the meta device (docs/flow_models.md). ``device``: the
+    trainer's (:func:`_placement`)."""
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
@@ -227,10 +241,9 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype) 
     else:
         if kind == "hub":
             hub.offline()
-        # an int8/nf4 base is read and quantized block by block: FLUX's 23.8 GB of bf16 never sit in host memory;
-        # block swap's host blocks are quantized on the CPU, where they stay
-        place = Placement(quant, weight_dtype, q.target_device(), getattr(cfg, "block_swap", 0)) \
-            if quant != "none" else None
+        # read block by block to where it runs: FLUX's 23.8 GB of bf16 never sit in host memory at once; block
+        # swap's host blocks go to the CPU (an int8/nf4 base quantized there), where they stay
+        place = _placement(cfg, quant, weight_dtype, device)
         try:
             if kind == "file":
                 pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5,
