@@ -9,6 +9,10 @@ real run that either passes or raises out-of-memory.
     python benchmarks/gpu_check.py --out DIR [--jobs N] [--match WORDS] [--deadline SECONDS]
     python benchmarks/gpu_check.py --cpu-smoke --out DIR   # the same plumbing on the tiny model, on CPU
 
+``--only loading`` (in the default set; not in the CPU smoke) reads a FLUX.1-shaped transformer file (3 double + 8
+single blocks at FLUX.1's widths) to the card with ``benchmarks/load_rss.py --device cuda``: host memory, card
+memory and seconds of diffusers' whole load against ``block_loading``'s, int8 and bf16.
+
 ``--jobs N`` runs N trainings at once on the GPU: each is its own process with its own cap, and CUDA's peak
 counters are per process, so the memory figures are those of a run alone; the seconds per step are not
 (each result records ``concurrent_runs``). A second call on the same day and device merges into the same
@@ -242,8 +246,8 @@ def load_previous(path: Path, committed: Path | None = None) -> dict | None:
 
 def merge_docs(old: dict | None, doc: dict) -> dict:
     """``doc`` merged into ``old``: runs with the same name are replaced by the new ones that were measured, the
-    others kept in their order; ``quant`` is replaced only when this call measured it. Lets a check be split over
-    several calls. Neither argument is changed."""
+    others kept in their order; ``quant`` and ``loading`` are replaced only when this call measured them. Lets a check
+    be split over several calls. Neither argument is changed."""
     call = {"command": doc["command"], "wall_seconds": doc.get("wall_seconds")}
     if old is None:
         return dict(doc, calls=[call])
@@ -254,8 +258,9 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
         names = {r["name"] for r in before}
         merged[section] = [ran.get(r["name"], r) for r in before] + [r for r in doc.get(section, [])
                                                                      if r["name"] not in names]
-    if "quant" in doc:
-        merged["quant"] = doc["quant"]
+    for item in ("quant", "loading"):  # measured by this call: replaces the earlier figures
+        if item in doc:
+            merged[item] = doc[item]
     merged["versions"] = doc["versions"]
     merged["calls"] = merged.get("calls", []) + [call]
     return merged
@@ -268,7 +273,7 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the plumbing only")
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
     ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
-    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,speed")
+    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,loading,speed")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (memory figures stay per run; "
                                                         "seconds per step then include the contention)")
     a = ap.parse_args()
@@ -286,7 +291,7 @@ def main() -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu-smoke to check the plumbing on CPU", file=sys.stderr)
         return 2
-    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "speed"}
+    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "loading", "speed"}
     aes = make_aesthetic_weights(Path(os.environ["LOWMEM_ALIGNPROP_CACHE"]) / "aesthetic-random", tiny=cpu)
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),
@@ -362,6 +367,19 @@ def main() -> int:
             doc["quant"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
         save()
 
+    def loading_check() -> None:  # about a minute: a FLUX.1-shaped file read to the card, whole and block by block
+        try:
+            result = out / "load-rss.json"
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_rss.py"), "--device", "cuda",
+                            "--double", "3", "--single", "8", "--dir", str(out / "loadrss"), "--json", str(result)],
+                           check=True, timeout=300, capture_output=True, text=True)
+            doc["loading"] = json.loads(result.read_text())
+        except subprocess.CalledProcessError as e:
+            doc["loading"] = {"error": (e.stderr or "")[-1000:]}
+        except Exception as e:
+            doc["loading"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+        save()
+
     def run_job(job):
         section, name, args, budget = job
         if not time_left():
@@ -378,6 +396,8 @@ def main() -> int:
     quant = "quant" in only and not cpu
     if quant and a.jobs <= 1:  # alone, before the trainings: its seconds are then its own
         quant_check()
+    if "loading" in only and not cpu:  # alone too: its host memory and seconds are its own
+        loading_check()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:  # each job is a subprocess: threads suffice
         runs = ex.map(run_job, jobs)
         if quant and a.jobs > 1:  # beside the first trainings (its peak counters are this process's own)

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options]   (OUT_DIR default: $OUT, else benchmarks/results)
 #
-# One call on an 80 GB card does everything in about 6 minutes with three trainings at a time:
+# One call on an 80 GB card does everything in about 7 minutes with three trainings at a time (the loading item,
+# a FLUX.1-shaped file read to the card whole and block by block, takes about one of them):
 #   JOBS=3 DEADLINE=330 bash benchmarks/gpu_check.sh   (runs start until 330 s; each takes 1-4 min)
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
 # The speed rows (--only speed: compile, channels_last, fused AdamW, tf32 and plan --fastest's choice, one at a

@@ -16,6 +16,10 @@ kernel takes back under pressure), and ``VmHWM`` (the peak of both together). Li
 
     python benchmarks/load_rss.py --double 3 --single 8 --dir /tmp/loadrss \\
         --json benchmarks/results/load-rss-flux-3d8s.json
+
+``--device cuda`` (``gpu_check.py``'s ``loading`` item) loads to the GPU instead, bitsandbytes quantizing there, and
+adds a third way, ``by_block_bf16``: the transformer in bf16 read block by block to the card (the trainer's load
+without a quantized base); each row then has the card's peak allocated bytes and the wall seconds.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def write_file(path: Path, config: dict) -> dict:
     return {"bf16_bytes": total, "largest_block_bf16_bytes": block_bytes}
 
 
-def child(way: str, path: str, config_json: str) -> None:
+def child(way: str, path: str, config_json: str, device: str = "cpu") -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -88,23 +92,37 @@ def child(way: str, path: str, config_json: str) -> None:
     before = _status()
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    start = time.process_time()
+    start, wall = time.process_time(), time.time()
     if way == "whole":
         model = _whole_single_file(FluxTransformer2DModel, config, path, "(benchmark)", "original", torch.bfloat16)
-        quant.quantize_in_place(model, "int8", torch.bfloat16, device="cpu", quiet=True)
+        quant.quantize_in_place(model, "int8", torch.bfloat16, device=device, quiet=True)
     else:
+        mode = "none" if way == "by_block_bf16" else "int8"
         model = load_by_block(FluxTransformer2DModel, config, [path], "flux", "original",
-                              Placement("int8", torch.bfloat16, "cpu"))
-    cpu = time.process_time() - start
+                              Placement(mode, torch.bfloat16, torch.device(device)))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    cpu, wall = time.process_time() - start, time.time() - wall
     done.set()
     watcher.join()
     after = _status()
-    print(json.dumps({"way": way, "quantized_layers": quant.count_quantized(model)["int8"],
+    card = {"cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB)} if device == "cuda" else {}
+    print(json.dumps({"way": way, "device": device, "quantized_layers": quant.count_quantized(model)["int8"],
                       "weight_bytes": quant.measured_weight_bytes(model), "cpu_seconds": round(cpu, 1),
+                      "wall_seconds": round(wall, 1), **card,
                       "rss_anon_before_mib": round(before["RssAnon"] / MIB),
                       "peak_rss_anon_mib": round(peaks["RssAnon"] / MIB),
                       "peak_rss_file_mib": round(peaks["RssFile"] / MIB), "vm_hwm_mib": round(after["VmHWM"] / MIB),
                       "rss_anon_after_mib": round(after["RssAnon"] / MIB)}))
+
+
+def _card(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"name": torch.cuda.get_device_name(0),
+            "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
 
 
 def main() -> None:
@@ -113,7 +131,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=4, help="FLUX single-stream blocks (FLUX.1 has 38)")
     ap.add_argument("--dir", default="/tmp/loadrss", help="where the transformer file is written")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the transformer is loaded to")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -125,16 +144,21 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"flux-{args.double}d{args.single}s.safetensors"
     sizes = write_file(path, config)
-    env = {**os.environ, "LOWMEM_ALIGNPROP_QUANT_ON_CPU": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if args.device == "cpu":
+        env["LOWMEM_ALIGNPROP_QUANT_ON_CPU"] = "1"  # bitsandbytes' CPU ops (no GPU here)
     rows = []
-    for way in ("whole", "by_block"):
-        out = subprocess.run([sys.executable, __file__, "--child", way, str(path), json.dumps(config)], env=env,
-                             capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    for way in ("whole", "by_block") + (("by_block_bf16",) if args.device == "cuda" else ()):
+        done = subprocess.run([sys.executable, __file__, "--child", way, str(path), json.dumps(config), args.device],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {way} load failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     doc = {"kind": "load-rss", **provenance(" ".join(["python"] + sys.argv), ("torch", "diffusers", "bitsandbytes",
-                                                                               "safetensors"), torch_threads=1),
+                                                                               "safetensors"), torch_threads=1,
+                                                 **_card(args.device)),
            "model": f"FLUX.1-shaped transformer, {args.double} double + {args.single} single blocks, BFL layout, bf16",
            "file_bytes": path.stat().st_size, **sizes, "rows": rows}
     if args.json:

@@ -77,8 +77,10 @@ def test_a_second_call_merges_into_the_first(smoke, tmp_path):
     assert [c["command"] for c in merged["calls"]] == [smoke["calls"][0]["command"], second["command"]]
     # an empty output folder (a device's $OUT) merges into the checkout's committed file of the same name
     fresh = tmp_path / "out" / path.name
-    again = gc.merge_docs(gc.load_previous(fresh, committed=path), dict(copy.deepcopy(second), quant={"ok": True}))
-    assert again["profiles"][0] == profile and again["quant"] == {"ok": True}
+    again = gc.merge_docs(gc.load_previous(fresh, committed=path), dict(copy.deepcopy(second), quant={"ok": True},
+                                                                         loading={"rows": []}))
+    assert again["profiles"][0] == profile and again["quant"] == {"ok": True} and again["loading"] == {"rows": []}
+    assert "loading" not in gc.merge_docs(gc.load_previous(fresh, committed=path), copy.deepcopy(second))
     # no earlier file: this call's results as they are
     alone = gc.merge_docs(gc.load_previous(tmp_path / "none.json"), copy.deepcopy(second))
     assert alone["ladder"] == second["ladder"] and len(alone["calls"]) == 1
