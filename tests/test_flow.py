@@ -246,6 +246,38 @@ def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs):
     assert a.cond.shape == (2, 2 * MSL, 32)
 
 
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_the_trainers_prompt_encoder_drops_the_text_encoders_once_the_set_is_encoded(model_dirs, on_cpu):
+    """FlowFamily.prompt_encoder (the trainer's): after the first batch every text encoder (CLIP-L, CLIP-G, T5) is
+    freed, none referenced by the components, the pipeline or the cache (T5-XXL: 9.5 GB of host memory), and
+    every prompt of the set still comes from the cache as it was encoded."""
+    import gc
+    import weakref
+
+    from lowmem_alignprop.models.family import family_for
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(model=str(model_dirs["sd3"]), guidance_scale=4.0, max_sequence_length=MSL, encode_on_cpu=on_cpu)
+    comps = load_components(cfg)
+    family = family_for(comps)
+    pipe = family.make_pipeline(comps)
+    prompts = ["a photo of a cat", "a red dog", "the sky"]
+    direct = flow.encode_prompts(pipe, prompts, "cpu", guidance_scale=4.0, max_sequence_length=MSL)
+    encoders = [weakref.ref(m) for m in comps.text_encoders()]
+    assert len(encoders) == 3
+    place = SimpleNamespace(to_device=lambda name, *m: None, offload=lambda name, *m: None)
+    embed = family.prompt_encoder(pipe, comps, place, torch.device("cpu"), cfg, prompts)
+    first = embed(prompts[:1])
+    gc.collect()
+    assert [r() for r in encoders] == [None] * 3 and comps.text_encoders() == ()
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.text_encoder_3 is None
+    later = embed(prompts[1:])
+    for field in ("cond", "pooled", "uncond", "uncond_pooled"):
+        both = torch.cat([getattr(first, field), getattr(later, field)])
+        assert_rel_close(both, getattr(direct, field), SAME_OPS, field)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # LoRA export and a reward that rises
 # -------------------------------------------------------------------------------------------------------------

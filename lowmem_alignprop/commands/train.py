@@ -267,7 +267,7 @@ class Trainer:
         if comps.meta:  # sd35m|sd35l|flux: random weights drawn on the device, never initialised on the CPU
             materialize_meta(comps, self.device, cfg.seed, base_quant=cfg.base_quant, dtype=self.weight_dtype,
                              host_blocks=cfg.block_swap)  # block swap's blocks go to host memory as they are drawn
-        self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
+        self.unet, self.vae = comps.unet, comps.vae
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
@@ -304,7 +304,8 @@ class Trainer:
                                     checkpointing=self.cfg.reward_checkpointing, weights=self.cfg.reward_weights)
 
     def modules(self) -> dict:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "reward": self.reward,
+        # SD3/FLUX: the text encoders are dropped once the prompt set is encoded (None from then on)
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.comps.text_encoder, "reward": self.reward,
                 "lora": self.params, "optimizer": self.optimizer}
 
     def score(self, images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:

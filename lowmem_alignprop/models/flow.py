@@ -119,11 +119,13 @@ class FlowPromptCache:
     T5-XXL alone is 4.7B parameters (9.5 GB in bf16): it is on the device only for this one pass. ``place`` is
     the trainer's placement (``to_device(name, *modules)`` / ``offload(name, *modules)``); without one the
     encoders stay where they are. A prompt outside the set is a KeyError: the set is fixed before training.
+    ``release`` is called once the set is encoded (the trainer's drops the encoders; the cache then holds no
+    reference to them either).
     """
 
     def __init__(self, pipe, prompts, device, *, guidance_scale: float, max_sequence_length: int, place=None,
-                 chunk: int = 16, negative_prompt: str = ""):
-        self.pipe, self.device, self.place, self.chunk = pipe, device, place, chunk
+                 chunk: int = 16, negative_prompt: str = "", release=None):
+        self.pipe, self.device, self.place, self.chunk, self.release = pipe, device, place, chunk, release
         self.negative_prompt = negative_prompt
         self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
         self.prompts = sorted(set(prompts))
@@ -141,6 +143,10 @@ class FlowPromptCache:
                 self.cache[p] = e.index(slice(j, j + 1))
         if self.place is not None:
             self.place.offload("text_encoder", *encoders)
+        del encoders
+        if self.release is not None:
+            self.release()
+            self.pipe = None  # the encoding is done: nothing here keeps the encoders alive
 
     def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
         if not self.cache:
