@@ -248,9 +248,10 @@ def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs):
 
 @pytest.mark.parametrize("on_cpu", [False, True])
 def test_the_trainers_prompt_encoder_drops_the_text_encoders_once_the_set_is_encoded(model_dirs, on_cpu):
-    """FlowFamily.prompt_encoder (the trainer's): after the first batch every text encoder (CLIP-L, CLIP-G, T5) is
-    freed, none referenced by the components, the pipeline or the cache (T5-XXL: 9.5 GB of host memory), and
-    every prompt of the set still comes from the cache as it was encoded."""
+    """FlowFamily.prompt_encoder, the trainer's (``final``): after the first batch every text encoder (CLIP-L,
+    CLIP-G, T5) is freed, none referenced by the components, the pipeline or the cache (T5-XXL: 9.5 GB of host
+    memory), and every prompt of the set still comes from the cache as it was encoded. Another (the planner's,
+    which may step again) keeps them."""
     import gc
     import weakref
 
@@ -267,7 +268,10 @@ def test_the_trainers_prompt_encoder_drops_the_text_encoders_once_the_set_is_enc
     encoders = [weakref.ref(m) for m in comps.text_encoders()]
     assert len(encoders) == 3
     place = SimpleNamespace(to_device=lambda name, *m: None, offload=lambda name, *m: None)
-    embed = family.prompt_encoder(pipe, comps, place, torch.device("cpu"), cfg, prompts)
+    kept = family.prompt_encoder(pipe, comps, place, torch.device("cpu"), cfg, prompts)  # the planner's
+    kept(prompts[:1])
+    assert all(r() is not None for r in encoders) and len(comps.text_encoders()) == 3
+    embed = family.prompt_encoder(pipe, comps, place, torch.device("cpu"), cfg, prompts, final=True)
     first = embed(prompts[:1])
     gc.collect()
     assert [r() for r in encoders] == [None] * 3 and comps.text_encoders() == ()

@@ -350,7 +350,8 @@ class Trainer:
         # prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step
         self.embed = self.family.prompt_encoder(
             self.pipe, self.comps, self.place, self.device, cfg,
-            prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts) | set(self.judge_prompts))
+            prompts=set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts) | set(self.judge_prompts),
+            final=True)  # every prompt the run will use: SD3/FLUX free their text encoders once it is encoded
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
         self.nograd_unet = nograd_unet(self.bare_unet, cfg)  # compile=nograd: a compiled view for no-grad steps

@@ -32,7 +32,9 @@ class UNetFamily:
     def make_pipeline(self, comps):
         return sampling.make_pipeline(comps)
 
-    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts):
+    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts, *, final: bool = False):
+        """Text embeddings per batch of prompts. ``final``: the run's one encoder (the trainer's), whose prompt set
+        never grows: a flow family then frees the text encoders once the set is encoded."""
         return sampling.PromptEncoder(pipe, comps, place, device, cfg.resolution, cache=cfg.cache_prompt_embeddings,
                                       negative_prompt=cfg.negative_prompt, prompts=prompts)
 
@@ -103,10 +105,10 @@ class FlowFamily(UNetFamily):
             parts.update(text_encoder_3=comps.text_encoder_3, tokenizer_3=comps.tokenizer_3)
         return comps.pipeline_class(**parts)
 
-    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts):
-        # always cached: T5-XXL (4.7B parameters) is on the device for one encoding pass, then leaves it; once every
-        # prompt of the run is encoded the encoders are dropped: 9.5 GB of host memory back for the steps
-        release = lambda: self._drop_text_encoders(pipe, comps)  # noqa: E731
+    def prompt_encoder(self, pipe, comps, place, device, cfg, prompts, *, final: bool = False):
+        # always cached: T5-XXL (4.7B parameters) is on the device for one encoding pass, then leaves it; the run's
+        # final encoder then drops the encoders: 9.5 GB of host memory back for the steps
+        release = (lambda: self._drop_text_encoders(pipe, comps)) if final else None
         if not cfg.encode_on_cpu:
             return flow.FlowPromptCache(pipe, prompts, device, guidance_scale=self.guidance(cfg),
                                         max_sequence_length=self.max_sequence_length(cfg), place=place,
