@@ -318,7 +318,9 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
     report = train_world(tmp_path, seed=0, schedule=Schedule(**TINY_SCHEDULE), threads=1, log=lines.append)
     assert any(line.startswith("unet 2/2 loss") for line in lines)
     # the text-to-image model loads by path like any diffusers directory and samples
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")  # float32, as saved
+    from lowmem_alignprop.models.loading import dtype_kwarg
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", **dtype_kwarg(torch.float32))  # saved in fp16
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor == report["vae_scaling_factor"] > 0
     assert pipe.tokenizer.model_max_length == 24
