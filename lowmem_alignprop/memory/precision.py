@@ -15,3 +15,11 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def frozen_weight_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
     """``mixed_precision`` is a config value (no|fp16|bf16); ``device_type`` where the run computes (cuda, cpu...)."""
     return DTYPES[mixed_precision] if device_type != "cpu" else torch.float32
+
+
+def dtype_kwarg(dtype: torch.dtype | None) -> dict:
+    """How this diffusers takes a load dtype (``from_pretrained``, ``from_single_file``): ``dtype=`` from 0.42 on
+    (``torch_dtype=`` is deprecated there), ``torch_dtype=`` before."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}

@@ -36,6 +36,7 @@ import os
 import torch
 from torch import nn
 
+from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.config import import_needed
 from lowmem_alignprop.settings.errors import UserError
 
@@ -176,7 +177,7 @@ def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder:
 
     check_mode(mode)
     device = target_device()
-    unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype,
+    unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, **dtype_kwarg(dtype),
                                                 quantization_config=bnb_config(mode, dtype),
                                                 device_map={"": str(device)})
     prepare_quantized_layers(unet)  # activations as small as nn.Linear's: fp16, no kept int8 inputs

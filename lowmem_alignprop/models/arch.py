@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 ARCHS = ("sd15", "sd21", "sdxl")
@@ -320,7 +321,7 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     try:
         # config must be a str: a Path passes the pipeline-level isdir() check, but the per-model
         # from_single_file then rejects it ("Invalid `config` argument").
-        pipe = cls.from_single_file(str(path), config=str(config_dir), torch_dtype=torch_dtype,
+        pipe = cls.from_single_file(str(path), config=str(config_dir), **dtype_kwarg(torch_dtype),
                                     local_files_only=True, **kwargs)
     except SingleFileComponentError as e:
         raise UserError(f"{path} lacks the weights of a pipeline component for {what} "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.models.block_loading import PREFIXES as _PREFIXES
+from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import pipeline_class
@@ -81,10 +82,9 @@ def has_guidance(keys) -> bool:
 
 
 def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5: bool = True,
-                          dtype_kwargs: dict | None = None, place: Placement | None = None):
+                          place: Placement | None = None):
     """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
     ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
-    ``dtype_kwargs``: how this diffusers takes the dtype in ``from_pretrained`` (``loading.dtype_kwarg``).
     ``place``: read the transformer block by block, quantized and placed as it says (``block_loading``)."""
     import diffusers
     from diffusers import DiffusionPipeline
@@ -117,7 +117,7 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5:
         transformer = _whole_single_file(cls, config, path, components, layout, dtype)
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
     return DiffusionPipeline.from_pretrained(str(comp), transformer=transformer, **missing,
-                                             **(dtype_kwargs or {"torch_dtype": dtype}))
+                                             **dtype_kwarg(dtype))
 
 
 def _whole_single_file(cls, config: dict, path: str, components: str, layout: str, dtype: torch.dtype):
@@ -127,15 +127,14 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
         (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(config))
         try:
             transformer = cls.from_single_file(path, config=tmp, subfolder="transformer", local_files_only=True,
-                                               torch_dtype=dtype)
+                                               **dtype_kwarg(dtype))
         except (ValueError, RuntimeError, KeyError, OSError) as e:
             raise UserError(f"cannot load {path} ({layout} layout) as the transformer of {components}: "
                             f"{first_line(e, 200)}; pass the model folder this transformer belongs to") from None
     return transformer
 
 
-def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, dtype_kwargs: dict | None = None,
-                       place: Placement | None = None):
+def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, place: Placement | None = None):
     """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
     folder has none. ``place``: its transformer read block by block, quantized and placed as it says."""
     from diffusers import DiffusionPipeline
@@ -152,7 +151,7 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, dtype
             kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
     elif not t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    return DiffusionPipeline.from_pretrained(where, **kwargs, **(dtype_kwargs or {"torch_dtype": dtype}))
+    return DiffusionPipeline.from_pretrained(where, **kwargs, **dtype_kwarg(dtype))
 
 
 def _folder_transformer_by_block(where: str, place: Placement):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.memory import quant as q
+from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
@@ -246,11 +247,9 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
         place = _placement(cfg, quant, weight_dtype, device)
         try:
             if kind == "file":
-                pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5,
-                                                dtype_kwargs=dtype_kwarg(weight_dtype), place=place)
+                pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place)
             else:
-                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, dtype_kwargs=dtype_kwarg(weight_dtype),
-                                             place=place)
+                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place)
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
@@ -315,13 +314,6 @@ def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DI
             "or pass a local directory")
 
 
-def dtype_kwarg(dtype: torch.dtype) -> dict:
-    """diffusers >= 0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated there); older releases only ``torch_dtype=``."""
-    from diffusers.pipelines import pipeline_utils
-
-    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
 def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     """A replacement VAE (config field ``vae``): a diffusers folder (or a pipeline folder with ``vae/``), a hub
     id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16), or a single
@@ -344,7 +336,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
             with tempfile.TemporaryDirectory() as tmp:
                 own_vae.save_config(Path(tmp) / "vae")  # the file holds weights only: use the model's VAE config
                 vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
-                                                     torch_dtype=dtype)
+                                                     **dtype_kwarg(dtype))
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "~")):
             hub.offline()  # no network: the local cache only, at once
             vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
