@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.models.block_loading import PREFIXES as _PREFIXES
 from lowmem_alignprop.memory.precision import dtype_kwarg
-from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block
+from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import pipeline_class
 
@@ -61,7 +60,7 @@ def check_flow_dir(path: Path, spec: str) -> None:
 def transformer_layout(keys) -> tuple[str, str]:
     """(family, layout) of a transformer checkpoint's keys: family ``sd3`` or ``flux``, layout ``original`` (BFL /
     Stability names, converted by diffusers) or ``diffusers``. Raises UserError for any other layout."""
-    keys = [next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys]
+    keys = [strip_prefix(k) for k in keys]
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has("double_blocks.") and has("single_blocks."):
         return "flux", "original"
