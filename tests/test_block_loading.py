@@ -143,7 +143,7 @@ def test_a_bfl_flux_file_with_block_swap_loads_quantized_through_load_components
             comps = load_components(Config(model=str(files[0]), model_components=str(dirs["flux"]),
                                            base_quant="int8", block_swap=1))
     assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
-    assert "read block by block (1 blocks kept in host memory)" in caplog.text
+    assert "read block by block to cpu:0 (1 blocks kept in host memory): " in caplog.text
     reference = cls.from_config(config)
     reference.load_state_dict(sd)
     quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)

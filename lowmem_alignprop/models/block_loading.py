@@ -223,8 +223,9 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
         count = fill_by_block(model, place, lambda module, _, on: checkpoint.fill(
             module, names[id(module)] + ".", on, place.dtype))
     model.requires_grad_(False).eval()
-    log.info("%s read block by block%s: %d Linear layers quantized to %s", type(model).__name__,
-             f" ({place.host_blocks} blocks kept in host memory)" if place.host_blocks else "", count, place.mode)
+    log.info("%s read block by block to %s%s%s", type(model).__name__, place.device,
+             f" ({place.host_blocks} blocks kept in host memory)" if place.host_blocks else "",
+             f": {count} Linear layers quantized to {place.mode}" if count else "")
     return model
 
 
