@@ -125,19 +125,20 @@ def folder_files(transformer_dir: Path) -> list[Path] | None:
     return [one] if one.is_file() else None
 
 
-def _row_segments(model, family: str, layout: str) -> dict[str, list[tuple[str, int, int, int]]]:
+def _row_segments(shapes: dict[str, tuple], family: str, layout: str,
+                  num_layers: int) -> dict[str, list[tuple[str, int, int, int]]]:
     """For every tensor name of the checkpoint's layout: the (diffusers name, first row there, first row here,
-    rows) runs it fills. Raises KeyError for a weight the layout has no name for."""
+    rows) runs it fills, from the diffusers model's tensor ``shapes``. Raises KeyError for a weight the layout has
+    no name for."""
     from lowmem_alignprop.models import flow_layout
 
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = list(shapes)
     if layout == "diffusers":
         return {k: [(k, 0, 0, s[0] if s else 1)] for k, s in shapes.items()}
     ids = {k: torch.arange(s[0] if s else 1, dtype=torch.int64) + (i << _ROW_BITS) for i, (k, s) in
            enumerate(shapes.items())}
     rows = flow_layout.flux_to_original(ids) if family == "flux" else \
-        flow_layout.sd3_to_original(ids, model.config.num_layers)
+        flow_layout.sd3_to_original(ids, num_layers)
     out = {}
     for key, t in rows.items():
         which, row = t >> _ROW_BITS, t & ((1 << _ROW_BITS) - 1)
@@ -163,7 +164,7 @@ class Checkpoint:
             wrapped = [k for k in keys if k.startswith(PREFIXES)]
             self.handles.update({strip_prefix(k): (handle, k) for k in wrapped or keys})
         self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        self.segments = _row_segments(model, family, layout)
+        self.segments = _row_segments(self.shapes, family, layout, getattr(model.config, "num_layers", 0))
         self.sources: dict[str, list[str]] = {}  # diffusers name -> the checkpoint names that fill it
         for key, runs in self.segments.items():
             for name, *_ in runs:
@@ -229,5 +230,5 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
     return model
 
 
-__all__ = ["Checkpoint", "Placement", "fill_by_block", "folder_files", "load_by_block", "materialize", "materialize_quantized",
-           "strip_prefix"]
+__all__ = ["Checkpoint", "Placement", "fill_by_block", "folder_files", "load_by_block", "materialize",
+           "materialize_quantized", "strip_prefix"]

@@ -5,9 +5,8 @@ with the rest of the pipeline from a directory, and the shipped architectures ``
 Everything goes through diffusers: ``DiffusionPipeline.from_pretrained`` for folders,
 ``SD3Transformer2DModel.from_single_file`` / ``FluxTransformer2DModel.from_single_file`` (which converts the
 original Stability / Black Forest Labs layouts, and takes a diffusers-layout file as it is) for single files, except
-the transformer's .safetensors: given ``place`` (``loading.load_components`` always gives one) they are read block
-by block to where the transformer runs, an int8/nf4 base quantized block by block
-(:mod:`lowmem_alignprop.models.block_loading`); diffusers' whole load is the fallback.
+the transformer's .safetensors: they are read block by block to where ``place`` says, an int8/nf4 base quantized
+block by block (:mod:`lowmem_alignprop.models.block_loading`); diffusers' whole load is the fallback.
 """
 
 from __future__ import annotations
@@ -80,11 +79,11 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5: bool = True,
-                          place: Placement | None = None):
+def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
     """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
     ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
-    ``place``: read the transformer block by block, quantized and placed as it says (``block_loading``)."""
+    ``place``: where the transformer is read to block by block, and how it is quantized (``block_loading``); a
+    file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
     import diffusers
     from diffusers import DiffusionPipeline
     from safetensors import safe_open
@@ -111,7 +110,7 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, t5:
     config = json.loads((comp / "transformer" / "config.json").read_text())
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
-    transformer = load_by_block(cls, config, [path], family, layout, place) if place else None
+    transformer = load_by_block(cls, config, [path], family, layout, place)
     if transformer is None:
         transformer = _whole_single_file(cls, config, path, components, layout, dtype)
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
@@ -133,13 +132,13 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
     return transformer
 
 
-def load_flow_pipeline(where: str, dtype: torch.dtype, *, t5: bool = True, place: Placement | None = None):
+def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
     """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
-    folder has none. ``place``: its transformer read block by block, quantized and placed as it says."""
+    folder has none. ``place``: where its transformer is read to block by block, and how it is quantized."""
     from diffusers import DiffusionPipeline
 
     kwargs = {}
-    transformer = _folder_transformer_by_block(where, place) if place else None
+    transformer = _folder_transformer_by_block(where, place)
     if transformer is not None:
         kwargs["transformer"] = transformer
     index_file = Path(where) / "model_index.json"
