@@ -208,10 +208,10 @@ def _is_flow_hub_id(repo: str) -> bool:
     try:
         from huggingface_hub import hf_hub_download
 
-        index = json.loads(Path(hf_hub_download(repo, "model_index.json", local_files_only=cache_only)).read_text())
+        index = Path(hf_hub_download(repo, "model_index.json", local_files_only=cache_only))
     except Exception:  # noqa: BLE001 - not cached or not a pipeline: the usual load says what it is
         return False
-    return index.get("_class_name") in fl.FLOW_PIPELINES
+    return fl.is_flow_dir(index.parent)
 
 
 def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
