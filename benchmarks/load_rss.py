@@ -41,7 +41,7 @@ def _status() -> dict[str, int]:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
+        if key in ("RssAnon", "RssFile", "VmHWM"):
             out[key] = int(value.split()[0]) * 1024
     return out
 
@@ -162,9 +162,9 @@ def main() -> None:
            "model": f"FLUX.1-shaped transformer, {args.double} double + {args.single} single blocks, BFL layout, bf16",
            "file_bytes": path.stat().st_size, **sizes, "rows": rows}
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        from lowmem_alignprop.run import atomic  # a whole file or the previous one
+
+        atomic.write_text(args.json, json.dumps(doc, indent=1) + "\n")
     path.unlink()
 
 
