@@ -74,3 +74,13 @@ def fresh_log_handlers():
     root.handlers.clear()
     yield
     root.handlers[:] = saved
+
+
+@pytest.fixture
+def cpu_quant(monkeypatch):
+    """bitsandbytes on the CPU (tests only): the override of quant.check_device. tests/test_quant.py and
+    tests/test_half_precision.py have their own, which also bypass diffusers' GPU check for its loader."""
+    from lowmem_alignprop.memory import quant
+
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")

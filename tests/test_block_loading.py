@@ -35,13 +35,6 @@ def dirs(tmp_path_factory):
     return {"flux": build_tiny_flux_dir(root / "flux", single_layers=2), "sd3": build_tiny_sd3_dir(root / "sd3")}
 
 
-@pytest.fixture
-def cpu_quant(monkeypatch):
-    """bitsandbytes on the CPU (tests only), as in tests/test_quant.py."""
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
-
-
 def _saved(directory):
     """(class, config, state dict) of a tiny pipeline folder's transformer, as saved."""
     import diffusers
@@ -77,6 +70,14 @@ def test_every_layout_reads_back_the_saved_transformer_bit_for_bit(dirs, tmp_pat
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     half = bl.load_by_block(cls, config, files, family, layout, bl.Placement("none", torch.bfloat16, "cpu"))
     assert all(torch.equal(v, sd[k].to(torch.bfloat16)) for k, v in half.state_dict().items())
+
+
+def _int8_reference(cls, config, sd):
+    """The saved transformer loaded whole and quantized in place to int8 (what a block-by-block read must equal)."""
+    reference = cls.from_config(config)
+    reference.load_state_dict(sd)
+    quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)
+    return reference
 
 
 def _linear_bytes(model) -> int:
@@ -116,9 +117,7 @@ def test_int8_holds_one_block_in_full_precision_and_quantizes_as_the_whole_model
         mp.setattr(cls, "from_config", keep)
         model = bl.load_by_block(cls, config, files, family, "original", bl.Placement("int8", torch.float32, "cpu"))
     assert len(seen) == len(swappable_blocks(model)) + 1 and max(seen) <= block_bytes < whole / 2
-    reference = cls.from_config(config)
-    reference.load_state_dict(sd)
-    quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)
+    reference = _int8_reference(cls, config, sd)
     assert quant.count_quantized(model)["int8"] == quant.count_quantized(reference)["int8"] > 0
     ref = reference.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
@@ -144,10 +143,7 @@ def test_a_bfl_flux_file_with_block_swap_loads_quantized_through_load_components
                                            base_quant="int8", block_swap=1))
     assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
     assert "read block by block to cpu:0 (1 blocks kept in host memory): " in caplog.text
-    reference = cls.from_config(config)
-    reference.load_state_dict(sd)
-    quant.quantize_in_place(reference, "int8", torch.float32, device="cpu", quiet=True)
-    ref = reference.state_dict()
+    ref = _int8_reference(cls, config, sd).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in comps.unet.state_dict().items() if isinstance(v, torch.Tensor))
 
 

@@ -28,13 +28,6 @@ from lowmem_alignprop.models import flow
 from lowmem_alignprop.settings.config import Config
 
 
-@pytest.fixture
-def cpu_quant(monkeypatch):
-    """bitsandbytes on the CPU (tests only), as in tests/test_quant.py."""
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
-
-
 def _quantized_pipe(name: str, mode: str):
     """The tiny pipeline of test_block_swap with its transformer's frozen base stored as ``mode``, in the trainer's
     order: int8/nf4 at load (before LoRA), fp8 after LoRA (the adapters stay fp32)."""

@@ -36,13 +36,6 @@ def dirs(tmp_path_factory):
     return {"sd3": build_tiny_sd3_dir(root / "sd3"), "flux": build_tiny_flux_dir(root / "flux")}
 
 
-@pytest.fixture
-def cpu_quant(monkeypatch):
-    """bitsandbytes on the CPU (tests only), as in tests/test_quant.py."""
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
-
-
 def _linears(model) -> int:
     return sum(1 for n, m in model.named_modules() if type(m) is nn.Linear and "lora_" not in n)
 
