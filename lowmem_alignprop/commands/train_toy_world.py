@@ -418,11 +418,11 @@ def blank_margin_terms(model, reference, img: torch.Tensor, pos: torch.Tensor, i
       flatten the right images' scores, as the plain round did)."""
     blank = [j for j, s in enumerate(scenes) if isinstance(s, Generated) and not s.label.objects]
     right = [i for i, s in enumerate(scenes) if texts[i] and not (isinstance(s, Generated) and s.wrong is not None)]
+    loss = img.sum() * 0  # zero, on the graph
     if not right:
-        return img.sum() * 0
+        return loss
     r = torch.tensor(right)
     right_cos = (img[r] * pos[r]).sum(-1)  # [R] each right image with its own caption
-    loss = img.sum() * 0
     if blank and sched.adv_margin_weight > 0:
         b = torch.tensor(blank)
         over = img[b] @ pos[r].T - right_cos.detach()[None, :] + sched.adv_margin  # [NB, R]
