@@ -237,3 +237,156 @@ def test_a_full_precision_checkpoint_is_read_to_the_trainers_device_with_its_hos
         comps = load_components(cfg, torch.float32)
         assert [on for _, on in where] == ["cpu"] * len(where) and len(where) > 3
         assert all(torch.equal(v, sd[k]) for k, v in comps.unet.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# fp8 checkpoints (ComfyUI's flux1-dev-fp8, sd3.5_large_fp8_scaled): plain, and scaled per layer
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_ROWS = ("qkv.", "linear1.", "final_layer.adaLN_modulation.")  # original tensors whose rows the layout moves
+
+
+def _fp8_original(sd, family: str, kind: str) -> tuple[dict, dict]:
+    """(file tensors, reference) of a transformer in its original layout as an fp8 file: every 2-D weight in fp8,
+    the rest in bf16 as those files keep it. ``plain``: e4m3fn; ``e5m2``; ``scaled``: e4m3fn with a ``scale_weight``
+    beside it and the ``scaled_fp8`` marker (ComfyUI's legacy format); ``comfy_quant``: ComfyUI's current format
+    (``weight_scale`` and a ``comfy_quant`` record). The reference is each weight as it really is, computed here on
+    its own: ``fp8.float() * scale`` in float32. Scales: one per row, as [rows] or [rows, 1], for the tensors whose
+    rows the layout splits across diffusers tensors or reorders (the fused q/k/v, FLUX's linear1, the final adaLN),
+    else a scalar, [rows] or [rows, 1] in turn; each a few thousandths (the stored values are the weights over their
+    scale, up to e4m3's largest, 448, so a load that drops the scales is off by a factor of hundreds), and each row's
+    scale different (a row given another row's scale is off too)."""
+    orig = flow_layout.flux_to_original(sd) if family == "flux" else flow_layout.sd3_to_original(sd, 2)
+    fp8 = torch.float8_e5m2 if kind == "e5m2" else torch.float8_e4m3fn
+    out, ref = {}, {}
+    for i, (key, v) in enumerate(sorted(orig.items())):
+        if not (key.endswith(".weight") and v.dim() == 2):
+            out[key] = v.to(torch.bfloat16)
+            ref[key] = out[key].float()
+            continue
+        if kind not in ("scaled", "comfy_quant"):
+            out[key] = v.to(fp8)
+            ref[key] = out[key].float()
+            continue
+        amax = v.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-6)
+        rows = amax / 448 * torch.linspace(1.0, 1.5, len(v)).unsqueeze(1)
+        split = any(part in key for part in SPLIT_ROWS)
+        scale = [rows.amax().reshape(()), rows.flatten(), rows][i % 2 + 1 if split else i % 3]  # (), [rows], [rows, 1]
+        out[key] = (v.float() / scale.reshape(-1, 1) if scale.dim() else v.float() / scale).to(fp8)
+        layer = key[:-len("weight")]
+        if kind == "comfy_quant":
+            out[layer + "weight_scale"] = scale
+            out[layer + "comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+        else:
+            out[layer + "scale_weight"] = scale
+        if i % 2:  # fp8 matmul inputs' scale: nothing to do with the weights
+            out[layer + ("input_scale" if kind == "comfy_quant" else "scale_input")] = torch.ones(())
+        ref[key] = out[key].float() * (scale.reshape(-1, 1) if scale.dim() else scale)
+    if kind == "scaled":
+        out["scaled_fp8"] = torch.empty(0, dtype=fp8)  # the marker ComfyUI's files carry
+    return out, ref
+
+
+def _fp8_file(path, sd, family: str, kind: str, prefix: str = "", drop: str = "") -> tuple[list, dict]:
+    from safetensors.torch import save_file
+
+    tensors, ref = _fp8_original(sd, family, kind)
+    save_file({prefix + k: v.contiguous() for k, v in tensors.items() if k != drop}, str(path))
+    return [path], ref
+
+
+def _as_original(model, family: str) -> dict:
+    """A loaded transformer's weights in the original layout (export's inverse, bit for bit: the test above)."""
+    sd = model.state_dict()
+    return flow_layout.flux_to_original(sd) if family == "flux" else flow_layout.sd3_to_original(sd, 2)
+
+
+FP8_CASES = [("flux", "plain", ""), ("flux", "e5m2", ""), ("flux", "scaled", ""),
+             ("flux", "scaled", "model.diffusion_model."), ("flux", "comfy_quant", "model.diffusion_model."),
+             ("sd3", "plain", "model.diffusion_model."), ("sd3", "scaled", ""),
+             ("sd3", "scaled", "model.diffusion_model.")]
+
+
+@pytest.mark.parametrize("family, kind, prefix", FP8_CASES)
+def test_fp8_files_read_block_by_block_are_their_scaled_weights_exactly(dirs, tmp_path, caplog, family, kind, prefix):
+    """Plain fp8 (e4m3fn, e5m2) and scaled fp8 files, alone or under model.diffusion_model.: read block by block
+    (no warning, no fallback), every weight equals ``fp8.float() * scale`` cast to the load dtype, in float32 and in
+    bf16, with the fused q/k/v and FLUX's linear1 split across diffusers tensors and the final adaLN's halves swapped,
+    per-row scales following their rows. Dropping the scales would have been visibly wrong."""
+    cls, config, sd = _saved(dirs[family])
+    files, ref = _fp8_file(tmp_path / "t.safetensors", sd, family, kind, prefix)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop.models.block_loading"):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = bl.load_by_block(cls, config, files, family, "original", bl.Placement("none", dtype, "cpu"))
+            got = _as_original(model, family)
+            assert got.keys() == ref.keys()
+            assert [k for k in ref if not torch.equal(got[k], ref[k].to(dtype))] == []
+    assert not caplog.records
+    if kind in ("scaled", "comfy_quant"):  # what the scales change: the fp8 values are hundreds of times the weights
+        from safetensors import safe_open
+        with safe_open(str(files[0]), "pt") as f:
+            raw = {k: f.get_tensor(prefix + k).float() for k in ref if f.get_slice(prefix + k).get_dtype() == "F8_E4M3"}
+        assert len(raw) > 10 and all(raw[k].abs().amax() > 100 * ref[k].abs().amax() for k in raw)
+        assert sum(any(part in k for part in SPLIT_ROWS) for k in raw) >= 3  # per-row scales on moved rows
+
+
+def test_a_scaled_fp8_flux_file_loads_int8_with_block_swap_through_load_components(dirs, tmp_path, cpu_quant):
+    """``--model flux1-dev-fp8-scaled.safetensors --set model_components=DIR base_quant=int8 block_swap=1``: the
+    scaled weights read block by block, quantized as they are read (the host block on the CPU), equal the int8 of
+    the same weights read from a full-precision file."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    cls, config, sd = _saved(dirs["flux"])
+    files, ref = _fp8_file(tmp_path / "flux1-fp8-scaled.safetensors", sd, "flux", "scaled", "model.diffusion_model.")
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "full.safetensors"))
+    full = bl.load_by_block(cls, config, [tmp_path / "full.safetensors"], "flux", "original", CPU).state_dict()
+    calls = []
+    quantize = quant.quantize_in_place
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "target_device", lambda: torch.device("cpu", 0))  # stands for the GPU: distinct from cpu
+        mp.setattr(quant, "quantize_in_place", lambda m, *a, device=None, **kw: calls.append(str(device)) or
+                   quantize(m, *a, device=device, **kw))
+        comps = load_components(Config(model=str(files[0]), model_components=str(dirs["flux"]), base_quant="int8",
+                                       block_swap=1))
+    assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
+    reference = _int8_reference(cls, config, full).state_dict()
+    got = comps.unet.state_dict()
+    assert quant.count_quantized(comps.unet)["int8"] > 0 and got.keys() == reference.keys()
+    assert all(torch.equal(v, reference[k]) for k, v in got.items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("missing", "tensors missing"),  # a tensor short: diffusers' loader would have been tried, scales dropped
+    ("column_scale", "is not a scale of a weight's rows"),  # one scale per input column: not ComfyUI's format
+])
+def test_a_scaled_fp8_file_that_does_not_fit_is_one_line_and_never_reaches_diffusers(dirs, tmp_path, capsys, bad,
+                                                                                    needle):
+    """A scaled file the block reader cannot read stops with one line naming the fix (exit 2, nothing written):
+    diffusers' from_single_file, the fallback for other files, loads scaled fp8 files without their scales (SD3:
+    weights hundreds of times too large, no error)."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.models import flow_loading
+
+    *_, sd = _saved(dirs["sd3"])
+    path = tmp_path / "sd3.5_fp8_scaled.safetensors"
+    if bad == "missing":
+        _fp8_file(path, sd, "sd3", "scaled", drop="final_layer.linear.bias")
+    else:
+        tensors, _ = _fp8_original(sd, "sd3", "scaled")
+        key = next(k for k in tensors if k.endswith(".scale_weight"))
+        tensors[key] = torch.full((tensors[key[:-len("scale_weight")] + "weight"].shape[1],), 1e-3)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    whole = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flow_loading, "_whole_single_file", lambda *a, **kw: whole.append(a))
+        rc = main(["--profile", "cpu", "--set", "resolution=32", "--set", "sample_steps=2", "--set", "k=1",
+                   "--model", str(path), "--set", f"model_components={dirs['sd3']}", "--output-dir",
+                   str(tmp_path / "run")])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "is a scaled fp8 checkpoint" in lines[0] and needle in lines[0], lines
+    assert "model_components" in lines[0] and not whole and not (tmp_path / "run").exists()

@@ -15,6 +15,14 @@ diffusers converts the original layouts as one whole state dict; a block's share
 ``export --single-file`` already uses (:mod:`lowmem_alignprop.models.flow_layout`), run once on row numbers: each
 original tensor's rows are named by the diffusers tensor and row they fill. One place for the layout's rules, and
 any layout the inverse cannot name falls back to diffusers' whole-model load with a warning.
+
+fp8 files (the ComfyUI world's ``flux1-dev-fp8``, ``sd3.5_large_fp8_scaled``) are read the same way: each tensor is
+cast up to the load dtype as it is copied. A *scaled* fp8 file also holds, per quantized layer, ``<layer>.scale_weight``
+(ComfyUI's legacy name; its current format names it ``weight_scale``): a scalar, or one value per output row, and
+the real weight is ``stored.float() * scale``, applied here to each run of rows with the rows' own scales. Its
+``scale_input`` / ``input_scale`` (fp8 matmul inputs), ``comfy_quant`` and the ``scaled_fp8`` marker say nothing
+about the weights and are skipped. A scaled file this cannot read raises a UserError instead of falling back:
+diffusers' loaders know no scales and would load the unscaled fp8 values, silently wrong.
 """
 
 from __future__ import annotations
@@ -22,16 +30,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lowmem_alignprop.settings.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # original-layout key prefixes that wrap a transformer inside a full checkpoint (ComfyUI / Stability files)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 _ROW_BITS = 32  # a row number's bits in the row-id tensors: the diffusers tensor's index sits above them
+# scaled fp8 (ComfyUI): "<layer>.scale_weight" (legacy) / "<layer>.weight_scale" scale "<layer>.weight"
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# scaled fp8's other entries: input scales for fp8 matmuls, the per-layer format record, the file's marker
+SKIPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+SCALED_MARKER = "scaled_fp8"
 
 
 @dataclass(frozen=True)
@@ -163,26 +179,54 @@ class Checkpoint:
             # transformer is what carries the prefix
             wrapped = [k for k in keys if k.startswith(PREFIXES)]
             self.handles.update({strip_prefix(k): (handle, k) for k in wrapped or keys})
+        self.scales = {}  # scaled fp8: a weight's checkpoint name -> (open file, its scale's own name)
+        for key in [k for k in self.handles if k.endswith(SCALE_SUFFIXES + SKIPPED_SUFFIXES) or k == SCALED_MARKER]:
+            entry = self.handles.pop(key)
+            if key.endswith(SCALE_SUFFIXES):
+                self.scales[key.rsplit(".", 1)[0] + ".weight"] = entry
+        self.scaled = bool(self.scales)  # a scaled fp8 file: only a reader that applies the scales may load it
         self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        self.segments = _row_segments(self.shapes, family, layout, getattr(model.config, "num_layers", 0))
+        try:
+            self.segments = _row_segments(self.shapes, family, layout, getattr(model.config, "num_layers", 0))
+            self.unnamed = None
+        except KeyError as e:  # the model has a weight the original layout's inverse has no name for
+            self.segments, self.unnamed = {}, f"no {layout}-layout name for {e}"
         self.sources: dict[str, list[str]] = {}  # diffusers name -> the checkpoint names that fill it
         for key, runs in self.segments.items():
             for name, *_ in runs:
                 self.sources.setdefault(name, []).append(key)
 
     def mismatch(self) -> str | None:
-        """Why these files are not this model's weights in this layout (other names or shapes), else None."""
+        """Why these files are not this model's weights in this layout (other names or shapes, a scale of no weight
+        or of another shape than a scalar or one per row), else None."""
+        if self.unnamed:
+            return self.unnamed
         missing = sorted(set(self.segments) - set(self.handles))
         extra = sorted(set(self.handles) - set(self.segments))
         if missing or extra:
             return f"{len(missing)} tensors missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+        shapes = {}
         for key, runs in self.segments.items():
             handle, own = self.handles[key]
-            shape = tuple(handle.get_slice(own).get_shape())
+            shape = shapes[key] = tuple(handle.get_slice(own).get_shape())
             want = (sum(n for *_, n in runs), *self.shapes[runs[0][0]][1:]) if self.shapes[runs[0][0]] else ()
             if shape != want and not (shape in ((), (1,)) and want in ((), (1,))):
                 return f"{key} has shape {list(shape)}, the model's {list(want)}"
+        for key, (handle, own) in self.scales.items():
+            scale = tuple(handle.get_slice(own).get_shape())
+            rows = shapes[key][0] if shapes.get(key) else None
+            if rows is None or math.prod(scale) not in (1, rows) or len(scale) > 2 or scale[1:] not in ((), (1,)):
+                return f"{own} (shape {list(scale)}) is not a scale of a weight's rows: a scalar or one per row"
         return None
+
+    def _scale(self, key: str, rows: int) -> torch.Tensor | None:
+        """The scale of checkpoint tensor ``key`` in float32, shaped to multiply its ``rows`` x ...: a scalar, or
+        [rows, 1] (one per output row); None when it has none."""
+        if key not in self.scales:
+            return None
+        handle, own = self.scales[key]
+        scale = handle.get_tensor(own).float()
+        return scale.reshape(()) if scale.numel() == 1 else scale.reshape(rows, 1)
 
     def fill(self, module, prefix: str, on, dtype: torch.dtype) -> None:
         """Read ``module``'s tensors (its name in the model: ``prefix``) in ``dtype`` on the CPU, each checkpoint
@@ -192,12 +236,16 @@ class Checkpoint:
         for key in dict.fromkeys(src for k in mine for src in self.sources[k]):
             handle, own = self.handles[key]
             tensor = handle.get_tensor(own)  # this one tensor, read from the memory-mapped file
+            scale = self._scale(key, len(tensor)) if tensor.dim() else None
             for name, at, start, n in self.segments[key]:
                 dest = local[name]
-                if dest.dim():
-                    dest[at:at + n].copy_(tensor[start:start + n])  # the cast to dtype happens here
-                else:
+                if not dest.dim():
                     dest.copy_(tensor.reshape(()))
+                    continue
+                rows = tensor[start:start + n]
+                if scale is not None:  # scaled fp8: the real weight, in float32 for these rows only
+                    rows = rows.float() * (scale if not scale.dim() else scale[start:start + n])
+                dest[at:at + n].copy_(rows)  # the cast to dtype happens here (fp8 upcast included)
         module.load_state_dict({k[len(prefix):]: v for k, v in local.items()}, strict=True, assign=True)
         module.to(on)
 
@@ -212,11 +260,12 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
         model = cls.from_config(config)
     names = {id(m): n for n, m in model.named_modules()}
     with contextlib.ExitStack() as stack:
-        try:
-            checkpoint = Checkpoint(files, model, family, layout, stack)
-            why = checkpoint.mismatch()
-        except KeyError as e:  # the model has a weight the original layout's inverse has no name for
-            why = f"no {layout}-layout name for {e}"
+        checkpoint = Checkpoint(files, model, family, layout, stack)
+        why = checkpoint.mismatch()
+        if why is not None and checkpoint.scaled:
+            raise UserError(f"{', '.join(str(f) for f in files)} is a scaled fp8 checkpoint (per-layer scale_weight "
+                            f"tensors) that does not fit this model ({why}); no other loader applies its scales: pass "
+                            "the model folder it belongs to as model_components, or its bf16 or plain fp8 file")
         if why is not None:
             log.warning("%s is not read block by block (%s): diffusers loads the whole transformer into host memory "
                         "first", ", ".join(str(f) for f in files), why)
