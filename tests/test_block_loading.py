@@ -10,6 +10,10 @@ from the .safetensors file and quantized before the next, so a 12B FLUX never si
 * A file of another model is not read block by block: one warning, and diffusers' whole load (with its own error).
 * A cached FLUX hub id with int8 loads as a flow model (it took the UNet's quantized path and failed before), read block
   by block from its snapshot.
+* fp8 files (ComfyUI's): plain e4m3/e5m2 and scaled (per-layer ``scale_weight``, scalar or per row), FLUX and SD3, alone
+  or prefixed, read block by block to exactly ``fp8.float() * scale`` in the load dtype; with int8 and block swap; a
+  plain e4m3 file under fp8 storage keeps its bytes; a scaled file that does not fit is one line, never diffusers'
+  scale-dropping whole load.
 """
 
 from __future__ import annotations
@@ -328,6 +332,19 @@ def test_fp8_files_read_block_by_block_are_their_scaled_weights_exactly(dirs, tm
             raw = {k: f.get_tensor(prefix + k).float() for k in ref if f.get_slice(prefix + k).get_dtype() == "F8_E4M3"}
         assert len(raw) > 10 and all(raw[k].abs().amax() > 100 * ref[k].abs().amax() for k in raw)
         assert sum(any(part in k for part in SPLIT_ROWS) for k in raw) >= 3  # per-row scales on moved rows
+
+
+def test_a_plain_e4m3_file_under_fp8_storage_keeps_the_files_weights_bit_for_bit(dirs, tmp_path):
+    """``base_quant=fp8`` on a plain e4m3fn file: read in bf16 (which holds every e4m3 value exactly), then stored in
+    e4m3 by layerwise casting, every Linear weight is the file's own fp8 value again; the ones layerwise casting
+    leaves in bf16 (the AdaLN modulation) hold it exactly too."""
+    cls, config, sd = _saved(dirs["flux"])
+    files, ref = _fp8_file(tmp_path / "flux1-dev-fp8.safetensors", sd, "flux", "plain")
+    model = bl.load_by_block(cls, config, files, "flux", "original", bl.Placement("none", torch.bfloat16, "cpu"))
+    assert quant.store_fp8(model, torch.bfloat16) > 0 and quant.is_fp8(model)
+    got = flow_layout.flux_to_original({k: v.float() for k, v in model.state_dict().items()})
+    weights = [k for k in ref if k.endswith(".weight") and ref[k].dim() == 2]
+    assert len(weights) > 10 and [k for k in weights if not torch.equal(got[k], ref[k])] == []
 
 
 def test_a_scaled_fp8_flux_file_loads_int8_with_block_swap_through_load_components(dirs, tmp_path, cpu_quant):

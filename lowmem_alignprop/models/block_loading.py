@@ -253,7 +253,8 @@ class Checkpoint:
 def load_by_block(cls, config: dict, files, family: str, layout: str, place: Placement):
     """``cls`` (FluxTransformer2DModel / SD3Transformer2DModel) with ``config``, its weights read from ``files``
     block by block and placed by ``place`` (:func:`fill_by_block`), frozen. None, with a warning, when the files are
-    not in a layout this reads (the caller then loads the whole transformer with diffusers)."""
+    not in a layout this reads (the caller then loads the whole transformer with diffusers); a UserError when such
+    files are scaled fp8 (diffusers would drop the scales)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on meta; buffers (SD3's positional table) real, as diffusers builds them
