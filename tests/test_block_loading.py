@@ -378,6 +378,7 @@ def test_a_scaled_fp8_flux_file_loads_int8_with_block_swap_through_load_componen
 @pytest.mark.parametrize("bad, needle", [
     ("missing", "tensors missing"),  # a tensor short: diffusers' loader would have been tried, scales dropped
     ("column_scale", "is not a scale of a weight's rows"),  # one scale per input column: not ComfyUI's format
+    ("stray_scale", "scales no weight of this model"),  # a scale of a layer the file does not have
 ])
 def test_a_scaled_fp8_file_that_does_not_fit_is_one_line_and_never_reaches_diffusers(dirs, tmp_path, capsys, bad,
                                                                                     needle):
@@ -396,7 +397,10 @@ def test_a_scaled_fp8_file_that_does_not_fit_is_one_line_and_never_reaches_diffu
     else:
         tensors, _ = _fp8_original(sd, "sd3", "scaled")
         key = next(k for k in tensors if k.endswith(".scale_weight"))
-        tensors[key] = torch.full((tensors[key[:-len("scale_weight")] + "weight"].shape[1],), 1e-3)
+        if bad == "column_scale":
+            tensors[key] = torch.full((tensors[key[:-len("scale_weight")] + "weight"].shape[1],), 1e-3)
+        else:
+            tensors["joint_blocks.9.x_block.attn.qkv.scale_weight"] = torch.ones(())
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     whole = []
     with pytest.MonkeyPatch.context() as mp:

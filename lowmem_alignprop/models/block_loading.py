@@ -214,8 +214,9 @@ class Checkpoint:
                 return f"{key} has shape {list(shape)}, the model's {list(want)}"
         for key, (handle, own) in self.scales.items():
             scale = tuple(handle.get_slice(own).get_shape())
-            rows = shapes[key][0] if shapes.get(key) else None
-            if rows is None or math.prod(scale) not in (1, rows) or len(scale) > 2 or scale[1:] not in ((), (1,)):
+            if not shapes.get(key):
+                return f"{own} scales no weight of this model"
+            if math.prod(scale) not in (1, shapes[key][0]) or len(scale) > 2 or scale[1:] not in ((), (1,)):
                 return f"{own} (shape {list(scale)}) is not a scale of a weight's rows: a scalar or one per row"
         return None
 
