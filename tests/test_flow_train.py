@@ -177,6 +177,66 @@ def test_materialized_meta_model_is_random_and_runs():
     assert all(t.std() > 0 for t in tensors if t.dim() == 2)
 
 
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_the_prompt_set_is_encoded_and_its_encoders_freed_before_the_transformer_is_read(dirs, tmp_path,
+                                                                                        monkeypatch, source):
+    """A 16 GB machine holds T5-XXL (9.5 GB) or FLUX's block-swapped blocks (8.9 GiB), not both: the trainer encodes
+    every prompt of the run, frees the text encoders, and only then reads the transformer block by block (a pipeline
+    folder, and a single file with the rest from a folder). The run then trains as before."""
+    import gc
+    import weakref
+
+    from lowmem_alignprop.models import flow_loading
+    from lowmem_alignprop.models.family import FlowFamily
+
+    encoders, alive_at_read = [], []
+    make_encoder, read = FlowFamily.prompt_encoder, flow_loading.load_by_block
+
+    def prompt_encoder(self, pipe, comps, *args, **kwargs):
+        encoders.extend(weakref.ref(m) for m in comps.text_encoders())
+        return make_encoder(self, pipe, comps, *args, **kwargs)
+
+    def load_by_block(*args, **kwargs):
+        gc.collect()
+        alive_at_read.append(sum(r() is not None for r in encoders) if encoders else None)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(FlowFamily, "prompt_encoder", prompt_encoder)
+    monkeypatch.setattr(flow_loading, "load_by_block", load_by_block)
+    model = ["--model", str(dirs["flux"])]
+    if source == "file":
+        model = ["--model", str(_transformer_file(tmp_path, build_tiny_flux_pipeline(seed=3))), "--set",
+                 f"model_components={dirs['flux']}"]
+    out = tmp_path / "run"
+    rc = main([*FLOW, *model, "--output-dir", str(out), "--steps", "1", "--set", "guidance_scale=3.5"])
+    assert rc == 0 and (out / "lora").is_dir()
+    assert len(encoders) == 2 and alive_at_read == [0]  # CLIP-L and T5 made, encoded and freed, then one read
+
+
+def test_text_side_first_gives_the_same_random_weights(dirs):
+    """An architecture-only model made real in two parts (the text encoders, then the rest after the prompts are
+    encoded: the trainer's order) gets exactly the weights of one call."""
+    from lowmem_alignprop.models.family import materialize_meta
+    from lowmem_alignprop.models.flow_loading import flow_pipeline_from_configs
+    from lowmem_alignprop.models.loading import flow_components
+
+    made = []
+    for parts in (["all"], ["text", "rest"]):
+        pipe = flow_pipeline_from_configs(dirs["flux"], device="meta", dtype=torch.float32)
+        comps = flow_components(pipe, Config(model=str(dirs["flux"])), "configs", torch.float32, meta=True)
+        for part in parts:
+            materialize_meta(comps, "cpu", 7, text_only=part == "text")
+            assert comps.meta == (part == "text")
+            if part == "text":
+                assert all(t.is_meta for t in comps.unet.parameters())
+                assert not any(t.is_meta for m in comps.text_encoders() for t in m.parameters())
+        made.append({f"{i}.{n}": t for i, m in enumerate((comps.unet, comps.vae, *comps.text_encoders()))
+                     for n, t in m.state_dict().items()})
+    assert made[0].keys() == made[1].keys()
+    for name, t in made[0].items():
+        assert torch.equal(t, made[1][name]), name
+
+
 # -------------------------------------------------------------------------------------------------------------
 # sample, and bad input (docs/bad_inputs.md)
 # -------------------------------------------------------------------------------------------------------------
@@ -275,3 +335,24 @@ def test_block_swap_lowers_the_gpu_estimate_of_the_resident_weights(dirs):
     assert swapped.weights["unet"] < plain.weights["unet"]  # the swapped blocks wait in host memory
     assert swapped.stages["load"]["allocated"] < plain.stages["load"]["allocated"]
     assert any("block_swap=2" in n for n in swapped.notes)
+
+
+def test_the_planner_counts_the_prompt_set_encoded_at_load(dirs):
+    """SD3/FLUX encode their prompt set while loading, before the transformer is read, and free the text encoders
+    (the trainer's order): on a GPU target no step stage counts them, whether they encoded on the device or on the
+    CPU (only where the cache lives differs); the load stage's peak is them alone when they encode on the device
+    (offload_frozen: the tiny transformer is smaller than the text encoders)."""
+    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.memory import stages
+
+    base = dict(model=str(dirs["sd3"]), resolution=RES, sample_steps=4, k=2, guidance_scale=4.0,
+                mixed_precision="bf16", offload_frozen=True)
+    on_gpu = planner.estimate(Config(**base, encode_on_cpu=False).validate(), target="cuda")
+    on_cpu = planner.estimate(Config(**base, encode_on_cpu=True).validate(), target="cuda")
+    # the step holds no text encoder, only the prompt cache: on the device, or in host memory with encode_on_cpu
+    cache = {on_gpu.stages[n]["allocated"] - on_cpu.stages[n]["allocated"] for n in stages.STEP_STAGES}
+    assert len(cache) == 1 and cache.pop() > 0
+    assert not any("text_encoder" in on_gpu.stages[n]["on_device"] for n in stages.STEP_STAGES)
+    text, after = on_gpu.weights["text_encoder"], on_cpu.stages["load"]
+    assert after["on_device"] == ["unet", "lora"] and text > after["allocated"]
+    assert on_gpu.stages["load"]["on_device"] == ["text_encoder"] and on_gpu.stages["load"]["allocated"] > text

@@ -735,6 +735,7 @@ class StepParts:
     run_optimizer: bool = True
     scheduler: Any = None  # None: the components' own
     saved_tensors: Callable[[], Any] | None = None  # activation_offload's hooks; None: torch's save_on_cpu
+    encoder: Any = None  # SD3/FLUX: the prompt cache filled at load (encode_at_load); None: made in the step
 
 
 def warm_up_optimizer(parts: StepParts) -> None:
@@ -748,6 +749,19 @@ def warm_up_optimizer(parts: StepParts) -> None:
         parts.optimizer.zero_grad(set_to_none=True)
 
 
+def encode_at_load(parts: StepParts, *, final: bool = False):
+    """SD3/FLUX: the prompt set encoded as the trainer does it, while loading (commands/train.py): before the
+    transformer is read, the LoRA, the optimizer state and the reward exist. ``final`` frees the text encoders after
+    (the CPU measurement; the estimate's :class:`Residency` only stops counting them). Returns the filled cache."""
+    from lowmem_alignprop.models.family import family_for
+
+    encoder = family_for(parts.comps).prompt_encoder(parts.pipe, parts.comps, parts.place, torch.device("cpu"),
+                                                     parts.cfg, prompts=parts.prompts, final=final)
+    with parts.stage(stages.LOAD):
+        encoder.encode_all()
+    return encoder
+
+
 def run_step(parts: StepParts, *, k: int, seed: int = 0):
     """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.commands.train.Trainer.train_step` runs
     them (the same rollout_loss and optimizer_update, placement calls included). Returns what stays alive afterwards
@@ -759,8 +773,9 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     device = torch.device("cpu")
     rng = random.Random(seed)
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
-    # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves
-    encoder = family.prompt_encoder(parts.pipe, comps, place, device, cfg, prompts=parts.prompts)
+    # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves;
+    # SD3/FLUX's set was encoded at load (encode_at_load): their step only looks its batch up
+    encoder = parts.encoder or family.prompt_encoder(parts.pipe, comps, place, device, cfg, prompts=parts.prompts)
     with stage(stages.ENCODE_PROMPTS):
         emb = encoder(batch_prompts)
     cache = encoder.cache
@@ -934,6 +949,8 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                 stack.enter_context(autocast_mode)
                 stack.enter_context(autocast_mode.replay_in_recompute())
             stack.enter_context(counter)
+            if family.flow:  # the prompt set is encoded at load, with only the text side in memory
+                parts.encoder = _encode_at_load_counted(parts, place, cuda)
             warm_up_optimizer(parts)
             step_start = counter.current
             with work:
@@ -953,6 +970,23 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     est.seconds = time.perf_counter() - t0
     return est
 
+
+
+def _encode_at_load_counted(parts: StepParts, place: Residency, cuda: bool):
+    """:func:`encode_at_load` on the fake models, counted in the load stage: a GPU's device holds nothing but the
+    text encoders the encoder brings and their activations (nothing with ``encode_on_cpu``: the cache too is in
+    host memory then); a CPU's memory holds the text encoders and the VAE (the transformer is not read yet). The
+    text encoders are not counted after: the trainer frees them."""
+    steady = set(place.on_device)
+    place.on_device = set() if cuda else {TEXT_ENCODER, "vae"}
+    place.refresh()
+    on_host = cuda and parts.cfg.encode_on_cpu  # encoder, activations and cache in host memory: not counted
+    try:
+        with place.counter.host() if on_host else contextlib.nullcontext():
+            return encode_at_load(dataclasses.replace(parts, stage=place.counter.stage))
+    finally:
+        place.on_device = steady - {TEXT_ENCODER}
+        place.refresh()
 
 
 def _both_stages(*stage_fns):
@@ -1316,11 +1350,15 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
             notes.append(f"window_keep={cfg.window_keep}: {keep_sim} kept steps simulated, {more_kept} more at "
                          f"{per_kept / 2**20:.1f} MiB each (a call's activations kept for backward)")
     # load: what sits on the device once loading is done (the optimizer state comes with the first step)
+    encoded = counter.peaks.get(stages.LOAD)  # SD3/FLUX: the prompt set encoded at load, its encoders freed after
     at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
                if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))
-               and not (cuda and cfg.encode_on_cpu and n == TEXT_ENCODER)]
+               and not ((encoded is not None or (cuda and cfg.encode_on_cpu)) and n == TEXT_ENCODER)]
     load = sum(weights[n] for n in at_load) + largest
     out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
+    if encoded is not None and encoded > load:  # encoding was load's peak (e.g. T5 on the device, not yet freed)
+        out[stages.LOAD] = {"allocated": encoded, "weights": counter.weights_at_peak[stages.LOAD],
+                            "on_device": list(counter.where_at_peak[stages.LOAD])}
     for name in stages.STEP_STAGES:
         if name in counter.peaks:
             out[name] = {"allocated": counter.peaks[name], "weights": counter.weights_at_peak[name],
@@ -1663,12 +1701,16 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
     autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                 else contextlib.nullcontext)
-    parts = StepParts(cfg, comps, family_for(comps).make_pipeline(comps), reward, params, optimizer, prompts,
+    family = family_for(comps)
+    parts = StepParts(cfg, comps, family.make_pipeline(comps), reward, params, optimizer, prompts,
                       Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)
+    if family.flow:  # as the trainer: the prompt set encoded at load, the text encoders freed before the step
+        parts.encoder = encode_at_load(parts, final=True)
     k = cfg.window_bounds()[1]
     warm_up_optimizer(parts)
     held = [comps.unet, comps.vae, *comps.text_encoders(), reward, optimizer,
-            [p.grad for p in params if p.grad is not None]]
+            [p.grad for p in params if p.grad is not None],
+            [vars(e) for e in parts.encoder.cache.values()] if parts.encoder else []]  # the prompt cache made at load
     baseline = sum(resident_bytes(held).values())
     with CpuAllocationTracker(count_baseline=False, names=set(stages.STAGES)) as tracker:
         keep = run_step(parts, k=k, seed=cfg.seed)

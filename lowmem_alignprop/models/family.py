@@ -189,6 +189,9 @@ class _OnDevice:
     def cache(self):
         return self.inner.cache
 
+    def encode_all(self) -> None:
+        self.inner.encode_all()
+
     def __call__(self, batch_prompts):
         return self.inner(batch_prompts).to(self.device)
 
@@ -209,25 +212,28 @@ def family_for(comps) -> UNetFamily:
 
 
 def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", dtype=None,
-                     host_blocks: int = 0) -> None:
+                     host_blocks: int = 0, text_only: bool = False) -> None:
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
     is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4 the transformer is drawn
     and quantized one block at a time (``block_loading.materialize_quantized``): FLUX's 23.8 GB of bf16 never exist
     at once.
-    ``host_blocks`` (block_swap): the first N blocks end up in CPU memory, drawn on the device one at a time."""
+    ``host_blocks`` (block_swap): the first N blocks end up in CPU memory, drawn on the device one at a time.
+    ``text_only``: the text encoders only (the trainer encodes its prompts before the transformer exists); a
+    second call makes the rest, with the same weights as one call."""
     from lowmem_alignprop.memory.quant import BNB_MODES
     from lowmem_alignprop.models.block_loading import materialize, materialize_quantized
 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
-        if any(t.is_meta for t in module.parameters()):
-            if module is comps.unet and (base_quant in BNB_MODES or host_blocks):
-                materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i,
-                                      host_blocks=host_blocks)
-                continue
-            # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
-            on = device if module in (comps.unet, comps.vae) else "cpu"
-            materialize(module, on, seed=seed + i)
-    comps.meta = False
+        if (text_only and i < 2) or not any(t.is_meta for t in module.parameters()):
+            continue
+        if module is comps.unet and (base_quant in BNB_MODES or host_blocks):
+            materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i,
+                                  host_blocks=host_blocks)
+            continue
+        # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
+        on = device if module in (comps.unet, comps.vae) else "cpu"
+        materialize(module, on, seed=seed + i)
+    comps.meta = text_only
 
 
 def model_defaults_note(comps, cfg) -> str | None:

@@ -148,9 +148,13 @@ class FlowPromptCache:
             self.release()
             self.pipe = None  # the encoding is done: nothing here keeps the encoders alive
 
-    def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
+    def encode_all(self) -> None:
+        """Encode the whole set now, not at the first batch (the trainer: before the transformer is read)."""
         if not self.cache:
             self._fill()
+
+    def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
+        self.encode_all()
         return FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
 
 

@@ -82,8 +82,9 @@ def has_guidance(keys) -> bool:
 def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
     """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
     ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
-    ``place``: where the transformer is read to block by block, and how it is quantized (``block_loading``); a
-    file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
+    Returns (the pipeline with an empty transformer on meta, ``read``): ``read()`` returns the transformer, read
+    block by block to where ``place`` says and quantized as it says (``block_loading``); a file that cannot be
+    read so goes through diffusers' ``from_single_file`` whole."""
     import diffusers
     from diffusers import DiffusionPipeline
     from safetensors import safe_open
@@ -110,12 +111,15 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     config = json.loads((comp / "transformer" / "config.json").read_text())
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
-    transformer = load_by_block(cls, config, [path], family, layout, place)
-    if transformer is None:
-        transformer = _whole_single_file(cls, config, path, components, layout, dtype)
+
+    def read():
+        return load_by_block(cls, config, [path], family, layout, place) or \
+            _whole_single_file(cls, config, path, components, layout, dtype)
+
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
-    return DiffusionPipeline.from_pretrained(str(comp), transformer=transformer, **missing,
+    pipe = DiffusionPipeline.from_pretrained(str(comp), transformer=_placeholder(cls, config, dtype), **missing,
                                              **dtype_kwarg(dtype))
+    return pipe, read
 
 
 def _whole_single_file(cls, config: dict, path: str, components: str, layout: str, dtype: torch.dtype):
@@ -134,13 +138,22 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
 
 def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
     """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
-    folder has none. ``place``: where its transformer is read to block by block, and how it is quantized."""
+    folder has none. Returns (the pipeline, ``read``): where the transformer's .safetensors can be read block by
+    block, the pipeline holds an empty one on meta and ``read()`` returns it read to where ``place`` says (and
+    quantized as it says); else diffusers loaded it whole with the rest and ``read`` is None."""
     from diffusers import DiffusionPipeline
 
-    kwargs = {}
-    transformer = _folder_transformer_by_block(where, place)
-    if transformer is not None:
-        kwargs["transformer"] = transformer
+    kwargs, read = {}, None
+    found = _folder_transformer(where)
+    if found is not None:
+        cls, config, files, sub = found
+        family = "flux" if cls.__name__ == "FluxTransformer2DModel" else "sd3"
+
+        def read():
+            return load_by_block(cls, config, files, family, "diffusers", place) or \
+                cls.from_pretrained(sub, **dtype_kwarg(dtype)).requires_grad_(False).eval()
+
+        kwargs["transformer"] = _placeholder(cls, config, dtype)
     index_file = Path(where) / "model_index.json"
     if index_file.is_file():
         index = json.loads(index_file.read_text())
@@ -149,12 +162,19 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
             kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
     elif not t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    return DiffusionPipeline.from_pretrained(where, **kwargs, **dtype_kwarg(dtype))
+    return DiffusionPipeline.from_pretrained(where, **kwargs, **dtype_kwarg(dtype)), read
 
 
-def _folder_transformer_by_block(where: str, place: Placement):
-    """The transformer of a pipeline folder (or of a hub id's cached snapshot) read block by block from its
-    .safetensors; None where there are none (diffusers then loads it whole)."""
+def _placeholder(cls, config: dict, dtype: torch.dtype):
+    """The transformer as an empty model on meta (nothing allocated, buffers included) until ``read`` fills it:
+    its config is all the text side needs (FLUX: dev or schnell; SD3 without T5: the width of T5's zeros)."""
+    with torch.device("meta"):
+        return cls.from_config(config).to(dtype).requires_grad_(False).eval()
+
+
+def _folder_transformer(where: str):
+    """(class, config, .safetensors files, folder) of the transformer of a pipeline folder (or of a hub id's cached
+    snapshot); None where it has no .safetensors (diffusers then loads it whole)."""
     import diffusers
 
     root = Path(where).expanduser()
@@ -168,9 +188,7 @@ def _folder_transformer_by_block(where: str, place: Placement):
     if not files:
         return None
     config = json.loads((sub / "config.json").read_text())
-    cls = getattr(diffusers, config["_class_name"])
-    family = "flux" if cls is diffusers.FluxTransformer2DModel else "sd3"
-    return load_by_block(cls, config, files, family, "diffusers", place)
+    return getattr(diffusers, config["_class_name"]), config, files, sub
 
 
 # --------------------------------------------------------------------------------------------------

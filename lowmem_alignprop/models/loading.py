@@ -54,6 +54,9 @@ class Components:
     tokenizer_3: Any = None
     family: str = "unet"  # "unet" (SD 1.x/2.x/SDXL), "sd3" or "flux": for flow models ``unet`` holds the transformer
     meta: bool = False  # an architecture-only model still on the meta device (the trainer materialises it)
+    # SD3/FLUX loaded with transformer_last: reads the checkpoint's transformer (``unet`` is empty on meta until
+    # read_transformer calls it)
+    pending: Any = None
 
     @property
     def transformer(self):
@@ -63,12 +66,10 @@ class Components:
         return tuple(m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"vae": self.vae, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            mods["text_encoder_2"] = self.text_encoder_2
-        if self.text_encoder_3 is not None:
-            mods["text_encoder_3"] = self.text_encoder_3
-        return mods
+        """The VAE and the text encoders still loaded (SD3/FLUX free theirs once the prompt set is encoded)."""
+        mods = {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                "text_encoder_3": self.text_encoder_3}
+        return {name: m for name, m in mods.items() if m is not None}
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
@@ -114,16 +115,17 @@ def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
         return UserError(hub_message("model", where, e))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
-def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Components:
+def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torch.device | None = None, *,
+                    transformer_last: bool = False) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``. ``device``: where the
     trainer runs; an SD3/FLUX transformer from a real checkpoint is then read to it block by block
-    (:func:`_placement`)."""
+    (:func:`_placement`), after the rest, or only when :func:`read_transformer` is called (``transformer_last``)."""
     from diffusers import DiffusionPipeline
 
     kind, where = resolve_model(cfg.model)
     if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
             or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and _is_flow_hub_id(where)):
-        return load_flow_components(cfg, kind, where, weight_dtype, device)
+        return load_flow_components(cfg, kind, where, weight_dtype, device, transformer_last=transformer_last)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
@@ -225,15 +227,18 @@ def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
     return Placement("none", dtype, torch.device(to), host)
 
 
-def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, device=None) -> Components:
+def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, device=None, *,
+                         transformer_last: bool = False) -> Components:
     """SD3/SD3.5 or FLUX.1: a diffusers folder or hub id, a single-file transformer with the rest from
     ``model_components``, or a shipped architecture on the meta device (docs/flow_models.md). ``device``: the
-    trainer's (:func:`_placement`)."""
+    trainer's (:func:`_placement`). ``transformer_last``: a checkpoint's transformer is left empty (on meta) with
+    its reader in ``comps.pending`` (:func:`read_transformer`), for the trainer to encode its prompts first."""
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
     _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)
+    read = None
     if kind == "flow_arch":
         # random weights for planning and benchmarks: built on meta (nothing allocated); the trainer materialises
         # them on its device, so a 12B model is never initialised on the CPU
@@ -247,25 +252,42 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
         place = _placement(cfg, quant, weight_dtype, device)
         try:
             if kind == "file":
-                pipe = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place)
+                pipe, read = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place)
             else:
-                pipe = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place)
+                pipe, read = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place)
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
             raise _load_error(cfg, kind, where, e) from None
         source = where
     comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
-    # a meta model is quantized as it is materialised (family.materialize_meta), a block-by-block read as it is read;
-    # a transformer diffusers loaded whole (a .bin folder, a layout block_loading does not read) is quantized here
-    if quant != "none" and not comps.meta and not q.count_quantized(comps.unet)[quant]:
-        from lowmem_alignprop.memory.block_swap import swappable_blocks
-        # block_swap's host blocks are quantized on the CPU, where they stay: never all on the device at once
-        host = swappable_blocks(comps.unet)[:cfg.block_swap] if getattr(cfg, "block_swap", 0) else []
-        for block in host:
-            q.quantize_in_place(block, quant, weight_dtype, device="cpu", quiet=True)
-        q.quantize_in_place(comps.unet, quant, weight_dtype, stay=host)  # the other Linear layers, one at a time
+    if read is not None:
+        comps.pending = lambda: _quantize_whole(read(), cfg, quant, weight_dtype)
+        if not transformer_last:
+            read_transformer(comps)
+    elif not comps.meta:
+        _quantize_whole(comps.unet, cfg, quant, weight_dtype)
     return comps
+
+
+def read_transformer(comps: Components) -> None:
+    """A checkpoint's transformer left for later (``transformer_last``) is read now, to where it runs."""
+    if comps.pending is not None:
+        comps.unet, comps.pending = comps.pending(), None
+
+
+def _quantize_whole(transformer, cfg, quant: str, weight_dtype: torch.dtype):
+    """int8/nf4 for a transformer diffusers loaded whole (a .bin folder, a layout block_loading does not read): a
+    meta model is quantized as it is materialised (family.materialize_meta), a block-by-block read as it is read."""
+    if quant == "none" or q.count_quantized(transformer)[quant]:
+        return transformer
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+    # block_swap's host blocks are quantized on the CPU, where they stay: never all on the device at once
+    host = swappable_blocks(transformer)[:cfg.block_swap] if getattr(cfg, "block_swap", 0) else []
+    for block in host:
+        q.quantize_in_place(block, quant, weight_dtype, device="cpu", quiet=True)
+    q.quantize_in_place(transformer, quant, weight_dtype, stay=host)  # the other Linear layers, one at a time
+    return transformer
 
 
 def _check_quant(cfg) -> None:
