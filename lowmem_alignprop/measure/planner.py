@@ -560,11 +560,12 @@ def _meta_base(cfg: Config, dtype: torch.dtype):
     (:func:`meta_components` gives copies to modify)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from lowmem_alignprop.models.loading import Components, resolve_model
+    from lowmem_alignprop.models.loading import Components, is_flow_hub_id, resolve_model
 
     key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
     kind, where = resolve_model(cfg.model)
-    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components or _is_flow_hub_id(kind, where)):
+    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components
+                                   or (kind == "hub" and is_flow_hub_id(where, cache_only=True))):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
     if key not in _META_CACHE:
         if kind == "tiny":
@@ -588,13 +589,6 @@ def _meta_base(cfg: Config, dtype: torch.dtype):
             comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)
         _META_CACHE[key] = comps
     return _META_CACHE[key]
-
-
-def _is_flow_hub_id(kind: str, where: str) -> bool:
-    """A hub id whose cached model_index.json names an SD3/FLUX pipeline."""
-    from lowmem_alignprop.models import flow_loading as fl
-
-    return kind == "hub" and fl.is_flow_dir(_hub_snapshot(where))
 
 
 def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype):

@@ -124,7 +124,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
 
     kind, where = resolve_model(cfg.model)
     if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
-            or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and _is_flow_hub_id(where)):
+            or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where)):
         return load_flow_components(cfg, kind, where, weight_dtype, device, transformer_last=transformer_last)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
@@ -201,12 +201,14 @@ def _is_flow_transformer_file(path: str) -> bool:
                    for k in keys)
 
 
-def _is_flow_hub_id(repo: str) -> bool:
+def is_flow_hub_id(repo: str, *, cache_only: bool | None = None) -> bool:
     """A hub id whose model_index.json (from the cache, or downloaded: a few hundred bytes) names an SD3/FLUX
-    pipeline. Told before loading, so a quantized base loads the transformer's way, not the UNet's."""
+    pipeline. Told before loading, so a quantized base loads the transformer's way, not the UNet's.
+    ``cache_only``: never download (the planner); default: only when there is no network."""
     from lowmem_alignprop.models import flow_loading as fl
 
-    cache_only = hub.offline()  # no network: the cache only, at once
+    if cache_only is None:
+        cache_only = hub.offline()  # no network: the cache only, at once
     try:
         from huggingface_hub import hf_hub_download
 
