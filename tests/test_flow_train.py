@@ -120,16 +120,23 @@ def _transformer_file(tmp_path, pipe, name="transformer.safetensors"):
 
 def test_single_file_transformer_with_the_rest_from_a_folder(dirs, tmp_path):
     """A schnell transformer file with FLUX.1-dev's folder: the file's weights, schnell's config (no guidance
-    embedding, told by the file's keys), the folder's text encoders and VAE."""
+    embedding, told by the file's keys), the folder's text encoders and VAE. The planner's model is the same
+    schnell transformer (not the folder's dev one)."""
+    from lowmem_alignprop.measure.planner import meta_components
     from lowmem_alignprop.models.loading import load_components
 
     schnell = build_tiny_flux_pipeline(seed=3, schnell=True)
     path = _transformer_file(tmp_path, schnell)
-    comps = load_components(Config(model=str(path), model_components=str(dirs["flux"])))
+    cfg = Config(model=str(path), model_components=str(dirs["flux"]))
+    comps = load_components(cfg)
     assert comps.family == "flux" and comps.unet.config.guidance_embeds is False
     for (n, a), b in zip(schnell.transformer.state_dict().items(), comps.unet.state_dict().values()):
         assert torch.equal(a, b), n
     assert comps.text_encoder_2 is not None and comps.vae.config.latent_channels == 16
+    planned = meta_components(cfg, torch.float32).unet
+    assert planned.config.guidance_embeds is False
+    assert {n: t.shape for n, t in planned.state_dict().items()} == \
+        {n: t.shape for n, t in comps.unet.state_dict().items()}
 
 
 def test_transformer_layouts_are_told_apart():

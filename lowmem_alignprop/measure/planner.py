@@ -603,7 +603,10 @@ def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype
         root = Path(where if kind == "flow_dir" else cfg.model_components).expanduser()
         if kind == "hub" and not cfg.model_components:
             root = _hub_snapshot(where)
-        pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder)
+        # a single file: the folder's config as the loader reads it (FLUX: dev or schnell as the file's keys say)
+        config = fl.single_file_transformer(where, cfg.model_components)[1] if kind == "file" else None
+        pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder,
+                                             transformer_config=config)
     comps = flow_components(pipe, cfg, f"{where} (configs only)", dtype, meta=True)
     if getattr(cfg, "vae", ""):
         comps.vae = _meta_vae_override(cfg.vae, comps.vae, dtype)

@@ -79,14 +79,11 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
-    """A single-file transformer with the text encoders, tokenizers, VAE and scheduler of the diffusers folder
-    ``components``. The transformer's config comes from that folder (FLUX: dev or schnell as the file says).
-    Returns (the pipeline with an empty transformer on meta, ``read``): ``read()`` returns the transformer, read
-    block by block to where ``place`` says and quantized as it says (``block_loading``); a file that cannot be
-    read so goes through diffusers' ``from_single_file`` whole."""
+def single_file_transformer(path: str, components: str) -> tuple:
+    """(class, config, family, layout) of a single-file SD3/FLUX transformer whose pipeline's other parts are in the
+    diffusers folder ``components``: the config is that folder's (FLUX: dev or schnell as the file's keys say).
+    Reads the file's header only. Raises UserError (an unreadable file, no or a wrong ``components``)."""
     import diffusers
-    from diffusers import DiffusionPipeline
     from safetensors import safe_open
 
     try:
@@ -111,13 +108,25 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     config = json.loads((comp / "transformer" / "config.json").read_text())
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
+    return cls, config, family, layout
+
+
+def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
+    """A single-file transformer (:func:`single_file_transformer`) with the text encoders, tokenizers, VAE and
+    scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
+    ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
+    says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
+    from diffusers import DiffusionPipeline
+
+    cls, config, family, layout = single_file_transformer(path, components)
 
     def read():
         return load_by_block(cls, config, [path], family, layout, place) or \
             _whole_single_file(cls, config, path, components, layout, dtype)
 
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
-    pipe = DiffusionPipeline.from_pretrained(str(comp), transformer=_placeholder(cls, config, dtype), **missing,
+    pipe = DiffusionPipeline.from_pretrained(str(Path(components).expanduser()),
+                                             transformer=_placeholder(cls, config, dtype), **missing,
                                              **dtype_kwarg(dtype))
     return pipe, read
 
@@ -230,10 +239,11 @@ def build_flow_components(name: str, *, device="meta", dtype=torch.bfloat16, t5:
 
 
 def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat16, t5: bool = True,
-                               shipped: bool = False):
+                               shipped: bool = False, transformer_config: dict | None = None):
     """An SD3/FLUX pipeline from a diffusers folder's configs alone (the planner: on meta, no weights read). A
     ``shipped`` architecture has no tokenizer files: CLIP's come from the shipped BPE vocabulary, T5's is a
-    stand-in; a model folder's own tokenizers are loaded."""
+    stand-in; a model folder's own tokenizers are loaded. ``transformer_config``: instead of the folder's (a
+    single-file transformer's, :func:`single_file_transformer`)."""
     import diffusers
     import transformers
 
@@ -249,8 +259,9 @@ def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat1
             cls = getattr(diffusers, cls_name)
             # under torch.device("meta") parameters and buffers alike (SD3.5 Medium's 226M positional table) stay
             # on meta; accelerate's init_empty_weights would materialise buffers on the CPU
+            config = transformer_config if sub == "transformer" and transformer_config else cls.load_config(root / sub)
             with torch.device(device):
-                parts[sub] = cls.from_config(cls.load_config(root / sub)).to(dtype)
+                parts[sub] = cls.from_config(config).to(dtype)
         else:
             config = transformers.AutoConfig.from_pretrained(root / sub)
             with torch.device(device):
