@@ -16,7 +16,16 @@ Usage (the mid-size run of benchmarks/REPORT.md; ``--midsize DIR`` builds tests/
            --set resolution=256 --set k=1 --set sample_steps=20 --set batch_size=1 --set sample_prompts=0 --set log_every=1
 
 To measure another version of the package ("before"), put its source first on PYTHONPATH, e.g.
-``git archive 9a978a0 lowmem_alignprop | tar -x -C /tmp/before`` and ``PYTHONPATH=/tmp/before``.
+``git archive 9a978a0 lowmem_alignprop | tar -x -C /tmp/before`` and ``PYTHONPATH=/tmp/before``, and run from
+outside the repository: ``python -m`` puts the current folder first on sys.path, ahead of PYTHONPATH (refused).
+
+SD3/FLUX host memory (``--flux-host DIR`` builds tests/flowmodels.py's FLUX-shaped model with a T5 encoder and a
+transformer of about 1 GB each in fp32; the result files rss-flux-host-*.json)::
+
+    cd /tmp && python /path/to/benchmarks/rss_bench.py --flux-host /tmp/fluxhost --label after --json ... -- \
+        python -m lowmem_alignprop --profile cpu --seed 0 --model /tmp/fluxhost --steps 2 --set resolution=32 \
+        --set sample_steps=4 --set k=1 --set batch_size=1 --set sample_prompts=0 --set log_every=1 \
+        --set guidance_scale=3.5 --set max_sequence_length=16 --output-dir /tmp/rss-fh
 Linux or macOS (``os.wait4``).
 """
 
@@ -66,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="run")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--midsize", type=Path, help="build tests/midsize.py's model in this folder first")
+    ap.add_argument("--flux-host", type=Path, help="build tests/flowmodels.py's host-memory FLUX model (T5 and the "
+                    "transformer about 1 GB each) in this folder first")
     ap.add_argument("--log", type=Path, help="keep the run's output here")
     ap.add_argument("--note", default="", help="what REPORT.md section 5 should say about this run (its environment, "
                     "what it stands for)")
@@ -74,11 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the training command after --")
+    if os.environ.get("PYTHONPATH") and "-m" in cmd and (Path.cwd() / "lowmem_alignprop").is_dir():
+        ap.error("PYTHONPATH is set but `python -m` would import ./lowmem_alignprop first: run from another folder")
     if args.midsize is not None:
         sys.path.insert(0, str(ROOT / "tests"))
         from midsize import build_midsize_dir
 
         build_midsize_dir(args.midsize)
+    if args.flux_host is not None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from flowmodels import build_host_flux_dir
+
+        build_host_flux_dir(args.flux_host)
 
     t0, load_start = time.time(), os.getloadavg()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")

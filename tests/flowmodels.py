@@ -134,3 +134,34 @@ def build_tiny_sd3_dir(path, *, with_t5: bool = True) -> Path:
 
 def build_tiny_flux_dir(path, *, schnell: bool = False, single_layers: int = 1) -> Path:
     return _save(build_tiny_flux_pipeline(schnell=schnell, single_layers=single_layers), path)
+
+
+def build_host_flux_dir(path, *, width: int = 1024, double: int = 4, single: int = 8, t5_layers: int = 16) -> Path:
+    """A FLUX-shaped pipeline whose T5 encoder and transformer are both about 1 GB in fp32 (benchmarks/rss_bench.py
+    ``--flux-host``): host memory's shape of FLUX.1 on an 8 GB card, T5-XXL's 9.5 GB beside block swap's 8.9 GiB of
+    pinned blocks, at a size a CPU trains in a minute. The rest as the tiny pipeline's (32 px, 16-channel VAE).
+    Saved in fp16, so a CPU run (fp32) holds converted copies (process memory), not the files' mapped pages."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    torch.manual_seed(0)
+    heads = width // 128
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=double, num_single_layers=single,
+        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=width, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    tok, vocab = _clip_tokenizer()
+    tok2 = tiny_t5_tokenizer()
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=width, d_kv=64, d_ff=4 * width, num_layers=t5_layers,
+                                  num_heads=width // 64, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                  eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=_clip_encoder(CLIPTextModel, vocab, width=32, projection_dim=32), tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+    return _save(pipe.to(torch.float16), path)
