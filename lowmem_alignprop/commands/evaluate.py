@@ -22,6 +22,7 @@ images are not a linear mix of the two adapters' images: the network is nonlinea
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -171,14 +172,19 @@ def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[lis
 # ---------------------------------------------------------------------------------------------------------
 # the pipeline and its adapters
 # ---------------------------------------------------------------------------------------------------------
-def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype):
+def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts=()):
     """The diffusers pipeline over the components training loads: StableDiffusionPipeline or SDXL with the DDIM
-    scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler."""
+    scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler, loaded as
+    the trainer loads them (flow_sample.py: ``prompts`` encoded and the text encoders freed before the transformer
+    is read; :func:`place_denoiser` then places it, once the adapters are loaded)."""
     from lowmem_alignprop.models.family import family_for, materialize_meta
     from lowmem_alignprop.models.loading import load_components
 
-    comps = load_components(cfg, weight_dtype)
+    comps = load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
     family = family_for(comps)
+    if family.flow:
+        from lowmem_alignprop.commands.flow_sample import build_flow_pipeline
+        return build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
     if comps.meta:  # sd35m|sd35l|flux: random weights, drawn on the device
         materialize_meta(comps, device, cfg.seed)
     pipe = family.make_pipeline(comps)
@@ -195,6 +201,15 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype):
     else:
         pipe.to(device)
     return pipe
+
+
+def place_denoiser(pipe, cfg) -> None:
+    """SD3/FLUX: with the adapters loaded, the transformer to the device (block swap's blocks hooked, their weights
+    in host memory). A UNet pipeline is placed already."""
+    from lowmem_alignprop.commands.flow_sample import is_flow, place_transformer
+
+    if is_flow(pipe):
+        place_transformer(pipe, cfg)
 
 
 def _adapted_layers(pipe, name: str) -> int:
@@ -323,19 +338,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -
     """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n]."""
     from lowmem_alignprop.models.sampling import negative_prompts
 
+    from lowmem_alignprop.commands.flow_sample import generate_flow, is_flow
+
+    if is_flow(pipe):  # SD3 (CFG on the negative prompt) / FLUX (guidance embedding): from the cached embeddings
+        return generate_flow(pipe, prompts, seeds, cfg, batch_size)
     out = []
     for i in range(0, len(prompts), batch_size):  # batch_size images per pipeline call bounds the UNet's activations
         chunk = prompts[i:i + batch_size]
         # CPU generators: the same noise on every device, and the same draws as training's initial_latents
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-        family = getattr(pipe, "_lowmem_family", None)
-        if family is not None and family.flow:  # SD3 (CFG on "") / FLUX (guidance embedding): Euler, no eta
-            negative = {"negative_prompt": [cfg.negative_prompt] * len(chunk)} if family.name == "sd3" else {}
-            images = pipe(prompt=chunk, num_inference_steps=cfg.sample_steps, guidance_scale=family.guidance(cfg),
-                          height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt",
-                          max_sequence_length=family.max_sequence_length(cfg), **negative).images
-            out.append(images.float().cpu())
-            continue
         # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
         images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
@@ -374,6 +385,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
 
 def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
               images_per_prompt: int, profile_name: str) -> dict:
+    from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
     from lowmem_alignprop.commands.grid import save_sample_grid
     from lowmem_alignprop.memory.placement import configure_cuda_allocator
     from lowmem_alignprop.rewards import build_reward
@@ -389,10 +401,13 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
-    pipe = build_pipeline(cfg, device, weight_dtype)
+    # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
+    check_transformer_only([s for s in specs if lora_family(s.file) == "transformer"])
+    pipe = build_pipeline(cfg, device, weight_dtype, prompts)
     check_lora_family(pipe, specs, cfg.model)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)
+    place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
 
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
     flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
@@ -403,9 +418,13 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     mix_adapters(pipe, specs)
     lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
 
+    scheduler = type(pipe.scheduler).__name__.removesuffix("Scheduler")  # DDIM or FlowMatchEulerDiscrete
+    if is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
+        del pipe
+        gc.collect()  # (peft's and block swap's hooks hold reference cycles)
+    elif device.type == "cuda" and not cfg.offload_frozen:  # (with offload, the hooks have moved it back)
+        pipe.to("cpu")  # the diffusion model leaves the GPU before the reward model arrives
     if device.type == "cuda":
-        if not cfg.offload_frozen:  # (with offload, the pipeline's hooks have already moved everything back)
-            pipe.to("cpu")  # the diffusion model leaves the GPU before the reward model arrives
         torch.cuda.empty_cache()
     reward.to(device)
     base_r = score(reward, base_images, flat_prompts, device, batch)
@@ -428,7 +447,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": cfg.prompts,
         "loras": [{"path": str(s.file), "weight": s.weight, "adapter_name": s.name} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
-        "sampler": {"scheduler": type(pipe.scheduler).__name__.removesuffix("Scheduler"),  # DDIM or FlowMatchEuler...
+        "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                     "eta": cfg.eta, "resolution": cfg.resolution},
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,

@@ -1,0 +1,213 @@
+"""``sample`` for SD3/FLUX under the trainer's memory profile (commands/flow_sample.py, issue 18): the prompt set is
+encoded and the text encoders freed before the transformer is read, ``encode_on_cpu`` keeps every text encoder off
+the device, ``block_swap``'s blocks stay in host memory and reach the device only while they run, and the images
+(base and mixed LoRAs) are those ``sample`` made before, when it called the diffusers pipeline with the prompt
+strings and everything loaded at once. The CPU is the "device" here, as in tests/test_block_swap.py: the placement
+logic is the same and every move is recorded."""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
+from numerics import REORDERED, assert_rel_close
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.models import flow
+
+RES, STEPS, MSL, BATCH = FLOW_RESOLUTION, 4, 16, 2
+FLOW = ["--profile", "cpu", "--seed", "0", "--set", f"resolution={RES}", "--set", f"sample_steps={STEPS}",
+        "--set", f"batch_size={BATCH}", "--set", f"max_sequence_length={MSL}", "--reward", "brightness",
+        "--num-prompts", "2", "--images-per-prompt", "2"]
+MIX = [0.7, -0.4]  # two adapters, one extrapolated: the mix is part of what must not change
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+def _pipeline_class(name):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return FluxPipeline if name == "flux" else StableDiffusion3Pipeline
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Each tiny model with two LoRAs of it (random non-zero updates on every attention projection)."""
+    root = tmp_path_factory.mktemp("flowsample")
+    out = {}
+    for name, build in (("flux", build_tiny_flux_dir), ("sd3", build_tiny_sd3_dir)):
+        model = build(root / name)
+        loras = []
+        for seed in (1, 2):
+            pipe = _pipeline_class(name).from_pretrained(model)
+            params = flow.add_flow_lora(pipe.transformer, rank=4, seed=seed)
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(seed)
+                for p in params:  # lora_B starts at zero: give every update values so each layer matters
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+            flow.save_flow_lora(type(pipe), pipe.transformer, root / f"{name}-lora{seed}")
+            loras.append(root / f"{name}-lora{seed}")
+        out[name] = (model, loras)
+    return out
+
+
+def _today(name, model, loras, prompts, seeds, guidance):
+    """What ``sample`` did before: the diffusers pipeline with everything loaded at once, called with the prompt
+    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters``."""
+    pipe = _pipeline_class(name).from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    for i, lora in enumerate(loras):
+        pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name=f"lora{i}")
+
+    def images():
+        out = []
+        for i in range(0, len(prompts), BATCH):
+            chunk = prompts[i:i + BATCH]
+            gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + BATCH]]
+            negative = {"negative_prompt": [""] * len(chunk)} if name == "sd3" else {}
+            out.append(pipe(prompt=chunk, num_inference_steps=STEPS, guidance_scale=guidance, height=RES, width=RES,
+                            generator=gens, output_type="pt", max_sequence_length=MSL, **negative).images.float())
+        return torch.cat(out)
+
+    with torch.no_grad():
+        pipe.disable_lora()
+        base = images()
+        pipe.enable_lora()
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=MIX)
+        return base, images()
+
+
+def _watch(monkeypatch):
+    """Records, during ``sample``: the text encoders the prompt encoder was given (weak references) and how many of
+    them were alive when the transformer was read; what the placement brought to the device; the block swap and
+    any call of a swapped layer on its host copy; whether the transformer was freed before the reward scored."""
+    from lowmem_alignprop.commands import evaluate
+    from lowmem_alignprop.memory import block_swap
+    from lowmem_alignprop.memory.placement import Placement
+    from lowmem_alignprop.models import flow_loading
+    from lowmem_alignprop.models.family import FlowFamily
+
+    seen = {"encoders": [], "alive_at_read": [], "to_device": set(), "swap": None, "on_host_copy": [],
+            "transformer_alive_at_score": []}
+    make_encoder, read, install, to_device, score = (FlowFamily.prompt_encoder, flow_loading.load_by_block,
+                                                     block_swap.install, Placement.to_device, evaluate.score)
+
+    def prompt_encoder(self, pipe, comps, *args, **kwargs):
+        seen["encoders"].extend(weakref.ref(m) for m in comps.text_encoders())
+        return make_encoder(self, pipe, comps, *args, **kwargs)
+
+    def load_by_block(*args, **kwargs):
+        gc.collect()
+        seen["alive_at_read"].append(sum(r() is not None for r in seen["encoders"]))
+        return read(*args, **kwargs)
+
+    def placement_to_device(self, name, *modules):
+        seen["to_device"].add(name)
+        return to_device(self, name, *modules)
+
+    def install_swap(model, n, device, copy=None):
+        swap = seen["swap"] = install(model, n, device, copy)
+        seen["transformer"] = weakref.ref(model)
+        if swap is not None:
+            host = {id(p): h for pairs in swap.host for p, h in pairs}
+            for block in swap.blocks:
+                for m in block.modules():
+                    own = [p for p in m.parameters(recurse=False) if id(p) in host]
+                    if own:  # on a GPU such a call would fail; on the CPU it would silently work
+                        m.register_forward_pre_hook(lambda mod, args, own=own: seen["on_host_copy"].extend(
+                            type(mod).__name__ for p in own if p.data.data_ptr() == host[id(p)].data_ptr()))
+        return swap
+
+    def scored(*args, **kwargs):
+        gc.collect()
+        alive = seen.get("transformer")  # (set when the transformer is placed)
+        seen["transformer_alive_at_score"].append(alive is None or alive() is not None)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(FlowFamily, "prompt_encoder", prompt_encoder)
+    monkeypatch.setattr(flow_loading, "load_by_block", load_by_block)
+    monkeypatch.setattr(Placement, "to_device", placement_to_device)
+    monkeypatch.setattr(block_swap, "install", install_swap)
+    monkeypatch.setattr(evaluate, "score", scored)
+    return seen
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("flux", {}),
+    ("flux", {"block_swap": 2, "unet_checkpointing": "blocks", "encode_on_cpu": "true", "offload_frozen": "true"}),
+    ("sd3", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
+])
+def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, tmp_path, monkeypatch, name, extra):
+    from lowmem_alignprop.commands import grid
+
+    model, loras = models[name]
+    guidance = 3.5 if name == "flux" else 4.0  # FLUX.1-dev's guidance embedding; SD3's CFG (the negative branch)
+    seen = _watch(monkeypatch)
+    grids, save = [], grid.save_sample_grid
+    monkeypatch.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (
+        grids.append((base[0], lora[0])), save(path, labels, base, lora, **kw))[-1])
+    sets = [x for k, v in extra.items() for x in ("--set", f"{k}={v}")]
+    out = tmp_path / "sample"
+    rc = main(["sample", *FLOW, *sets, "--model", str(model), "--set", f"guidance_scale={guidance}",
+               *[x for lora, w in zip(loras, MIX) for x in ("--lora", f"{lora}:{w}")], "--output-dir", str(out)])
+    assert rc == 0
+    r = json.loads((out / "sample_results.json").read_text())
+    prompts = [p["prompt"] for p in r["per_prompt"] for _ in p["seeds"]]
+    seeds = [s for p in r["per_prompt"] for s in p["seeds"]]
+    assert len(prompts) == 4 and len(set(prompts)) == 2
+
+    # the images: the same as before (the prompts encoded in one batch of the set here, per pipeline call before)
+    base, lora = grids[0]
+    ref_base, ref_lora = _today(name, model, loras, prompts, seeds, guidance)
+    assert_rel_close(base, ref_base, REORDERED, "base images")
+    assert_rel_close(lora, ref_lora, REORDERED, "mixed-LoRA images")
+    assert (lora - base).abs().max() > 0.01  # the adapters change the images: the comparison covers the mix
+
+    # the text encoders (CLIP-L and T5; SD3: CLIP-L, CLIP-G, T5) encoded the set and were freed, then the
+    # transformer was read; with encode_on_cpu none ever went to the device; the transformer was freed before
+    # the reward scored
+    assert len(seen["encoders"]) == (2 if name == "flux" else 3) and seen["alive_at_read"] == [0]
+    assert ("text_encoder" in seen["to_device"]) == ("encode_on_cpu" not in extra)
+    assert "vae" in seen["to_device"]
+    assert seen["transformer_alive_at_score"] and not any(seen["transformer_alive_at_score"])
+
+    swap = seen["swap"]
+    if "block_swap" not in extra:
+        assert swap is None
+        return
+    # block swap: every transformer call brought each swapped block to the device for its turn only, no layer ran
+    # on its host copy, and at rest every swapped weight (the adapters' too) is its host copy
+    n = extra["block_swap"]
+    assert len(swap.blocks) == n and seen["on_host_copy"] == []
+    calls = 2 * (len(prompts) // BATCH) * STEPS  # base and LoRA images, batches, Euler steps (SD3: CFG batched)
+    loads = [i for i, where, _ in swap.log if where == "device"]
+    assert sorted(loads) == sorted(list(range(n)) * calls)
+    assert swap.most_resident <= 2 and swap.where == ["cpu"] * n
+    assert all(p.data.data_ptr() == h.data_ptr() for pairs in swap.host for p, h in pairs)
+    swapped = {id(p) for pairs in swap.host for p, _ in pairs}
+    adapters = {pname: id(p) for i, b in enumerate(swap.blocks) for pname, p in b.named_parameters(prefix=str(i))
+                if ".lora_" in pname}
+    assert adapters and [k for k, v in adapters.items() if v not in swapped] == []  # placed after they loaded
+
+
+def test_bad_input_lora_that_adapts_the_text_encoders_too(models, tmp_path, capsys):
+    """The prompts are encoded by the base text encoders and those are freed before any adapter loads: a LoRA with
+    text-encoder layers is one line (docs/bad_inputs.md), before any model loads; the transformer-only one runs."""
+    from safetensors.torch import load_file, save_file
+
+    model, loras = models["flux"]
+    tensors = load_file(str(loras[0] / "pytorch_lora_weights.safetensors"))
+    layer = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors.update({f"{layer}.lora_A.weight": torch.zeros(4, 32), f"{layer}.lora_B.weight": torch.zeros(32, 4)})
+    (tmp_path / "te").mkdir()
+    save_file(tensors, str(tmp_path / "te" / "pytorch_lora_weights.safetensors"))
+    out = tmp_path / "sample"
+    rc = main(["sample", *FLOW, "--model", str(model), "--lora", str(tmp_path / "te"), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "also adapts the text encoders (2 weights)" in lines[0], lines[0]
+    assert not out.exists()
