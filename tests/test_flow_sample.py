@@ -135,15 +135,25 @@ def _watch(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("flux", {}),
-    ("flux", {"block_swap": 2, "unet_checkpointing": "blocks", "encode_on_cpu": "true", "offload_frozen": "true"}),
-    ("sd3", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
+@pytest.mark.parametrize("name, source, extra", [
+    ("flux", "folder", {}),
+    ("flux", "folder", {"block_swap": 2, "unet_checkpointing": "blocks", "encode_on_cpu": "true",
+                        "offload_frozen": "true"}),
+    ("flux", "file", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
+    ("sd3", "folder", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
 ])
-def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, tmp_path, monkeypatch, name, extra):
+def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, tmp_path, monkeypatch, name, source,
+                                                                       extra):
+    from safetensors.torch import save_file
+
     from lowmem_alignprop.commands import grid
 
     model, loras = models[name]
+    where = ["--model", str(model)]
+    if source == "file":  # the folder's transformer as one file, the rest from the folder
+        transformer = _pipeline_class(name).from_pretrained(model).transformer
+        save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp_path / "t.safetensors"))
+        where = ["--model", str(tmp_path / "t.safetensors"), "--set", f"model_components={model}"]
     guidance = 3.5 if name == "flux" else 4.0  # FLUX.1-dev's guidance embedding; SD3's CFG (the negative branch)
     seen = _watch(monkeypatch)
     grids, save = [], grid.save_sample_grid
@@ -151,7 +161,7 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
         grids.append((base[0], lora[0])), save(path, labels, base, lora, **kw))[-1])
     sets = [x for k, v in extra.items() for x in ("--set", f"{k}={v}")]
     out = tmp_path / "sample"
-    rc = main(["sample", *FLOW, *sets, "--model", str(model), "--set", f"guidance_scale={guidance}",
+    rc = main(["sample", *FLOW, *sets, *where, "--set", f"guidance_scale={guidance}",
                *[x for lora, w in zip(loras, MIX) for x in ("--lora", f"{lora}:{w}")], "--output-dir", str(out)])
     assert rc == 0
     r = json.loads((out / "sample_results.json").read_text())

@@ -5,7 +5,9 @@ every image twice with the diffusers pipeline and the training sampler's setting
 ``guidance_scale``, ``eta``, ``resolution`` of the profile/config): once from the base model and once with the
 LoRA adapter(s). Image ``n`` of the run uses its own CPU generator seeded ``seed + n`` for its initial noise and
 every DDIM noise draw, so base and LoRA images start from the same noise and an image does not depend on the
-batch it was generated in. Both sets are scored with ``--reward`` (any reward spec) and written as
+batch it was generated in. SD3/SD3.5 and FLUX.1 (flow-matching Euler, no eta) are loaded and placed as the
+trainer does under the same profile (:mod:`lowmem_alignprop.commands.flow_sample`). Both sets are scored with
+``--reward`` (any reward spec) and written as
 
     OUTPUT_DIR/sample_grid.png        columns = images, rows = base / lora, each labelled with its reward
     OUTPUT_DIR/sample_results.json    per-prompt rewards (base, lora), their means and lora - base
