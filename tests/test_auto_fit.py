@@ -79,8 +79,8 @@ def recorded(monkeypatch, tiny_dir):
 
     real_load = train_mod.load_components
 
-    def load_components(cfg, dtype, device=None):
-        comps = real_load(cfg, dtype, device)
+    def load_components(cfg, dtype, device=None, **kwargs):
+        comps = real_load(cfg, dtype, device, **kwargs)
         unet, vae = comps.unet, comps.vae
         unet.register_forward_pre_hook(rec.shape("unet"), with_kwargs=True)
         attn = next(m for n, m in unet.named_modules() if n.endswith("attn1"))

@@ -246,7 +246,8 @@ def test_the_planner_matches_the_cpu_step_with_fp8_and_block_swap(flux_dir):
 
 def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(flux_dir):
     """plan's candidates on a GPU target: block swap (half the blocks, with the per-block checkpointing it needs)
-    after nf4 when the base is full precision, and still with a quantized base; none once blocks are swapped."""
+    after nf4 when the base is full precision, and still with a quantized base; half the blocks still on the card
+    more when some are swapped (before a lower resolution, which changes the task); none once all are."""
     from lowmem_alignprop.measure import planner
 
     base = dict(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5)
@@ -255,6 +256,9 @@ def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(fl
     assert swap in changes and changes.index({"base_quant": "nf4"}) < changes.index(swap)
     quantized = [c for _, c in planner.candidate_changes(Config(**base, base_quant="int8").validate(), "cuda")]
     assert swap in quantized and not any("base_quant" in c for c in quantized)
+    some = [c for _, c in planner.candidate_changes(Config(**{**base, "resolution": 512}, base_quant="int8",
+                                                           unet_checkpointing="blocks", block_swap=1).validate(), "cuda")]
+    assert {"block_swap": 2} in some and some.index({"block_swap": 2}) < some.index({"resolution": 384})
     swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
     assert not any("block_swap" in c for _, c in planner.candidate_changes(swapped, "cuda"))
     assert not any("block_swap" in c for _, c in planner.candidate_changes(Config(**base).validate(), "cpu"))

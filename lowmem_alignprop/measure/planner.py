@@ -1495,6 +1495,10 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
                         "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
+    elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := _swappable_count(cfg)):
+        n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
+        out.append((f"block swap {n} of {total} blocks, was {cfg.block_swap} (more pinned CPU memory and PCIe "
+                    "copies; the task unchanged)", {"block_swap": n}))
     if not cfg.tiled_decode and decode_tiles(cfg, target):
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
