@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "rtx3060-flux-bf16": ("rtx3060-flux", "flux", ("--set", "base_quant=none", "--set", "block_swap=49"), VARIANT),
     "rtx3060-flux-fp8": ("rtx3060-flux", "flux", ("--set", "base_quant=fp8", "--set", "block_swap=45"), VARIANT),
     "rtx3060-flux-int8-35": ("rtx3060-flux", "flux", ("--set", "base_quant=int8", "--set", "block_swap=35"), VARIANT),
+    "rtx3060-flux-int8-27": ("rtx3060-flux", "flux", ("--set", "base_quant=int8", "--set", "block_swap=27"), VARIANT),
+    "rtx3060-flux-fp8-38": ("rtx3060-flux", "flux", ("--set", "base_quant=fp8", "--set", "block_swap=38"), VARIANT),
     "rtx4090-flux": ("rtx4090-flux", "flux", (), "FLUX.1-dev, 24 GB without block swap"),
     "rtx4090-flux-fp8": ("rtx4090-flux", "flux", ("--set", "base_quant=fp8"), VARIANT),
 }

@@ -430,7 +430,8 @@ def section_flow_plans(results_dir: Path) -> list[str]:
                  f"{r.get('cpu_user_seconds', 0):.0f} |")
         if not r["fits"] and r.get("suggestion"):
             sug = r["suggestion"]
-            notes.append(f"- {r['profile']} with {c['base_quant']}: the planner's cheapest change that fits is "
+            swapped = f", block_swap={c['block_swap']}" if c["block_swap"] else ""
+            notes.append(f"- {r['profile']} with {c['base_quant']}{swapped}: the planner's cheapest change that fits is "
                          f"{sug['change']} (`" + " ".join(f"--set {k}={v}" for k, v in sug["set"].items())
                          + f"`): {sug['peak_needed'] / GIB:.2f} GiB needed.")
     plans = [json.loads(p.read_text()) for p in files]
