@@ -861,6 +861,22 @@ def _fp8_block_upcast_bytes(unet) -> int:
                 for block in swappable_blocks(unet)), default=0)
 
 
+def _fp8_load_bytes(cfg: Config, comps, counter: LiveBytes, cuda: bool) -> int:
+    """fp8 storage at load: an SD3/FLUX transformer is stored in fp8 block by block as it is read or drawn
+    (models/block_loading.py) but for the LoRA targets' base layers, which wait in the compute dtype until LoRA is
+    added (peft gives a new adapter its base layer's dtype): their bytes beyond fp8's 1 per weight. On a GPU block
+    swap's host blocks are in host memory. (A UNet is stored in fp8 on the CPU before it moves to the device.)"""
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+    from lowmem_alignprop.memory.quant import fp8_linears
+
+    if cfg.base_quant != "fp8" or cfg.train_unet != "lora" or getattr(comps, "family", "unet") == "unet":
+        return 0
+    host = {id(m) for b in swappable_blocks(comps.unet)[:cfg.block_swap] for m in b.modules()} if cuda else set()
+    return sum(counter._rounded(t.numel() * t.element_size()) - counter._rounded(t.numel())
+               for n, m in fp8_linears(comps.unet) if n.endswith(".base_layer") and id(m) not in host
+               for t in (m.weight, m.bias) if t is not None)
+
+
 def _adam8bit_state_bytes(params) -> int:
     # bitsandbytes: 8-bit state (2 bytes/param + fp32 absmax per 256) for tensors of 4096+ elements, else fp32
     return sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
@@ -960,7 +976,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
         for hook in hooks:
             hook.remove()
     est = _figures(cfg, target, counter, weights, largest, grad_calls, (k_plan, k_sim, sim.window_keep), step_start,
-                   t0, notes)
+                   t0, notes, load_extra=_fp8_load_bytes(cfg, comps, counter, cuda))
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
@@ -1321,8 +1337,9 @@ def _optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], pla
 
 def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int], largest: int,
              grad_calls: list[int], window: tuple[int, int, int], step_start: int, t0: float,
-             notes: list[str]) -> Estimate:
-    """The per-stage figures: the counter's peaks, K beyond the simulated window, load, the reserved estimate."""
+             notes: list[str], load_extra: int = 0) -> Estimate:
+    """The per-stage figures: the counter's peaks, K beyond the simulated window, load (``load_extra``: what only
+    loading holds, :func:`_fp8_load_bytes`), the reserved estimate."""
     cuda = target == "cuda"
     # K beyond the simulated window: each further grad step keeps what the second one kept (with kl_coeff each
     # window step makes two UNet calls, the LoRA model's and the base model's: the step is every second call)
@@ -1351,7 +1368,10 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
     at_load = [n for n in ("unet", "lora", TEXT_ENCODER, "vae", "reward")
                if weights.get(n) and not (cuda and cfg.offload_frozen and n in (TEXT_ENCODER, "vae", "reward"))
                and not ((encoded is not None or (cuda and cfg.encode_on_cpu)) and n == TEXT_ENCODER)]
-    load = sum(weights[n] for n in at_load) + largest
+    load = sum(weights[n] for n in at_load) + largest + load_extra
+    if load_extra:
+        notes.append(f"base_quant=fp8: +{load_extra / GIB:.2f} GiB at load: the LoRA targets wait in the compute dtype "
+                     "until LoRA is added (the rest is stored in fp8 block by block as it is read)")
     out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
     if encoded is not None and encoded > load:  # encoding was load's peak (e.g. T5 on the device, not yet freed)
         out[stages.LOAD] = {"allocated": encoded, "weights": counter.weights_at_peak[stages.LOAD],

@@ -323,15 +323,58 @@ def fp8_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
+def lora_target(name: str, targets) -> bool:
+    """Whether peft's ``LoraConfig(target_modules=targets)`` wraps the module named ``name`` (peft's own matching)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(targets) and bool(check_target_module_exists(LoraConfig(target_modules=list(targets)), name))
+
+
+def _store_fp8_layers(model: nn.Module, layers, compute_dtype: torch.dtype) -> None:
+    """Layerwise casting (diffusers' ``apply_layerwise_casting``) on each of ``layers`` ((name, nn.Linear) of
+    ``model``): stored in fp8 at once, upcast to ``compute_dtype`` while it runs. The base layer of a peft LoRA layer
+    is cast through its wrapper, so that diffusers skips the adapters and turns peft's input cast off there, as
+    ``enable_layerwise_casting`` on the whole model does."""
+    from diffusers.hooks import apply_layerwise_casting
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in layers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if attr == "base_layer" and isinstance(parent, BaseTunerLayer):
+            apply_layerwise_casting(parent, FP8, compute_dtype, skip_modules_pattern=tuple(parent.adapter_layer_names),
+                                    skip_modules_classes=_FP8_SKIP_CLASSES)
+        else:
+            apply_layerwise_casting(layer, FP8, compute_dtype, skip_modules_pattern=None, skip_modules_classes=None)
+
+
+def _unstored(model: nn.Module, part: nn.Module | None = None, keep=()) -> list[tuple[str, nn.Linear]]:
+    """The layers of :func:`fp8_linears` (under ``part``, if given) not stored in fp8 yet, but the LoRA targets
+    ``keep`` (and what is under them); unfilled (meta) ones wait too."""
+    under = {id(m) for m in part.modules()} if part is not None else None
+    return [(n, m) for n, m in fp8_linears(model) if m.weight.dtype != FP8 and not m.weight.is_meta
+            and (under is None or id(m) in under) and not lora_target(n.removesuffix(".base_layer"), keep)]
+
+
+def store_fp8_part(model: nn.Module, part: nn.Module | None, compute_dtype: torch.dtype, keep=()) -> int:
+    """fp8 storage while ``model`` is being filled (models/block_loading.py): the :func:`fp8_linears` layers of
+    ``part`` (a block just read; None: every filled one) stored in fp8 now, but the LoRA targets ``keep``: peft gives
+    a new adapter its base layer's dtype, so those wait for :func:`store_fp8` after LoRA. Returns the count."""
+    layers = _unstored(model, part, keep)
+    _store_fp8_layers(model, layers, compute_dtype)
+    return len(layers)
+
+
 def store_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """base_quant=fp8: the frozen Linear weights (and biases) of ``model`` stored in float8_e4m3fn, each layer
     upcast to ``compute_dtype`` just before it runs and cast back after (diffusers' layerwise casting hooks; halves
-    bf16 weights). Call after LoRA is added: the adapters are skipped by name and stay fp32. Returns the count."""
+    bf16 weights). Call after LoRA is added: the adapters are skipped by name and stay fp32. Layers stored while the
+    model was read (:func:`store_fp8_part`) are left as they are. Returns the count of fp8 layers."""
     expected = len(fp8_linears(model))
-    model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype,
-                                   skip_modules_classes=_FP8_SKIP_CLASSES)
+    _store_fp8_layers(model, _unstored(model), compute_dtype)
     count = sum(1 for n, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype == FP8)
-    if count != expected:  # the planner counts fp8_linears(): the two selections must be one
+    if count != expected:  # the planner counts fp8_linears(): every one of them, and nothing else, is in fp8
         raise RuntimeError(f"fp8 storage cast {count} Linear layers where fp8_linears() names {expected}")
     log.info("frozen Linear weights stored in fp8 (float8_e4m3fn), upcast to %s per layer: %d layers",
              compute_dtype, count)

@@ -52,12 +52,14 @@ SCALED_MARKER = "scaled_fp8"
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the filled blocks go: ``mode`` int8/nf4 quantizes each (none or fp8: filled only, fp8 storage comes
-    after LoRA), on ``device`` in ``dtype``; the first ``host_blocks`` (block swap's) go to the CPU instead."""
+    """Where the filled blocks go: ``mode`` int8/nf4 quantizes each, fp8 stores each one's Linear layers in fp8 but
+    the LoRA targets ``keep`` (those after LoRA, memory/quant.store_fp8), none fills only; on ``device`` in
+    ``dtype``; the first ``host_blocks`` (block swap's) go to the CPU instead."""
     mode: str
     dtype: torch.dtype
     device: torch.device | str
     host_blocks: int = 0
+    keep: tuple[str, ...] = ()  # fp8: peft's target_modules, left in dtype (a new adapter takes its base's dtype)
 
 
 def strip_prefix(key: str) -> str:
@@ -66,8 +68,8 @@ def strip_prefix(key: str) -> str:
 
 def fill_by_block(model, place: Placement, fill) -> int:
     """Make every part of an empty (meta) transformer real with ``fill(module, index, on)`` (it leaves ``module``
-    real on ``on``): its blocks first, in execution order, each quantized before the next is filled, then the
-    small rest (embedders, output layers). Returns the number of quantized Linear layers."""
+    real on ``on``): its blocks first, in execution order, each quantized (or stored in fp8) before the next is
+    filled, then the small rest (embedders, output layers). Returns the number of quantized (fp8) Linear layers."""
     from lowmem_alignprop.memory import quant
     from lowmem_alignprop.memory.block_swap import swappable_blocks
 
@@ -80,12 +82,16 @@ def fill_by_block(model, place: Placement, fill) -> int:
         fill(block, j, on)
         if quantized:
             count += quant.quantize_in_place(block, place.mode, place.dtype, device=on, quiet=True)
+        elif place.mode == "fp8":  # this block at 1 byte per weight before the next is read: not all in bf16 at once
+            count += quant.store_fp8_part(model, block, place.dtype, keep=place.keep)
     for j, child in enumerate(model.children()):
         if id(child) not in lists:
             fill(child, len(blocks) + j, place.device)
     if quantized:  # the rest's Linear layers too; the host blocks stay where they are
         count += quant.quantize_in_place(model, place.mode, place.dtype, device=place.device, quiet=True,
                                          stay=blocks[:place.host_blocks])
+    elif place.mode == "fp8":  # the rest's fp8 layers (the embedders): stored where they are
+        count += quant.store_fp8_part(model, None, place.dtype, keep=place.keep)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{type(model).__name__}: {len(left)} tensors were not filled, e.g. {left[0]}")
@@ -108,9 +114,10 @@ def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 
     return module
 
 
-def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_blocks: int = 0) -> int:
-    """A meta transformer made real with random weights, drawn on ``device`` block by block and quantized as it
-    goes (:func:`fill_by_block`): the peak is the quantized model plus one block in full precision. Block swap's
+def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_blocks: int = 0, keep=()) -> int:
+    """A meta transformer made real with random weights, drawn on ``device`` block by block and quantized (fp8:
+    stored in fp8 but the LoRA targets ``keep``) as it goes (:func:`fill_by_block`): the peak is the quantized model
+    plus one block in full precision (fp8: and the LoRA targets until LoRA is added). Block swap's
     ``host_blocks`` are drawn on the device (the same weights as without block swap) and moved to the CPU, where
     they are quantized (bitsandbytes' CPU ops; the same int8 / nf4 layout as on CUDA), before the next is drawn: an
     8 GB card could not hold FLUX's 11.9 GB of int8."""
@@ -121,7 +128,7 @@ def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_b
         if str(on) != str(device):
             module.to(on)
 
-    count = fill_by_block(model, Placement(mode, dtype, device, host_blocks), draw)
+    count = fill_by_block(model, Placement(mode, dtype, device, host_blocks, tuple(keep)), draw)
     if count:
         log.info("random-weight transformer drawn and quantized to %s block by block: %d Linear layers", mode, count)
     return count

@@ -214,9 +214,9 @@ def family_for(comps) -> UNetFamily:
 def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", dtype=None,
                      host_blocks: int = 0, text_only: bool = False) -> None:
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
-    is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4 the transformer is drawn
-    and quantized one block at a time (``block_loading.materialize_quantized``): FLUX's 23.8 GB of bf16 never exist
-    at once.
+    is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4/fp8 the transformer is
+    drawn and quantized (fp8: stored in fp8, the LoRA targets after LoRA) one block at a time
+    (``block_loading.materialize_quantized``): FLUX's 23.8 GB of bf16 never exist at once.
     ``host_blocks`` (block_swap): the first N blocks end up in CPU memory, drawn on the device one at a time.
     ``text_only``: the text encoders only (the trainer encodes its prompts before the transformer exists); a
     second call makes the rest, with the same weights as one call."""
@@ -226,9 +226,10 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
         if (text_only and i < 2) or not any(t.is_meta for t in module.parameters()):
             continue
-        if module is comps.unet and (base_quant in BNB_MODES or host_blocks):
+        if module is comps.unet and (base_quant in BNB_MODES or base_quant == "fp8" or host_blocks):
+            # fp8: each block stored in fp8 as it is drawn, but the LoRA targets (after LoRA: apply_memory_features)
             materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i,
-                                  host_blocks=host_blocks)
+                                  host_blocks=host_blocks, keep=flow.FLOW_LORA_TARGETS if base_quant == "fp8" else ())
             continue
         # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
         on = device if module in (comps.unet, comps.vae) else "cpu"

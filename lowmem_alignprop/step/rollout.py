@@ -51,7 +51,9 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
         params = family.add_lora(unet, cfg)
         if cfg.base_quant == "fp8" and not any(p.is_meta for p in unet.parameters()):
             # frozen Linear weights at 1 byte (half of bf16), each layer upcast while it runs; after LoRA, so the
-            # adapters stay fp32. The planner's meta model is counted analytically (fake modules cannot be cast)
+            # adapters stay fp32 (a flow transformer read or drawn block by block has the rest in fp8 already: the
+            # LoRA targets are what is left). The planner's meta model is counted analytically (fake modules cannot
+            # be cast)
             store_fp8(unet, weight_dtype)
     else:
         unet.to(torch.float32).requires_grad_(True)  # full fine-tuning keeps fp32 master weights
