@@ -4,12 +4,14 @@ checkpoint or drawn with random weights, never all in full precision on the card
 * While the trainer reads a checkpoint (``load_components`` with a device) and while an architecture is drawn
   (``materialize_meta``), the full-precision bytes of the layers fp8 stores never exceed the largest block's plus
   the LoRA targets' (those wait for LoRA: peft gives a new adapter its base layer's dtype); when loading is done
-  only the targets are left, and none after ``apply_memory_features``.
+  only the targets and the embedders outside the blocks are left (the run's fingerprint is of the weights as read),
+  and none after ``apply_memory_features``.
 * The state after ``apply_memory_features`` is bit for bit today's (the whole model in the compute dtype, LoRA,
   then ``enable_layerwise_casting`` on the whole model): the same layers in fp8 with the same bytes, the same fp32
   adapters, the same hooks, the same forward output.
-* The planner's load stage counts the targets in the compute dtype: exactly the measured bytes on the tiny FLUX,
-  and FLUX.1's 2.51 GB (266 projections of 3072 x 3072 at one more byte) on the meta model.
+* The planner's load stage counts the targets and embedders in the compute dtype: exactly the measured bytes on the
+  tiny FLUX, and FLUX.1's 2.56 GB (266 projections of 3072 x 3072 and 45M embedder weights at one more byte) on the
+  meta model.
 """
 
 from __future__ import annotations
@@ -57,14 +59,17 @@ def _full_precision_bytes(model) -> int:
                if t is not None and not t.is_meta and t.dtype != quant.FP8)
 
 
-def _bounds(directory, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(the largest block's fp8 layers, the LoRA targets', all fp8 layers) in ``dtype``, bytes, from the meta model."""
+def _bounds(directory, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(the largest block's fp8 layers, the LoRA targets', the ones outside the blocks, all fp8 layers) in ``dtype``,
+    bytes, from the meta model."""
     model = _meta_transformer(directory).to(dtype)
     size = {id(m): sum(t.numel() * dtype.itemsize for t in (m.weight, m.bias) if t is not None)
             for _, m in quant.fp8_linears(model)}
-    block = max(sum(size.get(id(m), 0) for m in b.modules()) for b in swappable_blocks(model))
+    blocks = swappable_blocks(model)
+    block = max(sum(size.get(id(m), 0) for m in b.modules()) for b in blocks)
     targets = sum(size[id(m)] for n, m in quant.fp8_linears(model) if quant.lora_target(n, flow.FLOW_LORA_TARGETS))
-    return block, targets, sum(size.values())
+    rest = sum(size.values()) - sum(size.get(id(m), 0) for b in blocks for m in b.modules())
+    return block, targets, rest, sum(size.values())
 
 
 @pytest.fixture
@@ -85,16 +90,21 @@ def spy(monkeypatch):
 def test_a_checkpoint_is_read_with_one_block_and_the_lora_targets_in_full_precision(dirs, spy, family):
     """The trainer's read (load_components with its device): before each block is stored the full-precision bytes are
     at most the largest block's plus the targets' (all of them: over 1.5 times that here); after the read only the
-    targets are left, and apply_memory_features stores them too."""
+    targets and the rest outside the blocks are left, with the fingerprint of the weights as read (bf16), and
+    apply_memory_features stores them too."""
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.step.rollout import apply_memory_features
 
-    block, targets, whole = _bounds(dirs[family], torch.bfloat16)
+    from lowmem_alignprop.run.checkpoint import fingerprint
+
+    block, targets, rest, whole = _bounds(dirs[family], torch.bfloat16)
     cfg = _cfg(dirs[family])
     comps = load_components(cfg, torch.bfloat16, CPU)
-    assert len(spy) == len(swappable_blocks(comps.unet)) + 1  # each block, then the rest
+    assert len(spy) == len(swappable_blocks(comps.unet))  # each block as it is read
     assert max(spy) <= block + targets < whole / 1.5
-    assert _full_precision_bytes(comps.unet) == targets > 0
+    assert _full_precision_bytes(comps.unet) == targets + rest and targets > 0 and rest > 0
+    bf16 = load_components(_cfg(dirs[family], "none"), torch.bfloat16, CPU)
+    assert fingerprint(cfg, comps.unet) == fingerprint(cfg, bf16.unet)
     apply_memory_features(comps, cfg, CPU, torch.bfloat16)
     assert _full_precision_bytes(comps.unet) == 0 and quant.is_fp8(comps.unet)
 
@@ -104,14 +114,14 @@ def test_an_architecture_is_drawn_with_one_block_and_the_lora_targets_in_full_pr
     block swap's host block too (drawn, moved to the CPU, stored there)."""
     from lowmem_alignprop.models.family import materialize_meta
 
-    block, targets, whole = _bounds(dirs["flux"], torch.bfloat16)
+    block, targets, rest, whole = _bounds(dirs["flux"], torch.bfloat16)
     for host_blocks in (0, 1):
         spy.clear()
         model = _meta_transformer(dirs["flux"])
         comps = types.SimpleNamespace(unet=model, vae=nn.Linear(1, 1), text_encoders=lambda: (), meta=True)
         materialize_meta(comps, CPU, base_quant="fp8", dtype=torch.bfloat16, host_blocks=host_blocks)
-        assert len(spy) == len(swappable_blocks(model)) + 1 and max(spy) <= block + targets < whole / 1.5
-        assert _full_precision_bytes(model) == targets
+        assert len(spy) == len(swappable_blocks(model)) and max(spy) <= block + targets < whole / 1.5
+        assert _full_precision_bytes(model) == targets + rest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,9 +204,10 @@ def test_a_drawn_architecture_after_lora_is_todays_bit_for_bit(dirs):
 def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
     """fp32 weights (mixed_precision=no), a GPU target with the prompts encoded on the CPU (so the load figure is the
     weights at load, not the encoding): the load stage is the weights at load plus one block's allowance plus the
-    LoRA targets at three more bytes per weight than fp8, counted here per tensor (CUDA blocks of 512 bytes). The
-    trainer's read leaves exactly that transformer: its fp8-stored size (quant.quantized_weight_bytes) plus the
-    targets' three bytes per weight; the per-block peak while reading is within the block allowance above it."""
+    LoRA targets and the layers outside the blocks at three more bytes per weight than fp8, counted here per tensor
+    (CUDA blocks of 512 bytes). The trainer's read leaves exactly that transformer: its fp8-stored size
+    (quant.quantized_weight_bytes) plus those three bytes per weight; the per-block peak while reading is within
+    the block allowance above it."""
     from lowmem_alignprop.measure import planner
     from lowmem_alignprop.models.loading import load_components
 
@@ -204,12 +215,13 @@ def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
     cfg = _cfg(dirs["flux"], **kw)
     est, plain = planner.estimate(cfg, target="cuda"), planner.estimate(_cfg(dirs["flux"], "none", **kw), target="cuda")
     meta = _meta_transformer(dirs["flux"])
-    targets = [t for n, m in quant.fp8_linears(meta) if quant.lora_target(n, flow.FLOW_LORA_TARGETS)
-               for t in (m.weight, m.bias) if t is not None]
+    in_blocks = {id(m) for b in swappable_blocks(meta) for m in b.modules()}
+    waiting = [t for n, m in quant.fp8_linears(meta) if quant.lora_target(n, flow.FLOW_LORA_TARGETS)
+               or id(m) not in in_blocks for t in (m.weight, m.bias) if t is not None]
 
     def rounded(n: int) -> int:
         return -(-n // planner.CUDA_BLOCK) * planner.CUDA_BLOCK
-    extra = sum(rounded(4 * t.numel()) - rounded(t.numel()) for t in targets)
+    extra = sum(rounded(4 * t.numel()) - rounded(t.numel()) for t in waiting)
     largest = planner._fp8_block_upcast_bytes(_with_lora(_meta_transformer(dirs["flux"])))  # one block, fp32
     load = est.stages["load"]
     assert load["on_device"] == plain.stages["load"]["on_device"] == ["unet", "lora", "vae"]
@@ -217,8 +229,8 @@ def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
     assert any("GiB at load" in n for n in est.notes) and not any("GiB at load" in n for n in plain.notes)
     comps = load_components(cfg, torch.float32, CPU)
     measured = sum(t.numel() * t.element_size() for t in list(comps.unet.parameters()) + list(comps.unet.buffers()))
-    assert measured == quant.quantized_weight_bytes(meta, "fp8") + sum(3 * t.numel() for t in targets)
-    assert 0 < max(spy) - _full_precision_bytes(comps.unet) <= largest
+    assert measured == quant.quantized_weight_bytes(meta, "fp8") + sum(3 * t.numel() for t in waiting)
+    assert max(spy) <= _full_precision_bytes(comps.unet) + largest
 
 
 def _with_lora(model):
@@ -226,10 +238,11 @@ def _with_lora(model):
     return model
 
 
-def test_flux_holds_its_lora_targets_in_bf16_at_load_on_the_card():
+def test_flux_holds_its_lora_targets_and_embedders_in_bf16_at_load_on_the_card():
     """FLUX.1 on meta with LoRA, bf16 on a GPU: the load transient is its 266 attention projections (19 joint blocks x
-    8, 38 single blocks x 3) of 3072 x 3072 weights and 3072 biases at one byte more than fp8: 2,511,108,096 bytes;
-    with block swap's first 19 blocks (the joint ones) in host memory, the single blocks' 114 only."""
+    8, 38 single blocks x 3) of 3072 x 3072 weights and 3072 biases, and the 8 embedder layers outside the blocks
+    (3072 outputs from 14656 inputs in all), at one byte more than fp8: 2,556,155,904 bytes; with block swap's first
+    19 blocks (the joint ones) in host memory, the single blocks' 114 projections and the embedders."""
     from lowmem_alignprop.measure import planner
     from lowmem_alignprop.models import flow_loading as fl
 
@@ -238,8 +251,10 @@ def test_flux_holds_its_lora_targets_in_bf16_at_load_on_the_card():
     comps = types.SimpleNamespace(unet=tr, family="flux")
     counter = planner.LiveBytes(round_to=planner.CUDA_BLOCK)
     projection = 3072 * 3072 + 3072
+    embedders = 3072 * (256 + 3072) * 2 + 3072 * (768 + 3072) + 3072 * 4096 + 3072 * 64 + 8 * 3072  # time, guidance,
+    # pooled text, context, latents
     cfg = Config(model="flux", base_quant="fp8", unet_checkpointing="blocks")
-    assert planner._fp8_load_bytes(cfg, comps, counter, cuda=True) == 266 * projection == 2_511_108_096
+    assert planner._fp8_load_bytes(cfg, comps, counter, cuda=True) == 266 * projection + embedders == 2_556_155_904
     swapped = Config(model="flux", base_quant="fp8", unet_checkpointing="blocks", block_swap=19)
-    assert planner._fp8_load_bytes(swapped, comps, counter, cuda=True) == 114 * projection
+    assert planner._fp8_load_bytes(swapped, comps, counter, cuda=True) == 114 * projection + embedders
     assert planner._fp8_load_bytes(Config(model="flux"), comps, counter, cuda=True) == 0

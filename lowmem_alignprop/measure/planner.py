@@ -864,16 +864,20 @@ def _fp8_block_upcast_bytes(unet) -> int:
 def _fp8_load_bytes(cfg: Config, comps, counter: LiveBytes, cuda: bool) -> int:
     """fp8 storage at load: an SD3/FLUX transformer is stored in fp8 block by block as it is read or drawn
     (models/block_loading.py) but for the LoRA targets' base layers, which wait in the compute dtype until LoRA is
-    added (peft gives a new adapter its base layer's dtype): their bytes beyond fp8's 1 per weight. On a GPU block
-    swap's host blocks are in host memory. (A UNet is stored in fp8 on the CPU before it moves to the device.)"""
+    added (peft gives a new adapter its base layer's dtype), and the small rest outside the blocks (embedders): their
+    bytes beyond fp8's 1 per weight. On a GPU block swap's host blocks are in host memory. (A UNet is stored in fp8
+    on the CPU before it moves to the device.)"""
     from lowmem_alignprop.memory.block_swap import swappable_blocks
     from lowmem_alignprop.memory.quant import fp8_linears
 
     if cfg.base_quant != "fp8" or cfg.train_unet != "lora" or getattr(comps, "family", "unet") == "unet":
         return 0
-    host = {id(m) for b in swappable_blocks(comps.unet)[:cfg.block_swap] for m in b.modules()} if cuda else set()
+    blocks = swappable_blocks(comps.unet)
+    host = {id(m) for b in blocks[:cfg.block_swap] for m in b.modules()} if cuda else set()
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
     return sum(counter._rounded(t.numel() * t.element_size()) - counter._rounded(t.numel())
-               for n, m in fp8_linears(comps.unet) if n.endswith(".base_layer") and id(m) not in host
+               for n, m in fp8_linears(comps.unet)
+               if (n.endswith(".base_layer") or id(m) not in in_blocks) and id(m) not in host
                for t in (m.weight, m.bias) if t is not None)
 
 
@@ -1370,8 +1374,8 @@ def _figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, in
                and not ((encoded is not None or (cuda and cfg.encode_on_cpu)) and n == TEXT_ENCODER)]
     load = sum(weights[n] for n in at_load) + largest + load_extra
     if load_extra:
-        notes.append(f"base_quant=fp8: +{load_extra / GIB:.2f} GiB at load: the LoRA targets wait in the compute dtype "
-                     "until LoRA is added (the rest is stored in fp8 block by block as it is read)")
+        notes.append(f"base_quant=fp8: +{load_extra / GIB:.2f} GiB at load: the LoRA targets and embedders wait in the "
+                     "compute dtype until LoRA is added (the rest is stored in fp8 block by block as it is read)")
     out: dict[str, dict] = {stages.LOAD: {"allocated": load, "weights": load, "on_device": at_load}}
     if encoded is not None and encoded > load:  # encoding was load's peak (e.g. T5 on the device, not yet freed)
         out[stages.LOAD] = {"allocated": encoded, "weights": counter.weights_at_peak[stages.LOAD],

@@ -357,10 +357,10 @@ def _unstored(model: nn.Module, part: nn.Module | None = None, keep=()) -> list[
             and (under is None or id(m) in under) and not lora_target(n.removesuffix(".base_layer"), keep)]
 
 
-def store_fp8_part(model: nn.Module, part: nn.Module | None, compute_dtype: torch.dtype, keep=()) -> int:
+def store_fp8_part(model: nn.Module, part: nn.Module, compute_dtype: torch.dtype, keep=()) -> int:
     """fp8 storage while ``model`` is being filled (models/block_loading.py): the :func:`fp8_linears` layers of
-    ``part`` (a block just read; None: every filled one) stored in fp8 now, but the LoRA targets ``keep``: peft gives
-    a new adapter its base layer's dtype, so those wait for :func:`store_fp8` after LoRA. Returns the count."""
+    ``part`` (a block just read) stored in fp8 now, but the LoRA targets ``keep``: peft gives a new adapter its base
+    layer's dtype, so those wait for :func:`store_fp8` after LoRA. Returns the count."""
     layers = _unstored(model, part, keep)
     _store_fp8_layers(model, layers, compute_dtype)
     return len(layers)

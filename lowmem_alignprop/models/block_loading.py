@@ -52,9 +52,9 @@ SCALED_MARKER = "scaled_fp8"
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the filled blocks go: ``mode`` int8/nf4 quantizes each, fp8 stores each one's Linear layers in fp8 but
-    the LoRA targets ``keep`` (those after LoRA, memory/quant.store_fp8), none fills only; on ``device`` in
-    ``dtype``; the first ``host_blocks`` (block swap's) go to the CPU instead."""
+    """Where the filled blocks go: ``mode`` int8/nf4 quantizes each, fp8 stores each block's Linear layers in fp8
+    but the LoRA targets ``keep`` (those, and the small rest outside the blocks, after LoRA: memory/quant.store_fp8),
+    none fills only; on ``device`` in ``dtype``; the first ``host_blocks`` (block swap's) go to the CPU instead."""
     mode: str
     dtype: torch.dtype
     device: torch.device | str
@@ -90,8 +90,8 @@ def fill_by_block(model, place: Placement, fill) -> int:
     if quantized:  # the rest's Linear layers too; the host blocks stay where they are
         count += quant.quantize_in_place(model, place.mode, place.dtype, device=place.device, quiet=True,
                                          stay=blocks[:place.host_blocks])
-    elif place.mode == "fp8":  # the rest's fp8 layers (the embedders): stored where they are
-        count += quant.store_fp8_part(model, None, place.dtype, keep=place.keep)
+    # fp8: the rest (embedders; FLUX.1: 45M weights) waits for store_fp8 with the LoRA targets, so that the run's
+    # fingerprint (checkpoint.fingerprint: FLUX's first weight is its timestep embedder's) is of the weights as read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{type(model).__name__}: {len(left)} tensors were not filled, e.g. {left[0]}")
@@ -117,7 +117,7 @@ def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 
 def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_blocks: int = 0, keep=()) -> int:
     """A meta transformer made real with random weights, drawn on ``device`` block by block and quantized (fp8:
     stored in fp8 but the LoRA targets ``keep``) as it goes (:func:`fill_by_block`): the peak is the quantized model
-    plus one block in full precision (fp8: and the LoRA targets until LoRA is added). Block swap's
+    plus one block in full precision (fp8: and the LoRA targets and embedders until LoRA is added). Block swap's
     ``host_blocks`` are drawn on the device (the same weights as without block swap) and moved to the CPU, where
     they are quantized (bitsandbytes' CPU ops; the same int8 / nf4 layout as on CUDA), before the next is drawn: an
     8 GB card could not hold FLUX's 11.9 GB of int8."""
