@@ -258,3 +258,37 @@ def test_flux_holds_its_lora_targets_and_embedders_in_bf16_at_load_on_the_card()
     swapped = Config(model="flux", base_quant="fp8", unet_checkpointing="blocks", block_swap=19)
     assert planner._fp8_load_bytes(swapped, comps, counter, cuda=True) == 114 * projection + embedders
     assert planner._fp8_load_bytes(Config(model="flux"), comps, counter, cuda=True) == 0
+
+
+def test_sample_with_fp8_stores_the_rest_once_the_adapters_are_loaded(dirs, tmp_path, monkeypatch, fresh_log_handlers):
+    """``sample --set base_quant=fp8`` reads the transformer as the trainer does (each block in fp8 but the LoRA
+    targets and embedders) and, once its adapters are loaded, stores those too: the transformer it samples with has
+    every fp8 layer in fp8 (no full-precision bytes left), its adapters loaded and not in fp8."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import flow_sample
+
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(dirs["flux"])
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3)
+    flow.save_flow_lora(FluxPipeline, pipe.transformer, tmp_path / "lora")
+    placed, place = [], flow_sample.place_transformer
+
+    def spying(pipe, cfg):
+        place(pipe, cfg)
+        tr = pipe.transformer
+        placed.append((_full_precision_bytes(tr), sum(p.dtype != quant.FP8 for n, p in tr.named_parameters()
+                                                      if "lora_" in n), quant.is_fp8(tr)))
+
+    monkeypatch.setattr(flow_sample, "place_transformer", spying)
+    rc = main(["sample", "--profile", "cpu", "--model", str(dirs["flux"]), "--set", "resolution=32", "--set",
+               "sample_steps=2", "--set", "batch_size=1", "--set", "max_sequence_length=16", "--set",
+               "guidance_scale=3.5", "--set", "base_quant=fp8", "--set", "unet_checkpointing=blocks", "--reward",
+               "brightness", "--num-prompts", "1", "--images-per-prompt", "1", "--lora", str(tmp_path / "lora"),
+               "--output-dir", str(tmp_path / "out")])
+    assert rc == 0 and len(placed) == 1
+    left, adapters, stored = placed[0]
+    assert left == 0 and adapters > 0 and stored

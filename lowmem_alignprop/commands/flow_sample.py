@@ -35,6 +35,7 @@ class FlowSampling:
     place: Any
     device: torch.device
     swap: Any = None
+    dtype: torch.dtype = torch.float32  # the frozen weights' (fp8 storage upcasts each layer to it)
 
 
 def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: torch.dtype, prompts):
@@ -56,7 +57,7 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
                          host_blocks=cfg.block_swap)
     pipe = family.make_pipeline(comps)  # no text encoder: it is called with the cached embeddings
     pipe._lowmem_family = family
-    pipe._lowmem_flow = FlowSampling(family, comps, embed, place, device)
+    pipe._lowmem_flow = FlowSampling(family, comps, embed, place, device, dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     if cfg.sliced_decode:
         pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
@@ -84,11 +85,16 @@ def check_transformer_only(specs) -> None:
 
 def place_transformer(pipe, cfg) -> None:
     """With its adapters loaded, the transformer goes to the device, but for ``block_swap``'s first N blocks, whose
-    weights wait in (pinned) host memory and come to the device one block at a time while it runs."""
+    weights wait in (pinned) host memory and come to the device one block at a time while it runs. ``base_quant=fp8``:
+    the layers the read left in full precision (the adapters' base layers, the embedders) are stored in fp8 now, as
+    the trainer stores them after LoRA: the base is the trained one, and takes the card memory it took there."""
     from lowmem_alignprop.memory.block_swap import install
+    from lowmem_alignprop.memory.quant import store_fp8
 
     s = pipe._lowmem_flow
     pipe.transformer.requires_grad_(False)  # sampling trains nothing: a swapped block's LoRA weights swap with it
+    if cfg.base_quant == "fp8":
+        store_fp8(pipe.transformer, s.dtype)  # 1 byte per frozen Linear weight; before block swap pins the blocks
     s.swap = install(pipe.transformer, cfg.block_swap, s.device)
     (s.swap.model_to(pipe.transformer, s.device) if s.swap else pipe.transformer.to(s.device)).eval()
 
