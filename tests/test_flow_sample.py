@@ -54,13 +54,18 @@ def models(tmp_path_factory):
     return out
 
 
-def _today(name, model, loras, prompts, seeds, guidance):
+def _today(name, model, loras, prompts, seeds, guidance, fp8=False):
     """What ``sample`` did before: the diffusers pipeline with everything loaded at once, called with the prompt
-    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters``."""
+    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters``. ``fp8``: then the
+    frozen Linear weights stored in fp8, as the trainer stores them after LoRA (``sample`` ignored base_quant=fp8)."""
+    from lowmem_alignprop.memory.quant import store_fp8
+
     pipe = _pipeline_class(name).from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     for i, lora in enumerate(loras):
         pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name=f"lora{i}")
+    if fp8:
+        store_fp8(pipe.transformer, torch.float32)
 
     def images():
         out = []
@@ -140,6 +145,7 @@ def _watch(monkeypatch):
     ("flux", "folder", {"block_swap": 2, "unet_checkpointing": "blocks", "encode_on_cpu": "true",
                         "offload_frozen": "true"}),
     ("flux", "file", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
+    ("flux", "folder", {"base_quant": "fp8", "block_swap": 1, "unet_checkpointing": "blocks"}),
     ("sd3", "folder", {"block_swap": 1, "unet_checkpointing": "blocks", "encode_on_cpu": "true"}),
 ])
 def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, tmp_path, monkeypatch, name, source,
@@ -171,9 +177,13 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
 
     # the images: the same as before (the prompts encoded in one batch of the set here, per pipeline call before)
     base, lora = grids[0]
-    ref_base, ref_lora = _today(name, model, loras, prompts, seeds, guidance)
+    fp8 = extra.get("base_quant") == "fp8"
+    ref_base, ref_lora = _today(name, model, loras, prompts, seeds, guidance, fp8=fp8)
     assert_rel_close(base, ref_base, REORDERED, "base images")
     assert_rel_close(lora, ref_lora, REORDERED, "mixed-LoRA images")
+    if fp8:  # the weights the trainer trained on, rounded to fp8: beyond reordering from the unrounded ones'
+        from numerics import relative_difference
+        assert relative_difference(base, _today(name, model, loras, prompts, seeds, guidance)[0]) > REORDERED
     assert (lora - base).abs().max() > 0.01  # the adapters change the images: the comparison covers the mix
 
     # the text encoders (CLIP-L and T5; SD3: CLIP-L, CLIP-G, T5) encoded the set and were freed, then the
@@ -197,6 +207,7 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
     assert sorted(loads) == sorted(list(range(n)) * calls)
     assert swap.most_resident <= 2 and swap.where == ["cpu"] * n
     assert all(p.data.data_ptr() == h.data_ptr() for pairs in swap.host for p, h in pairs)
+    assert any(h.dtype == torch.float8_e4m3fn for pairs in swap.host for _, h in pairs) == fp8  # swapped as stored
     swapped = {id(p) for pairs in swap.host for p, _ in pairs}
     adapters = {pname: id(p) for i, b in enumerate(swap.blocks) for pname, p in b.named_parameters(prefix=str(i))
                 if ".lora_" in pname}
