@@ -69,7 +69,7 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
 
 def check_transformer_only(specs) -> None:
     """A LoRA with text-encoder layers cannot apply here: the prompts are encoded (by the base encoders, as in
-    training) and the encoders freed before any adapter loads. One line, before the transformer is read."""
+    training) and the encoders freed before any adapter loads. One line, before any model loads."""
     from safetensors import safe_open
 
     for spec in specs:
