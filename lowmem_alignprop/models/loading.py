@@ -220,9 +220,9 @@ def is_flow_hub_id(repo: str, *, cache_only: bool | None = None) -> bool:
 
 def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
     """Where a real SD3/FLUX checkpoint's transformer is read to, one block at a time (block_swap's blocks to the
-    CPU): an int8/nf4 base to its CUDA device, quantized as it is read; a full-precision one to the trainer's
-    ``device``, or the CPU (``sample``, ``export``; under DeepSpeed, which places the model itself). The trainer's
-    fp8 base (``base_quant=fp8`` and a ``device``) is stored in fp8 block by block as it is read, but the LoRA targets
+    CPU): an int8/nf4 base to its CUDA device, quantized as it is read; a full-precision one to the ``device`` of
+    the trainer or ``sample``, else the CPU (``export``; under DeepSpeed, which places the model itself). An fp8
+    base (``base_quant=fp8`` and a ``device``) is stored in fp8 block by block as it is read, but the LoRA targets
     (bf16 until LoRA is added; step.apply_memory_features stores them): never the whole bf16 model on the card."""
     host = getattr(cfg, "block_swap", 0)
     if quant != "none":
