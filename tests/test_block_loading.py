@@ -127,24 +127,31 @@ def test_int8_holds_one_block_in_full_precision_and_quantizes_as_the_whole_model
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
 
 
+def _load_int8_swapping_one(cfg):
+    """``load_components(cfg)`` with ``cpu:0`` standing for the GPU (distinct from ``cpu``): (components, the device
+    of each quantize_in_place call in order)."""
+    from lowmem_alignprop.models.loading import load_components
+
+    calls = []
+    quantize = quant.quantize_in_place
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "target_device", lambda: torch.device("cpu", 0))
+        mp.setattr(quant, "quantize_in_place", lambda m, *a, device=None, **kw: calls.append(str(device)) or
+                   quantize(m, *a, device=device, **kw))
+        return load_components(cfg), calls
+
+
 def test_a_bfl_flux_file_with_block_swap_loads_quantized_through_load_components(dirs, tmp_path, cpu_quant, caplog):
     """``--model flux1.safetensors --set model_components=DIR base_quant=int8 block_swap=1`` (BFL layout at this
     tiny width, which diffusers' own converter splits at FLUX.1's widths only): read block by block, the host block
     quantized on the CPU and the rest for the device, the weights the saved model's."""
-    from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.config import Config
 
     cls, config, sd = _saved(dirs["flux"])
     files = _write(tmp_path / "flux1.safetensors", sd, "flux", "original", "model.diffusion_model.")
-    calls = []
-    quantize = quant.quantize_in_place
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant, "target_device", lambda: torch.device("cpu", 0))  # stands for the GPU: distinct from cpu
-        mp.setattr(quant, "quantize_in_place", lambda m, *a, device=None, **kw: calls.append(str(device)) or
-                   quantize(m, *a, device=device, **kw))
-        with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
-            comps = load_components(Config(model=str(files[0]), model_components=str(dirs["flux"]),
-                                           base_quant="int8", block_swap=1))
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
+        comps, calls = _load_int8_swapping_one(Config(model=str(files[0]), model_components=str(dirs["flux"]),
+                                                      base_quant="int8", block_swap=1))
     assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
     assert "read block by block to cpu:0 (1 blocks kept in host memory): " in caplog.text
     ref = _int8_reference(cls, config, sd).state_dict()
@@ -353,21 +360,14 @@ def test_a_scaled_fp8_flux_file_loads_int8_with_block_swap_through_load_componen
     the same weights read from a full-precision file."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.config import Config
 
     cls, config, sd = _saved(dirs["flux"])
     files, ref = _fp8_file(tmp_path / "flux1-fp8-scaled.safetensors", sd, "flux", "scaled", "model.diffusion_model.")
     save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "full.safetensors"))
     full = bl.load_by_block(cls, config, [tmp_path / "full.safetensors"], "flux", "original", CPU).state_dict()
-    calls = []
-    quantize = quant.quantize_in_place
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant, "target_device", lambda: torch.device("cpu", 0))  # stands for the GPU: distinct from cpu
-        mp.setattr(quant, "quantize_in_place", lambda m, *a, device=None, **kw: calls.append(str(device)) or
-                   quantize(m, *a, device=device, **kw))
-        comps = load_components(Config(model=str(files[0]), model_components=str(dirs["flux"]), base_quant="int8",
-                                       block_swap=1))
+    comps, calls = _load_int8_swapping_one(Config(model=str(files[0]), model_components=str(dirs["flux"]),
+                                                  base_quant="int8", block_swap=1))
     assert calls == ["cpu", "cpu:0", "cpu:0", "cpu:0"]  # the host block, two resident blocks, the rest
     reference = _int8_reference(cls, config, full).state_dict()
     got = comps.unet.state_dict()
