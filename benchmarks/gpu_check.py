@@ -13,6 +13,10 @@ real run that either passes or raises out-of-memory.
 single blocks at FLUX.1's widths) to the card with ``benchmarks/load_rss.py --device cuda``: host memory, card
 memory and seconds of diffusers' whole load against ``block_loading``'s, int8 and bf16.
 
+``--only sample`` (in the default set, with ``profiles``) runs ``lowmem-alignprop sample`` after the trainings with
+the LoRA a training row of the same call wrote, under that row's profile and cap (the 8 GB FLUX profile: block
+swap, int8, T5 on the CPU): whether it runs, its CUDA peaks (``cuda_peak``) and ``sample_results.json``.
+
 ``--jobs N`` runs N trainings at once on the GPU: each is its own process with its own cap, and CUDA's peak
 counters are per process, so the memory figures are those of a run alone; the seconds per step are not
 (each result records ``concurrent_runs``). A second call on the same day and device merges into the same
@@ -87,6 +91,15 @@ PROFILE_RUNS = [
      {"grad_accum": 1, "prompts": "FLOW_PROMPTS", "base_quant": "fp8", "block_swap": 45}, 7.5),
 ]
 
+# `sample` under a profile (issue 18), after the trainings: (name, the training row whose LoRA it samples with that
+# row's profile, model and overrides, budget GiB for the cap). The 8 GB FLUX profile: block swap of int8 blocks, T5 on
+# the CPU, the prompts encoded and the encoders freed before the transformer is read; 8 Euler steps, one image each
+# of the base model and the LoRA
+SAMPLE_RUNS = [
+    ("sample rtx3060-flux flux 1024 int8 block swap 41", "rtx3060-flux flux 1024 int8 block swap 41", 7.5),
+]
+SAMPLE_ARGS = ["--num-prompts", "1", "--images-per-prompt", "1", "--set", "sample_steps=8"]
+
 # Speed features one at a time on one configuration (README "Speed"): SD1.5 512 px batch 1 under the rtx4090
 # profile, K = 1 of 20 steps. Compare the second step's seconds (the first pays any compile time); JOBS=1.
 SPEED_BASE = ["--profile", "rtx4090", "--model", "sd15", "--set", "batch_size=1", "--set", "grad_accum=1",
@@ -108,11 +121,17 @@ SPEED_RUNS = [
 
 CHILD = """
 import json, sys, torch
+from pathlib import Path
 frac = float(sys.argv[1])
 if frac > 0:
     torch.cuda.set_per_process_memory_fraction(frac)
 from lowmem_alignprop.cli import main
 rc = main(sys.argv[2:])
+if torch.cuda.is_available():  # the process's own peaks (sample writes no memory report)
+    out = Path(sys.argv[sys.argv.index("--output-dir") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cuda_peak.json").write_text(json.dumps({"max_allocated": torch.cuda.max_memory_allocated(),
+                                                     "max_reserved": torch.cuda.max_memory_reserved()}))
 sys.exit(rc)
 """
 
@@ -143,6 +162,11 @@ def make_aesthetic_weights(path: Path, tiny: bool) -> Path:
     return path
 
 
+def slug_of(name: str) -> str:
+    """A run's folder name under the scratch folder's runs/."""
+    return name.replace(" ", "_").replace("/", "-").replace("+", "").replace(",", "")
+
+
 def run_one(name: str, args: list[str], budget_gb: float, out: Path, timeout: float, cpu: bool) -> dict:
     frac = 0.0
     total = None
@@ -150,7 +174,7 @@ def run_one(name: str, args: list[str], budget_gb: float, out: Path, timeout: fl
         import torch
         total = torch.cuda.get_device_properties(0).total_memory
         frac = min(1.0, budget_gb * 2**30 / total) if budget_gb else 0.0
-    run_dir = out / "runs" / name.replace(" ", "_").replace("/", "-").replace("+", "").replace(",", "")
+    run_dir = out / "runs" / slug_of(name)
     cmd = [sys.executable, "-c", CHILD, str(frac), *args, "--output-dir", str(run_dir)]
     t0 = time.time()
     try:
@@ -173,6 +197,9 @@ def run_one(name: str, args: list[str], budget_gb: float, out: Path, timeout: fl
     met = run_dir / "metrics.jsonl"
     if met.exists():
         result["metrics"] = [json.loads(x) for x in met.read_text().splitlines() if x.strip()]
+    for key, file in (("cuda_peak", "cuda_peak.json"), ("sample_results", "sample_results.json")):
+        if (run_dir / file).exists():
+            result[key] = json.loads((run_dir / file).read_text())
     print(f"[{result['status']:>5}] {name}: {result['wall_seconds']} s", flush=True)
     return result
 
@@ -252,7 +279,7 @@ def merge_docs(old: dict | None, doc: dict) -> dict:
     if old is None:
         return dict(doc, calls=[call])
     merged = json.loads(json.dumps(old))
-    for section in ("ladder", "profiles", "speed"):
+    for section in ("ladder", "profiles", "sample", "speed"):
         ran = {r["name"]: r for r in doc.get(section, []) if _measured(r)}
         before = merged.get(section, [])
         names = {r["name"] for r in before}
@@ -273,7 +300,7 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the plumbing only")
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
     ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
-    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,loading,speed")
+    ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,loading,sample,speed")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (memory figures stay per run; "
                                                         "seconds per step then include the contention)")
     a = ap.parse_args()
@@ -291,7 +318,7 @@ def main() -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu-smoke to check the plumbing on CPU", file=sys.stderr)
         return 2
-    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "loading", "speed"}
+    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "loading", "sample", "speed"}
     aes = make_aesthetic_weights(Path(os.environ["LOWMEM_ALIGNPROP_CACHE"]) / "aesthetic-random", tiny=cpu)
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),
@@ -302,7 +329,7 @@ def main() -> int:
     # (CPU, cores, torch threads) with the card's name and memory
     doc = {"kind": "gpu_check", **provenance("python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), **device),
            "code": code_version(),
-           "ladder": [], "profiles": [], "speed": []}
+           "ladder": [], "profiles": [], "sample": [], "speed": []}
     common = ["--reward", "aesthetic", "--set", f"reward_weights={aes}", "--steps", "2", "--set", "sample_prompts=0"]
     if cpu:
         common += ["--set", "mixed_precision=no"]
@@ -340,8 +367,20 @@ def main() -> int:
             sets = [x for k, v in change.items() for x in ("--set", f"{k}={str(v).lower()}")]
             base = ["--profile", "cpu", "--model", "tiny"] if cpu else SPEED_BASE
             jobs.append(("speed", label, base + common + sets, 0))
+    samples: list[tuple[str, str, list[str], float]] = []  # (name, its training row, args without --lora, budget)
+    if "sample" in only and "profiles" in only:  # they sample the LoRA a training row of this call wrote
+        rows = {name: (profile, model, over) for name, profile, model, over, _ in PROFILE_RUNS}
+        for name, source, budget in SAMPLE_RUNS:
+            if cpu:
+                source = PROFILE_RUNS[0][0]  # the tiny model's LoRA from the first row
+            profile, model, over = ("cpu", "tiny", {}) if cpu else rows[source]
+            over = {k: (str(flow_prompts) if v == "FLOW_PROMPTS" else v) for k, v in over.items()}
+            sets = [x for k, v in over.items() for x in ("--set", f"{k}={v}")]
+            samples.append((name, source, ["sample", "--profile", profile, "--model", model, *common, *sets,
+                                           *SAMPLE_ARGS], budget))
     if a.match:  # rerun a subset: jobs whose name contains one of the comma-separated words
         jobs = [j for j in jobs if any(w in j[1] for w in a.match.split(","))]
+        samples = [j for j in samples if any(w in j[0] for w in a.match.split(","))]
     for _, name, args, _ in jobs:
         pool.submit(name, args)
     slug = "cpu-smoke" if cpu else device["name"].lower().replace("nvidia ", "").replace(" ", "-")
@@ -358,6 +397,8 @@ def main() -> int:
 
     for section, name, _, _ in jobs:
         doc[section].append({"name": name, "status": PENDING})
+    for name, *_ in samples:
+        doc["sample"].append({"name": name, "status": PENDING})
     save()
     def quant_check() -> None:  # about a minute: nf4/int8 base UNet forward+backward into LoRA, in this process
         try:
@@ -404,6 +445,16 @@ def main() -> int:
             quant_check()
             doc["quant"]["concurrent_runs"] = a.jobs
         list(runs)
+    for name, source, args, budget in samples:  # after the trainings: the LoRA of this call's training row
+        lora = out / "runs" / slug_of(source) / "lora"
+        if not time_left():
+            r = {"name": name, "status": "skipped (deadline)"}
+        elif not lora.is_dir():
+            r = {"name": name, "status": f"skipped (no LoRA: the row {source!r} did not finish in this call)"}
+        else:
+            r = run_one(name, [*args, "--lora", str(lora)], budget, out, 240, cpu)
+        doc["sample"][next(i for i, x in enumerate(doc["sample"]) if x["name"] == name)] = r
+        save()
     doc = merge_docs(previous, doc)
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")

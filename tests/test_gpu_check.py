@@ -26,11 +26,12 @@ def _gpu_check():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Two runs at once (--jobs 2) of the CPU smoke check: a profile run and a ladder row."""
+    """Two runs at once (--jobs 2) of the CPU smoke check: a profile run and a ladder row; then the sample row with
+    the profile run's LoRA."""
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, OMP_NUM_THREADS="1", LOWMEM_ALIGNPROP_CACHE=str(out / "cache"))
     p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out / "results"),
-                        "--work", str(out / "work"), "--match", "rtx3060 sd15,ladder fp16", "--jobs", "2",
+                        "--work", str(out / "work"), "--match", "rtx3060 sd15,ladder fp16,sample", "--jobs", "2",
                         "--deadline", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     files = list((out / "results").glob("gpu-cpu-smoke-*.json"))
@@ -48,6 +49,10 @@ def test_cpu_smoke_measures_and_plans_each_run(smoke):
         assert rep["peak_allocated"] > 0 and "backward" in rep["stages"]
         assert "error" not in r["planner"] and r["planner"]["peak_allocated"] > 0  # the estimate beside it
         assert len(r["metrics"]) == 2  # both training steps logged
+    [sample] = smoke["sample"]  # `sample` with the LoRA the profile run wrote (the tiny model on the CPU)
+    assert sample["status"] == "ok", sample.get("log_tail")
+    assert sample["command"].startswith("lowmem-alignprop sample --profile cpu --model tiny")
+    assert len(sample["sample_results"]["per_prompt"]) == 1 and "cuda_peak" not in sample
     assert smoke["calls"][0]["command"].startswith("python benchmarks/gpu_check.py --cpu-smoke")
     # the provenance block of every result (profiler.provenance), the card's name and memory in its device
     from lowmem_alignprop.measure.profiler import cpu_name
