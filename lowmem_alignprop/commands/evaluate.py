@@ -451,7 +451,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-                    "eta": cfg.eta, "resolution": cfg.resolution},
+                    **({"eta": cfg.eta} if scheduler == "DDIM" else {}),  # flow models' Euler steps have none
+                    "resolution": cfg.resolution},
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
