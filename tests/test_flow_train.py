@@ -363,3 +363,19 @@ def test_the_planner_counts_the_prompt_set_encoded_at_load(dirs):
     text, after = on_gpu.weights["text_encoder"], on_cpu.stages["load"]
     assert after["on_device"] == ["unet", "lora"] and text > after["allocated"]
     assert on_gpu.stages["load"]["on_device"] == ["text_encoder"] and on_gpu.stages["load"]["allocated"] > text
+
+
+def test_encoding_on_the_cpu_is_a_candidate_change_for_flow_models_only(dirs, tiny_dir):
+    """Where T5 encodes on the card (its load-stage peak), plan's candidates include encode_on_cpu; not once it is
+    set, not for a CPU target, not for a UNet model."""
+    from lowmem_alignprop.measure import planner
+
+    change = {"encode_on_cpu": True}
+    flow = Config(model=str(dirs["sd3"]), resolution=RES, mixed_precision="bf16").validate()
+    assert change in [c for _, c in planner.candidate_changes(flow, "cuda")]
+    assert change not in [c for _, c in planner.candidate_changes(flow, "cpu")]
+    on_cpu = Config(model=str(dirs["sd3"]), resolution=RES, mixed_precision="bf16", encode_on_cpu=True).validate()
+    assert not any("encode_on_cpu" in c for _, c in planner.candidate_changes(on_cpu, "cuda"))
+    unet = Config(model=str(tiny_dir), mixed_precision="fp16").validate()
+    assert not any("encode_on_cpu" in c for _, c in planner.candidate_changes(unet, "cuda"))
+

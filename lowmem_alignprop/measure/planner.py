@@ -1507,6 +1507,9 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         out.append(("decode one image at a time", {"sliced_decode": True}))
     if not cfg.offload_frozen and target == "cuda":
         out.append(("offload frozen modules to the CPU while idle (PCIe transfers)", {"offload_frozen": True}))
+    if not cfg.encode_on_cpu and target == "cuda" and _is_flow(cfg):
+        out.append(("encode the prompt set on the CPU (T5-XXL never on the card; CPU seconds once, at load)",
+                    {"encode_on_cpu": True}))
     if cfg.vae_checkpointing != "resnets":
         out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
@@ -1536,6 +1539,14 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
         r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
         out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
     return out
+
+
+def _is_flow(cfg: Config) -> bool:
+    """An SD3/FLUX model (from the cached meta model the plan's own estimate built); False if it cannot be built."""
+    try:
+        return _meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).family != "unet"
+    except (UserError, TypeError):
+        return False
 
 
 def _swappable_count(cfg: Config) -> int:
