@@ -379,3 +379,26 @@ def test_encoding_on_the_cpu_is_a_candidate_change_for_flow_models_only(dirs, ti
     unet = Config(model=str(tiny_dir), mixed_precision="fp16").validate()
     assert not any("encode_on_cpu" in c for _, c in planner.candidate_changes(unet, "cuda"))
 
+
+
+def test_the_planner_tells_the_host_memory_of_a_gpu_run(dirs):
+    """plan's host memory (GPU target): T5 and block swap's pinned blocks are never counted together (the prompts are
+    encoded and the encoders freed before the transformer is read); block swap adds its pinned blocks to the steps;
+    with encode_on_cpu the prompt cache moves from the card to host memory, the same bytes."""
+    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.memory import stages
+
+    base = dict(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=2, guidance_scale=3.5,
+                mixed_precision="bf16", unet_checkpointing="blocks")
+    plain = planner.estimate(Config(**base).validate(), target="cuda")
+    swapped = planner.estimate(Config(**base, block_swap=2).validate(), target="cuda")
+    on_cpu = planner.estimate(Config(**base, block_swap=2, encode_on_cpu=True).validate(), target="cuda")
+    pinned, text = swapped.host_pinned, swapped.weights["text_encoder"]
+    assert pinned > 0 and text > 0
+    assert swapped.host["steps"] - plain.host["steps"] == pinned
+    rest = swapped.weights["vae"] + swapped.weights["reward"]
+    assert max(text, pinned) <= swapped.host["load"] < text + pinned + rest  # never both in host memory
+    moved = {swapped.stages[n]["allocated"] - on_cpu.stages[n]["allocated"] for n in stages.STEP_STAGES}
+    host = on_cpu.host["steps"] - swapped.host["steps"]  # exact bytes; the card's are rounded up to 512 B blocks
+    assert len(moved) == 1 and 0 < host <= moved.pop() < host + 512 * 16  # the cache's few storages
+    assert planner.estimate(Config(**base).validate(), target="cpu").host == {}  # a CPU run: all of it is host

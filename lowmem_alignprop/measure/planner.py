@@ -814,6 +814,7 @@ class Estimate:
     # scaled from the simulated step to all T steps and the mean K (step_work)
     work: dict[str, dict[str, float]] = field(default_factory=dict)
     host_pinned: int = 0  # block swap: the swapped blocks' frozen weights in pinned host memory, as stored
+    host: dict[str, int] = field(default_factory=dict)  # a GPU target's host memory: {"load", "steps"} (host_memory)
     per_kept_bytes: int = 0  # what each kept grad step (window_keep) beyond the simulated ones keeps
     # block swap on a GPU: stage -> [[copy bytes, the work it overlaps] per group] of the simulated step (SwapWindows)
     swap_windows: dict[str, list] = field(default_factory=dict)
@@ -983,10 +984,45 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
                    t0, notes, load_extra=_fp8_load_bytes(cfg, comps, counter, cuda))
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
+    if cuda:
+        est.host = host_memory(cfg, weights, host_pinned, _storage_bytes(parts.encoder), flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
     est.seconds = time.perf_counter() - t0
     return est
 
+
+
+def host_memory(cfg: Config, weights: dict[str, int], host_pinned: int, cache: int, *, flow: bool) -> dict[str, int]:
+    """A GPU target's host memory held by the run's modules and tensors, as stored (bytes): ``load``, the most while
+    loading; ``steps``, during the steps. Not in it: the process itself (Python, torch, the CUDA libraries), a
+    checkpoint file's page cache (reclaimable), activation_offload's saved tensors. ``cache``: the prompt cache's
+    bytes (in host memory with ``encode_on_cpu``)."""
+    def w(*names):
+        return sum(weights.get(n, 0) for n in names)
+
+    cache = cache if cfg.encode_on_cpu else 0
+    parked = w("vae", "reward") if cfg.offload_frozen else 0  # offload_frozen: they wait on the CPU between uses
+    if flow:
+        # the text side first: the encoders and the VAE while the prompts encode, the transformer not read yet (it is
+        # read to the card block by block); then block swap's blocks, the VAE and the reward model before placement
+        load = max(w(TEXT_ENCODER, "vae") + cache, host_pinned + w("vae", "reward") + cache)
+        return {"load": load, "steps": host_pinned + parked + cache}
+    # a UNet pipeline is loaded whole on the CPU before it is placed; its text encoder waits there once the prompts
+    # are cached (or with offload_frozen)
+    text = w(TEXT_ENCODER) if cfg.cache_prompt_embeddings or cfg.offload_frozen else 0
+    return {"load": w("unet", TEXT_ENCODER, "vae", "reward") + host_pinned, "steps": host_pinned + parked + text}
+
+
+def _storage_bytes(encoder) -> int:
+    """The bytes of the distinct storages of a prompt cache (0 for none)."""
+    if encoder is None:
+        return 0
+    seen = {}
+    for embeds in encoder.cache.values():
+        for t in vars(embeds).values():
+            if isinstance(t, torch.Tensor):
+                seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def _encode_at_load_counted(parts: StepParts, place: Residency, cuda: bool):
@@ -1684,6 +1720,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "config": cfg.to_dict(), "estimate": est.to_dict(),
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
         "host_pinned": est.host_pinned,  # block swap's frozen blocks in pinned host memory (bytes, as stored)
+        "host_memory": est.host,  # a GPU target's host memory held by the models and tensors: load, steps (bytes)
         "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
         "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
         "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's

@@ -71,6 +71,11 @@ def format_plan(r: dict[str, Any]) -> str:
                      f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
     else:
         lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
+    host = r.get("host_memory")
+    if cuda and host:
+        pinned = f", {_gib_or_dash(r['host_pinned'])} of it block swap's pinned blocks" if r.get("host_pinned") else ""
+        lines.append(f"  host memory (CPU RAM) the models hold: {_gib_or_dash(host['load'])} GiB at most while loading, "
+                     f"{_gib_or_dash(host['steps'])} GiB during the steps{pinned}; plus the process itself")
     if r["fits"] is False:
         s = r.get("suggestion")
         if s:
