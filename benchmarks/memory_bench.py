@@ -413,10 +413,12 @@ def section_flow_plans(results_dir: Path) -> list[str]:
          "k_max=5 of 28 Euler steps; text encoders on the CPU) on a CPU, `results/plan-*.json`. Seconds per step are "
          "the planner's time model on the profile's card (measure/devices.py: the RTX 3060 rows use the 12 GB card's "
          "360 GB/s; the 8 GB card has 240 GB/s), at the mean K=3; an optimizer step is `grad_accum` (4) micro-steps. "
-         "Not measured on a GPU yet: `benchmarks/gpu_check.sh` has a row for each.", "",
+         "Not measured on a GPU yet: `benchmarks/gpu_check.sh` has a row for each. Host GiB is what the models and "
+         "the prompt cache hold in CPU memory (`plan`'s `host_memory`: the most while loading, and during the steps), "
+         "not the process itself (Python, torch, the CUDA libraries).", "",
          "| profile | model | base_quant | block_swap | budget GiB | issue's target | allocated GiB (stage) | needed GiB "
-         "| fits | pinned host GiB | s / micro-step | s / optimizer step | plan CPU s |",
-         "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+         "| fits | pinned host GiB | host GiB: load / steps | s / micro-step | s / optimizer step | plan CPU s |",
+         "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     notes = []
     for path in files:
         r = json.loads(path.read_text())
@@ -424,9 +426,11 @@ def section_flow_plans(results_dir: Path) -> list[str]:
         target = r.get("issue_target", "")
         fits = "yes" if r["fits"] else f"**no, by {(r['peak_needed'] - r['budget_bytes']) / GIB:.2f} GiB**"
         secs = [f"{t[key]:.0f}" if t.get(key) else "-" for key in ("micro_step", "optimizer_step")]
+        host = r.get("host_memory") or {}  # what the models hold in host memory (plan's host_memory; not the process)
+        host = f"{host['load'] / GIB:.2f} / {host['steps'] / GIB:.2f}" if host else "-"
         L.append(f"| {r['profile']} | {r['model']} | {c['base_quant']} | {c['block_swap']} | {r['budget_gb']} | "
                  f"{target} | {r['peak_allocated'] / GIB:.2f} ({r['peak_stage']}) | {r['peak_needed'] / GIB:.2f} | "
-                 f"{fits} | {r.get('host_pinned', 0) / GIB:.2f} | {secs[0]} | {secs[1]} | "
+                 f"{fits} | {r.get('host_pinned', 0) / GIB:.2f} | {host} | {secs[0]} | {secs[1]} | "
                  f"{r.get('cpu_user_seconds', 0):.0f} |")
         if not r["fits"] and r.get("suggestion"):
             sug = r["suggestion"]
