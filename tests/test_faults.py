@@ -117,6 +117,17 @@ def test_planner_suggestion_is_used_when_the_planner_offers_one():
         {"vae_checkpointing": "blocks"}
 
 
+def test_a_load_only_suggestion_is_taken_for_an_oom_at_load_only():
+    """encode_on_cpu acts while SD3/FLUX load (their prompts are encoded there): the planner's suggestion of it is
+    the fit for an OOM at load; after a step's OOM the ladder decides (the prompts are encoded already)."""
+    def encode_on_cpu(cfg, target):
+        return "encode the prompt set on the CPU", {"encode_on_cpu": True}
+
+    cfg = Config(sample_steps=10, k=1)
+    assert faults.next_fit(cfg, stages.LOAD, suggest=encode_on_cpu).overrides == {"encode_on_cpu": True}
+    assert faults.next_fit(cfg, stages.DECODE, suggest=encode_on_cpu).overrides == {"vae_checkpointing": "blocks"}
+
+
 def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, tiny_dir):
     from lowmem_alignprop.measure import planner
     monkeypatch.setenv(faults.INJECT_ENV, "backward@1")

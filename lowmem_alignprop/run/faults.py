@@ -204,11 +204,16 @@ def planner_fit(cfg, stage: str, suggest: Callable | None) -> Fit | None:
     return None
 
 
+# settings that act only while the models load (SD3/FLUX encode their prompt set there): no help after a step's OOM
+AT_LOAD_ONLY = frozenset({"encode_on_cpu"})
+
+
 def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
     """The next change that lowers memory for an OOM in ``stage``: the planner's (``suggest``), else the ladder's."""
     if suggest is not None:
         fit = planner_fit(cfg, stage, suggest)
-        if fit is not None and _valid(cfg, fit.overrides):
+        if fit is not None and _valid(cfg, fit.overrides) and (stage == stages.LOAD
+                                                                or not set(fit.overrides) <= AT_LOAD_ONLY):
             return fit
     order = list(STAGE_FIRST.get(stage, ())) + [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())]
     for key in order:
