@@ -13,8 +13,8 @@ real run that either passes or raises out-of-memory.
 single blocks at FLUX.1's widths) to the card with ``benchmarks/load_rss.py --device cuda``: host memory, card
 memory and seconds of diffusers' whole load against ``block_loading``'s, int8 and bf16.
 
-``--only sample`` (in the default set, with ``profiles``) runs ``lowmem-alignprop sample`` after the trainings with
-the LoRA a training row of the same call wrote, under that row's profile and cap (the 8 GB FLUX profile: block
+``--only sample`` (in the default set, with ``profiles``) runs ``lowmem-alignprop sample`` as soon as its training
+row of the same call is done, with the LoRA that row wrote, under that row's profile and cap (the 8 GB FLUX profile: block
 swap, int8, T5 on the CPU): whether it runs, its CUDA peaks (``cuda_peak``) and ``sample_results.json``.
 
 ``--jobs N`` runs N trainings at once on the GPU: each is its own process with its own cap, and CUDA's peak
@@ -433,6 +433,20 @@ def main() -> int:
         slot = next(i for i, x in enumerate(doc[section]) if x["name"] == name)
         doc[section][slot] = r
         save()
+        for sample in samples:  # at once, in this worker: before the call's deadline stops new runs
+            if sample[1] == name:
+                run_sample(*sample)
+
+    def run_sample(name, source, args, budget):  # `sample` with the LoRA its training row wrote in this call
+        lora = out / "runs" / slug_of(source) / "lora"
+        if not time_left():
+            r = {"name": name, "status": "skipped (deadline)"}
+        elif not lora.is_dir():
+            r = {"name": name, "status": f"skipped (no LoRA: the row {source!r} did not finish in this call)"}
+        else:
+            r = run_one(name, [*args, "--lora", str(lora)], budget, out, 240, cpu)
+        doc["sample"][next(i for i, x in enumerate(doc["sample"]) if x["name"] == name)] = r
+        save()
 
     quant = "quant" in only and not cpu
     if quant and a.jobs <= 1:  # alone, before the trainings: its seconds are then its own
@@ -445,16 +459,10 @@ def main() -> int:
             quant_check()
             doc["quant"]["concurrent_runs"] = a.jobs
         list(runs)
-    for name, source, args, budget in samples:  # after the trainings: the LoRA of this call's training row
-        lora = out / "runs" / slug_of(source) / "lora"
-        if not time_left():
-            r = {"name": name, "status": "skipped (deadline)"}
-        elif not lora.is_dir():
-            r = {"name": name, "status": f"skipped (no LoRA: the row {source!r} did not finish in this call)"}
-        else:
-            r = run_one(name, [*args, "--lora", str(lora)], budget, out, 240, cpu)
-        doc["sample"][next(i for i, x in enumerate(doc["sample"]) if x["name"] == name)] = r
-        save()
+    ran = {j[1] for j in jobs}
+    for sample in samples:  # those whose training row was not among this call's runs: said so
+        if sample[1] not in ran:
+            run_sample(*sample)
     doc = merge_docs(previous, doc)
     print(f"wrote {path}")
     gib = (lambda b: "    -" if b is None else f"{b / 2**30:5.2f}")

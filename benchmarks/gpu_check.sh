@@ -11,7 +11,8 @@
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
 # The speed rows (--only speed: compile, channels_last, fused AdamW, tf32 and plan --fastest's choice, one at a
 # time on SD1.5 batch 1 under rtx4090) need JOBS=1 to be a timing: about 8 minutes on their own.
-# After the trainings, `sample` runs with the 8 GB FLUX row's LoRA under that profile and cap (about a minute).
+# When the 8 GB FLUX row is done, `sample` runs with its LoRA under that profile and cap (about a minute; that
+# row must run in the same call: --match rtx3060-flux runs both).
 # Split over calls with --match (comma-separated words of run names) or --only
 # ladder,profiles,quant,loading,sample,speed;
 # calls on the same day and device merge into one results file, saved after every run (a call killed at its
