@@ -179,16 +179,14 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
     scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler, loaded as
     the trainer loads them (flow_sample.py: ``prompts`` encoded and the text encoders freed before the transformer
     is read; :func:`place_denoiser` then places it, once the adapters are loaded)."""
-    from lowmem_alignprop.models.family import family_for, materialize_meta
+    from lowmem_alignprop.models.family import family_for
     from lowmem_alignprop.models.loading import load_components
 
     comps = load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
     family = family_for(comps)
-    if family.flow:
+    if family.flow:  # (the architectures on meta, sd35m|sd35l|flux, are flow models: drawn there)
         from lowmem_alignprop.commands.flow_sample import build_flow_pipeline
         return build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
-    if comps.meta:  # sd35m|sd35l|flux: random weights, drawn on the device
-        materialize_meta(comps, device, cfg.seed)
     pipe = family.make_pipeline(comps)
     pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments
     pipe.set_progress_bar_config(disable=True)

@@ -42,19 +42,10 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
     """The pipeline of components loaded with ``transformer_last``: ``prompts`` encoded and the text encoders
     freed first, then the transformer read (or drawn) to ``device`` (block swap's blocks to host memory)."""
     from lowmem_alignprop.memory.placement import Placement
-    from lowmem_alignprop.models.family import materialize_meta
-    from lowmem_alignprop.models.loading import read_transformer
+    from lowmem_alignprop.models.family import encode_then_read
 
     place = Placement(device, offload=cfg.offload_frozen)
-    if comps.meta:  # sd35m|sd35l|flux: the text encoders drawn first, the same weights as in one call
-        materialize_meta(comps, device, cfg.seed, text_only=True)
-    # final: the set never grows, so the encoders are dropped once it is encoded (T5-XXL: 9.5 GB of host memory)
-    embed = family.prompt_encoder(family.make_pipeline(comps), comps, place, device, cfg, prompts, final=True)
-    embed.encode_all()
-    read_transformer(comps)  # a checkpoint's, block by block to the device (block swap's blocks to the CPU)
-    if comps.meta:  # random weights drawn on the device as the trainer draws them (block swap's to host memory)
-        materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=weight_dtype,
-                         host_blocks=cfg.block_swap)
+    embed = encode_then_read(comps, place, device, cfg, prompts, weight_dtype)  # the trainer's order
     pipe = family.make_pipeline(comps)  # no text encoder: it is called with the cached embeddings
     pipe._lowmem_family = family
     pipe._lowmem_flow = FlowSampling(family, comps, embed, place, device, dtype=weight_dtype)

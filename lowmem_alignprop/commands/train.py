@@ -35,8 +35,8 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
-from lowmem_alignprop.models.family import check_supported, family_for, materialize_meta, model_defaults_note
-from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet, read_transformer
+from lowmem_alignprop.models.family import check_supported, encode_then_read, family_for, model_defaults_note
+from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
 from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
@@ -263,19 +263,12 @@ class Trainer:
 
     def _load(self) -> None:
         cfg, place = self.cfg, self.place
-        # SD3/FLUX: the transformer stays empty until the prompt set is encoded (read_transformer below)
+        # SD3/FLUX: the transformer stays empty until the prompt set is encoded (encode_then_read below)
         self.comps = comps = load_components(cfg, self.weight_dtype, self.device, transformer_last=True)
         self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
-            if comps.meta:
-                materialize_meta(comps, self.device, cfg.seed, text_only=True)
-            self.embed = self.prompt_encoder(self.family.make_pipeline(comps))
-            self.embed.encode_all()
-        read_transformer(comps)  # a checkpoint's, block by block to the device
-        if comps.meta:  # sd35m|sd35l|flux: random weights drawn on the device, never initialised on the CPU
-            materialize_meta(comps, self.device, cfg.seed, base_quant=cfg.base_quant, dtype=self.weight_dtype,
-                             host_blocks=cfg.block_swap)  # block swap's blocks go to host memory as they are drawn
+            self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
         self.unet, self.vae = comps.unet, comps.vae
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:
@@ -308,12 +301,10 @@ class Trainer:
             self.unet, optimizer, device_placement=[False, False] if self.swap else None)
         self.pipe = self.family.make_pipeline(comps)
 
-    def prompt_encoder(self, pipe):
-        """Prompt embeddings: cached once (then the text encoder leaves the device), or encoded per step. ``final``:
-        every prompt the run will use, so SD3/FLUX free their text encoders once the set is encoded."""
-        prompts = set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts) | set(self.judge_prompts)
-        return self.family.prompt_encoder(pipe, self.comps, self.place, self.device, self.cfg, prompts=prompts,
-                                          final=True)
+    def prompt_set(self) -> set[str]:
+        """Every prompt the run will use: the encoder's set never grows (SD3/FLUX free their text encoders once it
+        is encoded)."""
+        return set(self.prompts) | set(self.sample_prompts) | set(self.eval_prompts) | set(self.judge_prompts)
 
     def build_reward(self):
         return rewards.build_reward(self.cfg.reward, device="cpu", dtype=self.weight_dtype,
@@ -361,8 +352,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.rank = acc.process_index
         self.rng = random.Random(cfg.seed * 1000 + self.rank)  # prompt order and K draws; each rank its own stream
-        if self.embed is None:  # SD3/FLUX's was made before the transformer was read
-            self.embed = self.prompt_encoder(self.pipe)
+        if self.embed is None:  # (SD3/FLUX's was made before the transformer was read) cached once, or per step
+            self.embed = self.family.prompt_encoder(self.pipe, self.comps, self.place, self.device, cfg,
+                                                    prompts=self.prompt_set(), final=True)
         self.scheduler = self.comps.scheduler
         self.bare_unet = acc.unwrap_model(self.unet_train)
         self.nograd_unet = nograd_unet(self.bare_unet, cfg)  # compile=nograd: a compiled view for no-grad steps

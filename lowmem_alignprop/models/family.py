@@ -237,6 +237,25 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
     comps.meta = text_only
 
 
+def encode_then_read(comps, place, device, cfg, prompts, dtype):
+    """SD3/FLUX loaded with ``transformer_last`` (the trainer's and ``sample``'s order): the text encoders made (an
+    architecture's drawn first, the same weights as in one call), every prompt in ``prompts`` encoded and the
+    encoders freed, and only then the transformer read block by block to where it runs (or drawn there, block
+    swap's blocks to host memory). T5-XXL (9.5 GB) and the transformer are never in memory together. Returns the
+    filled prompt encoder."""
+    from lowmem_alignprop.models.loading import read_transformer
+
+    family = family_for(comps)
+    if comps.meta:
+        materialize_meta(comps, device, cfg.seed, text_only=True)
+    embed = family.prompt_encoder(family.make_pipeline(comps), comps, place, device, cfg, prompts, final=True)
+    embed.encode_all()
+    read_transformer(comps)  # a checkpoint's, block by block to the device (block swap's blocks to the CPU)
+    if comps.meta:  # random weights drawn on the device, never initialised on the CPU
+        materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=dtype, host_blocks=cfg.block_swap)
+    return embed
+
+
 def model_defaults_note(comps, cfg) -> str | None:
     """Settings far from what the model's own pipeline uses (e.g. FLUX.1-schnell with 50 steps)."""
     if getattr(comps, "family", "unet") == flow.FLUX and not comps.unet.config.guidance_embeds \
@@ -246,5 +265,5 @@ def model_defaults_note(comps, cfg) -> str | None:
     return None
 
 
-__all__ = ["FlowFamily", "UNetFamily", "check_supported", "family_for", "materialize_meta",
+__all__ = ["FlowFamily", "UNetFamily", "check_supported", "encode_then_read", "family_for", "materialize_meta",
            "model_defaults_note"]
