@@ -173,7 +173,8 @@ def test_next_feature_for_auto_fit_lowers_the_peak(tiny_dir):
 # ---------------------------------------------------------------------------------------------------
 def test_cuda_autocast_emulation_dtypes_and_checkpoint_recompute():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.checkpoint import checkpoint
+
+    from lowmem_alignprop.memory.recompute import checkpoint  # every checkpoint of the package
 
     conv = torch.nn.Conv2d(4, 4, 3, padding=1).half().requires_grad_(False)
     norm = torch.nn.GroupNorm(2, 4).half().requires_grad_(False)
@@ -193,7 +194,7 @@ def test_cuda_autocast_emulation_dtypes_and_checkpoint_recompute():
             assert torch.softmax(conv(x), -1).dtype == torch.float32
             with torch.autocast("cpu", enabled=False):  # decode of a VAE in its own dtype: autocast off
                 assert norm(conv(x.half())).dtype == torch.float16
-            out = checkpoint(block, x, use_reentrant=False)
+            out = checkpoint(block, x)
         out.float().sum().backward()  # the recompute replays the emulation, else checkpointing's check fails
     assert lora.grad is not None and lora.grad.shape == (4, 1, 1)
     assert not torch.is_autocast_enabled("cpu")

@@ -57,7 +57,7 @@ from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.memory.allowances import (ALLOWANCES, CUDA_BLOCK, FIXED_SEGMENTS_BYTES_PER_512PX, GIB, MIB,
                                                 RESERVED_FACTOR, WORKSPACE_BYTES)
-from lowmem_alignprop.memory.torch_private import recompute_inside
+from lowmem_alignprop.memory.recompute import recompute_inside
 from lowmem_alignprop.memory.quant import BNB_MODES
 
 PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
@@ -394,11 +394,10 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
     more ops cast down. It acts only while CPU autocast is on, so ``torch.autocast(enabled=False)``
     regions (decode of a VAE kept in its own dtype) are honoured.
 
-    The autograd engine does not carry torch-function modes into backward, so a checkpoint's recompute would
-    run without this mode (and fail checkpointing's dtype check): :meth:`replay_in_recompute` makes every
-    non-reentrant checkpoint re-enter it for its recompute (the CPU autocast state is replayed by
-    checkpointing itself), through the one private torch function this package touches
-    (:mod:`lowmem_alignprop.memory.torch_private`)."""
+    A mode is off inside its own handler, where ``loss.backward()`` runs, so the autograd engine would run a
+    checkpoint's recompute without it (and fail checkpointing's dtype check): :meth:`replay_in_recompute` makes
+    every checkpoint the package makes re-enter it for its recompute, through torch's public ``context_fn``
+    (:mod:`lowmem_alignprop.memory.recompute`; the CPU autocast state is replayed by checkpointing itself)."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -408,7 +407,8 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
         return torch.autocast("cpu", dtype=self.dtype)
 
     def replay_in_recompute(self):
-        """While active, every non-reentrant checkpoint's recompute re-enters this mode (see torch_private)."""
+        """While active, every checkpoint made by :func:`memory.recompute.checkpoint` re-enters this mode in its
+        recompute."""
         dtype = self.dtype
         return recompute_inside(lambda: CudaAutocast(dtype))
 

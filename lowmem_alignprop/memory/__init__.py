@@ -1,1 +1,1 @@
-"""The memory features themselves: stage names, where each module lives (placement), precision and autocast, tiled decode, quantized frozen bases, optimizers (8-bit AdamW), allocator allowances, and the one private torch function the planner needs."""
+"""The memory features themselves: stage names, where each module lives (placement), precision and autocast, tiled decode, quantized frozen bases, optimizers (8-bit AdamW), allocator allowances, and the one gradient checkpoint every module uses (recompute)."""

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from lowmem_alignprop.memory.recompute import checkpoint
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -87,7 +88,7 @@ def tiled_decode(vae, z: torch.Tensor, *, tile_size: int = 64, overlap: int = 16
             z_tile = z[:, :, r0:r0 + th, c0:c0 + tw]
             if checkpoint_tiles and torch.is_grad_enabled():
                 # one checkpoint per tile: keep only the latent tile, recompute its decoder in backward
-                x = checkpoint(_decode_tile, vae, z_tile, use_reentrant=False)
+                x = checkpoint(_decode_tile, vae, z_tile)
             else:
                 x = _decode_tile(vae, z_tile)
             if scale is None:

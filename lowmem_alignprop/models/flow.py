@@ -21,14 +21,13 @@ detached, and each transformer call in the window is one gradient checkpoint.
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
 from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor
 
@@ -335,7 +334,7 @@ def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, d
     The scheduler has walked past its last step by now (its step index is at the end), so its sigmas are read and
     the Euler step ``x + (sigma_next - sigma) * v`` (``FlowMatchEulerDiscreteScheduler.step``'s, in float32) is
     written out."""
-    call = call or functools.partial(checkpoint, use_reentrant=False)
+    call = call or checkpoint
     t = scheduler.timesteps[-1]
     sigma, sigma_next = scheduler.sigmas[-2], scheduler.sigmas[-1]  # 0-dim tensors (fake ones under the planner)
     more = draws - 1
@@ -375,7 +374,7 @@ def sample_images(transformer, scheduler, vae, emb: FlowEmbeds, *, cfg, rng: ran
 def enable_block_checkpointing(transformer) -> None:
     """Checkpoint every transformer block (diffusers' own): inside a window step only the blocks' inputs are
     kept while the step's checkpoint recomputes it."""
-    _bare(transformer).enable_gradient_checkpointing()
+    _bare(transformer).enable_gradient_checkpointing(module_checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------

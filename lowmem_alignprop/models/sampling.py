@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
 
 
 # What DDIM sampling uses for every model family, whatever the model's own scheduler config says or omits.
@@ -187,11 +187,10 @@ def _block_checkpoint(unet, block, *args):
     """diffusers' per-block checkpoint (non-reentrant). A block of the base model's call (inside
     :func:`adapters_off`) is recomputed in backward, long after that call returned: its recompute switches the
     adapters off again, else it would recompute the LoRA model's block."""
-    ckpt = torch.utils.checkpoint.checkpoint  # looked up at call time, as diffusers' own block checkpoint does
     if getattr(unet, "_lowmem_base_call", False):
         context_fn = lambda: (contextlib.nullcontext(), adapters_off(unet))  # noqa: E731
-        return ckpt(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
-    return ckpt(block.__call__, *args, use_reentrant=False)
+        return module_checkpoint(block, *args, context_fn=context_fn)
+    return module_checkpoint(block, *args)
 
 
 def enable_block_checkpointing(unet) -> None:
@@ -260,7 +259,7 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
     if k == 0:
         return latents
     plain = lambda f, *a: f(*a)  # noqa: E731
-    checkpointed = functools.partial(checkpoint, use_reentrant=False) if checkpoint_calls else plain
+    checkpointed = checkpoint if checkpoint_calls else plain
     with stage(stages.SAMPLE_GRAD):
         for i, t in enumerate(timesteps[split:]):
             # one checkpoint per model call: keep only its input latent, recompute the call in backward; the last
@@ -353,7 +352,7 @@ def checkpoint_modules(modules) -> int:
         @functools.wraps(plain)
         def wrapped(*args, _plain=plain, **kwargs):
             if torch.is_grad_enabled():
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_plain, *args, **kwargs)
             return _plain(*args, **kwargs)
 
         m.forward = wrapped
@@ -365,7 +364,7 @@ def checkpoint_modules(modules) -> int:
 def enable_vae_checkpointing(vae, granularity: str) -> None:
     """none | blocks (each decoder up-block, diffusers' own) | resnets (each resnet and attention: least memory)."""
     if granularity == "blocks":
-        vae.enable_gradient_checkpointing()  # keep one input per up-block, recompute the block in backward
+        vae.enable_gradient_checkpointing(module_checkpoint)  # keep one input per up-block, recompute it in backward
     elif granularity == "resnets":
         dec = vae.decoder
         mods = list(dec.mid_block.resnets) + list(dec.mid_block.attentions or [])

@@ -42,8 +42,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from .base import RewardModule
@@ -147,7 +147,7 @@ def _checkpointed(forward):
     @wraps(forward)
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, **kwargs)
         return forward(*args, **kwargs)
 
     return run

@@ -1,0 +1,61 @@
+"""The package's one gradient checkpoint: torch's non-reentrant ``torch.utils.checkpoint.checkpoint``, used by every
+checkpoint a step makes (the rollout's one per model call, UNet/transformer blocks through diffusers'
+``enable_gradient_checkpointing(module_checkpoint)``, VAE blocks and resnets, decode tiles, reward layers).
+
+Why one place: the planner emulates ``torch.autocast("cuda")`` on fake CPU tensors with a ``TorchFunctionMode``
+(``measure/planner.CudaAutocast``). The autograd engine runs backward with the torch-function modes of the
+``backward()`` call, and a mode is off inside its own handler, so a checkpoint's recompute would run without the
+emulation (and fail checkpointing's dtype check). :func:`recompute_inside` names a context that every checkpoint
+made while it is active enters for its recompute, through torch's public ``context_fn``. Training never sets one,
+so its checkpoints are torch's plain ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Iterator
+
+import torch.utils.checkpoint
+
+_recompute_contexts: list[Callable[[], ContextManager]] = []
+
+
+def checkpoint(fn, *args, context_fn: Callable[[], tuple[ContextManager, ContextManager]] | None = None, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)`` keeps only ``args`` and recomputes
+    ``fn`` in backward; ``context_fn`` as torch's. Its recompute also enters the :func:`recompute_inside` contexts
+    active now (checkpoint() is looked up at call time: tests count the checkpoints a step opens)."""
+    extra = tuple(_recompute_contexts)
+    if extra:
+        inner = context_fn or torch.utils.checkpoint.noop_context_fn
+
+        def context_fn():
+            forward_ctx, recompute_ctx = inner()
+            return forward_ctx, _entered([make() for make in extra] + [recompute_ctx])
+
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def module_checkpoint(module, *args, **kwargs):
+    """diffusers' ``gradient_checkpointing_func``: checkpoint one block call (``module(*args)``)."""
+    return checkpoint(module.__call__, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def recompute_inside(make_context: Callable[[], ContextManager]) -> Iterator[None]:
+    """Every checkpoint made while this is active recomputes inside a fresh ``make_context()`` too, whenever its
+    backward runs."""
+    _recompute_contexts.append(make_context)
+    try:
+        yield
+    finally:
+        _recompute_contexts.remove(make_context)
+
+
+@contextlib.contextmanager
+def _entered(contexts: list[ContextManager]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for ctx in contexts:
+            stack.enter_context(ctx)
+        yield
