@@ -352,6 +352,10 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
     files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.name != "report.json"}
     assert set(saved["sha256"]) == files
     assert "model/unet/diffusion_pytorch_model.safetensors" in files
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model" / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # the hub's layout: every transformers 5 reads it
     for name, digest in saved["sha256"].items():
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
     assert 0 <= saved["samples_heldout"]["all_ok"] <= 1 and "toy_count_accuracy" in saved["rewards_on_renders"]
@@ -802,3 +806,48 @@ def test_the_blank_margin_puts_no_object_images_under_every_right_image():
     ref = reference.embed_images(images[:6]) @ reference.embed_text(tokenize(tok, texts[:6])).T
     assert_rel_close(moved, 10.0 * ((img[:6] @ pos[:6].T - ref) ** 2).mean(), SAME_OPS, "anchor term")
     assert moved > 0
+
+
+def test_the_shipped_toy_weights_load_whole_and_match_their_report():
+    """The shipped text encoder is in the hub's layout (``text_model.``): transformers 5.0 reads it, and so does
+    5.24, which saves without the prefix; a file in 5.24's layout loads in 5.0 as missing weights, drawn at random
+    without an error (the toy world's figures then fall to chance). Every file still has the report's checksum."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from lowmem_alignprop.models.loading import TOY_MODEL_DIR
+    from lowmem_alignprop.rewards.toy import SHIPPED_REWARDS, load_toy_clip
+
+    with safe_open(str(TOY_MODEL_DIR / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    with safe_open(str(SHIPPED_REWARDS / "toy_clip" / "model.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"image", "text", "text_proj", "logit_scale"} \
+            and all(k.startswith("text.text_model.") for k in f.keys() if k.startswith("text."))
+    _, info = CLIPTextModel.from_pretrained(TOY_MODEL_DIR / "text_encoder", output_loading_info=True)
+    assert not any(info.values()), info
+    load_toy_clip(SHIPPED_REWARDS / "toy_clip")  # strict: every weight found
+    root = TOY_MODEL_DIR.parent
+    report = json.loads((root / "report.json").read_text())
+    assert {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in report["sha256"]} == report["sha256"]
+
+
+def test_a_toy_clip_saved_in_either_layout_loads_the_same(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.rewards.toy import ToyClipModel, load_model, save_model, text_tower_names
+
+    torch.manual_seed(0)
+    model = ToyClipModel(40, 38, 39, max_length=8)
+    save_model(model, tmp_path / "nested", "toy_clip", dtype=torch.float32)
+    state = load_file(str(tmp_path / "nested" / "model.safetensors"))
+    assert any(k.startswith("text.text_model.") for k in state)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "config.json").write_text((tmp_path / "nested" / "config.json").read_text())
+    save_file(text_tower_names(state, "text.", nested=False), str(tmp_path / "flat" / "model.safetensors"))
+    ids = torch.randint(0, 38, (2, 8))
+    want = model.eval().embed_text(ids)
+    for layout in ("nested", "flat"):
+        assert torch.equal(load_model(tmp_path / layout).embed_text(ids), want), layout

@@ -711,6 +711,7 @@ def _train_model_and_rewards(out: Path, sched: Schedule, seed: int, reward_split
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)  # half the bytes
+    _text_encoder_in_hub_layout(out / "model" / "text_encoder" / "model.safetensors")
     pipe.to(torch.float32)  # (the rewards' VAE reconstructions below: the fp16 weights, computed in fp32)
 
     vocab = tokenizer.get_vocab()
@@ -723,6 +724,18 @@ def _train_model_and_rewards(out: Path, sched: Schedule, seed: int, reward_split
     train_toy_count(counter, reward_batches(vae, sched, seed + 100, reward_split, True), sched, clock, log)
     save_model(counter, out / "rewards" / "toy_count", "toy_count")
     return {"vae_scaling_factor": sf, "vae_reconstruction_fidelity": round(vae_fid["all_ok"], 4)}
+
+
+def _text_encoder_in_hub_layout(path: Path) -> None:
+    """Rename the saved text encoder's weights to the hub's layout (``text_model.``), which every transformers 5
+    release loads; newer ones save it without."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.rewards.toy import text_tower_names
+
+    state = text_tower_names(load_file(str(path)), "", nested=True)
+    with atomic.replacing(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 def _taken_from(source: Path, out: Path) -> dict:

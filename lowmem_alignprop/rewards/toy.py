@@ -94,7 +94,7 @@ def save_model(model: nn.Module, directory: str | Path, kind: str, dtype: torch.
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps({"kind": kind, **model.config}, indent=1, sort_keys=True) + "\n")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(d / "model.safetensors"))
+    save_file(text_tower_names(state, "text.", nested=True), str(d / "model.safetensors"))  # the hub's layout
 
 
 def load_model(directory: str | Path) -> nn.Module:
@@ -105,8 +105,25 @@ def load_model(directory: str | Path) -> nn.Module:
     kind = cfg.pop("kind")
     model = {"toy_clip": ToyClipModel, "toy_count": ToyCountModel}[kind](**cfg)
     state = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
-    model.load_state_dict(state)
+    model.load_state_dict(_as_named_here(state, set(model.state_dict())))
     return model.eval()
+
+
+def text_tower_names(state: dict, tower: str, nested: bool) -> dict:
+    """``state`` with the CLIPTextModel under ``tower`` ("" when it is the whole model) named with ``text_model.``
+    (``nested``: the hub's layout, which transformers 5.0 loads and 5.24 converts) or without (5.24's own names,
+    which it also saves; 5.0 reads them as missing weights and draws random ones without an error)."""
+    flat, deep = tower, tower + "text_model."
+    as_flat = {flat + k[len(deep):] if k.startswith(deep) else k: v for k, v in state.items()}
+    if not nested:
+        return as_flat
+    return {deep + k[len(flat):] if k.startswith(flat) else k: v for k, v in as_flat.items()}
+
+
+def _as_named_here(state: dict, names: set[str]) -> dict:
+    """The saved text tower under this transformers' names (either layout; anything else is left for
+    ``load_state_dict`` to name)."""
+    return next((s for s in (text_tower_names(state, "text.", n) for n in (False, True)) if set(s) == names), state)
 
 
 # ------------------------------------------------------------------------------------------ rewards
