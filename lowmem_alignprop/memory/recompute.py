@@ -13,6 +13,7 @@ so its checkpoints are torch's plain ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, ContextManager, Iterator
 
 import torch.utils.checkpoint
@@ -26,15 +27,31 @@ def checkpoint(fn, *args, context_fn: Callable[[], tuple[ContextManager, Context
     active now (checkpoint() is looked up at call time: tests count the checkpoints a step opens)."""
     extra = tuple(_recompute_contexts)
     if extra:
-        inner = context_fn or torch.utils.checkpoint.noop_context_fn
-
-        def context_fn():
-            forward_ctx, recompute_ctx = inner()
-            return forward_ctx, _entered([make() for make in extra] + [recompute_ctx])
-
+        context_fn = _with_extra(context_fn or torch.utils.checkpoint.noop_context_fn, extra)
     if context_fn is not None:
         kwargs["context_fn"] = context_fn
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_modules(modules) -> int:
+    """Wrap each module's forward in :func:`checkpoint` (active only when grad is on); returns how many were wrapped
+    now (a module wrapped before is skipped)."""
+    count = 0
+    for m in modules:
+        if getattr(m, "_lowmem_ckpt", False):
+            continue
+        plain = m.forward
+
+        @functools.wraps(plain)
+        def wrapped(*args, _plain=plain, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, **kwargs)
+            return _plain(*args, **kwargs)
+
+        m.forward = wrapped
+        m._lowmem_ckpt = True
+        count += 1
+    return count
 
 
 def module_checkpoint(module, *args, **kwargs):
@@ -51,6 +68,15 @@ def recompute_inside(make_context: Callable[[], ContextManager]) -> Iterator[Non
         yield
     finally:
         _recompute_contexts.remove(make_context)
+
+
+def _with_extra(context_fn, extra):
+    """``context_fn`` whose recompute context also enters a fresh context of each of ``extra``."""
+    def contexts():
+        forward_ctx, recompute_ctx = context_fn()
+        return forward_ctx, _entered([make() for make in extra] + [recompute_ctx])
+
+    return contexts
 
 
 @contextlib.contextmanager

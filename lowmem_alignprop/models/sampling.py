@@ -17,7 +17,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lowmem_alignprop.memory import stages
-from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
+from lowmem_alignprop.memory.recompute import checkpoint, checkpoint_modules, module_checkpoint
 
 
 # What DDIM sampling uses for every model family, whatever the model's own scheduler config says or omits.
@@ -339,26 +339,6 @@ def initial_latents(batch: int, unet, vae, resolution: int, generator: torch.Gen
     side = resolution // vae_scale_factor(vae)
     shape = (batch, unet.config.in_channels, side, side)
     return torch.randn(shape, generator=generator, device="cpu").to(device)
-
-
-def checkpoint_modules(modules) -> int:
-    """Wrap each module's forward in a non-reentrant gradient checkpoint (active only when grad is on)."""
-    count = 0
-    for m in modules:
-        if getattr(m, "_lowmem_ckpt", False):
-            continue
-        plain = m.forward
-
-        @functools.wraps(plain)
-        def wrapped(*args, _plain=plain, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_plain, *args, **kwargs)
-            return _plain(*args, **kwargs)
-
-        m.forward = wrapped
-        m._lowmem_ckpt = True
-        count += 1
-    return count
 
 
 def enable_vae_checkpointing(vae, granularity: str) -> None:

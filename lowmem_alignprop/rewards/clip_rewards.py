@@ -36,14 +36,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from functools import wraps
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from lowmem_alignprop.memory.recompute import checkpoint
+from lowmem_alignprop.memory.recompute import checkpoint_modules
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from .base import RewardModule
@@ -134,23 +133,7 @@ def enable_layer_checkpointing(model: torch.nn.Module) -> int:
     ``self.training``), and a frozen reward stays in eval mode, so each layer's ``forward`` is wrapped here
     with non-reentrant ``torch.utils.checkpoint`` (which needs no parameter to require grad: the images do).
     """
-    count = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("EncoderLayer") and not getattr(module, "_reward_checkpointed", False):
-            module.forward = _checkpointed(module.forward)
-            module._reward_checkpointed = True
-            count += 1
-    return count
-
-
-def _checkpointed(forward):
-    @wraps(forward)
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, **kwargs)
-        return forward(*args, **kwargs)
-
-    return run
+    return checkpoint_modules(m for m in model.modules() if type(m).__name__.endswith("EncoderLayer"))
 
 
 # --------------------------------------------------------------------------------------------------
