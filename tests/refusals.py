@@ -1,5 +1,5 @@
-"""Shared checks for the tests: a refused command (one ``error:`` line, exit 2, nothing written) and the frozen base
-copy that KL gradients are compared against."""
+"""Shared checks for the tests: a refused command (one ``error:`` line, exit 2, nothing written), the frozen base
+copy that KL gradients are compared against, and a model folder whose text encoder files lack weights."""
 
 from __future__ import annotations
 
@@ -26,3 +26,17 @@ def frozen_base_copy(model: torch.nn.Module) -> torch.nn.Module:
             if "lora_" in name:
                 p.zero_()
     return base.requires_grad_(False)
+
+
+def rename_text_encoder_weights(folder: Path, part: str = "text_encoder", *, match: str = "layers.0.") -> int:
+    """Save ``part``'s weights under other names where ``match`` is in the name (as another tool or transformers
+    release might): transformers finds none of them and would initialise them at random."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / part / "model.safetensors"
+    state = load_file(path)
+    renamed = {(f"other.{k}" if match in k else k): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    save_file(renamed, path, metadata={"format": "pt"})
+    return sum(match in k for k in state)
+

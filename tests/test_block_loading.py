@@ -23,6 +23,7 @@ import logging
 import pytest
 import torch
 from flowmodels import build_tiny_flux_dir, build_tiny_sd3_dir
+from refusals import rename_text_encoder_weights
 from torch import nn
 
 from lowmem_alignprop.memory import quant
@@ -210,6 +211,20 @@ def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(cac
         comps = load_components(Config(model=cached_flux_hub_id, base_quant="int8"))
     assert comps.family == "flux" and "FluxTransformer2DModel read block by block" in caplog.text
     assert quant.count_quantized(comps.unet)["int8"] > 0 and quant.count_quantized(comps.unet)["linear"] == 0
+
+
+def test_a_cached_flux_hub_id_whose_t5_files_lack_weights_is_refused(cached_flux_hub_id, tmp_path):
+    """FLUX's T5 (a transformers model) would load with random weights in place of the renamed ones: refused, naming
+    the part, from the hub id's cached snapshot as from a folder."""
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.errors import UserError
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-flux" / "snapshots" / ("0" * 40)
+    renamed = rename_text_encoder_weights(snapshot, "text_encoder_2", match="block.0.")
+    with pytest.raises(UserError, match=rf"{cached_flux_hub_id}: {renamed} of the \d+ weights of its text_encoder_2 "
+                                        r"\(T5EncoderModel\) are not in its files"):
+        load_components(Config(model=cached_flux_hub_id))
 
 
 def test_plan_of_a_cached_flux_hub_id_is_the_plan_of_its_folder(cached_flux_hub_id, dirs, capsys):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from lowmem_alignprop.cli import main
+from refusals import rename_text_encoder_weights
 
 FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
 
@@ -134,3 +135,24 @@ def test_a_vae_with_another_downsampling_is_refused(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert "downsamples images 8x, the model's VAE 2x: use a VAE made for this model" in err, err
     assert not out.exists()
+
+
+def test_a_text_encoder_whose_files_lack_weights_is_refused_not_run_as_noise(tmp_path, tiny_dir, capsys):
+    """transformers loads such a text encoder with random weights and a logged table only; train and
+    ``export --merge`` stop with one line naming the part, how many weights are missing and one of them."""
+    from lowmem_alignprop.commands.lora_export import load_base
+    from lowmem_alignprop.settings.errors import UserError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    renamed = rename_text_encoder_weights(model)
+    needle = re.compile(rf"{renamed} of the \d+ weights of its text_encoder \(CLIPTextModel\) are not in its files "
+                        r"\(e\.g\. (text_model\.)?encoder\.layers\.0\.\S+\) and would run as random values")
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", str(model), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle.search(err), err[-2000:]
+    assert not out.exists()
+    with pytest.raises(UserError, match=needle):
+        load_base(str(model))
+    load_base(str(tiny_dir))  # the intact model loads

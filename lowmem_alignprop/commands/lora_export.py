@@ -394,10 +394,9 @@ def merge_base(lora: Lora, model: str | None) -> str:
 def load_base(spec: str, run_config: dict | None = None):
     """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete). SD3/FLUX
     load as training loads them (a transformer file takes the run's model_components), in fp32."""
-    from diffusers import DiffusionPipeline
-
     from lowmem_alignprop.run import hub
     from lowmem_alignprop.models.loading import hub_message, resolve_model
+    from lowmem_alignprop.models.pipeline_load import load_pipeline
 
     kind, where = resolve_model(spec)
     components = (run_config or {}).get("model_components") or ""
@@ -418,7 +417,7 @@ def load_base(spec: str, run_config: dict | None = None):
             return load_single_file(where, torch_dtype=torch.float32)
         if kind == "hub":
             hub.offline()
-        return DiffusionPipeline.from_pretrained(where)
+        return load_pipeline(where, hub_id=kind == "hub")
     except UserError:
         raise
     except (OSError, ValueError) as e:

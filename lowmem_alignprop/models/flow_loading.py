@@ -20,6 +20,7 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
+from lowmem_alignprop.models.pipeline_load import load_pipeline
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import pipeline_class
 
@@ -116,7 +117,6 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
     ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
     says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
-    from diffusers import DiffusionPipeline
 
     cls, config, family, layout = single_file_transformer(path, components)
 
@@ -125,9 +125,8 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
             _whole_single_file(cls, config, path, components, layout, dtype)
 
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
-    pipe = DiffusionPipeline.from_pretrained(str(Path(components).expanduser()),
-                                             transformer=_placeholder(cls, config, dtype), **missing,
-                                             **dtype_kwarg(dtype))
+    pipe = load_pipeline(str(Path(components).expanduser()), dtype, transformer=_placeholder(cls, config, dtype),
+                         **missing)
     return pipe, read
 
 
@@ -150,8 +149,6 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
     folder has none. Returns (the pipeline, ``read``): where the transformer's .safetensors can be read block by
     block, the pipeline holds an empty one on meta and ``read()`` returns it read to where ``place`` says (and
     quantized as it says); else diffusers loaded it whole with the rest and ``read`` is None."""
-    from diffusers import DiffusionPipeline
-
     kwargs, read = {}, None
     found = _folder_transformer(where)
     if found is not None:
@@ -171,7 +168,7 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
             kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
     elif not t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    return DiffusionPipeline.from_pretrained(where, **kwargs, **dtype_kwarg(dtype)), read
+    return load_pipeline(where, dtype, hub_id=not Path(where).expanduser().is_dir(), **kwargs), read
 
 
 def _placeholder(cls, config: dict, dtype: torch.dtype):

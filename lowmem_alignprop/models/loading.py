@@ -21,6 +21,7 @@ import torch
 from lowmem_alignprop.memory import quant as q
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
+from lowmem_alignprop.models.pipeline_load import load_pipeline
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -120,8 +121,6 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``. ``device``: where the
     trainer runs; an SD3/FLUX transformer from a real checkpoint is then read to it block by block
     (:func:`_placement`), after the rest, or only when :func:`read_transformer` is called (``transformer_last``)."""
-    from diffusers import DiffusionPipeline
-
     kind, where = resolve_model(cfg.model)
     if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
             or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where)):
@@ -146,10 +145,9 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             elif quant != "none":
                 # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
                 unet = q.load_quantized_unet(where, quant, weight_dtype)
-                pipe = DiffusionPipeline.from_pretrained(where, unet=unet, safety_checker=None,
-                                                         **dtype_kwarg(weight_dtype))
+                pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", unet=unet, safety_checker=None)
             else:
-                pipe = DiffusionPipeline.from_pretrained(where, safety_checker=None, **dtype_kwarg(weight_dtype))
+                pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", safety_checker=None)
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:

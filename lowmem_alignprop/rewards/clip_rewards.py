@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem_alignprop.memory.recompute import checkpoint_modules
+from lowmem_alignprop.models.pipeline_load import missing_weights
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
 from .base import RewardModule
@@ -177,7 +178,7 @@ def _checked_load(cls, where: str, reward: str, **kwargs):
         raise UserError(f"{reward} reward: cannot load the CLIP model in {where} ({type(exc).__name__}: "
                         f"{first_line(exc, 160)}): its files are incomplete or of another model; fix the folder "
                         f"given by {FLAG}") from None
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    missing = missing_weights(info)
     if missing:
         raise NotAFullClip(f"{reward} reward: {where} is not a full CLIP model (text and vision): {len(missing)} of "
                            f"its weights are missing (e.g. {missing[0]}); point {FLAG} at a CLIPModel directory")

@@ -1,0 +1,68 @@
+"""``DiffusionPipeline.from_pretrained`` with the pipeline's transformers models (the text encoders) loaded here
+first, so that weights missing from their files are an error instead of random values.
+
+transformers fills every weight its checkpoint lacks with a fresh initialisation and only logs a table; a text
+encoder saved under other parameter names (another transformers release, another tool, another model's file)
+then conditions the run on noise with no error. diffusers raises for its own models but loads the transformers
+parts of a pipeline through transformers' ``from_pretrained`` unchecked. Here each of them is loaded with
+``output_loading_info`` and a missing weight is one line naming the part and a weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.memory.precision import dtype_kwarg
+from lowmem_alignprop.settings.errors import UserError
+
+
+def missing_weights(info: dict) -> list[str]:
+    """The weights a transformers ``from_pretrained(..., output_loading_info=True)`` did not find in the files (and
+    so initialised at random); ``position_ids`` is a constant some releases save and others do not."""
+    return sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+
+
+def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, **given):
+    """The pipeline of the diffusers folder (or, ``hub_id``, the hub id) ``where``, with the components in ``given``
+    used as they are (None: left out). Raises UserError when a text encoder's files lack some of its weights;
+    OSError/ValueError from diffusers and transformers as they come."""
+    from diffusers import DiffusionPipeline
+
+    root = Path(DiffusionPipeline.download(where) if hub_id else where).expanduser()  # a hub id: its cached snapshot
+    for name, cls in _transformers_models(root).items():
+        if name not in given:
+            given[name] = _load_checked(cls, root, name, where, dtype)
+    return DiffusionPipeline.from_pretrained(str(root), **given, **({} if dtype is None else dtype_kwarg(dtype)))
+
+
+def _transformers_models(root: Path) -> dict:
+    """name -> class of every transformers model (not tokenizer) the folder's model_index.json lists."""
+    import transformers
+
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # diffusers' own load says what is wrong with the folder
+    out = {}
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":
+            cls = getattr(transformers, str(entry[1]), None)
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                out[name] = cls
+    return out
+
+
+def _load_checked(cls, root: Path, name: str, where: str, dtype: torch.dtype | None):
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model, info = cls.from_pretrained(str(root / name), output_loading_info=True, **kwargs)
+    missing = missing_weights(info)
+    if missing:
+        total = sum(1 for k in model.state_dict() if not k.endswith("position_ids"))
+        raise UserError(f"{where}: {len(missing)} of the {total} weights of its {name} ({cls.__name__}) are not in "
+                        f"its files (e.g. {missing[0]}) and would run as random values: the files were saved under "
+                        f"other names or belong to another model; re-save {name} with transformers' save_pretrained, "
+                        "or use the model's own")
+    return model
