@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
 from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor
@@ -250,19 +251,17 @@ def initial_latents(transformer, vae, batch: int, height: int, width: int, gener
 # the velocity and the rollout
 # --------------------------------------------------------------------------------------------------
 
-def _dtype(model) -> torch.dtype:
-    return model.dtype if hasattr(model, "dtype") else next(model.parameters()).dtype
-
-
-def guided_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: float, img_ids=None):
+def guided_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: float, img_ids=None,
+                    dtype: torch.dtype | None = None):
     """One transformer call -> the guided velocity (float32), as the model's pipeline computes it.
 
     SD3: classifier-free guidance with both branches in one batch when ``guidance_scale > 1``; timesteps in
     [0, 1000]. FLUX: timesteps / 1000, the guidance scale into the guidance embedding when the model has one
-    (dev), nothing for schnell; ``img_ids`` from :func:`initial_latents`.
+    (dev), nothing for schnell; ``img_ids`` from :func:`initial_latents`. Inputs are cast to ``dtype`` (default:
+    the transformer's :func:`compute_dtype`).
     """
     bare = _bare(transformer)
-    dtype = _dtype(bare)
+    dtype = dtype or compute_dtype(bare)
     if family_of(bare) == FLUX:
         if img_ids is None:
             raise ValueError("FLUX needs the image position ids (initial_latents returns them)")
@@ -289,11 +288,12 @@ def guided_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: fl
     return uncond + guidance_scale * (cond - uncond)
 
 
-def base_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: float, img_ids=None):
+def base_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: float, img_ids=None,
+                  dtype: torch.dtype | None = None):
     """:func:`guided_velocity` of the frozen base model: the transformer with its LoRA adapters off (also while
     a per-block checkpoint recomputes it in backward: ``sampling.adapters_off``)."""
     with adapters_off(_bare(transformer)):
-        return guided_velocity(transformer, latents, t, emb, guidance_scale, img_ids)
+        return guided_velocity(transformer, latents, t, emb, guidance_scale, img_ids, dtype)
 
 
 def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k: int, guidance_scale: float,
@@ -310,6 +310,7 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     noise). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint.
     """
     grad_transformer = grad_transformer if grad_transformer is not None else transformer
+    dtype = compute_dtype(_bare(transformer))  # once: diffusers walks the whole transformer to tell it
 
     def draws(latents, call):
         return last_step_draws(grad_transformer, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale,
@@ -317,8 +318,8 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
 
     return truncated_chain(
         scheduler.timesteps, latents, k=k, model=transformer, grad_model=grad_transformer,
-        predict=lambda model, x, t: guided_velocity(model, x, t, emb, guidance_scale, img_ids),
-        base_predict=lambda model, x, t: base_velocity(model, x, t, emb, guidance_scale, img_ids),
+        predict=lambda model, x, t: guided_velocity(model, x, t, emb, guidance_scale, img_ids, dtype),
+        base_predict=lambda model, x, t: base_velocity(model, x, t, emb, guidance_scale, img_ids, dtype),
         step=lambda v, t, x: scheduler.step(v, t, x, return_dict=False)[0],
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
         window_keep=window_keep)

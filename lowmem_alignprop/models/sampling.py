@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, checkpoint_modules, module_checkpoint
 
 
@@ -147,8 +148,9 @@ class PromptEncoder:
         return PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
 
 
-def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
-    """One UNet call with classifier-free guidance (both branches batched together)."""
+def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
+    """One UNet call with classifier-free guidance (both branches batched together); inputs cast to ``dtype``
+    (default: the UNet's :func:`compute_dtype`)."""
     use_cfg = guidance_scale > 1.0
     x = torch.cat([latents, latents]) if use_cfg else latents
     hidden = torch.cat([emb.uncond, emb.cond]) if use_cfg else emb.cond
@@ -157,7 +159,7 @@ def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
         pooled = torch.cat([emb.uncond_pooled, emb.pooled]) if use_cfg else emb.pooled
         time_ids = torch.cat([emb.time_ids, emb.time_ids]) if use_cfg else emb.time_ids
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    dtype = next(unet.parameters()).dtype if not hasattr(unet, "dtype") else unet.dtype
+    dtype = dtype or compute_dtype(unet)
     out = unet(x.to(dtype), t, encoder_hidden_states=hidden.to(dtype), **kwargs).sample.float()
     if not use_cfg:
         return out
@@ -198,10 +200,10 @@ def enable_block_checkpointing(unet) -> None:
     unet.enable_gradient_checkpointing(functools.partial(_block_checkpoint, unet))
 
 
-def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float):
+def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
     """:func:`guided_eps` of the frozen base model (the adapters off, also when a checkpoint recomputes it)."""
     with adapters_off(unet):
-        return guided_eps(unet, latents, t, emb, guidance_scale)
+        return guided_eps(unet, latents, t, emb, guidance_scale, dtype)
 
 
 def window_start(timesteps, k: int) -> int:
@@ -226,6 +228,7 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     (:func:`truncated_chain`).
     """
     grad_unet = grad_unet if grad_unet is not None else unet
+    dtype = compute_dtype(unet)  # once: diffusers walks the whole UNet to tell it
 
     def draws(latents, call):
         return last_step_draws(grad_unet, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale, eta=eta,
@@ -233,8 +236,8 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
 
     return truncated_chain(
         scheduler.timesteps, latents, k=k, model=unet, grad_model=grad_unet,
-        predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale),
-        base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale),
+        predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale, dtype),
+        base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale, dtype),
         step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
         window_keep=window_keep)
