@@ -1,5 +1,6 @@
 """Scale-out on CPU: 2-process data parallel (gloo), DeepSpeed ZeRO-2 with optimizer offload, ZeRO-3 with
-parameter offload on 2 processes. Each run is a real ``accelerate launch`` / CLI subprocess.
+parameter offload on 2 processes. Each run is a real ``accelerate launch`` / CLI subprocess (the plain one-process
+AdamW reference runs in the test's own process), made once per module and read by several tests.
 
 DeepSpeed compiles two ops on its first use on a machine (deepspeed_shm_comm ~40 s, cpu_adam ~85 s); they are
 cached in ~/.cache/torch_extensions, after which each DeepSpeed test takes 20-60 s on 2 CPU cores.
@@ -15,6 +16,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.run.distributed import deepspeed_config
@@ -71,16 +73,24 @@ def test_deepspeed_config_is_generated_from_the_profile():
     assert ds["zero_force_ds_cpu_optimizer"] is False and ds3["zero_force_ds_cpu_optimizer"] is False
 
 
-def test_two_processes_data_parallel(tmp_path, tiny_dir):
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, tiny_dir):
+    """`accelerate launch --multi_gpu --num_processes 2`: plain data parallel, torch AdamW, 4 steps; the data-parallel
+    test reads it, and the ZeRO-3 launch (same seed, ranks and steps) is compared with it."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
     run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
-         "--steps", "3", "--set", "sample_prompts=1"])
+         "--steps", "4", "--set", "sample_prompts=1"])
+    return out
+
+
+def test_two_processes_data_parallel(ddp):
+    out = ddp
     state = ckpt.read_state(ckpt.find_resume(out, "latest"))
     assert state["world_size"] == 2
     sums = state["rank_weight_sums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold the same LoRA, to the last bit
     got = rows(out)
-    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r in got:
         assert r["images"] == 2  # rewards gathered from both ranks (batch 1 each)
         assert r["loss"] == pytest.approx(-r["reward_mean"], abs=1e-6)  # the loss is averaged across ranks
@@ -131,19 +141,18 @@ def lora(out) -> dict:
 
 
 @needs_deepspeed
-def test_deepspeed_offload_steps_match_plain_adamw(zero2, tmp_path):
-    """Same seed, 4 optimizer steps: ZeRO-2 (optimizer offload; the fixture's run) and ZeRO-3 (parameter offload)
-    end with the LoRA of plain torch AdamW. Measured after 3 steps: max |difference| 3e-7 (ZeRO-2), 1.4e-6 (ZeRO-3)
-    from float rounding and DeepSpeed's vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong
-    optimizer: Adam with L2 decay (what accelerate substituted before) moves every lora_A weight by lr = 0.01 in the
-    very first step."""
-    runs = {"plain": SAMPLES, "zero3": ["--set", "deepspeed_zero=3", "--set", "offload=params", *SAMPLES]}
-    for name, extra in runs.items():
-        run([sys.executable, "-m", "lowmem_alignprop", *FAST, *extra, "--output-dir", str(tmp_path / name),
-             "--steps", "4"])
-    ref, ref_rows = lora(tmp_path / "plain"), rows(tmp_path / "plain")
-    assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
-    for name, out in (("zero2", zero2), ("zero3", tmp_path / "zero3")):
+def test_deepspeed_offload_steps_match_plain_adamw(zero2, zero3, ddp, tmp_path):
+    """Same seed, 4 optimizer steps: ZeRO-2 (optimizer offload; one process, the zero2 fixture's run) ends with the
+    LoRA of plain torch AdamW in one process, and ZeRO-3 (parameter offload; two processes, the zero3 fixture's
+    launch) with that of plain data parallel on two processes (the ddp fixture's launch). Measured: max |difference|
+    3e-7 (ZeRO-2, after 3 steps), 1.1e-6 (ZeRO-3 against data parallel, after 4) from float rounding and DeepSpeed's
+    vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong optimizer: Adam with L2 decay (what accelerate
+    substituted before) moves every lora_A weight by lr = 0.01 in the very first step."""
+    plain = tmp_path / "plain"  # in this process: the same run as `python -m lowmem_alignprop ...`, without imports
+    assert main([*FAST, *SAMPLES, "--output-dir", str(plain), "--steps", "4"]) == 0
+    for name, out, ref_out in (("zero2", zero2, plain), ("zero3", zero3, ddp)):
+        ref, ref_rows = lora(ref_out), rows(ref_out)
+        assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
         got = lora(out)
         assert got.keys() == ref.keys()
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
@@ -153,13 +162,21 @@ def test_deepspeed_offload_steps_match_plain_adamw(zero2, tmp_path):
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
 
-@needs_deepspeed
-def test_deepspeed_zero3_param_offload_two_processes(tmp_path, tiny_dir):
-    out = tmp_path / "z3"
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, tiny_dir):
+    """`accelerate launch --use_deepspeed --zero_stage 3` with parameter and optimizer offload on 2 processes, 4
+    steps; the ZeRO-3 test and the plain-AdamW comparison both read it."""
+    out = tmp_path_factory.mktemp("z3") / "z3"
     # the launcher's DeepSpeed flags are taken into the config (the cpu profile has no DeepSpeed fields set)
     run([*LAUNCH, "--use_deepspeed", "--zero_stage", "3", "--offload_param_device", "cpu", "--offload_optimizer_device",
          "cpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out), "--steps", "4",
          "--set", "sample_prompts=1"])
+    return out
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_param_offload_two_processes(zero3):
+    out = zero3
     saved = ckpt.read_state(ckpt.find_resume(out, "latest"))["config"]
     assert saved["deepspeed_zero"] == 3 and saved["offload"] == "params"
     got = rows(out)
