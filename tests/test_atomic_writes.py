@@ -24,7 +24,8 @@ from lowmem_alignprop.run import checkpoint as ckpt
 FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1"]
 LORA_FILE = Path("lora") / final_lora.LORA_WEIGHT_NAME
 
-pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+# one worker runs this file: its module fixture (a finished run) is then made once, not once per worker
+pytestmark = [pytest.mark.usefixtures("fresh_log_handlers"), pytest.mark.xdist_group("atomic_writes")]
 
 
 def tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -195,21 +196,20 @@ def test_disk_full_at_the_summary_names_the_file_and_what_is_safe(tmp_path, caps
     assert final_lora.outputs_problem(out) == f"{out / 'summary.json'} is missing or damaged"
 
 
-def test_a_kill_while_the_lora_is_written_leaves_no_half_and_resume_writes_it(tmp_path, tiny_dir):
+def test_a_kill_while_the_lora_is_written_leaves_no_half_and_resume_writes_it(tmp_path, tiny_dir, caplog):
     """A real SIGKILL just before the LoRA folder is renamed into place (test hook): no lora/ at all, only the
-    temporary folder; --resume latest removes it and writes the LoRA from the last checkpoint."""
+    temporary folder; --resume latest removes it and writes the LoRA from the last checkpoint (in this process: the
+    folder the killed process left is all it reads)."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: "lora:kill"}
-    args = [sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "sample_prompts=0", "--output-dir", str(out),
-            "--steps", "1"]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "1"]
+    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / "lora").exists() and [p.name.split("-", 2)[-1] for p in atomic.leftovers(out)] == ["lora"]
     assert ckpt.verify(out / "checkpoints" / "step-00000001") is None
-    del env[atomic.INJECT_ENV]
-    proc = subprocess.run([*args, "--resume", "latest"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "writing its outputs again from checkpoint" in proc.stderr
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "writing its outputs again from checkpoint" in caplog.text
     assert final_lora.outputs_problem(out) is None and atomic.leftovers(out) == []
 
 

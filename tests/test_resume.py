@@ -22,6 +22,10 @@ FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set",
         "--set", "k_max=2", "--set", "lr=0.01"]
 
 
+# one worker runs this file: its module fixture (three training runs) is then made once, not once per worker
+pytestmark = pytest.mark.xdist_group("resume")
+
+
 def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
