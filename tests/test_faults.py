@@ -305,23 +305,49 @@ def reward(images, prompts):
 """
 
 
-@pytest.mark.parametrize("kind, at, named", [
-    ("exit", 2, "SystemExit: 3"),  # step 2 is the measured (profiled) step: it crashed the interpreter
-    ("interrupt", 3, "KeyboardInterrupt"),
-])
-def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, named, tmp_path, tiny_dir):
+EXIT_CASES = [("exit", 2, "SystemExit: 3"),  # step 2 is the measured (profiled) step: it crashed the interpreter
+              ("interrupt", 3, "KeyboardInterrupt")]
+# one process trains both runs, one after the other, and prints this line before each (its stderr is split there)
+EXIT_DRIVER = """
+import json, os, sys
+from lowmem_alignprop.cli import main
+codes = {}
+for kind, at, out, args in json.loads(sys.argv[1]):
+    os.environ["QA_EXIT_KIND"], os.environ["QA_EXIT_AT"] = kind, str(at)
+    sys.modules.pop("qa_exiting", None)  # the reward module anew: its call counter starts at 0
+    print(f"=== {kind}", file=sys.stderr, flush=True)
+    codes[kind] = main([*args, "--output-dir", out])
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def exiting_runs(tmp_path_factory, tiny_dir):
+    """Both cases of the test below in one subprocess (one set of imports): its stdout says what main() returned
+    for each, its return code how the interpreter ended after both, and its stderr is split per run."""
+    base = tmp_path_factory.mktemp("exiting")
+    (base / "qa_exiting.py").write_text(EXITING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(base), *sys.path])}
+    cases = [(kind, at, str(base / kind), [*FAST, "--steps", "4", "--reward", "qa_exiting:reward", "--set",
+                                           "batch_size=1"]) for kind, at, _ in EXIT_CASES]
+    proc = subprocess.run([sys.executable, "-c", EXIT_DRIVER, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # no crash, at exit either
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    stderr = dict(part.split("\n", 1) for part in proc.stderr.split("=== ")[1:])
+    return {kind: (codes[kind], stderr[kind], base / kind) for kind, _, _ in EXIT_CASES}
+
+
+@pytest.mark.xdist_group("faults_exiting")  # the module fixture above: made once
+@pytest.mark.parametrize("kind, at, named", EXIT_CASES)
+def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, named, exiting_runs):
     """sys.exit, KeyboardInterrupt or another BaseException raised by the user's reward in a step is the reward's
     failure like any other: the finished steps are saved, one line, exit 2, no crash (in a subprocess: a crash
-    at exit is what is checked)."""
-    (tmp_path / "qa_exiting.py").write_text(EXITING)
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "QA_EXIT_AT": str(at),
-           "QA_EXIT_KIND": kind}
-    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out), "--steps", "4",
-                           "--reward", "qa_exiting:reward", "--set", "batch_size=1"], env=env, capture_output=True, text=True, timeout=600)
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    at exit is what is checked; both cases run in the fixture's one process)."""
+    code, stderr, out = exiting_runs[kind]
+    lines = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    assert code == 2, stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert f"step {at}: the reward 'qa_exiting:reward' raised {named}" in lines[0]
     done = "step 1 is" if at == 2 else f"steps 1-{at - 1} are"
     assert f"{done} saved in" in lines[0] and "--resume latest" in lines[0]
