@@ -89,6 +89,30 @@ def test_grad_window_is_the_contiguous_last_k_steps(tiny):
             p.grad = None
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_window_does_not_reuse_autocasts_made_without_grad(k, monkeypatch):
+    """Under autocast (fp16/bf16 training) the no-grad steps cast the trainable weights first; torch up to 2.10 cached
+    those casts and the window reused them without a graph (the loss had no gradient: pytorch issue 112583). The
+    chain clears autocast's cache where the window starts: after every no-grad call, before every window call."""
+    from lowmem_alignprop.models.sampling import truncated_chain
+
+    events = []
+    clear = torch.clear_autocast_cache
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: (events.append("clear"), clear())[1])
+    layer = torch.nn.Linear(4, 4)  # trainable: autocast caches its bf16 cast
+
+    def predict(model, x, t):
+        events.append("grad" if torch.is_grad_enabled() else "nograd")
+        return model(x)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = truncated_chain(list(range(4)), torch.randn(2, 4), k=k, model=layer, grad_model=layer, predict=predict,
+                              base_predict=predict, step=lambda eps, t, x: x + 0.1 * eps.float())
+        assert events == ["nograd"] * (4 - k) + ["clear"] + ["grad"] * k  # (leaving autocast clears it again)
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.norm() > 0
+
+
 def test_k_drawn_once_per_rollout_uniform_range():
     cfg = Config(truncation="uniform", k_min=2, k_max=5, sample_steps=10).validate()
     rng = random.Random(0)
