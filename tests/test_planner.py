@@ -143,29 +143,31 @@ def test_a_resolution_far_from_the_models_is_noted(tiny_dir, capsys):
 
 
 def test_too_small_budget_does_not_fit_and_the_suggestion_fits(tiny_dir, capsys):
-    args = ["plan", "--profile", "cpu", "--set", "budget_gb=0.05", "--set", "vae_checkpointing=none"]
-    assert main(args + ["--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["fits"] is False and r["peak_allocated"] > 0.05 * GIB
-    s = r["suggestion"]
-    assert s is not None and s["fits"] and s["peak_needed"] <= 0.05 * GIB
-    text = reports.format_plan(r)
-    assert "DOES NOT FIT" in text and "cheapest change that fits" in text
-    sets = [x for k, v in s["set"].items() for x in ("--set", f"{k}={str(v).lower()}")]
-    assert main(args + sets + ["--json"]) == 0  # re-planned with the suggestion: it fits
-    again = json.loads(capsys.readouterr().out)
-    assert again["fits"] is True and again["peak_needed"] == s["peak_needed"]
+    with planner.reuse_estimates():  # the re-plan with the flags of the suggestion meets its configuration again
+        args = ["plan", "--profile", "cpu", "--set", "budget_gb=0.05", "--set", "vae_checkpointing=none"]
+        assert main(args + ["--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["fits"] is False and r["peak_allocated"] > 0.05 * GIB
+        s = r["suggestion"]
+        assert s is not None and s["fits"] and s["peak_needed"] <= 0.05 * GIB
+        text = reports.format_plan(r)
+        assert "DOES NOT FIT" in text and "cheapest change that fits" in text
+        sets = [x for k, v in s["set"].items() for x in ("--set", f"{k}={str(v).lower()}")]
+        assert main(args + sets + ["--json"]) == 0  # re-planned with the suggestion: it fits
+        again = json.loads(capsys.readouterr().out)
+        assert again["fits"] is True and again["peak_needed"] == s["peak_needed"]
 
 
 def test_next_feature_for_auto_fit_lowers_the_peak(tiny_dir):
-    cfg = Config(model="tiny", resolution=64, sample_steps=3, k=1, batch_size=2).validate()
-    label, change = planner.next_feature(cfg, target="cpu")
-    # the tiny model's peak is the UNet's backward (its VAE is smaller): the cheaper candidates before it
-    # (cache prompts, VAE per up-block) do not lower it by 3%, UNet block checkpointing does
-    assert change == {"unet_checkpointing": "blocks"} and "UNet" in label
-    peak = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").peak_needed
-            for k, c in {"before": {}, "vae": {"vae_checkpointing": "blocks"}, "unet": change}.items()}
-    assert peak["vae"] >= 0.97 * peak["before"] > peak["unet"], peak
+    with planner.reuse_estimates():  # the peaks below are what next_feature estimated
+        cfg = Config(model="tiny", resolution=64, sample_steps=3, k=1, batch_size=2).validate()
+        label, change = planner.next_feature(cfg, target="cpu")
+        # the tiny model's peak is the UNet's backward (its VAE is smaller): the cheaper candidates before it
+        # (cache prompts, VAE per up-block) do not lower it by 3%, UNet block checkpointing does
+        assert change == {"unet_checkpointing": "blocks"} and "UNet" in label
+        peak = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").peak_needed
+                for k, c in {"before": {}, "vae": {"vae_checkpointing": "blocks"}, "unet": change}.items()}
+        assert peak["vae"] >= 0.97 * peak["before"] > peak["unet"], peak
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,6 +357,36 @@ def test_candidates_include_the_issue_7_features_before_task_changes():
     assert not any("base_quant" in c for _, c in planner.candidate_changes(cfg, target="cpu"))
 
 
+def test_reuse_estimates_runs_each_configuration_once_and_only_inside_its_scope(monkeypatch):
+    """plan, its suggestions and plan --fastest estimate inside planner.reuse_estimates: a configuration met again
+    (the budget aside, which an estimate does not read) is a copy of the first estimate; outside, every call runs."""
+    calls = []
+
+    def fake(cfg, target, prompts, emulate_autocast):
+        calls.append((cfg.k, target, tuple(prompts)))
+        return planner.Estimate(target, {}, len(calls), "backward", len(calls), {}, cfg.k, cfg.k, 0, 0, 0.0)
+
+    monkeypatch.setattr(planner, "_estimate", fake)
+    cfg = Config(model="tiny", k=1, budget_gb=1.0).validate()
+    assert planner.estimate(cfg, prompts=["a"]).peak_needed == 1
+    assert planner.estimate(cfg, prompts=["a"]).peak_needed == 2  # no scope: estimated again
+    memo: dict = {}
+    with planner.reuse_estimates(memo):
+        first = planner.estimate(cfg, prompts=["a"])
+        again = planner.estimate(dataclasses.replace(cfg, budget_gb=2.0), prompts=["a"])
+        first.notes.append("the caller's own")
+        with planner.reuse_estimates():  # nested: the same scope
+            assert planner.estimate(cfg, prompts=["a"]).notes == []  # a copy each time
+        assert first.peak_needed == again.peak_needed == 3 and len(calls) == 3
+        for other in (dict(cfg=dataclasses.replace(cfg, k=2), prompts=["a"]), dict(cfg=cfg, prompts=["b"]),
+                      dict(cfg=cfg, prompts=["a"], target="cpu")):
+            assert planner.estimate(**other).peak_needed == len(calls)  # anything else: a new estimate
+        assert len(calls) == 6
+    assert planner.estimate(cfg, prompts=["a"]).peak_needed == 7  # the scope closed
+    with planner.reuse_estimates(memo):  # the caller's memo kept them
+        assert planner.estimate(cfg, prompts=["a"]).peak_needed == 3 and len(calls) == 7
+
+
 def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
     """The accumulated search starts with the first single change: it must not be estimated (and listed) again."""
     calls = []
@@ -485,31 +517,32 @@ def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first
     fixed segments the large decode tensors fragment it, by more as the image grows (SDXL 1024 px: 1.4-1.8 GiB
     beyond x1.10): the planner's 'needed' follows the allocator mode, and a plan with fixed segments that does
     not fit is offered expandable segments first."""
-    from lowmem_alignprop.settings.profiles import resolve_config
+    with planner.reuse_estimates():  # the plans below meet both configurations again
+        from lowmem_alignprop.settings.profiles import resolve_config
 
-    _, cfg = resolve_config("cpu", {}, [])  # what `plan --profile cpu` below plans: the tiny model at 64 px
-    fixed = dataclasses.replace(cfg, expandable_segments=False)
-    on, off = planner.estimate(cfg, target="cuda"), planner.estimate(fixed, target="cuda")
-    assert off.peak_allocated == on.peak_allocated  # the allocator mode changes what is reserved, not allocated
-    assert on.peak_needed == int(on.peak_allocated * 1.10) + planner.WORKSPACE_BYTES
-    assert off.peak_needed - on.peak_needed == 512 * MIB // 64  # 64 px: 1/64 of a 512x512 image's area
-    for name, fig in off.stages.items():
-        assert fig["reserved"] - on.stages[name]["reserved"] == 8 * MIB, name
-    assert planner.fragmentation_allowance(dataclasses.replace(fixed, resolution=1024)) == 2 * GIB
-    assert planner.estimate(fixed, target="cpu").peak_needed == planner.estimate(cfg, target="cpu").peak_needed
-    assert planner.candidate_changes(fixed, "cuda")[0][1] == {"expandable_segments": True}
-    assert not any("expandable_segments" in c for _, c in planner.candidate_changes(cfg, "cuda"))
-    assert not any("expandable_segments" in c for _, c in planner.candidate_changes(fixed, "cpu"))
-    # a budget between the two: fits with expandable segments, not without; the suggestion switches them on
-    args = ["plan", "--profile", "cpu", "--device", "cuda", "--json"]
-    budget = (on.peak_needed + off.peak_needed) / 2 / GIB
-    assert main(args + ["--set", f"budget_gb={budget}", "--set", "expandable_segments=false"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["peak_needed"] == off.peak_needed  # the same configuration as `fixed`
-    assert r["fits"] is False and r["fragmentation_allowance"] == 8 * MIB
-    assert r["suggestion"]["set"] == {"expandable_segments": True} and r["suggestion"]["fits"]
-    text = reports.format_plan(r)
-    assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
+        _, cfg = resolve_config("cpu", {}, [])  # what `plan --profile cpu` below plans: the tiny model at 64 px
+        fixed = dataclasses.replace(cfg, expandable_segments=False)
+        on, off = planner.estimate(cfg, target="cuda"), planner.estimate(fixed, target="cuda")
+        assert off.peak_allocated == on.peak_allocated  # the allocator mode changes what is reserved, not allocated
+        assert on.peak_needed == int(on.peak_allocated * 1.10) + planner.WORKSPACE_BYTES
+        assert off.peak_needed - on.peak_needed == 512 * MIB // 64  # 64 px: 1/64 of a 512x512 image's area
+        for name, fig in off.stages.items():
+            assert fig["reserved"] - on.stages[name]["reserved"] == 8 * MIB, name
+        assert planner.fragmentation_allowance(dataclasses.replace(fixed, resolution=1024)) == 2 * GIB
+        assert planner.estimate(fixed, target="cpu").peak_needed == planner.estimate(cfg, target="cpu").peak_needed
+        assert planner.candidate_changes(fixed, "cuda")[0][1] == {"expandable_segments": True}
+        assert not any("expandable_segments" in c for _, c in planner.candidate_changes(cfg, "cuda"))
+        assert not any("expandable_segments" in c for _, c in planner.candidate_changes(fixed, "cpu"))
+        # a budget between the two: fits with expandable segments, not without; the suggestion switches them on
+        args = ["plan", "--profile", "cpu", "--device", "cuda", "--json"]
+        budget = (on.peak_needed + off.peak_needed) / 2 / GIB
+        assert main(args + ["--set", f"budget_gb={budget}", "--set", "expandable_segments=false"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["peak_needed"] == off.peak_needed  # the same configuration as `fixed`
+        assert r["fits"] is False and r["fragmentation_allowance"] == 8 * MIB
+        assert r["suggestion"]["set"] == {"expandable_segments": True} and r["suggestion"]["fits"]
+        text = reports.format_plan(r)
+        assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
 
 
 def test_a_plan_made_on_windows_says_expandable_segments_are_linux_only(tiny_dir, capsys, monkeypatch):

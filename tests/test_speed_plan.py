@@ -81,7 +81,15 @@ def _tiny(**kw) -> Config:
     return Config(**{**base, **kw}).validate()
 
 
+_SHARED: dict = {}  # estimates the work-count tests share (planner.reuse_estimates): _tiny() at K=1 and K=3
+
+
 def test_work_scales_with_steps_and_k_and_counts_transfers(tiny_dir):
+    with planner.reuse_estimates(_SHARED):
+        _work_scales_with_steps_and_k_and_counts_transfers()
+
+
+def _work_scales_with_steps_and_k_and_counts_transfers():
     cfg = _tiny()
     est = planner.estimate(cfg, target="cuda")
     more = planner.estimate(dataclasses.replace(cfg, sample_steps=6), target="cuda")
@@ -116,7 +124,8 @@ def test_draft_lv_work_is_counted_once_whatever_k(tiny_dir):
         lv, plain = (planner.estimate(_tiny(k=k, lv_draws=n), target="cuda") for n in (4, 1))
         return {name: lv.work[name]["matmul_flops"] - plain.work[name]["matmul_flops"]
                 for name in (stages.SAMPLE_GRAD, stages.DECODE, stages.BACKWARD)}
-    one, three = added(1), added(3)
+    with planner.reuse_estimates(_SHARED):  # the plain ones are the work-scaling test's K=1 and K=3
+        one, three = added(1), added(3)
     assert all(v > 0 for v in one.values())
     assert three == pytest.approx(one, rel=1e-12)  # same ops counted, same sums
 
@@ -216,19 +225,22 @@ def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
 
 
 def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
+    """(The budget's two ends are the search's own all-on and all-off corners: estimated once, in one
+    reuse_estimates scope; the chosen configuration is estimated again outside it.)"""
     given = _tiny(batch_size=2, sample_steps=3, unet_checkpointing="blocks", vae_checkpointing="resnets",
                   sliced_decode=True, cache_prompt_embeddings=True)
-    top = planner.estimate(given, target="cpu").peak_needed  # every feature on
-    bottom = planner.estimate(dataclasses.replace(given, unet_checkpointing="call", vae_checkpointing="none",
-                                                  sliced_decode=False), target="cpu").peak_needed
-    assert top < bottom
-    cfg = dataclasses.replace(given, budget_gb=(top + bottom) / 2 / GIB)  # something fits, not everything
-    r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30)
+    with planner.reuse_estimates():
+        top = planner.estimate(given, target="cpu").peak_needed  # every feature on
+        bottom = planner.estimate(dataclasses.replace(given, unet_checkpointing="call", vae_checkpointing="none",
+                                                      sliced_decode=False), target="cpu").peak_needed
+        assert top < bottom
+        cfg = dataclasses.replace(given, budget_gb=(top + bottom) / 2 / GIB)  # something fits, not everything
+        r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30)
     found = r["found"]
     assert found is not None and r["plan"]["fits"] and r["plan"]["peak_needed"] <= cfg.budget_gb * GIB
     chosen = dataclasses.replace(cfg, **found["set"]).validate()
     device = devices.cpu_device()
-    seconds, fits = _time(chosen, "cpu", device)
+    seconds, fits = _time(chosen, "cpu", device)  # a fresh estimate (no scope open): the search's figure is its own
     assert fits and seconds == pytest.approx(found["seconds"])
     assert seconds <= r["given"]["seconds"]
     search = fastest._Search(cfg, "cpu", device, [], 0)
@@ -252,11 +264,12 @@ def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(ti
     # every searched feature already on, batch 1: only quantizing the base (a change of what is trained) can help
     cfg = _tiny(unet_checkpointing="blocks", vae_checkpointing="resnets", cache_prompt_embeddings=True,
                 offload_frozen=True, activation_offload=True, card="rtx3060")
-    top = planner.estimate(cfg, target="cuda").peak_needed
-    quant = planner.estimate(dataclasses.replace(cfg, base_quant="nf4"), target="cuda").peak_needed
-    assert quant < top
-    cfg = dataclasses.replace(cfg, budget_gb=(quant + top) / 2 / GIB)
-    r = fastest.fastest(cfg, profile="custom", target="cuda", max_estimates=10)
+    with planner.reuse_estimates():  # the search and the plan meet both configurations again: estimated once
+        top = planner.estimate(cfg, target="cuda").peak_needed
+        quant = planner.estimate(dataclasses.replace(cfg, base_quant="nf4"), target="cuda").peak_needed
+        assert quant < top
+        cfg = dataclasses.replace(cfg, budget_gb=(quant + top) / 2 / GIB)
+        r = fastest.fastest(cfg, profile="custom", target="cuda", max_estimates=10)
     assert r["found"] is None and r["plan"]["fits"] is False
     assert r["plan"]["suggestion"]["set"] == {"base_quant": "nf4"}
     from lowmem_alignprop.measure.reports import format_fastest

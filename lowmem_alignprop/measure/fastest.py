@@ -19,7 +19,9 @@ deltas and their peak is predicted from the summed per-stage deltas; only the qu
 estimated for real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already
 slower than the best found is not searched. Finally each single step back (one feature a level lower, a larger
 micro-batch) is estimated, and taken when it fits and is faster, until none is; then window_keep grows from the
-chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached.
+chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached
+(planner.reuse_estimates: a configuration reached by two changes, such as the one given met again as the all-on corner,
+and the chosen one planned at the end, is estimated once; each still counts as one of max_estimates, as before).
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ class _Search:
 
 
 
+@planner.reuse_estimates()
 def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, allow_task_changes: bool = False,
             max_estimates: int = 40, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The quickest configuration (estimated seconds per optimizer step) whose "needed" fits ``cfg.budget_gb``,

@@ -888,24 +888,64 @@ def _adam8bit_state_bytes(params) -> int:
                for p in params)
 
 
+_REUSED: list[dict] = []  # the open reuse_estimates scope's estimates (one scope: nested ones share it)
+
+
+@contextlib.contextmanager
+def reuse_estimates(memo: dict | None = None):
+    """Within it, :func:`estimate` of a configuration it already estimated (the same Config, target, prompts and
+    autocast emulation; the budget may differ) returns a copy of that estimate instead of running the step again:
+    the estimate is a function of those alone (the meta models are cached per process already). ``plan``, its
+    suggestions and ``plan --fastest`` open one, so the search's duplicates (the configuration as given met again as
+    the all-features-on corner; the chosen configuration planned again at the end) cost nothing. Nested scopes share
+    the outermost one; leaving it forgets everything, but for what it kept in ``memo`` (a dict the caller keeps,
+    to reuse in a later scope)."""
+    if _REUSED:
+        yield
+        return
+    _REUSED.append({} if memo is None else memo)
+    try:
+        yield
+    finally:
+        _REUSED.pop()
+
+
+def _estimated_fields(cfg: Config) -> str:
+    """What an estimate depends on of ``cfg``: every field but the budget (an estimate does not read it;
+    :meth:`Estimate.fits` is given it)."""
+    return repr([(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "budget_gb"])
+
+
 def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None,
              emulate_autocast: bool = True) -> Estimate:
     """Per-stage peak memory of one training step of ``cfg`` on ``target`` ("cuda" or "cpu"), with fake tensors.
 
     ``emulate_autocast=False`` runs a CUDA target's step without autocast (frozen modules purely in their own
-    dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost."""
+    dtype): not what the trainer does, but it shows what autocast's fp32 norms and upsampling cost.
+    Inside :func:`reuse_estimates` a configuration estimated before is not estimated again (a copy is returned)."""
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"target device must be cuda or cpu, not {target!r}")
+    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
+    if not _REUSED:
+        return _estimate(cfg, target, prompts, emulate_autocast)
+    key = (_estimated_fields(cfg), target, tuple(prompts), emulate_autocast)
+    memo = _REUSED[0]
+    if key not in memo:
+        memo[key] = _estimate(cfg, target, prompts, emulate_autocast)
+    return copy.deepcopy(memo[key])  # callers may add notes to theirs
+
+
+def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool) -> Estimate:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowmem_alignprop.models.family import family_for
-    from lowmem_alignprop.step.prompts import load_prompts
 
     t0 = time.perf_counter()
-    if target not in ("cuda", "cpu"):
-        raise UserError(f"target device must be cuda or cpu, not {target!r}")
     notes: list[str] = []
     cuda = target == "cuda"
     k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
-    prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
     dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
 
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
@@ -1601,6 +1641,7 @@ def _apply(cfg: Config, change: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **change).validate()
 
 
+@reuse_estimates()
 def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None, max_estimates: int = 12,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The cheapest change that makes ``cfg`` fit its budget: first each single change in order of speed cost,
@@ -1665,6 +1706,7 @@ def _pruned(found: dict[str, Any], steps, check, label_of, max_estimates: int, t
     return found
 
 
+@reuse_estimates()
 def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:
     """For ``--auto-fit`` after an out-of-memory error (see :mod:`lowmem_alignprop.run.faults`): the cheapest change
     in speed that lowers the estimated peak by at least 3%, or None. Resolution changes (they change the task),
@@ -1688,6 +1730,7 @@ def default_target(profile_name: str) -> str:
     return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
 
 
+@reuse_estimates()
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
          log: Callable[[str], None] | None = None, started: float | None = None,
          command: str | None = None) -> dict[str, Any]:
