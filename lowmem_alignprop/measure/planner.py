@@ -171,6 +171,11 @@ class LiveBytes(StageCounter):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.count(out)
+        return out
+
+    def count(self, out) -> None:
+        """Track the storages of what an op returned."""
         if isinstance(out, torch.Tensor):
             self.track(out)
         elif isinstance(out, (tuple, list)):
@@ -181,7 +186,6 @@ class LiveBytes(StageCounter):
                     for u in t:
                         if isinstance(u, torch.Tensor):
                             self.track(u)
-        return out
 
     def entered(self, name: str) -> None:
         self.bump()  # the level at the stage's start is already its peak
@@ -319,9 +323,14 @@ class StageWork(StageCounter):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.count(func, args, kwargs, out)
+        return out
+
+    def count(self, func, args, kwargs, out) -> None:
+        """Add the work of one op (``out``: what it returned) to the open stage's bucket."""
         b = self.bucket()
         if b is None or func.namespace in NO_KERNEL_NAMESPACES or self.quiet:
-            return out
+            return
         packet = func._overloadpacket
         formula = self.formulas.get(packet)
         if formula is not None:
@@ -331,7 +340,6 @@ class StageWork(StageCounter):
         elif not func.is_view:
             b["other_bytes"] += _tensor_bytes((args, kwargs, out))  # read the inputs, write the outputs
             b["ops"] += 1
-        return out
 
     def entered(self, name: str) -> None:
         self.bucket()  # a stage that runs no op still has its (zero) work
@@ -366,6 +374,32 @@ class StageWork(StageCounter):
         self.unet_calls[name] = self.unet_calls.get(name, 0) + 1
         if name == stages.BACKWARD and "backward_unet" not in self.marks:
             self.marks["backward_unet"] = dict(self.bucket())
+
+
+class _Counters(torch.utils._python_dispatch.TorchDispatchMode):
+    """The estimate's one dispatch mode: a :class:`LiveBytes` counter for every op and, inside :meth:`work_counted`,
+    a :class:`StageWork` as well: what the two modes stacked counted (the counter first, as the inner mode), with
+    each op through one Python handler instead of two (a fake step's op costs mostly dispatch)."""
+
+    def __init__(self, counter: LiveBytes, work: StageWork):
+        super().__init__()
+        self.counter, self.work, self.working = counter, work, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.counter.count(out)
+        if self.working:
+            self.work.count(func, args, kwargs, out)
+        return out
+
+    @contextlib.contextmanager
+    def work_counted(self):
+        self.working = True
+        try:
+            yield
+        finally:
+            self.working = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1006,12 +1040,12 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
             if autocast_mode is not None:
                 stack.enter_context(autocast_mode)
                 stack.enter_context(autocast_mode.replay_in_recompute())
-            stack.enter_context(counter)
+            counters = stack.enter_context(_Counters(counter, work))  # the work: only in the step
             if family.flow:  # the prompt set is encoded at load, with only the text side in memory
                 parts.encoder = _encode_at_load_counted(parts, place, cuda)
             warm_up_optimizer(parts)
             step_start = counter.current
-            with work:
+            with counters.work_counted():
                 keep = run_step(parts, k=k_sim, seed=cfg.seed)
             del keep
     except (Exception, SystemExit) as e:  # a user reward's sys.exit on fake tensors is its failure too
