@@ -30,6 +30,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure.profiler import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
@@ -177,10 +178,12 @@ class Trainer:
 
     def run(self) -> dict:
         try:
-            self.setup()
-            with self.stop.installed():  # SIGINT/SIGTERM are stop requests from the first step until the LoRA is written
-                self.fit()
-                return self.finish()
+            # the memory measurement's collections and scans walk the run's own objects, not the libraries'
+            with run_objects_only():
+                self.setup()
+                with self.stop.installed():  # SIGINT/SIGTERM: stop requests from the first step to the LoRA written
+                    self.fit()
+                    return self.finish()
         finally:  # a measured step left open by any exception (a reward's sys.exit included) would leave torch's
             if getattr(self, "prof", None) is not None:  # dispatch mode on and the collector off: a crash at exit
                 self.prof.close()
