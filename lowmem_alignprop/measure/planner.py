@@ -1829,6 +1829,13 @@ def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_ste
     op, like the estimate) plus the resident bytes at the step's start. After one warm-up optimizer step, like the
     estimate. ``timed_steps`` more steps without the profiler give seconds per step and per stage, by ``clock``
     (``time.process_time``: the CPU seconds, which other jobs on the machine change less than the wall's)."""
+    from lowmem_alignprop.measure.profiler import run_objects_only
+
+    with run_objects_only():  # the measurement walks the step's own objects only, as the trainer's does
+        return _measure_cpu_step(cfg, prompts, timed_steps, clock)
+
+
+def _measure_cpu_step(cfg: Config, prompts: list[str] | None, timed_steps: int, clock: Callable[[], float]) -> dict:
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.memory.optim import build_optimizer
     from lowmem_alignprop.memory.placement import Placement
