@@ -117,7 +117,6 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
     ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
     says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
-
     cls, config, family, layout = single_file_transformer(path, components)
 
     def read():

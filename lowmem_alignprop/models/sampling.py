@@ -259,11 +259,11 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
         for t in timesteps[:split]:
             latents = step(predict(model, latents, t), t, latents)
     latents = latents.detach()  # the gradient window starts here
+    if k == 0:
+        return latents
     # autocast caches its casts of trainable weights: torch up to 2.10 at least (pytorch issue 112583) kept the LoRA
     # casts made without grad above, and the window then ran on them without a graph. The window makes its own
     torch.clear_autocast_cache()
-    if k == 0:
-        return latents
     plain = lambda f, *a: f(*a)  # noqa: E731
     checkpointed = checkpoint if checkpoint_calls else plain
     with stage(stages.SAMPLE_GRAD):
