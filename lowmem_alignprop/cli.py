@@ -13,7 +13,6 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.config import field_help
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
-from lowmem_alignprop.run.runfolder import RunFolder
 from lowmem_alignprop.run.runlock import global_rank, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
@@ -140,6 +139,7 @@ def cmd_train(argv: list[str]) -> int:
         args.set.append(f"checkpoint_every={args.checkpoint_every}")
     if args.auto_fit:
         args.set.append("auto_fit=true")
+    from lowmem_alignprop.run.runfolder import RunFolder  # here, not at the top: --help need not import torch
     with same_on_every_rank():
         chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
@@ -264,7 +264,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    from lowmem_alignprop.commands.evaluate import DEFAULT_OUTPUT_DIR, GRID_NAME, RESULTS_NAME
+    from lowmem_alignprop.run.filenames import SAMPLE_DIR, SAMPLE_GRID, SAMPLE_RESULTS
 
     p = common_parser("lowmem-alignprop sample",
                       "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
@@ -273,7 +273,7 @@ def sample_parser() -> argparse.ArgumentParser:
         if action.dest in ("steps", "report_to", "eval_every", "early_stop"):
             action.help = argparse.SUPPRESS  # training-only: accepted, not advertised
         elif action.dest == "output_dir":
-            action.help = f"where {GRID_NAME} and {RESULTS_NAME} go (default {DEFAULT_OUTPUT_DIR})"
+            action.help = f"where {SAMPLE_GRID} and {SAMPLE_RESULTS} go (default {SAMPLE_DIR})"
         elif action.dest == "seed":
             action.help = "seed of the first image; image j of prompt i uses seed + i * images_per_prompt + j"
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
@@ -289,9 +289,10 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
-    from lowmem_alignprop.commands.evaluate import DEFAULT_OUTPUT_DIR, evaluate, parse_lora, print_summary
-
     args = sample_parser().parse_args(argv)
+    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary
+    from lowmem_alignprop.run.filenames import SAMPLE_DIR
+
     if args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
@@ -301,7 +302,7 @@ def cmd_sample(argv: list[str]) -> int:
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
-        args.output_dir = DEFAULT_OUTPUT_DIR  # (evaluate's hold_folder moves on to the next free one)
+        args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args)
     results = evaluate(cfg, specs, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=numbered)
@@ -318,7 +319,8 @@ def cmd_export(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _quiet_libraries()
+    if not {"-h", "--help"} & set(argv):  # help only prints: it imports no library (torch and diffusers take seconds)
+        _quiet_libraries()
     command = "train"
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)

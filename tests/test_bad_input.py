@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 from lowmem_alignprop.cli import main
 
 FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
@@ -638,7 +639,7 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     # a base_model.json of the wrong shape: the base model is not compared, and that is said
     lora = tmp_path / "lora"
     shutil.copytree(trained / "lora", lora)
-    (lora / ckpt.LORA_BASE_FILE).write_text("[1, 2]")
+    (lora / LORA_BASE_FILE).write_text("[1, 2]")
     spec = LoraSpec(arg=str(lora), file=lora / "pytorch_lora_weights.safetensors", weight=1.0, name="lora0")
     warn_other_base(None, [spec], None)
     assert "wrong shape" in caplog.text

@@ -55,6 +55,18 @@ def test_profiles_command_lists_shipped_profiles(capsys):
     assert "cpu" in out
 
 
+HELP_OF_EVERY_COMMAND = """
+import sys
+from lowmem_alignprop.cli import main
+for command in ([], ["plan"], ["sample"], ["profiles"], ["export"]):
+    try:
+        main([*command, "--help"])
+    except SystemExit as e:
+        assert e.code == 0, (command, e.code)
+print("imported:", sorted({"torch", "diffusers", "transformers", "accelerate", "peft"} & set(sys.modules)))
+"""
+
+
 def test_module_entry_point_and_help():
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
                        timeout=120)
@@ -62,6 +74,10 @@ def test_module_entry_point_and_help():
     for name in ("sample_steps", "guidance_scale", "eta", "truncation", "k_min", "k_max", "batch_size",
                  "grad_accum", "lr", "lora_rank", "resolution", "max_grad_norm", "--profile", "--set"):
         assert name in r.stdout, name
+    # help only prints: no command's help imports torch or the diffusion libraries (seconds on a laptop)
+    r = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_COMMAND], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("usage: lowmem-alignprop") == 5 and r.stdout.endswith("imported: []\n"), r.stdout[-300:]
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--reward", "nope", "--profile", "cpu"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr

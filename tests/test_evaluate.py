@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.commands.evaluate import (GRID_NAME, RESULTS_NAME, generate, load_adapters, mix_adapters, parse_lora)
+from lowmem_alignprop.commands.evaluate import generate, load_adapters, mix_adapters, parse_lora
+from lowmem_alignprop.run.filenames import SAMPLE_GRID, SAMPLE_RESULTS
 
 STEPS = "3"
 COMMON = ["--profile", "cpu", "--set", f"sample_steps={STEPS}"]
@@ -61,7 +62,7 @@ def run(tmp_path_factory, loras):
     rc = main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "2", "--images-per-prompt", "2",
                "--seed", "5", "--output-dir", str(out)])
     assert rc == 0
-    return out, json.loads((out / RESULTS_NAME).read_text())
+    return out, json.loads((out / SAMPLE_RESULTS).read_text())
 
 
 def _tiny_pipe(tiny_dir):
@@ -132,7 +133,7 @@ def test_grid_png_has_one_column_per_image_and_two_rows(run):
     from PIL import Image
 
     out, _ = run
-    grid = Image.open(out / GRID_NAME)
+    grid = Image.open(out / SAMPLE_GRID)
     # export.save_sample_grid: 64 px row labels + 192 px per image; 20 px title + 2 rows of (192 + 28 label)
     assert grid.size == (64 + 4 * 192, 20 + 2 * (192 + 28))
     import numpy as np
@@ -235,7 +236,7 @@ def test_cli_weights_reach_the_adapters(tmp_path, loras):
     rc = main(["sample", *COMMON, "--lora", f"{loras['a']}:0.5", "--lora", f"{loras['neg_a']}:0.5",
                "--num-prompts", "2", "--output-dir", str(out)])
     assert rc == 0
-    r = json.loads((out / RESULTS_NAME).read_text())
+    r = json.loads((out / SAMPLE_RESULTS).read_text())
     assert [d["weight"] for d in r["loras"]] == [0.5, 0.5]
     for p in r["per_prompt"]:
         assert p["lora"] == pytest.approx(p["base"], abs=1e-5)
@@ -293,7 +294,7 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
     out = tmp_path / "eval"
     assert main(["sample", *COMMON, "--lora", str(run_dir), "--num-prompts", "4", "--seed", "1000",
                  "--output-dir", str(out)]) == 0
-    r = json.loads((out / RESULTS_NAME).read_text())
+    r = json.loads((out / SAMPLE_RESULTS).read_text())
     assert r["difference"] > 0.002, r["difference"]
 
 
@@ -301,15 +302,15 @@ def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras,
     monkeypatch.chdir(tmp_path)
     one = ["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1"]
     assert main([*one, "--seed", "1"]) == 0
-    first = (tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text()
+    first = (tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).read_text()
     assert main([*one, "--seed", "2"]) == 0
-    assert (tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text() == first  # left as it was
-    second = json.loads((tmp_path / "outputs" / "sample-2" / RESULTS_NAME).read_text())
+    assert (tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).read_text() == first  # left as it was
+    second = json.loads((tmp_path / "outputs" / "sample-2" / SAMPLE_RESULTS).read_text())
     assert second["seed"] == 2 and json.loads(first)["seed"] == 1
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # a folder the user names is reused, saying so
         assert main([*one, "--seed", "3", "--output-dir", "outputs/sample"]) == 0
     assert "outputs/sample held an earlier evaluation: replacing it" in caplog.text
-    assert json.loads((tmp_path / "outputs" / "sample" / RESULTS_NAME).read_text())["seed"] == 3
+    assert json.loads((tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).read_text())["seed"] == 3
 
 
 def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, monkeypatch):

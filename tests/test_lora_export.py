@@ -21,6 +21,7 @@ from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.commands import lora_export as lx
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
 
 def _inputs(xl: bool) -> tuple[tuple, dict]:
@@ -357,15 +358,15 @@ def other_base(tmp_path_factory, _isolated_cache):
 def _damaged(tmp: Path, sd) -> Path:
     lora = tmp / "damaged" / "lora"
     lora.mkdir(parents=True)
-    data = (sd["lora"] / lx.LORA_WEIGHT_NAME).read_bytes()
-    (lora / lx.LORA_WEIGHT_NAME).write_bytes(data[: len(data) // 2])  # a copy cut short
+    data = (sd["lora"] / LORA_WEIGHT_NAME).read_bytes()
+    (lora / LORA_WEIGHT_NAME).write_bytes(data[: len(data) // 2])  # a copy cut short
     return lora
 
 
 def _no_base_file(tmp: Path, sd) -> Path:
     lora = tmp / "foreign" / "lora"
     lora.mkdir(parents=True)
-    (lora / lx.LORA_WEIGHT_NAME).write_bytes((sd["lora"] / lx.LORA_WEIGHT_NAME).read_bytes())
+    (lora / LORA_WEIGHT_NAME).write_bytes((sd["lora"] / LORA_WEIGHT_NAME).read_bytes())
     return lora
 
 

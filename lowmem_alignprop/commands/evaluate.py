@@ -37,12 +37,9 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.settings.errors import UserError, first_line
 
-DEFAULT_OUTPUT_DIR = "outputs/sample"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
-GRID_NAME = "sample_grid.png"
-RESULTS_NAME = "sample_results.json"
 # keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
 _DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight")
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
@@ -283,7 +280,7 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
 
     ours = None
     for spec in specs:
-        info = spec.file.parent / ckpt.LORA_BASE_FILE
+        info = spec.file.parent / LORA_BASE_FILE
         if not info.is_file():
             continue  # a LoRA from elsewhere: nothing to compare
         try:
@@ -367,7 +364,7 @@ def score(reward, images: torch.Tensor, prompts: list[str], device: torch.device
 # the command
 # ---------------------------------------------------------------------------------------------------------
 def has_results(folder: Path) -> bool:
-    return (folder / RESULTS_NAME).exists()
+    return (folder / SAMPLE_RESULTS).exists()
 
 
 def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
@@ -455,7 +452,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
         **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
-        "grid": GRID_NAME, "device": str(device), "cuda_allocator": allocator,
+        "grid": SAMPLE_GRID, "device": str(device), "cuda_allocator": allocator,
         "seconds": round(time.perf_counter() - t0, 2),
         "output_dir": str(out),
     }
@@ -464,8 +461,9 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
-    save_sample_grid(out / GRID_NAME, labels, (base_images, base_r), (lora_images, lora_r), row_names=("base", "lora"))
-    atomic.write_text(out / RESULTS_NAME, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
+    save_sample_grid(out / SAMPLE_GRID, labels, (base_images, base_r), (lora_images, lora_r),
+                     row_names=("base", "lora"))
+    atomic.write_text(out / SAMPLE_RESULTS, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
     return results
 
 
@@ -489,5 +487,5 @@ def print_summary(r: dict, out: Path) -> None:
                 f"{r['fidelity']['lora']['fidelity_all_ok']:.0%}, score {r['fidelity']['base']['fidelity_score']:.3f}"
                 f" -> {r['fidelity']['lora']['fidelity_score']:.3f}"] if "fidelity_all_ok" in r.get("fidelity", {})
                .get("base", {}) else []),
-             f"wrote {out / GRID_NAME} and {out / RESULTS_NAME}"]
+             f"wrote {out / SAMPLE_GRID} and {out / SAMPLE_RESULTS}"]
     print("\n".join(lines), flush=True)

@@ -47,9 +47,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    from lowmem_alignprop.commands import lora_export as lx
-
     args = export_parser().parse_args(argv)
+    from lowmem_alignprop.commands import lora_export as lx  # after parsing: --help imports no torch
     lx.check_format(args.format, args.merge, args.weight, args.dtype, args.single_file)  # cheap checks first: nothing is read yet
     if args.model and not args.merge:
         raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")

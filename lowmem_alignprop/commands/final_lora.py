@@ -10,10 +10,9 @@ from pathlib import Path
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 
 log = logging.getLogger("lowmem_alignprop")
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
 
 def lora_problem(run: Path) -> str | None:
@@ -30,11 +29,11 @@ def lora_problem(run: Path) -> str | None:
     except Exception as e:  # safetensors raises its own error types for a truncated file
         return f"{file} is damaged ({type(e).__name__})"
     try:
-        base = json.loads((run / "lora" / ckpt.LORA_BASE_FILE).read_text())
+        base = json.loads((run / "lora" / LORA_BASE_FILE).read_text())
         if not isinstance(base, dict):
             raise ValueError
     except (OSError, ValueError):
-        return f"{run / 'lora' / ckpt.LORA_BASE_FILE} is missing or damaged"
+        return f"{run / 'lora' / LORA_BASE_FILE} is missing or damaged"
     return None
 
 

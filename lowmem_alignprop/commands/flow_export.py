@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
 
 SD3, FLUX = "sd3", "flux"
@@ -213,7 +214,7 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     config = LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets).to_dict()
     StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
                                                transformer_lora_adapter_metadata=config)
-    return out / "pytorch_lora_weights.safetensors"
+    return out / LORA_WEIGHT_NAME
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,14 +41,13 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
+from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 log = logging.getLogger("lowmem_alignprop")
 
 FORMATS = EXPORT_FORMATS  # the same list as the export_format config field's
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what a merged model is saved in
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights (and our trainer) writes
-BASE_FILE = "base_model.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 CARD_NAME = "README.md"
@@ -170,13 +169,13 @@ def read_lora(spec: str) -> Lora:
             raise UserError(f"--lora {spec}: {quote(name)} holds NaN or inf: the run diverged; export a checkpoint "
                             "from before (lowmem-alignprop --resume DIR) or train with a lower learning rate")
     base = None
-    if (path / BASE_FILE).is_file():
+    if (path / LORA_BASE_FILE).is_file():
         try:
-            base = json.loads((path / BASE_FILE).read_text())
+            base = json.loads((path / LORA_BASE_FILE).read_text())
             if not isinstance(base, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
-            raise UserError(f"--lora {spec}: {BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
+            raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
                             "lora/ folder") from None
     run = path.parent if any((path.parent / n).is_file() for n in ("config.yaml", "summary.json")) else None
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
@@ -366,9 +365,9 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
 def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
     shutil.copy2(lora.path / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
     out = [folder / LORA_WEIGHT_NAME]
-    if (lora.path / BASE_FILE).is_file():
-        shutil.copy2(lora.path / BASE_FILE, folder / BASE_FILE)
-        out.append(folder / BASE_FILE)
+    if (lora.path / LORA_BASE_FILE).is_file():
+        shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
+        out.append(folder / LORA_BASE_FILE)
     return out
 
 
@@ -380,7 +379,7 @@ def merge_base(lora: Lora, model: str | None) -> str:
     """The base model to merge into: ``--model`` or the one the LoRA was trained on (base_model.json)."""
     spec = model or lora.base_model
     if not spec:
-        raise UserError(f"--merge: {lora.path} does not say which base model it was trained on (no {BASE_FILE}): "
+        raise UserError(f"--merge: {lora.path} does not say which base model it was trained on (no {LORA_BASE_FILE}): "
                         "pass it with --model")
     from lowmem_alignprop.models.loading import resolve_model
 
@@ -504,7 +503,6 @@ def training_command(lora: Lora) -> str | None:
     """The command that trained this run, as the run folder recorded it (command.txt: one line per start, a
     --resume included); for a run without that record, a command that trains it again: its profile, and --set for
     each field that differs from it."""
-    from lowmem_alignprop.run.checkpoint import COMMAND_FILE
 
     recorded = lora.run / COMMAND_FILE if lora.run is not None else None
     if recorded is not None and recorded.is_file():

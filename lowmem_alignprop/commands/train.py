@@ -29,6 +29,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
+from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.profiler import run_objects_only
 from lowmem_alignprop.memory import precision, stages
@@ -334,7 +335,7 @@ class Trainer:
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
             if self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
-                ckpt.append_line(out / ckpt.COMMAND_FILE, self.command)
+                ckpt.append_line(out / COMMAND_FILE, self.command)
         if cfg.report_to != "none":
             self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
                                                                        if isinstance(v, (int, float, str, bool))})
@@ -805,7 +806,7 @@ class Trainer:
     def save_lora(self, folder: Path, lora: dict, final) -> None:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
         self.family.save_lora(self.comps.pipeline_class, final, lora, folder)  # the pipeline's LoRA format
-        (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
+        (folder / LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
 
     def write_lora(self, folder: Path) -> None:
         """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""
@@ -883,7 +884,7 @@ class Trainer:
 
         cfg, lora_dir = self.cfg, self.out / "lora"
         formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
-        if not formats or not (lora_dir / lx.LORA_WEIGHT_NAME).is_file():
+        if not formats or not (lora_dir / LORA_WEIGHT_NAME).is_file():
             return
         pushed = False
         for fmt in formats:

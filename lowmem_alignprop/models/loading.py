@@ -23,6 +23,7 @@ from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.models.pipeline_load import load_pipeline
 from lowmem_alignprop.run import hub
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
@@ -504,8 +505,8 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     else:
         StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
             weights), unet_lora_adapter_metadata=config.to_dict())
-    (folder / ckpt.LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
-    return folder / "pytorch_lora_weights.safetensors"
+    (folder / LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
+    return folder / LORA_WEIGHT_NAME
 
 
 def module_bytes(module: torch.nn.Module | None) -> int:

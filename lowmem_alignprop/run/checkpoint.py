@@ -280,8 +280,6 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 
 
-LORA_BASE_FILE = "base_model.json"  # beside the exported LoRA: the fingerprint of the model it was trained on
-COMMAND_FILE = "command.txt"  # in the run folder: the command line of each start of the run, one per line
 
 
 def append_line(path: Path, line: str) -> None:
