@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
-from lowmem_alignprop.run.distributed import deepspeed_config
+from lowmem_alignprop.run.distributed import check_no_stale_build_lock, deepspeed_config
 
 FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--set", "batch_size=1", "--set", "lr=0.01"]
@@ -81,6 +82,29 @@ def ddp(tmp_path_factory, tiny_dir):
     run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
          "--steps", "4", "--set", "sample_prompts=1"])
     return out
+
+
+@needs_deepspeed
+def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypatch):
+    """A DeepSpeed op build killed midway leaves torch's lock file; torch would wait on it forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    lock = tmp_path / "extensions" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_no_stale_build_lock()  # a build running now (another rank's, say): waited on, as torch does
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    out = tmp_path / "run"
+    # a process with a time limit: without the check it would wait on the lock forever
+    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "deepspeed_zero=2", "--set",
+                        "offload=optimizer", "--steps", "1", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        f"error: {lock} is the lock of a DeepSpeed op build that stopped 60 minutes ago (killed or interrupted "
+        f"midway); with it there this run would wait forever: delete it (rm {lock}; no build of cpu_adam is "
+        "running) and run again"), r.stderr[-2000:]
+    assert lock.exists()  # the user's to delete: a build on another machine sharing the folder may hold it
+    assert not (out / "lora").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_two_processes_data_parallel(ddp):

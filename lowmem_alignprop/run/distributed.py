@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from pathlib import Path
 
 import torch
 
@@ -53,10 +55,40 @@ def deepspeed_plugin(cfg, mixed_precision: str | None = None):
     """accelerate's DeepSpeedPlugin built from the profile (train.make_accelerator passes it to Accelerator)."""
     from accelerate.utils import DeepSpeedPlugin
 
+    check_no_stale_build_lock()
     ensure_process_group_env()
     # zero3_init_flag off: the frozen models load whole on the CPU first (and peft's LoRA init must not run
     # inside zero.Init, see docs/design.md section 8); deepspeed.initialize then partitions them.
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision), zero3_init_flag=False)
+
+
+# the ops DeepSpeed compiles on first use on a machine (on a CPU: its shared-memory collectives, and CPU Adam with
+# offload); each builds in 1-3 minutes under torch's lock file in the op's torch-extensions folder
+DEEPSPEED_OPS = ("cpu_adam", "deepspeed_shm_comm")
+STALE_LOCK_SECONDS = 20 * 60  # a build lock older than this was left by a build that was stopped midway
+
+
+def check_no_stale_build_lock(now: float | None = None) -> None:
+    """A DeepSpeed op build stopped midway (Ctrl-C, a kill, a lost session) leaves torch's lock file behind, and
+    every later run then waits for it forever, silently: name the file instead, before anything loads."""
+    from torch.utils import cpp_extension
+
+    from lowmem_alignprop.settings.errors import UserError
+
+    try:
+        folders = [Path(cpp_extension._get_build_directory(op, verbose=False)) for op in DEEPSPEED_OPS]
+    except (AttributeError, TypeError, OSError):  # torch's private folder rule changed, or the cache is unwritable:
+        return  # the build (and its own messages) decides
+    now = time.time() if now is None else now
+    for lock in (folder / "lock" for folder in folders):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_LOCK_SECONDS:
+            raise UserError(f"{lock} is the lock of a DeepSpeed op build that stopped {age / 60:.0f} minutes ago "
+                            f"(killed or interrupted midway); with it there this run would wait forever: delete it "
+                            f"(rm {lock}; no build of {lock.parent.name} is running) and run again")
 
 
 def size_buckets(accelerator, params) -> None:
