@@ -2,7 +2,7 @@
 
 For each configuration below (the built-in tiny model, the shipped toy world, tests/midsize.py's mid-size SD-shaped
 model at 128 px; a few memory features and batch sizes) the step is planned on fake tensors (``planner.estimate``,
-target cpu: its counted work per stage) and run for real on one thread (``planner.measure_cpu_step`` with
+target cpu: its counted work per stage) and run for real on one thread (``shared_step.measure_cpu_step`` with
 ``time.process_time``: CPU seconds, which other jobs on a shared machine disturb less than wall seconds). The
 ``cpu`` row's factors (matmul and attention efficiency, seconds per op; the memory efficiency fixed, see
 :func:`fit`) are then fitted by non-negative least squares on the step seconds of the configurations marked ``fit``, relative to each step's time, and checked
@@ -75,13 +75,13 @@ def work_of(cfg) -> dict:
 def measure(name: str, model: str, sets: list[str], steps: int, midsize: Path) -> dict:
     import torch
 
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import shared_step
 
     torch.set_num_threads(1)
     cfg = config_of(model, sets, midsize)
     work = work_of(cfg)
     t0 = time.process_time()
-    meas = planner.measure_cpu_step(cfg, timed_steps=steps, clock=time.process_time)
+    meas = shared_step.measure_cpu_step(cfg, timed_steps=steps, clock=time.process_time)
     return {"name": name, "model": model, "set": sets, "k": meas["k"], "timed_steps": steps, "work": work,
             "measured_stage_seconds": {n: meas["stage_seconds"].get(n, 0.0) for n in STAGES},
             "measured_step_seconds": meas["seconds_per_step"],

@@ -65,7 +65,7 @@ def work_of(run: dict) -> dict:
 
 
 def predicted(run: dict) -> dict:
-    from lowmem_alignprop.measure.planner import matmul_dtype
+    from lowmem_alignprop.measure.step_time import matmul_dtype
     from lowmem_alignprop.settings.config import Config
 
     dev = devices.DEVICES[run["card"]]

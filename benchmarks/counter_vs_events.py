@@ -4,7 +4,7 @@ training loop uses (``CpuAllocationTracker(method="counter")``) against torch.pr
 
     python benchmarks/counter_vs_events.py --midsize /tmp/midsize [--resolution 128] [--json OUT]
 
-Runs ``planner.measure_cpu_step`` (the step the planner tests compare with) on tests/midsize.py's model, once
+Runs ``shared_step.measure_cpu_step`` (the step the planner tests compare with) on tests/midsize.py's model, once
 per method, each in a fresh subprocess so that one's memory does not count in the other's.
 """
 
@@ -25,7 +25,7 @@ import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from midsize import build_midsize_dir
 import lowmem_alignprop.measure.profiler as profiler
-from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure import shared_step
 from lowmem_alignprop.settings.config import Config
 
 method = {method!r}
@@ -40,7 +40,7 @@ profiler.CpuAllocationTracker = Tracker
 cfg = Config(model=str(build_midsize_dir({model!r})), reward="brightness", batch_size={batch}, resolution={res},
              sample_steps={steps}, truncation="fixed", k={k}, prompts="simple_animals").validate()
 t0 = time.perf_counter()
-m = planner.measure_cpu_step(cfg)
+m = shared_step.measure_cpu_step(cfg)
 print(json.dumps({{"stages": m["stages"], "baseline": m["baseline"], "seconds": time.perf_counter() - t0,
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """

@@ -223,7 +223,7 @@ def run_what_fits(quick: bool) -> dict:
 def run_cpu_measured(quick: bool, workdir: Path) -> dict:
     from midsize import build_clip_reward_dir, build_midsize_dir
 
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import planner, shared_step
     from lowmem_alignprop.settings.config import Config
 
     model = build_midsize_dir(workdir / "midsize")
@@ -233,7 +233,7 @@ def run_cpu_measured(quick: bool, workdir: Path) -> dict:
     timed = 1 if quick else 2
 
     def one(cfg) -> dict:
-        m = planner.measure_cpu_step(cfg, timed_steps=timed)
+        m = shared_step.measure_cpu_step(cfg, timed_steps=timed)
         e = planner.estimate(cfg, target="cpu")
         return {"measured": {"stages": m["stages"], "peak_allocated": m["peak_allocated"],
                              "peak_stage": m["peak_stage"], "seconds_per_step": m.get("seconds_per_step"),
@@ -352,7 +352,7 @@ def _kept(name: str, kept: dict[str, list[str]], default: list[str]) -> list[str
 
 def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path, previous: str = "") -> str:
     """REPORT.md from the results files; ``previous`` (the report it replaces) gives the hand-written blocks."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.memory import allowances
     from lowmem_alignprop.memory.stages import STAGES
 
     L = ["# Memory benchmark report", "",
@@ -373,7 +373,7 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path, pr
               + ", ".join(f"{k} {v}" for k, v in ver.items() if v), ""]
         L += _summary(doc, gpu)
         L += ["Allowances the planner adds for a CUDA target (what fake tensors cannot see):", ""]
-        L += [f"- {k}: {v}" for k, v in planner.ALLOWANCES.items()]
+        L += [f"- {k}: {v}" for k, v in allowances.ALLOWANCES.items()]
         L += ["- **needed** = allocated x reserved factor + workspaces: what must fit the profile's budget", ""]
         L += _section_ladder(doc.get("ladder"), gpu, STAGES)
         L += _section_fits(doc.get("what_fits"))
@@ -489,7 +489,7 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
     if cal_path.exists():
         cal = json.loads(cal_path.read_text())
         L += [f"`results/{cal_path.name}`, command `{cal['command']}` ({cal['date']}): every completed GPU run of "
-              "section 4 planned again with the K its measured step drew; its counted work (`planner.StageWork`) "
+              "section 4 planned again with the K its measured step drew; its counted work (`counters.StageWork`) "
               "turned into seconds with the card's figures (`lowmem_alignprop/measure/devices.py`). Measured: the "
               "step-2 seconds of the stages below (the profiler synchronizes the GPU at each stage's edges). The "
               "factors were fitted to the two runs alone on the GPU (in-sample); runs that shared the GPU are "
@@ -641,7 +641,7 @@ def _section_rss(results_dir: Path) -> list[str]:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             r = json.loads(path.read_text())
             c, e, cfg = r["counter"], r["events"], r["config"]
-            L += ["", f"`planner.measure_cpu_step` both ways on the mid-size model (brightness reward) at {cfg['resolution']} px (batch "
+            L += ["", f"`shared_step.measure_cpu_step` both ways on the mid-size model (brightness reward) at {cfg['resolution']} px (batch "
                   f"{cfg['batch_size']}, {cfg['sample_steps']} DDIM steps, K = {cfg['k']}), each in its own process "
                   f"(`{path.name}`, command `{r['command']}`), MiB:", "",
                   "| stage | events | storages | storages / events |", "|---|---:|---:|---:|"]
@@ -861,7 +861,7 @@ def _section_gpu(gpu: list[tuple[Path, dict]], STAGES) -> list[str]:
                      f"{', '.join(str(k) for k in r['k']) or '-'} | {r['concurrent_runs'] or '-'} | "
                      f"{_s(r['seconds_per_step'])} |")
         L += ["", "The estimates were computed with expandable allocator segments in mind (x1.10 + workspaces); a run "
-              "with fixed segments is planned with a fragmentation allowance on top (`planner.fragmentation_allowance`). "
+              "with fixed segments is planned with a fragmentation allowance on top (`figures.fragmentation_allowance`). "
               "Seconds per step follow the K drawn (each grad step is a UNet forward and backward) and the runs "
               "sharing the GPU; they are not a speed comparison between rows."]
         staged = [r for r in runs if r["stages"] and r["planner"]]

@@ -67,7 +67,8 @@ def train(args: list[str], steps: int, out: Path) -> dict:
 
 def predicted(args: list[str]) -> float | None:
     from lowmem_alignprop.cli import config_from_args, common_parser
-    from lowmem_alignprop.measure.planner import estimate, step_time
+    from lowmem_alignprop.measure.planner import estimate
+    from lowmem_alignprop.measure.step_time import step_time
     from lowmem_alignprop.measure.devices import cpu_device
 
     ns = common_parser("plan", "").parse_args(args)

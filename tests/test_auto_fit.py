@@ -16,7 +16,7 @@ import torch
 import lowmem_alignprop.rewards as rewards_pkg
 import lowmem_alignprop.commands.train as train_mod
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure import fit_changes, planner
 from lowmem_alignprop.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -239,7 +239,7 @@ def test_every_rung_has_a_test():
                  unet_checkpointing="call", resolution=512)
     ladder = set().union(*(set(fix(cfg).overrides) for fix in faults.LADDER.values()
                            if fix(cfg) is not None))
-    live = {k for _, change in planner.candidate_changes(cfg, "cuda")
+    live = {k for _, change in fit_changes.candidate_changes(cfg, "cuda")
             if not {"resolution", "base_quant", "optimizer"} & set(change) for k in change}
     assert ladder | live <= covered, (ladder | live) - covered
 

@@ -238,11 +238,11 @@ def test_the_planner_matches_the_cpu_step_with_fp8_and_block_swap(flux_dir):
     """The fake-tensor estimate against the real CPU step (as test_flow_train's 5% test) with fp8 storage and both
     blocks swapped: the blocks in flight are counted at their fp8 size. The peak stage within 5%; every stage at or
     above the measurement (the planner adds the largest block's upcast layers to every stage: an allowance)."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import planner, shared_step
 
     cfg = Config(model=str(flux_dir), resolution=32, sample_steps=4, k=2, batch_size=2, prompts="simple_animals",
                  guidance_scale=3.5, unet_checkpointing="blocks", base_quant="fp8", block_swap=2).validate()
-    est, meas = planner.estimate(cfg, target="cpu"), planner.measure_cpu_step(cfg)
+    est, meas = planner.estimate(cfg, target="cpu"), shared_step.measure_cpu_step(cfg)
     assert est.peak_stage == meas["peak_stage"]
     e, m = est.peak_allocated, meas["peak_allocated"]
     assert abs(e - m) <= 0.05 * m, f"peak: estimate {e / 2**20:.3f} MiB vs measured {m / 2**20:.3f} MiB"
@@ -254,34 +254,34 @@ def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(fl
     """plan's candidates on a GPU target: block swap (half the blocks, with the per-block checkpointing it needs)
     after nf4 when the base is full precision, and still with a quantized base; half the blocks still on the card
     more when some are swapped (before a lower resolution, which changes the task); none once all are."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import fit_changes
 
     base = dict(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5)
     swap = {"block_swap": 1, "unet_checkpointing": "blocks"}  # the tiny FLUX has 2 blocks
-    changes = [c for _, c in planner.candidate_changes(Config(**base).validate(), "cuda")]
+    changes = [c for _, c in fit_changes.candidate_changes(Config(**base).validate(), "cuda")]
     assert swap in changes and changes.index({"base_quant": "nf4"}) < changes.index(swap)
-    quantized = [c for _, c in planner.candidate_changes(Config(**base, base_quant="int8").validate(), "cuda")]
+    quantized = [c for _, c in fit_changes.candidate_changes(Config(**base, base_quant="int8").validate(), "cuda")]
     assert swap in quantized and not any("base_quant" in c for c in quantized)
-    some = [c for _, c in planner.candidate_changes(Config(**{**base, "resolution": 512}, base_quant="int8",
+    some = [c for _, c in fit_changes.candidate_changes(Config(**{**base, "resolution": 512}, base_quant="int8",
                                                            unet_checkpointing="blocks", block_swap=1).validate(), "cuda")]
     assert {"block_swap": 2} in some and some.index({"block_swap": 2}) < some.index({"resolution": 384})
     swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
-    assert not any("block_swap" in c for _, c in planner.candidate_changes(swapped, "cuda"))
-    assert not any("block_swap" in c for _, c in planner.candidate_changes(Config(**base).validate(), "cpu"))
+    assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(swapped, "cuda"))
+    assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(Config(**base).validate(), "cpu"))
 
 
 def test_counting_swappable_blocks_builds_and_copies_no_model(flux_dir, monkeypatch):
     """The search asks how many blocks can swap for every suggestion it tries: the count reads the cached meta model
     (built once per model and dtype), never a fresh copy of it, and is the copy's count."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import fit_changes, meta_models
 
     cfg = Config(model=str(flux_dir), resolution=64, mixed_precision="bf16", guidance_scale=3.5).validate()
-    n = len(swappable_blocks(planner.meta_components(cfg, torch.bfloat16).unet))  # builds it (cached) and copies
+    n = len(swappable_blocks(meta_models.meta_components(cfg, torch.bfloat16).unet))  # builds it (cached) and copies
     builds, copies = [], []
-    build, meta = planner._flow_meta_components, planner.meta_components
-    monkeypatch.setattr(planner, "_flow_meta_components", lambda *a: builds.append(a) or build(*a))
-    monkeypatch.setattr(planner, "meta_components", lambda *a: copies.append(a) or meta(*a))
-    counts = [planner._swappable_count(dataclasses.replace(cfg, batch_size=b, resolution=r))
+    build, meta = meta_models._flow_meta_components, meta_models.meta_components
+    monkeypatch.setattr(meta_models, "_flow_meta_components", lambda *a: builds.append(a) or build(*a))
+    monkeypatch.setattr(meta_models, "meta_components", lambda *a: copies.append(a) or meta(*a))
+    counts = [fit_changes.swappable_count(dataclasses.replace(cfg, batch_size=b, resolution=r))
               for b in (1, 2) for r in (64, 128)]
     assert counts == [n] * 4 and n == 2 and builds == [] and copies == []
 

@@ -122,7 +122,7 @@ def test_single_file_transformer_with_the_rest_from_a_folder(dirs, tmp_path):
     """A schnell transformer file with FLUX.1-dev's folder: the file's weights, schnell's config (no guidance
     embedding, told by the file's keys), the folder's text encoders and VAE. The planner's model is the same
     schnell transformer (not the folder's dev one)."""
-    from lowmem_alignprop.measure.planner import meta_components
+    from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.loading import load_components
 
     schnell = build_tiny_flux_pipeline(seed=3, schnell=True)
@@ -318,13 +318,13 @@ def test_bad_input_k_beyond_schnells_steps(dirs, tmp_path, capsys):
 def test_planner_estimates_the_flow_step_within_5_percent_per_stage(dirs, name, extra):
     """The fake-tensor estimate against the real CPU step (torch.profiler memory events) of the tiny models: the
     prompt cache with T5, the Euler window, the 16-channel decode; block swap's in-flight copies."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import planner, shared_step
     from lowmem_alignprop.memory import stages
 
     cfg = Config(model=str(dirs[name]), resolution=RES, sample_steps=4, k=2, batch_size=2, prompts="simple_animals",
                  guidance_scale=3.5 if name == "flux" else 4.0, **extra).validate()
     est = planner.estimate(cfg, target="cpu")
-    meas = planner.measure_cpu_step(cfg)
+    meas = shared_step.measure_cpu_step(cfg)
     assert set(meas["stages"]) == set(stages.STEP_STAGES)
     for stage in stages.STEP_STAGES:
         e, m = est.stages[stage]["allocated"], meas["stages"][stage]
@@ -368,16 +368,16 @@ def test_the_planner_counts_the_prompt_set_encoded_at_load(dirs):
 def test_encoding_on_the_cpu_is_a_candidate_change_for_flow_models_only(dirs, tiny_dir):
     """Where T5 encodes on the card (its load-stage peak), plan's candidates include encode_on_cpu; not once it is
     set, not for a CPU target, not for a UNet model."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import fit_changes
 
     change = {"encode_on_cpu": True}
     flow = Config(model=str(dirs["sd3"]), resolution=RES, mixed_precision="bf16").validate()
-    assert change in [c for _, c in planner.candidate_changes(flow, "cuda")]
-    assert change not in [c for _, c in planner.candidate_changes(flow, "cpu")]
+    assert change in [c for _, c in fit_changes.candidate_changes(flow, "cuda")]
+    assert change not in [c for _, c in fit_changes.candidate_changes(flow, "cpu")]
     on_cpu = Config(model=str(dirs["sd3"]), resolution=RES, mixed_precision="bf16", encode_on_cpu=True).validate()
-    assert not any("encode_on_cpu" in c for _, c in planner.candidate_changes(on_cpu, "cuda"))
+    assert not any("encode_on_cpu" in c for _, c in fit_changes.candidate_changes(on_cpu, "cuda"))
     unet = Config(model=str(tiny_dir), mixed_precision="fp16").validate()
-    assert not any("encode_on_cpu" in c for _, c in planner.candidate_changes(unet, "cuda"))
+    assert not any("encode_on_cpu" in c for _, c in fit_changes.candidate_changes(unet, "cuda"))
 
 
 

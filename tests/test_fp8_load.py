@@ -208,7 +208,8 @@ def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
     (CUDA blocks of 512 bytes). The trainer's read leaves exactly that transformer: its fp8-stored size
     (quant.quantized_weight_bytes) plus those three bytes per weight; the per-block peak while reading is within
     the block allowance above it."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import planner, weight_bytes
+    from lowmem_alignprop.memory import allowances
     from lowmem_alignprop.models.loading import load_components
 
     kw = dict(resolution=32, sample_steps=4, k=2, guidance_scale=3.5, encode_on_cpu=True)
@@ -220,9 +221,9 @@ def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
                or id(m) not in in_blocks for t in (m.weight, m.bias) if t is not None]
 
     def rounded(n: int) -> int:
-        return -(-n // planner.CUDA_BLOCK) * planner.CUDA_BLOCK
+        return -(-n // allowances.CUDA_BLOCK) * allowances.CUDA_BLOCK
     extra = sum(rounded(4 * t.numel()) - rounded(t.numel()) for t in waiting)
-    largest = planner._fp8_block_upcast_bytes(_with_lora(_meta_transformer(dirs["flux"])))  # one block, fp32
+    largest = weight_bytes._fp8_block_upcast_bytes(_with_lora(_meta_transformer(dirs["flux"])))  # one block, fp32
     load = est.stages["load"]
     assert load["on_device"] == plain.stages["load"]["on_device"] == ["unet", "lora", "vae"]
     assert load["allocated"] == sum(est.weights[n] for n in load["on_device"]) + largest + extra
@@ -243,21 +244,22 @@ def test_flux_holds_its_lora_targets_and_embedders_in_bf16_at_load_on_the_card()
     8, 38 single blocks x 3) of 3072 x 3072 weights and 3072 biases, and the 8 embedder layers outside the blocks
     (3072 outputs from 14656 inputs in all), at one byte more than fp8: 2,556,155,904 bytes; with block swap's first
     19 blocks (the joint ones) in host memory, the single blocks' 114 projections and the embedders."""
-    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure import counters, weight_bytes
+    from lowmem_alignprop.memory import allowances
     from lowmem_alignprop.models import flow_loading as fl
 
     tr = fl.build_flow_components("flux", device="meta", dtype=torch.bfloat16, t5=False).transformer
     _with_lora(tr)
     comps = types.SimpleNamespace(unet=tr, family="flux")
-    counter = planner.LiveBytes(round_to=planner.CUDA_BLOCK)
+    counter = counters.LiveBytes(round_to=allowances.CUDA_BLOCK)
     projection = 3072 * 3072 + 3072
     embedders = 3072 * (256 + 3072) * 2 + 3072 * (768 + 3072) + 3072 * 4096 + 3072 * 64 + 8 * 3072  # time, guidance,
     # pooled text, context, latents
     cfg = Config(model="flux", base_quant="fp8", unet_checkpointing="blocks")
-    assert planner._fp8_load_bytes(cfg, comps, counter, cuda=True) == 266 * projection + embedders == 2_556_155_904
+    assert weight_bytes.fp8_load_bytes(cfg, comps, counter, cuda=True) == 266 * projection + embedders == 2_556_155_904
     swapped = Config(model="flux", base_quant="fp8", unet_checkpointing="blocks", block_swap=19)
-    assert planner._fp8_load_bytes(swapped, comps, counter, cuda=True) == 114 * projection + embedders
-    assert planner._fp8_load_bytes(Config(model="flux"), comps, counter, cuda=True) == 0
+    assert weight_bytes.fp8_load_bytes(swapped, comps, counter, cuda=True) == 114 * projection + embedders
+    assert weight_bytes.fp8_load_bytes(Config(model="flux"), comps, counter, cuda=True) == 0
 
 
 def test_sample_with_fp8_stores_the_rest_once_the_adapters_are_loaded(dirs, tmp_path, monkeypatch, fresh_log_handlers):

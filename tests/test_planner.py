@@ -2,7 +2,7 @@
 
 Accuracy: the planner's estimate for the CPU (target ``cpu``: fp32, everything resident, exact bytes) is
 compared stage by stage with the same step run for real and measured with torch.profiler memory events
-(``planner.measure_cpu_step``, StageProfiler's method), on the tiny model and on a mid-size SD-shaped model.
+(``shared_step.measure_cpu_step``, StageProfiler's method), on the tiny model and on a mid-size SD-shaped model.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_alignprop.measure import planner, reports
-from lowmem_alignprop.memory import stages
+from lowmem_alignprop.measure import counters, cuda_autocast, figures, fit_changes, planner, reports, shared_step
+from lowmem_alignprop.memory import allowances, stages
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
 
@@ -26,9 +26,9 @@ GIB = 2**30
 STEP_STAGES = stages.STEP_STAGES
 
 
-def _compare(cfg: Config) -> tuple[planner.Estimate, dict]:
+def _compare(cfg: Config) -> tuple[figures.Estimate, dict]:
     est = planner.estimate(cfg, target="cpu")
-    meas = planner.measure_cpu_step(cfg)
+    meas = shared_step.measure_cpu_step(cfg)
     assert set(meas["stages"]) == set(STEP_STAGES)
     for name in STEP_STAGES:
         e, m = est.stages[name]["allocated"], meas["stages"][name]
@@ -110,8 +110,8 @@ def test_offload_and_cached_prompts_decide_what_is_on_the_device(tiny_dir):
     saved = kept.stages[stages.SAMPLE_GRAD]["weights"] - est.stages[stages.SAMPLE_GRAD]["weights"]
     assert saved == est.weights["vae"] + est.weights["text_encoder"]
     # a CUDA target gets the allocator's 512-byte rounding and the documented reserved factor and workspaces
-    assert all(fig["allocated"] % planner.CUDA_BLOCK == 0 for fig in est.stages.values())
-    assert est.peak_needed == int(est.peak_allocated * planner.RESERVED_FACTOR) + planner.WORKSPACE_BYTES
+    assert all(fig["allocated"] % allowances.CUDA_BLOCK == 0 for fig in est.stages.values())
+    assert est.peak_needed == int(est.peak_allocated * allowances.RESERVED_FACTOR) + allowances.WORKSPACE_BYTES
 
 
 def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
@@ -186,7 +186,7 @@ def test_cuda_autocast_emulation_dtypes_and_checkpoint_recompute():
         y = norm(conv(x) * lora.half())
         return F.interpolate(F.silu(y), scale_factor=2.0, mode="nearest")
 
-    mode = planner.CudaAutocast(torch.float16)
+    mode = cuda_autocast.CudaAutocast(torch.float16)
     with FakeTensorMode(allow_non_fake_inputs=True), mode, mode.replay_in_recompute():
         x = torch.randn(1, 4, 8, 8)
         with mode.active():
@@ -203,7 +203,7 @@ def test_cuda_autocast_emulation_dtypes_and_checkpoint_recompute():
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
-    counter = planner.LiveBytes(round_to=512)
+    counter = counters.LiveBytes(round_to=512)
     with counter, counter.stage(stages.DECODE):
         a = torch.empty(1000, dtype=torch.uint8)  # rounded to 1024
         view = a[10:]  # a view: same storage, not counted again
@@ -219,20 +219,20 @@ def test_live_bytes_counts_storages_once_and_frees_them():
 def test_stage_counters_open_stages_one_way():
     """LiveBytes and StageWork share StageCounter.stage: both refuse unknown names; StageWork files the work done
     between two stages under the last closed stage + AFTER, LiveBytes folds the level at a stage's start into it."""
-    work = planner.StageWork()
+    work = counters.StageWork()
     with work:
         with work.stage(stages.BACKWARD):
             torch.ones(4)
         torch.ones(8)  # after backward, before the next stage
     assert work.work[stages.BACKWARD]["other_bytes"] == 16 and work.work[stages.BACKWARD]["ops"] == 1
-    assert work.work[stages.BACKWARD + planner.AFTER]["other_bytes"] == 32
-    counter = planner.LiveBytes()
+    assert work.work[stages.BACKWARD + counters.AFTER]["other_bytes"] == 32
+    counter = counters.LiveBytes()
     with counter:
         kept = torch.empty(100, dtype=torch.uint8)
         with counter.stage(stages.OPTIMIZER):
             pass
     assert counter.peaks[stages.OPTIMIZER] == 100 and counter.open == [] and kept.numel() == 100
-    for c in (planner.StageWork(), planner.LiveBytes()):
+    for c in (counters.StageWork(), counters.LiveBytes()):
         with pytest.raises(ValueError, match="unknown stage"), c.stage("sampling"):
             pass
 
@@ -348,13 +348,13 @@ def test_candidates_include_the_issue_7_features_before_task_changes():
     """SDXL on an 8 GB card fits with an nf4 base (not with a lower resolution): the planner must offer it."""
     cfg = Config(model="sdxl", resolution=1024, sample_steps=10, k=1, vae_checkpointing="resnets",
                  unet_checkpointing="blocks", cache_prompt_embeddings=True, offload_frozen=True).validate()
-    labels = [change for _, change in planner.candidate_changes(cfg, target="cuda")]
+    labels = [change for _, change in fit_changes.candidate_changes(cfg, target="cuda")]
     assert {"base_quant": "nf4"} in labels and {"tiled_decode": True, "sliced_decode": False} in labels
     task = next(i for i, c in enumerate(labels) if "resolution" in c)
     assert labels.index({"base_quant": "nf4"}) < task
     done = dataclasses.replace(cfg, base_quant="nf4", tiled_decode=True).validate()
-    assert not any("base_quant" in c or "tiled_decode" in c for _, c in planner.candidate_changes(done, "cuda"))
-    assert not any("base_quant" in c for _, c in planner.candidate_changes(cfg, target="cpu"))
+    assert not any("base_quant" in c or "tiled_decode" in c for _, c in fit_changes.candidate_changes(done, "cuda"))
+    assert not any("base_quant" in c for _, c in fit_changes.candidate_changes(cfg, target="cpu"))
 
 
 def test_reuse_estimates_runs_each_configuration_once_and_only_inside_its_scope(monkeypatch):
@@ -364,7 +364,7 @@ def test_reuse_estimates_runs_each_configuration_once_and_only_inside_its_scope(
 
     def fake(cfg, target, prompts, emulate_autocast):
         calls.append((cfg.k, target, tuple(prompts)))
-        return planner.Estimate(target, {}, len(calls), "backward", len(calls), {}, cfg.k, cfg.k, 0, 0, 0.0)
+        return figures.Estimate(target, {}, len(calls), "backward", len(calls), {}, cfg.k, cfg.k, 0, 0, 0.0)
 
     monkeypatch.setattr(planner, "_estimate", fake)
     cfg = Config(model="tiny", k=1, budget_gb=1.0).validate()
@@ -503,7 +503,7 @@ def test_a_laptop_without_bitsandbytes_plans_and_suggests_nf4_for_a_card(tiny_di
     r = json.loads(capsys.readouterr().out)
     assert any("base_quant=nf4" in n for n in r["notes"])
     cfg = Config(model="tiny", budget_gb=0.001).validate()
-    assert {"base_quant": "nf4"} in [c for _, c in planner.candidate_changes(cfg, target="cuda")]
+    assert {"base_quant": "nf4"} in [c for _, c in fit_changes.candidate_changes(cfg, target="cuda")]
 
 
 def test_a_missing_reward_weights_path_fails_the_plan_as_it_fails_training(tiny_dir, tmp_path, capsys):
@@ -524,15 +524,15 @@ def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first
         fixed = dataclasses.replace(cfg, expandable_segments=False)
         on, off = planner.estimate(cfg, target="cuda"), planner.estimate(fixed, target="cuda")
         assert off.peak_allocated == on.peak_allocated  # the allocator mode changes what is reserved, not allocated
-        assert on.peak_needed == int(on.peak_allocated * 1.10) + planner.WORKSPACE_BYTES
+        assert on.peak_needed == int(on.peak_allocated * 1.10) + allowances.WORKSPACE_BYTES
         assert off.peak_needed - on.peak_needed == 512 * MIB // 64  # 64 px: 1/64 of a 512x512 image's area
         for name, fig in off.stages.items():
             assert fig["reserved"] - on.stages[name]["reserved"] == 8 * MIB, name
-        assert planner.fragmentation_allowance(dataclasses.replace(fixed, resolution=1024)) == 2 * GIB
+        assert figures.fragmentation_allowance(dataclasses.replace(fixed, resolution=1024)) == 2 * GIB
         assert planner.estimate(fixed, target="cpu").peak_needed == planner.estimate(cfg, target="cpu").peak_needed
-        assert planner.candidate_changes(fixed, "cuda")[0][1] == {"expandable_segments": True}
-        assert not any("expandable_segments" in c for _, c in planner.candidate_changes(cfg, "cuda"))
-        assert not any("expandable_segments" in c for _, c in planner.candidate_changes(fixed, "cpu"))
+        assert fit_changes.candidate_changes(fixed, "cuda")[0][1] == {"expandable_segments": True}
+        assert not any("expandable_segments" in c for _, c in fit_changes.candidate_changes(cfg, "cuda"))
+        assert not any("expandable_segments" in c for _, c in fit_changes.candidate_changes(fixed, "cpu"))
         # a budget between the two: fits with expandable segments, not without; the suggestion switches them on
         args = ["plan", "--profile", "cpu", "--device", "cuda", "--json"]
         budget = (on.peak_needed + off.peak_needed) / 2 / GIB

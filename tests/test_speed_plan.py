@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_alignprop.measure import devices, fastest, planner
+from lowmem_alignprop.measure import counters, devices, fastest, fit_changes, planner
+from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.allowances import GIB
 from lowmem_alignprop.settings.config import Config
@@ -21,7 +22,7 @@ def _linear_flops() -> list[int]:
     return [2 * BATCH * a * b for a, b in zip(WIDTHS, WIDTHS[1:])]  # 2*m*n*k per matmul, exact
 
 
-def _counted_step(work: planner.StageWork):
+def _counted_step(work: counters.StageWork):
     """A checkpointed forward in sample_grad and its backward in backward, on fake tensors, as the planner runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -39,7 +40,7 @@ def _counted_step(work: planner.StageWork):
 
 def test_flop_count_of_a_step_matches_the_hand_count():
     f = _linear_flops()
-    work = _counted_step(planner.StageWork()).work
+    work = _counted_step(counters.StageWork()).work
     forward = sum(f)
     assert work[stages.SAMPLE_GRAD]["matmul_flops"] == forward
     # backward: the checkpoint's recompute (the forward again, up to the last tensor saved for backward: the last
@@ -64,7 +65,7 @@ def test_sdpa_on_fake_cpu_tensors_counts_attention_flops():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     b, h, n, d = 2, 4, 16, 8
-    work = planner.StageWork()
+    work = counters.StageWork()
     with FakeTensorMode():
         q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
         with work, work.stage(stages.SAMPLE_GRAD):
@@ -112,7 +113,7 @@ def _work_scales_with_steps_and_k_and_counts_transfers():
     blocks = planner.estimate(dataclasses.replace(cfg, unet_checkpointing="blocks"), target="cuda")
     assert blocks.work[stages.BACKWARD]["matmul_flops"] > est.work[stages.BACKWARD]["matmul_flops"]
     assert blocks.work[stages.SAMPLE_GRAD]["matmul_flops"] == grad_call
-    t = planner.step_time(cfg, est, devices.DEVICES["rtx4090"])
+    t = step_time(cfg, est, devices.DEVICES["rtx4090"])
     assert t["optimizer_step"] == pytest.approx(sum(t["stages"].values()))
 
 
@@ -147,7 +148,7 @@ def test_a_quantized_base_dequantizes_once_more_per_call_backward_goes_through(t
 
 
 def test_seconds_follow_the_device_figures():
-    work = dict.fromkeys(planner.WORK_KEYS, 0)
+    work = dict.fromkeys(counters.WORK_KEYS, 0)
     work.update(matmul_flops=2e12, other_bytes=1e9, ops=1000, pcie_bytes=2e9)
     dev = devices.DEVICES["rtx4090"]
     expected = (2e12 / (165.2e12 * dev.matmul_eff) + 1e9 / (1008e9 * dev.memory_eff) + 1000 * dev.launch_s
@@ -171,7 +172,7 @@ def test_block_swap_copies_cost_what_the_block_before_does_not_hide():
     flops_per_s = 165.2e12 * dev.matmul_eff  # fp16
 
     def work(**kw):
-        return {**dict.fromkeys(planner.WORK_KEYS, 0), **kw}
+        return {**dict.fromkeys(counters.WORK_KEYS, 0), **kw}
     stage = work(matmul_flops=1.0 * flops_per_s, pcie_bytes=11e9, swap_bytes=10e9)
     windows = [[2.5e9, work(matmul_flops=0.3 * flops_per_s)], [2.5e9, work(matmul_flops=0.04 * flops_per_s)]]
     assert devices.swap_seconds(stage, dev, "fp16", windows=windows) == pytest.approx(0.12)
@@ -202,7 +203,7 @@ def test_planned_block_swap_time_overlaps_copies_with_compute(tmp_path):
         """(seconds block swap adds to the rollout, those copies' own time) on an RTX 3060 with a gbs GB/s link."""
         dev = dataclasses.replace(devices.DEVICES["rtx3060"], pcie_gbs=gbs)
         e = est if windows else dataclasses.replace(est, swap_windows={})
-        t = planner.step_time(cfg, e, dev)["stages"]
+        t = step_time(cfg, e, dev)["stages"]
         bare = {name: devices.compute_seconds(est.work[name], dev, "bf16") for name in rollout}
         return (sum(t[name] - bare[name] for name in rollout),
                 sum(est.work[name]["swap_bytes"] for name in rollout) / (gbs * 1e9))
@@ -221,7 +222,7 @@ def test_planned_block_swap_time_overlaps_copies_with_compute(tmp_path):
 
 def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
     est = planner.estimate(cfg, target=target)
-    return planner.step_time(cfg, est, device)["optimizer_step"], bool(est.fits(cfg.budget_gb))
+    return step_time(cfg, est, device)["optimizer_step"], bool(est.fits(cfg.budget_gb))
 
 
 def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
@@ -379,7 +380,7 @@ def test_device_queries_count_no_work():
     does: three casts to half precision (input, weight, bias: each read in fp32 and written in half) and one addmm."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    work = planner.StageWork()
+    work = counters.StageWork()
     with FakeTensorMode():
         layer = torch.nn.Linear(4, 4)
         x = torch.randn(2, 4)
@@ -401,12 +402,12 @@ def test_tiled_decode_is_searched_only_where_it_cuts_tiles():
         return {"sliced_decode": False, "tiled_decode": True} in levels
 
     def tiled_candidate(cfg) -> bool:
-        return any(c.get("tiled_decode") for _, c in planner.candidate_changes(cfg, "cuda"))
+        return any(c.get("tiled_decode") for _, c in fit_changes.candidate_changes(cfg, "cuda"))
 
     at_512 = Config(model="sd15", resolution=512, batch_size=2).validate()
     at_768 = dataclasses.replace(at_512, resolution=768).validate()
-    assert not planner.decode_tiles(at_512, "cuda") and planner.decode_tiles(at_768, "cuda")
+    assert not fit_changes.decode_tiles(at_512, "cuda") and fit_changes.decode_tiles(at_768, "cuda")
     assert not tiled_level(at_512) and not tiled_candidate(at_512)
     assert tiled_level(at_768) and tiled_candidate(at_768)
     # a smaller tile makes 512 px tile too
-    assert planner.decode_tiles(dataclasses.replace(at_512, tile_size=32, tile_overlap=8).validate(), "cuda")
+    assert fit_changes.decode_tiles(dataclasses.replace(at_512, tile_size=32, tile_overlap=8).validate(), "cuda")

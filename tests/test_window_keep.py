@@ -18,7 +18,8 @@ import torch
 from loras import nudge, tiny_unet_with_lora
 from numerics import SAME_OPS, assert_rel_close
 
-from lowmem_alignprop.measure import devices, planner
+from lowmem_alignprop.measure import devices, planner, shared_step
+from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.models.family import UNetFamily
 from lowmem_alignprop.models.sampling import enable_block_checkpointing
@@ -157,7 +158,7 @@ def test_planner_counts_what_kept_calls_save_in_time_and_cost_in_memory(tiny_dir
     rises = [b - a for a, b in zip(peaks, peaks[1:])]
     assert rises[1:] == pytest.approx([kept] * 2, rel=0.02) and 0 < rises[0] < kept, (rises, kept)
     assert est[1].per_k_bytes == est[0].per_k_bytes  # the checkpointed steps keep what they kept
-    t = {n: planner.step_time(_tiny(window_keep=n), est[n], devices.cpu_device())
+    t = {n: step_time(_tiny(window_keep=n), est[n], devices.cpu_device())
          for n in (0, 3)}
     assert t[3]["stages"][stages.BACKWARD] < t[0]["stages"][stages.BACKWARD]
 
@@ -168,8 +169,8 @@ def test_planner_peak_with_kept_calls_matches_the_cpu_measurement(tiny_dir):
     over window_keep=0 too."""
     base = _tiny(sample_steps=7, k=6)
     cfg = dataclasses.replace(base, window_keep=3)
-    est, meas = planner.estimate(cfg, target="cpu"), planner.measure_cpu_step(cfg)
-    est0, meas0 = planner.estimate(base, target="cpu"), planner.measure_cpu_step(base)
+    est, meas = planner.estimate(cfg, target="cpu"), shared_step.measure_cpu_step(cfg)
+    est0, meas0 = planner.estimate(base, target="cpu"), shared_step.measure_cpu_step(base)
     for name in stages.STEP_STAGES:
         e, m = est.stages[name]["allocated"], meas["stages"][name]
         assert abs(e - m) <= 0.05 * m, (name, e, m)
@@ -194,7 +195,7 @@ def test_fastest_keeps_window_calls_only_when_the_budget_has_room(tiny_dir, monk
     chosen = dataclasses.replace(cfg, **found["set"]).validate()
     device = devices.cpu_device()
     none_kept = dataclasses.replace(chosen, window_keep=0)
-    slower = planner.step_time(none_kept, planner.estimate(none_kept, target="cpu"), device)["optimizer_step"]
+    slower = step_time(none_kept, planner.estimate(none_kept, target="cpu"), device)["optimizer_step"]
     assert found["seconds"] < slower
     assert "window_keep: 2" in r["profile_yaml"]
     # a budget that only window_keep=0 fits (the other features as given) leaves every call checkpointed

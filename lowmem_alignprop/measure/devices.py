@@ -1,7 +1,7 @@
 """Device figures that turn the planner's counted work into seconds (``plan`` prints seconds per step).
 
 The planner counts, per stage, the work of one training step on fake tensors (:class:`~lowmem_alignprop.measure.
-planner.StageWork`): floating-point operations of matmuls/convolutions and of attention (PyTorch's flop-counter
+counters.StageWork`): floating-point operations of matmuls/convolutions and of attention (PyTorch's flop-counter
 formulas), the bytes the other ops read and write, the ops launched, the bytes copied between host and card
 (offload, activation offload) and the weights dequantized (int8/nf4 base). :func:`seconds` adds up one time per
 class of work::

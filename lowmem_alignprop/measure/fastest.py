@@ -35,6 +35,9 @@ from typing import Any, Callable
 from lowmem_alignprop.memory.allowances import GIB, WORKSPACE_BYTES
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.devices import device_for
+from lowmem_alignprop.measure.figures import reserved
+from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count
+from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError
 
@@ -55,10 +58,10 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
         ("unet_checkpointing", [{"unet_checkpointing": "call"}, {"unet_checkpointing": "blocks"}]),
         ("vae_checkpointing", [{"vae_checkpointing": v} for v in ("none", "blocks", "resnets")]),
     ]
-    if planner._has_model_reward(cfg):
+    if has_model_reward(cfg):
         dims.append(("reward_checkpointing", [{"reward_checkpointing": False}, {"reward_checkpointing": True}]))
     decode = [DECODE_LEVELS[0]] + ([DECODE_LEVELS[1]] if batch > 1 else []) \
-        + ([DECODE_LEVELS[2]] if planner.decode_tiles(cfg, target) else [])
+        + ([DECODE_LEVELS[2]] if decode_tiles(cfg, target) else [])
     if len(decode) > 1:
         dims.append(("decode", decode))
     if target == "cuda":
@@ -108,7 +111,7 @@ class _Search:
         if len(self.tried) >= self.max_estimates:
             return None
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
-        t = planner.step_time(cfg, est, self.device)
+        t = step_time(cfg, est, self.device)
         row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
                "allocated": est.peak_allocated, "per_kept_bytes": est.per_kept_bytes,
                "fits": bool(est.fits(cfg.budget_gb)), "seconds": t["optimizer_step"],
@@ -123,7 +126,7 @@ class _Search:
 
     def needed(self, stage_bytes: dict[str, float]) -> float:
         peak = max(stage_bytes.values())
-        return planner._reserved(self.cfg, int(peak), self.target == "cuda") + \
+        return reserved(self.cfg, int(peak), self.target == "cuda") + \
             (WORKSPACE_BYTES if self.target == "cuda" else 0)
 
     def at_batch(self, fixed: dict[str, Any], best: float) -> dict[str, Any] | None:
@@ -293,7 +296,7 @@ def swap_ladder(cfg: Config, target: str) -> list[dict[str, Any]]:
     the per-block checkpointing it needs). None off a GPU, for full fine-tuning or DeepSpeed, or once set."""
     if target != "cuda" or cfg.block_swap or cfg.train_unet != "lora" or cfg.deepspeed_zero:
         return []
-    n = planner._swappable_count(cfg)
+    n = swappable_count(cfg)
     levels = sorted({n // 2, n * 7 // 8} - {0})
     return [{"block_swap": k, "unet_checkpointing": "blocks"} for k in levels]
 

@@ -303,7 +303,7 @@ class StorageCounter(TorchDispatchMode):
 
     What it cannot see: memory a kernel allocates and frees inside one op (workspaces: 2-3% of the decode and
     backward peaks of the mid-size model's step), and tensors made without an op (``torch.from_numpy``). The
-    planner's fake-tensor estimate counts the same way (``planner.LiveBytes``). Levels are relative to the start.
+    planner's fake-tensor estimate counts the same way (``counters.LiveBytes``). Levels are relative to the start.
     The class is self-contained (torch only) so that the planner's counter can later be built on it.
     """
 
@@ -663,7 +663,7 @@ def measure_cpu_stages(fn: Callable[..., Any], *args: Any, method: str = "counte
     ``fn`` may use a :class:`StageProfiler` (no step begun, or ``detail_steps`` empty): its stages are
     record_function ranges on every device, and it never starts its own tracker while one runs. ``method``: see
     :class:`CpuAllocationTracker`. The default counts live storages, as the training loop and
-    :func:`~lowmem_alignprop.measure.planner.measure_cpu_step` do: exact for every tensor an op returns, and it
+    :func:`~lowmem_alignprop.measure.shared_step.measure_cpu_step` do: exact for every tensor an op returns, and it
     keeps no log. It cannot see the scratch a kernel allocates and frees inside one op (a convolution's
     workspace): to compare features that change that scratch (tiled decode), pass ``method="events"``.
     """

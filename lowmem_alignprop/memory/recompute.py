@@ -3,7 +3,7 @@ checkpoint a step makes (the rollout's one per model call, UNet/transformer bloc
 ``enable_gradient_checkpointing(module_checkpoint)``, VAE blocks and resnets, decode tiles, reward layers).
 
 Why one place: the planner emulates ``torch.autocast("cuda")`` on fake CPU tensors with a ``TorchFunctionMode``
-(``measure/planner.CudaAutocast``). The autograd engine runs backward with the torch-function modes of the
+(``measure/cuda_autocast.CudaAutocast``). The autograd engine runs backward with the torch-function modes of the
 ``backward()`` call, and a mode is off inside its own handler, so a checkpoint's recompute would run without the
 emulation (and fail checkpointing's dtype check). :func:`recompute_inside` names a context that every checkpoint
 made while it is active enters for its recompute, through torch's public ``context_fn``. Training never sets one,

@@ -1,0 +1,105 @@
+"""What to change when a configuration does not fit: the memory features it does not use yet, cheapest in speed
+first (:func:`candidate_changes`; the planner's search and ``plan --fastest`` try them)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lowmem_alignprop.memory.precision import frozen_weight_dtype
+from lowmem_alignprop.measure.meta_models import meta_base
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
+
+
+def decode_tiles(cfg: Config, target: str) -> bool:
+    """Whether tiled_decode would cut this run's latents into tiles: only when a latent side exceeds ``tile_size``
+    (SD's VAE: 512 px is 64 cells, one tile). Otherwise it decodes each image whole, one at a time: sliced decode's
+    memory and time, so neither search offers it."""
+    from lowmem_alignprop.memory.tiling import cuts_tiles
+    from lowmem_alignprop.models.sampling import vae_scale_factor
+
+    vae = meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
+    side = cfg.resolution // vae_scale_factor(vae)
+    return cuts_tiles(side, side, cfg.tile_size)
+
+
+def has_model_reward(cfg: Config) -> bool:
+    from lowmem_alignprop import rewards as R
+    return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R.reward_terms(cfg.reward))
+
+
+def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Memory features this configuration does not use yet, cheapest in speed first (one step each). A smaller
+    batch keeps ``images`` per optimizer step (default: this configuration's) through more accumulation."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.expandable_segments and target == "cuda":
+        out.append(("expandable allocator segments (less fragmentation)",
+                    {"expandable_segments": True}))
+    if not cfg.cache_prompt_embeddings:
+        out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
+    if cfg.window_keep:
+        out.append(("checkpoint every grad-window call (window_keep=0: backward recomputes the kept calls)",
+                    {"window_keep": 0}))
+    if not cfg.reward_checkpointing and has_model_reward(cfg):
+        out.append(("checkpoint the reward model (recomputes its forward)", {"reward_checkpointing": True}))
+    if cfg.vae_checkpointing == "none":
+        out.append(("checkpoint the VAE decoder per up-block", {"vae_checkpointing": "blocks"}))
+    if cfg.unet_checkpointing == "call":
+        out.append(("checkpoint the UNet per block (~30% slower backward)", {"unet_checkpointing": "blocks"}))
+    if not cfg.sliced_decode and not cfg.tiled_decode and cfg.batch_size > 1:
+        out.append(("decode one image at a time", {"sliced_decode": True}))
+    if not cfg.offload_frozen and target == "cuda":
+        out.append(("offload frozen modules to the CPU while idle (PCIe transfers)", {"offload_frozen": True}))
+    if not cfg.encode_on_cpu and target == "cuda" and _is_flow(cfg):
+        out.append(("encode the prompt set on the CPU (T5-XXL never on the card; CPU seconds once, at load)",
+                    {"encode_on_cpu": True}))
+    if cfg.vae_checkpointing != "resnets":
+        out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
+    if cfg.train_unet == "full" and cfg.optimizer == "adamw":
+        out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
+    if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
+        out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
+                    "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
+    if not cfg.block_swap and cfg.train_unet == "lora" and not cfg.deepspeed_zero and target == "cuda":
+        n = swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
+        if n:
+            out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
+                        "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
+    elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := swappable_count(cfg)):
+        n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
+        out.append((f"block swap {n} of {total} blocks, was {cfg.block_swap} (more pinned CPU memory and PCIe "
+                    "copies; the task unchanged)", {"block_swap": n}))
+    if not cfg.tiled_decode and decode_tiles(cfg, target):
+        out.append(("decode in overlapping tiles (approximate at the seams)",
+                    {"tiled_decode": True, "sliced_decode": False}))
+    if cfg.batch_size > 1:
+        b = cfg.batch_size // 2
+        was = images or cfg.batch_size * cfg.grad_accum
+        accum = math.ceil(was / b)  # never fewer images per optimizer step
+        same = f"the same {was} images per step" if b * accum == was else f"{b * accum} images per step, was {was}"
+        out.append((f"batch {b} per micro-step, grad_accum {accum} ({same})", {"batch_size": b, "grad_accum": accum}))
+    if cfg.resolution > 256:
+        r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
+        out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
+    return out
+
+
+def _is_flow(cfg: Config) -> bool:
+    """An SD3/FLUX model (from the cached meta model the plan's own estimate built); False if it cannot be built."""
+    try:
+        return meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).family != "unet"
+    except (UserError, TypeError):
+        return False
+
+
+def swappable_count(cfg: Config) -> int:
+    """How many blocks block swap can take from ``cfg``'s denoiser (0 if its meta model cannot be built). Counted
+    on the cached meta model the plan's own estimate built (in the card's dtype), read only: no copy of the model
+    for each suggestion the search tries."""
+    from lowmem_alignprop.memory.block_swap import swappable_blocks
+
+    try:
+        return len(swappable_blocks(meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
+    except (UserError, TypeError):
+        return 0

@@ -1,0 +1,153 @@
+"""Seconds per step: the work counted in the simulated step scaled to the configuration's (:func:`step_work`), and
+turned into seconds per stage for a device (:func:`step_time`; measure/devices.py has the device figures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowmem_alignprop.memory import stages
+from lowmem_alignprop.measure.counters import AFTER, WORK_KEYS, StageWork
+from lowmem_alignprop.measure.figures import Estimate
+from lowmem_alignprop.settings.config import Config
+
+
+def mean_k(cfg: Config) -> float:
+    """The K a step runs on average: fixed K, or the middle of [k_min, k_max]."""
+    lo, hi = cfg.window_bounds()
+    return (lo + hi) / 2
+
+
+def mean_kept(cfg: Config) -> float:
+    """The grad-window calls a step keeps without their checkpoint on average: min(K, window_keep) over K's range."""
+    lo, hi = cfg.window_bounds()
+    return sum(min(k, cfg.window_keep) for k in range(lo, hi + 1)) / (hi - lo + 1)
+
+
+def _window_counts(cfg: Config) -> tuple[float, float, float, float]:
+    """Over K's range (uniform), the mean number of: the window's first step checkpointed, the first step kept,
+    further checkpointed steps, further kept steps (window_keep keeps the last min(K, window_keep))."""
+    lo, hi = cfg.window_bounds()
+    totals = [0.0] * 4
+    for k in range(lo, hi + 1):
+        kept = min(k, cfg.window_keep)
+        first_ckpt = 1 if k > kept else 0
+        for i, n in enumerate((first_ckpt, 1 - first_ckpt if k else 0, k - kept - first_ckpt,
+                               kept - (1 - first_ckpt if k else 0))):
+            totals[i] += n
+    return tuple(t / (hi - lo + 1) for t in totals)
+
+
+def _backward_work(cfg: Config, work: StageWork, d: dict, k_sim: int, keep_sim: int) -> dict[str, float]:
+    """Backward's work scaled to the configuration's K: what runs before backward reaches the window (reward,
+    decode) and DRaFT-LV's call once; each simulated window step's backward (from where backward first reaches its
+    outputs to the next step's: a checkpointed step's recompute and backward, a kept step's backward alone)
+    counted per kind. The window's first step is its own kind (its input needs no gradient: less backward, and with
+    KL no backward through the base model's call), the others are averaged per kind."""
+    marks = work.window_marks
+    if not marks:  # backward never reached a window output (K = 0)
+        return {key: float(d[key]) for key in WORK_KEYS}
+    zero = dict.fromkeys(WORK_KEYS, 0)
+    ends = [snap for _, snap in marks[1:]] + [d]
+    seg = {label: {key: end[key] - snap[key] for key in WORK_KEYS} for (label, snap), end in zip(marks, ends)}
+    ckpt_sim = k_sim - keep_sim
+    first = seg.get(0, zero)
+    ckpt = [seg.get(s, zero) for s in range(1, ckpt_sim)]
+    kept = [seg.get(s, zero) for s in range(max(ckpt_sim, 1), k_sim)]
+    n_first_ckpt, n_first_kept, n_ckpt, n_kept = _window_counts(cfg)
+
+    def mean(parts: list, key: str) -> float:
+        return sum(p[key] for p in parts) / len(parts) if parts else 0.0
+    out = {}
+    for key in WORK_KEYS:
+        c, k = mean(ckpt, key), mean(kept, key)
+        # a first step of the kind the simulation did not begin with (uniform K, some K <= window_keep): the
+        # simulated first step with a kept step's backward in place of a checkpointed one's
+        first_ckpt = first[key]
+        first_kept = first[key] + (k - c) if ckpt_sim and ckpt else (k if ckpt_sim else first[key])
+        out[key] = (marks[0][1][key] + seg.get("lv", zero)[key] + n_first_ckpt * first_ckpt
+                    + n_first_kept * first_kept + n_ckpt * c + n_kept * k)
+    return out
+
+
+def _input_gradient_calls(cfg: Config) -> float:
+    """The window's calls whose backward goes through the frozen layers' input gradients (one more dequantization
+    each with an int8/nf4 base; the recomputes' are counted where they run), on average over K's range: the LoRA
+    model's K calls; with KL the base model's calls but the window's first (its input needs no gradient);
+    DRaFT-LV's one call."""
+    lo, hi = cfg.window_bounds()
+    ks = range(lo, hi + 1)
+    base = sum(max(k - 1, 0) for k in ks) / len(ks) if cfg.kl_coeff > 0 else 0.0
+    return mean_k(cfg) + base + (1 if cfg.lv_draws > 1 else 0)
+
+
+def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
+              keep_sim: int = 0) -> dict[str, dict[str, float]]:
+    """The simulated step's counts scaled to the configuration's: the no-grad steps to ``sample_steps - K``, the grad
+    window to the mean K and its backward by :func:`_backward_work` (``keep_sim``: the simulated window's kept
+    steps); with cached prompt embeddings a step encodes nothing (the first step's encoding of every prompt is left
+    out: it happens once); the backward's
+    dequantization adds one more pass per grad-window call (the input gradient of each quantized layer)."""
+    k = mean_k(cfg)
+    zero = dict.fromkeys(WORK_KEYS, 0)
+
+    def scaled(d: dict, f: float) -> dict:
+        return {key: d.get(key, 0) * f for key in WORK_KEYS}
+
+    out: dict[str, dict[str, float]] = {}
+    for name in stages.STEP_STAGES:
+        d = work.work.get(name)
+        if d is None:
+            continue
+        if name == stages.ENCODE_PROMPTS and cfg.cache_prompt_embeddings:
+            d = zero
+        elif name == stages.SAMPLE_NOGRAD:
+            d = scaled(d, (cfg.sample_steps - k) / n_nograd if n_nograd else 0)
+        elif name == stages.SAMPLE_GRAD:  # the window's calls to the mean K; DRaFT-LV's call (last step only) once
+            lv = work.marks.get("lv")
+            window = {key: lv[key] for key in WORK_KEYS} if lv else d
+            d = {key: window[key] * k / k_sim + (d[key] - window[key]) for key in WORK_KEYS}
+        elif name == stages.BACKWARD:
+            d = _backward_work(cfg, work, d, k_sim, keep_sim)
+            if cfg.base_quant != "none":
+                grad_calls = work.unet_calls.get(stages.SAMPLE_GRAD, 0)
+                per_call = work.work.get(stages.SAMPLE_GRAD, zero)["dequant_bytes"] / max(grad_calls, 1)
+                d["dequant_bytes"] += per_call * _input_gradient_calls(cfg)
+        between = work.work.get(name + AFTER, zero)
+        out[name] = {key: float(v + between[key]) for key, v in d.items()}
+    return out
+
+
+def matmul_dtype(cfg: Config, target: str) -> str:
+    """The dtype the step's matmuls run in: the mixed precision on a GPU (autocast), fp32 without it; on a CPU
+    fp16 runs in fp32 as the trainer does."""
+    if cfg.mixed_precision == "no" or (target == "cpu" and cfg.mixed_precision == "fp16"):
+        return "fp32"
+    return cfg.mixed_precision
+
+
+def step_time(cfg: Config, est: Estimate, device) -> dict[str, Any]:
+    """Seconds per stage (micro-step stages per micro-step; the optimizer once), per micro-step and per optimizer
+    step (grad_accum micro-steps + the optimizer), for ``device`` (a :class:`devices.Device`; None: no card named)."""
+    from lowmem_alignprop.measure import devices
+
+    totals = {key: sum(w[key] for w in est.work.values()) for key in WORK_KEYS}
+    out: dict[str, Any] = {"k_mean": mean_k(cfg), "work_per_micro_step": totals}
+    if device is None:
+        out["device"] = None
+        out["note"] = "no card named: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|h100|h200|laptop for seconds"
+        return out
+    dtype = matmul_dtype(cfg, est.target)
+    tf32 = cfg.tf32 and est.target == "cuda"
+    per_stage = {name: devices.seconds(w, device, dtype, tf32, est.swap_windows.get(name))
+                 for name, w in est.work.items()}
+    micro = sum(t for name, t in per_stage.items() if name != stages.OPTIMIZER)
+    out.update(device=device.name, device_figures=device.to_dict(), matmul_dtype=dtype + (" (tf32)" if tf32 and
+                                                                                          dtype == "fp32" else ""),
+               stages=per_stage, micro_step=micro,
+               optimizer_step=cfg.grad_accum * micro + per_stage.get(stages.OPTIMIZER, 0.0))
+    if totals["swap_bytes"] and device.pcie_gbs:  # block swap: its copies' time, and what compute does not hide
+        out["block_swap_copies"] = {
+            "seconds": totals["swap_bytes"] / (device.pcie_gbs * 1e9),
+            "beyond_compute": sum(devices.swap_seconds(w, device, dtype, tf32, est.swap_windows.get(name))
+                                  for name, w in est.work.items() if name != stages.OPTIMIZER)}
+    return out
