@@ -457,13 +457,13 @@ def section_flow_plans(results_dir: Path) -> list[str]:
                          f"{r['host_pinned'] / GIB:.1f} GiB of frozen blocks in pinned host memory (as stored), "
                          f"{pcie / 1e9:.0f} GB over PCIe per micro-step: {pcie / 1e9 / gbs:.0f} s at {gbs} GB/s, "
                          + _swap_time_words(t))
-    first = plans[0]
-    ver = first.get("versions", {})
     L += [""] + notes + ([""] if notes else [])
-    dates = " and ".join(sorted({r.get("date", "?") for r in plans}))  # rows rerun later carry their own date
-    L += [f"Planned {dates} on {first.get('host', 'a CPU')}, OMP_NUM_THREADS=1 under `nice` with other "
-          "jobs on the machine (the CPU seconds are user time); " + ", ".join(f"{k} {v}" for k, v in ver.items())
-          + ". Commands: " + "; ".join(f"`{json.loads(p.read_text()).get('command', '?')}`" for p in files) + "."]
+    # rows rerun later carry their own date, machine and versions: each distinct one is named
+    dates = " and ".join(sorted({r.get("date", "?") for r in plans}))
+    hosts = " / ".join(sorted({r.get("host", "a CPU") for r in plans}))
+    versions = " / ".join(sorted({", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()) for r in plans}))
+    L += [f"Planned {dates} on {hosts} (the CPU seconds are user time; each command says how it ran); {versions}. "
+          "Commands: " + "; ".join(f"`{r.get('command', '?')}`" for r in plans) + "."]
     return L
 
 
