@@ -200,16 +200,22 @@ def cached_flux_hub_id(dirs, tmp_path, monkeypatch) -> str:
     return "someone/tiny-flux"
 
 
-def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(cached_flux_hub_id, cpu_quant, caplog):
+def test_a_cached_flux_hub_id_with_int8_loads_as_a_flow_model_block_by_block(cached_flux_hub_id, cpu_quant, caplog,
+                                                                              monkeypatch):
     """A hub id is told to be a FLUX pipeline from its cached model_index.json before anything loads (it went down
     the UNet's quantized path before, and failed with 'not in the cache'); its cached snapshot is read block by
-    block."""
+    block, and looked up once (each lookup is a round trip to the hub when online)."""
+    from diffusers import DiffusionPipeline
+
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.config import Config
 
+    lookups, download = [], DiffusionPipeline.download
+    monkeypatch.setattr(DiffusionPipeline, "download", lambda *a, **k: lookups.append(a) or download(*a, **k))
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop.models.block_loading"):
         comps = load_components(Config(model=cached_flux_hub_id, base_quant="int8"))
     assert comps.family == "flux" and "FluxTransformer2DModel read block by block" in caplog.text
+    assert lookups == [(cached_flux_hub_id,)]
     assert quant.count_quantized(comps.unet)["int8"] > 0 and quant.count_quantized(comps.unet)["linear"] == 0
 
 

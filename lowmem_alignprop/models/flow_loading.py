@@ -148,8 +148,13 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
     folder has none. Returns (the pipeline, ``read``): where the transformer's .safetensors can be read block by
     block, the pipeline holds an empty one on meta and ``read()`` returns it read to where ``place`` says (and
     quantized as it says); else diffusers loaded it whole with the rest and ``read`` is None."""
+    from diffusers import DiffusionPipeline
+
     kwargs, read = {}, None
-    found = _folder_transformer(where)
+    root = Path(where).expanduser()
+    if not root.is_dir():  # a hub id: its snapshot in the cache (fetched once; offline: the cache only)
+        root = Path(DiffusionPipeline.download(where))
+    found = _folder_transformer(root)
     if found is not None:
         cls, config, files, sub = found
         family = "flux" if cls.__name__ == "FluxTransformer2DModel" else "sd3"
@@ -159,15 +164,11 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
                 cls.from_pretrained(sub, **dtype_kwarg(dtype)).requires_grad_(False).eval()
 
         kwargs["transformer"] = _placeholder(cls, config, dtype)
-    index_file = Path(where) / "model_index.json"
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
-        if index.get("_class_name") == "StableDiffusion3Pipeline" and (
-                not t5 or (index.get("text_encoder_3") or [None])[0] is None):
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
-    elif not t5:
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    return load_pipeline(where, dtype, hub_id=not Path(where).expanduser().is_dir(), **kwargs), read
+    index = json.loads((root / "model_index.json").read_text())
+    if index.get("_class_name") == "StableDiffusion3Pipeline" and (
+            not t5 or (index.get("text_encoder_3") or [None])[0] is None):
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
+    return load_pipeline(str(root), dtype, named=where, **kwargs), read
 
 
 def _placeholder(cls, config: dict, dtype: torch.dtype):
@@ -177,17 +178,11 @@ def _placeholder(cls, config: dict, dtype: torch.dtype):
         return cls.from_config(config).to(dtype).requires_grad_(False).eval()
 
 
-def _folder_transformer(where: str):
+def _folder_transformer(root: Path):
     """(class, config, .safetensors files, folder) of the transformer of a pipeline folder (or of a hub id's cached
     snapshot); None where it has no .safetensors (diffusers then loads it whole)."""
     import diffusers
 
-    root = Path(where).expanduser()
-    if not (root / "model_index.json").is_file():
-        try:  # a hub id: the files from_pretrained would fetch, into the cache (offline: the cache only)
-            root = Path(diffusers.DiffusionPipeline.download(where))
-        except Exception:  # noqa: BLE001 - not there: from_pretrained gives its own message
-            return None
     sub = root / "transformer"
     files = folder_files(sub) if (sub / "config.json").is_file() else None
     if not files:

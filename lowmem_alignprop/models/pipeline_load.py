@@ -25,16 +25,18 @@ def missing_weights(info: dict) -> list[str]:
     return sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
 
 
-def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, **given):
+def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, named: str | None = None,
+                  **given):
     """The pipeline of the diffusers folder (or, ``hub_id``, the hub id) ``where``, with the components in ``given``
-    used as they are (None: left out). Raises UserError when a text encoder's files lack some of its weights;
-    OSError/ValueError from diffusers and transformers as they come."""
+    used as they are (None: left out); ``named``: what the user called it, for messages (default ``where``). Raises
+    UserError when a text encoder's files lack some of its weights; OSError/ValueError from diffusers and
+    transformers as they come."""
     from diffusers import DiffusionPipeline
 
     root = Path(DiffusionPipeline.download(where) if hub_id else where).expanduser()  # a hub id: its cached snapshot
     for name, cls in _transformers_models(root).items():
         if name not in given:
-            given[name] = _load_checked(cls, root, name, where, dtype)
+            given[name] = _load_checked(cls, root, name, named or where, dtype)
     return DiffusionPipeline.from_pretrained(str(root), **given, **({} if dtype is None else dtype_kwarg(dtype)))
 
 
