@@ -170,7 +170,7 @@ def main() -> int:
     else:
         from midsize import build_midsize_dir
 
-        from lowmem_alignprop.measure.profiler import provenance
+        from lowmem_alignprop.measure.provenance import provenance
 
         midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
         doc = {"kind": "cpu_time_calibration",  # the measured runs are subprocesses with one torch thread

@@ -100,7 +100,7 @@ def main() -> int:
               f"predicted {run['predicted_step']:7.2f} s  ratio {run['measured_over_predicted']:.2f}  "
               + " ".join(f"{n}={run['measured'].get(n, 0):.2f}/{t:.2f}" for n, t in run["predicted"].items()))
     from lowmem_alignprop.measure.planner import PLAN_LIBRARIES
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     # the provenance block every result carries (command, date, device, versions: the planner's libraries)
     out = {"kind": "time-calibration", **provenance(" ".join(["python"] + sys.argv), PLAN_LIBRARIES),

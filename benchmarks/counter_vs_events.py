@@ -24,19 +24,19 @@ _CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from midsize import build_midsize_dir
-import lowmem_alignprop.measure.profiler as profiler
+import lowmem_alignprop.measure.cpu_allocation as cpu_allocation
 from lowmem_alignprop.measure import shared_step
 from lowmem_alignprop.settings.config import Config
 
 method = {method!r}
-base = profiler.CpuAllocationTracker
+base = cpu_allocation.CpuAllocationTracker
 
 class Tracker(base):
     def __init__(self, **kw):
         kw["method"] = method
         super().__init__(**kw)
 
-profiler.CpuAllocationTracker = Tracker
+cpu_allocation.CpuAllocationTracker = Tracker
 cfg = Config(model=str(build_midsize_dir({model!r})), reward="brightness", batch_size={batch}, resolution={res},
              sample_steps={steps}, truncation="fixed", k={k}, prompts="simple_animals").validate()
 t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     # the provenance block every result carries: command, date, device, versions
     out: dict = {**provenance(" ".join([sys.executable, *sys.argv])), "config": {

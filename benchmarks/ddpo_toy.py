@@ -324,7 +324,7 @@ def run_rl(plan: Plan, work: Path, trl_python: str | None, threads: int, weights
         runs[name].update(cpu_seconds=proc["cpu_seconds"], wall_seconds=proc["wall_seconds"],
                           eval=with_positions(judged[name], runs[name]))
     runs["AlignProp"]["command"] = "python -m lowmem_alignprop " + " ".join(ap_argv)
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     where = provenance(command_line(sys.argv), ("torch", "diffusers", "peft"), torch_threads=threads,
                        load_average_start=load_start, load_average_end=_load())

@@ -69,11 +69,11 @@ def plan_row(name: str) -> dict:
 def row_doc(name: str, plan: dict, load_at_start: tuple, *, cpu_user_seconds: float, wall_seconds: float,
             max_rss_kb: int) -> dict:
     """One row's results file: the plan's JSON under the provenance block ``plan --json`` carries
-    (``profiler.provenance``: command, date, device, versions), for this script's command line (the plan ran with
+    (``provenance.provenance``: command, date, device, versions), for this script's command line (the plan ran with
     one torch thread), the CPU's load beside it; ``host`` is that device in words, as section 8 prints it."""
     sys.path.insert(0, str(ROOT))
     from lowmem_alignprop.measure.planner import PLAN_LIBRARIES
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     where = provenance("OMP_NUM_THREADS=1 nice -n 10 " + " ".join(map(shlex.quote, command(name))), PLAN_LIBRARIES,
                        torch_threads=1, load_average_at_start=list(load_at_start),

@@ -323,7 +323,7 @@ def main() -> int:
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),
         "total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)}
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     # the provenance block every result carries (command, date, device, versions); the device is this machine
     # (CPU, cores, torch threads) with the card's name and memory

@@ -137,7 +137,7 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     config = flux_config(args.double, args.single)
     folder = Path(args.dir)

@@ -104,7 +104,7 @@ CPU_FEATURES = [
 def device_info() -> dict:
     import torch
 
-    from lowmem_alignprop.measure.profiler import cpu_name
+    from lowmem_alignprop.measure.provenance import cpu_name
 
     return {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available()}
@@ -539,7 +539,7 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
 
 
 def _device_words(dev) -> str:
-    """A result's machine in words: the provenance block's device (profiler.provenance), or the string older
+    """A result's machine in words: the provenance block's device (provenance.provenance), or the string older
     results files wrote."""
     if isinstance(dev, dict):
         return f"{dev.get('cpu', '?')} ({dev.get('cores', '?')} logical cores)" + (
@@ -934,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         only = set(filter(None, a.only.split(","))) or {"ladder", "fits", "cpu"}
         previous, _ = load_results(results)
         date = dt.date.today().isoformat()
-        from lowmem_alignprop.measure.profiler import provenance
+        from lowmem_alignprop.measure.provenance import provenance
 
         command = ("python benchmarks/memory_bench.py" + (" --quick" if a.quick else "")
                    + (f" --only {a.only}" if a.only else ""))

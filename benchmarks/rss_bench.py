@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary_path and summary_path.is_file():  # what the C allocator ran with (None before it was recorded)
         result["host_allocator"] = json.loads(summary_path.read_text()).get("host_allocator")
     sys.path.insert(0, str(ROOT))
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     # the provenance block every result carries (command, date, device, versions); "command" stays the measured
     # training command, "bench_command" is this script's command line

@@ -86,7 +86,7 @@ def main() -> int:
     args = ap.parse_args()
     from midsize import build_midsize_dir
 
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     work = Path(tempfile.mkdtemp(prefix="speed_bench-"))
     midsize = build_midsize_dir(work / "midsize")

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
 
     rows = {}
     for name in a.dtypes.split(","):

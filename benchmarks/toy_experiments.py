@@ -510,7 +510,7 @@ def meta(args, mode: Mode, cpu: float, wall: float) -> dict:
     import peft
     import torch
 
-    from lowmem_alignprop.measure.profiler import cpu_name
+    from lowmem_alignprop.measure.provenance import cpu_name
 
     return {"mode": mode.name, "date": time.strftime("%Y-%m-%d"), "command": ddpo_toy.command_line(sys.argv),
             "device": f"{cpu_name()}, {os.cpu_count()} logical cores, "

@@ -202,7 +202,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from midsize import build_midsize_dir
 
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
     from lowmem_alignprop.run import atomic
 
     probe = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,

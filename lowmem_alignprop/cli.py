@@ -237,7 +237,7 @@ def cmd_plan(argv: list[str]) -> int:
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
     from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
-    from lowmem_alignprop.measure.profiler import provenance
+    from lowmem_alignprop.measure.provenance import provenance
     from lowmem_alignprop.measure.reports import format_plan
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # the command line, in the JSON's provenance
     from lowmem_alignprop.step.prompts import load_prompts

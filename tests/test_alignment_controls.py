@@ -133,7 +133,7 @@ def test_kl_costs_time_not_memory(tiny):
     """A whole micro-step (rollout, decode, reward, backward) with and without the KL term, every live tensor
     storage counted: the base model's calls are their own checkpoints, so the peak grows only by the few
     latent-sized tensors each window step keeps (under 2%)."""
-    from lowmem_alignprop.measure.profiler import StorageCounter
+    from lowmem_alignprop.measure.storage_counter import StorageCounter
 
     cfg, comps, params, emb = tiny
     peaks = {}

@@ -1,4 +1,4 @@
-"""The benchmarks' results files carry the provenance block ``plan --json`` carries (``profiler.provenance``:
+"""The benchmarks' results files carry the provenance block ``plan --json`` carries (``provenance.provenance``:
 command, date, device, versions), built by the one helper; their own keys stay. (gpu_check.py: tests/test_gpu_check.py.)"""
 
 import importlib.util
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_alignprop.measure.profiler import cpu_name, host_device
+from lowmem_alignprop.measure.provenance import cpu_name, host_device
 
 ROOT = Path(__file__).resolve().parent.parent
 

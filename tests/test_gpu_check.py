@@ -74,8 +74,8 @@ def test_cpu_smoke_measures_and_plans_each_run(smoke):
     assert sample["command"].startswith("lowmem-alignprop sample --profile cpu --model tiny")
     assert len(sample["sample_results"]["per_prompt"]) == 1 and "cuda_peak" not in sample
     assert smoke["calls"][0]["command"].startswith("python benchmarks/gpu_check.py --cpu-smoke")
-    # the provenance block of every result (profiler.provenance), the card's name and memory in its device
-    from lowmem_alignprop.measure.profiler import cpu_name
+    # the provenance block of every result (provenance.provenance), the card's name and memory in its device
+    from lowmem_alignprop.measure.provenance import cpu_name
 
     assert smoke["command"] == smoke["calls"][0]["command"] and len(smoke["date"]) == 10
     assert smoke["device"]["name"] == "cpu" and smoke["device"]["total_gb"] is None

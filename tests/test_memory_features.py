@@ -30,7 +30,8 @@ from midsize import MIDSIZE_RESOLUTION, build_clip_reward_dir, build_midsize_dir
 from lowmem_alignprop.memory import stages  # noqa: E402
 from lowmem_alignprop.settings.config import Config  # noqa: E402
 from lowmem_alignprop.models.loading import load_components  # noqa: E402
-from lowmem_alignprop.measure.profiler import StageProfiler, measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.measure.cpu_allocation import measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.measure.profiler import StageProfiler  # noqa: E402
 from lowmem_alignprop.rewards import build_reward  # noqa: E402
 from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, make_pipeline  # noqa: E402
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss  # noqa: E402

@@ -457,13 +457,13 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
 
 
 def test_plan_json_carries_its_provenance(tiny_dir, capsys):
-    """plan --json says what produced it, as benchmarks/ results do (profiler.provenance): the command line as typed,
+    """plan --json says what produced it, as benchmarks/ results do (provenance.provenance): the command line as typed,
     the date, the machine that planned and the library versions; the estimate's own keys stay."""
     import importlib.metadata
     import os
     import time
 
-    from lowmem_alignprop.measure.profiler import cpu_name
+    from lowmem_alignprop.measure.provenance import cpu_name
 
     args = ["plan", "--profile", "cpu", "--json", "--no-suggest", "--set", "resolution=16"]
     before = time.strftime("%Y-%m-%d")

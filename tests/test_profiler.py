@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from lowmem_alignprop.measure import profiler as profiler_mod
-from lowmem_alignprop.measure.profiler import (
-    CpuAllocationTracker,
-    StageProfiler,
-    fmt_bytes,
-    gib,
-    live_tensor_bytes,
-    measure_cpu_stages,
-    resident_bytes,
-)
+from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker, measure_cpu_stages, tracker_active
+from lowmem_alignprop.measure.profiler import StageProfiler, fmt_bytes, gib
+from lowmem_alignprop.measure.resident_tensors import live_tensor_bytes, resident_bytes
 from lowmem_alignprop.memory.stages import STAGES
 
 MiB = 1024**2
@@ -380,7 +374,7 @@ def test_on_cuda_the_reserved_bytes_decide_the_fit_as_in_the_planner():
 
 
 def test_counter_counts_each_storage_once_and_sees_frees():
-    from lowmem_alignprop.measure.profiler import StorageCounter
+    from lowmem_alignprop.measure.storage_counter import StorageCounter
 
     old = _alloc(4 * MiB)
     with StorageCounter() as counter:
@@ -406,7 +400,7 @@ def test_counter_counts_each_storage_once_and_sees_frees():
 
 
 def test_counter_ranges_nest_and_unmeasured_ranges_pair():
-    from lowmem_alignprop.measure.profiler import StorageCounter
+    from lowmem_alignprop.measure.storage_counter import StorageCounter
 
     with StorageCounter(names={"decode", "backward"}) as counter:
         with torch.profiler.record_function("decode"):
@@ -430,7 +424,7 @@ def test_an_error_inside_a_tracker_leaves_nothing_running(method):
     with pytest.raises(ZeroDivisionError):
         with CpuAllocationTracker(method=method):
             1 / 0
-    assert _get_current_dispatch_mode() is None and not profiler_mod._tracker_active()
+    assert _get_current_dispatch_mode() is None and not tracker_active()
     assert __import__("gc").isenabled() == was
     with CpuAllocationTracker(method=method):  # a new one starts
         pass

@@ -166,7 +166,7 @@ def test_quantized_layers_store_no_more_for_backward_than_linear(tiny_dir, cpu_q
     matmul kept each layer's input on its autograd node, out of checkpointing's reach."""
     from torch.utils.checkpoint import checkpoint
 
-    from lowmem_alignprop.measure.profiler import CpuAllocationTracker
+    from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker
 
     dtype = torch.bfloat16  # CPU autocast's half type; on CUDA the same code runs in float16
     x, enc = _inputs()

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from midsize import build_midsize_pipeline  # noqa: E402
 
-from lowmem_alignprop.measure.profiler import measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.measure.cpu_allocation import measure_cpu_stages  # noqa: E402
 from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing  # noqa: E402
 from lowmem_alignprop.memory.tiling import ramp_weights, tile_starts, tiled_decode  # noqa: E402
 

@@ -31,7 +31,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.measure import planner
-from lowmem_alignprop.measure.profiler import run_objects_only
+from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config

@@ -52,7 +52,7 @@ from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.devices import device_for
-from lowmem_alignprop.measure.profiler import provenance
+from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR
 from lowmem_alignprop.memory.quant import BNB_MODES

@@ -20,17 +20,18 @@ How each number is measured:
   reading ``max_memory_allocated``, ``max_memory_reserved`` and the ``active_bytes.all.peak`` stat, so
   every stage of every step gets its own peak. Stages are timed between two synchronizations.
 * CPU: torch has no CPU allocator statistics. For the steps in ``detail_steps`` a :class:`StorageCounter` (a
-  ``TorchDispatchMode``) is active for the whole step: it adds the bytes of every new storage an op returns,
-  takes them off when the storage is freed (a weak reference on it), counts views and shared storages once, and
-  sees each stage start and end (``record_function`` ranges are ops too). A stage's peak is the highest level
-  while it was open, plus the *baseline*: the bytes of the CPU tensors alive when the step began (see
-  :func:`live_tensor_bytes`). It keeps no log, only one entry per live storage, so the measured step costs no
-  more memory than a plain one (a few MB; ``measurement_bytes`` in the report), and some per-op Python overhead
-  in time. It cannot see what a kernel allocates and frees inside one op (a convolution's scratch): on the
-  mid-size model's 256 px step it reads 2-3% below torch.profiler's allocator events in decode and backward and
-  the same (within 0.01%) in the other stages (benchmarks/REPORT.md section 5), the planner's blind spot too. ``CpuAllocationTracker(method="events")`` measures with those
-  events instead (exact, but it keeps every event: hundreds of MB for a 256 px step), for cross-checks.
-  Other steps record time and RSS only (RSS cannot see stages: the C allocator keeps freed memory).
+  ``TorchDispatchMode``, storage_counter.py) is active for the whole step: it adds the bytes of every new storage an
+  op returns, takes them off when the storage is freed (a weak reference on it), counts views and shared storages
+  once, and sees each stage start and end (``record_function`` ranges are ops too). A stage's peak is the highest
+  level while it was open, plus the *baseline*: the bytes of the CPU tensors alive when the step began (see
+  :func:`live_tensor_bytes`, resident_tensors.py). It keeps no log, only one entry per live storage, so the measured
+  step costs no more memory than a plain one (a few MB; ``measurement_bytes`` in the report), and some per-op Python
+  overhead in time. It cannot see what a kernel allocates and frees inside one op (a convolution's scratch): on the
+  mid-size model's 256 px step it reads 2-3% below torch.profiler's allocator events in decode and backward and the
+  same (within 0.01%) in the other stages (benchmarks/REPORT.md section 5), the planner's blind spot too.
+  ``CpuAllocationTracker(method="events")`` measures with those events instead (exact, but it keeps every event:
+  hundreds of MB for a 256 px step), for cross-checks. Other steps record time and RSS only (RSS cannot see stages:
+  the C allocator keeps freed memory).
 * RSS, told apart in the report (``rss``): after load, the largest over the steps not measured, the largest over
   the measured steps, the process's high-water mark, and what the measurement itself held.
 * Other devices (mps, xpu, a CUDA device on a build without CUDA): time and RSS only.
@@ -39,34 +40,32 @@ Every ``torch.cuda`` memory call is gated on ``torch.cuda.is_available()`` *and*
 CPU-only build ``max_memory_allocated()`` silently returns 0 while the reset and snapshot functions
 raise AttributeError.
 
-:class:`CpuAllocationTracker` and :func:`measure_cpu_stages` expose the CPU measurement on its own, so
+:class:`~lowmem_alignprop.measure.cpu_allocation.CpuAllocationTracker` and
+:func:`~lowmem_alignprop.measure.cpu_allocation.measure_cpu_stages` expose the CPU measurement on its own, so
 tests and benchmarks can compare the peak of one stage with a memory feature on and off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import json
 import logging
 import os
 import pickle
-import platform
 import sys
 import time
-import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker, tracker_active
+from lowmem_alignprop.measure.provenance import cpu_name
 from lowmem_alignprop.measure.reports import MEMORY_VIZ_URL, fmt_bytes, memory_report_markdown
+from lowmem_alignprop.measure.resident_tensors import iter_tensors, live_tensor_bytes, resident_bytes
 from lowmem_alignprop.memory.stages import LOAD, STAGES
 
 logger = logging.getLogger(__name__)
@@ -110,566 +109,6 @@ def _describe_steps(steps: Iterable[int]) -> str:
         parts.append(str(steps[i]) if i == j else f"{steps[i]}-{steps[j]}")
         i = j + 1
     return ", ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# counting resident tensors
-# ---------------------------------------------------------------------------------------------------
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return isinstance(t, FakeTensor)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[tuple[str, int], int] | None:
-    """(device key, storage pointer) -> the storage's bytes; None for tensors without real memory."""
-    if _is_fake(t):
-        return None
-    try:
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    except Exception:  # sparse, nested or wrapper subclasses without a plain storage
-        return None
-    dev = t.device
-    if dev.type == "meta":  # no memory behind it; count the nominal size, keyed by identity
-        return (("meta", id(t)), t.numel() * t.element_size())
-    if ptr == 0:
-        return None
-    return ((str(dev), ptr), nbytes)
-
-
-def _iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors held by a module (params + buffers), an optimizer (state), a tensor, or containers."""
-    if _depth > 6 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, torch.nn.Module):
-        yield from obj.parameters()
-        yield from obj.buffers()
-    elif hasattr(obj, "state") and hasattr(obj, "param_groups"):  # torch / bitsandbytes optimizers
-        state = obj.state
-        yield from _iter_tensors(list(state.values()) if isinstance(state, Mapping) else state, _depth + 1)
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _iter_tensors(value, _depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)) or (
-        isinstance(obj, Iterable) and not isinstance(obj, (str, bytes))
-    ):
-        for value in obj:
-            yield from _iter_tensors(value, _depth + 1)
-
-
-def resident_bytes(obj: Any, exclude: set | None = None) -> dict[str, int]:
-    """Bytes of the distinct storages held by ``obj``, by device ('cpu', 'cuda:0', 'meta').
-
-    ``exclude`` holds storage keys already counted elsewhere; the keys counted here are added to it.
-    """
-    seen = exclude if exclude is not None else set()
-    out: dict[str, int] = {}
-    for t in _iter_tensors(obj):
-        key = _storage_key(t)
-        if key is None or key[0] in seen:
-            continue
-        seen.add(key[0])
-        dev = key[0][0]
-        out[dev] = out.get(dev, 0) + key[1]
-    return out
-
-
-@contextlib.contextmanager
-def run_objects_only() -> Iterator[None]:
-    """Inside, every object that existed on entry (the modules, classes and functions torch, diffusers and
-    transformers import: about 570,000 objects; in a longer-lived process its earlier objects too) is out of the
-    garbage collector's reach (``gc.freeze``): the CPU measurement's full collections and tensor scans walk only
-    what the run makes (each walk of the imports took 0.6 s on a 2-core AMD EPYC; a CPU run made three scans and two
-    collections). On exit the objects are handed back (``gc.unfreeze``) and collected as usual."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def _live_storages(device: str | torch.device = "cpu", extra: Iterable[Any] = ()) -> tuple[int, list[Any], int]:
-    """(bytes, storages, objects walked) of the distinct tensor storages on ``device`` reachable now; see
-    :func:`live_tensor_bytes`."""
-    want = torch.device(device).type
-    seen: set = set()
-    storages: list[Any] = []
-    total = 0
-
-    def add(t: torch.Tensor) -> None:
-        nonlocal total
-        if t.device.type != want:
-            return
-        key = _storage_key(t)
-        if key is None or key[0] in seen:
-            return
-        seen.add(key[0])
-        total += key[1]
-        with contextlib.suppress(Exception):
-            storages.append(t.untyped_storage())
-
-    def add_with_grad(t: torch.Tensor) -> None:
-        add(t)
-        if t.is_leaf and t.requires_grad:  # .grad of a non-leaf warns; leaves are what carry grads
-            g = t.grad
-            if g is not None:
-                add(g)
-
-    tensor_type = torch.Tensor
-    objects = gc.get_objects()
-    n_objects = len(objects)
-    try:
-        for obj in objects:
-            try:
-                # type() rather than isinstance(): some module objects fake __class__ and warn when asked.
-                if issubclass(type(obj), tensor_type):
-                    add_with_grad(obj)
-            except Exception:  # proxies and half-built objects can raise on isinstance or attribute access
-                continue
-    finally:
-        del objects  # the list of every object in the process: gone before anything else runs
-    for obj in extra:
-        for t in _iter_tensors(obj):
-            add_with_grad(t)
-    return total, storages, n_objects
-
-
-def live_tensor_bytes(device: str | torch.device = "cpu", extra: Iterable[Any] = ()) -> int:
-    """Bytes of all distinct tensor storages on ``device`` that can be reached right now.
-
-    The baseline of the CPU measurement. It counts the union of (a) every tensor the garbage collector
-    tracks (all tensors that have a Python object: parameters, buffers, optimizer state, caches, ...)
-    and the gradients of leaf tensors among them, and (b) the tensors of ``extra`` (modules, optimizers,
-    tensor lists: their gradients too), each storage once. It misses tensors that live only in C++ (for
-    example activations saved by autograd between steps, which a training loop should not hold).
-    Costs one pass over ``gc.get_objects()`` (0.6 s over the objects of a process with diffusers loaded, a few
-    ms for a run's own inside :func:`run_objects_only`; the list it walks is 8 bytes per object, freed at once).
-    """
-    return _live_storages(device, extra)[0]
-
-
-# ---------------------------------------------------------------------------------------------------
-# CPU: allocation peaks from a count of live storages (what the training loop uses)
-# ---------------------------------------------------------------------------------------------------
-
-_ENTER, _EXIT = "enter", "exit"
-_RANGE_OPS = {"profiler::_record_function_enter_new": _ENTER, "profiler::_record_function_enter": _ENTER,
-              "profiler::_record_function_exit": _EXIT}
-_OP_KINDS: dict[Any, Any] = {}  # op -> _ENTER, _EXIT, or a tuple: per return, does it get a new storage
-
-
-def _op_kind(func: Any) -> Any:
-    """What an op's results are: a record_function range's start or end, or per return whether it is a new
-    storage (no alias annotation) or an existing one (views ``Tensor(a)``, in-place and out= ``Tensor(a!)``)."""
-    kind = _OP_KINDS.get(func)
-    if kind is None:
-        try:
-            schema = func._schema
-            kind = _RANGE_OPS.get(schema.name) or tuple(r.alias_info is None for r in schema.returns)
-        except Exception:  # an op without a schema: take its results as new
-            kind = ()
-        _OP_KINDS[func] = kind
-    return kind
-
-
-# per counted storage: its Python object, a weak reference with its callback, a table entry (measured with tracemalloc
-# on CPython 3.11: ~530 B, rounded up)
-_BOOKKEEPING_BYTES = 600
-
-
-class StorageCounter(TorchDispatchMode):
-    """Counts the bytes of the tensor storages alive now, from the ops that create them, and keeps per-range peaks.
-
-    Exact for what it counts, and it holds no log: one table entry per *live* counted storage, a few counters
-    per range. How:
-
-    * Every op's results pass through :meth:`__torch_dispatch__`. A result the op's schema marks as new (no
-      alias annotation) whose storage is not counted yet is added; views and in-place/out= results share an
-      existing storage and add nothing (an out= result that grew a counted storage adds the growth). Each
-      storage is counted once however many tensors view it.
-    * A weak reference on each counted storage takes its bytes off when it is freed. :meth:`watch` does the same
-      for storages that existed before (their frees lower the level below 0, as an allocator's running total).
-    * ``torch.profiler.record_function`` ranges (and so :meth:`StageProfiler.stage`) are ops too: the counter
-      sees them start and end, and folds the level into every open range: ``peaks[name]`` is the highest level
-      while a range of that name was open (including the level when it opened). ``names`` restricts the ranges.
-      Ranges must nest (as ``with`` blocks do): an end closes the innermost open range.
-
-    What it cannot see: memory a kernel allocates and frees inside one op (workspaces: 2-3% of the decode and
-    backward peaks of the mid-size model's step), and tensors made without an op (``torch.from_numpy``). The
-    planner's fake-tensor estimate counts the same way (``counters.LiveBytes``). Levels are relative to the start.
-    The class is self-contained (torch only) so that the planner's counter can later be built on it.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu", names: Iterable[str] | None = None):
-        super().__init__()
-        self.device_type = torch.device(device).type
-        self.names = set(names) if names is not None else None
-        self.level = 0  # bytes allocated since the start and still alive, minus watched storages freed
-        self.peak = 0  # highest level (never below 0: the level at the start)
-        self.peaks: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.max_entries = 0  # most storages in the table at once (the counter's own memory)
-        self.ops = 0
-        self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, weakref]
-        self._ranges: list[tuple[str | None, float]] = []  # open ranges, innermost last: (name, start time)
-        self._open: tuple[str, ...] = ()
-
-    # -- storages -----------------------------------------------------------------------------------
-
-    def _freed(self, key: int, _ref: Any = None) -> None:
-        entry = self._live.pop(key, None)
-        if entry is not None:
-            self.level -= entry[0]
-
-    def _add(self, storage: Any, nbytes: int) -> None:
-        key = id(storage)
-        self._live[key] = [nbytes, weakref.ref(storage, functools.partial(self._freed, key))]
-        if len(self._live) > self.max_entries:
-            self.max_entries = len(self._live)
-
-    def watch(self, storages: Iterable[Any]) -> None:
-        """Storages alive before counting began: their frees lower the level (their bytes are not added)."""
-        for st in storages:
-            with contextlib.suppress(TypeError, RuntimeError):
-                if id(st) not in self._live and st.nbytes() > 0:
-                    self._add(st, st.nbytes())
-
-    def _bump(self) -> None:
-        level = self.level
-        if level > self.peak:
-            self.peak = level
-        for name in self._open:
-            if level > self.peaks[name]:
-                self.peaks[name] = level
-
-    def _track(self, t: torch.Tensor, new: bool) -> None:
-        if self.device_type == "cpu":
-            if not t.is_cpu:
-                return
-        elif t.device.type != self.device_type:
-            return
-        try:
-            st = t.untyped_storage()
-        except Exception:  # sparse, nested, or a wrapper subclass without a plain storage
-            return
-        entry = self._live.get(id(st))
-        if entry is not None:
-            if not new:  # an out= or resize_ result can grow a storage already counted
-                n = st.nbytes()
-                if n != entry[0]:
-                    self.level += n - entry[0]
-                    entry[0] = n
-                    self._bump()
-            return
-        if not new or (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and _is_fake(t)):
-            return  # a view of a storage made outside the count (or before it): not an allocation here
-        n = st.nbytes()  # 0 is kept too: an out= op may grow it later
-        self._add(st, n)
-        self.level += n
-        self._bump()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        kind = _OP_KINDS.get(func)
-        if kind is None:
-            kind = _op_kind(func)
-        if kind is _ENTER:
-            self._range_start(args[0] if args else "?")
-        elif kind is _EXIT:
-            self._range_end()
-        elif isinstance(out, torch.Tensor):
-            self._track(out, kind[0] if kind else True)
-        elif isinstance(out, (tuple, list)):
-            for i, o in enumerate(out):
-                new = kind[0] if len(kind) == 1 else (kind[i] if i < len(kind) else True)
-                if isinstance(o, torch.Tensor):
-                    self._track(o, new)
-                elif isinstance(o, (tuple, list)):
-                    for u in o:
-                        if isinstance(u, torch.Tensor):
-                            self._track(u, new)
-        return out
-
-    # -- ranges -------------------------------------------------------------------------------------
-
-    def _range_start(self, name: Any) -> None:
-        name = str(name)
-        if self.names is not None and name not in self.names:
-            self._ranges.append((None, 0.0))  # not measured, but its end must pair with it
-            return
-        self._ranges.append((name, time.perf_counter()))
-        self._open = tuple(dict.fromkeys(r[0] for r in self._ranges if r[0] is not None))
-        self.peaks[name] = max(self.peaks.get(name, self.level), self.level)
-        self.calls[name] = self.calls.get(name, 0) + 1
-
-    def _range_end(self) -> None:
-        # The handle torch passes to the end op is a new Python object each time (and cannot be compared), so
-        # ends pair with starts as ranges nest: the innermost open one ends. An end with none open belongs to
-        # a range opened before counting began.
-        if not self._ranges:
-            return
-        name, t0 = self._ranges.pop()
-        if name is not None:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-            self._open = tuple(dict.fromkeys(r[0] for r in self._ranges if r[0] is not None))
-
-    def release(self) -> None:
-        """Drop the table (its weak references with it): nothing is counted or kept after this."""
-        self._live.clear()
-        self._ranges.clear()
-        self._open = ()
-
-    @property
-    def bookkeeping_bytes(self) -> int:
-        """About what the counter itself held at most: its table, at its largest."""
-        return self.max_entries * _BOOKKEEPING_BYTES
-
-
-_ACTIVE_TRACKER: list[Any] = []  # the CpuAllocationTracker running now (one at a time)
-
-
-def _tracker_active() -> bool:
-    return bool(_ACTIVE_TRACKER)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CPU: allocation peaks from torch.profiler memory events (the cross-check: exact, but it keeps every event)
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _EventAnalysis:
-    peaks: dict[str, int] = field(default_factory=dict)  # name -> max running total inside its ranges
-    seconds: dict[str, float] = field(default_factory=dict)  # name -> summed duration of its ranges
-    calls: dict[str, int] = field(default_factory=dict)
-    peak: int = 0  # max running total over the whole session (relative to its start)
-    end: int = 0  # running total at the end: bytes allocated in the session and still alive
-    n_memory_events: int = 0
-
-
-def _analyse_events(events: Iterable[Any], names: set[str] | None = None) -> _EventAnalysis:
-    """Running total of CPU ``[memory]`` events, and its maximum inside each user-annotation range.
-
-    ``names`` restricts the ranges analysed (default: every ``record_function`` name seen). The total
-    starts at 0 when the profiler starts, so it can dip below 0 when older tensors are freed.
-    """
-    import numpy as np
-
-    cpu = torch.autograd.DeviceType.CPU
-    times: list[int] = []
-    sizes: list[int] = []
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for e in events:
-        name = e.name()
-        if name == "[memory]":
-            if e.device_type() == cpu:
-                times.append(e.start_ns())
-                sizes.append(e.nbytes())
-        elif e.is_user_annotation() and (names is None or name in names):
-            ranges.setdefault(name, []).append((e.start_ns(), e.end_ns()))
-
-    out = _EventAnalysis(n_memory_events=len(times))
-    t = np.asarray(times, dtype=np.int64)
-    order = np.argsort(t, kind="stable")  # events of one thread come in order; keep ties as recorded
-    t = t[order]
-    level = np.cumsum(np.asarray(sizes, dtype=np.int64)[order]) if len(times) else np.zeros(0, np.int64)
-    if len(level):
-        out.peak = max(0, int(level.max()))
-        out.end = int(level[-1])
-    for name, spans in ranges.items():
-        best = None
-        for start, end in spans:
-            i0 = int(np.searchsorted(t, start, side="left"))
-            i1 = int(np.searchsorted(t, end, side="right"))
-            entry = int(level[i0 - 1]) if i0 > 0 else 0  # what was live when the range began
-            inside = int(level[i0:i1].max()) if i1 > i0 else entry
-            peak = max(entry, inside)
-            best = peak if best is None else max(best, peak)
-        out.peaks[name] = int(best)
-        out.seconds[name] = sum(end - start for start, end in spans) / 1e9
-        out.calls[name] = len(spans)
-    return out
-
-
-def _profiler_active() -> bool:
-    try:
-        return bool(torch.autograd._profiler_enabled())
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Kineto writes 'USDT: ... profiler_start/stop' lines straight to file descriptor 2 (no setting turns them
-    off in torch 2.13): point that descriptor at /dev/null while the profiler starts or stops."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    try:
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
-class CpuAllocationTracker:
-    """Measures real CPU allocation inside a block, per ``record_function`` range.
-
-    ::
-
-        with CpuAllocationTracker() as tracker:
-            with torch.profiler.record_function("backward"):   # or prof.stage("backward")
-                loss.backward()
-        tracker.peaks["backward"]         # max bytes above the level at the tracker's start
-        tracker.peak_allocated("backward")  # the same plus the baseline: an absolute peak
-
-    ``baseline`` (bytes) is measured on entry by :func:`live_tensor_bytes` (``count_baseline=False``
-    reports 0). ``names`` restricts the ranges measured. One tracker runs at a time: entering while
-    another is active raises RuntimeError.
-
-    ``method``: ``"counter"`` (default) counts live storages with a :class:`StorageCounter`: nothing is kept
-    but one entry per live storage, so the measurement costs almost no memory (``bookkeeping_bytes``).
-    ``"events"`` runs ``torch.profiler`` with ``profile_memory=True`` and sums its ``[memory]`` events
-    afterwards; it also sees kernels' internal workspaces, but keeps every event of the block (hundreds of MB
-    for a training step at 256 px, more while they are analysed): a cross-check for tests and benchmarks,
-    refused while another torch profiler runs.
-    """
-
-    METHODS = ("counter", "events")
-
-    def __init__(self, *, count_baseline: bool = True, extra: Iterable[Any] = (), names: Iterable[str] | None = None,
-                 method: str = "counter"):
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
-        self.method = method
-        self.count_baseline = count_baseline
-        self.extra = list(extra)
-        self.names = set(names) if names is not None else None
-        self.baseline = 0
-        self.peaks: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.peak = 0  # whole block, above the start level
-        self.retained = 0  # allocated inside the block and still alive at its end (can be < 0)
-        self.analysis_seconds = 0.0  # events: summing the events afterwards; counter: the scan at the start
-        self.bookkeeping_bytes = 0  # counter: what the measurement itself held at most (see measurement_bytes)
-        self.scan_bytes = 0  # the list of the garbage collector's objects walked once at the start (freed at once)
-        self._prof: Any = None
-        self._counter: StorageCounter | None = None
-
-    @property
-    def measurement_bytes(self) -> int:
-        """The measurement's own memory at its largest: the scan's object list or the counter's table (they are
-        never alive together); for the events method not known (its event log is the large part)."""
-        return max(self.scan_bytes, self.bookkeeping_bytes)
-
-    def __enter__(self) -> CpuAllocationTracker:
-        if _ACTIVE_TRACKER:
-            raise RuntimeError("CpuAllocationTracker: another CPU allocation tracker is already running")
-        if self.method == "events" and _profiler_active():
-            raise RuntimeError("CpuAllocationTracker: another torch profiler is already running")
-        # garbage from earlier work freed mid-block would read as negative allocation: collect it now
-        # and keep the collector off inside the block (its timing would make peaks depend on history)
-        gc.collect()
-        self._gc_was_enabled = gc.isenabled()
-        gc.disable()
-        _ACTIVE_TRACKER.append(self)
-        try:
-            t0 = time.perf_counter()
-            if self.method == "counter":
-                baseline, storages, n_objects = _live_storages("cpu", self.extra)
-                self.scan_bytes = 8 * n_objects  # the scan's list: one pointer per object
-                self.extra = []  # do not keep the models alive
-                self._counter = StorageCounter("cpu", names=self.names)
-                self._counter.watch(storages)  # older tensors freed in the block lower the level, as allocator events
-                del storages
-                self.baseline = baseline if self.count_baseline else 0
-                self.analysis_seconds = time.perf_counter() - t0
-                self._counter.__enter__()
-                return self
-            self.baseline = live_tensor_bytes("cpu", self.extra) if self.count_baseline else 0
-            self.extra = []
-            self._prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU],
-                profile_memory=True,
-                record_shapes=False,
-                with_stack=False,
-            )
-            with warnings.catch_warnings(), _native_stderr_silenced():  # torch 2.11 warns that a profile without
-                warnings.filterwarnings("ignore", message=".*Profiler clears events")  # cycles drops events
-                self._prof.__enter__()
-        except BaseException:
-            self._finish_gc()
-            raise
-        return self
-
-    def _finish_gc(self) -> None:
-        with contextlib.suppress(ValueError):
-            _ACTIVE_TRACKER.remove(self)
-        if getattr(self, "_gc_was_enabled", False):
-            gc.enable()
-            self._gc_was_enabled = False
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._counter is not None:
-            counter, self._counter = self._counter, None
-            try:
-                counter.__exit__(exc_type, exc, tb)
-            finally:
-                self._finish_gc()
-            self.peaks, self.seconds, self.calls = dict(counter.peaks), dict(counter.seconds), dict(counter.calls)
-            self.peak, self.retained = counter.peak, counter.level
-            self.bookkeeping_bytes = counter.bookkeeping_bytes
-            counter.release()
-            return
-        prof, self._prof = self._prof, None
-        try:
-            with _native_stderr_silenced():
-                prof.__exit__(exc_type, exc, tb)
-        finally:
-            self._finish_gc()
-        t0 = time.perf_counter()
-        result = _analyse_events(prof.profiler.kineto_results.events(), self.names)
-        del prof  # the retained events cost ~200 MB for a big step
-        self.peaks, self.seconds, self.calls = result.peaks, result.seconds, result.calls
-        self.peak, self.retained = result.peak, result.end
-        self.analysis_seconds = time.perf_counter() - t0
-
-    def peak_allocated(self, name: str | None = None) -> int:
-        """Absolute peak (baseline included) of one range, or of the whole block when name is None."""
-        return self.baseline + (self.peak if name is None else self.peaks[name])
-
-
-def measure_cpu_stages(fn: Callable[..., Any], *args: Any, method: str = "counter", **kwargs: Any) -> dict[str, int]:
-    """Run ``fn(*args, **kwargs)`` once and return, per ``record_function`` / ``prof.stage`` name, its
-    peak CPU allocation in bytes *above the level when fn started* (weights and other resident tensors
-    excluded, so two runs of the same models compare directly). The key ``"*"`` holds fn's overall peak.
-
-    ``fn`` may use a :class:`StageProfiler` (no step begun, or ``detail_steps`` empty): its stages are
-    record_function ranges on every device, and it never starts its own tracker while one runs. ``method``: see
-    :class:`CpuAllocationTracker`. The default counts live storages, as the training loop and
-    :func:`~lowmem_alignprop.measure.shared_step.measure_cpu_step` do: exact for every tensor an op returns, and it
-    keeps no log. It cannot see the scratch a kernel allocates and frees inside one op (a convolution's
-    workspace): to compare features that change that scratch (tiled decode), pass ``method="events"``.
-    """
-    with CpuAllocationTracker(count_baseline=False, method=method) as tracker:
-        fn(*args, **kwargs)
-    return {**tracker.peaks, "*": tracker.peak}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -798,7 +237,7 @@ class StageProfiler:
         bucket = self._step_figures if self._step is not None else self.outside
         figures = bucket.setdefault(name, _new_figures())
         load_tracker = None
-        if name == LOAD and self._step is None and self._cpu and self.detail_load and not _tracker_active():
+        if name == LOAD and self._step is None and self._cpu and self.detail_load and not tracker_active():
             load_tracker = CpuAllocationTracker(names={name}, extra=self._live_module_objects())
             load_tracker.__enter__()
         frame = None
@@ -872,7 +311,7 @@ class StageProfiler:
             self._snapshot_recording = True
             self._snapshot_window = (step, step)
         if self.is_detail_step(step):
-            if _tracker_active():
+            if tracker_active():
                 logger.info("profiler: another CPU allocation tracker is running; step %d records time only", step)
             else:
                 self._tracker = CpuAllocationTracker(names=set(STAGES), extra=self._live_module_objects())
@@ -970,7 +409,7 @@ class StageProfiler:
         try:
             self._module_refs.append(weakref.ref(obj))
         except TypeError:  # lists and dicts: remember their tensors instead
-            for t in _iter_tensors(obj):
+            for t in iter_tensors(obj):
                 with contextlib.suppress(TypeError):
                     self._module_refs.append(weakref.ref(t))
 
@@ -1177,15 +616,6 @@ class StageProfiler:
         return paths
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo's, else the platform's), for reports and benchmark results."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _process_peak_rss() -> int | None:
     """The process's peak resident memory so far (its high-water mark; only rises), in bytes; None if unknown."""
     try:
@@ -1254,34 +684,3 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-
-
-LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed")
-
-
-def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    """Versions of Python and the libraries whose behaviour the figures depend on (None: not installed)."""
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def host_device() -> dict[str, Any]:
-    """The machine a figure was measured or estimated on: the CPU's model, its logical cores, torch's threads and
-    the first CUDA card (None without one)."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def provenance(command: str, packages: tuple[str, ...] = LIBRARIES, **device: Any) -> dict[str, Any]:
-    """What a measured or estimated figure carries (benchmarks/ results, ``plan --json``): the command that produced
-    it, the date, the machine (:func:`host_device`; ``device`` adds or overrides entries) and the versions of
-    ``packages`` (:func:`library_versions`)."""
-    return {"command": command, "date": time.strftime("%Y-%m-%d"), "device": {**host_device(), **device},
-            "versions": library_versions(packages)}

@@ -98,12 +98,12 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
 def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0,
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Run the step of :func:`run_step` for real on the CPU (weights as the trainer loads them, fp32) and measure
-    each stage's peak allocation by counting live storages (:class:`~lowmem_alignprop.measure.profiler.
+    each stage's peak allocation by counting live storages (:class:`~lowmem_alignprop.measure.cpu_allocation.
     CpuAllocationTracker`'s default, StageProfiler's method: every tensor an op returns, not the scratch inside one
     op, like the estimate) plus the resident bytes at the step's start. After one warm-up optimizer step, like the
     estimate. ``timed_steps`` more steps without the profiler give seconds per step and per stage, by ``clock``
     (``time.process_time``: the CPU seconds, which other jobs on the machine change less than the wall's)."""
-    from lowmem_alignprop.measure.profiler import run_objects_only
+    from lowmem_alignprop.measure.resident_tensors import run_objects_only
 
     with run_objects_only():  # the measurement walks the step's own objects only, as the trainer's does
         return _measure_cpu_step(cfg, prompts, timed_steps, clock)
@@ -113,7 +113,9 @@ def _measure_cpu_step(cfg: Config, prompts: list[str] | None, timed_steps: int, 
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.memory.optim import build_optimizer
     from lowmem_alignprop.memory.placement import Placement
-    from lowmem_alignprop.measure.profiler import CpuAllocationTracker, StageProfiler, resident_bytes
+    from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker
+    from lowmem_alignprop.measure.profiler import StageProfiler
+    from lowmem_alignprop.measure.resident_tensors import resident_bytes
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.memory.block_swap import install
     from lowmem_alignprop.models.family import family_for
