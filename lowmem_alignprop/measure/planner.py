@@ -6,11 +6,11 @@ How (docs/design.md section 4):
    (``--model sd15|sd21|sdxl``: the shipped configs; ``tiny``, a diffusers directory or a cached hub
    snapshot: its config files; a single-file checkpoint: the detected architecture). Model rewards
    (aesthetic, clip, pickscore, hpsv2) are CLIP architectures built from config the same way.
-2. The trainer's own :func:`~lowmem_alignprop.commands.train.apply_memory_features` casts, freezes, picks
+2. The trainer's own :func:`~lowmem_alignprop.step.rollout.apply_memory_features` casts, freezes, picks
    attention and checkpointing and adds LoRA, still on meta.
 3. Inside ``FakeTensorMode(allow_non_fake_inputs=True)`` the modules get fake CPU storage
    (``to_empty(device="cpu")``: no memory behind it), and one training step runs through the trainer's
-   :func:`~lowmem_alignprop.commands.train.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
+   :func:`~lowmem_alignprop.step.rollout.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
    reward, backward, optimizer (after one warm-up optimizer step, so Adam's state exists as it does
    from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage (freed ones
    leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
@@ -19,7 +19,7 @@ How (docs/design.md section 4):
    attention in fp16/bf16; norms, upsampling, softmax, pow, exp... in fp32), because the CPU autocast
    has different lists and a CUDA fake tensor cannot run on a CPU-only build.
 
-What fake tensors cannot see is added as explicit, printed allowances (:data:`ALLOWANCES`): the CUDA
+What fake tensors cannot see is added as explicit, printed allowances (:data:`~lowmem_alignprop.memory.allowances.ALLOWANCES`): the CUDA
 context, the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces.
 
 Cost control: the no-grad steps leave nothing behind, so one is simulated; the grad window is simulated
