@@ -19,8 +19,9 @@ How (docs/design.md section 4):
    attention in fp16/bf16; norms, upsampling, softmax, pow, exp... in fp32), because the CPU autocast
    has different lists and a CUDA fake tensor cannot run on a CPU-only build.
 
-What fake tensors cannot see is added as explicit, printed allowances (:data:`~lowmem_alignprop.memory.allowances.ALLOWANCES`): the CUDA
-context, the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces.
+What fake tensors cannot see is added as explicit, printed allowances
+(:data:`~lowmem_alignprop.memory.allowances.ALLOWANCES`): the CUDA context, the caching allocator's rounding and
+fragmentation, cuBLAS/cuDNN workspaces.
 
 Cost control: the no-grad steps leave nothing behind, so one is simulated; the grad window is simulated
 with ``min(K, 2)`` steps and the bytes each further step keeps (its checkpoint input and scheduler
