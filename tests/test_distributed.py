@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
-from lowmem_alignprop.run.distributed import check_no_stale_build_lock, deepspeed_config
+from lowmem_alignprop.run.distributed import build_folder, check_no_stale_build_lock, deepspeed_config
 
 FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--set", "batch_size=1", "--set", "lr=0.01"]
@@ -82,6 +83,20 @@ def ddp(tmp_path_factory, tiny_dir):
     run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
          "--steps", "4", "--set", "sample_prompts=1"])
     return out
+
+
+def test_the_build_folder_is_the_one_torch_builds_and_locks_in(tmp_path, monkeypatch):
+    """The stale-lock check reads torch's folder rule from public figures; torch's own (private) rule must agree."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))  # not the user's cache
+    for extensions_dir in (None, str(tmp_path / "chosen")):
+        if extensions_dir is None:
+            monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions_dir)
+        for op in ("cpu_adam", "deepspeed_shm_comm"):
+            assert build_folder(op) == Path(cpp_extension._get_build_directory(op, verbose=False))
 
 
 @needs_deepspeed

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -68,22 +69,30 @@ DEEPSPEED_OPS = ("cpu_adam", "deepspeed_shm_comm")
 STALE_LOCK_SECONDS = 20 * 60  # a build lock older than this was left by a build that was stopped midway
 
 
+def build_folder(op: str) -> Path:
+    """Where torch's JIT extension build of ``op`` works and keeps its lock: TORCH_EXTENSIONS_DIR/op, else the
+    default build root / py<version>_<cuda, rocm or cpu> / op (torch.utils.cpp_extension's rule, from public
+    figures)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op
+    hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
+    device = f"rocm{hip.replace('.', '')}" if hip else f"cu{cuda.replace('.', '')}" if cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{device}" / op
+
+
 def check_no_stale_build_lock(now: float | None = None) -> None:
     """A DeepSpeed op build stopped midway (Ctrl-C, a kill, a lost session) leaves torch's lock file behind, and
     every later run then waits for it forever, silently: name the file instead, before anything loads."""
-    from torch.utils import cpp_extension
-
     from lowmem_alignprop.settings.errors import UserError
 
-    try:
-        folders = [Path(cpp_extension._get_build_directory(op, verbose=False)) for op in DEEPSPEED_OPS]
-    except (AttributeError, TypeError, OSError):  # torch's private folder rule changed, or the cache is unwritable:
-        return  # the build (and its own messages) decides
     now = time.time() if now is None else now
-    for lock in (folder / "lock" for folder in folders):
+    for lock in (build_folder(op) / "lock" for op in DEEPSPEED_OPS):
         try:
             age = now - lock.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:  # no lock (the usual case), or none we can read: the build decides
             continue
         if age > STALE_LOCK_SECONDS:
             raise UserError(f"{lock} is the lock of a DeepSpeed op build that stopped {age / 60:.0f} minutes ago "
