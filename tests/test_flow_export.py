@@ -444,7 +444,7 @@ def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint
 def _images_at_step_0(base: Path, out: Path, *sets: str):
     """The fixed-seed images the trainer renders before its first step (its `generate`, as for the grid)."""
     from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.commands.lora_export import check_init_lora
+    from lowmem_alignprop.commands.init_lora import check_init_lora
     from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 

@@ -20,7 +20,10 @@ from loras import ALPHA, RANK, each_of, export, lora_with_reference
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.commands import lora_export as lx
+from lowmem_alignprop.commands import lora_files
+from lowmem_alignprop.commands import lora_formats as formats
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
 
@@ -136,13 +139,13 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert len(names) == len(case["modules"]) == len(keys) // 3
     assert names == {"lora_unet_" + m.replace(".", "_") for m in case["modules"]}
     for name in names:
-        assert {f"{name}{s}" for s in lx.KOHYA_SUFFIXES} <= keys
+        assert {f"{name}{s}" for s in formats.KOHYA_SUFFIXES} <= keys
         assert name in key_map, f"{name}: ComfyUI has no UNet weight of that name"
         weight = base[key_map[name]]
-        down, up, alpha = (tensors[f"{name}{s}"] for s in lx.KOHYA_SUFFIXES)
+        down, up, alpha = (tensors[f"{name}{s}"] for s in formats.KOHYA_SUFFIXES)
         assert down.shape == (RANK, weight.shape[1]) and up.shape == (weight.shape[0], RANK)
         assert alpha.ndim == 0 and alpha.item() == ALPHA  # scale alpha / dim = 8 / 4, as trained
-    assert all(k.startswith("lora_unet_") and k.endswith(lx.KOHYA_SUFFIXES) for k in keys)
+    assert all(k.startswith("lora_unet_") and k.endswith(formats.KOHYA_SUFFIXES) for k in keys)
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if case["xl"] else "sd_v1")
@@ -152,15 +155,15 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
 
 def test_kohya_alpha_folds_a_per_layer_alpha_pattern(sd):
     """peft's alpha_pattern (a layer with its own alpha) and rsLoRA (alpha / sqrt(r)) end up in each .alpha."""
-    lora = lx.read_lora(str(sd["lora"]))
+    lora = lora_files.read_lora(str(sd["lora"]))
     first, other = lora.modules[0], lora.modules[1]
     lora.config = {**lora.config, "alpha_pattern": {first: 2.0}}
-    state = lx.kohya_state_dict(lora)
-    assert state[f"{lx.kohya_name(first)}.alpha"].item() == 2.0
-    assert state[f"{lx.kohya_name(other)}.alpha"].item() == ALPHA
+    state = formats.kohya_state_dict(lora)
+    assert state[f"{formats.kohya_name(first)}.alpha"].item() == 2.0
+    assert state[f"{formats.kohya_name(other)}.alpha"].item() == ALPHA
     lora.config = {**lora.config, "alpha_pattern": {}, "use_rslora": True}
-    state = lx.kohya_state_dict(lora)
-    assert state[f"{lx.kohya_name(first)}.alpha"].item() == pytest.approx(ALPHA / RANK ** 0.5 * RANK)
+    state = formats.kohya_state_dict(lora)
+    assert state[f"{formats.kohya_name(first)}.alpha"].item() == pytest.approx(ALPHA / RANK ** 0.5 * RANK)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
 def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
     from huggingface_hub import ModelCard
 
-    lora = lx.read_lora(str(sd["lora"]))
+    lora = lora_files.read_lora(str(sd["lora"]))
     lora.base = {**lora.base, "model": "runwayml/stable-diffusion-v1-5"}
     lx.export(lora, "peft", tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
@@ -312,7 +315,7 @@ def test_check_push_to_hub_offline_and_without_token_is_one_line(monkeypatch, tm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="switched off here") as e:
-        lx.check_push_to_hub("you/lora")
+        hub.check_push_to_hub("you/lora")
     assert "\n" not in str(e.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -321,10 +324,10 @@ def test_check_push_to_hub_offline_and_without_token_is_one_line(monkeypatch, tm
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
     with pytest.raises(UserError, match="no Hugging Face token") as e:
-        lx.check_push_to_hub("you/lora")
+        hub.check_push_to_hub("you/lora")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="not a hub repository id"):
-        lx.check_push_to_hub("you/bad name")
+        hub.check_push_to_hub("you/bad name")
 
 
 def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monkeypatch):
@@ -334,7 +337,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw))
                         or f"https://huggingface.co/{repo}")
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
-    monkeypatch.setattr(lx, "check_push_to_hub", lambda repo: None)  # the network part is the mock's
+    monkeypatch.setattr(hub, "check_push_to_hub", lambda repo: None)  # the network part is the mock's
     out = export(tmp_path, sd["lora"], "--format", "kohya", "--push-to-hub", "you/lora", "--private")
     assert calls[0] == ("create", "you/lora", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"
@@ -427,7 +430,7 @@ def test_out_folder_that_is_not_empty_is_refused(sd, tmp_path, capsys):
 
 
 def test_default_out_is_beside_the_run_and_never_overwrites(sd):
-    lora = lx.read_lora(str(sd["run"]))
+    lora = lora_files.read_lora(str(sd["run"]))
     first = lx.default_out(lora, "kohya", False)
     assert first == sd["run"] / "export" / "kohya"
     first.mkdir(parents=True)

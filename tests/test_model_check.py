@@ -140,7 +140,7 @@ def test_a_vae_with_another_downsampling_is_refused(tmp_path, tiny_dir, capsys):
 def test_a_text_encoder_whose_files_lack_weights_is_refused_not_run_as_noise(tmp_path, tiny_dir, capsys):
     """transformers loads such a text encoder with random weights and a logged table only; train and
     ``export --merge`` stop with one line naming the part, how many weights are missing and one of them."""
-    from lowmem_alignprop.commands.lora_export import load_base
+    from lowmem_alignprop.commands.lora_merge import load_base
     from lowmem_alignprop.settings.errors import UserError
 
     model = tmp_path / "model"

@@ -95,7 +95,7 @@ def _cfg(out, *extra):
 
 def _images_at_step_0(cfg):
     """The fixed-seed images the trainer renders before its first step (its `generate`, as for the grid)."""
-    from lowmem_alignprop.commands.lora_export import check_init_lora
+    from lowmem_alignprop.commands.init_lora import check_init_lora
     from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
@@ -190,11 +190,11 @@ def full_run(tmp_path_factory, tiny_dir):
     import huggingface_hub
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import lora_export as lx
+    from lowmem_alignprop.run import hub
 
     out = tmp_path_factory.mktemp("full") / "run"
     with pytest.MonkeyPatch.context() as mp:  # the hub's part is the mock's (no network here)
-        mp.setattr(lx, "check_push_to_hub", lambda repo: HUB_CALLS.append(("check", repo)))
+        mp.setattr(hub, "check_push_to_hub", lambda repo: HUB_CALLS.append(("check", repo)))
         mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: HUB_CALLS.append(("create", repo))
                    or f"https://huggingface.co/{repo}")
         mp.setattr(huggingface_hub, "upload_folder", lambda **kw: HUB_CALLS.append(("upload", kw["repo_id"],
@@ -327,8 +327,9 @@ def test_export_of_a_checkpoint_is_that_steps_lora(full_run, tmp_path):
 
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.commands import lora_export as lx
+    from lowmem_alignprop.commands.lora_files import read_lora
 
-    lora = lx.read_lora(str(full_run / "checkpoints" / "step-2"))
+    lora = read_lora(str(full_run / "checkpoints" / "step-2"))
     assert lora.step == 2 and lora.run == full_run
     assert lx.default_out(lora, "kohya", False) == full_run / "export" / "kohya-step-2"
 

@@ -49,17 +49,19 @@ def export_parser() -> argparse.ArgumentParser:
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     from lowmem_alignprop.commands import lora_export as lx  # after parsing: --help imports no torch
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.run import hub
     lx.check_format(args.format, args.merge, args.weight, args.dtype, args.single_file)  # cheap checks first: nothing is read yet
     if args.model and not args.merge:
         raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to --push-to-hub REPO: add it, or drop --private")
     if args.push_to_hub:
-        lx.check_push_to_hub(args.push_to_hub)
+        hub.check_push_to_hub(args.push_to_hub)
     if args.out:
         lx.check_out(Path(args.out).expanduser())
     recover_lora(args.lora)
-    lora = lx.read_lora(args.lora)
+    lora = read_lora(args.lora)
     out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
     files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
@@ -67,7 +69,7 @@ def export_main(argv: list[str]) -> int:
     log.info("exported %s (%s) to %s: %s", lora.path, "merged" if args.merge else args.format, out,
              ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:
-        url = lx.push_to_hub(out, args.push_to_hub, private=args.private)
+        url = hub.push_to_hub(out, args.push_to_hub, private=args.private)
         log.info("pushed to %s", url)
     return 0
 

@@ -91,7 +91,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     with same_on_every_rank():
         prompts, eval_prompts = split_eval_prompts(cfg, prepare_inputs(cfg))  # held-out prompts never train
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
-            from lowmem_alignprop.commands.lora_export import check_push_to_hub
+            from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
         if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -202,7 +202,7 @@ class Trainer:
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)
         if self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
-            from lowmem_alignprop.commands.lora_export import check_init_lora
+            from lowmem_alignprop.commands.init_lora import check_init_lora
             with same_on_every_rank():
                 self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank)
         self.setup_accelerator()
@@ -281,7 +281,7 @@ class Trainer:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
-            from lowmem_alignprop.commands.lora_export import start_from_lora
+            from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
             log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
@@ -885,6 +885,8 @@ class Trainer:
         folder complete or absent); push_to_hub uploads the first. A failed export or upload leaves the run's files
         as they are and says how to redo it."""
         from lowmem_alignprop.commands import lora_export as lx
+        from lowmem_alignprop.commands.lora_files import read_lora
+        from lowmem_alignprop.run import hub
 
         cfg, lora_dir = self.cfg, self.out / "lora"
         formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
@@ -896,7 +898,7 @@ class Trainer:
             command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
                        + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
             try:
-                lora = lx.read_lora(str(lora_dir))
+                lora = read_lora(str(lora_dir))
                 out = lx.default_out(lora, fmt, False)
                 lx.export(lora, fmt, out, command=command)
                 log.info("exported the LoRA (%s) to %s", fmt, out)
@@ -907,7 +909,7 @@ class Trainer:
             if push:
                 pushed = True
                 try:
-                    log.info("pushed %s to %s", out, lx.push_to_hub(out, cfg.push_to_hub))
+                    log.info("pushed %s to %s", out, hub.push_to_hub(out, cfg.push_to_hub))
                 except UserError as e:  # the upload failed: the export is complete, the message says so
                     log.error("%s", e)
 

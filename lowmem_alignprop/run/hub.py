@@ -6,6 +6,9 @@ TCP connection to the hub's endpoint (about 5 ms when DNS already fails, at most
 instead: when it fails, huggingface_hub is switched to offline mode, so diffusers and transformers read the
 local cache only and their errors come at once. Behind a proxy a direct connection says nothing, so no probe
 is made and the real request decides.
+
+``--push-to-hub`` (export and training): ``check_push_to_hub`` says before anything is exported (or trained) whether
+a repository can be pushed to from here, ``push_to_hub`` uploads the export's folder.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import functools
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
+
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -71,3 +77,44 @@ def offline() -> bool:
     if global_rank() == 0:  # once per run, not once per process
         log.warning("no network to the Hugging Face hub: %s; hub ids load from the local cache only", reason)
     return True
+
+
+def check_push_to_hub(repo: str) -> None:
+    """Can ``repo`` be pushed to from here? Offline, without a token or with a malformed id: one UserError.
+    Cheap (no request but one TCP connect), so it runs before anything is exported (or trained)."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise UserError(f"--push-to-hub {quote(repo)} is not a hub repository id: write owner/name, e.g. "
+                        "you/my-alignprop-lora") from None
+    if "/" not in repo:
+        raise UserError(f"--push-to-hub {quote(repo)}: write the repository as owner/name (your user or "
+                        "organisation name first)")
+    if offline_by_setting():
+        raise UserError(f"--push-to-hub {repo}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE or "
+                        "TRANSFORMERS_OFFLINE is set): unset it, or export without --push-to-hub and upload the "
+                        "folder later with `hf upload`")
+    if not get_token():
+        raise UserError(f"--push-to-hub {repo}: no Hugging Face token on this machine: run `hf auth login` (or set "
+                        "HF_TOKEN) first, or export without --push-to-hub")
+    reason = unreachable()
+    if reason:
+        raise UserError(f"--push-to-hub {repo}: no network to the Hugging Face hub ({reason}): export without "
+                        "--push-to-hub and upload the folder later with `hf upload`")
+
+
+def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
+    """Create ``repo`` (if new) and upload ``folder`` to it; returns the repository's URL."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        url = create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                      commit_message="Upload AlignProp export (lowmem-alignprop)")
+    except Exception as e:  # huggingface_hub's HTTP, auth and network errors
+        raise UserError(f"--push-to-hub {repo} failed ({first_line(e, 160)}); the export is complete in {folder}: "
+                        "upload it later with `hf upload`") from None
+    return str(url)

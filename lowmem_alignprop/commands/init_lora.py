@@ -1,0 +1,170 @@
+"""``--init-lora``: a LoRA to start training from (a run's lora/ folder, a checkpoint, a diffusers or kohya file, a
+peft adapter folder), found and checked before any model loads, then copied into the adapter being trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
+from lowmem_alignprop.commands.lora_formats import PEFT_PREFIX, PEFT_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
+
+INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
+_DOWN_KEYS = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
+_TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+
+
+def init_lora_file(spec: str) -> Path:
+    """``--init-lora``: the one ``.safetensors`` file diffusers' ``load_lora_weights`` reads for a LoRA given as a
+    run's ``lora/`` folder (or the run folder), a training checkpoint, a diffusers or kohya file, a folder holding
+    one such file (an ``export`` folder), or a peft adapter folder. A checkpoint, a peft folder and an SD3/FLUX
+    kohya file (fused q/k/v, which diffusers' SD3 loader does not read) are written in diffusers' layout into a
+    temporary folder first (removed when the process ends). Raises UserError."""
+    file = _init_lora_source(spec)
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        from lowmem_alignprop.commands import flow_export
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                kohya_flow = flow_export.is_kohya_flow(f.keys())
+        except Exception:  # a damaged file: lora_file_ranks says so in one line
+            return file
+        if kohya_flow:
+            return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
+    return file
+
+
+def _init_lora_source(spec: str) -> Path:
+    from lowmem_alignprop.run.checkpoint import named_checkpoint
+
+    path = Path(spec).expanduser()
+    checkpoint = named_checkpoint(path)
+    if checkpoint is not None:
+        from lowmem_alignprop.models.loading import write_checkpoint_lora
+        return write_checkpoint_lora(checkpoint, temporary_folder() / "lora")
+    if not path.exists():
+        raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
+                        "checkpoint, a .safetensors file or a peft adapter folder)")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(f"--init-lora {spec} is not a .safetensors file: pass a LoRA in diffusers, kohya or peft "
+                            "layout")
+        return path
+    if (path / PEFT_WEIGHT_NAME).is_file() and (path / "adapter_config.json").is_file():
+        return _peft_as_diffusers(path, spec)
+    folder = lora_dir_of(spec)
+    if (folder / LORA_WEIGHT_NAME).is_file():
+        return folder / LORA_WEIGHT_NAME
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise UserError(f"--init-lora {spec} holds {'no' if not found else 'several'} .safetensors files: pass the LoRA "
+                    "file itself, a run's lora/ folder or a peft adapter folder")
+
+
+def _peft_as_diffusers(folder: Path, spec: str) -> Path:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) in diffusers' layout."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        weights = load_file(str(folder / PEFT_WEIGHT_NAME))
+    except Exception as e:  # a damaged JSON or safetensors file: any reader error
+        raise UserError(f"--init-lora {spec}: the peft adapter cannot be read ({first_line(e, 120)})") from None
+    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
+    known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
+    out = temporary_folder() / "lora"
+    if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
+        from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
+        StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=known)
+        return out / LORA_WEIGHT_NAME
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(weights),
+                                              unet_lora_adapter_metadata=known)
+    return out / LORA_WEIGHT_NAME
+
+
+def lora_file_ranks(file: Path, spec: str) -> set[int]:
+    """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, or one that also adapts the text
+    encoder (AlignProp trains the UNet's LoRA only), raises UserError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        raise UserError(f"--init-lora {spec}: {file.name} is damaged or not a safetensors file "
+                        f"({first_line(e, 120)})") from None
+    text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
+    if text:
+        raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
+                        "UNet LoRA only; pass a UNet-only LoRA")
+    ranks = {s[0] for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
+    if not ranks:
+        raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys)")
+    return ranks
+
+
+def check_init_lora(spec: str, rank: int) -> Path:
+    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank. Raises UserError."""
+    file = init_lora_file(spec)
+    ranks = lora_file_ranks(file, spec)
+    if ranks != {rank}:
+        theirs = "/".join(map(str, sorted(ranks)))
+        raise UserError(f"--init-lora {spec} has rank {theirs} and this run trains rank {rank}: "
+                        + (f"add --set lora_rank={theirs}" if len(ranks) == 1 else "pass a LoRA of one rank"))
+    return file
+
+
+@torch.no_grad()
+def start_from_lora(pipe, unet, file: Path, spec: str) -> int:
+    """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its
+    own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
+    copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
+    keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied."""
+    from lowmem_alignprop.commands.evaluate import _adapted_layers, _layers_in_file, _misfit_detail
+
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
+    fix = "it was made for another base model: pass that model with --model, or another --init-lora"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "No LoRA keys associated to CLIPTextModel": wanted
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=INIT_ADAPTER)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--init-lora {spec} does not fit this model: {_misfit_detail(e)}; {fix}") from None
+    finally:
+        peft_log.setLevel(level)
+    expected, got = _layers_in_file(file), _adapted_layers(pipe, INIT_ADAPTER)
+    if got == 0 or got < expected:
+        raise UserError(f"--init-lora {spec} does not fit this model: only {got} of its {expected} layers exist here; "
+                        f"{fix}")
+    copied = 0
+    for name, module in unet.named_modules():
+        if INIT_ADAPTER not in getattr(module, "lora_A", {}):
+            continue
+        if "default" not in module.lora_A:
+            raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its LoRA is on the "
+                            "attention projections to_q, to_k, to_v, to_out.0): pass a LoRA of those layers")
+        a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
+        ours_a, ours_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        if a.shape != ours_a.shape or b.shape != ours_b.shape:
+            raise UserError(f"--init-lora {spec}: layer {name} has rank {a.shape[0]}, this run's {ours_a.shape[0]}: "
+                            f"add --set lora_rank={a.shape[0]}")
+        ours_a.copy_(a)
+        ours_b.copy_(b * (module.scaling[INIT_ADAPTER] / module.scaling["default"]))  # the same scale * B @ A
+        copied += 1
+    unet.set_adapter("default")  # the trained adapter active (and trainable) again, then the loaded one goes
+    unet.delete_adapters(INIT_ADAPTER)
+    return copied

@@ -1,0 +1,248 @@
+"""A LoRA folder a run wrote, read and checked (``export --lora``): the UNet's or transformer's weights in peft's
+names, the adapter's config, the base model's fingerprint and the run's config and summary; a training checkpoint
+(checkpoints/step-N) is read as the run would have written its LoRA at that step. A missing or damaged folder raises
+UserError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
+
+log = logging.getLogger("lowmem_alignprop")
+
+# kohya's ss_base_model_version values
+SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
+
+
+@dataclass
+class Lora:
+    """A LoRA folder a run wrote, read and checked: peft-named UNet weights and the adapter's config."""
+    path: Path                      # the lora/ folder
+    weights: dict[str, torch.Tensor]  # peft names without prefix: down_blocks.1...to_q.lora_A.weight
+    config: dict[str, Any]          # the peft LoraConfig (r, lora_alpha, target_modules, ...)
+    base: dict[str, Any] | None     # base_model.json: the fingerprint of the model it was trained on
+    run: Path | None                # the run folder (config.yaml / summary.json), when there is one
+    run_config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None         # a training checkpoint's step (export of checkpoints/step-N), else None
+    family: str = "unet"            # unet (SD 1.x/2.x/SDXL), sd3 (SD3/SD3.5) or flux (FLUX.1): which denoiser
+
+    @property
+    def flow(self) -> bool:
+        return self.family != "unet"
+
+    @property
+    def component(self) -> str:
+        """The pipeline component the LoRA adapts (its keys' prefix in diffusers' layout)."""
+        return "transformer" if self.flow else "unet"
+
+    @property
+    def modules(self) -> list[str]:
+        """The adapted layers' module paths (``down_blocks.1.attentions.0...attn1.to_q``), sorted."""
+        return sorted(k[: -len(".lora_A.weight")] for k in self.weights if k.endswith(".lora_A.weight"))
+
+    @property
+    def base_model(self) -> str | None:
+        return (self.base or {}).get("model") or self.run_config.get("model")
+
+    def scale(self, module: str) -> float:
+        """The factor peft applies to ``B @ A`` in ``module`` (what a trained LoRA means)."""
+        from peft.utils.other import get_pattern_key
+
+        rank = self.weights[f"{module}.lora_A.weight"].shape[0]
+        alphas = self.config.get("alpha_pattern") or {}
+        alpha = alphas.get(get_pattern_key(alphas.keys(), module), self.config.get("lora_alpha") or rank)
+        return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+
+
+def lora_dir_of(spec: str) -> Path:
+    """``--lora``: the lora/ folder a run wrote, or the run folder that holds it."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"--lora {spec}: no such folder: pass the lora/ folder a run wrote (e.g. outputs/run/lora) "
+                        "or the run folder")
+    if path.is_file():
+        if path.name == LORA_WEIGHT_NAME:
+            return path.parent
+        raise UserError(f"--lora {spec} is a file: pass the lora/ folder a run wrote (it holds {LORA_WEIGHT_NAME})")
+    if not (path / LORA_WEIGHT_NAME).is_file() and (path / "lora" / LORA_WEIGHT_NAME).is_file():
+        return path / "lora"  # the run folder
+    return path
+
+
+def read_lora(spec: str) -> Lora:
+    """Read and check a LoRA folder. A missing or damaged one raises UserError naming what is wrong."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+
+    from lowmem_alignprop.run.checkpoint import named_checkpoint
+
+    checkpoint = named_checkpoint(Path(spec).expanduser())
+    if checkpoint is not None:
+        return _read_checkpoint(checkpoint, spec)
+    path = lora_dir_of(spec)
+    file = path / LORA_WEIGHT_NAME
+    if not file.is_file():
+        raise UserError(f"--lora {spec} holds no {LORA_WEIGHT_NAME}: pass the lora/ folder a finished run wrote "
+                        "(an interrupted run resumes with --resume latest and writes it at the end)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(f"--lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
+                        "export from a complete lora/ folder (train again, or copy it again)") from None
+    component = "transformer" if raw and all(k.startswith("transformer.") for k in raw) else "unet"
+    others = sorted(k for k in raw if not k.startswith(component + "."))
+    if others:
+        raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "
+                        "LoRAs of the denoiser (what lowmem-alignprop trains) export")
+    if not raw:
+        raise UserError(f"--lora {spec}: {file.name} holds no LoRA weights: export from a complete lora/ folder")
+    weights = {k[len(component) + 1:]: v for k, v in raw.items()}
+    if component == "unet":  # a UNet LoRA is in diffusers' older lora.down/up names; a transformer's in peft's
+        weights = convert_unet_state_dict_to_peft(weights)
+    bad = sorted(k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if bad:
+        raise UserError(f"--lora {spec}: {file.name} holds {quote(bad[0])}, which is not a LoRA A/B weight: only "
+                        "plain LoRA adapters export")
+    config = _adapter_config(header, spec, component)
+    for name in sorted(weights):
+        a_key = name.replace(".lora_B.", ".lora_A.")
+        b_key = name.replace(".lora_A.", ".lora_B.")
+        if a_key not in weights or b_key not in weights:
+            raise UserError(f"--lora {spec}: {file.name} is damaged: {quote(name)} has no "
+                            f"{'lora_B' if name == a_key else 'lora_A'} partner")
+        a, b = weights[a_key], weights[b_key]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise UserError(f"--lora {spec}: {file.name} is damaged: {quote(a_key)} {tuple(a.shape)} and its lora_B "
+                            f"{tuple(b.shape)} do not multiply")
+        if not torch.isfinite(weights[name]).all():
+            raise UserError(f"--lora {spec}: {quote(name)} holds NaN or inf: the run diverged; export a checkpoint "
+                            "from before (lowmem-alignprop --resume DIR) or train with a lower learning rate")
+    base = None
+    if (path / LORA_BASE_FILE).is_file():
+        try:
+            base = json.loads((path / LORA_BASE_FILE).read_text())
+            if not isinstance(base, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
+                            "lora/ folder") from None
+    run = path.parent if any((path.parent / n).is_file() for n in ("config.yaml", "summary.json")) else None
+    lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
+    if run is not None:
+        lora.run_config, lora.summary = _read_run(run)
+    if component == "transformer":
+        from lowmem_alignprop.commands import flow_export
+        lora.family = flow_export.family_of_model(lora.base_model) or flow_export.family_of_weights(lora.modules)
+    return lora
+
+
+def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
+    """A training checkpoint's LoRA (checkpoints/step-N), as the run would have written it at that step: its card
+    tells the steps and rewards up to N, and its files are named after the run and the step."""
+    from lowmem_alignprop.models.loading import write_checkpoint_lora
+    from lowmem_alignprop.run.checkpoint import read_state
+
+    folder = write_checkpoint_lora(checkpoint, temporary_folder() / "lora").parent
+    lora = read_lora(str(folder))
+    state = read_state(checkpoint)
+    run = checkpoint.parent.parent  # RUN/checkpoints/step-N
+    lora.run = run if checkpoint.parent.name == "checkpoints" else None
+    if lora.run is not None:
+        lora.run_config, _ = _read_run(run)
+    lora.run_config = {**lora.run_config, **state.get("config", {})}
+    lora.step = int(state["step"])
+    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
+    lora.summary = {"steps": lora.step, "steps_done": lora.step}
+    if history:  # as the trainer's summary compares them
+        from lowmem_alignprop.run.runfolder import first_last_rewards
+        lora.summary.update(first_last_rewards(history))
+    return lora
+
+
+def _adapter_config(header: dict[str, str], spec: str, component: str = "unet") -> dict[str, Any]:
+    """The peft config saved in the header (``unet.``- or ``transformer.``-prefixed keys), else rank = alpha as
+    diffusers assumes."""
+    text = header.get("lora_adapter_metadata")
+    if not text:
+        log.warning("--lora %s carries no adapter config (lora_alpha): exported with alpha = rank, as diffusers "
+                    "loads it", spec)
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise UserError(f"--lora {spec}: the adapter config in {LORA_WEIGHT_NAME} is damaged (not JSON): export "
+                        "from a complete lora/ folder") from None
+    config = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
+    if config.get("use_dora"):
+        raise UserError(f"--lora {spec} is a DoRA adapter: only plain LoRA exports")
+    return config
+
+
+def _read_run(run: Path) -> tuple[dict, dict]:
+    import yaml
+
+    config, summary = {}, {}
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return (config if isinstance(config, dict) else {}), (summary if isinstance(summary, dict) else {})
+
+
+def base_family(lora: Lora) -> str:
+    """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
+    width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
+    if lora.flow:
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules)
+    spec = lora.base_model or ""
+    known = {"sd15": SD_V1, "sd21": SD_V2, "sdxl": SDXL}
+    if spec in known:
+        return known[spec]
+    folder = None
+    if spec == "tiny":
+        from lowmem_alignprop.models.tiny import tiny_model_dir
+        folder = tiny_model_dir()
+    elif spec and Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+    if folder is not None and (folder / "unet" / "config.json").is_file():
+        try:
+            conf = json.loads((folder / "unet" / "config.json").read_text())
+            if conf.get("addition_embed_type") == "text_time":
+                return SDXL
+            return SD_V2 if conf.get("cross_attention_dim") == 1024 else SD_V1
+        except (OSError, ValueError):
+            pass
+    widths = {w.shape[1] for k, w in lora.weights.items() if ".attn2.to_k.lora_A" in k}
+    return SDXL if 2048 in widths else SD_V2 if 1024 in widths else SD_V1
+
+
+def denoiser_name(lora: Lora) -> str:
+    return {"unet": "UNet", "sd3": "SD3 transformer", "flux": "FLUX transformer"}[lora.family]
+
+
+def temporary_folder() -> Path:
+    import atexit
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp

@@ -1,0 +1,119 @@
+"""The LoRA in the formats other tools read (see lora_export.py): kohya's one file (``lora_unet_*`` keys, each
+``.alpha`` the trained scale times the rank), a peft adapter folder, and diffusers' layout as the run wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name
+from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
+    """``lora_unet_*`` keys (diffusers' converter) with each ``.alpha`` set to the trained scale times the rank;
+    SD3/FLUX in their original module names, q/k/v fused (commands/flow_export.py)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    if lora.flow:
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family)
+
+    converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.weights.items()})
+    for module in lora.modules:
+        name = kohya_name(module)
+        rank = converted[f"{name}.lora_down.weight"].shape[0]
+        converted[f"{name}.alpha"] = torch.tensor(lora.scale(module) * rank, dtype=torch.float32)
+    return {k: v.contiguous() for k, v in converted.items()}
+
+
+def kohya_name(module: str) -> str:
+    """The kohya name of a UNet module path: ``lora_unet_`` and the path with dots as underscores."""
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def kohya_metadata(lora: Lora) -> dict[str, str]:
+    ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
+    alpha = lora.config.get("lora_alpha") or ranks[0]
+    if lora.config.get("use_rslora"):
+        alpha = lora.scale(lora.modules[0]) * ranks[0]
+    info = run_info(lora)
+    meta = {
+        "ss_base_model_version": base_family(lora),
+        # sd-scripts' module for the family (its SD3/FLUX LoRAs come from networks/lora_sd3.py and lora_flux.py)
+        "ss_network_module": {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}.get(lora.family,
+                                                                                               "networks.lora"),
+        "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
+        "ss_network_alpha": num(alpha),
+        "ss_sd_model_name": str(lora.base_model or ""),
+        "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({denoiser_name(lora)} LoRA only)",
+        "alignprop_base_model": str(lora.base_model or ""),
+        "alignprop_reward": str(info.get("reward", "")),
+        "alignprop_steps": str(info.get("steps", "")),
+        "alignprop_target_modules": ",".join(sorted(lora.config.get("target_modules") or [])),
+    }
+    if info.get("reward_last") is not None:
+        meta["alignprop_final_reward"] = num(info["reward_last"])
+    if lora.flow:  # what sd-scripts writes beside it for these families
+        from lowmem_alignprop.commands import flow_export
+        meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules)
+    return meta
+
+
+def write_kohya(lora: Lora, folder: Path, name: str) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / f"{name}.safetensors"
+    save_file(kohya_state_dict(lora), str(path), metadata=kohya_metadata(lora))
+    return path
+
+
+def peft_config(lora: Lora):
+    """The adapter's LoraConfig (peft's own class), naming the base model."""
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    values = {k: v for k, v in lora.config.items() if k in known and k not in ("peft_type", "peft_version")}
+    if not values:  # no config saved: the layers and rank the file shows, alpha = rank
+        rank = lora.weights[f"{lora.modules[0]}.lora_A.weight"].shape[0]
+        values = {"r": rank, "lora_alpha": rank, "target_modules": sorted({m.split(".")[-1] if not m.endswith(
+            ".0") else ".".join(m.split(".")[-2:]) for m in lora.modules})}
+    values["base_model_name_or_path"] = lora.base_model if is_hub_id(lora.base_model) else None
+    values["inference_mode"] = True
+    return LoraConfig(**values)
+
+
+def write_peft(lora: Lora, folder: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    peft_config(lora).save_pretrained(str(folder))
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
+              metadata={"format": "pt"})
+    return [folder / "adapter_config.json", folder / PEFT_WEIGHT_NAME]
+
+
+def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
+    shutil.copy2(lora.path / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
+    out = [folder / LORA_WEIGHT_NAME]
+    if (lora.path / LORA_BASE_FILE).is_file():
+        shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
+        out.append(folder / LORA_BASE_FILE)
+    return out
+
+
+def file_stem(lora: Lora) -> str:
+    """The kohya file's name: the run folder's (what users see in ComfyUI's and A1111's LoRA lists)."""
+    name = (lora.run or lora.path.parent).resolve().name if lora.path.name == "lora" else lora.path.resolve().name
+    name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "alignprop"
+    if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)
+        return f"{name}_step{lora.step}_alignprop_lora"
+    return f"{name}_alignprop_lora"

@@ -1,0 +1,120 @@
+"""``export --merge``: the base model with the LoRA fused in (diffusers' ``fuse_lora`` then
+``unload_lora_weights``), checked against the model the LoRA was trained on; with ``--single-file`` one
+``.safetensors`` in the original layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.commands.lora_files import Lora
+from lowmem_alignprop.commands.lora_formats import file_stem
+from lowmem_alignprop.commands.model_card import num, run_info
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.settings.errors import UserError, first_line
+
+
+def merge_base(lora: Lora, model: str | None) -> str:
+    """The base model to merge into: ``--model`` or the one the LoRA was trained on (base_model.json)."""
+    spec = model or lora.base_model
+    if not spec:
+        raise UserError(f"--merge: {lora.path} does not say which base model it was trained on (no {LORA_BASE_FILE}): "
+                        "pass it with --model")
+    from lowmem_alignprop.models.loading import resolve_model
+
+    kind, _ = resolve_model(spec)
+    if kind in ("arch", "flow_arch"):
+        raise UserError(f"--merge onto {spec}: that is an architecture with random weights, not a model: pass the "
+                        "model the LoRA was trained on with --model")
+    return spec
+
+
+def load_base(spec: str, run_config: dict | None = None):
+    """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete). SD3/FLUX
+    load as training loads them (a transformer file takes the run's model_components), in fp32."""
+    from lowmem_alignprop.run import hub
+    from lowmem_alignprop.models.loading import hub_message, resolve_model
+    from lowmem_alignprop.models.pipeline_load import load_pipeline
+
+    kind, where = resolve_model(spec)
+    components = (run_config or {}).get("model_components") or ""
+    if kind.startswith("flow") or (kind == "file" and components):
+        from lowmem_alignprop.models.family import family_for
+        from lowmem_alignprop.models.loading import load_components
+        from lowmem_alignprop.settings.config import Config
+
+        comps = load_components(Config(model=spec, model_components=components,
+                                       t5_encoder=(run_config or {}).get("t5_encoder", True)))
+        return family_for(comps).make_pipeline(comps)
+    if kind == "tiny":
+        from lowmem_alignprop.models.tiny import tiny_model_dir
+        kind, where = "dir", str(tiny_model_dir())
+    try:
+        if kind == "file":
+            from lowmem_alignprop.models.arch import load_single_file
+            return load_single_file(where, torch_dtype=torch.float32)
+        if kind == "hub":
+            hub.offline()
+        return load_pipeline(where, hub_id=kind == "hub")
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise UserError(hub_message("model", where, e, use="pass --model DIR")) from None
+        raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None
+
+
+def merged_pipeline(lora: Lora, model: str | None, weight: float):
+    """The base pipeline with the LoRA fused at ``weight``; a LoRA of another base model raises UserError."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.commands.evaluate import LoraSpec, load_adapters
+
+    spec = merge_base(lora, model)
+    pipe = load_base(spec, lora.run_config)
+    unet = getattr(pipe, lora.component, None)
+    if unet is None or not hasattr(pipe, "load_lora_weights"):
+        theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
+        raise UserError(f"--merge onto {spec}: the LoRA adapts {theirs} and {spec} is not one: pass the model it was "
+                        "trained on with --model")
+    if lora.base:
+        ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
+        problem = ckpt.fingerprint_difference(lora.base, ours)
+        if problem:
+            raise UserError(f"--merge: {lora.path} was trained on base model {lora.base.get('model')!r}, and {problem} "
+                            f"in {spec!r}: merge it into the model it was trained on (leave --model out, or pass "
+                            f"--model {lora.base.get('model')})")
+    load_adapters(pipe, [LoraSpec(arg=str(lora.path), file=lora.path / LORA_WEIGHT_NAME, weight=weight,
+                                  name="alignprop")], spec)  # a LoRA of other layer shapes: one line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
+        pipe.unload_lora_weights()
+    return pipe
+
+
+def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> Path:
+    """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
+    weight in it, the run's reward and steps. SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's
+    MMDiT or Black Forest Labs' layout (models/flow_layout.py; the text encoders and VAE are the base model's)."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
+
+    info = run_info(lora)
+    path = folder / f"{file_stem(lora).removesuffix('_lora')}_merged.safetensors"
+    if lora.family == "flux":
+        from lowmem_alignprop.models.flow_layout import flux_to_original
+        state = {k: v.contiguous() for k, v in flux_to_original(pipe.transformer.state_dict()).items()}
+    elif lora.flow:
+        from lowmem_alignprop.models.flow_layout import sd3_to_original
+        state = sd3_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
+    else:
+        state = pipeline_to_ldm(pipe)
+    save_file(state, str(path), metadata={
+        "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
+        "alignprop_lora_weight": num(1.0 if weight is None else weight),
+        "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", ""))})
+    return path

@@ -1,0 +1,163 @@
+"""The model card every export writes (``README.md`` in the hub's format: YAML front matter, then the run's
+numbers, the files, how to use them and the commands that made them), and the run's facts it tells.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
+from lowmem_alignprop.run.filenames import COMMAND_FILE
+from lowmem_alignprop.settings.errors import UserError
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def run_info(lora: Lora) -> dict[str, Any]:
+    """What the card says about training: from config.yaml and summary.json when the run folder has them."""
+    c, s = lora.run_config, lora.summary
+    info: dict[str, Any] = {"base_model": lora.base_model}
+    for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
+                "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha"):
+        if key in c:
+            info[key] = c[key]
+    steps = s.get("steps_done", s.get("steps", c.get("steps")))
+    if steps is not None:
+        info["steps"] = steps
+    for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted"):
+        if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
+            info[key] = s[key]
+    return info
+
+
+def training_command(lora: Lora) -> str | None:
+    """The command that trained this run, as the run folder recorded it (command.txt: one line per start, a
+    --resume included); for a run without that record, a command that trains it again: its profile, and --set for
+    each field that differs from it."""
+
+    recorded = lora.run / COMMAND_FILE if lora.run is not None else None
+    if recorded is not None and recorded.is_file():
+        try:
+            return recorded.read_text(encoding="utf-8").strip() or None
+        except (OSError, ValueError):
+            pass
+    c = lora.run_config
+    if not c:
+        return None
+    from lowmem_alignprop.settings.config import FIELD_NAMES, build_config
+    from lowmem_alignprop.settings.profiles import load_profile
+
+    profile = str(c.get("profile", "cpu"))
+    try:
+        _, values = load_profile(profile)
+        defaults = build_config(values, {}, {}).to_dict()
+    except (UserError, OSError, ValueError):
+        from lowmem_alignprop.settings.config import Config
+        defaults = Config().to_dict()
+    parts = ["lowmem-alignprop", "--profile", profile]
+    flags = {"model": "--model", "reward": "--reward", "prompts": "--prompts", "steps": "--steps",
+             "seed": "--seed", "output_dir": "--output-dir"}
+    for key in FIELD_NAMES:
+        if key not in c or c[key] == defaults.get(key):
+            continue
+        value = c[key]
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        parts += [flags[key], text] if key in flags else ["--set", f"{key}={text}"]
+    import shlex
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
+               grid: str | None = None) -> str:
+    """README.md in the hub's model-card format (front matter: base_model, tags, library_name; license left
+    to the user) with the run's numbers and the commands that made it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    info = run_info(lora)
+    family = base_family(lora)
+    base = lora.base_model
+    tags = ["lowmem-alignprop", "alignprop", "reward-finetuning", "text-to-image",
+            {"flux": "flux", "sd3": "sd3"}.get(lora.family, "stable-diffusion-xl" if family == SDXL
+                                               else "stable-diffusion")]
+    if merged_weight is None:
+        tags.insert(2, "lora")
+    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags,
+                         library_name="peft" if fmt == "peft" else "diffusers")
+    front = data.to_yaml() + "\n# license: set the license of the base model here (e.g. creativeml-openrail-m)"
+    what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
+            else f"a {denoiser_name(lora)} LoRA, {fmt} format")
+    rows = [("base model", f"`{base}`" if base else "unknown"), ("reward", info.get("reward")),
+            ("steps", info.get("steps")), ("profile", info.get("profile"))]
+    if "truncation" in info:
+        k = (f"K = {info.get('k')}" if info["truncation"] == "fixed"
+             else f"K uniform in [{info.get('k_min')}, {info.get('k_max')}]")
+        rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
+                                                           f"{'Euler' if lora.flow else 'DDIM'} steps"))
+    ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
+    rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
+                 f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
+    if "reward_first" in info and "reward_last" in info:
+        rows.append(("training reward, first -> final steps",
+                     f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
+    if "sample_reward_before" in info and "sample_reward_after" in info:
+        rows.append(("sample reward, before -> after", f"{info['sample_reward_before']:.4f} -> "
+                                                       f"{info['sample_reward_after']:.4f}"))
+    if info.get("interrupted"):
+        rows.append(("note", "the run was interrupted before its last step"))
+    lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",
+             f"This folder holds {what}, trained with lowmem-alignprop (AlignProp: reward "
+             "gradients backpropagated through the last K denoising steps into LoRA adapters on the "
+             f"{'transformer' if lora.flow else 'UNet'}).", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
+    if grid:
+        what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
+        lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
+    lines += ["", "## Use", ""] + _usage(fmt, files, base, merged_weight, lora.family)
+    train_cmd = training_command(lora)
+    lines += ["", "## How it was made", "", "```bash"]
+    if train_cmd:
+        lines.append(train_cmd)
+    lines += [export_command, "```", ""]
+    text = f"---\n{front}\n---\n\n" + "\n".join(lines)
+    ModelCard(text)  # the hub's own parser: the front matter must read back
+    return text
+
+
+def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet") -> list[str]:
+    base = base or "BASE_MODEL"
+    if family != "unet":
+        from lowmem_alignprop.commands import flow_export
+        return flow_export.usage(fmt, files, base, merged, family, base)
+    if merged is not None and fmt == "single-file":
+        return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
+                "node.",
+                "- AUTOMATIC1111 / Forge: copy it to `stable-diffusion-webui/models/Stable-diffusion/` and choose it "
+                "as the checkpoint.",
+                f"- diffusers: `StableDiffusionPipeline.from_single_file(\"{files[0]}\")` "
+                "(`StableDiffusionXLPipeline` for SDXL)."]
+    if merged is not None:
+        return ["```python", "from diffusers import DiffusionPipeline",
+                "pipe = DiffusionPipeline.from_pretrained(\"THIS_FOLDER\")", "```"]
+    if fmt == "kohya":
+        return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/loras/` and pick it in a *Load LoRA* node.",
+                f"- AUTOMATIC1111 / Forge: copy it to `stable-diffusion-webui/models/Lora/` and add "
+                f"`<lora:{Path(files[0]).stem}:1>` to the prompt.",
+                "- diffusers: `pipe.load_lora_weights(\"THIS_FOLDER\", weight_name=\"" + files[0] + "\")`."]
+    if fmt == "peft":
+        return ["```python", "from peft import PeftModel",
+                f"unet = PeftModel.from_pretrained(unet, \"THIS_FOLDER\")  # unet: {base}'s UNet", "```"]
+    return ["```python", f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")",
+            "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+
+
+def is_hub_id(spec: str | None) -> bool:
+    return bool(spec) and bool(_HUB_ID.fullmatch(spec)) and not Path(spec).expanduser().exists()
+
+
+def num(x: float) -> str:
+    return f"{float(x):g}"
