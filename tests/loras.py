@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 import torch
+import yaml
 from numerics import REORDERED, relative_difference
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a wrong scale fold fails every comparison of an export with the reference
@@ -86,3 +87,56 @@ def export(tmp_path: Path, lora, *extra: str) -> Path:
     out = tmp_path / "out"
     assert main(["export", "--lora", str(lora), "--out", str(out), *extra]) == 0
     return out
+
+
+def unet_inputs(xl: bool) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(123)
+    sample = torch.randn(2, 4, 16, 16, generator=g)  # small latents: the LoRA layers are all used, the CPU time is not
+    t = torch.tensor([20, 700])
+    ehs = torch.randn(2, 16, 80 if xl else 32, generator=g)
+    kw = {}
+    if xl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 48, generator=g),
+                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return (sample, t, ehs), kw
+
+
+@torch.no_grad()
+def unet_out(unet, xl: bool) -> torch.Tensor:
+    args, kw = unet_inputs(xl)
+    return unet(*args, **kw).sample
+
+
+def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
+    """A LoRA saved as a run saves it, its run folder (config.yaml, summary.json, the grid), and the UNet outputs
+    of the base model and of base + LoRA (peft, in memory: the reference). test_lora_export's, and the LoRA other
+    tests export and load."""
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from PIL import Image
+
+    from lowmem_alignprop.cli import common_parser, config_from_args
+    from lowmem_alignprop.models.loading import add_lora, lora_metadata, lora_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    made = lora_with_reference(base, run, unet, lambda m: unet_out(m, xl), seed=seed,
+                               add_lora=lambda m: add_lora(m, RANK, ALPHA, seed),
+                               save=lambda m, folder: cls.save_lora_weights(
+                                   str(folder), unet_lora_layers=lora_state_dict(m),
+                                   unet_lora_adapter_metadata=lora_metadata(m)))
+    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
+                                               "--reward", "colorfulness", "--output-dir", str(run),
+                                               "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
+                                               "--set", "k_max=2", "--set", "sample_steps=3"])
+    name, cfg = config_from_args(args)
+    (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
+                                                  "reward_first": 0.4321, "reward_last": 0.5678,
+                                                  "sample_reward_before": 0.41, "sample_reward_after": 0.59}))
+    (run / "samples").mkdir()
+    Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
+    return {**made, "xl": xl, "cls": cls}

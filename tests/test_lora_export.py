@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from loras import ALPHA, RANK, each_of, export, lora_with_reference
+from loras import ALPHA, RANK, each_of, export, make_sd_lora, unet_out
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.commands import lora_export as lx
@@ -27,61 +27,9 @@ from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
 
-def _inputs(xl: bool) -> tuple[tuple, dict]:
-    g = torch.Generator().manual_seed(123)
-    sample = torch.randn(2, 4, 16, 16, generator=g)  # small latents: the LoRA layers are all used, the CPU time is not
-    t = torch.tensor([20, 700])
-    ehs = torch.randn(2, 16, 80 if xl else 32, generator=g)
-    kw = {}
-    if xl:
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 48, generator=g),
-                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    return (sample, t, ehs), kw
-
-
-@torch.no_grad()
-def unet_out(unet, xl: bool) -> torch.Tensor:
-    args, kw = _inputs(xl)
-    return unet(*args, **kw).sample
-
-
-def _make_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
-    """A LoRA saved as a run saves it, its run folder (config.yaml, summary.json, the grid), and the UNet outputs
-    of the base model and of base + LoRA (peft, in memory: the reference)."""
-    from diffusers import (
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from PIL import Image
-
-    from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.models.loading import add_lora, lora_metadata, lora_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    made = lora_with_reference(base, run, unet, lambda m: unet_out(m, xl), seed=seed,
-                               add_lora=lambda m: add_lora(m, RANK, ALPHA, seed),
-                               save=lambda m, folder: cls.save_lora_weights(
-                                   str(folder), unet_lora_layers=lora_state_dict(m),
-                                   unet_lora_adapter_metadata=lora_metadata(m)))
-    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
-                                               "--reward", "colorfulness", "--output-dir", str(run),
-                                               "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
-                                               "--set", "k_max=2", "--set", "sample_steps=3"])
-    name, cfg = config_from_args(args)
-    (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
-    (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
-                                                  "reward_first": 0.4321, "reward_last": 0.5678,
-                                                  "sample_reward_before": 0.41, "sample_reward_after": 0.59}))
-    (run / "samples").mkdir()
-    Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
-    return {**made, "xl": xl, "cls": cls}
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory, tiny_dir):
-    return _make_lora(Path(tiny_dir), tmp_path_factory.mktemp("sd-run"), xl=False)
+    return make_sd_lora(Path(tiny_dir), tmp_path_factory.mktemp("sd-run"), xl=False)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +38,7 @@ def sdxl(tmp_path_factory, _isolated_cache):
 
     base = tmp_path_factory.mktemp("sdxl-base")
     build_tiny_sdxl_pipeline().save_pretrained(base)
-    return _make_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
+    return make_sd_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
 case = each_of("sd", "sdxl")

@@ -111,13 +111,13 @@ def _images_at_step_0(cfg):
 def made_lora(tmp_path_factory, tiny_dir):
     """A LoRA with alpha = 2 * rank (test_lora_export's), its kohya and peft exports, and the images base + LoRA
     render through diffusers' own loader (the reference)."""
-    from test_lora_export import _make_lora
+    from loras import make_sd_lora
 
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.models.sampling import decode, initial_latents, make_pipeline, rollout
 
-    made = _make_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False)
+    made = make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False)
     for fmt in ("kohya", "peft"):
         assert main(["export", "--lora", str(made["lora"]), "--format", fmt, "--out", str(made["run"] / fmt)]) == 0
     cfg = _cfg(tmp_path_factory.mktemp("unused"))
@@ -153,11 +153,11 @@ def test_without_init_lora_step_0_is_the_base_model(made_lora, tmp_path):
 @pytest.fixture(scope="module")
 def sdxl_lora(tmp_path_factory, _isolated_cache):
     from midsize import build_tiny_sdxl_pipeline
-    from test_lora_export import _make_lora
+    from loras import make_sd_lora
 
     base = tmp_path_factory.mktemp("sdxl-base")
     build_tiny_sdxl_pipeline().save_pretrained(base)
-    return _make_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
+    return make_sd_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
 def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothing(made_lora, sdxl_lora, tmp_path,

@@ -209,7 +209,7 @@ def place_denoiser(pipe, cfg) -> None:
         place_transformer(pipe, cfg)
 
 
-def _adapted_layers(pipe, name: str) -> int:
+def adapted_layers(pipe, name: str) -> int:
     """How many layers of the pipeline's models carry adapter ``name``."""
     count = 0
     for component in pipe.components.values():
@@ -218,7 +218,8 @@ def _adapted_layers(pipe, name: str) -> int:
     return count
 
 
-def _layers_in_file(path: Path) -> int:
+def layers_in_file(path: Path) -> int:
+    """How many adapted layers a LoRA file holds (one down/A matrix each); 0 for a .bin."""
     if path.suffix.lower() != ".safetensors":
         return 0  # .bin: no cheap header read; rely on diffusers' own checks
     from safetensors import safe_open
@@ -227,7 +228,7 @@ def _layers_in_file(path: Path) -> int:
         return sum(1 for k in f.keys() if k.endswith(_DOWN_SUFFIXES))
 
 
-def _misfit_detail(error: Exception) -> str:
+def misfit_detail(error: Exception) -> str:
     """A one-line reading of diffusers/peft's error for a LoRA that does not fit the model."""
     text = str(error)
     found = _SIZE_MISMATCH.findall(text)
@@ -315,10 +316,10 @@ def load_adapters(pipe, specs: list[LoraSpec], model: str) -> None:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
                 pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=spec.name)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--lora {spec.arg} does not fit this model: {_misfit_detail(e)}; {fix}") from None
+            raise UserError(f"--lora {spec.arg} does not fit this model: {misfit_detail(e)}; {fix}") from None
         finally:
             peft_log.setLevel(level)
-        expected, got = _layers_in_file(spec.file), _adapted_layers(pipe, spec.name)
+        expected, got = layers_in_file(spec.file), adapted_layers(pipe, spec.name)
         if got == 0 or got < expected:
             raise UserError(f"--lora {spec.arg} does not fit this model: only {got} of its {expected} layers exist "
                             f"here; {fix}")

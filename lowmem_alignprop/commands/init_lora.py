@@ -132,7 +132,7 @@ def start_from_lora(pipe, unet, file: Path, spec: str) -> int:
     own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
     copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
     keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied."""
-    from lowmem_alignprop.commands.evaluate import _adapted_layers, _layers_in_file, _misfit_detail
+    from lowmem_alignprop.commands.evaluate import adapted_layers, layers_in_file, misfit_detail
 
     peft_log = logging.getLogger("diffusers.loaders.peft")
     level = peft_log.level
@@ -143,10 +143,10 @@ def start_from_lora(pipe, unet, file: Path, spec: str) -> int:
             warnings.simplefilter("ignore")  # "No LoRA keys associated to CLIPTextModel": wanted
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=INIT_ADAPTER)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"--init-lora {spec} does not fit this model: {_misfit_detail(e)}; {fix}") from None
+        raise UserError(f"--init-lora {spec} does not fit this model: {misfit_detail(e)}; {fix}") from None
     finally:
         peft_log.setLevel(level)
-    expected, got = _layers_in_file(file), _adapted_layers(pipe, INIT_ADAPTER)
+    expected, got = layers_in_file(file), adapted_layers(pipe, INIT_ADAPTER)
     if got == 0 or got < expected:
         raise UserError(f"--init-lora {spec} does not fit this model: only {got} of its {expected} layers exist here; "
                         f"{fix}")

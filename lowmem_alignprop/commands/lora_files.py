@@ -28,7 +28,8 @@ SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
 
 @dataclass
 class Lora:
-    """A LoRA folder a run wrote, read and checked: peft-named UNet weights and the adapter's config."""
+    """A LoRA folder a run wrote, read and checked: peft-named weights of the UNet (or the SD3/FLUX transformer)
+    and the adapter's config."""
     path: Path                      # the lora/ folder
     weights: dict[str, torch.Tensor]  # peft names without prefix: down_blocks.1...to_q.lora_A.weight
     config: dict[str, Any]          # the peft LoraConfig (r, lora_alpha, target_modules, ...)
