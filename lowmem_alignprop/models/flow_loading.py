@@ -20,7 +20,7 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
-from lowmem_alignprop.models.pipeline_load import load_pipeline
+from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import pipeline_class
 
@@ -148,12 +148,8 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
     folder has none. Returns (the pipeline, ``read``): where the transformer's .safetensors can be read block by
     block, the pipeline holds an empty one on meta and ``read()`` returns it read to where ``place`` says (and
     quantized as it says); else diffusers loaded it whole with the rest and ``read`` is None."""
-    from diffusers import DiffusionPipeline
-
     kwargs, read = {}, None
-    root = Path(where).expanduser()
-    if not root.is_dir():  # a hub id: its snapshot in the cache (fetched once; offline: the cache only)
-        root = Path(DiffusionPipeline.download(where))
+    root = pipeline_root(where, hub_id=not Path(where).expanduser().is_dir())  # looked up once for both reads below
     found = _folder_transformer(root)
     if found is not None:
         cls, config, files, sub = found

@@ -25,6 +25,14 @@ def missing_weights(info: dict) -> list[str]:
     return sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
 
 
+def pipeline_root(where: str, hub_id: bool) -> Path:
+    """The folder a pipeline loads from: ``where`` itself, or (``hub_id``) the hub id's snapshot in the hub cache
+    (fetched if it is not there; offline: the cache only)."""
+    from diffusers import DiffusionPipeline
+
+    return Path(DiffusionPipeline.download(where)) if hub_id else Path(where).expanduser()
+
+
 def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, named: str | None = None,
                   **given):
     """The pipeline of the diffusers folder (or, ``hub_id``, the hub id) ``where``, with the components in ``given``
@@ -33,7 +41,7 @@ def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool 
     transformers as they come."""
     from diffusers import DiffusionPipeline
 
-    root = Path(DiffusionPipeline.download(where) if hub_id else where).expanduser()  # a hub id: its cached snapshot
+    root = pipeline_root(where, hub_id)
     for name, cls in _transformers_models(root).items():
         if name not in given:
             given[name] = _load_checked(cls, root, name, named or where, dtype)
