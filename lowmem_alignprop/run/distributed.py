@@ -83,12 +83,12 @@ def build_folder(op: str) -> Path:
     return Path(get_default_build_root()) / f"{python}_{device}" / op
 
 
-def check_no_stale_build_lock(now: float | None = None) -> None:
+def check_no_stale_build_lock() -> None:
     """A DeepSpeed op build stopped midway (Ctrl-C, a kill, a lost session) leaves torch's lock file behind, and
     every later run then waits for it forever, silently: name the file instead, before anything loads."""
     from lowmem_alignprop.settings.errors import UserError
 
-    now = time.time() if now is None else now
+    now = time.time()
     for lock in (build_folder(op) / "lock" for op in DEEPSPEED_OPS):
         try:
             age = now - lock.stat().st_mtime
