@@ -119,7 +119,8 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     from PIL import Image
 
     from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.models.loading import add_lora, lora_metadata, lora_state_dict
+    from lowmem_alignprop.models.loading import add_lora, lora_state_dict
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
@@ -127,7 +128,7 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
                                add_lora=lambda m: add_lora(m, RANK, ALPHA, seed),
                                save=lambda m, folder: cls.save_lora_weights(
                                    str(folder), unet_lora_layers=lora_state_dict(m),
-                                   unet_lora_adapter_metadata=lora_metadata(m)))
+                                   unet_lora_adapter_metadata=lora_metadata(m.peft_config["default"])))
     args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
                                                "--reward", "colorfulness", "--output-dir", str(run),
                                                "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",

@@ -36,7 +36,7 @@ def tensors(file: Path) -> dict[str, torch.Tensor]:
 def adapter_metadata(file: Path) -> dict:
     with safe_open(str(file), framework="pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    meta["unet.target_modules"] = sorted(meta["unet.target_modules"])  # a set in peft: written in hash order
+    assert meta["unet.target_modules"] == sorted(meta["unet.target_modules"])  # a set in peft: written sorted
     return meta
 
 

@@ -125,6 +125,8 @@ def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     config = PeftConfig.from_pretrained(str(out))
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
+    written = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(config.target_modules)  # not peft's list(set): the same bytes every export
     model = PeftModel.from_pretrained(_base_unet(case), str(out))
     assert_rel_close(unet_out(model.base_model.model, case["xl"]), case["ref"], SAME_OPS, "peft folder")
 

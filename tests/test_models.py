@@ -8,7 +8,25 @@ from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.models.loading import add_lora, load_components, lora_metadata, lora_state_dict, resolve_model
+from lowmem_alignprop.models.loading import add_lora, load_components, lora_state_dict, resolve_model
+from lowmem_alignprop.models.lora_metadata import lora_metadata
+
+
+def test_lora_metadata_writes_sets_sorted_whatever_their_iteration_order():
+    """peft keeps target_modules as a set and peft/diffusers write list(set): its order followed the process's
+    string hashing, so two exports of one LoRA differed byte for byte. A set iterating in reverse stands for
+    a process whose hashing orders it so."""
+    class Reversed(set):
+        def __iter__(self):
+            return iter(sorted(set.__iter__(self), reverse=True))
+
+    class Config:
+        def to_dict(self):
+            return {"r": 4, "target_modules": Reversed({"to_k", "to_q", "to_v", "to_out.0"}), "alpha_pattern": {}}
+
+    assert list(Reversed({"a", "b"})) == ["b", "a"]  # what list(set) would have written
+    assert lora_metadata(Config()) == {"r": 4, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"],
+                                       "alpha_pattern": {}}
 
 
 def test_lora_with_alpha_unlike_rank_keeps_its_scale_through_diffusers(tiny_dir, tmp_path):
@@ -18,7 +36,7 @@ def test_lora_with_alpha_unlike_rank_keeps_its_scale_through_diffusers(tiny_dir,
     params = add_lora(comps.unet, rank=4, alpha=16, seed=0)
     nudge(params, seed=0)  # lora_B starts at zero
     StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=lora_state_dict(comps.unet),
-                                              unet_lora_adapter_metadata=lora_metadata(comps.unet))
+                                              unet_lora_adapter_metadata=lora_metadata(comps.unet.peft_config["default"]))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
     pipe.load_lora_weights(str(tmp_path))
     x, t, h = torch.randn(1, 4, 32, 32), torch.tensor(500), torch.randn(1, 16, 32)

@@ -203,6 +203,8 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
+
     weights, _ = kohya_to_peft(load_file(str(file)), label)
     ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
     if len(ranks) > 1:
@@ -211,7 +213,7 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     targets = sorted({k.split(".attn.")[-1].removesuffix(".lora_A.weight") for k in weights if ".lora_A." in k})
     # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
-    config = LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets).to_dict()
+    config = lora_metadata(LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets))
     StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
                                                transformer_lora_adapter_metadata=config)
     return out / LORA_WEIGHT_NAME

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
+from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -95,7 +97,8 @@ def peft_config(lora: Lora):
 def write_peft(lora: Lora, folder: Path) -> list[Path]:
     from safetensors.torch import save_file
 
-    peft_config(lora).save_pretrained(str(folder))
+    # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
+    (folder / "adapter_config.json").write_text(json.dumps(lora_metadata(peft_config(lora)), indent=2, sort_keys=True))
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
               metadata={"format": "pt"})
     return [folder / "adapter_config.json", folder / PEFT_WEIGHT_NAME]

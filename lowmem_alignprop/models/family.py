@@ -64,9 +64,9 @@ class UNetFamily:
         return lora_state_dict(model)
 
     def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
-        from lowmem_alignprop.models.loading import lora_metadata
+        from lowmem_alignprop.models.lora_metadata import lora_metadata
         pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=layers,
-                                         unet_lora_adapter_metadata=lora_metadata(model))
+                                         unet_lora_adapter_metadata=lora_metadata(model.peft_config["default"]))
 
     def resolution_note(self, cfg) -> str | None:
         return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution)
@@ -165,9 +165,10 @@ class FlowFamily(UNetFamily):
         return get_peft_model_state_dict(flow._bare(model))
 
     def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
+        from lowmem_alignprop.models.lora_metadata import lora_metadata
         bare = flow._bare(model)
         pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
-                                         transformer_lora_adapter_metadata=bare.peft_config["default"].to_dict())
+                                         transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))
 
     def resolution_note(self, cfg) -> str | None:
         config = self.comps.unet.config

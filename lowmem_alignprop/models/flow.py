@@ -406,7 +406,9 @@ def save_flow_lora(pipeline_class, transformer, out_dir) -> None:
     (rank, alpha, targets) as metadata so a ``lora_alpha`` other than the rank loads with the trained scale."""
     from peft.utils import get_peft_model_state_dict
 
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
+
     bare = _bare(transformer)
     layers = get_peft_model_state_dict(bare)
     pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
-                                     transformer_lora_adapter_metadata=bare.peft_config["default"].to_dict())
+                                     transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))

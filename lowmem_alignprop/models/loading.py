@@ -459,12 +459,6 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def lora_metadata(unet) -> dict:
-    """The adapter's peft config (rank, alpha, targets) saved beside the weights, so diffusers loads it
-    with the trained scale even when lora_alpha differs from the rank."""
-    return unet.peft_config["default"].to_dict()
-
-
 def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     """A training checkpoint's LoRA written as the run writes ``lora/`` at its end (the weights in diffusers'
     layout with the adapter config, base_model.json), so that anything that reads a run's LoRA reads any step.
@@ -475,6 +469,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     from safetensors.torch import load_file
 
     from lowmem_alignprop.models.flow import FLOW_LORA_TARGETS
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
     from lowmem_alignprop.run import checkpoint as ckpt
 
     problem = ckpt.verify(checkpoint)
@@ -501,10 +496,10 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     if flow:
         from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
         StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
-                                                   transformer_lora_adapter_metadata=config.to_dict())
+                                                   transformer_lora_adapter_metadata=lora_metadata(config))
     else:
         StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
-            weights), unet_lora_adapter_metadata=config.to_dict())
+            weights), unet_lora_adapter_metadata=lora_metadata(config))
     (folder / LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
     return folder / LORA_WEIGHT_NAME
 

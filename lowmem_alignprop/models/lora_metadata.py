@@ -1,0 +1,13 @@
+"""The adapter's peft config as it is written beside the weights (diffusers' safetensors header, peft's
+adapter_config.json): the same bytes for the same LoRA in every process."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def lora_metadata(config) -> dict[str, Any]:
+    """``config`` (a peft ``LoraConfig``) as a dict, its sets (``target_modules``, ...) as sorted lists: peft
+    and diffusers write ``list(set)``, whose order follows the process's string hashing, so two exports of one
+    LoRA differed byte for byte between runs. Saved with the weights so that diffusers loads the trained scale
+    (rank, alpha, targets) even when lora_alpha differs from the rank."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
