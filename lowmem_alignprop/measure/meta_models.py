@@ -5,7 +5,6 @@ architecture configs (:func:`meta_components`, built once per model and dtype) a
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import model_index
 
 
 # Model rewards are CLIP architectures: (vision, text, projection) sizes of the public checkpoints.
@@ -38,10 +38,9 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
     import diffusers
     import transformers
 
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{root} has no readable model_index.json: pass a diffusers model directory") from None
+    index = model_index(root)
+    if index is None:
+        raise UserError(f"{root} has no readable model_index.json: pass a diffusers model directory")
     from lowmem_alignprop.models.arch import modules_from_configs
 
     out = modules_from_configs(root, index, device="meta", dtype=dtype)

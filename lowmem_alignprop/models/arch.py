@@ -30,6 +30,7 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.paths import model_index
 
 ARCHS = ("sd15", "sd21", "sdxl")
 
@@ -343,11 +344,10 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
 def _pipeline_class_of(config_dir: Path):
     import diffusers
 
-    try:
-        name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError) as e:
+    name = (model_index(config_dir) or {}).get("_class_name")
+    if name is None:
         raise UserError(f"{config_dir} is not a diffusers config directory (no readable model_index.json); "
-                        "pass a directory written by save_pretrained or one of the shipped architectures") from e
+                        "pass a directory written by save_pretrained or one of the shipped architectures")
     if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise UserError(f"{config_dir} describes a {name}; only StableDiffusionPipeline and "
                         "StableDiffusionXLPipeline models are supported")
@@ -407,7 +407,7 @@ def build_random_components(name: str, *, device="meta", dtype=torch.float16) ->
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UserError(f"dtype must be a floating torch.dtype, not {dtype!r}")
     root = arch_config_dir(name)
-    index = json.loads((root / "model_index.json").read_text())
+    index = model_index(root)
     out = modules_from_configs(root, index, device=device, dtype=dtype)
     for tok in _tokenizer_folders(name):
         out[tok] = CLIPTokenizer.from_pretrained(root, subfolder=tok)

@@ -22,7 +22,8 @@ from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.paths import pipeline_class
+from lowmem_alignprop.models.model_check import check_part_folder
+from lowmem_alignprop.settings.paths import model_index, pipeline_class
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,12 @@ def is_flow_dir(path: Path) -> bool:
 
 def check_flow_dir(path: Path, spec: str) -> None:
     """Every component the index lists has its folder (T5 listed as null is allowed: SD3 without T5)."""
-    index = json.loads((Path(path) / "model_index.json").read_text())
+    index = model_index(path)
     for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
         entry = index.get(part)
         if not (isinstance(entry, list) and entry[0] is not None):
             raise UserError(f"{spec} holds a {index['_class_name']} without {part}: pass a complete model folder")
-        if not (Path(path) / part).is_dir():
-            raise UserError(f"{spec} is incomplete: its model_index.json lists {part} but the {part}/ folder is "
-                            "missing; copy the whole model folder (every subfolder)")
+        check_part_folder(Path(path), part, spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +100,7 @@ def single_file_transformer(path: str, components: str) -> tuple:
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
                         "model_index.json names no StableDiffusion3Pipeline / FluxPipeline)")
-    theirs = FLOW_PIPELINES[json.loads((comp / "model_index.json").read_text())["_class_name"]]
+    theirs = FLOW_PIPELINES[pipeline_class(comp)]
     if theirs != family:
         raise UserError(f"{path} is a {family.upper()} transformer but model_components={components} is a "
                         f"{theirs.upper()} pipeline: pass the folder of the model the transformer belongs to")
@@ -160,7 +159,7 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
                 cls.from_pretrained(sub, **dtype_kwarg(dtype)).requires_grad_(False).eval()
 
         kwargs["transformer"] = _placeholder(cls, config, dtype)
-    index = json.loads((root / "model_index.json").read_text())
+    index = model_index(root)
     if index.get("_class_name") == "StableDiffusion3Pipeline" and (
             not t5 or (index.get("text_encoder_3") or [None])[0] is None):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
@@ -235,7 +234,7 @@ def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat1
     import transformers
 
     root = Path(root)
-    index = json.loads((root / "model_index.json").read_text())
+    index = model_index(root)
     parts = {}
     for sub, (library, cls_name) in ((k, v) for k, v in index.items() if not k.startswith("_")):
         if library is None or sub.startswith("tokenizer") or sub == "scheduler":

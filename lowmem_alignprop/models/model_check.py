@@ -44,10 +44,7 @@ def check_model_dir(path: Path, spec: str) -> None:
         raise UserError(f"{spec} holds a {kind}, not a Stable Diffusion model (it has no {', '.join(missing)}): "
                         f"{SUPPORTED}")
     for part in REQUIRED + tuple(p for p in OPTIONAL if _listed(index, p)):
-        folder = path / part
-        if not folder.is_dir():
-            raise UserError(f"{spec} is incomplete: its model_index.json lists {part} but the {part}/ folder is "
-                            "missing; copy the whole model folder (every subfolder)")
+        folder = check_part_folder(path, part, spec)
         names = CONFIG_FILE.get(part, ("config.json",))
         if not any((folder / n).is_file() for n in names):
             raise UserError(f"{spec} is incomplete: {folder} has no {' or '.join(names)}; copy the whole model "
@@ -57,6 +54,15 @@ def check_model_dir(path: Path, spec: str) -> None:
     widths = [_read_json(path / te / "config.json", spec).get("hidden_size")
               for te in ("text_encoder", "text_encoder_2") if _listed(index, te)]
     check_compatible(unet, vae, widths, spec)
+
+
+def check_part_folder(path: Path, part: str, spec: str) -> Path:
+    """The folder of a component the model_index.json lists, or UserError: it is missing."""
+    folder = path / part
+    if not folder.is_dir():
+        raise UserError(f"{spec} is incomplete: its model_index.json lists {part} but the {part}/ folder is "
+                        "missing; copy the whole model folder (every subfolder)")
+    return folder
 
 
 def check_compatible(unet: dict, vae: dict, text_widths: list, spec: str) -> None:

@@ -10,13 +10,13 @@ parts of a pipeline through transformers' ``from_pretrained`` unchecked. Here ea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import model_index
 
 
 def missing_weights(info: dict) -> list[str]:
@@ -52,10 +52,7 @@ def _transformers_models(root: Path) -> dict:
     """name -> class of every transformers model (not tokenizer) the folder's model_index.json lists."""
     import transformers
 
-    try:
-        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # diffusers' own load says what is wrong with the folder
+    index = model_index(root) or {}  # none: diffusers' own load says what is wrong with the folder
     out = {}
     for name, entry in index.items():
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":

@@ -45,10 +45,16 @@ def describe(path: str | os.PathLike) -> str:
     return {"missing": "does not exist", "file": "is a file", "directory": "is a directory"}[kind]
 
 
-def pipeline_class(folder: str | os.PathLike) -> str | None:
-    """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None: no folder, no
-    index, not JSON."""
+def model_index(folder: str | os.PathLike) -> dict | None:
+    """A diffusers folder's model_index.json (component -> [library, class], ``_class_name``...), or None: no
+    folder, no index, not a JSON object. The one reader of it; model_check says what is wrong with a bad one."""
     try:
-        return json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError, TypeError):
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return index if isinstance(index, dict) else None
+
+
+def pipeline_class(folder: str | os.PathLike) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None."""
+    return (model_index(folder) or {}).get("_class_name")
