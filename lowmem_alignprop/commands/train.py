@@ -577,7 +577,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="AlignProp", disable=not self.is_main,
+        # disable=None: no bar where stderr is not a terminal (a log file, a job's output): its \r-redrawn frames
+        # filled the log beside the step lines, which say the same; notebooks keep their widget
+        bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="AlignProp", disable=None if self.is_main else True,
                    dynamic_ncols=True, initial=self.start, total=cfg.steps)
         self.bar = bar
         with contextlib.closing(bar):  # the bar ends its line even when an error stops the run
