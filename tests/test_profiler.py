@@ -10,7 +10,8 @@ import torch
 
 from lowmem_alignprop.measure import profiler as profiler_mod
 from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker, measure_cpu_stages, tracker_active
-from lowmem_alignprop.measure.profiler import StageProfiler, fmt_bytes, gib
+from lowmem_alignprop.measure.profiler import StageProfiler, gib
+from lowmem_alignprop.measure.reports import fmt_bytes
 from lowmem_alignprop.measure.resident_tensors import live_tensor_bytes, resident_bytes
 from lowmem_alignprop.memory.stages import STAGES
 

@@ -595,7 +595,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
         ("toy", "toy_clip", "toy-pairs", 64)
-    from lowmem_alignprop.commands.train import toy_world_lines
+    from lowmem_alignprop.commands.run_summary import toy_world_lines
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
     assert f"(median {toy['before']['reward_median']:.4f} -> {toy['after']['reward_median']:.4f})" in lines[0]
@@ -625,7 +625,7 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
     the start no longer makes a rising run look like a falling one)."""
     import json
 
-    from lowmem_alignprop.commands.train import window_note
+    from lowmem_alignprop.commands.run_summary import window_note
     from lowmem_alignprop.run.runfolder import first_last_rewards
 
     def row(ids, rewards):

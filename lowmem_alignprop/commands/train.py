@@ -17,11 +17,8 @@ import math
 import os
 import random
 import shlex
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -46,11 +43,14 @@ from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocato
 from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
+from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
+from lowmem_alignprop.run.stop_request import StopRequest
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA,
                                                   render_fixed_seed)
+from lowmem_alignprop.commands.run_summary import print_summary
 
 log = logging.getLogger("lowmem_alignprop")
 JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
@@ -916,81 +916,6 @@ class Trainer:
                     log.error("%s", e)
 
 
-class StopRequest:
-    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts at once
-    (``on_abort`` runs first: the run's lock is released). With ``raise_now`` set (the after samples, which only
-    cost time), the first signal raises KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
-
-    def __init__(self, on_abort: Callable[[], None] | None = None):
-        self.name: str | None = None
-        self._first = 0.0
-        self.on_abort = on_abort
-        self.raise_now = False
-
-    def _handle(self, signum, frame):
-        # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
-        # two SIGINTs within milliseconds: only a second press a moment later aborts
-        if self.name == "SIGINT" and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
-            self._abort()
-        if self.name is None:
-            self._first = time.monotonic()
-            self.name = signal.Signals(signum).name
-            if self.raise_now:
-                raise KeyboardInterrupt
-            again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
-                     else "Ctrl-C again to abort")
-            if global_rank() == 0:  # once per run, not once per process
-                log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
-
-    def _abort(self):
-        """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash
-        the interpreter): the steps since the last checkpoint are lost, the rest stays as it was."""
-        log.warning("aborted by a second Ctrl-C: the steps since the last checkpoint are lost; --resume latest "
-                    "continues from it")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if self.on_abort is not None:
-            self.on_abort()
-        os._exit(130)
-
-    @contextlib.contextmanager
-    def installed(self):
-        import threading
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers can only be set from the main thread
-            return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank was asked to stop (they save the same step together)."""
-        from lowmem_alignprop.run.distributed import any_rank
-        return any_rank(accelerator, self.name is not None) and (self.name is not None or self._adopt())
-
-    def _adopt(self) -> bool:
-        self.name = "stop request from another process"
-        return True
-
-
-def get_rng_state(rng: random.Random) -> dict:
-    state = {"python": rng.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(rng: random.Random, state: dict) -> None:
-    version, internal, gauss = state["python"]
-    rng.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def log_images(accelerator, cfg: Config, grid_path: Path, tag: str, step: int) -> None:
     """Send a sample grid to the configured tracker (tensorboard or wandb) as image ``tag`` at ``step``."""
     if cfg.report_to == "none":
@@ -1015,72 +940,3 @@ def toy_eval_prompts(cfg: Config, prompts: list[str]) -> list[str]:
     if not (cfg.fidelity_images and applies(cfg.model, prompts)):
         return []
     return (prompts * -(-cfg.fidelity_images // len(prompts)))[:cfg.fidelity_images]
-
-
-def toy_world_lines(t: dict | None) -> list[str]:
-    """The summary's toy-world lines: the reward and the exact held-out fidelity, before -> after."""
-    if not t or "fidelity_all_ok" not in t["before"]:
-        return []
-    b, a = t["before"], t["after"]
-    rates = "  ".join(f"{name} {b[f'fidelity_{key}']:.0%} -> {a[f'fidelity_{key}']:.0%}" for key, name in
-                      (("all_ok", "all right"), ("objects_ok", "objects"), ("colours_ok", "colours"),
-                       ("shapes_ok", "shapes"), ("count_ok", "count")))
-    held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
-    median = f" (median {b['reward_median']:.4f} -> {a['reward_median']:.4f})" if "reward_median" in b else ""
-    return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
-            f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
-            f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
-            f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
-
-
-def window_note(s: dict) -> str:
-    """What the summary's first -> last reward compares (runfolder.first_last_rewards)."""
-    n = s.get("reward_window")
-    if not n:
-        return ""
-    steps = f"first and last {n} step{'s' if n > 1 else ''}"
-    if s.get("reward_prompts") is None:
-        return f"  [{steps}, different prompts: noisy]"
-    return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
-
-
-def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
-    change = s["reward_last"] - s["reward_first"]
-    lines = [
-        "",
-        "=" * 64,
-        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
-         if s.get("interrupted") else
-         f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
-         f"model {cfg.model})"),
-        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
-        if math.isfinite(change) else
-        f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
-    ]
-    if s.get("early_stopped_at"):
-        lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation had not "
-                     f"improved for {cfg.early_stop} evaluations")
-    if s.get("best_step") is not None:
-        lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
-                     f"-> {s['output_dir']}/{BEST_DIR}")
-    if "sample_reward_before" in s:
-        lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
-    lines += toy_world_lines(s.get("toy_world"))
-    if s.get("fp16_overflow_skips"):
-        lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
-                     "its scale (normal in the first steps)")
-    budget = {True: f" (budget {s.get('budget_gb')} GiB: fits)",
-              False: f", OVER the {s.get('budget_gb')} GiB budget: see memory_report.md", None: ""}
-    trained = (f"{s['output_dir']}/lora (pipe.load_lora_weights)" if s.get("trained", "lora") == "lora" else
-               f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
-    lines += [
-        f" {s['seconds_per_step']:.2f} s/step, peak memory "
-        + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
-        + budget[s.get("fits_budget")] + f", attention {s['attention']}"
-        + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
-        f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
-        + "metrics.jsonl, summary.json,",
-        "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
-        "=" * 64,
-    ]
-    print("\n".join(lines), flush=True)

@@ -1,0 +1,79 @@
+"""The box printed at the end of a training run: the reward first -> last, the toy world's exact evaluation,
+speed, memory against the budget, and what the run wrote."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lowmem_alignprop.commands.evaluation import BEST_DIR
+from lowmem_alignprop.settings.config import Config
+
+
+def toy_world_lines(t: dict | None) -> list[str]:
+    """The summary's toy-world lines: the reward and the exact held-out fidelity, before -> after."""
+    if not t or "fidelity_all_ok" not in t["before"]:
+        return []
+    b, a = t["before"], t["after"]
+    rates = "  ".join(f"{name} {b[f'fidelity_{key}']:.0%} -> {a[f'fidelity_{key}']:.0%}" for key, name in
+                      (("all_ok", "all right"), ("objects_ok", "objects"), ("colours_ok", "colours"),
+                       ("shapes_ok", "shapes"), ("count_ok", "count")))
+    held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
+    median = f" (median {b['reward_median']:.4f} -> {a['reward_median']:.4f})" if "reward_median" in b else ""
+    return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
+            f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
+            f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
+            f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
+
+
+def window_note(s: dict) -> str:
+    """What the summary's first -> last reward compares (runfolder.first_last_rewards)."""
+    n = s.get("reward_window")
+    if not n:
+        return ""
+    steps = f"first and last {n} step{'s' if n > 1 else ''}"
+    if s.get("reward_prompts") is None:
+        return f"  [{steps}, different prompts: noisy]"
+    return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
+
+
+def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
+    change = s["reward_last"] - s["reward_first"]
+    lines = [
+        "",
+        "=" * 64,
+        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
+         if s.get("interrupted") else
+         f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
+         f"model {cfg.model})"),
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
+        if math.isfinite(change) else
+        f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
+    ]
+    if s.get("early_stopped_at"):
+        lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation had not "
+                     f"improved for {cfg.early_stop} evaluations")
+    if s.get("best_step") is not None:
+        lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
+                     f"-> {s['output_dir']}/{BEST_DIR}")
+    if "sample_reward_before" in s:
+        lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    lines += toy_world_lines(s.get("toy_world"))
+    if s.get("fp16_overflow_skips"):
+        lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
+                     "its scale (normal in the first steps)")
+    budget = {True: f" (budget {s.get('budget_gb')} GiB: fits)",
+              False: f", OVER the {s.get('budget_gb')} GiB budget: see memory_report.md", None: ""}
+    trained = (f"{s['output_dir']}/lora (pipe.load_lora_weights)" if s.get("trained", "lora") == "lora" else
+               f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
+    lines += [
+        f" {s['seconds_per_step']:.2f} s/step, peak memory "
+        + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
+        + budget[s.get("fits_budget")] + f", attention {s['attention']}"
+        + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
+        f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
+        + "metrics.jsonl, summary.json,",
+        "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
+        "=" * 64,
+    ]
+    print("\n".join(lines), flush=True)
