@@ -20,9 +20,9 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
+from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.settings.paths import model_index, pipeline_class
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
 """The adapter's peft config as it is written beside the weights (diffusers' safetensors header, peft's
 adapter_config.json): the same bytes for the same LoRA in every process."""
+
 from __future__ import annotations
 
 from typing import Any
