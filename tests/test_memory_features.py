@@ -1,7 +1,8 @@
 """Every memory feature saves memory in the stage it targets, and none changes the gradient.
 
-Measured on CPU with the project's profiler (``measure_cpu_stages``: real allocation from torch.profiler
-memory events, per stage, above the level at the step's start) on a mid-size SD-shaped model
+Measured on CPU with the project's profiler (``measure_cpu_stages``, per stage, above the level at the step's
+start: the live tensor storages for a training step, which are the same on every CPU; torch.profiler's memory
+events, which also see the scratch inside kernels, for attention and no-grad decoding) on a mid-size SD-shaped model
 (tests/midsize.py: UNet (64, 128, 256), VAE (32, 64, 128, 128), 128 px, batch 2, CFG), going through
 the training code path: ``step.apply_memory_features`` -> ``step.rollout_loss`` -> ``loss.backward()``.
 
@@ -123,18 +124,22 @@ def run_step(dirs, **kwargs) -> Run:
             loss.backward()
         result["loss"] = loss.item()
 
-    peaks = _measure(step)
+    # live storages (what the step keeps for backward and what its ops return), not the profiler's events: a
+    # convolution's workspace depends on the CPU's kernels (oneDNN without AVX2 falls back to im2col GEMMs whose
+    # 45 MiB scratch in the VAE's backward set the peak whatever the UNet kept), and these features change what is kept
+    peaks = _measure(step, method="counter")
     grads = [p.grad.detach().clone() for p in params]
     return Run(peaks, grads, result["loss"], attention)
 
 
-def _measure(fn, *args) -> dict[str, int]:
+def _measure(fn, *args, method: str = "events") -> dict[str, int]:
     """measure_cpu_stages with the garbage of earlier runs collected first and none collected during the run:
-    the running total counts frees too, so old tensors freed mid-step would lower the measured peaks."""
+    the running total counts frees too, so old tensors freed mid-step would lower the measured peaks. ``events``
+    (the default) counts the scratch inside ops too: attention and decoding compare what their kernels allocate."""
     gc.collect()
     gc.disable()
     try:
-        return measure_cpu_stages(fn, *args, method="events")  # also the scratch inside ops
+        return measure_cpu_stages(fn, *args, method=method)
     finally:
         gc.enable()
 
