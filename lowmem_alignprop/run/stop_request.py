@@ -1,5 +1,4 @@
-"""SIGINT/SIGTERM during training: the step finishes, a checkpoint is saved, the run exits 0 (docs/design.md
-section 5); a second Ctrl-C aborts at once."""
+"""A training run's answer to Ctrl-C and to a scheduler's SIGTERM (docs/design.md section 5: faults and signals)."""
 
 from __future__ import annotations
 
