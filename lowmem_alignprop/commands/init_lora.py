@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
-from lowmem_alignprop.commands.lora_formats import PEFT_PREFIX, PEFT_WEIGHT_NAME
+from lowmem_alignprop.commands.lora_formats import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHT_NAME
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
@@ -58,7 +58,7 @@ def _init_lora_source(spec: str) -> Path:
             raise UserError(f"--init-lora {spec} is not a .safetensors file: pass a LoRA in diffusers, kohya or peft "
                             "layout")
         return path
-    if (path / PEFT_WEIGHT_NAME).is_file() and (path / "adapter_config.json").is_file():
+    if (path / PEFT_WEIGHT_NAME).is_file() and (path / PEFT_CONFIG_NAME).is_file():
         return _peft_as_diffusers(path, spec)
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
@@ -77,7 +77,7 @@ def _peft_as_diffusers(folder: Path, spec: str) -> Path:
     from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
+        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
         weights = load_file(str(folder / PEFT_WEIGHT_NAME))
     except Exception as e:  # a damaged JSON or safetensors file: any reader error
         raise UserError(f"--init-lora {spec}: the peft adapter cannot be read ({first_line(e, 120)})") from None

@@ -17,6 +17,7 @@ from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
 PEFT_PREFIX = "base_model.model."
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -98,10 +99,10 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
     from safetensors.torch import save_file
 
     # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
-    (folder / "adapter_config.json").write_text(json.dumps(lora_metadata(peft_config(lora)), indent=2, sort_keys=True))
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(lora_metadata(peft_config(lora)), indent=2, sort_keys=True))
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
               metadata={"format": "pt"})
-    return [folder / "adapter_config.json", folder / PEFT_WEIGHT_NAME]
+    return [folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHT_NAME]
 
 
 def write_diffusers(lora: Lora, folder: Path) -> list[Path]:

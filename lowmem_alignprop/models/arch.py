@@ -31,6 +31,7 @@ import torch
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import model_index
+from lowmem_alignprop.settings.paths import pipeline_class as indexed_pipeline_class
 
 ARCHS = ("sd15", "sd21", "sdxl")
 
@@ -344,7 +345,7 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
 def _pipeline_class_of(config_dir: Path):
     import diffusers
 
-    name = (model_index(config_dir) or {}).get("_class_name")
+    name = indexed_pipeline_class(config_dir)
     if name is None:
         raise UserError(f"{config_dir} is not a diffusers config directory (no readable model_index.json); "
                         "pass a directory written by save_pretrained or one of the shipped architectures")
