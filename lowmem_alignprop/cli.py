@@ -17,6 +17,14 @@ from lowmem_alignprop.run.runlock import global_rank, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
 
+COMMAND_LIST = """commands (lowmem-alignprop COMMAND --help for each one's options):
+  train      (the default, also without a command) align a model's LoRA to a reward: the options below
+  plan       estimate each stage's peak memory and seconds per step for a card, without a GPU or weights;
+             --fastest picks the quickest memory features that fit
+  sample     images with and without trained LoRA(s) from the same seeds, scored, side by side
+  export     a run's LoRA as diffusers, kohya/ComfyUI/A1111 or peft files (--push-to-hub to upload)
+  profiles   the shipped hardware profiles and what each sets"""
+
 EPILOG = """config fields (set them in a profile YAML or with --set key=value):
 {fields}
 
@@ -109,8 +117,8 @@ def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
 
 
 def cmd_train(argv: list[str]) -> int:
-    p = common_parser("lowmem-alignprop", "Align a Stable Diffusion model to a differentiable reward with "
-                                          "AlignProp, within your GPU's memory.")
+    p = common_parser("lowmem-alignprop", "Align a text-to-image diffusion model to a differentiable reward with "
+                                          "AlignProp, within your GPU's memory.\n\n" + COMMAND_LIST)
     p.add_argument("--memory-snapshot", metavar="STEPS",
                    help="record a CUDA memory history for these steps (e.g. 2 or 2-3) and write "
                         "memory_snapshot.pickle for https://pytorch.org/memory_viz")
@@ -200,15 +208,18 @@ def cmd_profiles(argv: list[str]) -> int:
 
     argparse.ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
         .parse_args(argv)
-    for name, path in shipped_profiles().items():
+    from lowmem_alignprop.settings.config import shipped_recipes
+
+    profiles, recipes = shipped_profiles(), shipped_recipes()
+    width = max(map(len, [*profiles, *recipes]))  # one column for every name
+    for name, path in profiles.items():
         _, values = load_profile(name)
         budget = values.get("budget_gb", 0)
-        print(f"{name:12s} {budget:5.1f} GiB  {describe(path)}")
+        print(f"{name:{width}s} {budget:5.1f} GiB  {describe(path)}")
     print("\nUse one with --profile NAME, or --profile path/to/your.yaml; override fields with --set key=value.")
-    from lowmem_alignprop.settings.config import shipped_recipes
     print("\nrecipes (--recipe NAME: the paper's settings, applied between the profile and your flags):")
-    for name, path in shipped_recipes().items():
-        print(f"{name:12s} {describe(path)}")
+    for name, path in recipes.items():
+        print(f"{name:{width}s} {describe(path)}")
     return 0
 
 
@@ -333,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; no traceback, and none at exit when Python flushes
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a program killed by SIGPIPE
     except OSError as e:
         from lowmem_alignprop.run import atomic
         if not atomic.is_disk_full(e):

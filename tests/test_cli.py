@@ -1,5 +1,6 @@
 """Bad input: one line naming the fix, exit code 2, nothing written."""
 
+import os
 import subprocess
 import sys
 
@@ -52,7 +53,23 @@ def test_gpu_profile_without_gpu_points_to_cpu_and_plan(tmp_path, capsys):
 def test_profiles_command_lists_shipped_profiles(capsys):
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
-    assert "cpu" in out
+    lines = [line for line in out.splitlines() if " GiB  " in line]
+    assert len(lines) >= 12 and any(line.startswith("cpu ") for line in lines)
+    # one column for the budgets, whatever the longest name (rtx3060-12gb-sd35l is 18 characters)
+    assert len({line.index(" GiB  ") for line in lines}) == 1
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`lowmem-alignprop profiles | head -0`: the reader has left before the first line; no traceback, SIGPIPE's
+    exit code (a pipe whose reading end is closed before the command starts: the first write fails, every time)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "profiles"], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
 
 
 HELP_OF_EVERY_COMMAND = """
@@ -71,6 +88,8 @@ def test_module_entry_point_and_help():
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0
+    for command in ("train", "plan", "sample", "export", "profiles"):  # the commands, listed where users look first
+        assert f"\n  {command}   " in r.stdout.split("options:")[0], command
     for name in ("sample_steps", "guidance_scale", "eta", "truncation", "k_min", "k_max", "batch_size",
                  "grad_accum", "lr", "lora_rank", "resolution", "max_grad_norm", "--profile", "--set"):
         assert name in r.stdout, name
@@ -108,7 +127,6 @@ def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_na
 def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypatch, caplog):
     """`accelerate launch --cpu --num_processes 2` without --multi_gpu runs one plain process: the run says so."""
     import logging
-    import os
 
     from lowmem_alignprop.cli import warn_if_launcher_started_fewer_processes
 
