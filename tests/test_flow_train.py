@@ -330,6 +330,29 @@ def test_planner_estimates_the_flow_step_within_5_percent_per_stage(dirs, name, 
         e, m = est.stages[stage]["allocated"], meas["stages"][stage]
         assert abs(e - m) <= 0.05 * m, f"{stage}: estimate {e / 2**20:.3f} MiB vs measured {m / 2**20:.3f} MiB"
     assert est.peak_stage == meas["peak_stage"]
+    assert est.model_kind == {"flux": "flux", "sd3": "sd35m"}[name]  # what the profiles are made for
+
+
+def test_a_flux_plan_under_an_sd_profile_points_to_the_cards_flux_profiles(dirs, monkeypatch):
+    """`plan --profile rtx3060 --model FLUX`: the SD1.5 profile's features are not FLUX's (its search for a change
+    takes minutes on the 12B model); the plan names the shipped FLUX profiles for that card, on stderr before any
+    search and in the table; under a FLUX profile it says nothing."""
+    from lowmem_alignprop.measure import planner
+    from lowmem_alignprop.measure.reports import format_plan
+
+    cfg = Config(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=2, guidance_scale=3.5, budget_gb=1e-4)
+    said = []
+    r = planner.plan(cfg.validate(), profile="rtx3060", target="cuda", suggest_changes=False, log=said.append)
+    note = r["profile_note"]
+    assert note.startswith("profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class cards: "
+                           "--profile rtx3060-flux (7.5 GiB budget) or --profile rtx3060-12gb-flux"), note
+    assert f"  {note}" in format_plan(r).splitlines() and said == []  # no search: nothing said before the table
+    said, before_search = [], []
+    monkeypatch.setattr(planner, "suggest", lambda *a, **k: before_search.extend(said) or {"found": None, "tried": []})
+    planner.plan(cfg.validate(), profile="rtx3060", target="cuda", log=said.append)
+    assert before_search == [note]  # said before the search for a change began
+    assert planner.plan(cfg.validate(), profile="rtx3060-flux", target="cuda",
+                        suggest_changes=False)["profile_note"] is None
 
 
 def test_block_swap_lowers_the_gpu_estimate_of_the_resident_weights(dirs):

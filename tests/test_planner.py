@@ -133,6 +133,7 @@ def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
     assert set(r["allowances"]) == {"allocator_rounding", "reserved_factor", "workspaces", "cuda_context"}
     assert any("k_max=50" in n for n in r["notes"])
     assert not any("the model was made for" in n for n in r["notes"])  # 512 px is SD1.5's own size
+    assert r["estimate"]["model_kind"] == "sd" and r["profile_note"] is None  # the profile made for SD1.5
     assert r["estimate"]["seconds"] > 0  # (how long planning takes is a benchmark figure, not a test's)
 
 

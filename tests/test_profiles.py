@@ -36,6 +36,42 @@ def test_shipped_profiles_are_the_ladder():
     assert {name for name, _ in AUTO_LADDER} <= set(SHIPPED)
 
 
+def test_every_shipped_profile_names_its_card_and_the_models_it_is_made_for():
+    from lowmem_alignprop.measure.devices import DEVICES
+    from lowmem_alignprop.settings.profiles import MODEL_KINDS, PROFILE_TARGETS
+
+    assert set(PROFILE_TARGETS) == set(SHIPPED)  # a new profile file needs its line in the table
+    for name, (card, kinds) in PROFILE_TARGETS.items():
+        assert card in DEVICES, name  # the row that times its plans
+        assert kinds is None or set(kinds) <= set(MODEL_KINDS), name
+        suffix = name.rsplit("-", 1)[-1]
+        if suffix in MODEL_KINDS:  # rtx3060-sdxl, rtx4090-flux: the name says the model
+            assert kinds == (suffix,), name
+
+
+def test_a_profile_made_for_another_model_names_this_cards_profiles_for_it():
+    from lowmem_alignprop.models.family import model_kind
+    from lowmem_alignprop.settings.profiles import profile_note
+
+    assert profile_note("rtx3060", "sdxl") == ("profile rtx3060 is made for SD 1.x/2.x, not SDXL; for SDXL on "
+                                               "rtx3060-class cards: --profile rtx3060-sdxl (7 GiB budget)")
+    assert profile_note("rtx3060-flux", "sd") == ("profile rtx3060-flux is made for FLUX.1, not SD 1.x/2.x; for SD "
+                                                  "1.x/2.x on rtx3060-class cards: --profile rtx3060 (7.5 GiB budget)")
+    assert "--profile rtx4090-flux (22 GiB budget)" in profile_note("rtx4090", "flux")
+    assert profile_note("laptop-6gb", "flux") == ("profile laptop-6gb is made for SD 1.x/2.x, not FLUX.1; no shipped "
+                                                  "profile is made for FLUX.1 on laptop-class cards")
+    # made for it, or for any model (the A100s, cpu, a user's own YAML): nothing to say
+    assert profile_note("rtx4090", "sdxl") is None and profile_note("rtx3060", "sd") is None
+    assert profile_note("a100-40gb", "flux") is None and profile_note("custom", "flux") is None
+    assert profile_note("cpu", "sdxl") is None
+    comps = types.SimpleNamespace  # what model_kind reads of loaded components
+    assert model_kind(comps(family="unet", is_sdxl=False)) == "sd"
+    assert model_kind(comps(family="unet", is_sdxl=True)) == "sdxl"
+    assert model_kind(comps(family="flux")) == "flux"
+    assert model_kind(comps(family="sd3", unet=comps(config={"num_layers": 38}))) == "sd35l"
+    assert model_kind(comps(family="sd3", unet=comps(config={"num_layers": 24}))) == "sd35m"
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_profile_loads_validates_and_states_its_budget(name):
     loaded_name, values = load_profile(name)

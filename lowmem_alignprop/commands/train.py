@@ -33,8 +33,10 @@ from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
+from lowmem_alignprop.settings.profiles import profile_note
 from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
-from lowmem_alignprop.models.family import check_supported, encode_then_read, family_for, model_defaults_note
+from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
+                                             model_kind)
 from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
 from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
@@ -263,6 +265,7 @@ class Trainer:
                                                         False) + f" [{first_line(e, 100)}]") from None
         self.prof.record_modules(self.modules())
         for note in (self.family.resolution_note(cfg),  # e.g. SD1.5 under the cpu profile's 64 px
+                     profile_note(self.profile_name, model_kind(self.comps)),  # e.g. FLUX.1 under rtx3060 (SD1.5)
                      model_defaults_note(self.comps, cfg), cut_prompts_note(self.comps.tokenizer, self.prompts)):
             if note and self.is_main:
                 log.warning(note)

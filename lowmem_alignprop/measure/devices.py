@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from lowmem_alignprop.settings.profiles import PROFILE_TARGETS
+
 
 @dataclass(frozen=True)
 class Device:
@@ -96,12 +98,6 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
            matmul_eff=0.538, attention_eff=1.426, memory_eff=2.0, launch_s=36.9e-6),
 )}
 
-# the card each shipped profile is for (a custom profile names its card with --set card=NAME)
-PROFILE_CARDS = {"rtx3060": "rtx3060", "rtx3060-sdxl": "rtx3060", "rtx4090": "rtx4090", "a100-40gb": "a100-40gb",
-                 "a100-80gb": "a100-80gb", "laptop-6gb": "laptop", "cpu": "cpu",
-                 # the flow profiles (issue 18); the 8 GB RTX 3060 timed with the 12 GB row (240 vs 360 GB/s)
-                 "rtx3060-sd35m": "rtx3060", "rtx3060-flux": "rtx3060", "rtx3060-12gb-sd35l": "rtx3060",
-                 "rtx3060-12gb-flux": "rtx3060", "rtx4090-flux": "rtx4090"}
 
 
 # a detected card's product name (torch.cuda.get_device_properties().name) -> its row; the A100s by memory
@@ -137,7 +133,7 @@ def device_for(card: str, profile: str, target: str) -> Device | None:
     None when nothing names a card (a custom profile on CUDA without --set card=...)."""
     if target == "cpu":
         return cpu_device()
-    name = card or PROFILE_CARDS.get(profile, "")
+    name = card or PROFILE_TARGETS.get(profile, ("", None))[0]
     if not name or name == "cpu":
         return None
     return DEVICES[name]

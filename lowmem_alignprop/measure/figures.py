@@ -35,6 +35,7 @@ class Estimate:
     per_kept_bytes: int = 0  # what each kept grad step (window_keep) beyond the simulated ones keeps
     # block swap on a GPU: stage -> [[copy bytes, the work it overlaps] per group] of the simulated step (SwapWindows)
     swap_windows: dict[str, list] = field(default_factory=dict)
+    model_kind: str = ""  # what the profiles are made for (models/family.model_kind): sd, sdxl, sd35m, sd35l, flux
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB

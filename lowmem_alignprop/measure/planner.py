@@ -51,6 +51,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.profiles import GPU_PROFILES, profile_note
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
@@ -152,7 +153,7 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
 def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool) -> Estimate:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowmem_alignprop.models.family import family_for
+    from lowmem_alignprop.models.family import family_for, model_kind
 
     t0 = time.perf_counter()
     notes: list[str] = []
@@ -239,6 +240,7 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     if cuda:
         est.host = host_memory(cfg, weights, host_pinned, _storage_bytes(parts.encoder), flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
+    est.model_kind = model_kind(comps)
     est.seconds = time.perf_counter() - t0
     return est
 
@@ -455,7 +457,6 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -
 # the command
 # ---------------------------------------------------------------------------------------------------
 def default_target(profile_name: str) -> str:
-    from lowmem_alignprop.settings.profiles import GPU_PROFILES
     return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
 
 
@@ -482,6 +483,9 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         est.notes.append("planned with expandable allocator segments, which PyTorch has on Linux only: to train on "
                          "this Windows machine, plan with --set expandable_segments=false")
     fits = est.fits(cfg.budget_gb)
+    mismatch = profile_note(profile, est.model_kind)  # e.g. the SD1.5 profile rtx3060 asked about FLUX.1
+    if mismatch and log and fits is False and suggest_changes:
+        log(mismatch)  # now, not after the search for a change (minutes for a 12B model)
     result: dict[str, Any] = {
         "kind": "plan", "profile": profile, "model": cfg.model, "reward": cfg.reward, "target": target,
         "method": "fake tensors (FakeTensorMode on CPU) + live-storage counting; no GPU, no weights",
@@ -500,7 +504,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "budget_gb": cfg.budget_gb or None,
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
-        "notes": est.notes, "suggestion": None, "tried": [],
+        "notes": est.notes, "profile_note": mismatch, "suggestion": None, "tried": [],
         "time": step_time(cfg, est, device_for(cfg.card, profile, target)),
         **provenance(command or " ".join(["python", *sys.argv]), PLAN_LIBRARIES),
     }

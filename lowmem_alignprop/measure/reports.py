@@ -71,6 +71,8 @@ def format_plan(r: dict[str, Any]) -> str:
                      f"({share:.{digits}f}% of the budget, {spare:+.2f} GiB spare)")
     else:
         lines.append("  budget: none given (set budget_gb in the profile or --set budget_gb=8)")
+    if r.get("profile_note"):
+        lines.append(f"  {r['profile_note']}")
     host = r.get("host_memory")
     if cuda and host:
         pinned = f", {_gib_or_dash(r['host_pinned'])} of it block swap's pinned blocks" if r.get("host_pinned") else ""

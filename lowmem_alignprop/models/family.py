@@ -207,6 +207,17 @@ def check_supported(comps, cfg) -> None:
         raise UserError(FLUX_NEGATIVE)  # (a hub id or a transformer file: Config.validate could not tell)
 
 
+def model_kind(comps) -> str:
+    """What the profiles are made for (settings/profiles.MODEL_KINDS): sd, sdxl, sd35m, sd35l or flux. SD3 Large
+    has 38 transformer layers, Medium 24 (an SD3-shaped model of fewer counts as Medium)."""
+    family = getattr(comps, "family", "unet")
+    if family == "unet":
+        return "sdxl" if comps.is_sdxl else "sd"
+    if family == "flux":
+        return "flux"
+    return "sd35l" if comps.unet.config.get("num_layers", 0) >= 38 else "sd35m"
+
+
 def family_for(comps) -> UNetFamily:
     """The family object of loaded components (``comps.family``: unet, sd3 or flux)."""
     return FlowFamily(comps) if getattr(comps, "family", "unet") != "unet" else UNetFamily(comps)

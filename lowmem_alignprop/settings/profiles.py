@@ -27,6 +27,33 @@ def shipped_profiles() -> dict[str, Path]:
 # every shipped profile but cpu targets a CUDA card (training refuses them without one; plan does not)
 GPU_PROFILES = tuple(name for name in shipped_profiles() if name != "cpu")
 
+# The card and the models each shipped profile is made for. The card is the row of measure/devices.py that times a
+# plan (a custom profile names its card with --set card=NAME); the models (None: any) let a run of another model
+# point to the profiles made for it. "sd" is SD 1.x/2.x, and the toy and tiny models, which have its shape.
+PROFILE_TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "rtx3060": ("rtx3060", ("sd",)), "rtx3060-sdxl": ("rtx3060", ("sdxl",)), "laptop-6gb": ("laptop", ("sd",)),
+    "rtx4090": ("rtx4090", ("sd", "sdxl")), "a100-40gb": ("a100-40gb", None), "a100-80gb": ("a100-80gb", None),
+    "cpu": ("cpu", None),
+    # the flow profiles (issue 18); the 8 GB RTX 3060 timed with the 12 GB row (240 vs 360 GB/s)
+    "rtx3060-sd35m": ("rtx3060", ("sd35m",)), "rtx3060-flux": ("rtx3060", ("flux",)),
+    "rtx3060-12gb-sd35l": ("rtx3060", ("sd35l",)), "rtx3060-12gb-flux": ("rtx3060", ("flux",)),
+    "rtx4090-flux": ("rtx4090", ("flux",))}
+MODEL_KINDS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd35m": "SD3.5 Medium", "sd35l": "SD3.5 Large", "flux": "FLUX.1"}
+
+
+def profile_note(profile: str, kind: str) -> str | None:
+    """A line when shipped ``profile`` was made for other models than ``kind`` (a key of :data:`MODEL_KINDS`),
+    naming the shipped profiles for ``kind`` on the same card; None when it fits or is for any model."""
+    card, kinds = PROFILE_TARGETS.get(profile, ("", None))
+    if kinds is None or kind in kinds:
+        return None
+    made = f"profile {profile} is made for {' and '.join(MODEL_KINDS[k] for k in kinds)}, not {MODEL_KINDS[kind]}"
+    others = [name for name, (c, ks) in PROFILE_TARGETS.items() if c == card and ks and kind in ks]
+    if not others:
+        return f"{made}; no shipped profile is made for {MODEL_KINDS[kind]} on {card}-class cards"
+    return (f"{made}; for {MODEL_KINDS[kind]} on {card}-class cards: "
+            + " or ".join(f"--profile {o} ({load_profile(o)[1]['budget_gb']:g} GiB budget)" for o in others))
+
 
 def describe(path: Path) -> str:
     """The first comment line of a profile file: what card it is for."""
