@@ -15,7 +15,9 @@ from lowmem_alignprop.cli import main
     (["--set", "k3"], "malformed --set 'k3'"),
     (["--set", "kk=3"], "unknown config key 'kk'"),
     (["--set", "k=three"], "k must be a whole number"),
-    (["--model", "/nonexistent/model_dir"], "model path /nonexistent/model_dir does not exist"),
+    (["--model", "/nonexistent/model_dir"], "model path /nonexistent/model_dir does not exist: pass an existing "
+     "diffusers directory, a .safetensors/.ckpt file, a hub id (owner/name), or leave --model out for the shipped "
+     "toy world"),  # the default model (not tiny, which the suite's environment makes its default)
     (["--model", "missing.safetensors"], "does not exist"),
     (["--set", "k=20"], "k=20 is larger than sample_steps=10"),
     (["--set", "truncation=uniform", "--set", "k_min=5", "--set", "k_max=2"], "k_min=5 is larger than k_max=2"),

@@ -74,6 +74,10 @@ class Components:
         return {name: m for name, m in mods.items() if m is not None}
 
 
+_PASS_A_MODEL = ("pass an existing diffusers directory, a .safetensors/.ckpt file, a hub id (owner/name), or leave "
+                 "--model out for the shipped toy world")
+
+
 def resolve_model(spec: str) -> tuple[str, str]:
     """Classify a --model value as (kind, location): tiny, arch, dir, file or hub (``toy``: the shipped directory).
     Raises UserError."""
@@ -100,13 +104,11 @@ def resolve_model(spec: str) -> tuple[str, str]:
             raise UserError(f"{spec} is a file but not a checkpoint: pass a .safetensors or .ckpt file")
         return "file", str(path)
     if kind_of(path) not in ("missing",):  # /dev/null, a dangling symlink, a loop: said as what it is
-        raise UserError(f"model path {spec} {describe_path(path)}: pass an existing diffusers directory, a "
-                        ".safetensors/.ckpt file, a hub id (owner/name), or leave --model out for the built-in tiny model")
+        raise UserError(f"model path {spec} {describe_path(path)}: {_PASS_A_MODEL}")
     looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES \
         or spec.count("/") > 1 or "\\" in spec
     if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise UserError(f"model path {spec} does not exist: pass an existing diffusers directory, a "
-                        ".safetensors/.ckpt file, a hub id (owner/name), or leave --model out for the built-in tiny model")
+        raise UserError(f"model path {spec} does not exist: {_PASS_A_MODEL}")
     return "hub", spec
 
 
