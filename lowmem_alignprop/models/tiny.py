@@ -1,7 +1,8 @@
-"""The embedded default model: a tiny SD-shaped pipeline built in code, offline, with a fixed seed.
+"""``--model tiny``: a tiny SD-shaped pipeline with random weights, built in code, offline, with a fixed seed (the
+test suite's default model and the planner's smallest; a run's default is the shipped toy world, toy/).
 
 It is saved with ``save_pretrained`` into a cache directory and loaded back through exactly the same
-code path as a real Stable Diffusion directory, so the default run exercises the real loader.
+code path as a real Stable Diffusion directory, so a run on it exercises the real loader.
 """
 
 from __future__ import annotations
