@@ -271,6 +271,10 @@ def test_the_same_command_twice_keeps_the_first_run(trained, capsys, caplog, mon
     assert (tmp_path / "outputs" / "run-2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert snapshot(tmp_path / "outputs" / "run") == before
     fails(capsys, [*FAST, "--set", "output_dir=outputs/run", "--steps", "1"], "already holds a run")
+    # a bad input stops the next one before it takes a folder: no "writes to outputs/run-3" for a run that never ran
+    caplog.clear()
+    fails(capsys, [*FAST, "--prompts", "no-such-prompts.txt"], "prompt file no-such-prompts.txt does not exist")
+    assert "holds an earlier run" not in caplog.text and not (tmp_path / "outputs" / "run-3").exists()
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -52,8 +52,11 @@ def test_only_the_default_folder_moves_past_an_earlier_run(tmp_path, caplog):
     default = RunFolder.for_command(base, chosen=False, resume=None)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         default.move_past_an_earlier_run()
-    assert default.path == tmp_path / "run-2"
-    assert "--resume latest continues it" in caplog.text
+        assert default.path == tmp_path / "run-2"
+        assert "holds an earlier run" not in caplog.text  # not yet: a bad input may still stop the run (hold says it)
+        with default.hold():
+            assert caplog.messages == [f"{base} holds an earlier run (--resume latest continues it): this run "
+                                       f"writes to {tmp_path / 'run-2'}"]
     with pytest.raises(UserError, match=r"already holds a run \(checkpoints/\): continue it with --resume latest"):
         named.check()
 

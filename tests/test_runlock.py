@@ -92,7 +92,11 @@ def test_the_default_folder_moves_past_a_live_run(tmp_path, live_run, caplog):
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         cfg = _next_free_output_dir(Config(output_dir=str(base)))
     assert cfg.output_dir == str(tmp_path / "outputs" / "run-2")
-    assert "a run still going" in caplog.text
+    assert "a run still going" not in caplog.text  # said once the run holds its folder (its inputs checked)
+    folder = RunFolder(str(base), numbered=True)
+    folder.move_past_an_earlier_run()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"), folder.hold():
+        assert f"{base} holds an earlier run (a run still going): this run writes to {base}-2" in caplog.text
     leftover_lock(tmp_path / "outputs" / "old")  # a killed run's folder without a checkpoint or metrics is free
     assert _next_free_output_dir(Config(output_dir=str(tmp_path / "outputs" / "old"))).output_dir == \
         str(tmp_path / "outputs" / "old")

@@ -67,6 +67,7 @@ class RunFolder:
         self.path = Path(path)
         self.numbered = numbered
         self.resume = resume
+        self.moved_past: tuple[Path, str] | None = None  # (the default folder, why it was passed): said at hold()
         self._found: tuple[ResumePoint | None, UserError | None, list[logging.LogRecord]] | None = None
 
     @classmethod
@@ -126,7 +127,8 @@ class RunFolder:
     # ---- choosing the folder ------------------------------------------------------------------------------------
     def move_past_an_earlier_run(self) -> None:
         """Running the same command twice must not fail: the default folder (not one the user named) that holds an
-        earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used."""
+        earlier run is left alone and the next free ``<dir>-2``, ``-3``... is used. :meth:`hold` says so, once the
+        run's inputs have passed their checks (a run that stops at a bad input writes nowhere)."""
         if not self.numbered:
             return
 
@@ -138,10 +140,8 @@ class RunFolder:
         if not mark:
             return
         self.path = next_free_dir(base, taken)
-        if global_rank() == 0:  # once per run, not once per process
-            why = ("--resume latest continues it" if isinstance(mark, ckpt.RunEvidence) and mark.checkpoints
-                   else mark if mark == "a run still going" else "left as it is")
-            log.warning("%s holds an earlier run (%s): this run writes to %s", base, why, self.path)
+        self.moved_past = (base, "--resume latest continues it" if isinstance(mark, ckpt.RunEvidence)
+                           and mark.checkpoints else mark if mark == "a run still going" else "left as it is")
 
     def with_output_dir(self, cfg):
         """``cfg`` writing to this folder."""
@@ -182,6 +182,8 @@ class RunFolder:
         lock = hold_folder(self.path, ckpt.holds_a_run, enabled=global_rank() == 0,
                            numbered=self.numbered and world_size() == 1)
         self.path = lock.out
+        if self.moved_past and global_rank() == 0:  # once per run, not once per process
+            log.warning("%s holds an earlier run (%s): this run writes to %s", *self.moved_past, self.path)
         return lock
 
     # ---- metrics of the run (rank 0) ----------------------------------------------------------------------------
