@@ -31,8 +31,10 @@ and one export.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,7 +46,10 @@ from lowmem_alignprop.commands.lora_formats import file_stem, write_diffusers, w
 from lowmem_alignprop.commands.lora_merge import merged_pipeline, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
-from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
+
+log = logging.getLogger("lowmem_alignprop")
 
 FORMATS = EXPORT_FORMATS  # the same list as the export_format config field's
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what a merged model is saved in
@@ -133,3 +138,35 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return sorted(out.rglob("*"))
+
+
+def export_at_end(cfg, lora_dir: Path) -> None:
+    """A finished run's ``export_format``: ``lora_dir`` exported as `lowmem-alignprop export --format F` exports it,
+    into export/F/ (each folder complete or absent); ``push_to_hub`` uploads the first. A failed export or upload
+    leaves the run's files as they are and says how to redo it."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.run import hub
+
+    formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
+    if not formats or not (lora_dir / LORA_WEIGHT_NAME).is_file():
+        return
+    pushed = False
+    for fmt in formats:
+        push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
+        command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
+                   + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
+        try:
+            lora = read_lora(str(lora_dir))
+            out = default_out(lora, fmt, False)
+            export(lora, fmt, out, command=command)
+            log.info("exported the LoRA (%s) to %s", fmt, out)
+        except (UserError, OSError) as e:
+            log.error("export --format %s failed (%s); the LoRA is in %s: `%s` tries again", fmt,
+                      first_line(e, 160), lora_dir, command)
+            continue
+        if push:
+            pushed = True
+            try:
+                log.info("pushed %s to %s", out, hub.push_to_hub(out, cfg.push_to_hub))
+            except UserError as e:  # the upload failed: the export is complete, the message says so
+                log.error("%s", e)

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import shlex
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
@@ -34,6 +33,9 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.settings.profiles import profile_note
+from lowmem_alignprop.run.trackers import log_images
+from lowmem_alignprop.toy.fidelity import judged_prompts
+from lowmem_alignprop.commands.lora_export import export_at_end
 from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
 from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
                                              model_kind)
@@ -169,7 +171,8 @@ class Trainer:
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
         self.sample_prompts = prompts[: cfg.sample_prompts]
-        self.judge_prompts = toy_eval_prompts(cfg, prompts)  # the toy world's exact evaluators judge these
+        # the toy world's exact evaluators judge these
+        self.judge_prompts = judged_prompts(cfg.model, prompts, cfg.fidelity_images)
         self.embed = None  # the prompt encoder: SD3/FLUX's is made (and its set encoded) before the transformer loads
         self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
@@ -739,7 +742,7 @@ class Trainer:
         if self.is_main:
             grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
-            log_images(self.accelerator, cfg, grid, "samples/during_training", step)
+            log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", step)
         return {"sample_reward_mean": rewards.mean().item(), "sample_rewards": rewards.tolist()}
 
     def save_if_due(self, step: int) -> bool:
@@ -796,7 +799,7 @@ class Trainer:
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
                             "then --resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
-            self.export_at_end()
+            export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary
@@ -858,7 +861,7 @@ class Trainer:
                     {"prompt": p, "reward_before": b, "reward_after": a}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
                 indent=1, ensure_ascii=False))
-            log_images(self.accelerator, cfg, grid, "samples/before_after", cfg.steps)
+            log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", cfg.steps)
             summary["sample_reward_before"] = before[1].mean().item()
             summary["sample_reward_after"] = after[1].mean().item()
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
@@ -885,61 +888,3 @@ class Trainer:
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))  # last: with it, the run is whole
         print_summary(summary, cfg, self.profile_name)
 
-    def export_at_end(self) -> None:
-        """export_format: lora/ exported as `lowmem-alignprop export --format F` exports it, into export/F/ (each
-        folder complete or absent); push_to_hub uploads the first. A failed export or upload leaves the run's files
-        as they are and says how to redo it."""
-        from lowmem_alignprop.commands import lora_export as lx
-        from lowmem_alignprop.commands.lora_files import read_lora
-        from lowmem_alignprop.run import hub
-
-        cfg, lora_dir = self.cfg, self.out / "lora"
-        formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
-        if not formats or not (lora_dir / LORA_WEIGHT_NAME).is_file():
-            return
-        pushed = False
-        for fmt in formats:
-            push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
-            command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
-                       + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
-            try:
-                lora = read_lora(str(lora_dir))
-                out = lx.default_out(lora, fmt, False)
-                lx.export(lora, fmt, out, command=command)
-                log.info("exported the LoRA (%s) to %s", fmt, out)
-            except (UserError, OSError) as e:
-                log.error("export --format %s failed (%s); the LoRA is in %s: `%s` tries again", fmt,
-                          first_line(e, 160), lora_dir, command)
-                continue
-            if push:
-                pushed = True
-                try:
-                    log.info("pushed %s to %s", out, hub.push_to_hub(out, cfg.push_to_hub))
-                except UserError as e:  # the upload failed: the export is complete, the message says so
-                    log.error("%s", e)
-
-
-def log_images(accelerator, cfg: Config, grid_path: Path, tag: str, step: int) -> None:
-    """Send a sample grid to the configured tracker (tensorboard or wandb) as image ``tag`` at ``step``."""
-    if cfg.report_to == "none":
-        return
-    import numpy as np
-    from PIL import Image
-
-    arr = np.asarray(Image.open(grid_path).convert("RGB"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(tag, arr, step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-            tracker.log({tag: wandb.Image(arr)}, step=step)
-
-
-def toy_eval_prompts(cfg: Config, prompts: list[str]) -> list[str]:
-    """What the toy world's exact evaluators judge: fidelity_images images of the run's prompts, in order and round
-    again if there are fewer (each image its own noise); none outside the toy world."""
-    from lowmem_alignprop.toy.fidelity import applies
-
-    if not (cfg.fidelity_images and applies(cfg.model, prompts)):
-        return []
-    return (prompts * -(-cfg.fidelity_images // len(prompts)))[:cfg.fidelity_images]

@@ -348,6 +348,14 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
     return model == "toy" or bool(prompts) and all(parses(p) for p in prompts)
 
 
+def judged_prompts(model: str, prompts: list[str], images: int) -> list[str]:
+    """What a run's exact evaluators judge: ``images`` images (fidelity_images) of the run's prompts, in order and
+    round again if there are fewer (each image its own noise); none outside the toy world."""
+    if not (images and applies(model, prompts)):
+        return []
+    return (prompts * -(-images // len(prompts)))[:images]
+
+
 def evaluate_batch(images, prompts: Sequence[str], quality: int = JPEG_QUALITY) -> dict[str, float]:
     """What the trainer reports for a batch of its images: ``jpeg_bytes`` (mean real JPEG size) for every
     image and, over the images whose prompt the toy grammar parses, the rate of each fidelity check
