@@ -269,6 +269,27 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
                          ("upload", "you/alignprop", str(full_run / "export" / "kohya"))]
 
 
+def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path, caplog):
+    """--resume of the finished run with more steps: lora/ is the new LoRA, the exports of the old one stay (nothing
+    is overwritten) and the run names them as older; this LoRA's exports go beside them."""
+    import logging
+    import shutil
+
+    from lowmem_alignprop.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "export" / "kohya").iterdir()}
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "5", "--set", "push_to_hub=",
+                     "--report-to", "none", "--sample-every", "0"]) == 0
+    said = [r.getMessage() for r in caplog.records if "earlier LoRA" in r.getMessage()]
+    assert said == [f"{run / 'export' / 'kohya'}, {run / 'export' / 'peft'}: exported from this run's earlier LoRA "
+                    "(their README.md says at which step); this LoRA's exports are written beside them"], said
+    assert {p.name: p.read_bytes() for p in (run / "export" / "kohya").iterdir()} == before
+    assert "| steps | 5 |" in (run / "export" / "kohya-2" / "README.md").read_text()
+
+
 def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
     import json
 

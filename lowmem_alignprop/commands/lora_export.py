@@ -140,6 +140,17 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     return sorted(out.rglob("*"))
 
 
+def earlier_exports(lora_dir: Path) -> list[Path]:
+    """The export folders of the run that are older than its LoRA (``lora_dir``, just written): made before a
+    --resume trained on. Exports of a checkpoint's LoRA (``F-step-N``) are of their step and not counted."""
+    folder = lora_dir.parent / "export"
+    if not folder.is_dir():
+        return []
+    written = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and "-step-" not in p.name
+                  and p.stat().st_mtime < written)
+
+
 def export_at_end(cfg, lora_dir: Path) -> None:
     """A finished run's ``export_format``: ``lora_dir`` exported as `lowmem-alignprop export --format F` exports it,
     into export/F/ (each folder complete or absent); ``push_to_hub`` uploads the first. A failed export or upload
@@ -148,7 +159,14 @@ def export_at_end(cfg, lora_dir: Path) -> None:
     from lowmem_alignprop.run import hub
 
     formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
-    if not formats or not (lora_dir / LORA_WEIGHT_NAME).is_file():
+    if not (lora_dir / LORA_WEIGHT_NAME).is_file():
+        return
+    older = earlier_exports(lora_dir)
+    if older:  # a --resume that trained on: the exports of the LoRA it had are kept, and said to be older
+        log.warning("%s: exported from this run's earlier LoRA (their README.md says at which step); %s", ", ".join(
+            str(p) for p in older), "this LoRA's exports are written beside them" if formats else
+            f"`lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format F` exports this one beside them")
+    if not formats:
         return
     pushed = False
     for fmt in formats:
