@@ -99,7 +99,6 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
 )}
 
 
-
 # a detected card's product name (torch.cuda.get_device_properties().name) -> its row; the A100s by memory
 _PRODUCT_ROWS = (("RTX 4090", "rtx4090"), ("RTX 3060 Laptop", "laptop"), ("RTX 3060", "rtx3060"), ("H200", "h200"),
                  ("H100", "h100"))

@@ -51,7 +51,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.profiles import GPU_PROFILES, profile_note
+from lowmem_alignprop.settings.profiles import profile_note
 from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
@@ -457,7 +457,8 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -
 # the command
 # ---------------------------------------------------------------------------------------------------
 def default_target(profile_name: str) -> str:
-    return "cpu" if profile_name == "cpu" else "cuda" if profile_name in GPU_PROFILES else "cuda"
+    """cpu for the cpu profile; cuda for the GPU profiles and a user's own YAML."""
+    return "cpu" if profile_name == "cpu" else "cuda"
 
 
 @reuse_estimates()
