@@ -69,8 +69,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     p.add_argument("--profile", default="auto",
                    help=f"hardware profile: a shipped name ({', '.join(shipped_profiles())}), auto "
-                        "(the largest the detected GPU holds, with that card's memory less 5%% as the budget; cpu "
-                        "without one), or a path to your own .yaml")
+                        "(the largest the detected GPU holds, or that card's profile made for the model, e.g. "
+                        "rtx3060-flux; with the card's memory less 5%% as the budget; cpu without one), or a path to "
+                        "your own .yaml")
     p.add_argument("--model", help="toy (default: the shipped toy world), tiny, sd15|sd21|sdxl|sd35m|sd35l|flux (random "
                                    "weights), a hub id, a diffusers directory (SD 1.x/2.x/SDXL, SD3/SD3.5, FLUX.1), or "
                                    "a single-file .safetensors/.ckpt")

@@ -238,6 +238,58 @@ def test_auto_picks_by_detected_memory(monkeypatch, total_gib, expected):
     assert name == expected and values == shipped
 
 
+@pytest.mark.parametrize("total_gib, picks", [
+    # model kinds:  sd         sdxl             sd35m            sd35l                 flux
+    (7.6, ("rtx3060", "rtx3060-sdxl", "rtx3060-sd35m", "rtx3060", "rtx3060-flux")),  # 8 GB: no SD3.5 Large profile
+    (11.6, ("rtx3060", "rtx3060-sdxl", "rtx3060-sd35m", "rtx3060-12gb-sd35l", "rtx3060-12gb-flux")),  # 12 GB
+    (23.6, ("rtx4090", "rtx4090", "rtx4090", "rtx4090", "rtx4090-flux")),  # rtx4090 is made for SD and SDXL
+    (39.4, ("a100-40gb",) * 5),  # made for any model
+])
+def test_auto_picks_the_cards_profile_made_for_the_model(monkeypatch, tmp_path, total_gib, picks):
+    """--profile auto with a model it can tell before loading (a named model, a diffusers folder, a hub id in the
+    local cache): the card's profile made for it, with the card's own budget; the ladder's when there is none."""
+    from lowmem_alignprop.settings.profiles import profile_for_card
+
+    _fake_cuda(monkeypatch, total_gib)
+    for model, expected in zip(("sd15", "sdxl", "sd35m", "sd35l", "flux"), picks):
+        assert profile_for_card(("card", total_gib), {"sd15": "sd"}.get(model, model)) == expected, model
+        name, values = load_profile("auto", model)
+        assert name == expected and values["budget_gb"] == card_budget(total_gib), model
+    assert profile_for_card(("card", total_gib), None) == picks[0]  # a model only loading tells: as before
+
+
+def test_the_model_kind_is_read_from_a_folder_or_the_hub_cache_without_loading(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+
+    from lowmem_alignprop.settings.profiles import model_kind_of
+
+    def folder(root, pipeline, layers=None):
+        root.mkdir(parents=True)
+        (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+        if layers is not None:
+            (root / "transformer").mkdir()
+            (root / "transformer" / "config.json").write_text(json.dumps({"num_layers": layers}))
+        return root
+
+    assert model_kind_of(str(folder(tmp_path / "flux", "FluxPipeline"))) == "flux"
+    assert model_kind_of(str(folder(tmp_path / "xl", "StableDiffusionXLPipeline"))) == "sdxl"
+    assert model_kind_of(str(folder(tmp_path / "m", "StableDiffusion3Pipeline", 24))) == "sd35m"
+    assert model_kind_of(str(folder(tmp_path / "l", "StableDiffusion3Pipeline", 38))) == "sd35l"
+    assert model_kind_of(str(folder(tmp_path / "other", "KandinskyPipeline"))) is None
+    assert model_kind_of(str(tmp_path / "missing")) is None and model_kind_of("model.safetensors") is None
+    # a hub id: its files in the local hub cache (the layout huggingface_hub writes), never the network
+    cache = tmp_path / "hub"
+    repo = cache / "models--owner--big-flux"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    folder(repo / "snapshots" / "abc123", "FluxPipeline")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert model_kind_of("owner/big-flux") == "flux"
+    assert model_kind_of("owner/not-downloaded") is None
+
+
 # ------------------------------------------------------------------------------------------------------
 # startup validation: impossible combinations fail before any model loads
 # ------------------------------------------------------------------------------------------------------

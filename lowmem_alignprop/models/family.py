@@ -208,14 +208,16 @@ def check_supported(comps, cfg) -> None:
 
 
 def model_kind(comps) -> str:
-    """What the profiles are made for (settings/profiles.MODEL_KINDS): sd, sdxl, sd35m, sd35l or flux. SD3 Large
-    has 38 transformer layers, Medium 24 (an SD3-shaped model of fewer counts as Medium)."""
+    """What the profiles are made for (settings/profiles.MODEL_KINDS) of loaded components: sd, sdxl, sd35m, sd35l
+    or flux (settings/profiles.model_kind_of tells it from a --model value before loading, where it can)."""
+    from lowmem_alignprop.settings.profiles import sd3_kind
+
     family = getattr(comps, "family", "unet")
     if family == "unet":
         return "sdxl" if comps.is_sdxl else "sd"
     if family == "flux":
         return "flux"
-    return "sd35l" if comps.unet.config.get("num_layers", 0) >= 38 else "sd35m"
+    return sd3_kind(comps.unet.config.get("num_layers", 0))
 
 
 def family_for(comps) -> UNetFamily:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -15,8 +16,8 @@ from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
-# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory); the budget is then
-# the card's own (card_budget).
+# auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
+# made for the model (profile_for_card); the budget is then the card's own (card_budget).
 AUTO_LADDER = (("a100-80gb", 70.0), ("a100-40gb", 36.0), ("rtx4090", 20.0), ("rtx3060", 7.0))
 
 
@@ -80,18 +81,69 @@ def card_budget(total_gib: float) -> float:
     return max(0.1, math.floor(10 * min(total_gib - 0.5, total_gib * 0.95) + 1e-6) / 10)  # 1e-6: bytes to GiB
 
 
-def detect_auto() -> str:
-    return profile_for_card(detect_card())
+def detect_auto(model: str = "") -> str:
+    return profile_for_card(detect_card(), model_kind_of(model))
 
 
-def profile_for_card(card: tuple[str, float] | None) -> str:
-    """The shipped profile ``--profile auto`` picks for ``card`` (detect_card's answer)."""
+def profile_for_card(card: tuple[str, float] | None, kind: str | None = None) -> str:
+    """The shipped profile ``--profile auto`` picks for ``card`` (detect_card's answer) and a model of ``kind``
+    (MODEL_KINDS; None: unknown before loading): the ladder's profile for the card's memory, or, when that one is
+    made for other models, the card's profile for this model with the largest budget the card holds (FLUX.1 on an 8
+    GB card: rtx3060-flux; on a 12 GB one: rtx3060-12gb-flux)."""
     if card is None:
         return "cpu"
-    for name, need in AUTO_LADDER:
-        if card[1] >= need:
-            return name
-    return "rtx3060"  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
+    name = next((name for name, need in AUTO_LADDER if card[1] >= need),
+                "rtx3060")  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
+    ladder_card, kinds = PROFILE_TARGETS[name]
+    if kind is None or kinds is None or kind in kinds:
+        return name
+    room = max(card_budget(card[1]), load_profile(name)[1]["budget_gb"])  # an 8 GB card holds the 8 GB profiles
+    fits = [(load_profile(p)[1]["budget_gb"], p) for p, (c, ks) in PROFILE_TARGETS.items()
+            if c == ladder_card and ks and kind in ks]
+    return max((f for f in fits if f[0] <= room), default=(0, name))[1]
+
+
+def sd3_kind(num_layers: int) -> str:
+    """SD3.5 Large has 38 transformer layers, Medium 24 (an SD3-shaped model of fewer counts as Medium)."""
+    return "sd35l" if num_layers >= 38 else "sd35m"
+
+
+_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+_NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
+                "sd35l": "sd35l", "flux": "flux"}
+
+
+def model_kind_of(model: str) -> str | None:
+    """What the profiles are made for (MODEL_KINDS) of a --model value, read before anything loads: the named models,
+    a diffusers folder (its model_index.json), a hub id whose files are in the local hub cache; None when only
+    loading tells (a single file, a hub id not downloaded yet, another pipeline)."""
+    if model in _NAMED_KINDS:
+        return _NAMED_KINDS[model]
+    read = (_cached_hub_file if "/" in model and not Path(model).expanduser().exists() else _folder_file)(model)
+    try:
+        index = json.loads(Path(read("model_index.json")).read_text(encoding="utf-8"))
+        kind = _PIPELINE_KINDS.get(index.get("_class_name"), "sd3" if index.get("_class_name") ==
+                                   "StableDiffusion3Pipeline" else None)
+        if kind == "sd3":
+            config = json.loads(Path(read("transformer/config.json")).read_text(encoding="utf-8"))
+            kind = sd3_kind(int(config.get("num_layers", 0)))
+        return kind
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _folder_file(model: str):
+    return lambda name: Path(model).expanduser() / name
+
+
+def _cached_hub_file(repo: str):
+    """A file of hub repository ``repo`` from the local hub cache only (no network), or None."""
+    def read(name: str):
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo, name)
+        return path if isinstance(path, str) else None
+    return read
 
 
 class _DuplicateKey(Exception):
@@ -153,12 +205,13 @@ def _load_yaml(text: str):
         loader.dispose()
 
 
-def load_profile(spec: str) -> tuple[str, dict[str, Any]]:
-    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file."""
+def load_profile(spec: str, model: str = "") -> tuple[str, dict[str, Any]]:
+    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file. ``model``: the run's
+    --model, from which 'auto' picks the card's profile made for it when it can tell (:func:`profile_for_card`)."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
         detected = detect_card()
-        spec = profile_for_card(detected)
+        spec = profile_for_card(detected, model_kind_of(model))
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
@@ -254,9 +307,9 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
     if resumed is None:
-        name, values = load_profile(profile)
-        model = overrides.get("model", explicit.get("model", Config().model))
-        values = with_model_defaults(values, str(model))
+        model = str(overrides.get("model", explicit.get("model", Config().model)))
+        name, values = load_profile(profile, model)
+        values = with_model_defaults(values, model)
     else:
         name, values = resumed
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
