@@ -13,7 +13,7 @@ import yaml
 from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of
+from lowmem_alignprop.settings.paths import kind_of, model_index
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
@@ -42,14 +42,23 @@ PROFILE_TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 MODEL_KINDS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd35m": "SD3.5 Medium", "sd35l": "SD3.5 Large", "flux": "FLUX.1"}
 
 
+def made_for_others(profile: str, kind: str | None) -> list[str] | None:
+    """None when shipped ``profile`` suits a model of ``kind`` (made for it or for any model; a user's YAML; kind
+    unknown); else the shipped profiles of the same card made for ``kind`` (maybe none)."""
+    card, kinds = PROFILE_TARGETS.get(profile, ("", None))
+    if kind is None or kinds is None or kind in kinds:
+        return None
+    return [name for name, (c, ks) in PROFILE_TARGETS.items() if c == card and ks and kind in ks]
+
+
 def profile_note(profile: str, kind: str) -> str | None:
     """A line when shipped ``profile`` was made for other models than ``kind`` (a key of :data:`MODEL_KINDS`),
     naming the shipped profiles for ``kind`` on the same card; None when it fits or is for any model."""
-    card, kinds = PROFILE_TARGETS.get(profile, ("", None))
-    if kinds is None or kind in kinds:
+    others = made_for_others(profile, kind)
+    if others is None:
         return None
+    card, kinds = PROFILE_TARGETS[profile]
     made = f"profile {profile} is made for {' and '.join(MODEL_KINDS[k] for k in kinds)}, not {MODEL_KINDS[kind]}"
-    others = [name for name, (c, ks) in PROFILE_TARGETS.items() if c == card and ks and kind in ks]
     if not others:
         return f"{made}; no shipped profile is made for {MODEL_KINDS[kind]} on {card}-class cards"
     return (f"{made}; for {MODEL_KINDS[kind]} on {card}-class cards: "
@@ -94,12 +103,11 @@ def profile_for_card(card: tuple[str, float] | None, kind: str | None = None) ->
         return "cpu"
     name = next((name for name, need in AUTO_LADDER if card[1] >= need),
                 "rtx3060")  # smaller than 7 GiB: start from the 8 GB profile and let the planner say what to change
-    ladder_card, kinds = PROFILE_TARGETS[name]
-    if kind is None or kinds is None or kind in kinds:
+    others = made_for_others(name, kind)
+    if not others:
         return name
     room = max(card_budget(card[1]), load_profile(name)[1]["budget_gb"])  # an 8 GB card holds the 8 GB profiles
-    fits = [(load_profile(p)[1]["budget_gb"], p) for p, (c, ks) in PROFILE_TARGETS.items()
-            if c == ladder_card and ks and kind in ks]
+    fits = [(load_profile(p)[1]["budget_gb"], p) for p in others]
     return max((f for f in fits if f[0] <= room), default=(0, name))[1]
 
 
@@ -108,7 +116,8 @@ def sd3_kind(num_layers: int) -> str:
     return "sd35l" if num_layers >= 38 else "sd35m"
 
 
-_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+                   "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
 _NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
@@ -119,31 +128,29 @@ def model_kind_of(model: str) -> str | None:
     loading tells (a single file, a hub id not downloaded yet, another pipeline)."""
     if model in _NAMED_KINDS:
         return _NAMED_KINDS[model]
-    read = (_cached_hub_file if "/" in model and not Path(model).expanduser().exists() else _folder_file)(model)
-    try:
-        index = json.loads(Path(read("model_index.json")).read_text(encoding="utf-8"))
-        kind = _PIPELINE_KINDS.get(index.get("_class_name"), "sd3" if index.get("_class_name") ==
-                                   "StableDiffusion3Pipeline" else None)
-        if kind == "sd3":
-            config = json.loads(Path(read("transformer/config.json")).read_text(encoding="utf-8"))
-            kind = sd3_kind(int(config.get("num_layers", 0)))
+    folder = _model_folder(model)
+    kind = _PIPELINE_KINDS.get((model_index(folder) or {}).get("_class_name")) if folder is not None else None
+    if kind != "sd3":
         return kind
-    except (OSError, TypeError, ValueError, AttributeError):
+    try:
+        return sd3_kind(int(json.loads((folder / "transformer" / "config.json").read_text())["num_layers"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _folder_file(model: str):
-    return lambda name: Path(model).expanduser() / name
+def _model_folder(model: str) -> Path | None:
+    """The diffusers folder of a --model value: itself, or for a hub id the snapshot in the local hub cache that
+    holds its model_index.json (no network); None for a hub id not downloaded."""
+    path = Path(model).expanduser()
+    if path.exists() or "/" not in model:
+        return path
+    from huggingface_hub import try_to_load_from_cache
 
-
-def _cached_hub_file(repo: str):
-    """A file of hub repository ``repo`` from the local hub cache only (no network), or None."""
-    def read(name: str):
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo, name)
-        return path if isinstance(path, str) else None
-    return read
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except ValueError:  # not a repository id either (a missing path such as /no/such/model)
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 class _DuplicateKey(Exception):
