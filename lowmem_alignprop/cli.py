@@ -331,11 +331,11 @@ def cmd_export(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not {"-h", "--help"} & set(argv):  # help only prints: it imports no library (torch and diffusers take seconds)
-        _quiet_libraries()
     command = "train"
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
+    if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
+        _quiet_libraries()  # no library (torch and diffusers take seconds)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
                "export": cmd_export}[command]
     try:

@@ -82,6 +82,7 @@ for command in ([], ["plan"], ["sample"], ["profiles"], ["export"]):
         main([*command, "--help"])
     except SystemExit as e:
         assert e.code == 0, (command, e.code)
+assert main(["profiles"]) == 0  # the listing only reads YAML files too
 print("imported:", sorted({"torch", "diffusers", "transformers", "accelerate", "peft"} & set(sys.modules)))
 """
 
