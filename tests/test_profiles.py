@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import types
@@ -16,7 +17,7 @@ import lowmem_alignprop.commands.train as train_mod
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config, build_config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.profiles import AUTO_LADDER, card_budget, describe, detect_auto, load_profile, \
+from lowmem_alignprop.settings.profiles import AUTO_LADDER, card_budget, describe, load_profile, \
     shipped_profiles
 
 SHIPPED = sorted(shipped_profiles())
@@ -229,8 +230,8 @@ def _fake_cuda(monkeypatch, total_gib: float | None):
 ])
 def test_auto_picks_by_detected_memory(monkeypatch, total_gib, expected):
     _fake_cuda(monkeypatch, total_gib)
-    assert detect_auto() == expected
     name, values = load_profile("auto")
+    assert name == expected
     shipped = load_profile(expected)[1]
     if total_gib is not None:  # the profile's features with the card's own budget: its memory less 5%
         assert values.pop("budget_gb") == card_budget(total_gib) < total_gib
@@ -288,6 +289,65 @@ def test_the_model_kind_is_read_from_a_folder_or_the_hub_cache_without_loading(t
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert model_kind_of("owner/big-flux") == "flux"
     assert model_kind_of("owner/not-downloaded") is None
+
+
+def test_auto_on_a_card_asks_the_hub_what_a_model_not_downloaded_yet_is(tmp_path, monkeypatch):
+    """The first run of a hub id on a card: its model_index.json (and an SD3's transformer config) are fetched
+    before the profile is chosen, so FLUX.1 on an 8 GB card gets rtx3060-flux at once; without a card, offline,
+    or with the hub out of reach nothing is requested (no retries) and the ladder's profile stays."""
+    import json
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from lowmem_alignprop.settings import hub_access
+
+    files = {("owner/new-flux", "model_index.json"): {"_class_name": "FluxPipeline"},
+             ("owner/sd35-large", "model_index.json"): {"_class_name": "StableDiffusion3Pipeline"},
+             ("owner/sd35-large", "transformer/config.json"): {"num_layers": 38}}
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        if (repo, filename) not in files:
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo}")
+        path = tmp_path / "fetched" / repo / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(files[repo, filename]))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())  # the probe: online
+    hub_access.unreachable.cache_clear()
+    try:
+        _fake_cuda(monkeypatch, 7.6)  # an 8 GB card
+        assert load_profile("auto", "owner/new-flux")[0] == "rtx3060-flux"
+        assert load_profile("auto", "owner/sd35-large")[0] == "rtx3060"  # no SD3.5 Large profile for 8 GB
+        _fake_cuda(monkeypatch, 11.6)
+        assert load_profile("auto", "owner/sd35-large")[0] == "rtx3060-12gb-sd35l"
+        assert load_profile("auto", "owner/no-index")[0] == "rtx3060"  # not a diffusers repository: the ladder's
+        large = [("owner/sd35-large", "model_index.json"), ("owner/sd35-large", "transformer/config.json")]
+        assert asked == [("owner/new-flux", "model_index.json"), *large, *large, ("owner/no-index", "model_index.json")]
+        asked.clear()
+        _fake_cuda(monkeypatch, None)  # no card: the cpu profile, nothing to ask
+        assert load_profile("auto", "owner/new-flux")[0] == "cpu" and asked == []
+        _fake_cuda(monkeypatch, 7.6)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline by setting: the cache only
+        assert load_profile("auto", "owner/new-flux")[0] == "rtx3060" and asked == []
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        hub_access.unreachable.cache_clear()
+
+        def no_dns(*a, **k):
+            raise socket.gaierror(-2, "Name or service not known")
+        monkeypatch.setattr(socket, "create_connection", no_dns)  # out of reach: no request, no retries
+        assert load_profile("auto", "owner/new-flux")[0] == "rtx3060" and asked == []
+    finally:
+        hub_access.unreachable.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------------

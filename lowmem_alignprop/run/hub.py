@@ -1,11 +1,9 @@
-"""Can the Hugging Face hub be reached? Asked once, before the first download a hub id would need.
+"""Hub ids without network: asked once, before the first download a hub id would need.
 
-Without network (a laptop on a train, a cluster node) huggingface_hub retries every file for about 25 s
-before giving up; a model plus a reward model made a user wait close to a minute for a one-line error. One
-TCP connection to the hub's endpoint (about 5 ms when DNS already fails, at most ``TIMEOUT`` s) decides
-instead: when it fails, huggingface_hub is switched to offline mode, so diffusers and transformers read the
-local cache only and their errors come at once. Behind a proxy a direct connection says nothing, so no probe
-is made and the real request decides.
+Without network huggingface_hub retries every file for about 25 s before giving up; a model plus a reward model
+made a user wait close to a minute for a one-line error. settings/hub_access's probe (one TCP connection) decides
+instead: when it fails, :func:`offline` switches huggingface_hub to offline mode, so diffusers and transformers
+read the local cache only and their errors come at once.
 
 ``--push-to-hub`` (export and training): ``check_push_to_hub`` says before anything is exported (or trained) whether
 a repository can be pushed to from here, ``push_to_hub`` uploads the export's folder.
@@ -13,52 +11,19 @@ a repository can be pushed to from here, ``push_to_hub`` uploads the export's fo
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.hub_access import (  # noqa: F401 - the probe's names, here too
+    OFFLINE_VARS, PROXY_VARS, TIMEOUT, offline_by_setting, unreachable)
 
 log = logging.getLogger("lowmem_alignprop")
-
-TIMEOUT = 5.0  # seconds for the DNS lookup + TCP connect to the endpoint (a working link answers in well under 1 s)
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def download_hint(repo: str, then: str) -> str:
     """How to get a hub id onto a machine without network (the end of every 'not in the cache' message)."""
     return f"on a machine with network run `hf download {repo} --local-dir DIR`, then {then}"
-
-
-def offline_by_setting() -> bool:
-    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set (or huggingface_hub is already in offline mode)."""
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARS):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-@functools.lru_cache(maxsize=1)
-def unreachable() -> str | None:
-    """Why the hub's endpoint cannot be reached, or None (reachable, or a proxy is set: only a request can tell)."""
-    if any(os.environ.get(v) for v in PROXY_VARS):
-        return None
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT):
-            return None
-    except socket.gaierror as e:
-        return f"{host} cannot be resolved ({e.strerror or e})"
-    except OSError as e:  # refused, unreachable network, timeout
-        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
 
 
 def offline() -> bool:

@@ -12,6 +12,7 @@ import yaml
 
 from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, model_index
 
@@ -90,10 +91,6 @@ def card_budget(total_gib: float) -> float:
     return max(0.1, math.floor(10 * min(total_gib - 0.5, total_gib * 0.95) + 1e-6) / 10)  # 1e-6: bytes to GiB
 
 
-def detect_auto(model: str = "") -> str:
-    return profile_for_card(detect_card(), model_kind_of(model))
-
-
 def profile_for_card(card: tuple[str, float] | None, kind: str | None = None) -> str:
     """The shipped profile ``--profile auto`` picks for ``card`` (detect_card's answer) and a model of ``kind``
     (MODEL_KINDS; None: unknown before loading): the ladder's profile for the card's memory, or, when that one is
@@ -122,35 +119,31 @@ _NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "
                 "sd35l": "sd35l", "flux": "flux"}
 
 
-def model_kind_of(model: str) -> str | None:
+def model_kind_of(model: str, *, download: bool = False) -> str | None:
     """What the profiles are made for (MODEL_KINDS) of a --model value, read before anything loads: the named models,
-    a diffusers folder (its model_index.json), a hub id whose files are in the local hub cache; None when only
-    loading tells (a single file, a hub id not downloaded yet, another pipeline)."""
+    a diffusers folder (its model_index.json), a hub id by the same file from the local hub cache or, with
+    ``download``, from the hub (a few hundred bytes; the model's own download follows); None when only loading
+    tells (a single file, a hub id out of reach, another pipeline)."""
     if model in _NAMED_KINDS:
         return _NAMED_KINDS[model]
-    folder = _model_folder(model)
-    kind = _PIPELINE_KINDS.get((model_index(folder) or {}).get("_class_name")) if folder is not None else None
+    index = _model_file(model, "model_index.json", download)
+    kind = _PIPELINE_KINDS.get((model_index(index.parent) or {}).get("_class_name")) if index else None
     if kind != "sd3":
         return kind
+    config = _model_file(model, "transformer/config.json", download)
     try:
-        return sd3_kind(int(json.loads((folder / "transformer" / "config.json").read_text())["num_layers"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        return sd3_kind(int(json.loads(config.read_text())["num_layers"]))
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
         return None
 
 
-def _model_folder(model: str) -> Path | None:
-    """The diffusers folder of a --model value: itself, or for a hub id the snapshot in the local hub cache that
-    holds its model_index.json (no network); None for a hub id not downloaded."""
+def _model_file(model: str, name: str, download: bool) -> Path | None:
+    """File ``name`` of a --model value's diffusers folder: in the folder itself, or for a hub id in its hub cache
+    snapshot (hub_access.hub_file); None for a hub id that gives none."""
     path = Path(model).expanduser()
     if path.exists() or "/" not in model:
-        return path
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(model, "model_index.json")
-    except ValueError:  # not a repository id either (a missing path such as /no/such/model)
-        return None
-    return Path(cached).parent if isinstance(cached, str) else None
+        return path / name
+    return hub_file(model, name, download=download)
 
 
 class _DuplicateKey(Exception):
@@ -217,8 +210,8 @@ def load_profile(spec: str, model: str = "") -> tuple[str, dict[str, Any]]:
     --model, from which 'auto' picks the card's profile made for it when it can tell (:func:`profile_for_card`)."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
-        detected = detect_card()
-        spec = profile_for_card(detected, model_kind_of(model))
+        detected = detect_card()  # with a card, a hub id not downloaded yet is asked what it is (None: no card)
+        spec = profile_for_card(detected, model_kind_of(model, download=detected is not None))
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
