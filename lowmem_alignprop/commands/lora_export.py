@@ -88,11 +88,14 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out} is not empty: pass a new folder (nothing is overwritten)")
 
 
+STEP_TAG = "-step-"  # in an export folder's name: made from a checkpoint's LoRA (kohya-step-40)
+
+
 def default_out(lora: Lora, fmt: str, merge: bool) -> Path:
     from lowmem_alignprop.run.runlock import next_free_dir
 
     base = (lora.run or lora.path.parent) / "export" / (("merged" if merge else fmt)
-                                                       + (f"-step-{lora.step}" if lora.step is not None else ""))
+                                                       + (f"{STEP_TAG}{lora.step}" if lora.step is not None else ""))
     return next_free_dir(base, lambda p: p.exists() and (not p.is_dir() or any(p.iterdir())))
 
 
@@ -147,7 +150,7 @@ def earlier_exports(lora_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     written = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and "-step-" not in p.name
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name
                   and p.stat().st_mtime < written)
 
 
