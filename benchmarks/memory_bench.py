@@ -510,18 +510,33 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
     if bench_path.exists():
         b = json.loads(bench_path.read_text())
         dev = b["device"]
+        idle = dev["load_average_at_start"][0] < 0.5 * dev["cores"]
         L += ["", f"### CPU: seconds per training step (`results/{bench_path.name}`)", "",
               f"Command `{b['command']}` ({b['date']}); {dev['cpu']}, {dev['cores']} cores, torch threads "
               f"{dev['torch_threads']}; " + ", ".join(f"{k} {v}" for k, v in b["versions"].items())
               + f"; load average {dev['load_average_at_start'][0]:.1f} at the start and "
-              f"{dev['load_average_at_end'][0]:.1f} at the end (other jobs shared the cores: the seconds are an "
-              "upper bound and not comparable between rows). Mean of the steps after the first two.", "",
-              "| job | variant | s/step | planner s/step |", "|---|---|---:|---:|"]
-        for r in b["runs"]:
-            sps = r.get("seconds_per_step")
-            plan = r.get("planner_seconds_per_step")
-            L.append(f"| {r['job']} | {r['variant']} | {'failed' if sps is None else f'{sps:.3f}'} | "
-                     f"{'' if plan is None else f'{plan:.3f}'} |")
+              f"{dev['load_average_at_end'][0]:.1f} at the end "
+              + ("(no other job on the machine at the start; the end's is the benchmark's own runs). " if idle else
+                 "(other jobs shared the cores: the seconds are an upper bound and not comparable between rows). ")
+              + "Each run: the mean of its steps after the first two."]
+        rows = b.get("summary")
+        if rows:
+            plans = {r["job"]: r["planner_seconds_per_step"] for r in b["runs"]
+                     if r.get("planner_seconds_per_step") is not None}
+            L += ["", "| job | variant | runs | median s/step | range | median / the profile's | planner s/step |",
+                  "|---|---|---:|---:|---|---:|---:|"]
+            for r in rows:
+                vs = f"{r['vs_profile']:.2f}" if r.get("vs_profile") else ""
+                plan = f"{plans[r['job']]:.3f}" if not vs and r["job"] in plans else ""
+                L.append(f"| {r['job']} | {r['variant']} | {r['runs']} | {r['median']:.3f} | "
+                         f"{r['low']:.3f}-{r['high']:.3f} | {vs} | {plan} |")
+        else:
+            L += ["", "| job | variant | s/step | planner s/step |", "|---|---|---:|---:|"]
+            for r in b["runs"]:
+                sps = r.get("seconds_per_step")
+                plan = r.get("planner_seconds_per_step")
+                L.append(f"| {r['job']} | {r['variant']} | {'failed' if sps is None else f'{sps:.3f}'} | "
+                         f"{'' if plan is None else f'{plan:.3f}'} |")
         L += [""] + _kept("speed-cpu-note", kept, [
             "The planner's `cpu` row (measure/devices.py) is not calibrated by this: with the cores shared (load "
             "average above 2 per core), wall seconds say little about the step's own cost."])

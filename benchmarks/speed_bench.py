@@ -1,13 +1,15 @@
 """Seconds per training step on this CPU, with and without the speed features, and the planner's prediction beside.
 
-Two jobs: the README's main job (``python -m lowmem_alignprop``: the built-in tiny model, cpu profile, brightness
-reward) and tests/midsize.py's mid-size SD-shaped model (128 px, K = 2 of 4 steps, batch 2). Each variant trains
-in its own process for ``--steps`` steps; the seconds per step are the mean of the steps after the first two (step
-1 warms up, step 2 is the step whose memory the profiler measures). The planner's estimate of the same step on
-this CPU (``plan --device cpu``: counted work, measure/devices.py's cpu row at torch's thread count) is printed
-beside it.
+Two jobs: the README's main job (``python -m lowmem_alignprop``: the shipped toy world, cpu profile) and
+tests/midsize.py's mid-size SD-shaped model (128 px, K = 2 of 4 steps, batch 2). Each variant trains in its own
+process for ``--steps`` steps; its seconds per step are the mean of the steps after the first two (step 1 warms up
+and compiles, step 2 is the step whose memory the profiler measures). ``--repeats N`` runs every variant N times,
+interleaved (all variants once, then again), so that a slow minute of a shared machine falls on all of them; the
+summary gives each variant's median, its range, and its median against the profile's. The planner's estimate of
+the same step on this CPU (``plan --device cpu``: counted work, measure/devices.py's cpu row at torch's thread
+count) is printed beside it.
 
-    python benchmarks/speed_bench.py --out benchmarks/results/speed-cpu.json [--steps 8] [--only tiny,midsize]
+    python benchmarks/speed_bench.py --out benchmarks/results/speed-cpu.json [--steps 8] [--repeats 3] [--only toy,midsize]
 
 TRL's AlignPropTrainer on the same models and settings: benchmarks/trl_compare.py (CPU seconds, interleaved runs).
 """
@@ -40,7 +42,7 @@ VARIANTS = [  # (label, --set overrides)
 
 def jobs(midsize: Path) -> dict[str, list[str]]:
     return {
-        "tiny": ["--profile", "cpu"],  # the README's first command
+        "toy": ["--profile", "cpu"],  # the README's first command: the shipped toy world
         "midsize": ["--profile", "cpu", "--model", str(midsize), "--set", "resolution=128", "--set", "sample_steps=4",
                     "--set", "k=2", "--set", "batch_size=2"],
     }
@@ -77,11 +79,32 @@ def predicted(args: list[str]) -> float | None:
     return step_time(cfg, est, cpu_device())["optimizer_step"]
 
 
+def summary(runs: list[dict]) -> list[dict]:
+    """Per (job, variant): the median seconds per step of its runs, their range, and the median over the profile's
+    own (``as the profile``) median of the same job."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        if r.get("seconds_per_step") is not None:
+            groups.setdefault((r["job"], r["variant"]), []).append(r["seconds_per_step"])
+    out = []
+    for (job, variant), values in groups.items():
+        row = {"job": job, "variant": variant, "runs": len(values), "median": statistics.median(values),
+               "low": min(values), "high": max(values)}
+        base = groups.get((job, VARIANTS[0][0]))
+        if base and variant != VARIANTS[0][0]:
+            row["vs_profile"] = row["median"] / statistics.median(base)
+        out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed-cpu.json")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--only", default="tiny,midsize")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every variant, interleaved")
+    ap.add_argument("--only", default="toy,midsize")
     ap.add_argument("--variants", default="", help="comma-separated labels (default: all)")
     args = ap.parse_args()
     from midsize import build_midsize_dir
@@ -94,19 +117,25 @@ def main() -> int:
     doc = {"kind": "speed_bench", **provenance(" ".join(["python"] + sys.argv), ("torch",),
                                                load_average_at_start=os.getloadavg()), "runs": []}
     wanted = set(filter(None, args.variants.split(",")))
-    for job, base in jobs(midsize).items():
-        if job not in args.only.split(","):
-            continue
-        plan_s = predicted(base)
-        for label, change in VARIANTS:
-            if wanted and label not in wanted:
-                continue
-            sets = [x for k, v in change.items() for x in ("--set", f"{k}={str(v).lower()}")]
-            row = train(base + sets, args.steps, work / f"{job}-{label.replace(' ', '_').replace('=', '-')}")
-            row.update(job=job, variant=label, planner_seconds_per_step=plan_s if not change else None)
-            doc["runs"].append(row)
-            print(f"{job:8} {label:16} {row.get('seconds_per_step', float('nan')):7.3f} s/step"
-                  + (f"   planner {plan_s:.3f}" if not change else ""), flush=True)
+    chosen = [(job, base) for job, base in jobs(midsize).items() if job in args.only.split(",")]
+    plans = {job: predicted(base) for job, base in chosen}
+    for repeat in range(args.repeats):  # interleaved: a slow spell of the machine lands on every variant
+        for job, base in chosen:
+            for label, change in VARIANTS:
+                if wanted and label not in wanted:
+                    continue
+                sets = [x for k, v in change.items() for x in ("--set", f"{k}={str(v).lower()}")]
+                tag = f"{job}-{label.replace(' ', '_').replace('=', '-')}-{repeat}"
+                row = train(base + sets, args.steps, work / tag)
+                row.update(job=job, variant=label, repeat=repeat,
+                           planner_seconds_per_step=plans[job] if not change else None)
+                doc["runs"].append(row)
+                print(f"{job:8} {label:16} {row.get('seconds_per_step', float('nan')):7.3f} s/step"
+                      + (f"   planner {plans[job]:.3f}" if not change else ""), flush=True)
+    doc["summary"] = summary(doc["runs"])
+    for r in doc["summary"]:
+        print(f"{r['job']:8} {r['variant']:16} median {r['median']:.3f} s/step ({r['low']:.3f}-{r['high']:.3f}, "
+              f"{r['runs']} runs)" + (f", x{r['vs_profile']:.2f} the profile's" if r.get("vs_profile") else ""))
     doc["device"]["load_average_at_end"] = os.getloadavg()
     doc["wall_seconds"] = round(time.time() - t_start, 1)
     atomic.write_text(args.out, json.dumps(doc, indent=1))

@@ -411,3 +411,23 @@ def test_tiled_decode_is_searched_only_where_it_cuts_tiles():
     assert tiled_level(at_768) and tiled_candidate(at_768)
     # a smaller tile makes 512 px tile too
     assert fit_changes.decode_tiles(dataclasses.replace(at_512, tile_size=32, tile_overlap=8).validate(), "cuda")
+
+
+def test_the_speed_benchmark_summarises_interleaved_repeats_by_median_against_the_profiles():
+    """benchmarks/speed_bench.py --repeats: one slow run (a busy minute of a shared machine) moves the range, not the
+    median; each variant is set against the profile's own median of the same job; a failed run counts nowhere."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed_bench.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [{"job": "tiny", "variant": "as the profile", "seconds_per_step": s} for s in (1.0, 1.2, 3.0)]
+    runs += [{"job": "tiny", "variant": "channels_last", "seconds_per_step": s} for s in (0.9, 0.8, 0.95)]
+    runs += [{"job": "tiny", "variant": "compile=nograd", "seconds_per_step": None, "returncode": 1}]
+    rows = {r["variant"]: r for r in bench.summary(runs)}
+    assert set(rows) == {"as the profile", "channels_last"}
+    assert rows["as the profile"] == {"job": "tiny", "variant": "as the profile", "runs": 3, "median": 1.2,
+                                      "low": 1.0, "high": 3.0}
+    assert rows["channels_last"]["median"] == 0.9 and rows["channels_last"]["vs_profile"] == pytest.approx(0.75)
