@@ -25,6 +25,7 @@ from lowmem_alignprop.models.pipeline_load import load_pipeline
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
@@ -210,13 +211,8 @@ def is_flow_hub_id(repo: str, *, cache_only: bool | None = None) -> bool:
 
     if cache_only is None:
         cache_only = hub.offline()  # no network: the cache only, at once
-    try:
-        from huggingface_hub import hf_hub_download
-
-        index = Path(hf_hub_download(repo, "model_index.json", local_files_only=cache_only))
-    except Exception:  # noqa: BLE001 - not cached or not a pipeline: the usual load says what it is
-        return False
-    return fl.is_flow_dir(index.parent)
+    index = hub_file(repo, "model_index.json", download=not cache_only)  # None: the usual load says what it is
+    return index is not None and fl.is_flow_dir(index.parent)
 
 
 def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
