@@ -117,3 +117,80 @@ def test_under_a_launcher_only_rank_0_says_so(online_by_setting, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert hub.offline() is True
     assert "no network" not in caplog.text and constants.HF_HUB_OFFLINE is True  # offline all the same
+
+
+def _fake_hub(monkeypatch, tmp_path, repos: dict, fetched: list):
+    """huggingface_hub's downloads served from local folders (``repos``: hub id -> folder): what a download fetches
+    is copied into a hub cache of huggingface_hub's layout, and every request is recorded in ``fetched``; lookups
+    with local_files_only read that cache as the real functions do."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    real_snapshot, real_file = huggingface_hub.snapshot_download, huggingface_hub.hf_hub_download
+
+    def copy(repo, wanted):
+        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        for f in repos[repo].rglob("*"):
+            rel = f.relative_to(repos[repo]).as_posix()
+            if f.is_file() and wanted(rel):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, snapshot / rel)
+        (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+
+    def snapshot_download(repo, *, local_files_only=False, allow_patterns=None, **kw):
+        if not local_files_only:
+            fetched.append((repo, tuple(allow_patterns or ())))
+            copy(repo, lambda rel: any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"]))
+        return real_snapshot(repo, local_files_only=True, allow_patterns=allow_patterns, **kw)
+
+    def hf_hub_download(repo, filename, *, local_files_only=False, **kw):
+        if not local_files_only:
+            fetched.append((repo, filename))
+            copy(repo, lambda rel: rel == filename)
+        return real_file(repo, filename, local_files_only=True, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return cache
+
+
+def test_plan_of_a_hub_id_not_downloaded_fetches_its_configs_and_never_weights(online_by_setting, monkeypatch,
+                                                                                tmp_path, capsys):
+    """A laptop asks whether a hub model fits a card before downloading it: plan fetches its configs and tokenizers
+    (no weights) and plans it as it plans the folder; offline it says so in one line, naming what to do."""
+    import json
+
+    from flowmodels import build_tiny_flux_dir
+
+    from lowmem_alignprop.measure.meta_models import CONFIG_FILES
+    from lowmem_alignprop.models.tiny import tiny_model_dir
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())  # the hub: reachable
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # as the command line sets it: DeepSpeed's detection prints to stdout
+    folders = {"someone/new-sd": tiny_model_dir(), "someone/new-flux": build_tiny_flux_dir(tmp_path / "flux")}
+    fetched: list = []
+    cache = _fake_hub(monkeypatch, tmp_path, folders, fetched)
+    plan = ["plan", "--profile", "cpu", "--set", "resolution=32", "--json"]
+    for repo, folder in folders.items():
+        needed = []
+        for model in (repo, str(folder)):
+            assert main([*plan, "--model", model]) == 0
+            needed.append(json.loads(capsys.readouterr().out)["peak_needed"])
+        assert needed[0] == needed[1] > 0, repo
+        assert (repo, tuple(CONFIG_FILES)) in fetched  # the configs, in one request
+    assert fetched[0] == ("someone/new-sd", "model_index.json")  # is it SD3/FLUX? (a few hundred bytes)
+    weights = [p.name for p in cache.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    assert weights == [] and any(cache.rglob("tokenizer_2/*"))  # FLUX's T5 tokenizer came, no weight did
+
+    fetched.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([*plan, "--model", "someone/not-here"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: plan needs the architecture of 'someone/not-here': it is not in the local Hugging "
+                          "Face cache and the hub cannot be reached; on a machine with network run `hf download "
+                          "someone/not-here --local-dir DIR`") and fetched == []

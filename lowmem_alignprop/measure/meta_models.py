@@ -5,13 +5,14 @@ architecture configs (:func:`meta_components`, built once per model and dtype) a
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowmem_alignprop.settings.config import Config
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import model_index
 
 
@@ -31,6 +32,7 @@ REWARD_ARCH = {"aesthetic": ("ViT-L/14", _VIT_L14), "clip": ("ViT-L/14", _VIT_L1
 
 
 _META_CACHE: dict[tuple, Any] = {}
+log = logging.getLogger("lowmem_alignprop")
 
 
 def _dir_components(root: Path, dtype: torch.dtype) -> dict:
@@ -52,17 +54,42 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
     return out
 
 
-def _hub_snapshot(repo: str) -> Path:
-    """The configs of a hub id from the local cache (the planner never downloads), or a UserError."""
-    try:
-        from huggingface_hub import snapshot_download
+CONFIG_FILES = ["*.json", "*.txt", "tokenizer*/*"]  # a hub model's configs, scheduler and tokenizers: no weights
 
-        return Path(snapshot_download(repo, local_files_only=True,
-                                      allow_patterns=["*.json", "*.txt", "tokenizer*/*"]))
-    except Exception:  # not in the local cache
-        raise UserError(f"plan needs the architecture of {repo!r} but it is not in the local Hugging Face cache: "
-                        "use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers "
-                        "directory") from None
+
+def _hub_snapshot(repo: str) -> Path:
+    """The configs of a hub id (:data:`CONFIG_FILES`, a few MB, never weights): from the local cache, else fetched
+    from the hub when it can be reached, so a laptop plans a model before downloading it; else a UserError."""
+    from huggingface_hub import snapshot_download
+
+    from lowmem_alignprop.run import hub
+
+    try:
+        root = Path(snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES))
+        if _has_its_configs(root):
+            return root
+    except Exception:  # noqa: BLE001 - not in the local cache (or only model_index.json, --profile auto's)
+        pass
+    instead = "or use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers directory"
+    if hub.offline():
+        raise UserError(f"plan needs the architecture of {repo!r}: it is not in the local Hugging Face cache and the "
+                        f"hub cannot be reached; {hub.download_hint(repo, 'pass that DIR as --model')}, {instead}")
+    log.info("plan: fetching the configs of %s (json and tokenizer files, no weights)", repo)
+    try:
+        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
+    except Exception as e:  # noqa: BLE001 - no such repository, gated, a failed request
+        raise UserError(f"plan needs the architecture of {repo!r} and could not fetch its configs ({first_line(e, 160)}"
+                        f"); a gated model (FLUX.1-dev, SD3.5) needs its license accepted on the hub and `hf auth "
+                        f"login`; {instead}") from None
+
+
+def _has_its_configs(root: Path) -> bool:
+    """A snapshot holds model_index.json and a non-empty folder for each component it names (a cache may hold
+    model_index.json alone: --profile auto fetched it)."""
+    index = model_index(root)
+    return index is not None and all(
+        (root / name).is_dir() and any((root / name).iterdir())
+        for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0])
 
 
 def _hub_config_dir(repo: str) -> Path:
@@ -98,7 +125,7 @@ def meta_base(cfg: Config, dtype: torch.dtype):
     key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
     kind, where = resolve_model(cfg.model)
     if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components
-                                   or (kind == "hub" and is_flow_hub_id(where, cache_only=True))):
+                                   or (kind == "hub" and is_flow_hub_id(where))):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
     if key not in _META_CACHE:
         if kind == "tiny":

@@ -203,15 +203,13 @@ def _is_flow_transformer_file(path: str) -> bool:
                    for k in keys)
 
 
-def is_flow_hub_id(repo: str, *, cache_only: bool | None = None) -> bool:
-    """A hub id whose model_index.json (from the cache, or downloaded: a few hundred bytes) names an SD3/FLUX
-    pipeline. Told before loading, so a quantized base loads the transformer's way, not the UNet's.
-    ``cache_only``: never download (the planner); default: only when there is no network."""
+def is_flow_hub_id(repo: str) -> bool:
+    """A hub id whose model_index.json (from the cache, or downloaded when the hub can be reached: a few hundred
+    bytes) names an SD3/FLUX pipeline. Told before loading (and planning), so a quantized base loads the
+    transformer's way, not the UNet's."""
     from lowmem_alignprop.models import flow_loading as fl
 
-    if cache_only is None:
-        cache_only = hub.offline()  # no network: the cache only, at once
-    index = hub_file(repo, "model_index.json", download=not cache_only)  # None: the usual load says what it is
+    index = hub_file(repo, "model_index.json", download=not hub.offline())  # None: the usual load says what it is
     return index is not None and fl.is_flow_dir(index.parent)
 
 
