@@ -652,6 +652,24 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
     assert summary == {**summary, **first_last_rewards(rows)}
 
 
+def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, capsys):
+    """One step is both the first and the last: the box showed '83.09 -> 83.09 (+0.0000)', a change of nothing."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.run.runfolder import first_last_rewards
+    from lowmem_alignprop.settings.config import Config
+
+    one = first_last_rewards([{"prompt_ids": [0, 1], "rewards": [80.0, 86.0], "reward_mean": 83.0}])
+    assert one["reward_steps"] == 1 and one["reward_first"] == one["reward_last"] == 83.0
+    s = {**one, "device": "cpu", "seconds_per_step": 2.0, "peak_memory_gb": 0.05, "attention": "sdpa",
+         "output_dir": str(tmp_path), "steps_done": 1}
+    print_summary(s, Config(steps=1, reward="toy_clip"), "cpu")
+    assert " reward (toy_clip): 83.0000 in the only step (nothing to compare it with)\n" in capsys.readouterr().out
+    two = first_last_rewards([{"prompt_ids": [0], "rewards": [1.0], "reward_mean": 1.0}] * 2)
+    print_summary({**s, **two}, Config(steps=2, reward="toy_clip"), "cpu")
+    assert " reward (toy_clip): 1.0000 -> 1.0000  (+0.0000)  [the same 1 prompt, first and last 1 step]\n" in \
+        capsys.readouterr().out
+
+
 def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_path, capsys):
     import json
 

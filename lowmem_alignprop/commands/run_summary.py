@@ -46,6 +46,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
          if s.get("interrupted") else
          f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
+        f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step (nothing to compare it with)"
+        if math.isfinite(change) and s.get("reward_steps") == 1 else
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
         if math.isfinite(change) else
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",

@@ -242,6 +242,10 @@ def first_last_rewards(history: list[dict]) -> dict[str, Any]:
     in both), averaged over the prompts in both. ``reward_prompts``: how many; ``reward_window``: n. Rows without
     per-image prompts (runs before they were recorded) give the mean of every image in the windows instead
     (``reward_prompts`` None: different prompts at the start and at the end)."""
+    return {**_first_last(history), "reward_steps": len(history)}  # reward_steps 1: nothing to compare
+
+
+def _first_last(history: list[dict]) -> dict[str, Any]:
     nan = float("nan")
     if not history:
         return {"reward_first": nan, "reward_last": nan, "reward_prompts": None, "reward_window": 0}
