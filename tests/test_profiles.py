@@ -17,7 +17,7 @@ import lowmem_alignprop.commands.train as train_mod
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config, build_config
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.profiles import AUTO_LADDER, card_budget, describe, load_profile, \
+from lowmem_alignprop.settings.profiles import AUTO_LADDER, card_budget, describe, load_profile, resolve_config, \
     shipped_profiles
 
 SHIPPED = sorted(shipped_profiles())
@@ -264,7 +264,7 @@ def test_the_model_kind_is_read_from_a_folder_or_the_hub_cache_without_loading(t
 
     import huggingface_hub.constants
 
-    from lowmem_alignprop.settings.profiles import model_kind_of
+    from lowmem_alignprop.settings.model_kind import model_kind_of
 
     def folder(root, pipeline, layers=None):
         root.mkdir(parents=True)
@@ -280,6 +280,15 @@ def test_the_model_kind_is_read_from_a_folder_or_the_hub_cache_without_loading(t
     assert model_kind_of(str(folder(tmp_path / "l", "StableDiffusion3Pipeline", 38))) == "sd35l"
     assert model_kind_of(str(folder(tmp_path / "other", "KandinskyPipeline"))) is None
     assert model_kind_of(str(tmp_path / "missing")) is None and model_kind_of("model.safetensors") is None
+    # a transformer file (the common FLUX case) by its model_components folder; an SD single file is not told
+    transformer = tmp_path / "flux1-dev.safetensors"
+    transformer.write_bytes(b"not read")
+    assert model_kind_of(str(transformer), str(tmp_path / "flux")) == "flux"
+    assert model_kind_of(str(transformer), str(tmp_path / "l")) == "sd35l" and model_kind_of(str(transformer)) is None
+    assert model_kind_of("", str(tmp_path / "flux")) is None  # no model: the working directory is not read
+    _fake_cuda(monkeypatch, 7.6)
+    assert resolve_config("auto", {"model": str(transformer)}, [f"model_components={tmp_path / 'flux'}"])[0] \
+        == "rtx3060-flux"
     # a hub id: its files in the local hub cache (the layout huggingface_hub writes), never the network
     cache = tmp_path / "hub"
     repo = cache / "models--owner--big-flux"

@@ -209,8 +209,8 @@ def check_supported(comps, cfg) -> None:
 
 def model_kind(comps) -> str:
     """What the profiles are made for (settings/profiles.MODEL_KINDS) of loaded components: sd, sdxl, sd35m, sd35l
-    or flux (settings/profiles.model_kind_of tells it from a --model value before loading, where it can)."""
-    from lowmem_alignprop.settings.profiles import sd3_kind
+    or flux (settings/model_kind.model_kind_of tells it from a --model value before loading, where it can)."""
+    from lowmem_alignprop.settings.model_kind import sd3_kind
 
     family = getattr(comps, "family", "unet")
     if family == "unet":

@@ -525,15 +525,12 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
 
 
 def _is_flux(model: str, components: str) -> bool:
-    """A FLUX.1 model as its files tell, without loading it: the shipped ``flux`` architecture, or a folder (the model,
-    or a transformer file's model_components) whose model_index.json names FluxPipeline. A hub id cannot be told
-    here: the loader refuses it there (models/family.check_supported)."""
-    from lowmem_alignprop.settings.paths import pipeline_class
+    """A FLUX.1 model as its files tell, without loading it (settings/model_kind: the shipped ``flux``, a folder or a
+    transformer file's model_components, a hub id in the local hub cache). Otherwise the loader refuses it
+    (models/family.check_supported)."""
+    from lowmem_alignprop.settings.model_kind import model_kind_of
 
-    if model == "flux":
-        return True
-    # an empty field is no folder (Path("") would read the working directory's model_index.json)
-    return any(pipeline_class(os.path.expanduser(folder)) == "FluxPipeline" for folder in (model, components) if folder)
+    return model_kind_of(model, components) == "flux"
 
 
 def _closest_choice(value, choices) -> str:

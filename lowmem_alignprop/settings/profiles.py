@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -12,9 +11,9 @@ import yaml
 
 from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.hub_access import hub_file
+from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of, model_index
+from lowmem_alignprop.settings.paths import kind_of
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
@@ -108,44 +107,6 @@ def profile_for_card(card: tuple[str, float] | None, kind: str | None = None) ->
     return max((f for f in fits if f[0] <= room), default=(0, name))[1]
 
 
-def sd3_kind(num_layers: int) -> str:
-    """SD3.5 Large has 38 transformer layers, Medium 24 (an SD3-shaped model of fewer counts as Medium)."""
-    return "sd35l" if num_layers >= 38 else "sd35m"
-
-
-_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-                   "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
-_NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
-                "sd35l": "sd35l", "flux": "flux"}
-
-
-def model_kind_of(model: str, *, download: bool = False) -> str | None:
-    """What the profiles are made for (MODEL_KINDS) of a --model value, read before anything loads: the named models,
-    a diffusers folder (its model_index.json), a hub id by the same file from the local hub cache or, with
-    ``download``, from the hub (a few hundred bytes; the model's own download follows); None when only loading
-    tells (a single file, a hub id out of reach, another pipeline)."""
-    if model in _NAMED_KINDS:
-        return _NAMED_KINDS[model]
-    index = _model_file(model, "model_index.json", download)
-    kind = _PIPELINE_KINDS.get((model_index(index.parent) or {}).get("_class_name")) if index else None
-    if kind != "sd3":
-        return kind
-    config = _model_file(model, "transformer/config.json", download)
-    try:
-        return sd3_kind(int(json.loads(config.read_text())["num_layers"]))
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
-        return None
-
-
-def _model_file(model: str, name: str, download: bool) -> Path | None:
-    """File ``name`` of a --model value's diffusers folder: in the folder itself, or for a hub id in its hub cache
-    snapshot (hub_access.hub_file); None for a hub id that gives none."""
-    path = Path(model).expanduser()
-    if path.exists() or "/" not in model:
-        return path / name
-    return hub_file(model, name, download=download)
-
-
 class _DuplicateKey(Exception):
     pass
 
@@ -205,13 +166,14 @@ def _load_yaml(text: str):
         loader.dispose()
 
 
-def load_profile(spec: str, model: str = "") -> tuple[str, dict[str, Any]]:
+def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file. ``model``: the run's
-    --model, from which 'auto' picks the card's profile made for it when it can tell (:func:`profile_for_card`)."""
+    --model (and ``components``, its model_components), from which 'auto' picks the card's profile made for it when
+    it can tell (:func:`profile_for_card`)."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
         detected = detect_card()  # with a card, a hub id not downloaded yet is asked what it is (None: no card)
-        spec = profile_for_card(detected, model_kind_of(model, download=detected is not None))
+        spec = profile_for_card(detected, model_kind_of(model, components, download=detected is not None))
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
@@ -308,7 +270,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     explicit = {k: v for k, v in flags.items() if v is not None}
     if resumed is None:
         model = str(overrides.get("model", explicit.get("model", Config().model)))
-        name, values = load_profile(profile, model)
+        name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
         values = with_model_defaults(values, model)
     else:
         name, values = resumed
