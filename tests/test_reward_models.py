@@ -333,3 +333,28 @@ def test_with_several_model_rewards_the_fix_names_the_missing_ones_entry(offline
         pytest.skip("the real CLIP is in this machine's Hugging Face cache")
     with pytest.raises(UserError, match=r"--set reward_weights='\.\.\.;clip=PATH'"):
         build_reward("aesthetic:1,clip:0.5", weights=f"aesthetic={dirs['aesthetic']}")
+
+
+def test_hub_files_of_the_reward_models_come_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """HPSv2's checkpoint under either cached name, and a hub id's preprocessor_config.json, are read from the local
+    hub cache without a request (offline here, as conftest sets it); nothing cached: None, and no error."""
+    import json
+
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.rewards import clip_rewards as cr
+
+    def cache(repo: str, files: dict[str, str]):
+        root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        for name, text in files.items():
+            (root / "snapshots" / "abc" / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "snapshots" / "abc" / name).write_text(text)
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text("abc")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cr._hub_hps_file() is None and cr._read_preprocessor(["someone/clip"]) is None
+    cache(cr.HPS_HUB_REPO, {cr.HPS_FILES[1]: "v2"})  # the older name only
+    assert cr._hub_hps_file().read_text() == "v2"
+    cache("someone/clip", {"preprocessor_config.json": json.dumps({"crop_size": 224})})
+    assert cr._read_preprocessor(["", "someone/clip"]) == {"crop_size": 224}

@@ -46,6 +46,7 @@ from lowmem_alignprop.memory.recompute import checkpoint_modules
 from lowmem_alignprop.models.pipeline_load import missing_weights
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.hub_access import hub_file
 from .base import RewardModule
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -254,12 +255,10 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
             continue
         if _looks_like_path(source):
             continue
+        cached = hub_file(source, "preprocessor_config.json")  # the local hub cache only
         try:
-            from huggingface_hub import hf_hub_download
-
-            return json.loads(Path(hf_hub_download(source, "preprocessor_config.json",
-                                                   local_files_only=True)).read_text())
-        except Exception:
+            return json.loads(cached.read_text()) if cached else None
+        except (OSError, ValueError):
             continue
     return None
 
@@ -482,21 +481,11 @@ def _find_hps_file(directory: Path) -> Path | None:
 
 
 def _hub_hps_file() -> Path | None:
-    try:
-        from huggingface_hub import hf_hub_download
-    except Exception:  # pragma: no cover
-        return None
+    """HPSv2's checkpoint from the local hub cache (either of its names), else downloaded when the hub is reachable."""
     for name in HPS_FILES[:2]:
-        try:
-            return Path(hf_hub_download(HPS_HUB_REPO, name, local_files_only=True))
-        except Exception:
-            pass
-    if not hub.offline():
-        try:
-            return Path(hf_hub_download(HPS_HUB_REPO, HPS_FILES[0]))
-        except Exception:
-            return None
-    return None
+        if cached := hub_file(HPS_HUB_REPO, name):
+            return cached
+    return hub_file(HPS_HUB_REPO, HPS_FILES[0], download=not hub.offline())
 
 
 def build_hpsv2(weights: str = "", checkpointing: bool = False) -> HPSv2Reward:
