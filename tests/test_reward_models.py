@@ -357,4 +357,4 @@ def test_hub_files_of_the_reward_models_come_from_the_local_hub_cache(tmp_path, 
     cache(cr.HPS_HUB_REPO, {cr.HPS_FILES[1]: "v2"})  # the older name only
     assert cr._hub_hps_file().read_text() == "v2"
     cache("someone/clip", {"preprocessor_config.json": json.dumps({"crop_size": 224})})
-    assert cr._read_preprocessor(["", "someone/clip"]) == {"crop_size": 224}
+    assert cr._read_preprocessor(["", "someone/not-cached", "someone/clip"]) == {"crop_size": 224}  # the next source

@@ -256,8 +256,10 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
         if _looks_like_path(source):
             continue
         cached = hub_file(source, "preprocessor_config.json")  # the local hub cache only
+        if cached is None:
+            continue
         try:
-            return json.loads(cached.read_text()) if cached else None
+            return json.loads(cached.read_text())
         except (OSError, ValueError):
             continue
     return None
