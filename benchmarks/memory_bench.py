@@ -519,24 +519,15 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
               + ("(no other job on the machine at the start; the end's is the benchmark's own runs). " if idle else
                  "(other jobs shared the cores: the seconds are an upper bound and not comparable between rows). ")
               + "Each run: the mean of its steps after the first two."]
-        rows = b.get("summary")
-        if rows:
-            plans = {r["job"]: r["planner_seconds_per_step"] for r in b["runs"]
-                     if r.get("planner_seconds_per_step") is not None}
-            L += ["", "| job | variant | runs | median s/step | range | median / the profile's | planner s/step |",
-                  "|---|---|---:|---:|---|---:|---:|"]
-            for r in rows:
-                vs = f"{r['vs_profile']:.2f}" if r.get("vs_profile") else ""
-                plan = f"{plans[r['job']]:.3f}" if not vs and r["job"] in plans else ""
-                L.append(f"| {r['job']} | {r['variant']} | {r['runs']} | {r['median']:.3f} | "
-                         f"{r['low']:.3f}-{r['high']:.3f} | {vs} | {plan} |")
-        else:
-            L += ["", "| job | variant | s/step | planner s/step |", "|---|---|---:|---:|"]
-            for r in b["runs"]:
-                sps = r.get("seconds_per_step")
-                plan = r.get("planner_seconds_per_step")
-                L.append(f"| {r['job']} | {r['variant']} | {'failed' if sps is None else f'{sps:.3f}'} | "
-                         f"{'' if plan is None else f'{plan:.3f}'} |")
+        plans = {r["job"]: r["planner_seconds_per_step"] for r in b["runs"]
+                 if r.get("planner_seconds_per_step") is not None}
+        L += ["", "| job | variant | runs | median s/step | range | median / the profile's | planner s/step |",
+              "|---|---|---:|---:|---|---:|---:|"]
+        for r in b["summary"]:  # speed_bench.summary: per job and variant
+            vs = f"{r['vs_profile']:.2f}" if r.get("vs_profile") else ""
+            plan = f"{plans[r['job']]:.3f}" if not vs and r["job"] in plans else ""
+            L.append(f"| {r['job']} | {r['variant']} | {r['runs']} | {r['median']:.3f} | "
+                     f"{r['low']:.3f}-{r['high']:.3f} | {vs} | {plan} |")
         L += [""] + _kept("speed-cpu-note", kept, [
             "The planner's `cpu` row (measure/devices.py) is not calibrated by this: with the cores shared (load "
             "average above 2 per core), wall seconds say little about the step's own cost."])
