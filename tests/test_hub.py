@@ -14,19 +14,20 @@ import pytest
 from huggingface_hub import constants
 
 from lowmem_alignprop.run import hub
+from lowmem_alignprop.settings import hub_access
 from lowmem_alignprop.cli import main
 
 
 @pytest.fixture
 def online_by_setting(monkeypatch):
     """No offline variable set, huggingface_hub in online mode; the probe's cache is cleared before and after."""
-    for var in hub.OFFLINE_VARS + hub.PROXY_VARS:
+    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    hub.unreachable.cache_clear()
+    hub_access.unreachable.cache_clear()
     probes: list[tuple] = []
     yield probes
-    hub.unreachable.cache_clear()
+    hub_access.unreachable.cache_clear()
 
 
 def _no_dns(probes):
@@ -40,7 +41,7 @@ def test_an_unresolvable_hub_switches_huggingface_hub_to_the_cache_once(online_b
     monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert hub.offline() is True and hub.offline() is True
-    assert online_by_setting == [(("huggingface.co", 443), hub.TIMEOUT)]  # probed once
+    assert online_by_setting == [(("huggingface.co", 443), hub_access.TIMEOUT)]  # probed once
     assert constants.HF_HUB_OFFLINE is True  # diffusers and transformers now read the cache only
     said = [r.getMessage() for r in caplog.records if "no network" in r.getMessage()]
     assert said == ["no network to the Hugging Face hub: huggingface.co cannot be resolved (Name or service not "
@@ -61,7 +62,7 @@ def test_a_refused_connection_to_a_mirror_endpoint_is_offline(online_by_setting,
         raise ConnectionRefusedError(111, "Connection refused")
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.example:8080")  # HF_ENDPOINT
-    assert hub.unreachable() == "mirror.example:8080 cannot be reached (Connection refused)"
+    assert hub_access.unreachable() == "mirror.example:8080 cannot be reached (Connection refused)"
     assert online_by_setting == [("mirror.example", 8080)]
 
 

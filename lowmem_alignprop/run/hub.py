@@ -15,8 +15,7 @@ import logging
 from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
-from lowmem_alignprop.settings.hub_access import (  # noqa: F401 - the probe's names, here too
-    OFFLINE_VARS, PROXY_VARS, TIMEOUT, offline_by_setting, unreachable)
+from lowmem_alignprop.settings.hub_access import offline_by_setting, unreachable
 
 log = logging.getLogger("lowmem_alignprop")
 
