@@ -101,8 +101,9 @@ def _distance_to_base(comps, emb) -> float:
 
 
 def test_kl_keeps_the_lora_nearer_the_base(tiny):
-    """Eight AdamW steps from the same start on the brightness reward: with kl_coeff the LoRA's predictions stay
-    nearer the base model's than without (the distance the KL term penalises, at three noise levels)."""
+    """Three AdamW steps (lr 1e-2) from the same start on the brightness reward: with kl_coeff the LoRA's predictions
+    stay nearer the base model's than without (the distance the KL term penalises, at three noise levels). Measured:
+    0.0025 against 0.144 (a ratio of 0.017; eight steps at lr 3e-3: 0.012); held at 0.2."""
     cfg, comps, params, emb = tiny
     start = [p.detach().clone() for p in params]
     distance = {}
@@ -111,9 +112,9 @@ def test_kl_keeps_the_lora_nearer_the_base(tiny):
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-        opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
         kls = []
-        for step in range(8):
+        for step in range(3):
             terms: dict = {}
             loss, _, grads = _step(run, comps, params, emb, seed=100 + step, terms=terms)
             for p, gr in zip(params, grads):
@@ -125,8 +126,8 @@ def test_kl_keeps_the_lora_nearer_the_base(tiny):
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
-    print(f"distance to the base after 8 steps: {distance}")
-    assert distance[50.0] < 0.5 * distance[0.0], distance
+    print(f"distance to the base after 3 steps: {distance}")
+    assert distance[50.0] < 0.2 * distance[0.0], distance
 
 
 def test_kl_costs_time_not_memory(tiny):

@@ -34,6 +34,10 @@ from lowmem_alignprop.measure.cpu_allocation import measure_cpu_stages  # noqa: 
 from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing  # noqa: E402
 from lowmem_alignprop.memory.tiling import ramp_weights, tile_starts, tiled_decode  # noqa: E402
 
+# one worker runs this file: its module fixture (seven decodes + backward of the mid-size VAE, ~27 s) is made once,
+# not once on each worker that draws one of its tests
+pytestmark = pytest.mark.xdist_group("tiling")
+
 LATENT = 32  # 256 px images from the mid-size VAE
 TILE, OVERLAP = 16, 4
 
