@@ -140,6 +140,22 @@ def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
     assert_rel_close(unet_out(pipe.unet, False), sd["ref"], SAME_OPS, "diffusers export")
 
 
+def test_the_lora_may_be_given_without_its_flag(sd, tmp_path):
+    """`export RUN --format kohya` (what users type first) is `export --lora RUN --format kohya`: the same file (its
+    tensors and metadata; safetensors may write the metadata's keys in another order)."""
+    from safetensors import safe_open
+
+    from lowmem_alignprop.cli import main
+
+    assert main(["export", str(sd["run"]), "--format", "kohya", "--out", str(tmp_path / "bare")]) == 0
+    flagged = export(tmp_path, sd["run"], "--format", "kohya")
+    [a], [b] = (sorted(d.glob("*.safetensors")) for d in (tmp_path / "bare", flagged))
+    assert a.name == b.name
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
 def test_merged_model_is_base_plus_lora_and_weight_zero_is_the_base(case, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -333,6 +349,8 @@ BAD = {
     "merge_without_base": (lambda t, sd, o: ["--lora", str(_no_base_file(t, sd)), "--merge"],
                            "does not say which base model it was trained on"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
+    "no_lora": (lambda t, sd, o: ["--format", "kohya"], "which LoRA? give the folder a run wrote"),
+    "two_loras": (lambda t, sd, o: [str(sd["lora"]), "--lora", str(sd["run"])], "two LoRAs to export"),
     "lora_dir_without_weights": (lambda t, sd, o: ["--lora", str(t)], "holds no pytorch_lora_weights.safetensors"),
     "damaged_lora_file": (lambda t, sd, o: ["--lora", str(_damaged(t, sd)), "--format", "kohya"],
                           "is damaged or not a safetensors file"),

@@ -25,7 +25,8 @@ def export_parser() -> argparse.ArgumentParser:
                "  lowmem-alignprop export --lora outputs/run/lora --merge --weight 0.8 --out merged-model\n"
                "  lowmem-alignprop export --lora outputs/run/lora --merge --single-file   # A1111 models/Stable-diffusion\n"
                "  lowmem-alignprop export --lora outputs/run/lora --format kohya --push-to-hub you/my-lora")
-    p.add_argument("--lora", required=True, metavar="DIR", help="the lora/ folder a run wrote (or the run folder, or a "
+    p.add_argument("lora_dir", nargs="?", metavar="LORA", help="the LoRA to export, as --lora (either way)")
+    p.add_argument("--lora", metavar="DIR", help="the lora/ folder a run wrote (or the run folder, or a "
                    "training checkpoint: checkpoints/step-300)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
                    help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
@@ -48,6 +49,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
+    if args.lora and args.lora_dir and args.lora != args.lora_dir:
+        raise UserError(f"two LoRAs to export ({args.lora_dir} and --lora {args.lora}): give one")
+    args.lora = args.lora or args.lora_dir
+    if not args.lora:
+        raise UserError("which LoRA? give the folder a run wrote: lowmem-alignprop export outputs/run/lora (or the run "
+                        "folder, or a checkpoint: outputs/run/checkpoints/step-300)")
     from lowmem_alignprop.commands import lora_export as lx  # after parsing: --help imports no torch
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.run import hub
