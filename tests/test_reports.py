@@ -98,3 +98,27 @@ def test_the_memory_report_tells_the_measurements_memory_apart_from_the_training
     assert "1.250 GiB in measured step 2" in line
     assert re.search(r"measurement itself held at most 4\.70 MiB", line)
     assert line.endswith(". C allocator: glibc, fixed")  # what RSS is read with
+
+
+def test_the_plans_seconds_read_without_exponents_and_the_run_gets_its_length():
+    """FLUX on an 8 GB card plans at ~2230 s per optimizer step: whole seconds, not 2.23e+03, and the run's 200 steps
+    as 5.2 days; a stage of microseconds is '<0.01', not 0.00012."""
+    from lowmem_alignprop.measure.reports import fmt_duration, fmt_seconds, format_time
+
+    cfg = Config(steps=200, grad_accum=4, truncation="uniform").to_dict()
+    figures = {"fp16_tflops": 25.5, "bf16_tflops": 25.5, "tf32_tflops": 12.7, "fp32_tflops": 12.7,
+               "memory_gbs": 360, "pcie_gbs": 25}
+    work = {"matmul_flops": 2.8e15, "attention_flops": 0.0, "other_bytes": 1.1e13, "ops": 249_000, "pcie_bytes": 3e11}
+    t = {"k_mean": 3, "work_per_micro_step": work, "device": "rtx3060", "device_figures": figures,
+         "matmul_dtype": "bf16", "stages": {"encode_prompts": 0.00012, "sample_nograd": 362.4, "backward": 149.2,
+                                           "optimizer": 0.0123},
+         "micro_step": 556.0, "optimizer_step": 2236.0}
+    lines = format_time(t, cfg)
+    assert "    encode_prompts <0.01  sample_nograd 362  backward 149  optimizer 0.0123" in lines
+    [total] = [x for x in lines if "per optimizer step" in x]
+    assert "per micro-step 556 s; per optimizer step 2236 s (4 micro-steps + optimizer)" in total
+    assert "the run's 200 steps: 5.2 days of training" in total and "e+" not in "\n".join(lines)
+    assert [fmt_seconds(x) for x in (0, 0.004, 0.5, 12.345, 99.96, 100, 1e6)] == \
+        ["0", "<0.01", "0.5", "12.3", "100", "100", "1000000"]
+    assert [fmt_duration(x) for x in (45, 119, 2220, 7200, 18720, 172800)] == \
+        ["45 s", "119 s", "37 min", "2.0 h", "5.2 h", "2.0 days"]

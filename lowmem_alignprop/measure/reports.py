@@ -121,11 +121,33 @@ def format_time(t: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
                                                                      else d["fp32_tflops"])
     lines.append(f"    on {t['device']} ({peak:g} TFLOPS {t['matmul_dtype']}, {d['memory_gbs']:g} GB/s"
                  + (f", PCIe {d['pcie_gbs']:g} GB/s" if d["pcie_gbs"] else "") + "), seconds:")
-    lines.append("    " + "  ".join(f"{name} {sec:.3g}" for name, sec in t["stages"].items()))
-    lines.append(f"    per micro-step {t['micro_step']:.3g} s; per optimizer step {t['optimizer_step']:.3g} s "
-                 f"({cfg['grad_accum']} micro-step{'s' if cfg['grad_accum'] > 1 else ''} + optimizer); an estimate "
-                 "(calibration and its error: benchmarks/REPORT.md section 6)")
+    lines.append("    " + "  ".join(f"{name} {fmt_seconds(sec)}" for name, sec in t["stages"].items()))
+    lines.append(f"    per micro-step {fmt_seconds(t['micro_step'])} s; per optimizer step "
+                 f"{fmt_seconds(t['optimizer_step'])} s ({cfg['grad_accum']} micro-step"
+                 f"{'s' if cfg['grad_accum'] > 1 else ''} + optimizer); the run's {cfg['steps']} steps: "
+                 f"{fmt_duration(cfg['steps'] * t['optimizer_step'])} of training; an estimate (calibration and its "
+                 "error: benchmarks/REPORT.md section 6)")
     return lines
+
+
+def fmt_seconds(sec: float) -> str:
+    """Seconds for a table: three significant digits, whole seconds from 100 on, never an exponent."""
+    if sec >= 100:
+        return f"{sec:.0f}"
+    if sec >= 0.01:
+        return f"{sec:.3g}"
+    return "<0.01" if sec > 0 else "0"
+
+
+def fmt_duration(sec: float) -> str:
+    """A span a person reads: '45 s', '37 min', '5.2 h', '3.1 days'."""
+    if sec < 120:
+        return f"{sec:.0f} s"
+    if sec < 2 * 3600:
+        return f"{sec / 60:.0f} min"
+    if sec < 48 * 3600:
+        return f"{sec / 3600:.1f} h"
+    return f"{sec / 86400:.1f} days"
 
 
 def format_fastest(r: dict[str, Any]) -> str:
@@ -138,12 +160,13 @@ def format_fastest(r: dict[str, Any]) -> str:
         lines.append("  nothing in the searched features fits the budget; the configuration as given:")
         return "\n".join(lines + ["", format_plan(r["plan"])])
     budget = r["plan"]["budget_bytes"]
-    lines.append(f"  fastest that fits: {found['seconds']:.3g} s per optimizer step (estimated), "
+    lines.append(f"  fastest that fits: {fmt_seconds(found['seconds'])} s per optimizer step (estimated), "
                  f"{found['needed'] / GIB:.2f} GiB needed ({100 * found['needed'] / budget:.0f}% of the budget)")
     if given is not None:
         verdict = "fits" if given["fits"] else "does not fit"
         speed = (f"; {given['seconds'] / found['seconds']:.2f}x the fastest's time" if found["seconds"] else "")
-        lines.append(f"  as given: {given['seconds']:.3g} s per optimizer step, {given['needed'] / GIB:.2f} GiB needed "
+        lines.append(f"  as given: {fmt_seconds(given['seconds'])} s per optimizer step, "
+                     f"{given['needed'] / GIB:.2f} GiB needed "
                      f"({verdict}){speed}")
     lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
     lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")
