@@ -5,13 +5,14 @@ import pytest
 from lowmem_alignprop.cli import main
 
 
-def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir):
+def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "3", "--report-to", "tensorboard",
                  "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+    assert f"        logs/ (tensorboard --logdir {out}/logs)\n" in capsys.readouterr().out  # the box says where
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events, list(out.rglob("*"))
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})

@@ -76,6 +76,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
         + "metrics.jsonl, summary.json,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
-        "=" * 64,
     ]
+    if cfg.report_to == "tensorboard":
+        lines.append(f"        logs/ (tensorboard --logdir {s['output_dir']}/logs)")
+    lines += ["=" * 64]
     print("\n".join(lines), flush=True)
