@@ -12,7 +12,11 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "3", "--report-to", "tensorboard",
                  "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
-    assert f"        logs/ (tensorboard --logdir {out}/logs)\n" in capsys.readouterr().out  # the box says where
+    printed = capsys.readouterr().out
+    assert f"        logs/ (tensorboard --logdir {out}/logs)\n" in printed  # the box says where
+    steps = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all(line.endswith(" s left") for line in steps[:2])  # for a log file: time left
+    assert not steps[2].endswith("left")
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events, list(out.rglob("*"))
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})

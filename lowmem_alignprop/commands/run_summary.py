@@ -4,9 +4,11 @@ speed, memory against the budget, and what the run wrote."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from lowmem_alignprop.commands.evaluation import BEST_DIR
+from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.settings.config import Config
 
 
@@ -24,6 +26,29 @@ def toy_world_lines(t: dict | None) -> list[str]:
             f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
             f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
+
+
+class TimeLeft:
+    """The step line's estimate of the time left, for a run read from a log file (a terminal also has the progress
+    bar's): the mean wall time between this process's last steps (sampling, evaluation and checkpoints included;
+    its first step, which pays the warm-up, left out once there are others) times the steps still to run."""
+
+    def __init__(self, recent: int = 10):
+        self.ends: list[float] = []
+        self.recent = recent
+
+    def after_step(self, step: int, steps: int, seconds: float | None) -> str:
+        """' | 12 min left' after step ``step`` of ``steps`` (``seconds``: that step's own time, used while no
+        interval has been seen; None for a skipped step); '' after the last step."""
+        self.ends.append(time.perf_counter())
+        left = steps - step
+        if left <= 0:
+            return ""
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])][-self.recent:]
+        per_step = sum(gaps) / len(gaps) if gaps else seconds
+        if per_step is None:
+            return ""
+        return f" | {fmt_duration(left * per_step)} left"
 
 
 def window_note(s: dict) -> str:

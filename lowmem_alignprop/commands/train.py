@@ -54,7 +54,7 @@ from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA,
                                                   render_fixed_seed)
-from lowmem_alignprop.commands.run_summary import print_summary
+from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
 JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
@@ -161,6 +161,7 @@ class Trainer:
         self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
+        self.time_left = TimeLeft()
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
@@ -690,6 +691,7 @@ class Trainer:
 
         cfg, prof = self.cfg, self.prof
         mem = prof.end_step()
+        left = self.time_left.after_step(step, cfg.steps, row["seconds"] if row else None)
         if step == self.start + 1:
             prof.record_modules(self.modules())
         if bad is not None:
@@ -712,7 +714,7 @@ class Trainer:
             self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
             if cfg.log_every and step % cfg.log_every == 0:
                 self.bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
-                               f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}")
+                               f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}{left}")
         if cfg.report_to != "none":
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         if self.zero_grads.step(step, self.grad_zero):  # the reward's gradient never reaches the LoRA

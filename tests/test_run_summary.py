@@ -1,0 +1,24 @@
+"""commands/run_summary.py: the step line's time left (TimeLeft), on a fake clock."""
+
+from lowmem_alignprop.commands import run_summary
+from lowmem_alignprop.commands.run_summary import TimeLeft
+
+
+def test_time_left_is_the_mean_gap_between_the_last_steps_times_the_steps_to_run(monkeypatch):
+    clock = iter([100.0, 130.0, 150.0, 170.0, 171.0, 172.0])  # step 1 ends at 100 s (its warm-up is not a gap)
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft(recent=3)
+    assert left.after_step(1, 200, seconds=95.0) == " | 5.3 h left"  # no gap yet: the step's own 95 s x 199 = 5.25 h
+    assert left.after_step(2, 200, seconds=30.0) == " | 99 min left"  # 30 s x 198 = 5940 s
+    assert left.after_step(3, 200, seconds=20.0) == " | 82 min left"  # (30 + 20) / 2 x 197 = 4925 s
+    assert left.after_step(4, 200, seconds=20.0) == " | 76 min left"  # (30 + 20 + 20) / 3 x 196 = 4573 s
+    assert left.after_step(5, 200, seconds=1.0) == " | 44 min left"  # the last 3 gaps only: 41 / 3 x 195 = 2665 s
+    assert left.after_step(200, 200, seconds=1.0) == ""  # nothing left to run
+
+
+def test_a_skipped_first_step_says_nothing_until_a_gap_is_seen(monkeypatch):
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft()
+    assert left.after_step(1, 5, seconds=None) == ""  # a NaN step: no row, no seconds
+    assert left.after_step(2, 5, seconds=2.0) == " | 6 s left"
