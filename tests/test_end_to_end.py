@@ -1,4 +1,4 @@
-"""The README's main job on the tiny model: the reward rises, and every promised output is written."""
+"""A run on the tiny model (random weights, brightness): the reward rises, and every promised output is written."""
 
 import json
 
@@ -8,22 +8,25 @@ import yaml
 
 from lowmem_alignprop.cli import main
 
-# one worker runs this file: its module fixture (the 20-step run (25 s)) is then made once, not once per worker
+# one worker runs this file: its module fixture (the 8-step run (12 s)) is then made once, not once per worker
 pytestmark = pytest.mark.xdist_group("end_to_end")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    rc = main(["--profile", "cpu", "--output-dir", str(out), "--steps", "20", "--seed", "0",
+    rc = main(["--profile", "cpu", "--output-dir", str(out), "--steps", "8", "--seed", "0",
                "--set", "lr=0.01", "--set", "sample_prompts=3"])
     assert rc == 0
     return out
 
 
 def test_reward_rises_by_a_clear_margin(run_dir):
+    """Brightness on the tiny model, 8 steps at lr 0.01 (the toy world's run is the proof that means something:
+    test_toy_world). Measured at seeds 0 and 1: the last 3 steps' mean over the first 3 steps' +0.058 and +0.078,
+    the fixed-seed samples +0.035 and +0.038; held at +0.02 and +0.01."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["step"] for r in rows] == list(range(1, 9))
     for r in rows:
         assert {"step", "reward_mean", "reward_std", "loss", "k", "seconds"} <= set(r)
         assert r["k"] == 2

@@ -27,6 +27,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE
 from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
@@ -139,8 +140,9 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
                         if record.get("cheapest_change") else "")
         return cfg, record
     print(f"auto-fit: {record['flags'] or '(no change: the configuration as given is the fastest that fits)'} -> "
-          f"{record['seconds_per_step']:.3g} s per optimizer step estimated on {record['timed_as']} (as given: "
-          f"{record['given_seconds_per_step']:.3g} s, {'fits' if record['given_fits'] else 'does not fit'}), "
+          f"{fmt_seconds(record['seconds_per_step'])} s per optimizer step estimated on {record['timed_as']} (as "
+          f"given: {fmt_seconds(record['given_seconds_per_step'])} s, "
+          f"{'fits' if record['given_fits'] else 'does not fit'}), "
           f"{record['needed_gb']:.2f} GiB needed of {cfg.budget_gb:g}", flush=True)
     return chosen, record
 

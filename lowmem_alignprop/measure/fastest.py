@@ -36,6 +36,7 @@ from lowmem_alignprop.memory.allowances import GIB, WORKSPACE_BYTES
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.figures import reserved
+from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count
 from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.settings.config import Config, set_flags
@@ -121,7 +122,7 @@ class _Search:
         if self.log:
             shown = set_flags({k: v for k, v in change.items() if getattr(self.cfg, k) != v})
             self.log(f"  {len(self.tried):>2}. {shown or '(as given)'}: {est.peak_needed / GIB:.2f} GiB, "
-                     f"{t['optimizer_step']:.3g} s/step -> {'fits' if row['fits'] else 'no'}")
+                     f"{fmt_seconds(t['optimizer_step'])} s/step -> {'fits' if row['fits'] else 'no'}")
         return row
 
     def needed(self, stage_bytes: dict[str, float]) -> float:
@@ -309,7 +310,7 @@ def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
         if isinstance(v, str):
             return f'"{v}"' if v in ("", "no", "yes", "on", "off") else v
         return v
-    lines = [f"# plan --fastest for profile {profile}: {row['seconds']:.3g} s per optimizer step (estimated), "
+    lines = [f"# plan --fastest for profile {profile}: {fmt_seconds(row['seconds'])} s per optimizer step (estimated), "
              f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
     lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
     return "\n".join(lines) + "\n"
