@@ -293,6 +293,7 @@ def sample_parser() -> argparse.ArgumentParser:
                         "training checkpoint: checkpoints/step-300), "
                         "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
                         "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
+    p.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs given without --lora (the same values, after them)")
     p.add_argument("--num-prompts", type=int, default=4, metavar="N",
                    help="first N prompts of the prompt set (default 4)")
     p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
@@ -309,8 +310,10 @@ def cmd_sample(argv: list[str]) -> int:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
+    args.lora += args.loras
     if not args.lora:
-        raise UserError("give the LoRA to evaluate: --lora DIR (the lora/ folder a training run wrote)")
+        raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
+                        "training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:

@@ -231,13 +231,14 @@ def test_half_half_mix_lies_between_the_two_adapters(mixer):
 
 
 def test_cli_weights_reach_the_adapters(tmp_path, loras):
-    """--lora a:0.5 --lora neg_a:0.5 through the CLI: the LoRA row has the base row's rewards."""
+    """a:0.5 --lora neg_a:0.5 through the CLI (a LoRA may be given without --lora): the LoRA row has the base
+    row's rewards."""
     out = tmp_path / "mix"
-    rc = main(["sample", *COMMON, "--lora", f"{loras['a']}:0.5", "--lora", f"{loras['neg_a']}:0.5",
+    rc = main(["sample", *COMMON, f"{loras['a']}:0.5", "--lora", f"{loras['neg_a']}:0.5",
                "--num-prompts", "2", "--output-dir", str(out)])
     assert rc == 0
     r = json.loads((out / SAMPLE_RESULTS).read_text())
-    assert [d["weight"] for d in r["loras"]] == [0.5, 0.5]
+    assert [d["weight"] for d in r["loras"]] == [0.5, 0.5] and len({d["path"] for d in r["loras"]}) == 2
     for p in r["per_prompt"]:
         assert p["lora"] == pytest.approx(p["base"], abs=1e-5)
 
