@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 from lowmem_alignprop.commands.evaluation import BEST_DIR
@@ -34,8 +35,7 @@ class TimeLeft:
     its first step, which pays the warm-up, left out once there are others) times the steps still to run."""
 
     def __init__(self, recent: int = 10):
-        self.ends: list[float] = []
-        self.recent = recent
+        self.ends: deque[float] = deque(maxlen=recent + 1)  # the last steps' end times: ``recent`` gaps
 
     def after_step(self, step: int, steps: int, seconds: float | None) -> str:
         """' | 12 min left' after step ``step`` of ``steps`` (``seconds``: that step's own time, used while no
@@ -44,8 +44,8 @@ class TimeLeft:
         left = steps - step
         if left <= 0:
             return ""
-        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])][-self.recent:]
-        per_step = sum(gaps) / len(gaps) if gaps else seconds
+        ends = self.ends  # the mean gap between them is their span over their count less one
+        per_step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else seconds
         if per_step is None:
             return ""
         return f" | {fmt_duration(left * per_step)} left"
