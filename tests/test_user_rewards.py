@@ -9,6 +9,7 @@ reimplements (times its scale).
 import functools
 import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -232,3 +233,61 @@ def test_the_issue_example_trains_from_the_command_line(tmp_path, monkeypatch, r
     # the tiny model's images are near grey (brightness ~0.5), so redness is near 0: |R - mean(G, B)| <= 1 always
     assert abs(row["reward_mean"]) < 1 and row["grad_norm"] > 0
     assert row["reward_mean"] != pytest.approx(reference["reward_mean"], abs=0.1)  # redness, not brightness
+
+
+def _without_cwd_on_path(monkeypatch, folder):
+    """The ``lowmem-alignprop`` script's sys.path: neither '' nor the working directory (``python -m`` has them)."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(folder))])  # restored after the test
+
+
+def test_a_reward_file_trains_with_its_own_imports_from_another_folder(tmp_path, monkeypatch, reference):
+    """`--reward path/to/file.py:function`: the file is loaded by its path (relative to the working directory), its
+    own imports are found in its folder, and a dataclass in it works (the module is registered under its own name).
+    It reimplements brightness times 2 (a helper module's factor): exactly the reference's numbers, doubled."""
+    rewards = tmp_path / "my rewards"
+    rewards.mkdir()
+    (rewards / "factor.py").write_text("FACTOR = 2.0\n")
+    (rewards / "bright.py").write_text(
+        "import dataclasses\n\nfrom factor import FACTOR\n\n\n@dataclasses.dataclass\nclass Luma:\n"
+        "    r: float = 0.299\n    g: float = 0.587\n    b: float = 0.114\n\n\n"
+        "def score(images, prompts):\n    w, x = Luma(), images.float()\n"
+        "    return FACTOR * (w.r * x[:, 0] + w.g * x[:, 1] + w.b * x[:, 2]).mean(dim=(1, 2))\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    _without_cwd_on_path(monkeypatch, work)
+    row = train_one_step(tmp_path / "run", "../my rewards/bright.py:score")
+    assert row["reward_mean"] == pytest.approx(2 * reference["reward_mean"], rel=1e-6)
+    assert row["grad_norm"] == pytest.approx(2 * reference["grad_norm"], rel=1e-6)
+    # weighed beside a built-in, from an absolute path: 0.5 x (2 x brightness) + brightness
+    both = build_reward(f"{rewards / 'bright.py'}:score:0.5,brightness")
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(both(images, ["a", "b"]), 2 * luma(images), rtol=1e-6, atol=0)
+
+
+def test_a_module_in_the_working_directory_imports_without_pythonpath(tmp_path, monkeypatch):
+    """`--reward myreward:fn` from the folder that holds myreward.py works under the console script too (it does not
+    put the working directory on sys.path; the reward is searched there last, after installed packages)."""
+    (tmp_path / "redness_here.py").write_text(
+        "def redness(images, prompts=None):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    _without_cwd_on_path(monkeypatch, tmp_path)
+    check_reward_spec("redness_here:redness", resolution=16)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(build_reward("redness_here:redness")(images, ["a", "b"]),
+                               images[:, 0].mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("nope.py:score", "reward 'nope.py:score': nope.py is not a file; give the path of your reward's .py file "
+                      "(relative to the working directory, "),
+    ("exits.py:score", "reward 'exits.py:score': importing file 'exits.py' failed with SystemExit: 3; fix the file"),
+    ("exits.py", "reward 'exits.py': name the function in the file too, e.g. 'exits.py:my_reward'"),
+    ("nowhere_module_x:score", "make it importable (install it, add its folder to PYTHONPATH or run from that "
+                               "folder), give its file ('path/to/file.py:function')"),
+])
+def test_a_reward_file_that_cannot_be_used_is_one_line(spec, needle, tmp_path, monkeypatch):
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        check_reward_spec(spec, resolution=16)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -7,7 +7,9 @@ Spec forms:
   * a built-in name (see ``REWARDS``; ``colourfulness`` is accepted for ``colorfulness``); ``toy_count=3`` is the
     toy world's counter with its target count (``toy_count=3:0.5`` weighs it: after ``:`` always comes a weight);
   * ``"a:1.0,b:0.5"``: a weighted sum of terms (a term may also be a user reward, ``pkg.mod:fn:0.5``);
-  * ``"package.module:function"``: your own reward. What it is follows from the spec, never from a guess:
+  * ``"package.module:function"``: your own reward (a module found on ``sys.path`` or in the working directory), or
+    ``"path/to/file.py:function"`` (a file, its folder importable for its own imports). What it is follows from the
+    spec, never from a guess:
       - a function or any other callable (``functools.partial``, an object with ``__call__``, an ``nn.Module``)
         is the reward itself: its first positional parameter takes the images, and the prompts are passed as
         the second when it accepts a second positional argument (``f(images)``, ``f(images, prompts=None)``,
@@ -26,9 +28,14 @@ A term ``x:y`` is a weight when ``y`` is a number and ``x`` has no dot; otherwis
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
 import re
+import sys
+import zlib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -107,7 +114,8 @@ def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
 
 
 def _import_user(term: str) -> tuple[object, str]:
-    module_name, _, attr = term.partition(":")
+    file_term = re.match(r"^(.+\.py)\s*:(.*)$", term.strip())  # path/to/file.py:function (a path may hold ':')
+    module_name, attr = file_term.groups() if file_term else term.partition(":")[::2]
     module_name, attr = module_name.strip(), attr.strip()
     if _is_factory_term(term):
         attr = attr[:-2].rstrip()
@@ -116,16 +124,18 @@ def _import_user(term: str) -> tuple[object, str]:
     if ALIASES.get(module_name.lower(), module_name.lower()) in REWARDS:  # 'brightness:abc': a weight, not a module
         raise UserError(f"reward {term!r}: the weight {attr!r} is not a number; write e.g. {module_name}:0.5")
     try:
-        module = importlib.import_module(module_name)
+        module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
     except ImportError as exc:
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
-                        f"(install it or add its folder to PYTHONPATH) or use a built-in reward: {_names_hint()}") from exc
-    except KeyboardInterrupt:
+                        f"(install it, add its folder to PYTHONPATH or run from that folder), give its file "
+                        f"('path/to/file.py:function') or use a built-in reward: {_names_hint()}") from exc
+    except (KeyboardInterrupt, UserError):
         raise
     except BaseException as exc:  # a SyntaxError, an error or sys.exit at the module's top level: the user's code
         what = f"{exc.msg} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else first_line(exc)
-        raise UserError(f"reward {term!r}: importing module {module_name!r} failed with {type(exc).__name__}: "
-                        f"{what}; fix the module") from None
+        kind = "file" if file_term else "module"
+        raise UserError(f"reward {term!r}: importing {kind} {module_name!r} failed with {type(exc).__name__}: "
+                        f"{what}; fix the {kind}") from None
     obj = module
     for piece in attr.split("."):
         if not hasattr(obj, piece):
@@ -133,6 +143,38 @@ def _import_user(term: str) -> tuple[object, str]:
                             f"or use a built-in reward: {_names_hint()}")
         obj = getattr(obj, piece)
     return obj, attr
+
+
+def _import_from_path_or_cwd(module_name: str):
+    """``import module_name``, the working directory searched last: ``python -m`` puts it first on sys.path, the
+    ``lowmem-alignprop`` script does not, and a reward next to the user's data must import under both."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)  # last: an installed package of the same name still wins
+    return importlib.import_module(module_name)
+
+
+def _load_file(term: str, path_text: str):
+    """The module of a reward given as a file; its folder is searched (last) for the file's own imports, as Python
+    does for a script. Loaded once per file: the start-up check, the trainer and the planner share its functions."""
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"reward {term!r}: {path_text} is not a file; give the path of your reward's .py file "
+                        f"(relative to the working directory, {os.getcwd()})")
+    name = f"lowmem_alignprop_user_reward_{path.stem}_{zlib.crc32(str(path).encode()):08x}"  # no other's name
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and pickling look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _is_factory_term(term: str) -> bool:
@@ -251,6 +293,8 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
             resolved.append(("builtin", name, weight))
             continue
         name = ALIASES.get(term.lower(), term.lower())
+        if term.endswith(".py"):  # a reward file without its function
+            raise UserError(f"reward {term!r}: name the function in the file too, e.g. '{term}:my_reward'")
         if name not in REWARDS:
             raise UserError(f"unknown reward {term!r}; use one of: {_names_hint()}, 'name:weight,...', or "
                             "'package.module:function' for your own")

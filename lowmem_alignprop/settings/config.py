@@ -58,7 +58,8 @@ class Config:
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
     reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or your own "
-                     "differentiable reward: 'package.module:fn', fn(images) or fn(images, prompts) -> one score per "
+                     "differentiable reward: 'package.module:fn' (importable, or in the working directory) or "
+                     "'path/to/file.py:fn', fn(images) or fn(images, prompts) -> one score per "
                      "image (images [B, 3, H, W] in [0, 1]; any callable: a function, functools.partial, an object; "
                      "prompts passed when it takes a second argument), or a RewardModule class (constructed), or "
                      "'package.module:factory()' (parentheses: called to build the reward, with those of device, "
