@@ -23,6 +23,7 @@ from lowmem_alignprop.models.block_loading import Placement, folder_files, load_
 from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.model_kind import FLOW_FAMILIES, PIPELINE_FAMILIES
 from lowmem_alignprop.settings.paths import model_index, pipeline_class
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ FLOW_ARCH_DESCRIPTIONS = {
     "sd35l": "Stable Diffusion 3.5 Large (MMDiT 8.1B; CLIP-L + CLIP-G + T5-XXL, 1024 px)",
     "flux": "FLUX.1-dev (12B, guidance embedding; CLIP-L + T5-XXL, 1024 px)",
 }
-FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLOW_PIPELINES = {cls: family for cls, family in PIPELINE_FAMILIES.items() if family in FLOW_FAMILIES}
 ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"
 
 

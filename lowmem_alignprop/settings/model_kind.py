@@ -16,8 +16,10 @@ def sd3_kind(num_layers: int) -> str:
     return "sd35l" if num_layers >= 38 else "sd35m"
 
 
-_PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-                   "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
+# the one table from a model_index.json's pipeline class to its family (models/flow_loading reads the flow ones)
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+                     "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
+FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), not UNets
 _NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
@@ -38,7 +40,7 @@ def model_kind_of(model: str, components: str = "", *, download: bool = False) -
 
 def _kind_of_folder(model: str, download: bool) -> str | None:
     index = _model_file(model, "model_index.json", download)
-    kind = _PIPELINE_KINDS.get((model_index(index.parent) or {}).get("_class_name")) if index else None
+    kind = PIPELINE_FAMILIES.get((model_index(index.parent) or {}).get("_class_name")) if index else None
     if kind != "sd3":
         return kind
     config = _model_file(model, "transformer/config.json", download)
