@@ -84,3 +84,15 @@ def cpu_quant(monkeypatch):
 
     pytest.importorskip("bitsandbytes")
     monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")
+
+
+# Files whose single tests run longest (10-50 s each: the toy world's 20-step runs, full-size planner estimates),
+# scheduled first: xdist hands out the groups (largest first) and then single tests in collection order, so long
+# ones left to the end would keep one worker busy while the other idles.
+LONG_FIRST = ("test_toy_world.py", "test_speed_plan.py", "test_planner.py", "test_alignment_controls.py",
+              "test_auto_fit.py", "test_memory_features.py", "test_faults.py", "test_window_keep.py", "test_hub.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: each file's order kept
