@@ -296,6 +296,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs given without --lora (the same values, after them)")
     p.add_argument("--num-prompts", type=int, default=4, metavar="N",
                    help="first N prompts of the prompt set (default 4)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt of your own, repeatable: these prompts instead of a prompt set's first N")
     p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
     return p
 
@@ -310,6 +312,11 @@ def cmd_sample(argv: list[str]) -> int:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
+    own = [text.strip() for text in args.prompt]
+    if own and args.prompts is not None:
+        raise UserError("give your prompts with --prompt TEXT or a prompt set with --prompts, not both")
+    if any(not text for text in own):
+        raise UserError("--prompt '': give the prompt's text (quote it: --prompt \"a red fox in the snow\")")
     args.lora += args.loras
     if not args.lora:
         raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
@@ -319,8 +326,8 @@ def cmd_sample(argv: list[str]) -> int:
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args)
-    results = evaluate(cfg, specs, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
-                       profile_name=profile_name, numbered_output_dir=numbered)
+    results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts, images_per_prompt=args.images_per_prompt,
+                       profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None)
     print_summary(results, Path(results["output_dir"]))
     return 0
 

@@ -256,8 +256,21 @@ def test_parse_lora_forms(tmp_path, loras):
     assert parse_lora(f"{run_dir}:-0.5", 0).file.parent == run_dir / "lora"  # a run's output dir works too
 
 
+def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
+    """`sample --prompt TEXT` (repeatable): exactly those prompts, in that order (surrounding spaces dropped), each
+    image the one diffusers renders for that prompt and seed; the results name them as given with --prompt."""
+    out = tmp_path / "own"
+    assert main(["sample", *COMMON, str(loras["a"]), "--prompt", " a red fox in the snow ", "--prompt", "a dog",
+                 "--seed", "3", "--output-dir", str(out)]) == 0
+    r = json.loads((out / SAMPLE_RESULTS).read_text())
+    assert [p["prompt"] for p in r["per_prompt"]] == ["a red fox in the snow", "a dog"]
+    assert r["prompts"] == "--prompt" and r["num_prompts"] == 2 and [p["seeds"] for p in r["per_prompt"]] == [[3], [4]]
+    direct = _brightness(_direct(_tiny_pipe(tiny_dir), "a red fox in the snow", 3)).item()
+    assert r["per_prompt"][0]["base"] == pytest.approx([direct], abs=1e-5)
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
-                                  "zero_prompts", "checkpoint"])
+                                  "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -272,7 +285,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
             "other_model": ["--lora", str(loras["a"]), "--lora", f"{loras['other']}:0.5"],
             "no_lora": [],
             "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"],
-            "checkpoint": ["--lora", str(step)]}[case]
+            "checkpoint": ["--lora", str(step)],
+            "prompt_and_prompts": ["--lora", str(loras["a"]), "--prompt", "a cat", "--prompts", "simple_animals"],
+            "empty_prompt": ["--lora", str(loras["a"]), "--prompt", " "]}[case]
     out = tmp_path / "out"
     rc = main(["sample", *COMMON, *args, "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -282,7 +297,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
                 "no_weight": "is not a number", "other_model": "[4, 48] in the LoRA, [4, 32] here",
                 "no_lora": "--lora DIR", "zero_prompts": "at least 1",
-                "checkpoint": "is incomplete or corrupt: no manifest.json"}[case]
+                "checkpoint": "is incomplete or corrupt: no manifest.json",
+                "prompt_and_prompts": "give your prompts with --prompt TEXT or a prompt set with --prompts, not both",
+                "empty_prompt": "--prompt '': give the prompt's text"}[case]
     assert expected in err[0], err[0]
 
 

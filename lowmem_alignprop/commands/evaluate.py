@@ -369,20 +369,22 @@ def has_results(folder: Path) -> bool:
 
 
 def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
-             profile_name: str = "custom", numbered_output_dir: bool = False) -> dict:
+             profile_name: str = "custom", numbered_output_dir: bool = False, prompts: list[str] | None = None) -> dict:
     """Generate, score and write the grid and JSON into ``cfg.output_dir`` (held for this evaluation; a numbered
-    default folder taken meanwhile gives way to the next). Returns the JSON's content."""
+    default folder taken meanwhile gives way to the next). ``prompts``: the user's own (``--prompt``), else the first
+    ``num_prompts`` of ``cfg.prompts``. Returns the JSON's content."""
     from lowmem_alignprop.run.runlock import hold_folder
     from lowmem_alignprop.step.inputs import prepare_inputs
 
-    prompts = prepare_inputs(cfg)[:num_prompts]  # prompts, reward spec, model path, output dir: checked first
+    # prompts, reward spec, model path, output dir: checked first
+    chosen = prepare_inputs(cfg, prompts)[:num_prompts]
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
-        return _evaluate(cfg, specs, prompts, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
-                         profile_name=profile_name)
+        return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+                         profile_name=profile_name, prompt_set=cfg.prompts if prompts is None else "--prompt")
 
 
 def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
-              images_per_prompt: int, profile_name: str) -> dict:
+              images_per_prompt: int, profile_name: str, prompt_set: str) -> dict:
     from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
     from lowmem_alignprop.commands.grid import save_sample_grid
     from lowmem_alignprop.memory.placement import configure_cuda_allocator
@@ -442,7 +444,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
                            "difference": sum(lo) / len(lo) - sum(b) / len(b)})
     base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
     results = {
-        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": cfg.prompts,
+        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
         "loras": [{"path": str(s.file), "weight": s.weight, "adapter_name": s.name} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
         "sampler": {"scheduler": scheduler,

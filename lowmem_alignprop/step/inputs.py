@@ -12,15 +12,16 @@ from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 
 
-def prepare_inputs(cfg: Config):
+def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
     """Everything that can fail on bad input, before any model is loaded or anything is written. ``cfg`` is
-    validated where it was built (profiles.resolve_config, or ``Config(...).validate()``): not again here."""
+    validated where it was built (profiles.resolve_config, or ``Config(...).validate()``): not again here. Returns
+    the prompts: ``prompts`` when given (``sample --prompt``), else ``cfg.prompts``'s."""
     from lowmem_alignprop.models.loading import resolve_model
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.rewards import check_reward_spec
 
     cfg.check_installed()
-    prompts = load_prompts(cfg.prompts)
+    prompts = list(prompts) if prompts else load_prompts(cfg.prompts)
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
     resolve_model(cfg.model)  # missing paths fail here
     check_tracker(cfg.report_to)
