@@ -77,7 +77,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                    "a single-file .safetensors/.ckpt")
     p.add_argument("--reward", help="brightness, colorfulness, jpeg_compressibility, aesthetic, clip, pickscore, "
                                     "hpsv2, toy_clip, toy_count=N; 'a:1,b:0.5' to combine; 'package.module:function' "
-                                    "for your own")
+                                    "or 'path/to/file.py:function' for your own")
     p.add_argument("--prompts", help="built-in prompt set (simple_animals, toy-heldout, ...) or a UTF-8 text file, "
                                      "one per line")
     p.add_argument("--steps", type=int, help="optimizer steps")
