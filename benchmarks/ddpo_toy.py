@@ -343,12 +343,12 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
 
     import torch
 
-    from lowmem_alignprop.cli import _quiet_libraries
+    from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.toy.fidelity import evaluate_batch
 
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(threads)
     cpu0 = _r.getrusage(_r.RUSAGE_SELF).ru_utime + _r.getrusage(_r.RUSAGE_SELF).ru_stime
     shown = (prompts * -(-images // len(prompts)))[:images]  # the run's prompts in order, round again

@@ -929,10 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
 
-    from lowmem_alignprop.cli import _quiet_libraries
+    from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.run import atomic
 
-    _quiet_libraries()
+    quiet_libraries()
     logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
     warnings.simplefilter("ignore")
     if not a.report_only:

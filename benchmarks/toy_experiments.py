@@ -229,13 +229,14 @@ def mix(a: dict, b: dict, mode: Mode, threads: int) -> dict:
     exact evaluators."""
     import torch
 
-    from lowmem_alignprop.cli import _quiet_libraries, common_parser, config_from_args
+    from lowmem_alignprop.cli import common_parser, config_from_args
+    from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.toy.fidelity import evaluate_batch
 
-    _quiet_libraries()  # the sample command's console: no library chatter
+    quiet_libraries()  # the sample command's console: no library chatter
     torch.set_num_threads(threads)
     cpu0, t0 = _self_cpu(), time.time()
     args = common_parser("toy_experiments", "").parse_args(["--model", "toy", "--profile", "cpu", "--seed", "0"])

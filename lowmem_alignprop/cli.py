@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lowmem_alignprop.settings.config import field_help
+from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
 
@@ -34,31 +35,6 @@ examples:
   lowmem-alignprop plan --profile rtx3060 --model sd15
   lowmem-alignprop profiles
 """
-
-
-def _quiet_libraries() -> None:
-    """Keep the console to our own progress: the libraries' info chatter and download bars go."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import importlib.util
-    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
-        import torch
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns on every rank that it found no GPU
-    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # libraries' Python warnings (deprecations, peft's adapter notes) go to the log at ERROR level only:
-    # our own messages are log lines and one-line errors, never warnings
-    logging.captureWarnings(True)
-    logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        from transformers.utils import logging as tlog
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -246,6 +222,8 @@ def cmd_plan(argv: list[str]) -> int:
                    "swap frozen blocks from CPU memory (block_swap), quantize the frozen UNet or transformer (with or "
                    "without block swap) and lower the resolution (the last two change what is trained)")
     p.add_argument("--max-estimates", type=int, default=40, metavar="N", help="with --fastest: at most N estimates")
+    p.add_argument("--jobs", type=int, metavar="N", help="with --fastest: compute estimates ahead in N worker "
+                   "processes (the same answer, sooner; default one per core up to 8; 1: none)")
     args = p.parse_args(argv)
     name, cfg = config_from_args(args)
     from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
@@ -264,7 +242,7 @@ def cmd_plan(argv: list[str]) -> int:
             from lowmem_alignprop.measure.fastest import fastest
             from lowmem_alignprop.measure.reports import format_fastest
             result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
-                             max_estimates=args.max_estimates, log=log)
+                             max_estimates=args.max_estimates, log=log, jobs=args.jobs)
             # nested: the search's own "device" is the card it timed for, this one the machine that searched
             result["provenance"] = provenance(typed, PLAN_LIBRARIES)
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
@@ -345,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
     if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
-        _quiet_libraries()  # no library (torch and diffusers take seconds)
+        quiet_libraries()  # no library (torch and diffusers take seconds)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
                "export": cmd_export}[command]
     try:

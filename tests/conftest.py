@@ -6,6 +6,9 @@ import pytest
 # package's own default, the toy world, is tested by name in tests/test_toy_world.py. Set before anything reads it,
 # and inherited by the runs the tests start as subprocesses.
 os.environ["LOWMEM_ALIGNPROP_MODEL"] = "tiny"
+# plan --fastest and --auto-fit search in this process unless a test asks for workers: xdist's workers already use
+# every core
+os.environ["LOWMEM_ALIGNPROP_PLAN_JOBS"] = "1"
 
 
 def _cores() -> int:

@@ -227,16 +227,23 @@ def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
 
 def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
     """(The budget's two ends are the search's own all-on and all-off corners: estimated once, in one
-    reuse_estimates scope; the chosen configuration is estimated again outside it.)"""
+    reuse_estimates scope; the chosen configuration is estimated again outside it.) The search runs with two worker
+    processes (--jobs 2), which compute the estimates it asks for next: the chosen configuration's fresh estimate here
+    equals the worker's, and the search replayed in this process on the same estimates takes the same path."""
     given = _tiny(batch_size=2, sample_steps=3, unet_checkpointing="blocks", vae_checkpointing="resnets",
                   sliced_decode=True, cache_prompt_embeddings=True)
-    with planner.reuse_estimates():
+    memo: dict = {}
+    with planner.reuse_estimates(memo):
         top = planner.estimate(given, target="cpu").peak_needed  # every feature on
         bottom = planner.estimate(dataclasses.replace(given, unet_checkpointing="call", vae_checkpointing="none",
                                                       sliced_decode=False), target="cpu").peak_needed
         assert top < bottom
         cfg = dataclasses.replace(given, budget_gb=(top + bottom) / 2 / GIB)  # something fits, not everything
-        r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30)
+        r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30, jobs=2)
+    assert r["jobs"] == 2 and r["from_workers"] >= len(r["tried"]) // 2, (r["from_workers"], len(r["tried"]))
+    with planner.reuse_estimates(memo):  # every estimate known: the search alone, in this process
+        alone = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30, jobs=1)
+    assert alone["from_workers"] == 0 and alone["tried"] == r["tried"] and alone["found"] == r["found"]
     found = r["found"]
     assert found is not None and r["plan"]["fits"] and r["plan"]["peak_needed"] <= cfg.budget_gb * GIB
     chosen = dataclasses.replace(cfg, **found["set"]).validate()
@@ -285,6 +292,8 @@ def test_fastest_refuses_without_budget_or_card(tiny_dir):
         fastest.fastest(_tiny(budget_gb=0.0), profile="rtx3060")
     with pytest.raises(UserError, match="--set card="):
         fastest.fastest(_tiny(), profile="mine.yaml", target="cuda")
+    with pytest.raises(UserError, match="--jobs 0: give at least 1"):
+        fastest.fastest(_tiny(), profile="rtx3060", jobs=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,3 +440,4 @@ def test_the_speed_benchmark_summarises_interleaved_repeats_by_median_against_th
     assert rows["as the profile"] == {"job": "tiny", "variant": "as the profile", "runs": 3, "median": 1.2,
                                       "low": 1.0, "high": 3.0}
     assert rows["channels_last"]["median"] == 0.9 and rows["channels_last"]["vs_profile"] == pytest.approx(0.75)
+

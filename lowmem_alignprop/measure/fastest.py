@@ -22,12 +22,21 @@ micro-batch) is estimated, and taken when it fits and is faster, until none is; 
 chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached
 (planner.reuse_estimates: a configuration reached by two changes, such as the one given met again as the all-on corner,
 and the chosen one planned at the end, is estimated once; each still counts as one of max_estimates, as before).
+
+With ``jobs`` > 1 the estimates the search will ask for next (the micro-batches' all-off corners, the features alone,
+the first combinations predicted to fit, a polish round's neighbours) are computed ahead in that many worker
+processes and handed to the search through planner.remember; the search itself stays sequential, so it takes the same
+path, counts the same estimates and picks the same configuration as with one process, in less wall time.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import logging
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -78,6 +87,46 @@ def window_keep_levels(cfg: Config) -> list[int]:
     return sorted({n for n in (k_max, 16, 8, 4, 2, 1) if n <= k_max}, reverse=True) + [0]
 
 
+JOBS_ENV = "LOWMEM_ALIGNPROP_PLAN_JOBS"  # the worker count when --jobs is not given (a shared machine; the tests: 1)
+
+
+def default_jobs() -> int:
+    """Worker processes for the search's estimates: $LOWMEM_ALIGNPROP_PLAN_JOBS when set; else one per core up to 8
+    and one per 2 GiB of available memory (an estimate's process holds 0.6 GiB for FLUX.1, about 1 for SD1.5: fake
+    tensors have no storage); none on one core. (On 2 cores, 2 workers: the tiny model's 40-estimate search for the
+    rtx3060 in 167 s instead of 251 s, the same answer; README, "How fast is a step".)"""
+    import psutil
+
+    if (text := os.environ.get(JOBS_ENV, "").strip()):
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{JOBS_ENV}={text!r} is not a number: set it to the worker processes plan --fastest may "
+                            "use (1: none), or unset it") from None
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores, int(psutil.virtual_memory().available / (2 * GIB))))
+
+
+def _worker_context():
+    """How the workers start: forked from a fresh server process that imported the planner and diffusers' SD pipeline
+    once (each worker then starts in a moment instead of ~15 s of imports), never from this process (safe beside CUDA
+    and torch's threads); spawned where there is no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lowmem_alignprop.measure.estimate_worker"])
+    return ctx
+
+
+def _quiet_worker() -> None:
+    """A worker's start: the libraries quieted (measure/estimate_worker; a spawned worker imports it here), and our
+    own log lines too: they would repeat the search's (which reads the workers' results)."""
+    import lowmem_alignprop.measure.estimate_worker  # noqa: F401
+
+    logging.getLogger("lowmem_alignprop").setLevel(logging.ERROR)
+
+
 def batch_options(images: int, limit: int = 6) -> list[int]:
     """Micro-batches that divide ``images`` exactly, largest first."""
     return [b for b in range(images, 0, -1) if images % b == 0][:limit]
@@ -93,6 +142,28 @@ class _Search:
     log: Callable[[str], None] | None = None
     cache: dict = dataclasses.field(default_factory=dict)
     tried: list = dataclasses.field(default_factory=list)
+    pool: concurrent.futures.ProcessPoolExecutor | None = None  # jobs > 1: estimates computed ahead (prefetch)
+    workers: int = 1
+    pending: dict = dataclasses.field(default_factory=dict)  # change key -> the worker's future Estimate
+    from_workers: int = 0  # estimates the search took from the workers
+
+    def prefetch(self, changes: list[dict[str, Any]]) -> None:
+        """Start the estimates of ``changes`` in the workers (those not estimated, valid, not started yet); what the
+        search then asks for is waiting. Without workers: nothing."""
+        if self.pool is None:
+            return
+        for change in changes:
+            key, cfg = tuple(sorted(change.items())), self.config(change)
+            if cfg is None or key in self.cache or key in self.pending or \
+                    planner.is_remembered(cfg, self.target, self.prompts):
+                continue
+            self.pending[key] = self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)
+
+    def close(self) -> None:
+        """Stop the workers: estimates not started are dropped, running ones end with their estimate."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def config(self, change: dict[str, Any]) -> Config | None:
         try:
@@ -111,6 +182,12 @@ class _Search:
             return None
         if len(self.tried) >= self.max_estimates:
             return None
+        if (future := self.pending.pop(key, None)) is not None:
+            try:  # a worker's estimate (its failure, a UserError say, is raised here as the search's own would be)
+                planner.remember(cfg, self.target, self.prompts, future.result())
+                self.from_workers += 1
+            except concurrent.futures.process.BrokenProcessPool:  # a worker killed (out of memory?): go on here
+                self.close()
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
         t = step_time(cfg, est, self.device)
         row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
@@ -130,13 +207,23 @@ class _Search:
         return reserved(self.cfg, int(peak), self.target == "cuda") + \
             (WORKSPACE_BYTES if self.target == "cuda" else 0)
 
+    def searched(self, fixed: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+        """The dimensions searched at this micro-batch (``fixed``: batch and the always-on fields): those ``fixed``
+        does not set (block swap fixes its checkpointing)."""
+        return [(name, levels) for name, levels in dimensions(self.cfg, self.target, fixed["batch_size"])
+                if not any(key in fixed for level in levels for key in level)]
+
+    def all_off(self, fixed: dict[str, Any]) -> dict[str, Any]:
+        """``fixed`` with every searched feature at its fastest level (the all-off corner)."""
+        change = dict(fixed)
+        for _, levels in self.searched(fixed):
+            change.update(levels[0])
+        return change
+
     def at_batch(self, fixed: dict[str, Any], best: float) -> dict[str, Any] | None:
         """The quickest fitting combination at this micro-batch (``fixed``: batch and the always-on fields), or None."""
-        dims = [(name, levels) for name, levels in dimensions(self.cfg, self.target, fixed["batch_size"])
-                if not any(key in fixed for level in levels for key in level)]  # block swap fixes its checkpointing
-        base_change = dict(fixed)
-        for _, levels in dims:
-            base_change.update(levels[0])
+        dims = self.searched(fixed)
+        base_change = self.all_off(fixed)
         base = self.run(base_change)
         if base is None or base["seconds"] >= best:
             return None  # the features only add time: this micro-batch cannot win
@@ -145,6 +232,8 @@ class _Search:
         most = dict(fixed)
         for _, levels in dims:
             most.update(levels[-1])
+        corner = most if self.config(most) is not None else {**most, "activation_offload": False}
+        self.prefetch([corner] + [{**base_change, **level} for _, levels in dims for level in levels[1:]])
         top = self.run(most) or self.run({**most, "activation_offload": False})
         if top is None or not top["fits"]:
             return None
@@ -169,6 +258,8 @@ class _Search:
             ranked.append((seconds, self.needed(stage_bytes), change))
         ranked.sort(key=lambda r: r[0])
         budget = self.cfg.budget_gb * GIB
+        self.prefetch([change for seconds, needed, change in ranked
+                       if seconds < best and needed <= budget * 1.05][:self.jobs()])
         for seconds, needed, change in ranked:
             if seconds >= best:
                 break
@@ -190,6 +281,7 @@ class _Search:
         while improved and len(self.tried) < self.max_estimates:
             improved = False
             change = row["set"]
+            self.prefetch(self.neighbours(change))
             for neighbour in self.neighbours(change):
                 other = self.run(neighbour)
                 if other is not None and other["fits"] and other["seconds"] < row["seconds"]:
@@ -206,13 +298,18 @@ class _Search:
         if not n or n >= k_max or not per_call:
             return row
         room = self.cfg.budget_gb * GIB - row["needed"]
-        for more in range(min(int(room // per_call), k_max - n), 0, -1):
+        mores = range(min(int(room // per_call), k_max - n), 0, -1)
+        self.prefetch([{**row["set"], "window_keep": n + more} for more in mores][:self.jobs()])
+        for more in mores:
             if len(self.tried) >= self.max_estimates:
                 break
             other = self.run({**row["set"], "window_keep": n + more})
             if other is not None and other["fits"]:
                 return other if other["seconds"] < row["seconds"] else row
         return row
+
+    def jobs(self) -> int:
+        return self.workers if self.pool is not None else 1
 
     def neighbours(self, change: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
@@ -232,11 +329,30 @@ class _Search:
 
 @planner.reuse_estimates()
 def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, allow_task_changes: bool = False,
-            max_estimates: int = 40, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            max_estimates: int = 40, log: Callable[[str], None] | None = None, jobs: int | None = None) -> dict[str, Any]:
     """The quickest configuration (estimated seconds per optimizer step) whose "needed" fits ``cfg.budget_gb``,
     keeping the images per optimizer step. Returns {"found": the chosen plan (planner.plan's dict) or None, "set":
     the changes to ``cfg``, "profile_yaml", "given": the configuration as given, "tried": every estimate}. When
-    nothing fits, "plan" is planner.plan's answer for ``cfg`` as given (DOES NOT FIT and the cheapest change)."""
+    nothing fits, "plan" is planner.plan's answer for ``cfg`` as given (DOES NOT FIT and the cheapest change).
+    ``jobs``: worker processes that compute estimates ahead (default: default_jobs(); 1: none)."""
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give at least 1 (1: every estimate in this process)")
+    pool = None
+    if jobs > 1:
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=_worker_context(),
+                                                      initializer=_quiet_worker)
+    try:
+        result = _fastest(cfg, profile, target, allow_task_changes, max_estimates, log, pool, jobs)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    result["jobs"] = jobs
+    return result
+
+
+def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: bool, max_estimates: int,
+             log: Callable[[str], None] | None, pool, jobs: int) -> dict[str, Any]:
     from lowmem_alignprop.step.prompts import load_prompts
 
     started = time.perf_counter()
@@ -248,7 +364,7 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
         raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|"
                         "h100|h200|laptop")
     prompts = load_prompts(cfg.prompts)
-    search = _Search(cfg, target, device, prompts, max_estimates, log)
+    search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool, workers=jobs)
     given = search.run({})
     images = cfg.batch_size * cfg.grad_accum
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
@@ -268,6 +384,8 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
                                                  cfg.train_unet == "lora" else {})})
     best: dict[str, Any] | None = None
     for task in ladders:
+        search.prefetch([{}] + [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})
+                                for b in batch_options(images)])
         for b in batch_options(images):
             fixed = {**always, **task, "batch_size": b, "grad_accum": images // b}
             row = search.at_batch(fixed, best["seconds"] if best else float("inf"))
@@ -276,7 +394,8 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
         if best is not None:
             break
     result: dict[str, Any] = {"kind": "fastest", "profile": profile, "target": target, "device": device.name,
-                              "images_per_step": images, "given": given, "tried": search.tried}
+                              "images_per_step": images, "given": given, "tried": search.tried,
+                              "from_workers": search.from_workers}
     if best is None:
         result.update(found=None, set=None, profile_yaml=None,
                        plan=planner.plan(cfg, profile=profile, target=target, log=log, started=started))

@@ -143,11 +143,27 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
     if not _REUSED:
         return _estimate(cfg, target, prompts, emulate_autocast)
-    key = (_estimated_fields(cfg), target, tuple(prompts), emulate_autocast)
+    key = _memo_key(cfg, target, prompts, emulate_autocast)
     memo = _REUSED[0]
     if key not in memo:
         memo[key] = _estimate(cfg, target, prompts, emulate_autocast)
     return copy.deepcopy(memo[key])  # callers may add notes to theirs
+
+
+def _memo_key(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool = True) -> tuple:
+    return _estimated_fields(cfg), target, tuple(prompts), emulate_autocast
+
+
+def is_remembered(cfg: Config, target: str, prompts: list[str]) -> bool:
+    """Whether the open :func:`reuse_estimates` scope holds this configuration's estimate."""
+    return bool(_REUSED) and _memo_key(cfg, target, prompts) in _REUSED[0]
+
+
+def remember(cfg: Config, target: str, prompts: list[str], est: Estimate) -> None:
+    """Put an estimate made elsewhere (another process: plan --fastest's workers) into the open
+    :func:`reuse_estimates` scope, so that :func:`estimate` of that configuration returns it."""
+    if _REUSED:
+        _REUSED[0][_memo_key(cfg, target, prompts)] = est
 
 
 def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool) -> Estimate:

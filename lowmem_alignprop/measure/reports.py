@@ -155,7 +155,8 @@ def format_fastest(r: dict[str, Any]) -> str:
     given, found = r["given"], r["found"]
     lines = [f"lowmem-alignprop plan --fastest: profile {r['profile']}, card {r['device']}, "
              f"{r['images_per_step']} image{'s' if r['images_per_step'] > 1 else ''} per optimizer step, "
-             f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"]
+             f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"
+             + (f" ({r['jobs']} worker processes)" if r.get("jobs", 1) > 1 else "")]
     if found is None:
         lines.append("  nothing in the searched features fits the budget; the configuration as given:")
         return "\n".join(lines + ["", format_plan(r["plan"])])
