@@ -365,7 +365,6 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
                         "h100|h200|laptop")
     prompts = load_prompts(cfg.prompts)
     search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool, workers=jobs)
-    given = search.run({})
     images = cfg.batch_size * cfg.grad_accum
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
     if cfg.attention == "sliced":
@@ -382,10 +381,15 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             r = max(256, (r * 3 // 4) // 64 * 64)
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
                                                  cfg.train_unet == "lora" else {})})
+    def corners(task: dict[str, Any]) -> list[dict[str, Any]]:  # each micro-batch's all-off configuration
+        return [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})
+                for b in batch_options(images)]
+
+    search.prefetch([{}] + corners(ladders[0]))  # with workers: the configuration as given and the corners at once
+    given = search.run({})
     best: dict[str, Any] | None = None
     for task in ladders:
-        search.prefetch([{}] + [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})
-                                for b in batch_options(images)])
+        search.prefetch(corners(task))
         for b in batch_options(images):
             fixed = {**always, **task, "batch_size": b, "grad_accum": images // b}
             row = search.at_batch(fixed, best["seconds"] if best else float("inf"))
