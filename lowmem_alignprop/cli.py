@@ -221,10 +221,18 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--allow-task-changes", action="store_true", help="with --fastest: when nothing else fits, also "
                    "swap frozen blocks from CPU memory (block_swap), quantize the frozen UNet or transformer (with or "
                    "without block swap) and lower the resolution (the last two change what is trained)")
-    p.add_argument("--max-estimates", type=int, default=40, metavar="N", help="with --fastest: at most N estimates")
+    p.add_argument("--max-estimates", type=int, metavar="N", help="with --fastest: at most N estimates (default 40)")
     p.add_argument("--jobs", type=int, metavar="N", help="with --fastest: compute estimates ahead in N worker "
                    "processes (the same answer, sooner; default one per core up to 8; 1: none)")
     args = p.parse_args(argv)
+    search_only = [flag for flag, given in (("--allow-task-changes", args.allow_task_changes),
+                                            ("--max-estimates", args.max_estimates is not None),
+                                            ("--jobs", args.jobs is not None)) if given]
+    if search_only and not args.fastest:  # else they would be read by nothing
+        raise UserError(f"{' and '.join(search_only)} set{'s' if len(search_only) == 1 else ''} how plan --fastest "
+                        f"searches: add --fastest, or leave {'it' if len(search_only) == 1 else 'them'} out")
+    if args.max_estimates is not None and args.max_estimates < 1:
+        raise UserError(f"--max-estimates {args.max_estimates}: give at least 1 (default 40)")
     name, cfg = config_from_args(args)
     from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
     from lowmem_alignprop.measure.provenance import provenance
@@ -242,7 +250,7 @@ def cmd_plan(argv: list[str]) -> int:
             from lowmem_alignprop.measure.fastest import fastest
             from lowmem_alignprop.measure.reports import format_fastest
             result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
-                             max_estimates=args.max_estimates, log=log, jobs=args.jobs)
+                             max_estimates=args.max_estimates or 40, log=log, jobs=args.jobs)
             # nested: the search's own "device" is the card it timed for, this one the machine that searched
             result["provenance"] = provenance(typed, PLAN_LIBRARIES)
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))

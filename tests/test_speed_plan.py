@@ -296,6 +296,25 @@ def test_fastest_refuses_without_budget_or_card(tiny_dir):
         fastest.fastest(_tiny(), profile="rtx3060", jobs=0)
 
 
+@pytest.mark.parametrize("args, env, line", [
+    (["--jobs", "2"], "", "error: --jobs sets how plan --fastest searches: add --fastest, or leave it out"),
+    (["--max-estimates", "5", "--allow-task-changes"], "",
+     "error: --allow-task-changes and --max-estimates set how plan --fastest searches: add --fastest, or leave them out"),
+    (["--fastest", "--max-estimates", "0"], "", "error: --max-estimates 0: give at least 1 (default 40)"),
+    (["--fastest"], "two", "error: LOWMEM_ALIGNPROP_PLAN_JOBS='two': set it to the number of worker processes plan "
+                           "--fastest may use (1: none), or unset it"),
+])
+def test_search_options_without_fastest_or_out_of_range_are_one_line(args, env, line, monkeypatch, capsys):
+    """The search's options are read by plan --fastest alone: without it (or out of range) they are one line, exit 2,
+    before anything is planned (otherwise plan would run and drop them without a word)."""
+    from lowmem_alignprop.cli import main
+
+    if env:
+        monkeypatch.setenv(fastest.JOBS_ENV, env)
+    assert main(["plan", "--profile", "rtx3060", "--model", "tiny", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
 # ---------------------------------------------------------------------------------------------------
 # speed features: the same results up to rounding
 # ---------------------------------------------------------------------------------------------------

@@ -98,11 +98,10 @@ def default_jobs() -> int:
     import psutil
 
     if (text := os.environ.get(JOBS_ENV, "").strip()):
-        try:
-            return int(text)
-        except ValueError:
-            raise UserError(f"{JOBS_ENV}={text!r} is not a number: set it to the worker processes plan --fastest may "
-                            "use (1: none), or unset it") from None
+        if not text.isdigit() or int(text) < 1:
+            raise UserError(f"{JOBS_ENV}={text!r}: set it to the number of worker processes plan --fastest may use "
+                            "(1: none), or unset it")
+        return int(text)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores, int(psutil.virtual_memory().available / (2 * GIB))))
