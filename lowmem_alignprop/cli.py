@@ -250,7 +250,8 @@ def cmd_plan(argv: list[str]) -> int:
             from lowmem_alignprop.measure.fastest import fastest
             from lowmem_alignprop.measure.reports import format_fastest
             result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
-                             max_estimates=args.max_estimates or 40, log=log, jobs=args.jobs)
+                             log=log, jobs=args.jobs,
+                             **({"max_estimates": args.max_estimates} if args.max_estimates else {}))
             # nested: the search's own "device" is the card it timed for, this one the machine that searched
             result["provenance"] = provenance(typed, PLAN_LIBRARIES)
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))

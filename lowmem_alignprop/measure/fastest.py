@@ -158,12 +158,6 @@ class _Search:
                 continue
             self.pending[key] = self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)
 
-    def close(self) -> None:
-        """Stop the workers: estimates not started are dropped, running ones end with their estimate."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
     def config(self, change: dict[str, Any]) -> Config | None:
         try:
             return dataclasses.replace(self.cfg, **change).validate()
@@ -186,7 +180,7 @@ class _Search:
                 planner.remember(cfg, self.target, self.prompts, future.result())
                 self.from_workers += 1
             except concurrent.futures.process.BrokenProcessPool:  # a worker killed (out of memory?): go on here
-                self.close()
+                self.pool = None  # (fastest() shuts the broken pool down)
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
         t = step_time(cfg, est, self.device)
         row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
