@@ -663,11 +663,14 @@ def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, cap
     s = {**one, "device": "cpu", "seconds_per_step": 2.0, "peak_memory_gb": 0.05, "attention": "sdpa",
          "output_dir": str(tmp_path), "steps_done": 1}
     print_summary(s, Config(steps=1, reward="toy_clip"), "cpu")
-    assert " reward (toy_clip): 83.0000 in the only step (nothing to compare it with)\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert " reward (toy_clip): 83.0000 in the only step (nothing to compare it with)\n" in out
+    assert " AlignProp finished: 1 step on cpu (profile cpu, model" in out  # not '1 steps'
     two = first_last_rewards([{"prompt_ids": [0], "rewards": [1.0], "reward_mean": 1.0}] * 2)
-    print_summary({**s, **two}, Config(steps=2, reward="toy_clip"), "cpu")
-    assert " reward (toy_clip): 1.0000 -> 1.0000  (+0.0000)  [the same 1 prompt, first and last 1 step]\n" in \
-        capsys.readouterr().out
+    print_summary({**s, **two, "steps_done": 2}, Config(steps=2, reward="toy_clip"), "cpu")
+    out = capsys.readouterr().out
+    assert " reward (toy_clip): 1.0000 -> 1.0000  (+0.0000)  [the same 1 prompt, first and last 1 step]\n" in out
+    assert " AlignProp finished: 2 steps on cpu" in out
 
 
 def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_path, capsys):

@@ -64,12 +64,13 @@ def window_note(s: dict) -> str:
 
 def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     change = s["reward_last"] - s["reward_first"]
+    done = s.get("steps_done") or cfg.steps
     lines = [
         "",
         "=" * 64,
         (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
          if s.get("interrupted") else
-         f" AlignProp finished: {s.get('steps_done') or cfg.steps} steps on {s['device']} (profile {profile_name}, "
+         f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step (nothing to compare it with)"
         if math.isfinite(change) and s.get("reward_steps") == 1 else
