@@ -224,7 +224,13 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--max-estimates", type=int, metavar="N", help="with --fastest: at most N estimates (default 40)")
     p.add_argument("--jobs", type=int, metavar="N", help="with --fastest: compute estimates ahead in N worker "
                    "processes (the same answer, sooner; default one per core up to 8; 1: none)")
+    p.add_argument("--no-cache", action="store_true", help="estimate afresh, neither reading nor writing the "
+                   "estimate cache (estimates of a configuration planned before are read from it; the cache "
+                   "knows the package's code, the libraries and the model's files: docs/design.md section 4)")
     args = p.parse_args(argv)
+    if args.no_cache:  # an environment variable, so that --fastest's worker processes see it too
+        from lowmem_alignprop.measure.estimate_cache import CACHE_ENV
+        os.environ[CACHE_ENV] = "off"
     search_only = [flag for flag, given in (("--allow-task-changes", args.allow_task_changes),
                                             ("--max-estimates", args.max_estimates is not None),
                                             ("--jobs", args.jobs is not None)) if given]

@@ -9,6 +9,9 @@ os.environ["LOWMEM_ALIGNPROP_MODEL"] = "tiny"
 # plan --fastest and --auto-fit search in this process unless a test asks for workers: xdist's workers already use
 # every core
 os.environ["LOWMEM_ALIGNPROP_PLAN_JOBS"] = "1"
+# every estimate is made, none read from the disk cache (a test may patch what an estimate depends on); the cache's
+# own tests (tests/test_estimate_cache.py) turn it on
+os.environ["LOWMEM_ALIGNPROP_PLAN_CACHE"] = "off"
 
 
 def _cores() -> int:

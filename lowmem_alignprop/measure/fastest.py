@@ -145,6 +145,7 @@ class _Search:
     workers: int = 1
     pending: dict = dataclasses.field(default_factory=dict)  # change key -> the worker's future Estimate
     from_workers: int = 0  # estimates the search took from the workers
+    from_cache: int = 0  # estimates read from the disk cache (measure/estimate_cache.py), not made
 
     def prefetch(self, changes: list[dict[str, Any]]) -> None:
         """Start the estimates of ``changes`` in the workers (those not estimated, valid, not started yet); what the
@@ -182,6 +183,7 @@ class _Search:
             except concurrent.futures.process.BrokenProcessPool:  # a worker killed (out of memory?): go on here
                 self.pool = None  # (fastest() shuts the broken pool down)
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
+        self.from_cache += bool(est.cached)
         t = step_time(cfg, est, self.device)
         row = {"set": dict(change), "needed": est.peak_needed, "peak_stage": est.peak_stage,
                "allocated": est.peak_allocated, "per_kept_bytes": est.per_kept_bytes,
@@ -392,7 +394,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             break
     result: dict[str, Any] = {"kind": "fastest", "profile": profile, "target": target, "device": device.name,
                               "images_per_step": images, "given": given, "tried": search.tried,
-                              "from_workers": search.from_workers}
+                              "from_workers": search.from_workers, "from_cache": search.from_cache}
     if best is None:
         result.update(found=None, set=None, profile_yaml=None,
                        plan=planner.plan(cfg, profile=profile, target=target, log=log, started=started))

@@ -36,6 +36,7 @@ class Estimate:
     # block swap on a GPU: stage -> [[copy bytes, the work it overlaps] per group] of the simulated step (SwapWindows)
     swap_windows: dict[str, list] = field(default_factory=dict)
     model_kind: str = ""  # what the profiles are made for (models/family.model_kind): sd, sdxl, sd35m, sd35l, flux
+    cached: str = ""  # read from the estimate cache (measure/estimate_cache.py): when it was made; "" = just made
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB

@@ -62,6 +62,7 @@ from lowmem_alignprop.measure.counters import TEXT_ENCODER, Counters, HostSaveOn
 from lowmem_alignprop.measure.cuda_autocast import CudaAutocast
 from lowmem_alignprop.measure.meta_models import meta_components, meta_reward
 from lowmem_alignprop.measure.shared_step import StepParts, encode_at_load, run_step, warm_up_optimizer
+from lowmem_alignprop.measure import estimate_cache
 from lowmem_alignprop.measure.figures import Estimate, figures, fragmentation_allowance, host_memory
 from lowmem_alignprop.measure.weight_bytes import block_swap, dequant_hooks, fake_weights, fp8_load_bytes, optimizer_for
 from lowmem_alignprop.measure.step_time import step_time, step_work
@@ -141,13 +142,23 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
     if target not in ("cuda", "cpu"):
         raise UserError(f"target device must be cuda or cpu, not {target!r}")
     prompts = prompts if prompts is not None else load_prompts(cfg.prompts)
-    if not _REUSED:
-        return _estimate(cfg, target, prompts, emulate_autocast)
     key = _memo_key(cfg, target, prompts, emulate_autocast)
+    if not _REUSED:
+        return _estimate_or_cached(cfg, target, prompts, emulate_autocast, key)
     memo = _REUSED[0]
     if key not in memo:
-        memo[key] = _estimate(cfg, target, prompts, emulate_autocast)
+        memo[key] = _estimate_or_cached(cfg, target, prompts, emulate_autocast, key)
     return copy.deepcopy(memo[key])  # callers may add notes to theirs
+
+
+def _estimate_or_cached(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool,
+                        key: tuple) -> Estimate:
+    """The estimate from the disk cache (measure/estimate_cache.py), else made and kept there."""
+    est = estimate_cache.load(estimate_cache.key(cfg, key))
+    if est is None:
+        est = _estimate(cfg, target, prompts, emulate_autocast)
+        estimate_cache.store(estimate_cache.key(cfg, key), est)  # the key again: a hub id is cached by now
+    return est
 
 
 def _memo_key(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool = True) -> tuple:

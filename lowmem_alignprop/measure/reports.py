@@ -94,8 +94,10 @@ def format_plan(r: dict[str, Any]) -> str:
     if r["notes"]:
         lines.append("  notes:")
         lines += [f"    - {n}" for n in r["notes"]]
-    lines.append(f"  estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded); "
-                 f"plan total {r['seconds']:.0f} s")
+    made = f"estimated in {est['seconds']:.0f} s with fake tensors (no GPU, no weights loaded)"
+    if est.get("cached"):
+        made = f"read from the estimate cache ({made}, {est['cached']}; --no-cache estimates again)"
+    lines.append(f"  {made}; plan total {r['seconds']:.0f} s")
     if not cuda:
         from lowmem_alignprop.settings.profiles import GPU_PROFILES
         lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
@@ -156,7 +158,8 @@ def format_fastest(r: dict[str, Any]) -> str:
     lines = [f"lowmem-alignprop plan --fastest: profile {r['profile']}, card {r['device']}, "
              f"{r['images_per_step']} image{'s' if r['images_per_step'] > 1 else ''} per optimizer step, "
              f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"
-             + (f" ({r['jobs']} worker processes)" if r.get("jobs", 1) > 1 else "")]
+             + (f" ({r['jobs']} worker processes)" if r.get("jobs", 1) > 1 else "")
+             + (f"; {r['from_cache']} read from the estimate cache" if r.get("from_cache") else "")]
     if found is None:
         lines.append("  nothing in the searched features fits the budget; the configuration as given:")
         return "\n".join(lines + ["", format_plan(r["plan"])])
