@@ -107,7 +107,8 @@ def test_the_oldest_files_go_past_the_limit(cache, monkeypatch):
 
 
 def test_plan_no_cache_and_fastest_read_from_the_cache(cache, monkeypatch, capsys):
-    """The command: --no-cache writes nothing; plan --fastest a second time (another budget) reads every estimate."""
+    """The command: --no-cache writes nothing; plan --fastest a second time (another budget) reads every estimate
+    and starts no worker process for them."""
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.measure.fastest import fastest
     from lowmem_alignprop.measure.reports import format_fastest
@@ -121,9 +122,17 @@ def test_plan_no_cache_and_fastest_read_from_the_cache(cache, monkeypatch, capsy
     first = fastest(cfg, profile="rtx3060", target="cuda", max_estimates=3, jobs=1)
     made = len(cache)
     assert first["from_cache"] == 0 and made == 1 + len(first["tried"]) == 4
+    from lowmem_alignprop.measure import fastest as module
+
+    def no_workers():
+        raise AssertionError("worker processes started for estimates the cache holds")
+
+    monkeypatch.setattr(module, "_worker_context", no_workers)
     again = fastest(dataclasses.replace(cfg, budget_gb=6.0), profile="rtx3060", target="cuda", max_estimates=3,
-                    jobs=1)
+                    jobs=2)
     assert len(cache) == made and again["from_cache"] == len(again["tried"]) == 3
     assert [r["set"] for r in again["tried"]] == [r["set"] for r in first["tried"]]
     assert [r["needed"] for r in again["tried"]] == [r["needed"] for r in first["tried"]]
-    assert f"; {again['from_cache']} read from the estimate cache" in format_fastest(again)
+    assert not again["workers_started"]
+    assert f"3 configurations estimated in {again['seconds']:.0f} s; 3 read from the estimate cache" in \
+        format_fastest(again)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_alignprop.measure import counters, devices, fastest, fit_changes, planner
+from lowmem_alignprop.measure.reports import format_fastest
 from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.allowances import GIB
@@ -240,7 +241,9 @@ def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
         assert top < bottom
         cfg = dataclasses.replace(given, budget_gb=(top + bottom) / 2 / GIB)  # something fits, not everything
         r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30, jobs=2)
-    assert r["jobs"] == 2 and r["from_workers"] >= len(r["tried"]) // 2, (r["from_workers"], len(r["tried"]))
+    assert r["jobs"] == 2 and r["workers_started"] and r["from_workers"] >= len(r["tried"]) // 2, \
+        (r["from_workers"], len(r["tried"]))
+    assert " (2 worker processes)" in format_fastest(r)
     with planner.reuse_estimates(memo):  # every estimate known: the search alone, in this process
         alone = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=30, jobs=1)
     assert alone["from_workers"] == 0 and alone["tried"] == r["tried"] and alone["found"] == r["found"]
@@ -280,7 +283,6 @@ def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(ti
         r = fastest.fastest(cfg, profile="custom", target="cuda", max_estimates=10)
     assert r["found"] is None and r["plan"]["fits"] is False
     assert r["plan"]["suggestion"]["set"] == {"base_quant": "nf4"}
-    from lowmem_alignprop.measure.reports import format_fastest
     text = format_fastest(r)
     assert "DOES NOT FIT" in text and "--set base_quant=nf4" in text
 

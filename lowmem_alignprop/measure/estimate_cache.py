@@ -115,6 +115,11 @@ def key(cfg, memo_key: tuple) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def has(name: str | None) -> bool:
+    """Whether an estimate is kept under ``name`` (read by :func:`load`)."""
+    return name is not None and (folder() / f"{name}.json").is_file()
+
+
 def load(name: str | None) -> Estimate | None:
     """The cached estimate named ``name``, marked with when it was made (``Estimate.cached``); None when there is
     none, or it cannot be read (then it is removed, and estimated again)."""

@@ -126,6 +126,26 @@ def _quiet_worker() -> None:
     logging.getLogger("lowmem_alignprop").setLevel(logging.ERROR)
 
 
+class _Workers:
+    """plan --fastest's worker processes, started at the first estimate the search will need that is neither in
+    this process nor in the estimate cache (a search planned before starts none), shut down by fastest()."""
+
+    def __init__(self, jobs: int):
+        self.jobs, self.executor, self.broken = jobs, None, False
+
+    def submit(self, *args, **kwargs) -> concurrent.futures.Future | None:
+        if self.broken:
+            return None
+        if self.executor is None:
+            self.executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.jobs, mp_context=_worker_context(), initializer=_quiet_worker)
+        return self.executor.submit(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:  # waits for the estimates running (at most one estimate's time)
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 def batch_options(images: int, limit: int = 6) -> list[int]:
     """Micro-batches that divide ``images`` exactly, largest first."""
     return [b for b in range(images, 0, -1) if images % b == 0][:limit]
@@ -141,8 +161,7 @@ class _Search:
     log: Callable[[str], None] | None = None
     cache: dict = dataclasses.field(default_factory=dict)
     tried: list = dataclasses.field(default_factory=list)
-    pool: concurrent.futures.ProcessPoolExecutor | None = None  # jobs > 1: estimates computed ahead (prefetch)
-    workers: int = 1
+    pool: _Workers | None = None  # jobs > 1: estimates computed ahead (prefetch)
     pending: dict = dataclasses.field(default_factory=dict)  # change key -> the worker's future Estimate
     from_workers: int = 0  # estimates the search took from the workers
     from_cache: int = 0  # estimates read from the disk cache (measure/estimate_cache.py), not made
@@ -150,14 +169,15 @@ class _Search:
     def prefetch(self, changes: list[dict[str, Any]]) -> None:
         """Start the estimates of ``changes`` in the workers (those not estimated, valid, not started yet); what the
         search then asks for is waiting. Without workers: nothing."""
-        if self.pool is None:
+        if self.pool is None or self.pool.broken:
             return
         for change in changes:
             key, cfg = tuple(sorted(change.items())), self.config(change)
             if cfg is None or key in self.cache or key in self.pending or \
-                    planner.is_remembered(cfg, self.target, self.prompts):
+                    planner.is_known(cfg, self.target, self.prompts):
                 continue
-            self.pending[key] = self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)
+            if (future := self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)):
+                self.pending[key] = future
 
     def config(self, change: dict[str, Any]) -> Config | None:
         try:
@@ -181,7 +201,7 @@ class _Search:
                 planner.remember(cfg, self.target, self.prompts, future.result())
                 self.from_workers += 1
             except concurrent.futures.process.BrokenProcessPool:  # a worker killed (out of memory?): go on here
-                self.pool = None  # (fastest() shuts the broken pool down)
+                self.pool.broken = True  # (fastest() shuts the broken pool down)
         est = planner.estimate(cfg, target=self.target, prompts=self.prompts)
         self.from_cache += bool(est.cached)
         t = step_time(cfg, est, self.device)
@@ -304,7 +324,7 @@ class _Search:
         return row
 
     def jobs(self) -> int:
-        return self.workers if self.pool is not None else 1
+        return self.pool.jobs if self.pool is not None and not self.pool.broken else 1
 
     def neighbours(self, change: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
@@ -333,21 +353,19 @@ def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, 
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: give at least 1 (1: every estimate in this process)")
-    pool = None
-    if jobs > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=_worker_context(),
-                                                      initializer=_quiet_worker)
+    pool = _Workers(jobs) if jobs > 1 else None
     try:
-        result = _fastest(cfg, profile, target, allow_task_changes, max_estimates, log, pool, jobs)
+        result = _fastest(cfg, profile, target, allow_task_changes, max_estimates, log, pool)
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    result["jobs"] = jobs
+            pool.shutdown()
+    result["jobs"] = jobs  # asked for; the workers start only for estimates neither here nor in the cache
+    result["workers_started"] = pool is not None and pool.executor is not None
     return result
 
 
 def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: bool, max_estimates: int,
-             log: Callable[[str], None] | None, pool, jobs: int) -> dict[str, Any]:
+             log: Callable[[str], None] | None, pool: _Workers | None) -> dict[str, Any]:
     from lowmem_alignprop.step.prompts import load_prompts
 
     started = time.perf_counter()
@@ -359,7 +377,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
         raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|"
                         "h100|h200|laptop")
     prompts = load_prompts(cfg.prompts)
-    search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool, workers=jobs)
+    search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool)
     images = cfg.batch_size * cfg.grad_accum
     always = {"cache_prompt_embeddings": True} | ({"expandable_segments": True} if target == "cuda" else {})
     if cfg.attention == "sliced":

@@ -165,9 +165,11 @@ def _memo_key(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     return _estimated_fields(cfg), target, tuple(prompts), emulate_autocast
 
 
-def is_remembered(cfg: Config, target: str, prompts: list[str]) -> bool:
-    """Whether the open :func:`reuse_estimates` scope holds this configuration's estimate."""
-    return bool(_REUSED) and _memo_key(cfg, target, prompts) in _REUSED[0]
+def is_known(cfg: Config, target: str, prompts: list[str]) -> bool:
+    """Whether this configuration's estimate is at hand: in the open :func:`reuse_estimates` scope or on disk
+    (measure/estimate_cache.py)."""
+    key = _memo_key(cfg, target, prompts)
+    return (bool(_REUSED) and key in _REUSED[0]) or estimate_cache.has(estimate_cache.key(cfg, key))
 
 
 def remember(cfg: Config, target: str, prompts: list[str], est: Estimate) -> None:

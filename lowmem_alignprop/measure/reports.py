@@ -158,7 +158,7 @@ def format_fastest(r: dict[str, Any]) -> str:
     lines = [f"lowmem-alignprop plan --fastest: profile {r['profile']}, card {r['device']}, "
              f"{r['images_per_step']} image{'s' if r['images_per_step'] > 1 else ''} per optimizer step, "
              f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"
-             + (f" ({r['jobs']} worker processes)" if r.get("jobs", 1) > 1 else "")
+             + (f" ({r['jobs']} worker processes)" if r.get("workers_started") else "")
              + (f"; {r['from_cache']} read from the estimate cache" if r.get("from_cache") else "")]
     if found is None:
         lines.append("  nothing in the searched features fits the budget; the configuration as given:")
