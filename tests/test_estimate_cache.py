@@ -57,42 +57,53 @@ def test_a_second_estimate_is_read_whatever_the_budget(cache):
     assert len(cache) == 1
 
 
-def test_what_an_estimate_depends_on_makes_a_new_one(cache, monkeypatch, tiny_dir, tmp_path):
-    planner.estimate(_cfg(), target="cuda")
-    # a field (the key holds the in-process memo's key: every field but the budget, the target, the prompts)
-    assert not planner.estimate(_cfg(vae_checkpointing="blocks"), target="cuda").cached
-    assert len(cache) == len(_files()) == 2
+def test_what_an_estimate_depends_on_is_in_its_key(monkeypatch, tiny_dir, tmp_path):
+    """The file name: the same for another budget; another for any input of the estimate; none (not kept) for user
+    code, an uncached hub id or the cache turned off."""
+    monkeypatch.setenv(estimate_cache.CACHE_ENV, "on")
+
+    def key(cfg, target="cuda"):
+        return estimate_cache.key(cfg, planner._memo_key(cfg, target, ["a cat"]))
+
+    given = key(_cfg())
+    assert given and key(_cfg(budget_gb=2.0)) == given
+    others = {"a field": key(_cfg(vae_checkpointing="blocks")), "the target": key(_cfg(), "cpu"),
+              "the prompts": estimate_cache.key(_cfg(), planner._memo_key(_cfg(), "cuda", ["a dog"]))}
     with monkeypatch.context() as m:  # the package's files or a library's version
         m.setattr(estimate_cache, "code_identity", lambda: "another version of the package")
-        assert not planner.estimate(_cfg(), target="cuda").cached and len(cache) == 3
+        others["the code"] = key(_cfg())
     # a model folder's files: by name, size and modification time
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
-    cfg = _cfg(model=str(model))
-    planner.estimate(cfg, target="cuda")
-    assert planner.estimate(cfg, target="cuda").cached and len(cache) == 4
+    before = key(_cfg(model=str(model)))
+    assert key(_cfg(model=str(model))) == before
     config = model / "unet" / "config.json"
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # rewritten, say
-    assert not planner.estimate(cfg, target="cuda").cached and len(cache) == 5
+    others["a model file"] = key(_cfg(model=str(model)))
+    assert len({given, before, *others.values()}) == 2 + len(others), others
+    # not kept: a user's reward (it may change between commands without a file we could watch), a hub id out of
+    # the local cache (the suite is offline), the cache off
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
+    assert key(_cfg(reward=f"{reward}:score")) is None
+    assert key(_cfg(reward="brightness:1," f"{reward}:score:0.5")) is None
+    assert key(_cfg(vae="nobody/no-such-vae")) is None
+    monkeypatch.setenv(estimate_cache.CACHE_ENV, "off")
+    assert key(_cfg()) is None
 
 
-def test_a_damaged_file_user_code_and_the_off_switch(cache, monkeypatch, tmp_path):
+def test_a_damaged_file_is_estimated_again_and_the_off_switch_reads_nothing(cache, monkeypatch):
     first = planner.estimate(_cfg(), target="cuda")
     (path,) = _files()
     path.write_text('{"format": 1, "estimate": {"target": "cuda", "stag')  # a half file (written by other means)
     est = planner.estimate(_cfg(), target="cuda")
     assert not est.cached and len(cache) == 2 and _same(first, est)
     assert json.loads(path.read_text())["estimate"]["peak_needed"] == first.peak_needed  # replaced
-    # a user's reward may change between commands without a file we could watch: never kept
-    reward = tmp_path / "my_reward.py"
-    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
-    planner.estimate(_cfg(reward=f"{reward}:score"), target="cuda")
-    assert len(cache) == 3 and _files() == [path]
     # off: the file there is not read, and not written again
     written = path.stat().st_mtime_ns
     monkeypatch.setenv(estimate_cache.CACHE_ENV, "off")
     assert not planner.estimate(_cfg(), target="cuda").cached
-    assert len(cache) == 4 and _files() == [path] and path.stat().st_mtime_ns == written
+    assert len(cache) == 3 and _files() == [path] and path.stat().st_mtime_ns == written
 
 
 def test_the_oldest_files_go_past_the_limit(cache, monkeypatch):
@@ -106,33 +117,32 @@ def test_the_oldest_files_go_past_the_limit(cache, monkeypatch):
     assert len(_files()) == 2 and (folder / "old.json").exists() and not (folder / "older.json").exists()
 
 
-def test_plan_no_cache_and_fastest_read_from_the_cache(cache, monkeypatch, capsys):
-    """The command: --no-cache writes nothing; plan --fastest a second time (another budget) reads every estimate
-    and starts no worker process for them."""
+def test_fastest_reads_every_estimate_again_and_plan_no_cache_reads_none(cache, monkeypatch, capsys):
+    """plan --fastest a second time (another budget) reads every estimate and starts no worker process for them;
+    `plan --no-cache` of a configuration the cache holds estimates it afresh and writes nothing."""
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.measure.fastest import fastest
+    from lowmem_alignprop.measure import fastest as module
     from lowmem_alignprop.measure.reports import format_fastest
 
-    assert main(["plan", "--profile", "rtx3060", "--model", "tiny", "--set", "resolution=64", "--set",
-                 "sample_steps=2", "--set", "k=1", "--no-suggest", "--no-cache"]) == 0
-    assert "estimated in" in capsys.readouterr().out and _files() == [] and len(cache) == 1
-    monkeypatch.setenv(estimate_cache.CACHE_ENV, "on")  # --no-cache set it off for the process
-
     cfg = _cfg(sample_steps=4, k=2, batch_size=2)
-    first = fastest(cfg, profile="rtx3060", target="cuda", max_estimates=3, jobs=1)
-    made = len(cache)
-    assert first["from_cache"] == 0 and made == 1 + len(first["tried"]) == 4
-    from lowmem_alignprop.measure import fastest as module
+    first = module.fastest(cfg, profile="rtx3060", target="cuda", max_estimates=2, jobs=1)
+    assert first["from_cache"] == 0 and len(cache) == len(first["tried"]) == 2
 
     def no_workers():
         raise AssertionError("worker processes started for estimates the cache holds")
 
     monkeypatch.setattr(module, "_worker_context", no_workers)
-    again = fastest(dataclasses.replace(cfg, budget_gb=6.0), profile="rtx3060", target="cuda", max_estimates=3,
-                    jobs=2)
-    assert len(cache) == made and again["from_cache"] == len(again["tried"]) == 3
+    again = module.fastest(dataclasses.replace(cfg, budget_gb=6.0), profile="rtx3060", target="cuda",
+                           max_estimates=2, jobs=2)
+    assert len(cache) == 2 and again["from_cache"] == len(again["tried"]) == 2 and not again["workers_started"]
     assert [r["set"] for r in again["tried"]] == [r["set"] for r in first["tried"]]
     assert [r["needed"] for r in again["tried"]] == [r["needed"] for r in first["tried"]]
-    assert not again["workers_started"]
-    assert f"3 configurations estimated in {again['seconds']:.0f} s; 3 read from the estimate cache" in \
+    assert f"2 configurations estimated in {again['seconds']:.0f} s; 2 read from the estimate cache" in \
         format_fastest(again)
+
+    files = {p: p.stat().st_mtime_ns for p in _files()}
+    assert main(["plan", "--profile", "rtx3060", "--model", "tiny", "--set", "resolution=64", "--set",
+                 "sample_steps=4", "--set", "k=2", "--set", "batch_size=2", "--no-suggest", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated in" in out and "estimate cache" not in out and len(cache) == 3
+    assert {p: p.stat().st_mtime_ns for p in _files()} == files

@@ -168,13 +168,18 @@ class _Search:
 
     def prefetch(self, changes: list[dict[str, Any]]) -> None:
         """Start the estimates of ``changes`` in the workers (those not estimated, valid, not started yet); what the
-        search then asks for is waiting. Without workers: nothing."""
+        search then asks for is waiting; no more than the estimates left to the search. Without workers: nothing."""
         if self.pool is None or self.pool.broken:
             return
+        left = self.max_estimates - len(self.tried) - len(self.pending)
         for change in changes:
             key, cfg = tuple(sorted(change.items())), self.config(change)
-            if cfg is None or key in self.cache or key in self.pending or \
-                    planner.is_known(cfg, self.target, self.prompts):
+            if cfg is None or key in self.cache or key in self.pending:
+                continue
+            if left <= 0:
+                return
+            left -= 1  # one of the search's estimates, made here or read
+            if planner.is_known(cfg, self.target, self.prompts):
                 continue
             if (future := self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)):
                 self.pending[key] = future
