@@ -252,7 +252,8 @@ HEAVY = ["--set", "unet_checkpointing=blocks", "--set", "vae_checkpointing=resne
 
 def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypatch, capsys, tiny_dir):
     """On a (faked) RTX 3060 the run trains plan --fastest's choice: every recompute the 8 GiB budget does not need
-    dropped, printed as flags and recorded in config.yaml with where it came from."""
+    dropped, printed as flags and recorded in config.yaml with where it came from. Planned first, the run's search
+    reads every estimate from the estimate cache."""
     import json
 
     import yaml
@@ -260,6 +261,7 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     from lowmem_alignprop.settings import profiles
 
     monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 3060", 8.0))
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_PLAN_CACHE", "on")
     given = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
              *HEAVY]
     assert main(["plan", "--fastest", "--json", "--device", "cuda", "--set", "card=rtx3060", *given]) == 0
@@ -279,6 +281,7 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
         assert saved[key] == value, key
     assert saved["unet_checkpointing"] == "call" and saved["vae_checkpointing"] == "none"  # ...which drops them
     assert search["seconds_per_step"] == pytest.approx(planned["found"]["seconds"])
+    assert search["estimates_from_cache"] == search["estimates"] == len(planned["tried"]) > 1  # planned before
     assert search["seconds_per_step"] < search["given_seconds_per_step"]
     assert f"auto-fit: {search['flags']}" in printed and "--set unet_checkpointing=call" in search["flags"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -292,8 +295,8 @@ def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny
     cfg = Config(model=str(tiny_dir), budget_gb=0.01, card="rtx3060").validate()
     same, record = fastest.before_first_step(cfg, profile="custom", detected=None)
     assert same is cfg and "no CUDA card" in record["skipped"]
-    canned = {"given": {"seconds": 1.0, "fits": False}, "found": None, "tried": [{}] * 3, "device": "rtx3060",
-              "seconds": 0.5, "plan": {"suggestion": {"set": {"base_quant": "nf4"}}}}
+    canned = {"given": {"seconds": 1.0, "fits": False}, "found": None, "tried": [{}] * 3, "from_cache": 0,
+              "device": "rtx3060", "seconds": 0.5, "plan": {"suggestion": {"set": {"base_quant": "nf4"}}}}
     monkeypatch.setattr(fastest, "fastest", lambda *a, **k: canned)
     same, record = fastest.before_first_step(cfg, profile="custom", detected=("NVIDIA GeForce RTX 3060", 8.0))
     assert same is cfg and record["skipped"].startswith("nothing") and record["cheapest_change"] == \

@@ -92,6 +92,23 @@ def test_what_an_estimate_depends_on_is_in_its_key(monkeypatch, tiny_dir, tmp_pa
     assert key(_cfg()) is None
 
 
+def test_the_runs_bookkeeping_changes_no_estimate(tmp_path):
+    """The fields the key leaves out with the budget (planner.NOT_ESTIMATED): every one changed, the estimate is the
+    same, made afresh (neither memo nor disk cache)."""
+    changed = {"budget_gb": 1.5, "output_dir": str(tmp_path / "elsewhere"), "steps": 7, "eval_every": 2,
+               "eval_prompts": "toy-pairs", "eval_holdout": 3, "early_stop": 4, "sample_prompts": 2,
+               "sample_every": 5, "export_format": "kohya", "fidelity_images": 8, "fidelity_every": 2,
+               "checkpoint_every": 1, "keep_checkpoints": 5, "auto_fit": True, "max_bad_steps": 2,
+               "max_zero_grad_steps": 2, "log_every": 3}
+    # report_to and push_to_hub: validated against installed trackers and the hub, so not changed here
+    assert set(changed) | {"report_to", "push_to_hub"} == set(planner.NOT_ESTIMATED)
+    base = _cfg()
+    other = dataclasses.replace(base, **changed).validate()
+    assert planner._memo_key(other, "cuda", ["a"]) == planner._memo_key(base, "cuda", ["a"])
+    prompts = ["a red triangle", "a blue square"]
+    assert _same(planner._estimate(base, "cuda", prompts, True), planner._estimate(other, "cuda", prompts, True))
+
+
 def test_a_damaged_file_is_estimated_again_and_the_off_switch_reads_nothing(cache, monkeypatch):
     first = planner.estimate(_cfg(), target="cuda")
     (path,) = _files()

@@ -131,6 +131,7 @@ def test_a_load_only_suggestion_is_taken_for_an_oom_at_load_only():
 def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, tiny_dir):
     from lowmem_alignprop.measure import planner
     monkeypatch.setenv(faults.INJECT_ENV, "backward@1")
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_PLAN_CACHE", "on")  # the check below reads the run's estimates
     out = tmp_path / "run"
     args = [*FAST, "--output-dir", str(out), "--steps", "2"]
     assert main(args) == 2

@@ -1,13 +1,14 @@
 """Estimates kept on disk, so that asking again costs nothing: a second ``plan`` of the same configuration, a
 ``plan --fastest`` for another budget (the estimates do not read it), ``--auto-fit`` of a run planned before.
 
-An estimate is a function of the configuration (every field but the budget), the target, the prompts, the package's
-code and the libraries' versions, and the files a model, VAE, component folder or reward weights path names. The
-key is a hash of all of them, so a changed file or an upgraded library is a new key, never a stale answer: the
-package's files are hashed whole (about 7 MB, milliseconds), a model's files by name, size and modification time (a
-hub id: its cached snapshot's commit). Not kept: a configuration with a reward of the user's own code (it may
-change between commands without any file we could watch), or a model path that cannot be told apart (a hub id not
-in the local cache yet; the next plan finds it there).
+An estimate is a function of the configuration (every field but the budget and the run's bookkeeping:
+planner.NOT_ESTIMATED), the target, the prompts, the package's code and the libraries' versions, and the files a
+model, VAE, component folder or reward weights path names. The key is a hash of all of them, so a changed file or an
+upgraded library is a new key, never a stale answer: the package's files are hashed whole (about 7 MB,
+milliseconds), a model's files by name, size and modification time (a hub id: its cached snapshot's commit). Not
+kept: a configuration with a reward of the user's own code (it may change between commands without any file we
+could watch), or a model path that cannot be told apart (a hub id not in the local cache yet; the next plan finds
+it there).
 
 The files are small JSON (the Estimate's fields), written atomically under ``cache_root()/estimates`` (the tiny
 model's cache folder: $LOWMEM_ALIGNPROP_CACHE, else $XDG_CACHE_HOME/lowmem_alignprop); the oldest go past

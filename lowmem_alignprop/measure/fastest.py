@@ -480,7 +480,8 @@ def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] 
     except UserError as e:  # a card without figures (the profile's own card is used when it names one)
         return cfg, {**record, "skipped": str(e)}
     given, found = result["given"], result["found"]
-    record.update(timed_as=result["device"], estimates=len(result["tried"]), search_seconds=result["seconds"])
+    record.update(timed_as=result["device"], estimates=len(result["tried"]), search_seconds=result["seconds"],
+                  estimates_from_cache=result["from_cache"])  # planned before on this machine (estimate_cache)
     if found is None:
         suggestion = (result["plan"] or {}).get("suggestion") or {}
         return cfg, {**record, "skipped": "nothing in the searched features fits the budget",

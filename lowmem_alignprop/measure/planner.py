@@ -124,10 +124,17 @@ def reuse_estimates(memo: dict | None = None):
         _REUSED.pop()
 
 
+# fields an estimate never reads: the budget (Estimate.fits is given it) and the run's bookkeeping; configurations
+# that differ only in them share one estimate (a plan, then --auto-fit of a run in its own folder with its steps)
+NOT_ESTIMATED = ("budget_gb", "output_dir", "steps", "eval_every", "eval_prompts", "eval_holdout", "early_stop",
+                 "report_to", "sample_prompts", "sample_every", "export_format", "push_to_hub", "fidelity_images",
+                 "fidelity_every", "checkpoint_every", "keep_checkpoints", "auto_fit", "max_bad_steps",
+                 "max_zero_grad_steps", "log_every")
+
+
 def _estimated_fields(cfg: Config) -> str:
-    """What an estimate depends on of ``cfg``: every field but the budget (an estimate does not read it;
-    :meth:`Estimate.fits` is given it)."""
-    return repr([(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "budget_gb"])
+    """What an estimate depends on of ``cfg``: every field but NOT_ESTIMATED."""
+    return repr([(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in NOT_ESTIMATED])
 
 
 def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None,
