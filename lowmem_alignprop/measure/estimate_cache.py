@@ -147,9 +147,11 @@ def store(name: str | None, est: Estimate) -> None:
     kept: a reader would get lists for tuples). A cache that cannot be written is only a slower next plan."""
     from lowmem_alignprop.run import atomic
 
+    if name is None:
+        return
     fields = est.to_dict()
     fields.pop("cached", None)
-    if name is None or json.loads(json.dumps(fields)) != fields:
+    if json.loads(json.dumps(fields)) != fields:
         return
     where = folder()
     try:
