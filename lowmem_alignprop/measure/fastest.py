@@ -171,15 +171,15 @@ class _Search:
         search then asks for is waiting; no more than the estimates left to the search. Without workers: nothing."""
         if self.pool is None or self.pool.broken:
             return
-        left = self.max_estimates - len(self.tried) - len(self.pending)
+        left = self.max_estimates - len(self.tried)  # what the search can still ask for
         for change in changes:
             key, cfg = tuple(sorted(change.items())), self.config(change)
-            if cfg is None or key in self.cache or key in self.pending:
+            if cfg is None or key in self.cache:
                 continue
             if left <= 0:
                 return
-            left -= 1  # one of the search's estimates, made here or read
-            if planner.is_known(cfg, self.target, self.prompts):
+            left -= 1  # one of the search's estimates: started already, read, or to start now
+            if key in self.pending or planner.is_known(cfg, self.target, self.prompts):
                 continue
             if (future := self.pool.submit(planner.estimate, cfg, target=self.target, prompts=self.prompts)):
                 self.pending[key] = future
