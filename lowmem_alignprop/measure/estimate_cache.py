@@ -18,6 +18,7 @@ test suite sets it, and the cache's own tests turn it on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -136,7 +137,8 @@ def load(name: str | None) -> Estimate | None:
         return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         log.debug("estimate cache: %s unreadable (%s): estimating again", path, e)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache keeps it; the new estimate is then not written
+            path.unlink(missing_ok=True)
         return None
     est.cached = saved.get("created", "")
     return est
