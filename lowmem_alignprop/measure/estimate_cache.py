@@ -153,13 +153,13 @@ def store(name: str | None, est: Estimate) -> None:
         return
     fields = est.to_dict()
     fields.pop("cached", None)
-    if json.loads(json.dumps(fields)) != fields:
+    text = json.dumps({"format": FORMAT, "created": time.strftime("%Y-%m-%d %H:%M"), "estimate": fields})
+    if json.loads(text)["estimate"] != fields:
         return
     where = folder()
     try:
         where.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(where / f"{name}.json", json.dumps(
-            {"format": FORMAT, "created": time.strftime("%Y-%m-%d %H:%M"), "estimate": fields}) + "\n")
+        atomic.write_text(where / f"{name}.json", text + "\n")
         _prune(where)
     except OSError as e:
         log.debug("estimate cache: not written (%s)", e)

@@ -161,10 +161,12 @@ def estimate(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = N
 def _estimate_or_cached(cfg: Config, target: str, prompts: list[str], emulate_autocast: bool,
                         key: tuple) -> Estimate:
     """The estimate from the disk cache (measure/estimate_cache.py), else made and kept there."""
-    est = estimate_cache.load(estimate_cache.key(cfg, key))
+    name = estimate_cache.key(cfg, key)
+    est = estimate_cache.load(name)
     if est is None:
         est = _estimate(cfg, target, prompts, emulate_autocast)
-        estimate_cache.store(estimate_cache.key(cfg, key), est)  # the key again: a hub id is cached by now
+        # no name before: asked again, as an uncached hub id is in the hub cache once its estimate is made
+        estimate_cache.store(name if name is not None else estimate_cache.key(cfg, key), est)
     return est
 
 
