@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
+import time
 
 import pytest
 import torch
@@ -226,6 +229,7 @@ def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
     return step_time(cfg, est, device)["optimizer_step"], bool(est.fits(cfg.budget_gb))
 
 
+@pytest.mark.xdist_group("plan_workers")  # one worker: the second test finds the fork server running
 def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
     """(The budget's two ends are the search's own all-on and all-off corners: estimated once, in one
     reuse_estimates scope; the chosen configuration is estimated again outside it.) The search runs with two worker
@@ -269,6 +273,20 @@ def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir):
             _time(dataclasses.replace(cfg, **change).validate(), "cpu", device)
         assert not other_fits or other >= seconds * (1 - 1e-9), (change, other, seconds)
     assert "budget_gb:" in r["profile_yaml"] and "vae_checkpointing:" in r["profile_yaml"]
+
+
+@pytest.mark.xdist_group("plan_workers")  # one worker: the second test finds the fork server running
+def test_the_workers_stop_an_estimate_the_search_no_longer_needs():
+    """An estimate computed ahead that is still running when the search ends is stopped, not waited for: here a
+    task of a minute ends, at the shutdown, with the pool's "process stopped" error instead of its result. (In the test
+    above's group: the workers' fork server is running already.)"""
+    pool = fastest._Workers(1)
+    assert pool.submit(os.getpid).result() != os.getpid()  # a worker is up (and has told its process id)
+    ahead = pool.submit(time.sleep, 60)
+    while not ahead.running():
+        time.sleep(0.01)
+    pool.shutdown()
+    assert isinstance(ahead.exception(timeout=0), concurrent.futures.process.BrokenProcessPool)
 
 
 def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(tiny_dir):
