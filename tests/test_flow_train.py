@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_flux_pipeline, build_tiny_sd3_dir
+from flowmodels import (FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_flux_pipeline, build_tiny_sd3_dir,
+                        build_tiny_sd3_pipeline)
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.cli import main
@@ -308,6 +309,41 @@ def test_bad_input_k_beyond_schnells_steps(dirs, tmp_path, capsys):
     lines = _errors(capsys)
     assert rc == 2 and len(lines) == 1 and "k=6 is larger than sample_steps=4" in lines[0], lines
     assert not (tmp_path / "a").exists()
+
+
+def test_bad_input_a_resolution_the_flow_model_cannot_make(dirs, tmp_path, capsys):
+    """A token of SD3/FLUX covers the VAE's scale x 2 pixels a side (16 for the real models, 4 for the tiny ones:
+    their VAE halves) and SD3's position embeddings reach pos_embed_max_size tokens (SD3.5 Large: 3072 px; the tiny
+    SD3: 16 tokens, 64 px). Off either: one line before anything loads where the files tell (the shipped configs, a
+    folder, a transformer file's model_components), and from the loaded model where they do not (a hub id)."""
+    from lowmem_alignprop.models.family import check_supported
+    from lowmem_alignprop.models.loading import load_components
+
+    for model, resolution, line in (
+            ("sd35m", 1000, "resolution=1000 is not a multiple of 16: a token of this SD3/SD3.5 model's transformer "
+                            "covers 16x16 pixels: use --set resolution=992 or 1008"),
+            ("flux", 1080, "resolution=1080 is not a multiple of 16: a token of this FLUX.1 model's transformer "
+                           "covers 16x16 pixels: use --set resolution=1072 or 1088"),
+            ("sd35l", 3088, "resolution=3088 is larger than this SD3/SD3.5 model's position embeddings reach (3072 "
+                            "px a side): use --set resolution=3072 or less")):
+        with pytest.raises(UserError) as e:
+            Config(model=model, resolution=resolution).validate()
+        assert str(e.value) == line
+    for model, resolution in (("sd35l", 3072), ("sd35m", 4096), ("flux", 4096), ("sd35m", 1008)):
+        Config(model=model, resolution=resolution).validate()  # SD3.5 Medium's embeddings reach 6144 px
+    rc = main([*FLOW, "--model", str(dirs["sd3"]), "--set", "resolution=72", "--output-dir", str(tmp_path / "a")])
+    lines = _errors(capsys)
+    assert rc == 2 and lines == ["error: resolution=72 is larger than this SD3/SD3.5 model's position embeddings "
+                                 "reach (64 px a side): use --set resolution=64 or less"], lines
+    assert not (tmp_path / "a").exists()
+    path = _transformer_file(tmp_path, build_tiny_sd3_pipeline())
+    with pytest.raises(UserError, match=r"resolution=72 .* \(64 px a side\)"):
+        Config(model=str(path), model_components=str(dirs["sd3"]), resolution=72, k=1).validate()
+    Config(model=str(path), model_components=str(dirs["sd3"]), resolution=64, k=1).validate()
+    comps = load_components(Config(model=str(dirs["sd3"]), resolution=RES))  # as a hub id's model, once loaded
+    check_supported(comps, Config(model=str(dirs["sd3"]), resolution=64))
+    with pytest.raises(UserError, match=r"\(64 px a side\)"):
+        check_supported(comps, Config(model=str(dirs["sd3"]), resolution=72))
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -199,12 +199,19 @@ class _OnDevice:
 
 def check_supported(comps, cfg) -> None:
     """What a model family does not do (one line before anything is written). Every option of the UNet step now
-    works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); FLUX.1 has no negative branch."""
+    works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); FLUX.1 has no negative branch; a flow model's
+    resolution is a multiple of its token's pixels."""
     from lowmem_alignprop.settings.config import FLUX_NEGATIVE
     from lowmem_alignprop.settings.errors import UserError
 
-    if getattr(comps, "family", "unet") == flow.FLUX and cfg.negative_prompt:
+    from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry_of
+
+    family = getattr(comps, "family", "unet")
+    if family == flow.FLUX and cfg.negative_prompt:
         raise UserError(FLUX_NEGATIVE)  # (a hub id or a transformer file: Config.validate could not tell)
+    if family != "unet":  # (Config.validate checked it already where the model's files told)
+        geometry = flow_geometry_of(family == flow.FLUX, dict(comps.unet.config), dict(comps.vae.config))
+        check_flow_resolution(cfg.resolution, (family, *geometry))
 
 
 def model_kind(comps) -> str:

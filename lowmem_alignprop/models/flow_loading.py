@@ -23,7 +23,7 @@ from lowmem_alignprop.models.block_loading import Placement, folder_files, load_
 from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.model_kind import FLOW_FAMILIES, PIPELINE_FAMILIES
+from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, PIPELINE_FAMILIES
 from lowmem_alignprop.settings.paths import model_index, pipeline_class
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ FLOW_ARCH_DESCRIPTIONS = {
     "flux": "FLUX.1-dev (12B, guidance embedding; CLIP-L + T5-XXL, 1024 px)",
 }
 FLOW_PIPELINES = {cls: family for cls, family in PIPELINE_FAMILIES.items() if family in FLOW_FAMILIES}
-ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"
 
 
 def is_flow_dir(path: Path) -> bool:

@@ -81,7 +81,8 @@ class Config:
     eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
                         "then draws fresh noise, so rollouts of one prompt differ.")
-    resolution: int = _f(512, "Image side in pixels (a multiple of 8 times the VAE's downsampling).")
+    resolution: int = _f(512, "Image side in pixels: a multiple of 8 (SD3/SD3.5 and FLUX.1: of 16, the pixels a "
+                                "transformer token covers; SD3.5 Large: at most 3072).")
     negative_prompt: str = _f("", "Negative prompt: the unconditional branch of classifier-free guidance in training, "
                               "the sample images, `sample` and `plan`. Empty: the empty prompt, and on SDXL zero "
                               "embeddings, as its pipeline does (force_zeros_for_empty_prompt in model_index.json).")
@@ -309,6 +310,7 @@ class Config:
         if self.resolution % 8:
             raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
                             f"{max(8, self.resolution // 8 * 8)}")
+        _check_flow_resolution(self)
         if self.truncation == "fixed" and self.k > self.sample_steps:
             raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
                             f"{self.sample_steps} or raise sample_steps")
@@ -532,6 +534,15 @@ def _is_flux(model: str, components: str) -> bool:
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     return model_kind_of(model, components) == "flux"
+
+
+def _check_flow_resolution(cfg: Config) -> None:
+    """An SD3/FLUX model's resolution (a multiple of its token's pixels; SD3: within its position embeddings), where
+    its files tell before loading (settings/model_kind.flow_geometry); the loader checks the rest."""
+    from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry
+
+    if (geometry := flow_geometry(cfg.model, cfg.model_components)) is not None:
+        check_flow_resolution(cfg.resolution, geometry)
 
 
 def _closest_choice(value, choices) -> str:

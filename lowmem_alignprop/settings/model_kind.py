@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import model_index
+
+ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"  # the shipped sd35m, sd35l, flux configs
 
 
 def sd3_kind(num_layers: int) -> str:
@@ -57,3 +60,46 @@ def _model_file(model: str, name: str, download: bool) -> Path | None:
     if path.exists() or "/" not in model:
         return path / name
     return hub_file(model, name, download=download)
+
+
+def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | None] | None:
+    """An SD3/FLUX model's (family, the multiple its resolution must be, its largest resolution or None) from its
+    config files, before anything loads: the shipped sd35m/sd35l/flux, a folder, a transformer file's
+    model_components, a hub id in the local hub cache. None: not a flow model, or its files do not tell (the
+    trainer checks the loaded model: models/family.check_supported)."""
+    kind = model_kind_of(model, components)
+    if kind not in ("sd35m", "sd35l", "flux"):
+        return None
+    folder = str(ARCH_FLOW_DIR / model) if model in _NAMED_KINDS else (
+        model if _kind_of_folder(model, False) is not None else components)
+    try:
+        transformer, vae = (json.loads(_model_file(folder, name, False).read_text())
+                            for name in ("transformer/config.json", "vae/config.json"))
+        return ("flux" if kind == "flux" else "sd3", *flow_geometry_of(kind == "flux", transformer, vae))
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
+        return None
+
+
+def flow_geometry_of(is_flux: bool, transformer: dict, vae: dict) -> tuple[int, int | None]:
+    """(the multiple, the largest resolution or None) from a flow model's transformer and VAE configs: a token is a
+    patch of latents (SD3: patch_size x patch_size; FLUX.1 packs 2x2) and a latent is the VAE's 2^(blocks-1) pixels;
+    SD3's position embeddings reach pos_embed_max_size patches a side (SD3.5 Large: 3072 px; FLUX.1: no limit)."""
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    patch = 2 if is_flux else int(transformer.get("patch_size") or 2)
+    reach = None if is_flux else transformer.get("pos_embed_max_size")
+    return scale * patch, int(reach) * patch * scale if reach else None
+
+
+def check_flow_resolution(resolution: int, geometry: tuple[str, int, int | None]) -> None:
+    """One line when ``resolution`` does not suit an SD3/FLUX model (flow_geometry): before the model loads where the
+    files tell, else before the first step."""
+    family, multiple, largest = geometry
+    name = "FLUX.1" if family == "flux" else "SD3/SD3.5"
+    if resolution % multiple:
+        below = max(multiple, resolution // multiple * multiple)
+        raise UserError(f"resolution={resolution} is not a multiple of {multiple}: a token of this {name} model's "
+                        f"transformer covers {multiple}x{multiple} pixels: use --set resolution={below} or "
+                        f"{below + multiple}")
+    if largest and resolution > largest:
+        raise UserError(f"resolution={resolution} is larger than this {name} model's position embeddings reach "
+                        f"({largest} px a side): use --set resolution={largest} or less")
