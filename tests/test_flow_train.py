@@ -304,6 +304,58 @@ def test_bad_input_single_files(dirs, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and "is a FLUX transformer but" in lines[0], lines
 
 
+def test_bad_input_a_cut_short_or_foreign_transformer(dirs, tmp_path, capsys):
+    """A model folder's transformer file cut short (a download that stopped partway) and a diffusers-layout
+    transformer file of another model than its model_components (one single block more; diffusers' single-file
+    reader takes the original layouts only): one line each, before the run writes anything."""
+    cut = tmp_path / "cut"
+    shutil.copytree(dirs["flux"], cut)
+    weights = cut / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    rc = main([*FLOW, "--model", str(cut), "--output-dir", str(tmp_path / "a")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {weights} cannot be read (") and \
+        lines[0].endswith("): it is damaged or incomplete (a download that stopped partway?): download the model's "
+                          "transformer/ again"), lines  # (the reader's own words between the brackets)
+    path = _transformer_file(tmp_path, build_tiny_flux_pipeline(single_layers=2))
+    rc = main([*FLOW, "--model", str(path), "--set", f"model_components={dirs['flux']}", "--output-dir",
+               str(tmp_path / "b")])
+    lines = _errors(capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path} does not fit the transformer its "
+                                                               "model_components folder describes (0 tensors "
+                                                               "missing"), lines
+    assert lines[0].endswith("unexpected (e.g. ['single_transformer_blocks.1.attn.norm_k.weight'])): pass the model "
+                             "folder this transformer belongs to"), lines
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_input_model_components_and_a_missing_t5(dirs, tmp_path, capsys):
+    """`plan` of a transformer file alone says what train says (name model_components); model_components that does
+    not exist, or beside a whole model (a folder, which has its own parts), and a FLUX folder (or model_components)
+    whose T5 was not downloaded: one line each, naming the fix, nothing written."""
+    path = _transformer_file(tmp_path, build_tiny_flux_pipeline())
+    no_t5 = tmp_path / "no_t5"
+    shutil.copytree(dirs["flux"], no_t5, ignore=shutil.ignore_patterns("text_encoder_2"))
+    cases = [(["plan", "--profile", "cpu", "--model", str(path)],
+              f"error: {path} holds only a FLUX transformer: name the folder with the text encoders, VAE and "
+              "scheduler with --set model_components=DIR (the model's diffusers folder)"),
+             ([*FLOW, "--model", str(path), "--set", f"model_components={tmp_path / 'gone'}"],
+              f"error: model_components={tmp_path / 'gone'} does not exist: name the model's diffusers folder"),
+             ([*FLOW, "--model", str(dirs["flux"]), "--set", f"model_components={dirs['sd3']}"],
+              "error: model_components names the folder with the other parts of a single transformer file, and "
+              f"--model {dirs['flux']} is a whole model with its own: drop model_components"),
+             ([*FLOW, "--model", str(no_t5)],
+              f"error: {no_t5} is incomplete: its model_index.json lists text_encoder_2 but the text_encoder_2/ "
+              "folder is missing; copy the whole model folder (every subfolder)"),
+             ([*FLOW, "--model", str(path), "--set", f"model_components={no_t5}"],
+              f"error: model_components={no_t5} is incomplete: its model_index.json lists text_encoder_2 but the "
+              "text_encoder_2/ folder is missing; copy the whole model folder (every subfolder)")]
+    for args, line in cases:
+        assert main([*args, "--output-dir", str(tmp_path / "out")]) == 2
+        assert _errors(capsys) == [line]
+        assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_k_beyond_schnells_steps(dirs, tmp_path, capsys):
     rc = main([*FLOW, "--model", str(dirs["schnell"]), "--set", "k=6", "--output-dir", str(tmp_path / "a")])
     lines = _errors(capsys)

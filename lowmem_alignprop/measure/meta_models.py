@@ -120,12 +120,11 @@ def meta_base(cfg: Config, dtype: torch.dtype):
     (:func:`meta_components` gives copies to modify)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from lowmem_alignprop.models.loading import Components, is_flow_hub_id, resolve_model
+    from lowmem_alignprop.models.loading import Components, is_flow_source, resolve_model
 
     key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
     kind, where = resolve_model(cfg.model)
-    if key not in _META_CACHE and (kind.startswith("flow") or cfg.model_components
-                                   or (kind == "hub" and is_flow_hub_id(where))):
+    if key not in _META_CACHE and is_flow_source(cfg, kind, where):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
     if key not in _META_CACHE:
         if kind == "tiny":

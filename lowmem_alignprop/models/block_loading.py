@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,21 @@ def folder_files(transformer_dir: Path) -> list[Path] | None:
         return [transformer_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     one = transformer_dir / "diffusion_pytorch_model.safetensors"
     return [one] if one.is_file() else None
+
+
+def check_readable(files: list[Path]) -> list[Path]:
+    """``files`` when each opens as safetensors (its header read: a file cut short fails here); else one line before
+    anything loads (a 24 GB download that stopped partway is the usual damage)."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - any reader error (SafetensorError is none of the builtin ones)
+            raise UserError(f"{f} cannot be read ({first_line(e, 100)}): it is damaged or incomplete (a download "
+                            f"that stopped partway?): download the model's {f.parent.name}/ again") from None
+    return files
 
 
 def _row_segments(shapes: dict[str, tuple], family: str, layout: str,
@@ -258,11 +273,12 @@ class Checkpoint:
         module.to(on)
 
 
-def load_by_block(cls, config: dict, files, family: str, layout: str, place: Placement):
+def load_by_block(cls, config: dict, files, family: str, layout: str, place: Placement, *, whole: bool = True):
     """``cls`` (FluxTransformer2DModel / SD3Transformer2DModel) with ``config``, its weights read from ``files``
     block by block and placed by ``place`` (:func:`fill_by_block`), frozen. None, with a warning, when the files are
     not in a layout this reads (the caller then loads the whole transformer with diffusers); a UserError when such
-    files are scaled fp8 (diffusers would drop the scales)."""
+    files are scaled fp8 (diffusers would drop the scales) or, with ``whole`` off, when no other reader would take
+    them (a diffusers-layout file of another model than ``config``'s)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on meta; buffers (SD3's positional table) real, as diffusers builds them
@@ -275,6 +291,9 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
             raise UserError(f"{', '.join(str(f) for f in files)} is a scaled fp8 checkpoint (per-layer scale_weight "
                             f"tensors) that does not fit this model ({why}); no other loader applies its scales: pass "
                             "the model folder it belongs to as model_components, or its bf16 or plain fp8 file")
+        if why is not None and not whole:
+            raise UserError(f"{', '.join(str(f) for f in files)} does not fit the transformer its model_components "
+                            f"folder describes ({why}): pass the model folder this transformer belongs to")
         if why is not None:
             log.warning("%s is not read block by block (%s): diffusers loads the whole transformer into host memory "
                         "first", ", ".join(str(f) for f in files), why)
@@ -288,5 +307,5 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
     return model
 
 
-__all__ = ["Checkpoint", "Placement", "fill_by_block", "folder_files", "load_by_block", "materialize",
+__all__ = ["Checkpoint", "Placement", "check_readable", "fill_by_block", "folder_files", "load_by_block", "materialize",
            "materialize_quantized", "strip_prefix"]

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
-from lowmem_alignprop.models.block_loading import Placement, folder_files, load_by_block, strip_prefix
+from lowmem_alignprop.models.block_loading import Placement, check_readable, folder_files, load_by_block, strip_prefix
 from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, PIPELINE_FAMILIES
-from lowmem_alignprop.settings.paths import model_index, pipeline_class
+from lowmem_alignprop.settings.paths import describe, kind_of, model_index, pipeline_class
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,17 @@ def is_flow_dir(path: Path) -> bool:
 
 
 def check_flow_dir(path: Path, spec: str) -> None:
-    """Every component the index lists has its folder (T5 listed as null is allowed: SD3 without T5)."""
+    """Every component the index lists has its folder (T5 listed as null is allowed: SD3 without T5; SD3's T5 listed
+    but not downloaded is left to the loader, which skips it with t5_encoder=false)."""
     index = model_index(path)
     for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
         entry = index.get(part)
         if not (isinstance(entry, list) and entry[0] is not None):
             raise UserError(f"{spec} holds a {index['_class_name']} without {part}: pass a complete model folder")
         check_part_folder(Path(path), part, spec)
+    for part in ("text_encoder_2", "tokenizer_2"):  # FLUX.1's T5, SD3's CLIP-G: always needed when listed
+        if (index.get(part) or [None])[0] is not None:
+            check_part_folder(Path(path), part, spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,9 +101,14 @@ def single_file_transformer(path: str, components: str) -> tuple:
         raise UserError(f"{path} holds only a {family.upper()} transformer: name the folder with the text encoders, "
                         "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
     comp = Path(components).expanduser()
+    where = kind_of(comp)
+    if where != "directory" and (where != "missing" or components.startswith(("/", ".", "~"))
+                                 or components.count("/") != 1):  # a path (not a hub id's owner/name)
+        raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder")
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
                         "model_index.json names no StableDiffusion3Pipeline / FluxPipeline)")
+    check_flow_dir(comp, f"model_components={components}")  # every part it lists (FLUX.1's T5 too) is there
     theirs = FLOW_PIPELINES[pipeline_class(comp)]
     if theirs != family:
         raise UserError(f"{path} is a {family.upper()} transformer but model_components={components} is a "
@@ -119,7 +128,8 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     cls, config, family, layout = single_file_transformer(path, components)
 
     def read():
-        return load_by_block(cls, config, [path], family, layout, place) or \
+        # diffusers' from_single_file converts the original layouts only: a diffusers-layout file is read here or not
+        return load_by_block(cls, config, [path], family, layout, place, whole=layout != "diffusers") or \
             _whole_single_file(cls, config, path, components, layout, dtype)
 
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
@@ -136,7 +146,7 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
         try:
             transformer = cls.from_single_file(path, config=tmp, subfolder="transformer", local_files_only=True,
                                                **dtype_kwarg(dtype))
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
+        except (ValueError, RuntimeError, KeyError, IndexError, OSError) as e:  # IndexError: blocks it lacks
             raise UserError(f"cannot load {path} ({layout} layout) as the transformer of {components}: "
                             f"{first_line(e, 200)}; pass the model folder this transformer belongs to") from None
     return transformer
@@ -183,7 +193,7 @@ def _folder_transformer(root: Path):
     if not files:
         return None
     config = json.loads((sub / "config.json").read_text())
-    return getattr(diffusers, config["_class_name"]), config, files, sub
+    return getattr(diffusers, config["_class_name"]), config, check_readable(files), sub
 
 
 # --------------------------------------------------------------------------------------------------

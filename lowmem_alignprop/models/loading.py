@@ -126,8 +126,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     trainer runs; an SD3/FLUX transformer from a real checkpoint is then read to it block by block
     (:func:`_placement`), after the rest, or only when :func:`read_transformer` is called (``transformer_last``)."""
     kind, where = resolve_model(cfg.model)
-    if kind.startswith("flow") or (kind in ("file", "hub") and getattr(cfg, "model_components", "")) \
-            or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where)):
+    if is_flow_source(cfg, kind, where):
         return load_flow_components(cfg, kind, where, weight_dtype, device, transformer_last=transformer_last)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
@@ -183,6 +182,14 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
     return comps
+
+
+def is_flow_source(cfg, kind: str, where: str) -> bool:
+    """An SD3/FLUX model (resolve_model's ``kind`` and ``where``): a shipped architecture or folder, a file or hub id
+    with model_components, a transformer file alone (the flow loader then asks for model_components), a hub id whose
+    model_index.json says so. The one rule for the loader and the planner's meta model."""
+    return kind.startswith("flow") or (kind in ("file", "hub") and bool(getattr(cfg, "model_components", ""))) \
+        or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where))
 
 
 def _is_flow_transformer_file(path: str) -> bool:

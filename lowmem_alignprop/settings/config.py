@@ -344,6 +344,9 @@ class Config:
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or drop --sample-every")
+        if self.model_components and _is_whole_model(self.model):
+            raise UserError(f"model_components names the folder with the other parts of a single transformer file, "
+                            f"and --model {self.model} is a whole model with its own: drop model_components")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
             raise UserError(FLUX_NEGATIVE)
         if self.init_lora and self.train_unet != "lora":
@@ -534,6 +537,13 @@ def _is_flux(model: str, components: str) -> bool:
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     return model_kind_of(model, components) == "flux"
+
+
+def _is_whole_model(model: str) -> bool:
+    """A --model value with every part of its own: a shipped or architecture-only name, or a folder."""
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+
+    return model in NAMED_KINDS or Path(model).expanduser().is_dir()
 
 
 def _check_flow_resolution(cfg: Config) -> None:

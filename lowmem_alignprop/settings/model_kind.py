@@ -23,7 +23,7 @@ def sd3_kind(num_layers: int) -> str:
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
                      "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
 FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), not UNets
-_NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
+NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
 
@@ -33,8 +33,8 @@ def model_kind_of(model: str, components: str = "", *, download: bool = False) -
     hub (a few hundred bytes; the model's own download follows); a single transformer file by its
     ``components`` folder (model_components). None when only loading tells (an SD single file, a hub id out of
     reach, another pipeline)."""
-    if model in _NAMED_KINDS:
-        return _NAMED_KINDS[model]
+    if model in NAMED_KINDS:
+        return NAMED_KINDS[model]
     if not model:  # an empty field is no folder (Path("") is the working directory)
         return None
     kind = _kind_of_folder(model, download)
@@ -70,7 +70,7 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
     kind = model_kind_of(model, components)
     if kind not in ("sd35m", "sd35l", "flux"):
         return None
-    folder = str(ARCH_FLOW_DIR / model) if model in _NAMED_KINDS else (
+    folder = str(ARCH_FLOW_DIR / model) if model in NAMED_KINDS else (
         model if _kind_of_folder(model, False) is not None else components)
     try:
         transformer, vae = (json.loads(_model_file(folder, name, False).read_text())
