@@ -259,6 +259,16 @@ def test_sample_runs_a_flux_lora(flux_run, dirs, tmp_path):
     samples = json.loads((flux_run / "samples" / "before_after.json").read_text())
     # the first prompt, its own seed: not the grid's noise, but the same model, so rewards are close
     assert abs(r["lora_mean"] - samples["images"][0]["reward_after"]) < 0.05
+    # the same LoRA as a peft adapter folder (export --format peft) and as a checkpoint: the same images; the records
+    # name what was given, not the converted copy in a temporary folder (gone when the command ends)
+    assert main(["export", "--lora", str(flux_run / "lora"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    checkpoint = sorted((flux_run / "checkpoints").glob("step-*"))[-1]
+    for given in (tmp_path / "peft", checkpoint):
+        again = tmp_path / given.name
+        assert main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(given), "--num-prompts", "2",
+                     "--set", "guidance_scale=3.5", "--output-dir", str(again)]) == 0
+        other = json.loads((again / "sample_results.json").read_text())
+        assert other["lora_mean"] == r["lora_mean"] and other["loras"][0]["path"] == str(given.absolute())
 
 
 def _unet_lora(tmp_path, tiny_dir):

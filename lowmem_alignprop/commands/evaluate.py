@@ -53,6 +53,12 @@ class LoraSpec:
     file: Path
     weight: float
     name: str
+    source: Path | None = None  # what the user named, when ``file`` is a converted copy (a checkpoint, kohya, peft)
+
+    @property
+    def named(self) -> Path:
+        """The LoRA as the user gave it (the records name it: a converted copy is gone when the process ends)."""
+        return self.source or self.file
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,6 +111,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _find_lora_file(path: Path, arg: str) -> Path:
+    from lowmem_alignprop.commands.lora_formats import is_peft_folder, peft_as_diffusers
     from lowmem_alignprop.run.checkpoint import named_checkpoint
 
     checkpoint = named_checkpoint(path)
@@ -113,6 +120,8 @@ def _find_lora_file(path: Path, arg: str) -> Path:
     if not path.exists():
         raise UserError(f"--lora {arg}: {path} does not exist; pass the lora/ folder a training run wrote "
                         f"(e.g. outputs/run/lora), optionally with a weight: DIR:0.5")
+    if path.is_dir() and is_peft_folder(path):  # export --format peft: in diffusers' layout, as --init-lora reads it
+        return peft_as_diffusers(path, f"--lora {arg}")
     if path.is_file():
         if path.suffix.lower() not in (".safetensors", ".bin"):
             raise UserError(f"--lora {arg}: {path} is not a LoRA weights file; pass a .safetensors file or its folder")
@@ -160,7 +169,10 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
             raise UserError(f"--lora {arg}: weight must be a finite number, e.g. --lora DIR:0.5")
         if not where:
             raise UserError(f"--lora {arg}: the path is missing; write --lora DIR:{tail}")
-    return LoraSpec(arg=arg, file=_lora_file(Path(where).expanduser(), arg), weight=weight, name=f"lora{index}")
+    given = Path(where).expanduser()
+    file = _lora_file(given, arg)
+    own = file == given or given.resolve() in file.resolve().parents  # the user's own file, not a converted copy
+    return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=None if own else given.absolute())
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
@@ -445,7 +457,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
     results = {
         "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
-        "loras": [{"path": str(s.file), "weight": s.weight, "adapter_name": s.name} for s in specs],
+        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,

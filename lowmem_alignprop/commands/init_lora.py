@@ -4,7 +4,6 @@ peft adapter folder), found and checked before any model loads, then copied into
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
-from lowmem_alignprop.commands.lora_formats import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHT_NAME
+from lowmem_alignprop.commands.lora_formats import is_peft_folder, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
@@ -58,8 +57,8 @@ def _init_lora_source(spec: str) -> Path:
             raise UserError(f"--init-lora {spec} is not a .safetensors file: pass a LoRA in diffusers, kohya or peft "
                             "layout")
         return path
-    if (path / PEFT_WEIGHT_NAME).is_file() and (path / PEFT_CONFIG_NAME).is_file():
-        return _peft_as_diffusers(path, spec)
+    if is_peft_folder(path):
+        return peft_as_diffusers(path, f"--init-lora {spec}")
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
         return folder / LORA_WEIGHT_NAME
@@ -68,30 +67,6 @@ def _init_lora_source(spec: str) -> Path:
         return found[0]
     raise UserError(f"--init-lora {spec} holds {'no' if not found else 'several'} .safetensors files: pass the LoRA "
                     "file itself, a run's lora/ folder or a peft adapter folder")
-
-
-def _peft_as_diffusers(folder: Path, spec: str) -> Path:
-    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) in diffusers' layout."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import load_file
-
-    try:
-        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
-        weights = load_file(str(folder / PEFT_WEIGHT_NAME))
-    except Exception as e:  # a damaged JSON or safetensors file: any reader error
-        raise UserError(f"--init-lora {spec}: the peft adapter cannot be read ({first_line(e, 120)})") from None
-    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
-    known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
-    out = temporary_folder() / "lora"
-    if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
-        from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
-        StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
-                                                   transformer_lora_adapter_metadata=known)
-        return out / LORA_WEIGHT_NAME
-    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(weights),
-                                              unet_lora_adapter_metadata=known)
-    return out / LORA_WEIGHT_NAME
 
 
 def lora_file_ranks(file: Path, spec: str) -> set[int]:

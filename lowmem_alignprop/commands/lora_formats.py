@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name
+from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name, temporary_folder
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.settings.errors import UserError, first_line
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
@@ -121,3 +122,33 @@ def file_stem(lora: Lora) -> str:
     if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)
         return f"{name}_step{lora.step}_alignprop_lora"
     return f"{name}_alignprop_lora"
+
+
+def is_peft_folder(path: Path) -> bool:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``: ``export --format peft``)."""
+    return (path / PEFT_WEIGHT_NAME).is_file() and (path / PEFT_CONFIG_NAME).is_file()
+
+
+def peft_as_diffusers(folder: Path, label: str) -> Path:
+    """A peft adapter folder in diffusers' layout, in a temporary folder (removed when the process ends); ``label``
+    names the option in a message (``--init-lora x``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+        weights = load_file(str(folder / PEFT_WEIGHT_NAME))
+    except Exception as e:  # a damaged JSON or safetensors file: any reader error
+        raise UserError(f"{label}: the peft adapter cannot be read ({first_line(e, 120)})") from None
+    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
+    known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
+    out = temporary_folder() / "lora"
+    if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
+        from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
+        StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=known)
+        return out / LORA_WEIGHT_NAME
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(weights),
+                                              unet_lora_adapter_metadata=known)
+    return out / LORA_WEIGHT_NAME
