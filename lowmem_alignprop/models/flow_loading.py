@@ -60,6 +60,11 @@ def check_flow_dir(path: Path, spec: str) -> None:
 # single-file transformers
 # --------------------------------------------------------------------------------------------------
 
+def _a(family: str) -> str:
+    """'an SD3' / 'a FLUX', for messages."""
+    return f"{'an' if family == 'sd3' else 'a'} {family.upper()}"
+
+
 def transformer_layout(keys) -> tuple[str, str]:
     """(family, layout) of a transformer checkpoint's keys: family ``sd3`` or ``flux``, layout ``original`` (BFL /
     Stability names, converted by diffusers) or ``diffusers``. Raises UserError for any other layout."""
@@ -98,7 +103,7 @@ def single_file_transformer(path: str, components: str) -> tuple:
                         ".safetensors file") from None
     family, layout = transformer_layout(keys)
     if not components:
-        raise UserError(f"{path} holds only a {family.upper()} transformer: name the folder with the text encoders, "
+        raise UserError(f"{path} holds only {_a(family)} transformer: name the folder with the text encoders, "
                         "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
     comp = Path(components).expanduser()
     where = kind_of(comp)
@@ -111,8 +116,8 @@ def single_file_transformer(path: str, components: str) -> tuple:
     check_flow_dir(comp, f"model_components={components}")  # every part it lists (FLUX.1's T5 too) is there
     theirs = FLOW_PIPELINES[pipeline_class(comp)]
     if theirs != family:
-        raise UserError(f"{path} is a {family.upper()} transformer but model_components={components} is a "
-                        f"{theirs.upper()} pipeline: pass the folder of the model the transformer belongs to")
+        raise UserError(f"{path} is {_a(family)} transformer but model_components={components} is "
+                        f"{_a(theirs)} pipeline: pass the folder of the model the transformer belongs to")
     cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
     config = json.loads((comp / "transformer" / "config.json").read_text())
     if family == "flux":
