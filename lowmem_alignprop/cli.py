@@ -298,7 +298,7 @@ def sample_parser() -> argparse.ArgumentParser:
 def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
     args = sample_parser().parse_args(argv)
-    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary
+    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary, recorded_base
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
 
     if args.num_prompts < 1:
@@ -315,6 +315,14 @@ def cmd_sample(argv: list[str]) -> int:
         raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
                         "training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
+    given = {s.split("=", 1)[0].strip() for s in args.set}
+    if args.model is None and "model" not in given and (base := recorded_base(specs[0])) is not None:
+        args.model = base[0]  # the model the (first) LoRA was trained on, as lora/base_model.json records it
+        if base[1] and "model_components" not in given:
+            args.set.append(f"model_components={base[1]}")
+        logging.getLogger("lowmem_alignprop").info(
+            "--model not given: sampling %s, the model %s was trained on (--model to choose another)", *base[:1],
+            args.lora[0])
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)

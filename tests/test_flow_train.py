@@ -263,9 +263,9 @@ def test_sample_runs_a_flux_lora(flux_run, dirs, tmp_path):
     # name what was given, not the converted copy in a temporary folder (gone when the command ends)
     assert main(["export", "--lora", str(flux_run / "lora"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     checkpoint = sorted((flux_run / "checkpoints").glob("step-*"))[-1]
-    for given in (tmp_path / "peft", checkpoint):
-        again = tmp_path / given.name
-        assert main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(given), "--num-prompts", "2",
+    for given, model in ((tmp_path / "peft", ["--model", str(dirs["flux"])]), (checkpoint, [])):
+        again = tmp_path / given.name  # (no --model: the one the checkpoint's run trained, its base_model.json says)
+        assert main(["sample", *FLOW, *model, "--lora", str(given), "--num-prompts", "2",
                      "--set", "guidance_scale=3.5", "--output-dir", str(again)]) == 0
         other = json.loads((again / "sample_results.json").read_text())
         assert other["lora_mean"] == r["lora_mean"] and other["loras"][0]["path"] == str(given.absolute())
@@ -285,7 +285,8 @@ def _unet_lora(tmp_path, tiny_dir):
 
 
 def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, capsys):
-    rc = main(["sample", *FLOW, "--lora", str(flux_run / "lora"), "--output-dir", str(tmp_path / "a")])
+    rc = main(["sample", *FLOW, "--model", "tiny", "--lora", str(flux_run / "lora"), "--output-dir",
+               str(tmp_path / "a")])
     lines = _errors(capsys)
     assert rc == 2 and len(lines) == 1 and "adapts an SD3/SD3.5 or FLUX.1 transformer" in lines[0], lines
     rc = main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(_unet_lora(tmp_path, tiny_dir)),

@@ -175,6 +175,33 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
     return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=None if own else given.absolute())
 
 
+def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
+    """(model, model_components) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and a
+    transformer file's model_components from its run's config.yaml; None for a LoRA from elsewhere. ``sample``
+    without --model loads it. A recorded path that is gone raises UserError naming --model."""
+    import yaml
+
+    try:
+        model = json.loads((spec.file.parent / LORA_BASE_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged: warn_other_base says so
+        return None
+    if not isinstance(model, str) or not model:
+        return None
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise UserError(f"--lora {spec.arg} was trained on {model} ({LORA_BASE_FILE}), which is not there any more: "
+                        "pass the base model with --model")
+    components = ""
+    for folder in list(spec.named.absolute().parents)[:3]:  # lora/ or checkpoints/step-N in the run folder
+        if (folder / "config.yaml").is_file():
+            try:
+                components = str((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get(
+                    "model_components") or "")
+            except (OSError, ValueError, yaml.YAMLError, AttributeError):
+                pass
+            break
+    return model, components
+
+
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
     """Seed of image j of prompt i: ``seed + i * images_per_prompt + j`` (one generator per image)."""
     return [[seed + i * images_per_prompt + j for j in range(images_per_prompt)] for i in range(num_prompts)]
