@@ -229,3 +229,106 @@ def test_export_writes_a_damaged_or_missing_lora_again_from_the_checkpoint(finis
     shutil.rmtree(run / "lora")
     assert main(["export", "--lora", str(run / "lora"), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
     assert_same_lora(run / LORA_FILE, original)
+
+
+TORCH_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 114496 vs 114388"  # torch 2.13
+
+
+def test_a_full_disk_in_torch_save_of_a_checkpoint_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, capsys,
+                                                                                                 monkeypatch, tiny_dir):
+    """torch's zip writer says a full disk in a RuntimeError of its own, the OS's error only in its context (as it
+    does writing into a file object): the line names the disk and the fix, step 1 stays whole and resumable, no
+    temporary folder is left, and --resume latest trains on from it once there is space."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        if Path(getattr(f, "name", f)).name == "optimizer.pt":
+            calls.append(f)
+            if len(calls) == 2:  # the second checkpoint
+                try:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                except OSError:
+                    raise RuntimeError(TORCH_WRITE_FAILED) from None  # from None: only __context__ keeps it, as torch's
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "3", "--checkpoint-every", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "Traceback" not in err and lines == [(
+        f"error: could not write checkpoint {root / 'step-00000002'}: the disk is full; nothing was half-written (the "
+        f"previous checkpoint {root / 'step-00000001'} is intact). Free space in --output-dir (or choose another one) "
+        "and rerun with --resume latest")], err[-2000:]
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]  # no step-2, no .tmp-step-00000002
+    assert ckpt.verify(root / "step-00000001") is None and atomic.leftovers(out) == []
+    monkeypatch.setattr(torch, "save", real)
+    assert main([*args, "--resume", "latest"]) == 0
+    assert ckpt.find_resume(out, "latest").name == "step-00000003"
+
+
+def test_a_file_size_limit_at_the_first_checkpoint_says_nothing_is_resumable(finished, tmp_path, tiny_dir):
+    """A real RLIMIT_FSIZE (ulimit -f) in a child process: torch.save fails with EFBIG (Python ignores SIGXFSZ;
+    the child does so explicitly too) at the run's first checkpoint. One line says the limit, that the trained step
+    is not saved and cannot be resumed, and where to run again; no temporary folder is left."""
+    import resource
+
+    out, written = tmp_path / "run", finished[0] / "checkpoints" / "step-00000001"
+    small, big = ((written / name).stat().st_size for name in ("trainable.safetensors", "optimizer.pt"))
+    assert small < big
+    limit = (small + big) // 2  # trainable.safetensors fits (and all a run writes before it), optimizer.pt does not
+
+    def child():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "sample_prompts=0",
+                           "--output-dir", str(out), "--steps", "1"], env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=child, check=False)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines == [(
+        f"error: could not write checkpoint {out / 'checkpoints' / 'step-00000001'}: File too large; nothing was "
+        "half-written, but this run has no earlier checkpoint, so what it trained (step 1) is not saved and cannot be "
+        "resumed. Raise the file-size limit (ulimit -f) or free space in --output-dir and run the command again (into "
+        f"another --output-dir, or delete {out} first)")], proc.stderr[-2000:]
+    assert list((out / "checkpoints").iterdir()) == [] and atomic.leftovers(out) == []
+
+
+def test_write_failure_finds_the_os_error_in_torch_and_safetensors_words(tmp_path, monkeypatch):
+    """The OS error behind each form a failed checkpoint write takes; torch.save into a path gives no errno at all:
+    next to nothing free where it wrote is a full disk, else a file-size limit if one is set, else a failed write."""
+    import resource
+
+    from safetensors import SafetensorError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert ckpt.write_failure(full, tmp_path) is full
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError(TORCH_WRITE_FAILED) from None
+    except RuntimeError as e:
+        assert ckpt.write_failure(e, tmp_path) is full
+    rust = ckpt.write_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+                              tmp_path)
+    assert rust.errno == errno.EFBIG and atomic.describe(rust) == "File too large"
+    bare = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    failed = ckpt.write_failure(bare, tmp_path)
+    assert failed.errno == errno.EIO and failed.strerror == f"the write failed ({bare})"
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, resource.RLIM_INFINITY))
+    assert ckpt.write_failure(bare, tmp_path).errno == errno.EFBIG
+    real_statvfs = os.statvfs
+
+    class Full:
+        f_bfree = f_bavail = 0
+        f_frsize = 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Full() if Path(p) == tmp_path else real_statvfs(p))
+    assert atomic.is_disk_full(ckpt.write_failure(bare, tmp_path))
+    for other in (RuntimeError("CUDA out of memory"), ValueError(TORCH_WRITE_FAILED)):
+        assert ckpt.write_failure(other, tmp_path) is None

@@ -381,12 +381,74 @@ def prune(root: Path, keep: int, protect: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def disk_error(e: OSError, where: Path, previous: Path | None) -> UserError:
-    """The one-line error for a failed checkpoint write (disk full, permissions, ...)."""
-    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-    keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-    return UserError(f"could not write checkpoint {where}: {what}; nothing was half-written ({keep}). Free space "
-                     "in --output-dir (or choose another one) and rerun with --resume latest")
+# torch's zip writer (torch.save) turns a failed write into a RuntimeError without the OS's errno, the same text for a
+# full disk (ENOSPC) and a file-size limit (EFBIG, ulimit -f): "[enforce fail at inline_container.cc:672] . unexpected
+# pos 114496 vs 114388" (torch 2.13), "PytorchStreamWriter failed writing file data/0: file write failed"; safetensors
+# (Rust) says "Error while serializing: I/O error: No space left on device (os error 28)" in a SafetensorError.
+TORCH_WRITE_FAILED = ("unexpected pos ", "file write failed", "PytorchStreamWriter failed")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(e: BaseException, folder: Path) -> OSError | None:
+    """The OS error behind a failed write into ``folder`` (an OSError as it is; torch's and safetensors' forms of it,
+    above, as the OSError they stand for), or None when ``e`` is no failed write. Whether that is a full disk is then
+    ``atomic.is_disk_full``'s to say."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    if type(e).__name__ == "SafetensorError" and (found := _RUST_OS_ERROR.search(text)):
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if not (isinstance(e, RuntimeError) and any(s in text for s in TORCH_WRITE_FAILED)):
+        return None
+    seen, cause = set(), e.__cause__ or e.__context__
+    while cause is not None and id(cause) not in seen:  # torch.save into a file object: the file's own OSError
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    code = _unreported_errno(folder)  # torch.save into a path (the EMA's file, DeepSpeed's): no errno anywhere
+    return OSError(code, os.strerror(code) if code != errno.EIO else f"the write failed ({first_line(e, 100)})")
+
+
+def _unreported_errno(folder: Path) -> int:
+    """What a write that failed without an errno ran into: a full disk (next to nothing free where it wrote), else a
+    file-size limit (ulimit -f) if one is set, else EIO."""
+    try:
+        st = os.statvfs(folder)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root writes into the reserve
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        free = None
+    if free is not None and free < 1 << 20:
+        return errno.ENOSPC
+    try:
+        import resource
+    except ImportError:
+        return errno.EIO
+    return errno.EFBIG if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else errno.EIO
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file: a failed write then carries the OS's errno (``write_failure``)."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def disk_error(e: OSError, where: Path, previous: Path | None, step: int | None = None) -> UserError:
+    """The one-line error for a failed checkpoint write (disk full, file-size limit, permissions, ...): what is safe
+    and what to do. Without an earlier checkpoint nothing is resumable, and the line says so."""
+    what = atomic.describe(e)
+    fix = ("free space in --output-dir (or choose another one)" if atomic.is_disk_full(e) else
+           "raise the file-size limit (ulimit -f) or free space in --output-dir" if e.errno == errno.EFBIG else
+           "fix that in --output-dir (or choose another one)")
+    if previous:
+        return UserError(f"could not write checkpoint {where}: {what}; nothing was half-written (the previous "
+                         f"checkpoint {previous} is intact). {fix[0].upper()}{fix[1:]} and rerun with --resume latest")
+    span = f" (steps 1-{step})" if step and step > 1 else " (step 1)" if step == 1 else ""
+    return UserError(f"could not write checkpoint {where}: {what}; nothing was half-written, but this run has no "
+                     f"earlier checkpoint, so what it trained{span} is not saved and cannot be resumed. "
+                     f"{fix[0].upper()}{fix[1:]} and run the command again (into another --output-dir, or delete "
+                     f"{where.parent.parent} first)")
 
 
 # -- save and restore a run ----------------------------------------------------------------------------
@@ -432,32 +494,37 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             error = e
     if not all_ranks_ok(accelerator, error is None):
         _cleanup(tmp, is_main)
-        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous)
+        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous, step)
     if engine is not None:
         try:  # DeepSpeed: each rank writes its optimizer partition; frozen weights are left out
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
                                    exclude_frozen_parameters=True)
-        except OSError as e:
-            error = e
+        except Exception as e:
+            error = write_failure(e, tmp)
+            if error is None:
+                raise
     if is_main and error is None:
         state = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes, "config": cfg.to_dict(),
                  "fingerprint": fp, "history": history, "rank_weight_sums": rank_sums, **(extra or {})}
         try:
             save_file(weights, str(tmp / "trainable.safetensors"))
             if engine is None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(rngs, tmp / "rng.pt")
+                _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(rngs, tmp / "rng.pt")
             if write_extra is not None:
                 write_extra(tmp)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             write_manifest(tmp)
             publish(tmp, final)
-        except OSError as e:
-            error = e
+        except Exception as e:  # a full disk: an OSError, or torch's / safetensors' words for one (write_failure)
+            error = write_failure(e, tmp)
+            if error is None:
+                _cleanup(tmp, is_main)
+                raise
     ok = all_ranks_ok(accelerator, error is None)
     if not ok:
         _cleanup(tmp, is_main)
-        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous)
+        raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous, step)
     if is_main:
         prune(root, cfg.keep_checkpoints, protect=final)
     return final
