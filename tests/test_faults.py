@@ -386,3 +386,95 @@ def test_a_gradient_that_never_reaches_the_lora_stops_the_run(tmp_path, capsys, 
     assert len(msg) == 1 and "LoRA's gradient was exactly zero in 2 steps in a row (steps 1-2)" in msg[0]
     assert ckpt.find_resume(out, "latest").name == "step-00000002" and "step-00000002" in msg[0]
     assert [r["step"] for r in rows(out)] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows(out))
+
+
+# -- a second signal (Ctrl-C or SIGTERM) aborts ---------------------------------------------------------------------
+
+class Aborted(Exception):
+    pass
+
+
+@pytest.fixture
+def stop_clock(monkeypatch):
+    """StopRequest with a clock the test sets and an os._exit that raises (the code it would exit with)."""
+    from lowmem_alignprop.run import stop_request
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(stop_request.time, "monotonic", lambda: clock["now"])
+
+    def fake_exit(code):
+        raise Aborted(code)
+    monkeypatch.setattr(stop_request.os, "_exit", fake_exit)
+    monkeypatch.setattr(stop_request, "world_size", lambda: 1)
+    return stop_request, clock
+
+
+@pytest.mark.parametrize("first, second", [("SIGTERM", "SIGTERM"), ("SIGTERM", "SIGINT"), ("SIGINT", "SIGTERM"),
+                                           ("SIGINT", "SIGINT")])
+@pytest.mark.parametrize("saved", [None, 4])
+def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, first, second, saved):
+    """The first signal's message promises "Ctrl-C again to abort": a second signal of either kind keeps it (a second
+    SIGTERM never did, nor a Ctrl-C after one), once past the 2 s in which it is a launcher's echo of the first. The
+    abort says what is kept: the newest checkpoint, or that there is none to resume (not "--resume latest")."""
+    import signal as sig
+
+    stop_request, clock = stop_clock
+    released = []
+    stop = stop_request.StopRequest(on_abort=lambda: released.append(True), saved=lambda: saved)
+    stop._handle(getattr(sig, first), None)
+    assert stop.name == first and f"{first} received: finishing this step" in caplog.text
+    assert "(Ctrl-C again to abort)" in caplog.text
+    clock["now"] += 1.0
+    stop._handle(getattr(sig, second), None)  # an echo: nothing happens
+    assert not released
+    clock["now"] += 1.5
+    with pytest.raises(Aborted) as got:
+        stop._handle(getattr(sig, second), None)
+    assert got.value.args == (130,) and released == [True]
+    what = "Ctrl-C" if second == "SIGINT" else second
+    line = caplog.records[-1].getMessage()
+    if saved is None:
+        assert line == (f"aborted by a second {what} before the run's first checkpoint: no step is kept, so there is "
+                        "nothing to resume; start the run again (in a new --output-dir, or delete this one first)")
+    else:
+        assert line == (f"aborted by a second {what}: the steps after step 4 are lost; --resume latest continues from "
+                        "step 4's checkpoint")
+
+
+def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch):
+    """Under a launcher a SIGTERM after the first Ctrl-C is the launcher passing that Ctrl-C on: not an abort."""
+    import signal as sig
+
+    stop_request, clock = stop_clock
+    monkeypatch.setattr(stop_request, "world_size", lambda: 2)
+    stop = stop_request.StopRequest()
+    stop._handle(sig.SIGINT, None)
+    clock["now"] += 5
+    stop._handle(sig.SIGTERM, None)
+    with pytest.raises(Aborted):
+        stop._handle(sig.SIGINT, None)
+
+
+def test_a_second_sigterm_aborts_a_real_run_before_its_first_checkpoint(tmp_path):
+    """A scheduler's SIGTERM, then another while the step is still running (held in its reward): the run aborts
+    with 130, releases its lock and says nothing of --resume (no checkpoint exists). It once ignored every signal
+    after the first SIGTERM until a SIGKILL."""
+    import signal as sig
+    import time
+
+    from test_resume import Gated
+
+    run = Gated(tmp_path, "--steps", "50")
+    try:
+        run.held()  # inside step 2's reward; no checkpoint yet (checkpoint_every 0)
+        run.proc.send_signal(sig.SIGTERM)
+        run.wait_for(lambda: "SIGTERM received" in run.stderr(), "the first SIGTERM taken")
+        time.sleep(2.5)  # past the launcher's echo window
+        run.proc.send_signal(sig.SIGTERM)
+    finally:
+        code = run.finish()
+    stderr = run.stderr()
+    assert code == 130, stderr[-2000:]
+    assert ("aborted by a second SIGTERM before the run's first checkpoint: no step is kept, so there is nothing to "
+            "resume") in stderr and "--resume latest" not in stderr and "Traceback" not in stderr
+    assert not (run.out / ".run.lock").exists() and not ckpt.list_checkpoints(run.out / "checkpoints")

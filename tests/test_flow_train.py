@@ -293,7 +293,14 @@ def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, 
                "--output-dir", str(tmp_path / "b")])
     lines = _errors(capsys)
     assert rc == 2 and len(lines) == 1 and "adapts a UNet model" in lines[0], lines
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    moved = tmp_path / "moved" / "lora"  # trained on a folder that is gone: sample without --model says so
+    shutil.copytree(flux_run / "lora", moved)
+    (moved / "base_model.json").write_text(json.dumps({"model": str(tmp_path / "gone")}))
+    rc = main(["sample", *FLOW, "--lora", str(moved), "--output-dir", str(tmp_path / "c")])
+    assert rc == 2 and _errors(capsys) == [f"error: --lora {moved} was trained on {tmp_path / 'gone'} "
+                                           "(base_model.json), which is not there any more: pass the base model "
+                                           "with --model"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_bad_input_single_files(dirs, tmp_path, capsys):

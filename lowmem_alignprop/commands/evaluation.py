@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run.faults import isfinite_number
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.rollout import loss_from_reward
 
@@ -34,6 +34,20 @@ EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OF
 # world's judged image n with seed + EVAL_SEED_OFFSET + n)
 SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is sampled with seed + SAMPLE_SEED_OFFSET
 EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
+EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  # the reward's error, said as whose
+EVAL_FIX = "fix the reward, or drop --eval-every"
+
+
+def finite_or_none(x) -> float | None:
+    """A reward figure for metrics.jsonl, best.json, before_after.json and summary.json: None (JSON null) when it is
+    NaN or infinite (JSON has no NaN, and a bare NaN breaks strict readers); the one rule for those figures."""
+    return float(x) if isfinite_number(x) else None
+
+
+def nonfinite_note(rewards: torch.Tensor, what: str) -> str | None:
+    """``"the reward is NaN or infinite on 2 of 4 <what>"``, or None when every reward is finite."""
+    bad = int((~torch.isfinite(rewards)).sum())
+    return f"the reward is NaN or infinite on {bad} of {rewards.numel()} {what}" if bad else None
 
 
 def render_fixed_seed(sample: Callable, prompts: list[str], seed: int, chunk: int | None = None,
@@ -110,7 +124,8 @@ class HeldOut:
     def evaluate(self) -> dict:
         """Every held-out prompt, sampled with fixed seeds (the same at every evaluation) and scored: eval_reward,
         eval_reward_std, eval_objective (what best/ is chosen by: -loss, so nearest reward_target when it is set)
-        and every evaluator's metrics, prefixed eval_."""
+        and every evaluator's metrics, prefixed eval_. A figure that is NaN or inf is None (null); a reward that is
+        NaN or inf on any image adds ``eval_skipped`` (why), and :meth:`after_evaluation` does not count it."""
         imgs_all, r_all = render_fixed_seed(self.sample, self.prompts, self.cfg.seed + EVAL_SEED_OFFSET,
                                             self.cfg.batch_size)
         r_all = r_all.float()
@@ -119,13 +134,20 @@ class HeldOut:
         for fn in self.evaluators:
             metrics.update({k if k.startswith("eval_") else f"eval_{k}": float(v)
                             for k, v in fn(imgs_all, list(self.prompts)).items()})
-        return metrics
+        metrics = {k: finite_or_none(v) for k, v in metrics.items()}
+        skipped = nonfinite_note(r_all, "held-out images") or (
+            None if metrics["eval_objective"] is not None else "the evaluation's objective is NaN or infinite")
+        return {**metrics, "eval_skipped": skipped} if skipped else metrics
 
     def after_evaluation(self, step: int, metrics: dict, is_main: bool) -> None:
         """Keep the step in best/ when it improved on the best so far; count the evaluations since; decide the
-        early stop."""
+        early stop. An evaluation whose reward is NaN or inf (``eval_skipped``) is said and counted for neither."""
         objective = metrics["eval_objective"]
-        if math.isfinite(objective) and (self.best is None or objective > self.best):
+        if metrics.get("eval_skipped"):
+            if is_main:
+                log.warning("step %d: evaluation skipped: %s (not counted for best/ or the early stop); check the "
+                            "reward %r", step, metrics["eval_skipped"], self.cfg.reward)
+        elif self.best is None or objective > self.best:
             self.best, self.best_step, self.best_reward, self.since_best = objective, step, metrics["eval_reward"], 0
             if is_main:
                 self.write_best(step, metrics)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -53,8 +54,9 @@ from lowmem_alignprop.run.stop_request import StopRequest
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
-from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, HeldOut, WeightEMA,
-                                                  render_fixed_seed)
+from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
+                                                  SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, finite_or_none,
+                                                  nonfinite_note, render_fixed_seed)
 from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -167,9 +169,9 @@ class Trainer:
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
-        self.stop = StopRequest(on_abort=lock.release if lock is not None else None)
         self.start = point.step if point is not None else 0
-        self.last_saved = self.start if point is not None else None
+        self.last_saved = self.start if point is not None else None  # the newest checkpoint's step (save_checkpoint)
+        self.stop = StopRequest(on_abort=lock.release if lock is not None else None, saved=lambda: self.last_saved)
         self.step = self.start + 1
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
@@ -380,7 +382,8 @@ class Trainer:
         if cfg.ema_decay:
             self.ema = WeightEMA(self.params, cfg.ema_decay)
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
-            self.held_out = HeldOut(cfg, self.eval_prompts, self.out, sample=self.generate, write_lora=self.write_lora)
+            self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
+                                    sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))
             if self.judge_prompts:  # the toy world: its exact evaluators judge the held-out images too (eval_fidelity_*)
                 from lowmem_alignprop.toy.fidelity import evaluate_batch
                 self.held_out.evaluators.append(evaluate_batch)
@@ -390,9 +393,12 @@ class Trainer:
         trained ones."""
         return self.ema.swapped(self.cfg.ema_outputs) if self.ema is not None else contextlib.nullcontext()
 
-    def generate(self, batch_prompts: list[str], seed: int | list[int]):
+    def generate(self, batch_prompts: list[str], seed: int | list[int], *,
+                 when: str = "while scoring the fixed-seed sample images",
+                 fix: str = "fix it, or skip the samples with --set sample_prompts=0"):
         """Fixed-seed images and rewards with no gradient (the before/after grid): one generator for the batch, or with
-        a list of seeds each image its own (its noise then does not depend on which images share its batch)."""
+        a list of seeds each image its own (its noise then does not depend on which images share its batch). A user
+        reward's error names ``when`` and ``fix`` (the held-out evaluation's own)."""
         cfg, place = self.cfg, self.place
         with torch.no_grad(), self.accelerator.autocast():
             emb = self.embed(batch_prompts)
@@ -406,8 +412,7 @@ class Trainer:
             place.to_device("vae", self.vae)
             place.to_device("reward", self.reward)
             imgs = self.family.decode(self.vae, lat, cfg, sliced=True)
-            r = self.score(imgs, batch_prompts, "while scoring the fixed-seed sample images",
-                           "fix it, or skip the samples with --set sample_prompts=0")
+            r = self.score(imgs, batch_prompts, when, fix)
             place.park("vae", self.vae)
             place.park("reward", self.reward)
         return imgs.float().cpu(), r.cpu()
@@ -607,7 +612,11 @@ class Trainer:
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
                     continue  # the same step again, lighter
                 if row is not None:
-                    row.update(self.evaluate_if_due(step))
+                    try:
+                        row.update(self.evaluate_if_due(step))
+                    except UserError as e:  # the user's reward failed on the held-out images: step N is trained
+                        self.record(step, row, bad)  # its metrics line (without an evaluation), then its checkpoint
+                        raise UserError(f"step {step}: {e}{self.keep_steps(step)[1]}") from None
                 self.record(step, row, bad)
                 bar.update(1)
                 if self.save_if_due(step):
@@ -660,6 +669,20 @@ class Trainer:
         if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
             self.allocator = configure_cuda_allocator(cfg.expandable_segments)
 
+    def keep_steps(self, last: int) -> tuple[Path | None, str]:
+        """An error stops the run: steps 1..``last`` into a checkpoint (one process only: a failure on one of several
+        cannot save with the others). Returns it and the tail of the error's message that says so ("" when none)."""
+        saved = None
+        if self.accelerator.num_processes == 1 and last >= 1:
+            if last > (self.last_saved or 0):
+                saved = self.save_checkpoint(last)
+            elif last == self.last_saved and ckpt.step_dir(ckpt.root_of(self.out), last).is_dir():  # saved already
+                saved = ckpt.step_dir(ckpt.root_of(self.out), last)
+        if saved is None:
+            return None, ""
+        done = "step 1 is" if last == 1 else f"steps 1-{last} are"
+        return saved, f"; {done} saved in {saved}: --resume latest continues once it is fixed"
+
     def keep_finished_steps(self, e: BaseException, step: int, rng_before) -> None:
         """An error in a step: the steps before it go into a checkpoint; a reward's error is named as the user's,
         whatever it is (SystemExit and KeyboardInterrupt from the reward's own code included: the stop requests of
@@ -669,10 +692,7 @@ class Trainer:
         self.prof.end_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
-        saved = (self.save_checkpoint(step - 1)
-                 if self.accelerator.num_processes == 1 and step - 1 > (self.last_saved or 0) else None)
-        done = "step 1 is" if step - 1 == 1 else f"steps 1-{step - 1} are"
-        kept = f"; {done} saved in {saved}: --resume latest continues once it is fixed" if saved else ""
+        saved, kept = self.keep_steps(step - 1)
         if isinstance(e, UserError):
             raise UserError(f"step {step}: {e}{kept}") from None
         if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
@@ -747,7 +767,10 @@ class Trainer:
             grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
             log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", step)
-        return {"sample_reward_mean": rewards.mean().item(), "sample_rewards": rewards.tolist()}
+        if note := nonfinite_note(rewards, "sample images"):
+            log.warning("step %d: %s (null in metrics.jsonl); check the reward %r", step, note, cfg.reward)
+        return {"sample_reward_mean": finite_or_none(rewards.mean()),
+                "sample_rewards": [finite_or_none(r) for r in rewards.tolist()]}
 
     def save_if_due(self, step: int) -> bool:
         """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
@@ -757,7 +780,6 @@ class Trainer:
         if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return False
         path = self.save_checkpoint(step)
-        self.last_saved = step
         if early and not stopping and step < cfg.steps:
             self.bar.write(f"early stop at step {step}: the held-out evaluation has not improved for {cfg.early_stop} "
                            f"evaluations; the best step ({self.held_out.best_step}) is in {self.out / BEST_DIR}")
@@ -769,12 +791,15 @@ class Trainer:
         return stopping
 
     def save_checkpoint(self, step: int) -> Path:
-        return ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
+        """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
+        path = ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
+        self.last_saved = step
+        return path
 
     # ================================ finish ================================
     def finish(self) -> dict:
@@ -862,12 +887,16 @@ class Trainer:
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
             atomic.write_text(out / "samples" / "before_after.json", json.dumps(
                 {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps, "images": [
-                    {"prompt": p, "reward_before": b, "reward_after": a}
+                    {"prompt": p, "reward_before": finite_or_none(b), "reward_after": finite_or_none(a)}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
                 indent=1, ensure_ascii=False))
             log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", cfg.steps)
-            summary["sample_reward_before"] = before[1].mean().item()
-            summary["sample_reward_after"] = after[1].mean().item()
+            note = nonfinite_note(torch.cat([before[1], after[1]]), "before/after sample images")
+            if note:  # summary.json and the summary's line leave them out (null in before_after.json)
+                log.warning("%s: left out of summary.json; check the reward %r", note, cfg.reward)
+            else:
+                summary["sample_reward_before"] = before[1].mean().item()
+                summary["sample_reward_after"] = after[1].mean().item()
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
             from lowmem_alignprop.toy.fidelity import parses
             from lowmem_alignprop.toy.scenes import split_of

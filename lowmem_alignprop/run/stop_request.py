@@ -15,37 +15,55 @@ from lowmem_alignprop.run.runlock import global_rank, world_size
 log = logging.getLogger("lowmem_alignprop")
 
 
-class StopRequest:
-    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second Ctrl-C aborts at once
-    (``on_abort`` runs first: the run's lock is released). With ``raise_now`` set (the after samples, which only
-    cost time), the first signal raises KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
+ECHO_S = 2.0  # a second signal within this long of the first is the same request delivered twice (see _handle)
 
-    def __init__(self, on_abort: Callable[[], None] | None = None):
-        self.name: str | None = None
-        self._first = 0.0
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second signal, Ctrl-C or SIGTERM,
+    aborts at once (``on_abort`` runs first: the run's lock is released); under a launcher only a second Ctrl-C does
+    (its SIGTERM is how it passes the first Ctrl-C on). ``saved()``: the step of the run's newest checkpoint, or None,
+    for the abort's message. With ``raise_now`` set (the after samples, which only cost time), the first signal raises
+    KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
+
+    def __init__(self, on_abort: Callable[[], None] | None = None, saved: Callable[[], int | None] | None = None):
+        self.name: str | None = None  # what asked for the stop: this process's signal, or another process
+        self._first: float | None = None  # when this process got its own first signal
         self.on_abort = on_abort
+        self.saved = saved
         self.raise_now = False
 
     def _handle(self, signum, frame):
-        # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
-        # two SIGINTs within milliseconds: only a second press a moment later aborts
-        if self.name == "SIGINT" and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
-            self._abort()
-        if self.name is None:
-            self._first = time.monotonic()
-            self.name = signal.Signals(signum).name
-            if self.raise_now:
-                raise KeyboardInterrupt
-            again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
-                     else "Ctrl-C again to abort")
-            if global_rank() == 0:  # once per run, not once per process
-                log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", self.name, again)
+        name = signal.Signals(signum).name
+        if self._first is not None:
+            # a launcher (torchrun, accelerate launch) forwards the terminal's Ctrl-C to its workers, which then see
+            # it twice within milliseconds (and its SIGTERM, its way of stopping them, after it): a second signal
+            # aborts only a moment later, and under a launcher only a second Ctrl-C
+            if time.monotonic() - self._first > ECHO_S and (world_size() == 1 or signum == signal.SIGINT):
+                self._abort(name)
+            return
+        self._first = time.monotonic()
+        self.name = self.name or name
+        if self.raise_now:
+            raise KeyboardInterrupt
+        again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
+                 else "Ctrl-C again to abort")
+        if global_rank() == 0:  # once per run, not once per process
+            log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", name, again)
 
-    def _abort(self):
+    def abort_message(self, name: str) -> str:
+        """What the abort by a second signal ``name`` loses and what is left: the one place this is said."""
+        what = "Ctrl-C" if name == "SIGINT" else name
+        step = self.saved() if self.saved is not None else None
+        if step is None:
+            return (f"aborted by a second {what} before the run's first checkpoint: no step is kept, so there is "
+                    "nothing to resume; start the run again (in a new --output-dir, or delete this one first)")
+        return (f"aborted by a second {what}: the steps after step {step} are lost; --resume latest continues from "
+                f"step {step}'s checkpoint")
+
+    def _abort(self, name: str):
         """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash
         the interpreter): the steps since the last checkpoint are lost, the rest stays as it was."""
-        log.warning("aborted by a second Ctrl-C: the steps since the last checkpoint are lost; --resume latest "
-                    "continues from it")
+        log.warning("%s", self.abort_message(name))
         sys.stdout.flush()
         sys.stderr.flush()
         if self.on_abort is not None:

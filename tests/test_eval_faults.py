@@ -1,0 +1,128 @@
+"""The held-out evaluation (--eval-every) when the user's reward fails on it: an error keeps the trained steps and
+names the evaluation; NaN/inf is said, written as null and counted for neither best/ nor the early stop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.commands import evaluation as ev
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.config import Config
+
+FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+        "--set", "batch_size=2", "--eval-every", "1"]
+
+# no-grad calls: the trainer's start-up check (one image), then one call per evaluation (2 held-out prompts,
+# batch_size 2); MODE["bad"] holds the no-grad call numbers that fail, MODE["how"] how
+REWARD = """
+import torch
+MODE = {"bad": set(), "how": "raise"}
+calls = {"n": 0}
+
+def reward(images, prompts):
+    r = images.mean(dim=(1, 2, 3))
+    if torch.is_grad_enabled():
+        return r
+    calls["n"] += 1
+    if calls["n"] in MODE["bad"]:
+        if MODE["how"] == "raise":
+            raise ValueError("boom")
+        return r * float("nan")
+    return r
+"""
+
+
+def strict_rows(run):
+    """metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def evalreward(tmp_path, monkeypatch, fresh_log_handlers):
+    (tmp_path / "qa_evalfault.py").write_text(REWARD)
+    (tmp_path / "eval.txt").write_text("a night sky\na dark cave\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+    sys.modules.pop("qa_evalfault", None)
+    module = importlib.import_module("qa_evalfault")
+    yield module, [*FAST, "--reward", "qa_evalfault:reward", "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
+    sys.modules.pop("qa_evalfault", None)
+
+
+def test_a_reward_that_raises_in_the_evaluation_keeps_the_trained_steps_and_names_it(evalreward, tmp_path, capsys):
+    """No-grad call 3 is step 2's evaluation: step 2 is trained, so steps 1-2 are saved (its metrics line too, without
+    an evaluation); the message names the evaluation and its fix, not the sample grid; --resume latest goes on."""
+    module, args = evalreward
+    module.MODE["bad"] = {3}
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "3"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    saved = ckpt.step_dir(out / "checkpoints", 2)
+    assert err == [f"error: step 2: the reward 'qa_evalfault:reward' raised ValueError while scoring the held-out "
+                   f"evaluation's images (--eval-every): boom; fix the reward, or drop --eval-every; steps 1-2 are "
+                   f"saved in {saved}: --resume latest continues once it is fixed"]
+    assert ckpt.find_resume(out, "latest") == saved and ckpt.verify(saved) is None
+    rows = strict_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and "eval_reward" in rows[0] and "eval_reward" not in rows[1]
+    module.MODE["bad"] = set()  # fixed
+    assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
+    rows = strict_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["eval_best_step"] in (1, 3)
+
+
+def test_a_nan_evaluation_is_said_written_as_null_and_never_counted(evalreward, tmp_path, caplog):
+    """Steps 2 and 3's evaluations are NaN (no-grad calls 3 and 4): with --early-stop 2 they once counted as two
+    evaluations without improvement (an early stop naming 'the best step (None)'), and metrics.jsonl held a bare NaN.
+    Now each is a warning and a null, step 1 stays the best, the patience is untouched and the run goes on."""
+    module, args = evalreward
+    module.MODE.update(bad={3, 4}, how="nan")
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "4", "--early-stop", "2"]) == 0
+    rows = strict_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows[1:3]:
+        assert r["eval_reward"] is None and r["eval_objective"] is None and r["eval_reward_std"] is None
+        assert r["eval_skipped"] == "the reward is NaN or infinite on 2 of 2 held-out images"
+        assert r["eval_best_step"] == 1 and r["eval_since_best"] == 0
+    assert "eval_skipped" not in rows[0] and "eval_skipped" not in rows[3]
+    assert rows[3]["eval_best_step"] in (1, 4) and rows[3]["eval_since_best"] in (0, 1)
+    for step in (2, 3):
+        assert (f"step {step}: evaluation skipped: the reward is NaN or infinite on 2 of 2 held-out images (not "
+                "counted for best/ or the early stop); check the reward 'qa_evalfault:reward'") in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped_at"] is None and summary["steps_done"] == 4
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == summary["best_step"] and math.isfinite(best["eval_reward"])
+
+
+def test_held_out_nan_figures_are_null_and_not_counted():
+    """HeldOut alone: a NaN image makes every figure None, eval_skipped says why, and neither best/ nor the patience
+    moves; a finite evaluation after it is the best."""
+    cfg = Config(batch_size=2, early_stop=1, eval_every=1)
+    scores = {"now": torch.tensor([0.5, float("nan")])}
+    written = []
+
+    def sample(prompts, seed):
+        return torch.zeros(len(prompts), 3, 8, 8), scores["now"][: len(prompts)]
+
+    held = ev.HeldOut(cfg, ["a", "b"], None, sample=sample, write_lora=None)
+    held.write_best = lambda step, metrics: written.append(step)
+    metrics = held.evaluate()
+    assert metrics == {"eval_reward": None, "eval_reward_std": None, "eval_objective": None,
+                       "eval_skipped": "the reward is NaN or infinite on 1 of 2 held-out images"}
+    held.after_evaluation(1, metrics, True)
+    assert (held.best, held.since_best, held.exhausted, written) == (None, 0, False, [])
+    assert metrics["eval_best_step"] is None and metrics["eval_since_best"] == 0
+    scores["now"] = torch.tensor([0.25, 0.75])
+    metrics = held.evaluate()
+    held.after_evaluation(2, metrics, True)
+    assert metrics["eval_reward"] == 0.5 and "eval_skipped" not in metrics and written == [2]
+    assert ev.finite_or_none(float("inf")) is None and ev.finite_or_none(torch.tensor(0.5)) == 0.5
