@@ -151,13 +151,14 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     checkpoint; --resume latest of the finished run trains nothing and writes the LoRA (the same tensors as the
     checkpoint's), the reports and the summary."""
     import safetensors.torch as st
+    from safetensors import SafetensorError
 
     real = st.save_file
 
     def save_file(tensors_, filename, *a, **k):
         if final_lora.LORA_WEIGHT_NAME in str(filename):
-            Path(filename).write_bytes(b"\0" * 100)  # half-written, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+            Path(filename).write_bytes(b"\0" * 100)  # half-written, then the disk is full, in safetensors' words
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors_, filename, *a, **k)
 
     monkeypatch.setattr(st, "save_file", save_file)
@@ -305,23 +306,23 @@ def test_write_failure_finds_the_os_error_in_torch_and_safetensors_words(tmp_pat
     from safetensors import SafetensorError
 
     full = OSError(errno.ENOSPC, "No space left on device")
-    assert ckpt.write_failure(full, tmp_path) is full
+    assert atomic.write_failure(full, tmp_path) is full
     try:
         try:
             raise full
         except OSError:
             raise RuntimeError(TORCH_WRITE_FAILED) from None
     except RuntimeError as e:
-        assert ckpt.write_failure(e, tmp_path) is full
-    rust = ckpt.write_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+        assert atomic.write_failure(e, tmp_path) is full
+    rust = atomic.write_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
                               tmp_path)
     assert rust.errno == errno.EFBIG and atomic.describe(rust) == "File too large"
     bare = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    failed = ckpt.write_failure(bare, tmp_path)
+    failed = atomic.write_failure(bare, tmp_path)
     assert failed.errno == errno.EIO and failed.strerror == f"the write failed ({bare})"
     monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, resource.RLIM_INFINITY))
-    assert ckpt.write_failure(bare, tmp_path).errno == errno.EFBIG
+    assert atomic.write_failure(bare, tmp_path).errno == errno.EFBIG
     real_statvfs = os.statvfs
 
     class Full:
@@ -329,6 +330,6 @@ def test_write_failure_finds_the_os_error_in_torch_and_safetensors_words(tmp_pat
         f_frsize = 4096
 
     monkeypatch.setattr(os, "statvfs", lambda p: Full() if Path(p) == tmp_path else real_statvfs(p))
-    assert atomic.is_disk_full(ckpt.write_failure(bare, tmp_path))
+    assert atomic.is_disk_full(atomic.write_failure(bare, tmp_path))
     for other in (RuntimeError("CUDA out of memory"), ValueError(TORCH_WRITE_FAILED)):
-        assert ckpt.write_failure(other, tmp_path) is None
+        assert atomic.write_failure(other, tmp_path) is None

@@ -822,7 +822,9 @@ class Trainer:
                 after = self.sample_after()
             if self.is_main:
                 self.write_outputs(summary, final, lora, after)
-        except OSError as e:  # a full disk: what is safe, and how to get the rest
+        except Exception as failed:  # a full disk (in the OS's, torch's or safetensors' words): what is safe, and
+            if (e := atomic.write_failure(failed, self.out)) is None:  # how to get the rest
+                raise
             saved = ckpt.step_dir(ckpt.root_of(self.out), done)
             raise UserError(f"could not write {atomic.file_of(e)}: {atomic.describe(e)}; the trained weights are "
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "

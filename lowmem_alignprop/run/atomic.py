@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 from typing import Iterator
+
+from lowmem_alignprop.settings.errors import first_line
 
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
 PARTIAL = ".partial-"  # temporary names start with it; a reader never takes them for a finished file
@@ -164,3 +167,57 @@ def file_of(error: BaseException) -> str:
     if tagged is not None:
         return str(tagged)
     return str(getattr(error, "filename", None) or "a file")
+
+
+# torch's zip writer (torch.save) turns a failed write into a RuntimeError without the OS's errno, the same text for a
+# full disk (ENOSPC) and a file-size limit (EFBIG, ulimit -f): "[enforce fail at inline_container.cc:672] . unexpected
+# pos 114496 vs 114388" (torch 2.13), "PytorchStreamWriter failed writing file data/0: file write failed"; safetensors
+# (Rust) says "Error while serializing: I/O error: No space left on device (os error 28)" in a SafetensorError.
+TORCH_WRITE_FAILED = ("unexpected pos ", "file write failed", "PytorchStreamWriter failed")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(e: BaseException, folder: Path) -> OSError | None:
+    """The OS error behind a failed write into ``folder`` (an OSError as it is; torch's and safetensors' forms of it,
+    above, as the OSError they stand for), or None when ``e`` is no failed write. Whether that is a full disk is then
+    ``atomic.is_disk_full``'s to say."""
+    if isinstance(e, OSError):
+        return e
+    found_error = _write_failure(e, folder)
+    if found_error is not None and getattr(e, "lowmem_file", None) is not None:
+        _tag(found_error, e.lowmem_file)  # the file an atomic write was making, for the message
+    return found_error
+
+
+def _write_failure(e: BaseException, folder: Path) -> OSError | None:
+    text = str(e)
+    if type(e).__name__ == "SafetensorError" and (found := _RUST_OS_ERROR.search(text)):
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if not (isinstance(e, RuntimeError) and any(s in text for s in TORCH_WRITE_FAILED)):
+        return None
+    seen, cause = set(), e.__cause__ or e.__context__
+    while cause is not None and id(cause) not in seen:  # torch.save into a file object: the file's own OSError
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    code = _unreported_errno(folder)  # torch.save into a path (the EMA's file, DeepSpeed's): no errno anywhere
+    return OSError(code, os.strerror(code) if code != errno.EIO else f"the write failed ({first_line(e, 100)})")
+
+
+def _unreported_errno(folder: Path) -> int:
+    """What a write that failed without an errno ran into: a full disk (next to nothing free where it wrote), else a
+    file-size limit (ulimit -f) if one is set, else EIO."""
+    try:
+        st = os.statvfs(folder)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root writes into the reserve
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        free = None
+    if free is not None and free < 1 << 20:
+        return errno.ENOSPC
+    try:
+        import resource
+    except ImportError:
+        return errno.EIO
+    return errno.EFBIG if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else errno.EIO

@@ -381,55 +381,8 @@ def prune(root: Path, keep: int, protect: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# torch's zip writer (torch.save) turns a failed write into a RuntimeError without the OS's errno, the same text for a
-# full disk (ENOSPC) and a file-size limit (EFBIG, ulimit -f): "[enforce fail at inline_container.cc:672] . unexpected
-# pos 114496 vs 114388" (torch 2.13), "PytorchStreamWriter failed writing file data/0: file write failed"; safetensors
-# (Rust) says "Error while serializing: I/O error: No space left on device (os error 28)" in a SafetensorError.
-TORCH_WRITE_FAILED = ("unexpected pos ", "file write failed", "PytorchStreamWriter failed")
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def write_failure(e: BaseException, folder: Path) -> OSError | None:
-    """The OS error behind a failed write into ``folder`` (an OSError as it is; torch's and safetensors' forms of it,
-    above, as the OSError they stand for), or None when ``e`` is no failed write. Whether that is a full disk is then
-    ``atomic.is_disk_full``'s to say."""
-    if isinstance(e, OSError):
-        return e
-    text = str(e)
-    if type(e).__name__ == "SafetensorError" and (found := _RUST_OS_ERROR.search(text)):
-        code = int(found.group(1))
-        return OSError(code, os.strerror(code))
-    if not (isinstance(e, RuntimeError) and any(s in text for s in TORCH_WRITE_FAILED)):
-        return None
-    seen, cause = set(), e.__cause__ or e.__context__
-    while cause is not None and id(cause) not in seen:  # torch.save into a file object: the file's own OSError
-        if isinstance(cause, OSError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    code = _unreported_errno(folder)  # torch.save into a path (the EMA's file, DeepSpeed's): no errno anywhere
-    return OSError(code, os.strerror(code) if code != errno.EIO else f"the write failed ({first_line(e, 100)})")
-
-
-def _unreported_errno(folder: Path) -> int:
-    """What a write that failed without an errno ran into: a full disk (next to nothing free where it wrote), else a
-    file-size limit (ulimit -f) if one is set, else EIO."""
-    try:
-        st = os.statvfs(folder)
-        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root writes into the reserve
-    except (OSError, AttributeError):  # no statvfs (Windows)
-        free = None
-    if free is not None and free < 1 << 20:
-        return errno.ENOSPC
-    try:
-        import resource
-    except ImportError:
-        return errno.EIO
-    return errno.EFBIG if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else errno.EIO
-
-
 def _torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a Python file: a failed write then carries the OS's errno (``write_failure``)."""
+    """``torch.save`` through a Python file: a failed write then carries the OS's errno (``atomic.write_failure``)."""
     with open(path, "wb") as fh:
         torch.save(obj, fh)
 
@@ -500,7 +453,7 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
                                    exclude_frozen_parameters=True)
         except Exception as e:
-            error = write_failure(e, tmp)
+            error = atomic.write_failure(e, tmp)
             if error is None:
                 raise
     if is_main and error is None:
@@ -516,8 +469,8 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             write_manifest(tmp)
             publish(tmp, final)
-        except Exception as e:  # a full disk: an OSError, or torch's / safetensors' words for one (write_failure)
-            error = write_failure(e, tmp)
+        except Exception as e:  # a full disk: an OSError, or torch's / safetensors' words (atomic.write_failure)
+            error = atomic.write_failure(e, tmp)
             if error is None:
                 _cleanup(tmp, is_main)
                 raise
