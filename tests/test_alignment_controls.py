@@ -248,7 +248,7 @@ def _lora(folder: Path) -> dict:
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
 
-def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_path):
+def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_path, capsys):
     """eval_every 1, early_stop 2: the held-out reward falls after its first evaluation, so step 1 goes to best/
     (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8."""
     from lowmem_alignprop.cli import main
@@ -266,6 +266,17 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["early_stopped_at"] == 3 and not summary["interrupted"] and summary["best_step"] == 1
     assert (out / "checkpoints" / "step-00000003").is_dir()  # the stop saved its step
+    metrics = (out / "metrics.jsonl").read_text()
+    args = [*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--resume", "latest"]
+    capsys.readouterr()
+    assert main([*args, "--early-stop", "2"]) == 2  # its patience is spent: a resume trains no step and says why
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")] == [
+        f"error: checkpoint {out / 'checkpoints' / 'step-00000003'} is where the run stopped early (its held-out "
+        "evaluation had not improved for 2 evaluations; the best step, 1, is in best/): nothing left to train; to "
+        "train on, resume with --early-stop above 2, or --set early_stop=0"]
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert main([*args, "--early-stop", "3"]) == 0  # more patience: one more evaluation without improving, then stop
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4] and _rows(out)[-1]["eval_since_best"] == 3
 
     one = tmp_path / "one"
     assert main([*night, "--output-dir", str(one), "--steps", "1"]) == 0

@@ -73,6 +73,25 @@ def test_six_steps_equal_three_plus_three_resumed(runs):
     assert sb["resumed_from"].endswith("step-00000003")
 
 
+def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs, tmp_path):
+    """The summary's first -> last reward (and its box line) compares the steps scored by the run's reward: after a
+    resume that changed it, those from the resume on, also at a later resume that keeps it."""
+    from lowmem_alignprop.run.runfolder import first_last_rewards
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    before = json.loads((run / "checkpoints" / "step-00000006" / "state.json").read_text())["config"]["reward"]
+    assert before != "colorfulness"
+    assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest", "--reward", "colorfulness"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 2
+    assert summary["reward_first"] == first_last_rewards(rows(run)[6:])["reward_first"]
+    assert main(["--output-dir", str(run), "--steps", "9", "--resume", "latest", "--reward", "colorfulness"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 3
+    assert summary["reward_last"] == first_last_rewards(rows(run)[6:])["reward_last"]
+
+
 def test_checkpoints_are_small_and_hold_only_what_trains(runs):
     _, split, _ = runs
     path = split / "checkpoints" / "step-00000006"

@@ -57,6 +57,8 @@ def window_note(s: dict) -> str:
     if not n:
         return ""
     steps = f"first and last {n} step{'s' if n > 1 else ''}"
+    if s.get("reward_since_step"):  # a resume changed the reward: the steps before it scored another one
+        steps += f" since step {s['reward_since_step']}, where a resume changed the reward"
     if s.get("reward_prompts") is None:
         return f"  [{steps}, different prompts: noisy]"
     return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"

@@ -165,6 +165,7 @@ class Trainer:
         self.eval_prompts = list(eval_prompts or [])
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
+        self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
         self.time_left = TimeLeft()
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
@@ -466,6 +467,10 @@ class Trainer:
                                             optimizer=self.optimizer, engine=self.engine, gather=self.gather,
                                             state=point.state)
             self.history = list(state.get("history", []))
+            before = state.get("config", {})
+            changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights"))
+            # the first step scored by this reward: the summary's first -> last compares those steps only
+            self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             if rng_state is not None:
                 set_rng_state(self.rng, rng_state)
             if self.ema is not None and not self.ema.load(point.path):
@@ -796,6 +801,7 @@ class Trainer:
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
+                                "reward_since": self.reward_since,
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
         self.last_saved = step
@@ -911,7 +917,9 @@ class Trainer:
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         summary.update({
-            **first_last_rewards(history),  # the same prompts' rewards in the first and the last steps
+            # the same prompts' rewards in the first and the last steps (since the reward changed at a resume)
+            **first_last_rewards([h for h in history if h["step"] >= self.reward_since]),
+            **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
                                   default=None),

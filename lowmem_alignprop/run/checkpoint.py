@@ -258,6 +258,12 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
         raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
                         f"train; raise --steps above {state['step']} to continue")
+    since = int((state.get("evaluation") or {}).get("since_best") or 0)
+    if cfg.early_stop and since >= cfg.early_stop and not finished:  # each resume would train one step and stop again
+        raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
+                        f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
+                        f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
+                        "--set early_stop=0")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
     for n in changed:
