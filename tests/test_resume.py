@@ -92,6 +92,21 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
     assert summary["reward_last"] == first_last_rewards(rows(run)[6:])["reward_last"]
 
 
+def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    run = tmp_path / "run"
+    args = [*FAST, "--prompts", str(prompts), "--output-dir", str(run)]
+    assert main([*args, "--steps", "1"]) == 0
+    assert main([*args, "--steps", "2", "--resume", "latest"]) == 0  # unchanged: nothing said
+    assert not [r for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    prompts.write_text("a green bird\na blue dog\n")
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 0
+    said = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    assert said == [f"resume: {prompts} changed since the checkpoint: the rows before step 3 of metrics.jsonl index "
+                    "its earlier prompts (prompt_ids)"]
+
+
 def test_checkpoints_are_small_and_hold_only_what_trains(runs):
     _, split, _ = runs
     path = split / "checkpoints" / "step-00000006"

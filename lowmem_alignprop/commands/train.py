@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -147,6 +148,11 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
           f"{'fits' if record['given_fits'] else 'does not fit'}), "
           f"{record['needed_gb']:.2f} GiB needed of {cfg.budget_gb:g}", flush=True)
     return chosen, record
+
+
+def prompt_digest(prompts: list[str]) -> str:
+    """The prompt list's fingerprint in a checkpoint: a resume whose prompt file was edited since is told so."""
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
 
 
 class Trainer:
@@ -471,6 +477,11 @@ class Trainer:
             changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights"))
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
+            edited = before.get("prompts") == self.cfg.prompts and state.get("prompts_sha") not in (
+                None, prompt_digest(self.prompts))  # the same prompt file, edited since (another one is warned of)
+            if edited and self.is_main:
+                log.warning("resume: %s changed since the checkpoint: the rows before step %d of metrics.jsonl index "
+                            "its earlier prompts (prompt_ids)", self.cfg.prompts, self.step)
             if rng_state is not None:
                 set_rng_state(self.rng, rng_state)
             if self.ema is not None and not self.ema.load(point.path):
@@ -801,7 +812,7 @@ class Trainer:
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
-                                "reward_since": self.reward_since,
+                                "reward_since": self.reward_since, "prompts_sha": prompt_digest(self.prompts),
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
         self.last_saved = step
