@@ -265,6 +265,16 @@ def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
     assert str(ckpt.holds_a_run(tmp_path)) == "metrics.jsonl"
 
 
+def test_a_new_run_where_a_start_trained_nothing_records_only_its_own_command(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 2\n")  # a start stopped while the model loaded
+    (run / "command.txt").write_text("lowmem-alignprop --reward typo\n")
+    assert main([*FAST, "--output-dir", str(run), "--steps", "1"]) == 0
+    assert (run / "command.txt").read_text().splitlines() == [" ".join(
+        ["lowmem-alignprop", *FAST, "--output-dir", str(run), "--steps", "1"])]
+
+
 def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
     """`--resume RUN/checkpoints/step-N` without --output-dir continues in RUN, with the steps, lr... RUN was
     started with (not the profile's defaults); into a folder holding another run it is refused."""

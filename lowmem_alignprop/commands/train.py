@@ -354,7 +354,9 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
-            if self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
+            if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
+                atomic.write_text(out / COMMAND_FILE, self.command + "\n")
+            elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
                 ckpt.append_line(out / COMMAND_FILE, self.command)
         if cfg.report_to != "none":
             self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
