@@ -345,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "train"
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
-    if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
-        quiet_libraries()  # no library (torch and diffusers take seconds)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
                "export": cmd_export}[command]
     try:
+        if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
+            quiet_libraries()  # no library (torch and diffusers take seconds; a Ctrl-C meanwhile is said below)
         return handler(argv)
     except UserError as e:
         return _report(e)

@@ -154,3 +154,15 @@ def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypat
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C in the first seconds (quieting the libraries imports them) ends as one later: "interrupted", 130."""
+    import lowmem_alignprop.cli as cli
+
+    def importing():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "quiet_libraries", importing)
+    assert main(["--output-dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted" and not (tmp_path / "run").exists()
