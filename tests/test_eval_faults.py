@@ -126,3 +126,21 @@ def test_held_out_nan_figures_are_null_and_not_counted():
     held.after_evaluation(2, metrics, True)
     assert metrics["eval_reward"] == 0.5 and "eval_skipped" not in metrics and written == [2]
     assert ev.finite_or_none(float("inf")) is None and ev.finite_or_none(torch.tensor(0.5)) == 0.5
+
+
+def test_a_run_whose_every_step_was_skipped_writes_a_strict_json_summary(tmp_path, monkeypatch, fresh_log_handlers):
+    """Every training reward NaN (fewer steps than max_bad_steps): no reward to compare, so null, not a bare NaN."""
+    (tmp_path / "qa_allnan.py").write_text("calls = [0]\n"  # the start-up check (the first call) passes
+                                           "def reward(images, prompts):\n"
+                                           "    r = images.mean(dim=(1, 2, 3))\n"
+                                           "    calls[0] += r.requires_grad\n"
+                                           "    return r * float('nan') if calls[0] > 1 else r\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main([*FAST[:-2], "--reward", "qa_allnan:reward", "--steps", "2", "--set", "max_bad_steps=3",
+                 "--output-dir", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in summary.json")
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["skipped_steps"] == [1, 2] and summary["reward_first"] is None and summary["reward_last"] is None

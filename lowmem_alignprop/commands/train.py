@@ -941,6 +941,7 @@ class Trainer:
             "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
-        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))  # last: with it, the run is whole
+        atomic.write_text(out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))  # last: with it,
+        # the run is whole
         print_summary(summary, cfg, self.profile_name)
 

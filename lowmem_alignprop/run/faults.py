@@ -289,6 +289,18 @@ def isfinite_number(x) -> bool:
     return x is not None and math.isfinite(float(x))
 
 
+def json_ready(obj):
+    """``obj`` with every NaN or infinite float in it as None (null): JSON has no NaN, and a bare NaN breaks strict
+    readers (summary.json of a run whose every step was skipped has no reward to compare)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def all_zero(grad_norm, params) -> bool:
     """The gradients of ``params`` are all exactly zero (or absent): from the clip's total norm when there is one,
     else from the largest gradient entry (one device sync either way)."""
