@@ -79,7 +79,7 @@ def lora_file_ranks(file: Path, spec: str) -> set[int]:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors' own error types for a truncated or foreign file
         raise UserError(f"--init-lora {spec}: {file.name} is damaged or not a safetensors file "
-                        f"({first_line(e, 120)})") from None
+                        f"({first_line(e, 120)}): copy it again, or pass a run's lora/ folder or checkpoint") from None
     text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
     if text:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
