@@ -543,7 +543,7 @@ def _is_whole_model(model: str) -> bool:
     """A --model value with every part of its own: a shipped or architecture-only name, or a folder."""
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
 
-    return model in NAMED_KINDS or Path(model).expanduser().is_dir()
+    return model in NAMED_KINDS or (bool(model) and Path(model).expanduser().is_dir())  # ("": no folder, as tiny)
 
 
 def _check_flow_resolution(cfg: Config) -> None:
