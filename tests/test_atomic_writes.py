@@ -269,6 +269,8 @@ def test_a_full_disk_in_torch_save_of_a_checkpoint_is_one_line_and_keeps_the_ear
     assert ckpt.find_resume(out, "latest").name == "step-00000003"
 
 
+@pytest.mark.slow  # 14 s (a real run under ulimit -f): the default suite has the failed write's forms (test below) and
+# torch's own error in a checkpoint (the test above)
 def test_a_file_size_limit_at_the_first_checkpoint_says_nothing_is_resumable(finished, tmp_path, tiny_dir):
     """A real RLIMIT_FSIZE (ulimit -f) in a child process: torch.save fails with EFBIG (Python ignores SIGXFSZ;
     the child does so explicitly too) at the run's first checkpoint. One line says the limit, that the trained step

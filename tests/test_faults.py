@@ -455,6 +455,7 @@ def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch):
         stop._handle(sig.SIGINT, None)
 
 
+@pytest.mark.slow  # 13 s (a real run): the default suite has every signal pair above and test_resume's real run
 def test_a_second_sigterm_aborts_a_real_run_before_its_first_checkpoint(tmp_path):
     """A scheduler's SIGTERM, then another while the step is still running (held in its reward): the run aborts
     with 130, releases its lock and says nothing of --resume (no checkpoint exists). It once ignored every signal
