@@ -90,6 +90,9 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 3
     assert summary["reward_last"] == first_last_rewards(rows(run)[6:])["reward_last"]
+    from lowmem_alignprop.commands.lora_files import read_lora
+    card = read_lora(str(run / "checkpoints" / "step-00000009")).summary  # export's model card of the checkpoint
+    assert (card["reward_first"], card["reward_last"]) == (summary["reward_first"], summary["reward_last"])
 
 
 def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):

@@ -167,7 +167,9 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
         lora.run_config, _ = _read_run(run)
     lora.run_config = {**lora.run_config, **state.get("config", {})}
     lora.step = int(state["step"])
-    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
+    since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps this one scored
+    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h
+               and int(h.get("step", since)) >= since]
     lora.summary = {"steps": lora.step, "steps_done": lora.step}
     if history:  # as the trainer's summary compares them
         from lowmem_alignprop.run.runfolder import first_last_rewards
