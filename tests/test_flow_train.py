@@ -509,7 +509,6 @@ def test_encoding_on_the_cpu_is_a_candidate_change_for_flow_models_only(dirs, ti
     assert not any("encode_on_cpu" in c for _, c in fit_changes.candidate_changes(unet, "cuda"))
 
 
-
 def test_the_planner_tells_the_host_memory_of_a_gpu_run(dirs):
     """plan's host memory (GPU target): T5 and block swap's pinned blocks are never counted together (the prompts are
     encoded and the encoders freed before the transformer is read); block swap adds its pinned blocks to the steps;

@@ -362,7 +362,6 @@ class _Search:
         return out
 
 
-
 @planner.reuse_estimates()
 def fastest(cfg: Config, *, profile: str = "custom", target: str | None = None, allow_task_changes: bool = False,
             max_estimates: int = 40, log: Callable[[str], None] | None = None, jobs: int | None = None) -> dict[str, Any]:

@@ -113,7 +113,6 @@ def resolve_model(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
-
 def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
     """The one line for a model that does not load: the hub's own message for a hub id, else the path's."""
     if kind == "hub":

@@ -286,8 +286,6 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 
 
-
-
 def append_line(path: Path, line: str) -> None:
     """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
