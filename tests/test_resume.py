@@ -328,14 +328,15 @@ class Gated:
         gate.mkdir()
         (gate / "gate_reward.py").write_text(GATE_REWARD)
         self.hold, self.entered, self.err = gate / "hold", gate / "entered", tmp_path / "stderr.txt"
+        self.out_file = tmp_path / "stdout.txt"
         self.hold.touch()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(gate),
                "GATE_METRICS": str(self.out / "metrics.jsonl"), "GATE_HOLD": str(self.hold),
                "GATE_ENTERED": str(self.entered)}
-        with open(self.err, "w") as stderr_file:
+        with open(self.err, "w") as stderr_file, open(self.out_file, "w") as stdout_file:
             self.proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--reward",
                                           "gate_reward:reward", "--output-dir", str(self.out), *extra],
-                                         env=env, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
+                                         env=env, stdout=stdout_file, stderr=stderr_file, text=True)
 
     def wait_for(self, predicate, what, timeout=300):
         deadline = time.time() + timeout
@@ -361,6 +362,9 @@ class Gated:
 
     def stderr(self) -> str:
         return self.err.read_text()
+
+    def stdout(self) -> str:
+        return self.out_file.read_text()
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
@@ -410,5 +414,8 @@ def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(
         code = run.finish()
     assert code == 0, run.stderr()[-2000:]
     assert (run.out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert json.loads((run.out / "summary.json").read_text())["interrupted"] is False
-    assert not (run.out / "samples" / "before_after.png").exists()  # skipped, as asked
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["samples_skipped"] == "SIGINT while they were rendered"
+    assert not (run.out / "samples" / "before_after.png").exists()  # skipped, as asked (and said:)
+    assert f"after samples skipped (SIGINT while they were rendered): lowmem-alignprop sample {run.out}/lora" \
+        in run.stdout()

@@ -88,6 +88,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
                      f"-> {s['output_dir']}/{BEST_DIR}")
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
+    if s.get("samples_skipped"):
+        lines.append(f" after samples skipped ({s['samples_skipped']}): lowmem-alignprop sample "
+                     f"{s['output_dir']}/lora renders the base and the LoRA side by side")
     lines += toy_world_lines(s.get("toy_world"))
     if s.get("fp16_overflow_skips"):
         lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "

@@ -189,6 +189,7 @@ class Trainer:
         self.ema: WeightEMA | None = None  # ema_decay: the average of the trained weights
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
         self.fidelity_before = self.fidelity_after = None
+        self.samples_skipped: str | None = None  # why the after samples were not rendered (summary.json says it)
         self.refinish: str | None = None  # a finished run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
 
@@ -891,8 +892,10 @@ class Trainer:
                 self.fidelity_after = self.judge()
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
+            self.samples_skipped = "the reward failed on them"
         except KeyboardInterrupt:
             log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
+            self.samples_skipped = f"{self.stop.name} while they were rendered"
         self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
         return after
 
@@ -918,6 +921,8 @@ class Trainer:
             else:
                 summary["sample_reward_before"] = before[1].mean().item()
                 summary["sample_reward_after"] = after[1].mean().item()
+        if self.samples_skipped:  # `sample` renders them from lora/
+            summary["samples_skipped"] = self.samples_skipped
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
             from lowmem_alignprop.toy.fidelity import parses
             from lowmem_alignprop.toy.scenes import split_of
