@@ -284,7 +284,13 @@ def _unet_lora(tmp_path, tiny_dir):
     return tmp_path / "unet_lora"
 
 
-def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, capsys):
+def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, capsys, monkeypatch):
+    from lowmem_alignprop.commands import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")  # the model's files tell its family: refused before loading
+
+    monkeypatch.setattr(evaluate, "build_pipeline", never)
     rc = main(["sample", *FLOW, "--model", "tiny", "--lora", str(flux_run / "lora"), "--output-dir",
                str(tmp_path / "a")])
     lines = _errors(capsys)

@@ -301,9 +301,12 @@ def lora_family(path: Path) -> str | None:
     return None
 
 
-def check_lora_family(pipe, specs: list[LoraSpec], model: str) -> None:
-    """A LoRA of an SD3/FLUX transformer given to a UNet model, or the reverse: one line, before anything loads."""
-    ours = "transformer" if hasattr(pipe, "transformer") else "unet"
+def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str) -> None:
+    """A LoRA of an SD3/FLUX transformer given to a UNet model (``ours``: unet), or the reverse: one line. Called
+    before anything loads with the kind the model's files tell (settings/model_kind; None: they do not tell), and
+    again with the loaded pipeline's."""
+    if ours is None:
+        return
     names = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/SD3.5 or FLUX.1 transformer"}
     for spec in specs:
         theirs = lora_family(spec.file)
@@ -442,8 +445,13 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
     # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
     check_transformer_only([s for s in specs if lora_family(s.file) == "transformer"])
-    pipe = build_pipeline(cfg, device, weight_dtype, prompts)
-    check_lora_family(pipe, specs, cfg.model)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2
+    from lowmem_alignprop.settings.model_kind import model_kind_of
+
+    kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
+    check_lora_family(None if kind is None else "unet" if kind in ("sd", "sdxl") else "transformer", specs, cfg.model)
+    pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
+    check_lora_family("transformer" if hasattr(pipe, "transformer") else "unet", specs, cfg.model)  # the files'
+    # kind unknown before loading (a hub id out of the cache, an SD single file)
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
