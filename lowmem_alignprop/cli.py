@@ -321,7 +321,7 @@ def cmd_sample(argv: list[str]) -> int:
         if base[1] and "model_components" not in given:
             args.set.append(f"model_components={base[1]}")
         logging.getLogger("lowmem_alignprop").info(
-            "--model not given: sampling %s, the model %s was trained on (--model to choose another)", *base[:1],
+            "--model not given: sampling %s, the model %s was trained on (--model to choose another)", base[0],
             args.lora[0])
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:

@@ -12,6 +12,7 @@ import torch
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.commands import evaluation as ev
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import faults
 from lowmem_alignprop.settings.config import Config
 
 FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
@@ -125,7 +126,7 @@ def test_held_out_nan_figures_are_null_and_not_counted():
     metrics = held.evaluate()
     held.after_evaluation(2, metrics, True)
     assert metrics["eval_reward"] == 0.5 and "eval_skipped" not in metrics and written == [2]
-    assert ev.finite_or_none(float("inf")) is None and ev.finite_or_none(torch.tensor(0.5)) == 0.5
+    assert faults.finite_or_none(float("inf")) is None and faults.finite_or_none(torch.tensor(0.5)) == 0.5
 
 
 def test_a_run_whose_every_step_was_skipped_writes_a_strict_json_summary(tmp_path, monkeypatch, fresh_log_handlers):

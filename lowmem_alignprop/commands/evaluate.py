@@ -24,6 +24,7 @@ images are not a linear mix of the two adapters' images: the network is nonlinea
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -54,6 +55,11 @@ class LoraSpec:
     weight: float
     name: str
     source: Path | None = None  # what the user named, when ``file`` is a converted copy (a checkpoint, kohya, peft)
+
+    @functools.cached_property
+    def family(self) -> str | None:
+        """Which denoiser it adapts (:func:`lora_family`): its file's header read once."""
+        return lora_family(self.file)
 
     @property
     def named(self) -> Path:
@@ -179,7 +185,9 @@ def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
     """(model, model_components) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and a
     transformer file's model_components from its run's config.yaml; None for a LoRA from elsewhere. ``sample``
     without --model loads it. A recorded path that is gone raises UserError naming --model."""
-    import yaml
+    from lowmem_alignprop.commands.lora_files import read_run
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+    from lowmem_alignprop.settings.paths import looks_like_hub_id
 
     try:
         model = json.loads((spec.file.parent / LORA_BASE_FILE).read_text()).get("model")
@@ -187,19 +195,11 @@ def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
         return None
     if not isinstance(model, str) or not model:
         return None
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+    if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
         raise UserError(f"--lora {spec.arg} was trained on {model} ({LORA_BASE_FILE}), which is not there any more: "
                         "pass the base model with --model")
-    components = ""
-    for folder in list(spec.named.absolute().parents)[:3]:  # lora/ or checkpoints/step-N in the run folder
-        if (folder / "config.yaml").is_file():
-            try:
-                components = str((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get(
-                    "model_components") or "")
-            except (OSError, ValueError, yaml.YAMLError, AttributeError):
-                pass
-            break
-    return model, components
+    run = next((f for f in list(spec.named.absolute().parents)[:3] if (f / "config.yaml").is_file()), None)
+    return model, str(read_run(run)[0].get("model_components") or "") if run else ""  # lora/ or checkpoints/step-N
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
@@ -309,7 +309,7 @@ def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str) -> No
         return
     names = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/SD3.5 or FLUX.1 transformer"}
     for spec in specs:
-        theirs = lora_family(spec.file)
+        theirs = spec.family
         if theirs is not None and theirs != ours:
             raise UserError(f"--lora {spec.arg} adapts {names[theirs]}, but --model {model} is {names[ours]}: "
                             "pass the model it was trained on with --model")
@@ -444,7 +444,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     # scoring, so the reward model and the diffusion model are never on the GPU together
     reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
     # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
-    check_transformer_only([s for s in specs if lora_family(s.file) == "transformer"])
+    check_transformer_only([s for s in specs if s.family == "transformer"])
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from lowmem_alignprop.run import checkpoint as ckpt
-from lowmem_alignprop.run.faults import isfinite_number
+from lowmem_alignprop.run.faults import finite_or_none
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.rollout import loss_from_reward
 
@@ -36,12 +36,6 @@ SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is
 EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
 EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  # the reward's error, said as whose
 EVAL_FIX = "fix the reward, or drop --eval-every"
-
-
-def finite_or_none(x) -> float | None:
-    """A reward figure for metrics.jsonl, best.json, before_after.json and summary.json: None (JSON null) when it is
-    NaN or infinite (JSON has no NaN, and a bare NaN breaks strict readers); the one rule for those figures."""
-    return float(x) if isfinite_number(x) else None
 
 
 def nonfinite_note(rewards: torch.Tensor, what: str) -> str | None:

@@ -145,7 +145,7 @@ def read_lora(spec: str) -> Lora:
     run = path.parent if any((path.parent / n).is_file() for n in ("config.yaml", "summary.json")) else None
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
     if run is not None:
-        lora.run_config, lora.summary = _read_run(run)
+        lora.run_config, lora.summary = read_run(run)
     if component == "transformer":
         from lowmem_alignprop.commands import flow_export
         lora.family = flow_export.family_of_model(lora.base_model) or flow_export.family_of_weights(lora.modules)
@@ -164,16 +164,15 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     run = checkpoint.parent.parent  # RUN/checkpoints/step-N
     lora.run = run if checkpoint.parent.name == "checkpoints" else None
     if lora.run is not None:
-        lora.run_config, _ = _read_run(run)
+        lora.run_config, _ = read_run(run)
     lora.run_config = {**lora.run_config, **state.get("config", {})}
     lora.step = int(state["step"])
-    since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps this one scored
-    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h
-               and int(h.get("step", since)) >= since]
+    history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
     lora.summary = {"steps": lora.step, "steps_done": lora.step}
     if history:  # as the trainer's summary compares them
         from lowmem_alignprop.run.runfolder import first_last_rewards
-        lora.summary.update(first_last_rewards(history))
+        since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps it scored
+        lora.summary.update(first_last_rewards(history, since))
     return lora
 
 
@@ -196,7 +195,8 @@ def _adapter_config(header: dict[str, str], spec: str, component: str = "unet") 
     return config
 
 
-def _read_run(run: Path) -> tuple[dict, dict]:
+def read_run(run: Path) -> tuple[dict, dict]:
+    """A run folder's config.yaml and summary.json ({} for one missing or damaged)."""
     import yaml
 
     config, summary = {}, {}

@@ -56,8 +56,8 @@ from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing,
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
-                                                  SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, finite_or_none,
-                                                  nonfinite_note, render_fixed_seed)
+                                                  SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, nonfinite_note,
+                                                  render_fixed_seed)
 from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -172,6 +172,7 @@ class Trainer:
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
+        self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
         self.time_left = TimeLeft()
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
@@ -481,7 +482,7 @@ class Trainer:
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             edited = before.get("prompts") == self.cfg.prompts and state.get("prompts_sha") not in (
-                None, prompt_digest(self.prompts))  # the same prompt file, edited since (another one is warned of)
+                None, self.prompts_sha)  # the same prompt file, edited since (another one is warned of)
             if edited and self.is_main:
                 log.warning("resume: %s changed since the checkpoint: the rows before step %d of metrics.jsonl index "
                             "its earlier prompts (prompt_ids)", self.cfg.prompts, self.step)
@@ -788,8 +789,8 @@ class Trainer:
             log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", step)
         if note := nonfinite_note(rewards, "sample images"):
             log.warning("step %d: %s (null in metrics.jsonl); check the reward %r", step, note, cfg.reward)
-        return {"sample_reward_mean": finite_or_none(rewards.mean()),
-                "sample_rewards": [finite_or_none(r) for r in rewards.tolist()]}
+        return {"sample_reward_mean": faults.finite_or_none(rewards.mean()),
+                "sample_rewards": [faults.finite_or_none(r) for r in rewards.tolist()]}
 
     def save_if_due(self, step: int) -> bool:
         """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
@@ -815,7 +816,7 @@ class Trainer:
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
-                                "reward_since": self.reward_since, "prompts_sha": prompt_digest(self.prompts),
+                                "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
         self.last_saved = step
@@ -911,7 +912,7 @@ class Trainer:
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
             atomic.write_text(out / "samples" / "before_after.json", json.dumps(
                 {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps, "images": [
-                    {"prompt": p, "reward_before": finite_or_none(b), "reward_after": finite_or_none(a)}
+                    {"prompt": p, "reward_before": faults.finite_or_none(b), "reward_after": faults.finite_or_none(a)}
                     for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
                 indent=1, ensure_ascii=False))
             log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", cfg.steps)
@@ -936,7 +937,7 @@ class Trainer:
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         summary.update({
             # the same prompts' rewards in the first and the last steps (since the reward changed at a resume)
-            **first_last_rewards([h for h in history if h["step"] >= self.reward_since]),
+            **first_last_rewards(history, self.reward_since),
             **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
             "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),

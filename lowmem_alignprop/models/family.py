@@ -203,7 +203,6 @@ def check_supported(comps, cfg) -> None:
     resolution is a multiple of its token's pixels."""
     from lowmem_alignprop.settings.config import FLUX_NEGATIVE
     from lowmem_alignprop.settings.errors import UserError
-
     from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry_of
 
     family = getattr(comps, "family", "unet")

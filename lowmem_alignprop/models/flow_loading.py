@@ -24,7 +24,7 @@ from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, PIPELINE_FAMILIES
-from lowmem_alignprop.settings.paths import describe, kind_of, model_index, pipeline_class
+from lowmem_alignprop.settings.paths import describe, kind_of, looks_like_hub_id, model_index, pipeline_class
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def single_file_transformer(path: str, components: str) -> tuple:
                         "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
     comp = Path(components).expanduser()
     where = kind_of(comp)
-    if where != "directory" and (where != "missing" or components.startswith(("/", ".", "~"))
-                                 or components.count("/") != 1):  # a path (not a hub id's owner/name)
+    if where != "directory" and (where != "missing" or not looks_like_hub_id(components)):  # a path that is no folder
         raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder")
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "

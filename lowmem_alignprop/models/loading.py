@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of
+from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,7 @@ def resolve_model(spec: str) -> tuple[str, str]:
         return "file", str(path)
     if kind_of(path) not in ("missing",):  # /dev/null, a dangling symlink, a loop: said as what it is
         raise UserError(f"model path {spec} {describe_path(path)}: {_PASS_A_MODEL}")
-    looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES \
-        or spec.count("/") > 1 or "\\" in spec
-    if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or not looks_like_hub_id(spec):
         raise UserError(f"model path {spec} does not exist: {_PASS_A_MODEL}")
     return "hub", spec
 
@@ -367,7 +364,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
                 own_vae.save_config(Path(tmp) / "vae")  # the file holds weights only: use the model's VAE config
                 vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
                                                      **dtype_kwarg(dtype))
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "~")):
+        elif looks_like_hub_id(spec):
             hub.offline()  # no network: the local cache only, at once
             vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
         else:

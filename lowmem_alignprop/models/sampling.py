@@ -19,6 +19,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, checkpoint_modules, module_checkpoint
+from lowmem_alignprop.settings.model_kind import vae_scale
 
 
 # What DDIM sampling uses for every model family, whatever the model's own scheduler config says or omits.
@@ -327,7 +328,7 @@ def without_autocast(device_type: str):
 
 
 def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_scale(vae.config)
 
 
 def resolution_note(unet, vae, resolution: int) -> str | None:

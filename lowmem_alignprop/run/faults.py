@@ -289,11 +289,17 @@ def isfinite_number(x) -> bool:
     return x is not None and math.isfinite(float(x))
 
 
+def finite_or_none(x) -> float | None:
+    """A figure for a JSON file (metrics.jsonl, best.json, before_after.json, summary.json): None (null) when it is
+    NaN or infinite (JSON has no NaN, and a bare NaN breaks strict readers); the one rule for those figures."""
+    return float(x) if isfinite_number(x) else None
+
+
 def json_ready(obj):
-    """``obj`` with every NaN or infinite float in it as None (null): JSON has no NaN, and a bare NaN breaks strict
-    readers (summary.json of a run whose every step was skipped has no reward to compare)."""
+    """``obj`` with every NaN or infinite float in it as None (:func:`finite_or_none`; summary.json of a run whose
+    every step was skipped has no reward to compare)."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return finite_or_none(obj)
     if isinstance(obj, dict):
         return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -236,12 +236,14 @@ def keep_metrics_until(path: Path, step: int) -> None:
     atomic.write_text(path, "".join(r + "\n" for r in rows))
 
 
-def first_last_rewards(history: list[dict]) -> dict[str, Any]:
+def first_last_rewards(history: list[dict], since: int = 1) -> dict[str, Any]:
     """The run's reward at its start and at its end, on the same prompts: each prompt's mean reward over its images in
     the first n and in the last n steps (n = 3, at most half the run, widened up to half the run until a prompt is
     in both), averaged over the prompts in both. ``reward_prompts``: how many; ``reward_window``: n. Rows without
     per-image prompts (runs before they were recorded) give the mean of every image in the windows instead
-    (``reward_prompts`` None: different prompts at the start and at the end)."""
+    (``reward_prompts`` None: different prompts at the start and at the end). ``since``: the first step the run's
+    reward scored (a resume that changed the reward; rows without a step, of older runs, count)."""
+    history = [h for h in history if h.get("step", since) >= since]
     return {**_first_last(history), "reward_steps": len(history)}  # reward_steps 1: nothing to compare
 
 

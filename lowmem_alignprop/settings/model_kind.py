@@ -33,12 +33,20 @@ def model_kind_of(model: str, components: str = "", *, download: bool = False) -
     hub (a few hundred bytes; the model's own download follows); a single transformer file by its
     ``components`` folder (model_components). None when only loading tells (an SD single file, a hub id out of
     reach, another pipeline)."""
+    return _kind_and_folder(model, components, download)[0]
+
+
+def _kind_and_folder(model: str, components: str, download: bool) -> tuple[str | None, str]:
+    """(the kind, the folder (or hub id) whose files told it: the shipped architecture's, the model's or
+    model_components')."""
     if model in NAMED_KINDS:
-        return NAMED_KINDS[model]
+        return NAMED_KINDS[model], str(ARCH_FLOW_DIR / model)  # (the flow ones' configs: sd35m, sd35l, flux)
     if not model:  # an empty field is no folder (Path("") is the working directory)
-        return None
+        return None, ""
     kind = _kind_of_folder(model, download)
-    return kind if kind is not None or not components else _kind_of_folder(components, download)
+    if kind is not None or not components:
+        return kind, model
+    return _kind_of_folder(components, download), components
 
 
 def _kind_of_folder(model: str, download: bool) -> str | None:
@@ -67,11 +75,9 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
     config files, before anything loads: the shipped sd35m/sd35l/flux, a folder, a transformer file's
     model_components, a hub id in the local hub cache. None: not a flow model, or its files do not tell (the
     trainer checks the loaded model: models/family.check_supported)."""
-    kind = model_kind_of(model, components)
+    kind, folder = _kind_and_folder(model, components, False)
     if kind not in ("sd35m", "sd35l", "flux"):
         return None
-    folder = str(ARCH_FLOW_DIR / model) if model in NAMED_KINDS else (
-        model if _kind_of_folder(model, False) is not None else components)
     try:
         transformer, vae = (json.loads(_model_file(folder, name, False).read_text())
                             for name in ("transformer/config.json", "vae/config.json"))
@@ -84,10 +90,15 @@ def flow_geometry_of(is_flux: bool, transformer: dict, vae: dict) -> tuple[int, 
     """(the multiple, the largest resolution or None) from a flow model's transformer and VAE configs: a token is a
     patch of latents (SD3: patch_size x patch_size; FLUX.1 packs 2x2) and a latent is the VAE's 2^(blocks-1) pixels;
     SD3's position embeddings reach pos_embed_max_size patches a side (SD3.5 Large: 3072 px; FLUX.1: no limit)."""
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    scale = vae_scale(vae)
     patch = 2 if is_flux else int(transformer.get("patch_size") or 2)
     reach = None if is_flux else transformer.get("pos_embed_max_size")
     return scale * patch, int(reach) * patch * scale if reach else None
+
+
+def vae_scale(vae_config) -> int:
+    """Pixels per latent a side: the VAE halves the image at each block but its last (8 for every real model)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def check_flow_resolution(resolution: int, geometry: tuple[str, int, int | None]) -> None:

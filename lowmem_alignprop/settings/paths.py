@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -58,3 +59,9 @@ def model_index(folder: str | os.PathLike) -> dict | None:
 def pipeline_class(folder: str | os.PathLike) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None."""
     return (model_index(folder) or {}).get("_class_name")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """``owner/name`` as the hub names a repository, not a path (no leading /, . or ~, one slash, no backslash): how
+    a value that names no existing file or folder is read (a hub id, or a path that does not exist)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not spec.startswith((".", "~"))
