@@ -18,6 +18,9 @@
 # calls on the same day and device merge into one results file, saved after every run (a call killed at its
 # time limit keeps what it measured).
 #
+# Before a device call, its plumbing on this CPU (tiny model, about 90 s; in `-m slow`, not the default suite):
+#   python -m pytest -q -m slow tests/test_gpu_check.py
+#
 # The GPU's Python needs torch with CUDA, transformers, accelerate and peft. Packages it lacks
 # (diffusers, bitsandbytes) are installed from wheels in .whl/ when present; make them on a networked
 # machine with:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# one worker runs this file: its module fixture (the CPU smoke run (50 s)) is then made once, not once per worker
+# one worker runs this file: its module fixture (the CPU smoke run: three runs in subprocesses, 50-90 s) is then made
+# once. The smoke's two tests are in `-m slow` (a session lent a GPU runs them first, benchmarks/gpu_check.sh's header);
+# the merge of a split check, which every device call relies on, stays in the default suite on a made-up first call.
 pytestmark = pytest.mark.xdist_group("gpu_check")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +60,7 @@ def smoke(tmp_path_factory):
     return json.loads(files[0].read_text()), midway
 
 
+@pytest.mark.slow
 def test_cpu_smoke_measures_and_plans_each_run(smoke):
     smoke, _ = smoke
     runs = smoke["ladder"] + smoke["profiles"]
@@ -85,8 +88,20 @@ def test_cpu_smoke_measures_and_plans_each_run(smoke):
     assert smoke["device"]["cpu"] == cpu_name() and smoke["device"]["cores"] >= 1 and smoke["versions"]["torch"]
 
 
-def test_a_second_call_merges_into_the_first(smoke, tmp_path):
-    smoke, _ = smoke
+def _first_call() -> dict:
+    """A first call's results as gpu_check.py writes them (the fields the merge reads), one run of each kind."""
+    return {"command": "python benchmarks/gpu_check.py --cpu-smoke --match rtx3060", "wall_seconds": 80.0,
+            "versions": {"torch": "2.13.0"}, "calls": [{"command": "python benchmarks/gpu_check.py --cpu-smoke "
+                                                                    "--match rtx3060", "wall_seconds": 80.0}],
+            "ladder": [{"name": "ladder fp16, per-call checkpoint only", "status": "ok", "wall_seconds": 30.0,
+                        "memory_report": {"peak_allocated": 123}}],
+            "profiles": [{"name": "rtx3060 sd15 512 K~U[1,50]", "status": "ok", "wall_seconds": 40.0,
+                          "planner": {"peak_allocated": 456}}],
+            "sample": [{"name": "sample rtx3060 sd15 512", "status": "ok"}]}
+
+
+def test_a_second_call_merges_into_the_first(tmp_path):
+    smoke = _first_call()
     gc = _gpu_check()
     path = tmp_path / "gpu-h100-2026-01-02.json"
     path.write_text(json.dumps(smoke))
@@ -115,6 +130,7 @@ def test_a_second_call_merges_into_the_first(smoke, tmp_path):
     assert alone["ladder"] == second["ladder"] and len(alone["calls"]) == 1
 
 
+@pytest.mark.slow
 def test_a_call_killed_midway_keeps_the_runs_it_finished(smoke):
     """The device stops a call at its time limit: the results file is saved after every run, so what was measured
     before the kill stays, and the runs that never ran say so. The smoke fixture's call, read while it ran: the

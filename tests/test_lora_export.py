@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from lowmem_alignprop.commands import lora_files
 from lowmem_alignprop.commands import lora_formats as formats
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import hub
-from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +340,13 @@ def _no_base_file(tmp: Path, sd) -> Path:
     return lora
 
 
+def _base_gone(tmp: Path, sd) -> Path:
+    lora = tmp / "moved" / "lora"
+    shutil.copytree(sd["lora"], lora)
+    (lora / LORA_BASE_FILE).write_text(json.dumps({"model": str(tmp / "gone")}))  # trained on a folder since deleted
+    return lora
+
+
 BAD = {
     "unknown_format": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohyaa"],
                        "--format 'kohyaa' is not one of diffusers, kohya, peft: did you mean kohya?"),
@@ -348,6 +356,8 @@ BAD = {
                                                   "sdxl-base"], "does not fit this model"),
     "merge_without_base": (lambda t, sd, o: ["--lora", str(_no_base_file(t, sd)), "--merge"],
                            "does not say which base model it was trained on"),
+    "merge_base_gone": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd)), "--merge"],
+                        "base_model.json), which is not there any more: pass the base model with --model"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
     "no_lora": (lambda t, sd, o: ["--format", "kohya"], "which LoRA? give the folder a run wrote"),
     "two_loras": (lambda t, sd, o: [str(sd["lora"]), "--lora", str(sd["run"])], "two LoRAs to export"),

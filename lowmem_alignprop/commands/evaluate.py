@@ -185,9 +185,7 @@ def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
     """(model, model_components) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and a
     transformer file's model_components from its run's config.yaml; None for a LoRA from elsewhere. ``sample``
     without --model loads it. A recorded path that is gone raises UserError naming --model."""
-    from lowmem_alignprop.commands.lora_files import read_run
-    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
-    from lowmem_alignprop.settings.paths import looks_like_hub_id
+    from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
 
     try:
         model = json.loads((spec.file.parent / LORA_BASE_FILE).read_text()).get("model")
@@ -195,9 +193,7 @@ def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
         return None
     if not isinstance(model, str) or not model:
         return None
-    if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
-        raise UserError(f"--lora {spec.arg} was trained on {model} ({LORA_BASE_FILE}), which is not there any more: "
-                        "pass the base model with --model")
+    check_recorded_base(model, f"--lora {spec.arg}")
     run = next((f for f in list(spec.named.absolute().parents)[:3] if (f / "config.yaml").is_file()), None)
     return model, str(read_run(run)[0].get("model_components") or "") if run else ""  # lora/ or checkpoints/step-N
 

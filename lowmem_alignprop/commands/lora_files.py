@@ -26,6 +26,17 @@ log = logging.getLogger("lowmem_alignprop")
 SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
 
 
+def check_recorded_base(model: str, lora: str) -> None:
+    """A base model a LoRA's base_model.json records must still be there (a named model or a hub id always is):
+    else one line naming --model, not the missing path's generic advice."""
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+    from lowmem_alignprop.settings.paths import looks_like_hub_id
+
+    if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
+        raise UserError(f"{lora} was trained on {model} ({LORA_BASE_FILE}), which is not there any more: pass the "
+                        "base model with --model")
+
+
 @dataclass
 class Lora:
     """A LoRA folder a run wrote, read and checked: peft-named weights of the UNet (or the SD3/FLUX transformer)

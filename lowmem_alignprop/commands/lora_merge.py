@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora
+from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -25,6 +25,8 @@ def merge_base(lora: Lora, model: str | None) -> str:
                         "pass it with --model")
     from lowmem_alignprop.models.loading import resolve_model
 
+    if not model:
+        check_recorded_base(spec, f"--merge: {lora.path}")
     kind, _ = resolve_model(spec)
     if kind in ("arch", "flow_arch"):
         raise UserError(f"--merge onto {spec}: that is an architecture with random weights, not a model: pass the "

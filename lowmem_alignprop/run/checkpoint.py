@@ -282,7 +282,7 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
     conf_sha = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
-    return {"model": cfg.model, "unet_config_sha": conf_sha,
+    return {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 
 
@@ -294,15 +294,16 @@ def append_line(path: Path, line: str) -> None:
 
 def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:
     """How the base model of ``saved`` differs from ``ours`` (None: the same model)."""
+    denoiser = ours.get("denoiser", "denoiser")
     if saved.get("unet_config_sha") != ours["unet_config_sha"]:
-        return "its UNet architecture differs"
+        return f"its {denoiser} architecture differs"
     try:
         a, b = torch.tensor(saved.get("conv_in", []), dtype=torch.float64), torch.tensor(ours["conv_in"],
                                                                                          dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):  # a record of the wrong shape: not this model's
         return "its weights' record is unreadable"
     if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
-        return "its UNet weights differ"
+        return f"its {denoiser} weights differ"
     return None
 
 
