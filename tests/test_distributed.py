@@ -1,5 +1,5 @@
 """Scale-out on CPU: 2-process data parallel (gloo), DeepSpeed ZeRO-2 with optimizer offload, ZeRO-3 with
-parameter offload on 2 processes. Each run is a real ``accelerate launch`` / CLI subprocess (the plain one-process
+parameter offload on 2 processes (in `-m slow`). Each run is a real ``accelerate launch`` / CLI subprocess (the plain one-process
 AdamW reference runs in the test's own process), made once per module and read by several tests.
 
 DeepSpeed compiles two ops on its first use on a machine (deepspeed_shm_comm ~40 s, cpu_adam ~85 s); they are
@@ -179,26 +179,37 @@ def lora(out) -> dict:
     return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
 
 
+def _same_training(name: str, out: Path, ref_out: Path) -> None:
+    """``out`` ends with the LoRA of ``ref_out`` and took the same steps. The tolerance, lr/100 = 1e-4, catches a
+    wrong optimizer: Adam with L2 decay (what accelerate substituted before) moves every lora_A weight by lr = 0.01
+    in the very first step."""
+    ref, ref_rows = lora(ref_out), rows(ref_out)
+    assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
+    got = lora(out)
+    assert got.keys() == ref.keys()
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < 1e-4, (name, worst)
+    for a, b in zip(ref_rows, rows(out), strict=True):  # same rollouts, same gradients
+        assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
 @needs_deepspeed
-def test_deepspeed_offload_steps_match_plain_adamw(zero2, zero3, ddp, tmp_path):
-    """Same seed, 4 optimizer steps: ZeRO-2 (optimizer offload; one process, the zero2 fixture's run) ends with the
-    LoRA of plain torch AdamW in one process, and ZeRO-3 (parameter offload; two processes, the zero3 fixture's
-    launch) with that of plain data parallel on two processes (the ddp fixture's launch). Measured: max |difference|
-    3e-7 (ZeRO-2, after 3 steps), 1.1e-6 (ZeRO-3 against data parallel, after 4) from float rounding and DeepSpeed's
-    vectorised CPU Adam. The tolerance, lr/100 = 1e-4, catches a wrong optimizer: Adam with L2 decay (what accelerate
-    substituted before) moves every lora_A weight by lr = 0.01 in the very first step."""
+def test_deepspeed_optimizer_offload_steps_match_plain_adamw(zero2, tmp_path):
+    """Same seed, 4 optimizer steps: ZeRO-2 with optimizer offload (one process, the zero2 fixture's run; DeepSpeed's
+    vectorised CPU Adam) ends with the LoRA of plain torch AdamW in one process. Measured: max |difference| 3e-7
+    after 3 steps, from float rounding."""
     plain = tmp_path / "plain"  # in this process: the same run as `python -m lowmem_alignprop ...`, without imports
     assert main([*FAST, *SAMPLES, "--output-dir", str(plain), "--steps", "4"]) == 0
-    for name, out, ref_out in (("zero2", zero2, plain), ("zero3", zero3, ddp)):
-        ref, ref_rows = lora(ref_out), rows(ref_out)
-        assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
-        got = lora(out)
-        assert got.keys() == ref.keys()
-        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
-        assert worst < 1e-4, (name, worst)
-        for a, b in zip(ref_rows, rows(out), strict=True):  # same rollouts, same gradients
-            assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-5)
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    _same_training("zero2", zero2, plain)
+
+
+@pytest.mark.slow  # a second two-process launch (45 s); ZeRO-2 above covers the optimizer, data parallel the ranks
+@needs_deepspeed
+def test_deepspeed_param_offload_steps_match_plain_data_parallel(zero3, ddp):
+    """ZeRO-3 with parameter offload on two processes (the zero3 fixture's launch) ends with the LoRA of plain data
+    parallel on two processes (the ddp fixture's launch). Measured: max |difference| 1.1e-6 after 4 steps."""
+    _same_training("zero3", zero3, ddp)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +224,7 @@ def zero3(tmp_path_factory, tiny_dir):
     return out
 
 
+@pytest.mark.slow  # its two-process launch: 45 s
 @needs_deepspeed
 def test_deepspeed_zero3_param_offload_two_processes(zero3):
     out = zero3

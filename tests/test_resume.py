@@ -180,34 +180,44 @@ def test_atomic_publish_replaces_an_existing_step(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # no temp or old copies left
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys):
+SELF_SIGNAL_REWARD = """
+import os, signal
+sent = []
+def reward(images, prompts):
+    # brightness; the first call once step {after} is in metrics.jsonl sends {sig} to this process: a Ctrl-C or a
+    # kill that arrives inside that reward call, at the same point on every machine
+    if not sent and os.path.exists({metrics!r}) and open({metrics!r}).read().count("\\n") >= {after}:
+        sent.append(1)
+        os.kill(os.getpid(), signal.{sig})
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def self_signal(tmp_path, out, sig: str, after: int = 1) -> str:
+    """A --reward that sends ``sig`` to its own process in its first call after step ``after`` (in this process:
+    the run's handlers take it as from outside; a file of its own per test, so no module is reused)."""
+    path = tmp_path / f"signal_{sig.lower()}_{after}.py"
+    path.write_text(SELF_SIGNAL_REWARD.format(sig=sig, after=after, metrics=str(out / "metrics.jsonl")))
+    return f"{path}:reward"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys, caplog):
+    """SIGTERM inside step 2 of 200 (in this process; a live run's folder refused to another process:
+    tests/test_runlock.py): step 2 finishes, its checkpoint and the LoRA so far are written, exit 0."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", *FAST, "--output-dir", str(out),
-                             "--steps", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 2  # it is live: refused
-    assert "another run is writing to" in capsys.readouterr().err
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "SIGTERM received" in stderr + stdout
-    done = len(rows(out))
-    assert 1 <= done < 200
+    reward = self_signal(tmp_path, out, "SIGTERM")
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*FAST, "--reward", reward, "--output-dir", str(out), "--steps", "200"]) == 0
+    assert "SIGTERM received" in capsys.readouterr().err + caplog.text
+    assert [r["step"] for r in rows(out)] == [1, 2]
     saved = ckpt.list_checkpoints(out / "checkpoints")
-    assert saved and saved[0].name == f"step-{done:08d}" and ckpt.verify(saved[0]) is None
+    assert saved and saved[0].name == "step-00000002" and ckpt.verify(saved[0]) is None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()  # the LoRA so far is exported too
     # and the run continues from there
-    assert main([*FAST, "--output-dir", str(out), "--steps", str(done + 1), "--resume", "latest"]) == 0
-    assert [r["step"] for r in rows(out)] == list(range(1, done + 2))
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
 
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
@@ -386,36 +396,30 @@ def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
     assert ckpt.find_resume(run.out, "latest").name == "step-00000001"  # --resume latest goes on from there
 
 
-def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path):
-    run = Gated(tmp_path, "--steps", "2")
-    try:
-        run.held()  # inside step 2's reward
-        run.proc.send_signal(signal.SIGINT)
-        run.wait_for(lambda: "SIGINT received" in run.stderr(), "the Ctrl-C taken")
-        run.release()
-    finally:
-        code = run.finish()
-    stderr = run.stderr()
-    assert code == 0, stderr[-2000:]
-    summary = json.loads((run.out / "summary.json").read_text())
+def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*FAST, "--reward", self_signal(tmp_path, out, "SIGINT"), "--output-dir", str(out),
+                     "--steps", "2"]) == 0  # Ctrl-C inside step 2's reward
+    stderr = capsys.readouterr().err + caplog.text
+    assert "SIGINT received" in stderr
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["steps_done"] == 2
-    assert (run.out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "continue with --resume latest" not in stderr
 
 
-def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(tmp_path):
-    run = Gated(tmp_path, "--steps", "1", "--set", "sample_prompts=2")
-    try:
-        run.held()  # step 1 is done: the reward now held is the after samples'
-        assert [r["step"] for r in rows(run.out)] == [1]
-        run.proc.send_signal(signal.SIGINT)
-        run.wait_for(lambda: "the after samples are skipped" in run.stderr(), "the after samples skipped")
-    finally:
-        code = run.finish()
-    assert code == 0, run.stderr()[-2000:]
-    assert (run.out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    summary = json.loads((run.out / "summary.json").read_text())
+def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):  # step 1 done: the after samples' reward takes it
+        assert main([*FAST, "--reward", self_signal(tmp_path, out, "SIGINT"), "--output-dir", str(out), "--steps",
+                     "1", "--set", "sample_prompts=2"]) == 0
+    captured = capsys.readouterr()
+    assert [r["step"] for r in rows(out)] == [1]
+    assert "the after samples are skipped" in captured.err + caplog.text
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["samples_skipped"] == "SIGINT while they were rendered"
-    assert not (run.out / "samples" / "before_after.png").exists()  # skipped, as asked (and said:)
-    assert f"after samples skipped (SIGINT while they were rendered): lowmem-alignprop sample {run.out}/lora" \
-        in run.stdout()
+    assert not (out / "samples" / "before_after.png").exists()  # skipped, as asked (and said:)
+    assert f"after samples skipped (SIGINT while they were rendered): lowmem-alignprop sample {out}/lora" \
+        in captured.out
