@@ -176,7 +176,7 @@ def test_plan_of_a_hub_id_not_downloaded_fetches_its_configs_and_never_weights(o
     folders = {"someone/new-sd": tiny_model_dir(), "someone/new-flux": build_tiny_flux_dir(tmp_path / "flux")}
     fetched: list = []
     cache = _fake_hub(monkeypatch, tmp_path, folders, fetched)
-    plan = ["plan", "--profile", "cpu", "--set", "resolution=32", "--json"]
+    plan = ["plan", "--profile", "cpu", "--set", "resolution=32", "--set", "k=1", "--json"]
     for repo, folder in folders.items():
         needed = []
         for model in (repo, str(folder)):

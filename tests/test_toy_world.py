@@ -512,7 +512,7 @@ def test_plan_accepts_the_toy_model(capsys):
 
     from lowmem_alignprop.cli import main
 
-    assert main(["plan", "--profile", "rtx3060", "--model", "toy", "--json", "--no-suggest"]) == 0
+    assert main(["plan", "--profile", "cpu", "--model", "toy", "--json", "--no-suggest"]) == 0  # the laptop's plan
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"] == "toy" and plan["reward"] == "toy_clip" and plan["fits"], plan
     assert 0 < plan["peak_allocated"] < 2**30  # a 2.5 M-parameter model at 64 px
