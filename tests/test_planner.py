@@ -140,13 +140,24 @@ def test_sd15_rtx3060_plan_runs_here_and_is_sane(capsys):
     assert r["estimate"]["seconds"] > 0  # (how long planning takes is a benchmark figure, not a test's)
 
 
-def test_a_resolution_far_from_the_models_is_noted(tiny_dir, capsys):
+_PLANS: dict = {}  # estimates the plan tests below share: several plan the same configuration of the tiny model
+
+
+@pytest.fixture
+def shared_plans():
+    """The tests that plan the same configurations share their estimates (planner.reuse_estimates; a plan's own scope
+    nests in it)."""
+    with planner.reuse_estimates(_PLANS):
+        yield
+
+
+def test_a_resolution_far_from_the_models_is_noted(shared_plans, tiny_dir, capsys):
     assert main(["plan", "--profile", "cpu", "--set", "resolution=16", "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("the model was made for 64 px images and this run uses 16 px" in n for n in notes), notes
 
 
-def test_too_small_budget_does_not_fit_and_the_suggestion_fits(tiny_dir, capsys):
+def test_too_small_budget_does_not_fit_and_the_suggestion_fits(shared_plans, tiny_dir, capsys):
     with planner.reuse_estimates():  # the re-plan with the flags of the suggestion meets its configuration again
         args = ["plan", "--profile", "cpu", "--set", "budget_gb=0.05", "--set", "vae_checkpointing=none"]
         assert main(args + ["--json"]) == 0
@@ -450,7 +461,7 @@ def test_the_suggestion_keeps_the_images_per_step_and_holds_only_what_the_fit_ne
         assert json.loads(capsys.readouterr().out)["fits"] is False, key
 
 
-def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
+def test_at_the_edge_of_the_budget_the_share_has_a_decimal(shared_plans, tiny_dir, capsys):
     assert main(["plan", "--profile", "cpu", "--json", "--no-suggest"]) == 0
     r = json.loads(capsys.readouterr().out)
     r.update(budget_bytes=int(r["peak_needed"] / 1.0013), fits=False)
@@ -460,7 +471,7 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(tiny_dir, capsys):
     assert "FITS (50% of the budget" in reports.format_plan(r)
 
 
-def test_plan_json_carries_its_provenance(tiny_dir, capsys):
+def test_plan_json_carries_its_provenance(shared_plans, tiny_dir, capsys):
     """plan --json says what produced it, as benchmarks/ results do (provenance.provenance): the command line as typed,
     the date, the machine that planned and the library versions; the estimate's own keys stay."""
     import importlib.metadata
@@ -516,7 +527,7 @@ def test_a_missing_reward_weights_path_fails_the_plan_as_it_fails_training(tiny_
     assert f"clip reward: {tmp_path / 'nope'} does not exist" in err and err.count("\n") == 1
 
 
-def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first_fix(tiny_dir, capsys):
+def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first_fix(shared_plans, tiny_dir, capsys):
     """With expandable segments (the default) the H100 runs reserved at most 1.09x their allocated peak; with
     fixed segments the large decode tensors fragment it, by more as the image grows (SDXL 1024 px: 1.4-1.8 GiB
     beyond x1.10): the planner's 'needed' follows the allocator mode, and a plan with fixed segments that does
@@ -549,7 +560,7 @@ def test_fixed_allocator_segments_plan_more_reserved_and_expandable_is_the_first
         assert "(x1.10 + 0.008 fixed-segment fragmentation)" in text and "expandable_segments=false" in text
 
 
-def test_a_plan_made_on_windows_says_expandable_segments_are_linux_only(tiny_dir, capsys, monkeypatch):
+def test_a_plan_made_on_windows_says_expandable_segments_are_linux_only(shared_plans, tiny_dir, capsys, monkeypatch):
     import copy
     import sys
 

@@ -1,6 +1,6 @@
 """VAE decoder memory features, measured on CPU: per-resnet checkpointing and tiled decode with gradients.
 
-Memory: the mid-size VAE of tests/midsize.py (channels 32-64-128-128) decoding a 256 px image (32x32 latents),
+Memory: the mid-size VAE of tests/midsize.py (channels 32-64-128-128) decoding a 192 px image (24x24 latents),
 backward peak measured by the profiler's CPU allocation tracker. Gradients: checkpointing must not change
 them at all; tiling changes the decoder's function a little, so it is checked three ways:
 
@@ -38,8 +38,8 @@ from lowmem_alignprop.memory.tiling import ramp_weights, tile_starts, tiled_deco
 # not once on each worker that draws one of its tests
 pytestmark = pytest.mark.xdist_group("tiling")
 
-LATENT = 32  # 256 px images from the mid-size VAE
-TILE, OVERLAP = 16, 4
+LATENT = 24  # 192 px images from the mid-size VAE
+TILE, OVERLAP = 12, 4
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ class _PixelwiseVAE(nn.Module):
 def test_seams_blend_exactly_for_a_pixelwise_decoder(latents):
     vae = _PixelwiseVAE()
     z1 = latents.clone().requires_grad_(True)
-    z2 = latents[:, :, :, :28].clone().requires_grad_(True)  # 32x28: a last column of tiles moved back
+    z2 = latents[:, :, :, :20].clone().requires_grad_(True)  # 24x20: a last column of tiles moved back
     for z in (z1, z2):
         whole = vae.decode(z).sample
         tiled = tiled_decode(vae, z, tile_size=TILE, overlap=OVERLAP)
@@ -202,7 +202,7 @@ def test_tiled_decode_is_exact_away_from_seams_on_a_local_decoder():
 
 @pytest.fixture(scope="module")
 def runs(vae, latents):
-    """(peaks, gradient, image) per VAE feature: one decode + backward each on the mid-size VAE at 256 px. Tiling
+    """(peaks, gradient, image) per VAE feature: one decode + backward each on the mid-size VAE at 192 px. Tiling
     also cuts the scratch inside the convolutions: measured with the profiler's events. Checkpointing changes what
     is kept for backward ("kept": live storages), which is the same on every CPU; the scratch is not (oneDNN without
     AVX2 falls back to im2col GEMMs: +70-100 MiB here, in every run alike, which hid the checkpointing savings)."""
@@ -221,9 +221,10 @@ def test_checkpointing_and_tiling_lower_the_backward_peak(runs, capsys):
     """The proof on CPU: backward peaks per VAE feature, gradients unchanged by checkpointing."""
     mib = {k: v[0]["backward"] / 2**20 for k, v in runs.items()}
     with capsys.disabled():
-        print("\nbackward peak MiB (256 px, mid-size VAE): " + ", ".join(f"{k} {v:.1f}" for k, v in mib.items()))
-    # measured: none 286, tiled 73, tiled without per-tile checkpoints 610 (with oneDNN limited to SSE4.1: 357, 91,
-    # 628); kept, the same either way: none 278, blocks 148, resnets 130, tiled 71, tiled+resnets 34
+        print(f"\nbackward peak MiB ({LATENT * 8} px, mid-size VAE): " + ", ".join(f"{k} {v:.1f}" for k, v in mib.items()))
+    # measured at 192 px (3x3 tiles of 12 latents): none 161, tiled 41, tiled without per-tile checkpoints 343; kept:
+    # none 156, blocks 83, resnets 73, tiled 40, tiled+resnets 19 (at 256 px in 2x2 tiles of 16, 2026-12-03 and
+    # before: none 286, tiled 73, no per-tile checkpoints 610; with oneDNN limited to SSE4.1 357, 91, 628)
     assert mib["blocks kept"] < 0.7 * mib["none kept"]
     assert mib["resnets kept"] < 0.95 * mib["blocks kept"]
     assert mib["tiled"] < 0.4 * mib["none"]
@@ -259,7 +260,7 @@ def test_diffusers_tiled_decode_is_differentiable_but_saves_nothing_in_backward(
     assert x.shape == (1, 3, LATENT * 8, LATENT * 8)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0  # gradients flow through its in-place seam blends
     whole, ours = runs["none"][0]["backward"], runs["tiled"][0]["backward"]
-    assert peaks["backward"] > whole > 2 * ours  # measured 424 vs 286 vs 73 MiB
+    assert peaks["backward"] > whole > 2 * ours  # measured at 256 px: 424 vs 286 vs 73 MiB
 
 
 def test_batch_is_decoded_image_by_image():
@@ -269,7 +270,7 @@ def test_batch_is_decoded_image_by_image():
     vae.decode = lambda z: calls.append(z.shape[0]) or plain(z)
     z = torch.randn(3, 4, 24, 24, generator=torch.Generator().manual_seed(2))
     x = tiled_decode(vae, z, tile_size=TILE, overlap=OVERLAP)
-    assert calls == [1] * 12  # 3 images x 2x2 tiles, one image each
+    assert calls == [1] * 27  # 3 images x 3x3 tiles (24 latents, tiles of 12 overlapping by 4), one image each
     assert torch.allclose(x, plain(z).sample, atol=1e-6)
 
 
@@ -278,7 +279,7 @@ def test_decode_routes_tiled_and_matches_tiling(vae, latents):
     images = decode(vae, z, tiled=True, tile_size=TILE, tile_overlap=OVERLAP)
     raw = tiled_decode(vae, latents, tile_size=TILE, overlap=OVERLAP)
     assert torch.allclose(images, (raw / 2 + 0.5).clamp(0, 1), atol=1e-5)  # z * s / s is not bit-exact
-    assert images.shape == (1, 3, 256, 256) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (1, 3, LATENT * 8, LATENT * 8) and 0 <= images.min() and images.max() <= 1
 
 
 def test_decode_keeps_a_vae_in_its_own_dtype_under_autocast(latents):

@@ -163,6 +163,7 @@ def test_planner_counts_what_kept_calls_save_in_time_and_cost_in_memory(tiny_dir
     assert t[3]["stages"][stages.BACKWARD] < t[0]["stages"][stages.BACKWARD]
 
 
+@pytest.mark.slow  # an estimate and two real steps (20 s); the test above checks each kept call's bytes
 def test_planner_peak_with_kept_calls_matches_the_cpu_measurement(tiny_dir):
     """The estimate (K=6, window_keep=3: two checkpointed and two kept steps simulated, one more of each kind
     extrapolated) against the same step run for real on the CPU: every stage within the planner's 5%, and the rise
