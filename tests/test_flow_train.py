@@ -532,7 +532,7 @@ def test_the_planner_tells_the_host_memory_of_a_gpu_run(dirs):
     from lowmem_alignprop.measure import planner
     from lowmem_alignprop.memory import stages
 
-    base = dict(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=2, guidance_scale=3.5,
+    base = dict(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=1, guidance_scale=3.5,
                 mixed_precision="bf16", unet_checkpointing="blocks")
     plain = planner.estimate(Config(**base).validate(), target="cuda")
     swapped = planner.estimate(Config(**base, block_swap=2).validate(), target="cuda")

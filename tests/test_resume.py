@@ -377,6 +377,7 @@ class Gated:
         return self.out_file.read_text()
 
 
+@pytest.mark.slow  # a subprocess run (the abort is os._exit: 20 s); test_faults' unit tests cover every second signal
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_folder_usable(tmp_path):
     """Both signals land in step 2 (held inside its reward), and the second comes more than the 2 s launcher
     window after the run took the first (it says so on stderr)."""

@@ -121,6 +121,7 @@ def _work_scales_with_steps_and_k_and_counts_transfers():
     assert t["optimizer_step"] == pytest.approx(sum(t["stages"].values()))
 
 
+@pytest.mark.slow  # two estimates (15 s); the quantized-base test counts DRaFT-LV's call per K as well
 def test_draft_lv_work_is_counted_once_whatever_k(tiny_dir):
     """DRaFT-LV's extra draws are one batched call at the window's last step: what lv_draws=4 adds to a step (its
     forward in sample_grad, its backward, its decode and reward) is the same at K=1 and K=3 (the grad window
