@@ -378,13 +378,18 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
     assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")
 
 
-def test_the_planner_counts_kl_lv_and_ema(tiny_dir):
+def _planner_cfg(tiny_dir) -> Config:
+    return Config(model=str(tiny_dir), sample_steps=6, truncation="fixed", k=4, resolution=64, batch_size=1).validate()
+
+
+@pytest.mark.slow  # three estimates (20 s); test_flow_controls counts KL and LV draws for FLUX through the same step
+def test_the_planner_counts_kl_and_lv(tiny_dir):
     """The planner runs the same rollout_loss on fake tensors: with kl_coeff each window step keeps a few more
     latent-sized tensors (the base model's prediction and the difference; the backward peak barely moves), with
-    lv_draws the decode works on 3x the images, and the EMA's fp32 copy of the LoRA weights is on the device."""
+    lv_draws the decode works on 3x the images."""
     from lowmem_alignprop.measure.planner import estimate
 
-    cfg = Config(model=str(tiny_dir), sample_steps=6, truncation="fixed", k=4, resolution=64, batch_size=1).validate()
+    cfg = _planner_cfg(tiny_dir)
     plain = estimate(cfg, target="cpu")
     kl = estimate(dataclasses.replace(cfg, kl_coeff=0.1), target="cpu")
     latent = 1 * 4 * 32 * 32 * 4  # one fp32 latent of this model at 64 px
@@ -393,6 +398,14 @@ def test_the_planner_counts_kl_lv_and_ema(tiny_dir):
     assert backward[0] < backward[1] <= 1.01 * backward[0], backward
     lv = estimate(dataclasses.replace(cfg, lv_draws=3), target="cpu")
     assert lv.stages["decode"]["allocated"] > 1.5 * plain.stages["decode"]["allocated"]
+
+
+def test_the_planner_counts_the_ema(tiny_dir):
+    """The EMA's fp32 copy of the LoRA weights is on the device from the optimizer stage on."""
+    from lowmem_alignprop.measure.planner import estimate
+
+    cfg = _planner_cfg(tiny_dir)
+    plain = estimate(cfg, target="cpu")
     ema = estimate(dataclasses.replace(cfg, ema_decay=0.9), target="cpu")
     assert ema.weights["ema"] == ema.weights["lora"] > 0
     assert ema.stages["optimizer"]["allocated"] == plain.stages["optimizer"]["allocated"] + ema.weights["ema"]
