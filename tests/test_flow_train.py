@@ -460,21 +460,18 @@ def test_a_flux_plan_under_an_sd_profile_points_to_the_cards_flux_profiles(dirs,
     cfg = Config(model=str(dirs["flux"]), resolution=RES, sample_steps=4, k=2, guidance_scale=3.5, budget_gb=1e-4)
     said = []
     with planner.reuse_estimates():  # the three plans below estimate one configuration: once
-        _flux_plans_point_to_flux_profiles(planner, format_plan, cfg, said, monkeypatch)
-
-
-def _flux_plans_point_to_flux_profiles(planner, format_plan, cfg, said, monkeypatch):
-    r = planner.plan(cfg.validate(), profile="rtx3060", target="cuda", suggest_changes=False, log=said.append)
-    note = r["profile_note"]
-    assert note.startswith("profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class cards: "
-                           "--profile rtx3060-flux (7.5 GiB budget) or --profile rtx3060-12gb-flux"), note
-    assert f"  {note}" in format_plan(r).splitlines() and said == []  # no search: nothing said before the table
-    said, before_search = [], []
-    monkeypatch.setattr(planner, "suggest", lambda *a, **k: before_search.extend(said) or {"found": None, "tried": []})
-    planner.plan(cfg.validate(), profile="rtx3060", target="cuda", log=said.append)
-    assert before_search == [note]  # said before the search for a change began
-    assert planner.plan(cfg.validate(), profile="rtx3060-flux", target="cuda",
-                        suggest_changes=False)["profile_note"] is None
+        r = planner.plan(cfg.validate(), profile="rtx3060", target="cuda", suggest_changes=False, log=said.append)
+        note = r["profile_note"]
+        assert note.startswith("profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class "
+                               "cards: --profile rtx3060-flux (7.5 GiB budget) or --profile rtx3060-12gb-flux"), note
+        assert f"  {note}" in format_plan(r).splitlines() and said == []  # no search: nothing said before the table
+        said, before_search = [], []
+        monkeypatch.setattr(planner, "suggest",
+                            lambda *a, **k: before_search.extend(said) or {"found": None, "tried": []})
+        planner.plan(cfg.validate(), profile="rtx3060", target="cuda", log=said.append)
+        assert before_search == [note]  # said before the search for a change began
+        assert planner.plan(cfg.validate(), profile="rtx3060-flux", target="cuda",
+                            suggest_changes=False)["profile_note"] is None
 
 
 def test_block_swap_lowers_the_gpu_estimate_of_the_resident_weights(dirs):
