@@ -43,9 +43,9 @@ def _layer_census(model):
     return kinds
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, batch=2, side=32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 16, 32, generator=g)
+    return torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 16, 32, generator=g)
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -169,7 +169,7 @@ def test_quantized_layers_store_no_more_for_backward_than_linear(tiny_dir, cpu_q
     from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker
 
     dtype = torch.bfloat16  # CPU autocast's half type; on CUDA the same code runs in float16
-    x, enc = _inputs()
+    x, enc = _inputs(batch=1, side=8)  # 0.46 MB kept for backward; 12% more when int8 layers keep their inputs
 
     def measure(unet):
         params = add_lora(unet, rank=4, alpha=4, seed=0)
