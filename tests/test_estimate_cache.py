@@ -1,6 +1,7 @@
 """The estimate cache on disk (measure/estimate_cache.py): a configuration planned before is read, not estimated
 again, and nothing it depends on can change without a fresh estimate."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -12,9 +13,14 @@ from lowmem_alignprop.measure import estimate_cache, planner
 from lowmem_alignprop.settings.config import Config
 
 
+_MADE: dict = {}  # the estimates the tests below make, by configuration: each is computed once per process
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """The cache on, in a folder of this test's own; counts the estimates made (not read)."""
+    """The cache on, in a folder of this test's own; counts the estimates made (not read). Several tests make the
+    same one: its figures are computed once (the step under fake tensors is deterministic; the test that says so
+    compares two made afresh), every later one is a copy, counted as made."""
     monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(estimate_cache.CACHE_ENV, "on")
     made = []
@@ -22,7 +28,10 @@ def cache(tmp_path, monkeypatch):
 
     def counted(cfg, *args):
         made.append(cfg)
-        return real(cfg, *args)
+        key = planner._memo_key(cfg, *args)
+        if key not in _MADE:
+            _MADE[key] = real(cfg, *args)
+        return copy.deepcopy(_MADE[key])
 
     monkeypatch.setattr(planner, "_estimate", counted)
     return made

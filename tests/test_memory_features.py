@@ -47,6 +47,8 @@ MIN_SAVING = 0.10  # every feature must cut its stage's peak by at least 10% her
 GRAD_RTOL = 1e-3
 
 SAVINGS: list[tuple[str, str, int, int]] = []  # (feature, stage, off bytes, on bytes) for the table
+# one worker: the tests share their measured steps (the baseline alone is read by eight), made once per process
+pytestmark = pytest.mark.xdist_group("memory_features")
 
 
 @dataclass
