@@ -144,23 +144,24 @@ def test_planner_counts_what_kept_calls_save_in_time_and_cost_in_memory(tiny_dir
     nearly all of it; the same for every kept call. Memory: backward's peak rises by per_kept_bytes (one call's
     activations) per kept call from the second on; the first costs less, as without it backward's peak already
     held one call's activations (a recompute's)."""
-    est = {n: planner.estimate(_tiny(window_keep=n), target="cpu") for n in (0, 1, 2, 3)}
+    est = {n: planner.estimate(_tiny(window_keep=n), target="cpu") for n in (0, 1, 2)}  # two kept calls: enough to
+    # tell the first (cheaper) from the next, and each call's saving from another's
     forward = est[0].work[stages.SAMPLE_GRAD]["matmul_flops"]
     assert all(e.work[stages.SAMPLE_GRAD]["matmul_flops"] == forward for e in est.values())  # forward unchanged
     per_call = forward / 4
-    backward = [est[n].work[stages.BACKWARD]["matmul_flops"] for n in (0, 1, 2, 3)]
+    backward = [est[n].work[stages.BACKWARD]["matmul_flops"] for n in (0, 1, 2)]
     drops = [a - b for a, b in zip(backward, backward[1:])]
     assert all(0.95 * per_call <= d <= per_call for d in drops), (drops, per_call)
-    assert drops == pytest.approx([drops[0]] * 3, rel=1e-9)
-    peaks = [est[n].stages[stages.BACKWARD]["allocated"] for n in (0, 1, 2, 3)]
+    assert drops[1] == pytest.approx(drops[0], rel=1e-9)
+    peaks = [est[n].stages[stages.BACKWARD]["allocated"] for n in (0, 1, 2)]
     kept = est[2].per_kept_bytes
     assert kept > 20 * est[0].per_k_bytes  # a call's activations, not a latent
     rises = [b - a for a, b in zip(peaks, peaks[1:])]
-    assert rises[1:] == pytest.approx([kept] * 2, rel=0.02) and 0 < rises[0] < kept, (rises, kept)
+    assert rises[1] == pytest.approx(kept, rel=0.02) and 0 < rises[0] < kept, (rises, kept)
     assert est[1].per_k_bytes == est[0].per_k_bytes  # the checkpointed steps keep what they kept
     t = {n: step_time(_tiny(window_keep=n), est[n], devices.cpu_device())
-         for n in (0, 3)}
-    assert t[3]["stages"][stages.BACKWARD] < t[0]["stages"][stages.BACKWARD]
+         for n in (0, 2)}
+    assert t[2]["stages"][stages.BACKWARD] < t[0]["stages"][stages.BACKWARD]
 
 
 @pytest.mark.slow  # an estimate and two real steps (20 s); the test above checks each kept call's bytes
