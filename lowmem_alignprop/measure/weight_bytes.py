@@ -137,13 +137,23 @@ def block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes, 
     return host
 
 
+def _as_fake(fake):
+    """Module._apply's function giving each meta tensor a fake CPU tensor of its shape, dtype and strides: the meta
+    tensor itself wrapped (torch's FakeTensorConverter), not a new one made by dispatching empty_like through the fake
+    mode (a tenth of a tiny model's estimate)."""
+    converter, cpu = fake.fake_tensor_converter, torch.device("cpu")
+
+    def fn(t):
+        return converter.from_meta_and_device(fake, t.detach(), cpu)
+    return fn
+
+
 def fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str]) -> tuple[list, dict[str, int], int]:
     """Fake storage for every module; (LoRA parameters, bytes per module, the largest dequantized layer)."""
     modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: list(comps.text_encoders()), "reward": reward}
-    with fake:
-        for m in (comps.unet, comps.vae, *comps.text_encoders(), reward):
-            if m is not None:
-                m.to_empty(device="cpu")
+    for m in (comps.unet, comps.vae, *comps.text_encoders(), reward):
+        if m is not None:
+            m._apply(_as_fake(fake))  # what to_empty(device="cpu") under the fake mode makes, without its dispatches
     comps.unet.train()  # as the trainer: LoRA layers in train mode (frozen modules stay in eval)
     params = [p for p in comps.unet.parameters() if p.requires_grad]
     seen: set = set()
