@@ -181,13 +181,17 @@ def test_materialized_meta_model_is_random_and_runs():
 
     from lowmem_alignprop.models.block_loading import materialize
 
-    config = build_tiny_flux_pipeline().transformer.config
+    pipe = build_tiny_flux_pipeline()
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
+        model = FluxTransformer2DModel.from_config(pipe.transformer.config)
     materialize(model, "cpu")
     tensors = list(model.parameters())
     assert not any(t.is_meta for t in tensors) and all(torch.isfinite(t).all() for t in tensors)
     assert all(t.std() > 0 for t in tensors if t.dim() == 2)
+    with torch.device("meta"):  # a text encoder's tied weights stay one tensor
+        t5 = type(pipe.text_encoder_2)(pipe.text_encoder_2.config)
+    materialize(t5, "cpu")
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight and not t5.shared.weight.is_meta
 
 
 @pytest.mark.parametrize("source", ["folder", "file"])
@@ -543,3 +547,24 @@ def test_the_planner_tells_the_host_memory_of_a_gpu_run(dirs):
     host = on_cpu.host["steps"] - swapped.host["steps"]  # exact bytes; the card's are rounded up to 512 B blocks
     assert len(moved) == 1 and 0 < host <= moved.pop() < host + 512 * 16  # the cache's few storages
     assert planner.estimate(Config(**base).validate(), target="cpu").host == {}  # a CPU run: all of it is host
+
+
+def test_the_planner_counts_the_text_encoders_as_a_load_holds_them(dirs):
+    """T5's input embedding is one tensor shared by two modules (shared, encoder.embed_tokens): a real load holds it
+    once, and so does the estimate (the planner's fake storage keeps the tie; to_empty gave each its own: FLUX.1's
+    T5-XXL was counted 0.25 GiB over)."""
+    from diffusers import FluxPipeline
+
+    from lowmem_alignprop.measure import planner
+
+    pipe = FluxPipeline.from_pretrained(str(dirs["flux"]), torch_dtype=torch.float32)
+    t5 = pipe.text_encoder_2
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # tied in the loaded model
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for m in (pipe.text_encoder, t5)
+                for t in list(m.parameters()) + list(m.buffers())}
+    cfg = Config(model=str(dirs["flux"]), resolution=RES, sample_steps=2, k=1, guidance_scale=3.5,
+                 mixed_precision="no").validate()
+    est = planner.estimate(cfg, target="cpu")
+    assert est.weights["text_encoder"] == sum(storages.values())
+    assert sum(storages.values()) < sum(t.numel() * 4 for m in (pipe.text_encoder, t5)  # the tie is worth counting
+                                        for t in m.state_dict().values())

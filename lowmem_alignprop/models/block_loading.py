@@ -102,6 +102,8 @@ def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 
     """A meta module made real on ``device`` with random weights (normal(0, std); norms' weights 1), drawn on
     that device: a 12B model is initialised on the GPU in seconds, not on the CPU in minutes."""
     module.to_empty(device=device)
+    if hasattr(module, "tie_weights"):  # to_empty gives tied tensors a storage each (T5's embeddings): one again
+        module.tie_weights()
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
