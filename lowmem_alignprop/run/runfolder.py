@@ -26,6 +26,7 @@ import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run.faults import json_ready
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
@@ -211,7 +212,7 @@ class RunFolder:
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
-            atomic.write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in history))
+            atomic.write_text(self.metrics, "".join(json.dumps(json_ready(r), allow_nan=False) + "\n" for r in history))
 
 
 def _remove(path: Path) -> None:
