@@ -79,6 +79,36 @@ def test_a_reward_that_raises_in_the_evaluation_keeps_the_trained_steps_and_name
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["eval_best_step"] in (1, 3)
 
 
+def test_out_of_memory_in_the_evaluation_keeps_the_trained_steps_and_says_what_to_change(evalreward, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Step 2's evaluation runs out of memory (its sampling, not the reward): step 2 is trained, so steps 1-2 are saved
+    (its metrics line too), and the one line says what to change; the run resumes once the memory is there."""
+    from lowmem_alignprop.commands import train
+
+    _, args = evalreward
+    real, calls = train.Trainer.generate, {"eval": 0}
+
+    def generate(self, prompts, seed, *, when="", fix=""):
+        calls["eval"] += when == ev.EVAL_SCORING
+        if calls["eval"] == 2 and when == ev.EVAL_SCORING:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, prompts, seed, when=when, fix=fix)
+
+    monkeypatch.setattr(train.Trainer, "generate", generate)
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "3"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    saved = ckpt.step_dir(out / "checkpoints", 2)
+    assert err == [f"error: step 2: out of memory in the held-out evaluation after it (CUDA out of memory. Tried to "
+                   "allocate 2.00 GiB): evaluate on fewer images at a time (--set batch_size=N) or less often "
+                   f"(--eval-every N); steps 1-2 are saved in {saved}: --resume latest continues once it is fixed"]
+    assert ckpt.find_resume(out, "latest") == saved and ckpt.verify(saved) is None
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]
+    monkeypatch.setattr(train.Trainer, "generate", real)
+    assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3]
+
+
 def test_a_nan_evaluation_is_said_written_as_null_and_never_counted(evalreward, tmp_path, caplog):
     """Steps 2 and 3's evaluations are NaN (no-grad calls 3 and 4): with --early-stop 2 they once counted as two
     evaluations without improvement (an early stop naming 'the best step (None)'), and metrics.jsonl held a bare NaN.

@@ -634,9 +634,9 @@ class Trainer:
                 if row is not None:
                     try:
                         row.update(self.evaluate_if_due(step))
-                    except UserError as e:  # the user's reward failed on the held-out images: step N is trained
+                    except BaseException as e:  # the user's reward or memory failed the evaluation: step N is trained
                         self.record(step, row, bad)  # its metrics line (without an evaluation), then its checkpoint
-                        raise UserError(f"step {step}: {e}{self.keep_steps(step)[1]}") from None
+                        self.evaluation_failed(step, e)
                 self.record(step, row, bad)
                 bar.update(1)
                 if self.save_if_due(step):
@@ -702,6 +702,20 @@ class Trainer:
             return None, ""
         done = "step 1 is" if last == 1 else f"steps 1-{last} are"
         return saved, f"; {done} saved in {saved}: --resume latest continues once it is fixed"
+
+    def evaluation_failed(self, step: int, e: BaseException) -> None:
+        """The held-out evaluation after step ``step`` (trained and recorded) failed: steps 1..step go into a
+        checkpoint and the error says so; raises."""
+        saved, kept = self.keep_steps(step)
+        if isinstance(e, UserError):  # the user's reward failed on the held-out images (named by score())
+            raise UserError(f"step {step}: {e}{kept}") from None
+        if faults.is_oom(e):
+            raise UserError(f"step {step}: out of memory in the held-out evaluation after it ({first_line(e, 100)}): "
+                            f"evaluate on fewer images at a time (--set batch_size=N) or less often (--eval-every N)"
+                            f"{kept}") from None
+        if saved:
+            log.error("step %d's evaluation failed; steps 1-%d are saved in %s (--resume latest)", step, step, saved)
+        raise e
 
     def keep_finished_steps(self, e: BaseException, step: int, rng_before) -> None:
         """An error in a step: the steps before it go into a checkpoint; a reward's error is named as the user's,
