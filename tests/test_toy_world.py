@@ -572,6 +572,45 @@ def short_toy_run(tmp_path_factory):
     return out
 
 
+def test_out_of_memory_while_judging_or_sampling_in_training_skips_them_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """Step 1's exact evaluators (fidelity_every) and sample grid (sample_every) run out of memory: each is skipped
+    with a warning, step 1's metrics line is written without them, step 2 has both, and the run ends as usual (the
+    evaluators' error once escaped, losing the trained step)."""
+    import json
+    import logging
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import train
+
+    calls = {"judge": 0, "samples": 0}
+
+    def once_out_of_memory(name, real):
+        def fn(self):
+            calls[name] += 1
+            if calls[name] == 2:  # the first during training (the first of all is before it)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return real(self)
+        return fn
+
+    monkeypatch.setattr(train.Trainer, "judge", once_out_of_memory("judge", train.Trainer.judge))
+    monkeypatch.setattr(train.Trainer, "render_samples", once_out_of_memory("samples", train.Trainer.render_samples))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
+                     "sample_steps=2", "--set", "fidelity_images=2", "--set", "fidelity_every=1", "--set",
+                     "sample_prompts=1", "--set", "sample_every=1"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "fidelity_score" not in rows[0] and "sample_reward_mean" not in rows[0]
+    assert "fidelity_score" in rows[1] and "sample_reward_mean" in rows[1]
+    assert ("out of memory while judging the images of step 1: skipped (a smaller --set fidelity_images needs less)"
+            in caplog.text)
+    assert ("out of memory while rendering the samples of step 1: skipped (a smaller --set sample_prompts needs less)"
+            in caplog.text)
+    assert (out / "lora").is_dir() and json.loads((out / "summary.json").read_text())["steps_done"] == 2
+
+
 def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     import json
 

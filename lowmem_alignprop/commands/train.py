@@ -761,9 +761,7 @@ class Trainer:
         row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
-        if cfg.fidelity_every and step % cfg.fidelity_every == 0 and (judged := self.judge()):
-            row.update({(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
-                        if not k.startswith("image_")})
+        row.update(self.judge_if_due(step))
         self.history.append(row)
         if self.is_main:
             write_metrics_line(self.folder.metrics, row)
@@ -775,6 +773,28 @@ class Trainer:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         if self.zero_grads.step(step, self.grad_zero):  # the reward's gradient never reaches the LoRA
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
+
+    def judge_if_due(self, step: int) -> dict:
+        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line (eval_reward*
+        beside the fidelity_* rates); out of memory skips them, as it does the sample grid."""
+        cfg = self.cfg
+        if not (cfg.fidelity_every and step % cfg.fidelity_every == 0):
+            return {}
+        try:
+            judged = self.judge() or {}
+        except faults.OOM_ERRORS:
+            self.skip_out_of_memory(f"judging the images of step {step}", "a smaller --set fidelity_images")
+            return {}
+        return {(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
+                if not k.startswith("image_")}
+
+    def skip_out_of_memory(self, what: str, smaller: str) -> None:
+        """A rendering the run can go without (the sample grid, the toy world's evaluators) ran out of memory: the
+        modules it brought are parked again and the memory freed; a warning, and the run goes on."""
+        self.place.park("vae", self.vae)
+        self.place.park("reward", self.reward)
+        faults.free_memory()
+        log.warning("out of memory while %s: skipped (%s needs less)", what, smaller)
 
     def sample_if_due(self, step: int) -> dict:
         """--sample-every N: the grid's prompts and seeds rendered at steps N, 2N, ...: samples/step-N.png (before
@@ -791,11 +811,7 @@ class Trainer:
             log.warning("%s (no samples at step %d)", e, step)
             return {}
         except faults.OOM_ERRORS:  # the samples are not worth the run: it goes on without them
-            self.place.park("vae", self.vae)
-            self.place.park("reward", self.reward)
-            faults.free_memory()
-            log.warning("out of memory while rendering the samples of step %d: skipped (a smaller --set "
-                        "sample_prompts needs less)", step)
+            self.skip_out_of_memory(f"rendering the samples of step {step}", "a smaller --set sample_prompts")
             return {}
         if self.is_main:
             grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
