@@ -9,8 +9,8 @@ How (docs/design.md section 4):
 2. The trainer's own :func:`~lowmem_alignprop.step.rollout.apply_memory_features` casts, freezes, picks
    attention and checkpointing and adds LoRA, still on meta.
 3. Inside ``FakeTensorMode(allow_non_fake_inputs=True)`` the modules get fake CPU storage
-   (``to_empty(device="cpu")``: no memory behind it), and one training step runs through the trainer's
-   :func:`~lowmem_alignprop.step.rollout.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
+   (each meta tensor wrapped as a fake CPU tensor: no memory behind it, tied weights still tied), and one training
+   step runs through the trainer's :func:`~lowmem_alignprop.step.rollout.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
    reward, backward, optimizer (after one warm-up optimizer step, so Adam's state exists as it does
    from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage (freed ones
    leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
