@@ -140,7 +140,7 @@ def block_swap(cfg: Config, comps, weights: dict[str, int], counter: LiveBytes, 
 def _as_fake(fake):
     """Module._apply's function giving each meta tensor a fake CPU tensor of its shape, dtype and strides: the meta
     tensor itself wrapped (torch's FakeTensorConverter), not a new one made by dispatching empty_like through the fake
-    mode (a tenth of a tiny model's estimate)."""
+    mode (a sixth of a tiny model's estimate); tensors that share a storage (tied weights) still share one."""
     converter, cpu = fake.fake_tensor_converter, torch.device("cpu")
 
     def fn(t):
@@ -153,7 +153,7 @@ def fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str])
     modules = {"unet": comps.unet, "vae": comps.vae, TEXT_ENCODER: list(comps.text_encoders()), "reward": reward}
     for m in (comps.unet, comps.vae, *comps.text_encoders(), reward):
         if m is not None:
-            m._apply(_as_fake(fake))  # what to_empty(device="cpu") under the fake mode makes, without its dispatches
+            m._apply(_as_fake(fake))  # fake CPU storage, tied weights kept tied (to_empty unties them)
     comps.unet.train()  # as the trainer: LoRA layers in train mode (frozen modules stay in eval)
     params = [p for p in comps.unet.parameters() if p.requires_grad]
     seen: set = set()
