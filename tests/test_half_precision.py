@@ -82,8 +82,9 @@ def test_half_precision_frozen_weights_train(case, tiny_dir, clip_dir, half_weig
     if case == "nf4_base":
         request.getfixturevalue("cpu_quant")
     out = tmp_path / "run"
-    assert main([*FAST, *half_weights, *sets, "--model", str(tiny_dir), "--reward", "clip",
-                 "--set", f"reward_weights={clip_dir}", "--output-dir", str(out)]) == 0
+    # one no-grad and one grad step (K=1): each dtype boundary is crossed the same way as with more of either
+    assert main([*FAST, *half_weights, *sets, "--set", "sample_steps=2", "--set", "k=1", "--model", str(tiny_dir),
+                 "--reward", "clip", "--set", f"reward_weights={clip_dir}", "--output-dir", str(out)]) == 0
     rows, report = trained(out)
     assert_trained(rows)
     unet_bytes = report["modules"]["after_load"]["unet"]["bytes"]
