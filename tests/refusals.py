@@ -1,9 +1,11 @@
-"""Shared checks for the tests: a refused command (one ``error:`` line, exit 2, nothing written), the frozen base
-copy that KL gradients are compared against, and a model folder whose text encoder files lack weights."""
+"""Shared checks for the tests: a refused command (one ``error:`` line, exit 2, nothing written), a run's
+metrics.jsonl read as strict JSON, the frozen base copy that KL gradients are compared against, and a model folder
+whose text encoder files lack weights."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +17,13 @@ def assert_refused(main, argv: list[str], needle: str, out: Path, capsys) -> Non
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def strict_rows(run: Path) -> list[dict]:
+    """``run``'s metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def frozen_base_copy(model: torch.nn.Module) -> torch.nn.Module:

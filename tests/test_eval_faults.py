@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from refusals import strict_rows
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.commands import evaluation as ev
@@ -36,13 +37,6 @@ def reward(images, prompts):
         return r * float("nan")
     return r
 """
-
-
-def strict_rows(run):
-    """metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
-    def refuse(constant):
-        raise ValueError(f"{constant} in metrics.jsonl")
-    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import yaml
 from safetensors.torch import load_file
+from refusals import strict_rows as rows  # metrics.jsonl as strict JSON (no bare NaN or Infinity)
 
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
@@ -17,13 +18,6 @@ from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
 
 FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]
-
-
-def rows(run):
-    """metrics.jsonl, read as strict JSON (a bare NaN or Infinity fails)."""
-    def refuse(constant):
-        raise ValueError(f"{constant} in metrics.jsonl")
-    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- out of memory ---------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.faults import json_ready
+from lowmem_alignprop.run.runfolder import metrics_line
 
 
 def write_metrics_line(path: Path, row: dict) -> None:
     """One line appended to metrics.jsonl (an append-only log, each line in one write; a write that fails, a full
-    disk, is cut back off, so the file never ends in half a line). Strict JSON: a NaN or infinite figure (an fp16
-    step's overflowed grad_norm) is null (faults.json_ready)."""
-    line = memoryview((json.dumps(json_ready(row), allow_nan=False) + "\n").encode("utf-8"))
+    disk, is cut back off, so the file never ends in half a line); strict JSON (runfolder.metrics_line)."""
+    line = memoryview(metrics_line(row).encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size

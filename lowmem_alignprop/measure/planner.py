@@ -10,10 +10,10 @@ How (docs/design.md section 4):
    attention and checkpointing and adds LoRA, still on meta.
 3. Inside ``FakeTensorMode(allow_non_fake_inputs=True)`` the modules get fake CPU storage
    (each meta tensor wrapped as a fake CPU tensor: no memory behind it, tied weights still tied), and one training
-   step runs through the trainer's :func:`~lowmem_alignprop.step.rollout.rollout_loss`: encode_prompts, sample_nograd, sample_grad, decode,
-   reward, backward, optimizer (after one warm-up optimizer step, so Adam's state exists as it does
-   from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage (freed ones
-   leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
+   step runs through the trainer's :func:`~lowmem_alignprop.step.rollout.rollout_loss`: encode_prompts,
+   sample_nograd, sample_grad, decode, reward, backward, optimizer (after one warm-up optimizer step, so Adam's
+   state exists as it does from step 2 on). A small ``TorchDispatchMode`` counts the bytes of every live storage
+   (freed ones leave through weak-reference callbacks) and keeps the peak per stage. Module weights count only in
    the stages where they sit on the device (``offload_frozen``, ``cache_prompt_embeddings``).
 4. On a CUDA target, ``torch.autocast("cuda")`` is emulated (its op lists: convolutions, matmuls and
    attention in fp16/bf16; norms, upsampling, softmax, pow, exp... in fp32), because the CPU autocast

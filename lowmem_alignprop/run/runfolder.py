@@ -212,7 +212,13 @@ class RunFolder:
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
-            atomic.write_text(self.metrics, "".join(json.dumps(json_ready(r), allow_nan=False) + "\n" for r in history))
+            atomic.write_text(self.metrics, "".join(metrics_line(r) for r in history))
+
+
+def metrics_line(row: dict) -> str:
+    """One line of metrics.jsonl: strict JSON, a NaN or infinite figure (an fp16 step's overflowed grad_norm) as null
+    (faults.json_ready)."""
+    return json.dumps(json_ready(row), allow_nan=False) + "\n"
 
 
 def _remove(path: Path) -> None:
