@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from loras import nudge
 from numerics import SAME_OPS, assert_rel_close
-from refusals import frozen_base_copy
+from refusals import frozen_base_copy, strict_rows
 
 from lowmem_alignprop.models.loading import add_lora, load_components
 from lowmem_alignprop.models.sampling import (PromptEmbeds, decode, enable_block_checkpointing, guided_eps,
@@ -239,10 +240,6 @@ def night(tmp_path, monkeypatch, fresh_log_handlers):
     return RUN + ["--prompts", str(tmp_path / "train.txt"), "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _lora(folder: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
@@ -255,7 +252,7 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
 
     out = tmp_path / "run"
     assert main([*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--early-stop", "2"]) == 0
-    rows = _rows(out)
+    rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     objective = [r["eval_objective"] for r in rows]
     assert objective[0] > max(objective[1:]), objective  # the evaluation peaked at step 1 ...
@@ -275,8 +272,19 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
         "evaluation had not improved for 2 evaluations; the best step, 1, is in best/): nothing left to train; to "
         "train on, resume with --early-stop above 2, or --set early_stop=0"]
     assert (out / "metrics.jsonl").read_text() == metrics
+    # its LoRA and summary lost (a kill or a full disk while they were written): a resume writes them again from
+    # step 3's checkpoint and trains no step
+    written = _lora(out / "lora")
+    shutil.rmtree(out / "lora")
+    (out / "summary.json").unlink()
+    assert main([*args, "--early-stop", "2"]) == 0
+    again = _lora(out / "lora")
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in again)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped_at"] == 3 and summary["steps_done"] == 3 and not summary["interrupted"]
+    assert summary["best_step"] == 1 and (out / "metrics.jsonl").read_text() == metrics
     assert main([*args, "--early-stop", "3"]) == 0  # more patience: one more evaluation without improving, then stop
-    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4] and _rows(out)[-1]["eval_since_best"] == 3
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3, 4] and strict_rows(out)[-1]["eval_since_best"] == 3
 
     one = tmp_path / "one"
     assert main([*night, "--output-dir", str(one), "--steps", "1"]) == 0
@@ -298,13 +306,13 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     point = split / "checkpoints" / "step-00000002"
     assert (point / "ema.pt").is_file()
     best_step = json.loads((point / "state.json").read_text())["evaluation"]["best_step"]
-    a = _rows(full)
+    a = strict_rows(full)
     print("eval_objective by step:", [r["eval_objective"] for r in a])
     # the test's premise: the best step comes before the resume and the steps after it are worse, so a resume that
     # forgot the best so far would move best/ to step 3
     assert best_step <= 2 and a[best_step - 1]["eval_objective"] > max(r["eval_objective"] for r in a[2:])
     assert main(["--output-dir", str(split), "--steps", "4", "--resume", "latest"]) == 0
-    b = _rows(split)
+    b = strict_rows(split)
     assert [r["eval_reward"] for r in a] == pytest.approx([r["eval_reward"] for r in b], abs=1e-6)
     for name in ("best", "lora"):
         x, y = _lora(full / name), _lora(split / name)
@@ -324,7 +332,7 @@ def test_the_trainer_logs_the_kl_term(night, tmp_path):
 
     out = tmp_path / "run"
     assert main([*night, "--output-dir", str(out), "--steps", "2", "--set", "kl_coeff=1"]) == 0
-    rows = _rows(out)
+    rows = strict_rows(out)
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
 
 
@@ -340,11 +348,11 @@ def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):
     for name, out in runs.items():
         assert main([*night, "--output-dir", str(out), "--steps", "2", "--set", "max_zero_grad_steps=2",
                      *caps[name]]) == 0
-    below = _rows(runs["below"])
+    below = strict_rows(runs["below"])
     assert [r["at_cap"] for r in below] == [True] * 2 and all(r["grad_norm"] == 0.0 for r in below)
     lora_b = [t for n, t in _lora(runs["below"] / "lora").items() if "lora_B" in n or "lora.up" in n]
     assert lora_b and all(not t.any() for t in lora_b)
-    assert [r["at_cap"] for r in _rows(runs["above"])] == [False] * 2 and "at_cap" not in _rows(runs["none"])[0]
+    assert [r["at_cap"] for r in strict_rows(runs["above"])] == [False] * 2 and "at_cap" not in strict_rows(runs["none"])[0]
     above, none = _lora(runs["above"] / "lora"), _lora(runs["none"] / "lora")
     assert above.keys() == none.keys()
     assert_rel_close(list(above.values()), list(none.values()), SAME_OPS, "the LoRA under a cap that never binds")
@@ -420,7 +428,7 @@ def test_held_out_evaluation_in_the_toy_world_reports_its_exact_fidelity(tmp_pat
     assert main(["--profile", "cpu", "--model", "toy", "--reward", "toy_clip", "--steps", "1", "--eval-every", "1",
                  "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "fidelity_images=4",
                  "--set", "eval_holdout=2", "--output-dir", str(out)]) == 0
-    row = _rows(out)[0]
+    row = strict_rows(out)[0]
     assert row["eval_fidelity_images"] == 2.0 and 0.0 <= row["eval_fidelity_score"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["toy_world"]["images"] == 4 and summary["best_step"] == 1

@@ -191,7 +191,7 @@ class Trainer:
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
         self.fidelity_before = self.fidelity_after = None
         self.samples_skipped: str | None = None  # why the after samples were not rendered (summary.json says it)
-        self.refinish: str | None = None  # a finished run's outputs to write again (see missing_outputs)
+        self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
 
     @property
@@ -237,11 +237,13 @@ class Trainer:
         self.restore()
 
     def missing_outputs(self) -> str | None:
-        """A --resume of a finished run whose LoRA or summary is missing or damaged (a full disk or a kill while they
-        were written): what is missing. The run then trains no step and writes them again from the checkpoint."""
+        """A --resume of a run that ended (its last step, or an early stop) whose LoRA or summary is missing or damaged
+        (a full disk or a kill while they were written): what is missing. The run then trains no step and writes them
+        again from the checkpoint."""
         from lowmem_alignprop.commands.final_lora import outputs_problem
 
-        if self.point.step != self.cfg.steps or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve():
+        if (not ckpt.run_ended(self.point.state, self.cfg)
+                or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
         return outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
 
@@ -493,6 +495,8 @@ class Trainer:
                             point.path, self.start)
             if self.held_out is not None:
                 self.held_out.load_state(state.get("evaluation"))  # best so far and patience go on
+                if self.refinish and self.start < self.cfg.steps:  # the run stopped early here
+                    self.held_out.stopped_at = self.start
         if self.is_main:
             self.folder.start_metrics(point, self.history)
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
@@ -611,6 +615,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
+            return
         # disable=None: no bar where stderr is not a terminal (a log file, a job's output): its \r-redrawn frames
         # filled the log beside the step lines, which say the same; notebooks keep their widget
         bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="AlignProp", disable=None if self.is_main else True,
@@ -857,7 +863,8 @@ class Trainer:
         """The LoRA (or full UNet), the after samples, config.yaml after an auto-fit, the reports and summary."""
         cfg, acc = self.cfg, self.accelerator
         acc.wait_for_everyone()
-        done = min(self.step, cfg.steps)  # a stop breaks out at the step it saved; a finished loop: steps + 1
+        # a stop breaks out at the step it saved; a finished loop: steps + 1; outputs written again: the checkpoint's
+        done = self.start if self.refinish else min(self.step, cfg.steps)
         early = self.held_out.stopped_at if self.held_out is not None and done < cfg.steps else None
         summary = {"steps": cfg.steps, "steps_done": done, "early_stopped_at": early,
                    "interrupted": done < cfg.steps and early is None,

@@ -244,6 +244,18 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
+def stopped_early(state: dict[str, Any], cfg) -> int:
+    """How many evaluations the checkpoint's run had gone without improving when it stopped early under this run's
+    early_stop, else 0 (it did not stop early, or this run's patience is longer)."""
+    since = int((state.get("evaluation") or {}).get("since_best") or 0)
+    return since if cfg.early_stop and since >= cfg.early_stop else 0
+
+
+def run_ended(state: dict[str, Any], cfg) -> bool:
+    """The checkpoint is where its run ended: its last step, or an early stop this run's settings keep."""
+    return int(state["step"]) == cfg.steps or bool(stopped_early(state, cfg))
+
+
 def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = False) -> None:
     """Before any model loads: the checkpoint must come from a compatible configuration. ``finished``: the run ended
     at this checkpoint and its outputs are to be written again (no step left to train is then no error)."""
@@ -258,8 +270,8 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
         raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
                         f"train; raise --steps above {state['step']} to continue")
-    since = int((state.get("evaluation") or {}).get("since_best") or 0)
-    if cfg.early_stop and since >= cfg.early_stop and not finished:  # each resume would train one step and stop again
+    since = stopped_early(state, cfg)
+    if since and not finished:  # each resume would train one step and stop again
         raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
                         f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
                         f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
