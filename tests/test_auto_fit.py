@@ -21,6 +21,7 @@ from lowmem_alignprop.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from midsize import build_clip_reward_dir  # noqa: E402
+from refusals import strict_rows  # noqa: E402
 
 FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--steps", "3", "--auto-fit"]
@@ -284,7 +285,7 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     assert search["estimates_from_cache"] == search["estimates"] == len(planned["tried"]) > 1  # planned before
     assert search["seconds_per_step"] < search["given_seconds_per_step"]
     assert f"auto-fit: {search['flags']}" in printed and "--set unet_checkpointing=call" in search["flags"]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
 
 

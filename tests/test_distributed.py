@@ -22,6 +22,7 @@ from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.run.distributed import build_folder, check_no_stale_build_lock, deepspeed_config
+from refusals import strict_rows
 
 FAST = ["--profile", "cpu", "--seed", "5", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--set", "batch_size=1", "--set", "lr=0.01"]
@@ -40,10 +41,6 @@ def run(cmd, timeout=600):
     assert "terminate called" not in r.stderr  # process groups torn down cleanly (no gloo abort at exit)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     return r
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def lora_b_norm(out) -> float:
@@ -128,7 +125,7 @@ def test_two_processes_data_parallel(ddp):
     assert state["world_size"] == 2
     sums = state["rank_weight_sums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold the same LoRA, to the last bit
-    got = rows(out)
+    got = strict_rows(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r in got:
         assert r["images"] == 2  # rewards gathered from both ranks (batch 1 each)
@@ -155,7 +152,7 @@ def zero2(tmp_path_factory, tiny_dir):
 
 @needs_deepspeed
 def test_deepspeed_zero2_optimizer_offload_trains(zero2):
-    assert [r["step"] for r in rows(zero2)] == [1, 2, 3, 4]
+    assert [r["step"] for r in strict_rows(zero2)] == [1, 2, 3, 4]
     # per-step rewards of batch-1 rollouts are noisy; the fixed-seed before/after samples are not
     summary = json.loads((zero2 / "summary.json").read_text())
     assert summary["sample_reward_after"] > summary["sample_reward_before"] + 0.003, summary
@@ -168,13 +165,13 @@ def test_deepspeed_zero2_optimizer_offload_trains(zero2):
 @needs_deepspeed
 def test_deepspeed_zero2_resume_reproduces_the_steps(zero2, tmp_path):
     """Resume from step 2 (DeepSpeed's own optimizer partition files) reproduces steps 3-4."""
-    got = rows(zero2)
+    got = strict_rows(zero2)
     again = tmp_path / "z2_resumed"
     shutil.copytree(zero2, again)
     shutil.rmtree(again / "checkpoints" / "step-00000004")
     run([sys.executable, "-m", "lowmem_alignprop", *FAST, *Z2, "--output-dir", str(again), "--steps", "4",
          "--resume", "latest"])
-    for a, b in zip(got, rows(again)):
+    for a, b in zip(got, strict_rows(again)):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-6)
     wa = load_file(str(zero2 / "checkpoints" / "step-00000004" / "trainable.safetensors"))
     wb = load_file(str(again / "checkpoints" / "step-00000004" / "trainable.safetensors"))
@@ -189,13 +186,13 @@ def _same_training(name: str, out: Path, ref_out: Path) -> None:
     """``out`` ends with the LoRA of ``ref_out`` and took the same steps. The tolerance, lr/100 = 1e-4, catches a
     wrong optimizer: Adam with L2 decay (what accelerate substituted before) moves every lora_A weight by lr = 0.01
     in the very first step."""
-    ref, ref_rows = lora(ref_out), rows(ref_out)
+    ref, ref_rows = lora(ref_out), strict_rows(ref_out)
     assert max(v.abs().max().item() for k, v in ref.items() if "lora.up" in k) > 0.01  # 4 steps moved lora_B
     got = lora(out)
     assert got.keys() == ref.keys()
     worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert worst < 1e-4, (name, worst)
-    for a, b in zip(ref_rows, rows(out), strict=True):  # same rollouts, same gradients
+    for a, b in zip(ref_rows, strict_rows(out), strict=True):  # same rollouts, same gradients
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
@@ -236,7 +233,7 @@ def test_deepspeed_zero3_param_offload_two_processes(zero3):
     out = zero3
     saved = ckpt.read_state(ckpt.find_resume(out, "latest"))["config"]
     assert saved["deepspeed_zero"] == 3 and saved["offload"] == "params"
-    got = rows(out)
+    got = strict_rows(out)
     assert [r["images"] for r in got] == [2, 2, 2, 2]
     assert got[-1]["reward_mean"] > got[0]["reward_mean"] + 0.003, [r["reward_mean"] for r in got]
     assert lora_b_norm(out) > 0  # read inside a ZeRO-3 gather: the partitioned LoRA is whole in the file

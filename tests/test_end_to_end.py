@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from lowmem_alignprop.cli import main
+from refusals import strict_rows
 
 # one worker runs this file: its module fixture (the 8-step run (12 s)) is then made once, not once per worker
 pytestmark = pytest.mark.xdist_group("end_to_end")
@@ -25,7 +26,7 @@ def test_reward_rises_by_a_clear_margin(run_dir):
     """Brightness on the tiny model, 8 steps at lr 0.01 (the toy world's run is the proof that means something:
     test_toy_world). Measured at seeds 0 and 1: the last 3 steps' mean over the first 3 steps' +0.058 and +0.078,
     the fixed-seed samples +0.035 and +0.038; held at +0.02 and +0.01."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 9))
     for r in rows:
         assert {"step", "reward_mean", "reward_std", "loss", "k", "seconds"} <= set(r)

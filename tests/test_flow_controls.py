@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from loras import nudge
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from numerics import SAME_OPS, assert_rel_close
-from refusals import frozen_base_copy
+from refusals import frozen_base_copy, strict_rows
 
 from lowmem_alignprop.models import flow
 from lowmem_alignprop.models.family import FlowFamily
@@ -203,7 +202,7 @@ def test_the_trainer_runs_kl_and_lv_draws_on_flux(dirs, tmp_path, fresh_log_hand
                  "--set", "sample_steps=4", "--set", "k=2", "--set", "batch_size=1", "--set", "guidance_scale=3.5",
                  "--set", "sample_prompts=0", "--set", "lr=0.05", "--set", "kl_coeff=1", "--set", "lv_draws=2",
                  "--steps", "2", "--output-dir", str(out)]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(out)
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
 
 

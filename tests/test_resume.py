@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.cli import main
+from refusals import strict_rows
 
 # Small and fast, but with everything that must continue across a resume: gradient accumulation over two
 # micro-batches, K drawn at random per rollout (python RNG), DDIM noise (eta=1), AdamW moments.
@@ -26,10 +27,6 @@ FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set",
 pytestmark = pytest.mark.xdist_group("resume")
 
 
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def weights(path):
     return load_file(str(path / "trainable.safetensors"))
 
@@ -40,7 +37,7 @@ def runs(tmp_path_factory, tiny_dir):
     full, split = base / "full", base / "split"
     assert main([*FAST, "--output-dir", str(full), "--steps", "6"]) == 0
     assert main([*FAST, "--output-dir", str(split), "--steps", "3", "--checkpoint-every", "1"]) == 0
-    first_half = rows(split)
+    first_half = strict_rows(split)
     # the resumed run keeps its own settings (FAST's); the flags given change them: --steps extends it, and
     # checkpoints now come every 3 steps (so step 3's stays beside step 6 under keep_checkpoints=2)
     assert main(["--output-dir", str(split), "--steps", "6", "--resume", "latest", "--checkpoint-every", "3"]) == 0
@@ -49,7 +46,7 @@ def runs(tmp_path_factory, tiny_dir):
 
 def test_six_steps_equal_three_plus_three_resumed(runs):
     full, split, first_half = runs
-    a, b = rows(full), rows(split)
+    a, b = strict_rows(full), strict_rows(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # metrics continue in the same file
     assert b[:3] == [dict(r) for r in first_half]  # the first half is kept as it was
     for x, y in zip(a, b):
@@ -85,11 +82,11 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
     assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest", "--reward", "colorfulness"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 2
-    assert summary["reward_first"] == first_last_rewards(rows(run)[6:])["reward_first"]
+    assert summary["reward_first"] == first_last_rewards(strict_rows(run)[6:])["reward_first"]
     assert main(["--output-dir", str(run), "--steps", "9", "--resume", "latest", "--reward", "colorfulness"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 3
-    assert summary["reward_last"] == first_last_rewards(rows(run)[6:])["reward_last"]
+    assert summary["reward_last"] == first_last_rewards(strict_rows(run)[6:])["reward_last"]
     from lowmem_alignprop.commands.lora_files import read_lora
     card = read_lora(str(run / "checkpoints" / "step-00000009")).summary  # export's model card of the checkpoint
     assert (card["reward_first"], card["reward_last"]) == (summary["reward_first"], summary["reward_last"])
@@ -160,9 +157,9 @@ def test_resume_continues_from_the_previous_good_checkpoint(runs, tmp_path, caps
     shutil.copytree(run / "checkpoints" / "step-00000003", bad)
     (bad / "state.json").write_text("{not json")
     assert main([*FAST, "--output-dir", str(run), "--steps", "4", "--resume", "latest"]) == 0
-    got = rows(run)
+    got = strict_rows(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # rows 4-6 of the old run were dropped, step 4 redone
-    assert got[3]["reward_mean"] == pytest.approx(rows(split)[3]["reward_mean"], abs=1e-6)
+    assert got[3]["reward_mean"] == pytest.approx(strict_rows(split)[3]["reward_mean"], abs=1e-6)
 
 
 def test_atomic_publish_replaces_an_existing_step(tmp_path):
@@ -209,7 +206,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys, capl
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*FAST, "--reward", reward, "--output-dir", str(out), "--steps", "200"]) == 0
     assert "SIGTERM received" in capsys.readouterr().err + caplog.text
-    assert [r["step"] for r in rows(out)] == [1, 2]
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]
     saved = ckpt.list_checkpoints(out / "checkpoints")
     assert saved and saved[0].name == "step-00000002" and ckpt.verify(saved[0]) is None
     summary = json.loads((out / "summary.json").read_text())
@@ -217,7 +214,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys, capl
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()  # the LoRA so far is exported too
     # and the run continues from there
     assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
-    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert [r["step"] for r in strict_rows(out)] == [1, 2, 3]
 
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
@@ -228,7 +225,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "4"]) == 0
     old = {p.name: weights(p) for p in ckpt.list_checkpoints(run / "checkpoints")}
     assert sorted(old) == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
-    old_rows = rows(run)
+    old_rows = strict_rows(run)
     back = run / "checkpoints" / "step-00000002"
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # with another lr: it must apply
         assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back),
@@ -240,11 +237,11 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     aside = run / "checkpoints" / "superseded-after-step-2"
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]
     assert weights(aside / "step-00000004").keys() == old["step-00000004"].keys()  # kept as they were
-    assert rows(aside) == old_rows  # and that branch's metrics with them
+    assert strict_rows(aside) == old_rows  # and that branch's metrics with them
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
         "step-00000003", "step-00000002", "step-00000001"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
-    assert [r["step"] for r in rows(run)] == [1, 2, 3]
+    assert [r["step"] for r in strict_rows(run)] == [1, 2, 3]
     # the same step resumed again: the branch set aside first keeps its folder
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == [
@@ -254,8 +251,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     # branch it replaces is set aside in turn
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "5", "--resume",
                  str(aside / "step-00000004")]) == 0
-    assert [r["reward_mean"] for r in rows(run)[:4]] == [r["reward_mean"] for r in old_rows]
-    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5]
+    assert [r["reward_mean"] for r in strict_rows(run)[:4]] == [r["reward_mean"] for r in old_rows]
+    assert [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-3").iterdir()) == [
         "metrics.jsonl", "step-00000003"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000005"
@@ -266,8 +263,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
                  "--resume", str(run / "checkpoints" / "step-00000001")]) == 0
     assert sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*")) == listing
     assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["step-00000002"]
-    assert [r["step"] for r in rows(other)] == [1, 2]  # step 1's row comes from the checkpoint
-    assert rows(other)[0]["reward_mean"] == old_rows[0]["reward_mean"]
+    assert [r["step"] for r in strict_rows(other)] == [1, 2]  # step 1's row comes from the checkpoint
+    assert strict_rows(other)[0]["reward_mean"] == old_rows[0]["reward_mean"]
 
 
 def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):
@@ -309,7 +306,7 @@ def test_resume_of_a_checkpoint_continues_its_own_run_with_its_own_settings(tmp_
 
     assert main(["--profile", "cpu", "--resume", str(run / "checkpoints" / "step-00000002")]) == 0
     assert not (tmp_path / "outputs").exists()  # not the default folder: the checkpoint's own run
-    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4]  # its 4 steps, not the profile's 20
+    assert [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4]  # its 4 steps, not the profile's 20
     import torch
     groups = torch.load(run / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["param_groups"]
     assert {g["lr"] for g in groups} == {0.02}  # and its lr
@@ -416,7 +413,7 @@ def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(
         assert main([*FAST, "--reward", self_signal(tmp_path, out, "SIGINT"), "--output-dir", str(out), "--steps",
                      "1", "--set", "sample_prompts=2"]) == 0
     captured = capsys.readouterr()
-    assert [r["step"] for r in rows(out)] == [1]
+    assert [r["step"] for r in strict_rows(out)] == [1]
     assert "the after samples are skipped" in captured.err + caplog.text
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())

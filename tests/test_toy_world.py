@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from numerics import REORDERED, SAME_OPS, assert_rel_close
+from refusals import strict_rows
 
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
@@ -600,7 +601,7 @@ def test_out_of_memory_while_judging_or_sampling_in_training_skips_them_and_the_
         assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
                      "sample_steps=2", "--set", "fidelity_images=2", "--set", "fidelity_every=1", "--set",
                      "sample_prompts=1", "--set", "sample_every=1"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert "fidelity_score" not in rows[0] and "sample_reward_mean" not in rows[0]
     assert "fidelity_score" in rows[1] and "sample_reward_mean" in rows[1]
@@ -627,7 +628,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
                          "each image's reward")
         scores = torch.tensor(toy[when]["image_scores"])  # every prompt parses: each image has its exact score
         assert_rel_close(scores.mean(), torch.tensor(toy[when]["fidelity_score"]), REORDERED, "each image's score")
-    rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(short_toy_run)
     assert all(r["fidelity_images"] == 4 and {"eval_reward", "eval_reward_median", "jpeg_bytes"} <= set(r)
                and "image_rewards" not in r for r in rows)  # each image's figures: in summary.json only
     assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
@@ -683,7 +684,7 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
     assert (got["reward_first"], got["reward_last"], got["reward_prompts"], got["reward_window"]) == (2.0, 4.0, 1, 4)
     assert window_note(got) == "  [the same 1 prompt, first and last 4 steps]"
     # a real run's rows: 4 images a step (toy defaults), each with its prompt's index in the run's 4 prompts
-    rows = [json.loads(line) for line in (short_toy_run / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(short_toy_run)
     assert all(len(r["rewards"]) == len(r["prompt_ids"]) == 4 and set(r["prompt_ids"]) <= set(range(4)) for r in rows)
     assert_rel_close(torch.tensor(rows[0]["rewards"]).mean(), torch.tensor(rows[0]["reward_mean"]), REORDERED, "mean")
     summary = json.loads((short_toy_run / "summary.json").read_text())

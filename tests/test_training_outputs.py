@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from refusals import assert_refused
+from refusals import assert_refused, strict_rows
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.models.sampling import encode_prompts
@@ -203,11 +203,6 @@ def full_run(tmp_path_factory, tiny_dir):
     return out
 
 
-def _metrics(run):
-    import json
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):
     import json
 
@@ -216,7 +211,7 @@ def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):
     assert sorted(p.name for p in (full_run / "samples").glob("step-*.png")) == ["step-000002.png", "step-000004.png"]
     grid = Image.open(full_run / "samples" / "step-000002.png")
     assert grid.size == Image.open(full_run / "samples" / "before_after.png").size  # 2 prompts, before / step 2
-    rows = {r["step"]: r for r in _metrics(full_run)}
+    rows = {r["step"]: r for r in strict_rows(full_run)}
     assert sorted(rows) == [1, 2, 3, 4]
     sampled = sorted(s for s, r in rows.items() if "sample_rewards" in r)
     assert sampled == [2, 4]

@@ -8,7 +8,6 @@ reimplements (times its scale).
 
 import functools
 import importlib
-import json
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.rewards import RewardModule, build_reward, check_reward_spec
+from refusals import strict_rows
 
 HERE = "tests.test_user_rewards"
 SEEN: dict[str, list] = {}  # what each user reward was given: prompts (None: called without), options
@@ -130,7 +130,7 @@ pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
 def train_one_step(out, reward: str) -> dict:
     """One optimizer step (1 image, 3 DDIM steps, no sample grid) with ``reward``: its metrics line."""
     assert main([*FAST, "--output-dir", str(out), "--reward", reward]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1]
     return rows[0]
 
