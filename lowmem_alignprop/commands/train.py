@@ -26,6 +26,7 @@ import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import disk_space
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE
 from lowmem_alignprop.measure import planner
@@ -226,6 +227,9 @@ class Trainer:
                 self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank)
         self.setup_accelerator()
         self.load_models()
+        if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end
+            with same_on_every_rank():
+                disk_space.check(self.cfg, self.out, self.params, self.start)
         with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before any write
             where = self.device if self.place.where.get("reward") == "device" else "cpu"
             self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],

@@ -5,7 +5,6 @@ hooks that count dequantization and block swap's copies as they happen."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -68,12 +67,6 @@ def fp8_load_bytes(cfg: Config, comps, counter: LiveBytes, cuda: bool) -> int:
                for n, m in fp8_linears(comps.unet)
                if (n.endswith(".base_layer") or id(m) not in in_blocks) and id(m) not in host
                for t in (m.weight, m.bias) if t is not None)
-
-
-def _adam8bit_state_bytes(params) -> int:
-    # bitsandbytes: 8-bit state (2 bytes/param + fp32 absmax per 256) for tensors of 4096+ elements, else fp32
-    return sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
-               for p in params)
 
 
 def dequant_hooks(cfg: Config, unet, work: StageWork) -> list:
@@ -175,7 +168,7 @@ def fake_weights(cfg: Config, comps, reward, fake, cuda: bool, notes: list[str])
 
 def optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], place, notes: list[str]):
     """(the optimizer the step runs, whether it steps): AdamW for real; an 8-bit state counted analytically."""
-    from lowmem_alignprop.memory.optim import build_optimizer
+    from lowmem_alignprop.memory.optim import adam8bit_state_bytes, build_optimizer
 
     if cfg.optimizer == "adamw":
         optimizer = build_optimizer(cfg, params)
@@ -184,7 +177,7 @@ def optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], plac
                 group["foreach"] = True
         return optimizer, True
     optimizer = torch.optim.SGD(params, lr=cfg.lr)  # only zero_grad is used; the 8-bit state is analytic
-    weights["optimizer_state"] = _adam8bit_state_bytes(params)
+    weights["optimizer_state"] = adam8bit_state_bytes(params)
     place.on_device.add("optimizer_state")
     notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
                  "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowmem_alignprop.settings.config import import_needed
@@ -22,3 +24,19 @@ def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimi
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # paged: the 8-bit state lives in unified memory and pages to the CPU when the GPU runs short
     return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def adam8bit_state_bytes(params) -> int:
+    """bitsandbytes' 8-bit AdamW state: 2 bytes per weight and an fp32 absmax per 256 for each moment, in tensors of
+    4096+ elements; smaller tensors keep fp32 moments (8 bytes per weight)."""
+    return sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 256) if p.numel() >= 4096 else 8 * p.numel()
+               for p in params)
+
+
+def state_bytes(cfg, params) -> int:
+    """The optimizer state a step keeps for ``params`` (and a checkpoint holds): AdamW's two fp32 moments, 8-bit
+    AdamW's quantized ones, or under DeepSpeed ZeRO its fp32 master copy beside the two moments."""
+    n = sum(p.numel() for p in params)
+    if cfg.deepspeed_zero:
+        return 12 * n
+    return 8 * n if cfg.optimizer == "adamw" else adam8bit_state_bytes(params)

@@ -1,0 +1,84 @@
+"""Room on the output folder's disk, checked before the first step. A run that cannot write its last checkpoint
+loses every step it trained (with checkpoint_every 0, the default, that checkpoint is the first), so a disk without
+room for it and the LoRA stops the run before it starts; one that may fill up before the run ends is warned of."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowmem_alignprop.memory.optim import state_bytes
+from lowmem_alignprop.settings.errors import UserError
+
+log = logging.getLogger("lowmem_alignprop")
+MIB = 1024**2
+SMALL_FILES = 32 * MIB  # samples, reports, metrics.jsonl, config and state files: a few MB; the rest is slack
+
+
+def size(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / MIB:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class RunBytes:
+    """What a run writes, in bytes: ``checkpoint`` (one), ``at_once`` (how many it holds while writing the next),
+    ``outputs`` (lora/, best/ and the exports) and ``peak`` (all of them together, with the small files)."""
+    weights: int
+    optimizer: int
+    history: int
+    checkpoint: int
+    at_once: int
+    outputs: int
+
+    @property
+    def peak(self) -> int:
+        return self.checkpoint * self.at_once + self.outputs + SMALL_FILES
+
+    @property
+    def least(self) -> int:
+        """The last checkpoint and the LoRA: without room for these the run's steps are lost."""
+        return self.checkpoint + self.weights + SMALL_FILES
+
+
+def run_bytes(cfg, params, start: int = 0) -> RunBytes:
+    """The files of a run training ``params`` from step ``start`` to ``cfg.steps``: each checkpoint holds the trained
+    weights as they are, the optimizer state, the EMA's fp32 copy and the metrics of every step so far;
+    ``keep_checkpoints`` of them stay while the next is written (0: every one the run writes)."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    optimizer = state_bytes(cfg, params)
+    ema = 4 * sum(p.numel() for p in params) if cfg.ema_decay else 0
+    # state.json's metrics rows, indented: up to 1 KiB a step (more with evaluations) and each image's reward and prompt
+    history = cfg.steps * (1024 + 64 * cfg.batch_size * cfg.grad_accum)
+    checkpoint = weights + optimizer + ema + history + MIB  # + the RNG states, manifest and slack
+    every = cfg.checkpoint_every  # one at each multiple of it, and the last step's always
+    written = cfg.steps // every - start // every + (1 if cfg.steps % every else 0) if every else 1
+    at_once = min(cfg.keep_checkpoints + 1, written) if cfg.keep_checkpoints else written
+    # lora/; best/ is written beside the one it replaces; one copy per export format
+    outputs = weights * (1 + (2 if cfg.eval_every else 0) + len(cfg.export_formats()))
+    return RunBytes(weights, optimizer, history, checkpoint, at_once, outputs)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or its nearest existing parent: a new run's folder is made
+    later)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check(cfg, out: Path, params, start: int = 0) -> None:
+    """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA; warn when it may fill
+    up before the run ends."""
+    need, free = run_bytes(cfg, params, start), free_bytes(out)
+    if free < need.least:
+        raise UserError(f"--output-dir {out}: its disk has {size(free)} free, and this run's last checkpoint and "
+                        f"LoRA alone take about {size(need.least)} (the trained weights {size(need.weights)}, the "
+                        f"optimizer's state {size(need.optimizer)}): free space there, or choose another --output-dir")
+    if free < need.peak:
+        fewer = " or keep fewer checkpoints (--set keep_checkpoints=1)" if need.at_once > 2 else ""
+        log.warning("--output-dir %s: its disk has %s free, and this run may hold up to %s at once (%d checkpoints of "
+                    "%s, the LoRA, best/ and exports): it may fill the disk before it ends; free space there%s",
+                    out, size(free), size(need.peak), need.at_once, size(need.checkpoint), fewer)

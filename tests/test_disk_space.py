@@ -1,0 +1,105 @@
+"""Room on the output disk, checked before the first step (run/disk_space.py): the estimate bounds what a real run
+writes, a disk without room for the last checkpoint and LoRA stops the run before it trains a step (with
+checkpoint_every 0, the default, that checkpoint is the run's only one: a full disk at the end lost every step), and
+one that may fill up is warned of."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import disk_space
+from lowmem_alignprop.settings.config import Config
+
+FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1",
+        "--set", "sample_prompts=0"]
+Usage = collections.namedtuple("Usage", "total used free")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_estimate_bounds_each_checkpoint_and_the_lora_a_run_writes(tmp_path, tiny_dir):
+    """A 3-step run with an EMA and a checkpoint at every step: each checkpoint is no larger than the estimate, and
+    the estimate's tensors (weights, AdamW's two moments, the EMA's copy) are the checkpoint's to within the files'
+    headers; lora/ is the trained weights' size to within its header."""
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--set", "checkpoint_every=1",
+                 "--set", "keep_checkpoints=0", "--set", "ema_decay=0.9"]) == 0
+    trained = list(load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors")).values())
+    cfg = Config(steps=3, checkpoint_every=1, keep_checkpoints=0, ema_decay=0.9)
+    need = disk_space.run_bytes(cfg, trained)
+    n = sum(t.numel() for t in trained)
+    assert need.weights == 4 * n and need.optimizer == 8 * n
+    assert need.checkpoint == 16 * n + need.history + disk_space.MIB
+    points = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(points) == need.at_once == 3  # keep_checkpoints=0 keeps every one the run writes
+    for point in points:
+        actual = folder_bytes(point)
+        assert 16 * n <= actual <= need.checkpoint, (actual, need)  # the tensors; all of it
+        state = json.loads((point / "state.json").read_text())  # the metrics rows so far, as the file holds them
+        rows = len(json.dumps(state, indent=1)) - len(json.dumps({**state, "history": []}, indent=1))
+        assert 0 < rows <= need.history and (point / "state.json").stat().st_size < rows + 64 * 1024
+    lora = folder_bytes(out / "lora")
+    assert need.weights <= lora <= need.weights + 64 * 1024  # + the safetensors header and base_model.json
+
+
+def test_what_a_run_holds_at_once_follows_checkpoint_every_and_keep_checkpoints():
+    params = [torch.zeros(1000)]
+    at_once = {(every, keep, start): disk_space.run_bytes(Config(steps=10, checkpoint_every=every,
+                                                                  keep_checkpoints=keep), params, start).at_once
+               for every in (0, 3, 5) for keep in (0, 2) for start in (0, 4)}
+    assert at_once[0, 0, 0] == at_once[0, 2, 4] == 1  # only the last step's
+    assert at_once[3, 0, 0] == 4 and at_once[3, 0, 4] == 3  # steps 3 6 9 10; after a resume at 4: 6 9 10
+    assert at_once[5, 0, 0] == 2 and at_once[5, 2, 0] == 2 and at_once[3, 2, 0] == 3  # keep 2, and the next
+    ema = disk_space.run_bytes(Config(ema_decay=0.9, eval_every=2, export_format="kohya,peft"), params)
+    assert ema.checkpoint == 4000 + 8000 + 4000 + ema.history + disk_space.MIB and ema.outputs == 4000 * (1 + 2 + 2)
+
+
+def test_free_space_is_read_where_the_run_folder_will_be(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: seen.append(Path(p)) or Usage(0, 0, 123))
+    assert disk_space.free_bytes(tmp_path / "new" / "run") == 123 and seen == [tmp_path.absolute()]
+
+
+def run_with_free_space(monkeypatch, free_of):
+    """The run's own estimate goes to ``free_of(need)``, which says how much is free."""
+    made, real = [], disk_space.run_bytes
+    monkeypatch.setattr(disk_space, "run_bytes", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: free_of(made[-1]))
+    return made
+
+
+def test_a_disk_without_room_for_the_last_checkpoint_stops_the_run_before_its_first_step(tmp_path, tiny_dir,
+                                                                                         monkeypatch, capsys):
+    made = run_with_free_space(monkeypatch, lambda need: need.least - 1)
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2"]) == 2
+    need = made[-1]
+    err = capsys.readouterr().err
+    assert [x for x in err.splitlines() if x.startswith("error: ")] == [
+        f"error: --output-dir {out}: its disk has {disk_space.size(need.least - 1)} free, and this run's last "
+        f"checkpoint and LoRA alone take about {disk_space.size(need.least)} (the trained weights "
+        f"{disk_space.size(need.weights)}, the optimizer's state {disk_space.size(need.optimizer)}): free space "
+        "there, or choose another --output-dir"], err[-2000:]
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing written: the run had not started
+
+
+def test_a_disk_that_may_fill_before_the_end_is_warned_of_and_the_run_goes_on(tmp_path, tiny_dir, monkeypatch,
+                                                                                 caplog):
+    run_with_free_space(monkeypatch, lambda need: need.least)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--set", "checkpoint_every=1"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "may fill the disk" in r.getMessage()]
+    assert len(warned) == 1 and "3 checkpoints of" in warned[0] and "keep_checkpoints=1" in warned[0], warned
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000002"]
