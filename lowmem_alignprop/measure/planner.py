@@ -223,8 +223,9 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     place.extra = largest
     place.refresh()
 
-    # the level at each grad-window UNet call; when the window starts the rollout, autocast's cache of the LoRA
-    # weights' casts is made inside the first call: count it as there before (it is made once, not per step)
+    # the level at each grad-window UNet call. The window clears autocast's cache where it starts (truncated_chain:
+    # casts made without grad have no graph), so the cache of the LoRA weights' casts is made again inside its first
+    # call: count it as there before that call (it is made once per window, not per step)
     grad_calls: list[int] = []
 
     def at_grad_call(module, args):
@@ -233,7 +234,7 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
             work.marks["lv"] = dict(work.bucket())  # DRaFT-LV's call begins: its work is counted once (step_work)
         if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
             cached = sum(counter._rounded(p.numel() * dtype.itemsize) for p in params) if autocast_mode else 0
-            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 and not n_nograd else 0))
+            grad_calls.append(counter.current + (cached if len(grad_calls) == 0 else 0))
 
     calls_per_step = 2 if cfg.kl_coeff > 0 else 1  # the LoRA model's call, and the base model's with KL
 
