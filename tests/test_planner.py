@@ -102,14 +102,14 @@ def test_checkpointing_lowers_the_backward_estimate(midsize):
 def test_autocasts_cache_is_counted_once_per_window_not_per_further_k(tiny_dir):
     """Under fp16 autocast the window's first call casts the LoRA weights and autocast caches the casts; every later
     call reuses them (the gradient window clears the cache where it starts, so this holds whether or not no-grad
-    steps came first). What each further grad step keeps, the figure K is extrapolated by, is then what it keeps
-    without autocast: its checkpoint input and the scheduler's graph. (Counting the cache per step, the planner put
-    +0.07 GiB on SD1.5's rtx3060 plan at K=50, where an H100 measured the same peak at K=49 as at K=1.)"""
+    steps came first). What each further grad step keeps, the figure K is extrapolated by, is then the same with
+    and without no-grad steps before the window: its checkpoint input and the scheduler's graph. (Counting the cache
+    per step, the planner put +0.07 GiB on SD1.5's rtx3060 plan at K=50, where an H100 measured the same peak at
+    K=49 as at K=1.)"""
     base = Config(model="tiny", resolution=64, k=2, batch_size=1, mixed_precision="fp16").validate()
-    per_k = {(steps, mp): planner.estimate(dataclasses.replace(base, sample_steps=steps, mixed_precision=mp),
-                                           target="cuda").per_k_bytes
-             for steps, mp in ((2, "fp16"), (6, "fp16"), (6, "no"))}
-    assert per_k[6, "fp16"] == per_k[2, "fp16"] == per_k[6, "no"] > 0, per_k
+    per_k = {steps: planner.estimate(dataclasses.replace(base, sample_steps=steps), target="cuda").per_k_bytes
+             for steps in (2, 6)}
+    assert per_k[6] == per_k[2] > 0, per_k  # the old count: 67584 against 34816
 
 
 def test_offload_and_cached_prompts_decide_what_is_on_the_device(tiny_dir):
