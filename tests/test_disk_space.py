@@ -82,6 +82,12 @@ def test_free_space_is_read_where_the_run_folder_will_be(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: seen.append(Path(p)) or Usage(0, 0, 123))
     assert disk_space.free_bytes(tmp_path / "new" / "run") == 123 and seen == [tmp_path.absolute()]
 
+    def unsupported(path):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", unsupported)  # a file system that cannot say: unchecked
+    assert disk_space.free_bytes(tmp_path) is None
+    disk_space.check(Config(), tmp_path, [torch.zeros(10)])
+
 
 def test_a_disk_without_room_for_the_last_checkpoint_stops_the_run_before_its_first_step(tmp_path, tiny_dir,
                                                                                          monkeypatch, capsys):

@@ -60,19 +60,24 @@ def run_bytes(cfg, params, start: int = 0) -> RunBytes:
     return RunBytes(weights, optimizer, history, checkpoint, at_once, outputs)
 
 
-def free_bytes(folder: Path) -> int:
+def free_bytes(folder: Path) -> int | None:
     """Free space on the disk that holds ``folder`` (or its nearest existing parent: a new run's folder is made
-    later)."""
+    later); None where the file system does not say (the run then goes on unchecked)."""
     folder = Path(folder).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    return shutil.disk_usage(folder).free
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def check(cfg, out: Path, params, start: int = 0) -> None:
     """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA; warn when it may fill
     up before the run ends."""
     need, free = run_bytes(cfg, params, start), free_bytes(out)
+    if free is None:
+        return
     if free < need.least:
         raise UserError(f"--output-dir {out}: its disk has {size(free)} free, and this run's last checkpoint and "
                         f"LoRA alone take about {size(need.least)} (the trained weights {size(need.weights)}, the "
