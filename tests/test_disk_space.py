@@ -11,9 +11,12 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure.reports import format_plan
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space
 from lowmem_alignprop.settings.config import Config
@@ -38,8 +41,9 @@ def run_with_free_space(monkeypatch, free_of):
 def test_the_estimate_bounds_each_checkpoint_and_the_lora_a_run_writes(tmp_path, tiny_dir, monkeypatch, caplog):
     """A 3-step run with an EMA and a checkpoint at every step, all kept: each checkpoint is no larger than the
     estimate, and the estimate's tensors (weights, AdamW's two moments, the EMA's copy) are the checkpoint's to within
-    the files' headers; lora/ is the trained weights' size to within its header. Its disk (as the run is told) has
-    room for the last checkpoint and the LoRA but not for all three checkpoints: a warning, and the run goes on."""
+    the files' headers; lora/ is the trained weights' size to within its header; plan says the same figures. Its disk
+    (as the run is told) has room for the last checkpoint and the LoRA but not for all three: a warning, and the run
+    goes on."""
     run_with_free_space(monkeypatch, lambda need: need.least)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
@@ -63,6 +67,13 @@ def test_the_estimate_bounds_each_checkpoint_and_the_lora_a_run_writes(tmp_path,
         assert 0 < rows <= need.history and (point / "state.json").stat().st_size < rows + 64 * 1024
     lora = folder_bytes(out / "lora")
     assert need.weights <= lora <= need.weights + 64 * 1024  # + the safetensors header and base_model.json
+
+    # plan sizes them from the same trained weights (the planner's, on meta), and its table says so
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    result = planner.plan(Config(**{k: v for k, v in settings.items() if k != "profile"}).validate(), target="cpu")
+    assert result["disk"] == {"checkpoint": need.checkpoint, "at_once": 3, "peak": need.peak}
+    assert (f"disk (--output-dir): {disk_space.size(need.checkpoint)} per checkpoint, up to "
+            f"{disk_space.size(need.peak)} for the run (3 checkpoints at once") in format_plan(result)
 
 
 def test_what_a_run_holds_at_once_follows_checkpoint_every_and_keep_checkpoints():

@@ -58,6 +58,7 @@ from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR
 from lowmem_alignprop.memory.quant import BNB_MODES
+from lowmem_alignprop.run.disk_space import run_bytes
 from lowmem_alignprop.measure.counters import TEXT_ENCODER, Counters, HostSaveOnCpu, LiveBytes, Residency, StageWork
 from lowmem_alignprop.measure.cuda_autocast import CudaAutocast
 from lowmem_alignprop.measure.meta_models import meta_components, meta_reward
@@ -276,6 +277,8 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
                    t0, notes, load_extra=fp8_load_bytes(cfg, comps, counter, cuda))
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
+    disk = run_bytes(cfg, params)  # the trained weights' checkpoints, LoRA, best/ and exports, as the run sizes them
+    est.disk = {"checkpoint": disk.checkpoint, "at_once": disk.at_once, "peak": disk.peak}
     if cuda:
         est.host = host_memory(cfg, weights, host_pinned, _storage_bytes(parts.encoder), flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
@@ -537,6 +540,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
         "host_pinned": est.host_pinned,  # block swap's frozen blocks in pinned host memory (bytes, as stored)
         "host_memory": est.host,  # a GPU target's host memory held by the models and tensors: load, steps (bytes)
+        "disk": est.disk,  # what the run writes to --output-dir: one checkpoint, how many at once, all of it (bytes)
         "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
         "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
         "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's

@@ -8,6 +8,7 @@ from typing import Any
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.settings.config import set_flags
 from lowmem_alignprop.memory.stages import STAGES
+from lowmem_alignprop.run.disk_space import size as _size
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
 
@@ -78,6 +79,11 @@ def format_plan(r: dict[str, Any]) -> str:
         pinned = f", {_gib_or_dash(r['host_pinned'])} of it block swap's pinned blocks" if r.get("host_pinned") else ""
         lines.append(f"  host memory (CPU RAM) the models hold: {_gib_or_dash(host['load'])} GiB at most while loading, "
                      f"{_gib_or_dash(host['steps'])} GiB during the steps{pinned}; plus the process itself")
+    disk = r.get("disk")
+    if disk:
+        lines.append(f"  disk (--output-dir): {_size(disk['checkpoint'])} per checkpoint, up to {_size(disk['peak'])} "
+                     f"for the run ({disk['at_once']} checkpoint{'s' if disk['at_once'] > 1 else ''} at once, the "
+                     "outputs and logs)")
     if r["fits"] is False:
         s = r.get("suggestion")
         if s:
