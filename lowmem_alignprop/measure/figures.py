@@ -37,8 +37,9 @@ class Estimate:
     swap_windows: dict[str, list] = field(default_factory=dict)
     model_kind: str = ""  # what the profiles are made for (models/family.model_kind): sd, sdxl, sd35m, sd35l, flux
     cached: str = ""  # read from the estimate cache (measure/estimate_cache.py): when it was made; "" = just made
-    # what the run writes to --output-dir (run/disk_space.run_bytes): {"checkpoint", "at_once", "peak"} (bytes)
-    disk: dict[str, int] = field(default_factory=dict)
+    # the trained weights, "numel:dtype" -> how many tensors: what plan sizes the run's checkpoints from (the number
+    # and frequency of checkpoints are not estimated: plan applies them, planner.disk_needed)
+    trained: dict[str, int] = field(default_factory=dict)
 
     def fits(self, budget_gb: float) -> bool | None:
         return None if not budget_gb else self.peak_needed <= budget_gb * GIB

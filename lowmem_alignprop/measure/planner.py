@@ -37,6 +37,7 @@ the search for a change that fits, and the command.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -277,8 +278,7 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
                    t0, notes, load_extra=fp8_load_bytes(cfg, comps, counter, cuda))
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
-    disk = run_bytes(cfg, params)  # the trained weights' checkpoints, LoRA, best/ and exports, as the run sizes them
-    est.disk = {"checkpoint": disk.checkpoint, "at_once": disk.at_once, "peak": disk.peak}
+    est.trained = dict(collections.Counter(f"{p.numel()}:{str(p.dtype).removeprefix('torch.')}" for p in params))
     if cuda:
         est.host = host_memory(cfg, weights, host_pinned, _storage_bytes(parts.encoder), flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
@@ -504,6 +504,15 @@ def default_target(profile_name: str) -> str:
 
 
 @reuse_estimates()
+def disk_needed(cfg: Config, est: Estimate) -> dict[str, int]:
+    """What the run writes to --output-dir (bytes): one checkpoint, how many it holds at once, all of it; sized by the
+    run's own rule (run/disk_space.run_bytes) from the estimate's trained weights (meta tensors of their sizes)."""
+    params = [torch.empty(int(numel), dtype=getattr(torch, dtype), device="meta")
+              for key, count in est.trained.items() for numel, dtype in [key.split(":")] for _ in range(count)]
+    need = run_bytes(cfg, params)
+    return {"checkpoint": need.checkpoint, "at_once": need.at_once, "peak": need.peak}
+
+
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
          log: Callable[[str], None] | None = None, started: float | None = None,
          command: str | None = None) -> dict[str, Any]:
@@ -540,7 +549,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
         "host_pinned": est.host_pinned,  # block swap's frozen blocks in pinned host memory (bytes, as stored)
         "host_memory": est.host,  # a GPU target's host memory held by the models and tensors: load, steps (bytes)
-        "disk": est.disk,  # what the run writes to --output-dir: one checkpoint, how many at once, all of it (bytes)
+        "disk": disk_needed(cfg, est),  # what the run writes to --output-dir: a checkpoint, how many at once, all
         "reserved_factor": RESERVED_FACTOR if target == "cuda" else 1.0,
         "fragmentation_allowance": fragmentation_allowance(cfg) if target == "cuda" else 0,
         "peak_needed": est.peak_needed,  # reserved + workspaces: what must fit the budget (a stage's

@@ -9,16 +9,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowmem_alignprop.memory.allowances import GIB, MIB
 from lowmem_alignprop.memory.optim import state_bytes
 from lowmem_alignprop.settings.errors import UserError
 
 log = logging.getLogger("lowmem_alignprop")
-MIB = 1024**2
 SMALL_FILES = 32 * MIB  # samples, reports, metrics.jsonl, config and state files: a few MB; the rest is slack
 
 
 def size(n: float) -> str:
-    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / MIB:.1f} MiB"
+    """Bytes as the messages and plan say them: GiB from 1 GiB up, else MiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
 @dataclass(frozen=True)
