@@ -507,8 +507,10 @@ def default_target(profile_name: str) -> str:
 def disk_needed(cfg: Config, est: Estimate) -> dict[str, int]:
     """What the run writes to --output-dir (bytes): one checkpoint, how many it holds at once, all of it; sized by the
     run's own rule (run/disk_space.run_bytes) from the estimate's trained weights (meta tensors of their sizes)."""
-    params = [torch.empty(int(numel), dtype=getattr(torch, dtype), device="meta")
-              for key, count in est.trained.items() for numel, dtype in [key.split(":")] for _ in range(count)]
+    params = []
+    for key, count in est.trained.items():
+        numel, dtype = key.split(":")
+        params += [torch.empty(int(numel), dtype=getattr(torch, dtype), device="meta")] * count
     need = run_bytes(cfg, params)
     return {"checkpoint": need.checkpoint, "at_once": need.at_once, "peak": need.peak}
 
