@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.measure import planner
+from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.measure.reports import format_plan
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space
@@ -72,8 +73,8 @@ def test_the_estimate_bounds_each_checkpoint_and_the_lora_a_run_writes(tmp_path,
     settings = yaml.safe_load((out / "config.yaml").read_text())
     result = planner.plan(Config(**{k: v for k, v in settings.items() if k != "profile"}).validate(), target="cpu")
     assert result["disk"] == {"checkpoint": need.checkpoint, "at_once": 3, "peak": need.peak}
-    assert (f"disk (--output-dir): {disk_space.size(need.checkpoint)} per checkpoint, up to "
-            f"{disk_space.size(need.peak)} for the run (3 checkpoints at once") in format_plan(result)
+    assert (f"disk (--output-dir): {fmt_bytes(need.checkpoint)} per checkpoint, up to "
+            f"{fmt_bytes(need.peak)} for the run (3 checkpoints at once") in format_plan(result)
 
 
 def test_what_a_run_holds_at_once_follows_checkpoint_every_and_keep_checkpoints():
@@ -108,9 +109,9 @@ def test_a_disk_without_room_for_the_last_checkpoint_stops_the_run_before_its_fi
     need = made[-1]
     err = capsys.readouterr().err
     assert [x for x in err.splitlines() if x.startswith("error: ")] == [
-        f"error: --output-dir {out}: its disk has {disk_space.size(need.least - 1)} free, and this run's last "
-        f"checkpoint and LoRA alone take about {disk_space.size(need.least)} (the trained weights "
-        f"{disk_space.size(need.weights)}, the optimizer's state {disk_space.size(need.optimizer)}): free space "
+        f"error: --output-dir {out}: its disk has {fmt_bytes(need.least - 1)} free, and this run's last "
+        f"checkpoint and LoRA alone take about {fmt_bytes(need.least)} (the trained weights "
+        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}): free space "
         "there, or choose another --output-dir"], err[-2000:]
     assert "Traceback" not in err
     assert not out.exists()  # nothing written: the run had not started

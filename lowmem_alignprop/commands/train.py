@@ -229,7 +229,9 @@ class Trainer:
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end
             with same_on_every_rank():
-                disk_space.check(self.cfg, self.out, self.params, self.start)
+                crowded = disk_space.check(self.cfg, self.out, self.params, self.start)
+            if crowded and self.is_main:
+                log.warning(crowded)
         with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before any write
             where = self.device if self.place.where.get("reward") == "device" else "cpu"
             self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES
+from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
 from lowmem_alignprop.settings.config import set_flags
 from lowmem_alignprop.memory.stages import STAGES
-from lowmem_alignprop.run.disk_space import size as _size
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
 
@@ -81,7 +80,7 @@ def format_plan(r: dict[str, Any]) -> str:
                      f"{_gib_or_dash(host['steps'])} GiB during the steps{pinned}; plus the process itself")
     disk = r.get("disk")
     if disk:
-        lines.append(f"  disk (--output-dir): {_size(disk['checkpoint'])} per checkpoint, up to {_size(disk['peak'])} "
+        lines.append(f"  disk (--output-dir): {fmt_bytes(disk['checkpoint'])} per checkpoint, up to {fmt_bytes(disk['peak'])} "
                      f"for the run ({disk['at_once']} checkpoint{'s' if disk['at_once'] > 1 else ''} at once, the "
                      "outputs and logs)")
     if r["fits"] is False:
@@ -183,18 +182,6 @@ def format_fastest(r: dict[str, Any]) -> str:
     lines += ["    " + line for line in r["profile_yaml"].splitlines()]
     lines += ["", format_plan(r["plan"])]
     return "\n".join(lines)
-
-
-def fmt_bytes(nbytes: int | float | None) -> str:
-    """A short human-readable size: '512 B', '3.00 KiB', '64.00 MiB', '1.23 GiB'; 'n/a' for None."""
-    if nbytes is None:
-        return "n/a"
-    sign = "-" if nbytes < 0 else ""
-    n = abs(float(nbytes))
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{int(n)} B"
 
 
 def _gib_or_na(nbytes: int | None) -> str:

@@ -1,9 +1,25 @@
 """What fake tensors cannot see, added to a CUDA target's estimate as explicit, printed allowances (a CPU target
 gets none): the allocator's rounding and reserve, cuBLAS/cuDNN workspaces, the CUDA context. docs/design.md
-section 6 says how they were measured. The planner adds them; the plan's report prints them."""
+section 6 says how they were measured. The planner adds them; the plan's report prints them. Also the byte units
+every report and message prints sizes in (fmt_bytes)."""
+
+from __future__ import annotations
 
 GIB = 1024**3
 MIB = 1024**2
+
+
+def fmt_bytes(nbytes: int | float | None) -> str:
+    """A short human-readable size: '512 B', '3.00 KiB', '64.00 MiB', '1.23 GiB'; 'n/a' for None."""
+    if nbytes is None:
+        return "n/a"
+    sign = "-" if nbytes < 0 else ""
+    n = abs(float(nbytes))
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
 
 CUDA_BLOCK = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
 # reserved ~ allocated x this, with expandable segments (the default): the H100 runs of benchmarks/REPORT.md reserved

@@ -4,22 +4,15 @@ room for it and the LoRA stops the run before it starts; one that may fill up be
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_alignprop.memory.allowances import GIB, MIB
+from lowmem_alignprop.memory.allowances import MIB, fmt_bytes
 from lowmem_alignprop.memory.optim import state_bytes
 from lowmem_alignprop.settings.errors import UserError
 
-log = logging.getLogger("lowmem_alignprop")
 SMALL_FILES = 32 * MIB  # samples, reports, metrics.jsonl, config and state files: a few MB; the rest is slack
-
-
-def size(n: float) -> str:
-    """Bytes as the messages and plan say them: GiB from 1 GiB up, else MiB."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -73,18 +66,18 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
-def check(cfg, out: Path, params, start: int = 0) -> None:
-    """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA; warn when it may fill
-    up before the run ends."""
+def check(cfg, out: Path, params, start: int = 0) -> str | None:
+    """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA; when it may fill up
+    before the run ends, the warning to give (every process finds it: the caller says it once), else None."""
     need, free = run_bytes(cfg, params, start), free_bytes(out)
-    if free is None:
-        return
+    if free is None or free >= need.peak:
+        return None
     if free < need.least:
-        raise UserError(f"--output-dir {out}: its disk has {size(free)} free, and this run's last checkpoint and "
-                        f"LoRA alone take about {size(need.least)} (the trained weights {size(need.weights)}, the "
-                        f"optimizer's state {size(need.optimizer)}): free space there, or choose another --output-dir")
-    if free < need.peak:
-        fewer = " or keep fewer checkpoints (--set keep_checkpoints=1)" if need.at_once > 2 else ""
-        log.warning("--output-dir %s: its disk has %s free, and this run may hold up to %s at once (%d checkpoints of "
-                    "%s, the LoRA, best/ and exports): it may fill the disk before it ends; free space there%s",
-                    out, size(free), size(need.peak), need.at_once, size(need.checkpoint), fewer)
+        raise UserError(f"--output-dir {out}: its disk has {fmt_bytes(free)} free, and this run's last checkpoint "
+                        f"and LoRA alone take about {fmt_bytes(need.least)} (the trained weights "
+                        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}): free space "
+                        "there, or choose another --output-dir")
+    fewer = " or keep fewer checkpoints (--set keep_checkpoints=1)" if need.at_once > 2 else ""
+    return (f"--output-dir {out}: its disk has {fmt_bytes(free)} free, and this run may hold up to "
+            f"{fmt_bytes(need.peak)} at once ({need.at_once} checkpoints of {fmt_bytes(need.checkpoint)}, the LoRA, "
+            f"best/ and exports): it may fill the disk before it ends; free space there{fewer}")
