@@ -424,7 +424,9 @@ def section_flow_plans(results_dir: Path) -> list[str]:
         r = json.loads(path.read_text())
         c, t = r["config"], r.get("time") or {}
         target = r.get("issue_target", "")
-        fits = "yes" if r["fits"] else f"**no, by {(r['peak_needed'] - r['budget_bytes']) / GIB:.2f} GiB**"
+        over = r["peak_needed"] - r["budget_bytes"]
+        over_text = f"{over / GIB:.2f} GiB" if over >= 0.01 * GIB else f"{over / 2**20:.1f} MiB"
+        fits = "yes" if r["fits"] else f"**no, by {over_text}**"
         secs = [f"{t[key]:.0f}" if t.get(key) else "-" for key in ("micro_step", "optimizer_step")]
         host = r.get("host_memory") or {}  # what the models hold in host memory (plan's host_memory; not the process)
         host = f"{host['load'] / GIB:.2f} / {host['steps'] / GIB:.2f}" if host else "-"
