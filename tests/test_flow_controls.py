@@ -221,15 +221,19 @@ def test_the_planner_counts_kl_and_lv_draws_for_flux(dirs):
     assert lv.stages["decode"]["allocated"] > 1.5 * plain.stages["decode"]["allocated"]
 
 
-def test_flux_block_checkpoints_keep_nothing_more_per_window_step(dirs):
-    """FLUX hands each block its rotary embeddings as a ``(cos, sin)`` tuple, made afresh in every transformer call.
-    With unet_checkpointing=blocks the blocks' checkpoints sit inside the rollout's checkpoint of the call; they kept
-    that tuple, alive with the graph, once per step of the gradient window (4.5 MiB per step at 1024 px; here 10 KiB
-    more than per-call checkpointing). A window step keeps the same bytes either way."""
+def test_a_flux_window_step_keeps_one_latent_with_block_checkpoints_too(dirs):
+    """What each further step of the gradient window keeps is its checkpoint's input latent (and a few scalars of
+    the scheduler's step): the chain held the previous call's velocity while the next call ran (a latent more per
+    step in the planner's K extrapolation). FLUX hands each block its rotary embeddings as a ``(cos, sin)`` tuple,
+    made afresh in every transformer call; with unet_checkpointing=blocks the blocks' checkpoints sit inside the
+    rollout's checkpoint of the call and kept that tuple, alive with the graph, once per window step (4.5 MiB per
+    step at 1024 px)."""
     from lowmem_alignprop.measure.planner import estimate
 
     cfg = Config(model=str(dirs["flux"]), sample_steps=6, truncation="fixed", k=4, resolution=RES, batch_size=1,
                  guidance_scale=3.5).validate()
     per_k = {ckpt: estimate(dataclasses.replace(cfg, unet_checkpointing=ckpt), target="cpu").per_k_bytes
              for ckpt in ("call", "blocks")}
-    assert per_k["blocks"] == per_k["call"] > 0, per_k  # the old checkpoint: 43012 against 32772
+    latent = 1 * 64 * 64 * 4  # one fp32 packed FLUX latent at 32 px: 64 tokens x 64 channels
+    assert latent <= per_k["call"] < latent + 64, per_k  # the old chain: 32772, two latents
+    assert per_k["blocks"] == per_k["call"], per_k  # the old checkpoint: 10240 more (the tiny model's rotary tuple)

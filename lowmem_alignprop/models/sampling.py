@@ -277,6 +277,7 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
             if kl is not None:  # the base model's call is its own checkpoint: in backward one call is recomputed
                 kl.append((out - call(base_predict, model, latents, t)).pow(2).mean())  # at a time, as without KL
             latents = step(out, t, latents)
+            del out  # the call's output is in the new latent's graph: the next call runs without it alive
         if last is not None:
             latents = last(latents, call)
     return latents
