@@ -425,7 +425,7 @@ def section_flow_plans(results_dir: Path) -> list[str]:
         c, t = r["config"], r.get("time") or {}
         target = r.get("issue_target", "")
         over = r["peak_needed"] - r["budget_bytes"]
-        over_text = f"{over / GIB:.2f} GiB" if over >= 0.01 * GIB else f"{over / 2**20:.1f} MiB"
+        over_text = f"{over / GIB:.2f} GiB" if over >= 0.01 * GIB else f"{over / MIB:.1f} MiB"
         fits = "yes" if r["fits"] else f"**no, by {over_text}**"
         secs = [f"{t[key]:.0f}" if t.get(key) else "-" for key in ("micro_step", "optimizer_step")]
         host = r.get("host_memory") or {}  # what the models hold in host memory (plan's host_memory; not the process)

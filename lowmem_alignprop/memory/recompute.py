@@ -17,6 +17,7 @@ import functools
 from typing import Callable, ContextManager, Iterator
 
 import torch.utils.checkpoint
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 _recompute_contexts: list[Callable[[], ContextManager]] = []
 
@@ -26,52 +27,31 @@ def checkpoint(fn, *args, context_fn: Callable[[], tuple[ContextManager, Context
     ``fn`` in backward; ``context_fn`` as torch's. Its recompute also enters the :func:`recompute_inside` contexts
     active now (checkpoint() is looked up at call time: tests count the checkpoints a step opens).
 
-    Tensors inside tuples, lists and dicts of ``args`` and in ``kwargs`` (FLUX blocks get their rotary embeddings as
-    a ``(cos, sin)`` tuple) are handed to torch as tensors of their own: torch saves a checkpoint's tensor inputs
-    through the saved-tensor hooks active around it, so an enclosing checkpoint (the rollout's one per model call)
-    drops them until its recompute, but keeps any other argument as it is, alive with the graph: FLUX kept its
-    rotary embeddings (4.5 MiB at 1024 px) once per step of the gradient window."""
+    Tensors inside the containers of ``args`` (tuples, lists, dicts: torch's pytree) and in ``kwargs`` (FLUX blocks
+    get their rotary embeddings as a ``(cos, sin)`` tuple) are handed to torch as tensors of their own: torch saves a
+    checkpoint's tensor inputs through the saved-tensor hooks active around it, so an enclosing checkpoint (the
+    rollout's one per model call) drops them until its recompute, but keeps any other argument as it is, alive with
+    the graph: FLUX kept its rotary embeddings (4.5 MiB at 1024 px) once per step of the gradient window."""
     extra = tuple(_recompute_contexts)
     if extra:
         context_fn = _with_extra(context_fn or torch.utils.checkpoint.noop_context_fn, extra)
     options = {"use_reentrant": False} if context_fn is None else {"use_reentrant": False, "context_fn": context_fn}
-    tensors: list[torch.Tensor] = []
-    slots = _to_slots((args, kwargs), tensors)
-    if not kwargs and len(tensors) == sum(isinstance(a, torch.Tensor) for a in args):  # all plain arguments
+    leaves, spec = tree_flatten((args, kwargs))
+    at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    if not kwargs and len(at) == sum(isinstance(a, torch.Tensor) for a in args):  # all plain arguments
         return torch.utils.checkpoint.checkpoint(fn, *args, **options)
+    tensors = [leaves[i] for i in at]
+    for i in at:  # the recompute's closure holds no tensor: torch keeps them, the outer checkpoint drops them
+        leaves[i] = None
 
     def call(*inputs):
-        call_args, call_kwargs = _from_slots(slots, inputs)
+        filled = list(leaves)
+        for i, tensor in zip(at, inputs):
+            filled[i] = tensor
+        call_args, call_kwargs = tree_unflatten(filled, spec)
         return fn(*call_args, **call_kwargs)
 
     return torch.utils.checkpoint.checkpoint(call, *tensors, **options)
-
-
-class _Slot(int):
-    """Where a tensor stood in a checkpoint's arguments: its index among the tensors handed to torch."""
-
-
-def _to_slots(tree, tensors: list):
-    """``tree`` (plain tuples, lists and dicts) with each tensor appended to ``tensors`` and replaced by its slot."""
-    if isinstance(tree, torch.Tensor):
-        tensors.append(tree)
-        return _Slot(len(tensors) - 1)
-    if type(tree) in (tuple, list):
-        return type(tree)(_to_slots(item, tensors) for item in tree)
-    if type(tree) is dict:
-        return {key: _to_slots(item, tensors) for key, item in tree.items()}
-    return tree
-
-
-def _from_slots(tree, tensors):
-    """The inverse of :func:`_to_slots`, with ``tensors`` in the slots."""
-    if type(tree) is _Slot:
-        return tensors[tree]
-    if type(tree) in (tuple, list):
-        return type(tree)(_from_slots(item, tensors) for item in tree)
-    if type(tree) is dict:
-        return {key: _from_slots(item, tensors) for key, item in tree.items()}
-    return tree
 
 
 def checkpoint_modules(modules) -> int:
