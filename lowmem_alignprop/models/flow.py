@@ -30,7 +30,8 @@ import torch
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor
+from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor,
+                                             with_repeated_embeds)
 
 __all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
            "draw_k", "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity",
@@ -342,7 +343,7 @@ def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, d
     start = x0.detach().repeat(more, *([1] * (x0.dim() - 1)))
     noise = torch.randn(start.shape, generator=generator, device="cpu", dtype=start.dtype).to(start.device)
     noisy = sigma * noise + (1.0 - sigma) * start
-    v = call(guided_velocity, transformer, noisy, t, FlowEmbeds.cat([emb] * more), guidance_scale, img_ids)
+    v = call(with_repeated_embeds, guided_velocity, transformer, noisy, t, emb, more, guidance_scale, img_ids)
     return torch.cat([x0, (noisy.float() + (sigma_next - sigma) * v).to(x0.dtype)])
 
 
