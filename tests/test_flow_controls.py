@@ -193,7 +193,7 @@ def test_more_lv_draws_have_the_written_out_gradient(model):
 def test_the_extra_draws_joined_embeddings_are_made_again_not_kept(model):
     """The extra draws' call sees the prompt embeddings joined ``draws - 1`` times; made inside its checkpoint, they
     are freed after the call and made again by the recompute. Made outside, the checkpoint kept them alive with the
-    graph until backward (4 MiB of T5 tokens per extra draw for FLUX at 1024 px)."""
+    graph until backward (4 MiB of T5 tokens per extra draw for FLUX in bf16)."""
     import gc
 
     m = model

@@ -65,7 +65,7 @@ class BatchedTensors:
 def with_repeated_embeds(fn, model, x, t, emb: BatchedTensors, times: int, *args):
     """``fn(model, x, t, emb joined with itself times times, *args)``. Under a checkpoint the joined embeddings are
     made inside it, so its recompute makes them again instead of the graph keeping them until backward (what each
-    of DRaFT-LV's extra draws would hold: 4 MiB of FLUX's T5 tokens, 5 MiB of SD3's)."""
+    of DRaFT-LV's extra draws would hold: in bf16, 4 MiB of FLUX's 512 T5 tokens, 5 MiB of SD3's)."""
     return fn(model, x, t, type(emb).cat([emb] * times), *args)
 
 
