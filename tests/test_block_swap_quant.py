@@ -265,6 +265,15 @@ def test_the_cheapest_change_search_proposes_block_swap_with_a_quantized_base(fl
     some = [c for _, c in fit_changes.candidate_changes(Config(**{**base, "resolution": 512}, base_quant="int8",
                                                            unet_checkpointing="blocks", block_swap=1).validate(), "cuda")]
     assert {"block_swap": 2} in some and some.index({"block_swap": 2}) < some.index({"resolution": 384})
+    labels = {c["block_swap"]: lab for lab, c in fit_changes.candidate_changes(
+        Config(**{**base, "resolution": 512}, base_quant="int8", unet_checkpointing="blocks", block_swap=1).validate(),
+        "cuda") if "block_swap" in c}
+    assert labels[2].startswith("block swap 2 of 2 blocks, was 1 ("), labels
+    # a search's step on the way (block_swap=1 its own earlier try): "was" is the user's value, here none
+    step = Config(**{**base, "resolution": 512}, base_quant="int8", unet_checkpointing="blocks", block_swap=1)
+    labels = {c["block_swap"]: lab for lab, c in fit_changes.candidate_changes(
+        step.validate(), "cuda", start=Config(**base, base_quant="int8").validate()) if "block_swap" in c}
+    assert labels[2].startswith("block swap 2 of 2 blocks (") and "was" not in labels[2], labels
     swapped = Config(**base, base_quant="int8", unet_checkpointing="blocks", block_swap=2).validate()
     assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(swapped, "cuda"))
     assert not any("block_swap" in c for _, c in fit_changes.candidate_changes(Config(**base).validate(), "cpu"))

@@ -430,7 +430,7 @@ def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
         calls.append(cfg.resolution)
         return Est()
 
-    def fake_candidates(cfg, target, images=None):
+    def fake_candidates(cfg, target, start=None):
         return {512: [("lower resolution 384 px", {"resolution": 384})],
                 384: [("lower resolution 256 px", {"resolution": 256})]}.get(cfg.resolution, [])
 

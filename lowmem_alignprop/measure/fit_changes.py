@@ -29,9 +29,11 @@ def has_model_reward(cfg: Config) -> bool:
     return any(kind == "user" or name in R.MODEL_REWARDS for kind, name, _ in R.reward_terms(cfg.reward))
 
 
-def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """Memory features this configuration does not use yet, cheapest in speed first (one step each). A smaller
-    batch keeps ``images`` per optimizer step (default: this configuration's) through more accumulation."""
+def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Memory features this configuration does not use yet, cheapest in speed first (one step each). ``start``: the
+    user's configuration when ``cfg`` is a search's step on the way (default ``cfg``): a smaller batch keeps its
+    images per optimizer step through more accumulation, and a description's "was" is its value."""
+    start = start or cfg
     out: list[tuple[str, dict[str, Any]]] = []
     if not cfg.expandable_segments and target == "cuda":
         out.append(("expandable allocator segments (less fragmentation)",
@@ -68,14 +70,15 @@ def candidate_changes(cfg: Config, target: str = "cuda", images: int | None = No
                         "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
     elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := swappable_count(cfg)):
         n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
-        out.append((f"block swap {n} of {total} blocks, was {cfg.block_swap} (more pinned CPU memory and PCIe "
-                    "copies; the task unchanged)", {"block_swap": n}))
+        was = f", was {start.block_swap}" if start.block_swap else ""
+        out.append((f"block swap {n} of {total} blocks{was} (more pinned CPU memory and PCIe copies; the task "
+                    "unchanged)", {"block_swap": n}))
     if not cfg.tiled_decode and decode_tiles(cfg, target):
         out.append(("decode in overlapping tiles (approximate at the seams)",
                     {"tiled_decode": True, "sliced_decode": False}))
     if cfg.batch_size > 1:
         b = cfg.batch_size // 2
-        was = images or cfg.batch_size * cfg.grad_accum
+        was = start.batch_size * start.grad_accum
         accum = math.ceil(was / b)  # never fewer images per optimizer step
         same = f"the same {was} images per step" if b * accum == was else f"{b * accum} images per step, was {was}"
         out.append((f"batch {b} per micro-step, grad_accum {accum} ({same})", {"batch_size": b, "grad_accum": accum}))

@@ -452,7 +452,7 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
         return " + ".join(lab for lab, c in steps if all(changes.get(k) == v for k, v in c.items()))
 
     while len(tried) < max_estimates:
-        options = candidate_changes(current, target, images=cfg.batch_size * cfg.grad_accum)
+        options = candidate_changes(current, target, start=cfg)
         if not options:
             break
         label, change = options[0]
