@@ -50,6 +50,27 @@ def test_every_shipped_profile_names_its_card_and_the_models_it_is_made_for():
             assert kinds == (suffix,), name
 
 
+def test_block_swap_beyond_the_models_blocks_fails_at_startup_naming_the_profile_made_for_it(capsys):
+    """block_swap larger than an SD3/FLUX model's block count fails as the config is validated (its files tell), before
+    anything loads; when the profile is made for another model, the line says that first and names this model's."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.settings.model_kind import flow_block_count
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    assert (flow_block_count("flux"), flow_block_count("sd35m"), flow_block_count("sd35l")) == (57, 24, 38)
+    assert flow_block_count("sd15") is None and flow_block_count("tiny") is None
+    with pytest.raises(UserError, match=r"^block_swap=58 but the model has 57 blocks: use --set block_swap=57 or "
+                                        r"fewer$"):
+        resolve_config("rtx3060-flux", {}, ["model=flux", "block_swap=58"])
+    assert resolve_config("rtx3060-flux", {}, ["model=flux", "block_swap=57"])[1].block_swap == 57
+    assert main(["plan", "--profile", "rtx3060-flux", "--model", "sd35m"]) == 2  # the FLUX profile swaps 41 blocks
+    err = capsys.readouterr().err
+    assert err == ("error: profile rtx3060-flux is made for FLUX.1, not SD3.5 Medium; for SD3.5 Medium on "
+                   "rtx3060-class cards: --profile rtx3060-sd35m (7 GiB budget); under rtx3060-flux: block_swap=41 "
+                   "but the model has 24 blocks: use --set block_swap=24 or fewer\n"), err
+
+
 def test_a_profile_made_for_another_model_names_this_cards_profiles_for_it():
     from lowmem_alignprop.models.family import model_kind
     from lowmem_alignprop.settings.profiles import profile_note

@@ -36,6 +36,7 @@ import copy
 import torch
 
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.model_kind import too_many_blocks
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -299,6 +300,5 @@ def install(model, n: int, device, copy=None) -> BlockSwap | None:
         return None
     blocks = swappable_blocks(model)
     if n > len(blocks):
-        raise UserError(f"block_swap={n} but the model has {len(blocks)} blocks: use --set block_swap={len(blocks)} "
-                         "or fewer")
+        raise UserError(too_many_blocks(n, len(blocks)))
     return BlockSwap(blocks[:n], device, copy=copy)

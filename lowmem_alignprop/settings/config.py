@@ -389,6 +389,9 @@ class Config:
         if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
+        if self.block_swap:
+            from lowmem_alignprop.settings.model_kind import check_block_swap
+            check_block_swap(self.block_swap, self.model)
 
     def _validate_alignment(self) -> None:
         """KL, EMA, evaluation and early stop: ranges and the combinations that cannot work."""

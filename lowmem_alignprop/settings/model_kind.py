@@ -86,6 +86,32 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
         return None
 
 
+def flow_block_count(model: str) -> int | None:
+    """How many blocks an SD3/FLUX model's transformer has (its joint blocks, and FLUX's single ones: what block
+    swap takes), from its config before anything loads: the shipped sd35m/sd35l/flux, a folder, a hub id in the
+    local hub cache. None for other models and for a transformer file (its own header tells; the loader checks)."""
+    kind, folder = _kind_and_folder(model, "", False)
+    if kind not in ("sd35m", "sd35l", "flux"):
+        return None
+    try:
+        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text())
+        return int(config["num_layers"]) + int(config.get("num_single_layers") or 0)
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
+        return None
+
+
+def check_block_swap(n: int, model: str) -> None:
+    """One line when block_swap asks for more blocks than the model has: before it loads where its files tell (an
+    SD3/FLUX model), else when block swap is installed (memory/block_swap.install says the same)."""
+    total = flow_block_count(model)
+    if total is not None and n > total:
+        raise UserError(too_many_blocks(n, total))
+
+
+def too_many_blocks(n: int, total: int) -> str:
+    return f"block_swap={n} but the model has {total} blocks: use --set block_swap={total} or fewer"
+
+
 def flow_geometry_of(is_flux: bool, transformer: dict, vae: dict) -> tuple[int, int | None]:
     """(the multiple, the largest resolution or None) from a flow model's transformer and VAE configs: a token is a
     patch of latents (SD3: patch_size x patch_size; FLUX.1 packs 2x2) and a latent is the VAE's 2^(blocks-1) pixels;

@@ -282,4 +282,12 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     recipe = overrides.get("recipe", explicit.get("recipe"))
     if recipe:  # the paper's settings, between the profile and what the user typed
         values = {**values, **load_recipe(recipe)}
-    return name, build_config(values, explicit, overrides)
+    try:
+        return name, build_config(values, explicit, overrides)
+    except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
+        model = {**values, **explicit, **overrides}.get("model", Config().model)
+        components = {**values, **overrides}.get("model_components", "")
+        note = profile_note(name, model_kind_of(str(model), str(components)))
+        if note is None:
+            raise
+        raise UserError(f"{note}; under {name}: {e}") from None
