@@ -13,6 +13,7 @@ original architectures (ComfyUI maps ``lora_unet_`` + an original weight's path,
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -418,7 +419,7 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
     assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()
 
 
-def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint(flux_run, flux, tmp_path):
+def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint(flux_run, flux, tmp_path, caplog):
     def lora_rewards(spec, name):
         out = tmp_path / name
         assert main(["sample", *FLOW, "--model", str(flux["base"]), "--lora", str(spec), "--num-prompts", "1",
@@ -432,9 +433,12 @@ def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint
     assert lora_rewards(kohya, "kohya") == pytest.approx(final, rel=1e-5)
     assert lora_rewards(flux_run / "checkpoints" / "step-1", "ckpt1") != pytest.approx(final, rel=1e-4)
     out = tmp_path / "export"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert main(["export", "--lora", str(flux_run / "checkpoints" / "step-1"), "--format", "kohya", "--out",
                  str(out)]) == 0
     assert "_step1_" in next(out.glob("*.safetensors")).name
+    # the line names the checkpoint given, not the temporary lora/ folder it was read into
+    assert f"exported {flux_run / 'checkpoints' / 'step-00000001'} (kohya) to {out}: " in caplog.text, caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------

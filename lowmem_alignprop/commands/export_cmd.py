@@ -73,7 +73,7 @@ def export_main(argv: list[str]) -> int:
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
     files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
                       dtype=args.dtype, command=command, single_file=args.single_file)
-    log.info("exported %s (%s) to %s: %s", lora.path, "merged" if args.merge else args.format, out,
+    log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else args.format, out,
              ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:
         url = hub.push_to_hub(out, args.push_to_hub, private=args.private)

@@ -50,6 +50,7 @@ class Lora:
     summary: dict[str, Any] = field(default_factory=dict)
     step: int | None = None         # a training checkpoint's step (export of checkpoints/step-N), else None
     family: str = "unet"            # unet (SD 1.x/2.x/SDXL), sd3 (SD3/SD3.5) or flux (FLUX.1): which denoiser
+    origin: Path | None = None      # what was named when it is not ``path``: a checkpoint, read into a temporary lora/
 
     @property
     def flow(self) -> bool:
@@ -64,6 +65,11 @@ class Lora:
     def modules(self) -> list[str]:
         """The adapted layers' module paths (``down_blocks.1.attentions.0...attn1.to_q``), sorted."""
         return sorted(k[: -len(".lora_A.weight")] for k in self.weights if k.endswith(".lora_A.weight"))
+
+    @property
+    def named(self) -> Path:
+        """The folder the user named: the checkpoint for a checkpoint's LoRA, else ``path``."""
+        return self.origin or self.path
 
     @property
     def base_model(self) -> str | None:
@@ -178,6 +184,7 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
         lora.run_config, _ = read_run(run)
     lora.run_config = {**lora.run_config, **state.get("config", {})}
     lora.step = int(state["step"])
+    lora.origin = checkpoint
     history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
     lora.summary = {"steps": lora.step, "steps_done": lora.step}
     if history:  # as the trainer's summary compares them

@@ -21,12 +21,12 @@ def merge_base(lora: Lora, model: str | None) -> str:
     """The base model to merge into: ``--model`` or the one the LoRA was trained on (base_model.json)."""
     spec = model or lora.base_model
     if not spec:
-        raise UserError(f"--merge: {lora.path} does not say which base model it was trained on (no {LORA_BASE_FILE}): "
+        raise UserError(f"--merge: {lora.named} does not say which base model it was trained on (no {LORA_BASE_FILE}): "
                         "pass it with --model")
     from lowmem_alignprop.models.loading import resolve_model
 
     if not model:
-        check_recorded_base(spec, f"--merge: {lora.path}")
+        check_recorded_base(spec, f"--merge: {lora.named}")
     kind, _ = resolve_model(spec)
     if kind in ("arch", "flow_arch"):
         raise UserError(f"--merge onto {spec}: that is an architecture with random weights, not a model: pass the "
@@ -85,7 +85,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
         problem = ckpt.fingerprint_difference(lora.base, ours)
         if problem:
-            raise UserError(f"--merge: {lora.path} was trained on base model {lora.base.get('model')!r}, and {problem} "
+            raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and {problem} "
                             f"in {spec!r}: merge it into the model it was trained on (leave --model out, or pass "
                             f"--model {lora.base.get('model')})")
     load_adapters(pipe, [LoraSpec(arg=str(lora.path), file=lora.path / LORA_WEIGHT_NAME, weight=weight,
