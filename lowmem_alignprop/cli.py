@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from lowmem_alignprop.settings.config import field_help
@@ -189,14 +191,18 @@ def cmd_profiles(argv: list[str]) -> int:
 
     profiles, recipes = shipped_profiles(), shipped_recipes()
     width = max(map(len, [*profiles, *recipes]))  # one column for every name
+    columns = max(80, shutil.get_terminal_size((120, 24)).columns)
+
+    def row(head: str, text: str) -> str:  # the description wrapped under its own column
+        return textwrap.fill(text, columns - 1, initial_indent=head, subsequent_indent=" " * len(head))
+
     for name, path in profiles.items():
         _, values = load_profile(name)
-        budget = values.get("budget_gb", 0)
-        print(f"{name:{width}s} {budget:5.1f} GiB  {describe(path)}")
+        print(row(f"{name:{width}s} {values.get('budget_gb', 0):5.1f} GiB  ", describe(path)))
     print("\nUse one with --profile NAME, or --profile path/to/your.yaml; override fields with --set key=value.")
     print("\nrecipes (--recipe NAME: the paper's settings, applied between the profile and your flags):")
     for name, path in recipes.items():
-        print(f"{name:{width}s} {describe(path)}")
+        print(row(f"{name:{width}s} ", describe(path)))
     return 0
 
 

@@ -59,6 +59,20 @@ def test_profiles_command_lists_shipped_profiles(capsys):
     assert len(lines) >= 12 and any(line.startswith("cpu ") for line in lines)
     # one column for the budgets, whatever the longest name (rtx3060-12gb-sd35l is 18 characters)
     assert len({line.index(" GiB  ") for line in lines}) == 1
+    # each description whole (its header's first sentence, wrapped under its column), not cut at the header's line
+    column = lines[0].index(" GiB  ") + len(" GiB  ")
+    rows = out.split("\n\nUse one")[0].split("\n")
+    described = {}
+    for line in rows:
+        if line[:column].strip():
+            name = line.split()[0]
+            described[name] = line[column:]
+        else:
+            assert line.startswith(" " * column) and not line[column].isspace(), line
+            described[name] += " " + line[column:]
+    assert all(text.endswith(".") for text in described.values()), described
+    assert "its Linear layers are stored in int8" in described["rtx4090-flux"]
+    assert described["rtx3060"].startswith("8 GB consumer cards") and "SD1.5 at 512 px" in described["rtx3060"]
 
 
 def test_output_into_a_closed_pipe_ends_quietly():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,16 @@ def profile_note(profile: str, kind: str) -> str | None:
 
 
 def describe(path: Path) -> str:
-    """The first comment line of a profile file: what card it is for."""
+    """The first sentence of a profile's (or recipe's) header comment (two when the first is short), whole, without
+    the ``name:`` it starts with: what card and model it is for."""
+    header = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(header).removeprefix(f"{path.stem}:").strip())
+    short = len(sentences[0]) < 60  # "8 GB consumer cards (...)." says the card only: the next one says the model
+    return " ".join(sentences[:2 if short else 1])
 
 
 def detect_card() -> tuple[str, float] | None:
