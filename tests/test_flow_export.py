@@ -285,6 +285,24 @@ def test_merged_model_is_base_plus_lora(case, tmp_path):
     assert "merged in at weight 1" in (out / "README.md").read_text()
 
 
+def test_merge_onto_the_other_flow_family_is_refused_before_the_model_loads(flux, sd3, tmp_path, capsys,
+                                                                           monkeypatch):
+    from lowmem_alignprop.commands import lora_merge
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")  # its files tell its family: refused before loading
+
+    monkeypatch.setattr(lora_merge, "load_base", never)
+    for lora, other, theirs, ours in ((flux["lora"], sd3["base"], "a FLUX.1", "an SD3/SD3.5"),
+                                      (sd3["lora"], flux["base"], "an SD3/SD3.5", "a FLUX.1")):
+        out = tmp_path / other.parent.name
+        assert main(["export", "--lora", str(lora), "--merge", "--model", str(other), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --merge: {lora} adapts {theirs} transformer, but --model {other} is {ours} "
+                       "transformer: pass the model it was trained on with --model\n"), err
+        assert not out.exists()
+
+
 def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path):
     """The file is the merged folder's transformer in BFL's names (the mapping is read back by diffusers' converter
     at FLUX.1's width below; its converter cannot read this tiny model's linear1)."""
@@ -456,7 +474,8 @@ def _images_at_step_0(base: Path, out: Path, *sets: str):
                                                "sample_prompts=2", *sets])
     _, cfg = config_from_args(args)
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank) if cfg.init_lora else None
+    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components)
+                          if cfg.init_lora else None)
     trainer.setup_accelerator()
     trainer.load_models()
     trainer.setup_sampling()
@@ -487,7 +506,8 @@ def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing
     cases = [(["--model", str(flux["base"]), "--init-lora", str(flux["lora"]), "--set", "lora_rank=8"],
               f"--init-lora {flux['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
              (["--model", str(flux["base"]), "--init-lora", str(sd3["lora"])],
-              f"--init-lora {sd3['lora']} does not fit this model")]
+              f"--init-lora {sd3['lora']} adapts an SD3/SD3.5 transformer, but --model {flux['base']} is a FLUX.1 "
+              "transformer: pass the model it was trained on with --model")]  # before the model loads
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"run{i}"
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)

@@ -303,7 +303,17 @@ def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, 
     rc = main(["sample", *FLOW, "--model", "tiny", "--lora", str(flux_run / "lora"), "--output-dir",
                str(tmp_path / "a")])
     lines = _errors(capsys)
-    assert rc == 2 and len(lines) == 1 and "adapts an SD3/SD3.5 or FLUX.1 transformer" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "adapts a FLUX.1 transformer, but --model tiny is a UNet" in lines[0], lines
+    # a FLUX.1 LoRA given to an SD3 model: the base it records, or without that record its single-stream blocks
+    bare = tmp_path / "bare" / "lora"
+    shutil.copytree(flux_run / "lora", bare)
+    (bare / "base_model.json").unlink()
+    for given in (flux_run / "lora", bare):
+        rc = main(["sample", *FLOW, "--model", str(dirs["sd3"]), "--lora", str(given), "--output-dir",
+                   str(tmp_path / "a")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == (f"error: --lora {given} adapts a FLUX.1 transformer, but --model {dirs['sd3']} is "
+                                   "an SD3/SD3.5 transformer: pass the model it was trained on with --model\n"), err
     rc = main(["sample", *FLOW, "--model", str(dirs["flux"]), "--lora", str(_unet_lora(tmp_path, tiny_dir)),
                "--output-dir", str(tmp_path / "b")])
     lines = _errors(capsys)

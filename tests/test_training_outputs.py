@@ -100,7 +100,8 @@ def _images_at_step_0(cfg):
     from lowmem_alignprop.run.runfolder import RunFolder
 
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank) if cfg.init_lora else None
+    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components)
+                          if cfg.init_lora else None)
     trainer.setup_accelerator()
     trainer.load_models()
     trainer.setup_sampling()

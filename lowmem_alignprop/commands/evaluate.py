@@ -61,6 +61,12 @@ class LoraSpec:
         """Which denoiser it adapts (:func:`lora_family`): its file's header read once."""
         return lora_family(self.file)
 
+    @functools.cached_property
+    def model(self) -> str | None:
+        """Which model family it adapts: unet, sd3 or flux; ``transformer`` when the files do not tell SD3 from
+        FLUX.1; None when they tell nothing (:func:`lora_model`)."""
+        return lora_model(self.file, self.family)
+
     @property
     def named(self) -> Path:
         """The LoRA as the user gave it (the records name it: a converted copy is gone when the process ends)."""
@@ -297,18 +303,60 @@ def lora_family(path: Path) -> str | None:
     return None
 
 
-def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str) -> None:
-    """A LoRA of an SD3/FLUX transformer given to a UNet model (``ours``: unet), or the reverse: one line. Called
-    before anything loads with the kind the model's files tell (settings/model_kind; None: they do not tell), and
-    again with the loaded pipeline's."""
+def lora_model(path: Path, family: str | None) -> str | None:
+    """sd3 or flux for a transformer LoRA (``family``: :func:`lora_family`), from the base model our trainer recorded
+    beside it (lora/base_model.json), else from its keys (FLUX.1's single-stream blocks, kohya's double/single or
+    SD3's joint blocks), else ``transformer``; ``family`` itself for the others."""
+    if family != "transformer":
+        return family
+    from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights
+    from lowmem_alignprop.settings.model_kind import model_kind_of
+
+    try:
+        recorded = json.loads((path.parent / LORA_BASE_FILE).read_text()).get("model")
+        kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
+    except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged
+        kind = None
+    if kind in ("sd35m", "sd35l", "flux"):
+        return "flux" if kind == "flux" else "sd3"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    modules = [k.removeprefix("transformer.") for k in keys]
+    return family_of_kohya_keys(keys) or ("flux" if family_of_weights(modules) == "flux" else "transformer")
+
+
+MODEL_NAMES = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/SD3.5 or FLUX.1 transformer",
+               "sd3": "an SD3/SD3.5 transformer", "flux": "a FLUX.1 transformer"}
+
+
+def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, option: str = "--lora") -> None:
+    """A LoRA of an SD3/FLUX transformer given to a UNet model (``ours``: unet), or the reverse, or an SD3 LoRA to a
+    FLUX.1 model (``ours``: sd3 or flux; transformer when unknown which): one line. Called before anything loads
+    with what the model's files tell (settings/model_kind; None: they do not tell), and again with the loaded
+    pipeline's."""
     if ours is None:
         return
-    names = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/SD3.5 or FLUX.1 transformer"}
     for spec in specs:
-        theirs = spec.family
-        if theirs is not None and theirs != ours:
-            raise UserError(f"--lora {spec.arg} adapts {names[theirs]}, but --model {model} is {names[ours]}: "
-                            "pass the model it was trained on with --model")
+        theirs = spec.model
+        if theirs is None or theirs == ours or "transformer" in (theirs, ours) and "unet" not in (theirs, ours):
+            continue
+        raise UserError(f"{option} {spec.arg} adapts {MODEL_NAMES[theirs]}, but --model {model} is "
+                        f"{MODEL_NAMES[ours]}: pass the model it was trained on with --model")
+
+
+def pipeline_model(pipe) -> str:
+    """What :func:`check_lora_family` compares of a loaded pipeline: unet, sd3 or flux."""
+    if not hasattr(pipe, "transformer"):
+        return "unet"
+    from lowmem_alignprop.models.flow import family_of
+    return family_of(pipe.transformer)
+
+
+def model_of_kind(kind: str | None) -> str | None:
+    """What :func:`check_lora_family` compares of a settings/model_kind kind (sd, sdxl, sd35m, sd35l, flux)."""
+    return None if kind is None else "unet" if kind in ("sd", "sdxl") else "flux" if kind == "flux" else "sd3"
 
 
 def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
@@ -444,9 +492,9 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
-    check_lora_family(None if kind is None else "unet" if kind in ("sd", "sdxl") else "transformer", specs, cfg.model)
+    check_lora_family(model_of_kind(kind), specs, cfg.model)
     pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
-    check_lora_family("transformer" if hasattr(pipe, "transformer") else "unet", specs, cfg.model)  # the files'
+    check_lora_family(pipeline_model(pipe), specs, cfg.model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)

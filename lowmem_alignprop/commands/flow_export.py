@@ -133,6 +133,14 @@ def is_kohya_flow(keys) -> bool:
     return any(_KOHYA_FLOW.match(k) for k in keys)
 
 
+def family_of_kohya_keys(keys) -> str | None:
+    """flux (kohya's double/single blocks) or sd3 (its joint blocks) for kohya's SD3/FLUX names; None for others."""
+    for k in keys:
+        if m := _KOHYA_FLOW.match(k):
+            return SD3 if m.group(1) == "joint_blocks" else FLUX
+    return None
+
+
 def _inverse_map(family: str, names: set[str]) -> dict[str, dict[int, str]]:
     """kohya module name -> {slot: diffusers module} for the blocks the file names."""
     out: dict[str, dict[int, str]] = {}

@@ -90,9 +90,15 @@ def lora_file_ranks(file: Path, spec: str) -> set[int]:
     return ranks
 
 
-def check_init_lora(spec: str, rank: int) -> Path:
-    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank. Raises UserError."""
+def check_init_lora(spec: str, rank: int, model: str, components: str = "") -> Path:
+    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and of ``model``'s family as far
+    as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind
+    from lowmem_alignprop.settings.model_kind import model_kind_of
+
     file = init_lora_file(spec)
+    check_lora_family(model_of_kind(model_kind_of(model, components)),
+                      [LoraSpec(arg=spec, file=file, weight=1.0, name="init")], model, "--init-lora")
     ranks = lora_file_ranks(file, spec)
     if ranks != {rank}:
         theirs = "/".join(map(str, sorted(ranks)))

@@ -72,9 +72,13 @@ def load_base(spec: str, run_config: dict | None = None):
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """The base pipeline with the LoRA fused at ``weight``; a LoRA of another base model raises UserError."""
     from lowmem_alignprop.run import checkpoint as ckpt
-    from lowmem_alignprop.commands.evaluate import LoraSpec, load_adapters
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, load_adapters, model_of_kind
+    from lowmem_alignprop.settings.model_kind import model_kind_of
 
     spec = merge_base(lora, model)
+    adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
+    kind = model_kind_of(spec, lora.run_config.get("model_components") or "")  # before the model loads (minutes)
+    check_lora_family(model_of_kind(kind), [adapter], spec, "--merge:")
     pipe = load_base(spec, lora.run_config)
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
@@ -88,8 +92,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
             raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and {problem} "
                             f"in {spec!r}: merge it into the model it was trained on (leave --model out, or pass "
                             f"--model {lora.base.get('model')})")
-    load_adapters(pipe, [LoraSpec(arg=str(lora.path), file=lora.path / LORA_WEIGHT_NAME, weight=weight,
-                                  name="alignprop")], spec)  # a LoRA of other layer shapes: one line
+    load_adapters(pipe, [adapter], spec)  # a LoRA of other layer shapes: one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])

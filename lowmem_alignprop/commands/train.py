@@ -224,7 +224,8 @@ class Trainer:
         if self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
             from lowmem_alignprop.commands.init_lora import check_init_lora
             with same_on_every_rank():
-                self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank)
+                self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
+                                                 self.cfg.model_components)
         self.setup_accelerator()
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end
