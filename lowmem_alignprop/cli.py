@@ -324,11 +324,11 @@ def cmd_sample(argv: list[str]) -> int:
     given = {s.split("=", 1)[0].strip() for s in args.set}
     if args.model is None and "model" not in given and (base := recorded_base(specs[0])) is not None:
         args.model = base[0]  # the model the (first) LoRA was trained on, as lora/base_model.json records it
-        if base[1] and "model_components" not in given:
-            args.set.append(f"model_components={base[1]}")
+        taken = {k: v for k, v in base[1].items() if k not in given}  # and its run's image settings, unless --set
+        args.set += [f"{k}={v}" for k, v in taken.items()]
         logging.getLogger("lowmem_alignprop").info(
-            "--model not given: sampling %s, the model %s was trained on (--model to choose another)", base[0],
-            args.lora[0])
+            "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
+            args.lora[0], "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "")
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)

@@ -34,6 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -187,10 +188,16 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
     return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=None if own else given.absolute())
 
 
-def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
-    """(model, model_components) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and a
-    transformer file's model_components from its run's config.yaml; None for a LoRA from elsewhere. ``sample``
-    without --model loads it. A recorded path that is gone raises UserError naming --model."""
+# what the run's images were made with, beside its model: `sample` of a run's LoRA on that model renders as it did
+RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
+                      "max_sequence_length", "negative_prompt")
+
+
+def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
+    """(model, settings) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and from its run's
+    config.yaml (a lora/ folder's or a checkpoint's run) the :data:`RUN_IMAGE_SETTINGS` it sampled with (a
+    transformer file's model_components among them); None for a LoRA from elsewhere. ``sample`` without --model
+    loads it with those settings. A recorded path that is gone raises UserError naming --model."""
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
 
     try:
@@ -201,7 +208,8 @@ def recorded_base(spec: LoraSpec) -> tuple[str, str] | None:
         return None
     check_recorded_base(model, f"--lora {spec.arg}")
     run = next((f for f in list(spec.named.absolute().parents)[:3] if (f / "config.yaml").is_file()), None)
-    return model, str(read_run(run)[0].get("model_components") or "") if run else ""  # lora/ or checkpoints/step-N
+    config = read_run(run)[0] if run else {}
+    return model, {k: config[k] for k in RUN_IMAGE_SETTINGS if config.get(k) not in (None, "")}
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
