@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.config import field_help
 from lowmem_alignprop.settings.quiet import quiet_libraries
-from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
+from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
@@ -40,7 +40,7 @@ examples:
 
 
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=EPILOG.format(fields=field_help()))
     from lowmem_alignprop.settings.profiles import shipped_profiles
@@ -185,7 +185,7 @@ def _check_device_for_profile(name: str) -> None:
 def cmd_profiles(argv: list[str]) -> int:
     from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
 
-    argparse.ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
+    ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
         .parse_args(argv)
     from lowmem_alignprop.settings.config import shipped_recipes
 
@@ -349,11 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "train"
-    if argv and argv[0] in COMMANDS:
+    named = bool(argv) and argv[0] in COMMANDS
+    if named:
         command = argv.pop(0)
     handler = {"train": cmd_train, "plan": cmd_plan, "sample": cmd_sample, "profiles": cmd_profiles,
                "export": cmd_export}[command]
     try:
+        if not named and argv and not argv[0].startswith("-"):  # training takes no bare word: a command mistyped
+            import difflib
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
+            raise UserError(f"unknown command {argv[0]!r}: " + (f"did you mean lowmem-alignprop {close[0]}?" if close
+                            else f"the commands are {', '.join(COMMANDS)} (see lowmem-alignprop --help)"))
         if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
             quiet_libraries()  # no library (torch and diffusers take seconds; a Ctrl-C meanwhile is said below)
         return handler(argv)

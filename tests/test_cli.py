@@ -52,6 +52,23 @@ def test_gpu_profile_without_gpu_points_to_cpu_and_plan(tmp_path, capsys):
     assert "--profile cpu" in err and "lowmem-alignprop plan --profile rtx3060" in err
 
 
+def test_a_mistyped_command_or_option_is_one_line(capsys):
+    """argparse's usage errors are one line naming --help (not the whole usage text), exit 2; a bare first word is a
+    command mistyped (training takes none), with the command it was close to."""
+    cases = [(["sampel", "--lora", "x"], "error: unknown command 'sampel': did you mean lowmem-alignprop sample?"),
+             (["foo"], "error: unknown command 'foo': the commands are train, plan, sample, profiles, export (see "
+                       "lowmem-alignprop --help)"),
+             (["train", "foo"], "error: unrecognized arguments: foo: see lowmem-alignprop --help"),
+             (["--stepz", "3"], "error: unrecognized arguments: --stepz 3: see lowmem-alignprop --help"),
+             (["plan", "--steps", "x"], "error: argument --steps: invalid int value: 'x': see lowmem-alignprop plan "
+                                        "--help"),
+             (["export", "--format"], "error: argument --format: expected one argument: see lowmem-alignprop export "
+                                      "--help")]
+    for argv, line in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == line + "\n", argv
+
+
 def test_profiles_command_lists_shipped_profiles(capsys):
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out

@@ -8,13 +8,13 @@ import logging
 import shlex
 from pathlib import Path
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import ArgumentParser, UserError
 
 log = logging.getLogger("lowmem_alignprop")
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lowmem-alignprop export", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a trained LoRA for ComfyUI / AUTOMATIC1111 (kohya), peft or diffusers, or merge it into "
                     "the base model; every export gets a README.md model card.",

@@ -1,11 +1,20 @@
 """The one exception type for bad user input: the CLI prints its message and exits 2."""
 
+import argparse
 import contextlib
 import reprlib
 
 
 class UserError(Exception):
     """Bad input the user can fix. The message must name the fix; no traceback is shown."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors as UserErrors: one line naming ``--help`` and exit 2, not the whole
+    usage text above argparse's line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}: see {self.prog} --help")
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
