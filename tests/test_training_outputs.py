@@ -284,6 +284,15 @@ def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path
                     "(their README.md says at which step); this LoRA's exports are written beside them"], said
     assert {p.name: p.read_bytes() for p in (run / "export" / "kohya").iterdir()} == before
     assert "| steps | 5 |" in (run / "export" / "kohya-2" / "README.md").read_text()
+    # a checkpoint's model card quotes the starts that trained it: step 2's the first command only, step 5's the
+    # --resume too
+    first, resumed = (run / "command.txt").read_text().splitlines()
+    for step, commands in ((2, [first]), (5, [first, resumed])):
+        out = tmp_path / f"card{step}"
+        assert main(["export", "--lora", str(run / "checkpoints" / f"step-{step}"), "--format", "kohya", "--out",
+                     str(out)]) == 0
+        card = (out / "README.md").read_text()
+        assert [c for c in (first, resumed) if c in card] == commands, (step, card)
 
 
 def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):

@@ -51,6 +51,7 @@ class Lora:
     step: int | None = None         # a training checkpoint's step (export of checkpoints/step-N), else None
     family: str = "unet"            # unet (SD 1.x/2.x/SDXL), sd3 (SD3/SD3.5) or flux (FLUX.1): which denoiser
     origin: Path | None = None      # what was named when it is not ``path``: a checkpoint, read into a temporary lora/
+    starts: int | None = None       # a checkpoint's: how many of the run's starts (command.txt lines) it holds
 
     @property
     def flow(self) -> bool:
@@ -185,6 +186,7 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     lora.run_config = {**lora.run_config, **state.get("config", {})}
     lora.step = int(state["step"])
     lora.origin = checkpoint
+    lora.starts = state.get("starts")  # (none in checkpoints written before it was recorded)
     history = [h for h in state.get("history", []) if isinstance(h, dict) and "reward_mean" in h]
     lora.summary = {"steps": lora.step, "steps_done": lora.step}
     if history:  # as the trainer's summary compares them

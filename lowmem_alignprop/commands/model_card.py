@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
-from lowmem_alignprop.run.filenames import COMMAND_FILE
+from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.settings.errors import UserError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -38,12 +38,11 @@ def training_command(lora: Lora) -> str | None:
     --resume included); for a run without that record, a command that trains it again: its profile, and --set for
     each field that differs from it."""
 
-    recorded = lora.run / COMMAND_FILE if lora.run is not None else None
-    if recorded is not None and recorded.is_file():
-        try:
-            return recorded.read_text(encoding="utf-8").strip() or None
-        except (OSError, ValueError):
-            pass
+    lines = started_commands(lora.run) if lora.run is not None else []
+    if isinstance(lora.starts, int) and lora.starts > 0:
+        lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
+    if lines:
+        return "\n".join(lines)
     c = lora.run_config
     if not c:
         return None

@@ -49,7 +49,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
 from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
-from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards
+from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import StopRequest
@@ -860,6 +860,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
+                                "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
         self.last_saved = step

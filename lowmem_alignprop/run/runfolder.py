@@ -215,6 +215,16 @@ class RunFolder:
             atomic.write_text(self.metrics, "".join(metrics_line(r) for r in history))
 
 
+def started_commands(run: Path) -> list[str]:
+    """The command line of each start of the run (command.txt), oldest first; [] without a readable record."""
+    from lowmem_alignprop.run.filenames import COMMAND_FILE
+
+    try:
+        return [line for line in (run / COMMAND_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def metrics_line(row: dict) -> str:
     """One line of metrics.jsonl: strict JSON, a NaN or infinite figure (an fp16 step's overflowed grad_norm) as null
     (faults.json_ready)."""
