@@ -115,6 +115,16 @@ def test_every_file_train_sample_export_and_plan_write_arrives_by_a_rename(finis
         assert sorted(p.name for p in root.iterdir()), root
         assert files_not_published(root, renames) == [], root
         assert atomic.leftovers(root) == []
+    # what the run and the exports leave is as readable as the umask allows, like a file open() makes (safetensors
+    # writes 0600 and mkdtemp 0700: a ComfyUI server of another user could not read the LoRA)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "file").write_text("x")
+    dir_mode, file_mode = (p.stat().st_mode & 0o777 for p in (plain, plain / "file"))
+    shutil.rmtree(plain)
+    modes = {p: p.stat().st_mode & 0o777 for p in [out, *out.rglob("*"), *tmp_path.rglob("*")]}  # (pytest's 0700)
+    assert {p: oct(m) for p, m in modes.items() if m != (file_mode if p.is_file() else dir_mode)} == {}
+    assert any(p.suffix == ".safetensors" for p in modes) and any(p.name == "kohya" for p in modes)
     before = {p for p in tmp_path.rglob("*")}
     capsys.readouterr()
     assert main(["plan", "--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--no-suggest",

@@ -69,7 +69,7 @@ def export_main(argv: list[str]) -> int:
         lx.check_out(Path(args.out).expanduser())
     recover_lora(args.lora)
     lora = read_lora(args.lora)
-    out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge)
+    out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge, args.single_file)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
     files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
                       dtype=args.dtype, command=command, single_file=args.single_file)

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -47,6 +45,7 @@ from lowmem_alignprop.commands.lora_merge import merged_pipeline, write_single_f
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
 log = logging.getLogger("lowmem_alignprop")
@@ -91,10 +90,12 @@ def check_out(out: Path) -> None:
 STEP_TAG = "-step-"  # in an export folder's name: made from a checkpoint's LoRA (kohya-step-40)
 
 
-def default_out(lora: Lora, fmt: str, merge: bool) -> Path:
+def default_out(lora: Lora, fmt: str, merge: bool, single_file: bool = False) -> Path:
+    """RUN/export/FORMAT (merged, merged-single-file; -step-N for a checkpoint's), the next free one (-2, ...)."""
     from lowmem_alignprop.run.runlock import next_free_dir
 
-    base = (lora.run or lora.path.parent) / "export" / (("merged" if merge else fmt)
+    kind = ("merged-single-file" if single_file else "merged") if merge else fmt
+    base = (lora.run or lora.path.parent) / "export" / (kind
                                                        + (f"{STEP_TAG}{lora.step}" if lora.step is not None else ""))
     return next_free_dir(base, lambda p: p.exists() and (not p.is_dir() or any(p.iterdir())))
 
@@ -108,9 +109,7 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
     pipe = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic.replacing_dir(out) as tmp:  # (an empty folder given as --out is replaced)
         if pipe is not None and single_file:
             files = [write_single_file(lora, pipe.to(DTYPES[dtype or "fp32"]), tmp, weight).name]
         elif pipe is not None:
@@ -134,12 +133,6 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             shutil.copy2(source, tmp / grid)
         (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command, merged_weight=(
             (1.0 if weight is None else weight) if merge else None), grid=grid), encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(out.rglob("*"))
 
 

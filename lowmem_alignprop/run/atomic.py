@@ -9,6 +9,8 @@ truncated one. A folder (the LoRA, an export) is written into a temporary folder
         pipe.save_lora_weights(str(tmp), ...)
 
 An error while writing carries the final path as ``error.lowmem_file``, so a one-line message can name the file.
+What is renamed into place is as readable as the process's umask allows, whatever wrote it (safetensors writes its
+files 0600; a temporary folder is made 0700): a ComfyUI server of another user reads the LoRA.
 
 Test hook: ``LOWMEM_ALIGNPROP_INJECT_WRITE="NAME[:enospc|kill]"`` (comma-separated) fails the write of the file or
 folder called NAME just before it is renamed into place: ``enospc`` (the default) raises a disk-full OSError, ``kill``
@@ -31,6 +33,8 @@ from lowmem_alignprop.settings.errors import first_line
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
 PARTIAL = ".partial-"  # temporary names start with it; a reader never takes them for a finished file
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UMASK = os.umask(0o022)  # the process's umask: os.umask reads it only by setting it, so it is set back at once
+os.umask(_UMASK)
 
 
 def partial_name(path: Path) -> Path:
@@ -63,9 +67,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def finish_file(path: Path) -> None:
+    """Sync a written file and give it the permissions a plain ``open`` would have (the umask's)."""
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+    shareable(path)
+
+
+def shareable(path: Path) -> None:
+    """Add the permission bits the umask allows (files rw, folders rwx) to what ``path`` has."""
+    allowed = (0o777 if path.is_dir() else 0o666) & ~_UMASK
+    mode = path.stat().st_mode & 0o7777
+    if mode | allowed != mode:
+        os.chmod(path, mode | allowed)
 
 
 def _tag(error: BaseException, path: Path) -> None:
@@ -85,7 +99,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = partial_name(path)
     try:
         yield tmp
-        _fsync_file(tmp)
+        finish_file(tmp)
         inject(path)
         os.replace(tmp, path)
     except BaseException as e:
@@ -120,9 +134,11 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        for f in sorted(tmp.rglob("*")):
+        for f in [tmp, *sorted(tmp.rglob("*"))]:
             if f.is_file():
-                _fsync_file(f)
+                finish_file(f)
+            elif f.is_dir():
+                shareable(f)
         fsync_dir(tmp)
         inject(path)
         if path.exists() or path.is_symlink():

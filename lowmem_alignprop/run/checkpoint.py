@@ -365,9 +365,10 @@ def write_manifest(tmp: Path) -> None:
     files = {}
     for f in sorted(tmp.rglob("*")):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            atomic.finish_file(f)  # synced, and readable as the umask allows (safetensors writes 0600)
             files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        elif f.is_dir():
+            atomic.shareable(f)
     with open(tmp / "manifest.json", "w") as fh:
         json.dump({"format": FORMAT, "files": files}, fh, indent=1)
         fh.flush()
