@@ -153,8 +153,10 @@ def test_held_out_nan_figures_are_null_and_not_counted():
     assert faults.finite_or_none(float("inf")) is None and faults.finite_or_none(torch.tensor(0.5)) == 0.5
 
 
-def test_a_run_whose_every_step_was_skipped_writes_a_strict_json_summary(tmp_path, monkeypatch, fresh_log_handlers):
-    """Every training reward NaN (fewer steps than max_bad_steps): no reward to compare, so null, not a bare NaN."""
+def test_a_run_whose_every_step_was_skipped_writes_a_strict_json_summary(tmp_path, monkeypatch, fresh_log_handlers,
+                                                                         capsys):
+    """Every training reward NaN (fewer steps than max_bad_steps): no reward to compare, so null, not a bare NaN;
+    no step measured memory, so no verdict on the budget; the box says which steps were skipped."""
     (tmp_path / "qa_allnan.py").write_text("calls = [0]\n"  # the start-up check (the first call) passes
                                            "def reward(images, prompts):\n"
                                            "    r = images.mean(dim=(1, 2, 3))\n"
@@ -169,3 +171,7 @@ def test_a_run_whose_every_step_was_skipped_writes_a_strict_json_summary(tmp_pat
         raise ValueError(f"{constant} in summary.json")
     summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
     assert summary["skipped_steps"] == [1, 2] and summary["reward_first"] is None and summary["reward_last"] is None
+    assert summary["peak_memory_gb"] is None and summary["fits_budget"] is None  # (it said fits: the load alone)
+    box = capsys.readouterr().out
+    assert " AlignProp finished: 2 steps" in box and " 2 of them skipped, their loss NaN or infinite" in box, box
+    assert "peak memory n/a (no measured step trained), attention" in box, box

@@ -67,6 +67,7 @@ def window_note(s: dict) -> str:
 def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
     change = s["reward_last"] - s["reward_first"]
     done = s.get("steps_done") or cfg.steps
+    skipped = len(s.get("skipped_steps") or [])
     lines = [
         "",
         "=" * 64,
@@ -74,6 +75,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
          if s.get("interrupted") else
          f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']} (profile {profile_name}, "
          f"model {cfg.model})"),
+        *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
+           f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step (nothing to compare it with)"
         if math.isfinite(change) and s.get("reward_steps") == 1 else
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
@@ -101,7 +104,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
                f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
     lines += [
         f" {s['seconds_per_step']:.2f} s/step, peak memory "
-        + ("n/a" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
+        + ("n/a (no measured step trained)" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
         + budget[s.get("fits_budget")] + f", attention {s['attention']}"
         + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
         f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")

@@ -980,14 +980,15 @@ class Trainer:
             atomic.write_text(out / "config.yaml", self.config_yaml())
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
+        peak = max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None), default=None)
         summary.update({
             # the same prompts' rewards in the first and the last steps (since the reward changed at a resume)
             **first_last_rewards(history, self.reward_since),
             **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
-            "peak_memory_gb": max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None),
-                                  default=None),
-            "budget_gb": cfg.budget_gb or None, "fits_budget": fits_budget,
+            "peak_memory_gb": peak,
+            "budget_gb": cfg.budget_gb or None,
+            "fits_budget": fits_budget if peak is not None else None,  # no step measured: the load alone says nothing
             "attention": self.attention, "cuda_allocator": self.allocator, "host_allocator": self.host_allocator,
             "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
