@@ -263,6 +263,8 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["early_stopped_at"] == 3 and not summary["interrupted"] and summary["best_step"] == 1
     assert (out / "checkpoints" / "step-00000003").is_dir()  # the stop saved its step
+    assert (" early stop at step 3 of 8: the held-out evaluation (eval_reward) had not improved for 2 evaluations"
+            in capsys.readouterr().out)
     metrics = (out / "metrics.jsonl").read_text()
     args = [*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--resume", "latest"]
     capsys.readouterr()
@@ -334,6 +336,18 @@ def test_the_trainer_logs_the_kl_term(night, tmp_path):
     assert main([*night, "--output-dir", str(out), "--steps", "2", "--set", "kl_coeff=1"]) == 0
     rows = strict_rows(out)
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
+
+
+def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():
+    """With reward_cap or reward_target, best/ and early stop follow eval_objective, which may fall while eval_reward
+    rises: their lines say so."""
+    from lowmem_alignprop.commands.evaluation import improvement_measure
+
+    assert improvement_measure(Config()) == "eval_reward"
+    assert improvement_measure(Config(reward_cap=70.0)) == ("eval_objective, the held-out reward capped at "
+                                                            "reward_cap=70")
+    assert improvement_measure(Config(reward_target=10.0)) == ("eval_objective, the held-out reward's distance to "
+                                                               "reward_target=10")
 
 
 def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):

@@ -38,6 +38,16 @@ EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  
 EVAL_FIX = "fix the reward, or drop --eval-every"
 
 
+def improvement_measure(cfg) -> str:
+    """What "improved" means for best/ and early stop, in words: the reward, or with reward_cap/reward_target the
+    objective they make (eval_reward may then rise while it does not)."""
+    if cfg.reward_target is not None:
+        return f"eval_objective, the held-out reward's distance to reward_target={cfg.reward_target:g}"
+    if cfg.reward_cap is not None:
+        return f"eval_objective, the held-out reward capped at reward_cap={cfg.reward_cap:g}"
+    return "eval_reward"
+
+
 def nonfinite_note(rewards: torch.Tensor, what: str) -> str | None:
     """``"the reward is NaN or infinite on 2 of 4 <what>"``, or None when every reward is finite."""
     bad = int((~torch.isfinite(rewards)).sum())

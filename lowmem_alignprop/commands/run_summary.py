@@ -8,7 +8,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from lowmem_alignprop.commands.evaluation import BEST_DIR
+from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.settings.config import Config
 
@@ -84,8 +84,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]
     if s.get("early_stopped_at"):
-        lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation had not "
-                     f"improved for {cfg.early_stop} evaluations")
+        lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation "
+                     f"({improvement_measure(cfg)}) had not improved for {cfg.early_stop} evaluations")
     if s.get("best_step") is not None:
         lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
                      f"-> {s['output_dir']}/{BEST_DIR}")

@@ -57,8 +57,8 @@ from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing,
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
-                                                  SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, nonfinite_note,
-                                                  render_fixed_seed)
+                                                  SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
+                                                  nonfinite_note, render_fixed_seed)
 from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -844,8 +844,9 @@ class Trainer:
             return False
         path = self.save_checkpoint(step)
         if early and not stopping and step < cfg.steps:
-            self.bar.write(f"early stop at step {step}: the held-out evaluation has not improved for {cfg.early_stop} "
-                           f"evaluations; the best step ({self.held_out.best_step}) is in {self.out / BEST_DIR}")
+            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) has not "
+                           f"improved for {cfg.early_stop} evaluations; the best step "
+                           f"({self.held_out.best_step}) is in {self.out / BEST_DIR}")
             return True
         if stopping:
             self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
