@@ -338,6 +338,20 @@ def test_the_trainer_logs_the_kl_term(night, tmp_path):
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
 
 
+def test_the_toy_world_holds_out_its_fuller_scenes_and_no_evaluation_prompt_trains():
+    """--eval-every on the toy model's default: its four training prompts leave none to hold out, so it evaluates on
+    toy-heldout's captions (the same pairs in fuller scenes), less the two that are also training prompts."""
+    from lowmem_alignprop.settings.profiles import resolve_config
+    from lowmem_alignprop.step.inputs import split_eval_prompts
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    _, cfg = resolve_config("cpu", {"model": "toy", "eval_every": 1}, [])
+    assert cfg.eval_prompts == "toy-heldout"
+    train, held = split_eval_prompts(cfg, load_prompts(cfg.prompts))
+    assert train == load_prompts("toy-pairs") and len(held) == 62 and not set(held) & set(train)
+    assert set(load_prompts("toy-heldout")) - set(held) == {"a green circle", "a blue diamond"}
+
+
 def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():
     """With reward_cap or reward_target, best/ and early stop follow eval_objective, which may fall while eval_reward
     rises: their lines say so."""
@@ -441,7 +455,7 @@ def test_held_out_evaluation_in_the_toy_world_reports_its_exact_fidelity(tmp_pat
     out = tmp_path / "toy"
     assert main(["--profile", "cpu", "--model", "toy", "--reward", "toy_clip", "--steps", "1", "--eval-every", "1",
                  "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "fidelity_images=4",
-                 "--set", "eval_holdout=2", "--output-dir", str(out)]) == 0
+                 "--set", "eval_prompts=", "--set", "eval_holdout=2", "--output-dir", str(out)]) == 0
     row = strict_rows(out)[0]
     assert row["eval_fidelity_images"] == 2.0 and 0.0 <= row["eval_fidelity_score"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())

@@ -157,7 +157,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "ema_decay=1"], "ema_decay=1.0 must be in [0, 1)"),
     (["--early-stop", "2"], "early_stop=2 stops when evaluation stops improving, and evaluation is off"),
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),
-    (["--eval-every", "1", "--set", "eval_holdout=99"], "leaves none to train on"),
+    (["--eval-every", "1", "--set", "eval_prompts=", "--set", "eval_holdout=99"], "leaves none to train on"),
+    (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],
+     "eval_prompts=toy-pairs: every one of its 4 prompts is also a training prompt, so none is held out"),
     (["--model", "flux", "--set", "negative_prompt=blurry"], "FLUX.1 is guidance-distilled"),
     (["--set", "model=\x00x"], "model='\\x00x' holds a NUL character"),  # os.stat raises ValueError on it
     (["--output-dir", "out\x00put"], "output_dir='out\\x00put' holds a NUL character"),

@@ -233,9 +233,10 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
 # sit between the profile (whose resolution is for SD-sized models) and the flags and --set, which still win.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # the toy world (docs/toy_world.md): trained at 64 px and sampled with DDIM 20 steps, guidance 3; toy_clip on its
-    # four held-out pairs, 4 images a step (batch 2 moved nothing in a minute, batch 4 did: docs/toy_world.md)
+    # four held-out pairs, 4 images a step (batch 2 moved nothing in a minute, batch 4 did: docs/toy_world.md);
+    # --eval-every on captions of the same pairs in fuller scenes (four prompts leave none to hold out)
     "toy": {"resolution": 64, "sample_steps": 20, "guidance_scale": 3.0, "reward": "toy_clip",
-            "prompts": "toy-pairs", "batch_size": 4},
+            "prompts": "toy-pairs", "batch_size": 4, "eval_prompts": "toy-heldout"},
 }
 
 

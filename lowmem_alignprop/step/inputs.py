@@ -5,6 +5,8 @@ Training and ``sample`` call :func:`prepare_inputs` first; the planner checks th
 
 from __future__ import annotations
 
+import logging
+
 import tempfile
 from pathlib import Path
 
@@ -67,8 +69,18 @@ def split_eval_prompts(cfg: Config, prompts: list[str]) -> tuple[list[str], list
 
     if not cfg.eval_every:
         return prompts, []
-    if cfg.eval_prompts:
-        return prompts, load_prompts(cfg.eval_prompts)
+    if cfg.eval_prompts:  # a prompt that also trains is not held out: left out of the evaluation
+        trained = set(prompts)
+        given = load_prompts(cfg.eval_prompts)
+        held = [p for p in given if p not in trained]
+        if not held:
+            raise UserError(f"eval_prompts={cfg.eval_prompts}: every one of its {len(given)} prompts is also a "
+                            "training prompt, so none is held out: give prompts the run does not train on")
+        if len(held) < len(given):
+            logging.getLogger("lowmem_alignprop").info(
+                "eval_prompts=%s: %d of its %d prompts also train and are left out of the evaluation",
+                cfg.eval_prompts, len(given) - len(held), len(given))
+        return prompts, held
     distinct = sorted(set(prompts))
     if len(distinct) <= cfg.eval_holdout:
         raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {len(distinct)} distinct "
