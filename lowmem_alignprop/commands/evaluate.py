@@ -199,6 +199,7 @@ def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
     transformer file's model_components among them); None for a LoRA from elsewhere. ``sample`` without --model
     loads it with those settings. A recorded path that is gone raises UserError naming --model."""
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
+    from lowmem_alignprop.settings.config import Config
 
     try:
         model = json.loads((spec.file.parent / LORA_BASE_FILE).read_text()).get("model")
@@ -209,7 +210,8 @@ def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
     check_recorded_base(model, f"--lora {spec.arg}")
     run = next((f for f in list(spec.named.absolute().parents)[:3] if (f / "config.yaml").is_file()), None)
     config = read_run(run)[0] if run else {}
-    return model, {k: config[k] for k in RUN_IMAGE_SETTINGS if config.get(k) not in (None, "")}
+    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}  # SD3/FLUX's: as they come
+    return model, {k: config[k] for k in RUN_IMAGE_SETTINGS if config.get(k) not in (None, "", unset.get(k))}
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
