@@ -414,6 +414,26 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
     assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")
 
 
+def test_a_recipe_on_the_toy_model_says_what_it_replaces(caplog):
+    """The recipes are the paper's Stable Diffusion 1.5 runs: on the toy model they replace its prompts and sampling,
+    which a warning lists (what --set keeps is left out of it)."""
+    import logging
+
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        _, cfg = resolve_config("cpu", {"model": "toy", "recipe": "aesthetic", "reward": "toy_clip"},
+                                ["sample_steps=20"])
+    assert (cfg.prompts, cfg.sample_steps, cfg.reward) == ("simple_animals", 20, "toy_clip")
+    assert [r.getMessage() for r in caplog.records] == [
+        "recipe aesthetic is AlignProp's Stable Diffusion 1.5 run: on the toy model it replaces guidance_scale 3.0 -> "
+        "7.5, prompts toy-pairs -> simple_animals (set them with --set to keep the model's)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        resolve_config("cpu", {"model": "tiny", "recipe": "aesthetic"}, [])
+    assert caplog.records == []  # a model of the paper's shape: nothing of its own replaced
+
+
 def _planner_cfg(tiny_dir) -> Config:
     return Config(model=str(tiny_dir), sample_steps=6, truncation="fixed", k=4, resolution=64, batch_size=1).validate()
 

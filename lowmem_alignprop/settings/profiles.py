@@ -288,7 +288,16 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                                                           name)
     recipe = overrides.get("recipe", explicit.get("recipe"))
     if recipe:  # the paper's settings, between the profile and what the user typed
-        values = {**values, **load_recipe(recipe)}
+        recipe_values = load_recipe(recipe)
+        model = str(overrides.get("model", explicit.get("model", values.get("model", Config().model))))
+        replaced = {k: (v, recipe_values[k]) for k, v in MODEL_DEFAULTS.get(model, {}).items()
+                    if k in recipe_values and recipe_values[k] != v and k not in {**explicit, **overrides}}
+        if replaced:  # e.g. the toy world's prompts and sampling, for the paper's Stable Diffusion 1.5 run's
+            logging.getLogger("lowmem_alignprop").warning(
+                "recipe %s is AlignProp's Stable Diffusion 1.5 run: on the %s model it replaces %s (set them with "
+                "--set to keep the model's)", recipe, model,
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in replaced.items()))
+        values = {**values, **recipe_values}
     try:
         return name, build_config(values, explicit, overrides)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
