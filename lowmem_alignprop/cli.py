@@ -40,9 +40,8 @@ examples:
 
 
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=EPILOG.format(fields=field_help()))
+    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG.format(fields=field_help()))
     from lowmem_alignprop.settings.profiles import shipped_profiles
 
     p.add_argument("--profile", default="auto",

@@ -286,10 +286,11 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
             values = {**values, **card}
             logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
                                                           name)
+    chosen = {**values, **explicit, **overrides}
+    model, components = str(chosen.get("model", Config().model)), str(chosen.get("model_components", ""))
     recipe = overrides.get("recipe", explicit.get("recipe"))
     if recipe:  # the paper's settings, between the profile and what the user typed
         recipe_values = load_recipe(recipe)
-        model = str(overrides.get("model", explicit.get("model", values.get("model", Config().model))))
         replaced = {k: (v, recipe_values[k]) for k, v in MODEL_DEFAULTS.get(model, {}).items()
                     if k in recipe_values and recipe_values[k] != v and k not in {**explicit, **overrides}}
         if replaced:  # e.g. the toy world's prompts and sampling, for the paper's Stable Diffusion 1.5 run's
@@ -301,9 +302,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     try:
         return name, build_config(values, explicit, overrides)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
-        model = {**values, **explicit, **overrides}.get("model", Config().model)
-        components = {**values, **overrides}.get("model_components", "")
-        note = profile_note(name, model_kind_of(str(model), str(components)))
+        note = profile_note(name, model_kind_of(model, components))
         if note is None:
             raise
         raise UserError(f"{note}; under {name}: {e}") from None
