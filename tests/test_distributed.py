@@ -150,6 +150,8 @@ def zero2(tmp_path_factory, tiny_dir):
     return out
 
 
+@pytest.mark.slow  # its fixture builds DeepSpeed's cpu_adam op on a fresh machine (150 s of one worker: the suite
+# passed 15 minutes there); the config, build-folder and lock tests above stay in the default suite
 @needs_deepspeed
 def test_deepspeed_zero2_optimizer_offload_trains(zero2):
     assert [r["step"] for r in strict_rows(zero2)] == [1, 2, 3, 4]
@@ -197,6 +199,7 @@ def _same_training(name: str, out: Path, ref_out: Path) -> None:
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
 
+@pytest.mark.slow  # the zero2 fixture's op build, as above
 @needs_deepspeed
 def test_deepspeed_optimizer_offload_steps_match_plain_adamw(zero2, tmp_path):
     """Same seed, 4 optimizer steps: ZeRO-2 with optimizer offload (one process, the zero2 fixture's run; DeepSpeed's
