@@ -327,8 +327,8 @@ def lora_model(path: Path, family: str | None) -> str | None:
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
     except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged
         kind = None
-    if kind in ("sd35m", "sd35l", "flux"):
-        return "flux" if kind == "flux" else "sd3"
+    if (recorded_model := model_of_kind(kind)) in ("sd3", "flux"):
+        return recorded_model
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
