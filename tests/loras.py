@@ -107,10 +107,10 @@ def unet_out(unet, xl: bool) -> torch.Tensor:
     return unet(*args, **kw).sample
 
 
-def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
-    """A LoRA saved as a run saves it, its run folder (config.yaml, summary.json, the grid), and the UNet outputs
-    of the base model and of base + LoRA (peft, in memory: the reference). test_lora_export's, and the LoRA other
-    tests export and load."""
+def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0, layers: str = "attention") -> dict:
+    """A LoRA (of ``layers``: lora_layers) saved as a run saves it, its run folder (config.yaml, summary.json, the
+    grid), and the UNet outputs of the base model and of base + LoRA (peft, in memory: the reference).
+    test_lora_export's, and the LoRA other tests export and load."""
     from diffusers import (
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -125,14 +125,15 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     made = lora_with_reference(base, run, unet, lambda m: unet_out(m, xl), seed=seed,
-                               add_lora=lambda m: add_lora(m, RANK, ALPHA, seed),
+                               add_lora=lambda m: add_lora(m, RANK, ALPHA, seed, layers),
                                save=lambda m, folder: cls.save_lora_weights(
                                    str(folder), unet_lora_layers=lora_state_dict(m),
                                    unet_lora_adapter_metadata=lora_metadata(m.peft_config["default"])))
     args = common_parser("t", "t").parse_args(["--profile", "cpu", "--model", str(base), "--steps", "3",
                                                "--reward", "colorfulness", "--output-dir", str(run),
                                                "--set", f"lora_alpha={ALPHA}", "--set", "truncation=uniform",
-                                               "--set", "k_max=2", "--set", "sample_steps=3"])
+                                               "--set", "k_max=2", "--set", "sample_steps=3",
+                                               "--set", f"lora_layers={layers}"])
     name, cfg = config_from_args(args)
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
     (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
@@ -140,4 +141,4 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0) -> dict:
                                                   "sample_reward_before": 0.41, "sample_reward_after": 0.59}))
     (run / "samples").mkdir()
     Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
-    return {**made, "xl": xl, "cls": cls}
+    return {**made, "xl": xl, "cls": cls, "layers": layers}

@@ -283,6 +283,8 @@ def test_the_same_command_twice_keeps_the_first_run(trained, capsys, caplog, mon
     (["--set", "lora_rank=8"], "trained with lora_rank=4, this run has lora_rank=8"),
     (["--set", "optimizer=adamw8bit"], "trained with optimizer='adamw'"),
     (["--set", "train_unet=full"], "trained with train_unet='lora'"),
+    (["--set", "lora_layers=attention+ff"], "trained with lora_layers='attention', this run has "
+                                            "lora_layers='attention+ff': resume with --set lora_layers=attention"),
 ])
 def test_resume_with_another_config(trained, capsys, change, needle):
     pytest.importorskip("bitsandbytes") if "optimizer=adamw8bit" in change else None

@@ -55,25 +55,26 @@ def transformer_out(transformer) -> torch.Tensor:
                        pooled_projections=pooled, timestep=torch.tensor([300.0, 800.0]), return_dict=False)[0]
 
 
-def _make_lora(base: Path, run: Path, family: str) -> dict:
-    """A LoRA saved as a run saves it, its run folder, and the transformer's outputs of the base model and of
-    base + LoRA (peft, in memory: the reference)."""
+def _make_lora(base: Path, run: Path, family: str, layers: str = "attention") -> dict:
+    """A LoRA (of ``layers``: lora_layers) saved as a run saves it, its run folder, and the transformer's outputs of
+    the base model and of base + LoRA (peft, in memory: the reference)."""
     from lowmem_alignprop.models.flow import add_flow_lora, save_flow_lora
 
     pipeline_cls, transformer_cls = _classes(family)
     transformer = transformer_cls.from_pretrained(base / "transformer")
     made = lora_with_reference(base, run, transformer, transformer_out,
-                               add_lora=lambda m: add_flow_lora(m, RANK, ALPHA, seed=0),
+                               add_lora=lambda m: add_flow_lora(m, RANK, ALPHA, seed=0, layers=layers),
                                save=lambda m, folder: save_flow_lora(pipeline_cls, m, folder))
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": "cpu", "model": str(base), "reward": "brightness",
                                                      "steps": 3, "lora_rank": RANK, "lora_alpha": ALPHA,
-                                                     "truncation": "fixed", "k": 2, "sample_steps": 4}))
+                                                     "truncation": "fixed", "k": 2, "sample_steps": 4,
+                                                     "lora_layers": layers}))
     (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "reward_first": 0.41,
                                                   "reward_last": 0.52}))
     scale = ALPHA / RANK
     deltas = {n: scale * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
               for n, m in transformer.named_modules() if "default" in getattr(m, "lora_A", {})}
-    return {**made, "family": family, "deltas": deltas, "config": transformer.config}
+    return {**made, "family": family, "deltas": deltas, "config": transformer.config, "layers": layers}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,19 @@ def sd3(tmp_path_factory):
     return _make_lora(build_tiny_sd3_dir(root / "base"), root / "run", "sd3")
 
 
-case = each_of("flux", "sd3")
+@pytest.fixture(scope="module")
+def flux_ff(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux-ff")
+    return _make_lora(build_tiny_flux_dir(root / "base"), root / "run", "flux", "attention+ff")
+
+
+@pytest.fixture(scope="module")
+def sd3_ff(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3-ff")
+    return _make_lora(build_tiny_sd3_dir(root / "base"), root / "run", "sd3", "attention+ff")
+
+
+case = each_of("flux", "sd3", "flux_ff", "sd3_ff")
 
 
 def _kohya(out: Path) -> dict[str, torch.Tensor]:
@@ -103,11 +116,27 @@ def _kohya(out: Path) -> dict[str, torch.Tensor]:
 # kohya: the original module names, q/k/v fused exactly
 # ---------------------------------------------------------------------------------------------------------
 
-def _original_modules(family: str, config) -> dict[str, tuple[int, int, list[str]]]:
+def _original_modules(family: str, config, layers: str) -> dict[str, tuple[int, int, list[str]]]:
     """From the architectures (BFL's FLUX, Stability's MMDiT), not from the exporter: every original module our
-    LoRA reaches -> (rows of its weight, its input width, the diffusers layers stacked in its rows, in order)."""
+    LoRA of ``layers`` reaches -> (rows of its weight, its input width, the diffusers layers stacked in its rows, in
+    order; None: rows we do not train)."""
     width = config.num_attention_heads * config.attention_head_dim
     out = {}
+    if layers == "attention+ff":  # the feed-forward layers: FLUX's and MMDiT's MLPs are 4x the width
+        for i in range(config.num_layers):
+            f = f"transformer_blocks.{i}."
+            streams = (("img_mlp.", "ff."), ("txt_mlp.", "ff_context.")) if family == "flux" else \
+                (("x_block.mlp.fc", "ff."),) + ((("context_block.mlp.fc", "ff_context."),)
+                                                if i < config.num_layers - 1 else ())  # the last: pre-only
+            for original, ours in streams:
+                first, second = ("0", "2") if family == "flux" else ("1", "2")
+                block = "double_blocks" if family == "flux" else "joint_blocks"
+                out[f"{block}.{i}.{original}{first}"] = (4 * width, width, [f + ours + "net.0.proj"])
+                out[f"{block}.{i}.{original}{second}"] = (width, 4 * width, [f + ours + "net.2"])
+        if family == "flux":
+            for i in range(config.num_single_layers):  # linear2: the attention output and the MLP's, joined
+                out[f"single_blocks.{i}.linear2"] = (width, 5 * width, [f"single_transformer_blocks.{i}.proj_out"])
+    mlp = "single_transformer_blocks.{}.proj_mlp" if layers == "attention+ff" else None
     if family == "flux":
         for i in range(config.num_layers):  # double-stream blocks: fused q/k/v per stream, then the projections
             a = f"transformer_blocks.{i}.attn."
@@ -118,7 +147,8 @@ def _original_modules(family: str, config) -> dict[str, tuple[int, int, list[str
             out[f"double_blocks.{i}.txt_attn.proj"] = (width, width, [a + "to_add_out"])
         for i in range(config.num_single_layers):  # linear1 = [q; k; v; MLP input (4x the width)]
             a = f"single_transformer_blocks.{i}.attn."
-            out[f"single_blocks.{i}.linear1"] = (7 * width, width, [a + "to_q", a + "to_k", a + "to_v", None])
+            out[f"single_blocks.{i}.linear1"] = (7 * width, width, [a + "to_q", a + "to_k", a + "to_v",
+                                                                     mlp and mlp.format(i)])
         return out
     for i in range(config.num_layers):  # joint blocks: x (image) and context (text) streams
         a = f"transformer_blocks.{i}.attn."
@@ -136,9 +166,9 @@ def test_kohya_keys_are_what_comfyui_maps_and_each_fused_delta_is_the_parts(case
     ``.weight``, dots as underscores, and applies ``alpha / rows(lora_down) * lora_up @ lora_down`` to that weight.
     Every original module must appear once with exactly its three keys and its weight's shape, and the delta it
     applies must be, row block by row block, the trained ``scale * B @ A`` of each diffusers layer (zero in FLUX's
-    MLP rows, which we do not train)."""
+    MLP rows unless lora_layers=attention+ff trains them)."""
     state = _kohya(export(tmp_path, case["lora"], "--format", "kohya"))
-    expected = _original_modules(case["family"], case["config"])
+    expected = _original_modules(case["family"], case["config"], case["layers"])
     names = {"lora_unet_" + m.replace(".", "_"): m for m in expected}
     assert set(state) == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     covered = set()
@@ -149,8 +179,8 @@ def test_kohya_keys_are_what_comfyui_maps_and_each_fused_delta_is_the_parts(case
         delta = alpha.item() / down.shape[0] * up @ down  # what ComfyUI adds to the original weight
         block = rows // (7 if len(parts) == 4 else len(parts))
         start = 0
-        for part in parts:
-            height = 4 * block if part is None else block
+        for slot, part in enumerate(parts):
+            height = 4 * block if slot == 3 else block  # FLUX's linear1: q, k, v, then the MLP input 4x as wide
             piece = delta[start:start + height]
             if part is None:
                 assert not piece.any(), f"{name}: the MLP rows must stay untouched"

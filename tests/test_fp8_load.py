@@ -27,6 +27,7 @@ from lowmem_alignprop.memory import quant
 from lowmem_alignprop.memory.block_swap import swappable_blocks
 from lowmem_alignprop.models import block_loading as bl
 from lowmem_alignprop.models import flow
+from lowmem_alignprop.models.lora_layers import FLOW_ATTENTION
 from lowmem_alignprop.settings.config import Config
 
 CPU = torch.device("cpu")
@@ -68,7 +69,7 @@ def _bounds(directory, dtype: torch.dtype) -> tuple[int, int, int, int]:
             for _, m in quant.fp8_linears(model)}
     blocks = swappable_blocks(model)
     block = max(sum(size.get(id(m), 0) for m in b.modules()) for b in blocks)
-    targets = sum(size[id(m)] for n, m in quant.fp8_linears(model) if quant.lora_target(n, flow.FLOW_LORA_TARGETS))
+    targets = sum(size[id(m)] for n, m in quant.fp8_linears(model) if quant.lora_target(n, FLOW_ATTENTION))
     rest = sum(size.values()) - sum(size.get(id(m), 0) for b in blocks for m in b.modules())
     return block, targets, rest, sum(size.values())
 
@@ -218,7 +219,7 @@ def test_the_planners_load_stage_counts_what_the_read_leaves(dirs, spy):
     est, plain = planner.estimate(cfg, target="cuda"), planner.estimate(_cfg(dirs["flux"], "none", **kw), target="cuda")
     meta = _meta_transformer(dirs["flux"])
     in_blocks = {id(m) for b in swappable_blocks(meta) for m in b.modules()}
-    waiting = [t for n, m in quant.fp8_linears(meta) if quant.lora_target(n, flow.FLOW_LORA_TARGETS)
+    waiting = [t for n, m in quant.fp8_linears(meta) if quant.lora_target(n, FLOW_ATTENTION)
                or id(m) not in in_blocks for t in (m.weight, m.bias) if t is not None]
 
     def rounded(n: int) -> int:

@@ -42,7 +42,13 @@ def sdxl(tmp_path_factory, _isolated_cache):
     return make_sd_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
-case = each_of("sd", "sdxl")
+@pytest.fixture(scope="module")
+def sd_ff(tmp_path_factory, tiny_dir):
+    """lora_layers=attention+ff: the feed-forward layers too (ff.net.0.proj, ff.net.2)."""
+    return make_sd_lora(Path(tiny_dir), tmp_path_factory.mktemp("sd-ff-run"), xl=False, layers="attention+ff")
+
+
+case = each_of("sd", "sdxl", "sd_ff")
 
 
 def _base_unet(case):

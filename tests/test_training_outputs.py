@@ -100,25 +100,24 @@ def _images_at_step_0(cfg):
     from lowmem_alignprop.run.runfolder import RunFolder
 
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components)
-                          if cfg.init_lora else None)
+    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
+                                         cfg.lora_layers) if cfg.init_lora else None)
     trainer.setup_accelerator()
     trainer.load_models()
     trainer.setup_sampling()
     return trainer.generate(PROMPTS, SEED)[0]
 
 
-@pytest.fixture(scope="module")
-def made_lora(tmp_path_factory, tiny_dir):
-    """A LoRA with alpha = 2 * rank (test_lora_export's), its kohya and peft exports, and the images base + LoRA
-    render through diffusers' own loader (the reference)."""
+def _made_with_reference(tmp_path_factory, tiny_dir, layers: str):
+    """A LoRA of ``layers`` with alpha = 2 * rank (test_lora_export's), its kohya and peft exports, and the images
+    base + LoRA render through diffusers' own loader (the reference)."""
     from loras import make_sd_lora
 
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.models.sampling import decode, initial_latents, make_pipeline, rollout
 
-    made = make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False)
+    made = make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False, layers=layers)
     for fmt in ("kohya", "peft"):
         assert main(["export", "--lora", str(made["lora"]), "--format", fmt, "--out", str(made["run"] / fmt)]) == 0
     cfg = _cfg(tmp_path_factory.mktemp("unused"))
@@ -136,6 +135,17 @@ def made_lora(tmp_path_factory, tiny_dir):
     return made
 
 
+@pytest.fixture(scope="module")
+def made_lora(tmp_path_factory, tiny_dir):
+    return _made_with_reference(tmp_path_factory, tiny_dir, "attention")
+
+
+@pytest.fixture(scope="module")
+def made_ff_lora(tmp_path_factory, tiny_dir):
+    """A LoRA of the attention and feed-forward layers (lora_layers=attention+ff)."""
+    return _made_with_reference(tmp_path_factory, tiny_dir, "attention+ff")
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft"])
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
     spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"],
@@ -143,6 +153,16 @@ def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_pat
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own
     assert_rel_close(images, made_lora["images"], SAME_OPS, f"step 0 from a {layout} LoRA")
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout, made_ff_lora, tmp_path):
+    """A LoRA of the attention and feed-forward layers starts a lora_layers=attention+ff run where it renders (every
+    layer copied: leaving out the feed-forward ones would change the images far above the tolerance)."""
+    spec = {"diffusers": made_ff_lora["lora"], "kohya": next((made_ff_lora["run"] / "kohya").glob("*.safetensors"))}
+    images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec[layout]}",
+                                    "--set", "lora_layers=attention+ff"))
+    assert_rel_close(images, made_ff_lora["images"], SAME_OPS, f"step 0 from a {layout} attention+ff LoRA")
 
 
 def test_without_init_lora_step_0_is_the_base_model(made_lora, tmp_path):
@@ -161,15 +181,20 @@ def sdxl_lora(tmp_path_factory, _isolated_cache):
     return make_sd_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
-def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothing(made_lora, sdxl_lora, tmp_path,
-                                                                                  capsys, fresh_log_handlers):
+def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothing(made_lora, sdxl_lora, made_ff_lora,
+                                                                                  tmp_path, capsys, fresh_log_handlers):
     from lowmem_alignprop.cli import main
 
     fast = ["--profile", "cpu", "--steps", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3"]
     cases = [(["--init-lora", str(made_lora["lora"]), "--set", "lora_rank=8"],
               f"--init-lora {made_lora['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
              (["--init-lora", str(sdxl_lora["lora"])], f"--init-lora {sdxl_lora['lora']} does not fit this model"),
-             (["--init-lora", str(tmp_path / "nope")], "no such file or folder")]
+             (["--init-lora", str(tmp_path / "nope")], "no such file or folder"),
+             # before the model loads, from the file's names
+             (["--init-lora", str(made_ff_lora["lora"])], f"--init-lora {made_ff_lora['lora']} adapts feed-forward "
+              "layers too (e.g. 'unet.down_blocks."),
+             (["--init-lora", str(made_ff_lora["lora"])], "ff.net.0.proj.lora_A.weight') and this run's LoRA is on the "
+              "attention projections: add --set lora_layers=attention+ff")]
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"run{i}"
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)

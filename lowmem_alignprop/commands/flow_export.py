@@ -146,13 +146,14 @@ def _inverse_map(family: str, names: set[str]) -> dict[str, dict[int, str]]:
     out: dict[str, dict[int, str]] = {}
     blocks = {int(m.group(2)) for k in names if (m := re.match(r"lora_unet_(\w+?_blocks)_(\d+)_", k))}
     candidates = []
+    ff = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # lora_layers=attention+ff
     for n in blocks:
+        candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
+        candidates += [f"transformer_blocks.{n}.{k}" for k in ff]
         if family == FLUX:
-            candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
             candidates += [f"single_transformer_blocks.{n}.attn.{k}" for k in QKV]
-            candidates += [f"single_transformer_blocks.{n}.proj_mlp"]
+            candidates += [f"single_transformer_blocks.{n}.{k}" for k in ("proj_mlp", "proj_out")]
         else:
-            candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
             candidates += [f"transformer_blocks.{n}.attn2.{k}" for k in (*QKV, "to_out.0")]
     for module in candidates:
         original, slot, _ = original_slot(module, family)
@@ -168,7 +169,8 @@ def _zero_outside(block: torch.Tensor, lo: int, hi: int) -> bool:
 def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str, torch.Tensor], str]:
     """A kohya SD3/FLUX LoRA -> (peft weights with each layer's scale folded into B so that peft's scale is 1,
     family). Raises UserError (``label``: the option and path, e.g. ``--init-lora x``) for a module this trainer does
-    not adapt (FLUX's MLP rows of linear1, ...)."""
+    not adapt (the modulation layers, ...). FLUX's MLP rows of ``linear1`` become ``proj_mlp`` (lora_layers
+    attention+ff) when they are not zero."""
     names = {k.split(".")[0] for k in state}
     family = FLUX if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names) else SD3
     known = _inverse_map(family, names)
@@ -176,7 +178,8 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
     for name in sorted(names):
         if name not in known or f"{name}.lora_down.weight" not in state:
             raise UserError(f"{label} adapts {quote(name)}, a layer lowmem-alignprop does not train (its LoRA is on "
-                            "the attention projections): pass a LoRA of those layers")
+                            "the attention projections and, with lora_layers=attention+ff, the feed-forward layers): "
+                            "pass a LoRA of those layers")
         down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
         rank = down.shape[0]
         alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
@@ -184,10 +187,8 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
         slots = max(parts) + 1 if len(parts) > 1 else 1
         rows = _slot_rows(slots, up.shape[0] // (3 + FLUX_MLP_RATIO) if slots == 4 else up.shape[0] // slots)
         starts = [sum(rows[:s]) for s in range(len(rows))]
-        if slots == 4 and up[starts[3]:].abs().max() > 0:
-            raise UserError(f"{label} adapts the MLP input of {quote(name)}, a layer lowmem-alignprop does not train "
-                            "(its LoRA is on the attention projections): pass a LoRA of those layers")
-        trained = [s for s in sorted(parts) if s < 3] if slots > 1 else [0]
+        mlp = slots == 4 and bool(up[starts[3]:].abs().max() > 0)  # FLUX's MLP input rows trained (proj_mlp)
+        trained = [s for s in sorted(parts) if s < 3 or mlp] if slots > 1 else [0]
         r = rank // len(trained) if rank % len(trained) == 0 else 0
         diagonal = r > 0 and all(_zero_outside(up[starts[s]:starts[s] + rows[s]], c * r, (c + 1) * r)
                                  for c, s in enumerate(trained))

@@ -5,6 +5,7 @@ peft adapter folder), found and checked before any model loads, then copied into
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from lowmem_alignprop.settings.errors import UserError, first_line, quote
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
 _DOWN_KEYS = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
 _TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+# a feed-forward layer's key in diffusers', peft's or kohya's names (lora_layers=attention+ff trains them)
+_FF_KEY = re.compile(r"(^|[._])ff(_context)?[._]net[._]|[._]proj_mlp[._]|single_transformer_blocks\.\d+\.proj_out\.")
 
 
 def init_lora_file(spec: str) -> Path:
@@ -69,9 +72,10 @@ def _init_lora_source(spec: str) -> Path:
                     "file itself, a run's lora/ folder or a peft adapter folder")
 
 
-def lora_file_ranks(file: Path, spec: str) -> set[int]:
-    """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, or one that also adapts the text
-    encoder (AlignProp trains the UNet's LoRA only), raises UserError."""
+def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int]:
+    """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, one that also adapts the text
+    encoder (AlignProp trains the UNet's LoRA only) or feed-forward layers a run of ``layers`` does not train
+    raises UserError."""
     from safetensors import safe_open
 
     try:
@@ -84,22 +88,26 @@ def lora_file_ranks(file: Path, spec: str) -> set[int]:
     if text:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
                         "UNet LoRA only; pass a UNet-only LoRA")
+    ff = sorted(k for k in shapes if _FF_KEY.search(k))
+    if ff and layers == "attention":
+        raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
+                        "is on the attention projections: add --set lora_layers=attention+ff")
     ranks = {s[0] for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
     if not ranks:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys)")
     return ranks
 
 
-def check_init_lora(spec: str, rank: int, model: str, components: str = "") -> Path:
-    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and of ``model``'s family as far
-    as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
+def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:
+    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` and of
+    ``model``'s family as far as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
     from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     file = init_lora_file(spec)
     check_lora_family(model_of_kind(model_kind_of(model, components)),
                       [LoraSpec(arg=spec, file=file, weight=1.0, name="init")], model, "--init-lora")
-    ranks = lora_file_ranks(file, spec)
+    ranks = lora_file_ranks(file, spec, layers)
     if ranks != {rank}:
         theirs = "/".join(map(str, sorted(ranks)))
         raise UserError(f"--init-lora {spec} has rank {theirs} and this run trains rank {rank}: "
@@ -108,12 +116,13 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "") -> P
 
 
 @torch.no_grad()
-def start_from_lora(pipe, unet, file: Path, spec: str) -> int:
+def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention") -> int:
     """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its
     own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
     copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
     keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied."""
     from lowmem_alignprop.commands.evaluate import adapted_layers, layers_in_file, misfit_detail
+    from lowmem_alignprop.models.lora_layers import lora_targets
 
     peft_log = logging.getLogger("diffusers.loaders.peft")
     level = peft_log.level
@@ -131,13 +140,13 @@ def start_from_lora(pipe, unet, file: Path, spec: str) -> int:
     if got == 0 or got < expected:
         raise UserError(f"--init-lora {spec} does not fit this model: only {got} of its {expected} layers exist here; "
                         f"{fix}")
-    copied = 0
+    copied, flow = 0, not hasattr(unet, "down_blocks")  # a UNet has down blocks, SD3/FLUX transformers none
     for name, module in unet.named_modules():
         if INIT_ADAPTER not in getattr(module, "lora_A", {}):
             continue
         if "default" not in module.lora_A:
-            raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its LoRA is on the "
-                            "attention projections to_q, to_k, to_v, to_out.0): pass a LoRA of those layers")
+            raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its lora_layers: "
+                            f"{', '.join(lora_targets(layers, flow))}): pass a LoRA of those layers")
         a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
         ours_a, ours_b = module.lora_A["default"].weight, module.lora_B["default"].weight
         if a.shape != ours_a.shape or b.shape != ours_b.shape:

@@ -13,6 +13,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name, temporary_folder
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
+from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
@@ -87,10 +88,10 @@ def peft_config(lora: Lora):
 
     known = set(LoraConfig.__dataclass_fields__)
     values = {k: v for k, v in lora.config.items() if k in known and k not in ("peft_type", "peft_version")}
-    if not values:  # no config saved: the layers and rank the file shows, alpha = rank
-        rank = lora.weights[f"{lora.modules[0]}.lora_A.weight"].shape[0]
-        values = {"r": rank, "lora_alpha": rank, "target_modules": sorted({m.split(".")[-1] if not m.endswith(
-            ".0") else ".".join(m.split(".")[-2:]) for m in lora.modules})}
+    if not values:  # no config saved: the layers (their whole paths: peft matches them exactly) and rank the file
+        rank = lora.weights[f"{lora.modules[0]}.lora_A.weight"].shape[0]  # shows, alpha = rank
+        values = {"r": rank, "lora_alpha": rank, "target_modules": sorted(lora.modules)}
+    values["exclude_modules"] = peft_exclude(values.get("target_modules") or [])  # not in diffusers' header
     values["base_model_name_or_path"] = lora.base_model if is_hub_id(lora.base_model) else None
     values["inference_mode"] = True
     return LoraConfig(**values)
@@ -100,7 +101,8 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
     from safetensors.torch import save_file
 
     # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
-    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(lora_metadata(peft_config(lora)), indent=2, sort_keys=True))
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(lora_metadata(peft_config(lora), peft_file=True), indent=2,
+                                                      sort_keys=True))
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
               metadata={"format": "pt"})
     return [folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHT_NAME]

@@ -225,7 +225,7 @@ class Trainer:
             from lowmem_alignprop.commands.init_lora import check_init_lora
             with same_on_every_rank():
                 self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
-                                                 self.cfg.model_components)
+                                                 self.cfg.model_components, self.cfg.lora_layers)
         self.setup_accelerator()
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end
@@ -311,7 +311,8 @@ class Trainer:
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
             from lowmem_alignprop.commands.init_lora import start_from_lora
-            layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora)
+            layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
+                                     cfg.lora_layers)
             log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)

@@ -60,7 +60,7 @@ PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimize
                   "unet_checkpointing", "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
                   "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
                   "base_quant", "block_swap", "resolution", "sample_steps", "guidance_scale", "truncation", "k",
-                  "k_min", "k_max", "batch_size", "grad_accum", "lr", "lora_rank")
+                  "k_min", "k_max", "batch_size", "grad_accum", "lr", "lora_rank", "lora_layers")
 
 
 def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -16,6 +16,12 @@ def _gib_or_dash(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.3f}"
 
 
+def _layers(cfg: dict[str, Any]) -> str:
+    """The plan's LoRA line names lora_layers when it is not the default attention projections."""
+    layers = cfg.get("lora_layers", "attention")
+    return "" if layers == "attention" else f", {layers}"
+
+
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
     cfg, est = r["config"], r["estimate"]
@@ -33,7 +39,7 @@ def format_plan(r: dict[str, Any]) -> str:
         f"target {r['target']} ({r['autocast']})",
         f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
         f"{cfg['sample_steps']} steps, "
-        + (f"lora (r={cfg['lora_rank']})" if cfg["train_unet"] == "lora" else "the full UNet trains")
+        + (f"lora (r={cfg['lora_rank']}{_layers(cfg)})" if cfg["train_unet"] == "lora" else "the full UNet trains")
         + f", {cfg['optimizer']}",
         f"  features: {', '.join(feats)}",
         "",

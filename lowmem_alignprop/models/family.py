@@ -57,7 +57,7 @@ class UNetFamily:
 
     def add_lora(self, model, cfg):
         from lowmem_alignprop.models.loading import add_lora
-        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed, cfg.lora_layers)
 
     def lora_state_dict(self, model) -> dict:
         from lowmem_alignprop.models.loading import lora_state_dict
@@ -75,7 +75,7 @@ class UNetFamily:
 class FlowFamily(UNetFamily):
     """SD3/SD3.5 (``sd3``) and FLUX.1 (``flux``): the schedule, guidance and Euler steps of the model's own
     pipeline (:mod:`lowmem_alignprop.models.flow`), the prompt set encoded once (T5-XXL leaves the device after),
-    LoRA on the attention projections saved in the pipeline's peft key format."""
+    LoRA (models/lora_layers.py) saved in the pipeline's peft key format."""
     flow = True
 
     def __init__(self, comps):
@@ -157,7 +157,7 @@ class FlowFamily(UNetFamily):
         return "sdpa"
 
     def add_lora(self, model, cfg):
-        return flow.add_flow_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        return flow.add_flow_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed, cfg.lora_layers)
 
     def lora_state_dict(self, model) -> dict:
         from peft.utils import get_peft_model_state_dict
@@ -232,15 +232,16 @@ def family_for(comps) -> UNetFamily:
 
 
 def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", dtype=None,
-                     host_blocks: int = 0, text_only: bool = False) -> None:
+                     host_blocks: int = 0, text_only: bool = False, lora_layers: str = "attention") -> None:
     """An architecture-only model built on meta gets random weights on ``device`` (drawn there: a 12B transformer
     is initialised on the GPU in seconds, never on the CPU). With ``base_quant`` int8/nf4/fp8 the transformer is
     drawn and quantized (fp8: stored in fp8, the LoRA targets after LoRA) one block at a time
     (``block_loading.materialize_quantized``): FLUX's 23.8 GB of bf16 never exist at once.
     ``host_blocks`` (block_swap): the first N blocks end up in CPU memory, drawn on the device one at a time.
     ``text_only``: the text encoders only (the trainer encodes its prompts before the transformer exists); a
-    second call makes the rest, with the same weights as one call."""
+    second call makes the rest, with the same weights as one call. ``lora_layers``: which layers fp8 keeps."""
     from lowmem_alignprop.memory.quant import BNB_MODES
+    from lowmem_alignprop.models.lora_layers import lora_targets
     from lowmem_alignprop.models.block_loading import materialize, materialize_quantized
 
     for i, module in enumerate((comps.unet, comps.vae, *comps.text_encoders())):
@@ -249,7 +250,7 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
         if module is comps.unet and (base_quant in BNB_MODES or base_quant == "fp8" or host_blocks):
             # fp8: each block stored in fp8 as it is drawn, but the LoRA targets (after LoRA: apply_memory_features)
             materialize_quantized(module, device, base_quant, dtype or torch.bfloat16, seed=seed + i,
-                                  host_blocks=host_blocks, keep=flow.FLOW_LORA_TARGETS if base_quant == "fp8" else ())
+                                  host_blocks=host_blocks, keep=tuple(lora_targets(lora_layers, flow=True)) if base_quant == "fp8" else ())
             continue
         # the text encoders are made on the CPU, where the placement keeps them (T5-XXL: 9.5 GB in bf16)
         on = device if module in (comps.unet, comps.vae) else "cpu"
@@ -272,7 +273,8 @@ def encode_then_read(comps, place, device, cfg, prompts, dtype):
     embed.encode_all()
     read_transformer(comps)  # a checkpoint's, block by block to the device (block swap's blocks to the CPU)
     if comps.meta:  # random weights drawn on the device, never initialised on the CPU
-        materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=dtype, host_blocks=cfg.block_swap)
+        materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=dtype, host_blocks=cfg.block_swap,
+                         lora_layers=cfg.lora_layers)
     return embed
 
 

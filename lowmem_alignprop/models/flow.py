@@ -33,14 +33,10 @@ from lowmem_alignprop.models.sampling import decode as _decode_latents
 from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor,
                                              with_repeated_embeds)
 
-__all__ = ["FLOW_LORA_TARGETS", "FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
+__all__ = ["FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
            "draw_k", "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity",
            "image_seq_len", "initial_latents", "last_step_draws", "latent_image_ids", "latent_size", "pack",
            "rollout", "sample_images", "save_flow_lora", "set_flow_timesteps", "unpack"]
-
-# The attention projections of both transformer families: the image stream (to_q/k/v, to_out.0) and, in the
-# joint (MM-DiT) blocks, the text stream (add_*_proj, to_add_out). FLUX's single blocks have to_q/k/v only.
-FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 SD3, FLUX = "sd3", "flux"
 
@@ -384,16 +380,15 @@ def enable_block_checkpointing(transformer) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def add_flow_lora(transformer, rank: int, alpha: float | None = None, seed: int = 0,
-                  targets=FLOW_LORA_TARGETS) -> list[torch.nn.Parameter]:
-    """peft LoRA adapters on the transformer's attention projections; only they train. Returns their parameters
-    (fp32, whatever the transformer's dtype)."""
-    from peft import LoraConfig
+                  layers: str = "attention") -> list[torch.nn.Parameter]:
+    """peft LoRA adapters on the transformer's ``layers`` (models/lora_layers.py); only they train. Returns their
+    parameters (fp32, whatever the transformer's dtype)."""
+    from lowmem_alignprop.models.lora_layers import lora_config
 
     transformer.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                           target_modules=list(targets)))
+        transformer.add_adapter(lora_config(rank, alpha, layers, flow=True))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -30,7 +30,6 @@ from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet attention projections, as AlignProp does
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 ARCH_NAMES = ("sd15", "sd21", "sdxl")
 # --model toy: the toy world's pretrained SD-shaped model that ships with the package (docs/toy_world.md), a plain
@@ -227,8 +226,9 @@ def _placement(cfg, quant: str, dtype: torch.dtype, device) -> Placement:
         return Placement(quant, dtype, q.target_device(), host)
     to = device if device is not None and not getattr(cfg, "deepspeed_zero", 0) else "cpu"
     if getattr(cfg, "base_quant", "none") == "fp8" and device is not None:
-        from lowmem_alignprop.models.flow import FLOW_LORA_TARGETS
-        return Placement("fp8", dtype, torch.device(to), host, tuple(FLOW_LORA_TARGETS))
+        from lowmem_alignprop.models.lora_layers import lora_targets
+        return Placement("fp8", dtype, torch.device(to), host,
+                         tuple(lora_targets(getattr(cfg, "lora_layers", "attention"), flow=True)))
     return Placement("none", dtype, torch.device(to), host)
 
 
@@ -433,15 +433,15 @@ def set_attention(unet, vae, attention: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def add_lora(unet, rank: int, alpha: float | None, seed: int) -> list[torch.nn.Parameter]:
-    """Add peft LoRA adapters to the attention projections; only they train. Returns their parameters."""
-    from peft import LoraConfig
+def add_lora(unet, rank: int, alpha: float | None, seed: int, layers: str = "attention") -> list[torch.nn.Parameter]:
+    """Add peft LoRA adapters to the UNet's ``layers`` (models/lora_layers.py); only they train. Returns their
+    parameters."""
+    from lowmem_alignprop.models.lora_layers import lora_config
 
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        unet.add_adapter(lora_config(rank, alpha, layers, flow=False))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # LoRA weights and their optimizer state stay fp32 for stable updates
@@ -464,10 +464,9 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     Returns the weights file. A damaged checkpoint or a full fine-tune's raises UserError."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.models.flow import FLOW_LORA_TARGETS
+    from lowmem_alignprop.models.lora_layers import lora_config
     from lowmem_alignprop.models.lora_metadata import lora_metadata
     from lowmem_alignprop.run import checkpoint as ckpt
 
@@ -489,8 +488,8 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     rank = run_cfg.get("lora_rank") or 4
     # an SD3/FLUX transformer's blocks: saved as its pipeline saves them (peft's keys under transformer.)
     flow = all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights)
-    config = LoraConfig(r=rank, lora_alpha=run_cfg.get("lora_alpha") or rank, init_lora_weights="gaussian",
-                        target_modules=FLOW_LORA_TARGETS if flow else LORA_TARGETS)
+    # a checkpoint from before lora_layers existed trained the attention projections
+    config = lora_config(rank, run_cfg.get("lora_alpha"), run_cfg.get("lora_layers") or "attention", flow)
     folder.mkdir(parents=True, exist_ok=True)
     if flow:
         from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header

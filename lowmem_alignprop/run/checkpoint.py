@@ -47,7 +47,7 @@ DIRNAME = "checkpoints"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 # Config fields that must match to resume: they change what the saved tensors mean or their shapes.
-STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "optimizer", "deepspeed_zero")
+STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "lora_layers", "optimizer", "deepspeed_zero")
 # Fields a resumed run may change silently (the rest change with a warning).
 FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
                "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps", "budget_gb", "eval_every",
@@ -264,6 +264,8 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         ours, theirs = getattr(cfg, name), saved.get(name)
         if name == "lora_alpha":  # None means "equal to the rank"
             ours, theirs = ours or cfg.lora_rank, theirs or saved.get("lora_rank")
+        if name == "lora_layers":  # a checkpoint from before lora_layers existed trained the attention projections
+            theirs = theirs or "attention"
         if ours != theirs:
             raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
                             f"resume with --set {name}={theirs}, or start a new run in another --output-dir")

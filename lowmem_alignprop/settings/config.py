@@ -108,7 +108,11 @@ class Config:
                                   "no image is pushed past the cap (a one-sided control against over-optimisation; "
                                   "reward_target is two-sided). Logged rewards stay uncapped.")
     train_unet: str = _f("lora", "Train LoRA adapters (default) or the full UNet.", ("lora", "full"))
-    lora_rank: int = _f(4, "LoRA rank on the UNet attention projections.")
+    lora_rank: int = _f(4, "LoRA rank of every adapted layer (lora_layers).")
+    lora_layers: str = _f("attention", "Which layers get LoRA adapters: attention (the attention projections q, k, v "
+                          "and out, as AlignProp trains) or attention+ff (also the transformer blocks' feed-forward "
+                          "layers, FLUX's single-block MLP and output included: 2-2.5x the adapter's parameters and "
+                          "optimizer state; the kohya/ComfyUI exports name them too).", ("attention", "attention+ff"))
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
     init_lora: str = _f("", "Start from an existing LoRA instead of a fresh one (--init-lora): a run's lora/ folder, a "
                         "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, or a peft adapter "
@@ -386,6 +390,13 @@ class Config:
             raise UserError("base_quant=fp8 upcasts each layer's weights while it runs, and backward keeps the upcast "
                             "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
                             "at a time), or use --set base_quant=int8")
+        if self.base_quant == "fp8" and self.lora_layers != "attention":
+            from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
+            if model_kind_of(self.model, self.model_components) in FLOW_KINDS:
+                # an SD3/FLUX transformer is read with its LoRA's layers in bf16 until the adapter is on them
+                raise UserError(f"base_quant=fp8 reads the transformer with the LoRA's layers in bf16 until the "
+                                f"adapter is added; with lora_layers={self.lora_layers} that is most of the model: use "
+                                "--set base_quant=int8 (or nf4), or --set lora_layers=attention")
         if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")

@@ -23,6 +23,7 @@ def sd3_kind(num_layers: int) -> str:
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
                      "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
 FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), not UNets
+FLOW_KINDS = ("sd35m", "sd35l", "flux")  # the model kinds of those families
 NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
@@ -76,7 +77,7 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
     model_components, a hub id in the local hub cache. None: not a flow model, or its files do not tell (the
     trainer checks the loaded model: models/family.check_supported)."""
     kind, folder = _kind_and_folder(model, components, False)
-    if kind not in ("sd35m", "sd35l", "flux"):
+    if kind not in FLOW_KINDS:
         return None
     try:
         transformer, vae = (json.loads(_model_file(folder, name, False).read_text())
@@ -91,7 +92,7 @@ def flow_block_count(model: str) -> int | None:
     swap takes), from its config before anything loads: the shipped sd35m/sd35l/flux, a folder, a hub id in the
     local hub cache. None for other models and for a transformer file (its own header tells; the loader checks)."""
     kind, folder = _kind_and_folder(model, "", False)
-    if kind not in ("sd35m", "sd35l", "flux"):
+    if kind not in FLOW_KINDS:
         return None
     try:
         config = json.loads(_model_file(folder, "transformer/config.json", False).read_text())

@@ -1,0 +1,54 @@
+"""Which layers carry the trained LoRA (config ``lora_layers``): the one place that names peft's
+``target_modules`` for every model family.
+
+* ``attention`` (AlignProp's choice): the attention projections -- a UNet's ``to_q/to_k/to_v/to_out.0``; an
+  SD3/FLUX transformer's image stream (the same four) and, in its joint blocks, the text stream
+  (``add_q/k/v_proj``, ``to_add_out``). FLUX's single blocks have ``to_q/k/v`` only.
+* ``attention+ff``: also the transformer blocks' feed-forward layers -- a UNet's ``ff.net.0.proj`` (GEGLU's input)
+  and ``ff.net.2``; SD3/FLUX's ``ff``/``ff_context``, and FLUX's single blocks' MLP input ``proj_mlp`` and their
+  output ``proj_out`` (attention and MLP joined). What kohya sd-scripts and ai-toolkit train for FLUX by default.
+
+Names are peft suffixes (``ff.net.2`` matches ``...transformer_blocks.0.ff.net.2``). The transformers' top-level
+``proj_out`` (the last layer, to patches) is no block's and stays without LoRA.
+"""
+
+from __future__ import annotations
+
+LORA_LAYERS = ("attention", "attention+ff")
+UNET_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
+FLOW_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+UNET_FF = ["ff.net.0.proj", "ff.net.2"]
+FLOW_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+TOP_LEVEL_OUT = "proj_out"  # peft's exclude_modules as a string is a regex on the whole name: the top-level only
+
+
+def lora_targets(layers: str, flow: bool) -> list[str]:
+    """peft's ``target_modules`` for ``layers`` (one of :data:`LORA_LAYERS`) of a UNet or an SD3/FLUX transformer."""
+    if layers not in LORA_LAYERS:
+        raise ValueError(f"lora_layers={layers!r}: one of {', '.join(LORA_LAYERS)}")
+    attention = FLOW_ATTENTION if flow else UNET_ATTENTION
+    return list(attention) + (list(FLOW_FF if flow else UNET_FF) if layers == "attention+ff" else [])
+
+
+def lora_config(rank: int, alpha: float | None, layers: str, flow: bool):
+    """The peft ``LoraConfig`` of a fresh adapter: gaussian A, zero B (the base model's images at step 0)."""
+    from peft import LoraConfig
+
+    targets = lora_targets(layers, flow)
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets,
+                      exclude_modules=peft_exclude(targets))
+
+
+def peft_exclude(targets) -> str | None:
+    """peft's ``exclude_modules`` for ``targets``: the top-level ``proj_out`` when a block's ``proj_out`` is one."""
+    return TOP_LEVEL_OUT if TOP_LEVEL_OUT in targets else None
+
+
+def layers_training(module: str, flow: bool) -> str | None:
+    """The first of :data:`LORA_LAYERS` whose adapter covers ``module`` (a module path), None when none does."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for layers in LORA_LAYERS:
+        if check_target_module_exists(lora_config(1, None, layers, flow), module):
+            return layers
+    return None
