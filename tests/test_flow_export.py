@@ -191,13 +191,15 @@ def test_kohya_keys_are_what_comfyui_maps_and_each_fused_delta_is_the_parts(case
     assert covered == set(case["modules"])  # every trained layer is in the file
 
 
-def test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora(tmp_path):
+@pytest.mark.parametrize("layers", ["attention", "attention+ff"])
+def test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora(tmp_path, layers):
     """diffusers' own kohya FLUX reader (``_convert_kohya_flux_lora_to_diffusers``, from sd-scripts' converter) on
-    our file reproduces base + LoRA. It splits single blocks' linear1 at FLUX.1's own widths (3072/12288) only, so
-    this model has double-stream blocks only; the test below checks linear1 at FLUX.1's width."""
+    our file reproduces base + LoRA (with attention+ff: img_mlp and txt_mlp too). It splits single blocks' linear1
+    at FLUX.1's own widths (3072/12288) only, so this model has double-stream blocks only; the test below checks
+    linear1 at FLUX.1's width."""
     from diffusers import FluxPipeline
 
-    made = _make_lora(build_tiny_flux_dir(tmp_path / "base", single_layers=0), tmp_path / "run", "flux")
+    made = _make_lora(build_tiny_flux_dir(tmp_path / "base", single_layers=0), tmp_path / "run", "flux", layers)
     out = export(tmp_path, made["lora"], "--format", "kohya")
     pipe = FluxPipeline.from_pretrained(made["base"])
     pipe.load_lora_weights(str(next(out.glob("*.safetensors"))))
