@@ -17,6 +17,7 @@ from lowmem_alignprop.settings.config import field_help
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
+from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
 
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                             else f"the commands are {', '.join(COMMANDS)} (see lowmem-alignprop --help)"))
         if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
             quiet_libraries()  # no library (torch and diffusers take seconds; a Ctrl-C meanwhile is said below)
-        return handler(argv)
+        with telling_ctrl_c():  # a user's reward that raises KeyboardInterrupt is told from the user's Ctrl-C
+            return handler(argv)
     except UserError as e:
         return _report(e)
     except KeyboardInterrupt:

@@ -354,15 +354,63 @@ def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, name
 
 
 def test_a_reward_that_exits_at_start_up_is_one_line(tmp_path, capsys, monkeypatch, tiny_dir):
+    """sys.exit, or a KeyboardInterrupt the reward's own code raises (not the user's Ctrl-C: that one is "interrupted",
+    exit 130), in its call or at its import: one line naming the reward, exit 2."""
     (tmp_path / "qa_exit_now.py").write_text("import sys\ndef reward(images, prompts):\n    sys.exit(0)\n")
     (tmp_path / "qa_exit_import.py").write_text("import sys\nsys.exit('no GPU here')\n")
+    (tmp_path / "qa_interrupt_now.py").write_text("def reward(images, prompts):\n    raise KeyboardInterrupt\n")
+    (tmp_path / "qa_interrupt_import.py").write_text("raise KeyboardInterrupt\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for spec, needle in [("qa_exit_now:reward", "raised SystemExit: 0; fix the function"),
-                         ("qa_exit_import:reward", "importing module 'qa_exit_import' failed with SystemExit: no GPU")]:
+                         ("qa_exit_import:reward", "importing module 'qa_exit_import' failed with SystemExit: no GPU"),
+                         ("qa_interrupt_now:reward", "raised KeyboardInterrupt: KeyboardInterrupt; fix the function"),
+                         ("qa_interrupt_import:reward", "importing module 'qa_interrupt_import' failed with "
+                                                        "KeyboardInterrupt")]:
         assert main([*FAST, "--output-dir", str(tmp_path / "run"), "--reward", spec]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err[-2000:]
         assert not (tmp_path / "run").exists()
+
+
+FAILING_OUTSIDE_STEPS = """
+import os, torch
+calls = {"n": 0}
+
+def reward(images, prompts):
+    if not torch.is_grad_enabled():  # the start-up check, the before images, then those of the steps
+        calls["n"] += 1
+        if calls["n"] == int(os.environ["QA_FAIL_AT"]):
+            raise KeyboardInterrupt if os.environ["QA_FAIL_KIND"] == "interrupt" else ValueError("bad image")
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.mark.parametrize("kind, model, sets, skipped", [
+    ("interrupt", "tiny", ["--sample-every", "2", "--set", "sample_prompts=1"], "(no samples at step 2)"),
+    ("error", "toy", ["--set", "fidelity_images=2", "--set", "fidelity_every=2"], "(no fidelity figures at step 2)")])
+def test_a_reward_that_fails_on_the_images_between_steps_leaves_them_out_and_trains_on(kind, model, sets, skipped,
+                                                                                        tmp_path, monkeypatch, caplog):
+    """The reward fails (KeyboardInterrupt it raises itself, or an error) on --sample-every's images or on the toy
+    world's judged ones (fidelity_every) after step 2: a warning naming the images and their fix, and every step
+    trains, records and saves (before: exit 130 or 2 with no checkpoint, steps 1-2 lost, the folder unusable)."""
+    import logging
+
+    (tmp_path / f"qa_between_{kind}.py").write_text(FAILING_OUTSIDE_STEPS)  # a module of its own: its own counter
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QA_FAIL_AT", "3")  # 1: the start-up check, 2: the before images, 3: step 2's
+    monkeypatch.setenv("QA_FAIL_KIND", kind)
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*FAST, "--model", model, "--output-dir", str(out), "--steps", "3", "--reward", f"qa_between_{kind}:reward",
+                 "--set", "batch_size=1", *sets]) == 0
+    warned = [r.getMessage() for r in caplog.records if skipped in r.getMessage()]
+    assert len(warned) == 1, caplog.text[-2000:]
+    fix = "skip the samples with --set sample_prompts=0" if kind == "interrupt" else \
+        "leave them out with --set fidelity_images=0"
+    assert f"raised {'KeyboardInterrupt' if kind == 'interrupt' else 'ValueError'}" in warned[0] and fix in warned[0]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert ckpt.find_resume(out, "latest").name == "step-00000003"
 
 
 def test_a_gradient_that_never_reaches_the_lora_stops_the_run(tmp_path, capsys, monkeypatch, tiny_dir):

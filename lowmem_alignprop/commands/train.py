@@ -52,7 +52,7 @@ from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
-from lowmem_alignprop.run.stop_request import StopRequest
+from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
 from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
@@ -355,9 +355,9 @@ class Trainer:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
         try:
             return self.reward(images, batch_prompts).float()
-        except (UserError, KeyboardInterrupt, *faults.OOM_ERRORS):
+        except (UserError, CtrlC, *faults.OOM_ERRORS):  # a KeyboardInterrupt the reward raises is its own failure
             raise
-        except BaseException as e:  # the user's code: any failure, sys.exit included
+        except BaseException as e:  # the user's code: any failure, sys.exit and KeyboardInterrupt included
             raise UserError(f"the reward {self.cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
                             f"{fix}") from None
 
@@ -461,7 +461,9 @@ class Trainer:
         # image on a CPU than chunks of 4), at least a training micro-batch (it fits with gradients, so surely
         # without); image n's own seed: the same images whatever the chunk
         chunk = max(self.cfg.batch_size, JUDGE_PIXELS // self.cfg.resolution ** 2)
-        images, scores = render_fixed_seed(self.generate, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET, chunk,
+        render = functools.partial(self.generate, when="while scoring the toy world's judged images",
+                                   fix="fix it, or leave them out with --set fidelity_images=0")
+        images, scores = render_fixed_seed(render, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET, chunk,
                                            per_image=True)
         # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
         return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
@@ -790,12 +792,15 @@ class Trainer:
 
     def judge_if_due(self, step: int) -> dict:
         """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line (eval_reward*
-        beside the fidelity_* rates); out of memory skips them, as it does the sample grid."""
+        beside the fidelity_* rates); out of memory or the reward's error skips them, as they do the sample grid."""
         cfg = self.cfg
         if not (cfg.fidelity_every and step % cfg.fidelity_every == 0):
             return {}
         try:
             judged = self.judge() or {}
+        except UserError as e:  # the reward's error on the judged images: training goes on without the figures
+            log.warning("%s (no fidelity figures at step %d)", e, step)
+            return {}
         except faults.OOM_ERRORS:
             self.skip_out_of_memory(f"judging the images of step {step}", "a smaller --set fidelity_images")
             return {}
@@ -941,7 +946,7 @@ class Trainer:
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
             self.samples_skipped = "the reward failed on them"
-        except KeyboardInterrupt:
+        except CtrlC:
             log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
             self.samples_skipped = f"{self.stop.name} while they were rendered"
         self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written

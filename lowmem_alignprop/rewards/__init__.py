@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
@@ -129,7 +130,7 @@ def _import_user(term: str) -> tuple[object, str]:
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
                         f"(install it, add its folder to PYTHONPATH or run from that folder), give its file "
                         f"('path/to/file.py:function') or use a built-in reward: {_names_hint()}") from exc
-    except (KeyboardInterrupt, UserError):
+    except (CtrlC, UserError):  # a plain KeyboardInterrupt is the module's own
         raise
     except BaseException as exc:  # a SyntaxError, an error or sys.exit at the module's top level: the user's code
         what = f"{exc.msg} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else first_line(exc)
@@ -203,7 +204,7 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     call = f"{callable_label(builder)}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
         return builder(**kwargs), call
-    except (UserError, torch.cuda.OutOfMemoryError, MemoryError, KeyboardInterrupt):  # out of memory stays itself
+    except (UserError, torch.cuda.OutOfMemoryError, MemoryError, CtrlC):  # out of memory stays itself
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit included
         raise UserError(f"reward {term!r}: building it failed with {type(e).__name__}: {first_line(e)} (called "
@@ -335,7 +336,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
         scores = reward(images, pair)
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
-    except KeyboardInterrupt:
+    except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit included
         raise UserError(f"{what} raised {type(e).__name__}: {first_line(e)}; fix the function") from None
@@ -346,7 +347,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
                         "new tensor inside?): AlignProp needs a differentiable reward")
     try:  # one backward, as training does: requires_grad alone passes a tensor made with requires_grad=True
         (grad,) = torch.autograd.grad(scores.sum(), images, allow_unused=True)
-    except KeyboardInterrupt:
+    except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
         raise
     except BaseException as e:
         raise UserError(f"{what} returned scores whose backward raised {type(e).__name__}: {first_line(e)}; "

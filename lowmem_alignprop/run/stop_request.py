@@ -18,12 +18,37 @@ log = logging.getLogger("lowmem_alignprop")
 ECHO_S = 2.0  # a second signal within this long of the first is the same request delivered twice (see _handle)
 
 
+class CtrlC(KeyboardInterrupt):
+    """The KeyboardInterrupt a real SIGINT raises while a command runs (:func:`telling_ctrl_c`; a stop request's
+    ``raise_now``). A plain KeyboardInterrupt was raised by code -- a user's reward -- and is that code's failure."""
+
+
+def _raise_ctrl_c(signum, frame):
+    raise CtrlC
+
+
+@contextlib.contextmanager
+def telling_ctrl_c():
+    """While in, Ctrl-C raises :class:`CtrlC` instead of Python's KeyboardInterrupt, so that a user's code that raises
+    KeyboardInterrupt itself is told from the user's Ctrl-C (main thread only: signals reach no other)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # someone else's handler: theirs
+        yield
+        return
+    signal.signal(signal.SIGINT, _raise_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class StopRequest:
     """SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit 0. A second signal, Ctrl-C or SIGTERM,
     aborts at once (``on_abort`` runs first: the run's lock is released); under a launcher only a second Ctrl-C does
     (its SIGTERM is how it passes the first Ctrl-C on). ``saved()``: the step of the run's newest checkpoint, or None,
     for the abort's message. With ``raise_now`` set (the after samples, which only cost time), the first signal raises
-    KeyboardInterrupt there so that the run goes straight to writing its LoRA."""
+    :class:`CtrlC` there so that the run goes straight to writing its LoRA."""
 
     def __init__(self, on_abort: Callable[[], None] | None = None, saved: Callable[[], int | None] | None = None):
         self.name: str | None = None  # what asked for the stop: this process's signal, or another process
@@ -44,7 +69,7 @@ class StopRequest:
         self._first = time.monotonic()
         self.name = self.name or name
         if self.raise_now:
-            raise KeyboardInterrupt
+            raise CtrlC
         again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
                  else "Ctrl-C again to abort")
         if global_rank() == 0:  # once per run, not once per process
