@@ -425,3 +425,43 @@ def test_default_out_is_beside_the_run_and_never_overwrites(sd):
         (first / "x").unlink()
         first.rmdir()
         first.parent.rmdir()
+
+
+def test_a_run_folder_with_the_longest_name_exports_a_file_name_that_fits(sd, tmp_path):
+    """A run folder named with all 255 bytes a file system allows (two-byte characters): the kohya file's name takes
+    its first STEM_BYTES bytes, whole characters, and the file loads (before: "File name too long", a traceback)."""
+    long_name = "ü" * 127  # 254 bytes in UTF-8
+    run = tmp_path / long_name
+    shutil.copytree(sd["run"], run)
+    out = export(tmp_path, run / "lora", "--format", "kohya")
+    (file,) = out.glob("*.safetensors")
+    assert file.name == "ü" * (formats.STEM_BYTES // 2) + "_alignprop_lora.safetensors"
+    assert len(file.name.encode()) < 255
+    pipe = sd["cls"].from_pretrained(sd["base"])
+    pipe.load_lora_weights(str(file))
+    assert_rel_close(unet_out(pipe.unet, False), sd["ref"], SAME_OPS, "kohya file of a long-named run")
+
+
+def test_a_failed_export_at_the_end_of_a_run_is_one_logged_line_and_the_run_goes_on(sd, tmp_path, monkeypatch, caplog):
+    """export_format's export fails with a writer's own error (safetensors raises neither OSError nor UserError): the
+    run's files stay, one error line says how to export again, and the other formats still export."""
+    import logging
+
+    from lowmem_alignprop.settings.config import Config
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+
+    class SafetensorLikeError(Exception):
+        pass
+
+    def failing(*a, **kw):
+        raise SafetensorLikeError("Error while serializing: I/O error")
+
+    monkeypatch.setattr(lx, "write_kohya", failing)
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    lx.export_at_end(Config(export_format="kohya,peft"), run / "lora")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "export --format kohya failed (SafetensorLikeError: Error while serializing" in \
+        errors[0] and f"lowmem-alignprop export --lora {run / 'lora'} --format kohya` tries again" in errors[0]
+    assert not (run / "export" / "kohya").exists() and (run / "export" / "peft" / "adapter_model.safetensors").is_file()

@@ -174,9 +174,9 @@ def export_at_end(cfg, lora_dir: Path) -> None:
             out = default_out(lora, fmt, False)
             export(lora, fmt, out, command=command)
             log.info("exported the LoRA (%s) to %s", fmt, out)
-        except (UserError, OSError) as e:
-            log.error("export --format %s failed (%s); the LoRA is in %s: `%s` tries again", fmt,
-                      first_line(e, 160), lora_dir, command)
+        except Exception as e:  # noqa: BLE001 (a writer's own errors too, safetensors': the run's files are complete)
+            log.error("export --format %s failed (%s: %s); the LoRA is in %s: `%s` tries again", fmt,
+                      type(e).__name__, first_line(e, 160), lora_dir, command)
             continue
         if push:
             pushed = True
