@@ -224,6 +224,25 @@ def test_a_kill_while_the_lora_is_written_leaves_no_half_and_resume_writes_it(tm
     assert final_lora.outputs_problem(out) is None and atomic.leftovers(out) == []
 
 
+def test_a_kill_while_the_end_of_run_export_is_written_resumes_into_the_export(tmp_path, tiny_dir, caplog):
+    """A SIGKILL just before export_format's kohya folder is renamed into place (the LoRA and summary are whole):
+    --resume latest writes the export (before: "nothing left to train", the export missing and its temporary folder
+    left for good); then the run is whole and a further --resume has nothing to do."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: "kohya:kill"}
+    args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "1", "--set",
+            "export_format=kohya"]
+    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert final_lora.outputs_problem(out) is None and not (out / "export" / "kohya").exists()
+    assert [p.name.split("-", 2)[-1] for p in atomic.leftovers(out)] == ["kohya"]
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "but its kohya export is missing: writing its outputs again from checkpoint" in caplog.text
+    assert len(list((out / "export" / "kohya").glob("*.safetensors"))) == 1 and atomic.leftovers(out) == []
+    assert main([*args, "--resume", "latest"]) == 2  # whole now
+
+
 def test_export_writes_a_damaged_or_missing_lora_again_from_the_checkpoint(finished, tmp_path, caplog):
     out, _ = finished
     run = tmp_path / "run"

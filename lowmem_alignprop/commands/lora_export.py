@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -145,6 +146,18 @@ def earlier_exports(lora_dir: Path) -> list[Path]:
     written = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name
                   and p.stat().st_mtime < written)
+
+
+def missing_exports(cfg, lora_dir: Path) -> list[str]:
+    """export_format's formats that have no export of the run's LoRA (``lora_dir``) in export/ (a kill cut the
+    export at the end of the run short, or it was deleted): what a --resume of the ended run writes again."""
+    weights = lora_dir / LORA_WEIGHT_NAME
+    folder = lora_dir.parent / "export"
+    if not weights.is_file():
+        return []
+    written = weights.stat().st_mtime
+    done = [p.name for p in folder.iterdir() if p.is_dir() and p.stat().st_mtime >= written] if folder.is_dir() else []
+    return [fmt for fmt in cfg.export_formats() if not any(re.fullmatch(rf"{fmt}(-\d+)?", name) for name in done)]
 
 
 def export_at_end(cfg, lora_dir: Path) -> None:

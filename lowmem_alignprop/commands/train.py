@@ -244,15 +244,19 @@ class Trainer:
         self.restore()
 
     def missing_outputs(self) -> str | None:
-        """A --resume of a run that ended (its last step, or an early stop) whose LoRA or summary is missing or damaged
-        (a full disk or a kill while they were written): what is missing. The run then trains no step and writes them
-        again from the checkpoint."""
+        """A --resume of a run that ended (its last step, or an early stop) whose LoRA, summary or export_format's
+        exports are missing or damaged (a full disk or a kill while they were written): what is missing. The run then
+        trains no step and writes them again from the checkpoint."""
         from lowmem_alignprop.commands.final_lora import outputs_problem
+        from lowmem_alignprop.commands.lora_export import missing_exports
 
         if (not ckpt.run_ended(self.point.state, self.cfg)
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
-        return outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
+        problem = outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
+        missing = [] if problem else missing_exports(self.cfg, self.out / "lora")
+        return problem or (f"its {' and '.join(missing)} export{'s are' if len(missing) > 1 else ' is'} missing"
+                           if missing else None)
 
     @staticmethod
     def is_rank0() -> bool:
