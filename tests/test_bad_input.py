@@ -17,6 +17,8 @@ import pytest
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 
 FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
         "--set", "batch_size=1"]
@@ -291,6 +293,30 @@ def test_resume_with_another_config(trained, capsys, change, needle):
     before = snapshot(trained)
     fails(capsys, [*FAST, *change, "--output-dir", str(trained), "--steps", "4", "--resume", "latest"], needle)
     assert snapshot(trained) == before
+
+
+def test_a_resume_that_fails_as_the_checkpoint_loads_leaves_config_and_command_as_they_were(trained, capsys,
+                                                                                          monkeypatch):
+    """A resume refused while its checkpoint is restored (after the models loaded) rewrote config.yaml with the
+    settings it never trained with and added its line to command.txt (the model card's command)."""
+    def refusing(*a, **kw):
+        raise UserError("checkpoint refused as it loads (test)")
+
+    monkeypatch.setattr(ckpt, "restore", refusing)
+    before = snapshot(trained)
+    fails(capsys, [*FAST, "--set", "lr=0.5", "--output-dir", str(trained), "--steps", "4", "--resume", "latest"],
+          "checkpoint refused as it loads (test)")
+    assert snapshot(trained) == before
+
+
+def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_model_loads(trained, tmp_path):
+    state = {**ckpt.read_state(ckpt.find_resume(trained, "latest")), "world_size": 2}
+    state["config"] = {**state["config"], "deepspeed_zero": 2}
+    cfg = Config(deepspeed_zero=2, steps=4)
+    with pytest.raises(UserError, match=r"holds DeepSpeed partitions of 2 processes; this run has 1: resume under "
+                                        r"accelerate launch --num_processes 2 -m lowmem_alignprop"):
+        ckpt.check_config(state, cfg, tmp_path / "step-2")
+    ckpt.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
 
 
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys):

@@ -237,11 +237,12 @@ class Trainer:
             where = self.device if self.place.where.get("reward") == "device" else "cpu"
             self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],
                        "on a test image without gradient (as for the sample images)")
-        self.write_config()
+        self.start_trackers()
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
         self.fidelity_before = self.judge()  # the toy world's exact evaluators, likewise
         self.restore()
+        self.write_config()
 
     def missing_outputs(self) -> str | None:
         """A --resume of a run that ended (its last step, or an early stop) whose LoRA, summary or export_format's
@@ -365,18 +366,22 @@ class Trainer:
             raise UserError(f"the reward {self.cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
                             f"{fix}") from None
 
+    def start_trackers(self) -> None:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.report_to != "none":
+            self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
+                                                                       if isinstance(v, (int, float, str, bool))})
+
     def write_config(self) -> None:
-        cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
+        """config.yaml and command.txt, once the checkpoint is restored: a resume that fails leaves them as they were."""
+        out = self.out
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
             elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
                 ckpt.append_line(out / COMMAND_FILE, self.command)
-        if cfg.report_to != "none":
-            self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
-                                                                       if isinstance(v, (int, float, str, bool))})
 
     def config_yaml(self) -> str:
         """config.yaml: the profile's name, the resolved configuration, and where --auto-fit's changes came from (its

@@ -38,6 +38,7 @@ import torch
 
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.runlock import world_size
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 log = logging.getLogger("lowmem_alignprop")
@@ -269,6 +270,12 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         if ours != theirs:
             raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
                             f"resume with --set {name}={theirs}, or start a new run in another --output-dir")
+    theirs, ours = int(state.get("world_size", 1)), world_size()
+    if saved.get("deepspeed_zero") and theirs != ours:  # each process holds its own partition of the state
+        how = ("without a launcher (python -m lowmem_alignprop ...)" if theirs == 1 else
+               f"under accelerate launch --num_processes {theirs} -m lowmem_alignprop ...")
+        raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {theirs} process{'es' * (theirs > 1)}; this "
+                        f"run has {ours}: resume {how}")
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
         raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
                         f"train; raise --steps above {state['step']} to continue")
@@ -531,11 +538,7 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
     import contextlib
 
     state = read_state(path) if state is None else state
-    if engine is not None:
-        if int(state.get("world_size", 1)) != accelerator.num_processes:
-            raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {state.get('world_size')} processes; "
-                            f"this run has {accelerator.num_processes}: resume with --num_processes "
-                            f"{state.get('world_size')}")
+    if engine is not None:  # its number of processes is this run's (check_config)
         engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=False)
     with (gather(modify=True) if gather is not None else contextlib.nullcontext()):
