@@ -264,7 +264,8 @@ class Config:
             v = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices and v not in choices:
-                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(map(str, choices))}: "
+                named = [str(c) for c in choices if c != ""]  # card's "" (the profile's) is said by leaving it out
+                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(named)}: "
                                 f"use --set {f.name}={_closest_choice(v, choices)}")
             t = hints[f.name]
             if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
@@ -280,6 +281,8 @@ class Config:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
         if not self.output_dir.strip():
             raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
+        if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
+            raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
         kind = kind_of(Path(self.output_dir).expanduser())
         if kind in ("dangling symlink", "symlink loop", "special file"):
             raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
@@ -570,7 +573,9 @@ def _check_flow_resolution(cfg: Config) -> None:
 
 
 def _closest_choice(value, choices) -> str:
-    """The choice a mistyped value meant (same letters in another case, or the nearest spelling), else the first."""
+    """The choice a mistyped value meant (same letters in another case, or the nearest spelling), else the first that
+    is not empty."""
+    choices = [c for c in choices if c != ""]
     text = str(value).strip().lower()
     for c in choices:
         if str(c).lower() == text:
