@@ -465,3 +465,20 @@ def test_a_failed_export_at_the_end_of_a_run_is_one_logged_line_and_the_run_goes
     assert len(errors) == 1 and "export --format kohya failed (SafetensorLikeError: Error while serializing" in \
         errors[0] and f"lowmem-alignprop export --lora {run / 'lora'} --format kohya` tries again" in errors[0]
     assert not (run / "export" / "kohya").exists() and (run / "export" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_sample_of_a_kohya_or_peft_export_without_model_loads_the_base_it_was_trained_on(sd, tmp_path, capsys):
+    """Each export carries the run's base_model.json: `sample FILE` of the kohya file or the peft folder renders
+    on the model the LoRA was trained on, as `sample RUN/lora` does (before: the default model, and a shape error)."""
+    def rewards(spec, name):
+        out = tmp_path / name
+        assert main(["sample", str(spec), "--profile", "cpu", "--reward", "brightness", "--num-prompts", "1",
+                     "--set", "sample_steps=3", "--output-dir", str(out)]) == 0, capsys.readouterr().err[-2000:]
+        return [r for p in json.loads((out / "sample_results.json").read_text())["per_prompt"] for r in p["lora"]]
+
+    kohya = export(tmp_path / "k", sd["lora"], "--format", "kohya")
+    peft = export(tmp_path / "p", sd["lora"], "--format", "peft")
+    assert (kohya / LORA_BASE_FILE).is_file() and (peft / LORA_BASE_FILE).is_file()
+    ours = rewards(sd["lora"], "lora")
+    assert rewards(next(kohya.glob("*.safetensors")), "kohya") == pytest.approx(ours, rel=1e-5)
+    assert rewards(peft, "peft") == pytest.approx(ours, rel=1e-5)

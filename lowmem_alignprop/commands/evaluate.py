@@ -201,8 +201,10 @@ def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
     from lowmem_alignprop.settings.config import Config
 
+    named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
+    record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
     try:
-        model = json.loads((spec.file.parent / LORA_BASE_FILE).read_text()).get("model")
+        model = json.loads(record.read_text()).get("model")
     except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged: warn_other_base says so
         return None
     if not isinstance(model, str) or not model:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import Lora
-from lowmem_alignprop.commands.lora_formats import file_stem, write_diffusers, write_kohya, write_peft
+from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
 from lowmem_alignprop.commands.lora_merge import merged_pipeline, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
@@ -125,6 +125,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             files = [p.name for p in write_peft(lora, tmp)]
         else:
             files = [p.name for p in write_diffusers(lora, tmp)]
+        if pipe is None:
+            files += [p.name for p in write_base_record(lora, tmp)]
         grid = None
         # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
         source = (lora.run / "samples" / (GRID_NAME if lora.step is None else f"step-{lora.step:06d}.png")

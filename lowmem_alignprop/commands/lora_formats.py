@@ -110,11 +110,16 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
 
 def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
     shutil.copy2(lora.path / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
-    out = [folder / LORA_WEIGHT_NAME]
-    if (lora.path / LORA_BASE_FILE).is_file():
-        shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
-        out.append(folder / LORA_BASE_FILE)
-    return out
+    return [folder / LORA_WEIGHT_NAME]
+
+
+def write_base_record(lora: Lora, folder: Path) -> list[Path]:
+    """base_model.json beside an export's files (every format): ``sample`` of the export without --model loads the
+    model it was trained on, as for the run's lora/."""
+    if not (lora.path / LORA_BASE_FILE).is_file():
+        return []
+    shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
+    return [folder / LORA_BASE_FILE]
 
 
 STEM_BYTES = 120  # of the run folder's name in a file's: with the suffixes and a temporary prefix, under 255 bytes
