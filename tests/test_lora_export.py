@@ -104,8 +104,20 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if case["xl"] else "sd_v1")
+    assert meta["ss_v2"] == "False" and meta["modelspec.architecture"] == (
+        "stable-diffusion-xl-v1-base/lora" if case["xl"] else "stable-diffusion-v1/lora")
     assert meta["alignprop_reward"] == "colorfulness" and meta["alignprop_steps"] == "3"
     assert meta["alignprop_base_model"] == str(case["base"])
+
+
+def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
+    """A1111 takes a LoRA for SD 2.x only from ss_v2 == "True" (else SD1: hidden under an SD2 checkpoint); SD.Next
+    reads modelspec.architecture; sd-scripts writes both, v-prediction (SD 2.1 at 768 px) in the architecture."""
+    lora = lora_files.read_lora(str(sd["lora"]))
+    lora.base = {**lora.base, "model": "sd21"}  # the shipped SD 2.1 architecture: a v-prediction scheduler
+    meta = formats.kohya_metadata(lora)
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.architecture"]) == (
+        "sd_v2", "True", "stable-diffusion-v2-768-v/lora")
 
 
 def test_kohya_alpha_folds_a_per_layer_alpha_pattern(sd):

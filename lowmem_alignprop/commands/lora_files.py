@@ -231,6 +231,27 @@ def read_run(run: Path) -> tuple[dict, dict]:
     return (config if isinstance(config, dict) else {}), (summary if isinstance(summary, dict) else {})
 
 
+def _base_folder(spec: str) -> Path | None:
+    """The diffusers folder of a UNet base model, when its files are here: a shipped architecture, tiny, a folder."""
+    if spec in ("sd15", "sd21", "sdxl"):
+        from lowmem_alignprop.models.arch import arch_config_dir
+        return arch_config_dir(spec)
+    if spec == "tiny":
+        from lowmem_alignprop.models.tiny import tiny_model_dir
+        return tiny_model_dir()
+    return Path(spec).expanduser() if spec and Path(spec).expanduser().is_dir() else None
+
+
+def v_prediction(lora: Lora) -> bool:
+    """Whether the base model's scheduler predicts v (SD 2.x at 768 px): from its scheduler config when it is here."""
+    folder = _base_folder(lora.base_model or "")
+    try:
+        conf = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) if folder else {}
+    except (OSError, ValueError):
+        conf = {}
+    return conf.get("prediction_type") == "v_prediction"
+
+
 def base_family(lora: Lora) -> str:
     """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
@@ -241,12 +262,7 @@ def base_family(lora: Lora) -> str:
     known = {"sd15": SD_V1, "sd21": SD_V2, "sdxl": SDXL}
     if spec in known:
         return known[spec]
-    folder = None
-    if spec == "tiny":
-        from lowmem_alignprop.models.tiny import tiny_model_dir
-        folder = tiny_model_dir()
-    elif spec and Path(spec).expanduser().is_dir():
-        folder = Path(spec).expanduser()
+    folder = _base_folder(spec)
     if folder is not None and (folder / "unet" / "config.json").is_file():
         try:
             conf = json.loads((folder / "unet" / "config.json").read_text())

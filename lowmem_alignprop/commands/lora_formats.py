@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, base_family, denoiser_name, temporary_folder
+from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name,
+                                                 temporary_folder, v_prediction)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -71,6 +72,12 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
         meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules)
+    else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
+        version = meta["ss_base_model_version"]
+        meta["ss_v2"] = str(version == SD_V2)
+        arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
+            "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
+        meta["modelspec.architecture"] = f"{arch}/lora"
     return meta
 
 
