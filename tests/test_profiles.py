@@ -488,3 +488,35 @@ def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):
     p.write_text("batch_size: 3\nbatch_size: 4\n")  # the same key twice is still a mistake
     with pytest.raises(Exception, match="twice"):
         load_profile(str(p))
+
+
+def test_a_users_profile_file_wins_over_the_toy_models_defaults(tmp_path):
+    """The toy model's own size, steps, guidance, reward and batch go over a shipped profile's, but a profile file of
+    the user's own was written for the run: its values stay (they were silently replaced by the toy's)."""
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("resolution: 32\nsample_steps: 8\nguidance_scale: 5.0\nbatch_size: 2\nreward: brightness\n")
+    cfg = resolve_config(str(own), {"model": "toy"}, [])[1]
+    assert (cfg.resolution, cfg.sample_steps, cfg.guidance_scale, cfg.batch_size, cfg.reward) == (
+        32, 8, 5.0, 2, "brightness")
+    assert cfg.prompts == "toy-pairs"  # what the file leaves out is still the toy model's
+    shipped = resolve_config("cpu", {"model": "toy"}, [])[1]
+    assert (shipped.resolution, shipped.sample_steps, shipped.reward) == (64, 20, "toy_clip")
+
+
+def test_a_runs_config_yaml_given_as_profile_trains_that_configuration_again(tmp_path):
+    """config.yaml, "the fully resolved configuration", passed back as --profile: the same settings and model
+    (a new output folder; --auto-fit's record left out); flags still win. It failed on its profile: key."""
+    import dataclasses
+
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    name, first = resolve_config("cpu", {"model": "tiny", "steps": 7}, ["guidance_scale=5", "batch_size=2",
+                                                                        "lora_layers=attention+ff"])
+    run = tmp_path / "config.yaml"
+    run.write_text(yaml.safe_dump({"profile": name, **first.to_dict(), "auto_fit_search": {"chosen": {}}},
+                                  sort_keys=False))
+    again = resolve_config(str(run), {}, [])[1]
+    assert dataclasses.replace(again, output_dir=first.output_dir) == first
+    assert resolve_config(str(run), {"model": "toy"}, ["steps=3"])[1].model == "toy"

@@ -172,10 +172,14 @@ def _load_yaml(text: str):
         loader.dispose()
 
 
+RUN_RECORD_KEYS = ("profile", "output_dir", "auto_fit_search", "auto_fit_changes")  # a run's, not its settings'
+
+
 def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str, dict[str, Any]]:
-    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file. ``model``: the run's
-    --model (and ``components``, its model_components), from which 'auto' picks the card's profile made for it when
-    it can tell (:func:`profile_for_card`)."""
+    """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file -- a run's own
+    config.yaml too (it names its ``profile``): its settings and model, without its output_dir (a new run writes a
+    new folder) and --auto-fit's record. ``model``: the run's --model (and ``components``, its model_components),
+    from which 'auto' picks the card's profile made for it when it can tell (:func:`profile_for_card`)."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
         detected = detect_card()  # with a card, a hub id not downloaded yet is asked what it is (None: no card)
@@ -216,8 +220,11 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
     if not isinstance(data, dict):
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}
+    run_config = "profile" in data  # a run's config.yaml (commands/train.py config_yaml)
     for key, value in data.items():
-        if key in ("model", "output_dir"):
+        if run_config and key in RUN_RECORD_KEYS:
+            continue
+        if key in ("model", "output_dir") and not (run_config and key == "model"):
             raise UserError(f"profile {path} sets {key}: profiles choose memory features, not paths; "
                             f"pass --{key.replace('_', '-')} on the command line instead")
         try:
@@ -240,10 +247,11 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def with_model_defaults(values: dict[str, Any], model: str) -> dict[str, Any]:
-    """A profile's ``values`` with :data:`MODEL_DEFAULTS` of ``model`` on top; a K range past the model's DDIM steps
-    ends at its last step (the profile's K range was for the profile's step count)."""
-    defaults = MODEL_DEFAULTS.get(model, {})
+def with_model_defaults(values: dict[str, Any], model: str, own: bool = False) -> dict[str, Any]:
+    """A profile's ``values`` with :data:`MODEL_DEFAULTS` of ``model`` on top (``own``: the user's own profile file,
+    whose values win: it was written for this model); a K range past the model's DDIM steps ends at its last step
+    (the profile's K range was for the profile's step count)."""
+    defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if not (own and k in values)}
     values = {**values, **defaults}
     if "sample_steps" in defaults:
         for key in ("k", "k_min", "k_max"):
@@ -278,7 +286,9 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     if resumed is None:
         model = str(overrides.get("model", explicit.get("model", Config().model)))
         name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
-        values = with_model_defaults(values, model)
+        if "model" in values and "model" not in {**explicit, **overrides}:  # a run's config.yaml: its model
+            model = str(values["model"])
+        values = with_model_defaults(values, model, own=profile not in ("auto", *shipped_profiles()))
     else:
         name, values = resumed
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
