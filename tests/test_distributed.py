@@ -129,6 +129,7 @@ def test_two_processes_data_parallel(ddp):
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r in got:
         assert r["images"] == 2  # rewards gathered from both ranks (batch 1 each)
+        assert len(r["k_all"]) == 2  # and each rank's K (rank 0's alone before)
         assert r["loss"] == pytest.approx(-r["reward_mean"], abs=1e-6)  # the loss is averaged across ranks
     assert any(r["reward_std"] > 0 for r in got)  # the ranks sampled different prompts/noise
     assert lora_b_norm(out) > 0

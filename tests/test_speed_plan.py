@@ -393,6 +393,21 @@ def test_channels_last_gives_the_same_unet_output(tiny_dir):
     assert_rel_close(out, ref, REORDERED, "channels_last vs contiguous")
 
 
+def test_tf32_off_a_gpu_is_said_and_changes_nothing(tiny_dir, caplog):
+    """tf32 acts on NVIDIA tensor cores only: on the CPU a warning says it is off (it was accepted in silence, unlike
+    fp16 and xformers), and torch's TF32 switches stay as they were."""
+    import logging
+
+    from lowmem_alignprop.models.loading import apply_speed_features
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    apply_speed_features(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), Config(tf32=True).validate(),
+                         torch.device("cpu"))
+    assert "tf32 uses NVIDIA tensor cores: off on cpu" in caplog.text
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_compile_nograd_is_a_compiled_view_of_the_same_weights(tiny_dir):
     from lowmem_alignprop.models.loading import nograd_unet
 

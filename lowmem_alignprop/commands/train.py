@@ -519,7 +519,7 @@ class Trainer:
         if self.is_main:
             self.folder.start_metrics(point, self.history)
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
-        if point is not None:
+        if point is not None and self.is_main:
             log.info("resumed from %s at step %d", point.path, self.start)
 
     # ================================ the step ================================
@@ -614,6 +614,7 @@ class Trainer:
         acc = self.accelerator
         r_all = torch.cat(rewards_all).float()
         loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        ks = acc.gather(torch.tensor(ks, device=self.device)).tolist()  # every process's K, as its images are
         return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison

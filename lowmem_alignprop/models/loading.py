@@ -518,6 +518,8 @@ def apply_speed_features(unet, vae, cfg, device: torch.device) -> None:
     if cfg.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs)
         torch.backends.cudnn.allow_tf32 = True
+    elif cfg.tf32:  # as fp16 and xformers off a GPU: said, not silently dropped
+        log.warning("tf32 uses NVIDIA tensor cores: off on %s (the run computes in full fp32)", device.type)
     if cfg.compile == "regional":
         # regional compilation: each repeated transformer block compiled in place (diffusers' _repeated_blocks),
         # one compile reused by every block of the same shape, for no-grad, grad and recompute calls alike
