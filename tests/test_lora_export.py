@@ -494,3 +494,29 @@ def test_sample_of_a_kohya_or_peft_export_without_model_loads_the_base_it_was_tr
     ours = rewards(sd["lora"], "lora")
     assert rewards(next(kohya.glob("*.safetensors")), "kohya") == pytest.approx(ours, rel=1e-5)
     assert rewards(peft, "peft") == pytest.approx(ours, rel=1e-5)
+
+
+def test_export_of_best_is_of_its_step_as_a_checkpoints_export_is(sd, tmp_path, capsys):
+    """best/ (--eval-every) holds step N's LoRA: its export is named and captioned by that step (file, folder, card,
+    header, the step's --sample-every grid), not with the finished run's steps, rewards and grid under 'best_'."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    run = tmp_path / "myrun"
+    shutil.copytree(sd["run"], run)
+    shutil.copytree(sd["lora"], run / "best")
+    (run / "best" / "best.json").write_text(json.dumps({"step": 2, "eval_reward": 0.5}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward_mean": r, "rewards": [r],
+                                                           "prompt_ids": [0]}) + "\n"
+                                               for s, r in ((1, 0.25), (2, 0.375), (3, 0.875))))
+    Image.new("RGB", (8, 8), "red").save(run / "samples" / "step-000002.png")
+    assert main(["export", str(run / "best"), "--format", "kohya"]) == 0
+    out = run / "export" / "kohya-step-2"
+    (file,) = out.glob("*.safetensors")
+    assert file.name == "myrun_step2_alignprop_lora.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["alignprop_steps"] == "2" and meta["alignprop_final_reward"] == "0.375"
+    card = (out / "README.md").read_text()
+    assert "| steps | 2 |" in card and "0.5678" not in card  # the finished run's last reward is not this LoRA's
+    assert (out / "step-000002.png").is_file() and not (out / "before_after.png").exists()

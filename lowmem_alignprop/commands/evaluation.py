@@ -23,13 +23,12 @@ import torch
 
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import finite_or_none
+from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.rollout import loss_from_reward
 
 log = logging.getLogger("lowmem_alignprop")
 
-BEST_DIR = "best"
-BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
 EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation (the toy
 # world's judged image n with seed + EVAL_SEED_OFFSET + n)
 SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is sampled with seed + SAMPLE_SEED_OFFSET

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 log = logging.getLogger("lowmem_alignprop")
@@ -164,10 +164,33 @@ def read_lora(spec: str) -> Lora:
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
     if run is not None:
         lora.run_config, lora.summary = read_run(run)
+        if path.name == BEST_DIR and (path / BEST_FILE).is_file():
+            _as_best(lora)
     if component == "transformer":
         from lowmem_alignprop.commands import flow_export
         lora.family = flow_export.family_of_model(lora.base_model) or flow_export.family_of_weights(lora.modules)
     return lora
+
+
+def _as_best(lora: Lora) -> None:
+    """A run's best/ (--eval-every): the LoRA of step N, whose card, file name and grid are step N's, as a checkpoint
+    of that step's are (not the finished run's steps, rewards and before/after grid)."""
+    from lowmem_alignprop.run.runfolder import METRICS, first_last_rewards
+
+    try:
+        step = int(json.loads((lora.path / BEST_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged best.json: the run's figures, as before
+    rows = []
+    for line in (lora.run / METRICS).read_text().splitlines() if (lora.run / METRICS).is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "reward_mean" in row and row.get("step", 0) <= step:
+            rows.append(row)
+    lora.step = step
+    lora.summary = {"steps": step, "steps_done": step, **(first_last_rewards(rows) if rows else {})}
 
 
 def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:

@@ -135,7 +135,9 @@ STEM_BYTES = 120  # of the run folder's name in a file's: with the suffixes and 
 def file_stem(lora: Lora) -> str:
     """The kohya file's name: the run folder's (what users see in ComfyUI's and A1111's LoRA lists), its first
     STEM_BYTES bytes in UTF-8 (a folder name may take the file system's 255, which the suffixes then passed)."""
-    name = (lora.run or lora.path.parent).resolve().name if lora.path.name == "lora" else lora.path.resolve().name
+    # a run's lora/ or best/ (step N: the step in the name, below): the run's name
+    name = (lora.run or lora.path.parent).resolve().name if lora.path.name == "lora" or lora.run is not None and \
+        lora.step is not None else lora.path.resolve().name
     name = re.sub(r"[^\w.-]+", "_", name).strip("._")
     name = name.encode()[:STEM_BYTES].decode(errors="ignore").rstrip("._") or "alignprop"  # whole characters
     if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)

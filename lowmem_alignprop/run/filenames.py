@@ -6,3 +6,5 @@ COMMAND_FILE = "command.txt"  # in the run folder: the command line of each star
 SAMPLE_DIR = "outputs/sample"  # `sample`'s default --output-dir (taken: outputs/sample-2, ...)
 SAMPLE_GRID = "sample_grid.png"  # `sample`'s side-by-side grid
 SAMPLE_RESULTS = "sample_results.json"  # `sample`'s rewards and settings
+BEST_DIR = "best"  # in the run folder (--eval-every): the LoRA of the best held-out evaluation so far
+BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings

@@ -279,20 +279,10 @@ class Config:
             v = getattr(self, f.name)
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
-        if not self.output_dir.strip():
-            raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
-        if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
-            raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
-        kind = kind_of(Path(self.output_dir).expanduser())
-        if kind in ("dangling symlink", "symlink loop", "special file"):
-            raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
-                            "choose a folder (or fix the link)")
+        self._validate_names()
         if not MIN_SEED <= self.seed <= MAX_SEED:
             raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
                             f"{MAX_SEED}, e.g. --seed 42")
-        if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
-            raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
-                            "e.g. --output-dir outputs/run")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
                "max_bad_steps", "tile_size"]
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
@@ -380,6 +370,20 @@ class Config:
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self
+
+    def _validate_names(self) -> None:
+        """The model and the output folder: named, and the folder one a run can write."""
+        if not self.output_dir.strip():
+            raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
+        if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
+            raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
+        kind = kind_of(Path(self.output_dir).expanduser())
+        if kind in ("dangling symlink", "symlink loop", "special file"):
+            raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
+                            "choose a folder (or fix the link)")
+        if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
+            raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
+                            "e.g. --output-dir outputs/run")
 
     def _validate_base_and_swap(self) -> None:
         """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
