@@ -22,3 +22,18 @@ def test_a_skipped_first_step_says_nothing_until_a_gap_is_seen(monkeypatch):
     left = TimeLeft()
     assert left.after_step(1, 5, seconds=None) == ""  # a NaN step: no row, no seconds
     assert left.after_step(2, 5, seconds=2.0) == " | 6 s left"
+
+
+def test_time_left_counts_the_evaluations_to_come_apart_from_the_steps(monkeypatch):
+    """--eval-every 4: an evaluation of 300 s after step 4 is not spread over the steps' gaps (it made the next
+    estimates 4x too long) and the two evaluations still to come count 300 s each (before the first nothing is known:
+    the helper saw '68 s left' for a run that took 25 min)."""
+    clock = iter([10.0, 20.0, 30.0, 340.0, 350.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft(eval_every=4)
+    assert left.after_step(1, 12, seconds=10.0) == " | 110 s left"  # 11 steps x 10 s; no evaluation seen yet
+    assert left.after_step(2, 12, seconds=10.0) == " | 100 s left"
+    assert left.after_step(3, 12, seconds=10.0) == " | 90 s left"
+    left.evaluated(300.0)  # after step 4: its gap is 10 s of training and 300 s of evaluation
+    assert left.after_step(4, 12, seconds=10.0) == " | 11 min left"  # 8 x 10 s + 2 evaluations x 300 s = 680 s
+    assert left.after_step(5, 12, seconds=10.0) == " | 11 min left"  # 7 x 10 s + 600 s = 670 s

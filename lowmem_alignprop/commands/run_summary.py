@@ -31,24 +31,37 @@ def toy_world_lines(t: dict | None) -> list[str]:
 
 class TimeLeft:
     """The step line's estimate of the time left, for a run read from a log file (a terminal also has the progress
-    bar's): the mean wall time between this process's last steps (sampling, evaluation and checkpoints included;
-    its first step, which pays the warm-up, left out once there are others) times the steps still to run."""
+    bar's): the mean wall time between this process's last steps (sampling and checkpoints included; its first step,
+    which pays the warm-up, left out once there are others) times the steps still to run, plus the held-out
+    evaluations still to come times the mean one (an evaluation can take many steps' time: it is counted apart)."""
 
-    def __init__(self, recent: int = 10):
-        self.ends: deque[float] = deque(maxlen=recent + 1)  # the last steps' end times: ``recent`` gaps
+    def __init__(self, recent: int = 10, eval_every: int = 0):
+        self.ends: deque[tuple[float, float]] = deque(maxlen=recent + 1)  # (end time, evaluation seconds before it)
+        self.eval_every = eval_every
+        self.evals: list[float] = []  # each held-out evaluation's seconds
+        self.pending = 0.0  # the evaluation after the step being recorded
+
+    def evaluated(self, seconds: float) -> None:
+        """The held-out evaluation after the step just trained took ``seconds`` (told before :meth:`after_step`)."""
+        self.evals.append(seconds)
+        self.pending += seconds
 
     def after_step(self, step: int, steps: int, seconds: float | None) -> str:
         """' | 12 min left' after step ``step`` of ``steps`` (``seconds``: that step's own time, used while no
         interval has been seen; None for a skipped step); '' after the last step."""
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), self.pending))
+        self.pending = 0.0
         left = steps - step
         if left <= 0:
             return ""
-        ends = self.ends  # the mean gap between them is their span over their count less one
-        per_step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else seconds
+        ends = self.ends  # the mean gap between them, less the evaluations in it, is their span over their count - 1
+        per_step = ((ends[-1][0] - ends[0][0] - sum(e for _, e in list(ends)[1:])) / (len(ends) - 1) if len(ends) > 1
+                    else seconds)
         if per_step is None:
             return ""
-        return f" | {fmt_duration(left * per_step)} left"
+        evals_left = steps // self.eval_every - step // self.eval_every if self.eval_every else 0
+        mean_eval = sum(self.evals) / len(self.evals) if self.evals else 0.0  # none seen yet: not counted
+        return f" | {fmt_duration(left * per_step + evals_left * mean_eval)} left"
 
 
 def window_note(s: dict) -> str:

@@ -174,7 +174,7 @@ class Trainer:
         self.history: list[dict] = []  # one metrics row per trained step
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
-        self.time_left = TimeLeft()
+        self.time_left = TimeLeft(eval_every=cfg.eval_every)
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
@@ -659,7 +659,11 @@ class Trainer:
                     continue  # the same step again, lighter
                 if row is not None:
                     try:
-                        row.update(self.evaluate_if_due(step))
+                        t0 = time.perf_counter()
+                        evaluated = self.evaluate_if_due(step)
+                        if evaluated:  # the step line's time left counts the evaluations to come apart
+                            self.time_left.evaluated(time.perf_counter() - t0)
+                        row.update(evaluated)
                     except BaseException as e:  # the user's reward or memory failed the evaluation: step N is trained
                         self.record(step, row, bad)  # its metrics line (without an evaluation), then its checkpoint
                         self.evaluation_failed(step, e)
