@@ -75,6 +75,7 @@ def _profile(tmp_path, text):
     ("malloc_threshold_out_of_range", "cpu_malloc_threshold_kib=64 is outside glibc's range: use --set "
                                       "cpu_malloc_threshold_kib=1024"),
     ("prompts_not_utf8", "is not valid UTF-8"),
+    ("prompts_of_nul_bytes", "line 2 holds the control character '\\x00': it is not a text file of prompts"),
     ("prompts_missing", "does not exist"),
     ("reward_not_importable", "no_such_module_xyz"),
     ("output_dir_is_a_file", "is a file: choose a directory"),
@@ -113,6 +114,10 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     elif case == "prompts_not_utf8":
         bad = tmp_path / "p.txt"
         bad.write_bytes("un chat\n".encode("utf-16"))
+        args += ["--prompts", str(bad)]
+    elif case == "prompts_of_nul_bytes":  # valid UTF-8, no text: it trained on a prompt of NULs in silence
+        bad = tmp_path / "p.txt"
+        bad.write_bytes(b"a cat\n\x00\x00\x00\n")
         args += ["--prompts", str(bad)]
     elif case == "prompts_missing":
         args += ["--prompts", str(tmp_path / "nope.txt")]

@@ -46,6 +46,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise UserError(f"prompt file {path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
     except OSError as exc:
         raise UserError(f"cannot read prompt file {path} ({exc.strerror}); check its permissions") from exc
+    for number, line in enumerate(text.splitlines(), 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
+        control = next((c for c in line if ord(c) < 32 and c != "\t" or ord(c) == 127), None)
+        if control is not None:
+            raise UserError(f"prompt file {path} line {number} holds the control character {control!r}: it is not a "
+                            "text file of prompts; write one prompt per line")
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
