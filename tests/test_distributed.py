@@ -256,3 +256,36 @@ def test_bad_input_under_a_launcher_is_one_line_from_rank_0(tmp_path, tiny_dir):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: k=20 is larger than sample_steps=3: use --set k=3 or raise sample_steps"], r.stderr[-3000:]
     assert not out.exists()
+
+
+ONE_RANK_FAILS = """
+import os, torch
+calls = {"n": 0}
+
+def reward(images, prompts):
+    if torch.is_grad_enabled() and images.shape[0] == 1:  # the training steps (not the start-up checks)
+        calls["n"] += 1
+        if os.environ.get("RANK") == "1" and calls["n"] == 2:
+            raise RuntimeError("rank 1 boom")
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def test_a_reward_that_fails_on_one_process_stops_every_process_and_keeps_the_finished_steps(tmp_path, tiny_dir):
+    """Rank 1's reward raises in step 2: both processes stop together (each with one line: rank 1 its reward's error,
+    rank 0 that another process failed), step 1 is saved for --resume latest, and no process dies on a closed
+    connection (before: rank 0's gloo traceback, no checkpoint, and a folder that nothing could continue)."""
+    (tmp_path / "qa_one_rank.py").write_text(ONE_RANK_FAILS)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+                        "--reward", "qa_one_rank:reward", "--steps", "3", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode != 0
+    # the two processes write their lines at once (they may share a line of the captured stream), and the launcher
+    # may stop rank 0 once rank 1 has exited: rank 1's line is the one that must be there
+    assert "error: [rank 1] step 2: the reward 'qa_one_rank:reward' raised RuntimeError: rank 1 boom; step 1 is " \
+           "saved in" in r.stderr, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ckpt.find_resume(out, "latest").name == "step-00000001"
+    assert [row["step"] for row in strict_rows(out)] == [1]

@@ -194,6 +194,7 @@ class Trainer:
         self.samples_skipped: str | None = None  # why the after samples were not rendered (summary.json says it)
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
+        self.all_failed = False  # under a launcher: every process stopped this step together (not_finite)
 
     @property
     def out(self) -> Path:
@@ -539,13 +540,20 @@ class Trainer:
                     emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
                 latents = self.family.initial_latents(cfg, cfg.batch_size, g, self.device)
-                with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
-                    loss, rewards_ = rollout_loss(cfg, self.nograd_unet, self.unet_train, self.scheduler, self.vae,
-                                                  self.reward, latents, emb, batch_prompts, k=k, generator=g,
-                                                  stage=stage, place=place, terms=(terms := {}), family=self.family)
+                failed = loss = rewards_ = None
+                try:
+                    with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
+                        loss, rewards_ = rollout_loss(cfg, self.nograd_unet, self.unet_train, self.scheduler,
+                                                      self.vae, self.reward, latents, emb, batch_prompts, k=k,
+                                                      generator=g, stage=stage, place=place, terms=(terms := {}),
+                                                      family=self.family)
+                except BaseException as e:  # under a launcher the others hear of it first: they stop together
+                    if acc.num_processes == 1:
+                        raise
+                    failed, terms = e, {}
                 self.terms.append(terms)  # the loss's further terms (kl), for the metrics
-                if bad := self.not_finite(loss, rewards_):  # every rank skips together (DDP needs all backwards)
-                    return None, bad
+                if bad := self.not_finite(loss, rewards_, failed):  # every rank skips together (DDP needs all
+                    return None, bad  # backwards), or stops together
                 with stage(stages.BACKWARD):
                     acc.backward(loss)  # gradients reach only the LoRA weights
                 del latents  # free the graph's inputs before the next rollout
@@ -560,13 +568,22 @@ class Trainer:
                             return None, bad
         return self.metrics_row(step, t0, rewards_all, ids_all, losses, ks), None
 
-    def not_finite(self, loss: torch.Tensor, rewards_: torch.Tensor) -> str | None:
-        """What was NaN/inf on any rank (the gradients are then dropped), or None; a reward without a graph fails."""
-        from lowmem_alignprop.run.distributed import any_rank
+    def not_finite(self, loss: torch.Tensor | None, rewards_: torch.Tensor | None,
+                   failed: BaseException | None = None) -> str | None:
+        """What was NaN/inf on any rank (the gradients are then dropped), or None; a reward without a graph fails.
+        ``failed``: this rank's rollout raised it (under a launcher): every rank stops, each ready to save the steps
+        before this one together (:meth:`keep_steps`), the failed one with its own error."""
+        from lowmem_alignprop.run.distributed import worst_rank
 
-        bad = None if faults.finite(rewards_) else "the reward"
-        bad = bad or (None if faults.finite(loss) else "the loss")
-        if any_rank(self.accelerator, bad is not None):
+        bad = None if failed is not None or faults.finite(rewards_) else "the reward"
+        bad = bad or (None if failed is not None or faults.finite(loss) else "the loss")
+        worst = worst_rank(self.accelerator, 2 if failed is not None else 1 if bad is not None else 0)
+        if worst == 2:
+            self.all_failed = True
+            if failed is not None:
+                raise failed
+            raise faults.AnotherProcessFailed("another process's step failed (its own error line says why)")
+        if worst == 1:
             self.optimizer.zero_grad(set_to_none=True)
             return bad or "the reward on another process"
         if not loss.requires_grad:  # a reward that lost its graph on this batch (.detach(), numpy, ...)
@@ -684,7 +701,7 @@ class Trainer:
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
         message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
-            if self.accelerator.num_processes == 1 and step - 1 > (self.last_saved or 0):
+            if (self.accelerator.num_processes == 1 or self.all_failed) and step - 1 > (self.last_saved or 0):
                 self.save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
             raise faults.OutOfMemory(f"{message} [{detail}]") from None
         log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
@@ -723,7 +740,7 @@ class Trainer:
         """An error stops the run: steps 1..``last`` into a checkpoint (one process only: a failure on one of several
         cannot save with the others). Returns it and the tail of the error's message that says so ("" when none)."""
         saved = None
-        if self.accelerator.num_processes == 1 and last >= 1:
+        if (self.accelerator.num_processes == 1 or self.all_failed) and last >= 1:  # all_failed: every rank is here
             if last > (self.last_saved or 0):
                 saved = self.save_checkpoint(last)
             elif last == self.last_saved and ckpt.step_dir(ckpt.root_of(self.out), last).is_dir():  # saved already

@@ -224,10 +224,15 @@ def gatherer(accelerator, params):
 
 def all_ranks_ok(accelerator, ok: bool) -> bool:
     """True only if ``ok`` holds on every rank (one tiny collective; a no-op with one process)."""
+    return worst_rank(accelerator, 0 if ok else 1) == 0
+
+
+def worst_rank(accelerator, code: int) -> int:
+    """The largest of every rank's ``code`` (one tiny collective; a no-op with one process): every rank then takes
+    the branch of the worst news."""
     if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
-    return bool(accelerator.gather(flag).min().item() > 0.5)
+        return code
+    return int(accelerator.gather(torch.tensor([float(code)], device=accelerator.device)).max().item())
 
 
 def any_rank(accelerator, flag: bool) -> bool:

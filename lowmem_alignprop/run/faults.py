@@ -49,6 +49,10 @@ class TrainingDiverged(UserError):
     """Too many steps in a row had a NaN/inf reward or loss."""
 
 
+class AnotherProcessFailed(UserError):
+    """Under a launcher, another process's step failed (its own error is its message): this one stops with it."""
+
+
 # -- stages with a name ------------------------------------------------------------------------------
 
 @dataclass
