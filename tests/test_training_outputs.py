@@ -462,3 +462,23 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     calls.clear()
     assert trainer.render_samples()[1].tolist() == [7 + ev.SAMPLE_SEED_OFFSET] * 2
     assert calls == [(PROMPTS, 7 + ev.SAMPLE_SEED_OFFSET)]
+
+
+def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed(tmp_path, tiny_dir, capsys):
+    """before_after.json gives each image its own seed: `sample RUN/lora --seed S --prompt P` renders that image
+    again (the same reward), alone (the grid drew its batch from one generator, which nothing could reproduce)."""
+    import json
+
+    from lowmem_alignprop.cli import main
+
+    run = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--output-dir", str(run), "--reward",
+                 "brightness", "--set", "sample_prompts=3", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+    images = json.loads((run / "samples" / "before_after.json").read_text())["images"]
+    assert [i["seed"] for i in images] == [images[0]["seed"] + n for n in range(3)]
+    second = images[1]
+    out = tmp_path / "again"
+    assert main(["sample", str(run / "lora"), "--reward", "brightness", "--seed", str(second["seed"]), "--prompt",
+                 second["prompt"], "--output-dir", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    again = json.loads((out / "sample_results.json").read_text())["per_prompt"][0]["lora"]
+    assert again == pytest.approx([second["reward_after"]], rel=1e-5)

@@ -457,8 +457,11 @@ class Trainer:
         self.before = self.render_samples()
 
     def render_samples(self):
-        """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after."""
-        return render_fixed_seed(self.generate, self.sample_prompts, self.cfg.seed + SAMPLE_SEED_OFFSET)
+        """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after. Image n
+        has its own seed (seed + SAMPLE_SEED_OFFSET + n), as `sample --seed` gives its images: each one can be
+        rendered again alone, whatever sample_prompts is."""
+        return render_fixed_seed(self.generate, self.sample_prompts, self.cfg.seed + SAMPLE_SEED_OFFSET,
+                                 per_image=True)
 
     def judge(self) -> dict | None:
         """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
@@ -994,9 +997,12 @@ class Trainer:
             grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
             atomic.write_text(out / "samples" / "before_after.json", json.dumps(
-                {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps, "images": [
-                    {"prompt": p, "reward_before": faults.finite_or_none(b), "reward_after": faults.finite_or_none(a)}
-                    for p, b, a in zip(self.sample_prompts, before[1].tolist(), after[1].tolist())]},
+                {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps,
+                 # image n alone: `lowmem-alignprop sample RUN/lora --seed <its seed>` and its prompt
+                 "images": [{"prompt": p, "seed": cfg.seed + SAMPLE_SEED_OFFSET + n, "reward_before":
+                             faults.finite_or_none(b), "reward_after": faults.finite_or_none(a)}
+                            for n, (p, b, a) in enumerate(zip(self.sample_prompts, before[1].tolist(),
+                                                              after[1].tolist()))]},
                 indent=1, ensure_ascii=False))
             log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", cfg.steps)
             note = nonfinite_note(torch.cat([before[1], after[1]]), "before/after sample images")
