@@ -235,6 +235,8 @@ def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     assert relative_difference(half, sd["ref"]) > 100 * REORDERED
     assert_rel_close(unet_out(UNet2DConditionModel.from_pretrained(out / "unet"), False), half, REORDERED,
                      "merged at weight 0.5")
+    # the run's before/after grid shows the LoRA at weight 1: not this model's images
+    assert not (out / "before_after.png").exists() and "before_after.png" not in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

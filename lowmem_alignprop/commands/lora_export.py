@@ -131,6 +131,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
         source = (lora.run / "samples" / (GRID_NAME if lora.step is None else f"step-{lora.step:06d}.png")
                   if lora.run is not None else None)
+        if merge and weight not in (None, 1.0):  # the grid shows the LoRA as trained (weight 1), not this model
+            source = None
         if source is not None and source.is_file():
             grid = GRID_NAME if lora.step is None else source.name
             shutil.copy2(source, tmp / grid)
