@@ -18,13 +18,13 @@ RES = FLOW_RESOLUTION
 STEPS, K = 3, 2
 
 
-def _pipe(name):
+def _pipe(name, layers: str = "attention"):
     pipe = build_tiny_flux_pipeline(seed=0) if name == "flux" else build_tiny_sd3_pipeline(seed=0)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()  # built in code: train mode, and T5's dropout would make two runs differ
     pipe.vae.requires_grad_(False)
-    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0)
+    params = flow.add_flow_lora(pipe.transformer, rank=4, seed=0, layers=layers)
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in params:  # lora_B starts at zero: give it values so the LoRA path matters
@@ -46,9 +46,10 @@ def _loss_and_grads(pipe, params, stage=None):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_same_loss_and_lora_gradients_with_block_swap(name):
-    pipe, params = _pipe(name)
+@pytest.mark.parametrize("name, layers", [("flux", "attention"), ("sd3", "attention"), ("flux", "attention+ff")])
+def test_same_loss_and_lora_gradients_with_block_swap(name, layers):
+    """lora_layers=attention+ff: the feed-forward LoRA inside each swapped block stays where it trains too."""
+    pipe, params = _pipe(name, layers)
     ref_loss, ref = _loss_and_grads(pipe, params)
     blocks = swappable_blocks(pipe.transformer)
     swap = install(pipe.transformer, len(blocks), "cpu")  # every block swapped
