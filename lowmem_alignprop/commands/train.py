@@ -368,6 +368,7 @@ class Trainer:
                             f"{fix}") from None
 
     def start_trackers(self) -> None:
+        """The run folder, and the trackers (report_to) before the first image is logged to them (the before grid)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.report_to != "none":
