@@ -62,8 +62,9 @@ def test_flux_trains_and_its_lora_reproduces_the_trainers_images(flux_run, dirs)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(flux_run / "lora")
     prompts = [i["prompt"] for i in samples["images"]]
-    lat, _ = flow.initial_latents(pipe.transformer, pipe.vae, len(prompts), RES, RES,
-                                  torch.Generator().manual_seed(samples["seed"]))
+    lat = torch.cat([flow.initial_latents(pipe.transformer, pipe.vae, 1, RES, RES,
+                                          torch.Generator().manual_seed(i["seed"]))[0]  # each image its own seed
+                     for i in samples["images"]])
     with torch.no_grad():
         images = pipe(prompt=prompts, latents=lat, num_inference_steps=4, guidance_scale=3.5, height=RES, width=RES,
                       output_type="pt", max_sequence_length=16).images

@@ -427,7 +427,7 @@ def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_p
 def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(tmp_path):
     """evaluation.render_fixed_seed: chunk i of the prompts is sampled with seed + i and the images and rewards come
     back in prompt order; the held-out evaluation renders in batch_size chunks from seed + EVAL_SEED_OFFSET, the
-    sample grid (before, step N, after) all at once with seed + SAMPLE_SEED_OFFSET."""
+    sample grid (before, step N, after) all at once, image n with seed + SAMPLE_SEED_OFFSET + n."""
     from lowmem_alignprop.commands import evaluation as ev
     from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
@@ -458,10 +458,11 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     assert calls == [(["a", "b"], first), (["c"], first + 1)]
     assert metrics["eval_reward"] == pytest.approx((2 * first + first + 1) / 3, rel=1e-6)
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.generate, trainer.sample_prompts = sample, PROMPTS
+    trainer.generate, trainer.sample_prompts = sample_each, PROMPTS
     calls.clear()
-    assert trainer.render_samples()[1].tolist() == [7 + ev.SAMPLE_SEED_OFFSET] * 2
-    assert calls == [(PROMPTS, 7 + ev.SAMPLE_SEED_OFFSET)]
+    first = 7 + ev.SAMPLE_SEED_OFFSET
+    assert trainer.render_samples()[1].tolist() == [first, first + 1]
+    assert calls == [(PROMPTS, [first, first + 1])]
 
 
 def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed(tmp_path, tiny_dir, capsys):
