@@ -55,7 +55,7 @@ class LoraSpec:
     file: Path
     weight: float
     name: str
-    source: Path | None = None  # what the user named, when ``file`` is a converted copy (a checkpoint, kohya, peft)
+    source: Path | None = None  # what the user named (``file`` may be in it, or a converted copy: a checkpoint, peft)
 
     @functools.cached_property
     def family(self) -> str | None:
@@ -184,8 +184,8 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
             raise UserError(f"--lora {arg}: the path is missing; write --lora DIR:{tail}")
     given = Path(where).expanduser()
     file = _lora_file(given, arg)
-    own = file == given or given.resolve() in file.resolve().parents  # the user's own file, not a converted copy
-    return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=None if own else given.absolute())
+    # the records name what the user gave (a folder, a file, a checkpoint), absolute, whatever was loaded from it
+    return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=given.absolute())
 
 
 # what the run's images were made with, beside its model: `sample` of a run's LoRA on that model renders as it did
