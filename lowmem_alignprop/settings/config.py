@@ -421,6 +421,9 @@ class Config:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. --set ema_decay=0.99 (0 = off)")
+        if self.lora_layers != "attention" and self.train_unet != "lora":
+            raise UserError(f"lora_layers={self.lora_layers} chooses the LoRA's layers, and train_unet=full trains every "
+                            "weight of the UNet, with no LoRA: leave lora_layers out, or use --set train_unet=lora")
         if self.kl_coeff > 0 and self.train_unet != "lora":
             raise UserError("kl_coeff needs train_unet=lora: the base model is the UNet with its LoRA switched off "
                             "(use --set kl_coeff=0 to fine-tune the full UNet)")
