@@ -250,8 +250,10 @@ def cmd_plan(argv: list[str]) -> int:
     from lowmem_alignprop.measure.provenance import provenance
     from lowmem_alignprop.measure.reports import format_plan
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # the command line, in the JSON's provenance
+    from lowmem_alignprop.step.inputs import check_tracker
     from lowmem_alignprop.step.prompts import load_prompts
     from .rewards import check_reward_spec
+    check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
     logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)

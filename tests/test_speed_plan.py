@@ -339,6 +339,19 @@ def test_search_options_without_fastest_or_out_of_range_are_one_line(args, env, 
     assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
+def test_plan_refuses_a_tracker_whose_package_is_missing_as_train_does(monkeypatch, capsys):
+    """plan is train's check before renting a card: --report-to wandb without wandb installed is train's one line
+    there too (it was dropped without a word)."""
+    import importlib.util
+
+    from lowmem_alignprop.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main(["plan", "--profile", "rtx3060", "--model", "tiny", "--report-to", "wandb"]) == 2
+    assert "error: --report-to wandb needs the wandb package, which is not installed" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # speed features: the same results up to rounding
 # ---------------------------------------------------------------------------------------------------
