@@ -203,9 +203,11 @@ def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
 
     named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
     record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
+    if record is None:  # a LoRA from elsewhere
+        return None
     try:
         model = json.loads(record.read_text()).get("model")
-    except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged: warn_other_base says so
+    except (OSError, ValueError, AttributeError):  # damaged: warn_other_base says so
         return None
     if not isinstance(model, str) or not model:
         return None

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
 
@@ -146,13 +147,12 @@ def _inverse_map(family: str, names: set[str]) -> dict[str, dict[int, str]]:
     out: dict[str, dict[int, str]] = {}
     blocks = {int(m.group(2)) for k in names if (m := re.match(r"lora_unet_(\w+?_blocks)_(\d+)_", k))}
     candidates = []
-    ff = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # lora_layers=attention+ff
-    for n in blocks:
+    for n in blocks:  # the layers of either lora_layers (models/lora_layers.py)
         candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
-        candidates += [f"transformer_blocks.{n}.{k}" for k in ff]
+        candidates += [f"transformer_blocks.{n}.{k}" for k in FLOW_BLOCK_FF]
         if family == FLUX:
             candidates += [f"single_transformer_blocks.{n}.attn.{k}" for k in QKV]
-            candidates += [f"single_transformer_blocks.{n}.{k}" for k in ("proj_mlp", "proj_out")]
+            candidates += [f"single_transformer_blocks.{n}.{k}" for k in FLUX_SINGLE_FF]
         else:
             candidates += [f"transformer_blocks.{n}.attn2.{k}" for k in (*QKV, "to_out.0")]
     for module in candidates:

@@ -141,26 +141,27 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     return sorted(out.rglob("*"))
 
 
-def earlier_exports(lora_dir: Path) -> list[Path]:
-    """The export folders of the run that are older than its LoRA (``lora_dir``, just written): made before a
-    --resume trained on. Exports of a checkpoint's LoRA (``F-step-N``) are of their step and not counted."""
+def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
+    """The export folders of the run's LoRA (``lora_dir``), each with whether it was made from the LoRA there now
+    (written after it; an older one was made before a --resume trained on). Exports of a checkpoint's LoRA
+    (``F-step-N``) are of their step and not counted, nor temporary folders."""
     folder = lora_dir.parent / "export"
-    if not folder.is_dir():
+    if not folder.is_dir() or not (lora_dir / LORA_WEIGHT_NAME).is_file():
         return []
     written = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name
-                  and p.stat().st_mtime < written)
+    return [(p, p.stat().st_mtime >= written) for p in sorted(folder.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name]
+
+
+def earlier_exports(lora_dir: Path) -> list[Path]:
+    """The export folders of the run that are older than its LoRA (``lora_dir``, just written)."""
+    return [p for p, current in _run_exports(lora_dir) if not current]
 
 
 def missing_exports(cfg, lora_dir: Path) -> list[str]:
     """export_format's formats that have no export of the run's LoRA (``lora_dir``) in export/ (a kill cut the
     export at the end of the run short, or it was deleted): what a --resume of the ended run writes again."""
-    weights = lora_dir / LORA_WEIGHT_NAME
-    folder = lora_dir.parent / "export"
-    if not weights.is_file():
-        return []
-    written = weights.stat().st_mtime
-    done = [p.name for p in folder.iterdir() if p.is_dir() and p.stat().st_mtime >= written] if folder.is_dir() else []
+    done = [p.name for p, current in _run_exports(lora_dir) if current]
     return [fmt for fmt in cfg.export_formats() if not any(re.fullmatch(rf"{fmt}(-\d+)?", name) for name in done)]
 
 

@@ -579,8 +579,10 @@ class Trainer:
         before this one together (:meth:`keep_steps`), the failed one with its own error."""
         from lowmem_alignprop.run.distributed import worst_rank
 
-        bad = None if failed is not None or faults.finite(rewards_) else "the reward"
-        bad = bad or (None if failed is not None or faults.finite(loss) else "the loss")
+        bad = None
+        if failed is None:
+            bad = None if faults.finite(rewards_) else "the reward"
+            bad = bad or (None if faults.finite(loss) else "the loss")
         worst = worst_rank(self.accelerator, 2 if failed is not None else 1 if bad is not None else 0)
         if worst == 2:
             self.all_failed = True

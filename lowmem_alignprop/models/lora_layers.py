@@ -18,7 +18,9 @@ LORA_LAYERS = ("attention", "attention+ff")
 UNET_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 FLOW_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 UNET_FF = ["ff.net.0.proj", "ff.net.2"]
-FLOW_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+FLOW_BLOCK_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # joint/double blocks
+FLUX_SINGLE_FF = ["proj_mlp", "proj_out"]  # FLUX's single blocks: the MLP input, and the output of attention and MLP
+FLOW_FF = FLOW_BLOCK_FF + FLUX_SINGLE_FF
 TOP_LEVEL_OUT = "proj_out"  # peft's exclude_modules as a string is a regex on the whole name: the top-level only
 
 
@@ -43,12 +45,3 @@ def peft_exclude(targets) -> str | None:
     """peft's ``exclude_modules`` for ``targets``: the top-level ``proj_out`` when a block's ``proj_out`` is one."""
     return TOP_LEVEL_OUT if TOP_LEVEL_OUT in targets else None
 
-
-def layers_training(module: str, flow: bool) -> str | None:
-    """The first of :data:`LORA_LAYERS` whose adapter covers ``module`` (a module path), None when none does."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    for layers in LORA_LAYERS:
-        if check_target_module_exists(lora_config(1, None, layers, flow), module):
-            return layers
-    return None

@@ -82,6 +82,19 @@ def shareable(path: Path) -> None:
         os.chmod(path, mode | allowed)
 
 
+def finish_tree(folder: Path) -> list[Path]:
+    """:func:`finish_file` on every file under ``folder`` and :func:`shareable` on it and every folder in it; returns
+    the files, sorted (what a folder written into place, or a checkpoint's manifest, is made of)."""
+    files = []
+    for f in [folder, *sorted(folder.rglob("*"))]:
+        if f.is_file():
+            finish_file(f)
+            files.append(f)
+        elif f.is_dir():
+            shareable(f)
+    return files
+
+
 def _tag(error: BaseException, path: Path) -> None:
     if getattr(error, "lowmem_file", None) is None:
         try:
@@ -134,11 +147,7 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        for f in [tmp, *sorted(tmp.rglob("*"))]:
-            if f.is_file():
-                finish_file(f)
-            elif f.is_dir():
-                shareable(f)
+        finish_tree(tmp)
         fsync_dir(tmp)
         inject(path)
         if path.exists() or path.is_symlink():

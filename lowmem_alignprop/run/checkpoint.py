@@ -371,13 +371,8 @@ def load_trainable(unet, path: Path) -> None:
 
 def write_manifest(tmp: Path) -> None:
     """Sizes and checksums of every file in ``tmp``; then fsync, so a rename publishes a complete checkpoint."""
-    files = {}
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            atomic.finish_file(f)  # synced, and readable as the umask allows (safetensors writes 0600)
-            files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        elif f.is_dir():
-            atomic.shareable(f)
+    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in atomic.finish_tree(tmp)}  # synced, and readable as the umask allows (safetensors writes 0600)
     with open(tmp / "manifest.json", "w") as fh:
         json.dump({"format": FORMAT, "files": files}, fh, indent=1)
         fh.flush()

@@ -6,7 +6,6 @@ Training and ``sample`` call :func:`prepare_inputs` first; the planner checks th
 from __future__ import annotations
 
 import logging
-
 import tempfile
 from pathlib import Path
 
