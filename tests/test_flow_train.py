@@ -195,6 +195,22 @@ def test_materialized_meta_model_is_random_and_runs():
     assert t5.shared.weight is t5.encoder.embed_tokens.weight and not t5.shared.weight.is_meta
 
 
+def test_materialized_clip_text_encoder_has_its_positions():
+    """to_empty leaves integer buffers as whatever the memory held: CLIP's position_ids are filled with 0..76 again,
+    or the H200 check's FLUX and SD3.5 runs fail at the first prompt (index out of range in the position table)."""
+    from lowmem_alignprop.models.block_loading import materialize
+
+    pipe = build_tiny_flux_pipeline()
+    with torch.device("meta"):
+        clip = type(pipe.text_encoder)(pipe.text_encoder.config)
+    materialize(clip, "cpu")
+    positions = next(b for n, b in clip.named_buffers() if n.endswith("position_ids"))
+    assert torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions))
+    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", max_length=positions.shape[-1],
+                         return_tensors="pt").input_ids
+    assert torch.isfinite(clip(ids).last_hidden_state).all()
+
+
 @pytest.mark.parametrize("source", ["folder", "file"])
 def test_the_prompt_set_is_encoded_and_its_encoders_freed_before_the_transformer_is_read(dirs, tmp_path,
                                                                                         monkeypatch, source):

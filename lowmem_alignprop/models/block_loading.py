@@ -107,7 +107,10 @@ def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point():
+            if not t.is_floating_point():  # to_empty leaves whatever the memory held: CLIP's positions are a constant
+                if name.rsplit(".", 1)[-1] != "position_ids":
+                    raise RuntimeError(f"{type(module).__name__}: no rule to fill the integer buffer {name}")
+                t.copy_(torch.arange(t.shape[-1], device=t.device).expand_as(t))
                 continue
             if t.dim() == 1:  # norms' weights 1, biases 0
                 t.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
