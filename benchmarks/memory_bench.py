@@ -278,6 +278,8 @@ def gpu_runs(doc: dict) -> list[dict]:
                 reserved = max((b for _, b in st.values() if b is not None), default=None)
             summary = r.get("summary") or {}
             sps = r.get("seconds_per_step") or summary.get("seconds_per_step")
+            if summary.get("steps_done") and len(summary.get("skipped_steps") or ()) >= summary["steps_done"]:
+                sps = None  # every step skipped (a non-finite gradient): no step was timed
             allocator = summary.get("cuda_allocator") or ("fixed segments" if summary else None)  # (before the field)
             status = r.get("status") or ("oom" if r.get("oom") else "ok" if r.get("fits", True) else "oom")
             out.append({"name": r.get("name", "?"), "section": section, "status": status, "stages": st,
