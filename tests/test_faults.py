@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import re
 import sys
 import textwrap
 
@@ -195,6 +196,11 @@ def test_nan_reward_and_infinite_gradient_skip_the_step(tmp_path, caplog, monkey
     assert sorted(got) == [1, 2, 3, 4, 5]
     assert "reward is NaN" in got[2]["skipped"] and "gradient norm is NaN" in got[4]["skipped"]
     assert all("skipped" not in got[s] for s in (1, 3, 5))
+    # the gradient's line names which LoRA tensors held the NaN/inf (read before the drop freed them); the reward's none
+    found = re.fullmatch(r"(\d+) of (\d+) LoRA tensors, (from )?\S*lora_[AB]\S*( to \S*lora_[AB]\S*)?",
+                         got[4]["non_finite_grads"])
+    assert found and 0 < int(found[1]) <= int(found[2]), got[4]["non_finite_grads"]
+    assert "non_finite_grads" not in got[2]
     assert "step 2 skipped" in caplog.text and "step 4 skipped" in caplog.text
 
     def w(step):

@@ -195,6 +195,7 @@ class Trainer:
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
         self.all_failed = False  # under a launcher: every process stopped this step together (not_finite)
+        self.skip_detail: dict = {}  # a skipped step's metrics line: which LoRA gradients were NaN/inf
 
     @property
     def out(self) -> Path:
@@ -613,7 +614,8 @@ class Trainer:
         # the LoRA's gradient exactly zero? read before the update frees it when no clip reads the norm (one sync)
         zero = faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 else None
         self.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
-                                                   clip=acc.clip_grad_norm_, drop_if_not_finite=drop)
+                                                   clip=acc.clip_grad_norm_, drop_if_not_finite=drop,
+                                                   on_drop=self.name_non_finite_grads)
         if dropped:
             return "the gradient norm"
         self.scaler_skipped = acc.scaler is not None and self.grad_norm is not None and not math.isfinite(self.grad_norm)
@@ -622,6 +624,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         return None
+
+    def name_non_finite_grads(self) -> None:
+        """Where a NaN/inf gradient norm comes from (the skipped step's metrics line), read before the drop frees it."""
+        self.skip_detail = {"non_finite_grads": faults.non_finite_grads(self.unet, self.params)}
 
     def evaluate_if_due(self, step: int) -> dict:
         """At its steps, the held-out evaluation's eval_* metrics (for the step's metrics row); best/ and the early
@@ -805,7 +811,9 @@ class Trainer:
             prof.record_modules(self.modules())
         if bad is not None:
             if self.is_main:
-                write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite"})
+                write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
+                                                         **self.skip_detail})
+            self.skip_detail = {}
             if self.streak.bad(step, bad):
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path))

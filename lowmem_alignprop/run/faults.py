@@ -311,6 +311,16 @@ def json_ready(obj):
     return obj
 
 
+def non_finite_grads(model: torch.nn.Module, params: list) -> str:
+    """``"3 of 266 LoRA tensors, from transformer_blocks.0.attn.to_q.lora_A.default.weight to ..."``: which of
+    ``params``' gradients hold a NaN/inf (named as in ``model``), for a step skipped on its gradient norm."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = [names.get(id(p), f"#{i}") for i, p in enumerate(params)
+           if p.grad is not None and not bool(torch.isfinite(p.grad.detach()).all())]
+    where = "" if not bad else f", {bad[0]}" if len(bad) == 1 else f", from {bad[0]} to {bad[-1]}"
+    return f"{len(bad)} of {len(params)} LoRA tensors{where}"
+
+
 def all_zero(grad_norm, params) -> bool:
     """The gradients of ``params`` are all exactly zero (or absent): from the clip's total norm when there is one,
     else from the largest gradient entry (one device sync either way)."""

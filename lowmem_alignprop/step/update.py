@@ -17,15 +17,18 @@ import torch
 
 def optimizer_update(optimizer, params: list, max_grad_norm: float, *,
                      clip: Callable = torch.nn.utils.clip_grad_norm_, step: bool = True, read_norm: bool = True,
-                     drop_if_not_finite: bool = False) -> tuple[float | None, bool]:
+                     drop_if_not_finite: bool = False,
+                     on_drop: Callable[[], None] | None = None) -> tuple[float | None, bool]:
     """Clip the gradients of ``params`` to ``max_grad_norm`` (no clipping when it is 0), step ``optimizer`` and free
     the gradients. Returns (the gradient norm before clipping, as a number; None without clipping or without
     ``read_norm``, whether the update was dropped). With ``drop_if_not_finite`` a NaN/inf norm frees the gradients
-    without a step. The norm's tensor is gone before the step either way (``read_norm=False``: a fake tensor has no
+    without a step (``on_drop`` is called first, the gradients still there). The norm's tensor is gone before the step either way (``read_norm=False``: a fake tensor has no
     value to read)."""
     norm = clip(params, max_grad_norm) if max_grad_norm > 0 else None
     norm = float(norm) if read_norm and norm is not None else None  # one device sync; the metrics need it anyway
     if drop_if_not_finite and norm is not None and not math.isfinite(norm):
+        if on_drop is not None:
+            on_drop()
         optimizer.zero_grad(set_to_none=True)  # gradients are all-reduced: every rank drops the same update
         return norm, True
     if step:
