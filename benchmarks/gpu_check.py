@@ -243,7 +243,10 @@ class PlannerPool:
 
 
 def code_version() -> str | None:
-    """The commit of the checkout (None where the copy has no git metadata, as on a lent device)."""
+    """The commit of the checkout: GPU_CHECK_CODE when set (a lent device's copy may carry the git metadata of an
+    earlier commit than its files: the command then names the commit), else git's; None without either."""
+    if os.environ.get("GPU_CHECK_CODE"):
+        return os.environ["GPU_CHECK_CODE"]
     try:
         p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                            timeout=10)
@@ -301,6 +304,9 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=420, help="skip runs that would start after this many seconds")
     ap.add_argument("--match", default="", help="only runs whose name contains one of these comma-separated words")
     ap.add_argument("--only", default="", help="comma-separated: ladder,profiles,quant,loading,sample,speed")
+    ap.add_argument("--run-timeout", type=float, default=240,
+                    help="seconds a profile row may run (SD3.5/FLUX rows beside five others took 160-240 s; "
+                         "an int8 FLUX row needs more, or fewer rows at once)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once (memory figures stay per run; "
                                                         "seconds per step then include the contention)")
     a = ap.parse_args()
@@ -429,7 +435,7 @@ def main() -> int:
             r = {"name": name, "status": "skipped (deadline)"}
             pool.cancel(name)
         else:
-            r = run_one(name, args, budget, out, 240 if section == "profiles" else 150, cpu)
+            r = run_one(name, args, budget, out, a.run_timeout if section == "profiles" else 150, cpu)
             r["concurrent_runs"] = a.jobs
             r["planner"] = pool.collect(name, timeout=max(10, a.deadline + 120 - (time.time() - t_start)))
         slot = next(i for i, x in enumerate(doc[section]) if x["name"] == name)
