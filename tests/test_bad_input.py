@@ -216,11 +216,29 @@ def test_missing_model_weights(tmp_path, tiny_dir, capsys):
     assert not out.exists()
 
 
-def test_missing_reward_model_weights(tmp_path, tiny_dir, capsys):
+@pytest.mark.parametrize("reward, weights, needle", [
+    ("aesthetic", "no_such_dir", "does not exist"),
+    ("aesthetic", "empty", "missing sac+logos+ava1-l14-linearMSE.pth in"),
+    ("aesthetic", None, "missing sac+logos+ava1-l14-linearMSE.pth in"),  # the default place: the cache's rewards/
+    ("aesthetic:1,clip:0.5", "aesthetic=empty;clip=openai/clip-vit-large-patch14",
+     "--set reward_weights='...;aesthetic=PATH'"),
+])
+def test_missing_reward_model_weights(reward, weights, needle, tmp_path, tiny_dir, capsys, monkeypatch):
+    """A model reward's weight file that is not there is named before any model loads (the H200 check waited 2.7
+    minutes and 22 GB of T5 for this line)."""
+    from lowmem_alignprop.commands import train
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the reward's weights were found")
+
+    monkeypatch.setattr(train, "load_components", no_load)
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
-    fails(capsys, [*FAST, "--reward", "aesthetic", "--set", f"reward_weights={tmp_path / 'no_such_dir'}",
-                   "--output-dir", str(out)], "aesthetic reward")
-    assert not out.exists()
+    sets = [] if weights is None else ["--set", "reward_weights=" + weights.replace("empty", str(tmp_path / "empty"))
+                                       .replace("no_such_dir", str(tmp_path / "no_such_dir"))]
+    err = fails(capsys, [*FAST, "--reward", reward, *sets, "--output-dir", str(out)], needle)
+    assert "aesthetic reward" in err and not out.exists()
 
 
 def test_reward_returning_the_wrong_shape(tmp_path, tiny_dir, capsys, monkeypatch):

@@ -27,6 +27,7 @@ A term ``x:y`` is a weight when ``y`` is a number and ``x`` has no dot; otherwis
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -240,7 +241,7 @@ def _user_reward(term: str, options: dict) -> RewardModule:
     return CallableReward(obj, term, label)
 
 
-def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
+def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False) -> dict[str, str]:
     weights = (weights or "").strip()
     if not weights:
         return {}
@@ -256,7 +257,7 @@ def _split_weights(weights: str, model_terms: list[str]) -> dict[str, str]:
                                 f"use one of {', '.join(sorted(MODEL_REWARDS))}")
             out[key] = value.strip()
         unused = sorted(set(out) - set(model_terms))
-        if unused:  # a typo in --reward, or a leftover: said, not silently ignored
+        if unused and not quiet:  # a typo in --reward, or a leftover: said, not silently ignored
             logging.getLogger(__name__).warning("reward_weights gives %s for %s, which --reward does not use",
                                                 ", ".join(f"{k}={out[k]}" for k in unused), ", ".join(unused))
         return out
@@ -303,11 +304,22 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
     return resolved
 
 
-def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list[str] | None = None) -> None:
+def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list[str] | None = None,
+                      weights: str | None = None) -> None:
     """Fail fast (before any model loads) on unknown names and user rewards that cannot be imported; with
-    ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`)."""
+    ``resolution``, also call each user reward once on two random images of that size (see :func:`probe_reward`);
+    with ``weights`` (reward_weights; not for ``plan``, which reads no weights), the model rewards' local weight
+    files are found (:func:`clip_rewards.check_local_weights`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
-    for kind, name, weight in reward_terms(spec):
+    resolved = reward_terms(spec)
+    if weights is not None:
+        model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
+        per_reward = _split_weights(weights, model_terms, quiet=True)  # build_reward says what is unused
+        for name in dict.fromkeys(model_terms):
+            from .clip_rewards import check_local_weights
+            with _naming_entry(name, model_terms):
+                check_local_weights(name, per_reward.get(name, ""))
+    for kind, name, weight in resolved:
         if weight == 0:
             logging.getLogger(__name__).warning("reward term %r has weight 0: it is computed every step but does "
                                                 "not train anything; drop it or give it a weight", name)
@@ -380,6 +392,18 @@ class RewardBuilder:
         return _user_reward(term, options)
 
 
+@contextlib.contextmanager
+def _naming_entry(name: str, model_terms: list[str]):
+    """With several model rewards their weights are given one per reward: a UserError's fix names this one's entry."""
+    try:
+        yield
+    except UserError as e:
+        if len(set(model_terms)) < 2:
+            raise
+        from .clip_rewards import FLAG
+        raise UserError(str(e).replace(FLAG, f"--set reward_weights='...;{name}=PATH'")) from None
+
+
 def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False,
                  weights: str = "", builder: RewardBuilder | None = None) -> RewardModule:
     """Build a frozen reward module from ``spec`` (see the module docstring), placed on ``device``/``dtype``.
@@ -396,14 +420,8 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
         elif name not in MODEL_REWARDS:
             module = _builtin(name, checkpointing=checkpointing, weights="")  # weight-free, or the toy world's shipped
         else:
-            try:
+            with _naming_entry(name, model_terms):
                 module = builder.model(name, weights=per_reward.get(name, ""), checkpointing=checkpointing)
-            except UserError as e:
-                if len(set(model_terms)) < 2:
-                    raise
-                # several model rewards: their weights are given one per reward, so the fix names this one's entry
-                from .clip_rewards import FLAG
-                raise UserError(str(e).replace(FLAG, f"--set reward_weights='...;{name}=PATH'")) from None
         modules.append((module, weight))
     reward = modules[0][0] if len(modules) == 1 and modules[0][1] == 1.0 else WeightedSumReward(modules)
     reward.freeze()

@@ -148,9 +148,9 @@ def _looks_like_path(spec: str) -> bool:
 
 def reward_cache_dir(reward: str) -> Path:
     """Default place for reward weights that are not on the hub: <cache root>/rewards/<reward>/."""
-    env = os.environ.get("LOWMEM_ALIGNPROP_CACHE")
-    root = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem_alignprop"
-    return root / "rewards" / reward
+    from lowmem_alignprop.models.tiny import cache_root
+
+    return cache_root() / "rewards" / reward
 
 
 def _is_hf_model_dir(path: Path) -> bool:
@@ -418,9 +418,10 @@ def _head_candidates(directory: Path) -> list[Path]:
             if p.name not in HF_WEIGHT_FILES]  # a CLIP model's own weights are not a head
 
 
-def build_aesthetic(weights: str = "", checkpointing: bool = False) -> AestheticReward:
-    from transformers import CLIPModel
-
+def find_aesthetic_head(weights: str = "") -> tuple[Path, str]:
+    """The aesthetic head file and the CLIP model to pair it with ("" for the default) that ``weights`` (the
+    reward's reward_weights entry) points at; a UserError naming the fix when there is none. Reads no file: the
+    trainer calls it before any model loads."""
     head_spec, _, clip_spec = weights.partition(",")
     head_spec, clip_spec = head_spec.strip(), clip_spec.strip()
     default_dir = reward_cache_dir("aesthetic")
@@ -454,6 +455,20 @@ def build_aesthetic(weights: str = "", checkpointing: bool = False) -> Aesthetic
         raise UserError(f"aesthetic reward: missing {AESTHETIC_HEAD_FILE} in {where}{clip_here}; download it from "
                         "https://github.com/christophschuhmann/improved-aesthetic-predictor and put it there, "
                         f"or pass {FLAG} (a directory with the head and clip/, or the head file)")
+    return head_path, clip_spec
+
+
+def check_local_weights(name: str, weights: str = "") -> None:
+    """The weight files a model reward needs that no hub provides are where ``weights`` says (the aesthetic head):
+    one line before any model loads, not after minutes of loading. Hub-loaded weights are checked when they load."""
+    if name == "aesthetic":
+        find_aesthetic_head(weights)
+
+
+def build_aesthetic(weights: str = "", checkpointing: bool = False) -> AestheticReward:
+    from transformers import CLIPModel
+
+    head_path, clip_spec = find_aesthetic_head(weights)
     sd = _head_state(_torch_load(head_path))
     if "layers.0.weight" not in sd:
         raise UserError(f"aesthetic reward: {head_path} has no 'layers.0.weight' (not an aesthetic-predictor head); "

@@ -23,7 +23,8 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
 
     cfg.check_installed()
     prompts = list(prompts) if prompts else load_prompts(cfg.prompts)
-    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts)  # unknown, unimportable or broken
+    # unknown, unimportable or broken; a model reward's weight file missing (not after minutes of model loading)
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts, weights=cfg.reward_weights)
     resolve_model(cfg.model)  # missing paths fail here
     check_tracker(cfg.report_to)
     out = Path(cfg.output_dir)
