@@ -8,6 +8,10 @@ Runs that shared the GPU with others (``concurrent_runs`` > 1) are listed apart:
 
     python benchmarks/calibrate_time.py                    # writes benchmarks/results/time-calibration.json
     python benchmarks/calibrate_time.py --reuse            # recompute the seconds from the stored work counts
+    python benchmarks/calibrate_time.py --match sd15 --out F  # only the runs whose name holds one of the words
+
+The speed rows (``gpu_check.py --only speed``, one run alone on the card at batch 1) are included: the only
+launch-bound steps measured, where the per-op time shows.
 
 The work counts are stored, so changing a device figure needs no new estimate (``--reuse``).
 """
@@ -38,11 +42,14 @@ def card_of(device_name: str) -> str:
     return "h200" if "H200" in device_name else "h100" if "H100" in device_name else ""
 
 
-def runs():
+def runs(match: str = ""):
+    words = [w for w in match.split(",") if w]
     for path in sorted((HERE / "results").glob("gpu-*.json")):
         data = json.loads(path.read_text())
         card = card_of(data["device"]["name"])
-        for row in data.get("ladder", []) + data.get("profiles", []):
+        for row in data.get("ladder", []) + data.get("profiles", []) + data.get("speed", []):
+            if words and not any(w in row.get("name", "") for w in words):
+                continue
             report = row.get("memory_report") or {}
             plan = row.get("planner") or {}
             metrics = row.get("metrics") or []
@@ -78,13 +85,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reuse", action="store_true", help="use the work counts stored in the output file")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--match", default="", help="comma-separated words: only the runs whose name holds one")
     args = ap.parse_args()
     t0 = time.time()
     if args.reuse:
         rows = json.loads(Path(args.out).read_text())["runs"]
     else:
         rows = []
-        for run in runs():
+        for run in runs(args.match):
             run["work"] = work_of(run)
             rows.append(run)
             print(f"estimated {run['name']} ({run['file']})", file=sys.stderr, flush=True)

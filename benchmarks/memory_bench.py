@@ -509,8 +509,9 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
             L.append(f"| {r['card']} | {r['name']} | {r['concurrent_runs'] or 1} | {r['measured_stages_sum']:.2f} | "
                      f"{r['predicted_step']:.2f} | {r['measured_over_predicted']:.2f} | {per} |")
         L += ["", "What this does not show: cards other than the H100/H200 (their figures are the calibration "
-              "carried over by datasheet peaks), small batches alone on a GPU (launch-bound; every batch-1 run here "
-              "shared the GPU), and the speed features (not modelled; `gpu_check.py --only speed` measures them)."]
+              "carried over by datasheet peaks), the host time per op of another machine (it paces small batches: "
+              "one batch-1 run alone measured it, on the H200 machine's CPU), models other than SD1.5 alone on a "
+              "GPU, and the speed features (not modelled; `gpu_check.py --only speed` measures them)."]
     if bench_path.exists():
         b = json.loads(bench_path.read_text())
         dev = b["device"]

@@ -6,10 +6,15 @@ formulas), the bytes the other ops read and write, the ops launched, the bytes c
 (offload, activation offload) and the weights dequantized (int8/nf4 base). :func:`seconds` adds up one time per
 class of work::
 
-    matmul_flops / (peak * matmul_eff) + attention_flops / (peak * attention_eff)
-      + other_bytes / (memory_bandwidth * memory_eff) + ops * launch_s
-      + dequant_bytes / (memory_bandwidth * memory_eff)
+    card = matmul_flops / (peak * matmul_eff) + attention_flops / (peak * attention_eff)
+           + (other_bytes + dequant_bytes) / (memory_bandwidth * memory_eff)
+    max(card, ops * launch_s)      # a GPU: the host queues kernels while the card runs earlier ones
+    card + ops * launch_s          # the CPU row: the same cores dispatch and compute
       + (pcie_bytes - swap_bytes) / pcie_bandwidth + block swap's copies beyond the compute they overlap
+
+A GPU step is the longer of the card's work and the host's: PyTorch launches each op asynchronously, so a small
+batch (SD1.5 at batch 1 on a fast card) is paced by the host's per-op time (Python, dispatch, autocast, peft's
+wrappers and the launch itself), a large one by the card.
 
 Block swap's copies (``swap_bytes``) run on a side stream, each beside the compute of the block before it: a copy
 costs max(0, copy - that compute) (:func:`swap_seconds`); the other copies (offload) are serial.
@@ -18,10 +23,11 @@ costs max(0, copy - that compute) (:func:`swap_seconds`); the other copies (offl
 cuBLAS runs PyTorch's half matmuls; fp32 matmuls at the TF32 rate when ``tf32`` is on, else the plain fp32 rate).
 
 Peak figures are the vendors' dense (no sparsity) numbers; sources per card below. The efficiency factors and
-the per-op launch time are calibrated against the measured GPU steps in benchmarks/results/ (REPORT.md section 6
-states the error): two runs alone on an H200, one model (SD1.5 512 px, batch 8), so the other cards' figures are
-that calibration carried over by their datasheet peaks, and small batches (launch-bound) are unchecked. Treat a
-figure as a rough guide (about a factor of 1.5 either way) until a GPU session has measured that card.
+the per-op host time are calibrated against the measured GPU steps in benchmarks/results/ (REPORT.md section 6
+states the error): three runs alone on an H200, one model (SD1.5 512 px; batch 8 twice, card-bound, and batch 1,
+host-bound), so the other cards' figures are that calibration carried over by their datasheet peaks, and the host
+time is that of the H200 machine's CPU (a desktop CPU with a higher clock may dispatch faster). Treat a figure as a
+rough guide (about a factor of 1.5 either way) until a GPU session has measured that card.
 """
 
 from __future__ import annotations
@@ -42,16 +48,19 @@ class Device:
     memory_gbs: float  # device memory bandwidth, GB/s (1e9 bytes)
     pcie_gbs: float  # host <-> device copies, GB/s effective (pinned, one direction at a time)
     source: str
-    # effective factors (fraction of peak reached by each class of work) and the per-op launch time, fitted to the
-    # two SD1.5 batch-8 steps measured alone on an H200 (benchmarks/calibrate_time.py): launch and memory fixed
-    # at typical values (5 us, 80% of the bandwidth), one factor for matmuls and attention fitted (0.22: the
-    # runs measured 0.92 and 1.11 of the estimate). It was 0.75 while the planner counted prim.device (a tensor's
-    # device, asked at every cast) as elementwise bytes: that phantom memory time stood in for slow matmuls.
-    # Effective, not physical: the elementwise byte count is still an upper bound (no fusion)
-    matmul_eff: float = 0.22
-    attention_eff: float = 0.22
+    # effective factors (fraction of peak reached by each class of work) and the host's time per op, fitted
+    # (benchmarks/calibrate_time.py, 2026-12-04) to the three SD1.5 steps measured alone on an H200: two at batch 8
+    # (card-bound) and one at batch 1 (host-bound: 1.71 s where card work plus 5 us an op had predicted 0.57 s).
+    # Memory fixed at 80% of the bandwidth, one factor for matmuls and attention; least squares of the log ratio:
+    # 0.18 and 28 us, measured / predicted 0.90-1.09 on those runs (in-sample). Before: 0.22 with 5 us added to
+    # the card's time (fitted to the batch-8 runs alone). Effective, not physical: the elementwise byte count is
+    # still an upper bound (no fusion)
+    matmul_eff: float = 0.18
+    attention_eff: float = 0.18
     memory_eff: float = 0.8
-    launch_s: float = 5e-6
+    launch_s: float = 28e-6
+    # the host queues ops while the card runs (a GPU): a stage takes the longer of the two; False (the CPU): the sum
+    overlaps_launch: bool = True
 
     def peak_tflops(self, dtype: str, tf32: bool = False) -> float:
         if dtype == "fp16":
@@ -68,8 +77,10 @@ _AMPERE = "NVIDIA Ampere GA102 architecture whitepaper (GeForce tensor rates: fp
           "fp16-accumulate rate)"
 DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("rtx3060", 25.5, 25.5, 12.7, 12.7, 360, 25,
-           f"RTX 3060 12 GB: 3584 CUDA cores at 1.78 GHz boost, 192-bit GDDR6 360 GB/s (the 8 GB model: 240 GB/s), "
-           f"PCIe 4.0 x16; {_AMPERE}"),
+           f"RTX 3060 12 GB: 3584 CUDA cores at 1.78 GHz boost, 192-bit GDDR6 360 GB/s, PCIe 4.0 x16; {_AMPERE}"),
+    Device("rtx3060-8gb", 25.5, 25.5, 12.7, 12.7, 240, 25,
+           f"RTX 3060 8 GB: the 12 GB model's 3584 CUDA cores on a 128-bit GDDR6 bus, 240 GB/s, PCIe 4.0 x16; "
+           f"{_AMPERE}"),
     Device("rtx4090", 165.2, 165.2, 82.6, 82.6, 1008, 25,
            "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090 column (165.2 TFLOPS fp16/bf16 with fp32 "
            "accumulate, dense), 1008 GB/s GDDR6X, PCIe 4.0 x16"),
@@ -95,7 +106,7 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("cpu", 0.128, 0.128, 0.128, 0.128, 8, 0,
            "one x86 core with AVX-512 at 2 GHz: 2 FMA units x 16 fp32 lanes x 2 flops = 64 flops per cycle, 128 "
            "GFLOPS peak; about 8 GB/s of memory bandwidth per core; bf16 counted at the fp32 rate (no AMX assumed)",
-           matmul_eff=0.538, attention_eff=1.426, memory_eff=2.0, launch_s=36.9e-6),
+           matmul_eff=0.538, attention_eff=1.426, memory_eff=2.0, launch_s=36.9e-6, overlaps_launch=False),
 )}
 
 
@@ -108,7 +119,7 @@ def card_row(product: str, total_gib: float) -> str:
     """The row of :data:`DEVICES` for a detected card, or "" for a card without figures here."""
     for pattern, row in _PRODUCT_ROWS:
         if pattern.lower() in product.lower():
-            return row
+            return "rtx3060-8gb" if row == "rtx3060" and total_gib < 10 else row
     if "a100" in product.lower():
         return "a100-80gb" if total_gib > 50 else "a100-40gb"
     return ""
@@ -150,11 +161,14 @@ def seconds(work: dict, device: Device, dtype: str, tf32: bool = False, swap_win
 
 
 def compute_seconds(work: dict, device: Device, dtype: str, tf32: bool = False) -> float:
-    """The card's own work in ``work``: matmuls, attention, elementwise and dequantized bytes, launches (no copies)."""
+    """The device's own work in ``work`` (no copies): matmuls, attention, elementwise and dequantized bytes, and the
+    host's time per op: the longer of the two on a GPU (the host runs ahead), their sum on the CPU."""
     peak = device.peak_tflops(dtype, tf32) * 1e12
     t = work["matmul_flops"] / (peak * device.matmul_eff) + work["attention_flops"] / (peak * device.attention_eff)
     bandwidth = device.memory_gbs * 1e9 * device.memory_eff
-    return t + (work["other_bytes"] + work["dequant_bytes"]) / bandwidth + work["ops"] * device.launch_s
+    t += (work["other_bytes"] + work["dequant_bytes"]) / bandwidth
+    host = work["ops"] * device.launch_s
+    return max(t, host) if device.overlaps_launch else t + host
 
 
 def swap_seconds(work: dict, device: Device, dtype: str, tf32: bool = False, windows: list | None = None) -> float:
