@@ -265,18 +265,18 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     monkeypatch.setenv("LOWMEM_ALIGNPROP_PLAN_CACHE", "on")
     given = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
              *HEAVY]
-    assert main(["plan", "--fastest", "--json", "--device", "cuda", "--set", "card=rtx3060", *given]) == 0
+    assert main(["plan", "--fastest", "--json", "--device", "cuda", "--set", "card=rtx3060-8gb", *given]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["found"] is not None and planned["set"]
     typed = planned["provenance"]  # what produced the choice: the command as typed, date, machine, versions
-    assert typed["command"].startswith("lowmem-alignprop plan --fastest --json --device cuda --set card=rtx3060")
+    assert typed["command"].startswith("lowmem-alignprop plan --fastest --json --device cuda --set card=rtx3060-8gb")
     assert typed["date"] and typed["device"]["cores"] >= 1 and typed["versions"]["torch"]
     out = tmp_path / "run"
     assert main([*given, "--steps", "2", "--auto-fit", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())
     search = saved["auto_fit_search"]
-    assert search["set"] == planned["set"] and search["timed_as"] == "rtx3060"
+    assert search["set"] == planned["set"] and search["timed_as"] == "rtx3060-8gb"  # an 8 GB RTX 3060: 240 GB/s
     assert search["source"].startswith("plan --fastest") and search["budget_gb"] == 8
     for key, value in planned["set"].items():  # the run trained with the choice...
         assert saved[key] == value, key
@@ -317,11 +317,11 @@ def test_profile_auto_takes_the_detected_cards_budget(monkeypatch):
     name, cfg = profiles.resolve_config("auto", {}, [])
     assert name == "cpu" and cfg.budget_gb == 8  # the cpu profile's own
     assert profiles.card_budget(7.79) == 7.2 and profiles.card_budget(0.8) == 0.3  # at least 0.5 GiB kept back
-    rows = {p: card_row(p, m) for p, m in (("NVIDIA GeForce RTX 3060", 11.8), ("NVIDIA GeForce RTX 3060 Laptop GPU",
+    rows = [card_row(p, m) for p, m in (("NVIDIA GeForce RTX 3060", 11.8), ("NVIDIA GeForce RTX 3060 Laptop GPU",
             6.0), ("NVIDIA A100-PCIE-40GB", 39.4), ("NVIDIA A100 80GB PCIe", 79.2), ("NVIDIA H100 80GB HBM3", 79.2),
-            ("NVIDIA H200", 139.8), ("Tesla T4", 15.0))}
-    assert list(rows.values()) == ["rtx3060", "laptop", "a100-40gb", "a100-80gb", "h100", "h200", ""]
-    assert all(r in DEVICES for r in rows.values() if r)
+            ("NVIDIA H200", 139.8), ("Tesla T4", 15.0), ("NVIDIA GeForce RTX 3060", 7.8))]
+    assert rows == ["rtx3060", "laptop", "a100-40gb", "a100-80gb", "h100", "h200", "", "rtx3060-8gb"]
+    assert all(r in DEVICES for r in rows if r)
 
 
 def test_auto_fit_search_that_fails_leaves_the_run_as_configured(monkeypatch, tiny_dir):

@@ -33,13 +33,18 @@ GPU_PROFILES = tuple(name for name in shipped_profiles() if name != "cpu")
 # plan (a custom profile names its card with --set card=NAME); the models (None: any) let a run of another model
 # point to the profiles made for it. "sd" is SD 1.x/2.x, and the toy and tiny models, which have its shape.
 PROFILE_TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "rtx3060": ("rtx3060", ("sd",)), "rtx3060-sdxl": ("rtx3060", ("sdxl",)), "laptop-6gb": ("laptop", ("sd",)),
-    "rtx4090": ("rtx4090", ("sd", "sdxl")), "a100-40gb": ("a100-40gb", None), "a100-80gb": ("a100-80gb", None),
-    "cpu": ("cpu", None),
-    # the flow profiles (issue 18); the 8 GB RTX 3060 timed with the 12 GB row (240 vs 360 GB/s)
-    "rtx3060-sd35m": ("rtx3060", ("sd35m",)), "rtx3060-flux": ("rtx3060", ("flux",)),
+    "rtx3060": ("rtx3060-8gb", ("sd",)), "rtx3060-sdxl": ("rtx3060-8gb", ("sdxl",)),
+    "laptop-6gb": ("laptop", ("sd",)), "rtx4090": ("rtx4090", ("sd", "sdxl")), "a100-40gb": ("a100-40gb", None),
+    "a100-80gb": ("a100-80gb", None), "cpu": ("cpu", None),
+    # the flow profiles (issue 18): the 8 GB RTX 3060 (240 GB/s) and the 12 GB one (360 GB/s) are timed apart
+    "rtx3060-sd35m": ("rtx3060-8gb", ("sd35m",)), "rtx3060-flux": ("rtx3060-8gb", ("flux",)),
     "rtx3060-12gb-sd35l": ("rtx3060", ("sd35l",)), "rtx3060-12gb-flux": ("rtx3060", ("flux",)),
     "rtx4090-flux": ("rtx4090", ("flux",))}
+
+
+def card_class(card: str) -> str:
+    """The card a timing row of PROFILE_TARGETS belongs to: the 8 GB RTX 3060 is an rtx3060-class card."""
+    return card.removesuffix("-8gb")
 MODEL_KINDS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd35m": "SD3.5 Medium", "sd35l": "SD3.5 Large", "flux": "FLUX.1"}
 
 
@@ -49,7 +54,8 @@ def made_for_others(profile: str, kind: str | None) -> list[str] | None:
     card, kinds = PROFILE_TARGETS.get(profile, ("", None))
     if kind is None or kinds is None or kind in kinds:
         return None
-    return [name for name, (c, ks) in PROFILE_TARGETS.items() if c == card and ks and kind in ks]
+    return [name for name, (c, ks) in PROFILE_TARGETS.items() if card_class(c) == card_class(card) and ks
+            and kind in ks]
 
 
 def profile_note(profile: str, kind: str) -> str | None:
@@ -58,7 +64,7 @@ def profile_note(profile: str, kind: str) -> str | None:
     others = made_for_others(profile, kind)
     if others is None:
         return None
-    card, kinds = PROFILE_TARGETS[profile]
+    card, kinds = card_class(PROFILE_TARGETS[profile][0]), PROFILE_TARGETS[profile][1]
     made = f"profile {profile} is made for {' and '.join(MODEL_KINDS[k] for k in kinds)}, not {MODEL_KINDS[kind]}"
     if not others:
         return f"{made}; no shipped profile is made for {MODEL_KINDS[kind]} on {card}-class cards"
