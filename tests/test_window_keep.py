@@ -237,3 +237,29 @@ def test_fastest_fills_the_budgets_room_with_kept_calls():
     search.cfg = dataclasses.replace(cfg, budget_gb=8.5)
     assert search.fill_window(row(4))["set"]["window_keep"] == 4  # no room for one more: nothing estimated
     assert len(search.tried) == 1
+
+
+def test_fastest_fills_the_room_on_a_card_whose_needed_holds_fixed_workspaces():
+    """On a CUDA target "needed" is the allocator's x1.10 of the allocated bytes plus fixed workspaces: a kept call
+    adds its bytes x1.10, not x(needed / allocated). The tiny model on rtx3060 with a 0.5 GiB budget chose
+    window_keep=2 (0.35 GiB) and never estimated 3 (0.44 GiB, faster), as the workspaces doubled the step."""
+    from lowmem_alignprop.measure import fastest
+    from lowmem_alignprop.measure.figures import reserved
+    from lowmem_alignprop.memory.allowances import GIB, WORKSPACE_BYTES
+
+    cfg = Config(model="tiny", sample_steps=8, k=6, budget_gb=0.5).validate()
+    search = fastest._Search(cfg, "cuda", devices.DEVICES["rtx3060"], [], max_estimates=10)
+    per_kept = int(0.077 * GIB)
+
+    def row(n: int) -> dict:
+        allocated = int(0.04 * GIB) + n * per_kept
+        needed = reserved(cfg, allocated, True) + WORKSPACE_BYTES
+        return {"set": {"window_keep": n}, "needed": needed, "allocated": allocated, "per_kept_bytes": per_kept,
+                "seconds": 0.6 - 0.01 * n, "fits": needed <= cfg.budget_gb * GIB}
+
+    def run(change):
+        search.tried.append(change)
+        return row(change["window_keep"])
+    search.run = run
+    assert row(2)["fits"] and row(3)["fits"] and not row(4)["fits"]
+    assert search.fill_window(row(2))["set"]["window_keep"] == 3 and len(search.tried) == 1

@@ -330,7 +330,8 @@ class _Search:
         number predicted from what each kept call adds to the peak (its activations, in "needed" terms), then
         estimated, one fewer at a time until one fits (taken when faster)."""
         n, k_max = row["set"].get("window_keep", 0), self.cfg.window_bounds()[1]
-        per_call = row.get("per_kept_bytes", 0) * row["needed"] / max(row.get("allocated", 0), 1)
+        cuda = self.target == "cuda"  # a kept call's bytes in "needed" terms: the allocator's factor, no workspaces
+        per_call = reserved(self.cfg, row.get("per_kept_bytes", 0), cuda) - reserved(self.cfg, 0, cuda)
         if not n or n >= k_max or not per_call:
             return row
         room = self.cfg.budget_gb * GIB - row["needed"]
@@ -442,7 +443,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     chosen = dataclasses.replace(cfg, **best["set"]).validate()
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
     named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "")
-    result.update(found=best, set=changes, profile_yaml=profile_yaml(named, profile, best),
+    result.update(found=best, set=changes, profile_yaml=profile_yaml(named, profile, best, target),
                   plan=planner.plan(chosen, profile=profile, target=target, suggest_changes=False, started=started))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
@@ -458,8 +459,9 @@ def swap_ladder(cfg: Config, target: str) -> list[dict[str, Any]]:
     return [{"block_swap": k, "unet_checkpointing": "blocks"} for k in levels]
 
 
-def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
-    """The chosen configuration as a profile the user can save and pass with --profile FILE."""
+def profile_yaml(cfg: Config, profile: str, row: dict[str, Any], target: str = "cuda") -> str:
+    """The chosen configuration as a profile the user can save and pass with --profile FILE (a CPU plan's says that
+    ``plan`` needs --device cpu for it: a profile file is planned for a card)."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -468,6 +470,8 @@ def profile_yaml(cfg: Config, profile: str, row: dict[str, Any]) -> str:
         return v
     lines = [f"# plan --fastest for profile {profile}: {fmt_seconds(row['seconds'])} s per optimizer step (estimated), "
              f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
+    if target == "cpu":
+        lines.append("# for the CPU: plan it with `plan --profile FILE --device cpu` (a profile file is planned for a card)")
     lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
     return "\n".join(lines) + "\n"
 
