@@ -157,7 +157,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "fused_adamw=true", "--set", "optimizer=adamw8bit"], "fused_adamw fuses torch's AdamW"),
     (["--set", "output_dir="], "output_dir is empty"),
     (["--set", "model="], "model is empty: name one"),  # an unset $MODEL trained the tiny model's noise
-    (["--set", "card=x"], "card='x' is not one of rtx3060, rtx4090, a100-40gb, a100-80gb, h100, h200, laptop: use "
+    (["--set", "card=x"], "card='x' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, h200, laptop: use "
                           "--set card=rtx3060"),  # not "is not one of , rtx3060" nor "use --set card="
     (["--output-dir", "/"], "is the file system's root"),
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),

@@ -471,7 +471,7 @@ def profile_yaml(cfg: Config, profile: str, row: dict[str, Any], target: str = "
     lines = [f"# plan --fastest for profile {profile}: {fmt_seconds(row['seconds'])} s per optimizer step (estimated), "
              f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
     if target == "cpu":
-        lines.append("# for the CPU: plan it with `plan --profile FILE --device cpu` (a profile file is planned for a card)")
+        lines.append("# for the CPU: plan it with `plan --profile FILE --device cpu` (a file is planned for a card)")
     lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
     return "\n".join(lines) + "\n"
 

@@ -313,10 +313,11 @@ def check_reward_spec(spec: str, *, resolution: int | None = None, prompts: list
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer will call it
     resolved = reward_terms(spec)
     if weights is not None:
+        from .clip_rewards import check_local_weights
+
         model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
         per_reward = _split_weights(weights, model_terms, quiet=True)  # build_reward says what is unused
         for name in dict.fromkeys(model_terms):
-            from .clip_rewards import check_local_weights
             with _naming_entry(name, model_terms):
                 check_local_weights(name, per_reward.get(name, ""))
     for kind, name, weight in resolved:
