@@ -211,6 +211,14 @@ def test_fastest_keeps_window_calls_only_when_the_budget_has_room(tiny_dir, monk
     assert any(not row["fits"] and row["set"].get("window_keep") for row in r["tried"])  # keeping was tried
 
 
+def _estimates_by(search, row) -> None:
+    """The search's estimates replaced by ``row(window_keep)`` (a linear stand-in for the planner), each one counted."""
+    def run(change):
+        search.tried.append(change)
+        return row(change["window_keep"])
+    search.run = run
+
+
 def test_fastest_fills_the_budgets_room_with_kept_calls():
     """Between the chosen window_keep level (4) and the next one up (K_max = 6), the search takes
     the most kept calls the room holds, predicted from per_kept_bytes and confirmed by an estimate (here a linear
@@ -226,10 +234,7 @@ def test_fastest_fills_the_budgets_room_with_kept_calls():
         return {"set": {"window_keep": n}, "needed": needed, "allocated": needed, "per_kept_bytes": GIB,
                 "seconds": 2.0 - 0.1 * n, "fits": needed <= cfg.budget_gb * GIB}
 
-    def run(change):
-        search.tried.append(change)
-        return row(change["window_keep"])
-    search.run = run
+    _estimates_by(search, row)
     assert search.fill_window(row(4))["set"]["window_keep"] == 6  # 10 GiB needed of 10.5: K_max itself fits
     search.cfg = dataclasses.replace(cfg, budget_gb=9.5)
     search.tried.clear()
@@ -257,9 +262,6 @@ def test_fastest_fills_the_room_on_a_card_whose_needed_holds_fixed_workspaces():
         return {"set": {"window_keep": n}, "needed": needed, "allocated": allocated, "per_kept_bytes": per_kept,
                 "seconds": 0.6 - 0.01 * n, "fits": needed <= cfg.budget_gb * GIB}
 
-    def run(change):
-        search.tried.append(change)
-        return row(change["window_keep"])
-    search.run = run
+    _estimates_by(search, row)
     assert row(2)["fits"] and row(3)["fits"] and not row(4)["fits"]
     assert search.fill_window(row(2))["set"]["window_keep"] == 3 and len(search.tried) == 1
