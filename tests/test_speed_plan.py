@@ -524,3 +524,19 @@ def test_the_speed_benchmark_summarises_interleaved_repeats_by_median_against_th
                                       "low": 1.0, "high": 3.0}
     assert rows["channels_last"]["median"] == 0.9 and rows["channels_last"]["vs_profile"] == pytest.approx(0.75)
 
+
+
+@pytest.mark.parametrize("fastest_flag", [[], ["--fastest"]])
+def test_a_cuda_budget_below_the_workspaces_is_refused_before_any_estimate(fastest_flag, capsys, monkeypatch):
+    """budget_gb under CUDA's 0.16 GiB of workspaces cannot fit anything: plan and plan --fastest say so in one
+    line at once (a user's 0.1 GiB had --fastest search for three minutes before "nothing fits")."""
+    from lowmem_alignprop.cli import main
+
+    def no_estimate(*a, **k):
+        raise AssertionError("estimated a configuration nothing could fit")
+
+    monkeypatch.setattr(planner, "estimate", no_estimate)
+    assert main(["plan", *fastest_flag, "--profile", "rtx3060", "--model", "tiny", "--set", "budget_gb=0.1"]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "budget_gb=0.1 is below the 0.16 GiB CUDA's workspaces take" in lines[0], err

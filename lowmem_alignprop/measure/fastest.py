@@ -393,10 +393,11 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     target = target or planner.default_target(profile)
     if not cfg.budget_gb:
         raise UserError("--fastest needs a budget to fit: set budget_gb in the profile or --set budget_gb=8")
+    planner.check_budget(cfg, target)
     device = device_for(cfg.card, profile, target)
     if device is None:
-        raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx4090|a100-40gb|a100-80gb|"
-                        "h100|h200|laptop")
+        raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx3060-8gb|rtx4090|a100-40gb|"
+                        "a100-80gb|h100|h200|laptop")
     prompts = load_prompts(cfg.prompts)
     search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool)
     images = cfg.batch_size * cfg.grad_accum

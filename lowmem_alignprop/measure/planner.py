@@ -57,7 +57,7 @@ from lowmem_alignprop.memory.precision import frozen_weight_dtype
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features
-from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR
+from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.run.disk_space import run_bytes
 from lowmem_alignprop.measure.counters import TEXT_ENCODER, Counters, HostSaveOnCpu, LiveBytes, Residency, StageWork
@@ -515,6 +515,15 @@ def disk_needed(cfg: Config, est: Estimate) -> dict[str, int]:
     return {"checkpoint": need.checkpoint, "at_once": need.at_once, "peak": need.peak}
 
 
+def check_budget(cfg: Config, target: str) -> None:
+    """A CUDA budget that no tensor could fit in (CUDA's workspaces alone take more): one line at once, not "does not
+    fit" after minutes of estimates."""
+    if target == "cuda" and cfg.budget_gb and cfg.budget_gb * GIB <= WORKSPACE_BYTES:
+        raise UserError(f"budget_gb={cfg.budget_gb:g} is below the {WORKSPACE_BYTES / GIB:.2f} GiB CUDA's workspaces "
+                        "take before any tensor, so nothing can fit: give the card's memory less what else uses it "
+                        "(e.g. --set budget_gb=7.5 for an 8 GB card)")
+
+
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
          log: Callable[[str], None] | None = None, started: float | None = None,
          command: str | None = None) -> dict[str, Any]:
@@ -527,6 +536,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     started = time.perf_counter() if started is None else started
 
     target = target or default_target(profile)
+    check_budget(cfg, target)
     if target == "cpu" and cfg.base_quant in BNB_MODES:  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
