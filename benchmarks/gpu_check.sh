@@ -20,8 +20,9 @@
 #
 # Seen on an H200 (2026-12-04): six SD3.5/FLUX rows at once took 160-240 s each with OMP_NUM_THREADS=2 (16 cores: the
 # text encoders run on the CPU); the int8 FLUX rows (rtx3060-flux, rtx4090-flux) ran past 240 s that way: give them
-# a call of their own, e.g. JOBS=2 DEADLINE=60 bash benchmarks/gpu_check.sh --only profiles,sample --run-timeout 420
-# --match "int8 block swap 41,rtx4090-flux flux 1024 int8". A device's copy may carry stale git metadata: set
+# a call of their own, e.g. JOBS=2 DEADLINE=300 bash benchmarks/gpu_check.sh --only profiles,sample --run-timeout 330
+# --match "int8 block swap 41,rtx4090-flux flux 1024 int8" (the sample row starts after its training row only before
+# DEADLINE; both rows together can take the whole 600 s call). A device's copy may carry stale git metadata: set
 # GPU_CHECK_CODE=<commit> in the command so the results file names the code that ran.
 #
 # Before a device call, its plumbing on this CPU (tiny model, about 90 s; in `-m slow`, not the default suite):
