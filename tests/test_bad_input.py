@@ -161,8 +161,10 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
                           "--set card=rtx3060"),  # not "is not one of , rtx3060" nor "use --set card="
     (["--output-dir", "/"], "is the file system's root"),
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),
-    (["--set", "lora_layers=attention+ff", "--set", "train_unet=full"], "lora_layers=attention+ff chooses the LoRA's "
-                                                                        "layers, and train_unet=full trains every"),
+    (["--set", "lora_layers=attention+ff", "--set", "train_unet=full"], "lora_layers=attention+ff shapes the LoRA, "
+                                                                        "and train_unet=full trains every"),
+    (["--set", "lora_rank=16", "--set", "train_unet=full"], "lora_rank=16 shapes the LoRA, and train_unet=full"),
+    (["--set", "lora_alpha=8", "--set", "train_unet=full"], "lora_alpha=8.0 shapes the LoRA, and train_unet=full"),
     (["--set", "reward_cap=80", "--set", "reward_target=10"], "reward_cap and reward_target both shape the loss"),
     (["--set", "reward_cap=inf"], "reward_cap=inf is not a finite number"),
     (["--set", "base_quant=fp8", "--set", "unet_checkpointing=call"], "add --set unet_checkpointing=blocks"),
