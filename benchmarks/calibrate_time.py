@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 from lowmem_alignprop.measure import devices  # noqa: E402
 from lowmem_alignprop.memory import stages  # noqa: E402
 from lowmem_alignprop.run import atomic  # noqa: E402
+from gpu_check import matches  # noqa: E402  (its neighbour in benchmarks/, this script's folder on sys.path)
 
 OUT = HERE / "results" / "time-calibration.json"
 TIMED = (stages.SAMPLE_NOGRAD, stages.SAMPLE_GRAD, stages.DECODE, stages.REWARD, stages.BACKWARD, stages.OPTIMIZER)
@@ -43,12 +44,11 @@ def card_of(device_name: str) -> str:
 
 
 def runs(match: str = ""):
-    words = [w for w in match.split(",") if w]
     for path in sorted((HERE / "results").glob("gpu-*.json")):
         data = json.loads(path.read_text())
         card = card_of(data["device"]["name"])
         for row in data.get("ladder", []) + data.get("profiles", []) + data.get("speed", []):
-            if words and not any(w in row.get("name", "") for w in words):
+            if not matches(row.get("name", ""), match):
                 continue
             report = row.get("memory_report") or {}
             plan = row.get("planner") or {}

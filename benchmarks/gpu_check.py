@@ -242,6 +242,12 @@ class PlannerPool:
             return {"error": f"planner output is not JSON: {e}", "stdout_head": out[:600], "stderr": err[-600:]}
 
 
+def matches(name: str, match: str) -> bool:
+    """``--match``: True when ``match`` (comma-separated words; empty words ignored) is empty or a word is in ``name``."""
+    words = [w for w in match.split(",") if w]
+    return not words or any(w in name for w in words)
+
+
 def code_version() -> str | None:
     """The commit of the checkout: GPU_CHECK_CODE when set (a lent device's copy may carry the git metadata of an
     earlier commit than its files: the command then names the commit), else git's; None without either."""
@@ -385,8 +391,8 @@ def main() -> int:
             samples.append((name, source, ["sample", "--profile", profile, "--model", model, *common, *sets,
                                            *SAMPLE_ARGS], budget))
     if a.match:  # rerun a subset: jobs whose name contains one of the comma-separated words
-        jobs = [j for j in jobs if any(w in j[1] for w in a.match.split(","))]
-        samples = [j for j in samples if any(w in j[0] for w in a.match.split(","))]
+        jobs = [j for j in jobs if matches(j[1], a.match)]
+        samples = [j for j in samples if matches(j[0], a.match)]
     # the CPU smoke plans its first run only: the plumbing is the same for every run, and each planner process is
     # ~20 s of a 2-core machine's CPU
     for _, name, args, _ in jobs[:1] if cpu else jobs:
