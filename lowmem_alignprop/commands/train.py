@@ -74,6 +74,9 @@ def make_accelerator(cfg: Config, output_dir: Path):
     if not torch.cuda.is_available() and mp == "fp16":
         log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
         mp = "no"
+    if not torch.cuda.is_available() and mp == "bf16" and precision.cpu_has_bf16() is False:
+        log.warning("mixed_precision=bf16 on a CPU without bf16 instructions (avx512_bf16, amx_bf16): torch emulates "
+                    "them, many times slower than fp32; --set mixed_precision=no is faster here (the cpu profile's)")
     if cfg.deepspeed_zero:
         from lowmem_alignprop.run.distributed import deepspeed_plugin
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed

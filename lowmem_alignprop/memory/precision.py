@@ -7,6 +7,8 @@ state stay fp32 everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,3 +33,18 @@ def compute_dtype(model) -> torch.dtype:
     8 ms for the toy UNet with LoRA, a tenth of its call on a CPU): ask once per rollout, not once per model call."""
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+
+
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's AVX-512 BF16 and AMX, Arm's BF16 extension
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU has bf16 instructions (without them torch emulates bf16 matmuls, many times slower than
+    fp32); None where the OS does not say (no /proc/cpuinfo: macOS, Windows)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    flags = {word for line in text.splitlines() if line.lower().startswith(("flags", "features"))
+             for word in line.partition(":")[2].split()}
+    return bool(flags & BF16_CPU_FLAGS)
