@@ -175,20 +175,13 @@ def read_lora(spec: str) -> Lora:
 def _as_best(lora: Lora) -> None:
     """A run's best/ (--eval-every): the LoRA of step N, whose card, file name and grid are step N's, as a checkpoint
     of that step's are (not the finished run's steps, rewards and before/after grid)."""
-    from lowmem_alignprop.run.runfolder import METRICS, first_last_rewards
+    from lowmem_alignprop.run.runfolder import METRICS, first_last_rewards, read_metrics
 
     try:
         step = int(json.loads((lora.path / BEST_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged best.json: the run's figures, as before
-    rows = []
-    for line in (lora.run / METRICS).read_text().splitlines() if (lora.run / METRICS).is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "reward_mean" in row and row.get("step", 0) <= step:
-            rows.append(row)
+    rows = [row for row in read_metrics(lora.run / METRICS, until=step) if "reward_mean" in row]
     lora.step = step
     lora.summary = {"steps": step, "steps_done": step, **(first_last_rewards(rows) if rows else {})}
 

@@ -238,19 +238,27 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def read_metrics(path: Path, until: int | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl (up to step ``until``), oldest first; [] without the file. A line a crash cut
+    off (or any line that is not a JSON object) is left out."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and (until is None or row.get("step", 0) <= until):
+            rows.append(row)
+    return rows
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
-    if not path.exists():
-        atomic.write_text(path, "")
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                rows.append(line)
-        except ValueError:
-            continue  # a line cut off by a crash
-    atomic.write_text(path, "".join(r + "\n" for r in rows))
+    atomic.write_text(path, "".join(metrics_line(r) for r in read_metrics(path, until=step)))
 
 
 def first_last_rewards(history: list[dict], since: int = 1) -> dict[str, Any]:
