@@ -491,6 +491,35 @@ def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint
     assert f"exported {flux_run / 'checkpoints' / 'step-00000001'} (kohya) to {out}: " in caplog.text, caplog.text
 
 
+def test_a_lora_or_export_copied_away_from_its_run_samples_with_the_runs_settings(flux_run, tmp_path):
+    """`sample LORA` without --model takes the model and the image settings (resolution, steps, guidance...) the run
+    sampled with: from the run's config.yaml when the run folder or a folder in it is named, from base_model.json where no run's config.yaml is beside the LoRA (an export elsewhere, the lora/
+    folder copied to another machine), and for a run from before base_model.json recorded them, from the run at
+    export time. Before: the cpu profile's SD1.5 settings (64 px, 10 steps, guidance 7.5), in silence."""
+    import shutil
+
+    def rewards(spec, name):
+        out = tmp_path / name
+        assert main(["sample", "--profile", "cpu", "--lora", str(spec), "--num-prompts", "1",
+                     "--output-dir", str(out)]) == 0
+        return [r for p in json.loads((out / "sample_results.json").read_text())["per_prompt"] for r in p["lora"]]
+
+    away = tmp_path / "away"
+    ours = rewards(flux_run / "lora", "in-run")  # beside its run's config.yaml
+    shutil.copytree(flux_run / "lora", away / "copied-lora")
+    assert rewards(away / "copied-lora", "copied") == pytest.approx(ours, rel=1e-6)
+    assert main(["export", "--lora", str(flux_run / "lora"), "--format", "peft", "--out", str(away / "peft")]) == 0
+    assert rewards(away / "peft", "peft") == pytest.approx(ours, rel=1e-6)
+    old_run = tmp_path / "old-run"  # its base_model.json without the settings: the export adds its run's
+    shutil.copytree(flux_run, old_run, ignore=shutil.ignore_patterns("checkpoints", "export", "samples"))
+    record = json.loads((old_run / "lora" / "base_model.json").read_text())
+    assert record.pop("image_settings") == {"resolution": RES, "sample_steps": 4, "guidance_scale": 3.5, "eta": 1.0}
+    (old_run / "lora" / "base_model.json").write_text(json.dumps(record))
+    assert rewards(old_run, "old-run-folder") == pytest.approx(ours, rel=1e-6)  # its config.yaml, beside lora/
+    assert main(["export", "--lora", str(old_run / "lora"), "--format", "kohya", "--out", str(away / "kohya")]) == 0
+    assert rewards(next((away / "kohya").glob("*.safetensors")), "kohya") == pytest.approx(ours, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # --init-lora for flow models
 # ---------------------------------------------------------------------------------------------------------

@@ -189,33 +189,32 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
 
 
 # what the run's images were made with, beside its model: `sample` of a run's LoRA on that model renders as it did
-RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
-                      "max_sequence_length", "negative_prompt")
-
-
 def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
-    """(model, settings) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and from its run's
-    config.yaml (a lora/ folder's or a checkpoint's run) the :data:`RUN_IMAGE_SETTINGS` it sampled with (a
-    transformer file's model_components among them); None for a LoRA from elsewhere. ``sample`` without --model
-    loads it with those settings. A recorded path that is gone raises UserError naming --model."""
+    """(model, settings) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and the
+    :data:`~lowmem_alignprop.settings.config.RUN_IMAGE_SETTINGS` its run sampled with (a transformer file's
+    model_components among them): from its run's config.yaml where the LoRA is in its run (a lora/ folder's, a
+    checkpoint's), else as base_model.json records them (a LoRA or an export copied elsewhere); None for a LoRA
+    from elsewhere. ``sample`` without --model loads it with those settings. A recorded path that is gone raises
+    UserError naming --model."""
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
-    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.config import image_settings
 
     named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
     record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
     if record is None:  # a LoRA from elsewhere
         return None
     try:
-        model = json.loads(record.read_text()).get("model")
+        base = json.loads(record.read_text())
+        model, recorded = base.get("model"), base.get("image_settings")
     except (OSError, ValueError, AttributeError):  # damaged: warn_other_base says so
         return None
     if not isinstance(model, str) or not model:
         return None
     check_recorded_base(model, f"--lora {spec.arg}")
-    run = next((f for f in list(spec.named.absolute().parents)[:3] if (f / "config.yaml").is_file()), None)
-    config = read_run(run)[0] if run else {}
-    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}  # SD3/FLUX's: as they come
-    return model, {k: config[k] for k in RUN_IMAGE_SETTINGS if config.get(k) not in (None, "", unset.get(k))}
+    # the run: the folder named (RUN), or one or two above it (RUN/lora, RUN/checkpoints/step-N, RUN/export/kohya)
+    run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / "config.yaml").is_file()), None)
+    config = read_run(run)[0] if run else recorded if isinstance(recorded, dict) else {}
+    return model, image_settings(config)
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:

@@ -970,7 +970,7 @@ class Trainer:
     def save_lora(self, folder: Path, lora: dict, final) -> None:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
         self.family.save_lora(self.comps.pipeline_class, final, lora, folder)  # the pipeline's LoRA format
-        (folder / LORA_BASE_FILE).write_text(json.dumps(self.fingerprint, indent=1))
+        (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()))
 
     def write_lora(self, folder: Path) -> None:
         """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""

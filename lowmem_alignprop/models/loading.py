@@ -8,7 +8,6 @@ the architecture from that config with random weights (for planning and benchmar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -498,7 +497,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     else:
         StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
             weights), unet_lora_adapter_metadata=lora_metadata(config))
-    (folder / LORA_BASE_FILE).write_text(json.dumps(state.get("fingerprint", {}), indent=1))
+    (folder / LORA_BASE_FILE).write_text(ckpt.base_record(state.get("fingerprint", {}), run_cfg))
     return folder / LORA_WEIGHT_NAME
 
 

@@ -307,6 +307,14 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
 
 
+def base_record(fp: dict[str, Any], config: dict[str, Any]) -> str:
+    """base_model.json beside a LoRA: the base model's fingerprint and the image settings its run sampled with
+    (``image_settings``), so that a LoRA folder or an export copied away from its run still samples as the run did."""
+    from lowmem_alignprop.settings.config import image_settings
+
+    return json.dumps({**fp, "image_settings": image_settings(config)}, indent=1)
+
+
 def append_line(path: Path, line: str) -> None:
     """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""

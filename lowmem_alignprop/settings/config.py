@@ -612,6 +612,18 @@ def set_flags(overrides: dict[str, Any]) -> str:
     return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
 
 
+# the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
+RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
+                      "max_sequence_length", "negative_prompt")
+
+
+def image_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
+    that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes")."""
+    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}
+    return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))}
+
+
 def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> Config:
     """Merge profile < explicit CLI flags < --set overrides into a validated Config."""
     values: dict[str, Any] = {}
