@@ -127,7 +127,8 @@ def test_sdxl_shaped_model_trains_and_its_lora_loads_in_diffusers(half, sdxl_dir
     ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),  # Arm (Graviton 3, Apple under Linux)
     (None, None),  # no /proc/cpuinfo: the OS does not say
 ])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(cpuinfo, has, tmp_path, monkeypatch, caplog):
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(cpuinfo, has, tmp_path, monkeypatch, caplog,
+                                                                  fresh_accelerate_state):
     """mixed_precision=bf16 on a CPU that lacks bf16 instructions runs emulated bf16 matmuls, many times slower than
     fp32 (14x for a 512x512 matmul on the 2-core Zen 3 this was written on): the run says so, once, at start."""
     import logging

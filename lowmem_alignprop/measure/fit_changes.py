@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lowmem_alignprop.memory.precision import frozen_weight_dtype
+from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
 from lowmem_alignprop.measure.meta_models import meta_base
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
@@ -19,7 +19,7 @@ def decode_tiles(cfg: Config, target: str) -> bool:
     from lowmem_alignprop.memory.tiling import cuts_tiles
     from lowmem_alignprop.models.sampling import vae_scale_factor
 
-    vae = meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
+    vae = meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
     side = cfg.resolution // vae_scale_factor(vae)
     return cuts_tiles(side, side, cfg.tile_size)
 
@@ -91,7 +91,7 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
 def _is_flow(cfg: Config) -> bool:
     """An SD3/FLUX model (from the cached meta model the plan's own estimate built); False if it cannot be built."""
     try:
-        return meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).family != "unet"
+        return meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, "cuda")).family != "unet"
     except (UserError, TypeError):
         return False
 
@@ -103,6 +103,6 @@ def swappable_count(cfg: Config) -> int:
     from lowmem_alignprop.memory.block_swap import swappable_blocks
 
     try:
-        return len(swappable_blocks(meta_base(cfg, frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
+        return len(swappable_blocks(meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, "cuda")).unet))
     except (UserError, TypeError):
         return 0

@@ -53,7 +53,7 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.profiles import profile_note
-from lowmem_alignprop.memory.precision import frozen_weight_dtype
+from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features
@@ -199,7 +199,7 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     notes: list[str] = []
     cuda = target == "cuda"
     k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
-    dtype = frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
+    dtype = precision.frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
 
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
     comps, reward = _meta_models(cfg, sim, target, dtype, notes)
