@@ -75,11 +75,12 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None) -> tuple[str, object]:
+def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None,
+                     training: bool = True) -> tuple[str, object]:
     """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the work."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
 
-    return resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed)
+    return resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training)
 
 
 def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
@@ -334,7 +335,7 @@ def cmd_sample(argv: list[str]) -> int:
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
-    profile_name, cfg = config_from_args(args)
+    profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
     results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts, images_per_prompt=args.images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None)
     print_summary(results, Path(results["output_dir"]))

@@ -258,8 +258,10 @@ class Config:
                 raise missing_package(f"{name}={value}", module, f"{name}={offs[0]}")
         return self
 
-    def validate(self) -> "Config":
-        """Check types and impossible combinations. Raises UserError naming the fix."""
+    def validate(self, training: bool = True) -> "Config":
+        """Check types and impossible combinations. Raises UserError naming the fix. ``training=False`` (``sample``:
+        no gradient window, no backward) leaves out the rules of what training alone does: K within the sampling
+        steps, the per-block checkpointing that fp8 storage and block swap need in backward."""
         hints = get_type_hints(Config)
         for f in fields(self):
             v = getattr(self, f.name)
@@ -309,15 +311,8 @@ class Config:
             raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
                             f"{max(8, self.resolution // 8 * 8)}")
         _check_flow_resolution(self)
-        if self.truncation == "fixed" and self.k > self.sample_steps:
-            raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
-                            f"{self.sample_steps} or raise sample_steps")
-        if self.truncation == "uniform":
-            if self.k_min > self.k_max:
-                raise UserError(f"k_min={self.k_min} is larger than k_max={self.k_max}: swap them")
-            if self.k_max > self.sample_steps:
-                raise UserError(f"k_max={self.k_max} is larger than sample_steps={self.sample_steps}: use --set "
-                                f"k_max={self.sample_steps}")
+        if training:
+            self._validate_window()
         if self.lr <= 0:
             raise UserError(f"lr must be positive (got {self.lr})")
         if self.loss_scale <= 0:
@@ -367,7 +362,7 @@ class Config:
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
                             "--set fused_adamw=false")
-        self._validate_base_and_swap()
+        self._validate_base_and_swap(training)
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self
@@ -386,18 +381,30 @@ class Config:
             raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
                             "e.g. --output-dir outputs/run")
 
-    def _validate_base_and_swap(self) -> None:
+    def _validate_window(self) -> None:
+        """The gradient window (training's): K within the sampling steps."""
+        if self.truncation == "fixed" and self.k > self.sample_steps:
+            raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
+                            f"{self.sample_steps} or raise sample_steps")
+        if self.truncation == "uniform":
+            if self.k_min > self.k_max:
+                raise UserError(f"k_min={self.k_min} is larger than k_max={self.k_max}: swap them")
+            if self.k_max > self.sample_steps:
+                raise UserError(f"k_max={self.k_max} is larger than sample_steps={self.sample_steps}: use --set "
+                                f"k_max={self.sample_steps}")
+
+    def _validate_base_and_swap(self, training: bool) -> None:
         """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
         if self.base_quant != "none" and self.train_unet == "full":
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
-        if self.block_swap and self.unet_checkpointing != "blocks":
+        if training and self.block_swap and self.unet_checkpointing != "blocks":
             raise UserError("block_swap streams one block at a time, also in backward, only with per-block "
                             "checkpointing (a whole-call recompute would hold every block): add --set "
                             "unet_checkpointing=blocks")
-        if self.base_quant == "fp8" and self.unet_checkpointing != "blocks":
+        if training and self.base_quant == "fp8" and self.unet_checkpointing != "blocks":
             raise UserError("base_quant=fp8 upcasts each layer's weights while it runs, and backward keeps the upcast "
                             "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
-                            "at a time), or use --set base_quant=int8")
+                            "at a time), or on a CUDA GPU use --set base_quant=int8")
         if self.base_quant == "fp8" and self.lora_layers != "attention":
             from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
             if model_kind_of(self.model, self.model_components) in FLOW_KINDS:
@@ -624,8 +631,9 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))}
 
 
-def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> Config:
-    """Merge profile < explicit CLI flags < --set overrides into a validated Config."""
+def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any],
+                 training: bool = True) -> Config:
+    """Merge profile < explicit CLI flags < --set overrides into a validated Config (``training``: Config.validate's)."""
     values: dict[str, Any] = {}
     for source in (profile_values, explicit, overrides):
         for k, v in source.items():
@@ -639,7 +647,7 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
             values["k_min"] = min(values.get("k_min", Config.k_min), steps)
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
         values["output_dir"] = os.path.expanduser(values["output_dir"])
-    return Config(**values).validate()
+    return Config(**values).validate(training)
 
 
 def field_help() -> str:

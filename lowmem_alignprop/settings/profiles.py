@@ -282,11 +282,12 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 
 def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
-                   resumed: tuple[str, dict] | None = None) -> tuple[str, Config]:
+                   resumed: tuple[str, dict] | None = None, training: bool = True) -> tuple[str, Config]:
     """profile < the model's defaults (:data:`MODEL_DEFAULTS`) < recipe < explicit flags (``flags``: FLAG_FIELDS, None
     where not given) < ``--set`` items, validated. The recipe is ``flags["recipe"]`` or ``--set recipe=NAME``.
     ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
-    one (then that profile applies on top of it)."""
+    one (then that profile applies on top of it). ``training=False``: for ``sample``, which trains nothing
+    (Config.validate's rules of training left out)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
     if resumed is None:
@@ -316,7 +317,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in replaced.items()))
         values = {**values, **recipe_values}
     try:
-        return name, build_config(values, explicit, overrides)
+        return name, build_config(values, explicit, overrides, training)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
         note = profile_note(name, model_kind_of(model, components))
         if note is None:
