@@ -463,6 +463,7 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
     ("qa_rewards:make()", "building it failed with TypeError"),
     ("qa_rewards:gradonly", "raised RuntimeError on a test image without gradient (as for the sample images)"),
     ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),
+    ("toy_count=3:abc", "the weight 'abc' is not a number; write e.g. toy_count=3:0.5"),  # not "cannot import"
 ])
 def test_a_broken_user_reward_is_named_before_anything_loads(term, needle, tmp_path, capsys, monkeypatch):
     """A user reward is imported and called once on two random images at startup: it must import, run, give finite

@@ -69,7 +69,8 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _names_hint() -> str:
-    return ", ".join(REWARDS) + " (alias colourfulness)"
+    spelled = {name: alias for alias, name in ALIASES.items()}  # colorfulness (or colourfulness)
+    return ", ".join(f"{n} (or {spelled[n]})" if n in spelled else n for n in REWARDS)
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -123,7 +124,8 @@ def _import_user(term: str) -> tuple[object, str]:
         attr = attr[:-2].rstrip()
     if not module_name or not attr or ":" in attr:
         raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
-    if ALIASES.get(module_name.lower(), module_name.lower()) in REWARDS:  # 'brightness:abc': a weight, not a module
+    name = module_name.partition("=")[0].strip().lower()  # toy_count=3: the name before its option
+    if ALIASES.get(name, name) in REWARDS:  # 'brightness:abc', 'toy_count=3:abc': a weight, not a module
         raise UserError(f"reward {term!r}: the weight {attr!r} is not a number; write e.g. {module_name}:0.5")
     try:
         module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
