@@ -369,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return handler(argv)
     except UserError as e:
         return _report(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from lowmem_alignprop.run.stop_request import exit_code
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_code(e)
     except BrokenPipeError:  # `... | head`: the reader left; no traceback, and none at exit when Python flushes
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a program killed by SIGPIPE

@@ -197,3 +197,47 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(cli, "quiet_libraries", importing)
     assert main(["--output-dir", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted" and not (tmp_path / "run").exists()
+
+
+GATED_REWARD = '''
+import pathlib, time
+import torch
+
+def score(images, prompts):
+    if not torch.is_grad_enabled():  # scoring sample's images (the start-up check runs with gradients)
+        pathlib.Path(__file__).with_name("entered").touch()
+        time.sleep(120)
+    return images.mean(dim=(1, 2, 3))
+'''
+
+
+def test_sigterm_ends_sample_as_ctrl_c_does_leaving_no_folder(tmp_path, tiny_dir):
+    """`timeout`, a scheduler or `kill` sends SIGTERM: `sample` ends as for Ctrl-C ("interrupted", 128 + 15) and
+    removes the output folder it made, which held only its lock (before: the process died there, the folder kept)."""
+    import signal
+    import time
+
+    from pathlib import Path
+
+    from loras import make_sd_lora
+
+    lora = make_sd_lora(Path(tiny_dir), tmp_path / "run", xl=False)["lora"]
+    (tmp_path / "gated.py").write_text(GATED_REWARD)
+    out = tmp_path / "sample"
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem_alignprop", "sample", str(lora), "--profile", "cpu",
+                             "--reward", f"{tmp_path / 'gated.py'}:score", "--num-prompts", "1", "--set",
+                             "sample_steps=2", "--set", "resolution=32", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "entered").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "entered").exists(), proc.communicate(timeout=60)[1][-2000:]
+        assert (out / ".run.lock").exists()  # the folder it made, the images scored
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not out.exists()

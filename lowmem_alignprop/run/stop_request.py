@@ -24,23 +24,37 @@ class CtrlC(KeyboardInterrupt):
 
 
 def _raise_ctrl_c(signum, frame):
-    raise CtrlC
+    raise CtrlC(signum)
 
 
 @contextlib.contextmanager
 def telling_ctrl_c():
     """While in, Ctrl-C raises :class:`CtrlC` instead of Python's KeyboardInterrupt, so that a user's code that raises
-    KeyboardInterrupt itself is told from the user's Ctrl-C (main thread only: signals reach no other)."""
+    KeyboardInterrupt itself is told from the user's Ctrl-C; SIGTERM (``timeout``, a scheduler, ``kill``) raises it too,
+    where it would end the process on the spot, so that what a command started is cleaned up as for Ctrl-C (a
+    ``sample`` folder holding only its lock). Main thread only (signals reach no other); a handler someone else set
+    (a training run's :class:`StopRequest`, a host program's) stays theirs."""
     import threading
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # someone else's handler: theirs
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGINT, _raise_ctrl_c)
+    ours = {s: signal.getsignal(s) for s, default in ((signal.SIGINT, signal.default_int_handler),
+                                                      (signal.SIGTERM, signal.SIG_DFL))
+            if signal.getsignal(s) is default}
+    for s in ours:
+        signal.signal(s, _raise_ctrl_c)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s, old in ours.items():
+            signal.signal(s, old)
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """A command's exit status after an interrupt: 128 + the signal's number, as a shell reports a process the signal
+    ended (130 for Ctrl-C, 143 for SIGTERM)."""
+    signum = interrupt.args[0] if isinstance(interrupt, CtrlC) and interrupt.args else signal.SIGINT
+    return 128 + int(signum)
 
 
 class StopRequest:
