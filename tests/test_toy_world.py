@@ -107,8 +107,10 @@ def test_caption_examples():
     assert caption(make_content([("orange", "diamond"), ("red", "circle"), ("orange", "diamond")], "gray")) == \
         "a red circle and two orange diamonds on a gray background"
     assert caption(make_content([("orange", "circle")])) == "an orange circle"
+    five = make_content([("red", "circle")] * 5)  # beyond the count words (a detection can find 5): a numeral
+    assert caption(five) == "5 red circles" and parse_caption(caption(five)) == five
     for bad in ("two red circle", "a red circles", "a red hexagon", "a pink circle", "red circles", "",
-                "a red circle on a pink background", "a red circle and"):
+                "a red circle on a pink background", "a red circle and", "0 red circles", "5 red circle"):
         with pytest.raises(ValueError):
             parse_caption(bad)
 
@@ -426,6 +428,10 @@ def test_evaluate_batch_judges_only_the_grammars_prompts():
     assert m["fidelity_all_ok"] == pytest.approx(4 / 5) and m["fidelity_count_ok"] == pytest.approx(4 / 5)
     assert m["jpeg_bytes"] == pytest.approx(np.mean(fid.jpeg_sizes(images)))
     assert "fidelity_all_ok" not in fid.evaluate_batch(images[:2], ["a cat", "a dog"])
+    with pytest.raises(ValueError, match="no images to evaluate"):  # not a NaN JPEG size
+        fid.evaluate_batch(images[:0], [])
+    with pytest.raises(ValueError, match="divide 0-255 values by 255"):  # not read as a blank white image
+        fid.evaluate_batch(images[:1] * 255.0, prompts[:1])
     train = train_prompts(30, seed=0)
     assert len(set(train)) == 30 and all(split_of(p) == "train" for p in train)
 

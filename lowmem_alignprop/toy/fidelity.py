@@ -119,7 +119,10 @@ def as_float_batch(images) -> torch.Tensor:
         t = t[None]
     if t.dim() != 4 or t.shape[1] != 3:
         raise ValueError(f"float images must be [B, 3, H, W] or [3, H, W] in [0, 1], got {tuple(images.shape)}")
-    return t.clamp(0, 1) * 255.0
+    if t.numel() and t.amax() > 2.0:  # 0-255 values as floats would be clamped to a blank white image
+        raise ValueError(f"float images must be in [0, 1], these reach {t.amax().item():g}: divide 0-255 values by "
+                         "255, or pass uint8")
+    return t.clamp(0, 1) * 255.0  # a decoder's slight overshoot
 
 
 def to_uint8(images) -> np.ndarray:
@@ -363,6 +366,8 @@ def evaluate_batch(images, prompts: Sequence[str], quality: int = JPEG_QUALITY) 
     images = as_float_batch(images) / 255.0
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    if not len(prompts):
+        raise ValueError("no images to evaluate")
     out: dict[str, float] = {"jpeg_bytes": float(np.mean(jpeg_sizes(images, quality)))}
     keep = [i for i, p in enumerate(prompts) if parses(p)]
     out["fidelity_images"] = float(len(keep))

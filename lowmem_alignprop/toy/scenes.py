@@ -177,9 +177,9 @@ def parse_caption(text: str) -> Content:
         if len(words) != 3:
             raise ValueError(f"{part!r} in {text!r} is not COUNT COLOUR SHAPE")
         count_word, colour, shape_word = words
-        if count_word not in WORD_COUNTS:
+        if count_word not in WORD_COUNTS and not (count_word.isdigit() and int(count_word) >= 1):
             raise ValueError(f"unknown count {count_word!r} in {text!r}")
-        n = WORD_COUNTS[count_word]
+        n = WORD_COUNTS.get(count_word) or int(count_word)  # a numeral: caption()'s for counts beyond the words
         if colour not in COLOURS:
             raise ValueError(f"unknown colour {colour!r} in {text!r}")
         if shape_word not in _SINGULAR:
