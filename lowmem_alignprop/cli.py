@@ -331,7 +331,7 @@ def cmd_sample(argv: list[str]) -> int:
         args.set += [f"{k}={v}" for k, v in taken.items()]
         logging.getLogger("lowmem_alignprop").info(
             "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
-            args.lora[0], "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "")
+            specs[0].named, "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "")
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
