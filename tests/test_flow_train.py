@@ -195,6 +195,37 @@ def test_materialized_meta_model_is_random_and_runs():
     assert t5.shared.weight is t5.encoder.embed_tokens.weight and not t5.shared.weight.is_meta
 
 
+def test_materialized_flux_blocks_at_full_width_pass_a_gradient_on_nearly_unchanged():
+    """The random FLUX.1 the GPU check trains (12B, drawn by materialize): each full-width block (3072 wide, 24 heads)
+    must pass a gradient back at about its size, or K calls of 57 blocks overflow the gradient norm and every step is
+    skipped (the H200 rows did, at 1.1-2.1x a block with the adaptive norms drawn at std 0.02). One double and one
+    single block, at a short sequence; the gain is |d<v, block(x)>/dx| / |v| for a random v."""
+    from diffusers import FluxTransformer2DModel
+
+    from lowmem_alignprop.models import flow
+    from lowmem_alignprop.models.block_loading import materialize
+    from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR
+
+    config = FluxTransformer2DModel.load_config(ARCH_FLOW_DIR / "flux" / "transformer")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+    materialize(model, "cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        temb = model.time_text_embed(torch.tensor([500.0]), torch.tensor([3500.0]), torch.randn(1, 768, generator=g))
+        hidden = model.x_embedder(torch.randn(1, 64, 64, generator=g))
+        context = model.context_embedder(torch.randn(1, 16, 4096, generator=g))
+        rope = model.pos_embed(torch.cat([torch.zeros(16, 3), flow.latent_image_ids(16, 16)]))
+    gains = []
+    for block in (model.transformer_blocks[0], model.single_transformer_blocks[0]):
+        x = [context.clone().requires_grad_(True), hidden.clone().requires_grad_(True)]
+        out = block(hidden_states=x[1], encoder_hidden_states=x[0], temb=temb, image_rotary_emb=rope)
+        v = [torch.randn(o.shape, generator=g) for o in out]
+        grads = torch.autograd.grad(out, x, v)
+        gains.append((sum(d.square().sum() for d in grads) / sum(w.square().sum() for w in v)).sqrt().item())
+    assert all(0.9 < gain < 1.1 for gain in gains), gains  # 57 blocks: < 1.1**57 = 230x a call, not 8000x
+
+
 def test_materialized_clip_text_encoder_has_its_positions():
     """to_empty leaves integer buffers as whatever the memory held: CLIP's position_ids are filled with 0..76 again,
     or the H200 check's FLUX and SD3.5 runs fail at the first prompt (index out of range in the position table)."""

@@ -98,9 +98,25 @@ def fill_by_block(model, place: Placement, fill) -> int:
     return count
 
 
+# The adaptive norms' projections (SD3/FLUX: a block's shift, scale and gate from the timestep; names .norm1.linear,
+# .norm1_context.linear, single blocks' .norm.linear, .norm_out.linear) drawn this much smaller: each block starts near
+# the identity, as DiT's adaLN-zero initialisation has it. At std 0.02 FLUX's full-width blocks multiplied a gradient
+# by 1.1-2.1 each (about 8000x per call of 57 blocks), and the H200 check's FLUX rows skipped every step on an infinite
+# gradient norm through K calls; at std/10, 1.015-1.017 (tests/test_flow_train.py measures it at FLUX's width).
+MODULATION_SCALE = 0.1
+MODULATION_NORMS = ("norm1", "norm1_context", "norm", "norm_out")
+
+
+def is_modulation(name: str) -> bool:
+    """A parameter of an adaptive norm's projection (``...norm1.linear.weight``), by its name within any module."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-2] == "linear" and parts[-3] in MODULATION_NORMS
+
+
 def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """A meta module made real on ``device`` with random weights (normal(0, std); norms' weights 1), drawn on
-    that device: a 12B model is initialised on the GPU in seconds, not on the CPU in minutes."""
+    """A meta module made real on ``device`` with random weights (normal(0, std), the adaptive norms' projections
+    :data:`MODULATION_SCALE` of it; norms' weights 1), drawn on that device: a 12B model is initialised on the GPU in
+    seconds, not on the CPU in minutes."""
     module.to_empty(device=device)
     if hasattr(module, "tie_weights"):  # to_empty gives tied tensors a storage each (T5's embeddings): one again
         module.tie_weights()
@@ -115,7 +131,8 @@ def materialize(module: torch.nn.Module, device, std: float = 0.02, seed: int = 
             if t.dim() == 1:  # norms' weights 1, biases 0
                 t.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
             else:
-                t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
+                scale = std * MODULATION_SCALE if is_modulation(name) else std
+                t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(scale))
     return module
 
 
