@@ -722,3 +722,33 @@ def test_a_training_checkpoint_file_that_imports_code_is_refused_as_such(tmp_pat
     from lowmem_alignprop.settings.errors import UserError
     with pytest.raises(UserError, match="holds pickled code"):
         ckpt.load_tensors(tmp_path / "optimizer.pt")
+
+
+def test_a_model_larger_than_host_memory_is_refused_on_a_cpu_before_it_loads(tmp_path, capsys, monkeypatch, caplog):
+    """A CPU run holds the model in fp32: a denoiser larger than memory and swap together is refused before the model
+    loads (it was killed partway through loading, with no message); larger than the memory free now, a warning. The
+    tiny UNet's fp32 bytes against a machine made small: psutil's figures."""
+    import logging
+    from types import SimpleNamespace
+
+    import psutil
+    import torch
+
+    from lowmem_alignprop.measure.meta_models import meta_base
+    from lowmem_alignprop.measure.weight_bytes import check_host_memory
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(model="tiny").validate()
+    need = sum(p.numel() for p in meta_base(cfg, torch.float32).unet.parameters()) * 4
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=need // 2, total=need // 2))
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, on any machine
+    out = tmp_path / "run"
+    line = fails(capsys, [*FAST, "--output-dir", str(out)], f"tiny's UNet alone takes {need / 2**30:.1f} GiB in fp32")
+    assert "more than this machine's" in line and "plan --model tiny --profile NAME" in line and not out.exists()
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    check_host_memory(cfg, available=need - 1, total=need * 4)  # fits with swap: said, not refused
+    assert [r.levelname for r in caplog.records if "the run will swap" in r.getMessage()] == ["WARNING"]
+    caplog.clear()
+    check_host_memory(cfg, available=need, total=need)
+    assert not caplog.records

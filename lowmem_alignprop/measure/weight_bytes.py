@@ -182,3 +182,38 @@ def optimizer_for(cfg: Config, params, cuda: bool, weights: dict[str, int], plac
     notes.append(f"optimizer={cfg.optimizer}: state counted analytically ({weights['optimizer_state'] / MIB:.1f} "
                  "MiB: 2 bytes/weight for tensors of 4096+ elements, fp32 for smaller ones)")
     return optimizer, False
+
+
+def check_host_memory(cfg: Config, available: int | None = None, total: int | None = None) -> None:
+    """A CPU run holds its model in host memory in fp32 (the trainer's CPU precision): the denoiser alone (UNet or
+    transformer; the meta model's parameters, nothing loaded) larger than this machine's memory and swap together
+    cannot run, and is refused before the model loads (it would be killed partway, with no message); larger than the
+    memory free now, it is warned about (it will swap). ``available``/``total``: free memory and memory plus swap
+    (default: psutil's figures). A model whose meta copy cannot be built (a hub id without its configs here) is
+    not checked: loading says what is missing."""
+    import logging
+
+    import psutil
+
+    from lowmem_alignprop.measure.meta_models import meta_base
+    from lowmem_alignprop.settings.errors import UserError
+
+    try:
+        base = meta_base(cfg, torch.float32)
+    except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
+        return
+    denoiser = "transformer" if base.family != "unet" else "UNet"
+    need = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)  # fp8: its Linears
+    if available is None or total is None:
+        memory = psutil.virtual_memory()
+        available, total = memory.available, memory.total + psutil.swap_memory().free
+    said = (f"{cfg.model}'s {denoiser} alone takes {need / GIB:.1f} GiB " +
+            ("in fp8" if cfg.base_quant == "fp8" else "in fp32, the precision of a CPU run"))
+    if need > total:
+        raise UserError(f"{said}, more than this machine's {total / GIB:.1f} GiB of memory and swap: train it on a "
+                        f"GPU (lowmem-alignprop plan --model {cfg.model} --profile NAME tells whether a card's profile "
+                        "fits it; lowmem-alignprop profiles lists them), or use a smaller model")
+    if need > available:
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s, more than the %.1f GiB of memory free now: the run will swap (slowly) or be stopped by the system",
+            said, available / GIB)
