@@ -132,11 +132,19 @@ def cmd_train(argv: list[str]) -> int:
         chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
             args.output_dir = RunFolder.of_checkpoint(args.resume)
-        name, cfg = config_from_args(args)
-        folder = RunFolder.for_command(cfg.output_dir, chosen=chosen, resume=args.resume)
+        try:
+            name, cfg = config_from_args(args)
+            output_dir, refused = cfg.output_dir, None
+        except UserError as e:  # a resume's flags may need the run's own settings (--early-stop 2: its eval_every)
+            if not args.resume:
+                raise
+            output_dir, refused = _output_dir_given(args), e
+        folder = RunFolder.for_command(output_dir, chosen=chosen, resume=args.resume)
         settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
             name, cfg = config_from_args(args, resumed=settings)
+        elif refused is not None:
+            raise refused
         snapshot = parse_snapshot(args.memory_snapshot)
         _check_device_for_profile(name)
         folder.move_past_an_earlier_run()
@@ -148,6 +156,15 @@ def cmd_train(argv: list[str]) -> int:
     train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder,
           command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
     return 0
+
+
+def _output_dir_given(args: argparse.Namespace) -> str:
+    """The output folder the command line names (``--set output_dir=`` over ``--output-dir``, else the default),
+    without the rest of the configuration: a resume finds its run by it before the run's settings are read."""
+    from lowmem_alignprop.settings.config import Config, parse_set
+
+    given = parse_set(args.set).get("output_dir", args.output_dir)
+    return os.path.expanduser(str(given if given is not None else Config.output_dir))
 
 
 def warn_if_launcher_started_fewer_processes() -> None:

@@ -266,7 +266,8 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     assert (" early stop at step 3 of 8: the held-out evaluation (eval_reward) had not improved for 2 evaluations"
             in capsys.readouterr().out)
     metrics = (out / "metrics.jsonl").read_text()
-    args = [*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--resume", "latest"]
+    # the advice followed as printed: --early-stop alone, the run's own eval_every (it was refused by the defaults')
+    args = [*night, "--output-dir", str(out), "--steps", "8", "--resume", "latest"]
     capsys.readouterr()
     assert main([*args, "--early-stop", "2"]) == 2  # its patience is spent: a resume trains no step and says why
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")] == [
