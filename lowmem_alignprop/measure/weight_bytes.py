@@ -203,7 +203,8 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
         return
     denoiser = "transformer" if base.family != "unet" else "UNet"
-    need = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)  # fp8: its Linears
+    # fp8 keeps the frozen Linears (nearly all the weights) in 1 byte each; else fp32, 4
+    need = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)
     if available is None or total is None:
         memory = psutil.virtual_memory()
         available, total = memory.available, memory.total + psutil.swap_memory().free
