@@ -136,6 +136,10 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0, layers: str = "
                                                "--set", f"lora_layers={layers}"])
     name, cfg = config_from_args(args)
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
+    from lowmem_alignprop.run.checkpoint import base_record
+
+    record = run / "lora" / "base_model.json"  # with the run's image settings, as the trainer writes it
+    record.write_text(base_record(json.loads(record.read_text()), cfg.to_dict()))
     (run / "summary.json").write_text(json.dumps({"steps": 3, "steps_done": 3, "interrupted": False,
                                                   "reward_first": 0.4321, "reward_last": 0.5678,
                                                   "sample_reward_before": 0.41, "sample_reward_after": 0.59}))

@@ -429,10 +429,9 @@ class Config:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. --set ema_decay=0.99 (0 = off)")
-        lora_shape = {"lora_layers": (self.lora_layers, "attention"), "lora_rank": (self.lora_rank, 4),
-                      "lora_alpha": (self.lora_alpha, None)}  # a LoRA's shape: meaningless without a LoRA
-        for name, (value, default) in lora_shape.items():
-            if value != default and self.train_unet != "lora":
+        for name in ("lora_layers", "lora_rank", "lora_alpha"):  # a LoRA's shape: meaningless without a LoRA
+            value = getattr(self, name)
+            if value != getattr(Config, name) and self.train_unet != "lora":
                 raise UserError(f"{name}={value} shapes the LoRA, and train_unet=full trains every weight of the "
                                 f"UNet, with no LoRA: leave {name} out, or use --set train_unet=lora")
         if self.kl_coeff > 0 and self.train_unet != "lora":
