@@ -625,9 +625,14 @@ RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_st
 
 def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
-    that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes")."""
+    that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
+    eta for SD3/FLUX, whose Euler sampler has none)."""
+    from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
+
     unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}
-    return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))}
+    flow = model_kind_of(str(values.get("model", "")), str(values.get("model_components") or "")) in FLOW_KINDS
+    return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))
+            and not (flow and k == "eta")}
 
 
 def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any],
