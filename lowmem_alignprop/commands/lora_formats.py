@@ -125,10 +125,11 @@ def write_base_record(lora: Lora, folder: Path) -> list[Path]:
     model it was trained on, as for the run's lora/."""
     if not (lora.path / LORA_BASE_FILE).is_file():
         return []
-    shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
-    if lora.base is not None and "image_settings" not in lora.base and lora.run_config:  # a run from before they
-        from lowmem_alignprop.run.checkpoint import base_record                           # were recorded there
+    if lora.base is not None and "image_settings" not in lora.base and lora.run_config:
+        from lowmem_alignprop.run.checkpoint import base_record  # a run from before base_model.json recorded them
         (folder / LORA_BASE_FILE).write_text(base_record(lora.base, lora.run_config))
+    else:
+        shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
     return [folder / LORA_BASE_FILE]
 
 

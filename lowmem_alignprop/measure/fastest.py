@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from lowmem_alignprop.memory.allowances import GIB, WORKSPACE_BYTES
 from lowmem_alignprop.measure import planner
-from lowmem_alignprop.measure.devices import device_for
+from lowmem_alignprop.measure.devices import DEVICES, device_for
 from lowmem_alignprop.measure.figures import reserved
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count
@@ -396,8 +396,8 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     planner.check_budget(cfg, target)
     device = device_for(cfg.card, profile, target)
     if device is None:
-        raise UserError("--fastest needs the card's speed figures: --set card=rtx3060|rtx3060-8gb|rtx4090|a100-40gb|"
-                        "a100-80gb|h100|h200|laptop")
+        raise UserError("--fastest needs the card's speed figures: --set card="
+                        + "|".join(name for name in DEVICES if name != "cpu"))
     prompts = load_prompts(cfg.prompts)
     search = _Search(cfg, target, device, prompts, max_estimates, log, pool=pool)
     images = cfg.batch_size * cfg.grad_accum

@@ -45,6 +45,8 @@ PROFILE_TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 def card_class(card: str) -> str:
     """The card a timing row of PROFILE_TARGETS belongs to: the 8 GB RTX 3060 is an rtx3060-class card."""
     return card.removesuffix("-8gb")
+
+
 MODEL_KINDS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd35m": "SD3.5 Medium", "sd35l": "SD3.5 Large", "flux": "FLUX.1"}
 
 
