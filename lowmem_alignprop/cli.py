@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lowmem_alignprop.settings.config import field_help
+from lowmem_alignprop.settings.config import Config, field_help, parse_set
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
@@ -129,7 +129,7 @@ def cmd_train(argv: list[str]) -> int:
         args.set.append("auto_fit=true")
     from lowmem_alignprop.run.runfolder import RunFolder  # here, not at the top: --help need not import torch
     with same_on_every_rank():
-        chosen = args.output_dir is not None or any(s.split("=", 1)[0].strip() == "output_dir" for s in args.set)
+        chosen = _output_dir_flag(args) is not None
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
             args.output_dir = RunFolder.of_checkpoint(args.resume)
         try:
@@ -138,7 +138,7 @@ def cmd_train(argv: list[str]) -> int:
         except UserError as e:  # a resume's flags may need the run's own settings (--early-stop 2: its eval_every)
             if not args.resume:
                 raise
-            output_dir, refused = _output_dir_given(args), e
+            output_dir, refused = _output_dir_flag(args) or os.path.expanduser(Config.output_dir), e
         folder = RunFolder.for_command(output_dir, chosen=chosen, resume=args.resume)
         settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
@@ -158,13 +158,11 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _output_dir_given(args: argparse.Namespace) -> str:
-    """The output folder the command line names (``--set output_dir=`` over ``--output-dir``, else the default),
-    without the rest of the configuration: a resume finds its run by it before the run's settings are read."""
-    from lowmem_alignprop.settings.config import Config, parse_set
-
+def _output_dir_flag(args: argparse.Namespace) -> str | None:
+    """The output folder the command line names (``--set output_dir=`` over ``--output-dir``), or None: a resume
+    finds its run by it before the run's settings are read."""
     given = parse_set(args.set).get("output_dir", args.output_dir)
-    return os.path.expanduser(str(given if given is not None else Config.output_dir))
+    return None if given is None else os.path.expanduser(str(given))
 
 
 def warn_if_launcher_started_fewer_processes() -> None:

@@ -178,6 +178,13 @@ def test_seconds_follow_the_device_figures():
     assert devices.device_for("h100", "my.yaml", "cuda").name == "h100"
 
 
+def test_every_card_the_config_accepts_has_figures_and_every_card_row_is_accepted():
+    """--set card= is checked by the settings layer, which cannot import the device table: the two lists agree (a
+    card added to one only would be refused, or accepted without figures)."""
+    card = next(f for f in dataclasses.fields(Config) if f.name == "card")
+    assert set(card.metadata["choices"]) - {""} == set(devices.DEVICES) - {"cpu"}
+
+
 def test_block_swap_copies_cost_what_the_block_before_does_not_hide():
     """Each block swap copy runs on a side stream beside the compute of the block before it: it costs
     max(0, copy - that compute). At 25 GB/s a 2.5 GB copy takes 0.1 s: behind 0.3 s of compute it costs nothing,
