@@ -213,7 +213,7 @@ def curves(out: Path, run: Run, stamp: dict) -> dict:
     evals = [{"step": 0, **{k: toy["before"][k] for k in EVAL_KEYS}}]
     for m in metrics:
         if "fidelity_score" in m:
-            evals.append({"step": m["step"], "reward": m["eval_reward"], **{k: m[k] for k in EVAL_KEYS[1:]}})
+            evals.append({"step": m["step"], "reward": m["fidelity_reward"], **{k: m[k] for k in EVAL_KEYS[1:]}})
     return {"reward": run.reward, "prompts": run.prompts, "steps": run.steps, "sets": run.sets,
             "command": stamp["command"], "cpu_seconds": stamp["cpu_seconds"], "wall_seconds": stamp["wall_seconds"],
             "judged_images": toy["images"], "lora": _shown(out / "lora"),

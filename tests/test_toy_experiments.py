@@ -49,7 +49,7 @@ def _fake_run(folder: Path) -> None:
     for step in range(1, 5):
         line = {"step": step, "reward_mean": -1.5 + 0.1 * step, "k": 2}
         if step % 2 == 0:
-            line.update({f: v for f, v in before.items() if f != "reward"}, eval_reward=-1.5 + 0.2 * step,
+            line.update({f: v for f, v in before.items() if f != "reward"}, fidelity_reward=-1.5 + 0.2 * step,
                         fidelity_score=0.7 - 0.05 * step, jpeg_bytes=1500.0 - 50 * step)
         lines.append(json.dumps(line))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")

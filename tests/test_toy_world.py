@@ -569,13 +569,14 @@ def test_toy_rewards_are_registered_and_know_the_world():
 
 @pytest.fixture(scope="module")
 def short_toy_run(tmp_path_factory):
-    """Two steps on the shipped toy model, judged every step on 4 images (DDIM 4 steps: the wiring, not learning)."""
+    """Two steps on the shipped toy model, judged every step on 4 images (DDIM 4 steps: the wiring, not learning),
+    with an EMA of the LoRA (its outputs the EMA's) and the held-out evaluation every step beside the judging."""
     from lowmem_alignprop.cli import main
 
     out = tmp_path_factory.mktemp("toy") / "run"
     assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
                  "sample_steps=4", "--set", "fidelity_images=4", "--set", "fidelity_every=1", "--set",
-                 "sample_prompts=1"]) == 0
+                 "sample_prompts=1", "--set", "ema_decay=0.5", "--eval-every", "1"]) == 0
     return out
 
 
@@ -635,9 +636,14 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
         scores = torch.tensor(toy[when]["image_scores"])  # every prompt parses: each image has its exact score
         assert_rel_close(scores.mean(), torch.tensor(toy[when]["fidelity_score"]), REORDERED, "each image's score")
     rows = strict_rows(short_toy_run)
-    assert all(r["fidelity_images"] == 4 and {"eval_reward", "eval_reward_median", "jpeg_bytes"} <= set(r)
+    assert all(r["fidelity_images"] == 4 and {"fidelity_reward", "fidelity_reward_median", "jpeg_bytes"} <= set(r)
                and "image_rewards" not in r for r in rows)  # each image's figures: in summary.json only
-    assert rows[-1]["fidelity_score"] == toy["after"]["fidelity_score"]  # the same images, after the last step
+    # the same images after the last step, judged on the same weights (the EMA's: ema_outputs)
+    assert (rows[-1]["fidelity_score"], rows[-1]["fidelity_reward"]) == \
+        (toy["after"]["fidelity_score"], toy["after"]["reward"])
+    # the held-out evaluation's reward keeps its own key beside the judged images' (it was overwritten by theirs)
+    best = json.loads((short_toy_run / "best" / "best.json").read_text())
+    assert best["eval_reward"] == next(r for r in rows if r["step"] == best["step"])["eval_reward"]
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
         ("toy", "toy_clip", "toy-pairs", 64)

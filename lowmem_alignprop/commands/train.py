@@ -842,20 +842,23 @@ class Trainer:
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
     def judge_if_due(self, step: int) -> dict:
-        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line (eval_reward*
-        beside the fidelity_* rates); out of memory or the reward's error skips them, as they do the sample grid."""
+        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line (fidelity_reward*
+        beside the fidelity_* rates: eval_reward is the held-out evaluation's), judged on the weights the summary's
+        "after" uses (the EMA's with ema_outputs); out of memory or the reward's error skips them, as they do the
+        sample grid."""
         cfg = self.cfg
         if not (cfg.fidelity_every and step % cfg.fidelity_every == 0):
             return {}
         try:
-            judged = self.judge() or {}
+            with self.output_weights():
+                judged = self.judge() or {}
         except UserError as e:  # the reward's error on the judged images: training goes on without the figures
             log.warning("%s (no fidelity figures at step %d)", e, step)
             return {}
         except faults.OOM_ERRORS:
             self.skip_out_of_memory(f"judging the images of step {step}", "a smaller --set fidelity_images")
             return {}
-        return {(f"eval_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
+        return {(f"fidelity_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
                 if not k.startswith("image_")}
 
     def skip_out_of_memory(self, what: str, smaller: str) -> None:
