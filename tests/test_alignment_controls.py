@@ -299,7 +299,7 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
 def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average) and evaluation every step:
     the same lora/, the same best/ (an early step: a resume that forgot the best so far would put step 3 there), the same
-    eval metrics."""
+    eval metrics; the last checkpoint's LoRA is lora/'s."""
     from lowmem_alignprop.cli import main
 
     extra = ["--eval-every", "1", "--set", "ema_decay=0.9"]
@@ -326,6 +326,17 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     ema_lora = _lora(split / "lora")
     assert sum(t.abs().sum().item() for t in trained.values()) != pytest.approx(
         sum(t.abs().sum().item() for t in ema_lora.values()))  # lora/ is the average, not the last weights
+    # the last checkpoint's LoRA, as export, sample and evaluate read it, is lora/'s: the average (it was the trained
+    # weights, while its model card showed the EMA's sample images)
+    from lowmem_alignprop.models.loading import write_checkpoint_lora
+    as_read = _lora(write_checkpoint_lora(split / "checkpoints" / "step-00000004", tmp_path / "read").parent)
+    assert as_read.keys() == ema_lora.keys() and all(torch.equal(as_read[k], ema_lora[k]) for k in ema_lora)
+    # and export writes a lost lora/ again from it (it left an EMA run's lora/ missing: the average was not there)
+    from lowmem_alignprop.commands.final_lora import rewrite_from_checkpoint
+    shutil.rmtree(split / "lora")
+    assert rewrite_from_checkpoint(split).name == "step-00000004"
+    again = _lora(split / "lora")
+    assert again.keys() == ema_lora.keys() and all(torch.equal(again[k], ema_lora[k]) for k in ema_lora)
 
 
 def test_the_trainer_logs_the_kl_term(night, tmp_path):

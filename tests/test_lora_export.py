@@ -269,6 +269,19 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert {"profile": name, **cfg.to_dict()} == saved
 
 
+@pytest.mark.parametrize("outputs", [True, False])
+def test_the_card_of_an_ema_run_says_its_weights_are_the_average(sd, tmp_path, outputs):
+    """With ema_decay (and ema_outputs, the default) lora/ holds the average, not the last trained weights: its card
+    says so; with ema_outputs=false (the trained weights) it says nothing of an average."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "ema_decay": 0.99, "ema_outputs": outputs}))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    row = "| weights | the exponential moving average of the trained LoRA (decay 0.99) |"
+    assert (row in text) is outputs and ("| weights |" in text) is outputs
+
+
 def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
     from huggingface_hub import ModelCard
 

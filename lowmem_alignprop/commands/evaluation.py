@@ -67,13 +67,15 @@ def render_fixed_seed(sample: Callable, prompts: list[str], seed: int, chunk: in
 
 
 class WeightEMA:
-    """diffusers' ``EMAModel`` over the trained parameters. Its decay ramps up as (1 + n) / (10 + n) in the first
-    updates, then stays at ``ema_decay``. :meth:`swapped` puts the average into the model for a while."""
+    """diffusers' ``EMAModel`` over the trained parameters. The first update copies the weights; the n-th averages with
+    decay n / (9 + n) until that reaches ``ema_decay``. :meth:`swapped` puts the average into the model for a while."""
 
-    def __init__(self, params: list, decay: float):
+    def __init__(self, params: list, decay: float, names: list[str]):
         from diffusers.training_utils import EMAModel
 
-        self.params, self.decay = params, decay
+        if len(names) != len(params):
+            raise ValueError(f"WeightEMA: {len(names)} names for {len(params)} parameters")
+        self.params, self.decay, self.names = params, decay, names
         self.model = EMAModel(params, decay=decay)  # fp32 copies of the LoRA weights: a few MB
 
     def update(self) -> None:
@@ -93,7 +95,13 @@ class WeightEMA:
             self.model.restore(self.params)
 
     def save(self, folder: Path) -> None:
+        """Its state (ema.pt, to resume) and its weights by name (what export and sample read of the checkpoint)."""
+        from safetensors.torch import save_file
+
         torch.save(self.model.state_dict(), folder / EMA_FILE)
+        save_file({n: t.detach().to("cpu", copy=True).contiguous() for n, t in zip(self.names,
+                                                                                   self.model.shadow_params)},
+                  str(folder / ckpt.EMA_WEIGHTS))
 
     def load(self, folder: Path) -> bool:
         """The checkpoint's average (False when it holds none: the average starts from the weights now)."""

@@ -57,8 +57,9 @@ def outputs_problem(run: Path, trained: str = "lora") -> str | None:
 def rewrite_from_checkpoint(run: Path) -> Path | None:
     """``export``: a run whose LoRA is missing or damaged gets it written again, atomically, from its newest intact
     checkpoint (``models.loading.write_checkpoint_lora``: as the run writes ``lora/``). Returns the checkpoint used, or
-    None when the LoRA is whole, there is no intact checkpoint, or the run's lora/ is not the checkpoint's weights
-    (a full fine-tune; with ema_outputs the EMA's: then ``--resume latest`` writes it again)."""
+    None when the LoRA is whole, there is no intact checkpoint, or the checkpoint cannot give the run's lora/ (a full
+    fine-tune; an EMA's average in an older checkpoint without it by name: then ``--resume latest`` writes it
+    again)."""
     from lowmem_alignprop.models.loading import write_checkpoint_lora
 
     problem = lora_problem(run)
@@ -68,7 +69,9 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
         if ckpt.verify(path) is not None:
             continue
         config = ckpt.read_state(path).get("config") or {}
-        if config.get("train_unet", "lora") != "lora" or (config.get("ema_outputs") and config.get("ema_decay")):
+        ema_only_by_state = config.get("ema_outputs", True) and config.get("ema_decay") and \
+            not (path / ckpt.EMA_WEIGHTS).is_file()  # an older checkpoint: the average not kept by name
+        if config.get("train_unet", "lora") != "lora" or ema_only_by_state:
             return None
         with atomic.replacing_dir(run / "lora") as tmp:
             write_checkpoint_lora(path, tmp)

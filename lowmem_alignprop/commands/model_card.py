@@ -21,7 +21,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     c, s = lora.run_config, lora.summary
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
-                "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha"):
+                "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs"):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps", c.get("steps")))
@@ -98,6 +98,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
                  f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
+    if info.get("ema_decay") and info.get("ema_outputs", True):  # which weights: the average's, as lora/ holds
+        rows.append(("weights", f"the exponential moving average of the trained LoRA (decay {num(info['ema_decay'])})"))
     if "reward_first" in info and "reward_last" in info:
         rows.append(("training reward, first -> final steps",
                      f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))

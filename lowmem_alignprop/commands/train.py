@@ -419,7 +419,8 @@ class Trainer:
         # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
         self.samples_here = self.is_main or is_zero3(acc)
         if cfg.ema_decay:
-            self.ema = WeightEMA(self.params, cfg.ema_decay)
+            self.ema = WeightEMA(self.params, cfg.ema_decay,  # names: checkpoints keep the average by name
+                                 [n for n, p in self.bare_unet.named_parameters() if p.requires_grad])
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
                                     sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))

@@ -459,7 +459,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     """A training checkpoint's LoRA written as the run writes ``lora/`` at its end (the weights in diffusers'
-    layout with the adapter config, base_model.json), so that anything that reads a run's LoRA reads any step.
+    layout with the adapter config, base_model.json; the EMA's weights where the run's outputs are the EMA's), so
+    that anything that reads a run's LoRA reads any step.
     Returns the weights file. A damaged checkpoint or a full fine-tune's raises UserError."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -478,7 +479,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     if run_cfg.get("train_unet", "lora") != "lora":
         raise UserError(f"checkpoint {checkpoint} is of a full UNet fine-tune (train_unet=full), not a LoRA: resume "
                         f"it with --resume {checkpoint} and use the unet/ folder it writes")
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    saved = load_file(str(ckpt.output_weights_file(checkpoint, run_cfg)))  # with ema_outputs the EMA's, as lora/
     # peft's parameter names carry the adapter's name ("lora_A.default.weight"); its state dicts do not
     weights = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
                for k, v in saved.items()}

@@ -9,6 +9,8 @@ Layout (``OUTPUT_DIR/checkpoints/step-00000012/``)::
                             which holds the partitioned optimizer state of every rank
     rng.pt                  per rank: the prompt/K random.Random state and torch's RNG states
     ema.pt                  with ema_decay: diffusers' EMAModel state (the averaged trained weights)
+    ema_weights.safetensors with ema_decay: the same average keyed as trainable.safetensors (what export,
+                            sample and evaluate read of a checkpoint whose run's outputs are the EMA's)
     state.json              step, config, model fingerprint, metrics history, world size; with eval_every the
                             held-out evaluation's best so far and patience ("evaluation")
     manifest.json           size and sha256 of every file above; written last
@@ -352,6 +354,21 @@ def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -
 def trainable_state(unet) -> dict[str, torch.Tensor]:
     """Every trainable parameter of the bare UNet, on the CPU (call inside a ZeRO-3 gather)."""
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+EMA_WEIGHTS = "ema_weights.safetensors"
+
+
+def output_weights_file(path: Path, config: dict[str, Any]) -> Path:
+    """The checkpoint's file of the weights its run's outputs (lora/, best/, the samples) hold at that step: the
+    EMA's with ema_decay and ema_outputs, else the trained ones. A checkpoint written before the EMA's weights were
+    kept by name has only the trained ones: said, and those."""
+    if config.get("ema_decay") and config.get("ema_outputs", True):
+        if (path / EMA_WEIGHTS).is_file():
+            return path / EMA_WEIGHTS
+        log.warning("checkpoint %s holds the trained weights but not their average by name (written by an older "
+                    "version): its LoRA is the trained weights, not the EMA its run's lora/ holds", path)
+    return path / "trainable.safetensors"
 
 
 def load_trainable(unet, path: Path) -> None:
