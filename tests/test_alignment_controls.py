@@ -22,6 +22,7 @@ from lowmem_alignprop.models.loading import add_lora, load_components
 from lowmem_alignprop.models.sampling import (PromptEmbeds, decode, enable_block_checkpointing, guided_eps,
                                               initial_latents, rollout)
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.step.rollout import loss_from_reward, rollout_loss
 
 NO_STAGE = lambda name: contextlib.nullcontext()  # noqa: E731
@@ -227,6 +228,8 @@ def score(images, prompts):
     return torch.stack([1 - b if n else b for b, n in zip(bright, night)])
 '''
 
+FAST_EVAL = ["--profile", "cpu", "--seed", "4", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
+             "--set", "batch_size=2"]
 RUN = ["--profile", "cpu", "--seed", "4", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
        "--set", "batch_size=2", "--set", "lr=0.05", "--reward", "night_reward:score"]
 
@@ -362,6 +365,61 @@ def test_the_toy_world_holds_out_its_fuller_scenes_and_no_evaluation_prompt_trai
     train, held = split_eval_prompts(cfg, load_prompts(cfg.prompts))
     assert train == load_prompts("toy-pairs") and len(held) == 62 and not set(held) & set(train)
     assert set(load_prompts("toy-heldout")) - set(held) == {"a green circle", "a blue diamond"}
+
+
+PROMPTS = ["a red circle", "A red  circle", "a blue square", "a green triangle", "a yellow star", "a white moon",
+           "a black cat", "a brown dog"]
+
+
+def test_prompts_that_differ_in_case_or_spacing_are_held_out_together():
+    """"A red  circle" is "a red circle" to CLIP's tokenizer: the held-out split and the eval_prompts overlap treat
+    them as one prompt (one was held out while its twin trained)."""
+    from lowmem_alignprop.step.inputs import prompt_key, split_eval_prompts
+
+    for seed in range(12):
+        cfg = Config(eval_every=1, eval_holdout=3, seed=seed)
+        train, held = split_eval_prompts(cfg, PROMPTS)
+        assert len(held) == 3 and not {prompt_key(p) for p in held} & {prompt_key(p) for p in train}, (seed, held)
+        assert len(train) + len(held) + ("a red circle" in held) == len(PROMPTS)  # both twins, one held-out entry
+    with pytest.raises(UserError, match="7 distinct training prompts"):  # 8 lines, 7 prompts
+        split_eval_prompts(Config(eval_every=1, eval_holdout=7), PROMPTS)
+
+
+def test_a_resume_keeps_the_prompts_its_run_held_out_whatever_its_flags(tmp_path):
+    """A resume with another seed drew other held-out prompts, some of them trained on in the first steps, and
+    trained on some held out; adding --eval-every to a run that held nothing out evaluated prompts it had trained on
+    (now refused, unless eval_prompts gives others)."""
+    from lowmem_alignprop.step.inputs import split_eval_prompts
+
+    started = Config(eval_every=2, eval_holdout=2, seed=0)
+    first = split_eval_prompts(started, PROMPTS)
+    for resumed in (Config(eval_every=2, eval_holdout=2, seed=5), Config(eval_every=2, eval_holdout=3, seed=1)):
+        assert split_eval_prompts(resumed, PROMPTS, started=started.to_dict()) == first
+        assert split_eval_prompts(resumed, PROMPTS) != first  # (the premise: the seed draws others)
+    # evaluation dropped on a resume: the prompts set aside still never train
+    assert split_eval_prompts(Config(seed=5), PROMPTS, started=started.to_dict()) == (first[0], [])
+    with pytest.raises(UserError, match="trained on every one of its prompts.*eval_prompts=FILE"):
+        split_eval_prompts(Config(eval_every=2), PROMPTS, started=Config().to_dict())
+    (tmp_path / "eval.txt").write_text("a RED circle\na night sky\n")  # a twin of a training prompt is left out
+    assert split_eval_prompts(Config(eval_every=2, eval_prompts=str(tmp_path / "eval.txt")), PROMPTS,
+                              started=Config().to_dict()) == (PROMPTS, ["a night sky"])
+
+
+def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_path, monkeypatch, fresh_log_handlers):
+    """End to end: prompts.json (the training prompts prompt_ids index, the held-out ones) is the same after a resume
+    that changes the seed, and no held-out prompt is in it. (The resume said the prompt file had changed.)"""
+    from lowmem_alignprop.cli import main
+
+    (tmp_path / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    args = [*FAST_EVAL, "--prompts", str(tmp_path / "train.txt"), "--output-dir", str(out)]
+    assert main([*args, "--steps", "1", "--eval-every", "1", "--set", "eval_holdout=2"]) == 0
+    first = json.loads((out / "prompts.json").read_text())
+    assert len(first["held_out"]) == 2 and not set(first["held_out"]) & set(first["train"])
+    assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest", "--set", "seed=9"]) == 0
+    assert json.loads((out / "prompts.json").read_text()) == first
+    rows = strict_rows(out)
+    assert all(first["train"][i] not in first["held_out"] for r in rows for i in r["prompt_ids"])
 
 
 def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():

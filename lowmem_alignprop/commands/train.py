@@ -28,7 +28,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE
+from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, PROMPTS_FILE
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
@@ -101,7 +101,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     a new run. ``command``: the command line that started it, recorded in the run folder (command.txt)."""
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
-        prompts, eval_prompts = split_eval_prompts(cfg, prepare_inputs(cfg))  # held-out prompts never train
+        given = prepare_inputs(cfg)
         if not torch.cuda.is_available():  # a model that cannot fit host memory: now, not killed while it loads
             from lowmem_alignprop.measure.weight_bytes import check_host_memory
             check_host_memory(cfg)
@@ -113,6 +113,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
             adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
         point = folder.check()
+        # held-out prompts never train; a resume keeps those its run set aside (another seed would draw others)
+        prompts, eval_prompts = split_eval_prompts(cfg, given, point.state.get("config") if point else None)
     lock = folder.hold()
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     with lock:
@@ -383,10 +385,14 @@ class Trainer:
                                                                        if isinstance(v, (int, float, str, bool))})
 
     def write_config(self) -> None:
-        """config.yaml and command.txt, once the checkpoint is restored: a resume that fails leaves them as they were."""
+        """config.yaml, command.txt and prompts.json, once the checkpoint is restored: a resume that fails leaves them
+        as they were."""
         out = self.out
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
+            # what prompt_ids index, and what the evaluation holds out (a user can check it never trains)
+            atomic.write_text(out / PROMPTS_FILE, json.dumps({"train": self.prompts, "held_out": self.eval_prompts},
+                                                             indent=1, ensure_ascii=False) + "\n")
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
             elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's

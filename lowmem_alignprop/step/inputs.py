@@ -60,31 +60,60 @@ def check_writable(out: Path) -> None:
                         "to with --output-dir") from None
 
 
-def split_eval_prompts(cfg: Config, prompts: list[str]) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts). With eval_every: the eval_prompts set or file, or else eval_holdout of
-    the training prompts, chosen with the seed and removed from training (never trained on). Without: (prompts, [])."""
+def prompt_key(prompt: str) -> str:
+    """What makes two prompts the same prompt for holding out: case and runs of white space aside (CLIP's tokenizer
+    reads "A red  circle" as "a red circle")."""
+    return " ".join(prompt.split()).casefold()
+
+
+def held_out_of_training(settings: dict, prompts: list[str]) -> set[str]:
+    """The keys (:func:`prompt_key`) of the training prompts a run with these settings (a Config's or a checkpoint's
+    config) sets aside: eval_holdout of them chosen with its seed when it evaluates without eval_prompts, else none."""
     import random
 
+    if not settings.get("eval_every") or settings.get("eval_prompts"):
+        return set()
+    distinct = sorted({prompt_key(p) for p in prompts})
+    holdout = int(settings.get("eval_holdout", Config.eval_holdout))
+    if len(distinct) <= holdout:
+        return set()
+    return set(random.Random(settings.get("seed", Config.seed)).sample(distinct, holdout))
+
+
+def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = None) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts). With eval_every: the eval_prompts set or file (less any that trains), or
+    else eval_holdout of the training prompts, chosen with the seed and removed from training (never trained on).
+    Without: (prompts, []). Prompts that differ in case or spacing only are one prompt. ``started``: a resumed run's
+    config at its checkpoint: the prompts it set aside stay out of training and are its held-out ones, whatever seed
+    or evaluation settings the resume gives (another seed drew others, which it had trained on)."""
     from lowmem_alignprop.step.prompts import load_prompts
 
+    def unique(keyed: list[str]) -> list[str]:  # one prompt per key, in order
+        return list({prompt_key(p): p for p in reversed(keyed)}.values())[::-1]
+
+    if started is None and cfg.eval_every and not cfg.eval_prompts and \
+            len({prompt_key(p) for p in prompts}) <= cfg.eval_holdout:
+        raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the "
+                        f"{len({prompt_key(p) for p in prompts})} distinct training prompts, which leaves none to "
+                        "train on: give held-out prompts with --set eval_prompts=FILE, or lower --set eval_holdout")
+    aside = held_out_of_training(cfg.to_dict() if started is None else started, prompts)
+    train = [p for p in prompts if prompt_key(p) not in aside]
     if not cfg.eval_every:
-        return prompts, []
+        return train, []
     if cfg.eval_prompts:  # a prompt that also trains is not held out: left out of the evaluation
-        trained = set(prompts)
+        trained = {prompt_key(p) for p in train}
         given = load_prompts(cfg.eval_prompts)
-        held = [p for p in given if p not in trained]
+        held = unique([p for p in given if prompt_key(p) not in trained])
         if not held:
             raise UserError(f"eval_prompts={cfg.eval_prompts}: every one of its {len(given)} prompts is also a "
                             "training prompt, so none is held out: give prompts the run does not train on")
         if len(held) < len(given):
             logging.getLogger("lowmem_alignprop").info(
-                "eval_prompts=%s: %d of its %d prompts also train and are left out of the evaluation",
+                "eval_prompts=%s: %d of its %d prompts also train (or repeat) and are left out of the evaluation",
                 cfg.eval_prompts, len(given) - len(held), len(given))
-        return prompts, held
-    distinct = sorted(set(prompts))
-    if len(distinct) <= cfg.eval_holdout:
-        raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {len(distinct)} distinct "
-                        "training prompts, which leaves none to train on: give held-out prompts with --set "
-                        "eval_prompts=FILE, or lower --set eval_holdout")
-    held = set(random.Random(cfg.seed).sample(distinct, cfg.eval_holdout))
-    return [p for p in prompts if p not in held], sorted(held)
+        return train, held
+    if not aside:  # a resume adding --eval-every: every prompt has trained
+        raise UserError("--eval-every on a resume of a run that trained on every one of its prompts: held out of "
+                        "them, the evaluation would score prompts it trained on; give prompts it never trained on "
+                        "with --set eval_prompts=FILE")
+    return train, sorted(unique([p for p in prompts if prompt_key(p) in aside]), key=prompt_key)
