@@ -289,3 +289,49 @@ def test_a_reward_that_fails_on_one_process_stops_every_process_and_keeps_the_fi
     assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
     assert ckpt.find_resume(out, "latest").name == "step-00000001"
     assert [row["step"] for row in strict_rows(out)] == [1]
+
+
+def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
+    """Before the first step the ranks wait for rank 0's before samples at a barrier polled from Python: a Ctrl-C (the
+    launcher's SIGINT) there raises the CtrlC that ends the command as "interrupted", while the barrier is still
+    open (a rank past it took the signal as a stop request, began a step and died in its collective, with rank 0
+    gone, in a 60-line traceback). A barrier that completes returns; its error is raised."""
+    import signal
+    import threading
+    import types
+
+    import torch
+
+    from lowmem_alignprop.run import distributed
+    from lowmem_alignprop.run.stop_request import CtrlC, telling_ctrl_c
+
+    class Work:
+        def __init__(self, polls: int | None):
+            self.polls, self.waited = polls, False
+
+        def is_completed(self):
+            if self.polls is None:
+                return False
+            self.polls -= 1
+            return self.polls < 0
+
+        def wait(self):
+            self.waited = True
+
+    works = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda async_op: works[-1])
+    two = types.SimpleNamespace(num_processes=2)
+    works.append(Work(3))
+    distributed.wait_for_every_rank(two)
+    assert works[-1].waited and works[-1].polls < 0
+    works.append(Work(None))  # the others never come: only the signal ends the wait
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with telling_ctrl_c(), pytest.raises(CtrlC):
+            distributed.wait_for_every_rank(two)
+    finally:
+        timer.cancel()
+    assert not works[-1].waited
+    distributed.wait_for_every_rank(types.SimpleNamespace(num_processes=1))  # one process: nothing to wait for

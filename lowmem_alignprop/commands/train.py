@@ -251,6 +251,10 @@ class Trainer:
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
         self.fidelity_before = self.judge()  # the toy world's exact evaluators, likewise
+        # the ranks start their steps together: a Ctrl-C while rank 0 samples ends every rank as "interrupted" (the
+        # others, already in a step, took it as a stop request and died in its collective with rank 0 gone)
+        from lowmem_alignprop.run.distributed import wait_for_every_rank
+        wait_for_every_rank(self.accelerator)
         self.restore()
         self.write_config()
 

@@ -238,3 +238,18 @@ def worst_rank(accelerator, code: int) -> int:
 def any_rank(accelerator, flag: bool) -> bool:
     """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
     return not all_ranks_ok(accelerator, not flag)
+
+
+POLL_S = 0.05  # how often a waiting rank looks at its barrier: the latency a signal meets there
+
+
+def wait_for_every_rank(accelerator) -> None:
+    """A barrier that a signal can interrupt: the wait polls the collective in Python, so Ctrl-C or the launcher's
+    SIGTERM raises in the waiting rank at once (a barrier blocked in the backend's C++ let it run on, or die with a
+    traceback when the rank it waited for was interrupted). A no-op with one process."""
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        return
+    work = torch.distributed.barrier(async_op=True)
+    while not work.is_completed():
+        time.sleep(POLL_S)  # Python runs the signal handlers between these
+    work.wait()  # its error, if the collective failed
