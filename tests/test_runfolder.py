@@ -113,3 +113,24 @@ def test_keep_metrics_until_drops_later_and_cut_rows(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     keep_metrics_until(path, 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_resumes_changed_settings_are_said_once_by_rank_0(tmp_path, monkeypatch, caplog):
+    """Every rank checks the checkpoint alike; each said "resume: lr was ..., now ..." in its own copy (and each
+    split the held-out prompts and said what eval_prompts left out)."""
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.step import inputs
+
+    state = {"config": Config(lr=1e-3).to_dict(), "step": 1}
+    (tmp_path / "eval.txt").write_text("a red circle\na night sky\n")
+    eval_cfg = Config(eval_every=1, eval_prompts=str(tmp_path / "eval.txt"))
+    said = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(ckpt, "global_rank", lambda: rank)
+        monkeypatch.setattr(inputs, "global_rank", lambda: rank)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+            ckpt.check_config(state, Config(lr=2e-3, steps=2), tmp_path)
+            inputs.split_eval_prompts(eval_cfg, ["a red circle", "a blue square"])
+        said[rank] = [r.getMessage() for r in caplog.records]
+    assert said[1] == [] and len(said[0]) == 2 and said[0][0] == "resume: lr was 0.001 in the checkpoint, now 0.002"

@@ -853,10 +853,10 @@ class Trainer:
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
     def judge_if_due(self, step: int) -> dict:
-        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line (fidelity_reward*
-        beside the fidelity_* rates: eval_reward is the held-out evaluation's), judged on the weights the summary's
-        "after" uses (the EMA's with ema_outputs); out of memory or the reward's error skips them, as they do the
-        sample grid."""
+        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line
+        (fidelity_reward* beside the fidelity_* rates: eval_reward is the held-out evaluation's), judged on the
+        weights the summary's "after" uses (the EMA's with ema_outputs); out of memory or the reward's error skips
+        them, as they do the sample grid."""
         cfg = self.cfg
         if not (cfg.fidelity_every and step % cfg.fidelity_every == 0):
             return {}
@@ -915,11 +915,12 @@ class Trainer:
             return False
         path = self.save_checkpoint(step)
         if early and not stopping and step < cfg.steps:
-            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) has not "
-                           f"improved for {cfg.early_stop} evaluations; the best step "
-                           f"({self.held_out.best_step}) is in {self.out / BEST_DIR}")
+            if self.is_main:
+                self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) "
+                               f"has not improved for {cfg.early_stop} evaluations; the best step "
+                               f"({self.held_out.best_step}) is in {self.out / BEST_DIR}")
             return True
-        if stopping:
+        if stopping and self.is_main:  # every rank saved it together: rank 0 says so
             self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
                 "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
                 else "continue with --resume latest"))

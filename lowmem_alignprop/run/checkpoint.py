@@ -40,7 +40,7 @@ import torch
 
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.runlock import world_size
+from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 log = logging.getLogger("lowmem_alignprop")
@@ -289,7 +289,7 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         "--set early_stop=0")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
-    for n in changed:
+    for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r", n, saved[n], getattr(cfg, n))
 
 

@@ -9,6 +9,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from lowmem_alignprop.run.runlock import global_rank
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 
@@ -107,7 +108,7 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         if not held:
             raise UserError(f"eval_prompts={cfg.eval_prompts}: every one of its {len(given)} prompts is also a "
                             "training prompt, so none is held out: give prompts the run does not train on")
-        if len(held) < len(given):
+        if len(held) < len(given) and global_rank() == 0:  # every rank splits alike: rank 0 says it
             logging.getLogger("lowmem_alignprop").info(
                 "eval_prompts=%s: %d of its %d prompts also train (or repeat) and are left out of the evaluation",
                 cfg.eval_prompts, len(given) - len(held), len(given))
