@@ -570,13 +570,18 @@ def test_toy_rewards_are_registered_and_know_the_world():
 @pytest.fixture(scope="module")
 def short_toy_run(tmp_path_factory):
     """Two steps on the shipped toy model, judged every step on 4 images (DDIM 4 steps: the wiring, not learning),
-    with an EMA of the LoRA (its outputs the EMA's) and the held-out evaluation every step beside the judging."""
+    with an EMA of the LoRA (its outputs the EMA's) and the held-out evaluation every step beside the judging (on
+    two of toy-heldout's scenes: its 62 took 14 s of the fixture)."""
     from lowmem_alignprop.cli import main
 
-    out = tmp_path_factory.mktemp("toy") / "run"
+    root = tmp_path_factory.mktemp("toy")
+    (root / "eval.txt").write_text("an orange triangle, a blue diamond and a purple circle\n"
+                                   "an orange diamond, a green circle, a green diamond and a blue diamond\n")
+    out = root / "run"
     assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
                  "sample_steps=4", "--set", "fidelity_images=4", "--set", "fidelity_every=1", "--set",
-                 "sample_prompts=1", "--set", "ema_decay=0.5", "--eval-every", "1"]) == 0
+                 "sample_prompts=1", "--set", "ema_decay=0.5", "--eval-every", "1", "--set",
+                 f"eval_prompts={root / 'eval.txt'}"]) == 0
     return out
 
 
@@ -619,6 +624,7 @@ def test_out_of_memory_while_judging_or_sampling_in_training_skips_them_and_the_
     assert (out / "lora").is_dir() and json.loads((out / "summary.json").read_text())["steps_done"] == 2
 
 
+@pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once
 def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     import json
 
@@ -653,6 +659,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     assert f"(median {toy['before']['reward_median']:.4f} -> {toy['after']['reward_median']:.4f})" in lines[0]
 
 
+@pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once
 def test_the_judged_images_do_not_depend_on_the_batch_size(short_toy_run, tmp_path):
     """Every judged image has its own seed (its index), so a run with another batch size is judged on the same images:
     the "before" figures of a batch-1 run are short_toy_run's (batch 4) up to float reordering in the batched UNet,
@@ -671,6 +678,7 @@ def test_the_judged_images_do_not_depend_on_the_batch_size(short_toy_run, tmp_pa
     assert one["fidelity_images"] == four["fidelity_images"] == 4
 
 
+@pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once
 def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_run):
     """Each metrics row records every image's reward and prompt; the summary's first -> last reward is each prompt's
     mean in the first and in the last steps, over the prompts in both (a prompt that scores 10 and is drawn only at
@@ -725,6 +733,7 @@ def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, cap
     assert " AlignProp finished: 2 steps on cpu" in out
 
 
+@pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once
 def test_sample_judges_a_toy_lora_with_the_exact_evaluators(short_toy_run, tmp_path, capsys):
     import json
 
