@@ -211,6 +211,42 @@ def score(images, prompts):
 '''
 
 
+SIGTERM_REWARD = '''
+import os, signal
+import torch
+
+def score(images, prompts):
+    if not torch.is_grad_enabled():  # scoring sample's images (the start-up check runs with gradients)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would, while the folder is made
+    return images.mean(dim=(1, 2, 3))
+'''
+
+
+def test_sigterm_ends_sample_as_ctrl_c_does_leaving_no_folder_in_process(tmp_path, tiny_dir, capsys,
+                                                                         fresh_log_handlers):
+    """`timeout`, a scheduler or `kill` sends SIGTERM: `sample` ends as for Ctrl-C ("interrupted", 128 + 15) and
+    removes the output folder it made, which held only its lock (before: the process died there, the folder kept).
+    The SIGTERM comes from the reward, in this process (no 10 s of imports; the subprocess test below, in -m slow,
+    sends it from outside)."""
+    import signal
+
+    from pathlib import Path
+
+    from loras import make_sd_lora
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the premise: nobody's handler but the command's
+    lora = make_sd_lora(Path(tiny_dir), tmp_path / "run", xl=False)["lora"]
+    (tmp_path / "sigterm.py").write_text(SIGTERM_REWARD)
+    out = tmp_path / "sample"
+    assert main(["sample", str(lora), "--profile", "cpu", "--reward", f"{tmp_path / 'sigterm.py'}:score",
+                 "--num-prompts", "1", "--set", "sample_steps=2", "--set", "resolution=32",
+                 "--output-dir", str(out)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow  # 12 s of a fresh process's imports; the in-process test above covers the same path
 def test_sigterm_ends_sample_as_ctrl_c_does_leaving_no_folder(tmp_path, tiny_dir):
     """`timeout`, a scheduler or `kill` sends SIGTERM: `sample` ends as for Ctrl-C ("interrupted", 128 + 15) and
     removes the output folder it made, which held only its lock (before: the process died there, the folder kept)."""
