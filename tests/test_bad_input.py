@@ -752,3 +752,7 @@ def test_a_model_larger_than_host_memory_is_refused_on_a_cpu_before_it_loads(tmp
     caplog.clear()
     check_host_memory(cfg, available=need, total=need)
     assert not caplog.records
+    # two processes of a launcher on this machine hold two copies: what fitted once does not fit twice
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=f"{2 * need / 2**30:.1f} GiB in this machine's 2 processes, more than"):
+        check_host_memory(cfg, available=need, total=need)

@@ -5,6 +5,7 @@ hooks that count dequantization and block swap's copies as they happen."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -196,6 +197,7 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     import psutil
 
     from lowmem_alignprop.measure.meta_models import meta_base
+    from lowmem_alignprop.run.runlock import global_rank
     from lowmem_alignprop.settings.errors import UserError
 
     try:
@@ -204,17 +206,21 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
         return
     denoiser = "transformer" if base.family != "unet" else "UNet"
     # fp8 keeps the frozen Linears (nearly all the weights) in 1 byte each; else fp32, 4
-    need = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)
+    one = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)
+    # under a launcher every process of this machine holds its own copy (torchrun sets LOCAL_WORLD_SIZE)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    need = one * processes
     if available is None or total is None:
         memory = psutil.virtual_memory()
         available, total = memory.available, memory.total + psutil.swap_memory().free
-    said = (f"{cfg.model}'s {denoiser} alone takes {need / GIB:.1f} GiB " +
-            ("in fp8" if cfg.base_quant == "fp8" else "in fp32, the precision of a CPU run"))
+    said = (f"{cfg.model}'s {denoiser} alone takes {one / GIB:.1f} GiB " +
+            ("in fp8" if cfg.base_quant == "fp8" else "in fp32, the precision of a CPU run") +
+            (f", {need / GIB:.1f} GiB in this machine's {processes} processes" if processes > 1 else ""))
     if need > total:
         raise UserError(f"{said}, more than this machine's {total / GIB:.1f} GiB of memory and swap: train it on a "
                         f"GPU (lowmem-alignprop plan --model {cfg.model} --profile NAME tells whether a card's profile "
                         "fits it; lowmem-alignprop profiles lists them), or use a smaller model")
-    if need > available:
+    if need > available and global_rank() == 0:  # every process checks alike: rank 0 says it
         logging.getLogger("lowmem_alignprop").warning(
             "%s, more than the %.1f GiB of memory free now: the run will swap (slowly) or be stopped by the system",
             said, available / GIB)
