@@ -269,6 +269,35 @@ def test_kohya_folds_per_layer_scales_and_reads_back_to_each_layers_delta(case, 
                          delta[slot * rows:(slot + 1) * rows], SAME_OPS, f"dense {part}")
 
 
+def test_a_dense_fused_kohya_lora_loads_with_each_part_its_own_copy(flux, tmp_path):
+    """sd-scripts' FLUX LoRA (rank r everywhere): a fused qkv / linear1 has one lora_down of rank r that q, k and v all
+    use. Split back for --init-lora and sample, each part gets that lora_down (equal tensors, not one tensor: the
+    split file was not written, "Some tensors share memory") and its rows of the delta."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    weights = {k[len("transformer."):]: v for k, v in load_file(str(flux["lora"] / "pytorch_lora_weights.safetensors"))
+               .items()}
+    state = flow_export.kohya_state_dict(weights, lambda m: 1.0, flux["family"])
+    g = torch.Generator().manual_seed(3)
+    r = min(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))  # the unfused layers' rank
+    dense = {}
+    for name in {k.split(".")[0] for k in state}:
+        down, up = state[f"{name}.lora_down.weight"][:r], state[f"{name}.lora_up.weight"]
+        up = torch.randn(up.shape[0], r, generator=g)
+        if name.endswith("linear1"):  # the MLP rows stay zero (a LoRA of the MLP input: another layer)
+            up[3 * (up.shape[0] // 7):] = 0
+        dense.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": torch.tensor(float(r))})
+    save_file(dense, str(tmp_path / "dense.safetensors"))
+    split = load_file(str(flow_export.kohya_as_diffusers(tmp_path / "dense.safetensors", "--init-lora x")))
+    name = next(k.split(".")[0] for k in dense if "_qkv." in k)
+    parts = [k for k in split if k.endswith(".lora_A.weight") and flow_export.kohya_name(
+        flow_export.original_slot(k[len("transformer."):-len(".lora_A.weight")], "flux")[0]) == name]
+    assert len(parts) == 3 and all(torch.equal(split[k], dense[f"{name}.lora_down.weight"]) for k in parts)
+
+
 def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     from safetensors import safe_open
 

@@ -195,7 +195,7 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
         for c, s in enumerate(trained):
             block = up[starts[s]:starts[s] + rows[s]]
             a, b = (down[c * r:(c + 1) * r], block[:, c * r:(c + 1) * r]) if diagonal else (down, block)
-            out[f"{parts[s]}.lora_A.weight"] = a.contiguous()
+            out[f"{parts[s]}.lora_A.weight"] = a.clone()  # its own copy: a dense lora_down is every part's A
             out[f"{parts[s]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()  # the loaders' alpha / rank
     return out, family
 
