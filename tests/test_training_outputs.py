@@ -186,7 +186,12 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
     from lowmem_alignprop.cli import main
 
     fast = ["--profile", "cpu", "--steps", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3"]
-    cases = [(["--init-lora", str(made_lora["lora"]), "--set", "lora_rank=8"],
+    half = tmp_path / "half.safetensors"  # a file cut short (a copy that stopped): it crashed in a traceback, exit 1
+    whole = (made_lora["lora"] / "pytorch_lora_weights.safetensors").read_bytes()
+    half.write_bytes(whole[: len(whole) // 2])
+    cases = [(["--init-lora", str(half)], f"--init-lora {half}: half.safetensors is damaged or not a safetensors "
+              "file ("),
+             (["--init-lora", str(made_lora["lora"]), "--set", "lora_rank=8"],
               f"--init-lora {made_lora['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
              (["--init-lora", str(sdxl_lora["lora"])], f"--init-lora {sdxl_lora['lora']} does not fit this model"),
              (["--init-lora", str(tmp_path / "nope")], "no such file or folder"),

@@ -37,8 +37,8 @@ def init_lora_file(spec: str) -> Path:
         try:
             with safe_open(str(file), framework="pt") as f:
                 kohya_flow = flow_export.is_kohya_flow(f.keys())
-        except Exception:  # a damaged file: lora_file_ranks says so in one line
-            return file
+        except Exception as e:  # safetensors' own error types for a truncated or foreign file
+            raise _damaged(spec, file, e) from None
         if kohya_flow:
             return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
     return file
@@ -72,6 +72,11 @@ def _init_lora_source(spec: str) -> Path:
                     "file itself, a run's lora/ folder or a peft adapter folder")
 
 
+def _damaged(spec: str, file: Path, e: Exception) -> UserError:
+    return UserError(f"--init-lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
+                     "copy it again, or pass a run's lora/ folder or checkpoint")
+
+
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int]:
     """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, one that also adapts the text
     encoder (AlignProp trains the UNet's LoRA only) or feed-forward layers a run of ``layers`` does not train
@@ -82,8 +87,7 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
         with safe_open(str(file), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors' own error types for a truncated or foreign file
-        raise UserError(f"--init-lora {spec}: {file.name} is damaged or not a safetensors file "
-                        f"({first_line(e, 120)}): copy it again, or pass a run's lora/ folder or checkpoint") from None
+        raise _damaged(spec, file, e) from None
     text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
     if text:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
