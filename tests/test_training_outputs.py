@@ -165,6 +165,29 @@ def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout
     assert_rel_close(images, made_ff_lora["images"], SAME_OPS, f"step 0 from a {layout} attention+ff LoRA")
 
 
+def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_is_gone(made_lora, tmp_path,
+                                                                                    fresh_log_handlers):
+    """The run keeps the LoRA --init-lora named, as it read it (init_lora/): a resume renders its before samples from
+    that copy, with the path moved away (it was refused) or holding another LoRA (the before figures changed)."""
+    import json
+    import shutil
+
+    from lowmem_alignprop.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(made_lora["lora"], src)
+    out = tmp_path / "run"
+    args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=1",
+            "--output-dir", str(out)]
+    assert main([*args, "--steps", "1", "--init-lora", str(src)]) == 0
+    before = json.loads((out / "summary.json").read_text())["sample_reward_before"]
+    assert (out / "init_lora" / "pytorch_lora_weights.safetensors").read_bytes() == \
+        (src / "pytorch_lora_weights.safetensors").read_bytes()
+    shutil.rmtree(src)
+    assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
+    assert json.loads((out / "summary.json").read_text())["sample_reward_before"] == before
+
+
 def test_without_init_lora_step_0_is_the_base_model(made_lora, tmp_path):
     """The reference above is not the base model's image (else the test above would prove nothing)."""
     base = _images_at_step_0(_cfg(tmp_path / "run"))

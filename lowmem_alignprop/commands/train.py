@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import COMMAND_FILE, LORA_BASE_FILE, PROMPTS_FILE
+from lowmem_alignprop.run.filenames import COMMAND_FILE, INIT_LORA_DIR, LORA_BASE_FILE, LORA_WEIGHT_NAME, PROMPTS_FILE
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
@@ -231,7 +232,10 @@ class Trainer:
             if self.refinish and self.is_rank0():
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)
-        if self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
+        kept = self.out / INIT_LORA_DIR / LORA_WEIGHT_NAME  # the LoRA the run started from, copied at its start
+        if self.cfg.init_lora and self.point is not None and kept.is_file():
+            self.init_file = kept  # a resume's before samples: what the run started from, whatever the path holds now
+        elif self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
             from lowmem_alignprop.commands.init_lora import check_init_lora
             with same_on_every_rank():
                 self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
@@ -332,7 +336,8 @@ class Trainer:
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
                                      cfg.lora_layers)
-            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora, layers)
+            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.point is None else
+                     f"{cfg.init_lora} as the run read it at its start ({self.init_file.parent})", layers)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
@@ -394,6 +399,10 @@ class Trainer:
         out = self.out
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
+            kept = out / INIT_LORA_DIR
+            if self.init_file is not None and self.init_file.parent != kept:  # a resume needs neither path nor file
+                with atomic.replacing_dir(kept) as tmp:
+                    shutil.copyfile(self.init_file, tmp / LORA_WEIGHT_NAME)
             # what prompt_ids index, and what the evaluation holds out (a user can check it never trains)
             atomic.write_text(out / PROMPTS_FILE, json.dumps({"train": self.prompts, "held_out": self.eval_prompts},
                                                              indent=1, ensure_ascii=False) + "\n")
