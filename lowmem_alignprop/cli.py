@@ -146,6 +146,9 @@ def cmd_train(argv: list[str]) -> int:
         elif refused is not None:
             raise refused
         snapshot = parse_snapshot(args.memory_snapshot)
+        if snapshot and snapshot[0] > cfg.steps:  # nothing would be recorded, and nothing said
+            raise UserError(f"--memory-snapshot {args.memory_snapshot}: the run ends at step {cfg.steps}: give steps "
+                            f"within 1-{cfg.steps}")
         _check_device_for_profile(name)
         folder.move_past_an_earlier_run()
         cfg = folder.with_output_dir(cfg)

@@ -82,6 +82,7 @@ def _profile(tmp_path, text):
     ("output_dir_under_a_file", "cannot be created"),
     ("resume_without_checkpoint", "no intact checkpoint"),
     ("resume_missing_dir", "no such checkpoint directory"),
+    ("memory_snapshot_after_the_last_step", "--memory-snapshot 5: the run ends at step 2: give steps within 1-2"),
 ])
 def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     out = tmp_path / "run"
@@ -133,6 +134,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--resume", "latest"]
     elif case == "resume_missing_dir":
         args += ["--resume", str(tmp_path / "checkpoints" / "step-00000009")]
+    elif case == "memory_snapshot_after_the_last_step":  # it recorded nothing and said nothing
+        args += ["--steps", "2", "--memory-snapshot", "5"]
     before = snapshot(tmp_path)
     line = fails(capsys, args, needle)
     assert snapshot(tmp_path) == before  # nothing written, nothing changed

@@ -147,7 +147,8 @@ class StageProfiler:
         detail_steps: CPU only: the steps whose allocation is measured (a count of live storages);
             ``"all"`` (or True) for every step. Ignored on CUDA, whose counters are cheap enough for every step.
         snapshot_steps: ``(first, last)``: CUDA only: record the allocator history from
-            ``begin_step(first)`` and dump it at ``end_step(last)`` to ``memory_snapshot.pickle``
+            ``begin_step(first)`` (or the first step within the range, a resume's) and dump it at ``end_step(last)``
+            to ``memory_snapshot.pickle``
             (opens at https://pytorch.org/memory_viz). On other devices one log line, nothing else.
         output_dir: where the snapshot goes as soon as it is taken; None keeps it in memory until
             :meth:`write`.
@@ -189,8 +190,8 @@ class StageProfiler:
                 raise ValueError(f"snapshot_steps must be (first, last) with 1 <= first <= last, got {snapshot_steps}")
             snapshot_steps = (first, last)
             if not self._cuda:
-                logger.warning("profiler: memory snapshots need CUDA; snapshot_steps=%s ignored on %s",
-                               snapshot_steps, self.device)
+                logger.warning("profiler: memory snapshots need CUDA; --memory-snapshot %s ignored on %s",
+                               f"{first}-{last}" if last > first else first, self.device)
         self.snapshot_steps = snapshot_steps
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.detail_load = detail_load
@@ -306,7 +307,9 @@ class StageProfiler:
             self.end_step()
         self._step = int(step)
         self._step_figures = {}
-        if self._cuda and self.snapshot_steps and step == self.snapshot_steps[0] and not self._snapshot_recording:
+        # from the range's first step, or the first step within it a resume runs
+        if self._cuda and self.snapshot_steps and self.snapshot_steps[0] <= step <= self.snapshot_steps[1] \
+                and not self._snapshot_recording:
             torch.cuda.memory._record_memory_history(max_entries=self.snapshot_max_entries)
             self._snapshot_recording = True
             self._snapshot_window = (step, step)
