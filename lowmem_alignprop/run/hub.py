@@ -59,14 +59,14 @@ def check_push_to_hub(repo: str) -> None:
                         "organisation name first)")
     if offline_by_setting():
         raise UserError(f"--push-to-hub {repo}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE or "
-                        "TRANSFORMERS_OFFLINE is set): unset it, or export without --push-to-hub and upload the "
+                        "TRANSFORMERS_OFFLINE is set): unset it, or run without --push-to-hub and upload the "
                         "folder later with `hf upload`")
     if not get_token():
         raise UserError(f"--push-to-hub {repo}: no Hugging Face token on this machine: run `hf auth login` (or set "
-                        "HF_TOKEN) first, or export without --push-to-hub")
+                        "HF_TOKEN) first, or run without --push-to-hub")
     reason = unreachable()
     if reason:
-        raise UserError(f"--push-to-hub {repo}: no network to the Hugging Face hub ({reason}): export without "
+        raise UserError(f"--push-to-hub {repo}: no network to the Hugging Face hub ({reason}): run without "
                         "--push-to-hub and upload the folder later with `hf upload`")
 
 
