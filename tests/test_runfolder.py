@@ -134,3 +134,18 @@ def test_a_resumes_changed_settings_are_said_once_by_rank_0(tmp_path, monkeypatc
             inputs.split_eval_prompts(eval_cfg, ["a red circle", "a blue square"])
         said[rank] = [r.getMessage() for r in caplog.records]
     assert said[1] == [] and len(said[0]) == 2 and said[0][0] == "resume: lr was 0.001 in the checkpoint, now 0.002"
+
+
+def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
+    """best/ so far was chosen on the weights the run evaluated (the EMA's, by default): a resume evaluating the
+    trained ones would compare the two (it only warned, "ema_outputs was True ..., now False"); without evaluation
+    the change is only said."""
+    from lowmem_alignprop.settings.config import Config
+
+    ema = dict(ema_decay=0.9, eval_every=2, steps=4)
+    state = {"config": Config(**ema).to_dict(), "step": 2}
+    with pytest.raises(UserError, match="resume with --set ema_outputs=true, or start a new run"):
+        ckpt.check_config(state, Config(**ema, ema_outputs=False), tmp_path)
+    ckpt.check_config(state, Config(**ema), tmp_path)
+    plain = {"config": Config(ema_decay=0.9, steps=4).to_dict(), "step": 2}
+    ckpt.check_config(plain, Config(ema_decay=0.9, steps=4, ema_outputs=False), tmp_path)

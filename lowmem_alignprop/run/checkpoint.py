@@ -287,6 +287,12 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
                         f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
                         "--set early_stop=0")
+    if (saved.get("eval_every") and cfg.eval_every and saved.get("ema_decay") and cfg.ema_decay
+            and saved.get("ema_outputs", True) != cfg.ema_outputs):  # best/ would compare two kinds of weights
+        theirs = "true" if saved.get("ema_outputs", True) else "false"
+        raise UserError(f"checkpoint {path} evaluated the {'EMA' if theirs == 'true' else 'trained'} weights and this "
+                        f"run would evaluate the {'EMA' if cfg.ema_outputs else 'trained'} ones: best/ so far was "
+                        f"chosen on the former; resume with --set ema_outputs={theirs}, or start a new run")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
