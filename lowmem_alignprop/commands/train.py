@@ -336,8 +336,8 @@ class Trainer:
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
                                      cfg.lora_layers)
-            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.point is None else
-                     f"{cfg.init_lora} as the run read it at its start ({self.init_file.parent})", layers)
+            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.init_file.parent.name !=
+                     INIT_LORA_DIR else f"the run started from (its copy, {self.init_file.parent})", layers)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
