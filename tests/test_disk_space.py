@@ -87,6 +87,7 @@ def test_what_a_run_holds_at_once_follows_checkpoint_every_and_keep_checkpoints(
     assert at_once[5, 0, 0] == 2 and at_once[5, 2, 0] == 2 and at_once[3, 2, 0] == 3  # keep 2, and the next
     ema = disk_space.run_bytes(Config(ema_decay=0.9, eval_every=2, export_format="kohya,peft"), params)
     assert ema.checkpoint == 4000 + 8000 + 2 * 4000 + ema.history + disk_space.MIB and ema.outputs == 4000 * (1 + 2 + 2)
+    assert disk_space.run_bytes(Config(init_lora="x"), params).outputs == 4000 * 2  # lora/ and init_lora/
 
 
 def test_free_space_is_read_where_the_run_folder_will_be(tmp_path, monkeypatch):

@@ -49,8 +49,8 @@ def run_bytes(cfg, params, start: int = 0) -> RunBytes:
     every = cfg.checkpoint_every  # one at each multiple of it, and the last step's always
     written = cfg.steps // every - start // every + (1 if cfg.steps % every else 0) if every else 1
     at_once = min(cfg.keep_checkpoints + 1, written) if cfg.keep_checkpoints else written
-    # lora/; best/ is written beside the one it replaces; one copy per export format
-    outputs = weights * (1 + (2 if cfg.eval_every else 0) + len(cfg.export_formats()))
+    # lora/; best/ is written beside the one it replaces; one copy per export format; init_lora/ (--init-lora's copy)
+    outputs = weights * (1 + (2 if cfg.eval_every else 0) + len(cfg.export_formats()) + (1 if cfg.init_lora else 0))
     return RunBytes(weights, optimizer, history, checkpoint, at_once, outputs)
 
 
