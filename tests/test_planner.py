@@ -170,6 +170,18 @@ def test_a_resolution_far_from_the_models_is_noted(shared_plans, tiny_dir, capsy
     assert any("the model was made for 64 px images and this run uses 16 px" in n for n in notes), notes
 
 
+def test_tiled_decode_that_cuts_no_tile_is_noted_with_the_tile_size_that_would(shared_plans, tiny_dir, capsys):
+    """tile_size counts latent cells (64 by default: SD's 512 px): on smaller latents tiled_decode decoded each image
+    whole and nothing said so (the trainer warns with the same line)."""
+    from lowmem_alignprop.memory.tiling import untiled_note
+
+    assert main(["plan", "--profile", "cpu", "--set", "tiled_decode=true", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert untiled_note(True, 64, 64, 2) in notes  # the tiny VAE halves: 32 cells a side
+    assert untiled_note(True, 64, 64, 2).endswith("--set tile_size=16 cuts it in tiles")
+    assert untiled_note(True, 64, 16, 2) is None and untiled_note(False, 64, 64, 2) is None
+
+
 def test_too_small_budget_does_not_fit_and_the_suggestion_fits(shared_plans, tiny_dir, capsys):
     with planner.reuse_estimates():  # the re-plan with the flags of the suggestion meets its configuration again
         args = ["plan", "--profile", "cpu", "--set", "budget_gb=0.05", "--set", "vae_checkpointing=none"]

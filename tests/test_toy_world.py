@@ -936,3 +936,26 @@ def test_a_toy_clip_saved_in_either_layout_loads_the_same(tmp_path):
     want = model.eval().embed_text(ids)
     for layout in ("nested", "flat"):
         assert torch.equal(load_model(tmp_path / layout).embed_text(ids), want), layout
+
+
+def test_reward_checkpointing_lowers_what_toy_clip_and_toy_count_keep_for_backward():
+    """--set reward_checkpointing=true was accepted for the toy rewards and changed nothing (their tower was never
+    checkpointed): now each convolution block keeps only its input for backward, and the image gradient is the
+    same up to float reordering."""
+    from lowmem_alignprop.rewards import build_reward
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square and a green triangle"]
+    for name in ("toy_clip", "toy_count=2"):
+        kept, grads = {}, {}
+        for on in (False, True):
+            reward = build_reward(name, checkpointing=on)
+            saved = []
+            x = images.clone().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+                r = reward(x, prompts)
+            r.sum().backward()
+            kept[on], grads[on] = sum(saved), x.grad
+        assert kept[True] < 0.5 * kept[False], (name, kept)
+        assert_rel_close(grads[True], grads[False], SAME_OPS, f"{name}'s image gradient")

@@ -49,12 +49,14 @@ from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
+from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
-from lowmem_alignprop.models.sampling import draw_k, enable_block_checkpointing, enable_vae_checkpointing
+from lowmem_alignprop.models.sampling import (draw_k, enable_block_checkpointing, enable_vae_checkpointing,
+                                              vae_scale_factor)
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
@@ -328,6 +330,9 @@ class Trainer:
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
             self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
         self.unet, self.vae = comps.unet, comps.vae
+        untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(self.vae))
+        if untiled and self.is_rank0():
+            log.warning("%s", untiled)
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)

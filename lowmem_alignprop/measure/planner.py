@@ -59,6 +59,8 @@ from lowmem_alignprop.measure.provenance import provenance
 from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.memory.quant import BNB_MODES
+from lowmem_alignprop.memory.tiling import untiled_note
+from lowmem_alignprop.models.sampling import vae_scale_factor
 from lowmem_alignprop.run.disk_space import run_bytes
 from lowmem_alignprop.measure.counters import TEXT_ENCODER, Counters, HostSaveOnCpu, LiveBytes, Residency, StageWork
 from lowmem_alignprop.measure.cuda_autocast import CudaAutocast
@@ -374,6 +376,9 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
     off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)
+    untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(comps.vae))
+    if untiled:
+        notes.append(untiled)
     return comps, reward
 
 

@@ -57,6 +57,16 @@ def cuts_tiles(height: int, width: int, tile: int) -> bool:
     return height > tile or width > tile
 
 
+def untiled_note(tiled_decode: bool, resolution: int, tile_size: int, vae_scale: int) -> str | None:
+    """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None."""
+    side = resolution // vae_scale
+    if not tiled_decode or cuts_tiles(side, side, tile_size):
+        return None
+    return (f"tiled_decode cuts no tile: the latents are {side} cells a side and tile_size={tile_size} counts latent "
+            f"cells ({tile_size * vae_scale} px), so each image decodes whole, as sliced_decode does; "
+            f"--set tile_size={max(side // 2, 1)} cuts it in tiles")
+
+
 def _decode_tile(vae, z_tile: torch.Tensor) -> torch.Tensor:
     return vae.decode(z_tile).sample
 

@@ -107,8 +107,9 @@ def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
     if name.startswith("toy_"):
         from . import toy
         if name == "toy_clip":
-            return toy.load_toy_clip(toy.SHIPPED_REWARDS / "toy_clip")
-        return toy.load_toy_count(toy.SHIPPED_REWARDS / "toy_count", target=toy_count_target(name))
+            return toy.load_toy_clip(toy.SHIPPED_REWARDS / "toy_clip", checkpointing=checkpointing)
+        return toy.load_toy_count(toy.SHIPPED_REWARDS / "toy_count", target=toy_count_target(name),
+                                  checkpointing=checkpointing)
     from . import clip_rewards
 
     builder = {"aesthetic": clip_rewards.build_aesthetic, "clip": clip_rewards.build_clip,

@@ -35,12 +35,19 @@ class ConvTower(nn.Module):
         layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c, out_dim)
+        self.checkpointing = False  # reward_checkpointing: each convolution block recomputed in backward
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.head.weight.dtype)  # the tower's own dtype (fp16 under mixed precision)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = self.body(x * 2 - 1)
+        x = x * 2 - 1
+        if self.checkpointing and torch.is_grad_enabled():
+            from lowmem_alignprop.memory.recompute import checkpoint
+            for i in range(0, len(self.body), 3):  # saves each block's input, not its convolution's and norm's outputs
+                x = checkpoint(self.body[i:i + 3], x)
+        else:
+            x = self.body(x)
         return self.head(x.mean(dim=(2, 3)))
 
 
@@ -166,11 +173,15 @@ class ToyCountReward(RewardModule):
         return f"name={self.name!r}, target={self.target}"
 
 
-def load_toy_clip(directory: str | Path) -> ToyClipReward:
+def load_toy_clip(directory: str | Path, checkpointing: bool = False) -> ToyClipReward:
     from lowmem_alignprop.toy.tokenizer import build_tokenizer
 
-    return ToyClipReward(load_model(directory), build_tokenizer())
+    reward = ToyClipReward(load_model(directory), build_tokenizer())
+    reward.model.image.checkpointing = checkpointing
+    return reward
 
 
-def load_toy_count(directory: str | Path, target: float = 2.0) -> ToyCountReward:
-    return ToyCountReward(load_model(directory), target)
+def load_toy_count(directory: str | Path, target: float = 2.0, checkpointing: bool = False) -> ToyCountReward:
+    reward = ToyCountReward(load_model(directory), target)
+    reward.model.net.checkpointing = checkpointing
+    return reward
