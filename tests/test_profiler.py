@@ -161,6 +161,8 @@ def test_write_produces_three_valid_files(two_steps, tmp_path):
     stage_rows = [r for r in rows if r in STAGES]
     assert stage_rows == list(STAGES)
     assert "| unet |" in md
+    # on the CPU the budget is judged on the tensors' bytes, not the process's RSS (cpu.yaml calls it host RAM)
+    assert "budget 1 GiB: fits (judged on the tensors' bytes; the process's resident memory, RSS, is below)" in md
     # steps 2-3 are summarised, but only steps 1-2 (the detail steps) measured a peak on the CPU: the report says so
     assert report["summary_steps"]["steps"] == "2-3" and report["summary_steps"]["peak_measured_steps"] == "1-2"
     assert "mean seconds over steps 2-3 (step 1 excluded as warm-up); peaks measured in steps 1-2 only" in md

@@ -207,7 +207,8 @@ def memory_report_markdown(report: dict[str, Any]) -> str:
         where = f"in {report['peak_stage']}" + (f" (step {report['peak_step']})" if report["peak_step"] else "")
         fits = {True: "fits", False: "does NOT fit", None: "no budget given"}[report["fits_budget"]]
         basis = (f" (judged on the {_gib_or_na(report['peak_reserved'])} GiB reserved)"
-                 if report.get("fits_basis") == "peak_reserved" else "")
+                 if report.get("fits_basis") == "peak_reserved" else
+                 "" if cuda else " (judged on the tensors' bytes; the process's resident memory, RSS, is below)")
         lines.append(f"- peak allocated: {_gib_or_na(report['peak_allocated'])} GiB {where}"
                      + (f"; budget {report['budget_gb']:g} GiB: {fits}{basis}" if budget else ""))
     else:
