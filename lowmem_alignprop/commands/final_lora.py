@@ -69,7 +69,7 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
         if ckpt.verify(path) is not None:
             continue
         config = ckpt.read_state(path).get("config") or {}
-        ema_only_by_state = config.get("ema_outputs", True) and config.get("ema_decay") and \
+        ema_only_by_state = ckpt.outputs_are_ema(config) and \
             not (path / ckpt.EMA_WEIGHTS).is_file()  # an older checkpoint: the average not kept by name
         if config.get("train_unet", "lora") != "lora" or ema_only_by_state:
             return None

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
+from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.settings.errors import UserError
 
@@ -98,7 +99,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
                  f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
-    if info.get("ema_decay") and info.get("ema_outputs", True):  # which weights: the average's, as lora/ holds
+    if outputs_are_ema(info):  # which weights: the average's, as lora/ holds
         rows.append(("weights", f"the exponential moving average of the trained LoRA (decay {num(info['ema_decay'])})"))
     if "reward_first" in info and "reward_last" in info:
         rows.append(("training reward, first -> final steps",

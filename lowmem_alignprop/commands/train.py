@@ -212,6 +212,11 @@ class Trainer:
     def out(self) -> Path:
         return self.folder.path
 
+    @property
+    def init_lora_copy(self) -> Path:
+        """--init-lora's LoRA as the run read it at its start (a resume starts from it)."""
+        return self.out / INIT_LORA_DIR / LORA_WEIGHT_NAME
+
     def run(self) -> dict:
         try:
             # the memory measurement's collections and scans walk the run's own objects, not the libraries'
@@ -234,9 +239,8 @@ class Trainer:
             if self.refinish and self.is_rank0():
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)
-        kept = self.out / INIT_LORA_DIR / LORA_WEIGHT_NAME  # the LoRA the run started from, copied at its start
-        if self.cfg.init_lora and self.point is not None and kept.is_file():
-            self.init_file = kept  # a resume's before samples: what the run started from, whatever the path holds now
+        if self.cfg.init_lora and self.point is not None and self.init_lora_copy.is_file():
+            self.init_file = self.init_lora_copy  # a resume starts from it, whatever the path holds now
         elif self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
             from lowmem_alignprop.commands.init_lora import check_init_lora
             with same_on_every_rank():
@@ -341,8 +345,8 @@ class Trainer:
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
                                      cfg.lora_layers)
-            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.init_file.parent.name !=
-                     INIT_LORA_DIR else f"the run started from (its copy, {self.init_file.parent})", layers)
+            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.init_file != self.init_lora_copy
+                     else f"the run started from (its copy, {self.init_file.parent})", layers)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
@@ -404,10 +408,10 @@ class Trainer:
         out = self.out
         if self.is_main:
             atomic.write_text(out / "config.yaml", self.config_yaml())
-            kept = out / INIT_LORA_DIR
-            if self.init_file is not None and self.init_file.parent != kept:  # a resume needs neither path nor file
-                with atomic.replacing_dir(kept) as tmp:
-                    shutil.copyfile(self.init_file, tmp / LORA_WEIGHT_NAME)
+            # --init-lora's LoRA kept as read: a resume needs neither its path nor its file
+            if self.init_file is not None and self.init_file != self.init_lora_copy:
+                with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
+                    shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
             # what prompt_ids index, and what the evaluation holds out (a user can check it never trains)
             atomic.write_text(out / PROMPTS_FILE, json.dumps({"train": self.prompts, "held_out": self.eval_prompts},
                                                              indent=1, ensure_ascii=False) + "\n")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowmem_alignprop.memory.recompute import checkpoint
+
 from .base import RewardModule
 
 SHIPPED_REWARDS = Path(__file__).resolve().parents[1] / "toy" / "weights" / "rewards"  # the full run's (report.json)
@@ -43,7 +45,6 @@ class ConvTower(nn.Module):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         x = x * 2 - 1
         if self.checkpointing and torch.is_grad_enabled():
-            from lowmem_alignprop.memory.recompute import checkpoint
             for i in range(0, len(self.body), 3):  # saves each block's input, not its convolution's and norm's outputs
                 x = checkpoint(self.body[i:i + 3], x)
         else:

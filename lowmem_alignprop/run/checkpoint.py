@@ -365,11 +365,17 @@ def trainable_state(unet) -> dict[str, torch.Tensor]:
 EMA_WEIGHTS = "ema_weights.safetensors"
 
 
+def outputs_are_ema(config: dict[str, Any]) -> bool:
+    """Whether a run of this config (config.yaml's, a checkpoint's) writes the EMA's weights as its outputs (lora/,
+    best/, the samples): ema_decay with ema_outputs, which is on unless set off."""
+    return bool(config.get("ema_decay")) and bool(config.get("ema_outputs", True))
+
+
 def output_weights_file(path: Path, config: dict[str, Any]) -> Path:
-    """The checkpoint's file of the weights its run's outputs (lora/, best/, the samples) hold at that step: the
-    EMA's with ema_decay and ema_outputs, else the trained ones. A checkpoint written before the EMA's weights were
-    kept by name has only the trained ones: said, and those."""
-    if config.get("ema_decay") and config.get("ema_outputs", True):
+    """The checkpoint's file of the weights its run's outputs hold at that step: the EMA's where
+    :func:`outputs_are_ema`, else the trained ones. A checkpoint written before the EMA's weights were kept by name
+    has only the trained ones: said, and those."""
+    if outputs_are_ema(config):
         if (path / EMA_WEIGHTS).is_file():
             return path / EMA_WEIGHTS
         log.warning("checkpoint %s holds the trained weights but not their average by name (written by an older "

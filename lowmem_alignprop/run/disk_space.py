@@ -38,8 +38,8 @@ class RunBytes:
 
 def run_bytes(cfg, params, start: int = 0) -> RunBytes:
     """The files of a run training ``params`` from step ``start`` to ``cfg.steps``: each checkpoint holds the trained
-    weights as they are, the optimizer state, the EMA's fp32 copy (twice: its state and by name) and the metrics of every step so far;
-    ``keep_checkpoints`` of them stay while the next is written (0: every one the run writes)."""
+    weights as they are, the optimizer state, the EMA's fp32 copy (twice: its state and by name) and the metrics of
+    every step so far; ``keep_checkpoints`` of them stay while the next is written (0: every one the run writes)."""
     weights = sum(p.numel() * p.element_size() for p in params)
     optimizer = state_bytes(cfg, params)
     ema = 2 * 4 * sum(p.numel() for p in params) if cfg.ema_decay else 0  # its state and its weights by name: fp32

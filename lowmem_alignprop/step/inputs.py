@@ -92,11 +92,11 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
     def unique(keyed: list[str]) -> list[str]:  # one prompt per key, in order
         return list({prompt_key(p): p for p in reversed(keyed)}.values())[::-1]
 
-    if started is None and cfg.eval_every and not cfg.eval_prompts and \
-            len({prompt_key(p) for p in prompts}) <= cfg.eval_holdout:
-        raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the "
-                        f"{len({prompt_key(p) for p in prompts})} distinct training prompts, which leaves none to "
-                        "train on: give held-out prompts with --set eval_prompts=FILE, or lower --set eval_holdout")
+    distinct = len({prompt_key(p) for p in prompts})
+    if started is None and cfg.eval_every and not cfg.eval_prompts and distinct <= cfg.eval_holdout:
+        raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {distinct} distinct training "
+                        "prompts, which leaves none to train on: give held-out prompts with --set eval_prompts=FILE, "
+                        "or lower --set eval_holdout")
     aside = held_out_of_training(cfg.to_dict() if started is None else started, prompts)
     train = [p for p in prompts if prompt_key(p) not in aside]
     if not cfg.eval_every:
