@@ -93,6 +93,8 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
 
 
 def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):
+    from lowmem_alignprop.run.runfolder import first_last_rewards
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\n")
     run = tmp_path / "run"
@@ -105,6 +107,18 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
     said = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
     assert said == [f"resume: {prompts} changed since the checkpoint: the rows before step 3 of metrics.jsonl index "
                     "its earlier prompts (prompt_ids)"]
+    # the summary's first -> last reward does not pair prompt 0 of the old file with prompt 0 of the new one: the
+    # rows before step 3 index other prompts, so it compares every image's mean (different prompts), also at a
+    # later resume that keeps the file
+    for steps in (3, 4):
+        if steps == 4:
+            assert main([*args, "--steps", "4", "--resume", "latest"]) == 0
+        summary = json.loads((run / "summary.json").read_text())
+        rows = strict_rows(run)
+        assert summary["prompts_since_step"] == 3 and summary["reward_prompts"] is None
+        n = summary["reward_window"]
+        assert summary["reward_first"] == pytest.approx(sum(r["reward_mean"] for r in rows[:n]) / n, rel=1e-6)
+        assert first_last_rewards(rows)["reward_prompts"]  # the ids alone would pair them
 
 
 def test_checkpoints_are_small_and_hold_only_what_trains(runs):

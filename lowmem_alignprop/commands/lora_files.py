@@ -208,7 +208,7 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     if history:  # as the trainer's summary compares them
         from lowmem_alignprop.run.runfolder import first_last_rewards
         since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps it scored
-        lora.summary.update(first_last_rewards(history, since))
+        lora.summary.update(first_last_rewards(history, since, int(state.get("prompts_since") or 1)))
     return lora
 
 

@@ -73,7 +73,8 @@ def window_note(s: dict) -> str:
     if s.get("reward_since_step"):  # a resume changed the reward: the steps before it scored another one
         steps += f" since step {s['reward_since_step']}, where a resume changed the reward"
     if s.get("reward_prompts") is None:
-        return f"  [{steps}, different prompts: noisy]"
+        why = f" (a resume at step {s['prompts_since_step']} changed them)" if s.get("prompts_since_step") else ""
+        return f"  [{steps}, different prompts{why}: noisy]"
     return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
 
 

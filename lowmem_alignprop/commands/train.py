@@ -184,6 +184,7 @@ class Trainer:
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
+        self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
         self.time_left = TimeLeft(eval_every=cfg.eval_every)
         self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
@@ -543,8 +544,10 @@ class Trainer:
             changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights"))
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
-            edited = before.get("prompts") == self.cfg.prompts and state.get("prompts_sha") not in (
-                None, self.prompts_sha)  # the same prompt file, edited since (another one is warned of)
+            other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
+            self.prompts_since = self.start + 1 if other else int(state.get("prompts_since") or 1)
+            edited = other and before.get("prompts") == self.cfg.prompts  # the same file, edited since (another
+            # one is warned of)
             if edited and self.is_main:
                 log.warning("resume: %s changed since the checkpoint: the rows before step %d of metrics.jsonl index "
                             "its earlier prompts (prompt_ids)", self.cfg.prompts, self.step)
@@ -951,6 +954,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
+                                "prompts_since": self.prompts_since,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
@@ -1077,8 +1081,9 @@ class Trainer:
         peak = max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None), default=None)
         summary.update({
             # the same prompts' rewards in the first and the last steps (since the reward changed at a resume)
-            **first_last_rewards(history, self.reward_since),
+            **first_last_rewards(history, self.reward_since, self.prompts_since),
             **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
+            **({"prompts_since_step": self.prompts_since} if self.prompts_since > 1 else {}),
             "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
             "peak_memory_gb": peak,
             "budget_gb": cfg.budget_gb or None,

@@ -261,14 +261,18 @@ def keep_metrics_until(path: Path, step: int) -> None:
     atomic.write_text(path, "".join(metrics_line(r) for r in read_metrics(path, until=step)))
 
 
-def first_last_rewards(history: list[dict], since: int = 1) -> dict[str, Any]:
+def first_last_rewards(history: list[dict], since: int = 1, prompts_since: int = 1) -> dict[str, Any]:
     """The run's reward at its start and at its end, on the same prompts: each prompt's mean reward over its images in
     the first n and in the last n steps (n = 3, at most half the run, widened up to half the run until a prompt is
     in both), averaged over the prompts in both. ``reward_prompts``: how many; ``reward_window``: n. Rows without
     per-image prompts (runs before they were recorded) give the mean of every image in the windows instead
     (``reward_prompts`` None: different prompts at the start and at the end). ``since``: the first step the run's
-    reward scored (a resume that changed the reward; rows without a step, of older runs, count)."""
+    reward scored (a resume that changed the reward; rows without a step, of older runs, count). ``prompts_since``:
+    the first step of the run's prompts (a resume whose prompt file changed): the rows before it index other prompts,
+    so their ids match nothing (the means of every image, ``reward_prompts`` None)."""
     history = [h for h in history if h.get("step", since) >= since]
+    history = [h if h.get("step", prompts_since) >= prompts_since else {k: v for k, v in h.items() if k != "prompt_ids"}
+               for h in history]
     return {**_first_last(history), "reward_steps": len(history)}  # reward_steps 1: nothing to compare
 
 
