@@ -434,6 +434,24 @@ def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():
                                                                "reward_target=10")
 
 
+def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
+    """An early stop needs the best evaluation, then early_stop more, all before the last step: eval_every 10,
+    early_stop 3 can stop a 41-step run at step 40 but not a 40-step one (its evaluations before the end: 10, 20,
+    30). An eval_every past the run evaluates only the last step."""
+    from lowmem_alignprop.commands.evaluation import schedule_note
+
+    def note(steps, every, patience=0):
+        return schedule_note(Config(steps=steps, eval_every=every, early_stop=patience))
+
+    assert note(41, 10, 3) is None and note(8, 1, 2) is None and note(100, 10) is None and note(40, 0) is None
+    assert note(40, 10, 3) == ("early_stop=3 cannot stop this run: it evaluates 3 time(s) before its last step "
+                               "(every 10 of 40 steps), and a stop needs 4 (the best, then 3 without improving); use "
+                               "a smaller --early-stop or --eval-every")
+    assert note(20, 50) == ("--eval-every 50 with 20 steps evaluates only at the last step: best/ is the last "
+                            "step's LoRA; use --eval-every 5 to choose among steps")
+    assert note(20, 20, 1).startswith("early_stop=1 cannot stop this run: it evaluates 0 time(s)")
+
+
 def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):
     """reward_cap: the loss sees min(reward, cap). A cap below every reward leaves nothing to learn: each step makes no
     update (AdamW's momentum and weight decay would otherwise move the weights on a zero gradient), the LoRA's B stays

@@ -4,6 +4,7 @@ names the evaluation; NaN/inf is said, written as null and counted for neither b
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -126,6 +127,21 @@ def test_a_nan_evaluation_is_said_written_as_null_and_never_counted(evalreward, 
     assert summary["early_stopped_at"] is None and summary["steps_done"] == 4
     best = json.loads((out / "best" / "best.json").read_text())
     assert best["step"] == summary["best_step"] and math.isfinite(best["eval_reward"])
+
+
+def test_an_early_stop_the_run_cannot_make_is_said_once_at_the_start(evalreward, tmp_path, caplog):
+    """A 1-step run with --early-stop 1 evaluates only at its end: the trainer says so before training (rank 0),
+    and trains as asked."""
+    _, args = evalreward
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*args, "--output-dir", str(tmp_path / "run"), "--steps", "1", "--early-stop", "1"]) == 0
+    said = [r.getMessage() for r in caplog.records if "cannot stop this run" in r.getMessage()]
+    assert said == ["early_stop=1 cannot stop this run: it evaluates 0 time(s) before its last step (every 1 of 1 "
+                    "steps), and a stop needs 2 (the best, then 1 without improving); use a smaller --early-stop or "
+                    "--eval-every"]
+    first_step = next(i for i, r in enumerate(caplog.records) if r.getMessage().startswith("step 1"))
+    assert caplog.records.index(next(r for r in caplog.records if "cannot stop" in r.getMessage())) < first_step
+    assert [r["step"] for r in strict_rows(tmp_path / "run")] == [1]
 
 
 def test_held_out_nan_figures_are_null_and_not_counted():

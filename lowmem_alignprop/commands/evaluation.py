@@ -47,6 +47,24 @@ def improvement_measure(cfg) -> str:
     return "eval_reward"
 
 
+def schedule_note(cfg: Config) -> str | None:
+    """What --eval-every and --early-stop cannot do in a run of ``cfg.steps`` steps (None: nothing): the run
+    evaluates every eval_every steps and at its last step, and an early stop needs early_stop evaluations after the
+    best one, all before the last step (a stop there is the run's end)."""
+    every, steps, patience = cfg.eval_every, cfg.steps, cfg.early_stop
+    if not every:
+        return None
+    before_last = (steps - 1) // every  # the evaluations before the last step's
+    if patience and before_last <= patience:
+        return (f"early_stop={patience} cannot stop this run: it evaluates {before_last} time(s) before its last "
+                f"step (every {every} of {steps} steps), and a stop needs {patience + 1} (the best, then {patience} "
+                f"without improving); use a smaller --early-stop or --eval-every")
+    if every >= steps and steps > 1:
+        return (f"--eval-every {every} with {steps} steps evaluates only at the last step: best/ is the last step's "
+                f"LoRA; use --eval-every {max(1, steps // 4)} to choose among steps")
+    return None
+
+
 def nonfinite_note(rewards: torch.Tensor, what: str) -> str | None:
     """``"the reward is NaN or infinite on 2 of 4 <what>"``, or None when every reward is finite."""
     bad = int((~torch.isfinite(rewards)).sum())

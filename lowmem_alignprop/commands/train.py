@@ -61,7 +61,7 @@ from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
 from lowmem_alignprop.step.update import optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
-                                                  nonfinite_note, render_fixed_seed)
+                                                  nonfinite_note, render_fixed_seed, schedule_note)
 from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -453,6 +453,9 @@ class Trainer:
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
                                     sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))
+            note = schedule_note(cfg)  # e.g. an early stop that cannot happen in this many steps
+            if note and self.is_main:
+                log.warning("%s", note)
             if self.judge_prompts:  # the toy world: its exact evaluators judge the held-out images too (eval_fidelity_*)
                 from lowmem_alignprop.toy.fidelity import evaluate_batch
                 self.held_out.evaluators.append(evaluate_batch)
