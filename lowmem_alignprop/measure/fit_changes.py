@@ -16,12 +16,11 @@ def decode_tiles(cfg: Config, target: str) -> bool:
     """Whether tiled_decode would cut this run's latents into tiles: only when a latent side exceeds ``tile_size``
     (SD's VAE: 512 px is 64 cells, one tile). Otherwise it decodes each image whole, one at a time: sliced decode's
     memory and time, so neither search offers it."""
-    from lowmem_alignprop.memory.tiling import cuts_tiles
+    from lowmem_alignprop.memory.tiling import cuts_images
     from lowmem_alignprop.models.sampling import vae_scale_factor
 
     vae = meta_base(cfg, precision.frozen_weight_dtype(cfg.mixed_precision, target)).vae  # the estimates' own (cached)
-    side = cfg.resolution // vae_scale_factor(vae)
-    return cuts_tiles(side, side, cfg.tile_size)
+    return cuts_images(cfg.resolution, cfg.tile_size, vae_scale_factor(vae))
 
 
 def has_model_reward(cfg: Config) -> bool:

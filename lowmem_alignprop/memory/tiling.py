@@ -57,11 +57,18 @@ def cuts_tiles(height: int, width: int, tile: int) -> bool:
     return height > tile or width > tile
 
 
+def cuts_images(resolution: int, tile_size: int, vae_scale: int) -> bool:
+    """Whether tiled decode cuts square images of ``resolution`` px into tiles: their latents (``vae_scale`` px a
+    cell) are larger than ``tile_size`` cells a side."""
+    side = resolution // vae_scale
+    return cuts_tiles(side, side, tile_size)
+
+
 def untiled_note(tiled_decode: bool, resolution: int, tile_size: int, vae_scale: int) -> str | None:
     """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None."""
-    side = resolution // vae_scale
-    if not tiled_decode or cuts_tiles(side, side, tile_size):
+    if not tiled_decode or cuts_images(resolution, tile_size, vae_scale):
         return None
+    side = resolution // vae_scale
     return (f"tiled_decode cuts no tile: the latents are {side} cells a side and tile_size={tile_size} counts latent "
             f"cells ({tile_size * vae_scale} px), so each image decodes whole, as sliced_decode does; "
             f"--set tile_size={max(side // 2, 1)} cuts it in tiles")
