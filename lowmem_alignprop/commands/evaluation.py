@@ -117,9 +117,7 @@ class WeightEMA:
         from safetensors.torch import save_file
 
         torch.save(self.model.state_dict(), folder / EMA_FILE)
-        save_file({n: t.detach().to("cpu", copy=True).contiguous() for n, t in zip(self.names,
-                                                                                   self.model.shadow_params)},
-                  str(folder / ckpt.EMA_WEIGHTS))
+        save_file(ckpt.cpu_copies(zip(self.names, self.model.shadow_params)), str(folder / ckpt.EMA_WEIGHTS))
 
     def load(self, folder: Path) -> bool:
         """The checkpoint's average (False when it holds none: the average starts from the weights now)."""

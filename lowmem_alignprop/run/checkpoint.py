@@ -357,9 +357,15 @@ def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -
 
 # -- trained weights ---------------------------------------------------------------------------------
 
+def cpu_copies(named) -> dict[str, torch.Tensor]:
+    """(name, tensor) pairs as a dict of contiguous CPU copies, as safetensors writes them (never a view of a
+    parameter that trains on)."""
+    return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in named}
+
+
 def trainable_state(unet) -> dict[str, torch.Tensor]:
     """Every trainable parameter of the bare UNet, on the CPU (call inside a ZeRO-3 gather)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+    return cpu_copies((n, p) for n, p in unet.named_parameters() if p.requires_grad)
 
 
 EMA_WEIGHTS = "ema_weights.safetensors"
