@@ -495,9 +495,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # a model that cannot fit host memory: now, not killed while it loads
-        from lowmem_alignprop.measure.weight_bytes import check_host_memory
-        check_host_memory(cfg)
+    from lowmem_alignprop.measure.weight_bytes import check_host_memory
+    check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
     weight_dtype = frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until

@@ -105,9 +105,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
         given = prepare_inputs(cfg)
-        if not torch.cuda.is_available():  # a model that cannot fit host memory: now, not killed while it loads
-            from lowmem_alignprop.measure.weight_bytes import check_host_memory
-            check_host_memory(cfg)
+        from lowmem_alignprop.measure.weight_bytes import check_host_memory
+        check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)

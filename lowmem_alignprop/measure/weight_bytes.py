@@ -191,7 +191,7 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     cannot run, and is refused before the model loads (it would be killed partway, with no message); larger than the
     memory free now, it is warned about (it will swap). ``available``/``total``: free memory and memory plus swap
     (default: psutil's figures). A model whose meta copy cannot be built (a hub id without its configs here) is
-    not checked: loading says what is missing."""
+    not checked: loading says what is missing. A run on a CUDA card (its weights on the card) is not checked."""
     import logging
 
     import psutil
@@ -200,6 +200,8 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     from lowmem_alignprop.run.runlock import global_rank
     from lowmem_alignprop.settings.errors import UserError
 
+    if torch.cuda.is_available():  # the trainer's and evaluate's device: the weights go to the card
+        return
     try:
         base = meta_base(cfg, torch.float32)
     except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
