@@ -394,19 +394,33 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; no traceback, and none at exit when Python flushes
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a program killed by SIGPIPE
-    except OSError as e:
-        from lowmem_alignprop.run import atomic
-        if not atomic.is_disk_full(e):
+    except Exception as e:  # a full disk or host memory in any command, in whichever words a library says it
+        said = _out_of_space_or_memory(e)
+        if said is None:
             raise
-        return _report(UserError(f"{atomic.describe(e)} (writing {atomic.file_of(e)}): no file was half-written; "
-                                 "free space (or choose another --output-dir) and run the command again (a training "
-                                 "run: --resume latest continues from its last checkpoint)"))
-    except (MemoryError, RuntimeError) as e:  # host memory: torch raises RuntimeError("... can't allocate memory")
-        from lowmem_alignprop.run.faults import is_oom
-        if not is_oom(e):
-            raise
-        return _report(UserError(f"out of host memory ({first_line(e, 120)}): lower resolution or batch_size, close "
-                                 "other programs, or use a machine with more memory"))
+        return _report(said)
+
+
+def _out_of_space_or_memory(e: Exception) -> UserError | None:
+    """A write that failed for space (a full disk, a quota, a file-size limit: an OSError, or torch's or safetensors'
+    words for one) or host memory that ran out, as one line; else None (a defect: its traceback)."""
+    import errno
+
+    from lowmem_alignprop.run import atomic
+    from lowmem_alignprop.run.faults import is_oom
+
+    tagged = getattr(e, "lowmem_file", None)  # the file an atomic write was making: where to look for free space
+    failed = atomic.write_failure(e, Path(tagged).parent if tagged is not None else Path.cwd())
+    if failed is not None and (atomic.is_disk_full(failed) or failed.errno == errno.EFBIG):
+        fix = ("raise the file-size limit (ulimit -f) or write elsewhere" if failed.errno == errno.EFBIG else
+               "free space (or choose another --output-dir or --out)")
+        return UserError(f"{atomic.describe(failed)} (writing {atomic.file_of(failed)}): no file was half-written; "
+                         f"{fix} and run the command again (a training run: --resume latest continues from its last "
+                         "checkpoint)")
+    if isinstance(e, (MemoryError, RuntimeError)) and is_oom(e):  # torch: RuntimeError("... can't allocate memory")
+        return UserError(f"out of host memory ({first_line(e, 120)}): lower resolution or batch_size, close other "
+                         "programs, or use a machine with more memory")
+    return None
 
 
 def _report(e: UserError) -> int:

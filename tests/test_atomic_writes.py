@@ -194,6 +194,32 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     assert "nothing left to train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free space (or choose another --output-dir or --out)"),
+                                       (errno.EFBIG, "raise the file-size limit (ulimit -f) or write elsewhere")])
+def test_a_full_disk_while_export_writes_is_one_line_and_leaves_nothing(finished, tmp_path, monkeypatch, capsys,
+                                                                         code, fix):
+    """export's writers fail in safetensors' words (a SafetensorError naming the OS error), not an OSError: one line
+    naming the folder it was making and the fix, no traceback, nothing left beside it (it was a 23-line traceback)."""
+    import safetensors.torch as st
+    from safetensors import SafetensorError
+
+    out, _ = finished
+
+    def save_file(tensors_, filename, *a, **k):
+        Path(filename).write_bytes(b"\0" * 100)  # half-written, then the disk says no
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(st, "save_file", save_file)
+    target = tmp_path / "exports" / "kohya"
+    assert main(["export", "--lora", str(out / "lora"), "--format", "kohya", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [x for x in err.splitlines() if x.startswith("error: ")] == [
+        f"error: {'the disk is full' if code == errno.ENOSPC else os.strerror(code)} (writing {target}): no file was "
+        f"half-written; {fix} and run the command again (a training run: --resume latest continues from its last "
+        "checkpoint)"]
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
 def test_disk_full_at_the_summary_names_the_file_and_what_is_safe(tmp_path, capsys, monkeypatch, tiny_dir):
     monkeypatch.setenv(atomic.INJECT_ENV, "summary.json:enospc")
     out = tmp_path / "run"
