@@ -293,6 +293,14 @@ def test_incomplete_directories(dirs, tmp_path):
     torch.save({"foo": torch.zeros(2)}, bad)
     with pytest.raises(UserError, match="open_clip"):
         build_reward("hpsv2", weights=str(bad))
+    # a torch file with the head's first layer and nothing else: one line, not load_state_dict's traceback
+    half = tmp_path / "half_head"
+    shutil.copytree(dirs["clip"], half / "clip")
+    torch.save({"layers.0.weight": torch.zeros(1024, 16)}, half / AESTHETIC_HEAD_FILE)
+    with pytest.raises(UserError) as err:
+        build_reward("aesthetic", weights=str(half))
+    assert str(err.value).startswith(f"aesthetic reward: {half / AESTHETIC_HEAD_FILE} is not an aesthetic-predictor "
+                                     "head (Error(s) in loading state_dict for AestheticHead") and "\n" not in str(err.value)
 
 
 def test_weights_of_another_model_or_damaged_files_are_refused(dirs, tmp_path):

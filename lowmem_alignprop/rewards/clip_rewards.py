@@ -473,7 +473,11 @@ def build_aesthetic(weights: str = "", checkpointing: bool = False) -> Aesthetic
         raise UserError(f"aesthetic reward: {head_path} has no 'layers.0.weight' (not an aesthetic-predictor head); "
                         f"pass the {AESTHETIC_HEAD_FILE} file with {FLAG}")
     head = AestheticHead(sd["layers.0.weight"].shape[1])
-    head.load_state_dict({k: v.float() for k, v in sd.items()})
+    try:
+        head.load_state_dict({k: v.float() for k, v in sd.items()})
+    except (RuntimeError, AttributeError) as e:  # missing or extra layers, other shapes, a non-tensor value
+        raise UserError(f"aesthetic reward: {head_path} is not an aesthetic-predictor head ({first_line(e, 120)}); "
+                        f"pass the {AESTHETIC_HEAD_FILE} file with {FLAG}") from None
     # A full CLIPModel is loaded and its text tower dropped: CLIPVisionModelWithProjection.from_pretrained on a
     # CLIPModel directory (transformers 5) ignores the top-level projection_dim and fails on visual_projection.
     model = _hf_from_pretrained(CLIPModel, clip_spec or DEFAULT_CLIP, "aesthetic")
