@@ -299,8 +299,9 @@ def test_incomplete_directories(dirs, tmp_path):
     torch.save({"layers.0.weight": torch.zeros(1024, 16)}, half / AESTHETIC_HEAD_FILE)
     with pytest.raises(UserError) as err:
         build_reward("aesthetic", weights=str(half))
-    assert str(err.value).startswith(f"aesthetic reward: {half / AESTHETIC_HEAD_FILE} is not an aesthetic-predictor "
-                                     "head (Error(s) in loading state_dict for AestheticHead") and "\n" not in str(err.value)
+    said = str(err.value)
+    assert said.startswith(f"aesthetic reward: {half / AESTHETIC_HEAD_FILE} is not an aesthetic-predictor head "
+                           "(Error(s) in loading state_dict for AestheticHead") and "\n" not in said
 
 
 def test_weights_of_another_model_or_damaged_files_are_refused(dirs, tmp_path):
