@@ -496,8 +496,18 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
     assert (cfg.truncation, cfg.k_min, cfg.k_max, cfg.sample_steps) == ("uniform", 1, 50, 50)
     assert (cfg.resolution, cfg.batch_size, cfg.budget_gb) == (plain.resolution, plain.batch_size, plain.budget_gb)
     assert cfg.to_dict()["recipe"] == "aesthetic" and plain.recipe == ""
-    _, mine = resolve_config("cpu", {**flags, "recipe": "aesthetic", "reward": "brightness"}, ["lr=0.5"])
-    assert (mine.reward, mine.lr, mine.loss_scale) == ("brightness", 0.5, 0.01)
+    _, mine = resolve_config("cpu", {**flags, "recipe": "aesthetic", "reward": "brightness"},
+                             ["lr=0.5", "reward_target=0.9"])
+    assert (mine.reward, mine.lr, mine.loss_scale, mine.reward_target) == ("brightness", 0.5, 0.01, 0.9)
+    # the recipe's target of 10 is on the aesthetic scale: brightness (0..1) trained toward it is refused
+    with pytest.raises(UserError) as err:
+        resolve_config("cpu", {**flags, "recipe": "aesthetic", "reward": "brightness"}, ["lr=0.5"])
+    assert str(err.value) == (
+        "recipe aesthetic sets reward_target=10 on the aesthetic reward's scale, and this run trains reward "
+        "'brightness': the loss would pull it toward 10; give a target on its scale (--set reward_target=V), or none "
+        "to raise it (--set reward_target=null), or train the recipe's reward")
+    _, up = resolve_config("cpu", {**flags, "recipe": "aesthetic"}, ["reward=clip", "reward_target=null"])
+    assert (up.reward, up.reward_target) == ("clip", None)
     _, hps = resolve_config("cpu", flags, ["recipe=hps"])
     assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")
 
@@ -511,7 +521,7 @@ def test_a_recipe_on_the_toy_model_says_what_it_replaces(caplog):
 
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         _, cfg = resolve_config("cpu", {"model": "toy", "recipe": "aesthetic", "reward": "toy_clip"},
-                                ["sample_steps=20"])
+                                ["sample_steps=20", "reward_target=null"])
     assert (cfg.prompts, cfg.sample_steps, cfg.reward) == ("simple_animals", 20, "toy_clip")
     assert [r.getMessage() for r in caplog.records] == [
         "recipe aesthetic is AlignProp's Stable Diffusion 1.5 run: on the toy model it replaces guidance_scale 3.0 -> "
@@ -520,6 +530,32 @@ def test_a_recipe_on_the_toy_model_says_what_it_replaces(caplog):
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         resolve_config("cpu", {"model": "tiny", "recipe": "aesthetic"}, [])
     assert caplog.records == []  # a model of the paper's shape: nothing of its own replaced
+
+
+def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path):
+    """A profile file with `recipe: aesthetic` gets the recipe's settings (it named the recipe and trained none of
+    it: reward brightness, lr 1e-3, said to be the aesthetic recipe), its own fields over them; a run's config.yaml
+    (every field written) plans what it trained; --set recipe= clears the file's recipe."""
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+
+    flags = dict.fromkeys(FLAG_FIELDS)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text('budget_gb: 8\nmixed_precision: "no"\nrecipe: aesthetic\nlr: 0.002\n')
+    _, cfg = resolve_config(str(mine), flags, [])
+    assert (cfg.reward, cfg.reward_target, cfg.loss_scale, cfg.truncation, cfg.k_max, cfg.recipe) == \
+        ("aesthetic", 10.0, 0.01, "uniform", 50, "aesthetic")
+    assert (cfg.lr, cfg.budget_gb) == (0.002, 8.0)  # the file's own over the recipe's 1e-3
+    _, flagged = resolve_config(str(mine), flags, ["lr=0.3"])
+    assert flagged.lr == 0.3
+    _, cleared = resolve_config(str(mine), flags, ["recipe="])
+    assert (cleared.recipe, cleared.reward, cleared.lr) == ("", Config().reward, 0.002)
+    # a run's config.yaml: the recipe's run with lr and reward_target changed by --set plans as it trained
+    _, run = resolve_config("cpu", {**flags, "recipe": "aesthetic"}, ["lr=0.02", "reward_target=7"])
+    saved = tmp_path / "config.yaml"
+    import yaml
+    saved.write_text(yaml.safe_dump({"profile": "cpu", **run.to_dict()}, sort_keys=False))  # as the trainer writes it
+    _, again = resolve_config(str(saved), flags, [])
+    assert (again.lr, again.reward_target, again.recipe, again.k_max) == (0.02, 7.0, "aesthetic", 50)
 
 
 def _planner_cfg(tiny_dir) -> Config:

@@ -283,6 +283,19 @@ def load_recipe(name: str) -> dict[str, Any]:
     return {**values, "recipe": name}
 
 
+def check_recipe_target(recipe: dict[str, Any], chosen: dict[str, Any], kept: dict[str, Any]) -> None:
+    """A recipe's reward_target is on its reward's scale (aesthetic: about 1-10): a run that trains another reward
+    with it would pull that reward toward a number of another scale (toy_clip's images score near 80: down). Refused
+    unless the user set reward_target too."""
+    target = recipe.get("reward_target")
+    if target is None or "reward_target" in kept or chosen.get("reward") == recipe["reward"]:
+        return
+    raise UserError(f"recipe {recipe['recipe']} sets reward_target={target:g} on the {recipe['reward']} reward's "
+                    f"scale, and this run trains reward {chosen.get('reward')!r}: the loss would pull it toward "
+                    f"{target:g}; give a target on its scale (--set reward_target=V), or none to raise it (--set "
+                    "reward_target=null), or train the recipe's reward")
+
+
 def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                    resumed: tuple[str, dict] | None = None, training: bool = True) -> tuple[str, Config]:
     """profile < the model's defaults (:data:`MODEL_DEFAULTS`) < recipe < explicit flags (``flags``: FLAG_FIELDS, None
@@ -292,9 +305,11 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     (Config.validate's rules of training left out)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
+    own: dict[str, Any] = {}  # a profile file of the user's (a run's config.yaml too): its fields as written
     if resumed is None:
         model = str(overrides.get("model", explicit.get("model", Config().model)))
         name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
+        own = dict(values) if profile not in ("auto", *shipped_profiles()) else {}
         if "model" in values and "model" not in {**explicit, **overrides}:  # a run's config.yaml: its model
             model = str(values["model"])
         values = with_model_defaults(values, model, own=profile not in ("auto", *shipped_profiles()))
@@ -307,17 +322,22 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                                                           name)
     chosen = {**values, **explicit, **overrides}
     model, components = str(chosen.get("model", Config().model)), str(chosen.get("model_components", ""))
-    recipe = overrides.get("recipe", explicit.get("recipe"))
+    kept = {**explicit, **overrides}  # what the user set over the recipe
+    if "recipe" in kept:
+        recipe = kept["recipe"]
+    else:  # a profile file naming a recipe: the recipe under the file's own fields (a run's config.yaml: all of them)
+        recipe, kept = own.get("recipe"), {**own, **kept}
     if recipe:  # the paper's settings, between the profile and what the user typed
-        recipe_values = load_recipe(recipe)
+        recipe_values = load_recipe(str(recipe))
         replaced = {k: (v, recipe_values[k]) for k, v in MODEL_DEFAULTS.get(model, {}).items()
-                    if k in recipe_values and recipe_values[k] != v and k not in {**explicit, **overrides}}
+                    if k in recipe_values and recipe_values[k] != v and k not in kept}
         if replaced:  # e.g. the toy world's prompts and sampling, for the paper's Stable Diffusion 1.5 run's
             logging.getLogger("lowmem_alignprop").warning(
                 "recipe %s is AlignProp's Stable Diffusion 1.5 run: on the %s model it replaces %s (set them with "
                 "--set to keep the model's)", recipe, model,
                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in replaced.items()))
-        values = {**values, **recipe_values}
+        values = {**values, **recipe_values, **{k: v for k, v in own.items() if k in kept}}
+        check_recipe_target(recipe_values, {**values, **explicit, **overrides}, kept)
     try:
         return name, build_config(values, explicit, overrides, training)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
