@@ -183,12 +183,14 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     ("dup", "sets 'batch_size' (line 2) twice"),
     ("empty", "is empty: set at least the fields"),
     ("noext", "is not a profile (profile files end in .yaml)"),
+    ("novalue", "p.yaml: budget_gb has no value: give one (its default: budget_gb: 0.0) or leave the line out"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_values_of_the_right_type_that_make_no_sense(args, needle, tmp_path, capsys):
     """Values that pass the type check but would crash later, train to NaN, or write where they should not."""
-    if args in ("dup", "empty", "noext"):
+    if args in ("dup", "empty", "noext", "novalue"):
         path = tmp_path / ("p.txt" if args == "noext" else "p.yaml")
-        path.write_text({"dup": "batch_size: 2\nbatch_size: 3\n", "empty": "", "noext": "batch_size: 2\n"}[args])
+        path.write_text({"dup": "batch_size: 2\nbatch_size: 3\n", "empty": "", "noext": "batch_size: 2\n",
+                         "novalue": "reward_target:\nbudget_gb:\n"}[args])  # (no target: its None is allowed)
         args = ["--profile", str(path)]
     before = snapshot(tmp_path)
     fails(capsys, [*FAST, "--output-dir", str(tmp_path / "run"), *args], needle)

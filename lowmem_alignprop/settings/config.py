@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, quote
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -539,6 +539,9 @@ def coerce(name: str, value: Any) -> Any:
                 raise UserError(f"{name} must be a number, got {quote(value)}") from None
         return s
     # values coming from YAML already have a type: check it
+    if value is None and type(None) not in get_args(t):  # `budget_gb:` with nothing after it
+        raise UserError(f"{name} has no value: give one (its default: {name}: {_default_text(name)}) or leave the "
+                        "line out")
     if name == "vae_checkpointing" and isinstance(value, bool):
         return "blocks" if value else "none"  # yes/no in a profile means per up-block
     if t is bool and not isinstance(value, bool):
@@ -555,6 +558,12 @@ def coerce(name: str, value: Any) -> Any:
     if t is str and not isinstance(value, str):
         raise UserError(f"{name} must be text, got {quote(value)}")
     return value
+
+
+def _default_text(name: str) -> str:
+    default = next(f.default for f in dataclasses.fields(Config) if f.name == name)
+    return quote(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else str(
+        default)
 
 
 TEXT_FIELDS = ("negative_prompt",)  # free text, as a prompt file's lines may be (every other str is a path or a name)
