@@ -607,3 +607,19 @@ def test_a_plan_made_on_windows_says_expandable_segments_are_linux_only(shared_p
     monkeypatch.setattr(sys, "platform", "linux")
     assert main(args) == 0
     assert not any("Linux only" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_the_plan_names_every_memory_and_speed_field_it_plans_with():
+    """The features line shows what --fastest or a profile set beyond the usual ones (window_keep was left out, so
+    a --fastest plan's line read as the profile's), and nothing that is at its default."""
+    from lowmem_alignprop.measure.reports import plan_features
+
+    base = Config().to_dict()
+    assert plan_features(base) == [f"mixed_precision={base['mixed_precision']}", f"attention={base['attention']}",
+                                   f"unet_checkpointing={base['unet_checkpointing']}",
+                                   f"vae_checkpointing={base['vae_checkpointing']}",
+                                   *(["cache_prompt_embeddings"] if base["cache_prompt_embeddings"] else [])]
+    chosen = {**base, "window_keep": 2, "block_swap": 3, "fused_adamw": True, "tile_size": 48}
+    assert plan_features(chosen)[-3:] == ["window_keep=2", "block_swap=3", "fused_adamw=true"]  # tile_size: untiled
+    assert plan_features({**chosen, "tiled_decode": True})[-4:] == ["window_keep=2", "tile_size=48", "block_swap=3",
+                                                                    "fused_adamw=true"]

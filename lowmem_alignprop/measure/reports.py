@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
-from lowmem_alignprop.settings.config import set_flags
+from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.memory.stages import STAGES
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
@@ -22,10 +22,13 @@ def _layers(cfg: dict[str, Any]) -> str:
     return "" if layers == "attention" else f", {layers}"
 
 
-def format_plan(r: dict[str, Any]) -> str:
-    """The plan's table (planner.plan's result) as the command prints it."""
-    cfg, est = r["config"], r["estimate"]
-    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
+SHOWN_IF_SET = ("window_keep", "tile_size", "block_swap", "encode_on_cpu", "deepspeed_zero", "offload", "compile",
+                "channels_last", "fused_adamw", "tf32")
+
+
+def plan_features(cfg: dict[str, Any]) -> list[str]:
+    """The plan's features line: precision, attention and checkpointing always; the other memory and speed fields
+    where they are on or differ from their default (a --fastest choice such as window_keep among them)."""
     feats = [f"mixed_precision={cfg['mixed_precision']}", f"attention={cfg['attention']}",
              f"unet_checkpointing={cfg['unet_checkpointing']}", f"vae_checkpointing={cfg['vae_checkpointing']}"]
     feats += [name for name in ("reward_checkpointing", "sliced_decode", "tiled_decode", "cache_prompt_embeddings",
@@ -34,6 +37,17 @@ def format_plan(r: dict[str, Any]) -> str:
         feats.append(f"base_quant={cfg['base_quant']}")
     if not cfg.get("expandable_segments", True):
         feats.append("expandable_segments=false")
+    # the other memory and speed fields a profile or a search may set, where they differ from the default
+    feats += [f"{name}={str(cfg[name]).lower() if isinstance(cfg[name], bool) else cfg[name]}" for name in SHOWN_IF_SET
+              if name in cfg and cfg[name] != getattr(Config, name) and (name != "tile_size" or cfg["tiled_decode"])]
+    return feats
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    """The plan's table (planner.plan's result) as the command prints it."""
+    cfg, est = r["config"], r["estimate"]
+    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
+    feats = plan_features(cfg)
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({r['autocast']})",
