@@ -239,6 +239,41 @@ def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     assert not (out / "before_after.png").exists() and "before_after.png" not in (out / "README.md").read_text()
 
 
+def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(sd, tmp_path, capsys):
+    """A merged model passes the base's fingerprint (the LoRA leaves the first layer alone): merging the same LoRA
+    into it again applied it twice. Its record (merged_loras.json; a single file's header) refuses that, whichever
+    folder holds the LoRA; another LoRA merges on top, and the card names the model it went into."""
+    from diffusers import UNet2DConditionModel
+
+    merged = export(tmp_path / "once", sd["lora"], "--merge")
+    record = json.loads((merged / "merged_loras.json").read_text())
+    assert [(r["lora"], r["weight"], r["into"]) for r in record] == [(str(sd["lora"]), 1.0, str(sd["base"]))]
+    single = export(tmp_path / "single", sd["lora"], "--merge", "--single-file")
+    copy = export(tmp_path / "copy", sd["lora"], "--format", "diffusers")  # the same weights, another folder
+    for target in (merged, next(single.glob("*.safetensors"))):
+        for lora in (sd["lora"], copy):
+            capsys.readouterr()
+            assert main(["export", "--lora", str(lora), "--merge", "--model", str(target), "--out",
+                         str(tmp_path / "twice")]) == 2
+            err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+            assert err == [f"error: --merge: {target} already holds this LoRA ({sd['lora']}, merged at weight 1): "
+                           f"merging it again would apply it twice; merge it into {sd['base']} instead (leave --model "
+                           f"out, or pass --model {sd['base']}), with --weight for another strength"]
+            assert not (tmp_path / "twice").exists()
+    # another LoRA (other weights) stacks: base + first + second, recorded in order
+    other = make_sd_lora(sd["base"], tmp_path / "other-run", xl=False, seed=5)
+    both = export(tmp_path / "both", other["lora"], "--merge", "--model", str(merged))
+    assert [r["into"] for r in json.loads((both / "merged_loras.json").read_text())] == [str(sd["base"]),
+                                                                                         str(merged)]
+    stacked = UNet2DConditionModel.from_pretrained(both / "unet")
+    once = UNet2DConditionModel.from_pretrained(merged / "unet")
+    assert relative_difference(unet_out(stacked, False), unet_out(once, False)) > 100 * REORDERED
+    card = (both / "README.md").read_text()
+    assert f"| base model | `{merged}` (the LoRA was trained on `{sd['base']}`) |" in card
+    assert "sample reward, before -> after (the LoRA as trained: weight 1, on its base model)" in card
+    assert not (both / "before_after.png").exists()  # its grid shows the LoRA on its own base
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model card
 # ---------------------------------------------------------------------------------------------------------

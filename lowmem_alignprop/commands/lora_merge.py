@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 
@@ -69,13 +70,67 @@ def load_base(spec: str, run_config: dict | None = None):
         raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None
 
 
+MERGED_KEY = "alignprop_merged_loras"  # a merged single file's header: what MERGED_FILE says of a merged folder
+
+
+def lora_digest(lora: Lora) -> str:
+    """What identifies a LoRA's weights whichever folder or format holds them: a hash of its tensors' names and
+    values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(lora.weights):
+        h.update(name.encode())
+        h.update(lora.weights[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def merged_record(spec: str) -> list[dict]:
+    """The LoRAs that `export --merge` fused into the model ``spec`` (its MERGED_FILE, or a single file's header);
+    [] for any other model."""
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            text = (path / MERGED_FILE).read_text(encoding="utf-8") if (path / MERGED_FILE).is_file() else "[]"
+        elif path.is_file() and path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get(MERGED_KEY, "[]")
+        else:
+            return []
+        record = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []  # unreadable: loading the model says what is wrong with it
+    return [r for r in record if isinstance(r, dict)] if isinstance(record, list) else []
+
+
+def record_merge(lora: Lora, spec: str, weight: float) -> list[dict]:
+    """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``."""
+    return [*merged_record(spec), {"lora": str(lora.named), "digest": lora_digest(lora), "weight": weight,
+                                   "into": spec}]
+
+
+def check_not_merged_twice(lora: Lora, spec: str) -> None:
+    """A model that `export --merge` made with this LoRA already in it would get it twice (its weights match the
+    base's fingerprint: the LoRA leaves the first layer alone)."""
+    digest = lora_digest(lora)
+    for r in merged_record(spec):
+        if r.get("digest") == digest:
+            raise UserError(f"--merge: {spec} already holds this LoRA ({r.get('lora')}, merged at weight "
+                            f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
+                            f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
+                            f"{r.get('into')}), with --weight for another strength")
+
+
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
-    """The base pipeline with the LoRA fused at ``weight``; a LoRA of another base model raises UserError."""
+    """(the base pipeline with the LoRA fused at ``weight``, the base model's spec); a LoRA of another base model, or
+    a model that already holds it, raises UserError."""
     from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, load_adapters, model_of_kind
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     spec = merge_base(lora, model)
+    check_not_merged_twice(lora, spec)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     kind = model_kind_of(spec, lora.run_config.get("model_components") or "")  # before the model loads (minutes)
     check_lora_family(model_of_kind(kind), [adapter], spec, "--merge:")
@@ -97,10 +152,10 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         warnings.simplefilter("ignore")
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
-    return pipe
+    return pipe, spec
 
 
-def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> Path:
+def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None, merged: list[dict]) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
     weight in it, the run's reward and steps. SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's
     MMDiT or Black Forest Labs' layout (models/flow_layout.py; the text encoders and VAE are the base model's)."""
@@ -121,5 +176,6 @@ def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None) -> P
     save_file(state, str(path), metadata={
         "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_lora_weight": num(1.0 if weight is None else weight),
-        "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", ""))})
+        "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
+        MERGED_KEY: json.dumps(merged)})
     return path

@@ -71,9 +71,10 @@ def training_command(lora: Lora) -> str | None:
 
 
 def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
-               grid: str | None = None) -> str:
+               grid: str | None = None, merged_into: str | None = None) -> str:
     """README.md in the hub's model-card format (front matter: base_model, tags, library_name; license left
-    to the user) with the run's numbers and the commands that made it."""
+    to the user) with the run's numbers and the commands that made it. ``merged_into``: a merge's model (the LoRA's
+    base, or the --model given)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     info = run_info(lora)
@@ -89,7 +90,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     front = data.to_yaml() + "\n# license: set the license of the base model here (e.g. creativeml-openrail-m)"
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
-    rows = [("base model", f"`{base}`" if base else "unknown"), ("reward", info.get("reward")),
+    into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
+    rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
+             "unknown"), ("reward", info.get("reward")),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
     if "truncation" in info:
         k = (f"K = {info.get('k')}" if info["truncation"] == "fixed"
@@ -105,8 +108,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("training reward, first -> final steps",
                      f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
     if "sample_reward_before" in info and "sample_reward_after" in info:
-        rows.append(("sample reward, before -> after", f"{info['sample_reward_before']:.4f} -> "
-                                                       f"{info['sample_reward_after']:.4f}"))
+        as_trained = into or merged_weight not in (None, 1.0)  # the run's figures: the LoRA at 1 on its base
+        rows.append(("sample reward, before -> after" + (" (the LoRA as trained: weight 1, on its base model)"
+                                                         if as_trained else ""),
+                     f"{info['sample_reward_before']:.4f} -> {info['sample_reward_after']:.4f}"))
     if info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
     lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",

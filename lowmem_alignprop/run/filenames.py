@@ -9,4 +9,5 @@ SAMPLE_DIR = "outputs/sample"  # `sample`'s default --output-dir (taken: outputs
 SAMPLE_GRID = "sample_grid.png"  # `sample`'s side-by-side grid
 SAMPLE_RESULTS = "sample_results.json"  # `sample`'s rewards and settings
 BEST_DIR = "best"  # in the run folder (--eval-every): the LoRA of the best held-out evaluation so far
+MERGED_FILE = "merged_loras.json"  # in an `export --merge` folder: the LoRAs fused into it (a single file: its header)
 BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
