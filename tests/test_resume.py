@@ -161,6 +161,27 @@ def test_corrupt_or_partial_checkpoint_is_reported_and_the_previous_one_used(run
         ckpt.find_resume(run, "latest")
 
 
+def test_export_of_a_checkpoint_that_is_damaged_or_not_kept_names_those_that_are(runs, tmp_path, capsys):
+    """checkpoints/step-N as --lora: a folder without its weights said it was 'no such folder' or 'holds no
+    pytorch_lora_weights.safetensors' (as if it were no checkpoint); a step rotated away said 'no such folder'. Both
+    now name the checkpoints that are whole."""
+    _, split, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(split, run)
+    (run / "checkpoints" / "step-00000006" / "trainable.safetensors").unlink()
+    for named in ("step-6", "step-00000006"):
+        capsys.readouterr()
+        assert main(["export", "--lora", str(run / "checkpoints" / named), "--format", "kohya"]) == 2
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")] == [
+            f"error: checkpoint {run / 'checkpoints' / 'step-00000006'} is incomplete or corrupt: trainable.safetensors "
+            "is missing; pass another step's checkpoint (step-00000003) or the run's lora/ folder"]
+    assert main(["export", "--lora", str(run / "checkpoints" / "step-1"), "--format", "kohya"]) == 2
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")] == [
+        f"error: --lora {run / 'checkpoints' / 'step-1'}: the run kept no checkpoint of step 1 (keep_checkpoints keeps "
+        "the newest); pass another step's checkpoint (step-00000003) or the run's lora/ folder"]
+    assert not (run / "export").exists()
+
+
 def test_resume_continues_from_the_previous_good_checkpoint(runs, tmp_path, capsys):
     """End to end: the newest checkpoint is corrupt, --resume latest trains on from the one before."""
     _, split, _ = runs

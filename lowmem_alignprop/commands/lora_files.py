@@ -86,6 +86,25 @@ class Lora:
         return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
 
+def _check_named_step(path: Path, spec: str) -> None:
+    """A run's checkpoints/step-N that is no whole checkpoint: damaged (what is wrong with it), or not kept (which
+    steps are), each with the checkpoints it can use instead."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    step = ckpt.step_of(path)
+    if step is None or path.parent.name != ckpt.DIRNAME:
+        return
+    whole = [p.name for p in ckpt.list_checkpoints(path.parent) if ckpt.verify(p) is None]
+    instead = (f"pass another step's checkpoint ({', '.join(whole)}) or the run's lora/ folder" if whole
+               else "pass the run's lora/ folder")
+    folder = path if path.exists() else ckpt.step_dir(path.parent, step)
+    if folder.is_dir():
+        raise UserError(f"checkpoint {folder} is incomplete or corrupt: "
+                        f"{ckpt.verify(folder) or 'its trainable.safetensors or state.json is missing'}; {instead}")
+    raise UserError(f"--lora {spec}: the run kept no checkpoint of step {step} (keep_checkpoints keeps the newest); "
+                    f"{instead}")
+
+
 def lora_dir_of(spec: str) -> Path:
     """``--lora``: the lora/ folder a run wrote, or the run folder that holds it."""
     path = Path(spec).expanduser()
@@ -111,6 +130,7 @@ def read_lora(spec: str) -> Lora:
     checkpoint = named_checkpoint(Path(spec).expanduser())
     if checkpoint is not None:
         return _read_checkpoint(checkpoint, spec)
+    _check_named_step(Path(spec).expanduser(), spec)
     path = lora_dir_of(spec)
     file = path / LORA_WEIGHT_NAME
     if not file.is_file():
