@@ -155,6 +155,24 @@ def test_atomic_write_failing_at_the_rename_leaves_the_old_file_and_no_partial(n
     assert (folder / "w").read_text() == "new" and atomic.leftovers(tmp_path) == []
 
 
+def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):
+    """A SIGKILL leaves the temporary folder (.partial-PID-NAME; an export's merged model is gigabytes), and the next
+    write of NAME ran under another pid and left it forever. Now the next write removes those of dead processes;
+    one of a live process (another export of the same name, now) and other names stay."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # that process has exited
+    target = tmp_path / "merged"
+    killed, live, other = (tmp_path / f".partial-{dead}-merged", tmp_path / f".partial-{os.getppid()}-merged",
+                           tmp_path / f".partial-{dead}-other")
+    for p in (killed, live, other):
+        (p / "unet").mkdir(parents=True)
+        (p / "unet" / "weights").write_bytes(b"\0" * 10)
+    with atomic.replacing_dir(target) as tmp:
+        (tmp / "model_index.json").write_text("{}")
+    assert (target / "model_index.json").is_file()
+    assert not killed.exists() and live.is_dir() and other.is_dir()
+
+
 def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_path, capsys, monkeypatch,
                                                                              tiny_dir):
     """The disk fills up in the LoRA's own writer (safetensors): one line saying the weights are safe in the last

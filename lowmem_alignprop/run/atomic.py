@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
@@ -141,6 +142,7 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     On any error the temporary folder is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(path)  # a killed write of this folder (an export's merged model: gigabytes) is never finished
     tmp = partial_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -169,6 +171,30 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             with contextlib.suppress(OSError):
                 old.unlink()
+
+
+def remove_dead_partials(path: Path) -> None:
+    """Remove the temporary folders and files beside ``path`` of earlier writes of it by processes of this machine
+    that are gone (killed: a kill leaves them, with that process's pid in their name)."""
+    for p in path.parent.glob(f"{PARTIAL}*-{glob_escape(path.name)}"):
+        pid = p.name[len(PARTIAL):-len(path.name) - 1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def leftovers(folder: str | os.PathLike) -> list[Path]:
