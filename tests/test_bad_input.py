@@ -184,13 +184,16 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     ("empty", "is empty: set at least the fields"),
     ("noext", "is not a profile (profile files end in .yaml)"),
     ("novalue", "p.yaml: budget_gb has no value: give one (its default: budget_gb: 0.0) or leave the line out"),
+    # a value that fails validation names the file it came from, and a negative budget the fix that means something
+    ("negative", "p.yaml: budget_gb must be 0 or more (got -4.0): give your card's memory in GiB (--set "
+                 "budget_gb=7.5), or 0 for no check"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_values_of_the_right_type_that_make_no_sense(args, needle, tmp_path, capsys):
     """Values that pass the type check but would crash later, train to NaN, or write where they should not."""
-    if args in ("dup", "empty", "noext", "novalue"):
+    if args in ("dup", "empty", "noext", "novalue", "negative"):
         path = tmp_path / ("p.txt" if args == "noext" else "p.yaml")
         path.write_text({"dup": "batch_size: 2\nbatch_size: 3\n", "empty": "", "noext": "batch_size: 2\n",
-                         "novalue": "reward_target:\nbudget_gb:\n"}[args])  # (no target: its None is allowed)
+                         "novalue": "reward_target:\nbudget_gb:\n", "negative": "budget_gb: -4\n"}[args])  # (no target: its None is allowed)
         args = ["--profile", str(path)]
     before = snapshot(tmp_path)
     fails(capsys, [*FAST, "--output-dir", str(tmp_path / "run"), *args], needle)

@@ -293,7 +293,9 @@ class Config:
                      "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length",
                      "window_keep"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
+                fix = ("give your card's memory in GiB (--set budget_gb=7.5), or 0 for no check"
+                       if name == "budget_gb" else f"use --set {name}=0")
+                raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): {fix}")
         for name in pos:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")

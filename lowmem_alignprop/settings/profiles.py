@@ -342,6 +342,9 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         return name, build_config(values, explicit, overrides, training)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
         note = profile_note(name, model_kind_of(model, components))
-        if note is None:
-            raise
-        raise UserError(f"{note}; under {name}: {e}") from None
+        if note is not None:
+            raise UserError(f"{note}; under {name}: {e}") from None
+        field = re.match(r"[a-z_0-9]+", str(e))
+        if field and field.group() in own and field.group() not in {**explicit, **overrides}:  # the file's value
+            raise UserError(f"profile {name}: {e}") from None
+        raise
