@@ -204,11 +204,21 @@ def _check_device_for_profile(name: str) -> None:
 def cmd_profiles(argv: list[str]) -> int:
     from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
 
-    ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles.") \
-        .parse_args(argv)
+    parser = ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles and "
+                            "recipes; with a NAME, print that one's file (every field it sets, with why) to copy and "
+                            "edit: lowmem-alignprop profiles rtx3060 > mine.yaml, then --profile mine.yaml.")
+    parser.add_argument("name", nargs="?", help="a shipped profile or recipe to print")
+    args = parser.parse_args(argv)
     from lowmem_alignprop.settings.config import shipped_recipes
 
     profiles, recipes = shipped_profiles(), shipped_recipes()
+    if args.name:
+        files = {**profiles, **recipes}
+        if args.name not in files:
+            raise UserError(f"no shipped profile or recipe {args.name!r}: the profiles are {', '.join(profiles)}; "
+                            f"the recipes {', '.join(recipes)}")
+        sys.stdout.write(files[args.name].read_text(encoding="utf-8"))
+        return 0
     width = max(map(len, [*profiles, *recipes]))  # one column for every name
     columns = max(80, shutil.get_terminal_size((120, 24)).columns)
 
@@ -218,7 +228,12 @@ def cmd_profiles(argv: list[str]) -> int:
     for name, path in profiles.items():
         _, values = load_profile(name)
         print(row(f"{name:{width}s} {values.get('budget_gb', 0):5.1f} GiB  ", describe(path)))
-    print("\nUse one with --profile NAME, or --profile path/to/your.yaml; override fields with --set key=value.")
+    print(row(f"{'auto':{width}s} {'card':>5s} -5%  ", "The largest of these that the detected GPU holds (the one made "
+              "for the model on its card, e.g. rtx3060-flux), with the card's memory less 5% as the budget; cpu "
+              "without a GPU."))
+    print("\n" + textwrap.fill("Use one with --profile NAME, or --profile path/to/your.yaml; override fields with "
+                               "--set key=value. `lowmem-alignprop profiles NAME` prints one's fields to copy "
+                               "(lowmem-alignprop profiles rtx3060 > mine.yaml).", columns - 1))
     print("\nrecipes (--recipe NAME: the paper's settings, applied between the profile and your flags):")
     for name, path in recipes.items():
         print(row(f"{name:{width}s} ", describe(path)))

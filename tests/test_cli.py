@@ -92,6 +92,25 @@ def test_profiles_command_lists_shipped_profiles(capsys):
     assert described["rtx3060"].startswith("8 GB consumer cards") and "SD1.5 at 512 px" in described["rtx3060"]
 
 
+def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_path):
+    """`profiles rtx3060 > mine.yaml` gives the shipped file (comments included), which --profile mine.yaml reads
+    as the same settings; an unknown name is one line with the names; the listing says what `auto` picks."""
+    from lowmem_alignprop.settings.profiles import load_profile, shipped_profiles
+
+    assert main(["profiles", "rtx3060"]) == 0
+    text = capsys.readouterr().out
+    assert text == shipped_profiles()["rtx3060"].read_text(encoding="utf-8")
+    (tmp_path / "mine.yaml").write_text(text)
+    assert load_profile(str(tmp_path / "mine.yaml"))[1] == load_profile("rtx3060")[1]
+    assert main(["profiles", "hps"]) == 0 and "reward: hpsv2" in capsys.readouterr().out
+    assert main(["profiles", "rtx9090"]) == 2
+    assert capsys.readouterr().err.startswith("error: no shipped profile or recipe 'rtx9090': the profiles are ")
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("auto ") for line in out.splitlines())
+    assert "auto card -5% The largest of these that the detected GPU holds" in " ".join(out.split())
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`lowmem-alignprop profiles | head -0`: the reader has left before the first line; no traceback, SIGPIPE's
     exit code (a pipe whose reading end is closed before the command starts: the first write fails, every time)."""
