@@ -253,7 +253,8 @@ def cmd_plan(argv: list[str]) -> int:
                                                "fits the profile's budget (and what to change if not).")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     p.add_argument("--device", choices=("cuda", "cpu"),
-                   help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu)")
+                   help="target device (default: cuda for GPU profiles and custom YAMLs, cpu for --profile cpu and a "
+                   "profile whose card is cpu)")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a change when it does not fit")
     p.add_argument("--fastest", action="store_true", help="search the memory features (checkpointing, offload, "
                    "decode, micro-batch for the same images per step) for the lowest estimated step time that fits "

@@ -249,7 +249,7 @@ def _time(cfg: Config, target: str, device) -> tuple[float, bool]:
 
 @pytest.mark.xdist_group("plan_workers")  # one worker: the second test finds the fork server running
 @pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])  # workers: +20 s of imports on 2 cores
-def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir, jobs):
+def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir, jobs, tmp_path):
     """(The budget's two ends are the search's own all-on and all-off corners: estimated once, in one
     reuse_estimates scope; the chosen configuration is estimated again outside it.) With two worker processes
     (--jobs 2, in -m slow: the default suite starts workers in the test below) they compute the estimates the search
@@ -294,8 +294,15 @@ def test_fastest_fits_and_is_no_slower_than_any_single_change(tiny_dir, jobs):
             _time(dataclasses.replace(cfg, **change).validate(), "cpu", device)
         assert not other_fits or other >= seconds * (1 - 1e-9), (change, other, seconds)
     assert "budget_gb:" in r["profile_yaml"] and "vae_checkpointing:" in r["profile_yaml"]
-    # a CPU plan's profile says how to plan it again (a profile file is planned for a card unless --device cpu)
-    assert "--device cpu" in r["profile_yaml"] and "--profile FILE --device cpu" in format_fastest(r)
+    # a CPU plan's profile names the CPU as its card: planned again from the file, it targets the CPU (it needed
+    # --device cpu, and planned for CUDA with no seconds without it)
+    assert "\ncard: cpu\n" in r["profile_yaml"] and "--device cpu" not in format_fastest(r)
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+    saved = tmp_path / "fastest.yaml"
+    saved.write_text(r["profile_yaml"])
+    _, again = resolve_config(str(saved), {**dict.fromkeys(FLAG_FIELDS), "model": cfg.model}, [])
+    assert again.card == "cpu" and planner.default_target(str(saved), again.card) == "cpu"
+    assert planner.default_target("cpu") == "cpu" and planner.default_target(str(saved)) == "cuda"
 
 
 @pytest.mark.xdist_group("plan_workers")  # one worker: the second test finds the fork server running

@@ -143,7 +143,7 @@ def device_for(card: str, profile: str, target: str) -> Device | None:
     None when nothing names a card (a custom profile on CUDA without --set card=...)."""
     if target == "cpu":
         return cpu_device()
-    name = card or PROFILE_TARGETS.get(profile, ("", None))[0]
+    name = (card if card != "cpu" else "") or PROFILE_TARGETS.get(profile, ("", None))[0]
     if not name or name == "cpu":
         return None
     return DEVICES[name]

@@ -390,7 +390,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     from lowmem_alignprop.step.prompts import load_prompts
 
     started = time.perf_counter()
-    target = target or planner.default_target(profile)
+    target = target or planner.default_target(profile, cfg.card)
     if not cfg.budget_gb:
         raise UserError("--fastest needs a budget to fit: set budget_gb in the profile or --set budget_gb=8")
     planner.check_budget(cfg, target)
@@ -443,7 +443,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     best = search.fill_window(search.polish(best))
     chosen = dataclasses.replace(cfg, **best["set"]).validate()
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
-    named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "")
+    named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "cpu")
     result.update(found=best, set=changes, profile_yaml=profile_yaml(named, profile, best, target),
                   plan=planner.plan(chosen, profile=profile, target=target, suggest_changes=False, started=started))
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -461,8 +461,8 @@ def swap_ladder(cfg: Config, target: str) -> list[dict[str, Any]]:
 
 
 def profile_yaml(cfg: Config, profile: str, row: dict[str, Any], target: str = "cuda") -> str:
-    """The chosen configuration as a profile the user can save and pass with --profile FILE (a CPU plan's says that
-    ``plan`` needs --device cpu for it: a profile file is planned for a card)."""
+    """The chosen configuration as a profile the user can save and pass with --profile FILE (its card names the
+    card, or the CPU, it was planned for, which plan then targets again)."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -471,8 +471,6 @@ def profile_yaml(cfg: Config, profile: str, row: dict[str, Any], target: str = "
         return v
     lines = [f"# plan --fastest for profile {profile}: {fmt_seconds(row['seconds'])} s per optimizer step (estimated), "
              f"{row['needed'] / GIB:.2f} GiB needed of {cfg.budget_gb:g}"]
-    if target == "cpu":
-        lines.append("# for the CPU: plan it with `plan --profile FILE --device cpu` (a file is planned for a card)")
     lines += [f"{name}: {value(getattr(cfg, name))}" for name in PROFILE_FIELDS]
     return "\n".join(lines) + "\n"
 
@@ -493,7 +491,7 @@ def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] 
                               "card_memory_gib": round(total, 2), "budget_gb": cfg.budget_gb}
     if not cfg.budget_gb:
         return cfg, {**record, "skipped": "no budget: set budget_gb in the profile or with --set"}
-    row = cfg.card or card_row(product, total)
+    row = (cfg.card if cfg.card != "cpu" else "") or card_row(product, total)  # the card it trains on
     searched = dataclasses.replace(cfg, card=row) if row else cfg
     try:
         result = fastest(searched, profile=profile, target="cuda", max_estimates=max_estimates, log=log)

@@ -503,9 +503,10 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -
 # ---------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------
-def default_target(profile_name: str) -> str:
-    """cpu for the cpu profile; cuda for the GPU profiles and a user's own YAML."""
-    return "cpu" if profile_name == "cpu" else "cuda"
+def default_target(profile_name: str, card: str = "") -> str:
+    """cpu for the cpu profile and a profile whose card is the CPU (a copy of it); cuda for the GPU profiles and a
+    user's own YAML."""
+    return "cpu" if "cpu" in (profile_name, card) else "cuda"
 
 
 @reuse_estimates()
@@ -540,7 +541,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
 
     started = time.perf_counter() if started is None else started
 
-    target = target or default_target(profile)
+    target = target or default_target(profile, cfg.card)
     check_budget(cfg, target)
     if target == "cpu" and cfg.base_quant in BNB_MODES:  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "

@@ -198,7 +198,7 @@ def format_fastest(r: dict[str, Any]) -> str:
                      f"{given['needed'] / GIB:.2f} GiB needed "
                      f"({verdict}){speed}")
     lines.append("  as flags: " + (set_flags(r["set"]) if r["set"] else "(no change: the configuration as given)"))
-    lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")  # a CPU plan's says --device cpu
+    lines.append("  as a profile (save it as a .yaml file and pass --profile FILE):")  # its card: what it targets
     lines += ["    " + line for line in r["profile_yaml"].splitlines()]
     lines += ["", format_plan(r["plan"])]
     return "\n".join(lines)

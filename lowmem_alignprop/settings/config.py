@@ -205,8 +205,10 @@ class Config:
     # ---- speed (README "Speed"; their measured effect on a GPU is pending) ---------------------------
     card: str = _f("", "The card plan times the step for (its figures in measure/devices.py): empty = the profile's "
                    "card (rtx3060-8gb for the 8 GB rtx3060 profiles, rtx3060 for the 12 GB ones, rtx4090, a100-40gb, "
-                   "a100-80gb, laptop for laptop-6gb; the CPU for --profile cpu).",
-                   ("", "rtx3060", "rtx3060-8gb", "rtx4090", "a100-40gb", "a100-80gb", "h100", "h200", "laptop"))
+                   "a100-80gb, laptop for laptop-6gb); cpu: this machine's CPU, which plan then targets (the cpu "
+                   "profile's, and a copy of it).",
+                   ("", "rtx3060", "rtx3060-8gb", "rtx4090", "a100-40gb", "a100-80gb", "h100", "h200", "laptop",
+                    "cpu"))
     compile: str = _f("none", "torch.compile the UNet: nograd (a compiled copy runs the no-grad sampling steps; "
                       "the grad window stays eager), regional (its repeated transformer blocks compiled in place, "
                       "for every call: small compile time), or none. The first steps pay the compile time.",
