@@ -105,7 +105,7 @@ def recorded(monkeypatch, tiny_dir):
         return reward
 
     def run(tmp_path, sets: list[str], change: dict, reward: list[str] = ()):
-        def next_feature(cfg, target):
+        def next_feature(cfg, target, stage=None):
             rec.fits.append(change)
             return "the rung under test", change
 

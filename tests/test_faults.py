@@ -27,7 +27,7 @@ FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set",
 def ladder_only(monkeypatch):
     """The fixed ladder's choices (the planner's are tested on their own below)."""
     from lowmem_alignprop.measure import planner
-    monkeypatch.setattr(planner, "next_feature", lambda cfg, target: None)
+    monkeypatch.setattr(planner, "next_feature", lambda cfg, target, stage=None: None)
 
 
 def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):
@@ -105,12 +105,12 @@ def test_ladder_keeps_the_deepspeed_micro_batch():
 
 
 def test_planner_suggestion_is_used_when_the_planner_offers_one():
-    def says_so(cfg, target):
+    def says_so(cfg, target, stage):
         return "the planner says so", {"unet_checkpointing": "blocks"}
 
     fit = faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE, suggest=says_so)
     assert fit.overrides == {"unet_checkpointing": "blocks"} and fit.description == "the planner says so"
-    unusable = lambda cfg, target: {"no_such_field": 1}  # noqa: E731  (the ladder decides)
+    unusable = lambda cfg, target, stage: {"no_such_field": 1}  # noqa: E731  (the ladder decides)
     assert faults.next_fit(Config(sample_steps=10, k=1), stages.DECODE, suggest=unusable).overrides == \
         {"vae_checkpointing": "blocks"}
 
@@ -118,7 +118,7 @@ def test_planner_suggestion_is_used_when_the_planner_offers_one():
 def test_a_load_only_suggestion_is_taken_for_an_oom_at_load_only():
     """encode_on_cpu acts while SD3/FLUX load (their prompts are encoded there): the planner's suggestion of it is
     the fit for an OOM at load; after a step's OOM the ladder decides (the prompts are encoded already)."""
-    def encode_on_cpu(cfg, target):
+    def encode_on_cpu(cfg, target, stage):
         return "encode the prompt set on the CPU", {"encode_on_cpu": True}
 
     cfg = Config(sample_steps=10, k=1)
@@ -136,8 +136,20 @@ def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, 
     msg = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][0]
     from lowmem_alignprop.cli import common_parser, config_from_args
     _, cfg = config_from_args(common_parser("t", "t").parse_known_args(args)[0])
-    label, change = planner.next_feature(cfg, target="cpu")
+    label, change = planner.next_feature(cfg, target="cpu", stage="backward")
     assert f"this should fit: {faults.Fit(label, change).as_flags()} ({label})" in msg, msg
+
+
+def test_an_oom_while_the_models_load_says_so_and_offers_no_auto_fit(tmp_path, capsys, monkeypatch):
+    """The models do not fit: 'while the models load' (it said 'at step 0'), no step was trained, and no advice to
+    rerun with --auto-fit (it said so even when --auto-fit was given; it steps down within steps, not at load)."""
+    monkeypatch.setenv(faults.INJECT_ENV, "load")
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--auto-fit"]) == 2
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err.startswith("error: out of memory in stage 'load' while the models load (peak so far ") and \
+        "--auto-fit" not in err and "at step" not in err, err
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
 def test_injection_spec_and_stage_tagging():
@@ -278,8 +290,8 @@ def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monk
         return "expandable segments" if expandable else "fixed segments"
     monkeypatch.setattr(train, "configure_cuda_allocator", allocator)
     from lowmem_alignprop.measure import planner
-    monkeypatch.setattr(planner, "next_feature", lambda cfg, target: faults.Fit("expandable allocator segments",
-                                                                                {"expandable_segments": True}))
+    monkeypatch.setattr(planner, "next_feature", lambda cfg, target, stage=None: faults.Fit(
+        "expandable allocator segments", {"expandable_segments": True}))
     monkeypatch.setenv(faults.INJECT_ENV, "backward@2")
     out = tmp_path / "run"
     assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--auto-fit",

@@ -208,6 +208,13 @@ def test_next_feature_for_auto_fit_lowers_the_peak(tiny_dir):
         peak = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").peak_needed
                 for k, c in {"before": {}, "vae": {"vae_checkpointing": "blocks"}, "unet": change}.items()}
         assert peak["vae"] >= 0.97 * peak["before"] > peak["unet"], peak
+        # an OOM in decode: UNet checkpointing leaves decode's peak as it is (it lowered only backward's, and was the
+        # advice for every stage); the change offered lowers decode's own peak
+        decode = planner.next_feature(cfg, target="cpu", stage="decode")
+        assert decode is not None and decode[1] != change
+        at = {k: planner.estimate(dataclasses.replace(cfg, **c), target="cpu").stages["decode"]["allocated"]
+              for k, c in {"before": {}, "unet": change, "offered": decode[1]}.items()}
+        assert at["unet"] >= 0.97 * at["before"] > at["offered"], (decode, at)
 
 
 # ---------------------------------------------------------------------------------------------------

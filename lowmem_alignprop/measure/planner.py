@@ -485,17 +485,21 @@ def _pruned(found: dict[str, Any], steps, check, label_of, max_estimates: int, t
 
 
 @reuse_estimates()
-def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 4) -> tuple[str, dict[str, Any]] | None:
+def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 6,
+                 stage: str | None = None) -> tuple[str, dict[str, Any]] | None:
     """For ``--auto-fit`` after an out-of-memory error (see :mod:`lowmem_alignprop.run.faults`): the cheapest change
-    in speed that lowers the estimated peak by at least 3%, or None. Resolution changes (they change the task),
-    base_quant (it needs the model loaded again) and the optimizer (its state would start again) are never offered
-    here. Costs up to ``max_estimates`` + 1 estimates."""
-    base = estimate(cfg, target=target)
+    in speed that lowers the estimated peak by at least 3% (``stage``: the peak of the stage that ran out, which a
+    change of another stage's memory would not help), or None. Resolution changes (they change the task), base_quant
+    (it needs the model loaded again) and the optimizer (its state would start again) are never offered here. Costs
+    up to ``max_estimates`` + 1 estimates."""
+    def peak(est: Estimate) -> int:
+        return est.stages[stage]["allocated"] if stage in est.stages else est.peak_needed
+
+    base = peak(estimate(cfg, target=target))
     live = [c for c in candidate_changes(cfg, target)
             if not {"resolution", "base_quant", "optimizer"} & set(c[1])]  # the task, a reload, a new state: not mid-run
     for label, change in live[:max_estimates]:
-        est = estimate(_apply(cfg, change), target=target)
-        if est.peak_needed < 0.97 * base.peak_needed:
+        if peak(estimate(_apply(cfg, change), target=target)) < 0.97 * base:
             return label, change
     return None
 

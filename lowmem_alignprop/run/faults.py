@@ -192,7 +192,8 @@ def planner_fit(cfg, stage: str, suggest: Callable | None) -> Fit | None:
     if suggest is None:
         return None
     try:
-        got = suggest(cfg, target="cuda" if torch.cuda.is_available() else "cpu")  # estimate for where this run is
+        # estimated for where this run is, for the stage that ran out
+        got = suggest(cfg, target="cuda" if torch.cuda.is_available() else "cpu", stage=stage)
     except Exception as e:  # the planner is advice: never let it hide the real error
         log.debug("planner suggestion failed: %s", e)
         return None
@@ -241,11 +242,13 @@ def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, 
                 auto_fit: bool) -> str:
     peak = "n/a on this device" if peak_gb is None else f"{peak_gb:.2f} GiB"
     budget = f"{budget_gb:g} GiB budget" if budget_gb else "no budget set"
-    msg = f"out of memory in stage '{stage}' at step {step} (peak so far {peak}, {budget})"
+    when = "while the models load" if stage == stages.LOAD else f"at step {step}"
+    msg = f"out of memory in stage '{stage}' {when} (peak so far {peak}, {budget})"
     if fit is None:
         return msg + ("; no lighter setting is left to try: lower resolution or batch_size, use a smaller model, "
                       "or a card with more memory")
-    tail = "" if auto_fit else ", or rerun with --auto-fit to step down automatically"
+    # --auto-fit steps down within a run's steps, not while its models load
+    tail = "" if auto_fit or stage == stages.LOAD else ", or rerun with --auto-fit to step down automatically"
     return msg + f"; this should fit: {fit.as_flags()} ({fit.description}){tail}"
 
 
