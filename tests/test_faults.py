@@ -42,9 +42,37 @@ def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monke
     assert "out of memory in stage 'decode' at step 3" in msg
     assert "6 GiB budget" in msg and "peak so far" in msg
     assert "--set sliced_decode=true" in msg and "--auto-fit" in msg
+    assert f"; steps 1-2 are saved in {out / 'checkpoints' / 'step-00000002'}: --resume latest continues [" in msg
     # nothing lost: the two finished steps are in a checkpoint that --resume latest takes
     assert [r["step"] for r in rows(out)] == [1, 2]
     assert ckpt.find_resume(out, "latest").name == "step-00000002"
+
+
+def test_auto_fit_that_runs_out_of_changes_keeps_them_for_the_resume(tmp_path, capsys, monkeypatch, caplog,
+                                                                       ladder_only):
+    """Backward runs out of memory at step 2 whatever --auto-fit changes: it steps down until nothing is left, then
+    stops with step 1 saved. Its changes were lost: config.yaml did not list them, the resume trained them silently
+    and its summary said auto_fit []. Now config.yaml lists them at the stop, the line says where step 1 is and that
+    the resume continues with them (not 'lower batch_size' at batch 1), and the resume says so and keeps the record."""
+    monkeypatch.setenv(faults.INJECT_ENV, "backward@2*100")
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--steps", "3", "--auto-fit", "--set", "batch_size=2"]
+    assert main(args) == 2
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    made = yaml.safe_load((out / "config.yaml").read_text())["auto_fit_changes"]
+    assert len(made) >= 2 and {m["step"] for m in made} == {2} and {m["stage"] for m in made} == {"backward"}
+    assert "no lighter setting is left to try: lower resolution, use a smaller model" in err
+    assert err.endswith(f"; steps 1-1 are saved in {out / 'checkpoints' / 'step-00000001'}: --resume latest "
+                        "continues (with --auto-fit's changes so far: config.yaml lists them) [injected out-of-memory "
+                        f"in stage backward (test hook {faults.INJECT_ENV})]"), err
+    monkeypatch.delenv(faults.INJECT_ENV)
+    caplog.set_level("INFO", logger="lowmem_alignprop")
+    assert main([*args, "--resume", "latest"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: --auto-fit's changes")]
+    assert len(said) == 1 and "step 2 (backward): --set batch_size=1 --set grad_accum=2" in said[0], said
+    assert json.loads((out / "summary.json").read_text())["auto_fit"] == made
+    assert yaml.safe_load((out / "config.yaml").read_text())["auto_fit_changes"] == made
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
 
 
 def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):

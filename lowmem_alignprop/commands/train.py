@@ -542,6 +542,11 @@ class Trainer:
                                             optimizer=self.optimizer, engine=self.engine, gather=self.gather,
                                             state=point.state)
             self.history = list(state.get("history", []))
+            self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
+            if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
+                log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
+                    f"step {f['step']} ({f['stage']}): {faults.Fit(f['why'], f['change']).as_flags()}"
+                    for f in self.fits))
             before = state.get("config", {})
             changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights"))
             # the first step scored by this reward: the summary's first -> last compares those steps only
@@ -751,10 +756,16 @@ class Trainer:
         faults.free_memory()
         fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
-        message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit)
+        message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
             if (self.accelerator.num_processes == 1 or self.all_failed) and step - 1 > (self.last_saved or 0):
                 self.save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
+            if self.fits and self.is_main:  # the step-downs made so far, which the checkpoint's config holds
+                atomic.write_text(self.out / "config.yaml", self.config_yaml())
+            if self.last_saved:
+                message += (f"; steps 1-{self.last_saved} are saved in "
+                            f"{ckpt.step_dir(ckpt.root_of(self.out), self.last_saved)}: --resume latest continues"
+                            + (" (with --auto-fit's changes so far: config.yaml lists them)" if self.fits else ""))
             raise faults.OutOfMemory(f"{message} [{detail}]") from None
         log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
         self.apply_fit(fit)

@@ -239,14 +239,14 @@ def peak_so_far(history_peaks: list[float | None]) -> float | None:
 
 
 def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, fit: Fit | None,
-                auto_fit: bool) -> str:
+                auto_fit: bool, batch: int = 2) -> str:
     peak = "n/a on this device" if peak_gb is None else f"{peak_gb:.2f} GiB"
     budget = f"{budget_gb:g} GiB budget" if budget_gb else "no budget set"
     when = "while the models load" if stage == stages.LOAD else f"at step {step}"
     msg = f"out of memory in stage '{stage}' {when} (peak so far {peak}, {budget})"
     if fit is None:
-        return msg + ("; no lighter setting is left to try: lower resolution or batch_size, use a smaller model, "
-                      "or a card with more memory")
+        smaller = "lower resolution or batch_size" if batch > 1 else "lower resolution"  # (batch 1: the least)
+        return msg + f"; no lighter setting is left to try: {smaller}, use a smaller model, or a card with more memory"
     # --auto-fit steps down within a run's steps, not while its models load
     tail = "" if auto_fit or stage == stages.LOAD else ", or rerun with --auto-fit to step down automatically"
     return msg + f"; this should fit: {fit.as_flags()} ({fit.description}){tail}"
