@@ -75,23 +75,25 @@ def test_auto_fit_that_runs_out_of_changes_keeps_them_for_the_resume(tmp_path, c
     assert [r["step"] for r in rows(out)] == [1, 2, 3]
 
 
-def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only):
+def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only, caplog):
     # the reward stage runs out of memory twice at step 2: first reward checkpointing is switched on,
     # then the micro-batch halves with twice the accumulation; the step is repeated and the run goes on
     monkeypatch.setenv(faults.INJECT_ENV, "reward@2*2")
+    caplog.set_level("INFO", logger="lowmem_alignprop")
     out = tmp_path / "run"
     assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--auto-fit", "--set", "batch_size=2"]) == 0
     got = rows(out)
     assert [r["step"] for r in got] == [1, 2, 3]
     assert len(got[0]["k_all"]) == 1 and len(got[1]["k_all"]) == 2  # 1 micro-batch of 2 -> 2 micro-batches of 1
+    assert got[1]["k"] == 1 and isinstance(got[1]["k"], int)  # the same K in both: K=1 on the step line, not 1.0
     summary = json.loads((out / "summary.json").read_text())
     changes = [(c["step"], c["stage"], c["change"]) for c in summary["auto_fit"]]
     assert changes == [(2, "reward", {"reward_checkpointing": True}),
                        (2, "reward", {"batch_size": 1, "grad_accum": 2})]
     cfg = yaml.safe_load((out / "config.yaml").read_text())  # the configuration that fitted, for next time
     assert cfg["batch_size"] == 1 and cfg["grad_accum"] == 2 and cfg["reward_checkpointing"] is True
-    captured = capsys.readouterr()
-    assert "auto-fit at step 2 (reward)" in captured.out + captured.err
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto-fit at step 2 (reward)")]
+    assert len(said) == 2 and "this should fit: --set reward_checkpointing=true" in said[0]  # once each, not twice
 
 
 @pytest.mark.parametrize("stage, expected", [

@@ -693,7 +693,7 @@ class Trainer:
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison
                 "rewards": r_all.tolist(), "prompt_ids": torch.cat(ids_all).tolist(),
-                "k": ks[0] if len(ks) == 1 else sum(ks) / len(ks), "k_all": ks,
+                "k": ks[0] if len(set(ks)) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
                 **({"kl": acc.reduce(torch.stack([t["kl"] for t in self.terms]).mean(), reduction="mean").item()}
                    if self.terms and "kl" in self.terms[0] else {}),
@@ -767,11 +767,10 @@ class Trainer:
                             f"{ckpt.step_dir(ckpt.root_of(self.out), self.last_saved)}: --resume latest continues"
                             + (" (with --auto-fit's changes so far: config.yaml lists them)" if self.fits else ""))
             raise faults.OutOfMemory(f"{message} [{detail}]") from None
-        log.warning("auto-fit: %s; applying it and repeating step %d", message, step)
+        log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
         self.apply_fit(fit)
         self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
         self.rng.setstate(rng_before)  # the repeated step draws the same prompts and K
-        self.bar.write(f"auto-fit at step {step} ({stage}): {fit.as_flags()}")
 
     def apply_fit(self, fit: faults.Fit) -> None:
         """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step). Each
