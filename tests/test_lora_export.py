@@ -222,6 +222,9 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
     assert_rel_close(_images(loaded), lora_images, REORDERED, "single file, images")
     card = (out / "README.md").read_text()
     assert "ComfyUI/models/checkpoints/" in card and "models/Stable-diffusion/" in card
+    # the card's diffusers line is the call above: with the base's configs (not guessed from the shapes, which for a
+    # model of no standard shape fails)
+    assert f'from_single_file("{file.name}", config="{case["base"]}")' in card
 
 
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):

@@ -145,8 +145,9 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
                 "node.",
                 "- AUTOMATIC1111 / Forge: copy it to `stable-diffusion-webui/models/Stable-diffusion/` and choose it "
                 "as the checkpoint.",
-                f"- diffusers: `StableDiffusionPipeline.from_single_file(\"{files[0]}\")` "
-                "(`StableDiffusionXLPipeline` for SDXL)."]
+                f"- diffusers: `StableDiffusionPipeline.from_single_file(\"{files[0]}\", config=\"{base}\")` "
+                "(`StableDiffusionXLPipeline` for SDXL; `config`: the base model's folder or hub id, whose component "
+                "configs it reads instead of guessing them from the weights' shapes)."]
     if merged is not None:
         return ["```python", "from diffusers import DiffusionPipeline",
                 "pipe = DiffusionPipeline.from_pretrained(\"THIS_FOLDER\")", "```"]
