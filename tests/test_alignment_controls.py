@@ -508,8 +508,26 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
         "to raise it (--set reward_target=null), or train the recipe's reward")
     _, up = resolve_config("cpu", {**flags, "recipe": "aesthetic"}, ["reward=clip", "reward_target=null"])
     assert (up.reward, up.reward_target) == ("clip", None)
-    _, hps = resolve_config("cpu", flags, ["recipe=hps"])
+
+
+def test_the_hps_recipe_says_its_prompts_do_not_ship(caplog):
+    """The HPSv2 run trained on HPSv2's prompts, which do not ship: without --prompts the recipe says what it trains
+    on instead; with them, nothing."""
+    import logging
+
+    from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+
+    flags = dict.fromkeys(FLAG_FIELDS)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        _, hps = resolve_config("cpu", flags, ["recipe=hps"])
     assert (hps.reward, hps.reward_target, hps.loss_scale, hps.recipe) == ("hpsv2", None, 0.01, "hps")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"recipe hps does not ship the paper's prompts: training on {hps.prompts}; pass them with --prompts FILE "
+        "(the header of `lowmem-alignprop profiles hps` says which)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        resolve_config("cpu", {**flags, "prompts": "simple_animals", "recipe": "hps"}, [])
+    assert caplog.records == []
 
 
 def test_a_recipe_on_the_toy_model_says_what_it_replaces(caplog):

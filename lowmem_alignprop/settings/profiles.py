@@ -338,6 +338,11 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in replaced.items()))
         values = {**values, **recipe_values, **{k: v for k, v in own.items() if k in kept}}
         check_recipe_target(recipe_values, {**values, **explicit, **overrides}, kept)
+        if "prompts" not in recipe_values and "prompts" not in kept:  # hps: the paper's prompts do not ship
+            logging.getLogger("lowmem_alignprop").warning(
+                "recipe %s does not ship the paper's prompts: training on %s; pass them with --prompts FILE (the "
+                "header of `lowmem-alignprop profiles %s` says which)", recipe,
+                values.get("prompts", Config().prompts), recipe)
     try:
         return name, build_config(values, explicit, overrides, training)
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
