@@ -214,7 +214,8 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"profile {path} is not valid YAML{where}: fix the file (see profiles/cpu.yaml for the format)") from None
+        raise UserError(f"profile {path} is not valid YAML{where}: fix the file (`lowmem-alignprop profiles cpu` "
+                        "prints one, for the format)") from None
     except UnicodeDecodeError:
         raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
     except OSError as e:  # permissions, an I/O error
@@ -224,7 +225,7 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
         raise UserError(f"profile {path} sets {e} twice: keep one line") from None
     if data is None:
         raise UserError(f"profile {path} is empty: set at least the fields that differ from the defaults "
-                        "(copy one from profiles/, e.g. profiles/cpu.yaml)")
+                        "(copy one: lowmem-alignprop profiles cpu > mine.yaml)")
     if not isinstance(data, dict):
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}
