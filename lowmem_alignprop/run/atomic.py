@@ -166,11 +166,16 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     fsync_dir(path.parent)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                old.unlink()
+        _remove(old)
+
+
+def _remove(p: Path) -> None:
+    """A folder with what it holds, or a file or link (never what a link points to)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def remove_dead_partials(path: Path) -> None:
@@ -178,13 +183,8 @@ def remove_dead_partials(path: Path) -> None:
     that are gone (killed: a kill leaves them, with that process's pid in their name)."""
     for p in path.parent.glob(f"{PARTIAL}*-{glob_escape(path.name)}"):
         pid = p.name[len(PARTIAL):-len(path.name) - 1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(p)
 
 
 def _alive(pid: int) -> bool:
