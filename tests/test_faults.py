@@ -229,11 +229,13 @@ def reward_module(tmp_path, monkeypatch, name, nan_calls, bad_grad_calls=()):
     return f"{name}:reward"
 
 
-def test_nan_reward_and_infinite_gradient_skip_the_step(tmp_path, caplog, monkeypatch, tiny_dir):
-    spec = reward_module(tmp_path, monkeypatch, "nan_reward_a", nan_calls=[2], bad_grad_calls=[4])
+@pytest.mark.parametrize("clip", ["1.0", "0"])  # without clipping the norm was never read: the NaN update went in
+def test_nan_reward_and_infinite_gradient_skip_the_step(tmp_path, caplog, monkeypatch, tiny_dir, clip):
+    spec = reward_module(tmp_path, monkeypatch, f"nan_reward_a{clip.replace('.', '')}", nan_calls=[2],
+                         bad_grad_calls=[4])
     out = tmp_path / "run"
     assert main([*FAST, "--output-dir", str(out), "--steps", "5", "--reward", spec, "--set", "batch_size=1",
-                 "--checkpoint-every", "1", "--set", "keep_checkpoints=0"]) == 0
+                 "--checkpoint-every", "1", "--set", "keep_checkpoints=0", "--set", f"max_grad_norm={clip}"]) == 0
     got = {r["step"]: r for r in rows(out)}
     assert sorted(got) == [1, 2, 3, 4, 5]
     assert "reward is NaN" in got[2]["skipped"] and "gradient norm is NaN" in got[4]["skipped"]

@@ -50,6 +50,17 @@ def test_a_norm_that_is_not_finite_drops_the_update_when_asked():
     assert p.detach().tolist() == [1.0, 1.0] and p.grad is None  # no step, gradients freed
 
 
+def test_without_clipping_a_norm_that_is_not_finite_still_drops_the_update():
+    """max_grad_norm 0 with drop_if_not_finite: the norm is read (not clipped) and a NaN/inf gradient makes no update
+    (it was applied: the weights turned NaN); a finite one is applied whole, its norm returned."""
+    p, opt = _param([float("inf"), 1.0])
+    norm, dropped = optimizer_update(opt, [p], 0.0, drop_if_not_finite=True)
+    assert dropped and norm == math.inf and p.detach().tolist() == [1.0, 1.0] and p.grad is None
+    p, opt = _param([3.0, 4.0])
+    norm, dropped = optimizer_update(opt, [p], 0.0, drop_if_not_finite=True)
+    assert (norm, dropped) == (5.0, False) and p.detach().tolist() == [-2.0, -3.0]
+
+
 def test_without_the_optimizer_step_only_the_gradients_are_freed():
     p, opt = _param([3.0, 4.0])
     norm, dropped = optimizer_update(opt, [p], 0.0, step=False)

@@ -656,8 +656,9 @@ class Trainer:
             return None
         # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
         drop = acc.scaler is None and self.engine is None
-        # the LoRA's gradient exactly zero? read before the update frees it when no clip reads the norm (one sync)
-        zero = faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 else None
+        # the LoRA's gradient exactly zero? read before the update frees it when no norm is read (one sync)
+        zero = (faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 and not drop
+                else None)
         self.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
                                                    clip=acc.clip_grad_norm_, drop_if_not_finite=drop,
                                                    on_drop=self.name_non_finite_grads)

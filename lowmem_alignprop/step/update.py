@@ -20,11 +20,14 @@ def optimizer_update(optimizer, params: list, max_grad_norm: float, *,
                      drop_if_not_finite: bool = False,
                      on_drop: Callable[[], None] | None = None) -> tuple[float | None, bool]:
     """Clip the gradients of ``params`` to ``max_grad_norm`` (no clipping when it is 0), step ``optimizer`` and free
-    the gradients. Returns (the gradient norm before clipping, as a number; None without clipping or without
-    ``read_norm``, whether the update was dropped). With ``drop_if_not_finite`` a NaN/inf norm frees the gradients
-    without a step (``on_drop`` is called first, the gradients still there). The norm's tensor is gone before the step either way (``read_norm=False``: a fake tensor has no
-    value to read)."""
-    norm = clip(params, max_grad_norm) if max_grad_norm > 0 else None
+    the gradients. Returns (the gradient norm before clipping, as a number; None without clipping, unless
+    ``drop_if_not_finite`` needs it, or without ``read_norm``; whether the update was dropped). With
+    ``drop_if_not_finite`` a NaN/inf norm frees the gradients without a step (``on_drop`` is called first, the
+    gradients still there), with or without clipping. The norm's tensor is gone before the step either way
+    (``read_norm=False``: a fake tensor has no value to read)."""
+    # no clipping: the norm alone (a clip to infinity scales by 1) when a NaN/inf gradient must not reach the weights
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf if drop_if_not_finite else None
+    norm = clip(params, limit) if limit is not None else None
     norm = float(norm) if read_norm and norm is not None else None  # one device sync; the metrics need it anyway
     if drop_if_not_finite and norm is not None and not math.isfinite(norm):
         if on_drop is not None:
