@@ -17,12 +17,6 @@ def mean_k(cfg: Config) -> float:
     return (lo + hi) / 2
 
 
-def mean_kept(cfg: Config) -> float:
-    """The grad-window calls a step keeps without their checkpoint on average: min(K, window_keep) over K's range."""
-    lo, hi = cfg.window_bounds()
-    return sum(min(k, cfg.window_keep) for k in range(lo, hi + 1)) / (hi - lo + 1)
-
-
 def _window_counts(cfg: Config) -> tuple[float, float, float, float]:
     """Over K's range (uniform), the mean number of: the window's first step checkpointed, the first step kept,
     further checkpointed steps, further kept steps (window_keep keeps the last min(K, window_keep))."""

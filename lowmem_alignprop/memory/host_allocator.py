@@ -27,8 +27,6 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-GLIBC_INITIAL_KIB = 128  # glibc's own initial mmap threshold
-MAX_KIB = 32 * 1024  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2); mallopt refuses more
 USER_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 

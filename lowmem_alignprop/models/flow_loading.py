@@ -29,11 +29,6 @@ from lowmem_alignprop.settings.paths import describe, kind_of, looks_like_hub_id
 log = logging.getLogger(__name__)
 
 FLOW_ARCHS = ("sd35m", "sd35l", "flux")
-FLOW_ARCH_DESCRIPTIONS = {
-    "sd35m": "Stable Diffusion 3.5 Medium (MMDiT-X 2.5B; CLIP-L + CLIP-G + T5-XXL, 1024 px)",
-    "sd35l": "Stable Diffusion 3.5 Large (MMDiT 8.1B; CLIP-L + CLIP-G + T5-XXL, 1024 px)",
-    "flux": "FLUX.1-dev (12B, guidance embedding; CLIP-L + T5-XXL, 1024 px)",
-}
 FLOW_PIPELINES = {cls: family for cls, family in PIPELINE_FAMILIES.items() if family in FLOW_FAMILIES}
 
 

@@ -305,9 +305,10 @@ class Config:
             if getattr(self, name) > most:     # hours or take all memory on them
                 raise UserError(f"{name}={getattr(self, name)} is larger than {most}, the most this tool takes "
                                 f"({why}): use --set {name}={most} or less")
-        if self.cpu_malloc_threshold_kib and not 128 <= self.cpu_malloc_threshold_kib <= 32768:  # glibc's range
+        lo, hi = GLIBC_MMAP_KIB
+        if self.cpu_malloc_threshold_kib and not lo <= self.cpu_malloc_threshold_kib <= hi:
             raise UserError(f"cpu_malloc_threshold_kib={self.cpu_malloc_threshold_kib} is outside glibc's range: use "
-                            "--set cpu_malloc_threshold_kib=1024 (128 to 32768, or 0 for glibc's own)")
+                            f"--set cpu_malloc_threshold_kib=1024 ({lo} to {hi}, or 0 for glibc's own)")
         if self.resolution < 8:
             raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
                             "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
@@ -569,6 +570,9 @@ def _default_text(name: str) -> str:
     return quote(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else str(
         default)
 
+
+# glibc's mmap threshold: its own initial one, and its largest on 64-bit (HEAP_MAX_SIZE / 2; mallopt refuses more)
+GLIBC_MMAP_KIB = (128, 32 * 1024)
 
 TEXT_FIELDS = ("negative_prompt",)  # free text, as a prompt file's lines may be (every other str is a path or a name)
 
