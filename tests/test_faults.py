@@ -62,7 +62,7 @@ def test_auto_fit_that_runs_out_of_changes_keeps_them_for_the_resume(tmp_path, c
     made = yaml.safe_load((out / "config.yaml").read_text())["auto_fit_changes"]
     assert len(made) >= 2 and {m["step"] for m in made} == {2} and {m["stage"] for m in made} == {"backward"}
     assert "no lighter setting is left to try: lower resolution, use a smaller model" in err
-    assert err.endswith(f"; steps 1-1 are saved in {out / 'checkpoints' / 'step-00000001'}: --resume latest "
+    assert err.endswith(f"; step 1 is saved in {out / 'checkpoints' / 'step-00000001'}: --resume latest "
                         "continues (with --auto-fit's changes so far: config.yaml lists them) [injected out-of-memory "
                         f"in stage backward (test hook {faults.INJECT_ENV})]"), err
     monkeypatch.delenv(faults.INJECT_ENV)

@@ -581,7 +581,7 @@ class Trainer:
         self.grad_norm, self.scaler_skipped, self.grad_zero, self.at_cap = None, False, False, False
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
-            with acc.accumulate(self.unet_train):
+            with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
                 first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size  # rollouts of this rank so far
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
                                              cfg.seed * 1000 + self.rank)
@@ -636,7 +636,7 @@ class Trainer:
                 raise failed
             raise faults.AnotherProcessFailed("another process's step failed (its own error line says why)")
         if worst == 1:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)  # the skipped step's gradients freed, not kept to the next
             return bad or "the reward on another process"
         if not loss.requires_grad:  # a reward that lost its graph on this batch (.detach(), numpy, ...)
             raise UserError(f"the reward {self.cfg.reward!r} returned scores with no gradient to the images: "
@@ -729,7 +729,7 @@ class Trainer:
                     if not faults.is_oom(e):  # keep the finished steps, and name a reward's error as such; raises
                         self.keep_finished_steps(e, step, rng_before)
                     stage, detail = faults.stage_of(e, self.guard.current), first_line(e, 100)
-                    del e
+                    del e  # its traceback's frames hold the failed step's activations: freed before the retry
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
                     continue  # the same step again, lighter
                 if row is not None:
@@ -753,21 +753,17 @@ class Trainer:
         the same prompts and K); else keep the finished steps in a checkpoint and stop with the change that fits."""
         cfg = self.cfg
         self.prof.end_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        faults.free_memory()
+        self.optimizer.zero_grad(set_to_none=True)  # frees the half-built gradients before the retry
+        faults.free_memory()  # and the failed step's cached blocks: the retry starts from a clean allocator
         fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
         message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
-            if (self.accelerator.num_processes == 1 or self.all_failed) and step - 1 > (self.last_saved or 0):
-                self.save_checkpoint(step - 1)  # the steps done so far are kept: --resume latest continues
+            _, kept = self.keep_steps(step - 1)  # the steps done so far are kept: --resume latest continues
             if self.fits and self.is_main:  # the step-downs made so far, which the checkpoint's config holds
                 atomic.write_text(self.out / "config.yaml", self.config_yaml())
-            if self.last_saved:
-                message += (f"; steps 1-{self.last_saved} are saved in "
-                            f"{ckpt.step_dir(ckpt.root_of(self.out), self.last_saved)}: --resume latest continues"
-                            + (" (with --auto-fit's changes so far: config.yaml lists them)" if self.fits else ""))
-            raise faults.OutOfMemory(f"{message} [{detail}]") from None
+            changes = " (with --auto-fit's changes so far: config.yaml lists them)" if self.fits and kept else ""
+            raise faults.OutOfMemory(f"{message}{kept.removesuffix(' once it is fixed')}{changes} [{detail}]") from None
         log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
         self.apply_fit(fit)
         self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
@@ -834,7 +830,7 @@ class Trainer:
         cfg = self.cfg
         stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
         self.prof.end_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients freed before the checkpoint
         self.rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
         saved, kept = self.keep_steps(step - 1)
         if isinstance(e, UserError):
