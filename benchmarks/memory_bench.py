@@ -51,6 +51,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -293,6 +294,16 @@ def gpu_runs(doc: dict) -> list[dict]:
     return out
 
 
+def carry_sections(doc: dict, previous: dict | None) -> None:
+    """The sections ``doc`` did not rerun, from the latest file, each with the provenance of the run that measured it
+    (that file may be the one ``doc`` is written over: same device and date)."""
+    for key in ("ladder", "what_fits", "cpu_measured"):
+        if key not in doc and previous and key in previous:
+            doc[key] = previous[key]
+            doc.setdefault("carried", {})[key] = (previous.get("carried") or {}).get(key) or {
+                k: previous.get(k) for k in ("file", "date", "command", "device", "versions")}
+
+
 def load_results(results: Path) -> tuple[dict | None, list[tuple[Path, dict]]]:
     # this benchmark's own files are cpu-DATE[-quick].json (cpu-time-calibration.json is calibrate_cpu.py's)
     ours = sorted(p for p in results.glob("cpu-*.json") if re.fullmatch(r"cpu-\d{4}-\d{2}-\d{2}(-quick)?", p.stem))
@@ -301,6 +312,8 @@ def load_results(results: Path) -> tuple[dict | None, list[tuple[Path, dict]]]:
     latest = cpu[-1] if cpu else (quick[-1] if quick else None)
     gpu = []
     for p in sorted(results.glob("gpu-*.json")):
+        if p.stem.startswith("gpu-cpu-smoke"):  # gpu_check.py --cpu-smoke: the plumbing on a CPU, no GPU figure
+            continue
         try:
             gpu.append((p, json.loads(p.read_text())))
         except (OSError, ValueError) as e:
@@ -370,7 +383,9 @@ def report(doc: dict | None, gpu: list[tuple[Path, dict]], results_dir: Path, pr
         dev, ver = doc["device"], doc["versions"]
         L += [f"- planner/CPU results: `{results_dir.name}/{doc['file']}` ({doc['date']}"
               + (", QUICK smoke run" if doc.get("quick") else "") + f"), command `{doc['command']}`"
-              + (" (the sections it did not rerun come from the previous full run)" if doc.get("carried_from") else ""),
+              + (" (the sections it did not rerun come from the previous full run)" if doc.get("carried_from") else "")
+              + "".join(f"; {key} from the run of {c.get('date')}, command `{c.get('command')}`"
+                        for key, c in (doc.get("carried") or {}).items()),
               f"- device: {dev['name']} ({dev['logical_cores']} logical cores, torch threads {dev['torch_threads']}); "
               + ", ".join(f"{k} {v}" for k, v in ver.items() if v), ""]
         L += _summary(doc, gpu)
@@ -947,8 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         date = dt.date.today().isoformat()
         from lowmem_alignprop.measure.provenance import provenance
 
-        command = ("python benchmarks/memory_bench.py" + (" --quick" if a.quick else "")
-                   + (f" --only {a.only}" if a.only else ""))
+        command = shlex.join(["python", "benchmarks/memory_bench.py", *sys.argv[1:]])  # as run, --out included
         # its device block keeps the shape the report reads from earlier results (type, name, logical_cores)
         doc = {"kind": "memory_bench", "quick": a.quick, **provenance(command), "date": date, "device": device_info()}
         if "ladder" in only:
@@ -959,10 +973,7 @@ def main(argv: list[str] | None = None) -> int:
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:
                 doc["cpu_measured"] = run_cpu_measured(a.quick, Path(tmp))
-        for key in ("ladder", "what_fits", "cpu_measured"):  # sections not rerun: carried from the latest file
-            if key not in doc and previous and key in previous:
-                doc[key] = previous[key]
-                doc.setdefault("carried_from", []).append(previous.get("file"))
+        carry_sections(doc, previous)
         doc["wall_seconds"] = round(time.time() - t0, 1)
         name = f"{doc['device']['type']}-{date}{'-quick' if a.quick else ''}.json"
         doc["file"] = name

@@ -326,6 +326,24 @@ def test_report_rebuild_keeps_the_hand_written_blocks(tmp_path):
         assert line.startswith(f"`results/{path.name}`: command `{json.loads(path.read_text())['command']}`")
 
 
+def test_a_benchmark_section_carried_over_keeps_where_it_was_measured():
+    """memory_bench --only ladder carries the other sections from the latest file, which it may then write over (the
+    same device and date): each carried section keeps the command, date, device and versions of the run that
+    measured it, also when carried twice (it named the file it overwrote, itself)."""
+    bench = _memory_bench()
+    full = {"file": "cpu-2026-01-01.json", "date": "2026-01-01", "command": "python benchmarks/memory_bench.py",
+            "device": {"name": "cpu A"}, "versions": {"torch": "2"}, "ladder": [1], "what_fits": [2], "cpu_measured": [3]}
+    once = {"file": "cpu-2026-01-02.json", "date": "2026-01-02", "command": "... --only ladder", "ladder": [4]}
+    bench.carry_sections(once, full)
+    assert once["what_fits"] == [2] and once["carried"]["what_fits"] == {
+        "file": "cpu-2026-01-01.json", "date": "2026-01-01", "command": "python benchmarks/memory_bench.py",
+        "device": {"name": "cpu A"}, "versions": {"torch": "2"}}
+    twice = {"file": "cpu-2026-01-02.json", "date": "2026-01-02", "command": "... --only ladder", "ladder": [5]}
+    bench.carry_sections(twice, once)
+    assert twice["carried"]["cpu_measured"]["command"] == "python benchmarks/memory_bench.py"
+    assert "ladder" not in twice["carried"]
+
+
 def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     """benchmarks/memory_bench.py reads results/gpu-*.json (gpu_check.sh's shape, or the flat one) into REPORT.md."""
     bench = _memory_bench()
@@ -372,11 +390,17 @@ def test_benchmark_report_shows_gpu_measurements_next_to_estimates(tmp_path):
     (results / "gpu-h200-2026-01-03.json").write_text(json.dumps({
         "kind": "gpu_check", "date": "2026-01-03", "device": {"name": "NVIDIA H200", "total_gb": 139.8},
         "ladder": [{"name": "ladder " + label, "status": "skipped (deadline)"}], "profiles": []}))
+    # gpu_check.py --cpu-smoke's file (the plumbing, on a CPU): never read as a GPU's measurements
+    (results / "gpu-cpu-smoke-2026-01-04.json").write_text(json.dumps({
+        "kind": "gpu_check", "date": "2026-01-04", "device": {"name": "cpu"},
+        "ladder": [dict(nested, name="ladder " + label)], "profiles": []}))
     runs = bench.gpu_runs(json.loads((results / "gpu-h100-2026-01-02.json").read_text()))
     assert [(r["status"], r["peak_allocated"], r["peak_stage"]) for r in runs] == [
         ("ok", 5 * GIB, "backward"), ("ok", int(3.3 * GIB), "backward"), ("oom", 7 * GIB, None)]
     doc, gpu = bench.load_results(results)
+    assert [p.name for p, _ in gpu] == ["gpu-h100-2026-01-02.json", "gpu-h200-2026-01-03.json"]
     text = bench.report(doc, gpu, results)
+    assert "### cpu" not in text
     assert "| 5.00 (backward) | 6.00 | 4.00 | 1.25 | 3.25 |" in text  # measured, estimated, ratio, s/step (ladder)
     assert f"| {bench.LADDER[-1][0]} | NVIDIA H100 | ok | 3.30 (backward) | 4.00 | 3.00 | 1.10 |" in text
     assert f"| {label} | NVIDIA H100 | ok | 5.00 (backward) |" in text  # not the H200's skipped row
