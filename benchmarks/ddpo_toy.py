@@ -565,4 +565,6 @@ def plot(plt, result: dict):
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--driver":
         sys.exit(driver(sys.argv[2:]))
-    raise SystemExit("run it through benchmarks/toy_experiments.py --only rl --trl-python PATH")
+    print("ddpo_toy.py is the driver of benchmarks/toy_experiments.py's RL rows: run them with "
+          "`python benchmarks/toy_experiments.py --only rl --trl-python PATH`", file=sys.stderr)
+    sys.exit(0 if {"-h", "--help"} & set(sys.argv[1:]) else 2)

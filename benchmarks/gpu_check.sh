@@ -49,5 +49,5 @@ if [ ${#need[@]} -gt 0 ]; then
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+command -v nvidia-smi >/dev/null && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
 python3 benchmarks/gpu_check.py --out "$OUT_DIR" --deadline "${DEADLINE:-400}" --jobs "${JOBS:-1}" "$@"
