@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -78,8 +77,9 @@ def make_accelerator(cfg: Config, output_dir: Path):
         log.warning("mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU")
         mp = "no"
     if not torch.cuda.is_available() and mp == "bf16" and precision.cpu_has_bf16() is False:
-        log.warning("mixed_precision=bf16 on a CPU without bf16 instructions (avx512_bf16, amx_bf16): torch emulates "
-                    "them, many times slower than fp32; --set mixed_precision=no is faster here (the cpu profile's)")
+        log.warning("mixed_precision=bf16 on a CPU without bf16 instructions (%s): torch emulates them, many times "
+                    "slower than fp32; --set mixed_precision=no is faster here (the cpu profile's)",
+                    ", ".join(sorted(precision.BF16_CPU_FLAGS)))
     if cfg.deepspeed_zero:
         from lowmem_alignprop.run.distributed import deepspeed_plugin
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed
@@ -104,16 +104,18 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     a new run. ``command``: the command line that started it, recorded in the run folder (command.txt)."""
     folder = folder or RunFolder(cfg.output_dir)
     with same_on_every_rank():
+        from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
+        cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
+        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N: before the package checks
         given = prepare_inputs(cfg)
         from lowmem_alignprop.measure.weight_bytes import check_host_memory
         check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
-        cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
-        if cfg.deepspeed_zero == 0 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
-            adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N
+        note = schedule_note(cfg)  # e.g. an early stop that cannot happen in this many steps: before any model loads
+        if note and global_rank() == 0:
+            log.warning("%s", note)
         point = folder.check()
         # held-out prompts never train; a resume keeps those its run set aside (another seed would draw others)
         prompts, eval_prompts = split_eval_prompts(cfg, given, point.state.get("config") if point else None)
@@ -452,9 +454,6 @@ class Trainer:
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
                                     sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))
-            note = schedule_note(cfg)  # e.g. an early stop that cannot happen in this many steps
-            if note and self.is_main:
-                log.warning("%s", note)
             if self.judge_prompts:  # the toy world: its exact evaluators judge the held-out images too (eval_fidelity_*)
                 from lowmem_alignprop.toy.fidelity import evaluate_batch
                 self.held_out.evaluators.append(evaluate_batch)
