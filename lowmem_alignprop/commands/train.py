@@ -437,7 +437,8 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         self.rank = acc.process_index
-        self.rng = random.Random(cfg.seed * 1000 + self.rank)  # prompt order and K draws; each rank its own stream
+        self.rank_seed = cfg.seed * 1000 + self.rank  # each rank its own stream of prompts and K
+        self.rng = random.Random(self.rank_seed)  # prompt order and K draws
         if self.embed is None:  # (SD3/FLUX's was made before the transformer was read) cached once, or per step
             self.embed = self.family.prompt_encoder(self.pipe, self.comps, self.place, self.device, cfg,
                                                     prompts=self.prompt_set(), final=True)
@@ -583,7 +584,7 @@ class Trainer:
             with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
                 first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size  # rollouts of this rank so far
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
-                                             cfg.seed * 1000 + self.rank)
+                                             self.rank_seed)
                 ks.append(k := draw_k(cfg, self.rng))  # once per rollout: the window is the contiguous last K steps
                 with stage(stages.ENCODE_PROMPTS):
                     emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
@@ -794,6 +795,10 @@ class Trainer:
         if "expandable_segments" in keys:  # segments made from now on (the OOM handler emptied the cache) grow in place
             self.allocator = configure_cuda_allocator(cfg.expandable_segments)
 
+    def checkpoint_dir(self, step: int) -> Path:
+        """Where the run's checkpoint of ``step`` is (or would be)."""
+        return ckpt.step_dir(ckpt.root_of(self.out), step)
+
     def keep_steps(self, last: int) -> tuple[Path | None, str]:
         """An error stops the run: steps 1..``last`` into a checkpoint (one process only: a failure on one of several
         cannot save with the others). Returns it and the tail of the error's message that says so ("" when none)."""
@@ -801,8 +806,8 @@ class Trainer:
         if (self.accelerator.num_processes == 1 or self.all_failed) and last >= 1:  # all_failed: every rank is here
             if last > (self.last_saved or 0):
                 saved = self.save_checkpoint(last)
-            elif last == self.last_saved and ckpt.step_dir(ckpt.root_of(self.out), last).is_dir():  # saved already
-                saved = ckpt.step_dir(ckpt.root_of(self.out), last)
+            elif last == self.last_saved and self.checkpoint_dir(last).is_dir():  # saved already
+                saved = self.checkpoint_dir(last)
         if saved is None:
             return None, ""
         done = "step 1 is" if last == 1 else f"steps 1-{last} are"
@@ -994,7 +999,7 @@ class Trainer:
         except Exception as failed:  # a full disk (in the OS's, torch's or safetensors' words): what is safe, and
             if (e := atomic.write_failure(failed, self.out)) is None:  # how to get the rest
                 raise
-            saved = ckpt.step_dir(ckpt.root_of(self.out), done)
+            saved = self.checkpoint_dir(done)
             raise UserError(f"could not write {atomic.file_of(e)}: {atomic.describe(e)}; the trained weights are "
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
                             "then --resume latest writes the LoRA, samples, reports and summary again") from None
