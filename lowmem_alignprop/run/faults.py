@@ -253,11 +253,10 @@ def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, 
 
 
 def free_memory() -> None:
-    """After an OOM: drop cached blocks so the retry starts from a clean allocator."""
-    import gc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """After an OOM: collect what the failed step left and drop the accelerator's cached blocks (accelerate's
+    clear_device_cache: CUDA, XPU, MPS...), so the retry starts from a clean allocator."""
+    from accelerate.utils.memory import clear_device_cache
+    clear_device_cache(garbage_collection=True)
 
 
 # -- NaN / inf -----------------------------------------------------------------------------------------
