@@ -156,3 +156,17 @@ def test_a_text_encoder_whose_files_lack_weights_is_refused_not_run_as_noise(tmp
     with pytest.raises(UserError, match=needle):
         load_base(str(model))
     load_base(str(tiny_dir))  # the intact model loads
+
+
+def test_a_flux_transformer_without_sample_size_is_judged_at_1024_px():
+    """FLUX.1's config has no sample_size (it was trained at 1024 px): the one resolution rule takes 128 latent cells
+    for it, with the same words as every model's."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.models.sampling import resolution_note
+
+    vae = SimpleNamespace(config={"block_out_channels": [1, 2, 3, 4]})  # 3 downsamplings: 8 px a cell
+    flux = SimpleNamespace(config=SimpleNamespace())
+    assert resolution_note(flux, vae, 1024, default_size=128) is None
+    assert resolution_note(flux, vae, 512, default_size=128).startswith(
+        "the model was made for 1024 px images and this run uses 512 px: that far from its size its images")

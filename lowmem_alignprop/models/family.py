@@ -171,13 +171,8 @@ class FlowFamily(UNetFamily):
                                          transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))
 
     def resolution_note(self, cfg) -> str | None:
-        config = self.comps.unet.config
-        size = getattr(config, "sample_size", None) or 128  # FLUX.1 has none: it was trained at 1024 px (128 latent)
-        native = size * sampling.vae_scale_factor(self.comps.vae)
-        if native // 2 < cfg.resolution < native * 2:
-            return None
-        return (f"the model was made for {native} px images and this run uses {cfg.resolution} px: --set "
-                f"resolution={native} (check the fit with `lowmem-alignprop plan`)")
+        # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)
+        return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution, default_size=128)
 
 
 class _OnDevice:

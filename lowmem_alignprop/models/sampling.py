@@ -339,9 +339,10 @@ def vae_scale_factor(vae) -> int:
     return vae_scale(vae.config)
 
 
-def resolution_note(unet, vae, resolution: int) -> str | None:
-    """A warning when ``resolution`` is half the model's native image size or less, or twice it or more."""
-    size = unet.config.sample_size
+def resolution_note(unet, vae, resolution: int, default_size: int | None = None) -> str | None:
+    """A warning when ``resolution`` is half the model's native image size or less, or twice it or more (the
+    denoiser's sample_size in latent cells; ``default_size`` for a model whose config has none)."""
+    size = getattr(unet.config, "sample_size", None) or default_size
     native = (size if isinstance(size, int) else max(size)) * vae_scale_factor(vae)
     if native // 2 < resolution < native * 2:
         return None
