@@ -26,6 +26,11 @@ that object *by reference* until the layer's backward, so each load gives the la
 copies (:class:`_Int8Weight`, :class:`_NF4Weight`): a backward then reads the copy its recompute made, as
 ``F.linear``'s saved weight does, however often the layer has been unloaded since. ``host_bytes[i]`` is what block
 ``i`` holds in host memory, and what each of its loads copies.
+
+Why not diffusers' group offloading (``apply_group_offloading(offload_type="block_level", use_stream=True)``): it
+offloads every group of a module, parameters included, while here only the N blocks chosen are swapped and the
+LoRA weights inside them stay on the device with their gradients and optimizer state; and it moves plain tensors,
+while a bitsandbytes layer's quantization state must move with its weight (above).
 """
 
 from __future__ import annotations

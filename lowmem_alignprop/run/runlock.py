@@ -10,6 +10,11 @@ the next free one (see :class:`lowmem_alignprop.run.runfolder.RunFolder`).
 A lock file left by a killed run holds no lock any more and is simply taken. Under ``accelerate launch`` only
 global rank 0 takes it (one lock per run, not per process); the other ranks recognise their launch in it.
 Without ``fcntl`` (Windows) the file is created exclusively and a leftover is judged by its pid instead.
+
+Why not ``filelock.FileLock``: the lock file here holds who holds it (pid, host, start, launch: what the refusal
+says, and how the other ranks of a launch recognise theirs), and it is removed when the run ends, while still
+locked, with an inode check for a run that opened it meanwhile; filelock leaves its lock file behind and holds no
+content.
 """
 
 from __future__ import annotations
