@@ -773,7 +773,7 @@ class Trainer:
         """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step). Each
         setting reaches the object that acts on it: the tests/test_auto_fit.py rung tests check every one."""
         cfg, keys = self.cfg, set(fit.overrides)
-        dataclasses.replace(cfg, **fit.overrides).validate()
+        cfg.with_changes(**fit.overrides)  # a change that does not validate fails here, before any field moves
         for key, value in fit.overrides.items():
             setattr(cfg, key, value)  # batch_size, sliced_decode, tiled_decode, activation_offload: read per step
         if "cache_prompt_embeddings" in keys:  # the prompt encoder holds its own copy of the flag

@@ -202,7 +202,7 @@ class _Search:
 
     def config(self, change: dict[str, Any]) -> Config | None:
         try:
-            return dataclasses.replace(self.cfg, **change).validate()
+            return self.cfg.with_changes(**change)
         except UserError:
             return None  # an impossible combination (activation offload without VAE checkpointing)
 
@@ -441,7 +441,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
         result["seconds"] = round(time.perf_counter() - started, 1)
         return result
     best = search.fill_window(search.polish(best))
-    chosen = dataclasses.replace(cfg, **best["set"]).validate()
+    chosen = cfg.with_changes(**best["set"])
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
     named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "cpu")
     result.update(found=best, set=changes, profile_yaml=profile_yaml(named, profile, best, target),
@@ -504,7 +504,7 @@ def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] 
         suggestion = (result["plan"] or {}).get("suggestion") or {}
         return cfg, {**record, "skipped": "nothing in the searched features fits the budget",
                      "cheapest_change": set_flags(suggestion.get("set") or {}) or None}
-    chosen = dataclasses.replace(searched, **result["set"]).validate()
+    chosen = searched.with_changes(**result["set"])
     record.update(set=result["set"], flags=set_flags(result["set"]), needed_gb=round(found["needed"] / GIB, 3),
                   seconds_per_step=found["seconds"], given_seconds_per_step=given["seconds"] if given else None,
                   given_fits=given["fits"] if given else None)

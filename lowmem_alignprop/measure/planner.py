@@ -416,7 +416,7 @@ def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:
 # the search for a change that fits (the changes: measure/fit_changes.py)
 # ---------------------------------------------------------------------------------------------------
 def _apply(cfg: Config, change: dict[str, Any]) -> Config:
-    return dataclasses.replace(cfg, **change).validate()
+    return cfg.with_changes(**change)
 
 
 @reuse_estimates()

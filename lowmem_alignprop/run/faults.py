@@ -14,7 +14,6 @@ handling is exercised on a CPU.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -180,7 +179,7 @@ STAGE_FIRST: dict[str, tuple[str, ...]] = {
 
 def _valid(cfg, overrides: dict) -> bool:
     try:
-        changed = dataclasses.replace(cfg, **overrides).validate()
+        changed = cfg.with_changes(**overrides)
     except (UserError, TypeError):
         return False
     return any(getattr(changed, k) != getattr(cfg, k) for k in overrides)

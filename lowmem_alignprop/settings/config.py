@@ -455,6 +455,10 @@ class Config:
             raise UserError(f"unknown recipe {self.recipe!r}: use one of {', '.join(shipped_recipes())}")
 
     # ------------------------------------------------------------------------------------------------
+    def with_changes(self, **changes: Any) -> "Config":
+        """A validated copy with ``changes`` (an auto-fit step, a search's candidate); this one is left as it is."""
+        return dataclasses.replace(self, **changes).validate()
+
     def window_bounds(self) -> tuple[int, int]:
         """The range of K this config can draw."""
         if self.truncation == "fixed":
