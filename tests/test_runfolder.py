@@ -136,6 +136,21 @@ def test_a_resumes_changed_settings_are_said_once_by_rank_0(tmp_path, monkeypatc
     assert said[1] == [] and len(said[0]) == 2 and said[0][0] == "resume: lr was 0.001 in the checkpoint, now 0.002"
 
 
+def test_a_resumes_model_is_judged_by_its_weights_and_a_new_seed_says_what_it_moves(tmp_path, caplog):
+    """Another --model: no "model was ..." warning before the weights load (the fingerprint then refuses another model
+    in one line, or says the same model goes by another name: a warning then an error was two lines for one bad
+    input). A new seed says what it changes and what it does not."""
+    from lowmem_alignprop.settings.config import Config
+
+    state = {"config": Config(model="tiny", seed=0).to_dict(), "step": 1}
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        ckpt.check_config(state, Config(model="toy", seed=7, steps=2), tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        "resume: seed was 0 in the checkpoint, now 7 (the images' noise follows it; with prompt_order=random the "
+        "prompt and K draws go on from the checkpoint's random state, and the held-out prompts stay those the run set "
+        "aside)"]
+
+
 def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     """best/ so far was chosen on the weights the run evaluated (the EMA's, by default): a resume evaluating the
     trained ones would compare the two (it only warned, "ema_outputs was True ..., now False"); without evaluation

@@ -57,6 +57,11 @@ FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_t
                "early_stop")
 
 
+# what a warned change does at a resume, where it is not what one would guess
+CHANGE_NOTES = {"seed": " (the images' noise follows it; with prompt_order=random the prompt and K draws go on "
+                        "from the checkpoint's random state, and the held-out prompts stay those the run set aside)"}
+
+
 def root_of(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / DIRNAME
 
@@ -293,10 +298,11 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         raise UserError(f"checkpoint {path} evaluated the {'EMA' if theirs == 'true' else 'trained'} weights and this "
                         f"run would evaluate the {'EMA' if cfg.ema_outputs else 'trained'} ones: best/ so far was "
                         f"chosen on the former; resume with --set ema_outputs={theirs}, or start a new run")
-    changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS
-               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+    changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"  # (the loaded
+               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]  # weights' fingerprint judges another model)
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
-        log.warning("resume: %s was %r in the checkpoint, now %r", n, saved[n], getattr(cfg, n))
+        log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
+                    CHANGE_NOTES.get(n, ""))
 
 
 # -- model identity ----------------------------------------------------------------------------------

@@ -307,6 +307,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
     own: dict[str, Any] = {}  # a profile file of the user's (a run's config.yaml too): its fields as written
+    on_top = None  # a resume under another profile: said once the settings it gives are valid
     if resumed is None:
         model = str(overrides.get("model", explicit.get("model", Config().model)))
         name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
@@ -318,9 +319,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         name, values = resumed
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
             name, card = load_profile(profile)
-            values = {**values, **card}
-            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
-                                                          name)
+            values, on_top = {**values, **card}, name
     chosen = {**values, **explicit, **overrides}
     model, components = str(chosen.get("model", Config().model)), str(chosen.get("model_components", ""))
     kept = {**explicit, **overrides}  # what the user set over the recipe
@@ -345,7 +344,11 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                 "header of `lowmem-alignprop profiles %s` says which)", recipe,
                 values.get("prompts", Config().prompts), recipe)
     try:
-        return name, build_config(values, explicit, overrides, training)
+        built = build_config(values, explicit, overrides, training)
+        if on_top:
+            logging.getLogger("lowmem_alignprop").warning("resume: profile %s applies on top of the run's settings",
+                                                          on_top)
+        return name, built
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
         note = profile_note(name, model_kind_of(model, components))
         if note is not None:
