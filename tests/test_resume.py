@@ -111,8 +111,20 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
     # rows before step 3 index other prompts, so it compares every image's mean (different prompts), also at a
     # later resume that keeps the file
     for steps in (3, 4):
-        if steps == 4:
+        if steps == 4:  # config.yaml edited by hand meanwhile: said (a resume trains the checkpoint's settings)
+            config = run / "config.yaml"
+            config.write_text(config.read_text().replace("\nlr: ", "\nlr: 0.5 #"))
+            caplog.clear()
             assert main([*args, "--steps", "4", "--resume", "latest"]) == 0
+            [edited] = [r.getMessage() for r in caplog.records if "config.yaml was edited" in r.getMessage()]
+            assert edited.startswith("resume: config.yaml was edited since the checkpoint (lr ") and \
+                edited.endswith("-> 0.5): a resume trains with the checkpoint's settings and the flags given now, "
+                                "and writes config.yaml again; give a change as a flag, e.g. --set lr=0.5")
+            assert "\nlr: 0.5" not in config.read_text()
+        # prompts.json keeps the list the steps before the change index
+        kept = json.loads((run / "prompts.json").read_text())
+        assert kept["train"] == ["a green bird", "a blue dog"]
+        assert kept["earlier"] == [{"until_step": 2, "train": ["a red cat", "a blue dog"]}]
         summary = json.loads((run / "summary.json").read_text())
         rows = strict_rows(run)
         assert summary["prompts_since_step"] == 3 and summary["reward_prompts"] is None

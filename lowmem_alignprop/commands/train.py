@@ -163,6 +163,20 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
     return chosen, record
 
 
+def prompt_lists_before(path: Path, prompts: list[str], start: int) -> dict[str, list]:
+    """prompts.json's ``earlier``: the training prompt lists that metrics.jsonl's earlier rows index, each with the
+    last step that used it (``until_step``), when a resume trains from step ``start`` + 1 on other ``prompts``."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if start else {}
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    earlier = list(old.get("earlier") or [])
+    if isinstance(old.get("train"), list) and old["train"] != prompts:
+        earlier.append({"until_step": start, "train": old["train"]})
+    return {"earlier": earlier} if earlier else {}
+
+
 def prompt_digest(prompts: list[str]) -> str:
     """The prompt list's fingerprint in a checkpoint: a resume whose prompt file was edited since is told so."""
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
@@ -409,14 +423,21 @@ class Trainer:
         as they were."""
         out = self.out
         if self.is_main:
+            if self.point is not None:  # a hand edit of config.yaml would be written over without a word
+                note = ckpt.edited_config_note(out / "config.yaml", self.point.state.get("config", {}), self.fits)
+                if note:
+                    log.warning("%s", note)
             atomic.write_text(out / "config.yaml", self.config_yaml())
             # --init-lora's LoRA kept as read: a resume needs neither its path nor its file
             if self.init_file is not None and self.init_file != self.init_lora_copy:
                 with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
                     shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
-            # what prompt_ids index, and what the evaluation holds out (a user can check it never trains)
-            atomic.write_text(out / PROMPTS_FILE, json.dumps({"train": self.prompts, "held_out": self.eval_prompts},
-                                                             indent=1, ensure_ascii=False) + "\n")
+            # what prompt_ids index, and what the evaluation holds out (a user can check it never trains); a resume
+            # on other prompts keeps the lists the earlier steps' prompt_ids index
+            atomic.write_text(out / PROMPTS_FILE, json.dumps(
+                {"train": self.prompts, "held_out": self.eval_prompts,
+                 **prompt_lists_before(out / PROMPTS_FILE, self.prompts, self.start)},
+                indent=1, ensure_ascii=False) + "\n")
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
             elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's

@@ -305,6 +305,28 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                     CHANGE_NOTES.get(n, ""))
 
 
+def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> str | None:
+    """What to say of a run's config.yaml edited by hand since its checkpoint (None: not edited): a resume trains with
+    the checkpoint's settings and the flags given now, and writes config.yaml again, so the edit would be lost
+    without a word. ``fits``: --auto-fit's changes, which the checkpoint holds and config.yaml may not yet."""
+    import yaml
+
+    try:
+        written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    stepped = {k for f in fits for k in (f.get("change") or {})}
+    edits = [(k, saved[k], v) for k, v in (written if isinstance(written, dict) else {}).items()
+             if k in saved and k not in stepped and k != "output_dir" and v != saved[k]]
+    if not edits:
+        return None
+    said = ", ".join(f"{name} {a!r} -> {b!r}" for name, a, b in edits)
+    k, _, v = edits[0]
+    return (f"resume: config.yaml was edited since the checkpoint ({said}): a resume trains with the checkpoint's "
+            f"settings and the flags given now, and writes config.yaml again; give a change as a flag, e.g. "
+            f"--set {k}={v}")
+
+
 # -- model identity ----------------------------------------------------------------------------------
 
 def fingerprint(cfg, unet) -> dict[str, Any]:
