@@ -90,6 +90,14 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
     from lowmem_alignprop.commands.lora_files import read_lora
     card = read_lora(str(run / "checkpoints" / "step-00000009")).summary  # export's model card of the checkpoint
     assert (card["reward_first"], card["reward_last"]) == (summary["reward_first"], summary["reward_last"])
+    assert card["reward_since_step"] == 7
+    # the exported card says the reward changed and what its first -> final compares (it showed colorfulness alone)
+    for lora in (run / "lora", run / "checkpoints" / "step-00000009"):
+        out = tmp_path / f"card-{lora.name}"
+        assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
+        text = (out / "README.md").read_text()
+        assert "| reward | colorfulness (from step 7: a resume changed it) |" in text
+        assert "| training reward, first -> final steps (since step 7) |" in text
 
 
 def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):

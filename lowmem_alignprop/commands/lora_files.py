@@ -228,7 +228,8 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     if history:  # as the trainer's summary compares them
         from lowmem_alignprop.run.runfolder import first_last_rewards
         since = int(state.get("reward_since") or 1)  # a resume that changed the reward: the steps it scored
-        lora.summary.update(first_last_rewards(history, since, int(state.get("prompts_since") or 1)))
+        lora.summary.update(first_last_rewards(history, since, int(state.get("prompts_since") or 1)),
+                            **({"reward_since_step": since} if since > 1 else {}))
     return lora
 
 

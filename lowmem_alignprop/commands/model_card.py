@@ -28,7 +28,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     steps = s.get("steps_done", s.get("steps", c.get("steps")))
     if steps is not None:
         info["steps"] = steps
-    for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted"):
+    for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
+                "reward_since_step", "reward_steps"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     return info
@@ -91,8 +92,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
+    since = info.get("reward_since_step")  # a resume changed the reward at this step
+    reward = f"{info.get('reward')} (from step {since}: a resume changed it)" if since else info.get("reward")
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
-             "unknown"), ("reward", info.get("reward")),
+             "unknown"), ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
     if "truncation" in info:
         k = (f"K = {info.get('k')}" if info["truncation"] == "fixed"
@@ -104,8 +107,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                  f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
     if outputs_are_ema(info):  # which weights: the average's, as lora/ holds
         rows.append(("weights", f"the exponential moving average of the trained LoRA (decay {num(info['ema_decay'])})"))
-    if "reward_first" in info and "reward_last" in info:
-        rows.append(("training reward, first -> final steps",
+    if "reward_first" in info and "reward_last" in info and info.get("reward_steps", 2) > 1:  # one step: no change
+        rows.append(("training reward, first -> final steps" + (f" (since step {since})" if since else ""),
                      f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
     if "sample_reward_before" in info and "sample_reward_after" in info:
         as_trained = into or merged_weight not in (None, 1.0)  # the run's figures: the LoRA at 1 on its base
