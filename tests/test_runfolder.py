@@ -164,3 +164,14 @@ def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     ckpt.check_config(state, Config(**ema), tmp_path)
     plain = {"config": Config(ema_decay=0.9, steps=4).to_dict(), "step": 2}
     ckpt.check_config(plain, Config(ema_decay=0.9, steps=4, ema_outputs=False), tmp_path)
+
+
+def test_the_docs_list_every_field_a_resume_changes_freely_and_every_one_it_keeps():
+    """docs/bad_inputs.md's resume paragraph names the fields a resume may change without a word and those it must
+    keep, as run/checkpoint.py has them (it named 4 of the 13 free ones)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md").read_text()
+    para = text[text.index("Fields a resumed run must keep"):]
+    para = para[:para.index("\n\n")]
+    assert all(f"`{name}`" in para for name in (*ckpt.FREE_FIELDS, *ckpt.STRICT_FIELDS)), para
