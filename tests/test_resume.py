@@ -310,6 +310,9 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-3").iterdir()) == [
         "metrics.jsonl", "step-00000003"]
+    # (the branch point is step 2, the checkpoint taken up step 4: it said "resuming from step 2")
+    assert ("a new branch after step 2: the run's checkpoints after it (step-00000003) moved to "
+            f"{run / 'checkpoints' / 'superseded-after-step-2-3'}") in caplog.text
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000005"
     # a checkpoint of this run resumed into another folder: this run's checkpoints are not touched
     listing = sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("step-*"))

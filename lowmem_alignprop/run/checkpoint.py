@@ -141,8 +141,8 @@ def set_aside_newer(root: Path, step: int, metrics: Path | None = None) -> Path 
     if metrics is not None and metrics.is_file():
         with atomic.replacing(aside / metrics.name) as tmp:  # that branch's rows, before this one rewrites them
             shutil.copy2(metrics, tmp)
-    log.warning("resuming from step %d: the newer checkpoints (%s) moved to %s, so --resume latest continues this "
-                "branch", step, ", ".join(p.name for p in reversed(newer)), aside)
+    log.warning("a new branch after step %d: the run's checkpoints after it (%s) moved to %s, so --resume latest "
+                "continues this branch", step, ", ".join(p.name for p in reversed(newer)), aside)
     return aside
 
 
