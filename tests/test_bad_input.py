@@ -251,11 +251,20 @@ def test_missing_reward_model_weights(reward, weights, needle, tmp_path, tiny_di
     assert "aesthetic reward" in err and not out.exists()
 
 
-def test_reward_returning_the_wrong_shape(tmp_path, tiny_dir, capsys, monkeypatch):
-    (tmp_path / "shape_reward.py").write_text("def reward(images, prompts):\n    return images.mean()\n")
+@pytest.mark.parametrize("returned, needle", [
+    ("images.mean()", "returned shape ()"),
+    # a meta tensor (or one on another device) was a traceback from .item(); complex scores lost their imaginary part
+    ("images.mean(dim=(1, 2, 3)).to('meta')", "returned scores on meta, its images are on cpu; return them on the "
+                                              "images' device (images.device)"),
+    ("images.mean(dim=(1, 2, 3)).to(torch.complex64)", "returned complex scores (torch.complex64); return one real "
+                                                       "score per image"),
+], ids=["shape", "device", "complex"])
+def test_reward_returning_the_wrong_shape_device_or_kind(tmp_path, tiny_dir, capsys, monkeypatch, returned, needle):
+    (tmp_path / "shape_reward.py").write_text(f"import torch\ndef reward(images, prompts):\n    return {returned}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "shape_reward", raising=False)
     out = tmp_path / "run"
-    fails(capsys, [*FAST, "--reward", "shape_reward:reward", "--output-dir", str(out)], "returned shape ()")
+    fails(capsys, [*FAST, "--reward", "shape_reward:reward", "--output-dir", str(out)], needle)
     assert not out.exists()  # checked at start-up, before the run directory is created
 
 

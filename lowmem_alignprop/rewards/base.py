@@ -40,7 +40,7 @@ class RewardModule(torch.nn.Module):
         if len(prompts) != batch:
             raise ValueError(f"reward {self.name!r}: {batch} images but {len(prompts)} prompts")
         scores = self.score(images, prompts)
-        return _check_scores(scores, batch, self.name)
+        return _check_scores(scores, batch, self.name, images.device)
 
     def freeze(self) -> "RewardModule":
         """requires_grad False on every parameter, eval mode; returns self."""
@@ -57,10 +57,15 @@ class RewardModule(torch.nn.Module):
         return f"name={self.name!r}"
 
 
-def _check_scores(scores, batch: int, name: str) -> torch.Tensor:
+def _check_scores(scores, batch: int, name: str, device: torch.device | None = None) -> torch.Tensor:
     if not torch.is_tensor(scores):
         raise UserError(f"reward {name!r} returned {type(scores).__name__}, expected a tensor of shape [{batch}]; "
                         "make the reward function return one differentiable score per image")
+    if device is not None and scores.device.type != device.type:  # a meta tensor, or the images' copy elsewhere
+        raise UserError(f"reward {name!r} returned scores on {scores.device.type}, its images are on {device.type}; "
+                        "return them on the images' device (images.device)")
+    if scores.is_complex():  # .float() would drop the imaginary part without a word
+        raise UserError(f"reward {name!r} returned complex scores ({scores.dtype}); return one real score per image")
     if scores.dim() == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if scores.shape != (batch,):
