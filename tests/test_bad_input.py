@@ -254,8 +254,8 @@ def test_missing_reward_model_weights(reward, weights, needle, tmp_path, tiny_di
 @pytest.mark.parametrize("returned, needle", [
     ("images.mean()", "returned shape ()"),
     # a meta tensor (or one on another device) was a traceback from .item(); complex scores lost their imaginary part
-    ("images.mean(dim=(1, 2, 3)).to('meta')", "returned scores on meta, its images are on cpu; return them on the "
-                                              "images' device (images.device)"),
+    ("images.mean(dim=(1, 2, 3)).to('meta')", "returned scores on the meta device, which hold no values; return "
+                                              "them on the images' device (images.device)"),
     ("images.mean(dim=(1, 2, 3)).to(torch.complex64)", "returned complex scores (torch.complex64); return one real "
                                                        "score per image"),
 ], ids=["shape", "device", "complex"])

@@ -61,11 +61,13 @@ def _check_scores(scores, batch: int, name: str, device: torch.device | None = N
     if not torch.is_tensor(scores):
         raise UserError(f"reward {name!r} returned {type(scores).__name__}, expected a tensor of shape [{batch}]; "
                         "make the reward function return one differentiable score per image")
-    if device is not None and scores.device.type != device.type:  # a meta tensor, or the images' copy elsewhere
-        raise UserError(f"reward {name!r} returned scores on {scores.device.type}, its images are on {device.type}; "
-                        "return them on the images' device (images.device)")
+    if scores.is_meta:  # shapes without values: nothing to train on (it failed later in .item())
+        raise UserError(f"reward {name!r} returned scores on the meta device, which hold no values; return them "
+                        "on the images' device (images.device)")
     if scores.is_complex():  # .float() would drop the imaginary part without a word
         raise UserError(f"reward {name!r} returned complex scores ({scores.dtype}); return one real score per image")
+    if device is not None and scores.device != device:  # computed on the CPU from the card's images: brought back
+        scores = scores.to(device)  # (differentiable: the gradient goes back the same way)
     if scores.dim() == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if scores.shape != (batch,):
