@@ -379,3 +379,17 @@ def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, ca
     assert (odd[:18, 64 + 192 + 40:] < 128).any()  # its Latin part after the box is text ('and dog')
     warnings = [r for r in caplog.records if "no installed font has the characters" in r.getMessage()]
     assert len(warnings) == 1 and "猫" in warnings[0].getMessage() and "fonts-noto-cjk" in warnings[0].getMessage()
+
+
+def test_a_label_of_a_million_characters_is_cut_at_once():
+    """A prompt line of a million characters: the grid label is the longest prefix that fits with '...' (it cut one
+    character at a time, a minute of PIL calls, then PIL refused the string: the run's outputs never got written)."""
+    from PIL import Image, ImageDraw
+
+    from lowmem_alignprop.commands.grid import GlyphText
+
+    text, draw = GlyphText(), ImageDraw.Draw(Image.new("RGB", (200, 20)))
+    label = text.fit(draw, "a" * 1_000_000, 150)
+    assert label.endswith("...") and text.width(draw, label) <= 150
+    assert text.width(draw, "a" * (len(label) - 2) + "...") > 150  # one more character would not fit
+    assert text.fit(draw, "a cat", 150) == "a cat"

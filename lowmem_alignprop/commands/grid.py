@@ -95,12 +95,18 @@ class GlyphText:
         return sum(draw.textlength(part, font=font) for font, part in self.runs(text))
 
     def fit(self, draw, text: str, width: int) -> str:
-        """``text`` cut (with '...') to ``width`` pixels."""
-        if self.width(draw, text) <= width:
+        """``text`` cut (with '...') to ``width`` pixels: the longest prefix that fits, by bisection."""
+        cut = text[:max(width, 1)]  # more characters than pixels never fit (a prompt line of a million characters)
+        if cut == text and self.width(draw, text) <= width:
             return text
-        while text and self.width(draw, text + "...") > width:
-            text = text[:-1]
-        return text + "..."
+        lo, hi = 0, len(cut)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.width(draw, cut[:mid] + "...") <= width:
+                lo = mid
+            else:
+                hi = mid - 1
+        return cut[:lo] + "..."
 
     def draw(self, draw, xy: tuple[int, int], text: str, width: int, fill="black") -> None:
         x, y = xy
