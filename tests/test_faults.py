@@ -403,6 +403,24 @@ def test_a_reward_that_exits_keeps_the_finished_steps_and_says_so(kind, at, name
     assert ckpt.find_resume(out, "latest").name == f"step-{at - 1:08d}"
 
 
+def test_a_reward_that_changes_the_working_directory_moves_no_file_of_the_run(tmp_path, monkeypatch, tiny_dir):
+    """A relative --output-dir, and a reward that os.chdir()s away at step 2: the run's files stay where the run
+    began (it wrote runc/metrics.jsonl in the new directory, failed with a traceback and left its lock)."""
+    (tmp_path / "qa_chdir.py").write_text(
+        "import os\ncalls = [0]\ndef reward(images, prompts):\n"
+        "    calls[0] += images.requires_grad\n"
+        f"    if calls[0] == 2:\n        os.chdir({str(tmp_path / 'elsewhere')!r})\n"
+        "    return images.mean(dim=(1, 2, 3))\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([*FAST, "--output-dir", "runc", "--steps", "3", "--reward", "qa_chdir:reward"]) == 0
+    run = tmp_path / "here" / "runc"
+    assert [r["step"] for r in rows(run)] == [1, 2, 3] and (run / "summary.json").is_file()
+    assert not (run / ".run.lock").exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_reward_that_exits_at_start_up_is_one_line(tmp_path, capsys, monkeypatch, tiny_dir):
     """sys.exit, or a KeyboardInterrupt the reward's own code raises (not the user's Ctrl-C: that one is "interrupted",
     exit 130), in its call or at its import: one line naming the reward, exit 2."""

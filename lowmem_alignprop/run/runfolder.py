@@ -65,7 +65,8 @@ class RunFolder:
     ``resume``: the --resume value (``latest`` or a checkpoint / run folder), or None."""
 
     def __init__(self, path: str | os.PathLike, *, numbered: bool = False, resume: str | None = None):
-        self.path = Path(path)
+        # anchored now: a user's reward that changes the working directory does not move the run's files
+        self.path = Path(path).expanduser().absolute()
         self.numbered = numbered
         self.resume = resume
         self.moved_past: tuple[Path, str] | None = None  # (the default folder, why it was passed): said at hold()

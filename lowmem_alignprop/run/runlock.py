@@ -115,7 +115,7 @@ class RunLock:
 
     def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
         self.out = Path(output_dir)
-        self.path = self.out / LOCK_NAME
+        self.path = self.out.absolute() / LOCK_NAME  # released where it was taken, whatever the working directory
         self.enabled = enabled
         self._created: list[Path] = []
         self._fd: int | None = None
