@@ -527,9 +527,11 @@ def stop_clock(monkeypatch):
                                            ("SIGINT", "SIGINT")])
 @pytest.mark.parametrize("saved", [None, 4])
 def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, first, second, saved):
-    """The first signal's message promises "Ctrl-C again to abort": a second signal of either kind keeps it (a second
-    SIGTERM never did, nor a Ctrl-C after one), once past the 2 s in which it is a launcher's echo of the first. The
-    abort says what is kept: the newest checkpoint, or that there is none to resume (not "--resume latest")."""
+    """The first signal's message says how to abort (a SIGTERM's: a second SIGTERM or a Ctrl-C; it said "Ctrl-C
+    again" to a scheduler's SIGTERM) and what that loses: a second signal of either kind aborts (a second SIGTERM
+    never did, nor a Ctrl-C after one), once past the 2 s in which it is a launcher's echo of the first, with the exit
+    code of that signal (143 for SIGTERM: it was 130 whatever the signal). The abort says what is kept: the newest
+    checkpoint, or that there is none to resume (not "--resume latest")."""
     import signal as sig
 
     stop_request, clock = stop_clock
@@ -537,14 +539,15 @@ def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, firs
     stop = stop_request.StopRequest(on_abort=lambda: released.append(True), saved=lambda: saved)
     stop._handle(getattr(sig, first), None)
     assert stop.name == first and f"{first} received: finishing this step" in caplog.text
-    assert "(Ctrl-C again to abort)" in caplog.text
+    how = "Ctrl-C" if first == "SIGINT" else "a second SIGTERM or a Ctrl-C"
+    assert f"({how} aborts: the steps since the last checkpoint are lost)" in caplog.text
     clock["now"] += 1.0
     stop._handle(getattr(sig, second), None)  # an echo: nothing happens
     assert not released
     clock["now"] += 1.5
     with pytest.raises(Aborted) as got:
         stop._handle(getattr(sig, second), None)
-    assert got.value.args == (130,) and released == [True]
+    assert got.value.args == (128 + int(getattr(sig, second)),) and released == [True]
     what = "Ctrl-C" if second == "SIGINT" else second
     line = caplog.records[-1].getMessage()
     if saved is None:
@@ -589,7 +592,7 @@ def test_a_second_sigterm_aborts_a_real_run_before_its_first_checkpoint(tmp_path
     finally:
         code = run.finish()
     stderr = run.stderr()
-    assert code == 130, stderr[-2000:]
+    assert code == 143, stderr[-2000:]
     assert ("aborted by a second SIGTERM before the run's first checkpoint: no step is kept, so there is nothing to "
             "resume") in stderr and "--resume latest" not in stderr and "Traceback" not in stderr
     assert not (run.out / ".run.lock").exists() and not ckpt.list_checkpoints(run.out / "checkpoints")

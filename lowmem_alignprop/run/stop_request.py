@@ -85,7 +85,8 @@ class StopRequest:
         if self.raise_now:
             raise CtrlC
         again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
-                 else "Ctrl-C again to abort")
+                 else f"{'Ctrl-C' if name == 'SIGINT' else 'a second SIGTERM or a Ctrl-C'} aborts: the steps since "
+                      "the last checkpoint are lost")
         if global_rank() == 0:  # once per run, not once per process
             log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", name, again)
 
@@ -107,7 +108,7 @@ class StopRequest:
         sys.stderr.flush()
         if self.on_abort is not None:
             self.on_abort()
-        os._exit(130)
+        os._exit(128 + int(signal.Signals[name]))  # 130 for Ctrl-C, 143 for SIGTERM, as a killed process
 
     @contextlib.contextmanager
     def installed(self):
