@@ -160,8 +160,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "fused_adamw=true", "--set", "optimizer=adamw8bit"], "fused_adamw fuses torch's AdamW"),
     (["--set", "output_dir="], "output_dir is empty"),
     (["--set", "model="], "model is empty: name one"),  # an unset $MODEL trained the tiny model's noise
-    (["--set", "card=x"], "card='x' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, h200, laptop: use "
-                          "--set card=rtx3060"),  # not "is not one of , rtx3060" nor "use --set card="
+    (["--set", "card=x"], "card='x' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, h200, "
+                          "laptop, cpu: use --set card=rtx3060"),  # not "is not one of , rtx3060" nor "use --set card="
     (["--output-dir", "/"], "is the file system's root"),
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),
     (["--set", "lora_layers=attention+ff", "--set", "train_unet=full"], "lora_layers=attention+ff shapes the LoRA, "
@@ -586,6 +586,8 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, caps
     ("rank_outside_a_launcher", "k=99 is larger than sample_steps=3"),
     ("model_dev_null", "model path /dev/null is not a regular file (a device such as /dev/null"),
     ("prompts_a_directory", "is a directory, not a file; give a text file"),
+    # a link named without a suffix or a slash was taken for an unknown built-in set's name
+    ("prompts_dangling_link_bare_name", "prompt file dangl is a symlink to"),
     ("profile_a_directory", "is a directory, not a profile file"),
     ("resolution_absurd", "resolution=100000 is larger than 4096, the most this tool takes"),
     ("batch_absurd", "batch_size=1000000 is larger than 1024, the most this tool takes"),
@@ -614,6 +616,10 @@ def test_environment_paths_and_sizes_are_one_line(case, needle, tmp_path, capsys
         args += ["--model", "/dev/null"]
     elif case == "prompts_a_directory":
         args += ["--prompts", str(tmp_path)]
+    elif case == "prompts_dangling_link_bare_name":
+        (tmp_path / "dangl").symlink_to(tmp_path / "nowhere")
+        monkeypatch.chdir(tmp_path)
+        args += ["--prompts", "dangl"]
     elif case == "profile_a_directory":
         (tmp_path / "p.yaml").mkdir()
         args += ["--profile", str(tmp_path / "p.yaml")]

@@ -121,6 +121,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         prompts, eval_prompts = split_eval_prompts(cfg, given, point.state.get("config") if point else None)
     lock = folder.hold()
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
+    folder.anchor()  # its files stay there whatever the user's code does to the working directory
     with lock:
         searched = None
         if cfg.auto_fit and point is None:  # a new run: the fastest configuration that fits, before the first step
@@ -829,8 +830,9 @@ class Trainer:
                 saved = self.save_checkpoint(last)
             elif last == self.last_saved and self.checkpoint_dir(last).is_dir():  # saved already
                 saved = self.checkpoint_dir(last)
-        if saved is None:
-            return None, ""
+        if saved is None:  # step 1 failed: nothing to keep, and a rerun into the same folder starts afresh
+            return None, ("; no step had finished, so none is saved: run the same command again once it is fixed"
+                          if last < 1 else "")
         done = "step 1 is" if last == 1 else f"steps 1-{last} are"
         return saved, f"; {done} saved in {saved}: --resume latest continues once it is fixed"
 

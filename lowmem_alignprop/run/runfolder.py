@@ -65,8 +65,7 @@ class RunFolder:
     ``resume``: the --resume value (``latest`` or a checkpoint / run folder), or None."""
 
     def __init__(self, path: str | os.PathLike, *, numbered: bool = False, resume: str | None = None):
-        # anchored now: a user's reward that changes the working directory does not move the run's files
-        self.path = Path(path).expanduser().absolute()
+        self.path = Path(path)
         self.numbered = numbered
         self.resume = resume
         self.moved_past: tuple[Path, str] | None = None  # (the default folder, why it was passed): said at hold()
@@ -144,6 +143,11 @@ class RunFolder:
         self.path = next_free_dir(base, taken)
         self.moved_past = (base, "--resume latest continues it" if isinstance(mark, ckpt.RunEvidence)
                            and mark.checkpoints else mark if mark == "a run still going" else "left as it is")
+
+    def anchor(self) -> None:
+        """From here on the folder goes by its absolute path: a user's reward that changes the working directory
+        moves no file of the run (the messages before, which choose the folder, name it as the user did)."""
+        self.path = self.path.expanduser().absolute()
 
     def with_output_dir(self, cfg):
         """``cfg`` writing to this folder."""
