@@ -421,6 +421,27 @@ def test_a_reward_that_changes_the_working_directory_moves_no_file_of_the_run(tm
     assert not (run / ".run.lock").exists() and list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_reward_that_fails_in_step_1_says_nothing_is_saved_and_a_rerun_works(tmp_path, capsys, monkeypatch,
+                                                                                 tiny_dir):
+    """A failure in step 1 said only what failed: now also that no step is saved and what to do (the same command
+    again, into the same folder)."""
+    (tmp_path / "qa_boom_first.py").write_text(
+        "import os\ndef reward(images, prompts):\n"
+        "    if images.requires_grad and images.shape[0] == 1 and os.environ.get('QA_BOOM'):\n"
+        "        raise ValueError('boom')\n"
+        "    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QA_BOOM", "1")
+    args = [*FAST, "--output-dir", str(tmp_path / "run"), "--steps", "1", "--set", "batch_size=1",
+            "--reward", "qa_boom_first:reward"]
+    assert main(args) == 2
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == ("error: step 1: the reward 'qa_boom_first:reward' raised ValueError: boom; no step had finished, "
+                   "so none is saved: run the same command again once it is fixed")
+    monkeypatch.delenv("QA_BOOM")
+    assert main(args) == 0
+
+
 def test_a_reward_that_exits_at_start_up_is_one_line(tmp_path, capsys, monkeypatch, tiny_dir):
     """sys.exit, or a KeyboardInterrupt the reward's own code raises (not the user's Ctrl-C: that one is "interrupted",
     exit 130), in its call or at its import: one line naming the reward, exit 2."""

@@ -291,3 +291,26 @@ def test_a_reward_file_that_cannot_be_used_is_one_line(spec, needle, tmp_path, m
     with pytest.raises(UserError) as err:
         check_reward_spec(spec, resolution=16)
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("leaves, trains", [("torch.set_default_dtype(torch.float64)", True),
+                                             ("torch.set_grad_enabled(False)", True)])
+def test_a_reward_that_changes_torchs_global_settings_is_set_back_and_said_once(leaves, trains, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """A reward that switches gradients off after computing its scores (the step then failed: 'no gradient to the
+    images', though its scores had one) or changes the default dtype (the rest of the run silently in float64):
+    set back after each call, said once, and the run trains as it would."""
+    import logging
+
+    (tmp_path / "qa_leaky.py").write_text(
+        f"import torch\ndef reward(images, prompts):\n    s = images.mean(dim=(1, 2, 3))\n    {leaves}\n    return s\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "qa_leaky", raising=False)
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    out = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--reward", "qa_leaky:reward"]) == 0
+    assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()
+    said = [r.getMessage() for r in caplog.records if "changed torch's global settings" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("reward 'qa_leaky:reward': reward(images, prompts) changed torch's "
+                                                 "global settings (")
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]

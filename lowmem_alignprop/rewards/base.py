@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -134,6 +137,21 @@ def _unmarked_term(name: str) -> bool:
     return ":" in name and not name.rstrip().endswith(")")
 
 
+_SAID_TORCH_STATE: weakref.WeakSet = weakref.WeakSet()  # user functions whose change of torch's settings was said
+
+
+def _said_before(fn) -> bool:
+    """Whether ``fn``'s change of torch's settings was said already; marks it said (an object that takes no weak
+    reference is said each time)."""
+    try:
+        if fn in _SAID_TORCH_STATE:
+            return True
+        _SAID_TORCH_STATE.add(fn)
+    except TypeError:
+        pass
+    return False
+
+
 class CallableReward(RewardModule):
     """Wraps a user reward: a callable (function, ``functools.partial``, callable object or ``nn.Module``) whose
     first positional parameter takes the images; it is called ``fn(images, prompts)`` when it accepts a second
@@ -153,10 +171,30 @@ class CallableReward(RewardModule):
 
     def score(self, images, prompts):
         fn = self.inner if self._fn is None else self._fn
-        scores = fn(images, prompts) if self.takes_prompts else fn(images)
+        with self._torch_state_kept():
+            scores = fn(images, prompts) if self.takes_prompts else fn(images)
         if callable(scores) and not torch.is_tensor(scores):
             factory = (f"; if {self.label} builds the reward (a factory), write it as '{self.name}()'"
                        if _unmarked_term(self.name) else "")
             raise UserError(f"reward {self.name!r}: called {self.call} and it returned {callable_label(scores)} "
                             f"(a {type(scores).__name__}), not a tensor of scores{factory}")
         return scores
+
+    @contextlib.contextmanager
+    def _torch_state_kept(self):
+        """torch's global settings as the reward found them: one that switches gradients off or changes the default
+        dtype (torch.set_grad_enabled, torch.set_default_dtype) would change the rest of the run without a word."""
+        grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+        try:
+            yield
+        finally:
+            changed = [f"{what} {a} -> {b}" for what, a, b in (("gradients enabled", grad, torch.is_grad_enabled()),
+                                                              ("default dtype", dtype, torch.get_default_dtype()))
+                       if a != b]
+            torch.set_grad_enabled(grad)
+            torch.set_default_dtype(dtype)
+            fn = self.inner if self._fn is None else self._fn
+            if changed and not _said_before(fn):  # once per function, however often the reward is built
+                logging.getLogger("lowmem_alignprop").warning(
+                    "reward %r: %s changed torch's global settings (%s); set back after each call: a reward must "
+                    "leave them as it found them", self.name, self.call, ", ".join(changed))

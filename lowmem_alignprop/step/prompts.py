@@ -87,7 +87,7 @@ def load_prompts(spec: str) -> list[str]:
     if spec in PROMPT_SETS:
         return _builtin(spec)
     path = Path(spec).expanduser()
-    if path.exists() or "/" in spec or "\\" in spec or path.suffix:
+    if path.exists() or path.is_symlink() or "/" in spec or "\\" in spec or path.suffix:  # (a link: broken, a loop)
         return read_prompt_file(path)
     raise UserError(f"unknown prompt set {spec!r}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
                     "text file with one prompt per line")
