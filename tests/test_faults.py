@@ -168,6 +168,8 @@ def test_oom_message_carries_the_planners_change(tmp_path, capsys, monkeypatch, 
     _, cfg = config_from_args(common_parser("t", "t").parse_known_args(args)[0])
     label, change = planner.next_feature(cfg, target="cpu", stage="backward")
     assert f"this should fit: {faults.Fit(label, change).as_flags()} ({label})" in msg, msg
+    # at step 1 nothing is saved, and the fix is the change above (not "run the same command again")
+    assert "; no step had finished, so none is saved [" in msg and "same command" not in msg, msg
 
 
 def test_an_oom_while_the_models_load_says_so_and_offers_no_auto_fit(tmp_path, capsys, monkeypatch):

@@ -785,7 +785,8 @@ class Trainer:
             if self.fits and self.is_main:  # the step-downs made so far, which the checkpoint's config holds
                 atomic.write_text(self.out / "config.yaml", self.config_yaml())
             changes = " (with --auto-fit's changes so far: config.yaml lists them)" if self.fits and kept else ""
-            raise faults.OutOfMemory(f"{message}{kept.removesuffix(' once it is fixed')}{changes} [{detail}]") from None
+            kept = kept.removesuffix(": run the same command again once it is fixed").removesuffix(" once it is fixed")
+            raise faults.OutOfMemory(f"{message}{kept}{changes} [{detail}]") from None  # (the message says the fix)
         log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
         self.apply_fit(fit)
         self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
