@@ -323,6 +323,10 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["step-00000002"]
     assert [r["step"] for r in strict_rows(other)] == [1, 2]  # step 1's row comes from the checkpoint
     assert strict_rows(other)[0]["reward_mean"] == old_rows[0]["reward_mean"]
+    # its command.txt (the model card's "how it was made") starts with the starts of the run it branched from
+    started = (run / "command.txt").read_text().splitlines()
+    made = (other / "command.txt").read_text().splitlines()
+    assert made[:-1] == started[:1] and f"--resume {run / 'checkpoints' / 'step-00000001'}" in made[-1], made
 
 
 def test_a_run_that_failed_before_its_first_step_is_not_a_run(tmp_path):

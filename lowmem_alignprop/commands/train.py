@@ -442,6 +442,11 @@ class Trainer:
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
             elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
+                if not (out / COMMAND_FILE).exists():  # another run's checkpoint resumed here: that run's starts first
+                    origin = RunFolder.of_checkpoint(str(self.point.path))
+                    earlier = started_commands(Path(origin))[:self.point.state.get("starts")] if origin else []
+                    if earlier:
+                        atomic.write_text(out / COMMAND_FILE, "\n".join(earlier) + "\n")
                 ckpt.append_line(out / COMMAND_FILE, self.command)
 
     def config_yaml(self) -> str:
