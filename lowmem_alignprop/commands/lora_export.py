@@ -43,7 +43,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import Lora
 from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
-from lowmem_alignprop.commands.lora_merge import merged_pipeline, record_merge, write_single_file
+from lowmem_alignprop.commands.lora_merge import merged_pipeline, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -110,11 +110,12 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
-    pipe, into = merged_pipeline(lora, model, 1.0 if weight is None else weight) if merge else (None, None)
-    merged = record_merge(lora, into, 1.0 if weight is None else weight) if merge else []  # what the model holds
+    at = 1.0 if weight is None else weight  # the LoRA's weight in a merged model
+    pipe, merged = merged_pipeline(lora, model, at) if merge else (None, [])  # merged: what the model holds
+    into = merged[-1]["into"] if merge else None
     with atomic.replacing_dir(out) as tmp:  # (an empty folder given as --out is replaced)
         if pipe is not None and single_file:
-            files = [write_single_file(lora, pipe.to(DTYPES[dtype or "fp32"]), tmp, weight, merged).name]
+            files = [write_single_file(lora, pipe.to(DTYPES[dtype or "fp32"]), tmp, merged).name]
         elif pipe is not None:
             pipe.to(DTYPES[dtype or "fp32"])
             # SD3/FLUX: the transformer in one file (diffusers shards over 10 GB), which ComfyUI's Load Diffusion
@@ -135,14 +136,14 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
         source = (lora.run / "samples" / (GRID_NAME if lora.step is None else f"step-{lora.step:06d}.png")
                   if lora.run is not None else None)
-        elsewhere = merge and into != lora.base_model  # merged into a model other than its base (e.g. with LoRAs)
-        if merge and (weight not in (None, 1.0) or elsewhere):  # the grid shows the LoRA as trained (weight 1, on its
-            source = None  # base), not this model
+        if merge and (at != 1.0 or into != lora.base_model):  # the grid shows the LoRA as trained (weight 1, on its
+            source = None  # base), not this model (another weight, or merged into another model: one with LoRAs)
         if source is not None and source.is_file():
             grid = GRID_NAME if lora.step is None else source.name
             shutil.copy2(source, tmp / grid)
-        (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command, merged_weight=(
-            (1.0 if weight is None else weight) if merge else None), grid=grid, merged_into=into), encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command,
+                                                merged_weight=at if merge else None, grid=grid, merged_into=into),
+                                     encoding="utf-8")
     return sorted(out.rglob("*"))
 
 

@@ -104,33 +104,29 @@ def merged_record(spec: str) -> list[dict]:
     return [r for r in record if isinstance(r, dict)] if isinstance(record, list) else []
 
 
-def record_merge(lora: Lora, spec: str, weight: float) -> list[dict]:
-    """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``."""
-    return [*merged_record(spec), {"lora": str(lora.named), "digest": lora_digest(lora), "weight": weight,
-                                   "into": spec}]
-
-
-def check_not_merged_twice(lora: Lora, spec: str) -> None:
-    """A model that `export --merge` made with this LoRA already in it would get it twice (its weights match the
+def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
+    """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``. A model that
+    `export --merge` made with this LoRA already in it is refused: it would get it twice (its weights match the
     base's fingerprint: the LoRA leaves the first layer alone)."""
-    digest = lora_digest(lora)
-    for r in merged_record(spec):
+    held, digest = merged_record(spec), lora_digest(lora)
+    for r in held:
         if r.get("digest") == digest:
             raise UserError(f"--merge: {spec} already holds this LoRA ({r.get('lora')}, merged at weight "
                             f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
                             f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
                             f"{r.get('into')}), with --weight for another strength")
+    return [*held, {"lora": str(lora.named), "digest": digest, "weight": weight, "into": spec}]
 
 
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
-    """(the base pipeline with the LoRA fused at ``weight``, the base model's spec); a LoRA of another base model, or
-    a model that already holds it, raises UserError."""
+    """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
+    last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
     from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, load_adapters, model_of_kind
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     spec = merge_base(lora, model)
-    check_not_merged_twice(lora, spec)
+    record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     kind = model_kind_of(spec, lora.run_config.get("model_components") or "")  # before the model loads (minutes)
     check_lora_family(model_of_kind(kind), [adapter], spec, "--merge:")
@@ -152,13 +148,14 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         warnings.simplefilter("ignore")
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
-    return pipe, spec
+    return pipe, record
 
 
-def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None, merged: list[dict]) -> Path:
+def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
-    weight in it, the run's reward and steps. SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's
-    MMDiT or Black Forest Labs' layout (models/flow_layout.py; the text encoders and VAE are the base model's)."""
+    weight in it, the run's reward and steps, and the LoRAs the model holds (``merged``: :func:`merge_record`'s).
+    SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's MMDiT or Black Forest Labs' layout
+    (models/flow_layout.py; the text encoders and VAE are the base model's)."""
     from safetensors.torch import save_file
 
     from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
@@ -175,7 +172,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, weight: float | None, merg
         state = pipeline_to_ldm(pipe)
     save_file(state, str(path), metadata={
         "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
-        "alignprop_lora_weight": num(1.0 if weight is None else weight),
+        "alignprop_lora_weight": num(merged[-1]["weight"]),
         "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
         MERGED_KEY: json.dumps(merged)})
     return path
