@@ -786,12 +786,12 @@ class Trainer:
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
         message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
-            _, kept = self.keep_steps(step - 1)  # the steps done so far are kept: --resume latest continues
+            # the steps done so far are kept: --resume latest continues (with the change the message names)
+            _, kept = self.keep_steps(step - 1, fix_first=False)
             if self.fits and self.is_main:  # the step-downs made so far, which the checkpoint's config holds
                 atomic.write_text(self.out / "config.yaml", self.config_yaml())
             changes = " (with --auto-fit's changes so far: config.yaml lists them)" if self.fits and kept else ""
-            kept = kept.removesuffix(": run the same command again once it is fixed").removesuffix(" once it is fixed")
-            raise faults.OutOfMemory(f"{message}{kept}{changes} [{detail}]") from None  # (the message says the fix)
+            raise faults.OutOfMemory(f"{message}{kept}{changes} [{detail}]") from None
         log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
         self.apply_fit(fit)
         self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
@@ -827,20 +827,22 @@ class Trainer:
         """Where the run's checkpoint of ``step`` is (or would be)."""
         return ckpt.step_dir(ckpt.root_of(self.out), step)
 
-    def keep_steps(self, last: int) -> tuple[Path | None, str]:
+    def keep_steps(self, last: int, *, fix_first: bool = True) -> tuple[Path | None, str]:
         """An error stops the run: steps 1..``last`` into a checkpoint (one process only: a failure on one of several
-        cannot save with the others). Returns it and the tail of the error's message that says so ("" when none)."""
+        cannot save with the others). Returns it and the tail of the error's message that says so ("" when none),
+        with what to do next once the error is fixed (``fix_first=False``: an error whose message names its fix)."""
         saved = None
         if (self.accelerator.num_processes == 1 or self.all_failed) and last >= 1:  # all_failed: every rank is here
             if last > (self.last_saved or 0):
                 saved = self.save_checkpoint(last)
             elif last == self.last_saved and self.checkpoint_dir(last).is_dir():  # saved already
                 saved = self.checkpoint_dir(last)
+        then = " once it is fixed" if fix_first else ""
         if saved is None:  # step 1 failed: nothing to keep, and a rerun into the same folder starts afresh
-            return None, ("; no step had finished, so none is saved: run the same command again once it is fixed"
-                          if last < 1 else "")
+            rerun = f": run the same command again{then}" if fix_first else ""
+            return None, f"; no step had finished, so none is saved{rerun}" if last < 1 else ""
         done = "step 1 is" if last == 1 else f"steps 1-{last} are"
-        return saved, f"; {done} saved in {saved}: --resume latest continues once it is fixed"
+        return saved, f"; {done} saved in {saved}: --resume latest continues{then}"
 
     def evaluation_failed(self, step: int, e: BaseException) -> None:
         """The held-out evaluation after step ``step`` (trained and recorded) failed: steps 1..step go into a
