@@ -5,7 +5,6 @@ hooks that count dequantization and block swap's copies as they happen."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -197,7 +196,7 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     import psutil
 
     from lowmem_alignprop.measure.meta_models import meta_base
-    from lowmem_alignprop.run.runlock import global_rank
+    from lowmem_alignprop.run.runlock import global_rank, local_world_size
     from lowmem_alignprop.settings.errors import UserError
 
     if torch.cuda.is_available():  # the trainer's and evaluate's device: the weights go to the card
@@ -209,8 +208,7 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
     denoiser = "transformer" if base.family != "unet" else "UNet"
     # fp8 keeps the frozen Linears (nearly all the weights) in 1 byte each; else fp32, 4
     one = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)
-    # under a launcher every process of this machine holds its own copy (torchrun sets LOCAL_WORLD_SIZE)
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    processes = local_world_size()  # under a launcher every process of this machine holds its own copy
     need = one * processes
     if available is None or total is None:
         memory = psutil.virtual_memory()

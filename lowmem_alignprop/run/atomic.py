@@ -29,6 +29,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
+from lowmem_alignprop.run.runlock import pid_alive
 from lowmem_alignprop.settings.errors import first_line
 
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
@@ -183,18 +184,8 @@ def remove_dead_partials(path: Path) -> None:
     that are gone (killed: a kill leaves them, with that process's pid in their name)."""
     for p in path.parent.glob(f"{PARTIAL}*-{glob_escape(path.name)}"):
         pid = p.name[len(PARTIAL):-len(path.name) - 1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             _remove(p)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def leftovers(folder: str | os.PathLike) -> list[Path]:

@@ -57,7 +57,8 @@ def _flock(fd: int, tries: int = 3) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (another user's counts: it exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +96,7 @@ def holder(output_dir: str | os.PathLike) -> dict | None:
         finally:
             os.close(fd)
     elif info.get("host") == socket.gethostname() and str(info.get("pid", "")).isdigit() \
-            and not _alive(int(info["pid"])):
+            and not pid_alive(int(info["pid"])):
         return None
     return {"pid": "?", "host": "?", "started": "?", **info, "path": str(path)}
 
@@ -257,6 +258,11 @@ def _env_count(name: str, default: int) -> int:
 def world_size() -> int:
     """How many processes ``accelerate launch``/torchrun started (1 when started plainly)."""
     return max(1, _env_count("WORLD_SIZE", 1))
+
+
+def local_world_size() -> int:
+    """How many processes of the launch run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 when started plainly)."""
+    return max(1, _env_count("LOCAL_WORLD_SIZE", 1))
 
 
 def global_rank() -> int:
