@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
-from lowmem_alignprop.settings.config import Config, set_flags
+from lowmem_alignprop.settings.config import Config, flag_value, set_flags
 from lowmem_alignprop.memory.stages import STAGES
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
@@ -38,7 +38,7 @@ def plan_features(cfg: dict[str, Any]) -> list[str]:
     if not cfg.get("expandable_segments", True):
         feats.append("expandable_segments=false")
     # the other memory and speed fields a profile or a search may set, where they differ from the default
-    feats += [f"{name}={str(cfg[name]).lower() if isinstance(cfg[name], bool) else cfg[name]}" for name in SHOWN_IF_SET
+    feats += [f"{name}={flag_value(cfg[name])}" for name in SHOWN_IF_SET
               if name in cfg and cfg[name] != getattr(Config, name) and (name != "tile_size" or cfg["tiled_decode"])]
     return feats
 

@@ -570,9 +570,8 @@ def coerce(name: str, value: Any) -> Any:
 
 
 def _default_text(name: str) -> str:
-    default = next(f.default for f in dataclasses.fields(Config) if f.name == name)
-    return quote(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else str(
-        default)
+    default = getattr(Config, name)
+    return quote(default) if isinstance(default, str) else flag_value(default)
 
 
 # glibc's mmap threshold: its own initial one, and its largest on 64-bit (HEAP_MAX_SIZE / 2; mallopt refuses more)
@@ -634,9 +633,14 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def flag_value(value: Any) -> str:
+    """A field's value as ``--set key=value`` and a profile file write it (true/false for a bool)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def set_flags(overrides: dict[str, Any]) -> str:
     """The ``--set key=value`` flags that give ``overrides`` (the inverse of :func:`parse_set`), for messages."""
-    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+    return " ".join(f"--set {k}={flag_value(v)}" for k, v in overrides.items())
 
 
 # the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
