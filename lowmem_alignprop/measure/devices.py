@@ -138,12 +138,17 @@ def cpu_device(threads: int | None = None) -> Device:
                                fp32_tflops=base.fp32_tflops * n, memory_gbs=base.memory_gbs * n)
 
 
+def gpu_card(card: str) -> str:
+    """A config's card as a GPU's row: "" for the CPU (the cpu profile's card: no GPU plan is timed on it)."""
+    return "" if card == "cpu" else card
+
+
 def device_for(card: str, profile: str, target: str) -> Device | None:
     """The figures to time a plan with: ``card`` when given, else the profile's card, the CPU row for a CPU target;
     None when nothing names a card (a custom profile on CUDA without --set card=...)."""
     if target == "cpu":
         return cpu_device()
-    name = (card if card != "cpu" else "") or PROFILE_TARGETS.get(profile, ("", None))[0]
+    name = gpu_card(card) or PROFILE_TARGETS.get(profile, ("", None))[0]
     if not name or name == "cpu":
         return None
     return DEVICES[name]

@@ -482,7 +482,7 @@ def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] 
     applied. Returns (the configuration to train, what happened: the record config.yaml keeps as
     ``auto_fit_search``). Nothing fits, no card, no budget or no speed figures: ``cfg`` unchanged and the reason
     (the run then trains as configured, and an out-of-memory error steps down as before)."""
-    from lowmem_alignprop.measure.devices import card_row
+    from lowmem_alignprop.measure.devices import card_row, gpu_card
 
     if detected is None:
         return cfg, {"skipped": "no CUDA card: the search plans for the card a run trains on"}
@@ -491,7 +491,7 @@ def before_first_step(cfg: Config, *, profile: str, detected: tuple[str, float] 
                               "card_memory_gib": round(total, 2), "budget_gb": cfg.budget_gb}
     if not cfg.budget_gb:
         return cfg, {**record, "skipped": "no budget: set budget_gb in the profile or with --set"}
-    row = (cfg.card if cfg.card != "cpu" else "") or card_row(product, total)  # the card it trains on
+    row = gpu_card(cfg.card) or card_row(product, total)  # the card it trains on
     searched = dataclasses.replace(cfg, card=row) if row else cfg
     try:
         result = fastest(searched, profile=profile, target="cuda", max_estimates=max_estimates, log=log)

@@ -171,7 +171,7 @@ class CallableReward(RewardModule):
 
     def score(self, images, prompts):
         fn = self.inner if self._fn is None else self._fn
-        with self._torch_state_kept():
+        with self._torch_state_kept(fn):
             scores = fn(images, prompts) if self.takes_prompts else fn(images)
         if callable(scores) and not torch.is_tensor(scores):
             factory = (f"; if {self.label} builds the reward (a factory), write it as '{self.name}()'"
@@ -181,7 +181,7 @@ class CallableReward(RewardModule):
         return scores
 
     @contextlib.contextmanager
-    def _torch_state_kept(self):
+    def _torch_state_kept(self, fn):
         """torch's global settings as the reward found them: one that switches gradients off or changes the default
         dtype (torch.set_grad_enabled, torch.set_default_dtype) would change the rest of the run without a word."""
         grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
@@ -193,7 +193,6 @@ class CallableReward(RewardModule):
                        if a != b]
             torch.set_grad_enabled(grad)
             torch.set_default_dtype(dtype)
-            fn = self.inner if self._fn is None else self._fn
             if changed and not _said_before(fn):  # once per function, however often the reward is built
                 logging.getLogger("lowmem_alignprop").warning(
                     "reward %r: %s changed torch's global settings (%s); set back after each call: a reward must "
