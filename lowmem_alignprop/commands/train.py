@@ -56,8 +56,9 @@ from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
 from lowmem_alignprop.models.sampling import (draw_k, enable_block_checkpointing, enable_vae_checkpointing,
                                               vae_scale_factor)
-from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
-from lowmem_alignprop.step.update import optimizer_update
+from lowmem_alignprop.step.micro import Rollout, micro_step
+from lowmem_alignprop.step.rollout import apply_memory_features
+from lowmem_alignprop.step.update import StepOutcome, StepUpdate, optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
                                                   nonfinite_note, render_fixed_seed, schedule_note)
@@ -203,7 +204,6 @@ class Trainer:
         self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
         self.time_left = TimeLeft(eval_every=cfg.eval_every)
-        self.terms: list[dict] = []  # this step's further loss terms (kl), one dict per micro-step
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
@@ -223,7 +223,6 @@ class Trainer:
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
         self.all_failed = False  # under a launcher: every process stopped this step together (not_finite)
-        self.skip_detail: dict = {}  # a skipped step's metrics line: which LoRA gradients were NaN/inf
 
     @property
     def out(self) -> Path:
@@ -601,11 +600,11 @@ class Trainer:
             log.info("resumed from %s at step %d", point.path, self.start)
 
     # ================================ the step ================================
-    def train_step(self, step: int) -> tuple[dict | None, str | None]:
-        """One optimizer step over grad_accum micro-batches: (metrics row, None), or (None, what was not finite)."""
-        cfg, acc, stage, place = self.cfg, self.accelerator, self.guard.stage, self.place
-        t0, rewards_all, ids_all, losses, ks, self.terms = time.perf_counter(), [], [], [], [], []
-        self.grad_norm, self.scaler_skipped, self.grad_zero, self.at_cap = None, False, False, False
+    def train_step(self, step: int) -> StepOutcome:
+        """One optimizer step over grad_accum micro-batches: its metrics row, or what was not finite (skipped)."""
+        cfg, acc = self.cfg, self.accelerator
+        t0, rewards_all, ids_all, losses, ks, terms = time.perf_counter(), [], [], [], [], []
+        update = StepUpdate()
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
@@ -613,37 +612,30 @@ class Trainer:
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
                                              self.rank_seed)
                 ks.append(k := draw_k(cfg, self.rng))  # once per rollout: the window is the contiguous last K steps
-                with stage(stages.ENCODE_PROMPTS):
-                    emb = self.embed(batch_prompts)  # cached: no text encoder on the device after the first step
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
-                latents = self.family.initial_latents(cfg, cfg.batch_size, g, self.device)
-                failed = loss = rewards_ = None
-                try:
-                    with acc.autocast():  # sample_nograd, sample_grad (one checkpoint per UNet call), decode, reward
-                        loss, rewards_ = rollout_loss(cfg, self.nograd_unet, self.unet_train, self.scheduler,
-                                                      self.vae, self.reward, latents, emb, batch_prompts, k=k,
-                                                      generator=g, stage=stage, place=place, terms=(terms := {}),
-                                                      family=self.family)
-                except BaseException as e:  # under a launcher the others hear of it first: they stop together
-                    if acc.num_processes == 1:
-                        raise
-                    failed, terms = e, {}
-                self.terms.append(terms)  # the loss's further terms (kl), for the metrics
-                if bad := self.not_finite(loss, rewards_, failed):  # every rank skips together (DDP needs all
-                    return None, bad  # backwards), or stops together
-                with stage(stages.BACKWARD):
-                    acc.backward(loss)  # gradients reach only the LoRA weights
-                del latents  # free the graph's inputs before the next rollout
-                place.park("vae", self.vae)  # offload_frozen: the VAE and reward model wait on the CPU again
-                place.park("reward", self.reward)
-                rewards_all.append(acc.gather(rewards_.detach()))
+                # encode (cached), sample_nograd, sample_grad (one checkpoint per call), decode, reward, backward
+                # into the LoRA only, then the VAE and reward parked; under a launcher a rollout's error reaches
+                # not_finite, where every rank hears of it and they stop together
+                mb = micro_step(self.rollout(), batch_prompts, k=k, generator=g, check=self.not_finite,
+                                catch=acc.num_processes > 1)
+                terms.append(mb.terms)  # the loss's further terms (kl), for the metrics
+                if mb.bad:  # every rank skips together (DDP needs all backwards)
+                    return StepOutcome(None, mb.bad)
+                rewards_all.append(acc.gather(mb.rewards))
                 ids_all.append(acc.gather(torch.tensor([self.prompt_id[p] for p in batch_prompts], device=self.device)))
-                losses.append(loss.detach())
+                losses.append(mb.loss)
                 if acc.sync_gradients:
-                    with stage(stages.OPTIMIZER):
-                        if bad := self.optimizer_step(rewards_all):
-                            return None, bad
-        return self.metrics_row(step, t0, rewards_all, ids_all, losses, ks), None
+                    with self.guard.stage(stages.OPTIMIZER):
+                        update = self.optimizer_step(rewards_all)
+                        if update.dropped:
+                            return StepOutcome(None, "the gradient norm", update)
+        return StepOutcome(self.metrics_row(step, t0, rewards_all, ids_all, losses, ks, terms, update), None, update)
+
+    def rollout(self) -> Rollout:
+        """What a micro-batch runs through (commands/train.py's models; step/micro.py runs it)."""
+        return Rollout(self.cfg, self.family, self.nograd_unet, self.unet_train, self.scheduler, self.vae, self.reward,
+                       self.place, self.embed, self.guard.stage, self.device, self.accelerator.autocast,
+                       self.accelerator.backward)
 
     def not_finite(self, loss: torch.Tensor | None, rewards_: torch.Tensor | None,
                    failed: BaseException | None = None) -> str | None:
@@ -670,37 +662,40 @@ class Trainer:
                             "AlignProp needs a differentiable reward on every batch")
         return None
 
-    def optimizer_step(self, rewards_all: list) -> str | None:
-        """Clip, step, zero the gradients (freed as soon as possible), as the planner does. Returns "the gradient norm"
-        when it was not finite and nothing else handles it (the update is then skipped). With reward_cap, a step whose
-        every image (``rewards_all``, gathered) is at the cap has no gradient and makes no update."""
+    def optimizer_step(self, rewards_all: list) -> StepUpdate:
+        """Clip, step, zero the gradients (freed as soon as possible), as the planner does. A NaN/inf gradient norm
+        that nothing else handles drops the update (``dropped``, with the LoRA gradients that were not finite). With
+        reward_cap, a step whose every image (``rewards_all``, gathered) is at the cap has no gradient and makes no
+        update."""
         acc = self.accelerator
         cap = self.cfg.reward_cap
-        self.at_cap = cap is not None and self.engine is None and bool(torch.cat(rewards_all).min() >= cap)
-        if self.at_cap:  # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
+        if cap is not None and self.engine is None and bool(torch.cat(rewards_all).min() >= cap):
+            # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
             self.optimizer.zero_grad(set_to_none=True)
-            self.grad_norm = 0.0
-            return None
+            return StepUpdate(grad_norm=0.0, at_cap=True)
         # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
         drop = acc.scaler is None and self.engine is None
         # the LoRA's gradient exactly zero? read before the update frees it when no norm is read (one sync)
         zero = (faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 and not drop
                 else None)
-        self.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
-                                                   clip=acc.clip_grad_norm_, drop_if_not_finite=drop,
-                                                   on_drop=self.name_non_finite_grads)
+        update = StepUpdate()
+
+        def name_non_finite_grads():  # the skipped step's metrics line: read before the drop frees the gradients
+            update.non_finite_grads = faults.non_finite_grads(self.unet, self.params)
+
+        update.grad_norm, dropped = optimizer_update(self.optimizer, self.params, self.cfg.max_grad_norm,
+                                                     clip=acc.clip_grad_norm_, drop_if_not_finite=drop,
+                                                     on_drop=name_non_finite_grads)
         if dropped:
-            return "the gradient norm"
-        self.scaler_skipped = acc.scaler is not None and self.grad_norm is not None and not math.isfinite(self.grad_norm)
-        if self.engine is None and not self.scaler_skipped:  # (DeepSpeed keeps the gradients in its engine)
-            self.grad_zero = zero if zero is not None else faults.all_zero(self.grad_norm, self.params)
+            update.dropped = True
+            return update
+        update.scaler_skipped = (acc.scaler is not None and update.grad_norm is not None
+                                 and not math.isfinite(update.grad_norm))
+        if self.engine is None and not update.scaler_skipped:  # (DeepSpeed keeps the gradients in its engine)
+            update.grad_zero = zero if zero is not None else faults.all_zero(update.grad_norm, self.params)
         if self.ema is not None:
             self.ema.update()
-        return None
-
-    def name_non_finite_grads(self) -> None:
-        """Where a NaN/inf gradient norm comes from (the skipped step's metrics line), read before the drop frees it."""
-        self.skip_detail = {"non_finite_grads": faults.non_finite_grads(self.unet, self.params)}
+        return update
 
     def evaluate_if_due(self, step: int) -> dict:
         """At its steps, the held-out evaluation's eval_* metrics (for the step's metrics row); best/ and the early
@@ -712,7 +707,8 @@ class Trainer:
             self.held_out.after_evaluation(step, metrics, self.is_main)
         return metrics
 
-    def metrics_row(self, step: int, t0: float, rewards_all: list, ids_all: list, losses: list, ks: list[int]) -> dict:
+    def metrics_row(self, step: int, t0: float, rewards_all: list, ids_all: list, losses: list, ks: list[int],
+                    terms: list[dict], update: StepUpdate) -> dict:
         acc = self.accelerator
         r_all = torch.cat(rewards_all).float()
         loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
@@ -722,12 +718,12 @@ class Trainer:
                 # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison
                 "rewards": r_all.tolist(), "prompt_ids": torch.cat(ids_all).tolist(),
                 "k": ks[0] if len(set(ks)) == 1 else sum(ks) / len(ks), "k_all": ks,
-                "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
-                **({"kl": acc.reduce(torch.stack([t["kl"] for t in self.terms]).mean(), reduction="mean").item()}
-                   if self.terms and "kl" in self.terms[0] else {}),
-                **({"grad_scale": acc.scaler.get_scale(), "update_skipped": self.scaler_skipped}
+                "grad_norm": float(update.grad_norm) if update.grad_norm is not None else None,
+                **({"kl": acc.reduce(torch.stack([t["kl"] for t in terms]).mean(), reduction="mean").item()}
+                   if terms and "kl" in terms[0] else {}),
+                **({"grad_scale": acc.scaler.get_scale(), "update_skipped": update.scaler_skipped}
                    if acc.scaler is not None else {}),
-                **({"at_cap": self.at_cap} if self.cfg.reward_cap is not None else {}),  # no update: all at the cap
+                **({"at_cap": update.at_cap} if self.cfg.reward_cap is not None else {}),  # no update: all at the cap
                 "seconds": time.perf_counter() - t0}
 
     # ================================ the loop ================================
@@ -751,7 +747,7 @@ class Trainer:
                 rng_before = self.rng.getstate()
                 self.prof.begin_step(step)
                 try:
-                    row, bad = self.train_step(step)
+                    done = self.train_step(step)
                 except BaseException as e:  # out of memory (device or host), or any error (a reward's sys.exit too)
                     if not faults.is_oom(e):  # keep the finished steps, and name a reward's error as such; raises
                         self.keep_finished_steps(e, step, rng_before)
@@ -759,17 +755,17 @@ class Trainer:
                     del e  # its traceback's frames hold the failed step's activations: freed before the retry
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
                     continue  # the same step again, lighter
-                if row is not None:
+                if done.row is not None:
                     try:
                         t0 = time.perf_counter()
                         evaluated = self.evaluate_if_due(step)
                         if evaluated:  # the step line's time left counts the evaluations to come apart
                             self.time_left.evaluated(time.perf_counter() - t0)
-                        row.update(evaluated)
+                        done.row.update(evaluated)
                     except BaseException as e:  # the user's reward or memory failed the evaluation: step N is trained
-                        self.record(step, row, bad)  # its metrics line (without an evaluation), then its checkpoint
+                        self.record(step, done)  # its metrics line (without an evaluation), then its checkpoint
                         self.evaluation_failed(step, e)
-                self.record(step, row, bad)
+                self.record(step, done)
                 bar.update(1)
                 if self.save_if_due(step):
                     break
@@ -882,20 +878,20 @@ class Trainer:
             log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
         raise e
 
-    def record(self, step: int, row: dict | None, bad: str | None) -> None:
+    def record(self, step: int, done: StepOutcome) -> None:
         """The step's metrics line, progress bar and tracker; a NaN/inf step is skipped (too many in a row stop)."""
         from lowmem_alignprop.commands.grid import write_metrics_line
 
-        cfg, prof = self.cfg, self.prof
+        cfg, prof, row, bad = self.cfg, self.prof, done.row, done.bad
         mem = prof.end_step()
         left = self.time_left.after_step(step, cfg.steps, row["seconds"] if row else None)
         if step == self.start + 1:
             prof.record_modules(self.modules())
         if bad is not None:
             if self.is_main:
+                detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
                 write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
-                                                         **self.skip_detail})
-            self.skip_detail = {}
+                                                         **({"non_finite_grads": detail} if detail is not None else {})})
             if self.streak.bad(step, bad):
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path))
@@ -914,7 +910,7 @@ class Trainer:
                                f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}{left}")
         if cfg.report_to != "none":
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
-        if self.zero_grads.step(step, self.grad_zero):  # the reward's gradient never reaches the LoRA
+        if self.zero_grads.step(step, done.update.grad_zero):  # the reward's gradient never reaches the LoRA
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
     def judge_if_due(self, step: int) -> dict:

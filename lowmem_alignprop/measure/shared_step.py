@@ -15,7 +15,8 @@ import torch
 
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config
-from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
+from lowmem_alignprop.step.micro import Rollout, micro_step
+from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.step.update import optimizer_update
 
 
@@ -63,36 +64,27 @@ def encode_at_load(parts: StepParts, *, final: bool = False):
 
 def run_step(parts: StepParts, *, k: int, seed: int = 0):
     """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.commands.train.Trainer.train_step` runs
-    them (the same rollout_loss and optimizer_update, placement calls included). Returns what stays alive afterwards
-    (the prompt cache and the batch's embeddings)."""
+    them (the same :func:`~lowmem_alignprop.step.micro.micro_step` and optimizer_update, placement calls included).
+    Returns what stays alive afterwards (the prompt cache and the batch's embeddings)."""
     from lowmem_alignprop.models.family import family_for
 
-    cfg, comps, place, stage = parts.cfg, parts.comps, parts.place, parts.stage
+    cfg, comps = parts.cfg, parts.comps
     family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler), as the trainer
     device = torch.device("cpu")
     rng = random.Random(seed)
     batch_prompts = [rng.choice(parts.prompts) for _ in range(cfg.batch_size)]
     # the first step's worst case with caching: every prompt encoded (16 at a time), then the encoder leaves;
     # SD3/FLUX's set was encoded at load (encode_at_load): their step only looks its batch up
-    encoder = parts.encoder or family.prompt_encoder(parts.pipe, comps, place, device, cfg, prompts=parts.prompts)
-    with stage(stages.ENCODE_PROMPTS):
-        emb = encoder(batch_prompts)
-    cache = encoder.cache
-    g = torch.Generator().manual_seed(seed)
-    latents = family.initial_latents(cfg, cfg.batch_size, g, device)
-    with parts.autocast():
-        loss, rewards = rollout_loss(cfg, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
-                                     parts.reward, latents, emb, batch_prompts, k=k, generator=g, stage=stage,
-                                     place=place, saved_tensors=parts.saved_tensors, family=family)
-    with stage(stages.BACKWARD):
-        loss.backward()  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
-    del latents, loss, rewards
-    place.park("vae", comps.vae)
-    place.park("reward", parts.reward)
-    with stage(stages.OPTIMIZER):  # the trainer's own update: clip, step, free the gradients
+    encoder = parts.encoder or family.prompt_encoder(parts.pipe, comps, parts.place, device, cfg,
+                                                     prompts=parts.prompts)
+    rollout = Rollout(cfg, family, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
+                      parts.reward, parts.place, encoder, parts.stage, device, parts.autocast,
+                      saved_tensors=parts.saved_tensors)
+    micro = micro_step(rollout, batch_prompts, k=k, generator=torch.Generator().manual_seed(seed))
+    with parts.stage(stages.OPTIMIZER):  # the trainer's own update: clip, step, free the gradients
         optimizer_update(parts.optimizer, parts.params, cfg.max_grad_norm, step=parts.run_optimizer,
                          read_norm=False)
-    return cache, emb
+    return encoder.cache, micro.embeddings
 
 
 def measure_cpu_step(cfg: Config, *, prompts: list[str] | None = None, timed_steps: int = 0,

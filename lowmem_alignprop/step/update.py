@@ -10,6 +10,7 @@ See docs/design.md section 1 (the stages) and section 5 (NaN/inf).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,3 +39,22 @@ def optimizer_update(optimizer, params: list, max_grad_norm: float, *,
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as possible
     return norm, False
+
+
+@dataclass
+class StepUpdate:
+    """What the optimizer stage of one step did, for its metrics line and the trainer's checks."""
+    grad_norm: float | None = None  # before clipping; None where it was not read
+    dropped: bool = False  # a NaN/inf gradient norm dropped the update
+    non_finite_grads: str | None = None  # with ``dropped``: which LoRA gradients were NaN/inf
+    scaler_skipped: bool = False  # fp16: the GradScaler skipped an overflowed update (and lowered its scale)
+    grad_zero: bool = False  # the LoRA's gradient was exactly zero (the zero-gradient streak counts it)
+    at_cap: bool = False  # reward_cap: every image at the cap, so no update was made
+
+
+@dataclass
+class StepOutcome:
+    """One training step's result: its metrics row, or what was NaN/inf (the step skipped)."""
+    row: dict | None
+    bad: str | None = None
+    update: StepUpdate = field(default_factory=StepUpdate)
