@@ -554,3 +554,17 @@ def test_a_cuda_budget_below_the_workspaces_is_refused_before_any_estimate(faste
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and "budget_gb=0.1 is below the 0.16 GiB CUDA's workspaces take" in lines[0], err
+
+
+def test_fastest_answers_the_configuration_as_given_when_it_fits_and_nothing_quicker_was_found(tiny_dir):
+    """A configuration that fits is the time to beat: with one estimate (the search cut short) it is the answer, "no
+    change", never "nothing fits" above a plan that says it fits; the cut is said with the flag that searches on."""
+    cfg = _tiny(budget_gb=8.0, unet_checkpointing="blocks", vae_checkpointing="blocks", cache_prompt_embeddings=True)
+    with planner.reuse_estimates():
+        r = fastest.fastest(cfg, profile="custom", target="cpu", max_estimates=1, jobs=1)
+    assert len(r["tried"]) == 1 and r["given"]["fits"]
+    assert r["found"] == r["given"] and r["set"] == {} and r["plan"]["fits"]
+    text = format_fastest(r)
+    assert "nothing in the searched features fits" not in text
+    assert "(no change: the configuration as given)" in text
+    assert "the search stopped at its 1 estimates: --max-estimates N" in text

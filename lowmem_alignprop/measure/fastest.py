@@ -17,7 +17,7 @@ It stays cheap by reusing estimates stage-wise: per micro-batch, every feature i
 all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time
 deltas and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are
 estimated for real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already
-slower than the best found is not searched. Finally each single step back (one feature a level lower, a larger
+slower than the best found (at first the configuration as given, when it fits) is not searched. Finally each single step back (one feature a level lower, a larger
 micro-batch) is estimated, and taken when it fits and is faster, until none is; then window_keep grows from the
 chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached
 (planner.reuse_estimates: a configuration reached by two changes, such as the one given met again as the all-on corner,
@@ -422,7 +422,9 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
 
     search.prefetch([{}] + corners(ladders[0]))  # with workers: the configuration as given and the corners at once
     given = search.run({})
-    best: dict[str, Any] | None = None
+    # the configuration as given, when it fits, is the time to beat: the search looks only for quicker ones (a
+    # micro-batch whose fastest corner is slower is not searched) and answers "no change" when it finds none
+    best: dict[str, Any] | None = given if given is not None and given["fits"] else None
     for task in ladders:
         search.prefetch(corners(task))
         for b in batch_options(images):
@@ -434,13 +436,16 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             break
     result: dict[str, Any] = {"kind": "fastest", "profile": profile, "target": target, "device": device.name,
                               "images_per_step": images, "given": given, "tried": search.tried,
-                              "from_workers": search.from_workers, "from_cache": search.from_cache}
+                              "from_workers": search.from_workers, "from_cache": search.from_cache,
+                              "max_estimates": max_estimates,
+                              "estimates_ran_out": len(search.tried) >= max_estimates}  # the search was cut short
     if best is None:
         result.update(found=None, set=None, profile_yaml=None,
                        plan=planner.plan(cfg, profile=profile, target=target, log=log, started=started))
         result["seconds"] = round(time.perf_counter() - started, 1)
         return result
-    best = search.fill_window(search.polish(best))
+    if best["set"]:  # (the configuration as given is no searched corner: nothing to step back from)
+        best = search.fill_window(search.polish(best))
     chosen = cfg.with_changes(**best["set"])
     changes = {k: v for k, v in best["set"].items() if getattr(cfg, k) != v}
     named = chosen if chosen.card else dataclasses.replace(chosen, card=device.name if target == "cuda" else "cpu")

@@ -185,6 +185,9 @@ def format_fastest(r: dict[str, Any]) -> str:
              f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"
              + (f" ({r['jobs']} worker processes)" if r.get("workers_started") else "")
              + (f"; {r['from_cache']} read from the estimate cache" if r.get("from_cache") else "")]
+    if r.get("estimates_ran_out"):
+        lines.append(f"  the search stopped at its {r['max_estimates']} estimates: --max-estimates N with a larger N "
+                     "may find a quicker configuration")
     if found is None:
         lines.append("  nothing in the searched features fits the budget; the configuration as given:")
         return "\n".join(lines + ["", format_plan(r["plan"])])
