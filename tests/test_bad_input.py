@@ -178,6 +178,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],
      "eval_prompts=toy-pairs: every one of its 4 prompts is also a training prompt, so none is held out"),
     (["--model", "flux", "--set", "negative_prompt=blurry"], "FLUX.1 is guidance-distilled"),
+    # a flag that would be ignored (T5's 9.5 GB of host memory not saved) is refused, on FLUX and on UNet models
+    (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
+    (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
     (["--set", "model=\x00x"], "model='\\x00x' holds a NUL character"),  # os.stat raises ValueError on it
     (["--output-dir", "out\x00put"], "output_dir='out\\x00put' holds a NUL character"),
     ("dup", "sets 'batch_size' (line 2) twice"),

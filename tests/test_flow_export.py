@@ -25,6 +25,8 @@ from loras import ALPHA, RANK, each_of, export, lora_with_reference
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 
 RES = FLOW_RESOLUTION
 
@@ -634,6 +636,22 @@ def test_sd3_negative_prompt_is_the_pipelines_unconditional_branch(sd3):
         empty = ours("")
     assert_rel_close(mine, theirs.float(), REORDERED, "our SD3 rollout vs the pipeline, with a negative prompt")
     assert relative_difference(mine, empty) > 100 * REORDERED
+
+
+def test_flags_a_loaded_model_does_not_read_are_refused_or_said():
+    """What only loading tells (a hub id, a transformer file): t5_encoder=false on FLUX or a UNet model is refused as
+    Config.validate refuses it for a folder; DDIM's eta on a flow model is said (the trainer's and plan's notes)."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.models.family import check_supported, model_defaults_note
+
+    for family, needle in (("flux", "FLUX.1 always needs its T5-XXL"), ("unet", "no T5 text encoder to leave out")):
+        with pytest.raises(UserError, match=needle):
+            check_supported(SimpleNamespace(family=family), Config(t5_encoder=False))
+    sd3 = SimpleNamespace(family="sd3")
+    assert "eta=0 is DDIM's (UNet models); SD3/FLUX step with Euler" in model_defaults_note(sd3, Config(eta=0.0))
+    assert model_defaults_note(sd3, Config()) is None  # the default eta: nothing to say
+    assert model_defaults_note(SimpleNamespace(family="unet"), Config(eta=0.0)) is None
 
 
 def test_flux_negative_prompt_is_refused_before_anything_loads(flux, tmp_path, capsys):

@@ -476,6 +476,19 @@ def test_every_profile_takes_either_truncation_and_fewer_steps(name):
         build_config(values, {}, {"sample_steps": 5, "truncation": "uniform", "k_min": 8})
 
 
+def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
+    """rtx3060-flux samples K ~ U{1..5} of 28 steps: --set sample_steps=4 ends the range at 4, and a line says so (a
+    k_max above the steps the user asks for is refused instead); a fixed K, which never reads k_max, says nothing."""
+    _, values = load_profile("rtx3060-flux")
+    assert values["truncation"] == "uniform" and values["k_max"] == 5
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert build_config(values, {}, {"sample_steps": 4}).k_max == 4
+    assert "sample_steps=4: the profile's K range ends at the last step (k_max 5 -> 4)" in caplog.text
+    caplog.clear()
+    build_config(values, {}, {"sample_steps": 4, "truncation": "fixed", "k": 2})
+    assert "K range" not in caplog.text
+
+
 def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):
     from lowmem_alignprop.settings.profiles import load_profile
 

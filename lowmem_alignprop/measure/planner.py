@@ -357,7 +357,7 @@ def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
 
 def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str]):
     """The components and reward model on meta, with the trainer's memory features applied."""
-    from lowmem_alignprop.models.family import family_for
+    from lowmem_alignprop.models.family import family_for, model_defaults_note
 
     comps = meta_components(cfg, dtype)
     reward = meta_reward(cfg, dtype, notes)
@@ -373,6 +373,8 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
         comps.vae.to(torch.bfloat16)  # what models.choose_vae_dtype picks on a bf16 GPU: same bytes as fp16
         notes.append("SDXL's VAE decodes in bf16, as on a GPU with bf16 (Ampere or newer); on older cards it "
                      "decodes in fp32: about twice the decode memory")
+    if (unread := model_defaults_note(comps, cfg)):  # e.g. DDIM's eta on a flow model
+        notes.append(unread)
     off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)

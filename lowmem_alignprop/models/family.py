@@ -196,13 +196,15 @@ def check_supported(comps, cfg) -> None:
     """What a model family does not do (one line before anything is written). Every option of the UNet step now
     works for SD3/FLUX too (kl_coeff and lv_draws since issue 18); FLUX.1 has no negative branch; a flow model's
     resolution is a multiple of its token's pixels."""
-    from lowmem_alignprop.settings.config import FLUX_NEGATIVE
+    from lowmem_alignprop.settings.config import FLUX_NEGATIVE, no_t5_to_leave_out
     from lowmem_alignprop.settings.errors import UserError
     from lowmem_alignprop.settings.model_kind import check_flow_resolution, flow_geometry_of
 
     family = getattr(comps, "family", "unet")
     if family == flow.FLUX and cfg.negative_prompt:
         raise UserError(FLUX_NEGATIVE)  # (a hub id or a transformer file: Config.validate could not tell)
+    if family != flow.SD3 and not cfg.t5_encoder:
+        raise UserError(no_t5_to_leave_out(family == flow.FLUX))
     if family != "unet":  # (Config.validate checked it already where the model's files told)
         geometry = flow_geometry_of(family == flow.FLUX, dict(comps.unet.config), dict(comps.vae.config))
         check_flow_resolution(cfg.resolution, (family, *geometry))
@@ -274,12 +276,18 @@ def encode_then_read(comps, place, device, cfg, prompts, dtype):
 
 
 def model_defaults_note(comps, cfg) -> str | None:
-    """Settings far from what the model's own pipeline uses (e.g. FLUX.1-schnell with 50 steps)."""
-    if getattr(comps, "family", "unet") == flow.FLUX and not comps.unet.config.guidance_embeds \
-            and cfg.sample_steps > 8:
-        return (f"FLUX.1-schnell samples in 1-4 steps; sample_steps={cfg.sample_steps} costs time for nothing: "
-                "--set sample_steps=4")
-    return None
+    """Settings far from what the model's own pipeline uses (e.g. FLUX.1-schnell with 50 steps), or that it does
+    not read (DDIM's eta on a flow model)."""
+    from lowmem_alignprop.settings.config import Config
+
+    family, notes = getattr(comps, "family", "unet"), []
+    if family == flow.FLUX and not comps.unet.config.guidance_embeds and cfg.sample_steps > 8:
+        notes.append(f"FLUX.1-schnell samples in 1-4 steps; sample_steps={cfg.sample_steps} costs time for nothing: "
+                     "--set sample_steps=4")
+    if family != "unet" and cfg.eta != Config.eta:
+        notes.append(f"eta={cfg.eta:g} is DDIM's (UNet models); SD3/FLUX step with Euler, which draws no noise: it "
+                     "changes nothing here")
+    return "; ".join(notes) or None
 
 
 __all__ = ["FlowFamily", "UNetFamily", "check_supported", "encode_then_read", "family_for", "materialize_meta",

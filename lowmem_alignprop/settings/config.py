@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -347,6 +348,8 @@ class Config:
                             f"and --model {self.model} is a whole model with its own: drop model_components")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
             raise UserError(FLUX_NEGATIVE)
+        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, "sd35m", "sd35l"):
+            raise UserError(no_t5_to_leave_out(kind == "flux"))
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.offload != "none" and not self.deepspeed_zero:
@@ -584,13 +587,24 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
                  "pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
-def _is_flux(model: str, components: str) -> bool:
-    """A FLUX.1 model as its files tell, without loading it (settings/model_kind: the shipped ``flux``, a folder or a
-    transformer file's model_components, a hub id in the local hub cache). Otherwise the loader refuses it
-    (models/family.check_supported)."""
+def _kind(model: str, components: str) -> str | None:
+    """The model's kind as its files tell, without loading it (settings/model_kind: a shipped name, a folder or a
+    transformer file's model_components, a hub id in the local hub cache); None when only loading tells (the loader
+    then checks: models/family.check_supported)."""
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
-    return model_kind_of(model, components) == "flux"
+    return model_kind_of(model, components)
+
+
+def _is_flux(model: str, components: str) -> bool:
+    return _kind(model, components) == "flux"
+
+
+def no_t5_to_leave_out(flux: bool) -> str:
+    """t5_encoder=false on a model that is not SD3/SD3.5 (a silently ignored flag would promise memory not saved)."""
+    what = ("FLUX.1 always needs its T5-XXL (its prompt embedding is T5's)" if flux else
+            "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)")
+    return f"t5_encoder=false leaves out SD3/SD3.5's T5-XXL, and {what}: drop --set t5_encoder=false"
 
 
 def _is_whole_model(model: str) -> bool:
@@ -671,6 +685,10 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     steps = values.get("sample_steps", Config.sample_steps)
     if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
         # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
+        if values.get("truncation", Config.truncation) == "uniform":  # (a fixed K does not read k_max)
+            logging.getLogger("lowmem_alignprop").info(
+                "sample_steps=%d: the profile's K range ends at the last step (k_max %s -> %d)", steps,
+                values.get("k_max", Config.k_max), steps)
         values["k_max"] = steps
         if "k_min" not in user:  # one the user asked for is checked, as k and k_max are
             values["k_min"] = min(values.get("k_min", Config.k_min), steps)
