@@ -428,9 +428,10 @@ def section_flow_plans(results_dir: Path) -> list[str]:
          "Each row is `lowmem-alignprop plan --profile P --model M --reward aesthetic --json` (random-weight "
          "architectures built on meta from the shipped configs; CLIP ViT-L/14 aesthetic reward; batch 1, K planned at "
          "k_max=5 of 28 Euler steps; text encoders on the CPU) on a CPU, `results/plan-*.json`. Seconds per step are "
-         "the planner's time model on the profile's card (measure/devices.py: the RTX 3060 rows use the 12 GB card's "
-         "360 GB/s; the 8 GB card has 240 GB/s), at the mean K=3; an optimizer step is `grad_accum` (4) micro-steps. "
-         "Not measured on a GPU yet: `benchmarks/gpu_check.sh` has a row for each. Host GiB is what the models and "
+         "the planner's time model on the profile's card (measure/devices.py: the 8 GB profiles, rtx3060-flux and "
+         "rtx3060-sd35m, on the 8 GB card's 240 GB/s, `rtx3060-8gb`; the 12 GB ones on its 360 GB/s, `rtx3060`), at "
+         "the mean K=3; an optimizer step is `grad_accum` (4) micro-steps. Measured on an H200 under the profiles' "
+         "caps where section 4 has a row; `benchmarks/gpu_check.sh` has a row for each. Host GiB is what the models and "
          "the prompt cache hold in CPU memory (`plan`'s `host_memory`: the most while loading, and during the steps), "
          "not the process itself (Python, torch, the CUDA libraries).", "",
          "| profile | model | base_quant | block_swap | budget GiB | issue's target | allocated GiB (stage) | needed GiB "
