@@ -341,7 +341,7 @@ def sample_parser() -> argparse.ArgumentParser:
 def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
     args = sample_parser().parse_args(argv)
-    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary, recorded_base
+    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary, recorded_base, same_model
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
 
     if args.num_prompts < 1:
@@ -359,19 +359,30 @@ def cmd_sample(argv: list[str]) -> int:
                         "training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     given = {s.split("=", 1)[0].strip() for s in args.set}
-    if args.model is None and "model" not in given and (base := recorded_base(specs[0])) is not None:
-        args.model = base[0]  # the model the (first) LoRA was trained on, as lora/base_model.json records it
+    base, default_model = None, ""
+    if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
+        base = recorded_base(specs[0], model_given=args.model is not None)
+        if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
+            default_model = f"--lora {specs[0].arg} records no model it was trained on"
+    if base is not None and (args.model is None or same_model(args.model, base[0])):
         taken = {k: v for k, v in base[1].items() if k not in given}  # and its run's image settings, unless --set
         args.set += [f"{k}={v}" for k, v in taken.items()]
-        logging.getLogger("lowmem_alignprop").info(
-            "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
-            specs[0].named, "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "")
+        settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
+        if args.model is None:
+            args.model = base[0]
+            logging.getLogger("lowmem_alignprop").info(
+                "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
+                specs[0].named, settings)
+        elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
+            logging.getLogger("lowmem_alignprop").info("--model %s is the model %s was trained on%s", args.model,
+                                                       specs[0].named, settings)
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
     results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts, images_per_prompt=args.images_per_prompt,
-                       profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None)
+                       profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None,
+                       default_model=default_model)
     print_summary(results, Path(results["output_dir"]))
     return 0
 

@@ -552,6 +552,42 @@ def test_a_lora_or_export_copied_away_from_its_run_samples_with_the_runs_setting
     assert rewards(next((away / "kohya").glob("*.safetensors")), "kohya") == pytest.approx(ours, rel=1e-5)
 
 
+def test_a_lora_sampled_on_its_model_named_renders_as_its_run_and_an_unknown_model_is_said(flux_run, flux, tmp_path,
+                                                                                          caplog, capsys):
+    """--model naming the model the LoRA was trained on (another spelling of its path) renders with the run's image
+    settings, as without --model (it used the profile's: other images than before_after.json's, in silence). A
+    LoRA whose base_model.json is damaged or gone, given to the default model it does not fit: the line says the
+    model is the default and why; a damaged record is warned of."""
+    import shutil
+
+    def rewards(name, *model):
+        out = tmp_path / name
+        assert main(["sample", "--profile", "cpu", "--lora", str(flux_run / "lora"), *model, "--num-prompts", "1",
+                     "--output-dir", str(out)]) == 0
+        return [r for p in json.loads((out / "sample_results.json").read_text())["per_prompt"] for r in p["lora"]]
+
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    ours = rewards("recorded")
+    spelled = str(flux["base"].parent / "." / flux["base"].name)  # the same folder, written otherwise
+    assert rewards("named", "--model", spelled) == pytest.approx(ours, rel=1e-6)
+    assert f"--model {spelled} is the model {flux_run / 'lora'} was trained on; as its run did: " in caplog.text
+    for broken, content in (("damaged", "{not json"), ("gone", None)):
+        lora = tmp_path / broken / "lora"
+        shutil.copytree(flux_run / "lora", lora)
+        if content is None:
+            (lora / "base_model.json").unlink()
+        else:
+            (lora / "base_model.json").write_text(content)
+        caplog.clear()
+        capsys.readouterr()
+        assert main(["sample", "--profile", "cpu", "--lora", str(lora), "--output-dir", str(tmp_path / "o")]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert len(err) == 1 and (f"(the default: --lora {lora} records no model it was trained on) is a UNet model"
+                                  in err[0]), err
+        assert ("base_model.json cannot be read" in caplog.text) == (content is not None), caplog.text
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # --init-lora for flow models
 # ---------------------------------------------------------------------------------------------------------

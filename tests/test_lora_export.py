@@ -277,6 +277,23 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     assert not (both / "before_after.png").exists()  # its grid shows the LoRA on its own base
 
 
+def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsys):
+    """`sample LORA --model MERGED`, where export --merge fused LORA into MERGED, applied it twice (its "base" column
+    was the LoRA's images): refused as export --merge refuses it; a negative weight (which takes it out) passes."""
+    from lowmem_alignprop.commands.evaluate import parse_lora, refuse_held_loras
+
+    merged = export(tmp_path / "merged", sd["lora"], "--merge")
+    capsys.readouterr()
+    assert main(["sample", str(sd["lora"]), "--model", str(merged), "--output-dir", str(tmp_path / "s")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: --lora {sd['lora']}: --model {merged} already holds this LoRA (export --merge fused it at "
+                   f"weight 1): sampling it with the LoRA again applies it twice; pass --model {sd['base']}, the model "
+                   "it was merged into"], err
+    assert not (tmp_path / "s").exists()
+    refuse_held_loras([parse_lora(f"{sd['lora']}:-1", 0)], str(merged))  # takes it out again: allowed
+    refuse_held_loras([parse_lora(str(sd["lora"]), 0)], str(sd["base"]))  # the base holds nothing
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model card
 # ---------------------------------------------------------------------------------------------------------

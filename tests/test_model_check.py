@@ -93,10 +93,15 @@ def test_a_hub_id_offline_says_how_to_get_it(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("content, needle", [(b"", "is empty (0 bytes)"),
-                                             (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged")])
-def test_sample_checks_the_lora_file_before_loading_the_model(content, needle, tmp_path, capsys):
-    lora = tmp_path / "pytorch_lora_weights.safetensors"
+@pytest.mark.parametrize("content, needle, folder", [
+    (b"", "is empty (0 bytes)", "lora"),
+    # the fix names where the file comes from: a run's lora/ folder, else an export (or a file from elsewhere)
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; copy it again from the run's lora/ folder", "lora"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; copy it again, or write it again with "
+                                         "lowmem-alignprop export", "kohya")])
+def test_sample_checks_the_lora_file_before_loading_the_model(content, needle, folder, tmp_path, capsys):
+    (tmp_path / folder).mkdir()
+    lora = tmp_path / folder / "pytorch_lora_weights.safetensors"
     lora.write_bytes(content)
     out = tmp_path / "eval"
     assert main(["sample", "--profile", "cpu", "--lora", str(lora), "--output-dir", str(out)]) == 2

@@ -93,8 +93,10 @@ def _lora_file(path: Path, arg: str) -> Path:
             raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
                             "which is never loaded: use the .safetensors LoRA a training run wrote, or convert this "
                             "file where you trust it") from None
+        again = ("copy it again from the run's lora/ folder" if file.parent.name == "lora" else
+                 "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
         raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
-                        "copy it again from the run's lora/ folder") from None
+                        f"{again}") from None
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")
@@ -189,13 +191,14 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
 
 
 # what the run's images were made with, beside its model: `sample` of a run's LoRA on that model renders as it did
-def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
+def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, dict[str, Any]] | None:
     """(model, settings) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and the
     :data:`~lowmem_alignprop.settings.config.RUN_IMAGE_SETTINGS` its run sampled with (a transformer file's
     model_components among them): from its run's config.yaml where the LoRA is in its run (a lora/ folder's, a
     checkpoint's), else as base_model.json records them (a LoRA or an export copied elsewhere); None for a LoRA
     from elsewhere. ``sample`` without --model loads it with those settings. A recorded path that is gone raises
-    UserError naming --model."""
+    UserError naming --model, and a damaged record is warned of, unless ``model_given`` (--model names the model:
+    the record only tells whether it is the LoRA's own, :func:`same_model`)."""
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
     from lowmem_alignprop.settings.config import image_settings
 
@@ -206,15 +209,29 @@ def recorded_base(spec: LoraSpec) -> tuple[str, dict[str, Any]] | None:
     try:
         base = json.loads(record.read_text())
         model, recorded = base.get("model"), base.get("image_settings")
-    except (OSError, ValueError, AttributeError):  # damaged: warn_other_base says so
+    except (OSError, ValueError, AttributeError) as e:  # damaged: the model it was trained on is unknown
+        if not model_given:
+            logging.getLogger("lowmem_alignprop").warning(
+                "--lora %s: %s cannot be read (%s): the model the LoRA was trained on is unknown; pass it with "
+                "--model", spec.arg, record, first_line(e, 80))
         return None
     if not isinstance(model, str) or not model:
         return None
-    check_recorded_base(model, f"--lora {spec.arg}")
+    if not model_given:
+        check_recorded_base(model, f"--lora {spec.arg}")
     # the run: the folder named (RUN), or one or two above it (RUN/lora, RUN/checkpoints/step-N, RUN/export/kohya)
     run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / "config.yaml").is_file()), None)
     config = read_run(run)[0] if run else recorded if isinstance(recorded, dict) else {}
     return model, image_settings(config)
+
+
+def same_model(given: str, recorded: str) -> bool:
+    """--model names the model a LoRA's record names: the same folder or file (however the path is written), or the
+    same hub id."""
+    a, b = Path(given).expanduser(), Path(recorded).expanduser()
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    return given.strip() == recorded.strip()
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
@@ -344,19 +361,44 @@ MODEL_NAMES = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "an SD3/
                "sd3": "an SD3/SD3.5 transformer", "flux": "a FLUX.1 transformer"}
 
 
-def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, option: str = "--lora") -> None:
+def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, option: str = "--lora",
+                      default: str = "") -> None:
     """A LoRA of an SD3/FLUX transformer given to a UNet model (``ours``: unet), or the reverse, or an SD3 LoRA to a
     FLUX.1 model (``ours``: sd3 or flux; transformer when unknown which): one line. Called before anything loads
     with what the model's files tell (settings/model_kind; None: they do not tell), and again with the loaded
-    pipeline's."""
+    pipeline's. ``default``: why ``model`` is the default one (no --model given, none recorded), said in the line."""
     if ours is None:
         return
     for spec in specs:
         theirs = spec.model
         if theirs is None or theirs == ours or "transformer" in (theirs, ours) and "unet" not in (theirs, ours):
             continue
-        raise UserError(f"{option} {spec.arg} adapts {MODEL_NAMES[theirs]}, but --model {model} is "
+        named = f"--model {model}" + (f" (the default: {default})" if default else "")
+        raise UserError(f"{option} {spec.arg} adapts {MODEL_NAMES[theirs]}, but {named} is "
                         f"{MODEL_NAMES[ours]}: pass the model it was trained on with --model")
+
+
+def refuse_held_loras(specs: list[LoraSpec], model: str) -> None:
+    """A LoRA given at a positive weight to a model that `export --merge` made with it (its merged_loras.json or
+    single-file header records it): one line, as export --merge refuses it (a negative weight, which takes it out
+    again, passes). A LoRA that is not one a run wrote (an exported file) is not told apart."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.commands.lora_merge import held_in, merged_record
+
+    if not merged_record(model):
+        return
+    for spec in specs:
+        if spec.weight <= 0:
+            continue
+        try:
+            lora = read_lora(str(spec.named))
+        except UserError:  # an export or a LoRA from elsewhere: no record to compare with
+            continue
+        if (held := held_in(model, lora)) is not None:
+            into = held.get("into") or "the base model"
+            raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
+                            f"weight {float(held.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
+                            f"twice; pass --model {into}, the model it was merged into")
 
 
 def pipeline_model(pipe) -> str:
@@ -468,10 +510,12 @@ def has_results(folder: Path) -> bool:
 
 
 def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
-             profile_name: str = "custom", numbered_output_dir: bool = False, prompts: list[str] | None = None) -> dict:
+             profile_name: str = "custom", numbered_output_dir: bool = False, prompts: list[str] | None = None,
+             default_model: str = "") -> dict:
     """Generate, score and write the grid and JSON into ``cfg.output_dir`` (held for this evaluation; a numbered
     default folder taken meanwhile gives way to the next). ``prompts``: the user's own (``--prompt``), else the first
-    ``num_prompts`` of ``cfg.prompts``. Returns the JSON's content."""
+    ``num_prompts`` of ``cfg.prompts``. ``default_model``: why cfg.model is the default (said where a LoRA does not
+    fit it). Returns the JSON's content."""
     from lowmem_alignprop.run.runlock import hold_folder
     from lowmem_alignprop.step.inputs import prepare_inputs
 
@@ -479,11 +523,12 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     chosen = prepare_inputs(cfg, prompts)[:num_prompts]
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
         return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
-                         profile_name=profile_name, prompt_set=cfg.prompts if prompts is None else "--prompt")
+                         profile_name=profile_name, prompt_set=cfg.prompts if prompts is None else "--prompt",
+                         default_model=default_model)
 
 
 def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
-              images_per_prompt: int, profile_name: str, prompt_set: str) -> dict:
+              images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
     from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
     from lowmem_alignprop.commands.grid import save_sample_grid
     from lowmem_alignprop.memory.placement import configure_cuda_allocator
@@ -507,9 +552,10 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
-    check_lora_family(model_of_kind(kind), specs, cfg.model)
+    check_lora_family(model_of_kind(kind), specs, cfg.model, default=default_model)
+    refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
     pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
-    check_lora_family(pipeline_model(pipe), specs, cfg.model)  # the files'
+    check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     load_adapters(pipe, specs, cfg.model)

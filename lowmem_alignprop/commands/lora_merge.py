@@ -108,14 +108,21 @@ def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
     """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``. A model that
     `export --merge` made with this LoRA already in it is refused: it would get it twice (its weights match the
     base's fingerprint: the LoRA leaves the first layer alone)."""
-    held, digest = merged_record(spec), lora_digest(lora)
-    for r in held:
-        if r.get("digest") == digest:
-            raise UserError(f"--merge: {spec} already holds this LoRA ({r.get('lora')}, merged at weight "
-                            f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
-                            f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
-                            f"{r.get('into')}), with --weight for another strength")
-    return [*held, {"lora": str(lora.named), "digest": digest, "weight": weight, "into": spec}]
+    if (r := held_in(spec, lora)) is not None:
+        raise UserError(f"--merge: {spec} already holds this LoRA ({r.get('lora')}, merged at weight "
+                        f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
+                        f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
+                        f"{r.get('into')}), with --weight for another strength")
+    return [*merged_record(spec), {"lora": str(lora.named), "digest": lora_digest(lora), "weight": weight,
+                                   "into": spec}]
+
+
+def held_in(spec: str, lora: Lora) -> dict | None:
+    """The record of ``lora`` in the model ``spec`` when `export --merge` fused it there (:func:`merged_record`),
+    else None."""
+    held = merged_record(spec)
+    digest = lora_digest(lora) if held else None
+    return next((r for r in held if r.get("digest") == digest), None)
 
 
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
