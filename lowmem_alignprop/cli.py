@@ -342,6 +342,7 @@ def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
     args = sample_parser().parse_args(argv)
     from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary, recorded_base, same_model
+    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
 
     if args.num_prompts < 1:
@@ -380,6 +381,7 @@ def cmd_sample(argv: list[str]) -> int:
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
+    refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
     results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts, images_per_prompt=args.images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None,
                        default_model=default_model)

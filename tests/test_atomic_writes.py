@@ -408,3 +408,28 @@ def test_write_failure_finds_the_os_error_in_torch_and_safetensors_words(tmp_pat
     assert atomic.is_disk_full(atomic.write_failure(bare, tmp_path))
     for other in (RuntimeError("CUDA out of memory"), ValueError(TORCH_WRITE_FAILED)):
         assert atomic.write_failure(other, tmp_path) is None
+
+
+def test_windows_files_are_flushed_through_a_handle_that_may_write(tmp_path, monkeypatch):
+    """Windows flushes a file (FlushFileBuffers) only through a handle opened for writing: os.fsync on a read-only
+    one fails with EBADF, and every file a run wrote failed so (the run stopped before its first step). Simulated:
+    fsync refuses read-only descriptors; a read-only copied file is left to the OS there, not an error."""
+    import fcntl
+
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", windows_fsync)
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    path = atomic.write_text(tmp_path / "metrics.jsonl", '{"step": 1}\n')
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n'
+    locked = tmp_path / "copied.txt"
+    locked.write_text("x", encoding="utf-8")
+    locked.chmod(0o444)
+    if os.access(locked, os.W_OK):  # (root writes anyway: nothing to simulate)
+        return
+    atomic.finish_file(locked)

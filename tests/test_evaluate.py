@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.commands.evaluate import generate, load_adapters, mix_adapters, parse_lora
 from lowmem_alignprop.run.filenames import SAMPLE_GRID, SAMPLE_RESULTS
 
@@ -257,6 +258,11 @@ def test_parse_lora_forms(tmp_path, loras):
     run_dir.mkdir()
     (run_dir / "lora").symlink_to(loras["a"], target_is_directory=True)
     assert parse_lora(f"{run_dir}:-0.5", 0).file.parent == run_dir / "lora"  # a run's output dir works too
+    # a Windows path that does not exist is a missing path: its drive letter's colon starts no weight
+    for missing in (r"C:\runs\nope\lora", r"D:\Downloads\my_lora.safetensors"):
+        with pytest.raises(UserError) as e:
+            parse_lora(missing, 0)
+        assert "not a number" not in str(e.value) and missing in str(e.value), str(e.value)
 
 
 def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):

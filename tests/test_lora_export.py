@@ -280,7 +280,8 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
 def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsys):
     """`sample LORA --model MERGED`, where export --merge fused LORA into MERGED, applied it twice (its "base" column
     was the LoRA's images): refused as export --merge refuses it; a negative weight (which takes it out) passes."""
-    from lowmem_alignprop.commands.evaluate import parse_lora, refuse_held_loras
+    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 
     merged = export(tmp_path / "merged", sd["lora"], "--merge")
     capsys.readouterr()

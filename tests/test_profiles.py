@@ -533,3 +533,33 @@ def test_a_runs_config_yaml_given_as_profile_trains_that_configuration_again(tmp
     again = resolve_config(str(run), {}, [])[1]
     assert dataclasses.replace(again, output_dir=first.output_dir) == first
     assert resolve_config(str(run), {"model": "toy"}, ["steps=3"])[1].model == "toy"
+
+
+def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):
+    """`lowmem-alignprop profiles cpu > mine.yaml` in Windows PowerShell 5.1 writes UTF-16 with a byte-order mark (and
+    CRLF): it was refused as "not UTF-8 text" though the README says to do exactly that."""
+    from lowmem_alignprop.settings.profiles import shipped_profiles
+
+    text = shipped_profiles()["cpu"].read_text(encoding="utf-8").replace("\n", "\r\n")
+    for encoding in ("utf-16", "utf-8-sig"):
+        mine = tmp_path / f"mine-{encoding}.yaml"
+        mine.write_bytes(text.encode(encoding))
+        assert load_profile(str(mine))[1] == load_profile("cpu")[1]
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\xe9\nsteps: 3\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_profile(str(latin))
+
+
+def test_a_mac_is_told_its_gpu_is_not_used(monkeypatch, tmp_path, caplog):
+    """No CUDA and an Apple GPU (MPS): the run says the CPU does the work (it trained on the CPU in silence)."""
+    from lowmem_alignprop.commands.train import make_accelerator
+    from lowmem_alignprop.memory.placement import unused_apple_gpu_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    make_accelerator(Config(model="tiny").validate(), tmp_path)
+    assert "this Mac's GPU (MPS) is not used" in caplog.text and "the CPU does the work" in caplog.text
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert unused_apple_gpu_note() is None

@@ -78,3 +78,12 @@ def test_shuffled_prompt_order_holds_every_prompt_once_per_pass_and_needs_no_sta
     rng = random.Random(3)
     expected = [rng.choice(prompts) for _ in range(8)]
     assert draw_prompts(prompts, "random", random.Random(3), 0, 8, seed=7) == expected
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_a_prompt_file_windows_wrote_is_read(tmp_path, encoding):
+    """PowerShell 5.1's `echo ... > prompts.txt` writes UTF-16 with a byte-order mark, Notepad UTF-8 with one; CRLF
+    line ends either way."""
+    f = tmp_path / "prompts.txt"
+    f.write_bytes("a caf\u00e9 at night\r\n# a comment\r\na red fox\r\n".encode(encoding))
+    assert load_prompts(str(f)) == ["a caf\u00e9 at night", "a red fox"]

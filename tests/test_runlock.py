@@ -2,6 +2,7 @@
 taken over, the default folder moves on past a live run, and a run leaves no lock (or empty folder) behind."""
 
 import json
+import os
 import logging
 import socket
 import subprocess
@@ -170,3 +171,26 @@ def test_an_evaluation_holds_its_folder_too(tmp_path, live_run, monkeypatch, cap
     capsys.readouterr()
     assert main([*args, "--output-dir", "outputs/sample"]) == 2  # a folder named by the user: refused
     assert "another run is writing to outputs/sample" in capsys.readouterr().err
+
+
+def test_windows_a_killed_runs_lock_is_taken_over_by_its_pid(tmp_path, caplog, monkeypatch):
+    """Without fcntl (Windows) a leftover lock is judged by its pid, and there os.kill(pid, 0) is no test: it sends a
+    Ctrl-C event and fails for a dead pid with an OSError that read as "alive" (the folder stayed refused for good).
+    Simulated here: no fcntl, os.kill as Windows answers a dead pid, and psutil's process query as Windows makes it
+    (OpenProcess, no signal: here the process table)."""
+    import psutil
+
+    def windows_kill(pid, sig):
+        raise OSError(22, "The parameter is incorrect", None, 87)
+
+    monkeypatch.setattr(runlock, "fcntl", None)
+    monkeypatch.setattr(runlock.os, "kill", windows_kill)
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: os.path.exists(f"/proc/{pid}"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    assert not runlock.pid_alive(pid) and runlock.pid_alive(os.getpid())
+    out = tmp_path / "run"
+    leftover_lock(out)  # its pid: gone
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*FAST, "--output-dir", str(out)]) == 0
+    assert "left by a run that no longer runs: taking it over" in caplog.text

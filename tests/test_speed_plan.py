@@ -568,3 +568,16 @@ def test_fastest_answers_the_configuration_as_given_when_it_fits_and_nothing_qui
     assert "nothing in the searched features fits" not in text
     assert "(no change: the configuration as given)" in text
     assert "the search stopped at its 1 estimates: --max-estimates N" in text
+
+
+def test_plan_workers_are_spawned_on_macos(monkeypatch):
+    """macOS offers a fork server, but a fork after torch's and the system frameworks' imports can hang there (Python's
+    own default on macOS is spawn); Linux keeps the fork server (workers start in a moment)."""
+    import multiprocessing
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert fastest._worker_context().get_start_method() == "spawn"
+    monkeypatch.setattr(sys, "platform", "linux")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        assert fastest._worker_context().get_start_method() == "forkserver"

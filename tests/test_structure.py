@@ -157,3 +157,27 @@ def test_imports_point_down_the_layers():
 def test_the_layer_check_sees_an_upward_import():
     assert _layer("lowmem_alignprop.settings.config") < _layer("lowmem_alignprop.commands.train")
     assert _layer("lowmem_alignprop.__main__") == _layer("lowmem_alignprop") == len(LAYERS) - 1
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """open()/read_text()/write_text() without an encoding use the locale's on Windows (cp1252): a prompt, path or
+    model card with non-ASCII text came back garbled or raised. Every text-mode call in the package names one
+    (run/atomic.write_text is UTF-8 by default)."""
+    missing = []
+    for path, tree in ((p, ast.parse(p.read_text(encoding="utf-8"))) for p in PACKAGE.rglob("*.py")):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func, keywords = node.func, {k.arg for k in node.keywords}
+            if "encoding" in keywords:
+                continue
+            if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text") \
+                    and not (isinstance(func.value, ast.Name) and func.value.id == "atomic"):
+                missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)[:60]}")
+            elif isinstance(func, ast.Name) and func.id == "open":
+                mode = node.args[1] if len(node.args) > 1 else next(
+                    (k.value for k in node.keywords if k.arg == "mode"), ast.Constant("r"))
+                modes = [mode.body, mode.orelse] if isinstance(mode, ast.IfExp) else [mode]
+                if not all(isinstance(m, ast.Constant) and "b" in str(m.value) for m in modes):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)[:60]}")
+    assert not missing, missing

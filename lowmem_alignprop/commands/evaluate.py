@@ -167,14 +167,26 @@ def _checkpoint_lora(checkpoint: Path) -> Path:
     return write_checkpoint_lora(checkpoint, tmp / "lora")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_lora(arg: str, index: int) -> LoraSpec:
     """``DIR`` (weight 1.0) or ``DIR:WEIGHT``. Raises UserError for a missing path or a weight that is no number."""
     text = arg.strip()
     if not text:
         raise UserError("--lora needs a path: --lora DIR or --lora DIR:WEIGHT (e.g. outputs/run/lora:0.5)")
     where, weight = text, 1.0
-    if not Path(text).expanduser().exists() and ":" in text:
-        where, tail = text.rsplit(":", 1)
+    head, _, tail = text.rpartition(":")
+    # DIR:WEIGHT where the text is no path: its last colon starts the weight when DIR exists or the rest is a number
+    # (a Windows path that does not exist, C:\runs\lora, is then a missing path, not a weight "\runs\lora")
+    if ":" in text and not Path(text).expanduser().exists() and (
+            not head or Path(head).expanduser().exists() or _is_number(tail)):
+        where = head
         try:
             weight = float(tail)
         except ValueError:
@@ -207,7 +219,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     if record is None:  # a LoRA from elsewhere
         return None
     try:
-        base = json.loads(record.read_text())
+        base = json.loads(record.read_text(encoding="utf-8"))
         model, recorded = base.get("model"), base.get("image_settings")
     except (OSError, ValueError, AttributeError) as e:  # damaged: the model it was trained on is unknown
         if not model_given:
@@ -343,7 +355,7 @@ def lora_model(path: Path, family: str | None) -> str | None:
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     try:
-        recorded = json.loads((path.parent / LORA_BASE_FILE).read_text()).get("model")
+        recorded = json.loads((path.parent / LORA_BASE_FILE).read_text(encoding="utf-8")).get("model")
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
     except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged
         kind = None
@@ -378,29 +390,6 @@ def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, optio
                         f"{MODEL_NAMES[ours]}: pass the model it was trained on with --model")
 
 
-def refuse_held_loras(specs: list[LoraSpec], model: str) -> None:
-    """A LoRA given at a positive weight to a model that `export --merge` made with it (its merged_loras.json or
-    single-file header records it): one line, as export --merge refuses it (a negative weight, which takes it out
-    again, passes). A LoRA that is not one a run wrote (an exported file) is not told apart."""
-    from lowmem_alignprop.commands.lora_files import read_lora
-    from lowmem_alignprop.commands.lora_merge import held_in, merged_record
-
-    if not merged_record(model):
-        return
-    for spec in specs:
-        if spec.weight <= 0:
-            continue
-        try:
-            lora = read_lora(str(spec.named))
-        except UserError:  # an export or a LoRA from elsewhere: no record to compare with
-            continue
-        if (held := held_in(model, lora)) is not None:
-            into = held.get("into") or "the base model"
-            raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
-                            f"weight {float(held.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
-                            f"twice; pass --model {into}, the model it was merged into")
-
-
 def pipeline_model(pipe) -> str:
     """What :func:`check_lora_family` compares of a loaded pipeline: unet, sd3 or flux."""
     if not hasattr(pipe, "transformer"):
@@ -426,7 +415,7 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
         if not info.is_file():
             continue  # a LoRA from elsewhere: nothing to compare
         try:
-            saved = json.loads(info.read_text())
+            saved = json.loads(info.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if not isinstance(saved, dict) or not isinstance(saved.get("conv_in", []), list):
@@ -531,7 +520,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
               images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
     from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
     from lowmem_alignprop.commands.grid import save_sample_grid
-    from lowmem_alignprop.memory.placement import configure_cuda_allocator
+    from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_apple_gpu_note
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.memory.precision import frozen_weight_dtype
 
@@ -540,6 +529,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (mac := unused_apple_gpu_note()):
+        logging.getLogger("lowmem_alignprop").warning(mac)
     from lowmem_alignprop.measure.weight_bytes import check_host_memory
     check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
@@ -553,7 +544,6 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
 
     kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
     check_lora_family(model_of_kind(kind), specs, cfg.model, default=default_model)
-    refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
     pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)

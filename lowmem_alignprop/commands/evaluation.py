@@ -193,7 +193,8 @@ class HeldOut:
         self.write_lora(tmp)
         (tmp / BEST_FILE).write_text(json.dumps({"step": step, **{k: v for k, v in metrics.items()
                                                                   if k.startswith("eval_")},
-                                                 "eval_prompts": len(self.prompts), "seed": self.cfg.seed}, indent=1))
+                                                 "eval_prompts": len(self.prompts), "seed": self.cfg.seed}, indent=1),
+                                   encoding="utf-8")
         ckpt.publish(tmp, final)
         log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"], final)
 

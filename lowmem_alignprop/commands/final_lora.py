@@ -29,7 +29,7 @@ def lora_problem(run: Path) -> str | None:
     except Exception as e:  # safetensors raises its own error types for a truncated file
         return f"{file} is damaged ({type(e).__name__})"
     try:
-        base = json.loads((run / "lora" / LORA_BASE_FILE).read_text())
+        base = json.loads((run / "lora" / LORA_BASE_FILE).read_text(encoding="utf-8"))
         if not isinstance(base, dict):
             raise ValueError
     except (OSError, ValueError):
@@ -47,7 +47,7 @@ def outputs_problem(run: Path, trained: str = "lora") -> str | None:
     if problem:
         return problem
     try:
-        if not isinstance(json.loads((run / "summary.json").read_text()), dict):
+        if not isinstance(json.loads((run / "summary.json").read_text(encoding="utf-8")), dict):
             raise ValueError
     except (OSError, ValueError):
         return f"{run / 'summary.json'} is missing or damaged"

@@ -240,7 +240,7 @@ def transformer_config(base_model: str | None) -> dict | None:
 
     folder = ARCH_FLOW_DIR / base_model if base_model in FLOW_ARCHS else Path(base_model).expanduser()
     try:
-        return json.loads((folder / "transformer" / "config.json").read_text())
+        return json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -174,7 +174,7 @@ def read_lora(spec: str) -> Lora:
     base = None
     if (path / LORA_BASE_FILE).is_file():
         try:
-            base = json.loads((path / LORA_BASE_FILE).read_text())
+            base = json.loads((path / LORA_BASE_FILE).read_text(encoding="utf-8"))
             if not isinstance(base, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
@@ -198,7 +198,7 @@ def _as_best(lora: Lora) -> None:
     from lowmem_alignprop.run.runfolder import METRICS, first_last_rewards, read_metrics
 
     try:
-        step = int(json.loads((lora.path / BEST_FILE).read_text())["step"])
+        step = int(json.loads((lora.path / BEST_FILE).read_text(encoding="utf-8"))["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged best.json: the run's figures, as before
     rows = [row for row in read_metrics(lora.run / METRICS, until=step) if "reward_mean" in row]
@@ -258,11 +258,11 @@ def read_run(run: Path) -> tuple[dict, dict]:
 
     config, summary = {}, {}
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         pass
     try:
-        summary = json.loads((run / "summary.json").read_text())
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
     return (config if isinstance(config, dict) else {}), (summary if isinstance(summary, dict) else {})
@@ -283,7 +283,8 @@ def v_prediction(lora: Lora) -> bool:
     """Whether the base model's scheduler predicts v (SD 2.x at 768 px): from its scheduler config when it is here."""
     folder = _base_folder(lora.base_model or "")
     try:
-        conf = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) if folder else {}
+        conf = (json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")) if folder
+                else {})
     except (OSError, ValueError):
         conf = {}
     return conf.get("prediction_type") == "v_prediction"
@@ -302,7 +303,7 @@ def base_family(lora: Lora) -> str:
     folder = _base_folder(spec)
     if folder is not None and (folder / "unet" / "config.json").is_file():
         try:
-            conf = json.loads((folder / "unet" / "config.json").read_text())
+            conf = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
             if conf.get("addition_embed_type") == "text_time":
                 return SDXL
             return SD_V2 if conf.get("cross_attention_dim") == 1024 else SD_V1

@@ -109,7 +109,7 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
 
     # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
     (folder / PEFT_CONFIG_NAME).write_text(json.dumps(lora_metadata(peft_config(lora), peft_file=True), indent=2,
-                                                      sort_keys=True))
+                                                      sort_keys=True), encoding="utf-8")
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
               metadata={"format": "pt"})
     return [folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHT_NAME]
@@ -127,7 +127,7 @@ def write_base_record(lora: Lora, folder: Path) -> list[Path]:
         return []
     if lora.base is not None and "image_settings" not in lora.base and lora.run_config:
         from lowmem_alignprop.run.checkpoint import base_record  # a run from before base_model.json recorded them
-        (folder / LORA_BASE_FILE).write_text(base_record(lora.base, lora.run_config))
+        (folder / LORA_BASE_FILE).write_text(base_record(lora.base, lora.run_config), encoding="utf-8")
     else:
         shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
     return [folder / LORA_BASE_FILE]
@@ -162,7 +162,7 @@ def peft_as_diffusers(folder: Path, label: str) -> Path:
     from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+        config = json.loads((folder / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
         weights = load_file(str(folder / PEFT_WEIGHT_NAME))
     except Exception as e:  # a damaged JSON or safetensors file: any reader error
         raise UserError(f"{label}: the peft adapter cannot be read ({first_line(e, 120)})") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base
+from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base, read_lora
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
@@ -123,6 +123,27 @@ def held_in(spec: str, lora: Lora) -> dict | None:
     held = merged_record(spec)
     digest = lora_digest(lora) if held else None
     return next((r for r in held if r.get("digest") == digest), None)
+
+
+def refuse_held_loras(specs: list, model: str) -> None:
+    """``sample``: a LoRA (evaluate.LoraSpec) given at a positive weight to a model that `export --merge` made with
+    it (its merged_loras.json or single-file header records it): one line, as export --merge refuses it (a negative
+    weight, which takes it out again, passes). A LoRA that is not one a run wrote (an exported file) is not told
+    apart."""
+    if not merged_record(model):
+        return
+    for spec in specs:
+        if spec.weight <= 0:
+            continue
+        try:
+            lora = read_lora(str(spec.named))
+        except UserError:  # an export or a LoRA from elsewhere: no record to compare with
+            continue
+        if (held := held_in(model, lora)) is not None:
+            into = held.get("into") or "the base model"
+            raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
+                            f"weight {float(held.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
+                            f"twice; pass --model {into}, the model it was merged into")
 
 
 def merged_pipeline(lora: Lora, model: str | None, weight: float):

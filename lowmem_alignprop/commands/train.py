@@ -47,7 +47,7 @@ from lowmem_alignprop.models.loading import apply_speed_features, load_component
 from lowmem_alignprop.memory.block_swap import install as install_block_swap
 from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
-from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator
+from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator, unused_apple_gpu_note
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
@@ -86,6 +86,8 @@ def make_accelerator(cfg: Config, output_dir: Path):
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg, mp)  # Accelerator(cpu=True) would drop DeepSpeed
     elif not torch.cuda.is_available():
         kwargs["cpu"] = True  # several CPU processes then talk over gloo (docs/design.md section 8)
+        if (mac := unused_apple_gpu_note()):
+            log.warning(mac)
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
                               log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_config=ProjectConfiguration(project_dir=str(output_dir),
@@ -891,7 +893,7 @@ class Trainer:
             if self.is_main:
                 detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
                 write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
-                                                         **({"non_finite_grads": detail} if detail is not None else {})})
+                                                         **({"non_finite_grads": detail} if detail else {})})
             if self.streak.bad(step, bad):
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path))
@@ -1050,7 +1052,7 @@ class Trainer:
     def save_lora(self, folder: Path, lora: dict, final) -> None:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
         self.family.save_lora(self.comps.pipeline_class, final, lora, folder)  # the pipeline's LoRA format
-        (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()))
+        (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()), encoding="utf-8")
 
     def write_lora(self, folder: Path) -> None:
         """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""

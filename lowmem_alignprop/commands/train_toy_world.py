@@ -548,7 +548,7 @@ def _run_prompts(run: Path) -> list[str]:
 
     from lowmem_alignprop.step.prompts import load_prompts
 
-    return load_prompts(yaml.safe_load((run / "config.yaml").read_text())["prompts"])
+    return load_prompts(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["prompts"])
 
 
 @torch.no_grad()
@@ -584,7 +584,8 @@ def adversarial_pool(pipe, runs: list[Path], sched: Schedule, seed: int, log) ->
 
 def _run_record(run: Path) -> dict:
     """What the report keeps of an adversarial round's AlignProp run: its command and its LoRA's checksums."""
-    return {"command": (run / "command.txt").read_text().strip() if (run / "command.txt").exists() else None,
+    command = run / "command.txt"
+    return {"command": command.read_text(encoding="utf-8").strip() if command.exists() else None,
             "lora_sha256": sha256s(run / "lora")}
 
 
@@ -744,7 +745,7 @@ def _taken_from(source: Path, out: Path) -> dict:
     schedule, wall times and checksums (of the rewards phases 5-6 start from too)."""
     import shutil
 
-    prior = json.loads((source / "report.json").read_text())
+    prior = json.loads((source / "report.json").read_text(encoding="utf-8"))
     if source.resolve() != out.resolve():
         shutil.copytree(source / "model", out / "model", dirs_exist_ok=True)
     keep = ("train_version", "seed", "scale", "schedule", "reward_split", "reproducible", "wall_seconds", "sha256")

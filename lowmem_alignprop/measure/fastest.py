@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,8 +113,9 @@ def default_jobs() -> int:
 def _worker_context():
     """How the workers start: forked from a fresh server process that imported the planner and diffusers' SD pipeline
     once (each worker then starts in a moment instead of ~15 s of imports), never from this process (safe beside CUDA
-    and torch's threads); spawned where there is no fork server (Windows)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    and torch's threads); spawned where there is no fork server (Windows) and on macOS (a fork after torch's and the
+    system frameworks' imports can hang there: Python's own default is spawn)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods() or sys.platform == "darwin":
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["lowmem_alignprop.measure.estimate_worker"])
@@ -157,7 +159,7 @@ class _Workers:
             return
         if any(f.running() for f in self.futures):
             while not self.pids.empty():
-                with contextlib.suppress(ProcessLookupError):  # a worker gone already
+                with contextlib.suppress(OSError):  # a worker gone already (Windows: access denied, not found)
                     os.kill(self.pids.get(), signal.SIGTERM)
         self.executor.shutdown(wait=True, cancel_futures=True)  # (the executor reaps a stopped worker)
 

@@ -17,7 +17,7 @@ import torch
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo's, else the platform's), for reports and benchmark results."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()

@@ -37,6 +37,15 @@ def configure_cuda_allocator(expandable_segments: bool) -> str:
     return "expandable segments"
 
 
+def unused_apple_gpu_note() -> str | None:
+    """On a Mac with an Apple GPU (MPS) and no CUDA card: the line saying the CPU does the work; else None."""
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or mps is None or not mps.is_available():
+        return None
+    return ("this Mac's GPU (MPS) is not used: lowmem_alignprop runs on CUDA cards or the CPU (its memory features, "
+            "fp16 autocast and quantized bases are CUDA's, and none is tested on MPS), so the CPU does the work")
+
+
 class Placement:
     def __init__(self, device: torch.device, offload: bool):
         self.device = torch.device(device)

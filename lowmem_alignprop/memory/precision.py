@@ -42,7 +42,7 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     """Whether this CPU has bf16 instructions (without them torch emulates bf16 matmuls, many times slower than
     fp32); None where the OS does not say (no /proc/cpuinfo: macOS, Windows)."""
     try:
-        text = cpuinfo.read_text(errors="replace")
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     flags = {word for line in text.splitlines() if line.lower().startswith(("flags", "features"))

@@ -134,13 +134,13 @@ def arch_config_dir(name: str) -> Path:
     stamp = _stamp(name)
     target = cache_root() / "arch" / name
     stamp_file = target / ".stamp"
-    if stamp_file.is_file() and stamp_file.read_text() == stamp:
+    if stamp_file.is_file() and stamp_file.read_text(encoding="utf-8") == stamp:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         _assemble(name, tmp)
-        (tmp / ".stamp").write_text(stamp)
+        (tmp / ".stamp").write_text(stamp, encoding="utf-8")
         if target.exists():  # stale: move it aside first (a rename is atomic; another process may win)
             trash = target.parent / f".old-{name}-{uuid.uuid4().hex}"
             with contextlib.suppress(OSError):
@@ -152,7 +152,7 @@ def arch_config_dir(name: str) -> Path:
             pass  # another process installed it first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+    if not (stamp_file.is_file() and stamp_file.read_text(encoding="utf-8") == stamp):
         raise RuntimeError(f"could not build the {name} config directory in {target}")
     return target
 

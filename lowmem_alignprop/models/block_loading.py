@@ -165,7 +165,8 @@ def folder_files(transformer_dir: Path) -> list[Path] | None:
     None when it has none (a .bin model: diffusers loads it whole)."""
     index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        return [transformer_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [transformer_dir / f for f in sorted(set(weight_map.values()))]
     one = transformer_dir / "diffusion_pytorch_model.safetensors"
     return [one] if one.is_file() else None
 

@@ -113,7 +113,7 @@ def single_file_transformer(path: str, components: str) -> tuple:
         raise UserError(f"{path} is {_a(family)} transformer but model_components={components} is "
                         f"{_a(theirs)} pipeline: pass the folder of the model the transformer belongs to")
     cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
-    config = json.loads((comp / "transformer" / "config.json").read_text())
+    config = json.loads((comp / "transformer" / "config.json").read_text(encoding="utf-8"))
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
     return cls, config, family, layout
@@ -141,7 +141,7 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
     """diffusers' ``from_single_file``: the whole transformer read into host memory, converted, in ``dtype``."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "transformer").mkdir()
-        (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(config))
+        (Path(tmp) / "transformer" / "config.json").write_text(json.dumps(config), encoding="utf-8")
         try:
             transformer = cls.from_single_file(path, config=tmp, subfolder="transformer", local_files_only=True,
                                                **dtype_kwarg(dtype))
@@ -191,7 +191,7 @@ def _folder_transformer(root: Path):
     files = folder_files(sub) if (sub / "config.json").is_file() else None
     if not files:
         return None
-    config = json.loads((sub / "config.json").read_text())
+    config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
     return getattr(diffusers, config["_class_name"]), config, check_readable(files), sub
 
 
@@ -207,7 +207,7 @@ def _clip_tokenizer(folder: Path):
     from lowmem_alignprop.models.arch import clip_bpe
 
     vocab, merges = clip_bpe()
-    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    conf = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -272,7 +272,7 @@ def flow_pipeline_from_configs(root: Path, *, device="meta", dtype=torch.bfloat1
         elif index[tok][1] == "CLIPTokenizer":
             parts[tok] = _clip_tokenizer(root / tok)
         else:
-            conf = json.loads((root / tok / "tokenizer_config.json").read_text())
+            conf = json.loads((root / tok / "tokenizer_config.json").read_text(encoding="utf-8"))
             parts[tok] = _stand_in_t5_tokenizer(conf.get("model_max_length", 512))
     sched_cls = getattr(diffusers, index["scheduler"][1])
     parts["scheduler"] = sched_cls.from_config(sched_cls.load_config(root / "scheduler"))

@@ -498,7 +498,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     else:
         StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
             weights), unet_lora_adapter_metadata=lora_metadata(config))
-    (folder / LORA_BASE_FILE).write_text(ckpt.base_record(state.get("fingerprint", {}), run_cfg))
+    (folder / LORA_BASE_FILE).write_text(ckpt.base_record(state.get("fingerprint", {}), run_cfg), encoding="utf-8")
     return folder / LORA_WEIGHT_NAME
 
 

@@ -250,7 +250,7 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
         f = path / "preprocessor_config.json"
         if path.is_dir():
             if f.is_file():
-                return json.loads(f.read_text())
+                return json.loads(f.read_text(encoding="utf-8"))
             continue
         if _looks_like_path(source):
             continue
@@ -258,7 +258,7 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
         if cached is None:
             continue
         try:
-            return json.loads(cached.read_text())
+            return json.loads(cached.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
     return None

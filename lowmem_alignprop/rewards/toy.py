@@ -100,7 +100,8 @@ def save_model(model: nn.Module, directory: str | Path, kind: str, dtype: torch.
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"kind": kind, **model.config}, indent=1, sort_keys=True) + "\n")
+    (d / "config.json").write_text(json.dumps({"kind": kind, **model.config}, indent=1, sort_keys=True) + "\n",
+                                   encoding="utf-8")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(text_tower_names(state, "text.", nested=True), str(d / "model.safetensors"))  # the hub's layout
 
@@ -109,7 +110,7 @@ def load_model(directory: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     d = Path(directory)
-    cfg = json.loads((d / "config.json").read_text())
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     kind = cfg.pop("kind")
     model = {"toy_clip": ToyClipModel, "toy_count": ToyCountModel}[kind](**cfg)
     state = {k: v.float() for k, v in load_file(str(d / "model.safetensors")).items()}

@@ -35,6 +35,7 @@ from lowmem_alignprop.settings.errors import first_line
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
 PARTIAL = ".partial-"  # temporary names start with it; a reader never takes them for a finished file
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+WINDOWS = os.name == "nt"
 _UMASK = os.umask(0o022)  # the process's umask: os.umask reads it only by setting it, so it is set back at once
 os.umask(_UMASK)
 
@@ -51,7 +52,7 @@ def inject(path: Path) -> None:
         name, _, action = part.strip().partition(":")
         if name and name == path.name:
             if action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # (Windows has no SIGKILL)
             raise OSError(errno.ENOSPC, f"No space left on device (test hook {INJECT_ENV})", str(path))
 
 
@@ -71,8 +72,12 @@ def fsync_dir(path: Path) -> None:
 
 def finish_file(path: Path) -> None:
     """Sync a written file and give it the permissions a plain ``open`` would have (the umask's)."""
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:  # Windows flushes a file only through a handle that may write (a read-only one fails with EBADF)
+        with open(path, "r+b" if WINDOWS else "rb") as fh:
+            os.fsync(fh.fileno())
+    except PermissionError:  # Windows: a read-only file (a copy of one) cannot be opened to write: left to the OS
+        if not WINDOWS:
+            raise
     shareable(path)
 
 

@@ -172,7 +172,7 @@ def verify(path: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest.json (the write did not finish)"
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
     entries = data.get("files") if isinstance(data, dict) else None
@@ -189,7 +189,7 @@ def verify(path: Path) -> str | None:
         if _sha256(f) != meta["sha256"]:
             return f"{rel} does not match its checksum"
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (ValueError, OSError):
         return "state.json is unreadable"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
@@ -249,7 +249,7 @@ def named_checkpoint(path: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
 def stopped_early(state: dict[str, Any], cfg) -> int:
@@ -444,7 +444,7 @@ def write_manifest(tmp: Path) -> None:
     """Sizes and checksums of every file in ``tmp``; then fsync, so a rename publishes a complete checkpoint."""
     files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
              for f in atomic.finish_tree(tmp)}  # synced, and readable as the umask allows (safetensors writes 0600)
-    with open(tmp / "manifest.json", "w") as fh:
+    with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
         json.dump({"format": FORMAT, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
@@ -559,7 +559,7 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
             _torch_save(rngs, tmp / "rng.pt")
             if write_extra is not None:
                 write_extra(tmp)
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
             write_manifest(tmp)
             publish(tmp, final)
         except Exception as e:  # a full disk: an OSError, or torch's / safetensors' words (atomic.write_failure)

@@ -120,7 +120,7 @@ class RunFolder:
         values = {k: v for k, v in (point.state.get("config") or {}).items()
                   if k in FIELD_NAMES and k != "output_dir"}
         try:
-            name = yaml.safe_load((self.path / "config.yaml").read_text()).get("profile", "resumed")
+            name = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")).get("profile", "resumed")
         except (OSError, ValueError, AttributeError, yaml.YAMLError):
             name = "resumed"
         return (str(name), values) if values else None

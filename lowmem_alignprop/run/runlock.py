@@ -58,19 +58,17 @@ def _flock(fd: int, tries: int = 3) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine runs (another user's counts: it exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # someone else's process (or no way to tell): it exists
-        return True
-    return True
+    """Whether process ``pid`` of this machine runs (another user's counts: it exists). psutil's test, not
+    ``os.kill(pid, 0)``: on Windows that sends a Ctrl-C event to the process group and fails for a dead pid with an
+    error that reads as "alive"."""
+    import psutil
+
+    return psutil.pid_exists(pid)
 
 
 def _content(path: Path) -> dict:
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):  # being written this instant, or damaged
         return {}

@@ -57,7 +57,7 @@ def _kind_of_folder(model: str, download: bool) -> str | None:
         return kind
     config = _model_file(model, "transformer/config.json", download)
     try:
-        return sd3_kind(int(json.loads(config.read_text())["num_layers"]))
+        return sd3_kind(int(json.loads(config.read_text(encoding="utf-8"))["num_layers"]))
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
         return None
 
@@ -80,7 +80,7 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
     if kind not in FLOW_KINDS:
         return None
     try:
-        transformer, vae = (json.loads(_model_file(folder, name, False).read_text())
+        transformer, vae = (json.loads(_model_file(folder, name, False).read_text(encoding="utf-8"))
                             for name in ("transformer/config.json", "vae/config.json"))
         return ("flux" if kind == "flux" else "sd3", *flow_geometry_of(kind == "flux", transformer, vae))
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
@@ -95,7 +95,7 @@ def flow_block_count(model: str) -> int | None:
     if kind not in FLOW_KINDS:
         return None
     try:
-        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text())
+        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text(encoding="utf-8"))
         return int(config["num_layers"]) + int(config.get("num_single_layers") or 0)
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
         return None

@@ -3,11 +3,23 @@ dangling symlink or a symlink loop is told so, not "does not exist"; and which p
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import os
 import re
 import stat
 from pathlib import Path
+
+
+def read_user_text(path: Path) -> str:
+    """A text file the user wrote (a profile, a prompt file): UTF-8, with or without a byte-order mark, or UTF-16
+    with one (what Windows PowerShell 5.1's ``>`` writes: ``lowmem-alignprop profiles cpu > mine.yaml``). Raises
+    UnicodeDecodeError for anything else, OSError where it cannot be read."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
 
 
 def kind_of(path: str | os.PathLike) -> str:
@@ -17,14 +29,14 @@ def kind_of(path: str | os.PathLike) -> str:
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        if e.errno == 40:  # ELOOP
+        if e.errno == errno.ELOOP:  # (40 on Linux, 62 on macOS)
             return "symlink loop"
         if path.is_symlink():
             return "dangling symlink"
         try:  # a loop in a folder above it reads as ELOOP too
             os.stat(path.parent)
         except OSError as parent_error:
-            if parent_error.errno == 40:
+            if parent_error.errno == errno.ELOOP:
                 return "symlink loop"
         return "missing"
     if stat.S_ISREG(mode):

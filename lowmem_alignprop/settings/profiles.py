@@ -14,7 +14,7 @@ from lowmem_alignprop.settings.config import Config, build_config, coerce, parse
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of
+from lowmem_alignprop.settings.paths import kind_of, read_user_text
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
@@ -207,7 +207,7 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
                             "(`lowmem-alignprop profiles` lists them)")
         name = str(path)
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        data = _load_yaml(read_user_text(path))  # UTF-8, or UTF-16 as Windows PowerShell's > writes it
     except _TooLarge as e:
         raise UserError(f"profile {path} uses YAML aliases (*name) that expand to more than {e} values: write the "
                         "fields out (a profile is a few `field: value` lines)") from None
