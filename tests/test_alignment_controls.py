@@ -8,10 +8,12 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from loras import nudge
@@ -299,6 +301,49 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     assert not all(torch.equal(a[k], _lora(out / "lora")[k]) for k in a)  # lora/ is step 3's, not the best
 
 
+def test_best_and_patience_follow_the_line_a_resume_continues(night, tmp_path, capsys, caplog):
+    """brightness on the held-out prompts rises with training: best/ is the newest evaluated step. A resume of an
+    older checkpoint (a branch) left best/ of the abandoned steps while the summary named the older best step; a
+    resume into a new folder named a best/ that was never written, and called the profile "resumed"; a resume with
+    another reward compared its evaluations with the old reward's best (and stopped early on it). Now best/ holds the
+    best step's LoRA of the line trained (the other moved aside), and a changed measure starts best/ and the
+    patience over."""
+    from lowmem_alignprop.cli import main
+
+    bright = [*night, "--reward", "brightness", "--eval-every", "1", "--set", "keep_checkpoints=0",
+              "--checkpoint-every", "1"]
+    out = tmp_path / "run"
+    assert main([*bright, "--output-dir", str(out), "--steps", "3"]) == 0
+    evals = [r["eval_objective"] for r in strict_rows(out)]
+    assert evals == sorted(evals) and json.loads((out / "best" / "best.json").read_text())["step"] == 3  # premise
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+
+    def best_step(run):
+        summary = json.loads((run / "summary.json").read_text())
+        assert json.loads((run / "best" / "best.json").read_text())["step"] == summary["best_step"], run
+        return summary["best_step"]
+
+    # a new folder from step 2: best/ written from that step's checkpoint, then step 3's evaluation replaces it
+    new = tmp_path / "new"
+    assert main(["--resume", str(out / "checkpoints" / "step-00000002"), "--output-dir", str(new)]) == 0
+    assert "resume: best/ (step 2) written from" in caplog.text and best_step(new) == 3
+    assert yaml.safe_load((new / "config.yaml").read_text())["profile"] == "cpu"
+    # a branch from step 1 with one step to go (--steps 2): step 3's best/ moves aside, step 1's comes back first
+    assert main([*bright, "--output-dir", str(out), "--steps", "2", "--resume",
+                 str(out / "checkpoints" / "step-00000001")]) == 0
+    assert json.loads((out / "best-before-step-2" / "best.json").read_text())["step"] == 3
+    assert best_step(out) == 2
+    # another reward: its evaluations start best/ and the patience over (the old best would have stopped it early)
+    caplog.clear()
+    assert main([*night, "--output-dir", str(out), "--steps", "4", "--eval-every", "1", "--early-stop", "1",
+                 "--resume", "latest"]) == 0
+    assert "the held-out evaluation's reward changed since the checkpoint: best/ and the early stop's patience start " \
+           "over" in caplog.text
+    rows = strict_rows(out)
+    assert rows[2]["eval_best_step"] == 3 and rows[2]["eval_since_best"] == 0  # step 3: the new measure's first
+    assert best_step(out) == 3 and (out / "best-before-step-3").is_dir()
+
+
 def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average) and evaluation every step:
     the same lora/, the same best/ (an early step: a resume that forgot the best so far would put step 3 there), the same
@@ -400,6 +445,12 @@ def test_a_resume_keeps_the_prompts_its_run_held_out_whatever_its_flags(tmp_path
     assert split_eval_prompts(Config(seed=5), PROMPTS, started=started.to_dict()) == (first[0], [])
     with pytest.raises(UserError, match="trained on every one of its prompts.*eval_prompts=FILE"):
         split_eval_prompts(Config(eval_every=2), PROMPTS, started=Config().to_dict())
+    # a resume on a prompt file too small to hold the run's evaluation out: said so (it blamed an --eval-every the
+    # resume did not give and a run that had held prompts out)
+    with pytest.raises(UserError, match=r"have 2 distinct, and the run holds out eval_holdout=2 of them for its "
+                                        r"evaluation \(eval_every=2\), which leaves none to train on: give more "
+                                        r"prompts, .*, or --eval-every 0"):
+        split_eval_prompts(Config(eval_every=2, eval_holdout=2), PROMPTS[2:4], started=started.to_dict())
     (tmp_path / "eval.txt").write_text("a RED circle\na night sky\n")  # a twin of a training prompt is left out
     assert split_eval_prompts(Config(eval_every=2, eval_prompts=str(tmp_path / "eval.txt")), PROMPTS,
                               started=Config().to_dict()) == (PROMPTS, ["a night sky"])

@@ -130,6 +130,14 @@ class WeightEMA:
         return True
 
 
+def _best_step(folder: Path) -> int | None:
+    """The step a best/ folder's best.json names (None: no readable one)."""
+    try:
+        return int(json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class HeldOut:
     """Held-out evaluation, best/ and early stop. ``sample(prompts, seed) -> (images, rewards)`` is the trainer's
     fixed-seed sampler (no gradient); ``write_lora(folder)`` writes the LoRA as it is now."""
@@ -143,6 +151,7 @@ class HeldOut:
         self.best_reward: float | None = None
         self.since_best = 0  # evaluations since the best one
         self.stopped_at: int | None = None
+        self.best_kept = True  # best/ holds best_step's LoRA (a resume may find it gone: keep_best_of)
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval_every
@@ -210,3 +219,46 @@ class HeldOut:
         if state:
             self.best, self.best_step = state.get("best"), state.get("best_step")
             self.best_reward, self.since_best = state.get("best_reward"), int(state.get("since_best", 0))
+
+    def keep_best_of(self, start: int, origin: Path | None) -> None:
+        """After a resume (rank 0): best/ holds the LoRA of the best step the evaluation state names, as the summary
+        says. A best/ of another step (a branch set aside: a later step; an evaluation that measures otherwise now)
+        moves to best-before-step-N/; the best step's LoRA comes from the resumed run's best/ (a resume into a new
+        folder) or from its checkpoint of that step; when neither is kept, the summary says so."""
+        final = self.out / BEST_DIR
+        if final.exists() and self.best_step is not None and _best_step(final) == self.best_step:
+            return
+        if final.exists():
+            aside, n = self.out / f"{BEST_DIR}-before-step-{start + 1}", 1
+            while aside.exists():
+                n += 1
+                aside = self.out / f"{BEST_DIR}-before-step-{start + 1}-{n}"
+            final.rename(aside)
+            log.warning("resume: %s held the LoRA of step %s, not of the best evaluation this run continues from "
+                        "(%s): moved to %s", final, _best_step(aside), self.best_step or "none yet", aside)
+        if self.best_step is None:
+            return
+        source = origin / BEST_DIR if origin is not None else None
+        tmp = self.out / f"{ckpt.TMP_PREFIX}{BEST_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if source is not None and source.resolve() != final.resolve() and _best_step(source) == self.best_step:
+            shutil.copytree(source, tmp)
+            ckpt.publish(tmp, final)
+            log.info("resume: best/ (step %d) copied from %s", self.best_step, source)
+            return
+        for run in dict.fromkeys(r for r in (self.out, origin) if r is not None):
+            checkpoint = ckpt.step_dir(run / ckpt.DIRNAME, self.best_step)
+            if checkpoint.is_dir() and ckpt.verify(checkpoint) is None:
+                from lowmem_alignprop.models.loading import write_checkpoint_lora
+
+                tmp.mkdir(parents=True)
+                write_checkpoint_lora(checkpoint, tmp)
+                (tmp / BEST_FILE).write_text(json.dumps({"step": self.best_step, "eval_reward": self.best_reward,
+                                                         "eval_objective": self.best, "from": str(checkpoint)},
+                                                        indent=1), encoding="utf-8")
+                ckpt.publish(tmp, final)
+                log.info("resume: best/ (step %d) written from %s", self.best_step, checkpoint)
+                return
+        self.best_kept = False
+        log.warning("resume: the best held-out evaluation so far (step %d) has no LoRA kept (no best/ or checkpoint "
+                    "of that step): the next better evaluation writes best/", self.best_step)

@@ -104,7 +104,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
                      f"({improvement_measure(cfg)}) had not improved for {cfg.early_stop} evaluations")
     if s.get("best_step") is not None:
         lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
-                     f"-> {s['output_dir']}/{BEST_DIR}")
+                     + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
+                        "(its LoRA is not kept: no best/ or checkpoint of that step was left)"))
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
     if s.get("samples_skipped"):

@@ -200,6 +200,7 @@ class Trainer:
         self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
         self.prompt_id = {p: i for i, p in enumerate(prompts)}  # the metrics' per-image prompt_ids
         self.eval_prompts = list(eval_prompts or [])
+        self.held_out_sha = prompt_digest(self.eval_prompts)  # kept in each checkpoint: best/ compares like with like
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
@@ -592,9 +593,18 @@ class Trainer:
                 log.warning("resume: %s holds no EMA of the weights: the average starts from step %d's weights",
                             point.path, self.start)
             if self.held_out is not None:
-                self.held_out.load_state(state.get("evaluation"))  # best so far and patience go on
+                evaluation = state.get("evaluation") or {}
+                changed = ckpt.eval_basis_changed(state, self.cfg) + (  # what the evaluation's objective reads
+                    ["held-out prompts"] if evaluation.get("held_out_sha") not in (None, self.held_out_sha) else [])
+                if changed and evaluation and self.is_main:
+                    log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
+                                "early stop's patience start over", ", ".join(changed))
+                self.held_out.load_state(None if changed else evaluation)  # else best so far and patience go on
                 if self.refinish and self.start < self.cfg.steps:  # the run stopped early here
                     self.held_out.stopped_at = self.start
+                if self.is_main:  # best/ holds the best step's LoRA (a branch set aside, a new folder)
+                    origin = RunFolder.of_checkpoint(str(point.path))
+                    self.held_out.keep_best_of(self.start, Path(origin) if origin else None)
         if self.is_main:
             self.folder.start_metrics(point, self.history)
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
@@ -979,9 +989,10 @@ class Trainer:
         path = self.save_checkpoint(step)
         if early and not stopping and step < cfg.steps:
             if self.is_main:
+                where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
                 self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) "
                                f"has not improved for {cfg.early_stop} evaluations; the best step "
-                               f"({self.held_out.best_step}) is in {self.out / BEST_DIR}")
+                               f"({self.held_out.best_step}) {where}")
             return True
         if stopping and self.is_main:  # every rank saved it together: rank 0 says so
             self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
@@ -998,7 +1009,8 @@ class Trainer:
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
                                 "prompts_since": self.prompts_since,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
-                                **({"evaluation": self.held_out.state()} if self.held_out is not None else {})},
+                                **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
+                                   if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
         self.last_saved = step
         return path
@@ -1017,7 +1029,8 @@ class Trainer:
                    or None, "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped"))}
         if self.held_out is not None:
-            summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward)
+            summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
+                           best_kept=self.held_out.best_kept)
         final = acc.unwrap_model(self.unet_train)
         try:
             with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights

@@ -252,11 +252,22 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
+# what the held-out evaluation's objective (what best/ and the early stop compare) depends on, beside its prompts
+EVAL_BASIS_FIELDS = ("reward", "reward_weights", "reward_target", "reward_cap", "loss_scale", "seed")
+
+
+def eval_basis_changed(state: dict[str, Any], cfg) -> list[str]:
+    """The fields of :data:`EVAL_BASIS_FIELDS` the checkpoint's run had otherwise than ``cfg``: its evaluations
+    are then no measure for this run's (best/ and the early stop start over)."""
+    saved = state.get("config") or {}
+    return [f for f in EVAL_BASIS_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+
+
 def stopped_early(state: dict[str, Any], cfg) -> int:
     """How many evaluations the checkpoint's run had gone without improving when it stopped early under this run's
-    early_stop, else 0 (it did not stop early, or this run's patience is longer)."""
+    early_stop, else 0 (it did not stop early, this run's patience is longer, or its evaluation measures otherwise)."""
     since = int((state.get("evaluation") or {}).get("since_best") or 0)
-    return since if cfg.early_stop and since >= cfg.early_stop else 0
+    return since if cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg) else 0
 
 
 def run_ended(state: dict[str, Any], cfg) -> bool:

@@ -119,10 +119,14 @@ class RunFolder:
             return None
         values = {k: v for k, v in (point.state.get("config") or {}).items()
                   if k in FIELD_NAMES and k != "output_dir"}
-        try:
-            name = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")).get("profile", "resumed")
-        except (OSError, ValueError, AttributeError, yaml.YAMLError):
-            name = "resumed"
+        name = "resumed"
+        origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile
+        for run in [self.path] + ([Path(origin)] if origin else []):
+            try:
+                name = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("profile", "resumed")
+                break
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                continue
         return (str(name), values) if values else None
 
     # ---- choosing the folder ------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class Config:
     steps: int = _f(20, "Number of optimizer steps to train.")
 
     # ---- sampler -------------------------------------------------------------------------------
-    sample_steps: int = _f(50, "DDIM steps per rollout (T).")
+    sample_steps: int = _f(50, "Denoising steps per rollout (T): DDIM steps for UNet models, Euler steps for SD3/FLUX.")
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1.0 disables the unconditional branch).")
     eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "

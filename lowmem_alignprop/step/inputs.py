@@ -113,6 +113,12 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
                 "eval_prompts=%s: %d of its %d prompts also train (or repeat) and are left out of the evaluation",
                 cfg.eval_prompts, len(given) - len(held), len(given))
         return train, held
+    held_by = cfg.to_dict() if started is None else started
+    if not aside and held_by.get("eval_every") and not held_by.get("eval_prompts"):  # too few prompts to hold out
+        holdout = int(held_by.get("eval_holdout", Config.eval_holdout))
+        raise UserError(f"the prompts ({cfg.prompts}) have {distinct} distinct, and the run holds out eval_holdout="
+                        f"{holdout} of them for its evaluation (eval_every={cfg.eval_every}), which leaves none to "
+                        "train on: give more prompts, held-out prompts with --set eval_prompts=FILE, or --eval-every 0")
     if not aside:  # a resume adding --eval-every: every prompt has trained
         raise UserError("--eval-every on a resume of a run that trained on every one of its prompts: held out of "
                         "them, the evaluation would score prompts it trained on; give prompts it never trained on "
