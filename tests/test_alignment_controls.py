@@ -503,7 +503,7 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
     assert note(20, 20, 1).startswith("early_stop=1 cannot stop this run: it evaluates 0 time(s)")
 
 
-def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):
+def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path, capsys):
     """reward_cap: the loss sees min(reward, cap). A cap below every reward leaves nothing to learn: each step makes no
     update (AdamW's momentum and weight decay would otherwise move the weights on a zero gradient), the LoRA's B stays
     exactly zero, and such steps are not a broken reward (no zero-gradient stop). A cap above every reward changes
@@ -512,10 +512,18 @@ def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path):
 
     runs = {name: tmp_path / name for name in ("below", "above", "none")}
     caps = {"below": ["--set", "reward_cap=-1"], "above": ["--set", "reward_cap=2"], "none": []}
+    boxes = {}
     for name, out in runs.items():
+        capsys.readouterr()
         assert main([*night, "--output-dir", str(out), "--steps", "2", "--set", "max_zero_grad_steps=2",
                      *caps[name]]) == 0
+        boxes[name] = capsys.readouterr().out
     below = strict_rows(runs["below"])
+    # the box and summary say that no step made an update (its reward change is only the rollouts' own noise)
+    assert " reward_cap=-1: 2 of 2 steps made no update (every image at the cap; metrics.jsonl's at_cap)" in boxes["below"]
+    assert json.loads((runs["below"] / "summary.json").read_text())["at_cap_steps"] == [1, 2]
+    assert "made no update" not in boxes["above"] and "at_cap_steps" not in json.loads(
+        (runs["none"] / "summary.json").read_text())
     assert [r["at_cap"] for r in below] == [True] * 2 and all(r["grad_norm"] == 0.0 for r in below)
     lora_b = [t for n, t in _lora(runs["below"] / "lora").items() if "lora_B" in n or "lora.up" in n]
     assert lora_b and all(not t.any() for t in lora_b)

@@ -112,6 +112,10 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         lines.append(f" after samples skipped ({s['samples_skipped']}): lowmem-alignprop sample "
                      f"{s['output_dir']}/lora renders the base and the LoRA side by side")
     lines += toy_world_lines(s.get("toy_world"))
+    if s.get("at_cap_steps"):
+        n = len(s["at_cap_steps"])
+        lines.append(f" reward_cap={cfg.reward_cap:g}: {n} of {done} steps made no update (every image at the cap; "
+                     "metrics.jsonl's at_cap)")
     if s.get("fp16_overflow_skips"):
         lines.append(f" fp16 loss scaling: {s['fp16_overflow_skips']} update(s) skipped on overflow while it found "
                      "its scale (normal in the first steps)")

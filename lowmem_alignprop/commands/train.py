@@ -1027,7 +1027,9 @@ class Trainer:
                    "interrupted": done < cfg.steps and early is None,
                    "resumed_from": str(self.point.path if self.point else "")
                    or None, "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
-                   "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped"))}
+                   "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
+                   **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
+                      if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
                            best_kept=self.held_out.best_kept)
