@@ -57,6 +57,8 @@ def test_flux_trains_and_its_lora_reproduces_the_trainers_images(flux_run, dirs)
 
     rows = [json.loads(x) for x in (flux_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["k"] == 2 for r in rows)
+    report = json.loads((flux_run / "memory_report.json").read_text())  # its module table names the transformer
+    assert all("transformer" in split and "unet" not in split for split in report["modules"].values()), report["modules"]
     samples = json.loads((flux_run / "samples" / "before_after.json").read_text())
     pipe = FluxPipeline.from_pretrained(dirs["flux"])
     pipe.set_progress_bar_config(disable=True)

@@ -400,8 +400,9 @@ class Trainer:
 
     def modules(self) -> dict:
         # SD3/FLUX: the text encoders are dropped once the prompt set is encoded (None from then on)
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.comps.text_encoder, "reward": self.reward,
-                "lora": self.params, "optimizer": self.optimizer}
+        return {"transformer" if self.family.flow else "unet": self.unet, "vae": self.vae,
+                "text_encoder": self.comps.text_encoder, "reward": self.reward, "lora": self.params,
+                "optimizer": self.optimizer}
 
     def score(self, images: torch.Tensor, batch_prompts: list[str], when: str, fix: str = "fix it") -> torch.Tensor:
         """The reward outside a training step; an error of the user's reward becomes one line naming ``when``."""
