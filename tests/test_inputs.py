@@ -95,3 +95,27 @@ def test_a_negative_prompt_on_an_sd_model_ignores_the_working_directorys_model_i
     assert cfg.negative_prompt == "blurry"
     with pytest.raises(UserError, match="FLUX.1 is guidance-distilled"):  # and a real FLUX folder is still refused
         Config(model=str(tmp_path), negative_prompt="blurry", output_dir=str(tmp_path / "out")).validate()
+
+
+def test_compile_without_its_compiler_is_refused_before_loading(monkeypatch):
+    """torch.compile failed at the first step, after the model loaded, where triton (CUDA; triton-windows on
+    Windows) or a CPU compiler (MSVC's cl.exe on Windows) is missing: now one line at startup."""
+    import importlib.util
+    import shutil
+    import sys
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find_spec(n, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(UserError, match=r"compile=nograd needs triton .*pip install triton-windows.*--set compile=none"):
+        Config(compile="nograd").validate().check_installed()
+    Config(compile="none").validate().check_installed()  # off: nothing needed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match=r"compile=regional needs a C\+\+ compiler .*cl\.exe"):
+        Config(compile="regional").validate().check_installed()
+    monkeypatch.setattr(sys, "platform", "linux")
+    Config(compile="regional").validate().check_installed()  # torch's own toolchain there

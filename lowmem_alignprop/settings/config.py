@@ -259,6 +259,9 @@ class Config:
             value, offs = getattr(self, name), off if isinstance(off, tuple) else (off,)
             if value not in offs and not _has(module):
                 raise missing_package(f"{name}={value}", module, f"{name}={offs[0]}")
+        if self.compile != "none" and (lacking := _compiler_missing()):  # (else torch fails at the first step)
+            raise UserError(f"compile={self.compile} needs {lacking}, which this machine lacks: install it, or use "
+                            "--set compile=none")
         return self
 
     def validate(self, training: bool = True) -> "Config":
@@ -495,6 +498,25 @@ UPPER_BOUNDS = (
     ("lora_rank", 1024, "larger than the attention layers it adapts"),
     ("tile_size", 4096, "the largest resolution"),
 )
+
+
+def _compiler_missing() -> str | None:
+    """What torch.compile needs here and does not find: triton on a CUDA machine (Linux wheels of torch bring it;
+    Windows needs triton-windows), a C++ compiler for the CPU on Windows (MSVC's cl.exe); None when nothing is
+    missing that can be told before compiling."""
+    import shutil
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        if not _has("triton"):
+            return "triton (torch.compile's GPU kernels): pip install " + (
+                "triton-windows" if sys.platform == "win32" else "triton")
+        return None
+    if sys.platform == "win32" and shutil.which("cl") is None:
+        return "a C++ compiler for the CPU kernels (MSVC's cl.exe on PATH: a Developer Command Prompt)"
+    return None
 
 
 # (field, the value (or values) that need nothing, the package any other value needs)
