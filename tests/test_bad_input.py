@@ -114,7 +114,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--set", "cpu_malloc_threshold_kib=64"]
     elif case == "prompts_not_utf8":
         bad = tmp_path / "p.txt"
-        bad.write_bytes("un chat\n".encode("utf-16"))
+        bad.write_bytes("un caf\xe9 noir\n".encode("latin-1"))  # (UTF-16 with its byte-order mark is read: Windows')
         args += ["--prompts", str(bad)]
     elif case == "prompts_of_nul_bytes":  # valid UTF-8, no text: it trained on a prompt of NULs in silence
         bad = tmp_path / "p.txt"
