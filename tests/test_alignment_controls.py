@@ -328,6 +328,11 @@ def test_best_and_patience_follow_the_line_a_resume_continues(night, tmp_path, c
     assert main(["--resume", str(out / "checkpoints" / "step-00000002"), "--output-dir", str(new)]) == 0
     assert "resume: best/ (step 2) written from" in caplog.text and best_step(new) == 3
     assert yaml.safe_load((new / "config.yaml").read_text())["profile"] == "cpu"
+    # a new folder from step 3, which the origin's best/ holds: copied from there
+    newer = tmp_path / "newer"
+    assert main(["--resume", str(out / "checkpoints" / "step-00000003"), "--output-dir", str(newer), "--steps",
+                 "4"]) == 0
+    assert f"resume: best/ (step 3) copied from {out / 'best'}" in caplog.text and best_step(newer) in (3, 4)
     # a branch from step 1 with one step to go (--steps 2): step 3's best/ moves aside, step 1's comes back first
     assert main([*bright, "--output-dir", str(out), "--steps", "2", "--resume",
                  str(out / "checkpoints" / "step-00000001")]) == 0
@@ -342,6 +347,28 @@ def test_best_and_patience_follow_the_line_a_resume_continues(night, tmp_path, c
     rows = strict_rows(out)
     assert rows[2]["eval_best_step"] == 3 and rows[2]["eval_since_best"] == 0  # step 3: the new measure's first
     assert best_step(out) == 3 and (out / "best-before-step-3").is_dir()
+
+
+def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_writes_one(tmp_path, caplog):
+    """keep_best_of with no best/ or checkpoint of the best step (rotated away; a full fine-tune's checkpoint holds
+    no LoRA, and its resume must not fail on it): best_kept is False, and the next better evaluation's best/ makes it
+    True again (the summary and the early stop read it)."""
+    from lowmem_alignprop.commands.evaluation import HeldOut
+
+    def write_lora(folder):
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+
+    for train_unet in ("lora", "full"):
+        out = tmp_path / train_unet
+        (out / "checkpoints" / "step-00000002").mkdir(parents=True)  # a full fine-tune's (or damaged): no LoRA
+        held = HeldOut(Config(eval_every=1, train_unet=train_unet), ["a night sky"], out, sample=None,
+                       write_lora=write_lora)
+        held.load_state({"best": -0.2, "best_step": 2, "best_reward": 0.2, "since_best": 0})
+        caplog.clear()
+        held.keep_best_of(3, None)
+        assert not held.best_kept and "the best held-out evaluation so far (step 2) has no LoRA kept" in caplog.text
+        held.after_evaluation(4, {"eval_objective": -0.1, "eval_reward": 0.1}, is_main=True)
+        assert held.best_kept and json.loads((out / "best" / "best.json").read_text())["step"] == 4
 
 
 def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):

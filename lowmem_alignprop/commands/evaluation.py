@@ -21,10 +21,12 @@ from typing import Callable
 
 import torch
 
+from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import finite_or_none
 from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.step.rollout import loss_from_reward
 
 log = logging.getLogger("lowmem_alignprop")
@@ -194,17 +196,15 @@ class HeldOut:
             self.stopped_at = step
 
     def write_best(self, step: int, metrics: dict) -> None:
-        """best/ replaced atomically: written into a temporary folder, then renamed into place."""
+        """best/ replaced atomically: written into a temporary folder, synced, then renamed into place."""
         final = self.out / BEST_DIR
-        tmp = self.out / f"{ckpt.TMP_PREFIX}{BEST_DIR}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.write_lora(tmp)
-        (tmp / BEST_FILE).write_text(json.dumps({"step": step, **{k: v for k, v in metrics.items()
-                                                                  if k.startswith("eval_")},
-                                                 "eval_prompts": len(self.prompts), "seed": self.cfg.seed}, indent=1),
-                                   encoding="utf-8")
-        ckpt.publish(tmp, final)
+        with atomic.replacing_dir(final) as tmp:
+            self.write_lora(tmp)
+            (tmp / BEST_FILE).write_text(json.dumps({"step": step, **{k: v for k, v in metrics.items()
+                                                                      if k.startswith("eval_")},
+                                                     "eval_prompts": len(self.prompts), "seed": self.cfg.seed},
+                                                    indent=1), encoding="utf-8")
+        self.best_kept = True
         log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"], final)
 
     @property
@@ -239,26 +239,28 @@ class HeldOut:
         if self.best_step is None:
             return
         source = origin / BEST_DIR if origin is not None else None
-        tmp = self.out / f"{ckpt.TMP_PREFIX}{BEST_DIR}"
-        shutil.rmtree(tmp, ignore_errors=True)
         if source is not None and source.resolve() != final.resolve() and _best_step(source) == self.best_step:
-            shutil.copytree(source, tmp)
-            ckpt.publish(tmp, final)
+            with atomic.replacing_dir(final) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
             log.info("resume: best/ (step %d) copied from %s", self.best_step, source)
             return
-        for run in dict.fromkeys(r for r in (self.out, origin) if r is not None):
+        for run in dict.fromkeys(r for r in (self.out, origin) if r is not None) if self.cfg.train_unet == "lora" \
+                else ():  # (a full fine-tune's checkpoint holds no LoRA to write)
             checkpoint = ckpt.step_dir(run / ckpt.DIRNAME, self.best_step)
-            if checkpoint.is_dir() and ckpt.verify(checkpoint) is None:
-                from lowmem_alignprop.models.loading import write_checkpoint_lora
+            if not checkpoint.is_dir():
+                continue
+            from lowmem_alignprop.models.loading import write_checkpoint_lora
 
-                tmp.mkdir(parents=True)
-                write_checkpoint_lora(checkpoint, tmp)
-                (tmp / BEST_FILE).write_text(json.dumps({"step": self.best_step, "eval_reward": self.best_reward,
-                                                         "eval_objective": self.best, "from": str(checkpoint)},
-                                                        indent=1), encoding="utf-8")
-                ckpt.publish(tmp, final)
-                log.info("resume: best/ (step %d) written from %s", self.best_step, checkpoint)
-                return
+            try:
+                with atomic.replacing_dir(final) as tmp:
+                    write_checkpoint_lora(checkpoint, tmp)  # (it verifies the checkpoint's checksums first)
+                    (tmp / BEST_FILE).write_text(json.dumps({"step": self.best_step, "eval_reward": self.best_reward,
+                                                             "eval_objective": self.best, "from": str(checkpoint)},
+                                                            indent=1), encoding="utf-8")
+            except UserError:  # damaged: another run's, or none
+                continue
+            log.info("resume: best/ (step %d) written from %s", self.best_step, checkpoint)
+            return
         self.best_kept = False
         log.warning("resume: the best held-out evaluation so far (step %d) has no LoRA kept (no best/ or checkpoint "
                     "of that step): the next better evaluation writes best/", self.best_step)

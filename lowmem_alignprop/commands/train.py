@@ -595,8 +595,7 @@ class Trainer:
                             point.path, self.start)
             if self.held_out is not None:
                 evaluation = state.get("evaluation") or {}
-                changed = ckpt.eval_basis_changed(state, self.cfg) + (  # what the evaluation's objective reads
-                    ["held-out prompts"] if evaluation.get("held_out_sha") not in (None, self.held_out_sha) else [])
+                changed = ckpt.eval_basis_changed(state, self.cfg, self.held_out_sha)  # what its objective reads
                 if changed and evaluation and self.is_main:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
                                 "early stop's patience start over", ", ".join(changed))
@@ -629,6 +628,7 @@ class Trainer:
                 # encode (cached), sample_nograd, sample_grad (one checkpoint per call), decode, reward, backward
                 # into the LoRA only, then the VAE and reward parked; under a launcher a rollout's error reaches
                 # not_finite, where every rank hears of it and they stop together
+                mb = None  # the previous micro-batch's embeddings freed before this one's rollout
                 mb = micro_step(self.rollout(), batch_prompts, k=k, generator=g, check=self.not_finite,
                                 catch=acc.num_processes > 1)
                 terms.append(mb.terms)  # the loss's further terms (kl), for the metrics

@@ -256,11 +256,15 @@ def read_state(path: Path) -> dict[str, Any]:
 EVAL_BASIS_FIELDS = ("reward", "reward_weights", "reward_target", "reward_cap", "loss_scale", "seed")
 
 
-def eval_basis_changed(state: dict[str, Any], cfg) -> list[str]:
-    """The fields of :data:`EVAL_BASIS_FIELDS` the checkpoint's run had otherwise than ``cfg``: its evaluations
-    are then no measure for this run's (best/ and the early stop start over)."""
+def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = None) -> list[str]:
+    """What the checkpoint's run's held-out evaluation measured otherwise than this run's: the fields of
+    :data:`EVAL_BASIS_FIELDS` that differ from ``cfg``, and "held-out prompts" when ``held_out_sha`` (this run's
+    held-out set's digest, once the prompts are split) differs from the one the checkpoint kept. Its evaluations are
+    then no measure for this run's: best/ and the early stop's patience start over."""
     saved = state.get("config") or {}
-    return [f for f in EVAL_BASIS_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+    kept = (state.get("evaluation") or {}).get("held_out_sha")
+    return [f for f in EVAL_BASIS_FIELDS if f in saved and saved[f] != getattr(cfg, f)] + (
+        ["held-out prompts"] if held_out_sha is not None and kept not in (None, held_out_sha) else [])
 
 
 def stopped_early(state: dict[str, Any], cfg) -> int:

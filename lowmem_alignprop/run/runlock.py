@@ -63,6 +63,8 @@ def pid_alive(pid: int) -> bool:
     error that reads as "alive"."""
     import psutil
 
+    if not 0 < pid < 2**31:  # (a damaged lock file or folder name: no process has it, and psutil overflows)
+        return False
     return psutil.pid_exists(pid)
 
 

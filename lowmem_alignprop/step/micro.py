@@ -45,7 +45,7 @@ class MicroBatch:
     loss: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     terms: dict = field(default_factory=dict)  # the loss's further terms (kl), detached, for the metrics
-    embeddings: Any = None  # the batch's prompt embeddings (alive until the optimizer step, as in the trainer)
+    embeddings: Any = None  # the batch's prompt embeddings (held by the caller through its optimizer step)
     bad: str | None = None  # what was NaN/inf (``check``'s answer): no backward was run
 
 
@@ -72,10 +72,15 @@ def micro_step(r: Rollout, prompts: list[str], *, k: int, generator: torch.Gener
             raise
         failed, terms = e, {}
     if check is not None and (bad := check(loss, rewards, failed)):
+        park(r)  # (a skipped micro-batch's too: the next rollout starts as planned)
         return MicroBatch(terms=terms, bad=bad)
     with r.stage(stages.BACKWARD):
         r.backward(loss)  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
     del latents  # free the graph's inputs before the next rollout
+    park(r)
+    return MicroBatch(loss.detach(), rewards.detach(), terms, emb)
+
+
+def park(r: Rollout) -> None:
     r.place.park("vae", r.vae)  # offload_frozen: the VAE and reward model wait on the CPU again
     r.place.park("reward", r.reward)
-    return MicroBatch(loss.detach(), rewards.detach(), terms, emb)
