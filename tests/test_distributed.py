@@ -291,6 +291,55 @@ def test_a_reward_that_fails_on_one_process_stops_every_process_and_keeps_the_fi
     assert [row["step"] for row in strict_rows(out)] == [1]
 
 
+ONE_RANK_EVAL_FAILS = """
+import os, torch
+calls = {"trained": 0}
+
+def reward(images, prompts):
+    if torch.is_grad_enabled() and images.shape[0] == 1:
+        calls["trained"] += 1
+    elif calls["trained"] >= 2 and os.environ.get("RANK") == "1":  # the held-out evaluation after step 2
+        raise RuntimeError("rank 1 eval boom")
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps(tmp_path, tiny_dir):
+    """Each process evaluates alone: rank 1's reward raised in the evaluation after step 2 while rank 0 went on into
+    the next collective and died on a closed connection, and nothing was saved (the folder could neither resume nor
+    start again). Now every process hears of it: one line each, steps 1-2 saved for --resume latest."""
+    (tmp_path / "qa_eval_rank.py").write_text(ONE_RANK_EVAL_FAILS)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+                        "--reward", "qa_eval_rank:reward", "--steps", "3", "--eval-every", "2", "--output-dir",
+                        str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode != 0
+    assert "error: [rank 1] step 2: " in r.stderr and "rank 1 eval boom" in r.stderr, r.stderr[-3000:]
+    assert "steps 1-2 are saved in" in r.stderr, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ckpt.find_resume(out, "latest").name == "step-00000002"
+    assert [row["step"] for row in strict_rows(out)] == [1, 2]
+
+
+def test_a_reward_failing_its_start_up_test_on_one_process_is_one_line_each(tmp_path, tiny_dir):
+    """Rank 1's reward fails the test before training (no gradient): rank 0 went on into its next collective and
+    died there with a gloo traceback; now it stops with rank 1, one line each, and no folder is left."""
+    (tmp_path / "qa_start_rank.py").write_text(  # (it passes the input check, with gradient)
+        "import os, torch\ndef reward(images, prompts):\n"
+        "    if os.environ.get('RANK') == '1' and not torch.is_grad_enabled():\n"
+        "        raise ValueError('rank 1 start boom')\n    return images.mean(dim=(1, 2, 3))\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+                        "--reward", "qa_start_rank:reward", "--steps", "1", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode != 0
+    assert "error: [rank 1] " in r.stderr and "rank 1 start boom" in r.stderr, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
     """Before the first step the ranks wait for rank 0's before samples at a barrier polled from Python: a Ctrl-C (the
     launcher's SIGINT) there raises the CtrlC that ends the command as "interrupted", while the barrier is still

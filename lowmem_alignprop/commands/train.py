@@ -272,10 +272,18 @@ class Trainer:
                 crowded = disk_space.check(self.cfg, self.out, self.params, self.start)
             if crowded and self.is_main:
                 log.warning(crowded)
+        failed = None
         with torch.no_grad():  # a reward that fails on its device or in no-grad mode fails here, before any write
             where = self.device if self.place.where.get("reward") == "device" else "cpu"
-            self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],
-                       "on a test image without gradient (as for the sample images)")
+            try:
+                self.score(torch.full((1, 3, 64, 64), 0.5, device=where), self.prompts[:1],
+                           "on a test image without gradient (as for the sample images)")
+            except UserError as e:
+                failed = e
+        from lowmem_alignprop.run.distributed import any_rank
+        if any_rank(self.accelerator, failed is not None):  # under a launcher one rank's reward may fail alone: the
+            raise failed or faults.AnotherProcessFailed(  # others stop with it, not in their next collective
+                "another process's reward failed its start-up test (its own error line says why)")
         self.start_trackers()
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
@@ -710,6 +718,28 @@ class Trainer:
             self.ema.update()
         return update
 
+    def evaluate_into(self, step: int, row: dict) -> BaseException | None:
+        """At its steps, the held-out evaluation's metrics into the step's ``row``. Returns what failed it (the user's
+        reward, memory), or None; under a launcher every rank hears of one rank's failure (each evaluates alone):
+        the others stop with it (AnotherProcessFailed), all ready to save the trained steps together."""
+        from lowmem_alignprop.run.distributed import any_rank
+
+        failed = None
+        try:
+            t0 = time.perf_counter()
+            evaluated = self.evaluate_if_due(step)
+            if evaluated:  # the step line's time left counts the evaluations to come apart
+                self.time_left.evaluated(time.perf_counter() - t0)
+            row.update(evaluated)
+        except BaseException as e:
+            failed = e
+        if self.accelerator.num_processes > 1 and self.held_out is not None and self.held_out.due(step):
+            if any_rank(self.accelerator, failed is not None):  # (every rank evaluates at the same steps)
+                self.all_failed = True
+                failed = failed or faults.AnotherProcessFailed(
+                    "another process's held-out evaluation failed (its own error line says why)")
+        return failed
+
     def evaluate_if_due(self, step: int) -> dict:
         """At its steps, the held-out evaluation's eval_* metrics (for the step's metrics row); best/ and the early
         stop are decided here."""
@@ -768,16 +798,9 @@ class Trainer:
                     del e  # its traceback's frames hold the failed step's activations: freed before the retry
                     self.step_down(step, stage, detail, rng_before)  # raises without --auto-fit
                     continue  # the same step again, lighter
-                if done.row is not None:
-                    try:
-                        t0 = time.perf_counter()
-                        evaluated = self.evaluate_if_due(step)
-                        if evaluated:  # the step line's time left counts the evaluations to come apart
-                            self.time_left.evaluated(time.perf_counter() - t0)
-                        done.row.update(evaluated)
-                    except BaseException as e:  # the user's reward or memory failed the evaluation: step N is trained
-                        self.record(step, done)  # its metrics line (without an evaluation), then its checkpoint
-                        self.evaluation_failed(step, e)
+                if done.row is not None and (failed := self.evaluate_into(step, done.row)) is not None:
+                    self.record(step, done)  # step N is trained: its metrics line (without an evaluation), then
+                    self.evaluation_failed(step, failed)  # its checkpoint, and the error (raises)
                 self.record(step, done)
                 bar.update(1)
                 if self.save_if_due(step):
