@@ -271,22 +271,28 @@ def reward(images, prompts):
 """
 
 
+def _two_processes_with_reward(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
+    """Two launched processes training with the reward ``source`` (module qa_rank.py, function reward) into RUN; it
+    must fail, and no process may die on a closed connection (a gloo traceback: rank 0 in a collective alone)."""
+    (tmp_path / "qa_rank.py").write_text(source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
+                        "--reward", "qa_rank:reward", *args, "--output-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode != 0
+    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
 def test_a_reward_that_fails_on_one_process_stops_every_process_and_keeps_the_finished_steps(tmp_path, tiny_dir):
     """Rank 1's reward raises in step 2: both processes stop together (each with one line: rank 1 its reward's error,
     rank 0 that another process failed), step 1 is saved for --resume latest, and no process dies on a closed
     connection (before: rank 0's gloo traceback, no checkpoint, and a folder that nothing could continue)."""
-    (tmp_path / "qa_one_rank.py").write_text(ONE_RANK_FAILS)
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
-                        "--reward", "qa_one_rank:reward", "--steps", "3", "--output-dir", str(out)],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode != 0
+    r, out = _two_processes_with_reward(tmp_path, ONE_RANK_FAILS, "--steps", "3"), tmp_path / "run"
     # the two processes write their lines at once (they may share a line of the captured stream), and the launcher
     # may stop rank 0 once rank 1 has exited: rank 1's line is the one that must be there
-    assert "error: [rank 1] step 2: the reward 'qa_one_rank:reward' raised RuntimeError: rank 1 boom; step 1 is " \
+    assert "error: [rank 1] step 2: the reward 'qa_rank:reward' raised RuntimeError: rank 1 boom; step 1 is " \
            "saved in" in r.stderr, r.stderr[-3000:]
-    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
     assert ckpt.find_resume(out, "latest").name == "step-00000001"
     assert [row["step"] for row in strict_rows(out)] == [1]
 
@@ -308,16 +314,10 @@ def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps
     """Each process evaluates alone: rank 1's reward raised in the evaluation after step 2 while rank 0 went on into
     the next collective and died on a closed connection, and nothing was saved (the folder could neither resume nor
     start again). Now every process hears of it: one line each, steps 1-2 saved for --resume latest."""
-    (tmp_path / "qa_eval_rank.py").write_text(ONE_RANK_EVAL_FAILS)
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
-                        "--reward", "qa_eval_rank:reward", "--steps", "3", "--eval-every", "2", "--output-dir",
-                        str(out)], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode != 0
+    r, out = _two_processes_with_reward(tmp_path, ONE_RANK_EVAL_FAILS, "--steps", "3", "--eval-every", "2"), \
+        tmp_path / "run"
     assert "error: [rank 1] step 2: " in r.stderr and "rank 1 eval boom" in r.stderr, r.stderr[-3000:]
     assert "steps 1-2 are saved in" in r.stderr, r.stderr[-3000:]
-    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
     assert ckpt.find_resume(out, "latest").name == "step-00000002"
     assert [row["step"] for row in strict_rows(out)] == [1, 2]
 
@@ -325,19 +325,12 @@ def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps
 def test_a_reward_failing_its_start_up_test_on_one_process_is_one_line_each(tmp_path, tiny_dir):
     """Rank 1's reward fails the test before training (no gradient): rank 0 went on into its next collective and
     died there with a gloo traceback; now it stops with rank 1, one line each, and no folder is left."""
-    (tmp_path / "qa_start_rank.py").write_text(  # (it passes the input check, with gradient)
-        "import os, torch\ndef reward(images, prompts):\n"
-        "    if os.environ.get('RANK') == '1' and not torch.is_grad_enabled():\n"
-        "        raise ValueError('rank 1 start boom')\n    return images.mean(dim=(1, 2, 3))\n")
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    r = subprocess.run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "lowmem_alignprop", *FAST,
-                        "--reward", "qa_start_rank:reward", "--steps", "1", "--output-dir", str(out)],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode != 0
+    source = ("import os, torch\ndef reward(images, prompts):\n"  # (it passes the input check, with gradient)
+              "    if os.environ.get('RANK') == '1' and not torch.is_grad_enabled():\n"
+              "        raise ValueError('rank 1 start boom')\n    return images.mean(dim=(1, 2, 3))\n")
+    r = _two_processes_with_reward(tmp_path, source, "--steps", "1")
     assert "error: [rank 1] " in r.stderr and "rank 1 start boom" in r.stderr, r.stderr[-3000:]
-    assert "Connection closed" not in r.stderr and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
-    assert not out.exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
