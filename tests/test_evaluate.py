@@ -265,6 +265,17 @@ def test_parse_lora_forms(tmp_path, loras):
         assert "not a number" not in str(e.value) and missing in str(e.value), str(e.value)
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said(tmp_path, tiny_dir, loras, caplog):
+    """sample cut a long --prompt to the text encoder's tokens in silence (training says so)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    long = "a very detailed photograph of a small grey cat on a red sofa " * 8
+    assert main(["sample", *COMMON, str(loras["a"]), "--prompt", long, "--prompt", "a dog", "--output-dir",
+                 str(tmp_path / "long")]) == 0
+    assert "1 of 2 prompts are longer than the" in caplog.text and "tokens the text encoder reads" in caplog.text
+
+
 def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
     """`sample --prompt TEXT` (repeatable): exactly those prompts, in that order (surrounding spaces dropped), each
     image the one diffusers renders for that prompt and seed; the results name them as given with --prompt."""

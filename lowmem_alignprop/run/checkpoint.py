@@ -635,7 +635,7 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
             group.update(settings)  # the moments come from the checkpoint; lr, weight decay... from this run
     rngs = load_tensors(path / "rng.pt")
     rank, world = accelerator.process_index, accelerator.num_processes
-    if len(rngs) != world:
-        log.warning("resume: the checkpoint was written by %d processes, this run has %d: prompt order and noise "
-                    "differ from an uninterrupted run", len(rngs), world)
+    if len(rngs) != world and rank == 0:  # (said once, not by every process)
+        log.warning("resume: the checkpoint was written by %d process%s, this run has %d: prompt order and noise "
+                    "differ from an uninterrupted run", len(rngs), "" if len(rngs) == 1 else "es", world)
     return state, (rngs[rank] if rank < len(rngs) else None)
