@@ -108,20 +108,18 @@ def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
     """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``. A model that
     `export --merge` made with this LoRA already in it is refused: it would get it twice (its weights match the
     base's fingerprint: the LoRA leaves the first layer alone)."""
-    if (r := held_in(spec, lora)) is not None:
+    held, digest = merged_record(spec), lora_digest(lora)
+    if (r := held_in(held, digest)) is not None:
         raise UserError(f"--merge: {spec} already holds this LoRA ({r.get('lora')}, merged at weight "
                         f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
                         f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
                         f"{r.get('into')}), with --weight for another strength")
-    return [*merged_record(spec), {"lora": str(lora.named), "digest": lora_digest(lora), "weight": weight,
-                                   "into": spec}]
+    return [*held, {"lora": str(lora.named), "digest": digest, "weight": weight, "into": spec}]
 
 
-def held_in(spec: str, lora: Lora) -> dict | None:
-    """The record of ``lora`` in the model ``spec`` when `export --merge` fused it there (:func:`merged_record`),
+def held_in(held: list[dict], digest: str) -> dict | None:
+    """The entry of a merged model's record (:func:`merged_record`) for the LoRA of ``digest`` (:func:`lora_digest`),
     else None."""
-    held = merged_record(spec)
-    digest = lora_digest(lora) if held else None
     return next((r for r in held if r.get("digest") == digest), None)
 
 
@@ -130,7 +128,8 @@ def refuse_held_loras(specs: list, model: str) -> None:
     it (its merged_loras.json or single-file header records it): one line, as export --merge refuses it (a negative
     weight, which takes it out again, passes). A LoRA that is not one a run wrote (an exported file) is not told
     apart."""
-    if not merged_record(model):
+    held = merged_record(model)
+    if not held:
         return
     for spec in specs:
         if spec.weight <= 0:
@@ -139,10 +138,10 @@ def refuse_held_loras(specs: list, model: str) -> None:
             lora = read_lora(str(spec.named))
         except UserError:  # an export or a LoRA from elsewhere: no record to compare with
             continue
-        if (held := held_in(model, lora)) is not None:
-            into = held.get("into") or "the base model"
+        if (entry := held_in(held, lora_digest(lora))) is not None:
+            into = entry.get("into") or "the base model"
             raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
-                            f"weight {float(held.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
+                            f"weight {float(entry.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
                             f"twice; pass --model {into}, the model it was merged into")
 
 

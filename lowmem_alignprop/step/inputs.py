@@ -97,7 +97,8 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {distinct} distinct training "
                         "prompts, which leaves none to train on: give held-out prompts with --set eval_prompts=FILE, "
                         "or lower --set eval_holdout")
-    aside = held_out_of_training(cfg.to_dict() if started is None else started, prompts)
+    held_by = cfg.to_dict() if started is None else started  # the settings that chose the held-out prompts
+    aside = held_out_of_training(held_by, prompts)
     train = [p for p in prompts if prompt_key(p) not in aside]
     if not cfg.eval_every:
         return train, []
@@ -113,7 +114,6 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
                 "eval_prompts=%s: %d of its %d prompts also train (or repeat) and are left out of the evaluation",
                 cfg.eval_prompts, len(given) - len(held), len(given))
         return train, held
-    held_by = cfg.to_dict() if started is None else started
     if not aside and held_by.get("eval_every") and not held_by.get("eval_prompts"):  # too few prompts to hold out
         holdout = int(held_by.get("eval_holdout", Config.eval_holdout))
         raise UserError(f"the prompts ({cfg.prompts}) have {distinct} distinct, and the run holds out eval_holdout="
