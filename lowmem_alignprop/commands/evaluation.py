@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -197,15 +198,19 @@ class HeldOut:
 
     def write_best(self, step: int, metrics: dict) -> None:
         """best/ replaced atomically: written into a temporary folder, synced, then renamed into place."""
-        final = self.out / BEST_DIR
-        with atomic.replacing_dir(final) as tmp:
-            self.write_lora(tmp)
-            (tmp / BEST_FILE).write_text(json.dumps({"step": step, **{k: v for k, v in metrics.items()
-                                                                      if k.startswith("eval_")},
-                                                     "eval_prompts": len(self.prompts), "seed": self.cfg.seed},
-                                                    indent=1), encoding="utf-8")
+        evaluated = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        self._publish_best(self.write_lora, {"step": step, **evaluated, "eval_prompts": len(self.prompts),
+                                             "seed": self.cfg.seed})
         self.best_kept = True
-        log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"], final)
+        log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"],
+                 self.out / BEST_DIR)
+
+    def _publish_best(self, write: Callable[[Path], object], record: dict) -> None:
+        """best/ written whole (``write(folder)`` the weights, best.json ``record``) into a temporary folder, synced,
+        then renamed into place."""
+        with atomic.replacing_dir(self.out / BEST_DIR) as tmp:
+            write(tmp)
+            (tmp / BEST_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
     @property
     def exhausted(self) -> bool:
@@ -251,12 +256,10 @@ class HeldOut:
                 continue
             from lowmem_alignprop.models.loading import write_checkpoint_lora
 
-            try:
-                with atomic.replacing_dir(final) as tmp:
-                    write_checkpoint_lora(checkpoint, tmp)  # (it verifies the checkpoint's checksums first)
-                    (tmp / BEST_FILE).write_text(json.dumps({"step": self.best_step, "eval_reward": self.best_reward,
-                                                             "eval_objective": self.best, "from": str(checkpoint)},
-                                                            indent=1), encoding="utf-8")
+            try:  # (write_checkpoint_lora verifies the checkpoint's checksums first)
+                self._publish_best(functools.partial(write_checkpoint_lora, checkpoint),
+                                   {"step": self.best_step, "eval_reward": self.best_reward,
+                                    "eval_objective": self.best, "from": str(checkpoint)})
             except UserError:  # damaged: another run's, or none
                 continue
             log.info("resume: best/ (step %d) written from %s", self.best_step, checkpoint)

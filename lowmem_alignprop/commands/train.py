@@ -280,10 +280,9 @@ class Trainer:
                            "on a test image without gradient (as for the sample images)")
             except UserError as e:
                 failed = e
-        from lowmem_alignprop.run.distributed import any_rank
-        if any_rank(self.accelerator, failed is not None):  # under a launcher one rank's reward may fail alone: the
-            raise failed or faults.AnotherProcessFailed(  # others stop with it, not in their next collective
-                "another process's reward failed its start-up test (its own error line says why)")
+        from lowmem_alignprop.run.distributed import agreed_failure
+        if (failed := agreed_failure(self.accelerator, failed, "reward's start-up test")) is not None:
+            raise failed  # under a launcher one rank's reward may fail alone: the others stop with it
         self.start_trackers()
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
@@ -722,7 +721,7 @@ class Trainer:
         """At its steps, the held-out evaluation's metrics into the step's ``row``. Returns what failed it (the user's
         reward, memory), or None; under a launcher every rank hears of one rank's failure (each evaluates alone):
         the others stop with it (AnotherProcessFailed), all ready to save the trained steps together."""
-        from lowmem_alignprop.run.distributed import any_rank
+        from lowmem_alignprop.run.distributed import agreed_failure
 
         failed = None
         try:
@@ -734,10 +733,9 @@ class Trainer:
         except BaseException as e:
             failed = e
         if self.accelerator.num_processes > 1 and self.held_out is not None and self.held_out.due(step):
-            if any_rank(self.accelerator, failed is not None):  # (every rank evaluates at the same steps)
+            # (every rank evaluates at the same steps)
+            if (failed := agreed_failure(self.accelerator, failed, "held-out evaluation")) is not None:
                 self.all_failed = True
-                failed = failed or faults.AnotherProcessFailed(
-                    "another process's held-out evaluation failed (its own error line says why)")
         return failed
 
     def evaluate_if_due(self, step: int) -> dict:

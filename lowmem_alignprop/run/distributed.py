@@ -240,6 +240,17 @@ def any_rank(accelerator, flag: bool) -> bool:
     return not all_ranks_ok(accelerator, not flag)
 
 
+def agreed_failure(accelerator, failed: BaseException | None, what: str) -> BaseException | None:
+    """Under a launcher, where one process may fail alone (a user's reward): this process's failure, else another
+    process's (AnotherProcessFailed naming ``what``), else None, alike on every rank, so that they stop together
+    instead of the others dying in their next collective. One tiny collective; a no-op with one process."""
+    from lowmem_alignprop.run.faults import AnotherProcessFailed
+
+    if not any_rank(accelerator, failed is not None):
+        return None
+    return failed or AnotherProcessFailed(f"another process's {what} failed (its own error line says why)")
+
+
 POLL_S = 0.05  # how often a waiting rank looks at its barrier: the latency a signal meets there
 
 
