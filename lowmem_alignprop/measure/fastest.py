@@ -14,14 +14,15 @@ block swap (half, then seven eighths of the blocks from pinned CPU memory), a qu
 together, and lower resolutions, used only when nothing else fits.
 
 It stays cheap by reusing estimates stage-wise: per micro-batch, every feature is estimated alone on top of the
-all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time
-deltas and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are
-estimated for real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already
-slower than the best found (at first the configuration as given, when it fits) is not searched. Finally each single step back (one feature a level lower, a larger
-micro-batch) is estimated, and taken when it fits and is faster, until none is; then window_keep grows from the
-chosen level to what the budget's room holds (each kept call adds about per_kept_bytes). Every estimate is cached
-(planner.reuse_estimates: a configuration reached by two changes, such as the one given met again as the all-on corner,
-and the chosen one planned at the end, is estimated once; each still counts as one of max_estimates, as before).
+all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time deltas
+and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are estimated for
+real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already slower than the
+best found (at first the configuration as given, when it fits) is not searched. Finally each single step back (one
+feature a level lower, a larger micro-batch) is estimated, and taken when it fits and is faster, until none is; then
+window_keep grows from the chosen level to what the budget's room holds (each kept call adds about per_kept_bytes).
+Every estimate is cached (planner.reuse_estimates: a configuration reached by two changes, such as the one given met
+again as the all-on corner, and the chosen one planned at the end, is estimated once; each still counts as one of
+max_estimates, as before).
 
 With ``jobs`` > 1 the estimates the search will ask for next (the micro-batches' all-off corners, the features alone,
 the first combinations predicted to fit, a polish round's neighbours) are computed ahead in that many worker
