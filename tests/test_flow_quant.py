@@ -246,19 +246,26 @@ def test_fp8_int8_nf4_sizes_of_the_shipped_transformers_on_meta():
     assert sizes["sd35m"] == pytest.approx({"none": 4.94, "int8": 2.70, "nf4": 1.61, "fp8": 3.46}, abs=0.01)
 
 
-def test_fp8_trains_end_to_end_on_tiny_flux(dirs, tmp_path, fresh_log_handlers):
-    """Two trainer steps with base_quant=fp8 on the CPU (no bitsandbytes): the run's LoRA moved."""
+def test_fp8_trains_end_to_end_on_tiny_flux(dirs, tmp_path, fresh_log_handlers, caplog):
+    """Two trainer steps with base_quant=fp8 on the CPU (no bitsandbytes): the run's LoRA moved. The log counts the
+    fp8 layers once, the whole count (the model read block by block stored some before LoRA: it said a part)."""
+    import logging
+    import re
+
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
 
     out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert main(["--profile", "cpu", "--seed", "0", "--model", str(dirs["flux"]), "--set", f"resolution={RES}",
                  "--set", "sample_steps=4", "--set", "k=2", "--set", "batch_size=1", "--set", "guidance_scale=3.5",
                  "--set", "sample_prompts=0", "--set", "lr=0.05", "--set", "base_quant=fp8", "--set",
                  "unet_checkpointing=blocks", "--steps", "2", "--output-dir", str(out)]) == 0
     lora = load_file(str(next((out / "lora").glob("*.safetensors"))))
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    counts = [m for r in caplog.records if re.search(r"\d+ (Linear )?layers", m := r.getMessage())]
+    assert len(counts) == 1 and "fp8" in counts[0], counts
 
 
 def test_the_planner_counts_fp8_storage(dirs):

@@ -318,9 +318,10 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
                          ("upload", "you/alignprop", str(full_run / "export" / "kohya"))]
 
 
-def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path, caplog):
+def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path, caplog, capsys):
     """--resume of the finished run with more steps: lora/ is the new LoRA, the exports of the old one stay (nothing
-    is overwritten) and the run names them as older; this LoRA's exports go beside them."""
+    is overwritten) and the run names them as older; this LoRA's exports go beside them, and the end-of-run box,
+    printed after them, names them."""
     import logging
     import shutil
 
@@ -337,6 +338,8 @@ def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path
                     "(their README.md says at which step); this LoRA's exports are written beside them"], said
     assert {p.name: p.read_bytes() for p in (run / "export" / "kohya").iterdir()} == before
     assert "| steps | 5 |" in (run / "export" / "kohya-2" / "README.md").read_text()
+    box = capsys.readouterr().out.rstrip().splitlines()
+    assert box[-1] == "=" * 64 and box[-2] == "        export/kohya-2/, export/peft-2/", box[-4:]
     # a checkpoint's model card quotes the starts that trained it: step 2's the first command only, step 5's the
     # --resume too
     first, resumed = (run / "command.txt").read_text().splitlines()

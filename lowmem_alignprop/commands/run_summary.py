@@ -78,7 +78,8 @@ def window_note(s: dict) -> str:
     return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
 
 
-def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
+def print_summary(s: dict, cfg: Config, profile_name: str, exported: list[Path] = ()) -> None:
+    """The end-of-run box: what the run did and every output it wrote (``exported``: export_format's folders)."""
     change = s["reward_last"] - s["reward_first"]
     done = s.get("steps_done") or cfg.steps
     skipped = len(s.get("skipped_steps") or [])
@@ -129,9 +130,13 @@ def print_summary(s: dict, cfg: Config, profile_name: str) -> None:
         + budget[s.get("fits_budget")] + f", attention {s['attention']}"
         + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
         f" wrote: {trained}, " + ("samples/, " if (Path(s["output_dir"]) / "samples").is_dir() else "")
+        + ("best/, " if s.get("best_step") is not None and s.get("best_kept", True) else "")
         + "metrics.jsonl, summary.json,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
     ]
+    if exported:  # export_format's folders, each loadable where its README.md says
+        lines.append("        " + ", ".join(f"{p.relative_to(s['output_dir'])}/" if p.is_relative_to(s["output_dir"])
+                                             else f"{p}/" for p in exported))
     if cfg.report_to == "tensorboard":
         lines.append(f"        logs/ (tensorboard --logdir {s['output_dir']}/logs)")
     lines += ["=" * 64]

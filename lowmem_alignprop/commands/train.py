@@ -1070,7 +1070,8 @@ class Trainer:
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
                             "then --resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
-            export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
+            exported = export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
+            print_summary(summary, cfg, self.profile_name, exported)  # last: the box is what the user reads
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary
@@ -1173,5 +1174,4 @@ class Trainer:
         })
         atomic.write_text(out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))  # last: with it,
         # the run is whole
-        print_summary(summary, cfg, self.profile_name)
 

@@ -151,8 +151,9 @@ def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_b
             module.to(on)
 
     count = fill_by_block(model, Placement(mode, dtype, device, host_blocks, tuple(keep)), draw)
-    if count:
-        log.info("random-weight transformer drawn and quantized to %s block by block: %d Linear layers", mode, count)
+    if count:  # fp8: the LoRA targets and embedders follow after LoRA, and store_fp8 logs the whole count
+        log.info("random-weight transformer drawn and quantized to %s block by block%s", mode,
+                 "" if mode == "fp8" else f": {count} Linear layers")
     return count
 
 
@@ -326,7 +327,8 @@ def load_by_block(cls, config: dict, files, family: str, layout: str, place: Pla
     model.requires_grad_(False).eval()
     log.info("%s read block by block to %s%s%s", type(model).__name__, place.device,
              f" ({place.host_blocks} blocks kept in host memory)" if place.host_blocks else "",
-             f": {count} Linear layers quantized to {place.mode}" if count else "")
+             "" if not count else ", the blocks stored in fp8" if place.mode == "fp8" else  # (store_fp8: the count)
+             f": {count} Linear layers quantized to {place.mode}")
     return model
 
 
