@@ -452,6 +452,10 @@ def _out_of_space_or_memory(e: Exception) -> UserError | None:
     return None
 
 
+REPORT_WAIT_S = 10  # how long a rank > 0 leaves the printing of an error every rank meets to rank 0 (ranks reach
+# their checks a few seconds apart on a busy host)
+
+
 def _report(e: UserError) -> int:
     """Print a UserError as one line (under a launcher once, by rank 0, when every rank has the same one); exit 2."""
     try:
@@ -460,8 +464,9 @@ def _report(e: UserError) -> int:
         rank = 0
     if rank and getattr(e, "same_on_every_rank", False):
         import time
-        time.sleep(5)  # rank 0 prints it: exiting at once could have the launcher stop rank 0 before it does
-        return 2
+        time.sleep(REPORT_WAIT_S)  # rank 0 prints it: exiting at once could have the launcher stop rank 0 before
+        # it does. Rank 0 failing alike ends the launch in that time (this process is stopped while it sleeps); a
+        # rank still here found what rank 0 did not (a reward or prompt file that depends on the rank): it says so
     print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
     return 2
 

@@ -258,6 +258,24 @@ def test_bad_input_under_a_launcher_is_one_line_from_rank_0(tmp_path, tiny_dir):
     assert not out.exists()
 
 
+def test_an_input_error_rank_0_did_not_meet_is_printed_by_its_own_rank(monkeypatch, capsys):
+    """An error every rank meets alike (bad input) is printed by rank 0 alone (the test above); rank 1 leaves it to
+    rank 0 for a while, and the launcher stops it when rank 0 exits. A rank-dependent reward or prompt file can fail on
+    rank 1 only: rank 0 then waits at the rendezvous, and rank 1 exited in silence (the launcher's stop of rank 0 was
+    all the user saw). Still running after the wait, rank 1 says it."""
+    from lowmem_alignprop import cli
+    from lowmem_alignprop.settings.errors import UserError, same_on_every_rank
+
+    waited = []
+    monkeypatch.setattr(cli, "global_rank", lambda: 1)
+    monkeypatch.setattr(time, "sleep", waited.append)
+    with pytest.raises(UserError) as failed, same_on_every_rank():
+        raise UserError("the reward 'qa:reward' failed its input check: boom")
+    assert cli._report(failed.value) == 2
+    assert waited == [cli.REPORT_WAIT_S]
+    assert capsys.readouterr().err == "error: [rank 1] the reward 'qa:reward' failed its input check: boom\n"
+
+
 ONE_RANK_FAILS = """
 import os, torch
 calls = {"n": 0}
