@@ -283,7 +283,9 @@ calls = {"n": 0}
 def reward(images, prompts):
     if torch.is_grad_enabled() and images.shape[0] == 1:  # the training steps (not the start-up checks)
         calls["n"] += 1
-        if os.environ.get("RANK") == "1" and calls["n"] == 2:
+        if os.environ.get("RANK") == "1" and calls["n"] == 1:
+            return images.mean(dim=(1, 2, 3)) * float("nan")
+        if os.environ.get("RANK") == "1" and calls["n"] == 3:
             raise RuntimeError("rank 1 boom")
     return images.mean(dim=(1, 2, 3))
 """
@@ -303,16 +305,20 @@ def _two_processes_with_reward(tmp_path, source: str, *args: str) -> subprocess.
 
 
 def test_a_reward_that_fails_on_one_process_stops_every_process_and_keeps_the_finished_steps(tmp_path, tiny_dir):
-    """Rank 1's reward raises in step 2: both processes stop together (each with one line: rank 1 its reward's error,
-    rank 0 that another process failed), step 1 is saved for --resume latest, and no process dies on a closed
+    """Rank 1's reward is NaN in step 1: every rank skips it, rank 0 alone says so (each rank said it, rank 1 as if
+    its own run's). It raises in step 3: both processes stop together (each with one line: rank 1 its reward's error,
+    rank 0 that another process failed), step 2 is saved for --resume latest, and no process dies on a closed
     connection (before: rank 0's gloo traceback, no checkpoint, and a folder that nothing could continue)."""
-    r, out = _two_processes_with_reward(tmp_path, ONE_RANK_FAILS, "--steps", "3"), tmp_path / "run"
+    r, out = _two_processes_with_reward(tmp_path, ONE_RANK_FAILS, "--steps", "4"), tmp_path / "run"
     # the two processes write their lines at once (they may share a line of the captured stream), and the launcher
     # may stop rank 0 once rank 1 has exited: rank 1's line is the one that must be there
-    assert "error: [rank 1] step 2: the reward 'qa_rank:reward' raised RuntimeError: rank 1 boom; step 1 is " \
-           "saved in" in r.stderr, r.stderr[-3000:]
-    assert ckpt.find_resume(out, "latest").name == "step-00000001"
-    assert [row["step"] for row in strict_rows(out)] == [1]
+    assert "error: [rank 1] step 3: the reward 'qa_rank:reward' raised RuntimeError: rank 1 boom; steps 1-2 " \
+           "are saved in" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("step 1 skipped") == 1, r.stderr[-3000:]
+    assert "step 1 skipped: the reward on another process is NaN or infinite" in r.stderr, r.stderr[-3000:]
+    assert ckpt.find_resume(out, "latest").name == "step-00000002"
+    rows = strict_rows(out)
+    assert [row["step"] for row in rows] == [1, 2] and "skipped" in rows[0] and "skipped" not in rows[1], rows
 
 
 ONE_RANK_EVAL_FAILS = """

@@ -926,7 +926,7 @@ class Trainer:
                 detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
                 write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
                                                          **({"non_finite_grads": detail} if detail else {})})
-            if self.streak.bad(step, bad):
+            if self.streak.bad(step, bad, say=self.is_main):  # every rank skips it; rank 0 says so
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path))
             return

@@ -272,12 +272,13 @@ class NonFiniteStreak:
         self.run: list[int] = []
         self.skipped: list[int] = []
 
-    def bad(self, step: int, what: str) -> bool:
-        """Record a skipped step; True when the run must stop."""
+    def bad(self, step: int, what: str, say: bool = True) -> bool:
+        """Record a skipped step (``say``: with a warning; under a launcher rank 0's); True when the run must stop."""
         self.run.append(step)
         self.skipped.append(step)
-        log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops at %d)", step, what,
-                    len(self.run), self.limit)
+        if say:
+            log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops at %d)", step, what,
+                        len(self.run), self.limit)
         return len(self.run) >= self.limit
 
     def good(self) -> None:
