@@ -570,7 +570,8 @@ def ckpt_weights(path: Path) -> dict:
 
 def test_a_recipe_sits_between_the_profile_and_the_flags():
     """--recipe aesthetic brings the official aesthetic run's settings (config/align_prop.py: loss coefficient 0.01,
-    clip 5, weight decay 0.1, target 10, lr 1e-3, K ~ U{1..50}); the profile's memory fields stay; flags and
+    clip 5, weight decay 0.1, target 10, lr 1e-3, each step's K ~ U{0..50}, DDIM eta 0); the profile's memory
+    fields stay; flags and
     --set win over it; the recipe's name is in the resolved config (config.yaml)."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
 
@@ -579,7 +580,7 @@ def test_a_recipe_sits_between_the_profile_and_the_flags():
     _, cfg = resolve_config("cpu", {**flags, "recipe": "aesthetic"}, [])
     assert (cfg.reward, cfg.loss_scale, cfg.max_grad_norm, cfg.weight_decay, cfg.reward_target, cfg.lr) == \
         ("aesthetic", 0.01, 5.0, 0.1, 10.0, 1e-3)
-    assert (cfg.truncation, cfg.k_min, cfg.k_max, cfg.sample_steps) == ("uniform", 1, 50, 50)
+    assert (cfg.truncation, cfg.k_min, cfg.k_max, cfg.sample_steps, cfg.eta) == ("per_step", 0, 50, 50, 0.0)
     assert (cfg.resolution, cfg.batch_size, cfg.budget_gb) == (plain.resolution, plain.batch_size, plain.budget_gb)
     assert cfg.to_dict()["recipe"] == "aesthetic" and plain.recipe == ""
     _, mine = resolve_config("cpu", {**flags, "recipe": "aesthetic", "reward": "brightness"},
@@ -647,7 +648,7 @@ def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path
     mine.write_text('budget_gb: 8\nmixed_precision: "no"\nrecipe: aesthetic\nlr: 0.002\n')
     _, cfg = resolve_config(str(mine), flags, [])
     assert (cfg.reward, cfg.reward_target, cfg.loss_scale, cfg.truncation, cfg.k_max, cfg.recipe) == \
-        ("aesthetic", 10.0, 0.01, "uniform", 50, "aesthetic")
+        ("aesthetic", 10.0, 0.01, "per_step", 50, "aesthetic")
     assert (cfg.lr, cfg.budget_gb) == (0.002, 8.0)  # the file's own over the recipe's 1e-3
     _, flagged = resolve_config(str(mine), flags, ["lr=0.3"])
     assert flagged.lr == 0.3

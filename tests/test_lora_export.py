@@ -311,7 +311,7 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert card.data.library_name == "diffusers" and "lora" in card.data.tags and "stable-diffusion" in card.data.tags
     assert card.data.base_model is None  # a local folder is no hub id
     assert card.data.license is None and "# license:" in text  # left to the user
-    for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K uniform in [1, 2] of 3 DDIM steps",
+    for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K ~ U{1..2} of 3 DDIM steps",
                    "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8",
                    "![before and after training, same seeds](before_after.png)",
                    "ComfyUI/models/loras/", "models/Lora/",

@@ -192,3 +192,110 @@ def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(ti
     comps = load_components(Config(model=str(model)))
     assert type(comps.scheduler).__name__ == "DDIMScheduler"
     assert comps.scheduler.config.clip_sample is False and comps.scheduler.config.set_alpha_to_one is False
+
+
+# -- truncation=per_step: the official AlignProp code's (and TRL's) rule -------------------------------------------
+
+def _per_step_window(steps: int, seed: int):
+    """A per_step window of a 0..steps range with both kinds of step inside it (a detached one between grad ones)."""
+    from lowmem_alignprop.models.sampling import draw_window
+
+    cfg = Config(truncation="per_step", k_min=0, k_max=steps, sample_steps=steps).validate()
+    rng = random.Random(seed)
+    while True:
+        state = rng.getstate()
+        w = draw_window(cfg, rng)
+        if w.detached and w.k >= 3:
+            return cfg, w, state
+
+
+def test_per_step_gradient_is_the_official_loops(tiny):
+    """The official code's loop (config/align_prop.py's truncated_backprop_rand, TRL's AlignPropTrainer alike): every
+    step draws r ~ U{0..T}, and its noise prediction is detached when the step's index is below r; the latent is never
+    detached, so the gradient also runs along the latent's own path through the detached steps. Written out by hand
+    with the same draws, it gives our loss and LoRA gradient: steps before the window under no_grad, a detached step
+    predicted without a graph, each grad call one checkpoint."""
+    from lowmem_alignprop.models.sampling import draw_window
+
+    comps, params, emb = tiny
+    steps = 6
+    cfg, w, state = _per_step_window(steps, seed=1)
+    rng = random.Random()
+    rng.setstate(state)
+    r = [steps - rng.randint(cfg.k_min, cfg.k_max) for _ in range(steps)]  # the same draws, as the official r
+    rng.setstate(state)
+    assert draw_window(cfg, rng) == w
+    sched = comps.scheduler
+
+    def start():
+        sched.set_timesteps(steps)
+        g = torch.Generator().manual_seed(3)
+        return torch.randn(2, 4, 32, 32, generator=g), g
+
+    lat, g = start()
+    for i, t in enumerate(list(sched.timesteps)):  # the official loop, the graph kept whole
+        eps = guided_eps(comps.unet, lat, t, emb, 4.0)
+        if i < r[i]:
+            eps = eps.detach()
+        lat = sched.step(eps, t, lat, eta=1.0, generator=g).prev_sample
+    ref_loss = -decode(comps.vae, lat).mean()
+    ref = torch.autograd.grad(ref_loss, params)
+    lat, g = start()
+    lat = rollout(comps.unet, sched, lat, emb, k=w.k, guidance_scale=4.0, eta=1.0, generator=g, detached=w.detached)
+    loss = -decode(comps.vae, lat).mean()
+    grads = torch.autograd.grad(loss, params)
+    assert_rel_close(loss.detach(), ref_loss.detach(), SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients (per_step)")
+
+
+def test_per_step_calls_with_gradient_are_the_windows_and_backward_recomputes_each_once(tiny):
+    comps, params, emb = tiny
+    steps = 8
+    _, w, _ = _per_step_window(steps, seed=2)
+    calls = []
+    hook = comps.unet.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    try:
+        comps.scheduler.set_timesteps(steps)
+        lat = rollout(comps.unet, comps.scheduler, torch.randn(2, 4, 32, 32), emb, k=w.k, guidance_scale=4.0,
+                      eta=1.0, generator=None, detached=w.detached)
+        assert calls == [False] * (steps - w.k) + [i not in w.detached for i in range(w.k)], (w, calls)
+        calls.clear()
+        lat.mean().backward()
+        assert len(calls) == w.calls
+    finally:
+        hook.remove()
+        for p in params:
+            p.grad = None
+
+
+def test_per_step_draws_each_step_alone_and_the_planner_counts_their_mean():
+    """Step d from the end predicts with gradient with chance P(K >= d), K ~ U{k_min..k_max}; the planner's time
+    model (step_time.mean_k) counts their mean. 4000 seeded draws: each frequency within 5 standard errors."""
+    from lowmem_alignprop.measure.step_time import mean_k
+    from lowmem_alignprop.models.sampling import draw_window
+
+    cfg = Config(truncation="per_step", k_min=1, k_max=6, sample_steps=8).validate()
+    rng, n = random.Random(0), 4000
+    hits = [0] * 8
+    calls = 0
+    for _ in range(n):
+        w = draw_window(cfg, rng)
+        calls += w.calls
+        for i in range(w.k):
+            if i not in w.detached:
+                hits[w.k - i - 1] += 1  # the window's step i is w.k - i from the end
+    expect = [(6 - max(1, d) + 1) / 6 if d <= 6 else 0.0 for d in range(1, 9)]
+    for d, (h, p) in enumerate(zip(hits, expect), start=1):
+        assert abs(h / n - p) <= 5 * (p * (1 - p) / n) ** 0.5 + 1e-12, (d, h / n, p)
+    assert mean_k(cfg) == pytest.approx(sum(expect), rel=1e-12)
+    assert abs(calls / n - mean_k(cfg)) <= 5 * (8 / 4 / n) ** 0.5  # a sum of 8 coin flips: variance <= 8/4
+
+
+def test_per_step_allows_k_min_0_and_checks_its_range():
+    assert Config(truncation="per_step", k_min=0, k_max=50).validate().window_bounds() == (0, 50)
+    with pytest.raises(UserError, match="k_min must be at least 1"):
+        Config(truncation="uniform", k_min=0, k_max=50).validate()
+    with pytest.raises(UserError, match="k_min must be 0 or more"):
+        Config(truncation="per_step", k_min=-1, k_max=50).validate()
+    with pytest.raises(UserError, match="k_max=9 is larger than sample_steps=5"):
+        Config(truncation="per_step", k_min=0, k_max=9, sample_steps=5).validate()

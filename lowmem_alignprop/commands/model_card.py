@@ -12,6 +12,7 @@ from typing import Any
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
 from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runfolder import started_commands
+from lowmem_alignprop.settings.config import describe_k
 from lowmem_alignprop.settings.errors import UserError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -98,8 +99,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
              "unknown"), ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
     if "truncation" in info:
-        k = (f"K = {info.get('k')}" if info["truncation"] == "fixed"
-             else f"K uniform in [{info.get('k_min')}, {info.get('k_max')}]")
+        k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
                                                            f"{'Euler' if lora.flow else 'DDIM'} steps"))
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})

@@ -54,7 +54,7 @@ from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_re
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
-from lowmem_alignprop.models.sampling import (draw_k, enable_block_checkpointing, enable_vae_checkpointing,
+from lowmem_alignprop.models.sampling import (draw_window, enable_block_checkpointing, enable_vae_checkpointing,
                                               vae_scale_factor)
 from lowmem_alignprop.step.micro import Rollout, micro_step
 from lowmem_alignprop.step.rollout import apply_memory_features
@@ -630,14 +630,15 @@ class Trainer:
                 first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size  # rollouts of this rank so far
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
                                              self.rank_seed)
-                ks.append(k := draw_k(cfg, self.rng))  # once per rollout: the window is the contiguous last K steps
+                window = draw_window(cfg, self.rng)  # fixed/uniform: the contiguous last K steps, K drawn once
+                ks.append(window.calls)  # the calls with gradient (per_step: scattered over the window)
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
                 # encode (cached), sample_nograd, sample_grad (one checkpoint per call), decode, reward, backward
                 # into the LoRA only, then the VAE and reward parked; under a launcher a rollout's error reaches
                 # not_finite, where every rank hears of it and they stop together
                 mb = None  # the previous micro-batch's embeddings freed before this one's rollout
-                mb = micro_step(self.rollout(), batch_prompts, k=k, generator=g, check=self.not_finite,
-                                catch=acc.num_processes > 1)
+                mb = micro_step(self.rollout(), batch_prompts, k=window.k, generator=g, check=self.not_finite,
+                                catch=acc.num_processes > 1, detached=window.detached)
                 terms.append(mb.terms)  # the loss's further terms (kl), for the metrics
                 if mb.bad:  # every rank skips together (DDP needs all backwards)
                     return StepOutcome(None, mb.bad)

@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from lowmem_alignprop.memory import stages
-from lowmem_alignprop.settings.config import Config, set_flags
+from lowmem_alignprop.settings.config import Config, describe_k, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.profiles import profile_note
 from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
@@ -332,8 +332,8 @@ def _both_stages(*stage_fns):
 def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
     """(K planned, K simulated, no-grad steps simulated, the configuration simulated)."""
     k_plan = cfg.window_bounds()[1]
-    if cfg.truncation == "uniform":
-        notes.append(f"K ~ U{{{cfg.k_min}..{cfg.k_max}}}: planned at k_max={cfg.k_max}, the worst case")
+    if cfg.truncation != "fixed":  # per_step's worst case: every step of the last k_max with gradient
+        notes.append(f"{describe_k(cfg)}: planned at k_max={cfg.k_max}, the worst case")
     kept = min(cfg.window_keep, k_plan)
     # window_keep: the simulated window is up to two checkpointed steps, then up to two kept ones (three when all
     # are kept): the window's first step and a further one of each kind are measured, in memory (figures.figures)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowmem_alignprop.memory.allowances import GIB, MIB, RESERVED_FACTOR, WORKSPACE_BYTES, fmt_bytes
-from lowmem_alignprop.settings.config import Config, flag_value, set_flags
+from lowmem_alignprop.settings.config import Config, describe_k, flag_value, set_flags
 from lowmem_alignprop.memory.stages import STAGES
 
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
@@ -46,7 +46,7 @@ def plan_features(cfg: dict[str, Any]) -> list[str]:
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
     cfg, est = r["config"], r["estimate"]
-    k = (f"K ~ U{{{cfg['k_min']}..{cfg['k_max']}}}" if cfg["truncation"] == "uniform" else f"K = {cfg['k']}")
+    k = describe_k(cfg)
     feats = plan_features(cfg)
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "

@@ -3,6 +3,7 @@ turned into seconds per stage for a device (:func:`step_time`; measure/devices.p
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lowmem_alignprop.memory import stages
@@ -11,15 +12,32 @@ from lowmem_alignprop.measure.figures import Estimate
 from lowmem_alignprop.settings.config import Config
 
 
+def _per_step_grad(cfg: Config) -> list[float]:
+    """truncation=per_step: for d = 1..k_max, the chance that the step d from the end predicts with gradient (its own
+    K ~ U{k_min..k_max} is at least d)."""
+    lo, hi = cfg.window_bounds()
+    return [(hi - max(lo, d) + 1) / (hi - lo + 1) for d in range(1, hi + 1)]
+
+
 def mean_k(cfg: Config) -> float:
-    """The K a step runs on average: fixed K, or the middle of [k_min, k_max]."""
+    """The denoiser calls with gradient a rollout makes on average: fixed K, the middle of [k_min, k_max], or
+    (per_step) the sum of each step's chance."""
+    if cfg.truncation == "per_step":
+        return sum(_per_step_grad(cfg))
     lo, hi = cfg.window_bounds()
     return (lo + hi) / 2
 
 
 def _window_counts(cfg: Config) -> tuple[float, float, float, float]:
-    """Over K's range (uniform), the mean number of: the window's first step checkpointed, the first step kept,
-    further checkpointed steps, further kept steps (window_keep keeps the last min(K, window_keep))."""
+    """Over K's range (uniform, per_step), the mean number of: the window's first step checkpointed, the first step
+    kept, further checkpointed steps, further kept steps (window_keep keeps the steps at most window_keep from the
+    end)."""
+    if cfg.truncation == "per_step":  # the window's first step: the farthest from the end with gradient
+        p = _per_step_grad(cfg)
+        first = [p[i] * math.prod(1 - q for q in p[i + 1:]) for i in range(len(p))]  # p[i]: the step i + 1 from the end
+        wk = cfg.window_keep
+        first_ckpt, first_kept = sum(first[wk:]), sum(first[:wk])
+        return first_ckpt, first_kept, sum(p[wk:]) - first_ckpt, sum(p[:wk]) - first_kept
     lo, hi = cfg.window_bounds()
     totals = [0.0] * 4
     for k in range(lo, hi + 1):
@@ -68,9 +86,7 @@ def _input_gradient_calls(cfg: Config) -> float:
     each with an int8/nf4 base; the recomputes' are counted where they run), on average over K's range: the LoRA
     model's K calls; with KL the base model's calls but the window's first (its input needs no gradient);
     DRaFT-LV's one call."""
-    lo, hi = cfg.window_bounds()
-    ks = range(lo, hi + 1)
-    base = sum(max(k - 1, 0) for k in ks) / len(ks) if cfg.kl_coeff > 0 else 0.0
+    base = mean_k(cfg) - sum(_window_counts(cfg)[:2]) if cfg.kl_coeff > 0 else 0.0  # every call but the first
     return mean_k(cfg) + base + (1 if cfg.lv_draws > 1 else 0)
 
 

@@ -41,12 +41,13 @@ class UNetFamily:
     def initial_latents(self, cfg, batch: int, generator, device):
         return sampling.initial_latents(batch, self.comps.unet, self.comps.vae, cfg.resolution, generator, device)
 
-    def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator, stage=None, kl=None):
+    def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator, stage=None, kl=None,
+                detached=frozenset()):
         scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
         return sampling.rollout(model, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                                 generator=generator, stage=stage, grad_unet=grad_model, kl=kl,
                                 lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
-                                window_keep=cfg.window_keep)
+                                window_keep=cfg.window_keep, detached=detached)
 
     def decode(self, vae, latents, cfg, **options):
         return sampling.decode(vae, latents, **options)
@@ -138,14 +139,14 @@ class FlowFamily(UNetFamily):
         return latents
 
     def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k: int, generator=None, stage=None,
-                kl=None):
+                kl=None, detached=frozenset()):
         lh, lw = self._latent_size(cfg)
         flow.set_flow_timesteps(scheduler, self.comps.unet, cfg.sample_steps, lh, lw, latents.device)
         ids = flow.latent_image_ids(lh, lw, latents.device) if self.name == flow.FLUX else None
         return flow.rollout(model, scheduler, latents, emb, k=k, guidance_scale=self.guidance(cfg), img_ids=ids,
                             stage=stage, grad_transformer=grad_model, kl=kl, generator=generator,
                             lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
-                            window_keep=cfg.window_keep)
+                            window_keep=cfg.window_keep, detached=detached)
 
     def decode(self, vae, latents, cfg, **options):
         return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)

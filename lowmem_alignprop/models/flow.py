@@ -296,8 +296,9 @@ def base_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: floa
 def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k: int, guidance_scale: float,
             img_ids: torch.Tensor | None = None, stage=None, grad_transformer=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
-            generator: torch.Generator | None = None, window_keep: int = 0) -> torch.Tensor:
-    """Euler steps of the flow ODE from noise; the last ``k`` steps carry gradients (k=0: none do).
+            generator: torch.Generator | None = None, window_keep: int = 0, detached=frozenset()) -> torch.Tensor:
+    """Euler steps of the flow ODE from noise; the last ``k`` steps carry gradients (k=0: none do; ``detached``:
+    but these of them, truncation=per_step).
 
     :func:`set_flow_timesteps` must have been called for this rollout (the scheduler counts its steps).
     ``grad_transformer`` is the module used inside the window (a DDP/DeepSpeed wrapper, so gradients are
@@ -319,7 +320,7 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
         base_predict=lambda model, x, t: base_velocity(model, x, t, emb, guidance_scale, img_ids, dtype),
         step=lambda v, t, x: scheduler.step(v, t, x, return_dict=False)[0],
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
-        window_keep=window_keep)
+        window_keep=window_keep, detached=detached)
 
 
 def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, draws: int, *,

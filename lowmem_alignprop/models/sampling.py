@@ -86,6 +86,34 @@ def draw_k(cfg, rng: random.Random) -> int:
     return rng.randint(cfg.k_min, cfg.k_max)
 
 
+@dataclass(frozen=True)
+class Window:
+    """One rollout's gradient window: its last ``k`` steps (the latent entering them detached); ``detached``: the
+    window's steps (0 = its first) whose prediction carries no gradient, the latent's path through them kept
+    (truncation=per_step)."""
+    k: int
+    detached: frozenset = frozenset()
+
+    @property
+    def calls(self) -> int:
+        """The denoiser calls with gradient: what backward recomputes and goes through."""
+        return self.k - len(self.detached)
+
+
+def draw_window(cfg, rng: random.Random) -> Window:
+    """The gradient window of one rollout. fixed / uniform: the contiguous last K steps, K drawn once. per_step
+    (the official AlignProp code's and TRL's rule): every step draws its own K ~ U{k_min..k_max} and predicts with
+    gradient when it is among the last K steps; the window runs from the first such step to the end."""
+    if cfg.truncation != "per_step":
+        return Window(draw_k(cfg, rng))
+    steps = cfg.sample_steps
+    grad = [steps - i <= rng.randint(cfg.k_min, cfg.k_max) for i in range(steps)]  # step i is steps - i from the end
+    if not any(grad):
+        return Window(0)
+    first = grad.index(True)
+    return Window(steps - first, frozenset(i - first for i in range(first, steps) if not grad[i]))
+
+
 def make_pipeline(comps):
     """A diffusers pipeline object over our components, used only for its prompt-encoding helpers."""
     if comps.is_sdxl:
@@ -224,7 +252,7 @@ def window_start(timesteps, k: int) -> int:
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
             eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
-            window_keep: int = 0) -> torch.Tensor:
+            window_keep: int = 0, detached=frozenset()) -> torch.Tensor:
     """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
 
     ``scheduler.set_timesteps`` must have been called. ``grad_unet`` is the module used inside the grad
@@ -232,8 +260,8 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     ``kl``: a list that receives, for each grad-window step, the distance ``mean((eps - eps_base)^2)`` between
     the LoRA model's and the base model's predictions (``unet`` with its adapters off). ``lv_draws`` > 1
     (DRaFT-LV): the result holds ``lv_draws`` batches, the trajectory's own last step first (see
-    :func:`last_step_draws`). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint
-    (:func:`truncated_chain`).
+    :func:`last_step_draws`). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint;
+    ``detached``: the window's steps predicted without gradient (:func:`truncated_chain`).
     """
     grad_unet = grad_unet if grad_unet is not None else unet
     dtype = compute_dtype(unet)  # once: diffusers walks the whole UNet to tell it
@@ -248,19 +276,21 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
         base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale, dtype),
         step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
-        window_keep=window_keep)
+        window_keep=window_keep, detached=detached)
 
 
 def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_model, predict: Callable,
                     base_predict: Callable, step: Callable, stage=None, checkpoint_calls: bool = True,
-                    kl: list | None = None, last: Callable | None = None, window_keep: int = 0) -> torch.Tensor:
+                    kl: list | None = None, last: Callable | None = None, window_keep: int = 0,
+                    detached=frozenset()) -> torch.Tensor:
     """The chain every family samples (docs/design.md section 2): ``step(predict(model, x, t), t, x)`` over
     ``timesteps``; the steps before the last ``k`` without autograd (``model``), the latent detached where the
     window starts, and each window step's ``predict(grad_model, x, t)`` one checkpoint, except the last
     ``min(k, window_keep)`` steps' calls, which keep their activations (backward recomputes none of them). ``kl``
     receives, per window step, ``mean((out - base_predict(model, x, t))^2)`` (the base call checkpointed or kept as
     its step's); ``last(latents, call)`` (DRaFT-LV's extra draws) runs at the window's end with the last step's
-    ``call``."""
+    ``call``. ``detached`` (:class:`Window`, truncation=per_step): the window's steps (0 = its first) whose
+    prediction runs without autograd; the latent's own path through their step keeps its gradient."""
     stage = stage or (lambda name: contextlib.nullcontext())
     split = window_start(timesteps, k)
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
@@ -280,6 +310,11 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
             # window_keep calls keep their activations instead: backward skips their recompute, memory grows by
             # one call's activations each
             call = plain if k - i <= window_keep else checkpointed
+            if i in detached:  # per_step: this prediction without a graph (no call to recompute); x's path stays
+                with torch.no_grad():
+                    out = predict(model, latents, t)
+                latents = step(out, t, latents)
+                continue
             out = call(predict, grad_model, latents, t)
             if kl is not None:  # the base model's call is its own checkpoint: in backward one call is recomputed
                 kl.append((out - call(base_predict, model, latents, t)).pow(2).mean())  # at a time, as without KL

@@ -89,11 +89,14 @@ class Config:
                               "embeddings, as its pipeline does (force_zeros_for_empty_prompt in model_index.json).")
 
     # ---- truncated backprop (docs/design.md section 2) -------------------------------------------
-    truncation: str = _f("fixed", "How K is chosen, once per rollout: fixed K, or uniform in [k_min, k_max].",
-                         ("fixed", "uniform"))
+    truncation: str = _f("fixed", "How K is chosen: fixed K; uniform: K ~ U{k_min..k_max} once per rollout, the "
+                         "gradient through the contiguous last K steps; per_step: each step draws its own K ~ "
+                         "U{k_min..k_max} and predicts with gradient when it is among the last K steps (the official "
+                         "AlignProp code's and TRL's rule: scattered gradient steps; k_min may be 0).",
+                         ("fixed", "uniform", "per_step"))
     k: int = _f(1, "Fixed K: gradients flow through the last K denoising steps.")
-    k_min: int = _f(1, "Smallest K when truncation=uniform.")
-    k_max: int = _f(50, "Largest K when truncation=uniform (at most sample_steps).")
+    k_min: int = _f(1, "Smallest K when truncation=uniform or per_step (per_step: 0 allowed).")
+    k_max: int = _f(50, "Largest K when truncation=uniform or per_step (at most sample_steps).")
 
     # ---- optimisation ----------------------------------------------------------------------------
     batch_size: int = _f(1, "Images per micro-step (per process).")
@@ -292,8 +295,8 @@ class Config:
         if not MIN_SEED <= self.seed <= MAX_SEED:
             raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
                             f"{MAX_SEED}, e.g. --seed 42")
-        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_min", "k_max",
-               "max_bad_steps", "tile_size"]
+        pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_max", "max_bad_steps",
+               "tile_size"] + ([] if self.truncation == "per_step" else ["k_min"])  # per_step: a step's K may be 0
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
                      "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
                      "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length",
@@ -397,7 +400,9 @@ class Config:
         if self.truncation == "fixed" and self.k > self.sample_steps:
             raise UserError(f"k={self.k} is larger than sample_steps={self.sample_steps}: use --set k="
                             f"{self.sample_steps} or raise sample_steps")
-        if self.truncation == "uniform":
+        if self.truncation != "fixed":
+            if self.k_min < 0:
+                raise UserError(f"k_min must be 0 or more (got {self.k_min}): use --set k_min=0")
             if self.k_min > self.k_max:
                 raise UserError(f"k_min={self.k_min} is larger than k_max={self.k_max}: swap them")
             if self.k_max > self.sample_steps:
@@ -517,6 +522,15 @@ def _compiler_missing() -> str | None:
     if sys.platform == "win32" and shutil.which("cl") is None:
         return "a C++ compiler for the CPU kernels (MSVC's cl.exe on PATH: a Developer Command Prompt)"
     return None
+
+
+def describe_k(settings) -> str:
+    """How a run's K is drawn, for a plan, a model card or a note: ``K = 3``, ``K ~ U{1..50}`` (once per rollout) or
+    ``K ~ U{0..50} per step``. ``settings``: a Config's or a saved config's fields (a dict)."""
+    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    if get("truncation") == "fixed":
+        return f"K = {get('k')}"
+    return f"K ~ U{{{get('k_min')}..{get('k_max')}}}" + (" per step" if get("truncation") == "per_step" else "")
 
 
 # (field, the value (or values) that need nothing, the package any other value needs)
@@ -707,7 +721,7 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     steps = values.get("sample_steps", Config.sample_steps)
     if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
         # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
-        if values.get("truncation", Config.truncation) == "uniform":  # (a fixed K does not read k_max)
+        if values.get("truncation", Config.truncation) != "fixed":  # (a fixed K does not read k_max)
             logging.getLogger("lowmem_alignprop").info(
                 "sample_steps=%d: the profile's K range ends at the last step (k_max %s -> %d)", steps,
                 values.get("k_max", Config.k_max), steps)

@@ -51,8 +51,9 @@ class MicroBatch:
 
 def micro_step(r: Rollout, prompts: list[str], *, k: int, generator: torch.Generator,
                check: Callable[[Any, Any, BaseException | None], str | None] | None = None,
-               catch: bool = False) -> MicroBatch:
-    """Roll ``prompts`` out with the last ``k`` steps differentiable, then backward into the LoRA. ``check(loss,
+               catch: bool = False, detached=frozenset()) -> MicroBatch:
+    """Roll ``prompts`` out with the last ``k`` steps differentiable (but ``detached``'s: truncation=per_step), then
+    backward into the LoRA. ``check(loss,
     rewards, failed)`` runs between the rollout and the backward (the trainer's NaN/inf test, agreed across ranks) and
     may answer what was not finite (no backward then) or raise. ``catch``: a rollout's exception goes to ``check`` as
     ``failed`` instead of up (under a launcher every rank must hear of it before it stops)."""
@@ -66,7 +67,8 @@ def micro_step(r: Rollout, prompts: list[str], *, k: int, generator: torch.Gener
         with r.autocast():  # sample_nograd, sample_grad (one checkpoint per denoiser call), decode, reward
             loss, rewards = rollout_loss(cfg, r.sample_unet, r.train_unet, r.scheduler, r.vae, r.reward, latents, emb,
                                          prompts, k=k, generator=generator, stage=r.stage, place=r.place,
-                                         saved_tensors=r.saved_tensors, terms=terms, family=r.family)
+                                         saved_tensors=r.saved_tensors, terms=terms, family=r.family,
+                                         detached=detached)
     except BaseException as e:
         if not catch:
             raise

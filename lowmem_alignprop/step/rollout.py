@@ -64,7 +64,7 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
 def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, latents, emb, prompts: list[str], *,
                  k: int, generator, stage, place: Placement | None = None,
                  saved_tensors: Callable[[], ContextManager] | None = None, terms: dict | None = None,
-                 family=None):
+                 family=None, detached=frozenset()):
     """sample_nograd -> sample_grad -> decode -> reward for one micro-batch. Returns (loss, rewards): the rewards of
     the sampled images (with lv_draws > 1 the loss averages the extra draws' rewards too).
 
@@ -89,7 +89,7 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
     kl: list | None = [] if cfg.kl_coeff > 0 else None
     with offload:
         latents = family.rollout(cfg, bare_unet, grad_unet, scheduler, latents, emb, k=k, generator=generator,
-                                 stage=stage, kl=kl)
+                                 stage=stage, kl=kl, detached=detached)  # per_step: window steps without a graph
         with stage(stages.DECODE):
             if place is not None:
                 place.to_device("vae", vae)
