@@ -433,3 +433,41 @@ def test_windows_files_are_flushed_through_a_handle_that_may_write(tmp_path, mon
     if os.access(locked, os.W_OK):  # (root writes anyway: nothing to simulate)
         return
     atomic.finish_file(locked)
+
+
+def test_a_safetensors_header_is_written_with_its_metadata_sorted(tmp_path):
+    """safetensors orders its header's metadata as a Rust HashMap does (another order in every process): the same LoRA
+    gave other bytes from one run to the next. Every .safetensors file a command writes arrives with the metadata's
+    keys sorted: the bytes of a header written in any order are those of the sorted one, and it loads the same."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run import atomic
+
+    meta = {"lora_adapter_metadata": '{"r": 4, "target_modules": ["to_k", "to_q"]}', "format": "pt", "ünï": "ç"}
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3)}
+
+    def written(order: list[str]) -> bytes:
+        """A file as safetensors writes it, its metadata in ``order`` (rewritten by hand: one process has one)."""
+        save_file(tensors, str(tmp_path / "raw.safetensors"), metadata=meta)
+        data = (tmp_path / "raw.safetensors").read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        header["__metadata__"] = {k: meta[k] for k in order}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert len(text) <= size
+        out = tmp_path / f"{'-'.join(order)}.safetensors"
+        with atomic.replacing(out) as tmp:
+            tmp.write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size:])
+        return out.read_bytes()
+
+    orders = [["lora_adapter_metadata", "format", "ünï"], ["ünï", "format", "lora_adapter_metadata"],
+              sorted(meta)]
+    files = [written(order) for order in orders]
+    assert files[0] == files[1] == files[2]
+    with safe_open(str(tmp_path / "ünï-format-lora_adapter_metadata.safetensors"), "pt") as f:
+        assert f.metadata() == meta and sorted(f.keys()) == ["a.weight", "b.weight"]
+        assert torch.equal(f.get_tensor("b.weight"), tensors["b.weight"])

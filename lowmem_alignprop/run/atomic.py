@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -71,7 +72,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def finish_file(path: Path) -> None:
-    """Sync a written file and give it the permissions a plain ``open`` would have (the umask's)."""
+    """Sync a written file and give it the permissions a plain ``open`` would have (the umask's); a .safetensors
+    file's header metadata sorted (:func:`sort_safetensors_metadata`)."""
+    if path.suffix == ".safetensors":
+        sort_safetensors_metadata(path)
     try:  # Windows flushes a file only through a handle that may write (a read-only one fails with EBADF)
         with open(path, "r+b" if WINDOWS else "rb") as fh:
             os.fsync(fh.fileno())
@@ -79,6 +83,31 @@ def finish_file(path: Path) -> None:
         if not WINDOWS:
             raise
     shareable(path)
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """safetensors writes its header's ``__metadata__`` in the order of a Rust HashMap, which changes from process to
+    process: the same tensors and metadata (a LoRA's peft config beside ``format``) gave other bytes, and a reproduced
+    run's sha256 differed. The header is rewritten in place (a file not yet renamed into place) with the metadata's
+    keys sorted, when that fits its length (the same keys and values in compact JSON: it does); else it is left."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100_000_000:  # (safetensors' own header limit)
+            return
+        raw = fh.read(size)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or list(meta) == sorted(meta):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(ordered) > size:  # (an escaping other than safetensors' own)
+            return
+        fh.seek(8)
+        fh.write(ordered + b" " * (size - len(ordered)))  # safetensors pads its header with spaces
 
 
 def shareable(path: Path) -> None:
