@@ -657,6 +657,9 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
     assert f"(median {toy['before']['reward_median']:.4f} -> {toy['after']['reward_median']:.4f})" in lines[0]
+    # the mean count of objects the evaluator reads (what toy_count=N moves) beside the JPEG size
+    assert lines[2].endswith(f"objects per image {toy['before']['fidelity_objects']:.2f} -> "
+                             f"{toy['after']['fidelity_objects']:.2f}"), lines[2]
 
 
 @pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once

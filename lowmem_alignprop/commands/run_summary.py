@@ -26,7 +26,9 @@ def toy_world_lines(t: dict | None) -> list[str]:
     return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
             f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
             f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
-            f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"]
+            f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"
+            + (f"  objects per image {b['fidelity_objects']:.2f} -> {a['fidelity_objects']:.2f}"  # toy_count's aim
+               if "fidelity_objects" in b else "")]
 
 
 class TimeLeft:
