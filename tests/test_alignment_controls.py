@@ -709,3 +709,30 @@ def test_held_out_evaluation_in_the_toy_world_reports_its_exact_fidelity(tmp_pat
     assert row["eval_fidelity_images"] == 2.0 and 0.0 <= row["eval_fidelity_score"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["toy_world"]["images"] == 4 and summary["best_step"] == 1
+
+
+@pytest.mark.parametrize("best_by, best_step, stopped_at", [("reward", 1, 3), ("fidelity", 2, None)])
+def test_best_by_fidelity_keeps_the_exactly_best_step_where_the_reward_disagrees(best_by, best_step, stopped_at,
+                                                                                  tmp_path):
+    """Over-optimization: the held-out reward falls from step 1 while the exact fidelity (the toy world's evaluators)
+    rises at step 2. best_by=reward keeps step 1 and stops early at step 3; best_by=fidelity keeps step 2 (its
+    best.json says both figures) and, fidelity falling once after it, does not stop yet. A step without the exact
+    score (no prompt of the grammar) counts for neither."""
+    from lowmem_alignprop.commands.evaluation import HeldOut
+
+    cfg = Config(eval_every=1, early_stop=2, best_by=best_by).validate()
+    held = HeldOut(cfg, ["a red circle"], tmp_path, sample=None,
+                   write_lora=lambda folder: (folder / "w.txt").write_text("lora", encoding="utf-8"))
+    rows = [(0.9, 0.2), (0.5, 0.8), (0.3, 0.6)]  # (eval_reward, eval_fidelity_score) at steps 1-3
+    for step, (reward, score) in enumerate(rows, start=1):
+        held.after_evaluation(step, {"eval_reward": reward, "eval_objective": reward, "eval_fidelity_score": score},
+                              is_main=True)
+    assert (held.best_step, held.stopped_at) == (best_step, stopped_at)
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["step"] == best_step and best["eval_fidelity_score"] == rows[best_step - 1][1]
+    metrics = {"eval_reward": 1.0, "eval_objective": 1.0}  # no exact score
+    held.after_evaluation(4, metrics, is_main=True)
+    if best_by == "fidelity":
+        assert metrics["eval_skipped"] == "no eval_fidelity_score (best_by=fidelity)" and held.best_step == 2
+    else:
+        assert "eval_skipped" not in metrics and held.best_step == 4

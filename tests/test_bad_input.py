@@ -173,6 +173,10 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "base_quant=fp8", "--set", "unet_checkpointing=call"], "add --set unet_checkpointing=blocks"),
     (["--set", "ema_decay=1"], "ema_decay=1.0 must be in [0, 1)"),
     (["--early-stop", "2"], "early_stop=2 stops when evaluation stops improving, and evaluation is off"),
+    (["--set", "best_by=fidelity"], "best_by=fidelity chooses best/ by the held-out evaluation, and evaluation is off"),
+    # the exact evaluators read only the toy world's grammar: the default prompts' held-out ones have no score
+    (["--eval-every", "1", "--set", "best_by=fidelity"], "best_by=fidelity scores the held-out images with the toy "
+                                                          "world's exact evaluators, and 4 of the 4 held-out prompts"),
     (["--set", "recipe=aesthetics"], "unknown recipe 'aesthetics'"),
     (["--eval-every", "1", "--set", "eval_prompts=", "--set", "eval_holdout=99"], "leaves none to train on"),
     (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],

@@ -581,7 +581,7 @@ def short_toy_run(tmp_path_factory):
     assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
                  "sample_steps=4", "--set", "fidelity_images=4", "--set", "fidelity_every=1", "--set",
                  "sample_prompts=1", "--set", "ema_decay=0.5", "--eval-every", "1", "--set",
-                 f"eval_prompts={root / 'eval.txt'}"]) == 0
+                 f"eval_prompts={root / 'eval.txt'}", "--set", "best_by=fidelity"]) == 0
     return out
 
 
@@ -650,6 +650,11 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     # the held-out evaluation's reward keeps its own key beside the judged images' (it was overwritten by theirs)
     best = json.loads((short_toy_run / "best" / "best.json").read_text())
     assert best["eval_reward"] == next(r for r in rows if r["step"] == best["step"])["eval_reward"]
+    # best_by=fidelity: best/ is the step of the highest exact held-out score (the first of equals)
+    scores = [r["eval_fidelity_score"] for r in rows]
+    assert best["step"] == rows[scores.index(max(scores))]["step"] and best["eval_fidelity_score"] == max(scores)
+    summary = json.loads((short_toy_run / "summary.json").read_text())
+    assert (summary["best_step"], summary["best_measure"]) == (best["step"], max(scores))
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
         ("toy", "toy_clip", "toy-pairs", 64)

@@ -40,9 +40,16 @@ EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  
 EVAL_FIX = "fix the reward, or drop --eval-every"
 
 
+def measure_key(cfg) -> str:
+    """The evaluation's figure best/ and the early stop go by (higher is better): best_by's."""
+    return "eval_fidelity_score" if cfg.best_by == "fidelity" else "eval_objective"
+
+
 def improvement_measure(cfg) -> str:
     """What "improved" means for best/ and early stop, in words: the reward, or with reward_cap/reward_target the
-    objective they make (eval_reward may then rise while it does not)."""
+    objective they make (eval_reward may then rise while it does not), or best_by=fidelity's exact score."""
+    if cfg.best_by == "fidelity":
+        return "eval_fidelity_score, the toy world's exact fidelity of the held-out images"
     if cfg.reward_target is not None:
         return f"eval_objective, the held-out reward's distance to reward_target={cfg.reward_target:g}"
     if cfg.reward_cap is not None:
@@ -181,7 +188,9 @@ class HeldOut:
     def after_evaluation(self, step: int, metrics: dict, is_main: bool) -> None:
         """Keep the step in best/ when it improved on the best so far; count the evaluations since; decide the
         early stop. An evaluation whose reward is NaN or inf (``eval_skipped``) is said and counted for neither."""
-        objective = metrics["eval_objective"]
+        objective = metrics.get(measure_key(self.cfg))
+        if objective is None and not metrics.get("eval_skipped"):  # best_by=fidelity: no prompt parsed, or NaN
+            metrics["eval_skipped"] = f"no {measure_key(self.cfg)} (best_by={self.cfg.best_by})"
         if metrics.get("eval_skipped"):
             if is_main:
                 log.warning("step %d: evaluation skipped: %s (not counted for best/ or the early stop); check the "

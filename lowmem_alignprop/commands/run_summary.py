@@ -106,7 +106,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported: list[Path] 
         lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation "
                      f"({improvement_measure(cfg)}) had not improved for {cfg.early_stop} evaluations")
     if s.get("best_step") is not None:
-        lines.append(f" best held-out evaluation: step {s['best_step']}, eval_reward {s['best_eval_reward']:.4f} "
+        lines.append(f" best held-out evaluation: step {s['best_step']}, "
+                     + (f"eval_fidelity_score {s['best_measure']:.3f}, " if cfg.best_by == "fidelity" else "")
+                     + f"eval_reward {s['best_eval_reward']:.4f} "
                      + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
                         "(its LoRA is not kept: no best/ or checkpoint of that step was left)"))
     if "sample_reward_before" in s:

@@ -122,6 +122,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         point = folder.check()
         # held-out prompts never train; a resume keeps those its run set aside (another seed would draw others)
         prompts, eval_prompts = split_eval_prompts(cfg, given, point.state.get("config") if point else None)
+        if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
+            check_judged(eval_prompts)
     lock = folder.hold()
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     folder.anchor()  # its files stay there whatever the user's code does to the working directory
@@ -131,6 +133,17 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             cfg, searched = search_before_first_step(cfg, profile_name)
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
                        lock=lock, command=command, eval_prompts=eval_prompts, searched=searched).run()
+
+
+def check_judged(eval_prompts: list[str]) -> None:
+    """best_by=fidelity: every held-out prompt is in the toy world's grammar, or its images have no exact score."""
+    from lowmem_alignprop.toy.fidelity import parses
+
+    if stray := [p for p in eval_prompts if not parses(p)]:
+        raise UserError(f"best_by=fidelity scores the held-out images with the toy world's exact evaluators, and "
+                        f"{len(stray)} of the {len(eval_prompts)} held-out prompts are not in its grammar (e.g. "
+                        f"{stray[0]!r}): hold out toy-world prompts (--set eval_prompts=toy-heldout), or use "
+                        "--set best_by=reward")
 
 
 def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, dict]:
@@ -492,7 +505,8 @@ class Trainer:
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
                                     sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))
-            if self.judge_prompts:  # the toy world: its exact evaluators judge the held-out images too (eval_fidelity_*)
+            if self.judge_prompts or cfg.best_by == "fidelity":  # the toy world: its exact evaluators judge the
+                # held-out images too (eval_fidelity_*)
                 from lowmem_alignprop.toy.fidelity import evaluate_batch
                 self.held_out.evaluators.append(evaluate_batch)
 
@@ -1055,7 +1069,7 @@ class Trainer:
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
-                           best_kept=self.held_out.best_kept)
+                           best_measure=self.held_out.best, best_kept=self.held_out.best_kept)
         final = acc.unwrap_model(self.unet_train)
         try:
             with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights

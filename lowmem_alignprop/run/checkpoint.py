@@ -253,7 +253,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 # what the held-out evaluation's objective (what best/ and the early stop compare) depends on, beside its prompts
-EVAL_BASIS_FIELDS = ("reward", "reward_weights", "reward_target", "reward_cap", "loss_scale", "seed")
+EVAL_BASIS_FIELDS = ("reward", "reward_weights", "reward_target", "reward_cap", "loss_scale", "seed", "best_by")
 
 
 def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = None) -> list[str]:

@@ -151,6 +151,10 @@ class Config:
     eval_holdout: int = _f(4, "With eval_every and no eval_prompts: how many training prompts are held out.")
     early_stop: int = _f(0, "End the run when evaluation has not improved for this many evaluations in a row "
                          "(needs eval_every; 0 = never).")
+    best_by: str = _f("reward", "What best/ and early_stop go by: reward (eval_objective: the held-out reward, or its "
+                      "distance to reward_target, or capped at reward_cap) or fidelity (the toy world: the exact "
+                      "evaluators' score of the held-out images, eval_fidelity_score; the reward may rise while it "
+                      "falls). Needs eval_every.", ("reward", "fidelity"))
 
     # ---- memory features (set by the hardware profile) ---------------------------------------------
     budget_gb: float = _f(0.0, "The card's memory budget in GiB that this configuration must fit (0 = no check).")
@@ -459,6 +463,9 @@ class Config:
         if self.eval_every and self.deepspeed_zero == 3:
             raise UserError("eval_every with deepspeed_zero=3: best/ would need the partitioned LoRA gathered on "
                             "every process; use --set deepspeed_zero=2, or evaluate the exported LoRA with `sample`")
+        if self.best_by != "reward" and not self.eval_every:
+            raise UserError(f"best_by={self.best_by} chooses best/ by the held-out evaluation, and evaluation is off: "
+                            "add --eval-every N")
         if self.early_stop and not self.eval_every:
             raise UserError(f"early_stop={self.early_stop} stops when evaluation stops improving, and evaluation "
                             "is off: add --eval-every N")
