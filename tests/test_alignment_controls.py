@@ -736,3 +736,37 @@ def test_best_by_fidelity_keeps_the_exactly_best_step_where_the_reward_disagrees
         assert metrics["eval_skipped"] == "no eval_fidelity_score (best_by=fidelity)" and held.best_step == 2
     else:
         assert "eval_skipped" not in metrics and held.best_step == 4
+
+
+def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys, monkeypatch):
+    """eval_on_start: the held-out evaluation of the untrained LoRA is metrics.jsonl's line of step 0 (the curves'
+    start; a helper found no held-out baseline to tell whether step 10 had already degraded). best/ counts it: a run
+    whose training makes the held-out measure worse (this reward trains brightness up and, without gradient, in the
+    evaluation, scores darkness) keeps step 0 in best/, its LoRA the untrained one, and the box says so. Without
+    eval_every it is refused."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+
+    (tmp_path / "two_faced.py").write_text("import torch\ndef reward(images, prompts):\n"
+                                           "    m = images.mean(dim=(1, 2, 3))\n"
+                                           "    return m if torch.is_grad_enabled() else -m\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", "tiny", "--steps", "2", "--eval-every", "1", "--set",
+                 "eval_on_start=true", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1",
+                 "--set", "lr=0.05", "--reward", "two_faced:reward", "--output-dir", str(out)]) == 0
+    rows = strict_rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and "reward_mean" not in rows[0] and "eval_reward" in rows[0]
+    assert rows[0]["eval_objective"] > rows[1]["eval_objective"] > rows[2]["eval_objective"], rows
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == 0
+    lora = load_file(str(next((out / "best").glob("*.safetensors"))))  # the untrained LoRA: every up-weight zero
+    ups = [v for k, v in lora.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and all(not v.abs().sum() for v in ups)
+    assert "best held-out evaluation: step 0, eval_reward" in (printed := capsys.readouterr().out) and \
+        "(the untrained LoRA: no trained step beat it)" in printed
+    with pytest.raises(UserError, match="eval_on_start evaluates the held-out prompts before the first step"):
+        Config(eval_on_start=True).validate()

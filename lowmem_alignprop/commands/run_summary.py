@@ -109,6 +109,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported: list[Path] 
         lines.append(f" best held-out evaluation: step {s['best_step']}, "
                      + (f"eval_fidelity_score {s['best_measure']:.3f}, " if cfg.best_by == "fidelity" else "")
                      + f"eval_reward {s['best_eval_reward']:.4f} "
+                     + ("(the untrained LoRA: no trained step beat it) " if s["best_step"] == 0 else "")
                      + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
                         "(its LoRA is not kept: no best/ or checkpoint of that step was left)"))
     if "sample_reward_before" in s:

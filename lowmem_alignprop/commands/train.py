@@ -135,6 +135,13 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
                        lock=lock, command=command, eval_prompts=eval_prompts, searched=searched).run()
 
 
+def judged_figures(judged: dict | None) -> dict:
+    """The toy world's judged-image figures as a metrics line holds them: fidelity_reward* beside the fidelity_* rates
+    (eval_reward is the held-out evaluation's), without the per-image lists (summary.json keeps those)."""
+    return {(f"fidelity_{k}" if k.startswith("reward") else k): v for k, v in (judged or {}).items()
+            if not k.startswith("image_")}
+
+
 def check_judged(eval_prompts: list[str]) -> None:
     """best_by=fidelity: every held-out prompt is in the toy world's grammar, or its images have no exact score."""
     from lowmem_alignprop.toy.fidelity import parses
@@ -791,6 +798,8 @@ class Trainer:
         cfg = self.cfg
         if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
             return
+        if cfg.eval_on_start and self.start == 0:
+            self.evaluate_start()
         # disable=None: no bar where stderr is not a terminal (a log file, a job's output): its \r-redrawn frames
         # filled the log beside the step lines, which say the same; notebooks keep their widget
         bar = tqdm(range(self.start + 1, cfg.steps + 1), desc="AlignProp", disable=None if self.is_main else True,
@@ -962,6 +971,24 @@ class Trainer:
         if self.zero_grads.step(step, done.update.grad_zero):  # the reward's gradient never reaches the LoRA
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
+    def evaluate_start(self) -> None:
+        """eval_on_start: the held-out evaluation of the untrained LoRA, as metrics.jsonl's line of step 0 (best/ and
+        the early stop count it), with the judged images' "before" figures in the toy world: every curve's start.
+        A failure stops the run before any step (nothing is trained yet)."""
+        row = {"step": 0, **(judged_figures(self.fidelity_before) if self.cfg.fidelity_every else {})}
+        if (failed := self.evaluate_into(0, row)) is not None:
+            if faults.is_oom(failed):
+                raise UserError(f"out of memory in the held-out evaluation before the first step (eval_on_start; "
+                                f"{first_line(failed, 100)}): evaluate on fewer images at a time (--set batch_size=N),"
+                                " or leave eval_on_start out") from None
+            raise failed
+        if self.is_main:
+            from lowmem_alignprop.commands.grid import write_metrics_line
+            write_metrics_line(self.folder.metrics, row)
+            log.info("step 0 (the untrained LoRA): eval_reward %s", row.get("eval_reward"))
+        if self.cfg.report_to != "none":
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=0)
+
     def judge_if_due(self, step: int) -> dict:
         """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line
         (fidelity_reward* beside the fidelity_* rates: eval_reward is the held-out evaluation's), judged on the
@@ -979,8 +1006,7 @@ class Trainer:
         except faults.OOM_ERRORS:
             self.skip_out_of_memory(f"judging the images of step {step}", "a smaller --set fidelity_images")
             return {}
-        return {(f"fidelity_{k}" if k.startswith("reward") else k): v for k, v in judged.items()
-                if not k.startswith("image_")}
+        return judged_figures(judged)
 
     def skip_out_of_memory(self, what: str, smaller: str) -> None:
         """A rendering the run can go without (the sample grid, the toy world's evaluators) ran out of memory: the

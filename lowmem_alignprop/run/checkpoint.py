@@ -54,7 +54,7 @@ STRICT_FIELDS = ("train_unet", "lora_rank", "lora_alpha", "lora_layers", "optimi
 # Fields a resumed run may change silently (the rest change with a warning).
 FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_to", "sample_prompts",
                "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps", "budget_gb", "eval_every",
-               "early_stop", "best_by")
+               "early_stop", "best_by", "eval_on_start")
 
 
 # what a warned change does at a resume, where it is not what one would guess

@@ -151,6 +151,9 @@ class Config:
     eval_holdout: int = _f(4, "With eval_every and no eval_prompts: how many training prompts are held out.")
     early_stop: int = _f(0, "End the run when evaluation has not improved for this many evaluations in a row "
                          "(needs eval_every; 0 = never).")
+    eval_on_start: bool = _f(False, "With eval_every: evaluate the held-out prompts once before the first step too "
+                             "(metrics.jsonl's line of step 0, with the judged images' figures in the toy world: "
+                             "the untrained LoRA's baseline, which best/ and early_stop count).")
     best_by: str = _f("reward", "What best/ and early_stop go by: reward (eval_objective: the held-out reward, or its "
                       "distance to reward_target, or capped at reward_cap) or fidelity (the toy world: the exact "
                       "evaluators' score of the held-out images, eval_fidelity_score; the reward may rise while it "
@@ -463,6 +466,9 @@ class Config:
         if self.eval_every and self.deepspeed_zero == 3:
             raise UserError("eval_every with deepspeed_zero=3: best/ would need the partitioned LoRA gathered on "
                             "every process; use --set deepspeed_zero=2, or evaluate the exported LoRA with `sample`")
+        if self.eval_on_start and not self.eval_every:
+            raise UserError("eval_on_start evaluates the held-out prompts before the first step, and evaluation is "
+                            "off: add --eval-every N")
         if self.best_by != "reward" and not self.eval_every:
             raise UserError(f"best_by={self.best_by} chooses best/ by the held-out evaluation, and evaluation is off: "
                             "add --eval-every N")
