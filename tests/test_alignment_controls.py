@@ -770,3 +770,14 @@ def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys,
         "(the untrained LoRA: no trained step beat it)" in printed
     with pytest.raises(UserError, match="eval_on_start evaluates the held-out prompts before the first step"):
         Config(eval_on_start=True).validate()
+
+
+def test_a_checkpoint_from_before_best_by_measured_by_the_reward():
+    """A checkpoint whose config predates best_by (no such key) was chosen by the reward: resumed with
+    best_by=fidelity its best (a toy_clip figure, ~60) is no measure of the exact score (0..1), so best/ and the
+    patience start over; resumed as it was, nothing changed."""
+    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+
+    old = {"config": {k: v for k, v in Config(eval_every=1).to_dict().items() if k != "best_by"}}
+    assert eval_basis_changed(old, Config(eval_every=1, best_by="fidelity").validate()) == ["best_by"]
+    assert eval_basis_changed(old, Config(eval_every=1).validate()) == []

@@ -13,6 +13,7 @@ from numerics import SAME_OPS, assert_rel_close
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.memory.block_swap import BlockSwap, install, swappable_blocks
 from lowmem_alignprop.models import flow
+from lowmem_alignprop.models.sampling import enable_block_checkpointing
 
 RES = FLOW_RESOLUTION
 STEPS, K = 3, 2
@@ -29,7 +30,7 @@ def _pipe(name, layers: str = "attention"):
         g = torch.Generator().manual_seed(1)
         for p in params:  # lora_B starts at zero: give it values so the LoRA path matters
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    flow.enable_block_checkpointing(pipe.transformer)  # block swap streams blocks one at a time in backward too
+    enable_block_checkpointing(pipe.transformer)  # block swap streams blocks one at a time in backward too
     return pipe, params
 
 

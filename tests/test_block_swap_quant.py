@@ -25,6 +25,7 @@ from test_block_swap import STEPS, K, _guard_layers, _loss_and_grads, _pipe
 from lowmem_alignprop.memory import block_swap, quant, stages
 from lowmem_alignprop.memory.block_swap import install, swappable_blocks
 from lowmem_alignprop.models import flow
+from lowmem_alignprop.models.sampling import enable_block_checkpointing
 from lowmem_alignprop.settings.config import Config
 
 
@@ -47,7 +48,7 @@ def _quantized_pipe(name: str, mode: str):
         g = torch.Generator().manual_seed(1)
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    flow.enable_block_checkpointing(pipe.transformer)
+    enable_block_checkpointing(pipe.transformer)
     return pipe, params
 
 

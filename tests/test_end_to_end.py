@@ -133,10 +133,12 @@ def test_the_end_of_run_box_names_best_and_the_exports(tmp_path, capsys):
 
     s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cpu", "seconds_per_step": 3.1, "peak_memory_gb": 1.0,
          "attention": "sdpa", "output_dir": str(tmp_path), "best_step": 4, "best_eval_reward": 0.7}
-    print_summary(s, Config(), "cpu", [tmp_path / "export" / "kohya", tmp_path.parent / "elsewhere"])
+    print_summary(s, Config(), "cpu", {"kohya": tmp_path / "export" / "kohya", "peft": None,
+                                       "diffusers": tmp_path.parent / "elsewhere"})
     out = capsys.readouterr().out
     assert " wrote: " in out and "best/, metrics.jsonl" in out, out
-    assert f"        export/kohya/, {tmp_path.parent / 'elsewhere'}/\n" in out, out
+    assert (f"        export/kohya/, export --format peft FAILED (its line above), {tmp_path.parent / 'elsewhere'}/\n"
+            in out), out
     print_summary(dict(s, best_kept=False), Config(), "cpu")
     out = capsys.readouterr().out
     assert "best/," not in out and "export/" not in out, out

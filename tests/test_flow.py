@@ -22,6 +22,7 @@ from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.models import flow
+from lowmem_alignprop.models.sampling import enable_block_checkpointing
 
 RES = FLOW_RESOLUTION
 MSL = 16  # max_sequence_length: the tiny tokenizers' length
@@ -153,7 +154,7 @@ def test_block_checkpointing_gives_the_same_gradient(model_dirs):
             p.add_(0.05 * torch.randn(p.shape, dtype=p.dtype))
     emb, lat, ids, gs, steps = _setup(pipe, "flux_dev")
     _, ref = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, 2, manual=True)
-    flow.enable_block_checkpointing(pipe.transformer)
+    enable_block_checkpointing(pipe.transformer)
     assert pipe.transformer.gradient_checkpointing
     _, grads = _loss_and_grads(pipe, params, emb, lat, ids, steps, gs, 2, manual=False)
     assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients with block checkpointing")
@@ -204,8 +205,8 @@ def test_k_is_drawn_once_per_rollout(model_dirs, name, monkeypatch):
     flow.add_flow_lora(pipe.transformer, rank=2, seed=0)
     emb, _, _, gs, _ = _setup(pipe, name)
     draws = []
-    real = flow.draw_k
-    monkeypatch.setattr(flow, "draw_k", lambda cfg, rng: draws.append(real(cfg, rng)) or draws[-1])
+    real = flow.draw_window
+    monkeypatch.setattr(flow, "draw_window", lambda cfg, rng: draws.append(real(cfg, rng)) or draws[-1])
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
     cfg = SimpleNamespace(truncation="uniform", k_min=1, k_max=4)
@@ -216,7 +217,7 @@ def test_k_is_drawn_once_per_rollout(model_dirs, name, monkeypatch):
             images, k = flow.sample_images(pipe.transformer, pipe.scheduler, pipe.vae, emb, cfg=cfg, rng=rng,
                                            steps=5, height=RES, width=RES, guidance_scale=gs,
                                            generator=torch.Generator().manual_seed(seed))
-            assert draws[-1] == k and len(draws) == seed + 1  # one draw per rollout
+            assert draws[-1].k == k and len(draws) == seed + 1  # one draw per rollout
             assert calls == [False] * (5 - k) + [True] * k  # and that one K is the window throughout
             assert images.shape == (2, 3, RES, RES) and images.requires_grad
     finally:

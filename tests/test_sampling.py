@@ -289,6 +289,11 @@ def test_per_step_draws_each_step_alone_and_the_planner_counts_their_mean():
         assert abs(h / n - p) <= 5 * (p * (1 - p) / n) ** 0.5 + 1e-12, (d, h / n, p)
     assert mean_k(cfg) == pytest.approx(sum(expect), rel=1e-12)
     assert abs(calls / n - mean_k(cfg)) <= 5 * (8 / 4 / n) ** 0.5  # a sum of 8 coin flips: variance <= 8/4
+    # k_min=0: a draw with no step of gradient (at U{0..1} half of them: only the last step can, with chance 1/2)
+    # trained nothing and stopped the run, the same again on resume: it is drawn again instead
+    tight = Config(truncation="per_step", k_min=0, k_max=1, sample_steps=4).validate()
+    windows = [draw_window(tight, rng) for _ in range(200)]
+    assert {(w.k, w.calls) for w in windows} == {(1, 1)} and mean_k(tight) == 1.0
 
 
 def test_per_step_allows_k_min_0_and_checks_its_range():

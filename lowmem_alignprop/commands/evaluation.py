@@ -193,8 +193,10 @@ class HeldOut:
             metrics["eval_skipped"] = f"no {measure_key(self.cfg)} (best_by={self.cfg.best_by})"
         if metrics.get("eval_skipped"):
             if is_main:
-                log.warning("step %d: evaluation skipped: %s (not counted for best/ or the early stop); check the "
-                            "reward %r", step, metrics["eval_skipped"], self.cfg.reward)
+                log.warning("step %d: evaluation skipped: %s (not counted for best/ or the early stop); check %s",
+                            step, metrics["eval_skipped"], "the held-out prompts (the toy world's grammar)"
+                            if self.cfg.best_by == "fidelity" and metrics.get("eval_reward") is not None
+                            else f"the reward {self.cfg.reward!r}")
         elif self.best is None or objective > self.best:
             self.best, self.best_step, self.best_reward, self.since_best = objective, step, metrics["eval_reward"], 0
             if is_main:
@@ -211,8 +213,8 @@ class HeldOut:
         self._publish_best(self.write_lora, {"step": step, **evaluated, "eval_prompts": len(self.prompts),
                                              "seed": self.cfg.seed})
         self.best_kept = True
-        log.info("step %d: eval_reward %.4f, the best so far: its LoRA is in %s", step, metrics["eval_reward"],
-                 self.out / BEST_DIR)
+        log.info("step %d: %s %.4f, the best so far: its LoRA is in %s", step, measure_key(self.cfg),
+                 metrics[measure_key(self.cfg)], self.out / BEST_DIR)
 
     def _publish_best(self, write: Callable[[Path], object], record: dict) -> None:
         """best/ written whole (``write(folder)`` the weights, best.json ``record``) into a temporary folder, synced,
@@ -249,7 +251,8 @@ class HeldOut:
                 aside = self.out / f"{BEST_DIR}-before-step-{start + 1}-{n}"
             final.rename(aside)
             log.warning("resume: %s held the LoRA of step %s, not of the best evaluation this run continues from "
-                        "(%s): moved to %s", final, _best_step(aside), self.best_step or "none yet", aside)
+                        "(%s): moved to %s", final, _best_step(aside),
+                        "none yet" if self.best_step is None else self.best_step, aside)
         if self.best_step is None:
             return
         source = origin / BEST_DIR if origin is not None else None

@@ -171,24 +171,24 @@ def missing_exports(cfg, lora_dir: Path) -> list[str]:
     return [fmt for fmt in cfg.export_formats() if not any(re.fullmatch(rf"{fmt}(-\d+)?", name) for name in done)]
 
 
-def export_at_end(cfg, lora_dir: Path) -> list[Path]:
+def export_at_end(cfg, lora_dir: Path) -> dict[str, Path | None]:
     """A finished run's ``export_format``: ``lora_dir`` exported as `lowmem-alignprop export --format F` exports it,
     into export/F/ (each folder complete or absent); ``push_to_hub`` uploads the first. A failed export or upload
-    leaves the run's files as they are and says how to redo it. Returns the export folders written."""
+    leaves the run's files as they are and says how to redo it. Returns each format's folder (None: it failed)."""
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.run import hub
 
     formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
     if not (lora_dir / LORA_WEIGHT_NAME).is_file():
-        return []
+        return {}
     older = earlier_exports(lora_dir)
     if older:  # a --resume that trained on: the exports of the LoRA it had are kept, and said to be older
         log.warning("%s: exported from this run's earlier LoRA (their README.md says at which step); %s", ", ".join(
             str(p) for p in older), "this LoRA's exports are written beside them" if formats else
             f"`lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format F` exports this one beside them")
     if not formats:
-        return []
-    pushed, written = False, []
+        return {}
+    pushed, written = False, {}
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
         command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
@@ -198,10 +198,11 @@ def export_at_end(cfg, lora_dir: Path) -> list[Path]:
             out = default_out(lora, fmt, False)
             export(lora, fmt, out, command=command)
             log.info("exported the LoRA (%s) to %s", fmt, out)
-            written.append(out)
+            written[fmt] = out
         except Exception as e:  # noqa: BLE001 (a writer's own errors too, safetensors': the run's files are complete)
             log.error("export --format %s failed (%s: %s); the LoRA is in %s: `%s` tries again", fmt,
                       type(e).__name__, first_line(e, 160), lora_dir, command)
+            written[fmt] = None
             continue
         if push:
             pushed = True

@@ -1111,8 +1111,11 @@ class Trainer:
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
                             "then --resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
-            exported = export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
-            print_summary(summary, cfg, self.profile_name, exported)  # last: the box is what the user reads
+            exported: dict = {}
+            try:
+                exported = export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
+            finally:  # last, whatever the exports did: the box is what the user reads
+                print_summary(summary, cfg, self.profile_name, exported)
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary

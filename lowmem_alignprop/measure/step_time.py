@@ -12,18 +12,21 @@ from lowmem_alignprop.measure.figures import Estimate
 from lowmem_alignprop.settings.config import Config
 
 
-def _per_step_grad(cfg: Config) -> list[float]:
+def _per_step_grad(cfg: Config) -> tuple[list[float], float]:
     """truncation=per_step: for d = 1..k_max, the chance that the step d from the end predicts with gradient (its own
-    K ~ U{k_min..k_max} is at least d)."""
+    K ~ U{k_min..k_max} is at least d); and the chance that some step does (a draw with none is drawn again:
+    sampling.draw_window), by which every expectation over the kept draws is divided."""
     lo, hi = cfg.window_bounds()
-    return [(hi - max(lo, d) + 1) / (hi - lo + 1) for d in range(1, hi + 1)]
+    p = [(hi - max(lo, d) + 1) / (hi - lo + 1) for d in range(1, hi + 1)]
+    return p, 1 - math.prod(1 - q for q in p)
 
 
 def mean_k(cfg: Config) -> float:
     """The denoiser calls with gradient a rollout makes on average: fixed K, the middle of [k_min, k_max], or
-    (per_step) the sum of each step's chance."""
+    (per_step) the sum of each step's chance, over the draws kept."""
     if cfg.truncation == "per_step":
-        return sum(_per_step_grad(cfg))
+        p, some = _per_step_grad(cfg)
+        return sum(p) / some
     lo, hi = cfg.window_bounds()
     return (lo + hi) / 2
 
@@ -33,11 +36,11 @@ def _window_counts(cfg: Config) -> tuple[float, float, float, float]:
     kept, further checkpointed steps, further kept steps (window_keep keeps the steps at most window_keep from the
     end)."""
     if cfg.truncation == "per_step":  # the window's first step: the farthest from the end with gradient
-        p = _per_step_grad(cfg)
+        p, some = _per_step_grad(cfg)
         first = [p[i] * math.prod(1 - q for q in p[i + 1:]) for i in range(len(p))]  # p[i]: the step i + 1 from the end
         wk = cfg.window_keep
         first_ckpt, first_kept = sum(first[wk:]), sum(first[:wk])
-        return first_ckpt, first_kept, sum(p[wk:]) - first_ckpt, sum(p[:wk]) - first_kept
+        return tuple(n / some for n in (first_ckpt, first_kept, sum(p[wk:]) - first_ckpt, sum(p[:wk]) - first_kept))
     lo, hi = cfg.window_bounds()
     totals = [0.0] * 4
     for k in range(lo, hi + 1):

@@ -14,9 +14,12 @@ one transformer call, as the pipeline does, when ``guidance_scale > 1``); FLUX.1
 input of the transformer (its guidance embedding; one call, no negative prompt); FLUX.1-schnell has no guidance
 input at all and samples in a few steps (its scheduler has a fixed shift of 1).
 
-Truncation is the UNet rollout's own code (:func:`lowmem_alignprop.models.sampling.truncated_chain`): K is drawn
-once per rollout (:func:`draw_k`), the first T-K steps run without autograd, the latent entering the window is
-detached, and each transformer call in the window is one gradient checkpoint.
+Truncation is the UNet rollout's own code (:func:`lowmem_alignprop.models.sampling.truncated_chain`): the window
+is drawn per rollout (:func:`~lowmem_alignprop.models.sampling.draw_window`: K once, or with truncation=per_step a K
+per step), the steps before it run without autograd, the latent entering it is detached, and each transformer call
+with gradient in it is one gradient checkpoint. Block checkpointing is the UNet's too
+(:func:`lowmem_alignprop.models.sampling.enable_block_checkpointing`: a recompute of the base model's call for the
+KL term runs with the adapters off).
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import numpy as np
 import torch
 
 from lowmem_alignprop.memory.precision import compute_dtype
-from lowmem_alignprop.memory.recompute import checkpoint, module_checkpoint
+from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, draw_k, truncated_chain, vae_scale_factor,
-                                             with_repeated_embeds)
+from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, draw_window, truncated_chain,
+                                             vae_scale_factor, with_repeated_embeds)
 
 __all__ = ["FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
-           "draw_k", "enable_block_checkpointing", "encode_prompts", "family_of", "guided_velocity",
+           "draw_window", "encode_prompts", "family_of", "guided_velocity",
            "image_seq_len", "initial_latents", "last_step_draws", "latent_image_ids", "latent_size", "pack",
            "rollout", "sample_images", "save_flow_lora", "set_flow_timesteps", "unpack"]
 
@@ -359,21 +362,16 @@ def decode(vae, latents: torch.Tensor, *, height: int | None = None, width: int 
 def sample_images(transformer, scheduler, vae, emb: FlowEmbeds, *, cfg, rng: random.Random, steps: int,
                   height: int, width: int, guidance_scale: float, generator: torch.Generator, device=None,
                   stage=None, grad_transformer=None, checkpoint_calls: bool = True) -> tuple[torch.Tensor, int]:
-    """One AlignProp rollout for a batch: K drawn once (``draw_k(cfg, rng)``), noise, the schedule, the
-    truncated rollout and the decode. Returns the images ([B, 3, H, W] in [0, 1]) and K."""
-    k = draw_k(cfg, rng)
+    """One AlignProp rollout for a batch: its gradient window drawn (``draw_window(cfg, rng)``), noise, the schedule,
+    the truncated rollout and the decode. Returns the images ([B, 3, H, W] in [0, 1]) and the calls with gradient."""
+    window = draw_window(cfg, rng)
     latents, ids = initial_latents(transformer, vae, emb.cond.shape[0], height, width, generator, device)
     lh, lw = latent_size(vae, height, width, family_of(transformer))
     set_flow_timesteps(scheduler, transformer, steps, lh, lw, device)
-    latents = rollout(transformer, scheduler, latents, emb, k=k, guidance_scale=guidance_scale, img_ids=ids,
-                      stage=stage, grad_transformer=grad_transformer, checkpoint_calls=checkpoint_calls)
-    return decode(vae, latents, height=height, width=width), k
-
-
-def enable_block_checkpointing(transformer) -> None:
-    """Checkpoint every transformer block (diffusers' own): inside a window step only the blocks' inputs are
-    kept while the step's checkpoint recomputes it."""
-    _bare(transformer).enable_gradient_checkpointing(module_checkpoint)
+    latents = rollout(transformer, scheduler, latents, emb, k=window.k, guidance_scale=guidance_scale, img_ids=ids,
+                      stage=stage, grad_transformer=grad_transformer, checkpoint_calls=checkpoint_calls,
+                      detached=window.detached)
+    return decode(vae, latents, height=height, width=width), window.calls
 
 
 # --------------------------------------------------------------------------------------------------

@@ -103,15 +103,18 @@ class Window:
 def draw_window(cfg, rng: random.Random) -> Window:
     """The gradient window of one rollout. fixed / uniform: the contiguous last K steps, K drawn once. per_step
     (the official AlignProp code's and TRL's rule): every step draws its own K ~ U{k_min..k_max} and predicts with
-    gradient when it is among the last K steps; the window runs from the first such step to the end."""
+    gradient when it is among the last K steps; the window runs from the first such step to the end. A draw with no
+    such step (k_min=0 only: 1e-21 at U{0..50}, 4% at U{0..4}) is drawn again: a rollout without a graph would train
+    nothing (the official loop's backward fails on it), and under a launcher the other processes would wait in
+    backward for this one."""
     if cfg.truncation != "per_step":
         return Window(draw_k(cfg, rng))
     steps = cfg.sample_steps
-    grad = [steps - i <= rng.randint(cfg.k_min, cfg.k_max) for i in range(steps)]  # step i is steps - i from the end
-    if not any(grad):
-        return Window(0)
-    first = grad.index(True)
-    return Window(steps - first, frozenset(i - first for i in range(first, steps) if not grad[i]))
+    while True:
+        grad = [steps - i <= rng.randint(cfg.k_min, cfg.k_max) for i in range(steps)]  # step i: steps - i from the end
+        if any(grad):
+            first = grad.index(True)
+            return Window(steps - first, frozenset(i - first for i in range(first, steps) if not grad[i]))
 
 
 def make_pipeline(comps):

@@ -90,22 +90,23 @@ def sort_safetensors_metadata(path: Path) -> None:
     process: the same tensors and metadata (a LoRA's peft config beside ``format``) gave other bytes, and a reproduced
     run's sha256 differed. The header is rewritten in place (a file not yet renamed into place) with the metadata's
     keys sorted, when that fits its length (the same keys and values in compact JSON: it does); else it is left."""
-    with open(path, "r+b") as fh:
+    with open(path, "rb") as fh:  # read first: a file already in order (or read-only, a copy) is left alone
         size = int.from_bytes(fh.read(8), "little")
         if not 0 < size <= 100_000_000:  # (safetensors' own header limit)
             return
         raw = fh.read(size)
-        try:
-            header = json.loads(raw)
-        except ValueError:
-            return
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        if not isinstance(meta, dict) or list(meta) == sorted(meta):
-            return
-        header["__metadata__"] = dict(sorted(meta.items()))
-        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(ordered) > size:  # (an escaping other than safetensors' own)
-            return
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or list(meta) == sorted(meta):
+        return
+    header["__metadata__"] = dict(sorted(meta.items()))
+    ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(ordered) > size:  # (an escaping other than safetensors' own)
+        return
+    with open(path, "r+b") as fh:
         fh.seek(8)
         fh.write(ordered + b" " * (size - len(ordered)))  # safetensors pads its header with spaces
 

@@ -263,7 +263,8 @@ def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = No
     then no measure for this run's: best/ and the early stop's patience start over."""
     saved = state.get("config") or {}
     kept = (state.get("evaluation") or {}).get("held_out_sha")
-    return [f for f in EVAL_BASIS_FIELDS if f in saved and saved[f] != getattr(cfg, f)] + (
+    # a field the checkpoint's config predates had its default there (best_by: reward)
+    return [f for f in EVAL_BASIS_FIELDS if saved and saved.get(f, getattr(type(cfg), f)) != getattr(cfg, f)] + (
         ["held-out prompts"] if held_out_sha is not None and kept not in (None, held_out_sha) else [])
 
 
