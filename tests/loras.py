@@ -53,7 +53,7 @@ def lora_with_reference(base: Path, run: Path, model: torch.nn.Module, outputs: 
     does (``save(model, folder)``, then base_model.json), and returns the run's paths with ``outputs(model)`` of the
     base (``base_out``) and of base + LoRA (``ref``, peft in memory: the reference) and the adapted ``modules``.
     Each file adds its run's config.yaml and summary.json."""
-    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import atomic, checkpoint as ckpt
 
     base_out = outputs(model)
     add_lora(model)
@@ -63,7 +63,8 @@ def lora_with_reference(base: Path, run: Path, model: torch.nn.Module, outputs: 
             if "lora_B" in name:  # peft starts B at zero: give the LoRA an effect
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     ref = outputs(model)
-    save(model, run / "lora")
+    with atomic.replacing_dir(run / "lora") as tmp:  # as the trainer writes it (the safetensors header in order)
+        save(model, tmp)
     (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
                                                                                model)))
     assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above the " \
