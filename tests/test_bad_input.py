@@ -68,7 +68,7 @@ def _profile(tmp_path, text):
     ("yaml_alias_bomb", "uses YAML aliases (*name) that expand to more than 10000 values"),
     ("yaml_bare_no", 'mixed_precision must be text, got False (YAML reads a bare no'),
     ("yaml_huge_wrong_value", "batch_size must be a whole number, got [['xxx"),
-    ("set_choice_in_capitals", "truncation='UNIFORM' is not one of fixed, uniform: use --set truncation=uniform"),
+    ("set_choice_in_capitals", "truncation='UNIFORM' is not one of fixed, uniform, per_step: use --set truncation=uniform"),
     ("set_wrong_type", "lr must be a number, got 'fast'"),
     ("impossible_combination", "activation_offload moves checkpointed tensors"),
     ("negative_checkpoint_every", "checkpoint_every must be 0 or more"),

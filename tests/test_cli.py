@@ -166,10 +166,19 @@ def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_na
     def rank_error(argv):
         raise UserError("step 3: the reward raised")
 
-    monkeypatch.setattr("time.sleep", lambda seconds: None)  # the wait that lets rank 0 print first
+    def stopped_by_the_launcher(seconds):  # rank 0 failed alike and exited: the launcher ends this rank's wait
+        raise SystemExit(-15)
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, handler, printed in [("1", input_error, ""), ("0", input_error, "error: k=20 is larger than "
-                                   "sample_steps=10\n"), ("1", rank_error, "error: [rank 1] step 3: the reward raised\n")]:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "cmd_train", input_error)
+    monkeypatch.setattr("time.sleep", stopped_by_the_launcher)  # the wait that lets rank 0 print first
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert capsys.readouterr().err == ""  # rank 0's line only
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # (a rank still there after it: test_distributed's)
+    for rank, handler, printed in [("0", input_error, "error: k=20 is larger than sample_steps=10\n"),
+                                   ("1", rank_error, "error: [rank 1] step 3: the reward raised\n")]:
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setattr(cli, "cmd_train", handler)
         assert cli.main([]) == 2
