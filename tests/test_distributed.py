@@ -349,6 +349,7 @@ def test_a_held_out_evaluation_that_fails_on_one_process_keeps_the_trained_steps
     assert [row["step"] for row in strict_rows(out)] == [1, 2]
 
 
+@pytest.mark.slow  # a two-process launch (20-25 s of one worker): the held-out test above covers agreed_failure
 def test_a_reward_failing_its_start_up_test_on_one_process_is_one_line_each(tmp_path, tiny_dir):
     """Rank 1's reward fails the test before training (no gradient): rank 0 went on into its next collective and
     died there with a gloo traceback; now it stops with rank 1, one line each, and no folder is left."""
