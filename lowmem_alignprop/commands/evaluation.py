@@ -25,6 +25,7 @@ import torch
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import finite_or_none
+from lowmem_alignprop.run import runfolder
 from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
@@ -140,14 +141,6 @@ class WeightEMA:
         return True
 
 
-def _best_step(folder: Path) -> int | None:
-    """The step a best/ folder's best.json names (None: no readable one)."""
-    try:
-        return int(json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class HeldOut:
     """Held-out evaluation, best/ and early stop. ``sample(prompts, seed) -> (images, rewards)`` is the trainer's
     fixed-seed sampler (no gradient); ``write_lora(folder)`` writes the LoRA as it is now."""
@@ -242,7 +235,7 @@ class HeldOut:
         moves to best-before-step-N/; the best step's LoRA comes from the resumed run's best/ (a resume into a new
         folder) or from its checkpoint of that step; when neither is kept, the summary says so."""
         final = self.out / BEST_DIR
-        if final.exists() and self.best_step is not None and _best_step(final) == self.best_step:
+        if final.exists() and self.best_step is not None and runfolder.best_step(final) == self.best_step:
             return
         if final.exists():
             aside, n = self.out / f"{BEST_DIR}-before-step-{start + 1}", 1
@@ -251,12 +244,12 @@ class HeldOut:
                 aside = self.out / f"{BEST_DIR}-before-step-{start + 1}-{n}"
             final.rename(aside)
             log.warning("resume: %s held the LoRA of step %s, not of the best evaluation this run continues from "
-                        "(%s): moved to %s", final, _best_step(aside),
+                        "(%s): moved to %s", final, runfolder.best_step(aside),
                         "none yet" if self.best_step is None else self.best_step, aside)
         if self.best_step is None:
             return
         source = origin / BEST_DIR if origin is not None else None
-        if source is not None and source.resolve() != final.resolve() and _best_step(source) == self.best_step:
+        if source is not None and source.resolve() != final.resolve() and runfolder.best_step(source) == self.best_step:
             with atomic.replacing_dir(final) as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
             log.info("resume: best/ (step %d) copied from %s", self.best_step, source)

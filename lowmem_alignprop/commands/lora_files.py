@@ -195,11 +195,9 @@ def read_lora(spec: str) -> Lora:
 def _as_best(lora: Lora) -> None:
     """A run's best/ (--eval-every): the LoRA of step N, whose card, file name and grid are step N's, as a checkpoint
     of that step's are (not the finished run's steps, rewards and before/after grid)."""
-    from lowmem_alignprop.run.runfolder import METRICS, first_last_rewards, read_metrics
+    from lowmem_alignprop.run.runfolder import METRICS, best_step, first_last_rewards, read_metrics
 
-    try:
-        step = int(json.loads((lora.path / BEST_FILE).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    if (step := best_step(lora.path)) is None:
         return  # a damaged best.json: the run's figures, as before
     rows = [row for row in read_metrics(lora.run / METRICS, until=step) if "reward_mean" in row]
     lora.step = step

@@ -966,8 +966,7 @@ class Trainer:
             if cfg.log_every and step % cfg.log_every == 0:
                 self.bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
                                f"loss {row['loss']:.4f}  K={row['k']}  {prof.format_step(mem)}{left}")
-        if cfg.report_to != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        self.track(row, step)
         if self.zero_grads.step(step, done.update.grad_zero):  # the reward's gradient never reaches the LoRA
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
 
@@ -986,8 +985,12 @@ class Trainer:
             from lowmem_alignprop.commands.grid import write_metrics_line
             write_metrics_line(self.folder.metrics, row)
             log.info("step 0 (the untrained LoRA): eval_reward %s", row.get("eval_reward"))
+        self.track(row, 0)
+
+    def track(self, row: dict, step: int) -> None:
+        """A metrics line's figures to --report-to's tracker (none: nothing)."""
         if self.cfg.report_to != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=0)
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
 
     def judge_if_due(self, step: int) -> dict:
         """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line

@@ -27,6 +27,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import json_ready
+from lowmem_alignprop.run.filenames import BEST_FILE
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
@@ -268,6 +269,14 @@ def read_metrics(path: Path, until: int | None = None) -> list[dict]:
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
     atomic.write_text(path, "".join(metrics_line(r) for r in read_metrics(path, until=step)))
+
+
+def best_step(folder: Path) -> int | None:
+    """The step a best/ folder's best.json names (None: no readable one)."""
+    try:
+        return int(json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def first_last_rewards(history: list[dict], since: int = 1, prompts_since: int = 1) -> dict[str, Any]:
