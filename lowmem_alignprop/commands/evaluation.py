@@ -60,19 +60,23 @@ def improvement_measure(cfg) -> str:
 
 def schedule_note(cfg: Config) -> str | None:
     """What --eval-every and --early-stop cannot do in a run of ``cfg.steps`` steps (None: nothing): the run
-    evaluates every eval_every steps and at its last step, and an early stop needs early_stop evaluations after the
-    best one, all before the last step (a stop there is the run's end)."""
+    evaluates every eval_every steps and at its last step (and at step 0 with eval_on_start, which counts for best/
+    and the early stop), and an early stop needs early_stop evaluations after the best one, all before the last step
+    (a stop there is the run's end)."""
     every, steps, patience = cfg.eval_every, cfg.steps, cfg.early_stop
     if not every:
         return None
-    before_last = (steps - 1) // every  # the evaluations before the last step's
+    start = int(cfg.eval_on_start)  # step 0's evaluation of the untrained LoRA
+    before_last = (steps - 1) // every + start  # the evaluations before the last step's
     if patience and before_last <= patience:
         return (f"early_stop={patience} cannot stop this run: it evaluates {before_last} time(s) before its last "
-                f"step (every {every} of {steps} steps), and a stop needs {patience + 1} (the best, then {patience} "
-                f"without improving); use a smaller --early-stop or --eval-every")
+                f"step (every {every} of {steps} steps{', and step 0' if start else ''}), and a stop needs "
+                f"{patience + 1} (the best, then {patience} without improving); use a smaller --early-stop or "
+                f"--eval-every")
     if every >= steps and steps > 1:
-        return (f"--eval-every {every} with {steps} steps evaluates only at the last step: best/ is the last step's "
-                f"LoRA; use --eval-every {max(1, steps // 4)} to choose among steps")
+        chosen = "the untrained LoRA or the last step's" if start else "the last step's LoRA"
+        return (f"--eval-every {every} with {steps} steps evaluates only at the last step: best/ is {chosen}; use "
+                f"--eval-every {max(1, steps // 4)} to choose among steps")
     return None
 
 
