@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from loras import tiny_unet_with_lora
-from numerics import SAME_OPS, assert_rel_close
+from numerics import REORDERED, SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.models.loading import load_components
-from lowmem_alignprop.models.sampling import decode, draw_k, guided_eps, rollout
+from lowmem_alignprop.models.sampling import PromptEmbeds, decode, draw_k, guided_eps, rollout
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,40 @@ def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(ti
     comps = load_components(Config(model=str(model)))
     assert type(comps.scheduler).__name__ == "DDIMScheduler"
     assert comps.scheduler.config.clip_sample is False and comps.scheduler.config.set_alpha_to_one is False
+
+
+def test_a_few_step_models_trailing_timesteps_are_kept_and_one_step_is_its_x0(tiny_dir, tmp_path):
+    """SD-Turbo and SDXL-Turbo ship an Euler ancestral scheduler with timestep_spacing "trailing": DDIM keeps it, so
+    sample_steps=1 denoises from t=999 (pure noise; "leading", SD1.5's spacing, would start at t=1), and 4 steps are
+    999, 749, 499, 249. One DDIM step with eta 0 is the model's x0 prediction at t=999, moved to the last step's noise
+    level (alphas_cumprod[0], set_alpha_to_one=False): exactly, in the scheduler's own formula."""
+    import json
+    import shutil
+
+    model = tmp_path / "turbo"
+    shutil.copytree(tiny_dir, model)
+    cfg_file = model / "scheduler" / "scheduler_config.json"
+    sched = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in ("clip_sample", "set_alpha_to_one")}
+    cfg_file.write_text(json.dumps({**sched, "_class_name": "EulerAncestralDiscreteScheduler",
+                                    "timestep_spacing": "trailing"}))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers",
+                                                                             "EulerAncestralDiscreteScheduler"]}))
+    comps = load_components(Config(model=str(model)))
+    s = comps.scheduler
+    assert type(s).__name__ == "DDIMScheduler" and s.config.timestep_spacing == "trailing"
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [999, 749, 499, 249]
+    s.set_timesteps(1)
+    assert s.timesteps.tolist() == [999]
+    emb = PromptEmbeds(torch.randn(1, 16, 32), torch.randn(1, 16, 32))
+    lat = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = rollout(comps.unet, s, lat, emb, k=0, guidance_scale=1.0, eta=0.0, generator=None)
+        eps = comps.unet(lat, 999, encoder_hidden_states=emb.cond).sample
+    a, a0 = s.alphas_cumprod[999], s.alphas_cumprod[0]
+    x0 = (lat - (1 - a).sqrt() * eps) / a.sqrt()
+    assert_rel_close(got, a0.sqrt() * x0 + (1 - a0).sqrt() * eps, REORDERED, "one trailing DDIM step")
 
 
 # -- truncation=per_step: the official AlignProp code's (and TRL's) rule -------------------------------------------

@@ -550,8 +550,8 @@ class Trainer:
         cfg = self.cfg
         if not (self.sample_prompts and self.samples_here):
             return
-        log.info("sampling %d fixed-seed images before training (%d px, %d steps; --set sample_prompts=0 skips it)",
-                 len(self.sample_prompts), cfg.resolution, cfg.sample_steps)
+        log.info("sampling %d fixed-seed images before training (%d px, %d step%s; --set sample_prompts=0 skips it)",
+                 len(self.sample_prompts), cfg.resolution, cfg.sample_steps, "s" * (cfg.sample_steps != 1))
         self.before = self.render_samples()
 
     def render_samples(self):
