@@ -250,13 +250,19 @@ def _lora(folder: Path) -> dict:
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
 
-def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_path, capsys):
+def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_path, capsys, monkeypatch):
     """eval_every 1, early_stop 2: the held-out reward falls after its first evaluation, so step 1 goes to best/
-    (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8."""
+    (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8; the
+    before/after grid goes to the tracker at step 3 (it went at the planned last step, 8)."""
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import train
 
+    logged = []
+    monkeypatch.setattr(train, "log_images", lambda acc, to, grid, tag, step: logged.append((tag, step)))
     out = tmp_path / "run"
-    assert main([*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--early-stop", "2"]) == 0
+    assert main([*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--early-stop", "2",
+                 "--set", "sample_prompts=1"]) == 0
+    assert logged == [("samples/before_after", 3)]
     rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     objective = [r["eval_objective"] for r in rows]

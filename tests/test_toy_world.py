@@ -585,11 +585,16 @@ def short_toy_run(tmp_path_factory):
     return out
 
 
-def test_out_of_memory_while_judging_or_sampling_in_training_skips_them_and_the_run_goes_on(tmp_path, monkeypatch,
-                                                                                          caplog):
-    """Step 1's exact evaluators (fidelity_every) and sample grid (sample_every) run out of memory: each is skipped
-    with a warning, step 1's metrics line is written without them, step 2 has both, and the run ends as usual (the
-    evaluators' error once escaped, losing the trained step)."""
+# which call of each runs out of memory: 1 is before training, 2 and 3 steps 1 and 2, 4 after training
+@pytest.mark.parametrize("fail", [{"judge": 2, "samples": 2}, {"samples": 1, "judge": 4}, {"judge": 1, "samples": 4}],
+                         ids=["in-training", "samples-before-judge-after", "judge-before-samples-after"])
+def test_out_of_memory_while_judging_or_sampling_skips_them_and_the_run_goes_on(tmp_path, monkeypatch, caplog, fail):
+    """The exact evaluators (fidelity_every) and the sample grid (sample_every) run out of memory: each is skipped with
+    a warning and the run ends as usual, its LoRA and summary written. In training (step 1): step 1's metrics line is
+    written without them, step 2 has both (the evaluators' error once escaped, losing the trained step). Before
+    training: the grid has nothing to compare with, so none is rendered (summary.json's samples_skipped says why);
+    after training: no before/after figures (the before/after grid's once ended the run with its trained steps in the
+    checkpoint but no LoRA)."""
     import json
     import logging
 
@@ -598,30 +603,47 @@ def test_out_of_memory_while_judging_or_sampling_in_training_skips_them_and_the_
 
     calls = {"judge": 0, "samples": 0}
 
-    def once_out_of_memory(name, real):
+    def out_of_memory_at(name, real):
         def fn(self):
             calls[name] += 1
-            if calls[name] == 2:  # the first during training (the first of all is before it)
+            if calls[name] == fail[name]:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
             return real(self)
         return fn
 
-    monkeypatch.setattr(train.Trainer, "judge", once_out_of_memory("judge", train.Trainer.judge))
-    monkeypatch.setattr(train.Trainer, "render_samples", once_out_of_memory("samples", train.Trainer.render_samples))
+    monkeypatch.setattr(train.Trainer, "judge", out_of_memory_at("judge", train.Trainer.judge))
+    monkeypatch.setattr(train.Trainer, "render_samples", out_of_memory_at("samples", train.Trainer.render_samples))
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--model", "toy", "--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--set",
                      "sample_steps=2", "--set", "fidelity_images=2", "--set", "fidelity_every=1", "--set",
                      "sample_prompts=1", "--set", "sample_every=1"]) == 0
     rows = strict_rows(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert "fidelity_score" not in rows[0] and "sample_reward_mean" not in rows[0]
-    assert "fidelity_score" in rows[1] and "sample_reward_mean" in rows[1]
-    assert ("out of memory while judging the images of step 1: skipped (a smaller --set fidelity_images needs less)"
-            in caplog.text)
-    assert ("out of memory while rendering the samples of step 1: skipped (a smaller --set sample_prompts needs less)"
-            in caplog.text)
-    assert (out / "lora").is_dir() and json.loads((out / "summary.json").read_text())["steps_done"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2] and (out / "lora").is_dir() and summary["steps_done"] == 2
+    said = {name: f"out of memory while {what}: skipped (a smaller --set {field} needs less)"
+            for name, what, field in [("judge", {1: "judging the images before training",
+                                                 2: "judging the images of step 1",
+                                                 4: "judging the images after training"}[fail["judge"]],
+                                       "fidelity_images"),
+                                      ("samples", {1: "rendering the sample images before training",
+                                                   2: "rendering the samples of step 1",
+                                                   4: "rendering the sample images after training"}[fail["samples"]],
+                                       "sample_prompts")]}
+    assert said["judge"] in caplog.text and said["samples"] in caplog.text
+    assert all("fidelity_score" in r for r in rows if r["step"] + 1 != fail["judge"])
+    assert "fidelity_score" not in rows[0] if fail["judge"] == 2 else True
+    assert ("toy_world" in summary) == (fail["judge"] == 2)  # before -> after: both judged, or neither reported
+    grids = sorted(p.name for p in (out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
+    if fail["samples"] == 1:  # nothing to compare with: no grid, no sample rewards, and summary.json says why
+        assert grids == [] and not any("sample_reward_mean" in r for r in rows)
+        assert summary["samples_skipped"] == "out of memory while the before samples were rendered"
+    elif fail["samples"] == 4:
+        assert grids == ["step-000001.png", "step-000002.png"] and all("sample_reward_mean" in r for r in rows)
+        assert summary["samples_skipped"] == "out of memory while they were rendered"
+    else:
+        assert grids == ["before_after.png", "step-000002.png"] and "samples_skipped" not in summary
+        assert "sample_reward_mean" not in rows[0] and "sample_reward_mean" in rows[1]
 
 
 @pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -306,7 +307,8 @@ class Trainer:
         self.start_trackers()
         self.setup_sampling()
         self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
-        self.fidelity_before = self.judge()  # the toy world's exact evaluators, likewise
+        self.fidelity_before = self.render_or_skip(  # the toy world's exact evaluators, likewise
+            self.judge, "judging the images before training", "a smaller --set fidelity_images")
         # the ranks start their steps together: a Ctrl-C while rank 0 samples ends every rank as "interrupted" (the
         # others, already in a step, took it as a stop request and died in its collective with rank 0 gone)
         from lowmem_alignprop.run.distributed import wait_for_every_rank
@@ -552,14 +554,34 @@ class Trainer:
             return
         log.info("sampling %d fixed-seed images before training (%d px, %d step%s; --set sample_prompts=0 skips it)",
                  len(self.sample_prompts), cfg.resolution, cfg.sample_steps, "s" * (cfg.sample_steps != 1))
-        self.before = self.render_samples()
+        self.before = self.render_or_skip(self.render_samples, "rendering the sample images before training",
+                                          "a smaller --set sample_prompts")
+        if self.before is None:  # no grid during or after training either: each compares with these
+            self.samples_skipped = "out of memory while the before samples were rendered"
+
+    def nograd_chunk(self) -> int:
+        """Images per no-grad render (the sample grid, the judged images): a training micro-batch, which fits with
+        gradients, so surely without; small images JUDGE_PIXELS at a time (the toy model's 32 images at 64 px in one:
+        a few MiB, and ~40% less time per image on a CPU than chunks of 4)."""
+        return max(self.cfg.batch_size, JUDGE_PIXELS // self.cfg.resolution ** 2)
 
     def render_samples(self):
         """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after. Image n
         has its own seed (seed + SAMPLE_SEED_OFFSET + n), as `sample --seed` gives its images: each one can be
-        rendered again alone, whatever sample_prompts is."""
+        rendered again alone, whatever sample_prompts is, and the same in chunks of any size."""
         return render_fixed_seed(self.generate, self.sample_prompts, self.cfg.seed + SAMPLE_SEED_OFFSET,
-                                 per_image=True)
+                                 self.nograd_chunk(), per_image=True)
+
+    def render_or_skip(self, render: Callable, what: str, smaller: str):
+        """``render()``, or None when it runs out of memory on the device or the host: the sample grid and the judged
+        images are not worth the run (:meth:`skip_out_of_memory` says so and frees the memory)."""
+        try:
+            return render()
+        except Exception as e:
+            if not faults.is_oom(e):
+                raise
+            self.skip_out_of_memory(what, smaller)
+            return None
 
     def judge(self) -> dict | None:
         """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
@@ -568,14 +590,11 @@ class Trainer:
             return None
         from lowmem_alignprop.toy.fidelity import evaluate_batch
 
-        # no-grad chunks of JUDGE_PIXELS (the toy model's 32 images at 64 px in one: a few MiB, and ~40% less time per
-        # image on a CPU than chunks of 4), at least a training micro-batch (it fits with gradients, so surely
-        # without); image n's own seed: the same images whatever the chunk
-        chunk = max(self.cfg.batch_size, JUDGE_PIXELS // self.cfg.resolution ** 2)
         render = functools.partial(self.generate, when="while scoring the toy world's judged images",
                                    fix="fix it, or leave them out with --set fidelity_images=0")
-        images, scores = render_fixed_seed(render, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET, chunk,
-                                           per_image=True)
+        # image n's own seed: the same images whatever the chunk
+        images, scores = render_fixed_seed(render, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET,
+                                           self.nograd_chunk(), per_image=True)
         # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
         return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
                 **evaluate_batch(images, self.judge_prompts),
@@ -1002,14 +1021,12 @@ class Trainer:
             return {}
         try:
             with self.output_weights():
-                judged = self.judge() or {}
+                judged = self.render_or_skip(self.judge, f"judging the images of step {step}",
+                                             "a smaller --set fidelity_images")
         except UserError as e:  # the reward's error on the judged images: training goes on without the figures
             log.warning("%s (no fidelity figures at step %d)", e, step)
             return {}
-        except faults.OOM_ERRORS:
-            self.skip_out_of_memory(f"judging the images of step {step}", "a smaller --set fidelity_images")
-            return {}
-        return judged_figures(judged)
+        return judged_figures(judged) if judged else {}
 
     def skip_out_of_memory(self, what: str, smaller: str) -> None:
         """A rendering the run can go without (the sample grid, the toy world's evaluators) ran out of memory: the
@@ -1029,13 +1046,14 @@ class Trainer:
             return {}
         try:
             with self.output_weights():  # with ema_outputs the EMA's images, as lora/ will render
-                images, rewards = self.render_samples()
+                rendered = self.render_or_skip(self.render_samples, f"rendering the samples of step {step}",
+                                               "a smaller --set sample_prompts")
         except UserError as e:  # the reward's error on the sample images: training goes on without them
             log.warning("%s (no samples at step %d)", e, step)
             return {}
-        except faults.OOM_ERRORS:  # the samples are not worth the run: it goes on without them
-            self.skip_out_of_memory(f"rendering the samples of step {step}", "a smaller --set sample_prompts")
+        if rendered is None:
             return {}
+        images, rewards = rendered
         if self.is_main:
             grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
@@ -1155,9 +1173,13 @@ class Trainer:
         self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
         try:
             if self.before is not None:
-                after = self.render_samples()
+                after = self.render_or_skip(self.render_samples, "rendering the sample images after training",
+                                            "a smaller --set sample_prompts")
+                if after is None:  # `sample` renders them from lora/
+                    self.samples_skipped = "out of memory while they were rendered"
             if self.fidelity_before is not None:
-                self.fidelity_after = self.judge()
+                self.fidelity_after = self.render_or_skip(self.judge, "judging the images after training",
+                                                          "a smaller --set fidelity_images")
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
             self.samples_skipped = "the reward failed on them"
@@ -1185,7 +1207,7 @@ class Trainer:
                             for n, (p, b, a) in enumerate(zip(self.sample_prompts, before[1].tolist(),
                                                               after[1].tolist()))]},
                 indent=1, ensure_ascii=False))
-            log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", cfg.steps)
+            log_images(self.accelerator, cfg.report_to, grid, "samples/before_after", summary["steps_done"])
             note = nonfinite_note(torch.cat([before[1], after[1]]), "before/after sample images")
             if note:  # summary.json and the summary's line leave them out (null in before_after.json)
                 log.warning("%s: left out of summary.json; check the reward %r", note, cfg.reward)
