@@ -469,6 +469,29 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path, capsys, caplog):
     assert "continue with --resume latest" not in stderr
 
 
+def test_ctrl_c_in_the_step_that_stops_early_ends_the_run_as_the_early_stop(tmp_path, capsys, caplog):
+    """Ctrl-C inside step 2, where the held-out evaluation (lr 1e-30: the same at every step) has gone --early-stop 1
+    evaluation without improving: the run ended there, so it says so and writes the LoRA and summary without the after
+    samples, naming `sample` for them (it said "continue with --resume latest", which then refused: nothing left to
+    train, and the after samples were lost without a word)."""
+    out = tmp_path / "run"
+    (tmp_path / "eval.txt").write_text("a red circle\n")
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*FAST, "--reward", self_signal(tmp_path, out, "SIGINT"), "--output-dir", str(out), "--steps",
+                     "4", "--set", "lr=1e-30", "--eval-every", "1", "--early-stop", "1", "--set", "sample_prompts=1",
+                     "--set", f"eval_prompts={tmp_path / 'eval.txt'}", "--set", "fidelity_images=0"]) == 0
+    captured = capsys.readouterr()
+    said = captured.out + captured.err + caplog.text
+    assert "early stop at step 2: the held-out evaluation (eval_reward) has not improved for 1 evaluations" in said
+    assert "SIGINT received: saved checkpoint" in said and "that was the run's last step: writing the LoRA" in said
+    assert "continue with --resume latest" not in said
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["early_stopped_at"], summary["steps_done"], summary["interrupted"]) == (2, 2, False)
+    assert summary["samples_skipped"] == "SIGINT at the run's last step"
+    assert f"after samples skipped (SIGINT at the run's last step): lowmem-alignprop sample {out}/lora" in captured.out
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):  # step 1 done: the after samples' reward takes it

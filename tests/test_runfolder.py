@@ -164,6 +164,39 @@ def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     ckpt.check_config(state, Config(**ema), tmp_path)
     plain = {"config": Config(ema_decay=0.9, steps=4).to_dict(), "step": 2}
     ckpt.check_config(plain, Config(ema_decay=0.9, steps=4, ema_outputs=False), tmp_path)
+    # the EMA turned off (or on) is the same change of the weights evaluated (it was only warned of)
+    with pytest.raises(UserError, match=r"evaluated the EMA weights and this run would evaluate the trained ones: .* "
+                                        r"resume with --set ema_decay=0.9, or start a new run"):
+        ckpt.check_config(state, Config(**{**ema, "ema_decay": 0.0}), tmp_path)
+    trained = {"config": Config(eval_every=2, steps=4).to_dict(), "step": 2}
+    with pytest.raises(UserError, match=r"evaluated the trained weights and this run would evaluate the EMA ones: .* "
+                                        r"resume with --set ema_decay=0.0, or start a new run"):
+        ckpt.check_config(trained, Config(**ema), tmp_path)
+    ckpt.check_config(trained, Config(**ema, ema_outputs=False), tmp_path)  # an EMA kept beside: nothing evaluated
+    ckpt.check_config(state, Config(**{**ema, "ema_decay": 0.99}), tmp_path)  # another decay: still the EMA's
+
+
+def test_a_resume_whose_new_early_stop_is_already_spent_says_so_without_calling_it_a_stop(tmp_path):
+    """A run that ended at its last step 2 evaluations past its best, resumed for more steps with --early-stop 2, would
+    stop at its next evaluation: refused, as a run that stopped early is, but not said to have stopped early (it said
+    "is where the run stopped early" of a run that had no early stop)."""
+    from lowmem_alignprop.settings.config import Config
+
+    def state(early_stop):
+        return {"config": Config(eval_every=1, early_stop=early_stop, steps=6).to_dict(), "step": 6,
+                "evaluation": {"since_best": 2, "best_step": 4}}
+
+    now = Config(eval_every=1, early_stop=2, steps=12)
+    with pytest.raises(UserError) as e:
+        ckpt.check_config(state(0), now, tmp_path / "step-6")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'step-6'}'s held-out evaluation has not improved for 2 "
+                            "evaluations (the best step, 4, is in best/), already the --early-stop 2 asked for now: "
+                            "the run would stop at its next evaluation; to train on, resume with --early-stop above "
+                            "2, or --set early_stop=0")
+    with pytest.raises(UserError, match=r"is where the run stopped early \(its held-out evaluation had not improved "
+                                        r"for 2 evaluations; the best step, 4, is in best/\): nothing left to train"):
+        ckpt.check_config(state(2), now, tmp_path / "step-6")
+    ckpt.check_config(state(0), Config(eval_every=1, early_stop=3, steps=12), tmp_path / "step-6")
 
 
 def test_the_docs_list_every_field_a_resume_changes_freely_and_every_one_it_keeps():

@@ -1071,18 +1071,17 @@ class Trainer:
         if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return False
         path = self.save_checkpoint(step)
-        if early and not stopping and step < cfg.steps:
-            if self.is_main:
-                where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
-                self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) "
-                               f"has not improved for {cfg.early_stop} evaluations; the best step "
-                               f"({self.held_out.best_step}) {where}")
-            return True
+        early = early and step < cfg.steps  # (at the last step the run ends anyway)
+        if early and self.is_main:  # also with a stop request at this step: the run ended here, said so
+            where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
+            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) "
+                           f"has not improved for {cfg.early_stop} evaluations; the best step "
+                           f"({self.held_out.best_step}) {where}")
         if stopping and self.is_main:  # every rank saved it together: rank 0 says so
             self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
-                "that was the last step: writing the LoRA (no after samples)" if step == cfg.steps
+                "that was the run's last step: writing the LoRA (no after samples)" if step == cfg.steps or early
                 else "continue with --resume latest"))
-        return stopping
+        return stopping or early
 
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
@@ -1167,7 +1166,10 @@ class Trainer:
                                 for k, v in self.family.lora_state_dict(final).items()}, final)
 
     def sample_after(self):
-        if self.stop.name is not None:
+        if self.stop.name is not None:  # a stop request: the LoRA at once
+            ended = self.step >= self.cfg.steps or (self.held_out is not None and self.held_out.exhausted)
+            if ended and (self.before is not None or self.fidelity_before is not None):  # (else resumed, they come)
+                self.samples_skipped = f"{self.stop.name} at the run's last step"  # `sample` renders them from lora/
             return None
         after = None
         self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written

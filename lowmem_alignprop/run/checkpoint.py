@@ -304,16 +304,23 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         f"train; raise --steps above {state['step']} to continue")
     since = stopped_early(state, cfg)
     if since and not finished:  # each resume would train one step and stop again
-        raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
-                        f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
-                        f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
-                        "--set early_stop=0")
-    if (saved.get("eval_every") and cfg.eval_every and saved.get("ema_decay") and cfg.ema_decay
-            and saved.get("ema_outputs", True) != cfg.ema_outputs):  # best/ would compare two kinds of weights
-        theirs = "true" if saved.get("ema_outputs", True) else "false"
-        raise UserError(f"checkpoint {path} evaluated the {'EMA' if theirs == 'true' else 'trained'} weights and this "
-                        f"run would evaluate the {'EMA' if cfg.ema_outputs else 'trained'} ones: best/ so far was "
-                        f"chosen on the former; resume with --set ema_outputs={theirs}, or start a new run")
+        best = f"the best step, {state['evaluation'].get('best_step')}, is in best/"
+        how = f"to train on, resume with --early-stop above {since}, or --set early_stop=0"
+        if saved.get("early_stop") and since >= saved["early_stop"]:
+            raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not "
+                            f"improved for {since} evaluations; {best}): nothing left to train; {how}")
+        raise UserError(f"checkpoint {path}'s held-out evaluation has not improved for {since} evaluations ({best}), "
+                        f"already the --early-stop {cfg.early_stop} asked for now: the run would stop at its next "
+                        f"evaluation; {how}")
+    ours = cfg.to_dict()
+    if saved.get("eval_every") and cfg.eval_every and outputs_are_ema(saved) != outputs_are_ema(ours):
+        # best/ would compare two kinds of weights: the EMA's (ema_decay with ema_outputs) and the trained ones
+        fix = next(f"--set {n}={str(saved.get(n, True)).lower()}" for n in ("ema_decay", "ema_outputs")
+                   if bool(saved.get(n, True)) != bool(ours[n]))
+        kind = {True: "EMA", False: "trained"}
+        raise UserError(f"checkpoint {path} evaluated the {kind[outputs_are_ema(saved)]} weights and this run would "
+                        f"evaluate the {kind[outputs_are_ema(ours)]} ones: best/ so far was chosen on the former; "
+                        f"resume with {fix}, or start a new run")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"  # (the loaded
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]  # weights' fingerprint judges another model)
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
