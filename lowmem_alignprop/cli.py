@@ -75,6 +75,19 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """train's and plan's arguments, with the flags of a run's config fields that have no FLAG_FIELDS entry (plan
+    takes a training command's as they are), passed on as --set."""
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
+    p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
+                   "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
+    args = p.parse_args(argv)
+    for flag in ("checkpoint_every", "sample_every"):
+        if getattr(args, flag) is not None:
+            args.set.append(f"{flag}={getattr(args, flag)}")
+    return args
+
+
 def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None,
                      training: bool = True) -> tuple[str, object]:
     """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the work."""
@@ -105,26 +118,19 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", metavar="latest|DIR", help="continue a run, with the settings it was started with "
                    "(flags given now change them), from the latest checkpoint in --output-dir, or from a checkpoint "
                    "directory (in that run's folder unless --output-dir says otherwise)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--auto-fit", action="store_true", help="on a CUDA card, train the fastest configuration that "
                    "fits (plan --fastest for the card and budget, searched on fake tensors before the first step); on "
                    "out-of-memory, step down automatically (smaller micro-batch, more checkpointing, offload) and "
                    "continue")
-    p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
-                   "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
     p.add_argument("--push-to-hub", metavar="REPO", help="at the end, upload the LoRA's export with its model card to "
                    "this hub repository (owner/name); checked before training starts")
     p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
                    "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one")
-    args = p.parse_args(argv)
-    if args.sample_every is not None:
-        args.set.append(f"sample_every={args.sample_every}")
+    args = parse_run_args(p, argv)
     if args.push_to_hub is not None:
         args.set.append(f"push_to_hub={args.push_to_hub}")
     if args.init_lora is not None:
         args.set.append(f"init_lora={args.init_lora}")
-    if args.checkpoint_every is not None:
-        args.set.append(f"checkpoint_every={args.checkpoint_every}")
     if args.auto_fit:
         args.set.append("auto_fit=true")
     from lowmem_alignprop.run.runfolder import RunFolder  # here, not at the top: --help need not import torch
@@ -268,7 +274,7 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--no-cache", action="store_true", help="estimate afresh, neither reading nor writing the "
                    "estimate cache (estimates of a configuration planned before are read from it; the cache "
                    "knows the package's code, the libraries and the model's files: docs/design.md section 4)")
-    args = p.parse_args(argv)
+    args = parse_run_args(p, argv)
     if args.no_cache:  # an environment variable, so that --fastest's worker processes see it too
         from lowmem_alignprop.measure.estimate_cache import CACHE_ENV
         os.environ[CACHE_ENV] = "off"

@@ -546,6 +546,9 @@ def test_plan_json_carries_its_provenance(shared_plans, tiny_dir, capsys):
     assert set(r["versions"]) == {"python", *planner.PLAN_LIBRARIES}
     assert r["versions"]["torch"] == importlib.metadata.version("torch")
     assert r["kind"] == "plan" and r["target"] == "cpu" and r["peak_needed"] > 0 and r["time"]["k_mean"] >= 1
+    # a training command's own flags plan as they are (--sample-every was "unrecognized arguments"): the same estimate
+    assert main([*args, "--sample-every", "2", "--checkpoint-every", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_needed"] == r["peak_needed"]
 
 
 def test_a_full_unet_plan_is_labelled_as_such(tiny_dir, capsys):
