@@ -127,18 +127,25 @@ def test_the_end_of_run_line_names_the_cuda_allocator_mode(tmp_path, capsys):
 
 
 def test_the_end_of_run_box_names_best_and_the_exports(tmp_path, capsys):
-    """The box's `wrote:` lines name best/ when it holds the best step's LoRA, and export_format's folders."""
+    """The box's `wrote:` lines name best/ when it holds the best step's LoRA, and export_format's folders; then where
+    push_to_hub uploaded, or that it failed (it was one error line in the log, the box silent)."""
+    from lowmem_alignprop.commands.lora_export import Exported
     from lowmem_alignprop.settings.config import Config
     from lowmem_alignprop.commands.run_summary import print_summary
 
     s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cpu", "seconds_per_step": 3.1, "peak_memory_gb": 1.0,
          "attention": "sdpa", "output_dir": str(tmp_path), "best_step": 4, "best_eval_reward": 0.7}
-    print_summary(s, Config(), "cpu", {"kohya": tmp_path / "export" / "kohya", "peft": None,
-                                       "diffusers": tmp_path.parent / "elsewhere"})
+    folders = {"kohya": tmp_path / "export" / "kohya", "peft": None, "diffusers": tmp_path.parent / "elsewhere"}
+    print_summary(s, Config(), "cpu", Exported(folders, repo="you/lora", url="https://huggingface.co/you/lora"))
     out = capsys.readouterr().out
     assert " wrote: " in out and "best/, metrics.jsonl" in out, out
     assert (f"        export/kohya/, export --format peft FAILED (its line above), {tmp_path.parent / 'elsewhere'}/\n"
-            in out), out
+            " pushed to https://huggingface.co/you/lora\n" in out), out
+    failed = Exported(folders, repo="you/lora", push_failed="--push-to-hub you/lora failed (503)")
+    assert failed.record()["pushed_to_hub"] == {"repo": "you/lora", "url": None,
+                                                "failed": "--push-to-hub you/lora failed (503)"}
+    print_summary(s, Config(), "cpu", failed)
+    assert " push to you/lora FAILED (its line above; summary.json's pushed_to_hub)\n" in capsys.readouterr().out
     print_summary(dict(s, best_kept=False), Config(), "cpu")
     out = capsys.readouterr().out
     assert "best/," not in out and "export/" not in out, out

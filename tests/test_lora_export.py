@@ -400,6 +400,8 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
     assert calls[0] == ("create", "you/lora", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"
     assert calls[1][1]["folder_path"] == str(out)
+    card = (out / "README.md").read_text()  # its code loads from the repository (it said THIS_FOLDER)
+    assert 'load_lora_weights("you/lora", weight_name=' in card and "THIS_FOLDER" not in card
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -295,6 +295,7 @@ def test_tensorboard_event_file_holds_the_sampled_steps_images(full_run):
 
 
 def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
+    import json
     import shlex
 
     from safetensors.torch import load_file
@@ -307,6 +308,8 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     assert len(kohya) == 1 and (full_run / "export" / "peft" / "adapter_model.safetensors").is_file()
     card = (full_run / "export" / "kohya" / "README.md").read_text()
     assert recorded[0] in card  # the model card's command is the real one
+    assert '"you/alignprop"' in card and "THIS_FOLDER" not in card  # pushed: its code loads from the repository
+    assert "THIS_FOLDER" in (full_run / "export" / "peft" / "README.md").read_text()  # not pushed: the reader's copy
     # the same files as the export command writes from lora/
     assert main(["export", "--lora", str(full_run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
     again = load_file(str(next((tmp_path / "k").glob("*.safetensors"))))
@@ -316,6 +319,10 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     # --push-to-hub: checked before training, the first export (its model card with it) uploaded at the end
     assert HUB_CALLS == [("check", "you/alignprop"), ("create", "you/alignprop"),
                          ("upload", "you/alignprop", str(full_run / "export" / "kohya"))]
+    summary = json.loads((full_run / "summary.json").read_text())  # what a script reads: exports and the upload
+    assert summary["exports"] == {"kohya": str(full_run / "export" / "kohya"), "peft": str(full_run / "export" / "peft")}
+    assert summary["pushed_to_hub"] == {"repo": "you/alignprop", "url": "https://huggingface.co/you/alignprop",
+                                        "failed": None}
 
 
 def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path, caplog, capsys):

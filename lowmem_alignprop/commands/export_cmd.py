@@ -72,7 +72,7 @@ def export_main(argv: list[str]) -> int:
     out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge, args.single_file)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
     files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
-                      dtype=args.dtype, command=command, single_file=args.single_file)
+                      dtype=args.dtype, command=command, single_file=args.single_file, hub_repo=args.push_to_hub)
     log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else args.format, out,
              ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:

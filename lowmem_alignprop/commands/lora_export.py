@@ -37,6 +37,7 @@ import math
 import re
 import shlex
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -103,11 +104,12 @@ def default_out(lora: Lora, fmt: str, merge: bool, single_file: bool = False) ->
 
 
 def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: float | None = None,
-           model: str | None = None, dtype: str | None = None, command: str = "", single_file: bool = False
-           ) -> list[Path]:
+           model: str | None = None, dtype: str | None = None, command: str = "", single_file: bool = False,
+           hub_repo: str | None = None) -> list[Path]:
     """Write one export into ``out`` (a new folder), model card included; returns the files written. A merged
     model is fused in fp32 and saved in ``dtype`` (default fp32): a diffusers folder, or with ``single_file`` one
-    ``.safetensors`` in the original LDM layout."""
+    ``.safetensors`` in the original LDM layout. ``hub_repo``: the repository it is to be pushed to, which the model
+    card's code then loads from."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
     at = 1.0 if weight is None else weight  # the LoRA's weight in a merged model
@@ -142,7 +144,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             grid = GRID_NAME if lora.step is None else source.name
             shutil.copy2(source, tmp / grid)
         (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command,
-                                                merged_weight=at if merge else None, grid=grid, merged_into=into),
+                                                merged_weight=at if merge else None, grid=grid, merged_into=into,
+                                                home=hub_repo),
                                      encoding="utf-8")
     return sorted(out.rglob("*"))
 
@@ -171,24 +174,40 @@ def missing_exports(cfg, lora_dir: Path) -> list[str]:
     return [fmt for fmt in cfg.export_formats() if not any(re.fullmatch(rf"{fmt}(-\d+)?", name) for name in done)]
 
 
-def export_at_end(cfg, lora_dir: Path) -> dict[str, Path | None]:
+@dataclass
+class Exported:
+    """What :func:`export_at_end` wrote: each format's folder (None: it failed) and the upload's outcome."""
+    folders: dict[str, Path | None] = field(default_factory=dict)
+    repo: str | None = None  # push_to_hub's repository, when an export was there to upload
+    url: str | None = None  # the repository's URL once uploaded
+    push_failed: str | None = None  # why the upload failed (the export is complete in its folder)
+
+    def record(self) -> dict:
+        """For summary.json."""
+        return {"exports": {fmt: None if p is None else str(p) for fmt, p in self.folders.items()},
+                **({"pushed_to_hub": {"repo": self.repo, "url": self.url, "failed": self.push_failed}}
+                   if self.repo else {})}
+
+
+def export_at_end(cfg, lora_dir: Path) -> Exported:
     """A finished run's ``export_format``: ``lora_dir`` exported as `lowmem-alignprop export --format F` exports it,
     into export/F/ (each folder complete or absent); ``push_to_hub`` uploads the first. A failed export or upload
-    leaves the run's files as they are and says how to redo it. Returns each format's folder (None: it failed)."""
+    leaves the run's files as they are and says how to redo it."""
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.run import hub
 
     formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
     if not (lora_dir / LORA_WEIGHT_NAME).is_file():
-        return {}
+        return Exported()
     older = earlier_exports(lora_dir)
     if older:  # a --resume that trained on: the exports of the LoRA it had are kept, and said to be older
         log.warning("%s: exported from this run's earlier LoRA (their README.md says at which step); %s", ", ".join(
             str(p) for p in older), "this LoRA's exports are written beside them" if formats else
             f"`lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format F` exports this one beside them")
     if not formats:
-        return {}
-    pushed, written = False, {}
+        return Exported()
+    pushed, done = False, Exported()
+    written = done.folders
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
         command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
@@ -196,7 +215,7 @@ def export_at_end(cfg, lora_dir: Path) -> dict[str, Path | None]:
         try:
             lora = read_lora(str(lora_dir))
             out = default_out(lora, fmt, False)
-            export(lora, fmt, out, command=command)
+            export(lora, fmt, out, command=command, hub_repo=cfg.push_to_hub if push else None)
             log.info("exported the LoRA (%s) to %s", fmt, out)
             written[fmt] = out
         except Exception as e:  # noqa: BLE001 (a writer's own errors too, safetensors': the run's files are complete)
@@ -205,9 +224,11 @@ def export_at_end(cfg, lora_dir: Path) -> dict[str, Path | None]:
             written[fmt] = None
             continue
         if push:
-            pushed = True
+            pushed, done.repo = True, cfg.push_to_hub
             try:
-                log.info("pushed %s to %s", out, hub.push_to_hub(out, cfg.push_to_hub))
+                done.url = hub.push_to_hub(out, cfg.push_to_hub)
+                log.info("pushed %s to %s", out, done.url)
             except UserError as e:  # the upload failed: the export is complete, the message says so
                 log.error("%s", e)
-    return written
+                done.push_failed = str(e)
+    return done

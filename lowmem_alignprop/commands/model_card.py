@@ -73,10 +73,11 @@ def training_command(lora: Lora) -> str | None:
 
 
 def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
-               grid: str | None = None, merged_into: str | None = None) -> str:
+               grid: str | None = None, merged_into: str | None = None, home: str | None = None) -> str:
     """README.md in the hub's model-card format (front matter: base_model, tags, library_name; license left
     to the user) with the run's numbers and the commands that made it. ``merged_into``: a merge's model (the LoRA's
-    base, or the --model given)."""
+    base, or the --model given); ``home``: the hub repository the folder is pushed to, which its code loads from
+    (else THIS_FOLDER, the reader's copy)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     info = run_info(lora)
@@ -127,7 +128,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if grid:
         what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
-    lines += ["", "## Use", ""] + _usage(fmt, files, base, merged_weight, lora.family)
+    usage = _usage(fmt, files, base, merged_weight, lora.family)
+    lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
     if train_cmd:

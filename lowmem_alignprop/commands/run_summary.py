@@ -80,9 +80,9 @@ def window_note(s: dict) -> str:
     return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
 
 
-def print_summary(s: dict, cfg: Config, profile_name: str, exported: dict | None = None) -> None:
-    """The end-of-run box: what the run did and every output it wrote (``exported``: export_format's folder of each
-    format, None for one that failed)."""
+def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> None:
+    """The end-of-run box: what the run did and every output it wrote (``exported``: lora_export.Exported, what
+    export_format and push_to_hub did)."""
     change = s["reward_last"] - s["reward_first"]
     done = s.get("steps_done") or cfg.steps
     skipped = len(s.get("skipped_steps") or [])
@@ -140,11 +140,14 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported: dict | None
         + "metrics.jsonl, summary.json,",
         "        memory_report.{json,md,png}, config.yaml, checkpoints/ (--resume latest)",
     ]
-    if exported:  # export_format's folders, each loadable where its README.md says
+    if exported is not None and exported.folders:  # export_format's folders, each loadable where its README.md says
         lines.append("        " + ", ".join(
             f"export --format {fmt} FAILED (its line above)" if p is None else
             f"{p.relative_to(s['output_dir'])}/" if p.is_relative_to(s["output_dir"]) else f"{p}/"
-            for fmt, p in exported.items()))
+            for fmt, p in exported.folders.items()))
+    if exported is not None and exported.repo:
+        lines.append(f" pushed to {exported.url}" if exported.url else
+                     f" push to {exported.repo} FAILED (its line above; summary.json's pushed_to_hub)")
     if cfg.report_to == "tensorboard":
         lines.append(f"        logs/ (tensorboard --logdir {s['output_dir']}/logs)")
     lines += ["=" * 64]

@@ -1131,9 +1131,15 @@ class Trainer:
                             f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
                             "then --resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
-            exported: dict = {}
+            exported = None
             try:
                 exported = export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
+                if exported.folders:  # what they wrote and where the upload went (or why it failed)
+                    summary.update(exported.record())
+                    try:
+                        atomic.write_text(self.out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))
+                    except OSError as e:  # (a full disk: the summary without them stays whole)
+                        log.warning("summary.json does not record the exports: %s", atomic.describe(e))
             finally:  # last, whatever the exports did: the box is what the user reads
                 print_summary(summary, cfg, self.profile_name, exported)
         acc.wait_for_everyone()
