@@ -541,8 +541,8 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
         "early_stop=4 cannot stop this run: it evaluates 4 time(s) before its last step (every 10 of 40 steps, and "
         "step 0), and a stop needs 5 (the best, then 4 without improving); use a smaller --early-stop or --eval-every")
     assert schedule_note(Config(steps=20, eval_every=50, eval_on_start=True)) == (
-        "--eval-every 50 with 20 steps evaluates only at the last step: best/ is the untrained LoRA or the last "
-        "step's; use --eval-every 5 to choose among steps")
+        "--eval-every 50 with 20 steps evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is "
+        "one of the two; use --eval-every 5 to choose among steps")
 
 
 def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path, capsys):

@@ -141,11 +141,12 @@ def test_the_end_of_run_box_names_best_and_the_exports(tmp_path, capsys):
     assert " wrote: " in out and "best/, metrics.jsonl" in out, out
     assert (f"        export/kohya/, export --format peft FAILED (its line above), {tmp_path.parent / 'elsewhere'}/\n"
             " pushed to https://huggingface.co/you/lora\n" in out), out
-    failed = Exported(folders, repo="you/lora", push_failed="--push-to-hub you/lora failed (503)")
+    failed = Exported(folders, repo="you/lora", push_failed="the upload failed: its line above")
     assert failed.record()["pushed_to_hub"] == {"repo": "you/lora", "url": None,
-                                                "failed": "--push-to-hub you/lora failed (503)"}
-    print_summary(s, Config(), "cpu", failed)
-    assert " push to you/lora FAILED (its line above; summary.json's pushed_to_hub)\n" in capsys.readouterr().out
+                                                "failed": "the upload failed: its line above"}
+    print_summary(s, Config(report_to="tensorboard"), "cpu", failed)
+    assert (f"        logs/ (tensorboard --logdir {tmp_path}/logs)\n push to you/lora FAILED (the upload failed: its "
+            "line above; summary.json's pushed_to_hub)\n") in capsys.readouterr().out
     print_summary(dict(s, best_kept=False), Config(), "cpu")
     out = capsys.readouterr().out
     assert "best/," not in out and "export/" not in out, out

@@ -547,6 +547,10 @@ def test_a_failed_export_at_the_end_of_a_run_is_one_logged_line_and_the_run_goes
     assert len(errors) == 1 and "export --format kohya failed (SafetensorLikeError: Error while serializing" in \
         errors[0] and f"lowmem-alignprop export --lora {run / 'lora'} --format kohya` tries again" in errors[0]
     assert not (run / "export" / "kohya").exists() and (run / "export" / "peft" / "adapter_model.safetensors").is_file()
+    # push_to_hub with its only export failed: nothing is uploaded, and the record says why (the box reads it)
+    done = lx.export_at_end(Config(export_format="kohya", push_to_hub="you/lora"), run / "lora")
+    assert done.folders == {"kohya": None} and done.url is None
+    assert done.record()["pushed_to_hub"] == {"repo": "you/lora", "url": None, "failed": "no export was written to upload"}
 
 
 def test_sample_of_a_kohya_or_peft_export_without_model_loads_the_base_it_was_trained_on(sd, tmp_path, capsys):

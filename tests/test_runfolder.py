@@ -176,27 +176,33 @@ def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     ckpt.check_config(state, Config(**{**ema, "ema_decay": 0.99}), tmp_path)  # another decay: still the EMA's
 
 
-def test_a_resume_whose_new_early_stop_is_already_spent_says_so_without_calling_it_a_stop(tmp_path):
-    """A run that ended at its last step 2 evaluations past its best, resumed for more steps with --early-stop 2, would
-    stop at its next evaluation: refused, as a run that stopped early is, but not said to have stopped early (it said
-    "is where the run stopped early" of a run that had no early stop)."""
+def test_a_resume_whose_new_early_stop_is_already_spent_trains_on_and_says_so(tmp_path, caplog):
+    """A run that ended at its last step 2 evaluations past its best (no early stop: none asked for, or a patience of 2
+    met at the last step), resumed for more steps with --early-stop 2: it trains on, warned that the first evaluation
+    without improvement stops it (it was refused as "where the run stopped early", which it was not). One that did
+    stop early (before its last step) is refused: each resume would train one step and stop again."""
+    import logging
+
     from lowmem_alignprop.settings.config import Config
 
-    def state(early_stop):
-        return {"config": Config(eval_every=1, early_stop=early_stop, steps=6).to_dict(), "step": 6,
-                "evaluation": {"since_best": 2, "best_step": 4}}
+    def state(early_stop, step=6):
+        return {"config": Config(eval_every=1, early_stop=early_stop, steps=6).to_dict(), "step": step,
+                "evaluation": {"since_best": 2, "best_step": step - 2}}
 
     now = Config(eval_every=1, early_stop=2, steps=12)
-    with pytest.raises(UserError) as e:
-        ckpt.check_config(state(0), now, tmp_path / "step-6")
-    assert str(e.value) == (f"checkpoint {tmp_path / 'step-6'}'s held-out evaluation has not improved for 2 "
-                            "evaluations (the best step, 4, is in best/), already the --early-stop 2 asked for now: "
-                            "the run would stop at its next evaluation; to train on, resume with --early-stop above "
-                            "2, or --set early_stop=0")
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    for ended in (state(0), state(2)):  # no early stop asked for; asked for, met at the last step
+        caplog.clear()
+        ckpt.check_config(ended, now, tmp_path / "step-6")
+        assert ckpt.run_ended(ended, now) is False
+        assert ("resume: the held-out evaluation has not improved for 2 evaluations (since step 4), already the "
+                "--early-stop 2 asked for now: the first evaluation that does not improve stops the run") in caplog.text
     with pytest.raises(UserError, match=r"is where the run stopped early \(its held-out evaluation had not improved "
-                                        r"for 2 evaluations; the best step, 4, is in best/\): nothing left to train"):
-        ckpt.check_config(state(2), now, tmp_path / "step-6")
+                                        r"for 2 evaluations; the best step, 2, is in best/\): nothing left to train"):
+        ckpt.check_config(state(2, step=4), now, tmp_path / "step-4")
+    caplog.clear()
     ckpt.check_config(state(0), Config(eval_every=1, early_stop=3, steps=12), tmp_path / "step-6")
+    assert "resume: the held-out" not in caplog.text
 
 
 def test_the_docs_list_every_field_a_resume_changes_freely_and_every_one_it_keeps():

@@ -3,6 +3,8 @@ a LoRA to start from, and any checkpoint looked at with ``sample``."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from refusals import assert_refused, strict_rows
@@ -465,7 +467,9 @@ def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_p
 def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(tmp_path):
     """evaluation.render_fixed_seed: chunk i of the prompts is sampled with seed + i and the images and rewards come
     back in prompt order; the held-out evaluation renders in batch_size chunks from seed + EVAL_SEED_OFFSET, the
-    sample grid (before, step N, after) all at once, image n with seed + SAMPLE_SEED_OFFSET + n."""
+    sample grid (before, step N, after) in chunks of a micro-batch (of JUDGE_PIXELS at small resolutions), image n with
+    seed + SAMPLE_SEED_OFFSET + n. Out of memory skips the grid, but not under ZeRO-3 with several processes, where
+    every rank renders together (one rank's skip would leave the others waiting in a collective)."""
     from lowmem_alignprop.commands import evaluation as ev
     from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
@@ -500,7 +504,22 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     calls.clear()
     first = 7 + ev.SAMPLE_SEED_OFFSET
     assert trainer.render_samples()[1].tolist() == [first, first + 1]
-    assert calls == [(PROMPTS, [first, first + 1])]
+    assert calls == [(PROMPTS, [first, first + 1])]  # 64 px: JUDGE_PIXELS' 32 images at a time
+    trainer.cfg = dataclasses.replace(cfg, resolution=512, batch_size=1)  # a micro-batch at a time
+    trainer.sample_prompts = list("abc")
+    calls.clear()
+    assert trainer.render_samples()[1].tolist() == [first, first + 1, first + 2]
+    assert calls == [(["a"], [first]), (["b"], [first + 1]), (["c"], [first + 2])]
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    trainer.place = trainer.vae = trainer.reward = None
+    trainer.skip_out_of_memory = lambda what, smaller: calls.append(("skipped", what))
+    trainer.render_together = False
+    assert trainer.render_or_skip(out_of_memory, "rendering", "less") is None and calls[-1] == ("skipped", "rendering")
+    trainer.render_together = True  # ZeRO-3, several processes
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.render_or_skip(out_of_memory, "rendering", "less")
 
 
 def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed(tmp_path, tiny_dir, capsys):

@@ -74,9 +74,10 @@ def schedule_note(cfg: Config) -> str | None:
                 f"{patience + 1} (the best, then {patience} without improving); use a smaller --early-stop or "
                 f"--eval-every")
     if every >= steps and steps > 1:
-        chosen = "the untrained LoRA or the last step's" if start else "the last step's LoRA"
-        return (f"--eval-every {every} with {steps} steps evaluates only at the last step: best/ is {chosen}; use "
-                f"--eval-every {max(1, steps // 4)} to choose among steps")
+        which = ("evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is one of the two" if start
+                 else "evaluates only at the last step: best/ is the last step's LoRA")
+        return f"--eval-every {every} with {steps} steps {which}; use --eval-every {max(1, steps // 4)} to choose " \
+               "among steps"
     return None
 
 

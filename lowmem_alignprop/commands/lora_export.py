@@ -206,7 +206,7 @@ def export_at_end(cfg, lora_dir: Path) -> Exported:
             f"`lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format F` exports this one beside them")
     if not formats:
         return Exported()
-    pushed, done = False, Exported()
+    pushed, done = False, Exported(repo=cfg.push_to_hub or None)
     written = done.folders
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
@@ -224,11 +224,13 @@ def export_at_end(cfg, lora_dir: Path) -> Exported:
             written[fmt] = None
             continue
         if push:
-            pushed, done.repo = True, cfg.push_to_hub
+            pushed = True
             try:
                 done.url = hub.push_to_hub(out, cfg.push_to_hub)
                 log.info("pushed %s to %s", out, done.url)
             except UserError as e:  # the upload failed: the export is complete, the message says so
                 log.error("%s", e)
-                done.push_failed = str(e)
+                done.push_failed = "the upload failed: its line above"
+    if done.repo and not pushed:
+        done.push_failed = "no export was written to upload"
     return done

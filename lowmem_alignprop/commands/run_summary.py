@@ -145,10 +145,10 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
             f"export --format {fmt} FAILED (its line above)" if p is None else
             f"{p.relative_to(s['output_dir'])}/" if p.is_relative_to(s["output_dir"]) else f"{p}/"
             for fmt, p in exported.folders.items()))
-    if exported is not None and exported.repo:
-        lines.append(f" pushed to {exported.url}" if exported.url else
-                     f" push to {exported.repo} FAILED (its line above; summary.json's pushed_to_hub)")
     if cfg.report_to == "tensorboard":
         lines.append(f"        logs/ (tensorboard --logdir {s['output_dir']}/logs)")
+    if exported is not None and exported.repo:
+        lines.append(f" pushed to {exported.url}" if exported.url else
+                     f" push to {exported.repo} FAILED ({exported.push_failed}; summary.json's pushed_to_hub)")
     lines += ["=" * 64]
     print("\n".join(lines), flush=True)

@@ -508,6 +508,9 @@ class Trainer:
         self.gather = gatherer(acc, self.params)  # ZeRO-3: the partitioned LoRA weights made whole for reading
         # ZeRO-3 gathers weights collectively inside every UNet call: sampling must then run on every rank
         self.samples_here = self.is_main or is_zero3(acc)
+        # ... and together: one rank's out-of-memory skip would leave the others waiting in a gather, so it stops the
+        # run as in a step (render_or_skip)
+        self.render_together = is_zero3(acc) and acc.num_processes > 1
         if cfg.ema_decay:
             self.ema = WeightEMA(self.params, cfg.ema_decay,  # names: checkpoints keep the average by name
                                  [n for n, p in self.bare_unet.named_parameters() if p.requires_grad])
@@ -574,11 +577,12 @@ class Trainer:
 
     def render_or_skip(self, render: Callable, what: str, smaller: str):
         """``render()``, or None when it runs out of memory on the device or the host: the sample grid and the judged
-        images are not worth the run (:meth:`skip_out_of_memory` says so and frees the memory)."""
+        images are not worth the run (:meth:`skip_out_of_memory` says so and frees the memory); under ZeRO-3 with
+        several processes, which render together, the error stops the run as in a step."""
         try:
             return render()
         except Exception as e:
-            if not faults.is_oom(e):
+            if not faults.is_oom(e) or self.render_together:
                 raise
             self.skip_out_of_memory(what, smaller)
             return None
@@ -1174,7 +1178,7 @@ class Trainer:
     def sample_after(self):
         if self.stop.name is not None:  # a stop request: the LoRA at once
             ended = self.step >= self.cfg.steps or (self.held_out is not None and self.held_out.exhausted)
-            if ended and (self.before is not None or self.fidelity_before is not None):  # (else resumed, they come)
+            if ended and self.before is not None and not self.samples_skipped:  # (else a resume renders them)
                 self.samples_skipped = f"{self.stop.name} at the run's last step"  # `sample` renders them from lora/
             return None
         after = None

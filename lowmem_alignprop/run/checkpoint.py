@@ -268,11 +268,18 @@ def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = No
         ["held-out prompts"] if held_out_sha is not None and kept not in (None, held_out_sha) else [])
 
 
+def evaluations_since_best(state: dict[str, Any]) -> int:
+    """How many evaluations the checkpoint's run had gone without improving on its best."""
+    return int((state.get("evaluation") or {}).get("since_best") or 0)
+
+
 def stopped_early(state: dict[str, Any], cfg) -> int:
-    """How many evaluations the checkpoint's run had gone without improving when it stopped early under this run's
-    early_stop, else 0 (it did not stop early, this run's patience is longer, or its evaluation measures otherwise)."""
-    since = int((state.get("evaluation") or {}).get("since_best") or 0)
-    return since if cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg) else 0
+    """How many evaluations the checkpoint's run had gone without improving when it stopped early (its own patience
+    spent before its last step) and this run's early_stop would stop it again; else 0 (it did not stop early, this
+    run's patience is longer, or its evaluation measures otherwise)."""
+    saved, since = state.get("config") or {}, evaluations_since_best(state)
+    stopped = bool(saved.get("early_stop")) and since >= saved["early_stop"] and int(state["step"]) < saved["steps"]
+    return since if stopped and cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg) else 0
 
 
 def run_ended(state: dict[str, Any], cfg) -> bool:
@@ -304,14 +311,16 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         f"train; raise --steps above {state['step']} to continue")
     since = stopped_early(state, cfg)
     if since and not finished:  # each resume would train one step and stop again
-        best = f"the best step, {state['evaluation'].get('best_step')}, is in best/"
-        how = f"to train on, resume with --early-stop above {since}, or --set early_stop=0"
-        if saved.get("early_stop") and since >= saved["early_stop"]:
-            raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not "
-                            f"improved for {since} evaluations; {best}): nothing left to train; {how}")
-        raise UserError(f"checkpoint {path}'s held-out evaluation has not improved for {since} evaluations ({best}), "
-                        f"already the --early-stop {cfg.early_stop} asked for now: the run would stop at its next "
-                        f"evaluation; {how}")
+        raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
+                        f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
+                        f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
+                        "--set early_stop=0")
+    since = evaluations_since_best(state)
+    if (cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg)
+            and global_rank() == 0):  # a run that ended at its last step, now with less patience than it has spent
+        log.warning("resume: the held-out evaluation has not improved for %d evaluations (since step %s), already "
+                    "the --early-stop %d asked for now: the first evaluation that does not improve stops the run",
+                    since, state["evaluation"].get("best_step"), cfg.early_stop)
     ours = cfg.to_dict()
     if saved.get("eval_every") and cfg.eval_every and outputs_are_ema(saved) != outputs_are_ema(ours):
         # best/ would compare two kinds of weights: the EMA's (ema_decay with ema_outputs) and the trained ones
