@@ -360,6 +360,33 @@ def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path
         assert [c for c in (first, resumed) if c in card] == commands, (step, card)
 
 
+def test_an_export_of_the_same_lora_is_told_by_its_bytes_not_its_time(full_run, tmp_path, caplog):
+    """The ended run's lora/ and one export lost, resumed: lora/ is written again (new times, the same bytes) and only
+    the lost export with it; the kept one is of this LoRA (its base_model.json records the file's SHA-256). By the
+    files' times it was "exported from this run's earlier LoRA", and written again beside itself (kohya-2)."""
+    import json
+    import logging
+    import shutil
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
+    from lowmem_alignprop.run.checkpoint import file_sha256
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    recorded = json.loads((run / "export" / "kohya" / "base_model.json").read_text())[EXPORTED_FROM]
+    assert recorded == file_sha256(run / "lora" / "pytorch_lora_weights.safetensors")
+    shutil.rmtree(run / "lora")
+    shutil.rmtree(run / "export" / "peft")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--resume", "latest", "--output-dir", str(run), "--set", "push_to_hub=", "--report-to",
+                     "none"]) == 0
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "peft"]
+    assert "earlier LoRA" not in caplog.text
+
+
 def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
     import json
 

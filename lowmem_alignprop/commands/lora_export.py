@@ -49,7 +49,7 @@ from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME, MERGED_FILE
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -152,13 +152,25 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
 
 def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
     """The export folders of the run's LoRA (``lora_dir``), each with whether it was made from the LoRA there now
-    (written after it; an older one was made before a --resume trained on). Exports of a checkpoint's LoRA
-    (``F-step-N``) are of their step and not counted, nor temporary folders."""
+    (the file's SHA-256 its base_model.json records; an export from before that record: written after the LoRA): an
+    older one was made before a --resume trained on. Exports of a checkpoint's LoRA (``F-step-N``) are of their step
+    and not counted, nor temporary folders."""
+    from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
+    from lowmem_alignprop.run.checkpoint import file_sha256
+
     folder = lora_dir.parent / "export"
     if not folder.is_dir() or not (lora_dir / LORA_WEIGHT_NAME).is_file():
         return []
-    written = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime
-    return [(p, p.stat().st_mtime >= written) for p in sorted(folder.iterdir())
+    written, digest = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime, file_sha256(lora_dir / LORA_WEIGHT_NAME)
+
+    def current(p: Path) -> bool:
+        try:
+            made_from = json.loads((p / LORA_BASE_FILE).read_text(encoding="utf-8")).get(EXPORTED_FROM)
+        except (OSError, ValueError, AttributeError):  # none (a merge without a record), or damaged
+            made_from = None
+        return made_from == digest if made_from else p.stat().st_mtime >= written
+
+    return [(p, current(p)) for p in sorted(folder.iterdir())
             if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name]
 
 
@@ -170,8 +182,13 @@ def earlier_exports(lora_dir: Path) -> list[Path]:
 def missing_exports(cfg, lora_dir: Path) -> list[str]:
     """export_format's formats that have no export of the run's LoRA (``lora_dir``) in export/ (a kill cut the
     export at the end of the run short, or it was deleted): what a --resume of the ended run writes again."""
-    done = [p.name for p, current in _run_exports(lora_dir) if current]
-    return [fmt for fmt in cfg.export_formats() if not any(re.fullmatch(rf"{fmt}(-\d+)?", name) for name in done)]
+    have = current_exports(lora_dir)
+    return [fmt for fmt in cfg.export_formats() if fmt not in have]
+
+
+def current_exports(lora_dir: Path) -> dict[str, Path]:
+    """export/'s folders made from the LoRA in ``lora_dir`` now, by format (``kohya-2`` is a kohya export)."""
+    return {re.sub(r"-\d+$", "", p.name): p for p, now in _run_exports(lora_dir) if now}
 
 
 @dataclass
@@ -208,16 +225,21 @@ def export_at_end(cfg, lora_dir: Path) -> Exported:
         return Exported()
     pushed, done = False, Exported(repo=cfg.push_to_hub or None)
     written = done.folders
+    current = current_exports(lora_dir)  # (outputs written again: the exports that were kept)
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
         command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
                    + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
         try:
-            lora = read_lora(str(lora_dir))
-            out = default_out(lora, fmt, False)
-            export(lora, fmt, out, command=command, hub_repo=cfg.push_to_hub if push else None)
-            log.info("exported the LoRA (%s) to %s", fmt, out)
-            written[fmt] = out
+            kept = current.get(fmt)
+            if kept is not None:  # of this very LoRA: not written again beside itself
+                out = written[fmt] = kept
+            else:
+                lora = read_lora(str(lora_dir))
+                out = default_out(lora, fmt, False)
+                export(lora, fmt, out, command=command, hub_repo=cfg.push_to_hub if push else None)
+                log.info("exported the LoRA (%s) to %s", fmt, out)
+                written[fmt] = out
         except Exception as e:  # noqa: BLE001 (a writer's own errors too, safetensors': the run's files are complete)
             log.error("export --format %s failed (%s: %s); the LoRA is in %s: `%s` tries again", fmt,
                       type(e).__name__, first_line(e, 160), lora_dir, command)

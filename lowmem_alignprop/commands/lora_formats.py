@@ -120,16 +120,25 @@ def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
     return [folder / LORA_WEIGHT_NAME]
 
 
+EXPORTED_FROM = "lora_sha256"  # base_model.json's key, in an export of a run's lora/: the LoRA file it was made from
+
+
 def write_base_record(lora: Lora, folder: Path) -> list[Path]:
     """base_model.json beside an export's files (every format): ``sample`` of the export without --model loads the
-    model it was trained on, as for the run's lora/."""
+    model it was trained on, as for the run's lora/. An export of a folder's LoRA file (a run's lora/) also records
+    that file's SHA-256: whether it is the LoRA there now is told by content (a rewritten or copied lora/ has new
+    times but the same bytes)."""
+    from lowmem_alignprop.run.checkpoint import base_record, file_sha256
+
     if not (lora.path / LORA_BASE_FILE).is_file():
         return []
     if lora.base is not None and "image_settings" not in lora.base and lora.run_config:
-        from lowmem_alignprop.run.checkpoint import base_record  # a run from before base_model.json recorded them
-        (folder / LORA_BASE_FILE).write_text(base_record(lora.base, lora.run_config), encoding="utf-8")
+        record = json.loads(base_record(lora.base, lora.run_config))  # a run from before base_model.json recorded them
     else:
-        shutil.copy2(lora.path / LORA_BASE_FILE, folder / LORA_BASE_FILE)
+        record = dict(lora.base)  # (read_lora read it: a damaged one stopped there)
+    if (lora.path / LORA_WEIGHT_NAME).is_file():
+        record[EXPORTED_FROM] = file_sha256(lora.path / LORA_WEIGHT_NAME)
+    (folder / LORA_BASE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return [folder / LORA_BASE_FILE]
 
 

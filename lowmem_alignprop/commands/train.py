@@ -247,6 +247,7 @@ class Trainer:
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
         self.all_failed = False  # under a launcher: every process stopped this step together (not_finite)
+        self.render_together = False  # ZeRO-3 under a launcher: every rank renders the samples (setup_sampling)
 
     @property
     def out(self) -> Path:
