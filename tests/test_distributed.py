@@ -361,6 +361,29 @@ def test_a_reward_failing_its_start_up_test_on_one_process_is_one_line_each(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeypatch, tmp_path):
+    """Each rank evaluates alone and decides the early stop from its own numbers (alike on like cards): at an
+    evaluation step the ranks agree, and a rank whose own count had not run out stops with the one whose had (alone,
+    it would have left the others waiting in the next step's collectives). Between evaluations nothing is asked."""
+    import types
+
+    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run import distributed
+    from lowmem_alignprop.settings.config import Config
+
+    asked = []
+    monkeypatch.setattr(distributed, "any_rank", lambda acc, flag: asked.append(flag) or True)  # the other rank's
+    cfg = Config(steps=10, eval_every=2, early_stop=2)
+    trainer = types.SimpleNamespace(cfg=cfg, accelerator=types.SimpleNamespace(num_processes=2), is_main=False,
+                                    stop=types.SimpleNamespace(agreed=lambda acc: False, name=None),
+                                    save_checkpoint=lambda step: tmp_path / f"step-{step}",
+                                    held_out=HeldOut(cfg, ["a"], tmp_path, sample=None, write_lora=None))
+    assert Trainer.save_if_due(trainer, 3) is False and asked == []  # no evaluation at step 3
+    assert Trainer.save_if_due(trainer, 4) is True and asked == [False]  # this rank's own count: not yet
+    assert trainer.held_out.stopped_at == 4
+
+
 def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
     """Before the first step the ranks wait for rank 0's before samples at a barrier polled from Python: a Ctrl-C (the
     launcher's SIGINT) there raises the CtrlC that ends the command as "interrupted", while the barrier is still

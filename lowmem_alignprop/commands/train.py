@@ -1073,6 +1073,12 @@ class Trainer:
         cfg = self.cfg
         stopping = self.stop.agreed(self.accelerator)
         early = self.held_out is not None and self.held_out.exhausted
+        if self.held_out is not None and self.accelerator.num_processes > 1 and self.held_out.due(step):
+            from lowmem_alignprop.run.distributed import any_rank
+            # each rank decided from its own evaluation (the same numbers on like cards): they stop together, or a
+            # rank that stopped alone would leave the others waiting in the next step's collectives
+            if any_rank(self.accelerator, early) and not early:
+                self.held_out.stopped_at, early = step, True
         if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return False
         path = self.save_checkpoint(step)
