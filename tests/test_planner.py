@@ -527,6 +527,22 @@ def test_at_the_edge_of_the_budget_the_share_has_a_decimal(shared_plans, tiny_di
     assert "FITS (50% of the budget" in reports.format_plan(r)
 
 
+def test_a_prompt_longer_than_the_text_encoder_takes_plans_as_a_short_one(tiny_dir, tmp_path, capsys):
+    """diffusers' encode_prompt compares a prompt's ids cut at the encoder's length with the uncut ones (torch.equal,
+    for its "truncated" warning): on fake tensors that has no answer, and plan stopped with a traceback on any prompt
+    file holding a prompt of 77 tokens or more. Every prompt is padded to that length: the same estimate as two short
+    prompts."""
+    long, short = tmp_path / "long.txt", tmp_path / "short.txt"
+    long.write_text(" ".join(["a red circle and a blue square"] * 20) + "\nshort\n")
+    short.write_text("a cat\na dog\n")
+    peaks = []
+    for prompts in (long, short):
+        assert main(["plan", "--profile", "cpu", "--model", "tiny", "--json", "--no-suggest", "--no-cache", "--set",
+                     "resolution=16", "--prompts", str(prompts)]) == 0
+        peaks.append(json.loads(capsys.readouterr().out)["peak_needed"])
+    assert peaks[0] == peaks[1] > 0
+
+
 def test_plan_json_carries_its_provenance(shared_plans, tiny_dir, capsys):
     """plan --json says what produced it, as benchmarks/ results do (provenance.provenance): the command line as typed,
     the date, the machine that planned and the library versions; the estimate's own keys stay."""

@@ -319,6 +319,8 @@ class Counters(torch.utils._python_dispatch.TorchDispatchMode):
         self.counter, self.work, self.working = counter, work, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.equal.default:  # fake tensors hold no values to compare; the one caller in a step
+            return True  # is the pipelines' warning of a prompt cut at the encoder's length (its ids equal: none)
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.counter.count(out)
