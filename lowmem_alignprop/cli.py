@@ -6,6 +6,7 @@ Bad input prints one line naming the fix and exits with status 2; nothing is wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -401,7 +402,41 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+class ForgivingStream:
+    """stdout or stderr of a command run from the shell: a character its encoding lacks is escaped
+    (PYTHONIOENCODING=ascii met the step line's ±), and a reader that left (`... | head -1`) sends the rest to
+    nowhere; either ended a training run between two steps, its LoRA unwritten."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.gone()
+
+    def gone(self) -> None:
+        """The reader left: the stream's file descriptor now writes to the null device."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # from the shell (tests pass argv and keep their own streams)
+        sys.stdout, sys.stderr = (s if isinstance(s, ForgivingStream) else ForgivingStream(s)
+                                  for s in (sys.stdout, sys.stderr))
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "train"

@@ -305,3 +305,28 @@ def test_sigterm_ends_sample_as_ctrl_c_does_leaving_no_folder(tmp_path, tiny_dir
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_reader_that_left_or_an_ascii_terminal_does_not_end_a_command(monkeypatch):
+    """From the shell (argv None), stdout and stderr forgive: `... | head -1` ended a training run after its first
+    step line with exit 141 and no LoRA (the reader left: the rest now goes to the null device), and
+    PYTHONIOENCODING=ascii ended it on the step line's ± (now escaped)."""
+    import io
+    import os
+    import sys
+
+    from lowmem_alignprop import cli
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left
+    gone = io.TextIOWrapper(io.FileIO(write, "w"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", gone)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored after: main wraps both
+    monkeypatch.setattr(sys, "argv", ["lowmem-alignprop", "profiles"])
+    assert cli.main() == 0  # it was 141, as a program killed by SIGPIPE
+    assert isinstance(sys.stdout, cli.ForgivingStream) and sys.stdout.stream is gone
+    print("more", flush=True)  # and so on: nowhere, without an error
+    ascii_out = cli.ForgivingStream(io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+    ascii_out.write("step 1: reward 0.5 \u00b1 0.1")
+    ascii_out.flush()
+    assert ascii_out.stream.buffer.getvalue() == b"step 1: reward 0.5 \\xb1 0.1"
