@@ -492,6 +492,30 @@ def test_bad_export_input_is_one_line_and_writes_nothing(what, sd, other_base, t
     assert _tree(tmp_path, sd["run"]) == before  # nothing written, nothing changed (no export/, no temp folder)
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(sd, tmp_path, capsys, monkeypatch):
+    """--out (or --output-dir) whose name is past the file system's 255 bytes, or under a folder that refuses files:
+    one line naming the fix (they were an OSError's and a PermissionError's tracebacks from deep in the export)."""
+    import os
+    import tempfile
+
+    long = tmp_path / ("m" * 300)
+    assert main(["export", "--lora", str(sd["lora"]), "--out", str(long)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {long} has a name longer than the file system takes "
+                                               "(255 bytes a folder or file name): choose a shorter name")
+    assert main(["--profile", "cpu", "--model", "tiny", "--output-dir", str(long)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --output-dir {long} has a name longer than the file system "
+                                               "takes (255 bytes a folder or file name): choose a shorter name")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: the refusal is simulated
+    assert main(["export", "--lora", str(sd["lora"]), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'out'} is not writable (Permission denied): "
+                                               "choose a folder you can write to with --out")
+    assert os.listdir(tmp_path) == []
+
+
 def test_out_folder_that_is_not_empty_is_refused(sd, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

@@ -83,11 +83,20 @@ def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None 
         raise UserError(f"--weight {weight}: write a finite number (1 = as trained, 0 = the base model)")
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder for the export")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty: pass a new folder (nothing is overwritten)")
+def check_out(out: Path, flag: str = "--out") -> None:
+    """The export's folder: new or empty, and one this user can write (the run's export/ of a copied run, a read-only
+    folder)."""
+    from lowmem_alignprop.settings.paths import describe, kind_of
+    from lowmem_alignprop.step.inputs import check_writable
+
+    kind = kind_of(out)
+    if kind == "name too long":
+        raise UserError(f"{flag} {out} {describe(out)}: choose a shorter name")
+    if kind not in ("missing", "directory"):
+        raise UserError(f"{flag} {out} {describe(out)}: pass a folder for the export")
+    if kind == "directory" and any(out.iterdir()):
+        raise UserError(f"{flag} {out} is not empty: pass a new folder (nothing is overwritten)")
+    check_writable(out, flag)
 
 
 STEP_TAG = "-step-"  # in an export folder's name: made from a checkpoint's LoRA (kohya-step-40)

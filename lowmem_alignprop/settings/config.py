@@ -395,9 +395,9 @@ class Config:
         if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
             raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
         kind = kind_of(Path(self.output_dir).expanduser())
-        if kind in ("dangling symlink", "symlink loop", "special file"):
+        if kind in ("dangling symlink", "symlink loop", "special file", "name too long"):
             raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "
-                            "choose a folder (or fix the link)")
+                            + ("choose a shorter name" if kind == "name too long" else "choose a folder (or fix the link)"))
         if Path(self.output_dir).expanduser().resolve() == Path(Path.cwd().anchor):
             raise UserError(f"output_dir={self.output_dir} is the file system's root: name a folder for this run, "
                             "e.g. --output-dir outputs/run")

@@ -23,14 +23,16 @@ def read_user_text(path: Path) -> str:
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """'missing', 'file', 'directory', 'dangling symlink', 'symlink loop', or 'special file' (a device such as
-    /dev/null, a pipe, a socket)."""
+    """'missing', 'file', 'directory', 'dangling symlink', 'symlink loop', 'special file' (a device such as
+    /dev/null, a pipe, a socket), or 'name too long' (a name past the file system's 255 bytes)."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:  # (40 on Linux, 62 on macOS)
             return "symlink loop"
+        if e.errno == errno.ENAMETOOLONG:
+            return "name too long"
         if path.is_symlink():
             return "dangling symlink"
         try:  # a loop in a folder above it reads as ELOOP too
@@ -55,6 +57,8 @@ def describe(path: str | os.PathLike) -> str:
         return "is a symlink loop (its links point at each other)"
     if kind == "special file":
         return "is not a regular file (a device such as /dev/null, a pipe or a socket)"
+    if kind == "name too long":
+        return "has a name longer than the file system takes (255 bytes a folder or file name)"
     return {"missing": "does not exist", "file": "is a file", "directory": "is a directory"}[kind]
 
 

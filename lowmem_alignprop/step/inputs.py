@@ -45,20 +45,20 @@ def check_tracker(report_to: str) -> None:
                         f"pip install -e \".[{report_to}]\" (or pip install {needs[0]}), or leave --report-to out")
 
 
-def check_writable(out: Path) -> None:
-    """The output dir (or the nearest folder that exists above it) must accept files; nothing is left behind."""
+def check_writable(out: Path, flag: str = "--output-dir") -> None:
+    """The output folder given by ``flag`` (or the nearest folder that exists above it) must accept files; nothing is
+    left behind."""
     probe = out.expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"--output-dir {out} cannot be created: {probe} is a file, not a folder; choose another "
-                        "--output-dir")
+        raise UserError(f"{flag} {out} cannot be created: {probe} is a file, not a folder; choose another {flag}")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}): choose a folder you can write "
-                        "to with --output-dir") from None
+        raise UserError(f"{flag} {out} is not writable ({e.strerror or e}): choose a folder you can write to with "
+                        f"{flag}") from None
 
 
 def prompt_key(prompt: str) -> str:
