@@ -109,6 +109,24 @@ def test_format_step(two_steps):
     assert "measuring" not in prof.format_step(summaries[2])
 
 
+def test_time_set_aside_in_a_step_is_not_the_steps(monkeypatch):
+    """The held-out evaluation runs between a step and its metrics line, inside the profiler's bracket: the step's
+    seconds (the step line's, memory_report.json's) leave it out, as metrics.jsonl's do (they were 25.5 s beside
+    1.5 s at each evaluation step of a 300-step run)."""
+    import types
+
+    from lowmem_alignprop.measure import profiler
+
+    now = [100.0]
+    monkeypatch.setattr(profiler, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    prof = StageProfiler("cpu")
+    prof.begin_step(1)
+    now[0] += 1.5  # the step
+    prof.set_aside(24.0)  # the evaluation
+    now[0] += 24.0
+    assert prof.end_step()["seconds"] == pytest.approx(1.5)
+
+
 def test_stage_entered_twice_aggregates():
     prof = StageProfiler("cpu", detail_steps="all")
     kept = []

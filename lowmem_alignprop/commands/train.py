@@ -774,8 +774,10 @@ class Trainer:
         try:
             t0 = time.perf_counter()
             evaluated = self.evaluate_if_due(step)
-            if evaluated:  # the step line's time left counts the evaluations to come apart
-                self.time_left.evaluated(time.perf_counter() - t0)
+            if evaluated:  # the step line's time left counts the evaluations to come apart; the step's time not them
+                spent = time.perf_counter() - t0
+                self.time_left.evaluated(spent)
+                self.prof.set_aside(spent)
             row.update(evaluated)
         except BaseException as e:
             failed = e

@@ -322,6 +322,11 @@ class StageProfiler:
         self._step_rss0 = self._rss()
         self._step_t0 = time.perf_counter()
 
+    def set_aside(self, seconds: float) -> None:
+        """``seconds`` of the open step's bracket went to something else (the held-out evaluation between the step
+        and its metrics line): not the step's time."""
+        self._step_t0 += seconds
+
     def end_step(self) -> dict[str, Any]:
         """Close the step and return its summary (see the module docstring for the keys)."""
         if self._step is None:
