@@ -482,7 +482,12 @@ def _out_of_space_or_memory(e: Exception) -> UserError | None:
     tagged = getattr(e, "lowmem_file", None)  # the file an atomic write was making: where to look for free space
     failed = atomic.write_failure(e, Path(tagged).parent if tagged is not None else Path.cwd())
     if failed is not None and (atomic.is_disk_full(failed) or failed.errno == errno.EFBIG):
+        from lowmem_alignprop.models.tiny import cache_root
+
+        in_cache = Path(atomic.file_of(failed)).absolute().is_relative_to(cache_root().absolute())
         fix = ("raise the file-size limit (ulimit -f) or write elsewhere" if failed.errno == errno.EFBIG else
+               f"free space in {cache_root()} (or set LOWMEM_ALIGNPROP_CACHE to a folder on a disk with room: the "
+               "built-in models and plan estimates are kept there)" if in_cache else
                "free space (or choose another --output-dir or --out)")
         return UserError(f"{atomic.describe(failed)} (writing {atomic.file_of(failed)}): no file was half-written; "
                          f"{fix} and run the command again (a training run: --resume latest continues from its last "

@@ -330,3 +330,19 @@ def test_a_reader_that_left_or_an_ascii_terminal_does_not_end_a_command(monkeypa
     ascii_out.write("step 1: reward 0.5 \u00b1 0.1")
     ascii_out.flush()
     assert ascii_out.stream.buffer.getvalue() == b"step 1: reward 0.5 \\xb1 0.1"
+
+
+def test_a_full_disk_under_the_cache_names_the_cache_not_the_output_folder(tmp_path, monkeypatch):
+    """The package's cache (the built tiny model, plan's estimates) on a full disk: the line names it and
+    LOWMEM_ALIGNPROP_CACHE (it said to choose another --output-dir or --out, on a disk with room)."""
+    import errno
+
+    from lowmem_alignprop import cli
+
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "tiny" / "unet.safetensors"))
+    said = str(cli._out_of_space_or_memory(full))
+    assert f"free space in {tmp_path / 'cache'} (or set LOWMEM_ALIGNPROP_CACHE to a folder on a disk with room" in said
+    assert "--output-dir" not in said
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "summary.json"))
+    assert "free space (or choose another --output-dir or --out)" in str(cli._out_of_space_or_memory(elsewhere))
