@@ -155,6 +155,18 @@ def test_atomic_write_failing_at_the_rename_leaves_the_old_file_and_no_partial(n
     assert (folder / "w").read_text() == "new" and atomic.leftovers(tmp_path) == []
 
 
+def test_a_path_read_in_the_c_locale_is_written_back_as_its_bytes(tmp_path):
+    """Under LC_ALL=C with PYTHONUTF8=0, Python reads a folder named in UTF-8 ("ü") as lone surrogates: a text that
+    holds it (config.yaml's output_dir) is written with those bytes, as the file system named it (it raised
+    UnicodeEncodeError in the run's start, leaving an empty metrics.jsonl)."""
+    from lowmem_alignprop.run import atomic
+
+    name = "ü".encode().decode("ascii", "surrogateescape")  # as os.fsdecode gives it in the C locale
+    assert name == "\udcc3\udcbc"
+    atomic.write_text(tmp_path / "config.yaml", f"output_dir: /runs/{name}\n")
+    assert (tmp_path / "config.yaml").read_bytes() == "output_dir: /runs/ü\n".encode()
+
+
 def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):
     """A SIGKILL leaves the temporary folder (.partial-PID-NAME; an export's merged model is gigabytes), and the next
     write of NAME ran under another pid and left it forever. Now the next write removes those of dead processes;
