@@ -465,10 +465,21 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a program killed by SIGPIPE
     except Exception as e:  # a full disk or host memory in any command, in whichever words a library says it
+        if isinstance(e, FileNotFoundError) and _working_directory_gone():  # before the run anchored its folder
+            return _report(UserError("the working directory was deleted while the command started: run it again "
+                                     "from a folder that exists (relative paths are read from there)"))
         said = _out_of_space_or_memory(e)
         if said is None:
             raise
         return _report(said)
+
+
+def _working_directory_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _out_of_space_or_memory(e: Exception) -> UserError | None:

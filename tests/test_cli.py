@@ -346,3 +346,20 @@ def test_a_full_disk_under_the_cache_names_the_cache_not_the_output_folder(tmp_p
     assert "--output-dir" not in said
     elsewhere = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "summary.json"))
     assert "free space (or choose another --output-dir or --out)" in str(cli._out_of_space_or_memory(elsewhere))
+
+
+def test_a_working_directory_deleted_while_a_command_starts_is_one_line(tmp_path, monkeypatch, capsys):
+    """`cd DIR; lowmem-alignprop ... &` then DIR removed before the run holds its folder: one line (it was a
+    FileNotFoundError from Path.cwd(), and the error handler's own cwd() raised again inside it)."""
+    import os
+
+    from lowmem_alignprop import cli
+
+    def gone():  # (a real deleted working directory also fails torch's lazy MKL load, which ends pytest)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "getcwd", gone)
+    assert cli.main(["--profile", "cpu", "--model", "tiny", "--output-dir", "run"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: the working directory was deleted while the command started: "
+                                               "run it again from a folder that exists (relative paths are read "
+                                               "from there)")
