@@ -324,8 +324,9 @@ class StageProfiler:
 
     def set_aside(self, seconds: float) -> None:
         """``seconds`` of the open step's bracket went to something else (the held-out evaluation between the step
-        and its metrics line): not the step's time."""
-        self._step_t0 += seconds
+        and its metrics line): not the step's time. Outside a step (eval_on_start's step 0) there is nothing to do."""
+        if self._step is not None:
+            self._step_t0 += seconds
 
     def end_step(self) -> dict[str, Any]:
         """Close the step and return its summary (see the module docstring for the keys)."""
