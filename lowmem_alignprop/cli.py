@@ -384,6 +384,15 @@ def cmd_sample(argv: list[str]) -> int:
         elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
             logging.getLogger("lowmem_alignprop").info("--model %s is the model %s was trained on%s", args.model,
                                                        specs[0].named, settings)
+        for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
+            other = recorded_base(spec, model_given=True)
+            differ = sorted(k for k in (set(base[1]) | set(other[1] if other else {})) - given
+                            if other is not None and base[1].get(k) != other[1].get(k))
+            if differ:
+                logging.getLogger("lowmem_alignprop").warning(
+                    "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
+                    "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
+                    " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
     numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
     if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)

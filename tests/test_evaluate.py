@@ -6,7 +6,6 @@ them) so the file stays fast; a slow test trains a real brightness LoRA. ``sampl
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +90,7 @@ def _brightness(images):
 def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
     out, r = run
     assert r["sampler"] == {"scheduler": "DDIM", "sample_steps": 3, "guidance_scale": 7.5, "eta": 1.0,
-                            "resolution": 64}
+                            "resolution": 64, "negative_prompt": ""}
     assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]  # the first two of simple_animals
     assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
     assert r["device"] == "cpu" and r["cuda_allocator"] == "cpu"  # (expandable segments: CUDA only)
@@ -232,17 +231,29 @@ def test_half_half_mix_lies_between_the_two_adapters(mixer):
     assert ratio < 0.25, ratio
 
 
-def test_cli_weights_reach_the_adapters(tmp_path, loras):
+def test_cli_weights_reach_the_adapters(tmp_path, loras, tiny_dir, caplog):
     """a:0.5 --lora neg_a:0.5 through the CLI (a LoRA may be given without --lora): the LoRA row has the base
-    row's rewards."""
+    row's rewards. Their runs sampled with other negative prompts (base_model.json's records): the first LoRA's is
+    used, sample_results.json says which, and the other's is warned of (it was dropped without a word)."""
+    import logging
+    import shutil
+
+    mixed = {}
+    for name, settings in (("a", {}), ("neg_a", {"negative_prompt": "blurry"})):  # (--lora's come first)
+        mixed[name] = shutil.copytree(loras[name], tmp_path / name)
+        (mixed[name] / "base_model.json").write_text(json.dumps({"model": str(tiny_dir), "image_settings": settings}))
     out = tmp_path / "mix"
-    rc = main(["sample", *COMMON, f"{loras['a']}:0.5", "--lora", f"{loras['neg_a']}:0.5",
-               "--num-prompts", "2", "--output-dir", str(out)])
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        rc = main(["sample", *COMMON, f"{mixed['a']}:0.5", "--lora", f"{mixed['neg_a']}:0.5",
+                   "--num-prompts", "2", "--output-dir", str(out)])
     assert rc == 0
+    assert (f"--lora {mixed['a']}:0.5's run sampled with negative_prompt=(default): the images use the first "
+            "LoRA's settings (negative_prompt=blurry); --set KEY=VALUE chooses") in caplog.text
     r = json.loads((out / SAMPLE_RESULTS).read_text())
+    assert r["sampler"]["negative_prompt"] == "blurry"
     assert [d["weight"] for d in r["loras"]] == [0.5, 0.5]
     # each as given (the folder, not the weights file in it), absolute: kohya files and folders alike
-    assert {d["path"] for d in r["loras"]} == {str(Path(loras["a"]).absolute()), str(Path(loras["neg_a"]).absolute())}
+    assert {d["path"] for d in r["loras"]} == {str(mixed["a"].absolute()), str(mixed["neg_a"].absolute())}
     for p in r["per_prompt"]:
         assert p["lora"] == pytest.approx(p["base"], abs=1e-5)
 

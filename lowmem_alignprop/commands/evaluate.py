@@ -596,7 +596,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                     **({"eta": cfg.eta} if scheduler == "DDIM" else {}),  # flow models' Euler steps have none
-                    "resolution": cfg.resolution},
+                    "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt},
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
         "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
