@@ -470,9 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         from lowmem_alignprop.run.stop_request import exit_code
         print("interrupted", file=sys.stderr)
         return exit_code(e)
-    except BrokenPipeError:  # `... | head`: the reader left; no traceback, and none at exit when Python flushes
+    except BrokenPipeError:  # (a write to sys.stdout.buffer, which ForgivingStream does not see) the reader left:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a program killed by SIGPIPE
+        return 141  # as a program killed by SIGPIPE; no traceback, and none at exit when Python flushes
     except Exception as e:  # a full disk or host memory in any command, in whichever words a library says it
         if isinstance(e, FileNotFoundError) and _working_directory_gone():  # before the run anchored its folder
             return _report(UserError("the working directory was deleted while the command started: run it again "
@@ -504,7 +504,10 @@ def _out_of_space_or_memory(e: Exception) -> UserError | None:
     if failed is not None and (atomic.is_disk_full(failed) or failed.errno == errno.EFBIG):
         from lowmem_alignprop.models.tiny import cache_root
 
-        in_cache = Path(atomic.file_of(failed)).absolute().is_relative_to(cache_root().absolute())
+        try:
+            in_cache = Path(atomic.file_of(failed)).absolute().is_relative_to(cache_root().absolute())
+        except OSError:  # (no working directory left to read a relative name from)
+            in_cache = False
         fix = ("raise the file-size limit (ulimit -f) or write elsewhere" if failed.errno == errno.EFBIG else
                f"free space in {cache_root()} (or set LOWMEM_ALIGNPROP_CACHE to a folder on a disk with room: the "
                "built-in models and plan estimates are kept there)" if in_cache else

@@ -257,12 +257,17 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.commands import train
 
-    logged = []
+    from lowmem_alignprop.measure.profiler import StageProfiler
+
+    logged, aside = [], []
     monkeypatch.setattr(train, "log_images", lambda acc, to, grid, tag, step: logged.append((tag, step)))
+    real_aside = StageProfiler.set_aside
+    monkeypatch.setattr(StageProfiler, "set_aside", lambda self, s: aside.append(s) or real_aside(self, s))
     out = tmp_path / "run"
     assert main([*night, "--output-dir", str(out), "--steps", "8", "--eval-every", "1", "--early-stop", "2",
                  "--set", "sample_prompts=1"]) == 0
     assert logged == [("samples/before_after", 3)]
+    assert len(aside) == 3 and min(aside) > 0  # each evaluation's time is not its step's (memory_report, step line)
     rows = strict_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     objective = [r["eval_objective"] for r in rows]

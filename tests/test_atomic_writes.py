@@ -155,16 +155,19 @@ def test_atomic_write_failing_at_the_rename_leaves_the_old_file_and_no_partial(n
     assert (folder / "w").read_text() == "new" and atomic.leftovers(tmp_path) == []
 
 
-def test_a_path_read_in_the_c_locale_is_written_back_as_its_bytes(tmp_path):
-    """Under LC_ALL=C with PYTHONUTF8=0, Python reads a folder named in UTF-8 ("ü") as lone surrogates: a text that
-    holds it (config.yaml's output_dir) is written with those bytes, as the file system named it (it raised
-    UnicodeEncodeError in the run's start, leaving an empty metrics.jsonl)."""
-    from lowmem_alignprop.run import atomic
+def test_a_folder_name_the_locale_cannot_read_is_refused_at_the_start(tmp_path):
+    """Under LC_ALL=C with PYTHONUTF8=0, Python reads a folder named in UTF-8 ("ü") as lone surrogates, and a name
+    in Latin-1 reads so in any locale: config.yaml raised UnicodeEncodeError at the run's start, and the weights'
+    writer (safetensors) cannot take such a path at all. One line before anything is written."""
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.errors import UserError
 
     name = "ü".encode().decode("ascii", "surrogateescape")  # as os.fsdecode gives it in the C locale
     assert name == "\udcc3\udcbc"
-    atomic.write_text(tmp_path / "config.yaml", f"output_dir: /runs/{name}\n")
-    assert (tmp_path / "config.yaml").read_bytes() == "output_dir: /runs/ü\n".encode()
+    with pytest.raises(UserError, match=r"has bytes this locale cannot read .*: run in a UTF-8 locale "
+                                        r"\(LC_ALL=C.UTF-8\), or name the folder in ASCII"):
+        Config(output_dir=str(tmp_path / name)).validate()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):

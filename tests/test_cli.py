@@ -112,8 +112,10 @@ def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_pa
 
 
 def test_output_into_a_closed_pipe_ends_quietly():
-    """`lowmem-alignprop profiles | head -0`: the reader has left before the first line; no traceback, SIGPIPE's
-    exit code (a pipe whose reading end is closed before the command starts: the first write fails, every time)."""
+    """`lowmem-alignprop profiles | head -0`: the reader has left before the first line; no traceback, and the
+    command does its work (a training run finishes: cli.ForgivingStream; it exited 141, as killed by SIGPIPE, which
+    ended a run after its first step line). A pipe whose reading end is closed before the command starts: the first
+    write fails, every time."""
     read, write = os.pipe()
     os.close(read)
     try:
@@ -121,7 +123,7 @@ def test_output_into_a_closed_pipe_ends_quietly():
                            stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write)
-    assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
 
 
 HELP_OF_EVERY_COMMAND = """

@@ -363,8 +363,9 @@ def test_a_reward_failing_its_start_up_test_on_one_process_is_one_line_each(tmp_
 
 def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeypatch, tmp_path):
     """Each rank evaluates alone and decides the early stop from its own numbers (alike on like cards): at an
-    evaluation step the ranks agree, and a rank whose own count had not run out stops with the one whose had (alone,
-    it would have left the others waiting in the next step's collectives). Between evaluations nothing is asked."""
+    evaluation step every rank follows rank 0, whose count its checkpoint keeps; a rank whose own count had not run
+    out stops with it (alone, a rank would have left the others waiting in the next step's collectives), and one
+    whose count ran out alone goes on. Between evaluations nothing is asked."""
     import types
 
     from lowmem_alignprop.commands.evaluation import HeldOut
@@ -372,8 +373,8 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     from lowmem_alignprop.run import distributed
     from lowmem_alignprop.settings.config import Config
 
-    asked = []
-    monkeypatch.setattr(distributed, "any_rank", lambda acc, flag: asked.append(flag) or True)  # the other rank's
+    asked, rank_0 = [], [True]
+    monkeypatch.setattr(distributed, "rank_0_says", lambda acc, flag: asked.append(flag) or rank_0[0])
     cfg = Config(steps=10, eval_every=2, early_stop=2)
     trainer = types.SimpleNamespace(cfg=cfg, accelerator=types.SimpleNamespace(num_processes=2), is_main=False,
                                     stop=types.SimpleNamespace(agreed=lambda acc: False, name=None),
@@ -382,6 +383,8 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     assert Trainer.save_if_due(trainer, 3) is False and asked == []  # no evaluation at step 3
     assert Trainer.save_if_due(trainer, 4) is True and asked == [False]  # this rank's own count: not yet
     assert trainer.held_out.stopped_at == 4
+    rank_0[0] = False  # this rank's count ran out (above), rank 0's did not: on
+    assert Trainer.save_if_due(trainer, 6) is False and asked == [False, True] and trainer.held_out.stopped_at is None
 
 
 def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):

@@ -506,14 +506,20 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(sd, tmp_path, capsys, mon
     assert capsys.readouterr().err.strip() == (f"error: --output-dir {long} has a name longer than the file system "
                                                "takes (255 bytes a folder or file name): choose a shorter name")
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    real = tempfile.TemporaryFile
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: the refusal is simulated
-    assert main(["export", "--lora", str(sd["lora"]), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'out'} is not writable (Permission denied): "
-                                               "choose a folder you can write to with --out")
-    assert os.listdir(tmp_path) == []
+    def refuse(*args, dir=None, **kwargs):  # root may write anywhere: the refusal is simulated, in tmp_path only
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    (tmp_path / "empty").mkdir()  # writable itself; the export is made beside it, in tmp_path, and renamed
+    for out in (tmp_path / "out", tmp_path / "empty"):
+        assert main(["export", "--lora", str(sd["lora"]), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: --out {out} is not writable (Permission denied): choose a "
+                                                   "folder you can write to with --out")
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
 
 
 def test_out_folder_that_is_not_empty_is_refused(sd, tmp_path, capsys):

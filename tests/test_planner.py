@@ -491,10 +491,14 @@ def test_user_rewards_that_fail_or_read_values_are_named_in_one_line(tmp_path, m
         "    s = images.mean(dim=(1, 2, 3))\n"
         "    return s / max(float(s.detach().max().item()), 1e-3)\n\n"
         "def raises(images, prompts):\n"
-        "    raise RuntimeError('boom')\n")
+        "    raise RuntimeError('boom')\n\n"
+        "def compares(images, prompts):\n"  # torch.equal on images (the prompts' token ids are answered: equal)
+        "    return images.mean(dim=(1, 2, 3)) * (2.0 if torch.equal(images, images.flip(0)) else 1.0)\n")
+    (tmp_path / "plan_rewards_mod.py").write_text("import torch\n" + (tmp_path / "plan_rewards_mod.py").read_text())
     monkeypatch.syspath_prepend(str(tmp_path))
     for term, needle in [("reads_values", "plan cannot follow the reward 'plan_rewards_mod:reads_values' with fake "
                                           "tensors: it failed there with DataDependentOutputException"),
+                         ("compares", "plan cannot follow the reward 'plan_rewards_mod:compares' with fake tensors"),
                          ("raises", "raised RuntimeError: boom; fix the function")]:
         assert main(["plan", "--profile", "cpu", "--reward", f"plan_rewards_mod:{term}"]) == 2
         err = capsys.readouterr().err

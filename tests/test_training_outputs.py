@@ -385,6 +385,22 @@ def test_an_export_of_the_same_lora_is_told_by_its_bytes_not_its_time(full_run, 
     assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
     assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "peft"]
     assert "earlier LoRA" not in caplog.text
+    # again, now uploading: the upload's export is written anew (its model card names the repository), the other kept
+    import huggingface_hub
+
+    from lowmem_alignprop.run import hub
+
+    shutil.rmtree(run / "lora")
+    uploaded = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "check_push_to_hub", lambda repo: None)
+        mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: f"https://huggingface.co/{repo}")
+        mp.setattr(huggingface_hub, "upload_folder", lambda **kw: uploaded.append(kw["folder_path"]))
+        assert main(["--resume", "latest", "--output-dir", str(run), "--set", "push_to_hub=you/again", "--report-to",
+                     "none"]) == 0
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "kohya-2", "peft"]
+    assert uploaded == [str(run / "export" / "kohya-2")]
+    assert '"you/again"' in (run / "export" / "kohya-2" / "README.md").read_text()
 
 
 def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):

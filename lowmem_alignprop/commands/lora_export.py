@@ -96,7 +96,7 @@ def check_out(out: Path, flag: str = "--out") -> None:
         raise UserError(f"{flag} {out} {describe(out)}: pass a folder for the export")
     if kind == "directory" and any(out.iterdir()):
         raise UserError(f"{flag} {out} is not empty: pass a new folder (nothing is overwritten)")
-    check_writable(out, flag)
+    check_writable(out, flag, parent=True)  # (atomic.replacing_dir writes beside it, then renames)
 
 
 STEP_TAG = "-step-"  # in an export folder's name: made from a checkpoint's LoRA (kohya-step-40)
@@ -215,10 +215,12 @@ class Exported:
                    if self.repo else {})}
 
 
-def export_at_end(cfg, lora_dir: Path) -> Exported:
+def export_at_end(cfg, lora_dir: Path, *, keep_current: bool = False) -> Exported:
     """A finished run's ``export_format``: ``lora_dir`` exported as `lowmem-alignprop export --format F` exports it,
     into export/F/ (each folder complete or absent); ``push_to_hub`` uploads the first. A failed export or upload
-    leaves the run's files as they are and says how to redo it."""
+    leaves the run's files as they are and says how to redo it. ``keep_current``: the outputs of an ended run written
+    again (from its checkpoint, the same LoRA and steps): an export of that very LoRA file is kept as it is, but the
+    one to upload (its model card names the repository)."""
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.run import hub
 
@@ -234,13 +236,13 @@ def export_at_end(cfg, lora_dir: Path) -> Exported:
         return Exported()
     pushed, done = False, Exported(repo=cfg.push_to_hub or None)
     written = done.folders
-    current = current_exports(lora_dir)  # (outputs written again: the exports that were kept)
+    current = current_exports(lora_dir) if keep_current else {}
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
         command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"
                    + (f" --push-to-hub {shlex.quote(cfg.push_to_hub)}" if push else ""))
         try:
-            kept = current.get(fmt)
+            kept = None if push else current.get(fmt)
             if kept is not None:  # of this very LoRA: not written again beside itself
                 out = written[fmt] = kept
             else:
@@ -250,8 +252,8 @@ def export_at_end(cfg, lora_dir: Path) -> Exported:
                 log.info("exported the LoRA (%s) to %s", fmt, out)
                 written[fmt] = out
         except Exception as e:  # noqa: BLE001 (a writer's own errors too, safetensors': the run's files are complete)
-            log.error("export --format %s failed (%s: %s); the LoRA is in %s: `%s` tries again", fmt,
-                      type(e).__name__, first_line(e, 160), lora_dir, command)
+            log.error("export --format %s failed (%s: %s); the LoRA is in %s: `%s` tries again (--out DIR writes "
+                      "it elsewhere)", fmt, type(e).__name__, first_line(e, 160), lora_dir, command)
             written[fmt] = None
             continue
         if push:

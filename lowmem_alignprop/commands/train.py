@@ -1077,11 +1077,11 @@ class Trainer:
         stopping = self.stop.agreed(self.accelerator)
         early = self.held_out is not None and self.held_out.exhausted
         if self.held_out is not None and self.accelerator.num_processes > 1 and self.held_out.due(step):
-            from lowmem_alignprop.run.distributed import any_rank
-            # each rank decided from its own evaluation (the same numbers on like cards): they stop together, or a
-            # rank that stopped alone would leave the others waiting in the next step's collectives
-            if any_rank(self.accelerator, early) and not early:
-                self.held_out.stopped_at, early = step, True
+            from lowmem_alignprop.run.distributed import rank_0_says
+            # each rank decided from its own evaluation (the same numbers on like cards): they follow rank 0, whose
+            # count its checkpoint keeps (a rank that stopped alone would leave the others in the next collective)
+            early = rank_0_says(self.accelerator, early)
+            self.held_out.stopped_at = step if early else None
         if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return False
         path = self.save_checkpoint(step)
@@ -1147,7 +1147,7 @@ class Trainer:
         if self.is_main:
             exported = None
             try:
-                exported = export_at_end(cfg, self.out / "lora")  # export_format / push_to_hub
+                exported = export_at_end(cfg, self.out / "lora", keep_current=bool(self.refinish))
                 if exported.folders:  # what they wrote and where the upload went (or why it failed)
                     summary.update(exported.record())
                     try:

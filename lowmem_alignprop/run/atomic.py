@@ -168,9 +168,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    # surrogateescape: a path Python read in the C locale (a folder named in UTF-8, PYTHONUTF8=0) holds its bytes as
-    # lone surrogates; they are written back as those bytes (config.yaml's output_dir), not a UnicodeEncodeError
-    return write_bytes(path, text.encode(encoding, errors="surrogateescape"))
+    return write_bytes(path, text.encode(encoding))
 
 
 @contextlib.contextmanager

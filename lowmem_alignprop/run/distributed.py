@@ -235,6 +235,13 @@ def worst_rank(accelerator, code: int) -> int:
     return int(accelerator.gather(torch.tensor([float(code)], device=accelerator.device)).max().item())
 
 
+def rank_0_says(accelerator, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one tiny collective; a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))[0].item())
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
     return not all_ranks_ok(accelerator, not flag)

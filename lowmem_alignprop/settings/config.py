@@ -394,6 +394,10 @@ class Config:
             raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
         if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
             raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in self.output_dir):  # bytes the locale's encoding cannot read
+            raise UserError(f"--output-dir {self.output_dir!a} has bytes this locale cannot read (a non-UTF-8 "
+                            "locale such as LC_ALL=C with PYTHONUTF8=0, or a name not in UTF-8): run in a UTF-8 "
+                            "locale (LC_ALL=C.UTF-8), or name the folder in ASCII")
         kind = kind_of(Path(self.output_dir).expanduser())
         if kind in ("dangling symlink", "symlink loop", "special file", "name too long"):
             raise UserError(f"--output-dir {self.output_dir} {describe_path(Path(self.output_dir).expanduser())}: "

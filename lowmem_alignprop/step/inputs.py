@@ -45,10 +45,11 @@ def check_tracker(report_to: str) -> None:
                         f"pip install -e \".[{report_to}]\" (or pip install {needs[0]}), or leave --report-to out")
 
 
-def check_writable(out: Path, flag: str = "--output-dir") -> None:
-    """The output folder given by ``flag`` (or the nearest folder that exists above it) must accept files; nothing is
-    left behind."""
+def check_writable(out: Path, flag: str = "--output-dir", *, parent: bool = False) -> None:
+    """The output folder given by ``flag`` (or the nearest folder that exists above it; with ``parent`` the folder
+    above it, where a folder written whole is made and renamed) must accept files; nothing is left behind."""
     probe = out.expanduser().absolute()
+    probe = probe.parent if parent else probe
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
