@@ -151,14 +151,14 @@ def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
 
 
 def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
+    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
     from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
-    from lowmem_alignprop.run.checkpoint import file_sha256
 
     out = export(tmp_path, sd["lora"])  # --format diffusers is the default
     assert (out / LORA_WEIGHT_NAME).read_bytes() == (sd["lora"] / LORA_WEIGHT_NAME).read_bytes()
     # the run's record of its base model, and which LoRA file this export was made from
     assert json.loads((out / LORA_BASE_FILE).read_text()) == {**json.loads((sd["lora"] / LORA_BASE_FILE).read_text()),
-                                                              EXPORTED_FROM: file_sha256(sd["lora"] / LORA_WEIGHT_NAME)}
+                                                              EXPORTED_FROM: lora_digest(read_lora(str(sd["lora"])))}
     pipe = sd["cls"].from_pretrained(sd["base"])
     pipe.load_lora_weights(str(out))
     assert_rel_close(unet_out(pipe.unet, False), sd["ref"], SAME_OPS, "diffusers export")

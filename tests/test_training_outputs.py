@@ -360,30 +360,32 @@ def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path
         assert [c for c in (first, resumed) if c in card] == commands, (step, card)
 
 
-def test_an_export_of_the_same_lora_is_told_by_its_bytes_not_its_time(full_run, tmp_path, caplog):
-    """The ended run's lora/ and one export lost, resumed: lora/ is written again (new times, the same bytes) and only
-    the lost export with it; the kept one is of this LoRA (its base_model.json records the file's SHA-256). By the
-    files' times it was "exported from this run's earlier LoRA", and written again beside itself (kohya-2)."""
+def test_an_export_of_the_same_lora_is_told_by_its_weights_not_its_time(full_run, tmp_path, caplog):
+    """The ended run's lora/ and one export lost, resumed: lora/ is written again (new times, the same weights) and
+    only the lost export with it; the kept one is of this LoRA (its base_model.json records the LoRA's digest, a
+    merged model's record its own). By the files' times they were "exported from this run's earlier LoRA", and the
+    kohya one written again beside itself (kohya-2)."""
     import json
     import logging
     import shutil
 
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
     from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
-    from lowmem_alignprop.run.checkpoint import file_sha256
 
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
     lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
     recorded = json.loads((run / "export" / "kohya" / "base_model.json").read_text())[EXPORTED_FROM]
-    assert recorded == file_sha256(run / "lora" / "pytorch_lora_weights.safetensors")
+    assert recorded == lora_digest(read_lora(str(run / "lora")))
+    assert main(["export", "--lora", str(run / "lora"), "--merge"]) == 0  # into RUN/export/merged
     shutil.rmtree(run / "lora")
     shutil.rmtree(run / "export" / "peft")
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--resume", "latest", "--output-dir", str(run), "--set", "push_to_hub=", "--report-to",
                      "none"]) == 0
     assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
-    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "peft"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "merged", "peft"]
     assert "earlier LoRA" not in caplog.text
     # again, now uploading: the upload's export is written anew (its model card names the repository), the other kept
     import huggingface_hub
@@ -398,7 +400,7 @@ def test_an_export_of_the_same_lora_is_told_by_its_bytes_not_its_time(full_run, 
         mp.setattr(huggingface_hub, "upload_folder", lambda **kw: uploaded.append(kw["folder_path"]))
         assert main(["--resume", "latest", "--output-dir", str(run), "--set", "push_to_hub=you/again", "--report-to",
                      "none"]) == 0
-    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "kohya-2", "peft"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "kohya-2", "merged", "peft"]
     assert uploaded == [str(run / "export" / "kohya-2")]
     assert '"you/again"' in (run / "export" / "kohya-2" / "README.md").read_text()
 

@@ -161,21 +161,24 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
 
 def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
     """The export folders of the run's LoRA (``lora_dir``), each with whether it was made from the LoRA there now
-    (the file's SHA-256 its base_model.json records; an export from before that record: written after the LoRA): an
-    older one was made before a --resume trained on. Exports of a checkpoint's LoRA (``F-step-N``) are of their step
-    and not counted, nor temporary folders."""
+    (the LoRA digest its base_model.json records, or a merge's record; an export from before those records: written
+    after the LoRA): an older one was made before a --resume trained on. Exports of a checkpoint's LoRA
+    (``F-step-N``) are of their step and not counted, nor temporary folders."""
+    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
     from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
-    from lowmem_alignprop.run.checkpoint import file_sha256
 
     folder = lora_dir.parent / "export"
     if not folder.is_dir() or not (lora_dir / LORA_WEIGHT_NAME).is_file():
         return []
-    written, digest = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime, file_sha256(lora_dir / LORA_WEIGHT_NAME)
+    written, digest = (lora_dir / LORA_WEIGHT_NAME).stat().st_mtime, lora_digest(read_lora(str(lora_dir)))
 
     def current(p: Path) -> bool:
         try:
-            made_from = json.loads((p / LORA_BASE_FILE).read_text(encoding="utf-8")).get(EXPORTED_FROM)
-        except (OSError, ValueError, AttributeError):  # none (a merge without a record), or damaged
+            if (p / MERGED_FILE).is_file():  # a merged model: the last LoRA its record names is this export's
+                made_from = json.loads((p / MERGED_FILE).read_text(encoding="utf-8"))[-1].get("digest")
+            else:
+                made_from = json.loads((p / LORA_BASE_FILE).read_text(encoding="utf-8")).get(EXPORTED_FROM)
+        except (OSError, ValueError, AttributeError, IndexError, KeyError, TypeError):  # none, or damaged
             made_from = None
         return made_from == digest if made_from else p.stat().st_mtime >= written
 

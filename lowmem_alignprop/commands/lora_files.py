@@ -321,3 +321,15 @@ def temporary_folder() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     return tmp
+
+
+def lora_digest(lora: Lora) -> str:
+    """What identifies a LoRA's weights whichever folder or format holds them: a hash of its tensors' names and
+    values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(lora.weights):
+        h.update(name.encode())
+        h.update(lora.weights[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name,
-                                                 temporary_folder, v_prediction)
+                                                 lora_digest, temporary_folder, v_prediction)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -120,15 +120,15 @@ def write_diffusers(lora: Lora, folder: Path) -> list[Path]:
     return [folder / LORA_WEIGHT_NAME]
 
 
-EXPORTED_FROM = "lora_sha256"  # base_model.json's key, in an export of a run's lora/: the LoRA file it was made from
+EXPORTED_FROM = "lora_digest"  # base_model.json's key in an export: lora_files.lora_digest of the LoRA it was made from
 
 
 def write_base_record(lora: Lora, folder: Path) -> list[Path]:
     """base_model.json beside an export's files (every format): ``sample`` of the export without --model loads the
-    model it was trained on, as for the run's lora/. An export of a folder's LoRA file (a run's lora/) also records
-    that file's SHA-256: whether it is the LoRA there now is told by content (a rewritten or copied lora/ has new
-    times but the same bytes)."""
-    from lowmem_alignprop.run.checkpoint import base_record, file_sha256
+    model it was trained on, as for the run's lora/. It also records the LoRA's digest (lora_files.lora_digest): whether
+    an export is of the LoRA a run's lora/ holds now is told by its weights (a rewritten or copied lora/ has new times
+    but the same weights)."""
+    from lowmem_alignprop.run.checkpoint import base_record
 
     if not (lora.path / LORA_BASE_FILE).is_file():
         return []
@@ -136,8 +136,7 @@ def write_base_record(lora: Lora, folder: Path) -> list[Path]:
         record = json.loads(base_record(lora.base, lora.run_config))  # a run from before base_model.json recorded them
     else:
         record = dict(lora.base)  # (read_lora read it: a damaged one stopped there)
-    if (lora.path / LORA_WEIGHT_NAME).is_file():
-        record[EXPORTED_FROM] = file_sha256(lora.path / LORA_WEIGHT_NAME)
+    record[EXPORTED_FROM] = lora_digest(lora)
     (folder / LORA_BASE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return [folder / LORA_BASE_FILE]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base, read_lora
+from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base, lora_digest, read_lora
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
@@ -71,18 +71,6 @@ def load_base(spec: str, run_config: dict | None = None):
 
 
 MERGED_KEY = "alignprop_merged_loras"  # a merged single file's header: what MERGED_FILE says of a merged folder
-
-
-def lora_digest(lora: Lora) -> str:
-    """What identifies a LoRA's weights whichever folder or format holds them: a hash of its tensors' names and
-    values."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(lora.weights):
-        h.update(name.encode())
-        h.update(lora.weights[name].detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def merged_record(spec: str) -> list[dict]:
