@@ -411,6 +411,12 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def to_null_device(stream) -> None:
+    """The reader of ``stream`` left: its file descriptor now writes to the null device (no error at the exit's flush
+    either)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class ForgivingStream:
     """stdout or stderr of a command run from the shell: a character its encoding lacks is escaped
     (PYTHONIOENCODING=ascii met the step line's ±), and a reader that left (`... | head -1`) sends the rest to
@@ -435,8 +441,7 @@ class ForgivingStream:
             self.gone()
 
     def gone(self) -> None:
-        """The reader left: the stream's file descriptor now writes to the null device."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        to_null_device(self.stream)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return exit_code(e)
     except BrokenPipeError:  # (a write to sys.stdout.buffer, which ForgivingStream does not see) the reader left:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        to_null_device(sys.stdout)
         return 141  # as a program killed by SIGPIPE; no traceback, and none at exit when Python flushes
     except Exception as e:  # a full disk or host memory in any command, in whichever words a library says it
         if isinstance(e, FileNotFoundError) and _working_directory_gone():  # before the run anchored its folder

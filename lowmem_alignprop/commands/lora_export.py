@@ -186,21 +186,17 @@ def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
             if p.is_dir() and not p.name.startswith(".") and STEP_TAG not in p.name]
 
 
-def earlier_exports(lora_dir: Path) -> list[Path]:
-    """The export folders of the run that are older than its LoRA (``lora_dir``, just written)."""
-    return [p for p, current in _run_exports(lora_dir) if not current]
+def _current_by_format(exports: list[tuple[Path, bool]]) -> dict[str, Path]:
+    """Of :func:`_run_exports`' folders, those made from the LoRA there now, by format (``kohya-2`` is a kohya
+    export)."""
+    return {re.sub(r"-\d+$", "", p.name): p for p, now in exports if now}
 
 
 def missing_exports(cfg, lora_dir: Path) -> list[str]:
     """export_format's formats that have no export of the run's LoRA (``lora_dir``) in export/ (a kill cut the
     export at the end of the run short, or it was deleted): what a --resume of the ended run writes again."""
-    have = current_exports(lora_dir)
+    have = _current_by_format(_run_exports(lora_dir))
     return [fmt for fmt in cfg.export_formats() if fmt not in have]
-
-
-def current_exports(lora_dir: Path) -> dict[str, Path]:
-    """export/'s folders made from the LoRA in ``lora_dir`` now, by format (``kohya-2`` is a kohya export)."""
-    return {re.sub(r"-\d+$", "", p.name): p for p, now in _run_exports(lora_dir) if now}
 
 
 @dataclass
@@ -230,7 +226,8 @@ def export_at_end(cfg, lora_dir: Path, *, keep_current: bool = False) -> Exporte
     formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])
     if not (lora_dir / LORA_WEIGHT_NAME).is_file():
         return Exported()
-    older = earlier_exports(lora_dir)
+    exports = _run_exports(lora_dir)  # (the LoRA read and its digest taken once)
+    older = [p for p, now in exports if not now]
     if older:  # a --resume that trained on: the exports of the LoRA it had are kept, and said to be older
         log.warning("%s: exported from this run's earlier LoRA (their README.md says at which step); %s", ", ".join(
             str(p) for p in older), "this LoRA's exports are written beside them" if formats else
@@ -239,7 +236,7 @@ def export_at_end(cfg, lora_dir: Path, *, keep_current: bool = False) -> Exporte
         return Exported()
     pushed, done = False, Exported(repo=cfg.push_to_hub or None)
     written = done.folders
-    current = current_exports(lora_dir) if keep_current else {}
+    current = _current_by_format(exports) if keep_current else {}
     for fmt in formats:
         push = cfg.push_to_hub and not pushed  # the first export goes to the hub, its model card with it
         command = (f"lowmem-alignprop export --lora {shlex.quote(str(lora_dir))} --format {fmt}"

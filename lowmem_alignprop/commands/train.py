@@ -1151,7 +1151,7 @@ class Trainer:
                 if exported.folders:  # what they wrote and where the upload went (or why it failed)
                     summary.update(exported.record())
                     try:
-                        atomic.write_text(self.out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))
+                        self.write_summary(summary)
                     except OSError as e:  # (a full disk: the summary without them stays whole)
                         log.warning("summary.json does not record the exports: %s", atomic.describe(e))
             finally:  # last, whatever the exports did: the box is what the user reads
@@ -1263,6 +1263,9 @@ class Trainer:
             "device": str(self.device),
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
-        atomic.write_text(out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))  # last: with it,
-        # the run is whole
+        self.write_summary(summary)  # last: with it, the run is whole
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json: at the end of write_outputs, and again with what the exports at the end did."""
+        atomic.write_text(self.out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))
 
