@@ -200,6 +200,10 @@ def test_a_resume_whose_new_early_stop_is_already_spent_trains_on_and_says_so(tm
     with pytest.raises(UserError, match=r"is where the run stopped early \(its held-out evaluation had not improved "
                                         r"for 2 evaluations; the best step, 2, is in best/\): nothing left to train"):
         ckpt.check_config(state(2, step=4), now, tmp_path / "step-4")
+    caplog.clear()  # its outputs written again (no step trained): nothing to warn of
+    ckpt.check_config(state(2, step=4), Config(eval_every=1, early_stop=2, steps=6), tmp_path / "step-4",
+                      finished=True)
+    assert "resume: the held-out" not in caplog.text
     caplog.clear()
     ckpt.check_config(state(0), Config(eval_every=1, early_stop=3, steps=12), tmp_path / "step-6")
     assert "resume: the held-out" not in caplog.text

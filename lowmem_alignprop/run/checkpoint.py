@@ -309,14 +309,13 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
         raise UserError(f"checkpoint {path} is at step {state['step']} and --steps is {cfg.steps}: nothing left to "
                         f"train; raise --steps above {state['step']} to continue")
-    since = stopped_early(state, cfg)
-    if since and not finished:  # each resume would train one step and stop again
+    since = evaluations_since_best(state)
+    if stopped_early(state, cfg) and not finished:  # each resume would train one step and stop again
         raise UserError(f"checkpoint {path} is where the run stopped early (its held-out evaluation had not improved "
                         f"for {since} evaluations; the best step, {state['evaluation'].get('best_step')}, is in "
                         f"best/): nothing left to train; to train on, resume with --early-stop above {since}, or "
                         "--set early_stop=0")
-    since = evaluations_since_best(state)
-    if (cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg)
+    if (not finished and cfg.early_stop and since >= cfg.early_stop and not eval_basis_changed(state, cfg)
             and global_rank() == 0):  # a run that ended at its last step, now with less patience than it has spent
         log.warning("resume: the held-out evaluation has not improved for %d evaluations (since step %s), already "
                     "the --early-stop %d asked for now: the first evaluation that does not improve stops the run",
