@@ -315,6 +315,9 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     assert meta["alignprop_reward"] == "brightness" and meta["alignprop_steps"] == "3"
     card = (out / "README.md").read_text()
     assert "Euler steps" in card and ("FluxPipeline" if case["family"] == "flux" else "diffusers export") in card
+    from huggingface_hub import ModelCard
+    # the hub's "Use this model" names the library whose loader reads the file: diffusers' SD3 loader reads no kohya
+    assert ModelCard(card).data.library_name == {"flux": "diffusers", "sd3": None}[case["family"]]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -88,8 +88,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                else "stable-diffusion")]
     if merged_weight is None:
         tags.insert(2, "lora")
-    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags,
-                         library_name="peft" if fmt == "peft" else "diffusers")
+    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags, library_name=_library(fmt, lora))
     front = data.to_yaml() + "\n# license: set the license of the base model here (e.g. creativeml-openrail-m)"
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
@@ -138,6 +137,14 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def _library(fmt: str, lora: Lora) -> str | None:
+    """The library whose loader reads the folder (the hub's "Use this model" button), none where no library does:
+    diffusers reads no SD3 kohya names (its SD3 loader takes its own layout only)."""
+    if fmt == "peft":
+        return "peft"
+    return None if fmt == "kohya" and lora.family == "sd3" else "diffusers"
 
 
 def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet") -> list[str]:
