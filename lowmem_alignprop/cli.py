@@ -465,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
             close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
             raise UserError(f"unknown command {argv[0]!r}: " + (f"did you mean lowmem-alignprop {close[0]}?" if close
                             else f"the commands are {', '.join(COMMANDS)} (see lowmem-alignprop --help)"))
+        if _working_directory_gone():  # before torch imports: its lazy MKL load ends the process without a word
+            raise UserError("the working directory no longer exists: run the command from a folder that exists "
+                            "(relative paths are read from there)")
         if command != "profiles" and not {"-h", "--help"} & set(argv):  # help and profiles only print: they import
             quiet_libraries()  # no library (torch and diffusers take seconds; a Ctrl-C meanwhile is said below)
         with telling_ctrl_c():  # a user's reward that raises KeyboardInterrupt is told from the user's Ctrl-C

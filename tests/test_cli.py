@@ -1,6 +1,7 @@
 """Bad input: one line naming the fix, exit code 2, nothing written."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -350,6 +351,23 @@ def test_a_full_disk_under_the_cache_names_the_cache_not_the_output_folder(tmp_p
     assert "free space (or choose another --output-dir or --out)" in str(cli._out_of_space_or_memory(elsewhere))
 
 
+def test_a_working_directory_deleted_before_a_command_starts_is_one_line(tmp_path):
+    """`cd DIR; rm -r DIR; lowmem-alignprop ...`: one line before any library imports (torch's lazy MKL load ended
+    the process with "Intel oneMKL FATAL ERROR" and no word of ours)."""
+    import shlex
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = (f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && exec {shlex.quote(sys.executable)} "
+               f"-m lowmem_alignprop --profile cpu --output-dir {shlex.quote(str(tmp_path / 'run'))}")
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: the working directory no longer exists: run the command "
+                                                    "from a folder that exists (relative paths are read from there)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_working_directory_deleted_while_a_command_starts_is_one_line(tmp_path, monkeypatch, capsys):
     """`cd DIR; lowmem-alignprop ... &` then DIR removed before the run holds its folder: one line (it was a
     FileNotFoundError from Path.cwd(), and the error handler's own cwd() raised again inside it)."""
@@ -357,7 +375,12 @@ def test_a_working_directory_deleted_while_a_command_starts_is_one_line(tmp_path
 
     from lowmem_alignprop import cli
 
-    def gone():  # (a real deleted working directory also fails torch's lazy MKL load, which ends pytest)
+    there, calls = os.getcwd(), []
+
+    def gone():  # there at the command's first look, gone after (a real deleted working directory also fails torch's
+        calls.append(1)  # lazy MKL load, which ends pytest)
+        if len(calls) == 1:
+            return there
         raise FileNotFoundError(2, "No such file or directory")
 
     monkeypatch.setattr(os, "getcwd", gone)
