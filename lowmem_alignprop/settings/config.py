@@ -36,6 +36,13 @@ def _f(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+_ACT_ON_EVALUATION = {  # the settings that act on the held-out evaluation (eval_every): what each does with it
+    "eval_on_start": "evaluates the held-out prompts before the first step",
+    "best_by": "chooses best/ by the held-out evaluation",
+    "early_stop": "stops when evaluation stops improving",
+}
+
+
 @dataclass
 class Config:
     # ---- what to train -------------------------------------------------------------------------
@@ -470,15 +477,11 @@ class Config:
         if self.eval_every and self.deepspeed_zero == 3:
             raise UserError("eval_every with deepspeed_zero=3: best/ would need the partitioned LoRA gathered on "
                             "every process; use --set deepspeed_zero=2, or evaluate the exported LoRA with `sample`")
-        if self.eval_on_start and not self.eval_every:
-            raise UserError("eval_on_start evaluates the held-out prompts before the first step, and evaluation is "
-                            "off: add --eval-every N")
-        if self.best_by != "reward" and not self.eval_every:
-            raise UserError(f"best_by={self.best_by} chooses best/ by the held-out evaluation, and evaluation is off: "
-                            "add --eval-every N")
-        if self.early_stop and not self.eval_every:
-            raise UserError(f"early_stop={self.early_stop} stops when evaluation stops improving, and evaluation "
-                            "is off: add --eval-every N")
+        for name, what in _ACT_ON_EVALUATION.items():
+            value = getattr(self, name)
+            if value != getattr(Config, name) and not self.eval_every:
+                shown = name if isinstance(value, bool) else f"{name}={value}"
+                raise UserError(f"{shown} {what}, and evaluation is off: add --eval-every N")
         if self.recipe and self.recipe not in shipped_recipes():
             raise UserError(f"unknown recipe {self.recipe!r}: use one of {', '.join(shipped_recipes())}")
 
