@@ -37,3 +37,29 @@ def test_time_left_counts_the_evaluations_to_come_apart_from_the_steps(monkeypat
     left.evaluated(300.0)  # after step 4: its gap is 10 s of training and 300 s of evaluation
     assert left.after_step(4, 12, seconds=10.0) == " | 11 min left"  # 8 x 10 s + 2 evaluations x 300 s = 680 s
     assert left.after_step(5, 12, seconds=10.0) == " | 11 min left"  # 7 x 10 s + 600 s = 670 s
+
+
+def test_time_left_counts_the_last_steps_evaluation_when_the_steps_are_not_a_multiple(monkeypatch):
+    """--eval-every 4 of 10 steps evaluates at 4, 8 and the last step, 10 (HeldOut.due): after step 1 three are to
+    come, after step 8 one (it counted two and none: steps // 4 - step // 4 left the last step's out)."""
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft(eval_every=4)
+    left.evaluated(100.0)  # (an evaluation seen: each still to come counts 100 s)
+    said = run_summary.fmt_duration
+    assert left.after_step(1, 10, seconds=10.0) == f" | {said(9 * 10 + 3 * 100)} left"
+    assert left.after_step(8, 10, seconds=10.0) == f" | {said(2 * 10 + 1 * 100)} left"
+    assert left.after_step(9, 10, seconds=10.0) == f" | {said(1 * 10 + 100)} left"  # the last step's evaluation
+
+
+def test_the_steps_that_evaluate_and_checkpoint_are_counted_as_they_are_done():
+    """One rule (run/schedule.py) for which steps do the periodic work and how many are left: the count after each
+    step equals the steps after it that ``due`` picks, for every interval and length."""
+    from lowmem_alignprop.run import schedule
+
+    for steps in range(1, 14):
+        for every in range(0, 15):
+            picked = [s for s in range(1, steps + 1) if schedule.due(every, steps, s)]
+            assert (steps in picked) == bool(every)  # the last step does it whenever the work is on
+            for step in range(0, steps + 1):
+                assert schedule.due_after(every, steps, step) == len([s for s in picked if s > step]), (steps, every)

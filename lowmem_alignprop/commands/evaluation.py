@@ -25,7 +25,7 @@ import torch
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import finite_or_none
-from lowmem_alignprop.run import runfolder
+from lowmem_alignprop.run import runfolder, schedule
 from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
@@ -67,7 +67,7 @@ def schedule_note(cfg: Config) -> str | None:
     if not every:
         return None
     start = int(cfg.eval_on_start)  # step 0's evaluation of the untrained LoRA
-    before_last = (steps - 1) // every + start  # the evaluations before the last step's
+    before_last = schedule.due_after(every, steps, 0) - 1 + start  # the evaluations before the last step's
     if patience and before_last <= patience:
         return (f"early_stop={patience} cannot stop this run: it evaluates {before_last} time(s) before its last "
                 f"step (every {every} of {steps} steps{', and step 0' if start else ''}), and a stop needs "
@@ -162,8 +162,7 @@ class HeldOut:
         self.best_kept = True  # best/ holds best_step's LoRA (a resume may find it gone: keep_best_of)
 
     def due(self, step: int) -> bool:
-        every = self.cfg.eval_every
-        return bool(every) and (step % every == 0 or step == self.cfg.steps)
+        return schedule.due(self.cfg.eval_every, self.cfg.steps, step)
 
     def evaluate(self) -> dict:
         """Every held-out prompt, sampled with fixed seeds (the same at every evaluation) and scored: eval_reward,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure
 from lowmem_alignprop.measure.reports import fmt_duration
+from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.config import Config
 
 
@@ -61,7 +62,7 @@ class TimeLeft:
                     else seconds)
         if per_step is None:
             return ""
-        evals_left = steps // self.eval_every - step // self.eval_every if self.eval_every else 0
+        evals_left = schedule.due_after(self.eval_every, steps, step)  # the last step's evaluation included
         mean_eval = sum(self.evals) / len(self.evals) if self.evals else 0.0  # none seen yet: not counted
         return f" | {fmt_duration(left * per_step + evals_left * mean_eval)} left"
 

@@ -27,7 +27,7 @@ import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
-from lowmem_alignprop.run import disk_space
+from lowmem_alignprop.run import disk_space, schedule
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import COMMAND_FILE, INIT_LORA_DIR, LORA_BASE_FILE, LORA_WEIGHT_NAME, PROMPTS_FILE
 from lowmem_alignprop.measure import planner
@@ -1082,7 +1082,7 @@ class Trainer:
             # count its checkpoint keeps (a rank that stopped alone would leave the others in the next collective)
             early = rank_0_says(self.accelerator, early)
             self.held_out.stopped_at = step if early else None
-        if not (stopping or early or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+        if not (stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step)):
             return False
         path = self.save_checkpoint(step)
         early = early and step < cfg.steps  # (at the last step the run ends anyway)

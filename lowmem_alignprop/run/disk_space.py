@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lowmem_alignprop.memory.allowances import MIB, fmt_bytes
 from lowmem_alignprop.memory.optim import state_bytes
+from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.errors import UserError
 
 SMALL_FILES = 32 * MIB  # samples, reports, metrics.jsonl, config and state files: a few MB; the rest is slack
@@ -46,8 +47,7 @@ def run_bytes(cfg, params, start: int = 0) -> RunBytes:
     # state.json's metrics rows, indented: up to 1 KiB a step (more with evaluations) and each image's reward and prompt
     history = cfg.steps * (1024 + 64 * cfg.batch_size * cfg.grad_accum)
     checkpoint = weights + optimizer + ema + history + MIB  # + the RNG states, manifest and slack
-    every = cfg.checkpoint_every  # one at each multiple of it, and the last step's always
-    written = cfg.steps // every - start // every + (1 if cfg.steps % every else 0) if every else 1
+    written = schedule.due_after(cfg.checkpoint_every, cfg.steps, start) or 1  # the last step's always
     at_once = min(cfg.keep_checkpoints + 1, written) if cfg.keep_checkpoints else written
     # lora/; best/ is written beside the one it replaces; one copy per export format; init_lora/ (--init-lora's copy)
     outputs = weights * (1 + (2 if cfg.eval_every else 0) + len(cfg.export_formats()) + (1 if cfg.init_lora else 0))
