@@ -41,7 +41,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import sys
 import time
@@ -389,9 +388,7 @@ def _autocast_for(cfg: Config, cuda: bool, dtype: torch.dtype, emulate: bool):
     if cuda and cfg.mixed_precision != "no" and emulate:
         mode = CudaAutocast(dtype)
         return mode, mode.active
-    if not cuda and cfg.mixed_precision == "bf16":
-        return None, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)  # as accelerate does on a CPU
-    return None, contextlib.nullcontext
+    return None, precision.cpu_autocast(cfg.mixed_precision) if not cuda else contextlib.nullcontext
 
 
 def _name_a_user_reward_that_needs_data(spec: str, error: Exception) -> None:

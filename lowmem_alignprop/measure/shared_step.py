@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import random
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.micro import Rollout, micro_step
 from lowmem_alignprop.step.rollout import apply_memory_features
@@ -124,8 +123,7 @@ def _measure_cpu_step(cfg: Config, prompts: list[str] | None, timed_steps: int, 
                           weights=cfg.reward_weights)
     optimizer = build_optimizer(cfg, params)
     prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
-    autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                else contextlib.nullcontext)
+    autocast = precision.cpu_autocast(cfg.mixed_precision)
     family = family_for(comps)
     parts = StepParts(cfg, comps, family.make_pipeline(comps), reward, params, optimizer, prompts,
                       Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)

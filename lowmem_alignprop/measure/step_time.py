@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from lowmem_alignprop.memory import stages
+from lowmem_alignprop.memory.precision import running_precision
 from lowmem_alignprop.measure.counters import AFTER, WORK_KEYS, StageWork
 from lowmem_alignprop.measure.figures import Estimate
 from lowmem_alignprop.settings.config import Config
@@ -133,9 +134,8 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
 def matmul_dtype(cfg: Config, target: str) -> str:
     """The dtype the step's matmuls run in: the mixed precision on a GPU (autocast), fp32 without it; on a CPU
     fp16 runs in fp32 as the trainer does."""
-    if cfg.mixed_precision == "no" or (target == "cpu" and cfg.mixed_precision == "fp16"):
-        return "fp32"
-    return cfg.mixed_precision
+    running = running_precision(cfg.mixed_precision, target)
+    return "fp32" if running == "no" else running
 
 
 def step_time(cfg: Config, est: Estimate, device) -> dict[str, Any]:

@@ -7,6 +7,8 @@ state stay fp32 everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -17,6 +19,19 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def frozen_weight_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
     """``mixed_precision`` is a config value (no|fp16|bf16); ``device_type`` where the run computes (cuda, cpu...)."""
     return DTYPES[mixed_precision] if device_type != "cpu" else torch.float32
+
+
+def running_precision(mixed_precision: str, device_type: str) -> str:
+    """The mixed precision a run has where it computes: fp16 needs CUDA (a CPU runs it in fp32: "no"); the trainer,
+    the planner and its time estimate all ask this."""
+    return "no" if device_type == "cpu" and mixed_precision == "fp16" else mixed_precision
+
+
+def cpu_autocast(mixed_precision: str):
+    """The autocast a CPU step runs in, as accelerate sets it on a CPU: bf16's, else none (a context factory)."""
+    if running_precision(mixed_precision, "cpu") == "bf16":
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def dtype_kwarg(dtype: torch.dtype | None) -> dict:
