@@ -494,6 +494,33 @@ def test_a_resume_keeps_the_prompts_its_run_held_out_whatever_its_flags(tmp_path
                               started=Config().to_dict()) == (PROMPTS, ["a night sky"])
 
 
+def test_a_resume_on_an_edited_prompt_file_holds_out_what_its_run_held_out():
+    """Lines removed and added since the checkpoint: drawn again from the edited file, the held-out set took prompts
+    the run had trained on (evaluated as 'held out') and trained one it had held out. The checkpoint's record
+    (split_settings) keeps the set: the held-out prompts still in the file stay out, the new lines train, and a file
+    that no longer holds any of them is refused."""
+    from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, held_out_of_training, prompt_key, split_eval_prompts,
+                                              split_settings)
+
+    cfg = Config(eval_every=2, eval_holdout=2, seed=0)
+    first_train, first_held = split_eval_prompts(cfg, PROMPTS)
+    state = {"config": cfg.to_dict(), HELD_OUT_KEYS: sorted(held_out_of_training(cfg.to_dict(), PROMPTS))}
+    edited = [p for p in PROMPTS if p != first_train[-1]] + ["a grey owl", "a pink flamingo"]
+    drawn_again = split_eval_prompts(cfg, edited, started=cfg.to_dict())[1]
+    assert drawn_again != first_held  # (the premise: the edited file draws others, one of them trained)
+    train, held = split_eval_prompts(cfg, edited, started=split_settings(state))
+    assert held == first_held and train == [p for p in edited if p not in first_held]
+    assert {"a grey owl", "a pink flamingo"} <= set(train)
+    assert not {prompt_key(p) for p in held} & {prompt_key(p) for p in first_train}  # no trained prompt evaluated
+    kept = [p for p in edited if p not in first_held[1:]]  # one held-out prompt taken out: the other stays held out
+    assert split_eval_prompts(cfg, kept, started=split_settings(state))[1] == first_held[:1]
+    with pytest.raises(UserError, match=r"the 2 prompts the run held out for its evaluation \(e\.g\. '.+'\) are no "
+                                        r"longer in .*: put them back, or give held-out prompts with --set "
+                                        r"eval_prompts=FILE"):
+        split_eval_prompts(cfg, [p for p in edited if p not in first_held], started=split_settings(state))
+    assert split_settings({"config": cfg.to_dict()}) == cfg.to_dict()  # an older checkpoint: drawn from its config
+
+
 def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_path, monkeypatch, fresh_log_handlers):
     """End to end: prompts.json (the training prompts prompt_ids index, the held-out ones) is the same after a resume
     that changes the seed, and no held-out prompt is in it. (The resume said the prompt file had changed.)"""
@@ -509,6 +536,13 @@ def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_pa
     assert json.loads((out / "prompts.json").read_text()) == first
     rows = strict_rows(out)
     assert all(first["train"][i] not in first["held_out"] for r in rows for i in r["prompt_ids"])
+    # the prompt file edited (two trained lines out, one new in): the checkpoint's record keeps the held-out set
+    edited = [p for p in PROMPTS if p not in first["train"][:2]] + ["a grey owl"]
+    (tmp_path / "train.txt").write_text("\n".join(edited) + "\n")
+    assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
+    after = json.loads((out / "prompts.json").read_text())
+    assert after["held_out"] == first["held_out"] and "a grey owl" in after["train"]
+    assert not set(after["held_out"]) & set(after["train"])
 
 
 def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():

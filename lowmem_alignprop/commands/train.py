@@ -41,7 +41,8 @@ from lowmem_alignprop.settings.profiles import profile_note
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
-from lowmem_alignprop.step.inputs import prepare_inputs, split_eval_prompts
+from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, held_out_of_training, prepare_inputs, split_eval_prompts,
+                                          split_settings)
 from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
                                              model_kind)
 from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
@@ -120,8 +121,11 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if note and global_rank() == 0:
             log.warning("%s", note)
         point = folder.check()
-        # held-out prompts never train; a resume keeps those its run set aside (another seed would draw others)
-        prompts, eval_prompts = split_eval_prompts(cfg, given, point.state.get("config") if point else None)
+        # held-out prompts never train; a resume keeps those its run set aside (another seed or an edited prompt file
+        # would draw others), recorded in each checkpoint
+        started = split_settings(point.state) if point else None
+        prompts, eval_prompts = split_eval_prompts(cfg, given, started)
+        aside = sorted(held_out_of_training(started or cfg.to_dict(), given))
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
     lock = folder.hold()
@@ -132,7 +136,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if cfg.auto_fit and point is None:  # a new run: the fastest configuration that fits, before the first step
             cfg, searched = search_before_first_step(cfg, profile_name)
         return Trainer(cfg, folder, prompts, profile_name=profile_name, memory_snapshot=memory_snapshot, point=point,
-                       lock=lock, command=command, eval_prompts=eval_prompts, searched=searched).run()
+                       lock=lock, command=command, eval_prompts=eval_prompts, aside=aside, searched=searched).run()
 
 
 def judged_figures(judged: dict | None) -> dict:
@@ -215,12 +219,13 @@ class Trainer:
     def __init__(self, cfg: Config, folder: RunFolder, prompts: list[str], *, profile_name: str = "custom",
                  memory_snapshot: tuple[int, int] | None = None, point: ResumePoint | None = None,
                  lock: RunLock | None = None, command: str | None = None, eval_prompts: list[str] | None = None,
-                 searched: dict | None = None):
+                 aside: list[str] | None = None, searched: dict | None = None):
         self.cfg, self.folder, self.prompts, self.command = cfg, folder, prompts, command
         self.searched = searched  # --auto-fit's search before the first step: what it chose (config.yaml records it)
         self.prompt_id = {p: i for i, p in enumerate(prompts)}  # the metrics' per-image prompt_ids
         self.eval_prompts = list(eval_prompts or [])
         self.held_out_sha = prompt_digest(self.eval_prompts)  # kept in each checkpoint: best/ compares like with like
+        self.aside = list(aside or [])  # the keys of the prompts set aside from training: kept in each checkpoint
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
@@ -1103,7 +1108,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
-                                "prompts_since": self.prompts_since,
+                                "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},

@@ -68,11 +68,26 @@ def prompt_key(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
 
+HELD_OUT_KEYS = "held_out_keys"  # a checkpoint's record of the prompts its run set aside (their keys)
+
+
+def split_settings(state: dict) -> dict:
+    """A checkpoint's state.json -> the settings its run split its prompts by: its config, with the keys of the
+    prompts it set aside where the checkpoint recorded them (older ones did not: drawn again from the config)."""
+    recorded = {HELD_OUT_KEYS: state[HELD_OUT_KEYS]} if isinstance(state.get(HELD_OUT_KEYS), list) else {}
+    return {**(state.get("config") or {}), **recorded}
+
+
 def held_out_of_training(settings: dict, prompts: list[str]) -> set[str]:
     """The keys (:func:`prompt_key`) of the training prompts a run with these settings (a Config's or a checkpoint's
-    config) sets aside: eval_holdout of them chosen with its seed when it evaluates without eval_prompts, else none."""
+    config) sets aside: eval_holdout of them chosen with its seed when it evaluates without eval_prompts, else none.
+    A resumed run's settings carry the keys its checkpoint recorded (``HELD_OUT_KEYS``): those, whatever the prompt
+    file holds now (drawn again from an edited file, prompts it had trained on were held out, and held-out ones
+    trained)."""
     import random
 
+    if settings.get(HELD_OUT_KEYS) is not None:
+        return set(settings[HELD_OUT_KEYS])
     if not settings.get("eval_every") or settings.get("eval_prompts"):
         return set()
     distinct = sorted({prompt_key(p) for p in prompts})
@@ -124,4 +139,9 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         raise UserError("--eval-every on a resume of a run that trained on every one of its prompts: held out of "
                         "them, the evaluation would score prompts it trained on; give prompts it never trained on "
                         "with --set eval_prompts=FILE")
-    return train, sorted(unique([p for p in prompts if prompt_key(p) in aside]), key=prompt_key)
+    held = sorted(unique([p for p in prompts if prompt_key(p) in aside]), key=prompt_key)
+    if not held:  # an edit of the prompt file since took every one of them out
+        raise UserError(f"the {len(aside)} prompts the run held out for its evaluation (e.g. {min(aside)!r}) are no "
+                        f"longer in {cfg.prompts}, and the others have trained: put them back, or give held-out "
+                        "prompts with --set eval_prompts=FILE")
+    return train, held
