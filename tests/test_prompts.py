@@ -1,5 +1,6 @@
 import pytest
 
+from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.step.prompts import PROMPT_SETS, load_prompts
 
@@ -87,3 +88,37 @@ def test_a_prompt_file_windows_wrote_is_read(tmp_path, encoding):
     f = tmp_path / "prompts.txt"
     f.write_bytes("a caf\u00e9 at night\r\n# a comment\r\na red fox\r\n".encode(encoding))
     assert load_prompts(str(f)) == ["a caf\u00e9 at night", "a red fox"]
+
+
+def test_prompts_longer_than_the_encoder_that_carries_their_tokens_reads_are_said():
+    """SD3/FLUX: T5 carries the prompt's tokens, max_sequence_length of them: prompts past it were cut in silence
+    (the note counted CLIP's 77 tokens, which T5 reads past). SD3 without T5 reads CLIP's length; a UNet model CLIP's.
+    The note names the encoder, the words a cut prompt loses and the fix."""
+    from types import SimpleNamespace
+
+    from flowmodels import _clip_tokenizer, tiny_t5_tokenizer
+
+    from lowmem_alignprop.models.family import FlowFamily, UNetFamily
+
+    clip, t5 = _clip_tokenizer()[0], tiny_t5_tokenizer()  # both read 16 tokens
+    short, long = "a photo of a cat", "a red cat on a sofa in the sun"  # 6 and 17 T5 tokens, 12 and 19 CLIP tokens
+    prompts = [short, long, long]
+
+    def family(name, t5_tok=t5, guidance=True):
+        comps = SimpleNamespace(family=name, tokenizer=clip, tokenizer_2=t5_tok if name == "flux" else clip,
+                                tokenizer_3=t5_tok if name == "sd3" else None,
+                                unet=SimpleNamespace(config=SimpleNamespace(guidance_embeds=guidance)))
+        return FlowFamily(comps) if name != "unet" else UNetFamily(comps)
+
+    flux = family("flux").cut_prompts_note(Config(max_sequence_length=4), prompts)
+    assert flux.startswith("3 of 3 prompts are longer than the 4 tokens T5 (max_sequence_length=4) reads: their "
+                           "ends are ignored (e.g. 'a photo of a cat'... loses 'a cat'); raise --set "
+                           "max_sequence_length (up to 16) or shorten them"), flux
+    assert family("sd3").cut_prompts_note(Config(max_sequence_length=16), prompts).startswith(
+        "2 of 3 prompts are longer than the 16 tokens T5 (max_sequence_length=16) reads")
+    assert family("flux").cut_prompts_note(Config(max_sequence_length=16), [short]) is None
+    for without_t5 in (family("sd3", t5_tok=None), family("unet")):  # CLIP carries the tokens: its 16
+        said = without_t5.cut_prompts_note(Config(), prompts)
+        assert said.startswith("2 of 3 prompts are longer than the 16 tokens the text encoder reads: their ends are "
+                               "ignored (e.g. 'a red cat on a sofa in the sun'... loses ") and said.endswith(
+                                   "shorten them to keep every word"), said

@@ -520,7 +520,6 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
               images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
     from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
     from lowmem_alignprop.commands.grid import save_sample_grid
-    from lowmem_alignprop.step.prompts import cut_prompts_note
     from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_apple_gpu_note
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.memory.precision import frozen_weight_dtype
@@ -549,8 +548,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
-    if getattr(pipe, "tokenizer", None) is not None and (cut := cut_prompts_note(pipe.tokenizer, prompts)):
-        # (the trainer says it too)
+    if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
         logging.getLogger("lowmem_alignprop").warning(cut)
     load_adapters(pipe, specs, cfg.model)
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer

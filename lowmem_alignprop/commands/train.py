@@ -51,7 +51,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator, unused_apple_gpu_note
 from lowmem_alignprop.memory.tiling import untiled_note
-from lowmem_alignprop.step.prompts import cut_prompts_note, draw_prompts
+from lowmem_alignprop.step.prompts import draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
@@ -374,7 +374,7 @@ class Trainer:
         self.prof.record_modules(self.modules())
         for note in (self.family.resolution_note(cfg),  # e.g. SD1.5 under the cpu profile's 64 px
                      profile_note(self.profile_name, model_kind(self.comps)),  # e.g. FLUX.1 under rtx3060 (SD1.5)
-                     model_defaults_note(self.comps, cfg), cut_prompts_note(self.comps.tokenizer, self.prompts)):
+                     model_defaults_note(self.comps, cfg), self.family.cut_prompts_note(cfg, self.prompts)):
             if note and self.is_main:
                 log.warning(note)
 

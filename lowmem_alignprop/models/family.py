@@ -72,6 +72,11 @@ class UNetFamily:
     def resolution_note(self, cfg) -> str | None:
         return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution)
 
+    def cut_prompts_note(self, cfg, prompts: list[str]) -> str | None:
+        """Prompts longer than the text encoder reads (CLIP's 77 tokens), which the encoding cuts: said once."""
+        from lowmem_alignprop.models.prompt_length import cut_prompts_note
+        return cut_prompts_note(self.comps.tokenizer, prompts)
+
 
 class FlowFamily(UNetFamily):
     """SD3/SD3.5 (``sd3``) and FLUX.1 (``flux``): the schedule, guidance and Euler steps of the model's own
@@ -93,6 +98,20 @@ class FlowFamily(UNetFamily):
         t5_tok = self.comps.tokenizer_2 if self.name == flow.FLUX else self.comps.tokenizer_3
         limit = getattr(t5_tok, "model_max_length", 512) if t5_tok is not None else 512
         return min(512 if dev else 256, limit)
+
+    def cut_prompts_note(self, cfg, prompts: list[str]) -> str | None:
+        """T5 carries the prompt's tokens (CLIP's 77 only its pooled summary, and SD3's first tokens): prompts longer
+        than max_sequence_length T5 tokens are cut; SD3 without T5 reads CLIP's 77."""
+        from lowmem_alignprop.models.prompt_length import cut_prompts_note
+
+        t5_tok = self.comps.tokenizer_2 if self.name == flow.FLUX else self.comps.tokenizer_3
+        if t5_tok is None:  # SD3 with t5_encoder=false
+            return super().cut_prompts_note(cfg, prompts)
+        limit = self.max_sequence_length(cfg)
+        most = min(512, getattr(t5_tok, "model_max_length", 512))
+        return cut_prompts_note(t5_tok, prompts, limit, f"T5 (max_sequence_length={limit})",
+                                f"raise --set max_sequence_length (up to {most}) or shorten them" if limit < most
+                                else "shorten them to keep every word")
 
     def guidance(self, cfg) -> float:
         """SD3: the CFG scale; FLUX.1-dev: the guidance embedding's value; schnell: none (ignored)."""

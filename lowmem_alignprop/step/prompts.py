@@ -93,16 +93,6 @@ def load_prompts(spec: str) -> list[str]:
                     "text file with one prompt per line")
 
 
-def cut_prompts_note(tokenizer, prompts: list[str]) -> str | None:
-    """A warning when prompts are longer than the text encoder reads (CLIP: 77 tokens); diffusers cuts them."""
-    limit = tokenizer.model_max_length
-    cut = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
-    if not cut:
-        return None
-    return (f"{len(cut)} of {len(prompts)} prompts are longer than the {limit} tokens the text encoder reads: their "
-            f"ends are ignored (e.g. {cut[0][:60]!r}...); shorten them to keep every word")
-
-
 def draw_prompts(prompts: list[str], order: str, rng: random.Random, first: int, count: int, seed: int) -> list[str]:
     """The prompts of ``count`` rollouts. ``order='random'``: each drawn from ``rng`` with replacement. ``'shuffled'``:
     rollout n (``first`` + i, counted over the run) is place n of the endless sequence of passes through the prompt
