@@ -4,6 +4,8 @@ decode, reward, LoRA, before/after grid, resume), the exported LoRA loads into t
 the trainer's images, and ``sample`` runs them and refuses a LoRA of the other denoiser family."""
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -14,6 +16,7 @@ from flowmodels import (FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_flux_pi
 from numerics import SAME_OPS, assert_rel_close
 
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.models import flow
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
@@ -246,7 +249,7 @@ def test_materialized_clip_text_encoder_has_its_positions():
 
 @pytest.mark.parametrize("source", ["folder", "file"])
 def test_the_prompt_set_is_encoded_and_its_encoders_freed_before_the_transformer_is_read(dirs, tmp_path,
-                                                                                        monkeypatch, source):
+                                                                                        monkeypatch, source, caplog):
     """A 16 GB machine holds T5-XXL (9.5 GB) or FLUX's block-swapped blocks (8.9 GiB), not both: the trainer encodes
     every prompt of the run, frees the text encoders, and only then reads the transformer block by block (a pipeline
     folder, and a single file with the rest from a folder). The run then trains as before."""
@@ -275,9 +278,20 @@ def test_the_prompt_set_is_encoded_and_its_encoders_freed_before_the_transformer
         model = ["--model", str(_transformer_file(tmp_path, build_tiny_flux_pipeline(seed=3))), "--set",
                  f"model_components={dirs['flux']}"]
     out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     rc = main([*FLOW, *model, "--output-dir", str(out), "--steps", "1", "--set", "guidance_scale=3.5"])
     assert rc == 0 and (out / "lora").is_dir()
     assert len(encoders) == 2 and alive_at_read == [0]  # CLIP-L and T5 made, encoded and freed, then one read
+    # what the prompt file costs for the whole run is said (a 2000-line file's cache was told nowhere but in plan)
+    said = re.search(r"prompt set encoded once: (\d+) distinct prompts hold (.+) of cpu memory for the run",
+                     caplog.text)
+    listed = json.loads((out / "prompts.json").read_text())
+    sampled = {i["prompt"] for i in json.loads((out / "samples" / "before_after.json").read_text())["images"]}
+    assert said and int(said[1]) == len(set(listed["train"]) | sampled), caplog.text
+    config = json.loads((dirs["flux"] / "transformer" / "config.json").read_text())  # T5 tokens + CLIP's pooled
+    per_prompt = 4 * (16 * config["joint_attention_dim"] + config["pooled_projection_dim"])  # fp32, 16 tokens
+    chunks = [min(16, int(said[1]) - i) for i in range(0, int(said[1]), 16)]  # encoded 16 at a time
+    assert said[2] == fmt_bytes(sum(chunks) * per_prompt + len(chunks) * 4 * 16 * 3)  # + each chunk's text ids
 
 
 def test_text_side_first_gives_the_same_random_weights(dirs):

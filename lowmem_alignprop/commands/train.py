@@ -51,6 +51,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.host_allocator import release_freed_tensors
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator, unused_apple_gpu_note
 from lowmem_alignprop.memory.tiling import untiled_note
+from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.step.prompts import draw_prompts
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
@@ -386,6 +387,10 @@ class Trainer:
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
             self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
+            if self.is_rank0():  # what the prompt file costs: held for the whole run (plan counts it)
+                where = "host memory" if cfg.encode_on_cpu else f"{self.device.type} memory"
+                log.info("prompt set encoded once: %d distinct prompts hold %s of %s for the run", len(self.embed.cache),
+                         fmt_bytes(self.embed.nbytes()), where)
         self.unet, self.vae = comps.unet, comps.vae
         untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(self.vae))
         if untiled and self.is_rank0():

@@ -281,23 +281,12 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     est.host_pinned = host_pinned
     est.trained = dict(collections.Counter(f"{p.numel()}:{str(p.dtype).removeprefix('torch.')}" for p in params))
     if cuda:
-        est.host = host_memory(cfg, weights, host_pinned, _storage_bytes(parts.encoder), flow=family.flow)
+        est.host = host_memory(cfg, weights, host_pinned, parts.encoder.nbytes() if parts.encoder else 0,
+                               flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
     est.model_kind = model_kind(comps)
     est.seconds = time.perf_counter() - t0
     return est
-
-
-def _storage_bytes(encoder) -> int:
-    """The bytes of the distinct storages of a prompt cache (0 for none)."""
-    if encoder is None:
-        return 0
-    seen = {}
-    for embeds in encoder.cache.values():
-        for t in vars(embeds).values():
-            if isinstance(t, torch.Tensor):
-                seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def _encode_at_load_counted(parts: StepParts, place: Residency, cuda: bool):

@@ -208,6 +208,9 @@ class _OnDevice:
     def encode_all(self) -> None:
         self.inner.encode_all()
 
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
     def __call__(self, batch_prompts):
         return self.inner(batch_prompts).to(self.device)
 

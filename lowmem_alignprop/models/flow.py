@@ -153,6 +153,15 @@ class FlowPromptCache:
         if not self.cache:
             self._fill()
 
+    def nbytes(self) -> int:
+        """The memory the encoded set holds: its distinct storages (each chunk of 16 prompts encoded together)."""
+        seen = {}
+        for embeds in self.cache.values():
+            for t in vars(embeds).values():
+                if isinstance(t, torch.Tensor):
+                    seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
     def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
         self.encode_all()
         return FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
