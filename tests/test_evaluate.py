@@ -383,6 +383,30 @@ def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, 
     assert (title[:, 64:64 + 192 - 4] < 128).any() and not (title[:, 64 + 192 - 4:64 + 196] < 128).any()
 
 
+def test_many_prompts_wrap_into_bands_of_the_grid_each_image_under_its_prompt(tmp_path):
+    """40 prompts made one row 7,744 px wide: past GRID_COLUMNS the columns go on in bands below, image j (before
+    and after) in band j // 8, column j % 8, and every band has its row names."""
+    import numpy as np
+    from PIL import Image
+
+    from lowmem_alignprop.commands.grid import GRID_COLUMNS, save_sample_grid
+
+    n, cell, label_h, left = 11, 192, 28, 64
+    shade = torch.linspace(0.1, 0.9, n)
+    before = (shade[:, None, None, None].expand(n, 3, 8, 8).clone(), torch.zeros(n))
+    after = (1 - before[0], torch.zeros(n))
+    grid = np.asarray(Image.open(save_sample_grid(tmp_path / "g.png", [f"p{j}" for j in range(n)], before, after,
+                                                  cell=cell)).convert("L")).astype(int)
+    band = 20 + 2 * (cell + label_h)
+    assert grid.shape == (2 * band, left + GRID_COLUMNS * cell)  # 8 columns, two bands
+    for j in range(n):
+        x, top = left + (j % GRID_COLUMNS) * cell + cell // 2, (j // GRID_COLUMNS) * band
+        assert abs(grid[top + 20 + cell // 2, x] - round(255 * shade[j].item())) <= 1, j
+        assert abs(grid[top + 20 + cell + label_h + cell // 2, x] - round(255 * (1 - shade[j].item()))) <= 1, j
+    assert (grid[band:, :left] < 128).any()  # the second band's row names
+    assert (grid[band + 20:, left + 3 * cell:] == 255).all()  # nothing past the 11th image
+
+
 def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, caplog, monkeypatch):
     """Fonts are picked per glyph: a CJK character or a NUL in one prompt (with no CJK font installed) is one box
     in that prompt; every other label, the row names and the reward numbers are drawn exactly as without it, and
@@ -421,3 +445,25 @@ def test_a_label_of_a_million_characters_is_cut_at_once():
     assert label.endswith("...") and text.width(draw, label) <= 150
     assert text.width(draw, "a" * (len(label) - 2) + "...") > 150  # one more character would not fit
     assert text.fit(draw, "a cat", 150) == "a cat"
+
+
+def test_sample_says_how_many_of_a_prompt_files_prompts_it_renders(tmp_path, caplog, monkeypatch):
+    """`sample --prompts FILE` renders the first --num-prompts (4) of them: the file's other lines were left out
+    without a word."""
+    import logging
+
+    from lowmem_alignprop.commands import evaluate as ev
+    from lowmem_alignprop.settings.config import Config
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a cat number {i}\n" for i in range(9)))
+    chosen = []
+    monkeypatch.setattr(ev, "_evaluate", lambda cfg, specs, given, out, **kw: chosen.extend(given) or {})
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    cfg = Config(prompts=str(prompts), output_dir=str(tmp_path / "out")).validate()
+    ev.evaluate(cfg, [], num_prompts=4, images_per_prompt=1)
+    assert chosen == [f"a cat number {i}" for i in range(4)]
+    assert f"sample: the first 4 of the 9 prompts of {prompts} (--num-prompts 9 for all of them)" in caplog.text
+    caplog.clear()
+    ev.evaluate(cfg, [], num_prompts=9, images_per_prompt=1)
+    assert "sample: the first" not in caplog.text

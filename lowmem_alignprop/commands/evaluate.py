@@ -509,7 +509,11 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     from lowmem_alignprop.step.inputs import prepare_inputs
 
     # prompts, reward spec, model path, output dir: checked first
-    chosen = prepare_inputs(cfg, prompts)[:num_prompts]
+    given = prepare_inputs(cfg, prompts)
+    chosen = given[:num_prompts]
+    if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
+        logging.getLogger("lowmem_alignprop").info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
+                                                   "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
         return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                          profile_name=profile_name, prompt_set=cfg.prompts if prompts is None else "--prompt",

@@ -122,28 +122,34 @@ class GlyphText:
                 "".join(sorted(self.missing))[:12])
 
 
+GRID_COLUMNS = 8  # images side by side; more prompts wrap into further bands below (40 made one 7,744 px wide row)
+
+
 def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor, torch.Tensor],
                      after: tuple[torch.Tensor, torch.Tensor], cell: int = 192,
                      row_names: tuple[str, str] = ("before", "after")) -> Path:
-    """A PNG grid: one column per prompt, two rows (``row_names``), each image labelled with its reward."""
+    """A PNG grid: one column per prompt, two rows (``row_names``), each image labelled with its reward; past
+    ``GRID_COLUMNS`` prompts the columns go on in another band of the two rows below."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
     label_h, left = 28, 64
     n = len(prompts)
-    grid = Image.new("RGB", (left + n * cell, 20 + 2 * (cell + label_h)), "white")
+    columns, band = min(n, GRID_COLUMNS), 20 + 2 * (cell + label_h)
+    grid = Image.new("RGB", (left + columns * cell, band * -(-n // GRID_COLUMNS)), "white")
     draw = ImageDraw.Draw(grid)
     text = GlyphText()
     for j, p in enumerate(prompts):
-        text.draw(draw, (left + j * cell + 4, 4), p, cell - 8)
-    for i, (name, (imgs, rewards)) in enumerate(zip(row_names, (before, after))):
-        y = 20 + i * (cell + label_h)
-        text.draw(draw, (4, y + cell // 2), name, left - 6)
-        for j in range(n):
+        x, top = left + (j % GRID_COLUMNS) * cell, (j // GRID_COLUMNS) * band
+        text.draw(draw, (x + 4, top + 4), p, cell - 8)
+        for i, (imgs, rewards) in enumerate((before, after)):
+            y = top + 20 + i * (cell + label_h)
             arr = (imgs[j].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            im = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            grid.paste(im, (left + j * cell, y))
-            text.draw(draw, (left + j * cell + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
+            grid.paste(Image.fromarray(arr).resize((cell, cell), Image.NEAREST), (x, y))
+            text.draw(draw, (x + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
+    for top in range(0, grid.height, band):  # each band's row names
+        for i, name in enumerate(row_names):
+            text.draw(draw, (4, top + 20 + i * (cell + label_h) + cell // 2), name, left - 6)
     text.warn_missing()  # once per grid
     with atomic.replacing(path) as tmp:  # a full disk or a kill leaves no half-written PNG
         grid.save(tmp)
