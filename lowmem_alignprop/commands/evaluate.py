@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
+from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 # keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
@@ -232,7 +232,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     if not model_given:
         check_recorded_base(model, f"--lora {spec.arg}")
     # the run: the folder named (RUN), or one or two above it (RUN/lora, RUN/checkpoints/step-N, RUN/export/kohya)
-    run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / "config.yaml").is_file()), None)
+    run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
     config = read_run(run)[0] if run else recorded if isinstance(recorded, dict) else {}
     return model, image_settings(config)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import FULL_DIR, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SUMMARY_FILE
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -19,7 +19,7 @@ def lora_problem(run: Path) -> str | None:
     """What is wrong with the LoRA a finished run wrote (None: it is whole)."""
     from safetensors import safe_open
 
-    file = run / "lora" / LORA_WEIGHT_NAME
+    file = run / LORA_DIR / LORA_WEIGHT_NAME
     if not file.is_file():
         return f"{file.parent} is missing" if not file.parent.is_dir() else f"{file} is missing"
     try:
@@ -29,11 +29,11 @@ def lora_problem(run: Path) -> str | None:
     except Exception as e:  # safetensors raises its own error types for a truncated file
         return f"{file} is damaged ({type(e).__name__})"
     try:
-        base = json.loads((run / "lora" / LORA_BASE_FILE).read_text(encoding="utf-8"))
+        base = json.loads((run / LORA_DIR / LORA_BASE_FILE).read_text(encoding="utf-8"))
         if not isinstance(base, dict):
             raise ValueError
     except (OSError, ValueError):
-        return f"{run / 'lora' / LORA_BASE_FILE} is missing or damaged"
+        return f"{run / LORA_DIR / LORA_BASE_FILE} is missing or damaged"
     return None
 
 
@@ -43,14 +43,14 @@ def outputs_problem(run: Path, trained: str = "lora") -> str | None:
     if trained == "lora":
         problem = lora_problem(run)
     else:
-        problem = None if (run / "unet" / "config.json").is_file() else f"{run / 'unet'} is missing"
+        problem = None if (run / FULL_DIR / "config.json").is_file() else f"{run / FULL_DIR} is missing"
     if problem:
         return problem
     try:
-        if not isinstance(json.loads((run / "summary.json").read_text(encoding="utf-8")), dict):
+        if not isinstance(json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8")), dict):
             raise ValueError
     except (OSError, ValueError):
-        return f"{run / 'summary.json'} is missing or damaged"
+        return f"{run / SUMMARY_FILE} is missing or damaged"
     return None
 
 
@@ -73,8 +73,8 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
             not (path / ckpt.EMA_WEIGHTS).is_file()  # an older checkpoint: the average not kept by name
         if config.get("train_unet", "lora") != "lora" or ema_only_by_state:
             return None
-        with atomic.replacing_dir(run / "lora") as tmp:
+        with atomic.replacing_dir(run / LORA_DIR) as tmp:
             write_checkpoint_lora(path, tmp)
-        log.warning("%s: wrote %s again from checkpoint %s", problem, run / "lora", path)
+        log.warning("%s: wrote %s again from checkpoint %s", problem, run / LORA_DIR, path)
         return path
     return None

@@ -49,14 +49,14 @@ from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
+from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
+                                            step_grid_name)
 
 log = logging.getLogger("lowmem_alignprop")
 
 FORMATS = EXPORT_FORMATS  # the same list as the export_format config field's
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # what a merged model is saved in
 CARD_NAME = "README.md"
-GRID_NAME = "before_after.png"
 
 
 def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None = None,
@@ -145,12 +145,12 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             files += [p.name for p in write_base_record(lora, tmp)]
         grid = None
         # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
-        source = (lora.run / "samples" / (GRID_NAME if lora.step is None else f"step-{lora.step:06d}.png")
+        source = (lora.run / SAMPLES_DIR / (GRID_FILE if lora.step is None else step_grid_name(lora.step))
                   if lora.run is not None else None)
         if merge and (at != 1.0 or into != lora.base_model):  # the grid shows the LoRA as trained (weight 1, on its
             source = None  # base), not this model (another weight, or merged into another model: one with LoRAs)
         if source is not None and source.is_file():
-            grid = GRID_NAME if lora.step is None else source.name
+            grid = source.name
             shutil.copy2(source, tmp / grid)
         (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command,
                                                 merged_weight=at if merge else None, grid=grid, merged_into=into,

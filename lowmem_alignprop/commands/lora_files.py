@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import (BEST_DIR, BEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_DIR, LORA_BASE_FILE,
+                                            LORA_DIR, LORA_WEIGHT_NAME, SUMMARY_FILE)
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 log = logging.getLogger("lowmem_alignprop")
@@ -115,8 +116,8 @@ def lora_dir_of(spec: str) -> Path:
         if path.name == LORA_WEIGHT_NAME:
             return path.parent
         raise UserError(f"--lora {spec} is a file: pass the lora/ folder a run wrote (it holds {LORA_WEIGHT_NAME})")
-    if not (path / LORA_WEIGHT_NAME).is_file() and (path / "lora" / LORA_WEIGHT_NAME).is_file():
-        return path / "lora"  # the run folder
+    if not (path / LORA_WEIGHT_NAME).is_file() and (path / LORA_DIR / LORA_WEIGHT_NAME).is_file():
+        return path / LORA_DIR  # the run folder
     return path
 
 
@@ -180,7 +181,7 @@ def read_lora(spec: str) -> Lora:
         except (OSError, ValueError) as e:
             raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
                             "lora/ folder") from None
-    run = path.parent if any((path.parent / n).is_file() for n in ("config.yaml", "summary.json")) else None
+    run = path.parent if any((path.parent / n).is_file() for n in (CONFIG_FILE, SUMMARY_FILE)) else None
     lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
     if run is not None:
         lora.run_config, lora.summary = read_run(run)
@@ -214,7 +215,7 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
     lora = read_lora(str(folder))
     state = read_state(checkpoint)
     run = checkpoint.parent.parent  # RUN/checkpoints/step-N
-    lora.run = run if checkpoint.parent.name == "checkpoints" else None
+    lora.run = run if checkpoint.parent.name == CHECKPOINTS_DIR else None
     if lora.run is not None:
         lora.run_config, _ = read_run(run)
     lora.run_config = {**lora.run_config, **state.get("config", {})}
@@ -256,11 +257,11 @@ def read_run(run: Path) -> tuple[dict, dict]:
 
     config, summary = {}, {}
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        config = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         pass
     try:
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
     return (config if isinstance(config, dict) else {}), (summary if isinstance(summary, dict) else {})
@@ -299,9 +300,9 @@ def base_family(lora: Lora) -> str:
     if spec in known:
         return known[spec]
     folder = _base_folder(spec)
-    if folder is not None and (folder / "unet" / "config.json").is_file():
+    if folder is not None and (folder / FULL_DIR / "config.json").is_file():
         try:
-            conf = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+            conf = json.loads((folder / FULL_DIR / "config.json").read_text(encoding="utf-8"))
             if conf.get("addition_embed_type") == "text_time":
                 return SDXL
             return SD_V2 if conf.get("cross_attention_dim") == 1024 else SD_V1

@@ -29,7 +29,9 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space, schedule
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import COMMAND_FILE, INIT_LORA_DIR, LORA_BASE_FILE, LORA_WEIGHT_NAME, PROMPTS_FILE
+from lowmem_alignprop.run.filenames import (COMMAND_FILE, CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, INIT_LORA_DIR,
+                                            LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR,
+                                            SUMMARY_FILE, step_grid_name)
 from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
@@ -333,7 +335,7 @@ class Trainer:
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
         problem = outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
-        missing = [] if problem else missing_exports(self.cfg, self.out / "lora")
+        missing = [] if problem else missing_exports(self.cfg, self.out / LORA_DIR)
         return problem or (f"its {' and '.join(missing)} export{'s are' if len(missing) > 1 else ' is'} missing"
                            if missing else None)
 
@@ -467,10 +469,10 @@ class Trainer:
         out = self.out
         if self.is_main:
             if self.point is not None:  # a hand edit of config.yaml would be written over without a word
-                note = ckpt.edited_config_note(out / "config.yaml", self.point.state.get("config", {}), self.fits)
+                note = ckpt.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
                 if note:
                     log.warning("%s", note)
-            atomic.write_text(out / "config.yaml", self.config_yaml())
+            atomic.write_text(out / CONFIG_FILE, self.config_yaml())
             # --init-lora's LoRA kept as read: a resume needs neither its path nor its file
             if self.init_file is not None and self.init_file != self.init_lora_copy:
                 with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
@@ -879,7 +881,7 @@ class Trainer:
             # the steps done so far are kept: --resume latest continues (with the change the message names)
             _, kept = self.keep_steps(step - 1, fix_first=False)
             if self.fits and self.is_main:  # the step-downs made so far, which the checkpoint's config holds
-                atomic.write_text(self.out / "config.yaml", self.config_yaml())
+                atomic.write_text(self.out / CONFIG_FILE, self.config_yaml())
             changes = " (with --auto-fit's changes so far: config.yaml lists them)" if self.fits and kept else ""
             raise faults.OutOfMemory(f"{message}{kept}{changes} [{detail}]") from None
         log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
@@ -1072,7 +1074,7 @@ class Trainer:
             return {}
         images, rewards = rendered
         if self.is_main:
-            grid = save_sample_grid(self.out / "samples" / f"step-{step:06d}.png", self.sample_prompts, self.before,
+            grid = save_sample_grid(self.out / SAMPLES_DIR / step_grid_name(step), self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
             log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", step)
         if note := nonfinite_note(rewards, "sample images"):
@@ -1156,7 +1158,7 @@ class Trainer:
         if self.is_main:
             exported = None
             try:
-                exported = export_at_end(cfg, self.out / "lora", keep_current=bool(self.refinish))
+                exported = export_at_end(cfg, self.out / LORA_DIR, keep_current=bool(self.refinish))
                 if exported.folders:  # what they wrote and where the upload went (or why it failed)
                     summary.update(exported.record())
                     try:
@@ -1176,7 +1178,7 @@ class Trainer:
                 return {k: v.detach().to("cpu", copy=True) for k, v in self.family.lora_state_dict(final).items()}
         with self.gather():  # ZeRO-3: the partitioned UNet is whole once, to be written
             if self.is_main:
-                with atomic.replacing_dir(self.out / "unet") as tmp:
+                with atomic.replacing_dir(self.out / FULL_DIR) as tmp:
                     final.save_pretrained(tmp)
         return None
 
@@ -1189,7 +1191,7 @@ class Trainer:
         """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""
         final = self.accelerator.unwrap_model(self.unet_train)
         if self.cfg.train_unet != "lora":
-            final.save_pretrained(folder / "unet")
+            final.save_pretrained(folder / FULL_DIR)
             return
         self.save_lora(folder, {k: v.detach().to("cpu", copy=True)
                                 for k, v in self.family.lora_state_dict(final).items()}, final)
@@ -1225,12 +1227,12 @@ class Trainer:
 
         cfg, out, before, history = self.cfg, self.out, self.before, self.history
         if lora is not None:  # every file here is written atomically: a full disk or a kill leaves none half-written
-            with atomic.replacing_dir(out / "lora") as tmp:
+            with atomic.replacing_dir(out / LORA_DIR) as tmp:
                 self.save_lora(tmp, lora, final)
         if after is not None:
-            grid = save_sample_grid(out / "samples" / "before_after.png", self.sample_prompts, before, after)
+            grid = save_sample_grid(out / SAMPLES_DIR / GRID_FILE, self.sample_prompts, before, after)
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
-            atomic.write_text(out / "samples" / "before_after.json", json.dumps(
+            atomic.write_text(out / SAMPLES_DIR / GRID_RECORD, json.dumps(
                 {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps,
                  # image n alone: `lowmem-alignprop sample RUN/lora --seed <its seed>` and its prompt
                  "images": [{"prompt": p, "seed": cfg.seed + SAMPLE_SEED_OFFSET + n, "reward_before":
@@ -1255,7 +1257,7 @@ class Trainer:
                                     "held_out": kinds.count("heldout"),
                                     "before": self.fidelity_before, "after": self.fidelity_after}
         if self.fits:  # the configuration that finally fitted, for the next run
-            atomic.write_text(out / "config.yaml", self.config_yaml())
+            atomic.write_text(out / CONFIG_FILE, self.config_yaml())
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
         peak = max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None), default=None)
@@ -1276,5 +1278,5 @@ class Trainer:
 
     def write_summary(self, summary: dict) -> None:
         """summary.json: at the end of write_outputs, and again with what the exports at the end did."""
-        atomic.write_text(self.out / "summary.json", json.dumps(faults.json_ready(summary), indent=2))
+        atomic.write_text(self.out / SUMMARY_FILE, json.dumps(faults.json_ready(summary), indent=2))
 

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_DIR
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
     ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, P_MENTION_BACKGROUND, SHAPES, WORLD_VERSION, Content, Scene,
@@ -548,7 +549,7 @@ def _run_prompts(run: Path) -> list[str]:
 
     from lowmem_alignprop.step.prompts import load_prompts
 
-    return load_prompts(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["prompts"])
+    return load_prompts(yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))["prompts"])
 
 
 @torch.no_grad()
@@ -564,7 +565,7 @@ def adversarial_pool(pipe, runs: list[Path], sched: Schedule, seed: int, log) ->
         prompts = _run_prompts(runs[0] if run is None else run)
         prompts = [prompts[i % len(prompts)] for i in range(sched.adv_samples)]
         if run is not None:
-            pipe.load_lora_weights(str(run / "lora"), adapter_name=f"run{k}")
+            pipe.load_lora_weights(str(run / LORA_DIR), adapter_name=f"run{k}")
         x = sample_images(pipe, prompts, sched, seed + 17 + 1000 * k, eta=1.0)
         if run is not None:
             pipe.delete_adapters(f"run{k}")
@@ -586,7 +587,7 @@ def _run_record(run: Path) -> dict:
     """What the report keeps of an adversarial round's AlignProp run: its command and its LoRA's checksums."""
     command = run / "command.txt"
     return {"command": command.read_text(encoding="utf-8").strip() if command.exists() else None,
-            "lora_sha256": sha256s(run / "lora")}
+            "lora_sha256": sha256s(run / LORA_DIR)}
 
 
 def adversarial_round(pipe, clip, tokenizer, runs: list[Path], sched: Schedule, seed: int, split: str, clock: Clock,

@@ -42,11 +42,12 @@ from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowmem_alignprop")
 
 FORMAT = 1
-DIRNAME = "checkpoints"
+DIRNAME = CHECKPOINTS_DIR
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 # Config fields that must match to resume: they change what the saved tensors mean or their shapes.
@@ -70,7 +71,7 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
-RUN_MARKS = ("lora", "unet", "metrics.jsonl", "summary.json")  # what a run writes besides its checkpoints
+RUN_MARKS = (LORA_DIR, FULL_DIR, METRICS_FILE, SUMMARY_FILE)  # what a run writes besides its checkpoints
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class RunEvidence:
     @property
     def started_only(self) -> bool:
         """Only the metrics of a run that stopped before its first checkpoint."""
-        return not self.is_dir and self.name == "metrics.jsonl"
+        return not self.is_dir and self.name == METRICS_FILE
 
 
 def holds_a_run(output_dir: str | os.PathLike) -> RunEvidence | None:

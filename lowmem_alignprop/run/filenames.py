@@ -11,3 +11,17 @@ SAMPLE_RESULTS = "sample_results.json"  # `sample`'s rewards and settings
 BEST_DIR = "best"  # in the run folder (--eval-every): the LoRA of the best held-out evaluation so far
 MERGED_FILE = "merged_loras.json"  # in an `export --merge` folder: the LoRAs fused into it (a single file: its header)
 BEST_FILE = "best.json"  # in best/: the step, its eval_reward and the evaluation's settings
+LORA_DIR = "lora"  # in the run folder: the trained LoRA (diffusers' layout)
+FULL_DIR = "unet"  # in the run folder (train_unet=full): the whole trained UNet
+CONFIG_FILE = "config.yaml"  # in the run folder: the resolved configuration (a resume's, an export's model card's)
+SUMMARY_FILE = "summary.json"  # in the run folder: the end-of-run summary
+METRICS_FILE = "metrics.jsonl"  # in the run folder: one line per optimizer step
+CHECKPOINTS_DIR = "checkpoints"  # in the run folder: step-NNNNNNNN/ each
+SAMPLES_DIR = "samples"  # in the run folder: the before/after grid and --sample-every's
+GRID_FILE = "before_after.png"  # in samples/: before and after training, same seeds
+GRID_RECORD = "before_after.json"  # in samples/: the grid's prompts, seeds and rewards
+
+
+def step_grid_name(step: int) -> str:
+    """--sample-every's grid of step ``step`` in samples/ (before vs that step): step-000050.png."""
+    return f"step-{step:06d}.png"

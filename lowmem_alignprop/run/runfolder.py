@@ -27,14 +27,14 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import json_ready
-from lowmem_alignprop.run.filenames import BEST_FILE
+from lowmem_alignprop.run.filenames import BEST_FILE, CONFIG_FILE, METRICS_FILE
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
 
 log = logging.getLogger("lowmem_alignprop")
 
-METRICS = "metrics.jsonl"
+METRICS = METRICS_FILE
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class RunFolder:
         origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile
         for run in [self.path] + ([Path(origin)] if origin else []):
             try:
-                name = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("profile", "resumed")
+                name = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")).get("profile", "resumed")
                 break
             except (OSError, ValueError, AttributeError, yaml.YAMLError):
                 continue
