@@ -720,19 +720,17 @@ class Trainer:
         """What was NaN/inf on any rank (the gradients are then dropped), or None; a reward without a graph fails.
         ``failed``: this rank's rollout raised it (under a launcher): every rank stops, each ready to save the steps
         before this one together (:meth:`keep_steps`), the failed one with its own error."""
-        from lowmem_alignprop.run.distributed import worst_rank
+        from lowmem_alignprop.run.distributed import agreed_outcome
 
         bad = None
         if failed is None:
             bad = None if faults.finite(rewards_) else "the reward"
             bad = bad or (None if faults.finite(loss) else "the loss")
-        worst = worst_rank(self.accelerator, 2 if failed is not None else 1 if bad is not None else 0)
-        if worst == 2:
+        failure, any_bad = agreed_outcome(self.accelerator, failed, bad is not None, "step")
+        if failure is not None:
             self.all_failed = True
-            if failed is not None:
-                raise failed
-            raise faults.AnotherProcessFailed("another process's step failed (its own error line says why)")
-        if worst == 1:
+            raise failure
+        if any_bad:
             self.optimizer.zero_grad(set_to_none=True)  # the skipped step's gradients freed, not kept to the next
             return bad or "the reward on another process"
         if not loss.requires_grad:  # a reward that lost its graph on this batch (.detach(), numpy, ...)

@@ -251,11 +251,19 @@ def agreed_failure(accelerator, failed: BaseException | None, what: str) -> Base
     """Under a launcher, where one process may fail alone (a user's reward): this process's failure, else another
     process's (AnotherProcessFailed naming ``what``), else None, alike on every rank, so that they stop together
     instead of the others dying in their next collective. One tiny collective; a no-op with one process."""
+    return agreed_outcome(accelerator, failed, False, what)[0]
+
+
+def agreed_outcome(accelerator, failed: BaseException | None, bad: bool, what: str) -> tuple[BaseException | None,
+                                                                                              bool]:
+    """:func:`agreed_failure` and whether any rank had ``bad`` news (a NaN reward: every rank skips the step), in
+    the one collective: (the failure every rank raises, or None; any rank bad). A failure outranks bad news."""
     from lowmem_alignprop.run.faults import AnotherProcessFailed
 
-    if not any_rank(accelerator, failed is not None):
-        return None
-    return failed or AnotherProcessFailed(f"another process's {what} failed (its own error line says why)")
+    worst = worst_rank(accelerator, 2 if failed is not None else 1 if bad else 0)
+    if worst == 2:
+        return failed or AnotherProcessFailed(f"another process's {what} failed (its own error line says why)"), True
+    return None, worst == 1
 
 
 POLL_S = 0.05  # how often a waiting rank looks at its barrier: the latency a signal meets there
