@@ -400,7 +400,8 @@ def pipeline_model(pipe) -> str:
 
 def model_of_kind(kind: str | None) -> str | None:
     """What :func:`check_lora_family` compares of a settings/model_kind kind (sd, sdxl, sd35m, sd35l, flux)."""
-    return None if kind is None else "unet" if kind in ("sd", "sdxl") else "flux" if kind == "flux" else "sd3"
+    from lowmem_alignprop.settings.model_kind import KIND_FAMILY
+    return KIND_FAMILY.get(kind)
 
 
 def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:

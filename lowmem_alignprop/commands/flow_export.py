@@ -250,10 +250,11 @@ def family_of_model(base_model: str | None) -> str | None:
     if not base_model:
         return None
     from lowmem_alignprop.models.flow_loading import FLOW_ARCHS, FLOW_PIPELINES
+    from lowmem_alignprop.settings.model_kind import KIND_FAMILY
     from lowmem_alignprop.settings.paths import pipeline_class
 
     if base_model in FLOW_ARCHS:
-        return FLUX if base_model == "flux" else SD3
+        return KIND_FAMILY[base_model]
     return FLOW_PIPELINES.get(pipeline_class(Path(base_model).expanduser()))
 
 

@@ -23,12 +23,12 @@ from lowmem_alignprop.models.block_loading import Placement, check_readable, fol
 from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, PIPELINE_FAMILIES
+from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, FLOW_KINDS, PIPELINE_FAMILIES
 from lowmem_alignprop.settings.paths import describe, kind_of, looks_like_hub_id, model_index, pipeline_class
 
 log = logging.getLogger(__name__)
 
-FLOW_ARCHS = ("sd35m", "sd35l", "flux")
+FLOW_ARCHS = FLOW_KINDS  # the shipped flow architectures are named by their kinds
 FLOW_PIPELINES = {cls: family for cls, family in PIPELINE_FAMILIES.items() if family in FLOW_FAMILIES}
 
 

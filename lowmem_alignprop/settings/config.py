@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.model_kind import SD3_KINDS
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
@@ -368,7 +369,7 @@ class Config:
                             f"and --model {self.model} is a whole model with its own: drop model_components")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
             raise UserError(FLUX_NEGATIVE)
-        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, "sd35m", "sd35l"):
+        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
             raise UserError(no_t5_to_leave_out(kind == "flux"))
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")

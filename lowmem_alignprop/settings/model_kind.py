@@ -23,7 +23,9 @@ def sd3_kind(num_layers: int) -> str:
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
                      "StableDiffusion3Pipeline": "sd3"}  # sd3: Medium or Large by its transformer (sd3_kind)
 FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), not UNets
-FLOW_KINDS = ("sd35m", "sd35l", "flux")  # the model kinds of those families
+KIND_FAMILY = {"sd": "unet", "sdxl": "unet", "sd35m": "sd3", "sd35l": "sd3", "flux": "flux"}  # a kind's denoiser
+FLOW_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family in FLOW_FAMILIES)  # also the flow architectures
+SD3_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family == "sd3")  # the ones that can leave T5 out
 NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
