@@ -27,6 +27,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import finite_or_none
 from lowmem_alignprop.run import runfolder, schedule
 from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
+from lowmem_alignprop.run.runlock import next_free_dir
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.step.rollout import loss_from_reward
@@ -242,10 +243,7 @@ class HeldOut:
         if final.exists() and self.best_step is not None and runfolder.best_step(final) == self.best_step:
             return
         if final.exists():
-            aside, n = self.out / f"{BEST_DIR}-before-step-{start + 1}", 1
-            while aside.exists():
-                n += 1
-                aside = self.out / f"{BEST_DIR}-before-step-{start + 1}-{n}"
+            aside = next_free_dir(self.out / f"{BEST_DIR}-before-step-{start + 1}", Path.exists)
             final.rename(aside)
             log.warning("resume: %s held the LoRA of step %s, not of the best evaluation this run continues from "
                         "(%s): moved to %s", final, runfolder.best_step(aside),

@@ -40,7 +40,7 @@ import torch
 
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.runlock import global_rank, world_size
+from lowmem_alignprop.run.runlock import global_rank, next_free_dir, world_size
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
@@ -132,10 +132,7 @@ def set_aside_newer(root: Path, step: int, metrics: Path | None = None) -> Path 
     newer = [p for p in list_checkpoints(root) if step_of(p) > step]
     if not newer:
         return None
-    aside, n = root / f"superseded-after-step-{step}", 1
-    while aside.exists():  # an earlier branch from the same step keeps its own folder
-        n += 1
-        aside = root / f"superseded-after-step-{step}-{n}"
+    aside = next_free_dir(root / f"superseded-after-step-{step}", Path.exists)  # an earlier branch keeps its own
     aside.mkdir()
     for p in newer:
         p.rename(aside / p.name)
