@@ -483,8 +483,8 @@ class Config:
             if value != getattr(Config, name) and not self.eval_every:
                 shown = name if isinstance(value, bool) else f"{name}={value}"
                 raise UserError(f"{shown} {what}, and evaluation is off: add --eval-every N")
-        if self.recipe and self.recipe not in shipped_recipes():
-            raise UserError(f"unknown recipe {self.recipe!r}: use one of {', '.join(shipped_recipes())}")
+        if self.recipe:
+            recipe_file(self.recipe)
 
     # ------------------------------------------------------------------------------------------------
     def with_changes(self, **changes: Any) -> "Config":
@@ -508,6 +508,14 @@ class Config:
 FIELD_NAMES = tuple(f.name for f in fields(Config))
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the paper's settings, one YAML file per recipe
+
+
+def recipe_file(name: str) -> Path:
+    """The shipped recipe ``name``'s file; an unknown name is one line naming the recipes there are."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        raise UserError(f"unknown recipe {name!r}: use one of {', '.join(recipes)}")
+    return recipes[name]
 
 
 def shipped_recipes() -> dict[str, Path]:

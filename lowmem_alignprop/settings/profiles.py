@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, shipped_recipes
+from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, recipe_file
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -276,10 +276,7 @@ NOT_IN_A_RECIPE = ("model", "output_dir", "recipe")
 
 def load_recipe(name: str) -> dict[str, Any]:
     """A shipped recipe's field values (lowmem_alignprop/recipes/NAME.yaml), typed; unknown name -> UserError."""
-    recipes = shipped_recipes()
-    if name not in recipes:
-        raise UserError(f"unknown recipe {name!r}: use one of {', '.join(recipes)}")
-    data = _load_yaml(recipes[name].read_text(encoding="utf-8")) or {}
+    data = _load_yaml(recipe_file(name).read_text(encoding="utf-8")) or {}
     values = {str(k): coerce(str(k), v) for k, v in data.items() if k not in NOT_IN_A_RECIPE}
     return {**values, "recipe": name}
 
