@@ -989,3 +989,18 @@ def test_reward_checkpointing_lowers_what_toy_clip_and_toy_count_keep_for_backwa
             kept[on], grads[on] = sum(saved), x.grad
         assert kept[True] < 0.5 * kept[False], (name, kept)
         assert_rel_close(grads[True], grads[False], SAME_OPS, f"{name}'s image gradient")
+
+
+def test_prompts_outside_the_toy_grammar_on_the_toy_model_are_said():
+    """`--prompts animals.txt` on the toy model trained on noise-for-words without a word; every shipped toy set
+    parses, other models are not the toy world's business."""
+    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.toy.fidelity import off_grammar_note
+
+    for name in ("toy-train", "toy-heldout", "toy-pairs"):
+        assert off_grammar_note("toy", load_prompts(name)) is None, name
+    animals = load_prompts("simple_animals")
+    said = off_grammar_note("toy", ["a red circle", *animals, animals[0]])
+    assert said.startswith(f"{len(animals)} of the {len(animals) + 1} prompts are outside the toy world's grammar "
+                           f"(e.g. {animals[0]!r}): the toy model knows only"), said
+    assert off_grammar_note("tiny", animals) is None

@@ -351,6 +351,21 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
     return model == "toy" or bool(prompts) and all(parses(p) for p in prompts)
 
 
+def off_grammar_note(model: str, prompts: Sequence[str]) -> str | None:
+    """The shipped toy model given prompts its grammar does not read (a photo of a cat): said at the start, as its
+    images for them are noise and the exact evaluators judge none of them; None when every prompt parses."""
+    if model != "toy":
+        return None
+    stray = list(dict.fromkeys(p for p in prompts if not parses(p)))
+    if not stray:
+        return None
+    distinct = len(set(prompts))
+    return (f"{len(stray)} of the {distinct} prompts are outside the toy world's grammar (e.g. {stray[0]!r}): the toy "
+            "model knows only its captions of coloured shapes ('a red circle and two blue squares', docs/toy_world.md), "
+            "so its images for them mean nothing and the exact evaluators judge none of them; use a toy-* prompt set "
+            "or such captions")
+
+
 def judged_prompts(model: str, prompts: list[str], images: int) -> list[str]:
     """What a run's exact evaluators judge: ``images`` images (fidelity_images) of the run's prompts, in order and
     round again if there are fewer (each image its own noise); none outside the toy world."""
