@@ -535,16 +535,20 @@ def test_a_prompt_longer_than_the_text_encoder_takes_plans_as_a_short_one(tiny_d
     """diffusers' encode_prompt compares a prompt's ids cut at the encoder's length with the uncut ones (torch.equal,
     for its "truncated" warning): on fake tensors that has no answer, and plan stopped with a traceback on any prompt
     file holding a prompt of 77 tokens or more. Every prompt is padded to that length: the same estimate as two short
-    prompts."""
+    prompts. The plan says, as training does, that the encoder cuts the long one."""
     long, short = tmp_path / "long.txt", tmp_path / "short.txt"
     long.write_text(" ".join(["a red circle and a blue square"] * 20) + "\nshort\n")
     short.write_text("a cat\na dog\n")
-    peaks = []
+    peaks, notes = [], []
     for prompts in (long, short):
         assert main(["plan", "--profile", "cpu", "--model", "tiny", "--json", "--no-suggest", "--no-cache", "--set",
                      "resolution=16", "--prompts", str(prompts)]) == 0
-        peaks.append(json.loads(capsys.readouterr().out)["peak_needed"])
+        plan = json.loads(capsys.readouterr().out)
+        peaks.append(plan["peak_needed"])
+        notes.append(" ".join(plan["estimate"]["notes"]))
     assert peaks[0] == peaks[1] > 0
+    assert "1 of 2 prompts are longer than the 16 tokens the text encoder reads" in notes[0]
+    assert "longer than" not in notes[1]
 
 
 def test_plan_json_carries_its_provenance(shared_plans, tiny_dir, capsys):

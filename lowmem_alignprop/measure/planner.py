@@ -204,6 +204,8 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
 
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
     comps, reward = _meta_models(cfg, sim, target, dtype, notes)
+    if (cut := family_for(comps).cut_prompts_note(cfg, prompts)):  # as training says it: prompts the encoder cuts
+        notes.append(cut)
     # 3. fake storage for everything
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     params, weights, largest = fake_weights(cfg, comps, reward, fake, cuda, notes)
