@@ -117,6 +117,8 @@ def test_prompts_longer_than_the_encoder_that_carries_their_tokens_reads_are_sai
     assert family("sd3").cut_prompts_note(Config(max_sequence_length=16), prompts).startswith(
         "2 of 3 prompts are longer than the 16 tokens T5 (max_sequence_length=16) reads")
     assert family("flux").cut_prompts_note(Config(max_sequence_length=16), [short]) is None
+    from lowmem_alignprop.models.flow_loading import _stand_in_t5_tokenizer  # an architecture's: letters, not T5's
+    assert family("flux", t5_tok=_stand_in_t5_tokenizer(16)).cut_prompts_note(Config(), prompts) is None
     for without_t5 in (family("sd3", t5_tok=None), family("unet")):  # CLIP carries the tokens: its 16
         said = without_t5.cut_prompts_note(Config(), prompts)
         assert said.startswith("2 of 3 prompts are longer than the 16 tokens the text encoder reads: their ends are "

@@ -107,6 +107,8 @@ class FlowFamily(UNetFamily):
         t5_tok = self.comps.tokenizer_2 if self.name == flow.FLUX else self.comps.tokenizer_3
         if t5_tok is None:  # SD3 with t5_encoder=false
             return super().cut_prompts_note(cfg, prompts)
+        if getattr(t5_tok, "stand_in", False):  # an architecture's random-weight model: no T5 vocabulary to count
+            return None
         limit = self.max_sequence_length(cfg)
         most = min(512, getattr(t5_tok, "model_max_length", 512))
         return cut_prompts_note(t5_tok, prompts, limit, f"T5 (max_sequence_length={limit})",

@@ -222,7 +222,9 @@ def _stand_in_t5_tokenizer(max_length: int):
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tokenizer.stand_in = True  # its token counts are letters, not T5's: no prompt is said to be cut by them
+    return tokenizer
 
 
 def build_flow_components(name: str, *, device="meta", dtype=torch.bfloat16, t5: bool = True):
