@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.settings.errors import UserError, first_line
 
@@ -89,13 +90,14 @@ def _lora_file(path: Path, arg: str) -> Path:
         raise UserError(f"--lora {arg}: {file} cannot be read ({e.strerror or type(e).__name__}): check its "
                         "permissions, or copy it again") from None
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file (or one holding code)
-        if "global" in str(e).lower() and file.suffix.lower() == ".bin":
+        if isinstance(e, TensorFileError) and e.holds_code:
             raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
                             "which is never loaded: use the .safetensors LoRA a training run wrote, or convert this "
                             "file where you trust it") from None
         again = ("copy it again from the run's lora/ folder" if file.parent.name == "lora" else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
-        raise UserError(f"--lora {arg}: {file} cannot be read ({first_line(e, 120)}): it is truncated or damaged; "
+        detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
+        raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
@@ -112,14 +114,10 @@ def _lora_file(path: Path, arg: str) -> Path:
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a LoRA file (a few MB), read as diffusers would: safetensors, or a .bin through torch.load
-    with weights_only (a file that imports code raises instead of running it)."""
-    with open(file, "rb"):
-        pass  # unreadable (permissions): OSError, before any parser sees it
-    if file.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    """Every tensor of a LoRA file (a few MB), read as diffusers would (tensor_files' rule: safetensors, or a .bin
+    through torch.load with weights_only). Raises TensorFileError, OSError, or ValueError for a file that holds no
+    dictionary of tensors."""
+    state = read_tensor_file(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not a dictionary of tensors")
     return {str(k): v for k, v in state.items()}

@@ -141,7 +141,7 @@ class WeightEMA:
         path = folder / EMA_FILE
         if not path.is_file():
             return False
-        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.model.load_state_dict(ckpt.load_tensors(path))  # (a damaged file or one holding code: one line)
         self.model.decay = self.decay  # this run's setting; the average and its update count are the checkpoint's
         self.model.to(self.params[0].device)
         return True

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
+from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_safetensors_shapes, read_tensor_file
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.paths import model_index
 from lowmem_alignprop.settings.paths import pipeline_class as indexed_pipeline_class
@@ -175,39 +176,23 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): its download or copy did not finish; fetch it again")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        sd = _torch_load(path)
-        return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Check that the file is a complete "
-                        ".safetensors or .ckpt download (re-download it if it was truncated)") from e
-
-
-def _torch_load(path: Path) -> dict:
-    import pickle
-
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "unsupported global" in str(e).lower():  # a disallowed class or function (code), not a damaged file
+        if is_safetensors(path):
+            return read_safetensors_shapes(path)
+        sd = read_tensor_file(path, unwrap=True)  # memory-mapped: only the shapes are looked at
+    except TensorFileError as e:
+        if e.holds_code:  # a disallowed class or function (code), not a damaged file
             raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
                             "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
-        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (damaged, truncated, or "
-                        "another format); re-download it, or pass a .safetensors file") from None
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return obj
+        kind, fix = ("safetensors", "re-download it") if is_safetensors(path) else \
+            ("PyTorch", "re-download it, or pass a .safetensors file")
+        raise UserError(f"cannot read checkpoint {path} ({e.detail}): it is not a {kind} checkpoint (damaged, "
+                        f"truncated, or another format); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - an unreadable file (OSError)
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Check that the file is a complete "
+                        ".safetensors or .ckpt download (re-download it if it was truncated)") from e
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict (found {type(sd).__name__})")
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _detect_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> str:

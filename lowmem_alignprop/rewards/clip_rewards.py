@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from lowmem_alignprop.memory.recompute import checkpoint_modules
 from lowmem_alignprop.models.pipeline_load import missing_weights
 from lowmem_alignprop.run import hub
+from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
 from .base import RewardModule
@@ -264,14 +265,19 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
     return None
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path):
+    """What the weights file ``path`` holds (tensor_files' rule, memory-mapped where it can be), or one line naming
+    the file and the flag."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+        return read_tensor_file(path)
+    except TensorFileError as exc:
+        if exc.holds_code:
+            raise UserError(f"{path} holds pickled code (it imports a Python object, not only tensors), which is "
+                            f"never loaded: pass the released weights file (or a .safetensors copy of it) with "
+                            f"{FLAG}") from None
+        raise UserError(f"cannot read {path} as a torch checkpoint ({exc.detail}); check the file given by "
+                        f"{FLAG}") from None
+    except OSError as exc:
         raise UserError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}); check the file given "
                         f"by {FLAG}") from exc
 

@@ -28,6 +28,8 @@ import re
 
 import torch
 
+from lowmem_alignprop.run.tensor_files import unwrap_state_dict
+
 _LAYER_PARTS = {
     "ln_1": "layer_norm1",
     "ln_2": "layer_norm2",
@@ -54,9 +56,11 @@ _BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+?)[._](weigh
 
 
 def unwrap_checkpoint(obj) -> dict[str, torch.Tensor]:
-    """The state dict inside an open_clip / HPS checkpoint (``{'state_dict': ...}`` or plain), ``module.`` stripped."""
+    """The state dict inside an open_clip / HPS checkpoint (``{'state_dict': ...}``, ``{'model': ...}`` or plain),
+    ``module.`` stripped. ``state_dict`` wrappers come off by tensor_files' rule (as often as they nest)."""
+    obj = unwrap_state_dict(obj)
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
+        for key in ("model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break

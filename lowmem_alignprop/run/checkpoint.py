@@ -41,7 +41,8 @@ import torch
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.runlock import global_rank, next_free_dir, world_size
-from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
+from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowmem_alignprop")
@@ -611,18 +612,17 @@ def _cleanup(tmp: Path, is_main: bool) -> None:
 
 
 def load_tensors(file: Path):
-    """``torch.load`` of a checkpoint file with weights_only: a file that imports code (a blocked global) is refused
-    as such, not read and not called damaged."""
-    import pickle
-
+    """A checkpoint file (optimizer or RNG state: nested dicts of tensors) by tensor_files' rule: a file that imports
+    code (a blocked global) is refused as such, not read and not called damaged. Read whole, not memory-mapped: the
+    optimizer keeps the tensors for the run, and a mapping would hold the checkpoint file open (pruning removes it)."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "unsupported global" in str(e).lower():
+        return read_tensor_file(file, mmap=False)
+    except TensorFileError as e:
+        if e.holds_code:
             raise UserError(f"checkpoint file {file} holds pickled code (it imports a Python object, not only "
                             "tensors), which is never loaded: this checkpoint was not written by lowmem-alignprop; "
                             "resume from one of your own runs") from None
-        raise UserError(f"checkpoint file {file} cannot be read ({first_line(e, 100)}): it is damaged; use "
+        raise UserError(f"checkpoint file {file} cannot be read ({e.detail[:100]}): it is damaged; use "
                         "--resume latest to take the newest intact checkpoint") from None
 
 

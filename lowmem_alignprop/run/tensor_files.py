@@ -1,0 +1,116 @@
+"""Reading a tensor file: the one rule every reader of a checkpoint, a LoRA or reward weights follows.
+
+* ``.safetensors`` is read with safetensors (the suffix as diffusers tells it, lower case, so that what passes
+  these checks is what diffusers loads next); anything else with ``torch.load(weights_only=True,
+  map_location="cpu")``, memory-mapped where the format allows (a zip file, what ``torch.save`` writes since
+  PyTorch 1.6; a legacy non-zip file is read whole). No file is ever unpickled with code allowed.
+* ``unwrap=True`` takes nested ``{"state_dict": {...}}`` wrappers off (Lightning / original SD checkpoints), as
+  often as they nest.
+* A file that is there but cannot be read as tensors raises :class:`TensorFileError`: ``holds_code`` tells a file
+  that imports a Python object (a class or function: pickled code, refused unread by weights_only) from a damaged
+  one (truncated, another format, not a checkpoint at all); ``detail`` is the reader's reason in a few words. An
+  unreadable file's :class:`OSError` (missing, permissions, a directory, an I/O error) passes through as it is.
+  Callers turn either into their own one-line UserError: which file, which flag, what to do.
+
+Why not diffusers' ``diffusers.models.model_loading_utils.load_state_dict`` (0.42): it reads the same formats with
+the same mmap rule (``zipfile.is_zipfile``, taken here), but it turns every failure into one ``OSError`` ("Unable
+to load weights from checkpoint file") or ``ValueError``: a file holding code then reads like a damaged one (the
+unpickler's "Unsupported global" survives only two exceptions deep in the chained context), and a damaged file
+like an unreadable one -- the two distinctions this module exists for. On a failure it also re-opens the file in
+text mode and ``read()``s it whole to look for a git-lfs pointer: gigabytes into memory for a damaged multi-GB
+checkpoint. And it has no state-dict unwrapping. (It also reads GGUF, which nothing here needs.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lowmem_alignprop.settings.errors import first_line
+
+
+class TensorFileError(Exception):
+    """A tensor file that is there but cannot be read as tensors: ``holds_code`` (it imports a Python object,
+    refused unread) or damaged / not a checkpoint. ``detail``: the reader's reason, one short phrase."""
+
+    def __init__(self, path: Path, detail: str, *, holds_code: bool):
+        self.path, self.detail, self.holds_code = Path(path), detail, holds_code
+        what = "holds pickled code" if holds_code else "is damaged or not a tensor file"
+        super().__init__(f"{path} {what} ({detail})")
+
+
+def is_safetensors(path) -> bool:
+    return Path(path).suffix == ".safetensors"
+
+
+def unwrap_state_dict(obj: Any) -> Any:
+    """``obj`` with its nested ``{"state_dict": {...}}`` wrappers taken off."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return obj
+
+
+def read_tensor_file(path, *, unwrap: bool = False, mmap: bool = True) -> Any:
+    """What a tensor file holds: a dict of tensors for safetensors; for a torch file whatever it pickled from
+    tensors, numbers, strings and containers (an optimizer's state: nested dicts). ``unwrap``: nested
+    ``state_dict`` wrappers taken off. ``mmap=False`` where the tensors are kept and their file may go (a resumed
+    optimizer adopts its state, and pruning removes that checkpoint later). Raises :class:`TensorFileError` or
+    ``OSError``."""
+    path = Path(path)
+    with open(path, "rb"):
+        pass  # missing, a directory, permissions: the OSError itself, before any parser sees the file
+    with _typed_errors(path):
+        if is_safetensors(path):
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            import torch
+
+            mappable = mmap and zipfile.is_zipfile(path)  # a legacy (non-zip) file cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mappable)
+    return unwrap_state_dict(obj) if unwrap else obj
+
+
+def read_safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a ``.safetensors`` file from its header alone (no tensor is read). Raises as
+    :func:`read_tensor_file`."""
+    path = Path(path)
+    with open(path, "rb"):
+        pass
+    with _typed_errors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@contextlib.contextmanager
+def _typed_errors(path: Path):
+    """Any reader failure as a TensorFileError; an OSError as it is."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors' and torch's errors are of many types
+        code = isinstance(error, pickle.UnpicklingError) and "unsupported global" in str(error).lower()
+        raise TensorFileError(path, _reason(error), holds_code=code) from error
+
+
+def _reason(error: BaseException) -> str:
+    """The reader's reason in a few words: torch's weights-only message opens with paragraphs of advice (the reason
+    follows them); its zip reader's starts with the reason, then advice."""
+    text = str(error)
+    found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", text, re.IGNORECASE)
+    if found:  # "Unsupported global: GLOBAL m.f was not an allowed...", "unsupported GLOBAL posix.system whose..."
+        return f"unsupported global {found.group(1)}"[:120]
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:  # "Unsupported operand 118"
+        return found.group(1).strip()[:120]
+    if isinstance(error, EOFError) and not text.strip():
+        return "the file ends early"
+    return first_line(error, 300).split(". ")[0][:120]
