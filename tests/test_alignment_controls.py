@@ -543,6 +543,10 @@ def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_pa
     after = json.loads((out / "prompts.json").read_text())
     assert after["held_out"] == first["held_out"] and "a grey owl" in after["train"]
     assert not set(after["held_out"]) & set(after["train"])
+    # a resume measures one of its own steps' memory on a CPU (it measured step 2 only, which it did not run, and
+    # memory_report.json then told the load's peak as the run's)
+    report = json.loads((out / "memory_report.json").read_text())
+    assert report["peak_step"] == 3 and report["peak_stage"] != "load", report
 
 
 def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():

@@ -358,7 +358,9 @@ class Trainer:
         self.host_allocator = release_freed_tensors(cfg.cpu_malloc_threshold_kib) if cpu else None
         self.is_main = self.accelerator.is_main_process
         self.weight_dtype = precision.frozen_weight_dtype(self.accelerator.mixed_precision, self.device.type)
-        self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={min(2, cfg.steps)},
+        measured = min(self.start + 2, cfg.steps)  # a CPU counts the allocation of this process's second step (past
+        # its warm-up; a resume's own, not step 2)
+        self.prof = StageProfiler(device=self.device, budget_gb=cfg.budget_gb, detail_steps={measured},
                                   snapshot_steps=self.memory_snapshot)
         self.prof.host_allocator = self.host_allocator
         self.place = Placement(self.device, offload=cfg.offload_frozen)
