@@ -551,7 +551,9 @@ class Trainer:
         a list of seeds each image its own (its noise then does not depend on which images share its batch). A user
         reward's error names ``when`` and ``fix`` (the held-out evaluation's own)."""
         cfg, place = self.cfg, self.place
-        with torch.no_grad(), self.accelerator.autocast():
+        from lowmem_alignprop.memory.host_allocator import wider_threshold
+        heap = wider_threshold(cfg.cpu_malloc_threshold_kib if self.device.type == "cpu" else 0)
+        with torch.no_grad(), self.accelerator.autocast(), heap:
             emb = self.embed(batch_prompts)
             if isinstance(seed, list):  # diffusers' schedulers draw image i's step noise from g[i]
                 g = [torch.Generator().manual_seed(s) for s in seed]

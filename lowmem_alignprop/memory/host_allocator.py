@@ -64,3 +64,27 @@ def trim() -> bool:
     """Give the free memory inside glibc's heaps back to the system now (``malloc_trim(0)``); False off glibc."""
     libc = glibc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+class wider_threshold:
+    """Inside the block (a no-grad render: the sample grid, the judged images) glibc keeps blocks up to ``kib`` in its
+    heap instead of mapping and unmapping each one (each new mapping page-faults as it is first written); at the end
+    the run's own thresholds come back and the freed heap is given back (malloc_trim). Nothing when the run fixed no
+    threshold (``base_kib`` 0, a user's variables, not glibc)."""
+
+    def __init__(self, base_kib: int, kib: int = 32768):
+        self.base_kib, self.kib = base_kib, kib
+        self.libc = None if not base_kib or any(os.environ.get(v) for v in USER_VARS) else glibc()
+
+    def __enter__(self):
+        if self.libc is not None:
+            self.libc.mallopt(M_MMAP_THRESHOLD, self.kib * 1024)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 2 * self.kib * 1024)
+        return self
+
+    def __exit__(self, *exc):
+        if self.libc is not None:
+            self.libc.mallopt(M_MMAP_THRESHOLD, self.base_kib * 1024)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 2 * self.base_kib * 1024)
+            self.libc.malloc_trim(0)
+        return False
