@@ -592,11 +592,12 @@ def _section_rss(results_dir: Path) -> list[str]:
          "later. **load** = RSS when the load stage ended (when step 1 began). **peak allocated** = the measured "
          "step's peak tensor bytes (above its start: without the weights and state already there). "
          "**load + peak** = RSS when step 1 began (else after load) + peak allocated (+ the part above the start). "
-         "MiB throughout.", "",
-         "| run | code | peak RSS (outside) | step 1 | step 2 (measured) | step 3 | steady | peak - steady | "
+         "MiB throughout; **seconds**: the whole run's wall seconds (its user + system CPU seconds), comparable only "
+         "between rows a note says ran on an otherwise idle machine.", "",
+         "| run | code | peak RSS (outside) | seconds (user + system CPU) | step 1 | step 2 (measured) | step 3 | steady | peak - steady | "
          "load (step 1 began) | peak allocated (above start) | load + peak (above start) | steady - (load + peak) | "
          "measurement held | command |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     notes, devs, growth = [], set(), []
     for path in files:
         try:
@@ -621,8 +622,11 @@ def _section_rss(results_dir: Path) -> list[str]:
                 gap = f"{_m(min(steady) - start - peak)} to {_m(max(steady) - start - peak)}"
         over = (f"{_m(r['peak_rss_outside'] - max(steady))} to {_m(r['peak_rss_outside'] - min(steady))}"
                 if steady and r.get("peak_rss_outside") else "-")
+        cpu = [r.get("cpu_user_seconds"), r.get("cpu_system_seconds")]
+        secs = (f"{r['seconds']:.1f} ({cpu[0]:.1f} + {cpu[1]:.1f})" if r.get("seconds") and None not in cpu
+                else f"{r['seconds']:.1f}" if r.get("seconds") else "-")
         L.append(f"| {path.stem.removeprefix('rss-')} | {r.get('label', '?')} | {_m(r.get('peak_rss_outside'))} | "
-                 f"{_m(rss.get(1))} | {_m(rss.get(2))} | {_m(rss.get(3))} | "
+                 f"{secs} | {_m(rss.get(1))} | {_m(rss.get(2))} | {_m(rss.get(3))} | "
                  + (f"{_m(min(steady))}-{_m(max(steady))}" if steady else "-")
                  + f" | {over} | {_m(after_load)} ({_m(first)}) | {_m(peak)} ({_m(above)}) | {both} | {gap} | "
                  f"{_m(rrss.get('measurement_bytes'))} | `{r.get('command', '?')}` |")
