@@ -585,3 +585,21 @@ def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed
                  second["prompt"], "--output-dir", str(out)]) == 0, capsys.readouterr().err[-2000:]
     again = json.loads((out / "sample_results.json").read_text())["per_prompt"][0]["lora"]
     assert again == pytest.approx([second["reward_after"]], rel=1e-5)
+
+
+def test_the_run_writes_only_keys_docs_outputs_md_names(full_run):
+    """A key added to summary.json, a metrics.jsonl line, memory_report.json, prompts.json, before_after.json or a
+    base_model.json without its row in docs/outputs.md fails here (scripts read these files as a contract)."""
+    import re
+
+    from outputs_doc import DOC, problems
+
+    text = DOC.read_text(encoding="utf-8")
+    assert problems(full_run, text) == {}, "keys the run wrote that docs/outputs.md does not name"
+    # the check bites: the doc without one row of each file's table
+    for name, row in (("summary.json", "reward_window"), ("metrics.jsonl", "k_all"),
+                      ("memory_report.json", "fits_basis"), ("samples/before_after.json", "images[].reward_after"),
+                      ("prompts.json", "held_out")):
+        cut = re.sub(rf"^\| `{re.escape(row)}` \|.*\n", "", text, count=1, flags=re.M)
+        assert cut != text, row
+        assert problems(full_run, cut) == {name: [row]}

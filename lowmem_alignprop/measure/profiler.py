@@ -556,7 +556,6 @@ class StageProfiler:
             "peak_reserved": max(reserved) if reserved else None,
             "budget_bytes": budget,
             **budget_verdict(peak, max(reserved) if reserved else None, budget, self._cuda),
-            "fits_budget_basis": "peak_allocated",
             "snapshot": self._snapshot_info(),
             "load": self.outside.get(LOAD),
             "rss": self._rss_summary(),
