@@ -62,8 +62,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--output-dir", help="where the LoRA, metrics, samples and reports go")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), help="accelerate tracker")
     from lowmem_alignprop.settings.config import shipped_recipes
+    p.add_argument("--report-to", choices=Config.__dataclass_fields__["report_to"].metadata["choices"],
+                   help="accelerate tracker")
     p.add_argument("--recipe", choices=tuple(shipped_recipes()),
                    help="the paper's settings for a run (reward, loss scale, clipping, weight decay, K range), "
                         "between the profile and the flags; printed in config.yaml")
