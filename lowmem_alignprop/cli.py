@@ -82,7 +82,7 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     takes a training command's as they are), passed on as --set."""
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
-                   "steps: samples/step-N.png, their rewards in metrics.jsonl, the images to --report-to")
+                   "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
     args = p.parse_args(argv)
     for flag in ("checkpoint_every", "sample_every"):
         if getattr(args, flag) is not None:

@@ -243,7 +243,7 @@ class Config:
     report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
     sample_prompts: int = _f(4, "Fixed-seed prompts in the before/after sample grid (0 disables the grid).")
     sample_every: int = _f(0, "Render the sample grid's fixed-seed prompts (same seeds) every N steps (--sample-every): "
-                           "samples/step-N.png (before vs step N), their rewards in that step's metrics.jsonl line, "
+                           "samples/step-NNNNNN.png (before vs step N), their rewards in that step's metrics.jsonl line, "
                            "the grid to the --report-to tracker. 0 = only before and after training.")
     export_format: str = _f("", "Export the LoRA at the end of the run, as `lowmem-alignprop export --format F` does, "
                             "into export/F/ (model card included): a comma-separated list of "
