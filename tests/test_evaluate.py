@@ -236,6 +236,7 @@ def test_cli_weights_reach_the_adapters(tmp_path, loras, tiny_dir, caplog):
     row's rewards. Their runs sampled with other negative prompts (base_model.json's records): the first LoRA's is
     used, sample_results.json says which, and the other's is warned of (it was dropped without a word)."""
     import logging
+    import pathlib
     import shutil
 
     mixed = {}
@@ -301,7 +302,7 @@ def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
-                                  "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt"])
+                                  "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt", "upper_suffix"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -309,7 +310,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     step.mkdir(parents=True)
     (step / "trainable.safetensors").write_bytes(b"")
     (step / "state.json").write_text("{}")
-    args = {"missing": ["--lora", str(tmp_path / "nope")],
+    import pathlib
+    import shutil
+    upper = tmp_path / "my.SAFETENSORS"  # a valid LoRA file, read by diffusers only by its lower-case suffix
+    shutil.copy(next(pathlib.Path(loras["a"]).glob("*.safetensors")), upper)
+    args = {"upper_suffix": ["--lora", str(upper)],
+            "missing": ["--lora", str(tmp_path / "nope")],
             "empty_dir": ["--lora", str(empty)],
             "bad_weight": ["--lora", f"{loras['a']}:half"],
             "no_weight": ["--lora", f"{loras['a']}:"],
@@ -330,7 +336,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
                 "no_lora": "--lora DIR", "zero_prompts": "at least 1",
                 "checkpoint": "is incomplete or corrupt: no manifest.json",
                 "prompt_and_prompts": "give your prompts with --prompt TEXT or a prompt set with --prompts, not both",
-                "empty_prompt": "--prompt '': give the prompt's text"}[case]
+                "empty_prompt": "--prompt '': give the prompt's text",
+                "upper_suffix": "diffusers reads my.SAFETENSORS by its suffix in lower case only: rename it to "
+                                "my.safetensors"}[case]
     assert expected in err[0], err[0]
 
 

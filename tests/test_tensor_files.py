@@ -39,6 +39,8 @@ def test_a_safetensors_file_is_read_with_safetensors_and_its_header_alone_gives_
     save_file(SD, str(tmp_path / "w.safetensors"))
     _same(read_tensor_file(tmp_path / "w.safetensors"))
     assert read_safetensors_shapes(tmp_path / "w.safetensors") == {"a.weight": (2, 3), "b.bias": (4,)}
+    save_file(SD, str(tmp_path / "W.SafeTensors"))  # the suffix in any case (a Windows download's)
+    _same(read_tensor_file(tmp_path / "W.SafeTensors"))
 
 
 def test_a_zip_torch_file_is_memory_mapped_and_a_legacy_one_read_whole(tmp_path, monkeypatch):

@@ -138,6 +138,9 @@ def _find_lora_file(path: Path, arg: str) -> Path:
     if path.is_file():
         if path.suffix.lower() not in (".safetensors", ".bin"):
             raise UserError(f"--lora {arg}: {path} is not a LoRA weights file; pass a .safetensors file or its folder")
+        if path.suffix not in (".safetensors", ".bin"):  # diffusers tells a weights file by the lower-case suffix
+            raise UserError(f"--lora {arg}: diffusers reads {path.name} by its suffix in lower case only: rename it "
+                            f"to {path.stem}{path.suffix.lower()}")
         return path
     for folder in (path, path / "lora"):  # a run's output dir holds its LoRA in lora/
         if (folder / LORA_WEIGHT_NAME).is_file():

@@ -1,7 +1,6 @@
 """Reading a tensor file: the one rule every reader of a checkpoint, a LoRA or reward weights follows.
 
-* ``.safetensors`` is read with safetensors (the suffix as diffusers tells it, lower case, so that what passes
-  these checks is what diffusers loads next); anything else with ``torch.load(weights_only=True,
+* ``.safetensors`` (in any case) is read with safetensors; anything else with ``torch.load(weights_only=True,
   map_location="cpu")``, memory-mapped where the format allows (a zip file, what ``torch.save`` writes since
   PyTorch 1.6; a legacy non-zip file is read whole). No file is ever unpickled with code allowed.
 * ``unwrap=True`` takes nested ``{"state_dict": {...}}`` wrappers off (Lightning / original SD checkpoints), as
@@ -44,7 +43,8 @@ class TensorFileError(Exception):
 
 
 def is_safetensors(path) -> bool:
-    return Path(path).suffix == ".safetensors"
+    """By its suffix, in any case (a LoRA's reader, which hands the file to diffusers, asks for the lower case)."""
+    return Path(path).suffix.lower() == ".safetensors"
 
 
 def unwrap_state_dict(obj: Any) -> Any:
