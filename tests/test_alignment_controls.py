@@ -526,10 +526,15 @@ def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_pa
     that changes the seed, and no held-out prompt is in it. (The resume said the prompt file had changed.)"""
     from lowmem_alignprop.cli import main
 
+    from lowmem_alignprop.memory import host_allocator
+
     (tmp_path / "train.txt").write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "run"
     args = [*FAST_EVAL, "--prompts", str(tmp_path / "train.txt"), "--output-dir", str(out)]
+    widened, wider = [], host_allocator.wider_threshold  # renders without gradients keep their blocks in the heap
+    monkeypatch.setattr(host_allocator, "wider_threshold", lambda kib: widened.append(kib) or wider(kib))
     assert main([*args, "--steps", "1", "--eval-every", "1", "--set", "eval_holdout=2"]) == 0
+    assert widened and set(widened) == {1024}  # the held-out evaluation's render, at the run's own threshold
     first = json.loads((out / "prompts.json").read_text())
     assert len(first["held_out"]) == 2 and not set(first["held_out"]) & set(first["train"])
     assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest", "--set", "seed=9"]) == 0

@@ -122,3 +122,32 @@ def test_wider_threshold_changes_nothing_the_run_did_not_fix(monkeypatch):
     assert host_allocator.wider_threshold(0).libc is None  # cpu_malloc_threshold_kib=0: glibc's own thresholds
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert host_allocator.wider_threshold(1024).libc is None  # the user's own setting
+
+
+def test_a_render_sets_the_heap_wide_and_the_runs_thresholds_back_after(monkeypatch):
+    """What wider_threshold asks of glibc: 32 MiB (trim 64) for the render, then the run's own thresholds again and the
+    heap's free pages given back, also when the render raises (else freed activations would stay in the process)."""
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, what, value):
+            calls.append((what, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(host_allocator, "glibc", FakeLibc)
+    for raising in (False, True):
+        calls.clear()
+        try:
+            with host_allocator.wider_threshold(1024):
+                assert calls == [(host_allocator.M_MMAP_THRESHOLD, 32 * MIB), (host_allocator.M_TRIM_THRESHOLD, 64 * MIB)]
+                if raising:
+                    raise RuntimeError("a user's reward failed in the render")
+        except RuntimeError:
+            assert raising
+        assert calls[2:] == [(host_allocator.M_MMAP_THRESHOLD, MIB), (host_allocator.M_TRIM_THRESHOLD, 2 * MIB),
+                             ("trim", 0)]
+

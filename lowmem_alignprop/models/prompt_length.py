@@ -20,4 +20,4 @@ def cut_prompts_note(tokenizer, prompts: list[str], limit: int | None = None, re
     first, lost = next(iter(cut.items()))
     count = sum(1 for p in prompts if p in cut)
     return (f"{count} of {len(prompts)} prompts are longer than the {limit} tokens {reader} reads: their ends are "
-            f"ignored (e.g. {first[:40]!r}... loses {lost[-60:]!r}); {fix}")
+            f"ignored (e.g. {first[:40]!r}... loses {lost[:60] + ('...' if len(lost) > 60 else '')!r}); {fix}")
