@@ -506,3 +506,38 @@ def test_ctrl_c_after_the_last_step_skips_the_after_samples_but_writes_the_lora(
     assert not (out / "samples" / "before_after.png").exists()  # skipped, as asked (and said:)
     assert f"after samples skipped (SIGINT while they were rendered): lowmem-alignprop sample {out}/lora" \
         in captured.out
+
+
+def test_a_checkpoint_of_a_newer_version_is_refused_not_resumed_without_its_settings(runs, tmp_path, capsys):
+    """A user who goes back to an older version: its resume dropped the settings it did not know, and trained on
+    without them (best_by=fidelity became reward, and best/ another step). This version refuses a checkpoint with
+    settings it does not know, in one line; a field an earlier version had (RETIRED_FIELDS) is left out as before."""
+    import hashlib
+
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    _, split, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(split, run)
+    step = run / "checkpoints" / "step-00000006"
+
+    def with_config(**extra):
+        state = json.loads((step / "state.json").read_text())
+        state["config"] = {**state["config"], **extra}
+        data = json.dumps(state).encode()
+        (step / "state.json").write_bytes(data)
+        manifest = json.loads((step / "manifest.json").read_text())
+        entry = manifest["files"]["state.json"]
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        (step / "manifest.json").write_text(json.dumps(manifest))
+
+    with_config(reward_floor=None)  # retired: an older checkpoint's
+    assert RunFolder(run, resume="latest").resumed_settings()[1]["steps"] == 6
+    with_config(judge_by="fidelity", warmup_evals=2, truncation="per_layer")  # a choice this version lacks too
+    rc = main(["--output-dir", str(run), "--steps", "8", "--resume", "latest"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (f"error: checkpoint {step} was written by a newer lowmem-alignprop: its settings "
+                                   "judge_by, truncation=per_layer, warmup_evals are unknown to this version, which "
+                                   "would train on without them; resume with the version that wrote it (pip install -U "
+                                   "lowmem-alignprop), or start a new run"), err
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained, nothing lost

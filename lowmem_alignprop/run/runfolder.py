@@ -111,15 +111,24 @@ class RunFolder:
     def resumed_settings(self) -> tuple[str, dict] | None:
         """(profile name, config) the checkpoint was trained with, or None (no --resume, or :meth:`check` will say
         what is wrong: a live run in the folder first, then a missing or broken checkpoint)."""
-        from lowmem_alignprop.settings.config import FIELD_NAMES
+        from lowmem_alignprop.settings.config import FIELD_NAMES, RETIRED_FIELDS, Config
 
         if not self.resume:
             return None
         point, _, _ = self._lookup()
         if point is None:
             return None
-        values = {k: v for k, v in (point.state.get("config") or {}).items()
-                  if k in FIELD_NAMES and k != "output_dir"}
+        config = point.state.get("config") or {}
+        choices = {f: m.metadata.get("choices") for f, m in Config.__dataclass_fields__.items()}
+        newer = sorted([k for k in config if k not in FIELD_NAMES and k not in RETIRED_FIELDS]
+                       + [f"{k}={config[k]}" for k, c in choices.items() if c and k in config and config[k] not in c])
+        if newer:  # dropped, the run would go on without them (best_by falls back to reward: another best/); a
+            # value this version lacks would be refused naming one of its own, which trains otherwise
+            raise UserError(f"checkpoint {point.path} was written by a newer lowmem-alignprop: its settings "
+                            f"{', '.join(newer)} are unknown to this version, which would train on without them; "
+                            "resume with the version that wrote it (pip install -U lowmem-alignprop), or start a new "
+                            "run")
+        values = {k: v for k, v in config.items() if k in FIELD_NAMES and k != "output_dir"}
         name = "resumed"
         origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile
         for run in [self.path] + ([Path(origin)] if origin else []):

@@ -506,6 +506,7 @@ class Config:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
+RETIRED_FIELDS = ("reward_floor",)  # fields an earlier version had: an older checkpoint's are left out on resume
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the paper's settings, one YAML file per recipe
 
