@@ -236,7 +236,6 @@ def test_cli_weights_reach_the_adapters(tmp_path, loras, tiny_dir, caplog):
     row's rewards. Their runs sampled with other negative prompts (base_model.json's records): the first LoRA's is
     used, sample_results.json says which, and the other's is warned of (it was dropped without a word)."""
     import logging
-    import pathlib
     import shutil
 
     mixed = {}
