@@ -63,7 +63,7 @@ def test_only_the_default_folder_moves_past_an_earlier_run(tmp_path, caplog):
 
 def test_the_checkpoint_to_resume_is_read_once(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    fake_checkpoint(run, 3, config={"lr": 0.5, "output_dir": "elsewhere", "no_such_field": 1})
+    fake_checkpoint(run, 3, config={"lr": 0.5, "output_dir": "elsewhere", "reward_floor": None})  # a retired field
     reads = []
     real = ckpt.read_state
     monkeypatch.setattr(ckpt, "read_state", lambda path: reads.append(path) or real(path))
