@@ -412,6 +412,13 @@ def test_many_prompts_wrap_into_bands_of_the_grid_each_image_under_its_prompt(tm
         assert abs(grid[top + 20 + cell + label_h + cell // 2, x] - round(255 * (1 - shade[j].item()))) <= 1, j
     assert (grid[band:, :left] < 128).any()  # the second band's row names
     assert (grid[band + 20:, left + 3 * cell:] == 255).all()  # nothing past the 11th image
+    # sample --images-per-prompt 3: a prompt's three images stay in one band (6 columns a band, not 8)
+    shaded = np.asarray(Image.open(save_sample_grid(tmp_path / "h.png", [f"p{j}" for j in range(n)], before, after,
+                                                    cell=cell, group=3)).convert("L")).astype(int)
+    assert shaded.shape == (2 * band, left + 6 * cell)
+    for j in range(n):
+        x, top = left + (j % 6) * cell + cell // 2, (j // 6) * band
+        assert abs(shaded[top + 20 + cell // 2, x] - round(255 * shade[j].item())) <= 1, j
 
 
 def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, caplog, monkeypatch):

@@ -615,7 +615,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
     save_sample_grid(out / SAMPLE_GRID, labels, (base_images, base_r), (lora_images, lora_r),
-                     row_names=("base", "lora"))
+                     row_names=("base", "lora"), group=images_per_prompt)  # a prompt's images in one band
     atomic.write_text(out / SAMPLE_RESULTS, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
     return results
 

@@ -127,20 +127,22 @@ GRID_COLUMNS = 8  # images side by side; more prompts wrap into further bands be
 
 def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor, torch.Tensor],
                      after: tuple[torch.Tensor, torch.Tensor], cell: int = 192,
-                     row_names: tuple[str, str] = ("before", "after")) -> Path:
+                     row_names: tuple[str, str] = ("before", "after"), group: int = 1) -> Path:
     """A PNG grid: one column per prompt, two rows (``row_names``), each image labelled with its reward; past
-    ``GRID_COLUMNS`` prompts the columns go on in another band of the two rows below."""
+    ``GRID_COLUMNS`` prompts the columns go on in another band of the two rows below. ``group``: columns that belong
+    together (``sample --images-per-prompt``: one prompt's images), never split between two bands."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
     label_h, left = 28, 64
     n = len(prompts)
-    columns, band = min(n, GRID_COLUMNS), 20 + 2 * (cell + label_h)
-    grid = Image.new("RGB", (left + columns * cell, band * -(-n // GRID_COLUMNS)), "white")
+    per_band = max(group, GRID_COLUMNS // group * group)  # whole groups in a band
+    columns, band = min(n, per_band), 20 + 2 * (cell + label_h)
+    grid = Image.new("RGB", (left + columns * cell, band * -(-n // per_band)), "white")
     draw = ImageDraw.Draw(grid)
     text = GlyphText()
     for j, p in enumerate(prompts):
-        x, top = left + (j % GRID_COLUMNS) * cell, (j // GRID_COLUMNS) * band
+        x, top = left + (j % per_band) * cell, (j // per_band) * band
         text.draw(draw, (x + 4, top + 4), p, cell - 8)
         for i, (imgs, rewards) in enumerate((before, after)):
             y = top + 20 + i * (cell + label_h)
