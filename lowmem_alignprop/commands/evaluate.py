@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
+from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.settings.errors import UserError, first_line
 
@@ -304,7 +304,7 @@ def adapted_layers(pipe, name: str) -> int:
 
 def layers_in_file(path: Path) -> int:
     """How many adapted layers a LoRA file holds (one down/A matrix each); 0 for a .bin."""
-    if path.suffix.lower() != ".safetensors":
+    if not is_safetensors(path):
         return 0  # .bin: no cheap header read; rely on diffusers' own checks
     from safetensors import safe_open
 
@@ -330,7 +330,7 @@ def misfit_detail(error: Exception) -> str:
 def lora_family(path: Path) -> str | None:
     """``unet`` or ``transformer`` (SD3/FLUX): which denoiser a LoRA file adapts, from its key names (diffusers'
     ``unet.`` / ``transformer.`` prefixes, kohya's ``lora_unet_`` / ``lora_transformer_``); None when unknown."""
-    if path.suffix.lower() != ".safetensors":
+    if not is_safetensors(path):
         return None
     from safetensors import safe_open
 

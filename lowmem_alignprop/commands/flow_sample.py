@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError
 
 # diffusers' key prefixes of text-encoder layers in a LoRA file (CLIP-L, CLIP-G / T5, SD3's T5)
@@ -64,7 +65,7 @@ def check_transformer_only(specs) -> None:
     from safetensors import safe_open
 
     for spec in specs:
-        if spec.file.suffix.lower() != ".safetensors":
+        if not is_safetensors(spec.file):
             continue
         with safe_open(str(spec.file), framework="pt") as f:
             text = sum(1 for k in f.keys() if k.startswith(_TEXT_ENCODER_PREFIXES) and "lora" in k)

@@ -14,6 +14,7 @@ import torch
 from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
 from lowmem_alignprop.commands.lora_formats import is_peft_folder, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
+from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
@@ -30,7 +31,7 @@ def init_lora_file(spec: str) -> Path:
     kohya file (fused q/k/v, which diffusers' SD3 loader does not read) are written in diffusers' layout into a
     temporary folder first (removed when the process ends). Raises UserError."""
     file = _init_lora_source(spec)
-    if file.suffix.lower() == ".safetensors":
+    if is_safetensors(file):
         from safetensors import safe_open
 
         from lowmem_alignprop.commands import flow_export
@@ -56,7 +57,7 @@ def _init_lora_source(spec: str) -> Path:
         raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
                         "checkpoint, a .safetensors file or a peft adapter folder)")
     if path.is_file():
-        if path.suffix.lower() != ".safetensors":
+        if not is_safetensors(path):
             raise UserError(f"--init-lora {spec} is not a .safetensors file: pass a LoRA in diffusers, kohya or peft "
                             "layout")
         return path

@@ -22,6 +22,7 @@ from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.models.pipeline_load import load_pipeline
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -190,7 +191,7 @@ def _is_flow_transformer_file(path: str) -> bool:
     """A .safetensors file holding an SD3/FLUX transformer alone (it then needs model_components)."""
     from lowmem_alignprop.models import flow_loading as fl
 
-    if not path.lower().endswith(".safetensors"):
+    if not is_safetensors(path):
         return False
     try:
         from safetensors import safe_open
