@@ -15,6 +15,7 @@ from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base, lora
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
+from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 
@@ -80,7 +81,7 @@ def merged_record(spec: str) -> list[dict]:
     try:
         if path.is_dir():
             text = (path / MERGED_FILE).read_text(encoding="utf-8") if (path / MERGED_FILE).is_file() else "[]"
-        elif path.is_file() and path.suffix == ".safetensors":
+        elif path.is_file() and is_safetensors(path):
             from safetensors import safe_open
             with safe_open(str(path), framework="pt") as f:
                 text = (f.metadata() or {}).get(MERGED_KEY, "[]")

@@ -41,12 +41,16 @@ def glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
+def users_setting() -> str | None:
+    """The user's own ``MALLOC_*`` threshold variable (``NAME=value``), which wins over ours; None when unset."""
+    return next((f"{var}={os.environ[var]}" for var in USER_VARS if os.environ.get(var)), None)
+
+
 def release_freed_tensors(threshold_kib: int) -> str:
     """Fix glibc's mmap threshold at ``threshold_kib`` and its trim threshold at twice it (see the module docstring;
     0 leaves glibc's own). Returns what the C allocator runs with, for summary.json and the memory report."""
-    for var in USER_VARS:
-        if os.environ.get(var):
-            return f"{var}={os.environ[var]} (yours)"
+    if users_setting():
+        return f"{users_setting()} (yours)"
     libc = glibc()
     if libc is None:
         return "the platform's malloc (unchanged: not glibc)"
@@ -74,7 +78,7 @@ class wider_threshold:
 
     def __init__(self, base_kib: int, kib: int = 32768):
         self.base_kib, self.kib = base_kib, kib
-        self.libc = None if not base_kib or any(os.environ.get(v) for v in USER_VARS) else glibc()
+        self.libc = None if not base_kib or users_setting() else glibc()
 
     def __enter__(self):
         if self.libc is not None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lowmem_alignprop.run.runlock import pid_alive
+from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import first_line
 
 INJECT_ENV = "LOWMEM_ALIGNPROP_INJECT_WRITE"
@@ -74,7 +75,7 @@ def fsync_dir(path: Path) -> None:
 def finish_file(path: Path) -> None:
     """Sync a written file and give it the permissions a plain ``open`` would have (the umask's); a .safetensors
     file's header metadata sorted (:func:`sort_safetensors_metadata`)."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         sort_safetensors_metadata(path)
     try:  # Windows flushes a file only through a handle that may write (a read-only one fails with EBADF)
         with open(path, "r+b" if WINDOWS else "rb") as fh:
