@@ -126,6 +126,7 @@ def test_kl_keeps_the_lora_nearer_the_base(tiny):
             opt.step()
             kls.append(terms.get("kl"))
         assert (kls[0] is None) == (coeff == 0)  # the metrics see the KL term only when it is on
+        assert all(k is None or k.grad_fn is None for k in kls)  # detached: the metrics hold no graph of the step
         distance[coeff] = _distance_to_base(comps, emb)
     with torch.no_grad():
         for p, s in zip(params, start):

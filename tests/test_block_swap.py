@@ -204,3 +204,67 @@ def test_block_swap_needs_block_checkpointing(capsys, tmp_path):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert rc == 2 and len(err) == 1 and "unet_checkpointing=blocks" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_each_block_prefetches_the_one_that_runs_next_in_forward_and_in_backward():
+    """Four frozen Linear blocks, each its own checkpoint (as unet_checkpointing=blocks makes them), all swapped. In
+    forward block i+1 comes while block i runs; in backward the per-block recomputes walk back, so block i-1 comes
+    while block i recomputes (block 0 too), never the block just done. The gradient is that without block swap."""
+    from lowmem_alignprop.memory.recompute import module_checkpoint
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(4, 4).requires_grad_(False) for _ in range(4)]
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+
+    def run():
+        h = x
+        for b in blocks:
+            h = module_checkpoint(b, h)
+        return h
+
+    ref = torch.autograd.grad(run().pow(2).sum(), x)[0]
+    swap = BlockSwap(blocks, "cpu")
+    out = run()
+    forward = [(i, where) for i, where, _ in swap.log]
+    assert forward == [(0, "device"), (1, "device"), (0, "cpu"), (2, "device"), (1, "cpu"), (3, "device"), (2, "cpu"),
+                       (3, "cpu")]
+    n = len(swap.log)
+    grad = torch.autograd.grad(out.pow(2).sum(), x)[0]
+    backward = swap.log[n:]
+    assert all(phase == "backward" for _, _, phase in backward)
+    # block 3 first (nothing before it to guess from), then 2 with 1 prefetched, then 1 with 0 prefetched; block 0's
+    # recompute stops after the last tensor it needs (no forward hook): it waits for release()
+    assert [(i, where) for i, where, _ in backward] == [(3, "device"), (3, "cpu"), (2, "device"), (1, "device"),
+                                                        (2, "cpu"), (0, "device"), (1, "cpu")]
+    assert swap.most_resident == 2
+    assert_rel_close(grad, ref, SAME_OPS, "input gradient")
+    swap.release()
+    assert swap.where == ["cpu"] * 4
+
+
+def test_install_swaps_the_first_n_blocks_and_model_to_moves_all_but_their_frozen_weights():
+    """install(model, n) takes the first n blocks in execution order (what the planner counts); model_to applies the
+    move to every other parameter and buffer (the trainable weight inside a swapped block too) and leaves the swapped
+    frozen weights as their host copy. On a CPU build the move is observed as a dtype change: .to(float64)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(4, 4)
+            self.transformer_blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+            self.register_buffer("pos", torch.zeros(4))
+            self.lora = torch.nn.Parameter(torch.zeros(4))  # a trainable weight inside block 0
+
+    model = Model().requires_grad_(False)
+    model.transformer_blocks[0].register_parameter("lora", model.lora)
+    model.lora.requires_grad_(True)
+    swap = install(model, 2, "cpu")
+    assert swap.blocks == list(model.transformer_blocks[:2])
+    host = {id(p): h for pairs in swap.host for p, h in pairs}
+    assert len(host) == 4 and id(model.lora) not in host  # two blocks' weight and bias; the trainable one stays
+    swap.model_to(model, torch.float64)
+    for name, p in model.named_parameters():
+        if id(p) in host:
+            assert p.dtype == torch.float32 and p.data.data_ptr() == host[id(p)].data_ptr(), name
+        else:
+            assert p.dtype == torch.float64, name
+    assert model.pos.dtype == torch.float64

@@ -151,3 +151,23 @@ def test_a_render_sets_the_heap_wide_and_the_runs_thresholds_back_after(monkeypa
         assert calls[2:] == [(host_allocator.M_MMAP_THRESHOLD, MIB), (host_allocator.M_TRIM_THRESHOLD, 2 * MIB),
                              ("trim", 0)]
 
+
+
+def test_release_freed_tensors_fixes_the_mmap_threshold_and_the_trim_threshold_at_twice_it(monkeypatch):
+    """What release_freed_tensors asks of glibc: the mmap threshold at the field's KiB, the trim threshold at twice it
+    (the message says so too); 0 asks nothing."""
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, what, value):
+            calls.append((what, value))
+            return 1
+
+    for var in host_allocator.USER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(host_allocator, "glibc", FakeLibc)
+    said = host_allocator.release_freed_tensors(1024)
+    assert calls == [(host_allocator.M_MMAP_THRESHOLD, MIB), (host_allocator.M_TRIM_THRESHOLD, 2 * MIB)]
+    assert "mmap threshold fixed at 1024 KiB and trim threshold at 2048 KiB" in said
+    calls.clear()
+    assert "its own moving thresholds" in host_allocator.release_freed_tensors(0) and calls == []

@@ -552,3 +552,29 @@ def test_on_windows_the_allocator_keeps_fixed_segments_and_says_so(fake_cuda, mo
     monkeypatch.setattr(sys, "platform", "win32")
     assert configure_cuda_allocator(True) == "fixed segments (PyTorch has no expandable segments on Windows)"
     assert fake_cuda == []
+
+
+def test_placement_moves_the_modules_themselves_not_only_its_record():
+    """Placement's events are what the trainer's tests read; here the modules' own .to() calls: to_device sends them
+    to the compute device, park to the CPU with offload_frozen (else they stay), offload to the CPU always, and a
+    None module is skipped. (meta stands in for the compute device on a CPU build.)"""
+    from lowmem_alignprop.memory.placement import Placement
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sent = []
+
+        def to(self, device):
+            self.sent.append(torch.device(device).type)
+            return self
+
+    for offload, parked in ((True, "cpu"), (False, "meta")):
+        place, vae, reward, text = Placement(torch.device("meta"), offload), Spy(), Spy(), Spy()
+        place.to_device("vae", vae, None)
+        place.park("reward", reward)
+        place.offload("text_encoder", text)
+        place.park("vae", vae)
+        assert (vae.sent, reward.sent, text.sent) == (["meta", parked], [parked], ["cpu"]), offload
+        assert place.events == [("vae", "device"), ("reward", "cpu" if offload else "device"),
+                                ("text_encoder", "cpu")] + ([("vae", "cpu")] if offload else [])

@@ -170,3 +170,47 @@ def test_activation_offload_sends_the_saved_tensors_through_the_hooks_passed_in(
     packed.clear()
     _step(cfg, comps, params, reward, emb, latents, stage=_Stages(), saved_tensors=saved_tensors)
     assert packed == []  # without activation_offload the hooks are never entered
+
+
+def test_micro_step_rolls_out_with_its_own_k_and_generator_then_backward_and_parks():
+    """step/micro.micro_step with a stub family (a one-weight "denoiser"): the K and the generator it is given reach
+    the family (K drawn per rollout is not cfg.k; the generator draws the starting noise), the backward reaches the
+    trained weight with the number -loss_scale * mean(d reward/d w), the VAE and reward model are parked on the CPU
+    after the backward (offload_frozen), and the loss and rewards come back detached."""
+    from lowmem_alignprop.step.micro import Rollout, micro_step
+
+    w = torch.nn.Parameter(torch.tensor(2.0))
+    seen = {}
+
+    class Family:
+        def initial_latents(self, cfg, batch, generator, device):
+            seen["generator"] = generator
+            return torch.randn(batch, 3, generator=generator)
+
+        def rollout(self, cfg, model, grad_model, scheduler, latents, emb, *, k, generator, stage, kl, detached):
+            seen["k"] = k
+            return latents * w
+
+        def decode(self, vae, latents, cfg, **options):
+            return latents
+
+    cfg = Config(loss_scale=2.0, k=1, sample_steps=3).validate()
+    place = Placement(CPU, offload=True)
+    vae = torch.nn.Linear(1, 1)
+
+    class Reward(torch.nn.Module):
+        def forward(self, images, prompts):
+            return images.sum(dim=1)
+
+    r = Rollout(cfg=cfg, family=Family(), sample_unet=None, train_unet=None, scheduler=None, vae=vae,
+                reward=Reward(), place=place, embed=lambda prompts: None, stage=lambda name: contextlib.nullcontext(),
+                device=CPU)
+    generator = torch.Generator().manual_seed(7)
+    out = micro_step(r, PROMPTS, k=2, generator=generator)
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(7))
+    assert seen == {"generator": generator, "k": 2}
+    assert_rel_close(out.rewards, 2.0 * noise.sum(dim=1), SAME_OPS, "rewards")
+    assert_rel_close(out.loss, -2.0 * (2.0 * noise.sum(dim=1)).mean(), SAME_OPS, "loss")
+    assert_rel_close(w.grad, -2.0 * noise.sum(dim=1).mean(), SAME_OPS, "gradient of the weight")
+    assert not out.loss.requires_grad and not out.rewards.requires_grad
+    assert place.events[-2:] == [("vae", "cpu"), ("reward", "cpu")] and place.where == {"vae": "cpu", "reward": "cpu"}

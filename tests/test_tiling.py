@@ -274,6 +274,22 @@ def test_batch_is_decoded_image_by_image():
     assert torch.allclose(x, plain(z).sample, atol=1e-6)
 
 
+def test_a_batch_of_two_and_a_latent_longer_than_a_tile_on_one_side_only_are_cut_in_tiles():
+    """Two images are decoded one at a time too (not as one batch of 2), and a 24x12 latent (12-cell tiles: taller
+    than a tile, as wide as one) is cut in 3 tiles down its height, not decoded whole."""
+    from lowmem_alignprop.memory.tiling import cuts_tiles
+
+    assert cuts_tiles(24, 12, 12) and cuts_tiles(12, 24, 12) and not cuts_tiles(12, 12, 12)
+    vae = _PixelwiseVAE()
+    calls = []
+    plain = vae.decode
+    vae.decode = lambda z: calls.append(tuple(z.shape)) or plain(z)
+    z = torch.randn(2, 4, 24, 12, generator=torch.Generator().manual_seed(3))
+    x = tiled_decode(vae, z, tile_size=TILE, overlap=OVERLAP)
+    assert calls == [(1, 4, 12, 12)] * 6  # 2 images x 3 tiles (rows start at 0, 8, 12), one image each
+    assert torch.allclose(x, plain(z).sample, atol=1e-6)
+
+
 def test_decode_routes_tiled_and_matches_tiling(vae, latents):
     z = latents * vae.config.scaling_factor
     images = decode(vae, z, tiled=True, tile_size=TILE, tile_overlap=OVERLAP)
