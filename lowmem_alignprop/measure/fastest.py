@@ -6,6 +6,7 @@ the images per optimizer step, the levels of:
 
     window_keep K_max > 16 > 8 > 4 > 2 > 1 > 0      unet_checkpointing call < blocks      reward_checkpointing
     vae_checkpointing none < blocks < resnets     decode plain < sliced < tiled   offload_frozen   activation_offload
+    merge_lora_nograd on < off
 
 (window_keep N: the last min(K, N) grad-window calls keep their activations and are not recomputed in backward.)
 
@@ -61,7 +62,7 @@ DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decod
 PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "window_keep",
                   "unet_checkpointing", "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
                   "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
-                  "base_quant", "block_swap", "resolution", "sample_steps", "guidance_scale", "eta", "truncation", "k",
+                  "base_quant", "block_swap", "merge_lora_nograd", "resolution", "sample_steps", "guidance_scale", "eta", "truncation", "k",
                   "k_min", "k_max", "batch_size", "grad_accum", "lr", "lora_rank", "lora_layers")
 
 
@@ -78,6 +79,8 @@ def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dic
         + ([DECODE_LEVELS[2]] if decode_tiles(cfg, target) else [])
     if len(decode) > 1:
         dims.append(("decode", decode))
+    if not cfg.merge_lora_clashes():  # the no-grad calls on merged copies: fewer ops, the copies' bytes while they run
+        dims.append(("merge_lora_nograd", [{"merge_lora_nograd": True}, {"merge_lora_nograd": False}]))
     if target == "cuda":
         dims.append(("offload_frozen", [{"offload_frozen": False}, {"offload_frozen": True}]))
         dims.append(("activation_offload", [{"activation_offload": False}, {"activation_offload": True}]))

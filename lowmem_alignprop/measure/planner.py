@@ -235,6 +235,8 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
 
     def at_grad_call(module, args):
         work.unet_call()
+        if counter.open and counter.open[-1] == stages.SAMPLE_NOGRAD and "nograd_call" not in work.marks:
+            work.marks["nograd_call"] = dict(work.bucket())  # the no-grad steps' setup (merge_lora_nograd's merge): once
         if len(grad_calls) == calls_per_step * k_sim and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
             work.marks["lv"] = dict(work.bucket())  # DRaFT-LV's call begins: its work is counted once (step_work)
         if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:

@@ -114,8 +114,11 @@ def step_work(cfg: Config, work: StageWork, k_sim: int, n_nograd: int,
             continue
         if name == stages.ENCODE_PROMPTS and cfg.cache_prompt_embeddings:
             d = zero
-        elif name == stages.SAMPLE_NOGRAD:
-            d = scaled(d, (cfg.sample_steps - k) / n_nograd if n_nograd else 0)
+        elif name == stages.SAMPLE_NOGRAD:  # the calls to sample_steps - K; what came before the first call once
+            once = work.marks.get("nograd_call", zero) if n_nograd else zero
+            calls = scaled({key: d[key] - once[key] for key in WORK_KEYS}, (cfg.sample_steps - k) / n_nograd
+                           if n_nograd else 0)
+            d = {key: once[key] + calls[key] for key in WORK_KEYS}
         elif name == stages.SAMPLE_GRAD:  # the window's calls to the mean K; DRaFT-LV's call (last step only) once
             lv = work.marks.get("lv")
             window = {key: lv[key] for key in WORK_KEYS} if lv else d

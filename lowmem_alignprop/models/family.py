@@ -12,13 +12,21 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from lowmem_alignprop.models import flow, sampling
+from lowmem_alignprop.models.merged_lora import lora_merged
 
 log = logging.getLogger(__name__)
+
+
+def nograd_context(cfg, model):
+    """What a rollout's steps before the gradient window run inside: with merge_lora_nograd, ``model``'s LoRA merged
+    into copies of its adapted layers' weights (fewer ops per call; models/merged_lora.py), else nothing."""
+    return functools.partial(lora_merged, model) if cfg.merge_lora_nograd else None
 
 
 class UNetFamily:
@@ -47,7 +55,8 @@ class UNetFamily:
         return sampling.rollout(model, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                                 generator=generator, stage=stage, grad_unet=grad_model, kl=kl,
                                 lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
-                                window_keep=cfg.window_keep, detached=detached)
+                                window_keep=cfg.window_keep, detached=detached,
+                                nograd_context=nograd_context(cfg, model))
 
     def decode(self, vae, latents, cfg, **options):
         return sampling.decode(vae, latents, **options)
@@ -167,7 +176,8 @@ class FlowFamily(UNetFamily):
         return flow.rollout(model, scheduler, latents, emb, k=k, guidance_scale=self.guidance(cfg), img_ids=ids,
                             stage=stage, grad_transformer=grad_model, kl=kl, generator=generator,
                             lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
-                            window_keep=cfg.window_keep, detached=detached)
+                            window_keep=cfg.window_keep, detached=detached,
+                            nograd_context=nograd_context(cfg, model))
 
     def decode(self, vae, latents, cfg, **options):
         return flow.decode(vae, latents, height=cfg.resolution, width=cfg.resolution, **options)

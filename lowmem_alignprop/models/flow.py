@@ -308,7 +308,8 @@ def base_velocity(transformer, latents, t, emb: FlowEmbeds, guidance_scale: floa
 def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k: int, guidance_scale: float,
             img_ids: torch.Tensor | None = None, stage=None, grad_transformer=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
-            generator: torch.Generator | None = None, window_keep: int = 0, detached=frozenset()) -> torch.Tensor:
+            generator: torch.Generator | None = None, window_keep: int = 0, detached=frozenset(),
+            nograd_context=None) -> torch.Tensor:
     """Euler steps of the flow ODE from noise; the last ``k`` steps carry gradients (k=0: none do; ``detached``:
     but these of them, truncation=per_step).
 
@@ -317,7 +318,8 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
     synchronised); the no-grad steps may use the bare transformer. Same contract as ``sampling.rollout``:
     ``kl`` receives, per window step, ``mean((v - v_base)^2)`` against the transformer with its adapters off;
     ``lv_draws`` > 1 returns that many batches of last steps (:func:`last_step_draws`; ``generator`` draws their
-    noise). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint.
+    noise). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint; ``nograd_context``:
+    what the steps before the window run inside.
     """
     grad_transformer = grad_transformer if grad_transformer is not None else transformer
     dtype = compute_dtype(_bare(transformer))  # once: diffusers walks the whole transformer to tell it
@@ -332,7 +334,7 @@ def rollout(transformer, scheduler, latents: torch.Tensor, emb: FlowEmbeds, *, k
         base_predict=lambda model, x, t: base_velocity(model, x, t, emb, guidance_scale, img_ids, dtype),
         step=lambda v, t, x: scheduler.step(v, t, x, return_dict=False)[0],
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
-        window_keep=window_keep, detached=detached)
+        window_keep=window_keep, detached=detached, nograd_context=nograd_context)
 
 
 def last_step_draws(transformer, scheduler, x0: torch.Tensor, emb: FlowEmbeds, draws: int, *,

@@ -255,7 +255,7 @@ def window_start(timesteps, k: int) -> int:
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
             eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
-            window_keep: int = 0, detached=frozenset()) -> torch.Tensor:
+            window_keep: int = 0, detached=frozenset(), nograd_context: Callable | None = None) -> torch.Tensor:
     """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
 
     ``scheduler.set_timesteps`` must have been called. ``grad_unet`` is the module used inside the grad
@@ -264,7 +264,8 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     the LoRA model's and the base model's predictions (``unet`` with its adapters off). ``lv_draws`` > 1
     (DRaFT-LV): the result holds ``lv_draws`` batches, the trajectory's own last step first (see
     :func:`last_step_draws`). ``window_keep``: the last ``min(k, window_keep)`` calls run without their checkpoint;
-    ``detached``: the window's steps predicted without gradient (:func:`truncated_chain`).
+    ``detached``: the window's steps predicted without gradient, ``nograd_context`` what the steps before the window
+    run inside (:func:`truncated_chain`).
     """
     grad_unet = grad_unet if grad_unet is not None else unet
     dtype = compute_dtype(unet)  # once: diffusers walks the whole UNet to tell it
@@ -279,13 +280,14 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
         base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale, dtype),
         step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
-        window_keep=window_keep, detached=detached)
+        window_keep=window_keep, detached=detached, nograd_context=nograd_context)
 
 
 def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_model, predict: Callable,
                     base_predict: Callable, step: Callable, stage=None, checkpoint_calls: bool = True,
                     kl: list | None = None, last: Callable | None = None, window_keep: int = 0,
-                    detached=frozenset()) -> torch.Tensor:
+                    detached=frozenset(), nograd_context: Callable[[], contextlib.AbstractContextManager] | None = None
+                    ) -> torch.Tensor:
     """The chain every family samples (docs/design.md section 2): ``step(predict(model, x, t), t, x)`` over
     ``timesteps``; the steps before the last ``k`` without autograd (``model``), the latent detached where the
     window starts, and each window step's ``predict(grad_model, x, t)`` one checkpoint, except the last
@@ -293,10 +295,13 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
     receives, per window step, ``mean((out - base_predict(model, x, t))^2)`` (the base call checkpointed or kept as
     its step's); ``last(latents, call)`` (DRaFT-LV's extra draws) runs at the window's end with the last step's
     ``call``. ``detached`` (:class:`Window`, truncation=per_step): the window's steps (0 = its first) whose
-    prediction runs without autograd; the latent's own path through their step keeps its gradient."""
+    prediction runs without autograd; the latent's own path through their step keeps its gradient.
+    ``nograd_context()`` (merge_lora_nograd: ``merged_lora.lora_merged``) is entered around the steps before the
+    window."""
     stage = stage or (lambda name: contextlib.nullcontext())
     split = window_start(timesteps, k)
-    with stage(stages.SAMPLE_NOGRAD), torch.no_grad():  # no activations kept: these steps cost time, not memory
+    nograd_context = nograd_context or contextlib.nullcontext
+    with stage(stages.SAMPLE_NOGRAD), torch.no_grad(), nograd_context():  # no activations kept: time, not memory
         for t in timesteps[:split]:
             latents = step(predict(model, latents, t), t, latents)
     latents = latents.detach()  # the gradient window starts here
