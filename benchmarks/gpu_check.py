@@ -110,6 +110,7 @@ SPEED_RUNS = [
     ("speed: + compile=regional", {"compile": "regional"}),
     ("speed: + channels_last", {"channels_last": True}),
     ("speed: + fused_adamw", {"fused_adamw": True}),
+    ("speed: + merge_lora_nograd", {"merge_lora_nograd": True}),
     ("speed: mixed_precision=no", {"mixed_precision": "no"}),
     ("speed: mixed_precision=no + tf32", {"mixed_precision": "no", "tf32": True}),
     # plan --fastest's choice for this configuration on the rtx4090 (computed on a CPU, benchmarks/REPORT.md

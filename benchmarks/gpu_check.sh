@@ -9,7 +9,7 @@
 # a FLUX.1-shaped file read to the card whole and block by block, takes about one of them):
 #   JOBS=3 DEADLINE=330 bash benchmarks/gpu_check.sh   (runs start until 330 s; each takes 1-4 min)
 # (memory figures are per run; seconds per step then include the contention: JOBS=1 for timings).
-# The speed rows (--only speed: compile, channels_last, fused AdamW, tf32 and plan --fastest's choice, one at a
+# The speed rows (--only speed: compile, channels_last, fused AdamW, merge_lora_nograd, tf32 and plan --fastest's choice, one at a
 # time on SD1.5 batch 1 under rtx4090) need JOBS=1 to be a timing: about 8 minutes on their own.
 # When the 8 GB FLUX row is done, `sample` runs with its LoRA under that profile and cap (about a minute; that
 # row must run in the same call: --match rtx3060-flux runs both).

@@ -37,6 +37,7 @@ VARIANTS = [  # (label, --set overrides)
     ("fused_adamw", {"fused_adamw": True}),
     ("channels_last", {"channels_last": True}),
     ("compile=nograd", {"compile": "nograd"}),
+    ("merge_lora_nograd", {"merge_lora_nograd": True}),
 ]
 
 
