@@ -115,9 +115,11 @@ SPEED_RUNS = [
     ("speed: mixed_precision=no + tf32", {"mixed_precision": "no", "tf32": True}),
     # plan --fastest's choice for this configuration on the rtx4090 (computed on a CPU, benchmarks/REPORT.md
     # section 6): nothing checkpointed or offloaded fits 22 GiB at batch 1, and since issue 20 the one grad-window
-    # call (K = 1) kept without its checkpoint (window_keep=1, ~2.4 GiB more) fits too: the search's first estimate
+    # call (K = 1) kept without its checkpoint (window_keep=1, ~2.4 GiB more) fits too, and since 2026-12-05 the
+    # no-grad calls merged (merge_lora_nograd): 1.56 s planned against the profile's 1.90 s, the search's second estimate
     ("speed: plan --fastest's choice", {"unet_checkpointing": "call", "vae_checkpointing": "none",
-                                        "reward_checkpointing": False, "sliced_decode": False, "window_keep": 1}),
+                                        "reward_checkpointing": False, "sliced_decode": False, "window_keep": 1,
+                                        "merge_lora_nograd": True}),
 ]
 
 CHILD = """
