@@ -845,3 +845,16 @@ def test_a_checkpoint_from_before_best_by_measured_by_the_reward():
     old = {"config": {k: v for k, v in Config(eval_every=1).to_dict().items() if k != "best_by"}}
     assert eval_basis_changed(old, Config(eval_every=1, best_by="fidelity").validate()) == ["best_by"]
     assert eval_basis_changed(old, Config(eval_every=1).validate()) == []
+
+
+def test_a_resume_whose_held_out_prompts_differ_starts_best_over():
+    """best/ so far was measured on the held-out prompts the checkpoint's run set aside: another held-out set (its
+    digest) is no measure for this run's evaluations; the same digest, or a checkpoint that kept none, is."""
+    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+
+    cfg = Config(eval_every=1).validate()
+    state = {"config": cfg.to_dict(), "evaluation": {"held_out_sha": "aaaa"}}
+    assert eval_basis_changed(state, cfg, "bbbb") == ["held-out prompts"]
+    assert eval_basis_changed(state, cfg, "aaaa") == []
+    assert eval_basis_changed(state, cfg) == []
+    assert eval_basis_changed({"config": cfg.to_dict(), "evaluation": {}}, cfg, "bbbb") == []

@@ -486,3 +486,65 @@ def test_a_safetensors_header_is_written_with_its_metadata_sorted(tmp_path):
     with safe_open(str(tmp_path / "ünï-format-lora_adapter_metadata.safetensors"), "pt") as f:
         assert f.metadata() == meta and sorted(f.keys()) == ["a.weight", "b.weight"]
         assert torch.equal(f.get_tensor("b.weight"), tensors["b.weight"])
+
+
+def test_a_folder_whose_final_rename_fails_gets_the_older_folder_back(tmp_path, monkeypatch):
+    """replacing_dir moves the older folder aside before the new one is renamed in: when that rename fails, the older
+    folder goes back under its name (a later write would take it for a dead write's leftover and delete it)."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "w").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src) == atomic.partial_name(folder) and Path(dst) == folder:  # the new folder into place
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"), atomic.replacing_dir(folder) as tmp:
+        (tmp / "w").write_text("new")
+    assert (folder / "w").read_text() == "old" and atomic.leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a synced file by its descriptor in /proc")
+def test_a_file_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A crash after the rename must find the whole file under its name: its temporary file is synced, then renamed
+    (renamed first and synced after, a power loss in between can leave an empty file under the final name)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "summary.json"
+    atomic.write_text(target, "{}")
+    [(renamed, (_, partial, _))] = [(i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target)]
+    synced = [i for i, e in enumerate(events) if e == ("fsync", partial)]
+    assert synced and synced[0] < renamed, events
+    assert target.read_text() == "{}"
+
+
+def test_a_lora_written_again_comes_from_the_newest_intact_checkpoint_not_a_damaged_one(finished, tmp_path, caplog):
+    """The run's lora/ is gone and its newest checkpoint has a byte flipped in its weights (the same size: it still
+    loads, with a wrong value): lora/ is written again from the intact checkpoint before it, never from that one."""
+    out, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "lora")
+    newest, older = ckpt.list_checkpoints(ckpt.root_of(run))
+    weights = newest / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # a weight's last byte
+    weights.write_bytes(bytes(data))
+    assert ckpt.verify(newest) == "trainable.safetensors does not match its checksum" and ckpt.verify(older) is None
+    assert final_lora.rewrite_from_checkpoint(run) == older
+    expected = write_checkpoint_lora(older, tmp_path / "expected")
+    assert_same_lora(run / LORA_FILE, expected)

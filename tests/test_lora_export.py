@@ -633,3 +633,40 @@ def test_export_of_best_is_of_its_step_as_a_checkpoints_export_is(sd, tmp_path, 
     card = (out / "README.md").read_text()
     assert "| steps | 2 |" in card and "0.5678" not in card  # the finished run's last reward is not this LoRA's
     assert (out / "step-000002.png").is_file() and not (out / "before_after.png").exists()
+
+
+def test_a_lora_without_its_adapter_config_exports_as_diffusers_loads_it_alpha_equal_to_rank(sd, tmp_path):
+    """A LoRA file whose header carries no peft config (another trainer's, an older diffusers'): diffusers loads it
+    with alpha = rank (scale 1); the peft folder and the kohya file must say the same, or the LoRA loads at 1/rank
+    (or rank times) its strength."""
+    lora = lora_files.read_lora(str(sd["lora"]))
+    lora.config = {}  # what _adapter_config gives for such a header
+    assert all(lora.scale(m) == 1.0 for m in lora.modules)
+    formats.write_peft(lora, tmp_path)
+    config = json.loads((tmp_path / formats.PEFT_CONFIG_NAME).read_text())
+    assert (config["r"], config["lora_alpha"]) == (RANK, RANK)
+    assert sorted(config["target_modules"]) == lora.modules
+    state = formats.kohya_state_dict(lora)
+    assert {state[f"{formats.kohya_name(m)}.alpha"].item() for m in lora.modules} == {float(RANK)}
+
+
+def test_export_of_a_lora_that_holds_nan_is_refused_and_writes_nothing(sd, tmp_path, capsys):
+    """A diverged run's LoRA (NaN in a weight) loads in ComfyUI and draws black: export refuses it in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    lora = tmp_path / "run" / "lora"
+    shutil.copytree(sd["lora"], lora)
+    file = lora / LORA_WEIGHT_NAME
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata()
+    weights = load_file(str(file))
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(file), metadata=header)
+    out = tmp_path / "out"
+    assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "holds NaN or inf: the run diverged" in err[0], err
+    assert not out.exists()

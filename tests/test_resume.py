@@ -541,3 +541,80 @@ def test_a_checkpoint_of_a_newer_version_is_refused_not_resumed_without_its_sett
                                    "would train on without them; resume with the version that wrote it (pip install -U "
                                    "lowmem-alignprop), or start a new run"), err
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained, nothing lost
+
+
+def _checkpoint(root, step, payload=b"weights", **state):
+    """A published checkpoint folder of ``step`` as ckpt.save lays it out (state.json, a weights file, manifest)."""
+    tmp = root / f".tmp-step-{step}"
+    tmp.mkdir(parents=True)
+    (tmp / "state.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": step, **state}))
+    (tmp / "trainable.safetensors").write_bytes(payload)
+    ckpt.write_manifest(tmp)
+    ckpt.publish(tmp, ckpt.step_dir(root, step))
+    return ckpt.step_dir(root, step)
+
+
+def test_a_flipped_byte_or_a_newer_format_makes_resume_take_the_previous_checkpoint(tmp_path, caplog):
+    """A torn write changes the size; a bit flipped on the disk or in a copy does not: only the checksum tells it. A
+    checkpoint of another format (a newer version's) is no checkpoint this version can read either."""
+    root = tmp_path / "checkpoints"
+    good = _checkpoint(root, 2, payload=b"weights of step 2")
+    rotten = _checkpoint(root, 4, payload=b"weights of step 4")
+    data = bytearray((rotten / "trainable.safetensors").read_bytes())
+    data[3] ^= 0x01  # same length
+    (rotten / "trainable.safetensors").write_bytes(bytes(data))
+    assert ckpt.verify(good) is None
+    assert ckpt.verify(rotten) == "trainable.safetensors does not match its checksum"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert ckpt.find_resume(tmp_path, "latest") == good
+    assert "step-00000004 is incomplete or corrupt (trainable.safetensors does not match its checksum)" in caplog.text
+    newer = _checkpoint(root, 6, format=ckpt.FORMAT + 1)
+    assert ckpt.verify(newer) == f"format {ckpt.FORMAT + 1}, this version reads format {ckpt.FORMAT}"
+    assert ckpt.find_resume(tmp_path, "latest") == good
+    with pytest.raises(ckpt.UserError, match="incomplete or corrupt: format"):
+        ckpt.find_resume(tmp_path, str(newer))
+
+
+def test_pruning_keeps_the_newest_intact_checkpoints_a_damaged_one_does_not_count(tmp_path):
+    """keep_checkpoints=2 keeps two that resume: a damaged newer one does not take the place of the older intact one
+    (which is then the only one --resume latest can use), and a damaged one is not what rotation deletes first."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _checkpoint(root, step, payload=f"weights {step}".encode())
+    (ckpt.step_dir(root, 3) / "manifest.json").unlink()  # killed copy / damaged
+    newest = _checkpoint(root, 4, payload=b"weights 4")
+    ckpt.prune(root, 2, protect=newest)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004", "step-00000003", "step-00000002"]
+    assert ckpt.find_resume(tmp_path, "latest") == newest
+    ckpt.prune(root, 1, protect=newest)  # 1: only the newest intact one
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004", "step-00000003"]
+    ckpt.prune(root, 0, protect=newest)  # 0: keep every one
+    assert len(ckpt.list_checkpoints(root)) == 2
+
+
+def test_a_checkpoint_that_lacks_some_of_the_models_trained_weights_is_refused(tmp_path):
+    """A checkpoint missing weights the model trains would leave those at their fresh values and train on as if
+    resumed: refused in one line, as one with weights the model lacks is."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    saved = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    save_file(saved, str(tmp_path / "trainable.safetensors"))
+    ckpt.load_trainable(model, tmp_path)
+    assert all(bool((p == 0.5).all()) for p in model.parameters())
+    save_file({k: v for k, v in saved.items() if k != "1.bias"}, str(tmp_path / "trainable.safetensors"))
+    with pytest.raises(ckpt.UserError, match=r"does not fit this model: 1 trainable weights missing, 0 unknown "
+                                             r"\(e.g. 1.bias\)"):
+        ckpt.load_trainable(model, tmp_path)
+
+
+def test_export_of_an_older_checkpoint_describes_that_step_with_its_own_settings(runs):
+    """checkpoints/step-3 of a run resumed to 6 steps with other flags: its export (model card, the command that
+    retrains it) takes the settings of step 3's run from the checkpoint, not the resumed run's config.yaml."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+
+    _, split, _ = runs
+    lora = read_lora(str(split / "checkpoints" / "step-00000003"))
+    assert lora.step == 3
+    assert (lora.run_config["steps"], lora.run_config["checkpoint_every"]) == (3, 1)

@@ -218,3 +218,27 @@ def test_the_docs_list_every_field_a_resume_changes_freely_and_every_one_it_keep
     para = text[text.index("Fields a resumed run must keep"):]
     para = para.split("\n\n")[0]
     assert all(f"`{name}`" in para for name in (*ckpt.FREE_FIELDS, *ckpt.STRICT_FIELDS)), para
+
+
+def test_a_resume_with_another_lora_alpha_is_refused_and_none_is_the_rank(tmp_path):
+    """lora_alpha scales every trained B @ A: resumed under another alpha the checkpoint's LoRA would act at another
+    strength from its first step on. Refused like another rank; alpha unset means alpha = rank either side."""
+    from lowmem_alignprop.settings.config import Config
+
+    state = {"config": Config(lora_rank=4, lora_alpha=8).to_dict(), "step": 1}
+    with pytest.raises(UserError, match=r"was trained with lora_alpha=8, this run has lora_alpha=16: resume with "
+                                        r"--set lora_alpha=8"):
+        ckpt.check_config(state, Config(lora_rank=4, lora_alpha=16, steps=2), tmp_path)
+    ckpt.check_config(state, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
+    unset = {"config": Config(lora_rank=4).to_dict(), "step": 1}
+    ckpt.check_config(unset, Config(lora_rank=4, lora_alpha=4, steps=2), tmp_path)
+    with pytest.raises(UserError, match=r"was trained with lora_alpha=4, this run has lora_alpha=8"):
+        ckpt.check_config(unset, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
+
+
+def test_a_config_from_before_ema_outputs_writes_the_emas_weights():
+    """ema_outputs is on unless set off: a config (or checkpoint) written before the field existed, with ema_decay,
+    had the EMA's weights as its outputs; and without ema_decay there is no EMA to write."""
+    assert ckpt.outputs_are_ema({"ema_decay": 0.9}) is True
+    assert ckpt.outputs_are_ema({"ema_decay": 0.9, "ema_outputs": False}) is False
+    assert ckpt.outputs_are_ema({"ema_outputs": True}) is False
