@@ -236,7 +236,9 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     def at_grad_call(module, args):
         work.unet_call()
         if counter.open and counter.open[-1] == stages.SAMPLE_NOGRAD and "nograd_call" not in work.marks:
-            work.marks["nograd_call"] = dict(work.bucket())  # the no-grad steps' setup (merge_lora_nograd's merge): once
+            # the no-grad steps' setup (merge_lora_nograd's merge) happens once per rollout, not per call; the first
+            # call's own input ops (CFG's cat, a cast: ~3 of a call's ~1,000+) fall in with it
+            work.marks["nograd_call"] = dict(work.bucket())
         if len(grad_calls) == calls_per_step * k_sim and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
             work.marks["lv"] = dict(work.bucket())  # DRaFT-LV's call begins: its work is counted once (step_work)
         if torch.is_grad_enabled() and counter.open and counter.open[-1] == stages.SAMPLE_GRAD:
