@@ -407,3 +407,19 @@ def test_shipped_architecture_builds_on_meta_with_the_published_sizes(name):
         t = float(torch.linspace(1, 1 / 1000, 28, dtype=torch.float64)[1])  # the scheduler's own t grid
         expected = 3 * t / (1 + 2 * t)
     assert abs(s1 - expected) < 1e-4, (s1, expected)
+
+
+@pytest.mark.parametrize("family, dev, limit, want", [("flux", True, 512, 512), ("flux", False, 512, 256),
+                                                      ("sd3", False, 512, 256), ("flux", True, 77, 77)])
+def test_t5_tokens_per_prompt_default_to_the_pipelines(family, dev, limit, want):
+    """max_sequence_length=0: FLUX.1-dev's pipeline reads 512 T5 tokens, schnell's and SD3.5's 256, never more than
+    the T5 tokenizer does (the tiny models' tokenizers read 16, which hides the defaults from the other tests); a
+    value set is used as it is."""
+    from lowmem_alignprop.models.family import FlowFamily
+
+    t5 = SimpleNamespace(model_max_length=limit)
+    comps = SimpleNamespace(family=family, unet=SimpleNamespace(config=SimpleNamespace(guidance_embeds=dev)),
+                            tokenizer_2=t5 if family == "flux" else None, tokenizer_3=t5 if family == "sd3" else None)
+    fam = FlowFamily(comps)
+    assert fam.max_sequence_length(SimpleNamespace(max_sequence_length=0)) == want
+    assert fam.max_sequence_length(SimpleNamespace(max_sequence_length=128)) == 128

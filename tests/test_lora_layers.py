@@ -128,3 +128,46 @@ def test_a_run_trains_the_feed_forward_layers_and_says_so_in_its_files(tmp_path,
                  str(exported)]) == 0
     peft = load_file(str(exported / "adapter_model.safetensors"))
     assert sum(".ff.net." in k for k in peft) == 2 * len(ff_up)
+
+
+def _attention_projections(model) -> set[str]:
+    """From the modules themselves: every attention's q/k/v/out projections and, in joint blocks, its text stream's
+    (``add_q/k/v_proj``, ``to_add_out``) where the block has them (SD3's last block has no ``to_add_out``; FLUX's
+    single blocks no ``to_out``)."""
+    out = set()
+    for name, m in model.named_modules():
+        if not isinstance(getattr(m, "to_q", None), torch.nn.Module) or name.endswith(".to_q"):
+            continue
+        for part in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            if getattr(m, part, None) is not None:
+                out.add(f"{name}.{part}")
+        if getattr(m, "to_out", None) is not None:
+            out.add(f"{name}.to_out.0")
+    return out
+
+
+@pytest.mark.parametrize("build", [_unet, _flux, _sd3], ids=["unet", "flux", "sd3"])
+def test_attention_adapts_every_attention_projection_of_both_streams(build, tiny_dir):
+    """lora_layers=attention: every attention projection, image and text stream, carries the adapter (a target
+    dropped from the list trains a part of the attention silently)."""
+    from lowmem_alignprop.models.flow import add_flow_lora
+    from lowmem_alignprop.models.loading import add_lora
+
+    model = build(tiny_dir)
+    expected = _attention_projections(model)
+    (add_lora if build is _unet else add_flow_lora)(model, 4, None, 0, "attention")
+    assert set(adapted_modules(model)) == expected
+    if build is not _unet:
+        assert any(n.endswith("to_add_out") for n in expected) and any(n.endswith("add_q_proj") for n in expected)
+
+
+@pytest.mark.parametrize("alpha, scale", [(None, 1.0), (8, 2.0), (2, 0.5)])
+def test_lora_alpha_sets_every_adapters_scale_through_the_family(tiny_dir, alpha, scale):
+    """The adapter's scale is lora_alpha / rank (alpha unset: the rank, scale 1), as the trainer adds it
+    (family.add_lora): a dropped alpha trains at another learning-rate scale than the one exported."""
+    from lowmem_alignprop.models.family import UNetFamily
+
+    model = _unet(tiny_dir)
+    UNetFamily(None).add_lora(model, Config(model=str(tiny_dir), lora_rank=4, lora_alpha=alpha))
+    scales = {m.scaling["default"] for m in model.modules() if "default" in getattr(m, "scaling", {})}
+    assert scales == {scale}

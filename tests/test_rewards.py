@@ -258,3 +258,34 @@ def test_a_reward_weights_entry_no_reward_uses_is_pointed_out(caplog):
     with caplog.at_level(logging.WARNING):
         _split_weights("aesthetic=/a;clip=/b", ["clip", "aesthetic"])
     assert caplog.text == ""
+
+
+def test_brightness_weighs_the_channels_as_bt601_luma():
+    """Pure red, green and blue score their BT.601 weights (0.299, 0.587, 0.114): a swap of two weights scores
+    another image brighter, and white still scores 1."""
+    reward = build_reward("brightness")
+    primaries = torch.zeros(3, 3, 4, 4)
+    for c in range(3):
+        primaries[c, c] = 1
+    torch.testing.assert_close(reward(primaries, ["", "", ""]), torch.tensor([0.299, 0.587, 0.114]))
+
+
+def test_colourfulness_is_hasler_suesstrunks_formula():
+    """Half red, half blue: sigma_rgyb + 0.3 * mu_rgyb on the 0..255 scale, worked by hand (rg = 255 | 0,
+    yb = 127.5 | -255: sqrt(255^2/4 + 382.5^2/4) + 0.3 * sqrt(127.5^2 + 63.75^2) = 272.6187)."""
+    image = torch.zeros(1, 3, 16, 16)
+    image[:, 0, :, :8] = 1
+    image[:, 2, :, 8:] = 1
+    assert build_reward("colorfulness")(image, [""]).item() == pytest.approx(272.6187, rel=1e-5)
+
+
+@pytest.mark.parametrize("quality", [30, 50, 75, 95])
+def test_jpeg_quantisation_tables_are_the_ones_pillow_writes(quality):
+    """The quality-scaled tables are libjpeg's: the ones Pillow writes into a file at that quality."""
+    from lowmem_alignprop.rewards.simple import _JPEG_CHROMA_Q, _JPEG_LUMA_Q, jpeg_quant_table
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="JPEG", quality=quality)
+    tables = Image.open(buf).quantization
+    assert jpeg_quant_table(_JPEG_LUMA_Q, quality).flatten().tolist() == list(tables[0])
+    assert jpeg_quant_table(_JPEG_CHROMA_Q, quality).flatten().tolist() == list(tables[1])

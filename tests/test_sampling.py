@@ -338,3 +338,96 @@ def test_per_step_allows_k_min_0_and_checks_its_range():
         Config(truncation="per_step", k_min=-1, k_max=50).validate()
     with pytest.raises(UserError, match="k_max=9 is larger than sample_steps=5"):
         Config(truncation="per_step", k_min=0, k_max=9, sample_steps=5).validate()
+
+
+class _EchoUNet(torch.nn.Module):
+    """A stand-in UNet whose output is its text conditioning's mean (plus 10x the pooled embedding's, SDXL)
+    broadcast over the latent: each classifier-free-guidance branch's prediction is a number the test knows."""
+    dtype = torch.float32
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+        out = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        if added_cond_kwargs is not None:
+            out = out + 10 * added_cond_kwargs["text_embeds"].mean(dim=1).view(-1, 1, 1, 1)
+        return type("Out", (), {"sample": x * 0 + out})()
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(sdxl):
+    """eps = eps_u + s (eps_c - eps_u): the branches in their order, the scale applied; SDXL's pooled embeddings
+    follow their branch (a swap in any of them samples other images with no error)."""
+    x = torch.zeros(2, 4, 3, 3)
+    cond, uncond = torch.full((2, 5, 8), 2.0), torch.full((2, 5, 8), 0.5)
+    pooled = dict(pooled=torch.full((2, 6), 0.3), uncond_pooled=torch.full((2, 6), 0.1),
+                  time_ids=torch.zeros(2, 6)) if sdxl else {}
+    emb = PromptEmbeds(cond, uncond, **pooled)
+    eps_c, eps_u = (2.0 + 3.0, 0.5 + 1.0) if sdxl else (2.0, 0.5)
+    out = guided_eps(_EchoUNet(), x, torch.tensor(10), emb, 3.0)
+    assert torch.allclose(out, torch.full_like(x, eps_u + 3.0 * (eps_c - eps_u)))  # 6.5 (SD) / 12.0 (SDXL)
+    no_cfg = guided_eps(_EchoUNet(), x, torch.tensor(10), emb, 1.0)
+    assert torch.allclose(no_cfg, torch.full_like(x, eps_c))  # scale 1: the prompt's branch alone
+
+
+class _IdentityVAE:
+    """decode(z) = z's first 3 channels: what decode() does around the VAE is read off the pixels."""
+    dtype = torch.float32
+
+    def __init__(self, scaling_factor, shift_factor=None):
+        self.config = type("Config", (), {"scaling_factor": scaling_factor, "shift_factor": shift_factor})()
+        self.calls = []
+
+    def decode(self, z):
+        self.calls.append(z.shape[0])
+        return type("Out", (), {"sample": z[:, :3]})()
+
+
+@pytest.mark.parametrize("shift", [None, 0.1])
+def test_decode_unscales_and_shifts_the_latents_and_maps_to_0_1(shift):
+    """x = VAE(latents / scaling_factor + shift_factor) / 2 + 0.5, clamped to [0, 1] (SD: no shift; SD3/FLUX'
+    VAEs have one); sliced decode (one image at a time) gives the same pixels as the batch."""
+    lat = torch.tensor([0.2, -0.3, 1.0, -1.0]).view(4, 1, 1, 1).expand(4, 4, 2, 2).clone()
+    vae = _IdentityVAE(0.5, shift)
+    z = lat / 0.5 + (shift or 0.0)
+    want = (z[:, :3] / 2 + 0.5).clamp(0, 1)
+    assert want[0, 0, 0, 0].item() == pytest.approx(0.7 + (shift or 0) / 2)  # (0.4 + shift) / 2 + 0.5
+    assert want[2].max() == 1 and want[3].min() == 0  # the clamp bites: 2.x / 2 + 0.5 > 1
+    assert torch.allclose(decode(vae, lat), want)
+    sliced = _IdentityVAE(0.5, shift)
+    assert torch.allclose(decode(sliced, lat, sliced=True), want) and sliced.calls == [1, 1, 1, 1]
+
+
+def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
+    """DRaFT-LV's first draw is the trajectory's own x0, unchanged and with its gradient (a detach there would
+    train the extra draws only)."""
+    from diffusers import DDIMScheduler
+
+    from lowmem_alignprop.models.sampling import ddim_scheduler, last_step_draws
+
+    sched = ddim_scheduler(DDIMScheduler().config)
+    sched.set_timesteps(4)
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    emb = PromptEmbeds(torch.ones(2, 5, 8), torch.zeros(2, 5, 8))
+    out = last_step_draws(_EchoUNet(), sched, x0, emb, 3, guidance_scale=1.0, eta=0.0,
+                          generator=torch.Generator().manual_seed(1), call=lambda f, *a: f(*a))
+    assert out.shape == (6, 4, 3, 3) and torch.equal(out[:2], x0)
+    (grad,) = torch.autograd.grad(out[:2].sum(), x0)
+    assert torch.equal(grad, torch.ones_like(x0))
+
+
+def test_cached_prompt_embeddings_are_each_prompts_own(tiny):
+    """cache_prompt_embeddings: each prompt's cached conditioning is its own encoding, as the uncached encoder gives
+    it (16 prompts are encoded together: a wrong row would train every prompt of the chunk on another's text)."""
+    from lowmem_alignprop.models.sampling import PromptEncoder, encode_prompts, make_pipeline
+
+    class Place:
+        def to_device(self, *a): pass
+        offload = park = to_device
+
+    comps = tiny[0]
+    pipe = make_pipeline(comps)
+    prompts = ["a cat", "a dog", "a red tree"]
+    cached = PromptEncoder(pipe, comps, Place(), "cpu", 64, cache=True, prompts=prompts)(["a red tree", "a cat"])
+    direct = encode_prompts(pipe, ["a red tree", "a cat"], "cpu", 64)
+    torch.testing.assert_close(cached.cond, direct.cond)
+    torch.testing.assert_close(cached.uncond, direct.uncond)
+    assert not torch.allclose(cached.cond[0], cached.cond[1])  # the two prompts' texts differ

@@ -314,3 +314,23 @@ def test_a_reward_that_changes_torchs_global_settings_is_set_back_and_said_once(
     assert len(said) == 1 and said[0].startswith("reward 'qa_leaky:reward': reward(images, prompts) changed torch's "
                                                  "global settings (")
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
+
+
+def exits_when_called(images, prompts=None):
+    sys.exit("reward server gone")
+
+
+def make_exits():
+    sys.exit("no weights here")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("exits_when_called", "and it raised SystemExit: reward server gone; fix the function"),
+    ("make_exits()", "building it failed with SystemExit: no weights here (called make_exits();"),
+])
+def test_a_user_reward_or_factory_that_exits_is_one_line_not_the_end_of_the_process(spec, needle):
+    """sys.exit in the user's reward or factory (a BaseException, not an Exception) is the reward's failure, said in
+    one line at the start-up check; it must not end the run's process without a word."""
+    with pytest.raises(UserError) as err:
+        check_reward_spec(f"{HERE}:{spec}", resolution=16)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
