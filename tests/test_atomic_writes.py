@@ -206,7 +206,8 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
 
     monkeypatch.setattr(st, "save_file", save_file)
     out = tmp_path / "run"
-    args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "2"]
+    # lora_alpha != rank: the LoRA written from the checkpoint below keeps the run's alpha (its scale), not the rank
+    args = [*FAST, "--set", "sample_prompts=0", "--set", "lora_alpha=8", "--output-dir", str(out), "--steps", "2"]
     assert main(args) == 2
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error: ")]
