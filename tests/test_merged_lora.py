@@ -158,12 +158,15 @@ def test_a_flux_transformer_merges_too(tmp_path):
     assert merged_ops.n < lora_ops.n - 4 * len(lora_linears(t)), (merged_ops.n, lora_ops.n)
 
 
-@pytest.mark.parametrize("setting", ["train_unet=full", "base_quant=int8", "compile=nograd", "deepspeed_zero=2"])
+@pytest.mark.parametrize("setting", ["train_unet=full", "base_quant=int8", "compile=nograd", "compile=regional",
+                                     "deepspeed_zero=2", "block_swap=2"])
 def test_what_merging_cannot_run_with_is_one_line_naming_the_fix(setting):
     key, value = setting.split("=")
     kw = {key: int(value) if value.isdigit() else value}
     if key == "deepspeed_zero":
         kw["optimizer"] = "adamw"
+    if key == "block_swap":
+        kw["unet_checkpointing"] = "blocks"
     with pytest.raises(UserError) as e:
         Config(merge_lora_nograd=True, **kw).validate()
     assert str(e.value) == (f"merge_lora_nograd runs the no-grad calls eagerly on merged copies of the LoRA's plain "
@@ -206,3 +209,85 @@ def test_the_planner_counts_the_merge_once_and_the_fewer_ops_of_every_nograd_cal
     copies = sum(mod.get_base_layer().weight.numel() * 4 for mod in lora_linears(comps.unet))
     rise = est[True].stages[stages.SAMPLE_NOGRAD]["allocated"] - est[False].stages[stages.SAMPLE_NOGRAD]["allocated"]
     assert copies <= rise <= 1.05 * copies, (rise, copies)
+
+
+def test_the_plans_changes_that_cannot_run_merged_turn_the_merge_off(monkeypatch):
+    """plan's suggestion for a merged configuration that does not fit: its nf4 and block swap candidates turn the merge
+    off (each candidate a valid configuration), and the search answers instead of raising the merge's clash."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.measure.fit_changes import candidate_changes
+
+    cfg = Config(model="tiny", resolution=64, merge_lora_nograd=True, budget_gb=1.0).validate()
+    changes = [change for _, change in candidate_changes(cfg, "cuda")]
+    assert any("base_quant" in c for c in changes) and any("block_swap" in c for c in changes), changes
+    for change in changes:
+        cfg.with_changes(**change)  # no clash
+    never = SimpleNamespace(fits=lambda budget: False, peak_allocated=1, peak_needed=2 ** 40, peak_stage="backward")
+    monkeypatch.setattr(planner, "estimate", lambda c, **kw: never)
+    assert planner.suggest(cfg, target="cuda", max_estimates=40)["found"] is None
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_fastest_searches_the_merge_only_where_the_task_runs_with_it(merged):
+    """plan --fastest: merge_lora_nograd is a dimension, on before off; its choice is in the profile it writes; a task
+    with block swap or a quantized base (--allow-task-changes) is searched unmerged, also when the merge was asked
+    for (its all-off corner a valid configuration, not a dead task)."""
+    from lowmem_alignprop.measure import fastest
+
+    cfg = Config(model="tiny", resolution=64, budget_gb=1.0, merge_lora_nograd=merged).validate()
+    dims = dict(fastest.dimensions(cfg, "cuda", 1))
+    assert dims["merge_lora_nograd"] == [{"merge_lora_nograd": True}, {"merge_lora_nograd": False}]
+    swapped = Config(model="tiny", resolution=64, unet_checkpointing="blocks", block_swap=1).validate()
+    assert "merge_lora_nograd" not in dict(fastest.dimensions(swapped, "cuda", 1))
+    assert "merge_lora_nograd: true" in fastest.profile_yaml(dataclasses.replace(cfg, merge_lora_nograd=True), "p",
+                                                              {"seconds": 1.0, "needed": 2 ** 30})
+    search = fastest._Search(cfg, "cuda", None, [], 40)
+    for task in ({"block_swap": 1, "unet_checkpointing": "blocks"}, {"base_quant": "nf4"}):
+        task = {**task, "merge_lora_nograd": False} if merged else task  # (what _fastest's ladder adds)
+        corner = search.all_off({"cache_prompt_embeddings": True, **task, "batch_size": 1, "grad_accum": 1})
+        assert search.config(corner) is not None, corner
+
+
+def test_the_plans_features_line_names_the_merge():
+    from lowmem_alignprop.measure.reports import plan_features
+
+    feats = plan_features(Config(merge_lora_nograd=True).validate().to_dict())
+    assert "merge_lora_nograd=true" in feats
+    assert not any("merge" in f for f in plan_features(Config().validate().to_dict()))
+
+
+def test_a_chain_without_no_grad_steps_merges_nothing():
+    """K = T (every step in the window): no step runs before the window, so nothing is merged (the planner, which
+    counts no no-grad call then, counts no merge either)."""
+    from lowmem_alignprop.models.sampling import truncated_chain
+
+    entered = []
+
+    @contextlib.contextmanager
+    def ctx():
+        entered.append(1)
+        yield
+
+    def chain(k):
+        return truncated_chain([3, 2, 1], torch.zeros(1), k=k, model=None, grad_model=None,
+                               predict=lambda m, x, t: x + t, base_predict=None, step=lambda o, t, x: o,
+                               nograd_context=ctx, checkpoint_calls=False)
+
+    chain(3)
+    assert entered == []
+    chain(1)
+    assert entered == [1]
+
+
+def test_an_oom_while_merged_turns_the_merge_off_first_and_plan_offers_it():
+    """The merged copies live in the no-grad steps: an out-of-memory error there first drops them (the fault
+    ladder), and plan's changes offer it too; without the merge neither does."""
+    from lowmem_alignprop.measure.fit_changes import candidate_changes
+    from lowmem_alignprop.run.faults import next_fit
+
+    merged = Config(merge_lora_nograd=True).validate()
+    assert next_fit(merged, stages.SAMPLE_NOGRAD).overrides == {"merge_lora_nograd": False}
+    assert next_fit(Config().validate(), stages.SAMPLE_NOGRAD).overrides != {"merge_lora_nograd": False}
+    assert {"merge_lora_nograd": False} in [c for _, c in candidate_changes(merged, "cpu")]
+    assert all("merge_lora_nograd" not in c for _, c in candidate_changes(Config().validate(), "cpu"))

@@ -252,8 +252,11 @@ class _Search:
     def searched(self, fixed: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
         """The dimensions searched at this micro-batch (``fixed``: batch and the always-on fields): those ``fixed``
         does not set (block swap fixes its checkpointing)."""
+        # merge_lora_nograd is searched only where the task runs with it (not with block swap or a quantized base)
+        clash = bool(dataclasses.replace(self.cfg, **fixed).merge_lora_clashes())
         return [(name, levels) for name, levels in dimensions(self.cfg, self.target, fixed["batch_size"])
-                if not any(key in fixed for level in levels for key in level)]
+                if not any(key in fixed for level in levels for key in level)
+                and not (clash and name == "merge_lora_nograd")]
 
     def all_off(self, fixed: dict[str, Any]) -> dict[str, Any]:
         """``fixed`` with every searched feature at its fastest level (the all-off corner)."""
@@ -422,6 +425,10 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             r = max(256, (r * 3 // 4) // 64 * 64)
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
                                                  cfg.train_unet == "lora" else {})})
+        if cfg.merge_lora_nograd:  # a quantized base and block swap do not run with merged copies: those tasks unmerged
+            ladders = [{**task, "merge_lora_nograd": False} if {"base_quant", "block_swap"} & set(task) else task
+                       for task in ladders]
+
     def corners(task: dict[str, Any]) -> list[dict[str, Any]]:  # each micro-batch's all-off configuration
         return [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})
                 for b in batch_options(images)]

@@ -34,11 +34,17 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
     images per optimizer step through more accumulation, and a description's "was" is its value."""
     start = start or cfg
     out: list[tuple[str, dict[str, Any]]] = []
+    # a quantized base or block swap cannot run with merge_lora_nograd (Config.merge_lora_clashes): they turn it off
+    unmerge = {"merge_lora_nograd": False} if cfg.merge_lora_nograd else {}
+    unmerged = "; the no-grad calls through peft's layers again (merge_lora_nograd=false)" if unmerge else ""
     if not cfg.expandable_segments and target == "cuda":
         out.append(("expandable allocator segments (less fragmentation)",
                     {"expandable_segments": True}))
     if not cfg.cache_prompt_embeddings:
         out.append(("cache prompt embeddings (no speed cost)", {"cache_prompt_embeddings": True}))
+    if cfg.merge_lora_nograd:
+        out.append(("run the no-grad calls through peft's LoRA layers (merge_lora_nograd=false: no merged copies of "
+                    "the adapted weights while they run)", {"merge_lora_nograd": False}))
     if cfg.window_keep:
         out.append(("checkpoint every grad-window call (window_keep=0: backward recomputes the kept calls)",
                     {"window_keep": 0}))
@@ -61,12 +67,13 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
         out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
-                    "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
+                    f"bitsandbytes on the GPU machine{unmerged})", {"base_quant": "nf4", **unmerge}))
     if not cfg.block_swap and cfg.train_unet == "lora" and not cfg.deepspeed_zero and target == "cuda":
         n = swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
-                        "(PCIe copies per call, overlapping compute)", {"block_swap": n, "unet_checkpointing": "blocks"}))
+                        f"(PCIe copies per call, overlapping compute{unmerged})",
+                        {"block_swap": n, "unet_checkpointing": "blocks", **unmerge}))
     elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := swappable_count(cfg)):
         n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
         was = f", was {start.block_swap}" if start.block_swap else ""

@@ -23,7 +23,7 @@ def _layers(cfg: dict[str, Any]) -> str:
 
 
 SHOWN_IF_SET = ("window_keep", "tile_size", "block_swap", "encode_on_cpu", "deepspeed_zero", "offload", "compile",
-                "channels_last", "fused_adamw", "tf32")
+                "channels_last", "fused_adamw", "merge_lora_nograd", "tf32")
 
 
 def plan_features(cfg: dict[str, Any]) -> list[str]:

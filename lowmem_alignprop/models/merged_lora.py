@@ -1,12 +1,13 @@
-"""``merged_nograd``: the calls without gradients (the sampling steps before the gradient window, the sample grids'
-and the evaluation's images) run on the base layers with the LoRA merged into a copy of their weights, instead of
-through peft's LoRA layers.
+"""``merge_lora_nograd``: the calls without gradients (the sampling steps before the gradient window, the sample
+grids' and the evaluation's images) run on the base layers with the LoRA merged into a copy of their weights, instead
+of through peft's LoRA layers.
 
-peft's LoRA ``Linear`` adds ten ops to every call of every adapted layer (two matmuls, their transposes and views,
-the scaling and the sum): an SD1.5 UNet call with LoRA on its attention projections launches 2,896 ops where the
-base model launches 1,616. Where the host paces the step (batch 1 on a fast card, every CPU run) those ops cost
-time; the merged copy costs one small matmul per adapted layer per step and the copies' memory while the no-grad
-calls run (SD1.5's attention projections: about 180 MiB in fp16), freed before the gradient window.
+peft's LoRA ``Linear`` launches its own ops at every call of every adapted layer after the base layer's: two matmuls,
+the scaling and the sum (their transposes and views launch nothing), and under autocast its casts: 4 in fp32, about 9
+under fp16 autocast, some 1,200 of an SD1.5 UNet call's with LoRA on its attention projections. Where the host paces
+the step (batch 1 on a fast card) those ops cost time; the merged copies cost one small matmul per adapted layer per
+rollout and their memory while the no-grad calls run (SD1.5's attention projections: 178 MiB in fp16; FLUX's about
+4.7 GiB in bf16, about 16 GiB with lora_layers=attention+ff), freed before the gradient window.
 
 The base weights are never changed in place: each adapted layer's base weight tensor is pointed at its merged copy
 and back, so the frozen model is bit for bit what it was (peft's own ``merge``/``unmerge`` adds and subtracts the
@@ -21,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from lowmem_alignprop.models.sampling import adapters_off
+from lowmem_alignprop.models.sampling import adapters_off, without_autocast
 
 
 def lora_linears(model) -> list:
@@ -35,12 +36,14 @@ def lora_linears(model) -> list:
 @contextlib.contextmanager
 def lora_merged(model) -> Iterator[None]:
     """Inside (no gradients): ``model`` runs with its LoRA adapters off and each adapted base layer's weight replaced
-    by ``W + delta`` (peft's ``get_delta_weight`` of each active adapter, summed in fp32, stored in ``W``'s dtype);
-    the original weight tensors come back at the end."""
+    by ``W + delta`` (peft's ``get_delta_weight`` of each active adapter outside autocast, in the adapter's fp32,
+    summed in fp32, stored in ``W``'s dtype); the original weight tensors come back at the end."""
     swapped = []
+    layers = lora_linears(model)
     try:
-        with torch.no_grad():
-            for m in lora_linears(model):
+        # outside autocast: the deltas in the adapters' own fp32, one rounding to the weight's dtype at the end
+        with torch.no_grad(), without_autocast(layers[0].get_base_layer().weight.device.type if layers else "cpu"):
+            for m in layers:
                 weight = m.get_base_layer().weight
                 delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
                 merged = (weight.float() + delta).to(weight.dtype)  # fp32 sum, one rounding to the weight's dtype

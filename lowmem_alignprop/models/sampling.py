@@ -300,7 +300,8 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
     window."""
     stage = stage or (lambda name: contextlib.nullcontext())
     split = window_start(timesteps, k)
-    nograd_context = nograd_context or contextlib.nullcontext
+    # (no step before the window, K = T: nothing to merge for)
+    nograd_context = nograd_context if nograd_context is not None and split else contextlib.nullcontext
     with stage(stages.SAMPLE_NOGRAD), torch.no_grad(), nograd_context():  # no activations kept: time, not memory
         for t in timesteps[:split]:
             latents = step(predict(model, latents, t), t, latents)

@@ -161,6 +161,8 @@ LADDER: dict[str, Callable] = {
     "cache_prompts": _flag("cache_prompt_embeddings", True, _always,
                            "cache the prompt embeddings (the text encoder leaves the GPU)"),
     "offload_frozen": _flag("offload_frozen", True, _cuda, "keep idle frozen modules on the CPU"),
+    "unmerge": _flag("merge_lora_nograd", False, _always,
+                     "run the no-grad calls through peft's LoRA layers (no merged copies of the adapted weights)"),
     "attention_sliced": _flag("attention", "sliced", _always, "sliced attention (lowest memory, slowest)"),
     "activation_offload": _flag("activation_offload", True, lambda c: _cuda(c) and c.vae_checkpointing != "none",
                                 "offload checkpointed activations to the CPU"),
@@ -168,7 +170,7 @@ LADDER: dict[str, Callable] = {
 # The fixes that target each stage's own memory first; the rest of the ladder follows in LADDER's order.
 STAGE_FIRST: dict[str, tuple[str, ...]] = {
     stages.ENCODE_PROMPTS: ("cache_prompts", "offload_frozen"),
-    stages.SAMPLE_NOGRAD: ("attention_sliced", "batch", "offload_frozen"),
+    stages.SAMPLE_NOGRAD: ("unmerge", "attention_sliced", "batch", "offload_frozen"),
     stages.SAMPLE_GRAD: ("unet_blocks", "batch", "attention_sliced"),
     stages.DECODE: ("sliced_decode", "vae_blocks", "vae_resnets", "batch"),
     stages.REWARD: ("reward_ckpt", "batch"),

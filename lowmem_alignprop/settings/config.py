@@ -244,9 +244,9 @@ class Config:
                                  "model (peft launches 4 more per adapted layer and call, about 9 under autocast: "
                                  "~1,200 fewer per SD1.5 UNet call), faster where the host paces the step (batch 1 on "
                                  "a fast card); the copies live while those calls run (SD1.5's attention layers: "
-                                 "~180 MiB in fp16; FLUX's: ~4.7 GiB in bf16). Same images up to rounding. plan counts "
-                                 "it; plan --fastest chooses it when it fits. Needs train_unet=lora, base_quant=none, "
-                                 "block_swap=0, compile=none, deepspeed_zero=0.")
+                                 "178 MiB in fp16; FLUX's: ~4.7 GiB in bf16, ~16 GiB with attention+ff). Same images "
+                                 "up to rounding. plan counts it; plan --fastest chooses it when it fits. Needs "
+                                 "train_unet=lora, base_quant=none, block_swap=0, compile=none, deepspeed_zero=0.")
 
     # ---- logging and outputs ---------------------------------------------------------------------
     report_to: str = _f("none", "accelerate tracker for metrics and sample images.", ("none", "tensorboard", "wandb"))
