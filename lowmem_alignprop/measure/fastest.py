@@ -62,8 +62,9 @@ DECODE_LEVELS = ({"sliced_decode": False, "tiled_decode": False}, {"sliced_decod
 PROFILE_FIELDS = ("budget_gb", "card", "mixed_precision", "attention", "optimizer", "window_keep",
                   "unet_checkpointing", "vae_checkpointing", "reward_checkpointing", "sliced_decode", "tiled_decode",
                   "cache_prompt_embeddings", "offload_frozen", "activation_offload", "expandable_segments",
-                  "base_quant", "block_swap", "merge_lora_nograd", "resolution", "sample_steps", "guidance_scale", "eta", "truncation", "k",
-                  "k_min", "k_max", "batch_size", "grad_accum", "lr", "lora_rank", "lora_layers")
+                  "base_quant", "block_swap", "merge_lora_nograd", "resolution", "sample_steps", "guidance_scale",
+                  "eta", "truncation", "k", "k_min", "k_max", "batch_size", "grad_accum", "lr", "lora_rank",
+                  "lora_layers")
 
 
 def dimensions(cfg: Config, target: str, batch: int) -> list[tuple[str, list[dict[str, Any]]]]:

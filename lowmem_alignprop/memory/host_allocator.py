@@ -49,8 +49,8 @@ def users_setting() -> str | None:
 def release_freed_tensors(threshold_kib: int) -> str:
     """Fix glibc's mmap threshold at ``threshold_kib`` and its trim threshold at twice it (see the module docstring;
     0 leaves glibc's own). Returns what the C allocator runs with, for summary.json and the memory report."""
-    if users_setting():
-        return f"{users_setting()} (yours)"
+    if (yours := users_setting()):
+        return f"{yours} (yours)"
     libc = glibc()
     if libc is None:
         return "the platform's malloc (unchanged: not glibc)"
