@@ -426,9 +426,10 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             r = max(256, (r * 3 // 4) // 64 * 64)
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
                                                  cfg.train_unet == "lora" else {})})
-        if cfg.merge_lora_nograd:  # a quantized base and block swap do not run with merged copies: those tasks unmerged
-            ladders = [{**task, "merge_lora_nograd": False} if {"base_quant", "block_swap"} & set(task) else task
-                       for task in ladders]
+        # a task that cannot run merged (Config.merge_lora_clashes: a quantized base, block swap) runs unmerged
+        ladders = [{**task, "merge_lora_nograd": False}
+                   if cfg.merge_lora_nograd and dataclasses.replace(cfg, **task).merge_lora_clashes() else task
+                   for task in ladders]
 
     def corners(task: dict[str, Any]) -> list[dict[str, Any]]:  # each micro-batch's all-off configuration
         return [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})
