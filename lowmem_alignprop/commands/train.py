@@ -43,7 +43,7 @@ from lowmem_alignprop.settings.profiles import profile_note
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
-from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, held_out_of_training, prepare_inputs, split_eval_prompts,
+from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
                                           split_settings)
 from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
                                              model_kind)
@@ -128,7 +128,7 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         # would draw others), recorded in each checkpoint
         started = split_settings(point.state) if point else None
         prompts, eval_prompts = split_eval_prompts(cfg, given, started)
-        aside = sorted(held_out_of_training(started or cfg.to_dict(), given))
+        aside = sorted(set_aside(cfg, given, started))
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
         from lowmem_alignprop.toy.fidelity import off_grammar_note

@@ -97,6 +97,12 @@ def held_out_of_training(settings: dict, prompts: list[str]) -> set[str]:
     return set(random.Random(settings.get("seed", Config.seed)).sample(distinct, holdout))
 
 
+def set_aside(cfg: Config, prompts: list[str], started: dict | None = None) -> set[str]:
+    """The keys of the training prompts this run holds out: chosen by the settings it started with (``started``, a
+    resumed run's config at its checkpoint), else by ``cfg``'s."""
+    return held_out_of_training(cfg.to_dict() if started is None else started, prompts)
+
+
 def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = None) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts). With eval_every: the eval_prompts set or file (less any that trains), or
     else eval_holdout of the training prompts, chosen with the seed and removed from training (never trained on).
@@ -114,7 +120,7 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
                         "prompts, which leaves none to train on: give held-out prompts with --set eval_prompts=FILE, "
                         "or lower --set eval_holdout")
     held_by = cfg.to_dict() if started is None else started  # the settings that chose the held-out prompts
-    aside = held_out_of_training(held_by, prompts)
+    aside = set_aside(cfg, prompts, started)
     train = [p for p in prompts if prompt_key(p) not in aside]
     if not cfg.eval_every:
         return train, []
