@@ -3,6 +3,7 @@ first (:func:`candidate_changes`; the planner's search and ``plan --fastest`` tr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,9 +35,6 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
     images per optimizer step through more accumulation, and a description's "was" is its value."""
     start = start or cfg
     out: list[tuple[str, dict[str, Any]]] = []
-    # a quantized base or block swap cannot run with merge_lora_nograd (Config.merge_lora_clashes): they turn it off
-    unmerge = {"merge_lora_nograd": False} if cfg.merge_lora_nograd else {}
-    unmerged = "; the no-grad calls through peft's layers again (merge_lora_nograd=false)" if unmerge else ""
     if not cfg.expandable_segments and target == "cuda":
         out.append(("expandable allocator segments (less fragmentation)",
                     {"expandable_segments": True}))
@@ -67,13 +65,13 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
         out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
-                    f"bitsandbytes on the GPU machine{unmerged})", {"base_quant": "nf4", **unmerge}))
+                    "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
     if not cfg.block_swap and cfg.train_unet == "lora" and not cfg.deepspeed_zero and target == "cuda":
         n = swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
-                        f"(PCIe copies per call, overlapping compute{unmerged})",
-                        {"block_swap": n, "unet_checkpointing": "blocks", **unmerge}))
+                        "(PCIe copies per call, overlapping compute)",
+                        {"block_swap": n, "unet_checkpointing": "blocks"}))
     elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := swappable_count(cfg)):
         n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
         was = f", was {start.block_swap}" if start.block_swap else ""
@@ -91,7 +89,16 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
     if cfg.resolution > 256:
         r = max(256, (cfg.resolution * 3 // 4) // 64 * 64)
         out.append((f"lower resolution {r} px (changes the task)", {"resolution": r}))
-    return out
+    return [unmerged(cfg, description, change) for description, change in out]
+
+
+def unmerged(cfg: Config, description: str, change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A change that merge_lora_nograd cannot run with (Config.merge_lora_clashes: a quantized base, block swap...)
+    turns it off too, and says so."""
+    if not cfg.merge_lora_nograd or not dataclasses.replace(cfg, **change).merge_lora_clashes():
+        return description, change
+    return (f"{description}; the no-grad calls through peft's layers again (merge_lora_nograd=false)",
+            {**change, "merge_lora_nograd": False})
 
 
 def _is_flow(cfg: Config) -> bool:
