@@ -56,6 +56,25 @@ def test_a_zip_torch_file_is_memory_mapped_and_a_legacy_one_read_whole(tmp_path,
         [(True, True, "cpu"), (False, True, "cpu"), (False, True, "cpu")]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's list of this process's mappings")
+def test_a_checkpoints_optimizer_state_is_read_whole_not_mapped(tmp_path):
+    """run.checkpoint.load_tensors (optimizer and RNG state, kept for the run): the file is not mapped while its tensors
+    live, so pruning that checkpoint later frees its disk space (a mapping would hold the deleted file)."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    torch.save(SD, tmp_path / "optimizer.pt")
+
+    def mapped() -> bool:
+        return str(tmp_path / "optimizer.pt") in open("/proc/self/maps").read()
+
+    held = read_tensor_file(tmp_path / "optimizer.pt")
+    assert mapped()  # (the premise: a plain read maps it, and /proc/self/maps shows that)
+    del held
+    kept = ckpt.load_tensors(tmp_path / "optimizer.pt")
+    _same(kept)
+    assert not mapped()
+
+
 def test_nested_state_dicts_are_unwrapped_only_when_asked(tmp_path):
     torch.save({"state_dict": {"state_dict": SD}, "epoch": 3}, tmp_path / "nested.ckpt")
     _same(read_tensor_file(tmp_path / "nested.ckpt", unwrap=True))
