@@ -279,6 +279,13 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     assert f"| base model | `{merged}` (the LoRA was trained on `{sd['base']}`) |" in card
     assert "sample reward, before -> after (the LoRA as trained: weight 1, on its base model)" in card
     assert not (both / "before_after.png").exists()  # its grid shows the LoRA on its own base
+    # as one file at another weight: its header's weight is this merge's, its record both merges'
+    from safetensors import safe_open
+    file = next(export(tmp_path / "both-single", other["lora"], "--merge", "--single-file", "--weight", "0.5",
+                       "--model", str(merged)).glob("*.safetensors"))
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata()["alignprop_lora_weight"] == "0.5"
+    assert [r["weight"] for r in merged_record(str(file))] == [1.0, 0.5]
 
 
 def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsys):
