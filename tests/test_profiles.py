@@ -487,6 +487,13 @@ def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
     caplog.clear()
     build_config(values, {}, {"sample_steps": 4, "truncation": "fixed", "k": 2})
     assert "K range" not in caplog.text
+    # the cpu profile's fixed K of 2, one step asked for: K follows as the model defaults' step count brings it down
+    _, cpu = load_profile("cpu")
+    assert cpu["truncation"] == "fixed" and cpu["k"] == 2
+    assert build_config(cpu, {}, {"sample_steps": 1}).k == 1
+    assert "sample_steps=1: the profile's K range ends at the last step (k 2 -> 1)" in caplog.text
+    with pytest.raises(UserError, match="larger than sample_steps"):  # a K the user asks for is checked
+        build_config(cpu, {}, {"sample_steps": 1, "k": 2})
 
 
 def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):

@@ -761,6 +761,17 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
             and not (flow and k == "eta")}
 
 
+def end_k_range_at(values: dict[str, Any], steps: int, asked: Any = ()) -> dict[str, tuple[int, int]]:
+    """Bring the K settings (k, k_min, k_max) of ``values`` that exceed ``steps`` sampling steps down to it, in place,
+    leaving those in ``asked`` (the user's own: still checked by validate). Returns {field: (was, now)}."""
+    lowered = {}
+    for key in ("k", "k_min", "k_max"):
+        if key not in asked and (was := values.get(key, getattr(Config, key))) > steps:
+            values[key] = steps
+            lowered[key] = (was, steps)
+    return lowered
+
+
 def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any],
                  training: bool = True) -> Config:
     """Merge profile < explicit CLI flags < --set overrides into a validated Config (``training``: Config.validate's)."""
@@ -769,16 +780,12 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
         for k, v in source.items():
             values[k] = coerce(k, v)
     user = {**explicit, **overrides}
-    steps = values.get("sample_steps", Config.sample_steps)
-    if "k_max" not in user and values.get("k_max", Config.k_max) > steps and "sample_steps" in user:
-        # fewer DDIM steps asked for: the profile's K range ends at the last step (asked for k_max: still checked)
-        if values.get("truncation", Config.truncation) != "fixed":  # (a fixed K does not read k_max)
-            logging.getLogger("lowmem_alignprop").info(
-                "sample_steps=%d: the profile's K range ends at the last step (k_max %s -> %d)", steps,
-                values.get("k_max", Config.k_max), steps)
-        values["k_max"] = steps
-        if "k_min" not in user:  # one the user asked for is checked, as k and k_max are
-            values["k_min"] = min(values.get("k_min", Config.k_min), steps)
+    if "sample_steps" in user:  # fewer DDIM steps asked for: the profile's K range ends at the last step
+        lowered = end_k_range_at(values, values["sample_steps"], asked=user)  # (one the user asked for: checked)
+        uniform = values.get("truncation", Config.truncation) != "fixed"  # (a fixed K reads only k)
+        if said := [f"{k} {old} -> {new}" for k, (old, new) in lowered.items() if uniform != (k == "k")]:
+            logging.getLogger("lowmem_alignprop").info("sample_steps=%d: the profile's K range ends at the last "
+                                                       "step (%s)", values["sample_steps"], ", ".join(said))
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
         values["output_dir"] = os.path.expanduser(values["output_dir"])
     return Config(**values).validate(training)

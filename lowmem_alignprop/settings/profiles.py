@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import Config, build_config, coerce, parse_set, recipe_file
+from lowmem_alignprop.settings.config import Config, build_config, coerce, end_k_range_at, parse_set, recipe_file
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -263,8 +263,7 @@ def with_model_defaults(values: dict[str, Any], model: str, own: bool = False) -
     defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if not (own and k in values)}
     values = {**values, **defaults}
     if "sample_steps" in defaults:
-        for key in ("k", "k_min", "k_max"):
-            values[key] = min(values.get(key, getattr(Config, key)), defaults["sample_steps"])
+        end_k_range_at(values, defaults["sample_steps"])
     return values
 
 
