@@ -74,7 +74,7 @@ def assert_trained(rows):
 # bf16 on a CPU without bf16 instructions is emulated (a run 4x the fp32 one): the checkpointing of UNet blocks, VAE
 # and reward and the tiled decode cross their dtype boundaries in one run
 @pytest.mark.parametrize("case", ["checkpointed_tiled", "nf4_base"])
-def test_half_precision_frozen_weights_train(case, tiny_dir, clip_dir, half_weights, tmp_path, request):
+def test_half_precision_frozen_weights_train(case, tiny_dir, clip_dir, half_weights, tmp_path, request, monkeypatch):
     sets = {"checkpointed_tiled": ["--set", "unet_checkpointing=blocks", "--set", "vae_checkpointing=resnets",
                                    "--set", "reward_checkpointing=true", "--set", "tiled_decode=true",
                                    "--set", "tile_size=6", "--set", "tile_overlap=1"],
@@ -82,11 +82,16 @@ def test_half_precision_frozen_weights_train(case, tiny_dir, clip_dir, half_weig
     if case == "nf4_base":
         request.getfixturevalue("cpu_quant")
     out = tmp_path / "run"
+    from lowmem_alignprop.step import rollout
+    as_given = []  # the adapters' inputs as given under the accelerator's autocast (tests/test_lora_input_dtype.py)
+    real = rollout.keep_input_dtype
+    monkeypatch.setattr(rollout, "keep_input_dtype", lambda model: as_given.append(real(model)) or as_given[-1])
     # one no-grad and one grad step (K=1): each dtype boundary is crossed the same way as with more of either
     assert main([*FAST, *half_weights, *sets, "--set", "sample_steps=2", "--set", "k=1", "--model", str(tiny_dir),
                  "--reward", "clip", "--set", f"reward_weights={clip_dir}", "--output-dir", str(out)]) == 0
     rows, report = trained(out)
     assert_trained(rows)
+    assert len(as_given) == 1 and as_given[0] > 0  # set on the adapted layers, and so through checkpoints and tiles
     unet_bytes = report["modules"]["after_load"]["unet"]["bytes"]
     full = fp32_bytes(tiny_dir, "unet")
     # the frozen UNet is stored in half precision (nf4: its Linear layers in 4 bits, the rest bf16)

@@ -405,7 +405,8 @@ class Trainer:
         self.fingerprint = ckpt.fingerprint(cfg, self.unet)  # before DeepSpeed partitions the weights
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
-        self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype)
+        self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
+                                                            autocast=self.accelerator.native_amp)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,

@@ -202,8 +202,9 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     k_plan, k_sim, n_nograd, sim = _simulated(cfg, notes)
     dtype = precision.frozen_weight_dtype(cfg.mixed_precision, target)  # as the trainer: fp32 on a CPU
 
+    autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     # 1-2. meta models + the trainer's memory features (cast, checkpointing, attention, LoRA), all on meta
-    comps, reward = _meta_models(cfg, sim, target, dtype, notes)
+    comps, reward = _meta_models(cfg, sim, target, dtype, notes, autocast=autocast is not contextlib.nullcontext)
     if (cut := family_for(comps).cut_prompts_note(cfg, prompts)):  # as training says it: prompts the encoder cuts
         notes.append(cut)
     # 3. fake storage for everything
@@ -220,7 +221,6 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     place.on_move = lambda n: work.add("pcie_bytes", n)
     if cuda and cfg.encode_on_cpu:  # SD3/FLUX: the text encoders never reach the device
         place.on_device -= {TEXT_ENCODER}
-    autocast_mode, autocast = _autocast_for(cfg, cuda, dtype, emulate_autocast)
     optimizer, run_opt = optimizer_for(cfg, params, cuda, weights, place, notes)
     if cfg.ema_decay:  # the EMA's fp32 copy of the trained weights sits beside them on the device
         weights["ema"] = sum(p.numel() * 4 for p in params)
@@ -349,8 +349,9 @@ def _simulated(cfg: Config, notes: list[str]) -> tuple[int, int, int, Config]:
     return k_plan, k_sim, n_nograd, sim
 
 
-def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str]):
-    """The components and reward model on meta, with the trainer's memory features applied."""
+def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, notes: list[str], *, autocast: bool):
+    """The components and reward model on meta, with the trainer's memory features applied (``autocast``: the step
+    runs under autocast)."""
     from lowmem_alignprop.models.family import family_for, model_defaults_note
 
     comps = meta_components(cfg, dtype)
@@ -359,7 +360,7 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
     level = models_log.level
     models_log.setLevel(logging.ERROR)  # its device warnings are about this CPU, not the target GPU
     try:
-        apply_memory_features(comps, sim, torch.device(target), dtype)
+        apply_memory_features(comps, sim, torch.device(target), dtype, autocast=autocast)
     finally:
         models_log.setLevel(level)
     if target == "cuda" and comps.is_sdxl and comps.vae.dtype == torch.float32 and dtype == torch.float16 \

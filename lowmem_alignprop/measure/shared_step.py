@@ -116,14 +116,14 @@ def _measure_cpu_step(cfg: Config, prompts: list[str] | None, timed_steps: int, 
     cpu = torch.device("cpu")
     torch.manual_seed(cfg.seed)
     comps = load_components(cfg, torch.float32)
-    params, _ = apply_memory_features(comps, cfg, cpu, torch.float32)
+    autocast = precision.cpu_autocast(cfg.mixed_precision)
+    params, _ = apply_memory_features(comps, cfg, cpu, torch.float32, autocast=autocast is not contextlib.nullcontext)
     swap = install(comps.unet, cfg.block_swap, cpu)  # noqa: F841 - its hooks live as long as it does
     comps.unet.train()
     reward = build_reward(cfg.reward, device="cpu", dtype=torch.float32, checkpointing=cfg.reward_checkpointing,
                           weights=cfg.reward_weights)
     optimizer = build_optimizer(cfg, params)
     prof = StageProfiler("cpu")  # no step begun: its stages are record_function ranges the tracker reads
-    autocast = precision.cpu_autocast(cfg.mixed_precision)
     family = family_for(comps)
     parts = StepParts(cfg, comps, family.make_pipeline(comps), reward, params, optimizer, prompts,
                       Placement(cpu, offload=cfg.offload_frozen), prof.stage, autocast)

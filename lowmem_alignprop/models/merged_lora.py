@@ -4,7 +4,8 @@ of through peft's LoRA layers.
 
 peft's LoRA ``Linear`` launches its own ops at every call of every adapted layer after the base layer's: two matmuls,
 the scaling and the sum (their transposes and views launch nothing), and under autocast its casts: 4 in fp32, about 9
-under fp16 autocast, some 1,200 of an SD1.5 UNet call's with LoRA on its attention projections. Where the host paces
+under fp16 autocast with peft's input cast (which models/lora_layers.keep_input_dtype now leaves out: two fewer where
+the input comes in fp16), some 1,200 of an SD1.5 UNet call's with LoRA on its attention projections. Where the host paces
 the step (batch 1 on a fast card) those ops cost time; the merged copies cost one small matmul per adapted layer per
 rollout and their memory while the no-grad calls run (SD1.5's attention projections: 178 MiB in fp16; FLUX's about
 4.7 GiB in bf16, about 16 GiB with lora_layers=attention+ff), freed before the gradient window.

@@ -18,6 +18,7 @@ from lowmem_alignprop.models.family import UNetFamily, family_for
 from lowmem_alignprop.models.loading import choose_vae_dtype
 from lowmem_alignprop.memory.placement import Placement
 from lowmem_alignprop.memory.quant import store_fp8
+from lowmem_alignprop.models.lora_layers import keep_input_dtype
 from lowmem_alignprop.models.sampling import enable_block_checkpointing, enable_vae_checkpointing, without_autocast
 
 
@@ -31,11 +32,13 @@ def loss_from_reward(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
     return -cfg.loss_scale * rewards.mean()
 
 
-def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
+def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype: torch.dtype, *,
+                          autocast: bool = False):
     """Freeze, cast, pick attention and checkpointing, add LoRA. Returns (trainable params, attention used).
 
     The planner calls this too, so its estimate is of exactly the configuration that trains. ``comps.unet`` is the
-    denoiser: a UNet, or an SD3/FLUX transformer (its family decides attention and LoRA targets).
+    denoiser: a UNet, or an SD3/FLUX transformer (its family decides attention and LoRA targets). ``autocast``: every
+    call of the denoiser runs under autocast (the trainer's accelerator, the planner's emulation).
     """
     family = family_for(comps)
     unet, vae = comps.unet, comps.vae
@@ -49,6 +52,8 @@ def apply_memory_features(comps, cfg: Config, device: torch.device, weight_dtype
     enable_vae_checkpointing(vae, cfg.vae_checkpointing)
     if cfg.train_unet == "lora":
         params = family.add_lora(unet, cfg)
+        if autocast:  # -2 ops forward and backward per adapted layer and call, -1 fp16 input copy kept for backward
+            keep_input_dtype(unet)
         if cfg.base_quant == "fp8" and not any(p.is_meta for p in unet.parameters()):
             # frozen Linear weights at 1 byte (half of bf16), each layer upcast while it runs; after LoRA, so the
             # adapters stay fp32 (a flow transformer read or drawn block by block has the rest in fp8 already: the
