@@ -383,6 +383,50 @@ def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_write
         assert held.best_kept and json.loads((out / "best" / "best.json").read_text())["step"] == 4
 
 
+def test_the_held_out_evaluation_renders_every_prompt_with_the_same_seeds_and_averages_them_all(tmp_path):
+    """HeldOut.evaluate on 5 held-out prompts in chunks of batch_size 2: chunk i with seed + EVAL_SEED_OFFSET + i, the
+    same seeds at every evaluation (else two steps' figures compare other images); eval_reward and its std over all 5
+    images; eval_objective -loss (reward_target: the mean distance); each evaluator gets every image with its own
+    prompt. Then best/ and the early stop: a better step resets the patience, early_stop=2 stops at the 2nd
+    evaluation without improvement, and best/ records the reward (not the objective)."""
+    from lowmem_alignprop.commands.evaluation import EVAL_SEED_OFFSET, HeldOut
+
+    prompts = ["a", "b", "c", "d", "e"]
+    value = {p: float(i) for i, p in enumerate(prompts)}  # each image's reward: its prompt's index (+ an offset)
+    calls, seen, offset = [], [], {"now": 0.0}
+
+    def sample(chunk, seed):
+        calls.append((list(chunk), seed))
+        imgs = torch.stack([torch.full((3, 2, 2), value[p]) for p in chunk])
+        return imgs, torch.tensor([value[p] + offset["now"] for p in chunk])
+
+    def evaluator(images, names):
+        seen.append(names)
+        return {"eval_match": float(all(img.mean().item() == value[p] for img, p in zip(images, names)))}
+
+    cfg = Config(seed=7, batch_size=2, eval_every=1, early_stop=2, reward_target=3.0).validate()
+    held = HeldOut(cfg, prompts, tmp_path, sample=sample, write_lora=lambda folder: None)
+    held.evaluators.append(evaluator)
+    first = held.evaluate()
+    seeds = [7 + EVAL_SEED_OFFSET + i for i in range(3)]
+    assert calls == [(["a", "b"], seeds[0]), (["c", "d"], seeds[1]), (["e"], seeds[2])]
+    assert first["eval_reward"] == pytest.approx(2.0) and first["eval_reward_std"] == pytest.approx(2 ** 0.5)
+    assert first["eval_objective"] == pytest.approx(-(3 + 2 + 1 + 0 + 1) / 5)  # -mean |reward - 3|
+    assert first["eval_match"] == 1.0 and seen == [prompts]
+    calls.clear()
+    offset["now"] = 1.0
+    second = held.evaluate()
+    assert [s for _, s in calls] == seeds and second["eval_reward"] == pytest.approx(3.0)
+    # steps 1-5, objective: -1.4, -2.0 (patience 1), -1.2 (better: 0 again), -1.4, -2.0 (2 without improving: stop)
+    for step, shift in enumerate((0.0, -1.0, 1.0, 0.0, -1.0), start=1):
+        offset["now"] = shift
+        held.after_evaluation(step, held.evaluate(), is_main=True)
+        assert (held.best_step, held.since_best) == ((1, 0), (1, 1), (3, 0), (3, 1), (3, 2))[step - 1], step
+        assert held.exhausted == (step == 5), step
+    assert held.best_reward == pytest.approx(3.0) and held.best == pytest.approx(-1.2)
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["eval_reward"] == pytest.approx(3.0)
+
+
 def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     """4 steps at once == 2 steps + 2 resumed, with an EMA (lora/ holds the average) and evaluation every step:
     the same lora/, the same best/ (an early step: a resume that forgot the best so far would put step 3 there), the same

@@ -549,3 +549,30 @@ def test_a_lora_written_again_comes_from_the_newest_intact_checkpoint_not_a_dama
     assert final_lora.rewrite_from_checkpoint(run) == older
     expected = write_checkpoint_lora(older, tmp_path / "expected")
     assert_same_lora(run / LORA_FILE, expected)
+
+
+def test_a_metrics_line_the_disk_fills_in_the_middle_of_is_cut_back_off(tmp_path, monkeypatch):
+    """metrics.jsonl is appended one line at a time: a write that fails after part of the line (a full disk) leaves
+    the file as it was, every line whole (a half line made the next line unparsable), and the error names the file."""
+    from lowmem_alignprop.commands import grid
+
+    path = tmp_path / "metrics.jsonl"
+    grid.write_metrics_line(path, {"step": 1, "reward_mean": 0.5})
+    before, inode, real, writes = path.read_bytes(), path.stat().st_ino, os.write, []
+
+    def filling(fd, data):  # this file's first write gets 5 bytes onto the disk, the next finds it full
+        if os.fstat(fd).st_ino != inode:
+            return real(fd, data)
+        writes.append(len(data))
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bytes(data[:5]))
+
+    monkeypatch.setattr(grid.os, "write", filling)
+    with pytest.raises(OSError) as failed:
+        grid.write_metrics_line(path, {"step": 2, "reward_mean": 0.25})
+    monkeypatch.undo()
+    assert len(writes) == 2 and failed.value.errno == errno.ENOSPC and failed.value.lowmem_file == path
+    assert path.read_bytes() == before
+    grid.write_metrics_line(path, {"step": 2, "reward_mean": 0.25})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

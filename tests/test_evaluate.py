@@ -481,3 +481,30 @@ def test_sample_says_how_many_of_a_prompt_files_prompts_it_renders(tmp_path, cap
     caplog.clear()
     ev.evaluate(cfg, [], num_prompts=9, images_per_prompt=1)
     assert "sample: the first" not in caplog.text
+
+
+def test_each_image_is_labelled_with_its_own_reward(tmp_path):
+    """The number under image j of each row is reward j of that row: the label under column 1 of a grid with rewards
+    (0.1234, 0.9876) is, pixel for pixel, the label under column 0 of a grid whose first reward is 0.9876 (a label
+    taken from another column or row showed a wrong number under a right image, in silence)."""
+    import numpy as np
+    from PIL import Image
+
+    from lowmem_alignprop.commands.grid import save_sample_grid
+
+    cell, label_h, left = 192, 28, 64  # (the default cell: the whole label fits)
+    imgs = torch.full((2, 3, 8, 8), 0.5)
+
+    def labels(before: list[float], after: list[float]) -> list[list[np.ndarray]]:
+        """[row][column]: the label strip under each image."""
+        grid = np.asarray(Image.open(save_sample_grid(
+            tmp_path / "g.png", ["p", "p"], (imgs, torch.tensor(before)), (imgs, torch.tensor(after)))))
+        return [[grid[20 + i * (cell + label_h) + cell:20 + (i + 1) * (cell + label_h),
+                      left + j * cell:left + (j + 1) * cell] for j in range(2)] for i in range(2)]
+
+    mixed = labels([0.1234, 0.9876], [0.5555, 0.3333])
+    for i, (before, after) in enumerate((([0.9876, 0.1234], [0.3333, 0.5555]), ([0.1234, 0.0], [0.5555, 0.0]))):
+        other = labels(before, after)
+        for row in range(2):
+            assert np.array_equal(mixed[row][1 - i], other[row][0]), (i, row)
+    assert not np.array_equal(mixed[0][0], mixed[0][1]) and not np.array_equal(mixed[0][0], mixed[1][0])

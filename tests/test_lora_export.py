@@ -323,7 +323,7 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     assert card.data.base_model is None  # a local folder is no hub id
     assert card.data.license is None and "# license:" in text  # left to the user
     for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K ~ U{1..2} of 3 DDIM steps",
-                   "0.4321 -> 0.5678", "0.4100 -> 0.5900", "4 / 8",
+                   "0.4321 -> 0.5678", "0.4100 -> 0.5900", "| LoRA rank / alpha | 4 / 8 (",
                    "![before and after training, same seeds](before_after.png)",
                    "ComfyUI/models/loras/", "models/Lora/",
                    f"lowmem-alignprop export --lora {sd['lora']} --out {out} --format kohya"):
@@ -347,6 +347,18 @@ def test_the_card_of_an_ema_run_says_its_weights_are_the_average(sd, tmp_path, o
     text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
     row = "| weights | the exponential moving average of the trained LoRA (decay 0.99) |"
     assert (row in text) is outputs and ("| weights |" in text) is outputs
+
+
+def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path):
+    """A run stopped after 2 of its 10 steps: the card's steps row is the 2 steps the LoRA had (summary.json's
+    steps_done), not the 10 planned, and a note says it was interrupted."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": 10, "steps_done": 2, "interrupted": True}))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert "| steps | 2 |" in text and "| steps | 10 |" not in text
+    assert "| note | the run was interrupted before its last step |" in text
 
 
 def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):

@@ -63,3 +63,36 @@ def test_the_steps_that_evaluate_and_checkpoint_are_counted_as_they_are_done():
             assert (steps in picked) == bool(every)  # the last step does it whenever the work is on
             for step in range(0, steps + 1):
                 assert schedule.due_after(every, steps, step) == len([s for s in picked if s > step]), (steps, every)
+
+
+def test_the_box_says_the_reward_first_to_last_and_its_change(tmp_path, capsys):
+    """The end-of-run box's reward line: first -> last and last - first, signed (a fall is '-', a rise '+')."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.settings.config import Config
+
+    s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
+         "attention": "sdpa", "output_dir": str(tmp_path)}
+    print_summary(s, Config(reward="brightness"), "cpu")
+    assert "\n reward (brightness): 0.5000 -> 0.6250  (+0.1250)\n" in capsys.readouterr().out
+    print_summary(dict(s, reward_first=0.625, reward_last=0.5), Config(reward="brightness"), "cpu")
+    assert "\n reward (brightness): 0.6250 -> 0.5000  (-0.1250)\n" in capsys.readouterr().out
+
+
+def test_the_toy_world_lines_put_each_rate_before_then_after():
+    """The box's toy-world lines: each exact rate, the score, the reward, its median and the JPEG size, before ->
+    after, each from its own side (an after read from before shows no change: a run that helped looks useless)."""
+    from lowmem_alignprop.commands.run_summary import toy_world_lines
+
+    def side(base: float) -> dict:
+        return {"reward": 10 * base, "reward_median": 20 * base, "fidelity_score": base, "jpeg_bytes": 1000 * base,
+                **{f"fidelity_{k}": base / d for k, d in (("all_ok", 1), ("objects_ok", 2), ("colours_ok", 4),
+                                                          ("shapes_ok", 5), ("count_ok", 10))}}
+
+    lines = toy_world_lines({"images": 8, "prompts": 4, "held_out": 2, "before": side(0.2), "after": side(0.8)})
+    assert lines == [
+        " toy world, 8 fixed-seed images of 4 prompts (2 held out from the toy model's training): reward 2.0000 -> "
+        "8.0000 (median 4.0000 -> 16.0000)",
+        "   exact fidelity: score 0.200 -> 0.800  all right 20% -> 80%  objects 10% -> 40%  colours 5% -> 20%  "
+        "shapes 4% -> 16%  count 2% -> 8%",
+        "   JPEG size: 200 -> 800 bytes"]
+    assert toy_world_lines({"images": 8, "prompts": 4, "held_out": 4, "before": {}, "after": {}}) == []

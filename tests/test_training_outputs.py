@@ -214,7 +214,19 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
     half = tmp_path / "half.safetensors"  # a file cut short (a copy that stopped): it crashed in a traceback, exit 1
     whole = (made_lora["lora"] / "pytorch_lora_weights.safetensors").read_bytes()
     half.write_bytes(whole[: len(whole) // 2])
-    cases = [(["--init-lora", str(half)], f"--init-lora {half}: half.safetensors is damaged or not a safetensors "
+    from safetensors.torch import load_file, save_file
+
+    more = load_file(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"))  # + a layer this UNet lacks: diffusers
+    layers = sum(k.endswith((".lora.down.weight", ".lora_A.weight")) for k in more)  # loads the rest, warns; a start
+    extra = {k.replace("down_blocks.1.", "down_blocks.7."): v.clone() for k, v in more.items()  # from part of a
+             if k.startswith("unet.down_blocks.1.") and ".attn1.to_q.lora" in k}  # LoRA is no start: refused
+    assert len(extra) == 2
+    more.update(extra)
+    (tmp_path / "more").mkdir()
+    save_file(more, str(tmp_path / "more" / "pytorch_lora_weights.safetensors"))
+    cases = [(["--init-lora", str(tmp_path / "more")], f"--init-lora {tmp_path / 'more'} does not fit this model: "
+              f"only {layers} of its {layers + 1} layers exist here"),
+             (["--init-lora", str(half)], f"--init-lora {half}: half.safetensors is damaged or not a safetensors "
               "file ("),
              (["--init-lora", str(made_lora["lora"]), "--set", "lora_rank=8"],
               f"--init-lora {made_lora['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
