@@ -102,3 +102,25 @@ def test_calibrate_time_writes_the_provenance_block(tmp_path):
     # the same sums of float64 terms, grouped differently since the time model split compute from copies
     assert [r["predicted_step"] for r in doc["runs"]] == pytest.approx([r["predicted_step"] for r in before["runs"]],
                                                                        rel=1e-12)
+
+
+def test_the_cpu_is_named_by_the_value_of_its_model_name_line(monkeypatch):
+    from lowmem_alignprop.measure import provenance
+
+    class Info:
+        def __init__(self, path):
+            self.path = path
+
+        def read_text(self, encoding=None):
+            return "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t: x\n"
+
+    monkeypatch.setattr(provenance, "Path", Info)
+    assert provenance.cpu_name() == "Intel(R) Xeon(R) CPU @ 2.20GHz"
+
+    class Missing(Info):
+        def read_text(self, encoding=None):
+            raise OSError("no /proc here")
+
+    monkeypatch.setattr(provenance, "Path", Missing)
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
+    assert provenance.cpu_name() == "arm"

@@ -681,3 +681,127 @@ def test_the_plan_names_every_memory_and_speed_field_it_plans_with():
     assert plan_features(chosen)[-3:] == ["window_keep=2", "block_swap=3", "fused_adamw=true"]  # tile_size: untiled
     assert plan_features({**chosen, "tiled_decode": True})[-4:] == ["window_keep=2", "tile_size=48", "block_swap=3",
                                                                     "fused_adamw=true"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the estimate's bookkeeping, unit by unit (no estimate run)
+# ---------------------------------------------------------------------------------------------------
+def test_residency_counts_the_weights_on_the_device_the_extra_and_each_move_once():
+    """Residency: the device holds the modules there plus ``extra`` (a dequantized layer) in every stage; each move
+    of a module, either way, is its bytes over PCIe; parking without offload moves nothing; on a CPU target nothing
+    moves at all."""
+    counter = counters.LiveBytes()
+    place = counters.Residency(counter, {"unet": 1000, "vae": 200, "reward": 0}, offload=True)
+    moves: list[int] = []
+    place.on_move = moves.append
+    place.extra = 64
+    place.refresh()
+    assert counter.resident == 1264 and counter.where == ("unet", "vae")
+    place.offload("vae")
+    assert counter.resident == 1064 and counter.where == ("unet",)
+    place.to_device("vae")
+    place.park("vae")  # offload on: parking leaves the card
+    assert moves == [200, 200, 200] and counter.resident == 1064
+    kept = counters.Residency(counters.LiveBytes(), {"vae": 200}, offload=False)
+    kept.on_move = moves.append
+    kept.park("vae")
+    assert kept.counter.resident == 200 and moves == [200, 200, 200]
+    host = counters.Residency(counters.LiveBytes(), {"vae": 200}, offload=True, host=True)
+    host.on_move = moves.append
+    host.offload("vae")
+    assert host.counter.resident == 200 and moves == [200, 200, 200]
+
+
+def test_activation_offload_counts_each_saved_tensor_over_pcie_both_ways():
+    """HostSaveOnCpu (activation_offload on a CUDA target): a saved tensor crosses PCIe when packed (forward) and
+    again when unpacked (backward); its host copy is not device memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    counter, work = counters.LiveBytes(), counters.StageWork()
+    with FakeTensorMode():
+        x = torch.randn(4, 8, requires_grad=True)  # 128 bytes
+        w = torch.randn(8, 16, requires_grad=True)  # 512 bytes
+        with counter, work, work.stage(stages.SAMPLE_GRAD), counter.stage(stages.SAMPLE_GRAD), \
+                counters.HostSaveOnCpu(counter, work):
+            y = x @ w  # saves x and w for backward
+        with work, work.stage(stages.BACKWARD):
+            y.sum().backward()
+    assert work.work[stages.SAMPLE_GRAD]["pcie_bytes"] == 128 + 512
+    assert work.work[stages.BACKWARD]["pcie_bytes"] == 128 + 512
+    assert counter.peaks[stages.SAMPLE_GRAD] == 4 * 16 * 4  # y alone: the packed copies live in host memory
+
+
+def test_figures_add_the_further_k_to_the_stages_after_the_window_and_find_the_peak_stage():
+    """figures(): K=4 with 2 steps simulated, each checkpointed step keeping 10 bytes (the level's rise between two
+    grad calls): 20 more in sample_grad, decode, reward and backward, not before; load holds its modules' weights
+    and the largest dequantized layer; the peak stage is the one with the most allocated, not the most weights; a
+    CUDA target needs x1.10 and the workspaces."""
+    import time
+
+    cfg = Config(model="tiny", resolution=64, sample_steps=6, k=4).validate()
+
+    def run(target):
+        counter = counters.LiveBytes()
+        peaks = {stages.ENCODE_PROMPTS: 50, stages.SAMPLE_NOGRAD: 60, stages.SAMPLE_GRAD: 300, stages.DECODE: 200,
+                 stages.REWARD: 250, stages.BACKWARD: 400, stages.OPTIMIZER: 45}
+        counter.peaks = dict(peaks)
+        counter.weights_at_peak = {name: 40 if name != stages.OPTIMIZER else 45 for name in peaks}
+        counter.where_at_peak = {name: ("unet",) for name in peaks}
+        return figures.figures(cfg, target, counter, {"unet": 40, "lora": 0, "vae": 0}, 7, [100, 110, 120],
+                               (4, 2, 0), 40, time.perf_counter(), [])
+    est = run("cpu")
+    allocated = {name: fig["allocated"] for name, fig in est.stages.items()}
+    assert allocated == {stages.LOAD: 47, stages.ENCODE_PROMPTS: 50, stages.SAMPLE_NOGRAD: 60, stages.SAMPLE_GRAD: 320,
+                         stages.DECODE: 220, stages.REWARD: 270, stages.BACKWARD: 420, stages.OPTIMIZER: 45}
+    assert est.per_k_bytes == 10 and est.peak_stage == stages.BACKWARD and est.peak_needed == 420
+    cuda = run("cuda")
+    assert cuda.peak_needed == int(420 * allowances.RESERVED_FACTOR) + allowances.WORKSPACE_BYTES
+
+
+def test_the_budget_is_in_gib_and_none_without_one():
+    est = figures.Estimate("cuda", {}, 0, stages.BACKWARD, int(1.05e9), {}, 1, 1, 0, 0, 0.0)
+    assert est.fits(1.0) is True  # 1.05e9 bytes < 1 GiB (1.074e9)
+    assert est.fits(0.97) is False and est.fits(0) is None
+
+
+def test_a_gpu_runs_host_memory_holds_what_waits_on_the_cpu():
+    """A UNet pipeline loads whole on the CPU (load: every module plus block swap's pinned blocks); during the steps
+    the host keeps the pinned blocks, the text encoder once the prompts are cached or with offload_frozen, and the
+    VAE and reward model with offload_frozen."""
+    weights = {"unet": 1000, "text_encoder": 100, "vae": 10, "reward": 1}
+    cfg = Config(model="tiny").validate()
+
+    def host(**kw):
+        return figures.host_memory(dataclasses.replace(cfg, **kw), weights, 5000, 0, flow=False)
+    assert host() == {"load": 6111, "steps": 5000}
+    assert host(cache_prompt_embeddings=True) == {"load": 6111, "steps": 5100}
+    assert host(offload_frozen=True) == {"load": 6111, "steps": 5111}
+
+
+def test_a_smaller_batch_keeps_at_least_the_images_per_step_and_cpu_targets_get_no_card_changes(tiny_dir):
+    """Batch 5 halves to 2 with grad_accum 3 (6 images per step: never fewer than the 5 asked); a CPU target is not
+    offered offloading (nothing to offload to) or expandable segments (a CUDA allocator setting)."""
+    cfg = Config(model="tiny", resolution=64, sample_steps=4, k=1, batch_size=5, expandable_segments=False).validate()
+    cpu = dict((tuple(sorted(c)), (label, c)) for label, c in fit_changes.candidate_changes(cfg, target="cpu"))
+    label, change = cpu[("batch_size", "grad_accum")]
+    assert change == {"batch_size": 2, "grad_accum": 3} and "6 images per step, was 5" in label
+    assert ("offload_frozen",) not in cpu and ("expandable_segments",) not in cpu
+    cuda = [c for _, c in fit_changes.candidate_changes(cfg, target="cuda")]
+    assert {"offload_frozen": True} in cuda and {"expandable_segments": True} in cuda
+
+
+def test_cuda_autocast_emulation_runs_cudas_fp32_ops_in_fp32():
+    """Where CUDA's autocast lists differ from the CPU's: layer_norm (CLIP's and the transformers' norms), exp and the
+    losses run in fp32 on CUDA, in half precision under the CPU autocast alone; einsum is cast down on CUDA only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    norm = torch.nn.LayerNorm(8).half().requires_grad_(False)
+    mode = cuda_autocast.CudaAutocast(torch.float16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 8).half()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert norm(x).dtype == torch.exp(x).dtype == torch.float16  # what the emulation adds to
+        with mode, mode.active():
+            assert norm(x).dtype == F.layer_norm(x, (8,)).dtype == torch.exp(x).dtype == torch.float32
+            assert F.mse_loss(x, x).dtype == torch.float32
+            assert torch.einsum("ij,kj->ik", x.float(), x.float()).dtype == torch.float16

@@ -572,3 +572,18 @@ def test_the_steps_import_nothing_the_report_needs():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["counter", "events"])
+def test_a_range_that_allocates_nothing_peaks_at_what_was_live_when_it_began(method):
+    """A stage that allocates nothing still holds what earlier stages made: its peak is the level when it
+    began, not 0. The counter folds the level in when the range opens; the events' analysis takes the running total
+    before the range's first event."""
+    with CpuAllocationTracker(count_baseline=False, method=method) as tracker:
+        held = _alloc(2 * MiB)
+        with torch.profiler.record_function("reward"):
+            held.add_(held)  # in place with a tensor operand (no wrapped scalar): nothing allocated inside
+        doubled = bool((held == 2).all())
+        del held
+    assert doubled
+    assert _close(tracker.peaks["reward"], 2 * MiB)

@@ -122,3 +122,40 @@ def test_the_plans_seconds_read_without_exponents_and_the_run_gets_its_length():
         ["0", "<0.01", "0.5", "12.3", "100", "100", "1000000"]
     assert [fmt_duration(x) for x in (45, 119, 2220, 7200, 18720, 172800)] == \
         ["45 s", "119 s", "37 min", "2.0 h", "5.2 h", "2.0 days"]
+
+
+def test_the_time_lines_state_the_work_in_decimal_units_and_the_peak_of_the_matmul_dtype():
+    """The work line in 1e12 FLOP and 1e9 bytes (as the device table's GB/s); the card's peak is the rate of the
+    matmul dtype: an A100's TF32 rate (156) for fp32 with tf32 on, its plain fp32 rate (19.5) without."""
+    from lowmem_alignprop.measure.reports import format_time
+
+    cfg = Config(steps=10, truncation="fixed", k=2).to_dict()
+    figures = {"fp16_tflops": 312, "bf16_tflops": 312, "tf32_tflops": 156, "fp32_tflops": 19.5,
+               "memory_gbs": 1555, "pcie_gbs": 25}
+    work = {"matmul_flops": 1.5e12, "attention_flops": 0.5e12, "other_bytes": 3e9, "ops": 12_000, "pcie_bytes": 2e9}
+    t = {"k_mean": 2, "work_per_micro_step": work, "device": "a100-40gb", "device_figures": figures,
+         "matmul_dtype": "fp32 (tf32)", "stages": {"backward": 1.0}, "micro_step": 1.0, "optimizer_step": 1.0}
+    lines = format_time(t, cfg)
+    assert ("time per step (K = 2, 50 steps): 2.00 TFLOP, 3.0 GB elementwise, 12k ops, 2.00 GB over PCIe per "
+            "micro-step") in lines[1]
+    assert "on a100-40gb (156 TFLOPS fp32 (tf32), 1555 GB/s, PCIe 25 GB/s), seconds:" in lines[2]
+    assert "on a100-40gb (19.5 TFLOPS fp32, 1555 GB/s" in format_time({**t, "matmul_dtype": "fp32"}, cfg)[2]
+
+
+def test_fastest_names_the_time_as_given_as_a_multiple_of_the_fastests():
+    from lowmem_alignprop.measure.reports import format_fastest
+
+    r = {"given": {"seconds": 3.0, "needed": 9 * GIB, "fits": False}, "found": {"seconds": 1.5, "needed": 6 * GIB},
+         "profile": "rtx3060", "device": "rtx3060", "images_per_step": 2, "tried": [{}] * 7, "seconds": 12.0,
+         "plan": _plan(), "set": {"vae_checkpointing": "blocks"}, "profile_yaml": "budget_gb: 8\n"}
+    text = format_fastest(r)
+    assert "fastest that fits: 1.5 s per optimizer step (estimated), 6.00 GiB needed (75% of the budget)" in text
+    assert "as given: 3 s per optimizer step, 9.00 GiB needed (does not fit); 2.00x the fastest's time" in text
+    assert "as flags: --set vae_checkpointing=blocks" in text and "7 configurations estimated in 12 s" in text
+
+
+def test_the_memory_reports_share_is_of_the_budget():
+    report = _memory_report()
+    report.update(budget_bytes=2 * GIB, budget_gb=2.0)
+    text = memory_report_markdown(report)
+    assert "| backward | 0.250 | 1.000 | 1.250 | 12.5% |" in text and "| decode | 0.125 | 0.500 | 0.500 | 6.2% |" in text

@@ -581,3 +581,110 @@ def test_plan_workers_are_spawned_on_macos(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     if "forkserver" in multiprocessing.get_all_start_methods():
         assert fastest._worker_context().get_start_method() == "forkserver"
+
+
+# ---------------------------------------------------------------------------------------------------
+# step_time and devices on hand-made work (no estimate): each figure's arithmetic, unit by unit
+# ---------------------------------------------------------------------------------------------------
+def _work(**kw) -> dict:
+    return {**dict.fromkeys(counters.WORK_KEYS, 0), **kw}
+
+
+def _estimate_of(work: dict, target: str = "cuda"):
+    from lowmem_alignprop.measure.figures import Estimate
+
+    return Estimate(target, {}, 0, stages.BACKWARD, 0, {}, 1, 1, 0, 0, 0.0, work=work)
+
+
+def test_step_time_counts_every_micro_step_the_optimizer_once_and_tf32_only_on_a_card():
+    """An A100 (fp32 19.5 TFLOPS, TF32 156, 1555 GB/s, PCIe 25 GB/s), fp32 matmuls: 1.56 TFLOP in sample_grad is
+    1.56e12 / (156e12 * 0.18) s with tf32 on a CUDA target, at the plain fp32 rate on a CPU target; the optimizer's
+    1.244 GB once per optimizer step, the micro-step grad_accum (3) times; block swap's 5 GB of copies 0.2 s."""
+    a100 = devices.DEVICES["a100-40gb"]
+    cfg = Config(model="tiny", resolution=64, sample_steps=4, k=1, mixed_precision="no", grad_accum=3,
+                 tf32=True).validate()
+    work = {stages.SAMPLE_GRAD: _work(matmul_flops=1.56e12, pcie_bytes=5e9, swap_bytes=5e9),
+            stages.OPTIMIZER: _work(other_bytes=1.244e9)}
+    t = step_time(cfg, _estimate_of(work), a100)
+    grad = 1.56e12 / (156e12 * a100.matmul_eff) + 5e9 / 25e9  # no windows known: the copies serial
+    opt = 1.244e9 / (1555e9 * a100.memory_eff)
+    assert t["matmul_dtype"] == "fp32 (tf32)"
+    assert t["stages"] == pytest.approx({stages.SAMPLE_GRAD: grad, stages.OPTIMIZER: opt}, rel=1e-12)
+    assert t["micro_step"] == pytest.approx(grad, rel=1e-12)
+    assert t["optimizer_step"] == pytest.approx(3 * grad + opt, rel=1e-12)
+    assert t["block_swap_copies"]["seconds"] == pytest.approx(0.2, rel=1e-12)  # 5e9 B at 25e9 B/s
+    assert t["block_swap_copies"]["beyond_compute"] == pytest.approx(0.2, rel=1e-12)
+    on_cpu = step_time(cfg, _estimate_of(work, target="cpu"), a100)  # tf32 is a CUDA setting
+    assert on_cpu["matmul_dtype"] == "fp32"
+    assert on_cpu["stages"][stages.SAMPLE_GRAD] == pytest.approx(1.56e12 / (19.5e12 * a100.matmul_eff) + 0.2,
+                                                                rel=1e-12)
+
+
+def test_step_work_scales_the_calls_to_the_mean_k_and_drops_cached_encodings():
+    """truncation=uniform over K in 2..6 (mean 4) of 8 steps: the window's calls, simulated 2, scale by 4 / 2, the
+    no-grad ones, simulated 2, by (8 - 4) / 2; with cached prompt embeddings a step encodes nothing, but what runs
+    after encode_prompts (its + AFTER bucket) still counts."""
+    from lowmem_alignprop.measure.step_time import mean_k, step_work
+
+    work = counters.StageWork()
+    work.work = {stages.ENCODE_PROMPTS: _work(matmul_flops=70), stages.ENCODE_PROMPTS + counters.AFTER: _work(ops=5),
+                 stages.SAMPLE_NOGRAD: _work(matmul_flops=100, ops=10), stages.SAMPLE_GRAD: _work(matmul_flops=200)}
+    cfg = Config(model="tiny", resolution=64, sample_steps=8, truncation="uniform", k_min=2, k_max=6).validate()
+    assert mean_k(cfg) == 4
+    out = step_work(cfg, work, k_sim=2, n_nograd=2)
+    assert out[stages.SAMPLE_GRAD]["matmul_flops"] == 400
+    assert out[stages.SAMPLE_NOGRAD]["matmul_flops"] == 200 and out[stages.SAMPLE_NOGRAD]["ops"] == 20
+    assert out[stages.ENCODE_PROMPTS]["matmul_flops"] == 70 and out[stages.ENCODE_PROMPTS]["ops"] == 5
+    cached = step_work(dataclasses.replace(cfg, cache_prompt_embeddings=True), work, k_sim=2, n_nograd=2)
+    assert cached[stages.ENCODE_PROMPTS]["matmul_flops"] == 0 and cached[stages.ENCODE_PROMPTS]["ops"] == 5
+
+
+def test_a_cpu_plan_is_timed_on_all_of_torchs_threads():
+    """cpu_device scales every rate of the one-core row, memory bandwidth included, by the threads; a CPU target's
+    plan uses torch's thread count."""
+    one, four = devices.DEVICES["cpu"], devices.cpu_device(4)
+    for field in ("fp16_tflops", "bf16_tflops", "tf32_tflops", "fp32_tflops", "memory_gbs"):
+        assert getattr(four, field) == pytest.approx(4 * getattr(one, field), rel=1e-12), field
+    assert (four.launch_s, four.matmul_eff, four.overlaps_launch) == (one.launch_s, one.matmul_eff, False)
+    planned = devices.device_for("", "cpu", "cpu")
+    assert planned.name == f"cpu ({torch.get_num_threads()} threads)"
+    assert planned.memory_gbs == pytest.approx(torch.get_num_threads() * one.memory_gbs, rel=1e-12)
+
+
+def test_quantized_layers_dequantize_at_their_stored_size_per_call():
+    """Each call of a quantized Linear layer reads its packed weight (int8: 1 byte, nf4: half a byte a weight) and
+    writes it in fp16 (2 bytes); LoRA's own layers are not quantized. The largest dequantized layer, which every
+    stage holds, is one fp16 copy of the largest frozen Linear weight."""
+    from lowmem_alignprop.measure import weight_bytes
+    from lowmem_alignprop.memory import quant
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 32))
+    model.add_module("lora_A", torch.nn.Linear(32, 4, bias=False))
+    weights = 8 * 16 + 16 * 32  # the frozen Linears' weights (LoRA's layer is not dequantized)
+    for mode, per_weight in (("int8", 1 + 2), ("nf4", 0.5 + 2)):
+        work = counters.StageWork()
+        hooks = weight_bytes.dequant_hooks(Config(base_quant=mode), model, work)
+        with torch.no_grad(), work, work.stage(stages.SAMPLE_GRAD):
+            model(torch.zeros(2, 8))
+            model(torch.zeros(2, 8))
+        for h in hooks:
+            h.remove()
+        assert work.work[stages.SAMPLE_GRAD]["dequant_bytes"] == 2 * weights * per_weight, mode
+        saved, largest = weight_bytes._quantized_unet_bytes(model, mode)
+        assert largest == 16 * 32 * 2  # fp16
+        assert saved == quant.quantized_weight_bytes(model, "none") - quant.quantized_weight_bytes(model, mode) > 0
+    assert weight_bytes.dequant_hooks(Config(base_quant="none"), model, counters.StageWork()) == []
+
+
+def test_adamw_on_a_card_takes_the_foreach_path_the_planner_counts():
+    """On CUDA torch's AdamW runs foreach (full-size temporaries in the optimizer stage): the estimate's optimizer
+    must too; on the CPU it keeps torch's default; an 8-bit state is counted analytically and marked on the device."""
+    from lowmem_alignprop.measure import weight_bytes
+
+    params = [torch.nn.Parameter(torch.zeros(64, 64))]
+    cfg = Config(model="tiny").validate()
+    place = counters.Residency(counters.LiveBytes(), {}, offload=False)
+    opt, steps = weight_bytes.optimizer_for(cfg, params, True, {}, place, [])
+    assert steps and all(g["foreach"] is True for g in opt.param_groups)
+    opt, _ = weight_bytes.optimizer_for(cfg, params, False, {}, place, [])
+    assert not any(g.get("foreach") for g in opt.param_groups)
