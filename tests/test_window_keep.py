@@ -265,3 +265,25 @@ def test_fastest_fills_the_room_on_a_card_whose_needed_holds_fixed_workspaces():
     _estimates_by(search, row)
     assert row(2)["fits"] and row(3)["fits"] and not row(4)["fits"]
     assert search.fill_window(row(2))["set"]["window_keep"] == 3 and len(search.tried) == 1
+
+
+def test_the_windows_backward_scaled_from_its_simulated_steps_counts_what_simulating_all_of_them_does(monkeypatch):
+    """The planner simulates up to four grad-window steps and scales backward's work to K per kind of step. Each call
+    but the one backward reaches first (the window's last) adds its LoRA gradients to another call's (an op per
+    trained tensor): scaled from the last step, a window of checkpointed steps lacked that K - 1 times (a 50-step
+    window's ~6,000 ops on SD1.5). K = 3 scaled from its two simulated steps equals all 3 simulated, op for op (with
+    kept steps the simulation measures a middle and the last one already)."""
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_PLAN_CACHE", "off")
+    cfg = Config(model="tiny", resolution=64, truncation="fixed", k=3, sample_steps=4, mixed_precision="fp16").validate()
+    scaled = planner.estimate(cfg, target="cuda")
+    real = planner._simulated
+
+    def every_step(c, notes):
+        k_plan, k_sim, n_nograd, sim = real(c, notes)
+        return k_plan, k_plan, n_nograd, dataclasses.replace(sim, sample_steps=k_plan + n_nograd, k=k_plan,
+                                                             window_keep=min(c.window_keep, k_plan))
+    monkeypatch.setattr(planner, "_simulated", every_step)
+    whole = planner.estimate(cfg, target="cuda")
+    assert scaled.k_simulated < whole.k_simulated == 3
+    for key in ("ops", "matmul_flops", "other_bytes"):
+        assert scaled.work["backward"][key] == pytest.approx(whole.work["backward"][key], rel=1e-12), key

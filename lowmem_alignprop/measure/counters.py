@@ -240,6 +240,10 @@ class StageWork(StageCounter):
         self.window_marks: list[tuple[Any, dict[str, int]]] = []  # see window_output
         self.swap_windows: SwapWindows | None = None  # block swap on a GPU: what each copy overlaps
         self.window_labels: set = set()
+        # the work each window call's backward adds for summing its trained weights' gradients into another call's
+        # (autograd adds each further contribution to a tensor's gradient: one add per trained tensor), set by the
+        # planner; the call that backward reaches first finds nothing to add to (step_time._backward_work)
+        self.accumulation: dict[str, int] = dict.fromkeys(WORK_KEYS, 0)
 
     def bucket_name(self) -> str | None:
         return self.open[-1] if self.open else None if self.last is None else self.last + AFTER

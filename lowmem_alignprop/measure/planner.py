@@ -283,6 +283,8 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
             hook.remove()
     est = figures(cfg, target, counter, weights, largest, grad_calls, (k_plan, k_sim, sim.window_keep), step_start,
                    t0, notes, load_extra=fp8_load_bytes(cfg, comps, counter, cuda))
+    work.accumulation.update(ops=len(params), other_bytes=3 * sum(  # two gradients read, their sum written
+        p.numel() * (dtype.itemsize if autocast_mode else p.element_size()) for p in params))  # (autocast: its casts')
     est.work = step_work(cfg, work, k_sim, n_nograd, keep_sim=sim.window_keep)
     est.host_pinned = host_pinned
     est.trained = dict(collections.Counter(f"{p.numel()}:{str(p.dtype).removeprefix('torch.')}" for p in params))

@@ -58,13 +58,18 @@ def _backward_work(cfg: Config, work: StageWork, d: dict, k_sim: int, keep_sim: 
     decode) and DRaFT-LV's call once; each simulated window step's backward (from where backward first reaches its
     outputs to the next step's: a checkpointed step's recompute and backward, a kept step's backward alone)
     counted per kind. The window's first step is its own kind (its input needs no gradient: less backward, and with
-    KL no backward through the base model's call), the others are averaged per kind."""
+    KL no backward through the base model's call), the others are averaged per kind. The call backward reaches first
+    (the window's last) sums no gradient into another's (``work.accumulation``): its segment is counted as the others
+    are, and that work taken off once (else a window of checkpointed steps, measured from its last, lacked it K - 1
+    times)."""
     marks = work.window_marks
     if not marks:  # backward never reached a window output (K = 0)
         return {key: float(d[key]) for key in WORK_KEYS}
     zero = dict.fromkeys(WORK_KEYS, 0)
     ends = [snap for _, snap in marks[1:]] + [d]
     seg = {label: {key: end[key] - snap[key] for key in WORK_KEYS} for (label, snap), end in zip(marks, ends)}
+    acc = work.accumulation
+    seg[marks[0][0]] = {key: seg[marks[0][0]][key] + acc[key] for key in WORK_KEYS}
     ckpt_sim = k_sim - keep_sim
     first = seg.get(0, zero)
     ckpt = [seg.get(s, zero) for s in range(1, ckpt_sim)]
@@ -81,7 +86,7 @@ def _backward_work(cfg: Config, work: StageWork, d: dict, k_sim: int, keep_sim: 
         first_ckpt = first[key]
         first_kept = first[key] + (k - c) if ckpt_sim and ckpt else (k if ckpt_sim else first[key])
         out[key] = (marks[0][1][key] + seg.get("lv", zero)[key] + n_first_ckpt * first_ckpt
-                    + n_first_kept * first_kept + n_ckpt * c + n_kept * k)
+                    + n_first_kept * first_kept + n_ckpt * c + n_kept * k - acc[key])
     return out
 
 
