@@ -812,11 +812,16 @@ def test_held_out_evaluation_in_the_toy_world_reports_its_exact_fidelity(tmp_pat
     out = tmp_path / "toy"
     assert main(["--profile", "cpu", "--model", "toy", "--reward", "toy_clip", "--steps", "1", "--eval-every", "1",
                  "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "fidelity_images=4",
-                 "--set", "eval_prompts=", "--set", "eval_holdout=2", "--output-dir", str(out)]) == 0
+                 "--set", "eval_prompts=", "--set", "eval_holdout=2", "--set", "reward_target=5",
+                 "--output-dir", str(out)]) == 0
     row = strict_rows(out)[0]
     assert row["eval_fidelity_images"] == 2.0 and 0.0 <= row["eval_fidelity_score"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["toy_world"]["images"] == 4 and summary["best_step"] == 1
+    # reward_target: best/ is chosen by eval_objective (-mean |reward - target|); the summary's best_eval_reward is
+    # the step's eval_reward and best_measure its objective (they differ: one was shown for the other)
+    assert row["eval_objective"] <= 0 and row["eval_reward"] != row["eval_objective"]
+    assert (summary["best_eval_reward"], summary["best_measure"]) == (row["eval_reward"], row["eval_objective"])
 
 
 @pytest.mark.parametrize("best_by, best_step, stopped_at", [("reward", 1, 3), ("fidelity", 2, None)])
@@ -880,6 +885,25 @@ def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys,
         Config(eval_on_start=True).validate()
 
 
+def test_eval_on_start_evaluates_the_untrained_lora_of_a_new_run_not_a_resumed_one(tmp_path):
+    """eval_on_start's step 0 is the untrained LoRA: a new run evaluates it before its first step; a resumed run,
+    whose weights are the checkpoint's, does not (it evaluated the trained weights as step 0, and best/ could keep
+    them as "the untrained LoRA")."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    cfg = Config(steps=4, eval_every=2, eval_on_start=True, output_dir=str(tmp_path / "run")).validate()
+    for start, evaluated in ((0, [0]), (2, [])):
+        trainer = Trainer(cfg, RunFolder(cfg.output_dir), ["a cat"], point=SimpleNamespace(step=start) if start else None)
+        calls = []
+        trainer.evaluate_start, trainer.is_main = lambda: calls.append(0), False
+        trainer.step = cfg.steps + 1  # no step left to train
+        trainer.fit()
+        assert calls == evaluated, start
+
+
 def test_a_checkpoint_from_before_best_by_measured_by_the_reward():
     """A checkpoint whose config predates best_by (no such key) was chosen by the reward: resumed with
     best_by=fidelity its best (a toy_clip figure, ~60) is no measure of the exact score (0..1), so best/ and the
@@ -902,3 +926,23 @@ def test_a_resume_whose_held_out_prompts_differ_starts_best_over():
     assert eval_basis_changed(state, cfg, "aaaa") == []
     assert eval_basis_changed(state, cfg) == []
     assert eval_basis_changed({"config": cfg.to_dict(), "evaluation": {}}, cfg, "bbbb") == []
+
+
+def test_a_resumed_ema_keeps_its_average_and_count_and_takes_this_runs_decay(tmp_path):
+    """WeightEMA.load: the checkpoint's average and update count, and this run's ema_decay (a resume with another
+    --set ema_decay averages on with it; the checkpoint's decay went on in silence)."""
+    from lowmem_alignprop.commands.evaluation import WeightEMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = WeightEMA([p], 0.9, ["w"])
+    for value in (1.0, 2.0, 3.0):
+        p.data.fill_(value)
+        ema.update()
+    ema.save(tmp_path)
+    q = torch.nn.Parameter(torch.full((3,), 5.0))
+    again = WeightEMA([q], 0.2, ["w"])
+    assert again.load(tmp_path)
+    saved = ema.model.shadow_params[0].clone()
+    assert torch.equal(again.model.shadow_params[0], saved) and again.model.optimization_step == 3
+    again.update()  # the 4th update: decay min((1 + 3) / (10 + 3), ema_decay) = 0.2, this run's (0.9 gave 4/13)
+    assert torch.allclose(again.model.shadow_params[0], 0.2 * saved + 0.8 * 5.0)

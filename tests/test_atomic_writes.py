@@ -576,3 +576,50 @@ def test_a_metrics_line_the_disk_fills_in_the_middle_of_is_cut_back_off(tmp_path
     assert path.read_bytes() == before
     grid.write_metrics_line(path, {"step": 2, "reward_mean": 0.25})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_best_arrives_whole_by_a_rename_and_replaces_the_earlier_best(tmp_path, monkeypatch):
+    """best/ (the LoRA and best.json of the best step so far) is written into a temporary folder and renamed into
+    place: a kill or a full disk while it is written leaves the previous best/ whole, and a later best leaves none of
+    the earlier one's files behind."""
+    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.settings.config import Config
+
+    renames = Renames(monkeypatch)
+    step_of = {"now": 1}
+
+    def write_lora(folder: Path) -> None:
+        (folder / f"weights-of-step-{step_of['now']}").write_text(str(step_of["now"]))
+
+    cfg = Config(seed=7, batch_size=2, eval_every=1).validate()
+    held = HeldOut(cfg, ["a"], tmp_path, sample=None, write_lora=write_lora)
+    held.after_evaluation(1, {"eval_objective": 0.5, "eval_reward": 0.5}, is_main=True)
+    step_of["now"] = 2
+    held.after_evaluation(2, {"eval_objective": 0.75, "eval_reward": 0.75}, is_main=True)
+    best = tmp_path / "best"
+    assert sorted(p.name for p in best.iterdir()) == ["best.json", "weights-of-step-2"]
+    assert json.loads((best / "best.json").read_text())["step"] == 2
+    assert files_not_published(tmp_path, renames) == [] and atomic.leftovers(tmp_path) == []
+
+
+def test_an_ema_runs_checkpoint_without_the_average_by_name_does_not_write_its_lora_again(finished, tmp_path):
+    """An ema_outputs run's lora/ is the average's: a checkpoint of an older version that keeps the average only in
+    ema.pt (no EMA weights by name) cannot give it, and export leaves lora/ to --resume latest instead of writing the
+    trained weights there (a LoRA of other weights under the run's name, in silence)."""
+    import hashlib
+
+    out, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "lora")
+    for path in ckpt.list_checkpoints(ckpt.root_of(run)):  # as an ema_decay run's older checkpoint would say
+        state = json.loads((path / "state.json").read_text())
+        state["config"]["ema_decay"] = 0.9
+        (path / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((path / "manifest.json").read_text())
+        data = (path / "state.json").read_bytes()
+        manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        assert ckpt.verify(path) is None and not (path / ckpt.EMA_WEIGHTS).exists()
+    assert final_lora.rewrite_from_checkpoint(run) is None
+    assert not (run / "lora").exists()

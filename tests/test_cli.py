@@ -388,3 +388,13 @@ def test_a_working_directory_deleted_while_a_command_starts_is_one_line(tmp_path
     assert capsys.readouterr().err.strip() == ("error: the working directory was deleted while the command started: "
                                                "run it again from a folder that exists (relative paths are read "
                                                "from there)")
+
+
+def test_the_folder_a_resume_looks_in_is_the_one_the_run_writes_to(tmp_path):
+    """--output-dir A with --set output_dir=B: the run writes to B (--set wins), so --resume looks for its run in B,
+    not in A (another run's folder, or none)."""
+    from lowmem_alignprop.cli import _output_dir_flag, common_parser, config_from_args
+
+    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(tmp_path / "a"),
+                                               "--set", f"output_dir={tmp_path / 'b'}"])
+    assert _output_dir_flag(args) == str(config_from_args(args)[1].output_dir) == str(tmp_path / "b")

@@ -135,6 +135,8 @@ def test_two_processes_data_parallel(ddp):
         assert len(r["k_all"]) == 2  # and each rank's K (rank 0's alone before)
         assert r["loss"] == pytest.approx(-r["reward_mean"], abs=1e-6)  # the loss is averaged across ranks
     assert any(r["reward_std"] > 0 for r in got)  # the ranks sampled different prompts/noise
+    # each rank draws its own prompts (its rank_seed): on one stream both ranks trained the same prompts every step
+    assert any(r["prompt_ids"][0] != r["prompt_ids"][1] for r in got), [r["prompt_ids"] for r in got]
     assert lora_b_norm(out) > 0
     assert (out / "samples" / "before_after.png").exists()  # written once, by the main process
 

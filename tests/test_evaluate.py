@@ -141,6 +141,26 @@ def test_grid_png_has_one_column_per_image_and_two_rows(run):
     assert np.asarray(grid.convert("L"), dtype=np.float32).std() > 20  # images were pasted, not a blank canvas
 
 
+def test_the_grid_shows_the_base_images_in_its_first_row_and_the_lora_images_in_its_second(run):
+    """Each image's mean luma in the grid (64 px pasted at 3x, nearest; BT.601 as the brightness reward) is its reward
+    to within the 8-bit rounding: row 0 column j is per_prompt's base image j, row 1 its lora image j (with the rows
+    swapped, the LoRA's images were labelled base; only the flow-model tests saw it)."""
+    import numpy as np
+    from PIL import Image
+
+    out, r = run
+    grid = np.asarray(Image.open(out / SAMPLE_GRID).convert("L"), dtype=np.float64)
+    cell, label_h, left = 192, 28, 64
+    base = [x for p in r["per_prompt"] for x in p["base"]]
+    lora = [x for p in r["per_prompt"] for x in p["lora"]]
+    assert max(abs(b - a) for b, a in zip(base, lora)) > 0.005  # the rows can be told apart (20x the tolerance)
+    for j in range(4):
+        for row, want in enumerate((base[j], lora[j])):
+            top = 20 + row * (cell + label_h)
+            shown = grid[top:top + cell, left + j * cell:left + (j + 1) * cell].mean() / 255
+            assert shown == pytest.approx(want, abs=2.5e-4), (row, j, shown, base[j], lora[j])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # mixing adapters: weights interpolate the adapters' weight updates
 # ------------------------------------------------------------------------------------------------------------
@@ -508,3 +528,39 @@ def test_each_image_is_labelled_with_its_own_reward(tmp_path):
         for row in range(2):
             assert np.array_equal(mixed[row][1 - i], other[row][0]), (i, row)
     assert not np.array_equal(mixed[0][0], mixed[0][1]) and not np.array_equal(mixed[0][0], mixed[1][0])
+
+
+def test_the_toy_worlds_exact_figures_judge_each_row_on_its_own_images():
+    """sample's toy-world fidelity: "base" is the exact evaluators on the base images, "lora" on the LoRA's (judging
+    the base images twice showed a LoRA that changed nothing)."""
+    from lowmem_alignprop.commands.evaluate import toy_fidelity
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.toy.fidelity import evaluate_batch
+
+    prompts = ["a red circle", "a blue square"]
+    base = torch.zeros(2, 3, 64, 64)
+    lora = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    judged = toy_fidelity(Config(model="toy"), prompts, base, lora)["fidelity"]
+    assert judged["base"] == evaluate_batch(base, prompts) and judged["lora"] == evaluate_batch(lora, prompts)
+    assert judged["base"]["jpeg_bytes"] != judged["lora"]["jpeg_bytes"]  # the two can be told apart
+
+
+def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them(tmp_path, loras, tiny_dir,
+                                                                                 monkeypatch):
+    """sample renders as the LoRA's run did (base_model.json's image_settings) without --model and with --model naming
+    that same model; a --set of the command line wins over the record (the record won over it in silence)."""
+    import shutil
+
+    from lowmem_alignprop.commands import evaluate as ev
+
+    lora = shutil.copytree(loras["a"], tmp_path / "a")
+    (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir),
+                                                      "image_settings": {"negative_prompt": "blurry"}}))
+    used = []
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, specs, **kw: used.append(cfg) or {"output_dir": str(tmp_path)})
+    monkeypatch.setattr(ev, "print_summary", lambda results, out: None)
+    for extra, negative in (([], "blurry"), (["--model", str(tiny_dir)], "blurry"),
+                            (["--set", "negative_prompt=sharp"], "sharp"),
+                            (["--model", str(tiny_dir), "--set", "negative_prompt=sharp"], "sharp")):
+        assert main(["sample", *COMMON, str(lora), *extra, "--output-dir", str(tmp_path / "out")]) == 0
+        assert (used[-1].model, used[-1].negative_prompt) == (str(tiny_dir), negative), extra

@@ -618,3 +618,55 @@ def test_export_of_an_older_checkpoint_describes_that_step_with_its_own_settings
     lora = read_lora(str(split / "checkpoints" / "step-00000003"))
     assert lora.step == 3
     assert (lora.run_config["steps"], lora.run_config["checkpoint_every"]) == (3, 1)
+
+
+def test_a_resume_counts_the_reward_and_the_prompts_from_the_step_they_changed_at(tmp_path, monkeypatch):
+    """Trainer.restore: reward_since (the first step the summary's first -> last reward compares) is the resume's step
+    when the reward or its weights changed, else the checkpoint's own; prompts_since likewise for the prompt list."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.run.runfolder import RunFolder
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(reward="brightness", reward_weights="w.safetensors", output_dir=str(tmp_path / "run")).validate()
+    prompts = ["a cat", "a dog"]
+
+    def since(config: dict, **saved) -> tuple[int, int]:
+        state = {"config": {"reward": "brightness", "reward_weights": "w.safetensors", **config},
+                 "prompts_sha": train_mod.prompt_digest(prompts), **saved}
+        monkeypatch.setattr(train_mod.ckpt, "restore", lambda *args, **kw: (state, None))
+        trainer = train_mod.Trainer(cfg, RunFolder(cfg.output_dir), prompts,
+                                    point=SimpleNamespace(step=5, path=tmp_path / "step-5", state=state))
+        trainer.accelerator = trainer.bare_unet = trainer.optimizer = trainer.engine = trainer.gather = None
+        trainer.is_main = False
+        trainer.restore()
+        return trainer.reward_since, trainer.prompts_since
+
+    assert since({}) == (1, 1)
+    assert since({}, reward_since=3, prompts_since=2) == (3, 2)  # a change at an earlier resume still counts
+    assert since({"reward": "colorfulness"}, reward_since=3) == (6, 1)
+    assert since({"reward_weights": "other.safetensors"}) == (6, 1)  # other weights: another reward
+    assert since({}, prompts_sha="0" * 16) == (1, 6)
+
+
+def test_a_resume_adds_its_command_line_under_the_earlier_starts(tmp_path):
+    """command.txt holds one line per start: a --resume appends its own after the run's earlier ones (the model card
+    lists them as the commands that retrain the LoRA; overwritten, it named the resume alone)."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.filenames import COMMAND_FILE
+    from lowmem_alignprop.run.runfolder import RunFolder, started_commands
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(output_dir=str(tmp_path / "run")).validate()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / COMMAND_FILE).write_text("lowmem-alignprop --steps 4\nlowmem-alignprop --resume latest --steps 6\n")
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), ["a cat"], command="lowmem-alignprop --resume latest --steps 8",
+                      point=SimpleNamespace(step=6, state={"config": cfg.to_dict()}, path=tmp_path / "step-6"))
+    trainer.is_main = True
+    trainer.write_config()
+    assert started_commands(out) == ["lowmem-alignprop --steps 4", "lowmem-alignprop --resume latest --steps 6",
+                                     "lowmem-alignprop --resume latest --steps 8"]

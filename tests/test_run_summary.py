@@ -96,3 +96,22 @@ def test_the_toy_world_lines_put_each_rate_before_then_after():
         "shapes 4% -> 16%  count 2% -> 8%",
         "   JPEG size: 200 -> 800 bytes"]
     assert toy_world_lines({"images": 8, "prompts": 4, "held_out": 4, "before": {}, "after": {}}) == []
+
+
+def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
+    """The box's best line: the best step, its held-out eval_reward (best_eval_reward, not the objective best/ was
+    chosen by) and, with best_by=fidelity, that objective beside it; step 0 is said to be the untrained LoRA."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.settings.config import Config
+
+    s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
+         "attention": "sdpa", "output_dir": str(tmp_path), "best_step": 4, "best_eval_reward": 0.7125,
+         "best_measure": 0.375, "best_kept": True}
+    print_summary(s, Config(reward="brightness"), "cpu")
+    assert f"\n best held-out evaluation: step 4, eval_reward 0.7125 -> {tmp_path}/best\n" in capsys.readouterr().out
+    print_summary(s, Config(reward="brightness", best_by="fidelity"), "cpu")
+    assert (f"\n best held-out evaluation: step 4, eval_fidelity_score 0.375, eval_reward 0.7125 -> {tmp_path}/best\n"
+            in capsys.readouterr().out)
+    print_summary(dict(s, best_step=0, best_kept=False), Config(reward="brightness"), "cpu")
+    assert ("\n best held-out evaluation: step 0, eval_reward 0.7125 (the untrained LoRA: no trained step beat it) "
+            "(its LoRA is not kept: no best/ or checkpoint of that step was left)\n") in capsys.readouterr().out

@@ -364,6 +364,21 @@ def test_train_world_writes_loadable_weights(tmp_path, one_thread):
     assert 0 <= saved["samples_heldout"]["all_ok"] <= 1 and "toy_count_accuracy" in saved["rewards_on_renders"]
 
 
+def test_the_toy_trainers_learning_rate_warms_up_to_the_base_then_falls_as_a_cosine():
+    """train_toy_world.cosine_lr: warm-up step i (of w) trains at base * (i + 1) / w (its first step not at 0, its
+    last at the base), then half a cosine from the base over the remaining steps."""
+    from lowmem_alignprop.commands.train_toy_world import cosine_lr
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    def lr(step: int) -> float:
+        cosine_lr(opt, step, 14, 0.8, warmup=4)
+        return opt.param_groups[0]["lr"]
+
+    assert [lr(i) for i in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [lr(i) for i in (4, 9, 13)] == pytest.approx([0.8, 0.4, 0.8 * 0.5 * (1 + math.cos(math.pi * 0.9))])
+
+
 def test_train_world_is_seeded(tmp_path, one_thread):
     """Same seed, same software, same machine: the same bytes in every weight file; another seed: others."""
     import json

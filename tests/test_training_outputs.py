@@ -152,7 +152,8 @@ def made_ff_lora(tmp_path_factory, tiny_dir):
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
     spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"],
             "kohya": next((made_lora["run"] / "kohya").glob("*.safetensors")), "peft": made_lora["run"] / "peft"}[layout]
-    images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}"))
+    # --seed 5: the run's own A starts other than the LoRA's (make_sd_lora's add_lora seed 0), so A must be copied
+    images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}", "--seed", "5"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own
     assert_rel_close(images, made_lora["images"], SAME_OPS, f"step 0 from a {layout} LoRA")
 
@@ -163,7 +164,7 @@ def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout
     layer copied: leaving out the feed-forward ones would change the images far above the tolerance)."""
     spec = {"diffusers": made_ff_lora["lora"], "kohya": next((made_ff_lora["run"] / "kohya").glob("*.safetensors"))}
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec[layout]}",
-                                    "--set", "lora_layers=attention+ff"))
+                                    "--set", "lora_layers=attention+ff", "--seed", "5"))
     assert_rel_close(images, made_ff_lora["images"], SAME_OPS, f"step 0 from a {layout} attention+ff LoRA")
 
 
@@ -577,6 +578,87 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     trainer.render_together = True  # ZeRO-3, several processes
     with pytest.raises(torch.OutOfMemoryError):
         trainer.render_or_skip(out_of_memory, "rendering", "less")
+
+
+def test_the_judged_images_are_image_n_with_seed_plus_eval_offset_plus_n(tmp_path, monkeypatch):
+    """docs/toy_world.md: judged image n is prompt n with seed + EVAL_SEED_OFFSET + n (not the sample grid's seeds),
+    in chunks of nograd_chunk; its reward is image n's."""
+    from lowmem_alignprop.commands import evaluation as ev
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+    from lowmem_alignprop.toy import fidelity
+
+    calls = []
+
+    def sample_each(prompts, seeds, **_):
+        calls.append((list(prompts), seeds))
+        return torch.tensor(seeds, dtype=torch.float32).reshape(-1, 1, 1, 1), torch.tensor(seeds, dtype=torch.float32)
+
+    monkeypatch.setattr(fidelity, "evaluate_batch", lambda images, prompts: {"fidelity_all_ok": 0.25})
+    cfg = _cfg(tmp_path / "run", "--set", "batch_size=2", "--seed", "7", "--set", "resolution=512")
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.generate, trainer.samples_here, trainer.judge_prompts = sample_each, True, list("abc")
+    judged = trainer.judge()
+    first = 7 + ev.EVAL_SEED_OFFSET
+    assert calls == [(["a", "b"], [first, first + 1]), (["c"], [first + 2])]  # 512 px: a micro-batch at a time
+    assert judged["image_rewards"] == [first, first + 1, first + 2]
+    assert judged["reward"] == pytest.approx(first + 1) and judged["fidelity_all_ok"] == 0.25
+
+
+def test_a_resumed_run_samples_and_saves_at_the_steps_counted_from_step_0(tmp_path):
+    """--sample-every 2 and --checkpoint-every 2 in a 7-step run fall on steps 2, 4, 6 (and the checkpoint also on
+    the last, 7), in a run resumed at step 3 too (counted from the resume, they fell on 5 and 7: the grids and
+    checkpoints of a resumed run were not those of the run it continues)."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    cfg = _cfg(tmp_path / "run", "--set", "sample_every=2", "--set", "checkpoint_every=2", "--steps", "7")
+    for start in (0, 3):
+        trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS,
+                          point=SimpleNamespace(step=start) if start else None)
+        trainer.before, trainer.is_main = (torch.zeros(2, 3, 8, 8), torch.zeros(2)), False
+        trainer.generate = lambda prompts, seeds: (torch.zeros(len(prompts), 3, 8, 8), torch.tensor(seeds, dtype=torch.float32))
+        trainer.accelerator = SimpleNamespace(num_processes=1)
+        saved = []
+        trainer.save_checkpoint = lambda step: saved.append(step) or tmp_path
+        steps = range(start + 1, cfg.steps + 1)
+        assert [s for s in steps if trainer.sample_if_due(s)] == [s for s in (2, 4, 6) if s > start], start
+        assert [s for s in steps if trainer.save_if_due(s)] == [] and saved == [s for s in (2, 4, 6, 7) if s > start]
+
+
+def test_each_micro_batch_draws_the_next_rollouts_of_a_shuffled_pass(tmp_path, monkeypatch):
+    """prompt_order=shuffled with batch_size 2 and grad_accum 2: step 1's two micro-batches and step 2's hold the 8
+    prompts of one pass, each once (rollout n is place n of the pass: with the micro-batch left out of n, a step's
+    second micro-batch trained the first's next prompts again and a pass's prompts were skipped)."""
+    import random
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    prompts = [f"prompt {i}" for i in range(8)]
+    cfg = _cfg(tmp_path / "run", "--set", "batch_size=2", "--set", "grad_accum=2", "--set", "prompt_order=shuffled")
+    trainer = train_mod.Trainer(cfg, RunFolder(cfg.output_dir), prompts)
+    trainer.accelerator = SimpleNamespace(step=0, accumulate=lambda model: nullcontext(), num_processes=1,
+                                          gather=lambda t: t, sync_gradients=False)
+    trainer.unet_train, trainer.device, trainer.rank, trainer.rank_seed = None, "cpu", 0, 7
+    trainer.rng, trainer.rollout = random.Random(0), lambda: None
+    trainer.metrics_row = lambda *args: {}
+    drawn = []
+
+    def micro_step(rollout, batch_prompts, **kw):
+        drawn.append(list(batch_prompts))
+        return SimpleNamespace(bad=None, rewards=torch.zeros(len(batch_prompts)), loss=torch.zeros(()), terms={})
+
+    monkeypatch.setattr(train_mod, "micro_step", micro_step)
+    for step in (1, 2):
+        trainer.train_step(step)
+    assert len(drawn) == 4 and all(len(d) == 2 for d in drawn)
+    assert sorted(sum(drawn, [])) == prompts  # one pass: every prompt once
+    assert sum(drawn, []) == train_mod.draw_prompts(prompts, "shuffled", random.Random(0), 0, 8, 7)
 
 
 def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed(tmp_path, tiny_dir, capsys):
