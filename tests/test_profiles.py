@@ -131,8 +131,8 @@ def applied(monkeypatch):
     seen: dict = {}
     real_apply, real_placement = train_mod.apply_memory_features, train_mod.Placement
 
-    def apply_memory_features(comps, cfg, device, dtype):
-        out = real_apply(comps, cfg, device, dtype)
+    def apply_memory_features(comps, cfg, device, dtype, **kwargs):
+        out = real_apply(comps, cfg, device, dtype, **kwargs)
         seen["comps"], seen["attention"] = comps, out[1]
         return out
 
@@ -570,3 +570,88 @@ def test_a_mac_is_told_its_gpu_is_not_used(monkeypatch, tmp_path, caplog):
     assert "this Mac's GPU (MPS) is not used" in caplog.text and "the CPU does the work" in caplog.text
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert unused_apple_gpu_note() is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# coerce, parse_set and Config.validate at unit level (mutation sweep of settings/)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_set_and_profile_values_take_the_fields_type_exactly():
+    """Every spelling of a boolean --set means what it says (off was read as on: a feature the user turned off ran),
+    a profile's yes/no for vae_checkpointing is per up-block or none, and null clears an optional number."""
+    from lowmem_alignprop.settings.config import coerce, parse_set
+
+    for word, value in [("1", True), ("true", True), ("Yes", True), ("ON", True),
+                        ("0", False), ("false", False), ("no", False), ("Off", False)]:
+        assert parse_set([f"tiled_decode={word}"]) == {"tiled_decode": value}, word
+    assert coerce("vae_checkpointing", True) == "blocks" and coerce("vae_checkpointing", False) == "none"
+    assert load_profile_text("vae_checkpointing: yes\n")["vae_checkpointing"] == "blocks"
+    assert parse_set(["reward_target=null", "lr=2e-3", "k=3", "negative_prompt=a=b"]) == {
+        "reward_target": None, "lr": 0.002, "k": 3, "negative_prompt": "a=b"}
+
+
+def load_profile_text(text: str) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.yaml"
+        path.write_text(text)
+        return load_profile(str(path))[1]
+
+
+@pytest.mark.parametrize("sets, needle", [
+    ({"grad_accum": 0}, "grad_accum must be at least 1 (got 0)"),  # 0 micro-steps: a step of no images
+    ({"truncation": "uniform", "k_min": 0, "k_max": 2}, "k_min must be at least 1 (got 0)"),  # K = 0: no gradient
+    ({"lr": 0.0}, "lr must be positive"),  # trains nothing, in silence
+    ({"truncation": "uniform", "sample_steps": 5, "k_min": 1, "k_max": 6}, "k_max=6 is larger than sample_steps=5"),
+    # each fails only after the model loads, or at the end of the run, unless refused here
+    ({"push_to_hub": "you/lora", "train_unet": "full"}, "push_to_hub exports a LoRA and train_unet=full"),
+    ({"sample_every": 2, "sample_prompts": 0}, "sample_every=2 renders the sample prompts, and sample_prompts=0"),
+    ({"offload": "params", "deepspeed_zero": 2}, "offload=params needs deepspeed_zero=3"),
+    ({"tiled_decode": True, "tile_size": 32, "tile_overlap": 16}, "tile_overlap=16 must be under half of tile_size=32"),
+    ({"base_quant": "nf4", "train_unet": "full"}, "base_quant needs train_unet=lora"),
+    ({"seed": 2**32}, "seed=4294967296 is out of range"),
+    ({"resolution": 36}, "resolution=36 must be a multiple of 8: use --set resolution=32"),
+    ({"eval_every": 5, "deepspeed_zero": 3}, "eval_every with deepspeed_zero=3"),
+])
+def test_validate_refuses_what_would_train_nothing_or_wrongly(sets, needle):
+    with pytest.raises(UserError) as e:
+        build_config({}, {}, sets)
+    assert needle in str(e.value)
+
+
+def test_validate_takes_the_edges_of_each_range():
+    """The largest K range (k_min = k_max = sample_steps), per_step's k_min = 0 and eta 0 are valid."""
+    cfg = build_config({}, {}, {"truncation": "uniform", "sample_steps": 5, "k_min": 5, "k_max": 5})
+    assert cfg.window_bounds() == (5, 5)
+    cfg = build_config({}, {}, {"truncation": "per_step", "sample_steps": 5, "k_min": 0, "k_max": 5, "eta": 0.0})
+    assert (cfg.window_bounds(), cfg.eta) == ((0, 5), 0.0)
+    # block swap's per-block checkpointing is for backward: `sample` (training=False) takes whole-call checkpointing
+    assert build_config({}, {}, {"eval_every": 5, "deepspeed_zero": 2}).deepspeed_zero == 2
+    swap = {"block_swap": 2, "unet_checkpointing": "call"}
+    assert build_config({}, {}, swap, training=False).block_swap == 2
+    with pytest.raises(UserError, match="add --set unet_checkpointing=blocks"):
+        build_config({}, {}, swap)
+
+
+def test_the_toy_models_20_steps_end_a_profiles_k_range():
+    """rtx3060 draws K ~ U{1..50} of 50 DDIM steps; the toy model samples 20: its range ends at 20 (it was refused as
+    k_max=50 > sample_steps=20), and a k_max the user asks for is still checked."""
+    _, cfg = resolve_config("rtx3060", {"model": "toy"}, [])
+    assert (cfg.truncation, cfg.sample_steps, cfg.window_bounds()) == ("uniform", 20, (1, 20))
+    with pytest.raises(UserError, match="k_max=30 is larger than sample_steps=20"):
+        resolve_config("rtx3060", {"model": "toy"}, ["k_max=30"])
+
+
+def test_a_flow_models_resolution_limits_are_read_from_its_configs():
+    """SD3/SD3.5: a multiple of 16 (2x2 latents of 8 px), at most pos_embed_max_size patches a side (SD3.5 Large:
+    192 x 16 = 3072 px); FLUX.1: a multiple of 16, no limit; a UNet model: none of these."""
+    from lowmem_alignprop.settings.model_kind import flow_geometry
+
+    assert flow_geometry("sd35l") == ("sd3", 16, 3072) and flow_geometry("flux") == ("flux", 16, None)
+    assert flow_geometry("sd15") is None
+    assert build_config({}, {"model": "sd35l"}, {"resolution": 3072}).resolution == 3072
+    with pytest.raises(UserError, match="larger than this SD3/SD3.5 model's position embeddings reach \\(3072 px"):
+        build_config({}, {"model": "sd35l"}, {"resolution": 3088})
