@@ -46,13 +46,12 @@ def peft_exclude(targets) -> str | None:
     return TOP_LEVEL_OUT if TOP_LEVEL_OUT in targets else None
 
 
-
 def keep_input_dtype(model) -> int:
     """For a model that runs under autocast: its LoRA layers pass their input to the adapter as it comes. peft casts it
-    to the adapter's dtype first (fp32) and autocast's matmul casts it back to fp16/bf16: the same values, two more
-    ops forward and two backward per adapted layer and call, and, where the input was already fp16/bf16 (an attention
-    output before ``to_out``, the text embeddings), a second fp16 copy that backward keeps beside the base layer's
-    (e.g. about 0.6 GiB less at ``plan --fastest``'s rtx4090 SD1.5 choice, six calls kept). peft's own switch
+    to the adapter's dtype first (fp32) and autocast's matmul casts it back to fp16/bf16: the same values, and where
+    the input comes in fp16/bf16 (an attention output before ``to_out``, the text embeddings) two more ops forward and
+    two backward per adapted layer and call, and a second fp16 copy that backward keeps beside the base layer's
+    (about 0.6 GiB less at ``plan --fastest``'s rtx4090 SD1.5 choice, six calls kept). peft's own switch
     (``cast_input_dtype_enabled``, which ``peft.helpers.disable_input_dtype_casting`` sets for a while), set for
     good: a checkpoint's recompute in backward must run as its forward did. Returns how many layers it set."""
     from peft.tuners.tuners_utils import BaseTunerLayer
