@@ -421,7 +421,8 @@ def _section_toy(results_dir: Path) -> list[str]:
 def section_flow_plans(results_dir: Path) -> list[str]:
     """Section 8: SD3.5 and FLUX.1 at full size under their profiles (issue 18), planner estimates from
     results/plan-*.json (the `plan --json` output plus the command, date, CPU time and the issue's target)."""
-    files = sorted(results_dir.glob("plan-*.json"))
+    # flow_plans.py's rows (they name the issue's target); other plans kept in results/ (plan --fastest's choice) are not
+    files = [p for p in sorted(results_dir.glob("plan-*.json")) if "issue_target" in json.loads(p.read_text())]
     if not files:
         return []
     L = ["", "## 8. SD3.5 and FLUX.1 at 1024 px under their profiles (planner ESTIMATES, issue 18)", "",
@@ -441,7 +442,7 @@ def section_flow_plans(results_dir: Path) -> list[str]:
     for path in files:
         r = json.loads(path.read_text())
         c, t = r["config"], r.get("time") or {}
-        target = r.get("issue_target", "")
+        target = r["issue_target"]
         over = r["peak_needed"] - r["budget_bytes"]
         over_text = f"{over / GIB:.2f} GiB" if over >= 0.01 * GIB else f"{over / MIB:.1f} MiB"
         fits = "yes" if r["fits"] else f"**no, by {over_text}**"
