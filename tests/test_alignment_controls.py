@@ -279,6 +279,8 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     assert best["step"] == 1 and best["eval_reward"] == rows[0]["eval_reward"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["early_stopped_at"] == 3 and not summary["interrupted"] and summary["best_step"] == 1
+    # its time per step is over the 3 steps it ran, not the 8 it planned
+    assert summary["seconds_per_step"] == pytest.approx(sum(r["seconds"] for r in rows) / 3, rel=1e-9)
     assert (out / "checkpoints" / "step-00000003").is_dir()  # the stop saved its step
     assert (" early stop at step 3 of 8: the held-out evaluation (eval_reward) had not improved for 2 evaluations"
             in capsys.readouterr().out)
