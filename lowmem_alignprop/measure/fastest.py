@@ -51,7 +51,7 @@ from lowmem_alignprop.measure import planner
 from lowmem_alignprop.measure.devices import DEVICES, device_for
 from lowmem_alignprop.measure.figures import reserved
 from lowmem_alignprop.measure.reports import fmt_seconds
-from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count
+from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count, unmerged_change
 from lowmem_alignprop.measure.step_time import step_time
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError
@@ -427,9 +427,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
                                                  cfg.train_unet == "lora" else {})})
         # a task that cannot run merged (Config.merge_lora_clashes: a quantized base, block swap) runs unmerged
-        ladders = [{**task, "merge_lora_nograd": False}
-                   if cfg.merge_lora_nograd and dataclasses.replace(cfg, **task).merge_lora_clashes() else task
-                   for task in ladders]
+        ladders = [unmerged_change(cfg, task) for task in ladders]
 
     def corners(task: dict[str, Any]) -> list[dict[str, Any]]:  # each micro-batch's all-off configuration
         return [search.all_off({**always, **task, "batch_size": b, "grad_accum": images // b})

@@ -92,13 +92,19 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
     return [unmerged(cfg, description, change) for description, change in out]
 
 
-def unmerged(cfg: Config, description: str, change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A change that merge_lora_nograd cannot run with (Config.merge_lora_clashes: a quantized base, block swap...)
-    turns it off too, and says so."""
+def unmerged_change(cfg: Config, change: dict[str, Any]) -> dict[str, Any]:
+    """``change`` to ``cfg``, with merge_lora_nograd turned off too where the change cannot run with it
+    (Config.merge_lora_clashes: a quantized base, block swap...)."""
     if not cfg.merge_lora_nograd or not dataclasses.replace(cfg, **change).merge_lora_clashes():
+        return change
+    return {**change, "merge_lora_nograd": False}
+
+
+def unmerged(cfg: Config, description: str, change: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """:func:`unmerged_change`, its description saying so where it turns the merge off."""
+    if (done := unmerged_change(cfg, change)) is change:
         return description, change
-    return (f"{description}; the no-grad calls through peft's layers again (merge_lora_nograd=false)",
-            {**change, "merge_lora_nograd": False})
+    return f"{description}; the no-grad calls through peft's layers again (merge_lora_nograd=false)", done
 
 
 def _is_flow(cfg: Config) -> bool:

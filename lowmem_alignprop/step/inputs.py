@@ -97,10 +97,15 @@ def held_out_of_training(settings: dict, prompts: list[str]) -> set[str]:
     return set(random.Random(settings.get("seed", Config.seed)).sample(distinct, holdout))
 
 
+def held_out_by(cfg: Config, started: dict | None = None) -> dict:
+    """The settings that chose this run's held-out prompts: those it started with (``started``, a resumed run's
+    config at its checkpoint), else ``cfg``'s."""
+    return cfg.to_dict() if started is None else started
+
+
 def set_aside(cfg: Config, prompts: list[str], started: dict | None = None) -> set[str]:
-    """The keys of the training prompts this run holds out: chosen by the settings it started with (``started``, a
-    resumed run's config at its checkpoint), else by ``cfg``'s."""
-    return held_out_of_training(cfg.to_dict() if started is None else started, prompts)
+    """The keys of the training prompts this run holds out (:func:`held_out_by`'s choice)."""
+    return held_out_of_training(held_out_by(cfg, started), prompts)
 
 
 def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = None) -> tuple[list[str], list[str]]:
@@ -119,8 +124,8 @@ def split_eval_prompts(cfg: Config, prompts: list[str], started: dict | None = N
         raise UserError(f"eval_every holds out eval_holdout={cfg.eval_holdout} of the {distinct} distinct training "
                         "prompts, which leaves none to train on: give held-out prompts with --set eval_prompts=FILE, "
                         "or lower --set eval_holdout")
-    held_by = cfg.to_dict() if started is None else started  # the settings that chose the held-out prompts
-    aside = set_aside(cfg, prompts, started)
+    held_by = held_out_by(cfg, started)
+    aside = held_out_of_training(held_by, prompts)
     train = [p for p in prompts if prompt_key(p) not in aside]
     if not cfg.eval_every:
         return train, []
