@@ -241,11 +241,11 @@ class Config:
     merge_lora_nograd: bool = _f(False, "The model calls without gradients (the sampling steps before the gradient "
                                  "window, the sample and evaluation images) run with the LoRA merged into copies of "
                                  "its layers' weights instead of through peft's LoRA layers: as many ops as the base "
-                                 "model (peft launches 4 more per adapted layer and call, about 9 under autocast: "
-                                 "~1,200 fewer per SD1.5 UNet call), faster where the host paces the step (batch 1 on "
-                                 "a fast card); the copies live while those calls run (SD1.5's attention layers: "
-                                 "178 MiB in fp16; FLUX's: ~4.7 GiB in bf16, ~16 GiB with attention+ff). Same images "
-                                 "up to rounding. plan counts it; plan --fastest chooses it when it fits. Needs "
+                                 "model (peft launches 4 more per adapted layer and call, up to 9 under autocast: "
+                                 "up to ~1,200 fewer per SD1.5 UNet call), faster where the host paces the step "
+                                 "(batch 1 on a fast card); the copies live while those calls run (SD1.5's attention "
+                                 "layers: 178 MiB in fp16; FLUX's: ~4.7 GiB in bf16, ~16 GiB with attention+ff). Same "
+                                 "images up to rounding. plan counts it; plan --fastest chooses it when it fits. Needs "
                                  "train_unet=lora, base_quant=none, block_swap=0, compile=none, deepspeed_zero=0.")
 
     # ---- logging and outputs ---------------------------------------------------------------------
