@@ -472,6 +472,24 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     assert again.keys() == ema_lora.keys() and all(torch.equal(again[k], ema_lora[k]) for k in ema_lora)
 
 
+def test_a_resume_that_lost_the_best_steps_lora_says_so_in_its_summary(night, tmp_path, capsys):
+    """best/ gone before a resume and no checkpoint of the best step left (only the last one is kept): the run goes
+    on with its best so far, and summary.json and the box say that step's LoRA is not kept (not a best/ that is not
+    there)."""
+    from lowmem_alignprop.cli import main
+
+    run = tmp_path / "run"
+    assert main([*night, "--eval-every", "1", "--output-dir", str(run), "--steps", "2"]) == 0
+    state = json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["evaluation"]["best_step"] == 1  # the premise: the best step has no checkpoint of its own
+    shutil.rmtree(run / "best")
+    capsys.readouterr()
+    assert main(["--output-dir", str(run), "--steps", "3", "--resume", "latest"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["best_step"], summary["best_kept"]) == (1, False) and not (run / "best").exists()
+    assert "its LoRA is not kept" in capsys.readouterr().out
+
+
 def test_the_trainer_logs_the_kl_term(night, tmp_path):
     """A 2-step run with kl_coeff: metrics.jsonl has the KL term, zero at step 1 (LoRA's B starts at zero, so the
     adapter changes nothing yet) and above zero once the first update moved it."""
