@@ -517,6 +517,13 @@ def test_tiled_decode_is_searched_only_where_it_cuts_tiles():
     assert tiled_level(at_768) and tiled_candidate(at_768)
     # a smaller tile makes 512 px tile too
     assert fit_changes.decode_tiles(dataclasses.replace(at_512, tile_size=32, tile_overlap=8).validate(), "cuda")
+    # --allow-task-changes' lower resolution: the search offers tiles only where the task's images are cut (it asked
+    # the user's 768 px, and estimated tiled decodes of 512 px images: sliced decode again)
+    search = fastest._Search(at_768, "cuda", None, [], 40)
+    fixed = {"cache_prompt_embeddings": True, "batch_size": 2, "grad_accum": 1}
+    assert {"sliced_decode": False, "tiled_decode": True} in dict(search.searched(fixed))["decode"]
+    assert {"sliced_decode": False, "tiled_decode": True} not in dict(search.searched({**fixed, "resolution": 512}))[
+        "decode"]
 
 
 def test_the_speed_benchmark_summarises_interleaved_repeats_by_median_against_the_profiles():

@@ -251,13 +251,15 @@ class _Search:
             (WORKSPACE_BYTES if self.target == "cuda" else 0)
 
     def searched(self, fixed: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
-        """The dimensions searched at this micro-batch (``fixed``: batch and the always-on fields): those ``fixed``
-        does not set (block swap fixes its checkpointing)."""
-        # merge_lora_nograd is searched only where the task runs with it (not with block swap or a quantized base)
-        clash = bool(dataclasses.replace(self.cfg, **fixed).merge_lora_clashes())
-        return [(name, levels) for name, levels in dimensions(self.cfg, self.target, fixed["batch_size"])
-                if not any(key in fixed for level in levels for key in level)
-                and not (clash and name == "merge_lora_nograd")]
+        """The dimensions searched at this micro-batch (``fixed``: batch, the always-on fields and the task): those
+        of the task's configuration that ``fixed`` does not set (block swap fixes its checkpointing)."""
+        return [(name, levels) for name, levels in self.dimensions(fixed)
+                if not any(key in fixed for level in levels for key in level)]
+
+    def dimensions(self, change: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+        """:func:`dimensions` of the configuration with ``change`` (a task's resolution decides whether tiles cut the
+        decode; block swap or a quantized base, whether the no-grad calls can run merged)."""
+        return dimensions(dataclasses.replace(self.cfg, **change), self.target, change["batch_size"])
 
     def all_off(self, fixed: dict[str, Any]) -> dict[str, Any]:
         """``fixed`` with every searched feature at its fastest level (the all-off corner)."""
@@ -361,7 +363,7 @@ class _Search:
     def neighbours(self, change: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
         b = change["batch_size"]
-        for name, levels in dimensions(self.cfg, self.target, b):
+        for name, levels in self.dimensions(change):
             now = next((i for i, lv in enumerate(levels) if all(change.get(k) == v for k, v in lv.items())), 0)
             if now > 0:
                 out.append({**change, **levels[now - 1]})
