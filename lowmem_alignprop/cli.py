@@ -92,10 +92,13 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
 
 def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None,
                      training: bool = True) -> tuple[str, object]:
-    """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the work."""
+    """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the
+    work; the paths it names that exist made absolute (:func:`lowmem_alignprop.step.inputs.with_absolute_paths`)."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
+    from lowmem_alignprop.step.inputs import with_absolute_paths
 
-    return resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training)
+    name, cfg = resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training)
+    return name, with_absolute_paths(cfg)
 
 
 def parse_snapshot(spec: str | None) -> tuple[int, int] | None:

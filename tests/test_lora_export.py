@@ -456,10 +456,11 @@ def _no_base_file(tmp: Path, sd) -> Path:
     return lora
 
 
-def _base_gone(tmp: Path, sd) -> Path:
+def _base_gone(tmp: Path, sd, model: str | None = None) -> Path:
     lora = tmp / "moved" / "lora"
     shutil.copytree(sd["lora"], lora)
-    (lora / LORA_BASE_FILE).write_text(json.dumps({"model": str(tmp / "gone")}))  # trained on a folder since deleted
+    # trained on a folder since deleted (or, before paths were recorded absolute, one named relative to another folder)
+    (lora / LORA_BASE_FILE).write_text(json.dumps({"model": model or str(tmp / "gone")}))
     return lora
 
 
@@ -474,6 +475,9 @@ BAD = {
                            "does not say which base model it was trained on"),
     "merge_base_gone": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd)), "--merge"],
                         "base_model.json), which is not there any more: pass the base model with --model"),
+    "merge_base_relative": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "models_here")), "--merge"],
+                            "base_model.json), a path relative to the folder its run started in (a run before "
+                            "2026-12-05), not found from here: pass the base model with --model"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
     "no_lora": (lambda t, sd, o: ["--format", "kohya"], "which LoRA? give the folder a run wrote"),
     "two_loras": (lambda t, sd, o: [str(sd["lora"]), "--lora", str(sd["run"])], "two LoRAs to export"),

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from lowmem_alignprop.run import checkpoint as ckpt
@@ -139,6 +140,38 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
         n = summary["reward_window"]
         assert summary["reward_first"] == pytest.approx(sum(r["reward_mean"] for r in rows[:n]) / n, rel=1e-6)
         assert first_last_rewards(rows)["reward_prompts"]  # the ids alone would pair them
+
+
+def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_another_folder(tmp_path, tiny_dir,
+                                                                                            monkeypatch):
+    """A run started with a model folder, a prompt file and a reward file named relative to the working folder:
+    config.yaml, the checkpoint and lora/base_model.json hold their absolute paths, so `sample` of its LoRA (its
+    model read from base_model.json) and a resume run from another folder find them. A built-in name stays a name
+    beside a folder of that name."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, work / "mid")
+    (work / "p.txt").write_text("a red cat\na blue dog\n")
+    (work / "r.py").write_text("def score(images):\n    return images.mean((1, 2, 3))\n")
+    (work / "toy").mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert main([*FAST, "--model", "mid", "--prompts", "p.txt", "--reward", "r.py:score", "--output-dir", "run",
+                 "--steps", "1"]) == 0
+    run = work / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["model"], config["prompts"], config["reward"]) == (str(work / "mid"), str(work / "p.txt"),
+                                                                       f"{work / 'r.py'}:score")
+    assert json.loads((run / "lora" / "base_model.json").read_text())["model"] == str(work / "mid")
+    monkeypatch.chdir(elsewhere)
+    assert main(["sample", str(run / "lora"), "--profile", "cpu", "--num-prompts", "1", "--set", "sample_steps=2",
+                 "--output-dir", "grid"]) == 0
+    assert (elsewhere / "grid").is_dir()
+    assert main(["--output-dir", str(run), "--steps", "2", "--resume", "latest"]) == 0
+    assert [r["step"] for r in strict_rows(run)] == [1, 2]
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.step.inputs import with_absolute_paths
+    monkeypatch.chdir(work)
+    assert with_absolute_paths(Config(model="toy", prompts="simple_animals")).model == "toy"
 
 
 def test_checkpoints_are_small_and_hold_only_what_trains(runs):

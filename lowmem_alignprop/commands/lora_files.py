@@ -34,8 +34,9 @@ def check_recorded_base(model: str, lora: str) -> None:
     from lowmem_alignprop.settings.paths import looks_like_hub_id
 
     if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
-        raise UserError(f"{lora} was trained on {model} ({LORA_BASE_FILE}), which is not there any more: pass the "
-                        "base model with --model")
+        where = "which is not there any more" if Path(model).expanduser().is_absolute() else \
+            "a path relative to the folder its run started in (a run before 2026-12-05), not found from here"
+        raise UserError(f"{lora} was trained on {model} ({LORA_BASE_FILE}), {where}: pass the base model with --model")
 
 
 @dataclass

@@ -5,7 +5,9 @@ Training and ``sample`` call :func:`prepare_inputs` first; the planner checks th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,37 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
         raise UserError(f"--output-dir {out} is a file: choose a directory")
     check_writable(out)
     return prompts
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every path it names that exists on this disk made absolute (relative to the folder the command
+    runs in, ``~`` expanded): config.yaml, the checkpoints and lora/base_model.json then name a model, prompt file,
+    VAE, reward file or starting LoRA that a ``sample``, ``export`` or ``--resume`` run from another folder finds.
+    A name comes first, as where it is read (a built-in model or prompt set: ``toy`` is the shipped model even beside
+    a folder of that name); a hub id and a path that does not exist (a dangling link too) stay as given, for their own errors later."""
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+    from lowmem_alignprop.step.prompts import PROMPT_SETS
+
+    def local(value: str, names=()) -> str:
+        path = os.path.expanduser(value.strip())
+        if not value.strip() or value.strip() in names or not os.path.exists(path):
+            return value
+        return os.path.abspath(path)
+
+    def reward_file(term: str) -> str:  # 'path/to/file.py:fn' (a weight or factory after it kept as written)
+        file, sep, rest = term.strip().partition(":")
+        return local(file) + sep + rest if sep and file.endswith(".py") and local(file) != file else term
+
+    def weight_paths(spec: str) -> str:  # 'PATH', 'HEAD_FILE,CLIP_DIR', 'aesthetic=PATH;clip=PATH'
+        return ";".join(name + eq + ",".join(local(p) for p in paths.split(","))
+                        for name, eq, paths in (item.rpartition("=") for item in spec.split(";")))
+
+    changed = {"model": local(cfg.model, NAMED_KINDS), "model_components": local(cfg.model_components),
+               "vae": local(cfg.vae), "prompts": local(cfg.prompts, PROMPT_SETS),
+               "eval_prompts": local(cfg.eval_prompts, PROMPT_SETS), "init_lora": local(cfg.init_lora),
+               "reward": ",".join(reward_file(term) for term in cfg.reward.split(",")),
+               "reward_weights": weight_paths(cfg.reward_weights)}
+    return dataclasses.replace(cfg, **{k: v for k, v in changed.items() if v != getattr(cfg, k)})
 
 
 def check_tracker(report_to: str) -> None:
