@@ -352,7 +352,8 @@ def sample_parser() -> argparse.ArgumentParser:
 def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
     args = sample_parser().parse_args(argv)
-    from lowmem_alignprop.commands.evaluate import evaluate, parse_lora, print_summary, recorded_base, same_model
+    from lowmem_alignprop.commands.evaluate import (check_mixable, evaluate, parse_lora, print_summary, recorded_base,
+                                                    same_model)
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
 
@@ -370,6 +371,7 @@ def cmd_sample(argv: list[str]) -> int:
         raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
                         "training run wrote)")
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
+    check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
     given = {s.split("=", 1)[0].strip() for s in args.set}
     base, default_model = None, ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it

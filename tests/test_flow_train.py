@@ -391,6 +391,15 @@ def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, 
                "--output-dir", str(tmp_path / "b")])
     lines = _errors(capsys)
     assert rc == 2 and len(lines) == 1 and "adapts a UNet model" in lines[0], lines
+    # mixed with a UNet LoRA: no --model fits both, so none is named; nothing said of the runs' settings before it
+    unet_lora = _unet_lora(tmp_path, tiny_dir)
+    adapts = {unet_lora: "a UNet model (SD 1.x/2.x/SDXL)", flux_run / "lora": "a FLUX.1 transformer"}
+    for first, second in ((flux_run / "lora", unet_lora), (unet_lora, flux_run / "lora")):
+        rc = main(["sample", *FLOW, str(first), str(second), "--output-dir", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.splitlines() == [
+            f"error: --lora {first} adapts {adapts[first]} and --lora {second} {adapts[second]}: LoRAs of different "
+            "models cannot be mixed; sample them one at a time"], err
     moved = tmp_path / "moved" / "lora"  # trained on a folder that is gone: sample without --model says so
     shutil.copytree(flux_run / "lora", moved)
     (moved / "base_model.json").write_text(json.dumps({"model": str(tmp_path / "gone")}))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import logging
 import math
@@ -384,11 +385,26 @@ def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, optio
         return
     for spec in specs:
         theirs = spec.model
-        if theirs is None or theirs == ours or "transformer" in (theirs, ours) and "unet" not in (theirs, ours):
+        if theirs is None or same_family(theirs, ours):
             continue
         named = f"--model {model}" + (f" (the default: {default})" if default else "")
         raise UserError(f"{option} {spec.arg} adapts {MODEL_NAMES[theirs]}, but {named} is "
                         f"{MODEL_NAMES[ours]}: pass the model it was trained on with --model")
+
+
+def same_family(a: str, b: str) -> bool:
+    """Whether LoRAs of :attr:`LoraSpec.model` ``a`` and ``b`` can adapt one model (``transformer``: SD3 or FLUX.1)."""
+    return a == b or "transformer" in (a, b) and "unet" not in (a, b)
+
+
+def check_mixable(specs: list[LoraSpec]) -> None:
+    """LoRAs mixed in one ``sample`` adapt models of one family (as far as their files tell): else one line, before
+    any of their runs' settings are read (no --model can fit both)."""
+    known = [spec for spec in specs if spec.model is not None]
+    for a, b in itertools.combinations(known, 2):
+        if not same_family(a.model, b.model):
+            raise UserError(f"--lora {a.arg} adapts {MODEL_NAMES[a.model]} and --lora {b.arg} {MODEL_NAMES[b.model]}: "
+                            "LoRAs of different models cannot be mixed; sample them one at a time")
 
 
 def pipeline_model(pipe) -> str:
