@@ -42,7 +42,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     runs in, ``~`` expanded): config.yaml, the checkpoints and lora/base_model.json then name a model, prompt file,
     VAE, reward file or starting LoRA that a ``sample``, ``export`` or ``--resume`` run from another folder finds.
     A name comes first, as where it is read (a built-in model or prompt set: ``toy`` is the shipped model even beside
-    a folder of that name); a hub id and a path that does not exist (a dangling link too) stay as given, for their own errors later."""
+    a folder of that name); a hub id and a path that does not exist (a dangling link too) stay as given, for their
+    own errors later."""
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
