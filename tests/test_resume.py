@@ -69,6 +69,8 @@ def test_six_steps_equal_three_plus_three_resumed(runs):
     sa, sb = json.loads((full / "summary.json").read_text()), json.loads((split / "summary.json").read_text())
     assert sb["reward_first"] == pytest.approx(sa["reward_first"], abs=1e-6)  # history came back from the checkpoint
     assert sb["resumed_from"].endswith("step-00000003")
+    # the speed of the steps this start trained (a resume on another machine says its own)
+    assert sb["seconds_per_step"] == pytest.approx(sum(r["seconds"] for r in b[3:]) / 3, rel=1e-9)
 
 
 def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs, tmp_path):

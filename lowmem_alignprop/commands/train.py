@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -1272,7 +1273,9 @@ class Trainer:
             **first_last_rewards(history, self.reward_since, self.prompts_since),
             **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
             **({"prompts_since_step": self.prompts_since} if self.prompts_since > 1 else {}),
-            "seconds_per_step": sum(h["seconds"] for h in history) / max(1, len(history)),
+            # this start's steps (a resume on another machine says its own speed); a start that trained none: the run's
+            "seconds_per_step": statistics.fmean(h["seconds"] for h in [h for h in history if h["step"] > self.start]
+                                                 or history) if history else 0.0,
             "peak_memory_gb": peak,
             "budget_gb": cfg.budget_gb or None,
             "fits_budget": fits_budget if peak is not None else None,  # no step measured: the load alone says nothing
