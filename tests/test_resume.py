@@ -332,8 +332,10 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
         "step-00000003", "step-00000002", "step-00000001"]
     assert ckpt.find_resume(run, "latest") == run / "checkpoints" / "step-00000003"  # the new branch's
     assert [r["step"] for r in strict_rows(run)] == [1, 2, 3]
-    # the same step resumed again: the branch set aside first keeps its folder
-    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back)]) == 0
+    # the same step resumed again, named by its step as sample, export and --init-lora take it: the branch set aside
+    # first keeps its folder
+    assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume",
+                 str(run / "checkpoints" / "step-2")]) == 0
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == [
         "metrics.jsonl", "step-00000003"]
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]

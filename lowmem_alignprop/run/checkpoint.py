@@ -207,6 +207,8 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
     """
     if spec != "latest":
         path = Path(spec).expanduser()
+        if not path.exists() and (step := step_of(path)) is not None and step_dir(path.parent, step).is_dir():
+            path = step_dir(path.parent, step)  # named by its step (step-3), as sample, export and --init-lora take it
         if not path.is_dir():
             raise UserError(f"--resume {spec}: no such checkpoint directory; use --resume latest, or a "
                             f"{DIRNAME}/{PREFIX}N directory of an earlier run")
