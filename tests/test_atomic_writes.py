@@ -213,7 +213,8 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     lines = [x for x in err.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert f"could not write {out / 'lora'}: the disk is full; the trained weights are safe in checkpoint " \
-           f"{out / 'checkpoints' / 'step-00000002'}" in lines[0] and "--resume latest" in lines[0]
+           f"{out / 'checkpoints' / 'step-00000002'}" in lines[0]
+    assert "half-written: free space in --output-dir, then --resume latest" in lines[0]
     assert not (out / "lora").exists() and not (out / "summary.json").exists() and atomic.leftovers(out) == []
     monkeypatch.setattr(st, "save_file", real)
     metrics = (out / "metrics.jsonl").read_text()
@@ -226,6 +227,20 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     # now whole: a second --resume has nothing to do and says so
     assert main([*args, "--resume", "latest"]) == 2
     assert "nothing left to train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENOSPC, "free space in --output-dir"), (errno.EIO, "fix that in --output-dir"),
+    (errno.EFBIG, "raise the file-size limit (ulimit -f) or free space in --output-dir"),
+    (errno.EACCES, "make --output-dir writable"), (errno.EPERM, "make --output-dir writable"),
+    (errno.EROFS, "make --output-dir writable")])
+def test_a_failed_writes_fix_follows_its_cause(code, fix):
+    """A write that fails for want of permission is not told to free space (it was, at the end of a run whose lora/
+    could not be written): the fix follows the errno, in a checkpoint's line and the final outputs' alike."""
+    failed = OSError(code, os.strerror(code))
+    assert atomic.write_fix(failed) == fix
+    line = str(ckpt.disk_error(failed, Path("run/checkpoints/step-00000002"), Path("run/checkpoints/step-00000001")))
+    assert f"{fix[0].upper()}{fix[1:]}" in line
 
 
 @pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free space (or choose another --output-dir or --out)"),

@@ -1160,8 +1160,8 @@ class Trainer:
                 raise
             saved = self.checkpoint_dir(done)
             raise UserError(f"could not write {atomic.file_of(e)}: {atomic.describe(e)}; the trained weights are "
-                            f"safe in checkpoint {saved} and no file was half-written: free space in --output-dir, "
-                            "then --resume latest writes the LoRA, samples, reports and summary again") from None
+                            f"safe in checkpoint {saved} and no file was half-written: {atomic.write_fix(e)}, then "
+                            "--resume latest writes the LoRA, samples, reports and summary again") from None
         if self.is_main:
             exported = None
             try:

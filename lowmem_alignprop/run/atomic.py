@@ -239,6 +239,17 @@ def describe(error: OSError) -> str:
     return "the disk is full" if is_disk_full(error) else (error.strerror or type(error).__name__)
 
 
+def write_fix(error: OSError, where: str = "--output-dir") -> str:
+    """What to do about a failed write into ``where``, by its cause: free space, the file-size limit, permissions."""
+    if is_disk_full(error):
+        return f"free space in {where}"
+    if error.errno == errno.EFBIG:
+        return f"raise the file-size limit (ulimit -f) or free space in {where}"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {where} writable"
+    return f"fix that in {where}"
+
+
 def file_of(error: BaseException) -> str:
     """The file an OSError happened on: the final name an atomic write was making, else the error's own."""
     tagged = getattr(error, "lowmem_file", None)

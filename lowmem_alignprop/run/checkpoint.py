@@ -516,9 +516,7 @@ def disk_error(e: OSError, where: Path, previous: Path | None, step: int | None 
     """The one-line error for a failed checkpoint write (disk full, file-size limit, permissions, ...): what is safe
     and what to do. Without an earlier checkpoint nothing is resumable, and the line says so."""
     what = atomic.describe(e)
-    fix = ("free space in --output-dir (or choose another one)" if atomic.is_disk_full(e) else
-           "raise the file-size limit (ulimit -f) or free space in --output-dir" if e.errno == errno.EFBIG else
-           "fix that in --output-dir (or choose another one)")
+    fix = atomic.write_fix(e) + ("" if e.errno == errno.EFBIG else " (or choose another one)")
     if previous:
         return UserError(f"could not write checkpoint {where}: {what}; nothing was half-written (the previous "
                          f"checkpoint {previous} is intact). {fix[0].upper()}{fix[1:]} and rerun with --resume latest")
