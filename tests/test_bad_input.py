@@ -657,6 +657,10 @@ def test_plan_bounds_its_inputs_and_says_when_host_memory_runs_out(tmp_path, cap
 
     fails(capsys, ["plan", "--profile", "cpu", "--set", "resolution=100000"], "resolution=100000 is larger than")
     fails(capsys, ["plan", "--profile", "cpu", "--set", "batch_size=1000000"], "batch_size=1000000 is larger than")
+    # T5 padded every prompt to 100,000 tokens: the load ran out of memory and the advice named the batch size
+    fails(capsys, ["plan", "--profile", "cpu", "--model", "flux", "--set", "max_sequence_length=600"],
+          "max_sequence_length=600 is larger than 512, the most this tool takes (SD3's and FLUX.1's pipelines take no "
+          "more T5 tokens): use --set max_sequence_length=512 or less")
 
     def estimate(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "

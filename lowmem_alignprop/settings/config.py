@@ -553,6 +553,7 @@ UPPER_BOUNDS = (
     ("steps", 10_000_000, "optimizer steps"),
     ("lora_rank", 1024, "larger than the attention layers it adapts"),
     ("tile_size", 4096, "the largest resolution"),
+    ("max_sequence_length", 512, "SD3's and FLUX.1's pipelines take no more T5 tokens"),
 )
 
 
