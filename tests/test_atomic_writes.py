@@ -227,6 +227,24 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     # now whole: a second --resume has nothing to do and says so
     assert main([*args, "--resume", "latest"]) == 2
     assert "nothing left to train" in capsys.readouterr().err
+    # a later start's end that cannot write lora/ (no permission) leaves the earlier start's outputs; the resume the
+    # line advises writes this start's (it found the run finished and nothing to train, and lora/ stayed step 2's)
+    def refused(tensors_, filename, *a, **k):
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    monkeypatch.setattr(st, "save_file", lambda t, f, *a, **k: (refused if final_lora.LORA_WEIGHT_NAME in str(f)
+                                                                else real)(t, f, *a, **k))
+    more = [x if x != "2" else "3" for x in args]
+    assert main([*more, "--resume", "latest"]) == 2
+    assert "Permission denied; the trained weights are safe in checkpoint" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 2
+    monkeypatch.setattr(st, "save_file", real)
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main([*more, "--resume", "latest"]) == 0
+    assert (out / "metrics.jsonl").read_text() == metrics and json.loads((out / "summary.json").read_text())[
+        "steps_done"] == 3
+    write_checkpoint_lora(out / "checkpoints" / "step-00000003", tmp_path / "from_step_3")
+    assert_same_lora(out / LORA_FILE, tmp_path / "from_step_3" / final_lora.LORA_WEIGHT_NAME)
 
 
 @pytest.mark.parametrize("code, fix", [

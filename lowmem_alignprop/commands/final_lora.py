@@ -37,9 +37,10 @@ def lora_problem(run: Path) -> str | None:
     return None
 
 
-def outputs_problem(run: Path, trained: str = "lora") -> str | None:
+def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -> str | None:
     """What a finished run's folder lacks (None: the final weights and summary.json are whole). summary.json is
-    written last, so with it everything before it was written."""
+    written last, so with it everything before it was written; with ``step`` (the run's last checkpoint), a summary of
+    an earlier step says the outputs are an earlier start's (this start's end failed to write them)."""
     if trained == "lora":
         problem = lora_problem(run)
     else:
@@ -47,10 +48,13 @@ def outputs_problem(run: Path, trained: str = "lora") -> str | None:
     if problem:
         return problem
     try:
-        if not isinstance(json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8")), dict):
+        summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
             raise ValueError
     except (OSError, ValueError):
         return f"{run / SUMMARY_FILE} is missing or damaged"
+    if step is not None and summary.get("steps_done", step) != step:
+        return f"its outputs are step {summary['steps_done']}'s ({SUMMARY_FILE}; this start's end did not write them)"
     return None
 
 

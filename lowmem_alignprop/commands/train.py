@@ -338,7 +338,7 @@ class Trainer:
         if (not ckpt.run_ended(self.point.state, self.cfg)
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
-        problem = outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet")
+        problem = outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet", self.point.step)
         missing = [] if problem else missing_exports(self.cfg, self.out / LORA_DIR)
         return problem or (f"its {' and '.join(missing)} export{'s are' if len(missing) > 1 else ' is'} missing"
                            if missing else None)
