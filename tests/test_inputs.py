@@ -1,5 +1,6 @@
 """step/inputs.py: bad input found before any model loads or anything is written (one UserError naming the fix)."""
 
+import logging
 import os
 import tempfile
 
@@ -119,3 +120,27 @@ def test_compile_without_its_compiler_is_refused_before_loading(monkeypatch):
         Config(compile="regional").validate().check_installed()
     monkeypatch.setattr(sys, "platform", "linux")
     Config(compile="regional").validate().check_installed()  # torch's own toolchain there
+
+
+def test_a_built_in_name_beside_a_folder_of_that_name_and_random_weights_are_said(tmp_path, monkeypatch, caplog):
+    """--model sdxl beside a folder ./sdxl trained the random-weight architecture (2.6 B parameters, minutes on a
+    CPU) without a word: the built-in name still comes first, said with the way to the folder; and a run on an
+    architecture's random weights says its images are noise. A path is made absolute (the run's records work from
+    any folder), a name is not."""
+    from lowmem_alignprop.step.inputs import with_absolute_paths
+
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "mine.txt").write_text("a cat\n")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        cfg = with_absolute_paths(Config(model="sdxl", prompts="mine.txt", output_dir=str(tmp_path / "run")))
+        assert (cfg.model, cfg.prompts) == ("sdxl", str(tmp_path / "mine.txt"))
+        assert caplog.messages == ["--model sdxl is the built-in one, not ./sdxl here: write ./sdxl for that"]
+        caplog.clear()
+        prepare_inputs(cfg.validate())
+        assert [m for m in caplog.messages if "random weights" in m] == [
+            "--model sdxl is the architecture with random weights (for planning and memory benchmarks): its images "
+            "are noise, whatever the reward does; pass a hub id, a folder or a file for trained weights"]
+        caplog.clear()
+        prepare_inputs(Config(model="tiny", output_dir=str(tmp_path / "run")).validate())
+        assert not [m for m in caplog.messages if "random weights" in m]

@@ -28,7 +28,10 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
     prompts = list(prompts) if prompts else load_prompts(cfg.prompts)
     # unknown, unimportable or broken; a model reward's weight file missing (not after minutes of model loading)
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=prompts, weights=cfg.reward_weights)
-    resolve_model(cfg.model)  # missing paths fail here
+    if resolve_model(cfg.model)[0] in ("arch", "flow_arch"):  # (missing paths fail here)
+        logging.getLogger("lowmem_alignprop").warning(
+            "--model %s is the architecture with random weights (for planning and memory benchmarks): its images are "
+            "noise, whatever the reward does; pass a hub id, a folder or a file for trained weights", cfg.model)
     check_tracker(cfg.report_to)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -47,8 +50,12 @@ def with_absolute_paths(cfg: Config) -> Config:
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
-    def local(value: str, names=()) -> str:
+    def local(value: str, names=(), option: str = "") -> str:
         path = os.path.expanduser(value.strip())
+        if value.strip() in names and os.path.exists(path):  # (a run on the wrong model costs minutes: said)
+            logging.getLogger("lowmem_alignprop").warning(
+                "%s %s is the built-in one, not ./%s here: write ./%s for that", option, value.strip(), value.strip(),
+                value.strip())
         if not value.strip() or value.strip() in names or not os.path.exists(path):
             return value
         return os.path.abspath(path)
@@ -61,9 +68,9 @@ def with_absolute_paths(cfg: Config) -> Config:
         return ";".join(name + eq + ",".join(local(p) for p in paths.split(","))
                         for name, eq, paths in (item.rpartition("=") for item in spec.split(";")))
 
-    changed = {"model": local(cfg.model, NAMED_KINDS), "model_components": local(cfg.model_components),
-               "vae": local(cfg.vae), "prompts": local(cfg.prompts, PROMPT_SETS),
-               "eval_prompts": local(cfg.eval_prompts, PROMPT_SETS), "init_lora": local(cfg.init_lora),
+    changed = {"model": local(cfg.model, NAMED_KINDS, "--model"), "model_components": local(cfg.model_components),
+               "vae": local(cfg.vae), "prompts": local(cfg.prompts, PROMPT_SETS, "--prompts"),
+               "eval_prompts": local(cfg.eval_prompts, PROMPT_SETS, "eval_prompts"), "init_lora": local(cfg.init_lora),
                "reward": ",".join(reward_file(term) for term in cfg.reward.split(",")),
                "reward_weights": weight_paths(cfg.reward_weights)}
     return dataclasses.replace(cfg, **{k: v for k, v in changed.items() if v != getattr(cfg, k)})
