@@ -95,11 +95,18 @@ def test_a_hub_id_offline_says_how_to_get_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, needle, folder", [
     (b"", "is empty (0 bytes)", "lora"),
-    # the fix names where the file comes from: a run's lora/ folder, else an export (or a file from elsewhere)
+    # the fix names where the file comes from: a run's lora/ folder (with its checkpoints beside it: export writes it
+    # again from them; it said to copy it from itself), else an export (or a file from elsewhere)
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; copy it again from the run's lora/ folder", "lora"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; `lowmem-alignprop export {tmp}/lora` writes it again "
+                                         "from the run's last checkpoint", "lora+checkpoints"),
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; copy it again, or write it again with "
                                          "lowmem-alignprop export", "kohya")])
 def test_sample_checks_the_lora_file_before_loading_the_model(content, needle, folder, tmp_path, capsys):
+    folder, checkpoints = folder.partition("+")[::2]
+    if checkpoints:
+        (tmp_path / "checkpoints" / "step-00000003").mkdir(parents=True)
+    needle = needle.format(tmp=tmp_path)
     (tmp_path / folder).mkdir()
     lora = tmp_path / folder / "pytorch_lora_weights.safetensors"
     lora.write_bytes(content)

@@ -95,7 +95,12 @@ def _lora_file(path: Path, arg: str) -> Path:
             raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
                             "which is never loaded: use the .safetensors LoRA a training run wrote, or convert this "
                             "file where you trust it") from None
-        again = ("copy it again from the run's lora/ folder" if file.parent.name == "lora" else
+        from lowmem_alignprop.run import checkpoint as ckpt
+
+        run = file.parent.parent  # a run's own lora/ beside its checkpoints: export writes it again from the last one
+        again = (f"`lowmem-alignprop export {file.parent}` writes it again from the run's last checkpoint"
+                 if file.parent.name == "lora" and ckpt.list_checkpoints(ckpt.root_of(run)) else
+                 "copy it again from the run's lora/ folder" if file.parent.name == "lora" else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
