@@ -112,7 +112,8 @@ def test_a_disk_without_room_for_the_last_checkpoint_stops_the_run_before_its_fi
     assert [x for x in err.splitlines() if x.startswith("error: ")] == [
         f"error: --output-dir {out}: its disk has {fmt_bytes(need.least - 1)} free, and this run's last "
         f"checkpoint and LoRA alone take about {fmt_bytes(need.least)} (the trained weights "
-        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}): free space "
+        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}, 32.00 MiB kept for samples, "
+        "reports and logs): free space "
         "there, or choose another --output-dir"], err[-2000:]
     assert "Traceback" not in err
     assert not out.exists()  # nothing written: the run had not started

@@ -75,8 +75,9 @@ def check(cfg, out: Path, params, start: int = 0) -> str | None:
     if free < need.least:
         raise UserError(f"--output-dir {out}: its disk has {fmt_bytes(free)} free, and this run's last checkpoint "
                         f"and LoRA alone take about {fmt_bytes(need.least)} (the trained weights "
-                        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}): free space "
-                        "there, or choose another --output-dir")
+                        f"{fmt_bytes(need.weights)}, the optimizer's state {fmt_bytes(need.optimizer)}, "
+                        f"{fmt_bytes(SMALL_FILES)} kept for samples, reports and logs): free space there, or choose "
+                        "another --output-dir")
     fewer = " or keep fewer checkpoints (--set keep_checkpoints=1)" if need.at_once > 2 else ""
     return (f"--output-dir {out}: its disk has {fmt_bytes(free)} free, and this run may hold up to "
             f"{fmt_bytes(need.peak)} at once ({need.at_once} checkpoints of {fmt_bytes(need.checkpoint)}, the LoRA, "
