@@ -354,6 +354,33 @@ def test_export_writes_a_damaged_or_missing_lora_again_from_the_checkpoint(finis
     assert_same_lora(run / LORA_FILE, original)
 
 
+def test_export_of_a_read_only_runs_lora_needs_no_lock_and_a_damaged_one_is_one_line(finished, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """An archived or a colleague's run folder that cannot be written: its whole LoRA exports to a writable --out
+    (export took the run's lock first, and died on the lock file with a traceback); a damaged one, which export would
+    write again, is one line naming what to do."""
+    from lowmem_alignprop.run import runlock
+
+    out, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+
+    def read_only(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.path))
+
+    monkeypatch.setattr(runlock.RunLock, "acquire", read_only)
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    assert list((tmp_path / "k").glob("*.safetensors"))
+    (run / LORA_FILE).write_bytes((run / LORA_FILE).read_bytes()[:200])  # cut short
+    capsys.readouterr()
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k2")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {run / LORA_FILE} is damaged (SafetensorError) and {run} cannot be written (Permission denied): make "
+        f"{run} writable so that export writes it again from the run's last checkpoint, or export a checkpoint "
+        f"(lowmem-alignprop export {run / 'checkpoints'}/step-N)"]
+    assert not (tmp_path / "k2").exists()
+
+
 TORCH_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 114496 vs 114388"  # torch 2.13
 
 

@@ -83,8 +83,10 @@ def export_main(argv: list[str]) -> int:
 
 def recover_lora(spec: str) -> None:
     """The LoRA of a run folder that is missing or damaged (a full disk or a kill while the run wrote it) is written
-    again from the run's newest intact checkpoint, holding the run's lock meanwhile."""
-    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, rewrite_from_checkpoint
+    again from the run's newest intact checkpoint, holding the run's lock meanwhile. A whole one is read as it is,
+    without the lock (a read-only run folder: an archived or a colleague's run)."""
+    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint
+    from lowmem_alignprop.run import atomic
     from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.run.runlock import RunLock
 
@@ -92,7 +94,13 @@ def recover_lora(spec: str) -> None:
     run = path.parent if path.name == "lora" else path.parent.parent if path.name == LORA_WEIGHT_NAME else path
     if path.name == "lora" and path.exists() and not path.is_dir():
         return  # not a run's lora/ folder: read_lora says what it is
-    if not (run / ckpt.DIRNAME).is_dir():
+    if not (run / ckpt.DIRNAME).is_dir() or (problem := lora_problem(run)) is None:
         return
-    with RunLock(run):  # a run still writing there: one line (LockTaken), nothing touched
-        rewrite_from_checkpoint(run)
+    try:
+        with RunLock(run):  # a run still writing there: one line (LockTaken), nothing touched
+            rewrite_from_checkpoint(run)
+    except OSError as e:  # the run folder cannot be written: the lock, or the LoRA written again
+        raise UserError(f"{problem} and {run} cannot be written ({atomic.describe(e)}): "
+                        f"{atomic.write_fix(e, str(run))} so that export writes it again from the run's last "
+                        f"checkpoint, or export a checkpoint (lowmem-alignprop export {run / ckpt.DIRNAME}/step-N)"
+                        ) from None
