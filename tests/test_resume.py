@@ -142,6 +142,29 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
         n = summary["reward_window"]
         assert summary["reward_first"] == pytest.approx(sum(r["reward_mean"] for r in rows[:n]) / n, rel=1e-6)
         assert first_last_rewards(rows)["reward_prompts"]  # the ids alone would pair them
+    # the run's checkpoint resumed into a new folder on a third list: its prompts.json carries the run's lists, which
+    # the copied metrics.jsonl's rows index (it held only the new list)
+    third, branch = tmp_path / "third.txt", tmp_path / "branch"
+    third.write_text("a grey owl\n")
+    last = ckpt.list_checkpoints(run / "checkpoints")[0]
+    assert main([*FAST, "--prompts", str(third), "--output-dir", str(branch), "--steps", "5", "--resume",
+                 str(last)]) == 0
+    assert json.loads((branch / "prompts.json").read_text())["earlier"] == [
+        {"until_step": 2, "train": ["a red cat", "a blue dog"]},
+        {"until_step": 4, "train": ["a green bird", "a blue dog"]}]
+
+
+def test_a_branch_from_an_earlier_step_keeps_the_prompt_lists_of_its_own_steps(tmp_path):
+    """prompts.json of a run trained on A until step 6, then on B: a resume of its step-4 checkpoint on C indexes A
+    until step 4 (the list of step 6 onwards belongs to the branch it replaces)."""
+    from lowmem_alignprop.commands.train import prompt_lists_before
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"train": ["b"], "earlier": [{"until_step": 6, "train": ["a"]}]}))
+    assert prompt_lists_before(path, ["c"], 4) == {"earlier": [{"until_step": 4, "train": ["a"]}]}
+    assert prompt_lists_before(path, ["a"], 4) == {}
+    assert prompt_lists_before(path, ["c"], 8) == {"earlier": [{"until_step": 6, "train": ["a"]},
+                                                               {"until_step": 8, "train": ["b"]}]}
 
 
 def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_another_folder(tmp_path, tiny_dir,

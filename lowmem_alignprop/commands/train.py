@@ -200,15 +200,18 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
 
 def prompt_lists_before(path: Path, prompts: list[str], start: int) -> dict[str, list]:
     """prompts.json's ``earlier``: the training prompt lists that metrics.jsonl's earlier rows index, each with the
-    last step that used it (``until_step``), when a resume trains from step ``start`` + 1 on other ``prompts``."""
+    last step that used it (``until_step``), when a resume trains from step ``start`` + 1 on other ``prompts``.
+    ``path``: the prompts.json of the run resumed (its lists past ``start`` belong to a branch this one replaces)."""
     try:
         old = json.loads(path.read_text(encoding="utf-8")) if start else {}
     except (OSError, ValueError):
         old = {}
     old = old if isinstance(old, dict) else {}
-    earlier = list(old.get("earlier") or [])
-    if isinstance(old.get("train"), list) and old["train"] != prompts:
-        earlier.append({"until_step": start, "train": old["train"]})
+    lists = [e for e in old.get("earlier") or [] if isinstance(e, dict) and isinstance(e.get("until_step"), int)]
+    earlier = [e for e in lists if e["until_step"] < start]
+    at_start = next((e.get("train") for e in lists if e["until_step"] >= start), old.get("train"))  # step start's
+    if isinstance(at_start, list) and at_start != prompts:
+        earlier.append({"until_step": start, "train": at_start})
     return {"earlier": earlier} if earlier else {}
 
 
@@ -486,10 +489,13 @@ class Trainer:
                     shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
             # what prompt_ids index, and what the evaluation holds out (a user can check it never trains); a resume
             # on other prompts keeps the lists the earlier steps' prompt_ids index
+            resumed = out / PROMPTS_FILE  # (another run's checkpoint resumed here: that run's lists)
+            if self.point is not None and not resumed.is_file() and (origin := RunFolder.of_checkpoint(
+                    str(self.point.path))):
+                resumed = Path(origin) / PROMPTS_FILE
             atomic.write_text(out / PROMPTS_FILE, json.dumps(
                 {"train": self.prompts, "held_out": self.eval_prompts,
-                 **prompt_lists_before(out / PROMPTS_FILE, self.prompts, self.start)},
-                indent=1, ensure_ascii=False) + "\n")
+                 **prompt_lists_before(resumed, self.prompts, self.start)}, indent=1, ensure_ascii=False) + "\n")
             if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
                 atomic.write_text(out / COMMAND_FILE, self.command + "\n")
             elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
