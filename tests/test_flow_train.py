@@ -562,6 +562,9 @@ def test_a_flux_plan_under_an_sd_profile_points_to_the_cards_flux_profiles(dirs,
         assert note.startswith("profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class "
                                "cards: --profile rtx3060-flux (7.5 GiB budget) or --profile rtx3060-12gb-flux"), note
         assert f"  {note}" in format_plan(r).splitlines() and said == []  # no search: nothing said before the table
+        # the stage table names the denoiser a transformer, as the run's memory report does (it said "unet")
+        table = [line for line in format_plan(r).splitlines() if line.startswith("  sample_grad ")]
+        assert len(table) == 1 and "transformer" in table[0] and "unet" not in table[0], table
         said, before_search = [], []
         monkeypatch.setattr(planner, "suggest",
                             lambda *a, **k: before_search.extend(said) or {"found": None, "tried": []})

@@ -45,9 +45,12 @@ def plan_features(cfg: dict[str, Any]) -> list[str]:
 
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
+    from lowmem_alignprop.settings.model_kind import FLOW_KINDS
+
     cfg, est = r["config"], r["estimate"]
     k = describe_k(cfg)
     feats = plan_features(cfg)
+    denoiser = "transformer" if est.get("model_kind") in FLOW_KINDS else "unet"
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({r['autocast']})",
@@ -68,6 +71,7 @@ def format_plan(r: dict[str, Any]) -> str:
         # train_unet=full: the trained weights are the whole UNet (the estimate counts them as "lora")
         where = [("unet (trained)" if m == "lora" else m) for m in f["on_device"] if m != "unet"] \
             if cfg["train_unet"] == "full" else f["on_device"]
+        where = [denoiser if m == "unet" else m for m in where]  # (SD3/FLUX: the estimate's "unet" is a transformer)
         lines.append(f"  {name:<15} {_gib_or_dash(f['allocated']):>10} {_gib_or_dash(f['weights']):>9} "
                      f"{_gib_or_dash(f['allocated'] - f['weights']):>9} {_gib_or_dash(f['reserved']):>9}  "
                      f"{', '.join(where)}{mark}")
