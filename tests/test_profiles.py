@@ -655,3 +655,15 @@ def test_a_flow_models_resolution_limits_are_read_from_its_configs():
     assert build_config({}, {"model": "sd35l"}, {"resolution": 3072}).resolution == 3072
     with pytest.raises(UserError, match="larger than this SD3/SD3.5 model's position embeddings reach \\(3072 px"):
         build_config({}, {"model": "sd35l"}, {"resolution": 3088})
+
+
+def test_a_flag_and_a_set_of_the_same_field_that_disagree_are_said(caplog):
+    """--steps 3 --set steps=5 trains 5 (--set wins, the documented order) and says so; agreeing ones say nothing."""
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert resolve_config("cpu", {"steps": 3, "model": "tiny"}, ["steps=5"])[1].steps == 5
+        assert caplog.messages == ["--steps 3 and --set steps=5 both given: --set wins (steps=5)"]
+        caplog.clear()
+        assert resolve_config("cpu", {"steps": 3, "model": "tiny"}, ["steps=3"])[1].steps == 3
+        assert caplog.messages == []

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import Config, build_config, coerce, end_k_range_at, parse_set, recipe_file
+from lowmem_alignprop.settings.config import (Config, build_config, coerce, end_k_range_at, flag_value, parse_set,
+                                              recipe_file)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -302,6 +303,11 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     (Config.validate's rules of training left out)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
+    for k in explicit.keys() & overrides.keys():  # (--set wins: the rule above; a typo's contradiction is said)
+        if coerce(k, explicit[k]) != overrides[k]:
+            logging.getLogger("lowmem_alignprop").warning("--%s %s and --set %s=%s both given: --set wins (%s=%s)",
+                                                          k.replace("_", "-"), explicit[k], k,
+                                                          flag_value(overrides[k]), k, flag_value(overrides[k]))
     own: dict[str, Any] = {}  # a profile file of the user's (a run's config.yaml too): its fields as written
     on_top = None  # a resume under another profile: said once the settings it gives are valid
     if resumed is None:
