@@ -691,6 +691,14 @@ def test_flags_a_loaded_model_does_not_read_are_refused_or_said():
     assert "eta=0 is DDIM's (UNet models); SD3/FLUX step with Euler" in model_defaults_note(sd3, Config(eta=0.0))
     assert model_defaults_note(sd3, Config()) is None  # the default eta: nothing to say
     assert model_defaults_note(SimpleNamespace(family="unet"), Config(eta=0.0)) is None
+    # FLUX.1-schnell reads no guidance scale (no guidance embedding, no CFG pass): one the user set is said
+    schnell, dev = (SimpleNamespace(family="flux", unet=SimpleNamespace(config=SimpleNamespace(guidance_embeds=g)))
+                    for g in (False, True))
+    assert model_defaults_note(schnell, Config(guidance_scale=3.5, sample_steps=4)) == (
+        "guidance_scale=3.5: FLUX.1-schnell has no guidance embedding and no classifier-free pass: it changes nothing "
+        "here")
+    assert model_defaults_note(schnell, Config(sample_steps=4)) is None
+    assert model_defaults_note(dev, Config(guidance_scale=3.5)) is None
 
 
 def test_flux_negative_prompt_is_refused_before_anything_loads(flux, tmp_path, capsys):
