@@ -353,7 +353,7 @@ def cmd_sample(argv: list[str]) -> int:
     """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
     args = sample_parser().parse_args(argv)
     from lowmem_alignprop.commands.evaluate import (check_mixable, evaluate, parse_lora, print_summary, recorded_base,
-                                                    same_model)
+                                                    same_model, usable_scoring)
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
 
@@ -373,13 +373,17 @@ def cmd_sample(argv: list[str]) -> int:
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
     given = {s.split("=", 1)[0].strip() for s in args.set}
+    given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
+    given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
+    given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
     base, default_model = None, ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
         if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
             default_model = f"--lora {specs[0].arg} records no model it was trained on"
     if base is not None and (args.model is None or same_model(args.model, base[0])):
-        taken = {k: v for k, v in base[1].items() if k not in given}  # and its run's image settings, unless --set
+        # and its run's image settings, reward and prompts (those at hand here), unless given
+        taken = usable_scoring({k: v for k, v in base[1].items() if k not in given})
         args.set += [f"{k}={v}" for k, v in taken.items()]
         settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
         if args.model is None:

@@ -374,6 +374,36 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
     assert r["difference"] > 0.002, r["difference"]
 
 
+def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(tmp_path, caplog):
+    """A run's LoRA is scored with the reward it was trained on, on its prompts (it was scored with brightness on
+    simple_animals, whatever the run trained); the flags win; a LoRA copied where its prompt file is not is said
+    and scored on the default prompts."""
+    import shutil
+
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    run_dir = tmp_path / "train"
+    assert main(["--profile", "cpu", "--steps", "1", "--output-dir", str(run_dir), "--set", "sample_prompts=0",
+                 "--set", f"sample_steps={STEPS}", "--reward", "colorfulness", "--prompts", str(prompts)]) == 0
+
+    def sampled(lora, *flags):
+        out = tmp_path / f"eval-{len(list(tmp_path.glob('eval-*')))}"
+        assert main(["sample", *COMMON, str(lora), "--num-prompts", "1", "--output-dir", str(out), *flags]) == 0
+        r = json.loads((out / SAMPLE_RESULTS).read_text())
+        return r["reward"], r["prompts"], [p["prompt"] for p in r["per_prompt"]]
+
+    assert sampled(run_dir / "lora") == ("colorfulness", str(prompts), ["a red cube"])
+    assert sampled(run_dir / "lora", "--reward", "brightness", "--prompts", "simple_animals")[:2] == (
+        "brightness", "simple_animals")
+    away = tmp_path / "away" / "lora"
+    shutil.copytree(run_dir / "lora", away)
+    prompts.unlink()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        reward, spec, _ = sampled(away)
+    assert reward == "colorfulness" and spec != str(prompts)
+    assert f"the LoRA's run was scored with prompts={prompts}, not at hand here" in caplog.text
+
+
 def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     one = ["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1"]

@@ -219,7 +219,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     UserError naming --model, and a damaged record is warned of, unless ``model_given`` (--model names the model:
     the record only tells whether it is the LoRA's own, :func:`same_model`)."""
     from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
-    from lowmem_alignprop.settings.config import image_settings
+    from lowmem_alignprop.settings.config import image_settings, scoring_settings
 
     named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
     record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
@@ -227,8 +227,8 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         return None
     try:
         base = json.loads(record.read_text(encoding="utf-8"))
-        model, recorded = base.get("model"), base.get("image_settings")
-    except (OSError, ValueError, AttributeError) as e:  # damaged: the model it was trained on is unknown
+        model, recorded = base.get("model"), {**(base.get("image_settings") or {}), **(base.get("scoring") or {})}
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # damaged: the model it was trained on is unknown
         if not model_given:
             logging.getLogger("lowmem_alignprop").warning(
                 "--lora %s: %s cannot be read (%s): the model the LoRA was trained on is unknown; pass it with "
@@ -240,8 +240,32 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         check_recorded_base(model, f"--lora {spec.arg}")
     # the run: the folder named (RUN), or one or two above it (RUN/lora, RUN/checkpoints/step-N, RUN/export/kohya)
     run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
-    config = read_run(run)[0] if run else recorded if isinstance(recorded, dict) else {}
-    return model, image_settings(config)
+    config = read_run(run)[0] if run else recorded
+    return model, {**image_settings(config), **scoring_settings(config)}
+
+
+def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
+    """``taken`` (the settings ``sample`` takes from a LoRA's run) without the run's reward or prompts where they are
+    not at hand here (a reward file or weights, a prompt file left on the machine that trained): said, and the
+    defaults score instead."""
+    from lowmem_alignprop.rewards import check_reward_spec
+    from lowmem_alignprop.step.prompts import load_prompts
+
+    kept = dict(taken)
+    checks = {"reward": lambda: check_reward_spec(taken["reward"], weights=taken.get("reward_weights", "")),
+              "prompts": lambda: load_prompts(taken["prompts"])}
+    for key, check in checks.items():
+        if key not in taken:
+            continue
+        try:
+            check()
+        except UserError as e:
+            drop = ("reward", "reward_weights") if key == "reward" else (key,)
+            kept = {k: v for k, v in kept.items() if k not in drop}
+            logging.getLogger("lowmem_alignprop").warning(
+                "the LoRA's run was scored with %s=%s, not at hand here (%s): the default %s instead (--%s chooses)",
+                key, taken[key], first_line(e, 100), key, key)
+    return kept
 
 
 def same_model(given: str, recorded: str) -> bool:

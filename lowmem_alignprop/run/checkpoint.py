@@ -376,11 +376,13 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
 
 
 def base_record(fp: dict[str, Any], config: dict[str, Any]) -> str:
-    """base_model.json beside a LoRA: the base model's fingerprint and the image settings its run sampled with
-    (``image_settings``), so that a LoRA folder or an export copied away from its run still samples as the run did."""
-    from lowmem_alignprop.settings.config import image_settings
+    """base_model.json beside a LoRA: the base model's fingerprint, the image settings its run sampled with
+    (``image_settings``) and the reward and prompts it was scored with (``scoring``), so that a LoRA folder or an
+    export copied away from its run still samples and scores as the run did."""
+    from lowmem_alignprop.settings.config import image_settings, scoring_settings
 
-    return json.dumps({**fp, "image_settings": image_settings(config)}, indent=1)
+    return json.dumps({**fp, "image_settings": image_settings(config), "scoring": scoring_settings(config)},
+                      indent=1)
 
 
 def append_line(path: Path, line: str) -> None:

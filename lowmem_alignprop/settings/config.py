@@ -750,6 +750,15 @@ RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_st
                       "max_sequence_length", "negative_prompt")
 
 
+# what the run's images were scored with and on: `sample` of its LoRA takes them too, where they are at hand
+RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts")
+
+
+def scoring_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RUN_SCORING_SETTINGS` a run's config (a dict) set (an empty reward_weights left out)."""
+    return {k: values[k] for k in RUN_SCORING_SETTINGS if values.get(k) not in (None, "")}
+
+
 def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
     that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
