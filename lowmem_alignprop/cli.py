@@ -335,9 +335,13 @@ def sample_parser() -> argparse.ArgumentParser:
             action.help = f"where {SAMPLE_GRID} and {SAMPLE_RESULTS} go (default {SAMPLE_DIR})"
         elif action.dest == "seed":
             action.help = "seed of the first image; image j of prompt i uses seed + i * images_per_prompt + j"
+        elif action.dest == "recipe":
+            action.help = "the paper's run's reward to score with (the sampler's settings come from the LoRA's run)"
+        elif action.dest == "set":
+            action.help = "override a config field (repeatable), e.g. --set resolution=768 --set guidance_scale=5"
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="a trained LoRA (the lora/ folder of a run, the run folder, the .safetensors file, or a "
-                        "training checkpoint: checkpoints/step-300), "
+                   help="a trained LoRA (the lora/ folder of a run, the run folder, the .safetensors file, a "
+                        "training checkpoint: checkpoints/step-300, a kohya file or a peft folder), "
                         "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
                         "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
     p.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs given without --lora (the same values, after them)")

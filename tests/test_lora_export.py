@@ -479,6 +479,9 @@ BAD = {
                             "base_model.json), a path relative to the folder its run started in (a run before "
                             "2026-12-05), not found from here: pass the base model with --model"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
+    "lora_with_a_weight": (lambda t, sd, o: ["--lora", f"{sd['lora']}:0.5"],
+                           "export takes no weight after the LoRA (sample's DIR:WEIGHT); for a model with the LoRA "
+                           "merged at that weight: --lora "),
     "no_lora": (lambda t, sd, o: ["--format", "kohya"], "which LoRA? give the folder a run wrote"),
     "two_loras": (lambda t, sd, o: [str(sd["lora"]), "--lora", str(sd["run"])], "two LoRAs to export"),
     "lora_dir_without_weights": (lambda t, sd, o: ["--lora", str(t)], "holds no pytorch_lora_weights.safetensors"),

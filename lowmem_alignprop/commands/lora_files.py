@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ def lora_dir_of(spec: str) -> Path:
     """``--lora``: the lora/ folder a run wrote, or the run folder that holds it."""
     path = Path(spec).expanduser()
     if not path.exists():
+        where, _, weight = spec.rpartition(":")  # sample's DIR:WEIGHT
+        if where and Path(where).expanduser().exists() and re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", weight):
+            raise UserError(f"--lora {spec}: export takes no weight after the LoRA (sample's DIR:WEIGHT); for a "
+                            f"model with the LoRA merged at that weight: --lora {where} --merge --weight {weight}")
         raise UserError(f"--lora {spec}: no such folder: pass the lora/ folder a run wrote (e.g. outputs/run/lora) "
                         "or the run folder")
     if path.is_file():
