@@ -361,6 +361,23 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert expected in err[0], err[0]
 
 
+def test_a_lora_of_another_shape_is_its_one_error_without_the_other_base_warning_before_it(tmp_path, loras, capsys,
+                                                                                          caplog):
+    """A LoRA whose base_model.json names another model, of other layer shapes: the line that it does not fit, not
+    first a warning that the images show it on another model (two lines that contradict each other)."""
+    import shutil
+
+    lora = tmp_path / "other"
+    shutil.copytree(loras["other"], lora)
+    (lora / "base_model.json").write_text(json.dumps({"model": "elsewhere", "unet_config_sha": "0" * 16,
+                                                      "denoiser": "UNet", "conv_in": [0.0, 1.0]}))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["sample", *COMMON, "--model", "tiny", "--lora", str(lora), "--output-dir",
+                     str(tmp_path / "out")]) == 2
+    assert "[4, 48] in the LoRA, [4, 32] here" in capsys.readouterr().err
+    assert "the images show it on another model" not in caplog.text and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
     """Train 4 steps on brightness, then evaluate on seeds training never used: brightness goes up."""

@@ -598,10 +598,10 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
-    warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)
     if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
         logging.getLogger("lowmem_alignprop").warning(cut)
-    load_adapters(pipe, specs, cfg.model)
+    load_adapters(pipe, specs, cfg.model)  # a LoRA that does not fit: its one line, not a warning before it
+    warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)  # fits, but another base's
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
 
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
