@@ -494,6 +494,8 @@ def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
     assert "sample_steps=1: the profile's K range ends at the last step (k 2 -> 1)" in caplog.text
     with pytest.raises(UserError, match="larger than sample_steps"):  # a K the user asks for is checked
         build_config(cpu, {}, {"sample_steps": 1, "k": 2})
+    caplog.clear()  # sample (no gradient window) has nothing to say of K
+    assert build_config(values, {}, {"sample_steps": 4}, training=False).k_max == 4 and "K range" not in caplog.text
 
 
 def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):

@@ -793,7 +793,8 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     if "sample_steps" in user:  # fewer DDIM steps asked for: the profile's K range ends at the last step
         lowered = end_k_range_at(values, values["sample_steps"], asked=user)  # (one the user asked for: checked)
         uniform = values.get("truncation", Config.truncation) != "fixed"  # (a fixed K reads only k)
-        if said := [f"{k} {old} -> {new}" for k, (old, new) in lowered.items() if uniform != (k == "k")]:
+        said = [f"{k} {old} -> {new}" for k, (old, new) in lowered.items() if uniform != (k == "k")]
+        if said and training:  # (sample has no gradient window: nothing to say)
             logging.getLogger("lowmem_alignprop").info("sample_steps=%d: the profile's K range ends at the last "
                                                        "step (%s)", values["sample_steps"], ", ".join(said))
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
