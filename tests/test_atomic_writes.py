@@ -4,6 +4,7 @@ and the LoRA is written again from the last checkpoint by --resume of the finish
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -189,7 +190,7 @@ def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):
 
 
 def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_path, capsys, monkeypatch,
-                                                                             tiny_dir):
+                                                                             tiny_dir, caplog):
     """The disk fills up in the LoRA's own writer (safetensors): one line saying the weights are safe in the last
     checkpoint; --resume latest of the finished run trains nothing and writes the LoRA (the same tensors as the
     checkpoint's), the reports and the summary."""
@@ -239,6 +240,11 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     assert "Permission denied; the trained weights are safe in checkpoint" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["steps_done"] == 2
     monkeypatch.setattr(st, "save_file", real)
+    # an export meanwhile says that lora/ is an earlier step's than the run's last checkpoint (it exported it silently)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["export", "--lora", str(out / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    assert f"{out / 'lora'} holds step 2's LoRA and the run has a checkpoint of step 3" in caplog.text
     metrics = (out / "metrics.jsonl").read_text()
     assert main([*more, "--resume", "latest"]) == 0
     assert (out / "metrics.jsonl").read_text() == metrics and json.loads((out / "summary.json").read_text())[
