@@ -47,22 +47,15 @@ def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -
         problem = None if (run / FULL_DIR / "config.json").is_file() else f"{run / FULL_DIR} is missing"
     if problem:
         return problem
-    summary = run_summary(run)
-    if summary is None:
+    from lowmem_alignprop.commands.lora_files import read_run
+
+    summary = read_run(run)[1]
+    if not summary:
         return f"{run / SUMMARY_FILE} is missing or damaged"
     if step is not None and summary.get("steps_done", step) != step:
         return f"its outputs are step {summary['steps_done']}'s ({SUMMARY_FILE}; this start's end did not write them)"
     return None
 
-
-def run_summary(run: Path) -> dict | None:
-    """A run's summary.json (its outputs' record: ``steps_done`` the step they are of), or None where it is missing
-    or damaged."""
-    try:
-        summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def rewrite_from_checkpoint(run: Path) -> Path | None:
