@@ -57,7 +57,6 @@ def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -
     return None
 
 
-
 def rewrite_from_checkpoint(run: Path) -> Path | None:
     """``export``: a run whose LoRA is missing or damaged gets it written again, atomically, from its newest intact
     checkpoint (``models.loading.write_checkpoint_lora``: as the run writes ``lora/``). Returns the checkpoint used, or
