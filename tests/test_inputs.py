@@ -144,3 +144,18 @@ def test_a_built_in_name_beside_a_folder_of_that_name_and_random_weights_are_sai
         caplog.clear()
         prepare_inputs(Config(model="tiny", output_dir=str(tmp_path / "run")).validate())
         assert not [m for m in caplog.messages if "random weights" in m]
+
+
+def test_a_reward_of_the_working_folder_is_recorded_by_its_absolute_file(tmp_path, monkeypatch):
+    """'my_reward:score' imported from the working folder (and 'sub/r.py:f') is recorded as its file's absolute path,
+    so that a resume or sample from another folder imports it; a built-in with a weight stays as written beside a
+    file of its name, and an installed module stays a module."""
+    from lowmem_alignprop.step.inputs import with_absolute_paths
+
+    (tmp_path / "my_reward.py").write_text("def score(images):\n    return images.mean((1, 2, 3))\n")
+    (tmp_path / "brightness.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "r.py").write_text("def f(images):\n    return images.mean((1, 2, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    spec = with_absolute_paths(Config(reward="my_reward:score:0.5,brightness:1,sub/r.py:f,json:dumps")).reward
+    assert spec == f"{tmp_path / 'my_reward.py'}:score:0.5,brightness:1,{tmp_path / 'sub' / 'r.py'}:f,json:dumps"

@@ -6,8 +6,10 @@ Training and ``sample`` call :func:`prepare_inputs` first; the planner checks th
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     A name comes first, as where it is read (a built-in model or prompt set: ``toy`` is the shipped model even beside
     a folder of that name); a hub id and a path that does not exist (a dangling link too) stay as given, for their
     own errors later."""
+    from lowmem_alignprop.rewards import parse_reward_spec
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
@@ -60,9 +63,16 @@ def with_absolute_paths(cfg: Config) -> Config:
             return value
         return os.path.abspath(path)
 
-    def reward_file(term: str) -> str:  # 'path/to/file.py:fn' (a weight or factory after it kept as written)
-        file, sep, rest = term.strip().partition(":")
-        return local(file) + sep + rest if sep and file.endswith(".py") and local(file) != file else term
+    def reward_file(part: str) -> str:  # one term of the spec, its weight kept as written
+        [(term, _)] = parse_reward_spec(part)
+        module, sep, fn = term.partition(":")
+        if sep and module.endswith(".py"):  # 'path/to/file.py:fn'
+            return local(module) + sep + fn + part.strip()[len(term):]
+        if sep and module.isidentifier():  # 'my_reward:fn', a module of the working folder: named by its file
+            found = importlib.machinery.PathFinder.find_spec(module, [*sys.path, os.getcwd()])  # (where it imports)
+            if found is not None and found.origin == os.path.abspath(f"{module}.py"):
+                return found.origin + sep + fn + part.strip()[len(term):]
+        return part
 
     def weight_paths(spec: str) -> str:  # 'PATH', 'HEAD_FILE,CLIP_DIR', 'aesthetic=PATH;clip=PATH'
         return ";".join(name + eq + ",".join(local(p) for p in paths.split(","))
