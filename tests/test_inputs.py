@@ -147,8 +147,8 @@ def test_a_built_in_name_beside_a_folder_of_that_name_and_random_weights_are_sai
 
 
 def test_a_reward_of_the_working_folder_is_recorded_by_its_absolute_file(tmp_path, monkeypatch):
-    """'my_reward:score' imported from the working folder (and 'sub/r.py:f') is recorded as its file's absolute path,
-    so that a resume or sample from another folder imports it; a built-in with a weight stays as written beside a
+    """'my_reward:score' imported from the working folder (and 'sub/r.py:f') is recorded as its file's absolute
+    path, so that a resume or sample from another folder imports it; a built-in with a weight stays as written beside a
     file of its name, and an installed module stays a module."""
     from lowmem_alignprop.step.inputs import with_absolute_paths
 
