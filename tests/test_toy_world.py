@@ -1083,3 +1083,13 @@ def test_the_shipped_toy_rewards_read_the_pixels_as_they_were_trained_on():
         scenes = sample_scenes(64, seed=31, split="all")
         own = clip(render_batch(scenes), [caption(s) for s in scenes])
     assert own.mean().item() > 82, own.mean().item()
+
+
+def test_a_scaled_schedule_keeps_the_phases_that_are_off_off():
+    """--scale multiplies every step count; a count of 0 (gen_samples=0: phases 5-6 off, the default) stays 0 (a
+    scaled smoke run trained and shipped the 'robust' rewards the docs say are off); a count above 0 stays at least 1."""
+    from lowmem_alignprop.commands.train_toy_world import Schedule
+
+    small = Schedule().scaled(0.002)
+    assert small.gen_samples == 0 and small.vae_steps == 3 and small.unet_steps == 12  # 1,500 and 6,000 scaled
+    assert Schedule(gen_samples=1000).scaled(0.002).gen_samples == Schedule().reward_batch  # on: at least a batch

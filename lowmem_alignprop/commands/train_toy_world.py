@@ -107,7 +107,8 @@ class Schedule:
             return s
         for k in ("vae_steps", "pool", "unet_steps", "clip_steps", "count_steps", "recon_pool", "eval_samples",
                   "gen_samples", "robust_clip_steps", "robust_count_steps", "adv_samples"):
-            setattr(s, k, max(1, int(round(getattr(s, k) * scale))))
+            if getattr(s, k):  # (0 is off: gen_samples=0 leaves phases 5-6 out, scaled or not)
+                setattr(s, k, max(1, int(round(getattr(s, k) * scale))))
         s.pool = max(s.pool, s.unet_batch)
         s.recon_pool = max(s.recon_pool, s.reward_batch)
         s.eval_samples = max(s.eval_samples, 4)
