@@ -40,7 +40,7 @@ from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
-from lowmem_alignprop.settings.profiles import profile_note
+from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
@@ -377,6 +377,8 @@ class Trainer:
         try:
             with self.guard.stage(stages.LOAD), whole_models(self.accelerator):
                 self._load()
+        except UserError as e:  # a setting of a profile made for other models: that first (FLUX.1's block swap)
+            raise under_profile(self.profile_name, cfg.model, cfg.model_components, e) from None
         except (*faults.OOM_ERRORS, RuntimeError) as e:
             if not faults.is_oom(e):
                 raise

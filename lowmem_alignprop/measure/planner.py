@@ -51,7 +51,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, describe_k, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.profiles import profile_note
+from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
@@ -549,7 +549,10 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
                         "--set base_quant")
     prompts = load_prompts(cfg.prompts)
-    est = estimate(cfg, target=target, prompts=prompts)
+    try:
+        est = estimate(cfg, target=target, prompts=prompts)
+    except UserError as e:  # a setting of a profile made for other models: that first (FLUX.1's block swap on toy)
+        raise under_profile(profile, cfg.model, cfg.model_components, e) from None
     if target == "cuda" and cfg.expandable_segments and sys.platform == "win32":
         est.notes.append("planned with expandable allocator segments, which PyTorch has on Linux only: to train on "
                          "this Windows machine, plan with --set expandable_segments=false")

@@ -61,7 +61,7 @@ def made_for_others(profile: str, kind: str | None) -> list[str] | None:
             and kind in ks]
 
 
-def profile_note(profile: str, kind: str) -> str | None:
+def profile_note(profile: str, kind: str | None) -> str | None:
     """A line when shipped ``profile`` was made for other models than ``kind`` (a key of :data:`MODEL_KINDS`),
     naming the shipped profiles for ``kind`` on the same card; None when it fits or is for any model."""
     others = made_for_others(profile, kind)
@@ -73,6 +73,14 @@ def profile_note(profile: str, kind: str) -> str | None:
         return f"{made}; no shipped profile is made for {MODEL_KINDS[kind]} on {card}-class cards"
     return (f"{made}; for {MODEL_KINDS[kind]} on {card}-class cards: "
             + " or ".join(f"--profile {o} ({load_profile(o)[1]['budget_gb']:g} GiB budget)" for o in others))
+
+
+def under_profile(profile: str, model: str, components: str, error: UserError) -> UserError:
+    """``error`` (a setting the model cannot run with), led by the line that shipped ``profile`` is made for other
+    models than ``model`` where it is (its settings are another family's: FLUX.1's block swap on the toy model):
+    that is the fix, not the setting. ``error`` itself otherwise."""
+    note = profile_note(profile, model_kind_of(model, components))
+    return UserError(f"{note}; under {profile}: {error}") if note is not None else error
 
 
 def describe(path: Path) -> str:
@@ -352,9 +360,8 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                                                           on_top)
         return name, built
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
-        note = profile_note(name, model_kind_of(model, components))
-        if note is not None:
-            raise UserError(f"{note}; under {name}: {e}") from None
+        if (made_for := under_profile(name, model, components, e)) is not e:
+            raise made_for from None
         field = re.match(r"[a-z_0-9]+", str(e))
         if field and field.group() in own and field.group() not in {**explicit, **overrides}:  # the file's value
             raise UserError(f"profile {name}: {e}") from None
