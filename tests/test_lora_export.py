@@ -479,6 +479,10 @@ BAD = {
                             "base_model.json), a path relative to the folder its run started in (a run before "
                             "2026-12-05), not found from here: pass the base model with --model"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
+    "single_file_of_the_toy_model": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "toy")), "--merge",
+                                                       "--single-file"],
+                                     "--merge --single-file: the toy model has no single-file layout that other tools "
+                                     "(or --model FILE) read"),
     "lora_with_a_weight": (lambda t, sd, o: ["--lora", f"{sd['lora']}:0.5"],
                            "export takes no weight after the LoRA (sample's DIR:WEIGHT); for a model with the LoRA "
                            "merged at that weight: --lora "),

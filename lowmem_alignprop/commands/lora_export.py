@@ -44,7 +44,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import Lora
 from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
-from lowmem_alignprop.commands.lora_merge import merged_pipeline, write_single_file
+from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -121,6 +121,10 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     card's code then loads from."""
     check_format(fmt, merge, weight, dtype, single_file)
     check_out(out)
+    if single_file and (base := merge_base(lora, model)) in ("toy", "tiny"):  # (before the merge: nothing written)
+        raise UserError(f"--merge --single-file: the {base} model has no single-file layout that other tools (or "
+                        "--model FILE) read, only SD 1.x/2.x/SDXL, SD3/SD3.5 and FLUX.1 do: export --merge (a "
+                        "diffusers folder) instead")
     at = 1.0 if weight is None else weight  # the LoRA's weight in a merged model
     pipe, merged = merged_pipeline(lora, model, at) if merge else (None, [])  # merged: what the model holds
     into = merged[-1]["into"] if merge else None
