@@ -96,6 +96,11 @@ def test_the_toy_world_lines_put_each_rate_before_then_after():
         "shapes 4% -> 16%  count 2% -> 8%",
         "   JPEG size: 200 -> 800 bytes"]
     assert toy_world_lines({"images": 8, "prompts": 4, "held_out": 4, "before": {}, "after": {}}) == []
+    # fewer images judged than made (prompts outside the grammar): the line says how many (it read as all 8)
+    few = toy_world_lines({"images": 8, "prompts": 4, "held_out": 2, "before": {**side(0.2), "fidelity_images": 3.0},
+                           "after": {**side(0.8), "fidelity_images": 3.0}})
+    assert few[1].startswith("   exact fidelity (3 of 8 images judged: the others' prompts are outside the grammar): "
+                             "score 0.200 -> 0.800")
 
 
 def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):

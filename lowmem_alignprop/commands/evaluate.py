@@ -676,12 +676,16 @@ def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images
 
 
 def print_summary(r: dict, out: Path) -> None:
+    from lowmem_alignprop.commands.run_summary import judged_of
+
     mix = " + ".join(f"{d['weight']:g} x {d['path']}" for d in r["loras"])
+    made = len(r["per_prompt"]) * r["images_per_prompt"]
     lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
              f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
              f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
              f"  lora = {mix}",
-             *([f"  exact fidelity (toy world): all right {r['fidelity']['base']['fidelity_all_ok']:.0%} -> "
+             *([f"  exact fidelity (toy world){judged_of(r['fidelity']['base'], made)}: all right "
+                f"{r['fidelity']['base']['fidelity_all_ok']:.0%} -> "
                 f"{r['fidelity']['lora']['fidelity_all_ok']:.0%}, score {r['fidelity']['base']['fidelity_score']:.3f}"
                 f" -> {r['fidelity']['lora']['fidelity_score']:.3f}"] if "fidelity_all_ok" in r.get("fidelity", {})
                .get("base", {}) else []),

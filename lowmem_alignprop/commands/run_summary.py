@@ -24,12 +24,20 @@ def toy_world_lines(t: dict | None) -> list[str]:
                        ("shapes_ok", "shapes"), ("count_ok", "count")))
     held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
     median = f" (median {b['reward_median']:.4f} -> {a['reward_median']:.4f})" if "reward_median" in b else ""
+    judged = judged_of(b, t["images"])
     return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
             f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
-            f"   exact fidelity: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
+            f"   exact fidelity{judged}: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"
             + (f"  objects per image {b['fidelity_objects']:.2f} -> {a['fidelity_objects']:.2f}"  # toy_count's aim
                if "fidelity_objects" in b else "")]
+
+
+def judged_of(figures: dict, images: int) -> str:
+    """' (N of M images judged)' where the exact evaluators judged fewer images than were made (the others' prompts
+    are outside the toy world's grammar), else nothing."""
+    n = int(figures.get("fidelity_images", images))
+    return f" ({n} of {images} images judged: the others' prompts are outside the grammar)" if n < images else ""
 
 
 class TimeLeft:
