@@ -306,6 +306,19 @@ def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsy
     refuse_held_loras([parse_lora(str(sd["lora"]), 0)], str(sd["base"]))  # the base holds nothing
 
 
+def test_a_merged_model_holds_a_lora_by_the_sum_of_its_merges():
+    """merged_loras.json's entries of one LoRA add up: merged at weight 0 (the base model, as --weight says), or at
+    0.5 then -0.5, the model holds none of it (sample and a second merge refused it as 'applied twice')."""
+    from lowmem_alignprop.commands.lora_merge import held_in
+
+    one = {"digest": "a", "weight": 0.5, "into": "base"}
+    assert held_in([one], "a")["weight"] == 0.5 and held_in([one], "b") is None
+    assert held_in([{**one, "weight": 0.0}], "a") is None
+    assert held_in([one, {**one, "weight": -0.5, "into": "m1"}], "a") is None
+    assert held_in([one, {"digest": "b", "weight": 1.0}, {**one, "into": "m2"}], "a") == {**one, "into": "m2",
+                                                                                         "weight": 1.0}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model card
 # ---------------------------------------------------------------------------------------------------------

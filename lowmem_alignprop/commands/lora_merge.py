@@ -103,13 +103,16 @@ def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
                         f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
                         f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
                         f"{r.get('into')}), with --weight for another strength")
-    return [*held, {"lora": str(lora.named), "digest": digest, "weight": weight, "into": spec}]
+    return [*held, {"lora": str(Path(lora.named).absolute()), "digest": digest, "weight": weight, "into": spec}]
 
 
 def held_in(held: list[dict], digest: str) -> dict | None:
     """The entry of a merged model's record (:func:`merged_record`) for the LoRA of ``digest`` (:func:`lora_digest`),
-    else None."""
-    return next((r for r in held if r.get("digest") == digest), None)
+    its ``weight`` the sum of every merge of it (merged at 0, or at 0.5 then -0.5: it holds none of it: None), else
+    None."""
+    entries = [r for r in held if r.get("digest") == digest]
+    total = sum(float(r.get("weight", 1.0)) for r in entries)
+    return {**entries[-1], "weight": total} if entries and total != 0 else None
 
 
 def refuse_held_loras(specs: list, model: str) -> None:
