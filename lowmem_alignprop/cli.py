@@ -196,10 +196,12 @@ def warn_if_launcher_started_fewer_processes() -> None:
             wanted = argv[i + 1]
         elif a.startswith(("--num_processes=", "--num-processes=")):
             wanted = a.split("=", 1)[1]
-    if wanted and wanted.isdigit() and int(wanted) > 1:
+    if wanted and wanted.isdigit() and int(wanted) > 1:  # (accelerate refuses --cpu beside --multi_gpu)
+        fix = "replace --cpu with --multi_gpu (it runs on the CPU too)" if "--cpu" in argv else \
+            "add --multi_gpu (also on the CPU)"
         logging.getLogger("lowmem_alignprop").warning(
-            "accelerate launch was asked for %s processes but started one: add --multi_gpu (also on the CPU), or "
-            "run `accelerate config`; this run trains on one process", wanted)
+            "accelerate launch was asked for %s processes but started one: %s, or run `accelerate config`; this run "
+            "trains on one process", wanted, fix)
 
 
 def _check_device_for_profile(name: str) -> None:

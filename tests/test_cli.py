@@ -208,7 +208,16 @@ def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypat
         monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
         with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
             warn_if_launcher_started_fewer_processes()
-        assert "accelerate launch was asked for 2 processes but started one: add --multi_gpu" in caplog.text
+        # (accelerate refuses --multi_gpu beside --cpu: replace it; without --cpu: add it)
+        assert "accelerate launch was asked for 2 processes but started one: replace --cpu with --multi_gpu (it runs " \
+               "on the CPU too), or run `accelerate config`" in caplog.text
+        caplog.clear()
+        real_open = open
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(path, *a, **k) if path != cmdline else
+                            __import__("io").BytesIO(b"accelerate\0launch\0--num_processes\0" b"2\0-m\0x\0"))
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            warn_if_launcher_started_fewer_processes()  # (the same launcher, read without its --cpu)
+        assert "started one: add --multi_gpu (also on the CPU)" in caplog.text
         caplog.clear()
         monkeypatch.setenv("WORLD_SIZE", "2")  # the processes did start: nothing to say
         warn_if_launcher_started_fewer_processes()
