@@ -545,6 +545,12 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(sd, tmp_path, capsys, mon
     import os
     import tempfile
 
+    # a file's name (a kohya user's k.safetensors): the export would be a folder of that name
+    named = tmp_path / "k.safetensors"
+    assert main(["export", "--lora", str(sd["lora"]), "--format", "kohya", "--out", str(named)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {named} names a file, but --out is the folder the export "
+                                               "is written into (its files are named by the run): pass a folder, e.g. "
+                                               f"--out {tmp_path / 'k'}") and not named.exists()
     long = tmp_path / ("m" * 300)
     assert main(["export", "--lora", str(sd["lora"]), "--out", str(long)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --out {long} has a name longer than the file system takes "

@@ -90,6 +90,9 @@ def check_out(out: Path, flag: str = "--out") -> None:
     from lowmem_alignprop.step.inputs import check_writable
 
     kind = kind_of(out)
+    if kind == "missing" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):  # (a folder of that name)
+        raise UserError(f"{flag} {out} names a file, but {flag} is the folder the export is written into (its files "
+                        f"are named by the run): pass a folder, e.g. {flag} {out.with_suffix('')}")
     if kind == "name too long":
         raise UserError(f"{flag} {out} {describe(out)}: choose a shorter name")
     if kind not in ("missing", "directory"):
