@@ -469,6 +469,23 @@ def _no_base_file(tmp: Path, sd) -> Path:
     return lora
 
 
+def _peft_folder(tmp: Path, sd) -> Path:
+    """A folder in the shape `export --format peft` writes (adapter_config.json + adapter_model.safetensors)."""
+    folder = tmp / "elsewhere" / "peft"
+    folder.mkdir(parents=True)
+    shutil.copyfile(sd["lora"] / LORA_WEIGHT_NAME, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def _kohya_file(tmp: Path, sd) -> Path:
+    """A LoRA file (a kohya export's), outside any run."""
+    file = tmp / "elsewhere" / "mine_lora.safetensors"
+    file.parent.mkdir(parents=True)
+    shutil.copyfile(sd["lora"] / LORA_WEIGHT_NAME, file)
+    return file
+
+
 def _base_gone(tmp: Path, sd, model: str | None = None) -> Path:
     lora = tmp / "moved" / "lora"
     shutil.copytree(sd["lora"], lora)
@@ -496,6 +513,11 @@ BAD = {
                                                        "--single-file"],
                                      "--merge --single-file: the toy model has no single-file layout that other tools "
                                      "(or --model FILE) read"),
+    "a_kohya_file": (lambda t, sd, o: ["--lora", str(_kohya_file(t, sd))],
+                     "is a LoRA file already: export converts the LoRA a run wrote (its lora/ folder or a "
+                     "checkpoint); use this one as it is"),
+    "a_peft_folder": (lambda t, sd, o: ["--lora", str(_peft_folder(t, sd))],
+                      "is a peft adapter folder (export --format peft's): export converts the LoRA a run wrote"),
     "lora_with_a_weight": (lambda t, sd, o: ["--lora", f"{sd['lora']}:0.5"],
                            "export takes no weight after the LoRA (sample's DIR:WEIGHT); for a model with the LoRA "
                            "merged at that weight: --lora "),

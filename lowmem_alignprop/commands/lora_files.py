@@ -108,6 +108,11 @@ def _check_named_step(path: Path, spec: str) -> None:
                     f"{instead}")
 
 
+# export of a LoRA that is an export already
+ALREADY = ("export converts the LoRA a run wrote (its lora/ folder or a checkpoint); use this one as it is (sample and "
+           "--init-lora read it), or export that run's lora/")
+
+
 def lora_dir_of(spec: str) -> Path:
     """``--lora``: the lora/ folder a run wrote, or the run folder that holds it."""
     path = Path(spec).expanduser()
@@ -121,6 +126,8 @@ def lora_dir_of(spec: str) -> Path:
     if path.is_file():
         if path.name == LORA_WEIGHT_NAME:
             return path.parent
+        if path.suffix.lower() == ".safetensors":  # a kohya or diffusers export: nothing to convert
+            raise UserError(f"--lora {spec} is a LoRA file already: {ALREADY}")
         raise UserError(f"--lora {spec} is a file: pass the lora/ folder a run wrote (it holds {LORA_WEIGHT_NAME})")
     if not (path / LORA_WEIGHT_NAME).is_file() and (path / LORA_DIR / LORA_WEIGHT_NAME).is_file():
         return path / LORA_DIR  # the run folder
@@ -141,6 +148,9 @@ def read_lora(spec: str) -> Lora:
     path = lora_dir_of(spec)
     file = path / LORA_WEIGHT_NAME
     if not file.is_file():
+        from lowmem_alignprop.commands.lora_formats import is_peft_folder
+        if is_peft_folder(path):
+            raise UserError(f"--lora {spec} is a peft adapter folder (export --format peft's): {ALREADY}")
         raise UserError(f"--lora {spec} holds no {LORA_WEIGHT_NAME}: pass the lora/ folder a finished run wrote "
                         "(an interrupted run resumes with --resume latest and writes it at the end)")
     try:
