@@ -225,7 +225,14 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
     more.update(extra)
     (tmp_path / "more").mkdir()
     save_file(more, str(tmp_path / "more" / "pytorch_lora_weights.safetensors"))
-    cases = [(["--init-lora", str(tmp_path / "more")], f"--init-lora {tmp_path / 'more'} does not fit this model: "
+    import json
+    import shutil
+    theirs = tmp_path / "theirs"  # a LoRA whose run trained another model: its shape's fix says so
+    shutil.copytree(made_lora["lora"], theirs)
+    (theirs / "base_model.json").write_text(json.dumps({"model": "someone/other-model"}))
+    cases = [(["--init-lora", str(theirs), "--set", "lora_rank=8"],
+              f"--init-lora {theirs} has rank 4 and this run trains rank 8: add --set lora_rank=4 (it was trained on "
+              "someone/other-model, not --model "),(["--init-lora", str(tmp_path / "more")], f"--init-lora {tmp_path / 'more'} does not fit this model: "
               f"only {layers} of its {layers + 1} layers exist here"),
              (["--init-lora", str(half)], f"--init-lora {half}: half.safetensors is damaged or not a safetensors "
               "file ("),

@@ -106,17 +106,23 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
 def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:
     """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` and of
     ``model``'s family as far as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind, recorded_base, same_model
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     file = init_lora_file(spec)
-    check_lora_family(model_of_kind(model_kind_of(model, components)),
-                      [LoraSpec(arg=spec, file=file, weight=1.0, name="init")], model, "--init-lora")
-    ranks = lora_file_ranks(file, spec, layers)
-    if ranks != {rank}:
-        theirs = "/".join(map(str, sorted(ranks)))
-        raise UserError(f"--init-lora {spec} has rank {theirs} and this run trains rank {rank}: "
-                        + (f"add --set lora_rank={theirs}" if len(ranks) == 1 else "pass a LoRA of one rank"))
+    lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
+    check_lora_family(model_of_kind(model_kind_of(model, components)), [lora], model, "--init-lora")
+    base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
+    other = f" (it was trained on {base[0]}, not --model {model}: if that is another model, pass a LoRA of this one)" \
+        if base is not None and not same_model(model, base[0]) else ""
+    try:
+        ranks = lora_file_ranks(file, spec, layers)
+        if ranks != {rank}:
+            theirs = "/".join(map(str, sorted(ranks)))
+            raise UserError(f"--init-lora {spec} has rank {theirs} and this run trains rank {rank}: "
+                            + (f"add --set lora_rank={theirs}" if len(ranks) == 1 else "pass a LoRA of one rank"))
+    except UserError as e:  # a fix for this LoRA's shape, when the LoRA may be another model's: that said too
+        raise UserError(f"{e}{other}") from None
     return file
 
 
