@@ -430,6 +430,7 @@ def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras,
     assert (tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).read_text() == first  # left as it was
     second = json.loads((tmp_path / "outputs" / "sample-2" / SAMPLE_RESULTS).read_text())
     assert second["seed"] == 2 and json.loads(first)["seed"] == 1
+    assert second["output_dir"] == str(tmp_path / "outputs" / "sample-2")  # absolute, as the LoRAs' paths beside it
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # a folder the user names is reused, saying so
         assert main([*one, "--seed", "3", "--output-dir", "outputs/sample"]) == 0
     assert "outputs/sample held an earlier evaluation: replacing it" in caplog.text

@@ -447,7 +447,9 @@ def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
     (["export_format=kohya,kohyaa"], "export_format: 'kohyaa' is not one of diffusers, kohya, peft: use --set "
                                      "export_format=kohya"),
     (["export_format=peft", "train_unet=full"], "export_format exports a LoRA and train_unet=full"),
-    (["sample_every=5", "sample_prompts=0"], "sample_every=5 renders the sample prompts, and sample_prompts=0"),
+    # (the fix as --set: the sample_every of a resumed run's checkpoint was never typed as --sample-every)
+    (["sample_every=5", "sample_prompts=0"], "sample_every=5 renders the sample prompts, and sample_prompts=0: use "
+                                             "--set sample_prompts=4, or --set sample_every=0"),
     (["init_lora=x", "train_unet=full"], "init_lora starts LoRA training from a LoRA"),
     (["push_to_hub=you/lora"], "--push-to-hub you/lora: the Hugging Face hub is switched off here"),
     (["push_to_hub=you/lora", "train_unet=full"], "push_to_hub exports a LoRA and train_unet=full"),

@@ -652,7 +652,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
         "grid": SAMPLE_GRID, "device": str(device), "cuda_allocator": allocator,
         "seconds": round(time.perf_counter() - t0, 2),
-        "output_dir": str(out),
+        "output_dir": str(out.absolute()),
     }
 
     if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)

@@ -186,9 +186,10 @@ def format_fastest(r: dict[str, Any]) -> str:
     given, found = r["given"], r["found"]
     lines = [f"lowmem-alignprop plan --fastest: profile {r['profile']}, card {r['device']}, "
              f"{r['images_per_step']} image{'s' if r['images_per_step'] > 1 else ''} per optimizer step, "
-             f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s"
-             + (f" ({r['jobs']} worker processes)" if r.get("workers_started") else "")
-             + (f"; {r['from_cache']} read from the estimate cache" if r.get("from_cache") else "")]
+             + (f"{len(r['tried'])} configurations estimated in {r['seconds']:.0f} s" if not r.get("from_cache") else
+                f"{len(r['tried'])} configurations in {r['seconds']:.0f} s ({len(r['tried']) - r['from_cache']} "
+                f"estimated, {r['from_cache']} read from the estimate cache)")
+             + (f" ({r['jobs']} worker processes)" if r.get("workers_started") else "")]
     if r.get("estimates_ran_out"):
         lines.append(f"  the search stopped at its {r['max_estimates']} estimates: --max-estimates N with a larger N "
                      "may find a quicker configuration")

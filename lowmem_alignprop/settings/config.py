@@ -372,7 +372,7 @@ class Config:
                             f"unet/): drop {what}, or train with --set train_unet=lora")
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
-                            "use --set sample_prompts=4, or drop --sample-every")
+                            "use --set sample_prompts=4, or --set sample_every=0")
         if self.model_components and _is_whole_model(self.model):
             raise UserError(f"model_components names the folder with the other parts of a single transformer file, "
                             f"and --model {self.model} is a whole model with its own: drop model_components")
