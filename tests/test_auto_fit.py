@@ -289,13 +289,22 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
     assert [r["step"] for r in rows] == [1, 2]
 
 
-def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny_dir):
+def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny_dir, caplog):
+    import logging
+
+    from lowmem_alignprop.commands import train
     from lowmem_alignprop.measure import fastest
     from lowmem_alignprop.settings.config import Config
 
     cfg = Config(model=str(tiny_dir), budget_gb=0.01, card="rtx3060").validate()
     same, record = fastest.before_first_step(cfg, profile="custom", detected=None)
     assert same is cfg and "no CUDA card" in record["skipped"]
+    # a run on the CPU says so (it said nothing, and ended over its budget)
+    monkeypatch.setattr("lowmem_alignprop.settings.profiles.detect_card", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert train.search_before_first_step(cfg, "custom")[0] is cfg
+    assert "auto-fit: no CUDA card: the search plans for the card a run trains on; this run trains as configured" \
+        in caplog.text
     canned = {"given": {"seconds": 1.0, "fits": False}, "found": None, "tried": [{}] * 3, "from_cache": 0,
               "device": "rtx3060", "seconds": 0.5, "plan": {"suggestion": {"set": {"base_quant": "nf4"}}}}
     monkeypatch.setattr(fastest, "fastest", lambda *a, **k: canned)

@@ -189,6 +189,8 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
             log.warning("auto-fit: no search result (%s): training as configured%s", record["skipped"],
                         f"; the planner's cheapest change: {record['cheapest_change']}"
                         if record.get("cheapest_change") else "")
+        else:  # (a CPU run over its budget said only that it was over)
+            log.warning("auto-fit: %s; this run trains as configured", record["skipped"])
         return cfg, record
     print(f"auto-fit: {record['flags'] or '(no change: the configuration as given is the fastest that fits)'} -> "
           f"{fmt_seconds(record['seconds_per_step'])} s per optimizer step estimated on {record['timed_as']} (as "
