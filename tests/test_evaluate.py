@@ -503,9 +503,11 @@ def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, ca
     fonts = [f for f in font_manager.fontManager.ttflist if f.name in ("DejaVu Sans", "Last Resort High-Efficiency")]
     assert any(f.name == "DejaVu Sans" for f in fonts)
     monkeypatch.setattr(font_manager.fontManager, "ttflist", fonts)  # the machine of the report: no CJK font
+    monkeypatch.setattr("lowmem_alignprop.commands.grid.MISSING_SAID", set())  # (none said yet in this process)
     imgs = (torch.zeros(2, 3, 8, 8), torch.tensor([0.1234, 0.5678]))
     with caplog.at_level("WARNING", logger="lowmem_alignprop"):
         odd = np.asarray(Image.open(save_sample_grid(tmp_path / "odd.png", ["a cat", "猫 and\x00 dog"], imgs, imgs)))
+        save_sample_grid(tmp_path / "again.png", ["猫 and dog"], imgs, imgs)  # a run's next grid: said once
     plain = np.asarray(Image.open(save_sample_grid(tmp_path / "plain.png", ["a cat", "x and dog"], imgs, imgs)))
     assert np.array_equal(odd[20:], plain[20:])  # row names, images and the reward numbers: the same pixels
     assert np.array_equal(odd[:18, :64 + 192], plain[:18, :64 + 192])  # the other prompt's label too

@@ -50,6 +50,9 @@ def _drawing_fonts() -> list[tuple[str, frozenset[int]]]:
     return out
 
 
+MISSING_SAID: set[str] = set()  # the characters no font has, said already in this process
+
+
 class GlyphText:
     """Draws text one glyph run at a time, each character in the first font that has it (DejaVu Sans first), so a
     prompt in any script is text, not boxes, and labels and numbers stay in DejaVu Sans whatever the prompts hold.
@@ -115,11 +118,12 @@ class GlyphText:
             x += draw.textlength(part, font=font)
 
     def warn_missing(self) -> None:
-        if self.missing:
+        if new := self.missing - MISSING_SAID:  # once a process (a run's every --sample-every grid repeated it)
+            MISSING_SAID.update(new)
             logging.getLogger("lowmem_alignprop").warning(
                 "no installed font has the characters %r of the prompts: the PNG grid shows boxes for them (install "
                 "a font that has them, e.g. fonts-noto-cjk; the JSON beside the grid holds the prompts as text)",
-                "".join(sorted(self.missing))[:12])
+                "".join(sorted(new))[:12])
 
 
 GRID_COLUMNS = 8  # images side by side; more prompts wrap into further bands below (40 made one 7,744 px wide row)
