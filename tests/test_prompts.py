@@ -124,3 +124,17 @@ def test_prompts_longer_than_the_encoder_that_carries_their_tokens_reads_are_sai
         assert said.startswith("2 of 3 prompts are longer than the 16 tokens the text encoder reads: their ends are "
                                "ignored (e.g. 'a red cat on a sofa in the sun'... loses ") and said.endswith(
                                    "shorten them to keep every word"), said
+
+
+def test_a_cut_inside_a_character_leaves_out_the_part_of_it_kept():
+    """A byte-level tokenizer cut inside an emoji's bytes: the lost words start with U+FFFD when decoded (the note
+    printed a broken character); the part of the character kept is left out of the note."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.models.prompt_length import cut_prompts_note
+
+    tokenizer = type("Tok", (), {"model_max_length": 3,
+                                 "__call__": lambda self, p, truncation: SimpleNamespace(input_ids=list(range(6))),
+                                 "decode": lambda self, ids, skip_special_tokens: "\ufffd \u201cquoted\u201d"})()
+    note = cut_prompts_note(tokenizer, ["a \U0001F53A \u201cquoted\u201d"])
+    assert "loses '\u201cquoted\u201d'" in note and "\ufffd" not in note, note

@@ -13,8 +13,9 @@ def cut_prompts_note(tokenizer, prompts: list[str], limit: int | None = None, re
     for p in dict.fromkeys(prompts):
         ids = tokenizer(p, truncation=False).input_ids
         if len(ids) > limit:
-            cut[p] = tokenizer.decode(ids[limit - 1:], skip_special_tokens=True).strip()  # (the last kept: the end
-            # token the cut prompt gets)
+            # (the last kept: the end token the cut prompt gets); a byte-level cut inside a character (an emoji's
+            # bytes) decodes to U+FFFD: the character kept in part is left out
+            cut[p] = tokenizer.decode(ids[limit - 1:], skip_special_tokens=True).strip().lstrip("\ufffd").strip()
     if not cut:
         return None
     first, lost = next(iter(cut.items()))
