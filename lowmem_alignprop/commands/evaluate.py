@@ -130,7 +130,8 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _find_lora_file(path: Path, arg: str) -> Path:
-    from lowmem_alignprop.commands.lora_formats import is_peft_folder, peft_as_diffusers
+    from lowmem_alignprop.commands.lora_files import is_peft_folder
+    from lowmem_alignprop.commands.lora_formats import peft_as_diffusers
     from lowmem_alignprop.run.checkpoint import named_checkpoint
 
     checkpoint = named_checkpoint(path)

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
-from lowmem_alignprop.commands.lora_formats import is_peft_folder, peft_as_diffusers
+from lowmem_alignprop.commands.lora_files import is_peft_folder
+from lowmem_alignprop.commands.lora_formats import peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line, quote

@@ -108,6 +108,15 @@ def _check_named_step(path: Path, spec: str) -> None:
                     f"{instead}")
 
 
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
+
+
+def is_peft_folder(path: Path) -> bool:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``: ``export --format peft``)."""
+    return (path / PEFT_WEIGHT_NAME).is_file() and (path / PEFT_CONFIG_NAME).is_file()
+
+
 # export of a LoRA that is an export already
 ALREADY = ("export converts the LoRA a run wrote (its lora/ folder or a checkpoint); use this one as it is (sample and "
            "--init-lora read it), or export that run's lora/")
@@ -148,7 +157,6 @@ def read_lora(spec: str) -> Lora:
     path = lora_dir_of(spec)
     file = path / LORA_WEIGHT_NAME
     if not file.is_file():
-        from lowmem_alignprop.commands.lora_formats import is_peft_folder
         if is_peft_folder(path):
             raise UserError(f"--lora {spec} is a peft adapter folder (export --format peft's): {ALREADY}")
         raise UserError(f"--lora {spec} holds no {LORA_WEIGHT_NAME}: pass the lora/ folder a finished run wrote "

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name,
-                                                 lora_digest, temporary_folder, v_prediction)
+from lowmem_alignprop.commands.lora_files import (PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
+                                                 base_family, denoiser_name, lora_digest, temporary_folder,
+                                                 v_prediction)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
 
-PEFT_WEIGHT_NAME = "adapter_model.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
 PEFT_PREFIX = "base_model.model."
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -155,11 +154,6 @@ def file_stem(lora: Lora) -> str:
     if lora.step is not None:  # a checkpoint's LoRA: the step in the name (ComfyUI and A1111 list them side by side)
         return f"{name}_step{lora.step}_alignprop_lora"
     return f"{name}_alignprop_lora"
-
-
-def is_peft_folder(path: Path) -> bool:
-    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``: ``export --format peft``)."""
-    return (path / PEFT_WEIGHT_NAME).is_file() and (path / PEFT_CONFIG_NAME).is_file()
 
 
 def peft_as_diffusers(folder: Path, label: str) -> Path:
