@@ -100,7 +100,7 @@ def _check_named_step(path: Path, spec: str) -> None:
     whole = [p.name for p in ckpt.list_checkpoints(path.parent) if ckpt.verify(p) is None]
     instead = (f"pass another step's checkpoint ({', '.join(whole)}) or the run's lora/ folder" if whole
                else "pass the run's lora/ folder")
-    folder = path if path.exists() else ckpt.step_dir(path.parent, step)
+    folder = ckpt.step_folder(path)
     if folder.is_dir():
         raise UserError(f"checkpoint {folder} is incomplete or corrupt: "
                         f"{ckpt.verify(folder) or 'its trainable.safetensors or state.json is missing'}; {instead}")

@@ -206,9 +206,7 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
     broken checkpoint is an error. Raises UserError when there is nothing to resume from.
     """
     if spec != "latest":
-        path = Path(spec).expanduser()
-        if not path.exists() and (step := step_of(path)) is not None and step_dir(path.parent, step).is_dir():
-            path = step_dir(path.parent, step)  # named by its step (step-3), as sample, export and --init-lora take it
+        path = step_folder(Path(spec).expanduser())  # (step-3 too, as sample, export and --init-lora take it)
         if not path.is_dir():
             raise UserError(f"--resume {spec}: no such checkpoint directory; use --resume latest, or a "
                             f"{DIRNAME}/{PREFIX}N directory of an earlier run")
@@ -238,15 +236,20 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
                     "(or check --output-dir)")
 
 
+def step_folder(path: Path) -> Path:
+    """The folder ``path`` names: itself where it exists, else the checkpoint folder of the step a ``step-300``
+    name gives (``step-00000300``) where that exists, else ``path``."""
+    step = step_of(path)
+    if step is not None and not path.exists() and step_dir(path.parent, step).is_dir():
+        return step_dir(path.parent, step)
+    return path
+
+
 def named_checkpoint(path: Path) -> Path | None:
     """The checkpoint folder ``path`` names, as written (``step-00000300``) or by its step (``step-300``); None
     when it names none."""
-    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():
-        return path
-    step = step_of(path)
-    if step is not None and not path.exists() and step_dir(path.parent, step).is_dir():
-        return named_checkpoint(step_dir(path.parent, step))
-    return None
+    folder = step_folder(path)
+    return folder if (folder / "trainable.safetensors").is_file() and (folder / "state.json").is_file() else None
 
 
 def read_state(path: Path) -> dict[str, Any]:
