@@ -316,10 +316,11 @@ def model_defaults_note(comps, cfg) -> str | None:
     from lowmem_alignprop.settings.config import Config
 
     family, notes = getattr(comps, "family", "unet"), []
-    if family == flow.FLUX and not comps.unet.config.guidance_embeds and cfg.sample_steps > 8:
+    schnell = family == flow.FLUX and not comps.unet.config.guidance_embeds
+    if schnell and cfg.sample_steps > 8:
         notes.append(f"FLUX.1-schnell samples in 1-4 steps; sample_steps={cfg.sample_steps} costs time for nothing: "
                      "--set sample_steps=4")
-    if family == flow.FLUX and not comps.unet.config.guidance_embeds and cfg.guidance_scale != Config.guidance_scale:
+    if schnell and cfg.guidance_scale != Config.guidance_scale:
         notes.append(f"guidance_scale={cfg.guidance_scale:g}: FLUX.1-schnell has no guidance embedding and no "
                      "classifier-free pass: it changes nothing here")
     if family != "unet" and cfg.eta != Config.eta:

@@ -54,12 +54,13 @@ def with_absolute_paths(cfg: Config) -> Config:
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     def local(value: str, names=(), option: str = "") -> str:
-        path = os.path.expanduser(value.strip())
-        if value.strip() in names and os.path.exists(path):  # (a run on the wrong model costs minutes: said)
-            logging.getLogger("lowmem_alignprop").warning(
-                "%s %s is the built-in one, not ./%s here: write ./%s for that", option, value.strip(), value.strip(),
-                value.strip())
-        if not value.strip() or value.strip() in names or not os.path.exists(path):
+        name = value.strip()
+        path = os.path.expanduser(name)
+        if not name or not os.path.exists(path):
+            return value
+        if name in names:  # (a run on the wrong model costs minutes: said)
+            logging.getLogger("lowmem_alignprop").warning("%s %s is the built-in one, not ./%s here: write ./%s for "
+                                                          "that", option, name, name, name)
             return value
         return os.path.abspath(path)
 
