@@ -191,8 +191,10 @@ def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_ano
     assert main(["sample", str(run / "lora"), "--profile", "cpu", "--num-prompts", "1", "--set", "sample_steps=2",
                  "--output-dir", "grid"]) == 0
     assert (elsewhere / "grid").is_dir()
-    assert main(["--output-dir", str(run), "--steps", "2", "--resume", "latest"]) == 0
+    assert main(["--output-dir", os.path.relpath(run), "--steps", "2", "--resume", "latest"]) == 0
     assert [r["step"] for r in strict_rows(run)] == [1, 2]
+    # summary.json names the checkpoint absolute too (from the relative --output-dir it was found in)
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(run / "checkpoints" / "step-00000001")
     from lowmem_alignprop.settings.config import Config
     from lowmem_alignprop.step.inputs import with_absolute_paths
     monkeypatch.chdir(work)

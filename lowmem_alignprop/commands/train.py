@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import statistics
@@ -1150,8 +1151,8 @@ class Trainer:
         early = self.held_out.stopped_at if self.held_out is not None and done < cfg.steps else None
         summary = {"steps": cfg.steps, "steps_done": done, "early_stopped_at": early,
                    "interrupted": done < cfg.steps and early is None,
-                   "resumed_from": str(self.point.path if self.point else "")
-                   or None, "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
+                   "resumed_from": os.path.abspath(self.point.path) if self.point else None,
+                   "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update
