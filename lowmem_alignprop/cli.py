@@ -362,6 +362,7 @@ def cmd_sample(argv: list[str]) -> int:
                                                     same_model, usable_scoring)
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
+    from lowmem_alignprop.settings.config import TRAINING_ONLY
 
     if args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
@@ -379,6 +380,10 @@ def cmd_sample(argv: list[str]) -> int:
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
     given = {s.split("=", 1)[0].strip() for s in args.set}
+    if given & TRAINING_ONLY:
+        logging.getLogger("lowmem_alignprop").warning(
+            "--set %s: training settings; sample trains nothing, so they change nothing here",
+            ", ".join(sorted(given & TRAINING_ONLY)))
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)

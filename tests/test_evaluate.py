@@ -410,8 +410,12 @@ def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(t
         return r["reward"], r["prompts"], [p["prompt"] for p in r["per_prompt"]]
 
     assert sampled(run_dir / "lora") == ("colorfulness", str(prompts), ["a red cube"])
-    assert sampled(run_dir / "lora", "--reward", "brightness", "--prompts", "simple_animals")[:2] == (
-        "brightness", "simple_animals")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # (a training setting given to sample is said)
+        assert sampled(run_dir / "lora", "--reward", "brightness", "--prompts", "simple_animals", "--set", "steps=9",
+                       "--set", "lr=0.5", "--set", "guidance_scale=4")[:2] == ("brightness", "simple_animals")
+    said = [r.getMessage() for r in caplog.records if "training settings" in r.getMessage()]
+    assert said == ["--set lr, steps: training settings; sample trains nothing, so they change nothing here"]
+    caplog.clear()
     away = tmp_path / "away" / "lora"
     shutil.copytree(run_dir / "lora", away)
     prompts.unlink()

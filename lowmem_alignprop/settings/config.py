@@ -750,6 +750,17 @@ RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_st
                       "max_sequence_length", "negative_prompt")
 
 
+# what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
+# backward's memory features): `sample` says a --set of one changes nothing there
+TRAINING_ONLY = frozenset((
+    "steps", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "weight_decay", "max_grad_norm", "loss_scale",
+    "reward_target", "reward_cap", "train_unet", "lora_rank", "lora_layers", "lora_alpha", "init_lora", "kl_coeff",
+    "lv_draws", "ema_decay", "ema_outputs", "eval_every", "eval_prompts", "eval_holdout", "early_stop", "eval_on_start",
+    "best_by", "unet_checkpointing", "window_keep", "vae_checkpointing", "reward_checkpointing", "activation_offload",
+    "deepspeed_zero", "offload", "fused_adamw", "sample_prompts", "sample_every", "export_format", "push_to_hub",
+    "fidelity_every", "checkpoint_every", "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps",
+    "log_every"))
+
 # what the run's images were scored with and on: `sample` of its LoRA takes them too, where they are at hand
 RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts")
 
