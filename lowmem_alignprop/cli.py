@@ -143,8 +143,9 @@ def cmd_train(argv: list[str]) -> int:
         chosen = _output_dir_flag(args) is not None
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
             args.output_dir = RunFolder.of_checkpoint(args.resume)
-        try:
-            name, cfg = config_from_args(args)
+        try:  # (a resume's first pass only finds its folder: the run's settings are read below and warned about)
+            with _unsaid() if args.resume else contextlib.nullcontext():
+                name, cfg = config_from_args(args)
             output_dir, refused = cfg.output_dir, None
         except UserError as e:  # a resume's flags may need the run's own settings (--early-stop 2: its eval_every)
             if not args.resume:
@@ -170,6 +171,18 @@ def cmd_train(argv: list[str]) -> int:
     train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder,
           command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
     return 0
+
+
+@contextlib.contextmanager
+def _unsaid():
+    """The project's warnings left unsaid: a configuration made again (and said then) replaces this one."""
+    logger = logging.getLogger("lowmem_alignprop")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _output_dir_flag(args: argparse.Namespace) -> str | None:

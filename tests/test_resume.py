@@ -168,7 +168,7 @@ def test_a_branch_from_an_earlier_step_keeps_the_prompt_lists_of_its_own_steps(t
 
 
 def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_another_folder(tmp_path, tiny_dir,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, caplog):
     """A run started with a model folder, a prompt file and a reward file named relative to the working folder:
     config.yaml, the checkpoint and lora/base_model.json hold their absolute paths, so `sample` of its LoRA (its
     model read from base_model.json) and a resume run from another folder find them. A built-in name stays a name
@@ -191,7 +191,11 @@ def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_ano
     assert main(["sample", str(run / "lora"), "--profile", "cpu", "--num-prompts", "1", "--set", "sample_steps=2",
                  "--output-dir", "grid"]) == 0
     assert (elsewhere / "grid").is_dir()
-    assert main(["--output-dir", os.path.relpath(run), "--steps", "2", "--resume", "latest"]) == 0
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # (its warnings said once, not per pass)
+        assert main(["--output-dir", os.path.relpath(run), "--steps", "2", "--resume", "latest", "--seed", "1",
+                     "--set", "seed=0"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("--seed 1 and --set seed=0 both given: --set wins (seed=0)") == 1
     assert [r["step"] for r in strict_rows(run)] == [1, 2]
     # summary.json names the checkpoint absolute too (from the relative --output-dir it was found in)
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(run / "checkpoints" / "step-00000001")
