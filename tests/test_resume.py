@@ -620,6 +620,28 @@ def _checkpoint(root, step, payload=b"weights", **state):
     return ckpt.step_dir(root, step)
 
 
+def test_a_whole_checkpoint_killed_before_its_rename_is_resumed_from(tmp_path, caplog):
+    """Killed between a checkpoint's manifest and its rename: the temporary folder is whole (its manifest verifies),
+    so --resume latest renames it and resumes from it (it was skipped: that step's training lost). Not while a live
+    run holds the folder (it may be renaming it now), nor a temporary folder whose write did not finish."""
+    from lowmem_alignprop.run.runlock import RunLock
+
+    root = tmp_path / "checkpoints"
+    earlier = _checkpoint(root, 2)
+    whole = root / ".tmp-step-00000004"
+    shutil.copytree(_checkpoint(tmp_path / "elsewhere", 4), whole)
+    (root / ".tmp-step-00000006").mkdir()  # no manifest: that write did not finish
+    with RunLock(tmp_path), caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert ckpt.find_resume(tmp_path, "latest") == earlier  # a live run's: left alone
+    assert whole.is_dir() and "ignoring " + str(whole) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert ckpt.find_resume(tmp_path, "latest") == ckpt.step_dir(root, 4)
+    assert not whole.exists() and ckpt.verify(ckpt.step_dir(root, 4)) is None
+    assert ".tmp-step-00000004 was written whole but not renamed" in caplog.text
+    assert f"ignoring {root / '.tmp-step-00000006'}, a checkpoint write that did not finish" in caplog.text
+
+
 def test_a_flipped_byte_or_a_newer_format_makes_resume_take_the_previous_checkpoint(tmp_path, caplog):
     """A torn write changes the size; a bit flipped on the disk or in a copy does not: only the checksum tells it. A
     checkpoint of another format (a newer version's) is no checkpoint this version can read either."""

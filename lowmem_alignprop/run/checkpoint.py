@@ -40,7 +40,7 @@ import torch
 
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.runlock import global_rank, next_free_dir, world_size
+from lowmem_alignprop.run.runlock import global_rank, holder, next_free_dir, world_size
 from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
@@ -222,7 +222,8 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
         return path
     root = root_of(output_dir)
     for tmp in sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []:
-        log.warning("checkpoint: ignoring %s, a checkpoint write that did not finish", tmp)
+        if not _published_now(tmp, output_dir):
+            log.warning("checkpoint: ignoring %s, a checkpoint write that did not finish", tmp)
     for path in list_checkpoints(root):
         problem = verify(path)
         if problem is None:
@@ -234,6 +235,23 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
                         "start a new run in another --output-dir")
     raise UserError(f"--resume latest: no intact checkpoint in {root}; start the run without --resume "
                     "(or check --output-dir)")
+
+
+def _published_now(tmp: Path, output_dir: str | os.PathLike) -> bool:
+    """Publish ``tmp`` if it is a whole checkpoint a stop left unrenamed (killed between its manifest and its rename:
+    the manifest verifies), where no checkpoint of its step exists and no live run holds the folder (one might be
+    renaming it now). True if it was."""
+    final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
+    if step_of(final) is None or final.exists() or verify(tmp) is not None or holder(output_dir) is not None:
+        return False
+    try:
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError:  # (a read-only copy of a run: it stays as it is)
+        return False
+    log.warning("checkpoint: %s was written whole but not renamed when the run stopped: renamed to %s", tmp.name,
+                final)
+    return True
 
 
 def step_folder(path: Path) -> Path:
