@@ -116,6 +116,10 @@ def make_number():
     return 3
 
 
+def clamps_in_place(images):  # would change the images the run keeps (grids, fidelity): refused
+    return luma(images.clamp_(0.2, 0.3))
+
+
 not_callable = 3
 
 
@@ -209,6 +213,10 @@ BAD = [
                            "make_needs_scale(); a reward class or factory is given the options it names among "
                            "device, dtype, checkpointing, weights, by keyword, and returns the reward)"),
     ("make_number()", "called make_number() and it returned a value of type int, not a reward"),
+    ("clamps_in_place", f"reward '{HERE}:clamps_in_place': clamps_in_place(images) changed its images in place "
+                        "(images.clamp_(), images *= ..., images[...] = ...): the run keeps and judges them after the "
+                        "reward; work on a copy (images = images.clamp(...), or images.clone()) (on 2 random test "
+                        "images)"),
     ("not_callable()", "not_callable is of type int, not a function that builds the reward"),
     ("not_callable", "is not callable"),
     ("make_needs_scale(scale=2)", "a factory is written 'package.module:factory()' with empty parentheses"),
@@ -284,9 +292,15 @@ def test_a_module_in_the_working_directory_imports_without_pythonpath(tmp_path, 
     ("exits.py", "reward 'exits.py': name the function in the file too, e.g. 'exits.py:my_reward'"),
     ("nowhere_module_x:score", "make it importable (install it, add its folder to PYTHONPATH or run from that "
                                "folder), give its file ('path/to/file.py:function')"),
+    # its own import missing: not "cannot import module imports_x ... give its file", which it is
+    ("imports_x.py:score", "reward 'imports_x.py:score': importing file 'imports_x.py' failed: it imports "
+                           "'not_installed_here_x', which is not installed here (pip install it, or fix the file)"),
+    ("imports_x:score", "reward 'imports_x:score': importing module 'imports_x' failed: it imports "
+                        "'not_installed_here_x', which is not installed here (pip install it, or fix the module)"),
 ])
 def test_a_reward_file_that_cannot_be_used_is_one_line(spec, needle, tmp_path, monkeypatch):
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "imports_x.py").write_text("import not_installed_here_x\n\n\ndef score(images):\n    return 0\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
         check_reward_spec(spec, resolution=16)

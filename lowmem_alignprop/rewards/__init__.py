@@ -128,9 +128,15 @@ def _import_user(term: str) -> tuple[object, str]:
     name = module_name.partition("=")[0].strip().lower()  # toy_count=3: the name before its option
     if ALIASES.get(name, name) in REWARDS:  # 'brightness:abc', 'toy_count=3:abc': a weight, not a module
         raise UserError(f"reward {term!r}: the weight {attr!r} is not a number; write e.g. {module_name}:0.5")
+    kind = "file" if file_term else "module"
     try:
         module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
     except ImportError as exc:
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if file_term or missing != module_name and not module_name.startswith(f"{missing}."):  # its own import
+            raise UserError(f"reward {term!r}: importing {kind} {module_name!r} failed: " + (
+                f"it imports {missing!r}, which is not installed here (pip install it, or fix the {kind})" if missing
+                else f"{type(exc).__name__}: {first_line(exc)}; fix the {kind}")) from None
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
                         f"(install it, add its folder to PYTHONPATH or run from that folder), give its file "
                         f"('path/to/file.py:function') or use a built-in reward: {_names_hint()}") from exc
@@ -138,7 +144,6 @@ def _import_user(term: str) -> tuple[object, str]:
         raise
     except BaseException as exc:  # a SyntaxError, an error or sys.exit at the module's top level: the user's code
         what = f"{exc.msg} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else first_line(exc)
-        kind = "file" if file_term else "module"
         raise UserError(f"reward {term!r}: importing {kind} {module_name!r} failed with {type(exc).__name__}: "
                         f"{what}; fix the {kind}") from None
     obj = module
@@ -342,7 +347,8 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     loads."""
     g = torch.Generator().manual_seed(0)
     device = next((t.device for t in list(reward.parameters()) + list(reward.buffers())), torch.device("cpu"))
-    images = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
+    leaf = torch.rand(2, 3, resolution, resolution, generator=g).to(device).requires_grad_(True)
+    images = leaf * 1.0  # not a leaf, as the decoded images are not (an in-place change is then said as such)
     pair = (list(prompts or []) * 2)[:2] or ["a photo of a cat", "a painting of a dog"]
     call = getattr(reward, "call", f"{type(reward).__qualname__}.score(images, prompts)")
     with_prompts = f" with the prompts {pair}" if getattr(reward, "takes_prompts", True) else ""
@@ -362,7 +368,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
         raise UserError(f"{what} returned scores with no gradient to the images (a .detach(), .item(), numpy or "
                         "new tensor inside?): AlignProp needs a differentiable reward")
     try:  # one backward, as training does: requires_grad alone passes a tensor made with requires_grad=True
-        (grad,) = torch.autograd.grad(scores.sum(), images, allow_unused=True)
+        (grad,) = torch.autograd.grad(scores.sum(), leaf, allow_unused=True)
     except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
         raise
     except BaseException as e:

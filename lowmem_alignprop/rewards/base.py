@@ -171,8 +171,13 @@ class CallableReward(RewardModule):
 
     def score(self, images, prompts):
         fn = self.inner if self._fn is None else self._fn
+        version = images._version  # (bumped by an in-place change of the images or of a view of them)
         with self._torch_state_kept(fn):
             scores = fn(images, prompts) if self.takes_prompts else fn(images)
+        if images._version != version:  # the run keeps the images after the reward: grids, fidelity, JPEG sizes
+            raise UserError(f"reward {self.name!r}: {self.call} changed its images in place (images.clamp_(), "
+                            "images *= ..., images[...] = ...): the run keeps and judges them after the reward; "
+                            "work on a copy (images = images.clamp(...), or images.clone())")
         if callable(scores) and not torch.is_tensor(scores):
             factory = (f"; if {self.label} builds the reward (a factory), write it as '{self.name}()'"
                        if _unmarked_term(self.name) else "")
