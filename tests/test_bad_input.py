@@ -161,8 +161,12 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "output_dir="], "output_dir is empty"),
     (["--set", "model="], "model is empty: name one"),  # an unset $MODEL trained the tiny model's noise
     (["--set", "card=x"], "card='x' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, h200, "
-                          "laptop, cpu: use --set card=rtx3060"),  # not "is not one of , rtx3060" nor "use --set card="
+                          "laptop, cpu: choose one of them"),  # not "is not one of , rtx3060" nor "use --set card="
     (["--output-dir", "/"], "is the file system's root"),
+    # an option given empty (a script's unset variable): --resume "" started the run over, --init-lora "" a fresh LoRA
+    (["--resume", ""], "--resume '' is empty (an unset shell variable?): give a value, or drop the option"),
+    (["--init-lora", " "], "--init-lora ' ' is empty (an unset shell variable?): give a value, or drop the option"),
+    (["--profile", ""], "--profile '' is empty (an unset shell variable?)"),  # (not "profile  is a directory")
     (["--set", "kl_coeff=0.1", "--set", "train_unet=full"], "kl_coeff needs train_unet=lora"),
     (["--set", "lora_layers=attention+ff", "--set", "train_unet=full"], "lora_layers=attention+ff shapes the LoRA, "
                                                                         "and train_unet=full trains every"),
@@ -185,6 +189,13 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     # a flag that would be ignored (T5's 9.5 GB of host memory not saved) is refused, on FLUX and on UNet models
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
+    (["--set", "encode_on_cpu=true"], "encode_on_cpu sets how SD3/SD3.5 and FLUX.1 encode prompts (with T5), and "
+                                      "--model tiny is an SD UNet model: it changes nothing there; drop --set "
+                                      "encode_on_cpu"),  # (it promised a text encoder kept off the card, in silence)
+    (["--set", "max_sequence_length=77", "--set", "encode_on_cpu=true"], "encode_on_cpu and max_sequence_length set "
+                                                                          "how SD3/SD3.5 and FLUX.1 encode prompts"),
+    (["--set", "model_arch=sdxl"], "model_arch=sdxl names the architecture of a single-file checkpoint (.safetensors, "
+                                   ".ckpt, .pt, .bin), and --model tiny is not one"),
     (["--set", "model=\x00x"], "model='\\x00x' holds a NUL character"),  # os.stat raises ValueError on it
     (["--output-dir", "out\x00put"], "output_dir='out\\x00put' holds a NUL character"),
     ("dup", "sets 'batch_size' (line 2) twice"),

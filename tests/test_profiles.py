@@ -422,6 +422,9 @@ def _without(monkeypatch, *missing):
     (["--set", "optimizer=paged_adamw8bit"], ("bitsandbytes",), ["needs bitsandbytes"]),
     (["--set", "activation_offload=true"], (), ["activation_offload", "vae_checkpointing=blocks"]),
     (["--set", "vae_checkpointing=sometimes"], (), ["vae_checkpointing='sometimes' is not one of"]),
+    # a yes/no word for a choice names the choice that turns it on (it named the first: off)
+    (["--set", "compile=true"], (), ["compile='true' is not one of none, nograd, regional: use --set compile=nograd"]),
+    (["--set", "offload=no"], (), ["offload='no' is not one of none, optimizer, params: use --set offload=none"]),
     (["--set", "tiled_decode=true", "--set", "sliced_decode=true"], (), ["turn off sliced_decode"]),
 ])
 def test_impossible_combination_fails_before_any_model_loads(tmp_path, capsys, monkeypatch, args, missing, needles):
@@ -596,6 +599,9 @@ def test_set_and_profile_values_take_the_fields_type_exactly():
         assert parse_set([f"tiled_decode={word}"]) == {"tiled_decode": value}, word
     assert coerce("vae_checkpointing", True) == "blocks" and coerce("vae_checkpointing", False) == "none"
     assert load_profile_text("vae_checkpointing: yes\n")["vae_checkpointing"] == "blocks"
+    # and on the command line the same (it was refused there with "use --set vae_checkpointing=none": the opposite)
+    assert parse_set(["vae_checkpointing=true"]) == {"vae_checkpointing": "blocks"}
+    assert parse_set(["vae_checkpointing=Off"]) == {"vae_checkpointing": "none"}
     assert parse_set(["reward_target=null", "lr=2e-3", "k=3", "negative_prompt=a=b"]) == {
         "reward_target": None, "lr": 0.002, "k": 3, "negative_prompt": "a=b"}
 

@@ -28,9 +28,10 @@ from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
 
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 ARCH_NAMES = ("sd15", "sd21", "sdxl")
 # --model toy: the toy world's pretrained SD-shaped model that ships with the package (docs/toy_world.md), a plain
 # diffusers directory (fp16 on disk; loaded in the run's dtype like any other)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, quote
-from lowmem_alignprop.settings.model_kind import SD3_KINDS
+from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
@@ -301,8 +301,9 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and v not in choices:
                 named = [str(c) for c in choices if c != ""]  # card's "" (the profile's) is said by leaving it out
-                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(named)}: "
-                                f"use --set {f.name}={_closest_choice(v, choices)}")
+                meant = _closest_choice(v, choices, f.default)
+                raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(named)}: " + (
+                    f"use --set {f.name}={meant}" if meant is not None else "choose one of them"))
             t = hints[f.name]
             if t in (int, float) and not isinstance(v, (int, float)) or t is bool and not isinstance(v, bool):
                 raise UserError(f"{f.name} must be {t.__name__}, got {quote(v)}")
@@ -414,6 +415,10 @@ class Config:
             raise UserError("output_dir is empty: name a folder, e.g. --output-dir outputs/run")
         if not self.model.strip():  # an unset $MODEL in a script: never the random-weight tiny model in silence
             raise UserError("model is empty: name one, e.g. --model toy (the shipped toy world), sd15 or a folder")
+        if self.model_arch != "auto" and Path(self.model).suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"model_arch={self.model_arch} names the architecture of a single-file checkpoint "
+                            f"({', '.join(SINGLE_FILE_SUFFIXES)}), and --model {self.model} is not one (a folder, a "
+                            "name or a hub id brings its own): drop --set model_arch")
         if any(0xD800 <= ord(c) <= 0xDFFF for c in self.output_dir):  # bytes the locale's encoding cannot read
             raise UserError(f"--output-dir {self.output_dir!a} has bytes this locale cannot read (a non-UTF-8 "
                             "locale such as LC_ALL=C with PYTHONUTF8=0, or a name not in UTF-8): run in a UTF-8 "
@@ -462,8 +467,7 @@ class Config:
                             "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
                             "at a time), or on a CUDA GPU use --set base_quant=int8")
         if self.base_quant == "fp8" and self.lora_layers != "attention":
-            from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
-            if model_kind_of(self.model, self.model_components) in FLOW_KINDS:
+            if _kind(self.model, self.model_components) in FLOW_KINDS:
                 # an SD3/FLUX transformer is read with its LoRA's layers in bf16 until the adapter is on them
                 raise UserError(f"base_quant=fp8 reads the transformer with the LoRA's layers in bf16 until the "
                                 f"adapter is added; with lora_layers={self.lora_layers} that is most of the model: use "
@@ -619,12 +623,11 @@ def coerce(name: str, value: Any) -> Any:
     if isinstance(value, str):
         s = value.strip()
         if t is bool:
-            low = s.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"{name} must be true or false, got {quote(value)}")
+            if _truth(s) is None:
+                raise UserError(f"{name} must be true or false, got {quote(value)}")
+            return _truth(s)
+        if name == "vae_checkpointing" and _truth(s) is not None:  # as in a profile (below): on is per up-block
+            return "blocks" if _truth(s) else "none"
         if t is int or (name == "deepspeed_zero"):
             try:
                 return int(s)
@@ -679,8 +682,6 @@ def _kind(model: str, components: str) -> str | None:
     """The model's kind as its files tell, without loading it (settings/model_kind: a shipped name, a folder or a
     transformer file's model_components, a hub id in the local hub cache); None when only loading tells (the loader
     then checks: models/family.check_supported)."""
-    from lowmem_alignprop.settings.model_kind import model_kind_of
-
     return model_kind_of(model, components)
 
 
@@ -711,16 +712,25 @@ def _check_flow_resolution(cfg: Config) -> None:
         check_flow_resolution(cfg.resolution, geometry)
 
 
-def _closest_choice(value, choices) -> str:
-    """The choice a mistyped value meant (same letters in another case, or the nearest spelling), else the first that
-    is not empty."""
-    choices = [c for c in choices if c != ""]
+def _truth(text: str) -> bool | None:
+    """A yes/no word of the command line (true, on, 1; false, off, 0...), else None."""
+    low = text.strip().lower()
+    return True if low in ("1", "true", "yes", "on") else False if low in ("0", "false", "no", "off") else None
+
+
+def _closest_choice(value, choices, default) -> str | None:
+    """The choice a mistyped value meant (same letters in another case, the off or the first on choice for a yes/no
+    word, or the nearest spelling), else the field's default (None where that is no choice to name)."""
+    choices = [str(c) for c in choices if c != ""]
     text = str(value).strip().lower()
     for c in choices:
-        if str(c).lower() == text:
-            return str(c)
-    close = difflib.get_close_matches(text, [str(c) for c in choices], n=1, cutoff=0.6)
-    return close[0] if close else str(choices[0])
+        if c.lower() == text:
+            return c
+    off = [c for c in choices if c in ("none", "no")]
+    if _truth(text) is not None and (off or _truth(text)):
+        return off[0] if not _truth(text) else next(c for c in choices if c not in off)
+    close = difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
+    return close[0] if close else str(default) if str(default) in choices else None
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -774,8 +784,6 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
     that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
     eta for SD3/FLUX, whose Euler sampler has none)."""
-    from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
-
     unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}
     flow = model_kind_of(str(values.get("model", "")), str(values.get("model_components") or "")) in FLOW_KINDS
     return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))
@@ -810,7 +818,21 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
                                                        "step (%s)", values["sample_steps"], ", ".join(said))
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
         values["output_dir"] = os.path.expanduser(values["output_dir"])
-    return Config(**values).validate(training)
+    cfg = Config(**values).validate(training)
+    _refuse_unread(cfg, user)
+    return cfg
+
+
+def _refuse_unread(cfg: Config, user: dict[str, Any]) -> None:
+    """SD3/FLUX's text-encoding settings given for an SD UNet model: they would promise what it does not do (the text
+    encoder kept off the card). A profile's are left alone: a profile made for FLUX is said as such where it matters
+    (settings/profiles.under_profile)."""
+    unread = [name for name in ("encode_on_cpu", "max_sequence_length") if name in user and getattr(cfg, name)]
+    if unread and _kind(cfg.model, cfg.model_components) not in (None, *FLOW_KINDS):
+        verb, they = ("sets", "it changes") if len(unread) == 1 else ("set", "they change")
+        raise UserError(f"{' and '.join(unread)} {verb} how SD3/SD3.5 and FLUX.1 encode prompts (with T5), and "
+                        f"--model {cfg.model} is an SD UNet model: {they} nothing there; drop "
+                        + " and ".join(f"--set {name}" for name in unread))
 
 
 def field_help() -> str:

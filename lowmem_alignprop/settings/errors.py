@@ -16,6 +16,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(f"{message}: see {self.prog} --help")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """An option given an empty value is refused: a script's ``--resume "$CKPT"`` with CKPT unset started the
+        run over, ``--init-lora "$LORA"`` trained a fresh LoRA, in silence."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if action.option_strings and isinstance(value, str) and not value.strip() and value != action.default:
+                self.error(f"{action.option_strings[-1]} {value!r} is empty (an unset shell variable?): give a value, "
+                           "or drop the option")
+        return parsed, extras
+
 
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of a library's error message (or its type), short enough for a one-line error."""

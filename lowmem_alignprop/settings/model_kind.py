@@ -26,6 +26,7 @@ FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), 
 KIND_FAMILY = {"sd": "unet", "sdxl": "unet", "sd35m": "sd3", "sd35l": "sd3", "flux": "flux"}  # a kind's denoiser
 FLOW_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family in FLOW_FAMILIES)  # also the flow architectures
 SD3_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family == "sd3")  # the ones that can leave T5 out
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")  # a --model file: a checkpoint of the whole model
 NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
 
