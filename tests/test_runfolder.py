@@ -74,6 +74,29 @@ def test_the_checkpoint_to_resume_is_read_once(tmp_path, monkeypatch):
     assert len(reads) == 1
 
 
+def test_latest_is_looked_up_again_under_the_lock_and_a_newer_checkpoint_refuses(tmp_path):
+    """--resume latest started while another start of the run was finishing: the checkpoint it looked up (step 2)
+    is no longer the latest once it holds the lock (the other wrote step 6): refused, nothing changed (it resumed
+    step 2 and set step 6 aside as a replaced branch). A checkpoint that was there, broken, at the lookup is not
+    newer work."""
+    run = tmp_path / "run"
+    fake_checkpoint(run, 2, config={"lr": 0.5})
+    (fake_checkpoint(run, 4) / "state.json").write_text("{torn")  # broken at the lookup: skipped then and now
+    folder = RunFolder.for_command(run, chosen=True, resume="latest")
+    assert folder.check().step == 2
+    with folder.hold():
+        pass  # nothing newer: it goes on
+    folder = RunFolder.for_command(run, chosen=True, resume="latest")
+    assert folder.check().step == 2
+    fake_checkpoint(run, 6)  # the other start's last checkpoint, written meanwhile
+    with pytest.raises(UserError, match=f"^{run} went on to step-00000006 while this command started .*: nothing "
+                                        "was changed; --resume latest again continues from it$"):
+        folder.hold()
+    assert not (run / ".run.lock").exists()  # released
+    with RunFolder.for_command(run, chosen=True, resume="latest").hold():  # and the next start takes step 6
+        pass
+
+
 def test_a_broken_checkpoint_is_said_where_the_run_checks(tmp_path, caplog):
     run = tmp_path / "run"
     fake_checkpoint(run, 1)

@@ -71,6 +71,7 @@ class RunFolder:
         self.resume = resume
         self.moved_past: tuple[Path, str] | None = None  # (the default folder, why it was passed): said at hold()
         self._found: tuple[ResumePoint | None, UserError | None, list[logging.LogRecord]] | None = None
+        self._seen: set[str] = set()  # the checkpoints there when it was looked up (--resume latest)
 
     @classmethod
     def for_command(cls, output_dir: str | os.PathLike, *, chosen: bool, resume: str | None) -> "RunFolder":
@@ -97,6 +98,7 @@ class RunFolder:
             propagate, handlers = logger.propagate, logger.handlers
             logger.propagate, logger.handlers = False, [captured]
             try:
+                self._seen = {p.name for p in ckpt.list_checkpoints(ckpt.root_of(self.path))}
                 path = ckpt.find_resume(self.path, self.resume)  # verifies the checksums
                 point = ResumePoint(path, ckpt.read_state(path))
             except UserError as e:
@@ -202,6 +204,13 @@ class RunFolder:
         lock = hold_folder(self.path, ckpt.holds_a_run, enabled=global_rank() == 0,
                            numbered=self.numbered and world_size() == 1)
         self.path = lock.out
+        point = self._found[0] if self._found is not None and self.resume == "latest" else None
+        newer = sorted(p.name for p in ckpt.list_checkpoints(ckpt.root_of(self.path)) if p.name not in self._seen and
+                       ckpt.step_of(p) > point.step) if point is not None else []
+        if newer:  # another start of the run wrote them while this one started: its "latest" is no longer that
+            lock.release()
+            raise UserError(f"{self.path} went on to {newer[-1]} while this command started (another start of the "
+                            "run wrote it meanwhile): nothing was changed; --resume latest again continues from it")
         if self.moved_past and global_rank() == 0:  # once per run, not once per process
             log.warning("%s holds an earlier run (%s): this run writes to %s", *self.moved_past, self.path)
         return lock
