@@ -375,12 +375,15 @@ def cmd_sample(argv: list[str]) -> int:
                                                     same_model, usable_scoring)
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
-    from lowmem_alignprop.settings.config import TRAINING_ONLY
+    from lowmem_alignprop.settings.config import BATCH_MOST, TRAINING_ONLY
 
     if args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
+    if args.images_per_prompt > BATCH_MOST:  # (it rendered on for hours with no line)
+        raise UserError(f"--images-per-prompt {args.images_per_prompt} is more than {BATCH_MOST}, the most this "
+                        f"tool takes: give {BATCH_MOST} or fewer")
     own = [text.strip() for text in args.prompt]
     if own and args.prompts is not None:
         raise UserError("give your prompts with --prompt TEXT or a prompt set with --prompts, not both")

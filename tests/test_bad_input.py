@@ -189,6 +189,15 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     # a flag that would be ignored (T5's 9.5 GB of host memory not saved) is refused, on FLUX and on UNet models
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
+    # a K the truncation does not read (k=3 under every GPU profile's uniform trained K ~ U{1..50}, in silence)
+    (["--set", "truncation=uniform"], "k=1 is the K of truncation=fixed, and truncation=uniform draws K from k_min=1 "
+                                      "to k_max=3: add --set truncation=fixed for K=1, or set k_min and k_max instead"),
+    (["--set", "k_max=5"], "k_max bounds the K that truncation=uniform or per_step draws, and truncation=fixed trains "
+                           "K=k=1: add --set truncation=uniform, or set k instead"),
+    (["--set", "lv_draws=300", "--set", "batch_size=4"], "lv_draws=300 x batch_size=4 images decoded and scored at "
+                                                         "once is more than 1024, the most batch_size itself may be: "
+                                                         "use --set lv_draws=256 or less"),
+    (["--set", "fidelity_images=5000"], "fidelity_images=5000 is larger than 4096, the most this tool takes"),
     (["--set", "encode_on_cpu=true"], "encode_on_cpu sets how SD3/SD3.5 and FLUX.1 encode prompts (with T5), and "
                                       "--model tiny is an SD UNet model: it changes nothing there; drop --set "
                                       "encode_on_cpu"),  # (it promised a text encoder kept off the card, in silence)

@@ -321,7 +321,8 @@ def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
-                                  "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt", "upper_suffix"])
+                                  "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt", "upper_suffix",
+                                  "many_images"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -343,7 +344,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
             "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"],
             "checkpoint": ["--lora", str(step)],
             "prompt_and_prompts": ["--lora", str(loras["a"]), "--prompt", "a cat", "--prompts", "simple_animals"],
-            "empty_prompt": ["--lora", str(loras["a"]), "--prompt", " "]}[case]
+            "empty_prompt": ["--lora", str(loras["a"]), "--prompt", " "],
+            "many_images": ["--lora", str(loras["a"]), "--images-per-prompt", "1025"]}[case]
     out = tmp_path / "out"
     rc = main(["sample", *COMMON, *args, "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -357,7 +359,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
                 "prompt_and_prompts": "give your prompts with --prompt TEXT or a prompt set with --prompts, not both",
                 "empty_prompt": "--prompt '': give the prompt's text",
                 "upper_suffix": "diffusers reads my.SAFETENSORS by its suffix in lower case only: rename it to "
-                                "my.safetensors"}[case]
+                                "my.safetensors",
+                "many_images": "--images-per-prompt 1025 is more than 1024, the most this tool takes: give 1024 or "
+                               "fewer"}[case]
     assert expected in err[0], err[0]
 
 

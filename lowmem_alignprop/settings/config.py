@@ -487,6 +487,10 @@ class Config:
         for name in ("lv_draws", "eval_holdout"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if self.lv_draws * self.batch_size > BATCH_MOST:  # decode and reward take them at once, as a batch
+            raise UserError(f"lv_draws={self.lv_draws} x batch_size={self.batch_size} images decoded and scored at "
+                            f"once is more than {BATCH_MOST}, the most batch_size itself may be: use --set lv_draws="
+                            f"{max(1, BATCH_MOST // self.batch_size)} or less")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. --set ema_decay=0.99 (0 = off)")
         for name in ("lora_layers", "lora_rank", "lora_alpha"):  # a LoRA's shape: meaningless without a LoRA
@@ -549,15 +553,17 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 # (field, largest value, why): beyond these no model, card or schedule makes sense
+BATCH_MOST = 1024  # images at once (a micro-step's, its DRaFT-LV draws', sample's per prompt)
 UPPER_BOUNDS = (
     ("resolution", 4096, "4x the largest native size, SDXL's 1024 px"),
-    ("batch_size", 1024, "images per micro-step; more images per optimizer step come from grad_accum"),
+    ("batch_size", BATCH_MOST, "images per micro-step; more images per optimizer step come from grad_accum"),
     ("grad_accum", 65536, "micro-steps per optimizer step"),
     ("sample_steps", 1000, "the DDIM schedule's training timesteps"),
     ("steps", 10_000_000, "optimizer steps"),
     ("lora_rank", 1024, "larger than the attention layers it adapts"),
     ("tile_size", 4096, "the largest resolution"),
     ("max_sequence_length", 512, "SD3's and FLUX.1's pipelines take no more T5 tokens"),
+    ("fidelity_images", 4096, "the toy world's judged images, rendered before and after training"),
 )
 
 
@@ -819,14 +825,23 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
         values["output_dir"] = os.path.expanduser(values["output_dir"])
     cfg = Config(**values).validate(training)
-    _refuse_unread(cfg, user)
+    _refuse_unread(cfg, user, training)
     return cfg
 
 
-def _refuse_unread(cfg: Config, user: dict[str, Any]) -> None:
-    """SD3/FLUX's text-encoding settings given for an SD UNet model: they would promise what it does not do (the text
-    encoder kept off the card). A profile's are left alone: a profile made for FLUX is said as such where it matters
-    (settings/profiles.under_profile)."""
+def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
+    """Settings the user gave that this run would not read, so would not get what they asked for: a K the profile's
+    truncation does not read (k under uniform/per_step, k_min/k_max under fixed), and SD3/FLUX's text-encoding
+    settings for an SD UNet model (the text encoder kept off the card, promised). A profile's are left alone: a
+    profile made for FLUX is said as such where it matters (settings/profiles.under_profile)."""
+    if training and "k" in user and cfg.truncation != "fixed":
+        raise UserError(f"k={cfg.k} is the K of truncation=fixed, and truncation={cfg.truncation} draws K from k_min="
+                        f"{cfg.k_min} to k_max={cfg.k_max}: add --set truncation=fixed for K={cfg.k}, or set k_min "
+                        "and k_max instead")
+    bounds = [name for name in ("k_min", "k_max") if name in user]
+    if training and bounds and cfg.truncation == "fixed":
+        raise UserError(f"{' and '.join(bounds)} {'bounds' if len(bounds) == 1 else 'bound'} the K that truncation=uniform or per_step draws, and "
+                        f"truncation=fixed trains K=k={cfg.k}: add --set truncation=uniform, or set k instead")
     unread = [name for name in ("encode_on_cpu", "max_sequence_length") if name in user and getattr(cfg, name)]
     if unread and _kind(cfg.model, cfg.model_components) not in (None, *FLOW_KINDS):
         verb, they = ("sets", "it changes") if len(unread) == 1 else ("set", "they change")
