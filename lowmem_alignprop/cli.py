@@ -73,7 +73,7 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, metavar="P", help="end the run when evaluation has not improved for "
                    "P evaluations in a row (needs --eval-every)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field (repeatable), e.g. --set k=3 --set truncation=uniform")
+                   help="override any config field (repeatable), e.g. --set truncation=uniform --set k_max=20")
     return p
 
 
