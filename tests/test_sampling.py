@@ -1,5 +1,6 @@
 """Truncated backprop: the gradient window, K drawn once per rollout, and exactness against plain autograd."""
 
+import logging
 import random
 
 import pytest
@@ -414,7 +415,7 @@ def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
     assert torch.equal(grad, torch.ones_like(x0))
 
 
-def test_cached_prompt_embeddings_are_each_prompts_own(tiny):
+def test_cached_prompt_embeddings_are_each_prompts_own(tiny, monkeypatch, caplog):
     """cache_prompt_embeddings: each prompt's cached conditioning is its own encoding, as the uncached encoder gives
     it (16 prompts are encoded together: a wrong row would train every prompt of the chunk on another's text)."""
     from lowmem_alignprop.models.sampling import PromptEncoder, encode_prompts, make_pipeline
@@ -426,8 +427,22 @@ def test_cached_prompt_embeddings_are_each_prompts_own(tiny):
     comps = tiny[0]
     pipe = make_pipeline(comps)
     prompts = ["a cat", "a dog", "a red tree"]
-    cached = PromptEncoder(pipe, comps, Place(), "cpu", 64, cache=True, prompts=prompts)(["a red tree", "a cat"])
+    encoder = PromptEncoder(pipe, comps, Place(), "cpu", 64, cache=True, prompts=prompts)
+    cached = encoder(["a red tree", "a cat"])
     direct = encode_prompts(pipe, ["a red tree", "a cat"], "cpu", 64)
     torch.testing.assert_close(cached.cond, direct.cond)
     torch.testing.assert_close(cached.uncond, direct.uncond)
     assert not torch.allclose(cached.cond[0], cached.cond[1])  # the two prompts' texts differ
+    assert not encoder.on_host  # a few prompts' embeddings: on the device
+    # a prompt set whose embeddings would crowd the device waits in host memory (100k prompts: 22 GiB of SD1.5's)
+    import lowmem_alignprop.models.sampling as sampling
+    per_prompt = direct.nbytes() // 2
+    monkeypatch.setattr(sampling, "HOST_CACHE_ABOVE", 3 * per_prompt - 1)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        encoder = PromptEncoder(pipe, comps, Place(), "cpu", 64, cache=True, prompts=prompts)
+        torch.testing.assert_close(encoder(["a red tree", "a cat"]).cond, direct.cond)
+    assert encoder.on_host and "3 prompts: their embeddings (0.00 GiB) wait in host memory" in caplog.text
+    monkeypatch.setattr(sampling, "HOST_CACHE_ABOVE", 3 * per_prompt)
+    encoder = PromptEncoder(pipe, comps, Place(), "cpu", 64, cache=True, prompts=prompts)
+    encoder(["a cat"])
+    assert not encoder.on_host

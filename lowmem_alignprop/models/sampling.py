@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import random
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -53,6 +54,9 @@ class BatchedTensors:
 
     def to(self, device):
         return self._map(lambda t: t.to(device), shared_too=True)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for f in dataclasses.fields(self) if (t := getattr(self, f.name)) is not None)
 
     @classmethod
     def cat(cls, parts: list):
@@ -153,11 +157,16 @@ def encode_prompts(pipe, prompts: list[str], device, resolution: int, negative_p
     return PromptEmbeds(cond, uncond)
 
 
+HOST_CACHE_ABOVE = 256 * 2**20  # bytes of cached embeddings above which they wait in host memory
+
+
 class PromptEncoder:
     """Text embeddings for a batch of prompts; the text encoder is on the device only while it encodes.
 
     With ``cache=True`` every prompt is encoded at the first call (16 at a time) and the text encoder then
-    leaves the device for good; otherwise each call encodes its batch and parks the encoder again.
+    leaves the device for good; otherwise each call encodes its batch and parks the encoder again. A prompt set whose
+    embeddings would take more than :data:`HOST_CACHE_ABOVE` of the device waits in host memory instead, each
+    batch's brought to the device when asked for.
     The training loop and the planner both call this, so the planner estimates what training does.
     """
 
@@ -169,6 +178,7 @@ class PromptEncoder:
         self.caching = cache
         self.prompts = sorted(set(prompts))
         self.cache: dict[str, PromptEmbeds] = {}
+        self.on_host = False  # the cache in host memory (a large prompt set)
 
     def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
         if self.caching and not self.cache:
@@ -176,6 +186,12 @@ class PromptEncoder:
             for i in range(0, len(self.prompts), 16):
                 chunk = self.prompts[i:i + 16]
                 e = encode_prompts(self.pipe, chunk, self.device, self.resolution, self.negative_prompt)
+                if i == 0 and (total := e.nbytes() / len(chunk) * len(self.prompts)) > HOST_CACHE_ABOVE:
+                    self.on_host = True  # 100k prompts of SD1.5 would be 22 GiB of the card's memory
+                    logging.getLogger("lowmem_alignprop").info(
+                        "%d prompts: their embeddings (%.2f GiB) wait in host memory, each batch's brought to the "
+                        "device", len(self.prompts), total / 2**30)
+                e = e.to("cpu") if self.on_host else e
                 for j, p in enumerate(chunk):
                     self.cache[p] = e.index(slice(j, j + 1))
             self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
@@ -184,7 +200,8 @@ class PromptEncoder:
             emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution, self.negative_prompt)
             self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
             return emb
-        return PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
+        batch = PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
+        return batch.to(self.device) if self.on_host else batch
 
 
 def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
