@@ -21,6 +21,7 @@ from lowmem_alignprop.commands import final_lora
 from lowmem_alignprop.models.loading import write_checkpoint_lora
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.settings.errors import UserError
 
 FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1"]
 LORA_FILE = Path("lora") / final_lora.LORA_WEIGHT_NAME
@@ -599,9 +600,11 @@ def test_a_file_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch)
     assert target.read_text() == "{}"
 
 
-def test_a_lora_written_again_comes_from_the_newest_intact_checkpoint_not_a_damaged_one(finished, tmp_path, caplog):
+def test_a_lora_is_never_written_again_from_a_damaged_checkpoint_nor_an_earlier_step(finished, tmp_path, caplog):
     """The run's lora/ is gone and its newest checkpoint has a byte flipped in its weights (the same size: it still
-    loads, with a wrong value): lora/ is written again from the intact checkpoint before it, never from that one."""
+    loads, with a wrong value): lora/ is never written from that one, nor from the intact checkpoint before it (an
+    earlier step's weights under the run's name and its last step's card): the line names that checkpoint to export.
+    With the last step's checkpoint whole, lora/ is written again from it."""
     out, _ = finished
     run = tmp_path / "run"
     shutil.copytree(out, run)
@@ -612,6 +615,12 @@ def test_a_lora_written_again_comes_from_the_newest_intact_checkpoint_not_a_dama
     data[-1] ^= 0x40  # a weight's last byte
     weights.write_bytes(bytes(data))
     assert ckpt.verify(newest) == "trainable.safetensors does not match its checksum" and ckpt.verify(older) is None
+    with pytest.raises(UserError, match=f"has no intact checkpoint to write it again from: export {older} for step "
+                                        f"{ckpt.step_of(older)}'s LoRA$"):
+        final_lora.rewrite_from_checkpoint(run)
+    assert not (run / "lora").exists()
+    shutil.rmtree(newest)  # (as if the run had ended at the older step)
+    (run / "summary.json").unlink()
     assert final_lora.rewrite_from_checkpoint(run) == older
     expected = write_checkpoint_lora(older, tmp_path / "expected")
     assert_same_lora(run / LORA_FILE, expected)

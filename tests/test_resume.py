@@ -19,7 +19,7 @@ from refusals import strict_rows
 
 # Small and fast, but with everything that must continue across a resume: gradient accumulation over two
 # micro-batches, K drawn at random per rollout (python RNG), DDIM noise (eta=1), AdamW moments.
-FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set", "sample_steps=4", "--set", "k=1",
+FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=0", "--set", "sample_steps=4",
         "--set", "batch_size=1", "--set", "grad_accum=2", "--set", "truncation=uniform", "--set", "k_min=1",
         "--set", "k_max=2", "--set", "lr=0.01"]
 
@@ -264,6 +264,21 @@ def test_export_of_a_checkpoint_that_is_damaged_or_not_kept_names_those_that_are
         f"error: --lora {run / 'checkpoints' / 'step-1'}: the run kept no checkpoint of step 1 (keep_checkpoints keeps "
         "the newest); pass another step's checkpoint (step-00000003) or the run's lora/ folder"]
     assert not (run / "export").exists()
+
+
+def test_export_does_not_write_lora_again_from_an_earlier_step_than_the_runs_last(runs, tmp_path, capsys):
+    """lora/ missing and the last step's checkpoint damaged: export wrote lora/ from step 3's checkpoint under the
+    run's name and a model card of step 6 (its grid and rewards). Refused, naming the checkpoint to export."""
+    _, split, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(split, run)
+    shutil.rmtree(run / "lora")
+    (run / "checkpoints" / "step-00000006" / "state.json").unlink()
+    assert main(["export", str(run), "--format", "kohya"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {run / 'lora'} is missing, and the run's last step (6) has no intact checkpoint to "
+                       f"write it again from: export {run / 'checkpoints' / 'step-00000003'} for step 3's LoRA"), err
+    assert not (run / "lora").exists() and not (run / "export").exists()
 
 
 def test_resume_continues_from_the_previous_good_checkpoint(runs, tmp_path, capsys):

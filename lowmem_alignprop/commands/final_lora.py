@@ -11,6 +11,7 @@ from pathlib import Path
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import FULL_DIR, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SUMMARY_FILE
+from lowmem_alignprop.settings.errors import UserError
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -65,12 +66,20 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
     again)."""
     from lowmem_alignprop.models.loading import write_checkpoint_lora
 
+    from lowmem_alignprop.commands.lora_files import read_run
+
     problem = lora_problem(run)
     if problem is None:
         return None
+    steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(ckpt.root_of(run))]
+    done = read_run(run)[1].get("steps_done")
+    last = max(steps + ([done] if isinstance(done, int) else []), default=0)
     for path in ckpt.list_checkpoints(ckpt.root_of(run)):
         if ckpt.verify(path) is not None:
             continue
+        if ckpt.step_of(path) < last:  # lora/ is the last step's: an earlier one's under its name would be mislabelled
+            raise UserError(f"{problem}, and the run's last step ({last}) has no intact checkpoint to write it again "
+                            f"from: export {path} for step {ckpt.step_of(path)}'s LoRA")
         config = ckpt.read_state(path).get("config") or {}
         ema_only_by_state = ckpt.outputs_are_ema(config) and \
             not (path / ckpt.EMA_WEIGHTS).is_file()  # an older checkpoint: the average not kept by name
