@@ -399,6 +399,24 @@ def test_loading_touches_no_network(tiny, monkeypatch):
     assert attempts == []
 
 
+def test_bitsandbytes_is_imported_with_the_hubs_cache_only(tmp_path):
+    """bitsandbytes' import asks the hub for a CPU kernel on CPUs with AVX512-BF16 (any model class of diffusers
+    imports it): after ``import lowmem_alignprop`` its top level runs with huggingface_hub offline, and only it (a
+    stand-in package records what it saw; a find_spec first, as diffusers' availability check does)."""
+    (tmp_path / "bitsandbytes").mkdir()
+    (tmp_path / "bitsandbytes" / "__init__.py").write_text(
+        "from huggingface_hub import constants\nSEEN = constants.HF_HUB_OFFLINE\n")
+    code = ("import importlib.util, lowmem_alignprop\n"
+            "from huggingface_hub import constants\n"
+            "assert importlib.util.find_spec('bitsandbytes') is not None\n"
+            "import bitsandbytes\n"
+            "print(bitsandbytes.SEEN, constants.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["True", "False"], res.stderr[-2000:]
+
+
 def test_loading_without_hf_hub_offline_touches_no_network(tiny):
     """In a fresh process without HF_HUB_OFFLINE (huggingface_hub reads it at import time)."""
     _, root, _ = tiny

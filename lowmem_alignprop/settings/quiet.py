@@ -14,7 +14,7 @@ def quiet_libraries() -> None:
         import torch
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns on every rank that it found no GPU
-    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
+    for name in ("bitsandbytes", "kernels", "transformers", "diffusers", "accelerate", "peft", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # libraries' Python warnings (deprecations, peft's adapter notes) go to the log at ERROR level only:
     # our own messages are log lines and one-line errors, never warnings
