@@ -168,7 +168,8 @@ def test_fastest_reads_every_estimate_again_and_plan_no_cache_reads_none(cache, 
 
     files = {p: p.stat().st_mtime_ns for p in _files()}
     assert main(["plan", "--profile", "rtx3060", "--model", "tiny", "--set", "resolution=64", "--set",
-                 "sample_steps=4", "--set", "k=2", "--set", "batch_size=2", "--no-suggest", "--no-cache"]) == 0
+                 "sample_steps=4", "--set", "truncation=fixed", "--set", "k=2", "--set", "batch_size=2", "--no-suggest",
+                 "--no-cache"]) == 0
     out = capsys.readouterr().out
     assert "estimated in" in out and "estimate cache" not in out and len(cache) == 3
     assert {p: p.stat().st_mtime_ns for p in _files()} == files
