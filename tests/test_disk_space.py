@@ -8,8 +8,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -21,6 +24,7 @@ from lowmem_alignprop.measure.reports import format_plan
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 
 FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1",
         "--set", "sample_prompts=0"]
@@ -100,6 +104,21 @@ def test_free_space_is_read_where_the_run_folder_will_be(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_space.shutil, "disk_usage", unsupported)  # a file system that cannot say: unchecked
     assert disk_space.free_bytes(tmp_path) is None
     disk_space.check(Config(), tmp_path, [torch.zeros(10)])
+
+
+def test_a_file_size_limit_below_a_checkpoints_file_stops_the_run_before_its_first_step(tmp_path, monkeypatch):
+    """ulimit -f smaller than the optimizer state's file: the first checkpoint failed after the steps trained."""
+    params = [torch.zeros(300_000)]  # 1.14 MiB of weights, 2.29 MiB of AdamW state: the largest file, + 1 MiB slack
+    largest = max(disk_space.run_bytes(Config(), params).optimizer, 4 * 300_000) + 2**20
+    monkeypatch.setattr(disk_space, "file_size_limit", lambda: largest - 1)
+    with pytest.raises(UserError, match=r"^the file-size limit here \(ulimit -f\) is 3\.29 MiB, and this run writes "
+                                        r"files of up to about 3\.29 MiB .*: raise it \(ulimit -f unlimited\)"):
+        disk_space.check(Config(), tmp_path, params)
+    monkeypatch.setattr(disk_space, "file_size_limit", lambda: largest)
+    disk_space.check(Config(), tmp_path, params)
+    limited = subprocess.run(["bash", "-c", f"ulimit -f 100 && {sys.executable} -c 'from lowmem_alignprop.run."
+                              "disk_space import file_size_limit as f; print(f())'"], capture_output=True, text=True)
+    assert limited.stdout.split()[-1] == str(100 * 1024), limited  # (bash's ulimit -f counts 1 KiB blocks)
 
 
 def test_a_disk_without_room_for_the_last_checkpoint_stops_the_run_before_its_first_step(tmp_path, tiny_dir,

@@ -529,6 +529,9 @@ BAD = {
     "push_offline": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--push-to-hub", "you/lora"],
                      "the Hugging Face hub is switched off here"),
     "weight_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--weight", "0.5"], "add --merge"),
+    "format_list": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohya,peft"],  # (training's list)
+                    "--format 'kohya,peft': export writes one format at a time: run it once per format (--format "
+                    "kohya, then --format peft...)"),
     "dtype_unknown": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--dtype", "fp8"],
                       "--dtype 'fp8' is not one of fp32, fp16, bf16"),
     "model_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--model", str(o)], "add --merge"),

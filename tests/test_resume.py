@@ -99,7 +99,7 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
         out = tmp_path / f"card-{lora.name}"
         assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
         text = (out / "README.md").read_text()
-        assert "| reward | colorfulness (from step 7: a resume changed it) |" in text
+        assert "| reward | colorfulness (from step 7: a resume changed it or how the images are made) |" in text
         assert "| training reward, first -> final steps (since step 7) |" in text
 
 
@@ -751,6 +751,9 @@ def test_a_resume_counts_the_reward_and_the_prompts_from_the_step_they_changed_a
     assert since({"reward": "colorfulness"}, reward_since=3) == (6, 1)
     assert since({"reward_weights": "other.safetensors"}) == (6, 1)  # other weights: another reward
     assert since({}, prompts_sha="0" * 16) == (1, 6)
+    # images made otherwise score otherwise: a resume at 32 px compared its rewards with the 64 px steps' (a -105 drop)
+    assert since({"resolution": cfg.resolution // 2}) == (6, 1)
+    assert since({"resolution": cfg.resolution, "guidance_scale": cfg.guidance_scale}) == (1, 1)
 
 
 def test_a_resume_adds_its_command_line_under_the_earlier_starts(tmp_path):

@@ -258,6 +258,14 @@ def test_a_reward_weights_entry_no_reward_uses_is_pointed_out(caplog):
     with caplog.at_level(logging.WARNING):
         _split_weights("aesthetic=/a;clip=/b", ["clip", "aesthetic"])
     assert caplog.text == ""
+    # one path for a reward that reads no weights was taken in silence (the keyed form above is said once)
+    from lowmem_alignprop.rewards import build_reward
+    with caplog.at_level(logging.WARNING):
+        build_reward("brightness", weights="/nonexistent/x")
+        build_reward("brightness", weights="aesthetic=/a")
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("reward_weights=/nonexistent/x: --reward brightness reads no weights (only aesthetic, ")
+    assert said[0].endswith(" and your own rewards do): it is not used") and len(said) == 2, said
 
 
 def test_brightness_weighs_the_channels_as_bt601_luma():

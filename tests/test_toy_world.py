@@ -803,12 +803,13 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
 
 
 def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, capsys):
-    """One step is both the first and the last: the box showed '83.09 -> 83.09 (+0.0000)', a change of nothing."""
+    """One step is both the first and the last: the box showed '83.09 -> 83.09 (+0.0000)', a change of nothing; and
+    its figure is the step's mean reward, as its step line says (it was the mean of its prompts' means: 84.5 here)."""
     from lowmem_alignprop.commands.run_summary import print_summary
     from lowmem_alignprop.run.runfolder import first_last_rewards
     from lowmem_alignprop.settings.config import Config
 
-    one = first_last_rewards([{"prompt_ids": [0, 1], "rewards": [80.0, 86.0], "reward_mean": 83.0}])
+    one = first_last_rewards([{"prompt_ids": [0, 0, 1], "rewards": [80.0, 80.0, 89.0], "reward_mean": 83.0}])
     assert one["reward_steps"] == 1 and one["reward_first"] == one["reward_last"] == 83.0
     s = {**one, "device": "cpu", "seconds_per_step": 2.0, "peak_memory_gb": 0.05, "attention": "sdpa",
          "output_dir": str(tmp_path), "steps_done": 1}

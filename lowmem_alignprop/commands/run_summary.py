@@ -82,7 +82,7 @@ def window_note(s: dict) -> str:
         return ""
     steps = f"first and last {n} step{'s' if n > 1 else ''}"
     if s.get("reward_since_step"):  # a resume changed the reward: the steps before it scored another one
-        steps += f" since step {s['reward_since_step']}, where a resume changed the reward"
+        steps += f" since step {s['reward_since_step']}, where a resume changed the reward or how its images are made"
     if s.get("reward_prompts") is None:
         why = f" (a resume at step {s['prompts_since_step']} changed them)" if s.get("prompts_since_step") else ""
         return f"  [{steps}, different prompts{why}: noisy]"
@@ -105,7 +105,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
            f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step "
-        + (f"it scored (a resume at step {s['reward_since_step']} changed the reward; " if s.get("reward_since_step")
+        + (f"it scored (a resume at step {s['reward_since_step']} changed the reward or its images; " if s.get("reward_since_step")
            else "(") + "nothing to compare it with)"
         if math.isfinite(change) and s.get("reward_steps") == 1 else
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"

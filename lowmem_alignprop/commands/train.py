@@ -39,7 +39,7 @@ from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
-from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
@@ -662,7 +662,8 @@ class Trainer:
                     f"step {f['step']} ({f['stage']}): {faults.Fit(f['why'], f['change']).as_flags()}"
                     for f in self.fits))
             before = state.get("config", {})
-            changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights"))
+            changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) or any(
+                f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts

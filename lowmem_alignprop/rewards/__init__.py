@@ -249,11 +249,16 @@ def _user_reward(term: str, options: dict) -> RewardModule:
     return CallableReward(obj, term, label)
 
 
+def _keyed(weights: str) -> bool:
+    """reward_weights given per reward ('aesthetic=PATH;clip=PATH'), not as one path."""
+    return "=" in weights and re.match(r"^\s*[A-Za-z_]\w*\s*=", weights) is not None
+
+
 def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False) -> dict[str, str]:
     weights = (weights or "").strip()
     if not weights:
         return {}
-    if "=" in weights and re.match(r"^\s*[A-Za-z_]\w*\s*=", weights):
+    if _keyed(weights):
         out = {}
         for item in weights.split(";"):
             if not item.strip():
@@ -422,6 +427,10 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
     resolved = reward_terms(spec)
     model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
     per_reward = _split_weights(weights, model_terms)
+    if (weights or "").strip() and not _keyed(weights) and not model_terms and all(k != "user" for k, _, _ in resolved):
+        logging.getLogger(__name__).warning(  # (the keyed form's unused entries are said by _split_weights)
+            "reward_weights=%s: --reward %s reads no weights (only %s and your own rewards do): it is not used",
+            weights.strip(), spec, ", ".join(sorted(MODEL_REWARDS)))
     options = {"device": device, "dtype": dtype, "checkpointing": checkpointing, "weights": weights}
     modules = []
     for kind, name, weight in resolved:

@@ -66,10 +66,26 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
+def file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``), in bytes; None without a limit (or on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def check(cfg, out: Path, params, start: int = 0) -> str | None:
-    """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA; when it may fill up
-    before the run ends, the warning to give (every process finds it: the caller says it once), else None."""
+    """Stop with one line when ``out``'s disk cannot hold the run's last checkpoint and LoRA, or its largest file is
+    over the file-size limit; when it may fill up before the run ends, the warning to give (every process finds it:
+    the caller says it once), else None."""
     need, free = run_bytes(cfg, params, start), free_bytes(out)
+    largest = max(need.weights, need.optimizer, need.history) + MIB  # one file each (+ slack: a sample grid)
+    if (limit := file_size_limit()) is not None and limit < largest:  # the first checkpoint would fail, steps lost
+        raise UserError(f"the file-size limit here (ulimit -f) is {fmt_bytes(limit)}, and this run writes files of "
+                        f"up to about {fmt_bytes(largest)} (its checkpoints' optimizer state and weights): raise it "
+                        "(ulimit -f unlimited) and start the run again")
     if free is None or free >= need.peak:
         return None
     if free < need.least:

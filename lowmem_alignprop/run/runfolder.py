@@ -318,7 +318,7 @@ def _first_last(history: list[dict]) -> dict[str, Any]:
         return {"reward_first": nan, "reward_last": nan, "reward_prompts": None, "reward_window": 0}
     half = max(1, len(history) // 2)
     n = start = max(1, min(3, half))
-    if all("prompt_ids" in h and "rewards" in h for h in history):
+    if len(history) > 1 and all("prompt_ids" in h and "rewards" in h for h in history):  # (one step: its own mean)
         first, last = _per_prompt(history[:n]), _per_prompt(history[-n:])
         while not set(first) & set(last) and n < half:
             n += 1

@@ -277,7 +277,7 @@ class Config:
                             "with a checkpoint.")
     max_zero_grad_steps: int = _f(5, "Steps in a row whose LoRA gradient is exactly zero (the reward's gradient "
                                   "does not reach the weights) before the run stops with a checkpoint (0 = never).")
-    log_every: int = _f(1, "Print a per-step summary line every N steps.")
+    log_every: int = _f(1, "Print a per-step summary line every N steps (0: none; metrics.jsonl has every step).")
 
     # ------------------------------------------------------------------------------------------------
     def check_installed(self) -> "Config":
@@ -351,7 +351,7 @@ class Config:
         if training:
             self._validate_window()
         if self.lr <= 0:
-            raise UserError(f"lr must be positive (got {self.lr})")
+            raise UserError(f"lr must be positive (got {self.lr}): e.g. --set lr={Config.lr} (the default)")
         if self.loss_scale <= 0:
             raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
                             "a negative weight in --reward instead")
