@@ -224,7 +224,7 @@ def test_k_is_drawn_once_per_rollout(model_dirs, name, monkeypatch):
         hook.remove()
 
 
-def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs):
+def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs, monkeypatch):
     pipe = _load(model_dirs, "sd3")
     calls = []
     hook = pipe.text_encoder_3.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -244,7 +244,13 @@ def test_prompt_set_is_encoded_once_and_encoders_leave(model_dirs):
     direct = flow.encode_prompts(pipe, prompts[2:][::-1], "cpu", guidance_scale=4.0, max_sequence_length=MSL)
     for field in ("cond", "pooled", "uncond", "uncond_pooled"):
         assert_rel_close(getattr(b, field), getattr(direct, field), SAME_OPS, field)
-    assert a.cond.shape == (2, 2 * MSL, 32)
+    assert a.cond.shape == (2, 2 * MSL, 32) and not cache.on_host
+    # a set whose embeddings would crowd the device waits in host memory (FLUX's 512 T5 tokens: 4 MiB a prompt)
+    from lowmem_alignprop.models import sampling
+    monkeypatch.setattr(sampling, "HOST_CACHE_ABOVE", direct.nbytes() - 1)  # two prompts' worth, of four
+    big = flow.FlowPromptCache(pipe, prompts, "cpu", guidance_scale=4.0, max_sequence_length=MSL, chunk=3)
+    assert_rel_close(big(prompts[2:][::-1]).cond, direct.cond, SAME_OPS, "cond")
+    assert big.on_host
 
 
 @pytest.mark.parametrize("on_cpu", [False, True])

@@ -404,7 +404,7 @@ class Trainer:
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
             self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
             if self.is_rank0():  # what the prompt file costs: held for the whole run (plan counts it)
-                where = "host memory" if cfg.encode_on_cpu else f"{self.device.type} memory"
+                where = "host memory" if self.embed.on_host else f"{self.device.type} memory"
                 log.info("prompt set encoded once: %d distinct prompts hold %s of %s for the run", len(self.embed.cache),
                          fmt_bytes(self.embed.nbytes()), where)
         self.unet, self.vae = comps.unet, comps.vae

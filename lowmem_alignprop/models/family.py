@@ -217,6 +217,8 @@ class _OnDevice:
     def cache(self):
         return self.inner.cache
 
+    on_host = True  # (its cache is filled on the CPU)
+
     def encode_all(self) -> None:
         self.inner.encode_all()
 

@@ -33,7 +33,7 @@ import torch
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, draw_window, truncated_chain,
+from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, crowds_device, draw_window, truncated_chain,
                                              vae_scale_factor, with_repeated_embeds)
 
 __all__ = ["FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
@@ -130,6 +130,7 @@ class FlowPromptCache:
         self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
         self.prompts = sorted(set(prompts))
         self.cache: dict[str, FlowEmbeds] = {}
+        self.on_host = False  # a large prompt set's embeddings wait in host memory (sampling.crowds_device)
 
     def _fill(self) -> None:
         encoders = _text_encoders(self.pipe)
@@ -139,6 +140,8 @@ class FlowPromptCache:
             part = self.prompts[i:i + self.chunk]
             e = encode_prompts(self.pipe, part, self.device, guidance_scale=self.guidance_scale,
                                max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
+            self.on_host = self.on_host or i == 0 and crowds_device(e, len(part), len(self.prompts))
+            e = e.to("cpu") if self.on_host else e
             for j, p in enumerate(part):
                 self.cache[p] = e.index(slice(j, j + 1))
         if self.place is not None:
@@ -164,7 +167,8 @@ class FlowPromptCache:
 
     def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
         self.encode_all()
-        return FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
+        batch = FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
+        return batch.to(self.device) if self.on_host else batch
 
 
 # --------------------------------------------------------------------------------------------------

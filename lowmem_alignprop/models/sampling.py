@@ -160,6 +160,17 @@ def encode_prompts(pipe, prompts: list[str], device, resolution: int, negative_p
 HOST_CACHE_ABOVE = 256 * 2**20  # bytes of cached embeddings above which they wait in host memory
 
 
+def crowds_device(first: BatchedTensors, encoded: int, prompts: int) -> bool:
+    """Would a prompt set's cached embeddings take more than :data:`HOST_CACHE_ABOVE` of the device, by its first
+    chunk's (``encoded`` prompts of ``prompts``)? Said when they would: they then wait in host memory."""
+    total = first.nbytes() / encoded * prompts  # 100k prompts of SD1.5 would be 22 GiB of the card's memory
+    if total <= HOST_CACHE_ABOVE:
+        return False
+    logging.getLogger("lowmem_alignprop").info("%d prompts: their embeddings (%.2f GiB) wait in host memory, each "
+                                               "batch's brought to the device", prompts, total / 2**30)
+    return True
+
+
 class PromptEncoder:
     """Text embeddings for a batch of prompts; the text encoder is on the device only while it encodes.
 
@@ -186,11 +197,7 @@ class PromptEncoder:
             for i in range(0, len(self.prompts), 16):
                 chunk = self.prompts[i:i + 16]
                 e = encode_prompts(self.pipe, chunk, self.device, self.resolution, self.negative_prompt)
-                if i == 0 and (total := e.nbytes() / len(chunk) * len(self.prompts)) > HOST_CACHE_ABOVE:
-                    self.on_host = True  # 100k prompts of SD1.5 would be 22 GiB of the card's memory
-                    logging.getLogger("lowmem_alignprop").info(
-                        "%d prompts: their embeddings (%.2f GiB) wait in host memory, each batch's brought to the "
-                        "device", len(self.prompts), total / 2**30)
+                self.on_host = self.on_host or i == 0 and crowds_device(e, len(chunk), len(self.prompts))
                 e = e.to("cpu") if self.on_host else e
                 for j, p in enumerate(chunk):
                     self.cache[p] = e.index(slice(j, j + 1))
