@@ -613,6 +613,8 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, caps
     ("rank_outside_a_launcher", "k=99 is larger than sample_steps=3"),
     ("model_dev_null", "model path /dev/null is not a regular file (a device such as /dev/null"),
     ("prompts_a_directory", "is a directory, not a file; give a text file"),
+    ("prompts_dev_null", "prompt file /dev/null is not a regular file (a device such as /dev/null, a pipe or a "
+                         "socket); give a text file"),  # (not "..., not a file" after it: said twice)
     # a link named without a suffix or a slash was taken for an unknown built-in set's name
     ("prompts_dangling_link_bare_name", "prompt file dangl is a symlink to"),
     ("profile_a_directory", "is a directory, not a profile file"),
@@ -643,6 +645,8 @@ def test_environment_paths_and_sizes_are_one_line(case, needle, tmp_path, capsys
         args += ["--model", "/dev/null"]
     elif case == "prompts_a_directory":
         args += ["--prompts", str(tmp_path)]
+    elif case == "prompts_dev_null":
+        args += ["--prompts", "/dev/null"]
     elif case == "prompts_dangling_link_bare_name":
         (tmp_path / "dangl").symlink_to(tmp_path / "nowhere")
         monkeypatch.chdir(tmp_path)

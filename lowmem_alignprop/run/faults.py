@@ -279,7 +279,7 @@ class NonFiniteStreak:
         self.run.append(step)
         self.skipped.append(step)
         if say:
-            log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops at %d)", step, what,
+            log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops after %d in a row)", step, what,
                         len(self.run), self.limit)
         return len(self.run) >= self.limit
 

@@ -38,8 +38,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise UserError(f"prompt file {path} does not exist; give an existing text file (one prompt per line) or a "
                         f"built-in prompt set: {', '.join(PROMPT_SETS)}")
     if kind != "file":
-        raise UserError(f"prompt file {path} {describe_path(path)}, not a file; give a text file with one prompt per "
-                        "line")
+        also = "" if kind == "special file" else ", not a file"  # (that one says it: "is not a regular file")
+        raise UserError(f"prompt file {path} {describe_path(path)}{also}; give a text file with one prompt per line")
     try:
         text = read_user_text(path)  # UTF-8 (a byte-order mark too), or UTF-16 as PowerShell's > writes it
     except UnicodeDecodeError as exc:
