@@ -510,6 +510,21 @@ def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
     assert build_config(values, {}, {"sample_steps": 4}, training=False).k_max == 4 and "K range" not in caplog.text
 
 
+def test_held_out_settings_without_the_evaluation_are_said(caplog):
+    """eval_prompts or eval_holdout given while eval_every is 0: nothing is held out (they were taken in silence);
+    said, not refused (a script may keep them for its evaluated runs); the profile's own say nothing."""
+    _, cpu = load_profile("cpu")
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    build_config(cpu, {}, {"eval_holdout": 2})
+    assert caplog.messages == ["eval_holdout chooses the held-out evaluation's prompts, and it is off (eval_every=0): "
+                               "nothing is held out or evaluated; add --eval-every N (e.g. 10) to evaluate"]
+    caplog.clear()
+    build_config(cpu, {}, {"eval_holdout": 2, "eval_every": 5})
+    build_config({**cpu, "eval_holdout": 2}, {}, {})
+    build_config(cpu, {}, {"eval_holdout": 2}, training=False)
+    assert caplog.messages == []
+
+
 def test_a_yaml_merge_key_and_scalar_aliases_are_valid_profiles(tmp_path):
     from lowmem_alignprop.settings.profiles import load_profile
 

@@ -838,6 +838,11 @@ def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
         raise UserError(f"k={cfg.k} is the K of truncation=fixed, and truncation={cfg.truncation} draws K from k_min="
                         f"{cfg.k_min} to k_max={cfg.k_max}: add --set truncation=fixed for K={cfg.k}, or set k_min "
                         "and k_max instead")
+    held = [name for name in ("eval_prompts", "eval_holdout") if name in user]
+    if training and held and not cfg.eval_every:  # (said, not refused: a script may keep them for its eval runs)
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s choose%s the held-out evaluation's prompts, and it is off (eval_every=0): nothing is held out or "
+            "evaluated; add --eval-every N (e.g. 10) to evaluate", " and ".join(held), "s" if len(held) == 1 else "")
     bounds = [name for name in ("k_min", "k_max") if name in user]
     if training and bounds and cfg.truncation == "fixed":
         raise UserError(f"{' and '.join(bounds)} {'bounds' if len(bounds) == 1 else 'bound'} the K that truncation=uniform or per_step draws, and "
