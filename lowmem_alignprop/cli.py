@@ -30,7 +30,9 @@ COMMAND_LIST = """commands (lowmem-alignprop COMMAND --help for each one's optio
   export     a run's LoRA as diffusers, kohya/ComfyUI/A1111 or peft files (--push-to-hub to upload)
   profiles   the shipped hardware profiles and what each sets"""
 
-EPILOG = """config fields (set them in a profile YAML or with --set key=value):
+EPILOG = """config fields (set them in a profile YAML or with --set key=value). The defaults shown are the fields'
+own: a run takes its profile's values over them, then the model's (the default run, the toy world on the cpu
+profile, trains toy_clip at 64 px, batch 4, K=2; `lowmem-alignprop profiles cpu` and `plan` show what a run gets):
 {fields}
 
 examples:

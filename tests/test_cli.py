@@ -140,6 +140,17 @@ print("imported:", sorted({"torch", "diffusers", "transformers", "accelerate", "
 """
 
 
+def test_help_says_what_the_default_run_trains():
+    """--help lists the fields' own defaults (brightness, 512 px, batch 1...); its header says what the default run
+    (the toy world on the cpu profile) trains instead, and that figure is the one the run resolves."""
+    from lowmem_alignprop.cli import EPILOG
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    _, cfg = resolve_config("cpu", {"model": "toy"}, [])
+    assert cfg.truncation == "fixed"
+    assert f"trains {cfg.reward} at {cfg.resolution} px, batch {cfg.batch_size}, K={cfg.k};" in " ".join(EPILOG.split())
+
+
 def test_module_entry_point_and_help():
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
                        timeout=120)
