@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.step.prompts import PROMPT_SETS
 from refusals import strict_rows
 
 # Small and fast, but with everything that must continue across a resume: gradient accumulation over two
@@ -279,6 +280,25 @@ def test_export_does_not_write_lora_again_from_an_earlier_step_than_the_runs_las
     assert err[-1] == (f"error: {run / 'lora'} is missing, and the run's last step (6) has no intact checkpoint to "
                        f"write it again from: export {run / 'checkpoints' / 'step-00000003'} for step 3's LoRA"), err
     assert not (run / "lora").exists() and not (run / "export").exists()
+
+
+def test_a_resume_whose_prompt_file_is_gone_names_the_runs_record_of_it(tmp_path, capsys):
+    """The prompt file deleted before a resume: refused as before (nothing changed), and the line says where the run
+    recorded its prompts (prompts.json), which it did not."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    run = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(run), "--steps", "1", "--prompts", str(prompts)]) == 0
+    prompts.unlink()
+    before = sorted(p.name for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["--output-dir", str(run), "--steps", "2", "--resume", "latest"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: prompt file {prompts} does not exist; give an existing text file (one prompt per line) or "
+                   f"a built-in prompt set: {', '.join(PROMPT_SETS)} (the run's prompts are listed in "
+                   f"{run / 'prompts.json'}, its 'train' and 'held_out' lists: write them back to {prompts} to resume "
+                   "on them)"], err
+    assert sorted(p.name for p in run.rglob("*")) == before
 
 
 def test_resume_continues_from_the_previous_good_checkpoint(runs, tmp_path, capsys):

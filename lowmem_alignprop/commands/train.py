@@ -116,7 +116,14 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
         adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N: before the package checks
-        given = prepare_inputs(cfg)
+        try:
+            given = prepare_inputs(cfg)
+        except UserError as e:  # a resumed run's prompt file gone: its prompts.json lists them
+            recorded = folder.path / PROMPTS_FILE
+            if not (folder.resume and str(e).startswith("prompt file ") and recorded.is_file()):
+                raise
+            raise UserError(f"{e} (the run's prompts are listed in {recorded}, its 'train' and 'held_out' lists: "
+                            f"write them back to {cfg.prompts} to resume on them)") from None
         from lowmem_alignprop.measure.weight_bytes import check_host_memory
         check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
