@@ -116,7 +116,7 @@ def test_a_file_size_limit_below_a_checkpoints_file_stops_the_run_before_its_fir
         disk_space.check(Config(), tmp_path, params)
     monkeypatch.setattr(disk_space, "file_size_limit", lambda: largest)
     disk_space.check(Config(), tmp_path, params)
-    limited = subprocess.run(["bash", "-c", f"ulimit -f 100 && {sys.executable} -c 'from lowmem_alignprop.run."
+    limited = subprocess.run(["bash", "-c", f"ulimit -f 100 && {sys.executable} -B -c 'from lowmem_alignprop.run."
                               "disk_space import file_size_limit as f; print(f())'"], capture_output=True, text=True)
     assert limited.stdout.split()[-1] == str(100 * 1024), limited  # (bash's ulimit -f counts 1 KiB blocks)
 
