@@ -48,6 +48,7 @@ from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, wr
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
                                             step_grid_name)
@@ -94,7 +95,7 @@ def check_out(out: Path, flag: str = "--out") -> None:
     from lowmem_alignprop.step.inputs import check_writable
 
     kind = kind_of(out)
-    if kind == "missing" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):  # (a folder of that name)
+    if kind == "missing" and out.suffix.lower() in SINGLE_FILE_SUFFIXES:  # (a folder of that name)
         raise UserError(f"{flag} {out} names a file, but {flag} is the folder the export is written into (its files "
                         f"are named by the run): pass a folder, e.g. {flag} {out.with_suffix('')}")
     if kind == "name too long":

@@ -105,8 +105,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
            f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step "
-        + (f"it scored (a resume at step {s['reward_since_step']} changed the reward or its images; " if s.get("reward_since_step")
-           else "(") + "nothing to compare it with)"
+        + (f"it scored (a resume at step {s['reward_since_step']} changed the reward or its images; "
+           if s.get("reward_since_step") else "(") + "nothing to compare it with)"
         if math.isfinite(change) and s.get("reward_steps") == 1 else
         f" reward ({cfg.reward}): {s['reward_first']:.4f} -> {s['reward_last']:.4f}  ({change:+.4f}){window_note(s)}"
         if math.isfinite(change) else

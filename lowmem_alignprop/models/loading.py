@@ -25,10 +25,9 @@ from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
-
-from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -279,8 +279,8 @@ class NonFiniteStreak:
         self.run.append(step)
         self.skipped.append(step)
         if say:
-            log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops after %d in a row)", step, what,
-                        len(self.run), self.limit)
+            log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops after %d in a row)", step,
+                        what, len(self.run), self.limit)
         return len(self.run) >= self.limit
 
     def good(self) -> None:
