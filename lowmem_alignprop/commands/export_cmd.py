@@ -85,8 +85,7 @@ def recover_lora(spec: str) -> None:
     """The LoRA of a run folder that is missing or damaged (a full disk or a kill while the run wrote it) is written
     again from the run's newest intact checkpoint, holding the run's lock meanwhile. A whole one is read as it is,
     without the lock (a read-only run folder: an archived or a colleague's run)."""
-    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint
-    from lowmem_alignprop.commands.lora_files import read_run
+    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint, run_steps
     from lowmem_alignprop.run import atomic
     from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.run.runlock import RunLock
@@ -98,9 +97,9 @@ def recover_lora(spec: str) -> None:
     if not (run / ckpt.DIRNAME).is_dir():
         return
     if (problem := lora_problem(run)) is None:
-        newest = next(iter(ckpt.list_checkpoints(ckpt.root_of(run))), None)
-        done = read_run(run)[1].get("steps_done")
-        if newest is not None and isinstance(done, int) and done < ckpt.step_of(newest):
+        checkpoints, done = run_steps(run)
+        newest = next(iter(checkpoints), None)
+        if newest is not None and done is not None and done < ckpt.step_of(newest):
             log.warning("%s holds step %d's LoRA and the run has a checkpoint of step %d (a start still running, or "
                         "one whose end did not write lora/: --resume latest writes it when the run has ended); "
                         "export %s for that step's", run / "lora", done, ckpt.step_of(newest), newest)

@@ -58,6 +58,15 @@ def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -
     return None
 
 
+def run_steps(run: Path) -> tuple[list[Path], int | None]:
+    """The run's checkpoint folders (newest first, damaged ones too) and the step its summary.json says it ended at
+    (None without one)."""
+    from lowmem_alignprop.commands.lora_files import read_run
+
+    done = read_run(run)[1].get("steps_done")
+    return ckpt.list_checkpoints(ckpt.root_of(run)), done if isinstance(done, int) else None
+
+
 def rewrite_from_checkpoint(run: Path) -> Path | None:
     """``export``: a run whose LoRA is missing or damaged gets it written again, atomically, from its newest intact
     checkpoint (``models.loading.write_checkpoint_lora``: as the run writes ``lora/``). Returns the checkpoint used, or
@@ -66,15 +75,12 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
     again)."""
     from lowmem_alignprop.models.loading import write_checkpoint_lora
 
-    from lowmem_alignprop.commands.lora_files import read_run
-
     problem = lora_problem(run)
     if problem is None:
         return None
-    steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(ckpt.root_of(run))]
-    done = read_run(run)[1].get("steps_done")
-    last = max(steps + ([done] if isinstance(done, int) else []), default=0)
-    for path in ckpt.list_checkpoints(ckpt.root_of(run)):
+    checkpoints, done = run_steps(run)
+    last = max([ckpt.step_of(p) for p in checkpoints] + ([done] if done is not None else []), default=0)
+    for path in checkpoints:
         if ckpt.verify(path) is not None:
             continue
         if ckpt.step_of(path) < last:  # lora/ is the last step's: an earlier one's under its name would be mislabelled
