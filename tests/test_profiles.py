@@ -232,6 +232,23 @@ def test_bad_user_profile_is_one_line_naming_the_fix(tmp_path, capsys, text, nee
     assert not out.exists()
 
 
+def test_a_user_profile_reads_as_the_same_fields_given_with_set(tmp_path, caplog):
+    """A profile file and --set take the same values the same way: 1 and 0 for a yes/no field (YAML reads them as
+    numbers; they were refused in a file and taken by --set), and a file's own fewer sampling steps end the K range it
+    leaves at the defaults (k_max 50 under truncation: uniform failed the file where --set sample_steps lowered it);
+    a k_max the file sets itself is still checked."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    path = _write(tmp_path, "tf32: 1\nsliced_decode: 0\ntruncation: uniform\nsample_steps: 5\n")
+    _, cfg = resolve_config(str(path), {}, [])
+    assert (cfg.tf32, cfg.sliced_decode, cfg.k_max, cfg.k_min) == (True, False, 5, 1)
+    assert "sample_steps=5: the K range ends at the last step (k_max 50 -> 5)" in caplog.text
+    assert (resolve_config("cpu", {}, ["tf32=1", "sliced_decode=0"])[1].tf32) is True
+    with pytest.raises(UserError, match="k_max=8 is larger than sample_steps=5"):
+        resolve_config(str(_write(tmp_path, "truncation: uniform\nsample_steps: 5\nk_max: 8\n", "own.yaml")), {}, [])
+    with pytest.raises(UserError, match="tf32 must be true or false, got 2"):
+        resolve_config(str(_write(tmp_path, "tf32: 2\n", "two.yaml")), {}, [])
+
+
 def test_missing_user_profile_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_profile(str(tmp_path / "nope.yaml"))
@@ -473,6 +490,23 @@ def test_gpu_profile_without_cuda_points_to_cpu_and_plan(name, tmp_path, capsys,
     assert not out.exists()
 
 
+def test_a_gpus_host_memory_features_on_a_cpu_run_are_said(tmp_path, caplog, monkeypatch):
+    """offload_frozen, activation_offload and block_swap keep a GPU's tensors in host memory: on a CPU run they save
+    nothing (they were taken in silence); one line names them and the flags that turn them off; none, nothing said."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: {})  # the configuration is what is checked
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    assert main(["--output-dir", str(tmp_path / "a"), "--set", "offload_frozen=true", "--set",
+                 "activation_offload=true", "--set", "vae_checkpointing=blocks"]) == 0
+    said = [m for m in caplog.messages if "host memory" in m]
+    assert said == ["offload_frozen and activation_offload keep a GPU's tensors in host memory, and this run is on "
+                    "the CPU, where they already are: nothing saved here, copies made; turn them off: "
+                    "--set offload_frozen=false --set activation_offload=false"], caplog.messages
+    caplog.clear()
+    assert main(["--output-dir", str(tmp_path / "b")]) == 0
+    assert not [m for m in caplog.messages if "host memory" in m]
+
+
 @pytest.mark.parametrize("name", sorted(shipped_profiles()))
 def test_every_profile_takes_either_truncation_and_fewer_steps(name):
     """`--set truncation=uniform` (or fixed) works on every shipped profile as it is, and asking for fewer DDIM steps
@@ -495,7 +529,7 @@ def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
     assert values["truncation"] == "uniform" and values["k_max"] == 5
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert build_config(values, {}, {"sample_steps": 4}).k_max == 4
-    assert "sample_steps=4: the profile's K range ends at the last step (k_max 5 -> 4)" in caplog.text
+    assert "sample_steps=4: the K range ends at the last step (k_max 5 -> 4)" in caplog.text
     caplog.clear()
     build_config(values, {}, {"sample_steps": 4, "truncation": "fixed", "k": 2})
     assert "K range" not in caplog.text
@@ -503,7 +537,7 @@ def test_fewer_steps_say_that_they_lowered_the_profiles_k_range(caplog):
     _, cpu = load_profile("cpu")
     assert cpu["truncation"] == "fixed" and cpu["k"] == 2
     assert build_config(cpu, {}, {"sample_steps": 1}).k == 1
-    assert "sample_steps=1: the profile's K range ends at the last step (k 2 -> 1)" in caplog.text
+    assert "sample_steps=1: the K range ends at the last step (k 2 -> 1)" in caplog.text
     with pytest.raises(UserError, match="larger than sample_steps"):  # a K the user asks for is checked
         build_config(cpu, {}, {"sample_steps": 1, "k": 2})
     caplog.clear()  # sample (no gradient window) has nothing to say of K
@@ -642,7 +676,8 @@ def load_profile_text(text: str) -> dict:
     ({"push_to_hub": "you/lora", "train_unet": "full"}, "push_to_hub exports a LoRA and train_unet=full"),
     ({"sample_every": 2, "sample_prompts": 0}, "sample_every=2 renders the sample prompts, and sample_prompts=0"),
     ({"offload": "params", "deepspeed_zero": 2}, "offload=params needs deepspeed_zero=3"),
-    ({"tiled_decode": True, "tile_size": 32, "tile_overlap": 16}, "tile_overlap=16 must be under half of tile_size=32"),
+    ({"tiled_decode": True, "tile_size": 32, "tile_overlap": 16}, "tile_overlap=16 must be under half of tile_size=32: set "
+     "tile_size to 33 or more"),
     ({"base_quant": "nf4", "train_unet": "full"}, "base_quant needs train_unet=lora"),
     ({"seed": 2**32}, "seed=4294967296 is out of range"),
     ({"resolution": 36}, "resolution=36 must be a multiple of 8: use --set resolution=32"),

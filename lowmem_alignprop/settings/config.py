@@ -396,7 +396,9 @@ class Config:
         if self.tiled_decode and self.sliced_decode:
             raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
         if self.tile_overlap * 2 >= self.tile_size:
-            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}")
+            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}: set "
+                            f"tile_size to {self.tile_overlap * 2 + 1} or more (the default: 64), or a smaller "
+                            "tile_overlap")
         self._validate_alignment()
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
@@ -653,6 +655,8 @@ def coerce(name: str, value: Any) -> Any:
                         "line out")
     if name == "vae_checkpointing" and isinstance(value, bool):
         return "blocks" if value else "none"  # yes/no in a profile means per up-block
+    if t is bool and not isinstance(value, bool) and value in (0, 1):  # as --set takes 1 and 0 (YAML: numbers)
+        return bool(value)
     if t is bool and not isinstance(value, bool):
         raise UserError(f"{name} must be true or false, got {quote(value)}")
     if t is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -807,6 +811,17 @@ def end_k_range_at(values: dict[str, Any], steps: int, asked: Any = ()) -> dict[
     return lowered
 
 
+def end_k_range_said(values: dict[str, Any], asked: Any, training: bool) -> None:
+    """:func:`end_k_range_at` at ``values``' own sample_steps, saying what it lowered that the run reads (a training
+    run's: sample has no gradient window)."""
+    lowered = end_k_range_at(values, values["sample_steps"], asked=asked)
+    uniform = values.get("truncation", Config.truncation) != "fixed"  # (a fixed K reads only k)
+    said = [f"{k} {old} -> {new}" for k, (old, new) in lowered.items() if uniform != (k == "k")]
+    if said and training:
+        logging.getLogger("lowmem_alignprop").info("sample_steps=%d: the K range ends at the last step (%s)",
+                                                   values["sample_steps"], ", ".join(said))
+
+
 def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any],
                  training: bool = True) -> Config:
     """Merge profile < explicit CLI flags < --set overrides into a validated Config (``training``: Config.validate's)."""
@@ -816,12 +831,7 @@ def build_config(profile_values: dict[str, Any], explicit: dict[str, Any], overr
             values[k] = coerce(k, v)
     user = {**explicit, **overrides}
     if "sample_steps" in user:  # fewer DDIM steps asked for: the profile's K range ends at the last step
-        lowered = end_k_range_at(values, values["sample_steps"], asked=user)  # (one the user asked for: checked)
-        uniform = values.get("truncation", Config.truncation) != "fixed"  # (a fixed K reads only k)
-        said = [f"{k} {old} -> {new}" for k, (old, new) in lowered.items() if uniform != (k == "k")]
-        if said and training:  # (sample has no gradient window: nothing to say)
-            logging.getLogger("lowmem_alignprop").info("sample_steps=%d: the profile's K range ends at the last "
-                                                       "step (%s)", values["sample_steps"], ", ".join(said))
+        end_k_range_said(values, asked=user, training=training)  # (one the user asked for: checked)
     if isinstance(values.get("output_dir"), str):  # '~/x' is the home folder's x, as every other path option
         values["output_dir"] = os.path.expanduser(values["output_dir"])
     cfg = Config(**values).validate(training)

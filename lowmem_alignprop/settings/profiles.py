@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import (Config, build_config, coerce, end_k_range_at, flag_value, parse_set,
-                                              recipe_file)
+from lowmem_alignprop.settings.config import (Config, build_config, coerce, end_k_range_at, end_k_range_said,
+                                              flag_value, parse_set, recipe_file)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -322,6 +322,8 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         model = str(overrides.get("model", explicit.get("model", Config().model)))
         name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
         own = dict(values) if profile not in ("auto", *shipped_profiles()) else {}
+        if "sample_steps" in own:  # the user's own file's steps end the K range it leaves at the defaults
+            end_k_range_said(values, asked=own, training=training)
         if "model" in values and "model" not in {**explicit, **overrides}:  # a run's config.yaml: its model
             model = str(values["model"])
         values = with_model_defaults(values, model, own=profile not in ("auto", *shipped_profiles()))
