@@ -805,3 +805,50 @@ def test_cuda_autocast_emulation_runs_cudas_fp32_ops_in_fp32():
             assert norm(x).dtype == F.layer_norm(x, (8,)).dtype == torch.exp(x).dtype == torch.float32
             assert F.mse_loss(x, x).dtype == torch.float32
             assert torch.einsum("ij,kj->ik", x.float(), x.float()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("model", ["tiny", "flow"])
+def test_a_large_prompt_set_plans_as_every_chunk_encoded_and_waits_where_training_keeps_it(model, tiny_dir, tmp_path,
+                                                                                           monkeypatch):
+    """The plan encodes the first and last chunk of each size and makes tensors of their shapes for those between
+    (measure/counters.EncodedOnce: a plan of 100k SD1.5 prompts encoded 6,250 chunks, half an hour): its figures are
+    the same as encoding every chunk. A set whose cache is over sampling.HOST_CACHE_ABOVE waits in host memory, as the
+    trainer keeps it (the plan counted it on the card and not in host memory): the card holds the batch's, the host
+    figure the cache."""
+    from lowmem_alignprop.models import sampling
+
+    from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir
+
+    flux = model == "flow"
+    cfg = Config(model=str(build_tiny_flux_dir(tmp_path / "flux")) if flux else model,
+                 resolution=FLOW_RESOLUTION if flux else 64, sample_steps=4, k=1,
+                 mixed_precision="bf16" if flux else "fp16", cache_prompt_embeddings=True).validate()
+    prompts = [f"a photo of thing {i}" for i in range(70)]  # chunks of 16, 16, 16, 16 and 6
+    calls, real = [], planner.EncodedOnce
+
+    def counted(pipe, prompts):
+        encode = pipe.encode_prompt
+        pipe.encode_prompt = lambda *a, **k: calls.append(1) or encode(*a, **k)
+        return real(pipe, prompts)
+
+    def figures_of(est):
+        return {name: (fig["allocated"], fig["weights"]) for name, fig in est.stages.items()}, est.host
+    with monkeypatch.context() as m:
+        m.setattr(planner, "EncodedOnce", counted)
+        near = planner.estimate(cfg, target="cuda", prompts=prompts)
+    assert len(calls) == 3  # the first and the last 16, and the 6
+    with monkeypatch.context() as m:
+        m.setattr(planner, "EncodedOnce", lambda pipe, prompts: pipe)  # every chunk encoded
+        assert figures_of(planner.estimate(cfg, target="cuda", prompts=prompts)) == figures_of(near)
+    monkeypatch.setattr(sampling, "HOST_CACHE_ABOVE", 0)  # the same set, held in host memory
+    far = planner.estimate(cfg, target="cuda", prompts=prompts)
+    cache = far.host["steps"] - near.host["steps"]
+    assert cache > 0 and far.host["load"] - near.host["load"] == (cache if flux else 0)
+    # from the first stage after encoding on, the card held the cache: 5 chunks of at most 3 tensors each (embeddings,
+    # pooled or negative ones), each storage rounded up to the allocator's 512 bytes; the batch's copy is on the card
+    # either way
+    on_card = {n: near.stages[n]["allocated"] - far.stages[n]["allocated"]
+               for n in STEP_STAGES if n != stages.ENCODE_PROMPTS}
+    assert all(cache <= d < cache + 5 * 3 * allowances.CUDA_BLOCK for d in on_card.values()), (cache, on_card)
+    assert any("70 prompts: their embeddings" in n and "wait in host memory" in n for n in far.notes)
+    assert not any("wait in host memory" in n for n in near.notes)

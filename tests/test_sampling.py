@@ -418,11 +418,11 @@ def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
 def test_cached_prompt_embeddings_are_each_prompts_own(tiny, monkeypatch, caplog):
     """cache_prompt_embeddings: each prompt's cached conditioning is its own encoding, as the uncached encoder gives
     it (16 prompts are encoded together: a wrong row would train every prompt of the chunk on another's text)."""
+    from lowmem_alignprop.memory.placement import Placement
     from lowmem_alignprop.models.sampling import PromptEncoder, encode_prompts, make_pipeline
 
-    class Place:
-        def to_device(self, *a): pass
-        offload = park = to_device
+    def Place():
+        return Placement(torch.device("cpu"), offload=False)
 
     comps = tiny[0]
     pipe = make_pipeline(comps)

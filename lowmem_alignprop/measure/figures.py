@@ -51,12 +51,11 @@ class Estimate:
 def host_memory(cfg: Config, weights: dict[str, int], host_pinned: int, cache: int, *, flow: bool) -> dict[str, int]:
     """A GPU target's host memory held by the run's modules and tensors, as stored (bytes): ``load``, the most while
     loading; ``steps``, during the steps. Not in it: the process itself (Python, torch, the CUDA libraries), a
-    checkpoint file's page cache (reclaimable), activation_offload's saved tensors. ``cache``: the prompt cache's
-    bytes (in host memory with ``encode_on_cpu``)."""
+    checkpoint file's page cache (reclaimable), activation_offload's saved tensors. ``cache``: the bytes of the
+    prompt cache held in host memory (with ``encode_on_cpu``, or a large prompt set's: sampling.crowds_device)."""
     def w(*names):
         return sum(weights.get(n, 0) for n in names)
 
-    cache = cache if cfg.encode_on_cpu else 0
     parked = w("vae", "reward") if cfg.offload_frozen else 0  # offload_frozen: they wait on the CPU between uses
     if flow:
         # the text side first: the encoders and the VAE while the prompts encode, the transformer not read yet (it is
@@ -66,7 +65,8 @@ def host_memory(cfg: Config, weights: dict[str, int], host_pinned: int, cache: i
     # a UNet pipeline is loaded whole on the CPU before it is placed; its text encoder waits there once the prompts
     # are cached (or with offload_frozen)
     text = w(TEXT_ENCODER) if cfg.cache_prompt_embeddings or cfg.offload_frozen else 0
-    return {"load": w("unet", TEXT_ENCODER, "vae", "reward") + host_pinned, "steps": host_pinned + parked + text}
+    return {"load": w("unet", TEXT_ENCODER, "vae", "reward") + host_pinned,
+            "steps": host_pinned + parked + text + cache}  # (the prompts are encoded at the first step)
 
 
 def figures(cfg: Config, target: str, counter: LiveBytes, weights: dict[str, int], largest: int,

@@ -59,9 +59,10 @@ from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.memory.tiling import untiled_note
-from lowmem_alignprop.models.sampling import vae_scale_factor
+from lowmem_alignprop.models.sampling import HOST_CACHE_ABOVE, vae_scale_factor
 from lowmem_alignprop.run.disk_space import run_bytes
-from lowmem_alignprop.measure.counters import TEXT_ENCODER, Counters, HostSaveOnCpu, LiveBytes, Residency, StageWork
+from lowmem_alignprop.measure.counters import (TEXT_ENCODER, Counters, EncodedOnce, HostSaveOnCpu, LiveBytes, Residency,
+                                               StageWork)
 from lowmem_alignprop.measure.cuda_autocast import CudaAutocast
 from lowmem_alignprop.measure.meta_models import meta_components, meta_reward
 from lowmem_alignprop.measure.shared_step import StepParts, encode_at_load, run_step, warm_up_optimizer
@@ -258,8 +259,8 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     # what differs from the trainer's step is passed in: the scheduler keeps real timesteps, saved tensors of
     # activation_offload go to (uncounted) host memory, the stage is the counter's
     family = family_for(comps)
-    parts = StepParts(sim, comps, family.make_pipeline(comps), reward, params, optimizer, prompts, place,
-                      _both_stages(counter.stage, work.stage), autocast, run_optimizer=run_opt,
+    parts = StepParts(sim, comps, EncodedOnce(family.make_pipeline(comps), prompts), reward, params, optimizer,
+                      prompts, place, _both_stages(counter.stage, work.stage), autocast, run_optimizer=run_opt,
                       scheduler=None if family.flow else _RealTimesteps(comps.scheduler),
                       saved_tensors=(lambda: HostSaveOnCpu(counter, work)) if cuda and cfg.activation_offload else None)
     try:
@@ -289,8 +290,12 @@ def _estimate(cfg: Config, target: str, prompts: list[str], emulate_autocast: bo
     est.host_pinned = host_pinned
     est.trained = dict(collections.Counter(f"{p.numel()}:{str(p.dtype).removeprefix('torch.')}" for p in params))
     if cuda:
-        est.host = host_memory(cfg, weights, host_pinned, parts.encoder.nbytes() if parts.encoder else 0,
-                               flow=family.flow)
+        on_host = place.host_held + (parts.encoder.nbytes() if parts.encoder and cfg.encode_on_cpu else 0)
+        if place.host_held:  # as training says it (models/sampling.crowds_device)
+            notes.append(f"{len(set(prompts))} prompts: their embeddings ({place.host_held / GIB:.2f} GiB) wait in "
+                         "host memory, each batch's brought to the device (a cache over "
+                         f"{HOST_CACHE_ABOVE // 2**20} MiB)")
+        est.host = host_memory(cfg, weights, host_pinned, on_host, flow=family.flow)
     est.swap_windows = work.swap_windows.per_stage() if work.swap_windows else {}
     est.model_kind = model_kind(comps)
     est.seconds = time.perf_counter() - t0

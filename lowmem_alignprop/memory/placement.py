@@ -73,3 +73,11 @@ class Placement:
     def offload(self, name: str, *modules) -> None:
         """Modules that are no longer needed at all (the text encoder once embeddings are cached)."""
         self._move(name, "cpu", modules)
+
+    def to_host(self, tensors):
+        """Tensors (a BatchedTensors: a large prompt cache's chunk) to wait in host memory."""
+        return tensors.to("cpu")
+
+    def from_host(self, tensors):
+        """Host-held tensors (:meth:`to_host`) to the compute device, for the stage about to run."""
+        return tensors.to(self.device)

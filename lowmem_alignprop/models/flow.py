@@ -33,7 +33,8 @@ import torch
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import (BatchedTensors, adapters_off, crowds_device, draw_window, truncated_chain,
+from lowmem_alignprop.models.sampling import (ENCODE_CHUNK, BatchedTensors, adapters_off, bring_to_device,
+                                             crowds_device, draw_window, hold_on_host, truncated_chain,
                                              vae_scale_factor, with_repeated_embeds)
 
 __all__ = ["FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
@@ -114,7 +115,8 @@ def encode_prompts(pipe, prompts: list[str], device, *, guidance_scale: float,
 
 
 class FlowPromptCache:
-    """The whole prompt set encoded once (16 prompts at a time); then the text encoders leave the device.
+    """The whole prompt set encoded once (:data:`~lowmem_alignprop.models.sampling.ENCODE_CHUNK` prompts at a time);
+    then the text encoders leave the device.
 
     T5-XXL alone is 4.7B parameters (9.5 GB in bf16): it is on the device only for this one pass. ``place`` is
     the trainer's placement (``to_device(name, *modules)`` / ``offload(name, *modules)``); without one the
@@ -124,7 +126,7 @@ class FlowPromptCache:
     """
 
     def __init__(self, pipe, prompts, device, *, guidance_scale: float, max_sequence_length: int, place=None,
-                 chunk: int = 16, negative_prompt: str = "", release=None):
+                 chunk: int = ENCODE_CHUNK, negative_prompt: str = "", release=None):
         self.pipe, self.device, self.place, self.chunk, self.release = pipe, device, place, chunk, release
         self.negative_prompt = negative_prompt
         self.guidance_scale, self.max_sequence_length = guidance_scale, max_sequence_length
@@ -141,7 +143,7 @@ class FlowPromptCache:
             e = encode_prompts(self.pipe, part, self.device, guidance_scale=self.guidance_scale,
                                max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
             self.on_host = self.on_host or i == 0 and crowds_device(e, len(part), len(self.prompts))
-            e = e.to("cpu") if self.on_host else e
+            e = hold_on_host(self.place, e) if self.on_host else e
             for j, p in enumerate(part):
                 self.cache[p] = e.index(slice(j, j + 1))
         if self.place is not None:
@@ -168,7 +170,7 @@ class FlowPromptCache:
     def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
         self.encode_all()
         batch = FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
-        return batch.to(self.device) if self.on_host else batch
+        return bring_to_device(self.place, batch, self.device) if self.on_host else batch
 
 
 # --------------------------------------------------------------------------------------------------

@@ -158,6 +158,18 @@ def encode_prompts(pipe, prompts: list[str], device, resolution: int, negative_p
 
 
 HOST_CACHE_ABOVE = 256 * 2**20  # bytes of cached embeddings above which they wait in host memory
+ENCODE_CHUNK = 16  # prompts a prompt cache encodes at a time (the text encoder's activations: for 16, not the set)
+
+
+def hold_on_host(place, embeds: BatchedTensors) -> BatchedTensors:
+    """A large prompt cache's chunk to host memory, by ``place`` (the trainer's Placement, the planner's Residency,
+    which counts it there) where there is one."""
+    return place.to_host(embeds) if place is not None else embeds.to("cpu")
+
+
+def bring_to_device(place, embeds: BatchedTensors, device) -> BatchedTensors:
+    """A batch of a host-held prompt cache to the device (:func:`hold_on_host`'s way back)."""
+    return place.from_host(embeds) if place is not None else embeds.to(device)
 
 
 def crowds_device(first: BatchedTensors, encoded: int, prompts: int) -> bool:
@@ -174,10 +186,10 @@ def crowds_device(first: BatchedTensors, encoded: int, prompts: int) -> bool:
 class PromptEncoder:
     """Text embeddings for a batch of prompts; the text encoder is on the device only while it encodes.
 
-    With ``cache=True`` every prompt is encoded at the first call (16 at a time) and the text encoder then
-    leaves the device for good; otherwise each call encodes its batch and parks the encoder again. A prompt set whose
-    embeddings would take more than :data:`HOST_CACHE_ABOVE` of the device waits in host memory instead, each
-    batch's brought to the device when asked for.
+    With ``cache=True`` every prompt is encoded at the first call (:data:`ENCODE_CHUNK` at a time) and the text
+    encoder then leaves the device for good; otherwise each call encodes its batch and parks the encoder again. A
+    prompt set whose embeddings would take more than :data:`HOST_CACHE_ABOVE` of the device waits in host memory
+    instead (``place.to_host``), each batch's brought to the device when asked for.
     The training loop and the planner both call this, so the planner estimates what training does.
     """
 
@@ -194,11 +206,11 @@ class PromptEncoder:
     def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
         if self.caching and not self.cache:
             self.place.to_device("text_encoder", *self.encoders)
-            for i in range(0, len(self.prompts), 16):
-                chunk = self.prompts[i:i + 16]
+            for i in range(0, len(self.prompts), ENCODE_CHUNK):
+                chunk = self.prompts[i:i + ENCODE_CHUNK]
                 e = encode_prompts(self.pipe, chunk, self.device, self.resolution, self.negative_prompt)
                 self.on_host = self.on_host or i == 0 and crowds_device(e, len(chunk), len(self.prompts))
-                e = e.to("cpu") if self.on_host else e
+                e = hold_on_host(self.place, e) if self.on_host else e
                 for j, p in enumerate(chunk):
                     self.cache[p] = e.index(slice(j, j + 1))
             self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
@@ -208,7 +220,7 @@ class PromptEncoder:
             self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
             return emb
         batch = PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
-        return batch.to(self.device) if self.on_host else batch
+        return bring_to_device(self.place, batch, self.device) if self.on_host else batch
 
 
 def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
