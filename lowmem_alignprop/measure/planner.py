@@ -421,14 +421,19 @@ def _apply(cfg: Config, change: dict[str, Any]) -> Config:
     return cfg.with_changes(**change)
 
 
+STALLED = 0.03  # a step of a feature that lowers the needed peak by less than this share is its last
+
+
 @reuse_estimates()
 def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None, max_estimates: int = 12,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The cheapest change that makes ``cfg`` fit its budget: first each single change in order of speed cost,
-    then the changes accumulated in that order (batch halved and resolution lowered repeatedly). Every
-    candidate is re-estimated. Returns {"found": change or None, "tried": [...]}."""
+    then the changes accumulated in that order (batch halved, block swap grown and resolution lowered repeatedly; a
+    feature whose step lowered the peak by under :data:`STALLED` is not taken further). Every candidate is
+    re-estimated. Returns {"found": change or None, "tried": [...]}."""
     tried: list[dict[str, Any]] = []
     seen: dict[tuple, bool] = {}  # the first accumulated change is often a single one already estimated
+    needed: dict[tuple, int] = {}  # each estimated change's peak_needed
 
     def check(label: str, change: dict[str, Any]) -> bool:
         key = tuple(sorted(change.items()))
@@ -441,7 +446,7 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
                       "peak_needed": est.peak_needed, "peak_stage": est.peak_stage, "fits": fits})
         if log:
             log(f"  tried {set_flags(change)}: {est.peak_needed / GIB:.2f} GiB -> {'fits' if fits else 'no'}")
-        seen[key] = fits
+        seen[key], needed[key] = fits, est.peak_needed
         return fits
 
     singles = candidate_changes(cfg, target)
@@ -458,16 +463,20 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
     def label_of(changes: dict[str, Any]) -> str:  # only the steps still in effect (a later one may replace one)
         return " + ".join(lab for lab, c in steps if all(changes.get(k) == v for k, v in c.items()))
 
+    stalled: set[str] = set()  # features whose last step saved next to nothing (block swap of a UNet's last blocks)
     while len(tried) < max_estimates:
-        options = candidate_changes(current, target, start=cfg)
+        options = [o for o in candidate_changes(current, target, start=cfg) if next(iter(o[1])) not in stalled]
         if not options:
             break
         label, change = options[0]
+        before = needed.get(tuple(sorted(total.items())))
         total.update(change)
         steps.append((label, change))
         current = _apply(cfg, total)
         if check(label_of(total), dict(total)):
             return {"found": _pruned(tried[-1], steps, check, label_of, max_estimates, tried), "tried": tried}
+        if before is not None and needed[tuple(sorted(total.items()))] > (1 - STALLED) * before:
+            stalled.add(next(iter(change)))
     return {"found": None, "tried": tried, "gave_up": len(tried) >= max_estimates}
 
 
