@@ -248,6 +248,7 @@ class Trainer:
         self.aside = list(aside or [])  # the keys of the prompts set aside from training: kept in each checkpoint
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.history: list[dict] = []  # one metrics row per trained step
+        self.skipped_peaks: list[float] = []  # GiB: this start's measured steps skipped as NaN/inf (they used memory)
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
         self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
@@ -1010,6 +1011,8 @@ class Trainer:
         if step == self.start + 1:
             prof.record_modules(self.modules())
         if bad is not None:
+            if mem["peak_allocated"] is not None:  # its memory is the run's too (on a CPU, the one measured step)
+                self.skipped_peaks.append(mem["peak_allocated"] / 2**30)
             if self.is_main:
                 detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
                 write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
@@ -1286,7 +1289,8 @@ class Trainer:
             atomic.write_text(out / CONFIG_FILE, self.config_yaml())
         self.prof.write(out)
         fits_budget = self.prof.report()["fits_budget"]  # the profiler's peak (load included) against budget_gb
-        peak = max((h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None), default=None)
+        peak = max([h["peak_memory_gb"] for h in history if h.get("peak_memory_gb") is not None]
+                   + self.skipped_peaks, default=None)
         summary.update({
             # the same prompts' rewards in the first and the last steps (since the reward changed at a resume)
             **first_last_rewards(history, self.reward_since, self.prompts_since),
