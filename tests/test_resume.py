@@ -371,6 +371,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_dir, capsys, capl
     assert [r["step"] for r in strict_rows(out)] == [1, 2, 3]
 
 
+def test_a_ctrl_c_while_the_final_lora_is_written_says_so_and_the_run_ends_whole(tmp_path, tiny_dir, caplog,
+                                                                                  monkeypatch):
+    """Ctrl-C once training is over, while the LoRA is written: the line says that (it said "finishing this step,
+    then saving a checkpoint", which does not happen), and the run ends as it would have: exit 0, the LoRA whole,
+    the run not interrupted."""
+    import signal
+
+    import lowmem_alignprop.commands.train as train_mod
+
+    out, save, sent = tmp_path / "run", train_mod.Trainer.save_lora, []
+
+    def save_lora(self, *args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return save(self, *args, **kwargs)
+    monkeypatch.setattr(train_mod.Trainer, "save_lora", save_lora)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*FAST, "--output-dir", str(out), "--steps", "2"]) == 0
+    assert sent and "SIGINT received: training is over, the LoRA and summary are being written: a moment" in caplog.text
+    assert "finishing this step" not in caplog.text
+    assert [r["step"] for r in strict_rows(out)] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is False
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
     """Going back to step 2 of a 4-step run starts a new branch: the old steps 3-4 are kept but set aside, so
     --resume latest continues the new branch and rotation never deletes its newest checkpoint."""

@@ -1249,6 +1249,7 @@ class Trainer:
             log.warning("%s received: the after samples are skipped; writing the LoRA and summary", self.stop.name)
             self.samples_skipped = f"{self.stop.name} while they were rendered"
         self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
+        self.stop.finishing = "training is over, the LoRA and summary are being written"
         return after
 
     def write_outputs(self, summary: dict, final, lora: dict | None, after) -> None:

@@ -70,6 +70,7 @@ class StopRequest:
         self.on_abort = on_abort
         self.saved = saved
         self.raise_now = False
+        self.finishing: str | None = None  # what the run does once training is over (the first signal waits for it)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -87,8 +88,9 @@ class StopRequest:
         again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
                  else f"{'Ctrl-C' if name == 'SIGINT' else 'a second SIGTERM or a Ctrl-C'} aborts: the steps since "
                       "the last checkpoint are lost")
+        doing = f"{self.finishing}: a moment" if self.finishing else "finishing this step, then saving a checkpoint"
         if global_rank() == 0:  # once per run, not once per process
-            log.warning("\n%s received: finishing this step, then saving a checkpoint (%s)", name, again)
+            log.warning("\n%s received: %s (%s)", name, doing, again)
 
     def abort_message(self, name: str) -> str:
         """What the abort by a second signal ``name`` loses and what is left: the one place this is said."""
