@@ -386,7 +386,7 @@ def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_write
 
 
 def test_the_held_out_evaluation_renders_every_prompt_with_the_same_seeds_and_averages_them_all(tmp_path):
-    """HeldOut.evaluate on 5 held-out prompts in chunks of batch_size 2: chunk i with seed + EVAL_SEED_OFFSET + i, the
+    """HeldOut.evaluate on 5 held-out prompts in chunks of batch_size 2: image n with seed + EVAL_SEED_OFFSET + n, the
     same seeds at every evaluation (else two steps' figures compare other images); eval_reward and its std over all 5
     images; eval_objective -loss (reward_target: the mean distance); each evaluator gets every image with its own
     prompt. Then best/ and the early stop: a better step resets the patience, early_stop=2 stops at the 2nd
@@ -410,15 +410,15 @@ def test_the_held_out_evaluation_renders_every_prompt_with_the_same_seeds_and_av
     held = HeldOut(cfg, prompts, tmp_path, sample=sample, write_lora=lambda folder: None)
     held.evaluators.append(evaluator)
     first = held.evaluate()
-    seeds = [7 + EVAL_SEED_OFFSET + i for i in range(3)]
-    assert calls == [(["a", "b"], seeds[0]), (["c", "d"], seeds[1]), (["e"], seeds[2])]
+    seeds = [7 + EVAL_SEED_OFFSET + n for n in range(5)]
+    assert calls == [(["a", "b"], seeds[:2]), (["c", "d"], seeds[2:4]), (["e"], seeds[4:])]
     assert first["eval_reward"] == pytest.approx(2.0) and first["eval_reward_std"] == pytest.approx(2 ** 0.5)
     assert first["eval_objective"] == pytest.approx(-(3 + 2 + 1 + 0 + 1) / 5)  # -mean |reward - 3|
     assert first["eval_match"] == 1.0 and seen == [prompts]
     calls.clear()
     offset["now"] = 1.0
     second = held.evaluate()
-    assert [s for _, s in calls] == seeds and second["eval_reward"] == pytest.approx(3.0)
+    assert [s for _, chunk in calls for s in chunk] == seeds and second["eval_reward"] == pytest.approx(3.0)
     # steps 1-5, objective: -1.4, -2.0 (patience 1), -1.2 (better: 0 again), -1.4, -2.0 (2 without improving: stop)
     for step, shift in enumerate((0.0, -1.0, 1.0, 0.0, -1.0), start=1):
         offset["now"] = shift

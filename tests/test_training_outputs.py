@@ -533,7 +533,8 @@ def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_p
 
 def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(tmp_path):
     """evaluation.render_fixed_seed: chunk i of the prompts is sampled with seed + i and the images and rewards come
-    back in prompt order; the held-out evaluation renders in batch_size chunks from seed + EVAL_SEED_OFFSET, the
+    back in prompt order; the held-out evaluation renders in batch_size chunks, image n with seed + EVAL_SEED_OFFSET + n
+    (its chunks' seeds made its figures depend on batch_size: 67.83 at 4, 69.56 at 2 for one LoRA), the
     sample grid (before, step N, after) in chunks of a micro-batch (of JUDGE_PIXELS at small resolutions), image n with
     seed + SAMPLE_SEED_OFFSET + n. Out of memory skips the grid, but not under ZeRO-3 with several processes, where
     every rank renders together (one rank's skip would leave the others waiting in a collective)."""
@@ -562,10 +563,14 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
                      (["a", "b", "c"], [100, 101, 102]), (["d", "e"], [103, 104])]
     cfg = _cfg(tmp_path / "run", "--set", "batch_size=2", "--seed", "7")
     calls.clear()
-    metrics = ev.HeldOut(cfg, list("abc"), tmp_path, sample=sample, write_lora=None).evaluate()
+    metrics = ev.HeldOut(cfg, list("abc"), tmp_path, sample=sample_each, write_lora=None).evaluate()
     first = 7 + ev.EVAL_SEED_OFFSET
-    assert calls == [(["a", "b"], first), (["c"], first + 1)]
-    assert metrics["eval_reward"] == pytest.approx((2 * first + first + 1) / 3, rel=1e-6)
+    assert calls == [(["a", "b"], [first, first + 1]), (["c"], [first + 2])]
+    assert metrics["eval_reward"] == pytest.approx(first + 1, rel=1e-9)
+    calls.clear()  # another batch size: the same images
+    assert ev.HeldOut(dataclasses.replace(cfg, batch_size=3), list("abc"), tmp_path, sample=sample_each,
+                      write_lora=None).evaluate() == metrics
+    assert calls == [(["a", "b", "c"], [first, first + 1, first + 2])]
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
     trainer.generate, trainer.sample_prompts = sample_each, PROMPTS
     calls.clear()

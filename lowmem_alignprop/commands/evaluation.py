@@ -34,8 +34,8 @@ from lowmem_alignprop.step.rollout import loss_from_reward
 
 log = logging.getLogger("lowmem_alignprop")
 
-EVAL_SEED_OFFSET = 54321  # held-out chunk i is sampled with seed + EVAL_SEED_OFFSET + i, at every evaluation (the toy
-# world's judged image n with seed + EVAL_SEED_OFFSET + n)
+EVAL_SEED_OFFSET = 54321  # held-out image n is sampled with seed + EVAL_SEED_OFFSET + n, at every evaluation and at
+# any batch_size (`sample --seed` of that renders it again); the toy world's judged image n likewise
 SAMPLE_SEED_OFFSET = 12345  # the sample grid (before, samples/step-N, after) is sampled with seed + SAMPLE_SEED_OFFSET
 EMA_FILE = "ema.pt"  # in a checkpoint: the EMA's state_dict
 EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  # the reward's error, said as whose
@@ -166,12 +166,13 @@ class HeldOut:
         return schedule.due(self.cfg.eval_every, self.cfg.steps, step)
 
     def evaluate(self) -> dict:
-        """Every held-out prompt, sampled with fixed seeds (the same at every evaluation) and scored: eval_reward,
+        """Every held-out prompt, sampled with fixed seeds (image n: seed + EVAL_SEED_OFFSET + n, the same at every
+        evaluation whatever the batch size) and scored: eval_reward,
         eval_reward_std, eval_objective (what best/ is chosen by: -loss, so nearest reward_target when it is set)
         and every evaluator's metrics, prefixed eval_. A figure that is NaN or inf is None (null); a reward that is
         NaN or inf on any image adds ``eval_skipped`` (why), and :meth:`after_evaluation` does not count it."""
         imgs_all, r_all = render_fixed_seed(self.sample, self.prompts, self.cfg.seed + EVAL_SEED_OFFSET,
-                                            self.cfg.batch_size)
+                                            self.cfg.batch_size, per_image=True)  # (not the batch's: a resume's own)
         r_all = r_all.float()
         metrics = {"eval_reward": r_all.mean().item(), "eval_reward_std": r_all.std(unbiased=False).item(),
                    "eval_objective": -loss_from_reward(r_all, self.cfg).item()}
