@@ -677,14 +677,18 @@ def test_each_micro_batch_draws_the_next_rollouts_of_a_shuffled_pass(tmp_path, m
 
 def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed(tmp_path, tiny_dir, capsys):
     """before_after.json gives each image its own seed: `sample RUN/lora --seed S --prompt P` renders that image
-    again (the same reward), alone (the grid drew its batch from one generator, which nothing could reproduce)."""
+    again (the same reward), alone (the grid drew its batch from one generator, which nothing could reproduce). The
+    held-out evaluation's images likewise: `sample RUN/best --prompts FILE --seed <seed + 54321>` scores them as the
+    evaluation did (its chunks' seeds made that impossible, and its figure depend on batch_size)."""
     import json
 
     from lowmem_alignprop.cli import main
 
-    run = tmp_path / "run"
+    run, held = tmp_path / "run", tmp_path / "held.txt"
+    held.write_text("a red house\na blue boat\na green tree\n")
     assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--output-dir", str(run), "--reward",
-                 "brightness", "--set", "sample_prompts=3", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+                 "brightness", "--set", "sample_prompts=3", "--set", "sample_steps=3", "--set", "k=1", "--seed", "3",
+                 "--eval-every", "1", "--set", f"eval_prompts={held}", "--set", "batch_size=2"]) == 0
     images = json.loads((run / "samples" / "before_after.json").read_text())["images"]
     assert [i["seed"] for i in images] == [images[0]["seed"] + n for n in range(3)]
     second = images[1]
@@ -693,6 +697,12 @@ def test_each_before_after_image_is_rendered_again_alone_by_sample_with_its_seed
                  second["prompt"], "--output-dir", str(out)]) == 0, capsys.readouterr().err[-2000:]
     again = json.loads((out / "sample_results.json").read_text())["per_prompt"][0]["lora"]
     assert again == pytest.approx([second["reward_after"]], rel=1e-5)
+    evaluated = json.loads((run / "best" / "best.json").read_text())
+    assert main(["sample", str(run / "best"), "--reward", "brightness", "--prompts", str(held), "--num-prompts", "3",
+                 "--seed", str(3 + 54321), "--output-dir", str(tmp_path / "held")]) == 0
+    rows = json.loads((tmp_path / "held" / "sample_results.json").read_text())["per_prompt"]
+    assert [r["prompt"] for r in rows] == held.read_text().split("\n")[:3]
+    assert sum(r["lora"][0] for r in rows) / 3 == pytest.approx(evaluated["eval_reward"], rel=1e-5)
 
 
 def test_the_run_writes_only_keys_docs_outputs_md_names(full_run):
