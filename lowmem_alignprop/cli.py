@@ -435,7 +435,9 @@ def cmd_sample(argv: list[str]) -> int:
                 "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
                 specs[0].named, settings)
         elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
-            logging.getLogger("lowmem_alignprop").info("--model %s is the model %s was trained on%s", args.model,
+            from lowmem_alignprop.commands.lora_files import merged_record
+            what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
+            logging.getLogger("lowmem_alignprop").info("--model %s is %s %s was trained on%s", args.model, what,
                                                        specs[0].named, settings)
         for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
             other = recorded_base(spec, model_given=True)

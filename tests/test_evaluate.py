@@ -405,7 +405,8 @@ def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(t
     prompts.write_text("a red cube\na blue ball\n")
     run_dir = tmp_path / "train"
     assert main(["--profile", "cpu", "--steps", "1", "--output-dir", str(run_dir), "--set", "sample_prompts=0",
-                 "--set", f"sample_steps={STEPS}", "--reward", "colorfulness", "--prompts", str(prompts)]) == 0
+                 "--set", f"sample_steps={STEPS}", "--reward", "colorfulness", "--prompts", str(prompts), "--model",
+                 "toy", "--set", "fidelity_images=0"]) == 0
 
     def sampled(lora, *flags):
         out = tmp_path / f"eval-{len(list(tmp_path.glob('eval-*')))}"
@@ -419,6 +420,17 @@ def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(t
                        "--set", "lr=0.5", "--set", "guidance_scale=4")[:2] == ("brightness", "simple_animals")
     said = [r.getMessage() for r in caplog.records if "training settings" in r.getMessage()]
     assert said == ["--set lr, steps: training settings; sample trains nothing, so they change nothing here"]
+    # the model it was trained on, named by its folder, or an `export --merge` of it (the LoRA taken out again at
+    # weight -1): the run's settings too (both fell back to the profile's defaults, brightness on simple_animals)
+    from lowmem_alignprop.settings.model_kind import TOY_MODEL_DIR
+
+    assert sampled(run_dir / "lora", "--model", str(TOY_MODEL_DIR)) == ("colorfulness", str(prompts), ["a red cube"])
+    assert main(["export", str(run_dir / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert sampled(f"{run_dir / 'lora'}:-1", "--model", str(tmp_path / "merged"))[:2] == ("colorfulness",
+                                                                                               str(prompts))
+    assert f"is an `export --merge` of the model {run_dir / 'lora'} was trained on; as its run did" in caplog.text
     caplog.clear()
     away = tmp_path / "away" / "lora"
     shutil.copytree(run_dir / "lora", away)

@@ -253,7 +253,7 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     assert [(r["lora"], r["weight"], r["into"]) for r in record] == [(str(sd["lora"]), 1.0, str(sd["base"]))]
     single = export(tmp_path / "single", sd["lora"], "--merge", "--single-file")
     copy = export(tmp_path / "copy", sd["lora"], "--format", "diffusers")  # the same weights, another folder
-    from lowmem_alignprop.commands.lora_merge import merged_record
+    from lowmem_alignprop.commands.lora_files import merged_record
     upper = tmp_path / "renamed.SAFETENSORS"  # a user's rename: the loaders read it, so its record counts too
     shutil.copyfile(next(single.glob("*.safetensors")), upper)
     assert merged_record(str(upper)) == merged_record(str(next(single.glob("*.safetensors")))) != []

@@ -43,6 +43,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.model_kind import shipped_name
 
 # keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
 _DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight")
@@ -270,12 +271,18 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
 
 
 def same_model(given: str, recorded: str) -> bool:
-    """--model names the model a LoRA's record names: the same folder or file (however the path is written), or the
-    same hub id."""
-    a, b = Path(given).expanduser(), Path(recorded).expanduser()
-    if a.exists() and b.exists():
-        return a.resolve() == b.resolve()
-    return given.strip() == recorded.strip()
+    """--model names the model a LoRA's record names: the same folder or file (however the path is written; the toy
+    model's folder is ``toy``), the same hub id, or an `export --merge` of it (its record's first ``into``): the
+    LoRA's run's image settings then apply, as to the model itself."""
+    from lowmem_alignprop.commands.lora_files import merged_record
+
+    def same(a: str, b: str) -> bool:
+        a, b = shipped_name(a.strip()), shipped_name(b.strip())
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
+
+    base = [r["into"] for r in merged_record(given)[:1] if isinstance(r.get("into"), str)]
+    return any(same(model, recorded) for model in [given, *base])
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:

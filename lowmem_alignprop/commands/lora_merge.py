@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, check_recorded_base, lora_digest, read_lora
+from lowmem_alignprop.commands.lora_files import (MERGED_KEY, Lora, check_recorded_base, lora_digest, merged_record,
+                                                  read_lora)
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
-from lowmem_alignprop.run.tensor_files import is_safetensors
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 
@@ -71,28 +71,6 @@ def load_base(spec: str, run_config: dict | None = None):
         raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None
 
 
-MERGED_KEY = "alignprop_merged_loras"  # a merged single file's header: what MERGED_FILE says of a merged folder
-
-
-def merged_record(spec: str) -> list[dict]:
-    """The LoRAs that `export --merge` fused into the model ``spec`` (its MERGED_FILE, or a single file's header);
-    [] for any other model."""
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            text = (path / MERGED_FILE).read_text(encoding="utf-8") if (path / MERGED_FILE).is_file() else "[]"
-        elif path.is_file() and is_safetensors(path):
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                text = (f.metadata() or {}).get(MERGED_KEY, "[]")
-        else:
-            return []
-        record = json.loads(text)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return []  # unreadable: loading the model says what is wrong with it
-    return [r for r in record if isinstance(r, dict)] if isinstance(record, list) else []
-
-
 def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
     """The merged model's record: the LoRAs already fused into ``spec``, then this one at ``weight``. A model that
     `export --merge` made with this LoRA already in it is refused: it would get it twice (its weights match the
@@ -103,7 +81,8 @@ def merge_record(lora: Lora, spec: str, weight: float) -> list[dict]:
                         f"{num(float(r.get('weight', 1.0)))}): merging it again would apply it twice; merge it "
                         f"into {r.get('into') or 'the base model'} instead (leave --model out, or pass --model "
                         f"{r.get('into')}), with --weight for another strength")
-    return [*held, {"lora": str(Path(lora.named).absolute()), "digest": digest, "weight": weight, "into": spec}]
+    into = str(Path(spec).expanduser().absolute()) if Path(spec).expanduser().exists() else spec  # (a name, a hub id)
+    return [*held, {"lora": str(Path(lora.named).absolute()), "digest": digest, "weight": weight, "into": into}]
 
 
 def held_in(held: list[dict], digest: str) -> dict | None:

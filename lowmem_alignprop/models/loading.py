@@ -25,16 +25,13 @@ from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
-from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, TOY_MODEL_DIR
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
 ARCH_NAMES = ("sd15", "sd21", "sdxl")
-# --model toy: the toy world's pretrained SD-shaped model that ships with the package (docs/toy_world.md), a plain
-# diffusers directory (fp16 on disk; loaded in the run's dtype like any other)
-TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "weights" / "model"
 
 
 @dataclass

@@ -12,6 +12,18 @@ from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.paths import model_index
 
 ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"  # the shipped sd35m, sd35l, flux configs
+# --model toy: the toy world's pretrained SD-shaped model that ships with the package (docs/toy_world.md), a plain
+# diffusers directory (fp16 on disk; loaded in the run's dtype like any other)
+TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "weights" / "model"
+
+
+def shipped_name(model: str) -> str:
+    """``model`` as the shipped name it loads (the toy model's own folder, however written, is ``toy``: its
+    sampling defaults and run records go with it), else as given."""
+    try:
+        return "toy" if model and Path(model).expanduser().resolve() == TOY_MODEL_DIR else model
+    except (OSError, RuntimeError):  # an unreadable path or a symlink loop: not the toy model's folder
+        return model
 
 
 def sd3_kind(num_layers: int) -> str:

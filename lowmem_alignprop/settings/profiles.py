@@ -13,7 +13,7 @@ import yaml
 from lowmem_alignprop.settings.config import (Config, build_config, coerce, end_k_range_at, end_k_range_said,
                                               flag_value, parse_set, recipe_file)
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.model_kind import model_kind_of
+from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, read_user_text
 
@@ -269,7 +269,7 @@ def with_model_defaults(values: dict[str, Any], model: str, own: bool = False) -
     """A profile's ``values`` with :data:`MODEL_DEFAULTS` of ``model`` on top (``own``: the user's own profile file,
     whose values win: it was written for this model); a K range past the model's DDIM steps ends at its last step
     (the profile's K range was for the profile's step count)."""
-    defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if not (own and k in values)}
+    defaults = {k: v for k, v in MODEL_DEFAULTS.get(shipped_name(model), {}).items() if not (own and k in values)}
     values = {**values, **defaults}
     if "sample_steps" in defaults:
         end_k_range_at(values, defaults["sample_steps"])
@@ -341,7 +341,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         recipe, kept = own.get("recipe"), {**own, **kept}
     if recipe:  # the paper's settings, between the profile and what the user typed
         recipe_values = load_recipe(str(recipe))
-        replaced = {k: (v, recipe_values[k]) for k, v in MODEL_DEFAULTS.get(model, {}).items()
+        replaced = {k: (v, recipe_values[k]) for k, v in MODEL_DEFAULTS.get(shipped_name(model), {}).items()
                     if k in recipe_values and recipe_values[k] != v and k not in kept}
         if replaced:  # e.g. the toy world's prompts and sampling, for the paper's Stable Diffusion 1.5 run's
             logging.getLogger("lowmem_alignprop").warning(
