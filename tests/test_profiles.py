@@ -734,3 +734,16 @@ def test_a_flag_and_a_set_of_the_same_field_that_disagree_are_said(caplog):
         caplog.clear()
         assert resolve_config("cpu", {"steps": 3, "model": "tiny"}, ["steps=3"])[1].steps == 3
         assert caplog.messages == []
+
+
+def test_the_toy_models_folder_gets_the_toy_models_defaults():
+    """--model toy and its own folder (however written) are one model: its sampling defaults, reward and prompts go
+    with either (the folder trained brightness on simple_animals at 512 px)."""
+    from lowmem_alignprop.settings.model_kind import TOY_MODEL_DIR
+
+    named = resolve_config("cpu", {"model": "toy"}, [])[1]
+    for spelled in (str(TOY_MODEL_DIR), str(TOY_MODEL_DIR) + "/", str(TOY_MODEL_DIR / ".." / "model")):
+        cfg = resolve_config("cpu", {"model": spelled}, [])[1]
+        assert (cfg.resolution, cfg.reward, cfg.prompts, cfg.sample_steps) == (named.resolution, named.reward,
+                                                                                named.prompts, named.sample_steps)
+    assert named.reward == "toy_clip" and named.resolution == 64
