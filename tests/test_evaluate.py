@@ -5,6 +5,7 @@ them) so the file stays fast; a slow test trains a real brightness LoRA. ``sampl
 """
 
 import json
+import os
 import logging
 
 import pytest
@@ -634,3 +635,35 @@ def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them
                             (["--model", str(tiny_dir), "--set", "negative_prompt=sharp"], "sharp")):
         assert main(["sample", *COMMON, str(lora), *extra, "--output-dir", str(tmp_path / "out")]) == 0
         assert (used[-1].model, used[-1].negative_prompt) == (str(tiny_dir), negative), extra
+
+
+def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp_path, capsys):
+    """`sample RUN` (or RUN/lora) of a run still training, or whose lora/ is lost: the line names its newest checkpoint
+    (and, lost, export that writes lora/ again); it said "holds no LoRA weights; pass the lora/ folder", which does
+    not exist yet. `export RUN` of a run still training names its checkpoints (it said "choose another --output-dir",
+    an option export has not)."""
+    import shutil
+
+    from lowmem_alignprop.run.runlock import RunLock
+
+    run = tmp_path / "run"
+    assert main([*COMMON, "--steps", "2", "--set", "k=1", "--set", "sample_prompts=0", "--set", "checkpoint_every=1",
+                 "--output-dir", str(run)]) == 0
+    shutil.rmtree(run / "lora")
+    newest = run / "checkpoints" / "step-00000002"
+
+    def said(*argv):
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+    for arg in (run, run / "lora"):
+        err = said("sample", *COMMON, str(arg), "--num-prompts", "1", "--output-dir", str(tmp_path / "s"))
+        assert f"{run} has no lora/" in err and f"--lora {newest}" in err and f"lowmem-alignprop export {run}" in err
+    with RunLock(run):  # as a live run holds its folder
+        err = said("sample", *COMMON, str(run), "--num-prompts", "1", "--output-dir", str(tmp_path / "s"))
+        assert f"{run} is still training (pid {os.getpid()}" in err and f"--lora {newest} (its newest)" in err
+        err = said("export", str(run))
+        assert f"{run} is still training" in err and f"lowmem-alignprop export {newest}" in err
+        assert "--output-dir" not in err
+    assert not (tmp_path / "s").exists() and not (run / "lora").exists()

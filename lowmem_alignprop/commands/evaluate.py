@@ -138,6 +138,10 @@ def _find_lora_file(path: Path, arg: str) -> Path:
     checkpoint = named_checkpoint(path)
     if checkpoint is not None:  # checkpoints/step-300: its LoRA, as the run would have written it at that step
         return _checkpoint_lora(checkpoint)
+    for run in (path, path.parent) if path.name == "lora" else (path,):  # a run folder without its lora/ yet
+        if not (run / LORA_WEIGHT_NAME).is_file() and not (run / "lora" / LORA_WEIGHT_NAME).is_file() and \
+                (missing := _run_without_lora(run, arg)) is not None:
+            raise missing
     if not path.exists():
         raise UserError(f"--lora {arg}: {path} does not exist; pass the lora/ folder a training run wrote "
                         f"(e.g. outputs/run/lora), optionally with a weight: DIR:0.5")
@@ -161,6 +165,22 @@ def _find_lora_file(path: Path, arg: str) -> Path:
                             f"--lora {found[0]}")
     raise UserError(f"--lora {arg}: {path} holds no LoRA weights ({LORA_WEIGHT_NAME}); pass the lora/ folder a "
                     "training run wrote")
+
+
+def _run_without_lora(run: Path, arg: str) -> UserError | None:
+    """What to sample instead when ``run`` is a training run's folder without lora/ (still training, or lora/ lost):
+    its newest checkpoint, or export to write lora/ again; None when it is no run folder or has no checkpoint."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run.runlock import holder
+
+    saved = ckpt.list_checkpoints(run / ckpt.DIRNAME) if (run / ckpt.DIRNAME).is_dir() else []
+    if not saved:
+        return None
+    if (live := holder(run)) is not None:
+        return UserError(f"--lora {arg}: {run} is still training (pid {live.get('pid')} on {live.get('host')}) and "
+                         f"writes lora/ when it ends; sample a checkpoint meanwhile: --lora {saved[0]} (its newest)")
+    return UserError(f"--lora {arg}: {run} has no lora/ (lost, or its run ended before writing it): sample its newest "
+                     f"checkpoint (--lora {saved[0]}), or `lowmem-alignprop export {run}` writes lora/ again from it")
 
 
 def _checkpoint_lora(checkpoint: Path) -> Path:

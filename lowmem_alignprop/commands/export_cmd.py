@@ -88,7 +88,7 @@ def recover_lora(spec: str) -> None:
     from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint, run_steps
     from lowmem_alignprop.run import atomic
     from lowmem_alignprop.run import checkpoint as ckpt
-    from lowmem_alignprop.run.runlock import RunLock
+    from lowmem_alignprop.run.runlock import LockTaken, RunLock
 
     path = Path(spec).expanduser()
     run = path.parent if path.name == "lora" else path.parent.parent if path.name == LORA_WEIGHT_NAME else path
@@ -105,8 +105,13 @@ def recover_lora(spec: str) -> None:
                         "export %s for that step's", run / "lora", done, ckpt.step_of(newest), newest)
         return
     try:
-        with RunLock(run):  # a run still writing there: one line (LockTaken), nothing touched
+        with RunLock(run):  # a run still writing there: one line, nothing touched
             rewrite_from_checkpoint(run)
+    except LockTaken:  # (its message names --output-dir, training's choice)
+        newest = next(iter(run_steps(run)[0]), None)
+        raise UserError(f"{run} is still training ({problem}; it writes lora/ when it ends): export one of its "
+                        f"checkpoints (lowmem-alignprop export {newest or run / ckpt.DIRNAME / 'step-N'}) or wait "
+                        "for it to finish") from None
     except OSError as e:  # the run folder cannot be written: the lock, or the LoRA written again
         raise UserError(f"{problem} and {run} cannot be written ({atomic.describe(e)}): "
                         f"{atomic.write_fix(e, str(run))} so that export writes it again from the run's last "

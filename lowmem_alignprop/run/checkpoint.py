@@ -169,7 +169,7 @@ def verify(path: Path) -> str | None:
     JSON but the wrong shape included: the checkpoint is then skipped like a corrupt one)."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
-        return "no manifest.json (the write did not finish)"
+        return "no manifest.json (its write did not finish, or a run is deleting it: keep_checkpoints)"
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
