@@ -129,6 +129,19 @@ def test_a_nan_evaluation_is_said_written_as_null_and_never_counted(evalreward, 
     assert best["step"] == summary["best_step"] and math.isfinite(best["eval_reward"])
 
 
+def test_a_run_whose_every_evaluation_was_skipped_keeps_no_best_and_says_so(evalreward, tmp_path, capsys):
+    """Every held-out evaluation NaN: no best/, and summary.json's best_kept false (it said true beside a null
+    best_step); the box says no evaluation was counted (it said nothing of best/)."""
+    module, args = evalreward
+    module.MODE.update(bad={2, 3}, how="nan")
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "2"]) == 0
+    assert [r.get("eval_skipped") is not None for r in strict_rows(out)] == [True, True]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_step"], summary["best_kept"]) == (None, False) and not (out / "best").exists()
+    assert " best held-out evaluation: none counted (each was skipped" in capsys.readouterr().out
+
+
 def test_an_early_stop_the_run_cannot_make_is_said_once_at_the_start(evalreward, tmp_path, caplog):
     """A 1-step run with --early-stop 1 evaluates only at its end: the trainer says so before training (rank 0),
     and trains as asked."""

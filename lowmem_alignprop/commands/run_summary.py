@@ -122,6 +122,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
                      + ("(the untrained LoRA: no trained step beat it) " if s["best_step"] == 0 else "")
                      + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
                         "(its LoRA is not kept: no best/ or checkpoint of that step was left)"))
+    elif "best_step" in s:  # --eval-every, and no evaluation counted
+        lines.append(" best held-out evaluation: none counted (each was skipped: see the warnings; or none was due "
+                     "yet), so no best/")
     if "sample_reward_before" in s:
         lines.append(f" fixed-seed samples:  {s['sample_reward_before']:.4f} -> {s['sample_reward_after']:.4f}")
     if s.get("samples_skipped"):

@@ -1169,7 +1169,8 @@ class Trainer:
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
-                           best_measure=self.held_out.best, best_kept=self.held_out.best_kept)
+                           best_measure=self.held_out.best,
+                           best_kept=self.held_out.best_kept and self.held_out.best_step is not None)  # (none: no best/)
         final = acc.unwrap_model(self.unet_train)
         try:
             with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
