@@ -667,3 +667,18 @@ def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp
         assert f"{run} is still training" in err and f"lowmem-alignprop export {newest}" in err
         assert "--output-dir" not in err
     assert not (tmp_path / "s").exists() and not (run / "lora").exists()
+
+
+def test_sample_takes_the_seeds_a_run_records_past_a_training_seeds_range(tmp_path, loras):
+    """A run seeded near 2**32 - 1 records its images' seeds as seed + 12345 + n (before_after.json): `sample --seed`
+    takes them (torch's generators take 64 bits; it refused anything over 2**32 - 1), training still refuses them
+    (its seed also seeds numpy's generator, 32 bits)."""
+    from lowmem_alignprop.settings.config import MAX_SEED, Config
+
+    seed = MAX_SEED + 12345
+    out = tmp_path / "s"
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "2", "--seed", str(seed),
+                 "--output-dir", str(out)]) == 0
+    assert [p["seeds"] for p in json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"]] == [[seed], [seed + 1]]
+    with pytest.raises(UserError, match=f"seed={seed} is out of range: give a whole number from 0 to {MAX_SEED}"):
+        Config(seed=seed).validate()

@@ -21,6 +21,9 @@ from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
 
 MIN_SEED, MAX_SEED = 0, 2**32 - 1  # (torch's generators take 64 bits; the trainer derives seeds from this one)
+# sample's --seed: a torch generator's (one per image), so the seeds a run records for its images (its seed + 12345
+# + n, + 54321 + n) are taken too
+MAX_SAMPLE_SEED = 2**63 - 1
 
 MODEL_ENV = "LOWMEM_ALIGNPROP_MODEL"  # the model when none is named (default toy)
 
@@ -317,9 +320,9 @@ class Config:
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
         self._validate_names()
-        if not MIN_SEED <= self.seed <= MAX_SEED:
+        if not MIN_SEED <= self.seed <= (most := MAX_SEED if training else MAX_SAMPLE_SEED):
             raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
-                            f"{MAX_SEED}, e.g. --seed 42")
+                            f"{most}, e.g. --seed 42")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_max", "max_bad_steps",
                "tile_size"] + ([] if self.truncation == "per_step" else ["k_min"])  # per_step: a step's K may be 0
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
