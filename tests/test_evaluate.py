@@ -354,7 +354,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not out.exists()
     expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
-                "no_weight": "is not a number", "other_model": "[4, 48] in the LoRA, [4, 32] here",
+                "no_weight": "is not a number", "other_model": "adapt layers of other widths",
                 "no_lora": "--lora DIR", "zero_prompts": "at least 1",
                 "checkpoint": "is incomplete or corrupt: no manifest.json",
                 "prompt_and_prompts": "give your prompts with --prompt TEXT or a prompt set with --prompts, not both",
@@ -682,3 +682,17 @@ def test_sample_takes_the_seeds_a_run_records_past_a_training_seeds_range(tmp_pa
     assert [p["seeds"] for p in json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"]] == [[seed], [seed + 1]]
     with pytest.raises(UserError, match=f"seed={seed} is out of range: give a whole number from 0 to {MAX_SEED}"):
         Config(seed=seed).validate()
+
+
+def test_loras_of_two_base_models_of_one_family_are_refused_before_loading(loras, tmp_path, capsys, monkeypatch):
+    """Two UNet LoRAs whose layers have other widths (trained on other base models: the toy model and the tiny one)
+    cannot be mixed: one line from their files' headers, before any model loads (it loaded the first LoRA's model,
+    then said to pass the model it was trained on with --model, which cannot fit both)."""
+    import lowmem_alignprop.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--lora", str(loras["other"]), "--num-prompts", "1",
+                 "--output-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "adapt layers of other widths (" in err and ": 32 in one, 48 in the other)" in err
+    assert "they were trained on different base models and cannot be mixed" in err and not (tmp_path / "s").exists()

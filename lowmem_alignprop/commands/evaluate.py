@@ -462,6 +462,26 @@ def check_mixable(specs: list[LoraSpec]) -> None:
         if not same_family(a.model, b.model):
             raise UserError(f"--lora {a.arg} adapts {MODEL_NAMES[a.model]} and --lora {b.arg} {MODEL_NAMES[b.model]}: "
                             "LoRAs of different models cannot be mixed; sample them one at a time")
+    for a, b in itertools.combinations(specs, 2):  # one family, other layer widths (toy and tiny, SD1.5 and SD2.1)
+        ours, theirs = _layer_widths(a.file), _layer_widths(b.file)
+        if (key := next((k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k]), None)) is not None:
+            raise UserError(f"--lora {a.arg} and --lora {b.arg} adapt layers of other widths ({key}: {ours[key]} in "
+                            f"one, {theirs[key]} in the other): they were trained on different base models and "
+                            "cannot be mixed; sample them one at a time")
+
+
+def _layer_widths(file: Path) -> dict[str, int]:
+    """The adapted layers' widths a LoRA file tells from its headers alone: each down (A) matrix's input width and
+    each up (B) matrix's output width, by key ({} when the file cannot be read: loading says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception:  # noqa: BLE001 (a damaged file or not safetensors: its loading says what is wrong)
+        return {}
+    down = (".lora_A.", ".lora_down.", ".lora.down.")
+    return {k: (s[1] if any(d in k for d in down) else s[0]) for k, s in shapes.items() if len(s) == 2}
 
 
 def pipeline_model(pipe) -> str:
