@@ -374,6 +374,25 @@ def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path
     assert "| note | the run was interrupted before its last step |" in text
 
 
+def test_the_card_says_where_a_run_started_and_where_it_stopped_early(sd, tmp_path):
+    """A run trained on from another LoRA (--init-lora): a row names that LoRA, whose training the steps do not count
+    and whose images the samples' "before" are (the card read as 2 steps from the base model); an early stop says
+    its step and the best one (best/)."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "init_lora": "/runs/first/lora"}))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "early_stopped_at": 3, "best_step": 1}))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert ("| started from | the LoRA `/runs/first/lora` (its own training is not in the steps above; the samples' "
+            "\"before\" are its images) |") in text
+    assert ("| early stop | at step 3: the held-out evaluation stopped improving (its best: step 1, the run's best/) |"
+            in text)
+    plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
+    assert "| started from |" not in plain and "| early stop |" not in plain
+
+
 def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
     from huggingface_hub import ModelCard
 

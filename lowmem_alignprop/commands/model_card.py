@@ -23,14 +23,15 @@ def run_info(lora: Lora) -> dict[str, Any]:
     c, s = lora.run_config, lora.summary
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
-                "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs"):
+                "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
+                "init_lora"):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps", c.get("steps")))
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
-                "reward_since_step", "reward_steps"):
+                "reward_since_step", "reward_steps", "early_stopped_at", "best_step"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     return info
@@ -98,6 +99,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
              "unknown"), ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
+    if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
+        rows.append(("started from", f"the LoRA `{info['init_lora']}` (its own training is not in the steps above; "
+                                     "the samples' \"before\" are its images)"))
     if "truncation" in info:
         k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
@@ -117,6 +121,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                      f"{info['sample_reward_before']:.4f} -> {info['sample_reward_after']:.4f}"))
     if info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
+    if info.get("early_stopped_at"):  # (best/ holds the best evaluated step's LoRA)
+        rows.append(("early stop", f"at step {info['early_stopped_at']}: the held-out evaluation stopped improving "
+                                   f"(its best: step {info.get('best_step')}, the run's best/)"))
     lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",
              f"This folder holds {what}, trained with lowmem-alignprop (AlignProp: reward "
              "gradients backpropagated through the last K denoising steps into LoRA adapters on the "
