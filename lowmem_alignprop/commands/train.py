@@ -43,7 +43,7 @@ from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
-from lowmem_alignprop.toy.fidelity import judged_prompts
+from lowmem_alignprop.toy.fidelity import applies, judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
 from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
                                           split_settings)
@@ -555,8 +555,8 @@ class Trainer:
         if cfg.eval_every:  # every rank evaluates (same prompts, seeds, weights): they agree on the early stop
             self.held_out = HeldOut(cfg, self.eval_prompts, self.out, write_lora=self.write_lora,
                                     sample=functools.partial(self.generate, when=EVAL_SCORING, fix=EVAL_FIX))
-            if self.judge_prompts or cfg.best_by == "fidelity":  # the toy world: its exact evaluators judge the
-                # held-out images too (eval_fidelity_*)
+            if applies(cfg.model, self.eval_prompts) or cfg.best_by == "fidelity":  # the toy world: its exact
+                # evaluators judge the held-out images too (eval_fidelity_*; with fidelity_images=0 as well)
                 from lowmem_alignprop.toy.fidelity import evaluate_batch
                 self.held_out.evaluators.append(evaluate_batch)
 

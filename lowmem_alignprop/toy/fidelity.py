@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lowmem_alignprop.settings.model_kind import shipped_name
+
 from .scenes import BACKGROUNDS, COLOURS, MIN_SIZE, SHAPES, Content, _inside, make_content, parse_caption
 
 JPEG_QUALITY = 95  # the quality jpeg_compressibility's estimate models; baseline, standard tables, 4:2:0
@@ -348,7 +350,7 @@ def parses(prompt: str) -> bool:
 def applies(model: str, prompts: Sequence[str]) -> bool:
     """Whether a run is in the toy world, so that the exact evaluators mean something: the model is the shipped toy
     model, or every prompt parses in the toy grammar (a toy model of your own, trained by the script)."""
-    return model == "toy" or bool(prompts) and all(parses(p) for p in prompts)
+    return shipped_name(model) == "toy" or bool(prompts) and all(parses(p) for p in prompts)
 
 
 def off_grammar_note(model: str, prompts: Sequence[str]) -> str | None:
