@@ -388,7 +388,7 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
     state["config"] = {**state["config"], "deepspeed_zero": 2}
     cfg = Config(deepspeed_zero=2, steps=4)
     with pytest.raises(UserError, match=r"holds DeepSpeed partitions of 2 processes; this run has 1: resume under "
-                                        r"accelerate launch --num_processes 2 -m lowmem_alignprop"):
+                                        r"accelerate launch --multi_gpu --num_processes 2 -m lowmem_alignprop"):
         ckpt.check_config(state, cfg, tmp_path / "step-2")
     ckpt.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
 

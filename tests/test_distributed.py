@@ -8,6 +8,7 @@ cached in ~/.cache/torch_extensions, after which each DeepSpeed test takes 20-60
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -139,6 +140,21 @@ def test_two_processes_data_parallel(ddp):
     assert any(r["prompt_ids"][0] != r["prompt_ids"][1] for r in got), [r["prompt_ids"] for r in got]
     assert lora_b_norm(out) > 0
     assert (out / "samples" / "before_after.png").exists()  # written once, by the main process
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2  # (the card's command is each process's)
+
+
+def test_a_two_process_run_resumed_in_one_says_its_steps_average_fewer_images(ddp, tmp_path, caplog):
+    """2 processes -> 1: the resume says each optimizer step now averages one process's images (it said only that
+    prompt order and noise differ), and the steps go on with half the images."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "ddp"
+    shutil.copytree(ddp, out)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*FAST, "--output-dir", str(out), "--steps", "5", "--resume", "latest"]) == 0
+    assert ("the checkpoint was written by 2 processes, this run has 1: an optimizer step now averages 1 process' "
+            "images (batch_size x grad_accum each; the learning rate is unchanged)") in caplog.text
+    assert [(r["step"], r["images"]) for r in strict_rows(out)][3:] == [(4, 2), (5, 1)]
 
 
 # the before/after samples (the trains test reads them); every run compared with the ZeRO-2 one draws them too

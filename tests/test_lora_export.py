@@ -377,20 +377,27 @@ def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path
 def test_the_card_says_where_a_run_started_and_where_it_stopped_early(sd, tmp_path):
     """A run trained on from another LoRA (--init-lora): a row names that LoRA, whose training the steps do not count
     and whose images the samples' "before" are (the card read as 2 steps from the base model); an early stop says
-    its step and the best one (best/)."""
+    its step and the best one (best/); a run of 2 processes says so, and that its command ran under the launcher
+    (run alone it trains half the images a step)."""
     run = tmp_path / "run"
     shutil.copytree(sd["run"], run)
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "init_lora": "/runs/first/lora"}))
     summary = json.loads((run / "summary.json").read_text())
-    (run / "summary.json").write_text(json.dumps({**summary, "early_stopped_at": 3, "best_step": 1}))
+    (run / "summary.json").write_text(json.dumps({**summary, "early_stopped_at": 3, "best_step": 1, "processes": 2}))
     text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
     assert ("| started from | the LoRA `/runs/first/lora` (its own training is not in the steps above; the samples' "
             "\"before\" are its images) |") in text
     assert ("| early stop | at step 3: the held-out evaluation stopped improving (its best: step 1, the run's best/) |"
             in text)
+    per = config["batch_size"] * config["grad_accum"]
+    assert (f"| processes | 2 (`accelerate launch --multi_gpu --num_processes 2`): {2 * per} images per optimizer "
+            "step |") in text
+    how = text.split("## How it was made")[1].splitlines()
+    assert how[how.index("```bash") + 1] == ("# under accelerate launch --multi_gpu --num_processes 2 -m lowmem_alignprop "
+                                             "with these arguments")
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
-    assert "| started from |" not in plain and "| early stop |" not in plain
+    assert "| started from |" not in plain and "| early stop |" not in plain and "| processes |" not in plain
 
 
 def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):

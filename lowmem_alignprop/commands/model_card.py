@@ -31,7 +31,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
-                "reward_since_step", "reward_steps", "early_stopped_at", "best_step"):
+                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     return info
@@ -99,6 +99,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
              "unknown"), ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]
+    if info.get("processes", 1) > 1:  # (the command below is each process's)
+        per = info.get("batch_size", 1) * info.get("grad_accum", 1)
+        rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
+                                  f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
         rows.append(("started from", f"the LoRA `{info['init_lora']}` (its own training is not in the steps above; "
                                      "the samples' \"before\" are its images)"))
@@ -138,6 +142,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
+    if train_cmd and info.get("processes", 1) > 1:
+        lines.append(f"# under accelerate launch --multi_gpu --num_processes {info['processes']} -m lowmem_alignprop "
+                     "with these arguments")
     if train_cmd:
         lines.append(train_cmd)
     lines += [export_command, "```", ""]

@@ -70,8 +70,9 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
         n = swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "
-                        "(PCIe copies per call, overlapping compute)",
-                        {"block_swap": n, "unet_checkpointing": "blocks"}))
+                        "(PCIe copies per call, overlapping compute)",  # (it needs per-block checkpointing)
+                        {"block_swap": n, **({"unet_checkpointing": "blocks"} if cfg.unet_checkpointing != "blocks"
+                                             else {})}))
     elif cfg.block_swap and target == "cuda" and cfg.block_swap < (total := swappable_count(cfg)):
         n = cfg.block_swap + max(1, (total - cfg.block_swap) // 2)  # half the blocks still on the card
         was = f", was {start.block_swap}" if start.block_swap else ""

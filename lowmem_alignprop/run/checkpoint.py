@@ -325,7 +325,8 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     theirs, ours = int(state.get("world_size", 1)), world_size()
     if saved.get("deepspeed_zero") and theirs != ours:  # each process holds its own partition of the state
         how = ("without a launcher (python -m lowmem_alignprop ...)" if theirs == 1 else
-               f"under accelerate launch --num_processes {theirs} -m lowmem_alignprop ...")
+               f"under accelerate launch --multi_gpu --num_processes {theirs} -m lowmem_alignprop ... (--multi_gpu "
+               "on a CPU too: without it accelerate starts one process)")
         raise UserError(f"checkpoint {path} holds DeepSpeed partitions of {theirs} process{'es' * (theirs > 1)}; this "
                         f"run has {ours}: resume {how}")
     if int(state["step"]) >= cfg.steps and not (finished and int(state["step"]) == cfg.steps):
@@ -673,6 +674,8 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
     rngs = load_tensors(path / "rng.pt")
     rank, world = accelerator.process_index, accelerator.num_processes
     if len(rngs) != world and rank == 0:  # (said once, not by every process)
-        log.warning("resume: the checkpoint was written by %d process%s, this run has %d: prompt order and noise "
-                    "differ from an uninterrupted run", len(rngs), "" if len(rngs) == 1 else "es", world)
+        log.warning("resume: the checkpoint was written by %d process%s, this run has %d: an optimizer step now "
+                    "averages %d process%s' images (batch_size x grad_accum each; the learning rate is unchanged), "
+                    "and prompt order and noise differ from an uninterrupted run", len(rngs),
+                    "" if len(rngs) == 1 else "es", world, world, "" if world == 1 else "es")
     return state, (rngs[rank] if rank < len(rngs) else None)
