@@ -426,6 +426,13 @@ def test_candidates_include_the_issue_7_features_before_task_changes():
     done = dataclasses.replace(cfg, base_quant="nf4", tiled_decode=True).validate()
     assert not any("base_quant" in c or "tiled_decode" in c for _, c in fit_changes.candidate_changes(done, "cuda"))
     assert not any("base_quant" in c for _, c in fit_changes.candidate_changes(cfg, target="cpu"))
+    # block swap needs per-block checkpointing: added where it is not set, not repeated where it is (the suggestion
+    # listed --set unet_checkpointing=blocks as a change of a profile that sets it)
+    swap = [c for _, c in fit_changes.candidate_changes(cfg, "cuda") if "block_swap" in c]
+    assert len(swap) == 1 and "unet_checkpointing" not in swap[0]
+    called = dataclasses.replace(cfg, unet_checkpointing="call")
+    assert [c for _, c in fit_changes.candidate_changes(called, "cuda") if "block_swap" in c][0]["unet_checkpointing"] \
+        == "blocks"
 
 
 def test_reuse_estimates_runs_each_configuration_once_and_only_inside_its_scope(monkeypatch):
