@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import math
 from collections import Counter
 from math import comb
@@ -1065,6 +1066,22 @@ def test_prompts_outside_the_toy_grammar_on_the_toy_model_are_said():
     assert said.startswith(f"{len(animals)} of the {len(animals) + 1} prompts are outside the toy world's grammar "
                            f"(e.g. {animals[0]!r}): the toy model knows only"), said
     assert off_grammar_note("tiny", animals) is None
+
+
+def test_held_out_prompts_outside_the_toy_grammar_are_said_too(tmp_path, caplog, fresh_log_handlers):
+    """A held-out file with a line the grammar does not read (docs/toy_world.md's example wrote a literal '...') was
+    taken in silence: its images mean nothing, and the exact evaluators judge none of them."""
+    from lowmem_alignprop.cli import main
+
+    held = tmp_path / "heldout.txt"
+    held.write_text("a red triangle and a blue square on a white background\n...\n")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--model", "toy", "--steps", "1", "--eval-every", "1", "--set", f"eval_prompts={held}",
+                     "--set", "sample_steps=4", "--set", "fidelity_images=0", "--set", "sample_prompts=0",
+                     "--output-dir", str(tmp_path / "run")]) == 0
+    said = [r.getMessage() for r in caplog.records if "outside the toy world's grammar" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 of the 2 held-out prompts are outside the toy world's grammar "
+                                                 "(e.g. '...')"), said
 
 
 def test_the_shipped_toy_rewards_read_the_pixels_as_they_were_trained_on():

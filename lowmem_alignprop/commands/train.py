@@ -141,8 +141,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
         from lowmem_alignprop.toy.fidelity import off_grammar_note
-        if (note := off_grammar_note(cfg.model, given)) and global_rank() == 0:  # e.g. animals on the toy model
-            log.warning("%s", note)
+        for note in (off_grammar_note(cfg.model, given), off_grammar_note(cfg.model, eval_prompts, "held-out prompts")):
+            if note and global_rank() == 0:  # e.g. animals on the toy model
+                log.warning("%s", note)
     lock = folder.hold()
     cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     folder.anchor()  # its files stay there whatever the user's code does to the working directory

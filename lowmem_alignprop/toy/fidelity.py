@@ -353,16 +353,17 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
     return shipped_name(model) == "toy" or bool(prompts) and all(parses(p) for p in prompts)
 
 
-def off_grammar_note(model: str, prompts: Sequence[str]) -> str | None:
+def off_grammar_note(model: str, prompts: Sequence[str], what: str = "prompts") -> str | None:
     """The shipped toy model given prompts its grammar does not read (a photo of a cat): said at the start, as its
-    images for them are noise and the exact evaluators judge none of them; None when every prompt parses."""
-    if model != "toy":
+    images for them are noise and the exact evaluators judge none of them; None when every prompt parses. ``what``:
+    which prompts (the held-out ones are said apart)."""
+    if shipped_name(model) != "toy":
         return None
     stray = list(dict.fromkeys(p for p in prompts if not parses(p)))
     if not stray:
         return None
     distinct = len(set(prompts))
-    return (f"{len(stray)} of the {distinct} prompts are outside the toy world's grammar (e.g. {stray[0]!r}): the toy "
+    return (f"{len(stray)} of the {distinct} {what} are outside the toy world's grammar (e.g. {stray[0]!r}): the toy "
             "model knows only its captions of coloured shapes ('a red circle and two blue squares', docs/toy_world.md), "
             "so its images for them mean nothing and the exact evaluators judge none of them; use a toy-* prompt set "
             "or such captions")
