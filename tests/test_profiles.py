@@ -507,6 +507,17 @@ def test_a_gpus_host_memory_features_on_a_cpu_run_are_said(tmp_path, caplog, mon
     assert not [m for m in caplog.messages if "host memory" in m]
 
 
+def test_fp16_on_a_cpu_trains_in_fp32_and_the_run_records_fp32(tiny_dir, tmp_path, caplog):
+    """A GPU profile's mixed_precision=fp16 (a copy of one, or --set) on a machine without CUDA: said, trained in fp32,
+    and config.yaml records what ran (it said fp16: --profile RUN/config.yaml and the model card claimed an fp16 run)."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "1", "--set", "mixed_precision=fp16",
+                     "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0"]) == 0
+    assert "mixed_precision=fp16 needs a CUDA device: using fp32 on this CPU" in caplog.text
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "no"
+
+
 @pytest.mark.parametrize("name", sorted(shipped_profiles()))
 def test_every_profile_takes_either_truncation_and_fewer_steps(name):
     """`--set truncation=uniform` (or fixed) works on every shipped profile as it is, and asking for fewer DDIM steps

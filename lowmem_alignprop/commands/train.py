@@ -368,6 +368,8 @@ class Trainer:
         cfg = self.cfg
         self.allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused
         self.accelerator = make_accelerator(cfg, self.out)
+        if self.accelerator.mixed_precision != cfg.mixed_precision:  # fp16 on a CPU runs in fp32: recorded as it ran
+            self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=self.accelerator.mixed_precision)
         self.device = self.accelerator.device
         # a CPU step's activations are host memory: freed ones go back to the system instead of glibc's heap
         cpu = self.device.type == "cpu"
