@@ -140,7 +140,8 @@ def test_two_processes_data_parallel(ddp):
     assert any(r["prompt_ids"][0] != r["prompt_ids"][1] for r in got), [r["prompt_ids"] for r in got]
     assert lora_b_norm(out) > 0
     assert (out / "samples" / "before_after.png").exists()  # written once, by the main process
-    assert json.loads((out / "summary.json").read_text())["processes"] == 2  # (the card's command is each process's)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["processes"], summary["device"]) == (2, "cpu")  # (the card's command is each process's; not cpu:0)
 
 
 def test_a_two_process_run_resumed_in_one_says_its_steps_average_fewer_images(ddp, tmp_path, caplog):

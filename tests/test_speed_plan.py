@@ -654,7 +654,8 @@ def test_a_cpu_plan_is_timed_on_all_of_torchs_threads():
         assert getattr(four, field) == pytest.approx(4 * getattr(one, field), rel=1e-12), field
     assert (four.launch_s, four.matmul_eff, four.overlaps_launch) == (one.launch_s, one.matmul_eff, False)
     planned = devices.device_for("", "cpu", "cpu")
-    assert planned.name == f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    assert planned.name == f"cpu ({n} thread{'' if n == 1 else 's'})" and devices.cpu_device(1).name == "cpu (1 thread)"
     assert planned.memory_gbs == pytest.approx(torch.get_num_threads() * one.memory_gbs, rel=1e-12)
 
 

@@ -1308,7 +1308,8 @@ class Trainer:
             "budget_gb": cfg.budget_gb or None,
             "fits_budget": fits_budget if peak is not None else None,  # no step measured: the load alone says nothing
             "attention": self.attention, "cuda_allocator": self.allocator, "host_allocator": self.host_allocator,
-            "device": str(self.device), "processes": self.accelerator.num_processes,  # (each its batch_size images)
+            # ("cpu", not the "cpu:0" of several CPU processes); each process trains its batch_size images
+            "device": "cpu" if self.device.type == "cpu" else str(self.device), "processes": self.accelerator.num_processes,
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
         self.write_summary(summary)  # last: with it, the run is whole

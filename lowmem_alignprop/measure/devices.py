@@ -133,7 +133,7 @@ def cpu_device(threads: int | None = None) -> Device:
 
     n = threads or torch.get_num_threads() or os.cpu_count() or 1
     base = DEVICES["cpu"]
-    return dataclasses.replace(base, name=f"cpu ({n} threads)", fp16_tflops=base.fp16_tflops * n,
+    return dataclasses.replace(base, name=f"cpu ({n} thread{'' if n == 1 else 's'})", fp16_tflops=base.fp16_tflops * n,
                                bf16_tflops=base.bf16_tflops * n, tf32_tflops=base.tf32_tflops * n,
                                fp32_tflops=base.fp32_tflops * n, memory_gbs=base.memory_gbs * n)
 
