@@ -1173,7 +1173,7 @@ class Trainer:
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
                            best_measure=self.held_out.best,
-                           best_kept=self.held_out.best_kept and self.held_out.best_step is not None)  # (none: no best/)
+                           best_kept=self.held_out.best_kept and self.held_out.best_step is not None)  # none: no best/
         final = acc.unwrap_model(self.unet_train)
         try:
             with self.output_weights():  # with ema_outputs: lora/ and the after samples from the EMA weights
@@ -1309,7 +1309,8 @@ class Trainer:
             "fits_budget": fits_budget if peak is not None else None,  # no step measured: the load alone says nothing
             "attention": self.attention, "cuda_allocator": self.allocator, "host_allocator": self.host_allocator,
             # ("cpu", not the "cpu:0" of several CPU processes); each process trains its batch_size images
-            "device": "cpu" if self.device.type == "cpu" else str(self.device), "processes": self.accelerator.num_processes,
+            "device": "cpu" if self.device.type == "cpu" else str(self.device),
+            "processes": self.accelerator.num_processes,
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
         self.write_summary(summary)  # last: with it, the run is whole
