@@ -696,3 +696,21 @@ def test_loras_of_two_base_models_of_one_family_are_refused_before_loading(loras
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "adapt layers of other widths (" in err and ": 32 in one, 48 in the other)" in err
     assert "they were trained on different base models and cannot be mixed" in err and not (tmp_path / "s").exists()
+
+
+def test_sample_into_a_lora_or_run_folder_is_refused(tmp_path, loras, capsys):
+    """`sample --output-dir` naming a LoRA folder (or a run's) wrote its grid and results into what export and
+    --push-to-hub copy: one line, nothing written there."""
+    import shutil
+
+    lora = tmp_path / "lora"
+    shutil.copytree(loras["a"], lora)
+    before = sorted(p.name for p in lora.iterdir())
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1", "--output-dir", str(lora)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--output-dir {lora} is a LoRA folder" in err and "lora-sample" in err
+    assert sorted(p.name for p in lora.iterdir()) == before
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1", "--output-dir", str(run)]) == 2
+    assert "is a training run's folder" in capsys.readouterr().err and sorted(run.iterdir()) == [run / "checkpoints"]

@@ -593,6 +593,19 @@ def has_results(folder: Path) -> bool:
     return (folder / SAMPLE_RESULTS).exists()
 
 
+def refuse_a_runs_folder(out: Path) -> None:
+    """sample's --output-dir may not be a training run's folder or a LoRA folder: its grid and results would land
+    among the run's files, or in what export and --push-to-hub copy as the LoRA."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run.filenames import SUMMARY_FILE
+
+    what = ("a LoRA folder" if (out / LORA_WEIGHT_NAME).is_file() else "a training run's folder"
+            if (out / ckpt.DIRNAME).is_dir() or (out / SUMMARY_FILE).is_file() else None)
+    if what:
+        raise UserError(f"--output-dir {out} is {what}: sample's grid and results would land among its files; give "
+                        f"a folder of its own (e.g. --output-dir {out.parent / (out.name + '-sample')})")
+
+
 def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt: int,
              profile_name: str = "custom", numbered_output_dir: bool = False, prompts: list[str] | None = None,
              default_model: str = "") -> dict:
@@ -609,6 +622,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
         logging.getLogger("lowmem_alignprop").info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
                                                    "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
+    refuse_a_runs_folder(Path(cfg.output_dir))
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
         return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                          profile_name=profile_name, prompt_set=cfg.prompts if prompts is None else "--prompt",
