@@ -130,18 +130,28 @@ def _transformer_file(tmp_path, pipe, name="transformer.safetensors"):
     return path
 
 
-def test_single_file_transformer_with_the_rest_from_a_folder(dirs, tmp_path):
+def test_single_file_transformer_with_the_rest_from_a_folder(dirs, tmp_path, caplog):
     """A schnell transformer file with FLUX.1-dev's folder: the file's weights, schnell's config (no guidance
-    embedding, told by the file's keys), the folder's text encoders and VAE. The planner's model is the same
-    schnell transformer (not the folder's dev one)."""
+    embedding, told by the file's keys) and schedule (no resolution-dependent shift: it sampled on dev's, said by
+    nothing), the folder's text encoders and VAE; a dev file with schnell's folder the reverse. The planner's model
+    is the same schnell transformer (not the folder's dev one)."""
     from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.loading import load_components
 
     schnell = build_tiny_flux_pipeline(seed=3, schnell=True)
     path = _transformer_file(tmp_path, schnell)
     cfg = Config(model=str(path), model_components=str(dirs["flux"]))
-    comps = load_components(cfg)
+    assert load_components(Config(model=str(dirs["flux"]))).scheduler.config.use_dynamic_shifting is True
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        comps = load_components(cfg)
     assert comps.family == "flux" and comps.unet.config.guidance_embeds is False
+    assert (comps.scheduler.config.use_dynamic_shifting, comps.scheduler.config.shift) == (False, 1.0)
+    assert f"{path} is FLUX.1-schnell (its keys have no guidance_in) and model_components=" in caplog.text
+    timesteps = flow.set_flow_timesteps(comps.scheduler, comps.unet, 4, 64, 64)
+    assert timesteps.tolist() == pytest.approx([1000, 750, 500, 250])  # schnell's sigmas, unshifted
+    dev_file = _transformer_file(tmp_path, build_tiny_flux_pipeline(seed=4), "dev.safetensors")
+    dev = load_components(Config(model=str(dev_file), model_components=str(dirs["schnell"])))
+    assert dev.unet.config.guidance_embeds is True and dev.scheduler.config.use_dynamic_shifting is True
     for (n, a), b in zip(schnell.transformer.state_dict().items(), comps.unet.state_dict().values()):
         assert torch.equal(a, b), n
     assert comps.text_encoder_2 is not None and comps.vae.config.latent_channels == 16

@@ -134,7 +134,33 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
     pipe = load_pipeline(str(Path(components).expanduser()), dtype, transformer=_placeholder(cls, config, dtype),
                          **missing)
+    if family == "flux":  # the schedule of the variant the file is, whichever variant's folder gave the rest
+        pipe.scheduler = flux_variant_scheduler(pipe.scheduler, dev=config["guidance_embeds"], path=path,
+                                                components=components)
     return pipe, read
+
+
+# what FLUX.1-dev's scheduler config sets that schnell's does not (the shipped architecture's is dev's): dev shifts
+# its sigmas with the image's token count; schnell takes them unshifted (shift 1, no dynamic shifting)
+DEV_SCHEDULE = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+SCHNELL_SCHEDULE = {"shift": 1.0, "use_dynamic_shifting": False}
+
+
+def flux_variant_scheduler(scheduler, *, dev: bool, path: str, components: str):
+    """``scheduler`` (a FLUX folder's) as the transformer file's variant samples: a schnell file with dev's folder
+    was sampled on dev's resolution-shifted sigmas (the last of 4 steps from 0.51 at 1024 px instead of 0.25), a dev
+    file with schnell's on unshifted ones. Said when it changes."""
+    if bool(scheduler.config.get("use_dynamic_shifting")) == dev:
+        return scheduler
+    if dev:
+        shipped = json.loads((ARCH_FLOW_DIR / "flux" / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        own = {k: shipped[k] for k in DEV_SCHEDULE}
+    else:
+        own = SCHNELL_SCHEDULE
+    log.warning("%s is FLUX.1-%s (its keys %s guidance_in) and model_components=%s is the other variant's folder: "
+                "sampling with %s's schedule (%s)", path, "dev" if dev else "schnell", "have" if dev else "have no",
+                components, "dev" if dev else "schnell", ", ".join(f"{k}={v}" for k, v in own.items()))
+    return type(scheduler).from_config(scheduler.config, **own)
 
 
 def _whole_single_file(cls, config: dict, path: str, components: str, layout: str, dtype: torch.dtype):
