@@ -176,6 +176,20 @@ def test_transformer_layouts_are_told_apart():
         transformer_layout(["blocks.0.weight"])
 
 
+def test_a_single_file_of_no_known_layout_names_the_flow_transformer_files_too(tmp_path):
+    """A file of no layout the reader knows, without model_components: the line listed SD 1.x/2.x/XL only, never
+    that SD3/FLUX transformer files are read (with their model's folder)."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.loading import load_components
+
+    path = tmp_path / "unknown.safetensors"
+    save_file({"blocks.0.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(UserError, match=r"is not a Stable Diffusion checkpoint .*Supported: .*; and SD3/SD3.5 or "
+                                        r"FLUX.1 transformer files .* --set model_components=DIR"):
+        load_components(Config(model=str(path)))
+
+
 @pytest.mark.parametrize("name, size, t5", [("sd35m", 2.47e9, 4.76e9), ("flux", 11.9e9, 4.76e9)])
 def test_shipped_flow_architectures_load_on_meta(name, size, t5):
     from lowmem_alignprop.models.loading import load_components
