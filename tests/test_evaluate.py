@@ -9,6 +9,7 @@ import os
 import logging
 
 import pytest
+import yaml
 import torch
 
 from lowmem_alignprop.cli import main
@@ -637,7 +638,7 @@ def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them
         assert (used[-1].model, used[-1].negative_prompt) == (str(tiny_dir), negative), extra
 
 
-def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp_path, capsys):
+def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp_path, capsys, caplog):
     """`sample RUN` (or RUN/lora) of a run still training, or whose lora/ is lost: the line names its newest checkpoint
     (and, lost, export that writes lora/ again); it said "holds no LoRA weights; pass the lora/ folder", which does
     not exist yet. `export RUN` of a run still training names its checkpoints (it said "choose another --output-dir",
@@ -667,6 +668,14 @@ def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp
         assert f"{run} is still training" in err and f"lowmem-alignprop export {newest}" in err
         assert "--output-dir" not in err
     assert not (tmp_path / "s").exists() and not (run / "lora").exists()
+    # a checkpoint renders with the settings its steps were made with, not the run's later ones (a resume that
+    # changed the resolution: config.yaml holds the new one)
+    config = run / "config.yaml"
+    trained = yaml.safe_load(config.read_text())["resolution"]
+    config.write_text(config.read_text().replace(f"resolution: {trained}", f"resolution: {trained + 32}"))
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *COMMON, str(newest), "--num-prompts", "1", "--output-dir", str(tmp_path / "c")]) == 0
+    assert f"as its run did: resolution={trained} " in caplog.text
 
 
 def test_sample_takes_the_seeds_a_run_records_past_a_training_seeds_range(tmp_path, loras):

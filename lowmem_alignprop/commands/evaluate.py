@@ -260,9 +260,15 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         return None
     if not model_given:
         check_recorded_base(model, f"--lora {spec.arg}")
-    # the run: the folder named (RUN), or one or two above it (RUN/lora, RUN/checkpoints/step-N, RUN/export/kohya)
-    run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
-    config = read_run(run)[0] if run else recorded
+    # a checkpoint: the settings its steps were made with (a later --resume may have changed the run's); else the
+    # run: the folder named (RUN), or one or two above it (RUN/lora, RUN/export/kohya)
+    from lowmem_alignprop.run.checkpoint import named_checkpoint, read_state
+
+    if (checkpoint := named_checkpoint(named)) is not None:
+        config = read_state(checkpoint).get("config") or recorded
+    else:
+        run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
+        config = read_run(run)[0] if run else recorded
     return model, {**image_settings(config), **scoring_settings(config)}
 
 
