@@ -383,6 +383,15 @@ def test_a_resume_that_fails_as_the_checkpoint_loads_leaves_config_and_command_a
     assert snapshot(trained) == before
 
 
+def test_a_snapshot_window_before_a_resumes_first_step_is_refused(trained, capsys):
+    """--memory-snapshot of steps a resume does not train (it starts at step 3): one line, nothing changed (it was
+    taken, and on a GPU recorded nothing and said nothing)."""
+    before = snapshot(trained)
+    fails(capsys, [*FAST, "--output-dir", str(trained), "--steps", "4", "--resume", "latest", "--memory-snapshot",
+                   "1-2"], "--memory-snapshot 1-2: this resume starts at step 3: give steps within 3-4")
+    assert snapshot(trained) == before
+
+
 def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_model_loads(trained, tmp_path):
     state = {**ckpt.read_state(ckpt.find_resume(trained, "latest")), "world_size": 2}
     state["config"] = {**state["config"], "deepspeed_zero": 2}

@@ -110,6 +110,11 @@ class RunFolder:
             self._found = (point, error, captured.records)
         return self._found
 
+    def resumed_step(self) -> int | None:
+        """The step the checkpoint a --resume continues from holds (its run goes on from the next), or None."""
+        point = self._lookup()[0] if self.resume else None
+        return int(point.state.get("step", 0)) if point is not None else None
+
     def resumed_settings(self) -> tuple[str, dict] | None:
         """(profile name, config) the checkpoint was trained with, or None (no --resume, or :meth:`check` will say
         what is wrong: a live run in the folder first, then a missing or broken checkpoint)."""
