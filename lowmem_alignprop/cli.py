@@ -106,11 +106,11 @@ def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None 
 def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
     if not spec:
         return None
-    try:
-        a, _, b = spec.partition("-")
-        lo, hi = int(a), int(b or a)
-    except ValueError:
-        raise UserError(f"--memory-snapshot {spec!r}: write a step or a range, e.g. 2 or 2-3") from None
+    import re
+
+    if (m := re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", spec.strip())) is None:  # ("2-", "2_0": int() took them)
+        raise UserError(f"--memory-snapshot {spec!r}: write a step or a range, e.g. 2 or 2-3")
+    lo, hi = int(m[1]), int(m[2] or m[1])
     if lo < 1 or hi < lo:
         raise UserError(f"--memory-snapshot {spec!r}: steps start at 1 and the range must not be empty")
     return lo, hi

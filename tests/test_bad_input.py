@@ -383,6 +383,16 @@ def test_a_resume_that_fails_as_the_checkpoint_loads_leaves_config_and_command_a
     assert snapshot(trained) == before
 
 
+@pytest.mark.parametrize("spec", ["2-", "2_0", "\u0662", "x", "2,3", "2-3-4", "1.5"])
+def test_a_memory_snapshot_is_a_step_or_a_range_in_ascii_digits(spec):
+    """int() took "2-" as 2, "2_0" as 20 and an Arabic-Indic two as 2: each is now one line."""
+    from lowmem_alignprop.cli import parse_snapshot
+
+    with pytest.raises(UserError, match=f"--memory-snapshot {spec!r}: write a step or a range, e.g. 2 or 2-3"):
+        parse_snapshot(spec)
+    assert parse_snapshot(" 2") == (2, 2) and parse_snapshot("2-3") == (2, 3)
+
+
 def test_a_snapshot_window_before_a_resumes_first_step_is_refused(trained, capsys):
     """--memory-snapshot of steps a resume does not train (it starts at step 3): one line, nothing changed (it was
     taken, and on a GPU recorded nothing and said nothing)."""
