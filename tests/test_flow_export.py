@@ -351,6 +351,24 @@ def test_merged_model_is_base_plus_lora(case, tmp_path):
     assert "merged in at weight 1" in (out / "README.md").read_text()
 
 
+def test_a_merge_of_a_run_trained_without_t5_keeps_the_bases_t5(sd3, tmp_path, caplog):
+    """t5_encoder=false saves training memory: `export --merge` wrote an SD3 without T5-XXL (model_index null), which
+    its own card's from_pretrained could not load. The merged model keeps the base's T5, and a line says so."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(sd3["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "t5_encoder": False}))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        out = export(tmp_path / "e", run / "lora", "--merge")
+    assert "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL" in caplog.text
+    assert (out / "text_encoder_3").is_dir()
+    assert DiffusionPipeline.from_pretrained(out).text_encoder_3 is not None  # as its card says to load it
+
+
 def test_merge_onto_the_other_flow_family_is_refused_before_the_model_loads(flux, sd3, tmp_path, capsys,
                                                                            monkeypatch):
     from lowmem_alignprop.commands import lora_merge

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def merge_base(lora: Lora, model: str | None) -> str:
 
 
 def load_base(spec: str, run_config: dict | None = None):
-    """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete). SD3/FLUX
-    load as training loads them (a transformer file takes the run's model_components), in fp32."""
+    """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete, SD3's T5
+    too where the run trained without it). SD3/FLUX load as training loads them (a transformer file takes the run's
+    model_components), in fp32."""
     from lowmem_alignprop.run import hub
     from lowmem_alignprop.models.loading import hub_message, resolve_model
     from lowmem_alignprop.models.pipeline_load import load_pipeline
@@ -50,8 +52,12 @@ def load_base(spec: str, run_config: dict | None = None):
         from lowmem_alignprop.models.loading import load_components
         from lowmem_alignprop.settings.config import Config
 
-        comps = load_components(Config(model=spec, model_components=components,
-                                       t5_encoder=(run_config or {}).get("t5_encoder", True)))
+        if (run_config or {}).get("t5_encoder") is False:  # a training run's memory choice, not the model's
+            logging.getLogger("lowmem_alignprop").warning(
+                "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL, as "
+                "the base is (its images with T5 differ from the run's; StableDiffusion3Pipeline.from_pretrained(..., "
+                "text_encoder_3=None, tokenizer_3=None) renders without it, as training did)")
+        comps = load_components(Config(model=spec, model_components=components))
         return family_for(comps).make_pipeline(comps)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
