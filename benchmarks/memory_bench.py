@@ -691,12 +691,12 @@ def _summary(doc: dict, gpu) -> list[str]:
     L = ["### Summary", ""]
     lad = doc.get("ladder") or {}
     rows = lad.get("rows") or []
+    full = next((r for r in rows if "= rtx3060" in r["label"]), None)  # (--quick runs no profile row)
     if len(rows) >= 2:
-        full = next((r for r in rows if "= rtx3060" in r["label"]), rows[-1])
         L.append(f"- SD1.5 512 px with the aesthetic reward (estimates): {_g(rows[0]['peak_allocated'])} GiB peak with no "
-                 f"optimization, {_g(rows[1]['peak_allocated'])} GiB with fp16 frozen weights, "
-                 f"{_g(full['peak_allocated'])} GiB with the full rtx3060 profile ({_g(full['peak_reserved'])} GiB "
-                 f"needed of its {full['budget_gb']:g}); the peak is in `{full['peak_stage']}`.")
+                 f"optimization, {_g(rows[1]['peak_allocated'])} GiB with fp16 frozen weights"
+                 + (f", {_g(full['peak_allocated'])} GiB with the full rtx3060 profile ({_g(full['peak_reserved'])} GiB "
+                    f"needed of its {full['budget_gb']:g}); the peak is in `{full['peak_stage']}`." if full else "."))
     cost = lad.get("autocast_cost") or []
     if cost:
         d = [(c["with_autocast"] - c["without_autocast"]) / GIB for c in cost]

@@ -326,6 +326,17 @@ def test_report_rebuild_keeps_the_hand_written_blocks(tmp_path):
         assert line.startswith(f"`results/{path.name}`: command `{json.loads(path.read_text())['command']}`")
 
 
+def test_the_reports_summary_names_the_full_profile_only_when_it_ran():
+    """memory_bench --quick runs no rtx3060 row: its summary called the fp16 row "the full rtx3060 profile"."""
+    bench = _memory_bench()
+    row = {"peak_allocated": 5 * GIB, "peak_reserved": 6 * GIB, "budget_gb": 7.5, "peak_stage": "reward"}
+    rows = [{**row, "label": "none"}, {**row, "label": "fp16", "peak_allocated": 4 * GIB}]
+    quick = bench._summary({"ladder": {"rows": rows}}, [])[2]
+    assert quick.endswith("GiB with fp16 frozen weights.") and "rtx3060" not in quick, quick
+    full = {**row, "label": "+ everything = rtx3060", "peak_allocated": 3 * GIB, "peak_stage": "backward"}
+    assert "the full rtx3060 profile" in bench._summary({"ladder": {"rows": [*rows, full]}}, [])[2]
+
+
 def test_a_benchmark_section_carried_over_keeps_where_it_was_measured():
     """memory_bench --only ladder carries the other sections from the latest file, which it may then write over (the
     same device and date): each carried section keeps the command, date, device and versions of the run that

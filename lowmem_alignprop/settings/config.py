@@ -188,8 +188,9 @@ class Config:
     vae_checkpointing: str = _f("none", "VAE decoder checkpointing: none, per up-block, or per resnet (least memory).",
                                 ("none", "blocks", "resnets"))
     reward_checkpointing: bool = _f(False, "Checkpoint the reward model's layers (saves its activations in backward).")
-    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch: lowers the decode "
-                             "peak, and the backward peak when the VAE is checkpointed (batch_size > 1).")
+    sliced_decode: bool = _f(False, "Decode one image at a time instead of the whole batch: lowers the decode and "
+                             "backward peaks when the VAE is checkpointed (batch_size > 1; without VAE checkpointing "
+                             "every image's decoder activations are kept for backward either way).")
     tiled_decode: bool = _f(False, "Decode latents in overlapping tiles with blended seams (for large images).")
     tile_size: int = _f(64, "Latent tile side for tiled_decode.")
     tile_overlap: int = _f(16, "Latent tile overlap for tiled_decode.")
