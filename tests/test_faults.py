@@ -94,6 +94,11 @@ def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_d
     assert cfg["batch_size"] == 1 and cfg["grad_accum"] == 2 and cfg["reward_checkpointing"] is True
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto-fit at step 2 (reward)")]
     assert len(said) == 2 and "this should fit: --set reward_checkpointing=true" in said[0]  # once each, not twice
+    # memory_report describes the configuration that trained: the attempts that ran out are apart (they were two
+    # more step-2 rows, their figures in the stage table and the peak)
+    report = json.loads((out / "memory_report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3]
+    assert [(s["step"], s["aborted"]) for s in report["aborted_steps"]] == [(2, "out of memory in reward")] * 2
 
 
 @pytest.mark.parametrize("stage, expected", [

@@ -90,6 +90,24 @@ def test_load_peak_and_module_split(two_steps):
     assert split["unet"]["by_device"] == {"cpu": model.weight.nbytes}
 
 
+def test_stage_seconds_leave_out_the_counted_steps_and_aborted_attempts_stay_apart(two_steps):
+    """A CPU step whose allocation is counted runs ~1.5x slower: the stage means take the plain steps where there are
+    any (step 3 here; step 1 is the warm-up), and the note says so. An attempt that did not train (--auto-fit's
+    out-of-memory retry) is listed apart, out of the steps and the stage table."""
+    prof, summaries, _, _ = two_steps
+    report = prof.report()
+    assert report["stages"]["backward"]["seconds_mean"] == summaries[2]["stages"]["backward"]["seconds"]
+    assert "the seconds leave out the steps whose allocation was counted" in report["summary_steps"]["note"]
+    assert "aborted_steps" not in report
+    alone = StageProfiler("cpu", detail_steps={1})
+    alone.begin_step(1)
+    with alone.stage("backward"):
+        _alloc(MiB)
+    alone.end_step(aborted="out of memory in backward")
+    assert alone.steps == [] and [(s["step"], s["aborted"]) for s in alone.report()["aborted_steps"]] == \
+        [(1, "out of memory in backward")]
+
+
 def test_plain_steps_record_time_and_rss_only(two_steps):
     _, summaries, _, _ = two_steps
     s = summaries[2]

@@ -901,7 +901,7 @@ class Trainer:
         """Out of memory in ``stage``: with --auto-fit apply the next lighter setting (the step is then repeated with
         the same prompts and K); else keep the finished steps in a checkpoint and stop with the change that fits."""
         cfg = self.cfg
-        self.prof.end_step()
+        self.prof.end_step(aborted=f"out of memory in {stage}")  # its figures are not the configuration that trains
         self.optimizer.zero_grad(set_to_none=True)  # frees the half-built gradients before the retry
         faults.free_memory()  # and the failed step's cached blocks: the retry starts from a clean allocator
         fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
@@ -986,7 +986,7 @@ class Trainer:
         Ctrl-C and SIGTERM never raise in a step)."""
         cfg = self.cfg
         stage = faults.stage_of(e, "the loop")  # StageGuard tagged it with the stage it happened in
-        self.prof.end_step()
+        self.prof.end_step(aborted=f"an error in {stage}")
         self.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients freed before the checkpoint
         self.rng.setstate(rng_before)  # the checkpoint resumes at this step, with its prompts and K
         saved, kept = self.keep_steps(step - 1)

@@ -206,6 +206,7 @@ class StageProfiler:
             pass
 
         self.steps: list[dict[str, Any]] = []  # end_step summaries, in order
+        self.aborted: list[dict[str, Any]] = []  # attempts that did not train (out of memory, an error): apart
         self.outside: dict[str, dict[str, Any]] = {}  # stages run outside a step (load)
         self.modules: dict[str, dict[str, dict[str, Any]]] = {}  # label -> module -> residency
         self._module_refs: list[weakref.ref] = []  # registered modules, for the CPU baseline
@@ -328,8 +329,9 @@ class StageProfiler:
         if self._step is not None:
             self._step_t0 += seconds
 
-    def end_step(self) -> dict[str, Any]:
-        """Close the step and return its summary (see the module docstring for the keys)."""
+    def end_step(self, aborted: str | None = None) -> dict[str, Any]:
+        """Close the step and return its summary (see the module docstring for the keys). ``aborted``: why the
+        attempt did not train (--auto-fit repeats it lighter): kept apart, out of the stage table and the peak."""
         if self._step is None:
             raise RuntimeError("end_step() without begin_step()")
         step, figures = self._step, self._step_figures
@@ -361,7 +363,10 @@ class StageProfiler:
         if self._snapshot_recording and self.snapshot_steps and step >= self.snapshot_steps[1]:
             self._snapshot_window = (self._snapshot_window or (step, step))[0], step
             self._take_snapshot()
-        self.steps.append(summary)
+        if aborted:
+            self.aborted.append({**summary, "aborted": aborted})
+        else:
+            self.steps.append(summary)
         self._last_step, self._step, self._step_figures = step, None, {}
         return summary
 
@@ -497,7 +502,8 @@ class StageProfiler:
                 entry[key] = max(v for _, v in vals) if vals else None
                 if key == "peak_allocated":
                     entry["peak_steps"] = _describe_steps(st for st, _ in vals) if vals else None
-            entry["seconds_mean"] = sum(f["seconds"] for _, f in kept) / len(kept)
+            timed = [r for r in kept if r[0] not in measured] or kept  # (counting storages slows a step ~1.5x)
+            entry["seconds_mean"] = sum(f["seconds"] for _, f in timed) / len(timed)
             entry["calls_mean"] = sum(f["calls"] for _, f in kept) / len(kept)
             # RSS of the steps whose allocation was not measured: a measured step's RSS includes the measurement
             plain = [(st, f) for st, f in kept if st not in measured and f["rss"] is not None] or [
@@ -532,6 +538,8 @@ class StageProfiler:
         else:
             method = f"{self.device.type}: time and RSS only"
         steps_kept = [s["step"] for s in self.steps if s["step"] != warmup]
+        counted = {s["step"] for s in self.steps if s.get("source") == CPU_SOURCE}
+        timed_apart = bool(counted) and any(st not in counted for st in steps_kept)  # (as _stage_summary times)
         measured = _describe_steps(s["step"] for s in self.steps if s["peak_allocated"] is not None)
         return {
             "device": self.device_info(),
@@ -545,6 +553,8 @@ class StageProfiler:
                 "peak_measured_steps": measured or None,  # on CPU only the detail steps measure a peak
                 "note": ("per-stage peaks are the max and seconds the mean over these steps"
                          + (f"; step {warmup} excluded as warm-up" if warmup is not None else "")
+                         + ("; the seconds leave out the steps whose allocation was counted (slower)"
+                            if timed_apart else "")
                          + f"; peaks were measured in steps {measured or 'none'}, and the overall peak is the "
                            "largest of them"),
             },
@@ -560,6 +570,8 @@ class StageProfiler:
             "load": self.outside.get(LOAD),
             "rss": self._rss_summary(),
             "steps": [_compact(s) for s in self.steps],
+            **({"aborted_steps": [{"step": s["step"], "aborted": s["aborted"], "peak_allocated": s["peak_allocated"],
+                                   "peak_stage": s["peak_stage"]} for s in self.aborted]} if self.aborted else {}),
         }
 
     def _rss_summary(self) -> dict[str, Any] | None:
