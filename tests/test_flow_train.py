@@ -176,6 +176,18 @@ def test_transformer_layouts_are_told_apart():
         transformer_layout(["blocks.0.weight"])
 
 
+def test_an_sd3_file_with_a_folder_without_t5_loads_without_t5(tmp_path):
+    """SD3 may come without T5-XXL (a components folder downloaded without its 9.5 GB): a transformer file with such a
+    folder failed with diffusers' "expected ... text_encoder_3" (the folder alone loaded); it loads as the folder
+    does, without T5."""
+    from lowmem_alignprop.models.loading import load_components
+
+    folder = build_tiny_sd3_dir(tmp_path / "sd3", with_t5=False)
+    path = _transformer_file(tmp_path, build_tiny_sd3_pipeline())
+    comps = load_components(Config(model=str(path), model_components=str(folder)))
+    assert comps.family == "sd3" and comps.text_encoder_3 is None and comps.text_encoder_2 is not None
+
+
 def test_a_single_file_of_no_known_layout_names_the_flow_transformer_files_too(tmp_path):
     """A file of no layout the reader knows, without model_components: the line listed SD 1.x/2.x/XL only, never
     that SD3/FLUX transformer files are read (with their model's folder)."""

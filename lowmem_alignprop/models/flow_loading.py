@@ -131,7 +131,9 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
         return load_by_block(cls, config, [path], family, layout, place, whole=layout != "diffusers") or \
             _whole_single_file(cls, config, path, components, layout, dtype)
 
-    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not t5 else {}
+    index = model_index(Path(components).expanduser())  # (a hub id's is not read here: T5 as it comes)
+    folder_t5 = index is None or (index.get("text_encoder_3") or [None])[0] is not None  # SD3 may come without T5
+    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not (t5 and folder_t5) else {}
     pipe = load_pipeline(str(Path(components).expanduser()), dtype, transformer=_placeholder(cls, config, dtype),
                          **missing)
     if family == "flux":  # the schedule of the variant the file is, whichever variant's folder gave the rest
