@@ -351,6 +351,32 @@ def test_merged_model_is_base_plus_lora(case, tmp_path):
     assert "merged in at weight 1" in (out / "README.md").read_text()
 
 
+def test_a_transformer_file_bases_metadata_and_card_read_its_components_folder(flux, sd3, tmp_path):
+    """A run on a transformer file (--model FILE --set model_components=DIR): kohya's metadata guessed from a folder
+    the file has not (an SD3 Medium file said 5-large, a schnell file flux-1-dev), and the merged single file's card
+    named the file as model_components. Now the components folder's config, FLUX's variant as the file's keys say."""
+    from safetensors.torch import save_file
+
+    from flowmodels import build_tiny_flux_pipeline
+    from lowmem_alignprop.commands import flow_export, model_card
+
+    schnell = tmp_path / "schnell.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny_flux_pipeline(schnell=True).transformer.state_dict().items()},
+              str(schnell))
+    assert flow_export.architecture("flux", str(flux["base"]), []) == "flux-1-dev/lora"  # the dev folder itself
+    assert flow_export.architecture("flux", str(schnell), [], str(flux["base"])) == "flux-1-schnell/lora"
+    sd3_file = tmp_path / "sd3.safetensors"
+    from diffusers import SD3Transformer2DModel
+    save_file({k: v.contiguous() for k, v in SD3Transformer2DModel.from_pretrained(sd3["base"] / "transformer")
+               .state_dict().items()}, str(sd3_file))
+    folder_says = flow_export.base_model_version("sd3", str(sd3["base"]), [])
+    assert folder_says == "medium"  # the tiny SD3 has no qk-norm: SD3 Medium's shape (a file alone said 5-large)
+    assert flow_export.base_model_version("sd3", str(sd3_file), [], str(sd3["base"])) == folder_says
+    use = model_card._usage("single-file", ["m.safetensors"], str(schnell), 1.0, "flux", str(flux["base"]))
+    assert f"--set model_components={flux['base']}" in "\n".join(use) and f"model_components={schnell}" not in \
+        "\n".join(use)
+
+
 def test_a_merge_of_a_run_trained_without_t5_keeps_the_bases_t5(sd3, tmp_path, caplog):
     """t5_encoder=false saves training memory: `export --merge` wrote an SD3 without T5-XXL (model_index null), which
     its own card's from_pretrained could not load. The merged model keeps the base's T5, and a line says so."""

@@ -232,12 +232,19 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
 # which model: kohya's ss_base_model_version, sai's modelspec.architecture
 # ---------------------------------------------------------------------------------------------------------
 
-def transformer_config(base_model: str | None) -> dict | None:
-    """The base model's transformer config, when the base model is a shipped architecture or a local folder."""
+def transformer_config(base_model: str | None, components: str = "") -> dict | None:
+    """The base model's transformer config, when the base model is a shipped architecture or a local folder, or a
+    transformer file with its model_components folder (that folder's config, FLUX's variant as the file's keys say:
+    as loading reads it)."""
     if not base_model:
         return None
-    from lowmem_alignprop.models.flow_loading import ARCH_FLOW_DIR, FLOW_ARCHS
+    from lowmem_alignprop.models.flow_loading import ARCH_FLOW_DIR, FLOW_ARCHS, single_file_transformer
 
+    if components and Path(base_model).expanduser().is_file():
+        try:
+            return single_file_transformer(base_model, components)[1]
+        except (UserError, OSError):  # gone or changed since: the metadata falls back to the modules' shapes
+            return None
     folder = ARCH_FLOW_DIR / base_model if base_model in FLOW_ARCHS else Path(base_model).expanduser()
     try:
         return json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
@@ -258,22 +265,22 @@ def family_of_model(base_model: str | None) -> str | None:
     return FLOW_PIPELINES.get(pipeline_class(Path(base_model).expanduser()))
 
 
-def base_model_version(family: str, base_model: str | None, modules) -> str:
+def base_model_version(family: str, base_model: str | None, modules, components: str = "") -> str:
     if family == FLUX:
         return "flux1"
-    conf = transformer_config(base_model)
+    conf = transformer_config(base_model, components)
     dual = any(".attn2." in m for m in modules) or bool((conf or {}).get("dual_attention_layers"))
     if conf is not None and not conf.get("qk_norm"):
         return "medium"  # SD3 Medium: no qk-norm
     return "5-medium" if dual else "5-large"
 
 
-def architecture(family: str, base_model: str | None, modules) -> str:
+def architecture(family: str, base_model: str | None, modules, components: str = "") -> str:
     """sai modelspec.architecture (what sd-scripts writes beside ss_base_model_version)."""
     if family == FLUX:
-        conf = transformer_config(base_model)
+        conf = transformer_config(base_model, components)
         return f"flux-1-{'schnell' if conf is not None and not conf.get('guidance_embeds') else 'dev'}/lora"
-    return f"stable-diffusion-3-{base_model_version(family, base_model, modules)}/lora"
+    return f"stable-diffusion-3-{base_model_version(family, base_model, modules, components)}/lora"
 
 
 def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str) -> list[str]:

@@ -80,6 +80,12 @@ class Lora:
     def base_model(self) -> str | None:
         return (self.base or {}).get("model") or self.run_config.get("model")
 
+    @property
+    def model_components(self) -> str:
+        """The folder with the other parts of a transformer-file base model (its run's model_components), or ""."""
+        return str(((self.base or {}).get("image_settings") or {}).get("model_components")
+                   or self.run_config.get("model_components") or "")
+
     def scale(self, module: str) -> float:
         """The factor peft applies to ``B @ A`` in ``module`` (what a trained LoRA means)."""
         from peft.utils.other import get_pattern_key
@@ -319,7 +325,7 @@ def base_family(lora: Lora) -> str:
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
     if lora.flow:
         from lowmem_alignprop.commands import flow_export
-        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules)
+        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules, lora.model_components)
     spec = lora.base_model or ""
     known = {"sd15": SD_V1, "sd21": SD_V2, "sdxl": SDXL}
     if spec in known:

@@ -70,7 +70,8 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         meta["alignprop_final_reward"] = num(info["reward_last"])
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
-        meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules)
+        meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
+                                                                  lora.model_components)
     else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
         version = meta["ss_base_model_version"]
         meta["ss_v2"] = str(version == SD_V2)

@@ -138,7 +138,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if grid:
         what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
-    usage = _usage(fmt, files, base, merged_weight, lora.family)
+    usage = _usage(fmt, files, base, merged_weight, lora.family, lora.model_components)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -161,11 +161,12 @@ def _library(fmt: str, lora: Lora) -> str | None:
     return None if fmt == "kohya" and lora.family == "sd3" else "diffusers"
 
 
-def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet") -> list[str]:
+def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet",
+           components: str = "") -> list[str]:
     base = base or "BASE_MODEL"
-    if family != "unet":
+    if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
         from lowmem_alignprop.commands import flow_export
-        return flow_export.usage(fmt, files, base, merged, family, base)
+        return flow_export.usage(fmt, files, base, merged, family, components or base)
     if merged is not None and fmt == "single-file":
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
                 "node.",
