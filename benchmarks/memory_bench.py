@@ -695,8 +695,9 @@ def _summary(doc: dict, gpu) -> list[str]:
     if len(rows) >= 2:
         L.append(f"- SD1.5 512 px with the aesthetic reward (estimates): {_g(rows[0]['peak_allocated'])} GiB peak with no "
                  f"optimization, {_g(rows[1]['peak_allocated'])} GiB with fp16 frozen weights"
-                 + (f", {_g(full['peak_allocated'])} GiB with the full rtx3060 profile ({_g(full['peak_reserved'])} GiB "
-                    f"needed of its {full['budget_gb']:g}); the peak is in `{full['peak_stage']}`." if full else "."))
+                 + (f", {_g(full['peak_allocated'])} GiB with the full rtx3060 profile "
+                    f"({_g(full['peak_reserved'])} GiB needed of its {full['budget_gb']:g}); the peak is in "
+                    f"`{full['peak_stage']}`." if full else "."))
     cost = lad.get("autocast_cost") or []
     if cost:
         d = [(c["with_autocast"] - c["without_autocast"]) / GIB for c in cost]
