@@ -503,8 +503,9 @@ def test_bad_input_model_components_and_a_missing_t5(dirs, tmp_path, capsys):
              ([*FLOW, "--model", str(path), "--set", f"model_components={tmp_path / 'gone'}"],
               f"error: model_components={tmp_path / 'gone'} does not exist: name the model's diffusers folder"),
              ([*FLOW, "--model", str(dirs["flux"]), "--set", f"model_components={dirs['sd3']}"],
-              "error: model_components names the folder with the other parts of a single transformer file, and "
-              f"--model {dirs['flux']} is a whole model with its own: drop model_components"),
+              f"error: model_components={dirs['sd3']} names the folder with the other parts of a single transformer "
+              f"file, and --model {dirs['flux']} is a whole model with its own: drop model_components (a resumed "
+              "run's, of its transformer file: --set model_components=)"),
              ([*FLOW, "--model", str(no_t5)],
               f"error: {no_t5} is incomplete: its model_index.json lists text_encoder_2 but the text_encoder_2/ "
               "folder is missing; copy the whole model folder (every subfolder)"),

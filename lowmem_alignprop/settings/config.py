@@ -379,8 +379,9 @@ class Config:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or --set sample_every=0")
         if self.model_components and _is_whole_model(self.model):
-            raise UserError(f"model_components names the folder with the other parts of a single transformer file, "
-                            f"and --model {self.model} is a whole model with its own: drop model_components")
+            raise UserError(f"model_components={self.model_components} names the folder with the other parts of a "
+                            f"single transformer file, and --model {self.model} is a whole model with its own: drop "
+                            "model_components (a resumed run's, of its transformer file: --set model_components=)")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
             raise UserError(FLUX_NEGATIVE)
         if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
