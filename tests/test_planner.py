@@ -434,6 +434,8 @@ def test_candidates_include_the_issue_7_features_before_task_changes():
     assert {"base_quant": "nf4"} in labels and {"tiled_decode": True, "sliced_decode": False} in labels
     task = next(i for i, c in enumerate(labels) if "resolution" in c)
     assert labels.index({"base_quant": "nf4"}) < task
+    assert labels.index({"activation_offload": True}) < task  # a memory flag before a change of the task (plan
+    # advised resolution 384 where activation offload alone fitted)
     done = dataclasses.replace(cfg, base_quant="nf4", tiled_decode=True).validate()
     assert not any("base_quant" in c or "tiled_decode" in c for _, c in fit_changes.candidate_changes(done, "cuda"))
     assert not any("base_quant" in c for _, c in fit_changes.candidate_changes(cfg, target="cpu"))

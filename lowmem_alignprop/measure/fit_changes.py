@@ -61,6 +61,10 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
                     {"encode_on_cpu": True}))
     if cfg.vae_checkpointing != "resnets":
         out.append(("checkpoint the VAE decoder per resnet (most recomputation)", {"vae_checkpointing": "resnets"}))
+    if not cfg.activation_offload and target == "cuda":  # (it moves checkpointed tensors: the VAE's at least)
+        out.append(("move the tensors saved for backward to host memory (activation offload: PCIe copies both ways)",
+                    {"activation_offload": True, **({"vae_checkpointing": "blocks"} if cfg.vae_checkpointing == "none"
+                                                    else {})}))
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
     if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
