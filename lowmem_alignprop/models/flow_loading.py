@@ -155,7 +155,8 @@ def flux_variant_scheduler(scheduler, *, dev: bool, path: str, components: str):
     if bool(scheduler.config.get("use_dynamic_shifting")) == dev:
         return scheduler
     if dev:
-        shipped = json.loads((ARCH_FLOW_DIR / "flux" / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        shipped = json.loads((ARCH_FLOW_DIR / "flux" / "scheduler" / "scheduler_config.json").read_text(
+            encoding="utf-8"))
         own = {k: shipped[k] for k in DEV_SCHEDULE}
     else:
         own = SCHNELL_SCHEDULE

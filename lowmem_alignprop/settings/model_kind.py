@@ -22,7 +22,7 @@ def shipped_name(model: str) -> str:
     sampling defaults and run records go with it), else as given."""
     try:
         return "toy" if model and Path(model).expanduser().resolve() == TOY_MODEL_DIR else model
-    except (OSError, RuntimeError):  # an unreadable path or a symlink loop: not the toy model's folder
+    except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL: not the toy model's folder
         return model
 
 
