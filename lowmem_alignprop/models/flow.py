@@ -33,9 +33,8 @@ import torch
 from lowmem_alignprop.memory.precision import compute_dtype
 from lowmem_alignprop.memory.recompute import checkpoint
 from lowmem_alignprop.models.sampling import decode as _decode_latents
-from lowmem_alignprop.models.sampling import (ENCODE_CHUNK, BatchedTensors, adapters_off, bring_to_device,
-                                             crowds_device, draw_window, hold_on_host, truncated_chain,
-                                             vae_scale_factor, with_repeated_embeds)
+from lowmem_alignprop.models.sampling import (ENCODE_CHUNK, BatchedTensors, adapters_off, cached_batch, draw_window,
+                                             encode_in_chunks, truncated_chain, vae_scale_factor, with_repeated_embeds)
 
 __all__ = ["FlowEmbeds", "FlowPromptCache", "add_flow_lora", "base_velocity", "decode",
            "draw_window", "encode_prompts", "family_of", "guided_velocity",
@@ -138,14 +137,9 @@ class FlowPromptCache:
         encoders = _text_encoders(self.pipe)
         if self.place is not None:
             self.place.to_device("text_encoder", *encoders)
-        for i in range(0, len(self.prompts), self.chunk):
-            part = self.prompts[i:i + self.chunk]
-            e = encode_prompts(self.pipe, part, self.device, guidance_scale=self.guidance_scale,
-                               max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
-            self.on_host = self.on_host or i == 0 and crowds_device(e, len(part), len(self.prompts))
-            e = hold_on_host(self.place, e) if self.on_host else e
-            for j, p in enumerate(part):
-                self.cache[p] = e.index(slice(j, j + 1))
+        self.cache, self.on_host = encode_in_chunks(self.prompts, lambda part: encode_prompts(
+            self.pipe, part, self.device, guidance_scale=self.guidance_scale,
+            max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt), self.place, self.chunk)
         if self.place is not None:
             self.place.offload("text_encoder", *encoders)
         del encoders
@@ -169,8 +163,7 @@ class FlowPromptCache:
 
     def __call__(self, batch_prompts: list[str]) -> FlowEmbeds:
         self.encode_all()
-        batch = FlowEmbeds.cat([self.cache[p] for p in batch_prompts])
-        return bring_to_device(self.place, batch, self.device) if self.on_host else batch
+        return cached_batch(self.cache, batch_prompts, self.on_host, self.place, self.device)
 
 
 # --------------------------------------------------------------------------------------------------

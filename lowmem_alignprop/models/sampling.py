@@ -161,15 +161,31 @@ HOST_CACHE_ABOVE = 256 * 2**20  # bytes of cached embeddings above which they wa
 ENCODE_CHUNK = 16  # prompts a prompt cache encodes at a time (the text encoder's activations: for 16, not the set)
 
 
-def hold_on_host(place, embeds: BatchedTensors) -> BatchedTensors:
-    """A large prompt cache's chunk to host memory, by ``place`` (the trainer's Placement, the planner's Residency,
-    which counts it there) where there is one."""
-    return place.to_host(embeds) if place is not None else embeds.to("cpu")
+def encode_in_chunks(prompts: list[str], encode: Callable[[list[str]], BatchedTensors], place,
+                     chunk: int = ENCODE_CHUNK) -> tuple[dict[str, BatchedTensors], bool]:
+    """A prompt cache, UNet's and SD3/FLUX's: every prompt's embeddings by ``encode`` (``chunk`` prompts at a time),
+    in host memory (by ``place``: the trainer's Placement, the planner's Residency, which counts them there; else
+    ``.to("cpu")``) when the set would crowd the device (:func:`crowds_device`). Returns (cache, in host memory)."""
+    cache: dict[str, BatchedTensors] = {}
+    on_host = False
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        e = encode(part)
+        on_host = on_host or i == 0 and crowds_device(e, len(part), len(prompts))
+        if on_host:
+            e = place.to_host(e) if place is not None else e.to("cpu")
+        for j, p in enumerate(part):
+            cache[p] = e.index(slice(j, j + 1))
+    return cache, on_host
 
 
-def bring_to_device(place, embeds: BatchedTensors, device) -> BatchedTensors:
-    """A batch of a host-held prompt cache to the device (:func:`hold_on_host`'s way back)."""
-    return place.from_host(embeds) if place is not None else embeds.to(device)
+def cached_batch(cache: dict[str, BatchedTensors], batch_prompts: list[str], on_host: bool, place, device):
+    """A batch's embeddings from an :func:`encode_in_chunks` cache, brought to ``device`` where the cache is in host
+    memory."""
+    batch = type(cache[batch_prompts[0]]).cat([cache[p] for p in batch_prompts])
+    if not on_host:
+        return batch
+    return place.from_host(batch) if place is not None else batch.to(device)
 
 
 def crowds_device(first: BatchedTensors, encoded: int, prompts: int) -> bool:
@@ -206,21 +222,15 @@ class PromptEncoder:
     def __call__(self, batch_prompts: list[str]) -> PromptEmbeds:
         if self.caching and not self.cache:
             self.place.to_device("text_encoder", *self.encoders)
-            for i in range(0, len(self.prompts), ENCODE_CHUNK):
-                chunk = self.prompts[i:i + ENCODE_CHUNK]
-                e = encode_prompts(self.pipe, chunk, self.device, self.resolution, self.negative_prompt)
-                self.on_host = self.on_host or i == 0 and crowds_device(e, len(chunk), len(self.prompts))
-                e = hold_on_host(self.place, e) if self.on_host else e
-                for j, p in enumerate(chunk):
-                    self.cache[p] = e.index(slice(j, j + 1))
+            self.cache, self.on_host = encode_in_chunks(self.prompts, lambda part: encode_prompts(
+                self.pipe, part, self.device, self.resolution, self.negative_prompt), self.place)
             self.place.offload("text_encoder", *self.encoders)  # cached: its weights can leave the device
         if not self.caching:
             self.place.to_device("text_encoder", *self.encoders)
             emb = encode_prompts(self.pipe, batch_prompts, self.device, self.resolution, self.negative_prompt)
             self.place.park("text_encoder", *self.encoders)  # to the CPU until the next step
             return emb
-        batch = PromptEmbeds.cat([self.cache[p] for p in batch_prompts])
-        return bring_to_device(self.place, batch, self.device) if self.on_host else batch
+        return cached_batch(self.cache, batch_prompts, self.on_host, self.place, self.device)
 
 
 def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
