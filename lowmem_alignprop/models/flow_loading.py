@@ -119,6 +119,15 @@ def single_file_transformer(path: str, components: str) -> tuple:
     return cls, config, family, layout
 
 
+NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # SD3 without T5-XXL: the pipeline's zeros take its place
+
+
+def t5_left_out(index: dict | None, t5: bool) -> bool:
+    """Whether an SD3 pipeline loads without T5: ``t5`` off (t5_encoder=false), or its folder's model_index.json
+    lists none (SD3 may come without it; an index not at hand: T5 as the folder comes)."""
+    return not t5 or (index is not None and (index.get("text_encoder_3") or [None])[0] is None)
+
+
 def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
     """A single-file transformer (:func:`single_file_transformer`) with the text encoders, tokenizers, VAE and
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
@@ -131,9 +140,8 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
         return load_by_block(cls, config, [path], family, layout, place, whole=layout != "diffusers") or \
             _whole_single_file(cls, config, path, components, layout, dtype)
 
-    index = model_index(Path(components).expanduser())  # (a hub id's is not read here: T5 as it comes)
-    folder_t5 = index is None or (index.get("text_encoder_3") or [None])[0] is not None  # SD3 may come without T5
-    missing = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" and not (t5 and folder_t5) else {}
+    # (a hub id's index is not read here: T5 as it comes)
+    missing = NO_T5 if family == "sd3" and t5_left_out(model_index(Path(components).expanduser()), t5) else {}
     pipe = load_pipeline(str(Path(components).expanduser()), dtype, transformer=_placeholder(cls, config, dtype),
                          **missing)
     if family == "flux":  # the schedule of the variant the file is, whichever variant's folder gave the rest
@@ -198,9 +206,8 @@ def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: 
 
         kwargs["transformer"] = _placeholder(cls, config, dtype)
     index = model_index(root)
-    if index.get("_class_name") == "StableDiffusion3Pipeline" and (
-            not t5 or (index.get("text_encoder_3") or [None])[0] is None):
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # the pipeline's zeros take T5's place
+    if index.get("_class_name") == "StableDiffusion3Pipeline" and t5_left_out(index, t5):
+        kwargs.update(NO_T5)
     return load_pipeline(str(root), dtype, named=where, **kwargs), read
 
 
