@@ -95,7 +95,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
     since = info.get("reward_since_step")  # a resume changed the reward at this step
-    reward = f"{info.get('reward')} (from step {since}: a resume changed it or how the images are made)" if since else info.get("reward")
+    reward = (f"{info.get('reward')} (from step {since}: a resume changed it or how the images are made)" if since
+              else info.get("reward"))
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
              "unknown"), ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile"))]

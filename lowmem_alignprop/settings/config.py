@@ -860,8 +860,9 @@ def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
             "evaluated; add --eval-every N (e.g. 10) to evaluate", " and ".join(held), "s" if len(held) == 1 else "")
     bounds = [name for name in ("k_min", "k_max") if name in user]
     if training and bounds and cfg.truncation == "fixed":
-        raise UserError(f"{' and '.join(bounds)} {'bounds' if len(bounds) == 1 else 'bound'} the K that truncation=uniform or per_step draws, and "
-                        f"truncation=fixed trains K=k={cfg.k}: add --set truncation=uniform, or set k instead")
+        raise UserError(f"{' and '.join(bounds)} {'bounds' if len(bounds) == 1 else 'bound'} the K that "
+                        f"truncation=uniform or per_step draws, and truncation=fixed trains K=k={cfg.k}: add --set "
+                        "truncation=uniform, or set k instead")
     unread = [name for name in ("encode_on_cpu", "max_sequence_length") if name in user and getattr(cfg, name)]
     if unread and _kind(cfg.model, cfg.model_components) not in (None, *FLOW_KINDS):
         verb, they = ("sets", "it changes") if len(unread) == 1 else ("set", "they change")
