@@ -743,6 +743,11 @@ def test_flags_a_loaded_model_does_not_read_are_refused_or_said():
         "here")
     assert model_defaults_note(schnell, Config(sample_steps=4)) is None
     assert model_defaults_note(dev, Config(guidance_scale=3.5)) is None
+    # an SD1.5 profile's sampling (the cpu profile's guidance 7.5, 10 steps) on FLUX.1-dev or SD3.5: said, with the fix
+    said = model_defaults_note(dev, Config(guidance_scale=7.5, sample_steps=10))
+    assert "guidance_scale=7.5: FLUX.1-dev's guidance embedding was distilled near 3.5" in said, said
+    assert "sample_steps=10: SD3.5 and FLUX.1-dev's pipelines sample in 28 Euler steps" in said, said
+    assert "guidance" not in model_defaults_note(sd3, Config(sample_steps=10))  # SD3's CFG takes 7.5 (its pipeline: 7)
 
 
 def test_flux_negative_prompt_is_refused_before_anything_loads(flux, tmp_path, capsys):

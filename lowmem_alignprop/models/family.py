@@ -325,6 +325,12 @@ def model_defaults_note(comps, cfg) -> str | None:
     if schnell and cfg.guidance_scale != Config.guidance_scale:
         notes.append(f"guidance_scale={cfg.guidance_scale:g}: FLUX.1-schnell has no guidance embedding and no "
                      "classifier-free pass: it changes nothing here")
+    if family == flow.FLUX and not schnell and cfg.guidance_scale > 5:  # e.g. an SD1.5 profile's 7.5 (cpu's)
+        notes.append(f"guidance_scale={cfg.guidance_scale:g}: FLUX.1-dev's guidance embedding was distilled near 3.5 "
+                     "(FluxPipeline's default); larger burns colours and contrast: --set guidance_scale=3.5")
+    if family != "unet" and not schnell and cfg.sample_steps < 20:  # e.g. the cpu profile's 10 DDIM steps
+        notes.append(f"sample_steps={cfg.sample_steps}: SD3.5 and FLUX.1-dev's pipelines sample in 28 Euler steps "
+                     "(fewer leave the images blurred; the window's K steps are among the last): --set sample_steps=28")
     if family != "unet" and cfg.eta != Config.eta:
         notes.append(f"eta={cfg.eta:g} is DDIM's (UNet models); SD3/FLUX step with Euler, which draws no noise: it "
                      "changes nothing here")
