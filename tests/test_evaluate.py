@@ -719,7 +719,8 @@ def test_sample_into_a_lora_or_run_folder_is_refused(tmp_path, loras, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--output-dir {lora} is a LoRA folder" in err and "lora-sample" in err
     assert sorted(p.name for p in lora.iterdir()) == before
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    run = tmp_path / "run"  # stopped before its first checkpoint: its metrics only (a new start there is refused too)
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
     assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1", "--output-dir", str(run)]) == 2
-    assert "is a training run's folder" in capsys.readouterr().err and sorted(run.iterdir()) == [run / "checkpoints"]
+    assert "is a training run's folder" in capsys.readouterr().err and sorted(run.iterdir()) == [run / "metrics.jsonl"]

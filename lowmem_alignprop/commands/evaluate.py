@@ -603,10 +603,10 @@ def refuse_a_runs_folder(out: Path) -> None:
     """sample's --output-dir may not be a training run's folder or a LoRA folder: its grid and results would land
     among the run's files, or in what export and --push-to-hub copy as the LoRA."""
     from lowmem_alignprop.run import checkpoint as ckpt
-    from lowmem_alignprop.run.filenames import SUMMARY_FILE
 
+    # (a run's folder: what a new training start there is refused for, its checkpoints, lora/, metrics, summary)
     what = ("a LoRA folder" if (out / LORA_WEIGHT_NAME).is_file() else "a training run's folder"
-            if (out / ckpt.DIRNAME).is_dir() or (out / SUMMARY_FILE).is_file() else None)
+            if ckpt.holds_a_run(out) else None)
     if what:
         raise UserError(f"--output-dir {out} is {what}: sample's grid and results would land among its files; give "
                         f"a folder of its own (e.g. --output-dir {out.parent / (out.name + '-sample')})")
