@@ -26,6 +26,16 @@ def strict_rows(run: Path) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def timed_mean(run: Path, rows: list[dict]) -> float:
+    """The mean seconds summary.json's seconds_per_step should be for this start's metrics ``rows``: its first step
+    (warm-up) and the steps memory_report counted (source cpu_counter, slower) left out, as long as any remain."""
+    counted = {s["step"] for s in json.loads((run / "memory_report.json").read_text(encoding="utf-8"))["steps"]
+               if s.get("source") == "cpu_counter"}
+    kept = rows[1:] or rows
+    timed = [r for r in kept if r["step"] not in counted] or kept
+    return sum(r["seconds"] for r in timed) / len(timed)
+
+
 def frozen_base_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The base model written out independently of peft's switch: a frozen copy whose LoRA weights are zero (each
     adapter then adds exact zeros)."""

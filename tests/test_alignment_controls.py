@@ -18,7 +18,7 @@ import torch
 
 from loras import nudge
 from numerics import SAME_OPS, assert_rel_close
-from refusals import frozen_base_copy, strict_rows
+from refusals import frozen_base_copy, strict_rows, timed_mean
 
 from lowmem_alignprop.models.loading import add_lora, load_components
 from lowmem_alignprop.models.sampling import (PromptEmbeds, decode, enable_block_checkpointing, guided_eps,
@@ -279,8 +279,9 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     assert best["step"] == 1 and best["eval_reward"] == rows[0]["eval_reward"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["early_stopped_at"] == 3 and not summary["interrupted"] and summary["best_step"] == 1
-    # its time per step is over the 3 steps it ran, not the 8 it planned
-    assert summary["seconds_per_step"] == pytest.approx(sum(r["seconds"] for r in rows) / 3, rel=1e-9)
+    # its time per step is over the steps it ran (not the 8 it planned), but the warm-up and the counted step
+    assert summary["seconds_per_step"] == pytest.approx(timed_mean(out, rows), rel=1e-9)
+    assert summary["seconds_per_step"] == pytest.approx(rows[2]["seconds"], rel=1e-9)  # step 1 warm-up, 2 counted
     assert (out / "checkpoints" / "step-00000003").is_dir()  # the stop saved its step
     assert (" early stop at step 3 of 8: the held-out evaluation (eval_reward) had not improved for 2 evaluations"
             in capsys.readouterr().out)

@@ -1301,9 +1301,9 @@ class Trainer:
             **first_last_rewards(history, self.reward_since, self.prompts_since),
             **({"reward_since_step": self.reward_since} if self.reward_since > 1 else {}),
             **({"prompts_since_step": self.prompts_since} if self.prompts_since > 1 else {}),
-            # this start's steps (a resume on another machine says its own speed); a start that trained none: the run's
-            "seconds_per_step": statistics.fmean(h["seconds"] for h in [h for h in history if h["step"] > self.start]
-                                                 or history) if history else 0.0,
+            # this start's steps (a resume on another machine says its own speed) but its warm-up and counted ones
+            # (the profiler's timed_steps); a start that trained none: the run's
+            "seconds_per_step": statistics.fmean(h["seconds"] for h in self.timed_rows(history)) if history else 0.0,
             "peak_memory_gb": peak,
             "budget_gb": cfg.budget_gb or None,
             "fits_budget": fits_budget if peak is not None else None,  # no step measured: the load alone says nothing
@@ -1314,6 +1314,12 @@ class Trainer:
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
         self.write_summary(summary)  # last: with it, the run is whole
+
+    def timed_rows(self, history: list[dict]) -> list[dict]:
+        """The metrics rows whose seconds say this start's speed (StageProfiler.timed_steps among this start's)."""
+        this_start = [h for h in history if h["step"] > self.start]
+        timed = self.prof.timed_steps()
+        return [h for h in this_start if h["step"] in timed] or this_start or history
 
     def write_summary(self, summary: dict) -> None:
         """summary.json: at the end of write_outputs, and again with what the exports at the end did."""

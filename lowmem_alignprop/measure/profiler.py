@@ -370,6 +370,15 @@ class StageProfiler:
         self._last_step, self._step, self._step_figures = step, None, {}
         return summary
 
+    def timed_steps(self) -> set[int]:
+        """The steps whose seconds say this start's speed: all but the first (warm-up: kernels chosen, the allocator
+        filled) and those whose allocation was counted (a CPU's detail steps, ~1.5x slower), as the stage table
+        times them; fewer steps than that: what there is."""
+        steps = [s["step"] for s in self.steps]
+        kept = steps[1:] or steps
+        return set([st for st in kept if not any(s["step"] == st and s.get("source") == CPU_SOURCE
+                                                  for s in self.steps)] or kept)
+
     def format_step(self, summary: dict[str, Any]) -> str:
         """One short log line, e.g. 'mem step 3: peak 1.23 GiB in backward (reserved 1.50 GiB) | 0.41 s'."""
         parts = [f"mem step {summary['step']}:"]
