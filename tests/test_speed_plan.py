@@ -319,6 +319,53 @@ def test_the_workers_stop_an_estimate_the_search_no_longer_needs():
     assert isinstance(ahead.exception(timeout=0), concurrent.futures.process.BrokenProcessPool)
 
 
+class _OverlappingSavings(fastest._Search):
+    """A search over made-up features whose estimates are a formula: ``keep`` (2 > 1 > 0 kept window calls) and
+    ``ckpt`` (call < blocks) cut the same backward activations (their savings overlap, as window_keep's and UNet
+    block checkpointing's do), three ``quiet_N`` features move no peak and cost a millisecond each."""
+
+    DIMS = [("keep", [{"keep": 2}, {"keep": 1}, {"keep": 0}]), ("ckpt", [{"ckpt": "call"}, {"ckpt": "blocks"}])] + \
+        [(f"quiet_{i}", [{f"quiet_{i}": False}, {f"quiet_{i}": True}]) for i in range(3)]
+
+    def searched(self, fixed):
+        return self.DIMS
+
+    def config(self, change):
+        return self.cfg  # every combination is valid
+
+    def run(self, change):
+        key = tuple(sorted(change.items()))
+        if key in self.cache:
+            return self.cache[key]
+        keep, blocks = change.get("keep", 2), change.get("ckpt") == "blocks"
+        backward = {(2, False): 10.0, (1, False): 6.0, (0, False): 2.0, (2, True): 7.0, (1, True): 5.5,
+                    (0, True): 1.5}[keep, blocks] * GIB  # blocks saves 3 GiB alone, 0.5 beside keep=1
+        quiet = sum(bool(change.get(f"quiet_{i}")) for i in range(3))
+        stages = {"backward": backward, "sample": 1.0 * GIB + quiet * 0.01 * GIB}
+        row = {"set": dict(change), "needed": max(stages.values()), "stages": stages,
+               "fits": max(stages.values()) <= self.cfg.budget_gb * GIB,
+               "seconds": 1.0 + {2: 0.0, 1: 0.1, 0: 0.3}[keep] + 0.05 * blocks + 0.001 * quiet}
+        self.tried.append(row)
+        self.cache[key] = row
+        return row
+
+
+def test_an_estimated_miss_stops_its_siblings_from_being_estimated():
+    """Summed from the all-off corner, keep=1 with block checkpointing is predicted at 10 - 4 - 3 = 3 GiB (fits 3.5);
+    estimated, it needs 5.5. The seven combinations that add only quiet features are predicted from that miss (5.5
+    GiB and a few hundredths: no fit) and not estimated; the search goes on to keep=0, which fits (helper's walk:
+    33 of 40 estimates spent on such siblings, each 7.6x over the budget, on the tiny model at 0.62 GiB)."""
+    search = _OverlappingSavings(Config(budget_gb=3.5), "cpu", None, [], 40)
+    found = search.at_batch({"batch_size": 1, "grad_accum": 1}, float("inf"))
+    assert found["set"]["keep"] == 0 and found["needed"] == 2.0 * GIB and found["fits"]
+    estimated = [row["set"] for row in search.tried]
+    missed = [s for s in estimated if s["keep"] == 1 and s["ckpt"] == "blocks"]
+    assert missed == [{"batch_size": 1, "grad_accum": 1, "keep": 1, "ckpt": "blocks", "quiet_0": False,
+                       "quiet_1": False, "quiet_2": False}], estimated
+    # all-off, all-on, each level alone (5), the miss, the answer
+    assert len(estimated) == 9, estimated
+
+
 def test_fastest_when_nothing_fits_gives_the_plans_answer_and_cheapest_change(tiny_dir):
     # every searched feature already on, batch 1: only quantizing the base (a change of what is trained) can help
     cfg = _tiny(unet_checkpointing="blocks", vae_checkpointing="resnets", cache_prompt_embeddings=True,

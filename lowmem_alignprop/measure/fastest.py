@@ -17,7 +17,8 @@ together, and lower resolutions, used only when nothing else fits.
 It stays cheap by reusing estimates stage-wise: per micro-batch, every feature is estimated alone on top of the
 all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time deltas
 and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are estimated for
-real, in that order, and the first that fits is taken. A micro-batch whose all-off time is already slower than the
+real, in that order, and the first that fits is taken; a combination that an estimated miss shows cannot fit (the
+miss's own figures less only what its levels save beyond the miss's) is passed over. A micro-batch whose all-off time is already slower than the
 best found (at first the configuration as given, when it fits) is not searched. Finally each single step back (one
 feature a level lower, a larger micro-batch) is estimated, and taken when it fits and is faster, until none is; then
 window_keep grows from the chosen level to what the budget's room holds (each kept call adds about per_kept_bytes).
@@ -303,15 +304,17 @@ class _Search:
             change = dict(base_change)
             for level, _, _ in combo:
                 change.update(level)
-            ranked.append((seconds, self.needed(stage_bytes), change))
+            ranked.append((seconds, self.needed(stage_bytes), change, combo))
         ranked.sort(key=lambda r: r[0])
         budget = self.cfg.budget_gb * GIB
-        self.prefetch([change for seconds, needed, change in ranked
+        self.prefetch([change for seconds, needed, change, _ in ranked
                        if seconds < best and needed <= budget * 1.05][:self.jobs()])
-        for seconds, needed, change in ranked:
+        misses: list[tuple[tuple, dict[str, float]]] = []  # (combination, its estimated stages) that did not fit
+        for seconds, needed, change, combo in ranked:
             if seconds >= best:
                 break
-            if needed > budget * 1.05:  # predicted not to fit (with the deltas' 5% slack)
+            # predicted not to fit: from the all-off corner (with the deltas' 5% slack), or by an estimated miss
+            if needed > budget * 1.05 or self.missed_near(combo, misses) > budget:
                 continue
             row = self.run(change)
             if row is None:
@@ -320,7 +323,21 @@ class _Search:
                 continue
             if row["fits"]:
                 return row
+            misses.append((combo, row["stages"]))
         return top
+
+    def missed_near(self, combo: tuple, misses: list[tuple[tuple, dict[str, float]]]) -> float:
+        """The least "needed" that ``combo`` can have by an estimated miss (0 with none): the miss's own stages less
+        what ``combo``'s levels save beyond the miss's (from the all-off corner's deltas), nothing added back for a
+        level that saves less (at the miss it saved no more than at the corner). Savings that overlap (window_keep
+        and UNet block checkpointing cut the same activations) sum past the truth from the all-off corner; from a
+        miss, a combination that differs in features leaving its peak alone is known to miss too, not estimated."""
+        worst = 0.0
+        for other, stages in misses:
+            shifted = {n: b + sum(min(0.0, mine[2].get(n, 0) - theirs[2].get(n, 0))
+                                  for mine, theirs in zip(combo, other)) for n, b in stages.items()}
+            worst = max(worst, self.needed(shifted))
+        return worst
 
     def polish(self, row: dict[str, Any]) -> dict[str, Any]:
         """One step back at a time (a feature a level lower, or twice the micro-batch with half the accumulation):
