@@ -724,3 +724,24 @@ def test_sample_into_a_lora_or_run_folder_is_refused(tmp_path, loras, capsys):
     (run / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
     assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--num-prompts", "1", "--output-dir", str(run)]) == 2
     assert "is a training run's folder" in capsys.readouterr().err and sorted(run.iterdir()) == [run / "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("error", [AssertionError(), IndexError("list index out of range")])
+def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
+    """diffusers' LoRA converters assert on widths other than the real model's (a ComfyUI-saved FLUX LoRA on another
+    FLUX-shaped model) or index past a layer list: sample and --init-lora (one helper) said it in a 25-line
+    traceback; now the one line every LoRA that does not fit gets."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.evaluate import load_adapter_file
+
+    def load_lora_weights(*args, **kwargs):
+        raise error
+
+    with pytest.raises(UserError) as caught:
+        load_adapter_file(SimpleNamespace(load_lora_weights=load_lora_weights), tmp_path / "x.safetensors", "a",
+                          "--lora x.safetensors", "it was trained for another base model")
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("--lora x.safetensors does not fit this model: ")
+    assert line.endswith("; it was trained for another base model")
+    assert ("diffusers' LoRA loader could not read its layers (AssertionError)" in line) == (type(error) is AssertionError)

@@ -97,6 +97,39 @@ def flux_ff(tmp_path_factory):
     return _make_lora(build_tiny_flux_dir(root / "base"), root / "run", "flux", "attention+ff")
 
 
+@pytest.mark.parametrize("style", ["lora_A/lora_B", "lora_down/lora_up with alpha"])
+def test_a_lora_in_the_original_transformers_names_reads_as_its_kohya_twin(case, style, tmp_path):
+    """A LoRA keyed by the original transformer's paths under ``diffusion_model.`` (ComfyUI reads such files and saves
+    them with lora_down/lora_up; others write diffusers' lora_A/lora_B without an alpha): for --init-lora and sample
+    it is the kohya file under other names, split back into the same layers (it was "only 0 of its layers exist
+    here; trained for another base model")."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    kohya_file = sorted(export(tmp_path, case["lora"], "--format", "kohya").glob("*.safetensors"))[0]
+    state = load_file(str(kohya_file))
+    weights = load_file(str(case["lora"] / "pytorch_lora_weights.safetensors"))
+    original = {flow_export.kohya_name(path): path for path in (
+        flow_export.original_slot(k[len("transformer."):-len(".lora_A.weight")], case["family"])[0]
+        for k in weights if k.endswith(".lora_A.weight"))}
+    renamed = {}
+    for name in {k.split(".")[0] for k in state}:
+        down, up, alpha = (state[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        key = f"diffusion_model.{original[name]}"
+        if style == "lora_A/lora_B":  # no alpha: its scale folded into B
+            renamed |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up * (float(alpha) / down.shape[0])}
+        else:
+            renamed |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": alpha}
+    save_file(renamed, str(tmp_path / "original.safetensors"))
+    assert flow_export.is_kohya_flow(renamed) and flow_export.family_of_kohya_keys(renamed) == case["family"]
+    theirs = load_file(str(flow_export.kohya_as_diffusers(tmp_path / "original.safetensors", "--lora x")))
+    ours = load_file(str(flow_export.kohya_as_diffusers(kohya_file, "--lora x")))
+    assert set(theirs) == set(ours) and len(ours) > 0
+    for k in ours:  # the same numbers but for where the alpha's scale was multiplied in
+        assert_rel_close(theirs[k], ours[k], SAME_OPS, k)
+
+
 @pytest.fixture(scope="module")
 def sd3_ff(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3-ff")

@@ -388,7 +388,8 @@ def misfit_detail(error: Exception) -> str:
     if "not found in the base model" in text:
         return "none of its layers exist in this model"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
+    # (an assert of a format converter says nothing: which loader failed, then)
+    return (lines[0] if lines else f"diffusers' LoRA loader could not read its layers ({type(error).__name__})")[:200]
 
 
 def lora_family(path: Path) -> str | None:
@@ -535,25 +536,36 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
 
 def load_adapters(pipe, specs: list[LoraSpec], model: str) -> None:
     """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError."""
-    peft_log = logging.getLogger("diffusers.loaders.peft")
     for spec in specs:
-        fix = f"it was trained for another base model: pass that model with --model (now {model!r})"
-        level = peft_log.level
-        peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
-        try:
-            with warnings.catch_warnings():
-                # our LoRAs adapt only the UNet; diffusers warns that the text encoder has none
-                warnings.filterwarnings("ignore", message="No LoRA keys associated")
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
-                pipe.load_lora_weights(str(spec.file.parent), weight_name=spec.file.name, adapter_name=spec.name)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--lora {spec.arg} does not fit this model: {misfit_detail(e)}; {fix}") from None
-        finally:
-            peft_log.setLevel(level)
-        expected, got = layers_in_file(spec.file), adapted_layers(pipe, spec.name)
-        if got == 0 or got < expected:
-            raise UserError(f"--lora {spec.arg} does not fit this model: only {got} of its {expected} layers exist "
-                            f"here; {fix}")
+        load_adapter_file(pipe, spec.file, spec.name, f"--lora {spec.arg}",
+                          f"it was trained for another base model: pass that model with --model (now {model!r})")
+
+
+# what diffusers' LoRA loading and its format converters raise for a file that does not fit the model (a converter's
+# assert on another model's widths, an index past a layer list)
+MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError, TypeError)
+
+
+def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
+    """``pipe.load_lora_weights`` of ``file`` as adapter ``name``; a file that does not fit (an error from diffusers
+    or its converters, or fewer of its layers found than it has) raises one UserError line: ``flag`` does not fit
+    this model, why, ``fix``."""
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
+    try:
+        with warnings.catch_warnings():
+            # our LoRAs adapt only the denoiser; diffusers warns that the text encoder has none
+            warnings.filterwarnings("ignore", message="No LoRA keys associated")
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except MISFIT_ERRORS as e:
+        raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None
+    finally:
+        peft_log.setLevel(level)
+    expected, got = layers_in_file(file), adapted_layers(pipe, name)
+    if got == 0 or got < expected:
+        raise UserError(f"{flag} does not fit this model: only {got} of its {expected} layers exist here; {fix}")
 
 
 def mix_adapters(pipe, specs: list[LoraSpec]) -> None:

@@ -127,11 +127,26 @@ def kohya_state_dict(weights: dict[str, torch.Tensor], scale, family: str) -> di
 # the inverse: a kohya SD3/FLUX file -> peft weights (--init-lora)
 # ---------------------------------------------------------------------------------------------------------
 
-_KOHYA_FLOW = re.compile(r"^lora_unet_(double_blocks|single_blocks|joint_blocks)_")
+# kohya's names (lora_unet_ + the original transformer's path, dots as underscores), and the original paths themselves
+# under diffusion_model. with diffusers' lora_A/lora_B or kohya's lora_down/lora_up (what ComfyUI reads and saves)
+_KOHYA_FLOW = re.compile(r"^(?:lora_unet_|(?:model\.)?diffusion_model\.)(double_blocks|single_blocks|joint_blocks)[._]")
+_ORIGINAL_KEY = re.compile(r"^(?:model\.)?diffusion_model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|"
+                           r"lora_up\.weight|alpha)$")
+_KOHYA_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 
 def is_kohya_flow(keys) -> bool:
     return any(_KOHYA_FLOW.match(k) for k in keys)
+
+
+def kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the original transformer's paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``)
+    under kohya's names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``); other keys as they are."""
+    out = {}
+    for key, value in state.items():
+        m = _ORIGINAL_KEY.match(key)
+        out[f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else key] = value
+    return out
 
 
 def family_of_kohya_keys(keys) -> str | None:
@@ -214,7 +229,7 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
 
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
-    weights, _ = kohya_to_peft(load_file(str(file)), label)
+    weights, _ = kohya_to_peft(kohya_names(load_file(str(file))), label)
     ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
     if len(ranks) > 1:
         raise UserError(f"{label} has layers of ranks {'/'.join(map(str, ranks))} once split: pass a LoRA of one rank")

@@ -4,9 +4,7 @@ peft adapter folder), found and checked before any model loads, then copied into
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -133,25 +131,11 @@ def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention"
     own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
     copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
     keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied."""
-    from lowmem_alignprop.commands.evaluate import adapted_layers, layers_in_file, misfit_detail
+    from lowmem_alignprop.commands.evaluate import load_adapter_file
     from lowmem_alignprop.models.lora_layers import lora_targets
 
-    peft_log = logging.getLogger("diffusers.loaders.peft")
-    level = peft_log.level
-    peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
-    fix = "it was made for another base model: pass that model with --model, or another --init-lora"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "No LoRA keys associated to CLIPTextModel": wanted
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=INIT_ADAPTER)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"--init-lora {spec} does not fit this model: {misfit_detail(e)}; {fix}") from None
-    finally:
-        peft_log.setLevel(level)
-    expected, got = layers_in_file(file), adapted_layers(pipe, INIT_ADAPTER)
-    if got == 0 or got < expected:
-        raise UserError(f"--init-lora {spec} does not fit this model: only {got} of its {expected} layers exist here; "
-                        f"{fix}")
+    load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
+                      "it was made for another base model: pass that model with --model, or another --init-lora")
     copied, flow = 0, not hasattr(unet, "down_blocks")  # a UNet has down blocks, SD3/FLUX transformers none
     for name, module in unet.named_modules():
         if INIT_ADAPTER not in getattr(module, "lora_A", {}):
