@@ -106,6 +106,35 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
         assert "| training reward, first -> final steps (since step 7) |" in text
 
 
+def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):
+    """A user reward fixed between a failure and `--resume latest` (as the failure's line invites) is the same spec
+    but another reward: a scale x100 -> x1 read as a collapse of the summary's reward and kept best/ (on the old
+    scale) for good, the early stop firing on it. Its source's digest in the checkpoint tells: said, the summary
+    compares from the resume on, best/ and the patience start over."""
+    reward = tmp_path / "mine.py"
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3)) * 100\n")
+    run = tmp_path / "run"
+    (tmp_path / "eval.txt").write_text("a night sky\na dark cave\n")
+    args = [*FAST, "--reward", f"{reward}:score", "--output-dir", str(run), "--eval-every", "1", "--early-stop", "2",
+            "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 0  # unchanged: nothing said
+    assert not [r for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
+    for name in [n for n in sys.modules if n.startswith("lowmem_alignprop_user_reward_mine_")]:
+        del sys.modules[name]  # (a process loads a reward file once: the next command's process reads it again)
+    assert main([*args, "--steps", "5", "--resume", "latest"]) == 0
+    said = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    assert said[0] == (f"resume: the source of --reward {reward}:score changed since the checkpoint: it counts as "
+                       "another reward (the summary compares its steps from step 4 on)"), said
+    assert "best/ and the early stop's patience start over" in said[1]
+    rows = strict_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # no early stop on the old scale's best
+    assert min(r["eval_reward"] for r in rows[:3]) > 10 > max(r["eval_reward"] for r in rows[3:])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reward_since_step"] == 4 and summary["reward_first"] < 10 and summary["best_step"] >= 4
+
+
 def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):
     from lowmem_alignprop.run.runfolder import first_last_rewards
 

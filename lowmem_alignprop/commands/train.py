@@ -253,6 +253,7 @@ class Trainer:
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
         self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
+        self.reward_sha = rewards.reward_source_digest(cfg.reward)  # ... and an edited reward file
         self.time_left = TimeLeft(eval_every=cfg.eval_every)
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
@@ -673,8 +674,14 @@ class Trainer:
                     f"step {f['step']} ({f['stage']}): {faults.Fit(f['why'], f['change']).as_flags()}"
                     for f in self.fits))
             before = state.get("config", {})
-            changed = any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) or any(
-                f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px...)
+            # the same --reward whose file was edited since (a fix of a failure, as its message invites): another reward
+            edited_reward = before.get("reward") == self.cfg.reward and state.get("reward_sha") not in (
+                None, self.reward_sha)
+            if edited_reward and self.is_main:
+                log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
+                            "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
+            changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) \
+                or any(f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
@@ -692,6 +699,7 @@ class Trainer:
             if self.held_out is not None:
                 evaluation = state.get("evaluation") or {}
                 changed = ckpt.eval_basis_changed(state, self.cfg, self.held_out_sha)  # what its objective reads
+                changed += ["reward's source"] if edited_reward and self.cfg.best_by == "reward" else []
                 if changed and evaluation and self.is_main:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
                                 "early stop's patience start over", ", ".join(changed))
@@ -1147,6 +1155,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
+                                "reward_sha": self.reward_sha,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}

@@ -46,7 +46,7 @@ from ..settings.errors import UserError, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
-           "reward_terms", "ALIASES", "MODEL_REWARDS"]
+           "reward_terms", "reward_source_digest", "ALIASES", "MODEL_REWARDS"]
 
 TOY_COUNT_TARGET = 2.0  # toy_count without =N
 REWARDS: dict[str, str] = {
@@ -117,9 +117,36 @@ def _builtin(name: str, *, checkpointing: bool, weights: str) -> RewardModule:
     return builder(weights=weights, checkpointing=checkpointing)
 
 
-def _import_user(term: str) -> tuple[object, str]:
+def _user_module_name(term: str) -> tuple[str, str, bool]:
+    """(module or file, attribute, whether a file) of a user reward term."""
     file_term = re.match(r"^(.+\.py)\s*:(.*)$", term.strip())  # path/to/file.py:function (a path may hold ':')
     module_name, attr = file_term.groups() if file_term else term.partition(":")[::2]
+    return module_name, attr, bool(file_term)
+
+
+def reward_source_digest(spec: str) -> str | None:
+    """A digest of the source files of ``spec``'s own rewards (a file's, or an imported module's), None with none:
+    kept in each checkpoint, so that a resume tells a reward file edited since (the same spec, another reward).
+    Helper modules the reward imports are not read."""
+    import hashlib
+
+    digest, files = hashlib.sha256(), 0
+    for kind, term, _ in reward_terms(spec):
+        if kind != "user":
+            continue
+        module_name, _, is_file = _user_module_name(term)
+        try:
+            origin = Path(module_name.strip()).expanduser() if is_file else \
+                Path(importlib.util.find_spec(module_name.strip()).origin)
+            digest.update(origin.read_bytes())
+            files += 1
+        except (ImportError, AttributeError, TypeError, ValueError, OSError):  # no file to read (a namespace package)
+            continue
+    return digest.hexdigest()[:16] if files else None
+
+
+def _import_user(term: str) -> tuple[object, str]:
+    module_name, attr, file_term = _user_module_name(term)
     module_name, attr = module_name.strip(), attr.strip()
     if _is_factory_term(term):
         attr = attr[:-2].rstrip()
