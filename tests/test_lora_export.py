@@ -374,6 +374,23 @@ def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path
     assert "| note | the run was interrupted before its last step |" in text
 
 
+def test_the_card_of_a_run_that_stopped_on_an_error_counts_its_checkpoints_steps(sd, tmp_path):
+    """A run stopped by an error (or killed) writes no summary.json: the card said the 10 steps config.yaml planned
+    for a LoRA of the newest checkpoint's step, with no note; now that step, and a note."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    (run / "summary.json").unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "steps": 10}))
+    step = 3  # the newest checkpoint's (lora/ is written from it: export's rewrite_from_checkpoint)
+    for n in (2, step):
+        (run / "checkpoints" / f"step-{n:08d}").mkdir(parents=True)
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert f"| steps | {step} |" in text and "| steps | 10 |" not in text
+    assert (f"| note | the run stopped at step {step} of 10 (an error or a kill) and wrote no summary: this LoRA is "
+            "that step's |") in text
+
+
 def test_the_card_says_where_a_run_started_and_where_it_stopped_early(sd, tmp_path):
     """A run trained on from another LoRA (--init-lora): a row names that LoRA, whose training the steps do not count
     and whose images the samples' "before" are (the card read as 2 steps from the base model); an early stop says

@@ -27,7 +27,12 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "init_lora"):
         if key in c:
             info[key] = c[key]
-    steps = s.get("steps_done", s.get("steps", c.get("steps")))
+    steps = s.get("steps_done", s.get("steps"))
+    if steps is None and lora.run is not None and lora.step is None and (kept := newest_step(lora.run)) is not None:
+        steps = kept  # no summary: it stopped (an error, a kill) before its end, or its summary is lost
+        if isinstance(c.get("steps"), int) and kept < c["steps"]:
+            info["unfinished_of"] = c["steps"]
+    steps = c.get("steps") if steps is None else steps
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
@@ -35,6 +40,14 @@ def run_info(lora: Lora) -> dict[str, Any]:
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     return info
+
+
+def newest_step(run: Path) -> int | None:
+    """The step of a run folder's newest checkpoint (what its lora/ holds when the run did not end), or None."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(ckpt.root_of(run))
+    return ckpt.step_of(found[0]) if found else None
 
 
 def training_command(lora: Lora) -> str | None:
@@ -126,6 +139,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                      f"{info['sample_reward_before']:.4f} -> {info['sample_reward_after']:.4f}"))
     if info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
+    if info.get("unfinished_of"):
+        rows.append(("note", f"the run stopped at step {info['steps']} of {info['unfinished_of']} (an error or a kill) "
+                             "and wrote no summary: this LoRA is that step's"))
     if info.get("early_stopped_at"):  # (best/ holds the best evaluated step's LoRA)
         rows.append(("early stop", f"at step {info['early_stopped_at']}: the held-out evaluation stopped improving "
                                    f"(its best: step {info.get('best_step')}, the run's best/)"))
