@@ -77,6 +77,9 @@ def _profile(tmp_path, text):
     ("prompts_not_utf8", "is not valid UTF-8"),
     ("prompts_of_nul_bytes", "line 2 holds the control character '\\x00': it is not a text file of prompts"),
     ("prompts_missing", "does not exist"),
+    ("prompts_as_json", "p.json is a JSON file by its name: a prompt file is plain text, one prompt per line"),
+    ("prompts_as_python", "gen.py is a Python file by its name"),
+    ("prompt_set_near_miss", "unknown prompt set 'Toy_Pairs' (did you mean toy-pairs?)"),
     ("reward_not_importable", "no_such_module_xyz"),
     ("output_dir_is_a_file", "is a file: choose a directory"),
     ("output_dir_under_a_file", "cannot be created"),
@@ -122,6 +125,14 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--prompts", str(bad)]
     elif case == "prompts_missing":
         args += ["--prompts", str(tmp_path / "nope.txt")]
+    elif case == "prompts_as_json":  # it trained on the one prompt '["a cat", "a dog"]' in silence
+        (tmp_path / "p.json").write_text('["a cat", "a dog"]\n')
+        args += ["--prompts", str(tmp_path / "p.json")]
+    elif case == "prompt_set_near_miss":
+        args += ["--prompts", "Toy_Pairs"]
+    elif case == "prompts_as_python":  # a prompt generator (none is supported): its source lines were the prompts
+        (tmp_path / "gen.py").write_text("def prompts():\n    return ['a cat']\n")
+        args += ["--prompts", str(tmp_path / "gen.py")]
     elif case == "reward_not_importable":
         args += ["--reward", "no_such_module_xyz:score"]
     elif case == "output_dir_is_a_file":

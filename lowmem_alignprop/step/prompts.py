@@ -30,9 +30,19 @@ PROMPT_SETS: dict[str, str] = {
 }
 
 
+# files that hold data or code, not one prompt per line: their lines trained as prompts ('["a cat", "a dog"]', a CSV
+# header, a Python file's source) in silence
+NOT_PROMPT_TEXT = {".json": "JSON", ".jsonl": "JSON lines", ".csv": "CSV", ".tsv": "TSV", ".yaml": "YAML",
+                   ".yml": "YAML", ".toml": "TOML", ".py": "Python", ".parquet": "Parquet"}
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a UTF-8 file, one per line; blank lines and ``#`` comments skipped."""
     path = Path(path).expanduser()
+    if (what := NOT_PROMPT_TEXT.get(path.suffix.lower())) is not None:
+        raise UserError(f"prompt file {path} is a {what} file by its name: a prompt file is plain text, one prompt per "
+                        f"line, read as it is (its {what} would be trained as prompt text); write the prompts one per "
+                        "line into a .txt file")
     kind = kind_of(path)
     if kind == "missing":
         raise UserError(f"prompt file {path} does not exist; give an existing text file (one prompt per line) or a "
@@ -89,7 +99,12 @@ def load_prompts(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if path.exists() or path.is_symlink() or "/" in spec or "\\" in spec or path.suffix:  # (a link: broken, a loop)
         return read_prompt_file(path)
-    raise UserError(f"unknown prompt set {spec!r}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
+    import difflib
+
+    folded = {name.replace("_", "-"): name for name in PROMPT_SETS}  # toy_pairs, Simple_Animals: near misses
+    near = difflib.get_close_matches(spec.lower().replace("_", "-"), list(folded), n=1)
+    hint = f" (did you mean {folded[near[0]]}?)" if near else ""
+    raise UserError(f"unknown prompt set {spec!r}{hint}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
                     "text file with one prompt per line")
 
 
