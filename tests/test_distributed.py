@@ -399,6 +399,8 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
                                     stop=types.SimpleNamespace(agreed=lambda acc: False, name=None),
                                     save_checkpoint=lambda step: tmp_path / f"step-{step}",
                                     held_out=HeldOut(cfg, ["a"], tmp_path, sample=None, write_lora=None))
+    trainer.stops_early = lambda step: Trainer.stops_early(trainer, step)
+    trainer.say_early_stop = lambda step: None  # (rank 0 says it)
     assert Trainer.save_if_due(trainer, 3) is False and asked == []  # no evaluation at step 3
     assert Trainer.save_if_due(trainer, 4) is True and asked == [False]  # this rank's own count: not yet
     assert trainer.held_out.stopped_at == 4

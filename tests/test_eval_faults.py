@@ -71,7 +71,28 @@ def test_a_reward_that_raises_in_the_evaluation_keeps_the_trained_steps_and_name
     module.MODE["bad"] = set()  # fixed
     assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0
     rows = strict_rows(out)
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["eval_best_step"] in (1, 3)
+    # the resume evaluates step 2 first (it was owed: the checkpoint says so), into step 2's row
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("eval_reward" in r for r in rows)
+    assert rows[2]["eval_best_step"] in (1, 2, 3) and rows[1]["eval_since_best"] in (0, 1)
+
+
+def test_an_evaluation_that_failed_at_the_last_step_runs_at_the_resume_and_keeps_best(evalreward, tmp_path, capsys):
+    """The last step's evaluation failed: the resume only wrote the outputs again and the box said 'none counted
+    (each was skipped: see the warnings)' with no warning and no best/. Now it evaluates that step first."""
+    module, args = evalreward
+    module.MODE["bad"] = {2}  # step 1's evaluation, the last step's
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "1"]) == 2
+    assert "eval_reward" not in strict_rows(out)[0] and not (out / "best").exists()
+    module.MODE["bad"] = set()
+    capsys.readouterr()
+    assert main(["--output-dir", str(out), "--steps", "1", "--resume", "latest"]) == 0
+    [row] = strict_rows(out)
+    assert row["eval_best_step"] == 1 and row["eval_reward"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 1 and summary["best_kept"] and (out / "best" / "best.json").is_file()
+    assert json.loads((out / "best" / "best.json").read_text())["eval_reward"] == row["eval_reward"]
+    assert "none counted" not in capsys.readouterr().out
 
 
 def test_out_of_memory_in_the_evaluation_keeps_the_trained_steps_and_says_what_to_change(evalreward, tmp_path, capsys,

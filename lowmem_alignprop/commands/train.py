@@ -57,7 +57,7 @@ from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocato
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.step.prompts import draw_prompts
-from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, started_commands
+from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, metrics_line, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
@@ -272,6 +272,7 @@ class Trainer:
         self.fidelity_before = self.fidelity_after = None
         self.samples_skipped: str | None = None  # why the after samples were not rendered (summary.json says it)
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
+        self.eval_owed: int | None = None  # a step whose held-out evaluation failed (its checkpoint says): run first
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
         self.all_failed = False  # under a launcher: every process stopped this step together (not_finite)
         self.render_together = False  # ZeRO-3 under a launcher: every rank renders the samples (setup_sampling)
@@ -417,7 +418,8 @@ class Trainer:
             self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
             if self.is_rank0():  # what the prompt file costs: held for the whole run (plan counts it)
                 where = "host memory" if self.embed.on_host else f"{self.device.type} memory"
-                log.info("prompt set encoded once: %d distinct prompts hold %s of %s for the run", len(self.embed.cache),
+                log.info("prompt set encoded once: %d distinct prompts hold %s of %s for the run",
+                         len(self.embed.cache),
                          fmt_bytes(self.embed.nbytes()), where)
         self.unet, self.vae = comps.unet, comps.vae
         untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(self.vae))
@@ -680,8 +682,9 @@ class Trainer:
             if edited_reward and self.is_main:
                 log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
                             "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
-            changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) \
-                or any(f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px)
+            changed = edited_reward or any(
+                before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) or any(
+                f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
@@ -704,6 +707,9 @@ class Trainer:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
                                 "early stop's patience start over", ", ".join(changed))
                 self.held_out.load_state(None if changed else evaluation)  # else best so far and patience go on
+                # the checkpoint's own step's evaluation failed (the reward's error, memory): owed, run first (fit)
+                owed = state.get("eval_owed") == self.start and self.held_out.due(self.start)
+                self.eval_owed = self.start if owed else None
                 if self.refinish and self.start < self.cfg.steps:  # the run stopped early here
                     self.held_out.stopped_at = self.start
                 if self.is_main:  # best/ holds the best step's LoRA (a branch set aside, a new folder)
@@ -872,6 +878,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.eval_owed is not None and self.evaluate_owed():
+            return  # the owed evaluation stopped the run early
         if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
             return
         if cfg.eval_on_start and self.start == 0:
@@ -898,12 +906,32 @@ class Trainer:
                     continue  # the same step again, lighter
                 if done.row is not None and (failed := self.evaluate_into(step, done.row)) is not None:
                     self.record(step, done)  # step N is trained: its metrics line (without an evaluation), then
+                    self.eval_owed = step  # (its checkpoint says so: a resume evaluates it first)
                     self.evaluation_failed(step, failed)  # its checkpoint, and the error (raises)
                 self.record(step, done)
                 bar.update(1)
                 if self.save_if_due(step):
                     break
                 self.step += 1
+
+    def evaluate_owed(self) -> bool:
+        """The held-out evaluation of the resumed checkpoint's step, which failed before it was written: run now, into
+        that step's metrics row (metrics.jsonl written again), best/ and the early stop decided, the checkpoint saved
+        again with it. True when it stops the run early (the run then ends at that step)."""
+        step, row = self.start, self.history[-1]
+        if self.is_main:
+            log.info("resume: step %d's held-out evaluation failed before; evaluating it now", step)
+        if (failed := self.evaluate_into(step, row)) is not None:
+            self.evaluation_failed(step, failed)  # (raises; the checkpoint still owes it)
+        self.eval_owed = None
+        if self.is_main:
+            atomic.write_text(self.folder.metrics, "".join(metrics_line(r) for r in self.history))
+        self.save_checkpoint(step)  # with its evaluation, not owed any more
+        if self.stops_early(step) and step < self.cfg.steps:
+            self.say_early_stop(step)
+            self.step = step
+            return True
+        return False
 
     def step_down(self, step: int, stage: str, detail: str, rng_before) -> None:
         """Out of memory in ``stage``: with --auto-fit apply the next lighter setting (the step is then repeated with
@@ -1030,7 +1058,7 @@ class Trainer:
                                                          **({"non_finite_grads": detail} if detail else {})})
             if self.streak.bad(step, bad, say=self.is_main):  # every rank skips it; rank 0 says so
                 path = self.save_checkpoint(step)
-                raise faults.TrainingDiverged(self.streak.message(path))
+                raise faults.TrainingDiverged(self.streak.message(path, self.accelerator.mixed_precision))
             return
         self.streak.good()
         row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
@@ -1126,6 +1154,21 @@ class Trainer:
         """A checkpoint at the last step, every checkpoint_every steps, and on a stop request (then True: stop)."""
         cfg = self.cfg
         stopping = self.stop.agreed(self.accelerator)
+        early = self.stops_early(step)
+        if not (stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step)):
+            return False
+        path = self.save_checkpoint(step)
+        early = early and step < cfg.steps  # (at the last step the run ends anyway)
+        if early:  # also with a stop request at this step: the run ended here, said so
+            self.say_early_stop(step)
+        if stopping and self.is_main:  # every rank saved it together: rank 0 says so
+            self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
+                "that was the run's last step: writing the LoRA (no after samples)" if step == cfg.steps or early
+                else "continue with --resume latest"))
+        return stopping or early
+
+    def stops_early(self, step: int) -> bool:
+        """Whether the held-out evaluation of ``step`` stopped the run (early_stop's patience spent)."""
         early = self.held_out is not None and self.held_out.exhausted
         if self.held_out is not None and self.accelerator.num_processes > 1 and self.held_out.due(step):
             from lowmem_alignprop.run.distributed import rank_0_says
@@ -1133,20 +1176,14 @@ class Trainer:
             # count its checkpoint keeps (a rank that stopped alone would leave the others in the next collective)
             early = rank_0_says(self.accelerator, early)
             self.held_out.stopped_at = step if early else None
-        if not (stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step)):
-            return False
-        path = self.save_checkpoint(step)
-        early = early and step < cfg.steps  # (at the last step the run ends anyway)
-        if early and self.is_main:  # also with a stop request at this step: the run ended here, said so
+        return early
+
+    def say_early_stop(self, step: int) -> None:
+        if self.is_main:
             where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
-            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(cfg)}) "
-                           f"has not improved for {cfg.early_stop} evaluations; the best step "
+            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(self.cfg)}) "
+                           f"has not improved for {self.cfg.early_stop} evaluations; the best step "
                            f"({self.held_out.best_step}) {where}")
-        if stopping and self.is_main:  # every rank saved it together: rank 0 says so
-            self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
-                "that was the run's last step: writing the LoRA (no after samples)" if step == cfg.steps or early
-                else "continue with --resume latest"))
-        return stopping or early
 
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
@@ -1155,7 +1192,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
-                                "reward_sha": self.reward_sha,
+                                "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
