@@ -281,9 +281,33 @@ def test_nan_in_a_row_stops_with_a_checkpoint(tmp_path, capsys, monkeypatch, tin
     msg = [x for x in err.splitlines() if x.startswith("error: ")][0]
     assert "NaN/inf in 3 steps in a row (steps 3-5)" in msg and "unchanged since step 2" in msg
     assert "--set lr=" in msg and "--resume latest" in msg
+    assert "the reward was NaN/inf" in msg and "mixed_precision=bf16" not in msg  # an fp32 run: no fp16 advice
     path = ckpt.find_resume(out, "latest")
     assert path.name == "step-00000005" and str(path) in msg
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
+
+
+def test_the_nan_stop_names_the_fixes_that_fit_what_was_not_finite():
+    """The stop said 'lower the learning rate ... bf16 instead of fp16' whatever happened: a reward NaN on the
+    untrained LoRA's images (steps 1-3) is the reward's own, and fp16 is named only for an fp16 run."""
+    from lowmem_alignprop.run.faults import NonFiniteStreak
+
+    untrained = NonFiniteStreak(3)
+    assert not untrained.bad(1, "the reward", say=False) and not untrained.bad(2, "the reward", say=False)
+    assert untrained.bad(3, "the reward", say=False)
+    assert untrained.message("ckpt") == (
+        "stopped: the reward was NaN/inf in 3 steps in a row (steps 1-3); the LoRA is unchanged since step 0 and "
+        "saved in ckpt. Check the reward function (it scored the untrained LoRA's images NaN/inf); then --resume latest")
+    trained = NonFiniteStreak(2)
+    trained.bad(4, "the loss", say=False)
+    trained.good()  # a finite step between: the run of bad steps starts again
+    trained.bad(6, "the reward", say=False)
+    trained.bad(7, "the loss", say=False)
+    assert trained.message("ckpt", "fp16").endswith(
+        "steps in a row (steps 6-7); the LoRA is unchanged since step 5 and saved in ckpt. Lower the learning rate "
+        "(--set lr=...), or check the reward function, or use --set mixed_precision=bf16 instead of fp16; then "
+        "--resume latest")
+    assert trained.message("ckpt").startswith("stopped: the loss or the reward was NaN/inf in 2 steps")
 
 
 def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path, monkeypatch, tiny_dir,

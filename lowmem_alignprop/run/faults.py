@@ -273,24 +273,34 @@ class NonFiniteStreak:
         self.limit = limit
         self.run: list[int] = []
         self.skipped: list[int] = []
+        self.what: list[str] = []  # what was not finite in each step of the run ("the reward", "the loss", ...)
 
     def bad(self, step: int, what: str, say: bool = True) -> bool:
         """Record a skipped step (``say``: with a warning; under a launcher rank 0's); True when the run must stop."""
         self.run.append(step)
         self.skipped.append(step)
+        self.what.append(what)
         if say:
             log.warning("step %d skipped: %s is NaN or infinite (%d in a row; the run stops after %d in a row)", step,
                         what, len(self.run), self.limit)
         return len(self.run) >= self.limit
 
     def good(self) -> None:
-        self.run = []
+        self.run, self.what = [], []
 
-    def message(self, checkpoint) -> str:
-        return (f"stopped: the reward or loss was NaN/inf in {len(self.run)} steps in a row (steps {self.run[0]}-"
+    def message(self, checkpoint, mixed_precision: str = "no") -> str:
+        """The stop's line, with the fixes that fit what was not finite: a reward NaN on the untrained LoRA's images is
+        the reward's own (no learning rate or precision makes it), fp16's overflow only under fp16."""
+        whats = sorted(set(self.what)) or ["the reward or loss"]
+        untrained = self.run[0] == 1
+        fixes = [] if untrained and whats == ["the reward"] else ["lower the learning rate (--set lr=...)"]
+        fixes.append("check the reward function" + (" (it scored the untrained LoRA's images NaN/inf)"
+                                                    if untrained and whats == ["the reward"] else ""))
+        if mixed_precision == "fp16":
+            fixes.append("use --set mixed_precision=bf16 instead of fp16")
+        return (f"stopped: {' or '.join(whats)} was NaN/inf in {len(self.run)} steps in a row (steps {self.run[0]}-"
                 f"{self.run[-1]}); the LoRA is unchanged since step {self.run[0] - 1} and saved in {checkpoint}. "
-                "Lower the learning rate (--set lr=...), check the reward function, or use "
-                "--set mixed_precision=bf16 instead of fp16; then --resume latest")
+                f"{fixes[0][0].upper()}{', or '.join(fixes)[1:]}; then --resume latest")
 
 
 def isfinite_number(x) -> bool:
