@@ -745,3 +745,19 @@ def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
     assert "\n" not in line and line.startswith("--lora x.safetensors does not fit this model: ")
     assert line.endswith("; it was trained for another base model")
     assert ("diffusers' LoRA loader could not read its layers (AssertionError)" in line) == (type(error) is AssertionError)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_said_by_sample_and_export(tmp_path, capsys):
+    """A run stopped (kill -9, an error) before its first checkpoint keeps its metrics and nothing to load: export
+    advised `--resume latest` (which refuses that folder) and sample took it for a plain folder without weights."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n', encoding="utf-8")
+    (run / "config.yaml").write_text("model: tiny\n", encoding="utf-8")
+    for argv in (["export", str(run)], ["sample", *COMMON, str(run), "--num-prompts", "1"]):
+        assert main(argv) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert err == [f"error: --lora {run}: {run} is a training run that stopped (an error, or killed) before its "
+                       "first checkpoint, after 2 steps: it kept no LoRA to sample or export, and nothing to resume "
+                       "(--checkpoint-every N saves checkpoints as a run goes)"], err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]

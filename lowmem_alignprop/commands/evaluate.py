@@ -175,7 +175,7 @@ def _run_without_lora(run: Path, arg: str) -> UserError | None:
 
     saved = ckpt.list_checkpoints(run / ckpt.DIRNAME) if (run / ckpt.DIRNAME).is_dir() else []
     if not saved:
-        return None
+        return UserError(f"--lora {arg}: {said}") if (said := ckpt.without_checkpoint(run)) else None
     if (live := holder(run)) is not None:
         return UserError(f"--lora {arg}: {run} is still training (pid {live.get('pid')} on {live.get('host')}) and "
                          f"writes lora/ when it ends; sample a checkpoint meanwhile: --lora {saved[0]} (its newest)")

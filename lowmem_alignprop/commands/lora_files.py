@@ -166,6 +166,10 @@ def read_lora(spec: str) -> Lora:
     if not file.is_file():
         if is_peft_folder(path):
             raise UserError(f"--lora {spec} is a peft adapter folder (export --format peft's): {ALREADY}")
+        from lowmem_alignprop.run.checkpoint import without_checkpoint
+
+        if (said := without_checkpoint(path)) is not None:  # a run killed before its first checkpoint
+            raise UserError(f"--lora {spec}: {said}")
         raise UserError(f"--lora {spec} holds no {LORA_WEIGHT_NAME}: pass the lora/ folder a finished run wrote "
                         "(an interrupted run resumes with --resume latest and writes it at the end)")
     try:

@@ -109,6 +109,23 @@ def holds_a_run(output_dir: str | os.PathLike) -> RunEvidence | None:
     return None
 
 
+def without_checkpoint(folder: Path) -> str | None:
+    """How to say that ``folder`` is a training run with neither a checkpoint nor lora/ (it stopped, or was killed,
+    before its first checkpoint, or is still before it): what ``sample`` and ``export`` of it answer; None otherwise."""
+    if list_checkpoints(root_of(folder)) or (folder / LORA_DIR).exists() or holds_a_run(folder) is None:
+        return None
+    try:
+        steps = sum(1 for line in (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        steps = 0
+    if holder(folder) is not None:
+        return (f"{folder} is a training run still before its first checkpoint ({steps} steps so far): it writes "
+                "lora/ when it ends (--checkpoint-every N saves checkpoints as a run goes)")
+    return (f"{folder} is a training run that stopped (an error, or killed) before its first checkpoint, after {steps} "
+            "steps: it kept no LoRA to sample or export, and nothing to resume (--checkpoint-every N saves "
+            "checkpoints as a run goes)")
+
+
 def step_of(path: Path) -> int | None:
     """The step of a ``step-N`` checkpoint directory (None for any other name)."""
     digits = path.name[len(PREFIX):]
