@@ -343,6 +343,14 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "medium"}[case["family"]]
     assert meta["modelspec.architecture"] == {"flux": "flux-1-dev/lora",
                                               "sd3": "stable-diffusion-3-medium/lora"}[case["family"]]
+    # the adapted layers' names: SD3 has no proj_mlp and no block proj_out (FLUX's single blocks do), though the
+    # attention+ff target list names them for both
+    listed = set(meta["alignprop_target_modules"].split(","))
+    card = (out / "README.md").read_text()
+    flux_only = {"proj_mlp", "proj_out"}
+    ff = "ff.net.2" in listed
+    assert (flux_only <= listed) == (case["family"] == "flux" and ff) and not (flux_only & listed and not ff)
+    assert ("proj_mlp" in card) == (case["family"] == "flux" and ff)
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
     assert meta["ss_network_module"] == {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}[case["family"]]
     assert meta["alignprop_reward"] == "brightness" and meta["alignprop_steps"] == "3"

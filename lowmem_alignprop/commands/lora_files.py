@@ -72,6 +72,13 @@ class Lora:
         return sorted(k[: -len(".lora_A.weight")] for k in self.weights if k.endswith(".lora_A.weight"))
 
     @property
+    def adapted_targets(self) -> list[str]:
+        """The config's target names that name adapted layers (an SD3 LoRA of lora_layers=attention+ff: not FLUX's
+        proj_mlp and block proj_out, which SD3 has none of), sorted: what the card and the kohya header list."""
+        targets = self.config.get("target_modules") or []
+        return sorted(t for t in targets if any(m == t or m.endswith(f".{t}") for m in self.modules))
+
+    @property
     def named(self) -> Path:
         """The folder the user named: the checkpoint for a checkpoint's LoRA, else ``path``."""
         return self.origin or self.path

@@ -64,7 +64,7 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_reward": str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
-        "alignprop_target_modules": ",".join(sorted(lora.config.get("target_modules") or [])),
+        "alignprop_target_modules": ",".join(lora.adapted_targets),
     }
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = num(info["reward_last"])

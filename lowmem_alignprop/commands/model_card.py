@@ -126,7 +126,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                            f"{'Euler' if lora.flow else 'DDIM'} steps"))
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
-                 f" ({len(lora.modules)} layers: {', '.join(sorted(lora.config.get('target_modules') or []))})"))
+                 f" ({len(lora.modules)} layers: {', '.join(lora.adapted_targets)})"))
     if outputs_are_ema(info):  # which weights: the average's, as lora/ holds
         rows.append(("weights", f"the exponential moving average of the trained LoRA (decay {num(info['ema_decay'])})"))
     if "reward_first" in info and "reward_last" in info and info.get("reward_steps", 2) > 1:  # one step: no change
