@@ -107,7 +107,18 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert meta["ss_v2"] == "False" and meta["modelspec.architecture"] == (
         "stable-diffusion-xl-v1-base/lora" if case["xl"] else "stable-diffusion-v1/lora")
     assert meta["alignprop_reward"] == "colorfulness" and meta["alignprop_steps"] == "3"
-    assert meta["alignprop_base_model"] == str(case["base"])
+    # a local model by its folder's name (as sd-scripts writes it: the user's folders stay out of a shared file)
+    assert meta["alignprop_base_model"] == meta["ss_sd_model_name"] == case["base"].name
+    assert str(case["base"].parent) not in json.dumps(meta)
+    resolution = yaml.safe_load((case["run"] / "config.yaml").read_text())["resolution"]
+    assert meta["ss_resolution"] == f"({resolution}, {resolution})" and meta["modelspec.resolution"] == \
+        f"{resolution}x{resolution}"
+    lora = lora_files.read_lora(str(case["lora"]))  # the final reward: the mean of the run's last 3 steps, said
+    lora.summary = {**lora.summary, "reward_last": 1.5, "reward_steps": 3, "steps": 6}
+    lora.run_config = {**lora.run_config, "init_lora": str(case["base"].parent / "start" / "mine.safetensors")}
+    meta = formats.kohya_metadata(lora)
+    assert (meta["alignprop_final_reward"], meta["alignprop_final_reward_steps"]) == ("1.5", "3")
+    assert meta["alignprop_init_lora"] == "mine.safetensors"
 
 
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):

@@ -52,6 +52,7 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     if lora.config.get("use_rslora"):
         alpha = lora.scale(lora.modules[0]) * ranks[0]
     info = run_info(lora)
+    model = shared_name(str(lora.base_model or ""))
     meta = {
         "ss_base_model_version": base_family(lora),
         # sd-scripts' module for the family (its SD3/FLUX LoRAs come from networks/lora_sd3.py and lora_flux.py)
@@ -59,15 +60,22 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
                                                                                                "networks.lora"),
         "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
         "ss_network_alpha": num(alpha),
-        "ss_sd_model_name": str(lora.base_model or ""),
+        "ss_sd_model_name": model,
         "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({denoiser_name(lora)} LoRA only)",
-        "alignprop_base_model": str(lora.base_model or ""),
+        "alignprop_base_model": model,
         "alignprop_reward": str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),
     }
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = num(info["reward_last"])
+        if info.get("reward_steps"):  # the mean over the run's last steps (summary.json's reward_last)
+            meta["alignprop_final_reward_steps"] = str(info["reward_steps"])
+    if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts and the model spec write it
+        meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
+        meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
+    if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
+        meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
         meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
@@ -79,6 +87,13 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta["modelspec.architecture"] = f"{arch}/lora"
     return meta
+
+
+def shared_name(model: str) -> str:
+    """A model or file as a header shared with the LoRA names it: a local path by its last part (as sd-scripts
+    writes it: a user's folders stay theirs), a hub id or a shipped name as it is."""
+    path = Path(model).expanduser()
+    return path.name if model and (path.is_absolute() or path.exists()) else model
 
 
 def write_kohya(lora: Lora, folder: Path, name: str) -> Path:
