@@ -614,6 +614,10 @@ def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, firs
     else:
         assert line == (f"aborted by a second {what}: the steps after step 4 are lost; --resume latest continues from "
                         "step 4's checkpoint")
+    stop.writing = 5  # a checkpoint being written: it may be whole (a resume checks and publishes it)
+    assert stop.abort_message(second) == (
+        f"aborted by a second {what} while step 5's checkpoint was written: --resume latest continues from it if it "
+        "was written whole, " + ("else no step is kept" if saved is None else "else from step 4's"))
 
 
 def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch):

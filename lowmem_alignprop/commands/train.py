@@ -1187,6 +1187,7 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
+        self.stop.writing = step  # (an abort meanwhile cannot tell whether it was written whole)
         path = ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
@@ -1198,7 +1199,7 @@ class Trainer:
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
-        self.last_saved = step
+        self.last_saved, self.stop.writing = step, None
         return path
 
     # ================================ finish ================================

@@ -71,6 +71,7 @@ class StopRequest:
         self.saved = saved
         self.raise_now = False
         self.finishing: str | None = None  # what the run does once training is over (the first signal waits for it)
+        self.writing: int | None = None  # the step of a checkpoint being written now (the abort cannot tell its fate)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -96,6 +97,10 @@ class StopRequest:
         """What the abort by a second signal ``name`` loses and what is left: the one place this is said."""
         what = "Ctrl-C" if name == "SIGINT" else name
         step = self.saved() if self.saved is not None else None
+        if self.writing is not None:  # cut short: a resume publishes it if its manifest shows it whole
+            kept = f"else from step {step}'s" if step is not None else "else no step is kept"
+            return (f"aborted by a second {what} while step {self.writing}'s checkpoint was written: --resume latest "
+                    f"continues from it if it was written whole, {kept}")
         if step is None:
             return (f"aborted by a second {what} before the run's first checkpoint: no step is kept, so there is "
                     "nothing to resume; start the run again (in a new --output-dir, or delete this one first)")
