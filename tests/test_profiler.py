@@ -566,7 +566,7 @@ def test_detail_step_keeps_no_log_and_costs_little(tmp_path):
     prof.write(tmp_path)
     md = (tmp_path / "memory_report.md").read_text()
     assert "GiB after load" in md and "in measured step 2" in md and "measurement itself held at most" in md
-    assert "max RSS (GiB, steps 3)" in md
+    assert "max RSS (GiB, step 3)" in md
 
 
 def test_the_steps_import_nothing_the_report_needs():

@@ -95,6 +95,10 @@ def test_the_memory_report_tells_the_measurements_memory_apart_from_the_training
     line = next(x for x in memory_report_markdown(_memory_report()).splitlines() if x.startswith("- resident"))
     assert "0.500 GiB after load" in line
     assert "up to 1.000 GiB in steps 1, 3 (allocation not measured)" in line
+    one = _memory_report()  # a one-step run: "step 1", not "steps 1"
+    one["rss"]["steps"] = "1"
+    assert "up to 1.000 GiB in step 1 (allocation not measured)" in next(
+        x for x in memory_report_markdown(one).splitlines() if x.startswith("- resident"))
     assert "1.250 GiB in measured step 2" in line
     assert re.search(r"measurement itself held at most 4\.70 MiB", line)
     assert line.endswith(". C allocator: glibc, fixed")  # what RSS is read with

@@ -12,6 +12,10 @@ from lowmem_alignprop.memory.stages import STAGES
 MEMORY_VIZ_URL = "https://pytorch.org/memory_viz"
 
 
+def _steps(described: str | None) -> str:
+    """'steps 2-4, 7', 'step 3' or 'steps none' for a _describe_steps text."""
+    return f"step {described}" if described and described.isdigit() else f"steps {described or 'none'}"
+
 def _gib_or_dash(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.3f}"
 
@@ -53,7 +57,7 @@ def format_plan(r: dict[str, Any]) -> str:
     denoiser = "transformer" if est.get("model_kind") in FLOW_KINDS else "unet"
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
-        f"target {r['target']} ({r['autocast']})",
+        f"target {r['target']} ({'no autocast: fp32' if r['autocast'] == 'none' else r['autocast']})",
         f"  {cfg['resolution']} px, batch {cfg['batch_size']} x grad_accum {cfg['grad_accum']}, {k} of "
         f"{cfg['sample_steps']} steps, "
         + (f"lora (r={cfg['lora_rank']}{_layers(cfg)})" if cfg["train_unet"] == "lora" else "the full UNet trains")
@@ -239,11 +243,10 @@ def memory_report_markdown(report: dict[str, Any]) -> str:
     measured = summ.get("peak_measured_steps")
     excluded = f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else ""
     if measured and measured != summ["steps"]:  # CPU: peaks only on the detail steps
-        lines.append(f"- per-stage figures: mean seconds over steps {summ['steps'] or 'none'}{excluded}; peaks "
-                     f"measured in step{'' if measured.isdigit() else 's'} {measured} only (the overall peak is the "
-                     "largest of them)")
+        lines.append(f"- per-stage figures: mean seconds over {_steps(summ['steps'])}{excluded}; peaks "
+                     f"measured in {_steps(measured)} only (the overall peak is the largest of them)")
     else:
-        lines.append(f"- per-stage figures: max peak and mean seconds over steps {summ['steps'] or 'none'}{excluded}"
+        lines.append(f"- per-stage figures: max peak and mean seconds over {_steps(summ['steps'])}{excluded}"
                      "; the overall peak includes every step")
     lines.append(f"- method: {report['method']}")
     rss = report.get("rss")
@@ -262,7 +265,7 @@ def memory_report_markdown(report: dict[str, Any]) -> str:
         head += ["peak reserved (GiB)", "peak active (GiB)"]
     else:
         rss_steps = sorted({f.get("rss_steps") for f in report["stages"].values() if f.get("rss_steps")})
-        head += [f"max RSS (GiB{', steps ' + rss_steps[0] if len(rss_steps) == 1 else ''})"]
+        head += [f"max RSS (GiB{', ' + _steps(rss_steps[0]) if len(rss_steps) == 1 else ''})"]
     head += ["seconds (mean)", "share of budget"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for stage in STAGES:
@@ -302,7 +305,7 @@ def _rss_line(rss: dict[str, Any]) -> str:
     if rss.get("before_first_step") is not None:
         parts.append(f"{_gib_or_na(rss['before_first_step'])} GiB when the first step began")
     if rss.get("steps_max") is not None:
-        parts.append(f"up to {_gib_or_na(rss['steps_max'])} GiB in steps {rss['steps']} (allocation not measured)")
+        parts.append(f"up to {_gib_or_na(rss['steps_max'])} GiB in {_steps(rss['steps'])} (allocation not measured)")
     if rss.get("measured_steps_max") is not None:
         parts.append(f"{_gib_or_na(rss['measured_steps_max'])} GiB in measured step{'' if rss['measured_steps'].isdigit() else 's'} "
                      f"{rss['measured_steps']}")
