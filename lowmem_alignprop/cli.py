@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lowmem_alignprop.settings.config import Config, field_help, parse_set, set_flags
+from lowmem_alignprop.settings.config import Config, field_help, host_memory_note, parse_set
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
@@ -221,9 +221,6 @@ def warn_if_launcher_started_fewer_processes() -> None:
 
 
 # what keeps a GPU's tensors in host memory instead: on a CPU run they are host memory already
-HOST_MEMORY_FEATURES = {"offload_frozen": False, "activation_offload": False, "block_swap": 0}
-
-
 def _check_device_for_profile(name: str, cfg: Config) -> None:
     """A GPU profile on a machine without CUDA is refused; a GPU's host-memory features on a CPU run are said (they
     save nothing there and cost copies)."""
@@ -236,12 +233,8 @@ def _check_device_for_profile(name: str, cfg: Config) -> None:
     if name in GPU_PROFILES:
         raise UserError(f"profile {name} is for a CUDA GPU and this machine has none: train here with --profile cpu, "
                         f"or ask whether it fits that card with `lowmem-alignprop plan --profile {name}`")
-    on = {k: off for k, off in HOST_MEMORY_FEATURES.items() if getattr(cfg, k) != off}
-    if on:
-        logging.getLogger("lowmem_alignprop").warning(
-            "%s keep%s a GPU's tensors in host memory, and this run is on the CPU, where they already are: nothing "
-            "saved here, copies made; turn %s off: %s", " and ".join(on), "s" if len(on) == 1 else "",
-            "it" if len(on) == 1 else "them", set_flags(on))
+    if (said := host_memory_note(cfg, "this run")) is not None:
+        logging.getLogger("lowmem_alignprop").warning("%s", said)
 
 
 def cmd_profiles(argv: list[str]) -> int:

@@ -505,6 +505,13 @@ def test_a_gpus_host_memory_features_on_a_cpu_run_are_said(tmp_path, caplog, mon
     caplog.clear()
     assert main(["--output-dir", str(tmp_path / "b")]) == 0
     assert not [m for m in caplog.messages if "host memory" in m]
+    # plan for the CPU says it among its notes (it said nothing)
+    from lowmem_alignprop.measure import planner
+
+    notes = planner.plan(Config(model="tiny", resolution=64, sample_steps=2, k=1, offload_frozen=True).validate(),
+                         profile="cpu", target="cpu")["notes"]
+    assert ("offload_frozen keeps a GPU's tensors in host memory, and this plan is on the CPU, where they already "
+            "are: nothing saved here, copies made; turn it off: --set offload_frozen=false") in notes, notes
 
 
 def test_fp16_on_a_cpu_trains_in_fp32_and_the_run_records_fp32(tiny_dir, tmp_path, caplog):

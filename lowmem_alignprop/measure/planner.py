@@ -49,7 +49,7 @@ from typing import Any, Callable
 import torch
 
 from lowmem_alignprop.memory import stages
-from lowmem_alignprop.settings.config import Config, describe_k, set_flags
+from lowmem_alignprop.settings.config import Config, describe_k, host_memory_note, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
@@ -377,6 +377,8 @@ def _meta_models(cfg: Config, sim: Config, target: str, dtype: torch.dtype, note
                      "decodes in fp32: about twice the decode memory")
     if (unread := model_defaults_note(comps, cfg)):  # e.g. DDIM's eta on a flow model
         notes.append(unread)
+    if target == "cpu" and (host := host_memory_note(cfg, "this plan")):  # e.g. offload_frozen on the CPU
+        notes.append(host)
     off_size = family_for(comps).resolution_note(cfg)  # e.g. SDXL planned at 512 px
     if off_size:
         notes.append(off_size)

@@ -765,6 +765,20 @@ def flag_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+HOST_MEMORY_FEATURES = {"offload_frozen": False, "activation_offload": False, "block_swap": 0}  # (their off values)
+
+
+def host_memory_note(cfg: Config, what: str) -> str | None:
+    """A GPU's host-memory features set for ``what`` (a run, a plan) on the CPU, where the tensors already are:
+    nothing saved, copies made; None when none is set."""
+    on = {k: off for k, off in HOST_MEMORY_FEATURES.items() if getattr(cfg, k) != off}
+    if not on:
+        return None
+    return (f"{' and '.join(on)} keep{'s' if len(on) == 1 else ''} a GPU's tensors in host memory, and {what} is on "
+            f"the CPU, where they already are: nothing saved here, copies made; turn {'it' if len(on) == 1 else 'them'}"
+            f" off: {set_flags(on)}")
+
+
 def set_flags(overrides: dict[str, Any]) -> str:
     """The ``--set key=value`` flags that give ``overrides`` (the inverse of :func:`parse_set`), for messages."""
     return " ".join(f"--set {k}={flag_value(v)}" for k, v in overrides.items())
