@@ -874,7 +874,7 @@ def test_best_by_fidelity_keeps_the_exactly_best_step_where_the_reward_disagrees
         assert "eval_skipped" not in metrics and held.best_step == 4
 
 
-def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys, monkeypatch):
+def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys, monkeypatch, caplog):
     """eval_on_start: the held-out evaluation of the untrained LoRA is metrics.jsonl's line of step 0 (the curves'
     start; a helper found no held-out baseline to tell whether step 10 had already degraded). best/ counts it: a run
     whose training makes the held-out measure worse (this reward trains brightness up and, without gradient, in the
@@ -882,6 +882,7 @@ def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys,
     eval_every it is refused."""
     import sys
 
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
@@ -904,6 +905,7 @@ def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys,
     assert ups and all(not v.abs().sum() for v in ups)
     assert "best held-out evaluation: step 0, eval_reward" in (printed := capsys.readouterr().out) and \
         "(the untrained LoRA: no trained step beat it)" in printed
+    assert f"step 0 (the untrained LoRA): eval_reward {rows[0]['eval_reward']:.4f}" in caplog.messages  # (not a repr)
     with pytest.raises(UserError, match="eval_on_start evaluates the held-out prompts before the first step"):
         Config(eval_on_start=True).validate()
 

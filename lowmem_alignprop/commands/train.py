@@ -1090,7 +1090,8 @@ class Trainer:
         if self.is_main:
             from lowmem_alignprop.commands.grid import write_metrics_line
             write_metrics_line(self.folder.metrics, row)
-            log.info("step 0 (the untrained LoRA): eval_reward %s", row.get("eval_reward"))
+            value = row.get("eval_reward")
+            log.info("step 0 (the untrained LoRA): eval_reward %s", "n/a" if value is None else f"{value:.4f}")
         self.track(row, 0)
 
     def track(self, row: dict, step: int) -> None:
