@@ -380,9 +380,14 @@ def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path
     shutil.copytree(sd["run"], run)
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "steps": 10, "steps_done": 2, "interrupted": True}))
-    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    grid = run / "samples" / "before_after.png"  # interrupted: no after samples, its step 2's --sample-every grid
+    assert grid.is_file()
+    grid.rename(run / "samples" / "step-000002.png")
+    out = export(tmp_path, run / "lora", "--format", "kohya")
+    text = (out / "README.md").read_text()
     assert "| steps | 2 |" in text and "| steps | 10 |" not in text
     assert "| note | the run was interrupted before its last step |" in text
+    assert "![before training and at step 2, same seeds](step-000002.png)" in text and (out / "step-000002.png").is_file()
 
 
 def test_the_card_of_a_run_that_stopped_on_an_error_counts_its_checkpoints_steps(sd, tmp_path):

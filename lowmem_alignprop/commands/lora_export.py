@@ -155,18 +155,22 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
             files = [p.name for p in write_diffusers(lora, tmp)]
         if pipe is None:
             files += [p.name for p in write_base_record(lora, tmp)]
-        grid = None
+        grid, grid_step = None, lora.step
         # the run's before/after grid; for a checkpoint's LoRA its step's --sample-every grid, if there is one
         source = (lora.run / SAMPLES_DIR / (GRID_FILE if lora.step is None else step_grid_name(lora.step))
                   if lora.run is not None else None)
+        done = lora.summary.get("steps_done")
+        if source is not None and not source.is_file() and lora.step is None and isinstance(done, int):
+            grid_step = done  # an interrupted run renders no after samples: its last step's --sample-every grid
+            source = lora.run / SAMPLES_DIR / step_grid_name(done)
         if merge and (at != 1.0 or into != lora.base_model):  # the grid shows the LoRA as trained (weight 1, on its
             source = None  # base), not this model (another weight, or merged into another model: one with LoRAs)
         if source is not None and source.is_file():
             grid = source.name
             shutil.copy2(source, tmp / grid)
         (tmp / CARD_NAME).write_text(model_card(lora, "single-file" if single_file else fmt, files, command,
-                                                merged_weight=at if merge else None, grid=grid, merged_into=into,
-                                                home=hub_repo),
+                                                merged_weight=at if merge else None, grid=grid, grid_step=grid_step,
+                                                merged_into=into, home=hub_repo),
                                      encoding="utf-8")
     return sorted(out.rglob("*"))
 

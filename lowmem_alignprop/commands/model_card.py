@@ -87,7 +87,8 @@ def training_command(lora: Lora) -> str | None:
 
 
 def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
-               grid: str | None = None, merged_into: str | None = None, home: str | None = None) -> str:
+               grid: str | None = None, merged_into: str | None = None, home: str | None = None,
+               grid_step: int | None = None) -> str:
     """README.md in the hub's model-card format (front matter: base_model, tags, library_name; license left
     to the user) with the run's numbers and the commands that made it. ``merged_into``: a merge's model (the LoRA's
     base, or the --model given); ``home``: the hub repository the folder is pushed to, which its code loads from
@@ -153,7 +154,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     if grid:
-        what = ("before and after training" if lora.step is None else f"before training and at step {lora.step}")
+        step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
+        what = "before and after training" if step is None else f"before training and at step {step}"
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = _usage(fmt, files, base, merged_weight, lora.family, lora.model_components)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
