@@ -24,7 +24,7 @@ FAST = ["--profile", "cpu", "--seed", "2", "--set", "sample_prompts=0", "--set",
 # batch_size 2); MODE["bad"] holds the no-grad call numbers that fail, MODE["how"] how
 REWARD = """
 import torch
-MODE = {"bad": set(), "how": "raise"}
+MODE = {"bad": set(), "how": "raise", "const": {}}
 calls = {"n": 0}
 
 def reward(images, prompts):
@@ -32,6 +32,8 @@ def reward(images, prompts):
     if torch.is_grad_enabled():
         return r
     calls["n"] += 1
+    if calls["n"] in MODE["const"]:
+        return torch.full_like(r, MODE["const"][calls["n"]])
     if calls["n"] in MODE["bad"]:
         if MODE["how"] == "raise":
             raise ValueError("boom")
@@ -74,6 +76,23 @@ def test_a_reward_that_raises_in_the_evaluation_keeps_the_trained_steps_and_name
     # the resume evaluates step 2 first (it was owed: the checkpoint says so), into step 2's row
     assert [r["step"] for r in rows] == [1, 2, 3] and all("eval_reward" in r for r in rows)
     assert rows[2]["eval_best_step"] in (1, 2, 3) and rows[1]["eval_since_best"] in (0, 1)
+
+
+def test_an_owed_evaluation_that_ends_the_patience_stops_the_resumed_run_there(evalreward, tmp_path, capsys):
+    """Step 2's evaluation failed; at the resume it runs first, scores worse than step 1's and spends early_stop's
+    patience of 1: the run stops at step 2 (said), as it would have without the failure, not a step later."""
+    module, args = evalreward
+    module.MODE.update(bad={3}, const={2: 1.0, 5: 0.0})  # no-grad calls: 1 start-up, 2 step 1's evaluation, 3 step
+    out = tmp_path / "run"  # 2's (fails); the resume: 4 its start-up, 5 step 2's owed evaluation
+    assert main([*args, "--output-dir", str(out), "--steps", "4", "--early-stop", "1"]) == 2
+    module.MODE["bad"] = set()
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(out), "--steps", "4", "--early-stop", "1", "--resume", "latest"]) == 0
+    rows = strict_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and [r["eval_reward"] for r in rows] == [1.0, 0.0]
+    assert "early stop at step 2:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped_at"] == 2 and summary["best_step"] == 1 and summary["steps_done"] == 2
 
 
 def test_an_evaluation_that_failed_at_the_last_step_runs_at_the_resume_and_keeps_best(evalreward, tmp_path, capsys):

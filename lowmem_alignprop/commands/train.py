@@ -1180,9 +1180,11 @@ class Trainer:
         return early
 
     def say_early_stop(self, step: int) -> None:
-        if self.is_main:
+        from tqdm.auto import tqdm
+
+        if self.is_main:  # (tqdm's write: beside the progress bar, or before one, an owed evaluation's stop)
             where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
-            self.bar.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(self.cfg)}) "
+            tqdm.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(self.cfg)}) "
                            f"has not improved for {self.cfg.early_stop} evaluations; the best step "
                            f"({self.held_out.best_step}) {where}")
 
