@@ -42,3 +42,60 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads(tra
     assert f"--report-to {tracker} needs the {package} package, which is not installed" in err
     assert f'pip install -e ".[{tracker}]"' in err and err.count("\n") == 1
     assert not out.exists()
+
+
+FAKE_WANDB = '''
+import json, os
+calls = []
+
+class _Config:
+    def update(self, values, allow_val_change=False):
+        pass
+
+config = _Config()
+
+class Image:
+    def __init__(self, data):
+        self.shape = getattr(data, "shape", None)
+
+class _Run:
+    def log(self, values, step=None, **kwargs):
+        calls.append(("log", sorted(values), step))
+    def finish(self):
+        calls.append(("finish",))
+
+def init(project=None, **kwargs):
+    calls.append(("init", project, kwargs))
+    os.makedirs(os.path.join(kwargs.get("dir") or ".", "wandb"), exist_ok=True)
+    return _Run()
+'''
+
+
+def test_wandb_writes_its_run_files_in_the_run_folder(tmp_path, tiny_dir, capsys, monkeypatch):
+    """--report-to wandb wrote its files into the working directory's ./wandb, which the box did not name: wandb.init
+    is given the run's logs/ (wandb adds wandb/), unless WANDB_DIR says where; the box names it. (A stand-in for
+    the wandb package records the calls accelerate makes.)"""
+    import sys
+
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "wandb.py").write_text(FAKE_WANDB)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    from accelerate import tracking
+    from accelerate.utils import LoggerType
+
+    # accelerate lists the trackers whose packages it found installed when it was imported
+    monkeypatch.setattr(tracking, "_available_trackers", [*tracking._available_trackers, LoggerType.WANDB])
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "wandb",
+                 "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+    import wandb
+
+    [init] = [c for c in wandb.calls if c[0] == "init"]
+    assert init[2]["dir"] == str(out / "logs") and (out / "logs" / "wandb").is_dir()
+    assert not (tmp_path / "wandb").exists()
+    assert [c[2] for c in wandb.calls if c[0] == "log" and "reward_mean" in c[1]] == [1, 2]
+    assert f"        wandb's run files in {out}/logs/wandb (wandb sync {out}/logs/wandb/RUN when offline)\n" in \
+        capsys.readouterr().out

@@ -4,6 +4,7 @@ speed, memory against the budget, and what the run wrote."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -159,6 +160,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
             for fmt, p in exported.folders.items()))
     if cfg.report_to == "tensorboard":
         lines.append(f"        logs/ (tensorboard --logdir {s['output_dir']}/logs)")
+    if cfg.report_to == "wandb":  # (its files: logs/wandb/, or $WANDB_DIR; the run's page: its URL above)
+        where = os.environ.get("WANDB_DIR") or f"{s['output_dir']}/logs"
+        lines.append(f"        wandb's run files in {where}/wandb (wandb sync {where}/wandb/RUN when offline)")
     if exported is not None and exported.repo:
         lines.append(f" pushed to {exported.url}" if exported.url else
                      f" push to {exported.repo} FAILED ({exported.push_failed}; summary.json's pushed_to_hub)")

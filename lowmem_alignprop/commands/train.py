@@ -489,8 +489,17 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.report_to != "none":
-            self.accelerator.init_trackers("lowmem_alignprop", config={k: v for k, v in cfg.to_dict().items()
-                                                                       if isinstance(v, (int, float, str, bool))})
+            # wandb's files in the run folder (logs/wandb/, as tensorboard's logs/), not the working directory's
+            # ./wandb, unless WANDB_DIR says where
+            kwargs = {"wandb": {"dir": str(self.wandb_dir())}} if cfg.report_to == "wandb" and \
+                not os.environ.get("WANDB_DIR") else {}
+            self.accelerator.init_trackers("lowmem_alignprop", init_kwargs=kwargs, config={
+                k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    def wandb_dir(self) -> Path:
+        """Where wandb writes its run files: logs/ of the run folder (it adds wandb/)."""
+        (folder := self.out / "logs").mkdir(parents=True, exist_ok=True)
+        return folder
 
     def write_config(self) -> None:
         """config.yaml, command.txt and prompts.json, once the checkpoint is restored: a resume that fails leaves them
