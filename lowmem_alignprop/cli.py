@@ -32,7 +32,8 @@ COMMAND_LIST = """commands (lowmem-alignprop COMMAND --help for each one's optio
 
 EPILOG = """config fields (set them in a profile YAML or with --set key=value). The defaults shown are the fields'
 own: a run takes its profile's values over them, then the model's (the default run, the toy world on the cpu
-profile, trains toy_clip at 64 px, batch 4, K=2; `lowmem-alignprop profiles cpu` and `plan` show what a run gets):
+profile, trains toy_clip at 64 px, batch 4, K=2; `plan` shows what a run gets; `lowmem-alignprop profiles cpu`, the
+profile under the toy model's own sampling):
 {fields}
 
 examples:
@@ -254,6 +255,13 @@ def cmd_profiles(argv: list[str]) -> int:
             raise UserError(f"no shipped profile or recipe {args.name!r}: the profiles are {', '.join(profiles)}; "
                             f"the recipes {', '.join(recipes)}")
         sys.stdout.write(files[args.name].read_text(encoding="utf-8"))
+        from lowmem_alignprop.settings.profiles import MODEL_DEFAULTS
+
+        if args.name in profiles:  # a copy's lines win over a model's own sampling: say which those are
+            for model, own in MODEL_DEFAULTS.items():
+                sys.stdout.write(f"# --model {model} sets its own ")
+                sys.stdout.write(", ".join(f"{k}: {v}" for k, v in own.items()) + " over this profile's; in a copy "
+                                 "of this file, a line of those wins over the model's (delete it to keep the model's)\n")
         return 0
     width = max(map(len, [*profiles, *recipes]))  # one column for every name
     columns = max(80, shutil.get_terminal_size((120, 24)).columns)

@@ -100,7 +100,9 @@ def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_pa
 
     assert main(["profiles", "rtx3060"]) == 0
     text = capsys.readouterr().out
-    assert text == shipped_profiles()["rtx3060"].read_text(encoding="utf-8")
+    shipped = shipped_profiles()["rtx3060"].read_text(encoding="utf-8")
+    # the file, then a comment on what a model sets over it (the toy model's sampling: a copy's lines win)
+    assert text.startswith(shipped) and text[len(shipped):].startswith("# --model toy sets its own ")
     (tmp_path / "mine.yaml").write_text(text)
     assert load_profile(str(tmp_path / "mine.yaml"))[1] == load_profile("rtx3060")[1]
     assert main(["profiles", "hps"]) == 0 and "reward: hpsv2" in capsys.readouterr().out
@@ -110,6 +112,26 @@ def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_pa
     out = capsys.readouterr().out
     assert any(line.startswith("auto ") for line in out.splitlines())
     assert "auto card -5% The largest of these that the detected GPU holds" in " ".join(out.split())
+
+
+def test_a_copied_profile_that_overrides_the_models_own_sampling_says_so(capsys, tmp_path, caplog):
+    """`profiles cpu > mine.yaml` with one line edited trained the toy model at the copy's 10 DDIM steps and batch 2
+    (the cpu profile's, written for the tiny model) instead of its own 20 and 4, in silence: its lines still win,
+    and a line says which."""
+    import logging
+
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    assert main(["profiles", "cpu"]) == 0
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out.replace("lr: 0.003", "lr: 0.002"))
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    _, cfg = resolve_config(str(tmp_path / "mine.yaml"), {"model": "toy"}, [])
+    assert (cfg.sample_steps, cfg.batch_size, cfg.lr) == (10, 2, 0.002)
+    assert ("your profile sets sample_steps 10, batch_size 2 over the toy model's own (sample_steps 20, batch_size 4)"
+            ": its lines win; delete them to keep the model's") in caplog.messages
+    caplog.clear()
+    _, cfg = resolve_config("cpu", {"model": "toy"}, [])  # the shipped profile: the model's own, nothing said
+    assert (cfg.sample_steps, cfg.batch_size) == (20, 4) and not caplog.messages
 
 
 def test_output_into_a_closed_pipe_ends_quietly():

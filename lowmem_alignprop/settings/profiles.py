@@ -269,7 +269,14 @@ def with_model_defaults(values: dict[str, Any], model: str, own: bool = False) -
     """A profile's ``values`` with :data:`MODEL_DEFAULTS` of ``model`` on top (``own``: the user's own profile file,
     whose values win: it was written for this model); a K range past the model's DDIM steps ends at its last step
     (the profile's K range was for the profile's step count)."""
-    defaults = {k: v for k, v in MODEL_DEFAULTS.get(shipped_name(model), {}).items() if not (own and k in values)}
+    model_own = MODEL_DEFAULTS.get(shipped_name(model), {})
+    defaults = {k: v for k, v in model_own.items() if not (own and k in values)}
+    over = {k: (values[k], v) for k, v in model_own.items() if own and k in values and values[k] != v}
+    if over:  # e.g. a copy of `profiles cpu` (written for the tiny model): its 10 steps over the toy model's 20
+        logging.getLogger("lowmem_alignprop").warning(
+            "your profile sets %s over the %s model's own (%s): its lines win; delete them to keep the model's",
+            ", ".join(f"{k} {mine}" for k, (mine, _) in over.items()), shipped_name(model),
+            ", ".join(f"{k} {theirs}" for k, (_, theirs) in over.items()))
     values = {**values, **defaults}
     if "sample_steps" in defaults:
         end_k_range_at(values, defaults["sample_steps"])
