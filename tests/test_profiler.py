@@ -201,7 +201,9 @@ def test_write_produces_three_valid_files(two_steps, tmp_path):
     assert "budget 1 GiB: fits (judged on the tensors' bytes; the process's resident memory, RSS, is below)" in md
     # steps 2-3 are summarised, but only steps 1-2 (the detail steps) measured a peak on the CPU: the report says so
     assert report["summary_steps"]["steps"] == "2-3" and report["summary_steps"]["peak_measured_steps"] == "1-2"
-    assert "mean seconds over steps 2-3 (step 1 excluded as warm-up); peaks measured in steps 1-2 only" in md
+    assert report["summary_steps"]["seconds_steps"] == "3"  # step 2 measured (slower): the seconds leave it out
+    assert ("mean seconds over step 3 (step 1 excluded as warm-up; the measured ones left out: slower); peaks "
+            "measured in steps 1-2 only") in md
 
     with Image.open(tmp_path / "memory_report.png") as img:
         img.verify()

@@ -558,6 +558,7 @@ class StageProfiler:
             "detail_steps": "all" if self._detail_all else sorted(self._detail_steps),
             "summary_steps": {
                 "steps": _describe_steps(steps_kept),
+                "seconds_steps": _describe_steps(self.timed_steps()) or None,  # (the counted ones left out)
                 "warmup_excluded": warmup,
                 "peak_measured_steps": measured or None,  # on CPU only the detail steps measure a peak
                 "note": ("per-stage peaks are the max and seconds the mean over these steps"

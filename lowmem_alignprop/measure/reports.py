@@ -243,8 +243,11 @@ def memory_report_markdown(report: dict[str, Any]) -> str:
     measured = summ.get("peak_measured_steps")
     excluded = f" (step {summ['warmup_excluded']} excluded as warm-up)" if summ["warmup_excluded"] else ""
     if measured and measured != summ["steps"]:  # CPU: peaks only on the detail steps
-        lines.append(f"- per-stage figures: mean seconds over {_steps(summ['steps'])}{excluded}; peaks "
-                     f"measured in {_steps(measured)} only (the overall peak is the largest of them)")
+        timed = summ.get("seconds_steps") or summ["steps"]
+        counted = "" if timed == summ["steps"] else "the measured ones left out: slower"
+        why = "; ".join(x for x in (excluded.strip(" ()"), counted) if x)
+        lines.append(f"- per-stage figures: mean seconds over {_steps(timed)}" + (f" ({why})" if why else ""))
+        lines[-1] += f"; peaks measured in {_steps(measured)} only (the overall peak is the largest of them)"
     else:
         lines.append(f"- per-stage figures: max peak and mean seconds over {_steps(summ['steps'])}{excluded}"
                      "; the overall peak includes every step")
