@@ -264,9 +264,10 @@ class Config:
     push_to_hub: str = _f("", "Upload the LoRA's export (the first of export_format, else diffusers) with its model card "
                           "to this Hugging Face hub repository (owner/name) at the end (--push-to-hub). Checked "
                           "before training starts: offline or without a token the run does not start.")
-    fidelity_images: int = _f(32, "Toy world only (--model toy, or prompts in its grammar): held-out prompts whose "
-                              "fixed-seed images the exact evaluators judge before and after training (fidelity_* "
-                              "rates and jpeg_bytes in summary.json; docs/toy_world.md). 0 turns it off.")
+    fidelity_images: int = _f(32, "Toy world only (--model toy, or prompts in its grammar): fixed-seed images of the "
+                              "run's own prompts (round again) that the exact evaluators judge before and after "
+                              "training (fidelity_* rates and jpeg_bytes in summary.json; docs/toy_world.md; the "
+                              "held-out prompts are eval_prompts'). 0 turns it off.")
     fidelity_every: int = _f(0, "Toy world only: every N optimizer steps judge those images too and add fidelity_* and "
                              "jpeg_bytes to that step's line of metrics.jsonl (0 = before and after training only).")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end/on Ctrl-C).")
