@@ -659,6 +659,29 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
         "one of the two; use --eval-every 5 to choose among steps")
 
 
+def test_reward_cap_with_lv_draws_counts_every_draw_before_skipping_a_step(tmp_path, monkeypatch):
+    """DRaFT-LV's extra draws of the last step are scored and trained on too: a step whose sampled images are all at
+    the cap but whose extra draws are below it has a gradient. The at-cap skip looked at the sampled images only
+    and dropped it."""
+    from lowmem_alignprop.cli import main
+
+    (tmp_path / "split_reward.py").write_text(
+        "import torch\n"
+        "def score(images, prompts):\n"
+        "    m = images.mean(dim=(1, 2, 3))\n"
+        "    high = torch.zeros_like(m)\n"
+        "    high[: len(m) // 2] = 100.0  # the sampled images (the first of lv_draws=2 draws): far above the cap\n"
+        "    return m + high\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main([*RUN[:-2], "--reward", "split_reward:score", "--output-dir", str(out), "--steps", "2", "--set",
+                 "lv_draws=2", "--set", "reward_cap=50"]) == 0
+    rows = strict_rows(out)
+    assert all(min(r["rewards"]) >= 50 for r in rows)  # the logged (sampled) images: all at the cap ...
+    assert [r["at_cap"] for r in rows] == [False, False] and all(r["grad_norm"] > 0 for r in rows)  # ... the draws not
+    assert any(t.any() for n, t in _lora(out / "lora").items() if "lora_B" in n or "lora.up" in n)
+
+
 def test_reward_cap_trains_only_on_the_images_below_it(night, tmp_path, capsys):
     """reward_cap: the loss sees min(reward, cap). A cap below every reward leaves nothing to learn: each step makes no
     update (AdamW's momentum and weight decay would otherwise move the weights on a zero gradient), the LoRA's B stays

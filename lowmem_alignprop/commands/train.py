@@ -734,7 +734,7 @@ class Trainer:
     def train_step(self, step: int) -> StepOutcome:
         """One optimizer step over grad_accum micro-batches: its metrics row, or what was not finite (skipped)."""
         cfg, acc = self.cfg, self.accelerator
-        t0, rewards_all, ids_all, losses, ks, terms = time.perf_counter(), [], [], [], [], []
+        t0, rewards_all, ids_all, losses, ks, terms, lowest_all = time.perf_counter(), [], [], [], [], [], []
         update = StepUpdate()
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
@@ -755,11 +755,13 @@ class Trainer:
                 if mb.bad:  # every rank skips together (DDP needs all backwards)
                     return StepOutcome(None, mb.bad)
                 rewards_all.append(acc.gather(mb.rewards))
+                if "lowest_reward" in mb.terms:  # reward_cap: the lowest of every draw (lv_draws), for the at-cap skip
+                    lowest_all.append(acc.gather(mb.terms["lowest_reward"].reshape(1)))
                 ids_all.append(acc.gather(torch.tensor([self.prompt_id[p] for p in batch_prompts], device=self.device)))
                 losses.append(mb.loss)
                 if acc.sync_gradients:
                     with self.guard.stage(stages.OPTIMIZER):
-                        update = self.optimizer_step(rewards_all)
+                        update = self.optimizer_step(lowest_all or rewards_all)
                         if update.dropped:
                             return StepOutcome(None, "the gradient norm", update)
         return StepOutcome(self.metrics_row(step, t0, rewards_all, ids_all, losses, ks, terms, update), None, update)
@@ -796,11 +798,12 @@ class Trainer:
     def optimizer_step(self, rewards_all: list) -> StepUpdate:
         """Clip, step, zero the gradients (freed as soon as possible), as the planner does. A NaN/inf gradient norm
         that nothing else handles drops the update (``dropped``, with the LoRA gradients that were not finite). With
-        reward_cap, a step whose every image (``rewards_all``, gathered) is at the cap has no gradient and makes no
-        update."""
+        reward_cap, a step whose every image (``rewards_all``, gathered: every draw's lowest with lv_draws) is at the
+        cap has no gradient and makes no update, unless a KL penalty still pulls."""
         acc = self.accelerator
         cap = self.cfg.reward_cap
-        if cap is not None and self.engine is None and bool(torch.cat(rewards_all).min() >= cap):
+        if cap is not None and self.engine is None and not self.cfg.kl_coeff and \
+                bool(torch.cat(rewards_all).min() >= cap):
             # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
             self.optimizer.zero_grad(set_to_none=True)
             return StepUpdate(grad_norm=0.0, at_cap=True)

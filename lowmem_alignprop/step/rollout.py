@@ -106,6 +106,8 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
             with without_autocast(images.device.type):  # the frozen reward model in its own dtype, as the VAE
                 rewards = reward(images, prompts * cfg.lv_draws).float()
     loss = loss_from_reward(rewards, cfg)
+    if terms is not None and cfg.reward_cap is not None:  # every draw's, not only the sampled images' (lv_draws)
+        terms["lowest_reward"] = rewards.min().detach()
     if kl:
         kl_sum = torch.stack(kl).sum()
         loss = loss + cfg.kl_coeff * kl_sum
