@@ -72,6 +72,8 @@ def _profile(tmp_path, text):
     ("set_wrong_type", "lr must be a number, got 'fast'"),
     ("impossible_combination", "activation_offload moves checkpointed tensors"),
     ("negative_checkpoint_every", "checkpoint_every must be 0 or more"),
+    ("ema_outputs_without_ema", "ema_outputs=false chooses the trained weights over an EMA's average, and ema_decay "
+                                "is 0 (no average kept): add --set ema_decay=0.99, or leave ema_outputs out"),
     ("malloc_threshold_out_of_range", "cpu_malloc_threshold_kib=64 is outside glibc's range: use --set "
                                       "cpu_malloc_threshold_kib=1024"),
     ("prompts_not_utf8", "is not valid UTF-8"),
@@ -111,6 +113,8 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
         args += ["--set", "lr=fast"]
     elif case == "impossible_combination":
         args += ["--set", "activation_offload=true", "--set", "vae_checkpointing=none"]
+    elif case == "ema_outputs_without_ema":  # taken in silence, as no other partner-less setting is
+        args += ["--set", "ema_outputs=false"]
     elif case == "negative_checkpoint_every":
         args += ["--checkpoint-every", "-1"]
     elif case == "malloc_threshold_out_of_range":

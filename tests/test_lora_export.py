@@ -373,6 +373,21 @@ def test_the_card_of_an_ema_run_says_its_weights_are_the_average(sd, tmp_path, o
     assert (row in text) is outputs and ("| weights |" in text) is outputs
 
 
+def test_the_card_says_what_the_loss_did_beside_raising_the_reward(sd, tmp_path):
+    """reward_target, reward_cap, kl_coeff, loss_scale, lv_draws and a recipe change what the reward curve means (a
+    reward_target run's reward falls by design): the card said none of them."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "reward_target": 50.0, "kl_coeff": 0.1,
+                                                     "lv_draws": 2}))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert ("| objective | toward reward_target 50 (the reward falls where it started above); KL penalty to the base "
+            "model, kl_coeff 0.1; DRaFT-LV, 2 draws of the last step |") in text
+    plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
+    assert "| objective |" not in plain  # the plain AlignProp loss: no row
+
+
 def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path):
     """A run stopped after 2 of its 10 steps: the card's steps row is the 2 steps the LoRA had (summary.json's
     steps_done), not the 10 planned, and a note says it was interrupted."""

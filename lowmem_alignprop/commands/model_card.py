@@ -24,7 +24,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora"):
+                "init_lora", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))
@@ -40,6 +40,28 @@ def run_info(lora: Lora) -> dict[str, Any]:
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     return info
+
+
+# what the loss was, beside the reward: a card without them reads a reward_target run's falling reward as a failure
+OBJECTIVE_FIELDS = ("reward_target", "reward_cap", "loss_scale", "kl_coeff", "lv_draws", "recipe")
+
+
+def objective(info: dict[str, Any]) -> str | None:
+    """The card's row of what the loss did beside raising the reward (None: the plain AlignProp loss)."""
+    parts = []
+    if info.get("reward_target") is not None:
+        parts.append(f"toward reward_target {num(info['reward_target'])} (the reward falls where it started above)")
+    if info.get("reward_cap") is not None:
+        parts.append(f"capped at reward_cap {num(info['reward_cap'])} (images above it get no gradient)")
+    if info.get("loss_scale", 1.0) != 1.0:
+        parts.append(f"loss_scale {num(info['loss_scale'])}")
+    if info.get("kl_coeff"):
+        parts.append(f"KL penalty to the base model, kl_coeff {num(info['kl_coeff'])}")
+    if (info.get("lv_draws") or 1) > 1:
+        parts.append(f"DRaFT-LV, {info['lv_draws']} draws of the last step")
+    if info.get("recipe"):
+        parts.append(f"recipe {info['recipe']}")
+    return "; ".join(parts) or None
 
 
 def newest_step(run: Path) -> int | None:
@@ -113,7 +135,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
               else info.get("reward"))
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
              "unknown"), ("reward", reward),
-            ("steps", info.get("steps")), ("profile", info.get("profile"))]
+            ("steps", info.get("steps")), ("profile", info.get("profile")), ("objective", objective(info))]
     if info.get("processes", 1) > 1:  # (the command below is each process's)
         per = info.get("batch_size", 1) * info.get("grad_accum", 1)
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "

@@ -356,7 +356,7 @@ class Config:
         if training:
             self._validate_window()
         if self.lr <= 0:
-            raise UserError(f"lr must be positive (got {self.lr}): e.g. --set lr={Config.lr} (the default)")
+            raise UserError(f"lr must be positive (got {self.lr}): e.g. --set lr={Config.lr}")
         if self.loss_scale <= 0:
             raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
                             "a negative weight in --reward instead")
@@ -501,6 +501,9 @@ class Config:
                             f"{max(1, BATCH_MOST // self.batch_size)} or less")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. --set ema_decay=0.99 (0 = off)")
+        if not self.ema_outputs and not self.ema_decay:  # (as eval_on_start without eval_every)
+            raise UserError("ema_outputs=false chooses the trained weights over an EMA's average, and ema_decay is 0 "
+                            "(no average kept): add --set ema_decay=0.99, or leave ema_outputs out")
         for name in ("lora_layers", "lora_rank", "lora_alpha"):  # a LoRA's shape: meaningless without a LoRA
             value = getattr(self, name)
             if value != getattr(Config, name) and self.train_unet != "lora":
