@@ -658,3 +658,22 @@ def test_a_second_sigterm_aborts_a_real_run_before_its_first_checkpoint(tmp_path
     assert ("aborted by a second SIGTERM before the run's first checkpoint: no step is kept, so there is nothing to "
             "resume") in stderr and "--resume latest" not in stderr and "Traceback" not in stderr
     assert not (run.out / ".run.lock").exists() and not ckpt.list_checkpoints(run.out / "checkpoints")
+
+
+def test_a_worker_whose_launcher_is_gone_asks_itself_to_stop(monkeypatch):
+    """kill -9 of `accelerate launch` left both workers training on, orphaned, to the end: under a launcher a watch
+    sees the parent process change and sends this process the SIGTERM a scheduler would (a checkpoint, then the
+    end); while the launcher lives, or once the run is over (``done``), it does nothing."""
+    import threading
+
+    from lowmem_alignprop.run import stop_request
+
+    parents = iter([stop_request.LAUNCHER_PID, stop_request.LAUNCHER_PID, 1, 1])
+    stops: list[int] = []
+    stop_request.watch_launcher(threading.Event(), poll_s=0.001, parent=lambda: next(parents),
+                                stop=lambda: stops.append(1))
+    assert stops == [1] and next(parents) == 1  # stopped at the first change, once
+    done = threading.Event()
+    done.set()
+    stop_request.watch_launcher(done, poll_s=0.001, parent=lambda: 1, stop=lambda: stops.append(2))
+    assert stops == [1]  # the run is over: nothing asked

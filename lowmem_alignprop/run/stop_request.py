@@ -16,6 +16,7 @@ log = logging.getLogger("lowmem_alignprop")
 
 
 ECHO_S = 2.0  # a second signal within this long of the first is the same request delivered twice (see _handle)
+LAUNCHER_PID = os.getppid()  # under a launcher, the process that started this one (watch_launcher)
 
 
 class CtrlC(KeyboardInterrupt):
@@ -124,9 +125,13 @@ class StopRequest:
             yield self  # signal handlers can only be set from the main thread
             return
         old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        gone = threading.Event()
+        if world_size() > 1:  # a launcher killed (kill -9) left its workers training on, orphaned, to the end
+            threading.Thread(target=watch_launcher, args=(gone,), daemon=True, name="launcher-watch").start()
         try:
             yield self
         finally:
+            gone.set()  # (the watch ends)
             for s, h in old.items():
                 signal.signal(s, h)
 
@@ -138,3 +143,16 @@ class StopRequest:
     def _adopt(self) -> bool:
         self.name = "stop request from another process"
         return True
+
+
+def watch_launcher(done, poll_s: float = 2.0, parent=os.getppid, stop=lambda: os.kill(os.getpid(), signal.SIGTERM)):
+    """Under a launcher, until ``done`` is set: when the launcher that started this process is gone (killed with
+    ``kill -9``, which no worker hears of: they trained on, orphaned, to the end), ask this process to stop as a
+    scheduler's SIGTERM does: the step finishes, every rank saves it together, the run ends."""
+    while not done.wait(poll_s):
+        if parent() != LAUNCHER_PID:
+            if global_rank() == 0:
+                log.warning("the launcher (pid %d) is gone: stopping as for a SIGTERM (this step, then a checkpoint)",
+                            LAUNCHER_PID)
+            stop()
+            return
