@@ -482,12 +482,28 @@ def test_bad_input_a_cut_short_or_foreign_transformer(dirs, tmp_path, capsys):
     rc = main([*FLOW, "--model", str(path), "--set", f"model_components={dirs['flux']}", "--output-dir",
                str(tmp_path / "b")])
     lines = _errors(capsys)
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path} does not fit the transformer its "
-                                                               "model_components folder describes (0 tensors "
-                                                               "missing"), lines
-    assert lines[0].endswith("unexpected (e.g. ['single_transformer_blocks.1.attn.norm_k.weight'])): pass the model "
-                             "folder this transformer belongs to"), lines
+    # its blocks are counted first (in the original layout diffusers' converter met them with a tensor split error)
+    assert rc == 2 and len(lines) == 1 and lines[0] == (
+        f"error: {path} has 1 double and 2 single blocks, and model_components={dirs['flux']}'s transformer config 1 "
+        "and 1: pass the model folder this transformer belongs to"), lines
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_original_layouts_blocks_are_counted_against_the_config():
+    """BFL's and Stability's names (double_blocks / single_blocks, joint_blocks; a prefix allowed), as diffusers'
+    and ComfyUI's FLUX.1 and SD3.5 files are: another count than the folder's config is one line."""
+    from lowmem_alignprop.models.flow_loading import check_block_counts
+
+    flux = [f"model.diffusion_model.double_blocks.{n}.img_attn.qkv.weight" for n in range(19)] + \
+        [f"model.diffusion_model.single_blocks.{n}.linear1.weight" for n in range(38)]
+    check_block_counts(flux, {"num_layers": 19, "num_single_layers": 38}, "flux", "f has", "c's")  # FLUX.1: fits
+    with pytest.raises(UserError, match=r"^f has 19 double and 38 single blocks, and c's transformer config 19 and "
+                                        r"20: pass the model folder this transformer belongs to$"):
+        check_block_counts(flux, {"num_layers": 19, "num_single_layers": 20}, "flux", "f has", "c's")
+    sd3 = [f"joint_blocks.{n}.x_block.attn.qkv.weight" for n in range(24)]
+    check_block_counts(sd3, {"num_layers": 24}, "sd3", "f has", "c's")  # SD3.5 Medium
+    with pytest.raises(UserError, match=r"^f has 24 joint and 0 single blocks, and c's transformer config 38 and 0"):
+        check_block_counts(sd3, {"num_layers": 38}, "sd3", "f has", "c's")  # a Medium file with Large's folder
 
 
 def test_bad_input_model_components_and_a_missing_t5(dirs, tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -116,7 +117,27 @@ def single_file_transformer(path: str, components: str) -> tuple:
     config = json.loads((comp / "transformer" / "config.json").read_text(encoding="utf-8"))
     if family == "flux":
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
+    check_block_counts(keys, config, family, f"{path} has", f"model_components={components}'s")
     return cls, config, family, layout
+
+
+# a block's index in a transformer file's keys, in either layout (diffusers' or the original BFL/Stability names)
+_BLOCKS = {"joint": re.compile(r"(?:^|\.)(?:transformer_blocks|joint_blocks|double_blocks)\.(\d+)\."),
+           "single": re.compile(r"(?:^|\.)(?:single_transformer_blocks|single_blocks)\.(\d+)\.")}
+
+
+def check_block_counts(keys, config: dict, family: str, theirs: str, ours: str) -> None:
+    """A transformer file's blocks (double and single for FLUX, joint for SD3) against the config it is read with:
+    another count (another model, or the other FLUX variant's folder cut down) is one line, before the converter's
+    tensor errors."""
+    counts = {kind: 1 + max((int(m.group(1)) for k in keys if k.endswith(".weight") and (m := pattern.search(k))),
+                            default=-1) for kind, pattern in _BLOCKS.items()}  # (weights: not a stray fp8 scale)
+    want = {"joint": config.get("num_layers"), "single": config.get("num_single_layers", 0) if family == "flux" else 0}
+    if any(isinstance(want[k], int) and counts[k] != want[k] for k in counts):
+        names = ("double", "single") if family == "flux" else ("joint", "single")
+        raise UserError(f"{theirs} {counts['joint']} {names[0]} and {counts['single']} {names[1]} blocks, and {ours} "
+                        f"transformer config {want['joint']} and {want['single']}: pass the model folder this "
+                        "transformer belongs to")
 
 
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # SD3 without T5-XXL: the pipeline's zeros take its place
