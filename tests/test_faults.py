@@ -677,3 +677,23 @@ def test_a_worker_whose_launcher_is_gone_asks_itself_to_stop(monkeypatch):
     done.set()
     stop_request.watch_launcher(done, poll_s=0.001, parent=lambda: 1, stop=lambda: stops.append(2))
     assert stops == [1]  # the run is over: nothing asked
+
+
+def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tmp_path, capsys):
+    """Ctrl-C while a periodic checkpoint was written (seconds to minutes: the SD3.5/FLUX.1 profiles save every
+    step) trained one step more and wrote another checkpoint: the request is read again once the checkpoint is
+    whole, and that checkpoint is the stop's."""
+    import types
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.settings.config import Config
+
+    asked = iter([False, True])  # nothing at the step's end; the request came during the write
+    saved = []
+    trainer = types.SimpleNamespace(cfg=Config(steps=10, checkpoint_every=3), accelerator=None, is_main=True,
+                                    stop=types.SimpleNamespace(agreed=lambda acc: next(asked), name="SIGINT"),
+                                    save_checkpoint=lambda step: saved.append(step) or tmp_path / f"step-{step}",
+                                    stops_early=lambda step: False, bar=types.SimpleNamespace(write=print))
+    assert Trainer.save_if_due(trainer, 3) is True and saved == [3]
+    assert f"SIGINT received: saved checkpoint {tmp_path / 'step-3'}; continue with --resume latest" in \
+        capsys.readouterr().out

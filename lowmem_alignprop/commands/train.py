@@ -1171,6 +1171,8 @@ class Trainer:
         if not (stopping or early or step == cfg.steps or schedule.due(cfg.checkpoint_every, cfg.steps, step)):
             return False
         path = self.save_checkpoint(step)
+        # a request that came while it was written (a periodic checkpoint: seconds to minutes): this one is the stop's
+        stopping = stopping or self.stop.agreed(self.accelerator)
         early = early and step < cfg.steps  # (at the last step the run ends anyway)
         if early:  # also with a stop request at this step: the run ended here, said so
             self.say_early_stop(step)

@@ -239,7 +239,7 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
         return path
     root = root_of(output_dir)
     for tmp in sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []:
-        if not _published_now(tmp, output_dir):
+        if not _published_now(tmp, output_dir) and global_rank() == 0:  # (every rank finds it: rank 0 says it)
             log.warning("checkpoint: ignoring %s, a checkpoint write that did not finish", tmp)
     for path in list_checkpoints(root):
         problem = verify(path)
