@@ -261,7 +261,8 @@ def cmd_profiles(argv: list[str]) -> int:
             for model, own in MODEL_DEFAULTS.items():
                 sys.stdout.write(f"# --model {model} sets its own ")
                 sys.stdout.write(", ".join(f"{k}: {v}" for k, v in own.items()) + " over this profile's; in a copy "
-                                 "of this file, a line of those wins over the model's (delete it to keep the model's)\n")
+                                 "of this file, a line of those wins over the model's (delete it to keep the "
+                                 "model's)\n")
         return 0
     width = max(map(len, [*profiles, *recipes]))  # one column for every name
     columns = max(80, shutil.get_terminal_size((120, 24)).columns)

@@ -744,7 +744,8 @@ def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
     line = str(caught.value)
     assert "\n" not in line and line.startswith("--lora x.safetensors does not fit this model: ")
     assert line.endswith("; it was trained for another base model")
-    assert ("diffusers' LoRA loader could not read its layers (AssertionError)" in line) == (type(error) is AssertionError)
+    said = "diffusers' LoRA loader could not read its layers (AssertionError)" in line
+    assert said == (type(error) is AssertionError)
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_said_by_sample_and_export(tmp_path, capsys):

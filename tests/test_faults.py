@@ -297,7 +297,8 @@ def test_the_nan_stop_names_the_fixes_that_fit_what_was_not_finite():
     assert untrained.bad(3, "the reward", say=False)
     assert untrained.message("ckpt") == (
         "stopped: the reward was NaN/inf in 3 steps in a row (steps 1-3); the LoRA is unchanged since step 0 and "
-        "saved in ckpt. Check the reward function (it scored the untrained LoRA's images NaN/inf); then --resume latest")
+        "saved in ckpt. Check the reward function (it scored the untrained LoRA's images NaN/inf); then --resume "
+        "latest")
     trained = NonFiniteStreak(2)
     trained.bad(4, "the loss", say=False)
     trained.good()  # a finite step between: the run of bad steps starts again

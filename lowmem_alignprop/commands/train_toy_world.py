@@ -816,7 +816,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lowmem_alignprop.commands.train_toy_world", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (1: the shipped schedule, 4,954 s on a busy 2-core machine)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every step count (1: the shipped schedule, 4,954 s on a busy 2-core machine)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="cut each phase at its share of this budget (the run is then not reproducible)")
     ap.add_argument("--reward-split", choices=("all", "train"), default="all")

@@ -18,10 +18,10 @@ It stays cheap by reusing estimates stage-wise: per micro-batch, every feature i
 all-off configuration (its time and per-stage memory deltas); combinations are ranked by the sum of their time deltas
 and their peak is predicted from the summed per-stage deltas; only the quickest predicted to fit are estimated for
 real, in that order, and the first that fits is taken; a combination that an estimated miss shows cannot fit (the
-miss's own figures less only what its levels save beyond the miss's) is passed over. A micro-batch whose all-off time is already slower than the
-best found (at first the configuration as given, when it fits) is not searched. Finally each single step back (one
-feature a level lower, a larger micro-batch) is estimated, and taken when it fits and is faster, until none is; then
-window_keep grows from the chosen level to what the budget's room holds (each kept call adds about per_kept_bytes).
+miss's own figures less only what its levels save beyond the miss's) is passed over. A micro-batch whose all-off
+time is already slower than the best found (at first the configuration as given, when it fits) is not searched.
+Finally each single step back (one feature a level lower, a larger micro-batch) is estimated, and taken when it fits
+and is faster, until none is; then window_keep grows from the chosen level to what the budget's room holds (each kept call adds about per_kept_bytes).
 Every estimate is cached (planner.reuse_estimates: a configuration reached by two changes, such as the one given met
 again as the all-on corner, and the chosen one planned at the end, is estimated once; each still counts as one of
 max_estimates, as before).
