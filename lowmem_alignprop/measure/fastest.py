@@ -21,7 +21,8 @@ real, in that order, and the first that fits is taken; a combination that an est
 miss's own figures less only what its levels save beyond the miss's) is passed over. A micro-batch whose all-off
 time is already slower than the best found (at first the configuration as given, when it fits) is not searched.
 Finally each single step back (one feature a level lower, a larger micro-batch) is estimated, and taken when it fits
-and is faster, until none is; then window_keep grows from the chosen level to what the budget's room holds (each kept call adds about per_kept_bytes).
+and is faster, until none is; then window_keep grows from the chosen level to what the budget's room holds (each
+kept call adds about per_kept_bytes).
 Every estimate is cached (planner.reuse_estimates: a configuration reached by two changes, such as the one given met
 again as the all-on corner, and the chosen one planned at the end, is estimated once; each still counts as one of
 max_estimates, as before).
