@@ -5,6 +5,7 @@ them) so the file stays fast; a slow test trains a real brightness LoRA. ``sampl
 """
 
 import json
+import shutil
 import os
 import logging
 
@@ -762,3 +763,20 @@ def test_a_run_killed_before_its_first_checkpoint_is_said_by_sample_and_export(t
                        "first checkpoint, after 2 steps: it kept no LoRA to sample or export, and nothing to resume "
                        "(--checkpoint-every N saves checkpoints as a run goes)"], err
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_run_stopped_while_publishing_its_first_checkpoint_names_the_resume(tmp_path, capsys):
+    """Killed after its first checkpoint was written whole but before it was renamed: sample and export said the run
+    kept nothing to resume, and --resume latest then renamed it and went on (a user told so might delete the run)."""
+    run = tmp_path / "run"
+    assert main([*COMMON, "--output-dir", str(run), "--steps", "1", "--set", "sample_prompts=0"]) == 0
+    shutil.rmtree(run / "lora")
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step-00000001").rename(run / "checkpoints" / ".tmp-step-00000001")
+    capsys.readouterr()
+    for argv in (["export", str(run)], ["sample", *COMMON, str(run), "--num-prompts", "1"]):
+        assert main(argv) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert err == [f"error: --lora {run}: {run} is a training run whose checkpoint step-00000001 was written "
+                       "whole but not renamed (it stopped while publishing it): `lowmem-alignprop --resume latest "
+                       f"--output-dir {run}` renames it and goes on"], err

@@ -698,3 +698,24 @@ def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tm
     assert Trainer.save_if_due(trainer, 3) is True and saved == [3]
     assert f"SIGINT received: saved checkpoint {tmp_path / 'step-3'}; continue with --resume latest" in \
         capsys.readouterr().out
+
+
+def test_a_stop_request_during_an_owed_evaluation_stops_at_its_checkpoint(tmp_path):
+    """A resume evaluates the step whose evaluation failed first; a Ctrl-C meanwhile trained and evaluated one more
+    step before it stopped: the checkpoint written with the owed evaluation is the stop's."""
+    import types
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.settings.config import Config
+
+    saved = []
+    for asked in (False, True):
+        trainer = types.SimpleNamespace(
+            cfg=Config(steps=10), start=3, step=4, history=[{"step": 3}], is_main=True, eval_owed=3,
+            accelerator=None, folder=types.SimpleNamespace(metrics=tmp_path / "metrics.jsonl"),
+            evaluate_into=lambda step, row: row.update(eval_reward=0.5), stops_early=lambda step: False,
+            save_checkpoint=lambda step: saved.append(step) or tmp_path / f"step-{step}",
+            stop=types.SimpleNamespace(agreed=lambda acc, asked=asked: asked, name="SIGINT"))
+        assert Trainer.evaluate_owed(trainer) is asked and trainer.step == (3 if asked else 4)
+        assert trainer.eval_owed is None and trainer.history == [{"step": 3, "eval_reward": 0.5}]
+    assert saved == [3, 3] and '"eval_reward": 0.5' in (tmp_path / "metrics.jsonl").read_text()

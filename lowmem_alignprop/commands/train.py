@@ -938,12 +938,18 @@ class Trainer:
         self.eval_owed = None
         if self.is_main:
             atomic.write_text(self.folder.metrics, "".join(metrics_line(r) for r in self.history))
-        self.save_checkpoint(step)  # with its evaluation, not owed any more
-        if self.stops_early(step) and step < self.cfg.steps:
+        path = self.save_checkpoint(step)  # with its evaluation, not owed any more
+        if step >= self.cfg.steps:  # (the run ended here: its outputs are written next)
+            return False
+        if self.stops_early(step):
             self.say_early_stop(step)
-            self.step = step
-            return True
-        return False
+        elif self.stop.agreed(self.accelerator):  # Ctrl-C during the evaluation: this checkpoint is the stop's
+            if self.is_main:
+                log.warning("%s received: saved checkpoint %s; continue with --resume latest", self.stop.name, path)
+        else:
+            return False
+        self.step = step
+        return True
 
     def step_down(self, step: int, stage: str, detail: str, rng_before) -> None:
         """Out of memory in ``stage``: with --auto-fit apply the next lighter setting (the step is then repeated with

@@ -114,6 +114,12 @@ def without_checkpoint(folder: Path) -> str | None:
     before its first checkpoint, or is still before it): what ``sample`` and ``export`` of it answer; None otherwise."""
     if list_checkpoints(root_of(folder)) or (folder / LORA_DIR).exists() or holds_a_run(folder) is None:
         return None
+    root = root_of(folder)
+    for tmp in sorted(root.glob(f"{TMP_PREFIX}{PREFIX}*")) if root.is_dir() else []:  # stopped while publishing one
+        if step_of(tmp.with_name(tmp.name[len(TMP_PREFIX):])) is not None and verify(tmp) is None:
+            return (f"{folder} is a training run whose checkpoint {tmp.name[len(TMP_PREFIX):]} was written whole but "
+                    f"not renamed (it stopped while publishing it): `lowmem-alignprop --resume latest --output-dir "
+                    f"{folder}` renames it and goes on")
     try:
         steps = sum(1 for line in (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError):
