@@ -357,8 +357,11 @@ def test_export_writes_a_damaged_or_missing_lora_again_from_the_checkpoint(finis
     assert json.loads((run / "lora" / "base_model.json").read_text()) == json.loads(
         (out / "lora" / "base_model.json").read_text())
     shutil.rmtree(run / "lora")
+    caplog.clear()
     assert main(["export", "--lora", str(run / "lora"), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
     assert_same_lora(run / LORA_FILE, original)
+    # a lora/ that is not there is written, not written "again" (a run that stopped before writing it)
+    assert f"is missing: wrote {run / 'lora'} from checkpoint" in caplog.text and "again" not in caplog.text
 
 
 def test_export_of_a_read_only_runs_lora_needs_no_lock_and_a_damaged_one_is_one_line(finished, tmp_path, monkeypatch,

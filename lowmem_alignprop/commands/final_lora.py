@@ -91,8 +91,9 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
             not (path / ckpt.EMA_WEIGHTS).is_file()  # an older checkpoint: the average not kept by name
         if config.get("train_unet", "lora") != "lora" or ema_only_by_state:
             return None
+        again = " again" if (run / LORA_DIR).exists() else ""  # (a run that stopped before writing it: the first)
         with atomic.replacing_dir(run / LORA_DIR) as tmp:
             write_checkpoint_lora(path, tmp)
-        log.warning("%s: wrote %s again from checkpoint %s", problem, run / LORA_DIR, path)
+        log.warning("%s: wrote %s%s from checkpoint %s", problem, run / LORA_DIR, again, path)
         return path
     return None
