@@ -78,6 +78,19 @@ def test_a_reward_that_raises_in_the_evaluation_keeps_the_trained_steps_and_name
     assert rows[2]["eval_best_step"] in (1, 2, 3) and rows[1]["eval_since_best"] in (0, 1)
 
 
+def test_a_resume_without_evaluation_says_the_owed_one_is_not_run(evalreward, tmp_path, caplog):
+    """Step 2's evaluation failed; a resume with --eval-every 0 evaluates nothing: said, not dropped in silence."""
+    module, args = evalreward
+    module.MODE["bad"] = {3}
+    out = tmp_path / "run"
+    assert main([*args, "--output-dir", str(out), "--steps", "3"]) == 2
+    module.MODE["bad"] = set()
+    caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
+    assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest", "--eval-every", "0"]) == 0
+    assert ("resume: step 2's held-out evaluation failed before, and this resume evaluates nothing (eval_every 0): "
+            "it is not run, and best/ (if any) stays as it was") in caplog.messages
+
+
 def test_an_owed_evaluation_that_ends_the_patience_stops_the_resumed_run_there(evalreward, tmp_path, capsys):
     """Step 2's evaluation failed; at the resume it runs first, scores worse than step 1's and spends early_stop's
     patience of 1: the run stops at step 2 (said), as it would have without the failure, not a step later."""

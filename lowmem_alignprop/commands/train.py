@@ -708,6 +708,9 @@ class Trainer:
             if self.ema is not None and not self.ema.load(point.path):
                 log.warning("resume: %s holds no EMA of the weights: the average starts from step %d's weights",
                             point.path, self.start)
+            if self.held_out is None and state.get("eval_owed") == self.start and self.is_main:  # (--eval-every 0)
+                log.warning("resume: step %d's held-out evaluation failed before, and this resume evaluates nothing "
+                            "(eval_every 0): it is not run, and best/ (if any) stays as it was", self.start)
             if self.held_out is not None:
                 evaluation = state.get("evaluation") or {}
                 changed = ckpt.eval_basis_changed(state, self.cfg, self.held_out_sha)  # what its objective reads
