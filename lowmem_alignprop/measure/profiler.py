@@ -370,14 +370,16 @@ class StageProfiler:
         self._last_step, self._step, self._step_figures = step, None, {}
         return summary
 
+    def counted_steps(self) -> set[int]:
+        """The steps whose allocation was counted (a CPU's detail steps: ~1.5x slower than the others)."""
+        return {s["step"] for s in self.steps if s.get("source") == CPU_SOURCE}
+
     def timed_steps(self) -> set[int]:
         """The steps whose seconds say this start's speed: all but the first (warm-up: kernels chosen, the allocator
-        filled) and those whose allocation was counted (a CPU's detail steps, ~1.5x slower), as the stage table
-        times them; fewer steps than that: what there is."""
+        filled) and the counted ones, as the stage table times them; fewer steps than that: what there is."""
         steps = [s["step"] for s in self.steps]
-        kept = steps[1:] or steps
-        return set([st for st in kept if not any(s["step"] == st and s.get("source") == CPU_SOURCE
-                                                  for s in self.steps)] or kept)
+        kept, counted = steps[1:] or steps, self.counted_steps()
+        return set([st for st in kept if st not in counted] or kept)
 
     def format_step(self, summary: dict[str, Any]) -> str:
         """One short log line, e.g. 'mem step 3: peak 1.23 GiB in backward (reserved 1.50 GiB) | 0.41 s'."""
@@ -490,7 +492,7 @@ class StageProfiler:
         """Per stage: max of peaks and mean seconds over the steps after the first (warm-up) one
         when there are more; a stage measured only in the warm-up step falls back to it."""
         warmup = self.steps[0]["step"] if len(self.steps) > 1 else None
-        measured = {s["step"] for s in self.steps if s.get("source") == CPU_SOURCE}
+        measured = self.counted_steps()
         out: dict[str, dict[str, Any]] = {}
         for name in STAGES:
             rows = [(s["step"], s["stages"][name]) for s in self.steps if name in s["stages"]]
@@ -547,7 +549,7 @@ class StageProfiler:
         else:
             method = f"{self.device.type}: time and RSS only"
         steps_kept = [s["step"] for s in self.steps if s["step"] != warmup]
-        counted = {s["step"] for s in self.steps if s.get("source") == CPU_SOURCE}
+        counted = self.counted_steps()
         timed_apart = bool(counted) and any(st not in counted for st in steps_kept)  # (as _stage_summary times)
         measured = _describe_steps(s["step"] for s in self.steps if s["peak_allocated"] is not None)
         return {

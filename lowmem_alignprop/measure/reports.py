@@ -16,6 +16,7 @@ def _steps(described: str | None) -> str:
     """'steps 2-4, 7', 'step 3' or 'steps none' for a _describe_steps text."""
     return f"step {described}" if described and described.isdigit() else f"steps {described or 'none'}"
 
+
 def _gib_or_dash(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.3f}"
 
@@ -310,8 +311,7 @@ def _rss_line(rss: dict[str, Any]) -> str:
     if rss.get("steps_max") is not None:
         parts.append(f"up to {_gib_or_na(rss['steps_max'])} GiB in {_steps(rss['steps'])} (allocation not measured)")
     if rss.get("measured_steps_max") is not None:
-        parts.append(f"{_gib_or_na(rss['measured_steps_max'])} GiB in measured step{'' if rss['measured_steps'].isdigit() else 's'} "
-                     f"{rss['measured_steps']}")
+        parts.append(f"{_gib_or_na(rss['measured_steps_max'])} GiB in measured {_steps(rss['measured_steps'])}")
     if rss.get("process_peak") is not None:
         parts.append(f"process peak {_gib_or_na(rss['process_peak'])} GiB by the last step")
     line = "- resident memory (RSS, GiB): " + ("; ".join(parts) if parts else "not measured")
