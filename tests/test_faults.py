@@ -694,7 +694,8 @@ def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tm
     trainer = types.SimpleNamespace(cfg=Config(steps=10, checkpoint_every=3), accelerator=None, is_main=True,
                                     stop=types.SimpleNamespace(agreed=lambda acc: next(asked), name="SIGINT"),
                                     save_checkpoint=lambda step: saved.append(step) or tmp_path / f"step-{step}",
-                                    stops_early=lambda step: False, bar=types.SimpleNamespace(write=print))
+                                    stops_early=lambda step: False)
+    trainer.say_stopped = lambda path, ended: Trainer.say_stopped(trainer, path, ended)
     assert Trainer.save_if_due(trainer, 3) is True and saved == [3]
     assert f"SIGINT received: saved checkpoint {tmp_path / 'step-3'}; continue with --resume latest" in \
         capsys.readouterr().out
@@ -714,6 +715,7 @@ def test_a_stop_request_during_an_owed_evaluation_stops_at_its_checkpoint(tmp_pa
             cfg=Config(steps=10), start=3, step=4, history=[{"step": 3}], is_main=True, eval_owed=3,
             accelerator=None, folder=types.SimpleNamespace(metrics=tmp_path / "metrics.jsonl"),
             evaluate_into=lambda step, row: row.update(eval_reward=0.5), stops_early=lambda step: False,
+            say_stopped=lambda path, ended: None,
             save_checkpoint=lambda step: saved.append(step) or tmp_path / f"step-{step}",
             stop=types.SimpleNamespace(agreed=lambda acc, asked=asked: asked, name="SIGINT"))
         assert Trainer.evaluate_owed(trainer) is asked and trainer.step == (3 if asked else 4)

@@ -947,8 +947,7 @@ class Trainer:
         if self.stops_early(step):
             self.say_early_stop(step)
         elif self.stop.agreed(self.accelerator):  # Ctrl-C during the evaluation: this checkpoint is the stop's
-            if self.is_main:
-                log.warning("%s received: saved checkpoint %s; continue with --resume latest", self.stop.name, path)
+            self.say_stopped(path, ended=False)
         else:
             return False
         self.step = step
@@ -1185,10 +1184,8 @@ class Trainer:
         early = early and step < cfg.steps  # (at the last step the run ends anyway)
         if early:  # also with a stop request at this step: the run ended here, said so
             self.say_early_stop(step)
-        if stopping and self.is_main:  # every rank saved it together: rank 0 says so
-            self.bar.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
-                "that was the run's last step: writing the LoRA (no after samples)" if step == cfg.steps or early
-                else "continue with --resume latest"))
+        if stopping:
+            self.say_stopped(path, ended=step == cfg.steps or early)
         return stopping or early
 
     def stops_early(self, step: int) -> bool:
@@ -1202,14 +1199,25 @@ class Trainer:
             self.held_out.stopped_at = step if early else None
         return early
 
+    # (tqdm's write: beside the progress bar, or before there is one: a stop at a resume's owed evaluation)
     def say_early_stop(self, step: int) -> None:
         from tqdm.auto import tqdm
 
-        if self.is_main:  # (tqdm's write: beside the progress bar, or before one, an owed evaluation's stop)
+        if self.is_main:
             where = f"is in {self.out / BEST_DIR}" if self.held_out.best_kept else "has no LoRA kept"
             tqdm.write(f"early stop at step {step}: the held-out evaluation ({improvement_measure(self.cfg)}) "
-                           f"has not improved for {self.cfg.early_stop} evaluations; the best step "
-                           f"({self.held_out.best_step}) {where}")
+                       f"has not improved for {self.cfg.early_stop} evaluations; the best step "
+                       f"({self.held_out.best_step}) {where}")
+
+    def say_stopped(self, path: Path, ended: bool) -> None:
+        """A stop request's checkpoint ``path``, saved by every rank together: rank 0 says so (``ended``: the run's
+        last step, or an early stop's: the LoRA is written next)."""
+        from tqdm.auto import tqdm
+
+        if self.is_main:
+            tqdm.write(f"{self.stop.name} received: saved checkpoint {path}; " + (
+                "that was the run's last step: writing the LoRA (no after samples)" if ended
+                else "continue with --resume latest"))
 
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
