@@ -112,14 +112,14 @@ def holds_a_run(output_dir: str | os.PathLike) -> RunEvidence | None:
 def without_checkpoint(folder: Path) -> str | None:
     """How to say that ``folder`` is a training run with neither a checkpoint nor lora/ (it stopped, or was killed,
     before its first checkpoint, or is still before it): what ``sample`` and ``export`` of it answer; None otherwise."""
-    if list_checkpoints(root_of(folder)) or (folder / LORA_DIR).exists() or holds_a_run(folder) is None:
-        return None
     root = root_of(folder)
+    if list_checkpoints(root) or (folder / LORA_DIR).exists() or holds_a_run(folder) is None:
+        return None
     for tmp in sorted(root.glob(f"{TMP_PREFIX}{PREFIX}*")) if root.is_dir() else []:  # stopped while publishing one
-        if step_of(tmp.with_name(tmp.name[len(TMP_PREFIX):])) is not None and verify(tmp) is None:
-            return (f"{folder} is a training run whose checkpoint {tmp.name[len(TMP_PREFIX):]} was written whole but "
-                    f"not renamed (it stopped while publishing it): `lowmem-alignprop --resume latest --output-dir "
-                    f"{folder}` renames it and goes on")
+        if (final := unrenamed(tmp)) is not None:
+            return (f"{folder} is a training run whose checkpoint {final.name} was written whole but not renamed (it "
+                    f"stopped while publishing it): `lowmem-alignprop --resume latest --output-dir {folder}` renames "
+                    "it and goes on")
     try:
         steps = sum(1 for line in (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError):
@@ -260,12 +260,19 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
                     "(or check --output-dir)")
 
 
+def unrenamed(tmp: Path) -> Path | None:
+    """The name a temporary checkpoint folder ``tmp`` would be published under, when it is a whole checkpoint (its
+    manifest verifies) a stop left unrenamed and no checkpoint of its step exists; else None."""
+    final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
+    return final if step_of(final) is not None and not final.exists() and verify(tmp) is None else None
+
+
 def _published_now(tmp: Path, output_dir: str | os.PathLike) -> bool:
     """Publish ``tmp`` if it is a whole checkpoint a stop left unrenamed (killed between its manifest and its rename:
     the manifest verifies), where no checkpoint of its step exists and no live run holds the folder (one might be
     renaming it now). True if it was."""
-    final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
-    if step_of(final) is None or final.exists() or verify(tmp) is not None or holder(output_dir) is not None:
+    final = unrenamed(tmp)
+    if final is None or holder(output_dir) is not None:
         return False
     try:
         os.replace(tmp, final)
