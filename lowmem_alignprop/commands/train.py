@@ -764,7 +764,7 @@ class Trainer:
                 losses.append(mb.loss)
                 if acc.sync_gradients:
                     with self.guard.stage(stages.OPTIMIZER):
-                        update = self.optimizer_step(lowest_all or rewards_all)
+                        update = self.optimizer_step(lowest_all)
                         if update.dropped:
                             return StepOutcome(None, "the gradient norm", update)
         return StepOutcome(self.metrics_row(step, t0, rewards_all, ids_all, losses, ks, terms, update), None, update)
@@ -798,15 +798,15 @@ class Trainer:
                             "AlignProp needs a differentiable reward on every batch")
         return None
 
-    def optimizer_step(self, rewards_all: list) -> StepUpdate:
+    def optimizer_step(self, lowest_all: list) -> StepUpdate:
         """Clip, step, zero the gradients (freed as soon as possible), as the planner does. A NaN/inf gradient norm
         that nothing else handles drops the update (``dropped``, with the LoRA gradients that were not finite). With
-        reward_cap, a step whose every image (``rewards_all``, gathered: every draw's lowest with lv_draws) is at the
-        cap has no gradient and makes no update, unless a KL penalty still pulls."""
+        reward_cap, a step whose every image is at the cap (``lowest_all``: each micro-batch's lowest reward over every
+        draw, lv_draws' too, gathered) has no gradient and makes no update, unless a KL penalty still pulls."""
         acc = self.accelerator
         cap = self.cfg.reward_cap
         if cap is not None and self.engine is None and not self.cfg.kl_coeff and \
-                bool(torch.cat(rewards_all).min() >= cap):
+                bool(torch.cat(lowest_all).min() >= cap):
             # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
             self.optimizer.zero_grad(set_to_none=True)
             return StepUpdate(grad_norm=0.0, at_cap=True)
