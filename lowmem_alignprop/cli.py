@@ -163,7 +163,8 @@ def cmd_train(argv: list[str]) -> int:
         snapshot = parse_snapshot(args.memory_snapshot)
         first = (folder.resumed_step() or 0) + 1  # a resume's first step
         if snapshot and (snapshot[0] > cfg.steps or snapshot[1] < first):  # nothing would be recorded, nor said
-            why = f"the run ends at step {cfg.steps}" if snapshot[0] > cfg.steps else f"this resume starts at step {first}"
+            why = (f"the run ends at step {cfg.steps}" if snapshot[0] > cfg.steps
+                   else f"this resume starts at step {first}")
             raise UserError(f"--memory-snapshot {args.memory_snapshot}: {why}: give steps within {first}-{cfg.steps}")
         _check_device_for_profile(name, cfg)
         folder.move_past_an_earlier_run()

@@ -431,7 +431,8 @@ def test_a_merge_of_a_run_trained_without_t5_keeps_the_bases_t5(sd3, tmp_path, c
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "t5_encoder": False}))
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         out = export(tmp_path / "e", run / "lora", "--merge")
-    assert "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL" in caplog.text
+    assert ("the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL"
+            in caplog.text)
     assert (out / "text_encoder_3").is_dir()
     assert DiffusionPipeline.from_pretrained(out).text_encoder_3 is not None  # as its card says to load it
 

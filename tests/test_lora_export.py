@@ -443,8 +443,8 @@ def test_the_card_says_where_a_run_started_and_where_it_stopped_early(sd, tmp_pa
     assert (f"| processes | 2 (`accelerate launch --multi_gpu --num_processes 2`): {2 * per} images per optimizer "
             "step |") in text
     how = text.split("## How it was made")[1].splitlines()
-    assert how[how.index("```bash") + 1] == ("# under accelerate launch --multi_gpu --num_processes 2 -m lowmem_alignprop "
-                                             "with these arguments")
+    assert how[how.index("```bash") + 1] == ("# under accelerate launch --multi_gpu --num_processes 2 -m "
+                                             "lowmem_alignprop with these arguments")
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
     assert "| started from |" not in plain and "| early stop |" not in plain and "| processes |" not in plain
 

@@ -516,7 +516,8 @@ def test_a_gpus_host_memory_features_on_a_cpu_run_are_said(tmp_path, caplog, mon
 
 def test_fp16_on_a_cpu_trains_in_fp32_and_the_run_records_fp32(tiny_dir, tmp_path, caplog):
     """A GPU profile's mixed_precision=fp16 (a copy of one, or --set) on a machine without CUDA: said, trained in fp32,
-    and config.yaml records what ran (it said fp16: --profile RUN/config.yaml and the model card claimed an fp16 run)."""
+    and config.yaml records what ran (it said fp16: --profile RUN/config.yaml and the model card claimed an fp16
+    run)."""
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "1", "--set", "mixed_precision=fp16",
