@@ -621,18 +621,22 @@ def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, firs
         "was written whole, " + ("else no step is kept" if saved is None else "else from step 4's"))
 
 
-def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch):
-    """Under a launcher a SIGTERM after the first Ctrl-C is the launcher passing that Ctrl-C on: not an abort."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch, caplog, rank):
+    """Under a launcher a SIGTERM after the first Ctrl-C is the launcher passing that Ctrl-C on: not an abort. A
+    second Ctrl-C a scheduler sends every rank is said once, by rank 0 (every rank printed the abort's line)."""
     import signal as sig
 
     stop_request, clock = stop_clock
     monkeypatch.setattr(stop_request, "world_size", lambda: 2)
+    monkeypatch.setattr(stop_request, "global_rank", lambda: rank)
     stop = stop_request.StopRequest()
     stop._handle(sig.SIGINT, None)
     clock["now"] += 5
     stop._handle(sig.SIGTERM, None)
     with pytest.raises(Aborted):
         stop._handle(sig.SIGINT, None)
+    assert ("aborted by a second Ctrl-C" in caplog.text) == (rank == 0)
 
 
 @pytest.mark.slow  # 13 s (a real run): the default suite has every signal pair above and test_resume's real run

@@ -232,14 +232,26 @@ def worst_rank(accelerator, code: int) -> int:
     the branch of the worst news."""
     if accelerator.num_processes == 1:
         return code
-    return int(accelerator.gather(torch.tensor([float(code)], device=accelerator.device)).max().item())
+    return int(_every_ranks(accelerator, float(code)).max().item())
 
 
 def rank_0_says(accelerator, flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (one tiny collective; a no-op with one process)."""
     if accelerator.num_processes == 1:
         return flag
-    return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))[0].item())
+    return bool(_every_ranks(accelerator, float(flag))[0].item())
+
+
+def _every_ranks(accelerator, value: float) -> torch.Tensor:
+    """Every rank's ``value`` (in rank order), gathered by a collective a signal can interrupt (as
+    :func:`wait_for_every_rank`): a rank waiting here for one that writes a checkpoint takes a second Ctrl-C as that
+    one does, instead of dying in the backend's C++ with a traceback once the other has aborted."""
+    mine = torch.tensor([value], device=accelerator.device)
+    if not torch.distributed.is_initialized():
+        return accelerator.gather(mine)
+    every = [torch.empty_like(mine) for _ in range(accelerator.num_processes)]
+    _polled(torch.distributed.all_gather(every, mine, async_op=True))
+    return torch.cat(every)
 
 
 def any_rank(accelerator, flag: bool) -> bool:
@@ -266,7 +278,7 @@ def agreed_outcome(accelerator, failed: BaseException | None, bad: bool, what: s
     return None, worst == 1
 
 
-POLL_S = 0.05  # how often a waiting rank looks at its barrier: the latency a signal meets there
+POLL_S = 0.05  # the longest pause between a waiting rank's looks at its collective (a signal cuts it short)
 
 
 def wait_for_every_rank(accelerator) -> None:
@@ -275,7 +287,14 @@ def wait_for_every_rank(accelerator) -> None:
     traceback when the rank it waited for was interrupted). A no-op with one process."""
     if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
         return
-    work = torch.distributed.barrier(async_op=True)
+    _polled(torch.distributed.barrier(async_op=True))
+
+
+def _polled(work) -> None:
+    """Wait for an asynchronous collective from Python (its signal handlers run between the polls: a rank blocked in
+    the backend's C++ hears no Ctrl-C), quickly at first (the tiny collectives of every step mostly end at once)."""
+    pause = POLL_S / 512
     while not work.is_completed():
-        time.sleep(POLL_S)  # Python runs the signal handlers between these
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_S)
     work.wait()  # its error, if the collective failed

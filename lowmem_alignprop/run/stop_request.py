@@ -111,7 +111,8 @@ class StopRequest:
     def _abort(self, name: str):
         """Out at once, without unwinding through whatever runs now (the profiler of a detail step would crash
         the interpreter): the steps since the last checkpoint are lost, the rest stays as it was."""
-        log.warning("%s", self.abort_message(name))
+        if global_rank() == 0:  # (a scheduler's second signal reaches every rank: one says it)
+            log.warning("%s", self.abort_message(name))
         sys.stdout.flush()
         sys.stderr.flush()
         if self.on_abort is not None:
