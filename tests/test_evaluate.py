@@ -683,7 +683,7 @@ def test_sample_takes_the_seeds_a_run_records_past_a_training_seeds_range(tmp_pa
     """A run seeded near 2**32 - 1 records its images' seeds as seed + 12345 + n (before_after.json): `sample --seed`
     takes them (torch's generators take 64 bits; it refused anything over 2**32 - 1), training still refuses them
     (its seed also seeds numpy's generator, 32 bits)."""
-    from lowmem_alignprop.settings.config import MAX_SEED, Config
+    from lowmem_alignprop.settings.config import MAX_SAMPLE_SEED, MAX_SEED, Config
 
     seed = MAX_SEED + 12345
     out = tmp_path / "s"
@@ -692,6 +692,9 @@ def test_sample_takes_the_seeds_a_run_records_past_a_training_seeds_range(tmp_pa
     assert [p["seeds"] for p in json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"]] == [[seed], [seed + 1]]
     with pytest.raises(UserError, match=f"seed={seed} is out of range: give a whole number from 0 to {MAX_SEED}"):
         Config(seed=seed).validate()
+    for training, most in ((True, MAX_SEED), (False, MAX_SAMPLE_SEED)):  # below the range: it crashed (the bound
+        with pytest.raises(UserError, match=f"seed=-1 is out of range: give a whole number from 0 to {most}, "):
+            Config(seed=-1).validate(training=training)  # was computed only after the lower one passed)
 
 
 def test_loras_of_two_base_models_of_one_family_are_refused_before_loading(loras, tmp_path, capsys, monkeypatch):

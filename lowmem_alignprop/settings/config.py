@@ -322,7 +322,8 @@ class Config:
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
         self._validate_names()
-        if not MIN_SEED <= self.seed <= (most := MAX_SEED if training else MAX_SAMPLE_SEED):
+        most = MAX_SEED if training else MAX_SAMPLE_SEED
+        if not MIN_SEED <= self.seed <= most:
             raise UserError(f"seed={quote(self.seed)} is out of range: give a whole number from {MIN_SEED} to "
                             f"{most}, e.g. --seed 42")
         pos = ["steps", "sample_steps", "batch_size", "grad_accum", "lora_rank", "k", "k_max", "max_bad_steps",
