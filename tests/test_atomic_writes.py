@@ -172,10 +172,11 @@ def test_a_folder_name_the_locale_cannot_read_is_refused_at_the_start(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):
+def test_a_write_removes_what_a_killed_write_of_it_left(tmp_path):
     """A SIGKILL leaves the temporary folder (.partial-PID-NAME; an export's merged model is gigabytes), and the next
     write of NAME ran under another pid and left it forever. Now the next write removes those of dead processes;
-    one of a live process (another export of the same name, now) and other names stay."""
+    one of a live process (another export of the same name, now) and other names stay. Files alike (a killed
+    sample's .partial-PID-sample_results.json stayed beside every later one)."""
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)  # that process has exited
     target = tmp_path / "merged"
@@ -188,6 +189,11 @@ def test_a_folder_write_removes_what_a_killed_write_of_it_left(tmp_path):
         (tmp / "model_index.json").write_text("{}")
     assert (target / "model_index.json").is_file()
     assert not killed.exists() and live.is_dir() and other.is_dir()
+    killed, live = (tmp_path / f".partial-{dead}-results.json", tmp_path / f".partial-{os.getppid()}-results.json")
+    for p in (killed, live):
+        p.write_text("{")
+    atomic.write_text(tmp_path / "results.json", "{}")
+    assert not killed.exists() and live.is_file() and other.is_dir()
 
 
 def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_path, capsys, monkeypatch,

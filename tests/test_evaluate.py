@@ -458,6 +458,14 @@ def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras,
         assert main([*one, "--seed", "3", "--output-dir", "outputs/sample"]) == 0
     assert "outputs/sample held an earlier evaluation: replacing it" in caplog.text
     assert json.loads((tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).read_text())["seed"] == 3
+    # the results' write fails (a kill, a full disk) after the new grid's: no results of seed 3 stay beside the grid
+    # of seed 4 (nothing says the pair disagrees); the folder holds no evaluation, only the grid
+    from lowmem_alignprop.run import atomic
+    monkeypatch.setenv(atomic.INJECT_ENV, f"{SAMPLE_RESULTS}:fail")
+    grid = (tmp_path / "outputs" / "sample" / SAMPLE_GRID).read_bytes()
+    assert main([*one, "--seed", "4", "--output-dir", "outputs/sample"]) == 2
+    assert (tmp_path / "outputs" / "sample" / SAMPLE_GRID).read_bytes() != grid
+    assert not (tmp_path / "outputs" / "sample" / SAMPLE_RESULTS).exists()
 
 
 def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, monkeypatch):

@@ -737,6 +737,9 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
 
     if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
         logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
+        # its results go first, the new ones come last: a kill between the two writes left the new grid beside the
+        # old results (another seed's scores under its images)
+        (out / SAMPLE_RESULTS).unlink()
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
     save_sample_grid(out / SAMPLE_GRID, labels, (base_images, base_r), (lora_images, lora_r),

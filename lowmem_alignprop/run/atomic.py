@@ -147,6 +147,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` (replacing an older file). On any error it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(path)  # a killed write of this file left its temporary file beside it
     tmp = partial_name(path)
     try:
         yield tmp
