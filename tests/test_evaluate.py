@@ -441,7 +441,8 @@ def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(t
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         reward, spec, _ = sampled(away)
     assert reward == "colorfulness" and spec != str(prompts)
-    assert f"the LoRA's run was scored with prompts={prompts}, not at hand here" in caplog.text
+    assert (f"the LoRA's run was scored with prompts={prompts}, not at hand here (prompt file {prompts} does not "
+            "exist): the default prompts instead (--prompts chooses)") in caplog.text  # (was cut at 100 characters)
 
 
 def test_a_second_evaluation_without_output_dir_keeps_the_first(tmp_path, loras, monkeypatch, caplog):

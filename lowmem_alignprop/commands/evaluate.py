@@ -292,7 +292,7 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
             kept = {k: v for k, v in kept.items() if k not in drop}
             logging.getLogger("lowmem_alignprop").warning(
                 "the LoRA's run was scored with %s=%s, not at hand here (%s): the default %s instead (--%s chooses)",
-                key, taken[key], first_line(e, 100), key, key)
+                key, taken[key], first_line(e).split("; ")[0], key, key)  # (what is missing, not our advice)
     return kept
 
 
