@@ -21,6 +21,7 @@ from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
+NUM_PROMPTS = 4  # sample's prompts without --num-prompts: a prompt set's first 4
 
 COMMAND_LIST = """commands (lowmem-alignprop COMMAND --help for each one's options):
   train      (the default, also without a command) align a model's LoRA to a reward: the options below
@@ -380,8 +381,8 @@ def sample_parser() -> argparse.ArgumentParser:
                         "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
                         "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
     p.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs given without --lora (the same values, after them)")
-    p.add_argument("--num-prompts", type=int, default=4, metavar="N",
-                   help="first N prompts of the prompt set (default 4)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                   help=f"first N prompts of the prompt set (default {NUM_PROMPTS})")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt of your own, repeatable: these prompts instead of a prompt set's first N")
     p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
@@ -397,7 +398,7 @@ def cmd_sample(argv: list[str]) -> int:
     from lowmem_alignprop.run.filenames import SAMPLE_DIR
     from lowmem_alignprop.settings.config import BATCH_MOST, TRAINING_ONLY
 
-    if args.num_prompts < 1:
+    if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt {args.images_per_prompt}: give at least 1")
@@ -407,6 +408,9 @@ def cmd_sample(argv: list[str]) -> int:
     own = [text.strip() for text in args.prompt]
     if own and args.prompts is not None:
         raise UserError("give your prompts with --prompt TEXT or a prompt set with --prompts, not both")
+    if own and args.num_prompts is not None:  # (it was ignored: every --prompt is rendered)
+        raise UserError(f"--num-prompts {args.num_prompts} counts a prompt set's first prompts: with --prompt TEXT "
+                        f"each of yours is rendered ({len(own)} given); leave --num-prompts out")
     if any(not text for text in own):
         raise UserError("--prompt '': give the prompt's text (quote it: --prompt \"a red fox in the snow\")")
     args.lora += args.loras
@@ -457,8 +461,8 @@ def cmd_sample(argv: list[str]) -> int:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
     refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
-    results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts, images_per_prompt=args.images_per_prompt,
-                       profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None,
+    results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts or NUM_PROMPTS,
+                       images_per_prompt=args.images_per_prompt, profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None,
                        default_model=default_model)
     print_summary(results, Path(results["output_dir"]))
     return 0

@@ -325,7 +325,7 @@ def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
                                   "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt", "upper_suffix",
-                                  "many_images"])
+                                  "many_images", "prompt_and_num_prompts"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -348,7 +348,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
             "checkpoint": ["--lora", str(step)],
             "prompt_and_prompts": ["--lora", str(loras["a"]), "--prompt", "a cat", "--prompts", "simple_animals"],
             "empty_prompt": ["--lora", str(loras["a"]), "--prompt", " "],
-            "many_images": ["--lora", str(loras["a"]), "--images-per-prompt", "1025"]}[case]
+            "many_images": ["--lora", str(loras["a"]), "--images-per-prompt", "1025"],
+            "prompt_and_num_prompts": ["--lora", str(loras["a"]), "--prompt", "a cat", "--num-prompts", "1"]}[case]
     out = tmp_path / "out"
     rc = main(["sample", *COMMON, *args, "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -364,7 +365,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
                 "upper_suffix": "diffusers reads my.SAFETENSORS by its suffix in lower case only: rename it to "
                                 "my.safetensors",
                 "many_images": "--images-per-prompt 1025 is more than 1024, the most this tool takes: give 1024 or "
-                               "fewer"}[case]
+                               "fewer",
+                "prompt_and_num_prompts": "--num-prompts 1 counts a prompt set's first prompts: with --prompt TEXT each "
+                                          "of yours is rendered (1 given); leave --num-prompts out"}[case]
     assert expected in err[0], err[0]
 
 
@@ -396,6 +399,24 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
                  "--output-dir", str(out)]) == 0
     r = json.loads((out / SAMPLE_RESULTS).read_text())
     assert r["difference"] > 0.002, r["difference"]
+
+
+def test_the_same_lora_given_twice_is_said(loras, caplog, tmp_path):
+    """Two --lora of one LoRA add up (a:0.5 a:0.5 is a:1): said, since it is mostly a typo in a mix (it was silent).
+    A run folder's LoRA is recorded with where in it its weights were (lora/, not a checkpoint or best/)."""
+    from lowmem_alignprop.commands.evaluate import check_mixable
+
+    shutil.copytree(loras["a"], tmp_path / "run" / "lora")
+    assert parse_lora(str(tmp_path / "run"), 0).found_in == "lora/pytorch_lora_weights.safetensors"
+    assert parse_lora(str(loras["a"]), 0).found_in is None  # (a LoRA folder: its file, nothing to add)
+
+    specs = [parse_lora(f"{loras['a']}:0.5", 0), parse_lora(f"{loras['a']}/pytorch_lora_weights.safetensors:0.25", 1),
+             parse_lora(str(loras["small_a"]), 2)]
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        check_mixable(specs)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--lora {loras['a']}:0.5 and --lora {loras['a']}/pytorch_lora_weights.safetensors:0.25 are the same LoRA: "
+        f"their weights add up (as --lora {loras['a']}:0.75)"]
 
 
 def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(tmp_path, caplog):

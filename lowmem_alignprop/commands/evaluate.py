@@ -76,6 +76,14 @@ class LoraSpec:
         """The LoRA as the user gave it (the records name it: a converted copy is gone when the process ends)."""
         return self.source or self.file
 
+    @property
+    def found_in(self) -> str | None:
+        """Where below the folder the user named its weights were found (a run folder's lora/...), else None."""
+        file = self.file.absolute()
+        if self.source is None or file.parent == self.source or not file.is_relative_to(self.source):
+            return None
+        return self.file.absolute().relative_to(self.source).as_posix()
+
 
 # ---------------------------------------------------------------------------------------------------------
 # input checks (before any model loads or anything is written)
@@ -475,6 +483,11 @@ def check_mixable(specs: list[LoraSpec]) -> None:
             raise UserError(f"--lora {a.arg} and --lora {b.arg} adapt layers of other widths ({key}: {ours[key]} in "
                             f"one, {theirs[key]} in the other): they were trained on different base models and "
                             "cannot be mixed; sample them one at a time")
+    for a, b in itertools.combinations(specs, 2):  # (a typo in a mix, a:0.5 a:0.5 for a:0.5 b:0.5, was a:1 unsaid)
+        if a.file.resolve() == b.file.resolve() or a.named.resolve() == b.named.resolve():
+            logging.getLogger("lowmem_alignprop").warning(
+                "--lora %s and --lora %s are the same LoRA: their weights add up (as --lora %s:%g)", a.arg, b.arg,
+                a.named, a.weight + b.weight)
 
 
 def _layer_widths(file: Path) -> dict[str, int]:
@@ -720,7 +733,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
     results = {
         "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
-        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name} for s in specs],
+        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
+                   **({"weights": s.found_in} if s.found_in else {})} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
@@ -761,7 +775,8 @@ def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images
 def print_summary(r: dict, out: Path) -> None:
     from lowmem_alignprop.commands.run_summary import judged_of
 
-    mix = " + ".join(f"{d['weight']:g} x {d['path']}" for d in r["loras"])
+    mix = " + ".join(f"{d['weight']:g} x {d['path']}" + (f" ({d['weights']})" if "weights" in d else "")
+                     for d in r["loras"])
     made = len(r["per_prompt"]) * r["images_per_prompt"]
     lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
              f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
