@@ -622,6 +622,15 @@ def test_a_runs_config_yaml_given_as_profile_trains_that_configuration_again(tmp
     again = resolve_config(str(run), {}, [])[1]
     assert dataclasses.replace(again, output_dir=first.output_dir) == first
     assert resolve_config(str(run), {"model": "toy"}, ["steps=3"])[1].model == "toy"
+    # a file of a few lines naming a profile to build on is no run's record: it was taken for one, and the profile
+    # it named went unapplied (the defaults trained), its output_dir dropped, in silence
+    for lines in ("profile: rtx3060\nbatch_size: 2\n", "profile: rtx3060\noutput_dir: elsewhere\nbatch_size: 2\n"):
+        mine = tmp_path / "mine.yaml"
+        mine.write_text(lines)
+        with pytest.raises(UserError, match=r"^profile .*mine.yaml sets profile: rtx3060: a profile cannot build on "
+                                            r"another; copy that one and edit the copy \(lowmem-alignprop profiles "
+                                            r"rtx3060 > mine.yaml\)$"):
+            resolve_config(str(mine), {}, [])
 
 
 def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import (Config, build_config, coerce, end_k_range_at, end_k_range_said,
-                                              flag_value, parse_set, recipe_file)
+from lowmem_alignprop.settings.config import (FIELD_NAMES, Config, build_config, coerce, end_k_range_at,
+                                              end_k_range_said, flag_value, parse_set, recipe_file)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -192,6 +192,12 @@ def _load_yaml(text: str):
 RUN_RECORD_KEYS = ("profile", "output_dir", "auto_fit_search", "auto_fit_changes")  # a run's, not its settings'
 
 
+def is_run_config(data: dict) -> bool:
+    """A run's config.yaml: its profile's name, its output_dir and every field (most of today's, from an older
+    version) -- not a file of a few lines a user wrote."""
+    return {"profile", "output_dir"} <= data.keys() and 2 * len(set(FIELD_NAMES) & data.keys()) >= len(FIELD_NAMES)
+
+
 def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file -- a run's own
     config.yaml too (it names its ``profile``): its settings and model, without its output_dir (a new run writes a
@@ -238,7 +244,10 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
     if not isinstance(data, dict):
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}
-    run_config = "profile" in data  # a run's config.yaml (commands/train.py config_yaml)
+    run_config = is_run_config(data)  # a run's config.yaml (commands/train.py config_yaml)
+    if "profile" in data and not run_config:  # (it was taken for a run's record: the profile named went unapplied)
+        raise UserError(f"profile {path} sets profile: {data['profile']}: a profile cannot build on another; copy "
+                        f"that one and edit the copy (lowmem-alignprop profiles {data['profile']} > mine.yaml)")
     for key, value in data.items():
         if run_config and key in RUN_RECORD_KEYS:
             continue
