@@ -201,6 +201,10 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--prompts", "toy-pairs", "--eval-every", "1", "--set", "eval_prompts=toy-pairs"],
      "eval_prompts=toy-pairs: every one of its 4 prompts is also a training prompt, so none is held out"),
     (["--model", "flux", "--set", "negative_prompt=blurry"], "FLUX.1 is guidance-distilled"),
+    # (guidance 1 runs no unconditional pass: the negative prompt was accepted and unused, unsaid)
+    (["--set", "negative_prompt=blurry", "--set", "guidance_scale=1"], "negative_prompt is the unconditional branch "
+                                                                        "of classifier-free guidance, which "
+                                                                        "guidance_scale=1 turns off (1 or less)"),
     # a flag that would be ignored (T5's 9.5 GB of host memory not saved) is refused, on FLUX and on UNet models
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
