@@ -213,6 +213,7 @@ def test_user_profile_path_trains_and_is_recorded(tiny_dir, tmp_path):
     ("budget_gb: 8\nsliced_decode: [true\n", ["not valid YAML at line", "fix the file"]),
     ("budget_gb: 8\nvae_checkpoint: blocks\n",
      ["unknown config key 'vae_checkpoint'", "did you mean vae_checkpointing"]),
+    ("STEPS: 3\n", ["unknown config key 'STEPS' (did you mean steps?)"]),  # (case alone: it said no near miss)
     ("sliced_decode: maybe\n", ["sliced_decode must be true or false, got 'maybe'"]),
     ("batch_size: two\n", ["batch_size must be a whole number, got 'two'"]),
     ("lr: fast\n", ["lr must be a number"]),
@@ -761,6 +762,12 @@ def test_a_flag_and_a_set_of_the_same_field_that_disagree_are_said(caplog):
         assert caplog.messages == ["--steps 3 and --set steps=5 both given: --set wins (steps=5)"]
         caplog.clear()
         assert resolve_config("cpu", {"steps": 3, "model": "tiny"}, ["steps=3"])[1].steps == 3
+        assert caplog.messages == []
+        # one --set twice (a script's appended overrides): the last wins, said when they differ (it was silent)
+        assert resolve_config("cpu", {"model": "tiny"}, ["batch_size=2", "steps=4", "batch_size=3"])[1].batch_size == 3
+        assert caplog.messages == ["--set batch_size given twice (2, then 3): the last wins"]
+        caplog.clear()
+        assert resolve_config("cpu", {"model": "tiny"}, ["batch_size=2", "batch_size=2"])[1].batch_size == 2
         assert caplog.messages == []
 
 

@@ -638,7 +638,7 @@ def _has(module: str) -> bool:
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
     if name not in FIELD_NAMES:
-        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+        close = difflib.get_close_matches(name.lower(), FIELD_NAMES, n=1)  # (STEPS: none matched by case)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
     t = get_type_hints(Config)[name]
@@ -765,7 +765,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise UserError(f"malformed --set {item!r}: write it as --set key=value, e.g. --set k=2")
         key, value = item.split("=", 1)
         key = key.strip()
-        out[key] = coerce(key, value)
+        value = coerce(key, value)
+        if key in out and out[key] != value:  # (a script's appended overrides contradicting themselves: unsaid)
+            logging.getLogger("lowmem_alignprop").warning("--set %s given twice (%s, then %s): the last wins", key,
+                                                          flag_value(out[key]), flag_value(value))
+        out[key] = value
     return out
 
 
