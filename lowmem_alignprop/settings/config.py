@@ -407,9 +407,11 @@ class Config:
         if self.tiled_decode and self.sliced_decode:
             raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
         if self.tile_overlap * 2 >= self.tile_size:
-            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}: set "
-                            f"tile_size to {self.tile_overlap * 2 + 1} or more (the default: 64), or a smaller "
-                            "tile_overlap")
+            larger = self.tile_overlap * 2 + 1  # (a tile_size past its bound was advised: a second error)
+            fix = (f"set tile_size to {larger} or more (the default: 64), or a smaller tile_overlap"
+                   if larger <= dict((n, m) for n, m, _ in UPPER_BOUNDS)["tile_size"] else
+                   f"give a tile_overlap under {self.tile_size // 2} (the default: 16)")
+            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}: {fix}")
         self._validate_alignment()
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
