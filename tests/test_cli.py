@@ -35,6 +35,21 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     assert not out.exists()
 
 
+def test_a_model_the_environment_names_that_is_none_names_the_variable(tmp_path, capsys, monkeypatch):
+    """No --model, $LOWMEM_ALIGNPROP_MODEL naming no model (forgotten in a shell): the line names the variable (it
+    said to leave out the --model never given); its spaces go, as --model's do (they were kept, unseen)."""
+    from lowmem_alignprop.settings.config import MODEL_ENV, Config
+
+    monkeypatch.setenv(MODEL_ENV, " tiny ")
+    assert Config().model == "tiny"
+    monkeypatch.setenv(MODEL_ENV, "nosuch ")
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: model path nosuch does not exist: it is ${MODEL_ENV}'s model: set "
+                                       "that to one that is, or unset it for the shipped toy world\n")
+    assert not out.exists()
+
+
 def test_empty_prompt_file(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n# only a comment\n\n")

@@ -100,10 +100,20 @@ def resolve_model(spec: str) -> tuple[str, str]:
             raise UserError(f"{spec} is a file but not a checkpoint: pass a .safetensors or .ckpt file")
         return "file", str(path)
     if kind_of(path) not in ("missing",):  # /dev/null, a dangling symlink, a loop: said as what it is
-        raise UserError(f"model path {spec} {describe_path(path)}: {_PASS_A_MODEL}")
+        raise UserError(f"model path {spec} {describe_path(path)}: {_pass_a_model(spec)}")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or not looks_like_hub_id(spec):
-        raise UserError(f"model path {spec} does not exist: {_PASS_A_MODEL}")
+        raise UserError(f"model path {spec} does not exist: {_pass_a_model(spec)}")
     return "hub", spec
+
+
+def _pass_a_model(spec: str) -> str:
+    """The fix for a model path that is none; for one the environment names (no --model given, an exported variable
+    forgotten in a shell), that variable (the line said to leave out the --model the user never gave)."""
+    from lowmem_alignprop.settings.config import MODEL_ENV
+
+    if os.environ.get(MODEL_ENV, "").strip() != spec:
+        return _PASS_A_MODEL
+    return f"it is ${MODEL_ENV}'s model: set that to one that is, or unset it for the shipped toy world"
 
 
 def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:

@@ -50,7 +50,7 @@ _ACT_ON_EVALUATION = {  # the settings that act on the held-out evaluation (eval
 @dataclass
 class Config:
     # ---- what to train -------------------------------------------------------------------------
-    model: str = field(default_factory=lambda: os.environ.get(MODEL_ENV, "toy"), metadata={"help": (
+    model: str = field(default_factory=lambda: os.environ.get(MODEL_ENV, "toy").strip(), metadata={"help": (
         "Base model: 'toy' (the toy world's pretrained model, shipped; docs/toy_world.md), 'tiny' (random weights, "
         "built in code: tests and planning), sd15|sd21|sdxl|sd35m|sd35l|flux (architecture only, random weights, for "
         "planning), a hub id, a diffusers directory (SD 1.x/2.x/SDXL, SD3/SD3.5, FLUX.1), or a single-file "
