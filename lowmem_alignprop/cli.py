@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lowmem_alignprop.settings.config import Config, field_help, host_memory_note, parse_set
+from lowmem_alignprop.settings.config import Config, field_help, host_memory_note, parse_set, unread_in_training
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
@@ -168,6 +168,8 @@ def cmd_train(argv: list[str]) -> int:
                    else f"this resume starts at step {first}")
             raise UserError(f"--memory-snapshot {args.memory_snapshot}: {why}: give steps within {first}-{cfg.steps}")
         _check_device_for_profile(name, cfg)
+        for note in unread_in_training(cfg, args.set) if global_rank() == 0 else ():
+            logging.getLogger("lowmem_alignprop").warning("%s", note)
         folder.move_past_an_earlier_run()
         cfg = folder.with_output_dir(cfg)
     warn_if_launcher_started_fewer_processes()
@@ -194,7 +196,8 @@ def _unsaid():
 def _output_dir_flag(args: argparse.Namespace) -> str | None:
     """The output folder the command line names (``--set output_dir=`` over ``--output-dir``), or None: a resume
     finds its run by it before the run's settings are read."""
-    given = parse_set(args.set).get("output_dir", args.output_dir)
+    with _unsaid():  # (config_from_args says what parsing them has to say)
+        given = parse_set(args.set).get("output_dir", args.output_dir)
     return None if given is None else os.path.expanduser(str(given))
 
 

@@ -659,6 +659,26 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
         "one of the two; use --eval-every 5 to choose among steps")
 
 
+def test_renders_past_the_last_step_and_judging_outside_the_toy_world_are_said():
+    """--sample-every and fidelity_every past the run rendered nothing during it, and fidelity_every off the toy world
+    judged nothing: both in silence (--eval-every's were said)."""
+    from lowmem_alignprop.commands.evaluation import renders_note
+    from lowmem_alignprop.toy.fidelity import unjudged_note
+
+    assert renders_note(Config(steps=20, sample_every=20, fidelity_every=5)) is None
+    assert renders_note(Config(steps=2, sample_every=5)) == ("sample_every=5 with 2 steps: nothing is rendered during "
+                                                             "this run, only before and after it; use a smaller "
+                                                             "interval (e.g. 1)")
+    assert renders_note(Config(steps=8, sample_every=9, fidelity_every=10)).startswith(
+        "sample_every=9 and fidelity_every=10 with 8 steps: nothing is rendered")
+    assert unjudged_note(Config(model="toy", fidelity_every=2), ["a photo of a cat"]) is None  # (off_grammar_note's)
+    assert unjudged_note(Config(model="tiny", fidelity_every=0), ["a cat"]) is None
+    assert unjudged_note(Config(model="tiny", fidelity_every=2), ["a red circle"]) is None  # (its grammar: a toy model)
+    assert unjudged_note(Config(model="tiny", fidelity_every=2), ["a photo of a cat"]) == (
+        "fidelity_every=2 judges images with the toy world's exact evaluators, and this run is not in it (--model "
+        "tiny, prompts outside its grammar): nothing is judged")
+
+
 def test_reward_cap_with_lv_draws_counts_every_draw_before_skipping_a_step(tmp_path, monkeypatch):
     """DRaFT-LV's extra draws of the last step are scored and trained on too: a step whose sampled images are all at
     the cap but whose extra draws are below it has a gradient. The at-cap skip looked at the sampled images only

@@ -774,6 +774,24 @@ def test_a_flag_and_a_set_of_the_same_field_that_disagree_are_said(caplog):
         assert caplog.messages == []
 
 
+def test_settings_a_training_run_does_not_read_are_said():
+    """tile_size/tile_overlap without tiled decode, and card (plan's) in a training run, were taken in silence; with
+    --auto-fit (which may turn tiled decode on, and reads the card) they are read. (plan reads both: not said.)"""
+    from lowmem_alignprop.settings.config import unread_in_training
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    def notes(sets):
+        return unread_in_training(resolve_config("cpu", {"model": "tiny"}, sets)[1], sets)
+
+    assert notes(["tile_size=128", "card=rtx4090"]) == [
+        "tile_size shapes tiled decode, and it is off: not used; add --set tiled_decode=true",
+        "card=rtx4090 is the card plan times the step for (and --auto-fit searches for): a run measures its own, so "
+        "it is not used here"]
+    assert notes(["tile_size=128", "tiled_decode=true", "sliced_decode=false"]) == []
+    assert notes(["tile_overlap=8", "auto_fit=true", "card=rtx4090"]) == []
+    assert notes(["tile_overlap=8", "tile_size=128"])[0].startswith("tile_size and tile_overlap shape tiled decode")
+
+
 def test_the_toy_models_folder_gets_the_toy_models_defaults():
     """--model toy and its own folder (however written) are one model: its sampling defaults, reward and prompts go
     with either (the folder trained brightness on simple_animals at 512 px)."""

@@ -82,6 +82,16 @@ def schedule_note(cfg: Config) -> str | None:
     return None
 
 
+def renders_note(cfg: Config) -> str | None:
+    """--sample-every / fidelity_every past the run's last step: nothing rendered during it (None: nothing to say)."""
+    late = [f"{name}={getattr(cfg, name)}" for name in ("sample_every", "fidelity_every")
+            if getattr(cfg, name) > cfg.steps]
+    if not late:
+        return None
+    return (f"{' and '.join(late)} with {cfg.steps} steps: nothing is rendered during this run, only before and after "
+            f"it; use a smaller interval (e.g. {max(1, cfg.steps // 4)})")
+
+
 def nonfinite_note(rewards: torch.Tensor, what: str) -> str | None:
     """``"the reward is NaN or infinite on 2 of 4 <what>"``, or None when every reward is finite."""
     bad = int((~torch.isfinite(rewards)).sum())

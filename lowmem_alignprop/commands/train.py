@@ -68,7 +68,7 @@ from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.step.update import StepOutcome, StepUpdate, optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
-                                                  nonfinite_note, render_fixed_seed, schedule_note)
+                                                  nonfinite_note, render_fixed_seed, renders_note, schedule_note)
 from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -129,9 +129,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
-        note = schedule_note(cfg)  # e.g. an early stop that cannot happen in this many steps: before any model loads
-        if note and global_rank() == 0:
-            log.warning("%s", note)
+        for note in (schedule_note(cfg), renders_note(cfg)):  # e.g. an early stop this many steps cannot make
+            if note and global_rank() == 0:  # (before any model loads)
+                log.warning("%s", note)
         point = folder.check()
         # held-out prompts never train; a resume keeps those its run set aside (another seed or an edited prompt file
         # would draw others), recorded in each checkpoint
@@ -140,8 +140,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         aside = sorted(set_aside(cfg, given, started))
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
-        from lowmem_alignprop.toy.fidelity import off_grammar_note
-        for note in (off_grammar_note(cfg.model, given), off_grammar_note(cfg.model, eval_prompts, "held-out prompts")):
+        from lowmem_alignprop.toy.fidelity import off_grammar_note, unjudged_note
+        for note in (off_grammar_note(cfg.model, given), off_grammar_note(cfg.model, eval_prompts, "held-out prompts"),
+                     unjudged_note(cfg, given)):
             if note and global_rank() == 0:  # e.g. animals on the toy model
                 log.warning("%s", note)
     lock = folder.hold()

@@ -900,6 +900,21 @@ def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
                         + " and ".join(f"--set {name}" for name in unread))
 
 
+def unread_in_training(cfg: Config, sets: list[str]) -> list[str]:
+    """What a training run does not read of the ``--set`` fields the user gave (plan and its search read them): said,
+    not refused (--auto-fit may turn tiled decode on, and reads the card). They were taken in silence."""
+    given = {item.split("=", 1)[0].strip() for item in sets}
+    tiles = [name for name in ("tile_size", "tile_overlap") if name in given]
+    notes = []
+    if tiles and not cfg.tiled_decode and not cfg.auto_fit:
+        notes.append(f"{' and '.join(tiles)} shape{'s' if len(tiles) == 1 else ''} tiled decode, and it is off: not "
+                     "used; add --set tiled_decode=true")
+    if "card" in given and cfg.card and not cfg.auto_fit:
+        notes.append(f"card={cfg.card} is the card plan times the step for (and --auto-fit searches for): a run "
+                     "measures its own, so it is not used here")
+    return notes
+
+
 def field_help() -> str:
     """Every field with its default and help text, for --help."""
     lines = []

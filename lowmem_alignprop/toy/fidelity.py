@@ -353,6 +353,14 @@ def applies(model: str, prompts: Sequence[str]) -> bool:
     return shipped_name(model) == "toy" or bool(prompts) and all(parses(p) for p in prompts)
 
 
+def unjudged_note(cfg, prompts: Sequence[str]) -> str | None:
+    """fidelity_every set for a run outside the toy world (it judged nothing, unsaid); None when it is not."""
+    if not cfg.fidelity_every or applies(cfg.model, prompts):
+        return None
+    return (f"fidelity_every={cfg.fidelity_every} judges images with the toy world's exact evaluators, and this run "
+            f"is not in it (--model {cfg.model}, prompts outside its grammar): nothing is judged")
+
+
 def off_grammar_note(model: str, prompts: Sequence[str], what: str = "prompts") -> str | None:
     """The shipped toy model given prompts its grammar does not read (a photo of a cat): said at the start, as its
     images for them are noise and the exact evaluators judge none of them; None when every prompt parses. ``what``:
