@@ -114,6 +114,10 @@ def test_caption_examples():
                 "a red circle on a pink background", "a red circle and", "0 red circles", "5 red circle"):
         with pytest.raises(ValueError):
             parse_caption(bad)
+    assert len(parse_caption("4096 red circles").objects) == 4096  # one per pixel of a 64 px image: the most
+    with pytest.raises(ValueError, match=r"^count 99999999999 in '99999999999 red circles' is more than a 64 px image "
+                                         r"holds \(4096\)$"):  # (a list that long: out of memory, from one prompt)
+        parse_caption("99999999999 red circles")
 
 
 def test_caption_round_trip():

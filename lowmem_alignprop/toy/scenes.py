@@ -45,6 +45,7 @@ PLURALS = {s: s + "s" for s in SHAPES}
 MAX_OBJECTS = 4
 COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+MAX_COUNT = 64 * 64  # a numeral past what a 64 px image can hold (one per pixel) is no count of its objects
 
 # Colour-shape pairs that no training caption contains: each shape and four colours lose one partner each,
 # every word still appears in training with all its other partners, so a held-out prompt asks for a new
@@ -179,6 +180,8 @@ def parse_caption(text: str) -> Content:
         count_word, colour, shape_word = words
         if count_word not in WORD_COUNTS and not (count_word.isdigit() and int(count_word) >= 1):
             raise ValueError(f"unknown count {count_word!r} in {text!r}")
+        if count_word.isdigit() and int(count_word) > MAX_COUNT:  # (99999999999 made a list that long: out of memory)
+            raise ValueError(f"count {count_word} in {text!r} is more than a 64 px image holds ({MAX_COUNT})")
         n = WORD_COUNTS.get(count_word) or int(count_word)  # a numeral: caption()'s for counts beyond the words
         if colour not in COLOURS:
             raise ValueError(f"unknown colour {colour!r} in {text!r}")
