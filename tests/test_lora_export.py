@@ -235,7 +235,7 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
     assert "ComfyUI/models/checkpoints/" in card and "models/Stable-diffusion/" in card
     # the card's diffusers line is the call above: with the base's configs (not guessed from the shapes, which for a
     # model of no standard shape fails)
-    assert f'from_single_file("{file.name}", config="{case["base"]}")' in card
+    assert f'{case["cls"].__name__}.from_single_file("{file.name}", config="{case["base"]}")' in card
 
 
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
@@ -386,6 +386,33 @@ def test_the_card_says_what_the_loss_did_beside_raising_the_reward(sd, tmp_path)
             "model, kl_coeff 0.1; DRaFT-LV, 2 draws of the last step |") in text
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
     assert "| objective |" not in plain  # the plain AlignProp loss: no row
+    assert f"| resolution | {config['resolution']} px |" in plain  # (the card named none: the kohya header only)
+    assert "| exact fidelity (toy world)" not in plain
+
+
+def test_the_card_of_a_toy_world_run_shows_the_exact_fidelity_and_code_that_loads_its_base(sd, tmp_path):
+    """In the toy world the card shows the exact evaluators' before -> after beside the reward (a reward that rose
+    while the images went wrong read as a success), and its code loads the toy model from the package: it said
+    from_pretrained("toy"), which fails (no such hub id or folder)."""
+    from lowmem_alignprop.commands.model_card import _usage
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["toy_world"] = {w: {"fidelity_score": s, "fidelity_all_ok": a, "reward": 1.0}
+                            for w, s, a in (("before", 0.675, 0.4375), ("after", 0.6875, 0.5))}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert "| exact fidelity (toy world), before -> after | score 0.675 -> 0.688, all right 44% -> 50% |" in text
+    code = _usage("diffusers", ["pytorch_lora_weights.safetensors"], "toy", None)
+    assert code[:4] == ["```python", "from diffusers import DiffusionPipeline",
+                        "from lowmem_alignprop.models.loading import TOY_MODEL_DIR",
+                        "pipe = DiffusionPipeline.from_pretrained(TOY_MODEL_DIR)"]
+    scope: dict = {}
+    exec("\n".join(code[1:4]), scope)  # the card's lines load the model as written
+    assert type(scope["pipe"]).__name__ == "StableDiffusionPipeline"
+    single = _usage("single-file", ["m.safetensors"], "toy", 1.0, sdxl=True)[2]
+    assert "StableDiffusionXLPipeline.from_single_file(\"m.safetensors\", config=TOY_MODEL_DIR)" in single
 
 
 def test_the_card_of_an_interrupted_run_counts_the_steps_it_trained(sd, tmp_path):

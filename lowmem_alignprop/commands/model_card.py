@@ -39,6 +39,9 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
+    toy = s.get("toy_world") or {}
+    if all("fidelity_score" in (toy.get(w) or {}) for w in ("before", "after")):  # the exact evaluators' truth
+        info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")} for w in ("before", "after")}
     return info
 
 
@@ -135,7 +138,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
               else info.get("reward"))
     rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
              "unknown"), ("reward", reward),
-            ("steps", info.get("steps")), ("profile", info.get("profile")), ("objective", objective(info))]
+            ("steps", info.get("steps")), ("profile", info.get("profile")),
+            ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
+            ("objective", objective(info))]
     if info.get("processes", 1) > 1:  # (the command below is each process's)
         per = info.get("batch_size", 1) * info.get("grad_accum", 1)
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
@@ -155,6 +160,11 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if "reward_first" in info and "reward_last" in info and info.get("reward_steps", 2) > 1:  # one step: no change
         rows.append(("training reward, first -> final steps" + (f" (since step {since})" if since else ""),
                      f"{info['reward_first']:.4f} -> {info['reward_last']:.4f}"))
+    if "fidelity" in info:  # (the toy world: where a reward rising while the images go wrong shows)
+        before, after = info["fidelity"]["before"], info["fidelity"]["after"]
+        rows.append(("exact fidelity (toy world), before -> after", f"score {before['fidelity_score']:.3f} -> "
+                     f"{after['fidelity_score']:.3f}, all right {before['fidelity_all_ok']:.0%} -> "
+                     f"{after['fidelity_all_ok']:.0%}"))
     if "sample_reward_before" in info and "sample_reward_after" in info:
         as_trained = into or merged_weight not in (None, 1.0)  # the run's figures: the LoRA at 1 on its base
         rows.append(("sample reward, before -> after" + (" (the LoRA as trained: weight 1, on its base model)"
@@ -179,7 +189,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
         what = "before and after training" if step is None else f"before training and at step {step}"
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
-    usage = _usage(fmt, files, base, merged_weight, lora.family, lora.model_components)
+    usage = _usage(fmt, files, base, merged_weight, lora.family, lora.model_components, sdxl=family == SDXL)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -202,20 +212,27 @@ def _library(fmt: str, lora: Lora) -> str | None:
     return None if fmt == "kohya" and lora.family == "sd3" else "diffusers"
 
 
+# the package's own models by name: the card's code loads them from the package (from_pretrained("toy") fails)
+_PACKAGE_MODELS = {"toy": ("from lowmem_alignprop.models.loading import TOY_MODEL_DIR", "TOY_MODEL_DIR"),
+                   "tiny": ("from lowmem_alignprop.models.tiny import tiny_model_dir", "tiny_model_dir()")}
+
+
 def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet",
-           components: str = "") -> list[str]:
+           components: str = "", sdxl: bool = False) -> list[str]:
     base = base or "BASE_MODEL"
     if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
         from lowmem_alignprop.commands import flow_export
         return flow_export.usage(fmt, files, base, merged, family, components or base)
+    imported, loaded = _PACKAGE_MODELS.get(base, (None, f'"{base}"'))
     if merged is not None and fmt == "single-file":
+        pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/checkpoints/` and pick it in a *Load Checkpoint* "
                 "node.",
                 "- AUTOMATIC1111 / Forge: copy it to `stable-diffusion-webui/models/Stable-diffusion/` and choose it "
                 "as the checkpoint.",
-                f"- diffusers: `StableDiffusionPipeline.from_single_file(\"{files[0]}\", config=\"{base}\")` "
-                "(`StableDiffusionXLPipeline` for SDXL; `config`: the base model's folder or hub id, whose component "
-                "configs it reads instead of guessing them from the weights' shapes)."]
+                f"- diffusers: `{pipeline}.from_single_file(\"{files[0]}\", config={loaded})` (`config`: the base "
+                "model's folder or hub id, whose component configs it reads instead of guessing them from the "
+                "weights' shapes" + (f"; `{imported}`" if imported else "") + ")."]
     if merged is not None:
         return ["```python", "from diffusers import DiffusionPipeline",
                 "pipe = DiffusionPipeline.from_pretrained(\"THIS_FOLDER\")", "```"]
@@ -227,8 +244,8 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
     if fmt == "peft":
         return ["```python", "from peft import PeftModel",
                 f"unet = PeftModel.from_pretrained(unet, \"THIS_FOLDER\")  # unet: {base}'s UNet", "```"]
-    return ["```python", f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")",
-            "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+    return ["```python", "from diffusers import DiffusionPipeline", *([imported] if imported else []),
+            f"pipe = DiffusionPipeline.from_pretrained({loaded})", "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
 
 
 def is_hub_id(spec: str | None) -> bool:
