@@ -103,6 +103,29 @@ def test_the_toy_world_lines_put_each_rate_before_then_after():
                              "score 0.200 -> 0.800")
 
 
+def test_a_judged_step_better_than_the_end_is_shown():
+    """--set fidelity_every judges steps during the run: one whose exact fidelity beats the end's by more than one
+    image's share (the docs' over-optimization run: 0.800 at step 10, 0.687 at the end, while toy_clip rose to step
+    50) is in summary.json and the box; it showed only in metrics.jsonl, the box's before -> after both "rose"."""
+    from lowmem_alignprop.commands.run_summary import fidelity_peak, toy_world_lines
+
+    after = {"fidelity_score": 0.6875, "fidelity_all_ok": 0.5, "fidelity_images": 32.0}
+    history = [{"step": 1, "reward_mean": 60.0}, *({"step": s, "fidelity_score": f, "fidelity_all_ok": a,
+                                                    "fidelity_reward": r} for s, f, a, r in
+                                                   ((10, 0.8, 0.59375, 70.68), (20, 0.7375, 0.5, 70.25)))]
+    peak = fidelity_peak(history, after)
+    assert peak == {"step": 10, "fidelity_score": 0.8, "fidelity_all_ok": 0.59375, "reward": 70.68}
+    assert fidelity_peak(history[:1], after) is None  # nothing judged during the run
+    assert fidelity_peak(history, {**after, "fidelity_score": 0.78}) is None  # within one image's share (1/32)
+    side = {"reward": 61.3, "fidelity_score": 0.675, "jpeg_bytes": 1365.0,
+            **{f"fidelity_{k}": 0.5 for k in ("all_ok", "objects_ok", "colours_ok", "shapes_ok", "count_ok")}}
+    lines = toy_world_lines({"images": 32, "prompts": 4, "held_out": 4, "before": side, "after": {**side, **after},
+                             "peak": peak})
+    assert lines[2] == ("   best at step 10 (score 0.800, all right 59%, reward 70.6800): training on made the images "
+                        "worse by the exact evaluators (over-optimization); --eval-every N --set best_by=fidelity keeps "
+                        "the best step")
+
+
 def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     """The box's best line: the best step, its held-out eval_reward (best_eval_reward, not the objective best/ was
     chosen by) and, with best_by=fidelity, that objective beside it; step 0 is said to be the untrained LoRA."""

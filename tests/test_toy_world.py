@@ -734,6 +734,8 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     # the same images after the last step, judged on the same weights (the EMA's: ema_outputs)
     assert (rows[-1]["fidelity_score"], rows[-1]["fidelity_reward"]) == \
         (toy["after"]["fidelity_score"], toy["after"]["reward"])
+    from lowmem_alignprop.commands.run_summary import fidelity_peak
+    assert toy.get("peak") == fidelity_peak(rows, toy["after"])  # a judged step better than the end: said
     # the held-out evaluation's reward keeps its own key beside the judged images' (it was overwritten by theirs)
     best = json.loads((short_toy_run / "best" / "best.json").read_text())
     assert best["eval_reward"] == next(r for r in rows if r["step"] == best["step"])["eval_reward"]

@@ -26,12 +26,30 @@ def toy_world_lines(t: dict | None) -> list[str]:
     held = "all held out" if t["held_out"] == t["prompts"] else f"{t['held_out']} held out"
     median = f" (median {b['reward_median']:.4f} -> {a['reward_median']:.4f})" if "reward_median" in b else ""
     judged = judged_of(b, t["images"])
+    peak = t.get("peak")  # (--set fidelity_every: a step judged better than the end, where the reward rose on)
     return [f" toy world, {t['images']} fixed-seed images of {t['prompts']} prompts ({held} from the toy model's "
             f"training): reward {b['reward']:.4f} -> {a['reward']:.4f}{median}",
             f"   exact fidelity{judged}: score {b['fidelity_score']:.3f} -> {a['fidelity_score']:.3f}  {rates}",
+            *([f"   best at step {peak['step']} (score {peak['fidelity_score']:.3f}, all right "
+               f"{peak['fidelity_all_ok']:.0%}, reward {peak['reward']:.4f}): training on made the images worse by "
+               "the exact evaluators (over-optimization); --eval-every N --set best_by=fidelity keeps the best step"]
+              if peak else []),
             f"   JPEG size: {b['jpeg_bytes']:.0f} -> {a['jpeg_bytes']:.0f} bytes"
             + (f"  objects per image {b['fidelity_objects']:.2f} -> {a['fidelity_objects']:.2f}"  # toy_count's aim
                if "fidelity_objects" in b else "")]
+
+
+def fidelity_peak(history: list[dict], after: dict) -> dict | None:
+    """The judged step (--set fidelity_every) whose exact fidelity score beats the run's end by more than one image's
+    share (the end's image count), or None: {"step", "fidelity_score", "fidelity_all_ok", "reward"}."""
+    judged = [h for h in history if h.get("fidelity_score") is not None and h.get("fidelity_reward") is not None]
+    if not judged:
+        return None
+    best = max(judged, key=lambda h: h["fidelity_score"])
+    if best["fidelity_score"] <= after["fidelity_score"] + 1 / max(1, int(after.get("fidelity_images", 1))):
+        return None
+    return {"step": best["step"], "fidelity_score": best["fidelity_score"],
+            "fidelity_all_ok": best["fidelity_all_ok"], "reward": best["fidelity_reward"]}
 
 
 def judged_of(figures: dict, images: int) -> str:

@@ -69,7 +69,7 @@ from lowmem_alignprop.step.update import StepOutcome, StepUpdate, optimizer_upda
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
                                                   nonfinite_note, render_fixed_seed, renders_note, schedule_note)
-from lowmem_alignprop.commands.run_summary import TimeLeft, print_summary
+from lowmem_alignprop.commands.run_summary import TimeLeft, fidelity_peak, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
 JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
@@ -1372,6 +1372,8 @@ class Trainer:
             summary["toy_world"] = {"images": len(self.judge_prompts), "prompts": len(kinds),
                                     "held_out": kinds.count("heldout"),
                                     "before": self.fidelity_before, "after": self.fidelity_after}
+            if (peak := fidelity_peak(history, self.fidelity_after)) is not None:  # judged better before the end
+                summary["toy_world"]["peak"] = peak
         if self.fits:  # the configuration that finally fitted, for the next run
             atomic.write_text(out / CONFIG_FILE, self.config_yaml())
         self.prof.write(out)
