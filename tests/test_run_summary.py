@@ -52,6 +52,19 @@ def test_time_left_counts_the_last_steps_evaluation_when_the_steps_are_not_a_mul
     assert left.after_step(9, 10, seconds=10.0) == f" | {said(1 * 10 + 100)} left"  # the last step's evaluation
 
 
+def test_time_left_counts_the_toy_worlds_judgings_apart(monkeypatch):
+    """--set fidelity_every 10 of 30 steps: a judging of 200 s after step 10 is not spread over the steps' gaps (the
+    estimate jumped after each judged step) and the judgings at 20 and 30 count 200 s each."""
+    clock = iter([10.0, 20.0, 230.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft(judge_every=10)
+    said = run_summary.fmt_duration
+    assert left.after_step(9, 30, seconds=10.0) == f" | {said(21 * 10)} left"  # no judging seen yet
+    assert left.after_step(10, 30, seconds=10.0) == f" | {said(20 * 10)} left"
+    left.evaluated(200.0, judging=True)  # step 10's judging: in the gap before step 11's end
+    assert left.after_step(11, 30, seconds=10.0) == f" | {said(19 * 10 + 2 * 200)} left"
+
+
 def test_the_steps_that_evaluate_and_checkpoint_are_counted_as_they_are_done():
     """One rule (run/schedule.py) for which steps do the periodic work and how many are left: the count after each
     step equals the steps after it that ``due`` picks, for every interval and length."""

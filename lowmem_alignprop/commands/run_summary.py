@@ -63,17 +63,20 @@ class TimeLeft:
     """The step line's estimate of the time left, for a run read from a log file (a terminal also has the progress
     bar's): the mean wall time between this process's last steps (sampling and checkpoints included; its first step,
     which pays the warm-up, left out once there are others) times the steps still to run, plus the held-out
-    evaluations still to come times the mean one (an evaluation can take many steps' time: it is counted apart)."""
+    evaluations still to come times the mean one (an evaluation can take many steps' time: it is counted apart), and
+    the toy world's judgings (fidelity_every) likewise."""
 
-    def __init__(self, recent: int = 10, eval_every: int = 0):
+    def __init__(self, recent: int = 10, eval_every: int = 0, judge_every: int = 0):
         self.ends: deque[tuple[float, float]] = deque(maxlen=recent + 1)  # (end time, evaluation seconds before it)
-        self.eval_every = eval_every
+        self.eval_every, self.judge_every = eval_every, judge_every
         self.evals: list[float] = []  # each held-out evaluation's seconds
+        self.judgings: list[float] = []  # each judging's seconds (it made the estimate jump after a judged step)
         self.pending = 0.0  # the evaluation after the step being recorded
 
-    def evaluated(self, seconds: float) -> None:
-        """The held-out evaluation after the step just trained took ``seconds`` (told before :meth:`after_step`)."""
-        self.evals.append(seconds)
+    def evaluated(self, seconds: float, judging: bool = False) -> None:
+        """The held-out evaluation (``judging``: the toy world's judged images) after the step just trained took
+        ``seconds`` (told before the next :meth:`after_step`)."""
+        (self.judgings if judging else self.evals).append(seconds)
         self.pending += seconds
 
     def after_step(self, step: int, steps: int, seconds: float | None) -> str:
@@ -91,7 +94,9 @@ class TimeLeft:
             return ""
         evals_left = schedule.due_after(self.eval_every, steps, step)  # the last step's evaluation included
         mean_eval = sum(self.evals) / len(self.evals) if self.evals else 0.0  # none seen yet: not counted
-        return f" | {fmt_duration(left * per_step + evals_left * mean_eval)} left"
+        judged_left = steps // self.judge_every - step // self.judge_every if self.judge_every else 0
+        mean_judging = sum(self.judgings) / len(self.judgings) if self.judgings else 0.0
+        return f" | {fmt_duration(left * per_step + evals_left * mean_eval + judged_left * mean_judging)} left"
 
 
 def window_note(s: dict) -> str:

@@ -255,7 +255,7 @@ class Trainer:
         self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
         self.reward_sha = rewards.reward_source_digest(cfg.reward)  # ... and an edited reward file
-        self.time_left = TimeLeft(eval_every=cfg.eval_every)
+        self.time_left = TimeLeft(eval_every=cfg.eval_every, judge_every=cfg.fidelity_every)
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
@@ -1085,7 +1085,10 @@ class Trainer:
         row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
-        row.update(self.judge_if_due(step))
+        t0 = time.perf_counter()
+        if judged := self.judge_if_due(step):
+            self.time_left.evaluated(time.perf_counter() - t0, judging=True)  # counted apart, as the evaluations
+        row.update(judged)
         self.history.append(row)
         if self.is_main:
             write_metrics_line(self.folder.metrics, row)
