@@ -438,7 +438,10 @@ def test_sample_scores_with_the_runs_reward_and_prompts_where_they_are_at_hand(t
         r = json.loads((out / SAMPLE_RESULTS).read_text())
         return r["reward"], r["prompts"], [p["prompt"] for p in r["per_prompt"]]
 
-    assert sampled(run_dir / "lora") == ("colorfulness", str(prompts), ["a red cube"])
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # the toy model on prompts outside its grammar:
+        assert sampled(run_dir / "lora") == ("colorfulness", str(prompts), ["a red cube"])  # said, as training does
+    assert "1 of the 1 prompts are outside the toy world's grammar (e.g. 'a red cube')" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # (a training setting given to sample is said)
         assert sampled(run_dir / "lora", "--reward", "brightness", "--prompts", "simple_animals", "--set", "steps=9",
                        "--set", "lr=0.5", "--set", "guidance_scale=4")[:2] == ("brightness", "simple_animals")

@@ -653,6 +653,9 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
         logging.getLogger("lowmem_alignprop").info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
                                                    "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
+    from lowmem_alignprop.toy.fidelity import off_grammar_note
+    if (note := off_grammar_note(cfg.model, chosen)) is not None:  # as training says it (their rewards are averaged in)
+        logging.getLogger("lowmem_alignprop").warning("%s", note)
     refuse_a_runs_folder(Path(cfg.output_dir))
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
         return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
