@@ -296,6 +296,17 @@ class Config:
                             "--set compile=none")
         return self
 
+    def _validate_decode(self) -> None:
+        """The VAE decode's piece-by-piece settings."""
+        if self.tiled_decode and self.sliced_decode:
+            raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
+        if self.tile_overlap * 2 >= self.tile_size:
+            larger = self.tile_overlap * 2 + 1  # (a tile_size past its bound was advised: a second error)
+            fix = (f"set tile_size to {larger} or more (the default: 64), or a smaller tile_overlap"
+                   if larger <= dict((n, m) for n, m, _ in UPPER_BOUNDS)["tile_size"] else
+                   f"give a tile_overlap under {self.tile_size // 2} (the default: 16)")
+            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}: {fix}")
+
     def validate(self, training: bool = True) -> "Config":
         """Check types and impossible combinations. Raises UserError naming the fix. ``training=False`` (``sample``:
         no gradient window, no backward) leaves out the rules of what training alone does: K within the sampling
@@ -404,14 +415,7 @@ class Config:
         if self.activation_offload and self.vae_checkpointing == "none":
             raise UserError("activation_offload moves checkpointed tensors to the CPU; without VAE checkpointing it "
                             "would ship every decoder activation over PCIe: add --set vae_checkpointing=blocks")
-        if self.tiled_decode and self.sliced_decode:
-            raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
-        if self.tile_overlap * 2 >= self.tile_size:
-            larger = self.tile_overlap * 2 + 1  # (a tile_size past its bound was advised: a second error)
-            fix = (f"set tile_size to {larger} or more (the default: 64), or a smaller tile_overlap"
-                   if larger <= dict((n, m) for n, m, _ in UPPER_BOUNDS)["tile_size"] else
-                   f"give a tile_overlap under {self.tile_size // 2} (the default: 16)")
-            raise UserError(f"tile_overlap={self.tile_overlap} must be under half of tile_size={self.tile_size}: {fix}")
+        self._validate_decode()
         self._validate_alignment()
         if self.fused_adamw and self.optimizer != "adamw":
             raise UserError(f"fused_adamw fuses torch's AdamW; optimizer={self.optimizer} is bitsandbytes': use "
