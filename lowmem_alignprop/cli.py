@@ -465,8 +465,8 @@ def cmd_sample(argv: list[str]) -> int:
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
     refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
     results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts or NUM_PROMPTS,
-                       images_per_prompt=args.images_per_prompt, profile_name=profile_name, numbered_output_dir=numbered, prompts=own or None,
-                       default_model=default_model)
+                       images_per_prompt=args.images_per_prompt, profile_name=profile_name,
+                       numbered_output_dir=numbered, prompts=own or None, default_model=default_model)
     print_summary(results, Path(results["output_dir"]))
     return 0
 

@@ -366,8 +366,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
                                 "my.safetensors",
                 "many_images": "--images-per-prompt 1025 is more than 1024, the most this tool takes: give 1024 or "
                                "fewer",
-                "prompt_and_num_prompts": "--num-prompts 1 counts a prompt set's first prompts: with --prompt TEXT each "
-                                          "of yours is rendered (1 given); leave --num-prompts out"}[case]
+                "prompt_and_num_prompts": "--num-prompts 1 counts a prompt set's first prompts: with --prompt TEXT "
+                                          "each of yours is rendered (1 given); leave --num-prompts out"}[case]
     assert expected in err[0], err[0]
 
 

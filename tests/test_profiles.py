@@ -708,8 +708,8 @@ def load_profile_text(text: str) -> dict:
     ({"tiled_decode": True, "tile_size": 32, "tile_overlap": 16}, "tile_overlap=16 must be under half of tile_size=32: set "
      "tile_size to 33 or more"),
     # past tile_size's own bound (4096) only a smaller overlap is advised (a tile_size of 2e11 was)
-    ({"tile_overlap": 99999}, "tile_overlap=99999 must be under half of tile_size=64: give a tile_overlap under 32 (the "
-     "default: 16)"),
+    ({"tile_overlap": 99999}, "tile_overlap=99999 must be under half of tile_size=64: give a tile_overlap under 32 "
+     "(the default: 16)"),
     ({"base_quant": "nf4", "train_unet": "full"}, "base_quant needs train_unet=lora"),
     ({"seed": 2**32}, "seed=4294967296 is out of range"),
     ({"resolution": 36}, "resolution=36 must be a multiple of 8: use --set resolution=32"),

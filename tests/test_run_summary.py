@@ -135,8 +135,8 @@ def test_a_judged_step_better_than_the_end_is_shown():
     lines = toy_world_lines({"images": 32, "prompts": 4, "held_out": 4, "before": side, "after": {**side, **after},
                              "peak": peak})
     assert lines[2] == ("   best at step 10 (score 0.800, all right 59%, reward 70.6800): training on made the images "
-                        "worse by the exact evaluators (over-optimization); --eval-every N --set best_by=fidelity keeps "
-                        "the best step")
+                        "worse by the exact evaluators (over-optimization); --eval-every N --set best_by=fidelity "
+                        "keeps the best step")
 
 
 def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):

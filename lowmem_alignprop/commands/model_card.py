@@ -41,7 +41,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
             info[key] = s[key]
     toy = s.get("toy_world") or {}
     if all("fidelity_score" in (toy.get(w) or {}) for w in ("before", "after")):  # the exact evaluators' truth
-        info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")} for w in ("before", "after")}
+        info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")}
+                            for w in ("before", "after")}
     return info
 
 

@@ -399,8 +399,8 @@ class Config:
             raise UserError(FLUX_NEGATIVE)
         if self.negative_prompt and self.guidance_scale <= 1:  # (no unconditional pass is run: it was unused, unsaid)
             raise UserError(f"negative_prompt is the unconditional branch of classifier-free guidance, which "
-                            f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set negative_prompt, "
-                            "or raise guidance_scale (e.g. --set guidance_scale=5)")
+                            f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
+                            "negative_prompt, or raise guidance_scale (e.g. --set guidance_scale=5)")
         if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
             raise UserError(no_t5_to_leave_out(kind == "flux"))
         if self.init_lora and self.train_unet != "lora":
