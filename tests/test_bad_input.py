@@ -546,6 +546,16 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
     ("qa_rewards:gradonly", "raised RuntimeError on a test image without gradient (as for the sample images)"),
     ("brightness:abc", "the weight 'abc' is not a number; write e.g. brightness:0.5"),
     ("toy_count=3:abc", "the weight 'abc' is not a number; write e.g. toy_count=3:0.5"),  # not "cannot import"
+    # each was another line's words: "write a user reward as 'package.module:function'", "'1' is not a number"
+    ("brightness:", "reward 'brightness:': the weight after ':' is missing; write e.g. brightness:0.5 (brightness "
+                    "alone: weight 1)"),
+    ("brightness:1:2", "reward 'brightness:1': more than one weight: give one"),
+    # a weight that overflows to inf: every step's reward infinite, each skipped, in a run that "ended" (exit 0)
+    ("brightness:1e400", "reward 'brightness': the weight 1e400 is not a finite number; write e.g. brightness:0.5"),
+    # one reward twice (or by its alias and its name): computed twice, in silence
+    ("jpeg,jpeg_compressibility:0.5", "reward spec 'jpeg,jpeg_compressibility:0.5' names jpeg_compressibility more "
+                                      "than once: give each reward once, with the sum of its weights "
+                                      "(jpeg_compressibility:1.5)"),
 ])
 def test_a_broken_user_reward_is_named_before_anything_loads(term, needle, tmp_path, capsys, monkeypatch):
     """A user reward is imported and called once on two random images at startup: it must import, run, give finite

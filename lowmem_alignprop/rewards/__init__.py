@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import re
 import sys
@@ -91,6 +92,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         left, sep, right = part.rpartition(":")
         if sep and _NUMBER.match(right.strip()) and (":" in left or "." not in left):
             part, weight = left.strip(), float(right)
+            if not math.isfinite(weight):  # (1e400: every step's reward infinite, each skipped, in a run that "ends")
+                raise UserError(f"reward {part!r}: the weight {right.strip()} is not a finite number; write e.g. "
+                                f"{part}:0.5")
         terms.append((part, weight))
     return terms
 
@@ -150,11 +154,13 @@ def _import_user(term: str) -> tuple[object, str]:
     module_name, attr = module_name.strip(), attr.strip()
     if _is_factory_term(term):
         attr = attr[:-2].rstrip()
-    if not module_name or not attr or ":" in attr:
-        raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
     name = module_name.partition("=")[0].strip().lower()  # toy_count=3: the name before its option
     if ALIASES.get(name, name) in REWARDS:  # 'brightness:abc', 'toy_count=3:abc': a weight, not a module
-        raise UserError(f"reward {term!r}: the weight {attr!r} is not a number; write e.g. {module_name}:0.5")
+        why = ("the weight after ':' is missing" if not attr else  # (both read as a user reward's module)
+               "more than one weight: give one" if _NUMBER.match(attr) else f"the weight {attr!r} is not a number")
+        raise UserError(f"reward {term!r}: {why}; write e.g. {module_name}:0.5 ({module_name} alone: weight 1)")
+    if not module_name or not attr or ":" in attr:
+        raise UserError(f"reward {term!r}: write a user reward as 'package.module:function'")
     kind = "file" if file_term else "module"
     try:
         module = _load_file(term, module_name) if file_term else _import_from_path_or_cwd(module_name)
@@ -341,6 +347,11 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
             raise UserError(f"unknown reward {term!r}; use one of: {_names_hint()}, 'name:weight,...', or "
                             "'package.module:function' for your own")
         resolved.append(("builtin", name, weight))
+    named = [name for _, name, _ in resolved]
+    if (twice := next((n for n in named if named.count(n) > 1), None)) is not None:  # (computed twice, in silence)
+        total = sum(w for _, n, w in resolved if n == twice)
+        raise UserError(f"reward spec {spec!r} names {twice} more than once: give each reward once, with the sum of "
+                        f"its weights ({twice}:{total:g})")
     return resolved
 
 
