@@ -257,7 +257,8 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
 RUN_ARGS = ["--profile", "cpu", "--steps", "4", "--sample-every", "2", "--report-to", "tensorboard",
             "--checkpoint-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
             "--set", "keep_checkpoints=0", "--set", "export_format=kohya,peft", "--set", "lr=0.01",
-            "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop"]
+            "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop",
+            "--reward", "brightness:1,colorfulness:0.01"]  # (a combined reward: its terms in the metrics)
 HUB_CALLS: list = []  # what the run asked of the (mocked) hub
 
 
@@ -277,6 +278,17 @@ def full_run(tmp_path_factory, tiny_dir):
                                                                                     kw["folder_path"])))
         assert main([*RUN_ARGS, "--output-dir", str(out)]) == 0
     return out
+
+
+def test_a_combined_rewards_terms_are_in_each_steps_metrics(full_run):
+    """reward_mean of brightness:1,colorfulness:0.01 is their weighted sum; each term's own mean is in the row (no
+    file showed which term moved)."""
+    rows = strict_rows(full_run)
+    assert len(rows) == 4
+    for r in rows:
+        terms = r["reward_terms"]
+        assert sorted(terms) == ["brightness", "colorfulness"] and 0 < terms["brightness"] < 1 < terms["colorfulness"]
+        assert r["reward_mean"] == pytest.approx(terms["brightness"] + 0.01 * terms["colorfulness"], rel=1e-5)
 
 
 def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):

@@ -882,6 +882,9 @@ class Trainer:
                 "grad_norm": float(update.grad_norm) if update.grad_norm is not None else None,
                 **({"kl": acc.reduce(torch.stack([t["kl"] for t in terms]).mean(), reduction="mean").item()}
                    if terms and "kl" in terms[0] else {}),
+                **({"reward_terms": {name: acc.reduce(torch.stack([t["reward_terms"][name] for t in terms]).mean(),
+                                                      reduction="mean").item() for name in terms[0]["reward_terms"]}}
+                   if terms and "reward_terms" in terms[0] else {}),  # a combined reward's terms, unweighted
                 **({"grad_scale": acc.scaler.get_scale(), "update_skipped": update.scaler_skipped}
                    if acc.scaler is not None else {}),
                 **({"at_cap": update.at_cap} if self.cfg.reward_cap is not None else {}),  # no update: all at the cap

@@ -90,14 +90,12 @@ class WeightedSumReward(RewardModule):
 
     def score(self, images, prompts):
         total = None
+        self.last_terms = {}  # each term's unweighted scores of this call, detached: the metrics show each one
         for reward, weight in zip(self.rewards, self.weights):
-            part = weight * reward(images, prompts)
-            total = part if total is None else total + part
+            scores = reward(images, prompts)
+            self.last_terms[reward.name] = scores.detach()
+            total = weight * scores if total is None else total + weight * scores
         return total
-
-    def components(self, images, prompts) -> dict[str, torch.Tensor]:
-        """Each term's unweighted score (for logging)."""
-        return {r.name: r(images, prompts) for r in self.rewards}
 
 
 def callable_label(fn) -> str:

@@ -108,6 +108,8 @@ def rollout_loss(cfg: Config, bare_unet, grad_unet, scheduler, vae, reward, late
     loss = loss_from_reward(rewards, cfg)
     if terms is not None and cfg.reward_cap is not None:  # every draw's, not only the sampled images' (lv_draws)
         terms["lowest_reward"] = rewards.min().detach()
+    if terms is not None and getattr(reward, "last_terms", None):  # a combined reward: each term's mean, for metrics
+        terms["reward_terms"] = {name: s[:len(prompts)].float().mean() for name, s in reward.last_terms.items()}
     if kl:
         kl_sum = torch.stack(kl).sum()
         loss = loss + cfg.kl_coeff * kl_sum
