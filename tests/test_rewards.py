@@ -251,6 +251,16 @@ def test_a_reward_weights_entry_no_reward_uses_is_pointed_out(caplog):
 
     from lowmem_alignprop.rewards import _split_weights
 
+    # one path for two model rewards: the example names the spec's (it always said aesthetic and clip); a key twice
+    # (the last was taken); a value in the quotes a shell takes off (it was read as one path, and said to be)
+    with pytest.raises(UserError, match=r"give one per reward: --set reward_weights='clip=PATH;pickscore=PATH'$"):
+        _split_weights("/w/clip", ["clip", "pickscore"])
+    with pytest.raises(UserError, match=r"^reward_weights gives clip twice \(/a and /b\): keep one$"):
+        _split_weights("clip=/a;clip=/b", ["clip"])
+    with pytest.raises(UserError, match=r"in quotes that a shell would have removed .*: write it without them: "
+                                        r"aesthetic=/a;clip=/b$"):
+        _split_weights("'aesthetic=/a;clip=/b'", ["aesthetic", "clip"])
+
     with caplog.at_level(logging.WARNING):
         assert _split_weights("aesthetic=/a;clip=/b", ["clip"])["clip"] == "/b"
     assert "reward_weights gives aesthetic=/a for aesthetic, which --reward does not use" in caplog.text

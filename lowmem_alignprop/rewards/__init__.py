@@ -291,6 +291,9 @@ def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False)
     weights = (weights or "").strip()
     if not weights:
         return {}
+    if len(weights) > 1 and weights[0] == weights[-1] and weights[0] in "'\"":  # quotes a shell would have taken
+        raise UserError(f"reward_weights={weights}: its value is in quotes that a shell would have removed (a YAML "
+                        f"file or a script kept them): write it without them: {weights[1:-1]}")
     if _keyed(weights):
         out = {}
         for item in weights.split(";"):
@@ -301,6 +304,8 @@ def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False)
             if key not in MODEL_REWARDS:
                 raise UserError(f"reward_weights entry {item.strip()!r}: {key!r} is not a model reward; "
                                 f"use one of {', '.join(sorted(MODEL_REWARDS))}")
+            if key in out and out[key] != value.strip():  # (the last was taken, unsaid)
+                raise UserError(f"reward_weights gives {key} twice ({out[key]} and {value.strip()}): keep one")
             out[key] = value.strip()
         unused = sorted(set(out) - set(model_terms))
         if unused and not quiet:  # a typo in --reward, or a leftover: said, not silently ignored
@@ -308,8 +313,9 @@ def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False)
                                                 ", ".join(f"{k}={out[k]}" for k in unused), ", ".join(unused))
         return out
     if len(set(model_terms)) > 1:
-        raise UserError(f"reward_weights is one path but the spec has several model rewards ({', '.join(model_terms)});"
-                        " give one per reward: --set reward_weights='aesthetic=PATH;clip=PATH'")
+        named = list(dict.fromkeys(model_terms))  # (the example named aesthetic and clip whatever the spec's were)
+        raise UserError(f"reward_weights is one path but the spec has several model rewards ({', '.join(named)}); "
+                        f"give one per reward: --set reward_weights='{';'.join(f'{t}=PATH' for t in named)}'")
     return {t: weights for t in model_terms}
 
 
