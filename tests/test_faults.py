@@ -17,6 +17,7 @@ from lowmem_alignprop.run import faults
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.errors import UserError
 
 FAST = ["--profile", "cpu", "--seed", "1", "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]
 
@@ -211,8 +212,9 @@ def test_injection_spec_and_stage_tagging():
         with guard.stage(stages.SAMPLE_GRAD), guard.stage(stages.REWARD):
             raise MemoryError
     assert faults.stage_of(e.value) == "reward"
-    with pytest.raises(ValueError, match="unknown stage"):
-        faults.parse_injection("nowhere@1")
+    for bad in ("nowhere@1", "backward@x", "decode*many", "garbage"):  # one line (UserError): they were tracebacks
+        with pytest.raises(UserError, match=rf"INJECT_OOM=.*: '{re.escape(bad)}' is not STAGE\[@STEP\]\[\*COUNT\]"):
+            faults.parse_injection(bad)
 
 
 # -- NaN / inf -------------------------------------------------------------------------------------

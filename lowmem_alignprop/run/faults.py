@@ -62,22 +62,18 @@ class _Injection:
 
 
 def parse_injection(spec: str | None) -> list[_Injection]:
+    """The test hook's ``STAGE[@STEP][*COUNT],...``; one line (UserError) for a malformed one (it was a traceback)."""
     out = []
-    for part in (spec or "").split(","):
-        part = part.strip()
+    for item in (spec or "").split(","):
+        part = item.strip()
         if not part:
             continue
-        count = 1
-        if "*" in part:
-            part, c = part.split("*", 1)
-            count = int(c)
-        step = None
-        if "@" in part:
-            part, s = part.split("@", 1)
-            step = int(s)
-        if part not in stages.STAGES:
-            raise ValueError(f"{INJECT_ENV}: unknown stage {part!r} (stages: {', '.join(stages.STAGES)})")
-        out.append(_Injection(part, step, count))
+        part, _, count = part.partition("*")
+        part, _, step = part.partition("@")
+        if part not in stages.STAGES or not (count or "1").isdigit() or not (step or "0").isdigit():
+            raise UserError(f"{INJECT_ENV}={spec}: {item.strip()!r} is not STAGE[@STEP][*COUNT] (stages: "
+                            f"{', '.join(stages.STAGES)})")
+        out.append(_Injection(part, int(step) if step else None, int(count or 1)))
     return out
 
 
