@@ -634,6 +634,26 @@ def test_a_runs_config_yaml_given_as_profile_trains_that_configuration_again(tmp
             resolve_config(str(mine), {}, [])
 
 
+def test_a_resume_naming_the_runs_own_profile_file_edited_since_says_what_it_keeps(tmp_path, caplog):
+    """--profile mine.yaml on a resume of the run mine.yaml started: an edit of the file (lr 0.001 -> 0.002) was
+    dropped in silence (another file is applied on top, said). Said now, with the --set that applies it; the run's
+    settings stand, and a field given now says nothing."""
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("lr: 0.001\nbatch_size: 1\n")
+    name, started = resolve_config(str(mine), {"model": "tiny"}, [])
+    mine.write_text("lr: 0.002\nbatch_size: 1\n")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert resolve_config(str(mine), {}, [], resumed=(name, started.to_dict()))[1].lr == 0.001
+        assert caplog.messages == [f"resume: profile {mine} is the run's own and now sets lr=0.002: a resume keeps the "
+                                   "run's settings (lr=0.001) and the flags given now; to change one, give it: --set "
+                                   "lr=0.002"]
+        caplog.clear()
+        assert resolve_config(str(mine), {}, ["lr=0.002"], resumed=(name, started.to_dict()))[1].lr == 0.002
+        assert caplog.messages == []
+
+
 def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):
     """`lowmem-alignprop profiles cpu > mine.yaml` in Windows PowerShell 5.1 writes UTF-16 with a byte-order mark (and
     CRLF): it was refused as "not UTF-8 text" though the README says to do exactly that."""

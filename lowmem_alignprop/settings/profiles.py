@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from lowmem_alignprop.settings.config import (FIELD_NAMES, Config, build_config, coerce, end_k_range_at,
-                                              end_k_range_said, flag_value, parse_set, recipe_file)
+                                              end_k_range_said, flag_value, parse_set, recipe_file, set_flags)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -198,6 +198,23 @@ def is_run_config(data: dict) -> bool:
     return {"profile", "output_dir"} <= data.keys() and 2 * len(set(FIELD_NAMES) & data.keys()) >= len(FIELD_NAMES)
 
 
+def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any]) -> None:
+    """A resume naming the run's own profile file, edited since (its edit was dropped in silence): the fields it sets
+    other than the run trains are said, with the --set that changes one (the run keeps its settings: the file's
+    fields may be ones an earlier resume's --set changed)."""
+    try:
+        written = load_profile(path)[1]
+    except UserError:  # gone, or not readable now: the run's settings stand, as for a shipped profile
+        return
+    differ = {k: v for k, v in written.items() if k not in given and k in run and run[k] != v}
+    if differ:
+        logging.getLogger("lowmem_alignprop").warning(
+            "resume: profile %s is the run's own and now sets %s: a resume keeps the run's settings (%s) and the "
+            "flags given now; to change one, give it: %s", path, ", ".join(f"{k}={flag_value(v)}" for k, v in
+                                                                         differ.items()),
+            ", ".join(f"{k}={flag_value(run[k])}" for k in differ), set_flags(differ))
+
+
 def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file -- a run's own
     config.yaml too (it names its ``profile``): its settings and model, without its output_dir (a new run writes a
@@ -348,6 +365,8 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
             name, card = load_profile(profile)
             values, on_top = {**values, **card}, name
+        elif profile == name and profile not in ("auto", *shipped_profiles()):
+            own_file_note(profile, values, {**explicit, **overrides})
     chosen = {**values, **explicit, **overrides}
     model, components = str(chosen.get("model", Config().model)), str(chosen.get("model_components", ""))
     kept = {**explicit, **overrides}  # what the user set over the recipe
