@@ -76,6 +76,23 @@ def test_six_steps_equal_three_plus_three_resumed(runs):
     assert sb["seconds_per_step"] != pytest.approx(sum(r["seconds"] for r in b[3:]) / 3, rel=1e-9)
 
 
+def test_a_resume_that_renders_no_after_samples_does_not_pass_off_the_earlier_grid(tmp_path, caplog):
+    """A 1-step run renders its before/after grid (of step 1's LoRA); a resume to step 2 with sample_prompts=0 renders
+    none: the grid stayed, and the export's card showed it as step 2's "before and after training". Now said, in
+    summary.json (samples_stale: the step it shows) and left out of the card."""
+    run = tmp_path / "run"
+    one = [a.replace("sample_prompts=0", "sample_prompts=1") for a in FAST]
+    assert main([*one, "--output-dir", str(run), "--steps", "1"]) == 0
+    assert json.loads((run / "samples" / "before_after.json").read_text())["step"] == 1
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "2", "--resume", "latest", "--set", "sample_prompts=0"]) == 0
+    assert "samples/before_after.png shows step 1's LoRA: this start rendered no after samples" in caplog.text
+    assert json.loads((run / "summary.json").read_text())["samples_stale"] == 1
+    assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    card = (tmp_path / "k" / "README.md").read_text()
+    assert "before_after.png" not in card and not (tmp_path / "k" / "before_after.png").exists()
+
+
 def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs, tmp_path):
     """The summary's first -> last reward (and its box line) compares the steps scored by the run's reward: after a
     resume that changed it, those from the resume on, also at a later resume that keeps it."""

@@ -1344,6 +1344,17 @@ class Trainer:
         self.stop.finishing = "training is over, the LoRA and summary are being written"
         return after
 
+    def earlier_grid(self, step: int) -> int | str | None:
+        """The step (or "": unknown) of samples/'s before/after grid when an earlier start rendered it of another
+        step's LoRA; None when there is none, or it shows ``step``'s."""
+        if not (self.out / SAMPLES_DIR / GRID_FILE).is_file():
+            return None
+        try:
+            shown = json.loads((self.out / SAMPLES_DIR / GRID_RECORD).read_text(encoding="utf-8")).get("step")
+        except (OSError, ValueError, AttributeError):  # (a record from before it said its step)
+            shown = None
+        return None if shown == step else (shown or "")
+
     def write_outputs(self, summary: dict, final, lora: dict | None, after) -> None:
         from lowmem_alignprop.commands.grid import save_sample_grid
 
@@ -1356,6 +1367,7 @@ class Trainer:
             # the grid's labels are cut to their cell: every prompt in full, with its two rewards
             atomic.write_text(out / SAMPLES_DIR / GRID_RECORD, json.dumps(
                 {"seed": cfg.seed + SAMPLE_SEED_OFFSET, "sample_steps": cfg.sample_steps,
+                 "step": summary["steps_done"],  # the LoRA the after images show (a later start may render none)
                  # image n alone: `lowmem-alignprop sample RUN/lora --seed <its seed>` and its prompt
                  "images": [{"prompt": p, "seed": cfg.seed + SAMPLE_SEED_OFFSET + n, "reward_before":
                              faults.finite_or_none(b), "reward_after": faults.finite_or_none(a)}
@@ -1369,6 +1381,10 @@ class Trainer:
             else:
                 summary["sample_reward_before"] = before[1].mean().item()
                 summary["sample_reward_after"] = after[1].mean().item()
+        elif (shown := self.earlier_grid(summary["steps_done"])) is not None:  # of a LoRA this start trained on
+            summary["samples_stale"] = shown or True  # (export leaves it out of the card: it was shown as this LoRA's)
+            log.warning("samples/%s shows %s LoRA: this start rendered no after samples; `lowmem-alignprop sample %s` "
+                        "renders this one's", GRID_FILE, f"step {shown}'s" if shown else "an earlier start's", out)
         if self.samples_skipped:  # `sample` renders them from lora/
             summary["samples_skipped"] = self.samples_skipped
         if self.fidelity_after is not None:  # the toy world: exact evaluators on held-out prompts, before -> after
