@@ -93,6 +93,20 @@ def test_a_resume_that_renders_no_after_samples_does_not_pass_off_the_earlier_gr
     assert "before_after.png" not in card and not (tmp_path / "k" / "before_after.png").exists()
 
 
+def test_resuming_an_older_checkpoint_does_not_call_config_yaml_edited(tmp_path, caplog):
+    """A later start wrote config.yaml (--set lr=0.02 at a resume); resuming the checkpoint before it (a branch) said
+    "config.yaml was edited since the checkpoint (lr 0.01 -> 0.02) ... e.g. --set lr=0.02": nobody edited it, and the
+    advice grafts the other branch's setting onto this one. Said only for the newest checkpoint (above)."""
+    run = tmp_path / "run"
+    assert main([*FAST, "--output-dir", str(run), "--steps", "1", "--checkpoint-every", "1"]) == 0
+    assert main(["--output-dir", str(run), "--steps", "2", "--resume", "latest", "--set", "lr=0.02"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "2", "--resume", str(run / "checkpoints" / "step-00000001")
+                     ]) == 0
+    assert "was edited" not in caplog.text and "superseded" in caplog.text  # (the newer step set aside, said)
+
+
 def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs, tmp_path):
     """The summary's first -> last reward (and its box line) compares the steps scored by the run's reward: after a
     resume that changed it, those from the resume on, also at a later resume that keeps it."""

@@ -249,6 +249,7 @@ class Trainer:
         self.held_out_sha = prompt_digest(self.eval_prompts)  # kept in each checkpoint: best/ compares like with like
         self.aside = list(aside or [])  # the keys of the prompts set aside from training: kept in each checkpoint
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
+        self.resumes_newest = False  # the run's newest checkpoint is resumed (restore: config.yaml's edits are said)
         self.history: list[dict] = []  # one metrics row per trained step
         self.skipped_peaks: list[float] = []  # GiB: this start's measured steps skipped as NaN/inf (they used memory)
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
@@ -507,7 +508,9 @@ class Trainer:
         as they were."""
         out = self.out
         if self.is_main:
-            if self.point is not None:  # a hand edit of config.yaml would be written over without a word
+            # a hand edit of config.yaml would be written over without a word (of the newest checkpoint only: an
+            # older one's or a set-aside branch's differs from what the live branch's later starts wrote, unedited)
+            if self.resumes_newest:
                 note = ckpt.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
                 if note:
                     log.warning("%s", note)
@@ -729,6 +732,8 @@ class Trainer:
                     origin = RunFolder.of_checkpoint(str(point.path))
                     self.held_out.keep_best_of(self.start, Path(origin) if origin else None)
         if self.is_main:
+            newest = next(iter(ckpt.list_checkpoints(ckpt.root_of(self.out))), None)  # (before a branch is set aside)
+            self.resumes_newest = point is not None and newest is not None and newest.resolve() == point.path.resolve()
             self.folder.start_metrics(point, self.history)
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
         if point is not None and self.is_main:
