@@ -174,6 +174,27 @@ def test_a_resumes_model_is_judged_by_its_weights_and_a_new_seed_says_what_it_mo
         "aside)"]
 
 
+def test_resume_changes_that_would_not_apply_are_refused(tmp_path):
+    """Each was warned as a change, recorded in config.yaml, and did not apply: --init-lora on a resume (loaded, then
+    replaced by the checkpoint's LoRA), another eval_holdout (the run keeps the prompts it set aside), and any
+    training setting on a resume of a finished run that only writes its outputs again (no step used them, yet the
+    card and base_model.json said it trained with them)."""
+    from lowmem_alignprop.settings.config import Config
+
+    state = {"config": Config(steps=4).to_dict(), "step": 4}
+    with pytest.raises(UserError, match=r"^--init-lora /x/lora: a resume continues the checkpoint's LoRA \(step 4\), "
+                                        r"which would replace it: drop --init-lora"):
+        ckpt.check_config(state, Config(steps=6, init_lora="/x/lora"), tmp_path)
+    with pytest.raises(UserError, match=r"^eval_holdout=2: the run set aside its held-out prompts at its start \(4\), "
+                                        r"and a resume keeps them"):
+        ckpt.check_config(state, Config(steps=6, eval_holdout=2), tmp_path)
+    with pytest.raises(UserError, match=r"^the run finished at step 4, so this resume trains nothing .*: reward, lr "
+                                        r"would apply to no step, .*; leave them out, or give --steps above 4"):
+        ckpt.check_config(state, Config(steps=4, lr=0.5, reward="colorfulness"), tmp_path, finished=True)
+    ckpt.check_config(state, Config(steps=4, checkpoint_every=1), tmp_path, finished=True)  # (free fields: fine)
+    ckpt.check_config(state, Config(steps=6, lr=0.5), tmp_path)  # trained on with it: warned, applied
+
+
 def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     """best/ so far was chosen on the weights the run evaluated (the EMA's, by default): a resume evaluating the
     trained ones would compare the two (it only warned, "ema_outputs was True ..., now False"); without evaluation

@@ -382,8 +382,20 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         raise UserError(f"checkpoint {path} evaluated the {kind[outputs_are_ema(saved)]} weights and this run would "
                         f"evaluate the {kind[outputs_are_ema(ours)]} ones: best/ so far was chosen on the former; "
                         f"resume with {fix}, or start a new run")
+    if cfg.init_lora and cfg.init_lora != saved.get("init_lora"):  # (loaded, then replaced by the checkpoint's)
+        raise UserError(f"--init-lora {cfg.init_lora}: a resume continues the checkpoint's LoRA (step {state['step']}),"
+                        " which would replace it: drop --init-lora, or start a new run with it in another --output-dir")
+    if cfg.eval_holdout != saved.get("eval_holdout", cfg.eval_holdout):  # (recorded, not applied)
+        raise UserError(f"eval_holdout={cfg.eval_holdout}: the run set aside its held-out prompts at its start "
+                        f"({saved['eval_holdout']}), and a resume keeps them: leave --set eval_holdout out, or start a "
+                        "new run")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"  # (the loaded
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]  # weights' fingerprint judges another model)
+    if finished and int(state["step"]) == cfg.steps and changed:  # only its outputs are written: no step uses them
+        raise UserError(f"the run finished at step {state['step']}, so this resume trains nothing (it writes the "
+                        f"missing outputs again): {', '.join(changed)} would apply to no step, yet be recorded as "
+                        f"trained with; leave {'it' if len(changed) == 1 else 'them'} out, or give --steps above "
+                        f"{state['step']} to train on with {'it' if len(changed) == 1 else 'them'}")
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
                     CHANGE_NOTES.get(n, ""))
