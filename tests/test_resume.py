@@ -93,6 +93,22 @@ def test_a_resume_that_renders_no_after_samples_does_not_pass_off_the_earlier_gr
     assert "before_after.png" not in card and not (tmp_path / "k" / "before_after.png").exists()
 
 
+def test_a_shuffled_pass_goes_on_where_it_stood_at_a_resume_that_changes_the_batch(tmp_path):
+    """prompt_order=shuffled draws rollout n as place n of the passes: a resume with another batch_size or grad_accum
+    counted n from its new sizes (steps x 3 for steps x 2 before), skipping and repeating prompts of the pass. The
+    checkpoint now counts the rollouts drawn: the 7 of steps 1-3 are places 0-6 of the pass, as drawn in one go."""
+    from lowmem_alignprop.step.prompts import draw_prompts
+
+    run = tmp_path / "run"
+    args = [*FAST, "--set", "prompt_order=shuffled", "--output-dir", str(run)]
+    assert main([*args, "--steps", "2", "--checkpoint-every", "1"]) == 0  # 1 x 2 micro-batches a step: rollouts 0-3
+    assert main([*args, "--steps", "3", "--resume", "latest", "--set", "batch_size=3", "--set", "grad_accum=1"]) == 0
+    prompts = json.loads((run / "prompts.json").read_text())["train"]
+    drawn = [prompts[i] for r in strict_rows(run) for i in r["prompt_ids"]]
+    assert drawn == draw_prompts(prompts, "shuffled", None, 0, 7, seed=3 * 1000)  # (rank 0's seed: seed x 1000)
+    assert json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["rollouts"] == 7
+
+
 def test_resuming_an_older_checkpoint_does_not_call_config_yaml_edited(tmp_path, caplog):
     """A later start wrote config.yaml (--set lr=0.02 at a resume); resuming the checkpoint before it (a branch) said
     "config.yaml was edited since the checkpoint (lr 0.01 -> 0.02) ... e.g. --set lr=0.02": nobody edited it, and the

@@ -260,6 +260,7 @@ class Trainer:
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
+        self.rollouts_before = 0  # this rank's rollouts before this start's first step (restore: the checkpoint's)
         self.last_saved = self.start if point is not None else None  # the newest checkpoint's step (save_checkpoint)
         self.stop = StopRequest(on_abort=lock.release if lock is not None else None, saved=lambda: self.last_saved)
         self.step = self.start + 1
@@ -683,6 +684,9 @@ class Trainer:
                                             optimizer=self.optimizer, engine=self.engine, gather=self.gather,
                                             state=point.state)
             self.history = list(state.get("history", []))
+            saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
+            self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
+                                                 * saved.get("batch_size", self.cfg.batch_size)))
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
@@ -748,7 +752,9 @@ class Trainer:
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
-                first = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size  # rollouts of this rank so far
+                # rollouts of this rank so far (counted from the checkpoint's: a resume that changes the batch size
+                # goes on where the shuffled pass stood; it skipped and repeated prompts of it)
+                first = self.rollouts_before + ((step - 1 - self.start) * cfg.grad_accum + micro) * cfg.batch_size
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
                                              self.rank_seed)
                 window = draw_window(cfg, self.rng)  # fixed/uniform: the contiguous last K steps, K drawn once
@@ -1238,6 +1244,8 @@ class Trainer:
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
+                                "rollouts": self.rollouts_before + (step - self.start) * self.cfg.grad_accum
+                                * self.cfg.batch_size,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
                                 "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
