@@ -147,6 +147,7 @@ def cmd_train(argv: list[str]) -> int:
         chosen = _output_dir_flag(args) is not None
         if args.resume and not chosen:  # --resume DIR continues in the run folder that holds DIR
             args.output_dir = RunFolder.of_checkpoint(args.resume)
+        lone = args.resume not in (None, "latest") and not chosen and args.output_dir is None  # in no run's folder
         try:  # (a resume's first pass only finds its folder: the run's settings are read below and warned about)
             with _unsaid() if args.resume else contextlib.nullcontext():
                 name, cfg = config_from_args(args)
@@ -172,6 +173,10 @@ def cmd_train(argv: list[str]) -> int:
             logging.getLogger("lowmem_alignprop").warning("%s", note)
         folder.move_past_an_earlier_run()
         cfg = folder.with_output_dir(cfg)
+        if lone and global_rank() == 0:  # (it went to outputs/run, said only by the closing box)
+            logging.getLogger("lowmem_alignprop").warning(
+                "--resume %s is in no run's checkpoints/ folder: the run goes on in %s (--output-dir chooses)",
+                args.resume, cfg.output_dir)
     warn_if_launcher_started_fewer_processes()
     from lowmem_alignprop.commands.train import train
     import shlex

@@ -123,6 +123,19 @@ def test_resuming_an_older_checkpoint_does_not_call_config_yaml_edited(tmp_path,
     assert "was edited" not in caplog.text and "superseded" in caplog.text  # (the newer step set aside, said)
 
 
+def test_a_checkpoint_in_no_runs_folder_says_where_the_run_goes_on(runs, tmp_path, caplog, monkeypatch):
+    """--resume of a checkpoint copied out of its run folder: the run went on in ./outputs/run, said only by the
+    closing box; said at the start now."""
+    lone = tmp_path / "lone" / "step-00000006"
+    shutil.copytree(runs[1] / "checkpoints" / "step-00000006", lone)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--resume", str(lone), "--steps", "7"]) == 0
+    assert (f"--resume {lone} is in no run's checkpoints/ folder: the run goes on in outputs/run (--output-dir "
+            "chooses)") in caplog.text
+    assert (tmp_path / "outputs" / "run" / "lora").is_dir()
+
+
 def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs, tmp_path):
     """The summary's first -> last reward (and its box line) compares the steps scored by the run's reward: after a
     resume that changed it, those from the resume on, also at a later resume that keeps it."""
