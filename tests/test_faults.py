@@ -47,6 +47,13 @@ def test_oom_names_stage_budget_and_the_change_that_fits(tmp_path, capsys, monke
     # nothing lost: the two finished steps are in a checkpoint that --resume latest takes
     assert [r["step"] for r in rows(out)] == [1, 2]
     assert ckpt.find_resume(out, "latest").name == "step-00000002"
+    # ... and trains step 3 on the prompts and K the failed attempt drew, as a run without the error does (the
+    # checkpoint held the random state after them: the resume drew others)
+    monkeypatch.delenv(faults.INJECT_ENV)
+    assert main([*FAST, "--output-dir", str(out), "--steps", "3", "--set", "budget_gb=6", "--resume", "latest"]) == 0
+    plain = tmp_path / "plain"
+    assert main([*FAST, "--output-dir", str(plain), "--steps", "3", "--set", "budget_gb=6"]) == 0
+    assert [(r["prompt_ids"], r["k_all"]) for r in rows(out)] == [(r["prompt_ids"], r["k_all"]) for r in rows(plain)]
 
 
 def test_auto_fit_that_runs_out_of_changes_keeps_them_for_the_resume(tmp_path, capsys, monkeypatch, caplog,

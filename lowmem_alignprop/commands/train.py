@@ -978,6 +978,7 @@ class Trainer:
         fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
         message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
+        self.rng.setstate(rng_before)  # a repeat, or the checkpoint's resume, draws this step's prompts and K again
         if not cfg.auto_fit or fit is None or self.accelerator.num_processes > 1:
             # the steps done so far are kept: --resume latest continues (with the change the message names)
             _, kept = self.keep_steps(step - 1, fix_first=False)
@@ -988,7 +989,6 @@ class Trainer:
         log.warning("auto-fit at step %d (%s): %s; applying it and repeating the step", step, stage, message)
         self.apply_fit(fit)
         self.fits.append({"step": step, "stage": stage, "change": fit.overrides, "why": fit.description})
-        self.rng.setstate(rng_before)  # the repeated step draws the same prompts and K
 
     def apply_fit(self, fit: faults.Fit) -> None:
         """--auto-fit: switch the live run to a lighter configuration (the ladder's or the planner's step). Each
