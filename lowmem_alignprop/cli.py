@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, FileNotFoundError) and _working_directory_gone():  # before the run anchored its folder
             return _report(UserError("the working directory was deleted while the command started: run it again "
                                      "from a folder that exists (relative paths are read from there)"))
-        said = _out_of_space_or_memory(e)
+        said = _out_of_space_or_memory(e, command)
         if said is None:
             raise
         return _report(said)
@@ -570,9 +570,19 @@ def _working_directory_gone() -> bool:
     return False
 
 
-def _out_of_space_or_memory(e: Exception) -> UserError | None:
+# what lowers a command's memory (training's own out-of-memory errors are the fault ladder's: run/faults.py)
+MEMORY_FIXES = {"train": "lower resolution or batch_size (--set), or add --auto-fit",
+                "sample": "render fewer images at once (--num-prompts, --images-per-prompt) or at a lower --set "
+                          "resolution",
+                "export": "merge on a machine with more memory, or export the LoRA without --merge",
+                "plan": "plan a smaller setting (--set resolution, batch_size) or, with --fastest, fewer workers "
+                        "(--jobs 1)"}
+
+
+def _out_of_space_or_memory(e: Exception, command: str = "train") -> UserError | None:
     """A write that failed for space (a full disk, a quota, a file-size limit: an OSError, or torch's or safetensors'
-    words for one) or host memory that ran out, as one line; else None (a defect: its traceback)."""
+    words for one) or memory that ran out (the GPU's: torch.OutOfMemoryError; else the host's), as one line naming
+    what lowers ``command``'s; else None (a defect: its traceback)."""
     import errno
 
     from lowmem_alignprop.run import atomic
@@ -595,8 +605,11 @@ def _out_of_space_or_memory(e: Exception) -> UserError | None:
                          f"{fix} and run the command again (a training run: --resume latest continues from its last "
                          "checkpoint)")
     if isinstance(e, (MemoryError, RuntimeError)) and is_oom(e):  # torch: RuntimeError("... can't allocate memory")
-        return UserError(f"out of host memory ({first_line(e, 120)}): lower resolution or batch_size, close other "
-                         "programs, or use a machine with more memory")
+        import torch
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"  # (a CUDA error was called host memory)
+        return UserError(f"out of {where} memory ({first_line(e, 120)}): {MEMORY_FIXES.get(command, '')}"
+                         + (", close other programs" if where == "host" else "") + ", or use a machine with more "
+                         "memory")
     return None
 
 

@@ -742,6 +742,27 @@ def test_plan_bounds_its_inputs_and_says_when_host_memory_runs_out(tmp_path, cap
           "out of host memory ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
 
+def test_memory_running_out_outside_training_names_the_memory_and_the_commands_fix():
+    """A CUDA out-of-memory error in sample, export --merge or plan was "out of host memory", with training's advice
+    (lower resolution or batch_size: sample has no batch flag, a merge renders nothing)."""
+    import torch
+
+    from lowmem_alignprop.cli import _out_of_space_or_memory
+
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert str(_out_of_space_or_memory(gpu, "sample")) == (
+        "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB): render fewer images at once "
+        "(--num-prompts, --images-per-prompt) or at a lower --set resolution, or use a machine with more memory")
+    assert str(_out_of_space_or_memory(gpu, "export")).startswith(
+        "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB): merge on a machine with more memory, or "
+        "export the LoRA without --merge")
+    host = RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    assert str(_out_of_space_or_memory(host, "plan")) == (
+        "out of host memory (DefaultCPUAllocator: can't allocate memory): plan a smaller setting (--set resolution, "
+        "batch_size) or, with --fastest, fewer workers (--jobs 1), close other programs, or use a machine with more "
+        "memory")
+
+
 def test_host_memory_running_out_in_a_step_is_an_out_of_memory_stop(tmp_path, capsys, monkeypatch, tiny_dir):
     """torch's CPU allocator raises RuntimeError("... can't allocate memory"), not MemoryError: the run stops as for
     any out-of-memory, naming the stage and a change that fits."""
