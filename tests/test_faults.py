@@ -201,6 +201,21 @@ def test_an_oom_while_the_models_load_says_so_and_offers_no_auto_fit(tmp_path, c
     assert err.startswith("error: out of memory in stage 'load' while the models load (peak so far ") and \
         "--auto-fit" not in err and "at step" not in err, err
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    # what lowers loading's memory (it advised a micro-batch of 1, which holds the same weights)
+    assert "no lighter setting is left to try: quantize the frozen base (--set base_quant=nf4, on a CUDA card) or use " \
+           "a smaller model, or a card with more memory" in err and "batch_size" not in err, err
+
+
+def test_an_oom_in_the_optimizer_step_names_what_lowers_its_state():
+    """The optimizer step holds the LoRA's gradients and Adam's moments, no activation: a smaller micro-batch (the
+    advice, and --auto-fit's first rung) lowers none of it. Its rung is offloading the idle frozen modules (CUDA),
+    else the state's own fixes."""
+    cfg = Config(sample_steps=10, k=1, batch_size=2)
+    assert faults.next_fit(cfg, stages.OPTIMIZER) is None  # (on a CPU: nothing to offload)
+    message = faults.oom_message(stages.OPTIMIZER, 3, None, 8.0, None, False, batch=2)
+    assert message.endswith("no lighter setting is left to try: an 8-bit optimizer state (--set optimizer=adamw8bit, "
+                            "on a CUDA card) or a lower lora_rank, or a card with more memory")
+    assert faults.next_fit(cfg, stages.DECODE).overrides == {"sliced_decode": True}  # (other stages: their ladder)
 
 
 def test_injection_spec_and_stage_tagging():

@@ -171,8 +171,14 @@ STAGE_FIRST: dict[str, tuple[str, ...]] = {
     stages.DECODE: ("sliced_decode", "vae_blocks", "vae_resnets", "batch"),
     stages.REWARD: ("reward_ckpt", "batch"),
     stages.BACKWARD: ("vae_blocks", "unet_blocks", "reward_ckpt", "vae_resnets", "batch"),
-    stages.OPTIMIZER: ("batch", "offload_frozen"),
+    stages.OPTIMIZER: ("offload_frozen",),
+    stages.LOAD: ("offload_frozen",),
 }
+# stages where no other rung lowers the peak (the weights, the optimizer's state: no activation is held there); the
+# give-up line names what does (a micro-batch of 1 was advised for both)
+ONLY_THEIRS = {stages.LOAD: "quantize the frozen base (--set base_quant=nf4, on a CUDA card) or use a smaller model",
+               stages.OPTIMIZER: "an 8-bit optimizer state (--set optimizer=adamw8bit, on a CUDA card) or a lower "
+                                 "lora_rank"}
 
 
 def _valid(cfg, overrides: dict) -> bool:
@@ -217,7 +223,8 @@ def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
         if fit is not None and _valid(cfg, fit.overrides) and (stage == stages.LOAD
                                                                 or not set(fit.overrides) <= AT_LOAD_ONLY):
             return fit
-    order = list(STAGE_FIRST.get(stage, ())) + [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())]
+    order = list(STAGE_FIRST.get(stage, ())) + ([] if stage in ONLY_THEIRS else
+                                                [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())])
     for key in order:
         fit = LADDER[key](cfg)
         if fit is not None and _valid(cfg, fit.overrides):
@@ -243,7 +250,8 @@ def oom_message(stage: str, step: int, peak_gb: float | None, budget_gb: float, 
     msg = f"out of memory in stage '{stage}' {when} (peak so far {peak}, {budget})"
     if fit is None:
         smaller = "lower resolution or batch_size" if batch > 1 else "lower resolution"  # (batch 1: the least)
-        return msg + f"; no lighter setting is left to try: {smaller}, use a smaller model, or a card with more memory"
+        fixes = ONLY_THEIRS.get(stage) or f"{smaller}, use a smaller model"
+        return msg + f"; no lighter setting is left to try: {fixes}, or a card with more memory"
     # --auto-fit steps down within a run's steps, not while its models load
     tail = "" if auto_fit or stage == stages.LOAD else ", or rerun with --auto-fit to step down automatically"
     return msg + f"; this should fit: {fit.as_flags()} ({fit.description}){tail}"
