@@ -505,7 +505,11 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert {g["lr"] for g in groups} == {0.02}  # the moments came from the checkpoint, the lr from this run
     assert "moved to" in caplog.text and "superseded-after-step-2" in caplog.text
     aside = run / "checkpoints" / "superseded-after-step-2"
-    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]
+    # with that branch's final LoRA and summary (they stayed the run's: a stop before this branch's first step left
+    # sample and export on the other branch's step 4; its end wrote over them)
+    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "step-00000003", "step-00000004",
+                                                       "summary.json"]
+    assert json.loads((aside / "summary.json").read_text())["steps_done"] == 4
     assert weights(aside / "step-00000004").keys() == old["step-00000004"].keys()  # kept as they were
     assert strict_rows(aside) == old_rows  # and that branch's metrics with them
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
@@ -517,8 +521,9 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume",
                  str(run / "checkpoints" / "step-2")]) == 0
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == [
-        "metrics.jsonl", "step-00000003"]
-    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003", "step-00000004"]
+        "lora", "metrics.jsonl", "step-00000003", "summary.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "step-00000003", "step-00000004",
+                                                       "summary.json"]
     # the first branch taken up again from inside its folder: it continues with its own metrics, and the
     # branch it replaces is set aside in turn
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "5", "--resume",
@@ -526,7 +531,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert [r["reward_mean"] for r in strict_rows(run)[:4]] == [r["reward_mean"] for r in old_rows]
     assert [r["step"] for r in strict_rows(run)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-3").iterdir()) == [
-        "metrics.jsonl", "step-00000003"]
+        "lora", "metrics.jsonl", "step-00000003", "summary.json"]
     # (the branch point is step 2, the checkpoint taken up step 4: it said "resuming from step 2")
     assert ("a new branch after step 2: the run's checkpoints after it (step-00000003) moved to "
             f"{run / 'checkpoints' / 'superseded-after-step-2-3'}") in caplog.text

@@ -192,6 +192,7 @@ def test_resume_changes_that_would_not_apply_are_refused(tmp_path):
                                         r"would apply to no step, .*; leave them out, or give --steps above 4"):
         ckpt.check_config(state, Config(steps=4, lr=0.5, reward="colorfulness"), tmp_path, finished=True)
     ckpt.check_config(state, Config(steps=4, checkpoint_every=1), tmp_path, finished=True)  # (free fields: fine)
+    ckpt.check_config(state, Config(steps=4, push_to_hub="you/x", export_format="kohya"), tmp_path, finished=True)
     ckpt.check_config(state, Config(steps=6, lr=0.5), tmp_path)  # trained on with it: warned, applied
 
 

@@ -169,7 +169,8 @@ def test_each_caller_words_the_typed_error_as_its_own_one_line(tmp_path):
              (arch.detect_arch, "code.ckpt", "holds pickled Python objects besides tensors"),
              (clip_rewards._torch_load, "cut.ckpt", r"cannot read .*cut\.ckpt as a torch checkpoint \(PytorchStream"),
              (clip_rewards._torch_load, "code.ckpt", r"holds pickled code .*reward_weights"),
-             (clip_rewards._torch_load, "missing.pt", r"as a torch checkpoint \(FileNotFoundError\)"),
+             (clip_rewards._torch_load, "missing.pt", r"as a torch checkpoint \(FileNotFoundError: No such file or "
+                                                      r"directory\)"),
              (ckpt.load_tensors, "cut.ckpt", r"cannot be read \(PytorchStreamReader.*\): it is damaged; use --resume"),
              (ckpt.load_tensors, "code.ckpt", "holds pickled code")]
     for read, name, message in cases:

@@ -278,8 +278,8 @@ def _torch_load(path: Path):
         raise UserError(f"cannot read {path} as a torch checkpoint ({exc.detail}); check the file given by "
                         f"{FLAG}") from None
     except OSError as exc:
-        raise UserError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {first_line(exc, 120)}); "
-                        f"check the file given by {FLAG}") from exc
+        raise UserError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}"
+                        f"{': ' + exc.strerror if exc.strerror else ''}); check the file given by {FLAG}") from exc
 
 
 # --------------------------------------------------------------------------------------------------

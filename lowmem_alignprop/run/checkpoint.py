@@ -59,6 +59,15 @@ FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_t
                "early_stop", "best_by", "eval_on_start")
 
 
+# what the trained LoRA depends on (its records say it was trained with them): a resume that only writes a finished
+# run's outputs again takes no change of them (an output's, such as export_format or push_to_hub, it does)
+TRAINED_WITH = frozenset((
+    "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "weight_decay", "max_grad_norm", "optimizer",
+    "batch_size", "grad_accum", "truncation", "k", "k_min", "k_max", "loss_scale", "reward_target", "reward_cap",
+    "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "resolution", "sample_steps", "guidance_scale", "eta",
+    "negative_prompt", "mixed_precision", "base_quant", "recipe"))
+
+
 # what a warned change does at a resume, where it is not what one would guess
 CHANGE_NOTES = {"seed": " (the images' noise follows it; with prompt_order=random the prompt and K draws go on "
                         "from the checkpoint's random state, and the held-out prompts stay those the run set aside)"}
@@ -391,11 +400,12 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                         "new run")
     changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"  # (the loaded
                and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]  # weights' fingerprint judges another model)
-    if finished and int(state["step"]) == cfg.steps and changed:  # only its outputs are written: no step uses them
+    unused = [n for n in changed if n in TRAINED_WITH]
+    if finished and int(state["step"]) == cfg.steps and unused:  # only its outputs are written: no step uses them
         raise UserError(f"the run finished at step {state['step']}, so this resume trains nothing (it writes the "
-                        f"missing outputs again): {', '.join(changed)} would apply to no step, yet be recorded as "
-                        f"trained with; leave {'it' if len(changed) == 1 else 'them'} out, or give --steps above "
-                        f"{state['step']} to train on with {'it' if len(changed) == 1 else 'them'}")
+                        f"missing outputs again): {', '.join(unused)} would apply to no step, yet be recorded as "
+                        f"trained with; leave {'it' if len(unused) == 1 else 'them'} out, or give --steps above "
+                        f"{state['step']} to train on with {'it' if len(unused) == 1 else 'them'}")
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
                     CHANGE_NOTES.get(n, ""))

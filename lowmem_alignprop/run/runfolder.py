@@ -27,7 +27,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import json_ready
-from lowmem_alignprop.run.filenames import BEST_FILE, CONFIG_FILE, METRICS_FILE
+from lowmem_alignprop.run.filenames import BEST_FILE, CONFIG_FILE, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
@@ -240,8 +240,12 @@ class RunFolder:
             return
         root = ckpt.root_of(self.path)
         branch = ckpt.branch_point(point.path, root)
-        if branch is not None:  # newer checkpoints (and their metrics) are another branch: set aside, kept
-            ckpt.set_aside_newer(root, branch, self.metrics)
+        aside = ckpt.set_aside_newer(root, branch, self.metrics) if branch is not None else None
+        # newer checkpoints (and their metrics) are another branch: set aside, kept; its final LoRA and summary go
+        # with them (they stayed as the run's: a stop before this branch's first step left sample and export on them)
+        for name in (LORA_DIR, SUMMARY_FILE) if aside is not None else ():
+            if (self.path / name).exists():
+                os.replace(self.path / name, aside / name)
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
