@@ -202,8 +202,8 @@ def test_an_oom_while_the_models_load_says_so_and_offers_no_auto_fit(tmp_path, c
         "--auto-fit" not in err and "at step" not in err, err
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     # what lowers loading's memory (it advised a micro-batch of 1, which holds the same weights)
-    assert "no lighter setting is left to try: quantize the frozen base (--set base_quant=nf4, on a CUDA card) or use " \
-           "a smaller model, or a card with more memory" in err and "batch_size" not in err, err
+    assert ("no lighter setting is left to try: quantize the frozen base (--set base_quant=nf4, on a CUDA card) or "
+            "use a smaller model, or a card with more memory") in err and "batch_size" not in err, err
 
 
 def test_an_oom_in_the_optimizer_step_names_what_lowers_its_state():
