@@ -148,8 +148,9 @@ def test_out_of_memory_in_the_evaluation_keeps_the_trained_steps_and_says_what_t
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     saved = ckpt.step_dir(out / "checkpoints", 2)
     assert err == [f"error: step 2: out of memory in the held-out evaluation after it (CUDA out of memory. Tried to "
-                   "allocate 2.00 GiB): evaluate on fewer images at a time (--set batch_size=N) or less often "
-                   f"(--eval-every N); steps 1-2 are saved in {saved}: --resume latest continues once it is fixed"]
+                   "allocate 2.00 GiB): evaluate on fewer images at a time (--set batch_size=1 --set grad_accum=2: "
+                   "the same images per step) or less often (--eval-every N); steps 1-2 are saved in "
+                   f"{saved}: --resume latest continues once it is fixed"]  # (a bare batch_size=N halved training's)
     assert ckpt.find_resume(out, "latest") == saved and ckpt.verify(saved) is None
     assert [r["step"] for r in strict_rows(out)] == [1, 2]
     monkeypatch.setattr(train.Trainer, "generate", real)

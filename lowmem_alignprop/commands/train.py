@@ -1037,6 +1037,15 @@ class Trainer:
         done = "step 1 is" if last == 1 else f"steps 1-{last} are"
         return saved, f"; {done} saved in {saved}: --resume latest continues{then}"
 
+    def eval_fewer_at_a_time(self) -> str:
+        """The held-out evaluation renders batch_size images at a time: the change that halves it and keeps the
+        images per step (a bare --set batch_size=N halved training's too)."""
+        b, ga = self.cfg.batch_size, self.cfg.grad_accum
+        if b == 1:
+            return "evaluate at a lower resolution (--set resolution=N)"
+        return (f"evaluate on fewer images at a time (--set batch_size={b // 2} --set grad_accum={ga * 2}: the same "
+                "images per step)")
+
     def evaluation_failed(self, step: int, e: BaseException) -> None:
         """The held-out evaluation after step ``step`` (trained and recorded) failed: steps 1..step go into a
         checkpoint and the error says so; raises."""
@@ -1045,8 +1054,7 @@ class Trainer:
             raise UserError(f"step {step}: {e}{kept}") from None
         if faults.is_oom(e):
             raise UserError(f"step {step}: out of memory in the held-out evaluation after it ({first_line(e, 100)}): "
-                            f"evaluate on fewer images at a time (--set batch_size=N) or less often (--eval-every N)"
-                            f"{kept}") from None
+                            f"{self.eval_fewer_at_a_time()} or less often (--eval-every N){kept}") from None
         if saved:
             log.error("step %d's evaluation failed; steps 1-%d are saved in %s (--resume latest)", step, step, saved)
         raise e
@@ -1122,8 +1130,8 @@ class Trainer:
         if (failed := self.evaluate_into(0, row)) is not None:
             if faults.is_oom(failed):
                 raise UserError(f"out of memory in the held-out evaluation before the first step (eval_on_start; "
-                                f"{first_line(failed, 100)}): evaluate on fewer images at a time (--set batch_size=N),"
-                                " or leave eval_on_start out") from None
+                                f"{first_line(failed, 100)}): {self.eval_fewer_at_a_time()}, or leave eval_on_start "
+                                "out") from None
             raise failed
         if self.is_main:
             from lowmem_alignprop.commands.grid import write_metrics_line
