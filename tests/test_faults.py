@@ -84,8 +84,9 @@ def test_auto_fit_that_runs_out_of_changes_keeps_them_for_the_resume(tmp_path, c
 
 
 def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_dir, ladder_only, caplog):
-    # the reward stage runs out of memory twice at step 2: first reward checkpointing is switched on,
-    # then the micro-batch halves with twice the accumulation; the step is repeated and the run goes on
+    # the reward stage runs out of memory twice at step 2: first the micro-batch halves with twice the accumulation
+    # (brightness has no layers to checkpoint: reward checkpointing, the stage's first rung, is passed over; its retry
+    # changed nothing), then the VAE decoder is checkpointed; the step is repeated and the run goes on
     monkeypatch.setenv(faults.INJECT_ENV, "reward@2*2")
     caplog.set_level("INFO", logger="lowmem_alignprop")
     out = tmp_path / "run"
@@ -96,17 +97,24 @@ def test_auto_fit_steps_down_and_continues(tmp_path, capsys, monkeypatch, tiny_d
     assert got[1]["k"] == 1 and isinstance(got[1]["k"], int)  # the same K in both: K=1 on the step line, not 1.0
     summary = json.loads((out / "summary.json").read_text())
     changes = [(c["step"], c["stage"], c["change"]) for c in summary["auto_fit"]]
-    assert changes == [(2, "reward", {"reward_checkpointing": True}),
-                       (2, "reward", {"batch_size": 1, "grad_accum": 2})]
+    assert changes == [(2, "reward", {"batch_size": 1, "grad_accum": 2}),
+                       (2, "reward", {"vae_checkpointing": "blocks"})]
     cfg = yaml.safe_load((out / "config.yaml").read_text())  # the configuration that fitted, for next time
-    assert cfg["batch_size"] == 1 and cfg["grad_accum"] == 2 and cfg["reward_checkpointing"] is True
+    assert cfg["batch_size"] == 1 and cfg["grad_accum"] == 2 and cfg["reward_checkpointing"] is False
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto-fit at step 2 (reward)")]
-    assert len(said) == 2 and "this should fit: --set reward_checkpointing=true" in said[0]  # once each, not twice
+    assert len(said) == 2 and "this should fit: --set batch_size=1 --set grad_accum=2" in said[0]  # once each
     # memory_report describes the configuration that trained: the attempts that ran out are apart (they were two
     # more step-2 rows, their figures in the stage table and the peak)
     report = json.loads((out / "memory_report.json").read_text())
     assert [s["step"] for s in report["steps"]] == [1, 2, 3]
     assert [(s["step"], s["aborted"]) for s in report["aborted_steps"]] == [(2, "out of memory in reward")] * 2
+
+
+def test_a_rung_the_run_cannot_use_is_passed_over():
+    """reward_ckpt for a reward without weights (the trainer passes it in skip): the stage's next rung instead."""
+    cfg = Config(batch_size=2, sample_steps=10, k=1)
+    assert faults.next_fit(cfg, stages.REWARD).overrides == {"reward_checkpointing": True}
+    assert faults.next_fit(cfg, stages.REWARD, skip=("reward_ckpt",)).overrides == {"batch_size": 1, "grad_accum": 2}
 
 
 @pytest.mark.parametrize("stage, expected", [

@@ -975,7 +975,8 @@ class Trainer:
         self.prof.end_step(aborted=f"out of memory in {stage}")  # its figures are not the configuration that trains
         self.optimizer.zero_grad(set_to_none=True)  # frees the half-built gradients before the retry
         faults.free_memory()  # and the failed step's cached blocks: the retry starts from a clean allocator
-        fit = faults.next_fit(cfg, stage, suggest=planner.next_feature)
+        weightless = not any(True for _ in self.reward.parameters())  # (brightness: nothing to checkpoint)
+        fit = faults.next_fit(cfg, stage, suggest=planner.next_feature, skip=("reward_ckpt",) if weightless else ())
         peak = faults.peak_so_far([h.get("peak_memory_gb") for h in self.history])
         message = faults.oom_message(stage, step, peak, cfg.budget_gb, fit, cfg.auto_fit, batch=cfg.batch_size)
         self.rng.setstate(rng_before)  # a repeat, or the checkpoint's resume, draws this step's prompts and K again

@@ -216,8 +216,9 @@ def planner_fit(cfg, stage: str, suggest: Callable | None) -> Fit | None:
 AT_LOAD_ONLY = frozenset({"encode_on_cpu"})
 
 
-def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
-    """The next change that lowers memory for an OOM in ``stage``: the planner's (``suggest``), else the ladder's."""
+def next_fit(cfg, stage: str, *, suggest: Callable | None = None, skip: tuple[str, ...] = ()) -> Fit | None:
+    """The next change that lowers memory for an OOM in ``stage``: the planner's (``suggest``), else the ladder's
+    (less its rungs in ``skip``: reward_ckpt for a reward without weights, whose retry changed nothing)."""
     if suggest is not None:
         fit = planner_fit(cfg, stage, suggest)
         if fit is not None and _valid(cfg, fit.overrides) and (stage == stages.LOAD
@@ -225,7 +226,7 @@ def next_fit(cfg, stage: str, *, suggest: Callable | None = None) -> Fit | None:
             return fit
     order = list(STAGE_FIRST.get(stage, ())) + ([] if stage in ONLY_THEIRS else
                                                 [k for k in LADDER if k not in STAGE_FIRST.get(stage, ())])
-    for key in order:
+    for key in (k for k in order if k not in skip):
         fit = LADDER[key](cfg)
         if fit is not None and _valid(cfg, fit.overrides):
             return fit
