@@ -387,6 +387,11 @@ def test_the_card_says_what_the_loss_did_beside_raising_the_reward(sd, tmp_path)
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
     assert "| objective |" not in plain  # the plain AlignProp loss: no row
     assert f"| resolution | {config['resolution']} px |" in plain  # (the card named none: the kohya header only)
+    summary = json.loads((run / "summary.json").read_text())  # --auto-fit's changes: after the command it shows
+    (run / "summary.json").write_text(json.dumps({**summary, "auto_fit": [
+        {"step": 2, "stage": "reward", "change": {"batch_size": 1, "grad_accum": 2}, "why": "w"}]}))
+    fitted = (export(tmp_path / "fitted", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert "| --auto-fit's changes | step 2: `--set batch_size=1 --set grad_accum=2` |" in fitted
     assert "| exact fidelity (toy world)" not in plain
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
 from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runfolder import started_commands
-from lowmem_alignprop.settings.config import describe_k
+from lowmem_alignprop.settings.config import describe_k, set_flags
 from lowmem_alignprop.settings.errors import UserError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -36,7 +36,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
-                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes"):
+                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes", "auto_fit"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     toy = s.get("toy_world") or {}
@@ -171,6 +171,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("sample reward, before -> after" + (" (the LoRA as trained: weight 1, on its base model)"
                                                          if as_trained else ""),
                      f"{info['sample_reward_before']:.4f} -> {info['sample_reward_after']:.4f}"))
+    if info.get("auto_fit"):  # (the command below is the one typed: these changes came after it)
+        rows.append(("--auto-fit's changes", "; ".join(f"step {c.get('step')}: `{set_flags(c.get('change') or {})}`"
+                                                       for c in info["auto_fit"] if isinstance(c, dict))))
     if info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
     if info.get("unfinished_of"):
