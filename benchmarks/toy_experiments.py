@@ -559,13 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     write_report = not args.no_report and mode.name == "default" and args.out.resolve() == DEFAULT_OUT.resolve()
     if args.report_only:  # the plots and REPORT.md's section again, from the JSON alone
         doc = load_doc(json_path)
+        if doc is None:  # (it rewrote REPORT.md's section as "Not run yet", wiping the recorded figures)
+            raise SystemExit(f"--report-only: {json_path} cannot be read: nothing to redraw (a run writes it)")
         if doc and args.note:
             doc["meta"]["note"] = args.note
             atomic.write_text(json_path, json.dumps(doc, indent=1))
         for name, result in (doc or {}).get("experiments", {}).items():
             if not args.no_plots:
                 plot(name, result, args.out / f"toy-{name}{suffix}.png")
-        if mode.name == "default":
+        if write_report:  # (--no-report and another --out rewrote benchmarks/REPORT.md from that folder's JSON)
             update_report(doc)
         return 0
     only = [e.strip() for e in args.only.split(",") if e.strip()]

@@ -85,6 +85,19 @@ def test_curves_findings_and_report_section(toy, tmp_path):
     assert report.read_text() == text  # idempotent
 
 
+def test_report_only_touches_report_md_only_for_the_default_folder_and_a_readable_json(toy, tmp_path, monkeypatch):
+    """--report-only with --no-report, or with another --out, rewrote benchmarks/REPORT.md's section 7 (from that
+    folder's JSON, or as "Not run yet" when it had none: the recorded figures wiped). Now: a JSON that cannot be read
+    is one line; REPORT.md only for the default folder without --no-report."""
+    written = []
+    monkeypatch.setattr(toy, "update_report", lambda doc, *a: written.append(doc))
+    with pytest.raises(SystemExit, match=r"--report-only: .*toy_experiments.json cannot be read: nothing to redraw"):
+        toy.main(["--report-only", "--out", str(tmp_path / "none")])
+    (tmp_path / "toy_experiments.json").write_text(json.dumps({"meta": {}, "experiments": {}}))
+    assert toy.main(["--report-only", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert written == []
+
+
 @pytest.mark.slow  # ~20 s of CPU (one training process start-up, one step, three judgements): run with -m slow
 def test_smallest_mode_end_to_end(tmp_path):
     """One step of the compressibility experiment on the shipped toy model, judged on 2 images: the JSON's shape."""
