@@ -333,7 +333,12 @@ def main() -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu-smoke to check the plumbing on CPU", file=sys.stderr)
         return 2
-    only = set(filter(None, a.only.split(","))) or {"ladder", "profiles", "quant", "loading", "sample", "speed"}
+    sections = {"ladder", "profiles", "quant", "loading", "sample", "speed"}
+    only = set(filter(None, a.only.split(","))) or sections
+    if unknown := sorted(only - sections):  # (a typo ran nothing and wrote an empty results file)
+        print(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(sorted(sections))}",
+              file=sys.stderr)
+        return 2
     aes = make_aesthetic_weights(Path(os.environ["LOWMEM_ALIGNPROP_CACHE"]) / "aesthetic-random", tiny=cpu)
     device = {"name": "cpu", "total_gb": None} if cpu else {
         "name": torch.cuda.get_device_name(0),

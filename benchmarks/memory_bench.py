@@ -513,7 +513,7 @@ def _section_speed(results_dir: Path, kept: dict[str, list[str]]) -> list[str]:
               "section 4 planned again with the K its measured step drew; its counted work (`counters.StageWork`) "
               "turned into seconds with the card's figures (`lowmem_alignprop/measure/devices.py`). Measured: the "
               "step-2 seconds of the stages below (the profiler synchronizes the GPU at each stage's edges). The "
-              "factors were fitted to the two runs alone on the GPU (in-sample); runs that shared the GPU are "
+              "factors were fitted to the runs alone on the GPU (in-sample); runs that shared the GPU are "
               "slower than one alone by up to their number, so they can only show that the estimate is not above them.",
               "", f"**Runs alone: measured / predicted {cal['alone']['min']:.2f} to {cal['alone']['max']:.2f} "
               f"({cal['alone']['n']} runs, fitted to them). Runs sharing the GPU: {cal['shared']['min']:.2f} to "
@@ -965,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.report_only:
         t0 = time.time()
         only = set(filter(None, a.only.split(","))) or {"ladder", "fits", "cpu"}
+        if unknown := sorted(only - {"ladder", "fits", "cpu"}):  # (a typo wrote an empty, dated results file)
+            raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; choose from ladder, fits, cpu")
         previous, _ = load_results(results)
         date = dt.date.today().isoformat()
         from lowmem_alignprop.measure.provenance import provenance

@@ -112,7 +112,9 @@ def main() -> int:
 
     from lowmem_alignprop.measure.provenance import provenance
 
-    work = Path(tempfile.mkdtemp(prefix="speed_bench-"))
+    if unknown := sorted(set(filter(None, args.only.split(","))) - set(jobs(Path("-")))):  # (before the model: it
+        raise SystemExit(f"--only: unknown job(s) {', '.join(unknown)}; choose from {', '.join(jobs(Path('-')))}")
+    work = Path(tempfile.mkdtemp(prefix="speed_bench-"))  # built the model, then wrote no runs)
     midsize = build_midsize_dir(work / "midsize")
     t_start = time.time()
     doc = {"kind": "speed_bench", **provenance(" ".join(["python"] + sys.argv), ("torch",),
