@@ -159,6 +159,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated indices into CONFIGS (default: all)")
     args = ap.parse_args()
     if args.reuse:
+        if not args.out.is_file():  # (a traceback)
+            raise SystemExit(f"--reuse: {args.out} does not exist: run without --reuse first (it stores the runs)")
         doc = json.loads(args.out.read_text())
         if args.replan:
             from midsize import build_midsize_dir

@@ -89,6 +89,8 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     if args.reuse:
+        if not Path(args.out).is_file():  # (a traceback)
+            raise SystemExit(f"--reuse: {args.out} does not exist: run without --reuse first (it stores the counts)")
         rows = json.loads(Path(args.out).read_text())["runs"]
     else:
         rows = []
