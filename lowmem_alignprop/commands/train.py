@@ -1039,13 +1039,12 @@ class Trainer:
         return saved, f"; {done} saved in {saved}: --resume latest continues{then}"
 
     def eval_fewer_at_a_time(self) -> str:
-        """The held-out evaluation renders batch_size images at a time: the change that halves it and keeps the
-        images per step (a bare --set batch_size=N halved training's too)."""
-        b, ga = self.cfg.batch_size, self.cfg.grad_accum
-        if b == 1:
+        """The held-out evaluation renders batch_size images at a time: the fault ladder's smaller micro-batch, which
+        keeps the images per step (a bare --set batch_size=N changed training's too)."""
+        fit = faults.LADDER["batch"](self.cfg)
+        if fit is None:  # (batch 1, or DeepSpeed's fixed micro-batch)
             return "evaluate at a lower resolution (--set resolution=N)"
-        return (f"evaluate on fewer images at a time (--set batch_size={b // 2} --set grad_accum={ga * 2}: the same "
-                "images per step)")
+        return f"evaluate on fewer images at a time ({fit.as_flags()}: the same images per step)"
 
     def evaluation_failed(self, step: int, e: BaseException) -> None:
         """The held-out evaluation after step ``step`` (trained and recorded) failed: steps 1..step go into a
