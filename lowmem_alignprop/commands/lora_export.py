@@ -160,9 +160,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
         source = (lora.run / SAMPLES_DIR / (GRID_FILE if lora.step is None else step_grid_name(lora.step))
                   if lora.run is not None else None)
         done = lora.summary.get("steps_done")
-        if lora.step is None and lora.summary.get("samples_stale"):  # an earlier start's grid, not this LoRA's
-            source = lora.run / SAMPLES_DIR / "-"  # (none: its last --sample-every grid, as below, if there is one)
-        if source is not None and not source.is_file() and lora.step is None and isinstance(done, int):
+        stale = lora.step is None and lora.summary.get("samples_stale")  # an earlier start's grid, not this LoRA's
+        if source is not None and (stale or not source.is_file()) and lora.step is None and isinstance(done, int):
             grid_step = done  # an interrupted run renders no after samples: its last step's --sample-every grid
             source = lora.run / SAMPLES_DIR / step_grid_name(done)
         if merge and (at != 1.0 or into != lora.base_model):  # the grid shows the LoRA as trained (weight 1, on its
