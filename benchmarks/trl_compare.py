@@ -209,8 +209,8 @@ def main() -> int:
         probe = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
                                text=True)
     except OSError as e:  # (no such Python: a traceback)
-        raise SystemExit(f"--trl-python {args.trl_python}: {e.strerror or type(e).__name__}; make a virtual environment "
-                         "with trl 0.23.1 and pass its python") from None
+        raise SystemExit(f"--trl-python {args.trl_python}: {e.strerror or type(e).__name__}; make a virtual "
+                         "environment with trl 0.23.1 and pass its python") from None
     trl_version = probe.stdout.strip() if probe.returncode == 0 else None
     doc = {"kind": "trl_compare",  # each run is a subprocess with one torch thread
            **provenance(" ".join(["python"] + sys.argv), ("torch",), threads=1, torch_threads=1,
