@@ -431,7 +431,8 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
     ckpt.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
 
 
-def test_resume_another_models_checkpoint(trained, tmp_path, capsys):
+def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    from lowmem_alignprop.commands import train
     from lowmem_alignprop.models.tiny import build_tiny_pipeline
     other = tmp_path / "other"
     build_tiny_pipeline(seed=1).save_pretrained(other)  # same architecture, other weights
@@ -439,6 +440,7 @@ def test_resume_another_models_checkpoint(trained, tmp_path, capsys):
     fails(capsys, [*FAST, "--model", str(other), "--output-dir", str(trained), "--steps", "4", "--resume", "latest"],
           "belongs to another base model ('tiny'; its UNet weights differ")
     narrower = _other_unet_model(tmp_path / "narrow")
+    monkeypatch.setattr(train, "load_components", None)  # another architecture: told from the configs, before the load
     fails(capsys, [*FAST, "--model", str(narrower), "--output-dir", str(trained), "--steps", "4",
                    "--resume", "latest"], "its UNet architecture differs")
     assert snapshot(trained) == before

@@ -34,7 +34,7 @@ from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import (COMMAND_FILE, CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, INIT_LORA_DIR,
                                             LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR,
                                             SUMMARY_FILE, step_grid_name)
-from lowmem_alignprop.measure import planner
+from lowmem_alignprop.measure import meta_models, planner
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
@@ -308,6 +308,12 @@ class Trainer:
             with same_on_every_rank():
                 self.refinish = self.missing_outputs()
                 ckpt.check_config(self.point.state, self.cfg, self.point.path, finished=self.refinish is not None)
+                saved = self.point.state.get("config", {})
+                if saved.get("model", self.cfg.model) != self.cfg.model and meta_models.denoiser_differs(self.cfg,
+                                                                                                      saved):
+                    raise ckpt.another_model(self.point.state["fingerprint"], self.cfg.model,
+                                             f"its {self.point.state['fingerprint'].get('denoiser', 'denoiser')} "
+                                             "architecture differs", self.point.path)
             if self.refinish and self.is_rank0():
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)

@@ -150,6 +150,29 @@ def meta_base(cfg: Config, dtype: torch.dtype):
     return _META_CACHE[key]
 
 
+def denoiser_differs(cfg: Config, saved: dict[str, Any]) -> bool:
+    """Whether ``cfg.model``'s denoiser has another architecture than the one of a checkpoint's config ``saved``, told
+    from their configs alone (both built on meta the same way, so a loader's own additions cancel): a resume with
+    another model is refused in seconds, not after the load. False where it cannot be told so (a hub id, a single
+    file, a path gone): the weights' fingerprint after the load decides."""
+    import dataclasses
+
+    from lowmem_alignprop.run.checkpoint import config_sha
+    from lowmem_alignprop.models.loading import resolve_model
+
+    theirs = dataclasses.replace(cfg, **{k: saved[k] for k in ("model", "model_arch", "model_components", "t5_encoder")
+                                          if k in saved})
+    shas = []
+    for c in (cfg, theirs):
+        try:
+            if resolve_model(c.model)[0] not in ("tiny", "arch", "flow_arch", "dir", "flow_dir"):
+                return False
+            shas.append(config_sha(meta_base(c, torch.float32).unet))
+        except Exception:  # noqa: BLE001 - whatever the configs alone cannot tell, the load will
+            return False
+    return shas[0] != shas[1]
+
+
 def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype):
     """SD3/FLUX on meta: a shipped architecture, a model folder's configs, or (a single-file transformer) the
     configs of its ``model_components`` folder."""

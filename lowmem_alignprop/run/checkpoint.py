@@ -441,12 +441,17 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
     """
-    conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    conf_sha = hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    conf_sha = config_sha(unet)
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
     return {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
             "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
+
+
+def config_sha(unet) -> str:
+    """The fingerprint's architecture part: a digest of the denoiser's config (its public keys)."""
+    conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def base_record(fp: dict[str, Any], config: dict[str, Any]) -> str:
@@ -463,6 +468,13 @@ def append_line(path: Path, line: str) -> None:
     """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     atomic.write_text(path, old + line.rstrip("\n") + "\n")
+
+
+def another_model(saved: dict[str, Any], model: str, problem: str, path: Path) -> UserError:
+    """The one line for a resume of ``saved``'s checkpoint with another base model, ``model``."""
+    return UserError(f"checkpoint {path} belongs to another base model ({saved.get('model')!r}; {problem} from "
+                     f"{model!r}): resume with --model {saved.get('model')}, or start a new run in another "
+                     "--output-dir")
 
 
 def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:
@@ -483,9 +495,7 @@ def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str |
 def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
     problem = fingerprint_difference(saved, ours)
     if problem:
-        raise UserError(f"checkpoint {path} belongs to another base model ({saved.get('model')!r}; {problem} from "
-                        f"{ours['model']!r}): resume with --model {saved.get('model')}, or start a new run in another "
-                        "--output-dir")
+        raise another_model(saved, ours["model"], problem, path)
     if saved.get("model") != ours["model"]:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
                     saved.get("model"), ours["model"])
