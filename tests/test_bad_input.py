@@ -499,6 +499,9 @@ def nograd(images, prompts):
 def detached(images, prompts):
     return images.mean((1, 2, 3)).detach()
 
+def rounded(images, prompts):  # integer scores: no gradient, whatever the function did before the cast
+    return (images.mean((1, 2, 3)) * 10).long()
+
 def nan(images, prompts):
     return images.mean((1, 2, 3)) * float("nan")
 
@@ -540,6 +543,7 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
     ("qa_rewards:boom", "raised ValueError: my reward exploded; fix the function"),
     ("qa_rewards:nograd", "returned scores with no gradient to the images"),
     ("qa_rewards:detached", "returned scores with no gradient to the images"),
+    ("qa_rewards:rounded", "reward 'qa_rewards:rounded' returned torch.int64 scores, which carry no gradient"),
     ("qa_rewards:nan", "returned NaN or inf"),
     ("qa_rewards:constant", "returned scores that do not depend on the images"),
     ("qa_rewards:stepwise", "gradient to the images is exactly zero"),

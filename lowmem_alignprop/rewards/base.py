@@ -69,6 +69,9 @@ def _check_scores(scores, batch: int, name: str, device: torch.device | None = N
                         "on the images' device (images.device)")
     if scores.is_complex():  # .float() would drop the imaginary part without a word
         raise UserError(f"reward {name!r} returned complex scores ({scores.dtype}); return one real score per image")
+    if not scores.is_floating_point() and torch.is_grad_enabled():  # the cast below would hide why it has no gradient
+        raise UserError(f"reward {name!r} returned {scores.dtype} scores, which carry no gradient (AlignProp "
+                        "backpropagates through the reward): return float scores computed from the images")
     if device is not None and scores.device != device:  # computed on the CPU from the card's images: brought back
         scores = scores.to(device)  # (differentiable: the gradient goes back the same way)
     if scores.dim() == 2 and scores.shape[1] == 1:
