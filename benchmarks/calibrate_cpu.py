@@ -21,8 +21,10 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one core's figures
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -149,15 +151,25 @@ def report(doc: dict) -> dict:
     return doc
 
 
+def scratch() -> Path:
+    """A temporary folder for the model the runs share, removed when the script ends."""
+    work = Path(tempfile.mkdtemp(prefix="calibrate_cpu-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after the profiled one)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the measurements and the fit, JSON (default {OUT})")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after the profiled one; default 2)")
     ap.add_argument("--reuse", action="store_true", help="fit again from the measurements stored in --out")
     ap.add_argument("--replan", action="store_true", help="with --reuse: count each stored step's work again (the "
                     "planner changed), keeping its measured seconds")
     ap.add_argument("--only", default="", help="comma-separated indices into CONFIGS (default: all)")
     args = ap.parse_args()
+    wanted = {int(i) for i in args.only.split(",") if i.strip().isdigit()}
+    if any(i.strip() and not i.strip().isdigit() for i in args.only.split(",")) or wanted - set(range(len(CONFIGS))):
+        ap.error(f"--only {args.only}: give indices into CONFIGS, 0-{len(CONFIGS) - 1}")
     if args.reuse:
         if not args.out.is_file():  # (a traceback)
             raise SystemExit(f"--reuse: {args.out} does not exist: run without --reuse first (it stores the runs)")
@@ -165,7 +177,7 @@ def main() -> int:
         if args.replan:
             from midsize import build_midsize_dir
 
-            midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
+            midsize = build_midsize_dir(scratch() / "midsize")
             for run in doc["runs"]:
                 run["work"] = work_of(config_of(run["model"], run["set"], midsize))
             doc["replanned"] = time.strftime("%Y-%m-%d") + ": work counted again (--replan), seconds as measured"
@@ -174,11 +186,10 @@ def main() -> int:
 
         from lowmem_alignprop.measure.provenance import provenance
 
-        midsize = build_midsize_dir(Path(tempfile.mkdtemp(prefix="calibrate_cpu-")) / "midsize")
+        midsize = build_midsize_dir(scratch() / "midsize")
         doc = {"kind": "cpu_time_calibration",  # the measured runs are subprocesses with one torch thread
                **provenance(" ".join(["OMP_NUM_THREADS=1", "python"] + sys.argv), ("torch",), torch_threads=1,
                             load_average_at_start=os.getloadavg()), "runs": []}
-        wanted = {int(i) for i in args.only.split(",") if i}
         for i, (name, model, sets, split) in enumerate(CONFIGS):
             if wanted and i not in wanted:
                 continue

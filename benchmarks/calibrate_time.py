@@ -84,7 +84,7 @@ def predicted(run: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reuse", action="store_true", help="use the work counts stored in the output file")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(OUT), help=f"the runs and the fit, JSON (default {OUT.name} in results/)")
     ap.add_argument("--match", default="", help="comma-separated words: only the runs whose name holds one")
     args = ap.parse_args()
     t0 = time.time()

@@ -47,13 +47,14 @@ print(json.dumps({{"stages": m["stages"], "baseline": m["baseline"], "seconds": 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--midsize", type=Path, required=True, help="folder for tests/midsize.py's model (built if absent)")
-    ap.add_argument("--resolution", type=int, default=128)
-    ap.add_argument("--sample-steps", type=int, default=6)
-    ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--resolution", type=int, default=128, help="image side in pixels")
+    ap.add_argument("--sample-steps", type=int, default=6, help="denoising steps per rollout")
+    ap.add_argument("--k", type=int, default=2, help="steps the gradient goes through (AlignProp's K)")
+    ap.add_argument("--batch", type=int, default=2, help="images per step")
+    ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from lowmem_alignprop.measure.provenance import provenance

@@ -86,24 +86,24 @@ def row_doc(name: str, plan: dict, load_at_start: tuple, *, cpu_user_seconds: fl
             **{k: v for k, v in plan.items() if k not in where}}
 
 
-def write(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous file
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated rows (file names without plan- and .json): "
                     + ", ".join(ROWS))
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the folder the plan-*.json files go to (default "
+                    "benchmarks/results, which REPORT.md section 8 reads)")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(ROWS)
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
         ap.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from lowmem_alignprop.run import atomic  # a killed run leaves the previous file
+
     for name in names:
         doc = plan_row(name)
-        write(RESULTS / f"plan-{name}.json", doc)
+        atomic.write_text(args.out / f"plan-{name}.json", json.dumps(doc, indent=1, default=str) + "\n")
         print(f"plan-{name}.json: {doc['peak_needed'] / 2**30:.2f} GiB needed, fits {doc['fits']}, "
               f"{doc['cpu_user_seconds']:.0f} s of CPU")
     return 0

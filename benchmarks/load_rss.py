@@ -126,7 +126,8 @@ def _card(device: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--double", type=int, default=2, help="FLUX double-stream blocks (FLUX.1 has 19)")
     ap.add_argument("--single", type=int, default=4, help="FLUX single-stream blocks (FLUX.1 has 38)")
     ap.add_argument("--dir", default="/tmp/loadrss", help="where the transformer file is written")
@@ -141,7 +142,10 @@ def main() -> None:
 
     config = flux_config(args.double, args.single)
     folder = Path(args.dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--dir {args.dir}: {e.strerror or e}; give a folder it can write the transformer file in")
     path = folder / f"flux-{args.double}d{args.single}s.safetensors"
     sizes = write_file(path, config)
     env = {**os.environ, "OMP_NUM_THREADS": "1",

@@ -72,7 +72,7 @@ def _output_dir(cmd: list[str]) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--label", default="run")
+    ap.add_argument("--label", default="run", help="the run's name in the figures (default run)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--midsize", type=Path, help="build tests/midsize.py's model in this folder first")
     ap.add_argument("--flux-host", type=Path, help="build tests/flowmodels.py's host-memory FLUX model (T5 and the "
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the training command after --")
-    if os.environ.get("PYTHONPATH") and "-m" in cmd and (Path.cwd() / "lowmem_alignprop").is_dir():
+    first = Path(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or ".").resolve()
+    if first != Path.cwd().resolve() and "-m" in cmd and (Path.cwd() / "lowmem_alignprop").is_dir():
         ap.error("PYTHONPATH is set but `python -m` would import ./lowmem_alignprop first: run from another folder")
     if args.midsize is not None:
         sys.path.insert(0, str(ROOT / "tests"))

@@ -17,8 +17,10 @@ TRL's AlignPropTrainer on the same models and settings: benchmarks/trl_compare.p
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,7 +65,7 @@ def train(args: list[str], steps: int, out: Path) -> dict:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = [m["seconds"] for m in metrics if "seconds" in m]
     row["seconds"] = seconds
-    steady = seconds[2:] or seconds
+    steady = seconds[2:] or seconds  # the first two warm up (main asks for 3 steps or more)
     row["seconds_per_step"] = sum(steady) / len(steady)
     return row
 
@@ -102,12 +104,16 @@ def summary(runs: list[dict]) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed-cpu.json")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=1, help="runs of every variant, interleaved")
-    ap.add_argument("--only", default="toy,midsize")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed-cpu.json",
+                    help="the runs and their summary, JSON (default results/speed-cpu.json)")
+    ap.add_argument("--steps", type=int, default=8, help="steps per run; the first two warm up and are not averaged "
+                    "(default 8, at least 3)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every variant, interleaved (default 1)")
+    ap.add_argument("--only", default="toy,midsize", help="comma-separated jobs (default toy,midsize)")
     ap.add_argument("--variants", default="", help="comma-separated labels (default: all)")
     args = ap.parse_args()
+    if args.steps < 3:  # the mean would be of warm-up steps only
+        ap.error(f"--steps {args.steps}: the first two steps warm up and are not averaged; give 3 or more")
     from midsize import build_midsize_dir
 
     from lowmem_alignprop.measure.provenance import provenance
@@ -115,6 +121,7 @@ def main() -> int:
     if unknown := sorted(set(filter(None, args.only.split(","))) - set(jobs(Path("-")))):  # (before the model: it
         raise SystemExit(f"--only: unknown job(s) {', '.join(unknown)}; choose from {', '.join(jobs(Path('-')))}")
     work = Path(tempfile.mkdtemp(prefix="speed_bench-"))  # built the model, then wrote no runs)
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the model and the runs: ~84 MB per call
     midsize = build_midsize_dir(work / "midsize")
     t_start = time.time()
     doc = {"kind": "speed_bench", **provenance(" ".join(["python"] + sys.argv), ("torch",),

@@ -45,19 +45,23 @@ def seconds_per_prompt(model, tokens: int, batch: int, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--json", type=Path)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="T5 blocks timed (the rest of the encoder timed apart)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per prompt")
+    ap.add_argument("--batch", type=int, default=2, help="prompts per call")
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per configuration")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes of the weights")
+    ap.add_argument("--json", type=Path, help="write the figures here")
     a = ap.parse_args(argv)
+    bad = [n for n in a.dtypes.split(",") if not isinstance(getattr(torch, n.strip(), None), torch.dtype)]
+    if bad:
+        ap.error(f"--dtypes: {', '.join(bad)} is no torch dtype; give e.g. bfloat16,float32")
     sys.path.insert(0, str(ROOT))
     from lowmem_alignprop.measure.provenance import provenance
 
     rows = {}
-    for name in a.dtypes.split(","):
+    for name in (n.strip() for n in a.dtypes.split(",")):
         dtype = getattr(torch, name)
         base, full = encoder(0, dtype)
         rest = seconds_per_prompt(base, a.tokens, a.batch, a.repeats)

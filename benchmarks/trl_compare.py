@@ -190,10 +190,11 @@ def main() -> int:
         return driver(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trl-python", default="/work/trlvenv/bin/python", help="a Python with trl==0.23.1")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--only", default="toy world,midsize")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--steps", type=int, default=6, help="training steps per run (default 6)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each trainer, interleaved (default 2)")
+    ap.add_argument("--only", default="toy world,midsize", help="comma-separated jobs (default 'toy world,midsize')")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the runs and their summary, JSON (default {OUT.name} in "
+                    "results/)")
     ap.add_argument("--ours-env", action="append", default=[], metavar="'VAR=VALUE ...'",
                     help="one more run of ours per repeat with these environment variables (e.g. "
                          "'MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=2097152'); repeatable")

@@ -124,3 +124,16 @@ def test_the_cpu_is_named_by_the_value_of_its_model_name_line(monkeypatch):
     monkeypatch.setattr(provenance, "Path", Missing)
     monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
     assert provenance.cpu_name() == "arm"
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("calibrate_cpu", ["--only", "99"], "--only 99: give indices into CONFIGS, 0-"),  # (an IndexError traceback)
+    ("t5_cpu", ["--dtypes", "bogus"], "--dtypes: bogus is no torch dtype"),  # (AttributeError)
+    ("speed_bench", ["--steps", "2"], "--steps 2: the first two steps warm up and are not averaged"),  # (averaged in)
+    ("load_rss", ["--dir", "/dev/null/x"], "--dir /dev/null/x: Not a directory"),  # (NotADirectoryError)
+])
+def test_a_benchmark_script_refuses_bad_flags_in_one_line_before_any_work(tmp_path, script, args, needle):
+    p = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert needle in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
