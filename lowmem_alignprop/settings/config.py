@@ -763,14 +763,19 @@ def _closest_choice(value, choices, default) -> str | None:
     return close[0] if close else str(default) if str(default) in choices else None
 
 
+def split_set(item: str) -> tuple[str, str]:
+    """One ``--set key=value`` string as (key, value text)."""
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise UserError(f"malformed --set {item!r}: write it as --set key=value, e.g. --set k=2")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """Parse repeated ``--set key=value`` strings into typed values."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise UserError(f"malformed --set {item!r}: write it as --set key=value, e.g. --set k=2")
-        key, value = item.split("=", 1)
-        key = key.strip()
+        key, value = split_set(item)
         value = coerce(key, value)
         if key in out and out[key] != value:  # (a script's appended overrides contradicting themselves: unsaid)
             logging.getLogger("lowmem_alignprop").warning("--set %s given twice (%s, then %s): the last wins", key,
@@ -907,7 +912,7 @@ def _refuse_unread(cfg: Config, user: dict[str, Any], training: bool) -> None:
 def unread_in_training(cfg: Config, sets: list[str]) -> list[str]:
     """What a training run does not read of the ``--set`` fields the user gave (plan and its search read them): said,
     not refused (--auto-fit may turn tiled decode on, and reads the card). They were taken in silence."""
-    given = {item.split("=", 1)[0].strip() for item in sets}
+    given = {split_set(item)[0] for item in sets}
     tiles = [name for name in ("tile_size", "tile_overlap") if name in given]
     notes = []
     if tiles and not cfg.tiled_decode and not cfg.auto_fit:
