@@ -166,6 +166,31 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
         assert "| training reward, first -> final steps (since step 7) |" in text
 
 
+def test_the_model_card_lists_what_each_resume_changed_of_the_training(runs, tmp_path):
+    """A resume with another K or learning rate: the card's rows give the last start's settings, so it said K = 2
+    for a LoRA whose first steps trained with K = 1. Each resume's changes are listed with their step, from the
+    summary and from a checkpoint alike; the output settings (steps) are none of them."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    was = json.loads((run / "checkpoints" / "step-00000006" / "state.json").read_text())["config"]
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--set", "truncation=fixed",
+                 "--set", f"k={was['k'] + 1}"]) == 0
+    assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest", "--set", "lr=0.0005"]) == 0
+    first = {"step": 7, "changes": {"k": [was["k"], was["k"] + 1]}}
+    if was["truncation"] != "fixed":
+        first["changes"]["truncation"] = [was["truncation"], "fixed"]
+    expected = [first, {"step": 8, "changes": {"lr": [was["lr"], 0.0005]}}]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [{**r, "changes": dict(sorted(r["changes"].items()))} for r in summary["resume_changes"]] == [
+        {**r, "changes": dict(sorted(r["changes"].items()))} for r in expected]
+    for lora in (run / "lora", run / "checkpoints" / "step-00000008"):
+        out = tmp_path / f"card-{lora.name}"
+        assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
+        row = next(line for line in (out / "README.md").read_text().splitlines() if "changed by a resume" in line)
+        assert "from step 7: " in row and f"`--set k={was['k'] + 1}` (was {was['k']})" in row, row
+        assert f"from step 8: `--set lr=0.0005` (was {was['lr']})" in row, row
+
+
 def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):
     """A user reward fixed between a failure and `--resume latest` (as the failure's line invites) is the same spec
     but another reward: a scale x100 -> x1 read as a collapse of the summary's reward and kept best/ (on the old

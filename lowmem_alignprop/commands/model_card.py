@@ -36,7 +36,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
-                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes", "auto_fit"):
+                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes", "auto_fit",
+                "resume_changes"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     toy = s.get("toy_world") or {}
@@ -174,6 +175,11 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if info.get("auto_fit"):  # (the command below is the one typed: these changes came after it)
         rows.append(("--auto-fit's changes", "; ".join(f"step {c.get('step')}: `{set_flags(c.get('change') or {})}`"
                                                        for c in info["auto_fit"] if isinstance(c, dict))))
+    if info.get("resume_changes"):  # (the rows above give the last start's settings: the earlier steps trained with
+        rows.append(("changed by a resume", "; ".join(  # what these changes replaced)
+            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: v[1]})}` (was {v[0]})"
+                                                        for n, v in (r.get("changes") or {}).items())
+            for r in info["resume_changes"] if isinstance(r, dict))))
     if info.get("interrupted"):
         rows.append(("note", "the run was interrupted before its last step"))
     if info.get("unfinished_of"):

@@ -258,6 +258,7 @@ class Trainer:
         self.reward_sha = rewards.reward_source_digest(cfg.reward)  # ... and an edited reward file
         self.time_left = TimeLeft(eval_every=cfg.eval_every, judge_every=cfg.fidelity_every)
         self.fits: list[dict] = []  # the --auto-fit changes made
+        self.resumed_with: list[dict] = []  # what each resume changed of what the LoRA trains with (resume_changes)
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
         self.rollouts_before = 0  # this rank's rollouts before this start's first step (restore: the checkpoint's)
@@ -693,6 +694,7 @@ class Trainer:
             saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
+            self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1)  # e.g. K or lr: the card says
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
@@ -1257,7 +1259,8 @@ class Trainer:
         path = ckpt.save(self.accelerator, self.out, step, cfg=self.cfg, bare_unet=self.bare_unet,
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
-                         extra={"auto_fit": self.fits, "skipped_steps": self.streak.skipped,
+                         extra={"auto_fit": self.fits, "resume_changes": self.resumed_with,
+                                "skipped_steps": self.streak.skipped,
                                 "rollouts": self.rollouts_before + (step - self.start) * self.cfg.grad_accum
                                 * self.cfg.batch_size,
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
@@ -1281,7 +1284,7 @@ class Trainer:
         summary = {"steps": cfg.steps, "steps_done": done, "early_stopped_at": early,
                    "interrupted": done < cfg.steps and early is None,
                    "resumed_from": os.path.abspath(self.point.path) if self.point else None,
-                   "skipped_steps": self.streak.skipped, "auto_fit": self.fits,
+                   "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update

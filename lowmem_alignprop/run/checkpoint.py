@@ -398,8 +398,7 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
         raise UserError(f"eval_holdout={cfg.eval_holdout}: the run set aside its held-out prompts at its start "
                         f"({saved['eval_holdout']}), and a resume keeps them: leave --set eval_holdout out, or start a "
                         "new run")
-    changed = [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"  # (the loaded
-               and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]  # weights' fingerprint judges another model)
+    changed = changed_fields(saved, cfg)
     unused = [n for n in changed if n in TRAINED_WITH]
     if finished and int(state["step"]) == cfg.steps and unused:  # only its outputs are written: no step uses them
         raise UserError(f"the run finished at step {state['step']}, so this resume trains nothing (it writes the "
@@ -409,6 +408,21 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
                     CHANGE_NOTES.get(n, ""))
+
+
+def changed_fields(saved: dict[str, Any], cfg) -> list[str]:
+    """The fields of a checkpoint's config ``saved`` a resume with ``cfg`` changes, with a warning (the model is not
+    one: the loaded weights' fingerprint judges another model)."""
+    return [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"
+            and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+
+
+def resume_changes(state: dict[str, Any], cfg, step: int) -> list[dict[str, Any]]:
+    """The changes of what the LoRA is trained with (:data:`TRAINED_WITH`) at each resume so far, the checkpoint's
+    and this one's (from ``step``): ``[{"step": N, "changes": {name: [was, now]}}]``; a model card lists them."""
+    saved = state.get("config", {})
+    now = {n: [saved[n], getattr(cfg, n)] for n in changed_fields(saved, cfg) if n in TRAINED_WITH}
+    return list(state.get("resume_changes") or []) + ([{"step": step, "changes": now}] if now else [])
 
 
 def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> str | None:
