@@ -123,6 +123,24 @@ def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypat
     assert not (out / "lora").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_deepspeed_under_accelerate_launch_cpu_keeps_its_plugin_or_says_why_not(monkeypatch):
+    """`accelerate launch --cpu` sets ACCELERATE_USE_CPU, with which accelerate drops the DeepSpeed plugin: the run
+    died in an AttributeError on its missing config. Without CUDA the flag goes (DeepSpeed runs on the CPU anyway);
+    with CUDA, one line. (The run itself: test_deepspeed_zero2_under_the_cpu_flag_trains, slow.)"""
+    from lowmem_alignprop.run.distributed import keep_deepspeed_under_cpu_flag
+    from lowmem_alignprop.settings.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(UserError, match=r"^deepspeed_zero=2 under `accelerate launch --cpu`: accelerate runs no "
+                                        r"DeepSpeed with --cpu; leave --cpu out"):
+        keep_deepspeed_under_cpu_flag(2)
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    keep_deepspeed_under_cpu_flag(2)
+    assert "ACCELERATE_USE_CPU" not in os.environ
+
+
 def test_two_processes_data_parallel(ddp):
     out = ddp
     state = ckpt.read_state(ckpt.find_resume(out, "latest"))
@@ -184,6 +202,19 @@ def test_deepspeed_zero2_optimizer_offload_trains(zero2):
     assert lora_b_norm(zero2) > 0
     ck = ckpt.find_resume(zero2, "latest")
     assert (ck / "deepspeed" / "state").is_dir() and not (ck / "optimizer.pt").exists()
+
+
+@pytest.mark.slow  # one more DeepSpeed process
+@needs_deepspeed
+def test_deepspeed_zero2_under_the_cpu_flag_trains(tmp_path):
+    """As `accelerate launch --cpu -m lowmem_alignprop --set deepspeed_zero=2` runs it (ACCELERATE_USE_CPU set): it
+    trains with DeepSpeed (its checkpoint holds DeepSpeed's partitions), not an AttributeError."""
+    out = tmp_path / "cpu_flag"
+    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "deepspeed_zero=2", "--steps", "1",
+                        "--output-dir", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (ckpt.find_resume(out, "latest") / "deepspeed" / "state").is_dir()
 
 
 @pytest.mark.slow  # a second DeepSpeed process (25 s); resume's own tests cover the plain optimizer's state

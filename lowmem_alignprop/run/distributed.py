@@ -57,6 +57,7 @@ def deepspeed_plugin(cfg, mixed_precision: str | None = None):
     from accelerate.utils import DeepSpeedPlugin
 
     check_no_stale_build_lock()
+    keep_deepspeed_under_cpu_flag(cfg.deepspeed_zero)
     ensure_process_group_env()
     # zero3_init_flag off: the frozen models load whole on the CPU first (and peft's LoRA init must not run
     # inside zero.Init, see docs/design.md section 8); deepspeed.initialize then partitions them.
@@ -143,6 +144,22 @@ def adopt_launcher_deepspeed(cfg) -> None:
     cfg.offload = "params" if params else "optimizer" if opt else "none"
     cfg.validate()
     log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
+
+
+def keep_deepspeed_under_cpu_flag(zero: int) -> None:
+    """``accelerate launch --cpu`` sets ACCELERATE_USE_CPU, with which accelerate drops the DeepSpeed plugin (the run
+    then failed on its missing config): without CUDA, DeepSpeed runs on the CPU all the same, so the flag goes;
+    with CUDA, --cpu and DeepSpeed contradict each other: one line."""
+    from accelerate.utils import parse_flag_from_env
+
+    from lowmem_alignprop.settings.errors import UserError
+
+    if not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return
+    if torch.cuda.is_available():
+        raise UserError(f"deepspeed_zero={zero} under `accelerate launch --cpu`: accelerate runs no DeepSpeed with "
+                        "--cpu; leave --cpu out for DeepSpeed on the GPU, or --set deepspeed_zero=0 for the CPU")
+    os.environ.pop("ACCELERATE_USE_CPU")  # (no CUDA here: DeepSpeed's accelerator is the CPU anyway)
 
 
 def ensure_process_group_env() -> None:
