@@ -298,6 +298,33 @@ def test_deepspeed_zero3_param_offload_two_processes(zero3):
     assert state["world_size"] == 2 and state["rank_weight_sums"][0] == state["rank_weight_sums"][1]
     parts = sorted(p.name for p in (ckpt.find_resume(out, "latest") / "deepspeed" / "state").iterdir())
     assert parts == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    # the launcher's flags are recorded as the configuration's: the command trains the same under any launcher
+    assert (out / "command.txt").read_text().splitlines()[0].endswith("--set deepspeed_zero=3 --set offload=params")
+
+
+def test_the_launchers_deepspeed_flags_are_taken_said_in_its_terms_or_said_to_give_way(monkeypatch, caplog):
+    """--zero_stage 2 --offload_param_device cpu was told "use --set deepspeed_zero=3", which then trained without the
+    offload; a profile's own deepspeed_zero overrode the launcher's flags in silence."""
+    from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
+    from lowmem_alignprop.settings.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    with pytest.raises(UserError, match=r"^accelerate launch --zero_stage 2 --offload_param_device cpu: parameter "
+                                        r"offload is ZeRO-3's; launch with --zero_stage 3, or leave "
+                                        r"--offload_param_device out$"):
+        adopt_launcher_deepspeed(Config())
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cfg = Config()
+    assert adopt_launcher_deepspeed(cfg) == {"deepspeed_zero": 3, "offload": "params"}
+    assert (cfg.deepspeed_zero, cfg.offload) == (3, "params")
+    own = Config(deepspeed_zero=2, offload="optimizer")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert adopt_launcher_deepspeed(own) == {}
+    assert (own.deepspeed_zero, own.offload) == (2, "optimizer")
+    assert ("accelerate launch's DeepSpeed flags (--zero_stage 3, offload params) give way to the configuration's "
+            "deepspeed_zero=2, offload=optimizer") in caplog.text
 
 
 def test_bad_input_under_a_launcher_is_one_line_from_rank_0(tmp_path, tiny_dir):

@@ -39,7 +39,7 @@ from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
-from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config
+from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
@@ -115,7 +115,9 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
     with same_on_every_rank():
         from lowmem_alignprop.run.distributed import adopt_launcher_deepspeed
         cfg = dataclasses.replace(cfg)  # --auto-fit changes fields of this run's copy, never the caller's
-        adopt_launcher_deepspeed(cfg)  # accelerate launch --use_deepspeed --zero_stage N: before the package checks
+        # accelerate launch --use_deepspeed --zero_stage N: before the package checks; the record says it as flags
+        if (adopted := adopt_launcher_deepspeed(cfg)) and command:
+            command = f"{command} {set_flags(adopted)}"
         try:
             given = prepare_inputs(cfg)
         except UserError as e:  # a resumed run's prompt file gone: its prompts.json lists them

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 log = logging.getLogger("lowmem_alignprop")
@@ -126,24 +128,36 @@ def build_optimizer(cfg, params):
     return build(cfg, params)
 
 
-def adopt_launcher_deepspeed(cfg) -> None:
+def adopt_launcher_deepspeed(cfg) -> dict[str, Any]:
     """``accelerate launch --use_deepspeed --zero_stage N [--offload_*_device cpu]`` with a profile that has no
     DeepSpeed: take the launcher's stage and offload into the config, which then generates the DeepSpeed config
-    as usual (a profile's own deepspeed_zero wins over the launcher)."""
+    as usual (a profile's own deepspeed_zero wins over the launcher, said). Returns the fields taken (the run's
+    command.txt adds them, so that the command trains the same under any launcher)."""
+    from lowmem_alignprop.run.runlock import global_rank
     from lowmem_alignprop.settings.errors import UserError
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or cfg.deepspeed_zero:
-        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {}
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    params = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none"
+    opt = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"
+    offload = "params" if params else "optimizer" if opt else "none"
+    if cfg.deepspeed_zero:
+        if (stage, offload) != (cfg.deepspeed_zero, cfg.offload) and global_rank() == 0:
+            log.warning("accelerate launch's DeepSpeed flags (--zero_stage %d, offload %s) give way to the "
+                        "configuration's deepspeed_zero=%d, offload=%s", stage, offload, cfg.deepspeed_zero,
+                        cfg.offload)
+        return {}
     if stage not in (2, 3):
         raise UserError(f"accelerate launch --zero_stage {stage}: this trainer runs ZeRO stage 2 or 3; launch with "
                         "--zero_stage 2 or 3 (or set deepspeed_zero in the profile)")
-    params = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none"
-    opt = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"
-    cfg.deepspeed_zero = stage
-    cfg.offload = "params" if params else "optimizer" if opt else "none"
+    if params and stage != 3:  # (the configuration's own rule would name --set deepspeed_zero=3, and drop the offload)
+        raise UserError(f"accelerate launch --zero_stage {stage} --offload_param_device cpu: parameter offload is "
+                        "ZeRO-3's; launch with --zero_stage 3, or leave --offload_param_device out")
+    cfg.deepspeed_zero, cfg.offload = stage, offload
     cfg.validate()
     log.info("deepspeed: ZeRO-%d (offload %s) from accelerate launch", stage, cfg.offload)
+    return {"deepspeed_zero": stage, "offload": offload}
 
 
 def keep_deepspeed_under_cpu_flag(zero: int) -> None:
