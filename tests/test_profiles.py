@@ -446,6 +446,10 @@ def _without(monkeypatch, *missing):
     (["--set", "compile=true"], (), ["compile='true' is not one of none, nograd, regional: use --set compile=nograd"]),
     (["--set", "offload=no"], (), ["offload='no' is not one of none, optimizer, params: use --set offload=none"]),
     (["--set", "tiled_decode=true", "--set", "sliced_decode=true"], (), ["turn off sliced_decode"]),
+    # ZeRO-1 is nearest to ZeRO-2 (it said 0: DeepSpeed off)
+    (["--set", "deepspeed_zero=1"], (), ["deepspeed_zero=1 is not one of 0, 2, 3: use --set deepspeed_zero=2"]),
+    # the clash with DeepSpeed first: its fix of the checkpointing was wasted
+    (["--set", "deepspeed_zero=2", "--set", "block_swap=1"], (), ["block_swap keeps frozen blocks in CPU memory"]),
 ])
 def test_impossible_combination_fails_before_any_model_loads(tmp_path, capsys, monkeypatch, args, missing, needles):
     _forbid_model_loading(monkeypatch)

@@ -477,6 +477,10 @@ class Config:
         """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
         if self.base_quant != "none" and self.train_unet == "full":
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
+        # (before what block swap needs of the checkpointing: a fix of that first would be wasted)
+        if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
+            raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
+                            "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
         if training and self.block_swap and self.unet_checkpointing != "blocks":
             raise UserError("block_swap streams one block at a time, also in backward, only with per-block "
                             "checkpointing (a whole-call recompute would hold every block): add --set "
@@ -491,9 +495,6 @@ class Config:
                 raise UserError(f"base_quant=fp8 reads the transformer with the LoRA's layers in bf16 until the "
                                 f"adapter is added; with lora_layers={self.lora_layers} that is most of the model: use "
                                 "--set base_quant=int8 (or nf4), or --set lora_layers=attention")
-        if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
-            raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
-                            "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
         if self.block_swap:
             from lowmem_alignprop.settings.model_kind import check_block_swap
             check_block_swap(self.block_swap, self.model)
@@ -751,6 +752,9 @@ def _truth(text: str) -> bool | None:
 def _closest_choice(value, choices, default) -> str | None:
     """The choice a mistyped value meant (same letters in another case, the off or the first on choice for a yes/no
     word, or the nearest spelling), else the field's default (None where that is no choice to name)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+            isinstance(c, int) for c in choices):  # a number: the nearest, the higher of two (ZeRO-1: 2, not off)
+        return str(min(choices, key=lambda c: (abs(c - value), -c)))
     choices = [str(c) for c in choices if c != ""]
     text = str(value).strip().lower()
     for c in choices:
