@@ -624,9 +624,10 @@ class Trainer:
         cfg = self.cfg
         if not (self.sample_prompts and self.samples_here):
             return
-        log.info("sampling %d fixed-seed image%s before training (%d px, %d step%s; --set sample_prompts=0 skips it)",
-                 len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1), cfg.resolution, cfg.sample_steps,
-                 "s" * (cfg.sample_steps != 1))
+        if self.is_main:  # (under ZeRO-3 every rank renders them, together)
+            log.info("sampling %d fixed-seed image%s before training (%d px, %d step%s; --set sample_prompts=0 skips "
+                     "it)", len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1), cfg.resolution,
+                     cfg.sample_steps, "s" * (cfg.sample_steps != 1))
         self.before = self.render_or_skip(self.render_samples, "rendering the sample images before training",
                                           "a smaller --set sample_prompts")
         if self.before is None:  # no grid during or after training either: each compares with these
