@@ -361,9 +361,9 @@ def cmd_plan(argv: list[str]) -> int:
             print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
             return 0
         result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
-                      started=started, command=typed)
+                      started=started, command=typed, interruptible=True)
     print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
-    return 0
+    return 130 if result.get("suggestion_interrupted") else 0  # (the plan so far printed, then as a Ctrl-C ends)
 
 
 def sample_parser() -> argparse.ArgumentParser:

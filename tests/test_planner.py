@@ -505,6 +505,40 @@ def test_suggest_never_estimates_the_same_change_twice(monkeypatch):
     assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
 
 
+def test_a_ctrl_c_during_the_plans_search_keeps_what_it_tried_and_stops_anything_else(monkeypatch):
+    """`plan` with a budget nothing fits spends minutes of estimates; a Ctrl-C lost the table. The plan command's
+    search returns what it tried so far (printed, exit 130); --auto-fit's search before a run lets it stop the run."""
+    from lowmem_alignprop.run.stop_request import CtrlC
+
+    class Est:
+        peak_allocated = peak_needed = 10 * GIB
+        peak_stage = "backward"
+
+        def fits(self, budget):
+            return False
+
+    calls = []
+
+    def fake_estimate(cfg, **kw):
+        calls.append(cfg.resolution)
+        if len(calls) == 3:
+            raise CtrlC(2)
+        return Est()
+
+    def fake_candidates(cfg, target, start=None):
+        return [(f"lower resolution {r} px", {"resolution": r}) for r in (384, 256, 128)]
+
+    monkeypatch.setattr(planner, "estimate", fake_estimate)
+    monkeypatch.setattr(planner, "candidate_changes", fake_candidates)
+    cfg = Config(resolution=512, budget_gb=1.0).validate()
+    out = planner.suggest(cfg, target="cuda", interruptible=True)
+    assert out["interrupted"] and out["found"] is None
+    assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
+    calls.clear()
+    with pytest.raises(CtrlC):
+        planner.suggest(cfg, target="cuda")
+
+
 def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypatch):
     """Accumulating changes, a feature whose step lowered the peak by under 3% is not taken further (block swap of an
     SD1.5 UNet at batch 16 went 22 -> 33 -> 38 -> 41 -> 42 -> 43 -> 44 blocks, 12.98 to 12.96 GiB, before the batch was

@@ -54,6 +54,9 @@ def test_a_plan_that_does_not_fit_names_the_cheapest_change():
     assert "--set vae_checkpointing=blocks --set sliced_decode=true   -> 2.500 GiB needed, peak in decode" in text
     none = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=[{}, {}, {}]))
     assert "no change from the feature list made it fit (3 tried)" in none
+    cut = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=[{}, {}],
+                            suggestion_interrupted=True))  # (test_planner: the search's Ctrl-C)
+    assert "the search for a change that fits was interrupted (Ctrl-C) after 2 estimates; none of them fit" in cut
 
 
 def test_a_cpu_plan_reports_exact_bytes_without_allowances_on_top():

@@ -428,12 +428,25 @@ STALLED = 0.03  # a step of a feature that lowers the needed peak by less than t
 
 @reuse_estimates()
 def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = None, max_estimates: int = 12,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            log: Callable[[str], None] | None = None, interruptible: bool = False) -> dict[str, Any]:
     """The cheapest change that makes ``cfg`` fit its budget: first each single change in order of speed cost,
     then the changes accumulated in that order (batch halved, block swap grown and resolution lowered repeatedly; a
     feature whose step lowered the peak by under :data:`STALLED` is not taken further). Every candidate is
-    re-estimated. Returns {"found": change or None, "tried": [...]}."""
+    re-estimated. Returns {"found": change or None, "tried": [...]}; ``interruptible`` (the plan command): a Ctrl-C
+    stops the search there (``interrupted``: the plan is printed with what was tried so far, which took minutes)."""
+    from lowmem_alignprop.run.stop_request import CtrlC
+
     tried: list[dict[str, Any]] = []
+    try:
+        return _suggest(cfg, target, prompts, max_estimates, log, tried)
+    except CtrlC:
+        if not interruptible:  # (--auto-fit's search before a run: the Ctrl-C stops the run)
+            raise
+        return {"found": None, "tried": tried, "interrupted": True}
+
+
+def _suggest(cfg: Config, target: str, prompts: list[str] | None, max_estimates: int,
+             log: Callable[[str], None] | None, tried: list[dict[str, Any]]) -> dict[str, Any]:
     seen: dict[tuple, bool] = {}  # the first accumulated change is often a single one already estimated
     needed: dict[tuple, int] = {}  # each estimated change's peak_needed
 
@@ -549,8 +562,9 @@ def check_budget(cfg: Config, target: str) -> None:
 
 def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, suggest_changes: bool = True,
          log: Callable[[str], None] | None = None, started: float | None = None,
-         command: str | None = None) -> dict[str, Any]:
+         command: str | None = None, interruptible: bool = False) -> dict[str, Any]:
     """Estimate ``cfg`` and, when it does not fit its budget, find the cheapest change. JSON-ready dict.
+    ``interruptible``: a Ctrl-C during that search returns what it tried so far (:func:`suggest`).
     ``started``: the ``time.perf_counter()`` the command started at (its "seconds" count from there). ``command``:
     the command line that asked (default: this Python program's), in the result's provenance (``command``, ``date``,
     ``device``: the machine that planned, ``versions``)."""
@@ -600,9 +614,11 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         **provenance(command or " ".join(["python", *sys.argv]), PLAN_LIBRARIES),
     }
     if fits is False and suggest_changes:
-        found = suggest(cfg, target=target, prompts=prompts, log=log)
+        found = suggest(cfg, target=target, prompts=prompts, log=log, interruptible=interruptible)
         result["suggestion"] = found["found"]
         result["tried"] = found["tried"]
         result["suggestion_gave_up"] = found.get("gave_up", False)
+        if found.get("interrupted"):
+            result["suggestion_interrupted"] = True
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
