@@ -1,5 +1,6 @@
 """Checkpoints and resume on the tiny model: 6 steps == 3 steps + 3 resumed; atomic writes; Ctrl-C."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.cli import main
+from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.prompts import PROMPT_SETS
 from refusals import strict_rows, timed_mean
 
@@ -175,11 +177,12 @@ def test_the_model_card_lists_what_each_resume_changed_of_the_training(runs, tmp
     was = json.loads((run / "checkpoints" / "step-00000006" / "state.json").read_text())["config"]
     assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--set", "truncation=fixed",
                  "--set", f"k={was['k'] + 1}"]) == 0
-    assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest", "--set", "lr=0.0005"]) == 0
+    assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest", "--set", "lr=0.0005",
+                 "--set", "negative_prompt=blurry"]) == 0
     first = {"step": 7, "changes": {"k": [was["k"], was["k"] + 1]}}
     if was["truncation"] != "fixed":
         first["changes"]["truncation"] = [was["truncation"], "fixed"]
-    expected = [first, {"step": 8, "changes": {"lr": [was["lr"], 0.0005]}}]
+    expected = [first, {"step": 8, "changes": {"lr": [was["lr"], 0.0005], "negative_prompt": ["", "blurry"]}}]
     summary = json.loads((run / "summary.json").read_text())
     assert [{**r, "changes": dict(sorted(r["changes"].items()))} for r in summary["resume_changes"]] == [
         {**r, "changes": dict(sorted(r["changes"].items()))} for r in expected]
@@ -188,7 +191,8 @@ def test_the_model_card_lists_what_each_resume_changed_of_the_training(runs, tmp
         assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
         row = next(line for line in (out / "README.md").read_text().splitlines() if "changed by a resume" in line)
         assert "from step 7: " in row and f"`--set k={was['k'] + 1}` (was {was['k']})" in row, row
-        assert f"from step 8: `--set lr=0.0005` (was {was['lr']})" in row, row
+        assert "from step 8: " in row and f"`--set lr=0.0005` (was {was['lr']})" in row, row
+        assert "`--set negative_prompt=blurry` (was empty)" in row, row
 
 
 def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):
@@ -942,3 +946,18 @@ def test_a_resume_adds_its_command_line_under_the_earlier_starts(tmp_path):
     trainer.write_config()
     assert started_commands(out) == ["lowmem-alignprop --steps 4", "lowmem-alignprop --resume latest --steps 6",
                                      "lowmem-alignprop --resume latest --steps 8"]
+
+
+def test_a_resume_that_changes_how_prompts_are_encoded_is_a_change_of_the_training():
+    """SD3 resumed with T5 (trained without) or with another T5 length: the images change as with any image setting,
+    but the model card listed no change (t5_encoder and max_sequence_length were not counted as trained with)."""
+    from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
+
+    saved = Config(t5_encoder=False).to_dict()
+    changed = ckpt.resume_changes({"config": saved, "resume_changes": [{"step": 2, "changes": {"lr": [1, 2]}}]},
+                                  dataclasses.replace(Config(t5_encoder=False), t5_encoder=True,
+                                                      max_sequence_length=77), 4)
+    assert changed == [{"step": 2, "changes": {"lr": [1, 2]}},
+                       {"step": 4, "changes": {"t5_encoder": [False, True], "max_sequence_length": [0, 77]}}]
+    # every setting of how the images are made is one the LoRA was trained with
+    assert set(RUN_IMAGE_SETTINGS) - {"model_components"} <= ckpt.TRAINED_WITH

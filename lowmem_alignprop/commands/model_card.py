@@ -12,7 +12,7 @@ from typing import Any
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
 from lowmem_alignprop.run.checkpoint import outputs_are_ema
 from lowmem_alignprop.run.runfolder import started_commands
-from lowmem_alignprop.settings.config import describe_k, set_flags
+from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -177,7 +177,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                        for c in info["auto_fit"] if isinstance(c, dict))))
     if info.get("resume_changes"):  # (the rows above give the last start's settings: the earlier steps trained with
         rows.append(("changed by a resume", "; ".join(  # what these changes replaced)
-            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: v[1]})}` (was {v[0]})"
+            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: v[1]})}` (was {_was(v[0])})"
                                                         for n, v in (r.get("changes") or {}).items())
             for r in info["resume_changes"] if isinstance(r, dict))))
     if info.get("interrupted"):
@@ -256,6 +256,11 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
                 f"unet = PeftModel.from_pretrained(unet, \"THIS_FOLDER\")  # unet: {base}'s UNet", "```"]
     return ["```python", "from diffusers import DiffusionPipeline", *([imported] if imported else []),
             f"pipe = DiffusionPipeline.from_pretrained({loaded})", "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+
+
+def _was(value: Any) -> str:
+    """A setting's earlier value as the card says it (an empty text as such, not as nothing)."""
+    return "empty" if value in ("", None) else flag_value(value)
 
 
 def is_hub_id(spec: str | None) -> bool:
