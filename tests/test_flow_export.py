@@ -799,3 +799,20 @@ def test_flux_negative_prompt_is_refused_before_anything_loads(flux, tmp_path, c
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert len(err) == 1 and "FLUX.1 is guidance-distilled" in err[0], err
     assert not out.exists()
+
+
+def test_the_flux_cards_code_samples_with_the_runs_t5_length_and_runs_as_written(flux_run, flux, tmp_path):
+    """The card's code had no import and no call: FluxPipeline's defaults (512 T5 tokens, where a schnell run encodes
+    256; guidance 3.5) sample otherwise than the run did. Now its call has the run's settings, the T5 length the
+    run encoded with (summary.json's t5_tokens) among them, and it runs as written."""
+    out = export(tmp_path, flux_run / "lora", "--format", "diffusers")
+    summary = json.loads((flux_run / "summary.json").read_text())
+    config = yaml.safe_load((flux_run / "config.yaml").read_text())
+    card = (out / "README.md").read_text()
+    block = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"THIS_FOLDER"', json.dumps(str(out)))
+    assert block.startswith("from diffusers import FluxPipeline\n")
+    assert summary["t5_tokens"] > 0 and f"max_sequence_length={summary['t5_tokens']}" in block, block
+    assert f"num_inference_steps={config['sample_steps']}, guidance_scale={config['guidance_scale']:g}" in block
+    scope: dict = {"torch": torch}
+    exec(block.replace('"a prompt"', '"a red car", generator=torch.Generator().manual_seed(0)'), scope)
+    assert scope["image"].size == (config["resolution"], config["resolution"])

@@ -851,3 +851,24 @@ def test_export_of_a_lora_that_holds_nan_is_refused_and_writes_nothing(sd, tmp_p
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert len(err) == 1 and "holds NaN or inf: the run diverged" in err[0], err
     assert not out.exists()
+
+
+def _card_code(card: str, folder: Path) -> str:
+    """The model card's first python block, with THIS_FOLDER the exported folder."""
+    block = card.split("```python\n", 1)[1].split("```", 1)[0]
+    return block.replace('"THIS_FOLDER"', json.dumps(str(folder)))
+
+
+def test_the_cards_code_samples_with_the_runs_settings(sd, tmp_path):
+    """The card's "Use" code loaded the LoRA and stopped: the pipeline's defaults (PNDM, 50 steps, 7.5, the model's
+    size) sample otherwise than the run did. Its call now has the run's DDIM, steps, guidance, eta and size, and runs
+    as written."""
+    out = export(tmp_path, sd["run"] / "lora", "--format", "diffusers")
+    config = yaml.safe_load((sd["run"] / "config.yaml").read_text())
+    code = _card_code((out / "README.md").read_text(), out)
+    assert (f"num_inference_steps={config['sample_steps']}, guidance_scale={config['guidance_scale']:g}, "
+            f"eta={config['eta']:g}, height={config['resolution']}, width={config['resolution']}") in code, code
+    scope: dict = {}
+    exec(code.replace('"a prompt"', '"a red car", generator=__import__("torch").Generator().manual_seed(0)'), scope)
+    assert type(scope["pipe"].scheduler).__name__ == "DDIMScheduler"
+    assert scope["image"].size == (config["resolution"], config["resolution"])

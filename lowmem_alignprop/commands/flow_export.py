@@ -325,5 +325,5 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
         return ["```python", "from peft import PeftModel",
                 f"transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")  # {base}'s transformer",
                 "```"]
-    return ["```python", f"pipe = {pipeline}.from_pretrained(\"{base}\")", "pipe.load_lora_weights(\"THIS_FOLDER\")",
-            "```"]
+    return ["```python", f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")",
+            "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]

@@ -4,6 +4,7 @@ numbers, the files, how to use them and the commands that made them), and the ru
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora", *OBJECTIVE_FIELDS):
+                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))
@@ -37,7 +38,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
                 "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes", "auto_fit",
-                "resume_changes"):
+                "resume_changes", "t5_tokens"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     toy = s.get("toy_world") or {}
@@ -199,7 +200,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
         what = "before and after training" if step is None else f"before training and at step {step}"
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
-    usage = _usage(fmt, files, base, merged_weight, lora.family, lora.model_components, sdxl=family == SDXL)
+    usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
+                                 sdxl=family == SDXL), info, lora.flow)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -212,6 +214,33 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[str]:
+    """The "Use" code that loads a diffusers pipeline, with a call that samples as the run did (its steps, guidance,
+    size; DDIM for a UNet, as it trained; FLUX.1/SD3's T5 length): without them the pipeline's defaults sample
+    otherwise (FluxPipeline's 512 T5 tokens where a schnell run encoded 256, SD's PNDM sampler)."""
+    at = next((i for i, line in enumerate(usage) if line.startswith("pipe = ")), None)
+    if at is None or "sample_steps" not in info:
+        return usage
+    size = info.get("resolution")
+    args = [f"num_inference_steps={info['sample_steps']}",
+            *([f"guidance_scale={num(info['guidance_scale'])}"] if info.get("guidance_scale") is not None else []),
+            *([f"negative_prompt={json.dumps(info['negative_prompt'])}"] if info.get("negative_prompt") else []),
+            *([f"eta={num(info['eta'])}"] if not flow and info.get("eta") is not None else []),
+            *([f"height={size}", f"width={size}"] if size else []),
+            *([f"max_sequence_length={info['t5_tokens']}"] if flow and info.get("t5_tokens") else [])]
+    call = [f"image = pipe(\"a prompt\", {', '.join(args)}).images[0]  # the run's sampling settings"]
+    usage = list(usage)
+    imports = next((i for i in range(at) if usage[i].startswith("from diffusers import ")), None)
+    if not flow and imports is not None:  # (the run's DDIM: the model's noise schedule, with these two set)
+        usage[imports] = usage[imports].replace("import ", "import DDIMScheduler, ", 1)
+        call[:0] = ["pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, "
+                    "set_alpha_to_one=False)"]
+    elif flow and info.get("t5_encoder") is False:
+        call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
+    end = next((i for i in range(at, len(usage)) if usage[i] == "```"), len(usage))
+    return usage[:end] + call + usage[end:]
 
 
 def _library(fmt: str, lora: Lora) -> str | None:

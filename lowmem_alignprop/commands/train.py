@@ -1256,6 +1256,11 @@ class Trainer:
                 "that was the run's last step: writing the LoRA (no after samples)" if ended
                 else "continue with --resume latest"))
 
+    def t5_tokens(self) -> dict[str, int]:
+        """SD3/FLUX: the T5 tokens per prompt it encoded with (max_sequence_length 0 is the model's own: FLUX.1-dev
+        512, schnell and SD3.5 256), for the model card's call (FluxPipeline takes 512 for schnell too)."""
+        return {"t5_tokens": self.family.max_sequence_length(self.cfg)} if self.family.flow else {}
+
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
         self.stop.writing = step  # (an abort meanwhile cannot tell whether it was written whole)
@@ -1270,6 +1275,7 @@ class Trainer:
                                 "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
+                                **self.t5_tokens(),
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},
                          write_extra=self.ema.save if self.ema is not None else None)
@@ -1449,6 +1455,7 @@ class Trainer:
             "attention": self.attention, "cuda_allocator": self.allocator, "host_allocator": self.host_allocator,
             # ("cpu", not the "cpu:0" of several CPU processes); each process trains its batch_size images
             "device": "cpu" if self.device.type == "cpu" else str(self.device),
+            **self.t5_tokens(),
             "processes": self.accelerator.num_processes,
             "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
         })
