@@ -1,5 +1,7 @@
 """Metrics and the sample grid reach accelerate's trackers (--report-to tensorboard)."""
 
+import json
+
 import pytest
 
 from lowmem_alignprop.cli import main
@@ -11,7 +13,8 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
 
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "3", "--report-to", "tensorboard",
-                 "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+                 "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1", "--checkpoint-every", "1",
+                 "--reward", "colorfulness:1,brightness:0.5"]) == 0
     printed = capsys.readouterr().out
     assert f"        logs/ (tensorboard --logdir {out}/logs)\n" in printed  # the box says where
     steps = [line for line in printed.splitlines() if line.startswith("step ")]
@@ -27,6 +30,17 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
     assert "samples/before_after" in tags["images"]
     img = acc.Images("samples/before_after")[0]
     assert img.width > 100 and img.height > 100
+    # each term of a combined reward is a curve (they were in metrics.jsonl only); the step is the x axis, no curve
+    assert {"reward_terms/colorfulness", "reward_terms/brightness"} <= set(tags["scalars"])
+    assert "step" not in tags["scalars"]
+    # a resume from step 2 (another branch, or a killed run's older checkpoint): its step 3 replaces the first one's,
+    # as in metrics.jsonl (TensorBoard drew both, one curve that went back)
+    assert main(["--resume", str(out / "checkpoints" / "step-00000002"), "--steps", "3", "--set", "lr=0.05"]) == 0
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [
+        (r["step"], pytest.approx(r["reward_mean"], rel=1e-6)) for r in rows]
 
 
 @pytest.mark.parametrize("tracker, package", [("wandb", "wandb"), ("tensorboard", "tensorboard")])

@@ -505,6 +505,9 @@ class Trainer:
             # ./wandb, unless WANDB_DIR says where
             kwargs = {"wandb": {"dir": str(self.wandb_dir())}} if cfg.report_to == "wandb" and \
                 not os.environ.get("WANDB_DIR") else {}
+            if cfg.report_to == "tensorboard" and self.start:  # a resume: the steps after its checkpoint that logs/
+                # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them
+                kwargs = {"tensorboard": {"purge_step": self.start + 1}}
             self.accelerator.init_trackers("lowmem_alignprop", init_kwargs=kwargs, config={
                 k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
@@ -1153,8 +1156,11 @@ class Trainer:
 
     def track(self, row: dict, step: int) -> None:
         """A metrics line's figures to --report-to's tracker (none: nothing)."""
-        if self.cfg.report_to != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        if self.cfg.report_to != "none":  # (the step is the tracker's x axis; each reward term a curve of its own)
+            figures = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            figures.update({f"reward_terms/{name}": v for name, v in (row.get("reward_terms") or {}).items()
+                            if isinstance(v, (int, float))})
+            self.accelerator.log(figures, step=step)
 
     def judge_if_due(self, step: int) -> dict:
         """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line
