@@ -446,6 +446,8 @@ def _without(monkeypatch, *missing):
     (["--set", "compile=true"], (), ["compile='true' is not one of none, nograd, regional: use --set compile=nograd"]),
     (["--set", "offload=no"], (), ["offload='no' is not one of none, optimizer, params: use --set offload=none"]),
     (["--set", "tiled_decode=true", "--set", "sliced_decode=true"], (), ["turn off sliced_decode"]),
+    # a value like no choice is not told the default when that is off (all: it said none, the opposite)
+    (["--set", "report_to=all"], (), ["report_to='all' is not one of none, tensorboard, wandb: choose one of them"]),
     # ZeRO-1 is nearest to ZeRO-2 (it said 0: DeepSpeed off)
     (["--set", "deepspeed_zero=1"], (), ["deepspeed_zero=1 is not one of 0, 2, 3: use --set deepspeed_zero=2"]),
     # the clash with DeepSpeed first: its fix of the checkpointing was wasted

@@ -751,7 +751,8 @@ def _truth(text: str) -> bool | None:
 
 def _closest_choice(value, choices, default) -> str | None:
     """The choice a mistyped value meant (same letters in another case, the off or the first on choice for a yes/no
-    word, or the nearest spelling), else the field's default (None where that is no choice to name)."""
+    word, the nearest number, or the nearest spelling), else the field's default where that is a choice other than
+    off (None: the choices are listed)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
             isinstance(c, int) for c in choices):  # a number: the nearest, the higher of two (ZeRO-1: 2, not off)
         return str(min(choices, key=lambda c: (abs(c - value), -c)))
@@ -764,7 +765,10 @@ def _closest_choice(value, choices, default) -> str | None:
     if _truth(text) is not None and (off or _truth(text)):
         return off[0] if not _truth(text) else next(c for c in choices if c not in off)
     close = difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
-    return close[0] if close else str(default) if str(default) in choices else None
+    if close:
+        return close[0]
+    # else the default, unless it is off: report_to=all was told none, the opposite of what it asked
+    return str(default) if str(default) in choices and str(default) not in off else None
 
 
 def split_set(item: str) -> tuple[str, str]:
