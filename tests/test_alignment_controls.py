@@ -948,7 +948,14 @@ def test_eval_on_start_is_the_step_0_baseline_that_best_counts(tmp_path, capsys,
     assert ups and all(not v.abs().sum() for v in ups)
     assert "best held-out evaluation: step 0, eval_reward" in (printed := capsys.readouterr().out) and \
         "(the untrained LoRA: no trained step beat it)" in printed
-    assert f"step 0 (the untrained LoRA): eval_reward {rows[0]['eval_reward']:.4f}" in caplog.messages  # (not a repr)
+    said = [m for m in caplog.messages if m.startswith("step ") and "eval_reward" in m]
+    assert all(r["eval_objective"] == r["eval_reward"] for r in rows)  # (no target or cap: one figure said)
+    assert said[0].startswith(f"step 0 (the untrained LoRA): eval_reward {rows[0]['eval_reward']:.4f}, the best so "
+                              "far")  # (not a repr)
+    # the evaluations that did not improve are said too (only the improving ones were: the patience was unseen)
+    assert said[1:] == [f"step {r['step']}: eval_reward {r['eval_reward']:.4f}, not above step 0's "
+                        f"{rows[0]['eval_objective']:.4f} ({n} evaluation{'s' * (n != 1)} without improvement)"
+                        for n, r in enumerate(rows[1:], 1)]
     with pytest.raises(UserError, match="eval_on_start evaluates the held-out prompts before the first step"):
         Config(eval_on_start=True).validate()
 

@@ -212,6 +212,11 @@ class HeldOut:
                 self.write_best(step, metrics)
         else:
             self.since_best += 1
+            if is_main:  # (said as an improvement is: the patience an early stop spends shows in the log)
+                patience = f"; --early-stop stops the run at {self.cfg.early_stop}" if self.cfg.early_stop else ""
+                log.info("%s, not above step %d's %.4f (%d evaluation%s without improvement%s)",
+                         self.said(step, metrics), self.best_step, self.best, self.since_best,
+                         "s" * (self.since_best != 1), patience)
         metrics.update(eval_best_step=self.best_step, eval_since_best=self.since_best)
         if self.cfg.early_stop and self.since_best >= self.cfg.early_stop:
             self.stopped_at = step
@@ -222,8 +227,15 @@ class HeldOut:
         self._publish_best(self.write_lora, {"step": step, **evaluated, "eval_prompts": len(self.prompts),
                                              "seed": self.cfg.seed})
         self.best_kept = True
-        log.info("step %d: %s %.4f, the best so far: its LoRA is in %s", step, measure_key(self.cfg),
-                 metrics[measure_key(self.cfg)], self.out / BEST_DIR)
+        log.info("%s, the best so far: its LoRA is in %s", self.said(step, metrics), self.out / BEST_DIR)
+
+    def said(self, step: int, metrics: dict) -> str:
+        """An evaluation's figures for its log line: eval_reward, and what best/ is chosen by where that differs (the
+        objective of reward_target or reward_cap, the toy world's fidelity)."""
+        key, reward = measure_key(self.cfg), metrics.get("eval_reward")
+        return (f"step {step}{' (the untrained LoRA)' if step == 0 else ''}: eval_reward "
+                + ("n/a" if reward is None else f"{reward:.4f}")
+                + (f", {key} {metrics[key]:.4f}" if metrics.get(key) not in (None, reward) else ""))
 
     def _publish_best(self, write: Callable[[Path], object], record: dict) -> None:
         """best/ written whole (``write(folder)`` the weights, best.json ``record``) into a temporary folder, synced,

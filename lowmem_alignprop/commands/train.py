@@ -1149,9 +1149,7 @@ class Trainer:
             raise failed
         if self.is_main:
             from lowmem_alignprop.commands.grid import write_metrics_line
-            write_metrics_line(self.folder.metrics, row)
-            value = row.get("eval_reward")
-            log.info("step 0 (the untrained LoRA): eval_reward %s", "n/a" if value is None else f"{value:.4f}")
+            write_metrics_line(self.folder.metrics, row)  # (its figures said by the evaluation's line)
         self.track(row, 0)
 
     def track(self, row: dict, step: int) -> None:
