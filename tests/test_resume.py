@@ -526,6 +526,11 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     assert sorted(old) == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
     old_rows = strict_rows(run)
     back = run / "checkpoints" / "step-00000002"
+    grids = {"step-000002.png": b"kept", "step-000004.png": b"old 4", "before_after.png": b"old", "before_after.json":
+             b"{}"}  # as --sample-every 2 left them (this test's runs sample nothing)
+    (run / "samples").mkdir(exist_ok=True)
+    for name, data in grids.items():
+        (run / "samples" / name).write_bytes(data)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):  # with another lr: it must apply
         assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "3", "--resume", str(back),
                      "--set", "lr=0.02"]) == 0
@@ -536,9 +541,13 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
     aside = run / "checkpoints" / "superseded-after-step-2"
     # with that branch's final LoRA and summary (they stayed the run's: a stop before this branch's first step left
     # sample and export on the other branch's step 4; its end wrote over them)
-    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "step-00000003", "step-00000004",
-                                                       "summary.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "samples", "step-00000003",
+                                                       "step-00000004", "summary.json"]
     assert json.loads((aside / "summary.json").read_text())["steps_done"] == 4
+    # its grids too (this branch's replaced them): before/after and those after the branch; step 2's is this one's
+    assert {p.name: p.read_bytes() for p in (aside / "samples").iterdir()} == {
+        n: d for n, d in grids.items() if n != "step-000002.png"}
+    assert [p.name for p in (run / "samples").iterdir()] == ["step-000002.png"]
     assert weights(aside / "step-00000004").keys() == old["step-00000004"].keys()  # kept as they were
     assert strict_rows(aside) == old_rows  # and that branch's metrics with them
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
@@ -551,8 +560,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog
                  str(run / "checkpoints" / "step-2")]) == 0
     assert sorted(p.name for p in (run / "checkpoints" / "superseded-after-step-2-2").iterdir()) == [
         "lora", "metrics.jsonl", "step-00000003", "summary.json"]
-    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "step-00000003", "step-00000004",
-                                                       "summary.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["lora", "metrics.jsonl", "samples", "step-00000003",
+                                                       "step-00000004", "summary.json"]
     # the first branch taken up again from inside its folder: it continues with its own metrics, and the
     # branch it replaces is set aside in turn
     assert main([*FAST, *keep_all, "--output-dir", str(run), "--steps", "5", "--resume",

@@ -25,3 +25,11 @@ GRID_RECORD = "before_after.json"  # in samples/: the grid's prompts, seeds and 
 def step_grid_name(step: int) -> str:
     """--sample-every's grid of step ``step`` in samples/ (before vs that step): step-000050.png."""
     return f"step-{step:06d}.png"
+
+
+def grid_step(name: str) -> int | None:
+    """The step of a --sample-every grid's file name (:func:`step_grid_name`); None for another file."""
+    import re
+
+    found = re.fullmatch(r"step-(\d+)\.png", name)
+    return int(found.group(1)) if found else None

@@ -27,7 +27,8 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.faults import json_ready
-from lowmem_alignprop.run.filenames import BEST_FILE, CONFIG_FILE, LORA_DIR, METRICS_FILE, SUMMARY_FILE
+from lowmem_alignprop.run.filenames import (BEST_FILE, CONFIG_FILE, GRID_FILE, GRID_RECORD, LORA_DIR, METRICS_FILE,
+                                            SAMPLES_DIR, SUMMARY_FILE, grid_step)
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
@@ -246,6 +247,13 @@ class RunFolder:
         for name in (LORA_DIR, SUMMARY_FILE) if aside is not None else ():
             if (self.path / name).exists():
                 os.replace(self.path / name, aside / name)
+        if aside is not None:  # and its grids (before/after, --sample-every's after the branch): this one's replace them
+            samples = self.path / SAMPLES_DIR
+            dead = [p for p in (samples.iterdir() if samples.is_dir() else ())
+                    if p.name in (GRID_FILE, GRID_RECORD) or (grid_step(p.name) or 0) > branch]
+            for p in dead:
+                (aside / SAMPLES_DIR).mkdir(exist_ok=True)
+                os.replace(p, aside / SAMPLES_DIR / p.name)
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
