@@ -260,6 +260,7 @@ RUN_ARGS = ["--profile", "cpu", "--steps", "4", "--sample-every", "2", "--report
             "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop",
             "--reward", "brightness:1,colorfulness:0.01"]  # (a combined reward: its terms in the metrics)
 HUB_CALLS: list = []  # what the run asked of the (mocked) hub
+RENDERS: list = []  # the steps the run rendered the sample grid's images at (the trainer's render_samples)
 
 
 @pytest.fixture(scope="module")
@@ -267,10 +268,13 @@ def full_run(tmp_path_factory, tiny_dir):
     import huggingface_hub
 
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.run import hub
 
     out = tmp_path_factory.mktemp("full") / "run"
+    render = Trainer.render_samples
     with pytest.MonkeyPatch.context() as mp:  # the hub's part is the mock's (no network here)
+        mp.setattr(Trainer, "render_samples", lambda self: RENDERS.append(self.step) or render(self))
         mp.setattr(hub, "check_push_to_hub", lambda repo: HUB_CALLS.append(("check", repo)))
         mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: HUB_CALLS.append(("create", repo))
                    or f"https://huggingface.co/{repo}")
@@ -310,6 +314,8 @@ def test_sample_every_writes_a_png_and_rewards_per_sampled_step(full_run):
     after = [i["reward_after"] for i in json.loads((full_run / "samples" / "before_after.json").read_text())["images"]]
     assert rows[4]["sample_rewards"] == pytest.approx(after, rel=1e-6)
     assert rows[2]["sample_rewards"] != pytest.approx(after, rel=1e-4)  # step 2's LoRA renders otherwise
+    # rendered before training and at steps 2 and 4: the last step's are the after images (rendered twice before)
+    assert RENDERS == [1, 2, 4]
 
 
 def test_tensorboard_event_file_holds_the_sampled_steps_images(full_run):

@@ -277,6 +277,8 @@ class Trainer:
         self.held_out: HeldOut | None = None  # eval_every: held-out evaluation, best/, early stop
         self.fidelity_before = self.fidelity_after = None
         self.samples_skipped: str | None = None  # why the after samples were not rendered (summary.json says it)
+        self.last_update: int | None = None  # this start's last step that changed the LoRA
+        self.grid_of: tuple[int, tuple] | None = None  # --sample-every's last render: (step, (images, rewards))
         self.refinish: str | None = None  # an ended run's outputs to write again (see missing_outputs)
         self.eval_owed: int | None = None  # a step whose held-out evaluation failed (its checkpoint says): run first
         self.zero_grads = faults.ZeroGradStreak(cfg.max_zero_grad_steps)
@@ -1118,6 +1120,7 @@ class Trainer:
                 raise faults.TrainingDiverged(self.streak.message(path, self.accelerator.mixed_precision))
             return
         self.streak.good()
+        self.last_update = step  # (the LoRA changed here: a grid of an earlier step is not of these weights)
         row.update(self.sample_if_due(step))  # after the profiler's end_step: sampling is not the step's memory
         row.update(peak_memory_gb=None if mem["peak_allocated"] is None else mem["peak_allocated"] / 2**30,
                    peak_stage=mem["peak_stage"])
@@ -1203,6 +1206,7 @@ class Trainer:
         if rendered is None:
             return {}
         images, rewards = rendered
+        self.grid_of = (step, rendered)  # the after samples, when no step changes the LoRA after it
         if self.is_main:
             grid = save_sample_grid(self.out / SAMPLES_DIR / step_grid_name(step), self.sample_prompts, self.before,
                                     (images, rewards), row_names=("before", f"step {step}"))
@@ -1369,7 +1373,9 @@ class Trainer:
         after = None
         self.stop.raise_now = True  # Ctrl-C now skips the samples: the LoRA and summary are still written
         try:
-            if self.before is not None:
+            if self.before is not None and self.grid_of is not None and self.grid_of[0] == self.last_update:
+                after = self.grid_of[1]  # --sample-every rendered these weights at the last step: the same images
+            elif self.before is not None:
                 after = self.render_or_skip(self.render_samples, "rendering the sample images after training",
                                             "a smaller --set sample_prompts")
                 if after is None:  # `sample` renders them from lora/
