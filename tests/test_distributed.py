@@ -141,6 +141,18 @@ def test_deepspeed_under_accelerate_launch_cpu_keeps_its_plugin_or_says_why_not(
     assert "ACCELERATE_USE_CPU" not in os.environ
 
 
+def test_each_processs_k_is_listed_in_its_images_order():
+    """k_all gathered process by process ([r0 m0, r0 m1, r1 m0, r1 m1]) while rewards are gathered micro-batch by
+    micro-batch ([m0 r0, m0 r1, m1 r0, m1 r1]): with uniform K each image was paired with another image's K."""
+    import torch
+
+    from lowmem_alignprop.run.distributed import by_micro_batch
+
+    gathered = torch.tensor([1, 2, 3, 10, 20, 30])  # rank 0's K of micro-batches 0-2, then rank 1's
+    assert by_micro_batch(gathered, 2) == [1, 10, 2, 20, 3, 30]
+    assert by_micro_batch(torch.tensor([4, 5]), 1) == [4, 5]  # one process: as drawn
+
+
 def test_two_processes_data_parallel(ddp):
     out = ddp
     state = ckpt.read_state(ckpt.find_resume(out, "latest"))

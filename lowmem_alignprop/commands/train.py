@@ -897,10 +897,12 @@ class Trainer:
 
     def metrics_row(self, step: int, t0: float, rewards_all: list, ids_all: list, losses: list, ks: list[int],
                     terms: list[dict], update: StepUpdate) -> dict:
+        from lowmem_alignprop.run.distributed import by_micro_batch
+
         acc = self.accelerator
         r_all = torch.cat(rewards_all).float()
         loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        ks = acc.gather(torch.tensor(ks, device=self.device)).tolist()  # every process's K, as its images are
+        ks = by_micro_batch(acc.gather(torch.tensor(ks, device=self.device)), acc.num_processes)  # as the images are
         return {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std(unbiased=False).item(),
                 "loss": loss_mean, "images": r_all.numel(),  # over all processes and micro-batches
                 # each image's reward and prompt (its index in the run's prompts): the summary's same-prompt comparison

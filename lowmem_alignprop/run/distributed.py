@@ -285,6 +285,12 @@ def _every_ranks(accelerator, value: float) -> torch.Tensor:
     return torch.cat(every)
 
 
+def by_micro_batch(gathered: torch.Tensor, processes: int) -> list:
+    """Each process's per-micro-batch values gathered (process by process: rank 0's m0, m1, rank 1's m0, m1) in the
+    order the step's images are gathered, micro-batch by micro-batch (m0 of rank 0, of rank 1, then m1 ...)."""
+    return gathered.view(processes, -1).T.reshape(-1).tolist()
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
     return not all_ranks_ok(accelerator, not flag)
