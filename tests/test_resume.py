@@ -836,6 +836,23 @@ def test_a_whole_checkpoint_killed_before_its_rename_is_resumed_from(tmp_path, c
     assert f"ignoring {root / '.tmp-step-00000006'}, a checkpoint write that did not finish" in caplog.text
 
 
+def test_an_unfinished_checkpoint_write_goes_once_a_newer_checkpoint_is_written(runs, tmp_path, caplog):
+    """A half-written .tmp-step-N (a kill, a second Ctrl-C while it was written) stayed for good: every later
+    --resume latest said "ignoring ..." again. The first checkpoint written after it removes it."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    dead = run / "checkpoints" / ".tmp-step-00000005"
+    dead.mkdir()
+    (dead / "trainable.safetensors").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    assert f"ignoring {dead}" in caplog.text and not dead.exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest"]) == 0
+    assert "ignoring" not in caplog.text
+
+
 def test_a_flipped_byte_or_a_newer_format_makes_resume_take_the_previous_checkpoint(tmp_path, caplog):
     """A torn write changes the size; a bit flipped on the disk or in a copy does not: only the checksum tells it. A
     checkpoint of another format (a newer version's) is no checkpoint this version can read either."""

@@ -703,6 +703,9 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
         raise disk_error(error or OSError(errno.EIO, "another process could not write"), final, previous, step)
     if is_main:
         prune(root, cfg.keep_checkpoints, protect=final)
+        for dead in root.glob(f"{TMP_PREFIX}{PREFIX}*"):  # an earlier start's write that did not finish (the run holds
+            if (s := step_of(dead.with_name(dead.name[len(TMP_PREFIX):]))) is not None and s < step:  # the lock):
+                shutil.rmtree(dead, ignore_errors=True)  # said at each resume, and never of use now
     return final
 
 
