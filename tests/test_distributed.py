@@ -141,6 +141,18 @@ def test_deepspeed_under_accelerate_launch_cpu_keeps_its_plugin_or_says_why_not(
     assert "ACCELERATE_USE_CPU" not in os.environ
 
 
+def test_a_collective_that_lost_its_peer_is_told_in_the_backends_words():
+    """kill -9 of one process: the others' next collective failed with a 40-line gloo traceback; it is told as
+    another process having ended (the launcher's report names which), in the backend's own words, shortened."""
+    from lowmem_alignprop.run.distributed import peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+                        "peer [127.0.0.1]:42918. This is typically caused by a remote worker crashing")
+    assert peer_lost(gloo) == "Connection closed by peer [127.0.0.1]:42918"
+    assert peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_lost(ValueError("Connection closed by peer")) is None  # (not a collective's)
+
+
 def test_each_processs_k_is_listed_in_its_images_order():
     """k_all gathered process by process ([r0 m0, r0 m1, r1 m0, r1 m1]) while rewards are gathered micro-batch by
     micro-batch ([m0 r0, m0 r1, m1 r0, m1 r1]): with uniform K each image was paired with another image's K."""

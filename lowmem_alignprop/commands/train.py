@@ -1097,6 +1097,13 @@ class Trainer:
         if isinstance(e, OSError) and atomic.is_disk_full(e):
             raise UserError(f"step {step}: {atomic.describe(e)} (writing {atomic.file_of(e)}){kept or ''}; free "
                             "space in --output-dir, then --resume latest") from None
+        from lowmem_alignprop.run.distributed import peer_lost
+
+        if self.accelerator.num_processes > 1 and (lost := peer_lost(e)):  # (a 40-line traceback of the backend's)
+            newest = self.last_saved
+            raise UserError(f"step {step}: another process of the run ended (the launcher's report names it; {lost}): "
+                            + (f"--resume latest continues from step {newest}'s checkpoint" if newest else
+                               "no checkpoint was written yet, so the run starts again")) from None
         if saved:
             log.error("step %d failed in %s; the steps before it are saved in %s (--resume latest)", step, stage, saved)
         raise e

@@ -285,6 +285,23 @@ def _every_ranks(accelerator, value: float) -> torch.Tensor:
     return torch.cat(every)
 
 
+# how a collective's backend says that another process is gone (gloo's TCP pairs, NCCL's watchdog)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "Socket Timeout", "connection refused")
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """The backend's words when ``e`` is a collective that failed because another process of the run ended (killed,
+    out of host memory: its launcher said which), else None."""
+    import re
+
+    text = str(e)
+    if not (isinstance(e, RuntimeError) and any(words.lower() in text.lower() for words in PEER_GONE)):
+        return None
+    line = next(line for line in text.splitlines() if any(w.lower() in line.lower() for w in PEER_GONE))
+    return re.sub(r"^\s*\[[^\]]*\]\s*", "", line).split(". ")[0].strip()  # without gloo's source path and advice
+
+
 def by_micro_batch(gathered: torch.Tensor, processes: int) -> list:
     """Each process's per-micro-batch values gathered (process by process: rank 0's m0, m1, rank 1's m0, m1) in the
     order the step's images are gathered, micro-batch by micro-batch (m0 of rank 0, of rank 1, then m1 ...)."""
