@@ -87,7 +87,8 @@ class StopRequest:
         self.name = self.name or name
         if self.raise_now:
             raise CtrlC
-        again = ("the launcher stops the processes if they take longer than 30 s" if world_size() > 1
+        again = ("a second Ctrl-C does not abort under a launcher; it stops the processes if they take longer than "
+                 "30 s" if world_size() > 1
                  else f"{'Ctrl-C' if name == 'SIGINT' else 'a second SIGTERM or a Ctrl-C'} aborts: the steps since "
                       "the last checkpoint are lost")
         doing = f"{self.finishing}: a moment" if self.finishing else "finishing this step, then saving a checkpoint"
