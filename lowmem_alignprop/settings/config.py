@@ -111,7 +111,9 @@ class Config:
 
     # ---- optimisation ----------------------------------------------------------------------------
     batch_size: int = _f(1, "Images per micro-step (per process).")
-    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
+    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step (batch_size x grad_accum images). Each "
+                             "micro-step draws its own noise (and with a random K its own prompts), so another split "
+                             "of the same images per step samples others: the same expectation, not the same images.")
     lr: float = _f(1e-3, "Learning rate (AlignProp uses 1e-3 for LoRA).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
