@@ -671,6 +671,33 @@ def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch, c
     assert ("aborted by a second Ctrl-C" in caplog.text) == (rank == 0)
 
 
+def test_a_stop_asked_of_one_rank_is_named_by_the_others_with_its_signal_and_rank(monkeypatch):
+    """A scheduler's SIGTERM to rank 1 only: rank 0 said "stop request from another process received", naming
+    neither the signal nor the rank. Every rank now takes the first asking rank's signal and rank."""
+    import signal as sig
+
+    import torch
+
+    from lowmem_alignprop.run import stop_request
+
+    monkeypatch.setattr(stop_request, "global_rank", lambda: 1)
+
+    class TwoRanks:  # the other rank's code beside this one's, as the gather gives them (no process group here)
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other):
+            self.other = other
+
+        def gather(self, mine):
+            return torch.cat([torch.tensor([self.other]), mine])
+
+    asked, told, none = stop_request.StopRequest(), stop_request.StopRequest(), stop_request.StopRequest()
+    asked._handle(sig.SIGTERM, None)  # this rank (1) got the signal, rank 0 did not
+    assert asked.agreed(TwoRanks(0.0)) and asked.name == "SIGTERM"
+    assert told.agreed(TwoRanks(float(sig.SIGTERM))) and told.name == "SIGTERM on rank 0"
+    assert not none.agreed(TwoRanks(0.0)) and none.name is None
+
+
 @pytest.mark.slow  # 13 s (a real run): the default suite has every signal pair above and test_resume's real run
 def test_a_second_sigterm_aborts_a_real_run_before_its_first_checkpoint(tmp_path):
     """A scheduler's SIGTERM, then another while the step is still running (held in its reward): the run aborts

@@ -266,6 +266,13 @@ def worst_rank(accelerator, code: int) -> int:
     return int(_every_ranks(accelerator, float(code)).max().item())
 
 
+def first_rank_with(accelerator, code: int) -> tuple[int, int] | None:
+    """(rank, code) of the first rank whose ``code`` is not 0, alike on every rank; None when every one's is 0 (one
+    tiny collective; a no-op with one process)."""
+    codes = [code] if accelerator.num_processes == 1 else [int(c) for c in _every_ranks(accelerator, float(code))]
+    return next(((r, c) for r, c in enumerate(codes) if c), None)
+
+
 def rank_0_says(accelerator, flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (one tiny collective; a no-op with one process)."""
     if accelerator.num_processes == 1:

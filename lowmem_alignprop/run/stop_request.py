@@ -138,13 +138,18 @@ class StopRequest:
                 signal.signal(s, h)
 
     def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank was asked to stop (they save the same step together)."""
-        from lowmem_alignprop.run.distributed import any_rank
-        return any_rank(accelerator, self.name is not None) and (self.name is not None or self._adopt())
+        """True on every rank if any rank was asked to stop (they save the same step together); a rank that was not
+        takes the name of the first one's signal and rank (a scheduler's SIGTERM to one rank: "SIGTERM on rank 1",
+        which rank 0 then says)."""
+        from lowmem_alignprop.run.distributed import first_rank_with
 
-    def _adopt(self) -> bool:
-        self.name = "stop request from another process"
-        return True
+        mine = int(signal.Signals[self.name]) if self.name in signal.Signals.__members__ else (
+            -1 if self.name is not None else 0)  # (-1: a stop asked for by no signal)
+        first = first_rank_with(accelerator, mine)
+        if first is not None and self.name is None:
+            rank, code = first
+            self.name = f"{signal.Signals(code).name} on rank {rank}" if code > 0 else "a stop on another process"
+        return first is not None
 
 
 def watch_launcher(done, poll_s: float = 2.0, parent=os.getppid, stop=lambda: os.kill(os.getpid(), signal.SIGTERM)):
