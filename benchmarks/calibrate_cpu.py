@@ -161,7 +161,8 @@ def scratch() -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT, help=f"the measurements and the fit, JSON (default {OUT})")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after the profiled one; default 2)")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="timed steps per configuration (after the profiled one; default 2)")
     ap.add_argument("--reuse", action="store_true", help="fit again from the measurements stored in --out")
     ap.add_argument("--replan", action="store_true", help="with --reuse: count each stored step's work again (the "
                     "planner changed), keeping its measured seconds")

@@ -535,7 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="retrain runs whose folders could be reused")
     ap.add_argument("--trl-python", default=None, metavar="PATH", help="a Python with trl 0.23.1 (its DDPOTrainer): "
                     "enables experiment rl, AlignProp against DDPO (skipped without it; trl is not a dependency)")
-    ap.add_argument("--no-plots", action="store_true", help="write no PNG plots (the JSON and REPORT.md are still written)")
+    ap.add_argument("--no-plots", action="store_true",
+                    help="write no PNG plots (the JSON and REPORT.md are still written)")
     ap.add_argument("--no-report", action="store_true", help="leave benchmarks/REPORT.md alone")
     ap.add_argument("--report-only", action="store_true", help="redraw the plots and rebuild REPORT.md's section "
                     "from the JSON")

@@ -119,8 +119,8 @@ def format_plan(r: dict[str, Any]) -> str:
             lines.append(f"      {set_flags(s['set'])}   -> {_gib_or_dash(s['peak_needed'])} GiB needed, peak in "
                          f"{s['peak_stage']}")
         elif r.get("suggestion_interrupted"):
-            lines.append(f"  the search for a change that fits was interrupted (Ctrl-C) after {len(r.get('tried', []))} "
-                         "estimates; none of them fit")
+            lines.append("  the search for a change that fits was interrupted (Ctrl-C) after "
+                         f"{len(r.get('tried', []))} estimates; none of them fit")
         elif r.get("tried"):
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
                          + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")

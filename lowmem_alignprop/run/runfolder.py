@@ -247,7 +247,8 @@ class RunFolder:
         for name in (LORA_DIR, SUMMARY_FILE) if aside is not None else ():
             if (self.path / name).exists():
                 os.replace(self.path / name, aside / name)
-        if aside is not None:  # and its grids (before/after, --sample-every's after the branch): this one's replace them
+        if aside is not None:  # and its grids (before/after, --sample-every's after the branch): this one's would
+            # replace them
             samples = self.path / SAMPLES_DIR
             dead = [p for p in (samples.iterdir() if samples.is_dir() else ())
                     if p.name in (GRID_FILE, GRID_RECORD) or (grid_step(p.name) or 0) > branch]
