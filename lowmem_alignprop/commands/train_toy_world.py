@@ -245,14 +245,16 @@ def encode_pool(vae, scenes, batch: int = 64) -> tuple[torch.Tensor, torch.Tenso
 
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, stds, captions, sched: Schedule, seed: int,
                clock: Clock, log) -> None:
+    from diffusers.training_utils import EMAModel
+
     ids = tokenize(tokenizer, captions)
     empty = tokenize(tokenizer, [""])[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in unet.parameters()]
+    # the UNet's average, decay min(0.999, (1 + i) / (10 + i)) at step i (its warm-up), copied in at the end
+    ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
     gen = torch.Generator().manual_seed(seed + 2)
     rng = np.random.default_rng(seed + 2)
-    alphas = scheduler.alphas_cumprod
 
     def step(i):
         idx = torch.from_numpy(rng.integers(0, len(latents), sched.unet_batch))
@@ -262,8 +264,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, stds, captions
         tok[drop] = empty
         t = torch.randint(0, scheduler.config.num_train_timesteps, (sched.unet_batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = scheduler.add_noise(z0, noise, t)
         cosine_lr(opt, i, sched.unet_steps, 5e-4, warmup=min(200, sched.unet_steps // 10))
         pred = unet(zt, t, encoder_hidden_states=text_encoder(tok)[0]).sample
         loss = F.mse_loss(pred, noise)
@@ -271,17 +272,13 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, stds, captions
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + i) / (10 + i))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        ema.step(unet.parameters())
         return loss.item()
 
     unet.train()
     text_encoder.train()
     clock.run("unet", sched.unet_steps, step, max(sched.unet_steps // 40, 1), log)
-    with torch.no_grad():
-        for p, e in zip(unet.parameters(), ema):
-            p.copy_(e)
+    ema.copy_to(unet.parameters())
     unet.eval()
     text_encoder.eval()
 
