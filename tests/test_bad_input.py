@@ -376,7 +376,9 @@ def test_the_same_command_twice_keeps_the_first_run(trained, capsys, caplog, mon
 
 @pytest.mark.parametrize("change, needle", [
     (["--set", "lora_rank=8"], "trained with lora_rank=4, this run has lora_rank=8"),
+    # (another optimizer: the LoRA can go on in a new run, its optimizer's state afresh)
     (["--set", "optimizer=adamw8bit"], "trained with optimizer='adamw'"),
+    (["--set", "optimizer=adamw8bit"], "start a new run in another --output-dir (--init-lora "),
     (["--set", "train_unet=full"], "trained with train_unet='lora'"),
     (["--set", "lora_layers=attention+ff"], "trained with lora_layers='attention', this run has "
                                             "lora_layers='attention+ff': resume with --set lora_layers=attention"),

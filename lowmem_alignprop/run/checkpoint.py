@@ -358,9 +358,11 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
             ours, theirs = ours or cfg.lora_rank, theirs or saved.get("lora_rank")
         if name == "lora_layers":  # a checkpoint from before lora_layers existed trained the attention projections
             theirs = theirs or "attention"
-        if ours != theirs:
+        if ours != theirs:  # (another optimizer or ZeRO stage: the LoRA goes on, its optimizer's state starts afresh)
+            carry = (f" (--init-lora {path} starts it from this LoRA)" if name in ("optimizer", "deepspeed_zero")
+                     and cfg.train_unet == "lora" else "")
             raise UserError(f"checkpoint {path} was trained with {name}={theirs!r}, this run has {name}={ours!r}: "
-                            f"resume with --set {name}={theirs}, or start a new run in another --output-dir")
+                            f"resume with --set {name}={theirs}, or start a new run in another --output-dir{carry}")
     theirs, ours = int(state.get("world_size", 1)), world_size()
     if saved.get("deepspeed_zero") and theirs != ours:  # each process holds its own partition of the state
         how = ("without a launcher (python -m lowmem_alignprop ...)" if theirs == 1 else
