@@ -33,6 +33,8 @@ def broken_model(case, root, tiny_dir):
         (model / "model_index.json").write_text(json.dumps(index))
     elif case == "inpainting":
         _edit_json(model / "unet" / "config.json", in_channels=9)
+    elif case == "lcm_distilled":  # LCM_Dreamshaper's: the guidance scale embedded (it trained silently, DDIM + CFG)
+        _edit_json(model / "unet" / "config.json", time_cond_proj_dim=256)
     elif case in ("no_vae", "no_tokenizer"):
         shutil.rmtree(model / case[3:])
     elif case == "no_unet_config":
@@ -47,6 +49,7 @@ def broken_model(case, root, tiny_dir):
 CASES = [
     ("not_sd", "holds a DDPMPipeline, not a Stable Diffusion model (it has no vae, text_encoder, tokenizer)"),
     ("inpainting", "has a UNet with 9 input channels for a VAE with 4 latent channels: it is an inpainting"),
+    ("lcm_distilled", "has a guidance-distilled UNet (time_cond_proj_dim=256: an LCM model), which takes its guidance"),
     ("no_vae", "is incomplete: its model_index.json lists vae but the vae/ folder is missing"),
     ("no_tokenizer", "is incomplete: its model_index.json lists tokenizer but the tokenizer/ folder is missing"),
     ("no_unet_config", "unet has no config.json"),

@@ -71,6 +71,11 @@ def check_compatible(unet: dict, vae: dict, text_widths: list, spec: str) -> Non
     if in_channels != latent:
         raise UserError(f"{spec} has a UNet with {in_channels} input channels for a VAE with {latent} latent "
                         f"channels: it is an inpainting or instruct-pix2pix style model; {SUPPORTED}")
+    if unet.get("time_cond_proj_dim"):  # its guidance is an input (w-embedding), not a second call: DDIM with CFG
+        raise UserError(f"{spec} has a guidance-distilled UNet (time_cond_proj_dim={unet['time_cond_proj_dim']}: "
+                        "an LCM model), which takes its guidance scale as an input this trainer does not give, so it "
+                        f"would train on images it was not made to draw; {SUPPORTED} (train the model it was "
+                        "distilled from)")
     cross = unet.get("cross_attention_dim")
     if isinstance(cross, int) and text_widths and all(isinstance(w, int) for w in text_widths) \
             and sum(text_widths) != cross:
