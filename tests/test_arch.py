@@ -435,3 +435,27 @@ def test_loading_without_hf_hub_offline_touches_no_network(tiny):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
     assert "NETWORK" not in res.stderr, res.stderr[-3000:]
+
+
+def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, monkeypatch, caplog):
+    """An SD 2.x single file detects as SD 2.1 768 px (v-prediction): a 512-px base checkpoint (epsilon) has the same
+    keys and was sampled as v in silence. The load says which it took and what to do for a base checkpoint."""
+    import logging
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lowmem_alignprop.models import arch as arch_module
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    path = tmp_path / "sd2-base.safetensors"
+    path.write_bytes(b"")  # (never read: the loader is the stand-in below)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    for prediction, said in (("v_prediction", True), ("epsilon", False)):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+        monkeypatch.setattr(arch_module, "load_single_file", lambda *a, **k: pipe)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            comps = load_components(Config(model=str(path)))
+        assert comps.scheduler.config.prediction_type == prediction
+        assert ("loads as SD 2.x 768 px, which predicts v: an SD 2.x 512-px base checkpoint" in caplog.text) == said

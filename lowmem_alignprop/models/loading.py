@@ -147,6 +147,12 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             if kind == "file":
                 from lowmem_alignprop.models.arch import load_single_file
                 pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
+                from lowmem_alignprop.run.runlock import global_rank
+                if pipe.scheduler.config.get("prediction_type") == "v_prediction" and global_rank() == 0:
+                    logging.getLogger("lowmem_alignprop").warning(  # (the file's keys cannot tell the two apart)
+                        "%s loads as SD 2.x 768 px, which predicts v: an SD 2.x 512-px base checkpoint (or its "
+                        "fine-tune) predicts noise (epsilon) and would be sampled wrongly; for one, convert it to a "
+                        "diffusers folder whose scheduler says prediction_type epsilon and pass that", where)
             elif quant != "none":
                 # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
                 unet = q.load_quantized_unet(where, quant, weight_dtype)
