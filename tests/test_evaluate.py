@@ -818,3 +818,26 @@ def test_a_run_stopped_while_publishing_its_first_checkpoint_names_the_resume(tm
         assert err == [f"error: --lora {run}: {run} is a training run whose checkpoint step-00000001 was written "
                        "whole but not renamed (it stopped while publishing it): `lowmem-alignprop --resume latest "
                        f"--output-dir {run}` renames it and goes on"], err
+
+
+def test_sample_of_a_run_trained_with_another_vae_decodes_with_it(tmp_path, tiny_dir):
+    """`--set vae=PATH` trained and rendered the grid with that VAE; `sample` of the LoRA used the model's own, so
+    the README's "renders that image again" gave other images (0.5046 for 0.4758). The VAE is one of the settings
+    its run made images with (base_model.json's image_settings): sample takes it."""
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(tiny_dir / "vae")
+    torch.manual_seed(5)
+    for p in other.decoder.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    other.save_pretrained(tmp_path / "other_vae")
+    run = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--set", "sample_steps=3",
+                 "--set", "sample_prompts=1", "--set", f"vae={tmp_path / 'other_vae'}", "--reward", "brightness",
+                 "--output-dir", str(run)]) == 0
+    grid = json.loads((run / "samples" / "before_after.json").read_text())["images"][0]
+    out = tmp_path / "sample"
+    assert main(["sample", str(run / "lora"), "--seed", str(grid["seed"]), "--prompt", grid["prompt"],
+                 "--output-dir", str(out)]) == 0
+    got = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]
+    assert (got["base"][0], got["lora"][0]) == pytest.approx((grid["reward_before"], grid["reward_after"]), abs=1e-6)

@@ -872,3 +872,12 @@ def test_the_cards_code_samples_with_the_runs_settings(sd, tmp_path):
     exec(code.replace('"a prompt"', '"a red car", generator=__import__("torch").Generator().manual_seed(0)'), scope)
     assert type(scope["pipe"].scheduler).__name__ == "DDIMScheduler"
     assert scope["image"].size == (config["resolution"], config["resolution"])
+    # a run that decoded with another VAE (--set vae): the code loads that one (it rendered with the model's own)
+    run = tmp_path / "run-vae"
+    shutil.copytree(sd["run"], run)
+    vae = sd["base"] / "vae"
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "vae": str(vae)}))
+    out = export(tmp_path / "vae", run / "lora", "--format", "diffusers")
+    code = _card_code((out / "README.md").read_text(), out)
+    assert f'pipe.vae = AutoencoderKL.from_pretrained("{vae}")' in code and "import AutoencoderKL, " in code
+    exec(code, {})

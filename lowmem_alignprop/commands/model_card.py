@@ -25,7 +25,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", *OBJECTIVE_FIELDS):
+                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", "vae", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))
@@ -239,6 +239,11 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
                     "set_alpha_to_one=False)"]
     elif flow and info.get("t5_encoder") is False:
         call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
+    if info.get("vae") and imports is not None:  # the VAE it decoded with (--set vae), not the model's own
+        usage[imports] = usage[imports].replace("import ", "import AutoencoderKL, ", 1)
+        how = "from_single_file" if Path(str(info["vae"])).suffix.lower() in (".safetensors", ".ckpt") else \
+            "from_pretrained"
+        call[:0] = [f"pipe.vae = AutoencoderKL.{how}({json.dumps(str(info['vae']))})  # the VAE it trained with"]
     end = next((i for i in range(at, len(usage)) if usage[i] == "```"), len(usage))
     return usage[:end] + call + usage[end:]
 

@@ -65,7 +65,7 @@ TRAINED_WITH = frozenset((
     "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "weight_decay", "max_grad_norm", "optimizer",
     "batch_size", "grad_accum", "truncation", "k", "k_min", "k_max", "loss_scale", "reward_target", "reward_cap",
     "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "resolution", "sample_steps", "guidance_scale", "eta",
-    "negative_prompt", "mixed_precision", "base_quant", "recipe", "t5_encoder", "max_sequence_length"))
+    "negative_prompt", "mixed_precision", "base_quant", "recipe", "t5_encoder", "max_sequence_length", "vae"))
 
 
 # what a warned change does at a resume, where it is not what one would guess

@@ -819,7 +819,7 @@ def set_flags(overrides: dict[str, Any]) -> str:
 
 
 # the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
-RUN_IMAGE_SETTINGS = ("model_components", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
+RUN_IMAGE_SETTINGS = ("model_components", "vae", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
                       "max_sequence_length", "negative_prompt")
 
 
