@@ -695,7 +695,8 @@ def test_out_of_memory_while_judging_or_sampling_skips_them_and_the_run_goes_on(
                                        "fidelity_images"),
                                       ("samples", {1: "rendering the sample images before training",
                                                    2: "rendering the samples of step 1",
-                                                   (3, 4): "rendering the sample images after training"}[fail["samples"]],
+                                                   (3, 4): "rendering the sample images after training"}[
+                                           fail["samples"]],
                                        "sample_prompts")]}
     assert said["judge"] in caplog.text and said["samples"] in caplog.text
     assert all("fidelity_score" in r for r in rows if r["step"] + 1 != fail["judge"])
