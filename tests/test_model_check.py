@@ -31,6 +31,11 @@ def broken_model(case, root, tiny_dir):
         index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
                  "scheduler": ["diffusers", "DDPMScheduler"]}
         (model / "model_index.json").write_text(json.dumps(index))
+    elif case == "refiner":  # StableDiffusionXLImg2ImgPipeline: text_encoder_2 only
+        index = {**json.loads((model / "model_index.json").read_text()),
+                 "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                 "tokenizer": [None, None]}
+        (model / "model_index.json").write_text(json.dumps(index))
     elif case == "inpainting":
         _edit_json(model / "unet" / "config.json", in_channels=9)
     elif case == "lcm_distilled":  # LCM_Dreamshaper's: the guidance scale embedded (it trained silently, DDIM + CFG)
@@ -48,6 +53,8 @@ def broken_model(case, root, tiny_dir):
 
 CASES = [
     ("not_sd", "holds a DDPMPipeline, not a Stable Diffusion model (it has no vae, text_encoder, tokenizer)"),
+    ("refiner", "holds a StableDiffusionXLImg2ImgPipeline, an image-to-image model (an SDXL refiner has this layout), "
+                "not a text-to-image one (it has no text_encoder, tokenizer)"),
     ("inpainting", "has a UNet with 9 input channels for a VAE with 4 latent channels: it is an inpainting"),
     ("lcm_distilled", "has a guidance-distilled UNet (time_cond_proj_dim=256: an LCM model), which takes its guidance"),
     ("no_vae", "is incomplete: its model_index.json lists vae but the vae/ folder is missing"),

@@ -40,9 +40,10 @@ def check_model_dir(path: Path, spec: str) -> None:
     index = _read_json(index_file, spec)
     kind = index.get("_class_name", "pipeline of unknown type")
     missing = [p for p in REQUIRED if not _listed(index, p)]
-    if missing:
-        raise UserError(f"{spec} holds a {kind}, not a Stable Diffusion model (it has no {', '.join(missing)}): "
-                        f"{SUPPORTED}")
+    if missing:  # (an SDXL refiner is a Stable Diffusion model, but an image-to-image one: said so)
+        what = ("an image-to-image model (an SDXL refiner has this layout), not a text-to-image one" if "Img2Img" in
+                str(kind) else "not a Stable Diffusion model")
+        raise UserError(f"{spec} holds a {kind}, {what} (it has no {', '.join(missing)}): {SUPPORTED}")
     for part in REQUIRED + tuple(p for p in OPTIONAL if _listed(index, p)):
         folder = check_part_folder(path, part, spec)
         names = CONFIG_FILE.get(part, ("config.json",))
