@@ -768,9 +768,7 @@ class Trainer:
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
-                # rollouts of this rank so far (counted from the checkpoint's: a resume that changes the batch size
-                # goes on where the shuffled pass stood; it skipped and repeated prompts of it)
-                first = self.rollouts_before + ((step - 1 - self.start) * cfg.grad_accum + micro) * cfg.batch_size
+                first = self.rollouts_through(step - 1) + micro * cfg.batch_size  # this rank's rollouts so far
                 batch_prompts = draw_prompts(self.prompts, cfg.prompt_order, self.rng, first, cfg.batch_size,
                                              self.rank_seed)
                 window = draw_window(cfg, self.rng)  # fixed/uniform: the contiguous last K steps, K drawn once
@@ -1273,6 +1271,12 @@ class Trainer:
                 "that was the run's last step: writing the LoRA (no after samples)" if ended
                 else "continue with --resume latest"))
 
+    def rollouts_through(self, step: int) -> int:
+        """This rank's rollouts (images drawn) up to ``step``, counted from the checkpoint's: a resume that changes
+        the batch size goes on where the shuffled pass stood (counting from the new sizes skipped and repeated
+        prompts of it)."""
+        return self.rollouts_before + (step - self.start) * self.cfg.grad_accum * self.cfg.batch_size
+
     def t5_tokens(self) -> dict[str, int]:
         """SD3/FLUX: the T5 tokens per prompt it encoded with (max_sequence_length 0 is the model's own: FLUX.1-dev
         512, schnell and SD3.5 256), for the model card's call (FluxPipeline takes 512 for schnell too)."""
@@ -1286,8 +1290,7 @@ class Trainer:
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "resume_changes": self.resumed_with,
                                 "skipped_steps": self.streak.skipped,
-                                "rollouts": self.rollouts_before + (step - self.start) * self.cfg.grad_accum
-                                * self.cfg.batch_size,
+                                "rollouts": self.rollouts_through(step),
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
                                 "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
