@@ -301,22 +301,16 @@ def peer_lost(e: BaseException) -> str | None:
     out of host memory: its launcher said which), else None."""
     import re
 
-    text = str(e)
-    if not (isinstance(e, RuntimeError) and any(words.lower() in text.lower() for words in PEER_GONE)):
-        return None
-    line = next(line for line in text.splitlines() if any(w.lower() in line.lower() for w in PEER_GONE))
-    return re.sub(r"^\s*\[[^\]]*\]\s*", "", line).split(". ")[0].strip()  # without gloo's source path and advice
+    lines = str(e).splitlines() if isinstance(e, RuntimeError) else []
+    line = next((x for x in lines if any(words.lower() in x.lower() for words in PEER_GONE)), None)
+    # the backend's words, without gloo's source path and advice
+    return None if line is None else re.sub(r"^\s*\[[^\]]*\]\s*", "", line).split(". ")[0].strip()
 
 
 def by_micro_batch(gathered: torch.Tensor, processes: int) -> list:
     """Each process's per-micro-batch values gathered (process by process: rank 0's m0, m1, rank 1's m0, m1) in the
     order the step's images are gathered, micro-batch by micro-batch (m0 of rank 0, of rank 1, then m1 ...)."""
     return gathered.view(processes, -1).T.reshape(-1).tolist()
-
-
-def any_rank(accelerator, flag: bool) -> bool:
-    """True if ``flag`` holds on any rank (so that every rank takes the same branch)."""
-    return not all_ranks_ok(accelerator, not flag)
 
 
 def agreed_failure(accelerator, failed: BaseException | None, what: str) -> BaseException | None:
