@@ -42,6 +42,7 @@ from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.runlock import global_rank, holder, next_free_dir, world_size
 from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
+from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
@@ -59,13 +60,13 @@ FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_t
                "early_stop", "best_by", "eval_on_start")
 
 
-# what the trained LoRA depends on (its records say it was trained with them): a resume that only writes a finished
+# what the trained LoRA depends on (its records say it was trained with them): how its images were made (the run's
+# image settings but where the model's parts lie) and how it learned from them; a resume that only writes a finished
 # run's outputs again takes no change of them (an output's, such as export_format or push_to_hub, it does)
-TRAINED_WITH = frozenset((
+TRAINED_WITH = frozenset(RUN_IMAGE_SETTINGS).difference({"model_components"}) | frozenset((
     "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "weight_decay", "max_grad_norm", "optimizer",
     "batch_size", "grad_accum", "truncation", "k", "k_min", "k_max", "loss_scale", "reward_target", "reward_cap",
-    "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "resolution", "sample_steps", "guidance_scale", "eta",
-    "negative_prompt", "mixed_precision", "base_quant", "recipe", "t5_encoder", "max_sequence_length", "vae"))
+    "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "mixed_precision", "base_quant", "recipe"))
 
 
 # what a warned change does at a resume, where it is not what one would guess
