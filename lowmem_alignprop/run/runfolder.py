@@ -242,19 +242,17 @@ class RunFolder:
         root = ckpt.root_of(self.path)
         branch = ckpt.branch_point(point.path, root)
         aside = ckpt.set_aside_newer(root, branch, self.metrics) if branch is not None else None
-        # newer checkpoints (and their metrics) are another branch: set aside, kept; its final LoRA and summary go
-        # with them (they stayed as the run's: a stop before this branch's first step left sample and export on them)
-        for name in (LORA_DIR, SUMMARY_FILE) if aside is not None else ():
-            if (self.path / name).exists():
-                os.replace(self.path / name, aside / name)
-        if aside is not None:  # and its grids (before/after, --sample-every's after the branch): this one's would
-            # replace them
+        if aside is not None:
+            # newer checkpoints (and their metrics) are another branch: set aside, kept; its final LoRA and summary go
+            # with them (they stayed as the run's: a stop before this branch's first step left sample and export on
+            # them), and its grids (before/after, --sample-every's after the branch: this one's would replace them)
             samples = self.path / SAMPLES_DIR
-            dead = [p for p in (samples.iterdir() if samples.is_dir() else ())
-                    if p.name in (GRID_FILE, GRID_RECORD) or (grid_step(p.name) or 0) > branch]
-            for p in dead:
-                (aside / SAMPLES_DIR).mkdir(exist_ok=True)
-                os.replace(p, aside / SAMPLES_DIR / p.name)
+            grids = [Path(SAMPLES_DIR) / p.name for p in (samples.iterdir() if samples.is_dir() else ())
+                     if p.name in (GRID_FILE, GRID_RECORD) or (grid_step(p.name) or 0) > branch]
+            for name in [Path(LORA_DIR), Path(SUMMARY_FILE), *grids]:
+                if (self.path / name).exists():
+                    (aside / name).parent.mkdir(exist_ok=True)
+                    os.replace(self.path / name, aside / name)
         if point.path.resolve().parent == root.resolve():
             keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
