@@ -168,9 +168,10 @@ def main() -> int:
                     "planner changed), keeping its measured seconds")
     ap.add_argument("--only", default="", help="comma-separated indices into CONFIGS (default: all)")
     args = ap.parse_args()
-    wanted = {int(i) for i in args.only.split(",") if i.strip().isdigit()}
-    if any(i.strip() and not i.strip().isdigit() for i in args.only.split(",")) or wanted - set(range(len(CONFIGS))):
+    given = [i.strip() for i in args.only.split(",") if i.strip()]
+    if not all(i.isdigit() and int(i) < len(CONFIGS) for i in given):
         ap.error(f"--only {args.only}: give indices into CONFIGS, 0-{len(CONFIGS) - 1}")
+    wanted = {int(i) for i in given}
     if args.reuse:
         if not args.out.is_file():  # (a traceback)
             raise SystemExit(f"--reuse: {args.out} does not exist: run without --reuse first (it stores the runs)")
