@@ -459,3 +459,9 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
             comps = load_components(Config(model=str(path)))
         assert comps.scheduler.config.prediction_type == prediction
         assert ("loads as SD 2.x 768 px, which predicts v: an SD 2.x 512-px base checkpoint" in caplog.text) == said
+    # the fix the line names: --set prediction_type=epsilon samples as a base checkpoint, and nothing is said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+        comps = load_components(Config(model=str(path), prediction_type="epsilon"))
+    assert comps.scheduler.config.prediction_type == "epsilon" and "loads as SD 2.x" not in caplog.text

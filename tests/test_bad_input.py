@@ -208,6 +208,7 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     # a flag that would be ignored (T5's 9.5 GB of host memory not saved) is refused, on FLUX and on UNet models
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
+    (["--model", "flux", "--set", "prediction_type=epsilon"], "SD3/SD3.5 and FLUX.1 predict a flow"),
     # a K the truncation does not read (k=3 under every GPU profile's uniform trained K ~ U{1..50}, in silence)
     (["--set", "truncation=uniform"], "k=1 is the K of truncation=fixed, and truncation=uniform draws K from k_min=1 "
                                       "to k_max=3: add --set truncation=fixed for K=1, or set k_min and k_max instead"),

@@ -841,3 +841,41 @@ def test_sample_of_a_run_trained_with_another_vae_decodes_with_it(tmp_path, tiny
                  "--output-dir", str(out)]) == 0
     got = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]
     assert (got["base"][0], got["lora"][0]) == pytest.approx((grid["reward_before"], grid["reward_after"]), abs=1e-6)
+
+
+def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):
+    """`--set prediction_type`: what the UNet predicts where its files say otherwise (an SD 2.x 512-px base single
+    file loads as v-prediction; a v-prediction fine-tune's folder may say epsilon). The images are diffusers' own
+    pipeline with that DDIM scheduler; a run's LoRA samples with it again without being told, and its kohya label
+    and model card say it."""
+    from diffusers import DDIMScheduler
+
+    from lowmem_alignprop.commands import lora_files
+    from lowmem_alignprop.commands.lora_formats import kohya_metadata
+
+    out = tmp_path / "v"
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--model", str(tiny_dir), "--prompt", "dog",
+                 "--seed", "5", "--set", "prediction_type=v_prediction", "--output-dir", str(out)]) == 0
+    got = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]["base"][0]
+    pipe = _tiny_pipe(tiny_dir)
+    eps = _brightness(_direct(pipe, "dog", 5)).item()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    assert got == pytest.approx(_brightness(_direct(pipe, "dog", 5)).item(), abs=1e-5)
+    assert abs(got - eps) > 1e-3  # 100x the tolerance above: the tiny model's files say epsilon, the setting took
+
+    run = tmp_path / "run"
+    assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--set", "sample_steps=3",
+                 "--set", "sample_prompts=1", "--set", "prediction_type=v_prediction", "--reward", "brightness",
+                 "--output-dir", str(run)]) == 0
+    grid = json.loads((run / "samples" / "before_after.json").read_text())["images"][0]
+    again = tmp_path / "again"
+    assert main(["sample", str(run / "lora"), "--seed", str(grid["seed"]), "--prompt", grid["prompt"],
+                 "--output-dir", str(again)]) == 0
+    got = json.loads((again / SAMPLE_RESULTS).read_text())["per_prompt"][0]
+    assert (got["base"][0], got["lora"][0]) == pytest.approx((grid["reward_before"], grid["reward_after"]), abs=1e-6)
+    lora = lora_files.read_lora(str(run / "lora"))
+    assert lora.base["prediction_type"] == "v_prediction" and lora_files.v_prediction(lora)
+    lora.base = {**lora.base, "model": "sd21"}  # (an SD 2.x base: the label A1111 and SD.Next read)
+    assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
+    assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"

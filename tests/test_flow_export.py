@@ -773,6 +773,9 @@ def test_flags_a_loaded_model_does_not_read_are_refused_or_said():
     for family, needle in (("flux", "FLUX.1 always needs its T5-XXL"), ("unet", "no T5 text encoder to leave out")):
         with pytest.raises(UserError, match=needle):
             check_supported(SimpleNamespace(family=family), Config(t5_encoder=False))
+    from lowmem_alignprop.models.loading import load_flow_components
+    with pytest.raises(UserError, match="SD3/SD3.5 and FLUX.1 predict a flow"):  # (a hub id: only loading tells)
+        load_flow_components(Config(prediction_type="v_prediction"), "flow_arch", "flux", torch.float32)
     sd3 = SimpleNamespace(family="sd3")
     assert "eta=0 is DDIM's (UNet models); SD3/FLUX step with Euler" in model_defaults_note(sd3, Config(eta=0.0))
     assert model_defaults_note(sd3, Config()) is None  # the default eta: nothing to say

@@ -881,3 +881,9 @@ def test_the_cards_code_samples_with_the_runs_settings(sd, tmp_path):
     code = _card_code((out / "README.md").read_text(), out)
     assert f'pipe.vae = AutoencoderKL.from_pretrained("{vae}")' in code and "import AutoencoderKL, " in code
     exec(code, {})
+    # a run told what its UNet predicts (--set prediction_type): the code's DDIM predicts that too
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "prediction_type": "v_prediction"}))
+    out = export(tmp_path / "v", run / "lora", "--format", "diffusers")
+    scope = {}
+    exec(_card_code((out / "README.md").read_text(), out), scope)
+    assert scope["pipe"].scheduler.config.prediction_type == "v_prediction"

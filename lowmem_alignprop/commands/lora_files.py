@@ -322,7 +322,10 @@ def _base_folder(spec: str) -> Path | None:
 
 
 def v_prediction(lora: Lora) -> bool:
-    """Whether the base model's scheduler predicts v (SD 2.x at 768 px): from its scheduler config when it is here."""
+    """Whether the base model's UNet predicts v (SD 2.x at 768 px): as its run sampled it (base_model.json's record),
+    else from its scheduler config when it is here."""
+    if (recorded := (lora.base or {}).get("prediction_type")) in ("epsilon", "v_prediction"):
+        return recorded == "v_prediction"
     folder = _base_folder(lora.base_model or "")
     try:
         conf = (json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")) if folder

@@ -25,7 +25,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", "vae", *OBJECTIVE_FIELDS):
+                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", "vae", "prediction_type",
+                *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))
@@ -235,8 +236,9 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
     imports = next((i for i in range(at) if usage[i].startswith("from diffusers import ")), None)
     if not flow and imports is not None:  # (the run's DDIM: the model's noise schedule, with these two set)
         usage[imports] = usage[imports].replace("import ", "import DDIMScheduler, ", 1)
+        predicts = info.get("prediction_type", "auto")  # (--set prediction_type: what its UNet was taken to predict)
         call[:0] = ["pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, "
-                    "set_alpha_to_one=False)"]
+                    "set_alpha_to_one=False" + ("" if predicts == "auto" else f", prediction_type=\"{predicts}\"") + ")"]
     elif flow and info.get("t5_encoder") is False:
         call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
     if info.get("vae") and imports is not None:  # the VAE it decoded with (--set vae), not the model's own

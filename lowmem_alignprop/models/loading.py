@@ -134,6 +134,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     _check_quant(cfg)  # before anything loads
+    predicts = getattr(cfg, "prediction_type", "auto")  # (auto: as the model's scheduler config says)
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if kind == "arch":
         from lowmem_alignprop.models.arch import build_random_components
@@ -148,11 +149,12 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
                 from lowmem_alignprop.models.arch import load_single_file
                 pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
                 from lowmem_alignprop.run.runlock import global_rank
-                if pipe.scheduler.config.get("prediction_type") == "v_prediction" and global_rank() == 0:
+                if pipe.scheduler.config.get("prediction_type") == "v_prediction" and predicts == "auto" and \
+                        global_rank() == 0:
                     logging.getLogger("lowmem_alignprop").warning(  # (the file's keys cannot tell the two apart)
                         "%s loads as SD 2.x 768 px, which predicts v: an SD 2.x 512-px base checkpoint (or its "
-                        "fine-tune) predicts noise (epsilon) and would be sampled wrongly; for one, convert it to a "
-                        "diffusers folder whose scheduler says prediction_type epsilon and pass that", where)
+                        "fine-tune) predicts noise (epsilon) and would be sampled wrongly; for one, add --set "
+                        "prediction_type=epsilon", where)
             elif quant != "none":
                 # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
                 unet = q.load_quantized_unet(where, quant, weight_dtype)
@@ -185,7 +187,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     if getattr(cfg, "vae", ""):
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     from lowmem_alignprop.models.sampling import ddim_scheduler
-    comps.scheduler = ddim_scheduler(comps.scheduler.config)  # DDIM with the model's schedule, x0 never clamped
+    # DDIM with the model's schedule (and prediction type, unless --set prediction_type says it), x0 never clamped
+    comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts)
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
@@ -254,6 +257,9 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
+    if getattr(cfg, "prediction_type", "auto") != "auto":  # (Config.validate said it where the files told)
+        from lowmem_alignprop.settings.config import FLOW_PREDICTION
+        raise UserError(FLOW_PREDICTION)
     _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)
     read = None

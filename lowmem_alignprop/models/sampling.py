@@ -31,12 +31,14 @@ from lowmem_alignprop.settings.model_kind import vae_scale
 DDIM_SETTINGS = {"clip_sample": False, "set_alpha_to_one": False}
 
 
-def ddim_scheduler(config):
+def ddim_scheduler(config, prediction_type: str | None = None):
     """The DDIM scheduler AlignProp samples with: the model's noise schedule and prediction type from
-    ``config`` (any diffusers scheduler's config), with :data:`DDIM_SETTINGS` set explicitly."""
+    ``config`` (any diffusers scheduler's config; ``prediction_type`` overrides its), with :data:`DDIM_SETTINGS`
+    set explicitly."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(config, **DDIM_SETTINGS)
+    return DDIMScheduler.from_config(config, **DDIM_SETTINGS,
+                                     **({"prediction_type": prediction_type} if prediction_type else {}))
 
 
 class BatchedTensors:

@@ -452,8 +452,10 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 
 # -- model identity ----------------------------------------------------------------------------------
 
-def fingerprint(cfg, unet) -> dict[str, Any]:
-    """What identifies the base model: its UNet config and a few statistics of its first weights.
+def fingerprint(cfg, unet, predicts: str | None = None) -> dict[str, Any]:
+    """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
+    what its UNet was sampled as predicting (``predicts``: epsilon or v_prediction, which a single file's weights
+    cannot tell; the kohya export's architecture label reads it).
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -461,8 +463,9 @@ def fingerprint(cfg, unet) -> dict[str, Any]:
     conf_sha = config_sha(unet)
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
-    return {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
-            "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
+    fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
+          "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
+    return {**fp, "prediction_type": predicts} if predicts else fp
 
 
 def config_sha(unet) -> str:

@@ -66,6 +66,11 @@ class Config:
                                   "FLUX.1-schnell, 512 for FLUX.1-dev).")
     model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
                          ("auto", "sd15", "sd21", "sdxl"))
+    prediction_type: str = _f("auto", "What the UNet predicts (SD 1.x/2.x/SDXL): auto = as the model's scheduler config "
+                              "says (a single file: SD 2.x loads as v-prediction, SD 1.x and SDXL as epsilon). epsilon "
+                              "for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a v-prediction "
+                              "fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training both use it.",
+                              ("auto", "epsilon", "v_prediction"))
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
@@ -393,18 +398,7 @@ class Config:
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"sample_every={self.sample_every} renders the sample prompts, and sample_prompts=0: "
                             "use --set sample_prompts=4, or --set sample_every=0")
-        if self.model_components and _is_whole_model(self.model):
-            raise UserError(f"model_components={self.model_components} names the folder with the other parts of a "
-                            f"single transformer file, and --model {self.model} is a whole model with its own: drop "
-                            "model_components (a resumed run's, of its transformer file: --set model_components=)")
-        if self.negative_prompt and _is_flux(self.model, self.model_components):
-            raise UserError(FLUX_NEGATIVE)
-        if self.negative_prompt and self.guidance_scale <= 1:  # (no unconditional pass is run: it was unused, unsaid)
-            raise UserError(f"negative_prompt is the unconditional branch of classifier-free guidance, which "
-                            f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
-                            "negative_prompt, or raise guidance_scale (e.g. --set guidance_scale=5)")
-        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
-            raise UserError(no_t5_to_leave_out(kind == "flux"))
+        self._validate_model_settings()
         if self.init_lora and self.train_unet != "lora":
             raise UserError("init_lora starts LoRA training from a LoRA: drop it, or train with --set train_unet=lora")
         if self.offload != "none" and not self.deepspeed_zero:
@@ -429,6 +423,24 @@ class Config:
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
         return self
+
+    def _validate_model_settings(self) -> None:
+        """The settings that belong to one kind of model (a transformer file's parts, FLUX's missing negative branch,
+        SD3's optional T5, a UNet's prediction type), where the model's files tell its kind before loading."""
+        if self.model_components and _is_whole_model(self.model):
+            raise UserError(f"model_components={self.model_components} names the folder with the other parts of a "
+                            f"single transformer file, and --model {self.model} is a whole model with its own: drop "
+                            "model_components (a resumed run's, of its transformer file: --set model_components=)")
+        if self.negative_prompt and _is_flux(self.model, self.model_components):
+            raise UserError(FLUX_NEGATIVE)
+        if self.negative_prompt and self.guidance_scale <= 1:  # (no unconditional pass is run: it was unused, unsaid)
+            raise UserError(f"negative_prompt is the unconditional branch of classifier-free guidance, which "
+                            f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
+                            "negative_prompt, or raise guidance_scale (e.g. --set guidance_scale=5)")
+        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
+            raise UserError(no_t5_to_leave_out(kind == "flux"))
+        if self.prediction_type != "auto" and _kind(self.model, self.model_components) in FLOW_KINDS:
+            raise UserError(FLOW_PREDICTION)
 
     def _validate_names(self) -> None:
         """The model and the output folder: named, and the folder one a run can write."""
@@ -711,6 +723,11 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
                  "pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
+# prediction_type on SD3/FLUX: Config.validate says it when the files tell, the loader (load_flow_components) else
+FLOW_PREDICTION = ("prediction_type sets what a UNet predicts (noise or v); SD3/SD3.5 and FLUX.1 predict a flow "
+                   "(their own scheduler's): drop --set prediction_type")
+
+
 def _kind(model: str, components: str) -> str | None:
     """The model's kind as its files tell, without loading it (settings/model_kind: a shipped name, a folder or a
     transformer file's model_components, a hub id in the local hub cache); None when only loading tells (the loader
@@ -819,8 +836,8 @@ def set_flags(overrides: dict[str, Any]) -> str:
 
 
 # the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
-RUN_IMAGE_SETTINGS = ("model_components", "vae", "t5_encoder", "resolution", "sample_steps", "guidance_scale", "eta",
-                      "max_sequence_length", "negative_prompt")
+RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "vae", "t5_encoder", "resolution", "sample_steps",
+                      "guidance_scale", "eta", "max_sequence_length", "negative_prompt")
 
 
 # what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
@@ -847,7 +864,7 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
     that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
     eta for SD3/FLUX, whose Euler sampler has none)."""
-    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length")}
+    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length", "prediction_type")}
     flow = model_kind_of(str(values.get("model", "")), str(values.get("model_components") or "")) in FLOW_KINDS
     return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))
             and not (flow and k == "eta")}
