@@ -237,8 +237,9 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
     if not flow and imports is not None:  # (the run's DDIM: the model's noise schedule, with these two set)
         usage[imports] = usage[imports].replace("import ", "import DDIMScheduler, ", 1)
         predicts = info.get("prediction_type", "auto")  # (--set prediction_type: what its UNet was taken to predict)
-        call[:0] = ["pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, "
-                    "set_alpha_to_one=False" + ("" if predicts == "auto" else f", prediction_type=\"{predicts}\"") + ")"]
+        told = "" if predicts == "auto" else f", prediction_type=\"{predicts}\""
+        call[:0] = [f"pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, "
+                    f"set_alpha_to_one=False{told})"]
     elif flow and info.get("t5_encoder") is False:
         call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
     if info.get("vae") and imports is not None:  # the VAE it decoded with (--set vae), not the model's own

@@ -66,11 +66,11 @@ class Config:
                                   "FLUX.1-schnell, 512 for FLUX.1-dev).")
     model_arch: str = _f("auto", "Architecture of a single-file checkpoint (its config ships with the package).",
                          ("auto", "sd15", "sd21", "sdxl"))
-    prediction_type: str = _f("auto", "What the UNet predicts (SD 1.x/2.x/SDXL): auto = as the model's scheduler config "
-                              "says (a single file: SD 2.x loads as v-prediction, SD 1.x and SDXL as epsilon). epsilon "
-                              "for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a v-prediction "
-                              "fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training both use it.",
-                              ("auto", "epsilon", "v_prediction"))
+    prediction_type: str = _f("auto", "What the UNet predicts (SD 1.x/2.x/SDXL): auto = as the model's scheduler "
+                              "config says (a single file: SD 2.x loads as v-prediction, SD 1.x and SDXL as epsilon). "
+                              "epsilon for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a "
+                              "v-prediction fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training "
+                              "both use it.", ("auto", "epsilon", "v_prediction"))
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
