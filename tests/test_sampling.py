@@ -195,6 +195,27 @@ def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(ti
     assert comps.scheduler.config.clip_sample is False and comps.scheduler.config.set_alpha_to_one is False
 
 
+@pytest.mark.parametrize("sampler,said", [("LCMScheduler", True), ("TCDScheduler", True),
+                                          ("EulerDiscreteScheduler", False), ("PNDMScheduler", False)])
+def test_a_consistency_models_own_sampler_replaced_by_ddim_is_said(sampler, said, tiny_dir, tmp_path, caplog):
+    """A model distilled for LCM or TCD sampling (LCM-LoRA fused, DMD2, Hyper-SD) renders blurred under DDIM at few
+    steps: the load says that DDIM replaces its sampler. The usual samplers (whose images DDIM matches) say nothing."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    cfg_file = model / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "_class_name": sampler}))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", sampler]}))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        comps = load_components(Config(model=str(model)))
+    assert type(comps.scheduler).__name__ == "DDIMScheduler"
+    assert (f"ships {sampler}, a consistency model's few-step sampler: AlignProp samples and trains with DDIM"
+            in caplog.text) == said, caplog.text
+
+
 def test_a_few_step_models_trailing_timesteps_are_kept_and_one_step_is_its_x0(tiny_dir, tmp_path):
     """SD-Turbo and SDXL-Turbo ship an Euler ancestral scheduler with timestep_spacing "trailing": DDIM keeps it, so
     sample_steps=1 denoises from t=999 (pure noise; "leading", SD1.5's spacing, would start at t=1), and 4 steps are

@@ -187,12 +187,31 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     if getattr(cfg, "vae", ""):
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     from lowmem_alignprop.models.sampling import ddim_scheduler
+    _say_consistency_sampler(comps.scheduler, cfg.model)
     # DDIM with the model's schedule (and prediction type, unless --set prediction_type says it), x0 never clamped
     comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts)
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
     return comps
+
+
+# the samplers of consistency-distilled models (LCM-LoRA fused, DMD2, Hyper-SD, TCD), which DDIM does not stand in for
+CONSISTENCY_SAMPLERS = ("LCMScheduler", "TCDScheduler")
+
+
+def _say_consistency_sampler(scheduler, model: str) -> None:
+    """AlignProp samples (and differentiates) with DDIM on the model's noise schedule, whatever sampler its folder
+    names: the same images for the usual ones (PNDM, Euler, DPM++ at enough steps), not for a model distilled for a
+    consistency sampler, whose few-step images DDIM blurs. Said once, by the first process."""
+    from lowmem_alignprop.run.runlock import global_rank
+
+    name = type(scheduler).__name__
+    if name in CONSISTENCY_SAMPLERS and global_rank() == 0:
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s ships %s, a consistency model's few-step sampler: AlignProp samples and trains with DDIM on its "
+            "noise schedule instead, which may render such a model (LCM-LoRA fused, DMD2, Hyper-SD) blurred at "
+            "few steps; check the \"before\" samples, or raise sample_steps", model, name)
 
 
 def is_flow_source(cfg, kind: str, where: str) -> bool:
