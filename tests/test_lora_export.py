@@ -636,9 +636,12 @@ BAD = {
     "push_offline": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--push-to-hub", "you/lora"],
                      "the Hugging Face hub is switched off here"),
     "weight_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--weight", "0.5"], "add --merge"),
-    "format_list": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohya,peft"],  # (training's list)
-                    "--format 'kohya,peft': export writes one format at a time: run it once per format (--format "
-                    "kohya, then --format peft...)"),
+    "format_list_pushed": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohya,peft", "--push-to-hub",
+                                             "you/lora"],
+                           "--push-to-hub uploads one export to you/lora, and --format kohya,peft names 2: push one "
+                           "format (e.g. --format kohya)"),
+    "format_list_misspelt": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--format", "kohya,pefft"],
+                             "--format 'pefft' is not one of diffusers, kohya, peft: did you mean peft?"),
     "dtype_unknown": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--merge", "--dtype", "fp8"],
                       "--dtype 'fp8' is not one of fp32, fp16, bf16"),
     "model_without_merge": (lambda t, sd, o: ["--lora", str(sd["lora"]), "--model", str(o)], "add --merge"),
@@ -713,6 +716,22 @@ def test_out_folder_that_is_not_empty_is_refused(sd, tmp_path, capsys):
     assert main(["export", "--lora", str(sd["lora"]), "--out", str(tmp_path / "out")]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_several_formats_are_one_export_each_as_one_format_alone_writes_it(sd, tmp_path):
+    """`--format kohya,peft` (as training's export_format takes it) was refused: one folder per format now, the same
+    LoRA files as one --format each: RUN/export/FORMAT, or OUT/FORMAT with --out."""
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    assert main(["export", str(run / "lora"), "--format", "kohya, peft"]) == 0
+    both = export(tmp_path / "both", run / "lora", "--format", "peft,kohya")
+    for fmt in ("kohya", "peft"):
+        alone = export(tmp_path / fmt, run / "lora", "--format", fmt)
+        want = {p.name: p.read_bytes() for p in alone.iterdir() if p.name != "README.md"}
+        for folder in (run / "export" / fmt, both / fmt):
+            assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "README.md"} == want, folder
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "peft"]
+    assert sorted(p.name for p in both.iterdir()) == ["kohya", "peft"]
 
 
 def test_default_out_is_beside_the_run_and_never_overwrites(sd):

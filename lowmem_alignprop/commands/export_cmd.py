@@ -30,7 +30,7 @@ def export_parser() -> argparse.ArgumentParser:
                    "training checkpoint: checkpoints/step-300)")
     p.add_argument("--format", default="diffusers", metavar="diffusers|kohya|peft",
                    help="kohya: one .safetensors for ComfyUI/A1111; peft: an adapter folder; diffusers: as trained "
-                        "(default)")
+                        "(default). Several, comma-separated (kohya,peft): one folder each (with --out: OUT/FORMAT)")
     p.add_argument("--merge", action="store_true", help="write the base model with the LoRA fused in (a diffusers "
                                                         "folder)")
     p.add_argument("--single-file", action="store_true", help="with --merge: one .safetensors in the original "
@@ -58,23 +58,32 @@ def export_main(argv: list[str]) -> int:
     from lowmem_alignprop.commands import lora_export as lx  # after parsing: --help imports no torch
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.run import hub
-    lx.check_format(args.format, args.merge, args.weight, args.dtype, args.single_file)  # cheap checks first: nothing is read yet
+    from lowmem_alignprop.settings.config import format_list
+    formats = format_list(args.format) or ["diffusers"]  # one, or several as export_format takes them
+    for fmt in formats:  # cheap checks first: nothing is read yet
+        lx.check_format(fmt, args.merge, args.weight, args.dtype, args.single_file)
+    if len(formats) > 1 and args.push_to_hub:
+        raise UserError(f"--push-to-hub uploads one export to {args.push_to_hub}, and --format {args.format} names "
+                        f"{len(formats)}: push one format (e.g. --format {formats[0]})")
     if args.model and not args.merge:
         raise UserError("--model names the base model to merge into: add --merge (a LoRA export needs no model)")
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to --push-to-hub REPO: add it, or drop --private")
     if args.push_to_hub:
         hub.check_push_to_hub(args.push_to_hub)
-    if args.out:
-        lx.check_out(Path(args.out).expanduser())
+    given = Path(args.out).expanduser() if args.out else None
+    outs = {fmt: given / fmt if given and len(formats) > 1 else given for fmt in formats}  # (None: RUN/export/FORMAT)
+    for out in filter(None, outs.values()):
+        lx.check_out(out)
     recover_lora(args.lora)
     lora = read_lora(args.lora)
-    out = Path(args.out).expanduser() if args.out else lx.default_out(lora, args.format, args.merge, args.single_file)
-    command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)
-    files = lx.export(lora, args.format, out, merge=args.merge, weight=args.weight, model=args.model,
-                      dtype=args.dtype, command=command, single_file=args.single_file, hub_repo=args.push_to_hub)
-    log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else args.format, out,
-             ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
+    command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)  # (each card: the one that made it)
+    for fmt, out in outs.items():
+        out = out or lx.default_out(lora, fmt, args.merge, args.single_file)
+        files = lx.export(lora, fmt, out, merge=args.merge, weight=args.weight, model=args.model, dtype=args.dtype,
+                          command=command, single_file=args.single_file, hub_repo=args.push_to_hub)
+        log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else fmt, out,
+                 ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:
         url = hub.push_to_hub(out, args.push_to_hub, private=args.private)
         log.info("pushed to %s", url)

@@ -64,10 +64,6 @@ def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None 
                  single_file: bool = False) -> None:
     if fmt not in FORMATS:
         import difflib
-        several = [f.strip() for f in fmt.split(",")]  # export_format's list (training's): one export per format here
-        if len(several) > 1 and all(f in FORMATS for f in several):
-            raise UserError(f"--format {quote(fmt)}: export writes one format at a time: run it once per format "
-                            f"(--format {several[0]}, then --format {several[1]}...)")
         near = difflib.get_close_matches(fmt.lower(), FORMATS, n=1)
         raise UserError(f"--format {quote(fmt)} is not one of {', '.join(FORMATS)}"
                         + (f": did you mean {near[0]}?" if near else ""))

@@ -565,10 +565,16 @@ class Config:
 
     def export_formats(self) -> list[str]:
         """export_format as a list: 'kohya, peft' -> ['kohya', 'peft'] (each once, in the order given)."""
-        return list(dict.fromkeys(f.strip() for f in self.export_format.split(",") if f.strip()))
+        return format_list(self.export_format)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def format_list(text: str) -> list[str]:
+    """Export formats as written (export_format, `export --format`): 'kohya, peft' -> ['kohya', 'peft'], each once,
+    in the order given."""
+    return list(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
