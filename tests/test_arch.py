@@ -291,7 +291,8 @@ def test_load_single_file_errors(tiny, tmp_path):
         arch.load_single_file(root / "tiny.safetensors", config_dir=no_tok)
     # a checkpoint without the VAE, and one with a UNet tensor missing
     save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, tmp_path / "novae.safetensors")
-    with pytest.raises(UserError, match="lacks the weights"):
+    with pytest.raises(UserError, match=r"lacks the weights.*\(a \"no-vae\" checkpoint: name a VAE for it with --set "
+                                        "vae=DIR|FILE|HUB_ID\\)"):
         arch.load_single_file(tmp_path / "novae.safetensors", config_dir=root / "config")
     dropped = U + "out.2.weight"
     save_file({k: v for k, v in sd.items() if k != dropped}, tmp_path / "partial.safetensors")
@@ -465,3 +466,25 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
         comps = load_components(Config(model=str(path), prediction_type="epsilon"))
     assert comps.scheduler.config.prediction_type == "epsilon" and "loads as SD 2.x" not in caplog.text
+
+
+def test_a_checkpoint_without_its_vae_trains_with_the_vae_named(tiny, tmp_path, monkeypatch):
+    """A "no-vae" single file (the VAE chosen apart, as A1111 users do) was refused even with --set vae: the VAE was
+    applied after the pipeline loaded. It is now read first and takes the file's VAE's place: the run is the run of
+    the whole file."""
+    from lowmem_alignprop.cli import main
+
+    pipe, root, sd = tiny
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, tmp_path / "novae.safetensors")
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    real = arch.single_file_config  # the tiny UNet is no shipped architecture: its config folder stands in
+    monkeypatch.setattr(arch, "single_file_config", lambda path, a="auto", c=None: real(path, a, c or root / "config"))
+    rewards = {}
+    for name, extra in (("whole", [str(root / "tiny.safetensors")]),
+                        ("novae", [str(tmp_path / "novae.safetensors"), "--set", f"vae={tmp_path / 'vae'}"])):
+        out = tmp_path / name
+        assert main(["--profile", "cpu", "--steps", "1", "--set", "sample_steps=3", "--set", "sample_prompts=1",
+                     "--reward", "brightness", "--output-dir", str(out), "--model", *extra]) == 0
+        image = json.loads((out / "samples" / "before_after.json").read_text())["images"][0]
+        rewards[name] = (image["reward_before"], image["reward_after"])
+    assert rewards["novae"] == rewards["whole"]

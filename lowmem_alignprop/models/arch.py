@@ -276,19 +276,10 @@ def _check_loaded(pipe, where: str, config_dir: Path) -> None:
                             "Use a full checkpoint, or check that the architecture matches the file")
 
 
-def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=None,
-                     prediction_type: str | None = None):
-    """Load an original-layout single-file checkpoint into a diffusers pipeline, fully offline.
-
-    ``arch`` is "auto" (see :func:`detect_arch`) or one of :data:`ARCHS`. The pipeline is a
-    ``StableDiffusionPipeline`` (sd15/sd21) or ``StableDiffusionXLPipeline`` (sdxl, invisible
-    watermark off) with the architecture's stock scheduler; ``prediction_type`` overrides the
-    scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21").
-    ``config_dir`` replaces the shipped config directory (any diffusers-layout directory holding the
-    configs and tokenizer files of a compatible model; its model_index.json picks the pipeline class).
-    """
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
+def single_file_config(path, arch: str = "auto", config_dir=None) -> tuple[type, Path, str]:
+    """(pipeline class, config directory, how the model is named in messages) of a single-file checkpoint: the
+    shipped configs of ``arch`` ("auto": :func:`detect_arch`), or ``config_dir``'s (see :func:`load_single_file`).
+    Reads only the file's header."""
     path = Path(path)
     if config_dir is None:
         if arch != "auto":
@@ -296,25 +287,53 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
         shapes = _read_shapes(path)  # clear errors for a missing / unreadable file before diffusers sees it
         if arch == "auto":
             arch = _detect_from_shapes(shapes, str(path))
-        cls, config_dir = pipeline_class(arch), arch_config_dir(arch)
-        what = f"{arch} ({ARCH_DESCRIPTIONS[arch]})"
-    else:
-        config_dir = Path(config_dir)
-        cls = _pipeline_class_of(config_dir)
-        what = f"a {cls.__name__} configured by {config_dir}"
-        _read_shapes(path)
+        return pipeline_class(arch), arch_config_dir(arch), f"{arch} ({ARCH_DESCRIPTIONS[arch]})"
+    config_dir = Path(config_dir)
+    cls = _pipeline_class_of(config_dir)
+    _read_shapes(path)
+    return cls, config_dir, f"a {cls.__name__} configured by {config_dir}"
+
+
+def vae_of_config(config_dir: Path):
+    """The VAE a config directory describes, on the meta device (its config and shapes, no weights)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir), subfolder="vae"))
+
+
+def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=None,
+                     prediction_type: str | None = None, vae=None):
+    """Load an original-layout single-file checkpoint into a diffusers pipeline, fully offline.
+
+    ``arch`` is "auto" (see :func:`detect_arch`) or one of :data:`ARCHS`. The pipeline is a
+    ``StableDiffusionPipeline`` (sd15/sd21) or ``StableDiffusionXLPipeline`` (sdxl, invisible
+    watermark off) with the architecture's stock scheduler; ``prediction_type`` overrides the
+    scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21").
+    ``config_dir`` replaces the shipped config directory (any diffusers-layout directory holding the
+    configs and tokenizer files of a compatible model; its model_index.json picks the pipeline class). ``vae``: a
+    loaded VAE that takes the place of the file's own (a "no-vae" checkpoint has none).
+    """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    path = Path(path)
+    cls, config_dir, what = single_file_config(path, arch, config_dir)
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     kwargs = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {}
+    if vae is not None:
+        kwargs["vae"] = vae
     try:
         # config must be a str: a Path passes the pipeline-level isdir() check, but the per-model
         # from_single_file then rejects it ("Invalid `config` argument").
         pipe = cls.from_single_file(str(path), config=str(config_dir), **dtype_kwarg(torch_dtype),
                                     local_files_only=True, **kwargs)
     except SingleFileComponentError as e:
+        fix = (" (a \"no-vae\" checkpoint: name a VAE for it with --set vae=DIR|FILE|HUB_ID)"
+               if "AutoencoderKL" in str(e) else "")
         raise UserError(f"{path} lacks the weights of a pipeline component for {what} "
                         f"({first_line(e, 1000)}). Use a full checkpoint that includes the UNet, VAE and text "
-                        "encoder(s)") from e
+                        f"encoder(s){fix}") from e
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         if "meta tensor" in str(e):  # diffusers left a tensor the checkpoint lacks on meta, then moved it
             raise UserError(f"{path} is incomplete: some tensors of {what} are missing from it. Use a full "

@@ -146,8 +146,11 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             hub.offline()  # no network: diffusers reads the local cache only and fails at once, not after retries
         try:
             if kind == "file":
-                from lowmem_alignprop.models.arch import load_single_file
-                pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype)
+                from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
+                vae = None
+                if getattr(cfg, "vae", ""):  # read first: it takes the file's VAE's place (a "no-vae" file has none)
+                    vae = load_vae(cfg.vae, weight_dtype, vae_of_config(single_file_config(where, cfg.model_arch)[1]))
+                pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype, vae=vae)
                 from lowmem_alignprop.run.runlock import global_rank
                 if pipe.scheduler.config.get("prediction_type") == "v_prediction" and predicts == "auto" and \
                         global_rank() == 0:
@@ -184,7 +187,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     check_loaded(comps, cfg.model)  # an inpainting UNet, or a text encoder of another model
     if quant != "none":
         q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
-    if getattr(cfg, "vae", ""):
+    if getattr(cfg, "vae", "") and kind != "file":  # (a single file's was read with it)
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     from lowmem_alignprop.models.sampling import ddim_scheduler
     _say_consistency_sampler(comps.scheduler, cfg.model)
