@@ -60,3 +60,34 @@ def test_resolve_model_rejects_non_model_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="not a checkpoint"):
         resolve_model(str(tmp_path / "notes.txt"))
+
+
+def test_a_folder_of_fp16_variant_files_loads_as_its_plain_twin(tiny_dir, tmp_path):
+    """A model saved or downloaded with diffusers' variant="fp16" (diffusion_pytorch_model.fp16.safetensors,
+    model.fp16.safetensors) was refused with diffusers' "no file named diffusion_pytorch_model.bin". Each component
+    now loads its own variant (transformers reads only the one it is given): the same weights as the plain folder,
+    whole or mixed (a UNet of fp16 files beside plain text encoder files), sharded too."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.models.block_loading import folder_files
+    from lowmem_alignprop.settings.paths import component_variant, weights_variant
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    whole, mixed = tmp_path / "whole", tmp_path / "mixed"
+    plain.save_pretrained(whole, variant="fp16")
+    shutil.copytree(tiny_dir, mixed)
+    for part in ("unet", "text_encoder"):
+        shutil.rmtree(mixed / part)
+    plain.unet.save_pretrained(mixed / "unet", variant="fp16", max_shard_size="100KB")  # shards of the variant
+    plain.text_encoder.save_pretrained(mixed / "text_encoder", variant="fp16")
+    assert (weights_variant(tiny_dir), weights_variant(whole), weights_variant(mixed)) == (None, "fp16", "fp16")
+    assert component_variant(mixed / "vae") is None and component_variant(mixed / "unet") == "fp16"
+    for folder in (whole, mixed):
+        comps = load_components(Config(model=str(folder)))
+        for part in ("unet", "vae", "text_encoder"):
+            ours, theirs = getattr(comps, part).state_dict(), getattr(plain, part).state_dict()
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), (folder, part)
+    shards = folder_files(mixed / "unet")  # (a transformer folder's files, read block by block: the same names)
+    assert len(shards) > 1 and all(".fp16-" in f.name for f in shards) and all(f.is_file() for f in shards)

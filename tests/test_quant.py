@@ -305,3 +305,23 @@ def test_gpu_verify_flow_runs_on_cpu_with_a_small_unet(tiny_dir, cpu_quant, tmp_
     assert modes["nf4"]["measured_weight_bytes"] == modes["nf4_diffusers_from_pretrained"]["measured_weight_bytes"]
     assert result["analytic_gib"]["sdxl"]["nf4"] == pytest.approx(1.696, abs=0.01)
     assert json.loads((tmp_path / "quant_gpu.json").read_text())["ok"] is True
+
+
+def test_a_unet_of_fp16_variant_files_loads_quantized(tiny_dir, cpu_quant, tmp_path):
+    """A model folder of only fp16-variant files (diffusers' variant="fp16") with base_quant: the quantized UNet is
+    read from those files (diffusers' loader was asked for the plain ones and failed), the same layers quantized as
+    from the plain folder."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    folder = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_dir).save_pretrained(folder, variant="fp16")
+    shutil.copytree(tiny_dir, tmp_path / "plain")
+    ours, plain = (load_components(Config(model=str(f), base_quant="int8")).unet for f in (folder, tmp_path / "plain"))
+    assert quant.count_quantized(ours) == quant.count_quantized(plain) and quant.count_quantized(ours)["int8"] == 50
+    theirs = plain.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())

@@ -168,8 +168,10 @@ def prepare_quantized_layers(model: nn.Module) -> int:
     return count
 
 
-def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder: str = "unet"):
-    """The UNet of a diffusers directory or hub id, loaded quantized through diffusers' bitsandbytes support.
+def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder: str = "unet",
+                        variant: str | None = None):
+    """The UNet of a diffusers directory or hub id, loaded quantized through diffusers' bitsandbytes support (of the
+    weights ``variant``, e.g. fp16, where the folder has only those).
 
     The non-Linear layers are loaded in ``dtype``; the model lands on :func:`target_device`.
     """
@@ -179,7 +181,8 @@ def load_quantized_unet(where: str, mode: str, dtype: torch.dtype, *, subfolder:
     device = target_device()
     unet = UNet2DConditionModel.from_pretrained(where, subfolder=subfolder, **dtype_kwarg(dtype),
                                                 quantization_config=bnb_config(mode, dtype),
-                                                device_map={"": str(device)})
+                                                device_map={"": str(device)},
+                                                **({"variant": variant} if variant else {}))
     prepare_quantized_layers(unet)  # activations as small as nn.Linear's: fp16, no kept int8 inputs
     log.info("UNet loaded with %s Linear layers (diffusers BitsAndBytesConfig): %d layers quantized",
              mode, count_quantized(unet)[mode])

@@ -162,13 +162,17 @@ def materialize_quantized(model, device, mode: str, dtype, seed: int = 0, host_b
 # --------------------------------------------------------------------------------------------------
 
 def folder_files(transformer_dir: Path) -> list[Path] | None:
-    """The .safetensors files of a diffusers ``transformer/`` folder (one file, or the shards its index names);
-    None when it has none (a .bin model: diffusers loads it whole)."""
-    index = transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    """The .safetensors files of a diffusers ``transformer/`` folder (one file, or the shards its index names; a
+    variant's where it has only those: settings/paths.component_variant); None when it has none (a .bin model:
+    diffusers loads it whole)."""
+    from lowmem_alignprop.settings.paths import component_variant
+
+    tag = f".{variant}" if (variant := component_variant(transformer_dir)) else ""
+    index = transformer_dir / f"diffusion_pytorch_model.safetensors.index{tag}.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return [transformer_dir / f for f in sorted(set(weight_map.values()))]
-    one = transformer_dir / "diffusion_pytorch_model.safetensors"
+    one = transformer_dir / f"diffusion_pytorch_model{tag}.safetensors"
     return [one] if one.is_file() else None
 
 

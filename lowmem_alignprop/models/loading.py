@@ -19,7 +19,7 @@ import torch
 from lowmem_alignprop.memory import quant as q
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
-from lowmem_alignprop.models.pipeline_load import load_pipeline
+from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
@@ -160,7 +160,9 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
                         "prediction_type=epsilon", where)
             elif quant != "none":
                 # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
-                unet = q.load_quantized_unet(where, quant, weight_dtype)
+                from lowmem_alignprop.settings.paths import component_variant
+                variant = component_variant(pipeline_root(where, kind == "hub") / "unet")  # (only fp16 files: theirs)
+                unet = q.load_quantized_unet(where, quant, weight_dtype, variant=variant)
                 pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", unet=unet, safety_checker=None)
             else:
                 pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", safety_checker=None)

@@ -16,7 +16,7 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.paths import model_index
+from lowmem_alignprop.settings.paths import component_variant, model_index, weights_variant
 
 
 def missing_weights(info: dict) -> list[str]:
@@ -42,10 +42,12 @@ def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool 
     from diffusers import DiffusionPipeline
 
     root = pipeline_root(where, hub_id)
+    variant = {"variant": v} if (v := weights_variant(root)) else {}  # a folder of only fp16 files (variant="fp16")
     for name, cls in _transformers_models(root).items():
         if name not in given:
             given[name] = _load_checked(cls, root, name, named or where, dtype)
-    return DiffusionPipeline.from_pretrained(str(root), **given, **({} if dtype is None else dtype_kwarg(dtype)))
+    return DiffusionPipeline.from_pretrained(str(root), **given, **({} if dtype is None else dtype_kwarg(dtype)),
+                                             **variant)
 
 
 def _transformers_models(root: Path) -> dict:
@@ -63,7 +65,8 @@ def _transformers_models(root: Path) -> dict:
 
 
 def _load_checked(cls, root: Path, name: str, where: str, dtype: torch.dtype | None):
-    kwargs = {} if dtype is None else {"dtype": dtype}
+    own = component_variant(root / name)  # (transformers reads only the variant it is given: this folder's)
+    kwargs = {**({} if dtype is None else {"dtype": dtype}), **({"variant": own} if own else {})}
     model, info = cls.from_pretrained(str(root / name), output_loading_info=True, **kwargs)
     missing = missing_weights(info)
     if missing:

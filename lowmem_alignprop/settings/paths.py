@@ -72,6 +72,30 @@ def model_index(folder: str | os.PathLike) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+# a component's weights file, plain or of a variant ("diffusion_pytorch_model.fp16.safetensors", a variant's shard
+# "model.fp16-00001-of-00002.safetensors"): diffusers' and transformers' names
+_WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+?))?(?:-\d{5}-of-\d{5})?"
+                      r"\.(?:safetensors|bin)$")
+
+
+def weights_variant(folder: str | os.PathLike) -> str | None:
+    """The weights variant (``fp16``...) a diffusers folder must be loaded with (``from_pretrained(variant=...)``):
+    the one of a component that has only a variant's files (saved or downloaded with ``variant="fp16"``, as diffusers'
+    examples do); None where each component has plain weights."""
+    folder = Path(folder)
+    subfolders = sorted(e for e in folder.iterdir() if e.is_dir()) if folder.is_dir() else []
+    return next((v for v in map(component_variant, subfolders) if v), None)
+
+
+def component_variant(folder: str | os.PathLike) -> str | None:
+    """The variant of a component folder that has only a variant's weights (fp16 first), else None."""
+    found = [m.group(1) for f in Path(folder).iterdir() if (m := _WEIGHTS.match(f.name))] \
+        if Path(folder).is_dir() else []
+    if not found or None in found:
+        return None
+    return "fp16" if "fp16" in found else sorted(found)[0]
+
+
 def pipeline_class(folder: str | os.PathLike) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None."""
     return (model_index(folder) or {}).get("_class_name")
