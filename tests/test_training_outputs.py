@@ -168,12 +168,14 @@ def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout
     assert_rel_close(images, made_ff_lora["images"], SAME_OPS, f"step 0 from a {layout} attention+ff LoRA")
 
 
-def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_is_gone(made_lora, tmp_path,
+def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_is_gone(made_lora, tmp_path, capsys,
                                                                                     fresh_log_handlers):
     """The run keeps the LoRA --init-lora named, as it read it (init_lora/): a resume renders its before samples from
     that copy, with the path moved away (it was refused) or holding another LoRA (the before figures changed)."""
     import json
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
 
@@ -189,6 +191,25 @@ def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_i
     shutil.rmtree(src)
     assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
     assert json.loads((out / "summary.json").read_text())["sample_reward_before"] == before
+    # the copy gone too (a pruned or moved run folder): the path is taken only when it holds that LoRA; another one
+    # was taken in silence (its images the run's "before", and written over the record of what the run started from)
+    shutil.rmtree(out / "init_lora")
+    shutil.copytree(made_lora["lora"], src)
+    assert main(["--output-dir", str(out), "--steps", "3", "--resume", "latest"]) == 0  # the same LoRA: on it goes
+    shutil.rmtree(out / "init_lora")
+    weights = src / "pytorch_lora_weights.safetensors"
+    changed = load_file(str(weights))
+    next(iter(changed.values())).mul_(2)
+    save_file(changed, str(weights))
+    assert_refused(main, ["--output-dir", str(out), "--steps", "4", "--resume", "latest"],
+                   f"--init-lora {src} is not the LoRA this run started from (its checkpoint records another's digest), "
+                   f"and the run's copy {out / 'init_lora'} is missing: restore the copy or that file, or resume with "
+                   "--set init_lora=", out / "init_lora", capsys)
+    shutil.rmtree(src)
+    assert_refused(main, ["--output-dir", str(out), "--steps", "4", "--resume", "latest"],
+                   f"the LoRA this run started from is gone: its copy {out / 'init_lora'} is missing, and --init-lora "
+                   f"{src}: no such file or folder", out / "init_lora", capsys)
+    assert main(["--output-dir", str(out), "--steps", "4", "--resume", "latest", "--set", "init_lora="]) == 0
 
 
 def test_without_init_lora_step_0_is_the_base_model(made_lora, tmp_path):
@@ -245,6 +266,32 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
               "layers too (e.g. 'unet.down_blocks."),
              (["--init-lora", str(made_ff_lora["lora"])], "ff.net.0.proj.lora_A.weight') and this run's LoRA is on the "
               "attention projections: add --set lora_layers=attention+ff")]
+    # a DoRA (its magnitudes were dropped in silence: the run started from another LoRA), a peft adapter of another
+    # type (a traceback), a LoRA of a diverged run (the run stopped blaming its reward)
+    first = next(k for k in more if k.endswith(".lora.down.weight"))
+    magnitude = first.replace(".lora.down.weight", ".lora_magnitude_vector")
+    weird = {"dora": {**more, magnitude: torch.ones(8)}, "nan": {k: v.clone() for k, v in more.items()}}
+    weird["nan"][first].view(-1)[3] = float("nan")
+    for name, weights in weird.items():
+        (tmp_path / name).mkdir()
+        save_file(weights, str(tmp_path / name / "pytorch_lora_weights.safetensors"))
+    kohya = tmp_path / "kohya_dora.safetensors"
+    theirs_kohya = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    scale = next(k for k in theirs_kohya if k.endswith(".alpha")).replace(".alpha", ".dora_scale")
+    save_file({**theirs_kohya, scale: torch.ones(1, 8)}, str(kohya))
+    for name, change in (("peft_dora", {"use_dora": True}), ("peft_loha", {"peft_type": "LOHA"})):
+        shutil.copytree(made_lora["run"] / "peft", tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    cases += [(["--init-lora", str(tmp_path / "dora")], "lora_magnitude_vector'): this trainer trains plain LoRA and "
+               "cannot start from one"),
+              (["--init-lora", str(kohya)], f"--init-lora {kohya} is a DoRA (its magnitude vectors, e.g. '"),
+              (["--init-lora", str(tmp_path / "peft_dora")], "is a DoRA (its adapter_config.json: use_dora)"),
+              (["--init-lora", str(tmp_path / "peft_loha")], f"--init-lora {tmp_path / 'peft_loha'} is a peft LOHA "
+               "adapter, not a LoRA: only LoRA adapters (peft_type LORA) are read"),
+              (["--init-lora", str(tmp_path / "nan")], f"--init-lora {tmp_path / 'nan'}: 1 of its weights is NaN or "
+               "infinite (e.g. in '"), (["--init-lora", str(tmp_path / "nan")], "lora.down.weight'; the run that made "
+                                        "it diverged): pass another LoRA")]
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"run{i}"
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)

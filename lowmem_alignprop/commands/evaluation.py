@@ -42,6 +42,11 @@ EVAL_SCORING = "while scoring the held-out evaluation's images (--eval-every)"  
 EVAL_FIX = "fix the reward, or drop --eval-every"
 
 
+def step_zero(cfg) -> str:
+    """What step 0 is, in a line: the LoRA the run started from, untrained or --init-lora's."""
+    return "the LoRA it started from (--init-lora)" if cfg.init_lora else "the untrained LoRA"
+
+
 def measure_key(cfg) -> str:
     """The evaluation's figure best/ and the early stop go by (higher is better): best_by's."""
     return "eval_fidelity_score" if cfg.best_by == "fidelity" else "eval_objective"
@@ -233,7 +238,7 @@ class HeldOut:
         """An evaluation's figures for its log line: eval_reward, and what best/ is chosen by where that differs (the
         objective of reward_target or reward_cap, the toy world's fidelity)."""
         key, reward = measure_key(self.cfg), metrics.get("eval_reward")
-        return (f"step {step}{' (the untrained LoRA)' if step == 0 else ''}: eval_reward "
+        return (f"step {step}{f' ({step_zero(self.cfg)})' if step == 0 else ''}: eval_reward "
                 + ("n/a" if reward is None else f"{reward:.4f}")
                 + (f", {key} {metrics[key]:.4f}" if metrics.get(key) not in (None, reward) else ""))
 

@@ -61,6 +61,16 @@ def _init_lora_source(spec: str) -> Path:
                             "layout")
         return path
     if is_peft_folder(path):
+        import json
+
+        from lowmem_alignprop.commands.lora_files import PEFT_CONFIG_NAME
+        try:
+            dora = json.loads((path / PEFT_CONFIG_NAME).read_text(encoding="utf-8")).get("use_dora")
+        except (OSError, ValueError, AttributeError):  # (peft_as_diffusers says what is wrong with it)
+            dora = False
+        if dora:
+            raise UserError(f"--init-lora {spec} is a DoRA (its adapter_config.json: use_dora): this trainer trains "
+                            "plain LoRA and cannot start from one; pass a plain LoRA")
         return peft_as_diffusers(path, f"--init-lora {spec}")
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
@@ -88,6 +98,10 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors' own error types for a truncated or foreign file
         raise _damaged(spec, file, e) from None
+    dora = sorted(k for k in shapes if "lora_magnitude_vector" in k or k.endswith(".dora_scale"))
+    if dora:  # its magnitudes would be dropped in silence: the run would start from another LoRA
+        raise UserError(f"--init-lora {spec} is a DoRA (its magnitude vectors, e.g. {quote(dora[0])}): this trainer "
+                        "trains plain LoRA and cannot start from one; pass a plain LoRA")
     text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
     if text:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
@@ -99,7 +113,21 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
     ranks = {s[0] for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
     if not ranks:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys)")
+    _check_finite(file, spec)
     return ranks
+
+
+def _check_finite(file: Path, spec: str) -> None:
+    """A LoRA with NaN or inf weights (a run that diverged) renders NaN: the run would stop blaming its reward."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise UserError(f"--init-lora {spec}: {bad} of its weights {'is' if bad == 1 else 'are'} NaN or "
+                                f"infinite (e.g. in {quote(key)}; the run that made it diverged): pass another LoRA")
 
 
 def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:

@@ -181,9 +181,13 @@ def peft_as_diffusers(folder: Path, label: str) -> Path:
 
     try:
         config = json.loads((folder / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
+        kind = config.get("peft_type", "LORA")
         weights = load_file(str(folder / PEFT_WEIGHT_NAME))
     except Exception as e:  # a damaged JSON or safetensors file: any reader error
         raise UserError(f"{label}: the peft adapter cannot be read ({first_line(e, 120)})") from None
+    if kind != "LORA":  # (LoHa, LoKr, IA3...: diffusers' converter reads no such keys)
+        raise UserError(f"{label} is a peft {kind} adapter, not a LoRA: only LoRA adapters (peft_type LORA) are "
+                        "read; pass a LoRA")
     weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
     known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
     out = temporary_folder() / "lora"

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure
+from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure, step_zero
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.config import Config
@@ -143,7 +143,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         lines.append(f" best held-out evaluation: step {s['best_step']}, "
                      + (f"eval_fidelity_score {s['best_measure']:.3f}, " if cfg.best_by == "fidelity" else "")
                      + f"eval_reward {s['best_eval_reward']:.4f} "
-                     + ("(the untrained LoRA: no trained step beat it) " if s["best_step"] == 0 else "")
+                     + (f"({step_zero(cfg)}: no trained step beat it) " if s["best_step"] == 0 else "")
                      + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
                         "(its LoRA is not kept: no best/ or checkpoint of that step was left)"))
     elif "best_step" in s:  # --eval-every, and no evaluation counted

@@ -269,6 +269,7 @@ class Trainer:
         self.step = self.start + 1
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
+        self.init_sha: str | None = None  # its digest
         self.sample_prompts = prompts[: cfg.sample_prompts]
         # the toy world's exact evaluators judge these
         self.judge_prompts = judged_prompts(cfg.model, prompts, cfg.fidelity_images)
@@ -293,6 +294,34 @@ class Trainer:
     def init_lora_copy(self) -> Path:
         """--init-lora's LoRA as the run read it at its start (a resume starts from it)."""
         return self.out / INIT_LORA_DIR / LORA_WEIGHT_NAME
+
+    def find_init_lora(self) -> Path | None:
+        """--init-lora's file: a resume's copy of it (init_lora/), whatever the path holds now; else the path, checked
+        (a LoRA of another rank, or no LoRA, fails here). A resume whose copy is gone takes the path only when it
+        holds the LoRA the run started from (the checkpoint's digest of it): another one would be its "before"."""
+        if not self.cfg.init_lora:
+            return None
+        if self.point is not None and self.init_lora_copy.is_file():
+            return self.init_lora_copy
+        from lowmem_alignprop.commands.init_lora import check_init_lora
+
+        copy, resume = self.init_lora_copy.parent, "resume with --set init_lora= (the trained LoRA is in the " \
+            "checkpoint; the \"before\" samples are then the base model's)"
+        with same_on_every_rank():
+            try:
+                file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
+                                       self.cfg.model_components, self.cfg.lora_layers)
+            except UserError as e:
+                if self.point is None:
+                    raise
+                raise UserError(f"the LoRA this run started from is gone: its copy {copy} is missing, and {e}. "
+                                f"Restore either, or {resume}") from None
+            recorded = self.point.state.get("init_lora_sha") if self.point is not None else None
+            if recorded and ckpt.file_sha256(file) != recorded:
+                raise UserError(f"--init-lora {self.cfg.init_lora} is not the LoRA this run started from (its "
+                                f"checkpoint records another's digest), and the run's copy {copy} is missing: restore "
+                                f"the copy or that file, or {resume}")
+        return file
 
     def run(self) -> dict:
         try:
@@ -322,13 +351,8 @@ class Trainer:
             if self.refinish and self.is_rank0():
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)
-        if self.cfg.init_lora and self.point is not None and self.init_lora_copy.is_file():
-            self.init_file = self.init_lora_copy  # a resume starts from it, whatever the path holds now
-        elif self.cfg.init_lora:  # a LoRA of another rank, or no LoRA, fails here too
-            from lowmem_alignprop.commands.init_lora import check_init_lora
-            with same_on_every_rank():
-                self.init_file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
-                                                 self.cfg.model_components, self.cfg.lora_layers)
+        self.init_file = self.find_init_lora()
+        self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (checkpoints: see find_init_lora)
         self.setup_accelerator()
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end
@@ -449,8 +473,10 @@ class Trainer:
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
                                      cfg.lora_layers)
-            log.info("starting from the LoRA %s (%d layers)", cfg.init_lora if self.init_file != self.init_lora_copy
-                     else f"the run started from (its copy, {self.init_file.parent})", layers)
+            log.info("starting from the LoRA %s (%d layers)%s", cfg.init_lora if self.init_file != self.init_lora_copy
+                     else f"the run started from (its copy, {self.init_file.parent})", layers,
+                     "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL starts "
+                     "above 0" if cfg.kl_coeff else "")
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
@@ -1294,6 +1320,7 @@ class Trainer:
                                 "rollouts": self.rollouts_through(step),
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
                                 "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
+                                "init_lora_sha": self.init_sha,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
                                 **self.t5_tokens(),

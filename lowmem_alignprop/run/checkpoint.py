@@ -189,12 +189,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, hex."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify(path: Path) -> str | None:
@@ -218,7 +216,7 @@ def verify(path: Path) -> str | None:
             return f"{rel} is missing"
         if f.stat().st_size != meta["bytes"]:
             return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if _sha256(f) != meta["sha256"]:
+        if file_sha256(f) != meta["sha256"]:
             return f"{rel} does not match its checksum"
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -580,7 +578,7 @@ def load_trainable(unet, path: Path) -> None:
 
 def write_manifest(tmp: Path) -> None:
     """Sizes and checksums of every file in ``tmp``; then fsync, so a rename publishes a complete checkpoint."""
-    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
              for f in atomic.finish_tree(tmp)}  # synced, and readable as the umask allows (safetensors writes 0600)
     with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
         json.dump({"format": FORMAT, "files": files}, fh, indent=1)
