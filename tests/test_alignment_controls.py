@@ -809,7 +809,7 @@ def test_a_recipe_on_the_toy_model_says_what_it_replaces(caplog):
     assert caplog.records == []  # a model of the paper's shape: nothing of its own replaced
 
 
-def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path):
+def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path, caplog):
     """A profile file with `recipe: aesthetic` gets the recipe's settings (it named the recipe and trained none of
     it: reward brightness, lr 1e-3, said to be the aesthetic recipe), its own fields over them; a run's config.yaml
     (every field written) plans what it trained; --set recipe= clears the file's recipe."""
@@ -822,6 +822,22 @@ def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path
     assert (cfg.reward, cfg.reward_target, cfg.loss_scale, cfg.truncation, cfg.k_max, cfg.recipe) == \
         ("aesthetic", 10.0, 0.01, "per_step", 50, "aesthetic")
     assert (cfg.lr, cfg.budget_gb) == (0.002, 8.0)  # the file's own over the recipe's 1e-3
+    # a copy of a shipped profile (README: copy one, then edit it) holds the lines that define the recipe: its own
+    # truncation, K and lr won unsaid; said now, with the fix
+    copied = tmp_path / "copied.yaml"
+    copied.write_text("truncation: fixed\nk: 2\nk_min: 1\nk_max: 10\nlr: 0.001\nrecipe: aesthetic\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        _, own = resolve_config(str(copied), flags, [])
+    assert (own.truncation, own.k, own.recipe) == ("fixed", 2, "aesthetic")
+    said = [r.getMessage() for r in caplog.records if "names recipe" in r.getMessage()]
+    assert said == [f"profile {copied} names recipe aesthetic, and its own fields win over the recipe's: truncation "
+                    "fixed (recipe: per_step), k_min 1 (recipe: 0), k_max 10 (recipe: 50); delete those lines from the file (or give --recipe aesthetic) for the "
+                    "recipe's"], said  # (lr 0.001 is the recipe's own: nothing to say)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        _, flagged = resolve_config(str(copied), {**flags, "recipe": "aesthetic"}, [])
+    assert flagged.truncation == "per_step" and not [r for r in caplog.records if "names recipe" in r.getMessage()]
     _, flagged = resolve_config(str(mine), flags, ["lr=0.3"])
     assert flagged.lr == 0.3
     _, cleared = resolve_config(str(mine), flags, ["recipe="])

@@ -335,6 +335,19 @@ def check_recipe_target(recipe: dict[str, Any], chosen: dict[str, Any], kept: di
                     "reward_target=null), or train the recipe's reward")
 
 
+def overridden_recipe_note(profile: str, recipe: str, recipe_values: dict[str, Any], own: dict[str, Any]) -> None:
+    """A profile file of the user's that names a recipe: its own fields win over the recipe's. A copy of a shipped
+    profile holds truncation, K, lr and sample_steps lines, so the recipe's would be lost unsaid: said, with the fix."""
+    differ = {k: (own[k], v) for k, v in recipe_values.items() if k in own and k != "recipe" and
+              coerce(k, own[k]) != v}
+    if differ:
+        logging.getLogger("lowmem_alignprop").warning(
+            "profile %s names recipe %s, and its own fields win over the recipe's: %s; delete those lines from the "
+            "file (or give --recipe %s) for the recipe's", profile, recipe,
+            ", ".join(f"{k} {flag_value(mine)} (recipe: {flag_value(theirs)})" for k, (mine, theirs) in differ.items()),
+            recipe)
+
+
 def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                    resumed: tuple[str, dict] | None = None, training: bool = True) -> tuple[str, Config]:
     """profile < the model's defaults (:data:`MODEL_DEFAULTS`) < recipe < explicit flags (``flags``: FLAG_FIELDS, None
@@ -383,6 +396,8 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                 "recipe %s is AlignProp's Stable Diffusion 1.5 run: on the %s model it replaces %s (set them with "
                 "--set to keep the model's)", recipe, model,
                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in replaced.items()))
+        if "recipe" not in {**explicit, **overrides}:
+            overridden_recipe_note(profile, str(recipe), recipe_values, own)
         values = {**values, **recipe_values, **{k: v for k, v in own.items() if k in kept}}
         check_recipe_target(recipe_values, {**values, **explicit, **overrides}, kept)
         if "prompts" not in recipe_values and "prompts" not in kept:  # hps: the paper's prompts do not ship
