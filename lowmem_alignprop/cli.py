@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.config import Config, field_help, host_memory_note, parse_set, unread_in_training
 from lowmem_alignprop.settings.quiet import quiet_libraries
-from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, same_on_every_rank
+from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, nearest, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
@@ -532,9 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                "export": cmd_export}[command]
     try:
         if not named and argv and not argv[0].startswith("-"):  # training takes no bare word: a command mistyped
-            import difflib
-            close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
-            raise UserError(f"unknown command {argv[0]!r}: " + (f"did you mean lowmem-alignprop {close[0]}?" if close
+            close = nearest(argv[0], COMMANDS)
+            raise UserError(f"unknown command {argv[0]!r}: " + (f"did you mean lowmem-alignprop {close}?" if close
                             else f"the commands are {', '.join(COMMANDS)} (see lowmem-alignprop --help)"))
         if _working_directory_gone():  # before torch imports: its lazy MKL load ends the process without a word
             raise UserError("the working directory no longer exists: run the command from a folder that exists "

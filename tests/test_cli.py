@@ -24,6 +24,10 @@ from lowmem_alignprop.cli import main
     (["--set", "truncation=uniform", "--set", "k_min=5", "--set", "k_max=2"], "k_min=5 is larger than k_max=2"),
     (["--set", "mixed_precision=fp8"], "mixed_precision='fp8' is not one of"),
     (["--reward", "toy_count=7"], "reward 'toy_count=7': the target count must be a number from 0 to 4"),
+    # a name mistyped: the one it was nearest, as for prompt sets, config keys and commands
+    (["--reward", "brightnes"], "unknown reward 'brightnes' (did you mean brightness?); use one of"),
+    (["--profile", "rtx306"], "unknown profile 'rtx306' (did you mean rtx3060?): use one of"),
+    (["--model", "tinyy"], "model path tinyy does not exist (did you mean tiny?): pass an existing"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "run"

@@ -47,7 +47,7 @@ from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record,
 from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
-from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
@@ -63,10 +63,9 @@ CARD_NAME = "README.md"
 def check_format(fmt: str, merge: bool, weight: float | None, dtype: str | None = None,
                  single_file: bool = False) -> None:
     if fmt not in FORMATS:
-        import difflib
-        near = difflib.get_close_matches(fmt.lower(), FORMATS, n=1)
+        near = nearest(fmt, FORMATS)
         raise UserError(f"--format {quote(fmt)} is not one of {', '.join(FORMATS)}"
-                        + (f": did you mean {near[0]}?" if near else ""))
+                        + (f": did you mean {near}?" if near else ""))
     if merge and fmt != "diffusers":
         raise UserError(f"--merge writes the whole model as a diffusers folder, not a {fmt} LoRA: leave --format out, "
                         "or drop --merge")

@@ -23,7 +23,7 @@ from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
-from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.errors import UserError, did_you_mean, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, TOY_MODEL_DIR
 from lowmem_alignprop.settings.paths import describe as describe_path
@@ -102,7 +102,9 @@ def resolve_model(spec: str) -> tuple[str, str]:
     if kind_of(path) not in ("missing",):  # /dev/null, a dangling symlink, a loop: said as what it is
         raise UserError(f"model path {spec} {describe_path(path)}: {_pass_a_model(spec)}")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or not looks_like_hub_id(spec):
-        raise UserError(f"model path {spec} does not exist: {_pass_a_model(spec)}")
+        from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+        near = did_you_mean(spec, NAMED_KINDS) if "/" not in spec else ""  # (a shipped name mistyped: tinyy)
+        raise UserError(f"model path {spec} does not exist{near}: {_pass_a_model(spec)}")
     return "hub", spec
 
 

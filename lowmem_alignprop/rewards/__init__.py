@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from ..run.stop_request import CtrlC
-from ..settings.errors import UserError, first_line
+from ..settings.errors import UserError, did_you_mean, first_line
 from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
@@ -350,7 +350,8 @@ def reward_terms(spec: str) -> list[tuple[str, str, float]]:
         if term.endswith(".py"):  # a reward file without its function
             raise UserError(f"reward {term!r}: name the function in the file too, e.g. '{term}:my_reward'")
         if name not in REWARDS:
-            raise UserError(f"unknown reward {term!r}; use one of: {_names_hint()}, 'name:weight,...', or "
+            raise UserError(f"unknown reward {term!r}{did_you_mean(term, REWARDS)}; use one of: {_names_hint()}, "
+                            "'name:weight,...', or "
                             "'package.module:function' for your own")
         resolved.append(("builtin", name, weight))
     named = [name for _, name, _ in resolved]

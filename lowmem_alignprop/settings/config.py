@@ -6,7 +6,6 @@ Layering (later wins): dataclass defaults < hardware profile YAML < explicit CLI
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import logging
 import math
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of
@@ -388,9 +387,8 @@ class Config:
             raise UserError(f"eta={self.eta} must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
         for fmt in self.export_formats():
             if fmt not in EXPORT_FORMATS:
-                near = difflib.get_close_matches(fmt.lower(), EXPORT_FORMATS, n=1)
                 raise UserError(f"export_format: {quote(fmt)} is not one of {', '.join(EXPORT_FORMATS)}: use --set "
-                                f"export_format={near[0] if near else 'kohya'}")
+                                f"export_format={nearest(fmt, EXPORT_FORMATS) or 'kohya'}")
         if (self.export_format or self.push_to_hub) and self.train_unet != "lora":
             what = "export_format" if self.export_format else "push_to_hub"
             raise UserError(f"{what} exports a LoRA and train_unet=full trains the whole UNet (written to "
@@ -665,8 +663,7 @@ def _has(module: str) -> bool:
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
     if name not in FIELD_NAMES:
-        close = difflib.get_close_matches(name.lower(), FIELD_NAMES, n=1)  # (STEPS: none matched by case)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(name, FIELD_NAMES)  # (STEPS: as steps)
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
     t = get_type_hints(Config)[name]
     if isinstance(value, str):
@@ -789,9 +786,9 @@ def _closest_choice(value, choices, default) -> str | None:
     off = [c for c in choices if c in ("none", "no")]
     if _truth(text) is not None and (off or _truth(text)):
         return off[0] if not _truth(text) else next(c for c in choices if c not in off)
-    close = difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
+    close = nearest(text, choices)
     if close:
-        return close[0]
+        return close
     # else the default, unless it is off: report_to=all was told none, the opposite of what it asked
     return str(default) if str(default) in choices and str(default) not in off else None
 

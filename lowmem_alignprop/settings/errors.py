@@ -34,6 +34,22 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
+def nearest(word: str, choices, fold=str.lower) -> str | None:
+    """The choice a mistyped ``word`` most likely meant (difflib's closest, compared after ``fold``: case, and for
+    names written with - or _ both), else None: the one rule for every "did you mean"."""
+    import difflib
+
+    folded = {fold(str(c)): c for c in choices}
+    near = difflib.get_close_matches(fold(word), list(folded), n=1)
+    return str(folded[near[0]]) if near else None
+
+
+def did_you_mean(word: str, choices, fold=str.lower) -> str:
+    """" (did you mean X?)" for a message, or "" where nothing is near."""
+    near = nearest(word, choices, fold)
+    return f" (did you mean {near}?)" if near else ""
+
+
 _QUOTE = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 60, 60
 _QUOTE.maxlist = _QUOTE.maxdict = _QUOTE.maxtuple = _QUOTE.maxset = 4

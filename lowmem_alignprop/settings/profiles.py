@@ -12,7 +12,7 @@ import yaml
 
 from lowmem_alignprop.settings.config import (FIELD_NAMES, Config, build_config, coerce, end_k_range_at,
                                               end_k_range_said, flag_value, parse_set, recipe_file, set_flags)
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, read_user_text
@@ -234,7 +234,7 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
             hint = (f"profile {spec} {describe_path(path)}, not a profile file" if kind not in ("missing", "file") else
                     f"file {spec} does not exist" if path.suffix.lower() in (".yaml", ".yml") else
                     f"{spec} is not a profile (profile files end in .yaml)" if path.is_file() else
-                    f"unknown profile {spec!r}")
+                    f"unknown profile {spec!r}{did_you_mean(spec, [*shipped, 'auto'])}")
             raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
                             "(`lowmem-alignprop profiles` lists them)")
         name = str(path)

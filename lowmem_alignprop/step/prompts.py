@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, read_user_text
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
@@ -99,11 +99,7 @@ def load_prompts(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if path.exists() or path.is_symlink() or "/" in spec or "\\" in spec or path.suffix:  # (a link: broken, a loop)
         return read_prompt_file(path)
-    import difflib
-
-    folded = {name.replace("_", "-"): name for name in PROMPT_SETS}  # toy_pairs, Simple_Animals: near misses
-    near = difflib.get_close_matches(spec.lower().replace("_", "-"), list(folded), n=1)
-    hint = f" (did you mean {folded[near[0]]}?)" if near else ""
+    hint = did_you_mean(spec, PROMPT_SETS, fold=_dashed)  # toy_pairs, Simple_Animals: near misses
     raise UserError(f"unknown prompt set {spec!r}{hint}; use one of: {', '.join(PROMPT_SETS)}, or the path of a UTF-8 "
                     "text file with one prompt per line")
 
@@ -121,3 +117,8 @@ def draw_prompts(prompts: list[str], order: str, rng: random.Random, first: int,
         random.Random(f"{seed}/{n // len(prompts)}").shuffle(deck)
         out.append(deck[n % len(prompts)])
     return out
+
+
+def _dashed(name: str) -> str:
+    """A prompt set's name as compared for a "did you mean": case and - or _ alike."""
+    return name.lower().replace("_", "-")
