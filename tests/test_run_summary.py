@@ -89,6 +89,10 @@ def test_the_box_says_the_reward_first_to_last_and_its_change(tmp_path, capsys):
     assert "\n reward (brightness): 0.5000 -> 0.6250  (+0.1250)\n" in capsys.readouterr().out
     print_summary(dict(s, reward_first=0.625, reward_last=0.5), Config(reward="brightness"), "cpu")
     assert "\n reward (brightness): 0.6250 -> 0.5000  (-0.1250)\n" in capsys.readouterr().out
+    # every step skipped: no time per step to give (it said 0.00 s/step)
+    print_summary(dict(s, reward_first=float("nan"), reward_last=float("nan"), seconds_per_step=0.0),
+                  Config(reward="brightness"), "cpu")
+    assert "\n s/step n/a (no step trained), peak memory 1.000 GiB" in capsys.readouterr().out
 
 
 def test_the_toy_world_lines_put_each_rate_before_then_after():
@@ -156,3 +160,7 @@ def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     print_summary(dict(s, best_step=0, best_kept=False), Config(reward="brightness"), "cpu")
     assert ("\n best held-out evaluation: step 0, eval_reward 0.7125 (the untrained LoRA: no trained step beat it) "
             "(its LoRA is not kept: no best/ or checkpoint of that step was left)\n") in capsys.readouterr().out
+    # a run started from a LoRA (--init-lora): step 0 is that LoRA, not an untrained one
+    print_summary(dict(s, best_step=0), Config(reward="brightness", init_lora="mine"), "cpu")
+    assert "eval_reward 0.7125 (the LoRA it started from (--init-lora): no trained step beat it)" in \
+        capsys.readouterr().out

@@ -167,7 +167,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
     trained = (f"{s['output_dir']}/lora (pipe.load_lora_weights)" if s.get("trained", "lora") == "lora" else
                f"{s['output_dir']}/unet (UNet2DConditionModel.from_pretrained)")
     lines += [
-        f" {s['seconds_per_step']:.2f} s/step, peak memory "
+        (f" {s['seconds_per_step']:.2f} s/step" if s["seconds_per_step"] > 0 else " s/step n/a (no step trained)")
+        + ", peak memory "
         + ("n/a (no measured step trained)" if s["peak_memory_gb"] is None else f"{s['peak_memory_gb']:.3f} GiB")
         + budget[s.get("fits_budget")] + f", attention {s['attention']}"
         + ("" if s.get("cuda_allocator") in (None, "cpu") else f", allocator: {s['cuda_allocator']}"),
