@@ -740,6 +740,9 @@ def load_profile_text(text: str) -> dict:
     ({"seed": 2**32}, "seed=4294967296 is out of range"),
     ({"resolution": 36}, "resolution=36 must be a multiple of 8: use --set resolution=32"),
     ({"eval_every": 5, "deepspeed_zero": 3}, "eval_every with deepspeed_zero=3"),
+    ({"eval_every": 5, "eval_holdout": 0}, "eval_holdout must be at least 1 (got 0): use --set eval_holdout=1; to hold "
+                                           "no training prompt out, evaluate on prompts of their own: --set "
+                                           "eval_prompts=FILE"),
 ])
 def test_validate_refuses_what_would_train_nothing_or_wrongly(sets, needle):
     with pytest.raises(UserError) as e:
@@ -755,6 +758,8 @@ def test_validate_takes_the_edges_of_each_range():
     assert (cfg.window_bounds(), cfg.eta) == ((0, 5), 0.0)
     # block swap's per-block checkpointing is for backward: `sample` (training=False) takes whole-call checkpointing
     assert build_config({}, {}, {"eval_every": 5, "deepspeed_zero": 2}).deepspeed_zero == 2
+    # held-out prompts of their own: nothing is held out of training, and eval_holdout=0 says just that
+    assert build_config({}, {}, {"eval_every": 5, "eval_prompts": "toy-heldout", "eval_holdout": 0}).eval_holdout == 0
     swap = {"block_swap": 2, "unet_checkpointing": "call"}
     assert build_config({}, {}, swap, training=False).block_swap == 2
     with pytest.raises(UserError, match="add --set unet_checkpointing=blocks"):

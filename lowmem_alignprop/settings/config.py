@@ -516,9 +516,11 @@ class Config:
         for name in ("kl_coeff", "eval_every", "early_stop"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
-        for name in ("lv_draws", "eval_holdout"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
+        if self.lv_draws < 1:
+            raise UserError(f"lv_draws must be at least 1 (got {self.lv_draws}): use --set lv_draws=1")
+        if self.eval_holdout < (0 if self.eval_prompts else 1):  # (with eval_prompts none is held out: 0 says so)
+            raise UserError(f"eval_holdout must be at least 1 (got {self.eval_holdout}): use --set eval_holdout=1; "
+                            "to hold no training prompt out, evaluate on prompts of their own: --set eval_prompts=FILE")
         if self.lv_draws * self.batch_size > BATCH_MOST:  # decode and reward take them at once, as a batch
             raise UserError(f"lv_draws={self.lv_draws} x batch_size={self.batch_size} images decoded and scored at "
                             f"once is more than {BATCH_MOST}, the most batch_size itself may be: use --set lv_draws="
