@@ -892,3 +892,26 @@ def test_a_model_larger_than_host_memory_is_refused_on_a_cpu_before_it_loads(tmp
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UserError, match=f"{2 * need / 2**30:.1f} GiB in this machine's 2 processes, more than"):
         check_host_memory(cfg, available=need, total=need)
+
+
+def test_every_test_the_bad_input_table_names_exists():
+    """docs/bad_inputs.md's last column names the test of each row (test_file::test_name, or a name of the file
+    named before it): a renamed or removed test leaves a row that claims a check no longer there."""
+    import re
+
+    tests = Path(__file__).parent
+    defined = {f.stem: set(re.findall(r"^def (test_\w+)", f.read_text(encoding="utf-8"), re.M))
+               for f in tests.glob("test_*.py")}
+    everywhere = set().union(*defined.values())
+    table = (tests.parent / "docs" / "bad_inputs.md").read_text(encoding="utf-8")
+    gone = []
+    for row in re.findall(r"^\| (\d+) \|.*\| ([^|]*) \|$", table, re.M):
+        cited = re.sub(r"\[[^\]]*\]", "", row[1])  # (a parametrised case's id)
+        for file, name in re.findall(r"\b(test_\w+)::(test_\w+)", cited):
+            if name not in defined.get(file, ()):
+                gone.append(f"row {row[0]}: {file}::{name}")
+        for name in re.findall(r"(?<!::)\b(test_\w+)\b(?!::)", cited):
+            if name not in everywhere and name not in defined:
+                gone.append(f"row {row[0]}: {name}")
+    assert len(re.findall(r"^\| \d+ \|", table, re.M)) > 150  # (the table was read)
+    assert not gone, gone
