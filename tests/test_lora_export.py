@@ -121,6 +121,29 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert meta["alignprop_init_lora"] == "mine.safetensors"
 
 
+def test_a_runs_start_from_a_lora_is_named_shareably_with_its_digest(sd, tmp_path):
+    """--init-lora's LoRA in the card and the kohya header: every run's LoRA folder is called lora/, so its name
+    alone said nothing ("lora"), and the card's row gave no digest. Now: the run's name with it, and the SHA-256 of
+    the copy the run read (init_lora/), whatever the path holds now (the card's command keeps the path as typed)."""
+    import hashlib
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    start = tmp_path / "folders" / "of" / "mine" / "older-run" / "lora"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "init_lora": str(start)}))
+    (run / "init_lora").mkdir()
+    copy = run / "init_lora" / LORA_WEIGHT_NAME
+    copy.write_bytes((sd["lora"] / LORA_WEIGHT_NAME).read_bytes())
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    meta = formats.kohya_metadata(lora_files.read_lora(str(run / "lora")))
+    assert (meta["alignprop_init_lora"], meta["alignprop_init_lora_sha256"]) == ("older-run/lora", digest)
+    card = (export(tmp_path / "e", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert f"the LoRA `older-run/lora`, sha256 {digest[:16]} (its own training" in card
+    step = start.parent / "checkpoints" / "step-00000300"  # a checkpoint: its run's name, the checkpoints folder
+    assert formats.shared_name(str(step)) == "older-run/checkpoints/step-00000300"
+
+
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
     """A1111 takes a LoRA for SD 2.x only from ss_v2 == "True" (else SD1: hidden under an SD2 checkpoint); SD.Next
     reads modelspec.architecture; sd-scripts writes both, v-prediction (SD 2.1 at 768 px) in the architecture."""

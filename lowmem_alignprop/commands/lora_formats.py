@@ -76,6 +76,8 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
+        if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
+            meta["alignprop_init_lora_sha256"] = info["init_lora_sha"]
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
         meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
@@ -91,9 +93,15 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
 
 def shared_name(model: str) -> str:
     """A model or file as a header shared with the LoRA names it: a local path by its last part (as sd-scripts
-    writes it: a user's folders stay theirs), a hub id or a shipped name as it is."""
+    writes it: a user's folders stay theirs; a run's own folder, lora/ or checkpoints/step-N, with its run's name),
+    a hub id or a shipped name as it is."""
     path = Path(model).expanduser()
-    return path.name if model and (path.is_absolute() or path.exists()) else model
+    if not (model and (path.is_absolute() or path.exists())):
+        return model
+    if path.name in ("lora", "best"):  # (every run's LoRA folder is called so)
+        return f"{path.parent.name}/{path.name}"
+    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if path.name.startswith("step-") and \
+        len(path.parents) > 1 else path.name
 
 
 def write_kohya(lora: Lora, folder: Path, name: str) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
-from lowmem_alignprop.run.checkpoint import outputs_are_ema
+from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
+from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
@@ -42,6 +43,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "resume_changes", "t5_tokens"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
+    if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
+        info["init_lora_sha"] = file_sha256(copy)  # the LoRA it started from, as the run read it
     toy = s.get("toy_world") or {}
     if all("fidelity_score" in (toy.get(w) or {}) for w in ("before", "after")):  # the exact evaluators' truth
         info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")}
@@ -150,8 +153,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
                                   f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
-        rows.append(("started from", f"the LoRA `{info['init_lora']}` (its own training is not in the steps above; "
-                                     "the samples' \"before\" are its images)"))
+        from lowmem_alignprop.commands.lora_formats import shared_name
+        digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
+        rows.append(("started from", f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is "
+                                     "not in the steps above; the samples' \"before\" are its images)"))
     if "truncation" in info:
         k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
