@@ -148,10 +148,18 @@ def made_ff_lora(tmp_path_factory, tiny_dir):
     return _made_with_reference(tmp_path_factory, tiny_dir, "attention+ff")
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft"])
+@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft", "bin"])
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    bin_file = tmp_path / "pytorch_lora_weights.bin"  # torch.save's (older diffusers and peft; sample read it), with
+    # no header for its alpha (8 over rank 4): folded into B, as diffusers reads such a file with alpha = rank
+    weights = load_file(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"))
+    torch.save({k: v * 2 if k.endswith((".lora.up.weight", ".lora_B.weight")) else v for k, v in weights.items()},
+               bin_file)
     spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"],
-            "kohya": next((made_lora["run"] / "kohya").glob("*.safetensors")), "peft": made_lora["run"] / "peft"}[layout]
+            "kohya": next((made_lora["run"] / "kohya").glob("*.safetensors")), "peft": made_lora["run"] / "peft",
+            "bin": bin_file}[layout]
     # --seed 5: the run's own A starts other than the LoRA's (make_sd_lora's add_lora seed 0), so A must be copied
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}", "--seed", "5"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own
@@ -260,6 +268,9 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
              (["--init-lora", str(made_lora["lora"]), "--set", "lora_rank=8"],
               f"--init-lora {made_lora['lora']} has rank 4 and this run trains rank 8: add --set lora_rank=4"),
              (["--init-lora", str(sdxl_lora["lora"])], f"--init-lora {sdxl_lora['lora']} does not fit this model"),
+             # ... and names the model its run recorded (the fix said "pass that model" without naming it)
+             (["--init-lora", str(sdxl_lora["lora"])], "or another --init-lora (it was trained on "
+                                                       f"{sdxl_lora['base']}, not --model "),
              (["--init-lora", str(tmp_path / "nope")], "no such file or folder"),
              # before the model loads, from the file's names
              (["--init-lora", str(made_ff_lora["lora"])], f"--init-lora {made_ff_lora['lora']} adapts feed-forward "

@@ -117,8 +117,9 @@ def _lora_file(path: Path, arg: str) -> Path:
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:  # its images would be NaN, and their rewards too
+    from lowmem_alignprop.commands.lora_files import nonfinite
+
+    if (bad := nonfinite(tensors)) is not None:  # its images would be NaN, and their rewards too
         raise UserError(f"--lora {arg}: {file} holds NaN or inf weights ({bad}): the run that wrote it diverged; "
                         "sample a checkpoint from before it, or train again with a lower learning rate")
     from lowmem_alignprop.commands import flow_export

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import lora_dir_of, temporary_folder
+from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder
 from lowmem_alignprop.commands.lora_formats import peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
@@ -56,10 +56,7 @@ def _init_lora_source(spec: str) -> Path:
         raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
                         "checkpoint, a .safetensors file or a peft adapter folder)")
     if path.is_file():
-        if not is_safetensors(path):
-            raise UserError(f"--init-lora {spec} is not a .safetensors file: pass a LoRA in diffusers, kohya or peft "
-                            "layout")
-        return path
+        return path if is_safetensors(path) else _as_safetensors(path, spec)
     if is_peft_folder(path):
         import json
 
@@ -80,6 +77,25 @@ def _init_lora_source(spec: str) -> Path:
         return found[0]
     raise UserError(f"--init-lora {spec} holds {'no' if not found else 'several'} .safetensors files: pass the LoRA "
                     "file itself, a run's lora/ folder or a peft adapter folder")
+
+
+def _as_safetensors(path: Path, spec: str) -> Path:
+    """A LoRA saved with torch.save (.bin: older diffusers and peft), its tensors only (pickled code is refused), as a
+    .safetensors file in a temporary folder: what the loaders below read."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
+    try:
+        state = read_tensor_file(path)
+    except (TensorFileError, OSError) as e:
+        raise UserError(f"--init-lora {spec} is neither a .safetensors file nor a readable torch file of tensors "
+                        f"({first_line(e, 120)}): pass a LoRA in diffusers, kohya or peft layout") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--init-lora {spec} holds no dictionary of tensors: pass a LoRA in diffusers, kohya or peft "
+                        "layout")
+    out = temporary_folder() / LORA_WEIGHT_NAME
+    save_file({str(k): v.contiguous() for k, v in state.items()}, str(out))
+    return out
 
 
 def _damaged(spec: str, file: Path, e: Exception) -> UserError:
@@ -119,29 +135,25 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
 
 def _check_finite(file: Path, spec: str) -> None:
     """A LoRA with NaN or inf weights (a run that diverged) renders NaN: the run would stop blaming its reward."""
-    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
-            t = f.get_tensor(key)
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                bad = int((~torch.isfinite(t)).sum())
-                raise UserError(f"--init-lora {spec}: {bad} of its weights {'is' if bad == 1 else 'are'} NaN or "
-                                f"infinite (e.g. in {quote(key)}; the run that made it diverged): pass another LoRA")
+    tensors = load_file(str(file))
+    if (key := nonfinite(tensors)) is not None:
+        bad = int((~torch.isfinite(tensors[key])).sum())
+        raise UserError(f"--init-lora {spec}: {bad} of its weights {'is' if bad == 1 else 'are'} NaN or infinite "
+                        f"(e.g. in {quote(key)}; the run that made it diverged): pass another LoRA")
 
 
 def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:
     """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` and of
     ``model``'s family as far as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind, recorded_base, same_model
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind
     from lowmem_alignprop.settings.model_kind import model_kind_of
 
     file = init_lora_file(spec)
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     check_lora_family(model_of_kind(model_kind_of(model, components)), [lora], model, "--init-lora")
-    base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
-    other = f" (it was trained on {base[0]}, not --model {model}: if that is another model, pass a LoRA of this one)" \
-        if base is not None and not same_model(model, base[0]) else ""
+    other = trained_on(spec, file, model)
     try:
         ranks = lora_file_ranks(file, spec, layers)
         if ranks != {rank}:
@@ -153,8 +165,19 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
     return file
 
 
+def trained_on(spec: str, file: Path, model: str) -> str:
+    """" (it was trained on X, not --model Y: ...)" where the LoRA's run recorded another base model than ``model``
+    (lora/base_model.json), for a message that the LoRA does not fit; else ""."""
+    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_base, same_model
+
+    lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
+    base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
+    return f" (it was trained on {base[0]}, not --model {model}: if that is another model, pass a LoRA of this one)" \
+        if base is not None and not same_model(model, base[0]) else ""
+
+
 @torch.no_grad()
-def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention") -> int:
+def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention", model: str = "") -> int:
     """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its
     own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
     copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
@@ -163,7 +186,8 @@ def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention"
     from lowmem_alignprop.models.lora_layers import lora_targets
 
     load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
-                      "it was made for another base model: pass that model with --model, or another --init-lora")
+                      "it was made for another base model: pass that model with --model, or another --init-lora"
+                      + (trained_on(spec, file, model) if model else ""))
     copied, flow = 0, not hasattr(unet, "down_blocks")  # a UNet has down blocks, SD3/FLUX transformers none
     for name, module in unet.named_modules():
         if INIT_ADAPTER not in getattr(module, "lora_A", {}):

@@ -362,6 +362,12 @@ def denoiser_name(lora: Lora) -> str:
     return {"unet": "UNet", "sd3": "SD3 transformer", "flux": "FLUX transformer"}[lora.family]
 
 
+def nonfinite(tensors) -> str | None:
+    """The first of a LoRA's weights (name -> tensor) holding NaN or inf (a run that diverged), else None: its images
+    would be NaN, and their rewards too."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def temporary_folder() -> Path:
     import atexit
 

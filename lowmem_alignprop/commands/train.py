@@ -472,7 +472,7 @@ class Trainer:
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
             from lowmem_alignprop.commands.init_lora import start_from_lora
             layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
-                                     cfg.lora_layers)
+                                     cfg.lora_layers, cfg.model)
             log.info("starting from the LoRA %s (%d layers)%s", cfg.init_lora if self.init_file != self.init_lora_copy
                      else f"the run started from (its copy, {self.init_file.parent})", layers,
                      "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL starts "
