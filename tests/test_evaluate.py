@@ -879,3 +879,24 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+
+
+def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tmp_path, loras, tiny_dir):
+    """unet.save_attn_procs's layout (diffusers before 0.21: attn1.processor.to_q_lora.down.weight) loaded 0 layers
+    and was said to be "made for another base model": it is converted, and renders as the LoRA it is."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(loras["a"] / "pytorch_lora_weights.safetensors"))
+    old = {re.sub(r"\.(to_[qkv]|to_out)(\.0)?\.lora\.", r".processor.\1_lora.", k.removeprefix("unet.")): v
+           for k, v in weights.items()}
+    assert all(".processor." in k for k in old)
+    save_file(old, str(tmp_path / "old.safetensors"))
+    got = {}
+    for name, lora in (("new", loras["a"]), ("old", tmp_path / "old.safetensors")):
+        out = tmp_path / name
+        assert main(["sample", *COMMON, "--model", str(tiny_dir), "--lora", str(lora), "--prompt", "dog", "--seed", "5",
+                     "--output-dir", str(out)]) == 0
+        got[name] = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]
+    assert got["old"]["lora"] == got["new"]["lora"] and got["old"]["lora"] != got["old"]["base"]

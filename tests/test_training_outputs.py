@@ -148,18 +148,29 @@ def made_ff_lora(tmp_path_factory, tiny_dir):
     return _made_with_reference(tmp_path_factory, tiny_dir, "attention+ff")
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft", "bin"])
+def _attn_processor_layout(weights: dict) -> dict:
+    """diffusers' layout before 0.21 (unet.save_attn_procs): attn1.processor.to_q_lora.down.weight, alpha = rank."""
+    import re
+
+    return {re.sub(r"\.(to_[qkv]|to_out)(\.0)?\.lora\.", r".processor.\1_lora.", k.removeprefix("unet.")): v
+            for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft", "bin", "attn_processors"])
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     bin_file = tmp_path / "pytorch_lora_weights.bin"  # torch.save's (older diffusers and peft; sample read it), with
     # no header for its alpha (8 over rank 4): folded into B, as diffusers reads such a file with alpha = rank
     weights = load_file(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"))
-    torch.save({k: v * 2 if k.endswith((".lora.up.weight", ".lora_B.weight")) else v for k, v in weights.items()},
-               bin_file)
+    folded = {k: v * 2 if k.endswith((".lora.up.weight", ".lora_B.weight")) else v for k, v in weights.items()}
+    torch.save(folded, bin_file)
+    old = tmp_path / "attn_procs.safetensors"  # diffusers' layout before 0.21 (which diffusers reads no more)
+    save_file(_attn_processor_layout(folded), str(old))
+    assert all(".processor.to_" in k and "_lora." in k for k in load_file(str(old)))
     spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"],
             "kohya": next((made_lora["run"] / "kohya").glob("*.safetensors")), "peft": made_lora["run"] / "peft",
-            "bin": bin_file}[layout]
+            "bin": bin_file, "attn_processors": old}[layout]
     # --seed 5: the run's own A starts other than the LoRA's (make_sd_lora's add_lora seed 0), so A must be copied
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}", "--seed", "5"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own

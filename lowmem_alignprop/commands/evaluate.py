@@ -126,7 +126,9 @@ def _lora_file(path: Path, arg: str) -> Path:
 
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
         return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
-    return file
+    from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers
+
+    return attn_processor_as_diffusers(tensors) or file  # (diffusers' layout before 0.21, which it reads no more)
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

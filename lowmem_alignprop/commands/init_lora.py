@@ -11,7 +11,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder
-from lowmem_alignprop.commands.lora_formats import peft_as_diffusers
+from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -36,11 +36,14 @@ def init_lora_file(spec: str) -> Path:
         from lowmem_alignprop.commands import flow_export
         try:
             with safe_open(str(file), framework="pt") as f:
-                kohya_flow = flow_export.is_kohya_flow(f.keys())
+                keys = list(f.keys())
         except Exception as e:  # safetensors' own error types for a truncated or foreign file
             raise _damaged(spec, file, e) from None
-        if kohya_flow:
+        if flow_export.is_kohya_flow(keys):
             return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
+        if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
+            from safetensors.torch import load_file
+            return attn_processor_as_diffusers(load_file(str(file))) or file
     return file
 
 

@@ -183,8 +183,6 @@ def file_stem(lora: Lora) -> str:
 def peft_as_diffusers(folder: Path, label: str) -> Path:
     """A peft adapter folder in diffusers' layout, in a temporary folder (removed when the process ends); ``label``
     names the option in a message (``--init-lora x``)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import load_file
 
     try:
@@ -198,6 +196,26 @@ def peft_as_diffusers(folder: Path, label: str) -> Path:
                         "read; pass a LoRA")
     weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
     known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
+    return _diffusers_file(weights, known)
+
+
+def attn_processor_as_diffusers(tensors: dict) -> Path | None:
+    """A LoRA in diffusers' old attention-processor layout (``unet.save_attn_procs`` before diffusers 0.21:
+    ``...attn1.processor.to_q_lora.down.weight``; alpha = rank), which diffusers' loader no longer reads, in today's
+    layout in a temporary folder (removed when the process ends); None for a LoRA of any other layout."""
+    if not any(".processor." in k and "_lora." in k for k in tensors):
+        return None
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    return _diffusers_file(convert_unet_state_dict_to_peft({k.replace(".processor.", "."): v
+                                                            for k, v in tensors.items()}), {})
+
+
+def _diffusers_file(weights: dict, known: dict) -> Path:
+    """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
     out = temporary_folder() / "lora"
     if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
         from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
