@@ -270,6 +270,9 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
     theirs = tmp_path / "theirs"  # a LoRA whose run trained another model: its shape's fix says so
     shutil.copytree(made_lora["lora"], theirs)
     (theirs / "base_model.json").write_text(json.dumps({"model": "someone/other-model"}))
+    kept = tmp_path / "older" / "checkpoints"  # a run's checkpoints folder, not one of them
+    for step in (100, 300):
+        (kept / f"step-{step:08d}").mkdir(parents=True)
     cases = [(["--init-lora", str(theirs), "--set", "lora_rank=8"],
               f"--init-lora {theirs} has rank 4 and this run trains rank 8: add --set lora_rank=4 (it was trained on "
               "someone/other-model, not --model "),(["--init-lora", str(tmp_path / "more")], f"--init-lora {tmp_path / 'more'} does not fit this model: "
@@ -283,6 +286,8 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
              (["--init-lora", str(sdxl_lora["lora"])], "or another --init-lora (it was trained on "
                                                        f"{sdxl_lora['base']}, not --model "),
              (["--init-lora", str(tmp_path / "nope")], "no such file or folder"),
+             (["--init-lora", str(kept)], f"--init-lora {kept} is a run's checkpoints folder: name one of its "
+              f"checkpoints, e.g. --init-lora {kept / 'step-00000300'} (the newest), or the run's lora/"),
              # before the model loads, from the file's names
              (["--init-lora", str(made_ff_lora["lora"])], f"--init-lora {made_ff_lora['lora']} adapts feed-forward "
               "layers too (e.g. 'unet.down_blocks."),
