@@ -45,6 +45,17 @@ examples:
 """
 
 
+SAMPLE_EPILOG = """config fields that change the images or their scores (with --set key=value; the LoRA's run's own
+are taken where it recorded them; training's fields, the K range, optimiser and checkpoints, change nothing here):
+{fields}
+
+examples:
+  lowmem-alignprop sample outputs/run/lora                         # its run's model, prompts, reward and sampler
+  lowmem-alignprop sample --lora a/lora:0.5 --lora b/lora:0.5      # the midpoint of two LoRAs in weight space
+  lowmem-alignprop sample outputs/run/lora --prompt "a red fox" --images-per-prompt 4 --seed 7
+"""
+
+
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=EPILOG.format(fields=field_help()))
@@ -394,6 +405,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt of your own, repeatable: these prompts instead of a prompt set's first N")
     p.add_argument("--images-per-prompt", type=int, default=1, metavar="M", help="images per prompt (default 1)")
+    from lowmem_alignprop.settings.config import TRAINING_ONLY, field_help
+    p.epilog = SAMPLE_EPILOG.format(fields=field_help(TRAINING_ONLY))  # (what only training reads changes nothing)
     return p
 
 

@@ -192,6 +192,20 @@ def test_help_says_what_the_default_run_trains():
     assert f"trains {cfg.reward} at {cfg.resolution} px, batch {cfg.batch_size}, K={cfg.k};" in " ".join(EPILOG.split())
 
 
+def test_sample_help_lists_the_fields_that_change_its_images_not_trainings():
+    """`sample --help` listed every training field (the K range, the optimiser, checkpoints) that changes nothing
+    there; now the fields of the images and their scores, with sample's own examples."""
+    from lowmem_alignprop.cli import sample_parser
+
+    text = sample_parser().format_help()
+    fields = text.split("config fields", 1)[1]
+    for name in ("guidance_scale", "sample_steps", "resolution", "negative_prompt", "reward", "prediction_type"):
+        assert f"\n  {name} " in fields or f"\n  {name}[" in fields, name
+    for name in ("kl_coeff", "k_max", "lr", "checkpoint_every", "ema_decay"):
+        assert f"\n  {name} " not in fields and f"\n  {name}[" not in fields, name
+    assert "lowmem-alignprop sample outputs/run/lora " in text and "accelerate launch" not in text
+
+
 def test_module_entry_point_and_help():
     r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", "--help"], capture_output=True, text=True,
                        timeout=120)

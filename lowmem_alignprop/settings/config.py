@@ -956,10 +956,10 @@ def unread_in_training(cfg: Config, sets: list[str]) -> list[str]:
     return notes
 
 
-def field_help() -> str:
-    """Every field with its default and help text, for --help."""
+def field_help(leave_out=frozenset()) -> str:
+    """Every field (but ``leave_out``) with its default and help text, for --help."""
     lines = []
-    for f in fields(Config):
+    for f in (f for f in fields(Config) if f.name not in leave_out):
         choices = f.metadata.get("choices")
         ch = f" [{'|'.join(map(str, choices))}]" if choices else ""
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
