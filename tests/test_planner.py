@@ -537,6 +537,24 @@ def test_a_ctrl_c_during_the_plans_search_keeps_what_it_tried_and_stops_anything
     calls.clear()
     with pytest.raises(CtrlC):
         planner.suggest(cfg, target="cuda")
+    # a real Ctrl-C during an estimate is held until it ends (raised inside torch's C++ dispatch, it once aborted the
+    # process, exit 134): that estimate is kept, the next is not begun, and the handler is the old one again
+    import os
+    import signal
+
+    def interrupted_estimate(cfg, **kw):
+        calls.append(cfg.resolution)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # (delivered at once to this, the main thread: held)
+        return Est()
+
+    calls.clear()
+    monkeypatch.setattr(planner, "estimate", interrupted_estimate)
+    before = signal.getsignal(signal.SIGINT)
+    out = planner.suggest(cfg, target="cuda", interruptible=True)
+    assert out["interrupted"] and calls == [384, 256]
+    assert [t["set"] for t in out["tried"]] == [{"resolution": 384}, {"resolution": 256}]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_the_search_stops_growing_a_feature_that_saves_next_to_nothing(monkeypatch):

@@ -434,19 +434,21 @@ def suggest(cfg: Config, *, target: str = "cuda", prompts: list[str] | None = No
     feature whose step lowered the peak by under :data:`STALLED` is not taken further). Every candidate is
     re-estimated. Returns {"found": change or None, "tried": [...]}; ``interruptible`` (the plan command): a Ctrl-C
     stops the search there (``interrupted``: the plan is printed with what was tried so far, which took minutes)."""
-    from lowmem_alignprop.run.stop_request import CtrlC
+    from lowmem_alignprop.run.stop_request import CtrlC, HeldCtrlC
 
     tried: list[dict[str, Any]] = []
-    try:
+    if not interruptible:  # (--auto-fit's search before a run: the Ctrl-C stops the run)
         return _suggest(cfg, target, prompts, max_estimates, log, tried)
+    try:
+        with HeldCtrlC() as held:  # a Ctrl-C is taken between two estimates, never inside one
+            return _suggest(cfg, target, prompts, max_estimates, log, tried, between=held.check)
     except CtrlC:
-        if not interruptible:  # (--auto-fit's search before a run: the Ctrl-C stops the run)
-            raise
         return {"found": None, "tried": tried, "interrupted": True}
 
 
 def _suggest(cfg: Config, target: str, prompts: list[str] | None, max_estimates: int,
-             log: Callable[[str], None] | None, tried: list[dict[str, Any]]) -> dict[str, Any]:
+             log: Callable[[str], None] | None, tried: list[dict[str, Any]],
+             between: Callable[[], None] = lambda: None) -> dict[str, Any]:
     seen: dict[tuple, bool] = {}  # the first accumulated change is often a single one already estimated
     needed: dict[tuple, int] = {}  # each estimated change's peak_needed
 
@@ -455,6 +457,7 @@ def _suggest(cfg: Config, target: str, prompts: list[str] | None, max_estimates:
         if key in seen:
             return seen[key]
         new = _apply(cfg, change)
+        between()  # (a held Ctrl-C stops the search here)
         est = estimate(new, target=target, prompts=prompts)
         fits = bool(est.fits(cfg.budget_gb))
         tried.append({"change": label, "set": change, "peak_allocated": est.peak_allocated,

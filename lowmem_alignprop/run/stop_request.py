@@ -51,6 +51,36 @@ def telling_ctrl_c():
             signal.signal(s, old)
 
 
+class HeldCtrlC:
+    """While in (main thread), Ctrl-C is held and raised as :class:`CtrlC` by :meth:`check`, which the caller calls
+    between units of work: a KeyboardInterrupt raised inside one of torch's C++ callbacks (a fake-tensor estimate's
+    dispatch) can end the process with "terminate called after throwing an instance of 'python_error'" instead. A
+    second Ctrl-C raises at once."""
+
+    def __init__(self):
+        self.asked: int | None = None
+        self.old = None
+
+    def __enter__(self) -> HeldCtrlC:
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.asked is not None:
+            raise CtrlC(signum)
+        self.asked = signum
+
+    def check(self) -> None:
+        if self.asked is not None:
+            raise CtrlC(self.asked)
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
 def exit_code(interrupt: KeyboardInterrupt) -> int:
     """A command's exit status after an interrupt: 128 + the signal's number, as a shell reports a process the signal
     ended (130 for Ctrl-C, 143 for SIGTERM)."""
