@@ -844,9 +844,11 @@ def test_an_unfinished_checkpoint_write_goes_once_a_newer_checkpoint_is_written(
     dead = run / "checkpoints" / ".tmp-step-00000005"
     dead.mkdir()
     (dead / "trainable.safetensors").write_bytes(b"half")
+    aside = run / "checkpoints" / ".tmp-old-step-00000004"  # a publish killed mid-swap by an older release: a whole
+    shutil.copytree(ckpt.list_checkpoints(run / "checkpoints")[0], aside)  # checkpoint's bytes, kept for good
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
-    assert f"ignoring {dead}" in caplog.text and not dead.exists()
+    assert f"ignoring {dead}" in caplog.text and not dead.exists() and not aside.exists()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest"]) == 0

@@ -1040,6 +1040,27 @@ def test_a_toy_clip_saved_in_either_layout_loads_the_same(tmp_path):
         assert torch.equal(load_model(tmp_path / layout).embed_text(ids), want), layout
 
 
+def test_a_toy_reward_saved_over_its_older_self_keeps_it_whole_when_the_write_fails(tmp_path, monkeypatch):
+    """train-toy-world --rewards-only reads out/rewards/toy_clip and writes the fine-tuned one back there: written in
+    place, a full disk (or a kill) mid-write left a torn model.safetensors and no older one. Now the older model
+    stays whole until the new one is."""
+    from lowmem_alignprop.rewards.toy import ToyClipModel, load_model, save_model
+    from lowmem_alignprop.run import atomic
+
+    torch.manual_seed(0)
+    old, new = ToyClipModel(40, 38, 39, max_length=8), ToyClipModel(40, 38, 39, max_length=8)
+    where = tmp_path / "rewards" / "toy_clip"
+    save_model(old, where, "toy_clip", dtype=torch.float32)
+    before = {p.name: p.read_bytes() for p in where.iterdir()}
+    monkeypatch.setenv(atomic.INJECT_ENV, "toy_clip:enospc")
+    with pytest.raises(OSError):
+        save_model(new, where, "toy_clip", dtype=torch.float32)
+    assert {p.name: p.read_bytes() for p in where.iterdir()} == before
+    assert sorted(p.name for p in where.parent.iterdir()) == ["toy_clip"]  # (no temporary folder left)
+    ids = torch.randint(0, 38, (2, 8))
+    assert torch.equal(load_model(where).embed_text(ids), old.eval().embed_text(ids))
+
+
 def test_reward_checkpointing_lowers_what_toy_clip_and_toy_count_keep_for_backward():
     """--set reward_checkpointing=true was accepted for the toy rewards and changed nothing (their tower was never
     checkpointed): now each convolution block keeps only its input for backward, and the image gradient is the

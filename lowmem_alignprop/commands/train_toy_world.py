@@ -710,8 +710,9 @@ def _train_model_and_rewards(out: Path, sched: Schedule, seed: int, reward_split
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)  # half the bytes
-    _text_encoder_in_hub_layout(out / "model" / "text_encoder" / "model.safetensors")
+    with atomic.replacing_dir(out / "model") as tmp:  # (a killed build leaves no half model for --rewards-only)
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # half the bytes
+        _text_encoder_in_hub_layout(tmp / "text_encoder" / "model.safetensors")
     pipe.to(torch.float32)  # (the rewards' VAE reconstructions below: the fp16 weights, computed in fp32)
 
     vocab = tokenizer.get_vocab()
@@ -746,7 +747,8 @@ def _taken_from(source: Path, out: Path) -> dict:
 
     prior = json.loads((source / "report.json").read_text(encoding="utf-8"))
     if source.resolve() != out.resolve():
-        shutil.copytree(source / "model", out / "model", dirs_exist_ok=True)
+        with atomic.replacing_dir(out / "model") as tmp:  # (replaced whole: no older model's files merged in)
+            shutil.copytree(source / "model", tmp, dirs_exist_ok=True)
     keep = ("train_version", "seed", "scale", "schedule", "reward_split", "reproducible", "wall_seconds", "sha256")
     return {"vae_scaling_factor": prior["vae_scaling_factor"],
             "vae_reconstruction_fidelity": prior["vae_reconstruction_fidelity"],

@@ -98,12 +98,13 @@ class ToyCountModel(nn.Module):
 def save_model(model: nn.Module, directory: str | Path, kind: str, dtype: torch.dtype = torch.float16) -> None:
     from safetensors.torch import save_file
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"kind": kind, **model.config}, indent=1, sort_keys=True) + "\n",
-                                   encoding="utf-8")
+    from lowmem_alignprop.run import atomic
+
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(text_tower_names(state, "text.", nested=True), str(d / "model.safetensors"))  # the hub's layout
+    with atomic.replacing_dir(directory) as d:  # (the older model stays whole until this one is)
+        (d / "config.json").write_text(json.dumps({"kind": kind, **model.config}, indent=1, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+        save_file(text_tower_names(state, "text.", nested=True), str(d / "model.safetensors"))  # the hub's layout
 
 
 def load_model(directory: str | Path) -> nn.Module:

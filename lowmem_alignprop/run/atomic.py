@@ -184,20 +184,30 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = partial_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    old = None
     try:
         yield tmp
         finish_tree(tmp)
         fsync_dir(tmp)
         inject(path)
+        swap_in(tmp, path)
+    except BaseException as e:
+        _tag(e, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``: an older ``path`` is moved aside first and removed after (a
+    crash in between leaves it beside, whole); on an error it goes back, nothing lost. The one swap of every folder
+    write (:func:`replacing_dir`, a checkpoint's publish)."""
+    old = None
+    try:
         if path.exists() or path.is_symlink():
             old = path.with_name(f"{PARTIAL}old-{os.getpid()}-{path.name}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException as e:
-        _tag(e, path)
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
         if old is not None and not path.exists():
             with contextlib.suppress(OSError):
                 os.replace(old, path)  # the older folder goes back: nothing lost

@@ -589,15 +589,7 @@ def write_manifest(tmp: Path) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename the finished temp dir to its final name (replacing an older copy of the same step)."""
-    old = None
-    if final.exists():
-        old = final.with_name(TMP_PREFIX + "old-" + final.name)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic.swap_in(tmp, final)
 
 
 def prune(root: Path, keep: int, protect: Path) -> None:
@@ -710,6 +702,8 @@ def save(accelerator, output_dir, step: int, *, cfg, bare_unet, optimizer, engin
         for dead in root.glob(f"{TMP_PREFIX}{PREFIX}*"):  # an earlier start's write that did not finish (the run holds
             if (s := step_of(dead.with_name(dead.name[len(TMP_PREFIX):]))) is not None and s < step:  # the lock):
                 shutil.rmtree(dead, ignore_errors=True)  # said at each resume, and never of use now
+        for aside in root.glob(f"{TMP_PREFIX}old-*"):  # (a publish killed mid-swap by a release before 2026-12-06)
+            shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
