@@ -439,13 +439,13 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
         # block swap first (the same math, PCIe copies per call), then a quantized base, then both (the blocks then
         # swap at their quantized size)
         swaps = swap_ladder(cfg, target)
-        quants = [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.train_unet == "lora"]
+        quants = [{"base_quant": q} for q in ("int8", "nf4") if target == "cuda" and cfg.can_quantize_base()]
         ladders += swaps + quants + [{**q, **s} for q in quants for s in swaps]
         r = cfg.resolution
         while r > 256:
             r = max(256, (r * 3 // 4) // 64 * 64)
             ladders.append({"resolution": r, **({"base_quant": "nf4"} if target == "cuda" and
-                                                 cfg.train_unet == "lora" else {})})
+                                                 cfg.can_quantize_base() else {})})
         # a task that cannot run merged (Config.merge_lora_clashes: a quantized base, block swap) runs unmerged
         ladders = [unmerged_change(cfg, task) for task in ladders]
 
@@ -491,7 +491,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
 def swap_ladder(cfg: Config, target: str) -> list[dict[str, Any]]:
     """Block swap levels to try when nothing fits without: half, then seven eighths of the denoiser's blocks (with
     the per-block checkpointing it needs). None off a GPU, for full fine-tuning or DeepSpeed, or once set."""
-    if target != "cuda" or cfg.block_swap or cfg.train_unet != "lora" or cfg.deepspeed_zero:
+    if target != "cuda" or cfg.block_swap or not cfg.can_swap_blocks():
         return []
     n = swappable_count(cfg)
     levels = sorted({n // 2, n * 7 // 8} - {0})

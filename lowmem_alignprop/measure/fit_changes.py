@@ -67,10 +67,10 @@ def candidate_changes(cfg: Config, target: str = "cuda", start: Config | None = 
                                                     else {})}))
     if cfg.train_unet == "full" and cfg.optimizer == "adamw":
         out.append(("8-bit AdamW state", {"optimizer": "adamw8bit"}))
-    if cfg.base_quant == "none" and cfg.train_unet == "lora" and target == "cuda":  # for the card, wherever planned
+    if cfg.base_quant == "none" and cfg.can_quantize_base() and target == "cuda":  # for the card, wherever planned
         out.append(("quantize the frozen UNet or transformer to nf4 (its Linear weights at 4 bits; needs "
                     "bitsandbytes on the GPU machine)", {"base_quant": "nf4"}))
-    if not cfg.block_swap and cfg.train_unet == "lora" and not cfg.deepspeed_zero and target == "cuda":
+    if not cfg.block_swap and cfg.can_swap_blocks() and target == "cuda":
         n = swappable_count(cfg) // 2  # with a quantized base (above, or already set) the blocks swap as stored
         if n:
             out.append((f"block swap: {n} frozen blocks wait in pinned CPU memory and are copied in around each use "

@@ -485,12 +485,23 @@ class Config:
                                       (f"compile={self.compile}", self.compile != "none"),
                                       (f"deepspeed_zero={self.deepspeed_zero}", bool(self.deepspeed_zero))) if on]
 
+    def can_quantize_base(self) -> bool:
+        """Whether the frozen base may be stored quantized (base_quant) with the other settings: only under LoRA.
+        The one rule for validation and the planner's suggestions."""
+        return self.train_unet == "lora"
+
+    def can_swap_blocks(self) -> bool:
+        """Whether frozen blocks may wait in CPU memory (block_swap) with the other settings: LoRA, no DeepSpeed
+        (the per-block checkpointing it also needs, the planner adds with it). The one rule for validation and the
+        planner's suggestions."""
+        return self.train_unet == "lora" and not self.deepspeed_zero
+
     def _validate_base_and_swap(self, training: bool) -> None:
         """The frozen base's storage (base_quant) and block swap: what each needs of the other settings."""
-        if self.base_quant != "none" and self.train_unet == "full":
+        if self.base_quant != "none" and not self.can_quantize_base():
             raise UserError("base_quant needs train_unet=lora (a quantized base cannot be fully fine-tuned)")
         # (before what block swap needs of the checkpointing: a fix of that first would be wasted)
-        if self.block_swap and (self.train_unet == "full" or self.deepspeed_zero):
+        if self.block_swap and not self.can_swap_blocks():
             raise UserError("block_swap keeps frozen blocks in CPU memory: it needs train_unet=lora and "
                             "deepspeed_zero=0 (use --set block_swap=0 otherwise)")
         if training and self.block_swap and self.unet_checkpointing != "blocks":
