@@ -141,7 +141,7 @@ def test_a_runs_start_from_a_lora_is_named_shareably_with_its_digest(sd, tmp_pat
     card = (export(tmp_path / "e", run / "lora", "--format", "kohya") / "README.md").read_text()
     assert f"the LoRA `older-run/lora`, sha256 {digest[:16]} (its own training" in card
     step = start.parent / "checkpoints" / "step-00000300"  # a checkpoint: its run's name, the checkpoints folder
-    assert formats.shared_name(str(step)) == "older-run/checkpoints/step-00000300"
+    assert lora_files.shared_name(str(step)) == "older-run/checkpoints/step-00000300"
 
 
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
@@ -490,7 +490,7 @@ def test_the_card_says_where_a_run_started_and_where_it_stopped_early(sd, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "early_stopped_at": 3, "best_step": 1, "processes": 2}))
     text = (export(tmp_path, run / "lora", "--format", "kohya") / "README.md").read_text()
-    assert ("| started from | the LoRA `/runs/first/lora` (its own training is not in the steps above; the samples' "
+    assert ("| started from | the LoRA `first/lora` (its own training is not in the steps above; the samples' "
             "\"before\" are its images) |") in text
     assert ("| early stop | at step 3: the held-out evaluation stopped improving (its best: step 1, the run's best/) |"
             in text)

@@ -41,7 +41,8 @@ import torch
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
-from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, SAMPLE_GRID, SAMPLE_RESULTS
+from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SAMPLE_GRID,
+                                            SAMPLE_RESULTS)
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name
 
@@ -108,8 +109,8 @@ def _lora_file(path: Path, arg: str) -> Path:
 
         run = file.parent.parent  # a run's own lora/ beside its checkpoints: export writes it again from the last one
         again = (f"`lowmem-alignprop export {file.parent}` writes it again from the run's last checkpoint"
-                 if file.parent.name == "lora" and ckpt.list_checkpoints(ckpt.root_of(run)) else
-                 "copy it again from the run's lora/ folder" if file.parent.name == "lora" else
+                 if file.parent.name == LORA_DIR and ckpt.list_checkpoints(ckpt.root_of(run)) else
+                 "copy it again from the run's lora/ folder" if file.parent.name == LORA_DIR else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
@@ -149,8 +150,8 @@ def _find_lora_file(path: Path, arg: str) -> Path:
     checkpoint = named_checkpoint(path)
     if checkpoint is not None:  # checkpoints/step-300: its LoRA, as the run would have written it at that step
         return _checkpoint_lora(checkpoint)
-    for run in (path, path.parent) if path.name == "lora" else (path,):  # a run folder without its lora/ yet
-        if not (run / LORA_WEIGHT_NAME).is_file() and not (run / "lora" / LORA_WEIGHT_NAME).is_file() and \
+    for run in (path, path.parent) if path.name == LORA_DIR else (path,):  # a run folder without its lora/ yet
+        if not (run / LORA_WEIGHT_NAME).is_file() and not (run / LORA_DIR / LORA_WEIGHT_NAME).is_file() and \
                 (missing := _run_without_lora(run, arg)) is not None:
             raise missing
     if not path.exists():
@@ -165,7 +166,7 @@ def _find_lora_file(path: Path, arg: str) -> Path:
             raise UserError(f"--lora {arg}: diffusers reads {path.name} by its suffix in lower case only: rename it "
                             f"to {path.stem}{path.suffix.lower()}")
         return path
-    for folder in (path, path / "lora"):  # a run's output dir holds its LoRA in lora/
+    for folder in (path, path / LORA_DIR):  # a run's output dir holds its LoRA in lora/
         if (folder / LORA_WEIGHT_NAME).is_file():
             return folder / LORA_WEIGHT_NAME
         found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []

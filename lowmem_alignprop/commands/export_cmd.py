@@ -95,13 +95,14 @@ def recover_lora(spec: str) -> None:
     again from the run's newest intact checkpoint, holding the run's lock meanwhile. A whole one is read as it is,
     without the lock (a read-only run folder: an archived or a colleague's run)."""
     from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint, run_steps
+    from lowmem_alignprop.run.filenames import LORA_DIR
     from lowmem_alignprop.run import atomic
     from lowmem_alignprop.run import checkpoint as ckpt
     from lowmem_alignprop.run.runlock import LockTaken, RunLock
 
     path = Path(spec).expanduser()
-    run = path.parent if path.name == "lora" else path.parent.parent if path.name == LORA_WEIGHT_NAME else path
-    if path.name == "lora" and path.exists() and not path.is_dir():
+    run = path.parent if path.name == LORA_DIR else path.parent.parent if path.name == LORA_WEIGHT_NAME else path
+    if path.name == LORA_DIR and path.exists() and not path.is_dir():
         return  # not a run's lora/ folder: read_lora says what it is
     if not (run / ckpt.DIRNAME).is_dir():
         return
@@ -111,7 +112,7 @@ def recover_lora(spec: str) -> None:
         if newest is not None and done is not None and done < ckpt.step_of(newest):
             log.warning("%s holds step %d's LoRA and the run has a checkpoint of step %d (a start still running, or "
                         "one whose end did not write lora/: --resume latest writes it when the run has ended); "
-                        "export %s for that step's", run / "lora", done, ckpt.step_of(newest), newest)
+                        "export %s for that step's", run / LORA_DIR, done, ckpt.step_of(newest), newest)
         return
     try:
         with RunLock(run):  # a run still writing there: one line, nothing touched

@@ -362,6 +362,19 @@ def denoiser_name(lora: Lora) -> str:
     return {"unet": "UNet", "sd3": "SD3 transformer", "flux": "FLUX transformer"}[lora.family]
 
 
+def shared_name(model: str) -> str:
+    """A model or file as a header shared with the LoRA names it: a local path by its last part (as sd-scripts
+    writes it: a user's folders stay theirs; a run's own folder, lora/ or checkpoints/step-N, with its run's name),
+    a hub id or a shipped name as it is."""
+    path = Path(model).expanduser()
+    if not (model and (path.is_absolute() or path.exists())):
+        return model
+    if path.name in ("lora", "best"):  # (every run's LoRA folder is called so)
+        return f"{path.parent.name}/{path.name}"
+    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if path.name.startswith("step-") and \
+        len(path.parents) > 1 else path.name
+
+
 def nonfinite(tensors) -> str | None:
     """The first of a LoRA's weights (name -> tensor) holding NaN or inf (a run that diverged), else None: its images
     would be NaN, and their rewards too."""

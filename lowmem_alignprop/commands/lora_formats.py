@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import (PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
-                                                 base_family, denoiser_name, lora_digest, temporary_folder,
-                                                 v_prediction)
+                                                 base_family, denoiser_name, lora_digest, shared_name,
+                                                 temporary_folder, v_prediction)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -89,19 +89,6 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta["modelspec.architecture"] = f"{arch}/lora"
     return meta
-
-
-def shared_name(model: str) -> str:
-    """A model or file as a header shared with the LoRA names it: a local path by its last part (as sd-scripts
-    writes it: a user's folders stay theirs; a run's own folder, lora/ or checkpoints/step-N, with its run's name),
-    a hub id or a shipped name as it is."""
-    path = Path(model).expanduser()
-    if not (model and (path.is_absolute() or path.exists())):
-        return model
-    if path.name in ("lora", "best"):  # (every run's LoRA folder is called so)
-        return f"{path.parent.name}/{path.name}"
-    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if path.name.startswith("step-") and \
-        len(path.parents) > 1 else path.name
 
 
 def write_kohya(lora: Lora, folder: Path, name: str) -> Path:

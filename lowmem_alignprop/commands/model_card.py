@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name
+from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name, shared_name
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
@@ -153,7 +153,6 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
                                   f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
-        from lowmem_alignprop.commands.lora_formats import shared_name
         digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
         rows.append(("started from", f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is "
                                      "not in the steps above; the samples' \"before\" are its images)"))

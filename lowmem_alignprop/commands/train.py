@@ -33,7 +33,7 @@ from lowmem_alignprop.run import disk_space, schedule
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import (COMMAND_FILE, CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, INIT_LORA_DIR,
                                             LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR,
-                                            SUMMARY_FILE, step_grid_name)
+                                            SUMMARY_FILE, step_grid_name, trained_dir)
 from lowmem_alignprop.measure import meta_models, planner
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
@@ -393,7 +393,7 @@ class Trainer:
         if (not ckpt.run_ended(self.point.state, self.cfg)
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
-        problem = outputs_problem(self.out, "lora" if self.cfg.train_unet == "lora" else "unet", self.point.step)
+        problem = outputs_problem(self.out, trained_dir(self.cfg.train_unet), self.point.step)
         missing = [] if problem else missing_exports(self.cfg, self.out / LORA_DIR)
         return problem or (f"its {' and '.join(missing)} export{'s are' if len(missing) > 1 else ' is'} missing"
                            if missing else None)
@@ -1507,7 +1507,7 @@ class Trainer:
             "device": "cpu" if self.device.type == "cpu" else str(self.device),
             **self.t5_tokens(),
             "processes": self.accelerator.num_processes,
-            "output_dir": str(out), "trained": "lora" if cfg.train_unet == "lora" else "unet",
+            "output_dir": str(out), "trained": trained_dir(cfg.train_unet),
         })
         self.write_summary(summary)  # last: with it, the run is whole
 

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_DIR
+from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, LORA_DIR
 from lowmem_alignprop.toy import fidelity as fid
 from lowmem_alignprop.toy.scenes import (
     ALL_PAIRS, BACKGROUNDS, COLOURS, MAX_OBJECTS, P_MENTION_BACKGROUND, SHAPES, WORLD_VERSION, Content, Scene,
@@ -583,7 +583,7 @@ def adversarial_pool(pipe, runs: list[Path], sched: Schedule, seed: int, log) ->
 
 def _run_record(run: Path) -> dict:
     """What the report keeps of an adversarial round's AlignProp run: its command and its LoRA's checksums."""
-    command = run / "command.txt"
+    command = run / COMMAND_FILE
     return {"command": command.read_text(encoding="utf-8").strip() if command.exists() else None,
             "lora_sha256": sha256s(run / LORA_DIR)}
 

@@ -22,6 +22,11 @@ GRID_FILE = "before_after.png"  # in samples/: before and after training, same s
 GRID_RECORD = "before_after.json"  # in samples/: the grid's prompts, seeds and rewards
 
 
+def trained_dir(train_unet: str) -> str:
+    """The run folder's folder of what it trained: lora/, or unet/ (train_unet=full)."""
+    return LORA_DIR if train_unet == "lora" else FULL_DIR
+
+
 def step_grid_name(step: int) -> str:
     """--sample-every's grid of step ``step`` in samples/ (before vs that step): step-000050.png."""
     return f"step-{step:06d}.png"
