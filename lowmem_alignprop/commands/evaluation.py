@@ -126,7 +126,8 @@ class WeightEMA:
         if len(names) != len(params):
             raise ValueError(f"WeightEMA: {len(names)} names for {len(params)} parameters")
         self.params, self.decay, self.names = params, decay, names
-        self.model = EMAModel(params, decay=decay)  # fp32 copies of the LoRA weights: a few MB
+        self.model = EMAModel(params, decay=decay)  # fp32 copies of the trained weights: a few MB for a LoRA (the
+        # whole UNet's size with train_unet=full; the planner counts it)
 
     def update(self) -> None:
         self.model.step(self.params)

@@ -800,6 +800,8 @@ class Trainer:
                                              self.rank_seed)
                 window = draw_window(cfg, self.rng)  # fixed/uniform: the contiguous last K steps, K drawn once
                 ks.append(window.calls)  # the calls with gradient (per_step: scattered over the window)
+                # the micro-batch's noise: its own seed from (seed, step, micro-batch, rank), so a resume draws it
+                # again (a tuple of ints hashes alike in every process and run of one Python version)
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.rank)) % 2**63)
                 # encode (cached), sample_nograd, sample_grad (one checkpoint per call), decode, reward, backward
                 # into the LoRA only, then the VAE and reward parked; under a launcher a rollout's error reaches
@@ -824,9 +826,10 @@ class Trainer:
 
     def rollout(self) -> Rollout:
         """What a micro-batch runs through (commands/train.py's models; step/micro.py runs it)."""
-        return Rollout(self.cfg, self.family, self.nograd_unet, self.unet_train, self.scheduler, self.vae, self.reward,
-                       self.place, self.embed, self.guard.stage, self.device, self.accelerator.autocast,
-                       self.accelerator.backward)
+        return Rollout(cfg=self.cfg, family=self.family, sample_unet=self.nograd_unet, train_unet=self.unet_train,
+                       scheduler=self.scheduler, vae=self.vae, reward=self.reward, place=self.place, embed=self.embed,
+                       stage=self.guard.stage, device=self.device, autocast=self.accelerator.autocast,
+                       backward=self.accelerator.backward)
 
     def not_finite(self, loss: torch.Tensor | None, rewards_: torch.Tensor | None,
                    failed: BaseException | None = None) -> str | None:

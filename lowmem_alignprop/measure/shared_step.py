@@ -76,8 +76,9 @@ def run_step(parts: StepParts, *, k: int, seed: int = 0):
     # SD3/FLUX's set was encoded at load (encode_at_load): their step only looks its batch up
     encoder = parts.encoder or family.prompt_encoder(parts.pipe, comps, parts.place, device, cfg,
                                                      prompts=parts.prompts)
-    rollout = Rollout(cfg, family, comps.unet, comps.unet, parts.scheduler or comps.scheduler, comps.vae,
-                      parts.reward, parts.place, encoder, parts.stage, device, parts.autocast,
+    rollout = Rollout(cfg=cfg, family=family, sample_unet=comps.unet, train_unet=comps.unet,
+                      scheduler=parts.scheduler or comps.scheduler, vae=comps.vae, reward=parts.reward,
+                      place=parts.place, embed=encoder, stage=parts.stage, device=device, autocast=parts.autocast,
                       saved_tensors=parts.saved_tensors)
     micro = micro_step(rollout, batch_prompts, k=k, generator=torch.Generator().manual_seed(seed))
     with parts.stage(stages.OPTIMIZER):  # the trainer's own update: clip, step, free the gradients

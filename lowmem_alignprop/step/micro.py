@@ -20,7 +20,7 @@ from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.rollout import rollout_loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rollout:
     """The modules and hooks one micro-batch runs through."""
     cfg: Config
@@ -45,7 +45,9 @@ class MicroBatch:
     loss: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     terms: dict = field(default_factory=dict)  # the loss's further terms (kl), detached, for the metrics
-    embeddings: Any = None  # the batch's prompt embeddings (held by the caller through its optimizer step)
+    # the batch's prompt embeddings: alive while the caller holds this (its last micro-batch's through the optimizer
+    # step: a few hundred KB a prompt, which the planner counts as the trainer keeps it)
+    embeddings: Any = None
     bad: str | None = None  # what was NaN/inf (``check``'s answer): no backward was run
 
 
@@ -78,7 +80,6 @@ def micro_step(r: Rollout, prompts: list[str], *, k: int, generator: torch.Gener
         return MicroBatch(terms=terms, bad=bad)
     with r.stage(stages.BACKWARD):
         r.backward(loss)  # gradients reach only the LoRA weights (checkpoints replay the forward's autocast)
-    del latents  # free the graph's inputs before the next rollout
     park(r)
     return MicroBatch(loss.detach(), rewards.detach(), terms, emb)
 
