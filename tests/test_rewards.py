@@ -83,9 +83,21 @@ def to_tensor(a):
 
 
 # --- tests ------------------------------------------------------------------------------------------
-def test_registry():
-    for name in ("brightness", "colorfulness", "jpeg_compressibility", "aesthetic", "clip", "pickscore", "hpsv2"):
-        assert name in REWARDS and REWARDS[name]
+def test_registry_builds_each_named_reward(monkeypatch):
+    """Each registered name builds its own reward: the weight-free and toy ones their module (named so), the model
+    rewards their own builder (a name wired to another's builder trained the wrong reward with no error)."""
+    from lowmem_alignprop.rewards import _builtin, clip_rewards
+
+    assert set(REWARDS) >= {"brightness", "colorfulness", "jpeg_compressibility", "aesthetic", "clip", "pickscore",
+                            "hpsv2", "toy_clip", "toy_count"} and all(REWARDS.values())
+    for name in ("brightness", "colorfulness", "jpeg_compressibility", "toy_clip", "toy_count"):
+        assert _builtin(name, checkpointing=False, weights="").name.startswith(name), name
+    called = []
+    for builder in ("build_aesthetic", "build_clip", "build_pickscore", "build_hpsv2"):
+        monkeypatch.setattr(clip_rewards, builder, lambda b=builder, **kw: called.append(b))
+    for name in ("aesthetic", "clip", "pickscore", "hpsv2"):
+        _builtin(name, checkpointing=False, weights="")
+    assert called == ["build_aesthetic", "build_clip", "build_pickscore", "build_hpsv2"]
 
 
 @pytest.mark.parametrize("name", ["brightness", "colorfulness", "colourfulness", "jpeg_compressibility"])
