@@ -489,10 +489,9 @@ class Trainer:
         self.reward = self.build_reward()
         place.park("reward", self.reward)
         if cfg.deepspeed_zero:
-            from lowmem_alignprop.run.distributed import build_optimizer as build_ds_optimizer
-            from lowmem_alignprop.run.distributed import size_buckets
+            from lowmem_alignprop.run.distributed import build_deepspeed_optimizer, size_buckets
             size_buckets(self.accelerator, self.params)
-            optimizer = build_ds_optimizer(cfg, self.params)
+            optimizer = build_deepspeed_optimizer(cfg, self.params)
         else:
             optimizer = build_optimizer(cfg, self.params)
         # with block swap the model is placed already (accelerate's .to(device) would bring the swapped blocks back)

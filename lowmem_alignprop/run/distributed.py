@@ -118,8 +118,9 @@ def size_buckets(accelerator, params) -> None:
         zero.setdefault("stage3_max_live_parameters", 100_000_000)  # at most 1e8 gathered weights at once
 
 
-def build_optimizer(cfg, params):
-    """DeepSpeed's CPU Adam when its state is offloaded (vectorised, ~5x torch's AdamW on CPU), else ours."""
+def build_deepspeed_optimizer(cfg, params):
+    """Under DeepSpeed: its CPU Adam when the state is offloaded (vectorised, ~5x torch's AdamW on CPU), else
+    :func:`memory.optim.build_optimizer`'s."""
     if cfg.deepspeed_zero and cfg.offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
