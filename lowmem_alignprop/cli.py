@@ -20,6 +20,7 @@ from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_li
 from lowmem_alignprop.run.runlock import global_rank, world_size
 from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
+logger = logging.getLogger("lowmem_alignprop")
 COMMANDS = ("train", "plan", "sample", "profiles", "export")
 NUM_PROMPTS = 4  # sample's prompts without --num-prompts: a prompt set's first 4
 
@@ -181,11 +182,11 @@ def cmd_train(argv: list[str]) -> int:
             raise UserError(f"--memory-snapshot {args.memory_snapshot}: {why}: give steps within {first}-{cfg.steps}")
         _check_device_for_profile(name, cfg)
         for note in unread_in_training(cfg, args.set) if global_rank() == 0 else ():
-            logging.getLogger("lowmem_alignprop").warning("%s", note)
+            logger.warning("%s", note)
         folder.move_past_an_earlier_run()
         cfg = folder.with_output_dir(cfg)
         if lone and global_rank() == 0:  # (it went to outputs/run, said only by the closing box)
-            logging.getLogger("lowmem_alignprop").warning(
+            logger.warning(
                 "--resume %s is in no run's checkpoints/ folder: the run goes on in %s (--output-dir chooses)",
                 args.resume, cfg.output_dir)
     warn_if_launcher_started_fewer_processes()
@@ -237,7 +238,7 @@ def warn_if_launcher_started_fewer_processes() -> None:
     if wanted and wanted.isdigit() and int(wanted) > 1:  # (accelerate refuses --cpu beside --multi_gpu)
         fix = "replace --cpu with --multi_gpu (it runs on the CPU too)" if "--cpu" in argv else \
             "add --multi_gpu (also on the CPU)"
-        logging.getLogger("lowmem_alignprop").warning(
+        logger.warning(
             "accelerate launch was asked for %s processes but started one: %s, or run `accelerate config`; this run "
             "trains on one process", wanted, fix)
 
@@ -256,7 +257,7 @@ def _check_device_for_profile(name: str, cfg: Config) -> None:
         raise UserError(f"profile {name} is for a CUDA GPU and this machine has none: train here with --profile cpu, "
                         f"or ask whether it fits that card with `lowmem-alignprop plan --profile {name}`")
     if (said := host_memory_note(cfg, "this run")) is not None:
-        logging.getLogger("lowmem_alignprop").warning("%s", said)
+        logger.warning("%s", said)
 
 
 def cmd_profiles(argv: list[str]) -> int:
@@ -357,7 +358,7 @@ def cmd_plan(argv: list[str]) -> int:
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
-    logging.getLogger("lowmem_alignprop").setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING)
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
@@ -442,7 +443,7 @@ def cmd_sample(argv: list[str]) -> int:
     check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
     given = {s.split("=", 1)[0].strip() for s in args.set}
     if given & TRAINING_ONLY:
-        logging.getLogger("lowmem_alignprop").warning(
+        logger.warning(
             "--set %s: training settings; sample trains nothing, so they change nothing here",
             ", ".join(sorted(given & TRAINING_ONLY)))
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
@@ -460,20 +461,20 @@ def cmd_sample(argv: list[str]) -> int:
         settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
         if args.model is None:
             args.model = base[0]
-            logging.getLogger("lowmem_alignprop").info(
+            logger.info(
                 "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
                 specs[0].named, settings)
         elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
             from lowmem_alignprop.commands.lora_files import merged_record
             what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
-            logging.getLogger("lowmem_alignprop").info("--model %s is %s %s was trained on%s", args.model, what,
+            logger.info("--model %s is %s %s was trained on%s", args.model, what,
                                                        specs[0].named, settings)
         for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
             other = recorded_base(spec, model_given=True)
             differ = sorted(k for k in (set(base[1]) | set(other[1] if other else {})) - given
                             if other is not None and base[1].get(k) != other[1].get(k))
             if differ:
-                logging.getLogger("lowmem_alignprop").warning(
+                logger.warning(
                     "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
                     "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
                     " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))

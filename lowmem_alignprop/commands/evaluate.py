@@ -46,6 +46,8 @@ from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DI
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name
 
+log = logging.getLogger("lowmem_alignprop")
+
 # keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
 _DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight")
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
@@ -264,7 +266,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         model, recorded = base.get("model"), {**(base.get("image_settings") or {}), **(base.get("scoring") or {})}
     except (OSError, ValueError, AttributeError, TypeError) as e:  # damaged: the model it was trained on is unknown
         if not model_given:
-            logging.getLogger("lowmem_alignprop").warning(
+            log.warning(
                 "--lora %s: %s cannot be read (%s): the model the LoRA was trained on is unknown; pass it with "
                 "--model", spec.arg, record, first_line(e, 80))
         return None
@@ -302,7 +304,7 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
         except UserError as e:
             drop = ("reward", "reward_weights") if key == "reward" else (key,)
             kept = {k: v for k, v in kept.items() if k not in drop}
-            logging.getLogger("lowmem_alignprop").warning(
+            log.warning(
                 "the LoRA's run was scored with %s=%s, not at hand here (%s): the default %s instead (--%s chooses)",
                 key, taken[key], first_line(e).split("; ")[0], key, key)  # (what is missing, not our advice)
     return kept
@@ -489,7 +491,7 @@ def check_mixable(specs: list[LoraSpec]) -> None:
                             "cannot be mixed; sample them one at a time")
     for a, b in itertools.combinations(specs, 2):  # (a typo in a mix, a:0.5 a:0.5 for a:0.5 b:0.5, was a:1 unsaid)
         if a.file.resolve() == b.file.resolve() or a.named.resolve() == b.named.resolve():
-            logging.getLogger("lowmem_alignprop").warning(
+            log.warning(
                 "--lora %s and --lora %s are the same LoRA: their weights add up (as --lora %s:%g)", a.arg, b.arg,
                 a.named, a.weight + b.weight)
 
@@ -538,14 +540,14 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
         except (OSError, ValueError):
             continue
         if not isinstance(saved, dict) or not isinstance(saved.get("conv_in", []), list):
-            logging.getLogger("lowmem_alignprop").warning(
+            log.warning(
                 "--lora %s: %s is not the base-model record a training run writes (wrong shape): which model the "
                 "LoRA belongs to is not checked", spec.arg, info)
             continue
         ours = ours or ckpt.fingerprint(cfg, unet)
         problem = ckpt.fingerprint_difference(saved, ours)
         if problem:
-            logging.getLogger("lowmem_alignprop").warning(
+            log.warning(
                 "--lora %s was trained on base model %r, and %s from --model %r here: the images show it on another "
                 "model; pass --model %s to see what training did", spec.arg, saved.get("model"), problem, cfg.model,
                 saved.get("model"))
@@ -655,11 +657,11 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     given = prepare_inputs(cfg, prompts)
     chosen = given[:num_prompts]
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
-        logging.getLogger("lowmem_alignprop").info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
+        log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
                                                    "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
     from lowmem_alignprop.toy.fidelity import off_grammar_note
     if (note := off_grammar_note(cfg.model, chosen)) is not None:  # as training says it (their rewards are averaged in)
-        logging.getLogger("lowmem_alignprop").warning("%s", note)
+        log.warning("%s", note)
     refuse_a_runs_folder(Path(cfg.output_dir))
     with hold_folder(Path(cfg.output_dir), has_results, numbered=numbered_output_dir) as lock:
         return _evaluate(cfg, specs, chosen, lock.out, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
@@ -677,11 +679,11 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
 
     t0 = time.perf_counter()
     if len(prompts) < num_prompts:
-        logging.getLogger("lowmem_alignprop").warning("--num-prompts %d: the prompt set %s has %d; using all of them",
+        log.warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (mac := unused_apple_gpu_note()):
-        logging.getLogger("lowmem_alignprop").warning(mac)
+        log.warning(mac)
     from lowmem_alignprop.measure.weight_bytes import check_host_memory
     check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
@@ -699,7 +701,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
-        logging.getLogger("lowmem_alignprop").warning(cut)
+        log.warning(cut)
     load_adapters(pipe, specs, cfg.model)  # a LoRA that does not fit: its one line, not a warning before it
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)  # fits, but another base's
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
@@ -757,7 +759,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     }
 
     if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
-        logging.getLogger("lowmem_alignprop").warning("%s held an earlier evaluation: replacing it", out)
+        log.warning("%s held an earlier evaluation: replacing it", out)
         # its results go first, the new ones come last: a kill between the two writes left the new grid beside the
         # old results (another seed's scores under its images)
         (out / SAMPLE_RESULTS).unlink()
