@@ -159,6 +159,29 @@ def test_a_vae_with_another_downsampling_is_refused(tmp_path, tiny_dir, capsys):
     assert not out.exists()
 
 
+def test_a_vae_file_that_holds_no_vae_or_another_shape_is_one_line(tmp_path, tiny_dir, capsys):
+    """--set vae=FILE of a file that is no VAE (a UNet's, a LoRA's) was a traceback; one of another latent width was
+    diffusers' message cut mid-word, advising arguments the user cannot pass."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from ldm_format import unet_to_ldm, vae_to_ldm
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    save_file(unet_to_ldm(unet.state_dict(), unet.config), str(tmp_path / "unet.safetensors"))
+    own = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    wide = AutoencoderKL.from_config({**own.config, "latent_channels": 16})
+    save_file(vae_to_ldm(wide.state_dict(), wide.config), str(tmp_path / "vae16.safetensors"))
+    for file, needle in (("unet.safetensors", "holds no VAE weights (a UNet's, a LoRA's or another part's file?): "
+                                              "pass a VAE file, a VAE folder or a hub id"),
+                         ("vae16.safetensors", "its weights do not fit the model's VAE architecture (other layer "
+                                               "sizes): use a VAE made for this model")):
+        out = tmp_path / file
+        assert main([*FAST, "--set", f"vae={tmp_path / file}", "--output-dir", str(out.with_suffix(""))]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert len(err) == 1 and needle in err[0], err
+
+
 def test_a_text_encoder_whose_files_lack_weights_is_refused_not_run_as_noise(tmp_path, tiny_dir, capsys):
     """transformers loads such a text encoder with random weights and a logged table only; train and
     ``export --merge`` stop with one line naming the part, how many weights are missing and one of them."""

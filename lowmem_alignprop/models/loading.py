@@ -393,6 +393,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     import tempfile
 
     from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     path = Path(os.path.expanduser(spec))
     try:
@@ -417,10 +418,13 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
                             "(e.g. madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
     except UserError:
         raise
+    except SingleFileComponentError:  # (a UNet's, a LoRA's or a text encoder's file)
+        raise UserError(f"vae={spec} holds no VAE weights (a UNet's, a LoRA's or another part's file?): pass a VAE "
+                        "file, a VAE folder or a hub id, or leave vae empty for the model's own") from None
     except (OSError, ValueError, RuntimeError) as e:
         if not path.exists():
             raise UserError(hub_message("vae", spec, e, use="--set vae=DIR")) from None
-        if "meta tensor" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
+        if any(s in str(e) for s in ("meta tensor", "size mismatch", "Missing key", "expected shape")):
             raise UserError(f"vae={spec}: its weights do not fit the model's VAE architecture (other layer sizes): "
                             "use a VAE made for this model, or leave vae empty for the model's own") from None
         raise UserError(f"could not load vae={spec!r}: {first_line(e)}. It must be a VAE for this model "
