@@ -488,3 +488,8 @@ def test_a_checkpoint_without_its_vae_trains_with_the_vae_named(tiny, tmp_path, 
         image = json.loads((out / "samples" / "before_after.json").read_text())["images"][0]
         rewards[name] = (image["reward_before"], image["reward_after"])
     assert rewards["novae"] == rewards["whole"]
+    # its LoRA merges onto the file with the VAE it trained with (the file has none to merge onto)
+    assert main(["export", "--lora", str(tmp_path / "novae" / "lora"), "--merge", "--out", str(tmp_path / "m")]) == 0
+    from diffusers import AutoencoderKL
+    merged = AutoencoderKL.from_pretrained(tmp_path / "m" / "vae").state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in pipe.vae.state_dict().items())

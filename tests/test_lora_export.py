@@ -528,6 +528,31 @@ def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
 
 
+def test_a_merged_model_renders_as_its_run_did_with_its_vae_and_prediction_type(sd, tmp_path):
+    """A run that decoded with another VAE (--set vae) or took its UNet as predicting v (--set prediction_type) was
+    merged onto the base's own VAE and scheduler: the merged model rendered otherwise than the run (and a "no-vae"
+    single file could not be merged at all). Both now go into it."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    other = AutoencoderKL.from_pretrained(sd["base"] / "vae")
+    torch.manual_seed(3)
+    for p in other.decoder.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    other.save_pretrained(tmp_path / "other_vae")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "vae": str(tmp_path / "other_vae"),
+                                                     "prediction_type": "v_prediction"}))
+    out = export(tmp_path / "m", run / "lora", "--merge")
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    merged = AutoencoderKL.from_pretrained(out / "vae").state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in other.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the hub
 # ---------------------------------------------------------------------------------------------------------

@@ -40,35 +40,55 @@ def merge_base(lora: Lora, model: str | None) -> str:
 def load_base(spec: str, run_config: dict | None = None):
     """The base model's diffusers pipeline, loaded in full (every component: the merged model is complete, SD3's T5
     too where the run trained without it). SD3/FLUX load as training loads them (a transformer file takes the run's
-    model_components), in fp32."""
+    model_components), in fp32. The run's image settings go with it: the VAE it decoded with (``--set vae``: a
+    "no-vae" single file has none of its own) and what its UNet was taken to predict (``prediction_type``), so that
+    the merged model renders as the run did."""
+    run = run_config or {}
+    vae = run.get("vae") or ""
+    pipe = _base_pipeline(spec, run, vae)
+    if vae:
+        logging.getLogger("lowmem_alignprop").info("--merge: the merged model decodes with the VAE its run trained "
+                                                   "with, %s", vae)
+    predicts = run.get("prediction_type") or "auto"
+    if predicts != "auto" and pipe.scheduler.config.get("prediction_type") != predicts:  # (its scheduler config says)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
+    return pipe
+
+
+def _base_pipeline(spec: str, run: dict, vae: str):
     from lowmem_alignprop.run import hub
-    from lowmem_alignprop.models.loading import hub_message, resolve_model
+    from lowmem_alignprop.models.loading import hub_message, load_vae, resolve_model
     from lowmem_alignprop.models.pipeline_load import load_pipeline
 
     kind, where = resolve_model(spec)
-    components = (run_config or {}).get("model_components") or ""
+    components = run.get("model_components") or ""
     if kind.startswith("flow") or (kind == "file" and components):
         from lowmem_alignprop.models.family import family_for
         from lowmem_alignprop.models.loading import load_components
         from lowmem_alignprop.settings.config import Config
 
-        if (run_config or {}).get("t5_encoder") is False:  # a training run's memory choice, not the model's
+        if run.get("t5_encoder") is False:  # a training run's memory choice, not the model's
             logging.getLogger("lowmem_alignprop").warning(
                 "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL, as "
                 "the base is (its images with T5 differ from the run's; StableDiffusion3Pipeline.from_pretrained(..., "
                 "text_encoder_3=None, tokenizer_3=None) renders without it, as training did)")
-        comps = load_components(Config(model=spec, model_components=components))
+        comps = load_components(Config(model=spec, model_components=components, vae=vae))
         return family_for(comps).make_pipeline(comps)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     try:
         if kind == "file":
-            from lowmem_alignprop.models.arch import load_single_file
-            return load_single_file(where, torch_dtype=torch.float32)
+            from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
+            arch = run.get("model_arch") or "auto"
+            own = load_vae(vae, torch.float32, vae_of_config(single_file_config(where, arch)[1])) if vae else None
+            return load_single_file(where, arch=arch, torch_dtype=torch.float32, vae=own)
         if kind == "hub":
             hub.offline()
-        return load_pipeline(where, hub_id=kind == "hub")
+        pipe = load_pipeline(where, hub_id=kind == "hub")
+        if vae:
+            pipe.vae = load_vae(vae, torch.float32, pipe.vae)
+        return pipe
     except UserError:
         raise
     except (OSError, ValueError) as e:
