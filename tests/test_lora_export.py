@@ -528,6 +528,36 @@ def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
 
 
+def test_the_cards_code_loads_bases_of_every_form(sd, tmp_path):
+    """The card's code loaded every base with DiffusionPipeline.from_pretrained: a folder of only fp16-variant files
+    (as the trainer reads it) needs variant="fp16", a single file from_single_file (with the run's VAE passed in: a
+    "no-vae" file has none), and a --set vae naming a pipeline folder its vae/ subfolder."""
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    fp16 = tmp_path / "fp16-base"
+    StableDiffusionPipeline.from_pretrained(sd["base"]).save_pretrained(fp16, variant="fp16")
+
+    def card_code(name: str, **changes) -> str:
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, **changes}))
+        base = json.loads((run / "lora" / LORA_BASE_FILE).read_text())
+        (run / "lora" / LORA_BASE_FILE).write_text(json.dumps({**base, "model": changes.get("model", base["model"])}))
+        out = export(tmp_path / name, run / "lora", "--format", "diffusers")
+        return _card_code((out / "README.md").read_text(), out)
+
+    code = card_code("variant", model=str(fp16), vae=str(sd["base"]))
+    assert f'DiffusionPipeline.from_pretrained("{fp16}", variant="fp16")' in code, code
+    assert f'pipe.vae = AutoencoderKL.from_pretrained("{sd["base"]}", subfolder="vae")' in code, code
+    scope: dict = {}
+    exec(code.replace('"a prompt"', '"a red car", generator=__import__("torch").Generator().manual_seed(0)'), scope)
+    assert scope["image"].size == (config["resolution"], config["resolution"])
+    code = card_code("file", model=str(tmp_path / "novae.safetensors"), vae=str(sd["base"] / "vae"))
+    assert (f'vae = AutoencoderKL.from_pretrained("{sd["base"] / "vae"}")  # the VAE it trained with\n'
+            f'pipe = StableDiffusionPipeline.from_single_file("{tmp_path / "novae.safetensors"}", vae=vae)') in code, code
+
+
 def test_a_merged_model_renders_as_its_run_did_with_its_vae_and_prediction_type(sd, tmp_path):
     """A run that decoded with another VAE (--set vae) or took its UNet as predicting v (--set prediction_type) was
     merged onto the base's own VAE and scheduler: the merged model rendered otherwise than the run (and a "no-vae"

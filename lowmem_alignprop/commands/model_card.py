@@ -248,11 +248,24 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
         call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
     if info.get("vae") and imports is not None:  # the VAE it decoded with (--set vae), not the model's own
         usage[imports] = usage[imports].replace("import ", "import AutoencoderKL, ", 1)
-        how = "from_single_file" if Path(str(info["vae"])).suffix.lower() in (".safetensors", ".ckpt") else \
-            "from_pretrained"
-        call[:0] = [f"pipe.vae = AutoencoderKL.{how}({json.dumps(str(info['vae']))})  # the VAE it trained with"]
+        vae = _vae_load(str(info["vae"]))
+        if "from_single_file(" in usage[at]:  # (passed in: a "no-vae" file has none of its own to replace)
+            usage[at] = usage[at][:-1] + ", vae=vae)"
+            usage[at:at] = [f"vae = {vae}  # the VAE it trained with"]
+        else:
+            call[:0] = [f"pipe.vae = {vae}  # the VAE it trained with"]
     end = next((i for i in range(at, len(usage)) if usage[i] == "```"), len(usage))
     return usage[:end] + call + usage[end:]
+
+
+def _vae_load(spec: str) -> str:
+    """The code that loads ``--set vae``'s VAE: a file, a VAE folder, a pipeline folder's vae/, a hub id."""
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        return f"AutoencoderKL.from_single_file({json.dumps(spec)})"
+    sub = ", subfolder=\"vae\"" if not (path / "config.json").exists() and (path / "vae" / "config.json").exists() \
+        else ""
+    return f"AutoencoderKL.from_pretrained({json.dumps(spec)}{sub})"
 
 
 def _library(fmt: str, lora: Lora) -> str | None:
@@ -295,8 +308,22 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
     if fmt == "peft":
         return ["```python", "from peft import PeftModel",
                 f"unet = PeftModel.from_pretrained(unet, \"THIS_FOLDER\")  # unet: {base}'s UNet", "```"]
-    return ["```python", "from diffusers import DiffusionPipeline", *([imported] if imported else []),
-            f"pipe = DiffusionPipeline.from_pretrained({loaded})", "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+    return ["```python", *_base_pipeline_lines(base, imported, loaded, sdxl), "pipe.load_lora_weights(\"THIS_FOLDER\")",
+            "```"]
+
+
+def _base_pipeline_lines(base: str, imported: str | None, loaded: str, sdxl: bool) -> list[str]:
+    """The code that loads the base model as diffusers reads it: a single file with from_single_file, a folder of
+    only one variant's weights (fp16) with that variant."""
+    from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
+    from lowmem_alignprop.settings.paths import weights_variant
+
+    if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        return [f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_single_file({loaded})"]
+    variant = weights_variant(Path(base).expanduser()) if not imported else None
+    return ["from diffusers import DiffusionPipeline", *([imported] if imported else []),
+            f"pipe = DiffusionPipeline.from_pretrained({loaded}" + (f", variant=\"{variant}\")" if variant else ")")]
 
 
 def _was(value: Any) -> str:
