@@ -478,8 +478,8 @@ def cmd_sample(argv: list[str]) -> int:
                     "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
                     "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
                     " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
-    numbered = args.output_dir is None  # an earlier evaluation there is kept: this one goes to outputs/sample-2...
-    if numbered:
+    numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
+    if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
     refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice

@@ -201,7 +201,7 @@ def test_sample_help_lists_the_fields_that_change_its_images_not_trainings():
     fields = text.split("config fields", 1)[1]
     for name in ("guidance_scale", "sample_steps", "resolution", "negative_prompt", "reward", "prediction_type"):
         assert f"\n  {name} " in fields or f"\n  {name}[" in fields, name
-    for name in ("kl_coeff", "k_max", "lr", "checkpoint_every", "ema_decay"):
+    for name in ("kl_coeff", "k_max", "lr", "checkpoint_every", "ema_decay", "optimizer", "report_to", "prompt_order"):
         assert f"\n  {name} " not in fields and f"\n  {name}[" not in fields, name
     assert "lowmem-alignprop sample outputs/run/lora " in text and "accelerate launch" not in text
 

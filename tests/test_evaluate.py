@@ -900,3 +900,16 @@ def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tm
                      "--output-dir", str(out)]) == 0
         got[name] = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]
     assert got["old"]["lora"] == got["new"]["lora"] and got["old"]["lora"] != got["old"]["base"]
+
+
+def test_sample_takes_training_only_settings_with_a_line_and_set_output_dir_as_its_folder(tmp_path, loras, tiny_dir,
+                                                                                         caplog):
+    """sample trains and tracks nothing: --set report_to=wandb was refused for a package it never uses (now said to
+    change nothing, with optimizer and prompt_order); --set output_dir was said to lose against an --output-dir that
+    was never given (sample's default), and is where the files go."""
+    out = tmp_path / "here"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *COMMON, "--model", str(tiny_dir), "--lora", str(loras["a"]), "--prompt", "dog",
+                     "--set", "report_to=wandb", "--set", "optimizer=adamw8bit", "--set", f"output_dir={out}"]) == 0
+    assert (out / SAMPLE_RESULTS).is_file() and "both given" not in caplog.text
+    assert "--set optimizer, report_to: training settings; sample trains nothing" in caplog.text

@@ -743,6 +743,8 @@ def load_profile_text(text: str) -> dict:
     ({"eval_every": 5, "eval_holdout": 0}, "eval_holdout must be at least 1 (got 0): use --set eval_holdout=1; to hold "
                                            "no training prompt out, evaluate on prompts of their own: --set "
                                            "eval_prompts=FILE"),
+    ({"eval_every": 5, "eval_prompts": "toy-heldout", "eval_holdout": -1}, "eval_holdout must be 0 or more (got -1): "
+                                                                            "with eval_prompts none is held out"),
 ])
 def test_validate_refuses_what_would_train_nothing_or_wrongly(sets, needle):
     with pytest.raises(UserError) as e:

@@ -654,7 +654,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     from lowmem_alignprop.step.inputs import prepare_inputs
 
     # prompts, reward spec, model path, output dir: checked first
-    given = prepare_inputs(cfg, prompts)
+    given = prepare_inputs(cfg, prompts, training=False)
     chosen = given[:num_prompts]
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
         log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d "

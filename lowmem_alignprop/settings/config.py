@@ -529,7 +529,10 @@ class Config:
                 raise UserError(f"{name} must be 0 or more (got {getattr(self, name)}): use --set {name}=0")
         if self.lv_draws < 1:
             raise UserError(f"lv_draws must be at least 1 (got {self.lv_draws}): use --set lv_draws=1")
-        if self.eval_holdout < (0 if self.eval_prompts else 1):  # (with eval_prompts none is held out: 0 says so)
+        if self.eval_prompts and self.eval_holdout < 0:  # (with eval_prompts none is held out: 0 says so)
+            raise UserError(f"eval_holdout must be 0 or more (got {self.eval_holdout}): with eval_prompts none is held "
+                            "out; use --set eval_holdout=0")
+        if not self.eval_prompts and self.eval_holdout < 1:
             raise UserError(f"eval_holdout must be at least 1 (got {self.eval_holdout}): use --set eval_holdout=1; "
                             "to hold no training prompt out, evaluate on prompts of their own: --set eval_prompts=FILE")
         if self.lv_draws * self.batch_size > BATCH_MOST:  # decode and reward take them at once, as a batch
@@ -865,7 +868,7 @@ TRAINING_ONLY = frozenset((
     "best_by", "unet_checkpointing", "window_keep", "vae_checkpointing", "reward_checkpointing", "activation_offload",
     "deepspeed_zero", "offload", "fused_adamw", "sample_prompts", "sample_every", "export_format", "push_to_hub",
     "fidelity_every", "checkpoint_every", "keep_checkpoints", "auto_fit", "max_bad_steps", "max_zero_grad_steps",
-    "log_every"))
+    "log_every", "optimizer", "prompt_order", "report_to", "fidelity_images"))
 
 # what the run's images were scored with and on: `sample` of its LoRA takes them too, where they are at hand
 RUN_SCORING_SETTINGS = ("reward", "reward_weights", "prompts")

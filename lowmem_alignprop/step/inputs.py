@@ -18,10 +18,11 @@ from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 
 
-def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
+def prepare_inputs(cfg: Config, prompts: list[str] | None = None, *, training: bool = True) -> list[str]:
     """Everything that can fail on bad input, before any model is loaded or anything is written. ``cfg`` is
     validated where it was built (profiles.resolve_config, or ``Config(...).validate()``): not again here. Returns
-    the prompts: ``prompts`` when given (``sample --prompt``), else ``cfg.prompts``'s."""
+    the prompts: ``prompts`` when given (``sample --prompt``), else ``cfg.prompts``'s. ``training=False``
+    (``sample``): its tracker is not checked (it tracks nothing)."""
     from lowmem_alignprop.models.loading import resolve_model
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.rewards import check_reward_spec
@@ -34,7 +35,8 @@ def prepare_inputs(cfg: Config, prompts: list[str] | None = None) -> list[str]:
         logging.getLogger("lowmem_alignprop").warning(
             "--model %s is the architecture with random weights (for planning and memory benchmarks): its images are "
             "noise, whatever the reward does; pass a hub id, a folder or a file for trained weights", cfg.model)
-    check_tracker(cfg.report_to)
+    if training:
+        check_tracker(cfg.report_to)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file: choose a directory")
