@@ -850,6 +850,8 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     and model card say it."""
     from diffusers import DDIMScheduler
 
+    from loras import export as export_lora
+
     from lowmem_alignprop.commands import lora_files
     from lowmem_alignprop.commands.lora_formats import kohya_metadata
 
@@ -877,8 +879,11 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert lora.base["prediction_type"] == "v_prediction" and lora_files.v_prediction(lora)
     lora.base = {**lora.base, "model": "sd21"}  # (an SD 2.x base: the label A1111 and SD.Next read)
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert kohya_metadata(lora)["alignprop_prediction_type"] == "v_prediction"  # (SD 1.x/SDXL labels have no v)
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    card = (export_lora(tmp_path / "k", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert "| prediction type | v_prediction (set for the run: the base model's files say otherwise" in card
 
 
 def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tmp_path, loras, tiny_dir):

@@ -74,6 +74,8 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts and the model spec write it
         meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
+    if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
+        meta["alignprop_prediction_type"] = str(info["prediction_type"])
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now

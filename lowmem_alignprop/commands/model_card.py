@@ -152,6 +152,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         per = info.get("batch_size", 1) * info.get("grad_accum", 1)
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
                                   f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
+    if info.get("prediction_type", "auto") != "auto":  # every format's card: a sampler of the other kind renders noise
+        rows.append(("prediction type", f"{info['prediction_type']} (set for the run: the base model's files say "
+                                        "otherwise; sample it so)"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
         digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
         rows.append(("started from", f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is "
