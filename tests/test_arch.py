@@ -450,7 +450,7 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
     from lowmem_alignprop.settings.config import Config
 
     path = tmp_path / "sd2-base.safetensors"
-    path.write_bytes(b"")  # (never read: the loader is the stand-in below)
+    save_file({"first": torch.zeros(1)}, path)  # (only its keys are read: the loader is the stand-in below)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
     for prediction, said in (("v_prediction", True), ("epsilon", False)):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
@@ -466,6 +466,13 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
         comps = load_components(Config(model=str(path), prediction_type="epsilon"))
     assert comps.scheduler.config.prediction_type == "epsilon" and "loads as SD 2.x" not in caplog.text
+    # a file that says it predicts v (the "v_pred" key ComfyUI reads): taken so, nothing to warn of
+    save_file({"first": torch.zeros(1), "v_pred": torch.zeros(0)}, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+        comps = load_components(Config(model=str(path)))
+    assert comps.scheduler.config.prediction_type == "v_prediction" and "loads as SD 2.x" not in caplog.text
 
 
 def test_a_checkpoint_without_its_vae_trains_with_the_vae_named(tiny, tmp_path, monkeypatch):

@@ -259,6 +259,19 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
     # the card's diffusers line is the call above: with the base's configs (not guessed from the shapes, which for a
     # model of no standard shape fails)
     assert f'{case["cls"].__name__}.from_single_file("{file.name}", config="{case["base"]}")' in card
+    assert "v_pred" not in keys
+    # a run that sampled its base as v-prediction: the empty "v_pred" key by which ComfyUI samples a checkpoint so
+    run = tmp_path / "v-run"
+    shutil.copytree(case["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "prediction_type": "v_prediction"}))
+    v_file = next(export(tmp_path / "v", run / "lora", "--merge", "--single-file").glob("*.safetensors"))
+    with safe_open(str(v_file), framework="pt") as f:
+        assert f.get_tensor("v_pred").numel() == 0 and set(f.keys()) == keys | {"v_pred"}  # noqa: SIM118
+    v_loaded = load_single_file(v_file, config_dir=case["base"])  # ... and that this loader reads too
+    assert v_loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.prediction_type == "epsilon"
+    assert_rel_close(unet_out(v_loaded.unet, case["xl"]), case["ref"], REORDERED, "a v-prediction single file, UNet")
 
 
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):

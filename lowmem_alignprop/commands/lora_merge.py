@@ -194,6 +194,8 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
         state = sd3_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
     else:
         state = pipeline_to_ldm(pipe)
+        if pipe.scheduler.config.get("prediction_type") == "v_prediction":  # ComfyUI (and Forge) sample a checkpoint
+            state["v_pred"] = torch.zeros(0)  # as v-prediction by this key's presence; its weights cannot say it
     save_file(state, str(path), metadata={
         "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_lora_weight": num(merged[-1]["weight"]),

@@ -294,6 +294,21 @@ def single_file_config(path, arch: str = "auto", config_dir=None) -> tuple[type,
     return cls, config_dir, f"a {cls.__name__} configured by {config_dir}"
 
 
+V_PRED_KEY = "v_pred"  # an empty tensor by which a single file says it predicts v (ComfyUI reads it; NoobAI-XL V-Pred)
+
+
+def marked_v_prediction(path) -> bool:
+    """Whether a single file carries the ``v_pred`` marker key (its weights cannot say what they predict); one
+    that also carries ``ztsnr`` (trained with zero terminal SNR, which DDIM here does not rescale to) is said."""
+    keys = _read_shapes(Path(path))
+    if V_PRED_KEY in keys and "ztsnr" in keys:
+        import logging
+        logging.getLogger("lowmem_alignprop").warning(
+            "%s says it was trained with zero terminal SNR (its ztsnr key): sampled here on the model's own noise "
+            "schedule, not rescaled to it (its images may differ a little from its own sampler's)", path)
+    return V_PRED_KEY in keys
+
+
 def vae_of_config(config_dir: Path):
     """The VAE a config directory describes, on the meta device (its config and shapes, no weights)."""
     from diffusers import AutoencoderKL
@@ -309,7 +324,8 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     ``arch`` is "auto" (see :func:`detect_arch`) or one of :data:`ARCHS`. The pipeline is a
     ``StableDiffusionPipeline`` (sd15/sd21) or ``StableDiffusionXLPipeline`` (sdxl, invisible
     watermark off) with the architecture's stock scheduler; ``prediction_type`` overrides the
-    scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21").
+    scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21"); without it, a file
+    marked ``v_pred`` (:data:`V_PRED_KEY`) loads as v-prediction.
     ``config_dir`` replaces the shipped config directory (any diffusers-layout directory holding the
     configs and tokenizer files of a compatible model; its model_index.json picks the pipeline class). ``vae``: a
     loaded VAE that takes the place of the file's own (a "no-vae" checkpoint has none).
@@ -318,6 +334,8 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
 
     path = Path(path)
     cls, config_dir, what = single_file_config(path, arch, config_dir)
+    if prediction_type is None and marked_v_prediction(path):  # (an SDXL or SD 1.x v-prediction fine-tune)
+        prediction_type = "v_prediction"
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     kwargs = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {}

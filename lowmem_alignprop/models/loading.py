@@ -154,8 +154,9 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
                     vae = load_vae(cfg.vae, weight_dtype, vae_of_config(single_file_config(where, cfg.model_arch)[1]))
                 pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype, vae=vae)
                 from lowmem_alignprop.run.runlock import global_rank
+                from lowmem_alignprop.models.arch import marked_v_prediction
                 if pipe.scheduler.config.get("prediction_type") == "v_prediction" and predicts == "auto" and \
-                        global_rank() == 0:
+                        global_rank() == 0 and not marked_v_prediction(where):
                     logging.getLogger("lowmem_alignprop").warning(  # (the file's keys cannot tell the two apart)
                         "%s loads as SD 2.x 768 px, which predicts v: an SD 2.x 512-px base checkpoint (or its "
                         "fine-tune) predicts noise (epsilon) and would be sampled wrongly; for one, add --set "
