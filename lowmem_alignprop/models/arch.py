@@ -298,15 +298,8 @@ V_PRED_KEY = "v_pred"  # an empty tensor by which a single file says it predicts
 
 
 def marked_v_prediction(path) -> bool:
-    """Whether a single file carries the ``v_pred`` marker key (its weights cannot say what they predict); one
-    that also carries ``ztsnr`` (trained with zero terminal SNR, which DDIM here does not rescale to) is said."""
-    keys = _read_shapes(Path(path))
-    if V_PRED_KEY in keys and "ztsnr" in keys:
-        import logging
-        logging.getLogger("lowmem_alignprop").warning(
-            "%s says it was trained with zero terminal SNR (its ztsnr key): sampled here on the model's own noise "
-            "schedule, not rescaled to it (its images may differ a little from its own sampler's)", path)
-    return V_PRED_KEY in keys
+    """Whether a single file carries the ``v_pred`` marker key (its weights cannot say what they predict)."""
+    return V_PRED_KEY in _read_shapes(Path(path))
 
 
 def vae_of_config(config_dir: Path):
@@ -336,6 +329,11 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     cls, config_dir, what = single_file_config(path, arch, config_dir)
     if prediction_type is None and marked_v_prediction(path):  # (an SDXL or SD 1.x v-prediction fine-tune)
         prediction_type = "v_prediction"
+        if "ztsnr" in _read_shapes(path):  # (zero terminal SNR: DDIM here keeps the model's schedule)
+            import logging
+            logging.getLogger("lowmem_alignprop").warning(
+                "%s says it was trained with zero terminal SNR (its ztsnr key): sampled here on the model's own "
+                "noise schedule, not rescaled to it (its images may differ a little from its own sampler's)", path)
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     kwargs = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {}
