@@ -267,20 +267,18 @@ def test_single_file_round_trip_is_bitwise_identical(tiny):
         _assert_same_weights(ours, pipe)
 
 
-def test_load_single_file_dtype_and_prediction_type(tiny, tmp_path, caplog):
-    import logging
-
+def test_load_single_file_dtype_and_prediction_type(tiny, tmp_path):
     _, root, sd = tiny
     pipe = arch.load_single_file(root / "tiny.safetensors", torch_dtype=torch.float16, config_dir=root / "config",
                                  prediction_type="v_prediction")
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    # the keys an SDXL v-prediction fine-tune carries (NoobAI-XL V-Pred): v_pred, ztsnr (zero terminal SNR: said)
+    # the keys an SDXL v-prediction fine-tune carries (NoobAI-XL V-Pred): v_pred, and ztsnr (trained with zero
+    # terminal SNR: its schedule rescaled so, sampled from its last timestep)
     save_file({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "vpred.safetensors")
-    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        pipe = arch.load_single_file(tmp_path / "vpred.safetensors", config_dir=root / "config")
+    pipe = arch.load_single_file(tmp_path / "vpred.safetensors", config_dir=root / "config")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert caplog.text.count("says it was trained with zero terminal SNR (its ztsnr key)") == 1
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
 
 
 def test_load_single_file_errors(tiny, tmp_path):

@@ -864,6 +864,21 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     assert got == pytest.approx(_brightness(_direct(pipe, "dog", 5)).item(), abs=1e-5)
     assert abs(got - eps) > 1e-3  # 100x the tolerance above: the tiny model's files say epsilon, the setting took
+    # zero terminal SNR (a v-prediction model trained so): diffusers' rescaled schedule, sampled from its last step
+    out = tmp_path / "zsnr"
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--model", str(tiny_dir), "--prompt", "dog",
+                 "--seed", "5", "--set", "prediction_type=v_prediction", "--set", "zero_terminal_snr=true",
+                 "--set", "eta=0.5", "--output-dir", str(out)]) == 0
+    zsnr = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]["base"][0]
+    def at_eta_half():
+        return _brightness(pipe("dog", num_inference_steps=int(STEPS), guidance_scale=7.5, eta=0.5, height=64,
+                                width=64, generator=torch.Generator().manual_seed(5), output_type="pt").images).item()
+
+    plain = at_eta_half()  # (v-prediction on the model's own schedule)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                               timestep_spacing="trailing")
+    # (the tiny model's images are near grey: 6e-5 apart, above the 1e-5 that tells the two samplers apart)
+    assert zsnr == pytest.approx(at_eta_half(), abs=1e-5) and abs(zsnr - plain) > 3e-5
 
     run = tmp_path / "run"
     assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--set", "sample_steps=3",
@@ -883,7 +898,7 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
     card = (export_lora(tmp_path / "k", run / "lora", "--format", "kohya") / "README.md").read_text()
-    assert "| prediction type | v_prediction (set for the run: the base model's files say otherwise" in card
+    assert "| prediction type | v_prediction (as the run sampled it, which the base model's files do not say" in card
 
 
 def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tmp_path, loras, tiny_dir):

@@ -588,10 +588,11 @@ def test_a_merged_model_renders_as_its_run_did_with_its_vae_and_prediction_type(
     other.save_pretrained(tmp_path / "other_vae")
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "vae": str(tmp_path / "other_vae"),
-                                                     "prediction_type": "v_prediction"}))
+                                                     "prediction_type": "v_prediction", "zero_terminal_snr": True}))
     out = export(tmp_path / "m", run / "lora", "--merge")
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
+    assert scheduler["timestep_spacing"] == "trailing"
     merged = AutoencoderKL.from_pretrained(out / "vae").state_dict()
     assert all(torch.equal(merged[k], v) for k, v in other.state_dict().items())
 
@@ -991,9 +992,12 @@ def test_the_cards_code_samples_with_the_runs_settings(sd, tmp_path):
     code = _card_code((out / "README.md").read_text(), out)
     assert f'pipe.vae = AutoencoderKL.from_pretrained("{vae}")' in code and "import AutoencoderKL, " in code
     exec(code, {})
-    # a run told what its UNet predicts (--set prediction_type): the code's DDIM predicts that too
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "prediction_type": "v_prediction"}))
+    # a run told what its UNet predicts (--set prediction_type, zero_terminal_snr): the code's DDIM samples so too
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "prediction_type": "v_prediction",
+                                                     "zero_terminal_snr": True, "eta": 0.0}))
     out = export(tmp_path / "v", run / "lora", "--format", "diffusers")
     scope = {}
     exec(_card_code((out / "README.md").read_text(), out), scope)
-    assert scope["pipe"].scheduler.config.prediction_type == "v_prediction"
+    sampled = scope["pipe"].scheduler.config
+    assert (sampled.prediction_type, sampled.rescale_betas_zero_snr, sampled.timestep_spacing) == (
+        "v_prediction", True, "trailing")

@@ -195,6 +195,17 @@ def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(ti
     assert comps.scheduler.config.clip_sample is False and comps.scheduler.config.set_alpha_to_one is False
 
 
+def test_zero_terminal_snr_on_a_noise_predicting_model_is_refused_at_load(tiny_dir):
+    """A model whose files say epsilon with zero_terminal_snr (Config.validate cannot tell before loading): one line;
+    with v-prediction the schedule is rescaled and sampled from its pure-noise timestep."""
+    with pytest.raises(UserError, match="has a zero terminal SNR noise schedule and predicts noise"):
+        load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, eta=0.0))
+    sched = load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, prediction_type="v_prediction",
+                                   eta=0.0)).scheduler
+    sched.set_timesteps(3)
+    assert sched.config.rescale_betas_zero_snr and sched.alphas_cumprod[-1] == 0 and sched.timesteps[0] == 999
+
+
 @pytest.mark.parametrize("sampler,said", [("LCMScheduler", True), ("TCDScheduler", True),
                                           ("EulerDiscreteScheduler", False), ("PNDMScheduler", False)])
 def test_a_consistency_models_own_sampler_replaced_by_ddim_is_said(sampler, said, tiny_dir, tmp_path, caplog):

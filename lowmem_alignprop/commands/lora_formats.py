@@ -76,6 +76,8 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta["alignprop_prediction_type"] = str(info["prediction_type"])
+    if info.get("zero_terminal_snr"):
+        meta["alignprop_zero_terminal_snr"] = "True"
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now

@@ -52,6 +52,9 @@ def load_base(spec: str, run_config: dict | None = None):
     predicts = run.get("prediction_type") or "auto"
     if predicts != "auto" and pipe.scheduler.config.get("prediction_type") != predicts:  # (its scheduler config says)
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
+    if run.get("zero_terminal_snr"):
+        from lowmem_alignprop.models.sampling import ZERO_SNR
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **ZERO_SNR)
     return pipe
 
 
@@ -182,6 +185,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
     (models/flow_layout.py; the text encoders and VAE are the base model's)."""
     from safetensors.torch import save_file
 
+    from lowmem_alignprop.models.arch import V_PRED_KEY, ZERO_SNR_KEY
     from lowmem_alignprop.models.ldm_layout import pipeline_to_ldm
 
     info = run_info(lora)
@@ -195,7 +199,9 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
     else:
         state = pipeline_to_ldm(pipe)
         if pipe.scheduler.config.get("prediction_type") == "v_prediction":  # ComfyUI (and Forge) sample a checkpoint
-            state["v_pred"] = torch.zeros(0)  # as v-prediction by this key's presence; its weights cannot say it
+            state[V_PRED_KEY] = torch.zeros(0)  # as v-prediction by this key's presence; its weights cannot say it
+            if pipe.scheduler.config.get("rescale_betas_zero_snr"):
+                state[ZERO_SNR_KEY] = torch.zeros(0)  # ... and at zero terminal SNR by this one
     save_file(state, str(path), metadata={
         "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
         "alignprop_lora_weight": num(merged[-1]["weight"]),

@@ -16,6 +16,7 @@ from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -27,7 +28,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
                 "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", "vae", "prediction_type",
-                *OBJECTIVE_FIELDS):
+                "zero_terminal_snr", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))
@@ -45,6 +46,12 @@ def run_info(lora: Lora) -> dict[str, Any]:
             info[key] = s[key]
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
         info["init_lora_sha"] = file_sha256(copy)  # the LoRA it started from, as the run read it
+    sampled = lora.base or {}  # a single file's marker keys (v_pred, ztsnr), which diffusers' loader does not read
+    if Path(str(lora.base_model or "")).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if info.get("prediction_type", "auto") == "auto" and sampled.get("prediction_type") == "v_prediction":
+            info["prediction_type"] = "v_prediction"
+        if sampled.get("zero_terminal_snr"):
+            info["zero_terminal_snr"] = True
     toy = s.get("toy_world") or {}
     if all("fidelity_score" in (toy.get(w) or {}) for w in ("before", "after")):  # the exact evaluators' truth
         info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")}
@@ -152,9 +159,11 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         per = info.get("batch_size", 1) * info.get("grad_accum", 1)
         rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
                                   f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
-    if info.get("prediction_type", "auto") != "auto":  # every format's card: a sampler of the other kind renders noise
-        rows.append(("prediction type", f"{info['prediction_type']} (set for the run: the base model's files say "
-                                        "otherwise; sample it so)"))
+    if info.get("prediction_type", "auto") != "auto" or info.get("zero_terminal_snr"):  # every format's card: a
+        # sampler of the other kind renders noise
+        zero = ", at zero terminal SNR (trailing timesteps)" if info.get("zero_terminal_snr") else ""
+        rows.append(("prediction type", f"{info.get('prediction_type', 'auto')}{zero} (as the run sampled it, which "
+                                        "the base model's files do not say to every loader; sample it so)"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
         digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
         rows.append(("started from", f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is "
@@ -244,7 +253,8 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
     if not flow and imports is not None:  # (the run's DDIM: the model's noise schedule, with these two set)
         usage[imports] = usage[imports].replace("import ", "import DDIMScheduler, ", 1)
         predicts = info.get("prediction_type", "auto")  # (--set prediction_type: what its UNet was taken to predict)
-        told = "" if predicts == "auto" else f", prediction_type=\"{predicts}\""
+        told = ("" if predicts == "auto" else f", prediction_type=\"{predicts}\"") + (
+            ", rescale_betas_zero_snr=True, timestep_spacing=\"trailing\"" if info.get("zero_terminal_snr") else "")
         call[:0] = [f"pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, "
                     f"set_alpha_to_one=False{told})"]
     elif flow and info.get("t5_encoder") is False:
@@ -318,7 +328,6 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
 def _base_pipeline_lines(base: str, imported: str | None, loaded: str, sdxl: bool) -> list[str]:
     """The code that loads the base model as diffusers reads it: a single file with from_single_file, a folder of
     only one variant's weights (fp16) with that variant."""
-    from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
     from lowmem_alignprop.settings.paths import weights_variant
 
     if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES:

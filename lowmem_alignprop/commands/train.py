@@ -463,8 +463,8 @@ class Trainer:
         untiled = untiled_note(cfg.tiled_decode, cfg.resolution, cfg.tile_size, vae_scale_factor(self.vae))
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
-        # before DeepSpeed partitions the weights; with what the UNet predicts (the kohya export's label reads it)
-        self.fingerprint = ckpt.fingerprint(cfg, self.unet, comps.scheduler.config.get("prediction_type"))
+        # before DeepSpeed partitions the weights; with how the UNet is sampled (the exports read it)
+        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config))
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,

@@ -297,9 +297,18 @@ def single_file_config(path, arch: str = "auto", config_dir=None) -> tuple[type,
 V_PRED_KEY = "v_pred"  # an empty tensor by which a single file says it predicts v (ComfyUI reads it; NoobAI-XL V-Pred)
 
 
+ZERO_SNR_KEY = "ztsnr"  # beside v_pred: trained with zero terminal SNR (ComfyUI reads it too)
+
+
 def marked_v_prediction(path) -> bool:
     """Whether a single file carries the ``v_pred`` marker key (its weights cannot say what they predict)."""
     return V_PRED_KEY in _read_shapes(Path(path))
+
+
+def marked_zero_snr(path) -> bool:
+    """Whether a v-prediction single file carries the ``ztsnr`` marker key (trained with zero terminal SNR)."""
+    keys = _read_shapes(Path(path))
+    return V_PRED_KEY in keys and ZERO_SNR_KEY in keys
 
 
 def vae_of_config(config_dir: Path):
@@ -318,7 +327,8 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     ``StableDiffusionPipeline`` (sd15/sd21) or ``StableDiffusionXLPipeline`` (sdxl, invisible
     watermark off) with the architecture's stock scheduler; ``prediction_type`` overrides the
     scheduler's (e.g. "epsilon" for an SD 2.x 512-px base checkpoint, which detects as "sd21"); without it, a file
-    marked ``v_pred`` (:data:`V_PRED_KEY`) loads as v-prediction.
+    marked ``v_pred`` (:data:`V_PRED_KEY`) loads as v-prediction, and one also marked ``ztsnr`` with its schedule
+    rescaled to zero terminal SNR.
     ``config_dir`` replaces the shipped config directory (any diffusers-layout directory holding the
     configs and tokenizer files of a compatible model; its model_index.json picks the pipeline class). ``vae``: a
     loaded VAE that takes the place of the file's own (a "no-vae" checkpoint has none).
@@ -329,11 +339,6 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     cls, config_dir, what = single_file_config(path, arch, config_dir)
     if prediction_type is None and marked_v_prediction(path):  # (an SDXL or SD 1.x v-prediction fine-tune)
         prediction_type = "v_prediction"
-        if "ztsnr" in _read_shapes(path):  # (zero terminal SNR: DDIM here keeps the model's schedule)
-            import logging
-            logging.getLogger("lowmem_alignprop").warning(
-                "%s says it was trained with zero terminal SNR (its ztsnr key): sampled here on the model's own "
-                "noise schedule, not rescaled to it (its images may differ a little from its own sampler's)", path)
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     kwargs = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {}
@@ -360,6 +365,9 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
     _check_loaded(pipe, str(path), config_dir)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    if marked_zero_snr(path):  # (trained with zero terminal SNR: its schedule rescaled so, where its class takes it)
+        from lowmem_alignprop.models.sampling import ZERO_SNR
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **ZERO_SNR)
     return pipe
 
 

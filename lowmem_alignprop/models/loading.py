@@ -197,7 +197,17 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     from lowmem_alignprop.models.sampling import ddim_scheduler
     _say_consistency_sampler(comps.scheduler, cfg.model)
     # DDIM with the model's schedule (and prediction type, unless --set prediction_type says it), x0 never clamped
-    comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts)
+    from lowmem_alignprop.models.arch import marked_zero_snr
+    zero_snr = getattr(cfg, "zero_terminal_snr", False) or (kind == "file" and marked_zero_snr(where))
+    comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts,
+                                     zero_snr=zero_snr)
+    if comps.scheduler.config.get("rescale_betas_zero_snr"):  # (the model's own schedule: said as its own)
+        from lowmem_alignprop.settings.config import ZERO_SNR_EPSILON, zero_snr_eta
+        if comps.scheduler.config.prediction_type == "epsilon":
+            raise UserError(f"{cfg.model} has a zero terminal SNR noise schedule and predicts noise (epsilon): "
+                            + ZERO_SNR_EPSILON.split(": ", 1)[1])
+        if getattr(cfg, "eta", 0.0) >= 1:
+            raise UserError(f"{cfg.model}: " + zero_snr_eta(cfg.eta))
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
@@ -284,7 +294,8 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
-    if getattr(cfg, "prediction_type", "auto") != "auto":  # (Config.validate said it where the files told)
+    if getattr(cfg, "prediction_type", "auto") != "auto" or getattr(cfg, "zero_terminal_snr", False):  # (Config.
+        # validate said it where the files told)
         from lowmem_alignprop.settings.config import FLOW_PREDICTION
         raise UserError(FLOW_PREDICTION)
     _check_quant(cfg)  # before anything loads

@@ -31,14 +31,18 @@ from lowmem_alignprop.settings.model_kind import vae_scale
 DDIM_SETTINGS = {"clip_sample": False, "set_alpha_to_one": False}
 
 
-def ddim_scheduler(config, prediction_type: str | None = None):
+def ddim_scheduler(config, prediction_type: str | None = None, *, zero_snr: bool = False):
     """The DDIM scheduler AlignProp samples with: the model's noise schedule and prediction type from
-    ``config`` (any diffusers scheduler's config; ``prediction_type`` overrides its), with :data:`DDIM_SETTINGS`
-    set explicitly."""
+    ``config`` (any diffusers scheduler's config; ``prediction_type`` overrides its; ``zero_snr`` rescales it to zero
+    terminal SNR, :data:`ZERO_SNR`), with :data:`DDIM_SETTINGS` set explicitly."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(config, **DDIM_SETTINGS,
+    return DDIMScheduler.from_config(config, **DDIM_SETTINGS, **(ZERO_SNR if zero_snr else {}),
                                      **({"prediction_type": prediction_type} if prediction_type else {}))
+
+
+# zero terminal SNR (Lin et al. 2024): the schedule rescaled so its last timestep is pure noise, sampled from it
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
 class BatchedTensors:

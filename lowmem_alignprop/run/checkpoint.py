@@ -450,10 +450,10 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 
 # -- model identity ----------------------------------------------------------------------------------
 
-def fingerprint(cfg, unet, predicts: str | None = None) -> dict[str, Any]:
+def fingerprint(cfg, unet, schedule: dict | None = None) -> dict[str, Any]:
     """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
-    what its UNet was sampled as predicting (``predicts``: epsilon or v_prediction, which a single file's weights
-    cannot tell; the kohya export's architecture label reads it).
+    how its UNet was sampled (``schedule``, the scheduler's config: what it predicts, epsilon or v_prediction, and
+    whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them).
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -463,7 +463,9 @@ def fingerprint(cfg, unet, predicts: str | None = None) -> dict[str, Any]:
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
     fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
           "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
-    return {**fp, "prediction_type": predicts} if predicts else fp
+    predicts = (schedule or {}).get("prediction_type")
+    return {**fp, **({"prediction_type": predicts} if predicts else {}),
+            **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {})}
 
 
 def config_sha(unet) -> str:

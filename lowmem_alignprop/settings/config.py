@@ -70,6 +70,10 @@ class Config:
                               "epsilon for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a "
                               "v-prediction fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training "
                               "both use it.", ("auto", "epsilon", "v_prediction"))
+    zero_terminal_snr: bool = _f(False, "Rescale the UNet's noise schedule to zero terminal SNR and sample from its last "
+                                 "timestep (diffusers' rescale_betas_zero_snr, trailing timesteps), for a v-prediction "
+                                 "model trained so whose files do not say it. false = as the model says (its "
+                                 "scheduler config, or a single file's ztsnr key).")
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
@@ -437,8 +441,13 @@ class Config:
                             "negative_prompt, or raise guidance_scale (e.g. --set guidance_scale=5)")
         if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
             raise UserError(no_t5_to_leave_out(kind == "flux"))
-        if self.prediction_type != "auto" and _kind(self.model, self.model_components) in FLOW_KINDS:
+        if (self.prediction_type != "auto" or self.zero_terminal_snr) and \
+                _kind(self.model, self.model_components) in FLOW_KINDS:
             raise UserError(FLOW_PREDICTION)
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise UserError(ZERO_SNR_EPSILON)
+        if self.zero_terminal_snr and self.eta >= 1:
+            raise UserError(zero_snr_eta(self.eta))
 
     def _validate_names(self) -> None:
         """The model and the output folder: named, and the folder one a run can write."""
@@ -743,8 +752,18 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
 
 
 # prediction_type on SD3/FLUX: Config.validate says it when the files tell, the loader (load_flow_components) else
-FLOW_PREDICTION = ("prediction_type sets what a UNet predicts (noise or v); SD3/SD3.5 and FLUX.1 predict a flow "
-                   "(their own scheduler's): drop --set prediction_type")
+FLOW_PREDICTION = ("prediction_type and zero_terminal_snr set a UNet's prediction and noise schedule; SD3/SD3.5 and "
+                   "FLUX.1 predict a flow (their own scheduler's): drop them")
+def zero_snr_eta(eta: float) -> str:
+    """DDIM's eta 1 at zero terminal SNR (Config.validate says it when set, the loader when the model says it)."""
+    return (f"zero terminal SNR with eta={eta:g}: DDIM's step from the pure-noise timestep then has no deterministic "
+            "part left, and diffusers' step turns it into NaN: use --set eta=0 (or any value below 1)")
+
+
+# zero terminal SNR with a noise-predicting UNet: Config.validate says it when set, the loader when the model says it
+ZERO_SNR_EPSILON = ("zero_terminal_snr: at zero SNR the last timestep's latent is all noise, which a noise-predicting "
+                    "(epsilon) UNet cannot denoise: it is for v-prediction models; add --set prediction_type=v_prediction "
+                    "or drop zero_terminal_snr")
 
 
 def _kind(model: str, components: str) -> str | None:
@@ -855,8 +874,8 @@ def set_flags(overrides: dict[str, Any]) -> str:
 
 
 # the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
-RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "vae", "t5_encoder", "resolution", "sample_steps",
-                      "guidance_scale", "eta", "max_sequence_length", "negative_prompt")
+RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "zero_terminal_snr", "vae", "t5_encoder", "resolution",
+                      "sample_steps", "guidance_scale", "eta", "max_sequence_length", "negative_prompt")
 
 
 # what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
@@ -883,7 +902,8 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_IMAGE_SETTINGS` a run's config (a dict: config.yaml, a checkpoint's) set, leaving out those
     that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
     eta for SD3/FLUX, whose Euler sampler has none)."""
-    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length", "prediction_type")}
+    unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length", "prediction_type",
+                                             "zero_terminal_snr")}
     flow = model_kind_of(str(values.get("model", "")), str(values.get("model_components") or "")) in FLOW_KINDS
     return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))
             and not (flow and k == "eta")}
