@@ -70,10 +70,10 @@ class Config:
                               "epsilon for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a "
                               "v-prediction fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training "
                               "both use it.", ("auto", "epsilon", "v_prediction"))
-    zero_terminal_snr: bool = _f(False, "Rescale the UNet's noise schedule to zero terminal SNR and sample from its last "
-                                 "timestep (diffusers' rescale_betas_zero_snr, trailing timesteps), for a v-prediction "
-                                 "model trained so whose files do not say it. false = as the model says (its "
-                                 "scheduler config, or a single file's ztsnr key).")
+    zero_terminal_snr: bool = _f(False, "Rescale the UNet's noise schedule to zero terminal SNR and sample from its "
+                                 "last timestep (diffusers' rescale_betas_zero_snr, trailing timesteps), for a "
+                                 "v-prediction model trained so whose files do not say it. false = as the model says "
+                                 "(its scheduler config, or a single file's ztsnr key).")
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
@@ -762,8 +762,8 @@ def zero_snr_eta(eta: float) -> str:
 
 # zero terminal SNR with a noise-predicting UNet: Config.validate says it when set, the loader when the model says it
 ZERO_SNR_EPSILON = ("zero_terminal_snr: at zero SNR the last timestep's latent is all noise, which a noise-predicting "
-                    "(epsilon) UNet cannot denoise: it is for v-prediction models; add --set prediction_type=v_prediction "
-                    "or drop zero_terminal_snr")
+                    "(epsilon) UNet cannot denoise: it is for v-prediction models; add --set "
+                    "prediction_type=v_prediction or drop zero_terminal_snr")
 
 
 def _kind(model: str, components: str) -> str | None:
