@@ -490,19 +490,24 @@ def test_a_checkpoint_without_its_vae_trains_with_the_vae_named(tiny, tmp_path, 
     pipe, root, sd = tiny
     save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, tmp_path / "novae.safetensors")
     pipe.vae.save_pretrained(tmp_path / "vae")
-    real = arch.single_file_config  # the tiny UNet is no shipped architecture: its config folder stands in
-    monkeypatch.setattr(arch, "single_file_config", lambda path, a="auto", c=None: real(path, a, c or root / "config"))
+    real, asked = arch.single_file_config, []  # the tiny UNet is no shipped architecture: its config folder stands in
+    monkeypatch.setattr(arch, "single_file_config",
+                        lambda path, a="auto", c=None: asked.append(a) or real(path, a, c or root / "config"))
     rewards = {}
     for name, extra in (("whole", [str(root / "tiny.safetensors")]),
-                        ("novae", [str(tmp_path / "novae.safetensors"), "--set", f"vae={tmp_path / 'vae'}"])):
+                        ("novae", [str(tmp_path / "novae.safetensors"), "--set", f"vae={tmp_path / 'vae'}",
+                                   "--set", "model_arch=sd15"])):
         out = tmp_path / name
         assert main(["--profile", "cpu", "--steps", "1", "--set", "sample_steps=3", "--set", "sample_prompts=1",
                      "--reward", "brightness", "--output-dir", str(out), "--model", *extra]) == 0
         image = json.loads((out / "samples" / "before_after.json").read_text())["images"][0]
         rewards[name] = (image["reward_before"], image["reward_after"])
     assert rewards["novae"] == rewards["whole"]
-    # its LoRA merges onto the file with the VAE it trained with (the file has none to merge onto)
+    # its LoRA merges onto the file with the VAE it trained with (the file has none to merge onto), read as the
+    # architecture the run named (model_arch)
+    asked.clear()
     assert main(["export", "--lora", str(tmp_path / "novae" / "lora"), "--merge", "--out", str(tmp_path / "m")]) == 0
+    assert asked and set(asked) == {"sd15"}
     from diffusers import AutoencoderKL
     merged = AutoencoderKL.from_pretrained(tmp_path / "m" / "vae").state_dict()
     assert all(torch.equal(merged[k], v) for k, v in pipe.vae.state_dict().items())

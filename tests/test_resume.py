@@ -814,6 +814,34 @@ def _checkpoint(root, step, payload=b"weights", **state):
     return ckpt.step_dir(root, step)
 
 
+def test_a_checkpoint_written_again_whose_rename_fails_keeps_the_older_copy(tmp_path, monkeypatch):
+    """A step's checkpoint written again (an owed evaluation's re-save) whose final rename fails (a full disk, a
+    quota): the older copy, moved aside first, goes back (publish had no rollback: the step was missing until a
+    resume published the temporary folder)."""
+    import errno
+    from pathlib import Path
+
+    root = tmp_path / "checkpoints"
+    final = _checkpoint(root, 3, payload=b"older")
+    tmp = root / ".tmp-step-00000003"
+    tmp.mkdir()
+    (tmp / "state.json").write_text(json.dumps({"format": ckpt.FORMAT, "step": 3}))
+    (tmp / "trainable.safetensors").write_bytes(b"newer")
+    ckpt.write_manifest(tmp)
+    real = os.replace
+
+    def refuse_the_new_one(src, dst):
+        if Path(src) == tmp:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_one)
+    with pytest.raises(OSError):
+        ckpt.publish(tmp, final)
+    assert (final / "trainable.safetensors").read_bytes() == b"older" and ckpt.verify(final) is None
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000003", "step-00000003"]  # (nothing else aside)
+
+
 def test_a_whole_checkpoint_killed_before_its_rename_is_resumed_from(tmp_path, caplog):
     """Killed between a checkpoint's manifest and its rename: the temporary folder is whole (its manifest verifies),
     so --resume latest renames it and resumes from it (it was skipped: that step's training lost). Not while a live

@@ -295,9 +295,10 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
               "attention projections: add --set lora_layers=attention+ff")]
     # a DoRA (its magnitudes were dropped in silence: the run started from another LoRA), a peft adapter of another
     # type (a traceback), a LoRA of a diverged run (the run stopped blaming its reward)
-    first = next(k for k in more if k.endswith(".lora.down.weight"))
+    plain = load_file(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"))  # (one that fits: only the change
+    first = next(k for k in plain if k.endswith(".lora.down.weight"))  # below is wrong with it)
     magnitude = first.replace(".lora.down.weight", ".lora_magnitude_vector")
-    weird = {"dora": {**more, magnitude: torch.ones(8)}, "nan": {k: v.clone() for k, v in more.items()}}
+    weird = {"dora": {**plain, magnitude: torch.ones(8)}, "nan": {k: v.clone() for k, v in plain.items()}}
     weird["nan"][first].view(-1)[3] = float("nan")
     for name, weights in weird.items():
         (tmp_path / name).mkdir()
