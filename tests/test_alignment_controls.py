@@ -832,7 +832,8 @@ def test_a_profile_file_naming_a_recipe_applies_it_under_its_own_fields(tmp_path
     assert (own.truncation, own.k, own.recipe) == ("fixed", 2, "aesthetic")
     said = [r.getMessage() for r in caplog.records if "names recipe" in r.getMessage()]
     assert said == [f"profile {copied} names recipe aesthetic, and its own fields win over the recipe's: truncation "
-                    "fixed (recipe: per_step), k_min 1 (recipe: 0), k_max 10 (recipe: 50); delete those lines from the file (or give --recipe aesthetic) for the "
+                    "fixed (recipe: per_step), k_min 1 (recipe: 0), k_max 10 (recipe: 50); delete those lines from the "
+                    "file (or give --recipe aesthetic) for the "
                     "recipe's"], said  # (lr 0.001 is the recipe's own: nothing to say)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):

@@ -352,7 +352,7 @@ class Trainer:
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)
         self.init_file = self.find_init_lora()
-        self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (checkpoints: see find_init_lora)
+        self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (see find_init_lora)
         self.setup_accelerator()
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end

@@ -68,8 +68,8 @@ class Config:
     prediction_type: str = _f("auto", "What the UNet predicts (SD 1.x/2.x/SDXL): auto = as the model's scheduler "
                               "config says (a single file: SD 2.x loads as v-prediction, SD 1.x and SDXL as epsilon). "
                               "epsilon for an SD 2.x 512-px base single file or its fine-tunes; v_prediction for a "
-                              "v-prediction fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and training "
-                              "both use it.", ("auto", "epsilon", "v_prediction"))
+                              "v-prediction fine-tune (e.g. an SDXL one) whose files say epsilon. Sampling and "
+                              "training both use it.", ("auto", "epsilon", "v_prediction"))
     zero_terminal_snr: bool = _f(False, "Rescale the UNet's noise schedule to zero terminal SNR and sample from its "
                                  "last timestep (diffusers' rescale_betas_zero_snr, trailing timesteps), for a "
                                  "v-prediction model trained so whose files do not say it. false = as the model says "
