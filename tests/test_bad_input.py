@@ -214,8 +214,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     # step from it is NaN in diffusers)
     (["--set", "zero_terminal_snr=true", "--set", "prediction_type=epsilon"], "zero_terminal_snr: at zero SNR the "
      "last timestep's latent is all noise, which a noise-predicting (epsilon) UNet cannot denoise"),
-    (["--set", "zero_terminal_snr=true", "--set", "eta=1"], "zero terminal SNR with eta=1: DDIM's step from the "
-     "pure-noise timestep then has no deterministic part left, and diffusers' step turns it into NaN: use --set eta=0"),
+    (["--set", "zero_terminal_snr=true", "--set", "eta=1"], "zero terminal SNR with eta=1 (the default): DDIM's step "
+     "from the pure-noise timestep then has no deterministic part left, and diffusers' step turns it into NaN: use "
+     "--set eta=0"),
     # a K the truncation does not read (k=3 under every GPU profile's uniform trained K ~ U{1..50}, in silence)
     (["--set", "truncation=uniform"], "k=1 is the K of truncation=fixed, and truncation=uniform draws K from k_min=1 "
                                       "to k_max=3: add --set truncation=fixed for K=1, or set k_min and k_max instead"),

@@ -198,12 +198,32 @@ def test_a_model_whose_scheduler_config_omits_the_ddim_keys_samples_unclamped(ti
 def test_zero_terminal_snr_on_a_noise_predicting_model_is_refused_at_load(tiny_dir):
     """A model whose files say epsilon with zero_terminal_snr (Config.validate cannot tell before loading): one line;
     with v-prediction the schedule is rescaled and sampled from its pure-noise timestep."""
-    with pytest.raises(UserError, match="has a zero terminal SNR noise schedule and predicts noise"):
-        load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, eta=0.0))
+    with pytest.raises(UserError, match="zero_terminal_snr: at zero SNR the last timestep's latent is all noise"):
+        load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, eta=0.0))  # (the flag's: said so)
     sched = load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, prediction_type="v_prediction",
                                    eta=0.0)).scheduler
     sched.set_timesteps(3)
     assert sched.config.rescale_betas_zero_snr and sched.alphas_cumprod[-1] == 0 and sched.timesteps[0] == 999
+
+
+def test_a_folders_own_zero_snr_schedule_is_refused_with_eta_1_only_from_its_pure_noise_step(tiny_dir, tmp_path):
+    """A folder whose scheduler says zero terminal SNR: kept as it says; DDIM's eta 1 is refused only where the
+    sampling starts at the pure-noise timestep (trailing spacing; leading never reaches it, and is no NaN)."""
+    import json
+    import shutil
+
+    for spacing, refused in (("leading", False), ("trailing", True)):
+        model = tmp_path / spacing
+        shutil.copytree(tiny_dir, model)
+        file = model / "scheduler" / "scheduler_config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), "rescale_betas_zero_snr": True,
+                                    "prediction_type": "v_prediction", "timestep_spacing": spacing}))
+        if refused:
+            with pytest.raises(UserError, match=f"{model}: zero terminal SNR with eta=1 \\(the default\\)"):
+                load_components(Config(model=str(model)))
+        else:
+            sched = load_components(Config(model=str(model))).scheduler
+            assert sched.config.rescale_betas_zero_snr and sched.config.timestep_spacing == "leading"
 
 
 @pytest.mark.parametrize("sampler,said", [("LCMScheduler", True), ("TCDScheduler", True),

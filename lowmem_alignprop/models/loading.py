@@ -201,12 +201,13 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     zero_snr = getattr(cfg, "zero_terminal_snr", False) or (kind == "file" and marked_zero_snr(where))
     comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts,
                                      zero_snr=zero_snr)
-    if comps.scheduler.config.get("rescale_betas_zero_snr"):  # (the model's own schedule: said as its own)
+    if comps.scheduler.config.get("rescale_betas_zero_snr"):
         from lowmem_alignprop.settings.config import ZERO_SNR_EPSILON, zero_snr_eta
-        if comps.scheduler.config.prediction_type == "epsilon":
-            raise UserError(f"{cfg.model} has a zero terminal SNR noise schedule and predicts noise (epsilon): "
-                            + ZERO_SNR_EPSILON.split(": ", 1)[1])
-        if getattr(cfg, "eta", 0.0) >= 1:
+        if comps.scheduler.config.prediction_type == "epsilon":  # (the flag's, or the model's own schedule)
+            raise UserError(ZERO_SNR_EPSILON if zero_snr else f"{cfg.model} has a zero terminal SNR noise schedule "
+                            "and predicts noise (epsilon): " + ZERO_SNR_EPSILON.split(": ", 1)[1])
+        # (only a schedule sampled from its pure-noise timestep: trailing spacing, the flag's or the model's own)
+        if getattr(cfg, "eta", 0.0) >= 1 and comps.scheduler.config.get("timestep_spacing") == "trailing":
             raise UserError(f"{cfg.model}: " + zero_snr_eta(cfg.eta))
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -756,8 +756,9 @@ FLOW_PREDICTION = ("prediction_type and zero_terminal_snr set a UNet's predictio
                    "FLUX.1 predict a flow (their own scheduler's): drop them")
 def zero_snr_eta(eta: float) -> str:
     """DDIM's eta 1 at zero terminal SNR (Config.validate says it when set, the loader when the model says it)."""
-    return (f"zero terminal SNR with eta={eta:g}: DDIM's step from the pure-noise timestep then has no deterministic "
-            "part left, and diffusers' step turns it into NaN: use --set eta=0 (or any value below 1)")
+    default = " (the default)" if eta == Config.eta else ""
+    return (f"zero terminal SNR with eta={eta:g}{default}: DDIM's step from the pure-noise timestep then has no "
+            "deterministic part left, and diffusers' step turns it into NaN: use --set eta=0 (or any value below 1)")
 
 
 # zero terminal SNR with a noise-predicting UNet: Config.validate says it when set, the loader when the model says it
