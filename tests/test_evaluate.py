@@ -93,7 +93,8 @@ def _brightness(images):
 def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
     out, r = run
     assert r["sampler"] == {"scheduler": "DDIM", "sample_steps": 3, "guidance_scale": 7.5, "eta": 1.0,
-                            "resolution": 64, "negative_prompt": ""}
+                            "prediction_type": "epsilon", "zero_terminal_snr": False, "resolution": 64,
+                            "negative_prompt": ""}
     assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]  # the first two of simple_animals
     assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
     assert r["device"] == "cpu" and r["cuda_allocator"] == "cpu"  # (expandable segments: CUDA only)
@@ -869,7 +870,9 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--model", str(tiny_dir), "--prompt", "dog",
                  "--seed", "5", "--set", "prediction_type=v_prediction", "--set", "zero_terminal_snr=true",
                  "--set", "eta=0.5", "--output-dir", str(out)]) == 0
-    zsnr = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]["base"][0]
+    written = json.loads((out / SAMPLE_RESULTS).read_text())
+    zsnr = written["per_prompt"][0]["base"][0]
+    assert (written["sampler"]["prediction_type"], written["sampler"]["zero_terminal_snr"]) == ("v_prediction", True)
     def at_eta_half():
         return _brightness(pipe("dog", num_inference_steps=int(STEPS), guidance_scale=7.5, eta=0.5, height=64,
                                 width=64, generator=torch.Generator().manual_seed(5), output_type="pt").images).item()

@@ -748,6 +748,9 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                     **({"eta": cfg.eta} if scheduler == "DDIM" else {}),  # flow models' Euler steps have none
+                    **({"prediction_type": pipe.scheduler.config.prediction_type,  # (what the UNet was taken to
+                        "zero_terminal_snr": bool(pipe.scheduler.config.get("rescale_betas_zero_snr"))}  # predict)
+                       if scheduler == "DDIM" else {}),
                     "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt},
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": per_prompt,
