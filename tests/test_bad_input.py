@@ -209,7 +209,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
     (["--model", "flux", "--set", "prediction_type=epsilon"], "SD3/SD3.5 and FLUX.1 predict a flow"),
-    (["--model", "flux", "--set", "zero_terminal_snr=true"], "SD3/SD3.5 and FLUX.1 predict a flow"),
+    (["--model", "flux", "--set", "zero_terminal_snr=true"], "zero_terminal_snr sets a UNet's prediction and noise "
+                                                             "schedule; SD3/SD3.5 and FLUX.1 predict a flow (their own "
+                                                             "scheduler's): drop --set zero_terminal_snr"),
     # zero terminal SNR: the last timestep's latent is all noise (an epsilon UNet cannot denoise it; DDIM's eta 1
     # step from it is NaN in diffusers)
     (["--set", "zero_terminal_snr=true", "--set", "prediction_type=epsilon"], "zero_terminal_snr: at zero SNR the "

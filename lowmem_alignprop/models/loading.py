@@ -297,8 +297,8 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
     t5 = getattr(cfg, "t5_encoder", True)
     if getattr(cfg, "prediction_type", "auto") != "auto" or getattr(cfg, "zero_terminal_snr", False):  # (Config.
         # validate said it where the files told)
-        from lowmem_alignprop.settings.config import FLOW_PREDICTION
-        raise UserError(FLOW_PREDICTION)
+        from lowmem_alignprop.settings.config import flow_prediction
+        raise UserError(flow_prediction(cfg))
     _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)
     read = None

@@ -443,7 +443,7 @@ class Config:
             raise UserError(no_t5_to_leave_out(kind == "flux"))
         if (self.prediction_type != "auto" or self.zero_terminal_snr) and \
                 _kind(self.model, self.model_components) in FLOW_KINDS:
-            raise UserError(FLOW_PREDICTION)
+            raise UserError(flow_prediction(self))
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise UserError(ZERO_SNR_EPSILON)
         if self.zero_terminal_snr and self.eta >= 1:
@@ -752,8 +752,12 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
 
 
 # prediction_type on SD3/FLUX: Config.validate says it when the files tell, the loader (load_flow_components) else
-FLOW_PREDICTION = ("prediction_type and zero_terminal_snr set a UNet's prediction and noise schedule; SD3/SD3.5 and "
-                   "FLUX.1 predict a flow (their own scheduler's): drop them")
+def flow_prediction(cfg) -> str:
+    """prediction_type or zero_terminal_snr on an SD3/FLUX model: the line, naming what was set."""
+    given = [f for f in ("prediction_type", "zero_terminal_snr") if getattr(cfg, f) != getattr(Config, f)]
+    return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a UNet's prediction and noise schedule; "
+            "SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's): drop "
+            + " and ".join(f"--set {f}" for f in given))
 def zero_snr_eta(eta: float) -> str:
     """DDIM's eta 1 at zero terminal SNR (Config.validate says it when set, the loader when the model says it)."""
     default = " (the default)" if eta == Config.eta else ""
