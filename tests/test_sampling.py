@@ -200,6 +200,8 @@ def test_zero_terminal_snr_on_a_noise_predicting_model_is_refused_at_load(tiny_d
     with v-prediction the schedule is rescaled and sampled from its pure-noise timestep."""
     with pytest.raises(UserError, match="zero_terminal_snr: at zero SNR the last timestep's latent is all noise"):
         load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, eta=0.0))  # (the flag's: said so)
+    with pytest.raises(UserError, match="zero_terminal_snr: at zero SNR"):  # ... and before loading, as plan is
+        Config(model=str(tiny_dir), zero_terminal_snr=True, eta=0.0).validate()
     sched = load_components(Config(model=str(tiny_dir), zero_terminal_snr=True, prediction_type="v_prediction",
                                    eta=0.0)).scheduler
     sched.set_timesteps(3)

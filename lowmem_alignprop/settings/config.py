@@ -444,8 +444,9 @@ class Config:
         if (self.prediction_type != "auto" or self.zero_terminal_snr) and \
                 _kind(self.model, self.model_components) in FLOW_KINDS:
             raise UserError(flow_prediction(self))
-        if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise UserError(ZERO_SNR_EPSILON)
+        if self.zero_terminal_snr and (self.prediction_type == "epsilon" or (
+                self.prediction_type == "auto" and _folder_prediction(self.model) == "epsilon")):
+            raise UserError(ZERO_SNR_EPSILON)  # (a folder's own says it before loading: plan and train alike)
         if self.zero_terminal_snr and self.eta >= 1:
             raise UserError(zero_snr_eta(self.eta))
 
@@ -758,6 +759,18 @@ def flow_prediction(cfg) -> str:
     return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a UNet's prediction and noise schedule; "
             "SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's): drop "
             + " and ".join(f"--set {f}" for f in given))
+def _folder_prediction(model: str) -> str | None:
+    """What a diffusers folder's scheduler config says its UNet predicts, read without loading (None: not a folder,
+    or it does not say)."""
+    import json
+
+    try:
+        conf = json.loads((Path(model).expanduser() / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return conf.get("prediction_type") if isinstance(conf, dict) else None
+
+
 def zero_snr_eta(eta: float) -> str:
     """DDIM's eta 1 at zero terminal SNR (Config.validate says it when set, the loader when the model says it)."""
     default = " (the default)" if eta == Config.eta else ""
