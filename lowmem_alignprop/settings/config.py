@@ -765,7 +765,8 @@ def _folder_prediction(model: str) -> str | None:
     import json
 
     try:
-        conf = json.loads((Path(model).expanduser() / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        file = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+        conf = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return conf.get("prediction_type") if isinstance(conf, dict) else None
