@@ -326,13 +326,10 @@ def v_prediction(lora: Lora) -> bool:
     else from its scheduler config when it is here."""
     if (recorded := (lora.base or {}).get("prediction_type")) in ("epsilon", "v_prediction"):
         return recorded == "v_prediction"
+    from lowmem_alignprop.settings.paths import scheduler_prediction
+
     folder = _base_folder(lora.base_model or "")
-    try:
-        conf = (json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")) if folder
-                else {})
-    except (OSError, ValueError):
-        conf = {}
-    return conf.get("prediction_type") == "v_prediction"
+    return folder is not None and scheduler_prediction(folder) == "v_prediction"
 
 
 def base_family(lora: Lora) -> str:
@@ -369,9 +366,11 @@ def shared_name(model: str) -> str:
     path = Path(model).expanduser()
     if not (model and (path.is_absolute() or path.exists())):
         return model
-    if path.name in ("lora", "best"):  # (every run's LoRA folder is called so)
+    if path.name in (LORA_DIR, BEST_DIR):  # (every run's LoRA folder is called so)
         return f"{path.parent.name}/{path.name}"
-    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if path.name.startswith("step-") and \
+    from lowmem_alignprop.run.checkpoint import step_of
+
+    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if step_of(path) is not None and \
         len(path.parents) > 1 else path.name
 
 

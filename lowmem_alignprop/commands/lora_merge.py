@@ -49,18 +49,17 @@ def load_base(spec: str, run_config: dict | None = None):
     if vae:
         logging.getLogger("lowmem_alignprop").info("--merge: the merged model decodes with the VAE its run trained "
                                                    "with, %s", vae)
-    predicts = run.get("prediction_type") or "auto"
-    if predicts != "auto" and pipe.scheduler.config.get("prediction_type") != predicts:  # (its scheduler config says)
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
-    if run.get("zero_terminal_snr"):
-        from lowmem_alignprop.models.sampling import ZERO_SNR
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **ZERO_SNR)
+    from lowmem_alignprop.models.sampling import with_schedule
+
+    predicts = run.get("prediction_type") or "auto"  # (auto: as its scheduler config says)
+    pipe.scheduler = with_schedule(pipe.scheduler, None if predicts == "auto" else predicts,
+                                   zero_snr=bool(run.get("zero_terminal_snr")))
     return pipe
 
 
 def _base_pipeline(spec: str, run: dict, vae: str):
     from lowmem_alignprop.run import hub
-    from lowmem_alignprop.models.loading import hub_message, load_vae, resolve_model
+    from lowmem_alignprop.models.loading import hub_message, load_single_file_with_vae, load_vae, resolve_model
     from lowmem_alignprop.models.pipeline_load import load_pipeline
 
     kind, where = resolve_model(spec)
@@ -82,10 +81,7 @@ def _base_pipeline(spec: str, run: dict, vae: str):
         kind, where = "dir", str(tiny_model_dir())
     try:
         if kind == "file":
-            from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
-            arch = run.get("model_arch") or "auto"
-            own = load_vae(vae, torch.float32, vae_of_config(single_file_config(where, arch)[1])) if vae else None
-            return load_single_file(where, arch=arch, torch_dtype=torch.float32, vae=own)
+            return load_single_file_with_vae(where, run.get("model_arch") or "auto", torch.float32, vae)
         if kind == "hub":
             hub.offline()
         pipe = load_pipeline(where, hub_id=kind == "hub")

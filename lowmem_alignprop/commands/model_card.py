@@ -273,12 +273,12 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
 
 def _vae_load(spec: str) -> str:
     """The code that loads ``--set vae``'s VAE: a file, a VAE folder, a pipeline folder's vae/, a hub id."""
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in (".safetensors", ".ckpt"):
+    from lowmem_alignprop.settings.paths import vae_subfolder
+
+    if Path(spec).suffix.lower() in SINGLE_FILE_SUFFIXES:  # (as models/loading.load_vae tells the forms apart)
         return f"AutoencoderKL.from_single_file({json.dumps(spec)})"
-    sub = ", subfolder=\"vae\"" if not (path / "config.json").exists() and (path / "vae" / "config.json").exists() \
-        else ""
-    return f"AutoencoderKL.from_pretrained({json.dumps(spec)}{sub})"
+    sub = vae_subfolder(spec)
+    return f"AutoencoderKL.from_pretrained({json.dumps(spec)}" + (f", subfolder=\"{sub}\")" if sub else ")")
 
 
 def _library(fmt: str, lora: Lora) -> str | None:

@@ -23,8 +23,10 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -166,18 +168,26 @@ _UNET = "model.diffusion_model."
 _CROSS_ATTN_DIM = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
 
 
-def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a single-file checkpoint, reading only the header where the format allows."""
+def _read_shapes(path: Path) -> Mapping[str, tuple[int, ...]]:
+    """Key -> shape of a single-file checkpoint, reading only the header where the format allows; read once per
+    version of the file (its architecture, its marker keys and the loader all ask: a .ckpt's pickle is parsed once)."""
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}; pass the path of an existing .safetensors or .ckpt file")
     if path.is_dir():
         raise UserError(f"{path} is a directory; a single-file checkpoint (.safetensors or .ckpt) is expected here "
                         "(a diffusers model directory is loaded as a model directory, not as a single file)")
-    if path.stat().st_size == 0:
+    stat = path.stat()
+    if stat.st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): its download or copy did not finish; fetch it again")
+    return _header_shapes(path, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _header_shapes(path: Path, size: int, mtime_ns: int) -> Mapping[str, tuple[int, ...]]:
+    """:func:`_read_shapes`' reading, kept per (path, size, mtime) (a file written again is read again)."""
     try:
         if is_safetensors(path):
-            return read_safetensors_shapes(path)
+            return MappingProxyType(read_safetensors_shapes(path))
         sd = read_tensor_file(path, unwrap=True)  # memory-mapped: only the shapes are looked at
     except TensorFileError as e:
         if e.holds_code:  # a disallowed class or function (code), not a damaged file
@@ -192,10 +202,10 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                         ".safetensors or .ckpt download (re-download it if it was truncated)") from e
     if not isinstance(sd, dict):
         raise UserError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return MappingProxyType({k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)})
 
 
-def _detect_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> str:
+def _detect_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str) -> str:
     not_sd = (f"{where} is not a Stable Diffusion checkpoint in the original single-file layout. Supported: "
               f"{_SUPPORTED}; and SD3/SD3.5 or FLUX.1 transformer files (joint_blocks.* / double_blocks.* keys, or "
               "diffusers' transformer_blocks.*) with their model's folder: --set model_components=DIR")
@@ -363,11 +373,10 @@ def load_single_file(path, arch: str = "auto", torch_dtype=None, *, config_dir=N
                         "is a complete Stable Diffusion checkpoint and that the architecture matches it (or let it "
                         "be detected automatically)") from e
     _check_loaded(pipe, str(path), config_dir)
-    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    if marked_zero_snr(path):  # (trained with zero terminal SNR: its schedule rescaled so, where its class takes it)
-        from lowmem_alignprop.models.sampling import ZERO_SNR
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **ZERO_SNR)
+    from lowmem_alignprop.models.sampling import with_schedule
+
+    # (a file trained with zero terminal SNR: its schedule rescaled so, where its scheduler's class takes it)
+    pipe.scheduler = with_schedule(pipe.scheduler, prediction_type, zero_snr=marked_zero_snr(path))
     return pipe
 
 

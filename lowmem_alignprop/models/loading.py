@@ -27,6 +27,7 @@ from lowmem_alignprop.settings.errors import UserError, did_you_mean, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, TOY_MODEL_DIR
 from lowmem_alignprop.settings.paths import describe as describe_path
+from lowmem_alignprop.settings.paths import vae_subfolder
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -148,11 +149,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             hub.offline()  # no network: diffusers reads the local cache only and fails at once, not after retries
         try:
             if kind == "file":
-                from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
-                vae = None
-                if getattr(cfg, "vae", ""):  # read first: it takes the file's VAE's place (a "no-vae" file has none)
-                    vae = load_vae(cfg.vae, weight_dtype, vae_of_config(single_file_config(where, cfg.model_arch)[1]))
-                pipe = load_single_file(where, arch=cfg.model_arch, torch_dtype=weight_dtype, vae=vae)
+                pipe = load_single_file_with_vae(where, cfg.model_arch, weight_dtype, getattr(cfg, "vae", ""))
                 from lowmem_alignprop.run.runlock import global_rank
                 from lowmem_alignprop.models.arch import marked_v_prediction
                 if pipe.scheduler.config.get("prediction_type") == "v_prediction" and predicts == "auto" and \
@@ -399,6 +396,15 @@ def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DI
             "or pass a local directory")
 
 
+def load_single_file_with_vae(where: str, arch: str, dtype: torch.dtype, vae: str = ""):
+    """A single-file model's pipeline (models/arch.load_single_file), with ``--set vae``'s VAE (``vae``) read first:
+    it takes the file's VAE's place (a "no-vae" file has none), checked against the architecture's VAE config."""
+    from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
+
+    own = load_vae(vae, dtype, vae_of_config(single_file_config(where, arch)[1])) if vae else None
+    return load_single_file(where, arch=arch, torch_dtype=dtype, vae=own)
+
+
 def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     """A replacement VAE (config field ``vae``): a diffusers folder (or a pipeline folder with ``vae/``), a hub
     id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16), or a single
@@ -411,7 +417,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     path = Path(os.path.expanduser(spec))
     try:
         if path.is_dir():
-            sub = "vae" if not (path / "config.json").exists() and (path / "vae" / "config.json").exists() else None
+            sub = vae_subfolder(path)
             if sub is None and not (path / "config.json").exists():
                 raise UserError(f"vae={spec} is a folder without config.json (or vae/config.json): pass the folder "
                                 "that AutoencoderKL.save_pretrained wrote, a hub id, or a .safetensors file")

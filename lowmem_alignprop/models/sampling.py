@@ -45,6 +45,16 @@ def ddim_scheduler(config, prediction_type: str | None = None, *, zero_snr: bool
 ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
+def with_schedule(scheduler, prediction_type: str | None = None, *, zero_snr: bool = False):
+    """``scheduler`` (a pipeline's own, of any class) predicting ``prediction_type`` and, with ``zero_snr``, on the
+    zero-terminal-SNR schedule (:data:`ZERO_SNR`): what a single file's keys or a run's settings say that its files
+    do not; the scheduler itself where nothing changes."""
+    changes = {**({"prediction_type": prediction_type}
+                  if prediction_type and scheduler.config.get("prediction_type") != prediction_type else {}),
+               **(ZERO_SNR if zero_snr else {})}
+    return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
+
+
 class BatchedTensors:
     """For a dataclass of per-prompt tensors (None allowed): pick prompts, move, join. Fields named in ``SHARED``
     are the same for every prompt and are carried along, not indexed or joined."""

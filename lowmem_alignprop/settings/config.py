@@ -17,7 +17,7 @@ from typing import Any, get_args, get_type_hints
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of
+from lowmem_alignprop.settings.paths import kind_of, scheduler_prediction
 
 MIN_SEED, MAX_SEED = 0, 2**32 - 1  # (torch's generators take 64 bits; the trainer derives seeds from this one)
 # sample's --seed: a torch generator's (one per image), so the seeds a run records for its images (its seed + 12345
@@ -445,7 +445,7 @@ class Config:
                 _kind(self.model, self.model_components) in FLOW_KINDS:
             raise UserError(flow_prediction(self))
         if self.zero_terminal_snr and (self.prediction_type == "epsilon" or (
-                self.prediction_type == "auto" and _folder_prediction(self.model) == "epsilon")):
+                self.prediction_type == "auto" and scheduler_prediction(self.model) == "epsilon")):
             raise UserError(ZERO_SNR_EPSILON)  # (a folder's own says it before loading: plan and train alike)
         if self.zero_terminal_snr and self.eta >= 1:
             raise UserError(zero_snr_eta(self.eta))
@@ -752,24 +752,13 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
                  "pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
-# prediction_type on SD3/FLUX: Config.validate says it when the files tell, the loader (load_flow_components) else
 def flow_prediction(cfg) -> str:
-    """prediction_type or zero_terminal_snr on an SD3/FLUX model: the line, naming what was set."""
+    """prediction_type or zero_terminal_snr on an SD3/FLUX model: the line, naming what was set (Config.validate
+    says it when the files tell, the loader, load_flow_components, else)."""
     given = [f for f in ("prediction_type", "zero_terminal_snr") if getattr(cfg, f) != getattr(Config, f)]
     return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a UNet's prediction and noise schedule; "
             "SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's): drop "
             + " and ".join(f"--set {f}" for f in given))
-def _folder_prediction(model: str) -> str | None:
-    """What a diffusers folder's scheduler config says its UNet predicts, read without loading (None: not a folder,
-    or it does not say)."""
-    import json
-
-    try:
-        file = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
-        conf = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return conf.get("prediction_type") if isinstance(conf, dict) else None
 
 
 def zero_snr_eta(eta: float) -> str:

@@ -72,6 +72,24 @@ def model_index(folder: str | os.PathLike) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+def scheduler_prediction(folder: str | os.PathLike) -> str | None:
+    """What a diffusers folder's scheduler config says its UNet predicts (epsilon, v_prediction), read without
+    loading; None where there is no such folder or config, or it does not say."""
+    try:
+        conf = json.loads((Path(folder).expanduser() / "scheduler" / "scheduler_config.json").read_text(
+            encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return conf.get("prediction_type") if isinstance(conf, dict) else None
+
+
+def vae_subfolder(folder: str | os.PathLike) -> str | None:
+    """``vae`` where a VAE folder given is a pipeline folder holding it (vae/config.json, no config.json of its own),
+    else None: ``AutoencoderKL.from_pretrained(folder, subfolder=...)``."""
+    folder = Path(folder).expanduser()
+    return "vae" if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists() else None
+
+
 # a component's weights file, plain or of a variant ("diffusion_pytorch_model.fp16.safetensors", a variant's shard
 # "model.fp16-00001-of-00002.safetensors"): diffusers' and transformers' names
 _WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+?))?(?:-\d{5}-of-\d{5})?"
