@@ -832,16 +832,23 @@ def test_sample_of_a_run_trained_with_another_vae_decodes_with_it(tmp_path, tiny
     for p in other.decoder.parameters():
         p.data += 0.05 * torch.randn_like(p)
     other.save_pretrained(tmp_path / "other_vae")
+    _sampled_again_as_its_run(tmp_path, tiny_dir, f"vae={tmp_path / 'other_vae'}")
+
+
+def _sampled_again_as_its_run(tmp_path, tiny_dir, *settings: str):
+    """One step on the tiny model with ``settings`` (--set KEY=VALUE), then `sample` of its LoRA without them at the
+    grid's first image's seed and prompt: the grid's own before/after rewards. Returns the run folder."""
     run = tmp_path / "run"
+    sets = [arg for s in settings for arg in ("--set", s)]
     assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--set", "sample_steps=3",
-                 "--set", "sample_prompts=1", "--set", f"vae={tmp_path / 'other_vae'}", "--reward", "brightness",
-                 "--output-dir", str(run)]) == 0
+                 "--set", "sample_prompts=1", *sets, "--reward", "brightness", "--output-dir", str(run)]) == 0
     grid = json.loads((run / "samples" / "before_after.json").read_text())["images"][0]
-    out = tmp_path / "sample"
+    again = tmp_path / "again"
     assert main(["sample", str(run / "lora"), "--seed", str(grid["seed"]), "--prompt", grid["prompt"],
-                 "--output-dir", str(out)]) == 0
-    got = json.loads((out / SAMPLE_RESULTS).read_text())["per_prompt"][0]
+                 "--output-dir", str(again)]) == 0
+    got = json.loads((again / SAMPLE_RESULTS).read_text())["per_prompt"][0]
     assert (got["base"][0], got["lora"][0]) == pytest.approx((grid["reward_before"], grid["reward_after"]), abs=1e-6)
+    return run
 
 
 def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):
@@ -883,16 +890,7 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     # (the tiny model's images are near grey: 6e-5 apart, above the 1e-5 that tells the two samplers apart)
     assert zsnr == pytest.approx(at_eta_half(), abs=1e-5) and abs(zsnr - plain) > 3e-5
 
-    run = tmp_path / "run"
-    assert main(["--profile", "cpu", "--model", str(tiny_dir), "--steps", "1", "--set", "sample_steps=3",
-                 "--set", "sample_prompts=1", "--set", "prediction_type=v_prediction", "--reward", "brightness",
-                 "--output-dir", str(run)]) == 0
-    grid = json.loads((run / "samples" / "before_after.json").read_text())["images"][0]
-    again = tmp_path / "again"
-    assert main(["sample", str(run / "lora"), "--seed", str(grid["seed"]), "--prompt", grid["prompt"],
-                 "--output-dir", str(again)]) == 0
-    got = json.loads((again / SAMPLE_RESULTS).read_text())["per_prompt"][0]
-    assert (got["base"][0], got["lora"][0]) == pytest.approx((grid["reward_before"], grid["reward_after"]), abs=1e-6)
+    run = _sampled_again_as_its_run(tmp_path, tiny_dir, "prediction_type=v_prediction")
     lora = lora_files.read_lora(str(run / "lora"))
     assert lora.base["prediction_type"] == "v_prediction" and lora_files.v_prediction(lora)
     lora.base = {**lora.base, "model": "sd21"}  # (an SD 2.x base: the label A1111 and SD.Next read)
