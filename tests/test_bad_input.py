@@ -209,9 +209,19 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--model", "flux", "--set", "t5_encoder=false"], "FLUX.1 always needs its T5-XXL"),
     (["--set", "t5_encoder=false"], "the model has no T5 text encoder to leave out (only SD3/SD3.5 do)"),
     (["--model", "flux", "--set", "prediction_type=epsilon"], "SD3/SD3.5 and FLUX.1 predict a flow"),
-    (["--model", "flux", "--set", "zero_terminal_snr=true"], "zero_terminal_snr sets a UNet's prediction and noise "
-                                                             "schedule; SD3/SD3.5 and FLUX.1 predict a flow (their own "
-                                                             "scheduler's): drop --set zero_terminal_snr"),
+    (["--model", "flux", "--set", "zero_terminal_snr=true"], "zero_terminal_snr sets how a UNet samples (its "
+                                                             "prediction, noise schedule, guidance rescale); SD3/SD3.5 "
+                                                             "and FLUX.1 predict a flow (their own scheduler's) and "
+                                                             "take none of these: drop --set zero_terminal_snr"),
+    # guidance rescale: diffusers' SD/SDXL pipelines' (SD3's and FLUX's have none); a factor from 0 to 1; nothing to
+    # rescale without the unconditional branch
+    (["--model", "sd35m", "--set", "guidance_rescale=0.7"], "guidance_rescale sets how a UNet samples"),
+    (["--set", "guidance_rescale=1.5"], "guidance_rescale=1.5 mixes the rescaled guided prediction in by that factor: "
+                                        "use a value from 0 (off) to 1 (e.g. 0.7)"),
+    (["--set", "guidance_rescale=0.7", "--set", "guidance_scale=1"], "guidance_rescale rescales the guided prediction "
+                                                                     "of classifier-free guidance, which "
+                                                                     "guidance_scale=1 turns off (1 or less): drop "
+                                                                     "--set guidance_rescale"),
     # zero terminal SNR: the last timestep's latent is all noise (an epsilon UNet cannot denoise it; DDIM's eta 1
     # step from it is NaN in diffusers)
     (["--set", "zero_terminal_snr=true", "--set", "prediction_type=epsilon"], "zero_terminal_snr: at zero SNR the "

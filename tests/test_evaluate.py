@@ -902,6 +902,31 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert "| prediction type | v_prediction (as the run sampled it, which the base model's files do not say" in card
 
 
+def test_guidance_rescale_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):
+    """`--set guidance_rescale=0.7` (Lin et al. 2023's fix for overexposure at high guidance): `sample`'s image is
+    diffusers' own pipeline called with it, training's grid samples so too (its LoRA's `sample` without the flag
+    gives the grid's rewards), and the card's code passes it."""
+    from loras import export as export_lora
+
+    out = tmp_path / "rescaled"
+    assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--model", str(tiny_dir), "--prompt", "dog",
+                 "--seed", "5", "--set", "guidance_rescale=0.7", "--output-dir", str(out)]) == 0
+    written = json.loads((out / SAMPLE_RESULTS).read_text())
+    got = written["per_prompt"][0]["base"][0]
+    assert written["sampler"]["guidance_rescale"] == 0.7
+    pipe = _tiny_pipe(tiny_dir)
+    rescaled = pipe("dog", num_inference_steps=int(STEPS), guidance_scale=7.5, eta=1.0, guidance_rescale=0.7,
+                    height=64, width=64, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    # the same operations: a few float32 roundings of a mean near 0.5 apart (1e-6 is 17 eps of it); the tiny
+    # model's grey images keep the rescale's own effect on their mean small: 3e-5, 30x that
+    assert got == pytest.approx(_brightness(rescaled).item(), abs=1e-6)
+    assert abs(got - _brightness(_direct(pipe, "dog", 5)).item()) > 1e-5, "the rescale did not take"
+
+    run = _sampled_again_as_its_run(tmp_path, tiny_dir, "guidance_rescale=0.7")
+    card = (export_lora(tmp_path / "k", run / "lora") / "README.md").read_text()
+    assert "guidance_rescale=0.7" in card
+
+
 def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tmp_path, loras, tiny_dir):
     """unet.save_attn_procs's layout (diffusers before 0.21: attn1.processor.to_q_lora.down.weight) loaded 0 layers
     and was said to be "made for another base model": it is converted, and renders as the LoRA it is."""

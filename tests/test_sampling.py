@@ -21,31 +21,35 @@ def tiny(tiny_dir):
     return m.comps, m.params, m.emb
 
 
-def _grads(comps, params, emb, k, steps, checkpoint_calls, seed=3):
+def _grads(comps, params, emb, k, steps, checkpoint_calls, seed=3, rescale=0.0):
     sched = comps.scheduler
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     lat = torch.randn(2, 4, 32, 32, generator=g)
     lat = rollout(comps.unet, sched, lat, emb, k=k, guidance_scale=4.0, eta=1.0, generator=g,
-                  checkpoint_calls=checkpoint_calls)
+                  checkpoint_calls=checkpoint_calls, guidance_rescale=rescale)
     loss = -decode(comps.vae, lat).mean()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss.detach(), [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
-def _reference_grads(comps, params, emb, k, steps, seed=3):
+def _reference_grads(comps, params, emb, k, steps, seed=3, rescale=0.0):
     """Plain autograd, written out by hand: no-grad steps, detach, then K steps with the graph kept whole."""
     sched = comps.scheduler
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     lat = torch.randn(2, 4, 32, 32, generator=g)
     ts = list(sched.timesteps)
+
+    def eps(lat, t):
+        return guided_eps(comps.unet, lat, t, emb, 4.0, guidance_rescale=rescale)
+
     with torch.no_grad():
         for t in ts[: steps - k]:
-            lat = sched.step(guided_eps(comps.unet, lat, t, emb, 4.0), t, lat, eta=1.0, generator=g).prev_sample
+            lat = sched.step(eps(lat, t), t, lat, eta=1.0, generator=g).prev_sample
     lat = lat.detach()
     for t in ts[steps - k:]:
-        lat = sched.step(guided_eps(comps.unet, lat, t, emb, 4.0), t, lat, eta=1.0, generator=g).prev_sample
+        lat = sched.step(eps(lat, t), t, lat, eta=1.0, generator=g).prev_sample
     loss = -decode(comps.vae, lat).mean()
     return loss.detach(), torch.autograd.grad(loss, params)
 
@@ -57,6 +61,19 @@ def test_checkpointed_window_matches_plain_autograd(tiny, k):
     ref_loss, ref = _reference_grads(comps, params, emb, k=k, steps=5)
     assert_rel_close(loss, ref_loss, SAME_OPS, "loss")  # the same operations; a recompute is no approximation
     assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")  # (fails on a zero reference: it must be non-zero)
+
+
+def test_guidance_rescale_trains_through_the_window_as_plain_autograd(tiny):
+    """--set guidance_rescale: the rescaled prediction (a per-sample standard deviation of each call's output) inside
+    the checkpointed window gives plain autograd's loss and gradients, and other ones than without it."""
+    comps, params, emb = tiny
+    loss, grads = _grads(comps, params, emb, k=2, steps=4, checkpoint_calls=True, rescale=0.7)
+    ref_loss, ref = _reference_grads(comps, params, emb, k=2, steps=4, rescale=0.7)
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")
+    _, plain = _grads(comps, params, emb, k=2, steps=4, checkpoint_calls=True)
+    diff = sum((a - b).abs().sum() for a, b in zip(grads, plain))
+    assert diff > 1e-3 * sum(a.abs().sum() for a in plain)  # the rescale is in the gradient, not only the images
 
 
 def test_k_changes_the_gradient_and_k0_gives_none(tiny):
@@ -421,6 +438,26 @@ def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(sdxl):
     assert torch.allclose(out, torch.full_like(x, eps_u + 3.0 * (eps_c - eps_u)))  # 6.5 (SD) / 12.0 (SDXL)
     no_cfg = guided_eps(_EchoUNet(), x, torch.tensor(10), emb, 1.0)
     assert torch.allclose(no_cfg, torch.full_like(x, eps_c))  # scale 1: the prompt's branch alone
+
+
+class _ScalingUNet(torch.nn.Module):
+    """A stand-in UNet whose output is its input latent times its text conditioning's mean: each branch's prediction
+    is a known multiple of one latent, so their standard deviations are known multiples of the latent's."""
+    dtype = torch.float32
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+        return type("Out", (), {"sample": x * encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)})()
+
+
+@pytest.mark.parametrize(("rescale", "factor"), [(0.0, 5.0), (1.0, 2.0), (0.7, 2.9)])
+def test_guidance_rescale_mixes_in_the_guided_prediction_at_the_conditional_ones_std(rescale, factor):
+    """Lin et al. 2023 (diffusers' guidance_rescale): the guided prediction g = u + s (c - u) rescaled by
+    std(c) / std(g) per sample, mixed in by the factor. Branches x*2 and x*0.5 at scale 3: g = 5x, rescaled 2x;
+    0.7 of 2x and 0.3 of 5x is 2.9x."""
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    emb = PromptEmbeds(torch.full((2, 5, 8), 2.0), torch.full((2, 5, 8), 0.5))
+    out = guided_eps(_ScalingUNet(), x, torch.tensor(10), emb, 3.0, guidance_rescale=rescale)
+    assert_rel_close(out, factor * x, SAME_OPS, "guided prediction")
 
 
 class _IdentityVAE:

@@ -610,7 +610,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -
         # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
         images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                      height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt").images
+                      guidance_rescale=cfg.guidance_rescale, height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt").images
         out.append(images.float().cpu())  # kept on the CPU: the GPU holds one batch at a time
     return torch.cat(out)
 
@@ -747,7 +747,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
         "sampler": {"scheduler": scheduler,
                     "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-                    **({"eta": cfg.eta} if scheduler == "DDIM" else {}),  # flow models' Euler steps have none
+                    **({"eta": cfg.eta, "guidance_rescale": cfg.guidance_rescale}  # (flow models' Euler steps and
+                       if scheduler == "DDIM" else {}),  # pipelines have neither)
                     **({"prediction_type": pipe.scheduler.config.prediction_type,  # (what the UNet was taken to
                         "zero_terminal_snr": bool(pipe.scheduler.config.get("rescale_betas_zero_snr"))}  # predict)
                        if scheduler == "DDIM" else {}),

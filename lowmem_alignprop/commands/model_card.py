@@ -27,7 +27,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora", "guidance_scale", "eta", "negative_prompt", "t5_encoder", "vae", "prediction_type",
+                "init_lora", "guidance_scale", "guidance_rescale", "eta", "negative_prompt", "t5_encoder", "vae", "prediction_type",
                 "zero_terminal_snr", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
@@ -245,6 +245,8 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
             *([f"guidance_scale={num(info['guidance_scale'])}"] if info.get("guidance_scale") is not None else []),
             *([f"negative_prompt={json.dumps(info['negative_prompt'])}"] if info.get("negative_prompt") else []),
             *([f"eta={num(info['eta'])}"] if not flow and info.get("eta") is not None else []),
+            *([f"guidance_rescale={num(info['guidance_rescale'])}"] if not flow and info.get("guidance_rescale")
+              else []),
             *([f"height={size}", f"width={size}"] if size else []),
             *([f"max_sequence_length={info['t5_tokens']}"] if flow and info.get("t5_tokens") else [])]
     call = [f"image = pipe(\"a prompt\", {', '.join(args)}).images[0]  # the run's sampling settings"]

@@ -53,7 +53,8 @@ class UNetFamily:
                 detached=frozenset()):
         scheduler.set_timesteps(cfg.sample_steps, device=latents.device)
         return sampling.rollout(model, scheduler, latents, emb, k=k, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                                generator=generator, stage=stage, grad_unet=grad_model, kl=kl,
+                                generator=generator, guidance_rescale=cfg.guidance_rescale, stage=stage,
+                                grad_unet=grad_model, kl=kl,
                                 lv_draws=cfg.lv_draws if k else 1,  # the no-grad samples: one draw
                                 window_keep=cfg.window_keep, detached=detached,
                                 nograd_context=nograd_context(cfg, model))

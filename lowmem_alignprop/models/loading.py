@@ -292,9 +292,9 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
     from lowmem_alignprop.models import flow_loading as fl
 
     t5 = getattr(cfg, "t5_encoder", True)
-    if getattr(cfg, "prediction_type", "auto") != "auto" or getattr(cfg, "zero_terminal_snr", False):  # (Config.
-        # validate said it where the files told)
-        from lowmem_alignprop.settings.config import flow_prediction
+    from lowmem_alignprop.settings.config import flow_prediction, unet_sampler_settings
+
+    if unet_sampler_settings(cfg):  # (Config.validate said it where the files told)
         raise UserError(flow_prediction(cfg))
     _check_quant(cfg)  # before anything loads
     quant = _bnb_mode(cfg)

@@ -249,9 +249,11 @@ class PromptEncoder:
         return cached_batch(self.cache, batch_prompts, self.on_host, self.place, self.device)
 
 
-def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
+def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None, *,
+               guidance_rescale: float = 0.0):
     """One UNet call with classifier-free guidance (both branches batched together); inputs cast to ``dtype``
-    (default: the UNet's :func:`compute_dtype`)."""
+    (default: the UNet's :func:`compute_dtype`). ``guidance_rescale`` > 0: the guided prediction rescaled as
+    diffusers' SD/SDXL pipelines do (their ``rescale_noise_cfg``), so training samples what they sample."""
     use_cfg = guidance_scale > 1.0
     x = torch.cat([latents, latents]) if use_cfg else latents
     hidden = torch.cat([emb.uncond, emb.cond]) if use_cfg else emb.cond
@@ -265,7 +267,11 @@ def guided_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype
     if not use_cfg:
         return out
     uncond, cond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale <= 0:
+        return guided
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # (the pipelines')
+    return rescale_noise_cfg(guided, cond, guidance_rescale)
 
 
 @contextlib.contextmanager
@@ -301,10 +307,11 @@ def enable_block_checkpointing(unet) -> None:
     unet.enable_gradient_checkpointing(functools.partial(_block_checkpoint, unet))
 
 
-def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None):
+def base_eps(unet, latents, t, emb: PromptEmbeds, guidance_scale: float, dtype: torch.dtype | None = None, *,
+             guidance_rescale: float = 0.0):
     """:func:`guided_eps` of the frozen base model (the adapters off, also when a checkpoint recomputes it)."""
     with adapters_off(unet):
-        return guided_eps(unet, latents, t, emb, guidance_scale, dtype)
+        return guided_eps(unet, latents, t, emb, guidance_scale, dtype, guidance_rescale=guidance_rescale)
 
 
 def window_start(timesteps, k: int) -> int:
@@ -315,7 +322,7 @@ def window_start(timesteps, k: int) -> int:
 
 
 def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int, guidance_scale: float,
-            eta: float, generator: torch.Generator | None, stage=None, grad_unet=None,
+            eta: float, generator: torch.Generator | None, guidance_rescale: float = 0.0, stage=None, grad_unet=None,
             checkpoint_calls: bool = True, kl: list | None = None, lv_draws: int = 1,
             window_keep: int = 0, detached=frozenset(), nograd_context: Callable | None = None) -> torch.Tensor:
     """Run the DDIM chain from noise; the last ``k`` steps carry gradients (k=0: none do).
@@ -331,15 +338,16 @@ def rollout(unet, scheduler, latents: torch.Tensor, emb: PromptEmbeds, *, k: int
     """
     grad_unet = grad_unet if grad_unet is not None else unet
     dtype = compute_dtype(unet)  # once: diffusers walks the whole UNet to tell it
+    rescale = {"guidance_rescale": guidance_rescale}
 
     def draws(latents, call):
         return last_step_draws(grad_unet, scheduler, latents, emb, lv_draws, guidance_scale=guidance_scale, eta=eta,
-                               generator=generator, call=call)
+                               generator=generator, call=call, **rescale)
 
     return truncated_chain(
         scheduler.timesteps, latents, k=k, model=unet, grad_model=grad_unet,
-        predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale, dtype),
-        base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale, dtype),
+        predict=lambda model, x, t: guided_eps(model, x, t, emb, guidance_scale, dtype, **rescale),
+        base_predict=lambda model, x, t: base_eps(model, x, t, emb, guidance_scale, dtype, **rescale),
         step=lambda eps, t, x: scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample,
         stage=stage, checkpoint_calls=checkpoint_calls, kl=kl, last=draws if lv_draws > 1 else None,
         window_keep=window_keep, detached=detached, nograd_context=nograd_context)
@@ -397,7 +405,7 @@ def truncated_chain(timesteps, latents: torch.Tensor, *, k: int, model, grad_mod
 
 
 def last_step_draws(unet, scheduler, x0: torch.Tensor, emb: PromptEmbeds, draws: int, *, guidance_scale: float,
-                    eta: float, generator, call) -> torch.Tensor:
+                    eta: float, generator, call, guidance_rescale: float = 0.0) -> torch.Tensor:
     """DRaFT-LV (Clark et al. 2023): ``x0`` (the trajectory's own last step, draw 1) and ``draws - 1`` more last
     steps, each from ``x0`` without its gradient re-noised to the last step's noise level (the scheduler's
     ``add_noise``) and denoised again with gradients: ``[draws * B, ...]``, draw-major. The extra draws run as one
@@ -408,7 +416,8 @@ def last_step_draws(unet, scheduler, x0: torch.Tensor, emb: PromptEmbeds, draws:
     noise = torch.randn(start.shape, generator=generator, device="cpu", dtype=start.dtype).to(start.device)
     t_batch = torch.as_tensor(t, device=start.device).reshape(1).long()
     noisy = scheduler.add_noise(start, noise, t_batch)
-    eps = call(with_repeated_embeds, guided_eps, unet, noisy, t, emb, more, guidance_scale)
+    eps = call(with_repeated_embeds, functools.partial(guided_eps, guidance_rescale=guidance_rescale), unet, noisy, t,
+               emb, more, guidance_scale)
     return torch.cat([x0, scheduler.step(eps, t, noisy, eta=eta, generator=generator).prev_sample])
 
 

@@ -98,6 +98,11 @@ class Config:
     # ---- sampler -------------------------------------------------------------------------------
     sample_steps: int = _f(50, "Denoising steps per rollout (T): DDIM steps for UNet models, Euler steps for SD3/FLUX.")
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale (1.0 disables the unconditional branch).")
+    guidance_rescale: float = _f(0.0, "SD 1.x/2.x/SDXL: rescale the guided prediction toward the conditional one's "
+                                 "standard deviation, mixed in by this factor (0 = off, 1 = fully rescaled): "
+                                 "diffusers' guidance_rescale, from Lin et al. 2023, who use 0.7 with "
+                                 "zero_terminal_snr to stop high guidance from overexposing. Sampling and training "
+                                 "both use it.")
     eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
                         "then draws fresh noise, so rollouts of one prompt differ.")
@@ -424,6 +429,9 @@ class Config:
         self._validate_base_and_swap(training)
         if self.guidance_scale < 1.0:
             raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1.0 (1.0 turns guidance off)")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise UserError(f"guidance_rescale={self.guidance_rescale:g} mixes the rescaled guided prediction in by "
+                            "that factor: use a value from 0 (off) to 1 (e.g. 0.7)")
         return self
 
     def _validate_model_settings(self) -> None:
@@ -435,14 +443,14 @@ class Config:
                             "model_components (a resumed run's, of its transformer file: --set model_components=)")
         if self.negative_prompt and _is_flux(self.model, self.model_components):
             raise UserError(FLUX_NEGATIVE)
-        if self.negative_prompt and self.guidance_scale <= 1:  # (no unconditional pass is run: it was unused, unsaid)
-            raise UserError(f"negative_prompt is the unconditional branch of classifier-free guidance, which "
-                            f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
-                            "negative_prompt, or raise guidance_scale (e.g. --set guidance_scale=5)")
+        for name in ("negative_prompt", "guidance_rescale"):  # (no unconditional pass is run: unused, unsaid)
+            if getattr(self, name) and self.guidance_scale <= 1:
+                raise UserError(f"{name} {UNCONDITIONAL_USES[name]} classifier-free guidance, which "
+                                f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
+                                f"{name}, or raise guidance_scale (e.g. --set guidance_scale=5)")
         if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
             raise UserError(no_t5_to_leave_out(kind == "flux"))
-        if (self.prediction_type != "auto" or self.zero_terminal_snr) and \
-                _kind(self.model, self.model_components) in FLOW_KINDS:
+        if unet_sampler_settings(self) and _kind(self.model, self.model_components) in FLOW_KINDS:
             raise UserError(flow_prediction(self))
         if self.zero_terminal_snr and (self.prediction_type == "epsilon" or (
                 self.prediction_type == "auto" and scheduler_prediction(self.model) == "epsilon")):
@@ -752,13 +760,25 @@ FLUX_NEGATIVE = ("negative_prompt: FLUX.1 is guidance-distilled (its guidance em
                  "pass), so it has no negative branch: drop --set negative_prompt, or use an SD3/SD3.5 model")
 
 
+# what the unconditional branch of classifier-free guidance is to each setting that needs it (Config.validate)
+UNCONDITIONAL_USES = {"negative_prompt": "is the unconditional branch of",
+                      "guidance_rescale": "rescales the guided prediction of"}
+
+
+def unet_sampler_settings(cfg) -> list[str]:
+    """The settings of how a UNet model samples (diffusers' SD/SDXL pipelines) that ``cfg`` sets away from their
+    defaults; SD3/FLUX take none of them."""
+    return [f for f in ("prediction_type", "zero_terminal_snr", "guidance_rescale")
+            if getattr(cfg, f, getattr(Config, f)) != getattr(Config, f)]
+
+
 def flow_prediction(cfg) -> str:
-    """prediction_type or zero_terminal_snr on an SD3/FLUX model: the line, naming what was set (Config.validate
-    says it when the files tell, the loader, load_flow_components, else)."""
-    given = [f for f in ("prediction_type", "zero_terminal_snr") if getattr(cfg, f) != getattr(Config, f)]
-    return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} a UNet's prediction and noise schedule; "
-            "SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's): drop "
-            + " and ".join(f"--set {f}" for f in given))
+    """A UNet's sampler settings (:func:`unet_sampler_settings`) on an SD3/FLUX model: the line, naming what was set
+    (Config.validate says it when the files tell, the loader, load_flow_components, else)."""
+    given = unet_sampler_settings(cfg)
+    return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how a UNet samples (its prediction, noise "
+            "schedule, guidance rescale); SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's) and take none "
+            "of these: drop " + " and ".join(f"--set {f}" for f in given))
 
 
 def zero_snr_eta(eta: float) -> str:
@@ -883,7 +903,8 @@ def set_flags(overrides: dict[str, Any]) -> str:
 
 # the settings an image depends on besides the weights: `sample` of a LoRA without --model takes its run's
 RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "zero_terminal_snr", "vae", "t5_encoder", "resolution",
-                      "sample_steps", "guidance_scale", "eta", "max_sequence_length", "negative_prompt")
+                      "sample_steps", "guidance_scale", "guidance_rescale", "eta", "max_sequence_length",
+                      "negative_prompt")
 
 
 # what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
@@ -911,7 +932,7 @@ def image_settings(values: dict[str, Any]) -> dict[str, Any]:
     that say nothing (empty; SD3/FLUX's text-encoder settings at their defaults, which mean "as the model comes";
     eta for SD3/FLUX, whose Euler sampler has none)."""
     unset = {k: getattr(Config, k) for k in ("t5_encoder", "max_sequence_length", "prediction_type",
-                                             "zero_terminal_snr")}
+                                             "zero_terminal_snr", "guidance_rescale")}
     flow = model_kind_of(str(values.get("model", "")), str(values.get("model_components") or "")) in FLOW_KINDS
     return {k: values[k] for k in RUN_IMAGE_SETTINGS if values.get(k) not in (None, "", unset.get(k))
             and not (flow and k == "eta")}
