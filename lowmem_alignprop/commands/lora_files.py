@@ -22,6 +22,7 @@ from lowmem_alignprop.run.filenames import (BEST_DIR, BEST_FILE, CHECKPOINTS_DIR
                                             LORA_DIR, LORA_WEIGHT_NAME, MERGED_FILE, SUMMARY_FILE)
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.model_kind import denoiser_component, denoiser_label
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -64,7 +65,7 @@ class Lora:
     @property
     def component(self) -> str:
         """The pipeline component the LoRA adapts (its keys' prefix in diffusers' layout)."""
-        return "transformer" if self.flow else "unet"
+        return denoiser_component(self.flow)
 
     @property
     def modules(self) -> list[str]:
@@ -186,7 +187,7 @@ def read_lora(spec: str) -> Lora:
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"--lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
                         "export from a complete lora/ folder (train again, or copy it again)") from None
-    component = "transformer" if raw and all(k.startswith("transformer.") for k in raw) else "unet"
+    component = denoiser_component(bool(raw) and all(k.startswith("transformer.") for k in raw))
     others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:
         raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "
@@ -356,7 +357,8 @@ def base_family(lora: Lora) -> str:
 
 
 def denoiser_name(lora: Lora) -> str:
-    return {"unet": "UNet", "sd3": "SD3 transformer", "flux": "FLUX transformer"}[lora.family]
+    """The LoRA's denoiser with its family: ``UNet``, ``SD3 transformer`` or ``FLUX transformer``."""
+    return {"unet": "", "sd3": "SD3 ", "flux": "FLUX "}[lora.family] + denoiser_label(lora.flow)
 
 
 def shared_name(model: str) -> str:

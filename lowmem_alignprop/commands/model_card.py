@@ -16,7 +16,7 @@ from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -171,7 +171,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if "truncation" in info:
         k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
-                                                           f"{'Euler' if lora.flow else 'DDIM'} steps"))
+                                                           f"{sampler_name(lora.flow)} steps"))
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
                  f" ({len(lora.modules)} layers: {', '.join(lora.adapted_targets)})"))
@@ -209,7 +209,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines = [f"# {lora.run.name if lora.run else lora.path.name}: AlignProp fine-tune", "",
              f"This folder holds {what}, trained with lowmem-alignprop (AlignProp: reward "
              "gradients backpropagated through the last K denoising steps into LoRA adapters on the "
-             f"{'transformer' if lora.flow else 'UNet'}).", "",
+             f"{denoiser_label(lora.flow)}).", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]

@@ -41,6 +41,7 @@ from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
+from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import applies, judged_prompts
@@ -510,7 +511,7 @@ class Trainer:
 
     def modules(self) -> dict:
         # SD3/FLUX: the text encoders are dropped once the prompt set is encoded (None from then on)
-        return {"transformer" if self.family.flow else "unet": self.unet, "vae": self.vae,
+        return {denoiser_component(self.family.flow): self.unet, "vae": self.vae,
                 "text_encoder": self.comps.text_encoder, "reward": self.reward, "lora": self.params,
                 "optimizer": self.optimizer}
 

@@ -50,12 +50,12 @@ def plan_features(cfg: dict[str, Any]) -> list[str]:
 
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
-    from lowmem_alignprop.settings.model_kind import FLOW_KINDS
+    from lowmem_alignprop.settings.model_kind import FLOW_KINDS, denoiser_component
 
     cfg, est = r["config"], r["estimate"]
     k = describe_k(cfg)
     feats = plan_features(cfg)
-    denoiser = "transformer" if est.get("model_kind") in FLOW_KINDS else "unet"
+    denoiser = denoiser_component(est.get("model_kind") in FLOW_KINDS)
     lines = [
         f"lowmem-alignprop plan: profile {r['profile']}, model {r['model']}, reward {r['reward']}, "
         f"target {r['target']} ({'no autocast: fp32' if r['autocast'] == 'none' else r['autocast']})",

@@ -11,6 +11,7 @@ import torch
 from lowmem_alignprop.memory.allowances import CUDA_BLOCK, GIB, MIB
 from lowmem_alignprop.measure.counters import TEXT_ENCODER, LiveBytes, StageWork, SwapWindows
 from lowmem_alignprop.settings.config import Config
+from lowmem_alignprop.settings.model_kind import denoiser_label
 
 
 def _unique_bytes(tensors, seen: set, round_to: int = 1) -> int:
@@ -205,7 +206,7 @@ def check_host_memory(cfg: Config, available: int | None = None, total: int | No
         base = meta_base(cfg, torch.float32)
     except Exception:  # noqa: BLE001 - loading the model names whatever is wrong with it
         return
-    denoiser = "transformer" if base.family != "unet" else "UNet"
+    denoiser = denoiser_label(base.family != "unet")
     # fp8 keeps the frozen Linears (nearly all the weights) in 1 byte each; else fp32, 4
     one = sum(p.numel() for p in base.unet.parameters()) * (1 if cfg.base_quant == "fp8" else 4)
     processes = local_world_size()  # under a launcher every process of this machine holds its own copy

@@ -44,6 +44,7 @@ from lowmem_alignprop.run.runlock import global_rank, holder, next_free_dir, wor
 from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
 from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.model_kind import denoiser_label
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowmem_alignprop")
@@ -461,7 +462,7 @@ def fingerprint(cfg, unet, schedule: dict | None = None) -> dict[str, Any]:
     conf_sha = config_sha(unet)
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
-    fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": "UNet" if first is not None else "transformer",
+    fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": denoiser_label(first is None),
           "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),

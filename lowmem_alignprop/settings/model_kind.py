@@ -38,9 +38,26 @@ FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (models/flow.py), 
 KIND_FAMILY = {"sd": "unet", "sdxl": "unet", "sd35m": "sd3", "sd35l": "sd3", "flux": "flux"}  # a kind's denoiser
 FLOW_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family in FLOW_FAMILIES)  # also the flow architectures
 SD3_KINDS = tuple(k for k, family in KIND_FAMILY.items() if family == "sd3")  # the ones that can leave T5 out
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")  # a --model file: a checkpoint of the whole model
 NAMED_KINDS = {"toy": "sd", "tiny": "sd", "sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd35m": "sd35m",
                 "sd35l": "sd35l", "flux": "flux"}
+
+
+def denoiser_component(flow: bool) -> str:
+    """The denoiser's pipeline component and its keys' prefix in diffusers' layout (also the module name the
+    estimates and the profiler list): ``transformer`` for SD3/FLUX (``flow``), else ``unet``."""
+    return "transformer" if flow else "unet"
+
+
+def denoiser_label(flow: bool) -> str:
+    """The denoiser as a sentence names it: ``transformer`` for SD3/FLUX (``flow``), else ``UNet``."""
+    return "transformer" if flow else "UNet"
+
+
+def sampler_name(flow: bool) -> str:
+    """The sampler a run of the family steps with: ``Euler`` (flow matching, SD3/FLUX) or ``DDIM`` (UNets)."""
+    return "Euler" if flow else "DDIM"
 
 
 def model_kind_of(model: str, components: str = "", *, download: bool = False) -> str | None:
