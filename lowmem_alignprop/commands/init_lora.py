@@ -13,7 +13,8 @@ from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, tempora
 from lowmem_alignprop.commands.lora_files import is_peft_folder
 from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
-from lowmem_alignprop.run.tensor_files import is_safetensors
+from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
+                                               read_safetensors_shapes)
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
@@ -31,13 +32,10 @@ def init_lora_file(spec: str) -> Path:
     temporary folder first (removed when the process ends). Raises UserError."""
     file = _init_lora_source(spec)
     if is_safetensors(file):
-        from safetensors import safe_open
-
         from lowmem_alignprop.commands import flow_export
         try:
-            with safe_open(str(file), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception as e:  # safetensors' own error types for a truncated or foreign file
+            keys = list(read_safetensors_shapes(file))
+        except (TensorFileError, OSError) as e:  # a truncated or foreign file
             raise _damaged(spec, file, e) from None
         if flow_export.is_kohya_flow(keys):
             return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
@@ -106,20 +104,17 @@ def _as_safetensors(path: Path, spec: str) -> Path:
 
 
 def _damaged(spec: str, file: Path, e: Exception) -> UserError:
-    return UserError(f"--init-lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
-                     "copy it again, or pass a run's lora/ folder or checkpoint")
+    return UserError(f"--init-lora {spec}: {not_safetensors(file, e)}: copy it again, or pass a run's lora/ folder or "
+                     "checkpoint")
 
 
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int]:
     """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, one that also adapts the text
     encoder (AlignProp trains the UNet's LoRA only) or feed-forward layers a run of ``layers`` does not train
     raises UserError."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(file), framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        shapes = read_safetensors_shapes(file)
+    except (TensorFileError, OSError) as e:  # a truncated or foreign file
         raise _damaged(spec, file, e) from None
     dora = sorted(k for k in shapes if "lora_magnitude_vector" in k or k.endswith(".dora_scale"))
     if dora:  # its magnitudes would be dropped in silence: the run would start from another LoRA

@@ -20,7 +20,8 @@ import torch
 
 from lowmem_alignprop.run.filenames import (BEST_DIR, BEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_DIR, LORA_BASE_FILE,
                                             LORA_DIR, LORA_WEIGHT_NAME, MERGED_FILE, SUMMARY_FILE)
-from lowmem_alignprop.run.tensor_files import is_safetensors
+from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
+                                               read_safetensors_metadata, read_tensor_file)
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.settings.model_kind import denoiser_component, denoiser_label
 
@@ -161,7 +162,6 @@ def lora_dir_of(spec: str) -> Path:
 def read_lora(spec: str) -> Lora:
     """Read and check a LoRA folder. A missing or damaged one raises UserError naming what is wrong."""
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from safetensors import safe_open
 
     from lowmem_alignprop.run.checkpoint import named_checkpoint
 
@@ -181,12 +181,10 @@ def read_lora(spec: str) -> Lora:
         raise UserError(f"--lora {spec} holds no {LORA_WEIGHT_NAME}: pass the lora/ folder a finished run wrote "
                         "(an interrupted run resumes with --resume latest and writes it at the end)")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            header = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise UserError(f"--lora {spec}: {file.name} is damaged or not a safetensors file ({first_line(e, 120)}): "
-                        "export from a complete lora/ folder (train again, or copy it again)") from None
+        header, raw = read_safetensors_metadata(file), read_tensor_file(file)
+    except (TensorFileError, OSError) as e:  # a truncated or foreign file
+        raise UserError(f"--lora {spec}: {not_safetensors(file, e)}: export from a complete lora/ folder (train "
+                        "again, or copy it again)") from None
     component = denoiser_component(bool(raw) and all(k.startswith("transformer.") for k in raw))
     others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:

@@ -89,6 +89,27 @@ def read_safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata (its header's ``__metadata__``; {} when it has none), no tensor read.
+    Raises as :func:`read_tensor_file`."""
+    path = Path(path)
+    with open(path, "rb"):
+        pass
+    with _typed_errors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+
+
+def not_safetensors(path, error: Exception) -> str:
+    """The one phrase for a ``.safetensors`` file a reader above could not read (``error``: its
+    :class:`TensorFileError` or ``OSError``): ``NAME is damaged or not a safetensors file (the reader's words)``;
+    callers put the flag before it and what to do after it."""
+    reason = error.__cause__ if isinstance(error, TensorFileError) and error.__cause__ is not None else error
+    return f"{Path(path).name} is damaged or not a safetensors file ({first_line(reason, 120)})"
+
+
 @contextlib.contextmanager
 def _typed_errors(path: Path):
     """Any reader failure as a TensorFileError; an OSError as it is."""
