@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lowmem_alignprop.memory.recompute import checkpoint
+from lowmem_alignprop.settings.config import tile_overlap_fits
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -88,7 +89,7 @@ def tiled_decode(vae, z: torch.Tensor, *, tile_size: int = 64, overlap: int = 16
     ``checkpoint_tiles`` (default) and gradients on, each tile's decoder activations are recomputed in
     backward instead of kept.
     """
-    if overlap * 2 >= tile_size:
+    if not tile_overlap_fits(tile_size, overlap):
         raise ValueError(f"overlap={overlap} must be under half of tile_size={tile_size}")
     if z.shape[0] > 1:  # one image at a time: a tile's activations exist for one image, not the batch
         return torch.cat([tiled_decode(vae, z[i:i + 1], tile_size=tile_size, overlap=overlap,

@@ -315,7 +315,7 @@ class Config:
         """The VAE decode's piece-by-piece settings."""
         if self.tiled_decode and self.sliced_decode:
             raise UserError("tiled_decode already decodes piece by piece: turn off sliced_decode")
-        if self.tile_overlap * 2 >= self.tile_size:
+        if not tile_overlap_fits(self.tile_size, self.tile_overlap):
             larger = self.tile_overlap * 2 + 1  # (a tile_size past its bound was advised: a second error)
             fix = (f"set tile_size to {larger} or more (the default: 64), or a smaller tile_overlap"
                    if larger <= dict((n, m) for n, m, _ in UPPER_BOUNDS)["tile_size"] else
@@ -659,6 +659,11 @@ def _compiler_missing() -> str | None:
     if sys.platform == "win32" and shutil.which("cl") is None:
         return "a C++ compiler for the CPU kernels (MSVC's cl.exe on PATH: a Developer Command Prompt)"
     return None
+
+
+def tile_overlap_fits(tile_size: int, overlap: int) -> bool:
+    """The tiled decode's bound (memory/tiling.py): neighbouring tiles share under half a tile."""
+    return overlap * 2 < tile_size
 
 
 def describe_k(settings) -> str:
