@@ -859,18 +859,35 @@ class Trainer:
         that nothing else handles drops the update (``dropped``, with the LoRA gradients that were not finite). With
         reward_cap, a step whose every image is at the cap (``lowest_all``: each micro-batch's lowest reward over every
         draw, lv_draws' too, gathered) has no gradient and makes no update, unless a KL penalty still pulls."""
-        acc = self.accelerator
-        cap = self.cfg.reward_cap
-        if cap is not None and self.engine is None and not self.cfg.kl_coeff and \
-                bool(torch.cat(lowest_all).min() >= cap):
+        if self.all_at_cap(lowest_all):
             # AdamW would still move the weights (momentum, weight decay) on a zero gradient: skip it
             self.optimizer.zero_grad(set_to_none=True)
             return StepUpdate(grad_norm=0.0, at_cap=True)
-        # fp16's GradScaler skips an overflowed update itself (and lowers the scale); so does a DeepSpeed engine
-        drop = acc.scaler is None and self.engine is None
-        # the LoRA's gradient exactly zero? read before the update frees it when no norm is read (one sync)
-        zero = (faults.all_zero(None, self.params) if self.engine is None and self.cfg.max_grad_norm <= 0 and not drop
-                else None)
+        drop = self.drops_non_finite()
+        zero_before = self.grad_zero_before_update(drop)
+        update = self.apply_update(drop)
+        if update.dropped:
+            return update
+        self.read_grad_zero(update, zero_before)
+        if self.ema is not None:
+            self.ema.update()
+        return update
+
+    def all_at_cap(self, lowest_all: list) -> bool:
+        """reward_cap: every image of the step (each micro-batch's lowest reward, gathered) at the cap, so the step
+        has no gradient; not under DeepSpeed (its engine steps) nor with a KL penalty (which still pulls)."""
+        cap = self.cfg.reward_cap
+        return cap is not None and self.engine is None and not self.cfg.kl_coeff and \
+            bool(torch.cat(lowest_all).min() >= cap)
+
+    def drops_non_finite(self) -> bool:
+        """Whether a NaN/inf gradient norm drops the update here: fp16's GradScaler skips an overflowed update itself
+        (and lowers the scale); so does a DeepSpeed engine."""
+        return self.accelerator.scaler is None and self.engine is None
+
+    def apply_update(self, drop: bool) -> StepUpdate:
+        """Clip and step (``drop``: a NaN/inf norm drops the update, naming the gradients that were not finite)."""
+        acc = self.accelerator
         update = StepUpdate()
 
         def name_non_finite_grads():  # the skipped step's metrics line: read before the drop frees the gradients
@@ -884,11 +901,21 @@ class Trainer:
             return update
         update.scaler_skipped = (acc.scaler is not None and update.grad_norm is not None
                                  and not math.isfinite(update.grad_norm))
-        if self.engine is None and not update.scaler_skipped:  # (DeepSpeed keeps the gradients in its engine)
-            update.grad_zero = zero if zero is not None else faults.all_zero(update.grad_norm, self.params)
-        if self.ema is not None:
-            self.ema.update()
         return update
+
+    def grad_zero_before_update(self, drop: bool) -> bool | None:
+        """The LoRA's gradient exactly zero, read before the update frees it where no norm will be read
+        (max_grad_norm <= 0, nothing dropped: one sync); None where :meth:`read_grad_zero` reads it from the norm."""
+        if self.engine is None and self.cfg.max_grad_norm <= 0 and not drop:
+            return faults.all_zero(None, self.params)
+        return None
+
+    def read_grad_zero(self, update: StepUpdate, zero_before: bool | None) -> None:
+        """``update.grad_zero`` (the zero-gradient streak counts it): the read before the update, else from its norm;
+        not under DeepSpeed (its engine keeps the gradients) nor for an update the GradScaler skipped."""
+        if self.engine is None and not update.scaler_skipped:
+            update.grad_zero = zero_before if zero_before is not None else faults.all_zero(update.grad_norm,
+                                                                                           self.params)
 
     def evaluate_into(self, step: int, row: dict) -> BaseException | None:
         """At its steps, the held-out evaluation's metrics into the step's ``row``. Returns what failed it (the user's
