@@ -169,6 +169,12 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "sample_prompts=-1"], "sample_prompts must be 0 or more"),
     (["--set", "tile_overlap=-1"], "tile_overlap must be 0 or more"),
     (["--set", "window_keep=-1"], "window_keep must be 0 or more (got -1): use --set window_keep=0"),
+    (["--set", "lr_warmup_steps=-1"], "lr_warmup_steps must be 0 or more (got -1): use --set lr_warmup_steps=0"),
+    # a warmup as long as the run: it would end before its learning rate reached lr, unsaid
+    (["--steps", "20", "--set", "lr_warmup_steps=20"], "lr_warmup_steps=20 is not below steps=20: the run would end "
+                                                       "before its learning rate reaches lr=0.003: lower "
+                                                       "lr_warmup_steps (e.g. --set lr_warmup_steps=2)"),
+    (["--set", "lr_scheduler=cosin"], "lr_scheduler='cosin' is not one of constant, linear, cosine"),
     (["--set", "eta=5"], "eta=5.0 must be between 0"),
     (["--set", "loss_scale=0"], "loss_scale must be positive"),
     (["--set", "lora_alpha=0"], "lora_alpha must be positive"),

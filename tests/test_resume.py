@@ -195,6 +195,37 @@ def test_the_model_card_lists_what_each_resume_changed_of_the_training(runs, tmp
         assert "`--set negative_prompt=blurry` (was empty)" in row, row
 
 
+def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_path, caplog):
+    """lr_scheduler=cosine with 2 warmup steps: a run whose reward exits (sys.exit) in step 3, resumed, trains steps 3
+    and 4 at the rates an uninterrupted run does (diffusers' schedule after 2 and 3 steps) to the same LoRA; a resume
+    that moves the run's last step, where the cosine ends, says so."""
+    reward, mark = tmp_path / "mine.py", tmp_path / "calls_left"
+    reward.write_text("import glob, os, sys\n"
+                      f"MARK, KEPT = {str(mark)!r}, {str(tmp_path / 'split' / 'checkpoints' / 'step-*')!r}\n"
+                      "def score(images):\n"
+                      "    if os.path.exists(MARK) and len(glob.glob(KEPT)) == 2:  # in step 3\n"
+                      "        os.remove(MARK)\n"
+                      "        sys.exit(3)\n"
+                      "    return images.mean(dim=(1, 2, 3))\n")
+    args = [*FAST, "--reward", f"{reward}:score", "--steps", "4", "--set", "lr_scheduler=cosine",
+            "--set", "lr_warmup_steps=2", "--checkpoint-every", "1"]
+    assert main([*args, "--output-dir", str(tmp_path / "full")]) == 0
+    mark.write_text("")
+    assert main([*args, "--output-dir", str(tmp_path / "split")]) != 0
+    assert [r["step"] for r in strict_rows(tmp_path / "split")] == [1, 2] and not mark.exists()
+    assert main([*args, "--output-dir", str(tmp_path / "split"), "--resume", "latest"]) == 0
+    full, split = strict_rows(tmp_path / "full"), strict_rows(tmp_path / "split")
+    # from 0 over the warmup, lr=0.01 at step 3, then half of it: cos(pi/2) of the cosine's two steps
+    assert [r["lr"] for r in split] == [r["lr"] for r in full] == pytest.approx([0.0, 0.005, 0.01, 0.005], abs=1e-12)
+    wa = weights(tmp_path / "full" / "checkpoints" / "step-00000004")
+    wb = weights(tmp_path / "split" / "checkpoints" / "step-00000004")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "5"]) == 0
+    assert "resume: steps was 4 in the checkpoint, now 5: lr_scheduler=cosine decays to 0 at the run's last step, " \
+           "so the steps left train at other rates than the checkpoint's schedule had" in caplog.text
+
+
 def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):
     """A user reward fixed between a failure and `--resume latest` (as the failure's line invites) is the same spec
     but another reward: a scale x100 -> x1 read as a collapse of the summary's reward and kept best/ (on the old

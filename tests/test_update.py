@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lowmem_alignprop.step.update import optimizer_update
@@ -66,3 +67,43 @@ def test_without_the_optimizer_step_only_the_gradients_are_freed():
     norm, dropped = optimizer_update(opt, [p], 0.0, step=False)
     assert (norm, dropped) == (None, False)
     assert p.detach().tolist() == [1.0, 1.0] and p.grad is None
+
+
+@pytest.mark.parametrize(("schedule", "name"), [("constant", "constant_with_warmup"), ("linear", "linear"),
+                                                ("cosine", "cosine")])
+def test_the_learning_rate_of_each_step_is_diffusers_schedule_as_its_scripts_step_it(schedule, name):
+    """lr_scheduler/lr_warmup_steps: step s trains at the rate diffusers' get_scheduler gives after s-1 steps of its
+    own (the reference: a scheduler stepped after each optimizer step, as diffusers' training scripts do), set on the
+    optimizer whatever order the steps come in (a resume, a retried step)."""
+    from diffusers.optimization import get_scheduler
+
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.step.update import LearningRate
+
+    cfg = Config(lr=0.5, lr_scheduler=schedule, lr_warmup_steps=3, steps=10)
+    p, opt = _param([0.0, 0.0])
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    reference = get_scheduler(name, reference_opt, num_warmup_steps=3, num_training_steps=10)
+    expected = []
+    for _ in range(10):
+        expected.append(reference_opt.param_groups[0]["lr"])
+        reference_opt.step()
+        reference.step()
+    rate = LearningRate(opt, cfg)
+    for step in [*range(10, 0, -1), 4]:  # backwards, then one again: a function of the step alone
+        rate.at(step)
+        assert opt.param_groups[0]["lr"] == expected[step - 1] == rate.rate(step)
+    assert expected[0] == 0.0 and expected[3] == 0.5  # from 0, at lr once the 3 warmup steps are done
+    assert (expected[-1] == 0.5) == (schedule == "constant") and min(expected[4:]) > 0  # decays, not to 0 in the run
+
+
+def test_the_default_learning_rate_is_left_as_the_optimizer_has_it():
+    """constant without warmup (AlignProp's): no schedule, the optimizer's rate untouched (a resume's restored one)."""
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.step.update import LearningRate
+
+    p, opt = _param([0.0, 0.0])
+    rate = LearningRate(opt, Config(lr=0.5))
+    opt.param_groups[0]["lr"] = 0.25
+    rate.at(3)
+    assert opt.param_groups[0]["lr"] == 0.25 and rate.rate(3) == 0.5 and rate.schedule is None

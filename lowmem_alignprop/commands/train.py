@@ -66,7 +66,7 @@ from lowmem_alignprop.models.sampling import (draw_window, enable_block_checkpoi
                                               vae_scale_factor)
 from lowmem_alignprop.step.micro import Rollout, micro_step
 from lowmem_alignprop.step.rollout import apply_memory_features
-from lowmem_alignprop.step.update import StepOutcome, StepUpdate, optimizer_update
+from lowmem_alignprop.step.update import LearningRate, StepOutcome, StepUpdate, optimizer_update
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
                                                   nonfinite_note, render_fixed_seed, renders_note, schedule_note)
@@ -498,6 +498,7 @@ class Trainer:
         # with block swap the model is placed already (accelerate's .to(device) would bring the swapped blocks back)
         self.unet_train, self.optimizer = self.accelerator.prepare(
             self.unet, optimizer, device_placement=[False, False] if self.swap else None)
+        self.learning_rate = LearningRate(optimizer, cfg)  # (the bare optimizer: DeepSpeed steps its param groups)
         self.pipe = self.family.make_pipeline(comps)
 
     def prompt_set(self) -> set[str]:
@@ -792,6 +793,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         t0, rewards_all, ids_all, losses, ks, terms, lowest_all = time.perf_counter(), [], [], [], [], [], []
         update = StepUpdate()
+        self.learning_rate.at(step)  # lr_scheduler's rate for this step (a retried or resumed step gets it again)
         acc.step = 0  # every step starts a fresh accumulation window (also after a skip or an OOM)
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.unet_train):  # DDP all-reduces the gradients on the last micro-step only
@@ -964,6 +966,7 @@ class Trainer:
                 "rewards": r_all.tolist(), "prompt_ids": torch.cat(ids_all).tolist(),
                 "k": ks[0] if len(set(ks)) == 1 else sum(ks) / len(ks), "k_all": ks,
                 "grad_norm": float(update.grad_norm) if update.grad_norm is not None else None,
+                "lr": self.learning_rate.current(),
                 **({"kl": acc.reduce(torch.stack([t["kl"] for t in terms]).mean(), reduction="mean").item()}
                    if terms and "kl" in terms[0] else {}),
                 **({"reward_terms": {name: acc.reduce(torch.stack([t["reward_terms"][name] for t in terms]).mean(),

@@ -65,7 +65,8 @@ FREE_FIELDS = ("steps", "output_dir", "checkpoint_every", "log_every", "report_t
 # image settings but where the model's parts lie) and how it learned from them; a resume that only writes a finished
 # run's outputs again takes no change of them (an output's, such as export_format or push_to_hub, it does)
 TRAINED_WITH = frozenset(RUN_IMAGE_SETTINGS).difference({"model_components"}) | frozenset((
-    "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "weight_decay", "max_grad_norm", "optimizer",
+    "reward", "reward_weights", "prompts", "prompt_order", "seed", "lr", "lr_scheduler", "lr_warmup_steps",
+    "weight_decay", "max_grad_norm", "optimizer",
     "batch_size", "grad_accum", "truncation", "k", "k_min", "k_max", "loss_scale", "reward_target", "reward_cap",
     "kl_coeff", "lv_draws", "ema_decay", "ema_outputs", "mixed_precision", "base_quant", "recipe"))
 
@@ -410,6 +411,10 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
                     CHANGE_NOTES.get(n, ""))
+    if cfg.lr_scheduler != "constant" and saved.get("steps", cfg.steps) != cfg.steps and global_rank() == 0:
+        log.warning("resume: steps was %s in the checkpoint, now %d: lr_scheduler=%s decays to 0 at the run's last "
+                    "step, so the steps left train at other rates than the checkpoint's schedule had", saved["steps"],
+                    cfg.steps, cfg.lr_scheduler)
 
 
 def changed_fields(saved: dict[str, Any], cfg) -> list[str]:

@@ -128,6 +128,11 @@ class Config:
                              "micro-step draws its own noise (and with a random K its own prompts), so another split "
                              "of the same images per step samples others: the same expectation, not the same images.")
     lr: float = _f(1e-3, "Learning rate (AlignProp uses 1e-3 for LoRA).")
+    lr_scheduler: str = _f("constant", "How the learning rate goes over the run's steps after its warmup: constant "
+                           "(AlignProp's), linear or cosine (down to 0 at the last step), as diffusers' get_scheduler "
+                           "makes them.", ("constant", "linear", "cosine"))
+    lr_warmup_steps: int = _f(0, "Steps over which the learning rate rises linearly from 0 to lr before the schedule "
+                              "(the first step at 0, as diffusers' schedules start; 0 = none).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
     loss_scale: float = _f(1.0, "loss = -loss_scale * mean(reward) (or loss_scale * mean(|reward - target|)).")
@@ -357,7 +362,7 @@ class Config:
         for name in ("checkpoint_every", "keep_checkpoints", "sample_prompts", "sample_every", "log_every",
                      "tile_overlap", "fidelity_images", "fidelity_every", "max_zero_grad_steps",
                      "weight_decay", "max_grad_norm", "budget_gb", "block_swap", "max_sequence_length",
-                     "window_keep"):
+                     "window_keep", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 fix = ("give your card's memory in GiB (--set budget_gb=7.5), or 0 for no check"
                        if name == "budget_gb" else f"use --set {name}=0")
@@ -384,6 +389,10 @@ class Config:
             self._validate_window()
         if self.lr <= 0:
             raise UserError(f"lr must be positive (got {self.lr}): e.g. --set lr={Config.lr}")
+        if self.lr_warmup_steps >= self.steps > 0:  # (the warmup's last step is at lr (w-1)/w: never lr itself)
+            raise UserError(f"lr_warmup_steps={self.lr_warmup_steps} is not below steps={self.steps}: the run would "
+                            f"end before its learning rate reaches lr={self.lr:g}: lower lr_warmup_steps (e.g. --set "
+                            f"lr_warmup_steps={max(self.steps // 10, 0)})")
         if self.loss_scale <= 0:
             raise UserError(f"loss_scale must be positive (got {self.loss_scale}): to minimise a reward, give it "
                             "a negative weight in --reward instead")
@@ -915,7 +924,8 @@ RUN_IMAGE_SETTINGS = ("model_components", "prediction_type", "zero_terminal_snr"
 # what only training reads (the gradient window, the optimiser, over-optimisation controls, checkpoints, the
 # backward's memory features): `sample` says a --set of one changes nothing there
 TRAINING_ONLY = frozenset((
-    "steps", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "weight_decay", "max_grad_norm", "loss_scale",
+    "steps", "truncation", "k", "k_min", "k_max", "grad_accum", "lr", "lr_scheduler", "lr_warmup_steps",
+    "weight_decay", "max_grad_norm", "loss_scale",
     "reward_target", "reward_cap", "train_unet", "lora_rank", "lora_layers", "lora_alpha", "init_lora", "kl_coeff",
     "lv_draws", "ema_decay", "ema_outputs", "eval_every", "eval_prompts", "eval_holdout", "early_stop", "eval_on_start",
     "best_by", "unet_checkpointing", "window_keep", "vae_checkpointing", "reward_checkpointing", "activation_offload",

@@ -41,6 +41,40 @@ def optimizer_update(optimizer, params: list, max_grad_norm: float, *,
     return norm, False
 
 
+# lr_scheduler's names -> diffusers' get_scheduler's (each with lr_warmup_steps' linear warmup before it)
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+class LearningRate:
+    """lr_scheduler and lr_warmup_steps: each optimizer step's learning rate, lr times diffusers' schedule
+    (``get_scheduler``: a linear warmup from 0, then constant, or linear or cosine down to 0 at step ``steps``). A
+    function of the step number alone, set before the step: a resumed, retried or skipped step gets the rate it would
+    have had. The default (constant, no warmup) touches nothing: the rate stays the optimizer's own."""
+
+    def __init__(self, optimizer, cfg):
+        self.optimizer, self.lr, self.schedule = optimizer, cfg.lr, None
+        if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps:
+            from diffusers.optimization import get_scheduler
+
+            self.schedule = get_scheduler(LR_SCHEDULES[cfg.lr_scheduler], optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
+
+    def rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1 = the first): diffusers' schedule after ``step - 1``
+        updates, as its training scripts step it."""
+        return self.lr if self.schedule is None else self.lr * self.schedule.lr_lambdas[0](step - 1)
+
+    def at(self, step: int) -> None:
+        """Give the optimizer the learning rate of step ``step``."""
+        if self.schedule is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.rate(step)
+
+    def current(self) -> float:
+        """The rate the optimizer steps with now (the metrics' ``lr``)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+
 @dataclass
 class StepUpdate:
     """What the optimizer stage of one step did, for its metrics line and the trainer's checks."""
