@@ -14,7 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lowmem_alignprop.settings.config import Config, field_help, host_memory_note, parse_set, unread_in_training
+from lowmem_alignprop.settings.config import (BATCH_MOST, Config, field_help, host_memory_note, parse_set,
+                                              unread_in_training)
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, nearest, same_on_every_rank
 from lowmem_alignprop.run.runlock import global_rank, world_size
@@ -308,11 +309,9 @@ def cmd_profiles(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """``lowmem-alignprop plan``: the same options as training, plus --json and --device."""
-    import json
-    import shlex
+    """``lowmem-alignprop plan``: the same options as training, plus --json and --device
+    (:func:`lowmem_alignprop.commands.plan_cmd.plan_main` plans and prints)."""
     import time
-    import warnings
 
     started = time.perf_counter()
     p = common_parser("lowmem-alignprop plan", "Estimate the peak memory of each stage of a training step on the "
@@ -348,34 +347,10 @@ def cmd_plan(argv: list[str]) -> int:
     if args.max_estimates is not None and args.max_estimates < 1:
         raise UserError(f"--max-estimates {args.max_estimates}: give at least 1 (default 40)")
     name, cfg = config_from_args(args)
-    from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
-    from lowmem_alignprop.measure.provenance import provenance
-    from lowmem_alignprop.measure.reports import format_plan
-    typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # the command line, in the JSON's provenance
-    from lowmem_alignprop.step.inputs import check_tracker
-    from lowmem_alignprop.step.prompts import load_prompts
-    from .rewards import check_reward_spec
-    check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
-    # a user reward that fails, returns NaN or loses the gradient is named here, as train would
-    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
-    logger.setLevel(logging.WARNING)
-    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
-        if args.fastest:
-            from lowmem_alignprop.measure.fastest import fastest
-            from lowmem_alignprop.measure.reports import format_fastest
-            result = fastest(cfg, profile=name, target=args.device, allow_task_changes=args.allow_task_changes,
-                             log=log, jobs=args.jobs,
-                             **({"max_estimates": args.max_estimates} if args.max_estimates else {}))
-            # nested: the search's own "device" is the card it timed for, this one the machine that searched
-            result["provenance"] = provenance(typed, PLAN_LIBRARIES)
-            print(json.dumps(result, indent=1, default=str) if args.json else format_fastest(result))
-            return 0
-        result = plan(cfg, profile=name, target=args.device, suggest_changes=not args.no_suggest, log=log,
-                      started=started, command=typed, interruptible=True)
-    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
-    return 130 if result.get("suggestion_interrupted") else 0  # (the plan so far printed, then as a Ctrl-C ends)
+    from lowmem_alignprop.commands.plan_cmd import plan_main
+    return plan_main(cfg, name, argv, started=started, as_json=args.json, target=args.device,
+                     suggest_changes=not args.no_suggest, fastest=args.fastest,
+                     allow_task_changes=args.allow_task_changes, max_estimates=args.max_estimates, jobs=args.jobs)
 
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -412,14 +387,9 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward."""
+    """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward
+    (:mod:`lowmem_alignprop.commands.sample_cmd` takes the LoRAs' run settings, evaluates and prints)."""
     args = sample_parser().parse_args(argv)
-    from lowmem_alignprop.commands.evaluate import (check_mixable, evaluate, parse_lora, print_summary, recorded_base,
-                                                    same_model, usable_scoring)
-    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
-    from lowmem_alignprop.run.filenames import SAMPLE_DIR
-    from lowmem_alignprop.settings.config import BATCH_MOST, TRAINING_ONLY
-
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
     if args.images_per_prompt < 1:
@@ -439,55 +409,12 @@ def cmd_sample(argv: list[str]) -> int:
     if not args.lora:
         raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
                         "training run wrote)")
-    specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
-    check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
-    given = {s.split("=", 1)[0].strip() for s in args.set}
-    if given & TRAINING_ONLY:
-        logger.warning(
-            "--set %s: training settings; sample trains nothing, so they change nothing here",
-            ", ".join(sorted(given & TRAINING_ONLY)))
-    given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
-    given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
-    given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
-    base, default_model = None, ""
-    if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
-        base = recorded_base(specs[0], model_given=args.model is not None)
-        if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
-            default_model = f"--lora {specs[0].arg} records no model it was trained on"
-    if base is not None and (args.model is None or same_model(args.model, base[0])):
-        # and its run's image settings, reward and prompts (those at hand here), unless given
-        taken = usable_scoring({k: v for k, v in base[1].items() if k not in given})
-        args.set += [f"{k}={v}" for k, v in taken.items()]
-        settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
-        if args.model is None:
-            args.model = base[0]
-            logger.info(
-                "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
-                specs[0].named, settings)
-        elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
-            from lowmem_alignprop.commands.lora_files import merged_record
-            what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
-            logger.info("--model %s is %s %s was trained on%s", args.model, what,
-                                                       specs[0].named, settings)
-        for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
-            other = recorded_base(spec, model_given=True)
-            differ = sorted(k for k in (set(base[1]) | set(other[1] if other else {})) - given
-                            if other is not None and base[1].get(k) != other[1].get(k))
-            if differ:
-                logger.warning(
-                    "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
-                    "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
-                    " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
-    numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
-    if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
-        args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
+    from lowmem_alignprop.commands.sample_cmd import sample_main, take_run_settings
+
+    request = take_run_settings(args, own)  # (into args: the config is built from them)
     profile_name, cfg = config_from_args(args, training=False)  # no gradient window: K and backward's rules left out
-    refuse_held_loras(specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
-    results = evaluate(cfg, specs, num_prompts=len(own) or args.num_prompts or NUM_PROMPTS,
-                       images_per_prompt=args.images_per_prompt, profile_name=profile_name,
-                       numbered_output_dir=numbered, prompts=own or None, default_model=default_model)
-    print_summary(results, Path(results["output_dir"]))
-    return 0
+    return sample_main(cfg, request, num_prompts=len(own) or args.num_prompts or NUM_PROMPTS,
+                       images_per_prompt=args.images_per_prompt, profile_name=profile_name)
 
 
 def cmd_export(argv: list[str]) -> int:

@@ -660,7 +660,7 @@ def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them
     that same model; a --set of the command line wins over the record (the record won over it in silence)."""
     import shutil
 
-    from lowmem_alignprop.commands import evaluate as ev
+    from lowmem_alignprop.commands import sample_cmd as ev
 
     lora = shutil.copytree(loras["a"], tmp_path / "a")
     (lora / "base_model.json").write_text(json.dumps({"model": str(tiny_dir),

@@ -1,0 +1,46 @@
+"""``lowmem-alignprop plan``: the checks training would make, then the planner's table (or ``--fastest``'s search),
+printed as text or JSON. The command line (:func:`lowmem_alignprop.cli.cmd_plan`) parses and builds the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import warnings
+
+from lowmem_alignprop.measure.planner import PLAN_LIBRARIES, plan
+from lowmem_alignprop.measure.provenance import provenance
+from lowmem_alignprop.measure.reports import format_fastest, format_plan
+from lowmem_alignprop.rewards import check_reward_spec
+from lowmem_alignprop.step.inputs import check_tracker
+from lowmem_alignprop.step.prompts import load_prompts
+
+logger = logging.getLogger("lowmem_alignprop")
+
+
+def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bool = False, target: str | None = None,
+              suggest_changes: bool = True, fastest: bool = False, allow_task_changes: bool = False,
+              max_estimates: int | None = None, jobs: int | None = None) -> int:
+    """Plan ``cfg`` (profile ``profile``; ``argv``: plan's arguments as typed, for the JSON's provenance) and print
+    it; returns the exit status (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
+    typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
+    check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
+    # a user reward that fails, returns NaN or loses the gradient is named here, as train would
+    check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
+    logger.setLevel(logging.WARNING)
+    log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
+        if fastest:
+            from lowmem_alignprop.measure.fastest import fastest as search  # (plan without --fastest need not load it)
+            result = search(cfg, profile=profile, target=target, allow_task_changes=allow_task_changes, log=log,
+                            jobs=jobs, **({"max_estimates": max_estimates} if max_estimates else {}))
+            # nested: the search's own "device" is the card it timed for, this one the machine that searched
+            result["provenance"] = provenance(typed, PLAN_LIBRARIES)
+            print(json.dumps(result, indent=1, default=str) if as_json else format_fastest(result))
+            return 0
+        result = plan(cfg, profile=profile, target=target, suggest_changes=suggest_changes, log=log,
+                      started=started, command=typed, interruptible=True)
+    print(json.dumps(result, indent=1, default=str) if as_json else format_plan(result))
+    return 130 if result.get("suggestion_interrupted") else 0  # (the plan so far printed, then as a Ctrl-C ends)

@@ -1,0 +1,91 @@
+"""``lowmem-alignprop sample``'s command: the settings the LoRAs' runs recorded taken into the command line's (before
+the config is built), then the evaluation (:func:`lowmem_alignprop.commands.evaluate.evaluate`) and its summary. The
+command line (:func:`lowmem_alignprop.cli.cmd_sample`) parses the options and builds the config between the two."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowmem_alignprop.commands.evaluate import (LoraSpec, check_mixable, evaluate, parse_lora, print_summary,
+                                                recorded_base, same_model, usable_scoring)
+from lowmem_alignprop.commands.lora_files import merged_record
+from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+from lowmem_alignprop.run.filenames import SAMPLE_DIR
+from lowmem_alignprop.settings.config import TRAINING_ONLY
+
+logger = logging.getLogger("lowmem_alignprop")
+
+
+@dataclass
+class SampleRequest:
+    """What :func:`take_run_settings` found for :func:`sample_main`: the LoRAs, the user's own prompts (``--prompt``,
+    none: a prompt set's), whether the default output folder is numbered, and why the model is the default one."""
+    specs: list[LoraSpec]
+    prompts: list[str]
+    numbered: bool
+    default_model: str
+
+
+def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest:
+    """The LoRAs of ``args`` (``--lora`` and the bare ones) read, and the model, image settings, reward and prompts
+    their (first) run recorded added to ``args`` (``args.model``, ``args.set``) where the command line does not set
+    them; ``args.output_dir`` the numbered default folder without one. ``own``: the ``--prompt`` texts."""
+    specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
+    check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
+    given = {s.split("=", 1)[0].strip() for s in args.set}
+    if given & TRAINING_ONLY:
+        logger.warning(
+            "--set %s: training settings; sample trains nothing, so they change nothing here",
+            ", ".join(sorted(given & TRAINING_ONLY)))
+    given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
+    given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
+    given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
+    base, default_model = None, ""
+    if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
+        base = recorded_base(specs[0], model_given=args.model is not None)
+        if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
+            default_model = f"--lora {specs[0].arg} records no model it was trained on"
+    if base is not None and (args.model is None or same_model(args.model, base[0])):
+        _take_base(args, specs, base, given)
+    numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
+    if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
+        args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
+    return SampleRequest(specs, own, numbered, default_model)
+
+
+def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str, dict], given: set[str]) -> None:
+    """The first LoRA's recorded model (where ``--model`` is not given) and its run's image settings, reward and
+    prompts (those at hand here) not in ``given`` into ``args``; another LoRA's run's other settings said."""
+    taken = usable_scoring({k: v for k, v in base[1].items() if k not in given})
+    args.set += [f"{k}={v}" for k, v in taken.items()]
+    settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
+    if args.model is None:
+        args.model = base[0]
+        logger.info(
+            "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
+            specs[0].named, settings)
+    elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
+        what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
+        logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].named, settings)
+    for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
+        other = recorded_base(spec, model_given=True)
+        differ = sorted(k for k in (set(base[1]) | set(other[1] if other else {})) - given
+                        if other is not None and base[1].get(k) != other[1].get(k))
+        if differ:
+            logger.warning(
+                "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
+                "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
+                " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
+
+
+def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_prompt: int, profile_name: str) -> int:
+    """Render, score and write the evaluation of ``request``'s LoRAs on ``cfg``, and print its summary."""
+    refuse_held_loras(request.specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
+    results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+                       profile_name=profile_name, numbered_output_dir=request.numbered,
+                       prompts=request.prompts or None, default_model=request.default_model)
+    print_summary(results, Path(results["output_dir"]))
+    return 0
