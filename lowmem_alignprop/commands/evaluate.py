@@ -24,6 +24,7 @@ images are not a linear mix of the two adapters' images: the network is nonlinea
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import itertools
@@ -31,6 +32,8 @@ import json
 import logging
 import math
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,13 +41,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from lowmem_alignprop import rewards
+from lowmem_alignprop.commands import flow_export, flow_sample, grid
+from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
+from lowmem_alignprop.commands.lora_files import check_recorded_base, is_peft_folder, merged_record, nonfinite, read_run
+from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
+from lowmem_alignprop.commands.run_summary import judged_of
+from lowmem_alignprop.measure.weight_bytes import check_host_memory
+from lowmem_alignprop.memory import precision
+from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_apple_gpu_note
+from lowmem_alignprop.models import loading
+from lowmem_alignprop.models.family import family_for
+from lowmem_alignprop.models.flow import family_of
+from lowmem_alignprop.models.sampling import negative_prompts
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
+from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SAMPLE_GRID,
                                             SAMPLE_RESULTS)
+from lowmem_alignprop.run.runlock import hold_folder, holder
+from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
+from lowmem_alignprop.settings.config import image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.model_kind import shipped_name
+from lowmem_alignprop.settings.model_kind import KIND_FAMILY, model_kind_of, shipped_name
+from lowmem_alignprop.step.inputs import prepare_inputs
+from lowmem_alignprop.step.prompts import load_prompts
+from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_note
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -107,8 +130,6 @@ def _lora_file(path: Path, arg: str) -> Path:
             raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
                             "which is never loaded: use the .safetensors LoRA a training run wrote, or convert this "
                             "file where you trust it") from None
-        from lowmem_alignprop.run import checkpoint as ckpt
-
         run = file.parent.parent  # a run's own lora/ beside its checkpoints: export writes it again from the last one
         again = (f"`lowmem-alignprop export {file.parent}` writes it again from the run's last checkpoint"
                  if file.parent.name == LORA_DIR and ckpt.list_checkpoints(ckpt.root_of(run)) else
@@ -120,17 +141,11 @@ def _lora_file(path: Path, arg: str) -> Path:
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")
-    from lowmem_alignprop.commands.lora_files import nonfinite
-
     if (bad := nonfinite(tensors)) is not None:  # its images would be NaN, and their rewards too
         raise UserError(f"--lora {arg}: {file} holds NaN or inf weights ({bad}): the run that wrote it diverged; "
                         "sample a checkpoint from before it, or train again with a lower learning rate")
-    from lowmem_alignprop.commands import flow_export
-
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
         return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
-    from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers
-
     return attn_processor_as_diffusers(tensors) or file  # (diffusers' layout before 0.21, which it reads no more)
 
 
@@ -145,11 +160,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _find_lora_file(path: Path, arg: str) -> Path:
-    from lowmem_alignprop.commands.lora_files import is_peft_folder
-    from lowmem_alignprop.commands.lora_formats import peft_as_diffusers
-    from lowmem_alignprop.run.checkpoint import named_checkpoint
-
-    checkpoint = named_checkpoint(path)
+    checkpoint = ckpt.named_checkpoint(path)
     if checkpoint is not None:  # checkpoints/step-300: its LoRA, as the run would have written it at that step
         return _checkpoint_lora(checkpoint)
     for run in (path, path.parent) if path.name == LORA_DIR else (path,):  # a run folder without its lora/ yet
@@ -184,9 +195,6 @@ def _find_lora_file(path: Path, arg: str) -> Path:
 def _run_without_lora(run: Path, arg: str) -> UserError | None:
     """What to sample instead when ``run`` is a training run's folder without lora/ (still training, or lora/ lost):
     its newest checkpoint, or export to write lora/ again; None when it is no run folder or has no checkpoint."""
-    from lowmem_alignprop.run import checkpoint as ckpt
-    from lowmem_alignprop.run.runlock import holder
-
     saved = ckpt.list_checkpoints(run / ckpt.DIRNAME) if (run / ckpt.DIRNAME).is_dir() else []
     if not saved:
         return UserError(f"--lora {arg}: {said}") if (said := ckpt.without_checkpoint(run)) else None
@@ -199,15 +207,10 @@ def _run_without_lora(run: Path, arg: str) -> UserError | None:
 
 def _checkpoint_lora(checkpoint: Path) -> Path:
     """A training checkpoint's LoRA in a temporary lora/ folder (removed when the process ends)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from lowmem_alignprop.models.loading import write_checkpoint_lora
 
     tmp = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-checkpoint-lora-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    return write_checkpoint_lora(checkpoint, tmp / "lora")
+    return loading.write_checkpoint_lora(checkpoint, tmp / "lora")
 
 
 def _is_number(text: str) -> bool:
@@ -254,9 +257,6 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     from elsewhere. ``sample`` without --model loads it with those settings. A recorded path that is gone raises
     UserError naming --model, and a damaged record is warned of, unless ``model_given`` (--model names the model:
     the record only tells whether it is the LoRA's own, :func:`same_model`)."""
-    from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run
-    from lowmem_alignprop.settings.config import image_settings, scoring_settings
-
     named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
     record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
     if record is None:  # a LoRA from elsewhere
@@ -276,10 +276,8 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         check_recorded_base(model, f"--lora {spec.arg}")
     # a checkpoint: the settings its steps were made with (a later --resume may have changed the run's); else the
     # run: the folder named (RUN), or one or two above it (RUN/lora, RUN/export/kohya)
-    from lowmem_alignprop.run.checkpoint import named_checkpoint, read_state
-
-    if (checkpoint := named_checkpoint(named)) is not None:
-        config = read_state(checkpoint).get("config") or recorded
+    if (checkpoint := ckpt.named_checkpoint(named)) is not None:
+        config = ckpt.read_state(checkpoint).get("config") or recorded
     else:
         run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)
         config = read_run(run)[0] if run else recorded
@@ -290,11 +288,8 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
     """``taken`` (the settings ``sample`` takes from a LoRA's run) without the run's reward or prompts where they are
     not at hand here (a reward file or weights, a prompt file left on the machine that trained): said, and the
     defaults score instead."""
-    from lowmem_alignprop.rewards import check_reward_spec
-    from lowmem_alignprop.step.prompts import load_prompts
-
     kept = dict(taken)
-    checks = {"reward": lambda: check_reward_spec(taken["reward"], weights=taken.get("reward_weights", "")),
+    checks = {"reward": lambda: rewards.check_reward_spec(taken["reward"], weights=taken.get("reward_weights", "")),
               "prompts": lambda: load_prompts(taken["prompts"])}
     for key, check in checks.items():
         if key not in taken:
@@ -314,8 +309,6 @@ def same_model(given: str, recorded: str) -> bool:
     """--model names the model a LoRA's record names: the same folder or file (however the path is written; the toy
     model's folder is ``toy``), the same hub id, or an `export --merge` of it (its record's first ``into``): the
     LoRA's run's image settings then apply, as to the model itself."""
-    from lowmem_alignprop.commands.lora_files import merged_record
-
     def same(a: str, b: str) -> bool:
         a, b = shipped_name(a.strip()), shipped_name(b.strip())
         pa, pb = Path(a).expanduser(), Path(b).expanduser()
@@ -338,14 +331,10 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
     scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler, loaded as
     the trainer loads them (flow_sample.py: ``prompts`` encoded and the text encoders freed before the transformer
     is read; :func:`place_denoiser` then places it, once the adapters are loaded)."""
-    from lowmem_alignprop.models.family import family_for
-    from lowmem_alignprop.models.loading import load_components
-
-    comps = load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
+    comps = loading.load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
     family = family_for(comps)
     if family.flow:  # (the architectures on meta, sd35m|sd35l|flux, are flow models: drawn there)
-        from lowmem_alignprop.commands.flow_sample import build_flow_pipeline
-        return build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
+        return flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
     pipe = family.make_pipeline(comps)
     pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments
     pipe.set_progress_bar_config(disable=True)
@@ -365,10 +354,8 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
 def place_denoiser(pipe, cfg) -> None:
     """SD3/FLUX: with the adapters loaded, the transformer to the device (block swap's blocks hooked, their weights
     in host memory). A UNet pipeline is placed already."""
-    from lowmem_alignprop.commands.flow_sample import is_flow, place_transformer
-
-    if is_flow(pipe):
-        place_transformer(pipe, cfg)
+    if flow_sample.is_flow(pipe):
+        flow_sample.place_transformer(pipe, cfg)
 
 
 def adapted_layers(pipe, name: str) -> int:
@@ -384,8 +371,6 @@ def layers_in_file(path: Path) -> int:
     """How many adapted layers a LoRA file holds (one down/A matrix each); 0 for a .bin."""
     if not is_safetensors(path):
         return 0  # .bin: no cheap header read; rely on diffusers' own checks
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return sum(1 for k in f.keys() if k.endswith(_DOWN_SUFFIXES))
 
@@ -411,12 +396,8 @@ def lora_family(path: Path) -> str | None:
     ``unet.`` / ``transformer.`` prefixes, kohya's ``lora_unet_`` / ``lora_transformer_``); None when unknown."""
     if not is_safetensors(path):
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-    from lowmem_alignprop.commands.flow_export import is_kohya_flow
-
     if is_kohya_flow(keys):  # kohya's SD3/FLUX names: lora_unet_ + the original transformer's blocks
         return "transformer"
     for family, prefixes in (("unet", ("unet.", "lora_unet_")), ("transformer", ("transformer.", "lora_transformer_"))):
@@ -431,9 +412,6 @@ def lora_model(path: Path, family: str | None) -> str | None:
     SD3's joint blocks), else ``transformer``; ``family`` itself for the others."""
     if family != "transformer":
         return family
-    from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights
-    from lowmem_alignprop.settings.model_kind import model_kind_of
-
     try:
         recorded = json.loads((path.parent / LORA_BASE_FILE).read_text(encoding="utf-8")).get("model")
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
@@ -441,8 +419,6 @@ def lora_model(path: Path, family: str | None) -> str | None:
         kind = None
     if (recorded_model := model_of_kind(kind)) in ("sd3", "flux"):
         return recorded_model
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     modules = [k.removeprefix("transformer.") for k in keys]
@@ -499,8 +475,6 @@ def check_mixable(specs: list[LoraSpec]) -> None:
 def _layer_widths(file: Path) -> dict[str, int]:
     """The adapted layers' widths a LoRA file tells from its headers alone: each down (A) matrix's input width and
     each up (B) matrix's output width, by key ({} when the file cannot be read: loading says why)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
@@ -514,13 +488,11 @@ def pipeline_model(pipe) -> str:
     """What :func:`check_lora_family` compares of a loaded pipeline: unet, sd3 or flux."""
     if not hasattr(pipe, "transformer"):
         return "unet"
-    from lowmem_alignprop.models.flow import family_of
     return family_of(pipe.transformer)
 
 
 def model_of_kind(kind: str | None) -> str | None:
     """What :func:`check_lora_family` compares of a settings/model_kind kind (sd, sdxl, sd35m, sd35l, flux)."""
-    from lowmem_alignprop.settings.model_kind import KIND_FAMILY
     return KIND_FAMILY.get(kind)
 
 
@@ -528,8 +500,6 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
     """A LoRA our trainer wrote names its base model (lora/base_model.json): applied to another model with the same
     layer shapes it loads fine but does not show what training did, so say so (a fine-tune of the base may be
     intended: a warning, not an error)."""
-    from lowmem_alignprop.run import checkpoint as ckpt
-
     ours = None
     for spec in specs:
         info = spec.file.parent / LORA_BASE_FILE
@@ -596,12 +566,8 @@ def mix_adapters(pipe, specs: list[LoraSpec]) -> None:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -> torch.Tensor:
     """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n]."""
-    from lowmem_alignprop.models.sampling import negative_prompts
-
-    from lowmem_alignprop.commands.flow_sample import generate_flow, is_flow
-
-    if is_flow(pipe):  # SD3 (CFG on the negative prompt) / FLUX (guidance embedding): from the cached embeddings
-        return generate_flow(pipe, prompts, seeds, cfg, batch_size)
+    if flow_sample.is_flow(pipe):  # SD3 (CFG on the negative prompt) / FLUX (guidance embedding): cached embeddings
+        return flow_sample.generate_flow(pipe, prompts, seeds, cfg, batch_size)
     out = []
     for i in range(0, len(prompts), batch_size):  # batch_size images per pipeline call bounds the UNet's activations
         chunk = prompts[i:i + batch_size]
@@ -610,7 +576,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -
         # training's unconditional branch: the negative prompt, or the pipeline's own default for an empty one
         images = pipe(prompt=chunk, negative_prompt=negative_prompts(cfg.negative_prompt, len(chunk)),
                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                      guidance_rescale=cfg.guidance_rescale, height=cfg.resolution, width=cfg.resolution, generator=gens, output_type="pt").images
+                      guidance_rescale=cfg.guidance_rescale, height=cfg.resolution, width=cfg.resolution,
+                      generator=gens, output_type="pt").images
         out.append(images.float().cpu())  # kept on the CPU: the GPU holds one batch at a time
     return torch.cat(out)
 
@@ -633,8 +600,6 @@ def has_results(folder: Path) -> bool:
 def refuse_a_runs_folder(out: Path) -> None:
     """sample's --output-dir may not be a training run's folder or a LoRA folder: its grid and results would land
     among the run's files, or in what export and --push-to-hub copy as the LoRA."""
-    from lowmem_alignprop.run import checkpoint as ckpt
-
     # (a run's folder: what a new training start there is refused for, its checkpoints, lora/, metrics, summary)
     what = ("a LoRA folder" if (out / LORA_WEIGHT_NAME).is_file() else "a training run's folder"
             if ckpt.holds_a_run(out) else None)
@@ -650,16 +615,12 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     default folder taken meanwhile gives way to the next). ``prompts``: the user's own (``--prompt``), else the first
     ``num_prompts`` of ``cfg.prompts``. ``default_model``: why cfg.model is the default (said where a LoRA does not
     fit it). Returns the JSON's content."""
-    from lowmem_alignprop.run.runlock import hold_folder
-    from lowmem_alignprop.step.inputs import prepare_inputs
-
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
     chosen = given[:num_prompts]
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
         log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
                                                    "for all of them)", num_prompts, len(given), cfg.prompts, len(given))
-    from lowmem_alignprop.toy.fidelity import off_grammar_note
     if (note := off_grammar_note(cfg.model, chosen)) is not None:  # as training says it (their rewards are averaged in)
         log.warning("%s", note)
     refuse_a_runs_folder(Path(cfg.output_dir))
@@ -671,30 +632,57 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
 
 def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_prompts: int,
               images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
-    from lowmem_alignprop.commands.flow_sample import check_transformer_only, is_flow
-    from lowmem_alignprop.commands.grid import save_sample_grid
-    from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_apple_gpu_note
-    from lowmem_alignprop.rewards import build_reward
-    from lowmem_alignprop.memory.precision import frozen_weight_dtype
-
     t0 = time.perf_counter()
     if len(prompts) < num_prompts:
         log.warning("--num-prompts %d: the prompt set %s has %d; using all of them",
                                                       num_prompts, cfg.prompts, len(prompts))
+    device, weight_dtype, allocator, reward = _device_and_reward(cfg)
+    seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
+    flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    flat_seeds = [s for row in seeds for s in row]
+    base_images, lora_images, sampler = _render(cfg, specs, prompts, flat_prompts, flat_seeds, device, weight_dtype,
+                                                default_model)
+    base_r, lora_r = _scores(cfg, reward, base_images, lora_images, flat_prompts, device)
+    base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
+    results = {
+        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
+        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
+                   **({"weights": s.found_in} if s.found_in else {})} for s in specs],
+        "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
+        "sampler": sampler,
+        "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
+        "per_prompt": _per_prompt(prompts, seeds, base_r, lora_r, images_per_prompt),
+        "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
+        **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
+        "grid": SAMPLE_GRID, "device": str(device), "cuda_allocator": allocator,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "output_dir": str(out.absolute()),
+    }
+    _write(out, results, prompts, images_per_prompt, (base_images, base_r), (lora_images, lora_r))
+    return results
+
+
+def _device_and_reward(cfg) -> tuple[torch.device, torch.dtype, str, Any]:
+    """(device, the frozen weights' dtype, the CUDA allocator's setting, the reward built on the CPU), after the
+    host-memory check."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (mac := unused_apple_gpu_note()):
         log.warning(mac)
-    from lowmem_alignprop.measure.weight_bytes import check_host_memory
     check_host_memory(cfg)  # on a CPU, a model that cannot fit host memory: now, not killed while it loads
     allocator = configure_cuda_allocator(cfg.expandable_segments)  # less memory reserved but unused, as in training
-    weight_dtype = frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
+    weight_dtype = precision.frozen_weight_dtype(cfg.mixed_precision, device.type)  # as in training: fp32 on a CPU
     # a reward whose weights are missing fails here, before any image is generated; it waits on the CPU until
     # scoring, so the reward model and the diffusion model are never on the GPU together
-    reward = build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False, weights=cfg.reward_weights)
-    # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
-    check_transformer_only([s for s in specs if s.family == "transformer"])
-    from lowmem_alignprop.settings.model_kind import model_kind_of
+    reward = rewards.build_reward(cfg.reward, device="cpu", dtype=weight_dtype, checkpointing=False,
+                                  weights=cfg.reward_weights)
+    return device, weight_dtype, allocator, reward
 
+
+def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: torch.device,
+                      weight_dtype: torch.dtype, default_model: str):
+    """The pipeline with the LoRAs loaded and the denoiser placed, each LoRA checked to fit the model first."""
+    # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
+    flow_sample.check_transformer_only([s for s in specs if s.family == "transformer"])
     kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
     check_lora_family(model_of_kind(kind), specs, cfg.model, default=default_model)
     pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
@@ -705,33 +693,60 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     load_adapters(pipe, specs, cfg.model)  # a LoRA that does not fit: its one line, not a warning before it
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)  # fits, but another base's
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
+    return pipe
 
-    seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
-    flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    flat_seeds = [s for row in seeds for s in row]
+
+def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[str], flat_seeds: list[int],
+            device: torch.device, weight_dtype: torch.dtype, default_model: str) -> tuple[torch.Tensor, ...]:
+    """(base images, LoRA images, the sampler's settings dict): the pipeline loaded and adapted, every image rendered
+    without and with the adapters, then the denoiser freed (flow models) or moved off the GPU before scoring."""
+    pipe = _adapted_pipeline(cfg, specs, prompts, device, weight_dtype, default_model)
     batch = cfg.batch_size  # the profile's training batch fits with gradients, so surely without
     pipe.disable_lora()
     base_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
     mix_adapters(pipe, specs)
     lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
-
-    scheduler = type(pipe.scheduler).__name__.removesuffix("Scheduler")  # DDIM or FlowMatchEulerDiscrete
-    if is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
+    sampler = _sampler(pipe, cfg)
+    if flow_sample.is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
         del pipe
         gc.collect()  # (peft's and block swap's hooks hold reference cycles)
     elif device.type == "cuda" and not cfg.offload_frozen:  # (with offload, the hooks have moved it back)
         pipe.to("cpu")  # the diffusion model leaves the GPU before the reward model arrives
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return base_images, lora_images, sampler
+
+
+def _sampler(pipe, cfg) -> dict:
+    """sample_results.json's ``sampler``: the scheduler and the settings the images were rendered with."""
+    scheduler = type(pipe.scheduler).__name__.removesuffix("Scheduler")  # DDIM or FlowMatchEulerDiscrete
+    return {"scheduler": scheduler,
+            "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
+            **({"eta": cfg.eta, "guidance_rescale": cfg.guidance_rescale}  # (flow models' Euler steps and
+               if scheduler == "DDIM" else {}),  # pipelines have neither)
+            **({"prediction_type": pipe.scheduler.config.prediction_type,  # (what the UNet was taken to
+                "zero_terminal_snr": bool(pipe.scheduler.config.get("rescale_betas_zero_snr"))}  # predict)
+               if scheduler == "DDIM" else {}),
+            "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt}
+
+
+def _scores(cfg, reward, base_images: torch.Tensor, lora_images: torch.Tensor, flat_prompts: list[str],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward of every base and LoRA image, on ``device``; a NaN or inf among them raises UserError."""
     reward.to(device)
-    base_r = score(reward, base_images, flat_prompts, device, batch)
-    lora_r = score(reward, lora_images, flat_prompts, device, batch)
+    base_r = score(reward, base_images, flat_prompts, device, cfg.batch_size)
+    lora_r = score(reward, lora_images, flat_prompts, device, cfg.batch_size)
     for name, r in (("the base model's", base_r), ("the LoRA's", lora_r)):
         if not torch.isfinite(r).all():  # JSON has no NaN: a result that holds one is a failure, said as one
             raise UserError(f"the reward {cfg.reward!r} scored {int((~torch.isfinite(r)).sum())} of {name} "
                             f"{r.numel()} images NaN or inf: nothing was written; check the LoRA (a diverged run?) "
                             "and the reward")
+    return base_r, lora_r
 
+
+def _per_prompt(prompts: list[str], seeds: list[list[int]], base_r: torch.Tensor, lora_r: torch.Tensor,
+                images_per_prompt: int) -> list[dict]:
+    """sample_results.json's ``per_prompt``: each prompt's seeds, rewards, their means and lora - base."""
     per_prompt = []
     for i, prompt in enumerate(prompts):
         b = base_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
@@ -739,29 +754,13 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         per_prompt.append({"prompt": prompt, "seeds": seeds[i], "base": b, "lora": lo,
                            "base_mean": sum(b) / len(b), "lora_mean": sum(lo) / len(lo),
                            "difference": sum(lo) / len(lo) - sum(b) / len(b)})
-    base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
-    results = {
-        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
-        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
-                   **({"weights": s.found_in} if s.found_in else {})} for s in specs],
-        "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
-        "sampler": {"scheduler": scheduler,
-                    "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-                    **({"eta": cfg.eta, "guidance_rescale": cfg.guidance_rescale}  # (flow models' Euler steps and
-                       if scheduler == "DDIM" else {}),  # pipelines have neither)
-                    **({"prediction_type": pipe.scheduler.config.prediction_type,  # (what the UNet was taken to
-                        "zero_terminal_snr": bool(pipe.scheduler.config.get("rescale_betas_zero_snr"))}  # predict)
-                       if scheduler == "DDIM" else {}),
-                    "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt},
-        "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
-        "per_prompt": per_prompt,
-        "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
-        **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
-        "grid": SAMPLE_GRID, "device": str(device), "cuda_allocator": allocator,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "output_dir": str(out.absolute()),
-    }
+    return per_prompt
 
+
+def _write(out: Path, results: dict, prompts: list[str], images_per_prompt: int,
+           base: tuple[torch.Tensor, torch.Tensor], lora: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The grid (``base`` and ``lora``: images and rewards) and the results into ``out``, an earlier evaluation's
+    replaced (its results removed first)."""
     if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
         log.warning("%s held an earlier evaluation: replacing it", out)
         # its results go first, the new ones come last: a kill between the two writes left the new grid beside the
@@ -769,25 +768,20 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
         (out / SAMPLE_RESULTS).unlink()
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
-    save_sample_grid(out / SAMPLE_GRID, labels, (base_images, base_r), (lora_images, lora_r),
-                     row_names=("base", "lora"), group=images_per_prompt)  # a prompt's images in one band
+    grid.save_sample_grid(out / SAMPLE_GRID, labels, base, lora,
+                          row_names=("base", "lora"), group=images_per_prompt)  # a prompt's images in one band
     atomic.write_text(out / SAMPLE_RESULTS, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
-    return results
 
 
 def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images: torch.Tensor) -> dict:
     """In the toy world (docs/toy_world.md): the exact evaluators on both image sets, ``{"fidelity": {"base": ...,
     "lora": ...}}`` (fidelity_* rates over the prompts its grammar parses, jpeg_bytes); elsewhere nothing."""
-    from lowmem_alignprop.toy.fidelity import applies, evaluate_batch
-
     if not applies(cfg.model, prompts):
         return {}
     return {"fidelity": {"base": evaluate_batch(base_images, prompts), "lora": evaluate_batch(lora_images, prompts)}}
 
 
 def print_summary(r: dict, out: Path) -> None:
-    from lowmem_alignprop.commands.run_summary import judged_of
-
     mix = " + ".join(f"{d['weight']:g} x {d['path']}" + (f" ({d['weights']})" if "weights" in d else "")
                      for d in r["loras"])
     made = len(r["per_prompt"]) * r["images_per_prompt"]
