@@ -14,11 +14,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lowmem_alignprop.settings.config import (BATCH_MOST, Config, field_help, host_memory_note, parse_set,
-                                              unread_in_training)
+from lowmem_alignprop.settings.config import BATCH_MOST, Config, field_help, parse_set
 from lowmem_alignprop.settings.quiet import quiet_libraries
 from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, nearest, same_on_every_rank
-from lowmem_alignprop.run.runlock import global_rank, world_size
+from lowmem_alignprop.run.runlock import global_rank
 from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
 logger = logging.getLogger("lowmem_alignprop")
@@ -181,22 +180,12 @@ def cmd_train(argv: list[str]) -> int:
             why = (f"the run ends at step {cfg.steps}" if snapshot[0] > cfg.steps
                    else f"this resume starts at step {first}")
             raise UserError(f"--memory-snapshot {args.memory_snapshot}: {why}: give steps within {first}-{cfg.steps}")
-        _check_device_for_profile(name, cfg)
-        for note in unread_in_training(cfg, args.set) if global_rank() == 0 else ():
-            logger.warning("%s", note)
-        folder.move_past_an_earlier_run()
-        cfg = folder.with_output_dir(cfg)
-        if lone and global_rank() == 0:  # (it went to outputs/run, said only by the closing box)
-            logger.warning(
-                "--resume %s is in no run's checkpoints/ folder: the run goes on in %s (--output-dir chooses)",
-                args.resume, cfg.output_dir)
-    warn_if_launcher_started_fewer_processes()
-    from lowmem_alignprop.commands.train import train
+    from lowmem_alignprop.commands.train_cmd import train_main
     import shlex
     # the exact command, as typed (accelerate launch's own options are the launcher's): the run folder records it
-    train(cfg, profile_name=name, memory_snapshot=snapshot, folder=folder,
-          command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
-    return 0
+    return train_main(cfg, name, folder, memory_snapshot=snapshot, set_flags=args.set,
+                      lone_resume=args.resume if lone else None,
+                      command=" ".join(["lowmem-alignprop", *map(shlex.quote, argv)]))
 
 
 @contextlib.contextmanager
@@ -217,48 +206,6 @@ def _output_dir_flag(args: argparse.Namespace) -> str | None:
     with _unsaid():  # (config_from_args says what parsing them has to say)
         given = parse_set(args.set).get("output_dir", args.output_dir)
     return None if given is None else os.path.expanduser(str(given))
-
-
-def warn_if_launcher_started_fewer_processes() -> None:
-    """``accelerate launch --num_processes 2`` without ``--multi_gpu`` (on the CPU, say) starts one plain process:
-    say so, instead of training on one process while the user thinks there are two."""
-    if world_size() > 1:
-        return
-    try:
-        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
-    except OSError:
-        return  # not Linux, or no parent to read
-    if not any("accelerate" in a for a in argv):
-        return
-    wanted = None
-    for i, a in enumerate(argv):
-        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv):
-            wanted = argv[i + 1]
-        elif a.startswith(("--num_processes=", "--num-processes=")):
-            wanted = a.split("=", 1)[1]
-    if wanted and wanted.isdigit() and int(wanted) > 1:  # (accelerate refuses --cpu beside --multi_gpu)
-        fix = "replace --cpu with --multi_gpu (it runs on the CPU too)" if "--cpu" in argv else \
-            "add --multi_gpu (also on the CPU)"
-        logger.warning(
-            "accelerate launch was asked for %s processes but started one: %s, or run `accelerate config`; this run "
-            "trains on one process", wanted, fix)
-
-
-# what keeps a GPU's tensors in host memory instead: on a CPU run they are host memory already
-def _check_device_for_profile(name: str, cfg: Config) -> None:
-    """A GPU profile on a machine without CUDA is refused; a GPU's host-memory features on a CPU run are said (they
-    save nothing there and cost copies)."""
-    import torch
-
-    from lowmem_alignprop.settings.profiles import GPU_PROFILES
-
-    if torch.cuda.is_available():
-        return
-    if name in GPU_PROFILES:
-        raise UserError(f"profile {name} is for a CUDA GPU and this machine has none: train here with --profile cpu, "
-                        f"or ask whether it fits that card with `lowmem-alignprop plan --profile {name}`")
-    if (said := host_memory_note(cfg, "this run")) is not None:
-        logger.warning("%s", said)
 
 
 def cmd_profiles(argv: list[str]) -> int:

@@ -259,7 +259,7 @@ def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypat
     """`accelerate launch --cpu --num_processes 2` without --multi_gpu runs one plain process: the run says so."""
     import logging
 
-    from lowmem_alignprop.cli import warn_if_launcher_started_fewer_processes
+    from lowmem_alignprop.commands.train_cmd import warn_if_launcher_started_fewer_processes
 
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accelerate", "launch",
                                  "--cpu", "--num_processes", "2", "-m", "lowmem_alignprop"])
