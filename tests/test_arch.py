@@ -281,6 +281,49 @@ def test_load_single_file_dtype_and_prediction_type(tiny, tmp_path):
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
 
 
+def test_a_zero_snr_single_file_at_eta_1_is_refused_from_its_header(tiny, tmp_path, monkeypatch):
+    """A v-prediction file trained at zero terminal SNR (its v_pred and ztsnr keys) at DDIM's eta 1: training read
+    the whole file (6.8 GB of RAM for SD1.5) before refusing, and plan said FITS. Its header tells: both refuse
+    before any weight is read."""
+    from lowmem_alignprop.models import loading
+    from lowmem_alignprop.settings.config import Config
+
+    _, root, sd = tiny
+    save_file({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "vz.safetensors")
+    real = arch.single_file_config
+    monkeypatch.setattr(arch, "single_file_config", lambda path, a="auto", c=None: real(path, a, c or root / "config"))
+    monkeypatch.setattr(arch, "load_single_file", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(UserError, match="vz.safetensors: zero terminal SNR with eta=1"):
+        loading.load_components(Config(model=str(tmp_path / "vz.safetensors"), eta=1.0))
+    loading.check_before_load(Config(model=str(tmp_path / "vz.safetensors"), eta=0.0))  # (v-prediction: trains)
+    with pytest.raises(UserError, match="predicts noise \\(epsilon\\) \\(--set prediction_type=epsilon\\): .* use "
+                                        "--set prediction_type=v_prediction"):
+        loading.check_before_load(Config(model=str(tmp_path / "vz.safetensors"), eta=0.0,
+                                         prediction_type="epsilon"))
+
+
+def test_a_no_vae_single_file_without_a_vae_is_refused_from_its_header(tiny, tmp_path, monkeypatch, capsys):
+    """A "no-vae" checkpoint with no --set vae: plan said FITS (it planned the architecture's VAE) and training read
+    the whole file before stopping. Its header tells: both refuse alike before any weight is read."""
+    from lowmem_alignprop.cli import main
+
+    _, root, sd = tiny
+    novae = tmp_path / "novae.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, novae)
+    real = arch.single_file_config
+    monkeypatch.setattr(arch, "single_file_config", lambda path, a="auto", c=None: real(path, a, c or root / "config"))
+    monkeypatch.setattr(arch, "load_single_file", lambda *a, **k: pytest.fail("weights read"))
+    lines = set()
+    for command in (["plan"], ["--output-dir", str(tmp_path / "run")]):
+        assert main([*command, "--profile", "cpu", "--model", str(novae)]) == 2
+        lines |= {x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")}
+    assert lines == {f"error: {novae} holds no VAE weights (a \"no-vae\" checkpoint): name a VAE to decode with, "
+                     "--set vae=DIR|FILE|HUB_ID (e.g. the model family's own VAE), or use a full checkpoint"}, lines
+    from lowmem_alignprop.models.loading import check_before_load
+    from lowmem_alignprop.settings.config import Config
+    check_before_load(Config(model=str(novae), vae=str(tmp_path)))  # (with a VAE named: on to loading)
+
+
 def test_load_single_file_errors(tiny, tmp_path):
     _, root, sd = tiny
     with pytest.raises(UserError, match="not found"):
@@ -456,8 +499,9 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
     from lowmem_alignprop.settings.config import Config
 
     path = tmp_path / "sd2-base.safetensors"
-    save_file({"first": torch.zeros(1)}, path)  # (only its keys are read: the loader is the stand-in below)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    save_file({"first_stage_model.x": torch.zeros(1)}, path)  # (only its keys are read: the loader is the stand-in below)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)  # (and its folder the file's configs, read before it)
+    monkeypatch.setattr(arch_module, "single_file_config", lambda *a: (StableDiffusionPipeline, tiny_dir, "sd21"))
     for prediction, said in (("v_prediction", True), ("epsilon", False)):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
         monkeypatch.setattr(arch_module, "load_single_file", lambda *a, **k: pipe)
@@ -473,7 +517,7 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
         comps = load_components(Config(model=str(path), prediction_type="epsilon"))
     assert comps.scheduler.config.prediction_type == "epsilon" and "loads as SD 2.x" not in caplog.text
     # a file that says it predicts v (the "v_pred" key ComfyUI reads): taken so, nothing to warn of
-    save_file({"first": torch.zeros(1), "v_pred": torch.zeros(0)}, path)
+    save_file({"first_stage_model.x": torch.zeros(1), "v_pred": torch.zeros(0)}, path)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")

@@ -175,6 +175,9 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
                                                        "before its learning rate reaches lr=0.003: lower "
                                                        "lr_warmup_steps (e.g. --set lr_warmup_steps=2)"),
     (["--set", "lr_scheduler=cosin"], "lr_scheduler='cosin' is not one of constant, linear, cosine"),
+    # a VAE path that is not there: plan read it as a hub id and planned the model's own VAE (FITS), train refused
+    (["--set", "vae=/nonexistent/vae"], "vae=/nonexistent/vae does not exist: pass a diffusers VAE folder, a "
+                                        ".safetensors file or a hub id"),
     (["--set", "eta=5"], "eta=5.0 must be between 0"),
     (["--set", "loss_scale=0"], "loss_scale must be positive"),
     (["--set", "lora_alpha=0"], "lora_alpha must be positive"),
@@ -274,6 +277,12 @@ def test_values_of_the_right_type_that_make_no_sense(args, needle, tmp_path, cap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc as a read-only file system")
+def test_plan_refuses_what_training_refuses_before_loading(tmp_path, capsys):
+    """A VAE path that is not there: plan said FITS (it planned the model's own VAE) where training stops."""
+    fails(capsys, ["plan", "--profile", "cpu", "--model", "tiny", "--set", "vae=./no_such_vae"],
+          "vae=./no_such_vae does not exist")
+
+
 def test_read_only_output_dir(tmp_path, capsys):
     # root may write anywhere with chmod 000; a read-only file system stops everyone
     target = Path("/proc/lowmem_alignprop_test_run")

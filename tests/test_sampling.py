@@ -245,6 +245,48 @@ def test_a_folders_own_zero_snr_schedule_is_refused_with_eta_1_only_from_its_pur
             assert sched.config.rescale_betas_zero_snr and sched.config.timestep_spacing == "leading"
 
 
+def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(tiny_dir, tmp_path, capsys):
+    """A folder's own zero-terminal-SNR schedule at eta 1, or predicting epsilon, and the flag on a model whose files
+    say epsilon where no folder tells it (the tiny model, an architecture's name): plan (and plan --fastest) said
+    FITS and training refused. Both now refuse with the same line before any weight loads; a folder's own schedule
+    is not called a flag to drop."""
+    import json
+    import shutil
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.models.loading import check_before_load
+
+    def refusals(*args: str) -> set[str]:
+        lines = set()
+        for command in (["plan"], ["plan", "--fastest", "--jobs", "1"], ["--output-dir", str(tmp_path / "run")]):
+            assert main([*command, "--profile", "cpu", *args]) == 2
+            lines |= {x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")}
+        assert not (tmp_path / "run").exists()  # (train: refused before its folder was made)
+        return lines
+
+    for predicts in ("v_prediction", "epsilon"):
+        model = tmp_path / predicts
+        shutil.copytree(tiny_dir, model)
+        file = model / "scheduler" / "scheduler_config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), "rescale_betas_zero_snr": True,
+                                    "prediction_type": predicts, "timestep_spacing": "trailing"}))
+    assert refusals("--model", str(tmp_path / "v_prediction"), "--set", "eta=1") == {
+        f"error: {tmp_path / 'v_prediction'}: zero terminal SNR with eta=1 (the default): DDIM's step from the "
+        "pure-noise timestep then has no deterministic part left, and diffusers' step turns it into NaN: use --set "
+        "eta=0 (or any value below 1)"}
+    assert refusals("--model", str(tmp_path / "epsilon"), "--set", "eta=0") == {
+        f"error: {tmp_path / 'epsilon'}'s files give it a zero terminal SNR noise schedule, and it predicts noise "
+        "(epsilon): at zero SNR the last timestep's latent is all noise, which a noise-predicting UNet cannot "
+        "denoise: it is for v-prediction models; add --set prediction_type=v_prediction"}
+    for model in ("tiny", "sd15"):  # (no folder tells Config.validate what these predict)
+        assert refusals("--model", model, "--set", "zero_terminal_snr=true", "--set", "eta=0") == {
+            "error: zero_terminal_snr: at zero SNR the last timestep's latent is all noise, which a noise-predicting "
+            "(epsilon) UNet cannot denoise: it is for v-prediction models; add --set prediction_type=v_prediction or "
+            "drop zero_terminal_snr"}
+    check_before_load(Config(model=str(tmp_path / "v_prediction"), eta=0.0))  # what trains is not refused
+    check_before_load(Config(model="sd15", zero_terminal_snr=True, prediction_type="v_prediction", eta=0.0))
+
+
 @pytest.mark.parametrize("sampler,said", [("LCMScheduler", True), ("TCDScheduler", True),
                                           ("EulerDiscreteScheduler", False), ("PNDMScheduler", False)])
 def test_a_consistency_models_own_sampler_replaced_by_ddim_is_said(sampler, said, tiny_dir, tmp_path, caplog):

@@ -55,6 +55,7 @@ from lowmem_alignprop.measure.figures import reserved
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.fit_changes import decode_tiles, has_model_reward, swappable_count, unmerged_change
 from lowmem_alignprop.measure.step_time import step_time
+from lowmem_alignprop.models.loading import check_before_load
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError
 
@@ -424,6 +425,7 @@ def _fastest(cfg: Config, profile: str, target: str | None, allow_task_changes: 
     if not cfg.budget_gb:
         raise UserError("--fastest needs a budget to fit: set budget_gb in the profile or --set budget_gb=8")
     planner.check_budget(cfg, target)
+    check_before_load(cfg)  # a sampler training would refuse (the model's own zero-SNR schedule at eta 1...)
     device = device_for(cfg.card, profile, target)
     if device is None:
         raise UserError("--fastest needs the card's speed figures: --set card="

@@ -59,6 +59,7 @@ from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESERVED_FACTOR, WORKSPACE_BYTES
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.memory.tiling import untiled_note
+from lowmem_alignprop.models.loading import check_before_load
 from lowmem_alignprop.models.sampling import HOST_CACHE_ABOVE, vae_scale_factor
 from lowmem_alignprop.run.disk_space import run_bytes
 from lowmem_alignprop.measure.counters import (TEXT_ENCODER, Counters, EncodedOnce, HostSaveOnCpu, LiveBytes, Residency,
@@ -577,6 +578,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
 
     target = target or default_target(profile, cfg.card)
     check_budget(cfg, target)
+    check_before_load(cfg)  # a sampler training would refuse (the model's own zero-SNR schedule at eta 1...)
     if target == "cpu" and cfg.base_quant in BNB_MODES:  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "

@@ -321,6 +321,22 @@ def marked_zero_snr(path) -> bool:
     return V_PRED_KEY in keys and ZERO_SNR_KEY in keys
 
 
+def file_scheduler_config(path, arch: str = "auto") -> dict:
+    """The scheduler config a single file loads with (:func:`load_single_file`), from its header and the shipped
+    configs alone: its architecture's, v-prediction where its ``v_pred`` key says (its ``ztsnr`` key is the
+    sampler's to apply: ``sampler_check.run_scheduler``)."""
+    _, config_dir, _ = single_file_config(path, arch)
+    config = json.loads((Path(config_dir) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    return {**config, "prediction_type": "v_prediction"} if marked_v_prediction(path) else config
+
+
+def lacks_vae(path) -> bool:
+    """Whether a single file holds no VAE weights (a "no-vae" checkpoint), from its header."""
+    from lowmem_alignprop.models.ldm_layout import VAE_PREFIX
+
+    return not any(key.startswith(VAE_PREFIX) for key in _read_shapes(Path(path)))
+
+
 def vae_of_config(config_dir: Path):
     """The VAE a config directory describes, on the meta device (its config and shapes, no weights)."""
     from diffusers import AutoencoderKL

@@ -62,7 +62,10 @@ def unet_to_ldm(sd: dict, config, prefix: str = "model.diffusion_model.") -> dic
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
 
-def vae_to_ldm(sd: dict, config, prefix: str = "first_stage_model.") -> dict:
+VAE_PREFIX = "first_stage_model."  # the VAE's keys in a single file
+
+
+def vae_to_ldm(sd: dict, config, prefix: str = VAE_PREFIX) -> dict:
     n_up = len(config["up_block_types"])
     out = {}
     for key, value in sd.items():

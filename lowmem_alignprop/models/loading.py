@@ -125,6 +125,24 @@ def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
         return UserError(hub_message("model", where, e))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
+def check_before_load(cfg) -> None:
+    """What loading would refuse of the UNet model's files for ``cfg``, told before any weight loads (`plan` and
+    training alike): a single file without a VAE when none is named, a sampler ``sampler_check.run_scheduler``
+    refuses."""
+    from lowmem_alignprop.models.sampler_check import files_scheduler_config, run_scheduler
+
+    kind, where = resolve_model(cfg.model)
+    if is_flow_source(cfg, kind, where):
+        return
+    from lowmem_alignprop.models.arch import lacks_vae
+    if kind == "file" and not getattr(cfg, "vae", "") and lacks_vae(where):  # (plan planned the file's arch's VAE)
+        raise UserError(f"{cfg.model} holds no VAE weights (a \"no-vae\" checkpoint): name a VAE to decode with, "
+                        "--set vae=DIR|FILE|HUB_ID (e.g. the model family's own VAE), or use a full checkpoint")
+    config = files_scheduler_config(cfg, kind, where)
+    if config is not None:
+        run_scheduler(cfg, config, kind, where)
+
+
 def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torch.device | None = None, *,
                     transformer_last: bool = False) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDIM scheduler for ``cfg.model``. ``device``: where the
@@ -137,6 +155,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     _check_quant(cfg)  # before anything loads
+    check_before_load(cfg)  # the sampler the model's files give, refused before its weights are read
     predicts = getattr(cfg, "prediction_type", "auto")  # (auto: as the model's scheduler config says)
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if kind == "arch":
@@ -191,21 +210,10 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
     if getattr(cfg, "vae", "") and kind != "file":  # (a single file's was read with it)
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
-    from lowmem_alignprop.models.sampling import ddim_scheduler
     _say_consistency_sampler(comps.scheduler, cfg.model)
     # DDIM with the model's schedule (and prediction type, unless --set prediction_type says it), x0 never clamped
-    from lowmem_alignprop.models.arch import marked_zero_snr
-    zero_snr = getattr(cfg, "zero_terminal_snr", False) or (kind == "file" and marked_zero_snr(where))
-    comps.scheduler = ddim_scheduler(comps.scheduler.config, None if predicts == "auto" else predicts,
-                                     zero_snr=zero_snr)
-    if comps.scheduler.config.get("rescale_betas_zero_snr"):
-        from lowmem_alignprop.settings.config import ZERO_SNR_EPSILON, zero_snr_eta
-        if comps.scheduler.config.prediction_type == "epsilon":  # (the flag's, or the model's own schedule)
-            raise UserError(ZERO_SNR_EPSILON if zero_snr else f"{cfg.model} has a zero terminal SNR noise schedule "
-                            "and predicts noise (epsilon): " + ZERO_SNR_EPSILON.split(": ", 1)[1])
-        # (only a schedule sampled from its pure-noise timestep: trailing spacing, the flag's or the model's own)
-        if getattr(cfg, "eta", 0.0) >= 1 and comps.scheduler.config.get("timestep_spacing") == "trailing":
-            raise UserError(f"{cfg.model}: " + zero_snr_eta(cfg.eta))
+    from lowmem_alignprop.models.sampler_check import run_scheduler
+    comps.scheduler = run_scheduler(cfg, comps.scheduler.config, kind, where)
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
@@ -433,8 +441,8 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
             hub.offline()  # no network: the local cache only, at once
             vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
         else:
-            raise UserError(f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id "
-                            "(e.g. madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
+            from lowmem_alignprop.settings.config import vae_missing
+            raise UserError(vae_missing(spec))
     except UserError:
         raise
     except SingleFileComponentError:  # (a UNet's, a LoRA's or a text encoder's file)

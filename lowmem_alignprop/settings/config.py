@@ -17,7 +17,7 @@ from typing import Any, get_args, get_type_hints
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of, scheduler_prediction
+from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, scheduler_prediction
 
 MIN_SEED, MAX_SEED = 0, 2**32 - 1  # (torch's generators take 64 bits; the trainer derives seeds from this one)
 # sample's --seed: a torch generator's (one per image), so the seeds a run records for its images (its seed + 12345
@@ -466,6 +466,8 @@ class Config:
             raise UserError(ZERO_SNR_EPSILON)  # (a folder's own says it before loading: plan and train alike)
         if self.zero_terminal_snr and self.eta >= 1:
             raise UserError(zero_snr_eta(self.eta))
+        if self.vae and not Path(self.vae).expanduser().exists() and not looks_like_hub_id(self.vae):
+            raise UserError(vae_missing(self.vae))  # (plan read it as a hub id and planned the model's own VAE)
 
     def _validate_names(self) -> None:
         """The model and the output folder: named, and the folder one a run can write."""
@@ -793,6 +795,12 @@ def flow_prediction(cfg) -> str:
     return (f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how a UNet samples (its prediction, noise "
             "schedule, guidance rescale); SD3/SD3.5 and FLUX.1 predict a flow (their own scheduler's) and take none "
             "of these: drop " + " and ".join(f"--set {f}" for f in given))
+
+
+def vae_missing(spec: str) -> str:
+    """``vae`` names no file, folder or hub id (Config.validate says it; the loader too, of a path gone since)."""
+    return (f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id (e.g. "
+            "madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
 
 
 def zero_snr_eta(eta: float) -> str:
