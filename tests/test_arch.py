@@ -499,7 +499,7 @@ def test_a_v_prediction_single_file_says_what_it_loads_as(tiny_dir, tmp_path, mo
     from lowmem_alignprop.settings.config import Config
 
     path = tmp_path / "sd2-base.safetensors"
-    save_file({"first_stage_model.x": torch.zeros(1)}, path)  # (only its keys are read: the loader is the stand-in below)
+    save_file({"first_stage_model.x": torch.zeros(1)}, path)  # (only its keys are read: the loader is a stand-in)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)  # (and its folder the file's configs, read before it)
     monkeypatch.setattr(arch_module, "single_file_config", lambda *a: (StableDiffusionPipeline, tiny_dir, "sd21"))
     for prediction, said in (("v_prediction", True), ("epsilon", False)):

@@ -93,8 +93,8 @@ def _brightness(images):
 def test_results_json_matches_a_direct_computation(run, tiny_dir, loras):
     out, r = run
     assert r["sampler"] == {"scheduler": "DDIM", "sample_steps": 3, "guidance_scale": 7.5, "eta": 1.0,
-                            "guidance_rescale": 0.0, "prediction_type": "epsilon", "zero_terminal_snr": False, "resolution": 64,
-                            "negative_prompt": ""}
+                            "guidance_rescale": 0.0, "prediction_type": "epsilon", "zero_terminal_snr": False,
+                            "resolution": 64, "negative_prompt": ""}
     assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]  # the first two of simple_animals
     assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
     assert r["device"] == "cpu" and r["cuda_allocator"] == "cpu"  # (expandable segments: CUDA only)

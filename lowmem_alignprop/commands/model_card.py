@@ -27,8 +27,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     info: dict[str, Any] = {"base_model": lora.base_model}
     for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
-                "init_lora", "guidance_scale", "guidance_rescale", "eta", "negative_prompt", "t5_encoder", "vae", "prediction_type",
-                "zero_terminal_snr", *OBJECTIVE_FIELDS):
+                "init_lora", "guidance_scale", "guidance_rescale", "eta", "negative_prompt", "t5_encoder", "vae",
+                "prediction_type", "zero_terminal_snr", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))

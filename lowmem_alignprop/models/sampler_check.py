@@ -3,8 +3,8 @@
 The scheduler config comes from the model's files (a folder's ``scheduler/``, an architecture's shipped one, a single
 file's architecture's with its ``v_pred`` and ``ztsnr`` keys), then the run's ``prediction_type`` and
 ``zero_terminal_snr`` apply (:func:`run_scheduler`). `plan` and training ask before loading
-(``loading.check_before_load``), so a plan never says FITS for a run that training refuses; the loader builds the sampler
-with the same function from what it loaded (a hub id's files are read only then).
+(``loading.check_before_load``), so a plan never says FITS for a run that training refuses; the loader builds the
+sampler with the same function from what it loaded (a hub id's files are read only then).
 """
 
 from __future__ import annotations
