@@ -896,6 +896,7 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     lora.base = {**lora.base, "model": "sd21"}  # (an SD 2.x base: the label A1111 and SD.Next read)
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert kohya_metadata(lora)["alignprop_prediction_type"] == "v_prediction"  # (SD 1.x/SDXL labels have no v)
+    assert kohya_metadata(lora)["ss_v_parameterization"] == "True"  # (sd-scripts' own key for it)
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
     card = (export_lora(tmp_path / "k", run / "lora", "--format", "kohya") / "README.md").read_text()

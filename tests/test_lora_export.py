@@ -70,6 +70,16 @@ def test_kohya_file_loads_in_diffusers_and_reproduces_the_lora(case, tmp_path):
     assert_rel_close(unet_out(pipe.unet, case["xl"]), case["ref"], SAME_OPS, "kohya file via load_lora_weights")
 
 
+@pytest.mark.parametrize(("schedule", "warmup", "named"), [("constant", 0, "constant"),
+                                                           ("constant", 5, "constant_with_warmup"),
+                                                           ("cosine", 5, "cosine"), ("linear", 0, "linear")])
+def test_the_learning_rate_schedule_is_written_by_sd_scripts_names(schedule, warmup, named):
+    """ss_lr_scheduler as sd-scripts names it: a warmup before a constant rate is its constant_with_warmup."""
+    meta = formats.training_metadata({"lr": 0.001, "lr_scheduler": schedule, "lr_warmup_steps": warmup})
+    assert (meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"], meta["ss_learning_rate"]) == (named, str(warmup),
+                                                                                               "0.001")
+
+
 def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     """ComfyUI (comfy/lora.py model_lora_keys_unet) maps ``lora_unet_`` + a diffusers UNet weight's path without
     ``.weight``, dots as underscores, to that weight, and reads ``NAME.lora_up.weight``, ``NAME.lora_down.weight``
@@ -110,7 +120,13 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     # a local model by its folder's name (as sd-scripts writes it: the user's folders stay out of a shared file)
     assert meta["alignprop_base_model"] == meta["ss_sd_model_name"] == case["base"].name
     assert str(case["base"].parent) not in json.dumps(meta)
-    resolution = yaml.safe_load((case["run"] / "config.yaml").read_text())["resolution"]
+    config = yaml.safe_load((case["run"] / "config.yaml").read_text())
+    resolution = config["resolution"]
+    # how it was trained, under sd-scripts' own keys (what A1111's and Civitai's metadata panels show)
+    assert float(meta["ss_learning_rate"]) == float(meta["ss_unet_lr"]) == config["lr"]
+    assert (meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"]) == ("constant", "0") and meta["ss_steps"] == "3"
+    assert (meta["ss_seed"], meta["ss_optimizer"]) == (str(config["seed"]), config["optimizer"])
+    assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"]) == ("False", "False")
     assert meta["ss_resolution"] == f"({resolution}, {resolution})" and meta["modelspec.resolution"] == \
         f"{resolution}x{resolution}"
     lora = lora_files.read_lora(str(case["lora"]))  # the final reward: the mean of the run's last 3 steps, said

@@ -74,6 +74,7 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts and the model spec write it
         meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
+    meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta["alignprop_prediction_type"] = str(info["prediction_type"])
     if info.get("zero_terminal_snr"):
@@ -89,9 +90,33 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
         version = meta["ss_base_model_version"]
         meta["ss_v2"] = str(version == SD_V2)
+        meta["ss_v_parameterization"] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
+        meta["ss_zero_terminal_snr"] = str(bool(info.get("zero_terminal_snr")))
         arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta["modelspec.architecture"] = f"{arch}/lora"
+    return meta
+
+
+# sd-scripts' keys of how a LoRA was trained (A1111's and Civitai's metadata panels show them): run config field -> key
+TRAINING_KEYS = {"lr": "ss_learning_rate", "steps": "ss_steps", "seed": "ss_seed",
+                 "grad_accum": "ss_gradient_accumulation_steps", "max_grad_norm": "ss_max_grad_norm",
+                 "mixed_precision": "ss_mixed_precision", "optimizer": "ss_optimizer"}
+
+
+def training_metadata(info: dict) -> dict[str, str]:
+    """sd-scripts' training keys from a run's :func:`run_info` (what it holds of them): the learning rate (also as
+    the UNet's or transformer's, the only part trained), its schedule by sd-scripts' name, steps, seed..."""
+    from lowmem_alignprop.step.update import LR_SCHEDULES
+
+    meta = {key: num(info[field]) if isinstance(info[field], float) else str(info[field])
+            for field, key in TRAINING_KEYS.items() if info.get(field) is not None}
+    if "ss_learning_rate" in meta:
+        meta["ss_unet_lr"] = meta["ss_learning_rate"]
+    if info.get("lr_scheduler"):
+        warmup = int(info.get("lr_warmup_steps") or 0)
+        meta["ss_lr_scheduler"] = LR_SCHEDULES[info["lr_scheduler"]] if warmup else info["lr_scheduler"]
+        meta["ss_lr_warmup_steps"] = str(warmup)
     return meta
 
 

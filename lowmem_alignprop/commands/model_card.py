@@ -25,7 +25,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     """What the card says about training: from config.yaml and summary.json when the run folder has them."""
     c, s = lora.run_config, lora.summary
     info: dict[str, Any] = {"base_model": lora.base_model}
-    for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "resolution",
+    for key in ("reward", "profile", "sample_steps", "truncation", "k", "k_min", "k_max", "lr", "lr_scheduler",
+                "lr_warmup_steps", "optimizer", "max_grad_norm", "mixed_precision", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
                 "init_lora", "guidance_scale", "guidance_rescale", "eta", "negative_prompt", "t5_encoder", "vae",
                 "prediction_type", "zero_terminal_snr", *OBJECTIVE_FIELDS):
