@@ -99,8 +99,11 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
+    p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
+                   "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one (plan checks it as "
+                   "training does)")
     args = p.parse_args(argv)
-    for flag in ("checkpoint_every", "sample_every"):
+    for flag in ("checkpoint_every", "sample_every", "init_lora"):
         if getattr(args, flag) is not None:
             args.set.append(f"{flag}={getattr(args, flag)}")
     return args
@@ -145,13 +148,9 @@ def cmd_train(argv: list[str]) -> int:
                    "continue")
     p.add_argument("--push-to-hub", metavar="REPO", help="at the end, upload the LoRA's export with its model card to "
                    "this hub repository (owner/name); checked before training starts")
-    p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
-                   "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one")
     args = parse_run_args(p, argv)
     if args.push_to_hub is not None:
         args.set.append(f"push_to_hub={args.push_to_hub}")
-    if args.init_lora is not None:
-        args.set.append(f"init_lora={args.init_lora}")
     if args.auto_fit:
         args.set.append("auto_fit=true")
     from lowmem_alignprop.run.runfolder import RunFolder  # here, not at the top: --help need not import torch

@@ -325,6 +325,22 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
+def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, capsys):
+    """A training command with --init-lora pasted into plan was refused ("unrecognized arguments"), and a LoRA of
+    another rank or layers planned FITS where training stops: plan takes it and says what training says."""
+    from lowmem_alignprop.cli import main
+
+    for args, needle in ((["--set", "lora_rank=8"], "has rank 4 and this run trains rank 8: add --set lora_rank=4"),
+                         (["--init-lora", str(made_ff_lora["lora"])], "adapts feed-forward layers too")):
+        said = []
+        for command in (["plan"], ["--steps", "1", "--output-dir", str(made_lora["run"] / "never")]):
+            assert main([*command, "--profile", "cpu", "--model", "tiny", "--init-lora", str(made_lora["lora"]),
+                         *args]) == 2
+            said.append([x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")])
+        assert said[0] == said[1] and len(said[0]) == 1 and needle in said[0][0], said
+    assert main(["plan", "--profile", "cpu", "--model", "tiny", "--init-lora", str(made_lora["lora"])]) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one run with everything on: --sample-every, tensorboard, export_format, the recorded command, checkpoints
 # ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
+    if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
+        from lowmem_alignprop.commands.init_lora import check_init_lora  # (2 s of imports a plan need not pay)
+        check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
     with warnings.catch_warnings():
