@@ -134,11 +134,11 @@ def check_before_load(cfg) -> None:
     kind, where = resolve_model(cfg.model)
     if is_flow_source(cfg, kind, where):
         return
+    config = files_scheduler_config(cfg, kind, where)  # (a single file's architecture told first: a LoRA file...)
     from lowmem_alignprop.models.arch import lacks_vae
     if kind == "file" and not getattr(cfg, "vae", "") and lacks_vae(where):  # (plan planned the file's arch's VAE)
         raise UserError(f"{cfg.model} holds no VAE weights (a \"no-vae\" checkpoint): name a VAE to decode with, "
                         "--set vae=DIR|FILE|HUB_ID (e.g. the model family's own VAE), or use a full checkpoint")
-    config = files_scheduler_config(cfg, kind, where)
     if config is not None:
         run_scheduler(cfg, config, kind, where)
 
