@@ -58,11 +58,12 @@ def _step(cfg, comps, params, emb, seed, terms=None):
 
 # -- KL to the base -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("blocks", [False, True], ids=["per_call", "per_block"])
-def test_kl_gradient_is_autograds(tiny, blocks):
+@pytest.mark.parametrize(("blocks", "rescale"), [(False, 0.0), (True, 0.0), (False, 0.7)],
+                         ids=["per_call", "per_block", "guidance_rescale"])
+def test_kl_gradient_is_autograds(tiny, blocks, rescale):
     """The KL term's gradient (two checkpoints per window step, the base call with the adapter switched off, also
     inside per-block checkpoints that recompute long after the call) equals plain autograd with a separate
-    base model and no checkpoints."""
+    base model and no checkpoints; with guidance_rescale both predictions are rescaled."""
     cfg, comps, params, emb = tiny
     unet = copy.deepcopy(comps.unet) if blocks else comps.unet
     lora = [p for p in unet.parameters() if p.requires_grad]
@@ -73,7 +74,7 @@ def test_kl_gradient_is_autograds(tiny, blocks):
     g = torch.Generator().manual_seed(3)
     kl: list = []
     rollout(unet, sched, torch.randn(2, 4, 32, 32, generator=g), emb, k=2, guidance_scale=4.0, eta=1.0,
-            generator=g, kl=kl)
+            generator=g, kl=kl, guidance_rescale=rescale)
     ours = torch.autograd.grad(torch.stack(kl).sum(), lora)
     assert all(p.requires_grad for p in lora)  # the switch gave every adapter weight its flag back
 
@@ -83,11 +84,12 @@ def test_kl_gradient_is_autograds(tiny, blocks):
     ts = list(sched.timesteps)
     with torch.no_grad():
         for t in ts[:2]:
-            lat = sched.step(guided_eps(comps.unet, lat, t, emb, 4.0), t, lat, eta=1.0, generator=g).prev_sample
+            eps = guided_eps(comps.unet, lat, t, emb, 4.0, guidance_rescale=rescale)
+            lat = sched.step(eps, t, lat, eta=1.0, generator=g).prev_sample
     terms = []
     for t in ts[2:]:
-        eps = guided_eps(comps.unet, lat, t, emb, 4.0)
-        terms.append((eps - guided_eps(base, lat, t, emb, 4.0)).pow(2).mean())
+        eps = guided_eps(comps.unet, lat, t, emb, 4.0, guidance_rescale=rescale)
+        terms.append((eps - guided_eps(base, lat, t, emb, 4.0, guidance_rescale=rescale)).pow(2).mean())
         lat = sched.step(eps, t, lat, eta=1.0, generator=g).prev_sample
     reference = torch.autograd.grad(torch.stack(terms).sum(), params)
     assert torch.cat([r.flatten() for r in reference]).norm() > 0

@@ -925,7 +925,14 @@ def test_guidance_rescale_samples_as_diffusers_does_and_the_runs_lora_keeps_it(t
 
     run = _sampled_again_as_its_run(tmp_path, tiny_dir, "guidance_rescale=0.7")
     card = (export_lora(tmp_path / "k", run / "lora") / "README.md").read_text()
-    assert "guidance_rescale=0.7" in card
+    call = next(line for line in card.splitlines() if line.startswith("image = pipe("))  # (not the command line's)
+    assert "guidance_rescale=0.7" in call, call
+    # guidance off where its run rescaled: no unconditional branch to rescale, so the run's rescale is left out (it
+    # was refused, told to drop a --set guidance_rescale the user never gave)
+    unguided = tmp_path / "unguided"
+    assert main(["sample", str(run / "lora"), "--prompt", "dog", "--set", "guidance_scale=1",
+                 "--output-dir", str(unguided)]) == 0
+    assert json.loads((unguided / SAMPLE_RESULTS).read_text())["sampler"]["guidance_rescale"] == 0.0
 
 
 def test_a_lora_in_diffusers_old_attention_processor_layout_samples_as_itself(tmp_path, loras, tiny_dir):

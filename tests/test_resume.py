@@ -222,7 +222,7 @@ def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_pa
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "5"]) == 0
-    assert "resume: steps was 4 in the checkpoint, now 5: lr_scheduler=cosine decays to 0 at the run's last step, " \
+    assert "resume: steps was 4 in the checkpoint, now 5: lr_scheduler=cosine decays toward 0 at the run's end, " \
            "so the steps left train at other rates than the checkpoint's schedule had" in caplog.text
 
 

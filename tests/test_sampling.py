@@ -548,6 +548,30 @@ def test_lv_draws_keep_the_trajectorys_own_last_step_and_its_gradient():
     assert torch.equal(grad, torch.ones_like(x0))
 
 
+def test_lv_draws_sample_their_extra_last_steps_with_the_guidance_rescale():
+    """DRaFT-LV's extra draws are the run's sampler too: with guidance_rescale=1 their prediction is the conditional
+    branch's scale (2x the input with _ScalingUNet's branches, not the guided 5x). Trailing timesteps: the last step
+    is t=249 (at t=0 DDIM's step returns its input whatever the prediction)."""
+    from diffusers import DDIMScheduler
+
+    from lowmem_alignprop.models.sampling import ddim_scheduler, last_step_draws
+
+    sched = ddim_scheduler(DDIMScheduler(timestep_spacing="trailing").config)
+    sched.set_timesteps(4)
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    emb = PromptEmbeds(torch.full((2, 5, 8), 2.0), torch.full((2, 5, 8), 0.5))
+
+    def draws(rescale):
+        return last_step_draws(_ScalingUNet(), sched, x0, emb, 2, guidance_scale=3.0, eta=0.0,
+                               generator=torch.Generator().manual_seed(1), call=lambda f, *a: f(*a),
+                               guidance_rescale=rescale)[2:]
+
+    t = sched.timesteps[-1]
+    noisy = sched.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), t.reshape(1).long())
+    assert_rel_close(draws(1.0), sched.step(2.0 * noisy, t, noisy, eta=0.0).prev_sample, SAME_OPS, "rescaled draw")
+    assert_rel_close(draws(0.0), sched.step(5.0 * noisy, t, noisy, eta=0.0).prev_sample, SAME_OPS, "guided draw")
+
+
 def test_cached_prompt_embeddings_are_each_prompts_own(tiny, monkeypatch, caplog):
     """cache_prompt_embeddings: each prompt's cached conditioning is its own encoding, as the uncached encoder gives
     it (16 prompts are encoded together: a wrong row would train every prompt of the chunk on another's text)."""

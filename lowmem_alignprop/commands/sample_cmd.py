@@ -14,7 +14,7 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, check_mixable, evaluat
 from lowmem_alignprop.commands.lora_files import merged_record
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
-from lowmem_alignprop.settings.config import TRAINING_ONLY
+from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -60,6 +60,10 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     """The first LoRA's recorded model (where ``--model`` is not given) and its run's image settings, reward and
     prompts (those at hand here) not in ``given`` into ``args``; another LoRA's run's other settings said."""
     taken = usable_scoring({k: v for k, v in base[1].items() if k not in given})
+    if unguided(args.set) and (left := sorted(set(taken) & set(UNCONDITIONAL_USES))):
+        taken = {k: v for k, v in taken.items() if k not in left}  # (refused with guidance off: the user set neither)
+        logger.info("--set guidance_scale turns classifier-free guidance off: the run's %s, which act on its "
+                    "unconditional branch, left out", " and ".join(left))
     args.set += [f"{k}={v}" for k, v in taken.items()]
     settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
     if args.model is None:
@@ -79,6 +83,15 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
                 "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
                 "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
                 " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
+
+
+def unguided(sets: list[str]) -> bool:
+    """Whether the command line's ``--set guidance_scale=`` (the last one) turns guidance off (1 or less)."""
+    value = next((s.split("=", 1)[1] for s in reversed(sets) if s.split("=", 1)[0].strip() == "guidance_scale"), None)
+    try:
+        return value is not None and float(value) <= 1
+    except ValueError:
+        return False  # (the config's check names a bad value)
 
 
 def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_prompt: int, profile_name: str) -> int:

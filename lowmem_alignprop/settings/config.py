@@ -129,8 +129,8 @@ class Config:
                              "of the same images per step samples others: the same expectation, not the same images.")
     lr: float = _f(1e-3, "Learning rate (AlignProp uses 1e-3 for LoRA).")
     lr_scheduler: str = _f("constant", "How the learning rate goes over the run's steps after its warmup: constant "
-                           "(AlignProp's), linear or cosine (down to 0 at the last step), as diffusers' get_scheduler "
-                           "makes them.", ("constant", "linear", "cosine"))
+                           "(AlignProp's), linear or cosine (toward 0, reached one step after the last), as "
+                           "diffusers' get_scheduler makes them.", ("constant", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "Steps over which the learning rate rises linearly from 0 to lr before the schedule "
                               "(the first step at 0, as diffusers' schedules start; 0 = none).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")

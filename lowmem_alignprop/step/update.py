@@ -47,7 +47,7 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine"
 
 class LearningRate:
     """lr_scheduler and lr_warmup_steps: each optimizer step's learning rate, lr times diffusers' schedule
-    (``get_scheduler``: a linear warmup from 0, then constant, or linear or cosine down to 0 at step ``steps``). A
+    (``get_scheduler``: a linear warmup from 0, then constant, or linear or cosine toward 0, reached after step ``steps``). A
     function of the step number alone, set before the step: a resumed, retried or skipped step gets the rate it would
     have had. The default (constant, no warmup) touches nothing: the rate stays the optimizer's own."""
 
