@@ -47,9 +47,9 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine"
 
 class LearningRate:
     """lr_scheduler and lr_warmup_steps: each optimizer step's learning rate, lr times diffusers' schedule
-    (``get_scheduler``: a linear warmup from 0, then constant, or linear or cosine toward 0, reached after step ``steps``). A
-    function of the step number alone, set before the step: a resumed, retried or skipped step gets the rate it would
-    have had. The default (constant, no warmup) touches nothing: the rate stays the optimizer's own."""
+    (``get_scheduler``: a linear warmup from 0, then constant, or linear or cosine toward 0, reached after step
+    ``steps``). A function of the step number alone, set before the step: a resumed, retried or skipped step gets the
+    rate it would have had. The default (constant, no warmup) touches nothing: the rate stays the optimizer's own."""
 
     def __init__(self, optimizer, cfg):
         self.optimizer, self.lr, self.schedule = optimizer, cfg.lr, None
