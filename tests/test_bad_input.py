@@ -277,10 +277,22 @@ def test_values_of_the_right_type_that_make_no_sense(args, needle, tmp_path, cap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc as a read-only file system")
-def test_plan_refuses_what_training_refuses_before_loading(tmp_path, capsys):
-    """A VAE path that is not there: plan said FITS (it planned the model's own VAE) where training stops."""
-    fails(capsys, ["plan", "--profile", "cpu", "--model", "tiny", "--set", "vae=./no_such_vae"],
-          "vae=./no_such_vae does not exist")
+def test_plan_refuses_what_training_refuses_before_loading(tmp_path, tiny_dir, capsys):
+    """A VAE that is not there, another model's folder (a pipeline's unet/ for its vae/), a damaged file, a file of no
+    VAE: plan said FITS (it planned the model's own VAE; the folder crashed it) where training stops. Both refuse with
+    one line, before any weight is read."""
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "half.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "lora.safetensors"))
+    for spec, needle in (("./no_such_vae", "vae=./no_such_vae does not exist"),
+                         (tiny_dir / "unet", f"vae={tiny_dir / 'unet'} holds a UNet2DConditionModel, not a VAE"),
+                         (tmp_path / "half.safetensors", "half.safetensors is damaged or not a safetensors file ("),
+                         (tmp_path / "lora.safetensors", "lora.safetensors holds no VAE weights (a UNet's, a LoRA's")):
+        lines = [fails(capsys, [*command, "--profile", "cpu", "--model", str(tiny_dir), "--set", f"vae={spec}"],
+                       needle) for command in (["plan"], ["--steps", "1", "--output-dir", str(tmp_path / "run")])]
+        assert lines[0] == lines[1] and not (tmp_path / "run").exists()
 
 
 def test_read_only_output_dir(tmp_path, capsys):

@@ -897,6 +897,8 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert kohya_metadata(lora)["alignprop_prediction_type"] == "v_prediction"  # (SD 1.x/SDXL labels have no v)
     assert kohya_metadata(lora)["ss_v_parameterization"] == "True"  # (sd-scripts' own key for it)
+    lora.run_config = {**lora.run_config, "zero_terminal_snr": True}  # (a run at zero terminal SNR)
+    assert kohya_metadata(lora)["ss_zero_terminal_snr"] == "True"
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
     card = (export_lora(tmp_path / "k", run / "lora", "--format", "kohya") / "README.md").read_text()

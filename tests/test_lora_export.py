@@ -126,6 +126,9 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert float(meta["ss_learning_rate"]) == float(meta["ss_unet_lr"]) == config["lr"]
     assert (meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"]) == ("constant", "0") and meta["ss_steps"] == "3"
     assert (meta["ss_seed"], meta["ss_optimizer"]) == (str(config["seed"]), config["optimizer"])
+    assert (meta["ss_gradient_accumulation_steps"], meta["ss_mixed_precision"]) == (str(config["grad_accum"]),
+                                                                                    config["mixed_precision"])
+    assert float(meta["ss_max_grad_norm"]) == config["max_grad_norm"]
     assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"]) == ("False", "False")
     assert meta["ss_resolution"] == f"({resolution}, {resolution})" and meta["modelspec.resolution"] == \
         f"{resolution}x{resolution}"

@@ -224,6 +224,12 @@ def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_pa
         assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "5"]) == 0
     assert "resume: steps was 4 in the checkpoint, now 5: lr_scheduler=cosine decays toward 0 at the run's end, " \
            "so the steps left train at other rates than the checkpoint's schedule had" in caplog.text
+    # another schedule at a resume: said, and recorded as a change of what the LoRA trained with (the card lists it)
+    assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "6",
+                 "--set", "lr_scheduler=linear"]) == 0
+    assert "resume: lr_scheduler was 'cosine' in the checkpoint, now 'linear'" in caplog.text
+    changes = json.loads((tmp_path / "full" / "summary.json").read_text())["resume_changes"]
+    assert changes[-1] == {"step": 6, "changes": {"lr_scheduler": ["cosine", "linear"]}}, changes
 
 
 def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):

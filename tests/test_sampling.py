@@ -245,7 +245,8 @@ def test_a_folders_own_zero_snr_schedule_is_refused_with_eta_1_only_from_its_pur
             assert sched.config.rescale_betas_zero_snr and sched.config.timestep_spacing == "leading"
 
 
-def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(tiny_dir, tmp_path, capsys):
+def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(tiny_dir, tmp_path, capsys,
+                                                                               monkeypatch):
     """A folder's own zero-terminal-SNR schedule at eta 1, or predicting epsilon, and the flag on a model whose files
     say epsilon where no folder tells it (the tiny model, an architecture's name): plan (and plan --fastest) said
     FITS and training refused. Both now refuse with the same line before any weight loads; a folder's own schedule
@@ -254,7 +255,10 @@ def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(ti
     import shutil
 
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.measure import fastest
     from lowmem_alignprop.models.loading import check_before_load
+
+    monkeypatch.setattr(fastest, "_Search", lambda *a, **k: pytest.fail("--fastest searched before refusing"))
 
     def refusals(*args: str) -> set[str]:
         lines = set()

@@ -125,12 +125,36 @@ def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
         return UserError(hub_message("model", where, e))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
+def _no_vae_weights(spec: str) -> str:
+    return (f"vae={spec} holds no VAE weights (a UNet's, a LoRA's or another part's file?): pass a VAE file, a VAE "
+            "folder or a hub id, or leave vae empty for the model's own")
+
+
+def check_vae_file(spec: str) -> None:
+    """A ``.safetensors`` file given as ``vae``, from its header: readable, with a VAE decoder's weights (diffusers'
+    ``decoder.*`` or a whole checkpoint's ``first_stage_model.decoder.*``)."""
+    from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, not_safetensors, \
+        read_safetensors_shapes
+
+    path = Path(os.path.expanduser(spec))
+    if not (path.is_file() and is_safetensors(path)):
+        return
+    try:
+        keys = read_safetensors_shapes(path)
+    except (TensorFileError, OSError) as e:
+        raise UserError(f"vae={spec}: {not_safetensors(path, e)}: pass a VAE file, a VAE folder or a hub id") from None
+    if not any("decoder.conv_in." in key for key in keys):
+        raise UserError(_no_vae_weights(spec))
+
+
 def check_before_load(cfg) -> None:
-    """What loading would refuse of the UNet model's files for ``cfg``, told before any weight loads (`plan` and
-    training alike): a single file without a VAE when none is named, a sampler ``sampler_check.run_scheduler``
-    refuses."""
+    """What loading would refuse for ``cfg``, told from the files before any weight loads (`plan` and training
+    alike): a ``vae`` file of no VAE; of a UNet model, a single file without a VAE when none is named, a sampler
+    ``sampler_check.run_scheduler`` refuses."""
     from lowmem_alignprop.models.sampler_check import files_scheduler_config, run_scheduler
 
+    if getattr(cfg, "vae", ""):
+        check_vae_file(cfg.vae)  # (plan planned the model's own VAE for any file)
     kind, where = resolve_model(cfg.model)
     if is_flow_source(cfg, kind, where):
         return
@@ -149,13 +173,13 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     trainer runs; an SD3/FLUX transformer from a real checkpoint is then read to it block by block
     (:func:`_placement`), after the rest, or only when :func:`read_transformer` is called (``transformer_last``)."""
     kind, where = resolve_model(cfg.model)
+    check_before_load(cfg)  # what the model's files and a VAE file's header tell, refused before weights are read
     if is_flow_source(cfg, kind, where):
         return load_flow_components(cfg, kind, where, weight_dtype, device, transformer_last=transformer_last)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     _check_quant(cfg)  # before anything loads
-    check_before_load(cfg)  # the sampler the model's files give, refused before its weights are read
     predicts = getattr(cfg, "prediction_type", "auto")  # (auto: as the model's scheduler config says)
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if kind == "arch":
@@ -422,32 +446,26 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    from lowmem_alignprop.settings.config import vae_path_problem
+
+    if problem := vae_path_problem(spec):  # (Config.validate said it; a path may have gone since)
+        raise UserError(problem)
     path = Path(os.path.expanduser(spec))
     try:
         if path.is_dir():
-            sub = vae_subfolder(path)
-            if sub is None and not (path / "config.json").exists():
-                raise UserError(f"vae={spec} is a folder without config.json (or vae/config.json): pass the folder "
-                                "that AutoencoderKL.save_pretrained wrote, a hub id, or a .safetensors file")
-            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **dtype_kwarg(dtype))
+            vae = AutoencoderKL.from_pretrained(path, subfolder=vae_subfolder(path), **dtype_kwarg(dtype))
         elif path.is_file():
-            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                raise UserError(f"vae={spec} is not a VAE checkpoint: pass a .safetensors file, a folder or a hub id")
             with tempfile.TemporaryDirectory() as tmp:
                 own_vae.save_config(Path(tmp) / "vae")  # the file holds weights only: use the model's VAE config
                 vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
                                                      **dtype_kwarg(dtype))
-        elif looks_like_hub_id(spec):
+        else:  # a hub id (vae_path_problem: no path)
             hub.offline()  # no network: the local cache only, at once
             vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
-        else:
-            from lowmem_alignprop.settings.config import vae_missing
-            raise UserError(vae_missing(spec))
     except UserError:
         raise
     except SingleFileComponentError:  # (a UNet's, a LoRA's or a text encoder's file)
-        raise UserError(f"vae={spec} holds no VAE weights (a UNet's, a LoRA's or another part's file?): pass a VAE "
-                        "file, a VAE folder or a hub id, or leave vae empty for the model's own") from None
+        raise UserError(_no_vae_weights(spec)) from None
     except (OSError, ValueError, RuntimeError) as e:
         if not path.exists():
             raise UserError(hub_message("vae", spec, e, use="--set vae=DIR")) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -466,8 +467,8 @@ class Config:
             raise UserError(ZERO_SNR_EPSILON)  # (a folder's own says it before loading: plan and train alike)
         if self.zero_terminal_snr and self.eta >= 1:
             raise UserError(zero_snr_eta(self.eta))
-        if self.vae and not Path(self.vae).expanduser().exists() and not looks_like_hub_id(self.vae):
-            raise UserError(vae_missing(self.vae))  # (plan read it as a hub id and planned the model's own VAE)
+        if self.vae and (problem := vae_path_problem(self.vae)):  # (plan read it as a hub id: the model's own VAE)
+            raise UserError(problem)
 
     def _validate_names(self) -> None:
         """The model and the output folder: named, and the folder one a run can write."""
@@ -797,8 +798,27 @@ def flow_prediction(cfg) -> str:
             "of these: drop " + " and ".join(f"--set {f}" for f in given))
 
 
-def vae_missing(spec: str) -> str:
-    """``vae`` names no file, folder or hub id (Config.validate says it; the loader too, of a path gone since)."""
+def vae_path_problem(spec: str) -> str | None:
+    """What is wrong with ``vae`` as its path shows it, before any weight is read (None: nothing, or a hub id):
+    nothing there, a folder of no VAE (no config.json, or another model's), a file of no checkpoint type. Config.validate
+    says it, so plan refuses it as training does; the loader asks again (a path gone since)."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        folder = path if (path / "config.json").exists() else path / "vae"
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return (f"vae={spec} is a folder without config.json (or vae/config.json): pass the folder that "
+                    "AutoencoderKL.save_pretrained wrote, a hub id, or a .safetensors file")
+        kind = config.get("_class_name", "") if isinstance(config, dict) else ""
+        if kind and "Autoencoder" not in kind:  # (a pipeline's unet/ or text_encoder/ given for its vae/)
+            return f"vae={spec} holds a {kind}, not a VAE: pass a VAE's folder (a pipeline's vae/), file or hub id"
+        return None
+    if path.is_file():
+        return None if path.suffix.lower() in SINGLE_FILE_SUFFIXES else (
+            f"vae={spec} is not a VAE checkpoint: pass a .safetensors file, a folder or a hub id")
+    if looks_like_hub_id(spec):
+        return None
     return (f"vae={spec} does not exist: pass a diffusers VAE folder, a .safetensors file or a hub id (e.g. "
             "madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
 
