@@ -800,8 +800,8 @@ def flow_prediction(cfg) -> str:
 
 def vae_path_problem(spec: str) -> str | None:
     """What is wrong with ``vae`` as its path shows it, before any weight is read (None: nothing, or a hub id):
-    nothing there, a folder of no VAE (no config.json, or another model's), a file of no checkpoint type. Config.validate
-    says it, so plan refuses it as training does; the loader asks again (a path gone since)."""
+    nothing there, a folder of no VAE (no config.json, or another model's), a file of no checkpoint type.
+    Config.validate says it, so plan refuses it as training does; the loader asks again (a path gone since)."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         folder = path if (path / "config.json").exists() else path / "vae"
