@@ -804,6 +804,18 @@ def test_a_run_killed_before_its_first_checkpoint_is_said_by_sample_and_export(t
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
 
 
+def test_sample_of_a_runs_checkpoints_folder_names_its_newest(tmp_path, capsys):
+    """`sample --lora RUN/checkpoints` said the folder holds no LoRA; it names a checkpoint to sample, as --init-lora
+    does of the same folder."""
+    kept = tmp_path / "older" / "checkpoints"
+    for step in (100, 300):
+        (kept / f"step-{step:08d}").mkdir(parents=True)
+    assert main(["sample", *COMMON, "--lora", str(kept), "--prompt", "dog"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: --lora {kept} is a run's checkpoints folder: name one of its checkpoints, e.g. --lora "
+                   f"{kept / 'step-00000300'} (the newest), or the run's lora/"], err
+
+
 def test_a_run_stopped_while_publishing_its_first_checkpoint_names_the_resume(tmp_path, capsys):
     """Killed after its first checkpoint was written whole but before it was renamed: sample and export said the run
     kept nothing to resume, and --resume latest then renamed it and went on (a user told so might delete the run)."""

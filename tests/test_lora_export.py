@@ -917,6 +917,8 @@ def test_sample_of_a_kohya_or_peft_export_without_model_loads_the_base_it_was_tr
     assert (kohya / LORA_BASE_FILE).is_file() and (peft / LORA_BASE_FILE).is_file()
     ours = rewards(sd["lora"], "lora")
     assert rewards(next(kohya.glob("*.safetensors")), "kohya") == pytest.approx(ours, rel=1e-5)
+    results = json.loads((tmp_path / "kohya" / "sample_results.json").read_text())
+    assert "weights" not in results["loras"][0]  # (a file given itself: nothing found below it, no "(.)")
     assert rewards(peft, "peft") == pytest.approx(ours, rel=1e-5)
 
 

@@ -106,7 +106,8 @@ class LoraSpec:
     def found_in(self) -> str | None:
         """Where below the folder the user named its weights were found (a run folder's lora/...), else None."""
         file = self.file.absolute()
-        if self.source is None or file.parent == self.source or not file.is_relative_to(self.source):
+        if self.source is None or file == self.source or file.parent == self.source or \
+                not file.is_relative_to(self.source):  # (a file given itself: nothing below it)
             return None
         return self.file.absolute().relative_to(self.source).as_posix()
 
@@ -188,6 +189,8 @@ def _find_lora_file(path: Path, arg: str) -> Path:
         if len(found) > 1:
             raise UserError(f"--lora {arg}: {folder} holds several .safetensors files; pass the one you mean: "
                             f"--lora {found[0]}")
+    if (pick := ckpt.pick_a_checkpoint(str(path), "--lora")) is not None:  # (which one is the user's call)
+        raise UserError(pick)
     raise UserError(f"--lora {arg}: {path} holds no LoRA weights ({LORA_WEIGHT_NAME}); pass the lora/ folder a "
                     "training run wrote")
 

@@ -76,10 +76,9 @@ def _init_lora_source(spec: str) -> Path:
     found = sorted(path.glob("*.safetensors"))
     if len(found) == 1:
         return found[0]
-    from lowmem_alignprop.run.checkpoint import list_checkpoints
-    if not found and (kept := list_checkpoints(path)):  # a run's checkpoints/ folder: which one is the user's call
-        raise UserError(f"--init-lora {spec} is a run's checkpoints folder: name one of its checkpoints, e.g. "
-                        f"--init-lora {kept[0]} (the newest), or the run's lora/")
+    from lowmem_alignprop.run.checkpoint import pick_a_checkpoint
+    if not found and (pick := pick_a_checkpoint(spec, "--init-lora")) is not None:  # (which one is the user's call)
+        raise UserError(pick)
     raise UserError(f"--init-lora {spec} holds {'no' if not found else 'several'} .safetensors files: pass the LoRA "
                     "file itself, a run's lora/ folder or a peft adapter folder")
 

@@ -417,6 +417,17 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
                     cfg.steps, cfg.lr_scheduler)
 
 
+def pick_a_checkpoint(spec: str, flag: str) -> str | None:
+    """A run's checkpoints/ folder given to ``flag`` where one checkpoint or a LoRA is meant: the line that names its
+    newest; None where ``spec`` is no such folder."""
+    path = Path(spec).expanduser()
+    kept = list_checkpoints(path) if path.is_dir() else []
+    if not kept:
+        return None
+    return (f"{flag} {spec} is a run's checkpoints folder: name one of its checkpoints, e.g. {flag} {kept[0]} (the "
+            "newest), or the run's lora/")
+
+
 def changed_fields(saved: dict[str, Any], cfg) -> list[str]:
     """The fields of a checkpoint's config ``saved`` a resume with ``cfg`` changes, with a warning (the model is not
     one: the loaded weights' fingerprint judges another model)."""
