@@ -125,6 +125,7 @@ def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
         return UserError(hub_message("model", where, e))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
+
 def _no_vae_weights(spec: str) -> str:
     return (f"vae={spec} holds no VAE weights (a UNet's, a LoRA's or another part's file?): pass a VAE file, a VAE "
             "folder or a hub id, or leave vae empty for the model's own")
@@ -151,6 +152,7 @@ def check_before_load(cfg) -> None:
     """What loading would refuse for ``cfg``, told from the files before any weight loads (`plan` and training
     alike): a ``vae`` file of no VAE; of a UNet model, a single file without a VAE when none is named, a sampler
     ``sampler_check.run_scheduler`` refuses."""
+    from lowmem_alignprop.models.arch import lacks_vae
     from lowmem_alignprop.models.sampler_check import files_scheduler_config, run_scheduler
 
     if getattr(cfg, "vae", ""):
@@ -159,7 +161,6 @@ def check_before_load(cfg) -> None:
     if is_flow_source(cfg, kind, where):
         return
     config = files_scheduler_config(cfg, kind, where)  # (a single file's architecture told first: a LoRA file...)
-    from lowmem_alignprop.models.arch import lacks_vae
     if kind == "file" and not getattr(cfg, "vae", "") and lacks_vae(where):  # (plan planned the file's arch's VAE)
         raise UserError(f"{cfg.model} holds no VAE weights (a \"no-vae\" checkpoint): name a VAE to decode with, "
                         "--set vae=DIR|FILE|HUB_ID (e.g. the model family's own VAE), or use a full checkpoint")
