@@ -107,6 +107,8 @@ def test_a_hub_id_offline_says_how_to_get_it(tmp_path, capsys):
     (b"", "is empty (0 bytes)", "lora"),
     # the fix names where the file comes from: a run's lora/ folder (with its checkpoints beside it: export writes it
     # again from them; it said to copy it from itself), else an export (or a file from elsewhere)
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "pytorch_lora_weights.safetensors is damaged or not a safetensors file (",
+     "lora"),  # (tensor_files' one phrase, as --init-lora says it)
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; copy it again from the run's lora/ folder", "lora"),
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "truncated or damaged; `lowmem-alignprop export {tmp}/lora` writes it again "
                                          "from the run's last checkpoint", "lora+checkpoints"),

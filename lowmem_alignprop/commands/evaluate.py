@@ -61,7 +61,7 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SAMPLE_GRID,
                                             SAMPLE_RESULTS)
 from lowmem_alignprop.run.runlock import hold_folder, holder
-from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_tensor_file
+from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, not_safetensors, read_tensor_file
 from lowmem_alignprop.settings.config import image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import KIND_FAMILY, model_kind_of, shipped_name
@@ -136,6 +136,8 @@ def _lora_file(path: Path, arg: str) -> Path:
                  if file.parent.name == LORA_DIR and ckpt.list_checkpoints(ckpt.root_of(run)) else
                  "copy it again from the run's lora/ folder" if file.parent.name == LORA_DIR else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
+        if is_safetensors(file):  # (tensor_files' one phrase for such a file)
+            raise UserError(f"--lora {arg}: {not_safetensors(file, e)}: truncated or damaged; {again}") from None
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
