@@ -137,7 +137,7 @@ def _lora_file(path: Path, arg: str) -> Path:
                  "copy it again from the run's lora/ folder" if file.parent.name == LORA_DIR else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
         if is_safetensors(file):  # (tensor_files' one phrase for such a file)
-            raise UserError(f"--lora {arg}: {not_safetensors(file, e)}: truncated or damaged; {again}") from None
+            raise UserError(f"--lora {arg}: {not_safetensors(file, e)}; {again}") from None
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
