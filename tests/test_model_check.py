@@ -110,9 +110,10 @@ def test_a_hub_id_offline_says_how_to_get_it(tmp_path, capsys):
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "pytorch_lora_weights.safetensors is damaged or not a safetensors file (",
      "lora"),  # (tensor_files' one phrase, as --init-lora says it)
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "); copy it again from the run's lora/ folder", "lora"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "); `lowmem-alignprop export {tmp}/lora` writes it again from the run's last "
-                                         "checkpoint", "lora+checkpoints"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "); copy it again, or write it again with lowmem-alignprop export", "kohya")])
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "); `lowmem-alignprop export {tmp}/lora` writes it again from the run's "
+                                         "last checkpoint", "lora+checkpoints"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{", "); copy it again, or write it again with lowmem-alignprop "
+                                         "export", "kohya")])
 def test_sample_checks_the_lora_file_before_loading_the_model(content, needle, folder, tmp_path, capsys):
     folder, checkpoints = folder.partition("+")[::2]
     if checkpoints:
