@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,7 +100,7 @@ def test_the_build_folder_is_the_one_torch_builds_and_locks_in(tmp_path, monkeyp
 
 
 @needs_deepspeed
-def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypatch):
+def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypatch, capsys):
     """A DeepSpeed op build killed midway leaves torch's lock file; torch would wait on it forever."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     lock = tmp_path / "extensions" / "cpu_adam" / "lock"
@@ -109,16 +110,30 @@ def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypat
     an_hour_ago = time.time() - 3600
     os.utime(lock, (an_hour_ago, an_hour_ago))
     out = tmp_path / "run"
-    # a process with a time limit: without the check it would wait on the lock forever
-    r = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *FAST, "--set", "deepspeed_zero=2", "--set",
-                        "offload=optimizer", "--steps", "1", "--output-dir", str(out)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    # (60 minutes, or one more on a host so busy that the process took a minute to reach its check)
-    last = re.sub(r"stopped 6[01] minutes ago", "stopped 60 minutes ago", r.stderr.splitlines()[-1])
-    assert r.returncode == 2 and last == (
+
+    def waited_too_long(signum, frame):
+        raise AssertionError("the run waited on the stale lock")
+
+    # the CLI in this process (a subprocess paid ~10 s of imports), with a time limit: without the check it would
+    # wait on the lock forever; the check refuses before DeepSpeed's launcher variables are set or anything loads
+    # (DeepSpeed's import sets a few variables of its own: this worker's later tests get the environment back)
+    before, env = signal.signal(signal.SIGALRM, waited_too_long), dict(os.environ)
+    signal.alarm(300)
+    try:
+        rc = main([*FAST, "--set", "deepspeed_zero=2", "--set", "offload=optimizer", "--steps", "1",
+                   "--output-dir", str(out)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+        os.environ.clear()
+        os.environ.update(env)
+    err = capsys.readouterr().err
+    # (60 minutes, or one more on a host so busy that the run took a minute to reach its check)
+    last = re.sub(r"stopped 6[01] minutes ago", "stopped 60 minutes ago", err.splitlines()[-1])
+    assert rc == 2 and last == (
         f"error: {lock} is the lock of a DeepSpeed op build that stopped 60 minutes ago (killed or interrupted "
         f"midway); with it there this run would wait forever: delete it (rm {lock}; no build of cpu_adam is "
-        "running) and run again"), r.stderr[-2000:]
+        "running) and run again"), err[-2000:]
     assert lock.exists()  # the user's to delete: a build on another machine sharing the folder may hold it
     assert not (out / "lora").exists() and not (out / "metrics.jsonl").exists()
 
