@@ -639,8 +639,8 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
               images_per_prompt: int, profile_name: str, prompt_set: str, default_model: str = "") -> dict:
     t0 = time.perf_counter()
     if len(prompts) < num_prompts:
-        log.warning("--num-prompts %d: the prompt set %s has %d; using all of them",
-                                                      num_prompts, cfg.prompts, len(prompts))
+        log.warning("--num-prompts %d: the prompt set %s has %d; using all of them", num_prompts, cfg.prompts,
+                    len(prompts))
     device, weight_dtype, allocator, reward = _device_and_reward(cfg)
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
     flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
