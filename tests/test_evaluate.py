@@ -4,6 +4,7 @@ The LoRAs are built directly (random A and B matrices, saved with ``save_lora_we
 them) so the file stays fast; a slow test trains a real brightness LoRA. ``sample_steps=3`` keeps each image cheap.
 """
 
+import dataclasses
 import json
 import shutil
 import os
@@ -909,8 +910,14 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert kohya_metadata(lora)["alignprop_prediction_type"] == "v_prediction"  # (SD 1.x/SDXL labels have no v)
     assert kohya_metadata(lora)["ss_v_parameterization"] == "True"  # (sd-scripts' own key for it)
-    lora.run_config = {**lora.run_config, "zero_terminal_snr": True}  # (a run at zero terminal SNR)
-    assert kohya_metadata(lora)["ss_zero_terminal_snr"] == "True"
+    assert kohya_metadata(lora)["modelspec.prediction_type"] == "v"  # (the model spec's)
+    assert kohya_metadata(lora)["ss_zero_terminal_snr"] == "False"
+    # a run at zero terminal SNR: by the flag (config.yaml), or by the schedule it sampled (base_model.json: a
+    # folder's own schedule, which config.yaml leaves out)
+    for record in ({"run_config": {**lora.run_config, "zero_terminal_snr": True}},
+                   {"base": {**lora.base, "zero_terminal_snr": True}}):
+        header = kohya_metadata(dataclasses.replace(lora, **record))
+        assert (header["ss_zero_terminal_snr"], header["alignprop_zero_terminal_snr"]) == ("True", "True")
     lora.base = {**lora.base, "prediction_type": "epsilon"}  # the shipped sd21 folder says v; the run said epsilon
     assert kohya_metadata(lora)["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
     card = (export_lora(tmp_path / "k", run / "lora", "--format", "kohya") / "README.md").read_text()

@@ -130,6 +130,7 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
                                                                                     config["mixed_precision"])
     assert float(meta["ss_max_grad_norm"]) == config["max_grad_norm"]
     assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"]) == ("False", "False")
+    assert meta["modelspec.prediction_type"] == "epsilon"
     assert meta["ss_resolution"] == f"({resolution}, {resolution})" and meta["modelspec.resolution"] == \
         f"{resolution}x{resolution}"
     lora = lora_files.read_lora(str(case["lora"]))  # the final reward: the mean of the run's last 3 steps, said

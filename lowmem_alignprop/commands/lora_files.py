@@ -331,6 +331,12 @@ def v_prediction(lora: Lora) -> bool:
     return folder is not None and scheduler_prediction(folder) == "v_prediction"
 
 
+def zero_terminal_snr(lora: Lora) -> bool:
+    """Whether its run sampled the base at zero terminal SNR: base_model.json's record of the schedule it sampled
+    (the flag's, a folder's own, a single file's ztsnr key), else the run's flag."""
+    return bool((lora.base or {}).get("zero_terminal_snr") or (lora.run_config or {}).get("zero_terminal_snr"))
+
+
 def base_family(lora: Lora) -> str:
     """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""

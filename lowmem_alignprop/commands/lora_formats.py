@@ -13,7 +13,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import (PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
                                                  base_family, denoiser_name, lora_digest, shared_name,
-                                                 temporary_folder, v_prediction)
+                                                 temporary_folder, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -77,7 +77,7 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
     meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta["alignprop_prediction_type"] = str(info["prediction_type"])
-    if info.get("zero_terminal_snr"):
+    if zero_terminal_snr(lora):  # (as its run sampled it: a folder's own schedule too, which config.yaml leaves out)
         meta["alignprop_zero_terminal_snr"] = "True"
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
@@ -91,7 +91,8 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         version = meta["ss_base_model_version"]
         meta["ss_v2"] = str(version == SD_V2)
         meta["ss_v_parameterization"] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
-        meta["ss_zero_terminal_snr"] = str(bool(info.get("zero_terminal_snr")))
+        meta["ss_zero_terminal_snr"] = str(zero_terminal_snr(lora))
+        meta["modelspec.prediction_type"] = "v" if v_prediction(lora) else "epsilon"  # (the model spec's words)
         arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta["modelspec.architecture"] = f"{arch}/lora"
