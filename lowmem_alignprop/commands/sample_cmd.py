@@ -14,7 +14,7 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, check_mixable, evaluat
 from lowmem_alignprop.commands.lora_files import merged_record
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
-from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES
+from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -87,11 +87,8 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
 
 def unguided(sets: list[str]) -> bool:
     """Whether the command line's ``--set guidance_scale=`` (the last one) turns guidance off (1 or less)."""
-    value = next((s.split("=", 1)[1] for s in reversed(sets) if s.split("=", 1)[0].strip() == "guidance_scale"), None)
-    try:
-        return value is not None and float(value) <= 1
-    except ValueError:
-        return False  # (the config's check names a bad value)
+    scales = [coerce(key, value) for key, value in map(split_set, sets) if key == "guidance_scale"]
+    return bool(scales) and scales[-1] <= 1
 
 
 def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_prompt: int, profile_name: str) -> int:

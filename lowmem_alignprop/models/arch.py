@@ -33,7 +33,7 @@ import torch
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, read_safetensors_shapes, read_tensor_file
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.paths import model_index
+from lowmem_alignprop.settings.paths import model_index, scheduler_config
 from lowmem_alignprop.settings.paths import pipeline_class as indexed_pipeline_class
 
 ARCHS = ("sd15", "sd21", "sdxl")
@@ -321,13 +321,14 @@ def marked_zero_snr(path) -> bool:
     return V_PRED_KEY in keys and ZERO_SNR_KEY in keys
 
 
-def file_scheduler_config(path, arch: str = "auto") -> dict:
+def file_scheduler_config(path, arch: str = "auto") -> dict | None:
     """The scheduler config a single file loads with (:func:`load_single_file`), from its header and the shipped
     configs alone: its architecture's, v-prediction where its ``v_pred`` key says (its ``ztsnr`` key is the
     sampler's to apply: ``sampler_check.run_scheduler``)."""
-    _, config_dir, _ = single_file_config(path, arch)
-    config = json.loads((Path(config_dir) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    return {**config, "prediction_type": "v_prediction"} if marked_v_prediction(path) else config
+    config = scheduler_config(single_file_config(path, arch)[1])
+    if config is None or not marked_v_prediction(path):
+        return config
+    return {**config, "prediction_type": "v_prediction"}
 
 
 def lacks_vae(path) -> bool:

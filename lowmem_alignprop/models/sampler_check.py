@@ -9,11 +9,9 @@ sampler with the same function from what it loaded (a hub id's files are read on
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from lowmem_alignprop.settings.config import ZERO_SNR_EPSILON, zero_snr_eta
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import scheduler_config
 
 
 def run_scheduler(cfg, config, kind: str, where: str):
@@ -54,23 +52,15 @@ def files_scheduler_config(cfg, kind: str, where: str) -> dict | None:
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
 
-        return _read_config(tiny_model_dir())
-    if kind == "dir":
-        return _read_config(Path(where))
+        return scheduler_config(tiny_model_dir())
+    if kind == "dir":  # (a folder without one: the loader says what is wrong with it)
+        return scheduler_config(where)
     if kind == "arch":
         from lowmem_alignprop.models.arch import arch_config_dir
 
-        return _read_config(arch_config_dir(where))
+        return scheduler_config(arch_config_dir(where))
     if kind == "file":
         from lowmem_alignprop.models.arch import file_scheduler_config
 
         return file_scheduler_config(where, getattr(cfg, "model_arch", "auto"))
     return None
-
-
-def _read_config(folder: Path) -> dict | None:
-    try:
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # (a folder without one: the loader says what is wrong with it)
-    return config if isinstance(config, dict) else None

@@ -18,7 +18,7 @@ from typing import Any, get_args, get_type_hints
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, scheduler_prediction
+from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, scheduler_prediction, vae_subfolder
 
 MIN_SEED, MAX_SEED = 0, 2**32 - 1  # (torch's generators take 64 bits; the trainer derives seeds from this one)
 # sample's --seed: a torch generator's (one per image), so the seeds a run records for its images (its seed + 12345
@@ -804,7 +804,7 @@ def vae_path_problem(spec: str) -> str | None:
     Config.validate says it, so plan refuses it as training does; the loader asks again (a path gone since)."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        folder = path if (path / "config.json").exists() else path / "vae"
+        folder = path / (vae_subfolder(path) or "")  # (a pipeline's folder: its vae/)
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):

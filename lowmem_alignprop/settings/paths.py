@@ -72,15 +72,21 @@ def model_index(folder: str | os.PathLike) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
-def scheduler_prediction(folder: str | os.PathLike) -> str | None:
-    """What a diffusers folder's scheduler config says its UNet predicts (epsilon, v_prediction), read without
-    loading; None where there is no such folder or config, or it does not say."""
+def scheduler_config(folder: str | os.PathLike) -> dict | None:
+    """A diffusers folder's scheduler/scheduler_config.json, read without loading; None where there is no such folder
+    or config, or it is no JSON object. The one reader of it."""
     try:
         conf = json.loads((Path(folder).expanduser() / "scheduler" / "scheduler_config.json").read_text(
             encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return conf.get("prediction_type") if isinstance(conf, dict) else None
+    return conf if isinstance(conf, dict) else None
+
+
+def scheduler_prediction(folder: str | os.PathLike) -> str | None:
+    """What a diffusers folder's scheduler config says its UNet predicts (epsilon, v_prediction); None where there
+    is no such folder or config, or it does not say."""
+    return (scheduler_config(folder) or {}).get("prediction_type")
 
 
 def vae_subfolder(folder: str | os.PathLike) -> str | None:
