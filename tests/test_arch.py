@@ -324,6 +324,28 @@ def test_a_no_vae_single_file_without_a_vae_is_refused_from_its_header(tiny, tmp
     check_before_load(Config(model=str(novae), vae=str(tmp_path)))  # (with a VAE named: on to loading)
 
 
+def test_a_forced_architecture_of_a_file_that_says_another_is_refused(tmp_path, monkeypatch, capsys):
+    """--set model_arch=sdxl on an SD 1.x file: plan said FITS (it planned SDXL) and training read the whole file,
+    then failed in diffusers on the first shape. Plan and training now refuse alike from the header; a layout
+    detection does not know stays the user's to name."""
+    from lowmem_alignprop.cli import main
+
+    file = tmp_path / "sd15.safetensors"
+    save_file({**UNET_KEYS["sd15"], **TEXT_KEYS["sd15"]}, file)
+    monkeypatch.setattr(arch, "load_single_file", lambda *a, **k: pytest.fail("weights read"))
+    lines = set()
+    for command in (["plan"], ["--output-dir", str(tmp_path / "run")]):
+        assert main([*command, "--profile", "cpu", "--model", str(file), "--set", "model_arch=sdxl"]) == 2
+        lines |= {x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")}
+    assert lines == {f"error: {file} is a sd15 checkpoint ({arch.ARCH_DESCRIPTIONS['sd15']}), not model_arch=sdxl: "
+                     "drop --set model_arch (a single file's architecture is told from its layout)"}, lines
+    assert not (tmp_path / "run").exists()
+    assert arch.single_file_config(file, "sd15")[2].startswith("sd15")  # the architecture it is: on to loading
+    unknown = tmp_path / "unknown.safetensors"  # a cross-attention width no shipped architecture has
+    save_file({U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": _z(320, 512)}, unknown)
+    assert arch.single_file_config(unknown, "sd15")[2].startswith("sd15")
+
+
 def test_load_single_file_errors(tiny, tmp_path):
     _, root, sd = tiny
     with pytest.raises(UserError, match="not found"):

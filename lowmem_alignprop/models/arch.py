@@ -297,11 +297,26 @@ def single_file_config(path, arch: str = "auto", config_dir=None) -> tuple[type,
         shapes = _read_shapes(path)  # clear errors for a missing / unreadable file before diffusers sees it
         if arch == "auto":
             arch = _detect_from_shapes(shapes, str(path))
+        else:
+            _check_forced_arch(arch, shapes, str(path))
         return pipeline_class(arch), arch_config_dir(arch), f"{arch} ({ARCH_DESCRIPTIONS[arch]})"
     config_dir = Path(config_dir)
     cls = _pipeline_class_of(config_dir)
     _read_shapes(path)
     return cls, config_dir, f"a {cls.__name__} configured by {config_dir}"
+
+
+def _check_forced_arch(arch: str, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """``--set model_arch`` names the architecture of a file whose layout tells another one: refused (its weights
+    would not fit the named architecture's shapes, found only when the whole file is read). A layout detection does
+    not know is the user's to name."""
+    try:
+        found = _detect_from_shapes(shapes, where)
+    except UserError:
+        return
+    if found != arch:
+        raise UserError(f"{where} is a {found} checkpoint ({ARCH_DESCRIPTIONS[found]}), not model_arch={arch}: drop "
+                        f"--set model_arch (a single file's architecture is told from its layout)")
 
 
 V_PRED_KEY = "v_pred"  # an empty tensor by which a single file says it predicts v (ComfyUI reads it; NoobAI-XL V-Pred)
