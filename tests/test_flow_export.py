@@ -731,6 +731,28 @@ def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
+def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):
+    """plan --init-lora loads the LoRA onto the transformer built on meta: its own LoRA plans; one of other widths
+    (another FLUX.1-shaped model's) is refused by plan with training's line, where plan said FITS."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    plan = ["plan", *FLOW, "--model", str(flux["base"])]
+    assert main([*plan, "--init-lora", str(flux["lora"])]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other" / "pytorch_lora_weights.safetensors"
+    other.parent.mkdir()
+    with safe_open(str(flux["lora"] / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        first = sorted(k for k in f.keys() if k.endswith("lora_A.weight"))[0]
+        save_file({k: torch.zeros(RANK, f.get_tensor(k).shape[1] + 8) if k == first else f.get_tensor(k)
+                   for k in f.keys()}, str(other), metadata=f.metadata())
+    said = []
+    for command in (plan, [*FLOW, "--model", str(flux["base"]), "--steps", "1", "--output-dir", str(tmp_path / "r")]):
+        assert main([*command, "--init-lora", str(other)]) == 2
+        said.append([x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")])
+    assert said[0] == said[1] and len(said[0]) == 1 and "have other shapes than this model's layers" in said[0][0], said
+
+
 # ---------------------------------------------------------------------------------------------------------
 # negative_prompt: SD3's unconditional branch; FLUX has none
 # ---------------------------------------------------------------------------------------------------------

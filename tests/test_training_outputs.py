@@ -325,13 +325,26 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
-def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, capsys):
+def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, tmp_path, capsys):
     """A training command with --init-lora pasted into plan was refused ("unrecognized arguments"), and a LoRA of
-    another rank or layers planned FITS where training stops: plan takes it and says what training says."""
+    another rank or layers planned FITS where training stops: plan takes it and says what training says. So does a
+    LoRA of another model of the family (other widths: found only on the model, which plan builds on meta)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from lowmem_alignprop.cli import main
 
+    other = tmp_path / "other_widths" / "pytorch_lora_weights.safetensors"  # cross-attention of 48 wide text states
+    other.parent.mkdir()
+    with safe_open(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        widened = {k: torch.zeros(f.get_tensor(k).shape[0], 48) if ".attn2.to_k." in k and k.endswith(
+            ("lora.down.weight", "lora_A.weight")) else f.get_tensor(k) for k in f.keys()}
+        save_file(widened, str(other), metadata=f.metadata())
     for args, needle in ((["--set", "lora_rank=8"], "has rank 4 and this run trains rank 8: add --set lora_rank=4"),
-                         (["--init-lora", str(made_ff_lora["lora"])], "adapts feed-forward layers too")):
+                         (["--init-lora", str(made_ff_lora["lora"])], "adapts feed-forward layers too"),
+                         (["--init-lora", str(other)], "does not fit this model: 4 of its weights have other shapes "
+                          "than this model's layers (e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k: "
+                          "[4, 48] in the LoRA, [4, 32] here)")):
         said = []
         for command in (["plan"], ["--steps", "1", "--output-dir", str(made_lora["run"] / "never")]):
             assert main([*command, "--profile", "cpu", "--model", "tiny", "--init-lora", str(made_lora["lora"]),

@@ -166,6 +166,19 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
     return file
 
 
+def check_fits_meta_model(cfg, file: Path) -> None:
+    """``plan --init-lora``: the LoRA ``file`` (:func:`check_init_lora`'s) loaded onto ``cfg.model`` built on the meta
+    device (its shapes, no weights), as training loads it onto the real one (:func:`start_from_lora`): a LoRA of
+    another model of the same family (other widths) is refused with training's line, not planned as FITS."""
+    from lowmem_alignprop.measure.meta_models import meta_components
+    from lowmem_alignprop.models.family import family_for
+
+    comps = meta_components(cfg, torch.float32)  # (copies of the planner's cached meta model: ~0.2 s for SD1.5)
+    family = family_for(comps)
+    family.add_lora(comps.unet, cfg)
+    start_from_lora(family.make_pipeline(comps), comps.unet, file, cfg.init_lora, cfg.lora_layers, cfg.model)
+
+
 def trained_on(spec: str, file: Path, model: str) -> str:
     """" (it was trained on X, not --model Y: ...)" where the LoRA's run recorded another base model than ``model``
     (lora/base_model.json), for a message that the LoRA does not fit; else ""."""

@@ -29,8 +29,11 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
     if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
-        from lowmem_alignprop.commands.init_lora import check_init_lora  # (2 s of imports a plan need not pay)
-        check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
+        from lowmem_alignprop.commands.init_lora import check_fits_meta_model, check_init_lora  # (2 s of imports)
+        from lowmem_alignprop.models.loading import check_before_load
+        file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
+        check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto must be the model plan plans)
+        check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
     with warnings.catch_warnings():
