@@ -427,6 +427,12 @@ def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, 
                "--output-dir", str(tmp_path / "b")])
     lines = _errors(capsys)
     assert rc == 2 and len(lines) == 1 and "adapts a UNet model" in lines[0], lines
+    # an architecture's name (random weights): the refusal is all it says (no note on the weights or the prompts
+    # before it), as the files of a folder tell it
+    rc = main(["sample", *FLOW, "--model", "flux", "--lora", str(_unet_lora(tmp_path, tiny_dir)), "--output-dir",
+               str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "adapts a UNet model" in err, err
     # mixed with a UNet LoRA: no --model fits both, so none is named; nothing said of the runs' settings before it
     unet_lora = _unet_lora(tmp_path, tiny_dir)
     adapts = {unet_lora: "a UNet model (SD 1.x/2.x/SDXL)", flux_run / "lora": "a FLUX.1 transformer"}

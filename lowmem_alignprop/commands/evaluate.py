@@ -620,6 +620,10 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     default folder taken meanwhile gives way to the next). ``prompts``: the user's own (``--prompt``), else the first
     ``num_prompts`` of ``cfg.prompts``. ``default_model``: why cfg.model is the default (said where a LoRA does not
     fit it). Returns the JSON's content."""
+    # a FLUX LoRA on SD1.5 (or the reverse) as the model's files tell: one line, before any note on the model
+    flow_sample.check_transformer_only([s for s in specs if s.family == "transformer"])
+    check_lora_family(model_of_kind(model_kind_of(cfg.model, cfg.model_components)), specs, cfg.model,
+                      default=default_model)
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
     chosen = given[:num_prompts]
@@ -685,12 +689,11 @@ def _device_and_reward(cfg) -> tuple[torch.device, torch.dtype, str, Any]:
 
 def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: torch.device,
                       weight_dtype: torch.dtype, default_model: str):
-    """The pipeline with the LoRAs loaded and the denoiser placed, each LoRA checked to fit the model first."""
+    """The pipeline with the LoRAs loaded and the denoiser placed, each LoRA checked to fit the model first (its
+    family as the files tell it: :func:`evaluate`, before the pipeline is built; a 24 GB transformer is not read for
+    nothing)."""
     # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
-    flow_sample.check_transformer_only([s for s in specs if s.family == "transformer"])
-    kind = model_kind_of(cfg.model, cfg.model_components)  # a FLUX LoRA on SD1.5 (or the reverse): one line, exit 2,
-    check_lora_family(model_of_kind(kind), specs, cfg.model, default=default_model)
-    pipe = build_pipeline(cfg, device, weight_dtype, prompts)  # (a 24 GB transformer is not read for nothing)
+    pipe = build_pipeline(cfg, device, weight_dtype, prompts)
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
