@@ -253,6 +253,13 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
     return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=given.absolute())
 
 
+def base_record_file(spec: LoraSpec) -> Path | None:
+    """The base_model.json our trainer wrote beside the LoRA (its file's folder, or the folder named: an export's),
+    None for a LoRA from elsewhere or a file copied away alone."""
+    named = spec.named if spec.named.is_dir() else spec.named.parent
+    return next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
+
+
 # what the run's images were made with, beside its model: `sample` of a run's LoRA on that model renders as it did
 def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, dict[str, Any]] | None:
     """(model, settings) a LoRA our trainer wrote was trained on: lora/base_model.json's model, and the
@@ -263,8 +270,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     UserError naming --model, and a damaged record is warned of, unless ``model_given`` (--model names the model:
     the record only tells whether it is the LoRA's own, :func:`same_model`)."""
     named = spec.named if spec.named.is_dir() else spec.named.parent  # an export's folder (kohya, peft) has one too
-    record = next((f / LORA_BASE_FILE for f in (spec.file.parent, named) if (f / LORA_BASE_FILE).is_file()), None)
-    if record is None:  # a LoRA from elsewhere
+    if (record := base_record_file(spec)) is None:  # a LoRA from elsewhere (or a file shared alone)
         return None
     try:
         base = json.loads(record.read_text(encoding="utf-8"))

@@ -337,6 +337,45 @@ def zero_terminal_snr(lora: Lora) -> bool:
     return bool((lora.base or {}).get("zero_terminal_snr") or (lora.run_config or {}).get("zero_terminal_snr"))
 
 
+# a LoRA file's header keys that say how its run sampled (commands/lora_formats.kohya_metadata writes them; sd-scripts
+# writes the ss_ and modelspec. ones too): what `sample` of the file alone, with no base_model.json, renders with
+HEADER_PREDICTION = "alignprop_prediction_type"  # our run's --set prediction_type (the base's files say otherwise)
+HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
+KOHYA_V_PREDICTION = "ss_v_parameterization"  # "True"/"False"
+KOHYA_ZERO_SNR = "ss_zero_terminal_snr"
+KOHYA_V2 = "ss_v2"
+MODELSPEC_PREDICTION = "modelspec.prediction_type"  # "v"/"epsilon"
+MODELSPEC_ARCHITECTURE = "modelspec.architecture"
+
+
+def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(settings, keys): the prediction_type and zero_terminal_snr a LoRA file's header says its run sampled with, and
+    the header key each came from; ({}, {}) for none (a file with no such header, not safetensors, or unreadable).
+    A value other than the key's own words ("True"/"False", "v"/"epsilon", the config's prediction types) is ignored.
+    v-prediction is taken from any of them; epsilon only from our run's own key or for an SD 2.x file (ss_v2, its
+    architecture), whose single files load as v-prediction: elsewhere it is every file's default, and would turn a
+    v-prediction model's own schedule off. A zero-SNR schedule is taken unless its run predicted epsilon (the config
+    refuses that pair); "False" is the config's own default (as the model says)."""
+    try:
+        meta = read_safetensors_metadata(file) if is_safetensors(file) else {}
+    except (TensorFileError, OSError):
+        return {}, {}
+    words = {HEADER_PREDICTION: {"epsilon": "epsilon", "v_prediction": "v_prediction"},
+             KOHYA_V_PREDICTION: {"True": "v_prediction", "False": "epsilon"},
+             MODELSPEC_PREDICTION: {"v": "v_prediction", "epsilon": "epsilon"}}
+    said = [(key, words[key][meta[key]]) for key in words if meta.get(key) in words[key]]
+    settings, keys = {}, {}
+    sd2 = meta.get(KOHYA_V2) == "True" or str(meta.get(MODELSPEC_ARCHITECTURE, "")).startswith("stable-diffusion-v2")
+    if said and (said[0][1] == "v_prediction" or said[0][0] == HEADER_PREDICTION or sd2):
+        settings["prediction_type"], keys["prediction_type"] = said[0][1], said[0][0]
+    zero = next(((key, meta[key]) for key in (HEADER_ZERO_SNR, KOHYA_ZERO_SNR) if meta.get(key) in ("True", "False")),
+                None)
+    if zero is not None and zero[1] == "True" and not (said and said[0][1] == "epsilon"):
+        settings["zero_terminal_snr"] = True
+        keys["zero_terminal_snr"] = zero[0]
+    return settings, keys
+
+
 def base_family(lora: Lora) -> str:
     """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""

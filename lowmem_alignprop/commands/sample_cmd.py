@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_alignprop.commands.evaluate import (LoraSpec, check_mixable, evaluate, parse_lora, print_summary,
-                                                recorded_base, same_model, usable_scoring)
-from lowmem_alignprop.commands.lora_files import merged_record
+from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, check_mixable, evaluate, parse_lora,
+                                                print_summary, recorded_base, same_model, usable_scoring)
+from lowmem_alignprop.commands.lora_files import header_image_settings, merged_record
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
@@ -50,6 +50,8 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
             default_model = f"--lora {specs[0].arg} records no model it was trained on"
     if base is not None and (args.model is None or same_model(args.model, base[0])):
         _take_base(args, specs, base, given)
+    elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
+        _take_header(args, specs, given)
     numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
     if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
@@ -74,15 +76,42 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
         what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
         logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].named, settings)
-    for spec in specs[1:]:  # a mix renders as the first LoRA's run did: another run's other settings are said
-        other = recorded_base(spec, model_given=True)
-        differ = sorted(k for k in (set(base[1]) | set(other[1] if other else {})) - given
-                        if other is not None and base[1].get(k) != other[1].get(k))
-        if differ:
+    say_other_runs(specs, base[1], given)
+
+
+def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str]) -> None:
+    """The prediction type and zero-SNR schedule the first LoRA's file header says its run sampled with
+    (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`; no base_model.json beside it) not in
+    ``given`` into ``args.set``, said in one line; another LoRA's run's other settings said."""
+    settings, keys = header_image_settings(specs[0].file)
+    if taken := {k: v for k, v in settings.items() if k not in given}:
+        # (a zero-SNR schedule is sampled with eta below 1, which the header does not record: DDIM's deterministic 0)
+        eta = taken.get("zero_terminal_snr") and "eta" not in given and not args.recipe
+        args.set += [f"{k}={v}" for k, v in taken.items()] + (["eta=0"] if eta else [])
+        logger.info(
+            "--lora %s has no base_model.json beside it: its header (%s) says its run sampled with %s, so this "
+            "does%s (--set KEY=VALUE chooses)", specs[0].arg, ", ".join(keys[k] for k in taken),
+            " ".join(f"{k}={v}" for k, v in taken.items()),
+            ", at eta=0 (the header does not say the run's; zero SNR needs one below 1)" if eta else "")
+    say_other_runs(specs, settings, given)
+
+
+def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str]) -> None:
+    """A mix renders as the first LoRA's run did (``first``: the settings taken from its record or header): another
+    LoRA's run's other settings (its base_model.json's, else what its header says) are said."""
+    for spec in specs[1:]:
+        if base_record_file(spec) is not None:
+            if (record := recorded_base(spec, model_given=True)) is None:
+                continue
+            other, keys = record[1], set(first) | set(record[1])
+        else:  # (a header says only some settings: those it does not say are not compared)
+            other = header_image_settings(spec.file)[0]
+            keys = set(other)
+        if differ := sorted(k for k in keys - given if first.get(k) != other.get(k)):
             logger.warning(
                 "--lora %s's run sampled with %s: the images use the first LoRA's settings (%s); --set KEY=VALUE "
-                "chooses", spec.arg, " ".join(f"{k}={other[1].get(k, '(default)')}" for k in differ),
-                " ".join(f"{k}={base[1].get(k, '(default)')}" for k in differ))
+                "chooses", spec.arg, " ".join(f"{k}={other.get(k, '(default)')}" for k in differ),
+                " ".join(f"{k}={first.get(k, '(default)')}" for k in differ))
 
 
 def unguided(sets: list[str]) -> bool:
