@@ -924,6 +924,93 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
     assert "| prediction type | v_prediction (as the run sampled it, which the base model's files do not say" in card
 
 
+def _shared_alone(folder, lora, header: dict):
+    """``lora``'s weights as one .safetensors file with ``header`` (a kohya export copied away, or a file downloaded
+    from Civitai): no base_model.json beside it."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True)
+    file = folder / "shared_lora.safetensors"
+    save_file(load_file(str(lora / "pytorch_lora_weights.safetensors")), str(file), metadata=header)
+    return file
+
+
+def _sampler_of(tmp_path, name, file, tiny_dir, *extra):
+    out = tmp_path / name
+    assert main(["sample", *COMMON, str(file), "--model", str(tiny_dir), "--prompt", "dog", "--seed", "5",
+                 *extra, "--output-dir", str(out)]) == 0
+    return json.loads((out / SAMPLE_RESULTS).read_text())["sampler"]
+
+
+def test_a_lora_file_alone_samples_as_its_header_says_its_run_did(tmp_path, tiny_dir, loras, caplog):
+    """A kohya export copied away from its base_model.json (what ComfyUI users share): `sample FILE --model M` reads
+    from its header how its run sampled (a v-prediction run at zero terminal SNR on a base whose files say epsilon)
+    and says so in one line; a --set of the same setting wins; a header value in no known words is ignored."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    header = {"alignprop_prediction_type": "v_prediction", "alignprop_zero_terminal_snr": "True",
+              "ss_v_parameterization": "True", "ss_zero_terminal_snr": "True", "modelspec.prediction_type": "v"}
+    file = _shared_alone(tmp_path / "shared", loras["a"], header)
+    sampler = _sampler_of(tmp_path, "header", file, tiny_dir)
+    assert (sampler["prediction_type"], sampler["zero_terminal_snr"]) == ("v_prediction", True)
+    said = [r.getMessage() for r in caplog.records if "its header" in r.getMessage()]
+    assert said == [f"--lora {file} has no base_model.json beside it: its header (alignprop_prediction_type, "
+                    "alignprop_zero_terminal_snr) says its run sampled with prediction_type=v_prediction "
+                    "zero_terminal_snr=True, so this does, at eta=0 (the header does not say the run's; zero SNR "
+                    "needs one below 1) (--set KEY=VALUE chooses)"]
+    assert sampler["eta"] == 0
+    caplog.clear()  # the command line's own setting wins; the header's other one is still taken
+    sampler = _sampler_of(tmp_path, "flag", file, tiny_dir, "--set", "zero_terminal_snr=false")
+    assert (sampler["prediction_type"], sampler["zero_terminal_snr"]) == ("v_prediction", False)
+    assert "its header (alignprop_prediction_type) says its run sampled with prediction_type=v_prediction," \
+        in caplog.text
+    caplog.clear()  # sd-scripts' words alone (a kohya v-prediction LoRA of another trainer)
+    file = _shared_alone(tmp_path / "kohya", loras["a"], {"ss_v_parameterization": "True", "ss_v2": "True"})
+    assert _sampler_of(tmp_path, "kohya", file, tiny_dir)["prediction_type"] == "v_prediction"
+    assert "its header (ss_v_parameterization) says" in caplog.text
+    caplog.clear()
+    file = _shared_alone(tmp_path / "garbage", loras["a"], {"ss_v_parameterization": "yes", "ss_zero_terminal_snr":
+                                                            "1", "alignprop_prediction_type": "v"})
+    sampler = _sampler_of(tmp_path, "garbage", file, tiny_dir)
+    assert (sampler["prediction_type"], sampler["zero_terminal_snr"]) == ("epsilon", False)
+    assert "its header" not in caplog.text
+
+
+def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, caplog):
+    """v-prediction from any key; epsilon only from our run's own key or an SD 2.x file's (whose single files load
+    as v): sd-scripts writes ss_v_parameterization False into every other file, and a v-prediction model's own
+    schedule stays. No zero SNR with epsilon (the config refuses the pair). A mix of two files whose headers
+    differ renders as the first one's, and says the other's."""
+    import argparse
+
+    from lowmem_alignprop.commands.lora_files import header_image_settings
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    def read(**header):  # the settings taken, each as {setting: (value, the header key it came from)}
+        file = _shared_alone(tmp_path / str(len(list(tmp_path.iterdir()))), loras["a"], header)
+        settings, keys = header_image_settings(file)
+        return {k: (v, keys[k]) for k, v in settings.items()}
+
+    eps = v = "prediction_type"
+    assert read(ss_v_parameterization="False", ss_v2="False") == {}
+    assert read(ss_v_parameterization="False", ss_zero_terminal_snr="True") == {}
+    assert read(ss_v_parameterization="False", ss_v2="True") == {eps: ("epsilon", "ss_v_parameterization")}
+    assert read(**{"modelspec.prediction_type": "epsilon", "modelspec.architecture": "stable-diffusion-v2-512/lora"}
+                ) == {eps: ("epsilon", "modelspec.prediction_type")}
+    assert read(alignprop_prediction_type="epsilon", ss_v_parameterization="False") == {
+        eps: ("epsilon", "alignprop_prediction_type")}
+    assert read(ss_zero_terminal_snr="True") == {"zero_terminal_snr": (True, "ss_zero_terminal_snr")}
+    assert read(ss_zero_terminal_snr="False", ss_v_parameterization="True") == {
+        v: ("v_prediction", "ss_v_parameterization")}
+    first = _shared_alone(tmp_path / "first", loras["a"], {"ss_v_parameterization": "True"})
+    second = _shared_alone(tmp_path / "second", loras["neg_a"], {"alignprop_prediction_type": "epsilon"})
+    args = argparse.Namespace(lora=[str(first), str(second)], set=[], model="m", reward=None, prompts=None,
+                              recipe=None, output_dir="out")
+    take_run_settings(args, [])
+    assert args.set == ["prediction_type=v_prediction"]
+    assert f"--lora {second}'s run sampled with prediction_type=epsilon: the images use the first LoRA's settings " \
+        "(prediction_type=v_prediction)" in caplog.text
+
+
 def test_guidance_rescale_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):
     """`--set guidance_rescale=0.7` (Lin et al. 2023's fix for overexposure at high guidance): `sample`'s image is
     diffusers' own pipeline called with it, training's grid samples so too (its LoRA's `sample` without the flag
