@@ -35,7 +35,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     them; ``args.output_dir`` the numbered default folder without one. ``own``: the ``--prompt`` texts."""
     specs = [parse_lora(a, i) for i, a in enumerate(args.lora)]
     check_mixable(specs)  # (before the first LoRA's run settings are taken or another's are said to differ)
-    given = {s.split("=", 1)[0].strip() for s in args.set}
+    given = {split_set(s)[0] for s in args.set}  # (a malformed one: config's line, before any LoRA's settings)
     if given & TRAINING_ONLY:
         logger.warning(
             "--set %s: training settings; sample trains nothing, so they change nothing here",
