@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,10 @@ def test_disk_full_at_the_final_lora_is_one_line_and_resume_writes_it_again(tmp_
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main(["export", "--lora", str(out / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
     assert f"{out / 'lora'} holds step 2's LoRA and the run has a checkpoint of step 3" in caplog.text
+    from safetensors import safe_open  # the kohya header's modelspec.date: when the run ended, as its summary says
+    with safe_open(str(next((tmp_path / "k").glob("*.safetensors"))), framework="pt") as f:
+        ended = json.loads((out / "summary.json").read_text())["finished_at"]
+        assert f.metadata()["modelspec.date"] == ended and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", ended)
     metrics = (out / "metrics.jsonl").read_text()
     assert main([*more, "--resume", "latest"]) == 0
     assert (out / "metrics.jsonl").read_text() == metrics and json.loads((out / "summary.json").read_text())[

@@ -343,6 +343,11 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "medium"}[case["family"]]
     assert meta["modelspec.architecture"] == {"flux": "flux-1-dev/lora",
                                               "sd3": "stable-diffusion-3-medium/lora"}[case["family"]]
+    # the model spec's required keys, as sd-scripts writes them for the family (SD3's implementation "diffusers")
+    assert (meta["modelspec.sai_model_spec"], meta["modelspec.title"]) == ("1.0.1",
+                                                                           next(out.glob("*.safetensors")).stem)
+    assert meta["modelspec.implementation"] == {"flux": "https://github.com/black-forest-labs/flux",
+                                                "sd3": "diffusers"}[case["family"]]
     # the adapted layers' names: SD3 has no proj_mlp and no block proj_out (FLUX's single blocks do), though the
     # attention+ff target list names them for both
     listed = set(meta["alignprop_target_modules"].split(","))

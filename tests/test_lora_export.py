@@ -164,6 +164,35 @@ def test_a_runs_start_from_a_lora_is_named_shareably_with_its_digest(sd, tmp_pat
     assert lora_files.shared_name(str(step)) == "older-run/checkpoints/step-00000300"
 
 
+def test_kohya_metadata_has_the_model_specs_required_keys(case, tmp_path):
+    """The model spec's required keys beside modelspec.architecture, as sd-scripts writes them: its version, the
+    implementation (sd-scripts: SDXL LoRAs Stability's generative-models, SD 1.x/2.x "diffusers"), the title (the
+    file's stem: sd-scripts' output name) and the date the run ended (its summary's, not the export's time: two
+    exports of a LoRA are the same bytes; none where the summary has none). An SDXL v-prediction LoRA keeps SDXL's one
+    architecture, as sd-scripts writes it (the prediction type in modelspec.prediction_type)."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "finished_at": "2026-01-02T03:04:05+00:00"}))
+    out = export(tmp_path, run / "lora", "--format", "kohya")
+    file = next(out.glob("*.safetensors"))
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.implementation"] == (
+        "https://github.com/Stability-AI/generative-models" if case["xl"] else "diffusers")
+    assert meta["modelspec.title"] == file.stem == "run_alignprop_lora"
+    assert meta["modelspec.date"] == "2026-01-02T03:04:05+00:00"
+    assert "modelspec.date" not in formats.kohya_metadata(lora_files.read_lora(str(case["lora"])))
+    lora = lora_files.read_lora(str(run / "lora"))
+    lora.base = {**lora.base, "prediction_type": "v_prediction"}  # (as its run sampled it)
+    meta = formats.kohya_metadata(lora)
+    assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == (
+        "stable-diffusion-xl-v1-base/lora" if case["xl"] else "stable-diffusion-v1/lora", "v")
+
+
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
     """A1111 takes a LoRA for SD 2.x only from ss_v2 == "True" (else SD1: hidden under an SD2 checkpoint); SD.Next
     reads modelspec.architecture; sd-scripts writes both, v-prediction (SD 2.1 at 768 px) in the architecture."""

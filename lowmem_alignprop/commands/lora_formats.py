@@ -46,15 +46,24 @@ def kohya_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def kohya_metadata(lora: Lora) -> dict[str, str]:
+# the model spec's version and implementation of each family's LoRA, as sd-scripts writes them (library/
+# sai_model_spec.py: the UNet families' "diffusers" but SDXL's Stability repository; SD3's "diffusers"; FLUX.1's BFL's)
+MODEL_SPEC_VERSION = "1.0.1"
+MODEL_SPEC_IMPLEMENTATION = {SDXL: "https://github.com/Stability-AI/generative-models",
+                             "flux": "https://github.com/black-forest-labs/flux"}
+
+
+def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
+    """The kohya file's header: sd-scripts' ``ss_*`` keys, the model spec's required ``modelspec.*`` ones (``title``:
+    the file's stem, :func:`file_stem`), and ours (``alignprop_*``)."""
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     alpha = lora.config.get("lora_alpha") or ranks[0]
     if lora.config.get("use_rslora"):
         alpha = lora.scale(lora.modules[0]) * ranks[0]
     info = run_info(lora)
-    model = shared_name(str(lora.base_model or ""))
+    model, version = shared_name(str(lora.base_model or "")), base_family(lora)
     meta = {
-        "ss_base_model_version": base_family(lora),
+        "ss_base_model_version": version,
         # sd-scripts' module for the family (its SD3/FLUX LoRAs come from networks/lora_sd3.py and lora_flux.py)
         "ss_network_module": {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}.get(lora.family,
                                                                                                "networks.lora"),
@@ -66,7 +75,12 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         "alignprop_reward": str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),
+        "modelspec.sai_model_spec": MODEL_SPEC_VERSION,
+        "modelspec.implementation": MODEL_SPEC_IMPLEMENTATION.get(lora.family if lora.flow else version, "diffusers"),
+        "modelspec.title": title or file_stem(lora),  # (sd-scripts: the output name)
     }
+    if isinstance(lora.summary.get("finished_at"), str):  # when the run ended (not the export's "now": an export
+        meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = num(info["reward_last"])
         if info.get("reward_steps"):  # the mean over the run's last steps (summary.json's reward_last)
@@ -88,11 +102,12 @@ def kohya_metadata(lora: Lora) -> dict[str, str]:
         meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
                                                                   lora.model_components)
     else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
-        version = meta["ss_base_model_version"]
         meta["ss_v2"] = str(version == SD_V2)
         meta["ss_v_parameterization"] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
         meta["ss_zero_terminal_snr"] = str(zero_terminal_snr(lora))
         meta["modelspec.prediction_type"] = "v" if v_prediction(lora) else "epsilon"  # (the model spec's words)
+        # (sd-scripts: SDXL's one name, v-prediction or not, which modelspec.prediction_type then says; SD 2.x's v
+        # its own architecture)
         arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta["modelspec.architecture"] = f"{arch}/lora"
@@ -125,7 +140,7 @@ def write_kohya(lora: Lora, folder: Path, name: str) -> Path:
     from safetensors.torch import save_file
 
     path = folder / f"{name}.safetensors"
-    save_file(kohya_state_dict(lora), str(path), metadata=kohya_metadata(lora))
+    save_file(kohya_state_dict(lora), str(path), metadata=kohya_metadata(lora, name))
     return path
 
 

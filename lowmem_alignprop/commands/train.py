@@ -1372,6 +1372,8 @@ class Trainer:
         done = self.start if self.refinish else min(self.step, cfg.steps)
         early = self.held_out.stopped_at if self.held_out is not None and done < cfg.steps else None
         summary = {"steps": cfg.steps, "steps_done": done, "early_stopped_at": early,
+                   # when the run ended, in UTC (the kohya header's modelspec.date: the same in every export of it)
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                    "interrupted": done < cfg.steps and early is None,
                    "resumed_from": os.path.abspath(self.point.path) if self.point else None,
                    "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
