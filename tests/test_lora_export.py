@@ -353,15 +353,27 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     upper = tmp_path / "renamed.SAFETENSORS"  # a user's rename: the loaders read it, so its record counts too
     shutil.copyfile(next(single.glob("*.safetensors")), upper)
     assert merged_record(str(upper)) == merged_record(str(next(single.glob("*.safetensors")))) != []
-    for target in (merged, next(single.glob("*.safetensors"))):
+    # the single file is shared: its header names the base model and LoRA by name, as the kohya header does (the
+    # folder's merged_loras.json, read on this machine only, keeps the paths); the digest still tells the LoRA
+    from safetensors import safe_open
+    with safe_open(str(upper), framework="pt") as f:
+        header = f.metadata()
+    assert str(tmp_path.parent) not in json.dumps(header) and header["alignprop_base_model"] == sd["base"].name
+    lora_name = f"{sd['run'].name}/lora"
+    assert [(r["lora"], r["weight"], r["into"]) for r in merged_record(str(upper))] == [(lora_name, 1.0,
+                                                                                         sd["base"].name)]
+    from lowmem_alignprop.commands.evaluate import same_model  # `sample --model FILE`: the LoRA's run's settings
+    assert same_model(str(upper), str(sd["base"])) and not same_model(str(upper), str(tmp_path / "other-base"))
+    for target, held, into in ((merged, sd["lora"], sd["base"]),
+                               (next(single.glob("*.safetensors")), lora_name, sd["base"].name)):
         for lora in (sd["lora"], copy):
             capsys.readouterr()
             assert main(["export", "--lora", str(lora), "--merge", "--model", str(target), "--out",
                          str(tmp_path / "twice")]) == 2
             err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-            assert err == [f"error: --merge: {target} already holds this LoRA ({sd['lora']}, merged at weight 1): "
-                           f"merging it again would apply it twice; merge it into {sd['base']} instead (leave --model "
-                           f"out, or pass --model {sd['base']}), with --weight for another strength"]
+            assert err == [f"error: --merge: {target} already holds this LoRA ({held}, merged at weight 1): "
+                           f"merging it again would apply it twice; merge it into {into} instead (leave --model "
+                           f"out, or pass --model {into}), with --weight for another strength"]
             assert not (tmp_path / "twice").exists()
     # another LoRA (other weights) stacks: base + first + second, recorded in order
     other = make_sd_lora(sd["base"], tmp_path / "other-run", xl=False, seed=5)

@@ -46,7 +46,8 @@ from safetensors import safe_open
 from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
-from lowmem_alignprop.commands.lora_files import check_recorded_base, is_peft_folder, merged_record, nonfinite, read_run
+from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, merged_record, nonfinite,
+                                                  read_run, shared_name)
 from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
 from lowmem_alignprop.commands.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
@@ -326,7 +327,9 @@ def same_model(given: str, recorded: str) -> bool:
         return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
     base = [r["into"] for r in merged_record(given)[:1] if isinstance(r.get("into"), str)]
-    return any(same(model, recorded) for model in [given, *base])
+    # (a merged single file's header names its model by name only, lora_merge.shared_record: the recorded one's)
+    return any(same(model, recorded) for model in [given, *base]) or any(
+        b == shared_name(recorded) for b in base if not Path(b).expanduser().exists())
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import (MERGED_KEY, Lora, check_recorded_base, lora_digest, merged_record,
-                                                  read_lora)
+                                                  read_lora, shared_name)
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -176,7 +176,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
 
 def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
-    weight in it, the run's reward and steps, and the LoRAs the model holds (``merged``: :func:`merge_record`'s).
+    weight in it, the run's reward and steps, and the LoRAs the model holds (``merged``: :func:`merge_record`'s), each
+    model and LoRA by name (:func:`shared_record`).
     SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's MMDiT or Black Forest Labs' layout
     (models/flow_layout.py; the text encoders and VAE are the base model's)."""
     from safetensors.torch import save_file
@@ -199,8 +200,15 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
             if pipe.scheduler.config.get("rescale_betas_zero_snr"):
                 state[ZERO_SNR_KEY] = torch.zeros(0)  # ... and at zero terminal SNR by this one
     save_file(state, str(path), metadata={
-        "format": "pt", "alignprop_base_model": str(lora.base_model or ""),
+        "format": "pt", "alignprop_base_model": shared_name(str(lora.base_model or "")),
         "alignprop_lora_weight": num(merged[-1]["weight"]),
         "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
-        MERGED_KEY: json.dumps(merged)})
+        MERGED_KEY: json.dumps(shared_record(merged))})
     return path
+
+
+def shared_record(merged: list[dict]) -> list[dict]:
+    """A merged model's record (:func:`merge_record`) as a file shared with others holds it: its LoRAs and models by
+    name, as the kohya header names them (lora_files.shared_name: a user's folders stay theirs). The digests and
+    weights, which tell a LoRA merged in before, stay; a merged folder's MERGED_FILE keeps the paths."""
+    return [{**r, **{k: shared_name(r[k]) for k in ("lora", "into") if isinstance(r.get(k), str)}} for r in merged]
