@@ -193,6 +193,34 @@ def test_kohya_metadata_has_the_model_specs_required_keys(case, tmp_path):
         "stable-diffusion-xl-v1-base/lora" if case["xl"] else "stable-diffusion-v1/lora", "v")
 
 
+def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_path):
+    """A kohya file on a base whose folder says v-prediction: the card's diffusers code sets it from the folder, but
+    ComfyUI and A1111 sample a base checkpoint without its keys as epsilon; the card says the settings there
+    (ComfyUI's ModelSamplingDiscrete: v_prediction, zsnr; the run's guidance_rescale: RescaleCFG), as the header's
+    ss_v_parameterization / ss_zero_terminal_snr do. An epsilon run's card says none of it."""
+    plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
+    assert "ModelSamplingDiscrete" not in plain and "RescaleCFG" not in plain
+    base = tmp_path / "v-base"
+    shutil.copytree(sd["base"], base)
+    scheduler = base / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    run = tmp_path / "v-run"
+    shutil.copytree(sd["run"], run)
+    record = run / "lora" / LORA_BASE_FILE
+    record.write_text(json.dumps({**json.loads(record.read_text()), "model": str(base)}))
+    card = (export(tmp_path / "v", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert ("a *ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` off" in card
+            and "RescaleCFG" not in card), card
+    config = yaml.safe_load((run / "config.yaml").read_text())  # zero terminal SNR, eta 0 and guidance_rescale
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "zero_terminal_snr": True, "eta": 0.0,
+                                                     "guidance_rescale": 0.7}))
+    card = (export(tmp_path / "z", run / "lora", "--format", "kohya") / "README.md").read_text()
+    assert ("Sample it as its run did, v-prediction and zero terminal SNR, DDIM at eta 0: ComfyUI: a "
+            "*ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` on (sampler `ddim`)"
+            in card and "Noise schedule for sampling: Zero Terminal SNR" in card), card
+    assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card
+
+
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
     """A1111 takes a LoRA for SD 2.x only from ss_v2 == "True" (else SD1: hidden under an SD2 checkpoint); SD.Next
     reads modelspec.architecture; sd-scripts writes both, v-prediction (SD 2.1 at 768 px) in the architecture."""

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowmem_alignprop.commands.lora_files import SDXL, Lora, base_family, denoiser_name, shared_name
+from lowmem_alignprop.commands.lora_files import (SDXL, Lora, base_family, denoiser_name, shared_name, v_prediction,
+                                                  zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
@@ -220,6 +221,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL), info, lora.flow)
+    if fmt == "kohya" and not lora.flow:  # (the diffusers code sets them from the base's folder; these tools do not)
+        usage += kohya_sampling(lora, info)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -272,6 +275,33 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
             call[:0] = [f"pipe.vae = {vae}  # the VAE it trained with"]
     end = next((i for i in range(at, len(usage)) if usage[i] == "```"), len(usage))
     return usage[:end] + call + usage[end:]
+
+
+def kohya_sampling(lora: Lora, info: dict[str, Any]) -> list[str]:
+    """The card's lines for ComfyUI and A1111 users of a kohya file whose run sampled its base as v-prediction, at
+    zero terminal SNR or with guidance_rescale (lora_files.v_prediction / zero_terminal_snr, as the header's
+    ss_v_parameterization / ss_zero_terminal_snr say): a LoRA file cannot set them, a base checkpoint without its
+    ``v_pred`` / ``ztsnr`` keys (a diffusers folder converted, a model's .yaml left behind) samples as epsilon
+    without them, and the images come out noise or washed out."""
+    v, zero = v_prediction(lora), zero_terminal_snr(lora)
+    rescale = info.get("guidance_rescale") or 0
+    lines = []
+    if v or zero:
+        told = " and ".join(x for x, on in (("v-prediction", v), ("zero terminal SNR", zero)) if on)
+        eta = info.get("eta")
+        lines += [f"- Sample it as its run did, {told}" + (f", DDIM at eta {num(eta)}" if eta is not None else "") +
+                  ": ComfyUI: a *ModelSamplingDiscrete* node after the checkpoint, sampling "
+                  f"`{'v_prediction' if v else 'eps'}`, `zsnr` {'on' if zero else 'off'}" +
+                  (" (sampler `ddim`)" if eta == 0 else "") + "; AUTOMATIC1111 / Forge: a base checkpoint that says "
+                  + ("v-prediction (its `v_pred` key, or a `.yaml` beside it with `parameterization: \"v\"`)"
+                     if v else "epsilon") +
+                  (", and *Settings > Sampler parameters > Noise schedule for sampling: Zero Terminal SNR*" if zero
+                   else "") + "."]
+    if rescale:
+        lines.append(f"- The run rescaled the guidance (guidance_rescale {num(rescale)}): ComfyUI: a *RescaleCFG* node "
+                     f"after the checkpoint, multiplier {num(rescale)}; AUTOMATIC1111 / Forge: a CFG-rescale extension "
+                     "at the same value.")
+    return lines
 
 
 def _vae_load(spec: str) -> str:
