@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
+from lowmem_alignprop.commands.lora_files import (HEADER_PREDICTION, HEADER_ZERO_SNR, KOHYA_V2, KOHYA_V_PREDICTION,
+                                                 KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION,
+                                                 PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
                                                  base_family, denoiser_name, lora_digest, shared_name,
                                                  temporary_folder, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
@@ -90,27 +92,27 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
-        meta["alignprop_prediction_type"] = str(info["prediction_type"])
+        meta[HEADER_PREDICTION] = str(info["prediction_type"])
     if zero_terminal_snr(lora):  # (as its run sampled it: a folder's own schedule too, which config.yaml leaves out)
-        meta["alignprop_zero_terminal_snr"] = "True"
+        meta[HEADER_ZERO_SNR] = "True"
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
             meta["alignprop_init_lora_sha256"] = info["init_lora_sha"]
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
-        meta["modelspec.architecture"] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
+        meta[MODELSPEC_ARCHITECTURE] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
                                                                   lora.model_components)
     else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
-        meta["ss_v2"] = str(version == SD_V2)
-        meta["ss_v_parameterization"] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
-        meta["ss_zero_terminal_snr"] = str(zero_terminal_snr(lora))
-        meta["modelspec.prediction_type"] = "v" if v_prediction(lora) else "epsilon"  # (the model spec's words)
+        meta[KOHYA_V2] = str(version == SD_V2)
+        meta[KOHYA_V_PREDICTION] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
+        meta[KOHYA_ZERO_SNR] = str(zero_terminal_snr(lora))
+        meta[MODELSPEC_PREDICTION] = "v" if v_prediction(lora) else "epsilon"  # (the model spec's words)
         # (sd-scripts: SDXL's one name, v-prediction or not, which modelspec.prediction_type then says; SD 2.x's v
         # its own architecture)
         arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
-        meta["modelspec.architecture"] = f"{arch}/lora"
+        meta[MODELSPEC_ARCHITECTURE] = f"{arch}/lora"
     return meta
 
 
