@@ -219,6 +219,9 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
             "*ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` on (sampler `ddim`)"
             in card and "Noise schedule for sampling: Zero Terminal SNR" in card), card
     assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card
+    # the merged single file carries v_pred / ztsnr (ComfyUI reads them): its card says the rescale, which it cannot
+    card = (export(tmp_path / "m", run / "lora", "--merge", "--single-file") / "README.md").read_text()
+    assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card and "ModelSamplingDiscrete" not in card
 
 
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):

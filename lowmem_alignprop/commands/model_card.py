@@ -221,8 +221,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL), info, lora.flow)
-    if fmt == "kohya" and not lora.flow:  # (the diffusers code sets them from the base's folder; these tools do not)
-        usage += kohya_sampling(lora, info)
+    if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
+        usage += webui_sampling(lora, info, fmt)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
     train_cmd = training_command(lora)
     lines += ["", "## How it was made", "", "```bash"]
@@ -277,16 +277,17 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
     return usage[:end] + call + usage[end:]
 
 
-def kohya_sampling(lora: Lora, info: dict[str, Any]) -> list[str]:
-    """The card's lines for ComfyUI and A1111 users of a kohya file whose run sampled its base as v-prediction, at
-    zero terminal SNR or with guidance_rescale (lora_files.v_prediction / zero_terminal_snr, as the header's
-    ss_v_parameterization / ss_zero_terminal_snr say): a LoRA file cannot set them, a base checkpoint without its
-    ``v_pred`` / ``ztsnr`` keys (a diffusers folder converted, a model's .yaml left behind) samples as epsilon
-    without them, and the images come out noise or washed out."""
+def webui_sampling(lora: Lora, info: dict[str, Any], fmt: str = "kohya") -> list[str]:
+    """The card's lines for ComfyUI and A1111 users of a kohya file (``fmt``) whose run sampled its base as
+    v-prediction, at zero terminal SNR or with guidance_rescale (lora_files.v_prediction / zero_terminal_snr, as the
+    header's ss_v_parameterization / ss_zero_terminal_snr say): a LoRA file cannot set them, a base checkpoint
+    without its ``v_pred`` / ``ztsnr`` keys (a diffusers folder converted, a model's .yaml left behind) samples as
+    epsilon without them, and the images come out noise or washed out. A merged single file (``single-file``)
+    carries those keys itself: only the guidance's rescale, which no file carries, is said."""
     v, zero = v_prediction(lora), zero_terminal_snr(lora)
     rescale = info.get("guidance_rescale") or 0
     lines = []
-    if v or zero:
+    if (v or zero) and fmt == "kohya":
         told = " and ".join(x for x, on in (("v-prediction", v), ("zero terminal SNR", zero)) if on)
         eta = info.get("eta")
         lines += [f"- Sample it as its run did, {told}" + (f", DDIM at eta {num(eta)}" if eta is not None else "") +
