@@ -289,6 +289,14 @@ def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(ti
             "drop zero_terminal_snr"}
     check_before_load(Config(model=str(tmp_path / "v_prediction"), eta=0.0))  # what trains is not refused
     check_before_load(Config(model="sd15", zero_terminal_snr=True, prediction_type="v_prediction", eta=0.0))
+    # what plan shows of it: the sampler as the files and flags resolve it (config.yaml keeps the flags as given)
+    for args, line in (([], "  sampler: DDIM at eta 1, epsilon (noise) prediction"),
+                       (["--model", str(tmp_path / "v_prediction"), "--set", "eta=0", "--set", "guidance_rescale=0.7"],
+                        "  sampler: DDIM at eta 0, v-prediction, zero terminal SNR, guidance_rescale 0.7"),
+                       (["--model", "sd15", "--set", "prediction_type=v_prediction"],
+                        "  sampler: DDIM at eta 1, v-prediction")):
+        assert main(["plan", "--profile", "cpu", *args]) == 0
+        assert line in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.parametrize("sampler,said", [("LCMScheduler", True), ("TCDScheduler", True),

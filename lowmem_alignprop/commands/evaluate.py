@@ -737,13 +737,12 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
 def _sampler(pipe, cfg) -> dict:
     """sample_results.json's ``sampler``: the scheduler and the settings the images were rendered with."""
     scheduler = type(pipe.scheduler).__name__.removesuffix("Scheduler")  # DDIM or FlowMatchEulerDiscrete
+    from lowmem_alignprop.models.sampler_check import ddim_settings
+
     return {"scheduler": scheduler,
             "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
-            **({"eta": cfg.eta, "guidance_rescale": cfg.guidance_rescale}  # (flow models' Euler steps and
-               if scheduler == "DDIM" else {}),  # pipelines have neither)
-            **({"prediction_type": pipe.scheduler.config.prediction_type,  # (what the UNet was taken to
-                "zero_terminal_snr": bool(pipe.scheduler.config.get("rescale_betas_zero_snr"))}  # predict)
-               if scheduler == "DDIM" else {}),
+            # (flow models' Euler steps and pipelines have no eta, rescale or prediction type)
+            **(ddim_settings(cfg, pipe.scheduler.config) if scheduler == "DDIM" else {}),
             "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt}
 
 

@@ -60,6 +60,7 @@ from lowmem_alignprop.memory.allowances import ALLOWANCES, CUDA_BLOCK, GIB, RESE
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.models.loading import check_before_load
+from lowmem_alignprop.models.sampler_check import ddim_settings
 from lowmem_alignprop.models.sampling import HOST_CACHE_ABOVE, vae_scale_factor
 from lowmem_alignprop.run.disk_space import run_bytes
 from lowmem_alignprop.measure.counters import (TEXT_ENCODER, Counters, EncodedOnce, HostSaveOnCpu, LiveBytes, Residency,
@@ -578,7 +579,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
 
     target = target or default_target(profile, cfg.card)
     check_budget(cfg, target)
-    check_before_load(cfg)  # a sampler training would refuse (the model's own zero-SNR schedule at eta 1...)
+    sampler = check_before_load(cfg)  # a sampler training would refuse (the model's own zero-SNR schedule at eta 1...)
     if target == "cpu" and cfg.base_quant in BNB_MODES:  # what train would refuse on this target
         raise UserError(f"base_quant={cfg.base_quant} needs a CUDA GPU (bitsandbytes' quantized kernels), so a CPU "
                         f"run cannot use it: plan it for a card (--device cuda or a GPU profile), or drop "
@@ -603,6 +604,8 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
                      else "torch.autocast('cpu', bf16)" if cfg.mixed_precision == "bf16"
                      else "none: fp16 runs in fp32 on a CPU, as the trainer does"),
         "config": cfg.to_dict(), "estimate": est.to_dict(),
+        # how it samples, resolved from the model's files (a single file's v_pred key...): None for a hub id, SD3/FLUX
+        "sampler": None if sampler is None else {"scheduler": "DDIM", **ddim_settings(cfg, sampler)},
         "stages": est.stages, "peak_allocated": est.peak_allocated, "peak_stage": est.peak_stage,
         "host_pinned": est.host_pinned,  # block swap's frozen blocks in pinned host memory (bytes, as stored)
         "host_memory": est.host,  # a GPU target's host memory held by the models and tensors: load, steps (bytes)

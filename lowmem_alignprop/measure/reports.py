@@ -48,6 +48,17 @@ def plan_features(cfg: dict[str, Any]) -> list[str]:
     return feats
 
 
+def describe_sampler(s: dict[str, Any]) -> str:
+    """plan's sampler line (planner.plan's ``sampler``): what the UNet predicts as the model's files and the run's
+    settings resolve it (a single file's v_pred key, a folder's scheduler, --set prediction_type), the schedule's zero
+    terminal SNR, DDIM's eta and the guidance rescale."""
+    predicts = {"v_prediction": "v-prediction", "epsilon": "epsilon (noise) prediction"}.get(s["prediction_type"],
+                                                                                          str(s["prediction_type"]))
+    return ", ".join([f"{s['scheduler']} at eta {s['eta']:g}", predicts]
+                     + (["zero terminal SNR"] if s["zero_terminal_snr"] else [])
+                     + ([f"guidance_rescale {s['guidance_rescale']:g}"] if s["guidance_rescale"] else []))
+
+
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
     from lowmem_alignprop.settings.model_kind import FLOW_KINDS, denoiser_component
@@ -64,6 +75,7 @@ def format_plan(r: dict[str, Any]) -> str:
         + (f"lora (r={cfg['lora_rank']}{_layers(cfg)})" if cfg["train_unet"] == "lora" else "the full UNet trains")
         + f", {cfg['optimizer']}",
         f"  features: {', '.join(feats)}",
+        *([f"  sampler: {describe_sampler(r['sampler'])}"] if r.get("sampler") else []),
         "",
         f"  {'stage':<15} {'allocated':>10} {'weights':>9} {'other':>9} {'reserved':>9}  on the device (GiB)",
     ]

@@ -148,10 +148,11 @@ def check_vae_file(spec: str) -> None:
         raise UserError(_no_vae_weights(spec))
 
 
-def check_before_load(cfg) -> None:
+def check_before_load(cfg) -> dict | None:
     """What loading would refuse for ``cfg``, told from the files before any weight loads (`plan` and training
     alike): a ``vae`` file of no VAE; of a UNet model, a single file without a VAE when none is named, a sampler
-    ``sampler_check.run_scheduler`` refuses."""
+    ``sampler_check.run_scheduler`` refuses. Returns the DDIM sampler's config the run will sample with (`plan`
+    shows it); None where only loading tells (a hub id) and for SD3/FLUX (Euler steps)."""
     from lowmem_alignprop.models.arch import lacks_vae
     from lowmem_alignprop.models.sampler_check import files_scheduler_config, run_scheduler
 
@@ -159,13 +160,12 @@ def check_before_load(cfg) -> None:
         check_vae_file(cfg.vae)  # (plan planned the model's own VAE for any file)
     kind, where = resolve_model(cfg.model)
     if is_flow_source(cfg, kind, where):
-        return
+        return None
     config = files_scheduler_config(cfg, kind, where)  # (a single file's architecture told first: a LoRA file...)
     if kind == "file" and not getattr(cfg, "vae", "") and lacks_vae(where):  # (plan planned the file's arch's VAE)
         raise UserError(f"{cfg.model} holds no VAE weights (a \"no-vae\" checkpoint): name a VAE to decode with, "
                         "--set vae=DIR|FILE|HUB_ID (e.g. the model family's own VAE), or use a full checkpoint")
-    if config is not None:
-        run_scheduler(cfg, config, kind, where)
+    return None if config is None else dict(run_scheduler(cfg, config, kind, where).config)
 
 
 def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torch.device | None = None, *,

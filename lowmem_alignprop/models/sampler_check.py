@@ -46,6 +46,13 @@ def check_sampler(cfg, config) -> None:
         raise UserError(f"{cfg.model}: " + zero_snr_eta(cfg.eta))
 
 
+def ddim_settings(cfg, config) -> dict:
+    """How a UNet model's images are sampled: DDIM's eta and guidance rescale (``cfg``), and what the UNet is taken
+    to predict and whether at zero terminal SNR (the scheduler's ``config``): sample_results.json's and plan's."""
+    return {"eta": cfg.eta, "guidance_rescale": cfg.guidance_rescale, "prediction_type": config.get("prediction_type"),
+            "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr"))}
+
+
 def files_scheduler_config(cfg, kind: str, where: str) -> dict | None:
     """The scheduler config the model's files give, read without its weights; None for a hub id (read as it loads)
     and for an SD3/FLUX model (no DDIM)."""
