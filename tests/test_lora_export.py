@@ -134,7 +134,7 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert meta["ss_resolution"] == f"({resolution}, {resolution})" and meta["modelspec.resolution"] == \
         f"{resolution}x{resolution}"
     lora = lora_files.read_lora(str(case["lora"]))  # the final reward: the mean of the run's last 3 steps, said
-    lora.summary = {**lora.summary, "reward_last": 1.5, "reward_steps": 3, "steps": 6}
+    lora.summary = {**lora.summary, "reward_last": 1.5, "reward_window": 3, "reward_steps": 6, "steps": 6}
     lora.run_config = {**lora.run_config, "init_lora": str(case["base"].parent / "start" / "mine.safetensors")}
     meta = formats.kohya_metadata(lora)
     assert (meta["alignprop_final_reward"], meta["alignprop_final_reward_steps"]) == ("1.5", "3")

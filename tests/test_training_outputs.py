@@ -467,6 +467,11 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     assert summary["exports"] == {"kohya": str(full_run / "export" / "kohya"), "peft": str(full_run / "export" / "peft")}
     assert summary["pushed_to_hub"] == {"repo": "you/alignprop", "url": "https://huggingface.co/you/alignprop",
                                         "failed": None}
+    from lowmem_alignprop.run.tensor_files import read_safetensors_metadata
+    header = read_safetensors_metadata(kohya[0])  # the final reward: the mean of the run's last reward_window steps
+    assert summary["reward_window"] < summary["reward_steps"] == 4, summary
+    assert (float(header["alignprop_final_reward"]), header["alignprop_final_reward_steps"]) == (
+        pytest.approx(summary["reward_last"], rel=1e-5), str(summary["reward_window"]))  # (6 digits written)
 
 
 def test_training_on_says_the_exports_are_of_the_earlier_lora(full_run, tmp_path, caplog, capsys):

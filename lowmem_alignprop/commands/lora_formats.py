@@ -85,8 +85,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = num(info["reward_last"])
-        if info.get("reward_steps"):  # the mean over the run's last steps (summary.json's reward_last)
-            meta["alignprop_final_reward_steps"] = str(info["reward_steps"])
+        if info.get("reward_window"):  # how many of the run's last steps it is the mean of (summary.json's
+            meta["alignprop_final_reward_steps"] = str(info["reward_window"])  # reward_window; reward_steps: all)
     if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts and the model spec write it
         meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"

@@ -42,8 +42,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     if steps is not None:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
-                "reward_since_step", "reward_steps", "early_stopped_at", "best_step", "processes", "auto_fit",
-                "resume_changes", "t5_tokens"):
+                "reward_since_step", "reward_steps", "reward_window", "early_stopped_at", "best_step", "processes",
+                "auto_fit", "resume_changes", "t5_tokens"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
