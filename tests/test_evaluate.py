@@ -1009,6 +1009,15 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
     assert args.set == ["prediction_type=v_prediction"]
     assert f"--lora {second}'s run sampled with prediction_type=epsilon: the images use the first LoRA's settings " \
         "(prediction_type=v_prediction)" in caplog.text
+    # the run's other image settings (alignprop_image_settings, JSON): the shared ones of plain values; damaged: none
+    shared = {"resolution": 64, "negative_prompt": "dark", "eta": 0.0, "vae": "madebyollin/sdxl-vae-fp16-fix"}
+    assert read(alignprop_image_settings=json.dumps({**shared, "guidance_scale": [3], "model_components": "/x",
+                                                     "resolution_x": 5})) == {
+        k: (v, "alignprop_image_settings") for k, v in shared.items()}
+    assert read(alignprop_image_settings="{resolution: 64") == {} and read(alignprop_image_settings="[64]") == {}
+    from lowmem_alignprop.commands.lora_files import shared_image_settings
+    assert shared_image_settings({**shared, "vae": str(tmp_path), "model_components": "/m", "prediction_type": "v"}) \
+        == {k: v for k, v in shared.items() if k != "vae"}  # (a local path is the trainer's; its own keys say those)
 
 
 def test_guidance_rescale_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):

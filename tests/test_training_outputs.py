@@ -570,6 +570,33 @@ def test_sample_accepts_a_training_checkpoint(full_run, tmp_path):
     assert lora_rewards(full_run / "checkpoints" / "step-00000002", "ckpt2") != pytest.approx(final, rel=1e-4)
 
 
+def test_a_kohya_file_shared_alone_samples_as_its_run_did(full_run, tmp_path, caplog):
+    """The run's kohya export copied away alone (no base_model.json; what ComfyUI users share): `sample FILE --model
+    M` renders with the image settings its header records (the run's sample_steps 3 and negative prompt, not the
+    profile's): the same sampler settings and rewards as the run's lora/."""
+    import json
+    import logging
+    import shutil
+
+    from lowmem_alignprop.cli import main
+
+    alone = tmp_path / "shared" / "mine.safetensors"
+    alone.parent.mkdir()
+    shutil.copy2(next((full_run / "export" / "kohya").glob("*.safetensors")), alone)
+    results = {}
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    for name, spec in (("run", full_run / "lora"), ("alone", alone)):
+        out = tmp_path / name
+        assert main(["sample", "--profile", "cpu", "--model", "tiny", "--num-prompts", "1", "--reward", "brightness",
+                     "--lora", str(spec), "--output-dir", str(out)]) == 0
+        results[name] = json.loads((out / "sample_results.json").read_text())
+    assert results["alone"]["sampler"] == results["run"]["sampler"]
+    assert (results["alone"]["sampler"]["sample_steps"], results["alone"]["sampler"]["negative_prompt"]) == (3, NEGATIVE)
+    assert results["alone"]["lora_mean"] == results["run"]["lora_mean"]
+    assert f"--lora {alone} has no base_model.json beside it: its header (alignprop_image_settings) says its run " \
+           "sampled with " in caplog.text
+
+
 @pytest.mark.parametrize("sets, needle", [
     (["export_format=kohya,kohyaa"], "export_format: 'kohyaa' is not one of diffusers, kohya, peft: use --set "
                                      "export_format=kohya"),

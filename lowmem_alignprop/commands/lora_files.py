@@ -341,6 +341,11 @@ def zero_terminal_snr(lora: Lora) -> bool:
 # writes the ss_ and modelspec. ones too): what `sample` of the file alone, with no base_model.json, renders with
 HEADER_PREDICTION = "alignprop_prediction_type"  # our run's --set prediction_type (the base's files say otherwise)
 HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
+# the run's other image settings (resolution, steps, guidance, eta, negative prompt...), as JSON: a file shared alone
+# samples as its run did (base_model.json's image_settings; a local path among them left out: it is the trainer's)
+HEADER_IMAGE_SETTINGS = "alignprop_image_settings"
+SHARED_IMAGE_SETTINGS = ("resolution", "sample_steps", "guidance_scale", "guidance_rescale", "eta",
+                         "max_sequence_length", "negative_prompt", "t5_encoder", "vae")
 KOHYA_V_PREDICTION = "ss_v_parameterization"  # "True"/"False"
 KOHYA_ZERO_SNR = "ss_zero_terminal_snr"
 KOHYA_V2 = "ss_v2"
@@ -373,7 +378,29 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if zero is not None and zero[1] == "True" and not (said and said[0][1] == "epsilon"):
         settings["zero_terminal_snr"] = True
         keys["zero_terminal_snr"] = zero[0]
+    for key, value in _json_object(meta.get(HEADER_IMAGE_SETTINGS)).items():
+        if key in SHARED_IMAGE_SETTINGS and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            settings[key], keys[key] = value, HEADER_IMAGE_SETTINGS
     return settings, keys
+
+
+def shared_image_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's image settings (base_model.json's image_settings) as a LoRA file's header shares them
+    (:data:`HEADER_IMAGE_SETTINGS`): a path on the machine that trained (a VAE file or folder) left out, a hub id kept;
+    the prediction type and zero SNR have their own keys (as the run resolved them)."""
+    from lowmem_alignprop.settings.paths import looks_like_hub_id
+
+    return {k: v for k, v in settings.items() if k in SHARED_IMAGE_SETTINGS and (
+        k != "vae" or looks_like_hub_id(str(v)) and not Path(str(v)).expanduser().exists())}
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """A header value holding a JSON object, else {} (none, damaged, not an object)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def base_family(lora: Lora) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_PREDICTION, HEADER_ZERO_SNR, KOHYA_V2, KOHYA_V_PREDICTION,
+from lowmem_alignprop.commands.lora_files import (HEADER_IMAGE_SETTINGS, HEADER_PREDICTION, HEADER_ZERO_SNR,
+                                                 KOHYA_V2, KOHYA_V_PREDICTION, shared_image_settings,
                                                  KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION,
                                                  PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora,
                                                  base_family, denoiser_name, lora_digest, shared_name,
@@ -95,6 +96,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta[HEADER_PREDICTION] = str(info["prediction_type"])
     if zero_terminal_snr(lora):  # (as its run sampled it: a folder's own schedule too, which config.yaml leaves out)
         meta[HEADER_ZERO_SNR] = "True"
+    if shared := shared_image_settings(lora_image_settings(lora)):  # how its run sampled: `sample FILE` alone reads it
+        meta[HEADER_IMAGE_SETTINGS] = json.dumps(shared, sort_keys=True)
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
@@ -114,6 +117,14 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
             "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
         meta[MODELSPEC_ARCHITECTURE] = f"{arch}/lora"
     return meta
+
+
+def lora_image_settings(lora: Lora) -> dict:
+    """The image settings the LoRA's run sampled with: its run's config (a checkpoint's: its state's), else
+    base_model.json's record (a LoRA copied away from its run)."""
+    from lowmem_alignprop.settings.config import image_settings
+
+    return image_settings(lora.run_config) if lora.run_config else dict((lora.base or {}).get("image_settings") or {})
 
 
 # sd-scripts' keys of how a LoRA was trained (A1111's and Civitai's metadata panels show them): run config field -> key

@@ -80,17 +80,19 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
 
 
 def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str]) -> None:
-    """The prediction type and zero-SNR schedule the first LoRA's file header says its run sampled with
-    (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`; no base_model.json beside it) not in
-    ``given`` into ``args.set``, said in one line; another LoRA's run's other settings said."""
+    """The image settings (prediction type, zero-SNR schedule, resolution, steps, guidance...) the first LoRA's file
+    header says its run sampled with (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`; no
+    base_model.json beside it) not in ``given`` into ``args.set``, said in one line; another LoRA's run's other
+    settings said."""
     settings, keys = header_image_settings(specs[0].file)
     if taken := {k: v for k, v in settings.items() if k not in given}:
-        # (a zero-SNR schedule is sampled with eta below 1, which the header does not record: DDIM's deterministic 0)
-        eta = taken.get("zero_terminal_snr") and "eta" not in given and not args.recipe
+        # (a zero-SNR schedule is sampled with eta below 1; a header of an older export does not record the run's:
+        # DDIM's deterministic 0)
+        eta = taken.get("zero_terminal_snr") and "eta" not in given and "eta" not in taken and not args.recipe
         args.set += [f"{k}={v}" for k, v in taken.items()] + (["eta=0"] if eta else [])
         logger.info(
             "--lora %s has no base_model.json beside it: its header (%s) says its run sampled with %s, so this "
-            "does%s (--set KEY=VALUE chooses)", specs[0].arg, ", ".join(keys[k] for k in taken),
+            "does%s (--set KEY=VALUE chooses)", specs[0].arg, ", ".join(dict.fromkeys(keys[k] for k in taken)),
             " ".join(f"{k}={v}" for k, v in taken.items()),
             ", at eta=0 (the header does not say the run's; zero SNR needs one below 1)" if eta else "")
     say_other_runs(specs, settings, given)
