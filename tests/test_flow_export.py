@@ -679,6 +679,12 @@ def test_a_lora_sampled_on_its_model_named_renders_as_its_run_and_an_unknown_mod
         assert len(err) == 1 and (f"(the default: --lora {lora} records no model it was trained on) is a UNet model"
                                   in err[0]), err
         assert ("base_model.json cannot be read" in caplog.text) == (content is not None), caplog.text
+    # mixed with a run's LoRA that records its model: the line names it (the --model to pass, likely)
+    assert main(["sample", "--profile", "cpu", "--lora", f"{lora}:0.5", "--lora", f"{flux_run / 'lora'}:0.5",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and (f"(the default: --lora {lora}:0.5 records no model it was trained on; --lora "
+                              f"{flux_run / 'lora'}:0.5 records {flux['base']}) is a UNet model" in err[0]), err
     assert not (tmp_path / "o").exists()
 
 

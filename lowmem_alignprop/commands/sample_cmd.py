@@ -47,7 +47,9 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
         if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
-            default_model = f"--lora {specs[0].arg} records no model it was trained on"
+            default_model = f"--lora {specs[0].arg} records no model it was trained on" + next(
+                (f"; --lora {s.arg} records {r[0]}" for s in specs[1:] if (r := recorded_base(s, model_given=True))),
+                "")  # (a mix's other LoRA that names its model: the --model to pass, likely)
     if base is not None and (args.model is None or same_model(args.model, base[0])):
         _take_base(args, specs, base, given)
     elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
