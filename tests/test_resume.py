@@ -225,11 +225,21 @@ def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_pa
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "5",
                      "--set", "lr_scheduler=linear"]) == 0
-    assert "resume: steps was 4 in the checkpoint, now 5: lr_scheduler=linear decays toward 0 at the run's end, " \
-           "so the steps left train at other rates than the checkpoint's schedule had" in caplog.text
+    assert "resume: steps was 4 in the checkpoint, now 5: from step 5 the learning rate follows the 5-step linear " \
+           "schedule: 0.00333 there, down from 0.005 at step 4 (the checkpoint's 4-step cosine schedule)" in caplog.text
     assert "resume: lr_scheduler was 'cosine' in the checkpoint, now 'linear'" in caplog.text
     changes = json.loads((tmp_path / "full" / "summary.json").read_text())["resume_changes"]
     assert changes[-1] == {"step": 5, "changes": {"lr_scheduler": ["cosine", "linear"]}}, changes
+    # the same schedule made longer: the rate rises again where the checkpoint's had decayed, and says so
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*args, "--output-dir", str(tmp_path / "full"), "--resume", "latest", "--steps", "8",
+                     "--set", "lr_scheduler=linear"]) == 0
+    rows = strict_rows(tmp_path / "full")
+    assert [r["lr"] for r in rows[-3:]] == pytest.approx([0.01 * 3 / 6, 0.01 * 2 / 6, 0.01 * 1 / 6], abs=1e-12)
+    assert "resume: steps was 5 in the checkpoint, now 8: from step 6 the learning rate follows the 8-step linear " \
+           "schedule: 0.005 there, up from 0.00333 at step 5 (the checkpoint's 5-step linear schedule), 0.00167 at " \
+           "step 8" in caplog.text
 
 
 def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path, tiny_dir, caplog):

@@ -66,7 +66,8 @@ from lowmem_alignprop.models.sampling import (draw_window, enable_block_checkpoi
                                               vae_scale_factor)
 from lowmem_alignprop.step.micro import Rollout, micro_step
 from lowmem_alignprop.step.rollout import apply_memory_features
-from lowmem_alignprop.step.update import LearningRate, StepOutcome, StepUpdate, optimizer_update
+from lowmem_alignprop.step.update import (LearningRate, StepOutcome, StepUpdate, moved_schedule_note,
+                                          optimizer_update)
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
                                                   nonfinite_note, render_fixed_seed, renders_note, schedule_note)
@@ -344,6 +345,8 @@ class Trainer:
                 self.refinish = self.missing_outputs()
                 ckpt.check_config(self.point.state, self.cfg, self.point.path, finished=self.refinish is not None)
                 saved = self.point.state.get("config", {})
+                if self.is_rank0() and (moved := moved_schedule_note(saved, self.cfg, self.point.step)):
+                    log.warning("%s", moved)  # (a decaying schedule's end moved: the rates from here on)
                 if saved.get("model", self.cfg.model) != self.cfg.model and meta_models.denoiser_differs(self.cfg,
                                                                                                       saved):
                     raise ckpt.another_model(self.point.state["fingerprint"], self.cfg.model,

@@ -411,10 +411,6 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
     for n in changed if global_rank() == 0 else ():  # every rank checks alike: rank 0 says it
         log.warning("resume: %s was %r in the checkpoint, now %r%s", n, saved[n], getattr(cfg, n),
                     CHANGE_NOTES.get(n, ""))
-    if cfg.lr_scheduler != "constant" and saved.get("steps", cfg.steps) != cfg.steps and global_rank() == 0:
-        log.warning("resume: steps was %s in the checkpoint, now %d: lr_scheduler=%s decays toward 0 at the run's "
-                    "end, so the steps left train at other rates than the checkpoint's schedule had", saved["steps"],
-                    cfg.steps, cfg.lr_scheduler)
 
 
 def pick_a_checkpoint(spec: str, flag: str) -> str | None:

@@ -75,6 +75,28 @@ class LearningRate:
         return self.optimizer.param_groups[0]["lr"]
 
 
+def moved_schedule_note(saved: dict, cfg, step: int) -> str | None:
+    """What a resume from ``step`` that moves the run's last step (``saved``: the checkpoint's config) does to a
+    decaying schedule: the rates from the next step on are the new schedule's, which may rise where the old one had
+    decayed; None where nothing moves (a constant rate, the same steps)."""
+    from types import SimpleNamespace
+
+    if cfg.lr_scheduler == "constant" or saved.get("steps", cfg.steps) == cfg.steps or step >= cfg.steps:
+        return None
+    old = SimpleNamespace(**{k: saved.get(k, getattr(cfg, k)) for k in ("lr", "lr_scheduler", "lr_warmup_steps",
+                                                                         "steps")})
+
+    def rate(c, n):  # (on a throwaway optimizer: the run's own is untouched)
+        return LearningRate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.lr), c).rate(n)
+
+    then, now = rate(old, step), rate(cfg, step + 1)
+    last = f", {rate(cfg, cfg.steps):.3g} at step {cfg.steps}" if cfg.steps > step + 1 else ""
+    return (f"resume: steps was {old.steps} in the checkpoint, now {cfg.steps}: from step {step + 1} the learning "
+            f"rate follows the {cfg.steps}-step {cfg.lr_scheduler} schedule: {now:.3g} there, "
+            f"{'up' if now > then else 'down'} from {then:.3g} at step {step} (the checkpoint's {old.steps}-step "
+            f"{old.lr_scheduler} schedule){last}")
+
+
 @dataclass
 class StepUpdate:
     """What the optimizer stage of one step did, for its metrics line and the trainer's checks."""
