@@ -4,6 +4,7 @@ a LoRA to start from, and any checkpoint looked at with ``sample``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -352,6 +353,30 @@ def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_
             said.append([x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")])
         assert said[0] == said[1] and len(said[0]) == 1 and needle in said[0][0], said
     assert main(["plan", "--profile", "cpu", "--model", "tiny", "--init-lora", str(made_lora["lora"])]) == 0
+
+
+def test_plan_names_the_model_an_ill_fitting_init_lora_was_trained_on_as_training_does(made_lora, tmp_path, capsys):
+    """A LoRA of other widths whose base_model.json records another model: plan's line (the LoRA fitted onto the
+    model built on meta) names that model as training's does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+
+    other = tmp_path / "other_model" / "pytorch_lora_weights.safetensors"
+    other.parent.mkdir()
+    with safe_open(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        save_file({k: torch.zeros(f.get_tensor(k).shape[0], 48) if ".attn2.to_k." in k and k.endswith(
+            ("lora.down.weight", "lora_A.weight")) else f.get_tensor(k) for k in f.keys()}, str(other),
+            metadata=f.metadata())
+    (other.parent / "base_model.json").write_text(json.dumps({"model": "someone/other-model"}))
+    said = []
+    for command in (["plan"], ["--steps", "1", "--output-dir", str(tmp_path / "never")]):
+        assert main([*command, "--profile", "cpu", "--model", "tiny", "--init-lora", str(other)]) == 2
+        said.append([x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")])
+    assert said[0] == said[1] and len(said[0]) == 1, said
+    assert " (it was trained on someone/other-model, not --model tiny: if that is another model, pass a LoRA of " \
+        "this one)" in said[0][0], said
 
 
 # ---------------------------------------------------------------------------------------------------------
