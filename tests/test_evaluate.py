@@ -975,6 +975,20 @@ def test_a_lora_file_alone_samples_as_its_header_says_its_run_did(tmp_path, tiny
     assert "its header" not in caplog.text
 
 
+def test_a_lora_file_alones_zero_snr_keeps_the_users_eta(tmp_path, tiny_dir, loras, caplog):
+    """A header's zero-SNR schedule with --set eta given: the user's eta is sampled with (eta=0 is added only where
+    none is given) and the line does not say eta=0."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    file = _shared_alone(tmp_path / "shared", loras["a"], {"alignprop_prediction_type": "v_prediction",
+                                                           "alignprop_zero_terminal_snr": "True"})
+    sampler = _sampler_of(tmp_path, "eta", file, tiny_dir, "--set", "eta=0.5")
+    assert (sampler["zero_terminal_snr"], sampler["eta"]) == (True, 0.5)
+    said = [r.getMessage() for r in caplog.records if "its header" in r.getMessage()]
+    assert said == [f"--lora {file} has no base_model.json beside it: its header (alignprop_prediction_type, "
+                    "alignprop_zero_terminal_snr) says its run sampled with prediction_type=v_prediction "
+                    "zero_terminal_snr=True, so this does (--set KEY=VALUE chooses)"], said
+
+
 def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, caplog):
     """v-prediction from any key; epsilon only from our run's own key or an SD 2.x file's (whose single files load
     as v): sd-scripts writes ss_v_parameterization False into every other file, and a v-prediction model's own
@@ -1018,6 +1032,30 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
     from lowmem_alignprop.commands.lora_files import shared_image_settings
     assert shared_image_settings({**shared, "vae": str(tmp_path), "model_components": "/m", "prediction_type": "v"}) \
         == {k: v for k, v in shared.items() if k != "vae"}  # (a local path is the trainer's; its own keys say those)
+
+
+def test_a_malformed_set_is_refused_before_a_lora_files_header_is_said(tmp_path, tiny_dir, loras, caplog, capsys):
+    """`sample FILE --set eta` (no '='): config's line, before anything is taken from the LoRA's header."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    file = _shared_alone(tmp_path / "shared", loras["a"], {"ss_v_parameterization": "True"})
+    assert main(["sample", *COMMON, str(file), "--model", str(tiny_dir), "--prompt", "dog", "--set", "eta",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "error: malformed --set 'eta'" in capsys.readouterr().err and "its header" not in caplog.text, caplog.text
+
+
+def test_a_mix_with_a_file_whose_header_says_nothing_warns_of_nothing(tmp_path, loras, caplog):
+    """A mix whose second file's header says no setting (a LoRA from elsewhere): nothing is said to differ (a header
+    compares only the settings it says)."""
+    import argparse
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    first = _shared_alone(tmp_path / "first", loras["a"], {"ss_v_parameterization": "True"})
+    second = _shared_alone(tmp_path / "second", loras["neg_a"], {})
+    args = argparse.Namespace(lora=[str(first), str(second)], set=[], model="m", reward=None, prompts=None,
+                              recipe=None, output_dir="out")
+    take_run_settings(args, [])
+    assert args.set == ["prediction_type=v_prediction"] and "run sampled with" not in caplog.text, caplog.text
 
 
 def test_guidance_rescale_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tmp_path, tiny_dir, loras):
