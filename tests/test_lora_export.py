@@ -210,7 +210,7 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     record.write_text(json.dumps({**json.loads(record.read_text()), "model": str(base)}))
     card = (export(tmp_path / "v", run / "lora", "--format", "kohya") / "README.md").read_text()
     assert ("a *ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` off" in card
-            and "RescaleCFG" not in card), card
+            and "RescaleCFG" not in card and "sampler `ddim`" not in card), card  # (ddim: its run's eta 0 only)
     config = yaml.safe_load((run / "config.yaml").read_text())  # zero terminal SNR, eta 0 and guidance_rescale
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "zero_terminal_snr": True, "eta": 0.0,
                                                      "guidance_rescale": 0.7}))
@@ -222,6 +222,8 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     # the merged single file carries v_pred / ztsnr (ComfyUI reads them): its card says the rescale, which it cannot
     card = (export(tmp_path / "m", run / "lora", "--merge", "--single-file") / "README.md").read_text()
     assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card and "ModelSamplingDiscrete" not in card
+    peft = (export(tmp_path / "p", run / "lora", "--format", "peft") / "README.md").read_text()  # (its code sets
+    assert "ModelSamplingDiscrete" not in peft and "RescaleCFG" not in peft  # them from the base's folder)
 
 
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
