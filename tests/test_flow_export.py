@@ -742,6 +742,34 @@ def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
+def test_an_sd3_lora_in_every_form_on_a_flux_model_is_refused_by_family_before_it_loads(flux, sd3, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A kohya file (in its export folder, or copied alone) and a peft export of an SD3 LoRA: sample and --init-lora
+    on a FLUX.1 model say so from what was named, as of the run's lora/, before the transformer is read (their
+    converted copies name SD3's joint blocks as FLUX.1's double blocks and have no record beside them)."""
+    import shutil
+
+    from lowmem_alignprop.commands import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluate, "build_pipeline", never)
+    kohya = next(export(tmp_path / "k", sd3["lora"], "--format", "kohya").glob("*.safetensors"))
+    alone = tmp_path / "alone" / kohya.name
+    alone.parent.mkdir()
+    shutil.copy(kohya, alone)
+    peft = export(tmp_path / "p", sd3["lora"], "--format", "peft")
+    for i, lora in enumerate((sd3["lora"], kohya, alone, peft)):
+        for option, command in (("--lora", ["sample", str(lora)]),
+                                ("--init-lora", ["--steps", "1", "--set", "sample_prompts=0", "--init-lora",
+                                                 str(lora)])):
+            out = tmp_path / f"out{i}{option}"
+            assert_refused(main, [*command, *FLOW, "--model", str(flux["base"]), "--output-dir", str(out)],
+                           f"{option} {lora} adapts an SD3/SD3.5 transformer, but --model {flux['base']} is a "
+                           "FLUX.1 transformer: pass the model it was trained on with --model", out, capsys)
+
+
 def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):
     """plan --init-lora loads the LoRA onto the transformer built on meta: its own LoRA plans; one of other widths
     (another FLUX.1-shaped model's) is refused by plan with training's line, where plan said FITS."""

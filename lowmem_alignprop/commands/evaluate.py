@@ -95,8 +95,11 @@ class LoraSpec:
     @functools.cached_property
     def model(self) -> str | None:
         """Which model family it adapts: unet, sd3 or flux; ``transformer`` when the files do not tell SD3 from
-        FLUX.1; None when they tell nothing (:func:`lora_model`)."""
-        return lora_model(self.file, self.family)
+        FLUX.1; None when they tell nothing (:func:`lora_model`). Told from what the user named: a converted copy
+        (a kohya file's or a peft folder's, in a temporary folder) names SD3's and FLUX.1's double blocks alike and
+        has no record beside it; the named file's keys and the record beside what was named tell them apart."""
+        named = self.named if self.named.is_file() and is_safetensors(self.named) else self.file
+        return lora_model(named, lora_family(named), base_record_file(self))
 
     @property
     def named(self) -> Path:
@@ -420,14 +423,15 @@ def lora_family(path: Path) -> str | None:
     return None
 
 
-def lora_model(path: Path, family: str | None) -> str | None:
+def lora_model(path: Path, family: str | None, record: Path | None = None) -> str | None:
     """sd3 or flux for a transformer LoRA (``family``: :func:`lora_family`), from the base model our trainer recorded
-    beside it (lora/base_model.json), else from its keys (FLUX.1's single-stream blocks, kohya's double/single or
-    SD3's joint blocks), else ``transformer``; ``family`` itself for the others."""
+    (``record``: :func:`base_record_file`; None: lora/base_model.json beside it), else from its keys (FLUX.1's
+    single-stream blocks, kohya's double/single or SD3's joint blocks), else ``transformer``; ``family`` itself for
+    the others."""
     if family != "transformer":
         return family
     try:
-        recorded = json.loads((path.parent / LORA_BASE_FILE).read_text(encoding="utf-8")).get("model")
+        recorded = json.loads((record or path.parent / LORA_BASE_FILE).read_text(encoding="utf-8")).get("model")
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
     except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged
         kind = None
