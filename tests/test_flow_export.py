@@ -366,6 +366,38 @@ def test_kohya_metadata_names_the_family_as_sd_scripts_does(case, tmp_path):
     assert ModelCard(card).data.library_name == {"flux": "diffusers", "sd3": None}[case["family"]]
 
 
+@pytest.mark.parametrize("variant", ["flux", "sd3", "schnell"])
+def test_kohya_card_names_the_models_licence_and_loaders_as_its_header_does(variant, flux, sd3, tmp_path):
+    """The card's licence example is the base model's (FLUX.1-dev's own, schnell's apache-2.0, SD3's community
+    licence), its ComfyUI line names the model as the header's ss_base_model_version does (the tiny SD3: SD3 Medium),
+    Forge is offered for FLUX.1 only, and the layer count is of layers, the names of their kinds."""
+    import shutil
+
+    lora = {"flux": flux, "sd3": sd3, "schnell": flux}[variant]["lora"]
+    if variant == "schnell":  # the FLUX LoRA's record naming a schnell model (no guidance embedding)
+        schnell = build_tiny_flux_dir(tmp_path / "schnell", schnell=True)
+        lora = shutil.copytree(lora, tmp_path / "run" / "lora")
+        record = json.loads((lora / "base_model.json").read_text())
+        (lora / "base_model.json").write_text(json.dumps({**record, "model": str(schnell)}))
+    text = (export(tmp_path, lora, "--format", "kohya") / "README.md").read_text()
+    licence = {"flux": "FLUX.1-dev's: license: other, license_name: flux-1-dev-non-commercial-license",
+               "schnell": "FLUX.1-schnell's: license: apache-2.0",
+               "sd3": "SD3/SD3.5's: license: other, license_name: stabilityai-ai-community"}[variant]
+    assert f"# license: set the license of the base model here ({licence})" in text, text
+    assert f"node after the {'SD3 Medium' if variant == 'sd3' else 'FLUX.1'} model." in text
+    assert ("- kohya sd-scripts / Forge: the same file" in text) == (variant != "sd3")
+    assert ("- kohya sd-scripts: the same file" in text) == (variant == "sd3")
+    layers = len({k.split(".lora_")[0] for k in load_lora_keys(lora)})
+    assert f"({layers} layers of 8 kinds: add_k_proj, add_q_proj, add_v_proj, to_add_out, to_k, to_out.0, " in text
+
+
+def load_lora_keys(lora: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(lora / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        return [k for k in f.keys() if ".lora_A." in k]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # peft, diffusers, merge
 # ---------------------------------------------------------------------------------------------------------

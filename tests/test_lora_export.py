@@ -475,7 +475,8 @@ def test_model_card_has_front_matter_the_runs_numbers_and_a_command_that_retrain
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and "lora" in card.data.tags and "stable-diffusion" in card.data.tags
     assert card.data.base_model is None  # a local folder is no hub id
-    assert card.data.license is None and "# license:" in text  # left to the user
+    assert card.data.license is None and "# license:" in text  # left to the user: the base model's as the example
+    assert "# license: set the license of the base model here (SD 1.x's: license: creativeml-openrail-m)" in text
     for needle in ("colorfulness", "| steps | 3 |", "| profile | cpu |", "K ~ U{1..2} of 3 DDIM steps",
                    "0.4321 -> 0.5678", "0.4100 -> 0.5900", "| LoRA rank / alpha | 4 / 8 (",
                    "![before and after training, same seeds](before_after.png)",

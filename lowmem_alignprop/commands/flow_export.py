@@ -298,8 +298,13 @@ def architecture(family: str, base_model: str | None, modules, components: str =
     return f"stable-diffusion-3-{base_model_version(family, base_model, modules, components)}/lora"
 
 
-def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str) -> list[str]:
-    """The model card's "Use" lines for an SD3/FLUX export."""
+# the model a LoRA's ss_base_model_version names (base_model_version: the header's rule), as the card says it
+MODEL_NAMES = {"flux1": "FLUX.1", "medium": "SD3 Medium", "5-medium": "SD3.5 Medium", "5-large": "SD3.5 Large"}
+
+
+def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str,
+          version: str = "") -> list[str]:
+    """The model card's "Use" lines for an SD3/FLUX export (``version``: :func:`base_model_version`'s)."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
     if merged is not None and fmt == "single-file":  # the merged transformer in the original layout
         cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
@@ -315,8 +320,11 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                 "node reads a diffusers-layout transformer file in `ComfyUI/models/diffusion_models/`."]
     if fmt == "kohya":
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/loras/` and pick it in a *LoraLoaderModelOnly* "
-                f"(or *Load LoRA*) node after the {'FLUX.1' if family == FLUX else 'SD3.5'} model.",
-                "- kohya sd-scripts / Forge: the same file (`lora_unet_` + the original module names).",
+                f"(or *Load LoRA*) node after the {MODEL_NAMES.get(version, 'FLUX.1' if family == FLUX else 'SD3')} "
+                "model.",
+                # (Forge loads FLUX.1 LoRAs; SD3's, as far as we know, not: sd-scripts' lora_sd3 reads them)
+                f"- kohya sd-scripts{' / Forge' if family == FLUX else ''}: the same file (`lora_unet_` + the original "
+                "module names).",
                 *([f"- diffusers: `FluxPipeline.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")`."]
                   if family == FLUX else
                   ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "

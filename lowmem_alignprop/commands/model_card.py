@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowmem_alignprop.commands.lora_files import (SDXL, Lora, base_family, denoiser_name, shared_name, v_prediction,
-                                                  zero_terminal_snr)
+from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
+                                                  v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
@@ -145,7 +145,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if merged_weight is None:
         tags.insert(2, "lora")
     data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags, library_name=_library(fmt, lora))
-    front = data.to_yaml() + "\n# license: set the license of the base model here (e.g. creativeml-openrail-m)"
+    front = data.to_yaml() + f"\n# license: set the license of the base model here ({license_example(lora)})"
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
@@ -176,7 +176,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                            f"{sampler_name(lora.flow)} steps"))
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     rows.append(("LoRA rank / alpha", f"{'/'.join(map(str, ranks))} / {num(lora.config.get('lora_alpha') or ranks[0])}"
-                 f" ({len(lora.modules)} layers: {', '.join(lora.adapted_targets)})"))
+                 f" ({layer_kinds(len(lora.modules), lora.adapted_targets)})"))
     if outputs_are_ema(info):  # which weights: the average's, as lora/ holds
         rows.append(("weights", f"the exponential moving average of the trained LoRA (decay {num(info['ema_decay'])})"))
     if "reward_first" in info and "reward_last" in info and info.get("reward_steps", 2) > 1:  # one step: no change
@@ -220,7 +220,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         what = "before and after training" if step is None else f"before training and at step {step}"
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
-                                 sdxl=family == SDXL), info, lora.flow)
+                                 sdxl=family == SDXL, version=family), info, lora.flow)
     if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
         usage += webui_sampling(lora, info, fmt)
     lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
@@ -235,6 +235,33 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+# the base model's licence as its hub page gives it (the card's front matter leaves it to the user: its example), by
+# kohya's ss_base_model_version (every SD3/SD3.5 alike), FLUX.1 by its variant (modelspec.architecture's)
+BASE_LICENSES = {SD_V1: ("SD 1.x", "creativeml-openrail-m"), SD_V2: ("SD 2.x", "openrail++"),
+                 SDXL: ("SDXL", "openrail++"), "sd3": ("SD3/SD3.5", "stabilityai-ai-community"),
+                 "flux-1-dev": ("FLUX.1-dev", "flux-1-dev-non-commercial-license"),
+                 "flux-1-schnell": ("FLUX.1-schnell", "apache-2.0")}
+HUB_LICENSES = {"creativeml-openrail-m", "openrail++", "apache-2.0"}  # the hub's own ids; others: license: other
+
+
+def license_example(lora: Lora) -> str:
+    """The front matter's licence hint: the base model's family's licence, in the hub's words."""
+    if lora.family == "flux":
+        from lowmem_alignprop.commands import flow_export
+        key = flow_export.architecture(lora.family, lora.base_model, lora.modules,
+                                       lora.model_components).removesuffix("/lora")
+    else:
+        key = "sd3" if lora.family == "sd3" else base_family(lora)
+    model, name = BASE_LICENSES[key]
+    return f"{model}'s: license: {name}" if name in HUB_LICENSES else \
+        f"{model}'s: license: other, license_name: {name}"
+
+
+def layer_kinds(layers: int, targets: list[str]) -> str:
+    """"11 layers of 8 kinds: add_k_proj, ...": the count is of layers, the names of their kinds."""
+    return f"{layers} layers of {len(targets)} kind{'s' if len(targets) != 1 else ''}: {', '.join(targets)}"
 
 
 def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[str]:
@@ -329,11 +356,11 @@ _PACKAGE_MODELS = {"toy": ("from lowmem_alignprop.models.loading import TOY_MODE
 
 
 def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet",
-           components: str = "", sdxl: bool = False) -> list[str]:
+           components: str = "", sdxl: bool = False, version: str = "") -> list[str]:
     base = base or "BASE_MODEL"
     if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
         from lowmem_alignprop.commands import flow_export
-        return flow_export.usage(fmt, files, base, merged, family, components or base)
+        return flow_export.usage(fmt, files, base, merged, family, components or base, version)
     imported, loaded = _PACKAGE_MODELS.get(base, (None, f'"{base}"'))
     if merged is not None and fmt == "single-file":
         pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
