@@ -189,10 +189,11 @@ def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout
 
 
 def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_is_gone(made_lora, tmp_path, capsys,
-                                                                                    fresh_log_handlers):
+                                                                                    caplog, fresh_log_handlers):
     """The run keeps the LoRA --init-lora named, as it read it (init_lora/): a resume renders its before samples from
     that copy, with the path moved away (it was refused) or holding another LoRA (the before figures changed)."""
     import json
+    import logging
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -204,12 +205,19 @@ def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_i
     out = tmp_path / "run"
     args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=1",
             "--output-dir", str(out)]
-    assert main([*args, "--steps", "1", "--init-lora", str(src)]) == 0
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*args, "--steps", "1", "--init-lora", str(src)]) == 0
+    assert f"starting from the LoRA {src} (" in caplog.text
+    caplog.clear()
     before = json.loads((out / "summary.json").read_text())["sample_reward_before"]
     assert (out / "init_lora" / "pytorch_lora_weights.safetensors").read_bytes() == \
         (src / "pytorch_lora_weights.safetensors").read_bytes()
     shutil.rmtree(src)
-    assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
+    said = caplog.text  # the checkpoint's LoRA trains on: not "starting from" the one it started from
+    assert "starting from the LoRA" not in said and f"the run started from the LoRA {src}, its copy " \
+        f"{out / 'init_lora'} (" in said and "): the checkpoint's LoRA trains on" in said, said
     assert json.loads((out / "summary.json").read_text())["sample_reward_before"] == before
     # the copy gone too (a pruned or moved run folder): the path is taken only when it holds that LoRA; another one
     # was taken in silence (its images the run's "before", and written over the record of what the run started from)
@@ -230,6 +238,40 @@ def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_i
                    f"the LoRA this run started from is gone: its copy {out / 'init_lora'} is missing, and --init-lora "
                    f"{src}: no such file or folder", out / "init_lora", capsys)
     assert main(["--output-dir", str(out), "--steps", "4", "--resume", "latest", "--set", "init_lora="]) == 0
+
+
+def test_an_init_lora_of_fewer_layers_says_the_rest_start_at_zero_and_plan_names_what_it_checked(
+        made_lora, tmp_path, capsys, caplog, fresh_log_handlers):
+    """An attention LoRA in a run of lora_layers=attention+ff: the starting line says the feed-forward layers start at
+    zero; plan --init-lora says on stderr the LoRA it checked (rank, layers), its table and --json as they were."""
+    import json
+    import logging
+    import re
+
+    from safetensors import safe_open
+
+    from lowmem_alignprop.cli import main
+
+    lora = made_lora["lora"]
+    with safe_open(str(lora / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        layers = sum(k.endswith(("lora_A.weight", "lora.down.weight")) for k in f.keys())
+    args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "lora_layers=attention+ff"]
+    assert main(["plan", *args, "--init-lora", str(lora)]) == 0
+    said = capsys.readouterr()
+    line = re.fullmatch(rf"--init-lora {re.escape(str(lora))}: rank 4, {layers} of the run's (\d+) layers; the "
+                        r"other (\d+) \(not in it\) start at zero, as a fresh LoRA's; training starts from it\n",
+                        said.err)
+    assert line and int(line[1]) - layers == int(line[2]) > 0, said.err
+    assert said.out.startswith("lowmem-alignprop plan: ") and "--init-lora" not in said.out  # the table as it was
+    assert main(["plan", *args, "--json", "--init-lora", str(lora)]) == 0
+    said = capsys.readouterr()  # --json: the JSON alone (plan's notes are not said)
+    assert said.err == "" and isinstance(json.loads(said.out), dict)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*args, "--set", "sample_prompts=0", "--steps", "1", "--output-dir", str(out),
+                     "--init-lora", str(lora)]) == 0
+    assert f"starting from the LoRA {lora} ({layers} of the run's {line[1]} layers; the other {line[2]} (not in it) " \
+        "start at zero, as a fresh LoRA's)" in caplog.text
 
 
 def test_without_init_lora_step_0_is_the_base_model(made_lora, tmp_path):

@@ -166,17 +166,30 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
     return file
 
 
-def check_fits_meta_model(cfg, file: Path) -> None:
+def check_fits_meta_model(cfg, file: Path) -> str:
     """``plan --init-lora``: the LoRA ``file`` (:func:`check_init_lora`'s) loaded onto ``cfg.model`` built on the meta
     device (its shapes, no weights), as training loads it onto the real one (:func:`start_from_lora`): a LoRA of
-    another model of the same family (other widths) is refused with training's line, not planned as FITS."""
+    another model of the same family (other widths) is refused with training's line, not planned as FITS. Returns
+    the line plan says of it (its rank and the layers taken)."""
     from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.family import family_for
 
     comps = meta_components(cfg, torch.float32)  # (copies of the planner's cached meta model: ~0.2 s for SD1.5)
     family = family_for(comps)
     family.add_lora(comps.unet, cfg)
-    start_from_lora(family.make_pipeline(comps), comps.unet, file, cfg.init_lora, cfg.lora_layers, cfg.model)
+    copied, trained = start_from_lora(family.make_pipeline(comps), comps.unet, file, cfg.init_lora, cfg.lora_layers,
+                                      cfg.model)
+    return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}; training starts "
+            "from it")
+
+
+def layers_taken(copied: int, trained: int) -> str:
+    """The layers a run takes from --init-lora's LoRA (``copied`` of the ``trained`` ones its adapter has), and that
+    the others start at zero (a LoRA of the attention layers, in a run of lora_layers=attention+ff)."""
+    if copied >= trained:
+        return f"{copied} layers"
+    return (f"{copied} of the run's {trained} layers; the other {trained - copied} (not in it) start at zero, as a "
+            "fresh LoRA's")
 
 
 def trained_on(spec: str, file: Path, model: str) -> str:
@@ -191,11 +204,12 @@ def trained_on(spec: str, file: Path, model: str) -> str:
 
 
 @torch.no_grad()
-def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention", model: str = "") -> int:
+def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention", model: str = "") -> tuple[int, int]:
     """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its
     own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
     copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
-    keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied."""
+    keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied and of the
+    layers the adapter trains (:func:`layers_taken`)."""
     from lowmem_alignprop.commands.evaluate import load_adapter_file
     from lowmem_alignprop.models.lora_layers import lora_targets
 
@@ -217,6 +231,7 @@ def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention"
         ours_a.copy_(a)
         ours_b.copy_(b * (module.scaling[INIT_ADAPTER] / module.scaling["default"]))  # the same scale * B @ A
         copied += 1
+    trained = sum("default" in getattr(m, "lora_A", {}) for m in unet.modules())
     unet.set_adapter("default")  # the trained adapter active (and trainable) again, then the loaded one goes
     unet.delete_adapters(INIT_ADAPTER)
-    return copied
+    return copied, trained

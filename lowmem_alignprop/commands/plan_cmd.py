@@ -33,9 +33,11 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
         from lowmem_alignprop.models.loading import check_before_load
         file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
         check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto must be the model plan plans)
-        check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
+        taken = check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+    if cfg.init_lora and log is not None:  # what was checked (rank, layers), as training says it starts
+        log(taken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from the libraries' config loaders
         if fastest:

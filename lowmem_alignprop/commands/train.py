@@ -474,13 +474,17 @@ class Trainer:
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
                                                             autocast=self.accelerator.native_amp)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
-            from lowmem_alignprop.commands.init_lora import start_from_lora
-            layers = start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file, cfg.init_lora,
-                                     cfg.lora_layers, cfg.model)
-            log.info("starting from the LoRA %s (%d layers)%s", cfg.init_lora if self.init_file != self.init_lora_copy
-                     else f"the run started from (its copy, {self.init_file.parent})", layers,
-                     "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL starts "
-                     "above 0" if cfg.kl_coeff else "")
+            from lowmem_alignprop.commands.init_lora import layers_taken, start_from_lora
+            taken = layers_taken(*start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file,
+                                                  cfg.init_lora, cfg.lora_layers, cfg.model))
+            if self.point is not None:  # a resume: the checkpoint's LoRA trains on (the one it started from is its
+                log.info("the run started from the LoRA %s (%s): the checkpoint's LoRA trains on",  # "before")
+                         cfg.init_lora if self.init_file != self.init_lora_copy else
+                         f"{cfg.init_lora}, its copy {self.init_file.parent}", taken)
+            else:
+                log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
+                         "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL "
+                         "starts above 0" if cfg.kl_coeff else "")
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
