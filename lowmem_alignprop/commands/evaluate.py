@@ -56,6 +56,7 @@ from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_a
 from lowmem_alignprop.models import loading
 from lowmem_alignprop.models.family import family_for
 from lowmem_alignprop.models.flow import family_of
+from lowmem_alignprop.models.sampler_check import ddim_settings
 from lowmem_alignprop.models.sampling import negative_prompts
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
@@ -741,8 +742,6 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
 def _sampler(pipe, cfg) -> dict:
     """sample_results.json's ``sampler``: the scheduler and the settings the images were rendered with."""
     scheduler = type(pipe.scheduler).__name__.removesuffix("Scheduler")  # DDIM or FlowMatchEulerDiscrete
-    from lowmem_alignprop.models.sampler_check import ddim_settings
-
     return {"scheduler": scheduler,
             "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
             # (flow models' Euler steps and pipelines have no eta, rescale or prediction type)
