@@ -52,6 +52,24 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test leaves SIGINT's and SIGTERM's handlers as it found them: a handler left behind changes what a later
+    test's Ctrl-C does in the same worker (one such left the wait of test_distributed's Ctrl-C test unended)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    left = {s: h for s, h in ((s, signal.getsignal(s)) for s in before) if h is not before[s]}
+    for s in left:
+        signal.signal(s, before[s])
+    assert not left, f"the test left signal handlers set: {left}"
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(_isolated_cache):
     from lowmem_alignprop.models.tiny import tiny_model_dir

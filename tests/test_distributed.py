@@ -6,6 +6,7 @@ DeepSpeed compiles two ops on its first use on a machine (deepspeed_shm_comm ~40
 cached in ~/.cache/torch_extensions, after which each DeepSpeed test takes 20-60 s on 2 CPU cores.
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -505,13 +506,25 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     assert Trainer.save_if_due(trainer, 6) is False and asked == [False, True] and trainer.held_out.stopped_at is None
 
 
+@contextlib.contextmanager
+def ctrl_c_in(seconds: float):
+    """A SIGINT to this process after ``seconds`` (from a timer thread; Python runs its handler in the main thread)."""
+    import signal
+    import threading
+
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
     """Before the first step the ranks wait for rank 0's before samples at a barrier polled from Python: a Ctrl-C (the
     launcher's SIGINT) there raises the CtrlC that ends the command as "interrupted", while the barrier is still
     open (a rank past it took the signal as a stop request, began a step and died in its collective, with rank 0
     gone, in a 60-line traceback). A barrier that completes returns; its error is raised."""
-    import signal
-    import threading
     import types
 
     import torch
@@ -524,7 +537,9 @@ def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
             self.polls, self.waited = polls, False
 
         def is_completed(self):
-            if self.polls is None:
+            if self.polls is None:  # (the others never come: the signal must end it; a lost one fails, not hangs)
+                self.waited_polls = getattr(self, "waited_polls", 0) + 1
+                assert self.waited_polls < 2000, "the SIGINT did not end the wait"
                 return False
             self.polls -= 1
             return self.polls < 0
@@ -540,13 +555,9 @@ def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
     distributed.wait_for_every_rank(two)
     assert works[-1].waited and works[-1].polls < 0
     works.append(Work(None))  # the others never come: only the signal ends the wait
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with telling_ctrl_c(), pytest.raises(CtrlC):
+    with telling_ctrl_c(), pytest.raises(CtrlC):  # (the handler set before the timer runs: it cannot come first)
+        with ctrl_c_in(0.3):
             distributed.wait_for_every_rank(two)
-    finally:
-        timer.cancel()
     assert not works[-1].waited
     distributed.wait_for_every_rank(types.SimpleNamespace(num_processes=1))  # one process: nothing to wait for
 
@@ -566,11 +577,7 @@ def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
     works.append(Work(0))
     assert distributed.rank_0_says(two, True) is True and distributed.all_ranks_ok(two, True) is False
     works.append(Work(None))
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with telling_ctrl_c(), pytest.raises(CtrlC):
+    with telling_ctrl_c(), pytest.raises(CtrlC):
+        with ctrl_c_in(0.3):
             distributed.all_ranks_ok(two, True)
-    finally:
-        timer.cancel()
     assert not works[-1].waited
