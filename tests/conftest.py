@@ -63,11 +63,13 @@ def _signal_handlers_restored():
         yield
         return
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
     left = {s: h for s, h in ((s, signal.getsignal(s)) for s in before) if h is not before[s]}
     for s in left:
         signal.signal(s, before[s])
-    assert not left, f"the test left signal handlers set: {left}"
+    still = signal.pthread_sigmask(signal.SIG_SETMASK, blocked) ^ blocked  # (a mask left: the signals stay pending)
+    assert not left and not still, f"the test left signal handlers set: {left}, signals blocked: {still}"
 
 
 @pytest.fixture(scope="session")

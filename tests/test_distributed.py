@@ -520,7 +520,17 @@ def ctrl_c_in(seconds: float):
         timer.cancel()
 
 
-def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as a terminal's Ctrl-C finds it (Python's KeyboardInterrupt handler): a process started in the
+    background by a non-interactive shell (`pytest ... &` in a script) inherits SIGINT ignored, which the commands
+    leave so (nohup's meaning), and the Ctrl-C these tests send would be lost."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch, terminal_sigint):
     """Before the first step the ranks wait for rank 0's before samples at a barrier polled from Python: a Ctrl-C (the
     launcher's SIGINT) there raises the CtrlC that ends the command as "interrupted", while the barrier is still
     open (a rank past it took the signal as a stop request, began a step and died in its collective, with rank 0
@@ -539,7 +549,9 @@ def test_a_rank_waiting_for_the_others_takes_ctrl_c_at_once(monkeypatch):
         def is_completed(self):
             if self.polls is None:  # (the others never come: the signal must end it; a lost one fails, not hangs)
                 self.waited_polls = getattr(self, "waited_polls", 0) + 1
-                assert self.waited_polls < 2000, "the SIGINT did not end the wait"
+                assert self.waited_polls < 2000, (
+                    f"the SIGINT did not end the wait: its handler {signal.getsignal(signal.SIGINT)}, pending "
+                    f"{signal.sigpending()}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
                 return False
             self.polls -= 1
             return self.polls < 0
