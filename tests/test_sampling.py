@@ -293,7 +293,7 @@ def test_plan_refuses_what_training_refuses_of_a_models_own_zero_snr_schedule(ti
     for args, line in (([], "  sampler: DDIM at eta 1, epsilon (noise) prediction"),
                        (["--model", str(tmp_path / "v_prediction"), "--set", "eta=0", "--set", "guidance_rescale=0.7"],
                         "  sampler: DDIM at eta 0, v-prediction, zero terminal SNR, guidance_rescale 0.7"),
-                       (["--model", "sd15", "--set", "prediction_type=v_prediction"],
+                       (["--set", "prediction_type=v_prediction"],
                         "  sampler: DDIM at eta 1, v-prediction")):
         assert main(["plan", "--profile", "cpu", *args]) == 0
         assert line in capsys.readouterr().out.splitlines()
