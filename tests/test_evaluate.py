@@ -1024,7 +1024,8 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
     assert f"--lora {second}'s run sampled with prediction_type=epsilon: the images use the first LoRA's settings " \
         "(prediction_type=v_prediction)" in caplog.text
     # the run's other image settings (alignprop_image_settings, JSON): the shared ones of plain values; damaged: none
-    shared = {"resolution": 64, "negative_prompt": "dark", "eta": 0.0, "vae": "madebyollin/sdxl-vae-fp16-fix"}
+    shared = {"resolution": 64, "negative_prompt": "dark", "eta": 0.0, "vae": "madebyollin/sdxl-vae-fp16-fix",
+              "t5_encoder": False}
     assert read(alignprop_image_settings=json.dumps({**shared, "guidance_scale": [3], "model_components": "/x",
                                                      "resolution_x": 5})) == {
         k: (v, "alignprop_image_settings") for k, v in shared.items()}

@@ -354,8 +354,9 @@ MODELSPEC_ARCHITECTURE = "modelspec.architecture"
 
 
 def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(settings, keys): the prediction_type and zero_terminal_snr a LoRA file's header says its run sampled with, and
-    the header key each came from; ({}, {}) for none (a file with no such header, not safetensors, or unreadable).
+    """(settings, keys): the prediction_type and zero_terminal_snr a LoRA file's header says its run sampled with, its
+    other image settings (:data:`HEADER_IMAGE_SETTINGS`: plain values of :data:`SHARED_IMAGE_SETTINGS`), and the
+    header key each came from; ({}, {}) for none (a file with no such header, not safetensors, or unreadable).
     A value other than the key's own words ("True"/"False", "v"/"epsilon", the config's prediction types) is ignored.
     v-prediction is taken from any of them; epsilon only from our run's own key or for an SD 2.x file (ss_v2, its
     architecture), whose single files load as v-prediction: elsewhere it is every file's default, and would turn a
@@ -379,7 +380,7 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
         settings["zero_terminal_snr"] = True
         keys["zero_terminal_snr"] = zero[0]
     for key, value in _json_object(meta.get(HEADER_IMAGE_SETTINGS)).items():
-        if key in SHARED_IMAGE_SETTINGS and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if key in SHARED_IMAGE_SETTINGS and isinstance(value, (str, int, float, bool)):  # (the config checks them)
             settings[key], keys[key] = value, HEADER_IMAGE_SETTINGS
     return settings, keys
 
