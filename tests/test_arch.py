@@ -341,9 +341,13 @@ def test_a_forced_architecture_of_a_file_that_says_another_is_refused(tmp_path, 
                      "drop --set model_arch (a single file's architecture is told from its layout)"}, lines
     assert not (tmp_path / "run").exists()
     assert arch.single_file_config(file, "sd15")[2].startswith("sd15")  # the architecture it is: on to loading
-    unknown = tmp_path / "unknown.safetensors"  # a cross-attention width no shipped architecture has
+    unknown = tmp_path / "unknown.safetensors"  # a cross-attention width no shipped architecture has: none fits it
     save_file({U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": _z(320, 512)}, unknown)
-    assert arch.single_file_config(unknown, "sd15")[2].startswith("sd15")
+    with pytest.raises(UserError, match="its UNet's cross-attention width is 512, and model_arch=sd15's is 768"):
+        arch.single_file_config(unknown, "sd15")
+    bare = tmp_path / "bare.safetensors"  # no width or encoder to tell by: the named architecture is the user's
+    save_file({U + "input_blocks.0.0.weight": _z(320, 4, 3, 3)}, bare)
+    assert arch.single_file_config(bare, "sd21")[2].startswith("sd21")
 
 
 def test_load_single_file_errors(tiny, tmp_path):

@@ -313,6 +313,13 @@ def _check_forced_arch(arch: str, shapes: Mapping[str, tuple[int, ...]], where: 
     try:
         found = _detect_from_shapes(shapes, where)
     except UserError:
+        widths = {s[-1] for k, s in shapes.items() if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")
+                  and len(s) == 2}
+        named = next(w for w, a in _CROSS_ATTN_DIM.items() if a == arch)
+        if widths and named not in widths:  # (a width no shipped architecture has: the named one's cannot fit it)
+            raise UserError(f"{where}: its UNet's cross-attention width is {'/'.join(map(str, sorted(widths)))}, and "
+                            f"model_arch={arch}'s is {named}: it is no {arch} checkpoint: drop --set model_arch, or "
+                            f"pass an {arch} checkpoint") from None
         return
     if found != arch:
         raise UserError(f"{where} is a {found} checkpoint ({ARCH_DESCRIPTIONS[found]}), not model_arch={arch}: drop "
