@@ -654,14 +654,15 @@ def test_a_kohya_file_shared_alone_samples_as_its_run_did(full_run, tmp_path, ca
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     for name, spec in (("run", full_run / "lora"), ("alone", alone)):
         out = tmp_path / name
-        assert main(["sample", "--profile", "cpu", "--model", "tiny", "--num-prompts", "1", "--reward", "brightness",
-                     "--lora", str(spec), "--output-dir", str(out)]) == 0
+        assert main(["sample", "--profile", "cpu", "--model", "tiny", "--num-prompts", "1", "--lora", str(spec),
+                     "--output-dir", str(out)]) == 0
         results[name] = json.loads((out / "sample_results.json").read_text())
     assert results["alone"]["sampler"] == results["run"]["sampler"]
     assert (results["alone"]["sampler"]["sample_steps"], results["alone"]["sampler"]["negative_prompt"]) == (3, NEGATIVE)
     assert results["alone"]["lora_mean"] == results["run"]["lora_mean"]
-    assert f"--lora {alone} has no base_model.json beside it: its header (alignprop_image_settings) says its run " \
-           "sampled with " in caplog.text
+    assert results["alone"]["reward"] == results["run"]["reward"] == "brightness:1,colorfulness:0.01"  # (its run's)
+    assert f"--lora {alone} has no base_model.json beside it: its header (alignprop_image_settings, alignprop_reward) " \
+           "says its run sampled with " in caplog.text
 
 
 @pytest.mark.parametrize("sets, needle", [

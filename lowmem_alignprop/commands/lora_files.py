@@ -344,6 +344,7 @@ HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
 # the run's other image settings (resolution, steps, guidance, eta, negative prompt...), as JSON: a file shared alone
 # samples as its run did (base_model.json's image_settings; a local path among them left out: it is the trainer's)
 HEADER_IMAGE_SETTINGS = "alignprop_image_settings"
+HEADER_REWARD = "alignprop_reward"  # the reward its run was scored with (a file or weights not at hand: the default)
 SHARED_IMAGE_SETTINGS = ("resolution", "sample_steps", "guidance_scale", "guidance_rescale", "eta",
                          "max_sequence_length", "negative_prompt", "t5_encoder", "vae")
 KOHYA_V_PREDICTION = "ss_v_parameterization"  # "True"/"False"
@@ -355,8 +356,9 @@ MODELSPEC_ARCHITECTURE = "modelspec.architecture"
 
 def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(settings, keys): the prediction_type and zero_terminal_snr a LoRA file's header says its run sampled with, its
-    other image settings (:data:`HEADER_IMAGE_SETTINGS`: plain values of :data:`SHARED_IMAGE_SETTINGS`), and the
-    header key each came from; ({}, {}) for none (a file with no such header, not safetensors, or unreadable).
+    other image settings (:data:`HEADER_IMAGE_SETTINGS`: plain values of :data:`SHARED_IMAGE_SETTINGS`), the reward
+    it was scored with (:data:`HEADER_REWARD`), and the header key each came from; ({}, {}) for none (a file with no
+    such header, not safetensors, or unreadable).
     A value other than the key's own words ("True"/"False", "v"/"epsilon", the config's prediction types) is ignored.
     v-prediction is taken from any of them; epsilon only from our run's own key or for an SD 2.x file (ss_v2, its
     architecture), whose single files load as v-prediction: elsewhere it is every file's default, and would turn a
@@ -382,6 +384,8 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     for key, value in _json_object(meta.get(HEADER_IMAGE_SETTINGS)).items():
         if key in SHARED_IMAGE_SETTINGS and isinstance(value, (str, int, float, bool)):  # (the config checks them)
             settings[key], keys[key] = value, HEADER_IMAGE_SETTINGS
+    if meta.get(HEADER_REWARD):
+        settings["reward"], keys["reward"] = meta[HEADER_REWARD], HEADER_REWARD
     return settings, keys
 
 

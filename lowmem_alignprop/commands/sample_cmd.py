@@ -87,7 +87,7 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
     base_model.json beside it) not in ``given`` into ``args.set``, said in one line; another LoRA's run's other
     settings said."""
     settings, keys = header_image_settings(specs[0].file)
-    if taken := {k: v for k, v in settings.items() if k not in given}:
+    if taken := usable_scoring({k: v for k, v in settings.items() if k not in given}):  # (a reward not at hand: said)
         # (a zero-SNR schedule is sampled with eta below 1; a header of an older export does not record the run's:
         # DDIM's deterministic 0)
         eta = taken.get("zero_terminal_snr") and "eta" not in given and "eta" not in taken and not args.recipe
