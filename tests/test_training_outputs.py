@@ -658,11 +658,12 @@ def test_a_kohya_file_shared_alone_samples_as_its_run_did(full_run, tmp_path, ca
                      "--output-dir", str(out)]) == 0
         results[name] = json.loads((out / "sample_results.json").read_text())
     assert results["alone"]["sampler"] == results["run"]["sampler"]
-    assert (results["alone"]["sampler"]["sample_steps"], results["alone"]["sampler"]["negative_prompt"]) == (3, NEGATIVE)
+    sampler = results["alone"]["sampler"]
+    assert (sampler["sample_steps"], sampler["negative_prompt"]) == (3, NEGATIVE)
     assert results["alone"]["lora_mean"] == results["run"]["lora_mean"]
     assert results["alone"]["reward"] == results["run"]["reward"] == "brightness:1,colorfulness:0.01"  # (its run's)
-    assert f"--lora {alone} has no base_model.json beside it: its header (alignprop_image_settings, alignprop_reward) " \
-           "says its run sampled with " in caplog.text
+    assert f"--lora {alone} has no base_model.json beside it: its header (alignprop_image_settings, " \
+           "alignprop_reward) says its run sampled with " in caplog.text
 
 
 @pytest.mark.parametrize("sets, needle", [
