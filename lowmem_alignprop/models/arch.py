@@ -218,13 +218,12 @@ def _detect_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str) -> st
         raise UserError(f"{where} looks like the SDXL refiner, which cannot be trained here; use an SDXL base "
                         f"checkpoint. Supported: {_SUPPORTED}")
     # 1) the UNet's cross-attention width is the most reliable signal
-    for key, shape in shapes.items():
-        if key.startswith(_UNET) and key.endswith("attn2.to_k.weight") and len(shape) == 2:
-            arch = _CROSS_ATTN_DIM.get(shape[-1])
-            if arch is None:
-                raise UserError(f"{where}: UNet cross-attention width {shape[-1]} matches no supported model. "
-                                f"Supported: {_SUPPORTED}")
-            return arch
+    for width in _cross_attention_widths(shapes)[:1]:
+        arch = _CROSS_ATTN_DIM.get(width)
+        if arch is None:
+            raise UserError(f"{where}: UNet cross-attention width {width} matches no supported model. "
+                            f"Supported: {_SUPPORTED}")
+        return arch
     # 2) otherwise the text encoder's layout
     if any(k.startswith("conditioner.embedders.1.") for k in shapes):
         return "sdxl"
@@ -239,6 +238,11 @@ def _detect_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str) -> st
         raise UserError(f"{where} holds diffusers-layout weights (a single component?), not an original single-file "
                         "checkpoint; pass the diffusers model directory instead of this file")
     raise UserError(not_sd)
+
+
+def _cross_attention_widths(shapes: Mapping[str, tuple[int, ...]]) -> list[int]:
+    """The widths of the text states the UNet's cross-attention layers take (its attn2.to_k inputs), in key order."""
+    return [s[-1] for k, s in shapes.items() if k.startswith(_UNET) and k.endswith("attn2.to_k.weight") and len(s) == 2]
 
 
 def detect_arch(path) -> str:
@@ -313,8 +317,7 @@ def _check_forced_arch(arch: str, shapes: Mapping[str, tuple[int, ...]], where: 
     try:
         found = _detect_from_shapes(shapes, where)
     except UserError:
-        widths = {s[-1] for k, s in shapes.items() if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")
-                  and len(s) == 2}
+        widths = set(_cross_attention_widths(shapes))
         named = next(w for w, a in _CROSS_ATTN_DIM.items() if a == arch)
         if widths and named not in widths:  # (a width no shipped architecture has: the named one's cannot fit it)
             raise UserError(f"{where}: its UNet's cross-attention width is {'/'.join(map(str, sorted(widths)))}, and "
