@@ -145,7 +145,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if merged_weight is None:
         tags.insert(2, "lora")
     data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags, library_name=_library(fmt, lora))
-    front = data.to_yaml() + f"\n# license: set the license of the base model here ({license_example(lora)})"
+    front = data.to_yaml() + f"\n# license: set the license of the base model here ({license_example(lora, family)})"
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
@@ -246,14 +246,15 @@ BASE_LICENSES = {SD_V1: ("SD 1.x", "creativeml-openrail-m"), SD_V2: ("SD 2.x", "
 HUB_LICENSES = {"creativeml-openrail-m", "openrail++", "apache-2.0"}  # the hub's own ids; others: license: other
 
 
-def license_example(lora: Lora) -> str:
-    """The front matter's licence hint: the base model's family's licence, in the hub's words."""
+def license_example(lora: Lora, version: str) -> str:
+    """The front matter's licence hint: the base model's family's licence, in the hub's words (``version``: its
+    :func:`base_family`, which the card has read)."""
     if lora.family == "flux":
         from lowmem_alignprop.commands import flow_export
         key = flow_export.architecture(lora.family, lora.base_model, lora.modules,
                                        lora.model_components).removesuffix("/lora")
     else:
-        key = "sd3" if lora.family == "sd3" else base_family(lora)
+        key = "sd3" if lora.family == "sd3" else version
     model, name = BASE_LICENSES[key]
     return f"{model}'s: license: {name}" if name in HUB_LICENSES else \
         f"{model}'s: license: other, license_name: {name}"
