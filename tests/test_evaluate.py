@@ -975,6 +975,20 @@ def test_a_lora_file_alone_samples_as_its_header_says_its_run_did(tmp_path, tiny
     assert "its header" not in caplog.text
 
 
+def test_a_lora_file_alone_sampled_unguided_leaves_its_runs_unconditional_settings_out(tmp_path, tiny_dir, loras,
+                                                                                        caplog):
+    """A header whose run used guidance_rescale and a negative prompt, sampled with --set guidance_scale=1: both are
+    left out and said, as for a run's base_model.json (the config refused them, naming flags the user never gave)."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    header = {"alignprop_image_settings": json.dumps({"guidance_rescale": 0.7, "negative_prompt": "dark"})}
+    file = _shared_alone(tmp_path / "rescaled", loras["a"], header)
+    sampler = _sampler_of(tmp_path, "unguided", file, tiny_dir, "--set", "guidance_scale=1")
+    assert (sampler["guidance_scale"], sampler["guidance_rescale"], sampler["negative_prompt"]) == (1, 0, "")
+    assert "the run's guidance_rescale and negative_prompt, which act on its unconditional branch, left out" \
+        in caplog.text
+    assert _sampler_of(tmp_path, "guided", file, tiny_dir)["guidance_rescale"] == 0.7  # (guided: taken)
+
+
 def test_a_lora_file_alones_zero_snr_keeps_the_users_eta(tmp_path, tiny_dir, loras, caplog):
     """A header's zero-SNR schedule with --set eta given: the user's eta is sampled with (eta=0 is added only where
     none is given) and the line does not say eta=0."""

@@ -63,11 +63,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
 def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str, dict], given: set[str]) -> None:
     """The first LoRA's recorded model (where ``--model`` is not given) and its run's image settings, reward and
     prompts (those at hand here) not in ``given`` into ``args``; another LoRA's run's other settings said."""
-    taken = usable_scoring({k: v for k, v in base[1].items() if k not in given})
-    if unguided(args.set) and (left := sorted(set(taken) & set(UNCONDITIONAL_USES))):
-        taken = {k: v for k, v in taken.items() if k not in left}  # (refused with guidance off: the user set neither)
-        logger.info("--set guidance_scale turns classifier-free guidance off: the run's %s, which act on its "
-                    "unconditional branch, left out", " and ".join(left))
+    taken = _usable(args, base[1], given)
     args.set += [f"{k}={v}" for k, v in taken.items()]
     settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
     if args.model is None:
@@ -87,7 +83,7 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
     base_model.json beside it) not in ``given`` into ``args.set``, said in one line; another LoRA's run's other
     settings said."""
     settings, keys = header_image_settings(specs[0].file)
-    if taken := usable_scoring({k: v for k, v in settings.items() if k not in given}):  # (a reward not at hand: said)
+    if taken := _usable(args, settings, given):
         # (a zero-SNR schedule is sampled with eta below 1; a header of an older export does not record the run's:
         # DDIM's deterministic 0)
         eta = taken.get("zero_terminal_snr") and "eta" not in given and "eta" not in taken and not args.recipe
@@ -98,6 +94,18 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
             " ".join(f"{k}={v}" for k, v in taken.items()),
             ", at eta=0 (the header does not say the run's; zero SNR needs one below 1)" if eta else "")
     say_other_runs(specs, settings, given)
+
+
+def _usable(args: argparse.Namespace, settings: dict, given: set[str]) -> dict:
+    """The settings of a LoRA's run (its record's or its header's) this command takes: those not in ``given``, less
+    a reward or prompts not at hand here (said: usable_scoring), and less what acts on the unconditional branch when
+    the command line's guidance_scale turns it off (said: the user set neither, and the config would refuse them)."""
+    taken = usable_scoring({k: v for k, v in settings.items() if k not in given})
+    if unguided(args.set) and (left := sorted(set(taken) & set(UNCONDITIONAL_USES))):
+        taken = {k: v for k, v in taken.items() if k not in left}
+        logger.info("--set guidance_scale turns classifier-free guidance off: the run's %s, which act on its "
+                    "unconditional branch, left out", " and ".join(left))
+    return taken
 
 
 def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str]) -> None:
