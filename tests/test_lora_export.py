@@ -371,7 +371,7 @@ def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     assert not (out / "before_after.png").exists() and "before_after.png" not in (out / "README.md").read_text()
 
 
-def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(sd, tmp_path, capsys):
+def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(sd, tmp_path, capsys, monkeypatch):
     """A merged model passes the base's fingerprint (the LoRA leaves the first layer alone): merging the same LoRA
     into it again applied it twice. Its record (merged_loras.json; a single file's header) refuses that, whichever
     folder holds the LoRA; another LoRA merges on top, and the card names the model it went into."""
@@ -397,6 +397,17 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
                                                                                          sd["base"].name)]
     from lowmem_alignprop.commands.evaluate import same_model  # `sample --model FILE`: the LoRA's run's settings
     assert same_model(str(upper), str(sd["base"])) and not same_model(str(upper), str(tmp_path / "other-base"))
+    # the header names the base by its folder's name only; the weights it recorded tell a same-named other base apart
+    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_fingerprint
+    ours = recorded_fingerprint(LoraSpec(arg="a", file=sd["lora"] / LORA_WEIGHT_NAME, weight=1.0, name="a"))
+    theirs = {**ours, "conv_in": [v + 0.5 for v in ours["conv_in"]]}  # another model's first layer
+    namesake = tmp_path / "elsewhere" / sd["base"].name
+    assert same_model(str(upper), str(namesake), ours) and not same_model(str(upper), str(namesake), theirs)
+    assert not same_model(str(upper), str(sd["base"]), theirs)
+    namesake.mkdir(parents=True)
+    monkeypatch.chdir(namesake.parent)  # a folder of the base's name here: the header's name is not this one
+    assert same_model(str(upper), str(sd["base"]), ours) and not same_model(str(upper), str(namesake), theirs)
+    monkeypatch.undo()
     for target, held, into in ((merged, sd["lora"], sd["base"]),
                                (next(single.glob("*.safetensors")), lora_name, sd["base"].name)):
         for lora in (sd["lora"], copy):

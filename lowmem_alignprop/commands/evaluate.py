@@ -321,19 +321,39 @@ def usable_scoring(taken: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def same_model(given: str, recorded: str) -> bool:
+def same_model(given: str, recorded: str, fingerprint: dict | None = None) -> bool:
     """--model names the model a LoRA's record names: the same folder or file (however the path is written; the toy
     model's folder is ``toy``), the same hub id, or an `export --merge` of it (its record's first ``into``): the
-    LoRA's run's image settings then apply, as to the model itself."""
+    LoRA's run's image settings then apply, as to the model itself. ``fingerprint``: the LoRA's record of its base
+    (:func:`recorded_fingerprint`), which a merge's record of the model it went into must match too."""
     def same(a: str, b: str) -> bool:
         a, b = shipped_name(a.strip()), shipped_name(b.strip())
         pa, pb = Path(a).expanduser(), Path(b).expanduser()
         return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
-    base = [r["into"] for r in merged_record(given)[:1] if isinstance(r.get("into"), str)]
+    if same(given, recorded):
+        return True
+    first = next((r for r in merged_record(given)[:1] if isinstance(r.get("into"), str)), None)
+    if first is None:
+        return False
+    into, held = first["into"], first.get("into_fingerprint")
+    if isinstance(held, dict) and fingerprint:  # (two bases in folders of one name: their weights tell them apart)
+        return ckpt.fingerprint_difference(fingerprint, held) is None and (
+            same(into, recorded) or shared_name(into) == shared_name(recorded))
     # (a merged single file's header names its model by name only, lora_merge.shared_record: the recorded one's)
-    return any(same(model, recorded) for model in [given, *base]) or any(
-        b == shared_name(recorded) for b in base if not Path(b).expanduser().exists())
+    return same(into, recorded) or (into == shared_name(recorded) and not Path(into).expanduser().exists())
+
+
+def recorded_fingerprint(spec: LoraSpec) -> dict | None:
+    """The fingerprint of the model a LoRA was trained on (its base_model.json's denoiser config digest and first
+    weights, :func:`~lowmem_alignprop.run.checkpoint.fingerprint`), None without a readable one."""
+    if (record := base_record_file(spec)) is None:
+        return None
+    try:
+        base = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return base if isinstance(base, dict) and isinstance(base.get("unet_config_sha"), str) else None
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:

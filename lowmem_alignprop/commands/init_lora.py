@@ -195,12 +195,12 @@ def layers_taken(copied: int, trained: int) -> str:
 def trained_on(spec: str, file: Path, model: str) -> str:
     """" (it was trained on X, not --model Y: ...)" where the LoRA's run recorded another base model than ``model``
     (lora/base_model.json), for a message that the LoRA does not fit; else ""."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_base, same_model
+    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_base, recorded_fingerprint, same_model
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
     return f" (it was trained on {base[0]}, not --model {model}: if that is another model, pass a LoRA of this one)" \
-        if base is not None and not same_model(model, base[0]) else ""
+        if base is not None and not same_model(model, base[0], recorded_fingerprint(lora)) else ""
 
 
 @torch.no_grad()

@@ -159,8 +159,10 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
         raise UserError(f"--merge onto {spec}: the LoRA adapts {theirs} and {spec} is not one: pass the model it was "
                         "trained on with --model")
+    ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
+    # (the model it goes into, by its weights: `sample --model MERGED` tells a LoRA of it from one of a same-named base)
+    record[-1]["into_fingerprint"] = {k: ours[k] for k in ("unet_config_sha", "conv_in")}
     if lora.base:
-        ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
         problem = ckpt.fingerprint_difference(lora.base, ours)
         if problem:
             raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and {problem} "

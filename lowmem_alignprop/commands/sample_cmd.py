@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, check_mixable, evaluate, parse_lora,
-                                                print_summary, recorded_base, same_model, usable_scoring)
+                                                print_summary, recorded_base, recorded_fingerprint, same_model,
+                                                usable_scoring)
 from lowmem_alignprop.commands.lora_files import header_image_settings, merged_record
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
@@ -50,7 +51,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
             default_model = f"--lora {specs[0].arg} records no model it was trained on" + next(
                 (f"; --lora {s.arg} records {r[0]}" for s in specs[1:] if (r := recorded_base(s, model_given=True))),
                 "")  # (a mix's other LoRA that names its model: the --model to pass, likely)
-    if base is not None and (args.model is None or same_model(args.model, base[0])):
+    if base is not None and (args.model is None or same_model(args.model, base[0], recorded_fingerprint(specs[0]))):
         _take_base(args, specs, base, given)
     elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
         _take_header(args, specs, given)
