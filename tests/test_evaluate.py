@@ -375,6 +375,34 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert expected in err[0], err[0]
 
 
+def test_a_sampler_the_model_cannot_run_is_refused_before_any_other_line(tmp_path, loras, tiny_dir, capsys, caplog):
+    """A folder's own zero-terminal-SNR schedule at eta 1: sample refused it as training does, but only once the
+    model loaded, after its line on the prompt file it renders: now its one line comes first, and nothing is
+    written."""
+    import json
+    import logging
+    import shutil
+
+    from lowmem_alignprop.cli import main
+
+    model = tmp_path / "zero-snr"
+    shutil.copytree(tiny_dir, model)
+    file = model / "scheduler" / "scheduler_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "rescale_betas_zero_snr": True,
+                                "prediction_type": "v_prediction", "timestep_spacing": "trailing"}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main(["sample", str(loras["a"]), "--model", str(model), "--prompts", str(prompts), "--num-prompts", "1",
+                 "--set", "eta=1", "--profile", "cpu", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [x for x in err if x.startswith("error: ")] == [
+        f"error: {model}: zero terminal SNR with eta=1 (the default): DDIM's step from the pure-noise timestep then "
+        "has no deterministic part left, and diffusers' step turns it into NaN: use --set eta=0 (or any value below "
+        "1)"]
+    assert "prompts of" not in caplog.text + "\n".join(err) and not (tmp_path / "out").exists()
+
+
 def test_a_lora_of_another_shape_is_its_one_error_without_the_other_base_warning_before_it(tmp_path, loras, capsys,
                                                                                           caplog):
     """A LoRA whose base_model.json names another model, of other layer shapes: the line that it does not fit, not

@@ -660,6 +660,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
                       default=default_model)
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
+    loading.check_before_load(cfg)  # a sampler or VAE loading would refuse (header reads): before any line on prompts
     chosen = given[:num_prompts]
     if len(given) > num_prompts:  # (a prompt file's other lines were left out without a word)
         log.info("sample: the first %d of the %d prompts of %s (--num-prompts %d "
