@@ -197,9 +197,17 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     """A kohya file on a base whose folder says v-prediction: the card's diffusers code sets it from the folder, but
     ComfyUI and A1111 sample a base checkpoint without its keys as epsilon; the card says the settings there
     (ComfyUI's ModelSamplingDiscrete: v_prediction, zsnr; the run's guidance_rescale: RescaleCFG), as the header's
-    ss_v_parameterization / ss_zero_terminal_snr do. An epsilon run's card says none of it."""
+    ss_v_parameterization / ss_zero_terminal_snr do. An epsilon run's card says none of it. Every card says the DDIM
+    sampling the LoRA was trained through, in their samplers' terms (neither samples DDIM at eta 1 by default)."""
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
     assert "ModelSamplingDiscrete" not in plain and "RescaleCFG" not in plain
+    from lowmem_alignprop.commands.model_card import num
+    config = yaml.safe_load((sd["run"] / "config.yaml").read_text())
+    steps, scale = config["sample_steps"], num(config["guidance_scale"])
+    assert (f"- Its run rendered (and trained through) DDIM: {steps} steps at eta 1, guidance {scale}. The LoRA is "
+            f"tuned for that sampler: ComfyUI: a *KSampler* with sampler `ddpm`, scheduler `ddim_uniform`, {steps} "
+            f"steps, cfg {scale}; AUTOMATIC1111 / Forge: sampler *DDIM*, {steps} steps, CFG scale {scale}, and "
+            "*Settings > Sampler parameters > Eta for DDIM* 1.") in plain.splitlines(), plain
     base = tmp_path / "v-base"
     shutil.copytree(sd["base"], base)
     scheduler = base / "scheduler" / "scheduler_config.json"
@@ -209,19 +217,26 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     record = run / "lora" / LORA_BASE_FILE
     record.write_text(json.dumps({**json.loads(record.read_text()), "model": str(base)}))
     card = (export(tmp_path / "v", run / "lora", "--format", "kohya") / "README.md").read_text()
-    assert ("a *ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` off" in card
+    assert ("- Its run sampled the base as v-prediction: ComfyUI: a *ModelSamplingDiscrete* node after the "
+            "checkpoint, sampling `v_prediction`, `zsnr` off; AUTOMATIC1111 / Forge: a base checkpoint that says "
+            "v-prediction (its `v_pred` key, or a `.yaml` beside it with `parameterization: \"v\"`)." in card
             and "RescaleCFG" not in card and "sampler `ddim`" not in card), card  # (ddim: its run's eta 0 only)
     config = yaml.safe_load((run / "config.yaml").read_text())  # zero terminal SNR, eta 0 and guidance_rescale
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "zero_terminal_snr": True, "eta": 0.0,
                                                      "guidance_rescale": 0.7}))
     card = (export(tmp_path / "z", run / "lora", "--format", "kohya") / "README.md").read_text()
-    assert ("Sample it as its run did, v-prediction and zero terminal SNR, DDIM at eta 0: ComfyUI: a "
-            "*ModelSamplingDiscrete* node after the checkpoint, sampling `v_prediction`, `zsnr` on (sampler `ddim`)"
-            in card and "Noise schedule for sampling: Zero Terminal SNR" in card), card
+    assert ("Its run sampled the base as v-prediction and zero terminal SNR: ComfyUI: a *ModelSamplingDiscrete* "
+            "node after the checkpoint, sampling `v_prediction`, `zsnr` on" in card
+            and "Noise schedule for sampling: Zero Terminal SNR" in card), card
+    assert "DDIM: 3 steps at eta 0, guidance 7.5" in card and "with sampler `ddim`, scheduler `sgm_uniform`" in card
     assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card
     # the merged single file carries v_pred / ztsnr (ComfyUI reads them): its card says the rescale, which it cannot
     card = (export(tmp_path / "m", run / "lora", "--merge", "--single-file") / "README.md").read_text()
     assert "a *RescaleCFG* node after the checkpoint, multiplier 0.7" in card and "ModelSamplingDiscrete" not in card
+    # (A1111 reads its v_pred key, not its ztsnr key: its own setting, said; the sampler as the kohya card says it)
+    assert ("- Its run sampled at zero terminal SNR (the file's `ztsnr` key, which ComfyUI reads): AUTOMATIC1111: "
+            "*Settings > Sampler parameters > Noise schedule for sampling: Zero Terminal SNR*.") in card.splitlines()
+    assert "with sampler `ddim`, scheduler `sgm_uniform`" in card
     peft = (export(tmp_path / "p", run / "lora", "--format", "peft") / "README.md").read_text()  # (its code sets
     assert "ModelSamplingDiscrete" not in peft and "RescaleCFG" not in peft  # them from the base's folder)
 

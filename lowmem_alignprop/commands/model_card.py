@@ -305,32 +305,58 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
     return usage[:end] + call + usage[end:]
 
 
+# ComfyUI's KSampler samplers of DDIM's eta: `ddim` steps deterministically (eta 0), `ddpm` draws each step's noise
+# from the posterior (DDIM's eta 1)
+COMFY_DDIM_SAMPLERS = {0: "ddim", 1: "ddpm"}
+A1111_ZERO_SNR = "*Settings > Sampler parameters > Noise schedule for sampling: Zero Terminal SNR*"
+
+
 def webui_sampling(lora: Lora, info: dict[str, Any], fmt: str = "kohya") -> list[str]:
-    """The card's lines for ComfyUI and A1111 users of a kohya file (``fmt``) whose run sampled its base as
-    v-prediction, at zero terminal SNR or with guidance_rescale (lora_files.v_prediction / zero_terminal_snr, as the
-    header's ss_v_parameterization / ss_zero_terminal_snr say): a LoRA file cannot set them, a base checkpoint
-    without its ``v_pred`` / ``ztsnr`` keys (a diffusers folder converted, a model's .yaml left behind) samples as
-    epsilon without them, and the images come out noise or washed out. A merged single file (``single-file``)
-    carries those keys itself: only the guidance's rescale, which no file carries, is said."""
+    """The card's lines for ComfyUI and A1111 users of a kohya file or a merged single file (``fmt``): the sampler its
+    run rendered and trained through (DDIM: its steps, eta and guidance, which the LoRA was tuned for; neither tool
+    samples so by default), and where its run sampled its base as v-prediction, at zero terminal SNR or with
+    guidance_rescale (lora_files.v_prediction / zero_terminal_snr, as the header's ss_v_parameterization /
+    ss_zero_terminal_snr say), the settings for those: a LoRA file cannot set them, a base checkpoint without its
+    ``v_pred`` / ``ztsnr`` keys (a diffusers folder converted, a model's .yaml left behind) samples as epsilon
+    without them, and the images come out noise or washed out. A merged single file carries those keys (ComfyUI
+    reads both, A1111 ``v_pred`` only): the zero-SNR setting and the guidance's rescale, which no file carries."""
     v, zero = v_prediction(lora), zero_terminal_snr(lora)
     rescale = info.get("guidance_rescale") or 0
-    lines = []
+    lines = [line] if (line := _ddim_line(info, zero)) else []
     if (v or zero) and fmt == "kohya":
         told = " and ".join(x for x, on in (("v-prediction", v), ("zero terminal SNR", zero)) if on)
-        eta = info.get("eta")
-        lines += [f"- Sample it as its run did, {told}" + (f", DDIM at eta {num(eta)}" if eta is not None else "") +
-                  ": ComfyUI: a *ModelSamplingDiscrete* node after the checkpoint, sampling "
-                  f"`{'v_prediction' if v else 'eps'}`, `zsnr` {'on' if zero else 'off'}" +
-                  (" (sampler `ddim`)" if eta == 0 else "") + "; AUTOMATIC1111 / Forge: a base checkpoint that says "
+        lines += [f"- Its run sampled the base as {told}: ComfyUI: a *ModelSamplingDiscrete* node after the "
+                  f"checkpoint, sampling `{'v_prediction' if v else 'eps'}`, `zsnr` {'on' if zero else 'off'}; "
+                  "AUTOMATIC1111 / Forge: a base checkpoint that says "
                   + ("v-prediction (its `v_pred` key, or a `.yaml` beside it with `parameterization: \"v\"`)"
-                     if v else "epsilon") +
-                  (", and *Settings > Sampler parameters > Noise schedule for sampling: Zero Terminal SNR*" if zero
-                   else "") + "."]
+                     if v else "epsilon") + (f", and {A1111_ZERO_SNR}" if zero else "") + "."]
+    elif zero:  # (the merged file's ztsnr key: ComfyUI and Forge read it, A1111 only its own setting)
+        lines.append(f"- Its run sampled at zero terminal SNR (the file's `ztsnr` key, which ComfyUI reads): "
+                     f"AUTOMATIC1111: {A1111_ZERO_SNR}.")
     if rescale:
         lines.append(f"- The run rescaled the guidance (guidance_rescale {num(rescale)}): ComfyUI: a *RescaleCFG* node "
                      f"after the checkpoint, multiplier {num(rescale)}; AUTOMATIC1111 / Forge: a CFG-rescale extension "
                      "at the same value.")
     return lines
+
+
+def _ddim_line(info: dict[str, Any], zero: bool) -> str | None:
+    """The card's line on the DDIM sampling the run rendered and trained through (steps, eta, guidance, negative
+    prompt, as config.yaml records them), in ComfyUI's and A1111's terms; None without its steps and eta. ``zero``:
+    at zero terminal SNR the run's steps are trailing (from the last timestep: ComfyUI's `sgm_uniform`), else SD's
+    leading ones (`ddim_uniform`)."""
+    steps, eta, cfg = info.get("sample_steps"), info.get("eta"), info.get("guidance_scale")
+    if not isinstance(steps, int) or not isinstance(eta, (int, float)):
+        return None
+    comfy = (f"sampler `{COMFY_DDIM_SAMPLERS[eta]}`" if eta in COMFY_DDIM_SAMPLERS else
+             f"sampler `ddim` (eta 0) or `ddpm` (eta 1), the nearest (none has eta {num(eta)})")
+    scale = f" {num(cfg)}" if isinstance(cfg, (int, float)) else " as the run's"
+    negative = f", negative prompt `{info['negative_prompt']}`" if info.get("negative_prompt") else ""
+    return (f"- Its run rendered (and trained through) DDIM: {steps} steps at eta {num(eta)}, guidance{scale}"
+            f"{negative}. The LoRA is tuned for that sampler: ComfyUI: a *KSampler* with {comfy}, scheduler "
+            f"`{'sgm_uniform' if zero else 'ddim_uniform'}`, {steps} steps, cfg{scale}; AUTOMATIC1111 / Forge: "
+            f"sampler *DDIM*, {steps} steps, CFG scale{scale}, and *Settings > Sampler parameters > Eta for DDIM* "
+            f"{num(eta)}.")
 
 
 def _vae_load(spec: str) -> str:
