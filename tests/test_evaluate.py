@@ -1077,6 +1077,60 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
         == {k: v for k, v in shared.items() if k != "vae"}  # (a local path is the trainer's; its own keys say those)
 
 
+def test_a_lora_file_alone_is_sampled_on_the_model_its_header_names(tmp_path, tiny_dir, loras, caplog, capsys,
+                                                                    monkeypatch):
+    """`sample FILE` of a kohya export copied away alone, without --model: a shipped model its header names
+    (alignprop_base_model) is sampled, said in one line; a local folder's name is not taken, and the line on the
+    default model it does not fit names it."""
+    from lowmem_alignprop.settings.config import MODEL_ENV
+
+    monkeypatch.setenv(MODEL_ENV, "toy")  # (the default model a user has: the tests' is tiny)
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    file = _shared_alone(tmp_path / "shipped", loras["a"], {"alignprop_base_model": "tiny"})
+    out = tmp_path / "out"
+    assert main(["sample", *COMMON, str(file), "--prompt", "dog", "--output-dir", str(out)]) == 0
+    assert json.loads((out / SAMPLE_RESULTS).read_text())["model"] == "tiny"
+    assert f"--model not given: sampling tiny, the model the header (alignprop_base_model) of --lora {file} says " \
+        "it was trained on (--model to choose another)" in caplog.text
+    file = _shared_alone(tmp_path / "local", loras["other"], {"alignprop_base_model": "my-model",
+                                                          "ss_sd_model_name": "my-model"})
+    capsys.readouterr()
+    assert main(["sample", *COMMON, str(file), "--prompt", "dog", "--output-dir", str(tmp_path / "o")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and (f"(now 'toy', the default: --lora {file} records no model it was trained on; its "
+                              "header (alignprop_base_model) says it was trained on my-model (a folder on the "
+                              "training machine): pass --model PATH)") in err[0], err
+
+
+def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):
+    """A header's hub id is taken as --model (nothing loads here); a run's own folder (shared_name's run/lora) or a
+    local folder's name is not, nor sd-scripts' ss_sd_model_name (a name on the machine that trained), which the
+    line on the default model names; --model given: the header's is not taken."""
+    import argparse
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    def taken(header, model=None):
+        file = _shared_alone(tmp_path / str(len(list(tmp_path.iterdir()))), loras["a"], header)
+        args = argparse.Namespace(lora=[str(file)], set=[], model=model, reward=None, prompts=None, recipe=None,
+                                  output_dir="out")
+        request = take_run_settings(args, [])
+        return args.model, request.default_model.removeprefix(f"--lora {file} records no model it was trained on")
+
+    assert taken({"alignprop_base_model": "org/name", "ss_sd_model_name": "org/name"}) == ("org/name", "")
+    assert taken({"alignprop_base_model": "sdxl"}) == ("sdxl", "")
+    assert taken({"alignprop_base_model": "org/name"}, model="tiny") == ("tiny", "")
+    assert taken({"alignprop_base_model": "run/lora"}) == (None, "; its header (alignprop_base_model) says it was "
+                                                           "trained on run/lora (a folder on the training machine): "
+                                                           "pass --model PATH")
+    assert taken({"ss_sd_model_name": "sd_xl_base_1.0.safetensors"}) == (
+        None, "; its header (ss_sd_model_name) says it was trained on sd_xl_base_1.0.safetensors (a file on the "
+              "training machine): pass --model PATH")
+    assert taken({"ss_sd_model_name": "org/name"})[1].endswith("org/name (a hub id or a folder on the training "
+                                                               "machine): pass --model PATH")
+    assert taken({}) == (None, "")
+
+
 def test_a_malformed_set_is_refused_before_a_lora_files_header_is_said(tmp_path, tiny_dir, loras, caplog, capsys):
     """`sample FILE --set eta` (no '='): config's line, before anything is taken from the LoRA's header."""
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")

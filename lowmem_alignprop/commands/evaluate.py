@@ -562,11 +562,13 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
                 saved.get("model"))
 
 
-def load_adapters(pipe, specs: list[LoraSpec], model: str) -> None:
-    """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError."""
+def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:
+    """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError (``default``: why
+    ``model`` is the default one, said in the line as :func:`check_lora_family` says it)."""
+    now = f"now {model!r}" + (f", the default: {default}" if default else "")
     for spec in specs:
         load_adapter_file(pipe, spec.file, spec.name, f"--lora {spec.arg}",
-                          f"it was trained for another base model: pass that model with --model (now {model!r})")
+                          f"it was trained for another base model: pass that model with --model ({now})")
 
 
 # what diffusers' LoRA loading and its format converters raise for a file that does not fit the model (a converter's
@@ -733,7 +735,7 @@ def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: to
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
         log.warning(cut)
-    load_adapters(pipe, specs, cfg.model)  # a LoRA that does not fit: its one line, not a warning before it
+    load_adapters(pipe, specs, cfg.model, default_model)  # a LoRA that does not fit: its one line, not a warning first
     warn_other_base(getattr(pipe, "transformer", None) or pipe.unet, specs, cfg)  # fits, but another base's
     place_denoiser(pipe, cfg)  # SD3/FLUX: block swap installed over the adapted transformer
     return pipe

@@ -389,6 +389,34 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return settings, keys
 
 
+HEADER_BASE_MODEL = "alignprop_base_model"  # the model its run trained on, as :func:`shared_name` names it
+KOHYA_MODEL_NAME = "ss_sd_model_name"  # sd-scripts': the model as its trainer was given it (often a file's name)
+
+
+def header_base_model(file: Path) -> tuple[str | None, str]:
+    """(model, said): the base model a LoRA file's header names, where ``sample`` of the file alone can take it: a
+    shipped name or a hub id (:data:`HEADER_BASE_MODEL`; not a run's own folder, ``run/lora``, that
+    :func:`shared_name` writes so), else None and what the header says for the line on the default model: a local
+    folder's or file's last part (ours, or sd-scripts' ss_sd_model_name, which is never taken); "" for none."""
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS, SINGLE_FILE_SUFFIXES
+    from lowmem_alignprop.settings.paths import looks_like_hub_id
+
+    try:
+        meta = read_safetensors_metadata(file) if is_safetensors(file) else {}
+    except (TensorFileError, OSError):
+        return None, ""
+    ours = str(meta.get(HEADER_BASE_MODEL) or "").strip()
+    if ours in NAMED_KINDS or looks_like_hub_id(ours) and Path(ours).name not in (LORA_DIR, BEST_DIR):
+        return ours, ""
+    key, name = next(((k, str(meta[k]).strip()) for k in (HEADER_BASE_MODEL, KOHYA_MODEL_NAME)
+                      if str(meta.get(k) or "").strip()), ("", ""))
+    if not name:
+        return None, ""
+    what = "a file" if name.lower().endswith(SINGLE_FILE_SUFFIXES) else \
+        "a hub id or a folder" if key == KOHYA_MODEL_NAME and looks_like_hub_id(name) else "a folder"
+    return None, f"its header ({key}) says it was trained on {name} ({what} on the training machine): pass --model PATH"
+
+
 def shared_image_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """A run's image settings (base_model.json's image_settings) as a LoRA file's header shares them
     (:data:`HEADER_IMAGE_SETTINGS`): a path on the machine that trained (a VAE file or folder) left out, a hub id kept;

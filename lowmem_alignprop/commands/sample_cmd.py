@@ -12,7 +12,8 @@ from pathlib import Path
 from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, check_mixable, evaluate, parse_lora,
                                                 print_summary, recorded_base, recorded_fingerprint, same_model,
                                                 usable_scoring)
-from lowmem_alignprop.commands.lora_files import header_image_settings, merged_record
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
+                                                  merged_record)
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
@@ -47,8 +48,10 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     base, default_model = None, ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
+        header = _header_model(args, specs[0]) if base is None and base_record_file(specs[0]) is None else ""
         if args.model is None and base is None:  # (said where the LoRA does not fit the default model)
-            default_model = f"--lora {specs[0].arg} records no model it was trained on" + next(
+            default_model = f"--lora {specs[0].arg} records no model it was trained on" + (
+                f"; {header}" if header else "") + next(
                 (f"; --lora {s.arg} records {r[0]}" for s in specs[1:] if (r := recorded_base(s, model_given=True))),
                 "")  # (a mix's other LoRA that names its model: the --model to pass, likely)
     if base is not None and (args.model is None or same_model(args.model, base[0], recorded_fingerprint(specs[0]))):
@@ -59,6 +62,19 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
     return SampleRequest(specs, own, numbered, default_model)
+
+
+def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
+    """A LoRA file shared alone (no base_model.json) whose header names a shipped model or a hub id
+    (:func:`~lowmem_alignprop.commands.lora_files.header_base_model`): taken as ``args.model`` where --model is not
+    given, said in one line; else what its header says of its model, for the line on the default model ("": nothing)."""
+    model, said = header_base_model(spec.file)
+    if model is None or args.model is not None:
+        return said
+    args.model = model
+    logger.info("--model not given: sampling %s, the model the header (%s) of --lora %s says it was trained on "
+                "(--model to choose another)", model, HEADER_BASE_MODEL, spec.arg)
+    return ""
 
 
 def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str, dict], given: set[str]) -> None:
