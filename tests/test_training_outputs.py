@@ -421,6 +421,56 @@ def test_plan_names_the_model_an_ill_fitting_init_lora_was_trained_on_as_trainin
         "this one)" in said[0][0], said
 
 
+def test_an_init_lora_of_another_sampler_is_warned_of_by_plan_and_training(made_lora, tmp_path, caplog):
+    """--init-lora of a LoRA whose run sampled as v-prediction at zero terminal SNR (its base_model.json, or its
+    file's header alone), in a run of an epsilon model: one warning naming both and the --set that trains as it did,
+    from plan and from training before it trains; a LoRA of the same sampler: none."""
+    import logging
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+
+    def lora_of(name, **record):
+        lora = tmp_path / name
+        shutil.copytree(made_lora["lora"], lora)
+        base = json.loads((lora / "base_model.json").read_text())
+        (lora / "base_model.json").write_text(json.dumps({**base, **record}))
+        return lora
+
+    other = lora_of("vpred", prediction_type="v_prediction", zero_terminal_snr=True)
+    same = lora_of("eps", prediction_type="epsilon")
+    alone = tmp_path / "alone" / "shared.safetensors"  # a kohya-style file copied away: its header says it
+    alone.parent.mkdir()
+    with safe_open(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(alone),  # noqa: SIM118 (safe_open is no dict)
+                  metadata={**f.metadata(), "alignprop_prediction_type": "v_prediction"})
+    args = ["--profile", "cpu", "--model", "tiny", "--set", "sample_steps=3", "--set", "k=1"]
+    warned = "was trained with"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    for lora, said in ((other, f"--init-lora {other} was trained with prediction_type=v_prediction "
+                               "zero_terminal_snr=True (its base_model.json), and this run samples with "
+                               "prediction_type=epsilon zero_terminal_snr=False: it starts from a LoRA of another "
+                               "sampler; --set prediction_type=v_prediction --set zero_terminal_snr=true trains as "
+                               "its run did"),
+                       (alone, f"--init-lora {alone} was trained with prediction_type=v_prediction (its header "
+                               "(alignprop_prediction_type)), and this run samples with prediction_type=epsilon"),
+                       (same, None)):
+        caplog.clear()
+        assert main(["plan", *args, "--init-lora", str(lora)]) == 0
+        lines = [r.getMessage() for r in caplog.records if warned in r.getMessage()]
+        assert (lines == [said]) if said and lora == other else (said in lines[0] if said else lines == []), lines
+    caplog.clear()  # training: before its first step
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")  # (plan leaves the logger at WARNING)
+    assert main([*args, "--set", "sample_prompts=0", "--steps", "1", "--output-dir", str(tmp_path / "run"),
+                 "--init-lora", str(other)]) == 0
+    lines = [r.getMessage() for r in caplog.records if warned in r.getMessage()]
+    assert len(lines) == 1 and "--set prediction_type=v_prediction --set zero_terminal_snr=true" in lines[0], lines
+    assert caplog.text.index(warned) < caplog.text.index("starting from the LoRA")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one run with everything on: --sample-every, tensorboard, export_format, the recorded command, checkpoints
 # ---------------------------------------------------------------------------------------------------------

@@ -203,6 +203,51 @@ def trained_on(spec: str, file: Path, model: str) -> str:
         if base is not None and not same_model(model, base[0], recorded_fingerprint(lora)) else ""
 
 
+def lora_sampler(spec: str, file: Path) -> tuple[dict, str]:
+    """(settings, where): the prediction_type and zero_terminal_snr ``--init-lora``'s LoRA was trained with, and
+    where that is said: its run's base_model.json (the schedule the run resolved: both, where it records the
+    prediction type), else its file's header (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`:
+    what it says); ({}, "") where neither tells."""
+    import json
+
+    from lowmem_alignprop.commands.evaluate import LoraSpec, base_record_file
+    from lowmem_alignprop.commands.lora_files import header_image_settings
+
+    lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
+    if (record := base_record_file(lora)) is not None:
+        try:
+            base = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}, ""
+        if not isinstance(base, dict) or base.get("prediction_type") not in ("epsilon", "v_prediction"):
+            return {}, ""  # (a record before the schedule was recorded, or a transformer's: no DDIM)
+        return {"prediction_type": base["prediction_type"],
+                "zero_terminal_snr": bool(base.get("zero_terminal_snr"))}, f"its {record.name}"
+    settings, keys = header_image_settings(file)
+    said = {k: settings[k] for k in ("prediction_type", "zero_terminal_snr") if k in settings}
+    return said, f"its header ({', '.join(keys[k] for k in said)})" if said else ""
+
+
+def other_sampler(spec: str, file: Path, run: dict) -> str | None:
+    """The warning where ``--init-lora``'s LoRA was trained with another prediction type or zero-SNR schedule than
+    this run samples with (``run``: the scheduler config it resolved), naming both and the --set that trains as the
+    LoRA's run did; None where they agree or either does not tell. A warning: a user may mean it."""
+    theirs, where = lora_sampler(spec, file)
+    if run.get("prediction_type") not in ("epsilon", "v_prediction"):
+        return None  # (an SD3/FLUX run: no DDIM)
+    ours = {"prediction_type": run["prediction_type"], "zero_terminal_snr": bool(run.get("rescale_betas_zero_snr"))}
+    differ = [k for k in theirs if theirs[k] != ours[k]]
+    if not differ:
+        return None
+    fix = {k: theirs[k] for k in differ}
+    if fix.get("prediction_type") == "epsilon" and ours["zero_terminal_snr"]:  # (the config refuses that pair)
+        fix["zero_terminal_snr"] = False
+    return (f"--init-lora {spec} was trained with {' '.join(f'{k}={theirs[k]}' for k in differ)} ({where}), and this "
+            f"run samples with {' '.join(f'{k}={ours[k]}' for k in differ)}: it starts from a LoRA of another "
+            f"sampler; {' '.join(f'--set {k}={str(v).lower() if isinstance(v, bool) else v}' for k, v in fix.items())}"
+            " trains as its run did")
+
+
 @torch.no_grad()
 def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention", model: str = "") -> tuple[int, int]:
     """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its

@@ -29,11 +29,14 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
     if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
-        from lowmem_alignprop.commands.init_lora import check_fits_meta_model, check_init_lora  # (2 s of imports)
+        from lowmem_alignprop.commands.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
+                                                         other_sampler)
         from lowmem_alignprop.models.loading import check_before_load
         file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
-        check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto must be the model plan plans)
+        sampler = check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto is what plan plans)
         taken = check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
+        if sampler is not None and (other := other_sampler(cfg.init_lora, file, sampler)):
+            logger.warning("%s", other)  # (training's warning; a hub id's sampler is told only as it loads)
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
     if cfg.init_lora and log is not None:  # what was checked (rank, layers), as training says it starts

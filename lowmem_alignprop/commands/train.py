@@ -474,7 +474,7 @@ class Trainer:
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
                                                             autocast=self.accelerator.native_amp)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
-            from lowmem_alignprop.commands.init_lora import layers_taken, start_from_lora
+            from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
             taken = layers_taken(*start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file,
                                                   cfg.init_lora, cfg.lora_layers, cfg.model))
             if self.point is not None:  # a resume: the checkpoint's LoRA trains on (the one it started from is its
@@ -482,6 +482,9 @@ class Trainer:
                          cfg.init_lora if self.init_file != self.init_lora_copy else
                          f"{cfg.init_lora}, its copy {self.init_file.parent}", taken)
             else:
+                if (other := other_sampler(cfg.init_lora, self.init_file, dict(comps.scheduler.config))) \
+                        and self.is_rank0():
+                    log.warning("%s", other)
                 log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
                          "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL "
                          "starts above 0" if cfg.kl_coeff else "")
