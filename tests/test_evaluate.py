@@ -1129,6 +1129,13 @@ def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):
     assert taken({"ss_sd_model_name": "org/name"})[1].endswith("org/name (a hub id or a folder on the training "
                                                                "machine): pass --model PATH")
     assert taken({}) == (None, "")
+    # a local folder named like a shipped model: the header says it is a folder (./sdxl), not the shipped sdxl
+    from lowmem_alignprop.commands.lora_files import shared_name
+    (tmp_path / "models" / "sdxl").mkdir(parents=True)
+    assert shared_name(str(tmp_path / "models" / "sdxl")) == "./sdxl" and shared_name("sdxl") == "sdxl"
+    assert taken({"alignprop_base_model": "./sdxl"}) == (None, "; its header (alignprop_base_model) says it was "
+                                                         "trained on ./sdxl (a folder on the training machine): "
+                                                         "pass --model PATH")
 
 
 def test_a_malformed_set_is_refused_before_a_lora_files_header_is_said(tmp_path, tiny_dir, loras, caplog, capsys):

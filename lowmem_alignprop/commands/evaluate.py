@@ -347,13 +347,19 @@ def same_model(given: str, recorded: str, fingerprint: dict | None = None) -> bo
 def recorded_fingerprint(spec: LoraSpec) -> dict | None:
     """The fingerprint of the model a LoRA was trained on (its base_model.json's denoiser config digest and first
     weights, :func:`~lowmem_alignprop.run.checkpoint.fingerprint`), None without a readable one."""
+    base = read_base_record(spec)
+    return base if base is not None and isinstance(base.get("unet_config_sha"), str) else None
+
+
+def read_base_record(spec: LoraSpec) -> dict | None:
+    """The base_model.json beside a LoRA (:func:`base_record_file`) as written, None without one or a readable one."""
     if (record := base_record_file(spec)) is None:
         return None
     try:
         base = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return base if isinstance(base, dict) and isinstance(base.get("unet_config_sha"), str) else None
+    return base if isinstance(base, dict) else None
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:

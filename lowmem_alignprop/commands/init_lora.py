@@ -208,19 +208,14 @@ def lora_sampler(spec: str, file: Path) -> tuple[dict, str]:
     where that is said: its run's base_model.json (the schedule the run resolved: both, where it records the
     prediction type), else its file's header (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`:
     what it says); ({}, "") where neither tells."""
-    import json
-
-    from lowmem_alignprop.commands.evaluate import LoraSpec, base_record_file
+    from lowmem_alignprop.commands.evaluate import LoraSpec, base_record_file, read_base_record
     from lowmem_alignprop.commands.lora_files import header_image_settings
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     if (record := base_record_file(lora)) is not None:
-        try:
-            base = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}, ""
-        if not isinstance(base, dict) or base.get("prediction_type") not in ("epsilon", "v_prediction"):
-            return {}, ""  # (a record before the schedule was recorded, or a transformer's: no DDIM)
+        base = read_base_record(lora) or {}
+        if base.get("prediction_type") not in ("epsilon", "v_prediction"):
+            return {}, ""  # (damaged, a record before the schedule was recorded, or a transformer's: no DDIM)
         return {"prediction_type": base["prediction_type"],
                 "zero_terminal_snr": bool(base.get("zero_terminal_snr"))}, f"its {record.name}"
     settings, keys = header_image_settings(file)

@@ -345,6 +345,8 @@ HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
 # samples as its run did (base_model.json's image_settings; a local path among them left out: it is the trainer's)
 HEADER_IMAGE_SETTINGS = "alignprop_image_settings"
 HEADER_REWARD = "alignprop_reward"  # the reward its run was scored with (a file or weights not at hand: the default)
+HEADER_BASE_MODEL = "alignprop_base_model"  # the model its run trained on, as :func:`shared_name` names it
+KOHYA_MODEL_NAME = "ss_sd_model_name"  # sd-scripts': the model as its trainer was given it (often a file's name)
 SHARED_IMAGE_SETTINGS = ("resolution", "sample_steps", "guidance_scale", "guidance_rescale", "eta",
                          "max_sequence_length", "negative_prompt", "t5_encoder", "vae")
 KOHYA_V_PREDICTION = "ss_v_parameterization"  # "True"/"False"
@@ -387,10 +389,6 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if meta.get(HEADER_REWARD):
         settings["reward"], keys["reward"] = meta[HEADER_REWARD], HEADER_REWARD
     return settings, keys
-
-
-HEADER_BASE_MODEL = "alignprop_base_model"  # the model its run trained on, as :func:`shared_name` names it
-KOHYA_MODEL_NAME = "ss_sd_model_name"  # sd-scripts': the model as its trainer was given it (often a file's name)
 
 
 def header_base_model(file: Path) -> tuple[str | None, str]:
@@ -467,7 +465,9 @@ def denoiser_name(lora: Lora) -> str:
 def shared_name(model: str) -> str:
     """A model or file as a header shared with the LoRA names it: a local path by its last part (as sd-scripts
     writes it: a user's folders stay theirs; a run's own folder, lora/ or checkpoints/step-N, with its run's name),
-    a hub id or a shipped name as it is."""
+    a hub id or a shipped name as it is; a local folder named like a shipped model, ``./sdxl``: not that model."""
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+
     path = Path(model).expanduser()
     if not (model and (path.is_absolute() or path.exists())):
         return model
@@ -475,8 +475,9 @@ def shared_name(model: str) -> str:
         return f"{path.parent.name}/{path.name}"
     from lowmem_alignprop.run.checkpoint import step_of
 
-    return f"{path.parents[1].name}/{path.parent.name}/{path.name}" if step_of(path) is not None and \
-        len(path.parents) > 1 else path.name
+    if step_of(path) is not None and len(path.parents) > 1:
+        return f"{path.parents[1].name}/{path.parent.name}/{path.name}"
+    return f"./{path.name}" if path.name in NAMED_KINDS else path.name
 
 
 def nonfinite(tensors) -> str | None:

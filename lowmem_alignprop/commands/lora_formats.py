@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_IMAGE_SETTINGS, HEADER_PREDICTION, HEADER_REWARD,
-                                                 HEADER_ZERO_SNR, KOHYA_V2, KOHYA_V_PREDICTION, KOHYA_ZERO_SNR,
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_PREDICTION,
+                                                 HEADER_REWARD, HEADER_ZERO_SNR, KOHYA_MODEL_NAME, KOHYA_V2,
+                                                 KOHYA_V_PREDICTION, KOHYA_ZERO_SNR,
                                                  MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION, PEFT_CONFIG_NAME,
                                                  PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora, base_family,
                                                  denoiser_name, lora_digest, shared_image_settings, shared_name,
@@ -72,9 +73,9 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
                                                                                                "networks.lora"),
         "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
         "ss_network_alpha": num(alpha),
-        "ss_sd_model_name": model,
+        KOHYA_MODEL_NAME: model,
         "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({denoiser_name(lora)} LoRA only)",
-        "alignprop_base_model": model,
+        HEADER_BASE_MODEL: model,
         HEADER_REWARD: str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (MERGED_KEY, Lora, check_recorded_base, lora_digest, merged_record,
-                                                  read_lora, shared_name)
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, MERGED_KEY, Lora, check_recorded_base,
+                                                  lora_digest, merged_record, read_lora, shared_name)
 from lowmem_alignprop.commands.lora_formats import file_stem
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -165,9 +165,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     if lora.base:
         problem = ckpt.fingerprint_difference(lora.base, ours)
         if problem:
-            raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and {problem} "
-                            f"in {spec!r}: merge it into the model it was trained on (leave --model out, or pass "
-                            f"--model {lora.base.get('model')})")
+            raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and "
+                            f"{problem} in {spec!r}: merge it into the model it was trained on (leave --model out, or "
+                            f"pass --model {lora.base.get('model')})")
     load_adapters(pipe, [adapter], spec)  # a LoRA of other layer shapes: one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -202,7 +202,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
             if pipe.scheduler.config.get("rescale_betas_zero_snr"):
                 state[ZERO_SNR_KEY] = torch.zeros(0)  # ... and at zero terminal SNR by this one
     save_file(state, str(path), metadata={
-        "format": "pt", "alignprop_base_model": shared_name(str(lora.base_model or "")),
+        "format": "pt", HEADER_BASE_MODEL: shared_name(str(lora.base_model or "")),
         "alignprop_lora_weight": num(merged[-1]["weight"]),
         "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
         MERGED_KEY: json.dumps(shared_record(merged))})
