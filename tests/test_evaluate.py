@@ -684,9 +684,11 @@ def test_the_toy_worlds_exact_figures_judge_each_row_on_its_own_images():
 
 
 def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them(tmp_path, loras, tiny_dir,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, caplog):
     """sample renders as the LoRA's run did (base_model.json's image_settings) without --model and with --model naming
-    that same model; a --set of the command line wins over the record (the record won over it in silence)."""
+    that same model; a --set of the command line wins over the record (the record won over it in silence). --model
+    naming another model: the profile's settings, said (its exported file alone takes its header's, so the same
+    LoRA rendered differently by how it was passed, without a word)."""
     import shutil
 
     from lowmem_alignprop.commands import sample_cmd as ev
@@ -702,6 +704,12 @@ def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them
                             (["--model", str(tiny_dir), "--set", "negative_prompt=sharp"], "sharp")):
         assert main(["sample", *COMMON, str(lora), *extra, "--output-dir", str(tmp_path / "out")]) == 0
         assert (used[-1].model, used[-1].negative_prompt) == (str(tiny_dir), negative), extra
+    other = shutil.copytree(tiny_dir, tmp_path / "other")
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main(["sample", *COMMON, str(lora), "--model", str(other), "--output-dir", str(tmp_path / "out")]) == 0
+    assert used[-1].negative_prompt == "" and (
+        f"--model {other} is not the model {lora} was trained on ({tiny_dir}): sampled with the profile's image "
+        f"settings, not its run's (--model {tiny_dir} renders as its run did; --set KEY=VALUE chooses)") in caplog.text
 
 
 def test_a_run_without_its_lora_yet_names_the_checkpoint_to_sample_or_export(tmp_path, capsys, caplog):

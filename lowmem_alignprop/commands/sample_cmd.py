@@ -56,6 +56,10 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
                 "")  # (a mix's other LoRA that names its model: the --model to pass, likely)
     if base is not None and (args.model is None or same_model(args.model, base[0], recorded_fingerprint(specs[0]))):
         _take_base(args, specs, base, given)
+    elif base is not None:  # (the LoRA's own model sampled as its run did; another one as the profile samples)
+        logger.info("--model %s is not the model %s was trained on (%s): sampled with the profile's image settings, "
+                    "not its run's (--model %s renders as its run did; --set KEY=VALUE chooses)", args.model,
+                    specs[0].named, base[0], base[0])
     elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
         _take_header(args, specs, given)
     numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
