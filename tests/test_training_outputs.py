@@ -453,8 +453,8 @@ def test_an_init_lora_of_another_sampler_is_warned_of_by_plan_and_training(made_
     for lora, said in ((other, f"--init-lora {other} was trained with prediction_type=v_prediction "
                                "zero_terminal_snr=True (its base_model.json), and this run samples with "
                                "prediction_type=epsilon zero_terminal_snr=False: it starts from a LoRA of another "
-                               "sampler; --set prediction_type=v_prediction --set zero_terminal_snr=true trains as "
-                               "its run did"),
+                               "sampler; --set prediction_type=v_prediction --set zero_terminal_snr=true --set eta=0 "
+                               "trains as its run did"),
                        (alone, f"--init-lora {alone} was trained with prediction_type=v_prediction (its header "
                                "(alignprop_prediction_type)), and this run samples with prediction_type=epsilon"),
                        (same, None)):
@@ -462,12 +462,17 @@ def test_an_init_lora_of_another_sampler_is_warned_of_by_plan_and_training(made_
         assert main(["plan", *args, "--init-lora", str(lora)]) == 0
         lines = [r.getMessage() for r in caplog.records if warned in r.getMessage()]
         assert (lines == [said]) if said and lora == other else (said in lines[0] if said else lines == []), lines
+    caplog.clear()  # the advice taken: planned without a word (zero SNR at the profile's eta 1 would be refused)
+    assert main(["plan", *args, "--init-lora", str(other), "--set", "prediction_type=v_prediction", "--set",
+                 "zero_terminal_snr=true", "--set", "eta=0"]) == 0
+    assert warned not in caplog.text
     caplog.clear()  # training: before its first step
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")  # (plan leaves the logger at WARNING)
     assert main([*args, "--set", "sample_prompts=0", "--steps", "1", "--output-dir", str(tmp_path / "run"),
                  "--init-lora", str(other)]) == 0
     lines = [r.getMessage() for r in caplog.records if warned in r.getMessage()]
-    assert len(lines) == 1 and "--set prediction_type=v_prediction --set zero_terminal_snr=true" in lines[0], lines
+    assert len(lines) == 1 and "--set prediction_type=v_prediction --set zero_terminal_snr=true --set eta=0" in \
+        lines[0], lines
     assert caplog.text.index(warned) < caplog.text.index("starting from the LoRA")
 
 

@@ -223,10 +223,11 @@ def lora_sampler(spec: str, file: Path) -> tuple[dict, str]:
     return said, f"its header ({', '.join(keys[k] for k in said)})" if said else ""
 
 
-def other_sampler(spec: str, file: Path, run: dict) -> str | None:
+def other_sampler(spec: str, file: Path, run: dict, eta: float) -> str | None:
     """The warning where ``--init-lora``'s LoRA was trained with another prediction type or zero-SNR schedule than
-    this run samples with (``run``: the scheduler config it resolved), naming both and the --set that trains as the
-    LoRA's run did; None where they agree or either does not tell. A warning: a user may mean it."""
+    this run samples with (``run``: the scheduler config it resolved; ``eta``: its DDIM eta), naming both and the
+    --set that trains as the LoRA's run did; None where they agree or either does not tell. A warning: a user may
+    mean it."""
     theirs, where = lora_sampler(spec, file)
     if run.get("prediction_type") not in ("epsilon", "v_prediction"):
         return None  # (an SD3/FLUX run: no DDIM)
@@ -237,6 +238,8 @@ def other_sampler(spec: str, file: Path, run: dict) -> str | None:
     fix = {k: theirs[k] for k in differ}
     if fix.get("prediction_type") == "epsilon" and ours["zero_terminal_snr"]:  # (the config refuses that pair)
         fix["zero_terminal_snr"] = False
+    if fix.get("zero_terminal_snr") and eta >= 1:  # (zero SNR at eta 1 is refused: DDIM's deterministic 0 with it)
+        fix["eta"] = 0
     return (f"--init-lora {spec} was trained with {' '.join(f'{k}={theirs[k]}' for k in differ)} ({where}), and this "
             f"run samples with {' '.join(f'{k}={ours[k]}' for k in differ)}: it starts from a LoRA of another "
             f"sampler; {' '.join(f'--set {k}={str(v).lower() if isinstance(v, bool) else v}' for k, v in fix.items())}"

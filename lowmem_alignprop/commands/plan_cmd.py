@@ -35,7 +35,7 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
         file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
         sampler = check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto is what plan plans)
         taken = check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
-        if sampler is not None and (other := other_sampler(cfg.init_lora, file, sampler)):
+        if sampler is not None and (other := other_sampler(cfg.init_lora, file, sampler, cfg.eta)):
             logger.warning("%s", other)  # (training's warning; a hub id's sampler is told only as it loads)
     logger.setLevel(logging.WARNING)
     log = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -482,7 +482,7 @@ class Trainer:
                          cfg.init_lora if self.init_file != self.init_lora_copy else
                          f"{cfg.init_lora}, its copy {self.init_file.parent}", taken)
             else:
-                if (other := other_sampler(cfg.init_lora, self.init_file, dict(comps.scheduler.config))) \
+                if (other := other_sampler(cfg.init_lora, self.init_file, dict(comps.scheduler.config), cfg.eta)) \
                         and self.is_rank0():
                     log.warning("%s", other)
                 log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
