@@ -66,7 +66,7 @@ from lowmem_alignprop.run.runlock import hold_folder, holder
 from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, not_safetensors, read_tensor_file
 from lowmem_alignprop.settings.config import image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.model_kind import KIND_FAMILY, model_kind_of, shipped_name
+from lowmem_alignprop.settings.model_kind import KIND_FAMILY, flow_width, model_kind_of, shipped_name
 from lowmem_alignprop.step.inputs import prepare_inputs
 from lowmem_alignprop.step.prompts import load_prompts
 from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_note
@@ -491,6 +491,31 @@ def check_lora_family(ours: str | None, specs: list[LoraSpec], model: str, optio
                         f"{MODEL_NAMES[ours]}: pass the model it was trained on with --model")
 
 
+# the attention projections' down (A) matrices of a diffusers-named transformer LoRA: they read the model's width
+_ATTENTION_DOWN = re.compile(r"\.(to_q|to_k|to_v)\.(lora_A|lora\.down|lora_down)\.weight$")
+# the shipped flow models' widths, to name the model a LoRA of another width was likely trained on
+FLOW_WIDTHS = {1536: "SD3/SD3.5 Medium", 2432: "SD3.5 Large", 3072: "FLUX.1"}
+
+
+def check_lora_files(specs: list[LoraSpec], model: str, components: str = "", option: str = "--lora",
+                     default: str = "") -> None:
+    """What the model's files tell of the LoRAs before anything loads: their family (:func:`check_lora_family`)
+    and, for an SD3/FLUX model, their attention layers' width against its transformer's: an SD3 LoRA whose files do
+    not name SD3 (a peft or diffusers file copied away alone) on FLUX.1, or SD3.5 Medium's on Large, was refused
+    only once the transformer was read (minutes). One line; what the files do not tell passes (loading checks)."""
+    check_lora_family(model_of_kind(model_kind_of(model, components)), specs, model, option, default)
+    if (width := flow_width(model, components)) is None:
+        return
+    for spec in specs:
+        theirs = sorted({w for k, w in _layer_widths(spec.file).items() if _ATTENTION_DOWN.search(k)})
+        if theirs and theirs != [width]:
+            named = f"--model {model}" + (f" (the default: {default})" if default else "")
+            likely = f" ({FLOW_WIDTHS[theirs[0]]}'s?)" if len(theirs) == 1 and theirs[0] in FLOW_WIDTHS else ""
+            raise UserError(f"{option} {spec.arg} adapts attention layers of width {theirs[0]}{likely}, but {named} "
+                            f"is a transformer of width {width}: it was trained on another model; pass that model "
+                            "with --model")
+
+
 def same_family(a: str, b: str) -> bool:
     """Whether LoRAs of :attr:`LoraSpec.model` ``a`` and ``b`` can adapt one model (``transformer``: SD3 or FLUX.1)."""
     return a == b or "transformer" in (a, b) and "unet" not in (a, b)
@@ -664,8 +689,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     fit it). Returns the JSON's content."""
     # a FLUX LoRA on SD1.5 (or the reverse) as the model's files tell: one line, before any note on the model
     flow_sample.check_transformer_only([s for s in specs if s.family == "transformer"])
-    check_lora_family(model_of_kind(model_kind_of(cfg.model, cfg.model_components)), specs, cfg.model,
-                      default=default_model)
+    check_lora_files(specs, cfg.model, cfg.model_components, default=default_model)
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
     loading.check_before_load(cfg)  # a sampler or VAE loading would refuse (header reads): before any line on prompts

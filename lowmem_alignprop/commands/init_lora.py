@@ -148,12 +148,11 @@ def _check_finite(file: Path, spec: str) -> None:
 def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:
     """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` and of
     ``model``'s family as far as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, model_of_kind
-    from lowmem_alignprop.settings.model_kind import model_kind_of
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files
 
     file = init_lora_file(spec)
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
-    check_lora_family(model_of_kind(model_kind_of(model, components)), [lora], model, "--init-lora")
+    check_lora_files([lora], model, components, "--init-lora")
     other = trained_on(spec, file, model)
     try:
         ranks = lora_file_ranks(file, spec, layers)

@@ -145,14 +145,13 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
     last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
     from lowmem_alignprop.run import checkpoint as ckpt
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_family, load_adapters, model_of_kind
-    from lowmem_alignprop.settings.model_kind import model_kind_of
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files, load_adapters
 
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
-    kind = model_kind_of(spec, lora.run_config.get("model_components") or "")  # before the model loads (minutes)
-    check_lora_family(model_of_kind(kind), [adapter], spec, "--merge:")
+    # (before the model loads: minutes)
+    check_lora_files([adapter], spec, lora.run_config.get("model_components") or "", "--merge:")
     pipe = load_base(spec, lora.run_config)
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):

@@ -119,6 +119,20 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
         return None
 
 
+def flow_width(model: str, components: str = "") -> int | None:
+    """An SD3/FLUX model's transformer width (its attention heads times their width: what every attention
+    projection reads) from its config before anything loads, as :func:`flow_geometry` finds it; None where the files
+    do not tell (a UNet model, a hub id out of the local cache)."""
+    kind, folder = _kind_and_folder(model, components, False)
+    if kind not in FLOW_KINDS:
+        return None
+    try:
+        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text(encoding="utf-8"))
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
+        return None
+
+
 def flow_block_count(model: str) -> int | None:
     """How many blocks an SD3/FLUX model's transformer has (its joint blocks, and FLUX's single ones: what block
     swap takes), from its config before anything loads: the shipped sd35m/sd35l/flux, a folder, a hub id in the
