@@ -125,7 +125,8 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     # how it was trained, under sd-scripts' own keys (what A1111's and Civitai's metadata panels show)
     assert float(meta["ss_learning_rate"]) == float(meta["ss_unet_lr"]) == config["lr"]
     assert (meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"]) == ("constant", "0") and meta["ss_steps"] == "3"
-    assert (meta["ss_seed"], meta["ss_optimizer"]) == (str(config["seed"]), config["optimizer"])
+    assert (meta["ss_seed"], meta["ss_optimizer"]) == (str(config["seed"]), "torch.optim.adamw.AdamW")
+    assert meta["ss_output_name"] == meta["modelspec.title"] == file.stem  # (A1111's alias of the LoRA)
     assert (meta["ss_gradient_accumulation_steps"], meta["ss_mixed_precision"]) == (str(config["grad_accum"]),
                                                                                     config["mixed_precision"])
     assert float(meta["ss_max_grad_norm"]) == config["max_grad_norm"]
@@ -162,6 +163,23 @@ def test_a_runs_start_from_a_lora_is_named_shareably_with_its_digest(sd, tmp_pat
     assert f"the LoRA `older-run/lora`, sha256 {digest[:16]} (its own training" in card
     step = start.parent / "checkpoints" / "step-00000300"  # a checkpoint: its run's name, the checkpoints folder
     assert lora_files.shared_name(str(step)) == "older-run/checkpoints/step-00000300"
+
+
+@pytest.mark.parametrize("settings", [{"optimizer": "adamw"}, {"optimizer": "adamw8bit"},
+                                      {"optimizer": "paged_adamw8bit"}, {"deepspeed_zero": 2, "offload": "optimizer"}])
+def test_ss_optimizer_is_the_class_path_of_the_optimizer_the_run_stepped_with(settings):
+    """ss_optimizer as sd-scripts writes it: the class path of the optimizer built (build_optimizer's, or DeepSpeed's
+    CPU Adam where its state is offloaded), not the config's short name."""
+    from lowmem_alignprop.memory.optim import build_optimizer
+    from lowmem_alignprop.run.distributed import build_deepspeed_optimizer
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(**settings)
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    built = type(build_deepspeed_optimizer(cfg, params) if cfg.deepspeed_zero else build_optimizer(cfg, params))
+    meta = formats.training_metadata({"optimizer": cfg.optimizer, "deepspeed_zero": cfg.deepspeed_zero,
+                                      "offload": cfg.offload})
+    assert meta["ss_optimizer"] == f"{built.__module__}.{built.__name__}"
 
 
 def test_kohya_metadata_has_the_model_specs_required_keys(case, tmp_path):

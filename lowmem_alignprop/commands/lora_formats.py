@@ -58,14 +58,15 @@ MODEL_SPEC_IMPLEMENTATION = {SDXL: "https://github.com/Stability-AI/generative-m
 
 
 def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
-    """The kohya file's header: sd-scripts' ``ss_*`` keys, the model spec's required ``modelspec.*`` ones (``title``:
-    the file's stem, :func:`file_stem`), and ours (``alignprop_*``)."""
+    """The kohya file's header: sd-scripts' ``ss_*`` keys, the model spec's required ``modelspec.*`` ones (``title``,
+    also ``ss_output_name``: the file's stem, :func:`file_stem`), and ours (``alignprop_*``)."""
     ranks = sorted({lora.weights[f"{m}.lora_A.weight"].shape[0] for m in lora.modules})
     alpha = lora.config.get("lora_alpha") or ranks[0]
     if lora.config.get("use_rslora"):
         alpha = lora.scale(lora.modules[0]) * ranks[0]
     info = run_info(lora)
     model, version = shared_name(str(lora.base_model or "")), base_family(lora)
+    stem = title or file_stem(lora)  # the file's
     meta = {
         "ss_base_model_version": version,
         # sd-scripts' module for the family (its SD3/FLUX LoRAs come from networks/lora_sd3.py and lora_flux.py)
@@ -81,7 +82,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         "alignprop_target_modules": ",".join(lora.adapted_targets),
         "modelspec.sai_model_spec": MODEL_SPEC_VERSION,
         "modelspec.implementation": MODEL_SPEC_IMPLEMENTATION.get(lora.family if lora.flow else version, "diffusers"),
-        "modelspec.title": title or file_stem(lora),  # (sd-scripts: the output name)
+        "modelspec.title": stem,  # (sd-scripts: the output name)
+        "ss_output_name": stem,  # (A1111's alias of the LoRA)
     }
     if isinstance(lora.summary.get("finished_at"), str):  # when the run ended (not the export's "now": an export
         meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
@@ -131,18 +133,21 @@ def lora_image_settings(lora: Lora) -> dict:
 # sd-scripts' keys of how a LoRA was trained (A1111's and Civitai's metadata panels show them): run config field -> key
 TRAINING_KEYS = {"lr": "ss_learning_rate", "steps": "ss_steps", "seed": "ss_seed",
                  "grad_accum": "ss_gradient_accumulation_steps", "max_grad_norm": "ss_max_grad_norm",
-                 "mixed_precision": "ss_mixed_precision", "optimizer": "ss_optimizer"}
+                 "mixed_precision": "ss_mixed_precision"}
 
 
 def training_metadata(info: dict) -> dict[str, str]:
     """sd-scripts' training keys from a run's :func:`run_info` (what it holds of them): the learning rate (also as
     the UNet's or transformer's, the only part trained), its schedule by sd-scripts' name, steps, seed..."""
+    from lowmem_alignprop.memory.optim import optimizer_class
     from lowmem_alignprop.step.update import LR_SCHEDULES
 
     meta = {key: num(info[field]) if isinstance(info[field], float) else str(info[field])
             for field, key in TRAINING_KEYS.items() if info.get(field) is not None}
     if "ss_learning_rate" in meta:
         meta["ss_unet_lr"] = meta["ss_learning_rate"]
+    if info.get("optimizer"):  # the class it stepped with, by its path, as sd-scripts writes it (memory/optim.py)
+        meta["ss_optimizer"] = optimizer_class(str(info["optimizer"]), info.get("deepspeed_zero"), info.get("offload"))
     if info.get("lr_scheduler"):
         warmup = int(info.get("lr_warmup_steps") or 0)
         meta["ss_lr_scheduler"] = LR_SCHEDULES[info["lr_scheduler"]] if warmup else info["lr_scheduler"]

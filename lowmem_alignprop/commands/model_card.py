@@ -30,7 +30,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
                 "lr_warmup_steps", "optimizer", "max_grad_norm", "mixed_precision", "resolution",
                 "prompts", "seed", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "ema_decay", "ema_outputs",
                 "init_lora", "guidance_scale", "guidance_rescale", "eta", "negative_prompt", "t5_encoder", "vae",
-                "prediction_type", "zero_terminal_snr", *OBJECTIVE_FIELDS):
+                "prediction_type", "zero_terminal_snr", "deepspeed_zero", "offload", *OBJECTIVE_FIELDS):
         if key in c:
             info[key] = c[key]
     steps = s.get("steps_done", s.get("steps"))

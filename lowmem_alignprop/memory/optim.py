@@ -10,6 +10,24 @@ from lowmem_alignprop.settings.config import import_needed
 from lowmem_alignprop.settings.errors import UserError
 
 
+# the class each optimizer name builds (below; DeepSpeed's CPU Adam: run/distributed.py), by its module path as
+# sd-scripts writes it in a LoRA's ss_optimizer header key
+OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                     "paged_adamw8bit": "bitsandbytes.optim.adamw.PagedAdamW8bit"}
+DEEPSPEED_CPU_ADAM = "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam"
+
+
+def uses_cpu_adam(deepspeed_zero, offload) -> bool:
+    """Whether a run steps with DeepSpeed's CPU Adam (ZeRO with its state offloaded) instead of its optimizer's."""
+    return bool(deepspeed_zero) and offload not in (None, "none")
+
+
+def optimizer_class(optimizer: str, deepspeed_zero=0, offload: str | None = "none") -> str:
+    """The class path of the optimizer a run of these settings steps with (its config's names)."""
+    return DEEPSPEED_CPU_ADAM if uses_cpu_adam(deepspeed_zero, offload) else OPTIMIZER_CLASSES.get(optimizer,
+                                                                                                   optimizer)
+
+
 def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if not params:
         raise UserError("nothing to train: no parameter requires gradients (check train_unet and lora_rank)")

@@ -121,7 +121,9 @@ def size_buckets(accelerator, params) -> None:
 def build_deepspeed_optimizer(cfg, params):
     """Under DeepSpeed: its CPU Adam when the state is offloaded (vectorised, ~5x torch's AdamW on CPU), else
     :func:`memory.optim.build_optimizer`'s."""
-    if cfg.deepspeed_zero and cfg.offload != "none":
+    from lowmem_alignprop.memory.optim import uses_cpu_adam
+
+    if uses_cpu_adam(cfg.deepspeed_zero, cfg.offload):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
     from lowmem_alignprop.memory.optim import build_optimizer as build
