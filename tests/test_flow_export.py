@@ -496,11 +496,17 @@ def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, t
     """The file is the merged folder's transformer in BFL's names (the mapping is read back by diffusers' converter
     at FLUX.1's width below; its converter cannot read this tiny model's linear1)."""
     from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from lowmem_alignprop.models.flow_layout import flux_to_original
 
-    single = load_file(str(next(export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))))
+    file = next(export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))
+    single = load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:  # the model spec of a FLUX.1 checkpoint, as sd-scripts writes it
+        meta = f.metadata()
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (
+        "flux-1-dev", "https://github.com/black-forest-labs/flux") and "modelspec.prediction_type" not in meta
     merged = FluxTransformer2DModel.from_pretrained(export(tmp_path / "b", flux["lora"], "--merge") / "transformer")
     assert "single_blocks.0.linear1.weight" in single and "double_blocks.0.img_attn.qkv.weight" in single
     expected = flux_to_original(merged.state_dict())
@@ -547,7 +553,11 @@ def test_merged_sd3_single_file_is_the_original_mmdit_layout_of_base_plus_lora(s
     assert [f.name for f in files] == ["run_alignprop_merged.safetensors"]
     with safe_open(str(files[0]), framework="pt") as f:
         keys = set(f.keys())
+        meta = f.metadata()
     assert "joint_blocks.0.x_block.attn.qkv.weight" in keys and not any(k.startswith("transformer_blocks") for k in keys)
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-3-") and not meta[
+        "modelspec.architecture"].endswith("/lora")  # (sd-scripts: an SD3 checkpoint's is Stability's)
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     transformer = _load_transformer_file(files[0], sd3["base"])
     assert_rel_close(transformer_out(transformer), sd3["ref"], REORDERED, "merged SD3 single file")
     assert "models/diffusion_models" in (out / "README.md").read_text()

@@ -383,10 +383,41 @@ def test_merged_single_file_loads_with_from_single_file_and_renders_base_plus_lo
     v_file = next(export(tmp_path / "v", run / "lora", "--merge", "--single-file").glob("*.safetensors"))
     with safe_open(str(v_file), framework="pt") as f:
         assert f.get_tensor("v_pred").numel() == 0 and set(f.keys()) == keys | {"v_pred"}  # noqa: SIM118
+        assert f.metadata()["modelspec.prediction_type"] == "v"  # (the model spec's word for it)
     v_loaded = load_single_file(v_file, config_dir=case["base"])  # ... and that this loader reads too
     assert v_loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.scheduler.config.prediction_type == "epsilon"
     assert_rel_close(unet_out(v_loaded.unet, case["xl"]), case["ref"], REORDERED, "a v-prediction single file, UNet")
+
+
+sd_or_xl = each_of("sd", "sdxl")
+
+
+def test_merged_single_file_has_the_model_spec_of_a_checkpoint(sd_or_xl, tmp_path):
+    """A merged single file's header has the model spec's keys as sd-scripts writes them for a checkpoint (A1111's
+    and Civitai's metadata panels show them): the architecture without kohya's "/lora", Stability's implementation
+    (sd-scripts' for every Stable Diffusion checkpoint), the file's stem as title, the trained resolution, the
+    prediction type and the date the run ended (summary.json's: two exports are the same bytes)."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    shutil.copytree(sd_or_xl["run"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "finished_at": "2026-01-02T03:04:05+00:00"}))
+    files = [next(export(tmp_path / e, run / "lora", "--merge", "--single-file").glob("*.safetensors"))
+             for e in ("a", "b")]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = f.metadata()
+    resolution = yaml.safe_load((run / "config.yaml").read_text())["resolution"]
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.")} == {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base" if sd_or_xl["xl"] else "stable-diffusion-v1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": files[0].stem == "run_alignprop_merged" and files[0].stem,
+        "modelspec.date": "2026-01-02T03:04:05+00:00", "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "epsilon"}
+    assert meta["alignprop_reward"] == "colorfulness" and meta["format"] == "pt"  # (ours beside them, as before)
 
 
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):

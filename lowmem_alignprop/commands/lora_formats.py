@@ -55,6 +55,8 @@ def kohya_name(module: str) -> str:
 MODEL_SPEC_VERSION = "1.0.1"
 MODEL_SPEC_IMPLEMENTATION = {SDXL: "https://github.com/Stability-AI/generative-models",
                              "flux": "https://github.com/black-forest-labs/flux"}
+# ... and of a whole checkpoint (a merged single file): Stability's repository for every family but FLUX.1's
+CHECKPOINT_IMPLEMENTATION = MODEL_SPEC_IMPLEMENTATION[SDXL]
 
 
 def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
@@ -80,20 +82,14 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         HEADER_REWARD: str(info.get("reward", "")),
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),
-        "modelspec.sai_model_spec": MODEL_SPEC_VERSION,
-        "modelspec.implementation": MODEL_SPEC_IMPLEMENTATION.get(lora.family if lora.flow else version, "diffusers"),
-        "modelspec.title": stem,  # (sd-scripts: the output name)
         "ss_output_name": stem,  # (A1111's alias of the LoRA)
     }
-    if isinstance(lora.summary.get("finished_at"), str):  # when the run ended (not the export's "now": an export
-        meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
     if info.get("reward_last") is not None:
         meta["alignprop_final_reward"] = num(info["reward_last"])
         if info.get("reward_window"):  # how many of the run's last steps it is the mean of (summary.json's
             meta["alignprop_final_reward_steps"] = str(info["reward_window"])  # reward_window; reward_steps: all)
-    if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts and the model spec write it
+    if isinstance(info.get("resolution"), int):  # the trained size, as sd-scripts writes it
         meta["ss_resolution"] = f"({info['resolution']}, {info['resolution']})"
-        meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     meta.update(training_metadata(info))
     if info.get("prediction_type", "auto") != "auto":  # (--set prediction_type: the base's files say otherwise)
         meta[HEADER_PREDICTION] = str(info["prediction_type"])
@@ -105,20 +101,42 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
             meta["alignprop_init_lora_sha256"] = info["init_lora_sha"]
-    if lora.flow:  # what sd-scripts writes beside it for these families
-        from lowmem_alignprop.commands import flow_export
-        meta[MODELSPEC_ARCHITECTURE] = flow_export.architecture(lora.family, lora.base_model, lora.modules,
-                                                                  lora.model_components)
-    else:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
+    if not lora.flow:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
         meta[KOHYA_V2] = str(version == SD_V2)
         meta[KOHYA_V_PREDICTION] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
         meta[KOHYA_ZERO_SNR] = str(zero_terminal_snr(lora))
-        meta[MODELSPEC_PREDICTION] = "v" if v_prediction(lora) else "epsilon"  # (the model spec's words)
+    meta.update(model_spec(lora, info, stem))
+    return meta
+
+
+def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: bool | None = None) -> dict[str, str]:
+    """The model spec's ``modelspec.*`` keys as sd-scripts writes them, of the LoRA's kohya file or (``checkpoint``)
+    of the merged single file: its version, architecture (a LoRA's with ``/lora``), implementation, ``title`` (the
+    file's stem: sd-scripts' output name), the date the run ended, the trained resolution and the prediction type
+    (``v``: whether the model predicts v; None: as its run sampled it, lora_files.v_prediction)."""
+    version = base_family(lora)
+    v = v_prediction(lora) if v is None else v
+    if checkpoint:  # (sd-scripts: a Stable Diffusion checkpoint's is Stability's repository, FLUX.1's BFL's)
+        implementation = MODEL_SPEC_IMPLEMENTATION["flux"] if lora.family == "flux" else CHECKPOINT_IMPLEMENTATION
+    else:
+        implementation = MODEL_SPEC_IMPLEMENTATION.get(lora.family if lora.flow else version, "diffusers")
+    meta = {"modelspec.sai_model_spec": MODEL_SPEC_VERSION, "modelspec.implementation": implementation,
+            "modelspec.title": title}
+    if isinstance(lora.summary.get("finished_at"), str):  # when the run ended (not the export's "now": an export
+        meta["modelspec.date"] = lora.summary["finished_at"]  # of the same LoRA is the same bytes)
+    if isinstance(info.get("resolution"), int):  # the trained size
+        meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
+    if lora.flow:  # what sd-scripts writes beside it for these families
+        from lowmem_alignprop.commands import flow_export
+        arch = flow_export.architecture(lora.family, lora.base_model, lora.modules,
+                                        lora.model_components).removesuffix("/lora")
+    else:
+        meta[MODELSPEC_PREDICTION] = "v" if v else "epsilon"  # (the model spec's words)
         # (sd-scripts: SDXL's one name, v-prediction or not, which modelspec.prediction_type then says; SD 2.x's v
         # its own architecture)
         arch = {SD_V1: "stable-diffusion-v1", SDXL: "stable-diffusion-xl-v1-base"}.get(version) or (
-            "stable-diffusion-v2-768-v" if v_prediction(lora) else "stable-diffusion-v2-512")
-        meta[MODELSPEC_ARCHITECTURE] = f"{arch}/lora"
+            "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
+    meta[MODELSPEC_ARCHITECTURE] = arch if checkpoint else f"{arch}/lora"
     return meta
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, MERGED_KEY, Lora, check_recorded_base,
                                                   lora_digest, merged_record, read_lora, shared_name)
-from lowmem_alignprop.commands.lora_formats import file_stem
+from lowmem_alignprop.commands.lora_formats import file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
@@ -178,7 +178,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
 def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Path:
     """The merged pipeline as one original-layout (LDM) checkpoint; its header names the base model, the LoRA's
     weight in it, the run's reward and steps, and the LoRAs the model holds (``merged``: :func:`merge_record`'s), each
-    model and LoRA by name (:func:`shared_record`).
+    model and LoRA by name (:func:`shared_record`), and has the model spec's keys (lora_formats.model_spec).
     SD3/SD3.5 and FLUX.1: the merged transformer alone, in Stability's MMDiT or Black Forest Labs' layout
     (models/flow_layout.py; the text encoders and VAE are the base model's)."""
     from safetensors.torch import save_file
@@ -188,6 +188,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
 
     info = run_info(lora)
     path = folder / f"{file_stem(lora).removesuffix('_lora')}_merged.safetensors"
+    predicts_v = pipe.scheduler.config.get("prediction_type") == "v_prediction"  # (its v_pred key; its spec says it)
     if lora.family == "flux":
         from lowmem_alignprop.models.flow_layout import flux_to_original
         state = {k: v.contiguous() for k, v in flux_to_original(pipe.transformer.state_dict()).items()}
@@ -196,7 +197,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
         state = sd3_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
     else:
         state = pipeline_to_ldm(pipe)
-        if pipe.scheduler.config.get("prediction_type") == "v_prediction":  # ComfyUI (and Forge) sample a checkpoint
+        if predicts_v:  # ComfyUI (and Forge) sample a checkpoint
             state[V_PRED_KEY] = torch.zeros(0)  # as v-prediction by this key's presence; its weights cannot say it
             if pipe.scheduler.config.get("rescale_betas_zero_snr"):
                 state[ZERO_SNR_KEY] = torch.zeros(0)  # ... and at zero terminal SNR by this one
@@ -204,7 +205,8 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
         "format": "pt", HEADER_BASE_MODEL: shared_name(str(lora.base_model or "")),
         "alignprop_lora_weight": num(merged[-1]["weight"]),
         "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
-        MERGED_KEY: json.dumps(shared_record(merged))})
+        MERGED_KEY: json.dumps(shared_record(merged)),  # and the model spec, as sd-scripts' checkpoints have it:
+        **model_spec(lora, info, path.stem, checkpoint=True, v=predicts_v)})  # A1111's and Civitai's panels show it
     return path
 
 
