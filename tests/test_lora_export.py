@@ -793,7 +793,7 @@ def test_check_push_to_hub_offline_and_without_token_is_one_line(monkeypatch, tm
         hub.check_push_to_hub("you/bad name")
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monkeypatch):
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monkeypatch, tmp_path_factory):
     import huggingface_hub
 
     calls = []
@@ -807,6 +807,44 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
     assert calls[1][1]["folder_path"] == str(out)
     card = (out / "README.md").read_text()  # its code loads from the repository (it said THIS_FOLDER)
     assert 'load_lora_weights("you/lora", weight_name=' in card and "THIS_FOLDER" not in card
+    # the card is for others: the base model and the commands' paths by name (lora_files.shared_name)
+    assert str(tmp_path_factory.getbasetemp()) not in card and f"| base model | `{sd['base'].name}` (a local" in card
+    assert f"export --lora {sd['run'].name}/lora --out out --format kohya --push-to-hub you/lora" in card
+
+
+def test_a_card_pushed_to_the_hub_names_local_models_and_paths_by_name(sd, tmp_path, tmp_path_factory):
+    """A card pushed to the hub (export's hub_repo: --push-to-hub, or a run's push at its end) is for other people:
+    a local base model, VAE and the commands' paths (absolute, or relative ones that exist here; --set values too) by
+    their shared names, as the kohya header names them; its code loads a local base by that name, a comment saying
+    it is a local model of that name. The local card keeps the paths (its code runs on this machine)."""
+    run = tmp_path / "my-run"
+    shutil.copytree(sd["run"], run)
+    base, vae = str(sd["base"]), str(sd["base"] / "vae")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "vae": vae}))
+    (run / "command.txt").write_text(shlex.join(["lowmem-alignprop", "--model", base, "--output-dir", str(run),
+                                                 "--set", f"vae={vae}", "--steps", "3"]) + "\n")
+    lora = lora_files.read_lora(str(run / "lora"))
+    command = f"lowmem-alignprop export --lora {run / 'lora'}"
+    for fmt, extra in (("diffusers", {}), ("single-file", {"merge": True, "single_file": True})):
+        cards = {}
+        for where, repo in (("local", None), ("pushed", "you/lora")):
+            lx.export(lora, "diffusers", tmp_path / f"{fmt}-{where}", command=command, hub_repo=repo, **extra)
+            cards[where] = (tmp_path / f"{fmt}-{where}" / "README.md").read_text()
+        local, pushed = cards["local"], cards["pushed"]
+        assert base in local and str(run) in local  # (its code runs here)
+        assert str(tmp_path_factory.getbasetemp()) not in pushed
+        name = sd["base"].name
+        assert f"| base model | `{name}` (a local model of that name) |" in pushed
+        assert f"lowmem-alignprop --model {name} --output-dir my-run --set vae=vae --steps 3" in pushed
+        assert "lowmem-alignprop export --lora my-run/lora" in pushed
+        if fmt == "diffusers":  # the code: the base by its name, said to be a local model of that name
+            assert f'# "{name}", "vae": local models of that name: put your copy\'s path there' in pushed
+            assert f'from_pretrained("{name}")' in pushed and 'AutoencoderKL.from_pretrained("vae")' in pushed
+        else:
+            assert f'config="{name}")' in pushed and f'- "{name}": a local model of that name' in pushed
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------

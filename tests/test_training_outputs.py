@@ -567,15 +567,18 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.model_card import shared_command
 
     recorded = (full_run / "command.txt").read_text().splitlines()
     assert recorded == ["lowmem-alignprop " + shlex.join([*RUN_ARGS, "--output-dir", str(full_run)])]
     kohya = list((full_run / "export" / "kohya").glob("*.safetensors"))
     assert len(kohya) == 1 and (full_run / "export" / "peft" / "adapter_model.safetensors").is_file()
     card = (full_run / "export" / "kohya" / "README.md").read_text()
-    assert recorded[0] in card  # the model card's command is the real one
+    local = (full_run / "export" / "peft" / "README.md").read_text()
+    assert recorded[0] in local  # the model card's command is the real one
+    assert shared_command(recorded[0]) in card and str(full_run) not in card  # pushed: its paths by name
     assert '"you/alignprop"' in card and "THIS_FOLDER" not in card  # pushed: its code loads from the repository
-    assert "THIS_FOLDER" in (full_run / "export" / "peft" / "README.md").read_text()  # not pushed: the reader's copy
+    assert "THIS_FOLDER" in local  # not pushed: the reader's copy
     # the same files as the export command writes from lora/
     assert main(["export", "--lora", str(full_run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
     again = load_file(str(next((tmp_path / "k").glob("*.safetensors"))))

@@ -149,11 +149,13 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
+    names = local_names(lora, info, into) if home else {}  # pushed: the card is others', its local paths by name
     since = info.get("reward_since_step")  # a resume changed the reward at this step
     reward = (f"{info.get('reward')} (from step {since}: a resume changed it or how the images are made)" if since
               else info.get("reward"))
-    rows = [("base model", (f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`") if base else
-             "unknown"), ("reward", reward),
+    rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`"), names)
+             + (" (a local model of that name)" if names.get(into or base) else "") if base else "unknown"),
+            ("reward", reward),
             ("steps", info.get("steps")), ("profile", info.get("profile")),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
             ("objective", objective(info))]
@@ -223,8 +225,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                  sdxl=family == SDXL, version=family), info, lora.flow)
     if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
         usage += webui_sampling(lora, info, fmt)
-    lines += ["", "## Use", ""] + [line.replace('"THIS_FOLDER"', f'"{home}"') if home else line for line in usage]
-    train_cmd = training_command(lora)
+    lines += ["", "## Use", ""] + (hub_usage(usage, home, names) if home else usage)
+    train_cmd, export_command = (training_command(lora), export_command) if not home else (
+        shared_command(training_command(lora)), shared_command(export_command))
     lines += ["", "## How it was made", "", "```bash"]
     if train_cmd and info.get("processes", 1) > 1:
         lines.append(f"# under accelerate launch --multi_gpu --num_processes {info['processes']} -m lowmem_alignprop "
@@ -235,6 +238,57 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def local_names(lora: Lora, info: dict[str, Any], into: str | None) -> dict[str, str]:
+    """The local paths a card names (the base model, the model merged into, the VAE, a transformer file's other
+    parts), each to its name as a card pushed to the hub gives it (lora_files.shared_name: a user's folders stay
+    theirs); a hub id or shipped name is not among them."""
+    paths = (lora.base_model, into, info.get("vae"), lora.model_components)
+    return {p: shared_name(p) for p in paths if isinstance(p, str) and p and shared_name(p) != p}
+
+
+def _named(text: str, names: dict[str, str]) -> str:
+    """``text`` with each of :func:`local_names`' paths by its name (the longest first: a path inside another)."""
+    for path in sorted(names, key=len, reverse=True):
+        text = text.replace(path, names[path])
+    return text
+
+
+def hub_usage(usage: list[str], home: str, names: dict[str, str]) -> list[str]:
+    """The card's "Use" lines for the hub repository ``home``: its code loads from there (not THIS_FOLDER, the
+    reader's copy), and a local model by its name, with a note that it is a local model of that name (as the code
+    of a LoRA of an unknown base says BASE_MODEL: the reader puts their copy there)."""
+    usage = [_named(line.replace('"THIS_FOLDER"', f'"{home}"'), names) for line in usage]
+    local = sorted({n for n in names.values() if any(f'"{n}"' in line for line in usage)})
+    if not local:
+        return usage
+    said, what = ", ".join(f'"{n}"' for n in local), "a local model" if len(local) == 1 else "local models"
+    note = f"{said}: {what} of that name: put your copy's path there"
+    if "```python" in usage:  # (a comment in the code; a line below the list)
+        at = usage.index("```python") + 1
+        return usage[:at] + [f"# {note}"] + usage[at:]
+    return usage + [f"- {note}."]
+
+
+def shared_command(command: str | None) -> str | None:
+    """A command (a line per start) as a card pushed to the hub gives it: each argument that is a local path
+    (absolute, or relative and here; a ``--set`` value too) by its lora_files.shared_name."""
+    import shlex
+
+    def word(w: str) -> str:
+        key, eq, value = w.partition("=")
+        if eq and not w.startswith("/") and (named := shared_name(value)) != value:  # vae=/x/vae, --model=/x
+            return f"{key}={named or value}"
+        return shared_name(w) or w  # ("." names nothing)
+
+    lines = []
+    for line in (command or "").splitlines():
+        try:
+            lines.append(shlex.join(word(w) for w in shlex.split(line)))
+        except ValueError:  # (unbalanced quotes: as recorded)
+            lines.append(line)
+    return "\n".join(lines) if command else command
 
 
 # the base model's licence as its hub page gives it (the card's front matter leaves it to the user: its example), by
