@@ -1134,6 +1134,8 @@ def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):
     assert taken({"ss_sd_model_name": "sd_xl_base_1.0.safetensors"}) == (
         None, "; its header (ss_sd_model_name) says it was trained on sd_xl_base_1.0.safetensors (a file on the "
               "training machine): pass --model PATH")
+    assert taken({"ss_sd_model_name": "SD_XL.SAFETENSORS"})[1].endswith("(a file on the training machine): pass "
+                                                                         "--model PATH")  # (a suffix in capitals)
     assert taken({"ss_sd_model_name": "org/name"})[1].endswith("org/name (a hub id or a folder on the training "
                                                                "machine): pass --model PATH")
     assert taken({}) == (None, "")

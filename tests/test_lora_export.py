@@ -420,6 +420,45 @@ def test_merged_single_file_has_the_model_spec_of_a_checkpoint(sd_or_xl, tmp_pat
     assert meta["alignprop_reward"] == "colorfulness" and meta["format"] == "pt"  # (ours beside them, as before)
 
 
+def test_the_cards_ddim_line_at_an_eta_no_webui_sampler_has_and_with_a_negative_prompt():
+    """_ddim_line alone: eta 0.5 (neither ComfyUI sampler has it: both named, the nearest), the run's negative prompt,
+    and a config without guidance_scale; none without the run's steps or eta."""
+    from lowmem_alignprop.commands.model_card import _ddim_line
+
+    assert _ddim_line({"sample_steps": 20, "eta": 0.5, "guidance_scale": 5.0, "negative_prompt": "blurry"}, True) == (
+        "- Its run rendered (and trained through) DDIM: 20 steps at eta 0.5, guidance 5, negative prompt `blurry`. "
+        "The LoRA is tuned for that sampler: ComfyUI: a *KSampler* with sampler `ddim` (eta 0) or `ddpm` (eta 1), the "
+        "nearest (none has eta 0.5), scheduler `sgm_uniform`, 20 steps, cfg 5; AUTOMATIC1111 / Forge: sampler *DDIM*, "
+        "20 steps, CFG scale 5, and *Settings > Sampler parameters > Eta for DDIM* 0.5.")
+    assert "DDIM: 4 steps at eta 0, guidance as the run's. " in _ddim_line({"sample_steps": 4, "eta": 0}, False)
+    assert _ddim_line({"sample_steps": 4}, False) is None and _ddim_line({"eta": 1.0}, False) is None
+
+
+def test_a_lora_of_a_same_named_other_base_is_told_from_the_merged_files_by_its_weights(sd, tmp_path):
+    """`sample --model MERGED` and init-lora's message pass the LoRA's recorded fingerprint to same_model: a LoRA
+    whose record names a folder of the merged base's name elsewhere is the merged file's only where its recorded
+    first weights are the merged base's (its run's settings taken; init-lora's message says nothing), though the
+    single file's header names its base by that name alone."""
+    import argparse
+
+    from lowmem_alignprop.commands.init_lora import trained_on
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    single = next(export(tmp_path / "single", sd["lora"], "--merge", "--single-file").glob("*.safetensors"))
+    lora = tmp_path / "namesake-run" / "lora"
+    shutil.copytree(sd["lora"], lora)
+    record = json.loads((lora / LORA_BASE_FILE).read_text())
+    namesake = tmp_path / "elsewhere" / sd["base"].name
+    for conv_in, same in ((record["conv_in"], True), ([v + 0.5 for v in record["conv_in"]], False)):
+        (lora / LORA_BASE_FILE).write_text(json.dumps({**record, "model": str(namesake), "conv_in": conv_in}))
+        args = argparse.Namespace(lora=[str(lora)], set=[], model=str(single), reward=None, prompts=None, recipe=None,
+                                  output_dir="out")
+        take_run_settings(args, [])
+        assert bool(args.set) == same, args.set  # (its run's image settings: taken for a LoRA of this model only)
+        said = trained_on(str(lora), lora / LORA_WEIGHT_NAME, str(single))
+        assert (said == "") == same, said
+
+
 def test_merged_at_half_weight_matches_the_adapter_at_half_weight(sd, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -471,6 +510,8 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     namesake.mkdir(parents=True)
     monkeypatch.chdir(namesake.parent)  # a folder of the base's name here: the header's name is not this one
     assert same_model(str(upper), str(sd["base"]), ours) and not same_model(str(upper), str(namesake), theirs)
+    # (no fingerprint recorded: the header's name is the folder of that name here, not the base elsewhere)
+    assert same_model(str(upper), str(namesake)) and not same_model(str(upper), str(sd["base"]))
     monkeypatch.undo()
     for target, held, into in ((merged, sd["lora"], sd["base"]),
                                (next(single.glob("*.safetensors")), lora_name, sd["base"].name)):

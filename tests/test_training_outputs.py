@@ -476,6 +476,39 @@ def test_an_init_lora_of_another_sampler_is_warned_of_by_plan_and_training(made_
     assert caplog.text.index(warned) < caplog.text.index("starting from the LoRA")
 
 
+def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_run_did(tmp_path):
+    """other_sampler alone: a run at zero terminal SNR is told as such (the run's rescale_betas_zero_snr); an epsilon
+    LoRA's fix in a zero-SNR run turns zero SNR off too (the config refuses epsilon at zero SNR), where only its
+    prediction type differs (a header that says epsilon alone); a base_model.json without a prediction type (a record
+    before the schedule was recorded) or one not readable tells nothing, whatever its header says."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.evaluate import LoraSpec, read_base_record, recorded_fingerprint
+    from lowmem_alignprop.commands.init_lora import other_sampler
+
+    zero_v = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    file = lora / "pytorch_lora_weights.safetensors"
+    save_file({"x": torch.zeros(1)}, str(file), metadata={"alignprop_prediction_type": "epsilon"})
+    start = f"--init-lora {lora} was trained with"
+    assert other_sampler(str(lora), file, zero_v) == (
+        f"{start} prediction_type=epsilon (its header (alignprop_prediction_type)), and this run samples with "
+        "prediction_type=v_prediction: it starts from a LoRA of another sampler; --set prediction_type=epsilon "
+        "--set zero_terminal_snr=false trains as its run did")
+    record = lora / "base_model.json"
+    record.write_text(json.dumps({"model": "tiny", "prediction_type": "v_prediction", "zero_terminal_snr": False}))
+    assert other_sampler(str(lora), file, zero_v) == (
+        f"{start} zero_terminal_snr=False (its base_model.json), and this run samples with zero_terminal_snr=True: it "
+        "starts from a LoRA of another sampler; --set zero_terminal_snr=false trains as its run did")
+    assert other_sampler(str(lora), file, {"prediction_type": "v_prediction"}) is None
+    spec = LoraSpec(arg=str(lora), file=file, weight=1.0, name="a")
+    for text in ('{"model": "tiny"}', "{damaged", "[]"):
+        record.write_text(text)
+        assert other_sampler(str(lora), file, zero_v) is None, text
+        assert recorded_fingerprint(spec) is None and (read_base_record(spec) is None) == (text != '{"model": "tiny"}')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one run with everything on: --sample-every, tensorboard, export_format, the recorded command, checkpoints
 # ---------------------------------------------------------------------------------------------------------
