@@ -492,20 +492,20 @@ def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_
     file = lora / "pytorch_lora_weights.safetensors"
     save_file({"x": torch.zeros(1)}, str(file), metadata={"alignprop_prediction_type": "epsilon"})
     start = f"--init-lora {lora} was trained with"
-    assert other_sampler(str(lora), file, zero_v) == (
+    assert other_sampler(str(lora), file, zero_v, 0.0) == (
         f"{start} prediction_type=epsilon (its header (alignprop_prediction_type)), and this run samples with "
         "prediction_type=v_prediction: it starts from a LoRA of another sampler; --set prediction_type=epsilon "
         "--set zero_terminal_snr=false trains as its run did")
     record = lora / "base_model.json"
     record.write_text(json.dumps({"model": "tiny", "prediction_type": "v_prediction", "zero_terminal_snr": False}))
-    assert other_sampler(str(lora), file, zero_v) == (
+    assert other_sampler(str(lora), file, zero_v, 0.0) == (
         f"{start} zero_terminal_snr=False (its base_model.json), and this run samples with zero_terminal_snr=True: it "
         "starts from a LoRA of another sampler; --set zero_terminal_snr=false trains as its run did")
-    assert other_sampler(str(lora), file, {"prediction_type": "v_prediction"}) is None
+    assert other_sampler(str(lora), file, {"prediction_type": "v_prediction"}, 1.0) is None
     spec = LoraSpec(arg=str(lora), file=file, weight=1.0, name="a")
     for text in ('{"model": "tiny"}', "{damaged", "[]"):
         record.write_text(text)
-        assert other_sampler(str(lora), file, zero_v) is None, text
+        assert other_sampler(str(lora), file, zero_v, 0.0) is None, text
         assert recorded_fingerprint(spec) is None and (read_base_record(spec) is None) == (text != '{"model": "tiny"}')
 
 
