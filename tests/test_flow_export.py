@@ -802,29 +802,24 @@ def test_an_sd3_lora_in_every_form_on_a_flux_model_is_refused_by_family_before_i
     alone.parent.mkdir()
     shutil.copy(kohya, alone)
     peft = export(tmp_path / "p", sd3["lora"], "--format", "peft")
-    for i, lora in enumerate((sd3["lora"], kohya, alone, peft)):
-        for option, command in (("--lora", ["sample", str(lora)]),
-                                ("--init-lora", ["--steps", "1", "--set", "sample_prompts=0", "--init-lora",
-                                                 str(lora)])):
-            out = tmp_path / f"out{i}{option}"
-            assert_refused(main, [*command, *FLOW, "--model", str(flux["base"]), "--output-dir", str(out)],
-                           f"{option} {lora} adapts an SD3/SD3.5 transformer, but --model {flux['base']} is a "
-                           "FLUX.1 transformer: pass the model it was trained on with --model", out, capsys)
     # copied away without base_model.json, a diffusers file or a peft folder names no model: their attention
     # layers' width (the tiny SD3's 16, the tiny FLUX.1's 32) tells, also before the transformer is read
     diffusers_alone = tmp_path / "d-alone" / "sd3_lora.safetensors"
     diffusers_alone.parent.mkdir()
     shutil.copy(sd3["lora"] / "pytorch_lora_weights.safetensors", diffusers_alone)
     peft_alone = shutil.copytree(peft, tmp_path / "p-alone", ignore=shutil.ignore_patterns("base_model.json"))
-    for i, lora in enumerate((diffusers_alone, peft_alone)):
+    family = (f"adapts an SD3/SD3.5 transformer, but --model {flux['base']} is a FLUX.1 transformer: pass the model it "
+              "was trained on with --model")
+    width = (f"adapts attention layers of width 16, but --model {flux['base']} is a transformer of width 32: it was "
+             "trained on another model; pass that model with --model")
+    for i, (lora, said) in enumerate(((sd3["lora"], family), (kohya, family), (alone, family), (peft, family),
+                                      (diffusers_alone, width), (peft_alone, width))):
         for option, command in (("--lora", ["sample", str(lora)]),
                                 ("--init-lora", ["--steps", "1", "--set", "sample_prompts=0", "--init-lora",
                                                  str(lora)])):
-            out = tmp_path / f"alone{i}{option}"
+            out = tmp_path / f"out{i}{option}"
             assert_refused(main, [*command, *FLOW, "--model", str(flux["base"]), "--output-dir", str(out)],
-                           f"{option} {lora} adapts attention layers of width 16, but --model {flux['base']} is a "
-                           "transformer of width 32: it was trained on another model; pass that model with --model",
-                           out, capsys)
+                           f"{option} {lora} {said}", out, capsys)
 
 
 def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):
