@@ -25,7 +25,7 @@ from lowmem_alignprop.commands import lora_files
 from lowmem_alignprop.commands import lora_formats as formats
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import hub
-from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
 
 
 @pytest.fixture(scope="module")
@@ -840,17 +840,85 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(sd, tmp_path, monke
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw))
                         or f"https://huggingface.co/{repo}")
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    monkeypatch.setattr(huggingface_hub, "create_commit", lambda **kw: calls.append(("upload", kw)))
     monkeypatch.setattr(hub, "check_push_to_hub", lambda repo: None)  # the network part is the mock's
     out = export(tmp_path, sd["lora"], "--format", "kohya", "--push-to-hub", "you/lora", "--private")
     assert calls[0] == ("create", "you/lora", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"
-    assert calls[1][1]["folder_path"] == str(out)
+    assert len(calls) == 2 and calls[1][0] == "upload" and calls[1][1]["repo_id"] == "you/lora"  # one commit
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in calls[1][1]["operations"]}  # the folder's files
+    assert sorted(uploaded) == sorted(p.name for p in out.iterdir())
+    assert all(uploaded[n] == str(out / n) for n in uploaded if n != LORA_BASE_FILE)
     card = (out / "README.md").read_text()  # its code loads from the repository (it said THIS_FOLDER)
     assert 'load_lora_weights("you/lora", weight_name=' in card and "THIS_FOLDER" not in card
     # the card is for others: the base model and the commands' paths by name (lora_files.shared_name)
     assert str(tmp_path_factory.getbasetemp()) not in card and f"| base model | `{sd['base'].name}` (a local" in card
     assert f"export --lora {sd['run'].name}/lora --out out --format kohya --push-to-hub you/lora" in card
+
+
+def test_a_folder_pushed_to_the_hub_names_local_paths_by_name_in_its_base_model_json(sd, tmp_path, monkeypatch,
+                                                                                     tmp_path_factory):
+    """The pushed copy of base_model.json names the base model, a reward file and a prompt file by name and leaves a
+    local VAE out (as the kohya header does); its fingerprint is kept, and the local file keeps its paths (`sample`
+    here reads them). Downloaded, `sample FOLDER` of it says in one line to pass the local model with --model."""
+    import huggingface_hub
+
+    from lowmem_alignprop.commands.evaluate import parse_lora, recorded_base
+    from lowmem_alignprop.settings.errors import UserError
+
+    run = tmp_path / "my-run"
+    shutil.copytree(sd["run"], run)
+    record = json.loads((run / "lora" / LORA_BASE_FILE).read_text())
+    reward_file, prompts = tmp_path / "rewards" / "mine.py", tmp_path / "my_prompts.txt"
+    record["image_settings"]["vae"] = str(sd["base"] / "vae")
+    record["scoring"] = {"reward": f"{reward_file}:score:0.5,brightness:1", "prompts": str(prompts),
+                         "reward_weights": f"aesthetic={tmp_path / 'head.pt'},{tmp_path / 'clip'};clip=you/clip"}
+    (run / "lora" / LORA_BASE_FILE).write_text(json.dumps(record))
+    commits = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: f"https://huggingface.co/{repo}")
+    monkeypatch.setattr(huggingface_hub, "create_commit", lambda **kw: commits.append(kw["operations"]))
+    monkeypatch.setattr(hub, "check_push_to_hub", lambda repo: None)
+    out = export(tmp_path, run / "lora", "--format", "kohya", "--push-to-hub", "you/lora")
+    [operations] = commits
+    local = json.loads((out / LORA_BASE_FILE).read_text())
+    assert local["model"] == str(sd["base"]) and local["scoring"] == record["scoring"]  # the local one: as written
+    assert local["image_settings"]["vae"] == str(sd["base"] / "vae")
+    uploaded = next(op.path_or_fileobj for op in operations if op.path_in_repo == LORA_BASE_FILE)
+    assert isinstance(uploaded, bytes) and str(tmp_path_factory.getbasetemp()) not in uploaded.decode()
+    pushed = json.loads(uploaded)
+    assert pushed.keys() == local.keys() and pushed["model"] == sd["base"].name
+    assert {k: pushed[k] for k in pushed if k not in ("model", "image_settings", "scoring")} == {
+        k: local[k] for k in local if k not in ("model", "image_settings", "scoring")}  # the fingerprint, the digest
+    assert pushed["image_settings"] == {k: v for k, v in local["image_settings"].items() if k != "vae"}
+    assert pushed["scoring"] == {"reward": "mine.py:score:0.5,brightness:1", "prompts": "my_prompts.txt",
+                                 "reward_weights": "aesthetic=head.pt,clip;clip=you/clip"}
+    # downloaded: `sample FOLDER` without --model names --model in one line (the local model is the reader's)
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for op in operations:
+        content = op.path_or_fileobj  # (a file's path, or the rewritten bytes)
+        (downloaded / op.path_in_repo).write_bytes(content if isinstance(content, bytes) else
+                                                   Path(content).read_bytes())
+    with pytest.raises(UserError, match=f"trained on {sd['base'].name} \\(base_model.json\\), not found here: a local "
+                       "model of that name \\(as a LoRA shared on the hub names it\\)") as e:
+        recorded_base(parse_lora(str(downloaded), 0))
+    assert "\n" not in str(e.value) and "pass the base model with --model" in str(e.value)
+    # a hub-id base stays a hub id (and a hub-id VAE is kept): the downloaded folder samples on it without --model
+    hub_based = {**local, "model": "you/base", "image_settings": {**local["image_settings"], "vae": "you/vae"}}
+    shared = lora_files.shared_base_record(hub_based)
+    assert shared["model"] == "you/base" and shared["image_settings"]["vae"] == "you/vae"
+    (downloaded / LORA_BASE_FILE).write_text(json.dumps(shared))
+    model, settings = recorded_base(parse_lora(str(downloaded), 0))
+    assert model == "you/base" and settings["vae"] == "you/vae" and settings["prompts"] == "my_prompts.txt"
+
+
+def test_a_merged_folder_pushed_to_the_hub_names_its_models_by_name(tmp_path):
+    """A merged model's merged.json, pushed (`export --merge --push-to-hub`), names its LoRAs and models as its single
+    file's header does (lora_merge.shared_record); without one nothing is rewritten."""
+    assert lx.hub_copies(tmp_path) == {}
+    merged = [{"lora": str(tmp_path / "run" / "lora"), "into": str(tmp_path / "base"), "weight": 1.0}]
+    (tmp_path / MERGED_FILE).write_text(json.dumps(merged))
+    shared = json.loads(lx.hub_copies(tmp_path)[MERGED_FILE])
+    assert shared == [{"lora": "run/lora", "into": "base", "weight": 1.0}]
 
 
 def test_a_card_pushed_to_the_hub_names_local_models_and_paths_by_name(sd, tmp_path, tmp_path_factory):
@@ -953,9 +1021,12 @@ BAD = {
                            "does not say which base model it was trained on"),
     "merge_base_gone": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd)), "--merge"],
                         "base_model.json), which is not there any more: pass the base model with --model"),
-    "merge_base_relative": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "models_here")), "--merge"],
+    "merge_base_relative": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "models/sd/here")), "--merge"],
                             "base_model.json), a path relative to the folder its run started in (a run before "
                             "2026-12-05), not found from here: pass the base model with --model"),
+    "merge_base_by_name": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "my-sd15")), "--merge"],
+                           "trained on my-sd15 (base_model.json), not found here: a local model of that name (as a "
+                           "LoRA shared on the hub names it) or a path relative to the folder its run started in"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
     "single_file_of_the_toy_model": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "toy")), "--merge",
                                                        "--single-file"],

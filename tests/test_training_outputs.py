@@ -537,8 +537,8 @@ def full_run(tmp_path_factory, tiny_dir):
         mp.setattr(hub, "check_push_to_hub", lambda repo: HUB_CALLS.append(("check", repo)))
         mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: HUB_CALLS.append(("create", repo))
                    or f"https://huggingface.co/{repo}")
-        mp.setattr(huggingface_hub, "upload_folder", lambda **kw: HUB_CALLS.append(("upload", kw["repo_id"],
-                                                                                    kw["folder_path"])))
+        mp.setattr(huggingface_hub, "create_commit", lambda **kw: HUB_CALLS.append(("upload", kw["repo_id"], {
+            op.path_in_repo: op.path_or_fileobj for op in kw["operations"]})))  # (one commit: the folder's files)
         assert main([*RUN_ARGS, "--output-dir", str(out)]) == 0
     return out
 
@@ -600,7 +600,9 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import shared_base_record
     from lowmem_alignprop.commands.model_card import shared_command
+    from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 
     recorded = (full_run / "command.txt").read_text().splitlines()
     assert recorded == ["lowmem-alignprop " + shlex.join([*RUN_ARGS, "--output-dir", str(full_run)])]
@@ -619,8 +621,13 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
     assert not list(full_run.rglob(".*.tmp")) and not list((full_run / "export").glob(".*"))  # no temporary leftovers
     # --push-to-hub: checked before training, the first export (its model card with it) uploaded at the end
-    assert HUB_CALLS == [("check", "you/alignprop"), ("create", "you/alignprop"),
-                         ("upload", "you/alignprop", str(full_run / "export" / "kohya"))]
+    kohya_dir = full_run / "export" / "kohya"
+    assert HUB_CALLS[:2] == [("check", "you/alignprop"), ("create", "you/alignprop")] and len(HUB_CALLS) == 3
+    (what, repo, files), local_base = HUB_CALLS[2], (kohya_dir / LORA_BASE_FILE).read_text()
+    assert (what, repo, sorted(files)) == ("upload", "you/alignprop", sorted(p.name for p in kohya_dir.iterdir()))
+    assert all(files[n] == str(kohya_dir / n) for n in files if n != LORA_BASE_FILE)
+    # base_model.json uploaded with its local paths by name (test_lora_export tests which), the local one as written
+    assert json.loads(files[LORA_BASE_FILE]) == shared_base_record(json.loads(local_base))
     summary = json.loads((full_run / "summary.json").read_text())  # what a script reads: exports and the upload
     assert summary["exports"] == {"kohya": str(full_run / "export" / "kohya"), "peft": str(full_run / "export" / "peft")}
     assert summary["pushed_to_hub"] == {"repo": "you/alignprop", "url": "https://huggingface.co/you/alignprop",
@@ -693,6 +700,8 @@ def test_an_export_of_the_same_lora_is_told_by_its_weights_not_its_time(full_run
     assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "merged", "peft"]
     assert "earlier LoRA" not in caplog.text
     # again, now uploading: the upload's export is written anew (its model card names the repository), the other kept
+    import os
+
     import huggingface_hub
 
     from lowmem_alignprop.run import hub
@@ -702,11 +711,12 @@ def test_an_export_of_the_same_lora_is_told_by_its_weights_not_its_time(full_run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hub, "check_push_to_hub", lambda repo: None)
         mp.setattr(huggingface_hub, "create_repo", lambda repo, **kw: f"https://huggingface.co/{repo}")
-        mp.setattr(huggingface_hub, "upload_folder", lambda **kw: uploaded.append(kw["folder_path"]))
+        mp.setattr(huggingface_hub, "create_commit", lambda **kw: uploaded.append(
+            {os.path.dirname(op.path_or_fileobj) for op in kw["operations"] if isinstance(op.path_or_fileobj, str)}))
         assert main(["--resume", "latest", "--output-dir", str(run), "--set", "push_to_hub=you/again", "--report-to",
                      "none"]) == 0
     assert sorted(p.name for p in (run / "export").iterdir()) == ["kohya", "kohya-2", "merged", "peft"]
-    assert uploaded == [str(run / "export" / "kohya-2")]
+    assert uploaded == [{str(run / "export" / "kohya-2")}]
     assert '"you/again"' in (run / "export" / "kohya-2" / "README.md").read_text()
 
 

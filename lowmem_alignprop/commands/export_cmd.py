@@ -85,7 +85,7 @@ def export_main(argv: list[str]) -> int:
         log.info("exported %s (%s) to %s: %s", lora.named, "merged" if args.merge else fmt, out,
                  ", ".join(str(f.relative_to(out)) for f in files if f.parent == out))
     if args.push_to_hub:
-        url = hub.push_to_hub(out, args.push_to_hub, private=args.private)
+        url = hub.push_to_hub(out, args.push_to_hub, private=args.private, rewritten=lx.hub_copies(out))
         log.info("pushed to %s", url)
     return 0
 

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora
+from lowmem_alignprop.commands.lora_files import Lora, shared_base_record
 from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
-from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, write_single_file
+from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, shared_record, write_single_file
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
@@ -211,6 +211,21 @@ def missing_exports(cfg, lora_dir: Path) -> list[str]:
     return [fmt for fmt in cfg.export_formats() if fmt not in have]
 
 
+def hub_copies(folder: Path) -> dict[str, bytes]:
+    """The files of an export folder that its push to the hub uploads rewritten (hub.push_to_hub's ``rewritten``):
+    base_model.json as lora_files.shared_base_record shares it, a merged model's record as lora_merge.shared_record
+    (local paths by name, as the card names them); the local files keep their paths (``sample`` here reads them)."""
+    copies = {}
+    for name, share, kind in ((LORA_BASE_FILE, shared_base_record, dict), (MERGED_FILE, shared_record, list)):
+        try:
+            record = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none there (a merged model has no base_model.json, a LoRA no merged.json)
+            continue
+        if isinstance(record, kind):
+            copies[name] = json.dumps(share(record), indent=1).encode("utf-8")
+    return copies
+
+
 @dataclass
 class Exported:
     """What :func:`export_at_end` wrote: each format's folder (None: it failed) and the upload's outcome."""
@@ -271,7 +286,7 @@ def export_at_end(cfg, lora_dir: Path, *, keep_current: bool = False) -> Exporte
         if push:
             pushed = True
             try:
-                done.url = hub.push_to_hub(out, cfg.push_to_hub)
+                done.url = hub.push_to_hub(out, cfg.push_to_hub, rewritten=hub_copies(out))
                 log.info("pushed %s to %s", out, done.url)
             except UserError as e:  # the upload failed: the export is complete, the message says so
                 log.error("%s", e)

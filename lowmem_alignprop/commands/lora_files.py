@@ -38,8 +38,13 @@ def check_recorded_base(model: str, lora: str) -> None:
     from lowmem_alignprop.settings.paths import looks_like_hub_id
 
     if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
-        where = "which is not there any more" if Path(model).expanduser().is_absolute() else \
-            "a path relative to the folder its run started in (a run before 2026-12-05), not found from here"
+        relative = "a path relative to the folder its run started in (a run before 2026-12-05)"
+        if Path(model).expanduser().is_absolute():
+            where = "which is not there any more"
+        elif len(Path(model).parts) == 1:  # a bare name: a folder pushed to the hub names a local base so
+            where = f"not found here: a local model of that name (as a LoRA shared on the hub names it) or {relative}"
+        else:
+            where = f"{relative}, not found from here"
         raise UserError(f"{lora} was trained on {model} ({LORA_BASE_FILE}), {where}: pass the base model with --model")
 
 
@@ -478,6 +483,27 @@ def shared_name(model: str) -> str:
     if step_of(path) is not None and len(path.parents) > 1:
         return f"{path.parents[1].name}/{path.parent.name}/{path.name}"
     return f"./{path.name}" if path.name in NAMED_KINDS else path.name
+
+
+def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
+    """base_model.json as a folder pushed to the hub shares it (run/hub.push_to_hub; the local file keeps its paths,
+    ``sample`` here reads them): the base model and a transformer file's other parts by :func:`shared_name`, a local
+    VAE left out as the header leaves it (:func:`shared_image_settings`), a reward file, the reward's weights and a
+    prompt file by name; hub ids, shipped names and the fingerprint as recorded."""
+    def names(spec: Any, seps: str) -> Any:  # each path in a list of them ("a,b"; "aesthetic=A;clip=B,C") by name
+        if not isinstance(spec, str) or not seps:
+            return shared_name(spec) if isinstance(spec, str) else spec
+        return seps[0].join(names(part, seps[1:]) for part in spec.split(seps[0]))
+
+    shared = {**record, **({"model": names(record["model"], "")} if "model" in record else {})}
+    if isinstance(settings := record.get("image_settings"), dict):
+        shared["image_settings"] = {k: names(v, "") if k == "model_components" else v for k, v in settings.items()
+                                    if k != "vae" or shared_image_settings({k: v})}
+    if isinstance(scoring := record.get("scoring"), dict):  # (a reward term 'DIR/file.py:fn[:weight]': its last part)
+        shared["scoring"] = {**scoring, **{k: names(scoring[k], seps) for k, seps in
+                                           (("reward", ","), ("reward_weights", ";=,"), ("prompts", ""))
+                                           if k in scoring}}
+    return shared
 
 
 def nonfinite(tensors) -> str | None:

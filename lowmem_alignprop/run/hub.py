@@ -6,7 +6,8 @@ instead: when it fails, :func:`offline` switches huggingface_hub to offline mode
 read the local cache only and their errors come at once.
 
 ``--push-to-hub`` (export and training): ``check_push_to_hub`` says before anything is exported (or trained) whether
-a repository can be pushed to from here, ``push_to_hub`` uploads the export's folder.
+a repository can be pushed to from here, ``push_to_hub`` uploads the export's folder (its base_model.json and
+merged.json as lora_export.hub_copies shares them: local paths by name, as the model card names them).
 """
 
 from __future__ import annotations
@@ -70,13 +71,24 @@ def check_push_to_hub(repo: str) -> None:
                         "--push-to-hub and upload the folder later with `hf upload`")
 
 
-def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
-    """Create ``repo`` (if new) and upload ``folder`` to it; returns the repository's URL."""
-    from huggingface_hub import create_repo, upload_folder
+def upload_operations(folder: Path, rewritten: dict[str, bytes] | None = None) -> list:
+    """The commit that uploads ``folder``: its files, those named in ``rewritten`` (a path in the folder) with that
+    content instead (the copies shared on the hub: commands/lora_export.hub_copies)."""
+    from huggingface_hub import CommitOperationAdd
+
+    rewritten = rewritten or {}
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [CommitOperationAdd(path_in_repo=f, path_or_fileobj=rewritten.get(f, folder / f)) for f in files]
+
+
+def push_to_hub(folder: Path, repo: str, private: bool = False, rewritten: dict[str, bytes] | None = None) -> str:
+    """Create ``repo`` (if new) and upload ``folder`` to it in one commit (:func:`upload_operations`: ``rewritten``'s
+    files with their shared content); returns the repository's URL."""
+    from huggingface_hub import create_commit, create_repo
 
     try:
         url = create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+        create_commit(repo_id=repo, operations=upload_operations(folder, rewritten), repo_type="model",
                       commit_message="Upload AlignProp export (lowmem-alignprop)")
     except Exception as e:  # huggingface_hub's HTTP, auth and network errors
         raise UserError(f"--push-to-hub {repo} failed ({first_line(e, 160)}); the export is complete in {folder}: "
