@@ -259,6 +259,15 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     assert "ModelSamplingDiscrete" not in peft and "RescaleCFG" not in peft  # them from the base's folder)
 
 
+def test_a_reward_file_is_named_in_the_shared_header_by_its_name(sd, tmp_path):
+    """A run scored with a reward file of this machine: the kohya header (and the merged single file's, one rule:
+    lora_files.shared_reward) names it by its file's name, as it names the base model; a named reward as it is."""
+    lora = lora_files.read_lora(str(sd["lora"]))
+    lora.run_config = {**lora.run_config, "reward": f"{tmp_path / 'rewards' / 'mine.py'}:score:0.5,aesthetic:0.5"}
+    meta = formats.kohya_metadata(lora)
+    assert meta["alignprop_reward"] == "mine.py:score:0.5,aesthetic:0.5" and str(tmp_path) not in json.dumps(meta)
+
+
 def test_kohya_metadata_tells_sd2_as_a1111_and_sdnext_read_it(sd):
     """A1111 takes a LoRA for SD 2.x only from ss_v2 == "True" (else SD1: hidden under an SD2 checkpoint); SD.Next
     reads modelspec.architecture; sd-scripts writes both, v-prediction (SD 2.1 at 768 px) in the architecture."""

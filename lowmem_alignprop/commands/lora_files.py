@@ -485,16 +485,26 @@ def shared_name(model: str) -> str:
     return f"./{path.name}" if path.name in NAMED_KINDS else path.name
 
 
+def shared_names(spec: Any, seps: str = "") -> Any:
+    """Each path in a list of them (``seps``: the separators, outermost first: "a,b" with ","; "aesthetic=A;clip=B,C"
+    with ";=,") by :func:`shared_name`; anything not a string as it is."""
+    if not isinstance(spec, str) or not seps:
+        return shared_name(spec) if isinstance(spec, str) else spec
+    return seps[0].join(shared_names(part, seps[1:]) for part in spec.split(seps[0]))
+
+
+def shared_reward(reward: Any) -> str:
+    """A run's reward as a file shared with others names it (a header's HEADER_REWARD): a reward file's terms,
+    ``DIR/file.py:fn[:weight]``, by their last part; the named rewards as they are."""
+    return str(shared_names(str(reward or ""), ","))
+
+
 def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
     """base_model.json as a folder pushed to the hub shares it (run/hub.push_to_hub; the local file keeps its paths,
     ``sample`` here reads them): the base model and a transformer file's other parts by :func:`shared_name`, a local
     VAE left out as the header leaves it (:func:`shared_image_settings`), a reward file, the reward's weights and a
     prompt file by name; hub ids, shipped names and the fingerprint as recorded."""
-    def names(spec: Any, seps: str) -> Any:  # each path in a list of them ("a,b"; "aesthetic=A;clip=B,C") by name
-        if not isinstance(spec, str) or not seps:
-            return shared_name(spec) if isinstance(spec, str) else spec
-        return seps[0].join(names(part, seps[1:]) for part in spec.split(seps[0]))
-
+    names = shared_names
     shared = {**record, **({"model": names(record["model"], "")} if "model" in record else {})}
     if isinstance(settings := record.get("image_settings"), dict):
         shared["image_settings"] = {k: names(v, "") if k == "model_components" else v for k, v in settings.items()

@@ -13,11 +13,11 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_PREDICTION,
                                                  HEADER_REWARD, HEADER_ZERO_SNR, KOHYA_MODEL_NAME, KOHYA_V2,
-                                                 KOHYA_V_PREDICTION, KOHYA_ZERO_SNR,
-                                                 MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION, PEFT_CONFIG_NAME,
-                                                 PEFT_WEIGHT_NAME, SD_V1, SD_V2, SDXL, Lora, base_family,
-                                                 denoiser_name, lora_digest, shared_image_settings, shared_name,
-                                                 temporary_folder, v_prediction, zero_terminal_snr)
+                                                 KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
+                                                 MODELSPEC_PREDICTION, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1,
+                                                 SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
+                                                 shared_image_settings, shared_name, shared_reward, temporary_folder,
+                                                 v_prediction, zero_terminal_snr)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -79,7 +79,7 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         KOHYA_MODEL_NAME: model,
         "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({denoiser_name(lora)} LoRA only)",
         HEADER_BASE_MODEL: model,
-        HEADER_REWARD: str(info.get("reward", "")),
+        HEADER_REWARD: shared_reward(info.get("reward")),  # (a reward file of this machine by its name)
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),
         "ss_output_name": stem,  # (A1111's alias of the LoRA)

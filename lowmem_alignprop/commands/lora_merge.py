@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, MERGED_KEY, Lora, check_recorded_base,
-                                                  lora_digest, merged_record, read_lora, shared_name)
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, MERGED_KEY, Lora,
+                                                  check_recorded_base, lora_digest, merged_record, read_lora,
+                                                  shared_name, shared_reward)
 from lowmem_alignprop.commands.lora_formats import file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -204,7 +205,7 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
     save_file(state, str(path), metadata={
         "format": "pt", HEADER_BASE_MODEL: shared_name(str(lora.base_model or "")),
         "alignprop_lora_weight": num(merged[-1]["weight"]),
-        "alignprop_reward": str(info.get("reward", "")), "alignprop_steps": str(info.get("steps", "")),
+        HEADER_REWARD: shared_reward(info.get("reward")), "alignprop_steps": str(info.get("steps", "")),
         MERGED_KEY: json.dumps(shared_record(merged)),  # and the model spec, as sd-scripts' checkpoints have it:
         **model_spec(lora, info, path.stem, checkpoint=True, v=predicts_v)})  # A1111's and Civitai's panels show it
     return path
