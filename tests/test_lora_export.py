@@ -182,6 +182,12 @@ def test_ss_optimizer_is_the_class_path_of_the_optimizer_the_run_stepped_with(se
     assert meta["ss_optimizer"] == f"{built.__module__}.{built.__name__}"
 
 
+def test_ss_optimizer_under_zero_without_offload_is_the_runs_own_optimizer():
+    """ZeRO with nothing offloaded steps with the run's optimizer (optim.uses_cpu_adam), not DeepSpeed's CPU Adam."""
+    meta = formats.training_metadata({"optimizer": "adamw", "deepspeed_zero": 2, "offload": "none"})
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"
+
+
 def test_kohya_metadata_has_the_model_specs_required_keys(case, tmp_path):
     """The model spec's required keys beside modelspec.architecture, as sd-scripts writes them: its version, the
     implementation (sd-scripts: SDXL LoRAs Stability's generative-models, SD 1.x/2.x "diffusers"), the title (the
@@ -928,6 +934,49 @@ def test_a_merged_folder_pushed_to_the_hub_names_its_models_by_name(tmp_path):
     (tmp_path / MERGED_FILE).write_text(json.dumps(merged))
     shared = json.loads(lx.hub_copies(tmp_path)[MERGED_FILE])
     assert shared == [{"lora": "run/lora", "into": "base", "weight": 1.0}]
+
+
+def test_shared_reward_names_each_reward_file_term_and_nothing_for_no_reward(sd, tmp_path):
+    """lora_files.shared_reward splits the terms (a named reward before a file's term) and says "" for no reward."""
+    lora = lora_files.read_lora(str(sd["lora"]))
+    lora.run_config = {**lora.run_config, "reward": f"brightness:1,{tmp_path / 'rewards' / 'mine.py'}:score"}
+    assert formats.kohya_metadata(lora)["alignprop_reward"] == "brightness:1,mine.py:score"
+    lora.run_config = {k: v for k, v in lora.run_config.items() if k != "reward"}
+    assert formats.kohya_metadata(lora)["alignprop_reward"] == ""
+
+
+def test_a_merged_single_file_names_a_reward_file_by_its_name(sd, tmp_path):
+    """The merged single file's header names a reward file of this machine by its name (lora_files.shared_reward)."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    shutil.copytree(sd["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    reward = f"{tmp_path / 'rewards' / 'mine.py'}:score:0.5,brightness:1"
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "reward": reward}))
+    path = next(export(tmp_path / "out", run / "lora", "--merge", "--single-file").glob("*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["alignprop_reward"] == "mine.py:score:0.5,brightness:1"
+
+
+def test_the_hub_commit_holds_the_files_in_subfolders_and_hub_copies_skips_a_broken_record(tmp_path):
+    """hub.upload_operations: every file of the folder, those in subfolders too (a merged model's unet/...), with
+    the rewritten content for those named; lora_export.hub_copies: a base_model.json that is no JSON is not shared."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / LORA_BASE_FILE).write_text("{")
+    assert lx.hub_copies(tmp_path) == {}
+    ops = {op.path_in_repo: op.path_or_fileobj for op in hub.upload_operations(tmp_path, {LORA_BASE_FILE: b"{}"})}
+    assert ops == {LORA_BASE_FILE: b"{}", "unet/config.json": str(tmp_path / "unet" / "config.json")}
+
+
+def test_a_pushed_base_model_json_names_a_transformer_files_parts_by_name(tmp_path):
+    """shared_base_record: a run on a transformer file names its model_components folder by name too."""
+    record = {"model": str(tmp_path / "flux1.safetensors"),
+              "image_settings": {"model_components": str(tmp_path / "models" / "flux-parts"), "guidance_scale": 3}}
+    shared = lora_files.shared_base_record(record)
+    assert shared == {"model": "flux1.safetensors",
+                      "image_settings": {"model_components": "flux-parts", "guidance_scale": 3}}
 
 
 def test_a_card_pushed_to_the_hub_names_local_models_and_paths_by_name(sd, tmp_path, tmp_path_factory):
