@@ -822,6 +822,28 @@ def test_an_sd3_lora_in_every_form_on_a_flux_model_is_refused_by_family_before_i
                            f"{option} {lora} {said}", out, capsys)
 
 
+def test_a_lora_of_a_shipped_flow_width_is_named_and_one_of_the_models_width_passes(flux, tmp_path):
+    """check_lora_files alone: a LoRA whose q/k/v projections read 1536 features (SD3/SD3.5 Medium's width) on the
+    tiny FLUX.1 (32) names the model it likely belongs to; one of the model's width, or with no q/k/v layer (its
+    output projections only), passes to loading."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files
+
+    def lora(width: int, layer: str = "to_q") -> LoraSpec:
+        file = tmp_path / f"{layer}-{width}.safetensors"
+        save_file({f"transformer.transformer_blocks.0.attn.{layer}.lora_A.weight": torch.zeros(RANK, width),
+                   f"transformer.transformer_blocks.0.attn.{layer}.lora_B.weight": torch.zeros(width, RANK)}, str(file))
+        return LoraSpec(arg=str(file), file=file, weight=1.0, name="a")
+
+    with pytest.raises(UserError) as e:
+        check_lora_files([lora(1536)], str(flux["base"]))
+    assert str(e.value) == (f"--lora {tmp_path / 'to_q-1536.safetensors'} adapts attention layers of width 1536 "
+                            f"(SD3/SD3.5 Medium's?), but --model {flux['base']} is a transformer of width 32: it was "
+                            "trained on another model; pass that model with --model")
+    check_lora_files([lora(32), lora(1536, "to_out.0")], str(flux["base"]))
+
+
 def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):
     """plan --init-lora loads the LoRA onto the transformer built on meta: its own LoRA plans; one of other widths
     (another FLUX.1-shaped model's) is refused by plan with training's line, where plan said FITS."""
