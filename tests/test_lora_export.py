@@ -167,19 +167,25 @@ def test_a_runs_start_from_a_lora_is_named_shareably_with_its_digest(sd, tmp_pat
 
 @pytest.mark.parametrize("settings", [{"optimizer": "adamw"}, {"optimizer": "adamw8bit"},
                                       {"optimizer": "paged_adamw8bit"}, {"deepspeed_zero": 2, "offload": "optimizer"}])
-def test_ss_optimizer_is_the_class_path_of_the_optimizer_the_run_stepped_with(settings):
+def test_ss_optimizer_is_the_class_path_of_the_optimizer_the_run_stepped_with(settings, monkeypatch):
     """ss_optimizer as sd-scripts writes it: the class path of the optimizer built (build_optimizer's, or DeepSpeed's
-    CPU Adam where its state is offloaded), not the config's short name."""
+    CPU Adam where its state is offloaded), not the config's short name. (DeepSpeed's CPU Adam is made without its
+    __init__, which compiles its C++ op: 80 s on a machine that never built it, the reason its tests are `slow`.)"""
     from lowmem_alignprop.memory.optim import build_optimizer
     from lowmem_alignprop.run.distributed import build_deepspeed_optimizer
     from lowmem_alignprop.settings.config import Config
 
+    if settings.get("deepspeed_zero"):
+        import deepspeed.ops.adam as ds_adam
+        real = ds_adam.DeepSpeedCPUAdam
+        monkeypatch.setattr(ds_adam, "DeepSpeedCPUAdam", lambda params, **kwargs: real.__new__(real))
     cfg = Config(**settings)
     params = [torch.nn.Parameter(torch.zeros(4))]
     built = type(build_deepspeed_optimizer(cfg, params) if cfg.deepspeed_zero else build_optimizer(cfg, params))
     meta = formats.training_metadata({"optimizer": cfg.optimizer, "deepspeed_zero": cfg.deepspeed_zero,
                                       "offload": cfg.offload})
     assert meta["ss_optimizer"] == f"{built.__module__}.{built.__name__}"
+    assert (built.__name__ == "DeepSpeedCPUAdam") == ("offload" in settings)  # (both sides ask optim.uses_cpu_adam)
 
 
 def test_ss_optimizer_under_zero_without_offload_is_the_runs_own_optimizer():
