@@ -227,9 +227,9 @@ def other_sampler(spec: str, file: Path, run: dict, eta: float) -> str | None:
     this run samples with (``run``: the scheduler config it resolved; ``eta``: its DDIM eta), naming both and the
     --set that trains as the LoRA's run did; None where they agree or either does not tell. A warning: a user may
     mean it."""
-    theirs, where = lora_sampler(spec, file)
     if run.get("prediction_type") not in ("epsilon", "v_prediction"):
-        return None  # (an SD3/FLUX run: no DDIM)
+        return None  # (an SD3/FLUX run: no DDIM; the LoRA's files are not read)
+    theirs, where = lora_sampler(spec, file)
     ours = {"prediction_type": run["prediction_type"], "zero_terminal_snr": bool(run.get("rescale_betas_zero_snr"))}
     differ = [k for k in theirs if theirs[k] != ours[k]]
     if not differ:

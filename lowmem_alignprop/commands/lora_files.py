@@ -504,13 +504,12 @@ def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
     ``sample`` here reads them): the base model and a transformer file's other parts by :func:`shared_name`, a local
     VAE left out as the header leaves it (:func:`shared_image_settings`), a reward file, the reward's weights and a
     prompt file by name; hub ids, shipped names and the fingerprint as recorded."""
-    names = shared_names
-    shared = {**record, **({"model": names(record["model"], "")} if "model" in record else {})}
+    shared = {**record, **({"model": shared_names(record["model"])} if "model" in record else {})}
     if isinstance(settings := record.get("image_settings"), dict):
-        shared["image_settings"] = {k: names(v, "") if k == "model_components" else v for k, v in settings.items()
+        shared["image_settings"] = {k: shared_names(v) if k == "model_components" else v for k, v in settings.items()
                                     if k != "vae" or shared_image_settings({k: v})}
     if isinstance(scoring := record.get("scoring"), dict):  # (a reward term 'DIR/file.py:fn[:weight]': its last part)
-        shared["scoring"] = {**scoring, **{k: names(scoring[k], seps) for k, seps in
+        shared["scoring"] = {**scoring, **{k: shared_names(scoring[k], seps) for k, seps in
                                            (("reward", ","), ("reward_weights", ";=,"), ("prompts", ""))
                                            if k in scoring}}
     return shared

@@ -105,16 +105,18 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta[KOHYA_V2] = str(version == SD_V2)
         meta[KOHYA_V_PREDICTION] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
         meta[KOHYA_ZERO_SNR] = str(zero_terminal_snr(lora))
-    meta.update(model_spec(lora, info, stem))
+    meta.update(model_spec(lora, info, stem, version=version))
     return meta
 
 
-def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: bool | None = None) -> dict[str, str]:
+def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: bool | None = None,
+               version: str | None = None) -> dict[str, str]:
     """The model spec's ``modelspec.*`` keys as sd-scripts writes them, of the LoRA's kohya file or (``checkpoint``)
     of the merged single file: its version, architecture (a LoRA's with ``/lora``), implementation, ``title`` (the
     file's stem: sd-scripts' output name), the date the run ended, the trained resolution and the prediction type
-    (``v``: whether the model predicts v; None: as its run sampled it, lora_files.v_prediction)."""
-    version = base_family(lora)
+    (``v``: whether the model predicts v; None: as its run sampled it, lora_files.v_prediction). ``version``: the
+    base's :func:`base_family` where the caller has read it (it reads the base's config)."""
+    version = base_family(lora) if version is None else version
     v = v_prediction(lora) if v is None else v
     if checkpoint:  # (sd-scripts: a Stable Diffusion checkpoint's is Stability's repository, FLUX.1's BFL's)
         implementation = MODEL_SPEC_IMPLEMENTATION["flux"] if lora.family == "flux" else CHECKPOINT_IMPLEMENTATION
