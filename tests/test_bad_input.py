@@ -890,7 +890,11 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     (lora / LORA_BASE_FILE).write_text("[1, 2]")
     spec = LoraSpec(arg=str(lora), file=lora / "pytorch_lora_weights.safetensors", weight=1.0, name="lora0")
     warn_other_base(None, [spec], None)
-    assert "wrong shape" in caplog.text
+    assert "base-model record a training run writes (wrong shape: not a JSON object)" in caplog.text
+    caplog.clear()  # ... and a damaged one (read_lora refuses it first, in `sample`): said alike, not passed over
+    (lora / LORA_BASE_FILE).write_text('{"model": ')
+    warn_other_base(None, [spec], None)
+    assert "base-model record a training run writes (Expecting value" in caplog.text
     assert ckpt.fingerprint_difference({"unet_config_sha": "s", "conv_in": ["a", {}]},
                                        {"unet_config_sha": "s", "conv_in": [0.0]}) == "its weights' record is unreadable"
 

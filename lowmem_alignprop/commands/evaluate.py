@@ -278,9 +278,9 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     if (record := base_record_file(spec)) is None:  # a LoRA from elsewhere (or a file shared alone)
         return None
     try:
-        base = json.loads(record.read_text(encoding="utf-8"))
+        base = ckpt.load_base_record(record)
         model, recorded = base.get("model"), {**(base.get("image_settings") or {}), **(base.get("scoring") or {})}
-    except (OSError, ValueError, AttributeError, TypeError) as e:  # damaged: the model it was trained on is unknown
+    except (OSError, ValueError, TypeError) as e:  # damaged: the model it was trained on is unknown
         if not model_given:
             log.warning(
                 "--lora %s: %s cannot be read (%s): the model the LoRA was trained on is unknown; pass it with "
@@ -356,10 +356,9 @@ def read_base_record(spec: LoraSpec) -> dict | None:
     if (record := base_record_file(spec)) is None:
         return None
     try:
-        base = json.loads(record.read_text(encoding="utf-8"))
+        return ckpt.load_base_record(record)
     except (OSError, ValueError):
         return None
-    return base if isinstance(base, dict) else None
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[list[int]]:
@@ -458,9 +457,9 @@ def lora_model(path: Path, family: str | None, record: Path | None = None) -> st
     if family != "transformer":
         return family
     try:
-        recorded = json.loads((record or path.parent / LORA_BASE_FILE).read_text(encoding="utf-8")).get("model")
+        recorded = ckpt.load_base_record(record or path.parent / LORA_BASE_FILE).get("model")
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
-    except (OSError, ValueError, AttributeError):  # none (a LoRA from elsewhere), or damaged
+    except (OSError, ValueError):  # none (a LoRA from elsewhere), or damaged
         kind = None
     if (recorded_model := model_of_kind(kind)) in ("sd3", "flux"):
         return recorded_model
@@ -576,13 +575,12 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
         if not info.is_file():
             continue  # a LoRA from elsewhere: nothing to compare
         try:
-            saved = json.loads(info.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(saved, dict) or not isinstance(saved.get("conv_in", []), list):
-            log.warning(
-                "--lora %s: %s is not the base-model record a training run writes (wrong shape): which model the "
-                "LoRA belongs to is not checked", spec.arg, info)
+            saved = ckpt.load_base_record(info)
+            if not isinstance(saved.get("conv_in", []), list):
+                raise ValueError("wrong shape")
+        except (OSError, ValueError) as e:  # (a damaged one: read_lora refused it before)
+            log.warning("--lora %s: %s is not the base-model record a training run writes (%s): which model the "
+                        "LoRA belongs to is not checked", spec.arg, info, first_line(e, 80))
             continue
         ours = ours or ckpt.fingerprint(cfg, unet)
         problem = ckpt.fingerprint_difference(saved, ours)

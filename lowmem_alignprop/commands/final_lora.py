@@ -4,7 +4,6 @@ it is missing or damaged (a full disk or a kill while it was written), by ``--re
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,9 +29,7 @@ def lora_problem(run: Path) -> str | None:
     except Exception as e:  # safetensors raises its own error types for a truncated file
         return f"{file} is damaged ({type(e).__name__})"
     try:
-        base = json.loads((run / LORA_DIR / LORA_BASE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(base, dict):
-            raise ValueError
+        ckpt.load_base_record(run / LORA_DIR / LORA_BASE_FILE)
     except (OSError, ValueError):
         return f"{run / LORA_DIR / LORA_BASE_FILE} is missing or damaged"
     return None

@@ -50,6 +50,7 @@ from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.checkpoint import load_base_record
 from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
                                             step_grid_name)
 
@@ -189,7 +190,7 @@ def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
             if (p / MERGED_FILE).is_file():  # a merged model: the last LoRA its record names is this export's
                 made_from = json.loads((p / MERGED_FILE).read_text(encoding="utf-8"))[-1].get("digest")
             else:
-                made_from = json.loads((p / LORA_BASE_FILE).read_text(encoding="utf-8")).get(EXPORTED_FROM)
+                made_from = load_base_record(p / LORA_BASE_FILE).get(EXPORTED_FROM)
         except (OSError, ValueError, AttributeError, IndexError, KeyError, TypeError):  # none, or damaged
             made_from = None
         return made_from == digest if made_from else p.stat().st_mtime >= written

@@ -221,9 +221,8 @@ def read_lora(spec: str) -> Lora:
     base = None
     if (path / LORA_BASE_FILE).is_file():
         try:
-            base = json.loads((path / LORA_BASE_FILE).read_text(encoding="utf-8"))
-            if not isinstance(base, dict):
-                raise ValueError("not a JSON object")
+            from lowmem_alignprop.run.checkpoint import load_base_record
+            base = load_base_record(path / LORA_BASE_FILE)
         except (OSError, ValueError) as e:
             raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
                             "lora/ folder") from None

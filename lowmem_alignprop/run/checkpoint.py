@@ -497,6 +497,15 @@ def base_record(fp: dict[str, Any], config: dict[str, Any]) -> str:
                       indent=1)
 
 
+def load_base_record(path: Path) -> dict[str, Any]:
+    """A base_model.json (:func:`base_record`) as written; OSError where it cannot be read, ValueError where it is not
+    a JSON object (damaged, or another file of that name). Each reader decides what a missing or damaged one means."""
+    base = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(base, dict):
+        raise ValueError("wrong shape: not a JSON object")
+    return base
+
+
 def append_line(path: Path, line: str) -> None:
     """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
