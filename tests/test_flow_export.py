@@ -955,3 +955,36 @@ def test_the_flux_cards_code_samples_with_the_runs_t5_length_and_runs_as_written
     scope: dict = {"torch": torch}
     exec(block.replace('"a prompt"', '"a red car", generator=torch.Generator().manual_seed(0)'), scope)
     assert scope["image"].size == (config["resolution"], config["resolution"])
+
+
+def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_path):
+    """A FLUX kohya file copied away alone (no base_model.json): sample reads its header, not that of the diffusers
+    copy its fused q/k/v are split into (which has none): with --model its run's image settings are taken, without
+    it the line on the default model names the model the header says (both were lost: the profile's 10 steps, and
+    "records no model it was trained on" alone)."""
+    import argparse
+    import shutil
+
+    from safetensors import safe_open
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    alone = tmp_path / "downloads" / "style.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(next(export(tmp_path, flux["lora"], "--format", "kohya").glob("*.safetensors")), alone)
+    with safe_open(str(alone), framework="pt") as f:
+        header = f.metadata()
+    assert json.loads(header["alignprop_image_settings"]) == {"sample_steps": 4}
+    assert header["alignprop_base_model"] == "base"
+
+    def taken(model):
+        args = argparse.Namespace(lora=[str(alone)], set=[], model=model, reward=None, prompts=None, recipe=None,
+                                  output_dir="out")
+        return args, take_run_settings(args, [])
+
+    args, _ = taken(str(flux["base"]))
+    assert args.set == ["sample_steps=4", "reward=brightness"]
+    args, request = taken(None)
+    assert args.model is None and request.default_model == (
+        f"--lora {alone} records no model it was trained on; its header (alignprop_base_model) says it was trained "
+        "on base (a folder on the training machine): pass --model PATH")

@@ -99,13 +99,19 @@ class LoraSpec:
         FLUX.1; None when they tell nothing (:func:`lora_model`). Told from what the user named: a converted copy
         (a kohya file's or a peft folder's, in a temporary folder) names SD3's and FLUX.1's double blocks alike and
         has no record beside it; the named file's keys and the record beside what was named tell them apart."""
-        named = self.named if self.named.is_file() and is_safetensors(self.named) else self.file
+        named = self.header_file
         return lora_model(named, lora_family(named), base_record_file(self))
 
     @property
     def named(self) -> Path:
         """The LoRA as the user gave it (the records name it: a converted copy is gone when the process ends)."""
         return self.source or self.file
+
+    @property
+    def header_file(self) -> Path:
+        """The file whose header tells how its run sampled (the model, image settings, reward): the ``.safetensors``
+        the user named, not the converted copy of an SD3/FLUX kohya file (written without that header)."""
+        return self.named if self.named.is_file() and is_safetensors(self.named) else self.file
 
     @property
     def found_in(self) -> str | None:

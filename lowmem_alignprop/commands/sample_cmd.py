@@ -72,7 +72,7 @@ def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
     """A LoRA file shared alone (no base_model.json) whose header names a shipped model or a hub id
     (:func:`~lowmem_alignprop.commands.lora_files.header_base_model`): taken as ``args.model`` where --model is not
     given, said in one line; else what its header says of its model, for the line on the default model ("": nothing)."""
-    model, said = header_base_model(spec.file)
+    model, said = header_base_model(spec.header_file)
     if model is None or args.model is not None:
         return said
     args.model = model
@@ -103,7 +103,7 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
     header says its run sampled with (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`; no
     base_model.json beside it) not in ``given`` into ``args.set``, said in one line; another LoRA's run's other
     settings said."""
-    settings, keys = header_image_settings(specs[0].file)
+    settings, keys = header_image_settings(specs[0].header_file)
     if taken := _usable(args, settings, given):
         # (a zero-SNR schedule is sampled with eta below 1; a header of an older export does not record the run's:
         # DDIM's deterministic 0)
@@ -138,7 +138,7 @@ def say_other_runs(specs: list[LoraSpec], first: dict, given: set[str]) -> None:
                 continue
             other, keys = record[1], set(first) | set(record[1])
         else:  # (a header says only some settings: those it does not say are not compared)
-            other = header_image_settings(spec.file)[0]
+            other = header_image_settings(spec.header_file)[0]
             keys = set(other)
         if differ := sorted(k for k in keys - given if first.get(k) != other.get(k)):
             logger.warning(
