@@ -988,3 +988,33 @@ def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_pat
     assert args.model is None and request.default_model == (
         f"--lora {alone} records no model it was trained on; its header (alignprop_base_model) says it was trained "
         "on base (a folder on the training machine): pass --model PATH")
+
+
+def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_path, capsys):
+    """`sample EXPORT --model MERGED` where export --merge fused the LoRA EXPORT was exported from: refused as the
+    run's lora/ is (the export's base_model.json records the digest of the LoRA it was made from); it applied the
+    LoRA twice. Another LoRA (the same one scaled) and a negative weight pass."""
+    import shutil
+
+    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+
+    merged = next(export(tmp_path / "m", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))
+    kohya = next(export(tmp_path / "k", flux["lora"], "--format", "kohya").glob("*.safetensors"))
+    peft = export(tmp_path / "p", flux["lora"], "--format", "peft")
+    capsys.readouterr()
+    assert main(["sample", str(kohya), "--model", str(merged), "--set", f"model_components={flux['base']}",
+                 "--output-dir", str(tmp_path / "s")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: --lora {kohya}: --model {merged} already holds this LoRA (export --merge fused it at "
+                   "weight 1): sampling it with the LoRA again applies it twice; pass --model base, the model it was "
+                   "merged into"], err
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UserError, match=f"--lora {peft}: --model {merged} already holds this LoRA"):
+        refuse_held_loras([parse_lora(str(peft), 0)], str(merged))
+    refuse_held_loras([parse_lora(f"{kohya}:-1", 0)], str(merged))  # takes it out again: allowed
+    other = tmp_path / "other" / "kohya"  # another LoRA's export: its record's digest is not the merged one's
+    shutil.copytree(kohya.parent, other)
+    record = json.loads((other / "base_model.json").read_text())
+    (other / "base_model.json").write_text(json.dumps({**record, "lora_digest": "0" * 16}))
+    refuse_held_loras([parse_lora(str(other / kohya.name), 0)], str(merged))

@@ -15,7 +15,7 @@ import torch
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, MERGED_KEY, Lora,
                                                   check_recorded_base, lora_digest, merged_record, read_lora,
                                                   shared_name, shared_reward)
-from lowmem_alignprop.commands.lora_formats import file_stem, model_spec
+from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM, file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line
@@ -123,23 +123,31 @@ def held_in(held: list[dict], digest: str) -> dict | None:
 def refuse_held_loras(specs: list, model: str) -> None:
     """``sample``: a LoRA (evaluate.LoraSpec) given at a positive weight to a model that `export --merge` made with
     it (its merged_loras.json or single-file header records it): one line, as export --merge refuses it (a negative
-    weight, which takes it out again, passes). A LoRA that is not one a run wrote (an exported file) is not told
-    apart."""
+    weight, which takes it out again, passes). An export is told by the digest its base_model.json records of the
+    LoRA it was made from; a file from elsewhere (or an export copied away alone) is not told apart."""
     held = merged_record(model)
     if not held:
         return
     for spec in specs:
-        if spec.weight <= 0:
+        if spec.weight <= 0 or (digest := _digest_of(spec)) is None:
             continue
-        try:
-            lora = read_lora(str(spec.named))
-        except UserError:  # an export or a LoRA from elsewhere: no record to compare with
-            continue
-        if (entry := held_in(held, lora_digest(lora))) is not None:
+        if (entry := held_in(held, digest)) is not None:
             into = entry.get("into") or "the base model"
             raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
                             f"weight {float(entry.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
                             f"twice; pass --model {into}, the model it was merged into")
+
+
+def _digest_of(spec) -> str | None:
+    """The digest (:func:`lora_digest`) of the LoRA ``spec`` (evaluate.LoraSpec) names: a run's, or the one an export
+    was made from (its base_model.json's ``lora_digest``); None for a LoRA from elsewhere."""
+    from lowmem_alignprop.commands.evaluate import read_base_record
+
+    try:
+        return lora_digest(read_lora(str(spec.named)))
+    except UserError:  # an export (a kohya file, a peft folder) or a LoRA from elsewhere
+        digest = (read_base_record(spec) or {}).get(EXPORTED_FROM)
+        return digest if isinstance(digest, str) and digest else None
 
 
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
