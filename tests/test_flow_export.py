@@ -1018,3 +1018,37 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     record = json.loads((other / "base_model.json").read_text())
     (other / "base_model.json").write_text(json.dumps({**record, "lora_digest": "0" * 16}))
     refuse_held_loras([parse_lora(str(other / kohya.name), 0)], str(merged))
+
+
+def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encoders(flux, tmp_path, caplog, capsys):
+    """`export LORA_B --merge --model MERGED.safetensors` (the merged single file of LORA_A on the same base): the file
+    holds the transformer alone, and export has no --set model_components (the line named it): its text encoders,
+    VAE and scheduler come from the folder LORA_B was trained on (said), and the merge equals LORA_B merged into the
+    merged folder. A LoRA that names no such folder gets one line naming what to merge into instead."""
+    import logging
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    merged_file = next(export(tmp_path / "a", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))
+    merged_dir = export(tmp_path / "b", flux["lora"], "--merge")
+    second = tmp_path / "second" / "lora"  # another LoRA of the same base: the first one doubled
+    shutil.copytree(flux["lora"], second)
+    weights = second / "pytorch_lora_weights.safetensors"
+    save_file({k: 2 * v for k, v in load_file(str(weights)).items()}, str(weights))
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        onto_file = export(tmp_path / "c", second, "--merge", "--model", str(merged_file))
+    assert f"--merge: {merged_file} holds the transformer alone: its text encoders, VAE and scheduler are taken from " \
+           f"{flux['base']}, the model {second} was trained on" in caplog.text
+    onto_dir = export(tmp_path / "d", second, "--merge", "--model", str(merged_dir))
+    a = FluxTransformer2DModel.from_pretrained(onto_file / "transformer").state_dict()
+    b = FluxTransformer2DModel.from_pretrained(onto_dir / "transformer").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (second / "base_model.json").unlink()  # a LoRA that names no model folder: what to merge into instead
+    assert_refused(main, ["export", "--lora", str(second), "--merge", "--model", str(merged_file), "--out",
+                          str(tmp_path / "e")],
+                   f"error: --merge into {merged_file}: it holds an SD3/FLUX transformer alone, and {second} was not "
+                   "trained on a diffusers folder with the model's text encoders, VAE and scheduler: merge into the "
+                   "model's diffusers folder (--model DIR), or into an `export --merge` folder (made without "
+                   "--single-file)", tmp_path / "e", capsys)

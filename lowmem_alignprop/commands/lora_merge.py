@@ -150,6 +150,27 @@ def _digest_of(spec) -> str | None:
         return digest if isinstance(digest, str) and digest else None
 
 
+def merge_components(lora: Lora, spec: str) -> str:
+    """model_components for a merge into ``spec``: the LoRA's run's; for an SD3/FLUX transformer file without them
+    (an `export --merge --single-file` of the model the LoRA was trained on, say), the diffusers folder or hub id of
+    that model, which holds the file's text encoders, VAE and scheduler (said). Else, for such a file, one line."""
+    from lowmem_alignprop.models.loading import is_flow_hub_id, is_flow_transformer_file, resolve_model
+
+    kind, where = resolve_model(spec)
+    if lora.model_components or kind != "file" or not is_flow_transformer_file(where):
+        return lora.model_components
+    trained_on = lora.base_model or ""
+    on_kind, on_where = resolve_model(trained_on) if trained_on else ("", "")
+    if on_kind == "flow_dir" or (on_kind == "hub" and is_flow_hub_id(on_where)):
+        logging.getLogger("lowmem_alignprop").info(
+            "--merge: %s holds the transformer alone: its text encoders, VAE and scheduler are taken from %s, the "
+            "model %s was trained on", spec, trained_on, lora.named)
+        return trained_on
+    raise UserError(f"--merge into {spec}: it holds an SD3/FLUX transformer alone, and {lora.named} was not trained on "
+                    "a diffusers folder with the model's text encoders, VAE and scheduler: merge into the model's "
+                    "diffusers folder (--model DIR), or into an `export --merge` folder (made without --single-file)")
+
+
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
     last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
@@ -160,8 +181,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     # (before the model loads: minutes)
-    check_lora_files([adapter], spec, lora.run_config.get("model_components") or "", "--merge:")
-    pipe = load_base(spec, lora.run_config)
+    components = merge_components(lora, spec)
+    check_lora_files([adapter], spec, components, "--merge:")
+    pipe = load_base(spec, {**lora.run_config, "model_components": components})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"

@@ -268,10 +268,10 @@ def is_flow_source(cfg, kind: str, where: str) -> bool:
     with model_components, a transformer file alone (the flow loader then asks for model_components), a hub id whose
     model_index.json says so. The one rule for the loader and the planner's meta model."""
     return kind.startswith("flow") or (kind in ("file", "hub") and bool(getattr(cfg, "model_components", ""))) \
-        or (kind == "file" and _is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where))
+        or (kind == "file" and is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where))
 
 
-def _is_flow_transformer_file(path: str) -> bool:
+def is_flow_transformer_file(path: str) -> bool:
     """A .safetensors file holding an SD3/FLUX transformer alone (it then needs model_components)."""
     from lowmem_alignprop.models import flow_loading as fl
 
