@@ -966,3 +966,35 @@ def test_every_test_the_bad_input_table_names_exists():
                 gone.append(f"row {row[0]}: {name}")
     assert len(re.findall(r"^\| \d+ \|", table, re.M)) > 150  # (the table was read)
     assert not gone, gone
+
+
+def test_a_safetensors_file_under_another_suffix_is_told_to_be_renamed(tmp_path, capsys):
+    """A .safetensors download renamed .bin or .ckpt (torch.load's "invalid load key" was said as a truncated or
+    damaged file, to be copied again): `sample --lora`, `--init-lora` and `--model` name the rename, and write
+    nothing. A torch file (zip or legacy pickle) is not taken for one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.tensor_files import safetensors_inside
+
+    lora = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
+            "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)}
+    save_file(lora, str(tmp_path / "x.bin"))
+    (tmp_path / "y.ckpt").write_bytes((tmp_path / "x.bin").read_bytes())
+    out = tmp_path / "out"
+    for args, line in (
+            (["sample", *FAST, "--lora", str(tmp_path / "x.bin")],
+             f"error: --lora {tmp_path / 'x.bin'}: {tmp_path / 'x.bin'} is a safetensors file under the suffix .bin: "
+             "rename it to x.safetensors"),
+            ([*FAST, "--init-lora", str(tmp_path / "y.ckpt"), "--steps", "1"],
+             f"error: --init-lora {tmp_path / 'y.ckpt'}: {tmp_path / 'y.ckpt'} is a safetensors file under the suffix "
+             ".ckpt: rename it to y.safetensors"),
+            (["plan", *FAST, "--model", str(tmp_path / "y.ckpt")],
+             f"error: {tmp_path / 'y.ckpt'} is a safetensors file under the suffix .ckpt: rename it to "
+             "y.safetensors")):
+        assert fails(capsys, [*args, "--output-dir", str(out)], line) == line
+        assert not out.exists()
+    torch.save(lora, tmp_path / "zip.bin")
+    torch.save(lora, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    assert safetensors_inside(tmp_path / "x.bin") and not safetensors_inside(tmp_path / "zip.bin")
+    assert not safetensors_inside(tmp_path / "legacy.bin") and not safetensors_inside(tmp_path / "missing.bin")

@@ -147,6 +147,8 @@ def _lora_file(path: Path, arg: str) -> Path:
                  if file.parent.name == LORA_DIR and ckpt.list_checkpoints(ckpt.root_of(run)) else
                  "copy it again from the run's lora/ folder" if file.parent.name == LORA_DIR else
                  "copy it again, or write it again with lowmem-alignprop export")  # (an export, a file from elsewhere)
+        if isinstance(e, TensorFileError) and e.misnamed:
+            raise UserError(f"--lora {arg}: {file} is {e.detail}") from None
         if is_safetensors(file):  # (tensor_files' one phrase for such a file)
             raise UserError(f"--lora {arg}: {not_safetensors(file, e)}; {again}") from None
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)

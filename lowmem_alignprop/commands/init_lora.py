@@ -92,6 +92,8 @@ def _as_safetensors(path: Path, spec: str) -> Path:
     try:
         state = read_tensor_file(path)
     except (TensorFileError, OSError) as e:
+        if isinstance(e, TensorFileError) and e.misnamed:
+            raise UserError(f"--init-lora {spec}: {path} is {e.detail}") from None
         raise UserError(f"--init-lora {spec} is neither a .safetensors file nor a readable torch file of tensors "
                         f"({first_line(e, 120)}): pass a LoRA in diffusers, kohya or peft layout") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -193,6 +193,8 @@ def _header_shapes(path: Path, size: int, mtime_ns: int) -> Mapping[str, tuple[i
         if e.holds_code:  # a disallowed class or function (code), not a damaged file
             raise UserError(f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
                             "Convert it to .safetensors (or re-save only its 'state_dict') and pass that file") from e
+        if e.misnamed:
+            raise UserError(f"{path} is {e.detail}") from None
         kind, fix = ("safetensors", "re-download it") if is_safetensors(path) else \
             ("PyTorch", "re-download it, or pass a .safetensors file")
         raise UserError(f"cannot read checkpoint {path} ({e.detail}): it is not a {kind} checkpoint (damaged, "

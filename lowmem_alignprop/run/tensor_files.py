@@ -36,8 +36,9 @@ class TensorFileError(Exception):
     """A tensor file that is there but cannot be read as tensors: ``holds_code`` (it imports a Python object,
     refused unread) or damaged / not a checkpoint. ``detail``: the reader's reason, one short phrase."""
 
-    def __init__(self, path: Path, detail: str, *, holds_code: bool):
+    def __init__(self, path: Path, detail: str, *, holds_code: bool, misnamed: bool = False):
         self.path, self.detail, self.holds_code = Path(path), detail, holds_code
+        self.misnamed = misnamed  # a safetensors file under another suffix (a .bin read with torch.load)
         what = "holds pickled code" if holds_code else "is damaged or not a tensor file"
         super().__init__(f"{path} {what} ({detail})")
 
@@ -45,6 +46,18 @@ class TensorFileError(Exception):
 def is_safetensors(path) -> bool:
     """By its suffix, in any case (a LoRA's reader, which hands the file to diffusers, asks for the lower case)."""
     return Path(path).suffix.lower() == ".safetensors"
+
+
+def safetensors_inside(path) -> bool:
+    """Whether the file begins as a safetensors file does: an 8-byte little-endian header length that fits the file,
+    then the JSON header's ``{``. (A renamed download: its suffix says another format.)"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = Path(path).stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
 def unwrap_state_dict(obj: Any) -> Any:
@@ -63,6 +76,9 @@ def read_tensor_file(path, *, unwrap: bool = False, mmap: bool = True) -> Any:
     path = Path(path)
     with open(path, "rb"):
         pass  # missing, a directory, permissions: the OSError itself, before any parser sees the file
+    if not is_safetensors(path) and safetensors_inside(path):  # (torch.load's words for it: "invalid load key")
+        raise TensorFileError(path, f"a safetensors file under the suffix {path.suffix or '(none)'}: rename it to "
+                              f"{path.stem}.safetensors", holds_code=False, misnamed=True)
     with _typed_errors(path):
         if is_safetensors(path):
             from safetensors.torch import load_file
