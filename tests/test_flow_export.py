@@ -1012,6 +1012,11 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     assert not (tmp_path / "s").exists()
     with pytest.raises(UserError, match=f"--lora {peft}: --model {merged} already holds this LoRA"):
         refuse_held_loras([parse_lora(str(peft), 0)], str(merged))
+    alone = tmp_path / "alone" / kohya.name  # the kohya file shared alone: its header's digest tells it
+    alone.parent.mkdir()
+    shutil.copy(kohya, alone)
+    with pytest.raises(UserError, match=f"--lora {alone}: --model {merged} already holds this LoRA"):
+        refuse_held_loras([parse_lora(str(alone), 0)], str(merged))
     refuse_held_loras([parse_lora(f"{kohya}:-1", 0)], str(merged))  # takes it out again: allowed
     other = tmp_path / "other" / "kohya"  # another LoRA's export: its record's digest is not the merged one's
     shutil.copytree(kohya.parent, other)

@@ -113,6 +113,8 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert all(k.startswith("lora_unet_") and k.endswith(formats.KOHYA_SUFFIXES) for k in keys)
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
     assert meta["ss_network_module"] == "networks.lora"
+    # the LoRA it was made from, by its weights' digest (a merged model that holds it refuses the file shared alone)
+    assert meta["alignprop_lora_digest"] == lora_files.lora_digest(lora_files.read_lora(str(case["lora"])))
     assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if case["xl"] else "sd_v1")
     assert meta["ss_v2"] == "False" and meta["modelspec.architecture"] == (
         "stable-diffusion-xl-v1-base/lora" if case["xl"] else "stable-diffusion-v1/lora")

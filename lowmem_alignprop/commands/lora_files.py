@@ -350,6 +350,7 @@ HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
 HEADER_IMAGE_SETTINGS = "alignprop_image_settings"
 HEADER_REWARD = "alignprop_reward"  # the reward its run was scored with (a file or weights not at hand: the default)
 HEADER_BASE_MODEL = "alignprop_base_model"  # the model its run trained on, as :func:`shared_name` names it
+HEADER_LORA_DIGEST = "alignprop_lora_digest"  # :func:`lora_digest` of the LoRA it was made from (a merge holds it?)
 KOHYA_MODEL_NAME = "ss_sd_model_name"  # sd-scripts': the model as its trainer was given it (often a file's name)
 SHARED_IMAGE_SETTINGS = ("resolution", "sample_steps", "guidance_scale", "guidance_rescale", "eta",
                          "max_sequence_length", "negative_prompt", "t5_encoder", "vae")
@@ -393,6 +394,15 @@ def header_image_settings(file: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if meta.get(HEADER_REWARD):
         settings["reward"], keys["reward"] = meta[HEADER_REWARD], HEADER_REWARD
     return settings, keys
+
+
+def header_lora_digest(file: Path) -> str | None:
+    """The digest of the LoRA a file was exported from (:data:`HEADER_LORA_DIGEST`), None where its header has none."""
+    try:
+        digest = read_safetensors_metadata(file).get(HEADER_LORA_DIGEST) if is_safetensors(file) else None
+    except (TensorFileError, OSError):
+        return None
+    return digest if isinstance(digest, str) and digest else None
 
 
 def header_base_model(file: Path) -> tuple[str | None, str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_PREDICTION,
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_LORA_DIGEST,
+                                                 HEADER_PREDICTION,
                                                  HEADER_REWARD, HEADER_ZERO_SNR, KOHYA_MODEL_NAME, KOHYA_V2,
                                                  KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
                                                  MODELSPEC_PREDICTION, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1,
@@ -79,6 +80,7 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         KOHYA_MODEL_NAME: model,
         "ss_training_comment": f"AlignProp reward fine-tuning with lowmem-alignprop ({denoiser_name(lora)} LoRA only)",
         HEADER_BASE_MODEL: model,
+        HEADER_LORA_DIGEST: lora_digest(lora),  # (`sample` refuses it on a model that `export --merge` fused it into)
         HEADER_REWARD: shared_reward(info.get("reward")),  # (a reward file of this machine by its name)
         "alignprop_steps": str(info.get("steps", "")),
         "alignprop_target_modules": ",".join(lora.adapted_targets),

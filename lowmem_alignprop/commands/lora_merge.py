@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, MERGED_KEY, Lora,
-                                                  check_recorded_base, lora_digest, merged_record, read_lora,
-                                                  shared_name, shared_reward)
+                                                  check_recorded_base, header_lora_digest, lora_digest, merged_record,
+                                                  read_lora, shared_name, shared_reward)
 from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM, file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -140,14 +140,15 @@ def refuse_held_loras(specs: list, model: str) -> None:
 
 def _digest_of(spec) -> str | None:
     """The digest (:func:`lora_digest`) of the LoRA ``spec`` (evaluate.LoraSpec) names: a run's, or the one an export
-    was made from (its base_model.json's ``lora_digest``); None for a LoRA from elsewhere."""
+    was made from (its base_model.json's ``lora_digest``, or a kohya file's header, for the file shared alone); None
+    for a LoRA from elsewhere."""
     from lowmem_alignprop.commands.evaluate import read_base_record
 
     try:
         return lora_digest(read_lora(str(spec.named)))
     except UserError:  # an export (a kohya file, a peft folder) or a LoRA from elsewhere
         digest = (read_base_record(spec) or {}).get(EXPORTED_FROM)
-        return digest if isinstance(digest, str) and digest else None
+        return digest if isinstance(digest, str) and digest else header_lora_digest(spec.header_file)
 
 
 def merge_components(lora: Lora, spec: str) -> str:
