@@ -455,6 +455,13 @@ def test_the_cards_ddim_line_at_an_eta_no_webui_sampler_has_and_with_a_negative_
         "20 steps, CFG scale 5, and *Settings > Sampler parameters > Eta for DDIM* 0.5.")
     assert "DDIM: 4 steps at eta 0, guidance as the run's. " in _ddim_line({"sample_steps": 4, "eta": 0}, False)
     assert _ddim_line({"sample_steps": 4}, False) is None and _ddim_line({"eta": 1.0}, False) is None
+    # eta 0 and 1: ComfyUI's own sampler of that eta; the eta as a user types it (1, not 1.0)
+    assert _ddim_line({"sample_steps": 50, "eta": 1.0, "guidance_scale": 7.5}, False) == (
+        "- Its run rendered (and trained through) DDIM: 50 steps at eta 1, guidance 7.5. The LoRA is tuned for that "
+        "sampler: ComfyUI: a *KSampler* with sampler `ddpm`, scheduler `ddim_uniform`, 50 steps, cfg 7.5; "
+        "AUTOMATIC1111 / Forge: sampler *DDIM*, 50 steps, CFG scale 7.5, and *Settings > Sampler parameters > Eta for "
+        "DDIM* 1.")
+    assert "a *KSampler* with sampler `ddim`, scheduler" in _ddim_line({"sample_steps": 4, "eta": 0.0}, False)
 
 
 def test_a_lora_of_a_same_named_other_base_is_told_from_the_merged_files_by_its_weights(sd, tmp_path):
@@ -552,6 +559,8 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     both = export(tmp_path / "both", other["lora"], "--merge", "--model", str(merged))
     assert [r["into"] for r in json.loads((both / "merged_loras.json").read_text())] == [str(sd["base"]),
                                                                                          str(merged)]
+    # the stack is a merge of the base (its record's first model), not of the model it went into last
+    assert same_model(str(both), str(sd["base"])) and not same_model(str(both), str(merged))
     stacked = UNet2DConditionModel.from_pretrained(both / "unet")
     once = UNet2DConditionModel.from_pretrained(merged / "unet")
     assert relative_difference(unet_out(stacked, False), unet_out(once, False)) > 100 * REORDERED
@@ -985,6 +994,9 @@ def test_a_pushed_base_model_json_names_a_transformer_files_parts_by_name(tmp_pa
     shared = lora_files.shared_base_record(record)
     assert shared == {"model": "flux1.safetensors",
                       "image_settings": {"model_components": "flux-parts", "guidance_scale": 3}}
+    # a value that is no string (a record edited by hand) is shared as it is, its other values by name
+    assert lora_files.shared_base_record({"scoring": {"reward": None, "prompts": str(tmp_path / "p.txt")}}) == {
+        "scoring": {"reward": None, "prompts": "p.txt"}}
 
 
 def test_a_card_pushed_to_the_hub_names_local_models_and_paths_by_name(sd, tmp_path, tmp_path_factory):
@@ -1018,6 +1030,60 @@ def test_a_card_pushed_to_the_hub_names_local_models_and_paths_by_name(sd, tmp_p
             assert f'from_pretrained("{name}")' in pushed and 'AutoencoderKL.from_pretrained("vae")' in pushed
         else:
             assert f'config="{name}")' in pushed and f'- "{name}": a local model of that name' in pushed
+
+
+def test_a_pushed_card_names_the_model_merged_into_by_name_and_a_hub_base_as_it_is(sd, tmp_path):
+    """A pushed card (model_card's home): a merge into another local model names that model by its folder's name,
+    said to be a local model; a hub-id base and VAE are named as they are, with no note that they are local models
+    (local_names: the local paths only)."""
+    import dataclasses
+
+    from lowmem_alignprop.commands.model_card import model_card
+
+    lora = lora_files.read_lora(str(sd["lora"]))
+    other = tmp_path / "models" / "other-base"
+    card = model_card(lora, "diffusers", ["unet/diffusion_pytorch_model.safetensors"], "lowmem-alignprop export",
+                      merged_weight=1.0, merged_into=str(other), home="you/merged")
+    assert (f"| base model | `other-base` (the LoRA was trained on `{sd['base'].name}`) (a local model of that name) |"
+            in card) and str(tmp_path) not in card
+    hub_based = dataclasses.replace(lora, base={**lora.base, "model": "you/base"},
+                                    run_config={**lora.run_config, "model": "you/base", "vae": "you/vae"})
+    card = model_card(hub_based, "diffusers", [LORA_WEIGHT_NAME], "lowmem-alignprop export", home="you/lora")
+    assert "| base model | `you/base` |" in card and "local model" not in card
+    assert 'DiffusionPipeline.from_pretrained("you/base")' in card
+    assert 'AutoencoderKL.from_pretrained("you/vae")' in card
+
+
+def test_local_names_are_the_local_paths_a_card_names_and_no_hub_id():
+    """model_card.local_names: the base model, the model merged into, the VAE and a transformer file's other parts,
+    each local path by its shared name; a hub id or none is not among them."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.model_card import local_names
+
+    file_based = SimpleNamespace(base_model="/models/flux1.safetensors", model_components="/models/flux-parts")
+    assert local_names(file_based, {"vae": "you/vae"}, "/merged/into-here") == {
+        "/models/flux1.safetensors": "flux1.safetensors", "/models/flux-parts": "flux-parts",
+        "/merged/into-here": "into-here"}
+    hub_based = SimpleNamespace(base_model="you/base", model_components="")
+    assert local_names(hub_based, {"vae": "/models/my-vae"}, None) == {"/models/my-vae": "my-vae"}
+
+
+def test_shared_command_keeps_the_current_folder_and_a_line_it_cannot_split(tmp_path, monkeypatch):
+    """model_card.shared_command: a local path by its name (a --set value too); `.` stays `.`, alone or as
+    `--opt=.` (its shared name is empty); a line shlex cannot split (an unbalanced quote) is kept as recorded, the
+    others still named; no command stays none."""
+    from lowmem_alignprop.commands.model_card import shared_command
+
+    monkeypatch.chdir(tmp_path)
+    base, vae = tmp_path / "models" / "base", tmp_path / "my-vae"
+    command = (f"lowmem-alignprop --model {base} --output-dir=. --set vae={vae}\n"
+               f"lowmem-alignprop --model {base} --output-dir . --resume\n"
+               "lowmem-alignprop --prompt \"it's")
+    assert shared_command(command) == ("lowmem-alignprop --model base --output-dir=. --set vae=my-vae\n"
+                                       "lowmem-alignprop --model base --output-dir . --resume\n"
+                                       "lowmem-alignprop --prompt \"it's")
+    assert shared_command(None) is None
 
 
 
