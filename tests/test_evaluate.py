@@ -1139,6 +1139,13 @@ def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):
     assert taken({"ss_sd_model_name": "org/name"})[1].endswith("org/name (a hub id or a folder on the training "
                                                                "machine): pass --model PATH")
     assert taken({}) == (None, "")
+    assert taken({"alignprop_base_model": "run/best"}) == (None, "; its header (alignprop_base_model) says it was "
+                                                           "trained on run/best (a folder on the training machine): "
+                                                           "pass --model PATH")  # (a run's best/: no hub id)
+    from lowmem_alignprop.commands.lora_files import header_base_model
+    damaged = tmp_path / "damaged.safetensors"  # (a download cut short: loading it says what is wrong)
+    damaged.write_bytes(b"\xff" * 16)
+    assert header_base_model(damaged) == (None, "")
     # a local folder named like a shipped model: the header says it is a folder (./sdxl), not the shipped sdxl
     from lowmem_alignprop.commands.lora_files import shared_name
     (tmp_path / "models" / "sdxl").mkdir(parents=True)
