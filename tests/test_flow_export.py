@@ -842,6 +842,10 @@ def test_a_lora_of_a_shipped_flow_width_is_named_and_one_of_the_models_width_pas
                             f"(SD3/SD3.5 Medium's?), but --model {flux['base']} is a transformer of width 32: it was "
                             "trained on another model; pass that model with --model")
     check_lora_files([lora(32), lora(1536, "to_out.0")], str(flux["base"]))
+    with pytest.raises(UserError) as e:  # sample without --model: the line says the model is the default
+        check_lora_files([lora(1536)], str(flux["base"]), default="--lora X records no model it was trained on")
+    assert (f"but --model {flux['base']} (the default: --lora X records no model it was trained on) is a "
+            "transformer of width 32: it was trained on another model") in str(e.value)
 
 
 def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):
