@@ -502,11 +502,22 @@ def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_
         f"{start} zero_terminal_snr=False (its base_model.json), and this run samples with zero_terminal_snr=True: it "
         "starts from a LoRA of another sampler; --set zero_terminal_snr=false trains as its run did")
     assert other_sampler(str(lora), file, {"prediction_type": "v_prediction"}, 1.0) is None
+    # an SD3/FLUX run (its flow-matching scheduler has no prediction type): nothing to compare, whatever the LoRA says
+    assert other_sampler(str(lora), file, {"num_train_timesteps": 1000, "shift": 3.0}, 0.0) is None
+    zero = tmp_path / "zero" / "pytorch_lora_weights.safetensors"  # a header that says zero SNR (sd-scripts' key)
+    zero.parent.mkdir()
+    save_file({"x": torch.zeros(1)}, str(zero), metadata={"ss_zero_terminal_snr": "True"})
+    assert other_sampler(str(zero.parent), zero, {"prediction_type": "v_prediction"}, 1.0) == (
+        f"--init-lora {zero.parent} was trained with zero_terminal_snr=True (its header (ss_zero_terminal_snr)), and "
+        "this run samples with zero_terminal_snr=False: it starts from a LoRA of another sampler; --set "
+        "zero_terminal_snr=true --set eta=0 trains as its run did")
     spec = LoraSpec(arg=str(lora), file=file, weight=1.0, name="a")
     for text in ('{"model": "tiny"}', "{damaged", "[]"):
         record.write_text(text)
         assert other_sampler(str(lora), file, zero_v, 0.0) is None, text
         assert recorded_fingerprint(spec) is None and (read_base_record(spec) is None) == (text != '{"model": "tiny"}')
+    record.write_text(json.dumps({"model": "tiny", "prediction_type": None}))  # (no prediction type either)
+    assert other_sampler(str(lora), file, zero_v, 0.0) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
