@@ -846,6 +846,14 @@ def test_a_lora_of_a_shipped_flow_width_is_named_and_one_of_the_models_width_pas
         check_lora_files([lora(1536)], str(flux["base"]), default="--lora X records no model it was trained on")
     assert (f"but --model {flux['base']} (the default: --lora X records no model it was trained on) is a "
             "transformer of width 32: it was trained on another model") in str(e.value)
+    mixed = tmp_path / "mixed.safetensors"  # q of the model's width, k of another: the line names the other one
+    save_file({**{f"transformer.transformer_blocks.0.attn.to_q.{p}": t for p, t in (
+        ("lora_A.weight", torch.zeros(RANK, 32)), ("lora_B.weight", torch.zeros(32, RANK)))},
+        **{f"transformer.transformer_blocks.0.attn.to_k.{p}": t for p, t in (
+            ("lora_A.weight", torch.zeros(RANK, 48)), ("lora_B.weight", torch.zeros(48, RANK)))}}, str(mixed))
+    with pytest.raises(UserError, match=f"adapts attention layers of width 48, but --model {flux['base']} is a "
+                                        "transformer of width 32"):
+        check_lora_files([LoraSpec(arg=str(mixed), file=mixed, weight=1.0, name="m")], str(flux["base"]))
 
 
 def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_path, capsys):

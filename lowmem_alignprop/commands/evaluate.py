@@ -517,8 +517,9 @@ def check_lora_files(specs: list[LoraSpec], model: str, components: str = "", op
         theirs = sorted({w for k, w in _layer_widths(spec.file).items() if _ATTENTION_DOWN.search(k)})
         if theirs and theirs != [width]:
             named = f"--model {model}" + (f" (the default: {default})" if default else "")
-            likely = f" ({FLOW_WIDTHS[theirs[0]]}'s?)" if len(theirs) == 1 and theirs[0] in FLOW_WIDTHS else ""
-            raise UserError(f"{option} {spec.arg} adapts attention layers of width {theirs[0]}{likely}, but {named} "
+            other = next(w for w in theirs if w != width)  # (the width that does not fit, where they differ)
+            likely = f" ({FLOW_WIDTHS[other]}'s?)" if len(theirs) == 1 and other in FLOW_WIDTHS else ""
+            raise UserError(f"{option} {spec.arg} adapts attention layers of width {other}{likely}, but {named} "
                             f"is a transformer of width {width}: it was trained on another model; pass that model "
                             "with --model")
 
