@@ -350,7 +350,7 @@ HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
 HEADER_IMAGE_SETTINGS = "alignprop_image_settings"
 HEADER_REWARD = "alignprop_reward"  # the reward its run was scored with (a file or weights not at hand: the default)
 HEADER_BASE_MODEL = "alignprop_base_model"  # the model its run trained on, as :func:`shared_name` names it
-HEADER_LORA_DIGEST = "alignprop_lora_digest"  # :func:`lora_digest` of the LoRA it was made from (a merge holds it?)
+HEADER_LORA_DIGEST = "alignprop_lora_digest"  # :func:`lora_digest` of the LoRA it was exported from
 KOHYA_MODEL_NAME = "ss_sd_model_name"  # sd-scripts': the model as its trainer was given it (often a file's name)
 SHARED_IMAGE_SETTINGS = ("resolution", "sample_steps", "guidance_scale", "guidance_rescale", "eta",
                          "max_sequence_length", "negative_prompt", "t5_encoder", "vae")

@@ -124,7 +124,7 @@ def refuse_held_loras(specs: list, model: str) -> None:
     """``sample``: a LoRA (evaluate.LoraSpec) given at a positive weight to a model that `export --merge` made with
     it (its merged_loras.json or single-file header records it): one line, as export --merge refuses it (a negative
     weight, which takes it out again, passes). An export is told by the digest its base_model.json records of the
-    LoRA it was made from; a file from elsewhere (or an export copied away alone) is not told apart."""
+    LoRA it was made from, a kohya file shared alone by its header's; a LoRA from elsewhere is not told apart."""
     held = merged_record(model)
     if not held:
         return
