@@ -13,8 +13,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_LORA_DIGEST,
                                                  HEADER_PREDICTION, HEADER_REWARD, HEADER_ZERO_SNR, KOHYA_MODEL_NAME,
-                                                 KOHYA_V2,
-                                                 KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
+                                                 KOHYA_V2, KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
                                                  MODELSPEC_PREDICTION, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1,
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  shared_image_settings, shared_name, shared_reward, temporary_folder,
