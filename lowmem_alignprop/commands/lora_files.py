@@ -502,10 +502,19 @@ def shared_names(spec: Any, seps: str = "") -> Any:
     return seps[0].join(shared_names(part, seps[1:]) for part in spec.split(seps[0]))
 
 
+SHARED_SEPARATORS = {"reward": ",", "reward_weights": ";=,"}  # a setting of several paths: its terms', outermost first
+
+
+def shared_setting(name: str, value: Any) -> Any:
+    """A run setting's value as a file or card shared with others gives it: each local path in it by its name
+    (:func:`shared_names`; a reward's and its weights' terms each), everything else as it is."""
+    return shared_names(value, SHARED_SEPARATORS.get(name, ""))
+
+
 def shared_reward(reward: Any) -> str:
     """A run's reward as a file shared with others names it (a header's HEADER_REWARD): a reward file's terms,
     ``DIR/file.py:fn[:weight]``, by their last part; the named rewards as they are."""
-    return str(shared_names(str(reward or ""), ","))
+    return str(shared_setting("reward", str(reward or "")))
 
 
 def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -518,9 +527,8 @@ def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
         shared["image_settings"] = {k: shared_names(v) if k == "model_components" else v for k, v in settings.items()
                                     if k != "vae" or shared_image_settings({k: v})}
     if isinstance(scoring := record.get("scoring"), dict):  # (a reward term 'DIR/file.py:fn[:weight]': its last part)
-        shared["scoring"] = {**scoring, **{k: shared_names(scoring[k], seps) for k, seps in
-                                           (("reward", ","), ("reward_weights", ";=,"), ("prompts", ""))
-                                           if k in scoring}}
+        shared["scoring"] = {**scoring, **{k: shared_setting(k, scoring[k]) for k in ("reward", "reward_weights",
+                                                                                      "prompts") if k in scoring}}
     return shared
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
-                                                  v_prediction, zero_terminal_snr)
+                                                  shared_setting, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
@@ -151,8 +151,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
     names = local_names(lora, info, into) if home else {}  # pushed: the card is others', its local paths by name
     since = info.get("reward_since_step")  # a resume changed the reward at this step
-    reward = (f"{info.get('reward')} (from step {since}: a resume changed it or how the images are made)" if since
-              else info.get("reward"))
+    said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
+    reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
+              "made)" if since else said("reward", info.get("reward")))
     rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`"), names)
              + (" (a local model of that name)" if names.get(into or base) else "") if base else "unknown"),
             ("reward", reward),
@@ -199,7 +200,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                        for c in info["auto_fit"] if isinstance(c, dict))))
     if info.get("resume_changes"):  # (the rows above give the last start's settings: the earlier steps trained with
         rows.append(("changed by a resume", "; ".join(  # what these changes replaced)
-            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: v[1]})}` (was {_was(v[0])})"
+            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: said(n, v[1])})}` (was {_was(said(n, v[0]))})"
                                                         for n, v in (r.get("changes") or {}).items())
             for r in info["resume_changes"] if isinstance(r, dict))))
     if info.get("interrupted"):
