@@ -1055,8 +1055,8 @@ def test_a_pushed_card_names_the_model_merged_into_by_name_and_a_hub_base_as_it_
 
 
 def test_a_pushed_card_names_a_reward_file_and_a_resumes_changed_paths_by_name(sd, tmp_path):
-    """A pushed card's reward row and its "changed by a resume" row name a reward file, a prompt file and the
-    reward's weights by their names (they gave the training machine's paths); the local card keeps them."""
+    """A pushed card's reward and profile rows and its "changed by a resume" row name a reward file, a profile file, a
+    prompt file and the reward's weights by their names (they gave the training machine's paths); the local card keeps them."""
     import dataclasses
 
     from lowmem_alignprop.commands.model_card import model_card
@@ -1064,14 +1064,15 @@ def test_a_pushed_card_names_a_reward_file_and_a_resumes_changed_paths_by_name(s
     lora = lora_files.read_lora(str(sd["lora"]))
     home = tmp_path / "home" / "me"
     lora = dataclasses.replace(
-        lora, run_config={**lora.run_config, "reward": f"{home}/rewards/mine.py:score,aesthetic:0.5"},
+        lora, run_config={**lora.run_config, "reward": f"{home}/rewards/mine.py:score,aesthetic:0.5",
+                          "profile": f"{home}/my-card.yaml"},
         summary={**lora.summary, "reward_since_step": 3, "resume_changes": [{"step": 3, "changes": {
             "prompts": [f"{home}/a.txt", f"{home}/b.txt"], "reward_weights": ["", f"aesthetic={home}/w.pth"],
             "lr": [0.001, 0.0005]}}]})
     pushed = model_card(lora, "diffusers", [LORA_WEIGHT_NAME], "lowmem-alignprop export", home="you/lora")
     assert str(home) not in pushed
     assert "| reward | mine.py:score,aesthetic:0.5 (from step 3: a resume changed it or how the images are made) |" \
-        in pushed
+        in pushed and "| profile | my-card.yaml |" in pushed
     assert ("| changed by a resume | from step 3: `--set prompts=b.txt` (was a.txt), `--set reward_weights=aesthetic="
             "w.pth` (was empty), `--set lr=0.0005` (was 0.001) |") in pushed
     local = model_card(lora, "diffusers", [LORA_WEIGHT_NAME], "lowmem-alignprop export")

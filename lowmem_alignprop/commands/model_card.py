@@ -157,7 +157,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`"), names)
              + (" (a local model of that name)" if names.get(into or base) else "") if base else "unknown"),
             ("reward", reward),
-            ("steps", info.get("steps")), ("profile", info.get("profile")),
+            ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
             ("objective", objective(info))]
     if info.get("processes", 1) > 1:  # (the command below is each process's)
