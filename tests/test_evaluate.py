@@ -1089,7 +1089,8 @@ def test_a_lora_file_alone_is_sampled_on_the_model_its_header_names(tmp_path, ti
                                                                     monkeypatch):
     """`sample FILE` of a kohya export copied away alone, without --model: a shipped model its header names
     (alignprop_base_model) is sampled, said in one line; a local folder's name is not taken, and the line on the
-    default model it does not fit names it."""
+    default model it does not fit names it; on a default model it fits (sampled: the images are not its model's),
+    a warning names it.""" 
     from lowmem_alignprop.settings.config import MODEL_ENV
 
     monkeypatch.setenv(MODEL_ENV, "toy")  # (the default model a user has: the tests' is tiny)
@@ -1108,6 +1109,12 @@ def test_a_lora_file_alone_is_sampled_on_the_model_its_header_names(tmp_path, ti
     assert len(err) == 1 and (f"(now 'toy', the default: --lora {file} records no model it was trained on; its "
                               "header (alignprop_base_model) says it was trained on my-model (a folder on the "
                               "training machine): pass --model PATH)") in err[0], err
+    assert "was sampled instead" not in caplog.text  # (the line says it: no warning beside it)
+    monkeypatch.setenv(MODEL_ENV, "tiny")  # a default model the file fits: sampled, and the header's model said
+    file = _shared_alone(tmp_path / "fits", loras["a"], {"alignprop_base_model": "my-model"})
+    assert main(["sample", *COMMON, str(file), "--prompt", "dog", "--output-dir", str(tmp_path / "f")]) == 0
+    assert f"--lora {file}: its header (alignprop_base_model) says it was trained on my-model (a folder on the " \
+        "training machine): pass --model PATH (--model tiny, the default, was sampled instead)" in caplog.text
 
 
 def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):

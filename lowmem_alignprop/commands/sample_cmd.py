@@ -29,6 +29,7 @@ class SampleRequest:
     prompts: list[str]
     numbered: bool
     default_model: str
+    header_model: str = ""  # what a lone file's header says of a model not at hand (sampled on the default instead)
 
 
 def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest:
@@ -45,7 +46,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
-    base, default_model = None, ""
+    base, default_model, header = None, "", ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
         header = _header_model(args, specs[0]) if base is None and base_record_file(specs[0]) is None else ""
@@ -65,7 +66,7 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
     if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
-    return SampleRequest(specs, own, numbered, default_model)
+    return SampleRequest(specs, own, numbered, default_model, header if default_model else "")
 
 
 def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
@@ -159,5 +160,9 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
                        prompts=request.prompts or None, default_model=request.default_model)
+    if request.header_model:  # a file shared alone whose header names a local model, sampled on the default one it
+        # fits (where it does not fit, evaluate's one line names the header's model)
+        logger.warning("--lora %s: %s (--model %s, the default, was sampled instead)", request.specs[0].arg,
+                       request.header_model, cfg.model)
     print_summary(results, Path(results["output_dir"]))
     return 0
