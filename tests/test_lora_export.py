@@ -1406,6 +1406,32 @@ def test_export_of_best_is_of_its_step_as_a_checkpoints_export_is(sd, tmp_path, 
     assert (out / "step-000002.png").is_file() and not (out / "before_after.png").exists()
 
 
+def test_the_card_of_an_exported_best_says_it_is_the_best_held_out_evaluation(sd, tmp_path):
+    """best/'s card says why this step: the run's best held-out evaluation, its eval_reward (and, with
+    best_by=fidelity, the exact score it was chosen by); a best/ of step 0 (eval_on_start) is the LoRA before
+    training, which no trained step beat. The run's lora/ says none of it."""
+    from lowmem_alignprop.commands import model_card
+
+    run = tmp_path / "myrun"
+    shutil.copytree(sd["run"], run)
+    shutil.copytree(sd["lora"], run / "best")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward_mean": 0.25, "rewards": [0.25],
+                                                           "prompt_ids": [0]}) + "\n" for s in (1, 2, 3)))
+    record = {"step": 2, "eval_reward": 0.4375, "eval_objective": 0.4375, "eval_fidelity_score": 0.625}
+    (run / "best" / "best.json").write_text(json.dumps(record))
+    card = model_card.model_card(lora_files.read_lora(str(run / "best")), "diffusers", [], "export")
+    assert "| chosen as | the run's best held-out evaluation (--eval-every): step 2, eval_reward 0.4375 |" in card
+    (run / "best" / "best.json").write_text(json.dumps({**record, "step": 0}))
+    lora = lora_files.read_lora(str(run / "best"))
+    lora.run_config = {**lora.run_config, "best_by": "fidelity"}
+    card = model_card.model_card(lora, "diffusers", [], "export")
+    assert ("| chosen as | the run's best held-out evaluation (--eval-every): step 0, eval_reward 0.4375, "
+            "eval_fidelity_score 0.625 (best_by=fidelity); step 0 is the untrained LoRA: no trained step beat it "
+            "(this LoRA changes nothing) |") in card
+    plain = model_card.model_card(lora_files.read_lora(str(sd["lora"])), "diffusers", [], "export")
+    assert "chosen as" not in plain
+
+
 def test_a_lora_without_its_adapter_config_exports_as_diffusers_loads_it_alpha_equal_to_rank(sd, tmp_path):
     """A LoRA file whose header carries no peft config (another trainer's, an older diffusers'): diffusers loads it
     with alpha = rank (scale 1); the peft folder and the kohya file must say the same, or the LoRA loads at 1/rank

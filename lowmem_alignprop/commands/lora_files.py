@@ -247,7 +247,11 @@ def _as_best(lora: Lora) -> None:
         return  # a damaged best.json: the run's figures, as before
     rows = [row for row in read_metrics(lora.run / METRICS, until=step) if "reward_mean" in row]
     lora.step = step
-    lora.summary = {"steps": step, "steps_done": step, **(first_last_rewards(rows) if rows else {})}
+    record = json.loads((lora.path / BEST_FILE).read_text(encoding="utf-8"))  # (best_step read it)
+    chosen = {k: v for k, v in record.items() if k in ("eval_reward", "eval_fidelity_score")
+              and isinstance(v, (int, float)) and not isinstance(v, bool)}  # the card's "chosen as" row
+    lora.summary = {"steps": step, "steps_done": step, **(first_last_rewards(rows) if rows else {}),
+                    "best_evaluation": {"step": step, **chosen}}
 
 
 def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:

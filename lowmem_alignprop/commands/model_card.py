@@ -43,7 +43,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
                 "reward_since_step", "reward_steps", "reward_window", "early_stopped_at", "best_step", "processes",
-                "auto_fit", "resume_changes", "t5_tokens"):
+                "auto_fit", "resume_changes", "t5_tokens", "best_evaluation"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
@@ -59,6 +59,22 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")}
                             for w in ("before", "after")}
     return info
+
+
+def chosen_as(best: dict[str, Any], run_config: dict[str, Any]) -> str:
+    """The card's row for an export of a run's best/: the best held-out evaluation, its figures (with
+    best_by=fidelity the exact score it went by), and for step 0 (eval_on_start) that it is the LoRA before
+    training."""
+    text = f"the run's best held-out evaluation (--eval-every): step {best['step']}"
+    if isinstance(best.get("eval_reward"), float | int):
+        text += f", eval_reward {best['eval_reward']:.4f}"
+    if run_config.get("best_by") == "fidelity" and isinstance(best.get("eval_fidelity_score"), float | int):
+        text += f", eval_fidelity_score {best['eval_fidelity_score']:.3f} (best_by=fidelity)"
+    if best["step"] == 0:
+        text += ("; step 0 is the LoRA it started from (--init-lora): no trained step beat it"
+                 if run_config.get("init_lora") else
+                 "; step 0 is the untrained LoRA: no trained step beat it (this LoRA changes nothing)")
+    return text
 
 
 # what the loss was, beside the reward: a card without them reads a reward_target run's falling reward as a failure
@@ -208,6 +224,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if info.get("unfinished_of"):
         rows.append(("note", f"the run stopped at step {info['steps']} of {info['unfinished_of']} (an error or a kill) "
                              "and wrote no summary: this LoRA is that step's"))
+    if info.get("best_evaluation"):  # an export of best/: why this step
+        rows.append(("chosen as", chosen_as(info["best_evaluation"], lora.run_config)))
     if info.get("early_stopped_at"):  # (best/ holds the best evaluated step's LoRA)
         rows.append(("early stop", f"at step {info['early_stopped_at']}: the held-out evaluation stopped improving "
                                    f"(its best: step {info.get('best_step')}, the run's best/)"))
