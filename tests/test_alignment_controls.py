@@ -388,6 +388,29 @@ def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_write
         assert held.best_kept and json.loads((out / "best" / "best.json").read_text())["step"] == 4
 
 
+def test_best_written_again_from_a_checkpoint_names_its_measure_by_best_by(tmp_path, monkeypatch):
+    """keep_best_of writing best/ from the best step's checkpoint (best/ lost, or a resume into a new folder): the
+    best.json it writes names the figure the run chose by under its own key. With best_by=fidelity that is
+    eval_fidelity_score (0.625), not eval_objective (the reward's objective, 70.5 here, which the state does not keep)."""
+    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.models import loading
+
+    def write_checkpoint_lora(checkpoint, folder):
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights of " + checkpoint.name.encode())
+
+    monkeypatch.setattr(loading, "write_checkpoint_lora", write_checkpoint_lora)
+    for best_by, key in (("fidelity", "eval_fidelity_score"), ("reward", "eval_objective")):
+        out = tmp_path / best_by
+        (out / "checkpoints" / "step-00000004").mkdir(parents=True)
+        held = HeldOut(Config(eval_every=2, best_by=best_by), ["a red circle"], out, sample=None, write_lora=None)
+        held.load_state({"best": 0.625, "best_step": 4, "best_reward": 72.5, "since_best": 1})
+        held.keep_best_of(6, None)
+        record = json.loads((out / "best" / "best.json").read_text())
+        assert held.best_kept and (out / "best" / "pytorch_lora_weights.safetensors").read_bytes() == \
+            b"weights of step-00000004"
+        assert {k: v for k, v in record.items() if k != "from"} == {"step": 4, "eval_reward": 72.5, key: 0.625}
+
+
 def test_the_held_out_evaluation_renders_every_prompt_with_the_same_seeds_and_averages_them_all(tmp_path):
     """HeldOut.evaluate on 5 held-out prompts in chunks of batch_size 2: image n with seed + EVAL_SEED_OFFSET + n, the
     same seeds at every evaluation (else two steps' figures compare other images); eval_reward and its std over all 5

@@ -295,7 +295,7 @@ class HeldOut:
             try:  # (write_checkpoint_lora verifies the checkpoint's checksums first)
                 self._publish_best(functools.partial(write_checkpoint_lora, checkpoint),
                                    {"step": self.best_step, "eval_reward": self.best_reward,
-                                    "eval_objective": self.best, "from": str(checkpoint)})
+                                    measure_key(self.cfg): self.best, "from": str(checkpoint)})  # (best_by's)
             except UserError:  # damaged: another run's, or none
                 continue
             log.info("resume: best/ (step %d) written from %s", self.best_step, checkpoint)
