@@ -682,6 +682,18 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
     assert schedule_note(Config(steps=20, eval_every=50, eval_on_start=True)) == (
         "--eval-every 50 with 20 steps evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is "
         "one of the two; use --eval-every 5 to choose among steps")
+    # a resume from step 6 (evaluated at 2, 4, 6; one evaluation without improvement spent) now every 3 of 9: the
+    # evaluations after it (9, the last) and the patience left, not a fresh schedule from step 0 (it said "2 time(s)")
+    resumed = Config(steps=9, eval_every=3, early_stop=2, eval_on_start=True)
+    assert schedule_note(resumed, 6, 1) == (
+        "early_stop=2 cannot stop this run: it evaluates 0 time(s) before its last step (every 3 of 9 steps, from "
+        "step 7), and a stop needs 1 (1 without improving; 1 of 2 spent before the resume); use a smaller "
+        "--early-stop or --eval-every")
+    assert schedule_note(dataclasses.replace(resumed, steps=12), 6, 1) is None  # step 9 can stop it
+    assert schedule_note(dataclasses.replace(resumed, steps=12), 6, None) == (  # no best yet: the best, then 2
+        "early_stop=2 cannot stop this run: it evaluates 1 time(s) before its last step (every 3 of 12 steps, from "
+        "step 7), and a stop needs 3 (the best, then 2 without improving); use a smaller --early-stop or "
+        "--eval-every")
 
 
 def test_renders_past_the_last_step_and_judging_outside_the_toy_world_are_said():

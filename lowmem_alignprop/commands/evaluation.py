@@ -64,22 +64,26 @@ def improvement_measure(cfg) -> str:
     return "eval_reward"
 
 
-def schedule_note(cfg: Config) -> str | None:
+def schedule_note(cfg: Config, resumed_at: int = 0, spent: int | None = None) -> str | None:
     """What --eval-every and --early-stop cannot do in a run of ``cfg.steps`` steps (None: nothing): the run
     evaluates every eval_every steps and at its last step (and at step 0 with eval_on_start, which counts for best/
     and the early stop), and an early stop needs early_stop evaluations after the best one, all before the last step
-    (a stop there is the run's end)."""
+    (a stop there is the run's end). A resume from step ``resumed_at`` counts the evaluations after it, and ``spent``:
+    those without improvement since its best so far (None: no best yet, the best and early_stop more needed)."""
     every, steps, patience = cfg.eval_every, cfg.steps, cfg.early_stop
     if not every:
         return None
-    start = int(cfg.eval_on_start)  # step 0's evaluation of the untrained LoRA
-    before_last = schedule.due_after(every, steps, 0) - 1 + start  # the evaluations before the last step's
-    if patience and before_last <= patience:
+    start = int(cfg.eval_on_start and not resumed_at)  # step 0's evaluation of the untrained LoRA
+    before_last = schedule.due_after(every, steps, resumed_at) - 1 + start  # the evaluations before the last step's
+    needed = patience + 1 if spent is None else patience - spent
+    if patience and before_last < needed:
         return (f"early_stop={patience} cannot stop this run: it evaluates {before_last} time(s) before its last "
-                f"step (every {every} of {steps} steps{', and step 0' if start else ''}), and a stop needs "
-                f"{patience + 1} (the best, then {patience} without improving); use a smaller --early-stop or "
-                f"--eval-every")
-    if every >= steps and steps > 1:
+                f"step (every {every} of {steps} steps{', and step 0' if start else ''}"
+                f"{f', from step {resumed_at + 1}' if resumed_at else ''}), and a stop needs {needed} "
+                f"{'(the best, then ' if spent is None else '('}{patience if spent is None else needed} "
+                f"without improving{f'; {spent} of {patience} spent before the resume' if spent is not None else ''}"
+                f"); use a smaller --early-stop or --eval-every")
+    if every >= steps and steps > 1 and not resumed_at:
         which = ("evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is one of the two" if start
                  else "evaluates only at the last step: best/ is the last step's LoRA")
         return f"--eval-every {every} with {steps} steps {which}; use --eval-every {max(1, steps // 4)} to choose " \

@@ -133,10 +133,12 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
         if cfg.push_to_hub:  # offline or without a token: now, not after the training
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
-        for note in (schedule_note(cfg), renders_note(cfg)):  # e.g. an early stop this many steps cannot make
-            if note and global_rank() == 0:  # (before any model loads)
-                log.warning("%s", note)
         point = folder.check()
+        best = (point.state.get("evaluation") or {}) if point else {}  # a resume: its best so far and spent patience
+        spent = int(best.get("since_best") or 0) if best.get("best_step") is not None else None
+        for note in (schedule_note(cfg, point.step if point else 0, spent), renders_note(cfg)):  # e.g. an early
+            if note and global_rank() == 0:  # stop this many steps cannot make (before any model loads)
+                log.warning("%s", note)
         # held-out prompts never train; a resume keeps those its run set aside (another seed or an edited prompt file
         # would draw others), recorded in each checkpoint
         started = split_settings(point.state) if point else None
