@@ -1075,3 +1075,22 @@ def test_a_resumed_ema_keeps_its_average_and_count_and_takes_this_runs_decay(tmp
     assert torch.equal(again.model.shadow_params[0], saved) and again.model.optimization_step == 3
     again.update()  # the 4th update: decay min((1 + 3) / (10 + 3), ema_decay) = 0.2, this run's (0.9 gave 4/13)
     assert torch.allclose(again.model.shadow_params[0], 0.2 * saved + 0.8 * 5.0)
+
+
+def test_a_resume_of_an_ended_run_whose_best_is_gone_writes_it_again(tmp_path, tiny_dir, caplog):
+    """best/ gone from a finished run (--eval-every) whose best step's checkpoint is kept: --resume latest writes it
+    again from that checkpoint, as it writes a missing lora/ (it said "nothing left to train: raise --steps", and
+    best/ came back only with a further step); then the run is whole."""
+    from lowmem_alignprop.cli import main
+
+    out = tmp_path / "run"
+    args = [*FAST_EVAL, "--output-dir", str(out), "--steps", "3", "--eval-every", "1", "--set", "checkpoint_every=1",
+            "--set", "keep_checkpoints=0"]
+    assert main(args) == 0
+    best = json.loads((out / "best" / "best.json").read_text())
+    shutil.rmtree(out / "best")
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main([*args, "--resume", "latest"]) == 0
+    assert f"but its best/ (step {best['step']}) is missing: writing its outputs again from checkpoint" in caplog.text
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == best["step"]
+    assert main([*args, "--resume", "latest"]) == 2  # whole now: nothing left to train

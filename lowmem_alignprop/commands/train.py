@@ -402,7 +402,16 @@ class Trainer:
         problem = outputs_problem(self.out, trained_dir(self.cfg.train_unet), self.point.step)
         missing = [] if problem else missing_exports(self.cfg, self.out / LORA_DIR)
         return problem or (f"its {' and '.join(missing)} export{'s are' if len(missing) > 1 else ' is'} missing"
-                           if missing else None)
+                           if missing else self.missing_best())
+
+    def missing_best(self) -> str | None:
+        """best/ gone from an ended run (--eval-every) whose best step's checkpoint is kept, which writes it again
+        (HeldOut.keep_best_of); None where it is there, or nothing can write it."""
+        best = (self.point.state.get("evaluation") or {}).get("best_step")
+        if not self.cfg.eval_every or not isinstance(best, int) or (self.out / BEST_DIR).exists() or \
+                self.cfg.train_unet != "lora" or not ckpt.step_dir(ckpt.root_of(self.out), best).is_dir():
+            return None
+        return f"its best/ (step {best}) is missing"
 
     @staticmethod
     def is_rank0() -> bool:
