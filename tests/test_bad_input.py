@@ -895,6 +895,24 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     (lora / LORA_BASE_FILE).write_text('{"model": ')
     warn_other_base(None, [spec], None)
     assert "base-model record a training run writes (Expecting value" in caplog.text
+    caplog.clear()  # a JSON object whose conv_in is no list: not compared (it raised), said as of the wrong shape
+    (lora / LORA_BASE_FILE).write_text('{"model": "m", "conv_in": 3}')
+    warn_other_base(None, [spec], None)
+    assert "base-model record a training run writes (wrong shape): which model" in caplog.text
+    # each other reader of base_model.json takes a record that is no JSON object, or has a list of settings, as damaged
+    from lowmem_alignprop.commands.final_lora import lora_problem
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.commands.evaluate import recorded_base
+    (lora / LORA_BASE_FILE).write_text("[1, 2]")
+    with pytest.raises(UserError) as e:
+        read_lora(str(lora))
+    assert str(e.value) == (f"--lora {lora}: {LORA_BASE_FILE} is damaged (wrong shape: not a JSON object): export "
+                            "from a complete lora/ folder")
+    assert lora_problem(tmp_path) == f"{lora / LORA_BASE_FILE} is missing or damaged"  # (tmp_path: its run)
+    caplog.clear()
+    (lora / LORA_BASE_FILE).write_text('{"model": "m", "image_settings": [1]}')
+    assert recorded_base(spec) is None
+    assert f"--lora {lora}: {lora / LORA_BASE_FILE} cannot be read (" in caplog.text
     assert ckpt.fingerprint_difference({"unet_config_sha": "s", "conv_in": ["a", {}]},
                                        {"unet_config_sha": "s", "conv_in": [0.0]}) == "its weights' record is unreadable"
 
@@ -998,3 +1016,14 @@ def test_a_safetensors_file_under_another_suffix_is_told_to_be_renamed(tmp_path,
     torch.save(lora, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
     assert safetensors_inside(tmp_path / "x.bin") and not safetensors_inside(tmp_path / "zip.bin")
     assert not safetensors_inside(tmp_path / "legacy.bin") and not safetensors_inside(tmp_path / "missing.bin")
+    assert not safetensors_inside(tmp_path)  # a folder: no file, not an error
+    # a length that fits, then no JSON object; a header longer than the file (cut short): neither is one
+    (tmp_path / "numbers.bin").write_bytes((4).to_bytes(8, "little") + b"[1,2]" + bytes(8))
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "x.bin").read_bytes()[:20])
+    assert not safetensors_inside(tmp_path / "numbers.bin") and not safetensors_inside(tmp_path / "cut.bin")
+    from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
+    (tmp_path / "z").write_bytes((tmp_path / "x.bin").read_bytes())  # no suffix: the line says so
+    with pytest.raises(TensorFileError) as e:
+        read_tensor_file(tmp_path / "z")
+    assert e.value.misnamed
+    assert e.value.detail == "a safetensors file under the suffix (none): rename it to z.safetensors"
