@@ -592,6 +592,7 @@ def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsy
                    "it was merged into"], err
     assert not (tmp_path / "s").exists()
     refuse_held_loras([parse_lora(f"{sd['lora']}:-1", 0)], str(merged))  # takes it out again: allowed
+    refuse_held_loras([parse_lora(f"{sd['lora']}:0", 0)], str(merged))  # at weight 0 it applies nothing
     refuse_held_loras([parse_lora(str(sd["lora"]), 0)], str(sd["base"]))  # the base holds nothing
 
 
