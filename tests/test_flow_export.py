@@ -969,7 +969,7 @@ def test_the_flux_cards_code_samples_with_the_runs_t5_length_and_runs_as_written
     assert scope["image"].size == (config["resolution"], config["resolution"])
 
 
-def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_path):
+def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_path, caplog):
     """A FLUX kohya file copied away alone (no base_model.json): sample reads its header, not that of the diffusers
     copy its fused q/k/v are split into (which has none): with --model its run's image settings are taken, without
     it the line on the default model names the model the header says (both were lost: the profile's 10 steps, and
@@ -1000,6 +1000,15 @@ def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_pat
     assert args.model is None and request.default_model == (
         f"--lora {alone} records no model it was trained on; its header (alignprop_base_model) says it was trained "
         "on base (a folder on the training machine): pass --model PATH")
+    # mixed in after another LoRA: the settings its header says are compared with the first one's
+    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.sample_cmd import say_other_runs
+
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        say_other_runs([parse_lora(str(flux["lora"]), 0), parse_lora(str(alone), 1)],
+                       {"sample_steps": 10, "reward": "brightness"}, set())
+    assert f"--lora {alone}'s run sampled with sample_steps=4: the images use the first LoRA's settings " \
+           "(sample_steps=10); --set KEY=VALUE chooses" in caplog.text
 
 
 def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_path, capsys):
@@ -1030,6 +1039,9 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     with pytest.raises(UserError, match=f"--lora {alone}: --model {merged} already holds this LoRA"):
         refuse_held_loras([parse_lora(str(alone), 0)], str(merged))
     refuse_held_loras([parse_lora(f"{kohya}:-1", 0)], str(merged))  # takes it out again: allowed
+    from lowmem_alignprop.commands.lora_files import header_lora_digest
+    (tmp_path / "cut.safetensors").write_bytes(alone.read_bytes()[:30])  # a damaged file's header tells no digest
+    assert header_lora_digest(tmp_path / "cut.safetensors") is None and header_lora_digest(alone) is not None
     other = tmp_path / "other" / "kohya"  # another LoRA's export: its record's digest is not the merged one's
     shutil.copytree(kohya.parent, other)
     record = json.loads((other / "base_model.json").read_text())
@@ -1037,7 +1049,8 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     refuse_held_loras([parse_lora(str(other / kohya.name), 0)], str(merged))
 
 
-def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encoders(flux, tmp_path, caplog, capsys):
+def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encoders(flux, tmp_path, caplog, capsys,
+                                                                                     monkeypatch):
     """`export LORA_B --merge --model MERGED.safetensors` (the merged single file of LORA_A on the same base): the file
     holds the transformer alone, and export has no --set model_components (the line named it): its text encoders,
     VAE and scheduler come from the folder LORA_B was trained on (said), and the merge equals LORA_B merged into the
@@ -1069,3 +1082,20 @@ def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encode
                    "trained on a diffusers folder with the model's text encoders, VAE and scheduler: merge into the "
                    "model's diffusers folder (--model DIR), or into an `export --merge` folder (made without "
                    "--single-file)", tmp_path / "e", capsys)
+    # merge_components: a run's own model_components are kept; a file that is no SD3/FLUX transformer needs none; a
+    # LoRA trained on a hub id of an SD3/FLUX pipeline takes it, one of another pipeline gets the line
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.lora_merge import merge_components
+    from lowmem_alignprop.models import loading
+
+    def lora(base, parts=""):
+        return SimpleNamespace(model_components=parts, base_model=base, named="L")
+    assert merge_components(lora(str(tmp_path / "x.safetensors"), str(flux["base"])), str(merged_file)) == \
+        str(flux["base"])
+    save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(tmp_path / "sd.safetensors"))
+    assert merge_components(lora(str(flux["base"])), str(tmp_path / "sd.safetensors")) == ""
+    monkeypatch.setattr(loading, "is_flow_hub_id", lambda repo: repo == "org/flux")
+    assert merge_components(lora("org/flux"), str(merged_file)) == "org/flux"
+    with pytest.raises(UserError, match=f"--merge into {merged_file}: it holds an SD3/FLUX transformer alone, and L "):
+        merge_components(lora("org/sd"), str(merged_file))
