@@ -391,7 +391,8 @@ def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_write
 def test_best_written_again_from_a_checkpoint_names_its_measure_by_best_by(tmp_path, monkeypatch):
     """keep_best_of writing best/ from the best step's checkpoint (best/ lost, or a resume into a new folder): the
     best.json it writes names the figure the run chose by under its own key. With best_by=fidelity that is
-    eval_fidelity_score (0.625), not eval_objective (the reward's objective, 70.5 here, which the state does not keep)."""
+    eval_fidelity_score (0.625), not eval_objective (the reward's objective, 70.5 here, which the state does not
+    keep)."""
     from lowmem_alignprop.commands.evaluation import HeldOut
     from lowmem_alignprop.models import loading
 

@@ -1057,7 +1057,8 @@ def test_a_pushed_card_names_the_model_merged_into_by_name_and_a_hub_base_as_it_
 
 def test_a_pushed_card_names_a_reward_file_and_a_resumes_changed_paths_by_name(sd, tmp_path):
     """A pushed card's reward and profile rows and its "changed by a resume" row name a reward file, a profile file, a
-    prompt file and the reward's weights by their names (they gave the training machine's paths); the local card keeps them."""
+    prompt file and the reward's weights by their names (they gave the training machine's paths); the local card
+    keeps them."""
     import dataclasses
 
     from lowmem_alignprop.commands.model_card import model_card
