@@ -585,6 +585,15 @@ def sometimes(images, prompts):  # loses its gradient on the second training bat
         if calls["n"] == 2:
             return images.mean((1, 2, 3)).detach()
     return images.mean((1, 2, 3))
+
+unhooked_calls = {"n": 0}
+
+def unhooked(images, prompts):  # on the second training batch: the scores cut off and made a leaf that needs grad
+    if images.shape[0] == 1 and torch.is_grad_enabled():
+        unhooked_calls["n"] += 1
+        if unhooked_calls["n"] == 2:
+            return images.mean((1, 2, 3)).detach().requires_grad_()
+    return images.mean((1, 2, 3))
 '''
 
 
@@ -666,6 +675,22 @@ def test_the_startup_reward_check_uses_the_runs_prompts_and_a_lost_gradient_mid_
     line = fails(capsys, [*FAST, "--output-dir", str(out), "--reward", "qa_rewards2:sometimes", "--steps", "3"],
                  "step 2: the reward 'qa_rewards2:sometimes' returned scores with no gradient to the images")
     assert "step 1 is saved in" in line
+
+
+def test_a_reward_whose_scores_are_cut_off_the_images_mid_run_is_named_at_that_step(tmp_path, capsys, monkeypatch):
+    """Scores detached and made a leaf that needs a gradient (``.detach().requires_grad_()``) on one batch: the
+    backward reached no LoRA weight and the step counted as trained, in silence (five in a row stopped the run as
+    "a threshold, a saturated or constant score?"). A leaf cannot depend on the images: named at that step."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "qa_rewards3.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(mods))
+    out = tmp_path / "run"
+    line = fails(capsys, [*FAST, "--output-dir", str(out), "--reward", "qa_rewards3:unhooked", "--steps", "3"],
+                 "step 2: reward 'qa_rewards3:unhooked' returned scores that do not depend on the images")
+    assert "step 1 is saved in" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_a_lora_sampled_on_another_base_model_of_the_same_shapes_is_pointed_out(trained, tmp_path, caplog):

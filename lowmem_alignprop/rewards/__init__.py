@@ -44,7 +44,7 @@ import torch
 
 from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, did_you_mean, first_line
-from .base import CallableReward, RewardModule, WeightedSumReward, callable_label
+from .base import CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
            "reward_terms", "reward_source_digest", "ALIASES", "MODEL_REWARDS"]
@@ -406,6 +406,10 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
             f"{with_prompts} and it")
     try:
         scores = reward(images, pair)
+    except ScoresNotFromImages:
+        raise UserError(f"{what} returned scores that do not depend on the images (their gradient never reaches "
+                        "them: a constant, or a tensor made with requires_grad=True?): compute the scores from "
+                        "the images") from None
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
     except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure

@@ -14,6 +14,11 @@ import torch
 from lowmem_alignprop.settings.errors import UserError
 
 
+class ScoresNotFromImages(UserError):
+    """A reward returned scores that are a leaf needing a gradient: no image is in their graph (the start-up probe
+    says it in its own words)."""
+
+
 class RewardModule(torch.nn.Module):
     """A frozen, differentiable reward: ``scores = reward(images, prompts)``.
 
@@ -43,7 +48,7 @@ class RewardModule(torch.nn.Module):
         if len(prompts) != batch:
             raise ValueError(f"reward {self.name!r}: {batch} images but {len(prompts)} prompts")
         scores = self.score(images, prompts)
-        return _check_scores(scores, batch, self.name, images.device)
+        return _check_scores(scores, batch, self.name, images.device, from_images=images.requires_grad)
 
     def freeze(self) -> "RewardModule":
         """requires_grad False on every parameter, eval mode; returns self."""
@@ -60,10 +65,17 @@ class RewardModule(torch.nn.Module):
         return f"name={self.name!r}"
 
 
-def _check_scores(scores, batch: int, name: str, device: torch.device | None = None) -> torch.Tensor:
+def _check_scores(scores, batch: int, name: str, device: torch.device | None = None, *,
+                  from_images: bool = False) -> torch.Tensor:
+    """``from_images``: the images need a gradient (training's batches, the start-up probe)."""
     if not torch.is_tensor(scores):
         raise UserError(f"reward {name!r} returned {type(scores).__name__}, expected a tensor of shape [{batch}]; "
                         "make the reward function return one differentiable score per image")
+    if from_images and scores.requires_grad and scores.grad_fn is None:  # a leaf: no image is in its graph (the
+        # backward reached no LoRA weight and the step counted as trained, in silence)
+        raise ScoresNotFromImages(f"reward {name!r} returned scores that do not depend on the images (their "
+                                  "gradient never reaches them: a constant, or a tensor made with requires_grad=True, "
+                                  "e.g. .detach().requires_grad_()?): compute the scores from the images")
     if scores.is_meta:  # shapes without values: nothing to train on (it failed later in .item())
         raise UserError(f"reward {name!r} returned scores on the meta device, which hold no values; return them "
                         "on the images' device (images.device)")
