@@ -537,6 +537,58 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_dir, capsys, monkeypatch):
     assert ckpt.find_resume(out, "latest").name == "step-00000003"
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["metrics_line_fails", "folder_goes_read_only"])
+def test_a_metrics_line_that_cannot_be_written_mid_run_is_one_line(read_only, tmp_path, capsys, monkeypatch):
+    """The output folder's disk goes read-only (an ext4 remount after an I/O error, an NFS export) or fails one
+    append at step 3: a 40-line traceback, exit 1, step 3 lost where a checkpoint could still have kept it; and the
+    run lock's removal on the read-only disk raised a second traceback over the first. Now one line: step 3 goes
+    into a checkpoint where the disk takes one, else the line says which checkpoint is intact."""
+    import pathlib
+
+    import safetensors.torch as st
+
+    from lowmem_alignprop.commands import grid
+
+    real_line, real_save, real_unlink, broken = grid.write_metrics_line, st.save_file, pathlib.Path.unlink, []
+    ro = OSError(errno.EROFS, "Read-only file system")
+
+    def write_metrics_line(path, row):
+        if row["step"] == 3 or broken:
+            broken.append(path)
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_line(path, row)
+
+    def save_file(tensors, filename, *a, **k):
+        if read_only and broken:
+            raise ro
+        return real_save(tensors, filename, *a, **k)
+
+    def unlink(self, *a, **k):
+        if read_only and broken and self.name == ".run.lock":
+            raise ro
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(grid, "write_metrics_line", write_metrics_line)
+    monkeypatch.setattr(st, "save_file", save_file)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", str(out), "--steps", "4", "--checkpoint-every", "2"]
+    line = fails(capsys, args, f"step 3: could not write {out / 'metrics.jsonl'}: Read-only file system")
+    kept = "step-00000002" if read_only else "step-00000003"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"][:2 - read_only]
+    assert kept in line and "--resume latest" in line and "make --output-dir writable" in line.lower(), line
+    assert not (out / ".run.lock").exists() or read_only  # (left on a read-only disk; the next run takes it over)
+    if read_only:
+        assert "nothing was half-written (the previous checkpoint" in line, line
+    else:
+        assert "steps 1-3 are saved in" in line, line
+    monkeypatch.setattr(grid, "write_metrics_line", real_line)  # the disk is writable again
+    monkeypatch.setattr(st, "save_file", real_save)
+    broken.clear()
+    assert main([*args, "--resume", "latest"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 USER_REWARDS = '''
 import torch
 

@@ -1201,8 +1201,11 @@ class Trainer:
                 self.skipped_peaks.append(mem["peak_allocated"] / 2**30)
             if self.is_main:
                 detail = done.update.non_finite_grads  # which LoRA gradients were NaN/inf, when that was read
-                write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
-                                                         **({"non_finite_grads": detail} if detail else {})})
+                try:
+                    write_metrics_line(self.folder.metrics, {"step": step, "skipped": f"{bad} is NaN or infinite",
+                                                             **({"non_finite_grads": detail} if detail else {})})
+                except OSError as e:
+                    self.metrics_unwritten(step, e)
             if self.streak.bad(step, bad, say=self.is_main):  # every rank skips it; rank 0 says so
                 path = self.save_checkpoint(step)
                 raise faults.TrainingDiverged(self.streak.message(path, self.accelerator.mixed_precision))
@@ -1218,7 +1221,10 @@ class Trainer:
         row.update(judged)
         self.history.append(row)
         if self.is_main:
-            write_metrics_line(self.folder.metrics, row)
+            try:
+                write_metrics_line(self.folder.metrics, row)
+            except OSError as e:  # a disk gone read-only, full, a file-size limit: the step is trained all the same
+                self.metrics_unwritten(step, e)
             self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", K=row["k"], s_per_step=f"{row['seconds']:.2f}")
             if cfg.log_every and step % cfg.log_every == 0:
                 self.bar.write(f"step {step}: reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f}  "
@@ -1226,6 +1232,17 @@ class Trainer:
         self.track(row, step)
         if self.zero_grads.step(step, done.update.grad_zero):  # the reward's gradient never reaches the LoRA
             raise UserError(self.zero_grads.message(cfg.reward, self.save_checkpoint(step)))
+
+    def metrics_unwritten(self, step: int, e: OSError) -> None:
+        """metrics.jsonl could not take trained step ``step``'s line: the step goes into a checkpoint where the disk
+        still takes one (a resume writes metrics.jsonl again from its history), else that checkpoint's line says which
+        one is intact; raises one line."""
+        what = f"step {step}: could not write {atomic.file_of(e)}: {atomic.describe(e)}"
+        try:
+            _, kept = self.keep_steps(step, fix_first=False)
+        except UserError as failed:  # the checkpoint failed too (a read-only disk): what is safe, and what to do
+            raise UserError(f"{what}, and then {failed}") from None
+        raise UserError(f"{what}{kept} once you {atomic.write_fix(e)}") from None
 
     def evaluate_start(self) -> None:
         """eval_on_start: the held-out evaluation of the untrained LoRA, as metrics.jsonl's line of step 0 (best/ and

@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -254,7 +254,7 @@ class RunFolder:
                     (aside / name).parent.mkdir(exist_ok=True)
                     os.replace(self.path / name, aside / name)
         if point.path.resolve().parent == root.resolve():
-            keep_metrics_until(self.metrics, point.step)  # rows written after the checkpoint (before a crash) go
+            keep_metrics_until(self.metrics, point.step, history)  # rows written after the checkpoint (a crash) go
         else:  # a set-aside branch, or another run's checkpoint: that branch's rows, from the checkpoint
             atomic.write_text(self.metrics, "".join(metrics_line(r) for r in history))
 
@@ -300,9 +300,16 @@ def read_metrics(path: Path, until: int | None = None) -> list[dict]:
     return rows
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite."""
-    atomic.write_text(path, "".join(metrics_line(r) for r in read_metrics(path, until=step)))
+def keep_metrics_until(path: Path, step: int, history: Sequence[dict] = ()) -> None:
+    """Drop metrics rows after ``step`` (written after the checkpoint, before an interruption); atomic rewrite. The
+    checkpoint's ``history`` puts back a trained step's row the file lacks (its append failed: a disk gone read-only
+    or full at that step, whose checkpoint was written)."""
+    rows = read_metrics(path, until=step)
+    have = {r.get("step") for r in rows}
+    missing = [r for r in history if r.get("step") not in have and r.get("step", 0) <= step]
+    if missing:
+        rows = sorted(rows + missing, key=lambda r: r.get("step", 0))  # (stable: a step's own rows keep their order)
+    atomic.write_text(path, "".join(metrics_line(r) for r in rows))
 
 
 def best_step(folder: Path) -> int | None:

@@ -185,7 +185,10 @@ class RunLock:
         if not self._held:
             return
         self._held = False
-        self.path.unlink(missing_ok=True)  # while still locked: a run that opened this file sees it is gone
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a run that opened this file sees it is gone
+        except OSError:  # a disk gone read-only: left, and taken over by the next run (the kernel frees the flock);
+            pass  # raised here, it hid the error the run stopped with
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
