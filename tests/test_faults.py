@@ -522,7 +522,7 @@ def test_a_reward_that_exits_at_start_up_is_one_line(tmp_path, capsys, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     for spec, needle in [("qa_exit_now:reward", "raised SystemExit: 0; fix the function"),
                          ("qa_exit_import:reward", "importing module 'qa_exit_import' failed with SystemExit: no GPU"),
-                         ("qa_interrupt_now:reward", "raised KeyboardInterrupt: KeyboardInterrupt; fix the function"),
+                         ("qa_interrupt_now:reward", "raised KeyboardInterrupt; fix the function"),
                          ("qa_interrupt_import:reward", "importing module 'qa_interrupt_import' failed with "
                                                         "KeyboardInterrupt")]:
         assert main([*FAST, "--output-dir", str(tmp_path / "run"), "--reward", spec]) == 2

@@ -40,7 +40,7 @@ from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config, set_flags
-from lowmem_alignprop.settings.errors import UserError, first_line, same_on_every_rank
+from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
@@ -199,7 +199,7 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
         chosen, record = before_first_step(cfg, profile=profile_name, detected=detected,
                                            log=lambda line: log.info("auto-fit search:%s", line))
     except Exception as e:  # noqa: BLE001 - the planner failing on this model or reward must not stop the run
-        chosen, record = cfg, {"skipped": f"the search failed: {type(e).__name__}: {first_line(e, 200)}"}
+        chosen, record = cfg, {"skipped": f"the search failed: {error_words(e, 200)}"}
     if "skipped" in record:
         if detected is not None:
             log.warning("auto-fit: no search result (%s): training as configured%s", record["skipped"],
@@ -1169,8 +1169,7 @@ class Trainer:
         if isinstance(e, UserError):
             raise UserError(f"step {step}: {e}{kept}") from None
         if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
-            raise UserError(f"step {step}: the reward {cfg.reward!r} raised {type(e).__name__}: "
-                            f"{first_line(e)}{kept}") from None
+            raise UserError(f"step {step}: the reward {cfg.reward!r} raised {error_words(e)}{kept}") from None
         if not isinstance(e, (Exception, KeyboardInterrupt)):  # sys.exit deep in a library: never a silent exit
             raise UserError(f"step {step}: {type(e).__name__} ({first_line(e)}) in stage {stage}{kept}") from None
         if isinstance(e, OSError) and atomic.is_disk_full(e):

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from ..run.stop_request import CtrlC
-from ..settings.errors import UserError, did_you_mean, first_line
+from ..settings.errors import UserError, did_you_mean, error_words, first_line
 from .base import CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
@@ -169,7 +169,7 @@ def _import_user(term: str) -> tuple[object, str]:
         if file_term or missing != module_name and not module_name.startswith(f"{missing}."):  # its own import
             raise UserError(f"reward {term!r}: importing {kind} {module_name!r} failed: " + (
                 f"it imports {missing!r}, which is not installed here (pip install it, or fix the {kind})" if missing
-                else f"{type(exc).__name__}: {first_line(exc)}; fix the {kind}")) from None
+                else f"{error_words(exc)}; fix the {kind}")) from None
         raise UserError(f"reward {term!r}: cannot import module {module_name!r} ({exc}); make it importable "
                         f"(install it, add its folder to PYTHONPATH or run from that folder), give its file "
                         f"('path/to/file.py:function') or use a built-in reward: {_names_hint()}") from exc
@@ -249,7 +249,7 @@ def _build(term: str, builder: Callable, options: dict) -> tuple[object, str]:
     except (UserError, torch.cuda.OutOfMemoryError, MemoryError, CtrlC):  # out of memory stays itself
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit included
-        raise UserError(f"reward {term!r}: building it failed with {type(e).__name__}: {first_line(e)} (called "
+        raise UserError(f"reward {term!r}: building it failed with {error_words(e)} (called "
                         f"{call}; a reward class or factory is given the options it names among "
                         f"{', '.join(FACTORY_OPTIONS)}, by keyword, and returns the reward)") from None
 
@@ -415,7 +415,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
         raise
     except BaseException as e:  # the user's code: any failure, sys.exit included
-        raise UserError(f"{what} raised {type(e).__name__}: {first_line(e)}; fix the function") from None
+        raise UserError(f"{what} raised {error_words(e)}; fix the function") from None
     if not torch.isfinite(scores.detach()).all():
         raise UserError(f"{what} returned NaN or inf ({scores.detach().tolist()}); make it return finite scores")
     if not scores.requires_grad:
@@ -426,7 +426,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
         raise
     except BaseException as e:
-        raise UserError(f"{what} returned scores whose backward raised {type(e).__name__}: {first_line(e)}; "
+        raise UserError(f"{what} returned scores whose backward raised {error_words(e)}; "
                         "AlignProp backpropagates through the reward: fix the function") from None
     if grad is None:
         raise UserError(f"{what} returned scores that do not depend on the images (their gradient never reaches "

@@ -34,6 +34,13 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
+def error_words(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error for a one-line message; its type alone where it says nothing of its own
+    (a bare KeyboardInterrupt read "KeyboardInterrupt: KeyboardInterrupt")."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
 def nearest(word: str, choices, fold=str.lower) -> str | None:
     """The choice a mistyped ``word`` most likely meant (difflib's closest, compared after ``fold``: case, and for
     names written with - or _ both), else None: the one rule for every "did you mean"."""
