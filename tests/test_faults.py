@@ -647,6 +647,12 @@ def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, firs
     else:
         assert line == (f"aborted by a second {what}: the steps after step 4 are lost; --resume latest continues from "
                         "step 4's checkpoint")
+    if saved is not None:  # after training, the LoRA being written: nothing trained is lost (it said "the steps
+        stop.finishing = "training is over, the LoRA and summary are being written"  # after step 4 are lost")
+        assert stop.abort_message(second) == (
+            f"aborted by a second {what} after training (training is over, the LoRA and summary are being written): "
+            "every trained step is in step 4's checkpoint; --resume latest writes the LoRA and summary again from it")
+        stop.finishing = None
     stop.writing = 5  # a checkpoint being written: it may be whole (a resume checks and publishes it)
     assert stop.abort_message(second) == (
         f"aborted by a second {what} while step 5's checkpoint was written: --resume latest continues from it if it "

@@ -136,6 +136,9 @@ class StopRequest:
         if step is None:
             return (f"aborted by a second {what} before the run's first checkpoint: no step is kept, so there is "
                     "nothing to resume; start the run again (in a new --output-dir, or delete this one first)")
+        if self.finishing:  # training is over: no step is lost, only the outputs' writing cut short
+            return (f"aborted by a second {what} after training ({self.finishing}): every trained step is in step "
+                    f"{step}'s checkpoint; --resume latest writes the LoRA and summary again from it")
         return (f"aborted by a second {what}: the steps after step {step} are lost; --resume latest continues from "
                 f"step {step}'s checkpoint")
 
