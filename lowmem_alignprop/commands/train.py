@@ -544,8 +544,7 @@ class Trainer:
         except (UserError, CtrlC, *faults.OOM_ERRORS):  # a KeyboardInterrupt the reward raises is its own failure
             raise
         except BaseException as e:  # the user's code: any failure, sys.exit and KeyboardInterrupt included
-            raise UserError(f"the reward {self.cfg.reward!r} raised {type(e).__name__} {when}: {first_line(e)}; "
-                            f"{fix}") from None
+            raise UserError(f"the reward {self.cfg.reward!r} raised {error_words(e, when=when)}; {fix}") from None
 
     def start_trackers(self) -> None:
         """The run folder, and the trackers (report_to) before the first image is logged to them (the before grid)."""
@@ -1171,7 +1170,7 @@ class Trainer:
         if stage == stages.REWARD:  # the reward is the user's code (or weights): their error, named
             raise UserError(f"step {step}: the reward {cfg.reward!r} raised {error_words(e)}{kept}") from None
         if not isinstance(e, (Exception, KeyboardInterrupt)):  # sys.exit deep in a library: never a silent exit
-            raise UserError(f"step {step}: {type(e).__name__} ({first_line(e)}) in stage {stage}{kept}") from None
+            raise UserError(f"step {step}: {error_words(e)} in stage {stage}{kept}") from None
         if isinstance(e, OSError) and atomic.is_disk_full(e):
             raise UserError(f"step {step}: {atomic.describe(e)} (writing {atomic.file_of(e)}){kept or ''}; free "
                             "space in --output-dir, then --resume latest") from None

@@ -404,12 +404,12 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     with_prompts = f" with the prompts {pair}" if getattr(reward, "takes_prompts", True) else ""
     what = (f"reward {reward.name!r}: called {call} on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
             f"{with_prompts} and it")
+    cut_off = (f"{what} returned scores that do not depend on the images (their gradient never reaches them: a "
+               "constant, or a tensor made with requires_grad=True?): compute the scores from the images")
     try:
         scores = reward(images, pair)
-    except ScoresNotFromImages:
-        raise UserError(f"{what} returned scores that do not depend on the images (their gradient never reaches "
-                        "them: a constant, or a tensor made with requires_grad=True?): compute the scores from "
-                        "the images") from None
+    except ScoresNotFromImages:  # (a leaf: RewardModule's check, said in the probe's words)
+        raise UserError(cut_off) from None
     except UserError as e:
         raise UserError(f"{e} (on 2 random test images)") from None
     except CtrlC:  # the user's Ctrl-C; a KeyboardInterrupt the function raises is its failure
@@ -429,9 +429,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
         raise UserError(f"{what} returned scores whose backward raised {error_words(e)}; "
                         "AlignProp backpropagates through the reward: fix the function") from None
     if grad is None:
-        raise UserError(f"{what} returned scores that do not depend on the images (their gradient never reaches "
-                        "them: a constant, or a tensor made with requires_grad=True?): compute the scores from "
-                        "the images")
+        raise UserError(cut_off)
     if not torch.isfinite(grad).all():
         raise UserError(f"{what} returned scores whose gradient to the images is NaN or inf: make the reward "
                         "differentiable where it is evaluated (a sqrt or log of 0?)")

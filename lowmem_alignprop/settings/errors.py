@@ -34,11 +34,11 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
-def error_words(error: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of an error for a one-line message; its type alone where it says nothing of its own
-    (a bare KeyboardInterrupt read "KeyboardInterrupt: KeyboardInterrupt")."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+def error_words(error: BaseException, limit: int = 300, when: str = "") -> str:
+    """``Type when: first line`` of an error (:func:`first_line`) for a one-line message; its type (and ``when``)
+    alone where it says nothing of its own (a bare KeyboardInterrupt read "KeyboardInterrupt: KeyboardInterrupt")."""
+    head = f"{type(error).__name__} {when}" if when else type(error).__name__
+    return f"{head}: {first_line(error, limit)}" if str(error).strip() else head
 
 
 def nearest(word: str, choices, fold=str.lower) -> str | None:
