@@ -181,9 +181,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
-    # (before the model loads: minutes)
     components = merge_components(lora, spec)
-    check_lora_files([adapter], spec, components, "--merge:")
+    check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     pipe = load_base(spec, {**lora.run_config, "model_components": components})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):

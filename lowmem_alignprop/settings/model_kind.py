@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.hub_access import hub_file
@@ -119,32 +120,30 @@ def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | Non
         return None
 
 
-def flow_width(model: str, components: str = "") -> int | None:
-    """An SD3/FLUX model's transformer width (its attention heads times their width: what every attention
-    projection reads) from its config before anything loads, as :func:`flow_geometry` finds it; None where the files
-    do not tell (a UNet model, a hub id out of the local cache)."""
+def _from_transformer_config(model: str, components: str, read: Callable[[dict], int]) -> int | None:
+    """``read`` of an SD3/FLUX model's transformer config before anything loads, as :func:`flow_geometry` finds it;
+    None for other models and where the files do not tell (a hub id out of the local cache, a config without it)."""
     kind, folder = _kind_and_folder(model, components, False)
     if kind not in FLOW_KINDS:
         return None
     try:
-        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text(encoding="utf-8"))
-        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return read(json.loads(_model_file(folder, "transformer/config.json", False).read_text(encoding="utf-8")))
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
         return None
+
+
+def flow_width(model: str, components: str = "") -> int | None:
+    """An SD3/FLUX model's transformer width (its attention heads times their width: what every attention
+    projection reads) from its config before anything loads; None where the files do not tell."""
+    return _from_transformer_config(model, components,
+                                    lambda c: int(c["num_attention_heads"]) * int(c["attention_head_dim"]))
 
 
 def flow_block_count(model: str) -> int | None:
     """How many blocks an SD3/FLUX model's transformer has (its joint blocks, and FLUX's single ones: what block
     swap takes), from its config before anything loads: the shipped sd35m/sd35l/flux, a folder, a hub id in the
     local hub cache. None for other models and for a transformer file (its own header tells; the loader checks)."""
-    kind, folder = _kind_and_folder(model, "", False)
-    if kind not in FLOW_KINDS:
-        return None
-    try:
-        config = json.loads(_model_file(folder, "transformer/config.json", False).read_text(encoding="utf-8"))
-        return int(config["num_layers"]) + int(config.get("num_single_layers") or 0)
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
-        return None
+    return _from_transformer_config(model, "", lambda c: int(c["num_layers"]) + int(c.get("num_single_layers") or 0))
 
 
 def check_block_swap(n: int, model: str) -> None:
