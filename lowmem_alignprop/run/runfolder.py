@@ -181,7 +181,7 @@ class RunFolder:
         checkpoint: one line each. Returns the checkpoint to resume (None for a new run)."""
         out = self.path
         if not self.numbered:  # (a numbered default folder taken meanwhile: the next one, in hold())
-            check_free(out)  # a live run there (or a --resume of a run still going): its files are not touched
+            check_free(out, bool(self.resume))  # a live run there (or a --resume of a run still going): untouched
         mark = ckpt.holds_a_run(out)
         point = None
         if self.resume:

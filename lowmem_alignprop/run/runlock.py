@@ -101,12 +101,15 @@ def holder(output_dir: str | os.PathLike) -> dict | None:
     return {"pid": "?", "host": "?", "started": "?", **info, "path": str(path)}
 
 
-def check_free(output_dir: str | os.PathLike) -> None:
-    """Stop with one line when a live run holds ``output_dir``."""
+def check_free(output_dir: str | os.PathLike, resuming: bool = False) -> None:
+    """Stop with one line when a live run holds ``output_dir`` (``resuming``: the fix is to stop that run, which keeps
+    its finished steps, not another folder, where no checkpoint of it is)."""
     live = holder(output_dir)
     if live is not None:
+        fix = (f"wait for it to finish, or stop it (Ctrl-C, or kill {live.get('pid')}: it saves its finished steps) "
+               "and resume then" if resuming else "wait for it to finish, or choose another --output-dir")
         raise LockTaken(f"another run is writing to {output_dir} (pid {live.get('pid')} on {live.get('host')}, "
-                        f"started {live.get('started')}): wait for it to finish, or choose another --output-dir")
+                        f"started {live.get('started')}): {fix}")
 
 
 class RunLock:
