@@ -1104,3 +1104,14 @@ def test_a_safetensors_file_under_another_suffix_is_told_to_be_renamed(tmp_path,
         read_tensor_file(tmp_path / "z")
     assert e.value.misnamed
     assert e.value.detail == "a safetensors file under the suffix (none): rename it to z.safetensors"
+
+
+@pytest.mark.parametrize("card, fix", [("rtx4090", "--profile rtx4090"),
+                                       ("h100", "--profile a100-80gb --set card=h100")])
+def test_a_gpu_card_on_the_cpu_profile_is_refused_not_timed_on_the_cpu(capsys, card, fix):
+    """`plan --set card=rtx4090` on a laptop (--profile auto without a GPU is the cpu profile) timed the step on this
+    CPU ("on cpu (1 thread)") and dropped the card in silence; a copy of the cpu profile planned it for the card."""
+    line = fails(capsys, ["plan", "--profile", "cpu", "--model", "tiny", "--set", f"card={card}"], f"card={card}")
+    assert line == (f"error: card={card} times the step on that card, and profile cpu plans for this machine's CPU "
+                    f"(fp32, its RAM as the budget): for the card pass its profile ({fix}; `lowmem-alignprop "
+                    "profiles` lists them), or --device cuda for the cpu profile's settings on it")

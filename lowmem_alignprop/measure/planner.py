@@ -51,7 +51,7 @@ import torch
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.settings.config import Config, describe_k, host_memory_note, set_flags
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.profiles import profile_note, under_profile
+from lowmem_alignprop.settings.profiles import profile_note, profile_of_card, under_profile
 from lowmem_alignprop.memory import precision  # its rule called through the module: one rule, patchable
 from lowmem_alignprop.measure.devices import device_for
 from lowmem_alignprop.measure.provenance import provenance
@@ -540,7 +540,13 @@ def next_feature(cfg: Config, *, target: str = "cuda", max_estimates: int = 6,
 # ---------------------------------------------------------------------------------------------------
 def default_target(profile_name: str, card: str = "") -> str:
     """cpu for the cpu profile and a profile whose card is the CPU (a copy of it); cuda for the GPU profiles and a
-    user's own YAML."""
+    user's own YAML. The cpu profile with a GPU's ``card`` (--set card=rtx4090) is refused: it was timed on the CPU,
+    the card dropped in silence."""
+    if profile_name == "cpu" and card not in ("", "cpu"):
+        raise UserError(f"card={card} times the step on that card, and profile cpu plans for this machine's CPU "
+                        f"(fp32, its RAM as the budget): for the card pass its profile ({profile_of_card(card)}; "
+                        "`lowmem-alignprop profiles` lists them), or --device cuda for the cpu profile's settings "
+                        "on it")
     return "cpu" if "cpu" in (profile_name, card) else "cuda"
 
 

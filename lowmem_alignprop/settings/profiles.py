@@ -43,6 +43,15 @@ PROFILE_TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "rtx4090-flux": ("rtx4090", ("flux",))}
 
 
+def profile_of_card(card: str) -> str:
+    """The --profile flags for a card row of measure/devices.py: the shipped SD-model profile timed on it, else one
+    of its memory with --set card (h100: --profile a100-80gb --set card=h100)."""
+    named = [n for n, (c, kinds) in PROFILE_TARGETS.items() if c == card and (kinds is None or "sd" in kinds)]
+    if named:
+        return f"--profile {named[0]}"
+    return f"--profile {'a100-80gb' if card in ('h100', 'h200') else card_class(card)} --set card={card}"
+
+
 def card_class(card: str) -> str:
     """The card a timing row of PROFILE_TARGETS belongs to: the 8 GB RTX 3060 is an rtx3060-class card."""
     return card.removesuffix("-8gb")
