@@ -57,8 +57,36 @@ examples:
 """
 
 
+class FieldParser(ArgumentParser):
+    """train's, plan's and sample's parser: an unknown option that is a config field's name (``--batch-size 2``,
+    ``--card=rtx4090``) is said with the --set that sets it, not as argparse's bare "unrecognized arguments"."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            words = f"unrecognized arguments: {' '.join(extras)}"
+            if (field := field_option(extras)) is not None:
+                raise UserError(f"{words}: {field[0]} is a config field: use --set {field[0]}={field[1]}")
+            self.error(words)
+        return parsed
+
+
+def field_option(extras: list[str]) -> tuple[str, str] | None:
+    """The first of ``extras`` (options argparse did not know) that names a config field, with its value (the word
+    after it or after its ``=``; VALUE where none was given); None when none does."""
+    from lowmem_alignprop.settings.config import FIELD_NAMES
+
+    for i, word in enumerate(extras):
+        option, eq, value = word.partition("=")
+        field = option.removeprefix("--").replace("-", "_").lower()
+        if option.startswith("--") and field in FIELD_NAMES:
+            follows = extras[i + 1] if i + 1 < len(extras) else ""
+            return field, value if eq else follows if follows and not follows.startswith("-") else "VALUE"
+    return None
+
+
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = FieldParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=EPILOG.format(fields=field_help()))
     from lowmem_alignprop.settings.profiles import shipped_profiles
 

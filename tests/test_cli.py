@@ -476,3 +476,16 @@ def test_the_folder_a_resume_looks_in_is_the_one_the_run_writes_to(tmp_path):
     args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(tmp_path / "a"),
                                                "--set", f"output_dir={tmp_path / 'b'}"])
     assert _output_dir_flag(args) == str(config_from_args(args)[1].output_dir) == str(tmp_path / "b")
+
+
+def test_a_config_field_given_as_an_option_names_its_set(capsys):
+    """`plan --batch-size 2` or `--card=rtx4090` (a field's name as an option, as README's `--set card=h100` reads) was
+    argparse's bare "unrecognized arguments" with --help: the line names the --set that sets it."""
+    cases = [(["plan", "--batch-size", "2"], "--batch-size 2: batch_size is a config field: use --set batch_size=2"),
+             (["plan", "--card=rtx4090"], "--card=rtx4090: card is a config field: use --set card=rtx4090"),
+             (["--resolution"], "--resolution: resolution is a config field: use --set resolution=VALUE"),
+             (["sample", "x", "--guidance-scale", "5"], "--guidance-scale 5: guidance_scale is a config field: use "
+                                                        "--set guidance_scale=5")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == f"error: unrecognized arguments: {words}\n", argv
