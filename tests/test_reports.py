@@ -54,6 +54,14 @@ def test_a_plan_that_does_not_fit_names_the_cheapest_change():
     assert "--set vae_checkpointing=blocks --set sliced_decode=true   -> 2.500 GiB needed, peak in decode" in text
     none = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=[{}, {}, {}]))
     assert "no change from the feature list made it fit (3 tried)" in none
+    # what to do then (the line stopped there: `plan --set budget_gb=0.01` on the cpu profile named no fix)
+    rows = [{"set": {"vae_checkpointing": "blocks"}, "peak_needed": int(2.6 * GIB)},
+            {"set": {"unet_checkpointing": "blocks", "batch_size": 1, "grad_accum": 2}, "peak_needed": int(2.2 * GIB)}]
+    least = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=rows)).splitlines()
+    i = least.index("  no change from the feature list made it fit (2 tried)")
+    assert least[i + 1] == ("  the least needed: 2.200 GiB, with --set unet_checkpointing=blocks --set batch_size=1 "
+                            "--set grad_accum=2: give a budget_gb of at least that, or lower what is trained (--set "
+                            "resolution, batch_size, k)")
     cut = format_plan(_plan(fits=False, budget_bytes=2 * GIB, budget_gb=2.0, tried=[{}, {}],
                             suggestion_interrupted=True))  # (test_planner: the search's Ctrl-C)
     assert "the search for a change that fits was interrupted (Ctrl-C) after 2 estimates; none of them fit" in cut

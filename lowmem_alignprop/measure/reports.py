@@ -59,6 +59,17 @@ def describe_sampler(s: dict[str, Any]) -> str:
                      + ([f"guidance_rescale {s['guidance_rescale']:g}"] if s["guidance_rescale"] else []))
 
 
+def _least_needed(tried: list[dict], config: dict) -> list[str]:
+    """The line after "no change made it fit": the least any tried change needed, and what to change instead."""
+    rows = [t for t in tried if t.get("peak_needed") is not None]
+    if not rows:
+        return []
+    least = min(rows, key=lambda t: t["peak_needed"])
+    k = "k" if config.get("truncation") == "fixed" else "k_max"
+    return [f"  the least needed: {_gib_or_dash(least['peak_needed'])} GiB, with {set_flags(least['set'])}: give a "
+            f"budget_gb of at least that, or lower what is trained (--set resolution, batch_size, {k})"]
+
+
 def format_plan(r: dict[str, Any]) -> str:
     """The plan's table (planner.plan's result) as the command prints it."""
     from lowmem_alignprop.settings.model_kind import FLOW_KINDS, denoiser_component
@@ -136,6 +147,7 @@ def format_plan(r: dict[str, Any]) -> str:
         elif r.get("tried"):
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
                          + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
+            lines += _least_needed(r["tried"], r["config"])
     lines += format_time(r.get("time"), r["config"])
     lines.append("")
     lines.append("  allowances for what fake tensors cannot see:")
