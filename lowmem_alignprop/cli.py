@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.config import BATCH_MOST, Config, field_help, parse_set
 from lowmem_alignprop.settings.quiet import quiet_libraries
-from lowmem_alignprop.settings.errors import ArgumentParser, UserError, first_line, nearest, same_on_every_rank
+from lowmem_alignprop.settings.errors import (ArgumentParser, UserError, did_you_mean, first_line, nearest,
+                                              same_on_every_rank)
 from lowmem_alignprop.run.runlock import global_rank
 from lowmem_alignprop.run.stop_request import telling_ctrl_c
 
@@ -235,6 +236,21 @@ def _output_dir_flag(args: argparse.Namespace) -> str | None:
     return None if given is None else os.path.expanduser(str(given))
 
 
+def auto_here() -> str:
+    """The shipped profile ``--profile auto`` picks on this machine for an SD model (what ``profiles auto`` prints),
+    with a comment line saying so: a YAML comment, so ``profiles auto > mine.yaml`` still copies a profile."""
+    from lowmem_alignprop.settings.profiles import card_budget, detect_card, profile_for_card
+
+    card = detect_card()
+    name = profile_for_card(card)
+    why = ("no CUDA GPU is detected here" if card is None else
+           f"{card[0]}, {card[1]:.1f} GiB, is detected here; a run with auto has budget_gb {card_budget(card[1]):g}, "
+           "the card's memory less 5%, where this file says its own")
+    sys.stdout.write(f"# --profile auto picks {name}: {why} (for SD3.5/FLUX.1 it picks the card's profile made for "
+                     "the model)\n")
+    return name
+
+
 def cmd_profiles(argv: list[str]) -> int:
     from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
 
@@ -248,9 +264,11 @@ def cmd_profiles(argv: list[str]) -> int:
     profiles, recipes = shipped_profiles(), shipped_recipes()
     if args.name:
         files = {**profiles, **recipes}
-        if args.name not in files:
-            raise UserError(f"no shipped profile or recipe {args.name!r}: the profiles are {', '.join(profiles)}; "
-                            f"the recipes {', '.join(recipes)}")
+        if args.name == "auto":  # no file of its own: the one it picks on this machine, said in a comment line
+            args.name = auto_here()
+        elif args.name not in files:
+            raise UserError(f"no shipped profile or recipe {args.name!r}{did_you_mean(args.name, [*files, 'auto'])}: "
+                            f"the profiles are {', '.join(profiles)}; the recipes {', '.join(recipes)}")
         sys.stdout.write(files[args.name].read_text(encoding="utf-8"))
         from lowmem_alignprop.settings.profiles import MODEL_DEFAULTS
 

@@ -112,9 +112,11 @@ def test_profiles_command_lists_shipped_profiles(capsys):
     assert described["rtx3060"].startswith("8 GB consumer cards") and "SD1.5 at 512 px" in described["rtx3060"]
 
 
-def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_path):
+def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_path, monkeypatch):
     """`profiles rtx3060 > mine.yaml` gives the shipped file (comments included), which --profile mine.yaml reads
-    as the same settings; an unknown name is one line with the names; the listing says what `auto` picks."""
+    as the same settings; an unknown name is one line with the names (a near one suggested, as --profile does); the
+    listing says what `auto` picks, and `profiles auto` prints the profile it picks here (it said no such profile)."""
+    from lowmem_alignprop.settings import profiles
     from lowmem_alignprop.settings.profiles import load_profile, shipped_profiles
 
     assert main(["profiles", "rtx3060"]) == 0
@@ -125,8 +127,17 @@ def test_profiles_name_prints_the_file_to_copy_and_auto_is_listed(capsys, tmp_pa
     (tmp_path / "mine.yaml").write_text(text)
     assert load_profile(str(tmp_path / "mine.yaml"))[1] == load_profile("rtx3060")[1]
     assert main(["profiles", "hps"]) == 0 and "reward: hpsv2" in capsys.readouterr().out
-    assert main(["profiles", "rtx9090"]) == 2
-    assert capsys.readouterr().err.startswith("error: no shipped profile or recipe 'rtx9090': the profiles are ")
+    assert main(["profiles", "titan"]) == 2
+    assert capsys.readouterr().err.startswith("error: no shipped profile or recipe 'titan': the profiles are ")
+    assert main(["profiles", "rtx409"]) == 2
+    assert capsys.readouterr().err.startswith("error: no shipped profile or recipe 'rtx409' (did you mean rtx4090?): ")
+    for card, picked, said in ((None, "cpu", "no CUDA GPU is detected here"),
+                               (("NVIDIA GeForce RTX 4090", 23.99), "rtx4090", "a run with auto has budget_gb 22.7")):
+        monkeypatch.setattr(profiles, "detect_card", lambda card=card: card)
+        assert main(["profiles", "auto"]) == 0
+        head, _, rest = capsys.readouterr().out.partition("\n")
+        assert head.startswith(f"# --profile auto picks {picked}: ") and said in head, head
+        assert rest.startswith(shipped_profiles()[picked].read_text(encoding="utf-8"))
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
     assert any(line.startswith("auto ") for line in out.splitlines())
