@@ -200,6 +200,10 @@ def cmd_train(argv: list[str]) -> int:
         settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
             name, cfg = config_from_args(args, resumed=settings)
+            if cfg.model == settings[1].get("model"):  # its model, gone (or a Windows path): not "leave --model out"
+                from lowmem_alignprop.commands.lora_files import check_recorded_base
+                check_recorded_base(cfg.model, f"--resume {args.resume}: the run in {cfg.output_dir}",
+                                    "its checkpoint's config")
         elif refused is not None:
             raise refused
         snapshot = parse_snapshot(args.memory_snapshot)

@@ -1186,6 +1186,13 @@ BAD = {
     "merge_base_by_name": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "my-sd15")), "--merge"],
                            "trained on my-sd15 (base_model.json), not found here: a local model of that name (as a "
                            "LoRA shared on the hub names it) or a path relative to the folder its run started in"),
+    # a run on Windows recorded its model so: read here, it was "a local model of that name" (one part, no /)
+    "merge_base_on_windows": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "C:\\models\\sd15")), "--merge"],
+                              "trained on C:\\models\\sd15 (base_model.json), a Windows path (of the machine it "
+                              "trained on), not one on this machine: pass the base model with --model"),
+    "merge_base_on_a_windows_share": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, r"\\nas\sd\x.ckpt")),
+                                                        "--merge"],
+                                      r"trained on \\nas\sd\x.ckpt (base_model.json), a Windows path"),
     "missing_lora_dir": (lambda t, sd, o: ["--lora", str(t / "nope")], "no such folder"),
     "single_file_of_the_toy_model": (lambda t, sd, o: ["--lora", str(_base_gone(t, sd, "toy")), "--merge",
                                                        "--single-file"],

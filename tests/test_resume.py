@@ -850,6 +850,35 @@ def test_a_checkpoint_of_a_newer_version_is_refused_not_resumed_without_its_sett
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained, nothing lost
 
 
+def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_path, capsys):
+    """The run's model, from its checkpoint, not on this machine (a run on Windows recorded C:\\models\\sd15, or the
+    folder moved): the line said `model path ... does not exist: ... or leave --model out for the shipped toy world`,
+    and --model was never given (left out, the resume reads the same path). It names the record and --model."""
+    import hashlib
+
+    _, split, _ = runs
+    for model, where in ((r"C:\models\sd15", "a Windows path (of the machine it trained on), not one on this machine"),
+                         (str(tmp_path / "moved-away"), "which is not there any more")):
+        run = tmp_path / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(split, run)
+        for step in (run / "checkpoints").iterdir():
+            state = json.loads((step / "state.json").read_text())
+            state["config"]["model"] = state["fingerprint"]["model"] = model
+            data = json.dumps(state).encode()
+            (step / "state.json").write_bytes(data)
+            manifest = json.loads((step / "manifest.json").read_text())
+            manifest["files"]["state.json"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            (step / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --resume latest: the run in {run} was trained on {model} (its checkpoint's config), {where}: "
+            "pass the base model with --model")
+        assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--model", "tiny"]) == 0  # the fix
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
+
+
 def _checkpoint(root, step, payload=b"weights", **state):
     """A published checkpoint folder of ``step`` as ckpt.save lays it out (state.json, a weights file, manifest)."""
     tmp = root / f".tmp-step-{step}"

@@ -31,21 +31,23 @@ log = logging.getLogger("lowmem_alignprop")
 SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
 
 
-def check_recorded_base(model: str, lora: str) -> None:
-    """A base model a LoRA's base_model.json records must still be there (a named model or a hub id always is):
-    else one line naming --model, not the missing path's generic advice."""
+def check_recorded_base(model: str, lora: str, record: str = LORA_BASE_FILE) -> None:
+    """A base model a LoRA's base_model.json (or a checkpoint's ``record``) records must still be there (a named model
+    or a hub id always is): else one line naming --model, not the missing path's generic advice."""
     from lowmem_alignprop.settings.model_kind import NAMED_KINDS
-    from lowmem_alignprop.settings.paths import looks_like_hub_id
+    from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
 
     if model not in NAMED_KINDS and not looks_like_hub_id(model) and not Path(model).expanduser().exists():
         relative = "a path relative to the folder its run started in (a run before 2026-12-05)"
-        if Path(model).expanduser().is_absolute():
+        if windows_path(model):  # a run on Windows: no file here has that name (read as one, it was "a local model")
+            where = "a Windows path (of the machine it trained on), not one on this machine"
+        elif Path(model).expanduser().is_absolute():
             where = "which is not there any more"
         elif len(Path(model).parts) == 1:  # a bare name: a folder pushed to the hub names a local base so
             where = f"not found here: a local model of that name (as a LoRA shared on the hub names it) or {relative}"
         else:
             where = f"{relative}, not found from here"
-        raise UserError(f"{lora} was trained on {model} ({LORA_BASE_FILE}), {where}: pass the base model with --model")
+        raise UserError(f"{lora} was trained on {model} ({record}), {where}: pass the base model with --model")
 
 
 @dataclass

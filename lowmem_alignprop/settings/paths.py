@@ -125,6 +125,14 @@ def pipeline_class(folder: str | os.PathLike) -> str | None:
     return (model_index(folder) or {}).get("_class_name")
 
 
+def windows_path(spec: str) -> bool:
+    """A Windows path (``C:\\models\\sd15``, ``\\\\server\\share\\x``, ``models\\sd15``) read on a machine whose paths
+    are POSIX ones: a record written by a run on Windows, which names no file here (on Windows: False)."""
+    from pathlib import PureWindowsPath
+
+    return os.sep == "/" and (bool(PureWindowsPath(spec).drive) or "\\" in spec)
+
+
 def looks_like_hub_id(spec: str) -> bool:
     """``owner/name`` as the hub names a repository, not a path (no leading /, . or ~, one slash, no backslash): how
     a value that names no existing file or folder is read (a hub id, or a path that does not exist)."""
