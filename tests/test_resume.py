@@ -850,26 +850,31 @@ def test_a_checkpoint_of_a_newer_version_is_refused_not_resumed_without_its_sett
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained, nothing lost
 
 
+def edit_states(run, edit) -> None:
+    """``edit(state)`` on each checkpoint's state.json of ``run``, its manifest kept true (else it is corrupt)."""
+    import hashlib
+
+    for step in (run / "checkpoints").iterdir():
+        state = json.loads((step / "state.json").read_text())
+        edit(state)
+        data = json.dumps(state).encode()
+        (step / "state.json").write_bytes(data)
+        manifest = json.loads((step / "manifest.json").read_text())
+        manifest["files"]["state.json"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        (step / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_path, capsys):
     """The run's model, from its checkpoint, not on this machine (a run on Windows recorded C:\\models\\sd15, or the
     folder moved): the line said `model path ... does not exist: ... or leave --model out for the shipped toy world`,
     and --model was never given (left out, the resume reads the same path). It names the record and --model."""
-    import hashlib
-
     _, split, _ = runs
     for model, where in ((r"C:\models\sd15", "a Windows path (of the machine it trained on), not one on this machine"),
                          (str(tmp_path / "moved-away"), "which is not there any more")):
         run = tmp_path / "run"
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(split, run)
-        for step in (run / "checkpoints").iterdir():
-            state = json.loads((step / "state.json").read_text())
-            state["config"]["model"] = state["fingerprint"]["model"] = model
-            data = json.dumps(state).encode()
-            (step / "state.json").write_bytes(data)
-            manifest = json.loads((step / "manifest.json").read_text())
-            manifest["files"]["state.json"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-            (step / "manifest.json").write_text(json.dumps(manifest))
+        edit_states(run, lambda state: (state["config"].update(model=model), state["fingerprint"].update(model=model)))
         assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: --resume latest: the run in {run} was trained on {model} (its checkpoint's config), {where}: "
@@ -877,6 +882,28 @@ def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_pat
         assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
     assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--model", "tiny"]) == 0  # the fix
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
+
+
+def test_a_resume_under_another_number_of_processes_is_on_the_model_card(runs, tmp_path):
+    """Steps 1-6 trained by 2 processes (accelerate launch), 7 by one (python -m): summary.json said `processes: 1`
+    with no resume change, and the card had no processes row and quoted the first command as a plain one. The
+    change is a resume change (an optimizer step averages half the images), and the card says which steps had how
+    many. (The checkpoint's world_size edited: a 2-process launch takes 20 s; tests/test_distributed.py has one.)"""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    edit_states(run, lambda state: state.update(world_size=2))
+    assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 1 and summary["resume_changes"] == [{"step": 7, "changes": {"processes": [2, 1]}}]
+    out = tmp_path / "card"
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text().splitlines()
+    assert "| processes | 2 from step 1 (4 images per optimizer step); 1 from step 7 (2 images per optimizer step) " \
+           "(more than 1: under `accelerate launch --multi_gpu --num_processes N`) |" in card  # (batch 1 x accum 2)
+    assert "| changed by a resume | from step 7: 1 process (was 2) |" in card
+    assert card[card.index("```bash") + 1] == ("# 2 processes from step 1, 1 process from step 7 (more than 1: under "
+                                               "accelerate launch --multi_gpu --num_processes N -m lowmem_alignprop "
+                                               "with these arguments)")
 
 
 def _checkpoint(root, step, payload=b"weights", **state):

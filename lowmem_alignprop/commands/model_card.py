@@ -99,6 +99,28 @@ def objective(info: dict[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
+def process_counts(info: dict[str, Any]) -> list[tuple[int, int]]:
+    """(first step, processes) of each stretch of the run's steps: one, unless a resume ran under another number of
+    processes (resume_changes' ``processes``)."""
+    moves = [r for r in info.get("resume_changes") or []
+             if isinstance(r, dict) and isinstance((r.get("changes") or {}).get("processes"), list)]
+    if not moves:
+        return [(1, int(info.get("processes", 1)))]
+    return [(1, int(moves[0]["changes"]["processes"][0]))] + [(int(r["step"]), int(r["changes"]["processes"][1]))
+                                                              for r in moves]
+
+
+def launcher_line(counts: list[tuple[int, int]]) -> str | None:
+    """The comment over the training command of a run that several processes trained (:func:`process_counts`)."""
+    if len(counts) == 1:
+        return (f"# under accelerate launch --multi_gpu --num_processes {counts[0][1]} -m lowmem_alignprop with these "
+                "arguments") if counts[0][1] > 1 else None
+    # a resume under another number of processes: which steps had how many
+    return ("# " + ", ".join(f"{n} process{'es' * (n != 1)} from step {step}" for step, n in counts)
+            + " (more than 1: under accelerate launch --multi_gpu --num_processes N -m lowmem_alignprop with these "
+            "arguments)")
+
+
 def newest_step(run: Path) -> int | None:
     """The step of a run folder's newest checkpoint (what its lora/ holds when the run did not end), or None."""
     from lowmem_alignprop.run import checkpoint as ckpt
@@ -176,10 +198,13 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
             ("objective", objective(info))]
-    if info.get("processes", 1) > 1:  # (the command below is each process's)
+    counts = process_counts(info)
+    if any(n > 1 for _, n in counts):  # (the command below is each process's)
         per = info.get("batch_size", 1) * info.get("grad_accum", 1)
-        rows.append(("processes", f"{info['processes']} (`accelerate launch --multi_gpu --num_processes "
-                                  f"{info['processes']}`): {per * info['processes']} images per optimizer step"))
+        rows.append(("processes", f"{counts[0][1]} (`accelerate launch --multi_gpu --num_processes {counts[0][1]}`): "
+                                  f"{per * counts[0][1]} images per optimizer step" if len(counts) == 1 else
+                     "; ".join(f"{n} from step {step} ({per * n} images per optimizer step)" for step, n in counts)
+                     + " (more than 1: under `accelerate launch --multi_gpu --num_processes N`)"))
     if info.get("prediction_type", "auto") != "auto" or info.get("zero_terminal_snr"):  # every format's card: a
         # sampler of the other kind renders noise
         zero = ", at zero terminal SNR (trailing timesteps)" if info.get("zero_terminal_snr") else ""
@@ -216,7 +241,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                        for c in info["auto_fit"] if isinstance(c, dict))))
     if info.get("resume_changes"):  # (the rows above give the last start's settings: the earlier steps trained with
         rows.append(("changed by a resume", "; ".join(  # what these changes replaced)
-            f"from step {r.get('step')}: " + ", ".join(f"`{set_flags({n: said(n, v[1])})}` (was {_was(said(n, v[0]))})"
+            f"from step {r.get('step')}: " + ", ".join(f"{v[1]} process{'es' * (v[1] != 1)} (was {v[0]})"
+                                                        if n == "processes" else
+                                                        f"`{set_flags({n: said(n, v[1])})}` (was {_was(said(n, v[0]))})"
                                                         for n, v in (r.get("changes") or {}).items())
             for r in info["resume_changes"] if isinstance(r, dict))))
     if info.get("interrupted"):
@@ -248,9 +275,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     train_cmd, export_command = (training_command(lora), export_command) if not home else (
         shared_command(training_command(lora)), shared_command(export_command))
     lines += ["", "## How it was made", "", "```bash"]
-    if train_cmd and info.get("processes", 1) > 1:
-        lines.append(f"# under accelerate launch --multi_gpu --num_processes {info['processes']} -m lowmem_alignprop "
-                     "with these arguments")
+    if train_cmd and (launched := launcher_line(counts)):
+        lines.append(launched)
     if train_cmd:
         lines.append(train_cmd)
     lines += [export_command, "```", ""]

@@ -750,7 +750,8 @@ class Trainer:
             saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
-            self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1)  # e.g. K or lr: the card says
+            self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1,  # e.g. K or lr: the card
+                                                    self.accelerator.num_processes)  # says
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
