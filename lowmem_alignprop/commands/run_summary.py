@@ -124,7 +124,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         "=" * 64,
         (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
          if s.get("interrupted") else
-         f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']} (profile {profile_name}, "
+         f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']}"
+         + (f" x {s['processes']} processes" if s.get("processes", 1) > 1 else "")  # (each step: all their images)
+         + f" (profile {profile_name}, "
          f"model {cfg.model})"),
         *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
            f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
