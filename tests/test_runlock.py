@@ -59,8 +59,9 @@ def test_a_live_run_folder_is_refused_for_training_and_for_resume(tmp_path, caps
         assert main([*FAST, "--output-dir", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"another run is writing to {out} (pid {live_pid}" in err, err
-        assert err.rstrip().endswith("choose another --output-dir" if not extra else  # resuming: stop it, not move
-                                     f"stop it (Ctrl-C, or kill {live_pid}: it saves its finished steps) and resume then")
+        fix = (f"stop it (Ctrl-C, or kill {live_pid}: it saves its finished steps) and resume then" if extra else
+               "choose another --output-dir")  # resuming: stop it, not move to a folder without its checkpoints
+        assert err.rstrip().endswith(fix), err
     assert sorted(p.name for p in out.iterdir()) == before  # the live run's files are untouched
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
