@@ -695,6 +695,9 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
         "early_stop=2 cannot stop this run: it evaluates 1 time(s) before its last step (every 3 of 12 steps, from "
         "step 7), and a stop needs 3 (the best, then 2 without improving); use a smaller --early-stop or "
         "--eval-every")
+    # a resume of a run that ended at its last step trains and evaluates nothing: no note (it said "evaluates -1
+    # time(s) before its last step (every 3 of 9 steps, from step 10)" before the refusal or the outputs' rewrite)
+    assert schedule_note(resumed, 9, 1) is None and schedule_note(resumed, 9, None) is None
 
 
 def test_renders_past_the_last_step_and_judging_outside_the_toy_world_are_said():

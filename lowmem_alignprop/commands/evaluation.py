@@ -71,7 +71,7 @@ def schedule_note(cfg: Config, resumed_at: int = 0, spent: int | None = None) ->
     (a stop there is the run's end). A resume from step ``resumed_at`` counts the evaluations after it, and ``spent``:
     those without improvement since its best so far (None: no best yet, the best and early_stop more needed)."""
     every, steps, patience = cfg.eval_every, cfg.steps, cfg.early_stop
-    if not every:
+    if not every or resumed_at >= steps:  # (a resume of a finished run trains and evaluates nothing)
         return None
     start = int(cfg.eval_on_start and not resumed_at)  # step 0's evaluation of the untrained LoRA
     before_last = schedule.due_after(every, steps, resumed_at) - 1 + start  # the evaluations before the last step's
