@@ -271,6 +271,26 @@ def test_a_reward_file_edited_before_a_resume_counts_as_another_reward(tmp_path,
     assert summary["reward_since_step"] == 4 and summary["reward_first"] < 10 and summary["best_step"] >= 4
 
 
+def test_a_resume_whose_evaluation_measures_otherwise_says_the_early_stop_it_cannot_make(tmp_path, tiny_dir, caplog):
+    """A resume whose held-out evaluation measures otherwise (here reward_cap, new) starts best/ and the patience over:
+    the start-of-run note counts the best, then early_stop more, as the run will. It counted the checkpoint's spent
+    patience instead and said nothing, though evaluations 3 and 4 (before the last, 5) cannot make best + 2."""
+    run = tmp_path / "run"
+    (tmp_path / "eval.txt").write_text("a night sky\na dark cave\n")
+    args = [*FAST, "--reward", "brightness", "--output-dir", str(run), "--eval-every", "1", "--early-stop", "2",
+            "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
+    assert main([*args, "--steps", "2"]) == 0
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*args, "--steps", "5", "--resume", "latest", "--set", "reward_cap=1000"]) == 0
+    said = [r.getMessage() for r in caplog.records if "cannot stop this run" in r.getMessage()]
+    assert said == ["early_stop=2 cannot stop this run: it evaluates 2 time(s) before its last step (every 1 of 5 "
+                    "steps, from step 3), and a stop needs 3 (the best, then 2 without improving); use a smaller "
+                    "--early-stop or --eval-every"]
+    rows = strict_rows(run)
+    assert [(r["step"], r["eval_best_step"] >= 3) for r in rows[2:]] == [(3, True), (4, True), (5, True)]
+
+
 def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog):
     from lowmem_alignprop.run.runfolder import first_last_rewards
 

@@ -91,6 +91,16 @@ def schedule_note(cfg: Config, resumed_at: int = 0, spent: int | None = None) ->
     return None
 
 
+def patience_spent(state: dict, cfg: Config, held_out_sha: str | None) -> int | None:
+    """A resumed checkpoint's evaluations without improvement since its best so far, which this run goes on counting
+    (:func:`schedule_note`'s ``spent``); None where its best and patience start over: no best yet, or its evaluation
+    measured otherwise (best_by, the reward, the held-out prompts...: :func:`checkpoint.eval_basis_changed`)."""
+    evaluation = state.get("evaluation") or {}
+    if evaluation.get("best_step") is None or ckpt.eval_basis_changed(state, cfg, held_out_sha):
+        return None
+    return int(evaluation.get("since_best") or 0)
+
+
 def renders_note(cfg: Config) -> str | None:
     """--sample-every / fidelity_every past the run's last step: nothing rendered during it (None: nothing to say)."""
     late = [f"{name}={getattr(cfg, name)}" for name in ("sample_every", "fidelity_every")

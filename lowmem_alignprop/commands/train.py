@@ -70,7 +70,8 @@ from lowmem_alignprop.step.update import (LearningRate, StepOutcome, StepUpdate,
                                           optimizer_update)
 from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORING, EVAL_SEED_OFFSET,
                                                   SAMPLE_SEED_OFFSET, HeldOut, WeightEMA, improvement_measure,
-                                                  nonfinite_note, render_fixed_seed, renders_note, schedule_note)
+                                                  nonfinite_note, patience_spent, render_fixed_seed, renders_note,
+                                                  schedule_note)
 from lowmem_alignprop.commands.run_summary import TimeLeft, fidelity_peak, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
@@ -134,16 +135,16 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             from lowmem_alignprop.run.hub import check_push_to_hub
             check_push_to_hub(cfg.push_to_hub)
         point = folder.check()
-        best = (point.state.get("evaluation") or {}) if point else {}  # a resume: its best so far and spent patience
-        spent = int(best.get("since_best") or 0) if best.get("best_step") is not None else None
-        for note in (schedule_note(cfg, point.step if point else 0, spent), renders_note(cfg)):  # e.g. an early
-            if note and global_rank() == 0:  # stop this many steps cannot make (before any model loads)
-                log.warning("%s", note)
         # held-out prompts never train; a resume keeps those its run set aside (another seed or an edited prompt file
         # would draw others), recorded in each checkpoint
         started = split_settings(point.state) if point else None
         prompts, eval_prompts = split_eval_prompts(cfg, given, started)
         aside = sorted(set_aside(cfg, given, started))
+        # a resume: its best so far and spent patience, unless its evaluation measured otherwise (then both restart)
+        spent = patience_spent(point.state, cfg, prompt_digest(eval_prompts)) if point else None
+        for note in (schedule_note(cfg, point.step if point else 0, spent), renders_note(cfg)):  # e.g. an early
+            if note and global_rank() == 0:  # stop this many steps cannot make (before any model loads)
+                log.warning("%s", note)
         if cfg.best_by == "fidelity":  # the exact evaluators read only the toy world's grammar
             check_judged(eval_prompts)
         from lowmem_alignprop.toy.fidelity import off_grammar_note, unjudged_note
