@@ -113,3 +113,41 @@ def test_wandb_writes_its_run_files_in_the_run_folder(tmp_path, tiny_dir, capsys
     assert [c[2] for c in wandb.calls if c[0] == "log" and "reward_mean" in c[1]] == [1, 2]
     assert f"        wandb's run files in {out}/logs/wandb (wandb sync {out}/logs/wandb/RUN when offline)\n" in \
         capsys.readouterr().out
+
+
+OWED_REWARD = '''
+import os
+calls = [0]
+
+def reward(images, prompts):
+    if not images.requires_grad:  # the first is the start's test image; then the held-out evaluation's
+        calls[0] += 1
+        if calls[0] > 1 and os.path.exists({flag!r}):
+            raise RuntimeError("the evaluation's reward failed")
+    return images.mean(dim=(1, 2, 3))
+'''
+
+
+def test_an_evaluation_a_resume_owed_reaches_the_tracker(tmp_path, tiny_dir, capsys):
+    """A held-out evaluation that failed (the reward's error) is run by the resume, into that step's metrics.jsonl line;
+    TensorBoard never got its eval_* figures: the curve had no point at that step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flag = tmp_path / "failing"
+    flag.touch()
+    (reward := tmp_path / "owed_reward.py").write_text(OWED_REWARD.format(flag=str(flag)))
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--eval-every", "2",
+                 "--report-to", "tensorboard", "--reward", f"{reward}:reward", "--set", "sample_prompts=0",
+                 "--set", "sample_steps=3", "--set", "k=1"]) == 2
+    assert "step 2: the reward" in capsys.readouterr().err
+    flag.unlink()
+    assert main(["--resume", "latest", "--output-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "eval_reward" in rows[1]
+    acc = EventAccumulator(str(out / "logs" / "lowmem_alignprop"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for name in ("eval_reward", "eval_reward_std", "eval_best_step"):
+        assert [(e.step, e.value) for e in acc.Scalars(name)] == [(2, pytest.approx(rows[1][name], rel=1e-6))]
+    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]  # the step's own figures once, as before

@@ -1049,11 +1049,13 @@ class Trainer:
         step, row = self.start, self.history[-1]
         if self.is_main:
             log.info("resume: step %d's held-out evaluation failed before; evaluating it now", step)
+        had = set(row)
         if (failed := self.evaluate_into(step, row)) is not None:
             self.evaluation_failed(step, failed)  # (raises; the checkpoint still owes it)
         self.eval_owed = None
         if self.is_main:
             atomic.write_text(self.folder.metrics, "".join(metrics_line(r) for r in self.history))
+        self.track({k: v for k, v in row.items() if k not in had}, step)  # the tracker had the step's own figures
         path = self.save_checkpoint(step)  # with its evaluation, not owed any more
         if step >= self.cfg.steps:  # (the run ended here: its outputs are written next)
             return False
