@@ -151,3 +151,27 @@ def test_an_evaluation_a_resume_owed_reaches_the_tracker(tmp_path, tiny_dir, cap
     for name in ("eval_reward", "eval_reward_std", "eval_best_step"):
         assert [(e.step, e.value) for e in acc.Scalars(name)] == [(2, pytest.approx(rows[1][name], rel=1e-6))]
     assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]  # the step's own figures once, as before
+
+
+def test_a_resume_that_writes_a_finished_runs_outputs_again_logs_no_step_twice(tmp_path, tiny_dir):
+    """A finished run whose lora/ is gone: --resume writes its outputs again from the last checkpoint, and sent the
+    before/after grid to TensorBoard a second time at the same step (two images at step 2)."""
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "tensorboard",
+                 "--sample-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+    shutil.rmtree(out / "lora")
+    assert main(["--resume", "latest", "--output-dir", str(out)]) == 0
+    assert (out / "lora").is_dir()
+    acc = EventAccumulator(str(out / "logs" / "lowmem_alignprop"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples/before_after")] == [2]
+    assert [e.step for e in acc.Images("samples/during_training")] == [2]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in ("reward_mean", "loss", "sample_reward_mean"):
+        assert [(e.step, e.value) for e in acc.Scalars(name)] == [
+            (r["step"], pytest.approx(r[name], rel=1e-6)) for r in rows if name in r]

@@ -557,8 +557,9 @@ class Trainer:
             kwargs = {"wandb": {"dir": str(self.wandb_dir())}} if cfg.report_to == "wandb" and \
                 not os.environ.get("WANDB_DIR") else {}
             if cfg.report_to == "tensorboard" and self.start:  # a resume: the steps after its checkpoint that logs/
-                # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them
-                kwargs = {"tensorboard": {"purge_step": self.start + 1}}
+                # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them; a run's outputs
+                # written again: its last step too (its before/after grid is sent again), sent again by fit()
+                kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
             self.accelerator.init_trackers("lowmem_alignprop", init_kwargs=kwargs, config={
                 k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
@@ -1006,6 +1007,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.refinish:  # the last step's figures and grid again, which start_trackers hid with its before/after
+            if self.history and self.history[-1].get("step") == self.start:  # (a NaN-skipped step has no row)
+                self.track(self.history[-1], self.start)
+            if self.is_main and (grid := self.out / SAMPLES_DIR / step_grid_name(self.start)).is_file():
+                log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", self.start)
         if self.eval_owed is not None and self.evaluate_owed():
             return  # the owed evaluation stopped the run early
         if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
