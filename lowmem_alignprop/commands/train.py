@@ -1007,14 +1007,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if self.refinish:  # the last step's figures and grid again, which start_trackers hid with its before/after
-            if self.history and self.history[-1].get("step") == self.start:  # (a NaN-skipped step has no row)
-                self.track(self.history[-1], self.start)
-            if self.is_main and (grid := self.out / SAMPLES_DIR / step_grid_name(self.start)).is_file():
-                log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", self.start)
+        if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
+            self.track_last_step_again()
         if self.eval_owed is not None and self.evaluate_owed():
             return  # the owed evaluation stopped the run early
-        if self.refinish:  # the run ended at its checkpoint: no step to train, its outputs are written again
+        if self.refinish:
             return
         if cfg.eval_on_start and self.start == 0:
             self.evaluate_start()
@@ -1047,6 +1044,14 @@ class Trainer:
                 if self.save_if_due(step):
                     break
                 self.step += 1
+
+    def track_last_step_again(self) -> None:
+        """A resume that writes the ended run's outputs again: the last step's figures and grid to the trackers once
+        more, as start_trackers purged that step (its before/after grid, sent again at the end, would be doubled)."""
+        if self.history and self.history[-1].get("step") == self.start:  # (a NaN-skipped step has no row)
+            self.track(self.history[-1], self.start)
+        if self.is_main and (grid := self.out / SAMPLES_DIR / step_grid_name(self.start)).is_file():
+            log_images(self.accelerator, self.cfg.report_to, grid, "samples/during_training", self.start)
 
     def evaluate_owed(self) -> bool:
         """The held-out evaluation of the resumed checkpoint's step, which failed before it was written: run now, into
