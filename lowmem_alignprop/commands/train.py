@@ -39,7 +39,7 @@ from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
 from lowmem_alignprop.memory import precision, stages
 from lowmem_alignprop import rewards
-from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS, Config, set_flags
+from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
@@ -753,7 +753,7 @@ class Trainer:
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
             self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1,  # e.g. K or lr: the card
-                                                    self.accelerator.num_processes)  # says
+                                                    world_size())  # says (processes: as check_config counts them)
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
@@ -766,9 +766,8 @@ class Trainer:
             if edited_reward and self.is_main:
                 log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
                             "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
-            changed = edited_reward or any(
-                before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")) or any(
-                f in before and before[f] != getattr(self.cfg, f) for f in RUN_IMAGE_SETTINGS)  # (64 vs 32 px...)
+            changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")
+                                           ) or bool(ckpt.images_changed(before, self.cfg))  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
