@@ -1061,6 +1061,21 @@ def test_a_resume_whose_held_out_prompts_differ_starts_best_over():
     assert eval_basis_changed({"config": cfg.to_dict(), "evaluation": {}}, cfg, "bbbb") == []
 
 
+def test_a_resume_that_makes_the_held_out_images_otherwise_starts_best_over():
+    """Another resolution, sample_steps, guidance or eta renders every held-out image anew: best/'s figure (and the
+    patience) measured other images, no measure for this run's (the training reward's comparison in the summary
+    already started over at such a change; the evaluation went on comparing). A checkpoint whose config predates a
+    setting is not said to differ."""
+    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+
+    cfg = Config(eval_every=1).validate()
+    state = {"config": cfg.to_dict(), "evaluation": {"held_out_sha": "aaaa", "best_step": 2}}
+    for name, value in (("resolution", 32), ("sample_steps", 5), ("guidance_scale", 2.0), ("eta", 0.0)):
+        assert eval_basis_changed(state, dataclasses.replace(cfg, **{name: value}), "aaaa") == [name]
+    older = {"config": {k: v for k, v in cfg.to_dict().items() if k != "eta"}}
+    assert eval_basis_changed(older, dataclasses.replace(cfg, eta=0.0)) == []
+
+
 def test_a_resumed_ema_keeps_its_average_and_count_and_takes_this_runs_decay(tmp_path):
     """WeightEMA.load: the checkpoint's average and update count, and this run's ema_decay (a resume with another
     --set ema_decay averages on with it; the checkpoint's decay went on in silence)."""

@@ -314,19 +314,28 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
-# what the held-out evaluation's objective (what best/ and the early stop compare) depends on, beside its prompts
+# what the held-out evaluation's objective (what best/ and the early stop compare) depends on, beside its prompts and
+# how its images are made (:func:`images_changed`)
 EVAL_BASIS_FIELDS = ("reward", "reward_weights", "reward_target", "reward_cap", "loss_scale", "seed", "best_by")
+
+
+def images_changed(saved: dict[str, Any], cfg) -> list[str]:
+    """The settings an image depends on besides the weights (RUN_IMAGE_SETTINGS: resolution, sample_steps, guidance,
+    eta...) that a resume changed from the checkpoint's ``saved`` config: its rewards are then of other images, no
+    measure for this run's (a field the checkpoint predates: not said to differ)."""
+    return [f for f in RUN_IMAGE_SETTINGS if f in saved and saved[f] != getattr(cfg, f)]
 
 
 def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = None) -> list[str]:
     """What the checkpoint's run's held-out evaluation measured otherwise than this run's: the fields of
-    :data:`EVAL_BASIS_FIELDS` that differ from ``cfg``, and "held-out prompts" when ``held_out_sha`` (this run's
+    :data:`EVAL_BASIS_FIELDS` and :func:`images_changed` that differ from ``cfg``, and "held-out prompts" when ``held_out_sha`` (this run's
     held-out set's digest, once the prompts are split) differs from the one the checkpoint kept. Its evaluations are
     then no measure for this run's: best/ and the early stop's patience start over."""
     saved = state.get("config") or {}
     kept = (state.get("evaluation") or {}).get("held_out_sha")
     # a field the checkpoint's config predates had its default there (best_by: reward)
     return [f for f in EVAL_BASIS_FIELDS if saved and saved.get(f, getattr(type(cfg), f)) != getattr(cfg, f)] + (
+        images_changed(saved, cfg)) + (
         ["held-out prompts"] if held_out_sha is not None and kept not in (None, held_out_sha) else [])
 
 
