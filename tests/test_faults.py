@@ -778,10 +778,11 @@ def test_a_stop_request_during_an_owed_evaluation_stops_at_its_checkpoint(tmp_pa
     from lowmem_alignprop.commands.train import Trainer
     from lowmem_alignprop.settings.config import Config
 
-    saved = []
+    saved, tracked = [], []
     for asked in (False, True):
         trainer = types.SimpleNamespace(
             cfg=Config(steps=10), start=3, step=4, history=[{"step": 3}], is_main=True, eval_owed=3,
+            track=lambda row, step: tracked.append((row, step)),  # the evaluation's figures only: the step's were sent
             accelerator=None, folder=types.SimpleNamespace(metrics=tmp_path / "metrics.jsonl"),
             evaluate_into=lambda step, row: row.update(eval_reward=0.5), stops_early=lambda step: False,
             say_stopped=lambda path, ended: None,
@@ -790,3 +791,4 @@ def test_a_stop_request_during_an_owed_evaluation_stops_at_its_checkpoint(tmp_pa
         assert Trainer.evaluate_owed(trainer) is asked and trainer.step == (3 if asked else 4)
         assert trainer.eval_owed is None and trainer.history == [{"step": 3, "eval_reward": 0.5}]
     assert saved == [3, 3] and '"eval_reward": 0.5' in (tmp_path / "metrics.jsonl").read_text()
+    assert tracked == [({"eval_reward": 0.5}, 3)] * 2
