@@ -145,7 +145,7 @@ def test_a_judged_step_better_than_the_end_is_shown():
 
 def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     """The box's best line: the best step, its held-out eval_reward (best_eval_reward, not the objective best/ was
-    chosen by) and, with best_by=fidelity, that objective beside it; step 0 is said to be the untrained LoRA."""
+    chosen by) and, with best_by=fidelity or a reward_cap/reward_target objective, that objective beside it; step 0 is said to be the untrained LoRA."""
     from lowmem_alignprop.commands.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
@@ -156,6 +156,9 @@ def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     assert f"\n best held-out evaluation: step 4, eval_reward 0.7125 -> {tmp_path}/best\n" in capsys.readouterr().out
     print_summary(s, Config(reward="brightness", best_by="fidelity"), "cpu")
     assert (f"\n best held-out evaluation: step 4, eval_fidelity_score 0.375, eval_reward 0.7125 -> {tmp_path}/best\n"
+            in capsys.readouterr().out)
+    print_summary(s, Config(reward="brightness", reward_cap=0.5), "cpu")  # the capped objective chose it
+    assert (f"\n best held-out evaluation: step 4, eval_objective 0.3750, eval_reward 0.7125 -> {tmp_path}/best\n"
             in capsys.readouterr().out)
     print_summary(dict(s, best_step=0, best_kept=False), Config(reward="brightness"), "cpu")
     assert ("\n best held-out evaluation: step 0, eval_reward 0.7125 (the untrained LoRA: no trained step beat it) "

@@ -142,8 +142,10 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation "
                      f"({improvement_measure(cfg)}) had not improved for {cfg.early_stop} evaluations")
     if s.get("best_step") is not None:
+        measure = improvement_measure(cfg)  # what chose it, beside its eval_reward where that is another figure
         lines.append(f" best held-out evaluation: step {s['best_step']}, "
-                     + (f"eval_fidelity_score {s['best_measure']:.3f}, " if cfg.best_by == "fidelity" else "")
+                     + (f"eval_fidelity_score {s['best_measure']:.3f}, " if cfg.best_by == "fidelity" else
+                        f"eval_objective {s['best_measure']:.4f}, " if measure.startswith("eval_objective") else "")
                      + f"eval_reward {s['best_eval_reward']:.4f} "
                      + (f"({step_zero(cfg)}: no trained step beat it) " if s["best_step"] == 0 else "")
                      + (f"-> {s['output_dir']}/{BEST_DIR}" if s.get("best_kept", True) else
