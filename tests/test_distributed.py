@@ -211,8 +211,8 @@ def test_a_two_process_run_resumed_in_one_says_its_steps_average_fewer_images(dd
     shutil.copytree(ddp, out)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert main([*FAST, "--output-dir", str(out), "--steps", "5", "--resume", "latest"]) == 0
-    assert ("the checkpoint was written by 2 processes, this run has 1: an optimizer step now averages 1 process' "
-            "images (batch_size x grad_accum each; the learning rate is unchanged)") in caplog.text
+    assert ("the checkpoint was written by 2 processes, this run has 1: an optimizer step now averages the images of "
+            "one process (batch_size x grad_accum each; the learning rate is unchanged)") in caplog.text
     assert [(r["step"], r["images"]) for r in strict_rows(out)][3:] == [(4, 2), (5, 1)]
 
 

@@ -788,7 +788,7 @@ def restore(accelerator, path: Path, *, bare_unet, optimizer, engine, gather=Non
     rank, world = accelerator.process_index, accelerator.num_processes
     if len(rngs) != world and rank == 0:  # (said once, not by every process)
         log.warning("resume: the checkpoint was written by %d process%s, this run has %d: an optimizer step now "
-                    "averages %d process%s' images (batch_size x grad_accum each; the learning rate is unchanged), "
+                    "averages the images of %s (batch_size x grad_accum each; the learning rate is unchanged), "
                     "and prompt order and noise differ from an uninterrupted run", len(rngs),
-                    "" if len(rngs) == 1 else "es", world, world, "" if world == 1 else "es")
+                    "" if len(rngs) == 1 else "es", world, "one process" if world == 1 else f"{world} processes")
     return state, (rngs[rank] if rank < len(rngs) else None)
