@@ -157,7 +157,26 @@ def _attn_processor_layout(weights: dict) -> dict:
             for k, v in weights.items()}
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "peft", "bin", "attn_processors"])
+def _kohya_per_layer_alphas(made_lora, tmp_path):
+    """made_lora's kohya export as sd-scripts' resize_lora or a merge writes such a file, each layer its own alpha: a
+    third of the layers at alpha 2 (their lora_up 4x), a third with no alpha (alpha = rank: lora_up 2x), the rest at
+    alpha 8: the same LoRA. diffusers' reader applied the most common alpha (8) to every layer."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    layers = sorted(k.removesuffix(".alpha") for k in weights if k.endswith(".alpha"))
+    assert {float(weights[f"{m}.alpha"]) for m in layers} == {8.0} and len(layers) > 6
+    for m in layers[0::3]:
+        weights[f"{m}.alpha"], weights[f"{m}.lora_up.weight"] = torch.tensor(2.0), weights[f"{m}.lora_up.weight"] * 4
+    for m in layers[1::3]:
+        del weights[f"{m}.alpha"]
+        weights[f"{m}.lora_up.weight"] = weights[f"{m}.lora_up.weight"] * 2
+    save_file(weights, str(tmp_path / "per_layer_alphas.safetensors"))
+    return tmp_path / "per_layer_alphas.safetensors"
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "kohya_alphas", "peft", "bin",
+                                    "attn_processors"])
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -169,13 +188,37 @@ def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_pat
     old = tmp_path / "attn_procs.safetensors"  # diffusers' layout before 0.21 (which diffusers reads no more)
     save_file(_attn_processor_layout(folded), str(old))
     assert all(".processor.to_" in k and "_lora." in k for k in load_file(str(old)))
-    spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"],
-            "kohya": next((made_lora["run"] / "kohya").glob("*.safetensors")), "peft": made_lora["run"] / "peft",
+    kohya = next((made_lora["run"] / "kohya").glob("*.safetensors"))
+    spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"], "kohya": kohya,
+            "kohya_alphas": _kohya_per_layer_alphas(made_lora, tmp_path), "peft": made_lora["run"] / "peft",
             "bin": bin_file, "attn_processors": old}[layout]
     # --seed 5: the run's own A starts other than the LoRA's (make_sd_lora's add_lora seed 0), so A must be copied
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}", "--seed", "5"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own
     assert_rel_close(images, made_lora["images"], SAME_OPS, f"step 0 from a {layout} LoRA")
+
+
+def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_path):
+    """sample --lora of a kohya file whose layers have their own alphas (and some none) adds, at weight 0.5, half
+    of each layer's alpha / rank * up @ down: the LoRA it holds, as its plain export loads (the layers at alpha 2
+    were applied at 8, 4x, and those without alpha at 8 / 4, 2x)."""
+    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, mix_adapters, parse_lora
+
+    cfg = _cfg(tmp_path / "unused")
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    plain = parse_lora(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))), 0)
+    own = parse_lora(f"{_kohya_per_layer_alphas(made_lora, tmp_path)}:0.5", 1)
+    load_adapters(pipe, [plain, own], cfg.model)
+    plain.weight = 0.5
+    mix_adapters(pipe, [plain, own])  # (the weights are folded into each adapter's scaling)
+    layers = [m for m in pipe.unet.modules() if "lora0" in getattr(m, "lora_A", {})]
+    assert len(layers) == len(made_lora["modules"])
+
+    def delta(m, name):
+        return m.scaling[name] * m.lora_B[name].weight @ m.lora_A[name].weight
+
+    worst = max(relative_difference(delta(m, "lora1"), delta(m, "lora0")) for m in layers)
+    assert worst < 1e-6, worst
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])

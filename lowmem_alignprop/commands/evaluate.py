@@ -48,7 +48,7 @@ from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
 from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, merged_record, nonfinite,
                                                   read_run, shared_name)
-from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
+from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
 from lowmem_alignprop.commands.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
 from lowmem_alignprop.memory import precision
@@ -162,7 +162,8 @@ def _lora_file(path: Path, arg: str) -> Path:
                         "sample a checkpoint from before it, or train again with a lower learning rate")
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
         return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
-    return attn_processor_as_diffusers(tensors) or file  # (diffusers' layout before 0.21, which it reads no more)
+    # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads)
+    return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or file
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

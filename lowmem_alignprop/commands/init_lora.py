@@ -11,7 +11,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder
-from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, peft_as_diffusers
+from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -42,6 +42,9 @@ def init_lora_file(spec: str) -> Path:
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
             from safetensors.torch import load_file
             return attn_processor_as_diffusers(load_file(str(file))) or file
+        if any(k.endswith(".alpha") for k in keys):  # (kohya's per-layer alphas, which diffusers misreads: folded)
+            from safetensors.torch import load_file
+            return kohya_alphas_folded(load_file(str(file))) or file
     return file
 
 

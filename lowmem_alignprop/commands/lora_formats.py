@@ -283,6 +283,37 @@ def attn_processor_as_diffusers(tensors: dict) -> Path | None:
                                                             for k, v in tensors.items()}), {})
 
 
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # sd-scripts' UNet and text encoders' keys
+
+
+def kohya_alphas_folded(tensors: dict) -> Path | None:
+    """A kohya UNet LoRA (``lora_unet_*``, ``lora_te*``) whose layers' ``.alpha`` differ (sd-scripts' resize_lora,
+    merged LoRAs) with each alpha / rank folded into its ``lora_up``, the alphas left out, in a temporary folder
+    (removed when the process ends): diffusers' reader names such a file's UNet alphas after its attention
+    processors, which match no layer, and applies the most common alpha to every layer (a layer without alpha,
+    alpha = rank, too). None for any other file (one alpha for every layer: diffusers reads it)."""
+    alphas = {k.removesuffix(".alpha"): v for k, v in tensors.items() if k.endswith(".alpha") and k.startswith(
+        KOHYA_PREFIXES)}
+    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")
+              and k.startswith(KOHYA_PREFIXES)}
+    if not alphas or len({float(v) for v in alphas.values()}) == 1 and layers <= alphas.keys():
+        return None  # (a layer without alpha has alpha = rank: in a file with alphas, diffusers gave it theirs)
+    from safetensors.torch import save_file
+
+    folded = {}
+    for key, value in tensors.items():
+        layer = key.removesuffix(".lora_up.weight")
+        if key.endswith(".alpha") and key.removesuffix(".alpha") in alphas:
+            continue
+        if key.endswith(".lora_up.weight") and layer in alphas and f"{layer}.lora_down.weight" in tensors:
+            rank = tensors[f"{layer}.lora_down.weight"].shape[0]
+            value = value.float() * (float(alphas[layer]) / rank)  # alpha / rank * up @ down, as sd-scripts applies it
+        folded[key] = value.contiguous()
+    out = temporary_folder() / "kohya_alphas_folded.safetensors"
+    save_file(folded, str(out))
+    return out
+
+
 def _diffusers_file(weights: dict, known: dict) -> Path:
     """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder."""
     from diffusers import StableDiffusionPipeline
