@@ -221,6 +221,39 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
     assert worst < 1e-6, worst
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_lycoris_loha_or_lokr_file_is_one_line_naming_it_for_init_lora_and_sample(kind, made_lora, tmp_path,
+                                                                                  capsys, fresh_log_handlers):
+    """A LyCORIS file (kohya names, hada_ / lokr_ weights) whole, or beside plain LoRA layers: one line naming what
+    it holds. Whole, it said "holds no LoRA weights" (sample: pass the lora/ folder a run wrote); mixed, diffusers'
+    converter failed and the line blamed the base model (pass that model with --model)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.settings.errors import quote
+
+    weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    layer = sorted(k for k in weights if k.endswith(".lora_down.weight"))[0].removesuffix(".lora_down.weight")
+    down, up = weights.pop(f"{layer}.lora_down.weight"), weights.pop(f"{layer}.lora_up.weight")
+    lycoris = {"loha": {f"{layer}.hada_w1_a": up, f"{layer}.hada_w1_b": down, f"{layer}.hada_w2_a": up.clone(),
+                        f"{layer}.hada_w2_b": down.clone()},
+               "lokr": {f"{layer}.lokr_w1": torch.ones(1, 1), f"{layer}.lokr_w2": up @ down}}[kind]
+    whole = {**lycoris, f"{layer}.alpha": weights[f"{layer}.alpha"]}
+    name = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    for what, tensors in (("whole", whole), ("mixed", {**weights, **lycoris})):
+        file = tmp_path / f"{what}.safetensors"
+        save_file(tensors, str(file))
+        key = f"LyCORIS {name} weights (e.g. {quote(sorted(lycoris)[0])}), not a LoRA's lora_down / lora_up"
+        assert_refused(main, ["--profile", "cpu", "--steps", "1", "--output-dir", str(tmp_path / "run"),
+                              "--init-lora", str(file)],
+                       f"--init-lora {file} holds {key}: this trainer trains plain LoRA and cannot start from it; "
+                       "pass a LoRA", tmp_path / "run", capsys)
+        assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(file), "--output-dir",
+                              str(tmp_path / "sample")],
+                       f"--lora {file} holds {key}: sample reads plain LoRA only; pass a LoRA", tmp_path / "sample",
+                       capsys)
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout, made_ff_lora, tmp_path):
     """A LoRA of the attention and feed-forward layers starts a lora_layers=attention+ff run where it renders (every

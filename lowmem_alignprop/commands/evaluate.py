@@ -46,8 +46,8 @@ from safetensors import safe_open
 from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
-from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, merged_record, nonfinite,
-                                                  read_run, shared_name)
+from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, lycoris_kind, merged_record,
+                                                  nonfinite, read_run, shared_name)
 from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
 from lowmem_alignprop.commands.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
@@ -154,6 +154,9 @@ def _lora_file(path: Path, arg: str) -> Path:
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
+    if (other := lycoris_kind(tensors)) is not None:  # (diffusers' loader dropped them, or blamed the model)
+        raise UserError(f"--lora {arg} holds {other}, not a LoRA's lora_down / lora_up: sample reads plain LoRA "
+                        "only; pass a LoRA")
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
-from lowmem_alignprop.commands.lora_files import is_peft_folder
+from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind
 from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
@@ -120,6 +120,9 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
         raise _damaged(spec, file, e) from None
+    if (other := lycoris_kind(shapes)) is not None:  # (diffusers' loader dropped them, or blamed the model)
+        raise UserError(f"--init-lora {spec} holds {other}, not a LoRA's lora_down / lora_up: this trainer trains "
+                        "plain LoRA and cannot start from it; pass a LoRA")
     dora = sorted(k for k in shapes if "lora_magnitude_vector" in k or k.endswith(".dora_scale"))
     if dora:  # its magnitudes would be dropped in silence: the run would start from another LoRA
         raise UserError(f"--init-lora {spec} is a DoRA (its magnitude vectors, e.g. {quote(dora[0])}): this trainer "

@@ -538,6 +538,22 @@ def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
     return shared
 
 
+# LyCORIS's own weights (a1111's and ComfyUI's LyCORIS loaders read them; diffusers' LoRA reader reads none): kind, by
+# the name after the layer's
+_LYCORIS = (("LoHa", re.compile(r"\.hada_(w[12]_[ab]|t[12])$")), ("LoKr", re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$")),
+            ("OFT", re.compile(r"\.oft_(blocks|diag)$")))  # (.diff/.diff_b: diffusers reads FLUX's)
+
+
+def lycoris_kind(keys) -> str | None:
+    """"LyCORIS LoHa weights (e.g. 'k')" for a file (its tensor names ``keys``) holding LyCORIS's weights of another
+    kind than LoRA, in whole or in part; else None. diffusers' reader fails on them with a line that blames the base
+    model."""
+    for kind, pattern in _LYCORIS:
+        if (key := next((k for k in sorted(keys) if pattern.search(k)), None)) is not None:
+            return f"LyCORIS {kind} weights (e.g. {quote(key)})"
+    return None
+
+
 def nonfinite(tensors) -> str | None:
     """The first of a LoRA's weights (name -> tensor) holding NaN or inf (a run that diverged), else None: its images
     would be NaN, and their rewards too."""
