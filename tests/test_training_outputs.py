@@ -221,6 +221,41 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
     assert worst < 1e-6, worst
 
 
+def test_a_peft_adapter_of_attention_and_conv_layers_samples_every_layer(tmp_path):
+    """A peft adapter folder whose target_modules take the resnets' convs too (LoCon, as peft saves it): sample
+    applies each layer's alpha / rank * B @ A (with rank_pattern / alpha_pattern), attention and conv; it was refused,
+    "only 16 of its 48 layers exist here ... trained for another base model", its attention layers dropped."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, parse_lora
+    from lowmem_alignprop.models.loading import load_components
+
+    cfg = _cfg(tmp_path / "unused")
+    unet = load_components(cfg).unet
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "conv1", "conv2"],
+                        rank_pattern={"conv2": 2}, alpha_pattern={"attn2.to_v": 1})
+    inject_adapter_in_model(config, unet)
+    g = torch.Generator().manual_seed(3)
+    weights = {k: torch.randn(v.shape, generator=g) for k, v in get_peft_model_state_dict(unet).items()}
+    config.save_pretrained(str(tmp_path / "peft"))
+    save_file({f"base_model.model.{k}": v for k, v in weights.items()},
+              str(tmp_path / "peft" / "adapter_model.safetensors"))
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    load_adapters(pipe, [parse_lora(str(tmp_path / "peft"), 0)], cfg.model)
+    loaded = {n: m for n, m in pipe.unet.named_modules() if "lora0" in getattr(m, "lora_A", {})}
+    layers = sorted(k.removesuffix(".lora_A.weight") for k in weights if k.endswith(".lora_A.weight"))
+    assert sorted(loaded) == layers and sum(".resnets." in n for n in layers) == 16 and len(layers) == 32
+    for name in layers:
+        a, b = weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"]
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, name), 8)
+        want = (b.flatten(1) @ a.flatten(1)) * alpha / a.shape[0]
+        m = loaded[name]
+        got = m.scaling["lora0"] * m.lora_B["lora0"].weight.flatten(1) @ m.lora_A["lora0"].weight.flatten(1)
+        assert relative_difference(got, want) < 1e-6, name
+
+
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_a_lycoris_loha_or_lokr_file_is_one_line_naming_it_for_init_lora_and_sample(kind, made_lora, tmp_path,
                                                                                   capsys, fresh_log_handlers):

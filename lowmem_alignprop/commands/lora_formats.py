@@ -315,9 +315,10 @@ def kohya_alphas_folded(tensors: dict) -> Path | None:
 
 
 def _diffusers_file(weights: dict, known: dict) -> Path:
-    """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder."""
+    """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder, the
+    names as they are: diffusers' peft-to-diffusers converter renames the attention layers' alone, and its reader,
+    finding a conv layer's peft names beside them (a LoCon adapter), then dropped every attention layer."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     out = temporary_folder() / "lora"
     if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
@@ -325,6 +326,5 @@ def _diffusers_file(weights: dict, known: dict) -> Path:
         StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=known)
         return out / LORA_WEIGHT_NAME
-    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=convert_state_dict_to_diffusers(weights),
-                                              unet_lora_adapter_metadata=known)
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=weights, unet_lora_adapter_metadata=known)
     return out / LORA_WEIGHT_NAME
