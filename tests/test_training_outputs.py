@@ -175,8 +175,35 @@ def _kohya_per_layer_alphas(made_lora, tmp_path):
     return tmp_path / "per_layer_alphas.safetensors"
 
 
+def _comfy_layout(made_lora, tmp_path):
+    """made_lora's kohya export as ComfyUI's LoRA save node writes a UNet LoRA: ``diffusion_model.`` + the original
+    LDM module path (input_blocks.N.1...), every other layer without alpha (alpha = rank: its lora_up 2x)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands.lora_formats import kohya_name
+    from lowmem_alignprop.models.ldm_layout import unet_to_ldm
+
+    weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    config = UNet2DConditionModel.load_config(str(made_lora["base"] / "unet"))
+    out = {}
+    for i, module in enumerate(made_lora["modules"]):
+        ldm = next(iter(unet_to_ldm({f"{module}.weight": None}, config, "diffusion_model."))).removesuffix(".weight")
+        name = kohya_name(module)
+        out[f"{ldm}.lora_down.weight"] = weights[f"{name}.lora_down.weight"]
+        out[f"{ldm}.lora_up.weight"] = weights[f"{name}.lora_up.weight"] * (2 if i % 2 else 1)
+        if not i % 2:
+            out[f"{ldm}.alpha"] = weights[f"{name}.alpha"]
+    assert float(weights[f"{kohya_name(made_lora['modules'][0])}.alpha"]) == 8.0 and len(out) > 12
+    assert all(k.startswith("diffusion_model.input_blocks.") or k.startswith(("diffusion_model.middle_block.1.",
+                                                                             "diffusion_model.output_blocks."))
+               for k in out)
+    save_file(out, str(tmp_path / "comfyui_lora.safetensors"))
+    return tmp_path / "comfyui_lora.safetensors"
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "run_folder", "kohya", "kohya_alphas", "peft", "bin",
-                                    "attn_processors"])
+                                    "attn_processors", "comfyui"])
 def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -191,7 +218,8 @@ def test_init_lora_step_0_renders_base_plus_that_lora(layout, made_lora, tmp_pat
     kohya = next((made_lora["run"] / "kohya").glob("*.safetensors"))
     spec = {"diffusers": made_lora["lora"], "run_folder": made_lora["run"], "kohya": kohya,
             "kohya_alphas": _kohya_per_layer_alphas(made_lora, tmp_path), "peft": made_lora["run"] / "peft",
-            "bin": bin_file, "attn_processors": old}[layout]
+            "bin": bin_file, "attn_processors": old,
+            "comfyui": _comfy_layout(made_lora, tmp_path) if layout == "comfyui" else None}[layout]
     # --seed 5: the run's own A starts other than the LoRA's (make_sd_lora's add_lora seed 0), so A must be copied
     images = _images_at_step_0(_cfg(tmp_path / "run", "--set", f"init_lora={spec}", "--seed", "5"))
     # alpha 8 over rank 4 in the LoRA, alpha = rank in the run: B is rescaled; the images are the LoRA's own
@@ -219,6 +247,95 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
 
     worst = max(relative_difference(delta(m, "lora1"), delta(m, "lora0")) for m in layers)
     assert worst < 1e-6, worst
+
+
+def _comfy_extract(unet, file):
+    """A UNet LoRA of every weight of two or more dimensions (the linear and conv layers), as ComfyUI's LoRA extract
+    node writes it (``diffusion_model.`` + the LDM module path; rank 2, random), a third of the layers at alpha 1, a
+    third at alpha 3, the rest without (alpha = rank): saved as ``file``. Returns each diffusers module's
+    alpha / rank * up @ down (flattened)."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.ldm_layout import unet_to_ldm
+
+    g = torch.Generator().manual_seed(4)
+    weights = {k: v for k, v in unet.state_dict().items() if k.endswith(".weight") and v.ndim >= 2}
+    ldm = unet_to_ldm(weights, unet.config, "diffusion_model.")
+    tensors, want = {}, {}
+    for i, (name, key) in enumerate(zip(weights, ldm)):  # (unet_to_ldm keeps the order)
+        w, layer = weights[name], key.removesuffix(".weight")
+        down = torch.randn(2, *w.shape[1:], generator=g)
+        up = torch.randn(w.shape[0], 2, *((1, 1) if w.ndim == 4 else ()), generator=g)
+        tensors[f"{layer}.lora_down.weight"], tensors[f"{layer}.lora_up.weight"] = down, up
+        alpha = (1.0, 3.0, None)[i % 3]
+        if alpha is not None:
+            tensors[f"{layer}.alpha"] = torch.tensor(alpha)
+        want[name.removesuffix(".weight")] = (alpha or 2) / 2 * up.flatten(1) @ down.flatten(1)
+    save_file(tensors, str(file))
+    return want
+
+
+@pytest.mark.parametrize("model", ["sd", "sd_plain_first_up_block", "sdxl"])
+def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, tmp_path, _isolated_cache):
+    """sample --lora of a UNet LoRA as ComfyUI saves it (LDM names under diffusion_model.: attention, feed-forward,
+    resnet convs, up/down samplers, time and SDXL's label embeddings, conv_in/out) applies each layer's
+    alpha / rank * up @ down, on the SD model, one whose first up block has no attention (SD 1.x's: its upsampler is
+    output_blocks.2.1.conv, which diffusers' reader takes for an attention) and SDXL. It was refused as another base
+    model's ("Invalid LoRA checkpoint ...: pass that model with --model")."""
+    from diffusers import UNet2DConditionModel
+    from midsize import build_tiny_sdxl_pipeline
+
+    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, lora_family, parse_lora
+
+    if model == "sdxl":
+        pipe = build_tiny_sdxl_pipeline()
+    else:
+        pipe = build_pipeline(_cfg(tmp_path / "unused"), torch.device("cpu"), torch.float32)
+    if model == "sd_plain_first_up_block":  # SD 1.x's block order: no attention in the last down / first up block
+        torch.manual_seed(0)
+        pipe.register_modules(unet=UNet2DConditionModel(
+            sample_size=16, layers_per_block=2, block_out_channels=(32, 64), cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2, norm_num_groups=16,
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    want = _comfy_extract(pipe.unet, tmp_path / "comfy.safetensors")
+    assert any(".upsamplers." in n for n in want) and any("conv_in" in n for n in want)
+    assert (model == "sdxl") == any("add_embedding" in n for n in want)
+    assert lora_family(tmp_path / "comfy.safetensors") == "unet"  # (on an SD3/FLUX model: refused by its family)
+    load_adapters(pipe, [parse_lora(str(tmp_path / "comfy.safetensors"), 0)], "tiny")
+    loaded = {n: m for n, m in pipe.unet.named_modules() if "lora0" in getattr(m, "lora_A", {})}
+    assert sorted(loaded) == sorted(want)
+    for name, m in loaded.items():
+        got = m.scaling["lora0"] * m.lora_B["lora0"].weight.flatten(1) @ m.lora_A["lora0"].weight.flatten(1)
+        assert relative_difference(got, want[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("extra", ["diff", "text_encoder"])
+def test_a_comfyui_lora_with_weight_differences_or_text_encoder_layers_is_one_line(extra, made_lora, tmp_path, capsys,
+                                                                                  fresh_log_handlers):
+    """A ComfyUI UNet LoRA that also holds its extract node's full weight / bias differences (lora_type full_diff,
+    bias_diff: no LoRA layer applies them) or its text encoders' layers: one line naming them and how to save it
+    again, for sample and --init-lora (it said "Invalid LoRA checkpoint": pass the model it was made for)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.settings.errors import quote
+
+    tensors = load_file(str(_comfy_layout(made_lora, tmp_path)))
+    key = {"diff": "diffusion_model.out.0.diff_b", "text_encoder":
+           "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_down.weight"}[extra]
+    tensors[key] = torch.ones(4, 32)
+    save_file(tensors, str(tmp_path / "with_extra.safetensors"))
+    file = tmp_path / "with_extra.safetensors"
+    said = {"diff": f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
+                    "lora_up: extract it again with lora_type standard and bias_diff off",
+            "text_encoder": f"adapts ComfyUI's text encoders too (e.g. {quote(key)}): only the UNet's layers of a "
+                            "ComfyUI LoRA are read; save its UNet part alone (ComfyUI's LoRA save node without "
+                            "text_encoder_diff)"}[extra]
+    assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(file), "--output-dir", str(tmp_path / "sample")],
+                   f"--lora {file} {said}", tmp_path / "sample", capsys)
+    if extra == "diff":  # (--init-lora refuses a text encoder's layers as it does in every layout: a UNet LoRA only)
+        assert_refused(main, ["--profile", "cpu", "--steps", "1", "--output-dir", str(tmp_path / "run"),
+                              "--init-lora", str(file)], f"--init-lora {file} {said}", tmp_path / "run", capsys)
 
 
 def test_a_peft_adapter_of_attention_and_conv_layers_samples_every_layer(tmp_path):

@@ -48,7 +48,9 @@ from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
 from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, lycoris_kind, merged_record,
                                                   nonfinite, read_run, shared_name)
-from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded,
+                                                   is_ldm_unet_lora, ldm_unet_as_diffusers, ldm_unet_refusal,
+                                                   peft_as_diffusers)
 from lowmem_alignprop.commands.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
 from lowmem_alignprop.memory import precision
@@ -157,6 +159,8 @@ def _lora_file(path: Path, arg: str) -> Path:
     if (other := lycoris_kind(tensors)) is not None:  # (diffusers' loader dropped them, or blamed the model)
         raise UserError(f"--lora {arg} holds {other}, not a LoRA's lora_down / lora_up: sample reads plain LoRA "
                         "only; pass a LoRA")
+    if (other := ldm_unet_refusal(tensors)) is not None:  # (ComfyUI's full differences, its text encoders' layers)
+        raise UserError(f"--lora {arg} {other}")
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")
@@ -455,6 +459,8 @@ def lora_family(path: Path) -> str | None:
         keys = list(f.keys())
     if is_kohya_flow(keys):  # kohya's SD3/FLUX names: lora_unet_ + the original transformer's blocks
         return "transformer"
+    if is_ldm_unet_lora(keys):  # ComfyUI's: diffusion_model. + the LDM UNet's blocks
+        return "unet"
     for family, prefixes in (("unet", ("unet.", "lora_unet_")), ("transformer", ("transformer.", "lora_transformer_"))):
         if any(k.startswith(prefixes) for k in keys):
             return family
@@ -630,6 +636,8 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             # our LoRAs adapt only the denoiser; diffusers warns that the text encoder has none
             warnings.filterwarnings("ignore", message="No LoRA keys associated")
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
+            if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
+                file = ldm_unet_as_diffusers(file, pipe.unet.config) or file  # blocks numbered by the UNet's config
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except MISFIT_ERRORS as e:
         raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None

@@ -11,7 +11,8 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind
-from lowmem_alignprop.commands.lora_formats import attn_processor_as_diffusers, kohya_alphas_folded, peft_as_diffusers
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
+                                                   peft_as_diffusers)
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -131,6 +132,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
     if text:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
                         "UNet LoRA only; pass a UNet-only LoRA")
+    if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
+        raise UserError(f"--init-lora {spec} {other}")
     ff = sorted(k for k in shapes if _FF_KEY.search(k))
     if ff and layers == "attention":
         raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "

@@ -22,7 +22,7 @@ from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
-from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 PEFT_PREFIX = "base_model.model."
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -300,6 +300,14 @@ def kohya_alphas_folded(tensors: dict) -> Path | None:
         return None  # (a layer without alpha has alpha = rank: in a file with alphas, diffusers gave it theirs)
     from safetensors.torch import save_file
 
+    out = temporary_folder() / "kohya_alphas_folded.safetensors"
+    save_file(_alphas_folded(tensors, alphas), str(out))
+    return out
+
+
+def _alphas_folded(tensors: dict, alphas: dict) -> dict:
+    """``tensors`` with each layer's alpha / rank (``alphas``: layer -> alpha) folded into its ``lora_up``, as
+    sd-scripts and ComfyUI apply it (alpha / rank * up @ down), and those alphas left out."""
     folded = {}
     for key, value in tensors.items():
         layer = key.removesuffix(".lora_up.weight")
@@ -309,9 +317,80 @@ def kohya_alphas_folded(tensors: dict) -> Path | None:
             rank = tensors[f"{layer}.lora_down.weight"].shape[0]
             value = value.float() * (float(alphas[layer]) / rank)  # alpha / rank * up @ down, as sd-scripts applies it
         folded[key] = value.contiguous()
-    out = temporary_folder() / "kohya_alphas_folded.safetensors"
-    save_file(folded, str(out))
-    return out
+    return folded
+
+
+# a UNet LoRA as ComfyUI saves it (its LoRA save / extract nodes, and its generic reader's layout): the original
+# LDM/sgm UNet's module paths under ``diffusion_model.`` (``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.
+# to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; no alpha: alpha = rank)
+LDM_UNET_PREFIX = "diffusion_model."
+_LDM_UNET_MODULES = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+LDM_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def is_ldm_unet_lora(keys) -> bool:
+    """Whether a LoRA file's tensor names are ComfyUI's of an SD 1.x/2.x/SDXL UNet (``diffusion_model.input_blocks.
+    ...``): diffusers' loader reads no such names."""
+    return any(k.startswith(LDM_UNET_PREFIX) and k[len(LDM_UNET_PREFIX):].startswith(_LDM_UNET_MODULES) for k in keys)
+
+
+def ldm_unet_unreadable(keys) -> str | None:
+    """The first name of a ComfyUI UNet LoRA (:func:`is_ldm_unet_lora`) that is no LoRA's ``lora_down`` /
+    ``lora_up`` / ``alpha``: its extract node's weight or bias differences (``.diff``, ``.diff_b``: lora_type
+    full_diff, bias_diff) or a text encoder's (``text_encoders.``), which no UNet LoRA layer applies; None if none
+    (or for another layout)."""
+    if not is_ldm_unet_lora(keys):
+        return None
+    return next((k for k in sorted(keys) if not (k.startswith(LDM_UNET_PREFIX) and k.endswith(LDM_LORA_SUFFIXES))),
+                None)
+
+
+def ldm_unet_refusal(keys) -> str | None:
+    """What a ComfyUI UNet LoRA holds that no LoRA layer here applies (:func:`ldm_unet_unreadable`) and what to pass
+    instead, to follow the option and its value in one line; None where it holds LoRA layers only."""
+    if (key := ldm_unet_unreadable(keys)) is None:
+        return None
+    if key.startswith("text_encoders."):
+        return (f"adapts ComfyUI's text encoders too (e.g. {quote(key)}): only the UNet's layers of a ComfyUI LoRA are "
+                "read; save its UNet part alone (ComfyUI's LoRA save node without text_encoder_diff)")
+    if key.endswith((".diff", ".diff_b")):
+        return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
+                "lora_up: extract it again with lora_type standard and bias_diff off")
+    return f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain LoRA"
+
+
+def ldm_unet_name(key: str) -> str:
+    """A ComfyUI UNet LoRA name (``diffusion_model.`` + the LDM module path + suffix) as kohya's for the same module
+    (``lora_unet_`` + the path with dots as underscores), whose sgm block numbers diffusers' reader maps with the
+    UNet's config. An upsampler in an up block without attention, ``output_blocks.N.1.conv`` (SD 1.x/2.x's first),
+    is named by the index it has beside attention (``.2.conv``): diffusers reads index 1 as attentions (a ``.1.conv``
+    is an upsampler in every UNet: an attention block has no such layer)."""
+    suffix = next(s for s in LDM_LORA_SUFFIXES if key.endswith(s))
+    path = re.sub(r"^(output_blocks\.\d+)\.1\.conv$", r"\1.2.conv",
+                  key.removeprefix(LDM_UNET_PREFIX).removesuffix(suffix))
+    return kohya_name(path) + suffix
+
+
+def ldm_unet_as_diffusers(file: Path, unet_config) -> Path | None:
+    """A ComfyUI UNet LoRA file (:func:`is_ldm_unet_lora`) in diffusers' layout, in a temporary folder (removed when
+    the process ends): its layers named as kohya's, each alpha / rank folded into its ``lora_up`` (alpha = rank
+    where it has none), and read by diffusers' kohya reader with ``unet_config`` (the UNet's: how many layers a block
+    has numbers the sgm blocks). None for a file of another layout. diffusers' errors (a file of another UNet's
+    blocks) pass through."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        if not is_ldm_unet_lora(f.keys()):
+            return None
+        tensors = {ldm_unet_name(k): f.get_tensor(k) for k in f.keys()}
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
+    alphas = {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0]) for m in layers}
+    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(_alphas_folded(tensors, alphas), unet_config=unet_config)
+    return _diffusers_file(convert_unet_state_dict_to_peft({k.removeprefix("unet.").replace(".processor.", "."): v
+                                                            for k, v in state.items()}), {})
 
 
 def _diffusers_file(weights: dict, known: dict) -> Path:
