@@ -670,16 +670,23 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
     assert note(41, 10, 3) is None and note(8, 1, 2) is None and note(100, 10) is None and note(40, 0) is None
     assert note(40, 10, 3) == ("early_stop=3 cannot stop this run: it evaluates 3 time(s) before its last step "
                                "(every 10 of 40 steps), and a stop needs 4 (the best, then 3 without improving); use "
-                               "a smaller --early-stop or --eval-every")
+                               "--steps 41 or more (or a smaller --early-stop or --eval-every)")
     assert note(20, 50) == ("--eval-every 50 with 20 steps evaluates only at the last step: best/ is the last "
                             "step's LoRA; use --eval-every 5 to choose among steps")
     assert note(20, 20, 1).startswith("early_stop=1 cannot stop this run: it evaluates 0 time(s)")
+    # early_stop=1 with eval_every=1 has nothing smaller (0 is no early stop): only more steps let it stop (it said
+    # "use a smaller --early-stop or --eval-every", neither of which there is); 3 steps evaluate 1 and 2 before the last
+    assert note(2, 1, 1) == ("early_stop=1 cannot stop this run: it evaluates 1 time(s) before its last step (every 1 "
+                             "of 2 steps), and a stop needs 2 (the best, then 1 without improving); use --steps 3 or "
+                             "more")
+    assert note(3, 1, 1) is None and note(20, 20, 1).endswith("use --steps 41 or more (or a smaller --eval-every)")
     # eval_on_start's step 0 counts for best/ and the early stop: one more evaluation before the last step
     start = Config(steps=40, eval_every=10, early_stop=3, eval_on_start=True)
     assert schedule_note(start) is None
     assert schedule_note(dataclasses.replace(start, early_stop=4)) == (
         "early_stop=4 cannot stop this run: it evaluates 4 time(s) before its last step (every 10 of 40 steps, and "
-        "step 0), and a stop needs 5 (the best, then 4 without improving); use a smaller --early-stop or --eval-every")
+        "step 0), and a stop needs 5 (the best, then 4 without improving); use --steps 41 or more (or a smaller "
+        "--early-stop or --eval-every)")
     assert schedule_note(Config(steps=20, eval_every=50, eval_on_start=True)) == (
         "--eval-every 50 with 20 steps evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is "
         "one of the two; use --eval-every 5 to choose among steps")
@@ -688,13 +695,13 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
     resumed = Config(steps=9, eval_every=3, early_stop=2, eval_on_start=True)
     assert schedule_note(resumed, 6, 1) == (
         "early_stop=2 cannot stop this run: it evaluates 0 time(s) before its last step (every 3 of 9 steps, from "
-        "step 7), and a stop needs 1 (1 without improving; 1 of 2 spent before the resume); use a smaller "
-        "--early-stop or --eval-every")
+        "step 7), and a stop needs 1 (1 without improving; 1 of 2 spent before the resume); use --steps 10 or "
+        "more (or a smaller --early-stop or --eval-every)")
     assert schedule_note(dataclasses.replace(resumed, steps=12), 6, 1) is None  # step 9 can stop it
     assert schedule_note(dataclasses.replace(resumed, steps=12), 6, None) == (  # no best yet: the best, then 2
         "early_stop=2 cannot stop this run: it evaluates 1 time(s) before its last step (every 3 of 12 steps, from "
-        "step 7), and a stop needs 3 (the best, then 2 without improving); use a smaller --early-stop or "
-        "--eval-every")
+        "step 7), and a stop needs 3 (the best, then 2 without improving); use --steps 16 or more (or a "
+        "smaller --early-stop or --eval-every)")
     # a resume of a run that ended at its last step trains and evaluates nothing: no note (it said "evaluates -1
     # time(s) before its last step (every 3 of 9 steps, from step 10)" before the refusal or the outputs' rewrite)
     assert schedule_note(resumed, 9, 1) is None and schedule_note(resumed, 9, None) is None

@@ -204,8 +204,7 @@ def test_an_early_stop_the_run_cannot_make_is_said_once_at_the_start(evalreward,
     assert main([*args, "--output-dir", str(tmp_path / "run"), "--steps", "1", "--early-stop", "1"]) == 0
     said = [r.getMessage() for r in caplog.records if "cannot stop this run" in r.getMessage()]
     assert said == ["early_stop=1 cannot stop this run: it evaluates 0 time(s) before its last step (every 1 of 1 "
-                    "steps), and a stop needs 2 (the best, then 1 without improving); use a smaller --early-stop or "
-                    "--eval-every"]
+                    "steps), and a stop needs 2 (the best, then 1 without improving); use --steps 3 or more"]
     first_step = next(i for i, r in enumerate(caplog.records) if r.getMessage().startswith("step 1"))
     assert caplog.records.index(next(r for r in caplog.records if "cannot stop" in r.getMessage())) < first_step
     assert [r["step"] for r in strict_rows(tmp_path / "run")] == [1]

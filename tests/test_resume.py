@@ -285,8 +285,8 @@ def test_a_resume_whose_evaluation_measures_otherwise_says_the_early_stop_it_can
     assert main([*args, "--steps", "5", "--resume", "latest", "--set", "reward_cap=1000"]) == 0
     said = [r.getMessage() for r in caplog.records if "cannot stop this run" in r.getMessage()]
     assert said == ["early_stop=2 cannot stop this run: it evaluates 2 time(s) before its last step (every 1 of 5 "
-                    "steps, from step 3), and a stop needs 3 (the best, then 2 without improving); use a smaller "
-                    "--early-stop or --eval-every"]
+                    "steps, from step 3), and a stop needs 3 (the best, then 2 without improving); use --steps 6 "
+                    "or more (or a smaller --early-stop)"]
     rows = strict_rows(run)
     assert [(r["step"], r["eval_best_step"] >= 3) for r in rows[2:]] == [(3, True), (4, True), (5, True)]
 

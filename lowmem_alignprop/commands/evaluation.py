@@ -82,13 +82,24 @@ def schedule_note(cfg: Config, resumed_at: int = 0, spent: int | None = None) ->
                 f"{f', from step {resumed_at + 1}' if resumed_at else ''}), and a stop needs {needed} "
                 f"{'(the best, then ' if spent is None else '('}{patience if spent is None else needed} "
                 f"without improving{f'; {spent} of {patience} spent before the resume' if spent is not None else ''}"
-                f"); use a smaller --early-stop or --eval-every")
+                f"); use {_stop_fixes(every, steps, patience, resumed_at, start, needed)}")
     if every >= steps and steps > 1 and not resumed_at:
         which = ("evaluates only the untrained LoRA (eval_on_start) and the last step: best/ is one of the two" if start
                  else "evaluates only at the last step: best/ is the last step's LoRA")
         return f"--eval-every {every} with {steps} steps {which}; use --eval-every {max(1, steps // 4)} to choose " \
                "among steps"
     return None
+
+
+def _stop_fixes(every: int, steps: int, patience: int, resumed_at: int, start: int, needed: int) -> str:
+    """The changes that let an early stop happen (:func:`schedule_note`): the fewest --steps that hold the
+    evaluations it needs, and a smaller --early-stop or --eval-every only where there is one (1 is the least of
+    both: early_stop=0 is no early stop)."""
+    enough = steps + 1
+    while schedule.due_after(every, enough, resumed_at) - 1 + start < needed:
+        enough += 1
+    smaller = [flag for flag, value in (("--early-stop", patience), ("--eval-every", every)) if value > 1]
+    return f"--steps {enough} or more" + (f" (or a smaller {' or '.join(smaller)})" if smaller else "")
 
 
 def patience_spent(state: dict, cfg: Config, held_out_sha: str | None) -> int | None:
