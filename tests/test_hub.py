@@ -7,6 +7,7 @@ network, and each starts with huggingface_hub out of offline mode (conftest sets
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 
@@ -164,7 +165,6 @@ def test_plan_of_a_hub_id_not_downloaded_fetches_its_configs_and_never_weights(o
                                                                                 tmp_path, capsys):
     """A laptop asks whether a hub model fits a card before downloading it: plan fetches its configs and tokenizers
     (no weights) and plans it as it plans the folder; offline it says so in one line, naming what to do."""
-    import json
 
     from flowmodels import build_tiny_flux_dir
 
@@ -195,3 +195,60 @@ def test_plan_of_a_hub_id_not_downloaded_fetches_its_configs_and_never_weights(o
     assert err.startswith("error: plan needs the architecture of 'someone/not-here': it is not in the local Hugging "
                           "Face cache and the hub cannot be reached; on a machine with network run `hf download "
                           "someone/not-here --local-dir DIR`") and fetched == []
+
+
+# -- a hub id downloaded earlier, read from huggingface_hub's cache layout without network ---------------------------
+
+HUB_FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
+            "--steps", "1"]
+
+
+def _hub_cached(cache, repo: str, src, change=None):
+    """``src`` (a diffusers folder) as huggingface_hub caches a download of ``repo``: refs/main holding the commit,
+    blobs/<sha256> and snapshots/<commit>/<file> symlinks to them; ``change(snapshot_copy)`` edits the files first."""
+    import hashlib
+    import os
+    import shutil
+
+    staged = cache.parent / f"staged-{repo.replace('/', '--')}"
+    shutil.copytree(src, staged)
+    if change:
+        change(staged)
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for f in (f for f in sorted(staged.rglob("*")) if f.is_file()):
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        link = root / "snapshots" / commit / f.relative_to(staged)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return root / "snapshots" / commit
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("offline_by", ["HF_HUB_OFFLINE", "the probe"])
+def test_a_cached_hub_id_trains_offline_without_huggingface_hubs_fallback_lines(offline_by, hub_cache, tiny_dir,
+                                                                                 tmp_path, capsys, caplog, request):
+    """Before: huggingface_hub logged 'Could not reach the Hub (... offline mode is enabled. To disable it, please
+    unset the `HF_HUB_OFFLINE` environment variable.). Using cached commit hash' twice per load (train, sample,
+    export --merge), advising to unset a variable the user never set where the probe found no network."""
+    _hub_cached(hub_cache, "org/tiny-sd", tiny_dir)
+    if offline_by == "the probe":
+        probes = request.getfixturevalue("online_by_setting")
+        request.getfixturevalue("monkeypatch").setattr(socket, "create_connection", _no_dns(probes))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="huggingface_hub"):
+        assert main([*HUB_FAST, "--model", "org/tiny-sd", "--output-dir", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert said == [] and "Could not reach the Hub" not in capsys.readouterr().err
+    assert json.loads((out / "lora" / "base_model.json").read_text())["model"] == "org/tiny-sd"

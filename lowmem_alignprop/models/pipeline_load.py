@@ -16,6 +16,7 @@ import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.hub_access import offline_by_setting
 from lowmem_alignprop.settings.paths import component_variant, model_index, weights_variant
 
 
@@ -27,10 +28,13 @@ def missing_weights(info: dict) -> list[str]:
 
 def pipeline_root(where: str, hub_id: bool) -> Path:
     """The folder a pipeline loads from: ``where`` itself, or (``hub_id``) the hub id's snapshot in the hub cache
-    (fetched if it is not there; offline: the cache only)."""
+    (fetched if it is not there; offline: the cache only, asked for so: huggingface_hub's fallback logged, twice a
+    load, 'Could not reach the Hub (... unset HF_HUB_OFFLINE ...)', also where the probe, not the user, set it)."""
     from diffusers import DiffusionPipeline
 
-    return Path(DiffusionPipeline.download(where)) if hub_id else Path(where).expanduser()
+    if not hub_id:
+        return Path(where).expanduser()
+    return Path(DiffusionPipeline.download(where, local_files_only=offline_by_setting()))
 
 
 def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, named: str | None = None,
