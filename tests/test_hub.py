@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import socket
 
 import pytest
@@ -208,7 +209,6 @@ def _hub_cached(cache, repo: str, src, change=None):
     blobs/<sha256> and snapshots/<commit>/<file> symlinks to them; ``change(snapshot_copy)`` edits the files first."""
     import hashlib
     import os
-    import shutil
 
     staged = cache.parent / f"staged-{repo.replace('/', '--')}"
     shutil.copytree(src, staged)
@@ -252,3 +252,70 @@ def test_a_cached_hub_id_trains_offline_without_huggingface_hubs_fallback_lines(
     said = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert said == [] and "Could not reach the Hub" not in capsys.readouterr().err
     assert json.loads((out / "lora" / "base_model.json").read_text())["model"] == "org/tiny-sd"
+
+
+def _lfs_pointer(f):
+    import hashlib
+
+    data = f.read_bytes()
+    f.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+                 f"size {len(data)}\n")
+
+
+def _cut_in_half(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("change, line", [
+    (lambda d: shutil.rmtree(d / "vae"),
+     "org/m is incomplete: its model_index.json lists vae but the vae/ folder is missing; its download in the "
+     "Hugging Face cache is incomplete: on a machine with network run `hf download org/m`, then run again"),
+    (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+     "org/m is incomplete: vae/ has no weights file (such as diffusion_pytorch_model.safetensors); its download in "
+     "the Hugging Face cache is incomplete: on a machine with network run `hf download org/m`, then run again"),
+    (lambda d: _lfs_pointer(d / "text_encoder" / "model.safetensors"),  # (a traceback)
+     "org/m: text_encoder/model.safetensors is a Git LFS pointer (1xx bytes), not the weights; its download in the "
+     "Hugging Face cache is damaged: on a machine with network run `hf download org/m --force-download`, then run "
+     "again"),
+    (lambda d: _cut_in_half(d / "unet" / "diffusion_pytorch_model.safetensors"),
+     "org/m: unet/diffusion_pytorch_model.safetensors is damaged or not a safetensors file (Error while "
+     "deserializing header: incomplete metadata, file not fully covered); its download in the Hugging Face cache "
+     "is damaged: on a machine with network run `hf download org/m --force-download`, then run again"),
+], ids=["no_vae", "vae_without_weights", "text_encoder_lfs_pointer", "unet_cut_short"])
+def test_a_damaged_or_partial_cached_hub_id_is_one_line_naming_the_part_and_the_download(
+        change, line, hub_cache, tiny_dir, tmp_path, capsys):
+    """Before: 'could not load model ... Error no file named config.json found in directory <snapshot>; check the hub
+    id' (no part named, a wrong fix), diffusers' stray 'An error occurred while trying to fetch' line, a message cut
+    at 200 characters, or (a text encoder's file) a SafetensorError traceback."""
+    import re
+
+    _hub_cached(hub_cache, "org/m", tiny_dir, change)
+    out = tmp_path / "run"
+    assert main([*HUB_FAST, "--model", "org/m", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "An error occurred" not in err
+    said = err.strip().splitlines()
+    assert len(said) == 1 and re.fullmatch(re.escape(f"error: {line}").replace("1xx", r"1\d\d"), said[0]), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("part, change, line", [
+    ("text_encoder/model.safetensors", _lfs_pointer,
+     "text_encoder/model.safetensors is a Git LFS pointer (1xx bytes), not the weights; it was cloned without "
+     "git-lfs: run `git lfs pull` in the model folder, or download the model with `hf download OWNER/NAME "
+     "--local-dir DIR`"),
+    ("text_encoder/model.safetensors", _cut_in_half,
+     "text_encoder/model.safetensors is damaged or not a safetensors file (Error while deserializing header: "
+     "incomplete metadata, file not fully covered); copy the whole model folder again (every subfolder, every file "
+     "in full)")], ids=["lfs_pointer", "cut_short"])
+def test_a_model_folder_with_a_pointer_or_cut_off_text_encoder_is_one_line(part, change, line, tiny_dir, tmp_path,
+                                                                           capsys):
+    """A git clone without git-lfs, or a copy cut off: the text encoder's file was a SafetensorError traceback."""
+    import re
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    change(model / part)
+    assert main([*HUB_FAST, "--model", str(model), "--output-dir", str(tmp_path / "run")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and re.fullmatch(re.escape(f"error: {model}: {line}").replace("1xx", r"1\d\d"), said[0])

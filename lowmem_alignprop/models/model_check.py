@@ -89,3 +89,81 @@ def check_loaded(comps, spec: str) -> None:
     """:func:`check_compatible` on loaded components (hub ids, single files, the random architectures)."""
     widths = [te.config.hidden_size for te in (comps.text_encoder, comps.text_encoder_2) if te is not None]
     check_compatible(dict(comps.unet.config), dict(comps.vae.config), widths, spec)
+
+
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file begins (a clone made without git-lfs)
+
+
+def hub_snapshot_repo(root: Path) -> str | None:
+    """The hub id whose huggingface_hub cache snapshot ``root`` is (``HF_HUB_CACHE/models--ORG--NAME/snapshots/
+    COMMIT``, as a hub id resolves or as a user passes it), else None."""
+    repo_folder = Path(root).parent.parent.name
+    if Path(root).parent.name != "snapshots" or not repo_folder.startswith("models--"):
+        return None
+    return repo_folder[len("models--"):].replace("--", "/")
+
+
+def _refetch(root: Path, damaged: bool) -> str:
+    """What to do about a part missing (or, ``damaged``, cut short) in ``root``: the hub cache's download again
+    (forced: huggingface_hub keeps a damaged file it already has), or the folder copied again."""
+    repo = hub_snapshot_repo(root)
+    if repo is None:
+        return "copy the whole model folder again (every subfolder, every file in full)"
+    return (f"its download in the Hugging Face cache is {'damaged' if damaged else 'incomplete'}: on a machine with "
+            f"network run `hf download {repo}{' --force-download' if damaged else ''}`, then run again")
+
+
+def _is_model(entry) -> bool:
+    """A model_index.json entry naming a diffusers or transformers model class (a part with weights)."""
+    import importlib
+
+    library, name = entry
+    if library not in ("diffusers", "transformers"):
+        return False
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    cls = getattr(importlib.import_module(library), str(name), None)
+    return isinstance(cls, type) and issubclass(cls, (ModelMixin, PreTrainedModel))
+
+
+def check_weight_files(root: Path, spec: str, skip=()) -> None:
+    """Before diffusers and transformers read a folder's parts (a diffusers folder, or a hub id's cached snapshot):
+    each part its model_index.json lists (but those in ``skip``, given loaded) has its folder, each model part its
+    weight files, and each .safetensors file of them a whole header whose tensors the file holds (a Git LFS
+    pointer, a cut-off copy). One UserError naming the part and the fix; the readers' own errors said neither
+    (a traceback for a text encoder's). Header reads only: no weight is read."""
+    from lowmem_alignprop.run.tensor_files import TensorFileError, not_safetensors, read_safetensors_shapes
+    from lowmem_alignprop.settings.paths import component_variant, model_index, weight_files, weights_variant
+
+    index = model_index(root) or {}  # none: diffusers' own load says what is wrong with the folder
+    pipeline_variant = weights_variant(root)
+    for part in index:
+        if part in skip or part.startswith("_") or not _listed(index, part):
+            continue
+        if not (root / part).is_dir():
+            raise UserError(f"{spec} is incomplete: its model_index.json lists {part} but the {part}/ folder is "
+                            f"missing; {_refetch(root, False)}")
+        if not _is_model(index[part]):
+            continue
+        variant = component_variant(root / part)
+        if variant is None and pipeline_variant and weight_files(root / part, pipeline_variant):
+            variant = pipeline_variant  # (diffusers reads a part's own variant files where they are there)
+        files = weight_files(root / part, variant)
+        if not files:
+            raise UserError(f"{spec} is incomplete: {part}/ has no weights file (such as "
+                            f"{'model' if index[part][0] == 'transformers' else 'diffusion_pytorch_model'}"
+                            f".safetensors); {_refetch(root, False)}")
+        for f in (f for f in files if f.suffix == ".safetensors"):
+            with open(f, "rb") as stream:
+                head = stream.read(len(LFS_POINTER))
+            if head == LFS_POINTER:
+                fix = _refetch(root, True) if hub_snapshot_repo(root) else (
+                    "it was cloned without git-lfs: run `git lfs pull` in the model folder, or download the model "
+                    "with `hf download OWNER/NAME --local-dir DIR`")
+                raise UserError(f"{spec}: {part}/{f.name} is a Git LFS pointer ({f.stat().st_size} bytes), not "
+                                f"the weights; {fix}")
+            try:
+                read_safetensors_shapes(f)
+            except (TensorFileError, OSError) as e:
+                raise UserError(f"{spec}: {part}/{not_safetensors(f, e)}; {_refetch(root, True)}") from None

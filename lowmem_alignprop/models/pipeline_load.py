@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
+from lowmem_alignprop.models.model_check import check_weight_files
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.hub_access import offline_by_setting
 from lowmem_alignprop.settings.paths import component_variant, model_index, weights_variant
@@ -46,6 +47,7 @@ def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool 
     from diffusers import DiffusionPipeline
 
     root = pipeline_root(where, hub_id)
+    check_weight_files(root, named or where, skip=given)  # a missing part, an LFS pointer, a cut-off file: one line
     variant = {"variant": v} if (v := weights_variant(root)) else {}  # a folder of only fp16 files (variant="fp16")
     for name, cls in _transformers_models(root).items():
         if name not in given:

@@ -120,6 +120,14 @@ def component_variant(folder: str | os.PathLike) -> str | None:
     return "fp16" if "fp16" in found else sorted(found)[0]
 
 
+def weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """A component folder's weight files (.safetensors and .bin, shards included) of ``variant`` (None: the plain
+    ones)."""
+    folder = Path(folder)
+    return sorted(f for f in folder.iterdir() if (m := _WEIGHTS.match(f.name)) and m.group(1) == variant) \
+        if folder.is_dir() else []
+
+
 def pipeline_class(folder: str | os.PathLike) -> str | None:
     """The pipeline class a diffusers folder's model_index.json names (``_class_name``), or None."""
     return (model_index(folder) or {}).get("_class_name")
