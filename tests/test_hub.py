@@ -319,3 +319,13 @@ def test_a_model_folder_with_a_pointer_or_cut_off_text_encoder_is_one_line(part,
     assert main([*HUB_FAST, "--model", str(model), "--output-dir", str(tmp_path / "run")]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and re.fullmatch(re.escape(f"error: {model}: {line}").replace("1xx", r"1\d\d"), said[0])
+
+
+def test_a_cached_pipeline_hub_id_as_vae_loads_its_vae_folder(hub_cache, tiny_dir, tmp_path, caplog):
+    """``--set vae=OWNER/NAME`` of a whole pipeline's repository reads its vae/, as a pipeline folder's does; it said
+    'could not be fetched ... nor found in the local cache' of a hub id that was there."""
+    _hub_cached(hub_cache, "org/tiny-sd", tiny_dir)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main([*HUB_FAST, "--model", str(tiny_dir), "--set", "vae=org/tiny-sd", "--output-dir", str(out)]) == 0
+    assert "VAE: org/tiny-sd instead of the model's own" in caplog.text

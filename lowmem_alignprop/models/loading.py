@@ -461,8 +461,11 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
                 vae = AutoencoderKL.from_single_file(str(path), config=tmp, subfolder="vae", local_files_only=True,
                                                      **dtype_kwarg(dtype))
         else:  # a hub id (vae_path_problem: no path)
-            hub.offline()  # no network: the local cache only, at once
-            vae = AutoencoderKL.from_pretrained(spec, **dtype_kwarg(dtype))
+            offline = hub.offline()  # no network: the local cache only, at once
+            # a whole pipeline's repository (its VAE in vae/, as a folder's): it said 'not in the local cache'
+            pipeline = hub_file(spec, "model_index.json", download=not offline) is not None
+            vae = AutoencoderKL.from_pretrained(spec, subfolder="vae" if pipeline else None, local_files_only=offline,
+                                                **dtype_kwarg(dtype))
     except UserError:
         raise
     except SingleFileComponentError:  # (a UNet's, a LoRA's or a text encoder's file)
