@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import socket
+import threading
 
 import pytest
 from huggingface_hub import constants
@@ -66,6 +67,23 @@ def test_a_refused_connection_to_a_mirror_endpoint_is_offline(online_by_setting,
     monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.example:8080")  # HF_ENDPOINT
     assert hub_access.unreachable() == "mirror.example:8080 cannot be reached (Connection refused)"
     assert online_by_setting == [("mirror.example", 8080)]
+
+
+def test_a_name_lookup_that_does_not_answer_is_offline_after_the_probes_timeout(online_by_setting, monkeypatch):
+    """A resolver that does not answer (a captive portal, a dead DNS server): create_connection's timeout covers the
+    connect only, so the lookup held the start for the resolver's own retries; the probe answers at TIMEOUT."""
+    answer = threading.Event()
+
+    def hanging_lookup(address, timeout=None):
+        answer.wait(5)  # the resolver's silence (released below, once the probe has answered)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "create_connection", hanging_lookup)
+    monkeypatch.setattr(hub_access, "TIMEOUT", 0.2)
+    try:
+        assert hub_access.unreachable() == ("huggingface.co gave no answer within 0.2 s (its name lookup and "
+                                            "connection)")
+    finally:
+        answer.set()
 
 
 def test_behind_a_proxy_no_probe_is_made(online_by_setting, monkeypatch):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-TIMEOUT = 5.0  # seconds for the DNS lookup + TCP connect to the endpoint (a working link answers in well under 1 s)
+TIMEOUT = 5.0  # seconds for the DNS lookup + TCP connect to the endpoint, in all (a working link answers within 1 s)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
@@ -39,13 +40,27 @@ def unreachable() -> str | None:
 
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT):
-            return None
-    except socket.gaierror as e:
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=TIMEOUT):
+                outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    # create_connection's timeout bounds the connect, not the DNS lookup before it (a resolver that does not answer
+    # held the start for its own retries): the probe waits TIMEOUT in all, its thread left to end on its own
+    probe = threading.Thread(target=connect, name="hub-probe", daemon=True)
+    probe.start()
+    probe.join(TIMEOUT)
+    if not outcome:
+        return f"{host} gave no answer within {TIMEOUT:g} s (its name lookup and connection)"
+    if (e := outcome[0]) is None:
+        return None
+    if isinstance(e, socket.gaierror):
         return f"{host} cannot be resolved ({e.strerror or e})"
-    except OSError as e:  # refused, unreachable network, timeout
-        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"  # refused, no route, timeout
 
 
 def hub_file(repo: str, filename: str, *, download: bool = False) -> Path | None:
