@@ -145,7 +145,8 @@ def test_a_judged_step_better_than_the_end_is_shown():
 
 def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     """The box's best line: the best step, its held-out eval_reward (best_eval_reward, not the objective best/ was
-    chosen by) and, with best_by=fidelity or a reward_cap/reward_target objective, that objective beside it; step 0 is said to be the untrained LoRA."""
+    chosen by) and, with best_by=fidelity or a reward_cap/reward_target objective, that objective beside it; step 0
+    is said to be the untrained LoRA."""
     from lowmem_alignprop.commands.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
