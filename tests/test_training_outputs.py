@@ -406,6 +406,58 @@ def test_a_lycoris_loha_or_lokr_file_is_one_line_naming_it_for_init_lora_and_sam
                        capsys)
 
 
+def test_sample_of_a_dora_applies_its_magnitudes_or_is_one_line(made_lora, tmp_path, capsys, fresh_log_handlers):
+    """sample --lora of a peft DoRA adapter folder (use_dora, trained magnitudes) computes what peft's own merged DoRA
+    weight does, not the plain LoRA's; a kohya-named DoRA (LyCORIS' .dora_scale), whose magnitudes diffusers' reader
+    drops (a warning), is one line: it rendered as the plain LoRA in silence."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, parse_lora
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.errors import quote
+
+    cfg = _cfg(tmp_path / "unused")
+    unet = load_components(cfg).unet
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], use_dora=True)
+    inject_adapter_in_model(config, unet)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_magnitude_vector" in n:  # trained magnitudes: not the base weight's norms
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+    config.save_pretrained(str(tmp_path / "dora"))
+    save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()},
+              str(tmp_path / "dora" / "adapter_model.safetensors"))
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    load_adapters(pipe, [parse_lora(str(tmp_path / "dora"), 0)], cfg.model)
+    pipe.set_adapters(["lora0"])
+    layers = [n for n, m in unet.named_modules() if "default" in getattr(m, "lora_A", {})]
+    x = torch.randn(3, 64, generator=g)  # (the widest layer's inputs; a narrower one takes the first)
+    assert len(layers) == 16
+    for name in layers:
+        theirs, ours = unet.get_submodule(name), pipe.unet.get_submodule(name)
+        plain = theirs.base_layer.weight + theirs.get_delta_weight("default")
+        theirs.merge(adapter_names=["default"])  # peft's DoRA weight: magnitude * (W + dW) / ||W + dW||
+        with torch.no_grad():
+            got, want = ours(x[:, :ours.in_features]), x[:, :ours.in_features] @ theirs.base_layer.weight.T
+        assert relative_difference(got, want) < 1e-5, name
+        assert relative_difference(x[:, :ours.in_features] @ plain.T, want) > 0.01  # (the magnitudes matter)
+    weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    layer = sorted(k for k in weights if k.endswith(".lora_down.weight"))[0].removesuffix(".lora_down.weight")
+    save_file({**weights, f"{layer}.dora_scale": torch.full((weights[f"{layer}.lora_up.weight"].shape[0], 1), 2.0)},
+              str(tmp_path / "kohya_dora.safetensors"))
+    file = tmp_path / "kohya_dora.safetensors"
+    assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(file), "--output-dir", str(tmp_path / "sample")],
+                   f"--lora {file} is a DoRA in kohya's names (its magnitude vectors, e.g. "
+                   f"{quote(f'{layer}.dora_scale')}), which diffusers' reader drops: sample reads a DoRA's magnitudes "
+                   "from a peft adapter folder or a diffusers file (lora_magnitude_vector); pass one of those, or a "
+                   "plain LoRA", tmp_path / "sample", capsys)
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_init_lora_of_feed_forward_layers_renders_them_under_attention_ff(layout, made_ff_lora, tmp_path):
     """A LoRA of the attention and feed-forward layers starts a lora_layers=attention+ff run where it renders (every

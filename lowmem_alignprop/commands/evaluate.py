@@ -67,7 +67,7 @@ from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DI
 from lowmem_alignprop.run.runlock import hold_folder, holder
 from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, not_safetensors, read_tensor_file
 from lowmem_alignprop.settings.config import image_settings, scoring_settings
-from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.settings.model_kind import KIND_FAMILY, flow_width, model_kind_of, shipped_name
 from lowmem_alignprop.step.inputs import prepare_inputs
 from lowmem_alignprop.step.prompts import load_prompts
@@ -161,6 +161,11 @@ def _lora_file(path: Path, arg: str) -> Path:
                         "only; pass a LoRA")
     if (other := ldm_unet_refusal(tensors)) is not None:  # (ComfyUI's full differences, its text encoders' layers)
         raise UserError(f"--lora {arg} {other}")
+    if (scale := next((k for k in sorted(tensors) if k.endswith(".dora_scale")), None)) is not None:  # (dropped by
+        # every diffusers reader, with a warning: its images were the plain LoRA's)
+        raise UserError(f"--lora {arg} is a DoRA in kohya's names (its magnitude vectors, e.g. {quote(scale)}), which "
+                        "diffusers' reader drops: sample reads a DoRA's magnitudes from a peft adapter folder or a "
+                        "diffusers file (lora_magnitude_vector); pass one of those, or a plain LoRA")
     if not any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         raise UserError(f"--lora {arg}: {file} holds no LoRA weights (no lora_A / lora.down keys): pass the "
                         "lora/ folder a training run wrote")
