@@ -309,6 +309,46 @@ def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, tmp_path, _iso
         assert relative_difference(got, want[name]) < 1e-6, name
 
 
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_sample_applies_an_sdxl_loras_text_encoder_layers_to_both_encoders(layout, _isolated_cache, tmp_path):
+    """sample --lora FILE:0.5 of an SDXL LoRA with both text encoders' layers, named as files carry them (kohya's
+    lora_te1_text_model_..., lora_te2_; diffusers' text_encoder.text_model. / text_encoder_2.: transformers 5 has no
+    text_model in CLIPTextModel, which diffusers' reader strips), kohya's with per-layer alphas: every layer of the
+    UNet and of each encoder holds half its alpha / rank * up @ down (every encoder linear, as sd-scripts adapts
+    them: diffusers' kohya reader tells its text-encoder layout by the out_proj layers)."""
+    from midsize import build_tiny_sdxl_pipeline
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.evaluate import load_adapters, mix_adapters, parse_lora
+
+    pipe = build_tiny_sdxl_pipeline()
+    g = torch.Generator().manual_seed(5)
+    tensors, want = {}, {}
+    for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for i, (name, m) in enumerate((n, m) for n, m in getattr(pipe, part).named_modules() if isinstance(
+                m, torch.nn.Linear) and not n.endswith(("proj_in", "proj_out", "projection", "linear_1", "linear_2"))
+                and (part != "unet" or ".attn" in n)):  # (every encoder linear, as sd-scripts adapts them)
+            down, up, alpha = torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), \
+                (1.0, 4.0)[i % 2]
+            real = name if part == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+            if layout == "kohya":
+                layer = prefix + real.replace(".", "_")
+                tensors.update({f"{layer}.lora_down.weight": down, f"{layer}.lora_up.weight": up,
+                                f"{layer}.alpha": torch.tensor(alpha)})
+            else:
+                tensors.update({f"{part}.{real}.lora_A.weight": down, f"{part}.{real}.lora_B.weight": up * alpha / 2})
+            want[part, name] = alpha / 2 * up @ down
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"))
+    spec = parse_lora(f"{tmp_path / 'sdxl.safetensors'}:0.5", 0)
+    load_adapters(pipe, [spec], "tiny-sdxl")
+    mix_adapters(pipe, [spec])  # (the weight is folded into the scaling)
+    got = {(part, n): m.scaling["lora0"] * m.lora_B["lora0"].weight @ m.lora_A["lora0"].weight
+           for part in ("unet", "text_encoder", "text_encoder_2")
+           for n, m in getattr(pipe, part).named_modules() if "lora0" in getattr(m, "lora_A", {})}
+    assert sorted(got) == sorted(want) and sum(p != "unet" for p, _ in want) == 24
+    assert max(relative_difference(got[k], 0.5 * want[k]) for k in want) < 1e-6
+
+
 @pytest.mark.parametrize("extra", ["diff", "text_encoder"])
 def test_a_comfyui_lora_with_weight_differences_or_text_encoder_layers_is_one_line(extra, made_lora, tmp_path, capsys,
                                                                                   fresh_log_handlers):
