@@ -663,6 +663,7 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
     magnitude = first.replace(".lora.down.weight", ".lora_magnitude_vector")
     weird = {"dora": {**plain, magnitude: torch.ones(8)}, "nan": {k: v.clone() for k, v in plain.items()}}
     weird["nan"][first].view(-1)[3] = float("nan")
+    weird["empty"] = {}  # (a header, no tensor: an interrupted save) it named no fix
     for name, weights in weird.items():
         (tmp_path / name).mkdir()
         save_file(weights, str(tmp_path / name / "pytorch_lora_weights.safetensors"))
@@ -680,6 +681,9 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
               (["--init-lora", str(tmp_path / "peft_dora")], "is a DoRA (its adapter_config.json: use_dora)"),
               (["--init-lora", str(tmp_path / "peft_loha")], f"--init-lora {tmp_path / 'peft_loha'} is a peft LOHA "
                "adapter, not a LoRA: only LoRA adapters (peft_type LORA) are read"),
+              (["--init-lora", str(tmp_path / "empty")], "pytorch_lora_weights.safetensors holds no LoRA weights (no "
+               "lora_A / lora_down keys): pass a LoRA of this base model (a run's lora/ folder, or a diffusers, kohya "
+               "or peft LoRA file)"),
               (["--init-lora", str(tmp_path / "nan")], f"--init-lora {tmp_path / 'nan'}: 1 of its weights is NaN or "
                "infinite (e.g. in '"), (["--init-lora", str(tmp_path / "nan")], "lora.down.weight'; the run that made "
                                         "it diverged): pass another LoRA")]

@@ -140,7 +140,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
                         "is on the attention projections: add --set lora_layers=attention+ff")
     ranks = {s[0] for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
     if not ranks:
-        raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys)")
+        raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
+                        "LoRA of this base model (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
     _check_finite(file, spec)
     return ranks
 
