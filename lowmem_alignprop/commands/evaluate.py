@@ -48,9 +48,9 @@ from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
 from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, lycoris_kind, merged_record,
                                                   nonfinite, read_run, shared_name)
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded,
-                                                   is_ldm_unet_lora, ldm_unet_as_diffusers, ldm_unet_refusal,
-                                                   peft_as_diffusers)
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, is_ldm_unet_lora, kohya_alphas_folded,
+                                                   kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
+                                                   ldm_unet_refusal, peft_as_diffusers)
 from lowmem_alignprop.commands.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
 from lowmem_alignprop.memory import precision
@@ -76,7 +76,7 @@ from lowmem_alignprop.toy.fidelity import applies, evaluate_batch, off_grammar_n
 log = logging.getLogger("lowmem_alignprop")
 
 # keys of a LoRA's down/A matrix in the formats diffusers reads: one per adapted layer
-_DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight")
+_DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight", "lora_linear_layer.down.weight")
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
                             r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
@@ -643,6 +643,7 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
             if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
                 file = ldm_unet_as_diffusers(file, pipe.unet.config) or file  # blocks numbered by the UNet's config
+                file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except MISFIT_ERRORS as e:
         raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None

@@ -393,6 +393,57 @@ def ldm_unet_as_diffusers(file: Path, unet_config) -> Path | None:
                                                             for k, v in state.items()}), {})
 
 
+# kohya's text-encoder layers by encoder: lora_te_ (SD's one), lora_te1_ / lora_te2_ (SDXL's two)
+_KOHYA_ENCODERS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+
+
+def kohya_encoders_without_out_proj(keys) -> bool:
+    """Whether a kohya LoRA has an encoder's layers (``lora_te_``, ``lora_te1_``, ``lora_te2_``) without any of its
+    ``out_proj``: diffusers' reader names that encoder's attention layers in its old layout (``to_q_lora``) and
+    tells it by an out_proj layer alone, so it dropped the q/k/v layers beside mlp ones, or raised "Could not
+    automatically infer state dict type" (sd-scripts adapts every encoder linear; a pruned file or another tool's
+    may not)."""
+    parts = {}
+    for key in keys:
+        if (prefix := next((p for p in _KOHYA_ENCODERS if key.startswith(p)), None)) is not None:
+            parts[_KOHYA_ENCODERS[prefix]] = parts.get(_KOHYA_ENCODERS[prefix], False) or "_out_proj." in key
+    return not all(parts.values())
+
+
+def kohya_encoders_as_diffusers(file: Path, pipe) -> Path | None:
+    """A kohya UNet LoRA file whose encoder layers lack out_proj (:func:`kohya_encoders_without_out_proj`) in
+    diffusers' layout, in a temporary folder (removed when the process ends): each alpha / rank folded into its
+    ``lora_up`` (alpha = rank where it has none), read by ``pipe``'s own kohya reader (the UNet's config numbers
+    sgm blocks), each encoder's part named in diffusers' layout (``q_proj.lora_linear_layer``), which its reader
+    reads without telling. None for any other file. A second encoder's layers on a model with one raise ValueError
+    (the file is another model's); diffusers' errors pass through."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        if not kohya_encoders_without_out_proj(f.keys()):
+            return None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
+    alphas = {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0]) for m in layers}
+    state, _ = type(pipe).lora_state_dict(_alphas_folded(tensors, alphas), unet_config=pipe.unet.config)
+    parts = {}
+    for key, value in state.items():
+        part, _, name = key.partition(".")
+        parts.setdefault(part, {})[name] = value
+    if "text_encoder_2" in parts and getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError("it adapts a second text encoder (lora_te2_), which this model has not")
+    layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(named, original_type=StateDictType.DIFFUSERS_OLD)
+              for part, named in parts.items() if part != "unet"}
+    if "unet" in parts:
+        layers["unet_lora_layers"] = convert_unet_state_dict_to_peft(parts["unet"])
+    out = temporary_folder() / "lora"
+    type(pipe).save_lora_weights(str(out), **layers)
+    return out / LORA_WEIGHT_NAME
+
+
 def _diffusers_file(weights: dict, known: dict) -> Path:
     """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder, the
     names as they are: diffusers' peft-to-diffusers converter renames the attention layers' alone, and its reader,
