@@ -177,9 +177,16 @@ def test_tiled_decode_that_cuts_no_tile_is_noted_with_the_tile_size_that_would(s
 
     assert main(["plan", "--profile", "cpu", "--set", "tiled_decode=true", "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert untiled_note(True, 64, 64, 2) in notes  # the tiny VAE halves: 32 cells a side
-    assert untiled_note(True, 64, 64, 2).endswith("--set tile_size=16 cuts it in tiles")
-    assert untiled_note(True, 64, 16, 2) is None and untiled_note(False, 64, 64, 2) is None
+    note = untiled_note(True, 64, 64, 2, 16)
+    assert note in notes  # the tiny VAE halves: 32 cells a side
+    # tile_size=16 alone is refused beside the default tile_overlap=16 (under half a tile): the note names both
+    assert note.endswith("--set tile_size=16 --set tile_overlap=4 cuts it in tiles"), note
+    assert untiled_note(True, 64, 64, 2, 2).endswith("--set tile_size=16 cuts it in tiles")  # an overlap that fits
+    assert untiled_note(True, 64, 16, 2, 4) is None and untiled_note(False, 64, 64, 2, 16) is None
+    fix = note.split("; ")[-1].removesuffix(" cuts it in tiles").split()[1::2]
+    assert main(["plan", "--profile", "cpu", "--set", "tiled_decode=true", *[x for f in fix for x in ("--set", f)],
+                 "--json"]) == 0  # the fix it names is taken, and then cuts tiles
+    assert not any("tiled_decode cuts no tile" in n for n in json.loads(capsys.readouterr().out)["notes"])
 
 
 def test_too_small_budget_does_not_fit_and_the_suggestion_fits(shared_plans, tiny_dir, capsys):

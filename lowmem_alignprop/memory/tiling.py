@@ -65,14 +65,21 @@ def cuts_images(resolution: int, tile_size: int, vae_scale: int) -> bool:
     return cuts_tiles(side, side, tile_size)
 
 
-def untiled_note(tiled_decode: bool, resolution: int, tile_size: int, vae_scale: int) -> str | None:
-    """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None."""
+def untiled_note(tiled_decode: bool, resolution: int, tile_size: int, vae_scale: int,
+                 tile_overlap: int) -> str | None:
+    """What to say of a tiled_decode that cuts no tile (the latents no larger than ``tile_size``), else None. The
+    tile size it names cuts the latents in two; with a ``tile_overlap`` that size refuses (under half a tile) it
+    names an overlap of a quarter tile too, so the fix it gives is one the run takes."""
     if not tiled_decode or cuts_images(resolution, tile_size, vae_scale):
         return None
     side = resolution // vae_scale
+    smaller = max(side // 2, 1)
+    fix = f"--set tile_size={smaller}"
+    if not tile_overlap_fits(smaller, tile_overlap):
+        fix += f" --set tile_overlap={smaller // 4}"
     return (f"tiled_decode cuts no tile: the latents are {side} cells a side and tile_size={tile_size} counts latent "
             f"cells ({tile_size * vae_scale} px), so each image decodes whole, as sliced_decode does; "
-            f"--set tile_size={max(side // 2, 1)} cuts it in tiles")
+            f"{fix} cuts it in tiles")
 
 
 def _decode_tile(vae, z_tile: torch.Tensor) -> torch.Tensor:
