@@ -320,6 +320,14 @@ def _alphas_folded(tensors: dict, alphas: dict) -> dict:
     return folded
 
 
+def _every_alpha_folded(tensors: dict) -> dict:
+    """:func:`_alphas_folded` of every layer of ``tensors`` (kohya-named), alpha = rank where a layer has none (as
+    sd-scripts and ComfyUI apply such a layer): what diffusers' kohya reader then reads at scale 1."""
+    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
+    return _alphas_folded(tensors, {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0])
+                                    for m in layers})
+
+
 # a UNet LoRA as ComfyUI saves it (its LoRA save / extract nodes, and its generic reader's layout): the original
 # LDM/sgm UNet's module paths under ``diffusion_model.`` (``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.
 # to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; no alpha: alpha = rank)
@@ -386,9 +394,7 @@ def ldm_unet_as_diffusers(file: Path, unet_config) -> Path | None:
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
-    alphas = {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0]) for m in layers}
-    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(_alphas_folded(tensors, alphas), unet_config=unet_config)
+    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(_every_alpha_folded(tensors), unet_config=unet_config)
     return _diffusers_file(convert_unet_state_dict_to_peft({k.removeprefix("unet.").replace(".processor.", "."): v
                                                             for k, v in state.items()}), {})
 
@@ -426,9 +432,7 @@ def kohya_encoders_as_diffusers(file: Path, pipe) -> Path | None:
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
-    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
-    alphas = {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0]) for m in layers}
-    state, _ = type(pipe).lora_state_dict(_alphas_folded(tensors, alphas), unet_config=pipe.unet.config)
+    state, _ = type(pipe).lora_state_dict(_every_alpha_folded(tensors), unet_config=pipe.unet.config)
     parts = {}
     for key, value in state.items():
         part, _, name = key.partition(".")
