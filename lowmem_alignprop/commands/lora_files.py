@@ -243,13 +243,13 @@ def read_lora(spec: str) -> Lora:
 def _as_best(lora: Lora) -> None:
     """A run's best/ (--eval-every): the LoRA of step N, whose card, file name and grid are step N's, as a checkpoint
     of that step's are (not the finished run's steps, rewards and before/after grid)."""
-    from lowmem_alignprop.run.runfolder import METRICS, best_step, first_last_rewards, read_metrics
+    from lowmem_alignprop.run.runfolder import METRICS, best_record, first_last_rewards, read_metrics
 
-    if (step := best_step(lora.path)) is None:
+    if (record := best_record(lora.path)) is None:
         return  # a damaged best.json: the run's figures, as before
+    step = record["step"]
     rows = [row for row in read_metrics(lora.run / METRICS, until=step) if "reward_mean" in row]
     lora.step = step
-    record = json.loads((lora.path / BEST_FILE).read_text(encoding="utf-8"))  # (best_step read it)
     chosen = {k: v for k, v in record.items() if k in ("eval_reward", "eval_fidelity_score")
               and isinstance(v, (int, float)) and not isinstance(v, bool)}  # the card's "chosen as" row
     lora.summary = {"steps": step, "steps_done": step, **(first_last_rewards(rows) if rows else {}),

@@ -312,12 +312,19 @@ def keep_metrics_until(path: Path, step: int, history: Sequence[dict] = ()) -> N
     atomic.write_text(path, "".join(metrics_line(r) for r in rows))
 
 
-def best_step(folder: Path) -> int | None:
-    """The step a best/ folder's best.json names (None: no readable one)."""
+def best_record(folder: Path) -> dict[str, Any] | None:
+    """A best/ folder's best.json, its ``step`` an int (None: no readable one)."""
     try:
-        return int(json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))["step"])
+        record = json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))
+        return {**record, "step": int(record["step"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def best_step(folder: Path) -> int | None:
+    """The step a best/ folder's best.json names (None: no readable one)."""
+    record = best_record(folder)
+    return None if record is None else record["step"]
 
 
 def first_last_rewards(history: list[dict], since: int = 1, prompts_since: int = 1) -> dict[str, Any]:
