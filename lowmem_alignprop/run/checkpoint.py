@@ -330,8 +330,8 @@ def eval_basis_changed(state: dict[str, Any], cfg, held_out_sha: str | None = No
     """What the checkpoint's run's held-out evaluation measured otherwise than this run's: the fields of
     :data:`EVAL_BASIS_FIELDS` and :func:`images_changed` that differ from ``cfg``, and "held-out prompts" when
     ``held_out_sha`` (this run's held-out set's digest, once the prompts are split) differs from the one the
-    checkpoint kept. Its evaluations are
-    then no measure for this run's: best/ and the early stop's patience start over."""
+    checkpoint kept. Its evaluations are then no measure for this run's: best/ and the early stop's patience start
+    over."""
     saved = state.get("config") or {}
     kept = (state.get("evaluation") or {}).get("held_out_sha")
     # a field the checkpoint's config predates had its default there (best_by: reward)
