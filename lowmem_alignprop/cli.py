@@ -345,6 +345,7 @@ def cmd_plan(argv: list[str]) -> int:
     name, cfg = config_from_args(args)
     from lowmem_alignprop.commands.plan_cmd import plan_main
     return plan_main(cfg, name, argv, started=started, as_json=args.json, target=args.device,
+                     auto_found_no_gpu=args.profile == "auto" and name == "cpu",
                      suggest_changes=not args.no_suggest, fastest=args.fastest,
                      allow_task_changes=args.allow_task_changes, max_estimates=args.max_estimates, jobs=args.jobs)
 

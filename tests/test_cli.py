@@ -1,5 +1,6 @@
 """Bad input: one line naming the fix, exit code 2, nothing written."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -500,3 +501,21 @@ def test_a_config_field_given_as_an_option_names_its_set(capsys):
     for argv, words in cases:
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"error: unrecognized arguments: {words}\n", argv
+
+
+def test_a_plan_that_auto_made_for_this_cpu_says_no_gpu_was_found(capsys, monkeypatch):
+    """`plan` with the default --profile auto on a machine without a CUDA GPU planned for the CPU and said only
+    "planned for this CPU": a user who expected their card's plan was not told that no card was detected."""
+    from lowmem_alignprop.commands import plan_cmd
+    from lowmem_alignprop.settings import profiles
+
+    monkeypatch.setattr(profiles, "detect_card", lambda: None)
+    assert main(["plan", "--model", "tiny", "--no-suggest", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["auto_found_no_gpu"] is True and planned["profile"] == "cpu"
+    monkeypatch.setattr(plan_cmd, "plan", lambda *a, **k: dict(planned))  # (one estimate serves the table's cases)
+    said = "; --profile auto, the default, found no CUDA GPU here;"
+    for argv, auto in ((["plan", "--model", "tiny"], True), (["plan", "--model", "tiny", "--profile", "cpu"], False)):
+        assert main(argv) == 0
+        last = capsys.readouterr().out.rstrip().splitlines()[-1]
+        assert last.startswith("  (planned for this CPU") and (said in last) == auto, last

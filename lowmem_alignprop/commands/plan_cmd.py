@@ -21,9 +21,9 @@ logger = logging.getLogger("lowmem_alignprop")
 
 def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bool = False, target: str | None = None,
               suggest_changes: bool = True, fastest: bool = False, allow_task_changes: bool = False,
-              max_estimates: int | None = None, jobs: int | None = None) -> int:
+              max_estimates: int | None = None, jobs: int | None = None, auto_found_no_gpu: bool = False) -> int:
     """Plan ``cfg`` (profile ``profile``; ``argv``: plan's arguments as typed, for the JSON's provenance) and print
-    it; returns the exit status (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
+    it (``auto_found_no_gpu``: --profile auto picked cpu, said on the plan's last line); returns the exit status (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
@@ -49,9 +49,11 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
                             jobs=jobs, **({"max_estimates": max_estimates} if max_estimates else {}))
             # nested: the search's own "device" is the card it timed for, this one the machine that searched
             result["provenance"] = provenance(typed, PLAN_LIBRARIES)
+            result["plan"]["auto_found_no_gpu"] = auto_found_no_gpu
             print(json.dumps(result, indent=1, default=str) if as_json else format_fastest(result))
             return 0
         result = plan(cfg, profile=profile, target=target, suggest_changes=suggest_changes, log=log,
                       started=started, command=typed, interruptible=True)
+    result["auto_found_no_gpu"] = auto_found_no_gpu
     print(json.dumps(result, indent=1, default=str) if as_json else format_plan(result))
     return 130 if result.get("suggestion_interrupted") else 0  # (the plan so far printed, then as a Ctrl-C ends)

@@ -163,7 +163,9 @@ def format_plan(r: dict[str, Any]) -> str:
         from lowmem_alignprop.settings.profiles import GPU_PROFILES
         lines.append(f"  (planned for a CPU run; the budget is the {r['profile']} card's, a CPU run uses RAM; drop "
                      "--device cpu to plan for the card)" if r["profile"] in GPU_PROFILES else
-                     "  (planned for this CPU; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
+                     "  (planned for this CPU" + ("; --profile auto, the default, found no CUDA GPU here"
+                                                 if r.get("auto_found_no_gpu") else "")
+                     + "; for a card pass its profile, e.g. --profile rtx3060, or --device cuda)")
     return "\n".join(lines)
 
 
