@@ -186,6 +186,13 @@ def test_rejected_before_loading_writes_nothing(case, needle, tmp_path, capsys):
     (["--set", "model="], "model is empty: name one"),  # an unset $MODEL trained the tiny model's noise
     (["--set", "card=x"], "card='x' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, h200, "
                           "laptop, cpu: choose one of them"),  # not "is not one of , rtx3060" nor "use --set card="
+    # another card was told the nearest spelling (rtx5090: "use --set card=rtx4090"; a100: h100), timed in silence
+    (["--set", "card=rtx5090"], "card='rtx5090': plan has no figures for that card (it has rtx3060, rtx3060-8gb, "
+                                "rtx4090, a100-40gb, a100-80gb, h100, h200, laptop, cpu): use the one nearest yours in "
+                                "speed and memory, or leave card out (the profile's card)"),
+    (["--set", "card=A100"], "card='A100' is not one of rtx3060, rtx3060-8gb, rtx4090, a100-40gb, a100-80gb, h100, "
+                             "h200, laptop, cpu: use --set card=a100-40gb or --set card=a100-80gb"),
+    (["--set", "card=RTX-4090"], "use --set card=rtx4090"),
     (["--output-dir", "/"], "is the file system's root"),
     # an option given empty (a script's unset variable): --resume "" started the run over, --init-lora "" a fresh LoRA
     (["--resume", ""], "--resume '' is empty (an unset shell variable?): give a value, or drop the option"),

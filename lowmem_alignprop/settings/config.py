@@ -338,6 +338,8 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and v not in choices:
                 named = [str(c) for c in choices if c != ""]  # card's "" (the profile's) is said by leaving it out
+                if f.name == "card" and (unknown := _unknown_card(str(v), named)):
+                    raise UserError(unknown)
                 meant = _closest_choice(v, choices, f.default)
                 raise UserError(f"{f.name}={quote(v)} is not one of {', '.join(named)}: " + (
                     f"use --set {f.name}={meant}" if meant is not None else "choose one of them"))
@@ -874,6 +876,27 @@ def _truth(text: str) -> bool | None:
     """A yes/no word of the command line (true, on, 1; false, off, 0...), else None."""
     low = text.strip().lower()
     return True if low in ("1", "true", "yes", "on") else False if low in ("0", "false", "no", "off") else None
+
+
+def _unknown_card(value: str, cards: list[str]) -> str | None:
+    """The line for a card that is not one of ``cards``, told by its model number: the cards of that number (a100:
+    both A100s; rtx409, RTX4090: rtx4090), or, for another card (rtx5090, h800), that plan has no figures for it --
+    not the nearest spelling, which times another card in silence. None: no model number (the usual nearest name)."""
+    import re
+
+    def model(name: str) -> tuple[str, str]:  # (its letters, its number): rtx-4090 -> (rtx, 4090); 4090 -> ("", 4090)
+        m = re.match(r"([a-z]*)[^a-z0-9]*([0-9]{3,})", name.strip().lower())
+        return (m[1], m[2]) if m else ("", "")
+
+    letters, digits = model(value)
+    if not digits:
+        return None
+    same = [c for c in cards if model(c)[1].startswith(digits) and letters in ("", model(c)[0])]
+    if same:
+        return (f"card={quote(value)} is not one of {', '.join(cards)}: use "
+                + " or ".join(f"--set card={c}" for c in same))
+    return (f"card={quote(value)}: plan has no figures for that card (it has {', '.join(cards)}): use the one nearest "
+            "yours in speed and memory, or leave card out (the profile's card)")
 
 
 def _closest_choice(value, choices, default) -> str | None:
