@@ -44,7 +44,7 @@ import torch
 
 from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, did_you_mean, error_words, first_line
-from .base import CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
+from .base import NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
            "reward_terms", "reward_source_digest", "ALIASES", "MODEL_REWARDS"]
@@ -404,8 +404,7 @@ def probe_reward(reward: RewardModule, resolution: int, prompts: list[str] | Non
     with_prompts = f" with the prompts {pair}" if getattr(reward, "takes_prompts", True) else ""
     what = (f"reward {reward.name!r}: called {call} on 2 random images (2x3x{resolution}x{resolution} in [0, 1])"
             f"{with_prompts} and it")
-    cut_off = (f"{what} returned scores that do not depend on the images (their gradient never reaches them: a "
-               "constant, or a tensor made with requires_grad=True?): compute the scores from the images")
+    cut_off = f"{what} {NOT_FROM_IMAGES}"
     try:
         scores = reward(images, pair)
     except ScoresNotFromImages:  # (a leaf: RewardModule's check, said in the probe's words)

@@ -14,9 +14,15 @@ import torch
 from lowmem_alignprop.settings.errors import UserError
 
 
+# what a reward whose scores no image reaches did, and the fix (after its name; the start-up probe's words too)
+NOT_FROM_IMAGES = ("returned scores that do not depend on the images (their gradient never reaches them: a constant, "
+                   "or a tensor made with requires_grad=True, e.g. .detach().requires_grad_()?): compute the scores "
+                   "from the images")
+
+
 class ScoresNotFromImages(UserError):
     """A reward returned scores that are a leaf needing a gradient: no image is in their graph (the start-up probe
-    says it in its own words)."""
+    says it after what it called)."""
 
 
 class RewardModule(torch.nn.Module):
@@ -73,9 +79,7 @@ def _check_scores(scores, batch: int, name: str, device: torch.device | None = N
                         "make the reward function return one differentiable score per image")
     if from_images and scores.requires_grad and scores.grad_fn is None:  # a leaf: no image is in its graph (the
         # backward reached no LoRA weight and the step counted as trained, in silence)
-        raise ScoresNotFromImages(f"reward {name!r} returned scores that do not depend on the images (their "
-                                  "gradient never reaches them: a constant, or a tensor made with requires_grad=True, "
-                                  "e.g. .detach().requires_grad_()?): compute the scores from the images")
+        raise ScoresNotFromImages(f"reward {name!r} {NOT_FROM_IMAGES}")
     if scores.is_meta:  # shapes without values: nothing to train on (it failed later in .item())
         raise UserError(f"reward {name!r} returned scores on the meta device, which hold no values; return them "
                         "on the images' device (images.device)")
