@@ -119,6 +119,80 @@ def test_sd3_trains_and_exports_a_lora_its_pipeline_loads(dirs, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------------------
+# SD3 resumed with or without T5-XXL
+# -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd3_runs(dirs, tmp_path_factory):
+    """Two one-step SD3 runs with t5_encoder at its default (true): one on a folder with T5-XXL, one on the same model
+    without it (SD3 may come without T5: its model_index.json lists text_encoder_3 as null)."""
+    root = tmp_path_factory.mktemp("sd3t5")
+    no_t5 = build_tiny_sd3_dir(root / "sd3_no_t5", with_t5=False)
+    runs = {}
+    for name, model in (("t5", dirs["sd3"]), ("no_t5", no_t5)):
+        runs[name] = root / name
+        assert main([*FLOW, "--model", str(model), "--output-dir", str(runs[name]), "--steps", "1", "--set",
+                     "sample_prompts=0"]) == 0
+    return {"runs": runs, "t5": dirs["sd3"], "no_t5": no_t5}
+
+
+def _steps(run) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("trained, now", [("t5", "no_t5"), ("no_t5", "t5")])
+def test_an_sd3_resume_onto_a_folder_with_or_without_t5_is_refused_unless_asked(sd3_runs, trained, now, tmp_path,
+                                                                                capsys):
+    """A run trained with T5-XXL, resumed with --model a copy of its folder without T5, was told "the same model" and
+    trained on with zeros in T5's place (and the reverse: T5 appeared in the run's prompts); t5_encoder, the setting,
+    was unchanged, so no resume change said it. It is refused in one line naming both ways on; --set
+    t5_encoder=false, the asked-for change, resumes (as check_config warns and records it)."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(sd3_runs["runs"][trained], run)
+    point = run / "checkpoints" / "step-00000001"
+    assert ckpt.read_state(point)["fingerprint"]["t5"] is (trained == "t5")
+    model = sd3_runs[now]
+    capsys.readouterr()
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", "--model", str(model)]) == 2
+    errors = _errors(capsys)
+    if trained == "t5":
+        want = (f"error: checkpoint {point} was trained with SD3's T5-XXL text encoder, and --model {model} has none "
+                f"(no text_encoder_3): its prompts would be encoded with zeros in T5's place; resume with --model "
+                f"{sd3_runs['t5']} (a folder with text_encoder_3), or --set t5_encoder=false to train on without T5 "
+                "(recorded as a change of the run)")
+    else:
+        want = (f"error: checkpoint {point} was trained without SD3's T5-XXL text encoder (its --model had no "
+                f"text_encoder_3), and --model {model} has one: its prompts would be encoded otherwise; resume with "
+                f"--model {sd3_runs['no_t5']}, or --set t5_encoder=false to train on without T5 as it did")
+    assert errors == [want]
+    assert _steps(run) == [1]  # nothing trained
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", "--model", str(model), "--set",
+                 "t5_encoder=false"]) == 0
+    assert _steps(run) == [1, 2]
+    assert ckpt.read_state(run / "checkpoints" / "step-00000002")["fingerprint"]["t5"] is False
+
+
+def test_an_sd3_checkpoint_from_before_the_t5_record_resumes_without_a_false_alarm(sd3_runs, tmp_path):
+    """A checkpoint written before the fingerprint recorded T5 (no "t5" in it): whether it had T5 is unknown, so a
+    resume onto a folder without it goes on (as it did before: nothing to compare)."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(sd3_runs["runs"]["t5"], run)
+    point = run / "checkpoints" / "step-00000001"
+    state = ckpt.read_state(point)
+    del state["fingerprint"]["t5"]
+    (point / "state.json").write_text(json.dumps(state))
+    (point / "manifest.json").unlink()
+    ckpt.write_manifest(point)
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", "--model",
+                 str(sd3_runs["no_t5"])]) == 0
+    assert _steps(run) == [1, 2]
+
+
+# -------------------------------------------------------------------------------------------------------------
 # loading
 # -------------------------------------------------------------------------------------------------------------
 

@@ -467,6 +467,7 @@ class Trainer:
         # SD3/FLUX: the transformer stays empty until the prompt set is encoded (encode_then_read below)
         self.comps = comps = load_components(cfg, self.weight_dtype, self.device, transformer_last=True)
         self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
+        t5 = comps.text_encoder_3 is not None if comps.family == "sd3" else None  # (freed once the prompts are encoded)
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
             self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
@@ -481,9 +482,9 @@ class Trainer:
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
         # before DeepSpeed partitions the weights; with how the UNet is sampled (the exports read it)
-        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config))
+        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5)
         if self.point is not None:
-            ckpt.check_fingerprint(self.point.state["fingerprint"], self.fingerprint, self.point.path)
+            ckpt.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
                                                             autocast=self.accelerator.native_amp)
         if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)

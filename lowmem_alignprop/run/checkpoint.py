@@ -476,10 +476,11 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 
 # -- model identity ----------------------------------------------------------------------------------
 
-def fingerprint(cfg, unet, schedule: dict | None = None) -> dict[str, Any]:
+def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None) -> dict[str, Any]:
     """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
     how its UNet was sampled (``schedule``, the scheduler's config: what it predicts, epsilon or v_prediction, and
-    whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them).
+    whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them) and, for SD3,
+    whether its T5-XXL encoded the prompts (``t5``: the folder may lack it with t5_encoder on; :func:`check_t5`).
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -491,7 +492,8 @@ def fingerprint(cfg, unet, schedule: dict | None = None) -> dict[str, Any]:
           "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
-            **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {})}
+            **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
+            **({"t5": t5} if t5 is not None else {})}
 
 
 def config_sha(unet) -> str:
@@ -547,13 +549,40 @@ def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str |
     return None
 
 
-def check_fingerprint(saved: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
+def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
+    """A resume's base model (its fingerprint ``ours``) must be the checkpoint's (``state``), with its T5 as it was."""
+    saved = state["fingerprint"]
     problem = fingerprint_difference(saved, ours)
     if problem:
         raise another_model(saved, ours["model"], problem, path)
+    check_t5(state, ours, cfg, path)
     if saved.get("model") != ours["model"]:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
                     saved.get("model"), ours["model"])
+
+
+def check_t5(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
+    """An SD3 checkpoint trained with T5-XXL resumed with a --model that has none (its model_index.json lists no
+    text_encoder_3), or the reverse: the prompts would be encoded otherwise than the run's so far, without a change of
+    t5_encoder to say so (a change of it is asked for: check_config warns and records it). A record from before the
+    fingerprint held ``t5``: unknown, not compared."""
+    was, now = (state.get("fingerprint") or {}).get("t5"), ours.get("t5")
+    if was is None or now is None or was == now:
+        return
+    if (state.get("config") or {}).get("t5_encoder", True) != cfg.t5_encoder:
+        return
+    saved = (state.get("fingerprint") or {}).get("model")
+    other = f"--model {saved}" if saved and saved != cfg.model else None  # (the same folder, T5 added or taken out)
+    if was:
+        raise UserError(f"checkpoint {path} was trained with SD3's T5-XXL text encoder, and --model {cfg.model} has "
+                        "none (no text_encoder_3): its prompts would be encoded with zeros in T5's place; resume with "
+                        f"{other + ' (a folder' if other else '--model a folder'} with text_encoder_3"
+                        f"{')' if other else ''}, or --set t5_encoder=false to train on "
+                        "without T5 (recorded as a change of the run)")
+    raise UserError(f"checkpoint {path} was trained without SD3's T5-XXL text encoder (its --model had no "
+                    f"text_encoder_3), and --model {cfg.model} has one: its prompts would be encoded otherwise; "
+                    f"resume with {other + ', or ' if other else ''}--set t5_encoder=false to train on without T5 as "
+                    "it did")
 
 
 # -- trained weights ---------------------------------------------------------------------------------
