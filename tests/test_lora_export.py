@@ -1203,6 +1203,13 @@ BAD = {
                      "checkpoint); use this one as it is"),
     "a_peft_folder": (lambda t, sd, o: ["--lora", str(_peft_folder(t, sd))],
                       "is a peft adapter folder (export --format peft's): export converts the LoRA a run wrote"),
+    # --merge of a LoRA file: the line was export's ("export converts ...; use this one as it is"), not the merge's
+    "a_kohya_file_merged": (lambda t, sd, o: ["--lora", str(_kohya_file(t, sd)), "--merge"],
+                            "is a LoRA file already: --merge fuses the LoRA a run wrote (its lora/ folder or a "
+                            "checkpoint) into its base model: merge that run's lora/ (export RUN/lora --merge); "
+                            "sample and --init-lora read this one as it is"),
+    "a_peft_folder_merged": (lambda t, sd, o: ["--lora", str(_peft_folder(t, sd)), "--merge"],
+                             "is a peft adapter folder (export --format peft's): --merge fuses the LoRA a run wrote"),
     "lora_with_a_weight": (lambda t, sd, o: ["--lora", f"{sd['lora']}:0.5"],
                            "export takes no weight after the LoRA (sample's DIR:WEIGHT); for a model with the LoRA "
                            "merged at that weight: --lora "),

@@ -76,7 +76,7 @@ def export_main(argv: list[str]) -> int:
     for out in filter(None, outs.values()):
         lx.check_out(out)
     recover_lora(args.lora)
-    lora = read_lora(args.lora)
+    lora = read_lora(args.lora, merge=args.merge)
     command = "lowmem-alignprop export " + " ".join(shlex.quote(a) for a in argv)  # (each card: the one that made it)
     for fmt, out in outs.items():
         out = out or lx.default_out(lora, fmt, args.merge, args.single_file)

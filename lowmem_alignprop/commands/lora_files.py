@@ -143,10 +143,13 @@ def is_peft_folder(path: Path) -> bool:
 # export of a LoRA that is an export already
 ALREADY = ("export converts the LoRA a run wrote (its lora/ folder or a checkpoint); use this one as it is (sample and "
            "--init-lora read it), or export that run's lora/")
+# export --merge of one
+ALREADY_MERGE = ("--merge fuses the LoRA a run wrote (its lora/ folder or a checkpoint) into its base model: merge that "
+                 "run's lora/ (export RUN/lora --merge); sample and --init-lora read this one as it is")
 
 
-def lora_dir_of(spec: str) -> Path:
-    """``--lora``: the lora/ folder a run wrote, or the run folder that holds it."""
+def lora_dir_of(spec: str, merge: bool = False) -> Path:
+    """``--lora``: the lora/ folder a run wrote, or the run folder that holds it (``merge``: export --merge's)."""
     path = Path(spec).expanduser()
     if not path.exists():
         where, _, weight = spec.rpartition(":")  # sample's DIR:WEIGHT
@@ -159,15 +162,16 @@ def lora_dir_of(spec: str) -> Path:
         if path.name == LORA_WEIGHT_NAME:
             return path.parent
         if path.suffix.lower() == ".safetensors":  # a kohya or diffusers export: nothing to convert
-            raise UserError(f"--lora {spec} is a LoRA file already: {ALREADY}")
+            raise UserError(f"--lora {spec} is a LoRA file already: {ALREADY_MERGE if merge else ALREADY}")
         raise UserError(f"--lora {spec} is a file: pass the lora/ folder a run wrote (it holds {LORA_WEIGHT_NAME})")
     if not (path / LORA_WEIGHT_NAME).is_file() and (path / LORA_DIR / LORA_WEIGHT_NAME).is_file():
         return path / LORA_DIR  # the run folder
     return path
 
 
-def read_lora(spec: str) -> Lora:
-    """Read and check a LoRA folder. A missing or damaged one raises UserError naming what is wrong."""
+def read_lora(spec: str, merge: bool = False) -> Lora:
+    """Read and check a LoRA folder. A missing or damaged one raises UserError naming what is wrong (``merge``: for
+    export --merge, whose line for a LoRA of another format differs)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     from lowmem_alignprop.run.checkpoint import named_checkpoint
@@ -176,11 +180,12 @@ def read_lora(spec: str) -> Lora:
     if checkpoint is not None:
         return _read_checkpoint(checkpoint, spec)
     _check_named_step(Path(spec).expanduser(), spec)
-    path = lora_dir_of(spec)
+    path = lora_dir_of(spec, merge)
     file = path / LORA_WEIGHT_NAME
     if not file.is_file():
         if is_peft_folder(path):
-            raise UserError(f"--lora {spec} is a peft adapter folder (export --format peft's): {ALREADY}")
+            raise UserError(f"--lora {spec} is a peft adapter folder (export --format peft's): "
+                            f"{ALREADY_MERGE if merge else ALREADY}")
         from lowmem_alignprop.run.checkpoint import without_checkpoint
 
         if (said := without_checkpoint(path)) is not None:  # a run killed before its first checkpoint
