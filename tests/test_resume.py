@@ -900,6 +900,12 @@ def test_a_resume_whose_model_is_not_on_this_machine_names_the_fix(runs, tmp_pat
             f"error: --resume latest: the run in {run} was trained on {model} (its checkpoint's config), {where}: "
             "pass the base model with --model")
         assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained
+        # a checkpoint's export --merge and sample read the same record (it named lora/'s base_model.json)
+        step = max((run / "checkpoints").iterdir())
+        for argv in (["export", str(step), "--merge", "--out", str(tmp_path / "merged")], ["sample", str(step)]):
+            assert main(argv) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+                f" was trained on {model} (its state.json), {where}: pass the base model with --model"), argv
     assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest", "--model", "tiny"]) == 0  # the fix
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 8))
 

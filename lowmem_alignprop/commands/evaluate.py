@@ -309,11 +309,12 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
         return None
     if not isinstance(model, str) or not model:
         return None
-    if not model_given:
-        check_recorded_base(model, f"--lora {spec.arg}")
+    checkpoint = ckpt.named_checkpoint(named)
+    if not model_given:  # (a checkpoint's record is its state.json, read into the LoRA folder made of it)
+        check_recorded_base(model, f"--lora {spec.arg}", "its state.json" if checkpoint else LORA_BASE_FILE)
     # a checkpoint: the settings its steps were made with (a later --resume may have changed the run's); else the
     # run: the folder named (RUN), or one or two above it (RUN/lora, RUN/export/kohya)
-    if (checkpoint := ckpt.named_checkpoint(named)) is not None:
+    if checkpoint is not None:
         config = ckpt.read_state(checkpoint).get("config") or recorded
     else:
         run = next((f for f in (named, *list(named.absolute().parents)[:2]) if (f / CONFIG_FILE).is_file()), None)

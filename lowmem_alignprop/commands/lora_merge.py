@@ -30,7 +30,8 @@ def merge_base(lora: Lora, model: str | None) -> str:
     from lowmem_alignprop.models.loading import resolve_model
 
     if not model:
-        check_recorded_base(spec, f"--merge: {lora.named}")
+        check_recorded_base(spec, f"--merge: {lora.named}",  # (a checkpoint's record: its state.json)
+                            "its state.json" if lora.step is not None else LORA_BASE_FILE)
     kind, _ = resolve_model(spec)
     if kind in ("arch", "flow_arch"):
         raise UserError(f"--merge onto {spec}: that is an architecture with random weights, not a model: pass the "
