@@ -168,3 +168,21 @@ def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     print_summary(dict(s, best_step=0), Config(reward="brightness", init_lora="mine"), "cpu")
     assert "eval_reward 0.7125 (the LoRA it started from (--init-lora): no trained step beat it)" in \
         capsys.readouterr().out
+
+
+def test_the_box_says_which_controls_against_over_optimization_were_on(tmp_path, capsys):
+    """KL, DRaFT-LV, the reward cap/target and EMA change what a run's reward means (its EMA weights are what lora/
+    holds): the box said none of them, only config.yaml and the card did. A run with none has no such line."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.settings.config import Config
+
+    s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
+         "attention": "sdpa", "output_dir": str(tmp_path)}
+    print_summary(s, Config(reward="brightness"), "cpu")
+    assert "over-optimization" not in capsys.readouterr().out
+    print_summary(s, Config(reward="brightness", kl_coeff=0.1, lv_draws=4, reward_cap=0.6, ema_decay=0.99), "cpu")
+    assert ("\n against over-optimization: kl_coeff=0.1 (DRaFT+ penalty), lv_draws=4 (DRaFT-LV), reward_cap=0.6, "
+            "ema_decay=0.99 (the outputs are the EMA weights)\n") in capsys.readouterr().out
+    print_summary(s, Config(reward="brightness", reward_target=0.7, ema_decay=0.9, ema_outputs=False), "cpu")
+    assert ("\n against over-optimization: reward_target=0.7, ema_decay=0.9 (kept in checkpoints; the outputs are the "
+            "trained weights)\n") in capsys.readouterr().out

@@ -113,6 +113,19 @@ def window_note(s: dict) -> str:
     return f"  [the same {s['reward_prompts']} prompt{'s' if s['reward_prompts'] > 1 else ''}, {steps}]"
 
 
+def alignment_controls(cfg: Config) -> str:
+    """The loss's and the weights' controls against reward over-optimization that the run had on, in words ("":
+    none; held-out evaluation and early stop have lines of their own)."""
+    on = [f"kl_coeff={cfg.kl_coeff:g} (DRaFT+ penalty)" if cfg.kl_coeff else "",
+          f"lv_draws={cfg.lv_draws} (DRaFT-LV)" if cfg.lv_draws > 1 else "",
+          f"reward_cap={cfg.reward_cap:g}" if cfg.reward_cap is not None else "",
+          f"reward_target={cfg.reward_target:g}" if cfg.reward_target is not None else "",
+          f"ema_decay={cfg.ema_decay:g} (" + ("the outputs are the EMA weights)" if cfg.ema_outputs else
+                                           "kept in checkpoints; the outputs are the trained weights)")
+          if cfg.ema_decay else ""]
+    return ", ".join(filter(None, on))
+
+
 def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> None:
     """The end-of-run box: what the run did and every output it wrote (``exported``: lora_export.Exported, what
     export_format and push_to_hub did)."""
@@ -138,6 +151,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         if math.isfinite(change) else
         f" reward ({cfg.reward}): no step trained (skipped: {s.get('skipped_steps')}); see metrics.jsonl",
     ]
+    if controls := alignment_controls(cfg):  # (config.yaml and the card say them too; the box is what one reads)
+        lines.append(f" against over-optimization: {controls}")
     if s.get("early_stopped_at"):
         lines.append(f" early stop at step {s['early_stopped_at']} of {cfg.steps}: the held-out evaluation "
                      f"({improvement_measure(cfg)}) had not improved for {cfg.early_stop} evaluations")
