@@ -870,6 +870,29 @@ def test_a_checkpoint_of_a_newer_version_is_refused_not_resumed_without_its_sett
     assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))  # nothing trained, nothing lost
 
 
+def test_a_checkpoint_of_a_newer_format_is_one_line_for_resume_and_export_and_is_kept(runs, tmp_path, capsys):
+    """A run a newer version went on with (its step 6 in checkpoint format 2), back under this version: --resume
+    latest said step 6 was "incomplete or corrupt", resumed step 3 and set step 6 aside as another branch (and the
+    metrics of steps 4-6 with it); export of step 6 called it corrupt. Each is now one line naming the version that
+    wrote it, and nothing in the run moves."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    step = run / "checkpoints" / "step-00000006"
+    edit_states(run, lambda state: state.update(format=2) if state["step"] == 6 else None)
+    said = ("was written by a newer lowmem-alignprop (checkpoint format 2; this version reads format 1): use the "
+            "version that wrote it (pip install -U lowmem-alignprop), or ")
+    assert main(["--output-dir", str(run), "--steps", "8", "--resume", "latest"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith(("error: ", "checkpoint"))]
+    assert err == [f"error: checkpoint {step} {said}start a new run in another --output-dir"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, 7))
+    out = tmp_path / "export"
+    assert main(["export", str(step), "--format", "kohya", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: checkpoint {step} {said}pass another step's checkpoint or the run's lora/ folder"]
+    assert not out.exists()
+
+
 def edit_states(run, edit) -> None:
     """``edit(state)`` on each checkpoint's state.json of ``run``, its manifest kept true (else it is corrupt)."""
     import hashlib
@@ -1012,9 +1035,11 @@ def test_an_unfinished_checkpoint_write_goes_once_a_newer_checkpoint_is_written(
     assert "ignoring" not in caplog.text
 
 
-def test_a_flipped_byte_or_a_newer_format_makes_resume_take_the_previous_checkpoint(tmp_path, caplog):
+def test_a_flipped_byte_makes_resume_take_the_previous_checkpoint_a_newer_format_is_refused(tmp_path, caplog):
     """A torn write changes the size; a bit flipped on the disk or in a copy does not: only the checksum tells it. A
-    checkpoint of another format (a newer version's) is no checkpoint this version can read either."""
+    checkpoint of a higher format (a newer version's) is no checkpoint this version can read, but no damaged one
+    either: --resume latest went back to the step before it (and set the newer version's steps aside) and an explicit
+    one called it corrupt. It is one line naming the version that wrote it."""
     root = tmp_path / "checkpoints"
     good = _checkpoint(root, 2, payload=b"weights of step 2")
     rotten = _checkpoint(root, 4, payload=b"weights of step 4")
@@ -1027,10 +1052,20 @@ def test_a_flipped_byte_or_a_newer_format_makes_resume_take_the_previous_checkpo
         assert ckpt.find_resume(tmp_path, "latest") == good
     assert "step-00000004 is incomplete or corrupt (trainable.safetensors does not match its checksum)" in caplog.text
     newer = _checkpoint(root, 6, format=ckpt.FORMAT + 1)
-    assert ckpt.verify(newer) == f"format {ckpt.FORMAT + 1}, this version reads format {ckpt.FORMAT}"
-    assert ckpt.find_resume(tmp_path, "latest") == good
-    with pytest.raises(ckpt.UserError, match="incomplete or corrupt: format"):
-        ckpt.find_resume(tmp_path, str(newer))
+    assert ckpt.verify(newer) == (f"format {ckpt.FORMAT + 1}, written by a newer lowmem-alignprop (this version reads "
+                                  f"format {ckpt.FORMAT})")
+    line = (f"checkpoint {newer} was written by a newer lowmem-alignprop (checkpoint format {ckpt.FORMAT + 1}; this "
+            f"version reads format {ckpt.FORMAT}): use the version that wrote it (pip install -U lowmem-alignprop), or "
+            "start a new run in another --output-dir")
+    for spec in ("latest", str(newer)):
+        with pytest.raises(ckpt.UserError) as refused:
+            ckpt.find_resume(tmp_path, spec)
+        assert str(refused.value) == line
+    older = _checkpoint(root, 8, format=0)  # no version wrote it (format 1 is the first): damaged, as before
+    assert ckpt.verify(older) == f"format 0, this version reads format {ckpt.FORMAT}"
+    with pytest.raises(ckpt.UserError) as refused:  # the newest is skipped as damaged; the newer format refused
+        ckpt.find_resume(tmp_path, "latest")
+    assert str(refused.value) == line
 
 
 def test_pruning_keeps_the_newest_intact_checkpoints_a_damaged_one_does_not_count(tmp_path):

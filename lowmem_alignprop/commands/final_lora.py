@@ -78,6 +78,8 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
     checkpoints, done = run_steps(run)
     last = max([ckpt.step_of(p) for p in checkpoints] + ([done] if done is not None else []), default=0)
     for path in checkpoints:
+        if (newer := ckpt.newer_version(path, "export a step this version wrote")) is not None:
+            raise newer
         if ckpt.verify(path) is not None:
             continue
         if ckpt.step_of(path) < last:  # lora/ is the last step's: an earlier one's under its name would be mislabelled

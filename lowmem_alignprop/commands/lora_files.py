@@ -124,6 +124,8 @@ def _check_named_step(path: Path, spec: str) -> None:
     instead = (f"pass another step's checkpoint ({', '.join(whole)}) or the run's lora/ folder" if whole
                else "pass the run's lora/ folder")
     folder = ckpt.step_folder(path)
+    if folder.is_dir() and (newer := ckpt.newer_version(folder, instead)) is not None:  # (laid out otherwise)
+        raise newer
     if folder.is_dir():
         raise UserError(f"checkpoint {folder} is incomplete or corrupt: "
                         f"{ckpt.verify(folder) or 'its trainable.safetensors or state.json is missing'}; {instead}")

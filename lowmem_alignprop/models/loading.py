@@ -569,10 +569,12 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     from lowmem_alignprop.models.lora_metadata import lora_metadata
     from lowmem_alignprop.run import checkpoint as ckpt
 
+    instead = "pass another step's checkpoint or the run's lora/ folder"
+    if (newer := ckpt.newer_version(checkpoint, instead)) is not None:
+        raise newer
     problem = ckpt.verify(checkpoint)
     if problem:
-        raise UserError(f"checkpoint {checkpoint} is incomplete or corrupt: {problem}; pass another step's "
-                        f"checkpoint or the run's lora/ folder")
+        raise UserError(f"checkpoint {checkpoint} is incomplete or corrupt: {problem}; {instead}")
     state = ckpt.read_state(checkpoint)
     run_cfg = state.get("config", {})
     if run_cfg.get("train_unet", "lora") != "lora":

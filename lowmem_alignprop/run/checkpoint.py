@@ -207,6 +207,8 @@ def verify(path: Path) -> str | None:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
+    if (newer := newer_format(path)) is not None:  # (its files may be laid out otherwise: said before they are read)
+        return f"format {newer}, written by a newer lowmem-alignprop (this version reads format {FORMAT})"
     entries = data.get("files") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(
             isinstance(rel, str) and isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
@@ -232,6 +234,34 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def newer_format(path: Path) -> int | None:
+    """The checkpoint format of ``path`` where a newer version wrote it (its manifest's or state.json's ``format`` above
+    :data:`FORMAT`), else None: no checkpoint this version can read, yet no damaged one either."""
+    for name in ("manifest.json", "state.json"):
+        try:
+            found = json.loads((path / name).read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT:
+            return found
+    return None
+
+
+def newer_version(path: Path, fix: str) -> UserError | None:
+    """The one line for a checkpoint a newer version wrote (:func:`newer_format`), ``fix`` saying what else to do;
+    None for any other. Not skipped as a damaged one: --resume latest would go back to an older step and set the newer
+    version's steps aside, and export would call it corrupt."""
+    found = newer_format(path)
+    if found is None:
+        return None
+    return UserError(f"checkpoint {path} was written by a newer lowmem-alignprop (checkpoint format {found}; this "
+                     f"version reads format {FORMAT}): use the version that wrote it (pip install -U "
+                     f"lowmem-alignprop), or {fix}")
+
+
+RESUME_ELSEWHERE = "start a new run in another --output-dir"
+
+
 def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
     """The checkpoint to resume from: ``latest`` (newest intact one in the run's output dir) or a directory.
 
@@ -248,6 +278,8 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
                 return find_resume(path, "latest")  # a run's output dir: its newest good checkpoint
             raise UserError(f"--resume {spec} is not a checkpoint (no manifest.json): point to a "
                             f"{DIRNAME}/{PREFIX}N directory or use --resume latest")
+        if (newer := newer_version(path, RESUME_ELSEWHERE)) is not None:
+            raise newer
         problem = verify(path)
         if problem:
             raise UserError(f"checkpoint {path} is incomplete or corrupt: {problem}; use --resume latest to "
@@ -258,6 +290,8 @@ def find_resume(output_dir: str | os.PathLike, spec: str) -> Path:
         if not _published_now(tmp, output_dir) and global_rank() == 0:  # (every rank finds it: rank 0 says it)
             log.warning("checkpoint: ignoring %s, a checkpoint write that did not finish", tmp)
     for path in list_checkpoints(root):
+        if (newer := newer_version(path, RESUME_ELSEWHERE)) is not None:  # (not an older step: that would branch)
+            raise newer
         problem = verify(path)
         if problem is None:
             return path
