@@ -640,6 +640,25 @@ def test_a_runs_config_yaml_given_as_profile_trains_that_configuration_again(tmp
             resolve_config(str(mine), {}, [])
 
 
+def test_an_older_runs_config_yaml_with_a_retired_setting_trains_again_or_names_it(tmp_path):
+    """config.yaml of a run of the version that had reward_floor (RETIRED_FIELDS) records `reward_floor: null`: as
+    --profile it was refused as "unknown config key 'reward_floor' (did you mean reward?)". Unset, it is left out (it
+    did nothing); set, it is one line saying it was removed, as is --set reward_floor=..."""
+    name, first = resolve_config("cpu", {"model": "tiny", "steps": 7}, [])
+    run = tmp_path / "config.yaml"
+    run.write_text(yaml.safe_dump({"profile": name, **first.to_dict(), "reward_floor": None}, sort_keys=False))
+    assert resolve_config(str(run), {}, [])[1].steps == 7
+    run.write_text(yaml.safe_dump({"profile": name, **first.to_dict(), "reward_floor": 0.3}, sort_keys=False))
+    removed = ("reward_floor was removed (an earlier version's experimental setting: the loss saw max(reward, "
+               "reward_floor), so images below it gave no gradient): leave it out")
+    with pytest.raises(UserError) as refused:
+        resolve_config(str(run), {}, [])
+    assert str(refused.value) == f"profile {run}: {removed}"
+    with pytest.raises(UserError) as refused:
+        resolve_config("cpu", {}, ["reward_floor=0.3"])
+    assert str(refused.value) == removed
+
+
 def test_a_resume_naming_the_runs_own_profile_file_edited_since_says_what_it_keeps(tmp_path, caplog):
     """--profile mine.yaml on a resume of the run mine.yaml started: an edit of the file (lr 0.001 -> 0.002) was
     dropped in silence (another file is applied on top, said). Said now, with the --set that applies it; the run's

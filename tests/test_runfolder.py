@@ -74,6 +74,21 @@ def test_the_checkpoint_to_resume_is_read_once(tmp_path, monkeypatch):
     assert len(reads) == 1
 
 
+def test_a_checkpoint_trained_with_a_retired_setting_says_the_resume_goes_on_without_it(tmp_path, caplog):
+    """A checkpoint of the version that had reward_floor, set: the resume dropped it in silence, and its loss no
+    longer floored the rewards. Said in one line; unset (null, what every other run of that version recorded), not."""
+    for floor, said in ((None, []), (0.3, ["resume: the checkpoint was trained with reward_floor=0.3, a setting this "
+                                           "version no longer has (the loss saw max(reward, reward_floor), so images "
+                                           "below it gave no gradient): this run trains on without it"])):
+        run = tmp_path / f"run-{floor}"
+        fake_checkpoint(run, 3, config={"lr": 0.5, "reward_floor": floor})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            assert RunFolder.for_command(run, chosen=True, resume="latest").resumed_settings() == ("resumed",
+                                                                                                   {"lr": 0.5})
+        assert caplog.messages == said
+
+
 def test_latest_is_looked_up_again_under_the_lock_and_a_newer_checkpoint_refuses(tmp_path):
     """--resume latest started while another start of the run was finishing: the checkpoint it looked up (step 2)
     is no longer the latest once it holds the lock (the other wrote step 6): refused, nothing changed (it resumed

@@ -136,6 +136,9 @@ class RunFolder:
                             f"{', '.join(newer)} are unknown to this version, which would train on without them; "
                             "resume with the version that wrote it (pip install -U lowmem-alignprop), or start a new "
                             "run")
+        for k in (k for k in RETIRED_FIELDS if config.get(k) is not None and global_rank() == 0):
+            log.warning("resume: the checkpoint was trained with %s=%s, a setting this version no longer has (%s): "
+                        "this run trains on without it", k, config[k], RETIRED_FIELDS[k])
         values = {k: v for k, v in config.items() if k in FIELD_NAMES and k != "output_dir"}
         name = "resumed"
         origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile

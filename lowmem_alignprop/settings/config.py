@@ -624,7 +624,9 @@ def format_list(text: str) -> list[str]:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Config))
-RETIRED_FIELDS = ("reward_floor",)  # fields an earlier version had: an older checkpoint's are left out on resume
+# fields an earlier version had, with what each did: unset (None) in an older checkpoint or config.yaml, left out; set,
+# a resume says it trains on without it and a profile or --set is refused
+RETIRED_FIELDS = {"reward_floor": "the loss saw max(reward, reward_floor), so images below it gave no gradient"}
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the paper's settings, one YAML file per recipe
 
@@ -715,6 +717,9 @@ def _has(module: str) -> bool:
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or --set value to the field's type. Raises UserError for unknown keys or bad values."""
+    if name in RETIRED_FIELDS:
+        raise UserError(f"{name} was removed (an earlier version's experimental setting: {RETIRED_FIELDS[name]}): "
+                        "leave it out")
     if name not in FIELD_NAMES:
         hint = did_you_mean(name, FIELD_NAMES)  # (STEPS: as steps)
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lowmem_alignprop.settings.config import (FIELD_NAMES, Config, build_config, coerce, end_k_range_at,
+from lowmem_alignprop.settings.config import (FIELD_NAMES, RETIRED_FIELDS, Config, build_config, coerce, end_k_range_at,
                                               end_k_range_said, flag_value, parse_set, recipe_file, set_flags)
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
@@ -275,7 +275,7 @@ def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str,
         raise UserError(f"profile {path} sets profile: {data['profile']}: a profile cannot build on another; copy "
                         f"that one and edit the copy (lowmem-alignprop profiles {data['profile']} > mine.yaml)")
     for key, value in data.items():
-        if run_config and key in RUN_RECORD_KEYS:
+        if run_config and key in RUN_RECORD_KEYS or key in RETIRED_FIELDS and value is None:  # (an older run's)
             continue
         if key in ("model", "output_dir") and not (run_config and key == "model"):
             raise UserError(f"profile {path} sets {key}: profiles choose memory features, not paths; "
