@@ -797,3 +797,14 @@ def test_the_planner_counts_the_text_encoders_as_a_load_holds_them(dirs):
     assert est.weights["text_encoder"] == sum(storages.values())
     assert sum(storages.values()) < sum(t.numel() * 4 for m in (pipe.text_encoder, t5)  # the tie is worth counting
                                         for t in m.state_dict().values())
+
+
+def test_the_card_of_an_sd3_lora_trained_on_a_folder_without_t5_says_so(sd3_runs, tmp_path):
+    """A run on an SD3 folder without T5-XXL (t5_encoder still true) trained on prompts without T5; its card's usage
+    loaded the full pipeline with T5 and said nothing, so the LoRA rendered otherwise than it trained. It says what
+    t5_encoder=false's card says. The run with T5 has no such line."""
+    said = "# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"
+    for name, without in (("no_t5", True), ("t5", False)):
+        out = tmp_path / name
+        assert main(["export", str(sd3_runs["runs"][name] / "lora"), "--out", str(out)]) == 0
+        assert (said in (out / "README.md").read_text().splitlines()) == without, name

@@ -49,6 +49,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
         info["init_lora_sha"] = file_sha256(copy)  # the LoRA it started from, as the run read it
     sampled = lora.base or {}  # a single file's marker keys (v_pred, ztsnr), which diffusers' loader does not read
+    if sampled.get("t5") is False:  # an SD3 folder without text_encoder_3: its prompts were encoded without T5
+        info["t5_encoder"] = False
     if Path(str(lora.base_model or "")).suffix.lower() in SINGLE_FILE_SUFFIXES:
         if info.get("prediction_type", "auto") == "auto" and sampled.get("prediction_type") == "v_prediction":
             info["prediction_type"] = "v_prediction"
