@@ -29,7 +29,7 @@ COMMAND_LIST = """commands (lowmem-alignprop COMMAND --help for each one's optio
   train      (the default, also without a command) align a model's LoRA to a reward: the options below
   plan       estimate each stage's peak memory and seconds per step for a card, without a GPU or weights;
              --fastest picks the quickest memory features that fit
-  sample     images with and without trained LoRA(s) from the same seeds, scored, side by side
+  sample     images with and without trained LoRA(s) from the same seeds, scored, side by side (no LoRA: a model's)
   export     a run's LoRA as diffusers, kohya/ComfyUI/A1111 or peft files (--push-to-hub to upload)
   profiles   the shipped hardware profiles and what each sets"""
 
@@ -55,6 +55,7 @@ examples:
   lowmem-alignprop sample outputs/run/lora                         # its run's model, prompts, reward and sampler
   lowmem-alignprop sample --lora a/lora:0.5 --lora b/lora:0.5      # the midpoint of two LoRAs in weight space
   lowmem-alignprop sample outputs/run/lora --prompt "a red fox" --images-per-prompt 4 --seed 7
+  lowmem-alignprop sample --model merged/ --reward aesthetic       # a model alone (no LoRA): its images, scored
 """
 
 
@@ -355,7 +356,9 @@ def sample_parser() -> argparse.ArgumentParser:
 
     p = common_parser("lowmem-alignprop sample",
                       "Generate images with and without trained LoRA adapter(s) from the same seeds, score them with "
-                      "a reward, and write a side-by-side grid and sample_results.json.")
+                      "a reward, and write a side-by-side grid and sample_results.json. Without a LoRA: the model's "
+                      "own images (--model: a hub id, a folder, a single file, an `export --merge`; else the "
+                      "default model), scored the same way, in a grid of one row.")
     for action in p._actions:  # the shared parser's options, as this command reads them
         if action.dest in ("steps", "report_to", "eval_every", "early_stop"):
             action.help = argparse.SUPPRESS  # training-only: accepted, not advertised
@@ -370,8 +373,9 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
                    help="a trained LoRA (the lora/ folder of a run, the run folder, the .safetensors file, a "
                         "training checkpoint: checkpoints/step-300, a kohya file or a peft folder), "
-                        "repeatable. WEIGHT (default 1.0) scales the adapter's weight update; several adapters add "
-                        "up: --lora a:0.5 --lora b:0.5 is the midpoint of a and b in weight space")
+                        "repeatable; none: --model alone is sampled. WEIGHT (default 1.0) scales the adapter's "
+                        "weight update; several adapters add up: --lora a:0.5 --lora b:0.5 is the midpoint of a and "
+                        "b in weight space")
     p.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs given without --lora (the same values, after them)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help=f"first N prompts of the prompt set (default {NUM_PROMPTS})")
@@ -384,8 +388,8 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward
-    (:mod:`lowmem_alignprop.commands.sample_cmd` takes the LoRAs' run settings, evaluates and prints)."""
+    """``lowmem-alignprop sample``: base model vs LoRA(s), same seeds, scored by a reward, or without a LoRA the
+    model alone (:mod:`lowmem_alignprop.commands.sample_cmd` takes the LoRAs' run settings, evaluates and prints)."""
     args = sample_parser().parse_args(argv)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: give at least 1")
@@ -402,10 +406,7 @@ def cmd_sample(argv: list[str]) -> int:
                         f"each of yours is rendered ({len(own)} given); leave --num-prompts out")
     if any(not text for text in own):
         raise UserError("--prompt '': give the prompt's text (quote it: --prompt \"a red fox in the snow\")")
-    args.lora += args.loras
-    if not args.lora:
-        raise UserError("give the LoRA to evaluate: lowmem-alignprop sample DIR, or --lora DIR (the lora/ folder a "
-                        "training run wrote)")
+    args.lora += args.loras  # none: the model alone (--model, else the default), one column of its images
     from lowmem_alignprop.commands.sample_cmd import sample_main, take_run_settings
 
     request = take_run_settings(args, own)  # (into args: the config is built from them)

@@ -216,6 +216,10 @@ def test_sample_help_lists_the_fields_that_change_its_images_not_trainings():
     for name in ("kl_coeff", "k_max", "lr", "checkpoint_every", "ema_decay", "optimizer", "report_to", "prompt_order"):
         assert f"\n  {name} " not in fields and f"\n  {name}[" not in fields, name
     assert "lowmem-alignprop sample outputs/run/lora " in text and "accelerate launch" not in text
+    # a model alone, no LoRA (refused before): said in the description, --lora's help and an example
+    words = " ".join(text.split())
+    assert "Without a LoRA: the model's own images" in words and "none: --model alone is sampled" in words
+    assert "lowmem-alignprop sample --model merged/ --reward aesthetic # a model alone" in words
 
 
 def test_module_entry_point_and_help(capsys):

@@ -169,6 +169,73 @@ def test_the_grid_shows_the_base_images_in_its_first_row_and_the_lora_images_in_
 
 
 # ------------------------------------------------------------------------------------------------------------
+# no LoRA: the model alone (a base model before training, an `export --merge`)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, tiny_dir):
+    """`sample --model DIR` without a LoRA: 2 prompts x 2 images, seeds 5..8, and what it printed."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("alone") / "eval"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["sample", *COMMON, "--model", str(tiny_dir), "--reward", "brightness", "--num-prompts", "2",
+                   "--images-per-prompt", "2", "--seed", "5", "--output-dir", str(out)])
+    assert rc == 0
+    return out, json.loads((out / SAMPLE_RESULTS).read_text()), printed.getvalue()
+
+
+def test_a_model_alone_is_scored_as_the_diffusers_pipeline_renders_it_from_the_same_seeds(alone, tiny_dir):
+    """Its scores are the reward of the images the diffusers pipeline renders from the same seeds; the keys that
+    need a LoRA are there, null (a script reading today's files reads these); the summary has no LoRA line."""
+    out, r, printed = alone
+    assert r["model"] == str(tiny_dir) and r["loras"] == [] and r["lora_weights_mean"] is None
+    assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]
+    assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
+    pipe = _tiny_pipe(tiny_dir)
+    for p in r["per_prompt"]:
+        direct = [_brightness(_direct(pipe, p["prompt"], s)).item() for s in p["seeds"]]
+        assert p["base"] == pytest.approx(direct, abs=1e-5)
+        assert p["base_mean"] == pytest.approx(sum(direct) / 2, abs=1e-5)
+        assert (p["lora"], p["lora_mean"], p["difference"]) == (None, None, None)
+    assert r["base_mean"] == pytest.approx(sum(x for p in r["per_prompt"] for x in p["base"]) / 4, abs=1e-7)
+    assert (r["lora_mean"], r["difference"]) == (None, None)
+    assert printed.splitlines() == ["reward brightness over 2 prompts x 2 images (DDIM 3 steps, seed 5):",
+                                    f"  model {r['base_mean']:.4f}   ({tiny_dir}, no LoRA)",
+                                    f"wrote {out / SAMPLE_GRID} and {out / SAMPLE_RESULTS}"]
+
+
+def test_a_model_alones_grid_is_one_row_of_its_images(alone):
+    """One row of the four images (64 px pasted at 3x), each cell's mean luma its brightness reward to within the
+    8-bit rounding: the grid holds the images that were scored, in order."""
+    import numpy as np
+    from PIL import Image
+
+    out, r, _ = alone
+    grid = np.asarray(Image.open(out / SAMPLE_GRID).convert("L"), dtype=np.float64)
+    cell, label_h, left = 192, 28, 64
+    assert grid.shape == (20 + cell + label_h, left + 4 * cell)
+    rewards = [x for p in r["per_prompt"] for x in p["base"]]
+    assert max(rewards) - min(rewards) > 4 * 2.5e-4  # (the images can be told apart by it)
+    for j, want in enumerate(rewards):
+        shown = grid[20:20 + cell, left + j * cell:left + (j + 1) * cell].mean() / 255
+        assert shown == pytest.approx(want, abs=2.5e-4), (j, shown, want)
+
+
+def test_without_model_or_lora_the_default_model_is_sampled_and_named(tmp_path, caplog):
+    """No --model and no LoRA (it was refused: "give the LoRA to evaluate"): the default model, named in one line."""
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    out = tmp_path / "out"
+    assert main(["sample", *COMMON, "--prompt", "a cat", "--output-dir", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if "the default model" in r.getMessage()]
+    assert said == ["no LoRA and no --model: sampling tiny, the default model ($LOWMEM_ALIGNPROP_MODEL) (--model M "
+                    "samples another; --lora DIR compares a LoRA with it)"], said
+    r = json.loads((out / SAMPLE_RESULTS).read_text())
+    assert r["model"] == "tiny" and r["loras"] == [] and len(r["per_prompt"][0]["base"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
 # mixing adapters: weights interpolate the adapters' weight updates
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -327,7 +394,7 @@ def test_prompts_of_your_own_are_rendered_as_given(tmp_path, tiny_dir, loras):
     assert r["per_prompt"][0]["base"] == pytest.approx([direct], abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model", "no_lora",
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "bad_weight", "no_weight", "other_model",
                                   "zero_prompts", "checkpoint", "prompt_and_prompts", "empty_prompt", "upper_suffix",
                                   "many_images", "prompt_and_num_prompts"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
@@ -347,7 +414,6 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
             "bad_weight": ["--lora", f"{loras['a']}:half"],
             "no_weight": ["--lora", f"{loras['a']}:"],
             "other_model": ["--lora", str(loras["a"]), "--lora", f"{loras['other']}:0.5"],
-            "no_lora": [],
             "zero_prompts": ["--lora", str(loras["a"]), "--num-prompts", "0"],
             "checkpoint": ["--lora", str(step)],
             "prompt_and_prompts": ["--lora", str(loras["a"]), "--prompt", "a cat", "--prompts", "simple_animals"],
@@ -362,7 +428,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, loras, capsys):
     assert not out.exists()
     expected = {"missing": "does not exist", "empty_dir": "holds no LoRA weights", "bad_weight": "is not a number",
                 "no_weight": "is not a number", "other_model": "adapt layers of other widths",
-                "no_lora": "--lora DIR", "zero_prompts": "at least 1",
+                "zero_prompts": "at least 1",
                 "checkpoint": "is incomplete or corrupt: no manifest.json",
                 "prompt_and_prompts": "give your prompts with --prompt TEXT or a prompt set with --prompts, not both",
                 "empty_prompt": "--prompt '': give the prompt's text",

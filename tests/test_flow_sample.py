@@ -56,8 +56,9 @@ def models(tmp_path_factory):
 
 def _today(name, model, loras, prompts, seeds, guidance, fp8=False):
     """What ``sample`` did before: the diffusers pipeline with everything loaded at once, called with the prompt
-    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters``. ``fp8``: then the
-    frozen Linear weights stored in fp8, as the trainer stores them after LoRA (``sample`` ignored base_quant=fp8)."""
+    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters`` (no ``loras``: the
+    model's images, and None). ``fp8``: then the frozen Linear weights stored in fp8, as the trainer stores them after
+    LoRA (``sample`` ignored base_quant=fp8)."""
     from lowmem_alignprop.memory.quant import store_fp8
 
     pipe = _pipeline_class(name).from_pretrained(model)
@@ -78,6 +79,8 @@ def _today(name, model, loras, prompts, seeds, guidance, fp8=False):
         return torch.cat(out)
 
     with torch.no_grad():
+        if not loras:
+            return images(), None
         pipe.disable_lora()
         base = images()
         pipe.enable_lora()
@@ -233,3 +236,36 @@ def test_bad_input_lora_that_adapts_the_text_encoders_too(models, tmp_path, caps
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert "also adapts the text encoders (2 weights)" in lines[0], lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_a_flow_model_alone_is_scored_as_the_diffusers_pipeline_renders_it(models, tmp_path, monkeypatch, name):
+    """`sample --model DIR` of an SD3 or FLUX model without a LoRA: one row of images, those the diffusers pipeline
+    renders from the same seeds (to REORDERED: the prompts encoded in one batch here, per pipeline call there), each
+    scored by the reward of that image; the LoRA's keys null."""
+    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.rewards import build_reward
+
+    model, _ = models[name]
+    guidance = 3.5 if name == "flux" else 4.0
+    grids, save = [], grid.save_sample_grid
+    monkeypatch.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (
+        grids.append((base, lora, kw["row_names"])), save(path, labels, base, lora, **kw))[-1])
+    out = tmp_path / "sample"
+    assert main(["sample", *FLOW, "--model", str(model), "--set", f"guidance_scale={guidance}",
+                 "--output-dir", str(out)]) == 0
+    r = json.loads((out / "sample_results.json").read_text())
+    prompts = [p["prompt"] for p in r["per_prompt"] for _ in p["seeds"]]
+    seeds = [s for p in r["per_prompt"] for s in p["seeds"]]
+    assert seeds == [0, 1, 2, 3] and r["loras"] == [] and r["sampler"]["scheduler"] == "FlowMatchEulerDiscrete"
+    (images, rewards), lora, rows = grids[0]
+    assert lora is None and rows == ("model",) and images.shape == (4, 3, RES, RES)
+    direct, _ = _today(name, model, [], prompts, seeds, guidance)
+    assert_rel_close(images, direct, REORDERED, "the model's images")
+    scored = [x for p in r["per_prompt"] for x in p["base"]]
+    brightness = build_reward("brightness")
+    assert scored == pytest.approx(brightness(images, prompts).tolist(), abs=1e-6)  # the images' own rewards
+    # and the direct images': brightness is a mean of the pixels, which moves by at most their rms difference
+    assert_rel_close(torch.tensor(scored), brightness(direct, prompts), REORDERED, "their rewards")
+    assert all(p["lora"] is None and p["difference"] is None for p in r["per_prompt"]) and r["lora_mean"] is None
+    assert r["base_mean"] == pytest.approx(sum(scored) / 4, abs=1e-7)

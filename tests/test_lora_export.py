@@ -596,6 +596,35 @@ def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsy
     refuse_held_loras([parse_lora(str(sd["lora"]), 0)], str(sd["base"]))  # the base holds nothing
 
 
+def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lora_at_weight_1(sd, tmp_path,
+                                                                                               monkeypatch):
+    """`sample --model MERGED` without a LoRA (refused before: "give the LoRA to evaluate") renders, from the same
+    seeds, the images `sample --model BASE --lora LORA` renders in its LoRA row: (W + s B A) x against W x + s B (A x)
+    in every adapted layer, the same sums grouped otherwise, through 3 DDIM steps and the VAE: REORDERED."""
+    from lowmem_alignprop.commands import grid
+
+    merged = export(tmp_path, sd["lora"], "--merge")
+    rows, save = [], grid.save_sample_grid
+    monkeypatch.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (
+        rows.append((base, lora)), save(path, labels, base, lora, **kw))[-1])
+    same = ["--profile", "cpu", "--seed", "3", "--reward", "brightness", "--prompt", "a photo of a cat", "--prompt",
+            "a red dog", "--set", "sample_steps=3", "--set", "resolution=64", "--set", "guidance_scale=5",
+            "--set", "eta=1"]  # (the LoRA's run's recorded settings would be taken where these are not given)
+    assert main(["sample", *same, "--model", str(merged), "--output-dir", str(tmp_path / "alone")]) == 0
+    assert main(["sample", *same, "--model", str(sd["base"]), "--lora", str(sd["lora"]), "--output-dir",
+                 str(tmp_path / "with")]) == 0
+    (alone, alone_r), none = rows[0]
+    (base, _), (with_lora, lora_r) = rows[1]
+    assert none is None and alone.shape == with_lora.shape == (2, 3, 64, 64)
+    assert relative_difference(with_lora, base) > 100 * REORDERED  # the LoRA shows: the comparison proves something
+    assert_rel_close(alone, with_lora, REORDERED, "the merged model's images")
+    ours = json.loads((tmp_path / "alone" / "sample_results.json").read_text())
+    theirs = json.loads((tmp_path / "with" / "sample_results.json").read_text())
+    assert ours["model"] == str(merged) and ours["loras"] == [] and ours["sampler"] == theirs["sampler"]
+    assert [p["seeds"] for p in ours["per_prompt"]] == [p["seeds"] for p in theirs["per_prompt"]] == [[3], [4]]
+    assert_rel_close(alone_r, lora_r, REORDERED, "their rewards")  # (brightness: a mean of the pixels)
+
+
 def test_a_merged_model_holds_a_lora_by_the_sum_of_its_merges():
     """merged_loras.json's entries of one LoRA add up: merged at weight 0 (the base model, as --weight says), or at
     0.5 then -0.5, the model holds none of it (sample and a second merge refused it as 'applied twice')."""

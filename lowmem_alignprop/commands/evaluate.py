@@ -12,6 +12,9 @@ trainer does under the same profile (:mod:`lowmem_alignprop.commands.flow_sample
     OUTPUT_DIR/sample_grid.png        columns = images, rows = base / lora, each labelled with its reward
     OUTPUT_DIR/sample_results.json    per-prompt rewards (base, lora), their means and lora - base
 
+Without a LoRA (``sample --model M``: a merged model, a base model before training) each image is rendered once,
+from the model alone: the grid has one row, and sample_results.json's LoRA keys are null (docs/outputs.md).
+
 Mixing adapters (``--lora a:0.5 --lora b:0.5``), as AlignProp mixes LoRAs trained on different rewards:
 every adapter is loaded with ``pipe.load_lora_weights(..., adapter_name=...)`` and combined with
 ``pipe.set_adapters(names, adapter_weights=weights)``. peft then computes, in every layer the adapters touch,
@@ -743,18 +746,20 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     flat_seeds = [s for row in seeds for s in row]
     base_images, lora_images, sampler = _render(cfg, specs, prompts, flat_prompts, flat_seeds, device, weight_dtype,
-                                                default_model)
+                                                default_model)  # (lora_images None: no LoRA, the model alone)
     base_r, lora_r = _scores(cfg, reward, base_images, lora_images, flat_prompts, device)
-    base_mean, lora_mean = base_r.mean().item(), lora_r.mean().item()
+    base_mean, lora_mean = base_r.mean().item(), None if lora_r is None else lora_r.mean().item()
     results = {
         "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
         "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
                    **({"weights": s.found_in} if s.found_in else {})} for s in specs],
-        "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts",
+        "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts"
+                             if specs else None,
         "sampler": sampler,
         "seed": cfg.seed, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
         "per_prompt": _per_prompt(prompts, seeds, base_r, lora_r, images_per_prompt),
-        "base_mean": base_mean, "lora_mean": lora_mean, "difference": lora_mean - base_mean,
+        "base_mean": base_mean, "lora_mean": lora_mean,
+        "difference": None if lora_mean is None else lora_mean - base_mean,
         **toy_fidelity(cfg, flat_prompts, base_images, lora_images),
         "grid": SAMPLE_GRID, "device": str(device), "cuda_allocator": allocator,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -800,13 +805,17 @@ def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: to
 def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[str], flat_seeds: list[int],
             device: torch.device, weight_dtype: torch.dtype, default_model: str) -> tuple[torch.Tensor, ...]:
     """(base images, LoRA images, the sampler's settings dict): the pipeline loaded and adapted, every image rendered
-    without and with the adapters, then the denoiser freed (flow models) or moved off the GPU before scoring."""
+    without and with the adapters, then the denoiser freed (flow models) or moved off the GPU before scoring. No
+    LoRA (``specs`` empty): the model's images once, and None for the LoRA's."""
     pipe = _adapted_pipeline(cfg, specs, prompts, device, weight_dtype, default_model)
     batch = cfg.batch_size  # the profile's training batch fits with gradients, so surely without
-    pipe.disable_lora()
+    if specs:  # (a pipeline without adapters has no peft layers to switch)
+        pipe.disable_lora()
     base_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
-    mix_adapters(pipe, specs)
-    lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
+    lora_images = None
+    if specs:
+        mix_adapters(pipe, specs)
+        lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
     sampler = _sampler(pipe, cfg)
     if flow_sample.is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
         del pipe
@@ -828,37 +837,40 @@ def _sampler(pipe, cfg) -> dict:
             "resolution": cfg.resolution, "negative_prompt": cfg.negative_prompt}
 
 
-def _scores(cfg, reward, base_images: torch.Tensor, lora_images: torch.Tensor, flat_prompts: list[str],
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward of every base and LoRA image, on ``device``; a NaN or inf among them raises UserError."""
+def _scores(cfg, reward, base_images: torch.Tensor, lora_images: torch.Tensor | None, flat_prompts: list[str],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reward of every base and LoRA image (None: no LoRA), on ``device``; a NaN or inf among them raises
+    UserError."""
     reward.to(device)
     base_r = score(reward, base_images, flat_prompts, device, cfg.batch_size)
-    lora_r = score(reward, lora_images, flat_prompts, device, cfg.batch_size)
-    for name, r in (("the base model's", base_r), ("the LoRA's", lora_r)):
-        if not torch.isfinite(r).all():  # JSON has no NaN: a result that holds one is a failure, said as one
+    lora_r = None if lora_images is None else score(reward, lora_images, flat_prompts, device, cfg.batch_size)
+    for name, r in (("the base model's" if lora_r is not None else "the model's", base_r), ("the LoRA's", lora_r)):
+        if r is not None and not torch.isfinite(r).all():  # JSON has no NaN: a result that holds one is a failure
+            check = "the LoRA (a diverged run?)" if lora_r is not None else "the model"
             raise UserError(f"the reward {cfg.reward!r} scored {int((~torch.isfinite(r)).sum())} of {name} "
-                            f"{r.numel()} images NaN or inf: nothing was written; check the LoRA (a diverged run?) "
-                            "and the reward")
+                            f"{r.numel()} images NaN or inf: nothing was written; check {check} and the reward")
     return base_r, lora_r
 
 
-def _per_prompt(prompts: list[str], seeds: list[list[int]], base_r: torch.Tensor, lora_r: torch.Tensor,
+def _per_prompt(prompts: list[str], seeds: list[list[int]], base_r: torch.Tensor, lora_r: torch.Tensor | None,
                 images_per_prompt: int) -> list[dict]:
-    """sample_results.json's ``per_prompt``: each prompt's seeds, rewards, their means and lora - base."""
+    """sample_results.json's ``per_prompt``: each prompt's seeds, rewards, their means and lora - base (the LoRA's
+    keys null without a LoRA: ``lora_r`` None)."""
     per_prompt = []
     for i, prompt in enumerate(prompts):
         b = base_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
-        lo = lora_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
+        lo = None if lora_r is None else lora_r[i * images_per_prompt:(i + 1) * images_per_prompt].tolist()
+        lora_mean = None if lo is None else sum(lo) / len(lo)
         per_prompt.append({"prompt": prompt, "seeds": seeds[i], "base": b, "lora": lo,
-                           "base_mean": sum(b) / len(b), "lora_mean": sum(lo) / len(lo),
-                           "difference": sum(lo) / len(lo) - sum(b) / len(b)})
+                           "base_mean": sum(b) / len(b), "lora_mean": lora_mean,
+                           "difference": None if lo is None else lora_mean - sum(b) / len(b)})
     return per_prompt
 
 
 def _write(out: Path, results: dict, prompts: list[str], images_per_prompt: int,
-           base: tuple[torch.Tensor, torch.Tensor], lora: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """The grid (``base`` and ``lora``: images and rewards) and the results into ``out``, an earlier evaluation's
-    replaced (its results removed first)."""
+           base: tuple[torch.Tensor, torch.Tensor], lora: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """The grid (``base`` and ``lora``: images and rewards; the LoRA's None: one row, the model's) and the results
+    into ``out``, an earlier evaluation's replaced (its results removed first)."""
     if has_results(out):  # (a folder the user named; a failure before here leaves no trace: the lock removes it)
         log.warning("%s held an earlier evaluation: replacing it", out)
         # its results go first, the new ones come last: a kill between the two writes left the new grid beside the
@@ -866,31 +878,42 @@ def _write(out: Path, results: dict, prompts: list[str], images_per_prompt: int,
         (out / SAMPLE_RESULTS).unlink()
     out.mkdir(parents=True, exist_ok=True)
     labels = [p if images_per_prompt == 1 else f"#{j} {p}" for p in prompts for j in range(images_per_prompt)]
-    grid.save_sample_grid(out / SAMPLE_GRID, labels, base, lora,
-                          row_names=("base", "lora"), group=images_per_prompt)  # a prompt's images in one band
+    alone = lora[0] is None  # no LoRA: the model's row only
+    grid.save_sample_grid(out / SAMPLE_GRID, labels, base, None if alone else lora,
+                          row_names=("model",) if alone else ("base", "lora"),
+                          group=images_per_prompt)  # a prompt's images in one band
     atomic.write_text(out / SAMPLE_RESULTS, json.dumps(results, indent=2, allow_nan=False))  # (checked finite above)
 
 
-def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images: torch.Tensor) -> dict:
+def toy_fidelity(cfg, prompts: list[str], base_images: torch.Tensor, lora_images: torch.Tensor | None) -> dict:
     """In the toy world (docs/toy_world.md): the exact evaluators on both image sets, ``{"fidelity": {"base": ...,
-    "lora": ...}}`` (fidelity_* rates over the prompts its grammar parses, jpeg_bytes); elsewhere nothing."""
+    "lora": ...}}`` (fidelity_* rates over the prompts its grammar parses, jpeg_bytes; ``lora`` null without a
+    LoRA); elsewhere nothing."""
     if not applies(cfg.model, prompts):
         return {}
-    return {"fidelity": {"base": evaluate_batch(base_images, prompts), "lora": evaluate_batch(lora_images, prompts)}}
+    return {"fidelity": {"base": evaluate_batch(base_images, prompts),
+                         "lora": None if lora_images is None else evaluate_batch(lora_images, prompts)}}
 
 
 def print_summary(r: dict, out: Path) -> None:
-    mix = " + ".join(f"{d['weight']:g} x {d['path']}" + (f" ({d['weights']})" if "weights" in d else "")
-                     for d in r["loras"])
+    """The evaluation's lines on stdout: the means (base, lora, difference; without a LoRA the model's mean alone),
+    the mix, the toy world's exact figures, and the files written."""
     made = len(r["per_prompt"]) * r["images_per_prompt"]
-    lines = [f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
-             f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):",
-             f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
-             f"  lora = {mix}",
-             *([f"  exact fidelity (toy world){judged_of(r['fidelity']['base'], made)}: all right "
-                f"{r['fidelity']['base']['fidelity_all_ok']:.0%} -> "
-                f"{r['fidelity']['lora']['fidelity_all_ok']:.0%}, score {r['fidelity']['base']['fidelity_score']:.3f}"
-                f" -> {r['fidelity']['lora']['fidelity_score']:.3f}"] if "fidelity_all_ok" in r.get("fidelity", {})
-               .get("base", {}) else []),
-             f"wrote {out / SAMPLE_GRID} and {out / SAMPLE_RESULTS}"]
-    print("\n".join(lines), flush=True)
+    head = (f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
+            f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):")
+    fid = r.get("fidelity", {})
+    exact = "fidelity_all_ok" in fid.get("base", {})
+    if not r["loras"]:  # the model alone: its mean, no comparison
+        lines = [head, f"  model {r['base_mean']:.4f}   ({r['model']}, no LoRA)",
+                 *([f"  exact fidelity (toy world){judged_of(fid['base'], made)}: all right "
+                    f"{fid['base']['fidelity_all_ok']:.0%}, score {fid['base']['fidelity_score']:.3f}"]
+                   if exact else [])]
+    else:
+        mix = " + ".join(f"{d['weight']:g} x {d['path']}" + (f" ({d['weights']})" if "weights" in d else "")
+                         for d in r["loras"])
+        lines = [head, f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
+                 f"  lora = {mix}",
+                 *([f"  exact fidelity (toy world){judged_of(fid['base'], made)}: all right "
+                    f"{fid['base']['fidelity_all_ok']:.0%} -> {fid['lora']['fidelity_all_ok']:.0%}, score "
+                    f"{fid['base']['fidelity_score']:.3f} -> {fid['lora']['fidelity_score']:.3f}"] if exact else [])]
+    print("\n".join([*lines, f"wrote {out / SAMPLE_GRID} and {out / SAMPLE_RESULTS}"]), flush=True)

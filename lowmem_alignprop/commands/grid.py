@@ -130,31 +130,33 @@ GRID_COLUMNS = 8  # images side by side; more prompts wrap into further bands be
 
 
 def save_sample_grid(path: Path, prompts: list[str], before: tuple[torch.Tensor, torch.Tensor],
-                     after: tuple[torch.Tensor, torch.Tensor], cell: int = 192,
-                     row_names: tuple[str, str] = ("before", "after"), group: int = 1) -> Path:
-    """A PNG grid: one column per prompt, two rows (``row_names``), each image labelled with its reward; past
-    ``GRID_COLUMNS`` prompts the columns go on in another band of the two rows below. ``group``: columns that belong
-    together (``sample --images-per-prompt``: one prompt's images), never split between two bands."""
+                     after: tuple[torch.Tensor, torch.Tensor] | None, cell: int = 192,
+                     row_names: tuple[str, ...] = ("before", "after"), group: int = 1) -> Path:
+    """A PNG grid: one column per prompt, two rows (``row_names``; ``after`` None: one row, ``before``'s), each image
+    labelled with its reward; past ``GRID_COLUMNS`` prompts the columns go on in another band of the rows below.
+    ``group``: columns that belong together (``sample --images-per-prompt``: one prompt's images), never split
+    between two bands."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
     label_h, left = 28, 64
     n = len(prompts)
     per_band = max(group, GRID_COLUMNS // group * group)  # whole groups in a band
-    columns, band = min(n, per_band), 20 + 2 * (cell + label_h)
+    rows = [before] if after is None else [before, after]
+    columns, band = min(n, per_band), 20 + len(rows) * (cell + label_h)
     grid = Image.new("RGB", (left + columns * cell, band * -(-n // per_band)), "white")
     draw = ImageDraw.Draw(grid)
     text = GlyphText()
     for j, p in enumerate(prompts):
         x, top = left + (j % per_band) * cell, (j // per_band) * band
         text.draw(draw, (x + 4, top + 4), p, cell - 8)
-        for i, (imgs, rewards) in enumerate((before, after)):
+        for i, (imgs, rewards) in enumerate(rows):
             y = top + 20 + i * (cell + label_h)
             arr = (imgs[j].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             grid.paste(Image.fromarray(arr).resize((cell, cell), Image.NEAREST), (x, y))
             text.draw(draw, (x + 4, y + cell + 6), f"reward {rewards[j].item():.4f}", cell - 8)
     for top in range(0, grid.height, band):  # each band's row names
-        for i, name in enumerate(row_names):
+        for i, name in enumerate(row_names[:len(rows)]):
             text.draw(draw, (4, top + 20 + i * (cell + label_h) + cell // 2), name, left - 6)
     text.warn_missing()  # once per grid
     with atomic.replacing(path) as tmp:  # a full disk or a kill leaves no half-written PNG

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +17,22 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base
                                                   merged_record)
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
-from lowmem_alignprop.settings.config import TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
+from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
 
 logger = logging.getLogger("lowmem_alignprop")
 
 
 @dataclass
 class SampleRequest:
-    """What :func:`take_run_settings` found for :func:`sample_main`: the LoRAs, the user's own prompts (``--prompt``,
-    none: a prompt set's), whether the default output folder is numbered, and why the model is the default one."""
+    """What :func:`take_run_settings` found for :func:`sample_main`: the LoRAs (none: the model alone), the user's
+    own prompts (``--prompt``, none: a prompt set's), whether the default output folder is numbered, and why the model
+    is the default one."""
     specs: list[LoraSpec]
     prompts: list[str]
     numbered: bool
     default_model: str
     header_model: str = ""  # what a lone file's header says of a model not at hand (sampled on the default instead)
+    model_named: bool = True  # no LoRA: whether --model (or --set model=) named the model; else the default is said
 
 
 def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest:
@@ -46,6 +49,9 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
+    if not specs:  # the model alone: the profile's settings (the command line's win), nothing recorded to take
+        return SampleRequest([], own, _numbered(args, given), "",
+                             model_named=args.model is not None or "model" in given)
     base, default_model, header = None, "", ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
@@ -63,10 +69,16 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
                     specs[0].named, base[0], base[0])
     elif base_record_file(specs[0]) is None:  # a LoRA file shared alone: how its run sampled, from its header
         _take_header(args, specs, given)
-    numbered = args.output_dir is None and "output_dir" not in given  # an earlier evaluation there is kept: this one
-    if numbered:  # goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)
+    return SampleRequest(specs, own, _numbered(args, given), default_model, header if default_model else "")
+
+
+def _numbered(args: argparse.Namespace, given: set[str]) -> bool:
+    """Whether the output folder is the numbered default (``args.output_dir`` set to it): an earlier evaluation there
+    is kept, this one goes to outputs/sample-2... (--set output_dir is --output-dir's other spelling)."""
+    numbered = args.output_dir is None and "output_dir" not in given
+    if numbered:
         args.output_dir = SAMPLE_DIR  # (evaluate's hold_folder moves on to the next free one)
-    return SampleRequest(specs, own, numbered, default_model, header if default_model else "")
+    return numbered
 
 
 def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
@@ -155,8 +167,13 @@ def unguided(sets: list[str]) -> bool:
 
 
 def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_prompt: int, profile_name: str) -> int:
-    """Render, score and write the evaluation of ``request``'s LoRAs on ``cfg``, and print its summary."""
+    """Render, score and write the evaluation of ``request``'s LoRAs on ``cfg`` (none: the model alone), and print its
+    summary."""
     refuse_held_loras(request.specs, cfg.model)  # a model `export --merge` fused one of them into: it would apply twice
+    if not request.specs and not request.model_named:  # which model, in one line (the default may be $MODEL_ENV's)
+        env = f" (${MODEL_ENV})" if os.environ.get(MODEL_ENV, "").strip() == cfg.model else ""
+        logger.info("no LoRA and no --model: sampling %s, the default model%s (--model M samples another; "
+                    "--lora DIR compares a LoRA with it)", cfg.model, env)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
                        prompts=request.prompts or None, default_model=request.default_model)
