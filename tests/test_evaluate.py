@@ -749,6 +749,29 @@ def test_the_toy_worlds_exact_figures_judge_each_row_on_its_own_images():
     assert judged["base"]["jpeg_bytes"] != judged["lora"]["jpeg_bytes"]  # the two can be told apart
 
 
+def test_the_toy_worlds_figures_of_a_model_alone_are_its_images_and_its_line_compares_nothing(tmp_path, capsys):
+    """Without a LoRA the exact evaluators judge the model's images ("lora": null) and the summary prints their
+    figures once, with no "->" to a LoRA."""
+    from lowmem_alignprop.commands.evaluate import print_summary, toy_fidelity
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.toy.fidelity import evaluate_batch
+
+    prompts = ["a red circle", "a blue square", "a cat"]  # (the last outside the grammar: 2 of 3 judged)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fidelity = toy_fidelity(Config(model="toy"), prompts, images, None)["fidelity"]
+    assert fidelity == {"base": evaluate_batch(images, prompts), "lora": None}
+    base = fidelity["base"]
+    r = {"reward": "toy_clip", "num_prompts": 3, "images_per_prompt": 1, "seed": 0, "model": "toy", "loras": [],
+         "sampler": {"scheduler": "DDIM", "sample_steps": 3}, "per_prompt": [{}] * 3, "base_mean": 1.23456,
+         "fidelity": fidelity}
+    print_summary(r, tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "reward toy_clip over 3 prompts x 1 images (DDIM 3 steps, seed 0):", "  model 1.2346   (toy, no LoRA)",
+        "  exact fidelity (toy world) (2 of 3 images judged: the others' prompts are outside the grammar): all right "
+        f"{base['fidelity_all_ok']:.0%}, score {base['fidelity_score']:.3f}",
+        f"wrote {tmp_path / SAMPLE_GRID} and {tmp_path / SAMPLE_RESULTS}"]
+
+
 def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them(tmp_path, loras, tiny_dir,
                                                                                  monkeypatch, caplog):
     """sample renders as the LoRA's run did (base_model.json's image_settings) without --model and with --model naming
