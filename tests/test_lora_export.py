@@ -10,6 +10,7 @@ load_lora_weights for the kohya file, peft's PeftModel.from_pretrained, from_pre
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 from pathlib import Path
@@ -597,7 +598,7 @@ def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsy
 
 
 def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lora_at_weight_1(sd, tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, caplog):
     """`sample --model MERGED` without a LoRA (refused before: "give the LoRA to evaluate") renders, from the same
     seeds, the images `sample --model BASE --lora LORA` renders in its LoRA row: (W + s B A) x against W x + s B (A x)
     in every adapted layer, the same sums grouped otherwise, through 3 DDIM steps and the VAE: REORDERED."""
@@ -610,7 +611,12 @@ def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lor
     same = ["--profile", "cpu", "--seed", "3", "--reward", "brightness", "--prompt", "a photo of a cat", "--prompt",
             "a red dog", "--set", "sample_steps=3", "--set", "resolution=64", "--set", "guidance_scale=5",
             "--set", "eta=1"]  # (the LoRA's run's recorded settings would be taken where these are not given)
-    assert main(["sample", *same, "--model", str(merged), "--output-dir", str(tmp_path / "alone")]) == 0
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *same, "--model", str(merged), "--output-dir", str(tmp_path / "alone")]) == 0
+    # which LoRA it holds, and that its run's settings are not taken (a LoRA sampled alone takes them)
+    assert (f"--model {merged} is an export --merge ({Path(sd['lora']).absolute()} at weight 1 into {sd['base']}): it "
+            "renders with this command's settings (64 px, 3 steps, guidance 5), not its LoRA's run's; sample LORA "
+            "--model BASE renders as that run did") in caplog.messages
     assert main(["sample", *same, "--model", str(sd["base"]), "--lora", str(sd["lora"]), "--output-dir",
                  str(tmp_path / "with")]) == 0
     (alone, alone_r), none = rows[0]

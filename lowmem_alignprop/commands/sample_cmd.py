@@ -174,6 +174,12 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
         env = f" (${MODEL_ENV})" if os.environ.get(MODEL_ENV, "").strip() == cfg.model else ""
         logger.info("no LoRA and no --model: sampling %s, the default model%s (--model M samples another; "
                     "--lora DIR compares a LoRA with it)", cfg.model, env)
+    elif not request.specs and (held := merged_record(cfg.model)):  # its LoRAs' runs sampled with their own settings
+        fused = ", ".join(f"{r.get('lora')} at weight {float(r.get('weight', 1.0)):g}" for r in held)
+        logger.info("--model %s is an export --merge (%s into %s): it renders with this command's settings (%d px, "
+                    "%d steps, guidance %g), not its LoRA's run's; sample LORA --model BASE renders as that run did",
+                    cfg.model, fused, held[0].get("into") or "its base", cfg.resolution, cfg.sample_steps,
+                    cfg.guidance_scale)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
                        prompts=request.prompts or None, default_model=request.default_model)
