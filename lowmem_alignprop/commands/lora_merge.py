@@ -86,7 +86,7 @@ def _base_pipeline(spec: str, run: dict, vae: str):
             return load_single_file_with_vae(where, run.get("model_arch") or "auto", torch.float32, vae)
         if kind == "hub":
             hub.offline()
-        pipe = load_pipeline(where, hub_id=kind == "hub")
+        pipe = load_pipeline(where, hub_id=kind == "hub", revision=run.get("revision") or "" if kind == "hub" else "")
         if vae:
             pipe.vae = load_vae(vae, torch.float32, pipe.vae)
         return pipe
@@ -94,7 +94,8 @@ def _base_pipeline(spec: str, run: dict, vae: str):
         raise
     except (OSError, ValueError) as e:
         if kind == "hub":
-            raise UserError(hub_message("model", where, e, use="pass --model DIR")) from None
+            raise UserError(hub_message("model", where, e, use="pass --model DIR",
+                                        revision=run.get("revision") or "")) from None
         raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None
 
 
@@ -184,7 +185,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
-    pipe = load_base(spec, {**lora.run_config, "model_components": components})
+    commit = (lora.base or {}).get("revision") if not model else None  # a hub id's: the commit it trained on
+    pipe = load_base(spec, {**lora.run_config, "model_components": components,
+                            "revision": commit if isinstance(commit, str) else ""})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"

@@ -102,9 +102,12 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
     if args.model is None:
         args.model = base[0]
+        commit = (recorded_fingerprint(specs[0]) or {}).get("revision")  # a hub id's: the commit it trained on
+        if isinstance(commit, str) and commit and "revision" not in given:
+            args.set.append(f"revision={commit}")
         logger.info(
-            "--model not given: sampling %s, the model %s was trained on (--model to choose another)%s", base[0],
-            specs[0].named, settings)
+            "--model not given: sampling %s%s, the model %s was trained on (--model to choose another)%s", base[0],
+            f" at commit {commit}" if commit and "revision" not in given else "", specs[0].named, settings)
     elif taken:  # the model it was trained on, named: rendered as its run rendered (before_after.json's images)
         what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
         logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].named, settings)

@@ -482,7 +482,8 @@ class Trainer:
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
         # before DeepSpeed partitions the weights; with how the UNet is sampled (the exports read it)
-        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5)
+        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5,
+                                            revision=comps.revision)
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,

@@ -209,13 +209,14 @@ def _whole_single_file(cls, config: dict, path: str, components: str, layout: st
     return transformer
 
 
-def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
-    """A diffusers folder or hub id of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5 when ``t5`` is off or the
-    folder has none. Returns (the pipeline, ``read``): where the transformer's .safetensors can be read block by
-    block, the pipeline holds an empty one on meta and ``read()`` returns it read to where ``place`` says (and
-    quantized as it says); else diffusers loaded it whole with the rest and ``read`` is None."""
+def load_flow_pipeline(where: str, dtype: torch.dtype, *, place: Placement, t5: bool = True, revision: str = ""):
+    """A diffusers folder or hub id (at ``revision``: "" main) of an SD3/SD3.5 or FLUX.1 pipeline; SD3 without T5
+    when ``t5`` is off or the folder has none. Returns (the pipeline, ``read``): where the transformer's
+    .safetensors can be read block by block, the pipeline holds an empty one on meta and ``read()`` returns it read
+    to where ``place`` says (and quantized as it says); else diffusers loaded it whole with the rest and ``read``
+    is None."""
     kwargs, read = {}, None
-    root = pipeline_root(where, hub_id=not Path(where).expanduser().is_dir())  # looked up once for both reads below
+    root = pipeline_root(where, not Path(where).expanduser().is_dir(), revision)  # looked up once for both reads below
     found = _folder_transformer(root)
     if found is not None:
         cls, config, files, sub = found

@@ -19,7 +19,7 @@ import torch
 from lowmem_alignprop.memory import quant as q
 from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
-from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
+from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root, snapshot_commit
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
@@ -56,6 +56,7 @@ class Components:
     # SD3/FLUX loaded with transformer_last: reads the checkpoint's transformer (``unet`` is empty on meta until
     # read_transformer calls it)
     pending: Any = None
+    revision: str | None = None  # a hub id's: the commit its snapshot holds (pinned by cfg.revision, or main's)
 
     @property
     def transformer(self):
@@ -122,7 +123,7 @@ def _pass_a_model(spec: str) -> str:
 def _load_error(cfg, kind: str, where: str, e: BaseException) -> UserError:
     """The one line for a model that does not load: the hub's own message for a hub id, else the path's."""
     if kind == "hub":
-        return UserError(hub_message("model", where, e))
+        return UserError(hub_message("model", where, e, revision=getattr(cfg, "revision", "")))
     return UserError(f"could not load model {cfg.model!r}: {first_line(e)}. Check the path")
 
 
@@ -181,6 +182,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     _check_quant(cfg)  # before anything loads
+    revision = getattr(cfg, "revision", "") if kind == "hub" else ""
     predicts = getattr(cfg, "prediction_type", "auto")  # (auto: as the model's scheduler config says)
     quant = _bnb_mode(cfg)  # int8/nf4 load quantized; fp8 is applied after LoRA (step.apply_memory_features)
     if kind == "arch":
@@ -205,17 +207,20 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             elif quant != "none":
                 # the frozen UNet's Linear layers load quantized (diffusers' BitsAndBytesConfig); the rest as usual
                 from lowmem_alignprop.settings.paths import component_variant
-                variant = component_variant(pipeline_root(where, kind == "hub") / "unet")  # (only fp16 files: theirs)
-                unet = q.load_quantized_unet(where, quant, weight_dtype, variant=variant)
-                pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", unet=unet, safety_checker=None)
+                root = pipeline_root(where, kind == "hub", revision)  # (a hub id: its snapshot at revision)
+                variant = component_variant(root / "unet")  # (only fp16 files: theirs)
+                unet = q.load_quantized_unet(str(root), quant, weight_dtype, variant=variant)
+                pipe = load_pipeline(str(root), weight_dtype, named=where, unet=unet, safety_checker=None)
             else:
-                pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", safety_checker=None)
+                pipe = load_pipeline(where, weight_dtype, hub_id=kind == "hub", revision=revision, safety_checker=None)
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
             raise _load_error(cfg, kind, where, e) from None
         if type(pipe).__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):  # a hub id of a flow model
-            return flow_components(pipe, cfg, where, weight_dtype)
+            flow = flow_components(pipe, cfg, where, weight_dtype)
+            flow.revision = snapshot_commit(pipe.config.get("_name_or_path"))
+            return flow
         if kind == "dir":
             from lowmem_alignprop.models.arch import _check_loaded
             _check_loaded(pipe, where, Path(where))  # e.g. a tokenizer that loaded with 2 tokens
@@ -225,7 +230,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
                            tokenizer_2=getattr(pipe, "tokenizer_2", None),
                            is_sdxl=getattr(pipe, "text_encoder_2", None) is not None, source=where,
                            pipeline_class=type(pipe),
-                           force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+                           force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+                           revision=snapshot_commit(pipe.config.get("_name_or_path")) if kind == "hub" else None)
     if comps.unet is None or comps.vae is None or comps.text_encoder is None:
         raise UserError(f"{cfg.model} is not a Stable Diffusion model (needs unet, vae and text_encoder): "
                         "supported are SD 1.x, SD 2.x and SDXL")
@@ -268,7 +274,8 @@ def is_flow_source(cfg, kind: str, where: str) -> bool:
     with model_components, a transformer file alone (the flow loader then asks for model_components), a hub id whose
     model_index.json says so. The one rule for the loader and the planner's meta model."""
     return kind.startswith("flow") or (kind in ("file", "hub") and bool(getattr(cfg, "model_components", ""))) \
-        or (kind == "file" and is_flow_transformer_file(where)) or (kind == "hub" and is_flow_hub_id(where))
+        or (kind == "file" and is_flow_transformer_file(where)) \
+        or (kind == "hub" and is_flow_hub_id(where, getattr(cfg, "revision", "")))
 
 
 def is_flow_transformer_file(path: str) -> bool:
@@ -289,13 +296,14 @@ def is_flow_transformer_file(path: str) -> bool:
                    for k in keys)
 
 
-def is_flow_hub_id(repo: str) -> bool:
+def is_flow_hub_id(repo: str, revision: str = "") -> bool:
     """A hub id whose model_index.json (from the cache, or downloaded when the hub can be reached: a few hundred
     bytes) names an SD3/FLUX pipeline. Told before loading (and planning), so a quantized base loads the
     transformer's way, not the UNet's."""
     from lowmem_alignprop.models import flow_loading as fl
 
-    index = hub_file(repo, "model_index.json", download=not hub.offline())  # None: the usual load says what it is
+    # None: the usual load says what it is
+    index = hub_file(repo, "model_index.json", download=not hub.offline(), revision=revision)
     return index is not None and fl.is_flow_dir(index.parent)
 
 
@@ -347,13 +355,16 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
             if kind == "file":
                 pipe, read = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place)
             else:
-                pipe, read = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place)
+                pipe, read = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place,
+                                                   revision=getattr(cfg, "revision", "") if kind == "hub" else "")
         except UserError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:
             raise _load_error(cfg, kind, where, e) from None
         source = where
     comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
+    if kind == "hub":
+        comps.revision = snapshot_commit(pipe.config.get("_name_or_path"))
     if read is not None:
         comps.pending = lambda: _quantize_whole(read(), cfg, quant, weight_dtype)
         if not transformer_last:
@@ -417,11 +428,16 @@ def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: 
     return comps
 
 
-def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR") -> str:
-    """One line for a hub id that did not load: offline (the usual case here) or not a repository."""
+def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR", revision: str = "") -> str:
+    """One line for a hub id that did not load: offline (the usual case here) or not a repository; ``revision``: the
+    one asked for (its download goes to the hub cache, where --set revision finds it)."""
     text = str(error)
     offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
                                       "Connection", "does not appear to have a file named", "offline"))
+    if offline and revision:
+        return (f"{what} {repo!r} at revision {revision} could not be fetched (no network, or HF_HUB_OFFLINE set) "
+                f"nor found in the local Hugging Face cache: on a machine with network run `hf download {repo} "
+                f"--revision {revision}` (into the hub cache; copy that cache here), then run again")
     if offline:
         return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
                 f"set) nor found in the local cache: {hub.download_hint(repo, use)}")

@@ -10,12 +10,13 @@ parts of a pipeline through transformers' ``from_pretrained`` unchecked. Here ea
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from lowmem_alignprop.memory.precision import dtype_kwarg
-from lowmem_alignprop.models.model_check import check_weight_files
+from lowmem_alignprop.models.model_check import check_weight_files, hub_snapshot_repo
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.hub_access import offline_by_setting
 from lowmem_alignprop.settings.paths import component_variant, model_index, weights_variant
@@ -27,26 +28,41 @@ def missing_weights(info: dict) -> list[str]:
     return sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
 
 
-def pipeline_root(where: str, hub_id: bool) -> Path:
+def pipeline_root(where: str, hub_id: bool, revision: str = "") -> Path:
     """The folder a pipeline loads from: ``where`` itself, or (``hub_id``) the hub id's snapshot in the hub cache
-    (fetched if it is not there; offline: the cache only, asked for so: huggingface_hub's fallback logged, twice a
-    load, 'Could not reach the Hub (... unset HF_HUB_OFFLINE ...)', also where the probe, not the user, set it)."""
+    at ``revision`` (a branch, tag or commit; "": main), fetched if it is not there (offline: the cache only, asked
+    for so: huggingface_hub's fallback logged, twice a load, 'Could not reach the Hub (... unset HF_HUB_OFFLINE
+    ...)', also where the probe, not the user, set it)."""
     from diffusers import DiffusionPipeline
 
     if not hub_id:
         return Path(where).expanduser()
-    return Path(DiffusionPipeline.download(where, local_files_only=offline_by_setting()))
+    return Path(DiffusionPipeline.download(where, revision=revision or None, local_files_only=offline_by_setting()))
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def snapshot_commit(root) -> str | None:
+    """The commit a hub id's snapshot folder holds (huggingface_hub names each snapshot by its commit:
+    ``.../models--OWNER--NAME/snapshots/<commit>``, as snapshot_download returns it), else None (a local folder).
+    ``root``: the folder, or a loaded pipeline's ``_name_or_path`` (from_pretrained records the folder it read)."""
+    if not root:
+        return None
+    root = Path(str(root))
+    return root.name if hub_snapshot_repo(root) is not None and _COMMIT.fullmatch(root.name) else None
 
 
 def load_pipeline(where: str, dtype: torch.dtype | None = None, *, hub_id: bool = False, named: str | None = None,
-                  **given):
-    """The pipeline of the diffusers folder (or, ``hub_id``, the hub id) ``where``, with the components in ``given``
-    used as they are (None: left out); ``named``: what the user called it, for messages (default ``where``). Raises
+                  revision: str = "", **given):
+    """The pipeline of the diffusers folder (or, ``hub_id``, the hub id at ``revision``) ``where``, with the
+    components in ``given`` used as they are (None: left out); ``named``: what the user called it, for messages
+    (default ``where``); its snapshot's commit: :func:`snapshot_commit` of its ``config._name_or_path``. Raises
     UserError when a text encoder's files lack some of its weights; OSError/ValueError from diffusers and
     transformers as they come."""
     from diffusers import DiffusionPipeline
 
-    root = pipeline_root(where, hub_id)
+    root = pipeline_root(where, hub_id, revision)
     check_weight_files(root, named or where, skip=given)  # a missing part, an LFS pointer, a cut-off file: one line
     variant = {"variant": v} if (v := weights_variant(root)) else {}  # a folder of only fp16 files (variant="fp16")
     for name, cls in _transformers_models(root).items():

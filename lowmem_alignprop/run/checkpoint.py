@@ -510,11 +510,14 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 
 # -- model identity ----------------------------------------------------------------------------------
 
-def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None) -> dict[str, Any]:
+def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
+                revision: str | None = None) -> dict[str, Any]:
     """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
     how its UNet was sampled (``schedule``, the scheduler's config: what it predicts, epsilon or v_prediction, and
     whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them) and, for SD3,
-    whether its T5-XXL encoded the prompts (``t5``: the folder may lack it with t5_encoder on; :func:`check_t5`).
+    whether its T5-XXL encoded the prompts (``t5``: the folder may lack it with t5_encoder on; :func:`check_t5`);
+    a hub id's ``revision``: the commit its snapshot held (pinned or main's), which a resume compares
+    (:func:`check_revision`) and `sample`/`export --merge` of its LoRA load again.
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -527,7 +530,7 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None)
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
             **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
-            **({"t5": t5} if t5 is not None else {})}
+            **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {})}
 
 
 def config_sha(unet) -> str:
@@ -587,12 +590,32 @@ def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Pa
     """A resume's base model (its fingerprint ``ours``) must be the checkpoint's (``state``), with its T5 as it was."""
     saved = state["fingerprint"]
     problem = fingerprint_difference(saved, ours)
-    if problem:
+    if problem and not changed_revision(saved, ours):
         raise another_model(saved, ours["model"], problem, path)
+    check_revision(saved, ours, path, problem)
     check_t5(state, ours, cfg, path)
     if saved.get("model") != ours["model"]:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
                     saved.get("model"), ours["model"])
+
+
+def changed_revision(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """The same hub id resolved to another commit than the checkpoint's (a record without one: not compared)."""
+    was, now = saved.get("revision"), ours.get("revision")
+    return bool(was and now and was != now and saved.get("model") == ours.get("model"))
+
+
+def check_revision(saved: dict[str, Any], ours: dict[str, Any], path: Path, problem: str | None) -> None:
+    """A resume whose hub id now resolves to another commit than the one the checkpoint trained on (the hub's main
+    moved, or another --set revision): refused where the weights differ (``problem``), said where they do not."""
+    if not changed_revision(saved, ours):
+        return
+    model, was, now = ours.get("model"), saved["revision"], ours["revision"]
+    said = (f"checkpoint {path} trained on {model} at commit {was}, and {model} resolves to commit {now} here")
+    if problem:
+        raise UserError(f"{said} ({problem}): resume with --set revision={was} to load the commit it trained on")
+    log.warning("resume: %s (the same weights, as far as the fingerprint tells): training goes on; --set "
+                "revision=%s pins the commit it trained on", said, was)
 
 
 def check_t5(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:

@@ -58,6 +58,9 @@ class Config:
         "$LOWMEM_ALIGNPROP_MODEL (the test suite sets tiny).")})
     model_components: str = _f("", "SD3/SD3.5/FLUX.1 single-file transformer checkpoints: the model's diffusers folder "
                                "(or hub id) that supplies the text encoders, tokenizers, VAE and scheduler.")
+    revision: str = _f("", "A hub id --model's snapshot: a branch, tag or commit sha (empty: the hub's main, or "
+                       "offline the local cache's main). The commit a hub id resolved to is recorded in "
+                       "base_model.json (revision) either way; --set revision=<sha> loads that one again.")
     t5_encoder: bool = _f(True, "SD3/SD3.5: load the T5-XXL text encoder (false: leave it out, as the model allows; "
                           "zeros take its tokens' place). FLUX always needs its T5.")
     encode_on_cpu: bool = _f(False, "SD3/FLUX: run the text encoders (T5-XXL is 9.5 GB in bf16) on the CPU for the one "
@@ -449,6 +452,8 @@ class Config:
     def _validate_model_settings(self) -> None:
         """The settings that belong to one kind of model (a transformer file's parts, FLUX's missing negative branch,
         SD3's optional T5, a UNet's prediction type), where the model's files tell its kind before loading."""
+        if problem := revision_problem(self.model, self.revision):
+            raise UserError(problem)
         if self.model_components and _is_whole_model(self.model):
             raise UserError(f"model_components={self.model_components} names the folder with the other parts of a "
                             f"single transformer file, and --model {self.model} is a whole model with its own: drop "
@@ -460,9 +465,11 @@ class Config:
                 raise UserError(f"{name} {UNCONDITIONAL_USES[name]} classifier-free guidance, which "
                                 f"guidance_scale={self.guidance_scale:g} turns off (1 or less): drop --set "
                                 f"{name}, or raise guidance_scale (e.g. --set guidance_scale=5)")
-        if not self.t5_encoder and (kind := _kind(self.model, self.model_components)) not in (None, *SD3_KINDS):
+        kind = _kind(self.model, self.model_components, self.revision) if not self.t5_encoder or \
+            unet_sampler_settings(self) else None  # (read only where a setting asks)
+        if not self.t5_encoder and kind not in (None, *SD3_KINDS):
             raise UserError(no_t5_to_leave_out(kind == "flux"))
-        if unet_sampler_settings(self) and _kind(self.model, self.model_components) in FLOW_KINDS:
+        if unet_sampler_settings(self) and kind in FLOW_KINDS:
             raise UserError(flow_prediction(self))
         if self.zero_terminal_snr and (self.prediction_type == "epsilon" or (
                 self.prediction_type == "auto" and scheduler_prediction(self.model) == "epsilon")):
@@ -545,7 +552,7 @@ class Config:
                             "copies of what it recomputes: add --set unet_checkpointing=blocks (one block's copies "
                             "at a time), or on a CUDA GPU use --set base_quant=int8")
         if self.base_quant == "fp8" and self.lora_layers != "attention":
-            if _kind(self.model, self.model_components) in FLOW_KINDS:
+            if _kind(self.model, self.model_components, self.revision) in FLOW_KINDS:
                 # an SD3/FLUX transformer is read with its LoRA's layers in bf16 until the adapter is on them
                 raise UserError(f"base_quant=fp8 reads the transformer with the LoRA's layers in bf16 until the "
                                 f"adapter is added; with lora_layers={self.lora_layers} that is most of the model: use "
@@ -830,6 +837,27 @@ def vae_path_problem(spec: str) -> str | None:
             "madebyollin/sdxl-vae-fp16-fix), or leave vae empty for the model's own")
 
 
+def revision_problem(model: str, revision: str) -> str | None:
+    """What is wrong with ``revision`` for ``model`` (None: nothing, or none given): it pins a hub id's snapshot, so
+    with a local folder or file, or a shipped or architecture-only name, it would pin nothing; a value with spaces
+    is no git ref."""
+    if not revision:
+        return None
+    if revision != revision.strip() or any(c.isspace() for c in revision):
+        return (f"revision={revision!r} is not a branch, tag or commit of a hub repository (it has spaces): give one, "
+                "e.g. --set revision=main or a commit sha")
+    from lowmem_alignprop.settings.model_kind import NAMED_KINDS
+
+    if model in NAMED_KINDS or not model:
+        what = "a model built into the tool"
+    elif kind_of(Path(model).expanduser()) != "missing" or not looks_like_hub_id(model):
+        what = "a local path, not a hub id"
+    else:
+        return None
+    return (f"revision={revision} pins a hub id's snapshot (OWNER/NAME at a branch, tag or commit), and --model "
+            f"{model or 'tiny'} is {what}, which has no revisions: drop --set revision, or give --model as a hub id")
+
+
 def zero_snr_eta(eta: float) -> str:
     """DDIM's eta 1 at zero terminal SNR (Config.validate says it when set, the loader when the model says it)."""
     default = " (the default)" if eta == Config.eta else ""
@@ -843,11 +871,11 @@ ZERO_SNR_EPSILON = ("zero_terminal_snr: at zero SNR the last timestep's latent i
                     "prediction_type=v_prediction or drop zero_terminal_snr")
 
 
-def _kind(model: str, components: str) -> str | None:
+def _kind(model: str, components: str, revision: str = "") -> str | None:
     """The model's kind as its files tell, without loading it (settings/model_kind: a shipped name, a folder or a
-    transformer file's model_components, a hub id in the local hub cache); None when only loading tells (the loader
-    then checks: models/family.check_supported)."""
-    return model_kind_of(model, components)
+    transformer file's model_components, a hub id in the local hub cache at ``revision``); None when only loading
+    tells (the loader then checks: models/family.check_supported)."""
+    return model_kind_of(model, components, revision=revision)
 
 
 def _is_flux(model: str, components: str) -> bool:

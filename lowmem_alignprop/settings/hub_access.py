@@ -63,18 +63,19 @@ def unreachable() -> str | None:
     return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"  # refused, no route, timeout
 
 
-def hub_file(repo: str, filename: str, *, download: bool = False) -> Path | None:
-    """A small file of hub repository ``repo`` (model_index.json, a config.json): from the local hub cache, or with
-    ``download`` fetched when the hub can be reached; None when neither gives it (not a repository id, not cached
-    and offline, gated, missing). Never raises: the model's loading says what is wrong with the id."""
+def hub_file(repo: str, filename: str, *, download: bool = False, revision: str = "") -> Path | None:
+    """A small file of hub repository ``repo`` (model_index.json, a config.json) at ``revision`` (a branch, tag or
+    commit; "": main): from the local hub cache, or with ``download`` fetched when the hub can be reached; None when
+    neither gives it (not a repository id, not cached and offline, gated, missing). Never raises: the model's
+    loading says what is wrong with the id."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     try:
-        cached = try_to_load_from_cache(repo, filename)
+        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
         if isinstance(cached, str):
             return Path(cached)
         if not download or offline_by_setting() or unreachable():
             return None
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(repo, filename, revision=revision or None))
     except Exception:  # noqa: BLE001 - an invalid id, a gated or missing repository, a failed request: unknown
         return None

@@ -61,47 +61,47 @@ def sampler_name(flow: bool) -> str:
     return "Euler" if flow else "DDIM"
 
 
-def model_kind_of(model: str, components: str = "", *, download: bool = False) -> str | None:
+def model_kind_of(model: str, components: str = "", *, download: bool = False, revision: str = "") -> str | None:
     """The kind of a --model value: the named models; a diffusers folder by its model_index.json (SD3 Medium or Large
     by transformer/config.json); a hub id by the same files from the local hub cache or, with ``download``, from the
     hub (a few hundred bytes; the model's own download follows); a single transformer file by its
     ``components`` folder (model_components). None when only loading tells (an SD single file, a hub id out of
-    reach, another pipeline)."""
-    return _kind_and_folder(model, components, download)[0]
+    reach, another pipeline). ``revision``: the hub id's branch, tag or commit ("": main)."""
+    return _kind_and_folder(model, components, download, revision)[0]
 
 
-def _kind_and_folder(model: str, components: str, download: bool) -> tuple[str | None, str]:
+def _kind_and_folder(model: str, components: str, download: bool, revision: str = "") -> tuple[str | None, str]:
     """(the kind, the folder (or hub id) whose files told it: the shipped architecture's, the model's or
     model_components')."""
     if model in NAMED_KINDS:
         return NAMED_KINDS[model], str(ARCH_FLOW_DIR / model)  # (the flow ones' configs: sd35m, sd35l, flux)
     if not model:  # an empty field is no folder (Path("") is the working directory)
         return None, ""
-    kind = _kind_of_folder(model, download)
+    kind = _kind_of_folder(model, download, revision)
     if kind is not None or not components:
         return kind, model
     return _kind_of_folder(components, download), components
 
 
-def _kind_of_folder(model: str, download: bool) -> str | None:
-    index = _model_file(model, "model_index.json", download)
+def _kind_of_folder(model: str, download: bool, revision: str = "") -> str | None:
+    index = _model_file(model, "model_index.json", download, revision)
     kind = PIPELINE_FAMILIES.get((model_index(index.parent) or {}).get("_class_name")) if index else None
     if kind != "sd3":
         return kind
-    config = _model_file(model, "transformer/config.json", download)
+    config = _model_file(model, "transformer/config.json", download, revision)
     try:
         return sd3_kind(int(json.loads(config.read_text(encoding="utf-8"))["num_layers"]))
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # AttributeError: no such file (None)
         return None
 
 
-def _model_file(model: str, name: str, download: bool) -> Path | None:
+def _model_file(model: str, name: str, download: bool, revision: str = "") -> Path | None:
     """File ``name`` of a --model value's diffusers folder: in the folder itself, or for a hub id in its hub cache
     snapshot (hub_access.hub_file); None for a hub id that gives none."""
     path = Path(model).expanduser()
     if path.exists() or "/" not in model:
         return path / name
-    return hub_file(model, name, download=download)
+    return hub_file(model, name, download=download, revision=revision)
 
 
 def flow_geometry(model: str, components: str = "") -> tuple[str, int, int | None] | None:

@@ -1,0 +1,138 @@
+"""A hub id pinned to a revision (``--set revision=``), and the commit a hub id resolved to recorded with the run.
+
+Offline: a fake Hugging Face cache holds the tiny pipeline under two snapshot commits (the second's UNet weights
+scaled), refs/main pointing at the first; huggingface_hub resolves them as it resolves a real cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from lowmem_alignprop.cli import main
+
+REPO = "org/tiny-sd"
+MAIN, OTHER = "a" * 40, "b" * 40
+FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1", "--steps", "1"]
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _scale_unet(snapshot, factor: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = snapshot / UNET_FILE
+    weights = load_file(str(f))
+    save_file({k: v * factor if k == "conv_in.weight" else v for k, v in weights.items()}, str(f))
+
+
+@pytest.fixture
+def two_commits(tiny_dir, tmp_path, monkeypatch):
+    """REPO in a fresh hub cache at commits MAIN (refs/main) and OTHER (conv_in's weights doubled), offline."""
+    repo = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
+    for commit in (MAIN, OTHER):
+        shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    _scale_unet(repo / "snapshots" / OTHER, 2.0)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def _conv_in(comps) -> float:
+    return comps.unet.conv_in.weight.detach().double().abs().sum().item()
+
+
+def test_a_hub_id_loads_mains_commit_or_the_pinned_one_and_says_which(two_commits):
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    main_comps = load_components(Config(model=REPO))
+    other = load_components(Config(model=REPO, revision=OTHER))
+    assert (main_comps.revision, other.revision) == (MAIN, OTHER)
+    assert _conv_in(other) == pytest.approx(2 * _conv_in(main_comps), rel=1e-6)
+
+
+@pytest.fixture
+def snapshots_read(monkeypatch):
+    """The snapshot folder of every hub id the run reads (DiffusionPipeline.download's answers), by commit."""
+    from diffusers import DiffusionPipeline
+
+    read, download = [], DiffusionPipeline.download
+    monkeypatch.setattr(DiffusionPipeline, "download", lambda *a, **k: read.append(download(*a, **k)) or read[-1])
+    return read
+
+
+def _record(out) -> dict:
+    return json.loads((out / "lora" / "base_model.json").read_text())
+
+
+def test_a_run_records_the_commit_and_its_lora_samples_that_commit_after_main_moved(two_commits, snapshots_read,
+                                                                                    tmp_path, capsys, caplog):
+    """Trained on main's commit (recorded in base_model.json and the checkpoint); refs/main then moves to OTHER:
+    `sample` and `export --merge` of the LoRA without --model load MAIN's snapshot again, not OTHER's."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", REPO, "--output-dir", str(out), "--set", "checkpoint_every=1"]) == 0
+    assert _record(out)["revision"] == MAIN and _record(out)["model"] == REPO
+    state = json.loads(next(out.glob("checkpoints/step-*/state.json")).read_text())
+    assert state["fingerprint"]["revision"] == MAIN
+    (two_commits / "refs" / "main").write_text(OTHER)  # the hub's main moved on
+    snapshots_read.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *FAST, "--lora", str(out / "lora"), "--num-prompts", "1", "--output-dir",
+                     str(tmp_path / "samples")]) == 0
+    assert [Path(p).name for p in snapshots_read] == [MAIN]
+    assert f"--model not given: sampling {REPO} at commit {MAIN}, the model" in caplog.text
+    snapshots_read.clear()
+    merged = tmp_path / "merged"
+    assert main(["export", "--lora", str(out / "lora"), "--merge", "--out", str(merged)]) == 0
+    assert {Path(p).name for p in snapshots_read} == {MAIN}
+    base = load_file(str(two_commits / "snapshots" / MAIN / UNET_FILE))["conv_in.weight"]
+    assert load_file(str(merged / UNET_FILE))["conv_in.weight"].allclose(base)  # (conv_in has no LoRA: MAIN's own)
+
+
+def test_a_pinned_revision_is_trained_and_recorded(two_commits, tmp_path):
+    out = tmp_path / "pinned"
+    assert main([*FAST, "--model", REPO, "--set", f"revision={OTHER}", "--output-dir", str(out)]) == 0
+    assert _record(out)["revision"] == OTHER
+
+
+def test_a_resume_whose_hub_id_now_resolves_to_other_weights_names_both_commits(two_commits, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", REPO, "--output-dir", str(out), "--set", "checkpoint_every=1"]) == 0
+    (two_commits / "refs" / "main").write_text(OTHER)
+    capsys.readouterr()
+    assert main([*FAST[:-1], "2", "--model", REPO, "--output-dir", str(out), "--resume", "latest"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1] == (f"error: checkpoint {next(out.glob('checkpoints/step-*'))} trained on {REPO} at commit {MAIN}, "
+                        f"and {REPO} resolves to commit {OTHER} here (its UNet weights differ): resume with --set "
+                        f"revision={MAIN} to load the commit it trained on")
+
+
+def test_a_revision_not_in_the_cache_offline_is_one_line_naming_its_download(two_commits, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", REPO, "--set", "revision=v2.0", "--output-dir", str(out)]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"error: model '{REPO}' at revision v2.0 could not be fetched (no network, or HF_HUB_OFFLINE set) "
+                    "nor found in the local Hugging Face cache: on a machine with network run `hf download "
+                    f"{REPO} --revision v2.0` (into the hub cache; copy that cache here), then run again"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model, what", [("toy", "a model built into the tool"),
+                                         ("TINY_DIR", "a local path, not a hub id")])
+def test_a_revision_with_a_local_or_shipped_model_is_refused(model, what, tiny_dir, capsys):
+    model = str(tiny_dir) if model == "TINY_DIR" else model
+    assert main(["plan", "--profile", "cpu", "--model", model, "--set", "revision=main"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"error: revision=main pins a hub id's snapshot (OWNER/NAME at a branch, tag or commit), and "
+                    f"--model {model} is {what}, which has no revisions: drop --set revision, or give --model as a "
+                    "hub id"]
