@@ -97,12 +97,18 @@ def test_a_run_records_the_commit_and_its_lora_samples_that_commit_after_main_mo
     assert {Path(p).name for p in snapshots_read} == {MAIN}
     base = load_file(str(two_commits / "snapshots" / MAIN / UNET_FILE))["conv_in.weight"]
     assert load_file(str(merged / UNET_FILE))["conv_in.weight"].allclose(base)  # (conv_in has no LoRA: MAIN's own)
+    card = (merged / "README.md").read_text()
+    assert f"| base model | `{REPO}` at commit `{MAIN}` (lowmem-alignprop: `--set revision={MAIN}`) |" in card
 
 
-def test_a_pinned_revision_is_trained_and_recorded(two_commits, tmp_path):
+def test_a_pinned_revision_is_trained_and_recorded(two_commits, snapshots_read, tmp_path, capsys):
+    """--set revision=OTHER trains OTHER's snapshot (refs/main is MAIN), records it and says it in the end box."""
     out = tmp_path / "pinned"
     assert main([*FAST, "--model", REPO, "--set", f"revision={OTHER}", "--output-dir", str(out)]) == 0
+    assert [Path(p).name for p in snapshots_read] == [OTHER]
     assert _record(out)["revision"] == OTHER
+    assert json.loads((out / "summary.json").read_text())["model_revision"] == OTHER
+    assert f"(profile cpu, model {REPO} at commit {OTHER})" in capsys.readouterr().out
 
 
 def test_a_resume_whose_hub_id_now_resolves_to_other_weights_names_both_commits(two_commits, tmp_path, capsys):

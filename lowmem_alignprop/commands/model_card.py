@@ -194,8 +194,12 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
     reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
               "made)" if since else said("reward", info.get("reward")))
-    rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`)" if into else f"`{base}`"), names)
-             + (" (a local model of that name)" if names.get(into or base) else "") if base else "unknown"),
+    commit = (lora.base or {}).get("revision")  # a hub id's: the commit the run trained on
+    at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if isinstance(commit, str) and \
+        commit else ""
+    rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`{at})" if into else f"`{base}`{at}"),
+                                  names) + (" (a local model of that name)" if names.get(into or base) else "")
+             if base else "unknown"),
             ("reward", reward),
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),

@@ -140,7 +140,7 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
          f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']}"
          + (f" x {s['processes']} processes" if s.get("processes", 1) > 1 else "")  # (each step: all their images)
          + f" (profile {profile_name}, "
-         f"model {cfg.model})"),
+         f"model {cfg.model}{' at commit ' + s['model_revision'] if s.get('model_revision') else ''})"),
         *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
            f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step "

@@ -1594,6 +1594,8 @@ class Trainer:
             # ("cpu", not the "cpu:0" of several CPU processes); each process trains its batch_size images
             "device": "cpu" if self.device.type == "cpu" else str(self.device),
             **self.t5_tokens(),
+            # a hub id's: the commit its snapshot held (the end box's model; --set revision=<it> loads it again)
+            **({"model_revision": self.fingerprint["revision"]} if self.fingerprint.get("revision") else {}),
             "processes": self.accelerator.num_processes,
             "output_dir": str(out), "trained": trained_dir(cfg.train_unet),
         })
