@@ -194,12 +194,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
     reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
               "made)" if since else said("reward", info.get("reward")))
-    commit = (lora.base or {}).get("revision")  # a hub id's: the commit the run trained on
-    at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if isinstance(commit, str) and \
-        commit else ""
-    rows = [("base model", _named((f"`{into}` (the LoRA was trained on `{base}`{at})" if into else f"`{base}`{at}"),
-                                  names) + (" (a local model of that name)" if names.get(into or base) else "")
-             if base else "unknown"),
+    rows = [("base model", base_row(lora, into, names)),
             ("reward", reward),
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
@@ -289,6 +284,19 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def base_row(lora: Lora, into: str | None, names: dict[str, str]) -> str:
+    """The card's base model: the one the LoRA was trained on (a hub id's at the commit it trained on, with the
+    --set revision that loads it again), or the model it was merged into and that one."""
+    base = lora.base_model
+    if not base:
+        return "unknown"
+    commit = (lora.base or {}).get("revision")
+    at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if isinstance(commit, str) and \
+        commit else ""
+    return _named((f"`{into}` (the LoRA was trained on `{base}`{at})" if into else f"`{base}`{at}"), names) + (
+        " (a local model of that name)" if names.get(into or base) else "")
 
 
 def local_names(lora: Lora, info: dict[str, Any], into: str | None) -> dict[str, str]:
