@@ -142,3 +142,16 @@ def test_a_revision_with_a_local_or_shipped_model_is_refused(model, what, tiny_d
     assert said == [f"error: revision=main pins a hub id's snapshot (OWNER/NAME at a branch, tag or commit), and "
                     f"--model {model} is {what}, which has no revisions: drop --set revision, or give --model as a "
                     "hub id"]
+
+
+def test_a_damaged_pinned_snapshot_names_the_download_of_its_commit(two_commits, tmp_path, capsys):
+    """A part of the pinned commit's snapshot cut short: the line named `hf download org/m --force-download`, which
+    fetches main's commit and leaves the pinned one damaged. It names the commit; main's needs no --revision."""
+    unet = two_commits / "snapshots" / OTHER / UNET_FILE
+    unet.write_bytes(unet.read_bytes()[:4096])
+    assert main([*FAST, "--model", REPO, "--set", f"revision={OTHER}", "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"run `hf download {REPO} --revision {OTHER} --force-download`, then run again" in capsys.readouterr().err
+    unet = two_commits / "snapshots" / MAIN / UNET_FILE  # main's: the plain command fetches it
+    unet.write_bytes(unet.read_bytes()[:4096])
+    assert main([*FAST, "--model", REPO, "--output-dir", str(tmp_path / "m")]) == 2
+    assert f"run `hf download {REPO} --force-download`, then run again" in capsys.readouterr().err

@@ -109,8 +109,11 @@ def _refetch(root: Path, damaged: bool) -> str:
     repo = hub_snapshot_repo(root)
     if repo is None:
         return "copy the whole model folder again (every subfolder, every file in full)"
+    main = root.parent.parent / "refs" / "main"  # (the cache's record of main's commit: a pinned one names its own)
+    mains = main.is_file() and main.read_text(encoding="utf-8").strip() == root.name
+    pinned = "" if mains else f" --revision {root.name}"
     return (f"its download in the Hugging Face cache is {'damaged' if damaged else 'incomplete'}: on a machine with "
-            f"network run `hf download {repo}{' --force-download' if damaged else ''}`, then run again")
+            f"network run `hf download {repo}{pinned}{' --force-download' if damaged else ''}`, then run again")
 
 
 def _is_model(entry) -> bool:
