@@ -249,39 +249,64 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
     assert worst < 1e-6, worst
 
 
-def _comfy_extract(unet, file):
+def _comfy_extract(pipe, file, peft_names=False, encoders=False):
     """A UNet LoRA of every weight of two or more dimensions (the linear and conv layers), as ComfyUI's LoRA extract
     node writes it (``diffusion_model.`` + the LDM module path; rank 2, random), a third of the layers at alpha 1, a
-    third at alpha 3, the rest without (alpha = rank): saved as ``file``. Returns each diffusers module's
-    alpha / rank * up @ down (flattened)."""
+    third at alpha 3, the rest without (alpha = rank): saved as ``file``. ``peft_names``: its layers' pairs named
+    ``.lora_A.weight`` / ``.lora_B.weight`` (ComfyUI's trainer and others), not ``.lora_down`` / ``.lora_up``.
+    ``encoders``: the text encoders' weights too, as the node's text_encoder_diff writes them (``text_encoders.`` +
+    ComfyUI's CLIP names: ``clip_l.transformer.text_model.encoder...``, SDXL's second ``clip_g``, its
+    ``text_projection``), the embeddings and clip_l's projection unchanged (their pairs zero, as the node extracts
+    an unchanged weight). Returns each (component, diffusers module)'s alpha / rank * up @ down (flattened) of the
+    changed layers."""
     from safetensors.torch import save_file
 
     from lowmem_alignprop.models.ldm_layout import unet_to_ldm
 
     g = torch.Generator().manual_seed(4)
-    weights = {k: v for k, v in unet.state_dict().items() if k.endswith(".weight") and v.ndim >= 2}
-    ldm = unet_to_ldm(weights, unet.config, "diffusion_model.")
+    weights = {k: v for k, v in pipe.unet.state_dict().items() if k.endswith(".weight") and v.ndim >= 2}
+    layers = {("unet", name): key.removesuffix(".weight") for name, key in  # (unet_to_ldm keeps the order)
+              zip(weights, unet_to_ldm(weights, pipe.unet.config, "diffusion_model."))}
+    for part, clip in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")) if encoders else ():
+        if getattr(pipe, part, None) is None:
+            continue
+        encoder = {k: v for k, v in getattr(pipe, part).state_dict().items() if k.endswith(".weight") and v.ndim >= 2}
+        weights.update({f"{part}.{k}": v for k, v in encoder.items()})
+        layers.update({(part, k): f"text_encoders.{clip}.transformer." + (k if k.startswith(("text_model.", "text_"
+                       "projection")) else f"text_model.{k}").removesuffix(".weight") for k in encoder})
+        if part == "text_encoder":  # ComfyUI's clip_l has a projection, SD's and SDXL's first encoder none: unchanged
+            weights["text_encoder.text_projection.weight"] = torch.zeros(encoder[next(iter(encoder))].shape[1], 2)
+            layers[part, "text_projection.weight"] = f"text_encoders.{clip}.transformer.text_projection"
+    down_name, up_name = (".lora_A.weight", ".lora_B.weight") if peft_names else (".lora_down.weight",
+                                                                                   ".lora_up.weight")
     tensors, want = {}, {}
-    for i, (name, key) in enumerate(zip(weights, ldm)):  # (unet_to_ldm keeps the order)
-        w, layer = weights[name], key.removesuffix(".weight")
+    for i, ((part, name), layer) in enumerate(layers.items()):
+        w = weights[name if part == "unet" else f"{part}.{name}"]
         down = torch.randn(2, *w.shape[1:], generator=g)
         up = torch.randn(w.shape[0], 2, *((1, 1) if w.ndim == 4 else ()), generator=g)
-        tensors[f"{layer}.lora_down.weight"], tensors[f"{layer}.lora_up.weight"] = down, up
+        if part != "unet" and "embeddings." in name or (part, name) == ("text_encoder", "text_projection.weight"):
+            up = torch.zeros_like(up)  # (an unchanged weight: what no encoder applies, and needs no layer)
+        tensors[f"{layer}{down_name}"], tensors[f"{layer}{up_name}"] = down, up
         alpha = (1.0, 3.0, None)[i % 3]
         if alpha is not None:
             tensors[f"{layer}.alpha"] = torch.tensor(alpha)
-        want[name.removesuffix(".weight")] = (alpha or 2) / 2 * up.flatten(1) @ down.flatten(1)
+        if up.any():
+            want[part, name.removesuffix(".weight")] = (alpha or 2) / 2 * up.flatten(1) @ down.flatten(1)
     save_file(tensors, str(file))
     return want
 
 
-@pytest.mark.parametrize("model", ["sd", "sd_plain_first_up_block", "sdxl"])
-def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, tmp_path, _isolated_cache):
+@pytest.mark.parametrize("model, peft_names, encoders", [
+    ("sd", False, False), ("sd_plain_first_up_block", False, False), ("sdxl", False, False), ("sd", True, False),
+    ("sdxl", True, False), ("sd", False, True), ("sdxl", False, True), ("sdxl", True, True)])
+def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, peft_names, encoders, tmp_path, _isolated_cache):
     """sample --lora of a UNet LoRA as ComfyUI saves it (LDM names under diffusion_model.: attention, feed-forward,
     resnet convs, up/down samplers, time and SDXL's label embeddings, conv_in/out) applies each layer's
     alpha / rank * up @ down, on the SD model, one whose first up block has no attention (SD 1.x's: its upsampler is
     output_blocks.2.1.conv, which diffusers' reader takes for an attention) and SDXL. It was refused as another base
-    model's ("Invalid LoRA checkpoint ...: pass that model with --model")."""
+    model's ("Invalid LoRA checkpoint ...: pass that model with --model"). Its pairs in peft's names (lora_A /
+    lora_B: diffusers' raw error) and its text encoders' layers (text_encoders.clip_l / clip_g: refused) too, on
+    every encoder the pipeline has: attention, MLP and SDXL's text_projection; unchanged (zero) embeddings need none."""
     from diffusers import UNet2DConditionModel
     from midsize import build_tiny_sdxl_pipeline
 
@@ -297,12 +322,16 @@ def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, tmp_path, _iso
             sample_size=16, layers_per_block=2, block_out_channels=(32, 64), cross_attention_dim=32,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2, norm_num_groups=16,
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
-    want = _comfy_extract(pipe.unet, tmp_path / "comfy.safetensors")
-    assert any(".upsamplers." in n for n in want) and any("conv_in" in n for n in want)
-    assert (model == "sdxl") == any("add_embedding" in n for n in want)
+    want = _comfy_extract(pipe, tmp_path / "comfy.safetensors", peft_names, encoders)
+    assert any(".upsamplers." in n for _, n in want) and any("conv_in" in n for _, n in want)
+    assert (model == "sdxl") == any("add_embedding" in n for _, n in want)
+    assert {p for p, _ in want} == {"unet", *(("text_encoder", "text_encoder_2")[:1 + (model == "sdxl")] if encoders
+                                                else ())}
+    assert (model == "sdxl" and encoders) == (("text_encoder_2", "text_projection") in want)
     assert lora_family(tmp_path / "comfy.safetensors") == "unet"  # (on an SD3/FLUX model: refused by its family)
     load_adapters(pipe, [parse_lora(str(tmp_path / "comfy.safetensors"), 0)], "tiny")
-    loaded = {n: m for n, m in pipe.unet.named_modules() if "lora0" in getattr(m, "lora_A", {})}
+    loaded = {(part, n): m for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None)
+              for n, m in getattr(pipe, part).named_modules() if "lora0" in getattr(m, "lora_A", {})}
     assert sorted(loaded) == sorted(want)
     for name, m in loaded.items():
         got = m.scaling["lora0"] * m.lora_B["lora0"].weight.flatten(1) @ m.lora_A["lora0"].weight.flatten(1)
@@ -364,8 +393,9 @@ def test_sample_applies_an_sdxl_loras_text_encoder_layers_to_both_encoders(layou
 def test_a_comfyui_lora_with_weight_differences_or_text_encoder_layers_is_one_line(extra, made_lora, tmp_path, capsys,
                                                                                   fresh_log_handlers):
     """A ComfyUI UNet LoRA that also holds its extract node's full weight / bias differences (lora_type full_diff,
-    bias_diff: no LoRA layer applies them) or its text encoders' layers: one line naming them and how to save it
-    again, for sample and --init-lora (it said "Invalid LoRA checkpoint": pass the model it was made for)."""
+    bias_diff: no LoRA layer applies them) or a changed text-encoder layer diffusers has none for (the token
+    embedding): one line naming them and how to save it again, for sample and --init-lora (it said "Invalid LoRA
+    checkpoint": pass the model it was made for)."""
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
@@ -373,15 +403,18 @@ def test_a_comfyui_lora_with_weight_differences_or_text_encoder_layers_is_one_li
 
     tensors = load_file(str(_comfy_layout(made_lora, tmp_path)))
     key = {"diff": "diffusion_model.out.0.diff_b", "text_encoder":
-           "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_down.weight"}[extra]
+           "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.lora_down.weight"}[extra]
     tensors[key] = torch.ones(4, 32)
+    if extra == "text_encoder":  # a changed token embedding (its up not zero): diffusers' readers apply none
+        tensors[key.replace(".lora_down.", ".lora_up.")] = torch.ones(1000, 4)
     save_file(tensors, str(tmp_path / "with_extra.safetensors"))
     file = tmp_path / "with_extra.safetensors"
     said = {"diff": f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
                     "lora_up: extract it again with lora_type standard and bias_diff off",
-            "text_encoder": f"adapts ComfyUI's text encoders too (e.g. {quote(key)}): only the UNet's layers of a "
-                            "ComfyUI LoRA are read; save its UNet part alone (ComfyUI's LoRA save node without "
-                            "text_encoder_diff)"}[extra]
+            "text_encoder": f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. "
+                            f"{quote(key)}): only the encoders' attention and MLP layers and SDXL's text_projection "
+                            "are read; save it again without text_encoder_diff, or from a fine-tune that left that "
+                            "layer as it was"}[extra]
     assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(file), "--output-dir", str(tmp_path / "sample")],
                    f"--lora {file} {said}", tmp_path / "sample", capsys)
     if extra == "diff":  # (--init-lora refuses a text encoder's layers as it does in every layout: a UNet LoRA only)

@@ -646,7 +646,7 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             warnings.filterwarnings("ignore", message="No LoRA keys associated")
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
             if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
-                file = ldm_unet_as_diffusers(file, pipe.unet.config) or file  # blocks numbered by the UNet's config
+                file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except MISFIT_ERRORS as e:

@@ -330,10 +330,20 @@ def _every_alpha_folded(tensors: dict) -> dict:
 
 # a UNet LoRA as ComfyUI saves it (its LoRA save / extract nodes, and its generic reader's layout): the original
 # LDM/sgm UNet's module paths under ``diffusion_model.`` (``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.
-# to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; no alpha: alpha = rank)
+# to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; no alpha: alpha = rank); ComfyUI's trainer and others name
+# the pairs as peft does (``.lora_A.weight`` down, ``.lora_B.weight`` up: comfy/weight_adapter/lora.py reads both)
 LDM_UNET_PREFIX = "diffusion_model."
 _LDM_UNET_MODULES = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-LDM_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+LDM_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
+_KOHYA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+# ... and its text encoders' layers (the save node's text_encoder_diff): ``text_encoders.`` + ComfyUI's CLIP model's
+# path (comfy/lora.py model_lora_keys_clip's generic names): SD 1.x's clip_l, SD 2.x's clip_h, SDXL's clip_l and
+# clip_g. The layers diffusers' kohya reader applies, by kohya's encoder prefix (lora_te1_: the first encoder,
+# lora_te2_: SDXL's second): each encoder layer's attention and MLP linears, and clip_g's text_projection
+COMFY_ENCODER_PREFIX = "text_encoders."
+_COMFY_ENCODERS = {"clip_l": "lora_te1_", "clip_h": "lora_te1_", "clip_g": "lora_te2_"}
+_COMFY_ENCODER_LAYER = re.compile(r"text_encoders\.(clip_[lhg])\.transformer\.(text_model\.encoder\.layers\.\d+\."
+                                  r"(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12])|text_projection)")
 
 
 def is_ldm_unet_lora(keys) -> bool:
@@ -342,61 +352,92 @@ def is_ldm_unet_lora(keys) -> bool:
     return any(k.startswith(LDM_UNET_PREFIX) and k[len(LDM_UNET_PREFIX):].startswith(_LDM_UNET_MODULES) for k in keys)
 
 
-def ldm_unet_unreadable(keys) -> str | None:
-    """The first name of a ComfyUI UNet LoRA (:func:`is_ldm_unet_lora`) that is no LoRA's ``lora_down`` /
-    ``lora_up`` / ``alpha``: its extract node's weight or bias differences (``.diff``, ``.diff_b``: lora_type
-    full_diff, bias_diff) or a text encoder's (``text_encoders.``), which no UNet LoRA layer applies; None if none
-    (or for another layout)."""
-    if not is_ldm_unet_lora(keys):
+def _lora_suffix(key: str) -> str | None:
+    return next((s for s in LDM_LORA_SUFFIXES if key.endswith(s)), None)
+
+
+def comfy_encoder_name(key: str) -> str | None:
+    """A ComfyUI text-encoder LoRA name (:data:`COMFY_ENCODER_PREFIX`) as kohya's for the same layer
+    (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight``), which diffusers' reader applies;
+    None for a layer it has no name for (the embeddings, clip_l's projection, which SD's encoders lack) or another
+    name."""
+    suffix = _lora_suffix(key)
+    found = _COMFY_ENCODER_LAYER.fullmatch(key.removesuffix(suffix)) if suffix else None
+    if found is None or found[2] == "text_projection" and found[1] != "clip_g":
         return None
-    return next((k for k in sorted(keys) if not (k.startswith(LDM_UNET_PREFIX) and k.endswith(LDM_LORA_SUFFIXES))),
-                None)
+    return _COMFY_ENCODERS[found[1]] + found[2].replace(".", "_") + _KOHYA_SUFFIX.get(suffix, suffix)
 
 
-def ldm_unet_refusal(keys) -> str | None:
+def _unchanged(tensors, key: str) -> bool:
+    """Whether ``key``'s layer in a ComfyUI LoRA (``tensors``: name -> tensor) adds nothing: its up or down all zeros,
+    as the extract node writes a weight the fine-tune left as it was. False where ``tensors`` holds no values (a
+    header's shapes)."""
+    layer = key.removesuffix(_lora_suffix(key) or "")
+    pairs = [tensors.get(layer + s) for s in (".lora_up.weight", ".lora_B.weight", ".lora_down.weight",
+                                              ".lora_A.weight")]
+    return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
+
+
+def ldm_unet_unreadable(tensors) -> str | None:
+    """The first name of a ComfyUI UNet LoRA (:func:`is_ldm_unet_lora`; ``tensors``: its names, or names -> tensors)
+    that no LoRA layer applies: its extract node's weight or bias differences (``.diff``, ``.diff_b``: lora_type
+    full_diff, bias_diff), or a text encoder's layer diffusers has no name for (:func:`comfy_encoder_name`) that
+    changes the model; None if none (or for another layout)."""
+    if not is_ldm_unet_lora(tensors):
+        return None
+    return next((k for k in sorted(tensors) if not (k.startswith(LDM_UNET_PREFIX) and _lora_suffix(k) or (
+        k.startswith(COMFY_ENCODER_PREFIX) and (comfy_encoder_name(k) or _unchanged(tensors, k))))), None)
+
+
+def ldm_unet_refusal(tensors) -> str | None:
     """What a ComfyUI UNet LoRA holds that no LoRA layer here applies (:func:`ldm_unet_unreadable`) and what to pass
     instead, to follow the option and its value in one line; None where it holds LoRA layers only."""
-    if (key := ldm_unet_unreadable(keys)) is None:
+    if (key := ldm_unet_unreadable(tensors)) is None:
         return None
-    if key.startswith("text_encoders."):
-        return (f"adapts ComfyUI's text encoders too (e.g. {quote(key)}): only the UNet's layers of a ComfyUI LoRA are "
-                "read; save its UNet part alone (ComfyUI's LoRA save node without text_encoder_diff)")
     if key.endswith((".diff", ".diff_b")):
         return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
                 "lora_up: extract it again with lora_type standard and bias_diff off")
+    if key.startswith(COMFY_ENCODER_PREFIX) and _lora_suffix(key):
+        return (f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. {quote(key)}): only "
+                "the encoders' attention and MLP layers and SDXL's text_projection are read; save it again without "
+                "text_encoder_diff, or from a fine-tune that left that layer as it was")
     return f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain LoRA"
 
 
 def ldm_unet_name(key: str) -> str:
     """A ComfyUI UNet LoRA name (``diffusion_model.`` + the LDM module path + suffix) as kohya's for the same module
-    (``lora_unet_`` + the path with dots as underscores), whose sgm block numbers diffusers' reader maps with the
-    UNet's config. An upsampler in an up block without attention, ``output_blocks.N.1.conv`` (SD 1.x/2.x's first),
-    is named by the index it has beside attention (``.2.conv``): diffusers reads index 1 as attentions (a ``.1.conv``
-    is an upsampler in every UNet: an attention block has no such layer)."""
-    suffix = next(s for s in LDM_LORA_SUFFIXES if key.endswith(s))
+    (``lora_unet_`` + the path with dots as underscores; peft's lora_A / lora_B as lora_down / lora_up), whose sgm
+    block numbers diffusers' reader maps with the UNet's config. An upsampler in an up block without attention,
+    ``output_blocks.N.1.conv`` (SD 1.x/2.x's first), is named by the index it has beside attention (``.2.conv``):
+    diffusers reads index 1 as attentions (a ``.1.conv`` is an upsampler in every UNet: an attention block has no
+    such layer)."""
+    suffix = _lora_suffix(key)
     path = re.sub(r"^(output_blocks\.\d+)\.1\.conv$", r"\1.2.conv",
                   key.removeprefix(LDM_UNET_PREFIX).removesuffix(suffix))
-    return kohya_name(path) + suffix
+    return kohya_name(path) + _KOHYA_SUFFIX.get(suffix, suffix)
 
 
-def ldm_unet_as_diffusers(file: Path, unet_config) -> Path | None:
+def ldm_unet_as_diffusers(file: Path, pipe) -> Path | None:
     """A ComfyUI UNet LoRA file (:func:`is_ldm_unet_lora`) in diffusers' layout, in a temporary folder (removed when
-    the process ends): its layers named as kohya's, each alpha / rank folded into its ``lora_up`` (alpha = rank
-    where it has none), and read by diffusers' kohya reader with ``unet_config`` (the UNet's: how many layers a block
-    has numbers the sgm blocks). None for a file of another layout. diffusers' errors (a file of another UNet's
-    blocks) pass through."""
+    the process ends): its layers named as kohya's (its text encoders' too, :func:`comfy_encoder_name`; an unchanged
+    one left out) and read as a kohya file (:func:`_kohya_as_diffusers`). None for a file of another layout. A text
+    encoder's layer diffusers has no name for raises ValueError; diffusers' errors (a file of another UNet's blocks)
+    pass through."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         if not is_ldm_unet_lora(f.keys()):
             return None
-        tensors = {ldm_unet_name(k): f.get_tensor(k) for k in f.keys()}
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(_every_alpha_folded(tensors), unet_config=unet_config)
-    return _diffusers_file(convert_unet_state_dict_to_peft({k.removeprefix("unet.").replace(".processor.", "."): v
-                                                            for k, v in state.items()}), {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    named = {}
+    for key, value in tensors.items():
+        if key.startswith(LDM_UNET_PREFIX):
+            named[ldm_unet_name(key)] = value
+        elif (name := comfy_encoder_name(key)) is not None:
+            named[name] = value
+        elif not _unchanged(tensors, key):  # (sample and --init-lora refused it before: ldm_unet_refusal)
+            raise ValueError(f"{key} is a layer diffusers' LoRA loader has no name for")
+    return _kohya_as_diffusers(named, pipe)
 
 
 # kohya's text-encoder layers by encoder: lora_te_ (SD's one), lora_te1_ / lora_te2_ (SDXL's two)
@@ -418,17 +459,23 @@ def kohya_encoders_without_out_proj(keys) -> bool:
 
 def kohya_encoders_as_diffusers(file: Path, pipe) -> Path | None:
     """A kohya UNet LoRA file whose encoder layers lack out_proj (:func:`kohya_encoders_without_out_proj`) in
-    diffusers' layout, in a temporary folder (removed when the process ends): each alpha / rank folded into its
-    ``lora_up`` (alpha = rank where it has none), read by ``pipe``'s own kohya reader (the UNet's config numbers
-    sgm blocks), each encoder's part named in diffusers' layout (``q_proj.lora_linear_layer``), which its reader
-    reads without telling. None for any other file. A second encoder's layers on a model with one raise ValueError
-    (the file is another model's); diffusers' errors pass through."""
+    diffusers' layout (:func:`_kohya_as_diffusers`), in a temporary folder (removed when the process ends); None for
+    any other file. diffusers' errors pass through."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         if not kohya_encoders_without_out_proj(f.keys()):
             return None
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _kohya_as_diffusers(tensors, pipe)
+
+
+def _kohya_as_diffusers(tensors: dict, pipe) -> Path:
+    """A kohya LoRA (``tensors``: ``lora_unet_*``, ``lora_te*``) in diffusers' layout, in a temporary folder: each
+    alpha / rank folded into its ``lora_up`` (alpha = rank where it has none), read by ``pipe``'s own kohya reader
+    (the UNet's config numbers sgm blocks), each encoder's part named in diffusers' layout, which its reader reads
+    without telling (an encoder without out_proj included). A second encoder's layers on a model with one raise
+    ValueError."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
