@@ -50,7 +50,7 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
 from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, lycoris_kind, merged_record,
-                                                  nonfinite, read_run, shared_name)
+                                                  nonfinite, read_run, safetensors_copy, shared_name)
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, is_ldm_unet_lora, kohya_alphas_folded,
                                                    kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
                                                    ldm_unet_refusal, peft_as_diffusers)
@@ -177,8 +177,10 @@ def _lora_file(path: Path, arg: str) -> Path:
                         "sample a checkpoint from before it, or train again with a lower learning rate")
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
         return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
-    # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads)
-    return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or file
+    # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads; a torch
+    # pickle as safetensors: the converters of other tools' names read those, as --init-lora's do)
+    return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or (
+        file if is_safetensors(file) else safetensors_copy(tensors))
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, temporary_folder
+from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
@@ -90,8 +90,6 @@ def _init_lora_source(spec: str) -> Path:
 def _as_safetensors(path: Path, spec: str) -> Path:
     """A LoRA saved with torch.save (.bin: older diffusers and peft), its tensors only (pickled code is refused), as a
     .safetensors file in a temporary folder: what the loaders below read."""
-    from safetensors.torch import save_file
-
     from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
     try:
         state = read_tensor_file(path)
@@ -103,9 +101,7 @@ def _as_safetensors(path: Path, spec: str) -> Path:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--init-lora {spec} holds no dictionary of tensors: pass a LoRA in diffusers, kohya or peft "
                         "layout")
-    out = temporary_folder() / LORA_WEIGHT_NAME
-    save_file({str(k): v.contiguous() for k, v in state.items()}, str(out))
-    return out
+    return safetensors_copy(state)
 
 
 def _damaged(spec: str, file: Path, e: Exception) -> UserError:

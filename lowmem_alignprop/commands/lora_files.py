@@ -575,6 +575,16 @@ def temporary_folder() -> Path:
     return tmp
 
 
+def safetensors_copy(tensors: dict) -> Path:
+    """A LoRA's tensors (a torch pickle's, read with weights_only) as diffusers' one ``.safetensors`` file in a
+    temporary folder (removed when the process ends): what every converter of another tool's names reads."""
+    from safetensors.torch import save_file
+
+    out = temporary_folder() / LORA_WEIGHT_NAME
+    save_file({str(k): v.detach().clone().contiguous() for k, v in tensors.items()}, str(out))  # (no shared storage)
+    return out
+
+
 def lora_digest(lora: Lora) -> str:
     """What identifies a LoRA's weights whichever folder or format holds them: a hash of its tensors' names and
     values."""
