@@ -130,6 +130,52 @@ def test_a_lora_in_the_original_transformers_names_reads_as_its_kohya_twin(case,
         assert_rel_close(theirs[k], ours[k], SAME_OPS, k)
 
 
+@pytest.mark.parametrize("style", ["comfyui lora_A/lora_B", "comfyui lora_down/lora_up with alpha",
+                                   "kohya lora_unet_"])
+def test_sample_of_a_flux_lora_with_modulation_layers_applies_each_as_diffusers_reads_it(style, tmp_path):
+    """sample --lora of a FLUX.1 LoRA in the original transformer's names (ComfyUI's diffusion_model., kohya's
+    lora_unet_) that also adapts layers lowmem-alignprop does not train (the blocks' modulation, img_mod.lin: older
+    sd-scripts and other trainers adapt every linear): diffusers' FLUX kohya reader applies them (img_mod.lin ->
+    norm1.linear; the fused qkv split into to_q/to_k/to_v rows), each layer alpha / rank * up @ down (lora_A/B: no
+    alpha, alpha = rank). It was refused: "adapts 'lora_unet_double_blocks_0_img_mod_lin', a layer lowmem-alignprop
+    does not train"."""
+    from flowmodels import build_tiny_flux_pipeline
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.evaluate import load_adapters, parse_lora
+
+    pipe = build_tiny_flux_pipeline()
+    config = pipe.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    g = torch.Generator().manual_seed(2)
+    a = "transformer_blocks.0.attn."
+    layers = {"double_blocks.0.img_attn.qkv": [a + "to_q", a + "to_k", a + "to_v"],
+              "double_blocks.0.txt_attn.proj": [a + "to_add_out"],
+              "double_blocks.0.img_mod.lin": ["transformer_blocks.0.norm1.linear"],
+              "double_blocks.0.txt_mod.lin": ["transformer_blocks.0.norm1_context.linear"]}
+    rows = {"qkv": 3 * width, "proj": width, "lin": 6 * width}
+    tensors, want = {}, {}
+    for i, (original, parts) in enumerate(layers.items()):
+        down, up = torch.randn(2, width, generator=g), torch.randn(rows[original.rsplit(".", 1)[1]], 2, generator=g)
+        alpha = 2.0 if "lora_A" in style else (1.0, 3.0)[i % 2]
+        name = f"diffusion_model.{original}" if style.startswith("comfyui") else "lora_unet_" + original.replace(
+            ".", "_")
+        if "lora_A" in style:
+            tensors |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+        else:
+            tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha":
+                        torch.tensor(alpha)}
+        for part, block in zip(parts, (alpha / 2 * up @ down).chunk(len(parts))):
+            want[part] = block
+    save_file(tensors, str(tmp_path / "flux.safetensors"))
+    load_adapters(pipe, [parse_lora(str(tmp_path / "flux.safetensors"), 0)], "tiny-flux")
+    loaded = {n: m for n, m in pipe.transformer.named_modules() if "lora0" in getattr(m, "lora_A", {})}
+    assert sorted(loaded) == sorted(want)
+    for name, m in loaded.items():
+        got = m.scaling["lora0"] * m.lora_B["lora0"].weight @ m.lora_A["lora0"].weight
+        assert relative_difference(got, want[name]) < 1e-6, name
+
+
 @pytest.fixture(scope="module")
 def sd3_ff(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3-ff")

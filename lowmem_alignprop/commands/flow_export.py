@@ -181,6 +181,17 @@ def _zero_outside(block: torch.Tensor, lo: int, hi: int) -> bool:
     return not block[:, :lo].any() and not block[:, hi:].any()
 
 
+def untrained_flux_layer(state: dict[str, torch.Tensor]) -> str | None:
+    """The first layer of a FLUX.1 LoRA in kohya's names (:func:`kohya_names`) that :func:`kohya_to_peft` does not
+    split (a layer lowmem-alignprop does not train: the blocks' modulation, img_in, final_layer...), None where it
+    holds only those it trains, or for an SD3 file. diffusers' FLUX kohya reader maps every such layer."""
+    names = {k.split(".")[0] for k in state}
+    if not any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names):
+        return None
+    known = _inverse_map(FLUX, names)
+    return next((n for n in sorted(names) if n not in known), None)
+
+
 def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str, torch.Tensor], str]:
     """A kohya SD3/FLUX LoRA -> (peft weights with each layer's scale folded into B so that peft's scale is 1,
     family). Raises UserError (``label``: the option and path, e.g. ``--init-lora x``) for a module this trainer does
