@@ -1339,3 +1339,30 @@ def test_sample_takes_training_only_settings_with_a_line_and_set_output_dir_as_i
                      "--set", "report_to=wandb", "--set", "optimizer=adamw8bit", "--set", f"output_dir={out}"]) == 0
     assert (out / SAMPLE_RESULTS).is_file() and "both given" not in caplog.text
     assert "--set optimizer, report_to: training settings; sample trains nothing" in caplog.text
+
+
+def test_a_reward_that_scores_images_nan_is_one_line_naming_what_to_check():
+    """sample's scores hold a NaN (JSON has none): one line, nothing written; it names the LoRA with one, the model
+    alone without (sample --model M: no LoRA to blame)."""
+    import torch
+
+    from lowmem_alignprop.commands.evaluate import _scores
+    from lowmem_alignprop.settings.config import Config
+    from lowmem_alignprop.settings.errors import UserError
+
+    class Bright(torch.nn.Module):  # the mean pixel, NaN where it is above 0.5
+        def forward(self, images, prompts):
+            r = images.mean(dim=(1, 2, 3))
+            return torch.where(r > 0.5, torch.nan, r)
+
+    dark, light = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    cfg, prompts, cpu = Config(reward="bright", batch_size=2), ["a", "b"], torch.device("cpu")
+    base, lora = _scores(cfg, Bright(), dark, dark, prompts, cpu)
+    assert base.tolist() == lora.tolist() == [0.0, 0.0]
+    for images, lora_images, said in ((dark, light, "of the LoRA's 2 images NaN or inf: nothing was written; check "
+                                                    "the LoRA (a diverged run?) and the reward"),
+                                      (light, None, "of the model's 2 images NaN or inf: nothing was written; check "
+                                                    "the model and the reward")):
+        with pytest.raises(UserError) as e:
+            _scores(cfg, Bright(), images, lora_images, prompts, cpu)
+        assert str(e.value) == f"the reward 'bright' scored 2 {said}"
