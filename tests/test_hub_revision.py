@@ -99,6 +99,9 @@ def test_a_run_records_the_commit_and_its_lora_samples_that_commit_after_main_mo
     assert load_file(str(merged / UNET_FILE))["conv_in.weight"].allclose(base)  # (conv_in has no LoRA: MAIN's own)
     card = (merged / "README.md").read_text()
     assert f"| base model | `{REPO}` at commit `{MAIN}` (lowmem-alignprop: `--set revision={MAIN}`) |" in card
+    assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "lora-card")]) == 0
+    card = (tmp_path / "lora-card" / "README.md").read_text()  # the code loads the commit it trained on
+    assert f'pipe = DiffusionPipeline.from_pretrained("{REPO}", revision="{MAIN}")' in card.splitlines()
 
 
 def test_a_pinned_revision_is_trained_and_recorded(two_commits, snapshots_read, tmp_path, capsys):

@@ -270,6 +270,9 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL, version=family), info, lora.flow)
+    if isinstance(commit := (lora.base or {}).get("revision"), str) and commit and base:  # a hub id's, as trained
+        usage = [u.replace(f"from_pretrained({json.dumps(base)}", f"from_pretrained({json.dumps(base)}, "
+                                                                  f"revision=\"{commit}\"") for u in usage]
     if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
         usage += webui_sampling(lora, info, fmt)
     lines += ["", "## Use", ""] + (hub_usage(usage, home, names) if home else usage)
