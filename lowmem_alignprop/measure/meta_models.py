@@ -13,7 +13,7 @@ import torch
 
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError, first_line
-from lowmem_alignprop.settings.paths import model_index
+from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, model_index
 
 
 # Model rewards are CLIP architectures: (vision, text, projection) sizes of the public checkpoints.
@@ -57,9 +57,10 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
 CONFIG_FILES = ["*.json", "*.txt", "tokenizer*/*"]  # a hub model's configs, scheduler and tokenizers: no weights
 
 
-def _hub_snapshot(repo: str) -> Path:
+def _hub_snapshot(repo: str, use: str = "pass that DIR as --model") -> Path:
     """The configs of a hub id (:data:`CONFIG_FILES`, a few MB, never weights): from the local cache, else fetched
-    from the hub when it can be reached, so a laptop plans a model before downloading it; else a UserError."""
+    from the hub when it can be reached, so a laptop plans a model before downloading it; else a UserError (``use``:
+    where its folder goes instead, --model or model_components)."""
     from huggingface_hub import snapshot_download
 
     from lowmem_alignprop.run import hub
@@ -73,7 +74,7 @@ def _hub_snapshot(repo: str) -> Path:
     instead = "or use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers directory"
     if hub.offline():
         raise UserError(f"plan needs the architecture of {repo!r}: it is not in the local Hugging Face cache and the "
-                        f"hub cannot be reached; {hub.download_hint(repo, 'pass that DIR as --model')}, {instead}")
+                        f"hub cannot be reached; {hub.download_hint(repo, use)}, {instead}")
     log.info("plan: fetching the configs of %s (json and tokenizer files, no weights)", repo)
     try:
         return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
@@ -185,8 +186,10 @@ def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype
         root = Path(where if kind == "flow_dir" else cfg.model_components).expanduser()
         if kind == "hub" and not cfg.model_components:
             root = _hub_snapshot(where)
+        elif kind != "flow_dir" and kind_of(root) == "missing" and looks_like_hub_id(cfg.model_components):
+            root = _hub_snapshot(cfg.model_components, "pass --set model_components=DIR")  # a hub id's configs
         # a single file: the folder's config as the loader reads it (FLUX: dev or schnell as the file's keys say)
-        config = fl.single_file_transformer(where, cfg.model_components)[1] if kind == "file" else None
+        config = fl.single_file_transformer(where, cfg.model_components, root)[1] if kind == "file" else None
         pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder,
                                              transformer_config=config)
     comps = flow_components(pipe, cfg, f"{where} (configs only)", dtype, meta=True)

@@ -24,6 +24,7 @@ from lowmem_alignprop.models.block_loading import Placement, check_readable, fol
 from lowmem_alignprop.models.model_check import check_part_folder
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root
 from lowmem_alignprop.settings.errors import UserError, first_line
+from lowmem_alignprop.settings.hub_access import hub_file
 from lowmem_alignprop.settings.model_kind import ARCH_FLOW_DIR, FLOW_FAMILIES, FLOW_KINDS, PIPELINE_FAMILIES
 from lowmem_alignprop.settings.paths import describe, kind_of, looks_like_hub_id, model_index, pipeline_class
 
@@ -84,10 +85,40 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def single_file_transformer(path: str, components: str) -> tuple:
+def components_folder(components: str) -> Path:
+    """The folder model_components names: a local path as it is; a hub id (OWNER/NAME) its snapshot of main in the
+    local Hugging Face cache, fetched first where the hub can be reached (its parts but the transformer's weights:
+    the file is the transformer). Raises UserError for a hub id neither gives (`hf download` named)."""
+    comp = Path(components).expanduser()
+    if kind_of(comp) != "missing" or not looks_like_hub_id(components):
+        return comp
+    from huggingface_hub import snapshot_download
+
+    from lowmem_alignprop.run import hub
+
+    offline = hub.offline()  # no network: the local cache only, at once (no retries)
+    try:
+        return Path(snapshot_download(components, allow_patterns=_components_files(components, offline),
+                                      local_files_only=offline))
+    except (OSError, ValueError) as e:  # not cached offline, no such repository, gated
+        raise UserError(hub.hub_message("model_components", components, e,
+                                        use="pass --set model_components=DIR")) from None
+
+
+def _components_files(repo: str, offline: bool) -> list[str]:
+    """What a hub id as model_components is fetched for: model_index.json and the parts it lists, of the
+    transformer its config only (FLUX.1-dev's weights are 23.8 GB the transformer file stands in for)."""
+    index = hub_file(repo, "model_index.json", download=not offline)
+    parts = [k for k, v in ((model_index(index.parent) if index else None) or {}).items()
+             if isinstance(v, list) and v and v[0] is not None and k != "transformer"]
+    return ["model_index.json", "transformer/config.json", *(f"{part}/*" for part in parts)]
+
+
+def single_file_transformer(path: str, components: str, folder: Path | None = None) -> tuple:
     """(class, config, family, layout) of a single-file SD3/FLUX transformer whose pipeline's other parts are in the
-    diffusers folder ``components``: the config is that folder's (FLUX: dev or schnell as the file's keys say).
-    Reads the file's header only. Raises UserError (an unreadable file, no or a wrong ``components``)."""
+    diffusers folder or hub id ``components`` (``folder``: its folder, :func:`components_folder`, where the caller
+    has it): the config is that folder's (FLUX: dev or schnell as the file's keys say). Reads the file's header
+    only. Raises UserError (an unreadable file, no or a wrong ``components``, a hub id not at hand)."""
     import diffusers
     from safetensors import safe_open
 
@@ -101,9 +132,8 @@ def single_file_transformer(path: str, components: str) -> tuple:
     if not components:
         raise UserError(f"{path} holds only {_a(family)} transformer: name the folder with the text encoders, "
                         "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
-    comp = Path(components).expanduser()
-    where = kind_of(comp)
-    if where != "directory" and (where != "missing" or not looks_like_hub_id(components)):  # a path that is no folder
+    comp = folder or components_folder(components)
+    if kind_of(comp) != "directory":  # a path that is no folder
         raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder")
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
@@ -154,17 +184,17 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
     ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
     says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
-    cls, config, family, layout = single_file_transformer(path, components)
+    folder = components_folder(components)
+    cls, config, family, layout = single_file_transformer(path, components, folder)
 
     def read():
         # diffusers' from_single_file converts the original layouts only: a diffusers-layout file is read here or not
         return load_by_block(cls, config, [path], family, layout, place, whole=layout != "diffusers") or \
             _whole_single_file(cls, config, path, components, layout, dtype)
 
-    # (a hub id's index is not read here: T5 as it comes)
-    missing = NO_T5 if family == "sd3" and t5_left_out(model_index(Path(components).expanduser()), t5) else {}
-    pipe = load_pipeline(str(Path(components).expanduser()), dtype, transformer=_placeholder(cls, config, dtype),
-                         **missing)
+    missing = NO_T5 if family == "sd3" and t5_left_out(model_index(folder), t5) else {}
+    pipe = load_pipeline(str(folder), dtype, named=components,
+                         transformer=_placeholder(cls, config, dtype), **missing)
     if family == "flux":  # the schedule of the variant the file is, whichever variant's folder gave the rest
         pipe.scheduler = flux_variant_scheduler(pipe.scheduler, dev=config["guidance_embeds"], path=path,
                                                 components=components)

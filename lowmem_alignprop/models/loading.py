@@ -21,6 +21,7 @@ from lowmem_alignprop.memory.precision import dtype_kwarg
 from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root, snapshot_commit
 from lowmem_alignprop.run import hub
+from lowmem_alignprop.run.hub import hub_message
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, first_line
@@ -426,23 +427,6 @@ def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: 
     if getattr(cfg, "vae", ""):
         comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
     return comps
-
-
-def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR", revision: str = "") -> str:
-    """One line for a hub id that did not load: offline (the usual case here) or not a repository; ``revision``: the
-    one asked for (its download goes to the hub cache, where --set revision finds it)."""
-    text = str(error)
-    offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
-                                      "Connection", "does not appear to have a file named", "offline"))
-    if offline and revision:
-        return (f"{what} {repo!r} at revision {revision} could not be fetched (no network, or HF_HUB_OFFLINE set) "
-                f"nor found in the local Hugging Face cache: on a machine with network run `hf download {repo} "
-                f"--revision {revision}` (into the hub cache; copy that cache here), then run again")
-    if offline:
-        return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
-                f"set) nor found in the local cache: {hub.download_hint(repo, use)}")
-    return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
-            "or pass a local directory")
 
 
 def load_single_file_with_vae(where: str, arch: str, dtype: torch.dtype, vae: str = ""):

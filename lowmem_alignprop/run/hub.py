@@ -26,6 +26,23 @@ def download_hint(repo: str, then: str) -> str:
     return f"on a machine with network run `hf download {repo} --local-dir DIR`, then {then}"
 
 
+def hub_message(what: str, repo: str, error: Exception, use: str = "pass that DIR", revision: str = "") -> str:
+    """One line for a hub id that did not load: offline (the usual case here) or not a repository; ``revision``: the
+    one asked for (its download goes to the hub cache, where --set revision finds it)."""
+    text = str(error)
+    offline = any(s in text for s in ("outgoing traffic has been disabled", "not fully cached", "Name or service",
+                                      "Connection", "does not appear to have a file named", "offline"))
+    if offline and revision:
+        return (f"{what} {repo!r} at revision {revision} could not be fetched (no network, or HF_HUB_OFFLINE set) "
+                f"nor found in the local Hugging Face cache: on a machine with network run `hf download {repo} "
+                f"--revision {revision}` (into the hub cache; copy that cache here), then run again")
+    if offline:
+        return (f"{what} {repo!r} is a Hugging Face hub id, and it could not be fetched (no network, or HF_HUB_OFFLINE "
+                f"set) nor found in the local cache: {download_hint(repo, use)}")
+    return (f"could not load {what} {repo!r} from the Hugging Face hub: {first_line(error, 200)}; check the hub id, "
+            "or pass a local directory")
+
+
 def offline() -> bool:
     """True when hub ids can only come from the local cache: offline by setting, or the endpoint is unreachable
     (huggingface_hub is then put in offline mode for the rest of the process, and the reason logged once)."""

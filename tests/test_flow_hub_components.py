@@ -1,0 +1,141 @@
+"""``--model TRANSFORMER.safetensors --set model_components=OWNER/NAME``: the usual FLUX/SD3.5 setup (the transformer
+file from ComfyUI or civitai, the text encoders, VAE and scheduler from the model's hub repository, already in the
+local Hugging Face cache). A hub id was refused as "not an SD3/SD3.5 or FLUX.1 diffusers folder".
+
+Offline: a fake hub cache holds the tiny FLUX pipeline under one snapshot commit (refs/main), as huggingface_hub
+resolves a real cache; the transformer file is the tiny pipeline's transformer (another seed) in diffusers' layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_flux_pipeline
+
+from lowmem_alignprop.cli import main
+
+REPO, MAIN = "org/tiny-flux", "c" * 40
+FLOW = ["--profile", "cpu", "--seed", "0", "--set", f"resolution={FLOW_RESOLUTION}", "--set", "sample_steps=2",
+        "--set", "k=1", "--set", "batch_size=1", "--set", "sample_prompts=0", "--set", "guidance_scale=3.5"]
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The hub cache (REPO at MAIN) and a FLUX transformer file of the same shape."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("hubparts")
+    repo = root / "hub" / f"models--{REPO.replace('/', '--')}"
+    snapshot = build_tiny_flux_dir(repo / "snapshots" / MAIN)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    transformer = build_tiny_flux_pipeline(seed=3).transformer
+    path = root / "flux1-dev-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(path))
+    return {"cache": root / "hub", "snapshot": snapshot, "file": path}
+
+
+@pytest.fixture
+def cache(files, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["cache"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return files
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_hub_id_as_model_components_trains_as_its_snapshot_folder_does_and_its_lora_samples(cache, tmp_path):
+    """One step with model_components=OWNER/NAME: the loss of the same step with the snapshot's folder given as a
+    path, to the last bit; base_model.json and the model card keep the hub id (a shareable name, no local path);
+    `sample` of the LoRA without --model loads the file and the hub id's parts again."""
+    runs = {}
+    for name, components in (("hub", REPO), ("folder", str(cache["snapshot"]))):
+        runs[name] = tmp_path / name
+        assert main([*FLOW, "--model", str(cache["file"]), "--set", f"model_components={components}", "--steps", "1",
+                     "--output-dir", str(runs[name])]) == 0
+    hub, folder = _losses(runs["hub"]), _losses(runs["folder"])
+    assert len(hub) == 1 and hub == folder and hub[0] != 0.0
+    record = json.loads((runs["hub"] / "lora" / "base_model.json").read_text())
+    assert record["image_settings"]["model_components"] == REPO
+    out = tmp_path / "samples"
+    assert main(["sample", *FLOW, "--lora", str(runs["hub"] / "lora"), "--num-prompts", "1",
+                 "--output-dir", str(out)]) == 0
+    result = json.loads((out / "sample_results.json").read_text())
+    assert len(result["per_prompt"]) == 1
+
+
+def test_export_merge_of_a_run_with_a_hub_id_as_model_components(cache, tmp_path):
+    """`export --merge --single-file` loads the run's file and hub id's parts; its card's usage names the hub id as
+    model_components (it loads so now) and the kohya metadata reads the hub id's config as a folder's."""
+    from safetensors.torch import load_file
+
+    from loras import export
+    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.settings.config import Config
+
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(cache["file"]), "--set", f"model_components={REPO}", "--steps", "1",
+                 "--set", "lr=0.05", "--output-dir", str(run)]) == 0
+    out = export(tmp_path, run / "lora", "--merge", "--single-file")
+    [merged] = out.glob("*.safetensors")
+    # the merge started from the file's weights (another seed than the snapshot's transformer): x_embedder has no
+    # LoRA; read back with the hub id's parts as any transformer file is
+    merged_back = load_components(Config(model=str(merged), model_components=REPO)).unet.state_dict()
+    own, snapshots = (load_file(str(f))["x_embedder.weight"] for f in
+                      (cache["file"], cache["snapshot"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(merged_back["x_embedder.weight"], own) and not torch.equal(own, snapshots)
+    assert f"--set model_components={REPO}`" in (out / "README.md").read_text()
+    assert flow_export.architecture("flux", str(cache["file"]), [], REPO) == \
+        flow_export.architecture("flux", str(cache["file"]), [], str(cache["snapshot"]))
+
+
+def test_plan_of_a_transformer_file_with_a_hub_id_plans_as_with_its_snapshot_folder(cache, capsys):
+    """`plan` reads the hub id's cached configs (never its weights): the same plan as the snapshot's folder gives."""
+    said = []
+    for components in (REPO, str(cache["snapshot"])):
+        assert main(["plan", *FLOW, "--model", str(cache["file"]), "--set", f"model_components={components}"]) == 0
+        said.append(re.sub(r"\b\d+(\.\d+)? s\b", "N s", capsys.readouterr().out.replace(components, "PARTS")))
+    assert said[0] == said[1] and "GiB" in said[0]
+
+
+def test_a_hub_id_as_model_components_not_in_the_cache_offline_is_one_line_naming_its_download(cache, tmp_path,
+                                                                                               capsys):
+    out = tmp_path / "run"
+    gone = "org/not-cached"
+    assert main([*FLOW, "--model", str(cache["file"]), "--set", f"model_components={gone}", "--steps", "1",
+                 "--output-dir", str(out)]) == 2
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert said == [f"error: model_components '{gone}' is a Hugging Face hub id, and it could not be fetched (no "
+                    "network, or HF_HUB_OFFLINE set) nor found in the local cache: on a machine with network run "
+                    f"`hf download {gone} --local-dir DIR`, then pass --set model_components=DIR"]
+    assert not (out / "lora").exists()
+
+
+def test_a_hub_id_as_model_components_is_fetched_without_the_transformers_weights(cache, monkeypatch):
+    """Online, the hub id's parts but its transformer's weights are fetched (FLUX.1-dev's are 23.8 GB, and the file
+    stands in for them): the patterns snapshot_download is given."""
+    import huggingface_hub
+
+    from lowmem_alignprop.models import flow_loading
+    from lowmem_alignprop.run import hub
+
+    asked = []
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append((repo, kw)) or str(cache["snapshot"]))
+    assert flow_loading.components_folder(REPO) == cache["snapshot"]
+    [(repo, kwargs)] = asked
+    assert repo == REPO and kwargs["local_files_only"] is False
+    assert sorted(kwargs["allow_patterns"]) == ["model_index.json", "scheduler/*", "text_encoder/*",
+                                                "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+                                                "transformer/config.json", "vae/*"]
