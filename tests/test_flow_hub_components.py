@@ -73,8 +73,8 @@ def test_a_hub_id_as_model_components_trains_as_its_snapshot_folder_does_and_its
     assert len(result["per_prompt"]) == 1
 
 
-def test_export_merge_of_a_run_with_a_hub_id_as_model_components(cache, tmp_path):
-    """`export --merge --single-file` loads the run's file and hub id's parts; its card's usage names the hub id as
+def test_resume_and_export_merge_of_a_run_with_a_hub_id_as_model_components(cache, tmp_path):
+    """`--resume` loads the run's hub id again; `export --merge --single-file` loads the run's file and hub id's parts; its card's usage names the hub id as
     model_components (it loads so now) and the kohya metadata reads the hub id's config as a folder's."""
     from safetensors.torch import load_file
 
@@ -85,7 +85,9 @@ def test_export_merge_of_a_run_with_a_hub_id_as_model_components(cache, tmp_path
 
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(cache["file"]), "--set", f"model_components={REPO}", "--steps", "1",
-                 "--set", "lr=0.05", "--output-dir", str(run)]) == 0
+                 "--set", "lr=0.05", "--set", "checkpoint_every=1", "--output-dir", str(run)]) == 0
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 0  # config.yaml's hub id
+    assert len(_losses(run)) == 2
     out = export(tmp_path, run / "lora", "--merge", "--single-file")
     [merged] = out.glob("*.safetensors")
     # the merge started from the file's weights (another seed than the snapshot's transformer): x_embedder has no
@@ -119,6 +121,12 @@ def test_a_hub_id_as_model_components_not_in_the_cache_offline_is_one_line_namin
                     "network, or HF_HUB_OFFLINE set) nor found in the local cache: on a machine with network run "
                     f"`hf download {gone} --local-dir DIR`, then pass --set model_components=DIR"]
     assert not (out / "lora").exists()
+    assert main(["plan", *FLOW, "--model", str(cache["file"]), "--set", f"model_components={gone}"]) == 2
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert said == [f"error: plan needs the architecture of '{gone}': it is not in the local Hugging Face cache and "
+                    f"the hub cannot be reached; on a machine with network run `hf download {gone} --local-dir DIR`, "
+                    "then pass --set model_components=DIR, or use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its "
+                    "architecture, or a local diffusers directory"]
 
 
 def test_a_hub_id_as_model_components_is_fetched_without_the_transformers_weights(cache, monkeypatch):
