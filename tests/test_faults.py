@@ -659,6 +659,22 @@ def test_any_second_signal_aborts_and_says_what_is_kept(stop_clock, caplog, firs
         "was written whole, " + ("else no step is kept" if saved is None else "else from step 4's"))
 
 
+@pytest.mark.parametrize("first, how", [("SIGINT", "Ctrl-C"), ("SIGTERM", "a second SIGTERM or a Ctrl-C")])
+def test_a_first_signal_after_training_says_an_abort_loses_no_step(stop_clock, caplog, first, how):
+    """A Ctrl-C while the LoRA, summary or exports are written (a FLUX.1 kohya export: a minute): its line said
+    "Ctrl-C aborts: the steps since the last checkpoint are lost", and the abort's own line then "every trained step is
+    in step 2's checkpoint". Both now say that nothing trained is lost."""
+    import signal as sig
+
+    stop_request, _ = stop_clock
+    stop = stop_request.StopRequest(saved=lambda: 2)
+    stop.finishing = "training is over, the LoRA and summary are being written"
+    stop._handle(getattr(sig, first), None)
+    assert caplog.records[-1].getMessage() == (
+        f"\n{first} received: training is over, the LoRA and summary are being written: a moment ({how} aborts: no "
+        "trained step is lost, --resume latest writes the outputs again)")
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_under_a_launcher_only_a_second_ctrl_c_aborts(stop_clock, monkeypatch, caplog, rank):
     """Under a launcher a SIGTERM after the first Ctrl-C is the launcher passing that Ctrl-C on: not an abort. A

@@ -682,6 +682,38 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
     assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()
 
 
+def test_a_ctrl_c_during_a_flux_runs_export_at_the_end_ends_the_run_whole(flux, tmp_path, monkeypatch, caplog):
+    """Ctrl-C while export_format's kohya file of a FLUX run is written (training is over): the export, the LoRA and
+    the summary are written whole, exit 0, and the line says nothing trained is lost (it said "the steps since the last
+    checkpoint are lost")."""
+    import os
+    import signal
+
+    import lowmem_alignprop.commands.train as train_mod
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    real, sent = train_mod.export_at_end, []
+
+    def export_at_end(*args, **kwargs):
+        sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "export_at_end", export_at_end)
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*FLOW, "--model", str(flux["base"]), "--output-dir", str(out), "--steps", "1", "--set",
+                 "sample_prompts=0", "--set", "export_format=kohya"]) == 0
+    assert len(sent) == 1 and ("SIGINT received: training is over, the LoRA and summary are being written: a moment "
+                               "(Ctrl-C aborts: no trained step is lost, --resume latest writes the outputs again)"
+                               ) in caplog.text, caplog.text[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps_done"], summary["interrupted"]) == (1, False)
+    assert ckpt.find_resume(out, "latest").name == "step-00000001"
+    kohya, again = _kohya(out / "export" / "kohya"), _kohya(export(tmp_path, out / "lora", "--format", "kohya"))
+    assert set(kohya) == set(again) and len(kohya) > 0  # the export is whole: as export writes it from lora/
+    assert all(torch.equal(kohya[k], again[k]) for k in kohya)
+
+
 def test_sample_accepts_a_flux_checkpoint_and_kohya_file_and_export_a_checkpoint(flux_run, flux, tmp_path, caplog):
     def lora_rewards(spec, name):
         out = tmp_path / name

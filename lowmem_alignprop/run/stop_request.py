@@ -117,10 +117,12 @@ class StopRequest:
         self.name = self.name or name
         if self.raise_now:
             raise CtrlC
+        # once training is over every trained step is in a checkpoint: an abort loses none (abort_message)
+        lost = ("no trained step is lost, --resume latest writes the outputs again" if self.finishing
+                else "the steps since the last checkpoint are lost")
         again = ("a second Ctrl-C does not abort under a launcher; it stops the processes if they take longer than "
                  "30 s" if world_size() > 1
-                 else f"{'Ctrl-C' if name == 'SIGINT' else 'a second SIGTERM or a Ctrl-C'} aborts: the steps since "
-                      "the last checkpoint are lost")
+                 else f"{'Ctrl-C' if name == 'SIGINT' else 'a second SIGTERM or a Ctrl-C'} aborts: {lost}")
         doing = f"{self.finishing}: a moment" if self.finishing else "finishing this step, then saving a checkpoint"
         if global_rank() == 0:  # once per run, not once per process
             log.warning("\n%s received: %s (%s)", name, doing, again)
