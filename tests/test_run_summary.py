@@ -186,3 +186,18 @@ def test_the_box_says_which_controls_against_over_optimization_were_on(tmp_path,
     print_summary(s, Config(reward="brightness", reward_target=0.7, ema_decay=0.9, ema_outputs=False), "cpu")
     assert ("\n against over-optimization: reward_target=0.7, ema_decay=0.9 (kept in checkpoints; the outputs are the "
             "trained weights)\n") in capsys.readouterr().out
+
+
+def test_the_box_counts_skipped_steps_in_the_singular_and_plural(tmp_path, capsys):
+    """One NaN-skipped step was said 'their loss ...: steps 2'."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.settings.config import Config
+
+    s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
+         "attention": "sdpa", "output_dir": str(tmp_path), "steps_done": 3}
+    print_summary({**s, "skipped_steps": [2]}, Config(reward="brightness"), "cpu")
+    assert ("\n 1 of them skipped, its loss NaN or infinite (no update; metrics.jsonl says what): step 2\n"
+            in capsys.readouterr().out)
+    print_summary({**s, "skipped_steps": [2, 3]}, Config(reward="brightness"), "cpu")
+    assert ("\n 2 of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps 2, 3\n"
+            in capsys.readouterr().out)

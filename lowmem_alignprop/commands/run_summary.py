@@ -141,8 +141,9 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
          + (f" x {s['processes']} processes" if s.get("processes", 1) > 1 else "")  # (each step: all their images)
          + f" (profile {profile_name}, "
          f"model {cfg.model}{' at commit ' + s['model_revision'] if s.get('model_revision') else ''})"),
-        *([f" {skipped} of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps "
-           f"{', '.join(map(str, s['skipped_steps']))}"] if skipped else []),
+        *([f" {skipped} of them skipped, {'their loss' if skipped > 1 else 'its loss'} NaN or infinite (no update; "
+           f"metrics.jsonl says what): step{'s' if skipped > 1 else ''} {', '.join(map(str, s['skipped_steps']))}"]
+          if skipped else []),
         f" reward ({cfg.reward}): {s['reward_first']:.4f} in the only step "
         + (f"it scored (a resume at step {s['reward_since_step']} changed the reward or its images; "
            if s.get("reward_since_step") else "(") + "nothing to compare it with)"
