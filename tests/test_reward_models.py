@@ -367,3 +367,47 @@ def test_hub_files_of_the_reward_models_come_from_the_local_hub_cache(tmp_path, 
     assert cr._hub_hps_file().read_text() == "v2"
     cache("someone/clip", {"preprocessor_config.json": json.dumps({"crop_size": 224})})
     assert cr._read_preprocessor(["", "someone/not-cached", "someone/clip"]) == {"crop_size": 224}  # the next source
+
+
+def _hub_snapshot(cache, repo: str, src):
+    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` (refs/main, blobs, snapshot symlinks)."""
+    import hashlib
+    import os
+
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for f in (f for f in sorted(src.rglob("*")) if f.is_file()):
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        link = root / "snapshots" / commit / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+
+
+def test_a_cached_hub_id_without_tokenizer_files_takes_the_default_tokenizer(dirs, tmp_path, monkeypatch):
+    """A hub CLIP whose repo has no tokenizer files (config.json and weights only) got an empty-vocabulary tokenizer
+    from AutoTokenizer: every prompt became unknown tokens and the scores were wrong, in silence. It takes the
+    reward's default tokenizer, as a folder without tokenizer files does; none cached: one line."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    bare = tmp_path / "bare"
+    dirs["model"].save_pretrained(bare)  # config.json + model.safetensors, no tokenizer
+    _hub_snapshot(cache, "someone/pick-no-tokenizer", bare)
+    with pytest.raises(UserError) as err:
+        build_reward("pickscore", weights="someone/pick-no-tokenizer")
+    assert str(err.value) == (
+        "pickscore reward: no tokenizer files (tokenizer.json or vocab.json + merges.txt) found in "
+        "someone/pick-no-tokenizer, laion/CLIP-ViT-H-14-laion2B-s32B-b79K; copy them into the weights directory "
+        "given by --set reward_weights=PATH")
+    laion = tmp_path / "laion"
+    dirs["tokenizer"].save_pretrained(laion)
+    dirs["model"].config.save_pretrained(laion)
+    _hub_snapshot(cache, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", laion)
+    x = images()
+    ref = build_reward("pickscore", weights=str(dirs["clip"]))(x, PROMPTS)  # the same model, its tokenizer at hand
+    torch.testing.assert_close(build_reward("pickscore", weights="someone/pick-no-tokenizer")(x, PROMPTS), ref)

@@ -8,8 +8,8 @@ Where the weights come from (``weights`` argument = ``--set reward_weights=...``
 
 ``clip``       a transformers CLIP directory (``config.json``, ``model.safetensors``, tokenizer files,
                optionally ``preprocessor_config.json``) or a hub id; default ``openai/clip-vit-large-patch14``.
-``pickscore``  the same for ``yuvalkirstain/PickScore_v1``; a directory without tokenizer files takes the
-               tokenizer of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``.
+``pickscore``  the same for ``yuvalkirstain/PickScore_v1``; a directory or hub repo without tokenizer files
+               takes the tokenizer of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``.
 ``aesthetic``  LAION improved aesthetic predictor v2: CLIP ViT-L/14 image embedding, L2-normalised, then
                an MLP head (``sac+logos+ava1-l14-linearMSE.pth``, keys ``layers.0.weight`` ...). Layouts::
 
@@ -229,15 +229,18 @@ def _load_tokenizer(sources: Sequence[str], reward: str):
         if _looks_like_path(source):
             tried.append(source)
             continue
-        try:
-            return AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except Exception:
-            pass
-        if not hub.offline():
+        # a repository without tokenizer files (config.json and weights only) would give AutoTokenizer an empty
+        # vocabulary, every prompt unknown tokens: the next source is taken, as for a folder
+        if any(hub_file(source, f, download=not hub.offline()) for f in TOKENIZER_FILES):
             try:
-                return AutoTokenizer.from_pretrained(source)
+                return AutoTokenizer.from_pretrained(source, local_files_only=True)
             except Exception:
                 pass
+            if not hub.offline():
+                try:
+                    return AutoTokenizer.from_pretrained(source)
+                except Exception:
+                    pass
         tried.append(source)
     raise UserError(f"{reward} reward: no tokenizer files (tokenizer.json or vocab.json + merges.txt) found in "
                     f"{', '.join(tried)}; copy them into the weights directory given by {FLAG}")
