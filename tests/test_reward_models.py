@@ -411,3 +411,23 @@ def test_a_cached_hub_id_without_tokenizer_files_takes_the_default_tokenizer(dir
     x = images()
     ref = build_reward("pickscore", weights=str(dirs["clip"]))(x, PROMPTS)  # the same model, its tokenizer at hand
     torch.testing.assert_close(build_reward("pickscore", weights="someone/pick-no-tokenizer")(x, PROMPTS), ref)
+
+
+def test_hpsv2_from_a_folder_holding_an_open_clip_safetensors_file(dirs, tmp_path):
+    """open_clip's hub releases are open_clip_model.safetensors: passed as a file it loaded, its folder was refused
+    as 'missing HPS_v2.1_compressed.pt'."""
+    from safetensors.torch import save_file
+
+    sd = hf_to_open_clip(dirs["model"].state_dict())
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "open_clip_model.safetensors")
+    dirs["tokenizer"].save_pretrained(tmp_path)
+    dirs["model"].config.save_pretrained(tmp_path)
+    x = images()
+    ref = build_reward("hpsv2", weights=str(dirs["hpsv2"]))(x, PROMPTS)
+    torch.testing.assert_close(build_reward("hpsv2", weights=str(tmp_path))(x, PROMPTS), ref, rtol=1e-5, atol=1e-6)
+    torch.save(sd, tmp_path / "HPS_v2.1_ft.pt")  # a second candidate: which one is meant is asked, not guessed
+    with pytest.raises(UserError) as err:
+        build_reward("hpsv2", weights=str(tmp_path))
+    assert str(err.value) == (
+        f"hpsv2 reward: {tmp_path} holds several files that could be the HPS checkpoint (HPS_v2.1_ft.pt, "
+        f"open_clip_model.safetensors): pass the one you mean, --set reward_weights={tmp_path / 'HPS_v2.1_ft.pt'}")

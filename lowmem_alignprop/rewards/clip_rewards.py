@@ -23,8 +23,8 @@ Where the weights come from (``weights`` argument = ``--set reward_weights=...``
                With no ``weights`` the head is looked for in ``$LOWMEM_ALIGNPROP_CACHE/rewards/aesthetic/``
                (default ``~/.cache/lowmem_alignprop/rewards/aesthetic/``).
 ``hpsv2``      HPS v2 / v2.1: an open_clip ViT-H-14 checkpoint (``HPS_v2_compressed.pt`` or
-               ``HPS_v2.1_compressed.pt``), converted on load to a transformers ``CLIPModel`` (see
-               :mod:`.openclip_convert`); or a transformers CLIP directory. ``weights`` = the .pt file, a
+               ``HPS_v2.1_compressed.pt``; also a .safetensors or .bin copy), converted on load to a transformers
+               ``CLIPModel`` (see :mod:`.openclip_convert`); or a transformers CLIP directory. ``weights`` = the file, a
                directory holding it (plus optionally tokenizer files and a ``config.json`` CLIPConfig
                when the heads are not 64 wide), or empty: ``$LOWMEM_ALIGNPROP_CACHE/rewards/hpsv2/``,
                then the hub repo ``xswu/HPSv2``. Tokenizer: from the directory, else
@@ -504,9 +504,13 @@ def _find_hps_file(directory: Path) -> Path | None:
     for name in HPS_FILES:
         if (directory / name).is_file():
             return directory / name
-    candidates = [p for ext in ("*.pt", "*.pth", "*.bin") for p in sorted(directory.glob(ext))
-                  if p.name != "pytorch_model.bin"]
-    return candidates[0] if len(candidates) == 1 else None
+    candidates = [p for ext in ("*.pt", "*.pth", "*.bin", "*.safetensors") for p in sorted(directory.glob(ext))
+                  if p.name not in HF_WEIGHT_FILES]  # (open_clip's own releases: open_clip_model.safetensors)
+    if len(candidates) > 1:
+        raise UserError(f"hpsv2 reward: {directory} holds several files that could be the HPS checkpoint "
+                        f"({', '.join(c.name for c in candidates)}): pass the one you mean, "
+                        f"{FLAG.replace('PATH', str(candidates[0]))}")
+    return candidates[0] if candidates else None
 
 
 def _hub_hps_file() -> Path | None:
