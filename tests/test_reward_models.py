@@ -431,3 +431,32 @@ def test_hpsv2_from_a_folder_holding_an_open_clip_safetensors_file(dirs, tmp_pat
     assert str(err.value) == (
         f"hpsv2 reward: {tmp_path} holds several files that could be the HPS checkpoint (HPS_v2.1_ft.pt, "
         f"open_clip_model.safetensors): pass the one you mean, --set reward_weights={tmp_path / 'HPS_v2.1_ft.pt'}")
+
+
+def test_plan_counts_a_hub_ids_own_clip_not_the_default_architecture(dirs, tmp_path, monkeypatch):
+    """``plan`` builds a model reward on meta from its config: a hub id (cached here) was planned as the default
+    ViT-L/14 whatever its config said (a ViT-bigG/14 counted as 1.6 GiB instead of about 10), an HPS file as
+    ViT-H/14 though a config.json beside it says otherwise (which training reads). Both come from their
+    config.json now; no weight is read."""
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.measure.meta_models import meta_reward
+    from lowmem_alignprop.settings.config import Config
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    (tmp_path / "cfg").mkdir()
+    dirs["model"].config.save_pretrained(tmp_path / "cfg")  # config.json only: the plan needs no weights
+    _hub_snapshot(cache, "someone/custom-clip", tmp_path / "cfg")
+    tiny = sum(p.numel() for p in dirs["model"].parameters())
+    for reward, weights, where in [
+            ("clip", "someone/custom-clip", "someone/custom-clip's config.json"),
+            ("aesthetic", f"{dirs['aesthetic'] / AESTHETIC_HEAD_FILE},someone/custom-clip",
+             "someone/custom-clip's config.json"),
+            ("hpsv2", str(dirs["hps_pt"] / "HPS_v2_compressed.pt"), str(dirs["hps_pt"] / "config.json"))]:
+        notes: list[str] = []
+        module = meta_reward(Config(model="tiny", reward=reward, reward_weights=weights), torch.float32, notes)
+        assert notes == [f"{reward}: CLIP from {where}"]
+        counted = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("head."))
+        text = sum(p.numel() for n, p in dirs["model"].named_parameters() if n.startswith("text_"))
+        assert counted == (tiny - text if reward == "aesthetic" else tiny), (reward, counted, tiny)

@@ -216,20 +216,30 @@ def _meta_vae_override(spec: str, vae, dtype: torch.dtype):
 
 
 def _clip_config_for(name: str, weights: str):
-    """The CLIPConfig of a model reward: from a local weights directory when one is given, else the public
-    architecture (ViT-L/14 for aesthetic/clip, ViT-H/14 for pickscore/hpsv2)."""
+    """The CLIPConfig of a model reward, read where training reads it: a local weights directory (or its clip/), the
+    config.json beside an hpsv2 checkpoint file, a hub id's config.json (the local hub cache, else fetched when the
+    hub can be reached; never its weights); else the public architecture (ViT-L/14 for aesthetic/clip, ViT-H/14 for
+    pickscore/hpsv2)."""
     from transformers import CLIPConfig
 
-    candidates = []
-    for part in (weights or "").split(","):
-        p = Path(part.strip()).expanduser()
-        if part.strip() and p.is_dir():
-            candidates += [p / "clip", p]
-    for c in candidates:
-        if (c / "config.json").is_file():
+    from lowmem_alignprop.rewards.clip_rewards import _looks_like_path
+    from lowmem_alignprop.run import hub
+    from lowmem_alignprop.settings.hub_access import hub_file
+
+    candidates: list[tuple[Path, str, Path | None]] = []  # (config.json, how the note names it, tokenizer folder)
+    for part in filter(None, (x.strip() for x in (weights or "").split(","))):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            candidates += [(c / "config.json", str(c / "config.json"), c) for c in (p / "clip", p)]
+        elif p.is_file() and name == "hpsv2":  # build_hpsv2 reads the CLIPConfig beside its checkpoint
+            candidates.append((p.parent / "config.json", str(p.parent / "config.json"), p.parent))
+        elif not p.exists() and not _looks_like_path(part):
+            if (cached := hub_file(part, "config.json", download=not hub.offline())) is not None:
+                candidates.append((cached, f"{part}'s config.json", None))
+    for file, label, directory in candidates:
+        if file.is_file():
             try:
-                config = CLIPConfig.from_pretrained(str(c))
-                return config, f"{name}: CLIP from {c / 'config.json'}", c
+                return CLIPConfig.from_pretrained(str(file)), f"{name}: CLIP from {label}", directory
             except Exception:  # noqa: BLE001 - not a CLIPConfig: fall back to the public architecture
                 continue
     label, arch = REWARD_ARCH[name]
