@@ -74,8 +74,9 @@ def test_a_hub_id_as_model_components_trains_as_its_snapshot_folder_does_and_its
 
 
 def test_resume_and_export_merge_of_a_run_with_a_hub_id_as_model_components(cache, tmp_path):
-    """`--resume` loads the run's hub id again; `export --merge --single-file` loads the run's file and hub id's parts; its card's usage names the hub id as
-    model_components (it loads so now) and the kohya metadata reads the hub id's config as a folder's."""
+    """`--resume` loads the run's hub id again; `export --merge --single-file` loads the run's file and hub id's
+    parts; its card's usage names the hub id as model_components (it loads so now) and the kohya metadata reads the
+    hub id's config as a folder's."""
     from safetensors.torch import load_file
 
     from loras import export

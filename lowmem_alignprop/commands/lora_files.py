@@ -146,8 +146,8 @@ def is_peft_folder(path: Path) -> bool:
 ALREADY = ("export converts the LoRA a run wrote (its lora/ folder or a checkpoint); use this one as it is (sample and "
            "--init-lora read it), or export that run's lora/")
 # export --merge of one
-ALREADY_MERGE = ("--merge fuses the LoRA a run wrote (its lora/ folder or a checkpoint) into its base model: merge that "
-                 "run's lora/ (export RUN/lora --merge); sample and --init-lora read this one as it is")
+ALREADY_MERGE = ("--merge fuses the LoRA a run wrote (its lora/ folder or a checkpoint) into its base model: merge "
+                 "that run's lora/ (export RUN/lora --merge); sample and --init-lora read this one as it is")
 
 
 def lora_dir_of(spec: str, merge: bool = False) -> Path:

@@ -23,7 +23,8 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
               suggest_changes: bool = True, fastest: bool = False, allow_task_changes: bool = False,
               max_estimates: int | None = None, jobs: int | None = None, auto_found_no_gpu: bool = False) -> int:
     """Plan ``cfg`` (profile ``profile``; ``argv``: plan's arguments as typed, for the JSON's provenance) and print
-    it (``auto_found_no_gpu``: --profile auto picked cpu, said on the plan's last line); returns the exit status (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
+    it (``auto_found_no_gpu``: --profile auto picked cpu, said on the plan's last line); returns the exit status
+    (130: a Ctrl-C ended the search for a change after the plan so far was printed)."""
     typed = " ".join(["lowmem-alignprop", "plan", *map(shlex.quote, argv)])  # (in the JSON's provenance)
     check_tracker(cfg.report_to)  # what train would refuse, plan refuses too (a tracker without its package)
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
