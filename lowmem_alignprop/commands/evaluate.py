@@ -22,7 +22,8 @@ every adapter is loaded with ``pipe.load_lora_weights(..., adapter_name=...)`` a
 weights interpolate the adapters' *weight updates* linearly: ``a:1`` is adapter a as trained, ``a:0.5`` is
 halfway between the base model and a, ``a:0.5 b:0.5`` is the midpoint of a and b in weight space (not the
 average of their A and B matrices, which would not be linear), weights above 1 or below 0 extrapolate. The
-images are not a linear mix of the two adapters' images: the network is nonlinear in its weights.
+images are not a linear mix of the two adapters' images: the network is nonlinear in its weights. A DoRA (peft's
+magnitude vectors) is read at weight 1 only: peft scales its direction update by the weight, not its magnitudes.
 """
 
 from __future__ import annotations
@@ -282,8 +283,19 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
             raise UserError(f"--lora {arg}: the path is missing; write --lora DIR:{tail}")
     given = Path(where).expanduser()
     file = _lora_file(given, arg)
+    if weight != 1 and (magnitude := _dora_magnitude(file)) is not None:  # peft: m (W + w dW) / ||W + w dW||
+        raise UserError(f"--lora {arg} is a DoRA (its magnitude vectors, e.g. {quote(magnitude)}): a weight scales its "
+                        f"direction update but not its magnitudes, so at weight {weight:g} it is not {weight:g} x its "
+                        "weight update (at 0 not the base model); give it weight 1 (alone or in a mix)")
     # the records name what the user gave (a folder, a file, a checkpoint), absolute, whatever was loaded from it
     return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=given.absolute())
+
+
+def _dora_magnitude(file: Path) -> str | None:
+    """The first magnitude vector's key of a DoRA (a peft folder's or a diffusers file's lora_magnitude_vector), None
+    for a plain LoRA."""
+    with safe_open(str(file), framework="pt") as f:
+        return next((k for k in sorted(f.keys()) if "lora_magnitude_vector" in k), None)
 
 
 def base_record_file(spec: LoraSpec) -> Path | None:
