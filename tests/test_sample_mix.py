@@ -60,3 +60,74 @@ def test_a_dora_at_a_weight_other_than_1_is_one_line(dora, weight, tmp_path, cap
     assert parse_lora(str(dora), 0).weight == 1.0 and parse_lora(f"{dora}:1", 0).weight == 1.0  # as trained: read
     with pytest.raises(UserError, match="is a DoRA"):
         parse_lora(f"{dora}:0.5", 1)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, tiny_dir):
+    """Three LoRAs of the tiny SD model as a user has them: a run's lora/ (attention), a kohya export of a run of
+    the attention and feed-forward layers, a peft export of a third run."""
+    from loras import export, make_sd_lora
+
+    root = tmp_path_factory.mktemp("three")
+    runs = [make_sd_lora(tiny_dir, root / f"r{i}", xl=False, seed=i, layers=layers)
+            for i, layers in enumerate(("attention", "attention+ff", "attention"))]
+    kohya = export(root / "k", runs[1]["lora"], "--format", "kohya")
+    peft = export(root / "p", runs[2]["lora"], "--format", "peft")
+    return [runs[0]["lora"], next(kohya.glob("*.safetensors")), peft]
+
+
+def _deltas(tiny_dir, lora) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight update scale * B A as the consumers read the LoRA: diffusers' load_lora_weights
+    (a lora/ folder, a kohya file), peft's PeftModel.from_pretrained (a peft folder); peft's get_delta_weight."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if lora.is_dir() and (lora / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet"), lora)
+        return {n.removeprefix("base_model.model."): m.get_delta_weight("default") for n, m in model.named_modules()
+                if isinstance(m, LoraLayer)}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora),
+                           **({"weight_name": lora.name} if lora.is_file() else {}), adapter_name="x")
+    return {n: m.get_delta_weight("x") for n, m in pipe.unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_a_mix_of_a_runs_lora_a_kohya_and_a_peft_export_renders_the_weighted_sum_of_their_updates(
+        three, tiny_dir, tmp_path, monkeypatch):
+    """`sample --lora lora/:0.5 --lora kohya.safetensors:-0.7 --lora peft/:1.3 --images-per-prompt 2`: its LoRA images
+    equal those of a plain diffusers pipeline whose UNet weights are W + sum_i w_i dW_i (normwise within REORDERED:
+    the same sums, the updates added to the weights instead of beside them), far from the base images; and
+    sample_results.json records every LoRA with its weight, in order."""
+    import json
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from numerics import REORDERED, assert_rel_close, relative_difference
+
+    import lowmem_alignprop.commands.evaluate as ev
+
+    made, generate = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a: made.append(generate(*a)) or made[-1])
+    weights = (0.5, -0.7, 1.3)
+    out = tmp_path / "s"
+    assert main(["sample", "--profile", "cpu", "--reward", "brightness", "--prompt", "cat", "--prompt", "dog",
+                 "--images-per-prompt", "2", "--output-dir", str(out),
+                 *[a for lora, w in zip(three, weights) for a in ("--lora", f"{lora}:{w}")]]) == 0
+    r = json.loads((out / "sample_results.json").read_text())
+    assert [(d["path"], d["weight"]) for d in r["loras"]] == [(str(p.absolute()), w) for p, w in zip(three, weights)]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    layers = dict(pipe.unet.named_modules())
+    with torch.no_grad():
+        for lora, w in zip(three, weights):
+            for name, delta in _deltas(tiny_dir, lora).items():
+                layers[name].weight += w * delta
+    s = r["sampler"]
+    reference = torch.cat([pipe(prompt=[p["prompt"]], num_inference_steps=s["sample_steps"],
+                                guidance_scale=s["guidance_scale"], eta=s["eta"], height=s["resolution"],
+                                width=s["resolution"], generator=[torch.Generator().manual_seed(seed)],
+                                output_type="pt").images for p in r["per_prompt"] for seed in p["seeds"]])
+    base, mixed = made
+    assert_rel_close(mixed, reference, REORDERED, "the mix's images vs W + sum w_i dW_i")
+    assert relative_difference(base, reference) > 100 * REORDERED  # (the mix changes the images: the check bites)
