@@ -1132,7 +1132,7 @@ def test_a_resume_counts_the_reward_and_the_prompts_from_the_step_they_changed_a
         trainer = train_mod.Trainer(cfg, RunFolder(cfg.output_dir), prompts,
                                     point=SimpleNamespace(step=5, path=tmp_path / "step-5", state=state))
         trainer.accelerator = trainer.bare_unet = trainer.optimizer = trainer.engine = trainer.gather = None
-        trainer.is_main = False
+        trainer.is_main, trainer.device = False, "cpu"  # (the device: the software record's)
         trainer.restore()
         return trainer.reward_since, trainer.prompts_since
 
@@ -1181,3 +1181,88 @@ def test_a_resume_that_changes_how_prompts_are_encoded_is_a_change_of_the_traini
                        {"step": 4, "changes": {"t5_encoder": [False, True], "max_sequence_length": [0, 77]}}]
     # every setting of how the images are made is one the LoRA was trained with
     assert set(RUN_IMAGE_SETTINGS) - {"model_components"} <= ckpt.TRAINED_WITH
+
+
+def expected_software() -> dict:
+    """What a CPU run of FAST's settings records: importlib.metadata's versions (no optional library: adamw, sdpa)."""
+    import importlib.metadata as md
+    import platform
+
+    return {"versions": {"lowmem-alignprop": md.version("lowmem_alignprop"), "python": platform.python_version(),
+                         **{n: md.version(n) for n in ("torch", "diffusers", "transformers", "peft", "accelerate")}},
+            "device": "cpu"}
+
+
+def software_said(software: dict) -> str:
+    """The card's words for ``software`` (model_card.software_lines)."""
+    names = ", ".join(f"{'Python' if n == 'python' else n} {v}" for n, v in software["versions"].items())
+    return f"{names}, on {software['device']}"
+
+
+def test_a_run_records_the_software_that_trained_it_and_its_card_lists_it(runs, tmp_path):
+    """summary.json and each checkpoint name the versions and the device that trained the run (from step 1); a resume
+    under the same ones adds no stretch and no resume change; the exported card says them under "How it was made"."""
+    full, split, _ = runs
+    now = expected_software()
+    for run in (full, split):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["software"] == [{"step": 1, **now}] and summary["resume_changes"] == []
+    for step in (split / "checkpoints").iterdir():
+        assert json.loads((step / "state.json").read_text())["software"] == [{"step": 1, **now}], step
+    out = tmp_path / "card"
+    assert main(["export", "--lora", str(full / "lora"), "--format", "kohya", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text().splitlines()
+    made = card.index("## How it was made")
+    assert card[made:].count(f"Trained with {software_said(now)}.") == 1
+
+
+def test_a_resume_under_another_diffusers_says_so_and_records_it(runs, tmp_path, caplog):
+    """The checkpoints edited to say diffusers 0.39.0 trained steps 1-6: the resume says what changed in one line, it
+    is a resume change (summary.json, the next checkpoint, the card's row), and the stretches say which steps ran
+    under which versions."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    now = expected_software()
+    old = {"versions": {**now["versions"], "diffusers": "0.39.0"}, "device": "cpu"}
+    edit_states(run, lambda state: state.update(software=[{"step": 1, **old}]))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    said = [r.getMessage() for r in caplog.records if "other software" in r.getMessage()]
+    assert said == [f"resume: the checkpoint was trained under other software (diffusers 0.39.0 -> "
+                    f"{now['versions']['diffusers']}): from step 7 the run goes on under this machine's, and its "
+                    "images and losses may differ in the last digits from a run under one (recorded as a resume "
+                    "change)"]
+    change = [{"step": 7, "changes": {"diffusers": ["0.39.0", now["versions"]["diffusers"]]}}]
+    stretches = [{"step": 1, **old}, {"step": 7, **now}]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resume_changes"] == change and summary["software"] == stretches
+    state = json.loads((run / "checkpoints" / "step-00000007" / "state.json").read_text())
+    assert state["resume_changes"] == change and state["software"] == stretches
+    for lora in (run / "lora", run / "checkpoints" / "step-00000007"):
+        out = tmp_path / f"card-{lora.name}"
+        assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
+        card = (out / "README.md").read_text().splitlines()
+        assert f"| changed by a resume | from step 7: diffusers {now['versions']['diffusers']} (was 0.39.0) |" in card
+        made = card.index("## How it was made")
+        at = card.index("Trained with:", made)
+        assert card[at:] == ["Trained with:", "", f"- steps 1-6: {software_said(old)}",
+                             f"- step 7: {software_said(now)}"], lora  # (the card's last lines)
+
+
+def test_a_checkpoint_from_before_the_record_resumes_without_a_word(runs, tmp_path, caplog):
+    """A checkpoint written before versions were kept: nothing said, no resume change; the record starts at the
+    resume's step and the card calls the earlier steps' software unrecorded."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    edit_states(run, lambda state: state.pop("software"))
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--output-dir", str(run), "--steps", "7", "--resume", "latest"]) == 0
+    assert "software" not in caplog.text
+    now = expected_software()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resume_changes"] == [] and summary["software"] == [{"step": 7, **now}]
+    out = tmp_path / "card"
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text().splitlines()
+    at = card.index("Trained with:")
+    assert card[at:] == ["Trained with:", "", "- steps 1-6: not recorded", f"- step 7: {software_said(now)}"]

@@ -15,6 +15,7 @@ from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
+from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
@@ -43,7 +44,7 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["steps"] = steps
     for key in ("reward_first", "reward_last", "sample_reward_before", "sample_reward_after", "interrupted",
                 "reward_since_step", "reward_steps", "reward_window", "early_stopped_at", "best_step", "processes",
-                "auto_fit", "resume_changes", "t5_tokens", "best_evaluation"):
+                "auto_fit", "resume_changes", "t5_tokens", "best_evaluation", "software"):
         if s.get(key) is not None and not (isinstance(s[key], float) and math.isnan(s[key])):
             info[key] = s[key]
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
@@ -242,9 +243,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                                        for c in info["auto_fit"] if isinstance(c, dict))))
     if info.get("resume_changes"):  # (the rows above give the last start's settings: the earlier steps trained with
         rows.append(("changed by a resume", "; ".join(  # what these changes replaced)
-            f"from step {r.get('step')}: " + ", ".join(f"{v[1]} process{'es' * (v[1] != 1)} (was {v[0]})"
-                                                        if n == "processes" else
-                                                        f"`{set_flags({n: said(n, v[1])})}` (was {_was(said(n, v[0]))})"
+            f"from step {r.get('step')}: " + ", ".join(resume_change(n, v, said)
                                                         for n, v in (r.get("changes") or {}).items())
             for r in info["resume_changes"] if isinstance(r, dict))))
     if info.get("interrupted"):
@@ -283,10 +282,51 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines.append(launched)
     if train_cmd:
         lines.append(train_cmd)
-    lines += [export_command, "```", ""]
+    lines += [export_command, "```", ""] + software_lines(info)
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def resume_change(name: str, change: list, said) -> str:
+    """One change of the card's "changed by a resume" row (resume_changes' ``name: [was, now]``): a number of
+    processes, a library's version or the device (run/software.py), or a setting as its --set flag."""
+    was, now = change
+    if name == "processes":
+        return f"{now} process{'es' * (now != 1)} (was {was})"
+    if name in SOFTWARE_NAMES:
+        return f"{_software_name(name)} {now} (was {was})"
+    return f"`{set_flags({name: said(name, now)})}` (was {_was(said(name, was))})"
+
+
+def software_lines(info: dict[str, Any]) -> list[str]:
+    """The card's "How it was made" lines on the software that trained it (summary.json's ``software``: versions and
+    device from each stretch's first step on; steps before the first stretch, trained before it was recorded, are
+    said to be unrecorded); none for a run from before it was recorded."""
+    stretches = [s for s in info.get("software") or [] if isinstance(s, dict) and isinstance(s.get("versions"), dict)
+                 and isinstance(s.get("step"), int)]
+    if not stretches:
+        return []
+
+    def said(s: dict) -> str:
+        names = ", ".join(f"{_software_name(n)} {v}" for n, v in s["versions"].items() if v)
+        return f"{names}, on {s.get('device') or 'an unrecorded device'}"
+
+    if len(stretches) == 1 and stretches[0]["step"] <= 1:
+        return [f"Trained with {said(stretches[0])}.", ""]
+    lines = [f"- {_steps(1, stretches[0]['step'] - 1)}: not recorded"] if stretches[0]["step"] > 1 else []
+    ends = [s["step"] - 1 for s in stretches[1:]] + [info.get("steps")]
+    return ["Trained with:", ""] + lines + [f"- {_steps(s['step'], end)}: {said(s)}"
+                                            for s, end in zip(stretches, ends)] + [""]
+
+
+def _software_name(name: str) -> str:
+    return "Python" if name == "python" else name
+
+
+def _steps(first: int, last: int | None) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}" if last is not None else \
+        f"from step {first}"
 
 
 def base_row(lora: Lora, into: str | None, names: dict[str, str]) -> str:

@@ -29,7 +29,7 @@ import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
-from lowmem_alignprop.run import disk_space, schedule
+from lowmem_alignprop.run import disk_space, schedule, software
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import (COMMAND_FILE, CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, INIT_LORA_DIR,
                                             LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR,
@@ -266,6 +266,7 @@ class Trainer:
         self.time_left = TimeLeft(eval_every=cfg.eval_every, judge_every=cfg.fidelity_every)
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.resumed_with: list[dict] = []  # what each resume changed of what the LoRA trains with (resume_changes)
+        self.software: list[dict] = []  # which steps trained under which versions and device (run/software.py)
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
         self.rollouts_before = 0  # this rank's rollouts before this start's first step (restore: the checkpoint's)
@@ -756,7 +757,8 @@ class Trainer:
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
             self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1,  # e.g. K or lr: the card
-                                                    world_size())  # says (processes: as check_config counts them)
+                                                    world_size(),  # says (processes: as check_config counts them)
+                                                    self.software_since(state.get("software")))
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
@@ -804,6 +806,8 @@ class Trainer:
                 if self.is_main:  # best/ holds the best step's LoRA (a branch set aside, a new folder)
                     origin = RunFolder.of_checkpoint(str(point.path))
                     self.held_out.keep_best_of(self.start, Path(origin) if origin else None)
+        else:
+            self.software_since(None)
         if self.is_main:
             newest = next(iter(ckpt.list_checkpoints(ckpt.root_of(self.out))), None)  # (before a branch is set aside)
             self.resumes_newest = point is not None and newest is not None and newest.resolve() == point.path.resolve()
@@ -811,6 +815,18 @@ class Trainer:
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
         if point is not None and self.is_main:
             log.info("resumed from %s at step %d", point.path, self.start)
+
+    def software_since(self, stretches: list[dict] | None) -> dict[str, list]:
+        """The software stretches (``stretches``: the checkpoint's, None for a new run) once this start trains under
+        this machine's versions and device; returns what a resume changes of them (said in one line: run/software.py;
+        a checkpoint without the record or a start that trains no step: nothing)."""
+        now = software.software(self.cfg, self.device)
+        trains = self.step <= self.cfg.steps  # (a finished run's outputs written again: no step)
+        changes = software.software_changes(stretches, now) if trains else {}
+        if changes and self.is_main:
+            log.warning("%s", software.software_line(changes, self.step))
+        self.software = software.stretches_at(stretches, now, self.step) if trains or not stretches else stretches
+        return changes
 
     # ================================ the step ================================
     def train_step(self, step: int) -> StepOutcome:
@@ -1402,6 +1418,7 @@ class Trainer:
                          optimizer=self.optimizer, engine=self.engine, rng_state=get_rng_state(self.rng),
                          history=self.history, fp=self.fingerprint, gather=self.gather,
                          extra={"auto_fit": self.fits, "resume_changes": self.resumed_with,
+                                "software": [s for s in self.software if s["step"] <= step],
                                 "skipped_steps": self.streak.skipped,
                                 "rollouts": self.rollouts_through(step),
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
@@ -1430,6 +1447,7 @@ class Trainer:
                    "interrupted": done < cfg.steps and early is None,
                    "resumed_from": os.path.abspath(self.point.path) if self.point else None,
                    "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
+                   "software": self.software,  # which steps trained under which versions and device
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update

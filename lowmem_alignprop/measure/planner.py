@@ -63,6 +63,7 @@ from lowmem_alignprop.models.loading import check_before_load
 from lowmem_alignprop.models.sampler_check import ddim_settings
 from lowmem_alignprop.models.sampling import HOST_CACHE_ABOVE, vae_scale_factor
 from lowmem_alignprop.run.disk_space import run_bytes
+from lowmem_alignprop.run.software import CORE_LIBRARIES
 from lowmem_alignprop.measure.counters import (TEXT_ENCODER, Counters, EncodedOnce, HostSaveOnCpu, LiveBytes, Residency,
                                                StageWork)
 from lowmem_alignprop.measure.cuda_autocast import CudaAutocast
@@ -75,7 +76,7 @@ from lowmem_alignprop.measure.step_time import step_time, step_work
 from lowmem_alignprop.measure.fit_changes import candidate_changes
 
 
-PLAN_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")  # in plan --json's "versions"
+PLAN_LIBRARIES = CORE_LIBRARIES  # in plan --json's "versions": those every run records (run/software.py)
 
 
 # ---------------------------------------------------------------------------------------------------

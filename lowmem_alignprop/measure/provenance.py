@@ -1,6 +1,7 @@
 """What a measured or estimated figure carries (benchmarks/ results, ``plan --json``): the machine (:func:`cpu_name`,
 :func:`host_device`), the versions of the libraries (:func:`library_versions`), and, with the command and the date,
-the whole block (:func:`provenance`). The memory report names its CPU with :func:`cpu_name`."""
+the whole block (:func:`provenance`). The memory report names its CPU with :func:`cpu_name`. The versions' rule lives
+in run/software.py, which a run's own record (summary.json's ``software``) keeps too."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lowmem_alignprop.run.software import LIBRARIES, library_versions  # (the rule a run's record keeps)
+
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo's, else the platform's), for reports and benchmark results."""
@@ -21,22 +24,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "xformers", "deepspeed")
-
-
-def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    """Versions of Python and the libraries whose behaviour the figures depend on (None: not installed)."""
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def host_device() -> dict[str, Any]:

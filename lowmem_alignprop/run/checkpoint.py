@@ -475,14 +475,17 @@ def changed_fields(saved: dict[str, Any], cfg) -> list[str]:
             and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
 
 
-def resume_changes(state: dict[str, Any], cfg, step: int, processes: int = 1) -> list[dict[str, Any]]:
+def resume_changes(state: dict[str, Any], cfg, step: int, processes: int = 1,
+                   software: dict[str, list] | None = None) -> list[dict[str, Any]]:
     """The changes of what the LoRA is trained with (:data:`TRAINED_WITH`) at each resume so far, the checkpoint's
     and this one's (from ``step``): ``[{"step": N, "changes": {name: [was, now]}}]``; a model card lists them. A resume
-    under another number of ``processes`` is one too (``processes``: the images an optimizer step averages)."""
+    under another number of ``processes`` is one too (``processes``: the images an optimizer step averages), and one
+    under other ``software`` (run/software.py's software_changes: library versions, the device)."""
     saved = state.get("config", {})
     now = {n: [saved[n], getattr(cfg, n)] for n in changed_fields(saved, cfg) if n in TRAINED_WITH}
     if int(state.get("world_size", 1)) != processes and step <= cfg.steps:  # (a finished run's outputs: no step)
         now["processes"] = [int(state.get("world_size", 1)), processes]
+    now.update(software or {})  # (none for a finished run's outputs written again)
     return list(state.get("resume_changes") or []) + ([{"step": step, "changes": now}] if now else [])
 
 
