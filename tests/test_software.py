@@ -37,6 +37,7 @@ def test_a_resume_changes_the_versions_both_records_name_and_the_device():
     assert software.stretches_at(stretches, now, 5) == [{"step": 1, **was}, {"step": 5, **now}]
     assert software.stretches_at(stretches, was, 5) == stretches  # the same software: no new stretch
     assert software.stretches_at(None, now, 5) == [{"step": 5, **now}]  # a checkpoint from before the record
+    assert software.stretches_at([*stretches, "damaged", {"no": "step"}], None, 5) == stretches  # (no step trained)
     assert software.software_line({"diffusers": ["0.40.0", "0.41.0"], "device": ["cpu", "NVIDIA L4"]}, 5) == (
         "resume: the checkpoint was trained under other software (diffusers 0.40.0 -> 0.41.0, device cpu -> NVIDIA "
         "L4): from step 5 the run goes on under this machine's, and its images and losses may differ in the last "

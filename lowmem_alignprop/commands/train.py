@@ -825,7 +825,7 @@ class Trainer:
         changes = software.software_changes(stretches, now) if trains else {}
         if changes and self.is_main:
             log.warning("%s", software.software_line(changes, self.step))
-        self.software = software.stretches_at(stretches, now, self.step) if trains or not stretches else stretches
+        self.software = software.stretches_at(stretches, now if trains else None, self.step)
         return changes
 
     # ================================ the step ================================

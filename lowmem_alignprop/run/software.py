@@ -79,10 +79,11 @@ def software_line(changes: dict[str, list], step: int) -> str:
             "(recorded as a resume change)")
 
 
-def stretches_at(stretches: list[dict] | None, now: dict[str, Any], step: int) -> list[dict]:
-    """The run's software stretches once this start trains from ``step``: the checkpoint's, and ``now`` from
-    ``step`` when it changed anything (a checkpoint without the record: ``now`` from ``step`` alone)."""
-    kept = [s for s in stretches or [] if isinstance(s, dict)]
-    if kept and not software_changes(kept, now):
+def stretches_at(stretches: list[dict] | None, now: dict[str, Any] | None, step: int) -> list[dict]:
+    """The run's software stretches once this start trains from ``step``: the checkpoint's (those it can read), and
+    ``now`` from ``step`` when it changed anything (a checkpoint without the record: ``now`` from ``step`` alone;
+    ``now`` None: a start that trains no step adds none)."""
+    kept = [s for s in stretches or [] if isinstance(s, dict) and isinstance(s.get("step"), int)]
+    if now is None or (kept and not software_changes(kept, now)):
         return kept
     return kept + [{"step": step, **now}]
