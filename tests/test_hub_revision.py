@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants
 
 from lowmem_alignprop.cli import main
@@ -158,3 +159,25 @@ def test_a_damaged_pinned_snapshot_names_the_download_of_its_commit(two_commits,
     unet.write_bytes(unet.read_bytes()[:4096])
     assert main([*FAST, "--model", REPO, "--output-dir", str(tmp_path / "m")]) == 2
     assert f"run `hf download {REPO} --force-download`, then run again" in capsys.readouterr().err
+
+
+def test_plan_reads_the_pinned_commits_configs_not_mains(two_commits, monkeypatch, capsys):
+    """plan's model on meta comes from the pinned snapshot (OTHER's UNet config says another sample_size); a pinned
+    commit not in the cache offline names its `hf download --revision`, not a --local-dir folder (which a revision
+    refuses)."""
+    from lowmem_alignprop.measure import meta_models
+    from lowmem_alignprop.settings.config import Config
+
+    config = two_commits / "snapshots" / OTHER / "unet" / "config.json"
+    unet = json.loads(config.read_text())
+    config.write_text(json.dumps({**unet, "sample_size": 2 * unet["sample_size"]}))
+    monkeypatch.setattr(meta_models, "_META_CACHE", {})
+    sizes = [meta_models.meta_base(Config(model=REPO, revision=r), torch.float32).unet.config.sample_size
+             for r in ("", OTHER, MAIN)]
+    assert sizes == [unet["sample_size"], 2 * unet["sample_size"], unet["sample_size"]]
+    assert main(["plan", "--profile", "cpu", "--model", REPO, "--set", "revision=v2.0"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"error: plan needs the architecture of '{REPO}' at revision v2.0: it is not in the local Hugging "
+                    f"Face cache and the hub cannot be reached; on a machine with network run `hf download {REPO} "
+                    "--revision v2.0` (into the hub cache; copy that cache here), then run again, or use --model "
+                    "sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers directory"]

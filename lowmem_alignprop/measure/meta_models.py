@@ -57,27 +57,32 @@ def _dir_components(root: Path, dtype: torch.dtype) -> dict:
 CONFIG_FILES = ["*.json", "*.txt", "tokenizer*/*"]  # a hub model's configs, scheduler and tokenizers: no weights
 
 
-def _hub_snapshot(repo: str, use: str = "pass that DIR as --model") -> Path:
-    """The configs of a hub id (:data:`CONFIG_FILES`, a few MB, never weights): from the local cache, else fetched
-    from the hub when it can be reached, so a laptop plans a model before downloading it; else a UserError (``use``:
-    where its folder goes instead, --model or model_components)."""
+def _hub_snapshot(repo: str, use: str = "pass that DIR as --model", revision: str = "") -> Path:
+    """The configs of a hub id (:data:`CONFIG_FILES`, a few MB, never weights) at ``revision`` (--set revision: a
+    branch, tag or commit; "": main): from the local cache, else fetched from the hub when it can be reached, so a
+    laptop plans a model before downloading it; else a UserError (``use``: where its folder goes instead, --model or
+    model_components)."""
     from huggingface_hub import snapshot_download
 
     from lowmem_alignprop.run import hub
 
+    pin = {"revision": revision} if revision else {}
     try:
-        root = Path(snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES))
+        root = Path(snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES, **pin))
         if _has_its_configs(root):
             return root
     except Exception:  # noqa: BLE001 - not in the local cache (or only model_index.json, --profile auto's)
         pass
     instead = "or use --model sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers directory"
-    if hub.offline():
-        raise UserError(f"plan needs the architecture of {repo!r}: it is not in the local Hugging Face cache and the "
-                        f"hub cannot be reached; {hub.download_hint(repo, use)}, {instead}")
+    if hub.offline():  # (a pinned one: into the hub cache, as a --local-dir folder takes no revision)
+        at, fetch = ((f" at revision {revision}", f"on a machine with network run `hf download {repo} --revision "
+                      f"{revision}` (into the hub cache; copy that cache here), then run again") if revision else
+                     ("", hub.download_hint(repo, use)))
+        raise UserError(f"plan needs the architecture of {repo!r}{at}: it is not in the local Hugging Face cache and "
+                        f"the hub cannot be reached; {fetch}, {instead}")
     log.info("plan: fetching the configs of %s (json and tokenizer files, no weights)", repo)
     try:
-        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
+        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES, **pin))
     except Exception as e:  # noqa: BLE001 - no such repository, gated, a failed request
         raise UserError(f"plan needs the architecture of {repo!r} and could not fetch its configs ({first_line(e, 160)}"
                         f"); a gated model (FLUX.1-dev, SD3.5) needs its license accepted on the hub and `hf auth "
@@ -93,10 +98,10 @@ def _has_its_configs(root: Path) -> bool:
         for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0])
 
 
-def _hub_config_dir(repo: str) -> Path:
+def _hub_config_dir(repo: str, revision: str = "") -> Path:
     from lowmem_alignprop.models.model_check import check_model_dir
 
-    root = _hub_snapshot(repo)
+    root = _hub_snapshot(repo, revision=revision)
     check_model_dir(root, repo)  # the cached configs of a complete SD model
     return root
 
@@ -123,7 +128,8 @@ def meta_base(cfg: Config, dtype: torch.dtype):
 
     from lowmem_alignprop.models.loading import Components, is_flow_source, resolve_model
 
-    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder)
+    key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder,
+           getattr(cfg, "revision", ""))
     kind, where = resolve_model(cfg.model)
     if key not in _META_CACHE and is_flow_source(cfg, kind, where):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
@@ -138,7 +144,8 @@ def meta_base(cfg: Config, dtype: torch.dtype):
         elif kind == "dir":
             parts, source = _dir_components(Path(where), dtype), where
         else:
-            parts, source = _dir_components(_hub_config_dir(where), dtype), f"{where} (configs from the HF cache)"
+            parts = _dir_components(_hub_config_dir(where, getattr(cfg, "revision", "")), dtype)
+            source = f"{where} (configs from the HF cache)"
         is_sdxl = parts.get("text_encoder_2") is not None
         comps = Components(**{k: v for k, v in parts.items() if k in Components.__dataclass_fields__},
                            is_sdxl=is_sdxl, source=source,
@@ -185,7 +192,7 @@ def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype
     else:
         root = Path(where if kind == "flow_dir" else cfg.model_components).expanduser()
         if kind == "hub" and not cfg.model_components:
-            root = _hub_snapshot(where)
+            root = _hub_snapshot(where, revision=getattr(cfg, "revision", ""))
         elif kind != "flow_dir" and kind_of(root) == "missing" and looks_like_hub_id(cfg.model_components):
             root = _hub_snapshot(cfg.model_components, "pass --set model_components=DIR")  # a hub id's configs
         # a single file: the folder's config as the loader reads it (FLUX: dev or schnell as the file's keys say)
