@@ -379,6 +379,20 @@ def test_lora_file_given_as_the_base_model(trained, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [[], ["sample", "--num-prompts", "1"]], ids=["train", "sample"])
+@pytest.mark.parametrize("given, holds", [("lora", "pytorch_lora_weights.safetensors"),
+                                          ("", "lora/pytorch_lora_weights.safetensors")], ids=["lora_dir", "run_dir"])
+def test_a_lora_or_run_folder_given_as_the_model_is_named_a_lora(trained, tmp_path, capsys, command, given, holds):
+    """`sample --model RUN/lora` (sample without a LoRA samples --model alone) or `train --model RUN`: the line named
+    no model_index.json and save_pretrained, not that the folder is a LoRA and --lora the fix."""
+    folder = trained / given if given else trained
+    out = tmp_path / "out"
+    line = fails(capsys, [*command, *FAST, "--model", str(folder), "--output-dir", str(out)], "")
+    assert line == (f"error: {folder} holds a LoRA ({holds}), not a base model: pass the base model it was trained "
+                    f"on as --model; to see what the LoRA does, run `lowmem-alignprop sample --lora {folder}`")
+    assert not out.exists()
+
+
 def _other_unet_model(dst: Path) -> Path:
     """The tiny pipeline with a narrower UNet: LoRA layers of another shape."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -35,6 +35,9 @@ def check_model_dir(path: Path, spec: str) -> None:
     """Raise UserError unless ``path`` is a diffusers folder of a complete SD 1.x/2.x/SDXL text-to-image model."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
+        if (lora := _lora_in(path)) is not None:  # (sample --model RUN/lora: sample without a LoRA samples --model)
+            raise UserError(f"{spec} holds a LoRA ({lora}), not a base model: pass the base model it was trained on "
+                            f"as --model; to see what the LoRA does, run `lowmem-alignprop sample --lora {spec}`")
         raise UserError(f"{spec} is a directory but not a diffusers model (no model_index.json): pass the folder "
                         "that `save_pretrained` wrote, or a single .safetensors/.ckpt file")
     index = _read_json(index_file, spec)
@@ -55,6 +58,14 @@ def check_model_dir(path: Path, spec: str) -> None:
     widths = [_read_json(path / te / "config.json", spec).get("hidden_size")
               for te in ("text_encoder", "text_encoder_2") if _listed(index, te)]
     check_compatible(unet, vae, widths, spec)
+
+
+def _lora_in(path: Path) -> str | None:
+    """The LoRA file a folder given as a model holds, relative to it: a run's lora/ folder's, or the run folder's
+    lora/ one's; None for any other folder."""
+    from lowmem_alignprop.run.filenames import LORA_DIR, LORA_WEIGHT_NAME
+
+    return next((rel for rel in (LORA_WEIGHT_NAME, f"{LORA_DIR}/{LORA_WEIGHT_NAME}") if (path / rel).is_file()), None)
 
 
 def check_part_folder(path: Path, part: str, spec: str) -> Path:
