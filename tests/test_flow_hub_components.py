@@ -148,3 +148,39 @@ def test_a_hub_id_as_model_components_is_fetched_without_the_transformers_weight
     assert sorted(kwargs["allow_patterns"]) == ["model_index.json", "scheduler/*", "text_encoder/*",
                                                 "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
                                                 "transformer/config.json", "vae/*"]
+
+
+def test_an_sd3_hub_id_as_model_components_with_t5_encoder_false_is_fetched_without_t5(tmp_path, monkeypatch):
+    """t5_encoder=false leaves SD3's T5-XXL out of the pipeline: its text_encoder_3 (9.5 GB) and tokenizer_3 are not
+    fetched either (they were, for a pipeline that then loads without them); with T5 on they are."""
+    import huggingface_hub
+
+    from lowmem_alignprop.models import flow_loading
+    from lowmem_alignprop.run import hub
+
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "X"],
+                                 **{p: ["transformers", "X"] for p in ("text_encoder", "text_encoder_2",
+                                                                      "text_encoder_3", "tokenizer", "tokenizer_2",
+                                                                      "tokenizer_3")},
+                                 "vae": ["diffusers", "X"], "scheduler": ["diffusers", "X"]}))
+    asked = []
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(flow_loading, "hub_file", lambda repo, name, **kw: index)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append(sorted(kw["allow_patterns"])) or str(tmp_path))
+    for t5 in (True, False):
+        flow_loading.components_folder("org/sd3", t5=t5)
+    parts = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+             "transformer/config.json", "vae/*"]
+    assert asked == [sorted([*parts, "text_encoder_3/*", "tokenizer_3/*"]), parts]
+    seen = []
+
+    def stop(components, t5=True):
+        seen.append((components, t5))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(flow_loading, "components_folder", stop)
+    with pytest.raises(RuntimeError):  # the loader asks for the parts it loads
+        flow_loading.load_flow_single_file("x.safetensors", "org/sd3", torch.bfloat16, place=None, t5=False)
+    assert seen == [("org/sd3", False)]

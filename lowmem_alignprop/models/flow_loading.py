@@ -85,10 +85,11 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def components_folder(components: str) -> Path:
+def components_folder(components: str, t5: bool = True) -> Path:
     """The folder model_components names: a local path as it is; a hub id (OWNER/NAME) its snapshot of main in the
     local Hugging Face cache, fetched first where the hub can be reached (its parts but the transformer's weights:
-    the file is the transformer). Raises UserError for a hub id neither gives (`hf download` named)."""
+    the file is the transformer; without ``t5``, t5_encoder=false, SD3's T5-XXL neither). Raises UserError for a hub
+    id neither gives (`hf download` named)."""
     comp = Path(components).expanduser()
     if kind_of(comp) != "missing" or not looks_like_hub_id(components):
         return comp
@@ -98,19 +99,21 @@ def components_folder(components: str) -> Path:
 
     offline = hub.offline()  # no network: the local cache only, at once (no retries)
     try:
-        return Path(snapshot_download(components, allow_patterns=_components_files(components, offline),
+        return Path(snapshot_download(components, allow_patterns=_components_files(components, offline, t5),
                                       local_files_only=offline))
     except (OSError, ValueError) as e:  # not cached offline, no such repository, gated
         raise UserError(hub.hub_message("model_components", components, e,
                                         use="pass --set model_components=DIR")) from None
 
 
-def _components_files(repo: str, offline: bool) -> list[str]:
+def _components_files(repo: str, offline: bool, t5: bool = True) -> list[str]:
     """What a hub id as model_components is fetched for: model_index.json and the parts it lists, of the
-    transformer its config only (FLUX.1-dev's weights are 23.8 GB the transformer file stands in for)."""
+    transformer its config only (FLUX.1-dev's weights are 23.8 GB the transformer file stands in for), without
+    ``t5`` not SD3's T5-XXL (9.5 GB: the pipeline loads without it, :data:`NO_T5`)."""
     index = hub_file(repo, "model_index.json", download=not offline)
+    unused = {"transformer", *(() if t5 else NO_T5)}
     parts = [k for k, v in ((model_index(index.parent) if index else None) or {}).items()
-             if isinstance(v, list) and v and v[0] is not None and k != "transformer"]
+             if isinstance(v, list) and v and v[0] is not None and k not in unused]
     return ["model_index.json", "transformer/config.json", *(f"{part}/*" for part in parts)]
 
 
@@ -184,7 +187,7 @@ def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, pla
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
     ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
     says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
-    folder = components_folder(components)
+    folder = components_folder(components, t5)
     cls, config, family, layout = single_file_transformer(path, components, folder)
 
     def read():
