@@ -229,7 +229,7 @@ def _clip_config_for(name: str, weights: str):
     pickscore/hpsv2)."""
     from transformers import CLIPConfig
 
-    from lowmem_alignprop.rewards.clip_rewards import _looks_like_path
+    from lowmem_alignprop.rewards.clip_rewards import looks_like_path
     from lowmem_alignprop.run import hub
     from lowmem_alignprop.settings.hub_access import hub_file
 
@@ -240,7 +240,7 @@ def _clip_config_for(name: str, weights: str):
             candidates += [(c / "config.json", str(c / "config.json"), c) for c in (p / "clip", p)]
         elif p.is_file() and name == "hpsv2":  # build_hpsv2 reads the CLIPConfig beside its checkpoint
             candidates.append((p.parent / "config.json", str(p.parent / "config.json"), p.parent))
-        elif not p.exists() and not _looks_like_path(part):
+        elif not p.exists() and not looks_like_path(part):
             if (cached := hub_file(part, "config.json", download=not hub.offline())) is not None:
                 candidates.append((cached, f"{part}'s config.json", None))
     for file, label, directory in candidates:
@@ -307,10 +307,10 @@ def meta_reward(cfg: Config, dtype: torch.dtype, notes: list[str]):
 
 def _check_weights_exist(name: str, weights: str) -> None:
     """A model reward's local weights path that does not exist: the UserError training would give."""
-    from lowmem_alignprop.rewards.clip_rewards import FLAG, _looks_like_path
+    from lowmem_alignprop.rewards.clip_rewards import FLAG, looks_like_path
 
     for part in filter(None, (x.strip() for x in weights.split(","))):
         path = Path(part).expanduser()
-        local = _looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
+        local = looks_like_path(part) or path.parent.is_dir() and str(path.parent) != "."  # w/x with w/ here
         if local and not path.exists():
             raise UserError(f"{name} reward: {part} does not exist; fix the path in {FLAG}")

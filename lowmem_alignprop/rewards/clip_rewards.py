@@ -141,7 +141,9 @@ def enable_layer_checkpointing(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------
 # locating weights
 # --------------------------------------------------------------------------------------------------
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
+    """Whether a reward_weights part is meant as a path, not a hub id (OWNER/NAME): it starts with /, . or ~, has a
+    backslash or not exactly one slash, or ends in a weights or config file's suffix (the planner reads it alike)."""
     return (spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") != 1
             or spec.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
 
@@ -195,7 +197,7 @@ def _hf_from_pretrained(cls, source: str, reward: str, **kwargs):
                             f"({FLAG} with a directory)")
         _check_hf_dir(path, reward)
         return _checked_load(cls, str(path), reward, **kwargs)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise UserError(f"{reward} reward: {path} does not exist; fix the path in {FLAG}")
     try:
         return _checked_load(cls, source, reward, local_files_only=True, **kwargs)
@@ -226,7 +228,7 @@ def _load_tokenizer(sources: Sequence[str], reward: str):
                 return AutoTokenizer.from_pretrained(str(path))
             tried.append(str(path))
             continue
-        if _looks_like_path(source):
+        if looks_like_path(source):
             tried.append(source)
             continue
         # a repository without tokenizer files (config.json and weights only) would give AutoTokenizer an empty
@@ -256,7 +258,7 @@ def _read_preprocessor(sources: Sequence[str]) -> dict | None:
             if f.is_file():
                 return json.loads(f.read_text(encoding="utf-8"))
             continue
-        if _looks_like_path(source):
+        if looks_like_path(source):
             continue
         cached = hub_file(source, "preprocessor_config.json")  # the local hub cache only
         if cached is None:
@@ -546,7 +548,7 @@ def build_hpsv2(weights: str = "", checkpointing: bool = False) -> HPSv2Reward:
                                 f"checkpoint there or pass the file itself with {FLAG}")
         elif p.is_file():
             ckpt, directory = p, p.parent
-        elif _looks_like_path(weights):
+        elif looks_like_path(weights):
             raise UserError(f"hpsv2 reward: {p} does not exist; fix the path in {FLAG}")
         else:  # a hub id of a transformers CLIP
             return _build_full_clip(HPSv2Reward, weights, weights, DEFAULT_HPS_TOKENIZER, "hpsv2", checkpointing)
