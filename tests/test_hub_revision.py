@@ -181,3 +181,25 @@ def test_plan_reads_the_pinned_commits_configs_not_mains(two_commits, monkeypatc
                     f"Face cache and the hub cannot be reached; on a machine with network run `hf download {REPO} "
                     "--revision v2.0` (into the hub cache; copy that cache here), then run again, or use --model "
                     "sd15|sd21|sdxl|sd35m|sd35l|flux for its architecture, or a local diffusers directory"]
+
+
+@pytest.mark.parametrize("rank, said", [(0, 1), (1, 0)])
+def test_a_resume_whose_hub_id_moved_to_the_same_weights_trains_on_with_one_warning_from_rank_0(
+        rank, said, monkeypatch, caplog, tmp_path):
+    """Another commit with the same weights (a README change): no refusal; one warning line, said by rank 0 only (as
+    every resume warning is: N processes said it N times)."""
+    import logging
+
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.settings.config import Config
+
+    fp = {"model": REPO, "unet_config_sha": "x", "conv_in": [0.5, 0.1, 0.2]}
+    monkeypatch.setattr(ckpt, "global_rank", lambda: rank)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        ckpt.check_fingerprint({"fingerprint": {**fp, "revision": MAIN}}, {**fp, "revision": OTHER},
+                               Config(model=REPO), tmp_path / "step-1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == said
+    assert all(x == f"resume: checkpoint {tmp_path / 'step-1'} trained on {REPO} at commit {MAIN}, and {REPO} resolves "
+               f"to commit {OTHER} here (the same weights, as far as the fingerprint tells): training goes on; --set "
+               f"revision={MAIN} pins the commit it trained on" for x in lines)

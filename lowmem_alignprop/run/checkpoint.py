@@ -597,7 +597,7 @@ def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Pa
         raise another_model(saved, ours["model"], problem, path)
     check_revision(saved, ours, path, problem)
     check_t5(state, ours, cfg, path)
-    if saved.get("model") != ours["model"]:
+    if saved.get("model") != ours["model"] and global_rank() == 0:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
                     saved.get("model"), ours["model"])
 
@@ -617,8 +617,9 @@ def check_revision(saved: dict[str, Any], ours: dict[str, Any], path: Path, prob
     said = (f"checkpoint {path} trained on {model} at commit {was}, and {model} resolves to commit {now} here")
     if problem:
         raise UserError(f"{said} ({problem}): resume with --set revision={was} to load the commit it trained on")
-    log.warning("resume: %s (the same weights, as far as the fingerprint tells): training goes on; --set "
-                "revision=%s pins the commit it trained on", said, was)
+    if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
+        log.warning("resume: %s (the same weights, as far as the fingerprint tells): training goes on; --set "
+                    "revision=%s pins the commit it trained on", said, was)
 
 
 def check_t5(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
