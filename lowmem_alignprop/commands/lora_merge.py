@@ -185,9 +185,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
-    commit = (lora.base or {}).get("revision") if not model else None  # a hub id's: the commit it trained on
-    pipe = load_base(spec, {**lora.run_config, "model_components": components,
-                            "revision": commit if isinstance(commit, str) else ""})
+    commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
+    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"

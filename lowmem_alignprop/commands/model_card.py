@@ -12,7 +12,7 @@ from typing import Any
 
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
-from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
+from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
@@ -269,7 +269,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL, version=family), info, lora.flow)
-    if isinstance(commit := (lora.base or {}).get("revision"), str) and commit and base:  # a hub id's, as trained
+    if (commit := trained_commit(lora.base)) and base:  # a hub id's: the code loads the commit it trained on
         usage = [u.replace(f"from_pretrained({json.dumps(base)}", f"from_pretrained({json.dumps(base)}, "
                                                                   f"revision=\"{commit}\"") for u in usage]
     if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
@@ -335,9 +335,8 @@ def base_row(lora: Lora, into: str | None, names: dict[str, str]) -> str:
     base = lora.base_model
     if not base:
         return "unknown"
-    commit = (lora.base or {}).get("revision")
-    at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if isinstance(commit, str) and \
-        commit else ""
+    commit = trained_commit(lora.base)
+    at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if commit else ""
     return _named((f"`{into}` (the LoRA was trained on `{base}`{at})" if into else f"`{base}`{at}"), names) + (
         " (a local model of that name)" if names.get(into or base) else "")
 

@@ -16,6 +16,7 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, chec
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
 from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+from lowmem_alignprop.run.checkpoint import trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
 
@@ -102,8 +103,8 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
     settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
     if args.model is None:
         args.model = base[0]
-        commit = (recorded_fingerprint(specs[0]) or {}).get("revision")  # a hub id's: the commit it trained on
-        if isinstance(commit, str) and commit and "revision" not in given:
+        commit = trained_commit(recorded_fingerprint(specs[0]))  # a hub id's: the commit it trained on
+        if commit and "revision" not in given:
             args.set.append(f"revision={commit}")
         logger.info(
             "--model not given: sampling %s%s, the model %s was trained on (--model to choose another)%s", base[0],

@@ -602,6 +602,14 @@ def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Pa
                     saved.get("model"), ours["model"])
 
 
+def trained_commit(record: dict[str, Any] | None) -> str:
+    """The commit a hub id's run trained on, as its fingerprint (base_model.json, a checkpoint's) records it ("":
+    none recorded: a local model, or a record from before it was kept); `sample`, `export --merge` and the card
+    load or name it again."""
+    commit = (record or {}).get("revision")
+    return commit if isinstance(commit, str) else ""
+
+
 def changed_revision(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
     """The same hub id resolved to another commit than the checkpoint's (a record without one: not compared)."""
     was, now = saved.get("revision"), ours.get("revision")
