@@ -743,3 +743,54 @@ def test_adamw_on_a_card_takes_the_foreach_path_the_planner_counts():
     assert steps and all(g["foreach"] is True for g in opt.param_groups)
     opt, _ = weight_bytes.optimizer_for(cfg, params, False, {}, place, [])
     assert not any(g.get("foreach") for g in opt.param_groups)
+
+
+def test_the_planners_flop_count_of_a_tiny_flux_step_matches_the_real_step_and_a_hand_count(tmp_path):
+    """Issue 20 on a tiny model (FLUX, 1 double + 1 single block, 32 px, 4 steps, K=1): the fake-tensor count of
+    every matmul and convolution per stage equals torch's FlopCounterMode over the same step run for real (T-K
+    no-grad calls and the window's call, the 16-channel decode, then backward with the window call's recompute);
+    attention (which the CPU's fused kernels do not report to the counter) matches a hand count: per joint attention
+    over n = 64 image + 16 text tokens of width D, one = 2 n^2 D; forward 2 one, backward 5 one; the VAE's mid-block
+    attention over its 16x16 latent (width 32) the same."""
+    from diffusers import DiffusionPipeline
+    from flowmodels import FLOW_RESOLUTION as RES, build_tiny_flux_dir
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lowmem_alignprop.models import flow
+
+    model = build_tiny_flux_dir(tmp_path / "flux")
+    steps, msl = 4, 16
+    cfg = Config(model=str(model), resolution=RES, sample_steps=steps, k=1, batch_size=1, guidance_scale=3.5,
+                 prompts="simple_animals", mixed_precision="no", max_sequence_length=msl).validate()
+    work = planner.estimate(cfg, target="cpu").work
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.vae.requires_grad_(False)
+    flow.add_flow_lora(pipe.transformer, rank=cfg.lora_rank, seed=0)
+    emb = flow.encode_prompts(pipe, ["a cat"], "cpu", guidance_scale=3.5, max_sequence_length=msl)
+    lat, ids = flow.initial_latents(pipe.transformer, pipe.vae, 1, RES, RES, torch.Generator().manual_seed(0))
+    flow.set_flow_timesteps(pipe.scheduler, pipe.transformer, steps, *flow.latent_size(pipe.vae, RES, RES, "flux"))
+
+    def counted(fn):
+        with FlopCounterMode(display=False) as c:
+            out = fn()
+        ops = c.get_flop_counts().get("Global", {})
+        return out, sum(v for op, v in ops.items() if "attention" not in str(op))
+
+    out, rollout = counted(lambda: flow.rollout(pipe.transformer, pipe.scheduler, lat, emb, k=1, guidance_scale=3.5,
+                                                img_ids=ids))
+    images, decode = counted(lambda: flow.decode(pipe.vae, out, height=RES, width=RES))
+    _, backward = counted(lambda: images.mean().backward())
+    assert rollout > 0 and decode > 0 and backward > decode
+    assert work[stages.SAMPLE_NOGRAD]["matmul_flops"] == rollout * (steps - 1) / steps
+    assert work[stages.SAMPLE_GRAD]["matmul_flops"] == rollout / steps
+    assert work[stages.DECODE]["matmul_flops"] == decode
+    assert work[stages.BACKWARD]["matmul_flops"] == backward
+    n, width = (RES // 4) ** 2 + msl, pipe.transformer.inner_dim  # 2x2-packed tokens of the halved latent, + text
+    joint = 2 * n * n * width  # one [n, D] x [D, n] matmul; 2 attentions a call (the double and the single block)
+    vae = 2 * (RES // 2) ** 4 * pipe.vae.config.block_out_channels[-1]  # 256 latent cells, width 32, one head
+    assert work[stages.SAMPLE_NOGRAD]["attention_flops"] == (steps - 1) * 2 * 2 * joint
+    assert work[stages.SAMPLE_GRAD]["attention_flops"] == 2 * 2 * joint
+    assert work[stages.DECODE]["attention_flops"] == 2 * vae
+    # backward: the window call's recompute (2 one) and its 5 gradient matmuls per attention; the VAE's 5 (no
+    # recompute: vae_checkpointing off)
+    assert work[stages.BACKWARD]["attention_flops"] == 2 * (2 + 5) * joint + 5 * vae
