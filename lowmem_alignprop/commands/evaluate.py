@@ -918,18 +918,16 @@ def print_summary(r: dict, out: Path) -> None:
     head = (f"reward {r['reward']} over {r['num_prompts']} prompts x {r['images_per_prompt']} images "
             f"({r['sampler']['scheduler']} {r['sampler']['sample_steps']} steps, seed {r['seed']}):")
     fid = r.get("fidelity", {})
-    exact = "fidelity_all_ok" in fid.get("base", {})
     if not r["loras"]:  # the model alone: its mean, no comparison
-        lines = [head, f"  model {r['base_mean']:.4f}   ({r['model']}, no LoRA)",
-                 *([f"  exact fidelity (toy world){judged_of(fid['base'], made)}: all right "
-                    f"{fid['base']['fidelity_all_ok']:.0%}, score {fid['base']['fidelity_score']:.3f}"]
-                   if exact else [])]
+        lines = [head, f"  model {r['base_mean']:.4f}   ({r['model']}, no LoRA)"]
     else:
         mix = " + ".join(f"{d['weight']:g} x {d['path']}" + (f" ({d['weights']})" if "weights" in d else "")
                          for d in r["loras"])
         lines = [head, f"  base {r['base_mean']:.4f}   lora {r['lora_mean']:.4f}   difference {r['difference']:+.4f}",
-                 f"  lora = {mix}",
-                 *([f"  exact fidelity (toy world){judged_of(fid['base'], made)}: all right "
-                    f"{fid['base']['fidelity_all_ok']:.0%} -> {fid['lora']['fidelity_all_ok']:.0%}, score "
-                    f"{fid['base']['fidelity_score']:.3f} -> {fid['lora']['fidelity_score']:.3f}"] if exact else [])]
+                 f"  lora = {mix}"]
+    if "fidelity_all_ok" in fid.get("base", {}):  # the toy world's exact figures: the model's, or base -> lora
+        def rate(key: str, fmt: str) -> str:
+            return " -> ".join(format(fid[w][key], fmt) for w in ("base", "lora") if fid.get(w))
+        lines.append(f"  exact fidelity (toy world){judged_of(fid['base'], made)}: all right "
+                     f"{rate('fidelity_all_ok', '.0%')}, score {rate('fidelity_score', '.3f')}")
     print("\n".join([*lines, f"wrote {out / SAMPLE_GRID} and {out / SAMPLE_RESULTS}"]), flush=True)
