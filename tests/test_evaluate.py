@@ -770,6 +770,13 @@ def test_the_toy_worlds_figures_of_a_model_alone_are_its_images_and_its_line_com
         "  exact fidelity (toy world) (2 of 3 images judged: the others' prompts are outside the grammar): all right "
         f"{base['fidelity_all_ok']:.0%}, score {base['fidelity_score']:.3f}",
         f"wrote {tmp_path / SAMPLE_GRID} and {tmp_path / SAMPLE_RESULTS}"]
+    lora = {**base, "fidelity_all_ok": 1.0, "fidelity_score": 0.875}  # with a LoRA: base -> lora
+    print_summary({**r, "loras": [{"weight": 1.0, "path": "run/lora"}], "lora_mean": 2.0, "difference": 0.76544,
+                   "fidelity": {"base": base, "lora": lora}}, tmp_path)
+    assert capsys.readouterr().out.splitlines()[1:4] == [
+        "  base 1.2346   lora 2.0000   difference +0.7654", "  lora = 1 x run/lora",
+        "  exact fidelity (toy world) (2 of 3 images judged: the others' prompts are outside the grammar): all right "
+        f"{base['fidelity_all_ok']:.0%} -> 100%, score {base['fidelity_score']:.3f} -> 0.875"]
 
 
 def test_a_loras_recorded_image_settings_apply_unless_the_command_line_sets_them(tmp_path, loras, tiny_dir,
