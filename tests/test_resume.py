@@ -891,6 +891,12 @@ def test_a_checkpoint_of_a_newer_format_is_one_line_for_resume_and_export_and_is
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert err == [f"error: checkpoint {step} {said}pass another step's checkpoint or the run's lora/ folder"]
     assert not out.exists()
+    shutil.rmtree(run / "lora")  # export of the run: its lora/ would be written again from step 6's checkpoint
+    assert main(["export", str(run), "--format", "kohya", "--out", str(out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert err == [f"error: checkpoint {step} {said}export an earlier step's checkpoint this version wrote "
+                   f"({run}/checkpoints/step-N)"]
+    assert not out.exists() and not (run / "lora").exists()
 
 
 def edit_states(run, edit) -> None:

@@ -78,7 +78,8 @@ def rewrite_from_checkpoint(run: Path) -> Path | None:
     checkpoints, done = run_steps(run)
     last = max([ckpt.step_of(p) for p in checkpoints] + ([done] if done is not None else []), default=0)
     for path in checkpoints:
-        if (newer := ckpt.newer_version(path, "export a step this version wrote")) is not None:
+        if (newer := ckpt.newer_version(path, f"export an earlier step's checkpoint this version wrote ({run}/"
+                                               f"{ckpt.DIRNAME}/{ckpt.PREFIX}N)")) is not None:
             raise newer
         if ckpt.verify(path) is not None:
             continue
