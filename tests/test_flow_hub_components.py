@@ -184,3 +184,46 @@ def test_an_sd3_hub_id_as_model_components_with_t5_encoder_false_is_fetched_with
     with pytest.raises(RuntimeError):  # the loader asks for the parts it loads
         flow_loading.load_flow_single_file("x.safetensors", "org/sd3", torch.bfloat16, place=None, t5=False)
     assert seen == [("org/sd3", False)]
+
+
+def test_export_metadata_of_a_hub_id_as_model_components_fetches_its_two_config_files_only(cache, tmp_path,
+                                                                                           monkeypatch):
+    """export's kohya/modelspec metadata needs the transformer's config: online without the hub id in the cache, the
+    index and that config are fetched, not the parts a pipeline loads (FLUX.1's T5 is 9.5 GB); the config read is
+    the snapshot folder's (the file's variant)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.run import hub
+
+    from lowmem_alignprop.settings import hub_access
+
+    asked, got = [], tmp_path / "fetched"
+
+    def fetch(name: str) -> str:  # as the hub does: the file into the (here: one) snapshot folder
+        asked.append(name)
+        (got / name).parent.mkdir(parents=True, exist_ok=True)
+        return shutil.copy(cache["snapshot"] / name, got / name)
+
+    def snapshot_download(repo, allow_patterns=(), **kw):  # the files the patterns match
+        for f in sorted(cache["snapshot"].rglob("*")):
+            name = f.relative_to(cache["snapshot"]).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                fetch(name)
+        return str(got)
+
+    for var in hub_access.OFFLINE_VARS:  # a machine with network, the hub id not in its cache
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub_access, "unreachable", lambda: None)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: fetch(name))
+    conf = flow_export.transformer_config(str(cache["file"]), REPO)
+    assert sorted(set(asked)) == ["model_index.json", "transformer/config.json"]
+    assert conf == flow_export.transformer_config(str(cache["file"]), str(cache["snapshot"]))
+    assert conf is not None and conf["guidance_embeds"] is True and conf["num_layers"] == 1

@@ -261,14 +261,14 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
 def transformer_config(base_model: str | None, components: str = "") -> dict | None:
     """The base model's transformer config, when the base model is a shipped architecture or a local folder, or a
     transformer file with its model_components folder (that folder's config, FLUX's variant as the file's keys say:
-    as loading reads it)."""
+    as loading reads it; a hub id's model_index.json and transformer config fetched if need be, not its parts)."""
     if not base_model:
         return None
     from lowmem_alignprop.models.flow_loading import ARCH_FLOW_DIR, FLOW_ARCHS, single_file_transformer
 
     if components and Path(base_model).expanduser().is_file():
         try:
-            return single_file_transformer(base_model, components)[1]
+            return single_file_transformer(base_model, components, configs_only=True)[1]  # (a hub id: 2 files)
         except (UserError, OSError):  # gone or changed since: the metadata falls back to the modules' shapes
             return None
     folder = ARCH_FLOW_DIR / base_model if base_model in FLOW_ARCHS else Path(base_model).expanduser()

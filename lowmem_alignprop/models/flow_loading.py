@@ -85,11 +85,12 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def components_folder(components: str, t5: bool = True) -> Path:
+def components_folder(components: str, t5: bool = True, *, configs_only: bool = False) -> Path:
     """The folder model_components names: a local path as it is; a hub id (OWNER/NAME) its snapshot of main in the
     local Hugging Face cache, fetched first where the hub can be reached (its parts but the transformer's weights:
-    the file is the transformer; without ``t5``, t5_encoder=false, SD3's T5-XXL neither). Raises UserError for a hub
-    id neither gives (`hf download` named)."""
+    the file is the transformer; without ``t5``, t5_encoder=false, SD3's T5-XXL neither; ``configs_only``: its
+    model_index.json and transformer/config.json alone, what a transformer file's config is read from). Raises
+    UserError for a hub id neither gives (`hf download` named)."""
     comp = Path(components).expanduser()
     if kind_of(comp) != "missing" or not looks_like_hub_id(components):
         return comp
@@ -99,11 +100,15 @@ def components_folder(components: str, t5: bool = True) -> Path:
 
     offline = hub.offline()  # no network: the local cache only, at once (no retries)
     try:
-        return Path(snapshot_download(components, allow_patterns=_components_files(components, offline, t5),
-                                      local_files_only=offline))
+        files = CONFIG_FILES if configs_only else _components_files(components, offline, t5)
+        return Path(snapshot_download(components, allow_patterns=files, local_files_only=offline))
     except (OSError, ValueError) as e:  # not cached offline, no such repository, gated
         raise UserError(hub.hub_message("model_components", components, e,
                                         use="pass --set model_components=DIR")) from None
+
+
+# of a hub id as model_components: what a transformer file's config (and the pipeline it belongs to) is read from
+CONFIG_FILES = ["model_index.json", "transformer/config.json"]
 
 
 def _components_files(repo: str, offline: bool, t5: bool = True) -> list[str]:
@@ -114,14 +119,16 @@ def _components_files(repo: str, offline: bool, t5: bool = True) -> list[str]:
     unused = {"transformer", *(() if t5 else NO_T5)}
     parts = [k for k, v in ((model_index(index.parent) if index else None) or {}).items()
              if isinstance(v, list) and v and v[0] is not None and k not in unused]
-    return ["model_index.json", "transformer/config.json", *(f"{part}/*" for part in parts)]
+    return [*CONFIG_FILES, *(f"{part}/*" for part in parts)]
 
 
-def single_file_transformer(path: str, components: str, folder: Path | None = None) -> tuple:
+def single_file_transformer(path: str, components: str, folder: Path | None = None, *,
+                            configs_only: bool = False) -> tuple:
     """(class, config, family, layout) of a single-file SD3/FLUX transformer whose pipeline's other parts are in the
     diffusers folder or hub id ``components`` (``folder``: its folder, :func:`components_folder`, where the caller
     has it): the config is that folder's (FLUX: dev or schnell as the file's keys say). Reads the file's header
-    only. Raises UserError (an unreadable file, no or a wrong ``components``, a hub id not at hand)."""
+    only. ``configs_only``: the config alone is wanted (a hub id's two config files fetched, its parts not checked).
+    Raises UserError (an unreadable file, no or a wrong ``components``, a hub id not at hand)."""
     import diffusers
     from safetensors import safe_open
 
@@ -135,13 +142,14 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
     if not components:
         raise UserError(f"{path} holds only {_a(family)} transformer: name the folder with the text encoders, "
                         "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
-    comp = folder or components_folder(components)
+    comp = folder or components_folder(components, configs_only=configs_only)
     if kind_of(comp) != "directory":  # a path that is no folder
         raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder")
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
                         "model_index.json names no StableDiffusion3Pipeline / FluxPipeline)")
-    check_flow_dir(comp, f"model_components={components}")  # every part it lists (FLUX.1's T5 too) is there
+    if not configs_only:
+        check_flow_dir(comp, f"model_components={components}")  # every part it lists (FLUX.1's T5 too) is there
     theirs = FLOW_PIPELINES[pipeline_class(comp)]
     if theirs != family:
         raise UserError(f"{path} is {_a(family)} transformer but model_components={components} is "
