@@ -203,3 +203,29 @@ def test_a_resume_whose_hub_id_moved_to_the_same_weights_trains_on_with_one_warn
     assert all(x == f"resume: checkpoint {tmp_path / 'step-1'} trained on {REPO} at commit {MAIN}, and {REPO} resolves "
                f"to commit {OTHER} here (the same weights, as far as the fingerprint tells): training goes on; --set "
                f"revision={MAIN} pins the commit it trained on" for x in lines)
+
+
+def test_profile_auto_tells_the_model_kind_from_the_pinned_commit(tmp_path, monkeypatch):
+    """`--profile auto --set revision=SHA` asks the pinned commit what the model is: after `hf download REPO
+    --revision SHA` the cache holds that snapshot and no refs/main, and main's files (asked before) told nothing, so
+    a FLUX.1 hub id on an 8 GB card got the SD profile rtx3060, not rtx3060-flux."""
+    from flowmodels import build_tiny_flux_dir
+
+    from lowmem_alignprop.settings import profiles
+    from lowmem_alignprop.settings.errors import UserError
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    repo = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
+    build_tiny_flux_dir(repo / "snapshots" / OTHER)  # (no refs/main: only the pinned commit was downloaded)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 3060 Laptop GPU", 8.0))
+    name, cfg = resolve_config("auto", {"model": REPO}, [f"revision={OTHER}"])
+    assert (name, cfg.revision) == ("rtx3060-flux", OTHER)
+    assert resolve_config("auto", {"model": REPO}, [])[0] == "rtx3060"  # main: not in the cache, nothing told
+    # an error under a profile made for other models is led by that line: of the pinned commit's model too
+    error = UserError("block_swap=4 ...")
+    assert str(profiles.under_profile("rtx3060", REPO, "", error, OTHER)) == (
+        "profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class cards: --profile rtx3060-flux "
+        "(7.5 GiB budget) or --profile rtx3060-12gb-flux (11 GiB budget); under rtx3060: block_swap=4 ...")
+    assert profiles.under_profile("rtx3060", REPO, "", error) is error

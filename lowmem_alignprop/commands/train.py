@@ -449,7 +449,7 @@ class Trainer:
             with self.guard.stage(stages.LOAD), whole_models(self.accelerator):
                 self._load()
         except UserError as e:  # a setting of a profile made for other models: that first (FLUX.1's block swap)
-            raise under_profile(self.profile_name, cfg.model, cfg.model_components, e) from None
+            raise under_profile(self.profile_name, cfg.model, cfg.model_components, e, cfg.revision) from None
         except (*faults.OOM_ERRORS, RuntimeError) as e:
             if not faults.is_oom(e):
                 raise

@@ -596,7 +596,7 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
     try:
         est = estimate(cfg, target=target, prompts=prompts)
     except UserError as e:  # a setting of a profile made for other models: that first (FLUX.1's block swap on toy)
-        raise under_profile(profile, cfg.model, cfg.model_components, e) from None
+        raise under_profile(profile, cfg.model, cfg.model_components, e, cfg.revision) from None
     if target == "cuda" and cfg.expandable_segments and sys.platform == "win32":
         est.notes.append("planned with expandable allocator segments, which PyTorch has on Linux only: to train on "
                          "this Windows machine, plan with --set expandable_segments=false")

@@ -84,11 +84,11 @@ def profile_note(profile: str, kind: str | None) -> str | None:
             + " or ".join(f"--profile {o} ({load_profile(o)[1]['budget_gb']:g} GiB budget)" for o in others))
 
 
-def under_profile(profile: str, model: str, components: str, error: UserError) -> UserError:
+def under_profile(profile: str, model: str, components: str, error: UserError, revision: str = "") -> UserError:
     """``error`` (a setting the model cannot run with), led by the line that shipped ``profile`` is made for other
-    models than ``model`` where it is (its settings are another family's: FLUX.1's block swap on the toy model):
-    that is the fix, not the setting. ``error`` itself otherwise."""
-    note = profile_note(profile, model_kind_of(model, components))
+    models than ``model`` (a hub id at ``revision``) where it is (its settings are another family's: FLUX.1's block
+    swap on the toy model): that is the fix, not the setting. ``error`` itself otherwise."""
+    note = profile_note(profile, model_kind_of(model, components, revision=revision))
     return UserError(f"{note}; under {profile}: {error}") if note is not None else error
 
 
@@ -224,15 +224,17 @@ def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any]) -> None
             ", ".join(f"{k}={flag_value(run[k])}" for k in differ), set_flags(differ))
 
 
-def load_profile(spec: str, model: str = "", components: str = "") -> tuple[str, dict[str, Any]]:
+def load_profile(spec: str, model: str = "", components: str = "", revision: str = "") -> tuple[str, dict[str, Any]]:
     """Return (name, field values) for a profile name, 'auto', or a path to a user's YAML file -- a run's own
     config.yaml too (it names its ``profile``): its settings and model, without its output_dir (a new run writes a
-    new folder) and --auto-fit's record. ``model``: the run's --model (and ``components``, its model_components),
-    from which 'auto' picks the card's profile made for it when it can tell (:func:`profile_for_card`)."""
+    new folder) and --auto-fit's record. ``model``: the run's --model (and ``components``, its model_components; a
+    hub id's ``revision``, "" main), from which 'auto' picks the card's profile made for it when it can tell
+    (:func:`profile_for_card`)."""
     detected = None
     if spec == "auto":  # the largest shipped profile the card holds, with the card's own budget
         detected = detect_card()  # with a card, a hub id not downloaded yet is asked what it is (None: no card)
-        spec = profile_for_card(detected, model_kind_of(model, components, download=detected is not None))
+        kind = model_kind_of(model, components, download=detected is not None, revision=revision)
+        spec = profile_for_card(detected, kind)
     shipped = shipped_profiles()
     if spec in shipped:
         path, name = shipped[spec], spec
@@ -375,7 +377,8 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
     on_top = None  # a resume under another profile: said once the settings it gives are valid
     if resumed is None:
         model = str(overrides.get("model", explicit.get("model", Config().model)))
-        name, values = load_profile(profile, model, str(overrides.get("model_components", "")))
+        name, values = load_profile(profile, model, str(overrides.get("model_components", "")),
+                                    str(overrides.get("revision", "")))  # (--set only: no flag of their own)
         own = dict(values) if profile not in ("auto", *shipped_profiles()) else {}
         if "sample_steps" in own:  # the user's own file's steps end the K range it leaves at the defaults
             end_k_range_said(values, asked=own, training=training)
@@ -421,7 +424,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
                                                           on_top)
         return name, built
     except UserError as e:  # a profile made for other models (FLUX.1's block swap on SD3.5): that first
-        if (made_for := under_profile(name, model, components, e)) is not e:
+        if (made_for := under_profile(name, model, components, e, str(chosen.get("revision", "")))) is not e:
             raise made_for from None
         field = re.match(r"[a-z_0-9]+", str(e))
         if field and field.group() in own and field.group() not in {**explicit, **overrides}:  # the file's value
