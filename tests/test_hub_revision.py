@@ -209,14 +209,13 @@ def test_profile_auto_tells_the_model_kind_from_the_pinned_commit(tmp_path, monk
     """`--profile auto --set revision=SHA` asks the pinned commit what the model is: after `hf download REPO
     --revision SHA` the cache holds that snapshot and no refs/main, and main's files (asked before) told nothing, so
     a FLUX.1 hub id on an 8 GB card got the SD profile rtx3060, not rtx3060-flux."""
-    from flowmodels import build_tiny_flux_dir
-
     from lowmem_alignprop.settings import profiles
     from lowmem_alignprop.settings.errors import UserError
     from lowmem_alignprop.settings.profiles import resolve_config
 
     repo = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
-    build_tiny_flux_dir(repo / "snapshots" / OTHER)  # (no refs/main: only the pinned commit was downloaded)
+    (repo / "snapshots" / OTHER).mkdir(parents=True)  # (no refs/main: only the pinned commit was downloaded)
+    (repo / "snapshots" / OTHER / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(profiles, "detect_card", lambda: ("NVIDIA GeForce RTX 3060 Laptop GPU", 8.0))
