@@ -228,3 +228,29 @@ def test_profile_auto_tells_the_model_kind_from_the_pinned_commit(tmp_path, monk
         "profile rtx3060 is made for SD 1.x/2.x, not FLUX.1; for FLUX.1 on rtx3060-class cards: --profile rtx3060-flux "
         "(7.5 GiB budget) or --profile rtx3060-12gb-flux (11 GiB budget); under rtx3060: block_swap=4 ...")
     assert profiles.under_profile("rtx3060", REPO, "", error) is error
+
+
+def test_a_plans_estimate_cache_keys_a_pinned_hub_id_by_its_commit(two_commits, tmp_path, monkeypatch):
+    """The estimate cache tells a hub id apart by the commit its snapshot holds: with --set revision, the pinned
+    one's, not main's. A branch (or tag) pinned was keyed by main's commit: after it moved to other weights a plan
+    read the estimate of the commit it named before; a commit pinned and main not in the cache was not kept."""
+    from lowmem_alignprop.measure import estimate_cache, planner
+    from lowmem_alignprop.settings.config import Config
+
+    monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(estimate_cache.CACHE_ENV, "on")
+    (two_commits / "refs" / "dev").write_text(MAIN)
+
+    def key(revision):
+        cfg = Config(model=REPO, revision=revision, resolution=64, sample_steps=2, k=1, budget_gb=8.0).validate()
+        return estimate_cache.key(cfg, planner._memo_key(cfg, "cuda", ["a cat"])), cfg
+
+    def plan(revision):
+        return planner.estimate(key(revision)[1], target="cuda", prompts=["a cat"])
+
+    dev_at_main = key("dev")[0]
+    assert dev_at_main is not None and (bool(plan("dev").cached), bool(plan("dev").cached)) == (False, True)
+    (two_commits / "refs" / "dev").write_text(OTHER)  # the branch moved to another commit
+    assert key("dev")[0] not in (None, dev_at_main) and not plan("dev").cached  # (was: A's estimate read for B)
+    (two_commits / "refs" / "main").unlink()  # a commit pinned, main not in the cache: kept by its commit
+    assert key(OTHER)[0] is not None

@@ -5,7 +5,8 @@ An estimate is a function of the configuration (every field but the budget and t
 planner.NOT_ESTIMATED), the target, the prompts, the package's code and the libraries' versions, and the files a
 model, VAE, component folder or reward weights path names. The key is a hash of all of them, so a changed file or an
 upgraded library is a new key, never a stale answer: the package's files are hashed whole (about 7 MB,
-milliseconds), a model's files by name, size and modification time (a hub id: its cached snapshot's commit). Not
+milliseconds), a model's files by name, size and modification time (a hub id: its cached snapshot's commit, of
+the pinned revision where --set revision names one). Not
 kept: a configuration with a reward of the user's own code (it may change between commands without any file we
 could watch), or a model path that cannot be told apart (a hub id not in the local cache yet; the next plan finds
 it there).
@@ -73,10 +74,11 @@ def _file_identity(path: Path) -> list:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _path_identity(value: str) -> list | None:
+def _path_identity(value: str, revision: str = "") -> list | None:
     """What the files a path-valued field names are (each part of 'a=PATH;b=PATH' or 'HEAD,CLIP_DIR'): a file's size
-    and modification time; a folder's files within two levels; a hub id's cached commit. None: cannot be told
-    apart (a hub id not cached, a huge folder)."""
+    and modification time; a folder's files within two levels; a hub id's cached commit (at ``revision``, --model's
+    --set revision: a branch or tag as it points now; "": main). None: cannot be told apart (a hub id not cached, a
+    huge folder)."""
     from lowmem_alignprop.settings.hub_access import hub_file
 
     identity = []
@@ -91,7 +93,8 @@ def _path_identity(value: str) -> list | None:
                 return None
             identity.append([part, [[p.relative_to(path).as_posix(), *_file_identity(p)] for p in files]])
         elif "/" in part:  # a hub id: its snapshot folder is named by the commit
-            found = hub_file(part, "model_index.json") or hub_file(part, "config.json")
+            found = hub_file(part, "model_index.json", revision=revision) or \
+                hub_file(part, "config.json", revision=revision)
             if found is None:
                 return None
             identity.append([part, found.parent.name])
@@ -110,7 +113,8 @@ def key(cfg, memo_key: tuple) -> str | None:
     for name in PATH_FIELDS:
         value = getattr(cfg, name, "")
         if value:
-            files[name] = _path_identity(str(value))
+            # a pinned hub id (--set revision pins --model's only): that commit's snapshot, not main's
+            files[name] = _path_identity(str(value), getattr(cfg, "revision", "") if name == "model" else "")
             if files[name] is None:
                 return None
     text = json.dumps([FORMAT, code_identity(), repr(memo_key), files], default=str)
