@@ -146,6 +146,24 @@ def test_a_built_in_name_beside_a_folder_of_that_name_and_random_weights_are_sai
         assert not [m for m in caplog.messages if "random weights" in m]
 
 
+def test_a_path_with_dotdot_after_a_symlink_is_recorded_as_the_system_reads_it(tmp_path, monkeypatch):
+    """'link/../p.txt' with link -> deep/inner is deep/p.txt to the system (and to cat); shortening it by its text
+    named ./p.txt, another file, which the run then trained on and recorded. It is kept whole (absolute) there; a
+    plain '..' is still shortened."""
+    from lowmem_alignprop.step.inputs import with_absolute_paths
+
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "deep" / "p.txt").write_text("a red cat\n")
+    (tmp_path / "p.txt").write_text("a decoy\n")
+    (tmp_path / "link é").symlink_to(tmp_path / "deep" / "inner")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = with_absolute_paths(Config(prompts="../link é/../p.txt", eval_prompts="../deep/inner/../p.txt"))
+    assert cfg.prompts == str(tmp_path / "work" / ".." / "link é" / ".." / "p.txt")
+    assert open(cfg.prompts).read() == "a red cat\n"
+    assert cfg.eval_prompts == str(tmp_path / "deep" / "p.txt")
+
+
 def test_a_reward_of_the_working_folder_is_recorded_by_its_absolute_file(tmp_path, monkeypatch):
     """'my_reward:score' imported from the working folder (and 'sub/r.py:f') is recorded as its file's absolute
     path, so that a resume or sample from another folder imports it; a built-in with a weight stays as written beside a

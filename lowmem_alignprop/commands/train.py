@@ -42,6 +42,7 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.settings.model_kind import denoiser_component
+from lowmem_alignprop.settings.paths import absolute_path
 from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import applies, judged_prompts
@@ -1445,7 +1446,7 @@ class Trainer:
                    # when the run ended, in UTC (the kohya header's modelspec.date: the same in every export of it)
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                    "interrupted": done < cfg.steps and early is None,
-                   "resumed_from": os.path.abspath(self.point.path) if self.point else None,
+                   "resumed_from": absolute_path(self.point.path) if self.point else None,
                    "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
                    "software": self.software,  # which steps trained under which versions and device
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),

@@ -22,6 +22,18 @@ def read_user_text(path: Path) -> str:
     return data.decode("utf-8-sig")
 
 
+def absolute_path(path: str | os.PathLike) -> str:
+    """``path`` absolute, its '..' parts taken out where that names the same file: 'link/../x' after a symlink is
+    the link target's neighbour to the system, so it is kept whole there (os.path.abspath would name ./x)."""
+    short = os.path.abspath(path)
+    try:
+        if os.path.samefile(short, path):
+            return short
+    except OSError:  # (one of them missing: nothing tells them apart, so the system's reading is kept)
+        pass
+    return os.path.join(os.getcwd(), os.fspath(path))
+
+
 def kind_of(path: str | os.PathLike) -> str:
     """'missing', 'file', 'directory', 'dangling symlink', 'symlink loop', 'special file' (a device such as
     /dev/null, a pipe, a socket), or 'name too long' (a name past the file system's 255 bytes)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from lowmem_alignprop.run.runlock import global_rank
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import absolute_path
 
 
 def prepare_inputs(cfg: Config, prompts: list[str] | None = None, *, training: bool = True) -> list[str]:
@@ -64,7 +65,7 @@ def with_absolute_paths(cfg: Config) -> Config:
             logging.getLogger("lowmem_alignprop").warning("%s %s is the built-in one, not ./%s here: write ./%s for "
                                                           "that", option, name, name, name)
             return value
-        return os.path.abspath(path)
+        return absolute_path(path)
 
     def reward_file(part: str) -> str:  # one term of the spec, its weight kept as written
         [(term, _)] = parse_reward_spec(part)
