@@ -375,6 +375,7 @@ def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_ano
     assert (config["model"], config["prompts"], config["reward"]) == (str(work / "mid"), str(work / "p.txt"),
                                                                        f"{work / 'r.py'}:score")
     assert json.loads((run / "lora" / "base_model.json").read_text())["model"] == str(work / "mid")
+    assert config["output_dir"] == str(run)  # (it said 'run': another folder's, read from elsewhere)
     monkeypatch.chdir(elsewhere)
     assert main(["sample", str(run / "lora"), "--profile", "cpu", "--num-prompts", "1", "--set", "sample_steps=2",
                  "--output-dir", "grid"]) == 0
@@ -387,6 +388,9 @@ def test_relative_paths_are_recorded_absolute_so_sample_and_resume_work_from_ano
     assert [r["step"] for r in strict_rows(run)] == [1, 2]
     # summary.json names the checkpoint absolute too (from the relative --output-dir it was found in)
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(run / "checkpoints" / "step-00000001")
+    # and the folder itself, without the '..' of the way it was named from elsewhere ('elsewhere/../work/run')
+    assert yaml.safe_load((run / "config.yaml").read_text())["output_dir"] == str(run)
+    assert json.loads((run / "summary.json").read_text())["output_dir"] == str(run)
     from lowmem_alignprop.settings.config import Config
     from lowmem_alignprop.step.inputs import with_absolute_paths
     monkeypatch.chdir(work)

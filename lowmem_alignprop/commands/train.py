@@ -154,8 +154,8 @@ def train(cfg: Config, *, profile_name: str = "custom", memory_snapshot: tuple[i
             if note and global_rank() == 0:  # e.g. animals on the toy model
                 log.warning("%s", note)
     lock = folder.hold()
-    cfg = folder.with_output_dir(cfg)  # the numbered default folder taken a moment ago: the next one
     folder.anchor()  # its files stay there whatever the user's code does to the working directory
+    cfg = folder.with_output_dir(cfg)  # (absolute: config.yaml names it for any folder) a numbered one: the next one
     with lock:
         searched = None
         if cfg.auto_fit and point is None:  # a new run: the fastest configuration that fits, before the first step

@@ -30,6 +30,7 @@ from lowmem_alignprop.run.faults import json_ready
 from lowmem_alignprop.run.filenames import (BEST_FILE, CONFIG_FILE, GRID_FILE, GRID_RECORD, LORA_DIR, METRICS_FILE,
                                             SAMPLES_DIR, SUMMARY_FILE, grid_step)
 from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import absolute_path
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
 
@@ -172,7 +173,7 @@ class RunFolder:
     def anchor(self) -> None:
         """From here on the folder goes by its absolute path: a user's reward that changes the working directory
         moves no file of the run (the messages before, which choose the folder, name it as the user did)."""
-        self.path = self.path.expanduser().absolute()
+        self.path = Path(absolute_path(self.path.expanduser()))  # ('elsewhere/../run' as the run folder itself)
 
     def with_output_dir(self, cfg):
         """``cfg`` writing to this folder."""
