@@ -195,6 +195,23 @@ def _write(tmp_path, text: str, name="my.yaml"):
     return path
 
 
+def test_a_profile_file_named_relative_is_recorded_absolute_and_a_resume_naming_it_so_is_the_same(tmp_path,
+                                                                                                      monkeypatch,
+                                                                                                      caplog):
+    """--profile "../mine é.yaml" was recorded as typed (config.yaml's profile, the model card's profile row): from
+    any other folder it named nothing. It is recorded absolute; a resume given the same file by its relative name is
+    the run's own profile, not another one applied on top of the run's settings."""
+    _write(tmp_path, "budget_gb: 4\nresolution: 32\n", "mine é.yaml")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    name, cfg = resolve_config("../mine é.yaml", {}, [])
+    assert (name, cfg.budget_gb) == (str(tmp_path / "mine é.yaml"), 4.0)
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        again, resumed = resolve_config("../mine é.yaml", {}, ["lr=0.5"], resumed=(name, {**cfg.to_dict(), "k": 1}))
+    assert (again, resumed.k, resumed.lr) == (name, 1, 0.5)
+    assert "applies on top" not in caplog.text
+
+
 def test_user_profile_path_trains_and_is_recorded(tiny_dir, tmp_path):
     path = _write(tmp_path, "# my laptop\nbudget_gb: 4\nresolution: 32\nsample_steps: 3\nk: 2\nbatch_size: 1\n"
                             "vae_checkpointing: blocks   # less memory in backward\nsliced_decode: true\n"

@@ -15,7 +15,7 @@ from lowmem_alignprop.settings.config import (FIELD_NAMES, RETIRED_FIELDS, Confi
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of, read_user_text
+from lowmem_alignprop.settings.paths import absolute_path, kind_of, read_user_text
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
@@ -248,7 +248,7 @@ def load_profile(spec: str, model: str = "", components: str = "", revision: str
                     f"unknown profile {spec!r}{did_you_mean(spec, [*shipped, 'auto'])}")
             raise UserError(f"{hint}: use one of {', '.join(shipped)} or auto, or a path to your own .yaml "
                             "(`lowmem-alignprop profiles` lists them)")
-        name = str(path)
+        name = absolute_path(path)  # (recorded: config.yaml, the model card; from any folder)
     try:
         data = _load_yaml(read_user_text(path))  # UTF-8, or UTF-16 as Windows PowerShell's > writes it
     except _TooLarge as e:
@@ -387,6 +387,9 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
         values = with_model_defaults(values, model, own=profile not in ("auto", *shipped_profiles()))
     else:
         name, values = resumed
+        if profile != name and Path(profile).expanduser().is_file() and absolute_path(Path(profile).expanduser()) \
+                == name:  # the run's own file, named from here
+            profile = name
         if profile not in ("auto", name):  # another card: its memory features on top of the run's settings
             name, card = load_profile(profile)
             values, on_top = {**values, **card}, name
