@@ -872,3 +872,19 @@ def test_the_toy_models_folder_gets_the_toy_models_defaults():
         assert (cfg.resolution, cfg.reward, cfg.prompts, cfg.sample_steps) == (named.resolution, named.reward,
                                                                                 named.prompts, named.sample_steps)
     assert named.reward == "toy_clip" and named.resolution == 64
+
+
+def test_config_yaml_writes_non_ascii_paths_as_they_are_and_reads_back(tmp_path):
+    """config.yaml wrote a prompt file's or run folder's é and 日本 as "\\xE9" escapes and folded a long path onto
+    the next line (valid YAML, hard to read or grep); written as UTF-8, a path on one line, they read back the same,
+    also as --profile RUN/config.yaml."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(prompts=str(tmp_path / "prompts é 日本.txt"), output_dir=str(tmp_path / "run é"))
+    text = Trainer.config_yaml(SimpleNamespace(profile_name="cpu", cfg=cfg, searched=None, fits=[]))
+    assert f"prompts: {cfg.prompts}" in text.splitlines() and "\\x" not in text and "\\u" not in text
+    (tmp_path / "config.yaml").write_bytes(text.encode("utf-8"))
+    assert load_profile(str(tmp_path / "config.yaml"))[1]["prompts"] == cfg.prompts

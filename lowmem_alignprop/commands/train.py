@@ -616,7 +616,8 @@ class Trainer:
             doc["auto_fit_search"] = self.searched
         if self.fits:
             doc["auto_fit_changes"] = self.fits
-        return yaml.safe_dump(doc, sort_keys=False)
+        # a path's é as é, not "\xE9" (the file is UTF-8), and a long path on its line, not folded onto the next
+        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=2**16)
 
     def setup_sampling(self) -> None:
         from lowmem_alignprop.run.distributed import deepspeed_engine, gatherer, is_zero3
