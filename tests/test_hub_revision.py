@@ -254,3 +254,33 @@ def test_a_plans_estimate_cache_keys_a_pinned_hub_id_by_its_commit(two_commits, 
     assert key("dev")[0] not in (None, dev_at_main) and not plan("dev").cached  # (was: A's estimate read for B)
     (two_commits / "refs" / "main").unlink()  # a commit pinned, main not in the cache: kept by its commit
     assert key(OTHER)[0] is not None
+
+
+def test_a_lora_of_a_pinned_commit_given_its_hub_id_by_name_is_told_the_commit_not_the_name(two_commits, tmp_path,
+                                                                                           capsys, caplog):
+    """Trained at OTHER (pinned), main at MAIN (other weights): `--model REPO` loads main's. The lines named
+    `--model REPO` as the fix, the flag just given; they name the commit (sample: --set revision; export takes none:
+    leave --model out). A merge records the commit it went into, which the refusal of its LoRA on it names."""
+    import logging
+
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert main([*FAST, "--model", REPO, "--set", f"revision={OTHER}", "--output-dir", str(out)]) == 0
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["sample", *FAST, "--lora", str(out / "lora"), "--model", REPO, "--num-prompts", "1",
+                     "--output-dir", str(tmp_path / "s")]) == 0
+    assert [r.getMessage() for r in caplog.records if "was trained on base model" in r.getMessage()] == [
+        f"--lora {out / 'lora'} was trained on base model '{REPO}' at commit {OTHER}, and its UNet weights differ "
+        f"from --model '{REPO}' here: the images show it on another model; pass --model {REPO} --set "
+        f"revision={OTHER} to see what training did"]
+    capsys.readouterr()
+    assert main(["export", "--lora", str(out / "lora"), "--merge", "--model", REPO, "--out", str(merged)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --merge: {out / 'lora'} was trained on base model '{REPO}', and its UNet weights differ in "
+        f"'{REPO}': merge it into the model it was trained on (leave --model out: it loads {REPO} at commit {OTHER})"]
+    assert main(["export", "--lora", str(out / "lora"), "--merge", "--out", str(merged)]) == 0
+    assert json.loads((merged / "merged_loras.json").read_text())[0]["into_revision"] == OTHER
+    capsys.readouterr()
+    assert main(["sample", *FAST, "--lora", str(out / "lora"), "--model", str(merged), "--num-prompts", "1",
+                 "--output-dir", str(tmp_path / "s2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"applies it twice; pass --model {REPO} --set revision={OTHER}, the model it was merged into")

@@ -628,11 +628,13 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
             continue
         ours = ours or ckpt.fingerprint(cfg, unet)
         problem = ckpt.fingerprint_difference(saved, ours)
-        if problem:
+        if problem:  # (a hub id's commit: the name alone loads the hub's main, --model as given here maybe)
+            commit = ckpt.trained_commit(saved)
             log.warning(
-                "--lora %s was trained on base model %r, and %s from --model %r here: the images show it on another "
-                "model; pass --model %s to see what training did", spec.arg, saved.get("model"), problem, cfg.model,
-                saved.get("model"))
+                "--lora %s was trained on base model %r%s, and %s from --model %r here: the images show it on another "
+                "model; pass %s to see what training did", spec.arg, saved.get("model"),
+                f" at commit {commit}" if commit else "", problem, cfg.model,
+                ckpt.model_at_commit(str(saved.get("model")), commit)[1])
 
 
 def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:

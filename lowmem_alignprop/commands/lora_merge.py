@@ -134,10 +134,19 @@ def refuse_held_loras(specs: list, model: str) -> None:
         if spec.weight <= 0 or (digest := _digest_of(spec)) is None:
             continue
         if (entry := held_in(held, digest)) is not None:
-            into = entry.get("into") or "the base model"
+            into = merged_into(entry)[1] if entry.get("into") else "--model the base model"
             raise UserError(f"--lora {spec.arg}: --model {model} already holds this LoRA (export --merge fused it at "
                             f"weight {float(entry.get('weight', 1.0)):g}): sampling it with the LoRA again applies it "
-                            f"twice; pass --model {into}, the model it was merged into")
+                            f"twice; pass {into}, the model it was merged into")
+
+
+def merged_into(entry: dict) -> tuple[str, str]:
+    """The model an entry of a merged model's record (:func:`merge_record`) went into, in words and as the flags that
+    load it (a hub id with its commit, ``into_revision``: checkpoint.model_at_commit)."""
+    from lowmem_alignprop.run.checkpoint import model_at_commit
+
+    commit = entry.get("into_revision")
+    return model_at_commit(str(entry.get("into")), commit if isinstance(commit, str) else "")
 
 
 def _digest_of(spec) -> str | None:
@@ -195,18 +204,30 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
     # (the model it goes into, by its weights: `sample --model MERGED` tells a LoRA of it from one of a same-named base)
     record[-1]["into_fingerprint"] = {k: ours[k] for k in ("unet_config_sha", "conv_in")}
+    if commit:  # a hub id at the commit the LoRA trained on (its name alone loads the hub's main)
+        record[-1]["into_revision"] = commit
     if lora.base:
         problem = ckpt.fingerprint_difference(lora.base, ours)
         if problem:
             raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and "
-                            f"{problem} in {spec!r}: merge it into the model it was trained on (leave --model out, or "
-                            f"pass --model {lora.base.get('model')})")
+                            f"{problem} in {spec!r}: merge it into the model it was trained on ({_merge_fix(lora)})")
     load_adapters(pipe, [adapter], spec)  # a LoRA of other layer shapes: one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
     return pipe, record
+
+
+def _merge_fix(lora: Lora) -> str:
+    """How to merge into the model ``lora`` was trained on: leave --model out, or name it (a hub id's commit, which
+    export takes no --set revision for: leaving --model out loads it; the name alone would load the hub's main)."""
+    from lowmem_alignprop.run.checkpoint import trained_commit
+
+    model, commit = lora.base.get("model"), trained_commit(lora.base)
+    if commit:
+        return f"leave --model out: it loads {model} at commit {commit}"
+    return f"leave --model out, or pass --model {model}"
 
 
 def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Path:

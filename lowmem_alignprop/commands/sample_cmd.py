@@ -15,7 +15,7 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, chec
                                                 usable_scoring)
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
-from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+from lowmem_alignprop.commands.lora_merge import merged_into, refuse_held_loras
 from lowmem_alignprop.run.checkpoint import trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
@@ -182,8 +182,8 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
         fused = ", ".join(f"{r.get('lora')} at weight {float(r.get('weight', 1.0)):g}" for r in held)
         logger.info("--model %s is an export --merge (%s into %s): it renders with this command's settings (%d px, "
                     "%d steps, guidance %g), not its LoRA's run's; sample LORA --model BASE renders as that run did",
-                    cfg.model, fused, held[0].get("into") or "its base", cfg.resolution, cfg.sample_steps,
-                    cfg.guidance_scale)
+                    cfg.model, fused, merged_into(held[0])[0] if held[0].get("into") else "its base", cfg.resolution,
+                    cfg.sample_steps, cfg.guidance_scale)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
                        prompts=request.prompts or None, default_model=request.default_model)

@@ -610,6 +610,15 @@ def trained_commit(record: dict[str, Any] | None) -> str:
     return commit if isinstance(commit, str) else ""
 
 
+def model_at_commit(model: str, commit: str) -> tuple[str, str]:
+    """(``model`` in words, the flags that load it): ``OWNER/NAME at commit SHA`` and ``--model OWNER/NAME --set
+    revision=SHA`` for a hub id's commit (:func:`trained_commit`; the name alone would load the hub's main, which may
+    hold other weights now), else the name and ``--model NAME``."""
+    if not commit:
+        return model, f"--model {model}"
+    return f"{model} at commit {commit}", f"--model {model} --set revision={commit}"
+
+
 def changed_revision(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
     """The same hub id resolved to another commit than the checkpoint's (a record without one: not compared)."""
     was, now = saved.get("revision"), ours.get("revision")
