@@ -227,3 +227,31 @@ def test_export_metadata_of_a_hub_id_as_model_components_fetches_its_two_config_
     assert sorted(set(asked)) == ["model_index.json", "transformer/config.json"]
     assert conf == flow_export.transformer_config(str(cache["file"]), str(cache["snapshot"]))
     assert conf is not None and conf["guidance_embeds"] is True and conf["num_layers"] == 1
+
+
+def test_export_merge_of_an_sd3_hub_id_saved_without_t5_loads_it_as_training_did(tmp_path, monkeypatch):
+    """An SD3 hub id whose snapshot was saved without T5 (model_index.json's text_encoder_3 null) trains and samples;
+    `export --merge` of its LoRA loaded it with diffusers' generic pipeline load, which refuses the null parts
+    ("could not load model ... expected [..., 'text_encoder_3', ...]"): it loads it as training does."""
+    from huggingface_hub import constants
+
+    from flowmodels import build_tiny_sd3_dir
+
+    repo, commit = "org/tiny-sd3", "e" * 40
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    build_tiny_sd3_dir(folder / "snapshots" / commit, with_t5=False)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert main([*FLOW, "--model", repo, "--steps", "1", "--set", "lr=0.05", "--output-dir", str(run)]) == 0
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(merged)]) == 0
+    index = json.loads((merged / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    from safetensors.torch import load_file
+
+    ours, base = (load_file(str(f / "transformer" / "diffusion_pytorch_model.safetensors"))
+                  for f in (merged, folder / "snapshots" / commit))
+    changed = sorted(k for k in base if not torch.equal(ours[k].float(), base[k].float()))
+    assert changed and all(".attn." in k for k in changed)  # the LoRA's layers merged in, nothing else

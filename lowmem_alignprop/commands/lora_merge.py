@@ -61,12 +61,17 @@ def load_base(spec: str, run_config: dict | None = None):
 
 def _base_pipeline(spec: str, run: dict, vae: str):
     from lowmem_alignprop.run import hub
-    from lowmem_alignprop.models.loading import hub_message, load_single_file_with_vae, load_vae, resolve_model
+    from lowmem_alignprop.models.loading import (hub_message, is_flow_hub_id, load_single_file_with_vae, load_vae,
+                                                 resolve_model)
     from lowmem_alignprop.models.pipeline_load import load_pipeline
 
     kind, where = resolve_model(spec)
     components = run.get("model_components") or ""
-    if kind.startswith("flow") or (kind == "file" and components):
+    revision = run.get("revision") or "" if kind == "hub" else ""
+    # (an SD3/FLUX hub id as training loads it: an SD3 snapshot saved without T5 has null parts diffusers' generic
+    # load refuses)
+    flow_hub = kind == "hub" and is_flow_hub_id(where, revision)
+    if kind.startswith("flow") or (kind == "file" and components) or flow_hub:
         from lowmem_alignprop.models.family import family_for
         from lowmem_alignprop.models.loading import load_components
         from lowmem_alignprop.settings.config import Config
@@ -76,7 +81,7 @@ def _base_pipeline(spec: str, run: dict, vae: str):
                 "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL, as "
                 "the base is (its images with T5 differ from the run's; StableDiffusion3Pipeline.from_pretrained(..., "
                 "text_encoder_3=None, tokenizer_3=None) renders without it, as training did)")
-        comps = load_components(Config(model=spec, model_components=components, vae=vae))
+        comps = load_components(Config(model=spec, model_components=components, vae=vae, revision=revision))
         return family_for(comps).make_pipeline(comps)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
@@ -86,7 +91,7 @@ def _base_pipeline(spec: str, run: dict, vae: str):
             return load_single_file_with_vae(where, run.get("model_arch") or "auto", torch.float32, vae)
         if kind == "hub":
             hub.offline()
-        pipe = load_pipeline(where, hub_id=kind == "hub", revision=run.get("revision") or "" if kind == "hub" else "")
+        pipe = load_pipeline(where, hub_id=kind == "hub", revision=revision)
         if vae:
             pipe.vae = load_vae(vae, torch.float32, pipe.vae)
         return pipe
@@ -94,8 +99,7 @@ def _base_pipeline(spec: str, run: dict, vae: str):
         raise
     except (OSError, ValueError) as e:
         if kind == "hub":
-            raise UserError(hub_message("model", where, e, use="pass --model DIR",
-                                        revision=run.get("revision") or "")) from None
+            raise UserError(hub_message("model", where, e, use="pass --model DIR", revision=revision)) from None
         raise UserError(f"--merge: could not load base model {spec!r}: {first_line(e)}") from None
 
 
