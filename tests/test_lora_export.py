@@ -600,25 +600,29 @@ def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsy
 def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lora_at_weight_1(sd, tmp_path,
                                                                                                monkeypatch, caplog):
     """`sample --model MERGED` without a LoRA (refused before: "give the LoRA to evaluate") renders, from the same
-    seeds, the images `sample --model BASE --lora LORA` renders in its LoRA row: (W + s B A) x against W x + s B (A x)
-    in every adapted layer, the same sums grouped otherwise, through 3 DDIM steps and the VAE: REORDERED."""
+    seeds and with no --set, the images `sample --model BASE --lora LORA` renders in its LoRA row: its record keeps
+    the LoRA's run's settings (3 steps, not the cpu profile's 10; reward colorfulness), taken as `sample LORA` takes
+    them; (W + s B A) x against W x + s B (A x) in every adapted layer, the same sums grouped otherwise, through 3
+    DDIM steps and the VAE: REORDERED. A --set still wins."""
     from lowmem_alignprop.commands import grid
 
     merged = export(tmp_path, sd["lora"], "--merge")
+    entry = json.loads((merged / MERGED_FILE).read_text())[-1]  # the LoRA's run's settings, whether the LoRA stays
+    assert (entry["image_settings"], entry["scoring"]) == (
+        {"resolution": 64, "sample_steps": 3, "guidance_scale": 7.5, "eta": 1.0},
+        {"reward": "colorfulness", "prompts": "simple_animals"})
     rows, save = [], grid.save_sample_grid
     monkeypatch.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (
         rows.append((base, lora)), save(path, labels, base, lora, **kw))[-1])
-    same = ["--profile", "cpu", "--seed", "3", "--reward", "brightness", "--prompt", "a photo of a cat", "--prompt",
-            "a red dog", "--set", "sample_steps=3", "--set", "resolution=64", "--set", "guidance_scale=5",
-            "--set", "eta=1"]  # (the LoRA's run's recorded settings would be taken where these are not given)
+    same = ["--profile", "cpu", "--seed", "3", "--prompt", "a photo of a cat", "--prompt", "a red dog"]
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main(["sample", *same, "--model", str(merged), "--output-dir", str(tmp_path / "alone")]) == 0
-    # which LoRA it holds, and that its run's settings are not taken (a LoRA sampled alone takes them)
-    assert (f"--model {merged} is an export --merge ({Path(sd['lora']).absolute()} at weight 1 into {sd['base']}): it "
-            "renders with this command's settings (64 px, 3 steps, guidance 5), not its LoRA's run's; sample LORA "
-            "--model BASE renders as that run did") in caplog.messages
-    assert main(["sample", *same, "--model", str(sd["base"]), "--lora", str(sd["lora"]), "--output-dir",
-                 str(tmp_path / "with")]) == 0
+        assert main(["sample", *same, "--model", str(sd["base"]), "--lora", str(sd["lora"]), "--output-dir",
+                     str(tmp_path / "with")]) == 0
+    run = "resolution=64 sample_steps=3 guidance_scale=7.5 eta=1.0 reward=colorfulness"  # (sd's run: cpu, 3 steps)
+    assert (f"--model {merged} is an export --merge ({Path(sd['lora']).absolute()} at weight 1 into {sd['base']}): "
+            f"sampled as its LoRA's run did: {run} (--set KEY=VALUE chooses)") in caplog.messages
+    assert f"--model {sd['base']} is the model {sd['lora']} was trained on; as its run did: {run}" in caplog.messages
     (alone, alone_r), none = rows[0]
     (base, _), (with_lora, lora_r) = rows[1]
     assert none is None and alone.shape == with_lora.shape == (2, 3, 64, 64)
@@ -627,8 +631,79 @@ def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lor
     ours = json.loads((tmp_path / "alone" / "sample_results.json").read_text())
     theirs = json.loads((tmp_path / "with" / "sample_results.json").read_text())
     assert ours["model"] == str(merged) and ours["loras"] == [] and ours["sampler"] == theirs["sampler"]
+    assert ours["sampler"]["sample_steps"] == 3 and ours["reward"] == theirs["reward"] == "colorfulness", ours
     assert [p["seeds"] for p in ours["per_prompt"]] == [p["seeds"] for p in theirs["per_prompt"]] == [[3], [4]]
-    assert_rel_close(alone_r, lora_r, REORDERED, "their rewards")  # (brightness: a mean of the pixels)
+    assert_rel_close(alone_r, lora_r, REORDERED, "their rewards")
+    # the command line wins: its steps and eta, the run's others
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *same, "--model", str(merged), "--set", "sample_steps=2", "--set", "eta=0",
+                     "--output-dir", str(tmp_path / "set")]) == 0
+    assert [m.split("did: ")[1] for m in caplog.messages if "is an export --merge" in m] == [
+        "resolution=64 guidance_scale=7.5 reward=colorfulness (--set KEY=VALUE chooses)"]
+    mine = json.loads((tmp_path / "set" / "sample_results.json").read_text())
+    assert (mine["sampler"]["sample_steps"], mine["sampler"]["eta"], mine["reward"]) == (2, 0.0, "colorfulness"), mine
+    # a record without the settings (a merge from before export --merge wrote them), its LoRA gone: the command's
+    (merged / MERGED_FILE).write_text(json.dumps([{k: v for k, v in entry.items() if k not in ("image_settings",
+                                                   "scoring")} | {"lora": str(tmp_path / "gone")}]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *same, "--model", str(merged), "--output-dir", str(tmp_path / "old")]) == 0
+    assert [m for m in caplog.messages if "is an export --merge" in m] == [
+        f"--model {merged} is an export --merge ({tmp_path / 'gone'} at weight 1 into {sd['base']}): its LoRA's run's "
+        "settings are not recorded, so it renders with this command's (64 px, 10 steps, guidance 7.5); sample LORA "
+        "--model BASE renders as that run did"]
+
+
+def test_a_merged_model_sampled_alone_takes_its_record_s_settings_else_its_lora_s_else_none(sd, tmp_path, caplog):
+    """Which run settings `sample --model MERGED` takes (sample_cmd.take_run_settings; nothing rendered): its
+    merged_loras.json's own, though the LoRA folder is gone; for a record without them (a merge made before export
+    --merge wrote them) the LoRA's base_model.json where it is still there, else none (sample_main's line on the
+    command's settings); of several LoRAs the last one's, a line naming the others' that differ. Never the VAE or
+    model_components: the merged model holds its own."""
+    import argparse
+
+    from lowmem_alignprop.commands.sample_cmd import take_run_settings
+
+    lora = tmp_path / "run" / "lora"
+    shutil.copytree(sd["lora"], lora)
+    record = json.loads((lora / LORA_BASE_FILE).read_text())
+    record["image_settings"] = {**record["image_settings"], "vae": str(tmp_path), "sample_steps": 7}
+    (lora / LORA_BASE_FILE).write_text(json.dumps(record))
+    model = tmp_path / "merged"
+    model.mkdir()
+    entry = {"lora": str(lora), "digest": "a", "weight": 1.0, "into": str(sd["base"])}
+
+    def taken(*entries, sets=()):
+        (model / MERGED_FILE).write_text(json.dumps(list(entries)))
+        args = argparse.Namespace(lora=[], set=list(sets), model=str(model), reward=None, prompts=None, recipe=None,
+                                  output_dir="out")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+            merged_run = take_run_settings(args, []).merged_run
+        return merged_run, args.set[len(sets):], [m for m in caplog.messages if "--model" in m]
+
+    # the record's own settings (no LoRA folder needed): what export --merge writes
+    own = {**entry, "lora": str(tmp_path / "gone"), "scoring": {"reward": "brightness"},
+           "image_settings": {"resolution": 32, "sample_steps": 4, "vae": "some/vae"}}
+    assert taken(own)[:2] == (True, ["resolution=32", "sample_steps=4", "reward=brightness"])
+    assert taken(own, sets=["sample_steps=9"])[:2] == (True, ["resolution=32", "reward=brightness"])
+    # an older record: the LoRA's base_model.json (its run's config.yaml is not beside this copy), VAE left out
+    ok, sets, said = taken(entry)
+    assert ok and "sample_steps=7" in sets and not any(s.startswith("vae=") for s in sets), sets
+    assert said == [f"--model {model} is an export --merge ({lora} at weight 1 into {sd['base']}): sampled as its "
+                    f"LoRA's run did: {' '.join(sets)} (--set KEY=VALUE chooses)"]
+    shutil.rmtree(lora.parent)
+    assert taken(entry) == (False, [], [])  # gone: nothing recorded, sample_main says the command's settings
+    # several: the last merged one's, the other's that differ said in one line; one merged out again counts not
+    first = {**own, "lora": "A", "digest": "a", "image_settings": {"resolution": 48, "sample_steps": 4}}
+    last = {**own, "lora": "B", "digest": "b"}
+    ok, sets, said = taken(first, last)
+    assert ok and sets == ["resolution=32", "sample_steps=4", "reward=brightness"], sets
+    assert said[1:] == [f"--model {model} holds LoRAs whose runs sampled otherwise: A's with resolution=48; "
+                        "the images use the last one's, B's (resolution=32); --set KEY=VALUE chooses"], said
+    assert "sampled as the run of B, the last LoRA merged into it, did" in said[0]
+    assert len(taken(first, last, {**first, "weight": -1.0})[2]) == 1  # A taken out again: no line on it
 
 
 def test_a_merged_model_holds_a_lora_by_the_sum_of_its_merges():
@@ -983,10 +1058,15 @@ def test_a_merged_folder_pushed_to_the_hub_names_its_models_by_name(tmp_path):
     """A merged model's merged.json, pushed (`export --merge --push-to-hub`), names its LoRAs and models as its single
     file's header does (lora_merge.shared_record); without one nothing is rewritten."""
     assert lx.hub_copies(tmp_path) == {}
-    merged = [{"lora": str(tmp_path / "run" / "lora"), "into": str(tmp_path / "base"), "weight": 1.0}]
+    merged = [{"lora": str(tmp_path / "run" / "lora"), "into": str(tmp_path / "base"), "weight": 1.0},
+              {"lora": "b", "weight": 1.0, "image_settings": {"vae": str(tmp_path), "resolution": 32},
+               "scoring": {"reward": f"{tmp_path / 'mine.py'}:score", "prompts": str(tmp_path / "p.txt")}}]
     (tmp_path / MERGED_FILE).write_text(json.dumps(merged))
     shared = json.loads(lx.hub_copies(tmp_path)[MERGED_FILE])
-    assert shared == [{"lora": "run/lora", "into": "base", "weight": 1.0}]
+    # its LoRAs' runs' settings as base_model.json is shared: a local VAE left out, files by name
+    assert shared == [{"lora": "run/lora", "into": "base", "weight": 1.0},
+                      {"lora": "b", "weight": 1.0, "image_settings": {"resolution": 32},
+                       "scoring": {"reward": "mine.py:score", "prompts": "p.txt"}}]
 
 
 def test_shared_reward_names_each_reward_file_term_and_nothing_for_no_reward(sd, tmp_path):
@@ -1010,6 +1090,7 @@ def test_a_merged_single_file_names_a_reward_file_by_its_name(sd, tmp_path):
     path = next(export(tmp_path / "out", run / "lora", "--merge", "--single-file").glob("*.safetensors"))
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["alignprop_reward"] == "mine.py:score:0.5,brightness:1"
+    assert lora_files.merged_record(str(path))[-1]["scoring"]["reward"] == "mine.py:score:0.5,brightness:1"
 
 
 def test_the_hub_commit_holds_the_files_in_subfolders_and_hub_copies_skips_a_broken_record(tmp_path):

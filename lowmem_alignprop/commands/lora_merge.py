@@ -14,7 +14,7 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, MERGED_KEY, Lora,
                                                   check_recorded_base, header_lora_digest, lora_digest, merged_record,
-                                                  read_lora, shared_name, shared_reward)
+                                                  read_lora, shared_base_record, shared_name, shared_reward)
 from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM, file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -196,6 +196,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
     adapter = LoraSpec(arg=str(lora.named), file=lora.path / LORA_WEIGHT_NAME, weight=weight, name="alignprop")
+    record[-1].update(run_settings(adapter))  # what `sample --model MERGED` renders with (the LoRA folder may go)
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
@@ -269,8 +270,27 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
     return path
 
 
+def run_settings(adapter) -> dict:
+    """The image settings and scoring the run of the LoRA ``adapter`` (an evaluate.LoraSpec) sampled with, keyed as
+    its base_model.json keys them (``image_settings``, ``scoring``; evaluate.recorded_base reads its run's config.yaml,
+    a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample --model
+    MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
+    from lowmem_alignprop.commands.evaluate import recorded_base
+    from lowmem_alignprop.settings.config import RUN_SCORING_SETTINGS
+
+    if (base := recorded_base(adapter, model_given=True)) is None:
+        return {}
+    settings = base[1]
+    return {"image_settings": {k: v for k, v in settings.items() if k not in RUN_SCORING_SETTINGS},
+            "scoring": {k: v for k, v in settings.items() if k in RUN_SCORING_SETTINGS}}
+
+
 def shared_record(merged: list[dict]) -> list[dict]:
     """A merged model's record (:func:`merge_record`) as a file shared with others holds it: its LoRAs and models by
-    name, as the kohya header names them (lora_files.shared_name: a user's folders stay theirs). The digests and
-    weights, which tell a LoRA merged in before, stay; a merged folder's MERGED_FILE keeps the paths."""
-    return [{**r, **{k: shared_name(r[k]) for k in ("lora", "into") if isinstance(r.get(k), str)}} for r in merged]
+    name, as the kohya header names them (lora_files.shared_name: a user's folders stay theirs), and their runs'
+    settings as base_model.json is shared (lora_files.shared_base_record: a local VAE left out, reward and prompt files
+    by name). The digests and weights, which tell a LoRA merged in before, stay; a merged folder's MERGED_FILE keeps
+    the paths."""
+    return [{**r, **{k: shared_name(r[k]) for k in ("lora", "into") if isinstance(r.get(k), str)},
+             **shared_base_record({k: r[k] for k in ("image_settings", "scoring") if isinstance(r.get(k), dict)})}
+            for r in merged]

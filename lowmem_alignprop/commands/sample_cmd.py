@@ -15,10 +15,11 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, chec
                                                 usable_scoring)
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
-from lowmem_alignprop.commands.lora_merge import merged_into, refuse_held_loras
+from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
 from lowmem_alignprop.run.checkpoint import trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
+from lowmem_alignprop.settings.errors import UserError
 
 logger = logging.getLogger("lowmem_alignprop")
 
@@ -34,6 +35,7 @@ class SampleRequest:
     default_model: str
     header_model: str = ""  # what a lone file's header says of a model not at hand (sampled on the default instead)
     model_named: bool = True  # no LoRA: whether --model (or --set model=) named the model; else the default is said
+    merged_run: bool = False  # no LoRA: an `export --merge` model whose LoRA's run's settings were taken (said)
 
 
 def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest:
@@ -50,9 +52,9 @@ def take_run_settings(args: argparse.Namespace, own: list[str]) -> SampleRequest
     given |= {k for k in ("reward", "prompts") if getattr(args, k) is not None}  # (their flags: the user's choice)
     given |= {"reward", "reward_weights"} if args.recipe else set()  # (a recipe names its reward)
     given |= {"prompts"} if own else set()  # (--prompt TEXT: no prompt set read)
-    if not specs:  # the model alone: the profile's settings (the command line's win), nothing recorded to take
-        return SampleRequest([], own, _numbered(args, given), "",
-                             model_named=args.model is not None or "model" in given)
+    if not specs:  # the model alone: the profile's settings (the command line's win); a merged one: its LoRA's run's
+        named, merged = args.model is not None or "model" in given, _take_merged(args, given)
+        return SampleRequest([], own, _numbered(args, given), "", model_named=named, merged_run=merged)
     base, default_model, header = None, "", ""
     if "model" not in given:  # the model the (first) LoRA was trained on, as lora/base_model.json records it
         base = recorded_base(specs[0], model_given=args.model is not None)
@@ -134,6 +136,77 @@ def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str
     say_other_runs(specs, settings, given)
 
 
+MERGED_HOLDS = ("model_components", "vae")  # a merged model's own parts (its VAE is its LoRA's run's): not taken
+
+
+def held_run_settings(model: str) -> list[tuple[str, dict]]:
+    """For each LoRA the `export --merge` model ``model`` holds (:func:`merged_record`), in merge order: (the LoRA as
+    the record names it, the settings its run sampled with: the record's own, which export --merge writes, else, for
+    a model merged before it did, the LoRA's base_model.json or run where that LoRA is still there), less what the
+    model holds itself (:data:`MERGED_HOLDS`). A LoRA merged out again (weights summing to 0), or one whose run's
+    settings are nowhere recorded, is left out; [] for another model."""
+    held, runs = merged_record(model), []
+    for r in held:
+        if "digest" in r and held_in(held, r["digest"]) is None:
+            continue
+        settings = {**_dict(r.get("image_settings")), **_dict(r.get("scoring"))} or _lora_run_settings(r.get("lora"))
+        if settings := {k: v for k, v in settings.items() if k not in MERGED_HOLDS}:
+            runs.append((str(r.get("lora")), settings))
+    return runs
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _lora_run_settings(lora) -> dict:
+    """The settings a merged LoRA's run sampled with, read beside the LoRA (evaluate.recorded_base) where it is still
+    there; {} where it is gone, is no LoRA now, or records none."""
+    if not isinstance(lora, str) or not lora or not Path(lora).expanduser().exists():
+        return {}
+    try:
+        base = recorded_base(parse_lora(lora, 0), model_given=True)
+    except (UserError, OSError, ValueError):  # (no LoRA there now: the model renders with the command's settings)
+        return {}
+    return base[1] if base is not None else {}
+
+
+def _take_merged(args: argparse.Namespace, given: set[str]) -> bool:
+    """An `export --merge` model sampled alone: the settings its (last merged) LoRA's run sampled with
+    (:func:`held_run_settings`) not in ``given`` into ``args.set``, said in one line, as ``sample LORA`` takes them;
+    another LoRA's run's that differ said in one more. False (nothing taken or said) for another model, or a merged
+    one whose LoRAs' runs' settings are nowhere recorded."""
+    model = next((v for k, v in reversed([split_set(s) for s in args.set]) if k == "model"), args.model)
+    if not model or not (runs := held_run_settings(model)):
+        return False
+    (lora, settings), held = runs[-1], merged_record(model)
+    taken = _usable(args, settings, given)
+    args.set += [f"{k}={v}" for k, v in taken.items()]
+    whose = "its LoRA's run" if len(held) == 1 else f"the run of {lora}, the last LoRA merged into it" + (
+        "," if lora == str(held[-1].get("lora")) else " whose run's settings are recorded,")
+    what = " ".join(f"{k}={v}" for k, v in taken.items()) if taken else "(the command line sets each of its settings)"
+    logger.info("--model %s is an export --merge (%s into %s): sampled as %s did: %s (--set KEY=VALUE chooses)", model,
+                fused_loras(held), _into(held), whose, what)
+
+    def said(run: dict, keys: list[str]) -> str:
+        return " ".join(f"{k}={run.get(k, '(default)')}" for k in keys)
+
+    differ = {other: keys for other, theirs in runs[:-1]
+              if (keys := sorted(k for k in (set(settings) | set(theirs)) - given if settings.get(k) != theirs.get(k)))}
+    if differ:  # (a mix sampled with its LoRAs takes the first's settings: a merge's last is the one fused on top)
+        logger.warning("--model %s holds LoRAs whose runs sampled otherwise: %s; the images use the last one's, %s's "
+                       "(%s); --set KEY=VALUE chooses", model,
+                       "; ".join(f"{other}'s with {said(theirs, differ[other])}" for other, theirs in runs[:-1]
+                                 if other in differ),
+                       lora, said(settings, sorted({k for keys in differ.values() for k in keys})))
+    return True
+
+
+def fused_loras(held: list[dict]) -> str:
+    """A merged model's LoRAs as one line names them: 'LORA at weight W, ...'."""
+    return ", ".join(f"{r.get('lora')} at weight {float(r.get('weight', 1.0)):g}" for r in held)
+
+
 def _usable(args: argparse.Namespace, settings: dict, given: set[str]) -> dict:
     """The settings of a LoRA's run (its record's or its header's) this command takes: those not in ``given``, less
     a reward or prompts not at hand here (said: usable_scoring), and less what acts on the unconditional branch when
@@ -170,6 +243,11 @@ def unguided(sets: list[str]) -> bool:
     return bool(scales) and scales[-1] <= 1
 
 
+def _into(held: list[dict]) -> str:
+    """The model a merged model's first LoRA went into, in words (a hub id at its commit: lora_merge.merged_into)."""
+    return merged_into(held[0])[0] if held[0].get("into") else "its base"
+
+
 def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_prompt: int, profile_name: str) -> int:
     """Render, score and write the evaluation of ``request``'s LoRAs on ``cfg`` (none: the model alone), and print its
     summary."""
@@ -178,11 +256,10 @@ def sample_main(cfg, request: SampleRequest, *, num_prompts: int, images_per_pro
         env = f" (${MODEL_ENV})" if os.environ.get(MODEL_ENV, "").strip() == cfg.model else ""
         logger.info("no LoRA and no --model: sampling %s, the default model%s (--model M samples another; "
                     "--lora DIR compares a LoRA with it)", cfg.model, env)
-    elif not request.specs and (held := merged_record(cfg.model)):  # its LoRAs' runs sampled with their own settings
-        fused = ", ".join(f"{r.get('lora')} at weight {float(r.get('weight', 1.0)):g}" for r in held)
-        logger.info("--model %s is an export --merge (%s into %s): it renders with this command's settings (%d px, "
-                    "%d steps, guidance %g), not its LoRA's run's; sample LORA --model BASE renders as that run did",
-                    cfg.model, fused, merged_into(held[0])[0] if held[0].get("into") else "its base", cfg.resolution,
+    elif not request.specs and not request.merged_run and (held := merged_record(cfg.model)):  # (none recorded)
+        logger.info("--model %s is an export --merge (%s into %s): its LoRA's run's settings are not recorded, so it "
+                    "renders with this command's (%d px, %d steps, guidance %g); sample LORA --model BASE renders as "
+                    "that run did", cfg.model, fused_loras(held), _into(held), cfg.resolution,
                     cfg.sample_steps, cfg.guidance_scale)
     results = evaluate(cfg, request.specs, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
                        profile_name=profile_name, numbered_output_dir=request.numbered,
