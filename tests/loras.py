@@ -147,3 +147,24 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0, layers: str = "
     (run / "samples").mkdir()
     Image.new("RGB", (8, 8), "white").save(run / "samples" / "before_after.png")
     return {**made, "xl": xl, "cls": cls, "layers": layers}
+
+
+def save_peft_dora(unet, folder: Path, seed: int = 3) -> None:
+    """A peft DoRA adapter (use_dora, rank 4, alpha 8, on to_q/to_k) injected into ``unet`` with random B and trained
+    magnitudes (not the base weight's norms), saved as a peft adapter folder ``folder``; ``unet`` keeps it (the
+    reference)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], use_dora=True)
+    inject_adapter_in_model(config, unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_magnitude_vector" in n:  # trained magnitudes: not the base weight's norms
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+    config.save_pretrained(str(folder))
+    save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()},
+              str(folder / "adapter_model.safetensors"))

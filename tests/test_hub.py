@@ -16,6 +16,8 @@ import threading
 import pytest
 from huggingface_hub import constants
 
+from hubcache import cached_snapshot
+
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.settings import hub_access
 from lowmem_alignprop.cli import main
@@ -222,30 +224,6 @@ HUB_FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_st
             "--steps", "1"]
 
 
-def _hub_cached(cache, repo: str, src, change=None):
-    """``src`` (a diffusers folder) as huggingface_hub caches a download of ``repo``: refs/main holding the commit,
-    blobs/<sha256> and snapshots/<commit>/<file> symlinks to them; ``change(snapshot_copy)`` edits the files first."""
-    import hashlib
-    import os
-
-    staged = cache.parent / f"staged-{repo.replace('/', '--')}"
-    shutil.copytree(src, staged)
-    if change:
-        change(staged)
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    for f in (f for f in sorted(staged.rglob("*")) if f.is_file()):
-        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copy(f, blob)
-        link = root / "snapshots" / commit / f.relative_to(staged)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    return root / "snapshots" / commit
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hf" / "hub"
@@ -260,7 +238,7 @@ def test_a_cached_hub_id_trains_offline_without_huggingface_hubs_fallback_lines(
     """Before: huggingface_hub logged 'Could not reach the Hub (... offline mode is enabled. To disable it, please
     unset the `HF_HUB_OFFLINE` environment variable.). Using cached commit hash' twice per load (train, sample,
     export --merge), advising to unset a variable the user never set where the probe found no network."""
-    _hub_cached(hub_cache, "org/tiny-sd", tiny_dir)
+    cached_snapshot(hub_cache, "org/tiny-sd", tiny_dir)
     if offline_by == "the probe":
         probes = request.getfixturevalue("online_by_setting")
         request.getfixturevalue("monkeypatch").setattr(socket, "create_connection", _no_dns(probes))
@@ -307,7 +285,7 @@ def test_a_damaged_or_partial_cached_hub_id_is_one_line_naming_the_part_and_the_
     at 200 characters, or (a text encoder's file) a SafetensorError traceback."""
     import re
 
-    _hub_cached(hub_cache, "org/m", tiny_dir, change)
+    cached_snapshot(hub_cache, "org/m", tiny_dir, change)
     out = tmp_path / "run"
     assert main([*HUB_FAST, "--model", "org/m", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
@@ -342,7 +320,7 @@ def test_a_model_folder_with_a_pointer_or_cut_off_text_encoder_is_one_line(part,
 def test_a_cached_pipeline_hub_id_as_vae_loads_its_vae_folder(hub_cache, tiny_dir, tmp_path, caplog):
     """``--set vae=OWNER/NAME`` of a whole pipeline's repository reads its vae/, as a pipeline folder's does; it said
     'could not be fetched ... nor found in the local cache' of a hub id that was there."""
-    _hub_cached(hub_cache, "org/tiny-sd", tiny_dir)
+    cached_snapshot(hub_cache, "org/tiny-sd", tiny_dir)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*HUB_FAST, "--model", str(tiny_dir), "--set", "vae=org/tiny-sd", "--output-dir", str(out)]) == 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from hubcache import cached_snapshot
 from numerics import SAME_OPS, assert_rel_close
 import torch.nn.functional as F
 from PIL import Image
@@ -369,24 +370,6 @@ def test_hub_files_of_the_reward_models_come_from_the_local_hub_cache(tmp_path, 
     assert cr._read_preprocessor(["", "someone/not-cached", "someone/clip"]) == {"crop_size": 224}  # the next source
 
 
-def _hub_snapshot(cache, repo: str, src):
-    """``src`` (a folder) as huggingface_hub caches a download of ``repo`` (refs/main, blobs, snapshot symlinks)."""
-    import hashlib
-    import os
-
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    for f in (f for f in sorted(src.rglob("*")) if f.is_file()):
-        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copy(f, blob)
-        link = root / "snapshots" / commit / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-
-
 def test_a_cached_hub_id_without_tokenizer_files_takes_the_default_tokenizer(dirs, tmp_path, monkeypatch):
     """A hub CLIP whose repo has no tokenizer files (config.json and weights only) got an empty-vocabulary tokenizer
     from AutoTokenizer: every prompt became unknown tokens and the scores were wrong, in silence. It takes the
@@ -397,7 +380,7 @@ def test_a_cached_hub_id_without_tokenizer_files_takes_the_default_tokenizer(dir
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     bare = tmp_path / "bare"
     dirs["model"].save_pretrained(bare)  # config.json + model.safetensors, no tokenizer
-    _hub_snapshot(cache, "someone/pick-no-tokenizer", bare)
+    cached_snapshot(cache, "someone/pick-no-tokenizer", bare)
     with pytest.raises(UserError) as err:
         build_reward("pickscore", weights="someone/pick-no-tokenizer")
     assert str(err.value) == (
@@ -407,7 +390,7 @@ def test_a_cached_hub_id_without_tokenizer_files_takes_the_default_tokenizer(dir
     laion = tmp_path / "laion"
     dirs["tokenizer"].save_pretrained(laion)
     dirs["model"].config.save_pretrained(laion)
-    _hub_snapshot(cache, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", laion)
+    cached_snapshot(cache, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", laion)
     x = images()
     ref = build_reward("pickscore", weights=str(dirs["clip"]))(x, PROMPTS)  # the same model, its tokenizer at hand
     torch.testing.assert_close(build_reward("pickscore", weights="someone/pick-no-tokenizer")(x, PROMPTS), ref)
@@ -447,7 +430,7 @@ def test_plan_counts_a_hub_ids_own_clip_not_the_default_architecture(dirs, tmp_p
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     (tmp_path / "cfg").mkdir()
     dirs["model"].config.save_pretrained(tmp_path / "cfg")  # config.json only: the plan needs no weights
-    _hub_snapshot(cache, "someone/custom-clip", tmp_path / "cfg")
+    cached_snapshot(cache, "someone/custom-clip", tmp_path / "cfg")
     tiny = sum(p.numel() for p in dirs["model"].parameters())
     for reward, weights, where in [
             ("clip", "someone/custom-clip", "someone/custom-clip's config.json"),

@@ -21,26 +21,13 @@ MAGNITUDE = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lor
 @pytest.fixture(scope="module")
 def dora(tmp_path_factory, tiny_dir):
     """A peft DoRA adapter folder (use_dora) for the tiny UNet, with trained (not the base's) magnitudes."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from safetensors.torch import save_file
+    from loras import save_peft_dora
 
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.config import Config
 
     folder = tmp_path_factory.mktemp("dora") / "dora"
-    unet = load_components(Config(model=str(tiny_dir))).unet
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], use_dora=True)
-    inject_adapter_in_model(config, unet)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
-    config.save_pretrained(str(folder))
-    save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()},
-              str(folder / "adapter_model.safetensors"))
+    save_peft_dora(load_components(Config(model=str(tiny_dir))).unet, folder)
     return folder
 
 

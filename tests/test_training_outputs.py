@@ -497,7 +497,7 @@ def test_sample_of_a_dora_applies_its_magnitudes_or_is_one_line(made_lora, tmp_p
     """sample --lora of a peft DoRA adapter folder (use_dora, trained magnitudes) computes what peft's own merged DoRA
     weight does, not the plain LoRA's; a kohya-named DoRA (LyCORIS' .dora_scale), whose magnitudes diffusers' reader
     drops (a warning), is one line: it rendered as the plain LoRA in silence."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from loras import save_peft_dora
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
@@ -507,18 +507,8 @@ def test_sample_of_a_dora_applies_its_magnitudes_or_is_one_line(made_lora, tmp_p
 
     cfg = _cfg(tmp_path / "unused")
     unet = load_components(cfg).unet
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], use_dora=True)
-    inject_adapter_in_model(config, unet)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "lora_magnitude_vector" in n:  # trained magnitudes: not the base weight's norms
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
-    config.save_pretrained(str(tmp_path / "dora"))
-    save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()},
-              str(tmp_path / "dora" / "adapter_model.safetensors"))
+    save_peft_dora(unet, tmp_path / "dora")  # (unet keeps the adapter: peft's own DoRA weight, the reference)
+    g = torch.Generator().manual_seed(4)
     pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
     load_adapters(pipe, [parse_lora(str(tmp_path / "dora"), 0)], cfg.model)
     pipe.set_adapters(["lora0"])
