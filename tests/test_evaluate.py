@@ -191,6 +191,7 @@ def test_a_model_alone_is_scored_as_the_diffusers_pipeline_renders_it_from_the_s
     need a LoRA are there, null (a script reading today's files reads these); the summary has no LoRA line."""
     out, r, printed = alone
     assert r["model"] == str(tiny_dir) and r["loras"] == [] and r["lora_weights_mean"] is None
+    assert "model_revision" not in r  # (a local folder has no commit: a hub id's is recorded)
     assert [p["prompt"] for p in r["per_prompt"]] == ["cat", "dog"]
     assert [p["seeds"] for p in r["per_prompt"]] == [[5, 6], [7, 8]]
     pipe = _tiny_pipe(tiny_dir)

@@ -284,3 +284,16 @@ def test_a_lora_of_a_pinned_commit_given_its_hub_id_by_name_is_told_the_commit_n
                  "--output-dir", str(tmp_path / "s2")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"applies it twice; pass --model {REPO} --set revision={OTHER}, the model it was merged into")
+
+
+def test_sampling_a_pinned_hub_id_alone_records_the_commit_it_scored(two_commits, tmp_path):
+    """sample_results.json names the commit sampled (as summary.json's model_revision does for a run): the pinned
+    one, not main's."""
+    out = tmp_path / "s"
+    assert main(["sample", *FAST, "--model", REPO, "--set", f"revision={OTHER}", "--num-prompts", "1",
+                 "--output-dir", str(out)]) == 0
+    results = json.loads((out / "sample_results.json").read_text())
+    assert (results["model"], results["model_revision"], results["loras"]) == (REPO, OTHER, [])
+    from outputs_doc import DOC, documented_keys, undocumented
+
+    assert undocumented(results, documented_keys(DOC.read_text())["sample_results.json"]) == []

@@ -418,8 +418,11 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
     comps = loading.load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
     family = family_for(comps)
     if family.flow:  # (the architectures on meta, sd35m|sd35l|flux, are flow models: drawn there)
-        return flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
+        pipe = flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
+        pipe._lowmem_revision = comps.revision  # a hub id's commit: sample_results.json's model_revision
+        return pipe
     pipe = family.make_pipeline(comps)
+    pipe._lowmem_revision = comps.revision
     pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments
     pipe.set_progress_bar_config(disable=True)
     if cfg.sliced_decode:
@@ -763,12 +766,13 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     seeds = image_seeds(cfg.seed, len(prompts), images_per_prompt)
     flat_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     flat_seeds = [s for row in seeds for s in row]
-    base_images, lora_images, sampler = _render(cfg, specs, prompts, flat_prompts, flat_seeds, device, weight_dtype,
-                                                default_model)  # (lora_images None: no LoRA, the model alone)
+    base_images, lora_images, sampler, revision = _render(cfg, specs, prompts, flat_prompts, flat_seeds, device,
+                                                          weight_dtype, default_model)  # (lora_images None: no LoRA)
     base_r, lora_r = _scores(cfg, reward, base_images, lora_images, flat_prompts, device)
     base_mean, lora_mean = base_r.mean().item(), None if lora_r is None else lora_r.mean().item()
     results = {
-        "model": cfg.model, "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
+        "model": cfg.model, **({"model_revision": revision} if revision else {}),
+        "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
         "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
                    **({"weights": s.found_in} if s.found_in else {})} for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts"
@@ -822,9 +826,9 @@ def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: to
 
 def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[str], flat_seeds: list[int],
             device: torch.device, weight_dtype: torch.dtype, default_model: str) -> tuple[torch.Tensor, ...]:
-    """(base images, LoRA images, the sampler's settings dict): the pipeline loaded and adapted, every image rendered
-    without and with the adapters, then the denoiser freed (flow models) or moved off the GPU before scoring. No
-    LoRA (``specs`` empty): the model's images once, and None for the LoRA's."""
+    """(base images, LoRA images, the sampler's settings dict, a hub id's commit or None): the pipeline loaded and
+    adapted, every image rendered without and with the adapters, then the denoiser freed (flow models) or moved off
+    the GPU before scoring. No LoRA (``specs`` empty): the model's images once, and None for the LoRA's."""
     pipe = _adapted_pipeline(cfg, specs, prompts, device, weight_dtype, default_model)
     batch = cfg.batch_size  # the profile's training batch fits with gradients, so surely without
     if specs:  # (a pipeline without adapters has no peft layers to switch)
@@ -834,7 +838,7 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
     if specs:
         mix_adapters(pipe, specs)
         lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
-    sampler = _sampler(pipe, cfg)
+    sampler, revision = _sampler(pipe, cfg), getattr(pipe, "_lowmem_revision", None)
     if flow_sample.is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
         del pipe
         gc.collect()  # (peft's and block swap's hooks hold reference cycles)
@@ -842,7 +846,7 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
         pipe.to("cpu")  # the diffusion model leaves the GPU before the reward model arrives
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return base_images, lora_images, sampler
+    return base_images, lora_images, sampler, revision
 
 
 def _sampler(pipe, cfg) -> dict:
