@@ -538,9 +538,10 @@ def test_merge_onto_the_other_flow_family_is_refused_before_the_model_loads(flux
         assert not out.exists()
 
 
-def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path):
+def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path, capsys):
     """The file is the merged folder's transformer in BFL's names (the mapping is read back by diffusers' converter
-    at FLUX.1's width below; its converter cannot read this tiny model's linear1)."""
+    at FLUX.1's width below; its converter cannot read this tiny model's linear1). Sampled alone without
+    model_components: one line naming both ways to give its parts (a folder or a hub id)."""
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -557,6 +558,12 @@ def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, t
     assert "single_blocks.0.linear1.weight" in single and "double_blocks.0.img_attn.qkv.weight" in single
     expected = flux_to_original(merged.state_dict())
     assert single.keys() == expected.keys() and all(torch.equal(single[k], expected[k]) for k in single)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(file), "--output-dir", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {file} holds only a FLUX transformer: name the model's diffusers folder with the text encoders, VAE "
+        "and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)"]
+    assert not (tmp_path / "s").exists()
 
 
 def test_flux_bfl_layout_reads_back_exactly_with_diffusers_converter_at_flux1_width():

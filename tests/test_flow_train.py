@@ -272,7 +272,8 @@ def test_a_single_file_of_no_known_layout_names_the_flow_transformer_files_too(t
     path = tmp_path / "unknown.safetensors"
     save_file({"blocks.0.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(UserError, match=r"is not a Stable Diffusion checkpoint .*Supported: .*; and SD3/SD3.5 or "
-                                        r"FLUX.1 transformer files .* --set model_components=DIR"):
+                                        r"FLUX.1 transformer files .*: --set model_components=DIR or OWNER/NAME "
+                                        r"\(a hub id\)$"):
         load_components(Config(model=str(path)))
 
 
@@ -542,7 +543,8 @@ def test_bad_input_single_files(dirs, tmp_path, capsys):
     rc = main([*FLOW, "--model", str(path), "--set", f"model_components={dirs['sd3']}", "--output-dir",
                str(tmp_path / "c")])
     lines = _errors(capsys)
-    assert rc == 2 and len(lines) == 1 and "is a FLUX transformer but" in lines[0], lines
+    assert rc == 2 and lines == [f"error: {path} is a FLUX transformer but model_components={dirs['sd3']} is an SD3 "
+                                 "pipeline: pass the folder (or hub id) of the model the transformer belongs to"], lines
 
 
 def test_bad_input_a_cut_short_or_foreign_transformer(dirs, tmp_path, capsys):
@@ -594,10 +596,11 @@ def test_bad_input_model_components_and_a_missing_t5(dirs, tmp_path, capsys):
     no_t5 = tmp_path / "no_t5"
     shutil.copytree(dirs["flux"], no_t5, ignore=shutil.ignore_patterns("text_encoder_2"))
     cases = [(["plan", "--profile", "cpu", "--model", str(path)],
-              f"error: {path} holds only a FLUX transformer: name the folder with the text encoders, VAE and "
-              "scheduler with --set model_components=DIR (the model's diffusers folder)"),
+              f"error: {path} holds only a FLUX transformer: name the model's diffusers folder with the text "
+              "encoders, VAE and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)"),
              ([*FLOW, "--model", str(path), "--set", f"model_components={tmp_path / 'gone'}"],
-              f"error: model_components={tmp_path / 'gone'} does not exist: name the model's diffusers folder"),
+              f"error: model_components={tmp_path / 'gone'} does not exist: name the model's diffusers folder, or "
+              "its hub id (OWNER/NAME)"),
              ([*FLOW, "--model", str(dirs["flux"]), "--set", f"model_components={dirs['sd3']}"],
               f"error: model_components={dirs['sd3']} names the folder with the other parts of a single transformer "
               f"file, and --model {dirs['flux']} is a whole model with its own: drop model_components (a resumed "

@@ -210,7 +210,8 @@ def _header_shapes(path: Path, size: int, mtime_ns: int) -> Mapping[str, tuple[i
 def _detect_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str) -> str:
     not_sd = (f"{where} is not a Stable Diffusion checkpoint in the original single-file layout. Supported: "
               f"{_SUPPORTED}; and SD3/SD3.5 or FLUX.1 transformer files (joint_blocks.* / double_blocks.* keys, or "
-              "diffusers' transformer_blocks.*) with their model's folder: --set model_components=DIR")
+              "diffusers' transformer_blocks.*) with their model's parts: --set model_components=DIR or OWNER/NAME "
+              "(a hub id)")
     conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise UserError(f"{where} is an inpainting/instruct-pix2pix style UNet ({conv_in[1]} input channels); only "

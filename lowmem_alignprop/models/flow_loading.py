@@ -140,11 +140,12 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
                         ".safetensors file") from None
     family, layout = transformer_layout(keys)
     if not components:
-        raise UserError(f"{path} holds only {_a(family)} transformer: name the folder with the text encoders, "
-                        "VAE and scheduler with --set model_components=DIR (the model's diffusers folder)")
+        raise UserError(f"{path} holds only {_a(family)} transformer: name the model's diffusers folder with the "
+                        "text encoders, VAE and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)")
     comp = folder or components_folder(components, configs_only=configs_only)
     if kind_of(comp) != "directory":  # a path that is no folder
-        raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder")
+        raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder, or "
+                        "its hub id (OWNER/NAME)")
     if not is_flow_dir(comp):
         raise UserError(f"model_components={components} is not an SD3/SD3.5 or FLUX.1 diffusers folder (its "
                         "model_index.json names no StableDiffusion3Pipeline / FluxPipeline)")
@@ -153,7 +154,7 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
     theirs = FLOW_PIPELINES[pipeline_class(comp)]
     if theirs != family:
         raise UserError(f"{path} is {_a(family)} transformer but model_components={components} is "
-                        f"{_a(theirs)} pipeline: pass the folder of the model the transformer belongs to")
+                        f"{_a(theirs)} pipeline: pass the folder (or hub id) of the model the transformer belongs to")
     cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
     config = json.loads((comp / "transformer" / "config.json").read_text(encoding="utf-8"))
     if family == "flux":
