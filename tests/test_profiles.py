@@ -688,12 +688,31 @@ def test_a_resume_naming_the_runs_own_profile_file_edited_since_says_what_it_kee
     mine.write_text("lr: 0.002\nbatch_size: 1\n")
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
         assert resolve_config(str(mine), {}, [], resumed=(name, started.to_dict()))[1].lr == 0.001
-        assert caplog.messages == [f"resume: profile {mine} is the run's own and now sets lr=0.002: a resume keeps the "
-                                   "run's settings (lr=0.001) and the flags given now; to change one, give it: --set "
-                                   "lr=0.002"]
+        assert caplog.messages == [f"resume: profile {mine}, the run's own, sets lr=0.002 where the run has lr=0.001 "
+                                   "(given over the file when the run started or resumed, or the file edited since): "
+                                   "a resume keeps the run's settings and the flags given now; to take the file's, "
+                                   "give it: --set lr=0.002"]
         caplog.clear()
         assert resolve_config(str(mine), {}, ["lr=0.002"], resumed=(name, started.to_dict()))[1].lr == 0.002
         assert caplog.messages == []
+
+
+def test_a_resume_naming_the_runs_own_unedited_profile_file_does_not_say_the_file_changed(tmp_path, caplog):
+    """The run started as `--profile mine.yaml --set resolution=64 --set lr=0.002` and mine.yaml was never edited:
+    the line said the profile "now sets resolution=128, lr=0.001", as if the file had changed. It says the file's
+    values and the run's, which stay."""
+    from lowmem_alignprop.settings.profiles import resolve_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("resolution: 128\nlr: 0.001\nbatch_size: 1\n")
+    name, started = resolve_config(str(mine), {"model": "tiny"}, ["resolution=64", "lr=0.002"])
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        resumed = resolve_config(str(mine), {}, [], resumed=(name, started.to_dict()))[1]
+    assert (resumed.resolution, resumed.lr) == (64, 0.002)
+    assert caplog.messages == [f"resume: profile {mine}, the run's own, sets resolution=128, lr=0.001 where the run "
+                               "has resolution=64, lr=0.002 (given over the file when the run started or resumed, or "
+                               "the file edited since): a resume keeps the run's settings and the flags given now; to "
+                               "take the file's, give it: --set resolution=128 --set lr=0.001"]
 
 
 def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):

@@ -208,9 +208,10 @@ def is_run_config(data: dict) -> bool:
 
 
 def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any]) -> None:
-    """A resume naming the run's own profile file, edited since (its edit was dropped in silence): the fields it sets
-    other than the run trains are said, with the --set that changes one (the run keeps its settings: the file's
-    fields may be ones an earlier resume's --set changed)."""
+    """A resume naming the run's own profile file whose fields differ from the run's (an edit of the file was
+    dropped in silence): the file's values and the run's are said, with the --set that takes the file's (the run
+    keeps its settings). The run records neither the file as it read it nor which fields --set gave, so the line
+    does not say the file changed: a --set at the start (or an earlier resume) over an unedited file differs too."""
     try:
         written = load_profile(path)[1]
     except UserError:  # gone, or not readable now: the run's settings stand, as for a shipped profile
@@ -218,9 +219,9 @@ def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any]) -> None
     differ = {k: v for k, v in written.items() if k not in given and k in run and run[k] != v}
     if differ:
         logging.getLogger("lowmem_alignprop").warning(
-            "resume: profile %s is the run's own and now sets %s: a resume keeps the run's settings (%s) and the "
-            "flags given now; to change one, give it: %s", path, ", ".join(f"{k}={flag_value(v)}" for k, v in
-                                                                         differ.items()),
+            "resume: profile %s, the run's own, sets %s where the run has %s (given over the file when the run "
+            "started or resumed, or the file edited since): a resume keeps the run's settings and the flags given "
+            "now; to take the file's, give it: %s", path, ", ".join(f"{k}={flag_value(v)}" for k, v in differ.items()),
             ", ".join(f"{k}={flag_value(run[k])}" for k in differ), set_flags(differ))
 
 
