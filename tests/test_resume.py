@@ -195,6 +195,57 @@ def test_the_model_card_lists_what_each_resume_changed_of_the_training(runs, tmp
         assert "`--set negative_prompt=blurry` (was empty)" in row, row
 
 
+def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path(runs, tmp_path, monkeypatch):
+    """command.txt keeps each start's command as typed: `--output-dir run` names nothing without the folder it ran
+    in. Each start's folder is recorded (summary.json's and each checkpoint's start_dirs, aligned with its lines), and
+    the card puts `# in DIR` over each command with a relative path: a resume from one folder and one from another
+    show their own; the fixture's starts, absolute, none; a card for the hub, none (its paths go by name)."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.commands.model_card import model_card
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    two.mkdir()
+    shutil.copytree(runs[1], one / "run")
+    monkeypatch.chdir(one)
+    assert main(["--output-dir", "run", "--steps", "7", "--resume", "latest", "--checkpoint-every", "1"]) == 0
+    monkeypatch.chdir(two)
+    assert main(["--output-dir", "../one/run", "--steps", "8", "--resume", "latest"]) == 0
+    run = one / "run"
+    commands = (run / "command.txt").read_text().splitlines()
+    assert len(commands) == 4 and commands[2:] == [
+        "lowmem-alignprop --output-dir run --steps 7 --resume latest --checkpoint-every 1",
+        "lowmem-alignprop --output-dir ../one/run --steps 8 --resume latest"]
+    fixture = json.loads((runs[1] / "summary.json").read_text())["start_dirs"]
+    assert len(fixture) == 2 and json.loads((run / "summary.json").read_text())["start_dirs"] == [
+        *fixture, str(one), str(two)]
+    for lora, dirs in ((run / "lora", [one, two]), (run / "checkpoints" / "step-00000007", [one])):
+        out = tmp_path / f"card-{lora.name}"
+        assert main(["export", "--lora", str(lora), "--format", "kohya", "--out", str(out)]) == 0
+        card = (out / "README.md").read_text().splitlines()
+        made = card[card.index("```bash") + 1:]
+        assert [line for line in made if line.startswith("# in ")] == [f"# in {d}" for d in dirs]
+        assert made[:2 * len(dirs) + 2] == commands[:2] + [x for d, c in zip(dirs, commands[2:])
+                                                           for x in (f"# in {d}", c)]
+    pushed = model_card(read_lora(str(run / "lora")), "kohya", ["x.safetensors"], "lowmem-alignprop export",
+                        home="you/lora")
+    assert "# in " not in pushed and "--output-dir run --steps 7" in pushed
+
+
+@pytest.mark.parametrize("command, relative", [
+    ("--output-dir runs/x", True), ("--output-dir=runs/x", True), ("--prompts p.txt", True),
+    ("--profile ../mine.yaml", True), ("--set vae=./v", True), ("--set init_lora=lora", True),
+    ("--reward a:1,./r.py:f", True), ("--resume checkpoints/step-00000003", True), ("--model here", True),
+    ("--output-dir /abs/x --prompts simple_animals --profile cpu", False), ("--resume latest --set lr=-1", False),
+    ("--model owner/name --reward aesthetic --set vae=/v", False), ("--output-dir '/a b' --steps 3", False)])
+def test_which_recorded_commands_name_a_relative_path(tmp_path, command, relative):
+    """A hub id, a shipped or built-in name and an absolute path need no folder; a path option's relative value, a
+    ./ or ../ path and a name of something in the start's folder do."""
+    from lowmem_alignprop.commands.model_card import has_relative_path
+
+    (tmp_path / "here").mkdir()
+    assert has_relative_path(f"lowmem-alignprop {command}", tmp_path) is relative
+
+
 def test_a_learning_rate_schedule_goes_on_at_a_resume_as_if_never_stopped(tmp_path, caplog):
     """lr_scheduler=cosine with 2 warmup steps: a run whose reward exits (sys.exit) in step 3, resumed, trains steps 3
     and 4 at the rates an uninterrupted run does (diffusers' schedule after 2 and 3 steps) to the same LoRA; a resume

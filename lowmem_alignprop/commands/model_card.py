@@ -14,7 +14,7 @@ from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base
                                                   shared_setting, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
-from lowmem_alignprop.run.runfolder import started_commands
+from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
@@ -132,14 +132,19 @@ def newest_step(run: Path) -> int | None:
     return ckpt.step_of(found[0]) if found else None
 
 
-def training_command(lora: Lora) -> str | None:
+def training_command(lora: Lora, folders: bool = False) -> str | None:
     """The command that trained this run, as the run folder recorded it (command.txt: one line per start, a
-    --resume included); for a run without that record, a command that trains it again: its profile, and --set for
-    each field that differs from it."""
+    --resume included; ``folders``: a ``# in DIR`` line over each that names a relative path, the folder it ran in);
+    for a run without that record, a command that trains it again: its profile, and --set for each field that
+    differs from it."""
 
     lines = started_commands(lora.run) if lora.run is not None else []
     if isinstance(lora.starts, int) and lora.starts > 0:
         lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
+    if lines and folders:
+        dirs = start_folders(lora, len(lines))
+        lines = [said for line, folder in zip(lines, dirs)
+                 for said in ([f"# in {folder}"] if folder and has_relative_path(line, Path(folder)) else []) + [line]]
     if lines:
         return "\n".join(lines)
     c = lora.run_config
@@ -166,6 +171,61 @@ def training_command(lora: Lora) -> str | None:
         parts += [flags[key], text] if key in flags else ["--set", f"{key}={text}"]
     import shlex
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def start_folders(lora: Lora, count: int) -> list[str | None]:
+    """The working folder of each of the run's first ``count`` starts (``start_dirs``: of the checkpoint exported,
+    else summary.json's, else the newest checkpoint's for a run that wrote no summary); None where not recorded."""
+    records = [lora.summary]
+    if lora.run is not None and lora.starts is None:  # lora/ or best/: the run's own records
+        from lowmem_alignprop.commands.lora_files import read_run
+        from lowmem_alignprop.run import checkpoint as ckpt
+
+        records.append(read_run(lora.run)[1])
+        for found in ckpt.list_checkpoints(ckpt.root_of(lora.run))[:1]:
+            try:
+                records.append(ckpt.read_state(found))
+            except (OSError, ValueError):
+                pass
+    record = next((r for r in records if isinstance(r, dict) and isinstance(r.get("start_dirs"), list)), {})
+    return recorded_dirs(record, count)
+
+
+# the options (and --set fields) whose value is always a path: relative, it names nothing without its folder
+_PATH_OPTIONS = {"--output-dir", "--init-lora", "--resume", "--prompts", "output_dir", "init_lora", "prompts",
+                 "eval_prompts"}
+
+
+def has_relative_path(command: str, folder: Path) -> bool:
+    """Whether a recorded command line names a path relative to the folder it ran in: an option's (or ``--set``
+    field's) value that starts with ./ or ../, that is a path option's (--output-dir, --prompts other than a built-in
+    set, --resume other than latest...), or that names something in ``folder`` (a model folder, a reward's .py file:
+    each term of a list of them); absolute paths, hub ids and names do not."""
+    import shlex
+
+    from lowmem_alignprop.step.prompts import PROMPT_SETS
+
+    try:
+        words = shlex.split(command)[1:]
+    except ValueError:  # (unbalanced quotes: nothing is told)
+        return False
+    for before, word in zip(["", *words], words):
+        option, eq, value = word.partition("=") if word.startswith("--") else (before, "", word)
+        if word.startswith("-") and not eq:
+            continue
+        if option == "--set":
+            option, _, value = value.partition("=")
+        if value.startswith(("/", "~", "-")) or not value:
+            continue
+        named = value in PROMPT_SETS if option.lstrip("-") in ("prompts", "eval_prompts") else (
+            option == "--resume" and value == "latest")
+        if option in _PATH_OPTIONS and not named:
+            return True
+        parts = [p.partition(":")[0] if ".py:" in p else p for p in re.split(r"[,;=]", value)]
+        if any(p in (".", "..") or p.startswith(("./", "../")) or p and not p.startswith(("/", "~"))
+               and (folder / p).exists() for p in parts):
+            return True
+    return False
 
 
 def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
@@ -275,7 +335,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     if fmt in ("kohya", "single-file") and not lora.flow:  # (the diffusers code sets them; these tools do not)
         usage += webui_sampling(lora, info, fmt)
     lines += ["", "## Use", ""] + (hub_usage(usage, home, names) if home else usage)
-    train_cmd, export_command = (training_command(lora), export_command) if not home else (
+    train_cmd, export_command = (training_command(lora, folders=True), export_command) if not home else (
         shared_command(training_command(lora)), shared_command(export_command))
     lines += ["", "## How it was made", "", "```bash"]
     if train_cmd and (launched := launcher_line(counts)):

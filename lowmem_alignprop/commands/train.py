@@ -59,7 +59,8 @@ from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocato
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.step.prompts import draw_prompts
-from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, first_last_rewards, metrics_line, started_commands
+from lowmem_alignprop.run.runfolder import (ResumePoint, RunFolder, first_last_rewards, metrics_line, recorded_dirs,
+                                            started_commands, working_folder)
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
 from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
@@ -268,6 +269,7 @@ class Trainer:
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.resumed_with: list[dict] = []  # what each resume changed of what the LoRA trains with (resume_changes)
         self.software: list[dict] = []  # which steps trained under which versions and device (run/software.py)
+        self.start_dirs: list[str | None] = []  # the working folder of each start, command.txt's lines' (write_config)
         self.streak = faults.NonFiniteStreak(cfg.max_bad_steps)
         self.start = point.step if point is not None else 0
         self.rollouts_before = 0  # this rank's rollouts before this start's first step (restore: the checkpoint's)
@@ -607,6 +609,10 @@ class Trainer:
                     if earlier:
                         atomic.write_text(out / COMMAND_FILE, "\n".join(earlier) + "\n")
                 ckpt.append_line(out / COMMAND_FILE, self.command)
+            # where each start ran, aligned with command.txt's lines (a relative path in one names nothing without it)
+            count = len(started_commands(out)) - bool(self.command)  # the starts before this one
+            self.start_dirs = recorded_dirs(self.point.state if self.point is not None else {}, count) + (
+                [working_folder()] if self.command else [])
 
     def config_yaml(self) -> str:
         """config.yaml: the profile's name, the resolved configuration, and where --auto-fit's changes came from (its
@@ -1428,6 +1434,7 @@ class Trainer:
                                 "init_lora_sha": self.init_sha,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it
+                                "start_dirs": self.start_dirs,  # ... and the folder each ran in
                                 **self.t5_tokens(),
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},
@@ -1450,6 +1457,7 @@ class Trainer:
                    "resumed_from": absolute_path(self.point.path) if self.point else None,
                    "skipped_steps": self.streak.skipped, "auto_fit": self.fits, "resume_changes": self.resumed_with,
                    "software": self.software,  # which steps trained under which versions and device
+                   "start_dirs": self.start_dirs,  # the working folder of each start (command.txt's lines)
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
                       if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update

@@ -273,6 +273,23 @@ def started_commands(run: Path) -> list[str]:
         return []
 
 
+def recorded_dirs(state: dict, count: int) -> list[str | None]:
+    """The working folder of each of a run's first ``count`` starts as a checkpoint's state (or summary.json)
+    recorded them (``start_dirs``, aligned with command.txt's lines); None for a start it does not name (one from
+    before the record, or one that wrote no checkpoint)."""
+    kept = state.get("start_dirs")
+    kept = [d if isinstance(d, str) and d else None for d in kept] if isinstance(kept, list) else []
+    return (kept + [None] * count)[:count]
+
+
+def working_folder() -> str | None:
+    """The folder this command runs in, absolute (None when it was removed meanwhile: os.getcwd fails)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
 def metrics_line(row: dict) -> str:
     """One line of metrics.jsonl: strict JSON, a NaN or infinite figure (an fp16 step's overflowed grad_norm) as null
     (faults.json_ready)."""
