@@ -229,6 +229,12 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
     pushed = model_card(read_lora(str(run / "lora")), "kohya", ["x.safetensors"], "lowmem-alignprop export",
                         home="you/lora")
     assert "# in " not in pushed and "--output-dir run --steps 7" in pushed
+    summary = json.loads((run / "summary.json").read_text())  # a run from before the record: the card as before
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "start_dirs"}))
+    edit_states(run, lambda state: state.pop("start_dirs"))
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "old")]) == 0
+    card = (tmp_path / "old" / "README.md").read_text()
+    assert "# in " not in card and "\n".join(commands) in card
 
 
 @pytest.mark.parametrize("command, relative", [
