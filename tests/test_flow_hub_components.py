@@ -66,6 +66,9 @@ def test_a_hub_id_as_model_components_trains_as_its_snapshot_folder_does_and_its
     assert len(hub) == 1 and hub == folder and hub[0] != 0.0
     record = json.loads((runs["hub"] / "lora" / "base_model.json").read_text())
     assert record["image_settings"]["model_components"] == REPO
+    # the commit the parts came from: the hub id's main, and the snapshot folder's own (a local folder: none)
+    assert record["components_revision"] == MAIN
+    assert json.loads((runs["folder"] / "lora" / "base_model.json").read_text())["components_revision"] == MAIN
     out = tmp_path / "samples"
     assert main(["sample", *FLOW, "--lora", str(runs["hub"] / "lora"), "--num-prompts", "1",
                  "--output-dir", str(out)]) == 0
@@ -100,6 +103,112 @@ def test_resume_and_export_merge_of_a_run_with_a_hub_id_as_model_components(cach
     assert f"--set model_components={REPO}`" in (out / "README.md").read_text()
     assert flow_export.architecture("flux", str(cache["file"]), [], REPO) == \
         flow_export.architecture("flux", str(cache["file"]), [], str(cache["snapshot"]))
+
+
+NEW = "d" * 40
+
+
+def test_a_resume_after_the_components_hub_ids_main_moved_to_other_text_encoders_is_refused_naming_both_commits(
+        files, tmp_path, monkeypatch, capsys):
+    """The run's parts came from the hub id's main at MAIN; main moved to NEW, whose text encoder holds other
+    weights: the resume loaded NEW's in silence (the prompts encoded otherwise than the run's so far). Refused with
+    both commits and the trained snapshot's folder (--set revision pins --model only), which then resumes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")  # (the module's cache stays at MAIN)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
+                 "--set", "checkpoint_every=1", "--output-dir", str(run)]) == 0
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    new = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
+    encoder = new / "text_encoder" / "model.safetensors"
+    weights = load_file(str(encoder))
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(encoder))
+    (repo / "refs" / "main").write_text(NEW)
+    capsys.readouterr()
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 2
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    old = repo / "snapshots" / MAIN
+    assert said == [f"error: checkpoint {run / 'checkpoints' / 'step-00000001'} trained with model_components={REPO} "
+                    f"at commit {MAIN}, and {REPO} resolves to commit {NEW} here (its text encoders' weights differ: "
+                    f"text_encoder/model.safetensors): resume with --set model_components={old} to load the commit it "
+                    "trained on (--set revision pins --model only)"]
+    assert len(_losses(run)) == 1
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", "--set",
+                 f"model_components={old}"]) == 0
+    assert len(_losses(run)) == 2 and "resolves to commit" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["same", "linked", "gone", "unrecorded", "rank1"])
+def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encoders_warns_once(
+        case, tmp_path, monkeypatch, caplog):
+    """main moved to a commit with the same text encoder weights (a README or VAE change; the cache's links to one
+    blob are compared unread): one warning naming both commits and the trained snapshot's folder, training goes on;
+    the trained commit gone from the cache: said, with its download; a record without the commit, or rank 1: nothing
+    said."""
+    import logging
+
+    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.settings.config import Config
+
+    repo = tmp_path / f"models--{REPO.replace('/', '--')}"
+    for commit in (MAIN, NEW):
+        (repo / "snapshots" / commit / "text_encoder").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "aaaa").write_bytes(b"weights")
+    for commit in (MAIN, NEW):
+        weights = repo / "snapshots" / commit / "text_encoder" / "model.safetensors"
+        if case == "linked":
+            weights.symlink_to(repo / "blobs" / "aaaa")
+        else:
+            weights.write_bytes(b"weights")
+    if case == "gone":
+        import shutil
+        shutil.rmtree(repo / "snapshots" / MAIN)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(ckpt, "global_rank", lambda: 1 if case == "rank1" else 0)
+    fp = {"model": "flux.safetensors", "unet_config_sha": "x", "conv_in": [0.5, 0.1, 0.2]}
+    saved = {"fingerprint": {**fp, **({} if case == "unrecorded" else {"components_revision": MAIN})},
+             "config": {"model_components": REPO}}
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        ckpt.check_fingerprint(saved, {**fp, "components_revision": NEW},
+                               Config(model="flux.safetensors", model_components=REPO), tmp_path / "step-1")
+    lines = [r.getMessage() for r in caplog.records]
+    old = repo / "snapshots" / MAIN
+    note, how = "the same text encoder weights", ""
+    if case == "gone":
+        note = f"commit {MAIN} is not in the local Hugging Face cache: its text encoders could not be compared"
+        how = f" (after `hf download {REPO} --revision {MAIN}`)"
+    assert lines == ([] if case in ("unrecorded", "rank1") else [
+        f"resume: checkpoint {tmp_path / 'step-1'} trained with model_components={REPO} at commit {MAIN}, and {REPO} "
+        f"resolves to commit {NEW} here ({note}): training goes on with its text encoders, VAE and scheduler; --set "
+        f"model_components={old}{how} loads the commit it trained on (--set revision pins --model only)"])
+
+
+def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_weights(tmp_path):
+    """Two snapshots' files linked to other blobs (named by their content) differ, unread; a part one snapshot lacks
+    (not fetched) is not compared; a file one of them lacks differs."""
+    from lowmem_alignprop.run.checkpoint import text_encoders_differ
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i, folder in enumerate((a, b)):
+        (folder / "text_encoder_2").mkdir(parents=True)
+        (tmp_path / f"blob{i}").write_bytes(b"same bytes, other blob")
+        (folder / "text_encoder_2" / "model.safetensors").symlink_to(tmp_path / f"blob{i}")
+    (a / "text_encoder").mkdir()
+    (a / "text_encoder" / "model.safetensors").write_bytes(b"x")  # b has no text_encoder/: not compared
+    assert text_encoders_differ(a, b) == "text_encoder_2/model.safetensors"
+    (b / "text_encoder_2" / "model.safetensors").unlink()
+    (b / "text_encoder_2" / "model.safetensors").symlink_to(tmp_path / "blob0")
+    assert text_encoders_differ(a, b) == ""
+    (a / "text_encoder_2" / "model-2.bin").write_bytes(b"y")
+    assert text_encoders_differ(a, b) == "text_encoder_2/model-2.bin"
+    assert text_encoders_differ(tmp_path / "gone", b) is None
 
 
 def test_plan_of_a_transformer_file_with_a_hub_id_plans_as_with_its_snapshot_folder(cache, capsys):

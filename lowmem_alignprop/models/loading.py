@@ -58,6 +58,8 @@ class Components:
     # read_transformer calls it)
     pending: Any = None
     revision: str | None = None  # a hub id's: the commit its snapshot holds (pinned by cfg.revision, or main's)
+    # a transformer file's model_components given as a hub id: the commit of the snapshot its parts came from
+    components_revision: str | None = None
 
     @property
     def transformer(self):
@@ -366,6 +368,8 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
     comps = flow_components(pipe, cfg, source, weight_dtype, meta=kind == "flow_arch")
     if kind == "hub":
         comps.revision = snapshot_commit(pipe.config.get("_name_or_path"))
+    elif kind == "file":  # its parts' folder: a hub id's (or a path to a cache snapshot's) commit
+        comps.components_revision = snapshot_commit(pipe.config.get("_name_or_path"))
     if read is not None:
         comps.pending = lambda: _quantize_whole(read(), cfg, quant, weight_dtype)
         if not transformer_last:

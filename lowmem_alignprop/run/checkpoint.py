@@ -514,13 +514,15 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 # -- model identity ----------------------------------------------------------------------------------
 
 def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
-                revision: str | None = None) -> dict[str, Any]:
+                revision: str | None = None, components_revision: str | None = None) -> dict[str, Any]:
     """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
     how its UNet was sampled (``schedule``, the scheduler's config: what it predicts, epsilon or v_prediction, and
     whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them) and, for SD3,
     whether its T5-XXL encoded the prompts (``t5``: the folder may lack it with t5_encoder on; :func:`check_t5`);
     a hub id's ``revision``: the commit its snapshot held (pinned or main's), which a resume compares
-    (:func:`check_revision`) and `sample`/`export --merge` of its LoRA load again.
+    (:func:`check_revision`) and `sample`/`export --merge` of its LoRA load again; a transformer file's
+    ``components_revision``: the commit of the hub snapshot its model_components came from, which a resume compares
+    (:func:`check_components_revision`).
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -533,7 +535,8 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
             **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
-            **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {})}
+            **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {}),
+            **({"components_revision": components_revision} if components_revision else {})}
 
 
 def config_sha(unet) -> str:
@@ -596,6 +599,7 @@ def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Pa
     if problem and not changed_revision(saved, ours):
         raise another_model(saved, ours["model"], problem, path)
     check_revision(saved, ours, path, problem)
+    check_components_revision(state, ours, cfg, path)
     check_t5(state, ours, cfg, path)
     if saved.get("model") != ours["model"] and global_rank() == 0:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
@@ -637,6 +641,69 @@ def check_revision(saved: dict[str, Any], ours: dict[str, Any], path: Path, prob
     if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
         log.warning("resume: %s (the same weights, as far as the fingerprint tells): training goes on; --set "
                     "revision=%s pins the commit it trained on", said, was)
+
+
+def check_components_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
+    """A resume whose model_components hub id now resolves to another commit than the one the checkpoint's text
+    encoders, VAE and scheduler came from (the hub's main moved): refused where the two snapshots' text encoder
+    weights differ (the prompts would be encoded otherwise than the run's so far, in silence); one warning where
+    they are the same, or the trained commit is no longer in the cache to compare. --set revision pins --model only:
+    the trained commit loads as its snapshot folder. A record without the commit, or model_components changed: not
+    compared."""
+    was, now = (state.get("fingerprint") or {}).get("components_revision"), ours.get("components_revision")
+    repo = getattr(cfg, "model_components", "")
+    if not (was and now and was != now) or (state.get("config") or {}).get("model_components", repo) != repo:
+        return
+    old, new = snapshot_folder(repo, was), snapshot_folder(repo, now)
+    said = (f"checkpoint {path} trained with model_components={repo} at commit {was}, and {repo} resolves to commit "
+            f"{now} here")
+    differ = text_encoders_differ(old, new)
+    if differ:
+        raise UserError(f"{said} (its text encoders' weights differ: {differ}): resume with --set "
+                        f"model_components={old} to load the commit it trained on (--set revision pins --model only)")
+    if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
+        how = "" if differ is not None else f" (after `hf download {repo} --revision {was}`)"
+        note = "the same text encoder weights" if differ is not None else \
+            f"commit {was} is not in the local Hugging Face cache: its text encoders could not be compared"
+        log.warning("resume: %s (%s): training goes on with its text encoders, VAE and scheduler; --set "
+                    "model_components=%s%s loads the commit it trained on (--set revision pins --model only)",
+                    said, note, old, how)
+
+
+def snapshot_folder(repo: str, commit: str) -> Path:
+    """Where huggingface_hub keeps hub id ``repo``'s snapshot of ``commit``: ``HF_HUB_CACHE/models--OWNER--NAME/
+    snapshots/COMMIT`` (a folder that model_components takes as it is, at that commit)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit
+
+
+TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def text_encoders_differ(old: Path, new: Path) -> str | None:
+    """The first text encoder weight file (``text_encoder_2/model.safetensors``) in which two snapshot folders of one
+    hub repository differ: "" none; None: ``old`` is not there to compare. A part one of them lacks (not fetched:
+    SD3's T5 with t5_encoder=false) is not compared. The hub cache links each file to a blob named by its content:
+    two links are compared by their blobs, unread; copies byte by byte."""
+    import filecmp
+
+    if not old.is_dir():
+        return None
+    for part in TEXT_ENCODER_PARTS:
+        if not ((old / part).is_dir() and (new / part).is_dir()):
+            continue
+        names = sorted({f.name for folder in (old, new) for f in (folder / part).iterdir()
+                        if f.suffix in (".safetensors", ".bin")})
+        for name in names:
+            a, b = old / part / name, new / part / name
+            if not (a.is_file() and b.is_file()):
+                return f"{part}/{name}"
+            linked = a.is_symlink() and b.is_symlink()
+            if os.path.realpath(a) != os.path.realpath(b) and (linked or not filecmp.cmp(a, b, shallow=False)):
+                return f"{part}/{name}"
+    return ""
 
 
 def check_t5(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
