@@ -140,13 +140,15 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
 
 
 def config_from_args(args: argparse.Namespace, resumed: tuple[str, dict] | None = None,
-                     training: bool = True) -> tuple[str, object]:
+                     training: bool = True, recorded: dict | None = None) -> tuple[str, object]:
     """The common options' (profile name, Config): :func:`lowmem_alignprop.settings.profiles.resolve_config` does the
-    work; the paths it names that exist made absolute (:func:`lowmem_alignprop.step.inputs.with_absolute_paths`)."""
+    work (``recorded``: a resumed run's profile file's values at its start); the paths it names that exist made
+    absolute (:func:`lowmem_alignprop.step.inputs.with_absolute_paths`)."""
     from lowmem_alignprop.settings.profiles import FLAG_FIELDS, resolve_config
     from lowmem_alignprop.step.inputs import with_absolute_paths
 
-    name, cfg = resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training)
+    name, cfg = resolve_config(args.profile, {f: getattr(args, f) for f in FLAG_FIELDS}, args.set, resumed, training,
+                               recorded)
     return name, with_absolute_paths(cfg)
 
 
@@ -200,7 +202,7 @@ def cmd_train(argv: list[str]) -> int:
         folder = RunFolder.for_command(output_dir, chosen=chosen, resume=args.resume)
         settings = folder.resumed_settings()
         if settings:  # the run goes on with its own settings; this command's flags change them
-            name, cfg = config_from_args(args, resumed=settings)
+            name, cfg = config_from_args(args, resumed=settings, recorded=folder.recorded_profile()[1])
             if cfg.model == settings[1].get("model"):  # its model, gone (or a Windows path): not "leave --model out"
                 from lowmem_alignprop.commands.lora_files import check_recorded_base
                 check_recorded_base(cfg.model, f"--resume {args.resume}: the run in {cfg.output_dir}",

@@ -678,36 +678,66 @@ def test_an_older_runs_config_yaml_with_a_retired_setting_trains_again_or_names_
 
 def test_a_resume_naming_the_runs_own_profile_file_edited_since_says_what_it_keeps(tmp_path, caplog):
     """--profile mine.yaml on a resume of the run mine.yaml started: an edit of the file (lr 0.001 -> 0.002) was
-    dropped in silence (another file is applied on top, said). Said now, with the --set that applies it; the run's
-    settings stand, and a field given now says nothing."""
-    from lowmem_alignprop.settings.profiles import resolve_config
+    dropped in silence (another file is applied on top, said). Said now, from the file's values at the start
+    (config.yaml's profile_values, as_read), with the --set that applies it; the run's settings stand, and a field
+    given now says nothing. A line removed gives the default; a run from before the record gets the line that cannot
+    tell an edit from a --set."""
+    from lowmem_alignprop.settings.profiles import as_read, resolve_config
 
     mine = tmp_path / "mine.yaml"
-    mine.write_text("lr: 0.001\nbatch_size: 1\n")
+    mine.write_text("lr: 0.001\nbatch_size: 1\nseed: 7\n")
     name, started = resolve_config(str(mine), {"model": "tiny"}, [])
-    mine.write_text("lr: 0.002\nbatch_size: 1\n")
+    recorded = as_read(name)
+    assert recorded == {"lr": 0.001, "batch_size": 1, "seed": 7}
+    mine.write_text("lr: 0.002\nbatch_size: 1\nseed: 7\n")
+    run = (name, started.to_dict())
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        assert resolve_config(str(mine), {}, [], resumed=(name, started.to_dict()))[1].lr == 0.001
+        assert resolve_config(str(mine), {}, [], resumed=run, recorded=recorded)[1].lr == 0.001
+        assert caplog.messages == [f"resume: profile {mine}, the run's own, was edited since the run started: "
+                                   "lr=0.001 -> 0.002: a resume keeps the run's settings and the flags given now; to "
+                                   "take the file's, give it: --set lr=0.002"]
+        caplog.clear()
+        assert resolve_config(str(mine), {}, ["lr=0.002"], resumed=run, recorded=recorded)[1].lr == 0.002
+        assert caplog.messages == []
+        mine.write_text("lr: 0.001\nbatch_size: 1\nsteps: 9\n")  # seed's line removed (the default: 42), steps added
+        assert resolve_config(str(mine), {}, [], resumed=run, recorded=recorded)[1].seed == 7
+        assert caplog.messages == [f"resume: profile {mine}, the run's own, was edited since the run started: "
+                                   f"seed=7 -> (line removed: the default {Config().seed}), steps=(not set) -> 9 (the "
+                                   f"run has steps={started.steps}): a resume keeps the run's settings and the flags "
+                                   f"given now; to take the file's, give it: --set seed={Config().seed} --set steps=9"]
+        caplog.clear()
+        mine.write_text("lr: 0.002\nbatch_size: 1\nseed: 7\n")
+        assert resolve_config(str(mine), {}, [], resumed=run)[1].lr == 0.001  # no record: an older run's
         assert caplog.messages == [f"resume: profile {mine}, the run's own, sets lr=0.002 where the run has lr=0.001 "
                                    "(given over the file when the run started or resumed, or the file edited since): "
                                    "a resume keeps the run's settings and the flags given now; to take the file's, "
                                    "give it: --set lr=0.002"]
-        caplog.clear()
-        assert resolve_config(str(mine), {}, ["lr=0.002"], resumed=(name, started.to_dict()))[1].lr == 0.002
-        assert caplog.messages == []
 
 
 def test_a_resume_naming_the_runs_own_unedited_profile_file_does_not_say_the_file_changed(tmp_path, caplog):
     """The run started as `--profile mine.yaml --set resolution=64 --set lr=0.002` and mine.yaml was never edited:
-    the line said the profile "now sets resolution=128, lr=0.001", as if the file had changed. It says the file's
-    values and the run's, which stay."""
-    from lowmem_alignprop.settings.profiles import resolve_config
+    the line said the profile "now sets resolution=128, lr=0.001", as if the file had changed. With the file's values
+    at the start recorded, the run's --set values are its own: nothing is said; an edit since says only the field
+    edited, with the run's value where its --set gave another. Without the record (an older run) the line says the
+    file's values and the run's, which stay."""
+    from lowmem_alignprop.settings.profiles import as_read, resolve_config
 
     mine = tmp_path / "mine.yaml"
     mine.write_text("resolution: 128\nlr: 0.001\nbatch_size: 1\n")
     name, started = resolve_config(str(mine), {"model": "tiny"}, ["resolution=64", "lr=0.002"])
+    run, recorded = (name, started.to_dict()), as_read(name)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        resumed = resolve_config(str(mine), {}, [], resumed=(name, started.to_dict()))[1]
+        resumed = resolve_config(str(mine), {}, [], resumed=run, recorded=recorded)[1]
+        assert (resumed.resolution, resumed.lr) == (64, 0.002)
+        assert caplog.messages == []
+        mine.write_text("resolution: 128\nlr: 0.003\nbatch_size: 1\n")
+        assert resolve_config(str(mine), {}, [], resumed=run, recorded=recorded)[1].lr == 0.002
+        assert caplog.messages == [f"resume: profile {mine}, the run's own, was edited since the run started: "
+                                   "lr=0.001 -> 0.003 (the run has lr=0.002): a resume keeps the run's settings and "
+                                   "the flags given now; to take the file's, give it: --set lr=0.003"]
+        caplog.clear()
+        mine.write_text("resolution: 128\nlr: 0.001\nbatch_size: 1\n")
+        resumed = resolve_config(str(mine), {}, [], resumed=run)[1]
     assert (resumed.resolution, resumed.lr) == (64, 0.002)
     assert caplog.messages == [f"resume: profile {mine}, the run's own, sets resolution=128, lr=0.001 where the run "
                                "has resolution=64, lr=0.002 (given over the file when the run started or resumed, or "
@@ -903,7 +933,8 @@ def test_config_yaml_writes_non_ascii_paths_as_they_are_and_reads_back(tmp_path)
     from lowmem_alignprop.settings.config import Config
 
     cfg = Config(prompts=str(tmp_path / "prompts é 日本.txt"), output_dir=str(tmp_path / "run é"))
-    text = Trainer.config_yaml(SimpleNamespace(profile_name="cpu", cfg=cfg, searched=None, fits=[]))
+    text = Trainer.config_yaml(SimpleNamespace(profile_name="cpu", cfg=cfg, searched=None, fits=[],
+                                                  profile_values=None))
     assert f"prompts: {cfg.prompts}" in text.splitlines() and "\\x" not in text and "\\u" not in text
     (tmp_path / "config.yaml").write_bytes(text.encode("utf-8"))
     assert load_profile(str(tmp_path / "config.yaml"))[1]["prompts"] == cfg.prompts

@@ -1333,3 +1333,30 @@ def test_a_checkpoint_from_before_the_record_resumes_without_a_word(runs, tmp_pa
     card = (out / "README.md").read_text().splitlines()
     at = card.index("Trained with:")
     assert card[at:] == ["Trained with:", "", "- steps 1-6: not recorded", f"- step 7: {software_said(now)}"]
+
+
+def test_config_yaml_records_the_profile_files_values_and_a_resume_tells_an_edit_from_its_set(tmp_path, caplog):
+    """A run started with --profile mine.yaml --set lr=0.02 over the file's lr 0.01: config.yaml records the file's
+    values (profile_values), and each resume keeps that record. A resume naming the unedited file says nothing (lr
+    0.02 is the run's own --set); after an edit of the file it says the field edited, from the start's value."""
+    from lowmem_alignprop.settings.profiles import load_profile, shipped_profiles
+
+    mine, run = tmp_path / "mine.yaml", tmp_path / "run"
+    cpu = shipped_profiles()["cpu"].read_text(encoding="utf-8")
+    mine.write_text(cpu.replace("\nlr: 0.003", "\nlr: 0.01"), encoding="utf-8")
+    sets = [a for a in FAST[2:] if a != "lr=0.01"][:-1] + ["--set", "lr=0.02", "--checkpoint-every", "1"]
+    assert main(["--profile", str(mine), *sets, "--output-dir", str(run), "--steps", "1"]) == 0
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["profile_values"]
+    assert (recorded["lr"], recorded["k_max"], len(recorded)) == (0.01, 10, 22)  # the file's 22 fields as written
+    said = f"resume: profile {mine}, the run's own"
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["--profile", str(mine), "--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 0
+        assert [m for m in caplog.messages if m.startswith(said)] == []
+        assert yaml.safe_load((run / "config.yaml").read_text())["profile_values"] == recorded
+        mine.write_text(cpu.replace("\nlr: 0.003", "\nlr: 0.03"), encoding="utf-8")
+        assert main(["--profile", str(mine), "--resume", "latest", "--output-dir", str(run), "--steps", "3"]) == 0
+    assert [m for m in caplog.messages if m.startswith(said)] == [
+        f"{said}, was edited since the run started: lr=0.01 -> 0.03 (the run has lr=0.02): a resume keeps the run's "
+        "settings and the flags given now; to take the file's, give it: --set lr=0.03"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["profile_values"] == recorded  # the start's, still
+    assert load_profile(str(run / "config.yaml"))[1]["lr"] == 0.02  # as --profile: the run's settings, not the record

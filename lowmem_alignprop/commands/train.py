@@ -43,7 +43,7 @@ from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.paths import absolute_path
-from lowmem_alignprop.settings.profiles import profile_note, under_profile
+from lowmem_alignprop.settings.profiles import as_read, profile_note, under_profile
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.toy.fidelity import applies, judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
@@ -259,6 +259,7 @@ class Trainer:
         self.aside = list(aside or [])  # the keys of the prompts set aside from training: kept in each checkpoint
         self.profile_name, self.memory_snapshot, self.point = profile_name, memory_snapshot, point
         self.resumes_newest = False  # the run's newest checkpoint is resumed (restore: config.yaml's edits are said)
+        self.profile_values: dict | None = None  # the user's profile file's values at the run's start (write_config)
         self.history: list[dict] = []  # one metrics row per trained step
         self.skipped_peaks: list[float] = []  # GiB: this start's measured steps skipped as NaN/inf (they used memory)
         self.reward_since = 1  # the first step scored by this run's reward (a resume may change the reward)
@@ -586,6 +587,7 @@ class Trainer:
                 note = ckpt.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
                 if note:
                     log.warning("%s", note)
+            self.profile_values = self.profile_record()
             atomic.write_text(out / CONFIG_FILE, self.config_yaml())
             # --init-lora's LoRA kept as read: a resume needs neither its path nor its file
             if self.init_file is not None and self.init_file != self.init_lora_copy:
@@ -614,10 +616,23 @@ class Trainer:
             self.start_dirs = recorded_dirs(self.point.state if self.point is not None else {}, count) + (
                 [working_folder()] if self.command else [])
 
+    def profile_record(self) -> dict | None:
+        """config.yaml's ``profile_values``: the user's profile file's values when the run started with it (a resume
+        of the run's own file tells an edit of it from the run's --set values). A resume keeps the start's record (a
+        run from before it: None); one that applies another file on top records that file as this start read it."""
+        if self.point is not None:
+            name, values = self.folder.recorded_profile(self.point)
+            if name == self.profile_name:
+                return values
+        return as_read(self.profile_name)
+
     def config_yaml(self) -> str:
-        """config.yaml: the profile's name, the resolved configuration, and where --auto-fit's changes came from (its
-        search before the first step; its step-downs after an out-of-memory error)."""
+        """config.yaml: the profile's name, the resolved configuration, the user's profile file's values at the start
+        (:meth:`profile_record`), and where --auto-fit's changes came from (its search before the first step; its
+        step-downs after an out-of-memory error)."""
         doc = {"profile": self.profile_name, **self.cfg.to_dict()}
+        if self.profile_values is not None:
+            doc["profile_values"] = self.profile_values
         if self.searched is not None:
             doc["auto_fit_search"] = self.searched
         if self.fits:

@@ -141,15 +141,26 @@ class RunFolder:
             log.warning("resume: the checkpoint was trained with %s=%s, a setting this version no longer has (%s): "
                         "this run trains on without it", k, config[k], RETIRED_FIELDS[k])
         values = {k: v for k, v in config.items() if k in FIELD_NAMES and k != "output_dir"}
-        name = "resumed"
+        name = self.recorded_profile()[0] or "resumed"
+        return (str(name), values) if values else None
+
+    def recorded_profile(self, point: ResumePoint | None = None) -> tuple[str | None, dict | None]:
+        """The resumed run's config.yaml's ``profile`` (its name) and ``profile_values`` (a user's profile file's
+        values when the run started with it; None for a shipped profile, or a run from before the record): this
+        folder's, or, for a checkpoint resumed into a new folder, its run's. ``point``: the checkpoint resumed (the
+        --resume's by default). (None, None) without a checkpoint."""
+        point = point or (self._lookup()[0] if self.resume else None)
+        if point is None:
+            return None, None
         origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile
         for run in [self.path] + ([Path(origin)] if origin else []):
             try:
-                name = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")).get("profile", "resumed")
-                break
+                written = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))
+                name, values = written.get("profile"), written.get("profile_values")
             except (OSError, ValueError, AttributeError, yaml.YAMLError):
                 continue
-        return (str(name), values) if values else None
+            return (None if name is None else str(name)), (values if isinstance(values, dict) else None)
+        return None, None
 
     # ---- choosing the folder ------------------------------------------------------------------------------------
     def move_past_an_earlier_run(self) -> None:

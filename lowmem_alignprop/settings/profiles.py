@@ -198,7 +198,17 @@ def _load_yaml(text: str):
         loader.dispose()
 
 
-RUN_RECORD_KEYS = ("profile", "output_dir", "auto_fit_search", "auto_fit_changes")  # a run's, not its settings'
+RUN_RECORD_KEYS = ("profile", "profile_values", "output_dir", "auto_fit_search", "auto_fit_changes")  # a run's
+
+_AS_READ: dict[str, dict[str, Any]] = {}  # a user's profile file (by its absolute path): its values as last read here
+
+
+def as_read(name: str) -> dict[str, Any] | None:
+    """The field values of the user's profile file ``name`` (absolute, as :func:`load_profile` names it) as this
+    process last read it -- what a run started with it used (config.yaml's ``profile_values``); None for a shipped
+    profile, or one not read here."""
+    values = _AS_READ.get(name)
+    return dict(values) if values is not None else None
 
 
 def is_run_config(data: dict) -> bool:
@@ -207,22 +217,42 @@ def is_run_config(data: dict) -> bool:
     return {"profile", "output_dir"} <= data.keys() and 2 * len(set(FIELD_NAMES) & data.keys()) >= len(FIELD_NAMES)
 
 
-def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any]) -> None:
+_UNSET = object()
+
+
+def own_file_note(path: str, run: dict[str, Any], given: dict[str, Any],
+                  recorded: dict[str, Any] | None = None) -> None:
     """A resume naming the run's own profile file whose fields differ from the run's (an edit of the file was
-    dropped in silence): the file's values and the run's are said, with the --set that takes the file's (the run
-    keeps its settings). The run records neither the file as it read it nor which fields --set gave, so the line
-    does not say the file changed: a --set at the start (or an earlier resume) over an unedited file differs too."""
+    dropped in silence): said, with the --set that takes the file's (the run keeps its settings). ``recorded``: the
+    file's values when the run started (config.yaml's ``profile_values``): only the fields edited since are said (a
+    field the run's --set gave over the unedited file is the run's own: unsaid); a line removed since gives the
+    default. A run from before the record: the file's values and the run's are said, which may differ by an edit or
+    by a --set given over the file."""
     try:
         written = load_profile(path)[1]
     except UserError:  # gone, or not readable now: the run's settings stand, as for a shipped profile
         return
-    differ = {k: v for k, v in written.items() if k not in given and k in run and run[k] != v}
-    if differ:
-        logging.getLogger("lowmem_alignprop").warning(
-            "resume: profile %s, the run's own, sets %s where the run has %s (given over the file when the run "
-            "started or resumed, or the file edited since): a resume keeps the run's settings and the flags given "
-            "now; to take the file's, give it: %s", path, ", ".join(f"{k}={flag_value(v)}" for k, v in differ.items()),
-            ", ".join(f"{k}={flag_value(run[k])}" for k in differ), set_flags(differ))
+    say = logging.getLogger("lowmem_alignprop").warning
+    if recorded is None:
+        differ = {k: v for k, v in written.items() if k not in given and k in run and run[k] != v}
+        if differ:
+            say("resume: profile %s, the run's own, sets %s where the run has %s (given over the file when the run "
+                "started or resumed, or the file edited since): a resume keeps the run's settings and the flags "
+                "given now; to take the file's, give it: %s", path,
+                ", ".join(f"{k}={flag_value(v)}" for k, v in differ.items()),
+                ", ".join(f"{k}={flag_value(run[k])}" for k in differ), set_flags(differ))
+        return
+    defaults = {**Config().to_dict(), **MODEL_DEFAULTS.get(shipped_name(str(run.get("model", ""))), {})}
+    now = {**{k: defaults[k] for k in recorded if k not in written and k in defaults}, **written}
+    edited = {k: v for k, v in now.items() if k not in given and recorded.get(k, _UNSET) != v and run.get(k, v) != v}
+    if edited:
+        said = [f"{k}={flag_value(recorded[k]) if k in recorded else '(not set)'} -> "
+                f"{flag_value(v) if k in written else f'(line removed: the default {flag_value(v)})'}"
+                + (f" (the run has {k}={flag_value(run[k])})" if run[k] != recorded.get(k, _UNSET) else "")
+                for k, v in edited.items()]
+        say("resume: profile %s, the run's own, was edited since the run started: %s: a resume keeps the run's "
+            "settings and the flags given now; to take the file's, give it: %s", path, ", ".join(said),
+            set_flags(edited))
 
 
 def load_profile(spec: str, model: str = "", components: str = "", revision: str = "") -> tuple[str, dict[str, Any]]:
@@ -289,6 +319,8 @@ def load_profile(spec: str, model: str = "", components: str = "", revision: str
             raise UserError(f"profile {path}: {e}") from None
     if detected is not None:
         values["budget_gb"] = card_budget(detected[1])
+    elif spec not in shipped:
+        _AS_READ[name] = dict(values)
     return name, values
 
 
@@ -360,12 +392,14 @@ def overridden_recipe_note(profile: str, recipe: str, recipe_values: dict[str, A
             recipe)
 
 
-def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
-                   resumed: tuple[str, dict] | None = None, training: bool = True) -> tuple[str, Config]:
+def resolve_config(profile: str, flags: dict[str, Any], sets: list[str], resumed: tuple[str, dict] | None = None,
+                   training: bool = True, recorded: dict[str, Any] | None = None) -> tuple[str, Config]:
     """profile < the model's defaults (:data:`MODEL_DEFAULTS`) < recipe < explicit flags (``flags``: FLAG_FIELDS, None
     where not given) < ``--set`` items, validated. The recipe is ``flags["recipe"]`` or ``--set recipe=NAME``.
     ``resumed`` (--resume): the run's own (profile name, config) replaces the profile, unless ``profile`` names another
-    one (then that profile applies on top of it). ``training=False``: for ``sample``, which trains nothing
+    one (then that profile applies on top of it); ``recorded``: its own profile file's values when it started
+    (config.yaml's ``profile_values``; None before the record), which tell an edit of the file from its --set values
+    (:func:`own_file_note`). ``training=False``: for ``sample``, which trains nothing
     (Config.validate's rules of training left out)."""
     overrides = parse_set(sets)  # malformed --set fails before the profile is even read
     explicit = {k: v for k, v in flags.items() if v is not None}
@@ -395,7 +429,7 @@ def resolve_config(profile: str, flags: dict[str, Any], sets: list[str],
             name, card = load_profile(profile)
             values, on_top = {**values, **card}, name
         elif profile == name and profile not in ("auto", *shipped_profiles()):
-            own_file_note(profile, values, {**explicit, **overrides})
+            own_file_note(profile, values, {**explicit, **overrides}, recorded)
     chosen = {**values, **explicit, **overrides}
     model, components = str(chosen.get("model", Config().model)), str(chosen.get("model_components", ""))
     kept = {**explicit, **overrides}  # what the user set over the recipe
