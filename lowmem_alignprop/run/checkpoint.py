@@ -719,11 +719,11 @@ def check_t5(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> No
     saved = (state.get("fingerprint") or {}).get("model")
     other = f"--model {saved}" if saved and saved != cfg.model else None  # (the same folder, T5 added or taken out)
     if was:
+        with_t5 = f"{other} (a folder with text_encoder_3)" if other else "--model a folder with text_encoder_3"
         raise UserError(f"checkpoint {path} was trained with SD3's T5-XXL text encoder, and --model {cfg.model} has "
                         "none (no text_encoder_3): its prompts would be encoded with zeros in T5's place; resume with "
-                        f"{other + ' (a folder' if other else '--model a folder'} with text_encoder_3"
-                        f"{')' if other else ''}, or --set t5_encoder=false to train on "
-                        "without T5 (recorded as a change of the run)")
+                        f"{with_t5}, or --set t5_encoder=false to train on without T5 (recorded as a change of the "
+                        "run)")
     raise UserError(f"checkpoint {path} was trained without SD3's T5-XXL text encoder (its --model had no "
                     f"text_encoder_3), and --model {cfg.model} has one: its prompts would be encoded otherwise; "
                     f"resume with {other + ', or ' if other else ''}--set t5_encoder=false to train on without T5 as "
