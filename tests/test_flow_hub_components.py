@@ -285,7 +285,7 @@ def test_an_sd3_hub_id_as_model_components_with_t5_encoder_false_is_fetched_with
     assert asked == [sorted([*parts, "text_encoder_3/*", "tokenizer_3/*"]), parts]
     seen = []
 
-    def stop(components, t5=True):
+    def stop(components, t5=True, revision=""):
         seen.append((components, t5))
         raise RuntimeError("stop")
 
@@ -364,3 +364,60 @@ def test_export_merge_of_an_sd3_hub_id_saved_without_t5_loads_it_as_training_did
                   for f in (merged, folder / "snapshots" / commit))
     changed = sorted(k for k in base if not torch.equal(ours[k].float(), base[k].float()))
     assert changed and all(".attn." in k for k in changed)  # the LoRA's layers merged in, nothing else
+
+
+def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main_moved(files, tmp_path, monkeypatch,
+                                                                                       capsys, caplog):
+    """The run's parts came from the hub id's main at MAIN; main moved to NEW (other text encoder weights): `sample`
+    and `export --merge` of its LoRA loaded NEW's parts (the cache's main) in silence. They load MAIN's snapshot, and
+    sample says the commit; with MAIN gone from the cache, offline: one line naming the commit and its download."""
+    import logging
+    import shutil
+
+    import huggingface_hub
+    from safetensors.torch import load_file, save_file
+
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")  # (the module's cache stays at MAIN)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
+                 "--output-dir", str(run)]) == 0
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    new = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
+    encoder = new / "text_encoder" / "model.safetensors"
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
+    (repo / "refs" / "main").write_text(NEW)
+    from lowmem_alignprop.models.flow_loading import CONFIG_FILES
+
+    read, download = [], huggingface_hub.snapshot_download
+
+    def parts_read(*a, **k):  # the snapshots the parts load from (export's metadata reads main's two configs alone)
+        got = download(*a, **k)
+        read.extend([got] if k.get("allow_patterns") != CONFIG_FILES else [])
+        return got
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", parts_read)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *FLOW, "--lora", str(run / "lora"), "--num-prompts", "1",
+                     "--output-dir", str(tmp_path / "s")]) == 0
+    assert {r.rsplit("/", 1)[-1] for r in read} == {MAIN}
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--model not given")]
+    assert len(said) == 1 and f"model_components={REPO} components_revision={MAIN}" in said[0]
+    read.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert {r.rsplit("/", 1)[-1] for r in read} == {MAIN}
+    assert f"--merge: the text encoders, VAE and scheduler of model_components={REPO} at commit {MAIN}, the one its " \
+           "run trained with" in caplog.text
+    merged = load_file(str(tmp_path / "merged" / "text_encoder" / "model.safetensors"))
+    trained = load_file(str(repo / "snapshots" / MAIN / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(merged[k], trained[k]) for k in trained)
+    shutil.rmtree(repo / "snapshots" / MAIN)
+    capsys.readouterr()
+    assert main(["sample", *FLOW, "--lora", str(run / "lora"), "--num-prompts", "1",
+                 "--output-dir", str(tmp_path / "s2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model_components '{REPO}' at revision {MAIN} could not be fetched (no network, or HF_HUB_OFFLINE set) "
+        f"nor found in the local Hugging Face cache: on a machine with network run `hf download {REPO} --revision "
+        f"{MAIN}` (into the hub cache; copy that cache here), then run again")

@@ -297,3 +297,67 @@ def test_sampling_a_pinned_hub_id_alone_records_the_commit_it_scored(two_commits
     from outputs_doc import DOC, documented_keys, undocumented
 
     assert undocumented(results, documented_keys(DOC.read_text())["sample_results.json"]) == []
+
+
+VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+
+
+def _vae_weight(vae) -> float:
+    return vae.decoder.conv_out.weight.detach().double().abs().sum().item()
+
+
+def test_a_hub_vae_is_recorded_and_its_loras_sample_merge_and_resume_load_that_commit_after_main_moved(
+        two_commits, tiny_dir, tmp_path, monkeypatch, capsys, caplog):
+    """--set vae=OWNER/NAME (here a pipeline's repository: its vae/) trained on main's commit MAIN, recorded in
+    base_model.json (vae_revision); main then moved to OTHER, whose VAE decodes otherwise. `sample` and `export
+    --merge` of the LoRA loaded OTHER's VAE in silence, and a resume too: they load MAIN's (sample says it), a resume
+    is refused naming both commits and --set vae_revision, which then resumes."""
+    import logging
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert main([*FAST, "--model", str(tiny_dir), "--set", f"vae={REPO}", "--set", "checkpoint_every=1",
+                 "--output-dir", str(out)]) == 0
+    assert _record(out)["vae_revision"] == MAIN and "revision" not in _record(out)
+    vae = two_commits / "snapshots" / OTHER / VAE_FILE
+    save_file({k: 2 * v if k == "decoder.conv_out.weight" else v for k, v in load_file(str(vae)).items()}, str(vae))
+    (two_commits / "refs" / "main").write_text(OTHER)
+    loaded, from_pretrained = [], AutoencoderKL.from_pretrained
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained",
+                        lambda *a, **k: loaded.append(from_pretrained(*a, **k)) or loaded[-1])
+    main_vae = _vae_weight(from_pretrained(str(two_commits / "snapshots" / MAIN), subfolder="vae"))
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *FAST, "--lora", str(out / "lora"), "--num-prompts", "1", "--output-dir",
+                     str(tmp_path / "s")]) == 0
+    assert loaded and all(_vae_weight(v) == pytest.approx(main_vae, rel=1e-6) for v in loaded)  # (OTHER's: 2x)
+    assert f"as its run did: vae={REPO} vae_revision={MAIN}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["export", "--lora", str(out / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert f"--merge: the merged model decodes with the VAE its run trained with, {REPO} at commit {MAIN}" \
+        in caplog.text
+    merged = load_file(str(tmp_path / "merged" / VAE_FILE))["decoder.conv_out.weight"]
+    assert merged.allclose(load_file(str(two_commits / "snapshots" / MAIN / VAE_FILE))["decoder.conv_out.weight"])
+    capsys.readouterr()
+    assert main([*FAST[:-1], "2", "--output-dir", str(out), "--resume", "latest"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: checkpoint {next(out.glob('checkpoints/step-*'))} trained with vae={REPO} at commit {MAIN}, and "
+        f"{REPO} resolves to commit {OTHER} here (its VAE weights differ: vae/diffusion_pytorch_model.safetensors): "
+        f"resume with --set vae_revision={MAIN} to load the commit it trained on")
+    assert main([*FAST[:-1], "2", "--output-dir", str(out), "--resume", "latest", "--set", f"vae_revision={MAIN}"]) == 0
+
+
+@pytest.mark.parametrize("pin, given, said", [
+    ("vae_revision", [], "vae is empty"),
+    ("vae_revision", ["vae=TINY_DIR"], "vae=TINY_DIR is a local path, not a hub id"),
+    ("components_revision", [], "model_components is empty")])
+def test_a_components_or_vae_revision_without_a_hub_id_to_pin_is_refused(pin, given, said, tiny_dir, capsys):
+    field = pin.replace("_revision", "") if pin == "vae_revision" else "model_components"
+    flags = [x for g in given for x in ("--set", g.replace("TINY_DIR", f"{tiny_dir}/vae"))]
+    assert main(["plan", "--profile", "cpu", "--model", "tiny", *flags, "--set", f"{pin}=main"]) == 2
+    said = said.replace("TINY_DIR", f"{tiny_dir}/vae")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {pin}=main pins a hub id {field}'s snapshot (OWNER/NAME at a branch, tag or commit), and {said}, "
+        f"which has no revisions: drop --set {pin}, or give {field} as a hub id"]

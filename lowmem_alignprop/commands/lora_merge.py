@@ -44,13 +44,18 @@ def load_base(spec: str, run_config: dict | None = None):
     too where the run trained without it). SD3/FLUX load as training loads them (a transformer file takes the run's
     model_components), in fp32. The run's image settings go with it: the VAE it decoded with (``--set vae``: a
     "no-vae" single file has none of its own) and what its UNet was taken to predict (``prediction_type``), so that
-    the merged model renders as the run did."""
+    the merged model renders as the run did. A hub id's ``components_revision`` and ``vae_revision`` (the commits
+    the run's parts came from: :func:`pinned_parts`) load those snapshots, not main's."""
     run = run_config or {}
     vae = run.get("vae") or ""
     pipe = _base_pipeline(spec, run, vae)
+    said = logging.getLogger("lowmem_alignprop")
     if vae:
-        logging.getLogger("lowmem_alignprop").info("--merge: the merged model decodes with the VAE its run trained "
-                                                   "with, %s", vae)
+        said.info("--merge: the merged model decodes with the VAE its run trained with, %s%s", vae,
+                  f" at commit {run['vae_revision']}" if run.get("vae_revision") else "")
+    if run.get("components_revision") and run.get("model_components"):
+        said.info("--merge: the text encoders, VAE and scheduler of model_components=%s at commit %s, the one its run "
+                  "trained with", run["model_components"], run["components_revision"])
     from lowmem_alignprop.models.sampling import with_schedule
 
     predicts = run.get("prediction_type") or "auto"  # (auto: as its scheduler config says)
@@ -81,19 +86,22 @@ def _base_pipeline(spec: str, run: dict, vae: str):
                 "the LoRA's run trained without T5 (t5_encoder=false): the merged model keeps the base's T5-XXL, as "
                 "the base is (its images with T5 differ from the run's; StableDiffusion3Pipeline.from_pretrained(..., "
                 "text_encoder_3=None, tokenizer_3=None) renders without it, as training did)")
-        comps = load_components(Config(model=spec, model_components=components, vae=vae, revision=revision))
+        comps = load_components(Config(model=spec, model_components=components, vae=vae, revision=revision,
+                                       components_revision=run.get("components_revision") or "",
+                                       vae_revision=run.get("vae_revision") or ""))
         return family_for(comps).make_pipeline(comps)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
     try:
         if kind == "file":
-            return load_single_file_with_vae(where, run.get("model_arch") or "auto", torch.float32, vae)
+            return load_single_file_with_vae(where, run.get("model_arch") or "auto", torch.float32, vae,
+                                             run.get("vae_revision") or "")
         if kind == "hub":
             hub.offline()
         pipe = load_pipeline(where, hub_id=kind == "hub", revision=revision)
         if vae:
-            pipe.vae = load_vae(vae, torch.float32, pipe.vae)
+            pipe.vae = load_vae(vae, torch.float32, pipe.vae, run.get("vae_revision") or "")
         return pipe
     except UserError:
         raise
@@ -200,7 +208,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
-    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit})
+    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit,
+                            **pinned_parts(lora.base, {**lora.run_config, "model_components": components})})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
@@ -222,6 +231,21 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
     return pipe, record
+
+
+def pinned_parts(record: dict | None, settings: dict) -> dict[str, str]:
+    """The pins (components_revision, vae_revision) that load a run's hub id model_components and vae (in
+    ``settings``) at the commits its fingerprint (``record``: base_model.json, a checkpoint's) says they came from
+    (:func:`~lowmem_alignprop.run.checkpoint.recorded_commit`); none for a local path or a record without them."""
+    from lowmem_alignprop.run.checkpoint import recorded_commit
+    from lowmem_alignprop.settings.config import pin_problem
+
+    pins = {}
+    for pin, name in (("components_revision", "model_components"), ("vae_revision", "vae")):
+        value, commit = str(settings.get(name) or ""), recorded_commit(record, pin)
+        if commit and value and pin_problem(pin, commit, name, value) is None:  # (a hub id: a path pins nothing)
+            pins[pin] = commit
+    return pins
 
 
 def _merge_fix(lora: Lora) -> str:

@@ -15,7 +15,7 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, chec
                                                 usable_scoring)
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
-from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
+from lowmem_alignprop.commands.lora_merge import held_in, merged_into, pinned_parts, refuse_held_loras
 from lowmem_alignprop.run.checkpoint import trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
@@ -99,8 +99,9 @@ def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
 
 def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str, dict], given: set[str]) -> None:
     """The first LoRA's recorded model (where ``--model`` is not given) and its run's image settings, reward and
-    prompts (those at hand here) not in ``given`` into ``args``; another LoRA's run's other settings said."""
-    taken = _usable(args, base[1], given)
+    prompts (those at hand here) not in ``given`` into ``args``, a hub id model_components or vae taken at the commit
+    its run's parts came from (components_revision, vae_revision); another LoRA's run's other settings said."""
+    taken = _with_pins(_usable(args, base[1], given), recorded_fingerprint(specs[0]), given)
     args.set += [f"{k}={v}" for k, v in taken.items()]
     settings = "; as its run did: " + " ".join(f"{k}={v}" for k, v in taken.items()) if taken else ""
     if args.model is None:
@@ -115,6 +116,19 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
         what = "an `export --merge` of the model" if merged_record(args.model) else "the model"
         logger.info("--model %s is %s %s was trained on%s", args.model, what, specs[0].named, settings)
     say_other_runs(specs, base[1], given)
+
+
+def _with_pins(taken: dict, record: dict | None, given: set[str]) -> dict:
+    """``taken`` with, after a hub id model_components or vae, the pin (components_revision, vae_revision) of the
+    commit ``record`` (the LoRA's base_model.json) says its run's parts came from, unless given."""
+    pins = {k: v for k, v in pinned_parts(record, taken).items() if k not in given}
+    out = {}
+    for key, value in taken.items():
+        out[key] = value
+        pin = {"model_components": "components_revision", "vae": "vae_revision"}.get(key, "")
+        if pin in pins:
+            out[pin] = pins[pin]
+    return out
 
 
 def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str]) -> None:

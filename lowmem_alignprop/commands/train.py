@@ -488,7 +488,8 @@ class Trainer:
             log.warning("%s", untiled)
         # before DeepSpeed partitions the weights; with how the UNet is sampled (the exports read it)
         self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5,
-                                            revision=comps.revision, components_revision=comps.components_revision)
+                                            revision=comps.revision, components_revision=comps.components_revision,
+                                            vae_revision=comps.vae_revision)
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,

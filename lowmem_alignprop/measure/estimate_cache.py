@@ -6,7 +6,7 @@ planner.NOT_ESTIMATED), the target, the prompts, the package's code and the libr
 model, VAE, component folder or reward weights path names. The key is a hash of all of them, so a changed file or an
 upgraded library is a new key, never a stale answer: the package's files are hashed whole (about 7 MB,
 milliseconds), a model's files by name, size and modification time (a hub id: its cached snapshot's commit, of
-the pinned revision where --set revision names one). Not
+the pinned revision where --set revision, components_revision or vae_revision names one). Not
 kept: a configuration with a reward of the user's own code (it may change between commands without any file we
 could watch), or a model path that cannot be told apart (a hub id not in the local cache yet; the next plan finds
 it there).
@@ -103,6 +103,10 @@ def _path_identity(value: str, revision: str = "") -> list | None:
     return identity
 
 
+# the field that pins a path field's hub id to a branch, tag or commit
+PINS = {"model": "revision", "model_components": "components_revision", "vae": "vae_revision"}
+
+
 def key(cfg, memo_key: tuple) -> str | None:
     """The file name (a hash) of an estimate of ``cfg``, or None: not to be cached (see the module docstring)."""
     from lowmem_alignprop.rewards import reward_terms
@@ -113,8 +117,8 @@ def key(cfg, memo_key: tuple) -> str | None:
     for name in PATH_FIELDS:
         value = getattr(cfg, name, "")
         if value:
-            # a pinned hub id (--set revision pins --model's only): that commit's snapshot, not main's
-            files[name] = _path_identity(str(value), getattr(cfg, "revision", "") if name == "model" else "")
+            # a pinned hub id (revision, components_revision, vae_revision): that commit's snapshot, not main's
+            files[name] = _path_identity(str(value), getattr(cfg, PINS.get(name, ""), "") if name in PINS else "")
             if files[name] is None:
                 return None
     text = json.dumps([FORMAT, code_identity(), repr(memo_key), files], default=str)

@@ -129,7 +129,7 @@ def meta_base(cfg: Config, dtype: torch.dtype):
     from lowmem_alignprop.models.loading import Components, is_flow_source, resolve_model
 
     key = (cfg.model, cfg.model_arch, getattr(cfg, "vae", ""), dtype, cfg.model_components, cfg.t5_encoder,
-           getattr(cfg, "revision", ""))
+           getattr(cfg, "revision", ""), getattr(cfg, "components_revision", ""))
     kind, where = resolve_model(cfg.model)
     if key not in _META_CACHE and is_flow_source(cfg, kind, where):
         _META_CACHE[key] = _flow_meta_components(cfg, kind, where, dtype)  # SD3/FLUX: a transformer
@@ -194,7 +194,8 @@ def _flow_meta_components(cfg: Config, kind: str, where: str, dtype: torch.dtype
         if kind == "hub" and not cfg.model_components:
             root = _hub_snapshot(where, revision=getattr(cfg, "revision", ""))
         elif kind != "flow_dir" and kind_of(root) == "missing" and looks_like_hub_id(cfg.model_components):
-            root = _hub_snapshot(cfg.model_components, "pass --set model_components=DIR")  # a hub id's configs
+            root = _hub_snapshot(cfg.model_components, "pass --set model_components=DIR",  # a hub id's configs
+                                 getattr(cfg, "components_revision", ""))
         # a single file: the folder's config as the loader reads it (FLUX: dev or schnell as the file's keys say)
         config = fl.single_file_transformer(where, cfg.model_components, root)[1] if kind == "file" else None
         pipe = fl.flow_pipeline_from_configs(root, device="meta", dtype=dtype, t5=cfg.t5_encoder,

@@ -85,8 +85,9 @@ def has_guidance(keys) -> bool:
     return any("guidance_in." in k or "guidance_embedder." in k for k in keys)
 
 
-def components_folder(components: str, t5: bool = True, *, configs_only: bool = False) -> Path:
-    """The folder model_components names: a local path as it is; a hub id (OWNER/NAME) its snapshot of main in the
+def components_folder(components: str, t5: bool = True, *, configs_only: bool = False, revision: str = "") -> Path:
+    """The folder model_components names: a local path as it is; a hub id (OWNER/NAME) its snapshot at ``revision``
+    (components_revision: a branch, tag or commit; "": main) in the
     local Hugging Face cache, fetched first where the hub can be reached (its parts but the transformer's weights:
     the file is the transformer; without ``t5``, t5_encoder=false, SD3's T5-XXL neither; ``configs_only``: its
     model_index.json and transformer/config.json alone, what a transformer file's config is read from). Raises
@@ -100,22 +101,23 @@ def components_folder(components: str, t5: bool = True, *, configs_only: bool = 
 
     offline = hub.offline()  # no network: the local cache only, at once (no retries)
     try:
-        files = CONFIG_FILES if configs_only else _components_files(components, offline, t5)
-        return Path(snapshot_download(components, allow_patterns=files, local_files_only=offline))
+        files = CONFIG_FILES if configs_only else _components_files(components, offline, t5, revision)
+        return Path(snapshot_download(components, allow_patterns=files, local_files_only=offline,
+                                      revision=revision or None))
     except (OSError, ValueError) as e:  # not cached offline, no such repository, gated
-        raise UserError(hub.hub_message("model_components", components, e,
-                                        use="pass --set model_components=DIR")) from None
+        raise UserError(hub.hub_message("model_components", components, e, use="pass --set model_components=DIR",
+                                        revision=revision)) from None
 
 
 # of a hub id as model_components: what a transformer file's config (and the pipeline it belongs to) is read from
 CONFIG_FILES = ["model_index.json", "transformer/config.json"]
 
 
-def _components_files(repo: str, offline: bool, t5: bool = True) -> list[str]:
+def _components_files(repo: str, offline: bool, t5: bool = True, revision: str = "") -> list[str]:
     """What a hub id as model_components is fetched for: model_index.json and the parts it lists, of the
     transformer its config only (FLUX.1-dev's weights are 23.8 GB the transformer file stands in for), without
     ``t5`` not SD3's T5-XXL (9.5 GB: the pipeline loads without it, :data:`NO_T5`)."""
-    index = hub_file(repo, "model_index.json", download=not offline)
+    index = hub_file(repo, "model_index.json", download=not offline, revision=revision)
     unused = {"transformer", *(() if t5 else NO_T5)}
     parts = [k for k, v in ((model_index(index.parent) if index else None) or {}).items()
              if isinstance(v, list) and v and v[0] is not None and k not in unused]
@@ -191,12 +193,14 @@ def t5_left_out(index: dict | None, t5: bool) -> bool:
     return not t5 or (index is not None and (index.get("text_encoder_3") or [None])[0] is None)
 
 
-def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True):
+def load_flow_single_file(path: str, components: str, dtype: torch.dtype, *, place: Placement, t5: bool = True,
+                          revision: str = ""):
     """A single-file transformer (:func:`single_file_transformer`) with the text encoders, tokenizers, VAE and
     scheduler of the diffusers folder ``components``. Returns (the pipeline with an empty transformer on meta,
     ``read``): ``read()`` returns the transformer, read block by block to where ``place`` says and quantized as it
-    says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole."""
-    folder = components_folder(components, t5)
+    says (``block_loading``); a file that cannot be read so goes through diffusers' ``from_single_file`` whole.
+    ``revision``: a hub id ``components``' snapshot (components_revision; "": main)."""
+    folder = components_folder(components, t5, revision=revision)
     cls, config, family, layout = single_file_transformer(path, components, folder)
 
     def read():

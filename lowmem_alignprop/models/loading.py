@@ -60,6 +60,7 @@ class Components:
     revision: str | None = None  # a hub id's: the commit its snapshot holds (pinned by cfg.revision, or main's)
     # a transformer file's model_components given as a hub id: the commit of the snapshot its parts came from
     components_revision: str | None = None
+    vae_revision: str | None = None  # a hub id vae's: the commit its snapshot holds (cfg.vae_revision's, or main's)
 
     @property
     def transformer(self):
@@ -180,7 +181,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     kind, where = resolve_model(cfg.model)
     check_before_load(cfg)  # what the model's files and a VAE file's header tell, refused before weights are read
     if is_flow_source(cfg, kind, where):
-        return load_flow_components(cfg, kind, where, weight_dtype, device, transformer_last=transformer_last)
+        return with_vae_commit(load_flow_components(cfg, kind, where, weight_dtype, device,
+                                                    transformer_last=transformer_last), cfg)
     if kind == "tiny":
         from lowmem_alignprop.models.tiny import tiny_model_dir
         kind, where = "dir", str(tiny_model_dir())
@@ -198,7 +200,8 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
             hub.offline()  # no network: diffusers reads the local cache only and fails at once, not after retries
         try:
             if kind == "file":
-                pipe = load_single_file_with_vae(where, cfg.model_arch, weight_dtype, getattr(cfg, "vae", ""))
+                pipe = load_single_file_with_vae(where, cfg.model_arch, weight_dtype, getattr(cfg, "vae", ""),
+                                                 getattr(cfg, "vae_revision", ""))
                 from lowmem_alignprop.run.runlock import global_rank
                 from lowmem_alignprop.models.arch import marked_v_prediction
                 if pipe.scheduler.config.get("prediction_type") == "v_prediction" and predicts == "auto" and \
@@ -223,7 +226,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
         if type(pipe).__name__ in ("StableDiffusion3Pipeline", "FluxPipeline"):  # a hub id of a flow model
             flow = flow_components(pipe, cfg, where, weight_dtype)
             flow.revision = snapshot_commit(pipe.config.get("_name_or_path"))
-            return flow
+            return with_vae_commit(flow, cfg)
         if kind == "dir":
             from lowmem_alignprop.models.arch import _check_loaded
             _check_loaded(pipe, where, Path(where))  # e.g. a tokenizer that loaded with 2 tokens
@@ -243,7 +246,7 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     if quant != "none":
         q.quantize_unet(comps, quant, weight_dtype)  # in-memory models (sd15|sd21|sdxl, single files): swap in place
     if getattr(cfg, "vae", "") and kind != "file":  # (a single file's was read with it)
-        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
+        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae, getattr(cfg, "vae_revision", ""))
     _say_consistency_sampler(comps.scheduler, cfg.model)
     # DDIM with the model's schedule (and prediction type, unless --set prediction_type says it), x0 never clamped
     from lowmem_alignprop.models.sampler_check import run_scheduler
@@ -251,7 +254,23 @@ def load_components(cfg, weight_dtype: torch.dtype = torch.float32, device: torc
     if comps.pipeline_class is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         comps.pipeline_class = StableDiffusionXLPipeline if comps.is_sdxl else StableDiffusionPipeline
+    return with_vae_commit(comps, cfg)
+
+
+def with_vae_commit(comps: Components, cfg) -> Components:
+    """``comps`` with ``vae_revision`` set: the commit of a hub id vae's snapshot the VAE was read from (pinned by
+    cfg.vae_revision, or main's), as the local cache holds it after loading; None for none, a file or a folder."""
+    comps.vae_revision = hub_vae_commit(getattr(cfg, "vae", ""), getattr(cfg, "vae_revision", ""))
     return comps
+
+
+def hub_vae_commit(spec: str, revision: str = "") -> str | None:
+    """The commit of hub id ``spec``'s snapshot at ``revision`` ("": main) in the local cache (a VAE's repository,
+    or a pipeline's whose vae/ it is), else None (no hub id, or not cached)."""
+    if not spec or kind_of(Path(spec).expanduser()) != "missing" or not looks_like_hub_id(spec):
+        return None
+    found = hub_file(spec, "model_index.json", revision=revision) or hub_file(spec, "config.json", revision=revision)
+    return snapshot_commit(found.parent) if found is not None else None
 
 
 # the samplers of consistency-distilled models (LCM-LoRA fused, DMD2, Hyper-SD, TCD), which DDIM does not stand in for
@@ -356,7 +375,8 @@ def load_flow_components(cfg, kind: str, where: str, weight_dtype: torch.dtype, 
         place = _placement(cfg, quant, weight_dtype, device)
         try:
             if kind == "file":
-                pipe, read = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place)
+                pipe, read = fl.load_flow_single_file(where, cfg.model_components, weight_dtype, t5=t5, place=place,
+                                                      revision=getattr(cfg, "components_revision", ""))
             else:
                 pipe, read = fl.load_flow_pipeline(where, weight_dtype, t5=t5, place=place,
                                                    revision=getattr(cfg, "revision", "") if kind == "hub" else "")
@@ -429,23 +449,25 @@ def flow_components(pipe, cfg, source: str, weight_dtype: torch.dtype, *, meta: 
                        tokenizer_3=getattr(pipe, "tokenizer_3", None), source=source,
                        pipeline_class=type(pipe), family=family, meta=meta)
     if getattr(cfg, "vae", ""):
-        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae)
+        comps.vae = load_vae(cfg.vae, weight_dtype, comps.vae, getattr(cfg, "vae_revision", ""))
     return comps
 
 
-def load_single_file_with_vae(where: str, arch: str, dtype: torch.dtype, vae: str = ""):
-    """A single-file model's pipeline (models/arch.load_single_file), with ``--set vae``'s VAE (``vae``) read first:
-    it takes the file's VAE's place (a "no-vae" file has none), checked against the architecture's VAE config."""
+def load_single_file_with_vae(where: str, arch: str, dtype: torch.dtype, vae: str = "", vae_revision: str = ""):
+    """A single-file model's pipeline (models/arch.load_single_file), with ``--set vae``'s VAE (``vae``, a hub id's
+    at ``vae_revision``) read first: it takes the file's VAE's place (a "no-vae" file has none), checked against the
+    architecture's VAE config."""
     from lowmem_alignprop.models.arch import load_single_file, single_file_config, vae_of_config
 
-    own = load_vae(vae, dtype, vae_of_config(single_file_config(where, arch)[1])) if vae else None
+    own = load_vae(vae, dtype, vae_of_config(single_file_config(where, arch)[1]), vae_revision) if vae else None
     return load_single_file(where, arch=arch, torch_dtype=dtype, vae=own)
 
 
-def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
+def load_vae(spec: str, dtype: torch.dtype, own_vae, revision: str = "") -> Any:
     """A replacement VAE (config field ``vae``): a diffusers folder (or a pipeline folder with ``vae/``), a hub
-    id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16), or a single
-    .safetensors file (read with the model's own VAE config). Raises UserError."""
+    id such as madebyollin/sdxl-vae-fp16-fix (SDXL's VAE retrained not to overflow in fp16; its snapshot at
+    ``revision``, vae_revision: "" main), or a single .safetensors file (read with the model's own VAE config).
+    Raises UserError."""
     import tempfile
 
     from diffusers import AutoencoderKL
@@ -467,16 +489,16 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
         else:  # a hub id (vae_path_problem: no path)
             offline = hub.offline()  # no network: the local cache only, at once
             # a whole pipeline's repository (its VAE in vae/, as a folder's): it said 'not in the local cache'
-            pipeline = hub_file(spec, "model_index.json", download=not offline) is not None
+            pipeline = hub_file(spec, "model_index.json", download=not offline, revision=revision) is not None
             vae = AutoencoderKL.from_pretrained(spec, subfolder="vae" if pipeline else None, local_files_only=offline,
-                                                **dtype_kwarg(dtype))
+                                                revision=revision or None, **dtype_kwarg(dtype))
     except UserError:
         raise
     except SingleFileComponentError:  # (a UNet's, a LoRA's or a text encoder's file)
         raise UserError(_no_vae_weights(spec)) from None
     except (OSError, ValueError, RuntimeError) as e:
         if not path.exists():
-            raise UserError(hub_message("vae", spec, e, use="--set vae=DIR")) from None
+            raise UserError(hub_message("vae", spec, e, use="--set vae=DIR", revision=revision)) from None
         if any(s in str(e) for s in ("meta tensor", "size mismatch", "Missing key", "expected shape")):
             raise UserError(f"vae={spec}: its weights do not fit the model's VAE architecture (other layer sizes): "
                             "use a VAE made for this model, or leave vae empty for the model's own") from None
@@ -490,7 +512,7 @@ def load_vae(spec: str, dtype: torch.dtype, own_vae) -> Any:
     if theirs != ours:  # the UNet would run on latents of another size than it was trained on
         raise UserError(f"vae={spec} downsamples images {theirs}x, the model's VAE {ours}x: use a VAE made for "
                         "this model")
-    log.info("VAE: %s instead of the model's own", spec)
+    log.info("VAE: %s%s instead of the model's own", spec, f" at revision {revision}" if revision else "")
     return vae
 
 

@@ -514,7 +514,8 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
 # -- model identity ----------------------------------------------------------------------------------
 
 def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
-                revision: str | None = None, components_revision: str | None = None) -> dict[str, Any]:
+                revision: str | None = None, components_revision: str | None = None,
+                vae_revision: str | None = None) -> dict[str, Any]:
     """What identifies the base model: its UNet config and a few statistics of its first weights; and, where given,
     how its UNet was sampled (``schedule``, the scheduler's config: what it predicts, epsilon or v_prediction, and
     whether at zero terminal SNR, which a single file's weights cannot tell; the exports read them) and, for SD3,
@@ -522,7 +523,8 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     a hub id's ``revision``: the commit its snapshot held (pinned or main's), which a resume compares
     (:func:`check_revision`) and `sample`/`export --merge` of its LoRA load again; a transformer file's
     ``components_revision``: the commit of the hub snapshot its model_components came from, which a resume compares
-    (:func:`check_components_revision`).
+    (:func:`check_components_revision`); a hub id vae's ``vae_revision``, likewise (:func:`check_vae_revision`);
+    `sample`/`export --merge` of its LoRA load both again.
 
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
@@ -536,7 +538,8 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
             **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
             **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {}),
-            **({"components_revision": components_revision} if components_revision else {})}
+            **({"components_revision": components_revision} if components_revision else {}),
+            **({"vae_revision": vae_revision} if vae_revision else {})}
 
 
 def config_sha(unet) -> str:
@@ -600,6 +603,7 @@ def check_fingerprint(state: dict[str, Any], ours: dict[str, Any], cfg, path: Pa
         raise another_model(saved, ours["model"], problem, path)
     check_revision(saved, ours, path, problem)
     check_components_revision(state, ours, cfg, path)
+    check_vae_revision(state, ours, cfg, path)
     check_t5(state, ours, cfg, path)
     if saved.get("model") != ours["model"] and global_rank() == 0:
         log.warning("resume: the checkpoint was trained with --model %s; this run's %s is the same model",
@@ -611,6 +615,13 @@ def trained_commit(record: dict[str, Any] | None) -> str:
     none recorded: a local model, or a record from before it was kept); `sample`, `export --merge` and the card
     load or name it again."""
     commit = (record or {}).get("revision")
+    return commit if isinstance(commit, str) else ""
+
+
+def recorded_commit(record: dict[str, Any] | None, key: str) -> str:
+    """The commit a fingerprint (base_model.json, a checkpoint's) records under ``key`` (revision,
+    components_revision, vae_revision; "": none recorded)."""
+    commit = (record or {}).get(key)
     return commit if isinstance(commit, str) else ""
 
 
@@ -670,6 +681,29 @@ def check_components_revision(state: dict[str, Any], ours: dict[str, Any], cfg, 
                     said, note, old, how)
 
 
+def check_vae_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
+    """A resume whose hub id vae now resolves to another commit than the one the checkpoint's VAE came from (the
+    hub's main moved), as :func:`check_components_revision` rules: refused where the two snapshots' VAE weights
+    differ (the rewards would score other decodes than the run's so far); one warning where they are the same, or
+    the trained commit is no longer in the cache. A record without the commit, or vae changed: not compared."""
+    was, now = (state.get("fingerprint") or {}).get("vae_revision"), ours.get("vae_revision")
+    repo = getattr(cfg, "vae", "")
+    if not (was and now and was != now) or (state.get("config") or {}).get("vae", repo) != repo:
+        return
+    old, new = snapshot_folder(repo, was), snapshot_folder(repo, now)
+    said = f"checkpoint {path} trained with vae={repo} at commit {was}, and {repo} resolves to commit {now} here"
+    part = "vae" if (old / "vae").is_dir() or (new / "vae").is_dir() else ""  # (a pipeline's repository: its vae/)
+    differ = weights_differ(old, new, (part,))
+    if differ:
+        raise UserError(f"{said} (its VAE weights differ: {differ}): resume with --set vae_revision={was} to load the "
+                        "commit it trained on")
+    if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
+        note = "the same VAE weights" if differ is not None else \
+            f"commit {was} is not in the local Hugging Face cache: its VAE could not be compared"
+        log.warning("resume: %s (%s): training goes on with its VAE; --set vae_revision=%s loads the commit it "
+                    "trained on", said, note, was)
+
+
 def snapshot_folder(repo: str, commit: str) -> Path:
     """Where huggingface_hub keeps hub id ``repo``'s snapshot of ``commit``: ``HF_HUB_CACHE/models--OWNER--NAME/
     snapshots/COMMIT`` (a folder that model_components takes as it is, at that commit)."""
@@ -684,6 +718,12 @@ TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 def text_encoders_differ(old: Path, new: Path) -> str | None:
     """The first text encoder weight file (``text_encoder_2/model.safetensors``) in which two snapshot folders of one
+    hub repository differ (:func:`weights_differ`)."""
+    return weights_differ(old, new, TEXT_ENCODER_PARTS)
+
+
+def weights_differ(old: Path, new: Path, parts: tuple[str, ...]) -> str | None:
+    """The first weight file of subfolders ``parts`` ("": the folder itself) in which two snapshot folders of one
     hub repository differ: "" none; None: ``old`` is not there to compare. A part one of them lacks (not fetched:
     SD3's T5 with t5_encoder=false) is not compared. The hub cache links each file to a blob named by its content:
     two links are compared by their blobs, unread; copies byte by byte."""
@@ -691,7 +731,7 @@ def text_encoders_differ(old: Path, new: Path) -> str | None:
 
     if not old.is_dir():
         return None
-    for part in TEXT_ENCODER_PARTS:
+    for part in parts:
         if not ((old / part).is_dir() and (new / part).is_dir()):
             continue
         names = sorted({f.name for folder in (old, new) for f in (folder / part).iterdir()
@@ -699,10 +739,10 @@ def text_encoders_differ(old: Path, new: Path) -> str | None:
         for name in names:
             a, b = old / part / name, new / part / name
             if not (a.is_file() and b.is_file()):
-                return f"{part}/{name}"
+                return (Path(part) / name).as_posix()
             linked = a.is_symlink() and b.is_symlink()
             if os.path.realpath(a) != os.path.realpath(b) and (linked or not filecmp.cmp(a, b, shallow=False)):
-                return f"{part}/{name}"
+                return (Path(part) / name).as_posix()
     return ""
 
 

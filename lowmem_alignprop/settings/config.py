@@ -61,6 +61,10 @@ class Config:
     revision: str = _f("", "A hub id --model's snapshot: a branch, tag or commit sha (empty: the hub's main, or "
                        "offline the local cache's main). The commit a hub id resolved to is recorded in "
                        "base_model.json (revision) either way; --set revision=<sha> loads that one again.")
+    components_revision: str = _f("", "A hub id model_components' snapshot: a branch, tag or commit sha (empty: the "
+                                  "hub's main; --set revision pins --model only). The commit is recorded in "
+                                  "base_model.json (components_revision); sample and export --merge of the LoRA "
+                                  "load it again.")
     t5_encoder: bool = _f(True, "SD3/SD3.5: load the T5-XXL text encoder (false: leave it out, as the model allows; "
                           "zeros take its tokens' place). FLUX always needs its T5.")
     encode_on_cpu: bool = _f(False, "SD3/FLUX: run the text encoders (T5-XXL is 9.5 GB in bf16) on the CPU for the one "
@@ -81,6 +85,9 @@ class Config:
     vae: str = _f("", "VAE to decode with instead of the model's own: a diffusers folder, a .safetensors file or a hub "
                   "id. madebyollin/sdxl-vae-fp16-fix keeps SDXL's decode in fp16 (SDXL's stock VAE overflows in fp16, so "
                   "it runs in bf16, or in fp32 on GPUs without bf16). Empty = the model's own.")
+    vae_revision: str = _f("", "A hub id vae's snapshot: a branch, tag or commit sha (empty: the hub's main). The "
+                           "commit is recorded in base_model.json (vae_revision); sample and export --merge of the "
+                           "LoRA load it again.")
     reward: str = _f("brightness", "Reward: a built-in name, 'name:weight,name:weight' to combine, or your own "
                      "differentiable reward: 'package.module:fn' (importable, or in the working directory) or "
                      "'path/to/file.py:fn', fn(images) or fn(images, prompts) -> one score per "
@@ -452,8 +459,12 @@ class Config:
     def _validate_model_settings(self) -> None:
         """The settings that belong to one kind of model (a transformer file's parts, FLUX's missing negative branch,
         SD3's optional T5, a UNet's prediction type), where the model's files tell its kind before loading."""
-        if problem := revision_problem(self.model, self.revision):
-            raise UserError(problem)
+        for problem in (revision_problem(self.model, self.revision),
+                        pin_problem("components_revision", self.components_revision, "model_components",
+                                    self.model_components),
+                        pin_problem("vae_revision", self.vae_revision, "vae", self.vae)):
+            if problem:
+                raise UserError(problem)
         if self.model_components and _is_whole_model(self.model):
             raise UserError(f"model_components={self.model_components} names the folder with the other parts of a "
                             f"single transformer file, and --model {self.model} is a whole model with its own: drop "
@@ -856,6 +867,22 @@ def revision_problem(model: str, revision: str) -> str | None:
         return None
     return (f"revision={revision} pins a hub id's snapshot (OWNER/NAME at a branch, tag or commit), and --model "
             f"{model or 'tiny'} is {what}, which has no revisions: drop --set revision, or give --model as a hub id")
+
+
+def pin_problem(name: str, revision: str, field_name: str, value: str) -> str | None:
+    """What is wrong with pin ``name`` (components_revision, vae_revision) of field ``field_name``'s ``value`` (None:
+    nothing, or none given): it pins a hub id's snapshot, so with an empty field, a local folder or file it would pin
+    nothing; a value with spaces is no git ref."""
+    if not revision:
+        return None
+    if revision != revision.strip() or any(c.isspace() for c in revision):
+        return (f"{name}={revision!r} is not a branch, tag or commit of a hub repository (it has spaces): give one, "
+                f"e.g. --set {name}=main or a commit sha")
+    if value and kind_of(Path(value).expanduser()) == "missing" and looks_like_hub_id(value):
+        return None
+    what = f"{field_name} is empty" if not value else f"{field_name}={value} is a local path, not a hub id"
+    return (f"{name}={revision} pins a hub id {field_name}'s snapshot (OWNER/NAME at a branch, tag or commit), and "
+            f"{what}, which has no revisions: drop --set {name}, or give {field_name} as a hub id")
 
 
 def zero_snr_eta(eta: float) -> str:
