@@ -76,7 +76,8 @@ def _profile(tmp_path, text):
                                 "is 0 (no average kept): add --set ema_decay=0.99, or leave ema_outputs out"),
     ("malloc_threshold_out_of_range", "cpu_malloc_threshold_kib=64 is outside glibc's range: use --set "
                                       "cpu_malloc_threshold_kib=1024"),
-    ("prompts_not_utf8", "is not valid UTF-8"),
+    ("prompts_not_utf8", "p.txt is not UTF-8 text: line 1, column 7 (byte 6 of the file) holds 0xE9 (in "
+                         "Windows-1252: '\xe9'); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"),
     ("prompts_of_nul_bytes", "line 2 holds the control character '\\x00': it is not a text file of prompts"),
     ("prompts_missing", "does not exist"),
     ("prompts_as_json", "p.json is a JSON file by its name: a prompt file is plain text, one prompt per line"),

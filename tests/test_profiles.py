@@ -755,10 +755,18 @@ def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):
         mine = tmp_path / f"mine-{encoding}.yaml"
         mine.write_bytes(text.encode(encoding))
         assert load_profile(str(mine))[1] == load_profile("cpu")[1]
-    latin = tmp_path / "latin.yaml"
-    latin.write_bytes("# caf\xe9\nsteps: 3\n".encode("latin-1"))
-    with pytest.raises(UserError, match="is not UTF-8 text"):
+    latin = tmp_path / "latin.yaml"  # its line, column and byte are said (it said "is not UTF-8 text" alone)
+    latin.write_bytes("# mine\r\n# caf\xe9\r\nsteps: 3\r\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
         load_profile(str(latin))
+    assert str(err.value) == (f"profile {latin} is not UTF-8 text: line 2, column 6 (byte 13 of the file) holds 0xE9 "
+                              "(in Windows-1252: '\xe9'); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)")
+    no_mark = tmp_path / "no-mark.yaml"  # (YAML's parser said "not valid YAML at line 1": a NUL it cannot take)
+    no_mark.write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(UserError) as err:
+        load_profile(str(no_mark))
+    assert str(err.value) == (f"profile {no_mark} is not UTF-8 text: it looks like UTF-16 without a byte-order mark "
+                              "(a NUL byte beside each letter); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)")
 
 
 def test_a_mac_is_told_its_gpu_is_not_used(monkeypatch, tmp_path, caplog):

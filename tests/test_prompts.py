@@ -90,6 +90,35 @@ def test_a_prompt_file_windows_wrote_is_read(tmp_path, encoding):
     assert load_prompts(str(f)) == ["a caf\u00e9 at night", "a red fox"]
 
 
+def test_a_prompt_file_that_is_not_utf8_is_told_where_and_how_to_fix_it(tmp_path):
+    """A Windows-1252 file (Notepad's "ANSI"), one with a UTF-8 byte-order mark and CRLF, said only "is not valid
+    UTF-8 (byte 6)" (the byte counted after the mark), and UTF-16 without a mark "line 1 holds the control character
+    '\\x00'": each names the line and column an editor shows, the byte of the file, and the fix."""
+    import codecs
+
+    cases = {
+        "ansi.txt": ("a red fox\r\nun caf\xe9\r\n".encode("cp1252"),
+                     "line 2, column 7 (byte 17 of the file) holds 0xE9 (in Windows-1252: '\xe9')"),
+        "bom.txt": (codecs.BOM_UTF8 + b"a cat\r\n\r\nna\xefve\r\n",
+                    "line 3, column 3 (byte 14 of the file) holds 0xEF (in Windows-1252: '\xef')"),
+        "utf16.txt": ("a cat\r\na dog\r\n".encode("utf-16-le"),
+                      "it looks like UTF-16 without a byte-order mark (a NUL byte beside each letter)"),
+    }
+    for name, (data, where) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError) as err:
+            load_prompts(str(tmp_path / name))
+        assert str(err.value) == (f"prompt file {tmp_path / name} is not UTF-8 text: {where}; save it as UTF-8 "
+                                  "(Notepad: Save as, Encoding UTF-8)")
+    cut = tmp_path / "cut.txt"  # UTF-16 by its mark, cut off in the middle of a character
+    cut.write_bytes("ab\r\ncd".encode("utf-16") + b"\x00")
+    with pytest.raises(UserError) as err:
+        load_prompts(str(cut))
+    assert str(err.value) == (f"prompt file {cut} is not UTF-8 text, and not UTF-16 though it starts with UTF-16's "
+                              "byte-order mark: line 2, column 3 (byte 14 of the file) does not decode (truncated "
+                              "data); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)")
+
+
 def test_prompts_longer_than_the_encoder_that_carries_their_tokens_reads_are_said():
     """SD3/FLUX: T5 carries the prompt's tokens, max_sequence_length of them: prompts past it were cut in silence
     (the note counted CLIP's 77 tokens, which T5 reads past). SD3 without T5 reads CLIP's length; a UNet model CLIP's.

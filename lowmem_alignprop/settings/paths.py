@@ -12,14 +12,44 @@ import stat
 from pathlib import Path
 
 
+class NotText(ValueError):
+    """A user's text file that is neither UTF-8 nor UTF-16 with a byte-order mark; str(): where, in words, after
+    the file's name ("is not UTF-8 text: line 2, column 4 (byte 22 of the file) holds 0xE9 ...")."""
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what an editor counts as a line's end (str.splitlines also splits at \f, \x85)
+
+
 def read_user_text(path: Path) -> str:
     """A text file the user wrote (a profile, a prompt file): UTF-8, with or without a byte-order mark, or UTF-16
     with one (what Windows PowerShell 5.1's ``>`` writes: ``lowmem-alignprop profiles cpu > mine.yaml``). Raises
-    UnicodeDecodeError for anything else, OSError where it cannot be read."""
+    NotText for anything else (saying the line and byte), OSError where it cannot be read."""
     data = path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
-    return data.decode("utf-8-sig")
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:  # (its offsets count the byte-order mark)
+            raise NotText(f"is not UTF-8 text, and not UTF-16 though it starts with UTF-16's byte-order mark: "
+                          f"{_where(data, e.start, 'utf-16')} does not decode ({e.reason})") from None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    few, many = sorted((data[1::2].count(0), data[0::2].count(0)))  # UTF-16 of Latin text: a NUL beside each letter
+    if many >= 2 and many * 2 > len(data) // 2 and few < many // 4:  # (a file of zeros is no UTF-16)
+        raise NotText("is not UTF-8 text: it looks like UTF-16 without a byte-order mark (a NUL byte beside each "
+                      "letter)")
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        legacy = data[at:at + 1].decode("cp1252", errors="ignore")  # (0x81, 0x8D, 0x8F, 0x90, 0x9D: none)
+        guess = f" (in Windows-1252: {legacy!r})" if legacy.isprintable() and legacy else ""
+        raise NotText(f"is not UTF-8 text: {_where(data, at, 'utf-8-sig')} holds 0x{data[at]:02X}{guess}") from None
+
+
+def _where(data: bytes, offset: int, codec: str) -> str:
+    """'line L, column C (byte B of the file)' of byte ``offset`` of ``data`` (read as ``codec``), counted from 1 as
+    an editor counts them (B from 0, as hex viewers do)."""
+    lines = LINE_BREAK.split(data[:offset].decode(codec, errors="replace"))
+    return f"line {len(lines)}, column {len(lines[-1]) + 1} (byte {offset} of the file)"
 
 
 def absolute_path(path: str | os.PathLike) -> str:

@@ -15,7 +15,7 @@ from lowmem_alignprop.settings.config import (FIELD_NAMES, RETIRED_FIELDS, Confi
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.model_kind import model_kind_of, shipped_name
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import absolute_path, kind_of, read_user_text
+from lowmem_alignprop.settings.paths import NotText, absolute_path, kind_of, read_user_text
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # auto: the largest shipped profile whose budget the detected card holds (GiB of total memory), or that card's profile
@@ -290,8 +290,8 @@ def load_profile(spec: str, model: str = "", components: str = "", revision: str
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"profile {path} is not valid YAML{where}: fix the file (`lowmem-alignprop profiles cpu` "
                         "prints one, for the format)") from None
-    except UnicodeDecodeError:
-        raise UserError(f"profile {path} is not UTF-8 text: save it as UTF-8") from None
+    except NotText as e:
+        raise UserError(f"profile {path} {e}; save it as UTF-8 (Notepad: Save as, Encoding UTF-8)") from None
     except OSError as e:  # permissions, an I/O error
         raise UserError(f"cannot read profile {path} ({e.strerror or type(e).__name__}): check its permissions") \
             from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import kind_of, read_user_text
+from lowmem_alignprop.settings.paths import NotText, kind_of, read_user_text
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -52,8 +52,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise UserError(f"prompt file {path} {describe_path(path)}{also}; give a text file with one prompt per line")
     try:
         text = read_user_text(path)  # UTF-8 (a byte-order mark too), or UTF-16 as PowerShell's > writes it
-    except UnicodeDecodeError as exc:
-        raise UserError(f"prompt file {path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
+    except NotText as exc:
+        raise UserError(f"prompt file {path} {exc}; save it as UTF-8 (Notepad: Save as, Encoding UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read prompt file {path} ({exc.strerror}); check its permissions") from exc
     for number, line in enumerate(text.splitlines(), 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
