@@ -119,6 +119,29 @@ def test_a_prompt_file_that_is_not_utf8_is_told_where_and_how_to_fix_it(tmp_path
                               "data); save it as UTF-8 (Notepad: Save as, Encoding UTF-8)")
 
 
+def test_a_prompt_file_is_cut_into_lines_where_an_editor_ends_them(tmp_path):
+    """str.splitlines also ended a line at a form feed, \\x1c-\\x1e, \\x85 and U+2028: 'a cat<FF>a dog' trained as two
+    prompts with no line between them, and the control-character check (run on those pieces) never saw it. A byte-order
+    mark inside the file (two Notepad files joined with `type a.txt b.txt > all.txt`) stayed in the prompt as
+    '\\ufeffa dog'."""
+    import codecs
+
+    joined = tmp_path / "joined.txt"
+    joined.write_bytes(codecs.BOM_UTF8 + b"a cat\r\n" + codecs.BOM_UTF8 + b"a dog\r\n\xef\xbb\xbf  a fox")
+    assert load_prompts(str(joined)) == ["a cat", "a dog", "a fox"]
+    old_mac = tmp_path / "cr.txt"
+    old_mac.write_bytes(b"a cat\ra dog\r")
+    assert load_prompts(str(old_mac)) == ["a cat", "a dog"]
+    for char, what in (("\x0c", "control character '\\x0c'"), ("\x85", "control character '\\x85'"),
+                       ("\u2028", "line separator '\\u2028'")):
+        f = tmp_path / "odd.txt"
+        f.write_bytes(f"a cat\r\na dog{char}a fox\r\n".encode())
+        with pytest.raises(UserError) as err:
+            load_prompts(str(f))
+        assert str(err.value) == (f"prompt file {f} line 2 holds the {what}: it is not a text file of prompts; write "
+                                  "one prompt per line")
+
+
 def test_prompts_longer_than_the_encoder_that_carries_their_tokens_reads_are_said():
     """SD3/FLUX: T5 carries the prompt's tokens, max_sequence_length of them: prompts past it were cut in silence
     (the note counted CLIP's 77 tokens, which T5 reads past). SD3 without T5 reads CLIP's length; a UNet model CLIP's.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean
 from lowmem_alignprop.settings.paths import describe as describe_path
-from lowmem_alignprop.settings.paths import NotText, kind_of, read_user_text
+from lowmem_alignprop.settings.paths import LINE_BREAK, NotText, kind_of, read_user_text
 from lowmem_alignprop.toy.scenes import PROMPT_SET_SIZE
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -56,12 +56,17 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise UserError(f"prompt file {path} {exc}; save it as UTF-8 (Notepad: Save as, Encoding UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read prompt file {path} ({exc.strerror}); check its permissions") from exc
-    for number, line in enumerate(text.splitlines(), 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
-        control = next((c for c in line if ord(c) < 32 and c != "\t" or ord(c) == 127), None)
+    # lines as an editor counts them (str.splitlines also ends one at \f, \v, \x1c-\x1e, \x85, U+2028/9); a
+    # byte-order mark inside (two files joined: `type a.txt b.txt > all.txt`) is no text: taken out
+    lines = [line.replace("\ufeff", "") for line in LINE_BREAK.split(text)]
+    for number, line in enumerate(lines, 1):  # valid UTF-8 can still be no text: NUL bytes, escapes
+        control = next((c for c in line if ord(c) < 32 and c != "\t" or 127 <= ord(c) < 160 or c in "\u2028\u2029"),
+                       None)
         if control is not None:
-            raise UserError(f"prompt file {path} line {number} holds the control character {control!r}: it is not a "
-                            "text file of prompts; write one prompt per line")
-    prompts = [line.strip() for line in text.splitlines()]
+            what = "line separator" if control in "\u2028\u2029" else "control character"
+            raise UserError(f"prompt file {path} line {number} holds the {what} {control!r}: it is not a text file of "
+                            "prompts; write one prompt per line")
+    prompts = [line.strip() for line in lines]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {path} has no prompts (only blank lines or # comments); write one prompt per line")
