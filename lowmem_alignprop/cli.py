@@ -476,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             close = nearest(argv[0], COMMANDS)
             raise UserError(f"unknown command {argv[0]!r}: " + (f"did you mean lowmem-alignprop {close}?" if close
                             else f"the commands are {', '.join(COMMANDS)} (see lowmem-alignprop --help)"))
+        if (unreadable := _unreadable_argument(argv)) is not None:  # (it broke writing command.txt, the model loaded)
+            raise UserError(unreadable)
         if _working_directory_gone():  # before torch imports: its lazy MKL load ends the process without a word
             raise UserError("the working directory no longer exists: run the command from a folder that exists "
                             "(relative paths are read from there)")
@@ -500,6 +502,21 @@ def main(argv: list[str] | None = None) -> int:
         if said is None:
             raise
         return _report(said)
+
+
+def _unreadable_argument(argv: list[str]) -> str | None:
+    """What to say of the first argument holding bytes the locale's encoding cannot read (Python keeps them as lone
+    surrogates): a file named in Latin-1 (unzipped from an old Windows archive), or any non-ASCII name under LC_ALL=C
+    with PYTHONUTF8=0. No file the run writes (command.txt, config.yaml, a model card) can hold it. None: all read."""
+    for i, arg in enumerate(argv):
+        if not any(0xD800 <= ord(c) <= 0xDFFF for c in arg):
+            continue
+        option, value = arg.partition("=")[::2] if arg.startswith("--") and "=" in arg else ("", arg)
+        option = option or (argv[i - 1] if i and argv[i - 1].startswith("-") else "the argument")
+        return (f"{option} {value!a} has bytes this locale cannot read (not UTF-8, or a non-UTF-8 locale such as "
+                "LC_ALL=C with PYTHONUTF8=0): give it in UTF-8 (a file's name: convmv -f latin1 -t utf-8 --notest "
+                "NAME renames it) or run in a UTF-8 locale (LC_ALL=C.UTF-8)")
+    return None
 
 
 def _working_directory_gone() -> bool:

@@ -1064,6 +1064,28 @@ def test_a_model_larger_than_host_memory_is_refused_on_a_cpu_before_it_loads(tmp
         check_host_memory(cfg, available=need, total=need)
 
 
+def test_an_argument_the_locale_cannot_read_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A prompt file or profile named in Latin-1 (unzipped from an old Windows archive) reaches Python as lone
+    surrogates: the file was read, the model loaded, and writing command.txt raised UnicodeEncodeError with a
+    traceback, leaving config.yaml and an empty metrics.jsonl behind. Now one line names the argument and the fix."""
+    from refusals import assert_refused
+
+    prompts = tmp_path / "caf\udce9.txt"  # b"caf\xe9.txt" on disk
+    prompts.write_text("a red triangle\n", encoding="utf-8")
+    profile = tmp_path / "mine\udce9.yaml"
+    profile.write_text("batch_size: 1\n", encoding="utf-8")
+    fix = ("has bytes this locale cannot read (not UTF-8, or a non-UTF-8 locale such as LC_ALL=C with PYTHONUTF8=0): "
+           "give it in UTF-8 (a file's name: convmv -f latin1 -t utf-8 --notest NAME renames it) or run in a UTF-8 "
+           "locale (LC_ALL=C.UTF-8)")
+    out = tmp_path / "run"
+    for argv, line in (
+            ([*FAST, "--prompts", str(prompts)], f"error: --prompts {str(prompts)!a} {fix}"),
+            ([f"--profile={profile}", "--steps", "1"], f"error: --profile {str(profile)!a} {fix}"),
+            (["sample", "--prompt", "un caf\udce9"], f"error: --prompt 'un caf\\udce9' {fix}")):
+        assert_refused(main, [*argv, "--output-dir", str(out)], line, out, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([prompts.name, profile.name])
+
+
 def test_every_test_the_bad_input_table_names_exists():
     """docs/bad_inputs.md's last column names the test of each row (test_file::test_name, or a name of the file
     named before it): a renamed or removed test leaves a row that claims a check no longer there."""
