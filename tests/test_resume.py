@@ -1360,3 +1360,25 @@ def test_config_yaml_records_the_profile_files_values_and_a_resume_tells_an_edit
         "settings and the flags given now; to take the file's, give it: --set lr=0.03"]
     assert yaml.safe_load((run / "config.yaml").read_text())["profile_values"] == recorded  # the start's, still
     assert load_profile(str(run / "config.yaml"))[1]["lr"] == 0.02  # as --profile: the run's settings, not the record
+
+
+def test_a_config_yaml_re_saved_by_a_windows_editor_is_read_at_a_resume(tmp_path):
+    """config.yaml edited and re-saved as UTF-16 (Notepad's "Unicode", PowerShell 5.1's Set-Content): the resume's
+    "config.yaml was edited since the checkpoint" note and its run's own profile record read it as UTF-8, failed, and
+    said nothing, so the edit was lost without a word (a UTF-8 file said it)."""
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.run.checkpoint import edited_config_note
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    point = SimpleNamespace(path=run / "checkpoints" / "step-00000001")
+    point.path.mkdir(parents=True)
+    text = "profile: /x/mine.yaml\nprofile_values:\n  lr: 0.001\nlr: 0.002\n".replace("\n", "\r\n")
+    for encoding in ("utf-8", "utf-8-sig", "utf-16"):
+        (run / "config.yaml").write_bytes(text.encode(encoding))
+        assert edited_config_note(run / "config.yaml", {"lr": 0.001}, []) == (
+            "resume: config.yaml was edited since the checkpoint (lr 0.001 -> 0.002): a resume trains with the "
+            "checkpoint's settings and the flags given now, and writes config.yaml again; give a change as a flag, "
+            "e.g. --set lr=0.002"), encoding
+        assert RunFolder(run).recorded_profile(point) == ("/x/mine.yaml", {"lr": 0.001}), encoding

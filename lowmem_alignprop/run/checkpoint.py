@@ -45,6 +45,7 @@ from lowmem_alignprop.run.tensor_files import TensorFileError, read_tensor_file
 from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import denoiser_label
+from lowmem_alignprop.settings.paths import read_user_text
 from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, FULL_DIR, LORA_DIR, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowmem_alignprop")
@@ -495,8 +496,8 @@ def edited_config_note(path: Path, saved: dict[str, Any], fits: list[dict]) -> s
     without a word. ``fits``: --auto-fit's changes, which the checkpoint holds and config.yaml may not yet."""
     import yaml
 
-    try:
-        written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:  # (re-saved by Notepad or PowerShell: UTF-16 too; its edit was lost without a word)
+        written = yaml.safe_load(read_user_text(path))
     except (OSError, ValueError, yaml.YAMLError):
         return None
     stepped = {k for f in fits for k in (f.get("change") or {})}

@@ -30,7 +30,7 @@ from lowmem_alignprop.run.faults import json_ready
 from lowmem_alignprop.run.filenames import (BEST_FILE, CONFIG_FILE, GRID_FILE, GRID_RECORD, LORA_DIR, METRICS_FILE,
                                             SAMPLES_DIR, SUMMARY_FILE, grid_step)
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.settings.paths import absolute_path
+from lowmem_alignprop.settings.paths import absolute_path, read_user_text
 from lowmem_alignprop.run.runlock import (RunLock, check_free, global_rank, hold_folder, holder, next_free_dir,
                                           world_size)
 
@@ -155,7 +155,7 @@ class RunFolder:
         origin = self.of_checkpoint(str(point.path))  # a checkpoint resumed into a new folder: its run's profile
         for run in [self.path] + ([Path(origin)] if origin else []):
             try:
-                written = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))
+                written = yaml.safe_load(read_user_text(run / CONFIG_FILE))  # (a user's editor's: UTF-16 too)
                 name, values = written.get("profile"), written.get("profile_values")
             except (OSError, ValueError, AttributeError, yaml.YAMLError):
                 continue
