@@ -112,7 +112,7 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_other_text_encoders
         files, tmp_path, monkeypatch, capsys):
     """The run's parts came from the hub id's main at MAIN; main moved to NEW, whose text encoder holds other
     weights: the resume loaded NEW's in silence (the prompts encoded otherwise than the run's so far). Refused with
-    both commits and the trained snapshot's folder (--set revision pins --model only), which then resumes."""
+    both commits and --set components_revision=MAIN (the pin of model_components' commit), which then resumes."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -133,24 +133,26 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_other_text_encoders
     capsys.readouterr()
     assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 2
     said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    old = repo / "snapshots" / MAIN
     assert said == [f"error: checkpoint {run / 'checkpoints' / 'step-00000001'} trained with model_components={REPO} "
                     f"at commit {MAIN}, and {REPO} resolves to commit {NEW} here (its text encoders' weights differ: "
-                    f"text_encoder/model.safetensors): resume with --set model_components={old} to load the commit it "
-                    "trained on (--set revision pins --model only)"]
+                    f"text_encoder/model.safetensors): resume with --set components_revision={MAIN} to load the commit "
+                    "it trained on"]
     assert len(_losses(run)) == 1
     assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", "--set",
-                 f"model_components={old}"]) == 0
+                 f"components_revision={MAIN}"]) == 0
     assert len(_losses(run)) == 2 and "resolves to commit" not in capsys.readouterr().err
+    # the pin was taken: the step-2 checkpoint records MAIN, the commit its parts came from
+    step2 = json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert step2["fingerprint"]["components_revision"] == MAIN
 
 
 @pytest.mark.parametrize("case", ["same", "linked", "gone", "unrecorded", "rank1"])
 def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encoders_warns_once(
         case, tmp_path, monkeypatch, caplog):
     """main moved to a commit with the same text encoder weights (a README or VAE change; the cache's links to one
-    blob are compared unread): one warning naming both commits and the trained snapshot's folder, training goes on;
-    the trained commit gone from the cache: said, with its download; a record without the commit, or rank 1: nothing
-    said."""
+    blob are compared unread): one warning naming both commits and --set components_revision, training goes on; the
+    trained commit gone from the cache: said (the pin fetches it where the hub is reachable); a record without the
+    commit, or rank 1: nothing said."""
     import logging
 
     from lowmem_alignprop.run import checkpoint as ckpt
@@ -179,15 +181,13 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encod
         ckpt.check_fingerprint(saved, {**fp, "components_revision": NEW},
                                Config(model="flux.safetensors", model_components=REPO), tmp_path / "step-1")
     lines = [r.getMessage() for r in caplog.records]
-    old = repo / "snapshots" / MAIN
-    note, how = "the same text encoder weights", ""
+    note = "the same text encoder weights"
     if case == "gone":
         note = f"commit {MAIN} is not in the local Hugging Face cache: its text encoders could not be compared"
-        how = f" (after `hf download {REPO} --revision {MAIN}`)"
     assert lines == ([] if case in ("unrecorded", "rank1") else [
         f"resume: checkpoint {tmp_path / 'step-1'} trained with model_components={REPO} at commit {MAIN}, and {REPO} "
         f"resolves to commit {NEW} here ({note}): training goes on with its text encoders, VAE and scheduler; --set "
-        f"model_components={old}{how} loads the commit it trained on (--set revision pins --model only)"])
+        f"components_revision={MAIN} loads the commit it trained on"])
 
 
 def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_weights(tmp_path):

@@ -659,27 +659,24 @@ def check_components_revision(state: dict[str, Any], ours: dict[str, Any], cfg, 
     """A resume whose model_components hub id now resolves to another commit than the one the checkpoint's text
     encoders, VAE and scheduler came from (the hub's main moved): refused where the two snapshots' text encoder
     weights differ (the prompts would be encoded otherwise than the run's so far, in silence); one warning where
-    they are the same, or the trained commit is no longer in the cache to compare. --set revision pins --model only:
-    the trained commit loads as its snapshot folder. A record without the commit, or model_components changed: not
-    compared."""
+    they are the same, or the trained commit is no longer in the cache to compare; either names --set
+    components_revision=<the trained commit>, which loads it (and fetches it where it left the cache and the hub is
+    reachable). A record without the commit, or model_components changed: not compared."""
     was, now = (state.get("fingerprint") or {}).get("components_revision"), ours.get("components_revision")
     repo = getattr(cfg, "model_components", "")
     if not (was and now and was != now) or (state.get("config") or {}).get("model_components", repo) != repo:
         return
-    old, new = snapshot_folder(repo, was), snapshot_folder(repo, now)
     said = (f"checkpoint {path} trained with model_components={repo} at commit {was}, and {repo} resolves to commit "
             f"{now} here")
-    differ = text_encoders_differ(old, new)
+    differ = text_encoders_differ(snapshot_folder(repo, was), snapshot_folder(repo, now))
     if differ:
         raise UserError(f"{said} (its text encoders' weights differ: {differ}): resume with --set "
-                        f"model_components={old} to load the commit it trained on (--set revision pins --model only)")
+                        f"components_revision={was} to load the commit it trained on")
     if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
-        how = "" if differ is not None else f" (after `hf download {repo} --revision {was}`)"
         note = "the same text encoder weights" if differ is not None else \
             f"commit {was} is not in the local Hugging Face cache: its text encoders could not be compared"
         log.warning("resume: %s (%s): training goes on with its text encoders, VAE and scheduler; --set "
-                    "model_components=%s%s loads the commit it trained on (--set revision pins --model only)",
-                    said, note, old, how)
+                    "components_revision=%s loads the commit it trained on", said, note, was)
 
 
 def check_vae_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
