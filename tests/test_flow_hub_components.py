@@ -413,6 +413,17 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
     merged = load_file(str(tmp_path / "merged" / "text_encoder" / "model.safetensors"))
     trained = load_file(str(repo / "snapshots" / MAIN / "text_encoder" / "model.safetensors"))
     assert all(torch.equal(merged[k], trained[k]) for k in trained)
+    # merged_loras.json names the commit its parts were read at; `sample --model MERGED` alone takes the run's other
+    # settings from it, not the parts' hub id nor its pin (the folder holds those parts: a pin alone is refused)
+    entry = json.loads((tmp_path / "merged" / "merged_loras.json").read_text())[0]
+    assert (entry["components_revision"], "vae_revision" in entry) == (MAIN, False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["sample", *FLOW, "--model", str(tmp_path / "merged"), "--num-prompts", "1",
+                     "--output-dir", str(tmp_path / "s3")]) == 0
+    said = [r.getMessage() for r in caplog.records if "is an export --merge" in r.getMessage()]
+    assert len(said) == 1 and "did: reward=brightness" in said[0] and "model_components" not in said[0]
+    assert "components_revision" not in said[0]
     shutil.rmtree(repo / "snapshots" / MAIN)
     capsys.readouterr()
     assert main(["sample", *FLOW, "--lora", str(run / "lora"), "--num-prompts", "1",

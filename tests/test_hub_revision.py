@@ -340,6 +340,8 @@ def test_a_hub_vae_is_recorded_and_its_loras_sample_merge_and_resume_load_that_c
         in caplog.text
     merged = load_file(str(tmp_path / "merged" / VAE_FILE))["decoder.conv_out.weight"]
     assert merged.allclose(load_file(str(two_commits / "snapshots" / MAIN / VAE_FILE))["decoder.conv_out.weight"])
+    entry = json.loads((tmp_path / "merged" / "merged_loras.json").read_text())[0]
+    assert (entry["vae_revision"], "components_revision" in entry) == (MAIN, False)  # (the commit its VAE came from)
     capsys.readouterr()
     assert main([*FAST[:-1], "2", "--output-dir", str(out), "--resume", "latest"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -208,8 +208,8 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
-    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit,
-                            **pinned_parts(lora.base, {**lora.run_config, "model_components": components})})
+    pins = pinned_parts(lora.base, {**lora.run_config, "model_components": components})
+    pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
@@ -220,6 +220,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     record[-1]["into_fingerprint"] = {k: ours[k] for k in ("unet_config_sha", "conv_in")}
     if commit:  # a hub id at the commit the LoRA trained on (its name alone loads the hub's main)
         record[-1]["into_revision"] = commit
+    record[-1].update(pins)  # the commits its other parts (text encoders, VAE...) were read at: the folder holds them
     if lora.base:
         problem = ckpt.fingerprint_difference(lora.base, ours)
         if problem:
