@@ -211,6 +211,27 @@ def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_we
     assert text_encoders_differ(tmp_path / "gone", b) is None
 
 
+def test_the_transformer_config_of_a_hub_id_components_is_read_at_the_commit_given(files, tmp_path, monkeypatch):
+    """export's metadata reads a transformer file's config from its hub id model_components: at the commit the run's
+    parts came from (components_revision), not the cache's main, which moved to a config of another model."""
+    import shutil
+
+    from lowmem_alignprop.commands import flow_export
+
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    conf = repo / "snapshots" / NEW / "transformer" / "config.json"
+    shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "num_layers": 7}))  # (another block count)
+    (repo / "refs" / "main").write_text(NEW)
+    trained = flow_export.transformer_config(str(files["file"]), REPO, MAIN)
+    assert trained is not None and trained["num_layers"] == json.loads(
+        (repo / "snapshots" / MAIN / "transformer" / "config.json").read_text())["num_layers"] != 7
+    assert flow_export.transformer_config(str(files["file"]), REPO) is None  # main's: not the file's block count
+
+
 def test_plan_of_a_transformer_file_with_a_hub_id_plans_as_with_its_snapshot_folder(cache, capsys):
     """`plan` reads the hub id's cached configs (never its weights): the same plan as the snapshot's folder gives."""
     said = []
@@ -392,9 +413,11 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
 
     read, download = [], huggingface_hub.snapshot_download
 
-    def parts_read(*a, **k):  # the snapshots the parts load from (export's metadata reads main's two configs alone)
+    configs = []  # the commits export's metadata read the two config files at
+
+    def parts_read(*a, **k):  # the snapshots the parts load from (export's metadata reads the two configs alone)
         got = download(*a, **k)
-        read.extend([got] if k.get("allow_patterns") != CONFIG_FILES else [])
+        (read if k.get("allow_patterns") != CONFIG_FILES else configs).append(got)
         return got
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", parts_read)
@@ -417,6 +440,11 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
     # settings from it, not the parts' hub id nor its pin (the folder holds those parts: a pin alone is refused)
     entry = json.loads((tmp_path / "merged" / "merged_loras.json").read_text())[0]
     assert (entry["components_revision"], "vae_revision" in entry) == (MAIN, False)
+    # the kohya export's metadata (modelspec.architecture, ss_base_model_version) reads the transformer config of the
+    # commit the run's parts came from, not main's
+    configs.clear()
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "kohya")]) == 0
+    assert configs and {c.rsplit("/", 1)[-1] for c in configs} == {MAIN}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main(["sample", *FLOW, "--model", str(tmp_path / "merged"), "--num-prompts", "1",

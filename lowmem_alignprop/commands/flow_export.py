@@ -258,17 +258,19 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
 # which model: kohya's ss_base_model_version, sai's modelspec.architecture
 # ---------------------------------------------------------------------------------------------------------
 
-def transformer_config(base_model: str | None, components: str = "") -> dict | None:
+def transformer_config(base_model: str | None, components: str = "", revision: str = "") -> dict | None:
     """The base model's transformer config, when the base model is a shipped architecture or a local folder, or a
     transformer file with its model_components folder (that folder's config, FLUX's variant as the file's keys say:
-    as loading reads it; a hub id's model_index.json and transformer config fetched if need be, not its parts)."""
+    as loading reads it; a hub id's model_index.json and transformer config fetched if need be, not its parts, at
+    ``revision``: the commit its run's parts came from, components_revision; "": main)."""
     if not base_model:
         return None
     from lowmem_alignprop.models.flow_loading import ARCH_FLOW_DIR, FLOW_ARCHS, single_file_transformer
 
     if components and Path(base_model).expanduser().is_file():
         try:
-            return single_file_transformer(base_model, components, configs_only=True)[1]  # (a hub id: 2 files)
+            return single_file_transformer(base_model, components, configs_only=True,  # (a hub id: 2 files)
+                                           revision=revision)[1]
         except (UserError, OSError):  # gone or changed since: the metadata falls back to the modules' shapes
             return None
     folder = ARCH_FLOW_DIR / base_model if base_model in FLOW_ARCHS else Path(base_model).expanduser()
@@ -291,22 +293,25 @@ def family_of_model(base_model: str | None) -> str | None:
     return FLOW_PIPELINES.get(pipeline_class(Path(base_model).expanduser()))
 
 
-def base_model_version(family: str, base_model: str | None, modules, components: str = "") -> str:
+def base_model_version(family: str, base_model: str | None, modules, components: str = "",
+                       revision: str = "") -> str:
+    """kohya's ss_base_model_version of an SD3/FLUX LoRA (SD3 from its transformer config: qk-norm, dual attention;
+    ``revision``: a hub id model_components' commit, :func:`transformer_config`)."""
     if family == FLUX:
         return "flux1"
-    conf = transformer_config(base_model, components)
+    conf = transformer_config(base_model, components, revision)
     dual = any(".attn2." in m for m in modules) or bool((conf or {}).get("dual_attention_layers"))
     if conf is not None and not conf.get("qk_norm"):
         return "medium"  # SD3 Medium: no qk-norm
     return "5-medium" if dual else "5-large"
 
 
-def architecture(family: str, base_model: str | None, modules, components: str = "") -> str:
+def architecture(family: str, base_model: str | None, modules, components: str = "", revision: str = "") -> str:
     """sai modelspec.architecture (what sd-scripts writes beside ss_base_model_version)."""
     if family == FLUX:
-        conf = transformer_config(base_model, components)
+        conf = transformer_config(base_model, components, revision)
         return f"flux-1-{'schnell' if conf is not None and not conf.get('guidance_embeds') else 'dev'}/lora"
-    return f"stable-diffusion-3-{base_model_version(family, base_model, modules, components)}/lora"
+    return f"stable-diffusion-3-{base_model_version(family, base_model, modules, components, revision)}/lora"
 
 
 # the model a LoRA's ss_base_model_version names (base_model_version: the header's rule), as the card says it

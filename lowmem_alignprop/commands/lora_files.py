@@ -102,6 +102,13 @@ class Lora:
         return str(((self.base or {}).get("image_settings") or {}).get("model_components")
                    or self.run_config.get("model_components") or "")
 
+    @property
+    def components_revision(self) -> str:
+        """The commit a hub id model_components' parts were read at, as base_model.json (or the checkpoint's
+        fingerprint) records it (``components_revision``), or ""."""
+        commit = (self.base or {}).get("components_revision")
+        return commit if isinstance(commit, str) else ""
+
     def scale(self, module: str) -> float:
         """The factor peft applies to ``B @ A`` in ``module`` (what a trained LoRA means)."""
         from peft.utils.other import get_pattern_key
@@ -466,7 +473,8 @@ def base_family(lora: Lora) -> str:
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
     if lora.flow:
         from lowmem_alignprop.commands import flow_export
-        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules, lora.model_components)
+        return flow_export.base_model_version(lora.family, lora.base_model, lora.modules, lora.model_components,
+                                              lora.components_revision)
     spec = lora.base_model or ""
     known = {"sd15": SD_V1, "sd21": SD_V2, "sdxl": SDXL}
     if spec in known:

@@ -131,8 +131,8 @@ def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: 
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     if lora.flow:  # what sd-scripts writes beside it for these families
         from lowmem_alignprop.commands import flow_export
-        arch = flow_export.architecture(lora.family, lora.base_model, lora.modules,
-                                        lora.model_components).removesuffix("/lora")
+        arch = flow_export.architecture(lora.family, lora.base_model, lora.modules, lora.model_components,
+                                        lora.components_revision).removesuffix("/lora")
     else:
         meta[MODELSPEC_PREDICTION] = "v" if v else "epsilon"  # (the model spec's words)
         # (sd-scripts: SDXL's one name, v-prediction or not, which modelspec.prediction_type then says; SD 2.x's v

@@ -466,8 +466,8 @@ def license_example(lora: Lora, version: str) -> str:
     :func:`base_family`, which the card has read)."""
     if lora.family == "flux":
         from lowmem_alignprop.commands import flow_export
-        key = flow_export.architecture(lora.family, lora.base_model, lora.modules,
-                                       lora.model_components).removesuffix("/lora")
+        key = flow_export.architecture(lora.family, lora.base_model, lora.modules, lora.model_components,
+                                       lora.components_revision).removesuffix("/lora")
     else:
         key = "sd3" if lora.family == "sd3" else version
     model, name = BASE_LICENSES[key]

@@ -125,12 +125,13 @@ def _components_files(repo: str, offline: bool, t5: bool = True, revision: str =
 
 
 def single_file_transformer(path: str, components: str, folder: Path | None = None, *,
-                            configs_only: bool = False) -> tuple:
+                            configs_only: bool = False, revision: str = "") -> tuple:
     """(class, config, family, layout) of a single-file SD3/FLUX transformer whose pipeline's other parts are in the
     diffusers folder or hub id ``components`` (``folder``: its folder, :func:`components_folder`, where the caller
     has it): the config is that folder's (FLUX: dev or schnell as the file's keys say). Reads the file's header
-    only. ``configs_only``: the config alone is wanted (a hub id's two config files fetched, its parts not checked).
-    Raises UserError (an unreadable file, no or a wrong ``components``, a hub id not at hand)."""
+    only. ``configs_only``: the config alone is wanted (a hub id's two config files fetched, its parts not checked);
+    ``revision``: a hub id's snapshot (components_revision; "": main) where ``folder`` is not given. Raises
+    UserError (an unreadable file, no or a wrong ``components``, a hub id not at hand)."""
     import diffusers
     from safetensors import safe_open
 
@@ -144,7 +145,7 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
     if not components:
         raise UserError(f"{path} holds only {_a(family)} transformer: name the model's diffusers folder with the "
                         "text encoders, VAE and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)")
-    comp = folder or components_folder(components, configs_only=configs_only)
+    comp = folder or components_folder(components, configs_only=configs_only, revision=revision)
     if kind_of(comp) != "directory":  # a path that is no folder
         raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder, or "
                         "its hub id (OWNER/NAME)")
