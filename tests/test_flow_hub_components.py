@@ -100,7 +100,14 @@ def test_resume_and_export_merge_of_a_run_with_a_hub_id_as_model_components(cach
     own, snapshots = (load_file(str(f))["x_embedder.weight"] for f in
                       (cache["file"], cache["snapshot"] / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(merged_back["x_embedder.weight"], own) and not torch.equal(own, snapshots)
-    assert f"--set model_components={REPO}`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text().splitlines()
+    # the parts at the commit they came from (the name alone loads the hub's main): lowmem-alignprop and diffusers
+    said = f"--set model_components={REPO} --set components_revision={MAIN}"
+    assert f"- lowmem-alignprop: `--model {merged.name} {said}`." in card
+    assert f"- diffusers: `FluxTransformer2DModel.from_single_file(\"{merged.name}\", config=\"{REPO}\", " \
+           f"subfolder=\"transformer\", config_revision=\"{MAIN}\")`." in card
+    started = [x for x in card if x.startswith("lowmem-alignprop --")]  # the start pinned; the resume: its config
+    assert [x.count(f"--set components_revision={MAIN}") for x in started] == [1, 0] and "--resume" in started[1]
     assert flow_export.architecture("flux", str(cache["file"]), [], REPO) == \
         flow_export.architecture("flux", str(cache["file"]), [], str(cache["snapshot"]))
 
@@ -445,6 +452,13 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
     configs.clear()
     assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "kohya")]) == 0
     assert configs and {c.rsplit("/", 1)[-1] for c in configs} == {MAIN}
+    # its card names the parts' commit and the flags that load it; its training command pins it (run again after
+    # main moved, the name alone would train on NEW's text encoders)
+    card = (tmp_path / "kohya" / "README.md").read_text()
+    assert f"| text encoders, VAE and scheduler | `{REPO}` at commit `{MAIN}` (lowmem-alignprop: `--set " \
+           f"model_components={REPO} --set components_revision={MAIN}`) |" in card.splitlines()
+    [trained] = [x for x in card.splitlines() if x.startswith("lowmem-alignprop --profile")]
+    assert trained.endswith(f"--output-dir {run} --set components_revision={MAIN}")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main(["sample", *FLOW, "--model", str(tmp_path / "merged"), "--num-prompts", "1",

@@ -103,6 +103,9 @@ def test_a_run_records_the_commit_and_its_lora_samples_that_commit_after_main_mo
     assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "lora-card")]) == 0
     card = (tmp_path / "lora-card" / "README.md").read_text()  # the code loads the commit it trained on
     assert f'pipe = DiffusionPipeline.from_pretrained("{REPO}", revision="{MAIN}")' in card.splitlines()
+    # the training command, run again after main moved, trains on the same commit (the name alone: OTHER's)
+    [trained] = [x for x in card.splitlines() if x.startswith("lowmem-alignprop --")]
+    assert trained.endswith(f"--set checkpoint_every=1 --set revision={MAIN}")
 
 
 def test_a_pinned_revision_is_trained_and_recorded(two_commits, snapshots_read, tmp_path, capsys):
@@ -342,6 +345,15 @@ def test_a_hub_vae_is_recorded_and_its_loras_sample_merge_and_resume_load_that_c
     assert merged.allclose(load_file(str(two_commits / "snapshots" / MAIN / VAE_FILE))["decoder.conv_out.weight"])
     entry = json.loads((tmp_path / "merged" / "merged_loras.json").read_text())[0]
     assert (entry["vae_revision"], "components_revision" in entry) == (MAIN, False)  # (the commit its VAE came from)
+    # the card: a row with the VAE's commit, the code loading that commit's VAE, the training command pinning it
+    assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "exported")]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text().splitlines()
+    assert f"| VAE | `{REPO}` at commit `{MAIN}` (lowmem-alignprop: `--set vae={REPO} --set vae_revision={MAIN}`) |" \
+        in card
+    assert f"pipe.vae = AutoencoderKL.from_pretrained(\"{REPO}\", subfolder=\"vae\", revision=\"{MAIN}\")  # the VAE " \
+           "it trained with" in card
+    [trained] = [x for x in card if x.startswith("lowmem-alignprop --")]
+    assert trained.endswith(f"--set vae_revision={MAIN}") and trained.count("vae_revision") == 1
     capsys.readouterr()
     assert main([*FAST[:-1], "2", "--output-dir", str(out), "--resume", "latest"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -319,16 +319,20 @@ MODEL_NAMES = {"flux1": "FLUX.1", "medium": "SD3 Medium", "5-medium": "SD3.5 Med
 
 
 def usage(fmt: str, files: list[str], base: str, merged: float | None, family: str, components: str,
-          version: str = "") -> list[str]:
-    """The model card's "Use" lines for an SD3/FLUX export (``version``: :func:`base_model_version`'s)."""
+          version: str = "", components_revision: str = "") -> list[str]:
+    """The model card's "Use" lines for an SD3/FLUX export (``version``: :func:`base_model_version`'s;
+    ``components_revision``: the commit of a hub id ``components`` the run's parts came from)."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
     if merged is not None and fmt == "single-file":  # the merged transformer in the original layout
         cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
+        pin = f" --set components_revision={components_revision}" if components_revision else ""
+        at = f", config_revision=\"{components_revision}\"" if components_revision else ""
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/diffusion_models/` and pick it in a *Load "
-                "Diffusion Model* node (the text encoders and VAE: the base model's).",
-                f"- lowmem-alignprop: `--model {files[0]} --set model_components={components}`.",
+                "Diffusion Model* node (the text encoders and VAE: the base model's"
+                + (f", `{components}` at commit `{components_revision}`" if components_revision else "") + ").",
+                f"- lowmem-alignprop: `--model {files[0]} --set model_components={components}{pin}`.",
                 f"- diffusers: `{cls}.from_single_file(\"{files[0]}\", config=\"{components}\", "
-                "subfolder=\"transformer\")`."]
+                f"subfolder=\"transformer\"{at})`."]
     if merged is not None:
         return ["```python", f"from diffusers import {pipeline}",
                 f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\")", "```",

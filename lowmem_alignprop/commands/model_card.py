@@ -16,7 +16,7 @@ from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, traine
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
-from lowmem_alignprop.settings.config import describe_k, flag_value, set_flags
+from lowmem_alignprop.settings.config import describe_k, flag_value, pin_problem, set_flags
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
 
@@ -141,6 +141,7 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     lines = started_commands(lora.run) if lora.run is not None else []
     if isinstance(lora.starts, int) and lora.starts > 0:
         lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
+    lines = [pinned_command(line, hub_pins(lora)) for line in lines]
     if lines and folders:
         dirs = start_folders(lora, len(lines))
         lines = [said for line, folder in zip(lines, dirs)
@@ -160,6 +161,7 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     except (UserError, OSError, ValueError):
         from lowmem_alignprop.settings.config import Config
         defaults = Config().to_dict()
+    c = {**c, **hub_pins(lora)}  # (the commits its hub parts came from, which the names alone may no longer load)
     parts = ["lowmem-alignprop", "--profile", profile]
     flags = {"model": "--model", "reward": "--reward", "prompts": "--prompts", "steps": "--steps",
              "seed": "--seed", "output_dir": "--output-dir"}
@@ -171,6 +173,47 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
         parts += [flags[key], text] if key in flags else ["--set", f"{key}={text}"]
     import shlex
     return " ".join(shlex.quote(p) for p in parts)
+
+
+# the pins of the run's hub parts (base_model.json's keys too), each by the field whose hub id it pins
+HUB_PINS = {"revision": "model", "components_revision": "model_components", "vae_revision": "vae"}
+
+
+def hub_pins(lora: Lora) -> dict[str, str]:
+    """``--set`` pins that load the commits the run's hub id parts came from, as its base_model.json (or checkpoint)
+    records them (``revision`` of --model, ``components_revision`` of model_components, ``vae_revision`` of vae):
+    the names alone load the hub's main, which may have moved since. None for a local path or a record without."""
+    values = hub_parts(lora)
+    pins = {}
+    for pin, field in HUB_PINS.items():
+        commit = (lora.base or {}).get(pin)
+        if isinstance(commit, str) and commit and values[field] and pin_problem(pin, commit, field,
+                                                                                values[field]) is None:
+            pins[pin] = commit
+    return pins
+
+
+def hub_parts(lora: Lora) -> dict[str, str]:
+    """The run's fields that a hub id pin (:data:`HUB_PINS`) pins: --model, model_components, vae ("": none)."""
+    vae = lora.run_config.get("vae") or ((lora.base or {}).get("image_settings") or {}).get("vae")
+    return {"model": str(lora.base_model or ""), "model_components": lora.model_components, "vae": str(vae or "")}
+
+
+def pinned_command(line: str, pins: dict[str, str]) -> str:
+    """A recorded command line that started a run (not a --resume, which takes its run's config) with ``--set`` each
+    of ``pins`` (:func:`hub_pins`) it does not set itself: run again, it loads the commits the run trained on."""
+    import shlex
+
+    try:
+        words = shlex.split(line)
+    except ValueError:  # (unbalanced quotes: as recorded)
+        return line
+    if any(w == "--resume" or w.startswith("--resume=") for w in words):
+        return line
+    given = {w.removeprefix("--set=").partition("=")[0] for before, w in zip(["", *words], words)
+             if before == "--set" or w.startswith("--set=")}
+    extra = [f"--set {pin}={commit}" for pin, commit in pins.items() if pin not in given]
+    return " ".join([line, *extra])
 
 
 def start_folders(lora: Lora, count: int) -> list[str | None]:
@@ -255,7 +298,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
     reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
               "made)" if since else said("reward", info.get("reward")))
-    rows = [("base model", base_row(lora, into, names)),
+    rows = [("base model", base_row(lora, into, names)), *part_rows(lora, hub_pins(lora), names),
             ("reward", reward),
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
@@ -327,8 +370,10 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
         what = "before and after training" if step is None else f"before training and at step {step}"
         lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
+    pins = hub_pins(lora)
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
-                                 sdxl=family == SDXL, version=family), info, lora.flow)
+                                 sdxl=family == SDXL, version=family, pins=pins), info, lora.flow,
+                          pins.get("vae_revision", ""))
     if (commit := trained_commit(lora.base)) and base:  # a hub id's: the code loads the commit it trained on
         usage = [u.replace(f"from_pretrained({json.dumps(base)}", f"from_pretrained({json.dumps(base)}, "
                                                                   f"revision=\"{commit}\"") for u in usage]
@@ -399,6 +444,20 @@ def base_row(lora: Lora, into: str | None, names: dict[str, str]) -> str:
     at = f" at commit `{commit}` (lowmem-alignprop: `--set revision={commit}`)" if commit else ""
     return _named((f"`{into}` (the LoRA was trained on `{base}`{at})" if into else f"`{base}`{at}"), names) + (
         " (a local model of that name)" if names.get(into or base) else "")
+
+
+def part_rows(lora: Lora, pins: dict[str, str], names: dict[str, str]) -> list[tuple[str, str]]:
+    """The card's rows of the run's hub id parts other than --model, at the commits they came from (:func:`hub_pins`)
+    with the flags that load them again: a transformer file's text encoders, VAE and scheduler (model_components),
+    and --set vae's VAE."""
+    rows = []
+    for pin, field, what in (("components_revision", "model_components", "text encoders, VAE and scheduler"),
+                             ("vae_revision", "vae", "VAE")):
+        if pin in pins:
+            spec = hub_parts(lora)[field]
+            rows.append((what, _named(f"`{spec}` at commit `{pins[pin]}` (lowmem-alignprop: `--set {field}={spec} "
+                                      f"--set {pin}={pins[pin]}`)", names)))
+    return rows
 
 
 def local_names(lora: Lora, info: dict[str, Any], into: str | None) -> dict[str, str]:
@@ -480,10 +539,11 @@ def layer_kinds(layers: int, targets: list[str]) -> str:
     return f"{layers} layers of {len(targets)} kind{'s' if len(targets) != 1 else ''}: {', '.join(targets)}"
 
 
-def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[str]:
+def with_run_call(usage: list[str], info: dict[str, Any], flow: bool, vae_revision: str = "") -> list[str]:
     """The "Use" code that loads a diffusers pipeline, with a call that samples as the run did (its steps, guidance,
     size; DDIM for a UNet, as it trained; FLUX.1/SD3's T5 length): without them the pipeline's defaults sample
-    otherwise (FluxPipeline's 512 T5 tokens where a schnell run encoded 256, SD's PNDM sampler)."""
+    otherwise (FluxPipeline's 512 T5 tokens where a schnell run encoded 256, SD's PNDM sampler). A hub id VAE loads
+    at ``vae_revision``, the commit the run's came from."""
     at = next((i for i, line in enumerate(usage) if line.startswith("pipe = ")), None)
     if at is None or "sample_steps" not in info:
         return usage
@@ -510,7 +570,7 @@ def with_run_call(usage: list[str], info: dict[str, Any], flow: bool) -> list[st
         call[:0] = ["# trained without T5: load the pipeline with text_encoder_3=None, tokenizer_3=None"]
     if info.get("vae") and imports is not None:  # the VAE it decoded with (--set vae), not the model's own
         usage[imports] = usage[imports].replace("import ", "import AutoencoderKL, ", 1)
-        vae = _vae_load(str(info["vae"]))
+        vae = _vae_load(str(info["vae"]), vae_revision)
         if "from_single_file(" in usage[at]:  # (passed in: a "no-vae" file has none of its own to replace)
             usage[at] = usage[at][:-1] + ", vae=vae)"
             usage[at:at] = [f"vae = {vae}  # the VAE it trained with"]
@@ -574,14 +634,18 @@ def _ddim_line(info: dict[str, Any], zero: bool) -> str | None:
             f"{num(eta)}.")
 
 
-def _vae_load(spec: str) -> str:
-    """The code that loads ``--set vae``'s VAE: a file, a VAE folder, a pipeline folder's vae/, a hub id."""
+def _vae_load(spec: str, revision: str = "") -> str:
+    """The code that loads ``--set vae``'s VAE: a file, a VAE folder, a pipeline folder's vae/, a hub id (at
+    ``revision``: the commit its run's came from; a pipeline's repository, as the local cache tells: its vae/)."""
+    from lowmem_alignprop.settings.hub_access import hub_file
     from lowmem_alignprop.settings.paths import vae_subfolder
 
     if Path(spec).suffix.lower() in SINGLE_FILE_SUFFIXES:  # (as models/loading.load_vae tells the forms apart)
         return f"AutoencoderKL.from_single_file({json.dumps(spec)})"
-    sub = vae_subfolder(spec)
-    return f"AutoencoderKL.from_pretrained({json.dumps(spec)}" + (f", subfolder=\"{sub}\")" if sub else ")")
+    sub = vae_subfolder(spec) or ("vae" if is_hub_id(spec) and hub_file(spec, "model_index.json", revision=revision)
+                                  else None)
+    return (f"AutoencoderKL.from_pretrained({json.dumps(spec)}" + (f", subfolder=\"{sub}\"" if sub else "")
+            + (f", revision=\"{revision}\"" if revision else "") + ")")
 
 
 def _library(fmt: str, lora: Lora) -> str | None:
@@ -598,11 +662,12 @@ _PACKAGE_MODELS = {"toy": ("from lowmem_alignprop.models.loading import TOY_MODE
 
 
 def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, family: str = "unet",
-           components: str = "", sdxl: bool = False, version: str = "") -> list[str]:
+           components: str = "", sdxl: bool = False, version: str = "", pins: dict | None = None) -> list[str]:
     base = base or "BASE_MODEL"
     if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
         from lowmem_alignprop.commands import flow_export
-        return flow_export.usage(fmt, files, base, merged, family, components or base, version)
+        commit = (pins or {}).get("components_revision", "") if components else ""  # (the parts' commit)
+        return flow_export.usage(fmt, files, base, merged, family, components or base, version, commit)
     imported, loaded = _PACKAGE_MODELS.get(base, (None, f'"{base}"'))
     if merged is not None and fmt == "single-file":
         pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
