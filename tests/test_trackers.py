@@ -25,21 +25,21 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert "reward_mean" in tags["scalars"] and "loss" in tags["scalars"]
-    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2, 3]
+    assert "train/reward_mean" in tags["scalars"] and "train/loss" in tags["scalars"]
+    assert [e.step for e in acc.Scalars("train/reward_mean")] == [1, 2, 3]
     assert "samples/before_after" in tags["images"]
     img = acc.Images("samples/before_after")[0]
     assert img.width > 100 and img.height > 100
     # each term of a combined reward is a curve (they were in metrics.jsonl only); the step is the x axis, no curve
     assert {"reward_terms/colorfulness", "reward_terms/brightness"} <= set(tags["scalars"])
-    assert "step" not in tags["scalars"]
+    assert not [t for t in tags["scalars"] if t.endswith("step")]
     # a resume from step 2 (another branch, or a killed run's older checkpoint): its step 3 replaces the first one's,
     # as in metrics.jsonl (TensorBoard drew both, one curve that went back)
     assert main(["--resume", str(out / "checkpoints" / "step-00000002"), "--steps", "3", "--set", "lr=0.05"]) == 0
     acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
     acc.Reload()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [
+    assert [(e.step, e.value) for e in acc.Scalars("train/reward_mean")] == [
         (r["step"], pytest.approx(r["reward_mean"], rel=1e-6)) for r in rows]
 
 
@@ -110,7 +110,7 @@ def test_wandb_writes_its_run_files_in_the_run_folder(tmp_path, tiny_dir, capsys
     [init] = [c for c in wandb.calls if c[0] == "init"]
     assert init[2]["dir"] == str(out / "logs") and (out / "logs" / "wandb").is_dir()
     assert not (tmp_path / "wandb").exists()
-    assert [c[2] for c in wandb.calls if c[0] == "log" and "reward_mean" in c[1]] == [1, 2]
+    assert [c[2] for c in wandb.calls if c[0] == "log" and "train/reward_mean" in c[1]] == [1, 2]
     assert f"        wandb's run files in {out}/logs/wandb (wandb sync {out}/logs/wandb/RUN when offline)\n" in \
         capsys.readouterr().out
 
@@ -149,8 +149,8 @@ def test_an_evaluation_a_resume_owed_reaches_the_tracker(tmp_path, tiny_dir, cap
     acc = EventAccumulator(str(out / "logs" / "lowmem_alignprop"), size_guidance={"scalars": 0})
     acc.Reload()
     for name in ("eval_reward", "eval_reward_std", "eval_best_step"):
-        assert [(e.step, e.value) for e in acc.Scalars(name)] == [(2, pytest.approx(rows[1][name], rel=1e-6))]
-    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]  # the step's own figures once, as before
+        assert [(e.step, e.value) for e in acc.Scalars(f"eval/{name}")] == [(2, pytest.approx(rows[1][name], rel=1e-6))]
+    assert [e.step for e in acc.Scalars("train/reward_mean")] == [1, 2]  # the step's own figures once, as before
 
 
 def test_a_resume_that_writes_a_finished_runs_outputs_again_logs_no_step_twice(tmp_path, tiny_dir):
@@ -172,6 +172,46 @@ def test_a_resume_that_writes_a_finished_runs_outputs_again_logs_no_step_twice(t
     assert [e.step for e in acc.Images("samples/before_after")] == [2]
     assert [e.step for e in acc.Images("samples/during_training")] == [2]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for name in ("reward_mean", "loss", "sample_reward_mean"):
-        assert [(e.step, e.value) for e in acc.Scalars(name)] == [
+    for name, tag in (("reward_mean", "train/reward_mean"), ("loss", "train/loss"),
+                      ("sample_reward_mean", "samples/sample_reward_mean")):
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == [
             (r["step"], pytest.approx(r[name], rel=1e-6)) for r in rows if name in r]
+
+
+def test_every_metrics_figure_reaches_tensorboard_in_its_documented_group(tmp_path, tiny_dir):
+    """The scalars were sent under metrics.jsonl's bare keys: TensorBoard drew 25 ungrouped charts (eval_fidelity_*
+    beside loss) and docs/outputs.md named none of them. Each number of each line is now GROUP/KEY at the line's step,
+    every tag matches a row of the doc's `logs/` table, and the settings are recorded once across a resume (each start
+    wrote another hparams folder, one more TensorBoard run per resume)."""
+    pytest.importorskip("tensorboard")
+    import fnmatch
+
+    from outputs_doc import DOC, documented_keys
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "tensorboard",
+                 "--eval-every", "2", "--sample-every", "1", "--set", "sample_prompts=2", "--set", "sample_steps=3",
+                 "--set", "k=1", "--set", "eval_holdout=2", "--reward", "colorfulness:1,brightness:0.5"]) == 0
+    assert main(["--resume", "latest", "--output-dir", str(out), "--steps", "3"]) == 0
+    acc = EventAccumulator(str(out / "logs" / "lowmem_alignprop"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = {}
+    for r in rows:
+        for key, value in r.items():
+            if isinstance(value, (int, float)) and value is not None and key != "step":
+                group = ("eval" if key.startswith("eval_") else "samples" if key.startswith("sample_") else
+                         "memory" if key == "peak_memory_gb" else "time" if key == "seconds" else "train")
+                expected.setdefault(f"{group}/{key}", []).append((r["step"], pytest.approx(value, rel=1e-6)))
+        for name, value in (r.get("reward_terms") or {}).items():
+            expected.setdefault(f"reward_terms/{name}", []).append((r["step"], pytest.approx(value, rel=1e-6)))
+    assert {"train/loss", "eval/eval_reward", "samples/sample_reward_mean", "time/seconds"} <= set(expected)
+    assert {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]} == expected
+    assert [e.step for e in acc.Images("samples/during_training")] == [1, 2, 3]
+    assert [e.step for e in acc.Images("samples/before_after")] == [2, 3]  # each start's end
+    documented = documented_keys(DOC.read_text(encoding="utf-8"))["logs/"]
+    assert [t for t in tags["scalars"] + tags["images"] if not any(fnmatch.fnmatchcase(t, p) for p in documented)] == []
+    assert len(list((out / "logs" / "lowmem_alignprop").glob("*/hparams.yml"))) == 1
+    assert len(list((out / "logs" / "lowmem_alignprop").glob("*/events.out.tfevents.*"))) == 1  # the HPARAMS run

@@ -44,7 +44,7 @@ from lowmem_alignprop.settings.errors import UserError, error_words, first_line,
 from lowmem_alignprop.settings.model_kind import denoiser_component
 from lowmem_alignprop.settings.paths import absolute_path
 from lowmem_alignprop.settings.profiles import as_read, profile_note, under_profile
-from lowmem_alignprop.run.trackers import log_images
+from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded, log_images, tracker_figures
 from lowmem_alignprop.toy.fidelity import applies, judged_prompts
 from lowmem_alignprop.commands.lora_export import export_at_end
 from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
@@ -569,7 +569,10 @@ class Trainer:
                 # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them; a run's outputs
                 # written again: its last step too (its before/after grid is sent again), sent again by fit()
                 kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
-            self.accelerator.init_trackers("lowmem_alignprop", init_kwargs=kwargs, config={
+            # the settings once: accelerate writes them to a folder of their own at each start, which TensorBoard
+            # listed as one more run per resume (config.yaml is the latest start's, command.txt each start's)
+            once = cfg.report_to == "tensorboard" and hparams_recorded(self.out / "logs")
+            self.accelerator.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs, config=None if once else {
                 k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     def wandb_dir(self) -> Path:
@@ -1317,11 +1320,8 @@ class Trainer:
 
     def track(self, row: dict, step: int) -> None:
         """A metrics line's figures to --report-to's tracker (none: nothing)."""
-        if self.cfg.report_to != "none":  # (the step is the tracker's x axis; each reward term a curve of its own)
-            figures = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-            figures.update({f"reward_terms/{name}": v for name, v in (row.get("reward_terms") or {}).items()
-                            if isinstance(v, (int, float))})
-            self.accelerator.log(figures, step=step)
+        if self.cfg.report_to != "none":  # (grouped: train/..., eval/..., memory/..., time/...)
+            self.accelerator.log(tracker_figures(row), step=step)
 
     def judge_if_due(self, step: int) -> dict:
         """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line

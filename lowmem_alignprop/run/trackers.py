@@ -4,6 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# metrics.jsonl's keys to tracker groups (TensorBoard and wandb group a tag's charts by the part before its first /):
+# a tag is GROUP/KEY with KEY the metrics.jsonl key as written; the first prefix that matches decides, else train/
+TAG_GROUPS = (("eval_", "eval"), ("sample_", "samples"), ("fidelity_", "fidelity"), ("jpeg_bytes", "fidelity"),
+              ("peak_memory_gb", "memory"), ("seconds", "time"))
+TENSORBOARD_RUN = "lowmem_alignprop"  # accelerate's project name: the tensorboard folder logs/lowmem_alignprop/
+
+
+def tag_of(key: str) -> str:
+    """The tracker's name for metrics.jsonl key ``key``: ``eval/eval_reward``, ``train/loss``, ``memory/peak_memory_gb``
+    (docs/outputs.md, ``logs/``)."""
+    group = next((g for prefix, g in TAG_GROUPS if key.startswith(prefix)), "train")
+    return f"{group}/{key}"
+
+
+def tracker_figures(row: dict) -> dict:
+    """A metrics.jsonl line's figures under their tracker names (the step is the x axis, not a curve; a list, a
+    string and a null are not plotted); each term of a combined reward a curve of its own, ``reward_terms/NAME``."""
+    figures = {tag_of(k): v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    figures.update({f"reward_terms/{name}": v for name, v in (row.get("reward_terms") or {}).items()
+                    if isinstance(v, (int, float))})
+    return figures
+
+
+def hparams_recorded(logs: Path) -> bool:
+    """Whether the run's TensorBoard folder holds its hyperparameters already (accelerate writes them, with
+    hparams.yml, into a folder of their own at each init_trackers given a config): a resume records none again."""
+    return any((logs / TENSORBOARD_RUN).glob("*/hparams.yml"))
+
 
 def log_images(accelerator, report_to: str, grid_path: Path, tag: str, step: int) -> None:
     """Send a sample grid to the configured tracker (``report_to``: tensorboard or wandb) as image ``tag`` at
