@@ -696,16 +696,16 @@ def test_a_ctrl_c_during_a_flux_runs_export_at_the_end_ends_the_run_whole(flux, 
     import os
     import signal
 
-    import lowmem_alignprop.commands.train as train_mod
+    import lowmem_alignprop.commands.train_outputs as train_outputs
     from lowmem_alignprop.run import checkpoint as ckpt
 
-    real, sent = train_mod.export_at_end, []
+    real, sent = train_outputs.export_at_end, []
 
     def export_at_end(*args, **kwargs):
         sent.append(os.kill(os.getpid(), signal.SIGINT))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "export_at_end", export_at_end)
+    monkeypatch.setattr(train_outputs, "export_at_end", export_at_end)
     out = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert main([*FLOW, "--model", str(flux["base"]), "--output-dir", str(out), "--steps", "1", "--set",
