@@ -383,14 +383,15 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monkeypatch, tiny_dir):
     """On a card, the planner's first step for a run with fixed allocator segments is expandable segments: the
     live allocator must be switched (not only the config), and summary.json say what it runs with."""
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.commands import train, train_faults
 
     calls = []
 
     def allocator(expandable):
         calls.append(expandable)
         return "expandable segments" if expandable else "fixed segments"
-    monkeypatch.setattr(train, "configure_cuda_allocator", allocator)
+    for module in (train, train_faults):  # at start-up (setup_accelerator), and --auto-fit's switch (apply_fit)
+        monkeypatch.setattr(module, "configure_cuda_allocator", allocator)
     from lowmem_alignprop.measure import planner
     monkeypatch.setattr(planner, "next_feature", lambda cfg, target, stage=None: faults.Fit(
         "expandable allocator segments", {"expandable_segments": True}))
