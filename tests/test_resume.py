@@ -402,7 +402,7 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
 def test_a_branch_from_an_earlier_step_keeps_the_prompt_lists_of_its_own_steps(tmp_path):
     """prompts.json of a run trained on A until step 6, then on B: a resume of its step-4 checkpoint on C indexes A
     until step 4 (the list of step 6 onwards belongs to the branch it replaces)."""
-    from lowmem_alignprop.commands.train import prompt_lists_before
+    from lowmem_alignprop.commands.train_records import prompt_lists_before
 
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"train": ["b"], "earlier": [{"until_step": 6, "train": ["a"]}]}))

@@ -13,23 +13,20 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
-from lowmem_alignprop.run import disk_space, schedule, software
+from lowmem_alignprop.run import disk_space, schedule
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import (COMMAND_FILE, CONFIG_FILE, INIT_LORA_DIR,
+from lowmem_alignprop.run.filenames import (INIT_LORA_DIR,
                                             LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR,
                                             step_grid_name, trained_dir)
 from lowmem_alignprop.measure import meta_models, planner
@@ -40,7 +37,7 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.settings.config import Config, set_flags
 from lowmem_alignprop.settings.errors import UserError, error_words, first_line, same_on_every_rank
 from lowmem_alignprop.settings.model_kind import denoiser_component
-from lowmem_alignprop.settings.profiles import as_read, profile_note, under_profile
+from lowmem_alignprop.settings.profiles import profile_note, under_profile
 from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded, log_images, tracker_figures
 from lowmem_alignprop.toy.fidelity import applies, judged_prompts
 from lowmem_alignprop.step.inputs import (HELD_OUT_KEYS, prepare_inputs, set_aside, split_eval_prompts,
@@ -55,10 +52,9 @@ from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocato
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.memory.allowances import fmt_bytes
 from lowmem_alignprop.step.prompts import draw_prompts
-from lowmem_alignprop.run.runfolder import (ResumePoint, RunFolder, metrics_line, recorded_dirs,
-                                            started_commands, working_folder)
+from lowmem_alignprop.run.runfolder import (ResumePoint, RunFolder, metrics_line, started_commands)
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
-from lowmem_alignprop.run.rng_state import get_rng_state, set_rng_state
+from lowmem_alignprop.run.rng_state import get_rng_state
 from lowmem_alignprop.run.stop_request import CtrlC, StopRequest
 from lowmem_alignprop.models.sampling import (draw_window, vae_scale_factor)
 from lowmem_alignprop.step.micro import Rollout, micro_step
@@ -72,6 +68,7 @@ from lowmem_alignprop.commands.evaluation import (BEST_DIR, EVAL_FIX, EVAL_SCORI
 from lowmem_alignprop.commands.run_summary import TimeLeft
 from lowmem_alignprop.commands.train_faults import LoopFaults
 from lowmem_alignprop.commands.train_outputs import RunOutputs
+from lowmem_alignprop.commands.train_records import RunRecords
 
 log = logging.getLogger("lowmem_alignprop")
 JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
@@ -216,29 +213,12 @@ def search_before_first_step(cfg: Config, profile_name: str) -> tuple[Config, di
     return chosen, record
 
 
-def prompt_lists_before(path: Path, prompts: list[str], start: int) -> dict[str, list]:
-    """prompts.json's ``earlier``: the training prompt lists that metrics.jsonl's earlier rows index, each with the
-    last step that used it (``until_step``), when a resume trains from step ``start`` + 1 on other ``prompts``.
-    ``path``: the prompts.json of the run resumed (its lists past ``start`` belong to a branch this one replaces)."""
-    try:
-        old = json.loads(path.read_text(encoding="utf-8")) if start else {}
-    except (OSError, ValueError):
-        old = {}
-    old = old if isinstance(old, dict) else {}
-    lists = [e for e in old.get("earlier") or [] if isinstance(e, dict) and isinstance(e.get("until_step"), int)]
-    earlier = [e for e in lists if e["until_step"] < start]
-    at_start = next((e.get("train") for e in lists if e["until_step"] >= start), old.get("train"))  # step start's
-    if isinstance(at_start, list) and at_start != prompts:
-        earlier.append({"until_step": start, "train": at_start})
-    return {"earlier": earlier} if earlier else {}
-
-
 def prompt_digest(prompts: list[str]) -> str:
     """The prompt list's fingerprint in a checkpoint: a resume whose prompt file was edited since is told so."""
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
 
 
-class Trainer(LoopFaults, RunOutputs):
+class Trainer(RunRecords, LoopFaults, RunOutputs):
     """One AlignProp run, in the shape of a recipe: :meth:`setup` (accelerator, models, reward check, samples before,
     resume), :meth:`fit` (the loop: faults, signals and checkpoints around :meth:`train_step`), :meth:`finish` (LoRA,
     samples after, reports, summary). :meth:`run` does the three, with Ctrl-C a stop request from the first step until
@@ -577,70 +557,6 @@ class Trainer(LoopFaults, RunOutputs):
         (folder := self.out / "logs").mkdir(parents=True, exist_ok=True)
         return folder
 
-    def write_config(self) -> None:
-        """config.yaml, command.txt and prompts.json, once the checkpoint is restored: a resume that fails leaves them
-        as they were."""
-        out = self.out
-        if self.is_main:
-            # a hand edit of config.yaml would be written over without a word (of the newest checkpoint only: an
-            # older one's or a set-aside branch's differs from what the live branch's later starts wrote, unedited)
-            if self.resumes_newest:
-                note = ckpt.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
-                if note:
-                    log.warning("%s", note)
-            self.profile_values = self.profile_record()
-            atomic.write_text(out / CONFIG_FILE, self.config_yaml())
-            # --init-lora's LoRA kept as read: a resume needs neither its path nor its file
-            if self.init_file is not None and self.init_file != self.init_lora_copy:
-                with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
-                    shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
-            # what prompt_ids index, and what the evaluation holds out (a user can check it never trains); a resume
-            # on other prompts keeps the lists the earlier steps' prompt_ids index
-            resumed = out / PROMPTS_FILE  # (another run's checkpoint resumed here: that run's lists)
-            if self.point is not None and not resumed.is_file() and (origin := RunFolder.of_checkpoint(
-                    str(self.point.path))):
-                resumed = Path(origin) / PROMPTS_FILE
-            atomic.write_text(out / PROMPTS_FILE, json.dumps(
-                {"train": self.prompts, "held_out": self.eval_prompts,
-                 **prompt_lists_before(resumed, self.prompts, self.start)}, indent=1, ensure_ascii=False) + "\n")
-            if self.command and self.point is None:  # a new run: no line of a start that trained nothing here
-                atomic.write_text(out / COMMAND_FILE, self.command + "\n")
-            elif self.command:  # the exact command, one line per start (a --resume adds its own): the model card's
-                if not (out / COMMAND_FILE).exists():  # another run's checkpoint resumed here: that run's starts first
-                    origin = RunFolder.of_checkpoint(str(self.point.path))
-                    earlier = started_commands(Path(origin))[:self.point.state.get("starts")] if origin else []
-                    if earlier:
-                        atomic.write_text(out / COMMAND_FILE, "\n".join(earlier) + "\n")
-                ckpt.append_line(out / COMMAND_FILE, self.command)
-            # where each start ran, aligned with command.txt's lines (a relative path in one names nothing without it)
-            count = len(started_commands(out)) - bool(self.command)  # the starts before this one
-            self.start_dirs = recorded_dirs(self.point.state if self.point is not None else {}, count) + (
-                [working_folder()] if self.command else [])
-
-    def profile_record(self) -> dict | None:
-        """config.yaml's ``profile_values``: the user's profile file's values when the run started with it (a resume
-        of the run's own file tells an edit of it from the run's --set values). A resume keeps the start's record (a
-        run from before it: None); one that applies another file on top records that file as this start read it."""
-        if self.point is not None:
-            name, values = self.folder.recorded_profile(self.point)
-            if name == self.profile_name:
-                return values
-        return as_read(self.profile_name)
-
-    def config_yaml(self) -> str:
-        """config.yaml: the profile's name, the resolved configuration, the user's profile file's values at the start
-        (:meth:`profile_record`), and where --auto-fit's changes came from (its search before the first step; its
-        step-downs after an out-of-memory error)."""
-        doc = {"profile": self.profile_name, **self.cfg.to_dict()}
-        if self.profile_values is not None:
-            doc["profile_values"] = self.profile_values
-        if self.searched is not None:
-            doc["auto_fit_search"] = self.searched
-        if self.fits:
-            doc["auto_fit_changes"] = self.fits
-        # a path's é as é, not "\xE9" (the file is UTF-8), and a long path on its line, not folded onto the next
-        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=2**16)
-
     def setup_sampling(self) -> None:
         from lowmem_alignprop.run.distributed import deepspeed_engine, gatherer, is_zero3
 
@@ -756,89 +672,6 @@ class Trainer(LoopFaults, RunOutputs):
         for i, r in zip(judged, fidelity(images[judged], [self.judge_prompts[i] for i in judged]) if judged else []):
             scores[i] = r.score
         return scores
-
-    def restore(self) -> None:
-        """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
-        point = self.point
-        if point is not None:
-            state, rng_state = ckpt.restore(self.accelerator, point.path, bare_unet=self.bare_unet,
-                                            optimizer=self.optimizer, engine=self.engine, gather=self.gather,
-                                            state=point.state)
-            self.history = list(state.get("history", []))
-            saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
-            self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
-                                                 * saved.get("batch_size", self.cfg.batch_size)))
-            self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1,  # e.g. K or lr: the card
-                                                    world_size(),  # says (processes: as check_config counts them)
-                                                    self.software_since(state.get("software")))
-            self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
-            if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
-                log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
-                    f"step {f['step']} ({f['stage']}): {faults.Fit(f['why'], f['change']).as_flags()}"
-                    for f in self.fits))
-            before = state.get("config", {})
-            # the same --reward whose file was edited since (a fix of a failure, as its message invites): another reward
-            edited_reward = before.get("reward") == self.cfg.reward and state.get("reward_sha") not in (
-                None, self.reward_sha)
-            if edited_reward and self.is_main:
-                log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
-                            "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
-            changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")
-                                           ) or bool(ckpt.images_changed(before, self.cfg))  # (64 vs 32 px...)
-            # the first step scored by this reward: the summary's first -> last compares those steps only
-            self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
-            other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
-            self.prompts_since = self.start + 1 if other else int(state.get("prompts_since") or 1)
-            edited = other and before.get("prompts") == self.cfg.prompts  # the same file, edited since (another
-            # one is warned of)
-            if edited and self.is_main:
-                log.warning("resume: %s changed since the checkpoint: the rows before step %d of metrics.jsonl index "
-                            "its earlier prompts (prompt_ids)", self.cfg.prompts, self.step)
-            if rng_state is not None:
-                set_rng_state(self.rng, rng_state)
-            if self.ema is not None and not self.ema.load(point.path):
-                log.warning("resume: %s holds no EMA of the weights: the average starts from step %d's weights",
-                            point.path, self.start)
-            if self.held_out is None and state.get("eval_owed") == self.start and self.is_main:  # (--eval-every 0)
-                log.warning("resume: step %d's held-out evaluation failed before, and this resume evaluates nothing "
-                            "(eval_every 0): it is not run, and best/ (if any) stays as it was", self.start)
-            if self.held_out is not None:
-                evaluation = state.get("evaluation") or {}
-                changed = ckpt.eval_basis_changed(state, self.cfg, self.held_out_sha)  # what its objective reads
-                changed += ["reward's source"] if edited_reward and self.cfg.best_by == "reward" else []
-                if changed and evaluation and self.is_main:
-                    log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
-                                "early stop's patience start over", ", ".join(changed))
-                self.held_out.load_state(None if changed else evaluation)  # else best so far and patience go on
-                # the checkpoint's own step's evaluation failed (the reward's error, memory): owed, run first (fit)
-                owed = state.get("eval_owed") == self.start and self.held_out.due(self.start)
-                self.eval_owed = self.start if owed else None
-                if self.refinish and self.start < self.cfg.steps:  # the run stopped early here
-                    self.held_out.stopped_at = self.start
-                if self.is_main:  # best/ holds the best step's LoRA (a branch set aside, a new folder)
-                    origin = RunFolder.of_checkpoint(str(point.path))
-                    self.held_out.keep_best_of(self.start, Path(origin) if origin else None)
-        else:
-            self.software_since(None)
-        if self.is_main:
-            newest = next(iter(ckpt.list_checkpoints(ckpt.root_of(self.out))), None)  # (before a branch is set aside)
-            self.resumes_newest = point is not None and newest is not None and newest.resolve() == point.path.resolve()
-            self.folder.start_metrics(point, self.history)
-            self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
-        if point is not None and self.is_main:
-            log.info("resumed from %s at step %d", point.path, self.start)
-
-    def software_since(self, stretches: list[dict] | None) -> dict[str, list]:
-        """The software stretches (``stretches``: the checkpoint's, None for a new run) once this start trains under
-        this machine's versions and device; returns what a resume changes of them (said in one line: run/software.py;
-        a checkpoint without the record or a start that trains no step: nothing)."""
-        now = software.software(self.cfg, self.device)
-        trains = self.step <= self.cfg.steps  # (a finished run's outputs written again: no step)
-        changes = software.software_changes(stretches, now) if trains else {}
-        if changes and self.is_main:
-            log.warning("%s", software.software_line(changes, self.step))
-        self.software = software.stretches_at(stretches, now if trains else None, self.step)
-        return changes
 
     # ================================ the step ================================
     def train_step(self, step: int) -> StepOutcome:
