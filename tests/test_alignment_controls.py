@@ -258,12 +258,12 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8; the
     before/after grid goes to the tracker at step 3 (it went at the planned last step, 8)."""
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import train, train_outputs
+    from lowmem_alignprop.commands import train, train_outputs, train_samples
 
     from lowmem_alignprop.measure.profiler import StageProfiler
 
     logged, aside = [], []
-    for module in (train, train_outputs):  # the grids during training, and the before/after grid at the end
+    for module in (train, train_samples, train_outputs):  # the grids during training, the before/after one at the end
         monkeypatch.setattr(module, "log_images", lambda acc, to, grid, tag, step: logged.append((tag, step)))
     real_aside = StageProfiler.set_aside
     monkeypatch.setattr(StageProfiler, "set_aside", lambda self, s: aside.append(s) or real_aside(self, s))

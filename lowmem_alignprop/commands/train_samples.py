@@ -1,0 +1,167 @@
+"""A run's fixed-seed renders without gradient (:class:`RunSamples`, part of
+:class:`~lowmem_alignprop.commands.train.Trainer`): the sample grid before training, at --sample-every's steps and
+after; the toy world's judged images (fidelity_*) before, at --set fidelity_every's steps and after.
+"""
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+from lowmem_alignprop.memory import host_allocator
+from lowmem_alignprop.run import faults
+from lowmem_alignprop.run.filenames import SAMPLES_DIR, step_grid_name
+from lowmem_alignprop.run.trackers import log_images
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.commands.evaluation import EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, nonfinite_note, render_fixed_seed
+
+log = logging.getLogger("lowmem_alignprop")
+JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
+
+
+def judged_figures(judged: dict | None) -> dict:
+    """The toy world's judged-image figures as a metrics line holds them: fidelity_reward* beside the fidelity_* rates
+    (eval_reward is the held-out evaluation's), without the per-image lists (summary.json keeps those)."""
+    return {(f"fidelity_{k}" if k.startswith("reward") else k): v for k, v in (judged or {}).items()
+            if not k.startswith("image_")}
+
+
+class RunSamples:
+    """The Trainer's renders with no gradient, mixed into the Trainer (commands/train.py); the held-out evaluation
+    renders through :meth:`generate` too.
+
+    Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
+    ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
+    ``judge_prompts`` and ``before``, and its methods ``score``, ``render_or_skip``; sets ``before``,
+    ``samples_skipped`` and ``grid_of``."""
+
+    def output_weights(self):
+        """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
+        trained ones."""
+        return self.ema.swapped(self.cfg.ema_outputs) if self.ema is not None else contextlib.nullcontext()
+
+    def generate(self, batch_prompts: list[str], seed: int | list[int], *,
+                 when: str = "while scoring the fixed-seed sample images",
+                 fix: str = "fix it, or skip the samples with --set sample_prompts=0"):
+        """Fixed-seed images and rewards with no gradient (the before/after grid): one generator for the batch, or with
+        a list of seeds each image its own (its noise then does not depend on which images share its batch). A user
+        reward's error names ``when`` and ``fix`` (the held-out evaluation's own)."""
+        cfg, place = self.cfg, self.place
+        # a render without gradients keeps its freed blocks in the heap (a third of its time was page faults)
+        heap = host_allocator.wider_threshold(cfg.cpu_malloc_threshold_kib if self.device.type == "cpu" else 0)
+        with torch.no_grad(), self.accelerator.autocast(), heap:
+            emb = self.embed(batch_prompts)
+            if isinstance(seed, list):  # diffusers' schedulers draw image i's step noise from g[i]
+                g = [torch.Generator().manual_seed(s) for s in seed]
+                lat = torch.cat([self.family.initial_latents(cfg, 1, one, self.device) for one in g])
+            else:
+                g = torch.Generator().manual_seed(seed)
+                lat = self.family.initial_latents(cfg, len(batch_prompts), g, self.device)
+            lat = self.family.rollout(cfg, self.nograd_unet, None, self.scheduler, lat, emb, k=0, generator=g)
+            place.to_device("vae", self.vae)
+            place.to_device("reward", self.reward)
+            imgs = self.family.decode(self.vae, lat, cfg, sliced=True)
+            r = self.score(imgs, batch_prompts, when, fix)
+            place.park("vae", self.vae)
+            place.park("reward", self.reward)
+        return imgs.float().cpu(), r.cpu()
+
+    def sample_before(self) -> None:
+        cfg = self.cfg
+        if not (self.sample_prompts and self.samples_here):
+            return
+        if self.is_main:  # (under ZeRO-3 every rank renders them, together)
+            log.info("sampling %d fixed-seed image%s before training (%d px, %d step%s; --set sample_prompts=0 skips "
+                     "it)", len(self.sample_prompts), "s" * (len(self.sample_prompts) != 1), cfg.resolution,
+                     cfg.sample_steps, "s" * (cfg.sample_steps != 1))
+        self.before = self.render_or_skip(self.render_samples, "rendering the sample images before training",
+                                          "a smaller --set sample_prompts")
+        if self.before is None:  # no grid during or after training either: each compares with these
+            self.samples_skipped = "out of memory while the before samples were rendered"
+
+    def nograd_chunk(self) -> int:
+        """Images per no-grad render (the sample grid, the judged images): a training micro-batch, which fits with
+        gradients, so surely without; small images JUDGE_PIXELS at a time (the toy model's 32 images at 64 px in one:
+        a few MiB, and ~40% less time per image on a CPU than chunks of 4)."""
+        return max(self.cfg.batch_size, JUDGE_PIXELS // self.cfg.resolution ** 2)
+
+    def render_samples(self):
+        """The sample grid's fixed-seed images and rewards: before training, at --sample-every's steps, after. Image n
+        has its own seed (seed + SAMPLE_SEED_OFFSET + n), as `sample --seed` gives its images: each one can be
+        rendered again alone, whatever sample_prompts is, and the same in chunks of any size."""
+        return render_fixed_seed(self.generate, self.sample_prompts, self.cfg.seed + SAMPLE_SEED_OFFSET,
+                                 self.nograd_chunk(), per_image=True)
+
+    def judge(self) -> dict | None:
+        """The toy world's exact evaluators (docs/toy_world.md) on fixed-seed images of the run's prompts: fidelity_*
+        rates, jpeg_bytes and the reward's mean; None outside the toy world or with fidelity_images=0."""
+        if not (self.judge_prompts and self.samples_here):
+            return None
+        from lowmem_alignprop.toy.fidelity import evaluate_batch
+
+        render = functools.partial(self.generate, when="while scoring the toy world's judged images",
+                                   fix="fix it, or leave them out with --set fidelity_images=0")
+        # image n's own seed: the same images whatever the chunk
+        images, scores = render_fixed_seed(render, self.judge_prompts, self.cfg.seed + EVAL_SEED_OFFSET,
+                                           self.nograd_chunk(), per_image=True)
+        # toy_clip is bimodal (a blank image scores far below a drawn one): the median beside the mean
+        return {"reward": scores.mean().item(), "reward_median": scores.median().item(),
+                **evaluate_batch(images, self.judge_prompts),
+                # each image's figures (summary.json: which images moved; not in metrics.jsonl's rows)
+                "image_rewards": scores.tolist(), "image_scores": self.image_scores(images)}
+
+    def image_scores(self, images: torch.Tensor) -> list[float | None]:
+        """Each judged image's exact fidelity score (None where the grammar does not parse its prompt)."""
+        from lowmem_alignprop.toy.fidelity import fidelity, parses
+
+        judged = [i for i, p in enumerate(self.judge_prompts) if parses(p)]
+        scores: list[float | None] = [None] * len(self.judge_prompts)
+        for i, r in zip(judged, fidelity(images[judged], [self.judge_prompts[i] for i in judged]) if judged else []):
+            scores[i] = r.score
+        return scores
+
+    def judge_if_due(self, step: int) -> dict:
+        """--set fidelity_every=N (toy world): the exact evaluators' figures for the step's metrics line
+        (fidelity_reward* beside the fidelity_* rates: eval_reward is the held-out evaluation's), judged on the
+        weights the summary's "after" uses (the EMA's with ema_outputs); out of memory or the reward's error skips
+        them, as they do the sample grid."""
+        cfg = self.cfg
+        if not (cfg.fidelity_every and step % cfg.fidelity_every == 0):
+            return {}
+        try:
+            with self.output_weights():
+                judged = self.render_or_skip(self.judge, f"judging the images of step {step}",
+                                             "a smaller --set fidelity_images")
+        except UserError as e:  # the reward's error on the judged images: training goes on without the figures
+            log.warning("%s (no fidelity figures at step %d)", e, step)
+            return {}
+        return judged_figures(judged) if judged else {}
+
+    def sample_if_due(self, step: int) -> dict:
+        """--sample-every N: the grid's prompts and seeds rendered at steps N, 2N, ...: samples/step-N.png (before
+        vs step N), the image to the tracker; returns the rewards for the step's metrics line."""
+        from lowmem_alignprop.commands.grid import save_sample_grid
+
+        cfg = self.cfg
+        if not (cfg.sample_every and step % cfg.sample_every == 0 and self.before is not None):
+            return {}
+        try:
+            with self.output_weights():  # with ema_outputs the EMA's images, as lora/ will render
+                rendered = self.render_or_skip(self.render_samples, f"rendering the samples of step {step}",
+                                               "a smaller --set sample_prompts")
+        except UserError as e:  # the reward's error on the sample images: training goes on without them
+            log.warning("%s (no samples at step %d)", e, step)
+            return {}
+        if rendered is None:
+            return {}
+        images, rewards = rendered
+        self.grid_of = (step, rendered)  # the after samples, when no step changes the LoRA after it
+        if self.is_main:
+            grid = save_sample_grid(self.out / SAMPLES_DIR / step_grid_name(step), self.sample_prompts, self.before,
+                                    (images, rewards), row_names=("before", f"step {step}"))
+            log_images(self.accelerator, cfg.report_to, grid, "samples/during_training", step)
+        if note := nonfinite_note(rewards, "sample images"):
+            log.warning("step %d: %s (null in metrics.jsonl); check the reward %r", step, note, cfg.reward)
+        return {"sample_reward_mean": faults.finite_or_none(rewards.mean()),
+                "sample_rewards": [faults.finite_or_none(r) for r in rewards.tolist()]}
