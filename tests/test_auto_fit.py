@@ -15,6 +15,7 @@ import torch
 
 import lowmem_alignprop.rewards as rewards_pkg
 import lowmem_alignprop.commands.train as train_mod
+import lowmem_alignprop.commands.train_setup as train_setup
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.measure import fit_changes, planner
 from lowmem_alignprop.cli import main
@@ -67,7 +68,7 @@ def recorded(monkeypatch, tiny_dir):
             super().__init__(*a, **k)
             rec.guard = self
 
-    real_place = train_mod.Placement
+    real_place = train_setup.Placement
 
     class Place(real_place):
         def __init__(self, *a, **k):
@@ -78,7 +79,7 @@ def recorded(monkeypatch, tiny_dir):
             super()._move(name, target, modules)
             rec.place_events[rec.step].append((name, target))
 
-    real_load = train_mod.load_components
+    real_load = train_setup.load_components
 
     def load_components(cfg, dtype, device=None, **kwargs):
         comps = real_load(cfg, dtype, device, **kwargs)
@@ -110,8 +111,8 @@ def recorded(monkeypatch, tiny_dir):
             return "the rung under test", change
 
         monkeypatch.setattr(faults, "StageGuard", Guard)
-        monkeypatch.setattr(train_mod, "Placement", Place)
-        monkeypatch.setattr(train_mod, "load_components", load_components)
+        monkeypatch.setattr(train_setup, "Placement", Place)
+        monkeypatch.setattr(train_setup, "load_components", load_components)
         monkeypatch.setattr(rewards_pkg, "build_reward", build_reward)
         monkeypatch.setattr(planner, "next_feature", next_feature)
         monkeypatch.setenv(faults.INJECT_ENV, "encode_prompts@2")

@@ -340,12 +340,12 @@ def test_missing_model_weights(tmp_path, tiny_dir, capsys):
 def test_missing_reward_model_weights(reward, weights, needle, tmp_path, tiny_dir, capsys, monkeypatch):
     """A model reward's weight file that is not there is named before any model loads (the H200 check waited 2.7
     minutes and 22 GB of T5 for this line)."""
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.commands import train_setup
 
     def no_load(*a, **k):
         raise AssertionError("the model loaded before the reward's weights were found")
 
-    monkeypatch.setattr(train, "load_components", no_load)
+    monkeypatch.setattr(train_setup, "load_components", no_load)
     monkeypatch.setenv("LOWMEM_ALIGNPROP_CACHE", str(tmp_path / "cache"))
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
@@ -506,7 +506,7 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
 
 
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch):
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.commands import train_setup
     from lowmem_alignprop.models.tiny import build_tiny_pipeline
     other = tmp_path / "other"
     build_tiny_pipeline(seed=1).save_pretrained(other)  # same architecture, other weights
@@ -514,7 +514,7 @@ def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch
     fails(capsys, [*FAST, "--model", str(other), "--output-dir", str(trained), "--steps", "4", "--resume", "latest"],
           "belongs to another base model ('tiny'; its UNet weights differ")
     narrower = _other_unet_model(tmp_path / "narrow")
-    monkeypatch.setattr(train, "load_components", None)  # another architecture: told from the configs, before the load
+    monkeypatch.setattr(train_setup, "load_components", None)  # another architecture: told from the configs, unloaded
     fails(capsys, [*FAST, "--model", str(narrower), "--output-dir", str(trained), "--steps", "4",
                    "--resume", "latest"], "its UNet architecture differs")
     assert snapshot(trained) == before

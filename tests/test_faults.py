@@ -352,7 +352,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
     import torch
     from accelerate import Accelerator
 
-    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.commands import train_setup
 
     def fp16_accelerator(cfg, output_dir):
         acc = Accelerator(cpu=True, mixed_precision="fp16")
@@ -360,7 +360,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)  # 2**100, then 1024
         return acc
 
-    monkeypatch.setattr(train_mod, "make_accelerator", fp16_accelerator)
+    monkeypatch.setattr(train_setup, "make_accelerator", fp16_accelerator)
     out = tmp_path / "run"
     # two steps (fp16 on a CPU is slow): the first overflows, the second updates (the old bug raised there)
     assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--set", "batch_size=1", "--set", "max_bad_steps=1",
@@ -383,14 +383,14 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monkeypatch, tiny_dir):
     """On a card, the planner's first step for a run with fixed allocator segments is expandable segments: the
     live allocator must be switched (not only the config), and summary.json say what it runs with."""
-    from lowmem_alignprop.commands import train, train_faults
+    from lowmem_alignprop.commands import train_faults, train_setup
 
     calls = []
 
     def allocator(expandable):
         calls.append(expandable)
         return "expandable segments" if expandable else "fixed segments"
-    for module in (train, train_faults):  # at start-up (setup_accelerator), and --auto-fit's switch (apply_fit)
+    for module in (train_setup, train_faults):  # at start-up (setup_accelerator), and --auto-fit's switch (apply_fit)
         monkeypatch.setattr(module, "configure_cuda_allocator", allocator)
     from lowmem_alignprop.measure import planner
     monkeypatch.setattr(planner, "next_feature", lambda cfg, target, stage=None: faults.Fit(

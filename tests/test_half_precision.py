@@ -138,7 +138,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(cpuinfo, has, t
     fp32 (14x for a 512x512 matmul on the 2-core Zen 3 this was written on): the run says so, once, at start."""
     import logging
 
-    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.commands import train_setup
     from lowmem_alignprop.settings.config import Config
 
     path = tmp_path / "cpuinfo"
@@ -147,7 +147,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(cpuinfo, has, t
     assert precision.cpu_has_bf16(path) is has
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has)
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
-    train_mod.make_accelerator(Config(mixed_precision="bf16").validate(), tmp_path)
+    train_setup.make_accelerator(Config(mixed_precision="bf16").validate(), tmp_path)
     warned = [r.getMessage() for r in caplog.records if "without bf16 instructions" in r.getMessage()]
     assert len(warned) == (1 if has is False else 0), warned
     if warned:

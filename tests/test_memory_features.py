@@ -363,6 +363,7 @@ def _placement_run(cfg: Config) -> list[tuple[str, str | None, dict[str, str]]]:
 
     import lowmem_alignprop.rewards as rewards_pkg
     import lowmem_alignprop.commands.train as train_mod
+    import lowmem_alignprop.commands.train_setup as train_setup
     from lowmem_alignprop.memory.placement import Placement
 
     current: list[str] = []
@@ -395,7 +396,7 @@ def _placement_run(cfg: Config) -> list[tuple[str, str | None, dict[str, str]]]:
             if self.where.get(name) != before:  # a real move, not a request to stay
                 note(f"move {name} {target}")
 
-    real_load = train_mod.load_components
+    real_load = train_setup.load_components
 
     def load_components(*args, **kwargs):  # every forward of a frozen module (recomputations too) is a use
         comps = real_load(*args, **kwargs)
@@ -414,8 +415,8 @@ def _placement_run(cfg: Config) -> list[tuple[str, str | None, dict[str, str]]]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(StageProfiler, "stage", stage)
-        mp.setattr(train_mod, "Placement", RecordingPlacement)
-        mp.setattr(train_mod, "load_components", load_components)
+        mp.setattr(train_setup, "Placement", RecordingPlacement)
+        mp.setattr(train_setup, "load_components", load_components)
         mp.setattr(rewards_pkg, "build_reward", build_reward)
         train_mod.train(cfg)
     return log

@@ -17,14 +17,14 @@ import torch
 
 from numerics import EPS32, REORDERED, flat, relative_difference
 
-import lowmem_alignprop.commands.train as train_mod
+import lowmem_alignprop.commands.train_setup as train_setup
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.models.loading import load_components
 from lowmem_alignprop.rewards import build_reward
 from lowmem_alignprop.models.sampling import encode_prompts, make_pipeline
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
-from lowmem_alignprop.commands.train import make_accelerator
+from lowmem_alignprop.commands.train_setup import make_accelerator
 
 FAST = ["--steps", "8", "--set", "resolution=32", "--set", "sample_steps=3", "--set", "k=2",
         "--set", "batch_size=2", "--set", "sample_prompts=0"]
@@ -36,7 +36,7 @@ MIN_RISE = 0.02  # brightness (0..1) after 8 steps vs the first steps
 def captured(monkeypatch):
     """The optimizer train() builds, and a copy of the weights it will train, taken before any step."""
     seen: dict = {}
-    real = train_mod.build_optimizer
+    real = train_setup.build_optimizer
 
     def build_optimizer(cfg, params):
         seen["initial"] = [p.detach().clone() for p in params]
@@ -44,7 +44,7 @@ def captured(monkeypatch):
         seen["params"] = params
         return opt
 
-    monkeypatch.setattr(train_mod, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(train_setup, "build_optimizer", build_optimizer)
     return seen
 
 

@@ -14,6 +14,7 @@ import yaml
 
 import lowmem_alignprop.models.loading as models_mod
 import lowmem_alignprop.commands.train as train_mod
+import lowmem_alignprop.commands.train_setup as train_setup
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config, build_config
 from lowmem_alignprop.settings.errors import UserError
@@ -136,7 +137,7 @@ def applied(monkeypatch):
     """What train() actually did with the memory features: the components after apply_memory_features
     and the Placement it used."""
     seen: dict = {}
-    real_apply, real_placement = train_mod.apply_memory_features, train_mod.Placement
+    real_apply, real_placement = train_setup.apply_memory_features, train_setup.Placement
 
     def apply_memory_features(comps, cfg, device, dtype, **kwargs):
         out = real_apply(comps, cfg, device, dtype, **kwargs)
@@ -148,8 +149,8 @@ def applied(monkeypatch):
             super().__init__(*args, **kwargs)
             seen["place"] = self
 
-    monkeypatch.setattr(train_mod, "apply_memory_features", apply_memory_features)
-    monkeypatch.setattr(train_mod, "Placement", Placement)
+    monkeypatch.setattr(train_setup, "apply_memory_features", apply_memory_features)
+    monkeypatch.setattr(train_setup, "Placement", Placement)
     return seen
 
 
@@ -433,8 +434,8 @@ def _forbid_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the configuration is invalid")
 
-    for mod, name in ((train_mod, "load_components"), (models_mod, "load_components"),
-                      (train_mod, "make_accelerator")):
+    for mod, name in ((train_setup, "load_components"), (models_mod, "load_components"),
+                      (train_setup, "make_accelerator")):
         monkeypatch.setattr(mod, name, refuse)
 
 
@@ -495,7 +496,7 @@ def test_xformers_on_cpu_falls_back_to_sdpa_with_one_log_line(tiny_dir, caplog):
     cfg = Config(model=str(tiny_dir), attention="xformers").validate()
     comps = models_mod.load_components(cfg)
     with caplog.at_level(logging.INFO):
-        _, used = train_mod.apply_memory_features(comps, cfg, torch.device("cpu"), torch.float32)
+        _, used = train_setup.apply_memory_features(comps, cfg, torch.device("cpu"), torch.float32)
     assert used == "sdpa"
     lines = [r for r in caplog.records if "xformers" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
@@ -771,7 +772,7 @@ def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):
 
 def test_a_mac_is_told_its_gpu_is_not_used(monkeypatch, tmp_path, caplog):
     """No CUDA and an Apple GPU (MPS): the run says the CPU does the work (it trained on the CPU in silence)."""
-    from lowmem_alignprop.commands.train import make_accelerator
+    from lowmem_alignprop.commands.train_setup import make_accelerator
     from lowmem_alignprop.memory.placement import unused_apple_gpu_note
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
