@@ -1,4 +1,4 @@
-"""``sample`` for SD3/SD3.5 and FLUX.1, loaded and placed as the trainer does (commands/train.py ``_load``), so it
+"""``sample`` for SD3/SD3.5 and FLUX.1, loaded and placed as the trainer does (commands/train_setup.py ``_load``), so it
 runs wherever training runs under the same profile:
 
 1. the prompt set (every prompt of the evaluation: base and LoRA images use the same embeddings) is encoded with

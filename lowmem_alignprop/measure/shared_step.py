@@ -49,7 +49,7 @@ def warm_up_optimizer(parts: StepParts) -> None:
 
 
 def encode_at_load(parts: StepParts, *, final: bool = False):
-    """SD3/FLUX: the prompt set encoded as the trainer does it, while loading (commands/train.py): before the
+    """SD3/FLUX: the prompt set encoded as the trainer does it, while loading (commands/train_setup.py): before the
     transformer is read, the LoRA, the optimizer state and the reward exist. ``final`` frees the text encoders after
     (the CPU measurement; the estimate's :class:`Residency` only stops counting them). Returns the filled cache."""
     from lowmem_alignprop.models.family import family_for
