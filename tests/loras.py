@@ -168,3 +168,45 @@ def save_peft_dora(unet, folder: Path, seed: int = 3) -> None:
     config.save_pretrained(str(folder))
     save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()},
               str(folder / "adapter_model.safetensors"))
+
+
+def python_block(out: Path) -> str:
+    """The card's python code, loading the export from where it lies."""
+    card = (out / "README.md").read_text()
+    return card.split("```python\n", 1)[1].split("```", 1)[0].replace('"THIS_FOLDER"', json.dumps(str(out)))
+
+
+def sampled(tmp_path: Path, monkeypatch, lora: Path, *model: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """`sample LORA` of one prompt ("a red car"): (its seed, the base image, the LoRA image), floats in [0, 1]."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import evaluate
+
+    rendered, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: rendered.append(real(*a, **k)) or rendered[-1])
+    (tmp_path / "prompts.txt").write_text("a red car\n")
+    out = tmp_path / "sampled"
+    assert main(["sample", "--lora", str(lora), *model, "--prompts", str(tmp_path / "prompts.txt"), "--num-prompts",
+                 "1", "--output-dir", str(out)]) == 0
+    [[seed]] = [p["seeds"] for p in json.loads((out / "sample_results.json").read_text())["per_prompt"]]
+    base, with_lora = rendered
+    return seed, base[0], with_lora[0]
+
+
+def card_image(block: str, seed: int) -> tuple[torch.Tensor, dict]:
+    """Runs a card's code as written, the prompt ("a red car") and a CPU generator of ``seed`` put in its call: (its
+    image, [3, H, W] in 0..255, the code's scope)."""
+    import numpy as np
+
+    scope: dict = {"torch": torch}
+    exec(block.replace('"a prompt"', f'"a red car", generator=torch.Generator().manual_seed({seed})'), scope)
+    return torch.from_numpy(np.array(scope["image"])).permute(2, 0, 1).float(), scope
+
+
+def card_renders_as_sample(block: str, seed: int, base: torch.Tensor, with_lora: torch.Tensor) -> dict:
+    """Checks that the card's code renders `sample`'s LoRA image (:func:`card_image`, :func:`sampled`): the same fp32
+    ops on the same noise, so the 8-bit pixels agree to rounding (1 level: a value a few ulps either side of a
+    rounding boundary), while the base image is further off (the LoRA shows). Returns the code's scope."""
+    image, scope = card_image(block, seed)
+    assert (image - (with_lora * 255).round()).abs().max() <= 1
+    assert (image - (base * 255).round()).abs().max() > 4
+    return scope

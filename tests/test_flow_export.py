@@ -21,7 +21,8 @@ import torch
 import yaml
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from refusals import assert_refused
-from loras import ALPHA, RANK, each_of, export, lora_with_reference
+from loras import (ALPHA, RANK, card_renders_as_sample, each_of, export, lora_with_reference, python_block,
+                   sampled)
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
@@ -1184,3 +1185,40 @@ def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encode
     assert merge_components(lora("org/flux"), str(merged_file)) == "org/flux"
     with pytest.raises(UserError, match=f"--merge into {merged_file}: it holds an SD3/FLUX transformer alone, and L "):
         merge_components(lora("org/sd"), str(merged_file))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_and_renders_as_sample(
+        family, request, tmp_path, monkeypatch):
+    """A run on `--model FILE --set model_components=DIR`: its diffusers export's card said
+    `FluxPipeline.from_pretrained("FILE")`, which cannot load. Its code loads the file with from_single_file and the
+    folder's config, the pipeline from the folder with that transformer, and renders `sample`'s image of the same
+    LoRA, prompt and seed; the peft card loads the same file under the LoRA."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    folder = request.getfixturevalue(family)["base"]
+    pipeline, cls = (name.__name__ for name in _classes(family))
+    file = tmp_path / "transformer.safetensors"  # (the folder's architecture, other weights)
+    built = (build_tiny_flux_pipeline if family == "flux" else build_tiny_sd3_pipeline)(seed=3)
+    save_file({k: v.contiguous() for k, v in built.transformer.state_dict().items()}, str(file))
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(file), "--set", f"model_components={folder}", "--steps", "1", "--set",
+                 "lr=0.5", "--set", "sample_prompts=0", "--output-dir", str(run)]) == 0
+    out = export(tmp_path / "diffusers", run / "lora", "--format", "diffusers")
+    block = python_block(out)
+    assert block.splitlines()[:3] == [
+        f"from diffusers import {pipeline}, {cls}",
+        f"transformer = {cls}.from_single_file(\"{file}\", config=\"{folder}\", subfolder=\"transformer\")  # the "
+        "transformer file it trained on",
+        f"pipe = {pipeline}.from_pretrained(\"{folder}\", transformer=transformer)"], block
+    scope = card_renders_as_sample(block, *sampled(tmp_path, monkeypatch, out, "--model", str(file), "--set",
+                                                    f"model_components={folder}"))
+    peft = python_block(export(tmp_path / "peft", run / "lora", "--format", "peft"))
+    peft_scope: dict = {}
+    exec(peft, peft_scope)
+    assert isinstance(peft_scope["transformer"], PeftModel)
+    assert_rel_close(transformer_out(peft_scope["transformer"].base_model.model),
+                     transformer_out(scope["pipe"].transformer), SAME_OPS, "the peft card's transformer")

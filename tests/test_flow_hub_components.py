@@ -474,3 +474,38 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
         f"error: model_components '{REPO}' at revision {MAIN} could not be fetched (no network, or HF_HUB_OFFLINE set) "
         f"nor found in the local Hugging Face cache: on a machine with network run `hf download {REPO} --revision "
         f"{MAIN}` (into the hub cache; copy that cache here), then run again")
+
+
+def test_the_card_of_a_run_with_a_hub_id_as_model_components_loads_its_commit_and_renders_as_sample(
+        files, tmp_path, monkeypatch):
+    """A run on `--model FILE --set model_components=OWNER/NAME`, after the hub id's main moved to other text encoder
+    weights: its diffusers export's card said `FluxPipeline.from_pretrained("FILE")`. Its code loads the file with
+    the hub id's transformer config and the pipeline from the hub id, both at the commit the run's parts came from,
+    and renders `sample`'s image of the same LoRA, prompt and seed (main's text encoder would render another)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loras import card_image, card_renders_as_sample, export, python_block, sampled
+
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
+                 "--set", "lr=0.5", "--output-dir", str(run)]) == 0
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    encoder = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW) / "text_encoder" / \
+        "model.safetensors"
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
+    (repo / "refs" / "main").write_text(NEW)
+    out = export(tmp_path, run / "lora", "--format", "diffusers")
+    block = python_block(out)
+    assert block.splitlines()[1:3] == [
+        f"transformer = FluxTransformer2DModel.from_single_file(\"{files['file']}\", config=\"{REPO}\", "
+        f"subfolder=\"transformer\", config_revision=\"{MAIN}\")  # the transformer file it trained on",
+        f"pipe = FluxPipeline.from_pretrained(\"{REPO}\", transformer=transformer, revision=\"{MAIN}\")"], block
+    seed, base, with_lora = sampled(tmp_path, monkeypatch, out)
+    card_renders_as_sample(block, seed, base, with_lora)
+    unpinned = block.replace(f", config_revision=\"{MAIN}\"", "").replace(f", revision=\"{MAIN}\"", "")
+    assert (card_image(unpinned, seed)[0] - (with_lora * 255).round()).abs().max() > 4  # main's parts: other images

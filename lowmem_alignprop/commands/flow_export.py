@@ -30,6 +30,7 @@ import torch
 from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 
 SD3, FLUX = "sd3", "flux"
 QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
@@ -349,9 +350,28 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                   if family == FLUX else
                   ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "
                    "kohya names."])]
+    transformer = file_transformer(base, family, components, components_revision)
+    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
     if fmt == "peft":
-        return ["```python", "from peft import PeftModel",
-                f"transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")  # {base}'s transformer",
-                "```"]
+        return ["```python", *([f"from diffusers import {cls}", transformer] if transformer else []),
+                "from peft import PeftModel", "transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")"
+                + ("" if transformer else f"  # {base}'s transformer"), "```"]
+    if transformer:  # the run's transformer file, and its other parts from model_components
+        at = f", revision=\"{components_revision}\"" if components_revision else ""
+        return ["```python", f"from diffusers import {pipeline}, {cls}", transformer,
+                f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})",
+                "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
     return ["```python", f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")",
             "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+
+
+def file_transformer(base: str, family: str, components: str, components_revision: str = "") -> str:
+    """The line that loads a run's transformer file (``--model FILE --set model_components=...``) as training read it:
+    diffusers' ``from_single_file`` with the transformer config of ``components`` (a hub id's at
+    ``components_revision``, the commit its run's parts came from); "" for a base that is no such file."""
+    if components == base or Path(base).suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        return ""
+    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
+    at = f", config_revision=\"{components_revision}\"" if components_revision else ""
+    return (f"transformer = {cls}.from_single_file(\"{base}\", config=\"{components}\", subfolder=\"transformer\""
+            f"{at})  # the transformer file it trained on")
