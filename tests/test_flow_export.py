@@ -1193,7 +1193,9 @@ def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_a
     """A run on `--model FILE --set model_components=DIR`: its diffusers export's card said
     `FluxPipeline.from_pretrained("FILE")`, which cannot load. Its code loads the file with from_single_file and the
     folder's config, the pipeline from the folder with that transformer, and renders `sample`'s image of the same
-    LoRA, prompt and seed; the peft card loads the same file under the LoRA."""
+    LoRA, prompt and seed; the peft card loads the same file under the LoRA; the kohya card's lines name the file
+    and folder, and FLUX's diffusers code loads them as the diffusers card does (diffusers' kohya reader splits
+    single blocks at FLUX.1's width only: test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora)."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
@@ -1222,3 +1224,13 @@ def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_a
     assert isinstance(peft_scope["transformer"], PeftModel)
     assert_rel_close(transformer_out(peft_scope["transformer"].base_model.model),
                      transformer_out(scope["pipe"].transformer), SAME_OPS, "the peft card's transformer")
+    kohya = export(tmp_path / "kohya", run / "lora", "--format", "kohya")
+    card = (kohya / "README.md").read_text()
+    model = "FLUX.1" if family == "flux" else "SD3 Medium"  # (the tiny SD3: no qk-norm)
+    assert f"node after the {model} model it trained on: `{file}` in a *Load Diffusion Model* node, with the text " \
+           f"encoders and VAE of `{folder}`." in card, card
+    if family == "flux":  # (diffusers' SD3 loader reads no kohya names: its line says to use the diffusers export)
+        code = python_block(kohya).splitlines()
+        name = next(kohya.glob("*.safetensors")).name
+        assert code[:3] + code[4:] == block.splitlines()[:3] + block.splitlines()[4:], code
+        assert code[3] == f"pipe.load_lora_weights({json.dumps(str(kohya))}, weight_name=\"{name}\")"

@@ -339,25 +339,32 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                 f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\")", "```",
                 "- ComfyUI: the merged transformer is `transformer/` (diffusers layout); its *Load Diffusion Model* "
                 "node reads a diffusers-layout transformer file in `ComfyUI/models/diffusion_models/`."]
+    transformer = file_transformer(base, family, components, components_revision)
+    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
+    at = f", revision=\"{components_revision}\"" if components_revision else ""
     if fmt == "kohya":
+        model = MODEL_NAMES.get(version, 'FLUX.1' if family == FLUX else 'SD3')
+        trained_on = (f" it trained on: `{base}` in a *Load Diffusion Model* node, with the text encoders and VAE "
+                      f"of `{components}`" + (f" at commit `{components_revision}`" if components_revision else "")
+                      if transformer else "")
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/loras/` and pick it in a *LoraLoaderModelOnly* "
-                f"(or *Load LoRA*) node after the {MODEL_NAMES.get(version, 'FLUX.1' if family == FLUX else 'SD3')} "
-                "model.",
+                f"(or *Load LoRA*) node after the {model} model{trained_on}.",
                 # (Forge loads FLUX.1 LoRAs; SD3's, as far as we know, not: sd-scripts' lora_sd3 reads them)
                 f"- kohya sd-scripts{' / Forge' if family == FLUX else ''}: the same file (`lora_unet_` + the original "
                 "module names).",
-                *([f"- diffusers: `FluxPipeline.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")`."]
+                *(["- diffusers:", "```python", f"from diffusers import {pipeline}, {cls}", transformer,
+                   f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})",
+                   f"pipe.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")", "```"]
+                  if family == FLUX and transformer else
+                  [f"- diffusers: `FluxPipeline.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")`."]
                   if family == FLUX else
                   ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "
                    "kohya names."])]
-    transformer = file_transformer(base, family, components, components_revision)
-    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
     if fmt == "peft":
         return ["```python", *([f"from diffusers import {cls}", transformer] if transformer else []),
                 "from peft import PeftModel", "transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")"
                 + ("" if transformer else f"  # {base}'s transformer"), "```"]
     if transformer:  # the run's transformer file, and its other parts from model_components
-        at = f", revision=\"{components_revision}\"" if components_revision else ""
         return ["```python", f"from diffusers import {pipeline}, {cls}", transformer,
                 f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})",
                 "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
