@@ -509,3 +509,46 @@ def test_the_card_of_a_run_with_a_hub_id_as_model_components_loads_its_commit_an
     card_renders_as_sample(block, seed, base, with_lora)
     unpinned = block.replace(f", config_revision=\"{MAIN}\"", "").replace(f", revision=\"{MAIN}\"", "")
     assert (card_image(unpinned, seed)[0] - (with_lora * 255).round()).abs().max() > 4  # main's parts: other images
+
+
+def test_export_merge_into_a_transformer_file_of_a_lora_trained_on_a_hub_id_takes_the_parts_of_its_commit(
+        files, tmp_path, monkeypatch, caplog):
+    """A LoRA trained on `--model OWNER/NAME` (at MAIN), merged into a transformer file (`export --merge --model
+    FILE`): the file's text encoders, VAE and scheduler come from the hub id it trained on, and were read from the
+    hub's main (NEW: other text encoder weights) in silence. They are read at MAIN, said, and merged_loras.json
+    records that commit, as the merged single file's card does. (FILE: the hub id's own transformer as one file.)"""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    file = shutil.copy(files["snapshot"] / "transformer" / "diffusion_pytorch_model.safetensors",
+                       tmp_path / "flux1-dev.safetensors")
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", REPO, "--steps", "1", "--output-dir", str(run)]) == 0
+    assert json.loads((run / "lora" / "base_model.json").read_text())["revision"] == MAIN
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    encoder = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW) / "text_encoder" / \
+        "model.safetensors"
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
+    (repo / "refs" / "main").write_text(NEW)
+    out = tmp_path / "merged"
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["export", "--lora", str(run / "lora"), "--merge", "--model", str(file), "--out", str(out)]) == 0
+    assert f"--merge: the text encoders, VAE and scheduler of model_components={REPO} at commit {MAIN}, the one its " \
+           "run trained with" in caplog.text
+    merged = load_file(str(out / "text_encoder" / "model.safetensors"))
+    trained = load_file(str(repo / "snapshots" / MAIN / "text_encoder" / "model.safetensors"))
+    assert merged.keys() == trained.keys() and all(torch.equal(merged[k], trained[k]) for k in trained)
+    entry = json.loads((out / "merged_loras.json").read_text())[0]
+    assert (entry["into"], entry["components_revision"], "into_revision" in entry) == (str(file), MAIN, False)
+    # the merged single file's card: its parts are the hub id's at MAIN (the name alone loads NEW's)
+    single = tmp_path / "single"
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--single-file", "--model", str(file), "--out",
+                 str(single)]) == 0
+    [merged_file] = single.glob("*.safetensors")
+    assert f"- lowmem-alignprop: `--model {merged_file.name} --set model_components={REPO} --set " \
+           f"components_revision={MAIN}`." in (single / "README.md").read_text().splitlines()

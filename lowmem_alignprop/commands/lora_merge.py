@@ -209,6 +209,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
     pins = pinned_parts(lora.base, {**lora.run_config, "model_components": components})
+    if components != lora.model_components:  # the hub id it trained on, for a transformer file: its parts at the
+        pins.update(pinned_parts({"components_revision": ckpt.trained_commit(lora.base)},  # commit it trained on
+                                 {"model_components": components}))
     pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):

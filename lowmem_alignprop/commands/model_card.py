@@ -666,7 +666,8 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
     base = base or "BASE_MODEL"
     if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
         from lowmem_alignprop.commands import flow_export
-        commit = (pins or {}).get("components_revision", "") if components else ""  # (the parts' commit)
+        # the parts' commit: model_components', else (a hub id's own parts) the one it trained on
+        commit = (pins or {}).get("components_revision" if components else "revision", "")
         return flow_export.usage(fmt, files, base, merged, family, components or base, version, commit)
     imported, loaded = _PACKAGE_MODELS.get(base, (None, f'"{base}"'))
     if merged is not None and fmt == "single-file":
