@@ -286,6 +286,9 @@ def test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora(tmp_path, layers)
     pipe = FluxPipeline.from_pretrained(made["base"])
     pipe.load_lora_weights(str(next(out.glob("*.safetensors"))))
     assert_rel_close(transformer_out(pipe.transformer), made["ref"], SAME_OPS, "kohya file via load_lora_weights")
+    scope: dict = {}  # the card's diffusers code, as written (it called load_lora_weights on the class: no pipeline)
+    exec(python_block(out), scope)
+    assert_rel_close(transformer_out(scope["pipe"].transformer), made["ref"], SAME_OPS, "the kohya card's code")
 
 
 def test_kohya_flux_single_block_is_what_diffusers_reads_at_flux1_width():

@@ -352,11 +352,8 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                 # (Forge loads FLUX.1 LoRAs; SD3's, as far as we know, not: sd-scripts' lora_sd3 reads them)
                 f"- kohya sd-scripts{' / Forge' if family == FLUX else ''}: the same file (`lora_unet_` + the original "
                 "module names).",
-                *(["- diffusers:", "```python", f"from diffusers import {pipeline}, {cls}", transformer,
-                   f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})",
+                *(["- diffusers:", "```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at),
                    f"pipe.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")", "```"]
-                  if family == FLUX and transformer else
-                  [f"- diffusers: `FluxPipeline.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")`."]
                   if family == FLUX else
                   ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "
                    "kohya names."])]
@@ -364,12 +361,17 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
         return ["```python", *([f"from diffusers import {cls}", transformer] if transformer else []),
                 "from peft import PeftModel", "transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")"
                 + ("" if transformer else f"  # {base}'s transformer"), "```"]
-    if transformer:  # the run's transformer file, and its other parts from model_components
-        return ["```python", f"from diffusers import {pipeline}, {cls}", transformer,
-                f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})",
-                "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
-    return ["```python", f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")",
+    return ["```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at),
             "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
+
+
+def _pipeline_lines(pipeline: str, cls: str, transformer: str, base: str, components: str, at: str) -> list[str]:
+    """The card's code that loads the pipeline a LoRA goes on: the base's, or (``transformer``: the line loading the
+    run's transformer file) that file with model_components' other parts (``at``: their commit's revision=)."""
+    if transformer:
+        return [f"from diffusers import {pipeline}, {cls}", transformer,
+                f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})"]
+    return [f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")"]
 
 
 def file_transformer(base: str, family: str, components: str, components_revision: str = "") -> str:
