@@ -21,7 +21,7 @@ import torch
 import yaml
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from refusals import assert_refused
-from loras import (ALPHA, RANK, card_renders_as_sample, each_of, export, lora_with_reference, python_block,
+from loras import (ALPHA, RANK, card_image, card_renders_as_sample, each_of, export, lora_with_reference, python_block,
                    sampled)
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
@@ -53,7 +53,8 @@ def transformer_out(transformer) -> torch.Tensor:
     if flow.family_of(transformer) == "flux":
         return transformer(hidden_states=torch.randn(2, 16, c.in_channels, generator=g), encoder_hidden_states=ehs,
                            pooled_projections=pooled, timestep=torch.tensor([0.3, 0.8]), img_ids=flow.latent_image_ids(8, 8),
-                           txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]), return_dict=False)[0]
+                           txt_ids=torch.zeros(5, 3), return_dict=False,
+                           guidance=torch.tensor([3.5, 3.5]) if c.guidance_embeds else None)[0]  # (schnell: none)
     return transformer(hidden_states=torch.randn(2, c.in_channels, 8, 8, generator=g), encoder_hidden_states=ehs,
                        pooled_projections=pooled, timestep=torch.tensor([300.0, 800.0]), return_dict=False)[0]
 
@@ -1190,7 +1191,7 @@ def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encode
         merge_components(lora("org/sd"), str(merged_file))
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "flux-schnell"])
 def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_and_renders_as_sample(
         family, request, tmp_path, monkeypatch):
     """A run on `--model FILE --set model_components=DIR`: its diffusers export's card said
@@ -1198,29 +1199,44 @@ def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_a
     folder's config, the pipeline from the folder with that transformer, and renders `sample`'s image of the same
     LoRA, prompt and seed; the peft card loads the same file under the LoRA; the kohya card's lines name the file
     and folder, and FLUX's diffusers code loads them as the diffusers card does (diffusers' kohya reader splits
-    single blocks at FLUX.1's width only: test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora)."""
+    single blocks at FLUX.1's width only: test_kohya_flux_loads_in_diffusers_and_reproduces_the_lora).
+    flux-schnell: a FLUX.1-schnell file with FLUX.1-dev's folder (what users download): the card's from_single_file
+    failed (IndexError: dev's config has a guidance embedding), and with guidance_embeds=False alone it sampled on
+    dev's resolution-shifted sigmas where the run used schnell's; now it passes guidance_embeds=False and sets
+    schnell's schedule, in the merged single file's card too."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
     from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
-    folder = request.getfixturevalue(family)["base"]
+    family, schnell = family.split("-")[0], family.endswith("schnell")
+    folder = request.getfixturevalue(family)["base"]  # (FLUX: the dev folder)
     pipeline, cls = (name.__name__ for name in _classes(family))
     file = tmp_path / "transformer.safetensors"  # (the folder's architecture, other weights)
-    built = (build_tiny_flux_pipeline if family == "flux" else build_tiny_sd3_pipeline)(seed=3)
+    built = build_tiny_flux_pipeline(seed=3, schnell=schnell) if family == "flux" else build_tiny_sd3_pipeline(seed=3)
     save_file({k: v.contiguous() for k, v in built.transformer.state_dict().items()}, str(file))
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(file), "--set", f"model_components={folder}", "--steps", "1", "--set",
                  "lr=0.5", "--set", "sample_prompts=0", "--output-dir", str(run)]) == 0
     out = export(tmp_path / "diffusers", run / "lora", "--format", "diffusers")
     block = python_block(out)
-    assert block.splitlines()[:3] == [
-        f"from diffusers import {pipeline}, {cls}",
-        f"transformer = {cls}.from_single_file(\"{file}\", config=\"{folder}\", subfolder=\"transformer\")  # the "
-        "transformer file it trained on",
-        f"pipe = {pipeline}.from_pretrained(\"{folder}\", transformer=transformer)"], block
-    scope = card_renders_as_sample(block, *sampled(tmp_path, monkeypatch, out, "--model", str(file), "--set",
-                                                    f"model_components={folder}"))
+    schedule = ["pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0, "
+                "use_dynamic_shifting=False)  # FLUX.1-schnell's transformer with FLUX.1-dev's folder: as the run "
+                "sampled"] if schnell else []
+    loaded = len(schedule) + 3  # the line that loads the LoRA
+    assert block.splitlines()[:loaded] == [
+        f"from diffusers import {'FlowMatchEulerDiscreteScheduler, ' if schnell else ''}{pipeline}, {cls}",
+        f"transformer = {cls}.from_single_file(\"{file}\", config=\"{folder}\", subfolder=\"transformer\""
+        f"{', guidance_embeds=False' if schnell else ''})  # the transformer file it trained on",
+        f"pipe = {pipeline}.from_pretrained(\"{folder}\", transformer=transformer)", *schedule], block
+    seed, base_image, lora_image = sampled(tmp_path, monkeypatch, out, "--model", str(file), "--set",
+                                           f"model_components={folder}")
+    scope = card_renders_as_sample(block, seed, base_image, lora_image)
+    if schnell:  # schnell's unshifted sigmas, as the run's; dev's folder's own (resolution-shifted) render otherwise
+        assert scope["pipe"].scheduler.timesteps.tolist() == pytest.approx([1000, 750, 500, 250])
+        image, unset = card_image("\n".join(x for x in block.splitlines() if x not in schedule), seed)
+        assert unset["pipe"].scheduler.timesteps.tolist() != pytest.approx([1000, 750, 500, 250], abs=10)
+        assert (image - (lora_image * 255).round()).abs().max() > 1  # (beyond card_renders_as_sample's rounding)
     peft = python_block(export(tmp_path / "peft", run / "lora", "--format", "peft"))
     peft_scope: dict = {}
     exec(peft, peft_scope)
@@ -1235,5 +1251,44 @@ def test_the_card_of_a_transformer_file_run_loads_the_file_with_its_components_a
     if family == "flux":  # (diffusers' SD3 loader reads no kohya names: its line says to use the diffusers export)
         code = python_block(kohya).splitlines()
         name = next(kohya.glob("*.safetensors")).name
-        assert code[:3] + code[4:] == block.splitlines()[:3] + block.splitlines()[4:], code
-        assert code[3] == f"pipe.load_lora_weights({json.dumps(str(kohya))}, weight_name=\"{name}\")"
+        lines = block.splitlines()
+        assert code[:loaded] + code[loaded + 1:] == lines[:loaded] + lines[loaded + 1:], code
+        assert code[loaded] == f"pipe.load_lora_weights({json.dumps(str(kohya))}, weight_name=\"{name}\")"
+    if schnell:  # the merged single file: schnell's transformer, loaded with dev's folder as the run sampled it
+        merged = (export(tmp_path / "merged", run / "lora", "--merge", "--single-file") / "README.md").read_text()
+        assert "- diffusers: `FluxTransformer2DModel.from_single_file(\"run_alignprop_merged.safetensors\", " \
+               f"config=\"{folder}\", subfolder=\"transformer\", guidance_embeds=False)` (FLUX.1-schnell's " \
+               f"transformer with FLUX.1-dev's folder: in `FluxPipeline.from_pretrained(\"{folder}\", " \
+               f"transformer=transformer)` set its scheduler as the run's, `{schedule[0].split('  #')[0]}`).\n" \
+               in merged, merged
+
+
+def test_the_card_of_a_flux_dev_file_with_schnells_folder_loads_and_schedules_as_training(flux, tmp_path):
+    """The other way round (a FLUX.1-dev file, model_components a schnell folder): the card's code passes
+    guidance_embeds=True (schnell's config has none: the file's guidance_in would be left out) and sets dev's
+    resolution-shifted schedule, the one training sampled with; its pipeline's scheduler and transformer config are
+    the loader's. A file of the folder's own variant gets neither."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.models.loading import load_components
+
+    schnell = build_tiny_flux_dir(tmp_path / "schnell", schnell=True)
+    dev_file = tmp_path / "dev.safetensors"
+    save_file(FluxTransformer2DModel.from_pretrained(flux["base"] / "transformer").state_dict(), str(dev_file))
+    code = flow_export.usage("diffusers", [], str(dev_file), None, "flux", str(schnell))
+    assert code[2] == (f"transformer = FluxTransformer2DModel.from_single_file(\"{dev_file}\", config=\"{schnell}\", "
+                       "subfolder=\"transformer\", guidance_embeds=True)  # the transformer file it trained on")
+    assert code[4] == ("pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                       "shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, "
+                       "max_image_seq_len=4096)  # FLUX.1-dev's transformer with FLUX.1-schnell's folder: as the run "
+                       "sampled")
+    scope: dict = {}
+    exec("\n".join(code[1:5]), scope)
+    trained = load_components(Config(model=str(dev_file), model_components=str(schnell)))
+    assert scope["pipe"].transformer.config.guidance_embeds is True
+    assert dict(scope["pipe"].scheduler.config) == dict(trained.scheduler.config)
+    assert_rel_close(transformer_out(scope["pipe"].transformer), transformer_out(trained.unet), SAME_OPS, "dev file")
+    own = flow_export.usage("diffusers", [], str(dev_file), None, "flux", str(flux["base"]))  # dev file, dev folder
+    assert "guidance_embeds" not in "\n".join(own) and not any("pipe.scheduler" in x for x in own)

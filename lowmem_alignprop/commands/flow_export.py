@@ -324,22 +324,27 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
     """The model card's "Use" lines for an SD3/FLUX export (``version``: :func:`base_model_version`'s;
     ``components_revision``: the commit of a hub id ``components`` the run's parts came from)."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
+    dev = other_variant(base, family, components, components_revision)  # a schnell file with dev's folder, or back
     if merged is not None and fmt == "single-file":  # the merged transformer in the original layout
         cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
         pin = f" --set components_revision={components_revision}" if components_revision else ""
         at = f", config_revision=\"{components_revision}\"" if components_revision else ""
+        at += f", guidance_embeds={dev}" if dev is not None else ""
         return [f"- ComfyUI: copy `{files[0]}` to `ComfyUI/models/diffusion_models/` and pick it in a *Load "
                 "Diffusion Model* node (the text encoders and VAE: the base model's"
                 + (f", `{components}` at commit `{components_revision}`" if components_revision else "") + ").",
                 f"- lowmem-alignprop: `--model {files[0]} --set model_components={components}{pin}`.",
                 f"- diffusers: `{cls}.from_single_file(\"{files[0]}\", config=\"{components}\", "
-                f"subfolder=\"transformer\"{at})`."]
+                f"subfolder=\"transformer\"{at})`" + (f" ({variant_said(dev)}: in `{pipeline}.from_pretrained"
+                                                     f"(\"{components}\", transformer=transformer)` set its "
+                                                     f"scheduler as the run's, `{schedule_line(dev)}`)" if dev is
+                                                     not None else "") + "."]
     if merged is not None:
         return ["```python", f"from diffusers import {pipeline}",
                 f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\")", "```",
                 "- ComfyUI: the merged transformer is `transformer/` (diffusers layout); its *Load Diffusion Model* "
                 "node reads a diffusers-layout transformer file in `ComfyUI/models/diffusion_models/`."]
-    transformer = file_transformer(base, family, components, components_revision)
+    transformer = file_transformer(base, family, components, components_revision, dev)
     cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
     at = f", revision=\"{components_revision}\"" if components_revision else ""
     if fmt == "kohya":
@@ -352,7 +357,8 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                 # (Forge loads FLUX.1 LoRAs; SD3's, as far as we know, not: sd-scripts' lora_sd3 reads them)
                 f"- kohya sd-scripts{' / Forge' if family == FLUX else ''}: the same file (`lora_unet_` + the original "
                 "module names).",
-                *(["- diffusers:", "```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at),
+                *(["- diffusers:", "```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at,
+                                                                 dev),
                    f"pipe.load_lora_weights(\"THIS_FOLDER\", weight_name=\"{files[0]}\")", "```"]
                   if family == FLUX else
                   ["- diffusers: use the diffusers export (`--format diffusers`): diffusers' SD3 loader reads no "
@@ -361,26 +367,70 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
         return ["```python", *([f"from diffusers import {cls}", transformer] if transformer else []),
                 "from peft import PeftModel", "transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER\")"
                 + ("" if transformer else f"  # {base}'s transformer"), "```"]
-    return ["```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at),
+    return ["```python", *_pipeline_lines(pipeline, cls, transformer, base, components, at, dev),
             "pipe.load_lora_weights(\"THIS_FOLDER\")", "```"]
 
 
-def _pipeline_lines(pipeline: str, cls: str, transformer: str, base: str, components: str, at: str) -> list[str]:
+def _pipeline_lines(pipeline: str, cls: str, transformer: str, base: str, components: str, at: str,
+                    dev: bool | None = None) -> list[str]:
     """The card's code that loads the pipeline a LoRA goes on: the base's, or (``transformer``: the line loading the
-    run's transformer file) that file with model_components' other parts (``at``: their commit's revision=)."""
-    if transformer:
-        return [f"from diffusers import {pipeline}, {cls}", transformer,
-                f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})"]
-    return [f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")"]
+    run's transformer file) that file with model_components' other parts (``at``: their commit's revision=); ``dev``
+    (:func:`other_variant`): the folder is the other FLUX.1 variant's, its scheduler set as the file's variant's."""
+    if not transformer:
+        return [f"from diffusers import {pipeline}", f"pipe = {pipeline}.from_pretrained(\"{base}\")"]
+    lines = [f"from diffusers import {pipeline}, {cls}", transformer,
+             f"pipe = {pipeline}.from_pretrained(\"{components}\", transformer=transformer{at})"]
+    if dev is not None:
+        lines[0] = f"from diffusers import FlowMatchEulerDiscreteScheduler, {pipeline}, {cls}"
+        lines.append(f"{schedule_line(dev)}  # {variant_said(dev)}: as the run sampled")
+    return lines
 
 
-def file_transformer(base: str, family: str, components: str, components_revision: str = "") -> str:
+def file_transformer(base: str, family: str, components: str, components_revision: str = "",
+                     dev: bool | None = None) -> str:
     """The line that loads a run's transformer file (``--model FILE --set model_components=...``) as training read it:
     diffusers' ``from_single_file`` with the transformer config of ``components`` (a hub id's at
-    ``components_revision``, the commit its run's parts came from); "" for a base that is no such file."""
+    ``components_revision``, the commit its run's parts came from; ``dev``, :func:`other_variant`: the folder is the
+    other FLUX.1 variant's, its guidance embedding as the file has it); "" for a base that is no such file."""
     if components == base or Path(base).suffix.lower() not in SINGLE_FILE_SUFFIXES:
         return ""
     cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
     at = f", config_revision=\"{components_revision}\"" if components_revision else ""
+    at += f", guidance_embeds={dev}" if dev is not None else ""
     return (f"transformer = {cls}.from_single_file(\"{base}\", config=\"{components}\", subfolder=\"transformer\""
             f"{at})  # the transformer file it trained on")
+
+
+def other_variant(base: str, family: str, components: str, revision: str = "") -> bool | None:
+    """Whether a FLUX.1 transformer file (``base``) is dev (True: its guidance embedding) or schnell (False), where
+    model_components' folder (a hub id's at ``revision``) is the other variant's: its config's guidance_embeds then
+    fails diffusers' from_single_file (an IndexError for a schnell file with dev's) and its scheduler samples
+    otherwise than training did (models/flow_loading.flux_variant_scheduler). None where they agree, or either is
+    not at hand (the card as for the folder's own variant)."""
+    if family != FLUX or not components or components == base or not Path(base).expanduser().is_file():
+        return None
+    from lowmem_alignprop.models.flow_loading import components_folder
+
+    file = transformer_config(base, components, revision)  # the folder's config, guidance as the file's keys say
+    try:
+        folder = json.loads((components_folder(components, configs_only=True, revision=revision) / "transformer"
+                             / "config.json").read_text(encoding="utf-8"))
+    except (UserError, OSError, ValueError):
+        return None
+    if file is None or bool(file.get("guidance_embeds")) == bool(folder.get("guidance_embeds")):
+        return None
+    return bool(file["guidance_embeds"])
+
+
+def variant_said(dev: bool) -> str:
+    """How the card names a transformer file of the other FLUX.1 variant than model_components' folder."""
+    return ("FLUX.1-dev's transformer with FLUX.1-schnell's folder" if dev else
+            "FLUX.1-schnell's transformer with FLUX.1-dev's folder")
+
+
+def schedule_line(dev: bool) -> str:
+    """The card's code that sets a pipeline's scheduler as the FLUX.1 variant ``dev`` samples (its shift)."""
+    from lowmem_alignprop.models.flow_loading import variant_schedule
+
+    told = ", ".join(f"{k}={v!r}" for k, v in variant_schedule(dev).items())
+    return f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, {told})"

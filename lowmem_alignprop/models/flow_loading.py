@@ -224,18 +224,23 @@ DEV_SCHEDULE = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "bas
 SCHNELL_SCHEDULE = {"shift": 1.0, "use_dynamic_shifting": False}
 
 
+def variant_schedule(dev: bool) -> dict:
+    """The scheduler settings of FLUX.1-dev (``dev``: its resolution shift, as the shipped architecture's scheduler
+    config has them) or of schnell (unshifted), that the other variant's folder sets otherwise: what
+    :func:`flux_variant_scheduler` samples with, and the model card's code sets."""
+    if not dev:
+        return dict(SCHNELL_SCHEDULE)
+    shipped = json.loads((ARCH_FLOW_DIR / "flux" / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    return {k: shipped[k] for k in DEV_SCHEDULE}
+
+
 def flux_variant_scheduler(scheduler, *, dev: bool, path: str, components: str):
     """``scheduler`` (a FLUX folder's) as the transformer file's variant samples: a schnell file with dev's folder
     was sampled on dev's resolution-shifted sigmas (the last of 4 steps from 0.51 at 1024 px instead of 0.25), a dev
     file with schnell's on unshifted ones. Said when it changes."""
     if bool(scheduler.config.get("use_dynamic_shifting")) == dev:
         return scheduler
-    if dev:
-        shipped = json.loads((ARCH_FLOW_DIR / "flux" / "scheduler" / "scheduler_config.json").read_text(
-            encoding="utf-8"))
-        own = {k: shipped[k] for k in DEV_SCHEDULE}
-    else:
-        own = SCHNELL_SCHEDULE
+    own = variant_schedule(dev)
     log.warning("%s is FLUX.1-%s (its keys %s guidance_in) and model_components=%s is the other variant's folder: "
                 "sampling with %s's schedule (%s)", path, "dev" if dev else "schnell", "have" if dev else "have no",
                 components, "dev" if dev else "schnell", ", ".join(f"{k}={v}" for k, v in own.items()))
