@@ -573,6 +573,33 @@ def test_a_reward_that_fails_on_the_images_between_steps_leaves_them_out_and_tra
     assert ckpt.find_resume(out, "latest").name == "step-00000003"
 
 
+def test_a_reward_failing_on_the_judged_images_after_training_keeps_the_samples_it_scored(tmp_path, monkeypatch,
+                                                                                            caplog, capsys):
+    """The toy world: the reward fails on the judged images after training, after the sample grid was scored. The
+    warning said "(the before/after samples are left out)" and the box "after samples skipped (the reward failed on
+    them)" under its own "fixed-seed samples: a -> b" line, with samples/before_after.png written. Now the warning
+    names what is left out (the toy world's before/after figures), and the samples stay the run's."""
+    import logging
+
+    (tmp_path / "qa_judged_after.py").write_text(FAILING_OUTSIDE_STEPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QA_FAIL_AT", "5")  # 1: the start-up check, 2-3: the before samples and judged images, 4: the
+    monkeypatch.setenv("QA_FAIL_KIND", "error")  # after samples, 5: the judged images after training
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="lowmem_alignprop")
+    assert main([*FAST, "--model", "toy", "--output-dir", str(out), "--steps", "1", "--reward",
+                 "qa_judged_after:reward", "--set", "sample_prompts=1", "--set", "fidelity_images=2"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "raised ValueError" in r.getMessage()]
+    assert len(warned) == 1 and "while scoring the toy world's judged images: bad image" in warned[0], warned
+    assert warned[0].endswith("(the toy world's before/after figures are left out)"), warned[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "samples_skipped" not in summary and "toy_world" not in summary
+    assert {"sample_reward_before", "sample_reward_after"} <= summary.keys()
+    assert (out / "samples" / "before_after.png").is_file()
+    box = capsys.readouterr().out
+    assert " fixed-seed samples: " in box and "after samples skipped" not in box, box
+
+
 def test_a_gradient_that_never_reaches_the_lora_stops_the_run(tmp_path, capsys, monkeypatch, tiny_dir):
     """The start-up check passes (the reward is differentiable on its test images) but on the training batches its
     gradient is exactly zero: after max_zero_grad_steps such steps in a row the run stops with a checkpoint."""

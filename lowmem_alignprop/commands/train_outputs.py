@@ -159,8 +159,7 @@ class RunOutputs:
                 if after is None:  # `sample` renders them from lora/
                     self.samples_skipped = "out of memory while they were rendered"
             if self.fidelity_before is not None:
-                self.fidelity_after = self.render_or_skip(self.judge, "judging the images after training",
-                                                          "a smaller --set fidelity_images")
+                self.judge_after()
         except UserError as e:  # the LoRA and summary are still written
             log.warning("%s (the before/after samples are left out)", e)
             self.samples_skipped = "the reward failed on them"
@@ -170,6 +169,15 @@ class RunOutputs:
         self.stop.raise_now = False  # from here a stop request changes nothing: the LoRA is being written
         self.stop.finishing = "training is over, the LoRA and summary are being written"
         return after
+
+    def judge_after(self) -> None:
+        """The toy world's judged images after training. The reward's error on them leaves out their figures alone:
+        the sample grid, rendered and scored before them, is still the run's (it was said to be left out)."""
+        try:
+            self.fidelity_after = self.render_or_skip(self.judge, "judging the images after training",
+                                                      "a smaller --set fidelity_images")
+        except UserError as e:
+            log.warning("%s (the toy world's before/after figures are left out)", e)
 
     def write_outputs(self, summary: dict, final, lora: dict | None, after) -> None:
         from lowmem_alignprop.commands.grid import save_sample_grid
