@@ -833,8 +833,11 @@ def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, cap
     out = capsys.readouterr().out
     assert " reward (toy_clip): 1.0000 -> 1.0000  (+0.0000)  [the same 1 prompt, first and last 1 step]\n" in out
     assert " AlignProp finished: 2 steps on cpu (profile" in out
-    print_summary({**s, **two, "steps_done": 2, "processes": 2}, Config(steps=2, reward="toy_clip"), "cpu")
-    assert " AlignProp finished: 2 steps on cpu x 2 processes (profile cpu, model" in capsys.readouterr().out
+    # under a launcher: batch_size is per process, so the box says what one optimizer step averaged (it did not)
+    print_summary({**s, **two, "steps_done": 2, "processes": 2},
+                  Config(steps=2, reward="toy_clip", batch_size=3, grad_accum=2), "cpu")
+    assert " AlignProp finished: 2 steps on cpu x 2 processes, 12 images a step (profile cpu, model" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.xdist_group("short_toy_run")  # the module fixture: made once

@@ -138,7 +138,8 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
         (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
          if s.get("interrupted") else
          f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']}"
-         + (f" x {s['processes']} processes" if s.get("processes", 1) > 1 else "")  # (each step: all their images)
+         + (f" x {s['processes']} processes, {cfg.batch_size * cfg.grad_accum * s['processes']} images a step"
+            if s.get("processes", 1) > 1 else "")  # (each step: all their images; batch_size is per process)
          + f" (profile {profile_name}, "
          f"model {cfg.model}{' at commit ' + s['model_revision'] if s.get('model_revision') else ''})"),
         *([f" {skipped} of them skipped, {'their loss' if skipped > 1 else 'its loss'} NaN or infinite (no update; "
