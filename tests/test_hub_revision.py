@@ -375,3 +375,20 @@ def test_a_components_or_vae_revision_without_a_hub_id_to_pin_is_refused(pin, gi
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {pin}=main pins a hub id {field}'s snapshot (OWNER/NAME at a branch, tag or commit), and {said}, "
         f"which has no revisions: drop --set {pin}, or give {field} as a hub id"]
+
+
+def test_a_card_training_command_pins_the_commit_where_its_start_gave_a_branch():
+    """A start typed with `--set revision=main` (a branch: it moves) trained on commit C: the card's command, run
+    again after main moved, trained on main's new commit (the pin was said given and left as typed). Each branch
+    or empty pin now names the recorded commit; a commit (or its short form, 7+ hex digits) is kept as typed."""
+    from lowmem_alignprop.commands.model_card import pinned_command
+
+    commit, vae = "a" * 39 + "1", "b" * 40
+    pins = {"revision": commit, "vae_revision": vae}
+    typed = "lowmem-alignprop --model o/n --set revision=main --set=vae_revision= --steps 2"
+    assert pinned_command(typed, pins) == \
+        f"lowmem-alignprop --model o/n --set revision={commit} --set=vae_revision={vae} --steps 2"
+    kept = f"lowmem-alignprop --model o/n --set revision={commit[:7]} --set 'prompts=my prompts.txt'"
+    assert pinned_command(kept, pins) == f"{kept} --set vae_revision={vae}"
+    assert pinned_command("lowmem-alignprop --resume latest --set revision=main", pins) == \
+        "lowmem-alignprop --resume latest --set revision=main"  # (a resume takes its run's config)

@@ -201,7 +201,8 @@ def hub_parts(lora: Lora) -> dict[str, str]:
 
 def pinned_command(line: str, pins: dict[str, str]) -> str:
     """A recorded command line that started a run (not a --resume, which takes its run's config) with ``--set`` each
-    of ``pins`` (:func:`hub_pins`) it does not set itself: run again, it loads the commits the run trained on."""
+    of ``pins`` (:func:`hub_pins`) it does not set itself, and each it set to a branch or tag (which moves: main) or
+    to nothing given the commit instead: run again, it loads the commits the run trained on."""
     import shlex
 
     try:
@@ -210,10 +211,22 @@ def pinned_command(line: str, pins: dict[str, str]) -> str:
         return line
     if any(w == "--resume" or w.startswith("--resume=") for w in words):
         return line
-    given = {w.removeprefix("--set=").partition("=")[0] for before, w in zip(["", *words], words)
-             if before == "--set" or w.startswith("--set=")}
+    given, moved = set(), False
+    for i, (before, word) in enumerate(zip(["", *words], words)):
+        if before == "--set" or word.startswith("--set="):
+            key, _, value = word.removeprefix("--set=").partition("=")
+            given.add(key.strip())
+            if key.strip() in pins and not _names_commit(value.strip(), pins[key.strip()]):
+                words[i], moved = word[:len(word) - len(value)] + pins[key.strip()], True
     extra = [f"--set {pin}={commit}" for pin, commit in pins.items() if pin not in given]
-    return " ".join([line, *extra])
+    return " ".join([shlex.join(words) if moved else line, *extra])
+
+
+def _names_commit(value: str, commit: str) -> bool:
+    """Whether pin ``value`` as typed names ``commit`` itself: the sha, or its short form (7 or more hex digits), not
+    a branch or tag (main moves) or nothing (the hub's main)."""
+    return len(value) >= 7 and commit.lower().startswith(value.lower()) and all(c in "0123456789abcdefABCDEF"
+                                                                                 for c in value)
 
 
 def start_folders(lora: Lora, count: int) -> list[str | None]:
