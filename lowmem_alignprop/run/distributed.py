@@ -54,7 +54,7 @@ def deepspeed_config(cfg, mixed_precision: str | None = None) -> dict:
 
 
 def deepspeed_plugin(cfg, mixed_precision: str | None = None):
-    """accelerate's DeepSpeedPlugin built from the profile (train.make_accelerator passes it to Accelerator)."""
+    """accelerate's DeepSpeedPlugin built from the profile (train_setup.make_accelerator passes it to Accelerator)."""
     from accelerate.utils import DeepSpeedPlugin
 
     check_no_stale_build_lock()
