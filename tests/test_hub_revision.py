@@ -392,3 +392,34 @@ def test_a_card_training_command_pins_the_commit_where_its_start_gave_a_branch()
     assert pinned_command(kept, pins) == f"{kept} --set vae_revision={vae}"
     assert pinned_command("lowmem-alignprop --resume latest --set revision=main", pins) == \
         "lowmem-alignprop --resume latest --set revision=main"  # (a resume takes its run's config)
+
+
+def test_a_resume_whose_hub_vae_moved_to_the_same_weights_or_gone_warns_naming_the_pin(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """check_vae_revision's warnings (the refusal is tested above): a pipeline repository's vae/ linked to the same
+    blob at both commits trains on with one line naming --set vae_revision=<trained commit>; the trained commit gone
+    from the cache, the line says its VAE could not be compared."""
+    import logging
+    from types import SimpleNamespace
+
+    from lowmem_alignprop.run.checkpoint import check_vae_revision
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    was, now = "a" * 40, "b" * 40
+    snapshots = tmp_path / "models--o--v" / "snapshots"
+    (tmp_path / "blob").write_bytes(b"weights")
+    for commit in (was, now):
+        (snapshots / commit / "vae").mkdir(parents=True)
+        (snapshots / commit / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(tmp_path / "blob")
+    state, cfg = {"fingerprint": {"vae_revision": was}, "config": {"vae": "o/v"}}, SimpleNamespace(vae="o/v")
+    said = f"resume: checkpoint ck trained with vae=o/v at commit {was}, and o/v resolves to commit {now} here"
+    for note in ("the same VAE weights", f"commit {was} is not in the local Hugging Face cache: its VAE could not "
+                 "be compared"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            check_vae_revision(state, {"vae_revision": now}, cfg, Path("ck"))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{said} ({note}): training goes on with its VAE; --set vae_revision={was} loads the commit it trained on"]
+        shutil.rmtree(snapshots / was, ignore_errors=True)  # (the second: gone)
+    check_vae_revision(state, {"vae_revision": was}, cfg, Path("ck"))  # (the same commit: nothing to say)
+    assert len(caplog.records) == 1

@@ -662,21 +662,10 @@ def check_components_revision(state: dict[str, Any], ours: dict[str, Any], cfg, 
     they are the same, or the trained commit is no longer in the cache to compare; either names --set
     components_revision=<the trained commit>, which loads it (and fetches it where it left the cache and the hub is
     reachable). A record without the commit, or model_components changed: not compared."""
-    was, now = (state.get("fingerprint") or {}).get("components_revision"), ours.get("components_revision")
-    repo = getattr(cfg, "model_components", "")
-    if not (was and now and was != now) or (state.get("config") or {}).get("model_components", repo) != repo:
-        return
-    said = (f"checkpoint {path} trained with model_components={repo} at commit {was}, and {repo} resolves to commit "
-            f"{now} here")
-    differ = text_encoders_differ(snapshot_folder(repo, was), snapshot_folder(repo, now))
-    if differ:
-        raise UserError(f"{said} (its text encoders' weights differ: {differ}): resume with --set "
-                        f"components_revision={was} to load the commit it trained on")
-    if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
-        note = "the same text encoder weights" if differ is not None else \
-            f"commit {was} is not in the local Hugging Face cache: its text encoders could not be compared"
-        log.warning("resume: %s (%s): training goes on with its text encoders, VAE and scheduler; --set "
-                    "components_revision=%s loads the commit it trained on", said, note, was)
+    _check_part_commit(state, ours, cfg, path, ("model_components", "components_revision"),
+                       text_encoders_differ,
+                       ("its text encoders' weights", "text encoder weights", "its text encoders",
+                        "its text encoders, VAE and scheduler"))
 
 
 def check_vae_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path) -> None:
@@ -684,22 +673,32 @@ def check_vae_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: P
     hub's main moved), as :func:`check_components_revision` rules: refused where the two snapshots' VAE weights
     differ (the rewards would score other decodes than the run's so far); one warning where they are the same, or
     the trained commit is no longer in the cache. A record without the commit, or vae changed: not compared."""
-    was, now = (state.get("fingerprint") or {}).get("vae_revision"), ours.get("vae_revision")
-    repo = getattr(cfg, "vae", "")
-    if not (was and now and was != now) or (state.get("config") or {}).get("vae", repo) != repo:
+    def differ(old: Path, new: Path) -> str | None:  # (a pipeline's repository: its vae/)
+        return weights_differ(old, new, ("vae" if (old / "vae").is_dir() or (new / "vae").is_dir() else "",))
+    _check_part_commit(state, ours, cfg, path, ("vae", "vae_revision"), differ,
+                       ("its VAE weights", "VAE weights", "its VAE", "its VAE"))
+
+
+def _check_part_commit(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path, names: tuple[str, str],
+                       differ, words: tuple[str, str, str, str]) -> None:
+    """The rule of :func:`check_components_revision` and :func:`check_vae_revision` for hub id field ``names[0]``
+    pinned by ``names[1]``: ``differ(old snapshot, new snapshot)`` names a weight file that differs ("" none, None:
+    the old one is gone); ``words``: the weights, the same weights, what could not be compared, what goes on."""
+    field, pin = names
+    was, now = (state.get("fingerprint") or {}).get(pin), ours.get(pin)
+    repo = getattr(cfg, field, "")
+    if not (was and now and was != now) or (state.get("config") or {}).get(field, repo) != repo:
         return
-    old, new = snapshot_folder(repo, was), snapshot_folder(repo, now)
-    said = f"checkpoint {path} trained with vae={repo} at commit {was}, and {repo} resolves to commit {now} here"
-    part = "vae" if (old / "vae").is_dir() or (new / "vae").is_dir() else ""  # (a pipeline's repository: its vae/)
-    differ = weights_differ(old, new, (part,))
-    if differ:
-        raise UserError(f"{said} (its VAE weights differ: {differ}): resume with --set vae_revision={was} to load the "
-                        "commit it trained on")
+    said = f"checkpoint {path} trained with {field}={repo} at commit {was}, and {repo} resolves to commit {now} here"
+    found = differ(snapshot_folder(repo, was), snapshot_folder(repo, now))
+    if found:
+        raise UserError(f"{said} ({words[0]} differ: {found}): resume with --set {pin}={was} to load the commit it "
+                        "trained on")
     if global_rank() == 0:  # (every rank checks alike: rank 0 says it)
-        note = "the same VAE weights" if differ is not None else \
-            f"commit {was} is not in the local Hugging Face cache: its VAE could not be compared"
-        log.warning("resume: %s (%s): training goes on with its VAE; --set vae_revision=%s loads the commit it "
-                    "trained on", said, note, was)
+        note = f"the same {words[1]}" if found is not None else \
+            f"commit {was} is not in the local Hugging Face cache: {words[2]} could not be compared"
+        log.warning("resume: %s (%s): training goes on with %s; --set %s=%s loads the commit it trained on", said,
+                    note, words[3], pin, was)
 
 
 def snapshot_folder(repo: str, commit: str) -> Path:
