@@ -199,7 +199,9 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encod
 
 def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_weights(tmp_path):
     """Two snapshots' files linked to other blobs (named by their content) differ, unread; a part one snapshot lacks
-    (not fetched) is not compared; a file one of them lacks differs."""
+    (not fetched) is not compared, nor a file one of them lacks beside files they share (`hf download` of the trained
+    commit, which the resume refusal names, brings the fp16 variant and .bin files the loader never fetched: the
+    same weights were refused as other ones); parts sharing no file name (sharded otherwise) differ."""
     from lowmem_alignprop.run.checkpoint import text_encoders_differ
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -213,8 +215,12 @@ def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_we
     (b / "text_encoder_2" / "model.safetensors").unlink()
     (b / "text_encoder_2" / "model.safetensors").symlink_to(tmp_path / "blob0")
     assert text_encoders_differ(a, b) == ""
-    (a / "text_encoder_2" / "model-2.bin").write_bytes(b"y")
-    assert text_encoders_differ(a, b) == "text_encoder_2/model-2.bin"
+    (a / "text_encoder_2" / "model.fp16.safetensors").write_bytes(b"y")
+    (a / "text_encoder_2" / "pytorch_model.bin").write_bytes(b"z")
+    assert text_encoders_differ(a, b) == ""
+    (b / "text_encoder_2" / "model.safetensors").unlink()
+    (b / "text_encoder_2" / "model-00001-of-00002.safetensors").write_bytes(b"w")
+    assert text_encoders_differ(a, b) == "text_encoder_2/model-00001-of-00002.safetensors"
     assert text_encoders_differ(tmp_path / "gone", b) is None
 
 

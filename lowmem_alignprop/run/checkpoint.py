@@ -722,8 +722,10 @@ def text_encoders_differ(old: Path, new: Path) -> str | None:
 def weights_differ(old: Path, new: Path, parts: tuple[str, ...]) -> str | None:
     """The first weight file of subfolders ``parts`` ("": the folder itself) in which two snapshot folders of one
     hub repository differ: "" none; None: ``old`` is not there to compare. A part one of them lacks (not fetched:
-    SD3's T5 with t5_encoder=false) is not compared. The hub cache links each file to a blob named by its content:
-    two links are compared by their blobs, unread; copies byte by byte."""
+    SD3's T5 with t5_encoder=false) is not compared, nor a file one of them lacks where they share others (what the
+    loader did not fetch: an fp16 variant, the .bin beside a .safetensors, that `hf download` of the whole commit
+    brings); a part whose files share no name (weights sharded otherwise) differs. The hub cache links each file to a
+    blob named by its content: two links are compared by their blobs, unread; copies byte by byte."""
     import filecmp
 
     if not old.is_dir():
@@ -731,12 +733,12 @@ def weights_differ(old: Path, new: Path, parts: tuple[str, ...]) -> str | None:
     for part in parts:
         if not ((old / part).is_dir() and (new / part).is_dir()):
             continue
-        names = sorted({f.name for folder in (old, new) for f in (folder / part).iterdir()
-                        if f.suffix in (".safetensors", ".bin")})
-        for name in names:
+        held = [{f.name for f in (folder / part).iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()}
+                for folder in (old, new)]
+        if not (held[0] & held[1]) and (held[0] | held[1]):  # (no file to compare: other shards, told apart)
+            return (Path(part) / min(held[0] | held[1])).as_posix()
+        for name in sorted(held[0] & held[1]):
             a, b = old / part / name, new / part / name
-            if not (a.is_file() and b.is_file()):
-                return (Path(part) / name).as_posix()
             linked = a.is_symlink() and b.is_symlink()
             if os.path.realpath(a) != os.path.realpath(b) and (linked or not filecmp.cmp(a, b, shallow=False)):
                 return (Path(part) / name).as_posix()
