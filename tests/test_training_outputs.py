@@ -729,6 +729,61 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
+@pytest.mark.parametrize("kind", ["sd_checkpoint", "flux_comfyui_checkpoint", "flux_transformer_file", "unet_folder",
+                                  "pipeline_folder", "embedding", "embedding_sdxl", "embedding_pt"])
+def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_loads(kind, tiny_dir, tmp_path, capsys,
+                                                                                      monkeypatch, fresh_log_handlers):
+    """A full model (a checkpoint, a transformer or UNet file, a diffusers folder) or a textual-inversion embedding
+    for --init-lora: one line saying what it is and where it goes, before any model loads. An SD checkpoint's
+    feed-forward names asked for lora_layers=attention+ff (then: "holds no LoRA weights"), a FLUX checkpoint under
+    ComfyUI's names said "adapts 'model', a layer lowmem-alignprop does not train", a pipeline folder "holds no
+    .safetensors files", a .pt embedding "holds no dictionary of tensors"."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import train_setup
+
+    monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    def zeros(*names):
+        return {name: torch.zeros(2, 2) for name in names}
+
+    files = {"sd_checkpoint": zeros("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+                                    "first_stage_model.decoder.conv_in.weight"),
+             "flux_comfyui_checkpoint": zeros("model.diffusion_model.double_blocks.0.img_attn.qkv.weight"),
+             "flux_transformer_file": zeros("transformer_blocks.0.ff.net.0.proj.weight",
+                                            "single_transformer_blocks.0.proj_out.bias"),
+             "embedding": zeros("emb_params"), "embedding_sdxl": zeros("clip_l", "clip_g")}
+    spec = tmp_path / f"{kind}.safetensors"
+    if kind in files:
+        save_file(files[kind], str(spec))
+    elif kind == "embedding_pt":  # A1111's .pt embedding
+        spec = tmp_path / "concept.pt"
+        torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
+    else:
+        spec = tiny_dir / "unet" if kind == "unet_folder" else tiny_dir
+    model = "a full (or merged) model goes to --model; --init-lora starts from a LoRA"
+    said = {"sd_checkpoint": f"--init-lora {spec} holds a model's own weights (e.g. 'first_stage_model.decoder."
+                             "conv_in.weight'), not a LoRA's lora_down / lora_A: " + model,
+            "flux_comfyui_checkpoint": "holds a model's own weights (e.g. 'model.diffusion_model.double_blocks.0."
+                                       "img_attn.qkv.weight'), not a LoRA's lora_down / lora_A: " + model,
+            "flux_transformer_file": "holds a model's own weights (e.g. 'single_transformer_blocks.0.proj_out.bias'), "
+                                     "not a LoRA's lora_down / lora_A: " + model,
+            "unet_folder": f"--init-lora {spec} holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's "
+                           "lora_down / lora_A: " + model,
+            "pipeline_folder": f"--init-lora {spec} is a diffusers model folder (its model_index.json), not a LoRA: "
+                               + model,
+            "embedding": f"--init-lora {spec} holds a textual-inversion embedding ('emb_params'), not a LoRA: a "
+                         "trained concept's embedding, which diffusers' load_textual_inversion reads; --init-lora "
+                         "starts from a LoRA (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)",
+            "embedding_sdxl": "holds a textual-inversion embedding ('clip_g', 'clip_l'), not a LoRA",
+            "embedding_pt": "holds a textual-inversion embedding ('name', 'step', 'string_to_param'), not a LoRA"}[kind]
+    out = tmp_path / "run"
+    for layers in ("attention", "attention+ff"):  # (the fix it named for an SD checkpoint led to another refusal)
+        assert_refused(main, ["--profile", "cpu", "--model", "tiny", "--steps", "1", "--set", "sample_prompts=0",
+                              "--set", f"lora_layers={layers}", "--init-lora", str(spec), "--output-dir", str(out)],
+                       said, out, capsys)
+
+
 def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, tmp_path, capsys):
     """A training command with --init-lora pasted into plan was refused ("unrecognized arguments"), and a LoRA of
     another rank or layers planned FITS where training stops: plan takes it and says what training says. So does a

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
-from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind
+from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_an_adapter
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
@@ -38,6 +38,7 @@ def init_lora_file(spec: str) -> Path:
             keys = list(read_safetensors_shapes(file))
         except (TensorFileError, OSError) as e:  # a truncated or foreign file
             raise _damaged(spec, file, e) from None
+        _check_an_adapter(spec, keys)
         if flow_export.is_kohya_flow(keys):
             return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
@@ -74,6 +75,10 @@ def _init_lora_source(spec: str) -> Path:
             raise UserError(f"--init-lora {spec} is a DoRA (its adapter_config.json: use_dora): this trainer trains "
                             "plain LoRA and cannot start from one; pass a plain LoRA")
         return peft_as_diffusers(path, f"--init-lora {spec}")
+    if (path / "model_index.json").is_file():  # (it said "holds no .safetensors files": they are in its subfolders)
+        raise UserError(f"--init-lora {spec} is a diffusers model folder (its model_index.json), not a LoRA: a full "
+                        "(or merged) model goes to --model; --init-lora starts from a LoRA (a run's lora/ folder, or a "
+                        "diffusers, kohya or peft LoRA file)")
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
         return folder / LORA_WEIGHT_NAME
@@ -98,10 +103,24 @@ def _as_safetensors(path: Path, spec: str) -> Path:
             raise UserError(f"--init-lora {spec}: {path} is {e.detail}") from None
         raise UserError(f"--init-lora {spec} is neither a .safetensors file nor a readable torch file of tensors "
                         f"({first_line(e, 120)}): pass a LoRA in diffusers, kohya or peft layout") from None
+    if isinstance(state, dict):  # (a textual-inversion .pt: string_to_param holds a dict)
+        _check_an_adapter(spec, state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--init-lora {spec} holds no dictionary of tensors: pass a LoRA in diffusers, kohya or peft "
                         "layout")
     return safetensors_copy(state)
+
+
+def _check_an_adapter(spec: str, keys) -> None:
+    """A full model's file (a checkpoint, a merged model, a diffusers model folder's weights) or a textual-inversion
+    embedding: one line saying what it is, before its names are read as a LoRA's (a checkpoint's ff layers asked for
+    lora_layers=attention+ff, a FLUX checkpoint's ComfyUI names for "a layer this run does not train")."""
+    if (what := not_an_adapter(keys)) is None:
+        return
+    fix = ("a trained concept's embedding, which diffusers' load_textual_inversion reads" if "embedding" in what else
+           "a full (or merged) model goes to --model")
+    raise UserError(f"--init-lora {spec} holds {what}: {fix}; --init-lora starts from a LoRA (a run's lora/ folder, "
+                    "or a diffusers, kohya or peft LoRA file)")
 
 
 def _damaged(spec: str, file: Path, e: Exception) -> UserError:

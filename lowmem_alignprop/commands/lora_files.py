@@ -569,6 +569,28 @@ def lycoris_kind(keys) -> str | None:
     return None
 
 
+# a key of an adapter of any kind (LoRA, LyCORIS, ComfyUI's differences, a DoRA's magnitudes): a file with none is
+# something else
+_ADAPTER_KEY = re.compile(r"lora|hada_|lokr_|oft_|\.diff(_b)?$|dora_scale|magnitude|\.alpha$", re.IGNORECASE)
+# a textual-inversion embedding's tensor names: A1111's .safetensors (emb_params), SDXL's (clip_l, clip_g), the .pt's
+_EMBEDDING_KEYS = {"emb_params", "clip_l", "clip_g", "string_to_param", "string_to_token", "name", "step",
+                   "sd_checksum", "sd_checksum_string"}
+
+
+def not_an_adapter(keys) -> str | None:
+    """What a file that is no adapter at all holds (its tensor names ``keys``): "a textual-inversion embedding (...)"
+    or "a model's own weights (e.g. 'k'), not a LoRA's"; None where it holds an adapter's keys, or none of those
+    things (an empty file: the caller's "no LoRA weights"). A full checkpoint's names passed a LoRA check's look for
+    feed-forward or transformer layers, and were refused with a fix for a LoRA of those."""
+    keys = sorted(keys)
+    if not keys or any(_ADAPTER_KEY.search(k) for k in keys):
+        return None
+    if set(keys) <= _EMBEDDING_KEYS:
+        return f"a textual-inversion embedding ({', '.join(map(quote, keys))}), not a LoRA"
+    weight = next((k for k in keys if k.endswith((".weight", ".bias"))), None)
+    return None if weight is None else f"a model's own weights (e.g. {quote(weight)}), not a LoRA's lora_down / lora_A"
+
+
 def nonfinite(tensors) -> str | None:
     """The first of a LoRA's weights (name -> tensor) holding NaN or inf (a run that diverged), else None: its images
     would be NaN, and their rewards too."""
