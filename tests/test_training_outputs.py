@@ -784,6 +784,38 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
                        said, out, capsys)
 
 
+@pytest.mark.parametrize("conv", ["down_blocks_0_resnets_0_conv1", "down_blocks_1_attentions_0_proj_in"])
+def test_init_lora_with_convolution_layers_is_one_line_before_the_model_loads(conv, made_lora, tmp_path, capsys,
+                                                                               monkeypatch, fresh_log_handlers):
+    """A LoCon (3x3 convolutions) or an SD 1.x kohya LoRA of sd-scripts' default layers (the 1x1 proj_in / proj_out):
+    no layer this trainer trains is a convolution. It was refused only after the model loaded, naming one layer
+    ("adapts down_blocks.0.resnets.0.conv1, a layer this run does not train"); now from the file, counting them."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.settings.errors import quote
+
+    monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
+    kernel = 3 if "conv" in conv else 1
+    for i in range(2):  # (two blocks' layers)
+        name = f"lora_unet_{conv.replace('_0_', f'_{i}_', 1)}"
+        weights[f"{name}.lora_down.weight"] = torch.randn(4, 32, kernel, kernel)
+        weights[f"{name}.lora_up.weight"] = torch.randn(32, 4, 1, 1)
+        weights[f"{name}.alpha"] = torch.tensor(4.0)
+    spec = tmp_path / "locon.safetensors"
+    save_file(weights, str(spec))
+    out = tmp_path / "run"
+    first = sorted(k for k in weights if k.endswith(".lora_down.weight") and weights[k].ndim == 4)[0]
+    assert_refused(main, ["--profile", "cpu", "--steps", "1", "--set", "sample_prompts=0", "--init-lora", str(spec),
+                          "--output-dir", str(out)],
+                   f"--init-lora {spec} adapts 2 convolution layers (e.g. {quote(first)}: a LoCon's, or SD 1.x's "
+                   "proj_in / proj_out): this trainer trains and exports LoRA on the linear attention (and "
+                   "feed-forward) layers only and cannot start from them; pass a LoRA without convolution layers",
+                   out, capsys)
+
+
 def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, tmp_path, capsys):
     """A training command with --init-lora pasted into plan was refused ("unrecognized arguments"), and a LoRA of
     another rank or layers planned FITS where training stops: plan takes it and says what training says. So does a
