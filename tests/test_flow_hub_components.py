@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,23 +121,13 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_other_text_encoders
     """The run's parts came from the hub id's main at MAIN; main moved to NEW, whose text encoder holds other
     weights: the resume loaded NEW's in silence (the prompts encoded otherwise than the run's so far). Refused with
     both commits and --set components_revision=MAIN (the pin of model_components' commit), which then resumes."""
-    import shutil
 
-    from safetensors.torch import load_file, save_file
 
-    hub = shutil.copytree(files["cache"], tmp_path / "hub")  # (the module's cache stays at MAIN)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = _own_cache(files, tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
                  "--set", "checkpoint_every=1", "--output-dir", str(run)]) == 0
-    repo = hub / f"models--{REPO.replace('/', '--')}"
-    new = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
-    encoder = new / "text_encoder" / "model.safetensors"
-    weights = load_file(str(encoder))
-    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
-    save_file(weights, str(encoder))
-    (repo / "refs" / "main").write_text(NEW)
+    _move_main(hub, 0.01)
     capsys.readouterr()
     assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 2
     said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
@@ -231,9 +222,7 @@ def test_the_transformer_config_of_a_hub_id_components_is_read_at_the_commit_giv
 
     from lowmem_alignprop.commands import flow_export
 
-    hub = shutil.copytree(files["cache"], tmp_path / "hub")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = _own_cache(files, tmp_path, monkeypatch)
     repo = hub / f"models--{REPO.replace('/', '--')}"
     conf = repo / "snapshots" / NEW / "transformer" / "config.json"
     shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
@@ -409,19 +398,13 @@ def test_sample_and_export_merge_of_a_lora_load_its_components_commit_after_main
     import shutil
 
     import huggingface_hub
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    hub = shutil.copytree(files["cache"], tmp_path / "hub")  # (the module's cache stays at MAIN)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = _own_cache(files, tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
                  "--output-dir", str(run)]) == 0
-    repo = hub / f"models--{REPO.replace('/', '--')}"
-    new = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
-    encoder = new / "text_encoder" / "model.safetensors"
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
-    (repo / "refs" / "main").write_text(NEW)
+    repo = _move_main(hub, 0.01).parent.parent
     from lowmem_alignprop.models.flow_loading import CONFIG_FILES
 
     read, download = [], huggingface_hub.snapshot_download
@@ -488,23 +471,15 @@ def test_the_card_of_a_run_with_a_hub_id_as_model_components_loads_its_commit_an
     weights: its diffusers export's card said `FluxPipeline.from_pretrained("FILE")`. Its code loads the file with
     the hub id's transformer config and the pipeline from the hub id, both at the commit the run's parts came from,
     and renders `sample`'s image of the same LoRA, prompt and seed (main's text encoder would render another)."""
-    import shutil
 
-    from safetensors.torch import load_file, save_file
 
     from loras import card_image, card_renders_as_sample, export, python_block, sampled
 
-    hub = shutil.copytree(files["cache"], tmp_path / "hub")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = _own_cache(files, tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
                  "--set", "lr=0.5", "--output-dir", str(run)]) == 0
-    repo = hub / f"models--{REPO.replace('/', '--')}"
-    encoder = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW) / "text_encoder" / \
-        "model.safetensors"
-    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
-    (repo / "refs" / "main").write_text(NEW)
+    _move_main(hub, 0.05)
     out = export(tmp_path, run / "lora", "--format", "diffusers")
     block = python_block(out)
     assert block.splitlines()[1:3] == [
@@ -530,9 +505,7 @@ def test_export_merge_into_a_transformer_file_of_a_lora_trained_on_a_hub_id_take
 
     file = shutil.copy(files["snapshot"] / "transformer" / "diffusion_pytorch_model.safetensors",
                        tmp_path / "flux1-dev.safetensors")
-    hub = shutil.copytree(files["cache"], tmp_path / "hub")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = _own_cache(files, tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main([*FLOW, "--model", REPO, "--steps", "1", "--output-dir", str(run)]) == 0
     assert json.loads((run / "lora" / "base_model.json").read_text())["revision"] == MAIN
@@ -558,3 +531,27 @@ def test_export_merge_into_a_transformer_file_of_a_lora_trained_on_a_hub_id_take
     [merged_file] = single.glob("*.safetensors")
     assert f"- lowmem-alignprop: `--model {merged_file.name} --set model_components={REPO} --set " \
            f"components_revision={MAIN}`." in (single / "README.md").read_text().splitlines()
+
+
+def _own_cache(files, tmp_path, monkeypatch) -> Path:
+    """A copy of the module's hub cache (which stays at MAIN) as the cache, offline."""
+    import shutil
+
+    hub = shutil.copytree(files["cache"], tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub
+
+
+def _move_main(hub: Path, shift: float) -> Path:
+    """The hub's main moved to commit NEW, a copy of MAIN whose text encoder's weights are ``shift`` higher."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    new = shutil.copytree(repo / "snapshots" / MAIN, repo / "snapshots" / NEW)
+    encoder = new / "text_encoder" / "model.safetensors"
+    save_file({k: v + shift if v.is_floating_point() else v for k, v in load_file(str(encoder)).items()}, str(encoder))
+    (repo / "refs" / "main").write_text(NEW)
+    return new
