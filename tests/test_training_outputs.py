@@ -12,6 +12,7 @@ from refusals import assert_refused, strict_rows
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.models.sampling import encode_prompts
+from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
 NEGATIVE = "a dark blurry photo"
 
@@ -595,6 +596,49 @@ def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_i
                    f"the LoRA this run started from is gone: its copy {out / 'init_lora'} is missing, and --init-lora "
                    f"{src}: no such file or folder", out / "init_lora", capsys)
     assert main(["--output-dir", str(out), "--steps", "4", "--resume", "latest", "--set", "init_lora="]) == 0
+
+
+def test_the_card_gives_the_digest_of_the_file_init_lora_named_not_of_its_converted_copy(made_lora, tmp_path):
+    """The card's "started from" digest was the SHA-256 of the run's init_lora/ copy, which is converted (a peft
+    folder's, a .bin's, per-layer alphas folded...): sha256sum of the user's own file never matched it. The run now
+    records the file it was named and that file's digest (init_lora/source.json), a resume keeps it, and the card
+    gives it, naming the file."""
+    import hashlib
+
+    from outputs_doc import DOC, documented_keys, undocumented
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.init_lora import init_lora_source
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    peft, out = made_lora["run"] / "peft", tmp_path / "run"
+    args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=1",
+            "--output-dir", str(out)]
+    assert main([*args, "--steps", "1", "--init-lora", str(peft)]) == 0
+    theirs = sha(peft / "adapter_model.safetensors")
+    assert theirs != sha(out / "init_lora" / "pytorch_lora_weights.safetensors")  # (converted: peft's names)
+    record = json.loads((out / "init_lora" / "source.json").read_text())
+    assert record == {"file": "adapter_model.safetensors", "sha256": theirs}
+    assert undocumented(record, documented_keys(DOC.read_text(encoding="utf-8"))["init_lora/source.json"]) == []
+    assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
+    assert json.loads((out / "init_lora" / "source.json").read_text()) == record  # a resume keeps it
+    assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "e")]) == 0
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert f"sha256 {theirs} (of its adapter_model.safetensors) (its own training" in card, card
+    # the other forms: the file itself, a run folder's LoRA, a checkpoint's weights
+    kohya = next((made_lora["run"] / "kohya").glob("*.safetensors"))
+    assert init_lora_source(str(kohya)) == {"file": "", "sha256": sha(kohya)}
+    assert init_lora_source(str(made_lora["run"])) == {"file": "lora/pytorch_lora_weights.safetensors",
+                                                       "sha256": sha(made_lora["lora"] / LORA_WEIGHT_NAME)}
+    step = out / "checkpoints" / "step-00000002"
+    assert init_lora_source(str(out / "checkpoints" / "step-2")) == {"file": "trainable.safetensors",
+                                                                     "sha256": sha(step / "trainable.safetensors")}
+    (out / "init_lora" / "source.json").unlink()  # a run from before the record: the copy's digest, as before
+    assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "e2")]) == 0
+    copy = sha(out / "init_lora" / "pytorch_lora_weights.safetensors")
+    assert f", sha256 {copy[:16]} (its own training" in (tmp_path / "e2" / "README.md").read_text()
 
 
 def test_an_init_lora_of_fewer_layers_says_the_rest_start_at_zero_and_plan_names_what_it_checked(

@@ -92,6 +92,35 @@ def _init_lora_source(spec: str) -> Path:
                     "file itself, a run's lora/ folder or a peft adapter folder")
 
 
+def init_lora_source(spec: str) -> dict[str, str] | None:
+    """``init_lora/source.json``: the file of ``--init-lora``'s LoRA that the user holds, with its SHA-256, for a
+    card whose digest ``sha256sum`` of their own file matches (the run's copy is converted: a peft folder's, a
+    .bin's, a kohya file's per-layer alphas folded...): ``file`` is that file's path from ``spec`` ("" where ``spec``
+    is the file; a folder's weights file: a peft folder's adapter_model.safetensors, a run's lora/, a checkpoint's
+    trainable weights). None where ``spec`` names none (it was checked before: not expected)."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    path = Path(spec).expanduser()
+    if (checkpoint := ckpt.named_checkpoint(path)) is not None:
+        try:
+            file = ckpt.output_weights_file(checkpoint, ckpt.read_state(checkpoint).get("config", {}))
+        except (OSError, ValueError):
+            return None
+    elif path.is_file():
+        file = path
+    elif is_peft_folder(path):
+        from lowmem_alignprop.commands.lora_files import PEFT_WEIGHT_NAME
+        file = path / PEFT_WEIGHT_NAME
+    elif (lora_dir_of(spec) / LORA_WEIGHT_NAME).is_file():
+        file = lora_dir_of(spec) / LORA_WEIGHT_NAME
+    elif len(found := sorted(path.glob("*.safetensors"))) == 1:
+        file = found[0]
+    else:
+        return None
+    named = checkpoint if checkpoint is not None else path
+    return {"file": "" if file == named else file.relative_to(named).as_posix(), "sha256": ckpt.file_sha256(file)}
+
+
 def _as_safetensors(path: Path, spec: str) -> Path:
     """A LoRA saved with torch.save (.bin: older diffusers and peft), its tensors only (pickled code is refused), as a
     .safetensors file in a temporary folder: what the loaders below read."""

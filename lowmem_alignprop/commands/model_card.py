@@ -13,7 +13,7 @@ from typing import Any
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, trained_commit
-from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import describe_k, flag_value, pin_problem, set_flags
@@ -49,6 +49,8 @@ def run_info(lora: Lora) -> dict[str, Any]:
             info[key] = s[key]
     if c.get("init_lora") and lora.run is not None and (copy := lora.run / INIT_LORA_DIR / LORA_WEIGHT_NAME).is_file():
         info["init_lora_sha"] = file_sha256(copy)  # the LoRA it started from, as the run read it
+        if (source := recorded_init_source(copy.parent)) is not None:  # the user's own file (a run before it: none)
+            info["init_lora_source"] = source
     sampled = lora.base or {}  # a single file's marker keys (v_pred, ztsnr), which diffusers' loader does not read
     if sampled.get("t5") is False:  # an SD3 folder without text_encoder_3: its prompts were encoded without T5
         info["t5_encoder"] = False
@@ -62,6 +64,32 @@ def run_info(lora: Lora) -> dict[str, Any]:
         info["fidelity"] = {w: {k: toy[w][k] for k in ("fidelity_score", "fidelity_all_ok")}
                             for w in ("before", "after")}
     return info
+
+
+FILE = "file"  # init_lora/source.json's key: the file hashed, from the path --init-lora named ("": that path)
+
+
+def recorded_init_source(folder: Path) -> dict[str, str] | None:
+    """A run's ``init_lora/source.json`` (``folder``: its init_lora/): the file --init-lora named and its SHA-256;
+    None where the run wrote none (a run before the record) or it is damaged (the card gives the copy's digest)."""
+    try:
+        record = json.loads((folder / INIT_SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get(FILE), str) and isinstance(record.get("sha256"), str) \
+        and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])
+    return {FILE: record[FILE], "sha256": record["sha256"]} if ok else None
+
+
+def started_from(info: dict[str, Any]) -> str:
+    """The card's row for a run started from another LoRA (--init-lora): its name and digest, that of the file the
+    user named where the run recorded it (init_lora/source.json: what sha256sum of their file says), else that of
+    the run's converted copy (a run before the record)."""
+    digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
+    if source := info.get("init_lora_source"):
+        digest = f", sha256 {source['sha256']} (of {f'its {source[FILE]}' if source[FILE] else 'the file'})"
+    return (f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is not in the steps above; "
+            "the samples' \"before\" are its images)")
 
 
 def chosen_as(best: dict[str, Any], run_config: dict[str, Any]) -> str:
@@ -329,9 +357,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
         rows.append(("prediction type", f"{info.get('prediction_type', 'auto')}{zero} (as the run sampled it, which "
                                         "the base model's files do not say to every loader; sample it so)"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
-        digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
-        rows.append(("started from", f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is "
-                                     "not in the steps above; the samples' \"before\" are its images)"))
+        rows.append(("started from", started_from(info)))
     if "truncation" in info:
         k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "

@@ -202,6 +202,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         self.before = None
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
         self.init_sha: str | None = None  # its digest
+        self.init_source: dict | None = None  # the file the user named and its digest (init_lora/source.json)
         self.sample_prompts = prompts[: cfg.sample_prompts]
         # the toy world's exact evaluators judge these
         self.judge_prompts = judged_prompts(cfg.model, prompts, cfg.fidelity_images)
@@ -287,6 +288,9 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                             self.point.step, self.refinish, self.point.path)
         self.init_file = self.find_init_lora()
         self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (see find_init_lora)
+        if self.init_file is not None and self.init_file != self.init_lora_copy:  # (a resume's copy: its record kept)
+            from lowmem_alignprop.commands.init_lora import init_lora_source
+            self.init_source = init_lora_source(self.cfg.init_lora) if self.is_rank0() else None
         self.setup_accelerator()
         self.load_models()
         if not self.refinish:  # room for the last checkpoint and LoRA, or the trained steps would be lost at the end

@@ -16,7 +16,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults, software
-from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, PROMPTS_FILE
+from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, INIT_SOURCE_FILE, PROMPTS_FILE
 from lowmem_alignprop.run.rng_state import set_rng_state
 from lowmem_alignprop.run.runfolder import RunFolder, recorded_dirs, started_commands, working_folder
 from lowmem_alignprop.run.runlock import world_size
@@ -49,8 +49,8 @@ class RunRecords:
 
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``is_main``, ``accelerator``, ``device``, ``point``,
     ``start``, ``step``, ``refinish``, ``command``, ``profile_name``, ``prompts``, ``eval_prompts``, ``searched``,
-    ``init_file``, ``init_lora_copy``, ``bare_unet``, ``optimizer``, ``engine``, ``gather``, ``rng``, ``ema``,
-    ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets ``history``,
+    ``init_file``, ``init_lora_copy``, ``init_source``, ``bare_unet``, ``optimizer``, ``engine``, ``gather``, ``rng``,
+    ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets ``history``,
     ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``, ``eval_owed``,
     ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
 
@@ -154,6 +154,9 @@ class RunRecords:
             if self.init_file is not None and self.init_file != self.init_lora_copy:
                 with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
                     shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
+                    if self.init_source is not None:  # the user's own file and its digest: the card's
+                        (tmp / INIT_SOURCE_FILE).write_text(json.dumps(self.init_source, indent=1) + "\n",
+                                                            encoding="utf-8")
             # what prompt_ids index, and what the evaluation holds out (a user can check it never trains); a resume
             # on other prompts keeps the lists the earlier steps' prompt_ids index
             resumed = out / PROMPTS_FILE  # (another run's checkpoint resumed here: that run's lists)
