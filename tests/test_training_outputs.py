@@ -828,6 +828,48 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
                        said, out, capsys)
 
 
+@pytest.mark.parametrize("kind", ["sd_checkpoint", "unet_folder", "pipeline_folder", "embedding", "embedding_bin"])
+def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lora_does(kind, tiny_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """`sample --lora` of a full model or an embedding said "holds no LoRA weights", of a diffusers pipeline folder
+    "a training run that stopped before its first checkpoint", of an embedding .bin "truncated or damaged"; `export
+    --lora` of a model's file "is a LoRA file already", of a pipeline folder a run that stopped. Now --init-lora's
+    one rule (lora_files.not_a_lora): what it is and where it goes, before the model loads."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import evaluate
+
+    monkeypatch.setattr(evaluate, "build_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    spec = {"unet_folder": tiny_dir / "unet", "pipeline_folder": tiny_dir}.get(kind, tmp_path / f"{kind}.safetensors")
+    if kind == "sd_checkpoint":
+        save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(spec))
+    elif kind == "embedding":
+        save_file({"emb_params": torch.zeros(2, 2)}, str(spec))
+    elif kind == "embedding_bin":  # (a .bin sample reads: torch.save's)
+        spec = tmp_path / "concept.bin"
+        torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
+    what = {"sd_checkpoint": "holds a model's own weights (e.g. 'first_stage_model.decoder.conv_in.weight'), not a "
+                             "LoRA's lora_down / lora_A: a full (or merged) model goes to --model; ",
+            "unet_folder": "holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's lora_down / lora_A: a "
+                           "full (or merged) model goes to --model; ",
+            "pipeline_folder": "is a diffusers model folder (its model_index.json), not a LoRA: a full (or merged) "
+                               "model goes to --model; ",
+            "embedding": "holds a textual-inversion embedding ('emb_params'), not a LoRA: a trained concept's "
+                         "embedding, which diffusers' load_textual_inversion reads; ",
+            "embedding_bin": "holds a textual-inversion embedding ('name', 'step', 'string_to_param'), not a LoRA: a "
+                             "trained concept's embedding, which diffusers' load_textual_inversion reads; "}[kind]
+    out = tmp_path / "out"
+    assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(spec), "--prompt", "a cat", "--output-dir",
+                          str(out)], f"error: --lora {spec} {what}--lora takes a LoRA (a run's lora/ folder, or a "
+                                     "diffusers, kohya or peft LoRA file)", out, capsys)
+    if kind in ("sd_checkpoint", "pipeline_folder", "embedding"):  # (export reads a run's LoRA: a .safetensors file
+        for merge in ([], ["--merge"]):  # or a folder of one is "a LoRA file already", or a folder without its file)
+            assert_refused(main, ["export", "--lora", str(spec), *merge, "--out", str(out)],
+                           f"error: --lora {spec} {what}export --lora takes the LoRA a run wrote (its lora/ folder or "
+                           "a checkpoint)", out, capsys)
+
+
 @pytest.mark.parametrize("conv", ["down_blocks_0_resnets_0_conv1", "down_blocks_1_attentions_0_proj_in"])
 def test_init_lora_with_convolution_layers_is_one_line_before_the_model_loads(conv, made_lora, tmp_path, capsys,
                                                                                monkeypatch, fresh_log_handlers):

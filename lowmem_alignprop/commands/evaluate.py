@@ -51,7 +51,7 @@ from lowmem_alignprop import rewards
 from lowmem_alignprop.commands import flow_export, flow_sample, grid
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
 from lowmem_alignprop.commands.lora_files import (check_recorded_base, is_peft_folder, lycoris_kind, merged_record,
-                                                  nonfinite, read_run, safetensors_copy, shared_name)
+                                                  nonfinite, not_a_lora, read_run, safetensors_copy, shared_name)
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, is_ldm_unet_lora, kohya_alphas_folded,
                                                    kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
                                                    ldm_unet_refusal, peft_as_diffusers)
@@ -139,10 +139,12 @@ def _lora_file(path: Path, arg: str) -> Path:
     if file.stat().st_size == 0:
         raise UserError(f"--lora {arg}: {file} is empty (0 bytes): its copy or download did not finish; copy it again")
     try:
-        tensors = _read_tensors(file)
+        tensors = _read_tensors(file, arg)
     except OSError as e:  # permissions, an I/O error
         raise UserError(f"--lora {arg}: {file} cannot be read ({e.strerror or type(e).__name__}): check its "
                         "permissions, or copy it again") from None
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file (or one holding code)
         if isinstance(e, TensorFileError) and e.holds_code:
             raise UserError(f"--lora {arg}: {file} holds pickled code (it imports a Python object, not only tensors), "
@@ -160,6 +162,8 @@ def _lora_file(path: Path, arg: str) -> Path:
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
+    if (line := not_a_lora("--lora", arg, tensors)) is not None:  # a full model, an embedding: "no LoRA weights"
+        raise UserError(line)
     if (other := lycoris_kind(tensors)) is not None:  # (diffusers' loader dropped them, or blamed the model)
         raise UserError(f"--lora {arg} holds {other}, not a LoRA's lora_down / lora_up: sample reads plain LoRA "
                         "only; pass a LoRA")
@@ -186,11 +190,13 @@ def _lora_file(path: Path, arg: str) -> Path:
         file if is_safetensors(file) else safetensors_copy(tensors))
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, arg: str) -> dict[str, torch.Tensor]:
     """Every tensor of a LoRA file (a few MB), read as diffusers would (tensor_files' rule: safetensors, or a .bin
     through torch.load with weights_only). Raises TensorFileError, OSError, or ValueError for a file that holds no
-    dictionary of tensors."""
+    dictionary of tensors; UserError for a textual-inversion embedding's (:func:`not_a_lora`: a dict in it)."""
     state = read_tensor_file(file)
+    if isinstance(state, dict) and (line := not_a_lora("--lora", arg, state)) is not None:
+        raise UserError(line)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not a dictionary of tensors")
     return {str(k): v for k, v in state.items()}
@@ -200,6 +206,8 @@ def _find_lora_file(path: Path, arg: str) -> Path:
     checkpoint = ckpt.named_checkpoint(path)
     if checkpoint is not None:  # checkpoints/step-300: its LoRA, as the run would have written it at that step
         return _checkpoint_lora(checkpoint)
+    if (line := not_a_lora("--lora", arg, folder=path)) is not None:  # (it was said as a run that stopped)
+        raise UserError(line)
     for run in (path, path.parent) if path.name == LORA_DIR else (path,):  # a run folder without its lora/ yet
         if not (run / LORA_WEIGHT_NAME).is_file() and not (run / LORA_DIR / LORA_WEIGHT_NAME).is_file() and \
                 (missing := _run_without_lora(run, arg)) is not None:

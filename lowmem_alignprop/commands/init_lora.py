@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
-from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_an_adapter
+from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
@@ -75,10 +75,8 @@ def _init_lora_source(spec: str) -> Path:
             raise UserError(f"--init-lora {spec} is a DoRA (its adapter_config.json: use_dora): this trainer trains "
                             "plain LoRA and cannot start from one; pass a plain LoRA")
         return peft_as_diffusers(path, f"--init-lora {spec}")
-    if (path / "model_index.json").is_file():  # (it said "holds no .safetensors files": they are in its subfolders)
-        raise UserError(f"--init-lora {spec} is a diffusers model folder (its model_index.json), not a LoRA: a full "
-                        "(or merged) model goes to --model; --init-lora starts from a LoRA (a run's lora/ folder, or a "
-                        "diffusers, kohya or peft LoRA file)")
+    if (line := not_a_lora("--init-lora", spec, folder=path)) is not None:  # (it said "holds no .safetensors
+        raise UserError(line)  # files": they are in its subfolders)
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
         return folder / LORA_WEIGHT_NAME
@@ -144,12 +142,8 @@ def _check_an_adapter(spec: str, keys) -> None:
     """A full model's file (a checkpoint, a merged model, a diffusers model folder's weights) or a textual-inversion
     embedding: one line saying what it is, before its names are read as a LoRA's (a checkpoint's ff layers asked for
     lora_layers=attention+ff, a FLUX checkpoint's ComfyUI names for "a layer this run does not train")."""
-    if (what := not_an_adapter(keys)) is None:
-        return
-    fix = ("a trained concept's embedding, which diffusers' load_textual_inversion reads" if "embedding" in what else
-           "a full (or merged) model goes to --model")
-    raise UserError(f"--init-lora {spec} holds {what}: {fix}; --init-lora starts from a LoRA (a run's lora/ folder, "
-                    "or a diffusers, kohya or peft LoRA file)")
+    if (line := not_a_lora("--init-lora", spec, keys)) is not None:
+        raise UserError(line)
 
 
 def _damaged(spec: str, file: Path, e: Exception) -> UserError:

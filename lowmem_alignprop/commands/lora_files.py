@@ -21,7 +21,7 @@ import torch
 from lowmem_alignprop.run.filenames import (BEST_DIR, BEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_DIR, LORA_BASE_FILE,
                                             LORA_DIR, LORA_WEIGHT_NAME, MERGED_FILE, SUMMARY_FILE)
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
-                                               read_safetensors_metadata, read_tensor_file)
+                                               read_safetensors_metadata, read_safetensors_shapes, read_tensor_file)
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.settings.model_kind import denoiser_component, denoiser_label
 
@@ -167,10 +167,18 @@ def lora_dir_of(spec: str, merge: bool = False) -> Path:
                             f"model with the LoRA merged at that weight: --lora {where} --merge --weight {weight}")
         raise UserError(f"--lora {spec}: no such folder: pass the lora/ folder a run wrote (e.g. outputs/run/lora) "
                         "or the run folder")
+    if (line := not_a_lora("--lora", spec, folder=path, takes=EXPORT_TAKES)) is not None:  # (said: a run that stopped)
+        raise UserError(line)
     if path.is_file():
         if path.name == LORA_WEIGHT_NAME:
             return path.parent
         if path.suffix.lower() == ".safetensors":  # a kohya or diffusers export: nothing to convert
+            try:  # (a model's file or an embedding was "a LoRA file already")
+                line = not_a_lora("--lora", spec, read_safetensors_shapes(path), takes=EXPORT_TAKES)
+            except (TensorFileError, OSError):
+                line = None
+            if line is not None:
+                raise UserError(line)
             raise UserError(f"--lora {spec} is a LoRA file already: {ALREADY_MERGE if merge else ALREADY}")
         raise UserError(f"--lora {spec} is a file: pass the lora/ folder a run wrote (it holds {LORA_WEIGHT_NAME})")
     if not (path / LORA_WEIGHT_NAME).is_file() and (path / LORA_DIR / LORA_WEIGHT_NAME).is_file():
@@ -589,6 +597,27 @@ def not_an_adapter(keys) -> str | None:
         return f"a textual-inversion embedding ({', '.join(map(quote, keys))}), not a LoRA"
     weight = next((k for k in keys if k.endswith((".weight", ".bias"))), None)
     return None if weight is None else f"a model's own weights (e.g. {quote(weight)}), not a LoRA's lora_down / lora_A"
+
+
+# what each option given no LoRA takes (the end of not_a_lora's line)
+EXPORT_TAKES = "export --lora takes the LoRA a run wrote (its lora/ folder or a checkpoint)"
+
+
+def not_a_lora(option: str, spec: str, keys=(), folder: Path | None = None, takes: str = "") -> str | None:
+    """The one line for a LoRA option (``--init-lora``, ``sample --lora``, ``export --lora``: ``takes`` says what it
+    takes, :data:`EXPORT_TAKES`) given no adapter at all: a diffusers model ``folder`` (its model_index.json), or a
+    file whose tensor names ``keys`` are a full model's or a textual-inversion embedding's (:func:`not_an_adapter`):
+    what it is and where it goes. None for anything else (a LoRA, or a file the option's own checks describe)."""
+    takes = takes or (f"{option} {'starts from' if option == '--init-lora' else 'takes'} a LoRA (a run's lora/ "
+                      "folder, or a diffusers, kohya or peft LoRA file)")
+    if folder is not None and (folder / "model_index.json").is_file():  # (its weights are in its subfolders)
+        return (f"{option} {spec} is a diffusers model folder (its model_index.json), not a LoRA: a full (or merged) "
+                f"model goes to --model; {takes}")
+    if (what := not_an_adapter(keys)) is None:
+        return None
+    fix = ("a trained concept's embedding, which diffusers' load_textual_inversion reads" if "embedding" in what else
+           "a full (or merged) model goes to --model")
+    return f"{option} {spec} holds {what}: {fix}; {takes}"
 
 
 def nonfinite(tensors) -> str | None:
