@@ -854,11 +854,34 @@ def flux_exports(flux, tmp_path_factory):
     return {"kohya": next((root / "kohya").glob("*.safetensors")), "peft": root / "peft", "reference": reference}
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def _comfyui_lora_a_b(kohya_file: Path, lora: Path, out: Path) -> Path:
+    """A kohya FLUX file as ComfyUI-era tools save it: the original transformer's paths under ``diffusion_model.``
+    with diffusers' lora_A/lora_B and no alpha (its scale folded into B)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    state, weights = load_file(str(kohya_file)), load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    original = {flow_export.kohya_name(path): path for path in (
+        flow_export.original_slot(k[len("transformer."):-len(".lora_A.weight")], "flux")[0]
+        for k in weights if k.endswith(".lora_A.weight"))}
+    renamed = {}
+    for name in {k.split(".")[0] for k in state}:
+        down, up, alpha = (state[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        key = f"diffusion_model.{original[name]}"
+        renamed |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up * (float(alpha) / down.shape[0])}
+    save_file(renamed, str(out))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft", "comfyui_lora_a_b"])
 def test_flux_init_lora_from_kohya_or_peft_renders_what_the_lora_renders(layout, flux, flux_exports, tmp_path):
-    """Step 0 from the kohya file (fused q/k/v split back exactly) or the peft folder renders what the run's own
-    LoRA renders (alpha 8 over rank 4 in the LoRA, alpha = rank in this run: B is rescaled)."""
-    images = _images_at_step_0(flux["base"], tmp_path / "run", "--set", f"init_lora={flux_exports[layout]}")
+    """Step 0 from the kohya file (fused q/k/v split back exactly), the peft folder or a ComfyUI-saved file (the
+    original paths with lora_A/lora_B, no alpha) renders what the run's own LoRA renders (alpha 8 over rank 4 in the
+    LoRA, alpha = rank in this run: B is rescaled)."""
+    spec = _comfyui_lora_a_b(flux_exports["kohya"], flux["lora"], tmp_path / "comfyui.safetensors") \
+        if layout == "comfyui_lora_a_b" else flux_exports[layout]
+    images = _images_at_step_0(flux["base"], tmp_path / "run", "--set", f"init_lora={spec}")
     assert_rel_close(images, flux_exports["reference"], SAME_OPS, f"step 0 from a {layout} LoRA")
 
 
