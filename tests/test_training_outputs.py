@@ -691,6 +691,62 @@ def sdxl_lora(tmp_path_factory, _isolated_cache):
     return make_sd_lora(base, tmp_path_factory.mktemp("sdxl-run"), xl=True)
 
 
+def _sd_scripts_sdxl_names(made, kohya, out):
+    """Our kohya file of an SDXL LoRA as sd-scripts names SDXL's layers: ``lora_unet_`` + the original LDM module
+    path (input_blocks_4_1_transformer_blocks_0_attn1_to_k), alphas kept."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands.lora_formats import kohya_name
+    from lowmem_alignprop.models.ldm_layout import unet_to_ldm
+
+    weights = load_file(str(kohya))
+    config = UNet2DConditionModel.load_config(str(made["base"] / "unet"))
+    renamed = {}
+    for module in made["modules"]:
+        ldm = next(iter(unet_to_ldm({f"{module}.weight": None}, config, ""))).removesuffix(".weight")
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            renamed[f"lora_unet_{ldm.replace('.', '_')}.{part}"] = weights[f"{kohya_name(module)}.{part}"]
+    assert len(renamed) == len(weights) and any("_input_blocks_" in k for k in renamed)
+    save_file(renamed, str(out))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "kohya_sd_scripts"])
+def test_init_lora_of_an_sdxl_lora_starts_where_diffusers_own_loader_puts_it(layout, sdxl_lora, tmp_path):
+    """An SDXL LoRA (a diffusers lora/ folder, or a UNet-only kohya file, alpha 8 over rank 4: our export's, in
+    diffusers' module names, or as sd-scripts writes SDXL's, in the original input_blocks / middle_block /
+    output_blocks names) starts the run's UNet exactly where diffusers' load_lora_weights puts the base UNet: the
+    same ops (B @ A times a scale, B rescaled for this run's alpha = rank), so SAME_OPS."""
+    from loras import unet_out
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.commands.init_lora import check_init_lora
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    from lowmem_alignprop.cli import main
+
+    spec = sdxl_lora["lora"]
+    if layout != "diffusers":
+        assert main(["export", "--lora", str(spec), "--format", "kohya", "--out", str(tmp_path / "kohya")]) == 0
+        spec = next((tmp_path / "kohya").glob("*.safetensors"))
+        assert all(k.startswith("lora_unet_") for k in load_file(str(spec)))  # (UNet-only)
+    if layout == "kohya_sd_scripts":
+        spec = _sd_scripts_sdxl_names(sdxl_lora, spec, tmp_path / "sd_scripts.safetensors")
+    cfg = _cfg(tmp_path / "run", "--model", str(sdxl_lora["base"]), "--set", f"init_lora={spec}", "--seed", "5")
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
+    trainer.setup_accelerator()
+    trainer.load_models()
+    ours = unet_out(trainer.unet, xl=True)
+    pipe = sdxl_lora["cls"].from_pretrained(str(sdxl_lora["base"]))
+    pipe.load_lora_weights(str(spec))  # diffusers' own reader of either layout
+    theirs = unet_out(pipe.unet, xl=True)
+    assert relative_difference(theirs, sdxl_lora["base_out"]) > 0.01  # the LoRA changes the outputs
+    assert_rel_close(ours, theirs, SAME_OPS, f"step 0 from an SDXL {layout} LoRA")
+
+
 def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothing(made_lora, sdxl_lora, made_ff_lora,
                                                                                   tmp_path, capsys, fresh_log_handlers):
     from lowmem_alignprop.cli import main
