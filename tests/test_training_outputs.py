@@ -926,6 +926,25 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
                            "a checkpoint)", out, capsys)
 
 
+def test_a_torch_file_of_a_dict_with_other_keys_than_names_is_one_line_not_a_traceback(tiny_dir, tmp_path, capsys,
+                                                                                        fresh_log_handlers):
+    """A .bin holding a dict keyed by numbers (torch.save({0: tensor})): --init-lora raised a TypeError traceback
+    (not_an_adapter searched each key as a name), and sample said "truncated or damaged". Both now say it holds no
+    LoRA weights, as before not_a_lora."""
+    from lowmem_alignprop.cli import main
+
+    spec = tmp_path / "numbered.bin"
+    torch.save({0: torch.zeros(2, 2)}, spec)
+    out = tmp_path / "run"
+    assert_refused(main, ["--profile", "cpu", "--model", "tiny", "--steps", "1", "--set", "sample_prompts=0",
+                          "--init-lora", str(spec), "--output-dir", str(out)],
+                   f"error: --init-lora {spec}: pytorch_lora_weights.safetensors holds no LoRA weights (no lora_A / "
+                   "lora_down keys)", out, capsys)
+    assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(spec), "--prompt", "a cat", "--output-dir",
+                          str(out)], f"error: --lora {spec}: {spec} holds no LoRA weights (no lora_A / lora.down keys)",
+                   out, capsys)
+
+
 @pytest.mark.parametrize("conv", ["down_blocks_0_resnets_0_conv1", "down_blocks_1_attentions_0_proj_in"])
 def test_init_lora_with_convolution_layers_is_one_line_before_the_model_loads(conv, made_lora, tmp_path, capsys,
                                                                                monkeypatch, fresh_log_handlers):

@@ -590,7 +590,7 @@ def not_an_adapter(keys) -> str | None:
     or "a model's own weights (e.g. 'k'), not a LoRA's"; None where it holds an adapter's keys, or none of those
     things (an empty file: the caller's "no LoRA weights"). A full checkpoint's names passed a LoRA check's look for
     feed-forward or transformer layers, and were refused with a fix for a LoRA of those."""
-    keys = sorted(keys)
+    keys = sorted(map(str, keys))  # (a torch file's dict may have other keys: {0: tensor})
     if not keys or any(_ADAPTER_KEY.search(k) for k in keys):
         return None
     if set(keys) <= _EMBEDDING_KEYS:
