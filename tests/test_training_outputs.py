@@ -830,20 +830,25 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
 
 
 @pytest.mark.parametrize("kind", ["sd_checkpoint", "flux_comfyui_checkpoint", "flux_transformer_file", "unet_folder",
-                                  "pipeline_folder", "embedding", "embedding_sdxl", "embedding_pt"])
+                                  "unet_variant_folder", "pipeline_folder", "embedding", "embedding_sdxl",
+                                  "embedding_pt"])
 def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_loads(kind, tiny_dir, tmp_path, capsys,
                                                                                       monkeypatch, fresh_log_handlers):
     """A full model (a checkpoint, a transformer or UNet file, a diffusers folder) or a textual-inversion embedding
     for --init-lora: one line saying what it is and where it goes, before any model loads. An SD checkpoint's
     feed-forward names asked for lora_layers=attention+ff (then: "holds no LoRA weights"), a FLUX checkpoint under
     ComfyUI's names said "adapts 'model', a layer lowmem-alignprop does not train", a pipeline folder "holds no
-    .safetensors files", a .pt embedding "holds no dictionary of tensors"."""
+    .safetensors files", a .pt embedding "holds no dictionary of tensors", a UNet folder with its fp16 variant (a hub
+    SDXL's unet/; a sharded transformer/ alike) "holds several .safetensors files"."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.commands import train_setup
 
     monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+
     def zeros(*names):
         return {name: torch.zeros(2, 2) for name in names}
 
@@ -859,6 +864,9 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
     elif kind == "embedding_pt":  # A1111's .pt embedding
         spec = tmp_path / "concept.pt"
         torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
+    elif kind == "unet_variant_folder":
+        spec = shutil.copytree(tiny_dir / "unet", tmp_path / "unet")
+        shutil.copy(spec / "diffusion_pytorch_model.safetensors", spec / "diffusion_pytorch_model.fp16.safetensors")
     else:
         spec = tiny_dir / "unet" if kind == "unet_folder" else tiny_dir
     model = "a full (or merged) model goes to --model; --init-lora starts from a LoRA"
@@ -868,8 +876,10 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
                                        "img_attn.qkv.weight'), not a LoRA's lora_down / lora_A: " + model,
             "flux_transformer_file": "holds a model's own weights (e.g. 'single_transformer_blocks.0.proj_out.bias'), "
                                      "not a LoRA's lora_down / lora_A: " + model,
-            "unet_folder": f"--init-lora {spec} holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's "
-                           "lora_down / lora_A: " + model,
+            "unet_folder": f"--init-lora {spec} is a model's own folder (its config.json beside "
+                           "diffusion_pytorch_model.safetensors), not a LoRA: " + model,
+            "unet_variant_folder": f"--init-lora {spec} is a model's own folder (its config.json beside "
+                                   "diffusion_pytorch_model.safetensors), not a LoRA: " + model,
             "pipeline_folder": f"--init-lora {spec} is a diffusers model folder (its model_index.json), not a LoRA: "
                                + model,
             "embedding": f"--init-lora {spec} holds a textual-inversion embedding ('emb_params'), not a LoRA: a "
@@ -884,13 +894,18 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
                        said, out, capsys)
 
 
-@pytest.mark.parametrize("kind", ["sd_checkpoint", "unet_folder", "pipeline_folder", "embedding", "embedding_bin"])
+@pytest.mark.parametrize("kind", ["sd_checkpoint", "unet_folder", "unet_variant_folder", "pipeline_folder",
+                                  "embedding", "embedding_bin"])
 def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lora_does(kind, tiny_dir, tmp_path,
                                                                                        capsys, monkeypatch):
     """`sample --lora` of a full model or an embedding said "holds no LoRA weights", of a diffusers pipeline folder
     "a training run that stopped before its first checkpoint", of an embedding .bin "truncated or damaged"; `export
-    --lora` of a model's file "is a LoRA file already", of a pipeline folder a run that stopped. Now --init-lora's
-    one rule (lora_files.not_a_lora): what it is and where it goes, before the model loads."""
+    --lora` of a model's file "is a LoRA file already", of a pipeline folder a run that stopped, of a UNet folder
+    "an interrupted run resumes with --resume latest"; sample of a UNet folder with its fp16 variant "pass the one
+    you mean: --lora .../diffusion_pytorch_model.fp16.safetensors" (a model's weights too). Now --init-lora's one
+    rule (lora_files.not_a_lora): what it is and where it goes, before the model loads."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from lowmem_alignprop.cli import main
@@ -905,10 +920,14 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
     elif kind == "embedding_bin":  # (a .bin sample reads: torch.save's)
         spec = tmp_path / "concept.bin"
         torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
+    elif kind == "unet_variant_folder":
+        spec = shutil.copytree(tiny_dir / "unet", tmp_path / "unet")
+        shutil.copy(spec / "diffusion_pytorch_model.safetensors", spec / "diffusion_pytorch_model.fp16.safetensors")
+    folder = ("is a model's own folder (its config.json beside diffusion_pytorch_model.safetensors), not a LoRA: a "
+              "full (or merged) model goes to --model; ")
     what = {"sd_checkpoint": "holds a model's own weights (e.g. 'first_stage_model.decoder.conv_in.weight'), not a "
                              "LoRA's lora_down / lora_A: a full (or merged) model goes to --model; ",
-            "unet_folder": "holds a model's own weights (e.g. 'conv_in.bias'), not a LoRA's lora_down / lora_A: a "
-                           "full (or merged) model goes to --model; ",
+            "unet_folder": folder, "unet_variant_folder": folder,
             "pipeline_folder": "is a diffusers model folder (its model_index.json), not a LoRA: a full (or merged) "
                                "model goes to --model; ",
             "embedding": "holds a textual-inversion embedding ('emb_params'), not a LoRA: a trained concept's "
@@ -919,7 +938,7 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
     assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(spec), "--prompt", "a cat", "--output-dir",
                           str(out)], f"error: --lora {spec} {what}--lora takes a LoRA (a run's lora/ folder, or a "
                                      "diffusers, kohya or peft LoRA file)", out, capsys)
-    if kind in ("sd_checkpoint", "pipeline_folder", "embedding"):  # (export reads a run's LoRA: a .safetensors file
+    if kind != "embedding_bin":  # (export reads a run's LoRA: a .safetensors file
         for merge in ([], ["--merge"]):  # or a folder of one is "a LoRA file already", or a folder without its file)
             assert_refused(main, ["export", "--lora", str(spec), *merge, "--out", str(out)],
                            f"error: --lora {spec} {what}export --lora takes the LoRA a run wrote (its lora/ folder or "

@@ -599,20 +599,41 @@ def not_an_adapter(keys) -> str | None:
     return None if weight is None else f"a model's own weights (e.g. {quote(weight)}), not a LoRA's lora_down / lora_A"
 
 
+# the weight files of one model's folder, as diffusers (a UNet's, a transformer's, a VAE's: their fp16 variants and
+# shards too) and transformers (a text encoder's) save them beside its config.json
+_MODEL_WEIGHTS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin", "model*.safetensors",
+                  "pytorch_model*.bin")
+
+
+def model_part_folder(folder: Path) -> str | None:
+    """The first weight file of one model's folder (a pipeline's unet/ or transformer/, a text encoder's: its
+    config.json beside diffusers' or transformers' weight files), else None. A LoRA folder holds neither (a peft
+    folder's files are adapter_config.json and adapter_model.safetensors)."""
+    if not (folder / "config.json").is_file() or (folder / LORA_WEIGHT_NAME).is_file():
+        return None
+    found = sorted((len(f.name), f.name) for pattern in _MODEL_WEIGHTS for f in folder.glob(pattern)
+                   if f.is_file())
+    return found[0][1] if found else None  # (the shortest: the weights, not their fp16 variant)
+
+
 # what each option given no LoRA takes (the end of not_a_lora's line)
 EXPORT_TAKES = "export --lora takes the LoRA a run wrote (its lora/ folder or a checkpoint)"
 
 
 def not_a_lora(option: str, spec: str, keys=(), folder: Path | None = None, takes: str = "") -> str | None:
     """The one line for a LoRA option (``--init-lora``, ``sample --lora``, ``export --lora``: ``takes`` says what it
-    takes, :data:`EXPORT_TAKES`) given no adapter at all: a diffusers model ``folder`` (its model_index.json), or a
-    file whose tensor names ``keys`` are a full model's or a textual-inversion embedding's (:func:`not_an_adapter`):
-    what it is and where it goes. None for anything else (a LoRA, or a file the option's own checks describe)."""
+    takes, :data:`EXPORT_TAKES`) given no adapter at all: a diffusers model ``folder`` (its model_index.json) or one
+    model's folder (:func:`model_part_folder`), or a file whose tensor names ``keys`` are a full model's or a
+    textual-inversion embedding's (:func:`not_an_adapter`): what it is and where it goes. None for anything else (a
+    LoRA, or a file the option's own checks describe)."""
     takes = takes or (f"{option} {'starts from' if option == '--init-lora' else 'takes'} a LoRA (a run's lora/ "
                       "folder, or a diffusers, kohya or peft LoRA file)")
     if folder is not None and (folder / "model_index.json").is_file():  # (its weights are in its subfolders)
         return (f"{option} {spec} is a diffusers model folder (its model_index.json), not a LoRA: a full (or merged) "
                 f"model goes to --model; {takes}")
+    if folder is not None and (weights := model_part_folder(folder)) is not None:  # (export: "an interrupted run")
+        return (f"{option} {spec} is a model's own folder (its config.json beside {weights}), not a LoRA: a full (or "
+                f"merged) model goes to --model; {takes}")
     if (what := not_an_adapter(keys)) is None:
         return None
     fix = ("a trained concept's embedding, which diffusers' load_textual_inversion reads" if "embedding" in what else
