@@ -121,8 +121,6 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_other_text_encoders
     """The run's parts came from the hub id's main at MAIN; main moved to NEW, whose text encoder holds other
     weights: the resume loaded NEW's in silence (the prompts encoded otherwise than the run's so far). Refused with
     both commits and --set components_revision=MAIN (the pin of model_components' commit), which then resumes."""
-
-
     hub = _own_cache(files, tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(files["file"]), "--set", f"model_components={REPO}", "--steps", "1",
@@ -471,8 +469,6 @@ def test_the_card_of_a_run_with_a_hub_id_as_model_components_loads_its_commit_an
     weights: its diffusers export's card said `FluxPipeline.from_pretrained("FILE")`. Its code loads the file with
     the hub id's transformer config and the pipeline from the hub id, both at the commit the run's parts came from,
     and renders `sample`'s image of the same LoRA, prompt and seed (main's text encoder would render another)."""
-
-
     from loras import card_image, card_renders_as_sample, export, python_block, sampled
 
     hub = _own_cache(files, tmp_path, monkeypatch)
