@@ -69,7 +69,8 @@ from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SAMPLE_GRID,
                                             SAMPLE_RESULTS)
 from lowmem_alignprop.run.runlock import hold_folder, holder
-from lowmem_alignprop.run.tensor_files import TensorFileError, is_safetensors, not_safetensors, read_tensor_file
+from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
+                                               read_safetensors_shapes, read_tensor_file)
 from lowmem_alignprop.settings.config import image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 from lowmem_alignprop.settings.model_kind import KIND_FAMILY, flow_width, model_kind_of, shipped_name
@@ -193,7 +194,10 @@ def _lora_file(path: Path, arg: str) -> Path:
 def _read_tensors(file: Path, arg: str) -> dict[str, torch.Tensor]:
     """Every tensor of a LoRA file (a few MB), read as diffusers would (tensor_files' rule: safetensors, or a .bin
     through torch.load with weights_only). Raises TensorFileError, OSError, or ValueError for a file that holds no
-    dictionary of tensors; UserError for a textual-inversion embedding's (:func:`not_a_lora`: a dict in it)."""
+    dictionary of tensors; UserError for a full model's or an embedding's (:func:`not_a_lora`; a .safetensors file
+    told by its header's names first: a checkpoint's gigabytes are not read to refuse it)."""
+    if is_safetensors(file) and (line := not_a_lora("--lora", arg, read_safetensors_shapes(file))) is not None:
+        raise UserError(line)
     state = read_tensor_file(file)
     if isinstance(state, dict) and (line := not_a_lora("--lora", arg, state)) is not None:
         raise UserError(line)
