@@ -210,3 +210,23 @@ def card_renders_as_sample(block: str, seed: int, base: torch.Tensor, with_lora:
     assert (image - (with_lora * 255).round()).abs().max() <= 1
     assert (image - (base * 255).round()).abs().max() > 4
     return scope
+
+
+def hub_metadata(out: Path) -> dict:
+    """An export's README.md front matter as the hub reads it (huggingface_hub's metadata_load, then its
+    ModelCardData), after checking that every relative link or image in the card names a file in the folder (what
+    the uploaded folder holds: the hub page shows no broken image)."""
+    import re
+
+    from huggingface_hub import ModelCard, metadata_load
+
+    text = (out / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"""src=["']([^"']+)""", text)
+    relative = [link for link in links if not re.match(r"[a-z][a-z0-9+.-]*:|#|/", link)]
+    assert all((out / link).is_file() for link in relative), [link for link in relative if not (out / link).is_file()]
+    meta = metadata_load(out / "README.md")
+    card = ModelCard.load(out / "README.md")  # (raises on a front matter the hub rejects)
+    for url in [w["output"]["url"] for w in meta.get("widget") or []]:
+        assert (out / url).is_file(), url  # the widget's example image is uploaded with the card
+    assert card.data.to_dict() == meta
+    return meta

@@ -21,8 +21,8 @@ import torch
 import yaml
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
 from refusals import assert_refused
-from loras import (ALPHA, RANK, card_image, card_renders_as_sample, each_of, export, lora_with_reference, python_block,
-                   sampled)
+from loras import (ALPHA, RANK, card_image, card_renders_as_sample, each_of, export, hub_metadata, lora_with_reference,
+                   python_block, sampled)
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.cli import main
@@ -692,6 +692,25 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
     assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
     assert (flux_run / "export" / "peft" / "adapter_model.safetensors").is_file()
     assert "FLUX transformer LoRA, kohya format" in (flux_run / "export" / "kohya" / "README.md").read_text()
+
+
+def test_a_flux_runs_exports_card_metadata_reads_back_as_the_hub_reads_it(flux_run, flux, tmp_path):
+    """The kohya and peft exports at the end of a FLUX run, as the hub reads their cards: the flux tag, the task, the
+    run's grid (copied into each folder) as the widget's example; a hub-id base as the adapter's base_model."""
+    from lowmem_alignprop.commands import lora_export as lx
+    from lowmem_alignprop.commands import lora_files
+
+    tags = ["lowmem-alignprop", "alignprop", "lora", "reward-finetuning", "text-to-image", "flux"]
+    widget = [{"text": "before and after training, same seeds", "output": {"url": "before_after.png"}}]
+    for fmt, library in (("kohya", "diffusers"), ("peft", "peft")):
+        assert hub_metadata(flux_run / "export" / fmt) == {"library_name": library, "pipeline_tag": "text-to-image",
+                                                           "tags": tags, "widget": widget}
+    lora = lora_files.read_lora(str(flux["lora"]))
+    lora.base = {**lora.base, "model": "you/flux-base"}
+    lx.export(lora, "kohya", tmp_path / "hub")
+    assert hub_metadata(tmp_path / "hub") == {"base_model": "you/flux-base", "base_model_relation": "adapter",
+                                              "library_name": "diffusers", "pipeline_tag": "text-to-image",
+                                              "tags": tags}
 
 
 def test_a_ctrl_c_during_a_flux_runs_export_at_the_end_ends_the_run_whole(flux, tmp_path, monkeypatch, caplog):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from loras import ALPHA, RANK, each_of, export, make_sd_lora, unet_out
+from loras import ALPHA, RANK, each_of, export, hub_metadata, make_sd_lora, unet_out
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.commands import lora_export as lx
@@ -881,6 +881,85 @@ def test_model_card_names_a_hub_base_model_and_peft_library(sd, tmp_path):
     assert card.data.base_model == "runwayml/stable-diffusion-v1-5" and card.data.library_name == "peft"
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "runwayml/stable-diffusion-v1-5"
+
+
+TAGS = ["lowmem-alignprop", "alignprop", "lora", "reward-finetuning", "text-to-image"]
+GRID_WIDGET = [{"text": "before and after training, same seeds", "output": {"url": "before_after.png"}}]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft"])
+def test_a_lora_exports_card_metadata_reads_back_as_the_hub_reads_it(case, fmt, tmp_path):
+    """What the hub reads of the card (metadata_load): a LoRA of a hub-id base is its adapter (base_model_relation,
+    for the hub's model tree), the task text-to-image (pipeline_tag: the page's widget and search), the family's tag,
+    the grid as the widget's example, its file uploaded beside the card. A local base names nothing there: neither
+    base_model nor its relation (the card had no pipeline_tag, relation or widget)."""
+    lora = lora_files.read_lora(str(case["lora"]))
+    family = "stable-diffusion-xl" if case["xl"] else "stable-diffusion"
+    library = "peft" if fmt == "peft" else "diffusers"
+    local = export(tmp_path / "local", case["lora"], "--format", fmt)
+    assert hub_metadata(local) == {"library_name": library, "pipeline_tag": "text-to-image", "tags": [*TAGS, family],
+                                   "widget": GRID_WIDGET}
+    lora.base = {**lora.base, "model": "you/base-model"}
+    lx.export(lora, fmt, tmp_path / "hub")
+    meta = hub_metadata(tmp_path / "hub")
+    if case["xl"]:  # (an uncached hub id's family is read from the LoRA's widths: the tiny SDXL's 80 are no SDXL's)
+        meta.pop("tags")
+    else:
+        assert meta.pop("tags") == [*TAGS, family]
+    assert meta == {"base_model": "you/base-model", "base_model_relation": "adapter", "library_name": library,
+                    "pipeline_tag": "text-to-image", "widget": GRID_WIDGET}
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_a_merged_models_card_metadata_is_of_the_model_it_was_merged_into(sd, tmp_path, single_file):
+    """A merged model (a folder, or one file): no lora tag, base_model_relation merge, and base_model the model
+    whose weights it holds: the one it was merged into (it named the LoRA's base even for --merge --model OTHER)."""
+    from lowmem_alignprop.commands.model_card import front_matter
+
+    out = export(tmp_path, sd["lora"], "--merge", *(["--single-file"] if single_file else []))
+    meta = hub_metadata(out)
+    assert meta == {"library_name": "diffusers", "pipeline_tag": "text-to-image", "widget": GRID_WIDGET,
+                    "tags": [t for t in TAGS if t != "lora"] + ["stable-diffusion"]}
+    lora = lora_files.read_lora(str(sd["lora"]))
+    lora.base = {**lora.base, "model": "you/base-model"}
+    for into, relation in (("you/other-model", "merge"), (None, "merge")):
+        text = front_matter(lora, "diffusers", 1.0, into, None, "")
+        assert (yaml.safe_load(text)["base_model"], yaml.safe_load(text)["base_model_relation"]) == (
+            into or "you/base-model", relation)
+    assert "base_model" not in yaml.safe_load(front_matter(lora, "diffusers", 1.0, str(sd["base"]), None, ""))
+
+
+def test_the_card_takes_the_base_models_license_from_its_own_card(sd, tmp_path, monkeypatch):
+    """A base whose own card gives a license (a local folder's README.md; a hub id's, from the hub cache) passes it
+    on: the card's license (and an "other" license's name and link), not a comment to fill in. Without one: the
+    comment with the family's, as before."""
+    from huggingface_hub import constants
+    from hubcache import cached_snapshot
+
+    lora = lora_files.read_lora(str(sd["lora"]))
+    folder = tmp_path / "local-base"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: creativeml-openrail-m\nlicense_link: LICENSE\n---\n# a base\n")
+    lora.base = {**lora.base, "model": str(folder)}
+    lx.export(lora, "kohya", tmp_path / "local")
+    meta = hub_metadata(tmp_path / "local")  # (a link to the local base's own file: left out, it names nothing there)
+    assert meta["license"] == "creativeml-openrail-m" and "license_link" not in meta
+    assert "# license:" not in (tmp_path / "local" / "README.md").read_text()
+    own = tmp_path / "card"
+    own.mkdir()
+    (own / "README.md").write_text("---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE.md\n---\n")
+    cached_snapshot(tmp_path / "hub", "you/base-model", own)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    lora.base = {**lora.base, "model": "you/base-model"}
+    lx.export(lora, "kohya", tmp_path / "hub-id")
+    meta = hub_metadata(tmp_path / "hub-id")
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other", "my-license", "https://huggingface.co/you/base-model/blob/main/LICENSE.md")  # (the base's file)
+    lora.base = {**lora.base, "model": "you/uncached-model"}
+    lx.export(lora, "kohya", tmp_path / "none")
+    assert "license" not in hub_metadata(tmp_path / "none")
+    assert "# license: set the license of the base model here (SD 1.x's: license: creativeml-openrail-m)" in (
+        tmp_path / "none" / "README.md").read_text()
 
 
 def test_merged_card_says_merged_and_dtype_sets_the_saved_precision(sd, tmp_path):

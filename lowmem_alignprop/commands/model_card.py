@@ -315,25 +315,20 @@ def has_relative_path(command: str, folder: Path) -> bool:
 def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merged_weight: float | None = None,
                grid: str | None = None, merged_into: str | None = None, home: str | None = None,
                grid_step: int | None = None) -> str:
-    """README.md in the hub's model-card format (front matter: base_model, tags, library_name; license left
-    to the user) with the run's numbers and the commands that made it. ``merged_into``: a merge's model (the LoRA's
-    base, or the --model given); ``home``: the hub repository the folder is pushed to, which its code loads from
-    (else THIS_FOLDER, the reader's copy)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """README.md in the hub's model-card format (front matter: :func:`front_matter`) with the run's numbers and the
+    commands that made it. ``merged_into``: a merge's model (the LoRA's base, or the --model given); ``home``: the
+    hub repository the folder is pushed to, which its code loads from (else THIS_FOLDER, the reader's copy)."""
+    from huggingface_hub import ModelCard
 
     info = run_info(lora)
     family = base_family(lora)
     base = lora.base_model
-    tags = ["lowmem-alignprop", "alignprop", "reward-finetuning", "text-to-image",
-            {"flux": "flux", "sd3": "sd3"}.get(lora.family, "stable-diffusion-xl" if family == SDXL
-                                               else "stable-diffusion")]
-    if merged_weight is None:
-        tags.insert(2, "lora")
-    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=tags, library_name=_library(fmt, lora))
-    front = data.to_yaml() + f"\n# license: set the license of the base model here ({license_example(lora, family)})"
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
             else f"a {denoiser_name(lora)} LoRA, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
+    step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
+    shown = "before and after training" if step is None else f"before training and at step {step}"
+    front = front_matter(lora, fmt, merged_weight, into, grid, f"{shown}, same seeds")
     names = local_names(lora, info, into) if home else {}  # pushed: the card is others', its local paths by name
     since = info.get("reward_since_step")  # a resume changed the reward at this step
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
@@ -406,9 +401,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     if grid:
-        step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
-        what = "before and after training" if step is None else f"before training and at step {step}"
-        lines += ["", "## Before / after", "", f"![{what}, same seeds]({grid})"]
+        lines += ["", "## Before / after", "", f"![{shown}, same seeds]({grid})"]
     pins = hub_pins(lora)
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL, version=family, pins=pins), info, lora.flow,
@@ -430,6 +423,62 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     text = f"---\n{front}\n---\n\n" + "\n".join(lines)
     ModelCard(text)  # the hub's own parser: the front matter must read back
     return text
+
+
+def front_matter(lora: Lora, fmt: str, merged_weight: float | None, into: str | None, grid: str | None,
+                 shown: str) -> str:
+    """The card's YAML front matter as the hub reads it: ``base_model`` (the model the weights are of: the LoRA's
+    base, or the model it was merged into; a hub id only: a local path names nothing there) with
+    ``base_model_relation`` (``adapter`` for a LoRA, ``merge`` for a merged model: the hub's model tree), the
+    library whose loader reads the folder, ``pipeline_tag: text-to-image``, the tags, the grid as the widget's
+    example image (``shown``: what it shows; the file is in the folder) and the base model's license where its own
+    card gives one (else a comment with its family's, for the user to fill in)."""
+    from huggingface_hub import ModelCardData
+
+    family = base_family(lora)
+    tags = ["lowmem-alignprop", "alignprop", "reward-finetuning", "text-to-image",
+            {"flux": "flux", "sd3": "sd3"}.get(lora.family, "stable-diffusion-xl" if family == SDXL
+                                               else "stable-diffusion")]
+    if merged_weight is None:
+        tags.insert(2, "lora")
+    model = into or lora.base_model
+    hub_base = model if is_hub_id(model) else None
+    licensed = base_license(model, trained_commit(lora.base) if model == lora.base_model else None)
+    data = ModelCardData(base_model=hub_base, base_model_relation=(
+                             ("adapter" if merged_weight is None else "merge") if hub_base else None),
+                         library_name=_library(fmt, lora), pipeline_tag="text-to-image", tags=tags,
+                         widget=[{"text": shown, "output": {"url": grid}}] if grid else None, **licensed)
+    return data.to_yaml() + ("" if licensed else f"\n# license: set the license of the base model here "
+                                                 f"({license_example(lora, family)})")
+
+
+def base_license(model: str | None, revision: str | None = None) -> dict[str, str]:
+    """The license a base model's own card gives (``license``, and for ``other`` its ``license_name`` and
+    ``license_link``): a local model folder's README.md, a hub id's from the local hub cache or, when the hub can be
+    reached, fetched (at ``revision``, the commit its LoRA trained on); {} where none is found (a single file, no
+    card, a card without a license). A link to a file of the base (FLUX.1-dev's ``LICENSE.md``) would be broken in
+    the export's folder: a hub id's points into its repository, a local folder's is left out."""
+    from huggingface_hub import ModelCard
+
+    from lowmem_alignprop.settings.hub_access import hub_file
+
+    if not model:
+        return {}
+    path = Path(model).expanduser()
+    card = path / "README.md" if path.is_dir() else (
+        hub_file(model, "README.md", download=True, revision=revision or "") if is_hub_id(model) else None)
+    try:
+        data = ModelCard.load(card, ignore_metadata_errors=True).data if card is not None and card.is_file() else None
+    except Exception:  # noqa: BLE001 - a damaged card of another model: its license is unknown here
+        return {}
+    found = {k: getattr(data, k, None) for k in ("license", "license_name", "license_link")} if data else {}
+    found = {k: str(v) for k, v in found.items() if isinstance(v, str) and v} if found.get("license") else {}
+    if (link := found.get("license_link")) and not re.match(r"[a-z][a-z0-9+.-]*://", link):  # a file of the base's
+        if is_hub_id(model):  # (FLUX.1-dev's LICENSE.md): in its repository, which this folder does not hold
+            found["license_link"] = f"https://huggingface.co/{model}/blob/{revision or 'main'}/{link.lstrip('./')}"
+        else:
+            del found["license_link"]
+    return found
 
 
 def resume_change(name: str, change: list, said) -> str:
