@@ -695,20 +695,48 @@ def test_an_ema_runs_checkpoint_without_the_average_by_name_does_not_write_its_l
     """An ema_outputs run's lora/ is the average's: a checkpoint of an older version that keeps the average only in
     ema.pt (no EMA weights by name) cannot give it, and export leaves lora/ to --resume latest instead of writing the
     trained weights there (a LoRA of other weights under the run's name, in silence)."""
-    import hashlib
-
     out, _ = finished
     run = tmp_path / "run"
     shutil.copytree(out, run)
     shutil.rmtree(run / "lora")
-    for path in ckpt.list_checkpoints(ckpt.root_of(run)):  # as an ema_decay run's older checkpoint would say
-        state = json.loads((path / "state.json").read_text())
-        state["config"]["ema_decay"] = 0.9
-        (path / "state.json").write_text(json.dumps(state))
-        manifest = json.loads((path / "manifest.json").read_text())
-        data = (path / "state.json").read_bytes()
-        manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (path / "manifest.json").write_text(json.dumps(manifest))
-        assert ckpt.verify(path) is None and not (path / ckpt.EMA_WEIGHTS).exists()
+    for path in ckpt.list_checkpoints(ckpt.root_of(run)):
+        _as_an_older_ema_checkpoint(path)
     assert final_lora.rewrite_from_checkpoint(run) is None
     assert not (run / "lora").exists()
+
+
+def _as_an_older_ema_checkpoint(path: Path) -> None:
+    """The checkpoint ``path`` as an ema_decay run's of an older version says it: ema_decay in its config, and the
+    average kept in ema.pt only (no EMA weights by name); its manifest made to match."""
+    import hashlib
+
+    state = json.loads((path / "state.json").read_text())
+    state["config"]["ema_decay"] = 0.9
+    (path / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((path / "manifest.json").read_text())
+    data = (path / "state.json").read_bytes()
+    manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt.verify(path) is None and not (path / ckpt.EMA_WEIGHTS).exists()
+
+
+def test_init_lora_of_an_older_ema_checkpoint_says_its_weights_are_the_trained_ones_once(finished, tmp_path, caplog):
+    """--init-lora of an ema_decay run's older checkpoint: the LoRA read (init_lora_file) and the user's file
+    recorded for the card (init_lora_source) are found by one rule (init_lora.named_lora); the line that the
+    checkpoint holds the trained weights, not the EMA, was said by each (twice), and is now said once."""
+    import hashlib
+
+    from lowmem_alignprop.commands.init_lora import init_lora_file, init_lora_source
+
+    out, _ = finished
+    step = tmp_path / "step-00000002"
+    shutil.copytree(out / "checkpoints" / "step-00000002", step)
+    _as_an_older_ema_checkpoint(step)
+    with caplog.at_level(logging.WARNING):
+        assert init_lora_file(str(tmp_path / "step-2")).is_file()
+        source = init_lora_source(str(tmp_path / "step-2"))
+    said = [r.getMessage() for r in caplog.records if "not their average by name" in r.getMessage()]
+    assert said == [f"checkpoint {step} holds the trained weights but not their average by name (written by an older "
+                    "version): its LoRA is the trained weights, not the EMA its run's lora/ holds"]
+    trained = hashlib.sha256((step / "trainable.safetensors").read_bytes()).hexdigest()
+    assert source == {"file": "trainable.safetensors", "sha256": trained}

@@ -51,38 +51,56 @@ def init_lora_file(spec: str) -> Path:
 
 
 def _init_lora_source(spec: str) -> Path:
-    from lowmem_alignprop.run.checkpoint import named_checkpoint
-
-    path = Path(spec).expanduser()
-    checkpoint = named_checkpoint(path)
-    if checkpoint is not None:
+    named, kind, file = named_lora(spec)
+    if kind == "checkpoint":
         from lowmem_alignprop.models.loading import write_checkpoint_lora
-        return write_checkpoint_lora(checkpoint, temporary_folder() / "lora")
-    if not path.exists():
-        raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
-                        "checkpoint, a .safetensors file or a peft adapter folder)")
-    if path.is_file():
-        return path if is_safetensors(path) else _as_safetensors(path, spec)
-    if is_peft_folder(path):
+        return write_checkpoint_lora(named, temporary_folder() / "lora")
+    if kind == "file":
+        return file if is_safetensors(file) else _as_safetensors(file, spec)
+    if kind == "peft":
         import json
 
         from lowmem_alignprop.commands.lora_files import PEFT_CONFIG_NAME
         try:
-            dora = json.loads((path / PEFT_CONFIG_NAME).read_text(encoding="utf-8")).get("use_dora")
+            dora = json.loads((named / PEFT_CONFIG_NAME).read_text(encoding="utf-8")).get("use_dora")
         except (OSError, ValueError, AttributeError):  # (peft_as_diffusers says what is wrong with it)
             dora = False
         if dora:
             raise UserError(f"--init-lora {spec} is a DoRA (its adapter_config.json: use_dora): this trainer trains "
                             "plain LoRA and cannot start from one; pass a plain LoRA")
-        return peft_as_diffusers(path, f"--init-lora {spec}")
+        return peft_as_diffusers(named, f"--init-lora {spec}")
+    return file
+
+
+def named_lora(spec: str) -> tuple[Path, str, Path | None]:
+    """(named, kind, file): what ``--init-lora spec`` names, the one rule :func:`init_lora_file` (the LoRA the run
+    reads) and :func:`init_lora_source` (the user's own file, for its digest) both follow. ``kind``: "checkpoint"
+    (``named`` its folder; ``file`` None: which of its weights files is the run's config's, said once where it is
+    read), "file" (``named`` = ``file``: the path), "peft" (a peft adapter folder and its weights file) or "folder"
+    (a run's lora/ folder, the run folder, a folder of one .safetensors file: ``file`` that file). A path that names
+    none raises UserError."""
+    from lowmem_alignprop.run.checkpoint import named_checkpoint
+
+    path = Path(spec).expanduser()
+    checkpoint = named_checkpoint(path)
+    if checkpoint is not None:
+        return checkpoint, "checkpoint", None
+    if not path.exists():
+        raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
+                        "checkpoint, a .safetensors file or a peft adapter folder)")
+    if path.is_file():
+        return path, "file", path
+    if is_peft_folder(path):
+        from lowmem_alignprop.commands.lora_files import PEFT_WEIGHT_NAME
+        return path, "peft", path / PEFT_WEIGHT_NAME
     if (line := not_a_lora("--init-lora", spec, folder=path)) is not None:  # (it said "holds no .safetensors
         raise UserError(line)  # files": they are in its subfolders)
     folder = lora_dir_of(spec)
     if (folder / LORA_WEIGHT_NAME).is_file():
-        return folder / LORA_WEIGHT_NAME
+        return path, "folder", folder / LORA_WEIGHT_NAME
     found = sorted(path.glob("*.safetensors"))
     if len(found) == 1:
-        return found[0]
+        return path, "folder", found[0]
     from lowmem_alignprop.run.checkpoint import pick_a_checkpoint
     if not found and (pick := pick_a_checkpoint(spec, "--init-lora")) is not None:  # (which one is the user's call)
         raise UserError(pick)
@@ -95,27 +113,16 @@ def init_lora_source(spec: str) -> dict[str, str] | None:
     card whose digest ``sha256sum`` of their own file matches (the run's copy is converted: a peft folder's, a
     .bin's, a kohya file's per-layer alphas folded...): ``file`` is that file's path from ``spec`` ("" where ``spec``
     is the file; a folder's weights file: a peft folder's adapter_model.safetensors, a run's lora/, a checkpoint's
-    trainable weights). None where ``spec`` names none (it was checked before: not expected)."""
+    trainable weights), found as :func:`named_lora` finds it. None where ``spec`` names none (it was checked before:
+    not expected)."""
     from lowmem_alignprop.run import checkpoint as ckpt
 
-    path = Path(spec).expanduser()
-    if (checkpoint := ckpt.named_checkpoint(path)) is not None:
-        try:
-            file = ckpt.output_weights_file(checkpoint, ckpt.read_state(checkpoint).get("config", {}))
-        except (OSError, ValueError):
-            return None
-    elif path.is_file():
-        file = path
-    elif is_peft_folder(path):
-        from lowmem_alignprop.commands.lora_files import PEFT_WEIGHT_NAME
-        file = path / PEFT_WEIGHT_NAME
-    elif (lora_dir_of(spec) / LORA_WEIGHT_NAME).is_file():
-        file = lora_dir_of(spec) / LORA_WEIGHT_NAME
-    elif len(found := sorted(path.glob("*.safetensors"))) == 1:
-        file = found[0]
-    else:
+    try:
+        named, kind, file = named_lora(spec)
+        if kind == "checkpoint":  # (an old EMA checkpoint's warning was said where its LoRA was read)
+            file = ckpt.output_weights_file(named, ckpt.read_state(named).get("config", {}), say=False)
+    except (UserError, OSError, ValueError):
         return None
-    named = checkpoint if checkpoint is not None else path
     return {"file": "" if file == named else file.relative_to(named).as_posix(), "sha256": ckpt.file_sha256(file)}
 
 

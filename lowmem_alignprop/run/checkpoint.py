@@ -791,15 +791,16 @@ def outputs_are_ema(config: dict[str, Any]) -> bool:
     return bool(config.get("ema_decay")) and bool(config.get("ema_outputs", True))
 
 
-def output_weights_file(path: Path, config: dict[str, Any]) -> Path:
+def output_weights_file(path: Path, config: dict[str, Any], say: bool = True) -> Path:
     """The checkpoint's file of the weights its run's outputs hold at that step: the EMA's where
     :func:`outputs_are_ema`, else the trained ones. A checkpoint written before the EMA's weights were kept by name
-    has only the trained ones: said, and those."""
+    has only the trained ones: said (unless not ``say``: where it was said already), and those."""
     if outputs_are_ema(config):
         if (path / EMA_WEIGHTS).is_file():
             return path / EMA_WEIGHTS
-        log.warning("checkpoint %s holds the trained weights but not their average by name (written by an older "
-                    "version): its LoRA is the trained weights, not the EMA its run's lora/ holds", path)
+        if say:
+            log.warning("checkpoint %s holds the trained weights but not their average by name (written by an older "
+                        "version): its LoRA is the trained weights, not the EMA its run's lora/ holds", path)
     return path / "trainable.safetensors"
 
 
