@@ -831,7 +831,7 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
 
 @pytest.mark.parametrize("kind", ["sd_checkpoint", "flux_comfyui_checkpoint", "flux_transformer_file", "unet_folder",
                                   "unet_variant_folder", "pipeline_folder", "embedding", "embedding_sdxl",
-                                  "embedding_pt"])
+                                  "embedding_pt", "embedding_diffusers", "embedding_diffusers_bin"])
 def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_loads(kind, tiny_dir, tmp_path, capsys,
                                                                                       monkeypatch, fresh_log_handlers):
     """A full model (a checkpoint, a transformer or UNet file, a diffusers folder) or a textual-inversion embedding
@@ -839,7 +839,8 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
     feed-forward names asked for lora_layers=attention+ff (then: "holds no LoRA weights"), a FLUX checkpoint under
     ComfyUI's names said "adapts 'model', a layer lowmem-alignprop does not train", a pipeline folder "holds no
     .safetensors files", a .pt embedding "holds no dictionary of tensors", a UNet folder with its fp16 variant (a hub
-    SDXL's unet/; a sharded transformer/ alike) "holds several .safetensors files"."""
+    SDXL's unet/; a sharded transformer/ alike) "holds several .safetensors files"; diffusers' own embedding
+    (learned_embeds.safetensors / .bin: {"<cat-toy>": its vectors}) "holds no LoRA weights"."""
     import shutil
 
     from safetensors.torch import save_file
@@ -857,10 +858,14 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
              "flux_comfyui_checkpoint": zeros("model.diffusion_model.double_blocks.0.img_attn.qkv.weight"),
              "flux_transformer_file": zeros("transformer_blocks.0.ff.net.0.proj.weight",
                                             "single_transformer_blocks.0.proj_out.bias"),
-             "embedding": zeros("emb_params"), "embedding_sdxl": zeros("clip_l", "clip_g")}
+             "embedding": zeros("emb_params"), "embedding_sdxl": zeros("clip_l", "clip_g"),
+             "embedding_diffusers": {"<cat-toy>": torch.zeros(768)}}
     spec = tmp_path / f"{kind}.safetensors"
     if kind in files:
         save_file(files[kind], str(spec))
+    elif kind == "embedding_diffusers_bin":  # (diffusers' example without --save_as_full_pipeline: torch.save's)
+        spec = tmp_path / "learned_embeds.bin"
+        torch.save({"<cat-toy>": torch.zeros(2, 1024)}, spec)
     elif kind == "embedding_pt":  # A1111's .pt embedding
         spec = tmp_path / "concept.pt"
         torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
@@ -886,7 +891,11 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
                          "trained concept's embedding, which diffusers' load_textual_inversion reads; --init-lora "
                          "starts from a LoRA (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)",
             "embedding_sdxl": "holds a textual-inversion embedding ('clip_g', 'clip_l'), not a LoRA",
-            "embedding_pt": "holds a textual-inversion embedding ('name', 'step', 'string_to_param'), not a LoRA"}[kind]
+            "embedding_pt": "holds a textual-inversion embedding ('name', 'step', 'string_to_param'), not a LoRA",
+            "embedding_diffusers": f"--init-lora {spec} holds a textual-inversion embedding ('<cat-toy>'), not a "
+                                   "LoRA: a trained concept's embedding, which diffusers' load_textual_inversion reads",
+            "embedding_diffusers_bin": f"--init-lora {spec} holds a textual-inversion embedding ('<cat-toy>'), not a "
+                                       "LoRA"}[kind]
     out = tmp_path / "run"
     for layers in ("attention", "attention+ff"):  # (the fix it named for an SD checkpoint led to another refusal)
         assert_refused(main, ["--profile", "cpu", "--model", "tiny", "--steps", "1", "--set", "sample_prompts=0",
@@ -895,15 +904,16 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
 
 
 @pytest.mark.parametrize("kind", ["sd_checkpoint", "unet_folder", "unet_variant_folder", "pipeline_folder",
-                                  "embedding", "embedding_bin"])
+                                  "embedding", "embedding_bin", "embedding_diffusers", "embedding_diffusers_bin"])
 def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lora_does(kind, tiny_dir, tmp_path,
                                                                                        capsys, monkeypatch):
     """`sample --lora` of a full model or an embedding said "holds no LoRA weights", of a diffusers pipeline folder
     "a training run that stopped before its first checkpoint", of an embedding .bin "truncated or damaged"; `export
     --lora` of a model's file "is a LoRA file already", of a pipeline folder a run that stopped, of a UNet folder
     "an interrupted run resumes with --resume latest"; sample of a UNet folder with its fp16 variant "pass the one
-    you mean: --lora .../diffusion_pytorch_model.fp16.safetensors" (a model's weights too). Now --init-lora's one
-    rule (lora_files.not_a_lora): what it is and where it goes, before the model loads."""
+    you mean: --lora .../diffusion_pytorch_model.fp16.safetensors" (a model's weights too); diffusers' own
+    embedding ({"<cat-toy>": its vectors}) "holds no LoRA weights" and "is a LoRA file already". Now --init-lora's
+    one rule (lora_files.not_a_lora): what it is and where it goes, before the model loads."""
     import shutil
 
     from safetensors.torch import save_file
@@ -912,13 +922,18 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
     from lowmem_alignprop.commands import evaluate
 
     monkeypatch.setattr(evaluate, "build_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
-    if kind in ("sd_checkpoint", "embedding"):  # a .safetensors file: told by its header (a checkpoint's GB unread)
+    if kind in ("sd_checkpoint", "embedding", "embedding_diffusers"):  # a .safetensors file: told by its header
         monkeypatch.setattr(evaluate, "read_tensor_file", lambda *a, **k: pytest.fail("the tensors were read"))
     spec = {"unet_folder": tiny_dir / "unet", "pipeline_folder": tiny_dir}.get(kind, tmp_path / f"{kind}.safetensors")
     if kind == "sd_checkpoint":
         save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(spec))
     elif kind == "embedding":
         save_file({"emb_params": torch.zeros(2, 2)}, str(spec))
+    elif kind == "embedding_diffusers":  # (diffusers' textual_inversion example: learned_embeds.safetensors)
+        save_file({"<cat-toy>": torch.zeros(768)}, str(spec))
+    elif kind == "embedding_diffusers_bin":
+        spec = tmp_path / "learned_embeds.bin"
+        torch.save({"<cat-toy>": torch.zeros(2, 768)}, spec)
     elif kind == "embedding_bin":  # (a .bin sample reads: torch.save's)
         spec = tmp_path / "concept.bin"
         torch.save({"string_to_param": {"*": torch.zeros(2, 2)}, "name": "concept", "step": 100}, spec)
@@ -935,16 +950,34 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
             "embedding": "holds a textual-inversion embedding ('emb_params'), not a LoRA: a trained concept's "
                          "embedding, which diffusers' load_textual_inversion reads; ",
             "embedding_bin": "holds a textual-inversion embedding ('name', 'step', 'string_to_param'), not a LoRA: a "
-                             "trained concept's embedding, which diffusers' load_textual_inversion reads; "}[kind]
+                             "trained concept's embedding, which diffusers' load_textual_inversion reads; "}.get(
+        kind, "holds a textual-inversion embedding ('<cat-toy>'), not a LoRA: a trained concept's embedding, which "
+              "diffusers' load_textual_inversion reads; ")
     out = tmp_path / "out"
     assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(spec), "--prompt", "a cat", "--output-dir",
                           str(out)], f"error: --lora {spec} {what}--lora takes a LoRA (a run's lora/ folder, or a "
                                      "diffusers, kohya or peft LoRA file)", out, capsys)
-    if kind != "embedding_bin":  # (export reads a run's LoRA: a .safetensors file
+    if not kind.endswith("_bin"):  # (export reads a run's LoRA: a .safetensors file
         for merge in ([], ["--merge"]):  # or a folder of one is "a LoRA file already", or a folder without its file)
             assert_refused(main, ["export", "--lora", str(spec), *merge, "--out", str(out)],
                            f"error: --lora {spec} {what}export --lora takes the LoRA a run wrote (its lora/ folder or "
                            "a checkpoint)", out, capsys)
+
+
+def test_a_file_of_tokens_is_called_an_embedding_only_where_every_name_and_shape_says_so():
+    """diffusers' own textual-inversion file is told by its names and shapes together ({"<cat-toy>": 768 wide or
+    rows of 768, 1024, 1280}): a name alone, another width, a 3-D tensor or a LoRA key beside it are not one."""
+    from lowmem_alignprop.commands.lora_files import not_an_adapter
+
+    embedding = "a textual-inversion embedding ('<cat-toy>'), not a LoRA"
+    assert not_an_adapter({"<cat-toy>": (768,)}) == embedding
+    assert not_an_adapter({"<cat-toy>": torch.zeros(4, 1280)}) == embedding
+    two = "a textual-inversion embedding ('<a>', '<b>'), not a LoRA"
+    assert not_an_adapter({"<a>": (1, 1024), "<b>": (768,)}) == two
+    assert not_an_adapter(["<cat-toy>"]) is None  # (names alone: no shapes)
+    for other in ({"<cat-toy>": (2, 2)}, {"<cat-toy>": (1, 2, 768)}, {"<cat-toy>": (0, 768)}, {"cat-toy": (768,)},
+                  {"<cat-toy>": (768,), "unet.x.lora_A.weight": (4, 768)}):
+        assert not_an_adapter(other) is None, other
 
 
 def test_a_torch_file_of_a_dict_with_other_keys_than_names_is_one_line_not_a_traceback(tiny_dir, tmp_path, capsys,

@@ -35,10 +35,11 @@ def init_lora_file(spec: str) -> Path:
     if is_safetensors(file):
         from lowmem_alignprop.commands import flow_export
         try:
-            keys = list(read_safetensors_shapes(file))
+            shapes = read_safetensors_shapes(file)
         except (TensorFileError, OSError) as e:  # a truncated or foreign file
             raise _damaged(spec, file, e) from None
-        _check_an_adapter(spec, keys)
+        _check_an_adapter(spec, shapes)  # (the shapes tell diffusers' own embeddings: "<token>" -> its vectors)
+        keys = list(shapes)
         if flow_export.is_kohya_flow(keys):
             return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)

@@ -585,15 +585,36 @@ _EMBEDDING_KEYS = {"emb_params", "clip_l", "clip_g", "string_to_param", "string_
                    "sd_checksum", "sd_checksum_string"}
 
 
+# diffusers' own textual-inversion file (its example's learned_embeds.safetensors / .bin, what load_textual_inversion
+# reads): one tensor per placeholder token, named by it ("<cat-toy>"), of the text encoder's width: CLIP ViT-L's (SD
+# 1.x, SDXL's first), OpenCLIP ViT-H's (SD 2.x), OpenCLIP ViT-bigG's (SDXL's second)
+_TOKEN_KEY = re.compile(r"<[^<>\s]+>")
+_TEXT_ENCODER_WIDTHS = (768, 1024, 1280)
+
+
+def _token_embeddings(keys) -> bool:
+    """Whether a file's tensors (``keys``: name -> shape or tensor) are all token embeddings in diffusers' layout:
+    every name a placeholder token (<...>), every tensor 1-D or 2-D (one row per vector) of a text encoder's width.
+    Names alone (no shapes) tell nothing."""
+    if not isinstance(keys, dict) or not keys:
+        return False
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in keys.values()]
+    return all(isinstance(k, str) and _TOKEN_KEY.fullmatch(k) for k in keys) and all(
+        isinstance(s, (tuple, list)) and len(s) in (1, 2) and s[-1] in _TEXT_ENCODER_WIDTHS and all(s)
+        for s in shapes)
+
+
 def not_an_adapter(keys) -> str | None:
-    """What a file that is no adapter at all holds (its tensor names ``keys``): "a textual-inversion embedding (...)"
-    or "a model's own weights (e.g. 'k'), not a LoRA's"; None where it holds an adapter's keys, or none of those
-    things (an empty file: the caller's "no LoRA weights"). A full checkpoint's names passed a LoRA check's look for
-    feed-forward or transformer layers, and were refused with a fix for a LoRA of those."""
+    """What a file that is no adapter at all holds (its tensor names ``keys``; a dict of names -> shapes or tensors
+    tells diffusers' own embeddings too): "a textual-inversion embedding (...)" or "a model's own weights (e.g.
+    'k'), not a LoRA's"; None where it holds an adapter's keys, or none of those things (an empty file: the caller's
+    "no LoRA weights"). A full checkpoint's names passed a LoRA check's look for feed-forward or transformer layers,
+    and were refused with a fix for a LoRA of those."""
+    token_embeddings = _token_embeddings(keys)
     keys = sorted(map(str, keys))  # (a torch file's dict may have other keys: {0: tensor})
     if not keys or any(_ADAPTER_KEY.search(k) for k in keys):
         return None
-    if set(keys) <= _EMBEDDING_KEYS:
+    if set(keys) <= _EMBEDDING_KEYS or token_embeddings:
         return f"a textual-inversion embedding ({', '.join(map(quote, keys))}), not a LoRA"
     weight = next((k for k in keys if k.endswith((".weight", ".bias"))), None)
     return None if weight is None else f"a model's own weights (e.g. {quote(weight)}), not a LoRA's lora_down / lora_A"
