@@ -201,3 +201,67 @@ def test_the_box_counts_skipped_steps_in_the_singular_and_plural(tmp_path, capsy
     print_summary({**s, "skipped_steps": [2, 3]}, Config(reward="brightness"), "cpu")
     assert ("\n 2 of them skipped, their loss NaN or infinite (no update; metrics.jsonl says what): steps 2, 3\n"
             in capsys.readouterr().out)
+
+
+
+def box_head(s: dict, cfg, capsys) -> str:
+    """The end box's first line (' AlignProp finished: ...' or ' AlignProp interrupted ...') for summary ``s``."""
+    from lowmem_alignprop.commands.run_summary import print_summary
+
+    print_summary(s, cfg, "cpu")
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith(" AlignProp"))
+
+
+def multi_process_summary(tmp_path, **more) -> dict:
+    """A 2-process run's summary.json as the box reads it (no training: the box alone is under test)."""
+    return {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0,
+            "peak_memory_gb": 1.0, "attention": "sdpa", "output_dir": str(tmp_path), "processes": 2,
+            "resume_changes": [], **more}
+
+
+def test_the_box_names_the_processes_in_every_ending(tmp_path, capsys):
+    """The box's first line names the processes after a multi-process run that finished, stopped early or was
+    interrupted (the interrupted line named none, nor the images a step, though summary.json had them)."""
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(steps=6, reward="brightness", batch_size=2, grad_accum=2)
+    s, tail = multi_process_summary(tmp_path), f" (profile cpu, model {cfg.model})"
+    assert box_head({**s, "steps_done": 6}, cfg, capsys) == \
+        " AlignProp finished: 6 steps on cpu x 2 processes, 8 images a step" + tail
+    assert box_head({**s, "steps_done": 4, "early_stopped_at": 4}, cfg, capsys) == \
+        " AlignProp finished: 4 steps on cpu x 2 processes, 8 images a step" + tail
+    assert box_head({**s, "steps_done": 3, "interrupted": True}, cfg, capsys) == \
+        " AlignProp interrupted after step 3 of 6 on cpu x 2 processes, 8 images a step: continue with --resume latest"
+    assert box_head({**s, "steps_done": 3, "interrupted": True, "processes": 1}, cfg, capsys) == \
+        " AlignProp interrupted after step 3 of 6 on cpu: continue with --resume latest"
+
+
+def test_the_box_gives_each_stretch_of_steps_its_process_count_after_a_resume_changed_it(tmp_path, capsys):
+    """After a resume under another number of processes (resume_changes' processes [2, 1] from step 5) the box said
+    this start's count only ('6 steps on cpu'), though steps 1-4 averaged 2 processes' images: it gives each stretch
+    its count and images a step, in every ending; a resume that also changed batch_size counts that too."""
+    from lowmem_alignprop.settings.config import Config
+
+    cfg = Config(steps=6, reward="brightness", batch_size=2, grad_accum=2)
+    tail = f" (profile cpu, model {cfg.model})"
+    moved = multi_process_summary(tmp_path, processes=1,
+                                  resume_changes=[{"step": 5, "changes": {"processes": [2, 1]}}])
+    assert box_head({**moved, "steps_done": 6}, cfg, capsys) == (
+        " AlignProp finished: 6 steps on cpu, steps 1-4 x 2 processes, 8 images a step; 5-6 x 1 process, "
+        "4 images a step" + tail)
+    assert box_head({**moved, "steps_done": 5, "early_stopped_at": 5}, cfg, capsys) == (
+        " AlignProp finished: 5 steps on cpu, steps 1-4 x 2 processes, 8 images a step; 5 x 1 process, "
+        "4 images a step" + tail)
+    assert box_head({**moved, "steps_done": 5, "interrupted": True}, cfg, capsys) == (
+        " AlignProp interrupted after step 5 of 6 on cpu, steps 1-4 x 2 processes, 8 images a step; 5 x 1 process, "
+        "4 images a step: continue with --resume latest")
+    # stopped before the resume trained a step: every step was 2 processes' (not this start's 1)
+    assert box_head({**moved, "steps_done": 4, "interrupted": True}, cfg, capsys) == \
+        " AlignProp interrupted after step 4 of 6 on cpu x 2 processes, 8 images a step: continue with --resume latest"
+    # 2 processes x batch 2 -> 1 process x batch 4 (the same 8 images a step), then 3 processes x batch 2 from step 6
+    both = multi_process_summary(tmp_path, processes=3, steps_done=6, resume_changes=[
+        {"step": 2, "changes": {"processes": [2, 1], "batch_size": [2, 4]}},
+        {"step": 6, "changes": {"processes": [1, 3], "batch_size": [4, 2]}}])
+    assert box_head(both, cfg, capsys) == (
+        " AlignProp finished: 6 steps on cpu, step 1 x 2 processes, 8 images a step; 2-5 x 1 process, 8 images a "
+        "step; 6 x 3 processes, 12 images a step" + tail)

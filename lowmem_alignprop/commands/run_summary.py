@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 
 from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure, step_zero
+from lowmem_alignprop.commands.model_card import process_counts
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.config import Config
@@ -126,6 +127,33 @@ def alignment_controls(cfg: Config) -> str:
     return ", ".join(filter(None, on))
 
 
+def setting_at(s: dict, cfg: Config, name: str, step: int):
+    """The value of config field ``name`` that step ``step`` trained with: this start's, unless a later resume changed
+    it (resume_changes' ``name: [was, now]``: the first such change after ``step`` gives what it was)."""
+    later = [r["changes"][name] for r in s.get("resume_changes") or [] if isinstance(r, dict)
+             and int(r.get("step", 0)) > step and isinstance((r.get("changes") or {}).get(name), list)]
+    return later[0][0] if later else getattr(cfg, name)
+
+
+def processes_note(s: dict, cfg: Config, done: int) -> str:
+    """' x 2 processes, 8 images a step' for the run's steps (nothing for one process); where a resume changed the
+    number of processes (model_card.process_counts' stretches), each stretch of steps with its count and images:
+    ', steps 1-4 x 2 processes, 8 images a step; 5-6 x 1 process, 4 images a step' (batch_size is per process)."""
+    counts = [(first, n) for first, n in process_counts(s) if first <= max(done, 1)]  # (a stretch not begun: none)
+    ends = [first - 1 for first, _ in counts[1:]] + [done]
+
+    def images(first: int, n: int) -> int:
+        return setting_at(s, cfg, "batch_size", first) * setting_at(s, cfg, "grad_accum", first) * n
+
+    if len(counts) == 1:
+        n = counts[0][1]
+        return f" x {n} processes, {images(1, n)} images a step" if n > 1 else ""
+    return ", " + "; ".join(
+        ("" if i else "steps " if end > first else "step ") + (f"{first}-{end}" if end > first else f"{first}")
+        + f" x {n} process{'es' * (n != 1)}, {images(first, n)} images a step"
+        for i, ((first, n), end) in enumerate(zip(counts, ends)))
+
+
 def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> None:
     """The end-of-run box: what the run did and every output it wrote (``exported``: lora_export.Exported, what
     export_format and push_to_hub did)."""
@@ -135,11 +163,11 @@ def print_summary(s: dict, cfg: Config, profile_name: str, exported=None) -> Non
     lines = [
         "",
         "=" * 64,
-        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps}: continue with --resume latest"
+        (f" AlignProp interrupted after step {s.get('steps_done')} of {cfg.steps} on {s['device']}"
+         f"{processes_note(s, cfg, s.get('steps_done') or 0)}: continue with --resume latest"
          if s.get("interrupted") else
          f" AlignProp finished: {done} step{'s' if done != 1 else ''} on {s['device']}"
-         + (f" x {s['processes']} processes, {cfg.batch_size * cfg.grad_accum * s['processes']} images a step"
-            if s.get("processes", 1) > 1 else "")  # (each step: all their images; batch_size is per process)
+         + processes_note(s, cfg, done)  # (each step: all their images; batch_size is per process)
          + f" (profile {profile_name}, "
          f"model {cfg.model}{' at commit ' + s['model_revision'] if s.get('model_revision') else ''})"),
         *([f" {skipped} of them skipped, {'their loss' if skipped > 1 else 'its loss'} NaN or infinite (no update; "
