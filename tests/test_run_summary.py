@@ -265,3 +265,21 @@ def test_the_box_gives_each_stretch_of_steps_its_process_count_after_a_resume_ch
     assert box_head(both, cfg, capsys) == (
         " AlignProp finished: 6 steps on cpu, step 1 x 2 processes, 8 images a step; 2-5 x 1 process, 8 images a "
         "step; 6 x 3 processes, 12 images a step" + tail)
+
+
+def test_the_cards_processes_row_gives_each_stretch_the_images_it_averaged():
+    """The card's "processes" row multiplied every stretch by the last start's batch_size x grad_accum (a resume that
+    changed them gave the earlier steps the wrong images per step) and listed a stretch a resume began but trained no
+    step of; the end box's rule (images_per_step) is now the card's too."""
+    from lowmem_alignprop.commands.model_card import processes_row
+
+    changed = {"steps": 6, "processes": 1, "batch_size": 4, "grad_accum": 1, "resume_changes": [
+        {"step": 5, "changes": {"processes": [2, 1], "batch_size": [2, 4]}}]}
+    assert processes_row(changed) == ("2 from step 1 (4 images per optimizer step); 1 from step 5 (4 images per "
+                                      "optimizer step) (more than 1: under `accelerate launch --multi_gpu "
+                                      "--num_processes N`)")
+    unbegun = {"steps": 4, "processes": 1, "batch_size": 2, "grad_accum": 2, "resume_changes": [
+        {"step": 5, "changes": {"processes": [2, 1]}}]}  # stopped before the resume trained step 5
+    assert processes_row(unbegun) == ("2 (`accelerate launch --multi_gpu --num_processes 2`): 8 images per optimizer "
+                                      "step")
+    assert processes_row({"steps": 3, "processes": 1, "batch_size": 2}) is None

@@ -141,6 +141,42 @@ def process_counts(info: dict[str, Any]) -> list[tuple[int, int]]:
                                                               for r in moves]
 
 
+def setting_at(info: dict[str, Any], name: str, step: int, now: Any) -> Any:
+    """The value of config field ``name`` that step ``step`` trained with: ``now`` (the last start's), unless a later
+    resume changed it (resume_changes' ``name: [was, now]``: the first such change after ``step`` gives what it
+    was)."""
+    later = [r["changes"][name] for r in info.get("resume_changes") or [] if isinstance(r, dict)
+             and int(r.get("step", 0)) > step and isinstance((r.get("changes") or {}).get(name), list)]
+    return later[0][0] if later else now
+
+
+def images_per_step(info: dict[str, Any], step: int, processes: int, now: dict[str, Any]) -> int:
+    """The images an optimizer step at ``step`` averaged: batch_size x grad_accum as they were then (``now``: the last
+    start's values, :func:`setting_at`) x ``processes`` (batch_size is per process)."""
+    return (setting_at(info, "batch_size", step, now.get("batch_size", 1))
+            * setting_at(info, "grad_accum", step, now.get("grad_accum", 1)) * processes)
+
+
+def trained_counts(info: dict[str, Any], steps: Any) -> list[tuple[int, int]]:
+    """:func:`process_counts` less a stretch a resume began but trained no step of (``steps``: the run's steps done;
+    not a number: unknown, all kept)."""
+    return [(first, n) for first, n in process_counts(info) if not isinstance(steps, int) or first <= max(steps, 1)]
+
+
+def processes_row(info: dict[str, Any]) -> str | None:
+    """The card's "processes" row where more than one process trained: each stretch of steps that trained
+    (:func:`trained_counts`) with its images per optimizer step as they were then."""
+    counts = trained_counts(info, info.get("steps"))
+    if not any(n > 1 for _, n in counts):
+        return None
+    if len(counts) == 1:
+        return (f"{counts[0][1]} (`accelerate launch --multi_gpu --num_processes {counts[0][1]}`): "
+                f"{images_per_step(info, 1, counts[0][1], info)} images per optimizer step")
+    return ("; ".join(f"{n} from step {step} ({images_per_step(info, step, n, info)} images per optimizer step)"
+                      for step, n in counts)
+            + " (more than 1: under `accelerate launch --multi_gpu --num_processes N`)")
+
+
 def launcher_line(counts: list[tuple[int, int]]) -> str | None:
     """The comment over the training command of a run that several processes trained (:func:`process_counts`)."""
     if len(counts) == 1:
@@ -339,13 +375,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
             ("objective", objective(info))]
-    counts = process_counts(info)
-    if any(n > 1 for _, n in counts):  # (the command below is each process's)
-        per = info.get("batch_size", 1) * info.get("grad_accum", 1)
-        rows.append(("processes", f"{counts[0][1]} (`accelerate launch --multi_gpu --num_processes {counts[0][1]}`): "
-                                  f"{per * counts[0][1]} images per optimizer step" if len(counts) == 1 else
-                     "; ".join(f"{n} from step {step} ({per * n} images per optimizer step)" for step, n in counts)
-                     + " (more than 1: under `accelerate launch --multi_gpu --num_processes N`)"))
+    if (processes := processes_row(info)) is not None:  # (the command below is each process's)
+        rows.append(("processes", processes))
     if info.get("prediction_type", "auto") != "auto" or info.get("zero_terminal_snr"):  # every format's card: a
         # sampler of the other kind renders noise
         zero = ", at zero terminal SNR (trailing timesteps)" if info.get("zero_terminal_snr") else ""
@@ -415,7 +446,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     train_cmd, export_command = (training_command(lora, folders=True), export_command) if not home else (
         shared_command(training_command(lora)), shared_command(export_command))
     lines += ["", "## How it was made", "", "```bash"]
-    if train_cmd and (launched := launcher_line(counts)):
+    if train_cmd and (launched := launcher_line(trained_counts(info, info.get("steps")))):
         lines.append(launched)
     if train_cmd:
         lines.append(train_cmd)

@@ -10,7 +10,7 @@ from collections import deque
 from pathlib import Path
 
 from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure, step_zero
-from lowmem_alignprop.commands.model_card import process_counts
+from lowmem_alignprop.commands.model_card import images_per_step, trained_counts
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.config import Config
@@ -127,23 +127,15 @@ def alignment_controls(cfg: Config) -> str:
     return ", ".join(filter(None, on))
 
 
-def setting_at(s: dict, cfg: Config, name: str, step: int):
-    """The value of config field ``name`` that step ``step`` trained with: this start's, unless a later resume changed
-    it (resume_changes' ``name: [was, now]``: the first such change after ``step`` gives what it was)."""
-    later = [r["changes"][name] for r in s.get("resume_changes") or [] if isinstance(r, dict)
-             and int(r.get("step", 0)) > step and isinstance((r.get("changes") or {}).get(name), list)]
-    return later[0][0] if later else getattr(cfg, name)
-
-
 def processes_note(s: dict, cfg: Config, done: int) -> str:
     """' x 2 processes, 8 images a step' for the run's steps (nothing for one process); where a resume changed the
     number of processes (model_card.process_counts' stretches), each stretch of steps with its count and images:
     ', steps 1-4 x 2 processes, 8 images a step; 5-6 x 1 process, 4 images a step' (batch_size is per process)."""
-    counts = [(first, n) for first, n in process_counts(s) if first <= max(done, 1)]  # (a stretch not begun: none)
+    counts = trained_counts(s, done)  # (a stretch a resume began but trained no step of: none)
     ends = [first - 1 for first, _ in counts[1:]] + [done]
 
     def images(first: int, n: int) -> int:
-        return setting_at(s, cfg, "batch_size", first) * setting_at(s, cfg, "grad_accum", first) * n
+        return images_per_step(s, first, n, {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
 
     if len(counts) == 1:
         n = counts[0][1]
