@@ -106,8 +106,9 @@ class Lora:
     def components_revision(self) -> str:
         """The commit a hub id model_components' parts were read at, as base_model.json (or the checkpoint's
         fingerprint) records it (``components_revision``), or ""."""
-        commit = (self.base or {}).get("components_revision")
-        return commit if isinstance(commit, str) else ""
+        from lowmem_alignprop.run.checkpoint import recorded_commit
+
+        return recorded_commit(self.base, "components_revision")
 
     def scale(self, module: str) -> float:
         """The factor peft applies to ``B @ A`` in ``module`` (what a trained LoRA means)."""

@@ -45,7 +45,7 @@ def load_base(spec: str, run_config: dict | None = None):
     model_components), in fp32. The run's image settings go with it: the VAE it decoded with (``--set vae``: a
     "no-vae" single file has none of its own) and what its UNet was taken to predict (``prediction_type``), so that
     the merged model renders as the run did. A hub id's ``components_revision`` and ``vae_revision`` (the commits
-    the run's parts came from: :func:`pinned_parts`) load those snapshots, not main's."""
+    the run's parts came from: checkpoint.recorded_pins) load those snapshots, not main's."""
     run = run_config or {}
     vae = run.get("vae") or ""
     pipe = _base_pipeline(spec, run, vae)
@@ -208,9 +208,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
-    pins = pinned_parts(lora.base, {**lora.run_config, "model_components": components})
+    pins = ckpt.recorded_pins(lora.base, {**lora.run_config, "model_components": components})
     if components != lora.model_components:  # the hub id it trained on, for a transformer file: its parts at the
-        pins.update(pinned_parts({"components_revision": ckpt.trained_commit(lora.base)},  # commit it trained on
+        pins.update(ckpt.recorded_pins({"components_revision": ckpt.trained_commit(lora.base)},  # commit it trained on
                                  {"model_components": components}))
     pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
@@ -235,21 +235,6 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
         pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
     return pipe, record
-
-
-def pinned_parts(record: dict | None, settings: dict) -> dict[str, str]:
-    """The pins (components_revision, vae_revision) that load a run's hub id model_components and vae (in
-    ``settings``) at the commits its fingerprint (``record``: base_model.json, a checkpoint's) says they came from
-    (:func:`~lowmem_alignprop.run.checkpoint.recorded_commit`); none for a local path or a record without them."""
-    from lowmem_alignprop.run.checkpoint import recorded_commit
-    from lowmem_alignprop.settings.config import pin_problem
-
-    pins = {}
-    for pin, name in (("components_revision", "model_components"), ("vae_revision", "vae")):
-        value, commit = str(settings.get(name) or ""), recorded_commit(record, pin)
-        if commit and value and pin_problem(pin, commit, name, value) is None:  # (a hub id: a path pins nothing)
-            pins[pin] = commit
-    return pins
 
 
 def _merge_fix(lora: Lora) -> str:

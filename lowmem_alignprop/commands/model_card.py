@@ -12,11 +12,11 @@ from typing import Any
 
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
-from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, trained_commit
+from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
-from lowmem_alignprop.settings.config import describe_k, flag_value, pin_problem, set_flags
+from lowmem_alignprop.settings.config import HUB_PINS, describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label, sampler_name
 
@@ -205,7 +205,8 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     lines = started_commands(lora.run) if lora.run is not None else []
     if isinstance(lora.starts, int) and lora.starts > 0:
         lines = lines[:lora.starts]  # a checkpoint: the starts that trained it, not a later --resume
-    lines = [pinned_command(line, hub_pins(lora)) for line in lines]
+    pins = hub_pins(lora)
+    lines = [pinned_command(line, pins) for line in lines]
     if lines and folders:
         dirs = start_folders(lora, len(lines))
         lines = [said for line, folder in zip(lines, dirs)
@@ -225,7 +226,7 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     except (UserError, OSError, ValueError):
         from lowmem_alignprop.settings.config import Config
         defaults = Config().to_dict()
-    c = {**c, **hub_pins(lora)}  # (the commits its hub parts came from, which the names alone may no longer load)
+    c = {**c, **pins}  # (the commits its hub parts came from, which the names alone may no longer load)
     parts = ["lowmem-alignprop", "--profile", profile]
     flags = {"model": "--model", "reward": "--reward", "prompts": "--prompts", "steps": "--steps",
              "seed": "--seed", "output_dir": "--output-dir"}
@@ -239,26 +240,16 @@ def training_command(lora: Lora, folders: bool = False) -> str | None:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-# the pins of the run's hub parts (base_model.json's keys too), each by the field whose hub id it pins
-HUB_PINS = {"revision": "model", "components_revision": "model_components", "vae_revision": "vae"}
-
-
 def hub_pins(lora: Lora) -> dict[str, str]:
     """``--set`` pins that load the commits the run's hub id parts came from, as its base_model.json (or checkpoint)
     records them (``revision`` of --model, ``components_revision`` of model_components, ``vae_revision`` of vae):
     the names alone load the hub's main, which may have moved since. None for a local path or a record without."""
-    values = hub_parts(lora)
-    pins = {}
-    for pin, field in HUB_PINS.items():
-        commit = (lora.base or {}).get(pin)
-        if isinstance(commit, str) and commit and values[field] and pin_problem(pin, commit, field,
-                                                                                values[field]) is None:
-            pins[pin] = commit
-    return pins
+    return recorded_pins(lora.base, hub_parts(lora), tuple(HUB_PINS))
 
 
 def hub_parts(lora: Lora) -> dict[str, str]:
-    """The run's fields that a hub id pin (:data:`HUB_PINS`) pins: --model, model_components, vae ("": none)."""
+    """The run's fields that a hub id pin (settings.config.HUB_PINS) pins: --model, model_components, vae ("":
+    none)."""
     vae = lora.run_config.get("vae") or ((lora.base or {}).get("image_settings") or {}).get("vae")
     return {"model": str(lora.base_model or ""), "model_components": lora.model_components, "vae": str(vae or "")}
 
@@ -370,7 +361,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     said = shared_setting if home else lambda _, value: value  # pushed: a reward file, a prompt file... by its name
     reward = (f"{said('reward', info.get('reward'))} (from step {since}: a resume changed it or how the images are "
               "made)" if since else said("reward", info.get("reward")))
-    rows = [("base model", base_row(lora, into, names)), *part_rows(lora, hub_pins(lora), names),
+    pins = hub_pins(lora)  # the commits the run's hub parts came from: the rows and the code load them
+    rows = [("base model", base_row(lora, into, names)), *part_rows(lora, pins, names),
             ("reward", reward),
             ("steps", info.get("steps")), ("profile", said("profile", info.get("profile"))),
             ("resolution", f"{info['resolution']} px" if info.get("resolution") else None),
@@ -433,7 +425,6 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     if grid:
         lines += ["", "## Before / after", "", f"![{shown}, same seeds]({grid})"]
-    pins = hub_pins(lora)
     usage = with_run_call(_usage(fmt, files, base, merged_weight, lora.family, lora.model_components,
                                  sdxl=family == SDXL, version=family, pins=pins), info, lora.flow,
                           pins.get("vae_revision", ""))
@@ -569,11 +560,10 @@ def part_rows(lora: Lora, pins: dict[str, str], names: dict[str, str]) -> list[t
     """The card's rows of the run's hub id parts other than --model, at the commits they came from (:func:`hub_pins`)
     with the flags that load them again: a transformer file's text encoders, VAE and scheduler (model_components),
     and --set vae's VAE."""
-    rows = []
-    for pin, field, what in (("components_revision", "model_components", "text encoders, VAE and scheduler"),
-                             ("vae_revision", "vae", "VAE")):
-        if pin in pins:
-            spec = hub_parts(lora)[field]
+    rows, parts = [], hub_parts(lora)
+    for field, what in (("model_components", "text encoders, VAE and scheduler"), ("vae", "VAE")):
+        if (pin := HUB_PINS[field]) in pins:
+            spec = parts[field]
             rows.append((what, _named(f"`{spec}` at commit `{pins[pin]}` (lowmem-alignprop: `--set {field}={spec} "
                                       f"--set {pin}={pins[pin]}`)", names)))
     return rows

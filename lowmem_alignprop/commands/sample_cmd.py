@@ -15,10 +15,11 @@ from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, chec
                                                 usable_scoring)
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
-from lowmem_alignprop.commands.lora_merge import held_in, merged_into, pinned_parts, refuse_held_loras
-from lowmem_alignprop.run.checkpoint import trained_commit
+from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
+from lowmem_alignprop.run.checkpoint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
-from lowmem_alignprop.settings.config import MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce, split_set
+from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce,
+                                              split_set)
 from lowmem_alignprop.settings.errors import UserError
 
 logger = logging.getLogger("lowmem_alignprop")
@@ -121,11 +122,11 @@ def _take_base(args: argparse.Namespace, specs: list[LoraSpec], base: tuple[str,
 def _with_pins(taken: dict, record: dict | None, given: set[str]) -> dict:
     """``taken`` with, after a hub id model_components or vae, the pin (components_revision, vae_revision) of the
     commit ``record`` (the LoRA's base_model.json) says its run's parts came from, unless given."""
-    pins = {k: v for k, v in pinned_parts(record, taken).items() if k not in given}
+    pins = {k: v for k, v in recorded_pins(record, taken).items() if k not in given}
     out = {}
     for key, value in taken.items():
         out[key] = value
-        pin = {"model_components": "components_revision", "vae": "vae_revision"}.get(key, "")
+        pin = HUB_PINS.get(key, "")
         if pin in pins:
             out[pin] = pins[pin]
     return out

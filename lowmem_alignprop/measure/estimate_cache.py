@@ -103,13 +103,10 @@ def _path_identity(value: str, revision: str = "") -> list | None:
     return identity
 
 
-# the field that pins a path field's hub id to a branch, tag or commit
-PINS = {"model": "revision", "model_components": "components_revision", "vae": "vae_revision"}
-
-
 def key(cfg, memo_key: tuple) -> str | None:
     """The file name (a hash) of an estimate of ``cfg``, or None: not to be cached (see the module docstring)."""
     from lowmem_alignprop.rewards import reward_terms
+    from lowmem_alignprop.settings.config import HUB_PINS
 
     if not enabled() or any(kind == "user" for kind, _, _ in reward_terms(cfg.reward)):
         return None
@@ -118,7 +115,7 @@ def key(cfg, memo_key: tuple) -> str | None:
         value = getattr(cfg, name, "")
         if value:
             # a pinned hub id (revision, components_revision, vae_revision): that commit's snapshot, not main's
-            files[name] = _path_identity(str(value), getattr(cfg, PINS.get(name, ""), "") if name in PINS else "")
+            files[name] = _path_identity(str(value), getattr(cfg, HUB_PINS[name], "") if name in HUB_PINS else "")
             if files[name] is None:
                 return None
     text = json.dumps([FORMAT, code_identity(), repr(memo_key), files], default=str)

@@ -615,8 +615,7 @@ def trained_commit(record: dict[str, Any] | None) -> str:
     """The commit a hub id's run trained on, as its fingerprint (base_model.json, a checkpoint's) records it ("":
     none recorded: a local model, or a record from before it was kept); `sample`, `export --merge` and the card
     load or name it again."""
-    commit = (record or {}).get("revision")
-    return commit if isinstance(commit, str) else ""
+    return recorded_commit(record, "revision")
 
 
 def recorded_commit(record: dict[str, Any] | None, key: str) -> str:
@@ -624,6 +623,23 @@ def recorded_commit(record: dict[str, Any] | None, key: str) -> str:
     components_revision, vae_revision; "": none recorded)."""
     commit = (record or {}).get(key)
     return commit if isinstance(commit, str) else ""
+
+
+def recorded_pins(record: dict | None, settings: dict, fields: tuple[str, ...] = ("model_components", "vae")) \
+        -> dict[str, str]:
+    """The pins (settings.config.HUB_PINS: components_revision, vae_revision; with ``fields`` naming --model, revision
+    too) that load a run's hub id parts (their values in ``settings``) at the commits its fingerprint (``record``:
+    base_model.json, a checkpoint's) says they came from (:func:`recorded_commit`); none for a local path or a
+    record without them."""
+    from lowmem_alignprop.settings.config import HUB_PINS, pin_problem
+
+    pins = {}
+    for name in fields:
+        pin = HUB_PINS[name]
+        value, commit = str(settings.get(name) or ""), recorded_commit(record, pin)
+        if commit and value and pin_problem(pin, commit, name, value) is None:  # (a hub id: a path pins nothing)
+            pins[pin] = commit
+    return pins
 
 
 def model_at_commit(model: str, commit: str) -> tuple[str, str]:

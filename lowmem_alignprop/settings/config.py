@@ -869,6 +869,10 @@ def revision_problem(model: str, revision: str) -> str | None:
             f"{model or 'tiny'} is {what}, which has no revisions: drop --set revision, or give --model as a hub id")
 
 
+# the fields a hub id may fill, each with the field that pins it to a branch, tag or commit (its snapshot)
+HUB_PINS = {"model": "revision", "model_components": "components_revision", "vae": "vae_revision"}
+
+
 def pin_problem(name: str, revision: str, field_name: str, value: str) -> str | None:
     """What is wrong with pin ``name`` (components_revision, vae_revision) of field ``field_name``'s ``value`` (None:
     nothing, or none given): it pins a hub id's snapshot, so with an empty field, a local folder or file it would pin
