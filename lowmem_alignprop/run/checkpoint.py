@@ -678,8 +678,7 @@ def check_components_revision(state: dict[str, Any], ours: dict[str, Any], cfg, 
     they are the same, or the trained commit is no longer in the cache to compare; either names --set
     components_revision=<the trained commit>, which loads it (and fetches it where it left the cache and the hub is
     reachable). A record without the commit, or model_components changed: not compared."""
-    _check_part_commit(state, ours, cfg, path, ("model_components", "components_revision"),
-                       text_encoders_differ,
+    _check_part_commit(state, ours, cfg, path, "model_components", text_encoders_differ,
                        ("its text encoders' weights", "text encoder weights", "its text encoders",
                         "its text encoders, VAE and scheduler"))
 
@@ -691,16 +690,19 @@ def check_vae_revision(state: dict[str, Any], ours: dict[str, Any], cfg, path: P
     the trained commit is no longer in the cache. A record without the commit, or vae changed: not compared."""
     def differ(old: Path, new: Path) -> str | None:  # (a pipeline's repository: its vae/)
         return weights_differ(old, new, ("vae" if (old / "vae").is_dir() or (new / "vae").is_dir() else "",))
-    _check_part_commit(state, ours, cfg, path, ("vae", "vae_revision"), differ,
+    _check_part_commit(state, ours, cfg, path, "vae", differ,
                        ("its VAE weights", "VAE weights", "its VAE", "its VAE"))
 
 
-def _check_part_commit(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path, names: tuple[str, str],
-                       differ, words: tuple[str, str, str, str]) -> None:
-    """The rule of :func:`check_components_revision` and :func:`check_vae_revision` for hub id field ``names[0]``
-    pinned by ``names[1]``: ``differ(old snapshot, new snapshot)`` names a weight file that differs ("" none, None:
-    the old one is gone); ``words``: the weights, the same weights, what could not be compared, what goes on."""
-    field, pin = names
+def _check_part_commit(state: dict[str, Any], ours: dict[str, Any], cfg, path: Path, field: str, differ,
+                       words: tuple[str, str, str, str]) -> None:
+    """The rule of :func:`check_components_revision` and :func:`check_vae_revision` for hub id field ``field``
+    (pinned by its settings.config.HUB_PINS pin): ``differ(old snapshot, new snapshot)`` names a weight file that
+    differs ("" none, None: the old one is gone); ``words``: the weights, the same weights, what could not be
+    compared, what goes on."""
+    from lowmem_alignprop.settings.config import HUB_PINS
+
+    pin = HUB_PINS[field]
     was, now = (state.get("fingerprint") or {}).get(pin), ours.get(pin)
     repo = getattr(cfg, field, "")
     if not (was and now and was != now) or (state.get("config") or {}).get(field, repo) != repo:
