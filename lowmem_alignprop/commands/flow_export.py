@@ -324,9 +324,9 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
     """The model card's "Use" lines for an SD3/FLUX export (``version``: :func:`base_model_version`'s;
     ``components_revision``: the commit of a hub id ``components`` the run's parts came from)."""
     pipeline = "FluxPipeline" if family == FLUX else "StableDiffusion3Pipeline"
+    cls = transformer_class(family)
     dev = other_variant(base, family, components, components_revision)  # a schnell file with dev's folder, or back
     if merged is not None and fmt == "single-file":  # the merged transformer in the original layout
-        cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
         pin = f" --set components_revision={components_revision}" if components_revision else ""
         at = f", config_revision=\"{components_revision}\"" if components_revision else ""
         at += f", guidance_embeds={dev}" if dev is not None else ""
@@ -345,7 +345,6 @@ def usage(fmt: str, files: list[str], base: str, merged: float | None, family: s
                 "- ComfyUI: the merged transformer is `transformer/` (diffusers layout); its *Load Diffusion Model* "
                 "node reads a diffusers-layout transformer file in `ComfyUI/models/diffusion_models/`."]
     transformer = file_transformer(base, family, components, components_revision, dev)
-    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
     at = f", revision=\"{components_revision}\"" if components_revision else ""
     if fmt == "kohya":
         model = MODEL_NAMES.get(version, 'FLUX.1' if family == FLUX else 'SD3')
@@ -386,6 +385,11 @@ def _pipeline_lines(pipeline: str, cls: str, transformer: str, base: str, compon
     return lines
 
 
+def transformer_class(family: str) -> str:
+    """The diffusers class of an SD3/FLUX family's transformer, as the card's code names it."""
+    return "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
+
+
 def file_transformer(base: str, family: str, components: str, components_revision: str = "",
                      dev: bool | None = None) -> str:
     """The line that loads a run's transformer file (``--model FILE --set model_components=...``) as training read it:
@@ -394,7 +398,7 @@ def file_transformer(base: str, family: str, components: str, components_revisio
     other FLUX.1 variant's, its guidance embedding as the file has it); "" for a base that is no such file."""
     if components == base or Path(base).suffix.lower() not in SINGLE_FILE_SUFFIXES:
         return ""
-    cls = "FluxTransformer2DModel" if family == FLUX else "SD3Transformer2DModel"
+    cls = transformer_class(family)
     at = f", config_revision=\"{components_revision}\"" if components_revision else ""
     at += f", guidance_embeds={dev}" if dev is not None else ""
     return (f"transformer = {cls}.from_single_file(\"{base}\", config=\"{components}\", subfolder=\"transformer\""
