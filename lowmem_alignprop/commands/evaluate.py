@@ -163,8 +163,6 @@ def _lora_file(path: Path, arg: str) -> Path:
         detail = e.detail if isinstance(e, TensorFileError) else first_line(e, 120)
         raise UserError(f"--lora {arg}: {file} cannot be read ({detail}): it is truncated or damaged; "
                         f"{again}") from None
-    if (line := not_a_lora("--lora", arg, tensors)) is not None:  # a full model, an embedding: "no LoRA weights"
-        raise UserError(line)
     if (other := lycoris_kind(tensors)) is not None:  # (diffusers' loader dropped them, or blamed the model)
         raise UserError(f"--lora {arg} holds {other}, not a LoRA's lora_down / lora_up: sample reads plain LoRA "
                         "only; pass a LoRA")
@@ -199,8 +197,8 @@ def _read_tensors(file: Path, arg: str) -> dict[str, torch.Tensor]:
     if is_safetensors(file) and (line := not_a_lora("--lora", arg, read_safetensors_shapes(file))) is not None:
         raise UserError(line)
     state = read_tensor_file(file)
-    if isinstance(state, dict) and (line := not_a_lora("--lora", arg, state)) is not None:
-        raise UserError(line)
+    if isinstance(state, dict) and (line := not_a_lora("--lora", arg, state)) is not None:  # (a .bin's: an embedding
+        raise UserError(line)  # holds a dict in it, told before the check below calls it no tensors)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not a dictionary of tensors")
     return {str(k): v for k, v in state.items()}
