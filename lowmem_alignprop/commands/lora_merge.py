@@ -155,10 +155,9 @@ def refuse_held_loras(specs: list, model: str) -> None:
 def merged_into(entry: dict) -> tuple[str, str]:
     """The model an entry of a merged model's record (:func:`merge_record`) went into, in words and as the flags that
     load it (a hub id with its commit, ``into_revision``: checkpoint.model_at_commit)."""
-    from lowmem_alignprop.run.checkpoint import model_at_commit
+    from lowmem_alignprop.run.checkpoint import model_at_commit, recorded_commit
 
-    commit = entry.get("into_revision")
-    return model_at_commit(str(entry.get("into")), commit if isinstance(commit, str) else "")
+    return model_at_commit(str(entry.get("into")), recorded_commit(entry, "into_revision"))
 
 
 def _digest_of(spec) -> str | None:
@@ -210,8 +209,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
     pins = ckpt.recorded_pins(lora.base, {**lora.run_config, "model_components": components})
     if components != lora.model_components:  # the hub id it trained on, for a transformer file: its parts at the
-        pins.update(ckpt.recorded_pins({"components_revision": ckpt.trained_commit(lora.base)},  # commit it trained on
-                                 {"model_components": components}))
+        # commit it trained on
+        pins.update(ckpt.recorded_pins({"components_revision": ckpt.trained_commit(lora.base)},
+                                       {"model_components": components}))
     pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
