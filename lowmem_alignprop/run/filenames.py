@@ -4,6 +4,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # a run's lora/ and a dif
 LORA_BASE_FILE = "base_model.json"  # beside a run's LoRA: the fingerprint of the model it was trained on
 COMMAND_FILE = "command.txt"  # in the run folder: the command line of each start of the run, one per line
 INIT_LORA_DIR = "init_lora"  # in the run folder (--init-lora): the LoRA it started from, as read then (a resume's)
+KEPT_LAYERS_NAME = "kept_layers.safetensors"  # in init_lora/: the layers of --init-lora's LoRA the run does not train
+# (text encoders, convolutions, other linears): fused into the frozen base for training, written back into its LoRAs
 INIT_SOURCE_FILE = "source.json"  # in init_lora/: the file --init-lora named and its SHA-256 (the card's digest)
 PROMPTS_FILE = "prompts.json"  # in the run folder: the prompts it trains on (metrics' prompt_ids index them), held out
 SAMPLE_DIR = "outputs/sample"  # `sample`'s default --output-dir (taken: outputs/sample-2, ...)
