@@ -74,10 +74,12 @@ class UNetFamily:
         from lowmem_alignprop.models.loading import lora_state_dict
         return lora_state_dict(model)
 
-    def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
+    def save_lora(self, pipeline_class, model, layers: dict, out_dir, kept: dict | None = None) -> None:
+        """``layers`` (the trained LoRA) and ``kept`` (the layers the run keeps as its --init-lora had them:
+        models/kept_lora.py) in one file, as diffusers loads it."""
+        from lowmem_alignprop.models.kept_lora import save_with_kept
         from lowmem_alignprop.models.lora_metadata import lora_metadata
-        pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=layers,
-                                         unet_lora_adapter_metadata=lora_metadata(model.peft_config["default"]))
+        save_with_kept(pipeline_class, out_dir, layers, lora_metadata(model.peft_config["default"]), kept or {})
 
     def resolution_note(self, cfg) -> str | None:
         return sampling.resolution_note(self.comps.unet, self.comps.vae, cfg.resolution)
@@ -197,8 +199,9 @@ class FlowFamily(UNetFamily):
         # peft's keys as they are: diffusers' UNet conversion (lora.down/up) is what SD3's loader drops
         return get_peft_model_state_dict(flow._bare(model))
 
-    def save_lora(self, pipeline_class, model, layers: dict, out_dir) -> None:
+    def save_lora(self, pipeline_class, model, layers: dict, out_dir, kept: dict | None = None) -> None:
         from lowmem_alignprop.models.lora_metadata import lora_metadata
+        assert not kept, "SD3/FLUX keep no --init-lora layers (init_lora refuses them)"
         bare = flow._bare(model)
         pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
                                          transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))

@@ -1,0 +1,101 @@
+"""The layers a run keeps as its --init-lora had them (``<run>/init_lora/kept_layers.safetensors``: text encoders,
+convolutions, linears the run does not train), written back into every LoRA the run writes, so that one
+``pipe.load_lora_weights(folder)`` gives base + kept + trained.
+
+The file's keys are diffusers' (``unet.<path>.lora_A.weight``, ``text_encoder.<path>.lora_B.weight``, SDXL's
+``text_encoder_2.``), each layer's scale folded into lora_B: loaded with alpha = rank (scale 1). In a run's LoRA
+file they sit beside the trained layers; the header's adapter config says so per layer (``rank_pattern`` and
+``alpha_pattern`` keys ``^<path>``, alpha = that layer's rank), which is also how :func:`split_kept` tells them
+from the trained ones when a command reads the file back."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import torch
+
+KEPT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def read_kept(run: Path | None) -> dict[str, torch.Tensor]:
+    """The run's kept layers ({} when it kept none or ``run`` is None)."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    file = None if run is None else Path(run) / INIT_LORA_DIR / KEPT_LAYERS_NAME
+    return load_file(str(file)) if file is not None and file.is_file() else {}
+
+
+def by_component(kept: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``kept`` split by pipeline component, each part's keys without the component's prefix (peft's names)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in kept.items():
+        component, _, name = key.partition(".")
+        parts.setdefault(component, {})[name] = value
+    return parts
+
+
+def layer_ranks(layers: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each layer's module path (``down_blocks.0.resnets.0.conv1``) and rank (its lora_A's first dimension)."""
+    return {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in layers.items() if k.endswith(".lora_A.weight")}
+
+
+def with_kept_layers(config: dict | None, layers: dict[str, torch.Tensor]) -> dict:
+    """``config`` (an adapter config as diffusers writes it in the header; None: a component of kept layers alone)
+    with ``layers`` added: each its own target, rank and alpha = rank (its scale is folded into lora_B)."""
+    ranks = layer_ranks(layers)
+    if config is None:
+        common = collections.Counter(ranks.values()).most_common(1)[0][0]
+        config = {"r": common, "lora_alpha": common, "target_modules": []}
+    out = dict(config)
+    out["target_modules"] = sorted(set(out.get("target_modules") or []) | set(ranks))
+    out["rank_pattern"] = {**(out.get("rank_pattern") or {}), **{f"^{m}": r for m, r in ranks.items()}}
+    out["alpha_pattern"] = {**(out.get("alpha_pattern") or {}), **{f"^{m}": r for m, r in ranks.items()}}
+    return out
+
+
+def split_kept(component: str, weights: dict, config: dict) -> tuple[dict, dict, dict]:
+    """A LoRA file's ``component`` layers (peft names) and adapter config split into the trained ones and the kept
+    ones (:func:`with_kept_layers`' ``^`` patterns): (trained weights, their config as the run wrote it, kept weights
+    as ``component.<name>``)."""
+    kept = {k[1:] for k in (config.get("alpha_pattern") or {}) if k.startswith("^")}
+    if not kept:
+        return weights, config, {}
+    trained_config = dict(config)
+    trained_config["target_modules"] = [t for t in config.get("target_modules") or [] if t not in kept]
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        trained_config[pattern] = {k: v for k, v in config[pattern].items() if k[1:] not in kept}
+    is_kept = {k: k.rsplit(".lora_", 1)[0] in kept for k in weights}
+    return ({k: v for k, v in weights.items() if not is_kept[k]}, trained_config,
+            {f"{component}.{k}": v for k, v in weights.items() if is_kept[k]})
+
+
+def as_layout_of(trained: dict, layers: dict) -> dict:
+    """``layers`` (peft's ``lora_A``/``lora_B`` names) in the key layout of ``trained``: diffusers' older
+    ``lora.down``/``lora.up`` where the trained UNet layers have it (diffusers converts a component's keys by its first
+    key's layout: a file that mixed the two would load half its layers)."""
+    if not any(".lora.down." in k for k in trained):
+        return layers
+    return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
+
+
+def save_with_kept(pipeline_class, folder, unet_layers: dict, unet_metadata: dict,
+                   kept: dict[str, torch.Tensor]) -> None:
+    """A UNet LoRA (``unet_layers``: diffusers' names, ``unet_metadata``: the trained adapter's config) written by
+    ``pipeline_class.save_lora_weights`` into ``folder`` with the run's ``kept`` layers (:func:`read_kept`)."""
+    parts = by_component(kept)
+    unknown = sorted(set(parts) - set(KEPT_COMPONENTS))
+    if unknown:
+        raise ValueError(f"kept layers of an unknown component {unknown[0]!r}")
+    kwargs = {}
+    if parts.get("unet"):  # in the trained layers' names (diffusers reads one layout per component, by its 1st key)
+        unet_layers = {**unet_layers, **as_layout_of(unet_layers, parts["unet"])}
+        unet_metadata = with_kept_layers(unet_metadata, parts["unet"])
+    for encoder in KEPT_COMPONENTS[1:]:
+        if parts.get(encoder):  # its own config: else diffusers reads the UNet's header as {} (peft's r=8 default)
+            kwargs[f"{encoder}_lora_layers"] = parts[encoder]
+            kwargs[f"{encoder}_lora_adapter_metadata"] = with_kept_layers(None, parts[encoder])
+    pipeline_class.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
+                                     unet_lora_adapter_metadata=unet_metadata, **kwargs)

@@ -1,0 +1,110 @@
+"""The outputs side of the layers a run keeps as its --init-lora had them (init_lora/kept_layers.safetensors:
+text-encoder layers, a UNet convolution, a UNet linear the run does not train): every LoRA the run writes and
+every command that reads it carries them, so that one load gives base + kept + trained, as loading the trained
+LoRA and the kept file as two adapters does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from loras import ALPHA, RANK, export, make_sd_lora
+from numerics import REORDERED, relative_difference
+
+KEPT_RANKS = {"text_encoder": 2, "conv": 3, "linear": 5}
+
+
+def kept_fixture(pipe, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Kept layers in the contract's format: a text-encoder q_proj (rank 2), the first resnet's 3x3 conv1 (rank 3,
+    4-D) and its time_emb_proj (rank 5), float32, scale folded into lora_B (loaded with alpha = rank)."""
+    g = torch.Generator().manual_seed(seed)
+    te = next(n for n, _ in pipe.text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    unet = dict(pipe.unet.named_modules())
+    out = {}
+    for key, module, rank in ((f"text_encoder.{te}", pipe.text_encoder.get_submodule(te), KEPT_RANKS["text_encoder"]),
+                              ("unet.down_blocks.0.resnets.0.conv1", unet["down_blocks.0.resnets.0.conv1"],
+                               KEPT_RANKS["conv"]),
+                              ("unet.down_blocks.0.resnets.0.time_emb_proj",
+                               unet["down_blocks.0.resnets.0.time_emb_proj"], KEPT_RANKS["linear"])):
+        w = module.weight
+        a_shape = (rank, *w.shape[1:])
+        b_shape = (w.shape[0], rank, *([1] * (w.ndim - 2)))
+        out[f"{key}.lora_A.weight"] = torch.randn(a_shape, generator=g) * 0.3
+        out[f"{key}.lora_B.weight"] = torch.randn(b_shape, generator=g) * 0.3
+    return out
+
+
+def images(pipe) -> torch.Tensor:
+    return pipe("a red car", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def base_pipe(base: Path):
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    """A tiny SD1.5 run's LoRA (rank 4, alpha 8: scale 2) whose init_lora/ holds kept layers, and the reference
+    images: base, and base with the trained LoRA and the kept file loaded as two adapters."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    made = make_sd_lora(Path(tiny_dir), tmp_path_factory.mktemp("kept-run"), xl=False)
+    pipe = base_pipe(made["base"])
+    kept = kept_fixture(pipe)
+    (made["run"] / INIT_LORA_DIR).mkdir()
+    save_file(kept, str(made["run"] / INIT_LORA_DIR / KEPT_LAYERS_NAME), metadata={"format": "pt"})
+    trained_only = tmp_path_factory.mktemp("trained-only")
+    for name in ("pytorch_lora_weights.safetensors",):
+        (trained_only / name).write_bytes((made["lora"] / name).read_bytes())
+    base = images(pipe)
+    pipe.load_lora_weights(str(trained_only), adapter_name="trained")
+    trained = images(pipe)
+    pipe.load_lora_weights(str(made["run"] / INIT_LORA_DIR), weight_name=KEPT_LAYERS_NAME, adapter_name="kept")
+    pipe.set_adapters(["trained", "kept"], [1.0, 1.0])
+    ref = images(pipe)
+    assert relative_difference(ref, trained) > 100 * REORDERED  # the kept layers show in the images
+    assert relative_difference(trained, base) > 100 * REORDERED
+    return {**made, "kept": kept, "ref": ref, "trained": trained, "base_images": base, "trained_only": trained_only}
+
+
+def rewrite_as_run(run: dict) -> Path:
+    """The run's lora/ written again as the trainer writes it at its end (UNetFamily.save_lora, its caller's kept
+    layers: read_kept of the run folder), from the peft adapter the LoRA file holds."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from lowmem_alignprop.models.family import UNetFamily
+    from lowmem_alignprop.models.kept_lora import read_kept
+    from lowmem_alignprop.models.loading import add_lora, lora_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(run["base"] / "unet")
+    add_lora(unet, RANK, ALPHA, 0, "attention")
+    unet.load_lora_adapter(str(run["trained_only"]), weight_name="pytorch_lora_weights.safetensors",
+                           adapter_name="loaded", prefix="unet")
+    with torch.no_grad():  # the trained values into the adapter "default" the run saves
+        for name, p in unet.named_parameters():
+            if ".default." in name:
+                p.copy_(unet.get_parameter(name.replace(".default.", ".loaded.")))
+    unet.delete_adapters("loaded")
+    UNetFamily(None).save_lora(StableDiffusionPipeline, unet, lora_state_dict(unet), run["lora"], read_kept(run["run"]))
+    return run["lora"]
+
+
+def test_the_runs_lora_loads_base_kept_and_trained(run):
+    """lora/ as the trainer writes it holds the kept layers: diffusers' load_lora_weights of the folder alone renders
+    what the two adapters render (the kept layers' own ranks and scale 1, the trained layers' scale 2)."""
+    from safetensors import safe_open
+
+    folder = rewrite_as_run(run)
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {k for k in run["kept"] if k.startswith("text_encoder.")} <= keys
+    assert "unet.down_blocks.0.resnets.0.conv1.lora.down.weight" in keys  # (the trained layers' layout)
+    pipe = base_pipe(run["base"])
+    pipe.load_lora_weights(str(folder))
+    assert relative_difference(images(pipe), run["ref"]) < REORDERED
