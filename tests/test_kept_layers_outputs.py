@@ -5,7 +5,6 @@ LoRA and the kept file as two adapters does."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +107,59 @@ def test_the_runs_lora_loads_base_kept_and_trained(run):
     pipe = base_pipe(run["base"])
     pipe.load_lora_weights(str(folder))
     assert relative_difference(images(pipe), run["ref"]) < REORDERED
+
+
+@pytest.fixture(scope="module")
+def run_lora(run):
+    """The run's lora/ as the trainer writes it (with the kept layers)."""
+    return rewrite_as_run(run)
+
+
+def test_read_lora_keeps_the_kept_layers_apart(run, run_lora):
+    """read_lora of such a lora/: the trained layers and config as the run trained them (rank 4, alpha 8, the
+    attention targets), the kept ones apart, as the file had them (it refused the text encoder's keys before)."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+
+    lora = read_lora(str(run_lora))
+    assert sorted(lora.kept) == sorted(run["kept"])
+    assert all(torch.equal(lora.kept[k], run["kept"][k]) for k in run["kept"])
+    assert lora.config["r"] == RANK and lora.config["lora_alpha"] == ALPHA
+    assert sorted(lora.config["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert not lora.config["rank_pattern"] and not lora.config["alpha_pattern"]
+    assert len(lora.modules) == 32 and all(lora.scale(m) == ALPHA / RANK for m in lora.modules)
+
+
+def test_a_diffusers_export_loads_base_kept_and_trained(run, run_lora, tmp_path):
+    out = export(tmp_path, run_lora, "--format", "diffusers")
+    pipe = base_pipe(run["base"])
+    pipe.load_lora_weights(str(out))
+    assert relative_difference(images(pipe), run["ref"]) < REORDERED
+
+
+def test_a_kohya_export_holds_the_kept_layers_in_kohya_names(run, run_lora, tmp_path):
+    """The kept layers in kohya's names, scale folded: alpha = rank (the conv 4-D), beside the trained layers."""
+    from safetensors.torch import load_file
+
+    out = export(tmp_path, run_lora, "--format", "kohya")
+    [file] = out.glob("*.safetensors")
+    tensors = load_file(str(file))
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape == (3, 32, 3, 3)
+    assert torch.equal(tensors[f"{conv}.lora_up.weight"],
+                       run["kept"]["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"])
+    assert tensors[f"{conv}.alpha"].item() == 3.0
+    assert tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha"].item() == 5.0
+    te = [k for k in tensors if k.startswith("lora_te_") and k.endswith(".alpha")]
+    assert te == ["lora_te_encoder_layers_0_self_attn_q_proj.alpha"] and tensors[te[0]].item() == 2.0
+    assert sum(k.endswith(".alpha") for k in tensors) == 32 + 3
+
+
+def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, capsys):
+    from lowmem_alignprop.cli import main
+
+    assert main(["export", "--lora", str(run_lora), "--out", str(tmp_path / "out"), "--format", "peft"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --format peft: {run_lora} also holds 3 layers its run kept as its --init-lora had them "
+                   "(text encoders, convolutions), which a peft adapter of the UNet cannot hold: export --format "
+                   "diffusers or --format kohya"]
+    assert not (tmp_path / "out").exists()

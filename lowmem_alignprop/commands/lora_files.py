@@ -65,6 +65,9 @@ class Lora:
     family: str = "unet"            # unet (SD 1.x/2.x/SDXL), sd3 (SD3/SD3.5) or flux (FLUX.1): which denoiser
     origin: Path | None = None      # what was named when it is not ``path``: a checkpoint, read into a temporary lora/
     starts: int | None = None       # a checkpoint's: how many of the run's starts (command.txt lines) it holds
+    # the layers its run kept as its --init-lora had them (models/kept_lora.py), in diffusers' names with the
+    # component's prefix (unet., text_encoder., text_encoder_2.), peft's lora_A/lora_B, scale 1; {} for most LoRAs
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def flow(self) -> bool:
@@ -216,6 +219,11 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
         raise UserError(f"--lora {spec}: {not_safetensors(file, e)}: export from a complete lora/ folder (train "
                         "again, or copy it again)") from None
     component = denoiser_component(bool(raw) and all(k.startswith("transformer.") for k in raw))
+    from lowmem_alignprop.models.kept_lora import KEPT_COMPONENTS, split_kept
+
+    encoders = () if component != "unet" else tuple(f"{c}." for c in KEPT_COMPONENTS[1:])  # kept layers' (a run's)
+    kept = {k: v for k, v in raw.items() if k.startswith(encoders)} if encoders else {}
+    raw = {k: v for k, v in raw.items() if k not in kept}
     others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:
         raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "
@@ -230,6 +238,11 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
         raise UserError(f"--lora {spec}: {file.name} holds {quote(bad[0])}, which is not a LoRA A/B weight: only "
                         "plain LoRA adapters export")
     config = _adapter_config(header, spec, component)
+    weights, config, kept_unet = split_kept(component, weights, config)  # the run's kept layers: as they came
+    kept = {**kept_unet, **kept}
+    if kept and not weights:
+        raise UserError(f"--lora {spec}: {file.name} holds no trained layers, only kept ones: export from a "
+                        "complete lora/ folder")
     for name in sorted(weights):
         a_key = name.replace(".lora_B.", ".lora_A.")
         b_key = name.replace(".lora_A.", ".lora_B.")
@@ -252,7 +265,7 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
             raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "
                             "lora/ folder") from None
     run = path.parent if any((path.parent / n).is_file() for n in (CONFIG_FILE, SUMMARY_FILE)) else None
-    lora = Lora(path=path, weights=weights, config=config, base=base, run=run)
+    lora = Lora(path=path, weights=weights, config=config, base=base, run=run, kept=kept)
     if run is not None:
         lora.run_config, lora.summary = read_run(run)
         if path.name == BEST_DIR and (path / BEST_FILE).is_file():

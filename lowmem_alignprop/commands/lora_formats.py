@@ -42,7 +42,25 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
         name = kohya_name(module)
         rank = converted[f"{name}.lora_down.weight"].shape[0]
         converted[f"{name}.alpha"] = torch.tensor(lora.scale(module) * rank, dtype=torch.float32)
+    converted.update(kohya_kept(lora.kept))
     return {k: v.contiguous() for k, v in converted.items()}
+
+
+def kohya_kept(kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A run's kept layers (``Lora.kept``: scale folded in) in kohya's names: ``lora_unet_`` for the UNet's (a conv's
+    4-D), ``lora_te_`` for SD's text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two; alpha = rank (scale 1)."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+    if any(k.startswith("text_encoder_2.") for k in kept):
+        prefixes["text_encoder"] = "lora_te1_"
+    out = {}
+    for key, value in kept.items():
+        component, _, name = key.partition(".")
+        module, _, part = name.rpartition(".lora_")
+        stem = prefixes[component] + module.replace(".", "_")
+        out[f"{stem}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
+        if part.startswith("A"):
+            out[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]), dtype=torch.float32)
+    return out
 
 
 def kohya_name(module: str) -> str:
