@@ -163,3 +163,17 @@ def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, 
                    "(text encoders, convolutions), which a peft adapter of the UNet cannot hold: export --format "
                    "diffusers or --format kohya"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_merged_export_fuses_the_kept_text_encoder_layers_too(run, run_lora, tmp_path):
+    """export --merge: the merged model renders what base + the LoRA folder loaded renders (the text encoder's kept
+    layer fused too: fuse_lora of the UNet alone dropped it)."""
+    out = export(tmp_path, run_lora, "--merge")
+    merged = images(base_pipe(out))
+    assert relative_difference(merged, run["ref"]) < 1e-3
+    # the kept text-encoder layer shows in the merged text encoder's weights
+    from safetensors.torch import load_file
+    base_te = load_file(str(next((run["base"] / "text_encoder").glob("*.safetensors"))))
+    merged_te = load_file(str(next((out / "text_encoder").glob("*.safetensors"))))
+    changed = [k for k in base_te if not torch.equal(base_te[k], merged_te[k])]
+    assert changed == [next(k for k in base_te if k.endswith("layers.0.self_attn.q_proj.weight"))]

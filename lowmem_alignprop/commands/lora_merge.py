@@ -232,7 +232,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     load_adapters(pipe, [adapter], spec)  # a LoRA of other layer shapes: one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe.fuse_lora(lora_scale=weight, components=[lora.component], adapter_names=["alignprop"])
+        # with the text encoders' layers its run kept as its --init-lora had them (lora.kept), else they were dropped
+        encoders = sorted({k.split(".", 1)[0] for k in lora.kept} - {lora.component})
+        pipe.fuse_lora(lora_scale=weight, components=[lora.component, *encoders], adapter_names=["alignprop"])
         pipe.unload_lora_weights()
     return pipe, record
 
