@@ -1000,35 +1000,27 @@ def test_a_torch_file_of_a_dict_with_other_keys_than_names_is_one_line_not_a_tra
 
 
 @pytest.mark.parametrize("conv", ["down_blocks_0_resnets_0_conv1", "down_blocks_1_attentions_0_proj_in"])
-def test_init_lora_with_convolution_layers_is_one_line_before_the_model_loads(conv, made_lora, tmp_path, capsys,
-                                                                               monkeypatch, fresh_log_handlers):
-    """A LoCon (3x3 convolutions) or an SD 1.x kohya LoRA of sd-scripts' default layers (the 1x1 proj_in / proj_out):
-    no layer this trainer trains is a convolution. It was refused only after the model loaded, naming one layer
-    ("adapts down_blocks.0.resnets.0.conv1, a layer this run does not train"); now from the file, counting them."""
+def test_init_lora_with_convolution_layers_of_any_rank_passes_the_check_before_the_model_loads(conv, made_lora,
+                                                                                                tmp_path):
+    """A LoCon (3x3 convolutions) or an SD 1.x kohya LoRA of sd-scripts' default layers (the 1x1 proj_in / proj_out)
+    was refused ("adapts 2 convolution layers"): a UNet run now keeps those layers as they came (fused into the
+    frozen base: tests/test_init_lora_kept.py), and their rank (8 here) is not the run's to match: the check says the
+    rank of the attention layers it trains (4)."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import train_setup
-    from lowmem_alignprop.settings.errors import quote
+    from lowmem_alignprop.commands.init_lora import check_init_lora, lora_file_ranks
 
-    monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
     kernel = 3 if "conv" in conv else 1
     for i in range(2):  # (two blocks' layers)
         name = f"lora_unet_{conv.replace('_0_', f'_{i}_', 1)}"
-        weights[f"{name}.lora_down.weight"] = torch.randn(4, 32, kernel, kernel)
-        weights[f"{name}.lora_up.weight"] = torch.randn(32, 4, 1, 1)
+        weights[f"{name}.lora_down.weight"] = torch.randn(8, 32, kernel, kernel)
+        weights[f"{name}.lora_up.weight"] = torch.randn(32, 8, 1, 1)
         weights[f"{name}.alpha"] = torch.tensor(4.0)
     spec = tmp_path / "locon.safetensors"
     save_file(weights, str(spec))
-    out = tmp_path / "run"
-    first = sorted(k for k in weights if k.endswith(".lora_down.weight") and weights[k].ndim == 4)[0]
-    assert_refused(main, ["--profile", "cpu", "--steps", "1", "--set", "sample_prompts=0", "--init-lora", str(spec),
-                          "--output-dir", str(out)],
-                   f"--init-lora {spec} adapts 2 convolution layers (e.g. {quote(first)}: a LoCon's, or SD 1.x's "
-                   "proj_in / proj_out): this trainer trains and exports LoRA on the linear attention (and "
-                   "feed-forward) layers only and cannot start from them; pass a LoRA without convolution layers",
-                   out, capsys)
+    file = check_init_lora(str(spec), 4, "tiny")
+    assert lora_file_ranks(file, str(spec)) == {4}
 
 
 def test_plan_takes_init_lora_and_checks_it_as_training_does(made_lora, made_ff_lora, tmp_path, capsys):

@@ -4,6 +4,7 @@ peft adapter folder), found and checked before any model loads, then copied into
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -159,10 +160,32 @@ def _damaged(spec: str, file: Path, e: Exception) -> UserError:
                      "checkpoint")
 
 
-def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int]:
-    """The ranks of a LoRA file's layers, from its header alone. A file of no LoRA, one that also adapts the text
-    encoder (AlignProp trains the UNet's LoRA only) or feed-forward layers a run of ``layers`` does not train
-    raises UserError."""
+def trains_layer(path: str, layers: str, flow: bool) -> bool:
+    """Whether a run of ``layers`` (config lora_layers) trains the layer at ``path``: a module path of the denoiser
+    (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``) or a LoRA file's layer name in diffusers' or
+    kohya's names (``lora_unet_..._attn1_to_q``), by peft's suffix rule on :func:`lora_targets` (the one rule: what
+    ``--init-lora`` starts training from, and what it keeps as it came). A text encoder's layer is never trained."""
+    from lowmem_alignprop.models.lora_layers import lora_targets, peft_exclude
+
+    if path.startswith(_TEXT_ENCODER_KEYS):
+        return False
+    targets = lora_targets(layers, flow)
+    name = path.replace(".", "_")
+    return name != peft_exclude(targets) and any(name == t or name.endswith("_" + t)
+                                                 for t in (t.replace(".", "_") for t in targets))
+
+
+def _layer_name(key: str) -> str:
+    return next(key.removesuffix(s) for s in _DOWN_KEYS if key.endswith(s))
+
+
+def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool = False,
+                    quant: str = "none") -> set[int]:
+    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (:func:`trains_layer`), from its header
+    alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its other
+    layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's) are kept as they came, fused
+    into the frozen base, for a UNet (``flow`` False); an SD3/FLUX run refuses them. ``quant``: the base's storage
+    (base_quant): an int8/nf4 UNet's Linear layers cannot take a kept layer's delta (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
@@ -175,13 +198,13 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
         raise UserError(f"--init-lora {spec} is a DoRA (its magnitude vectors, e.g. {quote(dora[0])}): this trainer "
                         "trains plain LoRA and cannot start from one; pass a plain LoRA")
     text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
-    if text:
+    if text and flow:
         raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
                         "UNet LoRA only; pass a UNet-only LoRA")
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
         raise UserError(f"--init-lora {spec} {other}")
     conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4)
-    if conv:  # (no layer this trainer adapts is a convolution: refused after the model loaded, naming one layer)
+    if conv and flow:  # (SD3/FLUX: no layer this trainer adapts is a convolution)
         raise UserError(f"--init-lora {spec} adapts {len(conv)} convolution layer{'s' if len(conv) > 1 else ''} (e.g. "
                         f"{quote(conv[0])}: a LoCon's, or SD 1.x's proj_in / proj_out): this trainer trains and "
                         "exports LoRA on the linear attention (and feed-forward) layers only and cannot start from "
@@ -190,12 +213,18 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention") -> set[int
     if ff and layers == "attention":
         raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
                         "is on the attention projections: add --set lora_layers=attention+ff")
-    ranks = {s[0] for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
-    if not ranks:
+    downs = {k: s for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
+    if not downs:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
                         "LoRA of this base model (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
+    trained = {k: s for k, s in downs.items() if flow or trains_layer(_layer_name(k), layers, flow)}
+    linear = sorted(k for k, s in downs.items() if k not in trained and len(s) == 2 and k not in text)
+    if linear and quant in ("int8", "nf4"):  # (bitsandbytes' weights: a delta added to them would be rounded away)
+        raise UserError(f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "
+                        f"UNet this run does not train (e.g. {quote(linear[0])}), kept as they came by adding them "
+                        f"into the frozen base, which base_quant={quant} stores quantized: add --set base_quant=none")
     _check_finite(file, spec)
-    return ranks
+    return {s[0] for s in trained.values()}
 
 
 def _check_finite(file: Path, spec: str) -> None:
@@ -209,18 +238,22 @@ def _check_finite(file: Path, spec: str) -> None:
                         f"(e.g. in {quote(key)}; the run that made it diverged): pass another LoRA")
 
 
-def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention") -> Path:
-    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` and of
-    ``model``'s family as far as its files tell (a FLUX.1 LoRA for SD3, a UNet's for FLUX.1). Raises UserError."""
+def check_init_lora(spec: str, rank: int, model: str, components: str = "", layers: str = "attention",
+                    quant: str = "none") -> Path:
+    """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` (the layers it
+    trains: the others are kept, :func:`lora_file_ranks`) and of ``model``'s family as far as its files tell (a
+    FLUX.1 LoRA for SD3, a UNet's for FLUX.1); ``quant``: the run's base_quant. Raises UserError."""
     from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files
+    from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
 
     file = init_lora_file(spec)
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     check_lora_files([lora], model, components, "--init-lora")
     other = trained_on(spec, file, model)
     try:
-        ranks = lora_file_ranks(file, spec, layers)
-        if ranks != {rank}:
+        flow = model_kind_of(model, components) in FLOW_KINDS or lora.model in ("sd3", "flux", "transformer")
+        ranks = lora_file_ranks(file, spec, layers, flow, quant)
+        if ranks and ranks != {rank}:
             theirs = "/".join(map(str, sorted(ranks)))
             raise UserError(f"--init-lora {spec} has rank {theirs} and this run trains rank {rank}: "
                             + (f"add --set lora_rank={theirs}" if len(ranks) == 1 else "pass a LoRA of one rank"))
@@ -231,19 +264,22 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
 
 def check_fits_meta_model(cfg, file: Path) -> str:
     """``plan --init-lora``: the LoRA ``file`` (:func:`check_init_lora`'s) loaded onto ``cfg.model`` built on the meta
-    device (its shapes, no weights), as training loads it onto the real one (:func:`start_from_lora`): a LoRA of
-    another model of the same family (other widths) is refused with training's line, not planned as FITS. Returns
-    the line plan says of it (its rank and the layers taken)."""
+    device (its shapes, no weights), as training loads it onto the real one (:func:`split_init_lora`,
+    :func:`start_from_lora`): a LoRA of another model of the same family (other widths) is refused with training's
+    line, not planned as FITS. Returns the line plan says of it (its rank, the layers taken and those kept: fused
+    into the base, they cost no memory)."""
     from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.family import family_for
 
     comps = meta_components(cfg, torch.float32)  # (copies of the planner's cached meta model: ~0.2 s for SD1.5)
     family = family_for(comps)
+    split = split_init_lora(family.make_pipeline(comps), file, cfg.init_lora, cfg.lora_layers, cfg.model)
     family.add_lora(comps.unet, cfg)
-    copied, trained = start_from_lora(family.make_pipeline(comps), comps.unet, file, cfg.init_lora, cfg.lora_layers,
-                                      cfg.model)
-    return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}; training starts "
-            "from it")
+    copied, trained = start_from_lora(comps.unet, split, cfg.init_lora, cfg.lora_layers)
+    kept = sum(split.kinds.values())
+    return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}"
+            + (f"; {kept} more kept as they came, fused into the frozen base (no memory)" if kept else "")
+            + "; training starts from it")
 
 
 def layers_taken(copied: int, trained: int) -> str:
@@ -309,35 +345,116 @@ def other_sampler(spec: str, file: Path, run: dict, eta: float) -> str | None:
             " trains as its run did")
 
 
+@dataclasses.dataclass
+class InitLora:
+    """``--init-lora``'s LoRA split by the layers the run trains (:func:`trains_layer`): ``trained``, module path of
+    the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
+    other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
+    into B (:func:`write_kept_layers`); ``kinds``: how many of those are a text encoder's, convolutions, other."""
+    trained: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    kept: dict[str, torch.Tensor]
+    kinds: dict[str, int]
+
+    def kept_line(self, spec: str) -> str:
+        """The log line of a LoRA with kept layers ("" with none)."""
+        if not self.kept:
+            return ""
+        kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items())
+        return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {sum(self.kinds.values())} layers "
+                f"kept as they came ({kinds}), fused into the frozen base")
+
+
 @torch.no_grad()
-def start_from_lora(pipe, unet, file: Path, spec: str, layers: str = "attention", model: str = "") -> tuple[int, int]:
-    """Make the adapter being trained ("default") compute what the LoRA in ``file`` does: diffusers loads it (its
-    own converters read the diffusers and kohya layouts, its alphas included) as a second adapter, whose A is
-    copied and whose B is copied times its scale over ours; then that adapter goes. Layers the LoRA leaves out
-    keep B = 0 (no change). A LoRA of another model raises UserError. Returns the number of layers copied and of the
-    layers the adapter trains (:func:`layers_taken`)."""
+def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", model: str = "") -> InitLora:
+    """Before the run's LoRA is added (and before anything reads the base: prompts, fp8/int8 storage, block swap):
+    diffusers loads ``file`` onto the pipeline as adapter "init" (its own converters read the diffusers and kohya
+    layouts, alphas, text encoders and convolutions included); the layers the run trains are remembered (A, B times
+    its scale), every other layer's delta (peft's get_delta_weight) is added into its frozen base weight (in fp32,
+    rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX run refuses a layer
+    it does not train, a LoRA of another model raises UserError."""
     from lowmem_alignprop.commands.evaluate import load_adapter_file
     from lowmem_alignprop.models.lora_layers import lora_targets
 
-    load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
-                      "it was made for another base model: pass that model with --model, or another --init-lora"
-                      + (trained_on(spec, file, model) if model else ""))
-    copied, flow = 0, not hasattr(unet, "down_blocks")  # a UNet has down blocks, SD3/FLUX transformers none
-    for name, module in unet.named_modules():
-        if INIT_ADAPTER not in getattr(module, "lora_A", {}):
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    flow, fix = denoiser == "transformer", ("it was made for another base model: pass that model with --model, or "
+                                            "another --init-lora" + (trained_on(spec, file, model) if model else ""))
+    widths = {n: tuple(p.shape) for n, p in getattr(pipe, denoiser).named_parameters()}
+    load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}", fix)
+    _check_not_widened(getattr(pipe, denoiser), widths, spec, fix)
+    split = InitLora({}, {}, {"text encoder": 0, "convolutions": 0, "other": 0})
+    for part, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
             continue
-        if "default" not in module.lora_A:
+        for name, module in component.named_modules():
+            if INIT_ADAPTER not in getattr(module, "lora_A", {}):
+                continue
+            a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
+            scaled = b * module.scaling[INIT_ADAPTER]
+            if part == denoiser and trains_layer(name, layers, flow):
+                split.trained[name] = (a.detach().clone(), scaled.detach().clone())
+                continue
+            if flow:
+                raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its lora_layers: "
+                                f"{', '.join(lora_targets(layers, flow))}): pass a LoRA of those layers")
+            base = module.get_base_layer().weight
+            base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
+            split.kept[f"{part}.{name}.lora_A.weight"] = a.detach().float().contiguous()
+            split.kept[f"{part}.{name}.lora_B.weight"] = scaled.detach().float().contiguous()
+            split.kinds["text encoder" if part != denoiser else "convolutions" if a.dim() == 4 else "other"] += 1
+    pipe.unload_lora_weights()  # every layer of the "init" adapter, kept ones included: their base layers stay
+    return split
+
+
+def _check_not_widened(denoiser, widths: dict, spec: str, fix: str) -> None:
+    """FLUX's LoRA loader widens a bare layer to a LoRA's wider input (a Control LoRA's x_embedder) in silence: a
+    LoRA of another model of the family, refused as diffusers refuses other shapes where the layer has a LoRA."""
+    changed = {n.replace(".base_layer", ""): tuple(p.shape) for n, p in denoiser.named_parameters()
+               if ".base_layer." in n and widths.get(n.replace(".base_layer", ""), tuple(p.shape)) != tuple(p.shape)}
+    if changed:
+        name, theirs = next(iter(changed.items()))
+        raise UserError(f"--init-lora {spec} does not fit this model: {len(changed)} of its weights have other shapes "
+                        f"than this model's layers (e.g. {name.removesuffix('.weight')}: {list(theirs)} in the LoRA, "
+                        f"{list(widths[name])} here); {fix}")
+
+
+@torch.no_grad()
+def start_from_lora(unet, split: InitLora, spec: str, layers: str = "attention") -> tuple[int, int]:
+    """Make the adapter being trained ("default") compute what the layers of ``split`` the run trains did: A is
+    copied and B times its scale over ours. Layers the LoRA leaves out keep B = 0 (no change). Returns the number of
+    layers copied and of the layers the adapter trains (:func:`layers_taken`)."""
+    from lowmem_alignprop.models.lora_layers import lora_targets
+
+    flow = not hasattr(unet, "down_blocks")  # a UNet has down blocks, SD3/FLUX transformers none
+    for name, (a, scaled) in split.trained.items():
+        module = unet.get_submodule(name)
+        if "default" not in getattr(module, "lora_A", {}):
             raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its lora_layers: "
                             f"{', '.join(lora_targets(layers, flow))}): pass a LoRA of those layers")
-        a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
         ours_a, ours_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-        if a.shape != ours_a.shape or b.shape != ours_b.shape:
+        if a.shape != ours_a.shape or scaled.shape != ours_b.shape:
             raise UserError(f"--init-lora {spec}: layer {name} has rank {a.shape[0]}, this run's {ours_a.shape[0]}: "
                             f"add --set lora_rank={a.shape[0]}")
         ours_a.copy_(a)
-        ours_b.copy_(b * (module.scaling[INIT_ADAPTER] / module.scaling["default"]))  # the same scale * B @ A
-        copied += 1
+        ours_b.copy_(scaled / module.scaling["default"])  # the same scale * B @ A
     trained = sum("default" in getattr(m, "lora_A", {}) for m in unet.modules())
-    unet.set_adapter("default")  # the trained adapter active (and trainable) again, then the loaded one goes
-    unet.delete_adapters(INIT_ADAPTER)
-    return copied, trained
+    return len(split.trained), trained
+
+
+def write_kept_layers(split: InitLora, folder: Path) -> None:
+    """``folder``/kept_layers.safetensors (init_lora/, being written): the layers kept as they came, what diffusers'
+    ``load_lora_weights`` of the file alone adds (alpha = rank: each scale is in B); nothing where none is kept."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.filenames import KEPT_LAYERS_NAME
+    if split.kept:
+        save_file(split.kept, str(folder / KEPT_LAYERS_NAME), metadata={"format": "pt"})
+
+
+def kept_layers(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's ``init_lora/kept_layers.safetensors``: the layers of its --init-lora it kept as they came, fused into
+    its frozen base (diffusers' layout, scales in B); {} where it kept none."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+    file = Path(run_dir) / INIT_LORA_DIR / KEPT_LAYERS_NAME
+    return load_file(str(file)) if file.is_file() else {}

@@ -33,7 +33,8 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
         from lowmem_alignprop.commands.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
                                                          other_sampler)
         from lowmem_alignprop.models.loading import check_before_load
-        file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers)
+        file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers,
+                               cfg.base_quant)
         sampler = check_before_load(cfg)  # (the model's files first: what the LoRA is fitted onto is what plan plans)
         taken = check_fits_meta_model(cfg, file)  # its shapes onto the model's, as training fits it after loading
         if sampler is not None and (other := other_sampler(cfg.init_lora, file, sampler, cfg.eta)):

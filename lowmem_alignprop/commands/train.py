@@ -203,6 +203,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         self.init_file: Path | None = None  # --init-lora's file, checked in setup()
         self.init_sha: str | None = None  # its digest
         self.init_source: dict | None = None  # the file the user named and its digest (init_lora/source.json)
+        self.init_kept = None  # its layers the run does not train, fused into the base (init_lora.InitLora)
         self.sample_prompts = prompts[: cfg.sample_prompts]
         # the toy world's exact evaluators judge these
         self.judge_prompts = judged_prompts(cfg.model, prompts, cfg.fidelity_images)
@@ -243,7 +244,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         with same_on_every_rank():
             try:
                 file = check_init_lora(self.cfg.init_lora, self.cfg.lora_rank, self.cfg.model,
-                                       self.cfg.model_components, self.cfg.lora_layers)
+                                       self.cfg.model_components, self.cfg.lora_layers, self.cfg.base_quant)
             except UserError as e:
                 if self.point is None:
                     raise

@@ -49,8 +49,9 @@ class RunRecords:
 
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``is_main``, ``accelerator``, ``device``, ``point``,
     ``start``, ``step``, ``refinish``, ``command``, ``profile_name``, ``prompts``, ``eval_prompts``, ``searched``,
-    ``init_file``, ``init_lora_copy``, ``init_source``, ``bare_unet``, ``optimizer``, ``engine``, ``gather``, ``rng``,
-    ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets ``history``,
+    ``init_file``, ``init_lora_copy``, ``init_source``, ``init_kept``, ``bare_unet``, ``optimizer``, ``engine``,
+    ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets
+    ``history``,
     ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``, ``eval_owed``,
     ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
 
@@ -154,6 +155,9 @@ class RunRecords:
             if self.init_file is not None and self.init_file != self.init_lora_copy:
                 with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
                     shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
+                    if self.init_kept is not None:  # the layers kept as they came (fused into the frozen base)
+                        from lowmem_alignprop.commands.init_lora import write_kept_layers
+                        write_kept_layers(self.init_kept, tmp)
                     if self.init_source is not None:  # the user's own file and its digest: the card's
                         (tmp / INIT_SOURCE_FILE).write_text(json.dumps(self.init_source, indent=1) + "\n",
                                                             encoding="utf-8")

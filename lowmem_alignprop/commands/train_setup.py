@@ -83,7 +83,7 @@ class RunSetup:
     ``comps``, ``family``, ``embed``, ``unet``, ``vae``, ``fingerprint``, ``params``, ``attention``, ``swap``,
     ``reward``, ``unet_train``, ``optimizer``, ``learning_rate``, ``pipe``, ``rank``, ``rank_seed``, ``rng``,
     ``scheduler``, ``bare_unet``, ``nograd_unet``, ``engine``, ``gather``, ``samples_here``,
-    ``render_together``, ``ema`` and ``held_out``."""
+    ``render_together``, ``ema``, ``held_out`` and ``init_kept``."""
 
     def missing_outputs(self) -> str | None:
         """A --resume of a run that ended (its last step, or an early stop) whose LoRA, summary or export_format's
@@ -178,23 +178,11 @@ class RunSetup:
                                             vae_revision=comps.vae_revision)
         if self.point is not None:
             ckpt.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
+        split = self.read_init_lora() if self.init_file is not None else None  # (kept layers: into the base)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
                                                             autocast=self.accelerator.native_amp)
-        if self.init_file is not None:  # --init-lora: the adapter starts as that LoRA (another model's: one line)
-            from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
-            taken = layers_taken(*start_from_lora(self.family.make_pipeline(comps), self.unet, self.init_file,
-                                                  cfg.init_lora, cfg.lora_layers, cfg.model))
-            if self.point is not None:  # a resume: the checkpoint's LoRA trains on (the one it started from is its
-                log.info("the run started from the LoRA %s (%s): the checkpoint's LoRA trains on",  # "before")
-                         cfg.init_lora if self.init_file != self.init_lora_copy else
-                         f"{cfg.init_lora}, its copy {self.init_file.parent}", taken)
-            else:
-                if (other := other_sampler(cfg.init_lora, self.init_file, dict(comps.scheduler.config), cfg.eta)) \
-                        and self.is_rank0():
-                    log.warning("%s", other)
-                log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
-                         "; kl_coeff keeps the run near the base model (its LoRA off), not near this LoRA: the KL "
-                         "starts above 0" if cfg.kl_coeff else "")
+        if split is not None:  # --init-lora: the adapter starts as that LoRA's trained layers
+            self.start_from_init_lora(split)
         # block_swap: N frozen blocks wait in pinned CPU memory and come to the device only while they run
         self.swap = install_block_swap(self.unet, cfg.block_swap, self.device)
         (self.swap.model_to(self.unet, self.device) if self.swap else self.unet.to(self.device)).train()
@@ -217,6 +205,38 @@ class RunSetup:
             self.unet, optimizer, device_placement=[False, False] if self.swap else None)
         self.learning_rate = LearningRate(optimizer, cfg)  # (the bare optimizer: DeepSpeed steps its param groups)
         self.pipe = self.family.make_pipeline(comps)
+
+    def read_init_lora(self):
+        """--init-lora's LoRA read onto the loaded models before anything else reads them (after the base's
+        fingerprint, which the exports read): the layers the run trains remembered, the others fused into the frozen
+        base (``init_kept``: what init_lora/ keeps of them). A resume fuses them again from the run's copy."""
+        from lowmem_alignprop.commands.init_lora import split_init_lora
+
+        split = split_init_lora(self.family.make_pipeline(self.comps), self.init_file, self.cfg.init_lora,
+                                self.cfg.lora_layers, self.cfg.model)
+        self.init_kept = split
+        if split.kept and self.is_rank0():
+            log.info("%s", split.kept_line(self.cfg.init_lora))
+        return split
+
+    def start_from_init_lora(self, split) -> None:
+        from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
+
+        cfg = self.cfg
+        taken = layers_taken(*start_from_lora(self.unet, split, cfg.init_lora, cfg.lora_layers))
+        if self.point is not None:  # a resume: the checkpoint's LoRA trains on (the one it started from is its
+            log.info("the run started from the LoRA %s (%s): the checkpoint's LoRA trains on",  # "before")
+                     cfg.init_lora if self.init_file != self.init_lora_copy else
+                     f"{cfg.init_lora}, its copy {self.init_file.parent}", taken)
+            return
+        if (other := other_sampler(cfg.init_lora, self.init_file, dict(self.comps.scheduler.config), cfg.eta)) \
+                and self.is_rank0():
+            log.warning("%s", other)
+        base = "the base model with the LoRA's kept layers (the trained LoRA off)" if split.kept else \
+            "the base model (its LoRA off)"
+        log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
+                 f"; kl_coeff keeps the run near {base}, not near this LoRA: the KL starts above 0"
+                 if cfg.kl_coeff else "")
 
     def prompt_set(self) -> set[str]:
         """Every prompt the run will use: the encoder's set never grows (SD3/FLUX free their text encoders once it

@@ -1,0 +1,245 @@
+"""``--init-lora`` of a civitai/kohya SD1.5-style LoRA that also adapts layers this trainer does not train (the
+text encoder, 1x1 and 3x3 convolutions, the resnets' time_emb_proj): the attention layers start the trained
+adapter, every other layer is kept as it came, fused into the frozen base before anything reads it, and written to
+``init_lora/kept_layers.safetensors`` (diffusers' layout, each scale folded into B)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from numerics import EPS32, REORDERED, SAME_OPS, assert_rel_close, relative_difference
+
+from lowmem_alignprop.settings.errors import UserError
+
+PROMPTS = ["a cat", "a red dog"]
+SEED = 31
+RANK = 4
+# kohya layer name -> (its module in the pipeline, its alpha): per-layer alphas as sd-scripts' resize writes them
+TEXT = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+TEXT_OUT = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"  # (diffusers' kohya reader needs an out_proj)
+CONV3 = "lora_unet_down_blocks_0_resnets_0_conv1"
+CONV1 = "lora_unet_down_blocks_1_attentions_0_proj_in"
+TIME = "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
+ATTENTION_PATHS = [f"{block}.attentions.0.transformer_blocks.0.attn{i}.{proj}" for block in ("down_blocks.1",
+                   "up_blocks.0") for i in (1, 2) for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+ATTENTION = {"lora_unet_" + path.replace(".", "_"): path for path in ATTENTION_PATHS}
+KEPT = {TEXT: ("text_encoder", "encoder.layers.0.self_attn.q_proj", 2.0),
+        TEXT_OUT: ("text_encoder", "encoder.layers.0.self_attn.out_proj", 4.0),
+        CONV3: ("unet", "down_blocks.0.resnets.0.conv1", 8.0),
+        CONV1: ("unet", "down_blocks.1.attentions.0.proj_in", None),  # (no alpha: alpha = rank)
+        TIME: ("unet", "down_blocks.0.resnets.0.time_emb_proj", 1.0)}
+
+
+def _cfg(out, *extra):
+    from lowmem_alignprop.cli import common_parser, config_from_args
+
+    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(out), "--set", "sample_steps=3",
+                                               "--set", "k=1", "--set", "sample_prompts=2", *extra])
+    return config_from_args(args)[1]
+
+
+def _trainer(cfg):
+    """A trainer set up to its first step, as train sets it up (the LoRA checked before the model loads)."""
+    from lowmem_alignprop.commands.init_lora import check_init_lora
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
+    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
+                                        cfg.lora_layers, cfg.base_quant)
+    trainer.setup_accelerator()
+    trainer.load_models()
+    trainer.setup_sampling()
+    return trainer
+
+
+def _module(comps, part, path):
+    return getattr(comps, part).get_submodule(path)
+
+
+def _images(comps, pipe, cfg):
+    from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, rollout
+
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        emb = encode_prompts(pipe, PROMPTS, "cpu", cfg.resolution)
+        comps.scheduler.set_timesteps(cfg.sample_steps)
+        lat = initial_latents(len(PROMPTS), comps.unet, comps.vae, cfg.resolution, g, "cpu")
+        lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                      generator=g)
+        return decode(comps.vae, lat)
+
+
+@pytest.fixture(scope="module")
+def civitai(tmp_path_factory, tiny_dir):
+    """A kohya-style LoRA of the tiny SD1.5-shaped model: rank-4 attention layers (alpha 8) and, of rank 2 (any rank
+    is kept), a text-encoder layer, a 3x3 and a 1x1 convolution and a time_emb_proj, each of its own alpha; the images
+    base + LoRA render with diffusers' own load_lora_weights (the reference), and the base's."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    folder = tmp_path_factory.mktemp("civitai")
+    cfg = _cfg(folder / "unused")
+    comps = load_components(cfg)
+    g = torch.Generator().manual_seed(7)
+    weights = {}
+    layers = {**{n: ("unet", path, 8.0, RANK) for n, path in ATTENTION.items()}, **{n: (*v, 2) for n, v in KEPT.items()}}
+    for name, (part, path, alpha, rank) in layers.items():
+        weight = _module(comps, part, path).weight
+        kernel = tuple(weight.shape[2:])
+        weights[f"{name}.lora_down.weight"] = 0.3 * torch.randn(rank, weight.shape[1], *kernel, generator=g)
+        weights[f"{name}.lora_up.weight"] = 0.3 * torch.randn(weight.shape[0], rank, *(1,) * len(kernel), generator=g)
+        if alpha is not None:
+            weights[f"{name}.alpha"] = torch.tensor(alpha)
+    file = folder / "civitai_lora.safetensors"
+    save_file(weights, str(file))
+    # what diffusers reads without its per-layer alphas (it applies the most common one to every layer): each
+    # alpha / rank folded into lora_up, no alpha (scale 1)
+    plain = {k: v * (float(weights.get(f"{k.split('.')[0]}.alpha", rank_of(k, weights))) / rank_of(k, weights)
+                     if k.endswith(".lora_up.weight") else 1) for k, v in weights.items() if not k.endswith(".alpha")}
+    save_file(plain, str(folder / "plain.safetensors"))
+    pipe = make_pipeline(comps)
+    base_images = _images(comps, pipe, cfg)
+    pipe.load_lora_weights(str(folder), weight_name="plain.safetensors")
+    return {"file": file, "plain": folder / "plain.safetensors", "weights": weights, "base": base_images,
+            "images": _images(comps, pipe, cfg)}
+
+
+def rank_of(key: str, weights: dict) -> int:
+    return weights[f"{key.split('.')[0]}.lora_down.weight"].shape[0]
+
+
+@pytest.fixture(scope="module")
+def started(civitai, tmp_path_factory):
+    """A run set up from the LoRA (--seed 5: its own A starts other than the LoRA's, so A must be copied)."""
+    return _trainer(_cfg(tmp_path_factory.mktemp("run") / "run", "--set", f"init_lora={civitai['file']}", "--seed",
+                         "5"))
+
+
+def test_step_0_renders_the_base_with_the_whole_lora_loaded_by_diffusers(civitai, started):
+    """The "before" images are base + kept + trained: what diffusers' load_lora_weights of the whole file renders.
+    Tolerance: the kept layers run fused, (W + s B A) x, where diffusers runs W x + s B (A x): the same products
+    summed in another order and rounded once more per kept layer (a few float32 eps relative to the terms), carried
+    through the UNet's tens of layers, 3 sampling steps and the VAE: the suite's REORDERED bound (about a thousand
+    eps), against a LoRA that moves the images by far more."""
+    assert relative_difference(civitai["images"], civitai["base"]) > 100 * REORDERED  # (the LoRA shows)
+    images = started.generate(PROMPTS, SEED)[0]
+    assert_rel_close(images, civitai["images"], REORDERED, "step 0 from a LoRA with kept layers")
+
+
+def test_the_trained_adapter_starts_as_the_files_attention_layers(civitai, started):
+    unet = started.bare_unet
+    for name, path in ATTENTION.items():
+        module = unet.get_submodule(path)
+        down, up = civitai["weights"][f"{name}.lora_down.weight"], civitai["weights"][f"{name}.lora_up.weight"]
+        assert torch.equal(module.lora_A["default"].weight, down), name
+        # alpha 8 over rank 4 in the file; the run's own scale (alpha = rank): B carries the ratio
+        assert_rel_close(module.lora_B["default"].weight * module.scaling["default"], up * 2, SAME_OPS, name)
+
+
+def test_no_lora_layer_is_left_on_a_kept_module(civitai, started):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lowmem_alignprop.commands.init_lora import trains_layer
+
+    comps = started.comps
+    assert not [n for n, m in comps.text_encoder.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert not getattr(comps.text_encoder, "peft_config", None)
+    wrapped = {n for n, m in started.bare_unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    # the run's own adapter, on the attention projections only (32: 4 transformer blocks x 2 attentions x 4)
+    assert wrapped == {n for n, _ in started.bare_unet.named_modules() if trains_layer(n, "attention", False)}
+    assert len(wrapped) == 32
+    assert set(started.bare_unet.peft_config) == {"default"}
+    for part, path, _ in KEPT.values():
+        module = _module(comps, part, path)
+        assert not isinstance(module, BaseTunerLayer) and not hasattr(module, "lora_A"), path
+
+
+def test_the_kept_layers_are_the_base_plus_their_delta(civitai, started, tiny_dir):
+    """The kept UNet convolutions' (and the other layers') weights are base + alpha / rank * up @ down, rounded once:
+    within the reordering of the rank-2 sum (peft computes a 3x3 conv's delta as a convolution) and one rounding of
+    the add: a few eps of the terms' size."""
+    from lowmem_alignprop.models.loading import load_components
+
+    base = load_components(_cfg(tiny_dir / "unused-never-written"))
+    for name, (part, path, alpha) in KEPT.items():
+        down, up = civitai["weights"][f"{name}.lora_down.weight"], civitai["weights"][f"{name}.lora_up.weight"]
+        scale = (alpha or 2) / 2
+        delta = (up.flatten(1) @ down.flatten(1)).view(_module(base, part, path).weight.shape) * scale
+        fused = _module(started.comps, part, path).weight
+        before = _module(base, part, path).weight
+        assert delta.abs().max() > 100 * EPS32 * before.abs().max(), path  # (the delta shows in the weights)
+        terms = (up.flatten(1).abs() @ down.flatten(1).abs()).view(delta.shape) * scale + before.abs()
+        assert ((fused - (before + delta)).abs() <= 4 * EPS32 * terms).all(), path
+
+
+def test_kept_layers_file_alone_plus_the_trained_part_is_the_whole_lora(civitai, started, tmp_path):
+    """init_lora/kept_layers.safetensors (written where the run writes its init_lora/ copy) loaded alone by diffusers,
+    with no metadata, plus the file's attention part, computes what the whole file does: UNet and text encoder."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from loras import unet_out
+
+    from lowmem_alignprop.commands.init_lora import kept_layers
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import make_pipeline
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    started.write_config()
+    file = started.out / INIT_LORA_DIR / KEPT_LAYERS_NAME
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    kept = kept_layers(started.out)
+    assert sorted(kept) == sorted(f"{part}.{path}.lora_{ab}.weight" for part, path, _ in KEPT.values()
+                                  for ab in "AB")
+    assert all(v.dtype == torch.float32 for v in kept.values())
+    assert kept_layers(tmp_path) == {}
+    attention = {k: v for k, v in civitai["weights"].items() if k.split(".")[0] in ATTENTION}
+    save_file(attention, str(tmp_path / "attention.safetensors"))
+
+    def outputs(*files):
+        comps = load_components(_cfg(tmp_path / "unused"))
+        pipe = make_pipeline(comps)
+        for i, f in enumerate(files):
+            pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=f"a{i}")
+        pipe.set_adapters([f"a{i}" for i in range(len(files))])
+        ids = pipe.tokenizer(PROMPTS, padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            return unet_out(comps.unet, False), comps.text_encoder(ids)[0]
+
+    whole, parts = outputs(civitai["plain"]), outputs(file, tmp_path / "attention.safetensors")
+    assert_rel_close(parts, whole, SAME_OPS, "kept_layers.safetensors + the attention part")
+
+
+def test_an_int8_base_refuses_a_kept_unet_linear_before_the_model_loads(civitai):
+    from lowmem_alignprop.commands.init_lora import check_init_lora
+    from lowmem_alignprop.settings.errors import quote
+
+    with pytest.raises(UserError) as e:
+        check_init_lora(str(civitai["file"]), RANK, "tiny", quant="int8")
+    assert str(e.value) == (f"--init-lora {civitai['file']} adapts 1 linear layer of the UNet this run does not train "
+                            f"(e.g. {quote(TIME + '.lora_down.weight')}), kept as they came by adding them into the frozen base, "
+                            "which base_quant=int8 stores quantized: add --set base_quant=none")
+    assert check_init_lora(str(civitai["file"]), RANK, "tiny", quant="fp8").is_file()  # (fp8 is applied after it)
+
+
+def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civitai, tmp_path):
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.init_lora import lora_file_ranks
+
+    from lowmem_alignprop.settings.errors import quote
+
+    spec = str(civitai["file"])
+    first = sorted(k for k in civitai["weights"] if k.startswith("lora_te"))[0]
+    with pytest.raises(UserError) as e:
+        lora_file_ranks(civitai["file"], spec, flow=True)
+    assert str(e.value) == (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(first)}): AlignProp trains "
+                            "a UNet LoRA only; pass a UNet-only LoRA")
+    convs = {k: v for k, v in civitai["weights"].items() if k.startswith((CONV1, CONV3))}
+    save_file(convs, str(tmp_path / "locon.safetensors"))
+    with pytest.raises(UserError, match=f"adapts 2 convolution layers \\(e.g. '{CONV3}.lora_down.weight': a LoCon's"):
+        lora_file_ranks(tmp_path / "locon.safetensors", str(tmp_path / "locon.safetensors"), flow=True)
+    assert lora_file_ranks(tmp_path / "locon.safetensors", "x") == set()  # (a UNet: kept, no layer trains from it)
