@@ -85,7 +85,8 @@ def civitai(tmp_path_factory, tiny_dir):
     comps = load_components(cfg)
     g = torch.Generator().manual_seed(7)
     weights = {}
-    layers = {**{n: ("unet", path, 8.0, RANK) for n, path in ATTENTION.items()}, **{n: (*v, 2) for n, v in KEPT.items()}}
+    layers = {**{n: ("unet", path, 8.0, RANK) for n, path in ATTENTION.items()},
+              **{n: (*v, 2) for n, v in KEPT.items()}}
     for name, (part, path, alpha, rank) in layers.items():
         weight = _module(comps, part, path).weight
         kernel = tuple(weight.shape[2:])
@@ -220,7 +221,8 @@ def test_an_int8_base_refuses_a_kept_unet_linear_before_the_model_loads(civitai)
     with pytest.raises(UserError) as e:
         check_init_lora(str(civitai["file"]), RANK, "tiny", quant="int8")
     assert str(e.value) == (f"--init-lora {civitai['file']} adapts 1 linear layer of the UNet this run does not train "
-                            f"(e.g. {quote(TIME + '.lora_down.weight')}), kept as they came by adding them into the frozen base, "
+                            f"(e.g. {quote(TIME + '.lora_down.weight')}), kept as they came by adding them into the "
+                            "frozen base, "
                             "which base_quant=int8 stores quantized: add --set base_quant=none")
     assert check_init_lora(str(civitai["file"]), RANK, "tiny", quant="fp8").is_file()  # (fp8 is applied after it)
 
