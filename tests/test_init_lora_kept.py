@@ -245,3 +245,31 @@ def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civi
     with pytest.raises(UserError, match=f"adapts 2 convolution layers \\(e.g. '{CONV3}.lora_down.weight': a LoCon's"):
         lora_file_ranks(tmp_path / "locon.safetensors", str(tmp_path / "locon.safetensors"), flow=True)
     assert lora_file_ranks(tmp_path / "locon.safetensors", "x") == set()  # (a UNet: kept, no layer trains from it)
+
+
+def test_a_resumed_run_fuses_the_kept_layers_again_and_ends_as_an_uninterrupted_one(civitai, tmp_path, capsys,
+                                                                                     fresh_log_handlers):
+    """A resume reads the run's init_lora/ copy and fuses its kept layers again: its LoRA after step 2 is the
+    uninterrupted run's, bit for bit (without the kept layers fused, its steps would see another base); the kept
+    file is left as it was. plan says the kept count (they cost no memory: fused)."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
+            "--checkpoint-every", "1", "--init-lora", str(civitai["file"])]
+    assert main([*args, "--steps", "2", "--output-dir", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--steps", "1", "--output-dir", str(tmp_path / "cut")]) == 0
+    kept = (tmp_path / "cut" / INIT_LORA_DIR / KEPT_LAYERS_NAME).read_bytes()
+    assert main(["--output-dir", str(tmp_path / "cut"), "--steps", "2", "--resume", "latest"]) == 0
+    assert (tmp_path / "cut" / INIT_LORA_DIR / KEPT_LAYERS_NAME).read_bytes() == kept
+    whole, cut = (load_file(str(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors")) for run in ("whole",
+                                                                                                           "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    capsys.readouterr()
+    assert main(["plan", "--profile", "cpu", "--init-lora", str(civitai["file"])]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {civitai['file']}: rank 4, 16 of the run's 32 layers; the other 16 (not in it) "
+                    "start at zero, as a fresh LoRA's; 5 more kept as they came, fused into the frozen base (no "
+                    "memory); training starts from it"], said
