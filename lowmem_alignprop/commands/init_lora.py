@@ -350,7 +350,7 @@ class InitLora:
     """``--init-lora``'s LoRA split by the layers the run trains (:func:`trains_layer`): ``trained``, module path of
     the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
     other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
-    into B (:func:`write_kept_layers`); ``kinds``: how many of those are a text encoder's, convolutions, other."""
+    into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`); ``kinds``: how many of those are a text encoder's, convolutions, other."""
     trained: dict[str, tuple[torch.Tensor, torch.Tensor]]
     kept: dict[str, torch.Tensor]
     kinds: dict[str, int]
@@ -439,22 +439,3 @@ def start_from_lora(unet, split: InitLora, spec: str, layers: str = "attention")
     trained = sum("default" in getattr(m, "lora_A", {}) for m in unet.modules())
     return len(split.trained), trained
 
-
-def write_kept_layers(split: InitLora, folder: Path) -> None:
-    """``folder``/kept_layers.safetensors (init_lora/, being written): the layers kept as they came, what diffusers'
-    ``load_lora_weights`` of the file alone adds (alpha = rank: each scale is in B); nothing where none is kept."""
-    from safetensors.torch import save_file
-
-    from lowmem_alignprop.run.filenames import KEPT_LAYERS_NAME
-    if split.kept:
-        save_file(split.kept, str(folder / KEPT_LAYERS_NAME), metadata={"format": "pt"})
-
-
-def kept_layers(run_dir: Path) -> dict[str, torch.Tensor]:
-    """A run's ``init_lora/kept_layers.safetensors``: the layers of its --init-lora it kept as they came, fused into
-    its frozen base (diffusers' layout, scales in B); {} where it kept none."""
-    from safetensors.torch import load_file
-
-    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
-    file = Path(run_dir) / INIT_LORA_DIR / KEPT_LAYERS_NAME
-    return load_file(str(file)) if file.is_file() else {}

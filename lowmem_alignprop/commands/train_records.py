@@ -156,8 +156,8 @@ class RunRecords:
                 with atomic.replacing_dir(self.init_lora_copy.parent) as tmp:
                     shutil.copyfile(self.init_file, tmp / self.init_lora_copy.name)
                     if self.init_kept is not None:  # the layers kept as they came (fused into the frozen base)
-                        from lowmem_alignprop.commands.init_lora import write_kept_layers
-                        write_kept_layers(self.init_kept, tmp)
+                        from lowmem_alignprop.models.kept_lora import write_kept
+                        write_kept(self.init_kept.kept, tmp)
                     if self.init_source is not None:  # the user's own file and its digest: the card's
                         (tmp / INIT_SOURCE_FILE).write_text(json.dumps(self.init_source, indent=1) + "\n",
                                                             encoding="utf-8")

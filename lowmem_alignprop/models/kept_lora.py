@@ -28,6 +28,17 @@ def read_kept(run: Path | None) -> dict[str, torch.Tensor]:
     return load_file(str(file)) if file is not None and file.is_file() else {}
 
 
+def write_kept(kept: dict[str, torch.Tensor], folder: Path) -> None:
+    """``folder``/kept_layers.safetensors (a run's init_lora/, being written): the layers kept as they came, what
+    diffusers' ``load_lora_weights`` of the file alone adds (alpha = rank: each scale is in B); nothing where none
+    is kept."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.filenames import KEPT_LAYERS_NAME
+    if kept:
+        save_file(kept, str(Path(folder) / KEPT_LAYERS_NAME), metadata={"format": "pt"})
+
+
 def by_component(kept: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``kept`` split by pipeline component, each part's keys without the component's prefix (peft's names)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
