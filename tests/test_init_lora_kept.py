@@ -273,3 +273,30 @@ def test_a_resumed_run_fuses_the_kept_layers_again_and_ends_as_an_uninterrupted_
     assert said == [f"--init-lora {civitai['file']}: rank 4, 16 of the run's 32 layers; the other 16 (not in it) "
                     "start at zero, as a fresh LoRA's; 5 more kept as they came, fused into the frozen base (no "
                     "memory); training starts from it"], said
+
+
+def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(civitai, tmp_path, tiny_dir):
+    """End to end: a run from the LoRA at lr 1e-30 (Adam's step, about lr per weight, is far under
+    a float32 ulp of weights near 0.3: its LoRA cannot move) writes a lora/ that a plain diffusers pipeline
+    loads (pipe.load_lora_weights(folder): the attention layers trained, the kept ones as they came) and that renders
+    what the LoRA it started from renders; so does its export --merge (a pipeline folder, text encoder fused). Both
+    sides load unfused layers; only each scale's place differs (folded into B, or applied at run time): REORDERED."""
+    from diffusers import StableDiffusionPipeline
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    run = tmp_path / "run"
+    assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
+                 "--set", "lr=1e-30", "--steps", "1", "--init-lora", str(civitai["file"]), "--output-dir", str(run)]) == 0
+    cfg = _cfg(tmp_path / "unused")
+    comps = load_components(cfg)
+    pipe = make_pipeline(comps)
+    pipe.load_lora_weights(str(run / "lora"))
+    assert_rel_close(_images(comps, pipe, cfg), civitai["images"], REORDERED, "the run's lora/ in diffusers")
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged"))
+    comps = load_components(_cfg(tmp_path / "unused2", "--model", str(tmp_path / "merged")))
+    assert_rel_close(_images(comps, make_pipeline(comps), cfg), civitai["images"], REORDERED, "export --merge")
+    assert merged.text_encoder is not None
