@@ -5,6 +5,8 @@ adapter, every other layer is kept as it came, fused into the frozen base before
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from numerics import EPS32, REORDERED, SAME_OPS, assert_rel_close, relative_difference
@@ -279,7 +281,8 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
     """End to end: a run from the LoRA at lr 1e-30 (Adam's step, about lr per weight, is far under
     a float32 ulp of weights near 0.3: its LoRA cannot move) writes a lora/ that a plain diffusers pipeline
     loads (pipe.load_lora_weights(folder): the attention layers trained, the kept ones as they came) and that renders
-    what the LoRA it started from renders; so does its export --merge (a pipeline folder, text encoder fused). Both
+    what the LoRA it started from renders; so do its export --merge (a pipeline folder, text encoder fused) and the
+    LoRA of its checkpoint copied out of the run folder (the checkpoint holds the kept layers' copy). Both
     sides load unfused layers; only each scale's place differs (folded into B, or applied at run time): REORDERED."""
     from diffusers import StableDiffusionPipeline
 
@@ -289,7 +292,7 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
 
     run = tmp_path / "run"
     assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
-                 "--set", "lr=1e-30", "--steps", "1", "--init-lora", str(civitai["file"]), "--output-dir", str(run)]) == 0
+                 "--set", "lr=1e-30", "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(civitai["file"]), "--output-dir", str(run)]) == 0
     cfg = _cfg(tmp_path / "unused")
     comps = load_components(cfg)
     pipe = make_pipeline(comps)
@@ -300,3 +303,9 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
     comps = load_components(_cfg(tmp_path / "unused2", "--model", str(tmp_path / "merged")))
     assert_rel_close(_images(comps, make_pipeline(comps), cfg), civitai["images"], REORDERED, "export --merge")
     assert merged.text_encoder is not None
+    moved = shutil.copytree(run / "checkpoints" / "step-00000001", tmp_path / "elsewhere" / "step-00000001")
+    assert main(["export", "--lora", str(moved), "--format", "diffusers", "--out", str(tmp_path / "from_ckpt")]) == 0
+    comps = load_components(cfg)
+    pipe = make_pipeline(comps)
+    pipe.load_lora_weights(str(tmp_path / "from_ckpt"))
+    assert_rel_close(_images(comps, pipe, cfg), civitai["images"], REORDERED, "a checkpoint copied out of its run")

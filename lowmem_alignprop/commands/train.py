@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import disk_space, faults, schedule
-from lowmem_alignprop.run.filenames import INIT_LORA_DIR, LORA_WEIGHT_NAME, PROMPTS_FILE, SAMPLES_DIR, step_grid_name
+from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
+                                             SAMPLES_DIR, step_grid_name)
 from lowmem_alignprop.run.rng_state import get_rng_state
 from lowmem_alignprop.run.runfolder import ResumePoint, RunFolder, metrics_line, started_commands
 from lowmem_alignprop.run.runlock import RunLock, global_rank, world_size
@@ -730,6 +732,14 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         512, schnell and SD3.5 256), for the model card's call (FluxPipeline takes 512 for schnell too)."""
         return {"t5_tokens": self.family.max_sequence_length(self.cfg)} if self.family.flow else {}
 
+    def checkpoint_files(self, folder: Path) -> None:
+        """A checkpoint's files beside the trainer's state: the EMA's, and a copy of init_lora/'s kept layers (a LoRA
+        written from a checkpoint copied out of its run holds them too)."""
+        if self.ema is not None:
+            self.ema.save(folder)
+        if (kept := self.out / INIT_LORA_DIR / KEPT_LAYERS_NAME).is_file():
+            shutil.copyfile(kept, folder / KEPT_LAYERS_NAME)
+
     def save_checkpoint(self, step: int) -> Path:
         """The run at ``step`` into checkpoints/ (``last_saved``: what a stop or an abort says is kept)."""
         self.stop.writing = step  # (an abort meanwhile cannot tell whether it was written whole)
@@ -749,6 +759,6 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 **self.t5_tokens(),
                                 **({"evaluation": {**self.held_out.state(), "held_out_sha": self.held_out_sha}}
                                    if self.held_out is not None else {})},
-                         write_extra=self.ema.save if self.ema is not None else None)
+                         write_extra=self.checkpoint_files)
         self.last_saved, self.stop.writing = step, None
         return path

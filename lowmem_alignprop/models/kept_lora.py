@@ -18,13 +18,15 @@ import torch
 KEPT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def read_kept(run: Path | None) -> dict[str, torch.Tensor]:
-    """The run's kept layers ({} when it kept none or ``run`` is None)."""
+def read_kept(run: Path | None, *, folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """The run's kept layers, from its init_lora/ (or ``folder``'s copy: a checkpoint's); {} when it kept none or
+    ``run`` is None."""
     from safetensors.torch import load_file
 
     from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
 
-    file = None if run is None else Path(run) / INIT_LORA_DIR / KEPT_LAYERS_NAME
+    where = folder if folder is not None else None if run is None else Path(run) / INIT_LORA_DIR
+    file = None if where is None else Path(where) / KEPT_LAYERS_NAME
     return load_file(str(file)) if file is not None and file.is_file() else {}
 
 

@@ -22,7 +22,7 @@ from lowmem_alignprop.models.block_loading import Placement
 from lowmem_alignprop.models.pipeline_load import load_pipeline, pipeline_root, snapshot_commit
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.hub import hub_message
-from lowmem_alignprop.run.filenames import CHECKPOINTS_DIR, LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, first_line
 from lowmem_alignprop.settings.hub_access import hub_file
@@ -622,10 +622,9 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
         from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
         StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=lora_metadata(config))
-    else:  # with the layers the run keeps as its --init-lora had them (its folder: RUN/checkpoints/step-N)
+    else:  # with the layers the run keeps as its --init-lora had them (the checkpoint holds their copy)
         from lowmem_alignprop.models.kept_lora import read_kept, save_with_kept
-        run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else None
-        kept = read_kept(run)
+        kept = read_kept(None, folder=checkpoint)
         from diffusers import StableDiffusionXLPipeline  # (the one with SDXL's second text encoder's argument)
         writer = StableDiffusionXLPipeline if any(k.startswith("text_encoder_2.") for k in kept) else \
             StableDiffusionPipeline
