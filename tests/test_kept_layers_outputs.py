@@ -5,6 +5,7 @@ LoRA and the kept file as two adapters does."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,41 @@ def test_a_merged_export_fuses_the_kept_text_encoder_layers_too(run, run_lora, t
     merged_te = load_file(str(next((out / "text_encoder").glob("*.safetensors"))))
     changed = [k for k in base_te if not torch.equal(base_te[k], merged_te[k])]
     assert changed == [next(k for k in base_te if k.endswith("layers.0.self_attn.q_proj.weight"))]
+
+
+def foreign_with_text_encoder(run: dict, folder: Path, te_config: dict) -> Path:
+    """A diffusers LoRA of another tool: the run's trained UNet layers and the kept fixture's text-encoder layer,
+    whose scale is in its own header config ``te_config`` (not one a run writes for the layers it keeps)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    trained = run["trained_only"] / "pytorch_lora_weights.safetensors"
+    with safe_open(str(trained), "pt") as f:
+        unet_meta = {k[5:]: v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()
+                     if k.startswith("unet.")}
+    unet = {k[5:]: v for k, v in load_file(str(trained)).items()}
+    te = {k[len("text_encoder."):]: v for k, v in run["kept"].items() if k.startswith("text_encoder.")}
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet, unet_lora_adapter_metadata=unet_meta,
+                                              text_encoder_lora_layers=te, text_encoder_lora_adapter_metadata=te_config)
+    return folder
+
+
+@pytest.mark.parametrize("te_config", [{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+                                       {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"],
+                                        "rank_pattern": {"^encoder.layers.0.self_attn.q_proj": 2},
+                                        "alpha_pattern": {"^encoder.layers.0.self_attn.q_proj": 4}}],
+                         ids=["own-config", "patterns-alpha-not-rank"])
+def test_text_encoder_layers_a_run_did_not_keep_are_refused(run, tmp_path, te_config):
+    """A foreign diffusers LoRA's text-encoder layers (their scale in their own header config, alpha != rank) are not
+    a run's kept layers (the ``^`` patterns with alpha = rank that save_with_kept writes): refused with the line
+    read_lora had for them, rather than exported at scale 1."""
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.settings.errors import UserError, quote
+
+    folder = foreign_with_text_encoder(run, tmp_path / "foreign", te_config)
+    with pytest.raises(UserError) as e:
+        read_lora(str(folder))
+    name = quote("text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight")
+    assert str(e.value) == (f"--lora {folder} holds layers outside the UNet or transformer (e.g. {name}): only "
+                            "LoRAs of the denoiser (what lowmem-alignprop trains) export")

@@ -219,11 +219,9 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
         raise UserError(f"--lora {spec}: {not_safetensors(file, e)}: export from a complete lora/ folder (train "
                         "again, or copy it again)") from None
     component = denoiser_component(bool(raw) and all(k.startswith("transformer.") for k in raw))
-    from lowmem_alignprop.models.kept_lora import KEPT_COMPONENTS, split_kept
+    from lowmem_alignprop.models.kept_lora import split_kept
 
-    encoders = () if component != "unet" else tuple(f"{c}." for c in KEPT_COMPONENTS[1:])  # kept layers' (a run's)
-    kept = {k: v for k, v in raw.items() if k.startswith(encoders)} if encoders else {}
-    raw = {k: v for k, v in raw.items() if k not in kept}
+    raw, kept = _kept_encoder_layers(raw, header, spec) if component == "unet" else (raw, {})
     others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:
         raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "
@@ -318,6 +316,20 @@ def _read_checkpoint(checkpoint: Path, spec: str) -> Lora:
         lora.summary.update(first_last_rewards(history, since, int(state.get("prompts_since") or 1)),
                             **({"reward_since_step": since} if since > 1 else {}))
     return lora
+
+
+def _kept_encoder_layers(raw: dict, header: dict[str, str], spec: str) -> tuple[dict, dict]:
+    """``raw`` without the text-encoder layers its run kept as its --init-lora had them, and those (the header's
+    config of each encoder marks them: models/kept_lora.py). Another tool's text-encoder layers (their scale in their
+    own config) stay in ``raw``: refused as outside the UNet, not exported at a scale they were not saved with."""
+    from lowmem_alignprop.models.kept_lora import KEPT_COMPONENTS, split_kept
+
+    kept: dict = {}
+    for encoder in KEPT_COMPONENTS[1:]:
+        layers = {k[len(encoder) + 1:]: v for k, v in raw.items() if k.startswith(encoder + ".")}
+        if layers and header.get("lora_adapter_metadata"):
+            kept.update(split_kept(encoder, layers, _adapter_config(header, spec, encoder))[2])
+    return {k: v for k, v in raw.items() if k not in kept}, kept
 
 
 def _adapter_config(header: dict[str, str], spec: str, component: str = "unet") -> dict[str, Any]:

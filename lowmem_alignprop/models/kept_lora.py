@@ -69,11 +69,18 @@ def with_kept_layers(config: dict | None, layers: dict[str, torch.Tensor]) -> di
     return out
 
 
+def marked_kept(config: dict) -> set[str]:
+    """The module paths ``config`` marks as kept layers (:func:`with_kept_layers`: a ``^<path>`` key in both
+    ``rank_pattern`` and ``alpha_pattern``, alpha = rank). Another tool's patterns (alpha != rank) mark none."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    return {k[1:] for k, r in ranks.items() if k.startswith("^") and k in alphas and alphas[k] == r}
+
+
 def split_kept(component: str, weights: dict, config: dict) -> tuple[dict, dict, dict]:
     """A LoRA file's ``component`` layers (peft names) and adapter config split into the trained ones and the kept
     ones (:func:`with_kept_layers`' ``^`` patterns): (trained weights, their config as the run wrote it, kept weights
     as ``component.<name>``)."""
-    kept = {k[1:] for k in (config.get("alpha_pattern") or {}) if k.startswith("^")}
+    kept = marked_kept(config)
     if not kept:
         return weights, config, {}
     trained_config = dict(config)
