@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -216,3 +217,46 @@ def test_text_encoder_layers_a_run_did_not_keep_are_refused(run, tmp_path, te_co
     name = quote("text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight")
     assert str(e.value) == (f"--lora {folder} holds layers outside the UNet or transformer (e.g. {name}): only "
                             "LoRAs of the denoiser (what lowmem-alignprop trains) export")
+
+
+def _sampled_with_cfg(tmp_path: Path, monkeypatch, lora: str) -> tuple[torch.Tensor, Callable]:
+    """`sample --lora LORA` of one prompt: (its LoRA image, a function that renders a pipeline with the same prompt,
+    seed and settings: the reference's renderer)."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands import evaluate
+
+    calls, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append((a, k, real(*a, **k))) or calls[-1][2])
+    (tmp_path / "prompts.txt").write_text("a red car\n")
+    assert main(["sample", "--lora", lora, "--prompts", str(tmp_path / "prompts.txt"), "--num-prompts", "1",
+                 "--output-dir", str(tmp_path / "sampled")]) == 0
+    (_, prompts, seeds, cfg, batch), _, image = calls[-1]
+    return image[0], lambda pipe: real(pipe, prompts, seeds, cfg, batch)[0]
+
+
+def _two_adapters(run: dict, weight: float):
+    """The base with the trained LoRA and the kept file as two adapters, both at ``weight``."""
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    pipe = base_pipe(run["base"])
+    pipe.load_lora_weights(str(run["trained_only"]), adapter_name="trained")
+    pipe.load_lora_weights(str(run["run"] / INIT_LORA_DIR), weight_name=KEPT_LAYERS_NAME, adapter_name="kept")
+    pipe.set_adapters(["trained", "kept"], [weight, weight])
+    return pipe
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_sample_of_the_run_renders_base_kept_and_trained_and_a_weight_scales_the_whole_file(
+        run, run_lora, tmp_path, monkeypatch, weight):
+    """`sample --lora RUN[:w]`: the image of base + trained + kept (two adapters, each at w: the whole file scales,
+    kept layers too, as export --merge --weight w and every other loader's strength), and at 0.5 the merged model's."""
+    spec = str(run["run"]) if weight == 1.0 else f"{run['run']}:{weight}"
+    image, render = _sampled_with_cfg(tmp_path, monkeypatch, spec)
+    assert relative_difference(image, render(_two_adapters(run, weight))) < REORDERED
+    trained_alone = _two_adapters(run, weight)
+    trained_alone.set_adapters(["trained"], [weight])
+    assert relative_difference(image, render(trained_alone)) > 100 * REORDERED  # the kept layers show
+    if weight != 1.0:
+        merged = export(tmp_path / "merge", run_lora, "--merge", "--weight", str(weight))
+        assert relative_difference(render(base_pipe(merged)), image) < 1e-3
+        assert relative_difference(render(_two_adapters(run, 1.0)), image) > 100 * REORDERED
