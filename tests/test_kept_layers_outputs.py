@@ -260,3 +260,26 @@ def test_sample_of_the_run_renders_base_kept_and_trained_and_a_weight_scales_the
         merged = export(tmp_path / "merge", run_lora, "--merge", "--weight", str(weight))
         assert relative_difference(render(base_pipe(merged)), image) < 1e-3
         assert relative_difference(render(_two_adapters(run, 1.0)), image) > 100 * REORDERED
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "merge"])
+def test_the_card_says_the_kept_layers_by_kind_and_that_the_file_brings_them(run_lora, tmp_path, fmt):
+    """Each export's card has one row for the layers its run kept as its --init-lora had them: counted by kind (the
+    fixture's 1 text-encoder layer, 1 convolution, 1 other UNet linear), and that loading the file (or the merged
+    model) brings them, at the LoRA's weight."""
+    out = export(tmp_path, run_lora, *(["--merge"] if fmt == "merge" else ["--format", fmt]))
+    rows = [r for r in (out / "README.md").read_text().splitlines() if r.startswith("| kept from --init-lora |")]
+    brings = ("the merged model holds them, fused with the trained layers at weight 1" if fmt == "merge" else
+              "loading this LoRA loads them with its trained layers, at the LoRA's weight")
+    assert rows == ["| kept from --init-lora | 3 layers as the --init-lora had them, not trained: 1 text-encoder "
+                    f"layer, 1 convolution, 1 other UNet linear; {brings} |"]
+
+
+def test_the_diffusers_cards_code_renders_samples_image_of_base_kept_and_trained(run_lora, tmp_path, monkeypatch):
+    """The card's code (load_lora_weights of the export) renders `sample`'s image of the export: the kept layers
+    load with it (the text encoder's too)."""
+    from loras import card_renders_as_sample, python_block, sampled
+
+    out = export(tmp_path, run_lora, "--format", "diffusers")
+    seed, base, with_lora = sampled(tmp_path, monkeypatch, out)
+    card_renders_as_sample(python_block(out), seed, base, with_lora)

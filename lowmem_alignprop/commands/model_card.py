@@ -376,6 +376,8 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
                                         "the base model's files do not say to every loader; sample it so)"))
     if info.get("init_lora"):  # trained on from another LoRA: its steps are not in the count, "before" is its images
         rows.append(("started from", started_from(info)))
+    if lora.kept:  # the layers its run kept as its --init-lora had them: in the file, loaded with it
+        rows.append(("kept from --init-lora", kept_row(lora.kept, merged_weight)))
     if "truncation" in info:
         k = describe_k(info)
         rows.append(("K (denoising steps backpropagated)", f"{k} of {info.get('sample_steps')} "
@@ -641,6 +643,17 @@ def license_example(lora: Lora, version: str) -> str:
     model, name = BASE_LICENSES[key]
     return f"{model}'s: license: {name}" if name in HUB_LICENSES else \
         f"{model}'s: license: other, license_name: {name}"
+
+
+def kept_row(kept: dict, merged_weight: float | None) -> str:
+    """The card's row for a LoRA's kept --init-lora layers (Lora.kept): how many of each kind, and where they are."""
+    from lowmem_alignprop.models.kept_lora import kept_kinds
+
+    where = (f"the merged model holds them, fused with the trained layers at weight {num(merged_weight)}"
+             if merged_weight is not None else "loading this LoRA loads them with its trained layers, at the LoRA's "
+                                               "weight")
+    return (f"{len(kept) // 2} layers as the --init-lora had them, not trained: {', '.join(kept_kinds(kept))}; "
+            f"{where}")
 
 
 def layer_kinds(layers: int, targets: list[str]) -> str:

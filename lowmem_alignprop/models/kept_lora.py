@@ -119,3 +119,23 @@ def save_with_kept(pipeline_class, folder, unet_layers: dict, unet_metadata: dic
             kwargs[f"{encoder}_lora_adapter_metadata"] = with_kept_layers(None, parts[encoder])
     pipeline_class.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
                                      unet_lora_adapter_metadata=unet_metadata, **kwargs)
+
+
+def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
+    """``kept``'s layers counted by kind, as a card or a header says them: ["2 text-encoder layers (1 of
+    text_encoder_2)", "3 convolutions", "1 other UNet linear"], the kinds it has."""
+    count: collections.Counter = collections.Counter()
+    for key, value in kept.items():
+        if key.endswith(".lora_A.weight"):
+            component = key.split(".", 1)[0]
+            count["text_encoder" if component != "unet" else "conv" if value.ndim == 4 else "linear"] += 1
+            count["text_encoder_2"] += component == "text_encoder_2"
+    out = []
+    if n := count["text_encoder"]:
+        second = f" ({count['text_encoder_2']} of text_encoder_2)" if count["text_encoder_2"] else ""
+        out.append(f"{n} text-encoder layer{'s' if n != 1 else ''}{second}")
+    if n := count["conv"]:
+        out.append(f"{n} convolution{'s' if n != 1 else ''}")
+    if n := count["linear"]:
+        out.append(f"{n} other UNet linear{'s' if n != 1 else ''}")
+    return out
