@@ -283,3 +283,18 @@ def test_the_diffusers_cards_code_renders_samples_image_of_base_kept_and_trained
     out = export(tmp_path, run_lora, "--format", "diffusers")
     seed, base, with_lora = sampled(tmp_path, monkeypatch, out)
     card_renders_as_sample(python_block(out), seed, base, with_lora)
+
+
+def test_a_merged_single_file_carries_the_kept_layers_text_encoder_included(run, run_lora, tmp_path):
+    """export --merge --single-file: the one LDM checkpoint, read back by diffusers' from_single_file, renders what
+    base + the LoRA folder loaded renders (the kept conv, linear and text-encoder layers fused in)."""
+    from lowmem_alignprop.models.arch import load_single_file
+
+    file = next(export(tmp_path, run_lora, "--merge", "--single-file").glob("*.safetensors"))
+    loaded = load_single_file(file, config_dir=run["base"])
+    assert relative_difference(images(loaded), run["ref"]) < 1e-3
+    base = base_pipe(run["base"])
+    q = next(n for n, _ in base.text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    te = {"base": base.text_encoder.get_submodule(q).weight, "loaded": loaded.text_encoder.get_submodule(q).weight}
+    delta = (run["kept"][f"text_encoder.{q}.lora_B.weight"] @ run["kept"][f"text_encoder.{q}.lora_A.weight"])
+    assert relative_difference(te["loaded"] - te["base"], delta) < 1e-4
