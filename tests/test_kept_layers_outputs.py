@@ -298,3 +298,18 @@ def test_a_merged_single_file_carries_the_kept_layers_text_encoder_included(run,
     te = {"base": base.text_encoder.get_submodule(q).weight, "loaded": loaded.text_encoder.get_submodule(q).weight}
     delta = (run["kept"][f"text_encoder.{q}.lora_B.weight"] @ run["kept"][f"text_encoder.{q}.lora_A.weight"])
     assert relative_difference(te["loaded"] - te["base"], delta) < 1e-4
+
+
+def test_the_lora_digest_covers_the_kept_layers(run_lora):
+    """Two LoRAs that differ only in a kept layer have other digests (merge records, exports' base_model.json and
+    kohya headers tell them apart); without kept layers the digest is the trained weights' alone, as before."""
+    import dataclasses
+
+    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
+
+    lora = read_lora(str(run_lora))
+    other = dataclasses.replace(lora, kept={k: v + (k.endswith("conv1.lora_B.weight")) for k, v in lora.kept.items()})
+    assert lora_digest(other) != lora_digest(lora)
+    assert lora_digest(dataclasses.replace(other, kept=dict(lora.kept))) == lora_digest(lora)
+    assert lora_digest(dataclasses.replace(lora, kept={})) != lora_digest(lora)
+    assert lora_digest(dataclasses.replace(lora, kept={})) == lora_digest(dataclasses.replace(other, kept={}))

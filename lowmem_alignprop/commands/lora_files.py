@@ -714,13 +714,15 @@ def safetensors_copy(tensors: dict) -> Path:
 
 def lora_digest(lora: Lora) -> str:
     """What identifies a LoRA's weights whichever folder or format holds them: a hash of its tensors' names and
-    values."""
+    values, the layers its run kept as its --init-lora had them too (after the trained ones: a LoRA without any
+    has the digest it always had)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name in sorted(lora.weights):
-        h.update(name.encode())
-        h.update(lora.weights[name].detach().float().contiguous().numpy().tobytes())
+    for layers in (lora.weights, lora.kept):
+        for name in sorted(layers):
+            h.update(name.encode())
+            h.update(layers[name].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
