@@ -151,9 +151,13 @@ def test_a_kohya_export_holds_the_kept_layers_in_kohya_names(run, run_lora, tmp_
                        run["kept"]["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"])
     assert tensors[f"{conv}.alpha"].item() == 3.0
     assert tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha"].item() == 5.0
-    te = [k for k in tensors if k.startswith("lora_te_") and k.endswith(".alpha")]
-    assert te == ["lora_te_encoder_layers_0_self_attn_q_proj.alpha"] and tensors[te[0]].item() == 2.0
-    assert sum(k.endswith(".alpha") for k in tensors) == 32 + 3
+    te = sorted(k for k in tensors if k.startswith("lora_te_") and k.endswith(".alpha"))
+    assert te == ["lora_te_text_model_encoder_layers_0_self_attn_out_proj.alpha",
+                  "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"]
+    assert tensors[te[1]].item() == 2.0
+    out_proj = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"  # adds zero: diffusers' reader needs one
+    assert not tensors[f"{out_proj}.lora_up.weight"].any() and tensors[f"{out_proj}.lora_down.weight"].shape == (2, 32)
+    assert sum(k.endswith(".alpha") for k in tensors) == 32 + 3 + 1
 
 
 def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, capsys):
@@ -313,3 +317,46 @@ def test_the_lora_digest_covers_the_kept_layers(run_lora):
     assert lora_digest(dataclasses.replace(other, kept=dict(lora.kept))) == lora_digest(lora)
     assert lora_digest(dataclasses.replace(lora, kept={})) != lora_digest(lora)
     assert lora_digest(dataclasses.replace(lora, kept={})) == lora_digest(dataclasses.replace(other, kept={}))
+
+
+def test_a_kohya_export_loads_in_diffusers_with_the_kept_layers(run, run_lora, tmp_path):
+    """diffusers' load_lora_weights of the kohya file onto the base renders base + kept + trained: the text
+    encoder's layer in sd-scripts' name (``lora_te_text_model_encoder_layers_0_...``: the CLIPTextModel path kohya,
+    A1111 and ComfyUI read, also where transformers' CLIPTextModel has no ``text_model.`` level), with a zero
+    out_proj layer (without one diffusers' kohya reader raised "Could not automatically infer state dict type")."""
+    from safetensors.torch import load_file
+
+    file = next(export(tmp_path, run_lora, "--format", "kohya").glob("*.safetensors"))
+    te = sorted(k for k in load_file(str(file)) if k.startswith("lora_te"))
+    assert te == [f"lora_te_text_model_encoder_layers_0_self_attn_{m}.{p}" for m in ("out_proj", "q_proj")
+                  for p in ("alpha", "lora_down.weight", "lora_up.weight")]
+    pipe = base_pipe(run["base"])
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    assert relative_difference(images(pipe), run["ref"]) < REORDERED
+
+
+def test_kohya_text_encoder_layers_of_several_ranks_load_in_diffusers_at_their_own_scale(tiny_dir, tmp_path):
+    """Kept text-encoder layers of ranks 2, 3 and 2 (no out_proj) in a kohya export: diffusers' reader loads each at
+    its own delta (they are padded with zeros to one rank: its reader gave the rank-3 layer scale 2/3; a zero out_proj
+    is added: without one it raised)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.lora_formats import kohya_kept
+
+    g = torch.Generator().manual_seed(0)
+    kept = {}
+    for module, rank in (("q_proj", 2), ("k_proj", 3), ("v_proj", 2)):
+        stem = f"text_encoder.encoder.layers.0.self_attn.{module}"
+        kept[f"{stem}.lora_A.weight"] = torch.randn(rank, 32, generator=g)
+        kept[f"{stem}.lora_B.weight"] = torch.randn(32, rank, generator=g)
+    save_file({k: v.contiguous() for k, v in kohya_kept(kept).items()}, str(tmp_path / "k.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.load_lora_weights(str(tmp_path), weight_name="k.safetensors", adapter_name="a")
+    for module in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        layer = pipe.text_encoder.get_submodule(f"encoder.layers.0.self_attn.{module}")
+        got = layer.scaling["a"] * layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+        stem = f"text_encoder.encoder.layers.0.self_attn.{module}"
+        want = (kept[f"{stem}.lora_B.weight"] @ kept[f"{stem}.lora_A.weight"] if module != "out_proj"
+                else torch.zeros(32, 32))
+        assert torch.allclose(got, want, atol=1e-5), module

@@ -42,24 +42,70 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
         name = kohya_name(module)
         rank = converted[f"{name}.lora_down.weight"].shape[0]
         converted[f"{name}.alpha"] = torch.tensor(lora.scale(module) * rank, dtype=torch.float32)
-    converted.update(kohya_kept(lora.kept))
+    if lora.kept:
+        converted.update(kohya_kept(lora.kept, sdxl=base_family(lora) == SDXL))
     return {k: v.contiguous() for k, v in converted.items()}
 
 
-def kohya_kept(kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def kohya_kept(kept: dict[str, torch.Tensor], sdxl: bool = False) -> dict[str, torch.Tensor]:
     """A run's kept layers (``Lora.kept``: scale folded in) in kohya's names: ``lora_unet_`` for the UNet's (a conv's
-    4-D), ``lora_te_`` for SD's text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two; alpha = rank (scale 1)."""
+    4-D), ``lora_te_`` for SD's text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two (``sdxl``: the base's
+    family; ComfyUI reads an SDXL file's first encoder as lora_te1_ only); alpha = rank (scale 1)."""
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-    if any(k.startswith("text_encoder_2.") for k in kept):
+    if sdxl or any(k.startswith("text_encoder_2.") for k in kept):
         prefixes["text_encoder"] = "lora_te1_"
     out = {}
     for key, value in kept.items():
         component, _, name = key.partition(".")
         module, _, part = name.rpartition(".lora_")
+        if component != "unet" and not module.startswith("text_model."):  # sd-scripts' CLIPTextModel paths, which
+            module = f"text_model.{module}"  # A1111/ComfyUI read (transformers 5's CLIPTextModel lacks the level)
         stem = prefixes[component] + module.replace(".", "_")
         out[f"{stem}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
         if part.startswith("A"):
             out[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]), dtype=torch.float32)
+    out = _one_rank_per_encoder(out)
+    return {**out, **_zero_out_proj(out)}
+
+
+def _one_rank_per_encoder(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya ``layers`` with each encoder's layers padded with zeros to that encoder's largest rank (alpha = it: the
+    same product, scale 1): diffusers' kohya reader gives an encoder one alpha and drops the alpha pattern of a layer
+    of another rank (its names keep CLIP's ``text_model.``), so such a layer loaded at another scale."""
+    out = dict(layers)
+    for prefix in {p for k in layers for p in _KOHYA_ENCODERS if k.startswith(p)}:
+        downs = [k for k in layers if k.startswith(prefix) and k.endswith(".lora_down.weight")]
+        rank = max(layers[k].shape[0] for k in downs)
+        for down in downs:
+            up, a = down.replace(".lora_down.", ".lora_up."), layers[down]
+            if a.shape[0] < rank:
+                out[down] = torch.cat([a, a.new_zeros(rank - a.shape[0], *a.shape[1:])])
+                out[up] = torch.cat([layers[up], layers[up].new_zeros(layers[up].shape[0], rank - a.shape[0],
+                                                                      *layers[up].shape[2:])], dim=1)
+                out[down.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(rank))
+    return out
+
+
+def _zero_out_proj(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each encoder of kohya ``layers`` with no ``out_proj`` layer, one that adds zero (rank 1, its lora_up zero):
+    diffusers' kohya reader tells an encoder's layout by an out_proj layer alone and else fails ("Could not
+    automatically infer state dict type") or drops its q/k/v layers (:func:`kohya_encoders_without_out_proj`); every
+    loader adds nothing for it."""
+    out = {}
+    for prefix in sorted({p for k in layers for p in _KOHYA_ENCODERS if k.startswith(p)}):
+        mine = {k: v for k, v in layers.items() if k.startswith(prefix)}
+        if any("_out_proj." in k for k in mine):
+            continue
+        down = next(k for k in sorted(mine) if k.endswith(".lora_down.weight"))
+        layer = re.match(rf"{prefix}(text_model_encoder_layers_\d+)_", down)
+        if layer is None:  # (not an encoder layer: diffusers reads no such layout anyway)
+            continue
+        width = mine[down].shape[1] if "_fc2." not in down else mine[down.replace("lora_down", "lora_up")].shape[0]
+        rank, alpha = mine[down].shape[0], mine[down.replace(".lora_down.weight", ".alpha")]  # (a rank or alpha of
+        # its own gave the encoder's other layers diffusers' scale of another: its config's one r and alpha)
+        stem = f"{prefix}{layer.group(1)}_self_attn_out_proj"
+        out.update({f"{stem}.lora_down.weight": torch.zeros(rank, width),
+                    f"{stem}.lora_up.weight": torch.zeros(width, rank), f"{stem}.alpha": alpha.clone()})
     return out
 
 
