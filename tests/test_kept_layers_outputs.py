@@ -360,3 +360,19 @@ def test_kohya_text_encoder_layers_of_several_ranks_load_in_diffusers_at_their_o
         want = (kept[f"{stem}.lora_B.weight"] @ kept[f"{stem}.lora_A.weight"] if module != "out_proj"
                 else torch.zeros(32, 32))
         assert torch.allclose(got, want, atol=1e-5), module
+
+
+def test_the_kohya_header_says_the_kept_layers(run_lora, tmp_path):
+    """The kohya header's training comment no longer says "UNet LoRA only" of a file with text-encoder and conv
+    layers: it says them, and alignprop_kept_layers counts them by kind (ss_network_dim/alpha stay the trained
+    layers': the kept ones have ranks of their own)."""
+    from safetensors import safe_open
+
+    file = next(export(tmp_path, run_lora, "--format", "kohya").glob("*.safetensors"))
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    kept = "3 layers kept as its --init-lora had them: 1 text-encoder layer, 1 convolution, 1 other UNet linear"
+    assert meta["ss_training_comment"] == ("AlignProp reward fine-tuning with lowmem-alignprop (UNet LoRA trained; "
+                                           f"{kept})")
+    assert meta["alignprop_kept_layers"] == kept
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (str(RANK), "8")

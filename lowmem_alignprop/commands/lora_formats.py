@@ -166,6 +166,11 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
         if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
             meta["alignprop_init_lora_sha256"] = info["init_lora_sha"]
+    if lora.kept:  # (ss_network_dim/alpha and the targets are the trained layers'; these have their own ranks)
+        from lowmem_alignprop.models.kept_lora import kept_kinds
+        kept = f"{len(lora.kept) // 2} layers kept as its --init-lora had them: {', '.join(kept_kinds(lora.kept))}"
+        meta["ss_training_comment"] = meta["ss_training_comment"].replace(" only)", f" trained; {kept})")
+        meta["alignprop_kept_layers"] = kept
     if not lora.flow:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture
         meta[KOHYA_V2] = str(version == SD_V2)
         meta[KOHYA_V_PREDICTION] = str(v_prediction(lora))  # (sd-scripts' own pair: how its images sample)
