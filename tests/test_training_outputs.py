@@ -608,6 +608,8 @@ def test_the_card_gives_the_digest_of_the_file_init_lora_named_not_of_its_conver
     from outputs_doc import DOC, documented_keys, undocumented
 
     from lowmem_alignprop.cli import main
+    from safetensors import safe_open
+
     from lowmem_alignprop.commands.init_lora import init_lora_source
 
     def sha(path):
@@ -627,6 +629,11 @@ def test_the_card_gives_the_digest_of_the_file_init_lora_named_not_of_its_conver
     assert main(["export", "--lora", str(out / "lora"), "--out", str(tmp_path / "e")]) == 0
     card = (tmp_path / "e" / "README.md").read_text()
     assert f"sha256 {theirs} (of its adapter_model.safetensors) (its own training" in card, card
+    assert main(["export", "--lora", str(out / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    with safe_open(str(next((tmp_path / "k").glob("*.safetensors"))), framework="pt") as f:
+        header = f.metadata()  # the kohya header: the user's digest too, beside the copy's (an older reader's key)
+    assert (header["alignprop_init_lora_source_sha256"], header["alignprop_init_lora_sha256"]) == (
+        theirs, sha(out / "init_lora" / "pytorch_lora_weights.safetensors"))
     # the other forms: the file itself, a run folder's LoRA, a checkpoint's weights
     kohya = next((made_lora["run"] / "kohya").glob("*.safetensors"))
     assert init_lora_source(str(kohya)) == {"file": "", "sha256": sha(kohya)}

@@ -164,8 +164,10 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         meta[HEADER_IMAGE_SETTINGS] = json.dumps(shared, sort_keys=True)
     if info.get("init_lora"):  # its training started from another LoRA, whose steps alignprop_steps leaves out
         meta["alignprop_init_lora"] = shared_name(str(info["init_lora"]))
-        if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now
+        if info.get("init_lora_sha"):  # which LoRA it was, whatever the path holds now (the run's converted copy)
             meta["alignprop_init_lora_sha256"] = info["init_lora_sha"]
+        if info.get("init_lora_source"):  # the user's own file's digest, which their sha256sum matches (the card's)
+            meta["alignprop_init_lora_source_sha256"] = info["init_lora_source"]["sha256"]
     if lora.kept:  # (ss_network_dim/alpha and the targets are the trained layers'; these have their own ranks)
         from lowmem_alignprop.models.kept_lora import kept_kinds
         kept = f"{len(lora.kept) // 2} layers kept as its --init-lora had them: {', '.join(kept_kinds(lora.kept))}"
