@@ -185,7 +185,7 @@ def test_kept_layers_file_alone_plus_the_trained_part_is_the_whole_lora(civitai,
     from safetensors.torch import save_file
     from loras import unet_out
 
-    from lowmem_alignprop.models.kept_lora import read_kept
+    from lowmem_alignprop.models.kept_lora import canonical_key, read_kept
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.models.sampling import make_pipeline
     from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
@@ -195,8 +195,8 @@ def test_kept_layers_file_alone_plus_the_trained_part_is_the_whole_lora(civitai,
     with safe_open(str(file), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
     kept = read_kept(started.out)
-    assert sorted(kept) == sorted(f"{part}.{path}.lora_{ab}.weight" for part, path, _ in KEPT.values()
-                                  for ab in "AB")
+    assert sorted(kept) == sorted(canonical_key(f"{part}.{path}") + f".lora_{ab}.weight"  # (text_model.: CLIP's)
+                                  for part, path, _ in KEPT.values() for ab in "AB")
     assert all(v.dtype == torch.float32 for v in kept.values())
     assert read_kept(tmp_path) == {}
     attention = {k: v for k, v in civitai["weights"].items() if k.split(".")[0] in ATTENTION}

@@ -14,6 +14,8 @@ import torch
 from loras import ALPHA, RANK, export, make_sd_lora
 from numerics import REORDERED, relative_difference
 
+from lowmem_alignprop.models.kept_lora import canonical_key
+
 KEPT_RANKS = {"text_encoder": 2, "conv": 3, "linear": 5}
 
 
@@ -104,7 +106,8 @@ def test_the_runs_lora_loads_base_kept_and_trained(run):
     folder = rewrite_as_run(run)
     with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert {k for k in run["kept"] if k.startswith("text_encoder.")} <= keys
+    # (the fixture's kept file names the encoder's layer as transformers 5 does; lora/ with CLIP's text_model.)
+    assert {canonical_key(k) for k in run["kept"] if k.startswith("text_encoder.")} <= keys
     assert "unet.down_blocks.0.resnets.0.conv1.lora.down.weight" in keys  # (the trained layers' layout)
     pipe = base_pipe(run["base"])
     pipe.load_lora_weights(str(folder))
@@ -123,8 +126,8 @@ def test_read_lora_keeps_the_kept_layers_apart(run, run_lora):
     from lowmem_alignprop.commands.lora_files import read_lora
 
     lora = read_lora(str(run_lora))
-    assert sorted(lora.kept) == sorted(run["kept"])
-    assert all(torch.equal(lora.kept[k], run["kept"][k]) for k in run["kept"])
+    assert sorted(lora.kept) == sorted(map(canonical_key, run["kept"]))  # (text_model.: kept_lora.canonical_key)
+    assert all(torch.equal(lora.kept[canonical_key(k)], run["kept"][k]) for k in run["kept"])
     assert lora.config["r"] == RANK and lora.config["lora_alpha"] == ALPHA
     assert sorted(lora.config["target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
     assert not lora.config["rank_pattern"] and not lora.config["alpha_pattern"]

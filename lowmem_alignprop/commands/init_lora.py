@@ -373,6 +373,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX run refuses a layer
     it does not train, a LoRA of another model raises UserError."""
     from lowmem_alignprop.commands.evaluate import load_adapter_file
+    from lowmem_alignprop.models.kept_lora import canonical_key
     from lowmem_alignprop.models.lora_layers import lora_targets
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
@@ -398,8 +399,9 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
                                 f"{', '.join(lora_targets(layers, flow))}): pass a LoRA of those layers")
             base = module.get_base_layer().weight
             base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
-            split.kept[f"{part}.{name}.lora_A.weight"] = a.detach().float().contiguous()
-            split.kept[f"{part}.{name}.lora_B.weight"] = scaled.detach().float().contiguous()
+            key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)
+            split.kept[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
+            split.kept[f"{key}.lora_B.weight"] = scaled.detach().float().contiguous()
             split.kinds["text encoder" if part != denoiser else "convolutions" if a.dim() == 4 else "other"] += 1
     pipe.unload_lora_weights()  # every layer of the "init" adapter, kept ones included: their base layers stay
     return split

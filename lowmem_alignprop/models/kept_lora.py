@@ -16,6 +16,18 @@ from pathlib import Path
 import torch
 
 KEPT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_MODEL = "text_model."  # CLIP's level that transformers 5's CLIPTextModel lacks (CLIPTextModelWithProjection has)
+EITHER_TEXT_MODEL = r"(text_model\.)?"  # (a kept text-encoder layer's pattern: its path under transformers 4 or 5)
+
+
+def canonical_key(key: str) -> str:
+    """A kept layer's key as files name it whatever transformers made the model: a text encoder's with CLIP's
+    ``text_model.`` (``text_encoder.text_model.encoder.layers.0...``: what transformers 4, diffusers' own files and
+    ComfyUI's diffusers-LoRA names read; diffusers with transformers 5 strips it), the UNet's as they are."""
+    component, _, name = key.partition(".")
+    if component in KEPT_COMPONENTS[1:] and not name.startswith(TEXT_MODEL):
+        return f"{component}.{TEXT_MODEL}{name}"
+    return key
 
 
 def read_kept(run: Path | None, *, folder: Path | None = None) -> dict[str, torch.Tensor]:
@@ -42,10 +54,11 @@ def write_kept(kept: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def by_component(kept: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``kept`` split by pipeline component, each part's keys without the component's prefix (peft's names)."""
+    """``kept`` split by pipeline component, each part's keys without the component's prefix (peft's names; a text
+    encoder's with ``text_model.``, :func:`canonical_key`: also a kept file written before it was)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in kept.items():
-        component, _, name = key.partition(".")
+        component, _, name = canonical_key(key).partition(".")
         parts.setdefault(component, {})[name] = value
     return parts
 
@@ -56,24 +69,36 @@ def layer_ranks(layers: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def with_kept_layers(config: dict | None, layers: dict[str, torch.Tensor]) -> dict:
-    """``config`` (an adapter config as diffusers writes it in the header; None: a component of kept layers alone)
-    with ``layers`` added: each its own target, rank and alpha = rank (its scale is folded into lora_B)."""
+    """``config`` (an adapter config as diffusers writes it in the header; None: a text encoder's kept layers alone)
+    with ``layers`` added: each its own target, rank and alpha = rank (its scale is folded into lora_B). A text
+    encoder's layer is named as the module is under transformers 4 or 5 (``text_model.`` or not, which diffusers'
+    loader does not rewrite in the config): its target without it (peft matches a target by its end), its patterns
+    ``^`` + :data:`EITHER_TEXT_MODEL` + its path."""
     ranks = layer_ranks(layers)
     if config is None:
         common = collections.Counter(ranks.values()).most_common(1)[0][0]
         config = {"r": common, "lora_alpha": common, "target_modules": []}
+        ranks = {m.removeprefix(TEXT_MODEL): r for m, r in ranks.items()}
+        patterns = {f"^{EITHER_TEXT_MODEL}{m}": r for m, r in ranks.items()}
+    else:
+        patterns = {f"^{m}": r for m, r in ranks.items()}
     out = dict(config)
     out["target_modules"] = sorted(set(out.get("target_modules") or []) | set(ranks))
-    out["rank_pattern"] = {**(out.get("rank_pattern") or {}), **{f"^{m}": r for m, r in ranks.items()}}
-    out["alpha_pattern"] = {**(out.get("alpha_pattern") or {}), **{f"^{m}": r for m, r in ranks.items()}}
+    out["rank_pattern"] = {**(out.get("rank_pattern") or {}), **patterns}
+    out["alpha_pattern"] = {**(out.get("alpha_pattern") or {}), **patterns}
     return out
 
 
 def marked_kept(config: dict) -> set[str]:
     """The module paths ``config`` marks as kept layers (:func:`with_kept_layers`: a ``^<path>`` key in both
-    ``rank_pattern`` and ``alpha_pattern``, alpha = rank). Another tool's patterns (alpha != rank) mark none."""
+    ``rank_pattern`` and ``alpha_pattern``, alpha = rank; a text encoder's without ``text_model.``). Another tool's
+    patterns (alpha != rank) mark none."""
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    return {k[1:] for k, r in ranks.items() if k.startswith("^") and k in alphas and alphas[k] == r}
+    return {_path(k) for k, r in ranks.items() if k.startswith("^") and k in alphas and alphas[k] == r}
+
+
+def _path(pattern: str) -> str:
+    return pattern[1:].removeprefix(EITHER_TEXT_MODEL).removeprefix(TEXT_MODEL)
 
 
 def split_kept(component: str, weights: dict, config: dict) -> tuple[dict, dict, dict]:
@@ -86,8 +111,8 @@ def split_kept(component: str, weights: dict, config: dict) -> tuple[dict, dict,
     trained_config = dict(config)
     trained_config["target_modules"] = [t for t in config.get("target_modules") or [] if t not in kept]
     for pattern in ("rank_pattern", "alpha_pattern"):
-        trained_config[pattern] = {k: v for k, v in config[pattern].items() if k[1:] not in kept}
-    is_kept = {k: k.rsplit(".lora_", 1)[0] in kept for k in weights}
+        trained_config[pattern] = {k: v for k, v in config[pattern].items() if _path(k) not in kept}
+    is_kept = {k: k.rsplit(".lora_", 1)[0].removeprefix(TEXT_MODEL) in kept for k in weights}
     return ({k: v for k, v in weights.items() if not is_kept[k]}, trained_config,
             {f"{component}.{k}": v for k, v in weights.items() if is_kept[k]})
 
