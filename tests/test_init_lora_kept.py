@@ -240,8 +240,9 @@ def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civi
     first = sorted(k for k in civitai["weights"] if k.startswith("lora_te"))[0]
     with pytest.raises(UserError) as e:
         lora_file_ranks(civitai["file"], spec, flow=True)
-    assert str(e.value) == (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(first)}): AlignProp trains "
-                            "a UNet LoRA only; pass a UNet-only LoRA")
+    assert str(e.value) == (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(first)}): an SD3/FLUX run "
+                            "encodes its prompts before it reads the transformer, so AlignProp keeps and trains "
+                            "transformer layers only; pass a LoRA without text-encoder layers")
     convs = {k: v for k, v in civitai["weights"].items() if k.startswith((CONV1, CONV3))}
     save_file(convs, str(tmp_path / "locon.safetensors"))
     with pytest.raises(UserError, match=f"adapts 2 convolution layers \\(e.g. '{CONV3}.lora_down.weight': a LoCon's"):

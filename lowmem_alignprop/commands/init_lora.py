@@ -183,9 +183,10 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
                     quant: str = "none") -> set[int]:
     """The ranks of the layers of a LoRA file that a run of ``layers`` trains (:func:`trains_layer`), from its header
     alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its other
-    layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's) are kept as they came, fused
-    into the frozen base, for a UNet (``flow`` False); an SD3/FLUX run refuses them. ``quant``: the base's storage
-    (base_quant): an int8/nf4 UNet's Linear layers cannot take a kept layer's delta (refused)."""
+    layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
+    modulation, embedders, proj_out) are kept as they came, fused into the frozen base; an SD3/FLUX run (``flow``)
+    refuses text-encoder and convolution layers. ``quant``: the base's storage (base_quant): an int8/nf4 model's
+    Linear layers cannot take a kept layer's delta (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
@@ -199,8 +200,7 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
                         "trains plain LoRA and cannot start from one; pass a plain LoRA")
     text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
     if text and flow:
-        raise UserError(f"--init-lora {spec} adapts the text encoder too (e.g. {quote(text[0])}): AlignProp trains a "
-                        "UNet LoRA only; pass a UNet-only LoRA")
+        raise UserError(text_encoder_refusal(spec, text[0]))
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
         raise UserError(f"--init-lora {spec} {other}")
     conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4)
@@ -217,14 +217,25 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     if not downs:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
                         "LoRA of this base model (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
-    trained = {k: s for k, s in downs.items() if flow or trains_layer(_layer_name(k), layers, flow)}
+    # (a transformer's top-level proj_out is no single block's: its path without the component's prefix tells)
+    trained = {k: s for k, s in downs.items() if trains_layer(_layer_name(k).removeprefix("transformer."), layers, flow)}
     linear = sorted(k for k, s in downs.items() if k not in trained and len(s) == 2 and k not in text)
     if linear and quant in ("int8", "nf4"):  # (bitsandbytes' weights: a delta added to them would be rounded away)
         raise UserError(f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "
-                        f"UNet this run does not train (e.g. {quote(linear[0])}), kept as they came by adding them "
-                        f"into the frozen base, which base_quant={quant} stores quantized: add --set base_quant=none")
+                        f"{'transformer' if flow else 'UNet'} this run does not train (e.g. {quote(linear[0])}), kept "
+                        f"as they came by adding them into the frozen base, which base_quant={quant} stores quantized: "
+                        "add --set base_quant=none")
     _check_finite(file, spec)
     return {s[0] for s in trained.values()}
+
+
+def text_encoder_refusal(spec: str, key: str) -> str:
+    """An SD3/FLUX ``--init-lora`` that adapts a text encoder (``key``: one of its layers): the run encodes its
+    prompts and frees the encoders before it reads the transformer, so those layers cannot be kept as a UNet run's
+    are."""
+    return (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(key)}): an SD3/FLUX run encodes its prompts "
+            "before it reads the transformer, so AlignProp keeps and trains transformer layers only; pass a LoRA "
+            "without text-encoder layers")
 
 
 def _check_finite(file: Path, spec: str) -> None:
@@ -370,11 +381,11 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     diffusers loads ``file`` onto the pipeline as adapter "init" (its own converters read the diffusers and kohya
     layouts, alphas, text encoders and convolutions included); the layers the run trains are remembered (A, B times
     its scale), every other layer's delta (peft's get_delta_weight) is added into its frozen base weight (in fp32,
-    rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX run refuses a layer
-    it does not train, a LoRA of another model raises UserError."""
+    rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX transformer's
+    untrained linears are kept as a UNet's are; its text encoders' layers (encoded and freed before) and a LoRA of
+    another model raise UserError."""
     from lowmem_alignprop.commands.evaluate import load_adapter_file
     from lowmem_alignprop.models.kept_lora import canonical_key
-    from lowmem_alignprop.models.lora_layers import lora_targets
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     flow, fix = denoiser == "transformer", ("it was made for another base model: pass that model with --model, or "
@@ -394,9 +405,8 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
             if part == denoiser and trains_layer(name, layers, flow):
                 split.trained[name] = (a.detach().clone(), scaled.detach().clone())
                 continue
-            if flow:
-                raise UserError(f"--init-lora {spec} adapts {name}, a layer this run does not train (its lora_layers: "
-                                f"{', '.join(lora_targets(layers, flow))}): pass a LoRA of those layers")
+            if flow and part != denoiser:  # (lora_file_ranks said so before the model loaded)
+                raise UserError(text_encoder_refusal(spec, f"{part}.{name}"))
             base = module.get_base_layer().weight
             base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
             key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)

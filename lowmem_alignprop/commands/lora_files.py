@@ -322,10 +322,10 @@ def _kept_encoder_layers(raw: dict, header: dict[str, str], spec: str) -> tuple[
     """``raw`` without the text-encoder layers its run kept as its --init-lora had them, and those (the header's
     config of each encoder marks them: models/kept_lora.py). Another tool's text-encoder layers (their scale in their
     own config) stay in ``raw``: refused as outside the UNet, not exported at a scale they were not saved with."""
-    from lowmem_alignprop.models.kept_lora import KEPT_COMPONENTS, split_kept
+    from lowmem_alignprop.models.kept_lora import ENCODERS, split_kept
 
     kept: dict = {}
-    for encoder in KEPT_COMPONENTS[1:]:
+    for encoder in ENCODERS:
         layers = {k[len(encoder) + 1:]: v for k, v in raw.items() if k.startswith(encoder + ".")}
         if layers and header.get("lora_adapter_metadata"):
             kept.update(split_kept(encoder, layers, _adapter_config(header, spec, encoder))[2])

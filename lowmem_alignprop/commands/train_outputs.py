@@ -132,8 +132,7 @@ class RunOutputs:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
         from lowmem_alignprop.models.kept_lora import read_kept
 
-        kept = {} if self.family.flow else read_kept(self.out)  # (SD3/FLUX refuse --init-lora layers they keep)
-        self.family.save_lora(self.comps.pipeline_class, final, lora, folder, kept)  # the pipeline's LoRA format
+        self.family.save_lora(self.comps.pipeline_class, final, lora, folder, read_kept(self.out))  # the pipeline's LoRA format
         (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()), encoding="utf-8")
 
     def write_lora(self, folder: Path) -> None:

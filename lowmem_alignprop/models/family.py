@@ -200,11 +200,13 @@ class FlowFamily(UNetFamily):
         return get_peft_model_state_dict(flow._bare(model))
 
     def save_lora(self, pipeline_class, model, layers: dict, out_dir, kept: dict | None = None) -> None:
+        """As a UNet's (:meth:`UNetFamily.save_lora`): the transformer's kept --init-lora linears beside the trained
+        layers, peft's names."""
+        from lowmem_alignprop.models.kept_lora import save_with_kept
         from lowmem_alignprop.models.lora_metadata import lora_metadata
-        assert not kept, "SD3/FLUX keep no --init-lora layers (init_lora refuses them)"
         bare = flow._bare(model)
-        pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
-                                         transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))
+        save_with_kept(pipeline_class, out_dir, layers, lora_metadata(bare.peft_config["default"]), kept or {},
+                       denoiser="transformer")
 
     def resolution_note(self, cfg) -> str | None:
         # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)

@@ -3,7 +3,7 @@ convolutions, linears the run does not train), written back into every LoRA the 
 ``pipe.load_lora_weights(folder)`` gives base + kept + trained.
 
 The file's keys are diffusers' (``unet.<path>.lora_A.weight``, ``text_encoder.<path>.lora_B.weight``, SDXL's
-``text_encoder_2.``), each layer's scale folded into lora_B: loaded with alpha = rank (scale 1). In a run's LoRA
+``text_encoder_2.``; an SD3/FLUX run's ``transformer.<path>``: its linears only), each layer's scale folded into lora_B: loaded with alpha = rank (scale 1). In a run's LoRA
 file they sit beside the trained layers; the header's adapter config says so per layer (``rank_pattern`` and
 ``alpha_pattern`` keys ``^<path>``, alpha = that layer's rank), which is also how :func:`split_kept` tells them
 from the trained ones when a command reads the file back."""
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-KEPT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+ENCODERS = ("text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")  # (an SD3/FLUX run keeps its transformer's linears, never its encoders' layers)
 TEXT_MODEL = "text_model."  # CLIP's level that transformers 5's CLIPTextModel lacks (CLIPTextModelWithProjection has)
 EITHER_TEXT_MODEL = r"(text_model\.)?"  # (a kept text-encoder layer's pattern: its path under transformers 4 or 5)
 
@@ -25,7 +26,7 @@ def canonical_key(key: str) -> str:
     ``text_model.`` (``text_encoder.text_model.encoder.layers.0...``: what transformers 4, diffusers' own files and
     ComfyUI's diffusers-LoRA names read; diffusers with transformers 5 strips it), the UNet's as they are."""
     component, _, name = key.partition(".")
-    if component in KEPT_COMPONENTS[1:] and not name.startswith(TEXT_MODEL):
+    if component in ENCODERS and not name.startswith(TEXT_MODEL):
         return f"{component}.{TEXT_MODEL}{name}"
     return key
 
@@ -126,35 +127,39 @@ def as_layout_of(trained: dict, layers: dict) -> dict:
     return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
 
 
-def save_with_kept(pipeline_class, folder, unet_layers: dict, unet_metadata: dict,
-                   kept: dict[str, torch.Tensor]) -> None:
-    """A UNet LoRA (``unet_layers``: diffusers' names, ``unet_metadata``: the trained adapter's config) written by
-    ``pipeline_class.save_lora_weights`` into ``folder`` with the run's ``kept`` layers (:func:`read_kept`)."""
+def save_with_kept(pipeline_class, folder, layers: dict, metadata: dict, kept: dict[str, torch.Tensor],
+                   denoiser: str = "unet") -> None:
+    """A LoRA of the ``denoiser`` (unet or transformer; ``layers``: diffusers' names, ``metadata``: the trained
+    adapter's config) written by ``pipeline_class.save_lora_weights`` into ``folder`` with the run's ``kept`` layers
+    (:func:`read_kept`)."""
     parts = by_component(kept)
-    unknown = sorted(set(parts) - set(KEPT_COMPONENTS))
+    unknown = sorted(set(parts) - {denoiser, *ENCODERS})
     if unknown:
         raise ValueError(f"kept layers of an unknown component {unknown[0]!r}")
     kwargs = {}
-    if parts.get("unet"):  # in the trained layers' names (diffusers reads one layout per component, by its 1st key)
-        unet_layers = {**unet_layers, **as_layout_of(unet_layers, parts["unet"])}
-        unet_metadata = with_kept_layers(unet_metadata, parts["unet"])
-    for encoder in KEPT_COMPONENTS[1:]:
+    if parts.get(denoiser):  # in the trained layers' names (diffusers reads one layout per component, by its 1st key)
+        layers = {**layers, **as_layout_of(layers, parts[denoiser])}
+        metadata = with_kept_layers(metadata, parts[denoiser])
+    for encoder in ENCODERS:
         if parts.get(encoder):  # its own config: else diffusers reads the UNet's header as {} (peft's r=8 default)
             kwargs[f"{encoder}_lora_layers"] = parts[encoder]
             kwargs[f"{encoder}_lora_adapter_metadata"] = with_kept_layers(None, parts[encoder])
-    pipeline_class.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
-                                     unet_lora_adapter_metadata=unet_metadata, **kwargs)
+    pipeline_class.save_lora_weights(str(folder), **{f"{denoiser}_lora_layers": layers,
+                                                     f"{denoiser}_lora_adapter_metadata": metadata}, **kwargs)
 
 
 def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
     """``kept``'s layers counted by kind, as a card or a header says them: ["2 text-encoder layers (1 of
-    text_encoder_2)", "3 convolutions", "1 other UNet linear"], the kinds it has."""
+    text_encoder_2)", "3 convolutions", "1 other UNet linear"] (an SD3/FLUX run's: "4 other transformer linears"),
+    the kinds it has."""
     count: collections.Counter = collections.Counter()
+    denoiser = "UNet"
     for key, value in kept.items():
         if key.endswith(".lora_A.weight"):
             component = key.split(".", 1)[0]
-            count["text_encoder" if component != "unet" else "conv" if value.ndim == 4 else "linear"] += 1
+            count["text_encoder" if component in ENCODERS else "conv" if value.ndim == 4 else "linear"] += 1
             count["text_encoder_2"] += component == "text_encoder_2"
+            denoiser = "transformer" if component == "transformer" else denoiser
     out = []
     if n := count["text_encoder"]:
         second = f" ({count['text_encoder_2']} of text_encoder_2)" if count["text_encoder_2"] else ""
@@ -162,5 +167,5 @@ def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
     if n := count["conv"]:
         out.append(f"{n} convolution{'s' if n != 1 else ''}")
     if n := count["linear"]:
-        out.append(f"{n} other UNet linear{'s' if n != 1 else ''}")
+        out.append(f"{n} other {denoiser} linear{'s' if n != 1 else ''}")
     return out

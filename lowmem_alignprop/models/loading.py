@@ -618,13 +618,13 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     # a checkpoint from before lora_layers existed trained the attention projections
     config = lora_config(rank, run_cfg.get("lora_alpha"), run_cfg.get("lora_layers") or "attention", flow)
     folder.mkdir(parents=True, exist_ok=True)
+    # with the layers the run keeps as its --init-lora had them (the checkpoint holds their copy)
+    from lowmem_alignprop.models.kept_lora import read_kept, save_with_kept
+    kept = read_kept(None, folder=checkpoint)
     if flow:
         from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
-        StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=weights,
-                                                   transformer_lora_adapter_metadata=lora_metadata(config))
-    else:  # with the layers the run keeps as its --init-lora had them (the checkpoint holds their copy)
-        from lowmem_alignprop.models.kept_lora import read_kept, save_with_kept
-        kept = read_kept(None, folder=checkpoint)
+        save_with_kept(StableDiffusion3Pipeline, folder, weights, lora_metadata(config), kept, denoiser="transformer")
+    else:
         from diffusers import StableDiffusionXLPipeline  # (the one with SDXL's second text encoder's argument)
         writer = StableDiffusionXLPipeline if any(k.startswith("text_encoder_2.") for k in kept) else \
             StableDiffusionPipeline
