@@ -218,7 +218,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
                         "LoRA of this base model (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
     # (a transformer's top-level proj_out is no single block's: its path without the component's prefix tells)
-    trained = {k: s for k, s in downs.items() if trains_layer(_layer_name(k).removeprefix("transformer."), layers, flow)}
+    trained = {k: s for k, s in downs.items()
+               if trains_layer(_layer_name(k).removeprefix("transformer."), layers, flow)}
     linear = sorted(k for k, s in downs.items() if k not in trained and len(s) == 2 and k not in text)
     if linear and quant in ("int8", "nf4"):  # (bitsandbytes' weights: a delta added to them would be rounded away)
         raise UserError(f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "

@@ -132,7 +132,8 @@ class RunOutputs:
         """The LoRA in diffusers format, and which base model it belongs to (`sample` warns on another one)."""
         from lowmem_alignprop.models.kept_lora import read_kept
 
-        self.family.save_lora(self.comps.pipeline_class, final, lora, folder, read_kept(self.out))  # the pipeline's LoRA format
+        self.family.save_lora(self.comps.pipeline_class, final, lora, folder, read_kept(self.out))  # the pipeline's
+        # LoRA format, with the layers the run keeps as its --init-lora had them
         (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()), encoding="utf-8")
 
     def write_lora(self, folder: Path) -> None:
