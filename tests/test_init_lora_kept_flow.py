@@ -161,8 +161,11 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     """End to end at lr 1e-30 (Adam's step, about lr per weight, is far under a float32 ulp of weights near 0.3: the
     LoRA cannot move): the run's lora/ loads in a plain FluxPipeline (load_lora_weights(folder): the attention
     layers trained, the kept linears as they came) and renders what the LoRA it started from renders; so do its
-    diffusers export, the LoRA of its checkpoint copied out of the run folder, and its export --merge. Only each
+    diffusers export, the LoRA of its checkpoint copied out of the run folder, its peft export loaded by peft
+    (rank_pattern / alpha_pattern: the kept layers' own ranks, scale 1) and its export --merge. Only each
     scale's place differs (folded into B, or applied at run time; fused): REORDERED."""
+    from peft import PeftModel
+
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.commands.lora_files import read_lora
     from lowmem_alignprop.models.kept_lora import kept_kinds
@@ -182,5 +185,9 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     moved = shutil.copytree(run / "checkpoints" / "step-00000001", tmp_path / "elsewhere" / "step-00000001")
     assert main(["export", "--lora", str(moved), "--format", "diffusers", "--out", str(tmp_path / "c")]) == 0
     assert_rel_close(_render(_pipe(base, tmp_path / "c")), images, REORDERED, "a checkpoint copied out of its run")
+    assert main(["export", "--lora", str(run / "lora"), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
+    pipe = _pipe(base)
+    PeftModel.from_pretrained(pipe.transformer, str(tmp_path / "p"))  # (peft's own loader: its layers in place)
+    assert_rel_close(_render(pipe), images, REORDERED, "export --format peft, loaded by peft")
     assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert_rel_close(_render(_pipe(tmp_path / "merged")), images, REORDERED, "export --merge")

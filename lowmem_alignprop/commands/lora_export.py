@@ -124,7 +124,8 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout. ``hub_repo``: the repository it is to be pushed to, which the model
     card's code then loads from."""
     check_format(fmt, merge, weight, dtype, single_file)
-    if fmt == "peft" and lora.kept:  # peft's adapter folder is one model's: the text encoders' layers would be lost
+    if fmt == "peft" and lora.kept and not lora.flow:  # peft's adapter folder is one model's: the text encoders'
+        # layers would be lost (an SD3/FLUX run keeps its transformer's linears only: write_peft writes them)
         raise UserError(f"--format peft: {lora.named} also holds {len(lora.kept) // 2} layers its run kept as its "
                         "--init-lora had them (text encoders, convolutions), which a peft adapter of the UNet cannot "
                         "hold: export --format diffusers or --format kohya")

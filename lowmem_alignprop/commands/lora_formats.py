@@ -273,11 +273,20 @@ def peft_config(lora: Lora):
 def write_peft(lora: Lora, folder: Path) -> list[Path]:
     from safetensors.torch import save_file
 
+    from lowmem_alignprop.models.kept_lora import by_component, layer_ranks, with_kept_layers
+
     # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
-    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(lora_metadata(peft_config(lora), peft_file=True), indent=2,
-                                                      sort_keys=True), encoding="utf-8")
-    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.weights.items()}, str(folder / PEFT_WEIGHT_NAME),
-              metadata={"format": "pt"})
+    config = lora_metadata(peft_config(lora), peft_file=True)
+    # an SD3/FLUX run's kept transformer linears (export refuses a UNet's: text encoders, convolutions): each its own
+    # target, rank and alpha = rank (its scale is in B), as in the run's header
+    kept = by_component(lora.kept).get("transformer", {})
+    if kept:
+        config = with_kept_layers(config, kept)
+        if config.get("exclude_modules") in layer_ranks(kept):  # the top-level proj_out kept: adapted, not excluded
+            config["exclude_modules"] = None
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in {**lora.weights, **kept}.items()},
+              str(folder / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
     return [folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHT_NAME]
 
 
