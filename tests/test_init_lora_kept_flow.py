@@ -50,37 +50,51 @@ def _pipe(base, *loras):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def ai_toolkit(tmp_path_factory):
-    """A FLUX LoRA in diffusers' (ai-toolkit's) names: rank-4 attention layers (alpha 8) and rank-2 kept linears
-    (alpha 3, its rank_pattern / alpha_pattern); the images of the base with the whole LoRA loaded by diffusers (the
-    reference) and with its attention layers alone."""
+def _lora_case(root, attention, kept, single_layers: int = 1) -> dict:
+    """A FLUX LoRA in diffusers' (ai-toolkit's) names of the tiny FLUX model: rank-4 ``attention`` layers (alpha 8)
+    and rank-2 ``kept`` linears (alpha 3, its rank_pattern / alpha_pattern); the images of the base with the whole
+    LoRA loaded by diffusers (the reference), which differ from those of its attention layers alone."""
     from diffusers import FluxPipeline
 
-    root = tmp_path_factory.mktemp("kept-flux")
-    base = build_tiny_flux_dir(root / "base")
+    base = build_tiny_flux_dir(root / "base", single_layers=single_layers)
     transformer = FluxPipeline.from_pretrained(str(base)).transformer
     g = torch.Generator().manual_seed(3)
     weights = {}
-    for path in ATTENTION + KEPT:
+    for path in attention + kept:
         layer = transformer.get_submodule(path)
-        rank = KEPT_RANK if path in KEPT else RANK
+        rank = KEPT_RANK if path in kept else RANK
         weights[f"{path}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
         weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.1
-    config = {"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": sorted(ATTENTION + KEPT),
-              "rank_pattern": {p: KEPT_RANK for p in KEPT}, "alpha_pattern": {p: KEPT_ALPHA for p in KEPT}}
+    config = {"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": sorted(attention + kept),
+              "rank_pattern": {p: KEPT_RANK for p in kept}, "alpha_pattern": {p: KEPT_ALPHA for p in kept}}
     FluxPipeline.save_lora_weights(str(root / "lora"), transformer_lora_layers=weights,
                                    transformer_lora_adapter_metadata=config)
-    attention = {k: v for k, v in weights.items() if k.rsplit(".lora_", 1)[0] in ATTENTION}
-    FluxPipeline.save_lora_weights(str(root / "attention"), transformer_lora_layers=attention,
+    only = {k: v for k, v in weights.items() if k.rsplit(".lora_", 1)[0] in attention}
+    FluxPipeline.save_lora_weights(str(root / "attention"), transformer_lora_layers=only,
                                    transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK,
-                                                                     "target_modules": sorted(ATTENTION)})
+                                                                      "target_modules": sorted(attention)})
     file = root / "lora" / "pytorch_lora_weights.safetensors"
     images = _render(_pipe(base, file))
     without = _render(_pipe(base, root / "attention" / "pytorch_lora_weights.safetensors"))
-    assert relative_difference(without, images) > 0.01  # the kept layers show: a LoRA without them is told apart
+    assert relative_difference(without, images) > 30 * REORDERED  # the kept layers show: told apart from none
     assert relative_difference(_render(_pipe(base)), images) > 0.01
     return {"base": base, "file": file, "images": images, "weights": weights, "root": root}
+
+
+@pytest.fixture(scope="module")
+def ai_toolkit(tmp_path_factory):
+    """The modulation of both block kinds and the x_embedder kept, beside the attention layers."""
+    return _lora_case(tmp_path_factory.mktemp("kept-flux"), ATTENTION, KEPT)
+
+
+def _run(case, run, *extra) -> None:
+    """A run from ``case``'s LoRA at lr 1e-30 (Adam's step, about lr per weight, is far under a float32 ulp of
+    weights near 0.3: the LoRA cannot move), one step, its checkpoint kept."""
+    from lowmem_alignprop.cli import main
+
+    assert main([*FLOW, "--model", str(case["base"]), "--set", "sample_prompts=0", "--set", "lr=1e-30",
+                 "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(case["file"]), "--output-dir",
+                 str(run), *extra]) == 0
 
 
 def _step0(base, out, *sets):
@@ -158,8 +172,7 @@ def test_text_encoder_layers_are_still_refused_saying_why(ai_toolkit, tmp_path):
 
 
 def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_from(ai_toolkit, tmp_path):
-    """End to end at lr 1e-30 (Adam's step, about lr per weight, is far under a float32 ulp of weights near 0.3: the
-    LoRA cannot move): the run's lora/ loads in a plain FluxPipeline (load_lora_weights(folder): the attention
+    """End to end at lr 1e-30 (:func:`_run`): the run's lora/ loads in a plain FluxPipeline (load_lora_weights(folder): the attention
     layers trained, the kept linears as they came) and renders what the LoRA it started from renders; so do its
     diffusers export, the LoRA of its checkpoint copied out of the run folder, its peft export loaded by peft
     (rank_pattern / alpha_pattern: the kept layers' own ranks, scale 1) and its export --merge. Only each
@@ -171,9 +184,7 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     run = tmp_path / "run"
-    assert main([*FLOW, "--model", str(ai_toolkit["base"]), "--set", "sample_prompts=0", "--set", "lr=1e-30",
-                 "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(ai_toolkit["file"]),
-                 "--output-dir", str(run)]) == 0
+    _run(ai_toolkit, run)
     base, images = ai_toolkit["base"], ai_toolkit["images"]
     assert_rel_close(_render(_pipe(base, run / "lora")), images, REORDERED, "the run's lora/ in diffusers")
     lora = read_lora(str(run / "lora"))
@@ -191,3 +202,67 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     assert_rel_close(_render(pipe), images, REORDERED, "export --format peft, loaded by peft")
     assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert_rel_close(_render(_pipe(tmp_path / "merged")), images, REORDERED, "export --merge")
+
+
+def test_the_kohya_export_of_kept_flux_modulation_layers_loads_in_diffusers(tmp_path):
+    """The kohya export of a run that kept the double block's modulation layers names them as sd-scripts does
+    (img_mod_lin, txt_mod_lin): diffusers' own kohya FLUX reader (FluxPipeline.load_lora_weights) renders the LoRA
+    the run started from, and --init-lora of the file starts as the run did. A kept layer outside the blocks
+    (x_embedder: img_in), which diffusers' reader drops, is refused with one line. (No single block: diffusers'
+    reader splits linear1 at FLUX.1's own widths only.)"""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.commands.lora_formats import kohya_state_dict
+
+    case = _lora_case(tmp_path / "case", ATTENTION[:8], KEPT[:2], single_layers=0)
+    _run(case, tmp_path / "run")
+    assert main(["export", "--lora", str(tmp_path / "run" / "lora"), "--format", "kohya", "--out",
+                 str(tmp_path / "k")]) == 0
+    kohya = next((tmp_path / "k").glob("*.safetensors"))
+    names = {k.split(".")[0] for k in load_file(str(kohya))}
+    assert {"lora_unet_double_blocks_0_img_mod_lin", "lora_unet_double_blocks_0_txt_mod_lin"} <= names
+    assert_rel_close(_render(_pipe(case["base"], kohya)), case["images"], REORDERED, "the kohya export in diffusers")
+    _, images = _step0(case["base"], tmp_path / "again", "--set", f"init_lora={kohya}")
+    _, reference = _step0(case["base"], tmp_path / "first", "--set", f"init_lora={case['file']}")
+    assert_rel_close(images, reference, REORDERED, "--init-lora of the kohya export")
+    lora = read_lora(str(tmp_path / "run" / "lora"))
+    lora.kept["transformer.x_embedder.lora_A.weight"] = torch.zeros(2, 64)
+    lora.kept["transformer.x_embedder.lora_B.weight"] = torch.zeros(32, 2)
+    with pytest.raises(UserError) as e:
+        kohya_state_dict(lora)
+    assert str(e.value) == (f"--format kohya: {lora.named} also holds 1 FLUX.1 layer outside its blocks that its run "
+                            "kept as its --init-lora had them (e.g. 'x_embedder': img_in in kohya's names), which "
+                            "diffusers' kohya FLUX reader drops without a word: export --format diffusers or --format "
+                            "peft")
+
+
+def test_init_lora_of_a_kohya_flux_file_with_layers_outside_the_blocks_keeps_them(tmp_path):
+    """A FLUX.1 LoRA in sd-scripts' names that adapts the modulation of both block kinds, img_in, time_in and the
+    final layer (its modulation's rows in BFL's order, shift then scale): --init-lora splits it into the same layers
+    as its diffusers twin (our kohya reader; diffusers' drops the layers outside the blocks) and starts as it does."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    kept = ["transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "x_embedder",
+            "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
+    case = _lora_case(tmp_path / "case", ATTENTION, kept)
+    state = load_file(str(case["file"]))
+    scale = {p: (KEPT_ALPHA / KEPT_RANK if p in kept else 2.0) for p in ATTENTION + kept}
+    weights = {k.removeprefix("transformer."): v * (scale[k[12:].rsplit(".lora_", 1)[0]] if ".lora_B." in k else 1)
+               for k, v in state.items()}
+    kohya = flow_export.kohya_state_dict({k: v for k, v in weights.items() if k.rsplit(".lora_", 1)[0] in ATTENTION},
+                                         lambda m: 1.0, "flux")
+    for path in kept:
+        name = flow_export.kohya_name(flow_export.original_slot(path, "flux")[0])
+        up = weights[f"{path}.lora_B.weight"]
+        kohya |= {f"{name}.lora_down.weight": weights[f"{path}.lora_A.weight"], f"{name}.alpha": torch.tensor(2.0),
+                  f"{name}.lora_up.weight": torch.cat(up.chunk(2)[::-1]) if path == "norm_out.linear" else up}
+    assert {"lora_unet_img_in", "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_time_in_in_layer",
+            "lora_unet_single_blocks_0_modulation_lin"} <= {k.split(".")[0] for k in kohya}
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya.safetensors"))
+    _, images = _step0(case["base"], tmp_path / "kohya", "--set", f"init_lora={tmp_path / 'kohya.safetensors'}")
+    _, reference = _step0(case["base"], tmp_path / "diffusers", "--set", f"init_lora={case['file']}")
+    assert_rel_close(images, reference, REORDERED, "--init-lora of the kohya twin")

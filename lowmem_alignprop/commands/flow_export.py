@@ -21,6 +21,7 @@ kohya's ``ss_base_model_version`` is what sd-scripts writes: ``flux1`` for FLUX.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 from pathlib import Path
@@ -37,6 +38,14 @@ QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
 ADD_QKV = {"add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2}
 FLUX_MLP_RATIO = 4  # FLUX.1's single blocks: linear1 rows are q, k, v (the width each) and the MLP (4x the width)
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# FLUX.1's layers outside its blocks (diffusers' path -> BFL's), which a LoRA adapts beside the blocks' (kept as an
+# --init-lora had them): as diffusers' kohya FLUX reader maps them back
+_FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": "final_layer.adaLN_modulation.1",
+             **{f"time_text_embed.{ours}.linear_{i}": f"{theirs}.{io}_layer" for ours, theirs in (
+                 ("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in"))
+                for i, io in ((1, "in"), (2, "out"))}}
+SWAPPED = "norm_out.linear"  # its rows: BFL's final modulation is (shift, scale), diffusers' (scale, shift)
 
 
 def family_of_weights(modules) -> str:
@@ -80,6 +89,8 @@ def original_slot(module: str, family: str) -> tuple[str, int, int]:
         if rest in names:
             path, slot, slots = names[rest]
             return f"{block}.{n}.{path}", slot, slots
+    if family == FLUX and module in _FLUX_TOP:
+        return _FLUX_TOP[module], 0, 1
     raise UserError(f"the LoRA adapts {quote(module)}, which has no name in the original "
                     f"{'FLUX' if family == FLUX else 'MMDiT'} layout: export it with --format diffusers or peft")
 
@@ -121,6 +132,38 @@ def kohya_state_dict(weights: dict[str, torch.Tensor], scale, family: str) -> di
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(ref * down.shape[0], dtype=torch.float32)
+    return out
+
+
+def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[str, torch.Tensor]:
+    """A FLUX.1 run's kept transformer linears (peft names, scale folded into B: ``Lora.kept`` without its
+    ``transformer.``) in kohya's names (the blocks' modulation: ``img_mod_lin``, ``txt_mod_lin``,
+    ``modulation_lin``), alpha = rank, as diffusers' kohya FLUX reader reads them back. Raises UserError naming
+    --format diffusers (``label``: the LoRA, for the line) for SD3's (no kohya reader in diffusers to check them
+    against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
+    names them without ``transformer.``, and its loader then drops them without a word)."""
+    if family != FLUX:
+        raise UserError(f"--format kohya: {label} also holds {len(kept) // 2} SD3 transformer layers its run kept as "
+                        "its --init-lora had them, whose kohya names no reader we can check reads back (diffusers' "
+                        "SD3 loader reads no kohya names): export --format diffusers or --format peft")
+    top = sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
+    if top:
+        raise UserError(f"--format kohya: {label} also holds {len(top)} FLUX.1 layer{'s' if len(top) > 1 else ''} "
+                        f"outside its blocks that its run kept as its --init-lora had them (e.g. {quote(top[0])}: "
+                        f"{_FLUX_TOP[top[0]]} in kohya's names), which diffusers' kohya FLUX reader drops without a "
+                        "word: export --format diffusers or --format peft")
+    out = {}
+    for key in sorted(k for k in kept if k.endswith(".lora_A.weight")):
+        module = key[: -len(".lora_A.weight")]
+        original, _, slots = original_slot(module, family)
+        if slots > 1:  # (a part of a fused module is a layer the run trains: never kept)
+            raise UserError(f"--format kohya: {label} keeps {quote(module)}, a part of the fused {original}: "
+                            "export --format diffusers or --format peft")
+        up = kept[f"{module}.lora_B.weight"].float()
+        name = kohya_name(original)
+        out[f"{name}.lora_down.weight"] = kept[key].float().contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(kept[key].shape[0]), dtype=torch.float32)
     return out
 
 
@@ -166,12 +209,13 @@ def _inverse_map(family: str, names: set[str]) -> dict[str, dict[int, str]]:
     for n in blocks:  # the layers of either lora_layers (models/lora_layers.py)
         candidates += [f"transformer_blocks.{n}.attn.{k}" for k in (*QKV, *ADD_QKV, "to_out.0", "to_add_out")]
         candidates += [f"transformer_blocks.{n}.{k}" for k in FLOW_BLOCK_FF]
-        if family == FLUX:
+        if family == FLUX:  # (and the modulation layers, kept as they came)
+            candidates += [f"transformer_blocks.{n}.{k}" for k in ("norm1.linear", "norm1_context.linear")]
             candidates += [f"single_transformer_blocks.{n}.attn.{k}" for k in QKV]
-            candidates += [f"single_transformer_blocks.{n}.{k}" for k in FLUX_SINGLE_FF]
+            candidates += [f"single_transformer_blocks.{n}.{k}" for k in (*FLUX_SINGLE_FF, "norm.linear")]
         else:
             candidates += [f"transformer_blocks.{n}.attn2.{k}" for k in (*QKV, "to_out.0")]
-    for module in candidates:
+    for module in candidates + (list(_FLUX_TOP) if family == FLUX else []):
         original, slot, _ = original_slot(module, family)
         out.setdefault(kohya_name(original), {})[slot] = module
     return out
@@ -223,6 +267,7 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
             block = up[starts[s]:starts[s] + rows[s]]
             a, b = (down[c * r:(c + 1) * r], block[:, c * r:(c + 1) * r]) if diagonal else (down, block)
             out[f"{parts[s]}.lora_A.weight"] = a.clone()  # its own copy: a dense lora_down is every part's A
+            b = torch.cat(b.chunk(2)[::-1]) if parts[s] == SWAPPED else b  # (BFL's rows: shift, scale)
             out[f"{parts[s]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()  # the loaders' alpha / rank
     return out, family
 
@@ -242,14 +287,16 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
     weights, _ = kohya_to_peft(kohya_names(load_file(str(file))), label)
-    ranks = sorted({v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")})
-    if len(ranks) > 1:
-        raise UserError(f"{label} has layers of ranks {'/'.join(map(str, ranks))} once split: pass a LoRA of one rank")
+    ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")}
+    common = collections.Counter(ranks.values()).most_common(1)[0][0]
+    other = {f"^{m}": r for m, r in ranks.items() if r != common}  # (the run says whether it trains them: their
+    # rank, or kept as they came)
     out = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     targets = sorted({k.split(".attn.")[-1].removesuffix(".lora_A.weight") for k in weights if ".lora_A." in k})
     # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
-    config = lora_metadata(LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=targets))
+    config = lora_metadata(LoraConfig(r=common, lora_alpha=common, target_modules=targets, rank_pattern=other,
+                                      alpha_pattern=other))
     StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
                                                transformer_lora_adapter_metadata=config)
     return out / LORA_WEIGHT_NAME

@@ -35,7 +35,10 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
 
     if lora.flow:
         from lowmem_alignprop.commands import flow_export
-        return flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family)
+        from lowmem_alignprop.models.kept_lora import by_component
+        kept = by_component(lora.kept).get("transformer", {})  # (its kept linears: as they came, alpha = rank)
+        return {**flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family),
+                **(flow_export.kohya_kept(kept, lora.family, str(lora.named)) if kept else {})}
 
     converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.weights.items()})
     for module in lora.modules:
