@@ -173,10 +173,11 @@ def test_text_encoder_layers_are_still_refused_saying_why(ai_toolkit, tmp_path):
 
 def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_from(ai_toolkit, tmp_path):
     """End to end at lr 1e-30 (:func:`_run`): the run's lora/ loads in a plain FluxPipeline
-    (load_lora_weights(folder): the attention layers trained, the kept linears as they came) and renders what the LoRA it started from renders; so do its
-    diffusers export, the LoRA of its checkpoint copied out of the run folder, its peft export loaded by peft
-    (rank_pattern / alpha_pattern: the kept layers' own ranks, scale 1) and its export --merge. Only each
-    scale's place differs (folded into B, or applied at run time; fused): REORDERED."""
+    (load_lora_weights(folder): the attention layers trained, the kept linears as they came) and renders what the
+    LoRA it started from renders; so do its diffusers export, the LoRA of its checkpoint copied out of the run
+    folder, its peft export loaded by peft (rank_pattern / alpha_pattern: the kept layers' own ranks, scale 1) and
+    its export --merge. Only each scale's place differs (folded into B, or applied at run time; fused):
+    REORDERED."""
     from peft import PeftModel
 
     from lowmem_alignprop.cli import main
