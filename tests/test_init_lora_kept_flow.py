@@ -267,3 +267,15 @@ def test_init_lora_of_a_kohya_flux_file_with_layers_outside_the_blocks_keeps_the
     _, images = _step0(case["base"], tmp_path / "kohya", "--set", f"init_lora={tmp_path / 'kohya.safetensors'}")
     _, reference = _step0(case["base"], tmp_path / "diffusers", "--set", f"init_lora={case['file']}")
     assert_rel_close(images, reference, REORDERED, "--init-lora of the kohya twin")
+
+
+def test_plan_says_the_kept_transformer_linears(ai_toolkit, capsys):
+    """plan --init-lora of the LoRA on the FLUX model built on meta: the layers taken and the kept count, as for a
+    UNet (fused into the base: no memory)."""
+    from lowmem_alignprop.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", *FLOW, "--model", str(ai_toolkit["base"]), "--init-lora", str(ai_toolkit["file"])]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {ai_toolkit['file']}: rank {RANK}, 11 layers; 4 more kept as they came, fused into "
+                    "the frozen base (no memory); training starts from it"], said
