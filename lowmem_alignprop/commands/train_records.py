@@ -161,6 +161,8 @@ class RunRecords:
                     if self.init_source is not None:  # the user's own file and its digest: the card's
                         (tmp / INIT_SOURCE_FILE).write_text(json.dumps(self.init_source, indent=1) + "\n",
                                                             encoding="utf-8")
+            elif self.init_kept is not None and self.init_kept.kept:
+                self.rewrite_kept()
             # what prompt_ids index, and what the evaluation holds out (a user can check it never trains); a resume
             # on other prompts keeps the lists the earlier steps' prompt_ids index
             resumed = out / PROMPTS_FILE  # (another run's checkpoint resumed here: that run's lists)
@@ -183,6 +185,24 @@ class RunRecords:
             count = len(started_commands(out)) - bool(self.command)  # the starts before this one
             self.start_dirs = recorded_dirs(self.point.state if self.point is not None else {}, count) + (
                 [working_folder()] if self.command else [])
+
+    def rewrite_kept(self) -> None:
+        """A resume from init_lora/'s copy whose kept layers' file is gone (a tidy-up, a partial copy of the run
+        folder): the layers it just fused again from that copy are written back, as the first start wrote them, so
+        that lora/, best/, the checkpoints and every export hold them (read from that file) as training saw them."""
+        from lowmem_alignprop.models.kept_lora import write_kept
+        from lowmem_alignprop.run.filenames import KEPT_LAYERS_NAME
+
+        folder = self.init_lora_copy.parent
+        if (file := folder / KEPT_LAYERS_NAME).is_file():
+            return
+        with atomic.replacing_dir(folder) as tmp:  # (init_lora/ as it was, and the file)
+            for kept in folder.iterdir():
+                if kept.is_file():
+                    shutil.copy2(kept, tmp / kept.name)
+            write_kept(self.init_kept.kept, tmp)
+        log.warning("%s was gone: written again from %s (the %d layers this run keeps as its --init-lora had them, "
+                    "which its LoRA files carry)", file, self.init_lora_copy, len(self.init_kept.kept) // 2)
 
     def profile_record(self) -> dict | None:
         """config.yaml's ``profile_values``: the user's profile file's values when the run started with it (a resume
