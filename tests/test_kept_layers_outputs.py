@@ -169,8 +169,8 @@ def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, 
     assert main(["export", "--lora", str(run_lora), "--out", str(tmp_path / "out"), "--format", "peft"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --format peft: {run_lora} also holds 3 layers its run kept as its --init-lora had them "
-                   "(text encoders, convolutions), which a peft adapter of the UNet cannot hold: export --format "
-                   "diffusers or --format kohya"]
+                   "(1 text-encoder layer, 1 convolution, 1 other UNet linear), which a peft adapter of the UNet "
+                   "cannot hold: export --format diffusers or --format kohya"]
     assert not (tmp_path / "out").exists()
 
 

@@ -126,9 +126,11 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     check_format(fmt, merge, weight, dtype, single_file)
     if fmt == "peft" and lora.kept and not lora.flow:  # peft's adapter folder is one model's: the text encoders'
         # layers would be lost (an SD3/FLUX run keeps its transformer's linears only: write_peft writes them)
+        from lowmem_alignprop.models.kept_lora import kept_kinds
+
         raise UserError(f"--format peft: {lora.named} also holds {len(lora.kept) // 2} layers its run kept as its "
-                        "--init-lora had them (text encoders, convolutions), which a peft adapter of the UNet cannot "
-                        "hold: export --format diffusers or --format kohya")
+                        f"--init-lora had them ({', '.join(kept_kinds(lora.kept))}), which a peft adapter of the UNet "
+                        "cannot hold: export --format diffusers or --format kohya")
     check_out(out)
     if single_file and (base := merge_base(lora, model)) in ("toy", "tiny"):  # (before the merge: nothing written)
         raise UserError(f"--merge --single-file: the {base} model has no single-file layout that other tools (or "
