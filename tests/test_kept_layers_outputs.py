@@ -168,10 +168,40 @@ def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, 
 
     assert main(["export", "--lora", str(run_lora), "--out", str(tmp_path / "out"), "--format", "peft"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --format peft: {run_lora} also holds 3 layers its run kept as its --init-lora had them "
-                   "(1 text-encoder layer, 1 convolution, 1 other UNet linear), which a peft adapter of the UNet "
-                   "cannot hold: export --format diffusers or --format kohya"]
+    assert err == [f"error: --format peft: {run_lora} also holds 1 text-encoder layer its run kept as its "
+                   "--init-lora had them, which a peft adapter of the UNet cannot hold: export --format diffusers or "
+                   "--format kohya"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_export_holds_the_kept_unet_layers_when_no_text_encoder_layer_is_kept(tiny_dir, tmp_path_factory):
+    """A LoCon-like start (convolutions and a linear kept, no text-encoder layer): the peft export holds the kept
+    UNet layers (their own ranks, alpha = rank) and peft's own loader renders what the run's lora/ renders in
+    diffusers (it was refused, as if text-encoder layers were there)."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.run.filenames import INIT_LORA_DIR, KEPT_LAYERS_NAME
+
+    made = make_sd_lora(Path(tiny_dir), tmp_path_factory.mktemp("locon-run"), xl=False)
+    pipe = base_pipe(made["base"])
+    kept = {k: v for k, v in kept_fixture(pipe).items() if k.startswith("unet.")}
+    (made["run"] / INIT_LORA_DIR).mkdir()
+    save_file(kept, str(made["run"] / INIT_LORA_DIR / KEPT_LAYERS_NAME), metadata={"format": "pt"})
+    made["trained_only"] = made["run"] / "trained-only"
+    made["trained_only"].mkdir()
+    (made["trained_only"] / "pytorch_lora_weights.safetensors").write_bytes(
+        (made["lora"] / "pytorch_lora_weights.safetensors").read_bytes())
+    lora = rewrite_as_run(made)
+    pipe.load_lora_weights(str(lora))
+    ref = images(pipe)
+    out = tmp_path_factory.mktemp("peft-export") / "peft"
+    assert main(["export", "--lora", str(lora), "--format", "peft", "--out", str(out)]) == 0
+    pipe = base_pipe(made["base"])
+    assert relative_difference(images(pipe), ref) > 100 * REORDERED  # (the LoRA shows)
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, str(out)).base_model.model  # (peft's loader, its layers in place)
+    assert relative_difference(images(pipe), ref) < REORDERED
 
 
 def test_a_merged_export_fuses_the_kept_text_encoder_layers_too(run, run_lora, tmp_path):

@@ -124,13 +124,14 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     ``.safetensors`` in the original LDM layout. ``hub_repo``: the repository it is to be pushed to, which the model
     card's code then loads from."""
     check_format(fmt, merge, weight, dtype, single_file)
-    if fmt == "peft" and lora.kept and not lora.flow:  # peft's adapter folder is one model's: the text encoders'
-        # layers would be lost (an SD3/FLUX run keeps its transformer's linears only: write_peft writes them)
+    encoders = {k: v for k, v in lora.kept.items() if not k.startswith(lora.component + ".")}
+    if fmt == "peft" and encoders:  # peft's adapter folder is one model's: the text encoders' layers would be lost
+        # (the denoiser's kept layers, convolutions and linears, write_peft writes)
         from lowmem_alignprop.models.kept_lora import kept_kinds
 
-        raise UserError(f"--format peft: {lora.named} also holds {len(lora.kept) // 2} layers its run kept as its "
-                        f"--init-lora had them ({', '.join(kept_kinds(lora.kept))}), which a peft adapter of the UNet "
-                        "cannot hold: export --format diffusers or --format kohya")
+        raise UserError(f"--format peft: {lora.named} also holds {kept_kinds(encoders)[0]} its run kept as its "
+                        "--init-lora had them, which a peft adapter of the UNet cannot hold: export --format diffusers "
+                        "or --format kohya")
     check_out(out)
     if single_file and (base := merge_base(lora, model)) in ("toy", "tiny"):  # (before the merge: nothing written)
         raise UserError(f"--merge --single-file: the {base} model has no single-file layout that other tools (or "

@@ -280,9 +280,9 @@ def write_peft(lora: Lora, folder: Path) -> list[Path]:
 
     # peft's save_pretrained, its target_modules in a fixed order (lora_metadata: the same bytes every export)
     config = lora_metadata(peft_config(lora), peft_file=True)
-    # an SD3/FLUX run's kept transformer linears (export refuses a UNet's: text encoders, convolutions): each its own
-    # target, rank and alpha = rank (its scale is in B), as in the run's header
-    kept = by_component(lora.kept).get("transformer", {})
+    # the denoiser's kept layers (a UNet's convolutions and linears, an SD3/FLUX transformer's linears; export refuses
+    # kept text-encoder layers): each its own target, rank and alpha = rank (its scale is in B), as in the header
+    kept = by_component(lora.kept).get(lora.component, {})
     if kept:
         config = with_kept_layers(config, kept)
         if config.get("exclude_modules") in layer_ranks(kept):  # the top-level proj_out kept: adapted, not excluded
