@@ -293,7 +293,8 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
 
     run = tmp_path / "run"
     assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
-                 "--set", "lr=1e-30", "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(civitai["file"]), "--output-dir", str(run)]) == 0
+                 "--set", "lr=1e-30", "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(civitai["file"]),
+                 "--output-dir", str(run)]) == 0
     cfg = _cfg(tmp_path / "unused")
     comps = load_components(cfg)
     pipe = make_pipeline(comps)
@@ -310,3 +311,34 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
     pipe = make_pipeline(comps)
     pipe.load_lora_weights(str(tmp_path / "from_ckpt"))
     assert_rel_close(_images(comps, pipe, cfg), civitai["images"], REORDERED, "a checkpoint copied out of its run")
+
+
+def test_a_lora_of_kept_layers_alone_says_none_train_from_it(civitai, tmp_path, capsys, caplog, fresh_log_handlers):
+    """A LoRA with no layer the run trains (a text encoder's and convolutions only): plan said "0 of the run's 32
+    layers; the other 32 ... start at zero ...; training starts from it" and the run "0 layers train from it" with
+    kinds of count 0 listed: now one true line each."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+
+    kept_only = {k: v for k, v in civitai["weights"].items() if k.startswith((TEXT, TEXT_OUT, CONV3, CONV1))}
+    file = tmp_path / "te_and_convs.safetensors"
+    save_file(kept_only, str(file))
+    capsys.readouterr()
+    assert main(["plan", "--profile", "cpu", "--init-lora", str(file)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {file}: rank 4, none of the run's 32 layers (it adapts none of them): the run's "
+                    "LoRA starts at zero, as a fresh one; 4 more kept as they came, fused into the frozen base (no "
+                    "memory); training starts from the base with those layers"], said
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
+                     "--set", "kl_coeff=0.1", "--steps", "1", "--init-lora", str(file), "--output-dir",
+                     str(tmp_path / "run")]) == 0
+    lines = [r.getMessage() for r in caplog.records if "--init-lora" in r.getMessage() or "starting from" in
+             r.getMessage()]
+    assert f"--init-lora {file}: 0 layers train from it; 4 layers kept as they came (text encoder: 2, " \
+           "convolutions: 2), fused into the frozen base" in lines, lines
+    assert f"starting from the LoRA {file} (none of the run's 32 layers (it adapts none of them): the run's LoRA " \
+           "starts at zero, as a fresh one)" in lines, lines  # (no "the KL starts above 0": the LoRA is at zero)

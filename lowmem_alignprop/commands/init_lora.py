@@ -291,7 +291,7 @@ def check_fits_meta_model(cfg, file: Path) -> str:
     kept = sum(split.kinds.values())
     return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}"
             + (f"; {kept} more kept as they came, fused into the frozen base (no memory)" if kept else "")
-            + "; training starts from it")
+            + ("; training starts from it" if copied else "; training starts from the base with those layers"))
 
 
 def layers_taken(copied: int, trained: int) -> str:
@@ -299,6 +299,9 @@ def layers_taken(copied: int, trained: int) -> str:
     the others start at zero (a LoRA of the attention layers, in a run of lora_layers=attention+ff)."""
     if copied >= trained:
         return f"{copied} layers"
+    if not copied:  # (a LoRA of kept layers alone: a LoCon's convolutions, a text encoder's)
+        return (f"none of the run's {trained} layers (it adapts none of them): the run's LoRA starts at zero, as a "
+                "fresh one")
     return (f"{copied} of the run's {trained} layers; the other {trained - copied} (not in it) start at zero, as a "
             "fresh LoRA's")
 
@@ -362,7 +365,8 @@ class InitLora:
     """``--init-lora``'s LoRA split by the layers the run trains (:func:`trains_layer`): ``trained``, module path of
     the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
     other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
-    into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`); ``kinds``: how many of those are a text encoder's, convolutions, other."""
+    into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`); ``kinds``: how many of those are a text
+    encoder's, convolutions, other."""
     trained: dict[str, tuple[torch.Tensor, torch.Tensor]]
     kept: dict[str, torch.Tensor]
     kinds: dict[str, int]
@@ -371,7 +375,7 @@ class InitLora:
         """The log line of a LoRA with kept layers ("" with none)."""
         if not self.kept:
             return ""
-        kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items())
+        kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items() if n)
         return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {sum(self.kinds.values())} layers "
                 f"kept as they came ({kinds}), fused into the frozen base")
 

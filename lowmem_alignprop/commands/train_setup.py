@@ -223,7 +223,8 @@ class RunSetup:
         from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
 
         cfg = self.cfg
-        taken = layers_taken(*start_from_lora(self.unet, split, cfg.init_lora, cfg.lora_layers))
+        copied, trained = start_from_lora(self.unet, split, cfg.init_lora, cfg.lora_layers)
+        taken = layers_taken(copied, trained)
         if self.point is not None:  # a resume: the checkpoint's LoRA trains on (the one it started from is its
             log.info("the run started from the LoRA %s (%s): the checkpoint's LoRA trains on",  # "before")
                      cfg.init_lora if self.init_file != self.init_lora_copy else
@@ -236,7 +237,7 @@ class RunSetup:
             "the base model (its LoRA off)"
         log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
                  f"; kl_coeff keeps the run near {base}, not near this LoRA: the KL starts above 0"
-                 if cfg.kl_coeff else "")
+                 if cfg.kl_coeff and copied else "")
 
     def prompt_set(self) -> set[str]:
         """Every prompt the run will use: the encoder's set never grows (SD3/FLUX free their text encoders once it
