@@ -229,6 +229,33 @@ def test_an_int8_base_refuses_a_kept_unet_linear_before_the_model_loads(civitai)
     assert check_init_lora(str(civitai["file"]), RANK, "tiny", quant="fp8").is_file()  # (fp8 is applied after it)
 
 
+def test_a_kept_linear_is_never_added_into_an_int8_base(civitai, tmp_path, monkeypatch):
+    """The fuse itself refuses a kept linear whose base bitsandbytes stores as int8 codes (the check before the load
+    reads the run's base_quant; a resume takes the run's init_lora/ copy unchecked): the delta was added to the
+    codes, on their scale, not the weights' (the kept layer mostly rounded away, some codes moved by 1), in silence.
+    Now the line of the check before the load, naming the module; the codes stay as they were."""
+    pytest.importorskip("bitsandbytes")
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+
+    from lowmem_alignprop.commands.init_lora import split_init_lora
+    from lowmem_alignprop.memory import quant
+    from lowmem_alignprop.models.loading import load_components
+    from lowmem_alignprop.models.sampling import make_pipeline
+
+    monkeypatch.setattr(bnb_quantizer.BnB8BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    monkeypatch.setenv(quant.CPU_OVERRIDE_ENV, "1")  # (bitsandbytes on this CPU: tests/test_quant.py)
+    comps = load_components(_cfg(tmp_path / "unused", "--set", "base_quant=int8"))
+    layer = _module(comps, "unet", KEPT[TIME][1])
+    assert layer.weight.dtype == torch.int8
+    codes = layer.weight.detach().clone()
+    with pytest.raises(UserError) as e:
+        split_init_lora(make_pipeline(comps), civitai["file"], "my.safetensors")
+    assert str(e.value) == ("--init-lora my.safetensors adapts 1 linear layer of the UNet this run does not train "
+                            f"(e.g. '{KEPT[TIME][1]}'), kept as they came by adding them into the frozen base, which "
+                            "base_quant=int8 stores quantized: add --set base_quant=none")
+    assert torch.equal(_module(comps, "unet", KEPT[TIME][1]).get_base_layer().weight, codes)
+
+
 def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civitai, tmp_path):
     from safetensors.torch import save_file
 

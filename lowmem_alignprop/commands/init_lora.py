@@ -14,6 +14,7 @@ from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safeten
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
+from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -221,13 +222,20 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     trained = {k: s for k, s in downs.items()
                if trains_layer(_layer_name(k).removeprefix("transformer."), layers, flow)}
     linear = sorted(k for k, s in downs.items() if k not in trained and len(s) == 2 and k not in text)
-    if linear and quant in ("int8", "nf4"):  # (bitsandbytes' weights: a delta added to them would be rounded away)
-        raise UserError(f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "
-                        f"{'transformer' if flow else 'UNet'} this run does not train (e.g. {quote(linear[0])}), kept "
-                        f"as they came by adding them into the frozen base, which base_quant={quant} stores quantized: "
-                        "add --set base_quant=none")
+    if linear and quant in BNB_MODES:
+        raise UserError(quantized_refusal(spec, linear, quant, flow))
     _check_finite(file, spec)
     return {s[0] for s in trained.values()}
+
+
+def quantized_refusal(spec: str, linear: list[str], quant: str, flow: bool) -> str:
+    """An ``--init-lora`` that adapts ``linear`` layers of the denoiser the run does not train (keys or module paths)
+    when the base's linears are bitsandbytes' (``quant``: int8 or nf4): a kept layer's delta added to their codes
+    would be on the codes' scale, not the weights', and mostly rounded away."""
+    return (f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "
+            f"{'transformer' if flow else 'UNet'} this run does not train (e.g. {quote(linear[0])}), kept as they "
+            f"came by adding them into the frozen base, which base_quant={quant} stores quantized: add --set "
+            "base_quant=none")
 
 
 def text_encoder_refusal(spec: str, key: str) -> str:
@@ -382,13 +390,14 @@ class InitLora:
 
 @torch.no_grad()
 def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", model: str = "") -> InitLora:
-    """Before the run's LoRA is added (and before anything reads the base: prompts, fp8/int8 storage, block swap):
+    """Before the run's LoRA is added (and before anything reads the base: prompts, fp8 storage, block swap):
     diffusers loads ``file`` onto the pipeline as adapter "init" (its own converters read the diffusers and kohya
     layouts, alphas, text encoders and convolutions included); the layers the run trains are remembered (A, B times
     its scale), every other layer's delta (peft's get_delta_weight) is added into its frozen base weight (in fp32,
     rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX transformer's
-    untrained linears are kept as a UNet's are; its text encoders' layers (encoded and freed before) and a LoRA of
-    another model raise UserError."""
+    untrained linears are kept as a UNet's are; its text encoders' layers (encoded and freed before), a kept linear
+    of an int8/nf4 base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise
+    UserError."""
     from lowmem_alignprop.commands.evaluate import load_adapter_file
     from lowmem_alignprop.models.kept_lora import canonical_key
 
@@ -398,7 +407,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     widths = {n: tuple(p.shape) for n, p in getattr(pipe, denoiser).named_parameters()}
     load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}", fix)
     _check_not_widened(getattr(pipe, denoiser), widths, spec, fix)
-    split = InitLora({}, {}, {"text encoder": 0, "convolutions": 0, "other": 0})
+    split, quantized = InitLora({}, {}, {"text encoder": 0, "convolutions": 0, "other": 0}), {}
     for part, component in pipe.components.items():
         if not isinstance(component, torch.nn.Module):
             continue
@@ -413,11 +422,17 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
             if flow and part != denoiser:  # (lora_file_ranks said so before the model loaded)
                 raise UserError(text_encoder_refusal(spec, f"{part}.{name}"))
             base = module.get_base_layer().weight
+            if not base.dtype.is_floating_point:  # (bitsandbytes' int8 / nf4 codes: a resume's base_quant, which
+                quantized[name] = base.dtype  # lora_file_ranks did not see: the run's init_lora/ copy is unchecked)
+                continue
             base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
             key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)
             split.kept[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
             split.kept[f"{key}.lora_B.weight"] = scaled.detach().float().contiguous()
             split.kinds["text encoder" if part != denoiser else "convolutions" if a.dim() == 4 else "other"] += 1
+    if quantized:
+        raise UserError(quantized_refusal(spec, list(quantized), "int8" if torch.int8 in quantized.values() else "nf4",
+                                          flow))
     pipe.unload_lora_weights()  # every layer of the "init" adapter, kept ones included: their base layers stay
     return split
 
