@@ -284,10 +284,11 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from lowmem_alignprop.models.kept_lora import layer_ranks
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
     weights, _ = kohya_to_peft(kohya_names(load_file(str(file))), label)
-    ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")}
+    ranks = layer_ranks(weights)
     common = collections.Counter(ranks.values()).most_common(1)[0][0]
     other = {f"^{m}": r for m, r in ranks.items() if r != common}  # (the run says whether it trains them: their
     # rank, or kept as they came)

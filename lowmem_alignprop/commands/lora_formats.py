@@ -57,12 +57,12 @@ def kohya_kept(kept: dict[str, torch.Tensor], sdxl: bool = False) -> dict[str, t
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
     if sdxl or any(k.startswith("text_encoder_2.") for k in kept):
         prefixes["text_encoder"] = "lora_te1_"
+    from lowmem_alignprop.models.kept_lora import canonical_key
+
     out = {}
-    for key, value in kept.items():
-        component, _, name = key.partition(".")
+    for key, value in kept.items():  # (a text encoder's with text_model.: sd-scripts' names, which A1111/ComfyUI read)
+        component, _, name = canonical_key(key).partition(".")
         module, _, part = name.rpartition(".lora_")
-        if component != "unet" and not module.startswith("text_model."):  # sd-scripts' CLIPTextModel paths, which
-            module = f"text_model.{module}"  # A1111/ComfyUI read (transformers 5's CLIPTextModel lacks the level)
         stem = prefixes[component] + module.replace(".", "_")
         out[f"{stem}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
         if part.startswith("A"):

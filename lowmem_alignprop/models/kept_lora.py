@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 ENCODERS = ("text_encoder", "text_encoder_2")
-DENOISERS = ("unet", "transformer")  # (an SD3/FLUX run keeps its transformer's linears, never its encoders' layers)
 TEXT_MODEL = "text_model."  # CLIP's level that transformers 5's CLIPTextModel lacks (CLIPTextModelWithProjection has)
 EITHER_TEXT_MODEL = r"(text_model\.)?"  # (a kept text-encoder layer's pattern: its path under transformers 4 or 5)
 
