@@ -365,7 +365,7 @@ def test_a_lora_of_kept_layers_alone_says_none_train_from_it(civitai, tmp_path, 
                      str(tmp_path / "run")]) == 0
     lines = [r.getMessage() for r in caplog.records if "--init-lora" in r.getMessage() or "starting from" in
              r.getMessage()]
-    assert f"--init-lora {file}: 0 layers train from it; 4 layers kept as they came (text encoder: 2, " \
-           "convolutions: 2), fused into the frozen base" in lines, lines
+    assert f"--init-lora {file}: 0 layers train from it; 4 layers kept as they came (2 text-encoder layers, " \
+           "2 convolutions), fused into the frozen base" in lines, lines  # (as the card counts them)
     assert f"starting from the LoRA {file} (none of the run's 32 layers (it adapts none of them): the run's LoRA " \
            "starts at zero, as a fresh one)" in lines, lines  # (no "the KL starts above 0": the LoRA is at zero)

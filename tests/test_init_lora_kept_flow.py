@@ -130,7 +130,9 @@ def test_step_0_renders_the_base_with_the_whole_lora_and_keeps_the_untrained_lin
     assert_rel_close(images, reference, REORDERED, "step 0 with --init-lora")
     split = trainer.init_kept
     assert sorted(split.trained) == sorted(ATTENTION)
-    assert split.kinds == {"text encoder": 0, "convolutions": 0, "other": 4}
+    assert split.kept_layers == 4
+    assert split.kept_line("f") == "--init-lora f: 11 layers train from it; 4 layers kept as they came (4 other " \
+        "transformer linears), fused into the frozen base"
     assert sorted(k.rsplit(".lora_", 1)[0] for k in split.kept) == sorted(f"transformer.{p}" for p in KEPT * 2)
     # each kept layer's scale (alpha 3 / rank 2) folded into its B, in fp32
     b = split.kept["transformer.x_embedder.lora_B.weight"]

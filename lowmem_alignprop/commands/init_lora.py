@@ -296,7 +296,7 @@ def check_fits_meta_model(cfg, file: Path) -> str:
     split = split_init_lora(family.make_pipeline(comps), file, cfg.init_lora, cfg.lora_layers, cfg.model)
     family.add_lora(comps.unet, cfg)
     copied, trained = start_from_lora(comps.unet, split, cfg.init_lora, cfg.lora_layers)
-    kept = sum(split.kinds.values())
+    kept = split.kept_layers
     return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}"
             + (f"; {kept} more kept as they came, fused into the frozen base (no memory)" if kept else "")
             + ("; training starts from it" if copied else "; training starts from the base with those layers"))
@@ -373,19 +373,22 @@ class InitLora:
     """``--init-lora``'s LoRA split by the layers the run trains (:func:`trains_layer`): ``trained``, module path of
     the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
     other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
-    into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`); ``kinds``: how many of those are a text
-    encoder's, convolutions, other."""
+    into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`)."""
     trained: dict[str, tuple[torch.Tensor, torch.Tensor]]
     kept: dict[str, torch.Tensor]
-    kinds: dict[str, int]
+
+    @property
+    def kept_layers(self) -> int:
+        return len(self.kept) // 2  # (an A and a B each)
 
     def kept_line(self, spec: str) -> str:
-        """The log line of a LoRA with kept layers ("" with none)."""
+        """The log line of a LoRA with kept layers ("" with none), their kinds counted as the card counts them."""
+        from lowmem_alignprop.models.kept_lora import kept_kinds
+
         if not self.kept:
             return ""
-        kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items() if n)
-        return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {sum(self.kinds.values())} layers "
-                f"kept as they came ({kinds}), fused into the frozen base")
+        return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {self.kept_layers} layers kept as "
+                f"they came ({', '.join(kept_kinds(self.kept))}), fused into the frozen base")
 
 
 @torch.no_grad()
@@ -407,7 +410,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     widths = {n: tuple(p.shape) for n, p in getattr(pipe, denoiser).named_parameters()}
     load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}", fix)
     _check_not_widened(getattr(pipe, denoiser), widths, spec, fix)
-    split, quantized = InitLora({}, {}, {"text encoder": 0, "convolutions": 0, "other": 0}), {}
+    split, quantized = InitLora({}, {}), {}
     for part, component in pipe.components.items():
         if not isinstance(component, torch.nn.Module):
             continue
@@ -429,7 +432,6 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
             key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)
             split.kept[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
             split.kept[f"{key}.lora_B.weight"] = scaled.detach().float().contiguous()
-            split.kinds["text encoder" if part != denoiser else "convolutions" if a.dim() == 4 else "other"] += 1
     if quantized:
         raise UserError(quantized_refusal(spec, list(quantized), "int8" if torch.int8 in quantized.values() else "nf4",
                                           flow))
