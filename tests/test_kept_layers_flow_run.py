@@ -109,3 +109,79 @@ def test_sample_of_the_flux_run_renders_what_its_lora_renders_in_diffusers(ai_to
     assert_rel_close(image, render(_pipe(ai_toolkit["base"], run / "lora"))[0], REORDERED, "sample --lora RUN")
     attention = ai_toolkit["root"] / "attention" / "pytorch_lora_weights.safetensors"
     assert relative_difference(image, render(_pipe(ai_toolkit["base"], attention))[0]) > 30 * REORDERED
+
+
+SD3_ATTENTION = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                            "add_k_proj", "add_v_proj", "to_add_out")]
+SD3_KEPT = ["transformer_blocks.0.norm1.linear", "context_embedder"]  # (adaLN modulation; the text-side embedder)
+
+
+def _sd3_render(pipe) -> torch.Tensor:
+    """A plain StableDiffusion3Pipeline's images of PROMPTS at a fixed seed (fp32, the CPU; CFG against "")."""
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(PROMPTS, negative_prompt=[""] * len(PROMPTS), height=RES, width=RES, num_inference_steps=3,
+                    guidance_scale=4.0, output_type="pt", generator=torch.Generator().manual_seed(5),
+                    max_sequence_length=16).images
+
+
+def _sd3_pipe(base, lora=None):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
+    if lora is not None:
+        kwargs = {"weight_name": lora.name} if lora.is_file() else {}
+        pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora), **kwargs)
+    return pipe
+
+
+def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp_path):
+    """The tiny SD3 from an --init-lora that adapts block 0's attention (rank 4, alpha 8) and, of rank 2 alpha 3,
+    its adaLN modulation norm1.linear and the context_embedder: the step-0 images are those of the base with the whole
+    file fused in by diffusers (fuse_lora, saved, read as --model), and the lora/ of a run at lr 1e-30 renders in a
+    plain StableDiffusion3Pipeline what the whole file renders (scales folded into B or applied: REORDERED)."""
+    from diffusers import StableDiffusion3Pipeline
+    from flowmodels import build_tiny_sd3_dir
+    from loras import RANK
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.models.kept_lora import kept_kinds
+
+    base = build_tiny_sd3_dir(tmp_path / "base")
+    transformer = StableDiffusion3Pipeline.from_pretrained(str(base)).transformer
+    g, weights = torch.Generator().manual_seed(3), {}
+    for path in SD3_ATTENTION + SD3_KEPT:
+        layer, rank = transformer.get_submodule(path), 2 if path in SD3_KEPT else RANK
+        weights[f"{path}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
+        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.1
+    config = {"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": sorted(SD3_ATTENTION + SD3_KEPT),
+              "rank_pattern": {p: 2 for p in SD3_KEPT}, "alpha_pattern": {p: 3.0 for p in SD3_KEPT}}
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=weights,
+                                               transformer_lora_adapter_metadata=config)
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    whole = _sd3_render(_sd3_pipe(base, file))
+    attention = {k: v for k, v in weights.items() if k.rsplit(".lora_", 1)[0] in SD3_ATTENTION}
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path / "attention"), transformer_lora_layers=attention,
+                                               transformer_lora_adapter_metadata={
+                                                   "r": RANK, "lora_alpha": 2.0 * RANK,
+                                                   "target_modules": sorted(SD3_ATTENTION)})
+    assert relative_difference(_sd3_render(_sd3_pipe(base, tmp_path / "attention")), whole) > 30 * REORDERED
+
+    fused = _sd3_pipe(base, file)
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    fused.save_pretrained(str(tmp_path / "fused"))
+    _, reference = _step0(tmp_path / "fused", tmp_path / "ref")  # (FLOW's guidance 3.5: SD3's CFG scale here)
+    trainer, images = _step0(base, tmp_path / "start", "--set", f"init_lora={file}")
+    assert_rel_close(images, reference, REORDERED, "SD3 step 0 with --init-lora")
+    assert trainer.init_kept.kinds == {"text encoder": 0, "convolutions": 0, "other": 2}
+    assert sorted(trainer.init_kept.trained) == sorted(SD3_ATTENTION)
+
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(base), "--set", "sample_prompts=0", "--set", "lr=1e-30", "--steps", "1",
+                 "--init-lora", str(file), "--output-dir", str(run)]) == 0
+    lora = read_lora(str(run / "lora"))
+    assert kept_kinds(lora.kept) == ["2 other transformer linears"]
+    assert set(SD3_ATTENTION) < set(lora.modules) and not set(SD3_KEPT) & set(lora.modules)  # (block 1's from 0)
+    assert_rel_close(_sd3_render(_sd3_pipe(base, run / "lora")), whole, REORDERED, "the SD3 run's lora/ in diffusers")
