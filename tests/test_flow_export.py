@@ -1095,6 +1095,7 @@ def test_the_flux_cards_code_samples_with_the_runs_t5_length_and_runs_as_written
     block = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"THIS_FOLDER"', json.dumps(str(out)))
     assert block.startswith("from diffusers import FluxPipeline\n")
     assert summary["t5_tokens"] > 0 and f"max_sequence_length={summary['t5_tokens']}" in block, block
+    assert "kept_layers" not in summary  # (no --init-lora: nothing kept, no key)
     assert f"num_inference_steps={config['sample_steps']}, guidance_scale={config['guidance_scale']:g}" in block
     scope: dict = {"torch": torch}
     exec(block.replace('"a prompt"', '"a red car", generator=torch.Generator().manual_seed(0)'), scope)

@@ -5,6 +5,7 @@ adapter, every other layer is kept as it came, fused into the frozen base before
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -322,6 +323,8 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_lora_it_started_from(ci
     assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
                  "--set", "lr=1e-30", "--steps", "1", "--checkpoint-every", "1", "--init-lora", str(civitai["file"]),
                  "--output-dir", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["kept_layers"] == {  # (summary.json says them by kind)
+        "text_encoder": 2, "text_encoder_2": 0, "convolutions": 2, "other_linears": 1}
     cfg = _cfg(tmp_path / "unused")
     comps = load_components(cfg)
     pipe = make_pipeline(comps)

@@ -114,3 +114,18 @@ def test_a_kept_encoder_layers_config_names_the_module_under_either_transformers
     assert (config["rank_pattern"].get(key), config["alpha_pattern"].get(key)) == (3, 3)
     assert check_target_module_exists(type("C", (), config), path)
     assert marked_kept(config) == {f"encoder.layers.0.self_attn.{p}" for p in ("q_proj", "out_proj", "v_proj")}
+
+
+def test_kept_layers_are_counted_by_kind_as_summary_json_and_the_card_say_them():
+    """summary.json's kept_layers and the card's words of one SDXL set: both encoders, a convolution, a linear."""
+    from lowmem_alignprop.models.kept_lora import kept_counts, kept_kinds
+
+    a2, a4 = torch.zeros(2, 8), torch.zeros(2, 8, 3, 3)
+    kept = {f"{k}.lora_{ab}.weight": a for k, a in (("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", a2),
+                                                    ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", a2),
+                                                    ("text_encoder_2.text_model.encoder.layers.1.mlp.fc1", a2),
+                                                    ("unet.down_blocks.0.resnets.0.conv1", a4),
+                                                    ("unet.down_blocks.0.resnets.0.time_emb_proj", a2)) for ab in "AB"}
+    assert kept_counts(kept) == {"text_encoder": 1, "text_encoder_2": 2, "convolutions": 1, "other_linears": 1}
+    assert kept_kinds(kept) == ["3 text-encoder layers (2 of text_encoder_2)", "1 convolution", "1 other UNet linear"]
+    assert kept_counts({}) == dict.fromkeys(("text_encoder", "text_encoder_2", "convolutions", "other_linears"), 0)

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from numerics import REORDERED, assert_rel_close, relative_difference
+from outputs_doc import DOC, documented_keys, undocumented
 from test_init_lora_kept_flow import ATTENTION, FLOW, KEPT, PROMPTS, RES, _lora_case, _pipe, _step0
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
@@ -185,3 +186,6 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     assert kept_kinds(lora.kept) == ["2 other transformer linears"]
     assert set(SD3_ATTENTION) < set(lora.modules) and not set(SD3_KEPT) & set(lora.modules)  # (block 1's from 0)
     assert_rel_close(_sd3_render(_sd3_pipe(base, run / "lora")), whole, REORDERED, "the SD3 run's lora/ in diffusers")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kept_layers"] == {"text_encoder": 0, "text_encoder_2": 0, "convolutions": 0, "other_linears": 2}
+    assert undocumented(summary, documented_keys(DOC.read_text(encoding="utf-8"))["summary.json"]) == []

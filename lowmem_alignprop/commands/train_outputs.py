@@ -82,7 +82,8 @@ class RunOutputs:
                    "start_dirs": self.start_dirs,  # the working folder of each start (command.txt's lines)
                    "fp16_overflow_skips": sum(1 for h in self.history if h.get("update_skipped")),
                    **({"at_cap_steps": [h["step"] for h in self.history if h.get("at_cap")]}
-                      if cfg.reward_cap is not None else {})}  # steps with every image at the cap: no update
+                      if cfg.reward_cap is not None else {}),  # steps with every image at the cap: no update
+                   **self.kept_record()}
         if self.held_out is not None:
             summary.update(best_step=self.held_out.best_step, best_eval_reward=self.held_out.best_reward,
                            best_measure=self.held_out.best,
@@ -116,6 +117,14 @@ class RunOutputs:
         acc.wait_for_everyone()
         acc.end_training()  # tears the process group down before interpreter exit: no gloo abort
         return summary
+
+    def kept_record(self) -> dict:
+        """summary.json's ``kept_layers``: the layers the run kept as its --init-lora had them (in init_lora/, so in
+        every LoRA it writes), counted by kind; nothing where it kept none."""
+        from lowmem_alignprop.models.kept_lora import kept_counts, read_kept
+
+        kept = read_kept(self.out)
+        return {"kept_layers": kept_counts(kept)} if kept else {}
 
     def final_weights(self, final) -> dict | None:
         """The LoRA's tensors on the CPU (ZeRO-3: gathered whole); a full fine-tune writes its UNet here."""

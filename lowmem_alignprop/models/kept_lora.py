@@ -147,24 +147,30 @@ def save_with_kept(pipeline_class, folder, layers: dict, metadata: dict, kept: d
                                                      f"{denoiser}_lora_adapter_metadata": metadata}, **kwargs)
 
 
+def kept_counts(kept: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``kept``'s layers counted by kind (summary.json's ``kept_layers``): ``text_encoder``, ``text_encoder_2``
+    (SDXL's second encoder), ``convolutions`` and ``other_linears`` (the UNet's or transformer's linears the run
+    does not train), each kind present or not."""
+    count = dict.fromkeys(("text_encoder", "text_encoder_2", "convolutions", "other_linears"), 0)
+    for key, value in kept.items():
+        if key.endswith(".lora_A.weight"):
+            component = key.split(".", 1)[0]
+            count[component if component in ENCODERS else "convolutions" if value.ndim == 4 else "other_linears"] += 1
+    return count
+
+
 def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
     """``kept``'s layers counted by kind, as a card or a header says them: ["2 text-encoder layers (1 of
     text_encoder_2)", "3 convolutions", "1 other UNet linear"] (an SD3/FLUX run's: "4 other transformer linears"),
     the kinds it has."""
-    count: collections.Counter = collections.Counter()
-    denoiser = "UNet"
-    for key, value in kept.items():
-        if key.endswith(".lora_A.weight"):
-            component = key.split(".", 1)[0]
-            count["text_encoder" if component in ENCODERS else "conv" if value.ndim == 4 else "linear"] += 1
-            count["text_encoder_2"] += component == "text_encoder_2"
-            denoiser = "transformer" if component == "transformer" else denoiser
+    count = kept_counts(kept)
+    denoiser = "transformer" if any(k.startswith("transformer.") for k in kept) else "UNet"
     out = []
-    if n := count["text_encoder"]:
+    if n := count["text_encoder"] + count["text_encoder_2"]:
         second = f" ({count['text_encoder_2']} of text_encoder_2)" if count["text_encoder_2"] else ""
         out.append(f"{n} text-encoder layer{'s' if n != 1 else ''}{second}")
-    if n := count["conv"]:
+    if n := count["convolutions"]:
         out.append(f"{n} convolution{'s' if n != 1 else ''}")
-    if n := count["linear"]:
+    if n := count["other_linears"]:
         out.append(f"{n} other {denoiser} linear{'s' if n != 1 else ''}")
     return out
