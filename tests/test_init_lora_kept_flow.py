@@ -195,7 +195,10 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     assert sorted(lora.modules) == sorted(ATTENTION)
     assert main(["export", "--lora", str(run / "lora"), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
     assert_rel_close(_render(_pipe(base, tmp_path / "d")), images, REORDERED, "export --format diffusers")
-    assert "4 other transformer linears" in (tmp_path / "d" / "README.md").read_text()
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "4 other transformer linears" in card
+    assert "This folder holds a FLUX transformer LoRA (with 4 layers kept from its --init-lora), diffusers format" \
+        in card  # (no text encoder's among them: nothing more said)
     moved = shutil.copytree(run / "checkpoints" / "step-00000001", tmp_path / "elsewhere" / "step-00000001")
     assert main(["export", "--lora", str(moved), "--format", "diffusers", "--out", str(tmp_path / "c")]) == 0
     assert_rel_close(_render(_pipe(base, tmp_path / "c")), images, REORDERED, "a checkpoint copied out of its run")

@@ -303,13 +303,18 @@ def test_sample_of_the_run_renders_base_kept_and_trained_and_a_weight_scales_the
 def test_the_card_says_the_kept_layers_by_kind_and_that_the_file_brings_them(run_lora, tmp_path, fmt):
     """Each export's card has one row for the layers its run kept as its --init-lora had them: counted by kind (the
     fixture's 1 text-encoder layer, 1 convolution, 1 other UNet linear), and that loading the file (or the merged
-    model) brings them, at the LoRA's weight."""
+    model) brings them, at the LoRA's weight; its first sentence says the file holds more than a UNet LoRA (it said
+    "a UNet LoRA" of a file with text-encoder layers)."""
     out = export(tmp_path, run_lora, *(["--merge"] if fmt == "merge" else ["--format", fmt]))
     rows = [r for r in (out / "README.md").read_text().splitlines() if r.startswith("| kept from --init-lora |")]
     brings = ("the merged model holds them, fused with the trained layers at weight 1" if fmt == "merge" else
               "loading this LoRA loads them with its trained layers, at the LoRA's weight")
     assert rows == ["| kept from --init-lora | 3 layers as the --init-lora had them, not trained: 1 text-encoder "
                     f"layer, 1 convolution, 1 other UNet linear; {brings} |"]
+    first = next(r for r in (out / "README.md").read_text().splitlines() if r.startswith("This folder holds "))
+    holds = ("the base model with the LoRA merged in at weight 1" if fmt == "merge" else  # (a merge: the kept row)
+             f"a UNet LoRA (with 3 layers kept from its --init-lora, the text encoder's included), {fmt} format")
+    assert first.startswith(f"This folder holds {holds}, trained with lowmem-alignprop"), first
 
 
 def test_the_diffusers_cards_code_renders_samples_image_of_base_kept_and_trained(run_lora, tmp_path, monkeypatch):

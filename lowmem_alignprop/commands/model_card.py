@@ -351,7 +351,7 @@ def model_card(lora: Lora, fmt: str, files: list[str], export_command: str, merg
     family = base_family(lora)
     base = lora.base_model
     what = (f"the base model with the LoRA merged in at weight {num(merged_weight)}" if merged_weight is not None
-            else f"a {denoiser_name(lora)} LoRA, {fmt} format")
+            else f"a {denoiser_name(lora)} LoRA{kept_note(lora.kept)}, {fmt} format")
     into = merged_into if merged_into not in (None, base) else None  # merged into another model than its base
     step = grid_step if grid_step is not None else lora.step  # (a step's --sample-every grid)
     shown = "before and after training" if step is None else f"before training and at step {step}"
@@ -654,6 +654,21 @@ def kept_row(kept: dict, merged_weight: float | None) -> str:
                                                "weight")
     return (f"{len(kept) // 2} layers as the --init-lora had them, not trained: {', '.join(kept_kinds(kept))}; "
             f"{where}")
+
+
+def kept_note(kept: dict) -> str:
+    """The card's first sentence's words for a LoRA with kept --init-lora layers (Lora.kept; "" without): the file
+    is more than a UNet's (or transformer's) LoRA where it holds a text encoder's layers, which the kept row counts."""
+    from lowmem_alignprop.models.kept_lora import kept_counts
+
+    if not kept:
+        return ""
+    count = kept_counts(kept)
+    encoders = "the text encoders'" if count["text_encoder"] and count["text_encoder_2"] else \
+        "the text encoder's" if count["text_encoder"] + count["text_encoder_2"] else ""
+    n = len(kept) // 2
+    return (f" (with {n} layer{'s' if n != 1 else ''} kept from its --init-lora"
+            f"{', ' + encoders + ' included' if encoders else ''})")
 
 
 def layer_kinds(layers: int, targets: list[str]) -> str:
