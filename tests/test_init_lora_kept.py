@@ -146,7 +146,7 @@ def test_the_trained_adapter_starts_as_the_files_attention_layers(civitai, start
 def test_no_lora_layer_is_left_on_a_kept_module(civitai, started):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from lowmem_alignprop.commands.init_lora import trains_layer
+    from lowmem_alignprop.models.lora_layers import trains_layer
 
     comps = started.comps
     assert not [n for n, m in comps.text_encoder.named_modules() if isinstance(m, BaseTunerLayer)]

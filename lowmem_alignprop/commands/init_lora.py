@@ -15,6 +15,7 @@ from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, n
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
+from lowmem_alignprop.models.lora_layers import TEXT_ENCODER_KEYS, trains_layer
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -22,7 +23,6 @@ from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
 _DOWN_KEYS = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
-_TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 # a feed-forward layer's key in diffusers', peft's or kohya's names (lora_layers=attention+ff trains them)
 _FF_KEY = re.compile(r"(^|[._])ff(_context)?[._]net[._]|[._]proj_mlp[._]|single_transformer_blocks\.\d+\.proj_out\.")
 
@@ -161,28 +161,13 @@ def _damaged(spec: str, file: Path, e: Exception) -> UserError:
                      "checkpoint")
 
 
-def trains_layer(path: str, layers: str, flow: bool) -> bool:
-    """Whether a run of ``layers`` (config lora_layers) trains the layer at ``path``: a module path of the denoiser
-    (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``) or a LoRA file's layer name in diffusers' or
-    kohya's names (``lora_unet_..._attn1_to_q``), by peft's suffix rule on :func:`lora_targets` (the one rule: what
-    ``--init-lora`` starts training from, and what it keeps as it came). A text encoder's layer is never trained."""
-    from lowmem_alignprop.models.lora_layers import lora_targets, peft_exclude
-
-    if path.startswith(_TEXT_ENCODER_KEYS):
-        return False
-    targets = lora_targets(layers, flow)
-    name = path.replace(".", "_")
-    return name != peft_exclude(targets) and any(name == t or name.endswith("_" + t)
-                                                 for t in (t.replace(".", "_") for t in targets))
-
-
 def _layer_name(key: str) -> str:
     return next(key.removesuffix(s) for s in _DOWN_KEYS if key.endswith(s))
 
 
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool = False,
                     quant: str = "none") -> set[int]:
-    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (:func:`trains_layer`), from its header
+    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (:func:`~lowmem_alignprop.models.lora_layers.trains_layer`), from its header
     alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its other
     layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
     modulation, embedders, proj_out) are kept as they came, fused into the frozen base; an SD3/FLUX run (``flow``)
@@ -199,7 +184,7 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     if dora:  # its magnitudes would be dropped in silence: the run would start from another LoRA
         raise UserError(f"--init-lora {spec} is a DoRA (its magnitude vectors, e.g. {quote(dora[0])}): this trainer "
                         "trains plain LoRA and cannot start from one; pass a plain LoRA")
-    text = sorted(k for k in shapes if k.startswith(_TEXT_ENCODER_KEYS))
+    text = sorted(k for k in shapes if k.startswith(TEXT_ENCODER_KEYS))
     if text and flow:
         raise UserError(text_encoder_refusal(spec, text[0]))
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
@@ -370,7 +355,7 @@ def other_sampler(spec: str, file: Path, run: dict, eta: float) -> str | None:
 
 @dataclasses.dataclass
 class InitLora:
-    """``--init-lora``'s LoRA split by the layers the run trains (:func:`trains_layer`): ``trained``, module path of
+    """``--init-lora``'s LoRA split by the layers the run trains (:func:`~lowmem_alignprop.models.lora_layers.trains_layer`): ``trained``, module path of
     the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
     other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
     into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`)."""

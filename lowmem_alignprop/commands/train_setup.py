@@ -220,6 +220,8 @@ class RunSetup:
         return split
 
     def start_from_init_lora(self, split) -> None:
+        """The trained adapter (just added) starts as --init-lora's trained layers (``split``: read_init_lora's);
+        says so, with the sampler warning and kl_coeff's note at a fresh start."""
         from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
 
         cfg = self.cfg

@@ -8,6 +8,9 @@
   and ``ff.net.2``; SD3/FLUX's ``ff``/``ff_context``, and FLUX's single blocks' MLP input ``proj_mlp`` and their
   output ``proj_out`` (attention and MLP joined). What kohya sd-scripts and ai-toolkit train for FLUX by default.
 
+:func:`trains_layer` asks the same list of a LoRA file's layer name or a module path (what ``--init-lora`` starts
+training from, and what it keeps as it came).
+
 Names are peft suffixes (``ff.net.2`` matches ``...transformer_blocks.0.ff.net.2``). The transformers' top-level
 ``proj_out`` (the last layer, to patches) is no block's and stays without LoRA.
 """
@@ -22,6 +25,8 @@ FLOW_BLOCK_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_conte
 FLUX_SINGLE_FF = ["proj_mlp", "proj_out"]  # FLUX's single blocks: the MLP input, and the output of attention and MLP
 FLOW_FF = FLOW_BLOCK_FF + FLUX_SINGLE_FF
 TOP_LEVEL_OUT = "proj_out"  # peft's exclude_modules as a string is a regex on the whole name: the top-level only
+# a text encoder's layer in a LoRA file (kohya's lora_te/te1/te2, diffusers' text_encoder(_2), peft's te_): never trained
+TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 
 
 def lora_targets(layers: str, flow: bool) -> list[str]:
@@ -30,6 +35,19 @@ def lora_targets(layers: str, flow: bool) -> list[str]:
         raise ValueError(f"lora_layers={layers!r}: one of {', '.join(LORA_LAYERS)}")
     attention = FLOW_ATTENTION if flow else UNET_ATTENTION
     return list(attention) + (list(FLOW_FF if flow else UNET_FF) if layers == "attention+ff" else [])
+
+
+def trains_layer(path: str, layers: str, flow: bool) -> bool:
+    """Whether a run of ``layers`` (config lora_layers) trains the layer at ``path``: a module path of the denoiser
+    (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``) or a LoRA file's layer name in diffusers' or
+    kohya's names (``lora_unet_..._attn1_to_q``), by peft's suffix rule on :func:`lora_targets` (the one rule: what
+    ``--init-lora`` starts training from, and what it keeps as it came). A text encoder's layer is never trained."""
+    if path.startswith(TEXT_ENCODER_KEYS):
+        return False
+    targets = lora_targets(layers, flow)
+    name = path.replace(".", "_")
+    return name != peft_exclude(targets) and any(name == t or name.endswith("_" + t)
+                                                 for t in (t.replace(".", "_") for t in targets))
 
 
 def lora_config(rank: int, alpha: float | None, layers: str, flow: bool):
