@@ -167,7 +167,7 @@ def _layer_name(key: str) -> str:
 
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool = False,
                     quant: str = "none") -> set[int]:
-    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (:func:`~lowmem_alignprop.models.lora_layers.trains_layer`), from its header
+    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (lora_layers.trains_layer), from its header
     alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its other
     layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
     modulation, embedders, proj_out) are kept as they came, fused into the frozen base; an SD3/FLUX run (``flow``)
@@ -355,7 +355,7 @@ def other_sampler(spec: str, file: Path, run: dict, eta: float) -> str | None:
 
 @dataclasses.dataclass
 class InitLora:
-    """``--init-lora``'s LoRA split by the layers the run trains (:func:`~lowmem_alignprop.models.lora_layers.trains_layer`): ``trained``, module path of
+    """``--init-lora``'s LoRA split by the layers the run trains (lora_layers.trains_layer): ``trained``, module path of
     the denoiser -> (A, B * its scale), copied into the trained adapter by :func:`start_from_lora`; ``kept``, the
     other layers fused into the frozen base (:func:`split_init_lora`), in diffusers' layout with each scale folded
     into B (:func:`~lowmem_alignprop.models.kept_lora.write_kept`)."""

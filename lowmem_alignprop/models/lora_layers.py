@@ -25,7 +25,7 @@ FLOW_BLOCK_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_conte
 FLUX_SINGLE_FF = ["proj_mlp", "proj_out"]  # FLUX's single blocks: the MLP input, and the output of attention and MLP
 FLOW_FF = FLOW_BLOCK_FF + FLUX_SINGLE_FF
 TOP_LEVEL_OUT = "proj_out"  # peft's exclude_modules as a string is a regex on the whole name: the top-level only
-# a text encoder's layer in a LoRA file (kohya's lora_te/te1/te2, diffusers' text_encoder(_2), peft's te_): never trained
+# a text encoder's layer in a LoRA file (kohya's lora_te/te1/te2, diffusers' text_encoder(_2), peft's te_): not trained
 TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 
 
