@@ -167,12 +167,12 @@ def _layer_name(key: str) -> str:
 
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool = False,
                     quant: str = "none") -> set[int]:
-    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (lora_layers.trains_layer), from its header
-    alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its other
-    layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
+    """The ranks of the layers of a LoRA file that a run of ``layers`` trains (lora_layers.trains_layer), from its
+    header alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its
+    other layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
     modulation, embedders, proj_out) are kept as they came, fused into the frozen base; an SD3/FLUX run (``flow``)
-    refuses text-encoder and convolution layers. ``quant``: the base's storage (base_quant): an int8/nf4 model's
-    Linear layers cannot take a kept layer's delta (refused)."""
+    refuses text-encoder and convolution layers. ``quant``: the base's storage (base_quant): an int8/nf4 model's Linear
+    layers cannot take a kept layer's delta (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
