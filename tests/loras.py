@@ -230,3 +230,29 @@ def hub_metadata(out: Path) -> dict:
         assert (out / url).is_file(), url  # the widget's example image is uploaded with the card
     assert card.data.to_dict() == meta
     return meta
+
+
+def cpu_cfg(out, *extra):
+    """The cpu profile's config of a short run into ``out`` (3 sampler steps, K = 1, 2 sample prompts), ``extra``
+    command-line words after it: the --init-lora tests' run."""
+    from lowmem_alignprop.cli import common_parser, config_from_args
+
+    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(out), "--set", "sample_steps=3",
+                                               "--set", "k=1", "--set", "sample_prompts=2", *extra])
+    return config_from_args(args)[1]
+
+
+def trainer_at_step_0(cfg, prompts: list[str]):
+    """A trainer set up to its first step as train sets it up (--init-lora's LoRA checked before the model loads):
+    its ``generate`` renders the fixed-seed images of the grid's "before"."""
+    from lowmem_alignprop.commands.init_lora import check_init_lora
+    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.run.runfolder import RunFolder
+
+    trainer = Trainer(cfg, RunFolder(cfg.output_dir), prompts)
+    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
+                                         cfg.lora_layers, cfg.base_quant) if cfg.init_lora else None)
+    trainer.setup_accelerator()
+    trainer.load_models()
+    trainer.setup_sampling()
+    return trainer

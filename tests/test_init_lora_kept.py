@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from loras import cpu_cfg, trainer_at_step_0
 from numerics import EPS32, REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.settings.errors import UserError
@@ -34,26 +35,11 @@ KEPT = {TEXT: ("text_encoder", "encoder.layers.0.self_attn.q_proj", 2.0),
 
 
 def _cfg(out, *extra):
-    from lowmem_alignprop.cli import common_parser, config_from_args
-
-    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(out), "--set", "sample_steps=3",
-                                               "--set", "k=1", "--set", "sample_prompts=2", *extra])
-    return config_from_args(args)[1]
+    return cpu_cfg(out, *extra)
 
 
 def _trainer(cfg):
-    """A trainer set up to its first step, as train sets it up (the LoRA checked before the model loads)."""
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
-    from lowmem_alignprop.run.runfolder import RunFolder
-
-    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
-                                        cfg.lora_layers, cfg.base_quant)
-    trainer.setup_accelerator()
-    trainer.load_models()
-    trainer.setup_sampling()
-    return trainer
+    return trainer_at_step_0(cfg, PROMPTS)
 
 
 def _module(comps, part, path):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from loras import cpu_cfg, trainer_at_step_0
 from refusals import assert_refused, strict_rows
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
@@ -90,26 +91,12 @@ SEED = 31
 
 
 def _cfg(out, *extra):
-    from lowmem_alignprop.cli import common_parser, config_from_args
-
-    args = common_parser("t", "t").parse_args(["--profile", "cpu", "--output-dir", str(out), "--set", "sample_steps=3",
-                                               "--set", "k=1", "--set", "sample_prompts=2", *extra])
-    return config_from_args(args)[1]
+    return cpu_cfg(out, *extra)
 
 
 def _images_at_step_0(cfg):
     """The fixed-seed images the trainer renders before its first step (its `generate`, as for the grid)."""
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
-    from lowmem_alignprop.run.runfolder import RunFolder
-
-    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
-                                         cfg.lora_layers) if cfg.init_lora else None)
-    trainer.setup_accelerator()
-    trainer.load_models()
-    trainer.setup_sampling()
-    return trainer.generate(PROMPTS, SEED)[0]
+    return trainer_at_step_0(cfg, PROMPTS).generate(PROMPTS, SEED)[0]
 
 
 def _made_with_reference(tmp_path_factory, tiny_dir, layers: str):
