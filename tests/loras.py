@@ -256,3 +256,18 @@ def trainer_at_step_0(cfg, prompts: list[str]):
     trainer.load_models()
     trainer.setup_sampling()
     return trainer
+
+
+def rendered(comps, pipe, cfg, prompts: list[str], seed: int) -> torch.Tensor:
+    """The images a UNet pipeline's components render for ``prompts`` as the trainer samples them (encode, DDIM
+    rollout of cfg.sample_steps with no gradient, decode), noise from ``seed``: a reference for step-0 images."""
+    from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, rollout
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = encode_prompts(pipe, prompts, "cpu", cfg.resolution)
+        comps.scheduler.set_timesteps(cfg.sample_steps)
+        lat = initial_latents(len(prompts), comps.unet, comps.vae, cfg.resolution, g, "cpu")
+        lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                      generator=g)
+        return decode(comps.vae, lat)

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from loras import cpu_cfg, trainer_at_step_0
+from loras import cpu_cfg, rendered, trainer_at_step_0
 from numerics import EPS32, REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
 from lowmem_alignprop.settings.errors import UserError
@@ -47,16 +47,7 @@ def _module(comps, part, path):
 
 
 def _images(comps, pipe, cfg):
-    from lowmem_alignprop.models.sampling import decode, encode_prompts, initial_latents, rollout
-
-    g = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        emb = encode_prompts(pipe, PROMPTS, "cpu", cfg.resolution)
-        comps.scheduler.set_timesteps(cfg.sample_steps)
-        lat = initial_latents(len(PROMPTS), comps.unet, comps.vae, cfg.resolution, g, "cpu")
-        lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                      generator=g)
-        return decode(comps.vae, lat)
+    return rendered(comps, pipe, cfg, PROMPTS, SEED)
 
 
 @pytest.fixture(scope="module")

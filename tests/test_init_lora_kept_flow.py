@@ -99,20 +99,13 @@ def _run(case, run, *extra) -> None:
 
 def _step0(base, out, *sets):
     """The trainer's fixed-seed images before its first step, the --init-lora checked as train checks it."""
+    from loras import trainer_at_step_0
+
     from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
-    from lowmem_alignprop.run.runfolder import RunFolder
 
     args = common_parser("t", "t").parse_args([*FLOW, "--model", str(base), "--output-dir", str(out), "--set",
                                                "sample_prompts=2", *sets])
-    _, cfg = config_from_args(args)
-    trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS)
-    trainer.init_file = (check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components,
-                                         cfg.lora_layers, cfg.base_quant) if cfg.init_lora else None)
-    trainer.setup_accelerator()
-    trainer.load_models()
-    trainer.setup_sampling()
+    trainer = trainer_at_step_0(config_from_args(args)[1], PROMPTS)
     return trainer, trainer.generate(PROMPTS, 11)[0]
 
 

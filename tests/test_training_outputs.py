@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from loras import cpu_cfg, trainer_at_step_0
+from loras import cpu_cfg, rendered, trainer_at_step_0
 from refusals import assert_refused, strict_rows
 from numerics import SAME_OPS, assert_rel_close, relative_difference
 
@@ -106,7 +106,7 @@ def _made_with_reference(tmp_path_factory, tiny_dir, layers: str):
 
     from lowmem_alignprop.cli import main
     from lowmem_alignprop.models.loading import load_components
-    from lowmem_alignprop.models.sampling import decode, initial_latents, make_pipeline, rollout
+    from lowmem_alignprop.models.sampling import make_pipeline
 
     made = make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False, layers=layers)
     for fmt in ("kohya", "peft"):
@@ -115,14 +115,7 @@ def _made_with_reference(tmp_path_factory, tiny_dir, layers: str):
     comps = load_components(cfg)
     pipe = make_pipeline(comps)
     pipe.load_lora_weights(str(made["lora"]))
-    g = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        emb = encode_prompts(pipe, PROMPTS, "cpu", cfg.resolution)
-        comps.scheduler.set_timesteps(cfg.sample_steps)
-        lat = initial_latents(len(PROMPTS), comps.unet, comps.vae, cfg.resolution, g, "cpu")
-        lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                      generator=g)
-        made["images"] = decode(comps.vae, lat)
+    made["images"] = rendered(comps, pipe, cfg, PROMPTS, SEED)
     return made
 
 
