@@ -530,7 +530,7 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     Statistics, not a hash, so fp16/bf16/fp32 loads of the same model match; computed before
     DeepSpeed partitions the weights.
     """
-    conf_sha = config_sha(unet)
+    conf_sha, stored_sha = config_sha(unet), config_sha(unet, storage=True)
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
     w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
     fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": denoiser_label(first is None),
@@ -538,14 +538,19 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
             **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
+            **({"quantized_config_sha": stored_sha} if stored_sha != conf_sha else {}),
             **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {}),
             **({"components_revision": components_revision} if components_revision else {}),
             **({"vae_revision": vae_revision} if vae_revision else {})}
 
 
-def config_sha(unet) -> str:
-    """The fingerprint's architecture part: a digest of the denoiser's config (its public keys)."""
-    conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+def config_sha(unet, storage: bool = False) -> str:
+    """The fingerprint's architecture part: a digest of the denoiser's config (its public keys), without the
+    ``quantization_config`` bitsandbytes adds to it (base_quant=int8/nf4 of a model folder): how the weights are
+    stored is not which model it is, and a resume may change base_quant. ``storage``: with it, as the digest was
+    made before (a record of a quantized base then held that one: :func:`fingerprint_difference` takes both)."""
+    conf = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")
+            and (storage or k != "quantization_config")}
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -584,7 +589,10 @@ def another_model(saved: dict[str, Any], model: str, problem: str, path: Path) -
 def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str | None:
     """How the base model of ``saved`` differs from ``ours`` (None: the same model)."""
     denoiser = ours.get("denoiser", "denoiser")
-    if saved.get("unet_config_sha") != ours["unet_config_sha"]:
+    # (a record written before the digest left quantization_config out, by a run whose base was loaded quantized
+    # through diffusers, matches this model loaded so again: ours' quantized_config_sha; other changes of base_quant
+    # of such a record are still told apart as another architecture)
+    if saved.get("unet_config_sha") not in (ours["unet_config_sha"], ours.get("quantized_config_sha")):
         return f"its {denoiser} architecture differs"
     try:
         a, b = torch.tensor(saved.get("conv_in", []), dtype=torch.float64), torch.tensor(ours["conv_in"],
