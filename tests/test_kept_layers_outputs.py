@@ -414,3 +414,27 @@ def test_the_kohya_header_says_the_kept_layers(run_lora, tmp_path):
                                            f"{kept})")
     assert meta["alignprop_kept_layers"] == kept
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (str(RANK), "8")
+
+
+def test_the_cards_kept_words_count_each_kind_and_say_one_layer_in_the_singular():
+    """The card's kept row and first-sentence note of kept layers of each mix (no model: the words alone): one
+    convolution is "1 layer" (it said "1 layers", as the kohya header and the run's log line did: one rule,
+    kept_total), SDXL's two encoders "the text encoders' included", a LoCon's convolutions alone no encoder."""
+    from lowmem_alignprop.commands.init_lora import InitLora
+    from lowmem_alignprop.commands.model_card import kept_note, kept_row
+
+    def layers(*keys, ndim=2):
+        return {f"{k}.lora_{x}.weight": torch.zeros((2, 3, 1, 1)[:ndim]) for k in keys for x in "AB"}
+
+    conv = layers("unet.down_blocks.0.resnets.0.conv1", ndim=4)
+    assert kept_row(conv, None) == ("1 layer as the --init-lora had it, not trained: 1 convolution; loading this "
+                                    "LoRA loads it with its trained layers, at the LoRA's weight")
+    assert kept_note(conv) == " (with 1 layer kept from its --init-lora)"
+    assert InitLora({}, conv).kept_line("x") == ("--init-lora x: 0 layers train from it; 1 layer kept as it came (1 "
+                                                 "convolution), fused into the frozen base")
+    both = {**layers("text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+                     "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"), **conv}
+    assert kept_row(both, 0.5) == ("3 layers as the --init-lora had them, not trained: 2 text-encoder layers (1 of "
+                                   "text_encoder_2), 1 convolution; the merged model holds them, fused with the "
+                                   "trained layers at weight 0.5")
+    assert kept_note(both) == " (with 3 layers kept from its --init-lora, the text encoders' included)"

@@ -368,12 +368,13 @@ class InitLora:
 
     def kept_line(self, spec: str) -> str:
         """The log line of a LoRA with kept layers ("" with none), their kinds counted as the card counts them."""
-        from lowmem_alignprop.models.kept_lora import kept_kinds
+        from lowmem_alignprop.models.kept_lora import kept_kinds, kept_total
 
         if not self.kept:
             return ""
-        return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {self.kept_layers} layers kept as "
-                f"they came ({', '.join(kept_kinds(self.kept))}), fused into the frozen base")
+        they = "they" if self.kept_layers != 1 else "it"
+        return (f"--init-lora {spec}: {len(self.trained)} layers train from it; {kept_total(self.kept)} kept as {they} "
+                f"came ({', '.join(kept_kinds(self.kept))}), fused into the frozen base")
 
 
 @torch.no_grad()

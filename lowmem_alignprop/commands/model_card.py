@@ -647,27 +647,26 @@ def license_example(lora: Lora, version: str) -> str:
 
 def kept_row(kept: dict, merged_weight: float | None) -> str:
     """The card's row for a LoRA's kept --init-lora layers (Lora.kept): how many of each kind, and where they are."""
-    from lowmem_alignprop.models.kept_lora import kept_kinds
+    from lowmem_alignprop.models.kept_lora import kept_kinds, kept_total
 
-    where = (f"the merged model holds them, fused with the trained layers at weight {num(merged_weight)}"
-             if merged_weight is not None else "loading this LoRA loads them with its trained layers, at the LoRA's "
-                                               "weight")
-    return (f"{len(kept) // 2} layers as the --init-lora had them, not trained: {', '.join(kept_kinds(kept))}; "
-            f"{where}")
+    them = "them" if len(kept) != 2 else "it"
+    where = (f"the merged model holds {them}, fused with the trained layers at weight {num(merged_weight)}"
+             if merged_weight is not None else f"loading this LoRA loads {them} with its trained layers, at the "
+                                               "LoRA's weight")
+    return f"{kept_total(kept)} as the --init-lora had {them}, not trained: {', '.join(kept_kinds(kept))}; {where}"
 
 
 def kept_note(kept: dict) -> str:
     """The card's first sentence's words for a LoRA with kept --init-lora layers (Lora.kept; "" without): the file
     is more than a UNet's (or transformer's) LoRA where it holds a text encoder's layers, which the kept row counts."""
-    from lowmem_alignprop.models.kept_lora import kept_counts
+    from lowmem_alignprop.models.kept_lora import kept_counts, kept_total
 
     if not kept:
         return ""
     count = kept_counts(kept)
     encoders = "the text encoders'" if count["text_encoder"] and count["text_encoder_2"] else \
         "the text encoder's" if count["text_encoder"] + count["text_encoder_2"] else ""
-    n = len(kept) // 2
-    return (f" (with {n} layer{'s' if n != 1 else ''} kept from its --init-lora"
+    return (f" (with {kept_total(kept)} kept from its --init-lora"
             f"{', ' + encoders + ' included' if encoders else ''})")
 
 

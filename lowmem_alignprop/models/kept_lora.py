@@ -159,6 +159,13 @@ def kept_counts(kept: dict[str, torch.Tensor]) -> dict[str, int]:
     return count
 
 
+def kept_total(kept: dict[str, torch.Tensor]) -> str:
+    """How many layers ``kept`` holds (an A and a B each), as a card, a header or a log line says it: "3 layers",
+    "1 layer"."""
+    n = len(kept) // 2
+    return f"{n} layer{'s' if n != 1 else ''}"
+
+
 def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
     """``kept``'s layers counted by kind, as a card or a header says them: ["2 text-encoder layers (1 of
     text_encoder_2)", "3 convolutions", "1 other UNet linear"] (an SD3/FLUX run's: "4 other transformer linears"),
