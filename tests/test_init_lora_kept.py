@@ -250,8 +250,11 @@ def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civi
                             "transformer layers only; pass a LoRA without text-encoder layers")
     convs = {k: v for k, v in civitai["weights"].items() if k.startswith((CONV1, CONV3))}
     save_file(convs, str(tmp_path / "locon.safetensors"))
-    with pytest.raises(UserError, match=f"adapts 2 convolution layers \\(e.g. '{CONV3}.lora_down.weight': a LoCon's"):
-        lora_file_ranks(tmp_path / "locon.safetensors", str(tmp_path / "locon.safetensors"), flow=True)
+    with pytest.raises(UserError) as e:
+        lora_file_ranks(tmp_path / "locon.safetensors", "locon.safetensors", flow=True)
+    assert str(e.value) == (f"--init-lora locon.safetensors adapts 2 convolution layers (e.g. '{CONV3}.lora_down."
+                            "weight': a LoCon's): an SD3/FLUX run trains and keeps transformer linear layers only "
+                            "(a UNet run keeps convolutions as they came); pass a LoRA without convolution layers")
     assert lora_file_ranks(tmp_path / "locon.safetensors", "x") == set()  # (a UNet: kept, no layer trains from it)
 
 

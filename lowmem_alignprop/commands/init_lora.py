@@ -192,9 +192,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4)
     if conv and flow:  # (SD3/FLUX: no layer this trainer adapts is a convolution)
         raise UserError(f"--init-lora {spec} adapts {len(conv)} convolution layer{'s' if len(conv) > 1 else ''} (e.g. "
-                        f"{quote(conv[0])}: a LoCon's, or SD 1.x's proj_in / proj_out): this trainer trains and "
-                        "exports LoRA on the linear attention (and feed-forward) layers only and cannot start from "
-                        "them; pass a LoRA without convolution layers")
+                        f"{quote(conv[0])}: a LoCon's): an SD3/FLUX run trains and keeps transformer linear layers "
+                        "only (a UNet run keeps convolutions as they came); pass a LoRA without convolution layers")
     ff = sorted(k for k in shapes if _FF_KEY.search(k))
     if ff and layers == "attention":
         raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
