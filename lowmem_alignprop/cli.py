@@ -130,8 +130,9 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
     p.add_argument("--init-lora", metavar="DIR|FILE", help="start from this LoRA (a run's lora/ folder, a checkpoint, "
-                   "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one (plan checks it as "
-                   "training does)")
+                   "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one; its layers the run does "
+                   "not train (text encoders, convolutions, other linears) are kept as they came, fused into the base "
+                   "(plan checks it as training does)")
     args = p.parse_args(argv)
     for flag in ("checkpoint_every", "sample_every", "init_lora"):
         if getattr(args, flag) is not None:

@@ -162,8 +162,11 @@ class Config:
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
     init_lora: str = _f("", "Start from an existing LoRA instead of a fresh one (--init-lora): a run's lora/ folder, a "
                         "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, or a peft adapter "
-                        "folder, of this model and of rank lora_rank. Step 0 then renders what that LoRA renders. "
-                        "Empty: a fresh LoRA.")
+                        "folder, of this model, the layers the run trains from it of rank lora_rank. Its layers "
+                        "the run does not train (SD 1.x/2.x/SDXL: text encoders, convolutions, other linears; "
+                        "SD3/FLUX: other transformer linears) are kept as they came, fused into the frozen base and "
+                        "written into every LoRA the run writes. Step 0 then renders what that LoRA renders. Empty: a "
+                        "fresh LoRA.")
     optimizer: str = _f("adamw", "adamw (fp32 state, 8 bytes/param), adamw8bit (bitsandbytes, 2 bytes/param), "
                         "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
                         ("adamw", "adamw8bit", "paged_adamw8bit"))
