@@ -277,3 +277,18 @@ def test_plan_says_the_kept_transformer_linears(ai_toolkit, capsys):
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
     assert said == [f"--init-lora {ai_toolkit['file']}: rank {RANK}, 11 layers; 4 more kept as they came, fused into "
                     "the frozen base (no memory); training starts from it"], said
+
+
+def test_the_kohya_export_of_an_sd3_runs_kept_layer_is_refused_naming_diffusers():
+    """An SD3 run's kept --init-lora layers have no kohya names a reader here checks (diffusers' SD3 loader reads
+    none): the kohya export is refused with one line naming --format diffusers or peft (it had no test; of one
+    layer it said "1 SD3 transformer layers")."""
+    from lowmem_alignprop.commands.flow_export import SD3, kohya_kept
+
+    kept = {"transformer_blocks.0.norm1.linear.lora_A.weight": torch.zeros(2, 32),
+            "transformer_blocks.0.norm1.linear.lora_B.weight": torch.zeros(192, 2)}
+    with pytest.raises(UserError) as e:
+        kohya_kept(kept, SD3, "RUN/lora")
+    assert str(e.value) == ("--format kohya: RUN/lora also holds 1 SD3 transformer layer its run kept as its "
+                            "--init-lora had them, whose kohya names no reader we can check reads back (diffusers' SD3 "
+                            "loader reads no kohya names): export --format diffusers or --format peft")

@@ -143,9 +143,10 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
     against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
     names them without ``transformer.``, and its loader then drops them without a word)."""
     if family != FLUX:
-        raise UserError(f"--format kohya: {label} also holds {len(kept) // 2} SD3 transformer layers its run kept as "
-                        "its --init-lora had them, whose kohya names no reader we can check reads back (diffusers' "
-                        "SD3 loader reads no kohya names): export --format diffusers or --format peft")
+        n = len(kept) // 2
+        raise UserError(f"--format kohya: {label} also holds {n} SD3 transformer layer{'s' if n != 1 else ''} its run "
+                        "kept as its --init-lora had them, whose kohya names no reader we can check reads back "
+                        "(diffusers' SD3 loader reads no kohya names): export --format diffusers or --format peft")
     top = sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
     if top:
         raise UserError(f"--format kohya: {label} also holds {len(top)} FLUX.1 layer{'s' if len(top) > 1 else ''} "
