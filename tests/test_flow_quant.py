@@ -283,3 +283,79 @@ def test_the_planner_counts_fp8_storage(dirs):
     assert saved > 0
     assert plain.weights["unet"] - fp8.weights["unet"] == pytest.approx(saved, rel=0.01)
     assert any("base_quant=fp8" in n and "upcast" in n for n in fp8.notes)
+
+
+# -- which model a quantized FLUX.1 base is -------------------------------------------------------------------------
+
+def _fast(model, run) -> list[str]:
+    return ["--profile", "cpu", "--model", str(model), "--output-dir", str(run), "--set", "sample_prompts=0",
+            "--set", "sample_steps=2", "--set", "batch_size=1", "--set", "k=1", "--set", f"resolution={RES}"]
+
+
+def _codes(model, mode: str) -> list[float]:
+    """The fingerprint's statistics of FLUX.1's first weight (its timestep embedder's Linear) as the bitsandbytes
+    codes ``mode`` stores it in (none: the weight as read): what records of int8/nf4 runs held before the
+    fingerprint took the weight as read (a run of the plain model: what its records hold, before and now)."""
+    from lowmem_alignprop.models.loading import load_components
+
+    w = next(load_components(Config(model=str(model), base_quant=mode)).unet.parameters()).detach().float().flatten()
+    return [w.mean().item(), w.std().item()] + w[:8].tolist()
+
+
+def test_a_flux_resume_may_change_base_quant(dirs, cpu_quant, tmp_path, fresh_log_handlers, caplog):
+    """A FLUX.1 resume none -> int8 -> none trains on, the change said and recorded (the fingerprint held statistics
+    of the first weight, a Linear that int8/nf4 turn into codes: "belongs to another base model ... its transformer
+    weights differ"). A checkpoint of an int8 run recorded before (the codes' statistics) resumes with int8."""
+    import json
+    import logging
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert main([*_fast(dirs["flux"], run), "--steps", "1"]) == 0
+    plain = _codes(dirs["flux"], "none")
+    assert json.loads((run / "lora" / "base_model.json").read_text())["conv_in"] == plain  # (as before the fix)
+    for step, (was, now) in ((2, ("none", "int8")), (3, ("int8", "none"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            assert main([*_fast(dirs["flux"], run), "--resume", "latest", "--steps", str(step),
+                         "--set", f"base_quant={now}"]) == 0, caplog.text
+        assert f"resume: base_quant was {was!r} in the checkpoint, now {now!r}" in caplog.text
+    changes = json.loads((run / "summary.json").read_text())["resume_changes"]
+    assert changes[-2:] == [{"step": 2, "changes": {"base_quant": ["none", "int8"]}},
+                            {"step": 3, "changes": {"base_quant": ["int8", "none"]}}], changes
+    step2 = ckpt.step_dir(ckpt.root_of(run), 2)  # trained on int8: its record as written before the fix
+    state = json.loads((step2 / "state.json").read_text())
+    codes = _codes(dirs["flux"], "int8")
+    assert abs(codes[1] - state["fingerprint"]["conv_in"][1]) > 1  # (codes' std ~70, the weights' ~0.04)
+    state["fingerprint"]["conv_in"] = codes
+    state["fingerprint"].pop("quantized_conv_in", None)
+    (step2 / "state.json").write_text(json.dumps(state))
+    (step2 / "manifest.json").unlink()
+    ckpt.write_manifest(step2)
+    assert main([*_fast(dirs["flux"], run), "--resume", str(step2), "--steps", "3", "--set", "base_quant=int8"]) == 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_quantized_flux_lora_belongs_to_the_plain_model(dirs, cpu_quant, tmp_path, fresh_log_handlers, caplog,
+                                                          mode):
+    """`sample` and `export --merge` of a LoRA trained on an int8/nf4 FLUX.1 base load the plain model: its record
+    names it as the LoRA's base (its statistics of the first weight were the codes': "its transformer weights
+    differ", a warning from sample, a refusal from the merge)."""
+    import json
+    import logging
+
+    from lowmem_alignprop.cli import main
+
+    run = tmp_path / mode
+    assert main([*_fast(dirs["flux"], run), "--steps", "1", "--set", f"base_quant={mode}"]) == 0
+    record = json.loads((run / "lora" / "base_model.json").read_text())
+    assert record["conv_in"] == _codes(dirs["flux"], "none")  # the weight as read, the plain model's record
+    assert record["quantized_conv_in"] == _codes(dirs["flux"], mode)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["sample", "--lora", str(run / "lora"), "--prompt", "a cat", "--set", "sample_steps=2",
+                     "--out", str(tmp_path / "grid.png")]) == 0
+        assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert "another model" not in caplog.text and "differs" not in caplog.text, caplog.text

@@ -202,6 +202,19 @@ def _plain_linears(model: nn.Module):
                 yield parent, attr, name, child
 
 
+# the statistics of a model's first weight as read (:func:`weight_stats`), kept on the bitsandbytes layer that took it
+# over: its weight now holds codes (int8 std ~70, nf4 packed bytes), and the fingerprint (run/checkpoint.fingerprint:
+# FLUX.1's first weight is its timestep embedder's Linear) names the model by its weights, not how they are stored
+AS_READ = "weight_stats_as_read"
+
+
+def weight_stats(w: torch.Tensor) -> list[float]:
+    """Mean, std and first 8 values of a weight in float32: what a fingerprint records of a denoiser's first weight
+    (run/checkpoint.fingerprint; close, not equal, for fp16/bf16/fp32 loads of one model)."""
+    w = w.detach().float().flatten()
+    return [w.mean().item(), w.std().item()] + w[:8].tolist()
+
+
 def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_quant: bool = DOUBLE_QUANT,
                       device: torch.device | str | None = None, quiet: bool = False, stay=()) -> int:
     """Swap every nn.Linear of ``unet`` for a bitsandbytes layer and move the model to ``device``
@@ -214,7 +227,9 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
     check_mode(mode)
     bnb = require_bitsandbytes(mode)
     device = torch.device(device) if device is not None else target_device()
-    count = 0
+    # a whole model (diffusers' have a config), not one of its blocks (block_loading quantizes each as it is read:
+    # a float32 copy of a block's first weight, 226 MB for FLUX.1's, is not taken for nothing)
+    count, first = 0, next(unet.parameters(), None) if hasattr(unet, "config") else None
     for parent, attr, _, lin in _plain_linears(unet):
         has_bias = lin.bias is not None
         if mode == "int8":
@@ -231,6 +246,8 @@ def quantize_in_place(unet: nn.Module, mode: str, dtype: torch.dtype, *, double_
                                          compress_statistics=double_quant, quant_type="nf4", module=q)
         if has_bias:
             q.bias = nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
+        if lin.weight is first:  # the fingerprint's weight, before it is codes
+            setattr(q, AS_READ, weight_stats(first))
         setattr(parent, attr, q)
         count += 1
     _move_except(unet, device, stay)  # quantization happens here, one weight at a time: the fp16 copy of each is freed

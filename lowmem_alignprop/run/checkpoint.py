@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowmem_alignprop.memory import quant
 from lowmem_alignprop.run.atomic import fsync_dir
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.runlock import global_rank, holder, next_free_dir, world_size
@@ -532,13 +533,18 @@ def fingerprint(cfg, unet, schedule: dict | None = None, t5: bool | None = None,
     """
     conf_sha, stored_sha = config_sha(unet), config_sha(unet, storage=True)
     first = getattr(unet, "conv_in", None)  # a UNet's first conv; a transformer's first weight (its patch embedding)
-    w = (first.weight if first is not None else next(unet.parameters())).detach().float().flatten()
+    name, w = ("conv_in.weight", first.weight) if first is not None else next(unet.named_parameters())
+    # a weight bitsandbytes quantized (base_quant=int8/nf4: FLUX.1's timestep embedder) holds codes: the statistics
+    # of the weight as read, which quant.quantize_in_place kept, name the model (the codes': quantized_conv_in)
+    stored = quant.weight_stats(w)
+    read = getattr(unet.get_submodule(name.rpartition(".")[0]), quant.AS_READ, None)
     fp = {"model": cfg.model, "unet_config_sha": conf_sha, "denoiser": denoiser_label(first is None),
-          "conv_in": [w.mean().item(), w.std().item()] + w[:8].tolist()}
+          "conv_in": read or stored}
     predicts = (schedule or {}).get("prediction_type")
     return {**fp, **({"prediction_type": predicts} if predicts else {}),
             **({"zero_terminal_snr": True} if (schedule or {}).get("rescale_betas_zero_snr") else {}),
             **({"quantized_config_sha": stored_sha} if stored_sha != conf_sha else {}),
+            **({"quantized_conv_in": stored} if read else {}),
             **({"t5": t5} if t5 is not None else {}), **({"revision": revision} if revision else {}),
             **({"components_revision": components_revision} if components_revision else {}),
             **({"vae_revision": vae_revision} if vae_revision else {})}
@@ -594,12 +600,14 @@ def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str |
     # of such a record are still told apart as another architecture)
     if saved.get("unet_config_sha") not in (ours["unet_config_sha"], ours.get("quantized_config_sha")):
         return f"its {denoiser} architecture differs"
-    try:
-        a, b = torch.tensor(saved.get("conv_in", []), dtype=torch.float64), torch.tensor(ours["conv_in"],
-                                                                                         dtype=torch.float64)
+    try:  # (likewise a record of an int8/nf4 run written before the fingerprint took its first weight as read, not
+        # as bitsandbytes' codes: ours' quantized_conv_in, this model loaded so again)
+        a = torch.tensor(saved.get("conv_in", []), dtype=torch.float64)
+        bs = [torch.tensor(b, dtype=torch.float64) for b in (ours["conv_in"], ours.get("quantized_conv_in"))
+              if b is not None]
     except (TypeError, ValueError, RuntimeError):  # a record of the wrong shape: not this model's
         return "its weights' record is unreadable"
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
+    if not any(a.shape == b.shape and torch.allclose(a, b, rtol=2e-2, atol=2e-3) for b in bs):
         return f"its {denoiser} weights differ"
     return None
 
