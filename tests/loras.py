@@ -271,3 +271,18 @@ def rendered(comps, pipe, cfg, prompts: list[str], seed: int) -> torch.Tensor:
         lat = rollout(comps.unet, comps.scheduler, lat, emb, k=0, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
                       generator=g)
         return decode(comps.vae, lat)
+
+
+def assert_samples_and_merges_on_its_base(lora: Path, tmp_path: Path, caplog) -> None:
+    """`sample` and `export --merge` of ``lora`` (a run's lora/) on the model it was trained on, as recorded: exit 0
+    and no word of another model (a record that names the model otherwise warns in sample, refuses the merge)."""
+    import logging
+
+    from lowmem_alignprop.cli import main
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+        assert main(["sample", "--lora", str(lora), "--prompt", "a cat", "--set", "sample_steps=2",
+                     "--out", str(tmp_path / "grid.png")]) == 0
+        assert main(["export", "--lora", str(lora), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert "another model" not in caplog.text and "differs" not in caplog.text, caplog.text

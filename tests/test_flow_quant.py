@@ -344,7 +344,8 @@ def test_a_quantized_flux_lora_belongs_to_the_plain_model(dirs, cpu_quant, tmp_p
     names it as the LoRA's base (its statistics of the first weight were the codes': "its transformer weights
     differ", a warning from sample, a refusal from the merge)."""
     import json
-    import logging
+
+    from loras import assert_samples_and_merges_on_its_base
 
     from lowmem_alignprop.cli import main
 
@@ -353,9 +354,4 @@ def test_a_quantized_flux_lora_belongs_to_the_plain_model(dirs, cpu_quant, tmp_p
     record = json.loads((run / "lora" / "base_model.json").read_text())
     assert record["conv_in"] == _codes(dirs["flux"], "none")  # the weight as read, the plain model's record
     assert record["quantized_conv_in"] == _codes(dirs["flux"], mode)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        assert main(["sample", "--lora", str(run / "lora"), "--prompt", "a cat", "--set", "sample_steps=2",
-                     "--out", str(tmp_path / "grid.png")]) == 0
-        assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
-    assert "another model" not in caplog.text and "differs" not in caplog.text, caplog.text
+    assert_samples_and_merges_on_its_base(run / "lora", tmp_path, caplog)
