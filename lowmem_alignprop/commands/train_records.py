@@ -51,8 +51,7 @@ class RunRecords:
     ``start``, ``step``, ``refinish``, ``command``, ``profile_name``, ``prompts``, ``eval_prompts``, ``searched``,
     ``init_file``, ``init_lora_copy``, ``init_source``, ``init_kept``, ``bare_unet``, ``optimizer``, ``engine``,
     ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets
-    ``history``,
-    ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``, ``eval_owed``,
+    ``history``, ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``, ``eval_owed``,
     ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
 
     def restore(self) -> None:
