@@ -328,16 +328,21 @@ def test_a_unet_of_fp16_variant_files_loads_quantized(tiny_dir, cpu_quant, tmp_p
 
 
 
+_FP8_SETS = {"fp8": ["--set", "unet_checkpointing=blocks"]}  # (base_quant=fp8 trains with per-block checkpointing)
+
+
 def _fast(tiny_dir, run):
     return ["--profile", "cpu", "--model", str(tiny_dir), "--output-dir", str(run), "--set", "sample_prompts=0",
             "--set", "sample_steps=2", "--set", "batch_size=1", "--set", "k=1", "--set", "resolution=32"]
 
 
-def test_a_resume_may_change_base_quant(tiny_dir, cpu_quant, tmp_path, caplog):
-    """base_quant is how the frozen base is stored, not which model it is: a resume none -> int8 -> none trains on,
-    the change said and recorded as other changes of what the LoRA trained with are (bitsandbytes adds
-    quantization_config to the UNet's config, which the fingerprint's digest took in: "belongs to another base
-    model"). A checkpoint of an int8 start recorded before the digest left it out resumes with int8 as it did."""
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_resume_may_change_base_quant(tiny_dir, cpu_quant, tmp_path, caplog, mode):
+    """base_quant is how the frozen base is stored, not which model it is: a resume none -> int8 -> none (and
+    none -> fp8 -> none, with the per-block checkpointing fp8 needs) trains on, the change said and recorded as other
+    changes of what the LoRA trained with are (bitsandbytes adds quantization_config to the UNet's config, which the
+    fingerprint's digest took in: "belongs to another base model"). A checkpoint of an int8 start recorded before
+    the digest left it out resumes with int8 as it did."""
     import json
     import logging
 
@@ -345,16 +350,18 @@ def test_a_resume_may_change_base_quant(tiny_dir, cpu_quant, tmp_path, caplog):
     from lowmem_alignprop.run import checkpoint as ckpt
 
     run = tmp_path / "run"
-    assert main([*_fast(tiny_dir, run), "--steps", "1"]) == 0
-    for step, (was, now) in ((2, ("none", "int8")), (3, ("int8", "none"))):
+    fast = [*_fast(tiny_dir, run), *_FP8_SETS.get(mode, [])]
+    assert main([*fast, "--steps", "1"]) == 0
+    for step, (was, now) in ((2, ("none", mode)), (3, (mode, "none"))):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-            assert main([*_fast(tiny_dir, run), "--resume", "latest", "--steps", str(step),
-                         "--set", f"base_quant={now}"]) == 0
+            assert main([*fast, "--resume", "latest", "--steps", str(step), "--set", f"base_quant={now}"]) == 0
         assert f"resume: base_quant was {was!r} in the checkpoint, now {now!r}" in caplog.text
     changes = json.loads((run / "summary.json").read_text())["resume_changes"]
-    assert changes[-2:] == [{"step": 2, "changes": {"base_quant": ["none", "int8"]}},
-                            {"step": 3, "changes": {"base_quant": ["int8", "none"]}}], changes
+    assert changes[-2:] == [{"step": 2, "changes": {"base_quant": ["none", mode]}},
+                            {"step": 3, "changes": {"base_quant": [mode, "none"]}}], changes
+    if mode == "fp8":  # (layerwise casting after the load: no other config, nothing recorded before to resume)
+        return
     # step 2 trained on int8: its record as written before the fix (the digest with quantization_config)
     step2 = ckpt.step_dir(ckpt.root_of(run), 2)
     state = json.loads((step2 / "state.json").read_text())
@@ -367,13 +374,15 @@ def test_a_resume_may_change_base_quant(tiny_dir, cpu_quant, tmp_path, caplog):
     assert main([*_fast(tiny_dir, run), "--resume", str(step2), "--steps", "3", "--set", "base_quant=int8"]) == 0
 
 
-def test_an_int8_trained_lora_belongs_to_the_plain_model(tiny_dir, cpu_quant, tmp_path, caplog):
-    """`sample` and `export --merge` of a LoRA trained on an int8 base load the plain model: its record names it as
-    the LoRA's base (it said "its UNet architecture differs": a warning from sample, a refusal from the merge)."""
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_quantized_lora_belongs_to_the_plain_model(tiny_dir, cpu_quant, tmp_path, caplog, mode):
+    """`sample` and `export --merge` of a LoRA trained on an int8 (or fp8) base load the plain model: its record
+    names it as the LoRA's base (it said "its UNet architecture differs": a warning from sample, a refusal from the
+    merge)."""
     from loras import assert_samples_and_merges_on_its_base
 
     from lowmem_alignprop.cli import main
 
-    run = tmp_path / "int8"
-    assert main([*_fast(tiny_dir, run), "--steps", "1", "--set", "base_quant=int8"]) == 0
+    run = tmp_path / mode
+    assert main([*_fast(tiny_dir, run), *_FP8_SETS.get(mode, []), "--steps", "1", "--set", f"base_quant={mode}"]) == 0
     assert_samples_and_merges_on_its_base(run / "lora", tmp_path, caplog)
