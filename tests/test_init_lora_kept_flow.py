@@ -232,7 +232,7 @@ def test_the_kohya_export_of_kept_flux_modulation_layers_loads_in_diffusers(tmp_
     with pytest.raises(UserError) as e:
         kohya_state_dict(lora)
     assert str(e.value) == (f"--format kohya: {lora.named} also holds 1 FLUX.1 layer outside its blocks that its run "
-                            "kept as its --init-lora had them (e.g. 'x_embedder': img_in in kohya's names), which "
+                            "kept as its --init-lora had it (e.g. 'x_embedder': img_in in kohya's names), which "
                             "diffusers' kohya FLUX reader drops without a word: export --format diffusers or --format "
                             "peft")
 
@@ -290,5 +290,5 @@ def test_the_kohya_export_of_an_sd3_runs_kept_layer_is_refused_naming_diffusers(
     with pytest.raises(UserError) as e:
         kohya_kept(kept, SD3, "RUN/lora")
     assert str(e.value) == ("--format kohya: RUN/lora also holds 1 SD3 transformer layer its run kept as its "
-                            "--init-lora had them, whose kohya names no reader we can check reads back (diffusers' SD3 "
+                            "--init-lora had it, whose kohya names no reader we can check reads back (diffusers' SD3 "
                             "loader reads no kohya names): export --format diffusers or --format peft")

@@ -169,7 +169,7 @@ def test_a_peft_export_is_refused_naming_diffusers_or_kohya(run_lora, tmp_path, 
     assert main(["export", "--lora", str(run_lora), "--out", str(tmp_path / "out"), "--format", "peft"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --format peft: {run_lora} also holds 1 text-encoder layer its run kept as its "
-                   "--init-lora had them, which a peft adapter of the UNet cannot hold: export --format diffusers or "
+                   "--init-lora had it, which a peft adapter of the UNet cannot hold: export --format diffusers or "
                    "--format kohya"]
     assert not (tmp_path / "out").exists()
 
@@ -422,6 +422,7 @@ def test_the_cards_kept_words_count_each_kind_and_say_one_layer_in_the_singular(
     kept_total), SDXL's two encoders "the text encoders' included", a LoCon's convolutions alone no encoder."""
     from lowmem_alignprop.commands.init_lora import InitLora
     from lowmem_alignprop.commands.model_card import kept_note, kept_row
+    from lowmem_alignprop.models.kept_lora import kept_header
 
     def layers(*keys, ndim=2):
         return {f"{k}.lora_{x}.weight": torch.zeros((2, 3, 1, 1)[:ndim]) for k in keys for x in "AB"}
@@ -430,6 +431,7 @@ def test_the_cards_kept_words_count_each_kind_and_say_one_layer_in_the_singular(
     assert kept_row(conv, None) == ("1 layer as the --init-lora had it, not trained: 1 convolution; loading this "
                                     "LoRA loads it with its trained layers, at the LoRA's weight")
     assert kept_note(conv) == " (with 1 layer kept from its --init-lora)"
+    assert kept_header(conv) == "1 layer kept as its --init-lora had it: 1 convolution"  # (the kohya header's)
     assert InitLora({}, conv).kept_line("x") == ("--init-lora x: 0 layers train from it; 1 layer kept as it came (1 "
                                                  "convolution), fused into the frozen base")
     both = {**layers("text_encoder.text_model.encoder.layers.0.self_attn.q_proj",

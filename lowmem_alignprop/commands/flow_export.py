@@ -142,17 +142,19 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
     --format diffusers (``label``: the LoRA, for the line) for SD3's (no kohya reader in diffusers to check them
     against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
     names them without ``transformer.``, and its loader then drops them without a word)."""
+    from lowmem_alignprop.models.kept_lora import them
+
     if family != FLUX:
         n = len(kept) // 2
         raise UserError(f"--format kohya: {label} also holds {n} SD3 transformer layer{'s' if n != 1 else ''} its run "
-                        "kept as its --init-lora had them, whose kohya names no reader we can check reads back "
+                        f"kept as its --init-lora had {them(n)}, whose kohya names no reader we can check reads back "
                         "(diffusers' SD3 loader reads no kohya names): export --format diffusers or --format peft")
     top = sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
     if top:
         raise UserError(f"--format kohya: {label} also holds {len(top)} FLUX.1 layer{'s' if len(top) > 1 else ''} "
-                        f"outside its blocks that its run kept as its --init-lora had them (e.g. {quote(top[0])}: "
-                        f"{_FLUX_TOP[top[0]]} in kohya's names), which diffusers' kohya FLUX reader drops without a "
-                        "word: export --format diffusers or --format peft")
+                        f"outside its blocks that its run kept as its --init-lora had {them(len(top))} (e.g. "
+                        f"{quote(top[0])}: {_FLUX_TOP[top[0]]} in kohya's names), which diffusers' kohya FLUX reader "
+                        "drops without a word: export --format diffusers or --format peft")
     out = {}
     for key in sorted(k for k in kept if k.endswith(".lora_A.weight")):
         module = key[: -len(".lora_A.weight")]

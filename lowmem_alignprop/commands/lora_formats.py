@@ -172,8 +172,8 @@ def kohya_metadata(lora: Lora, title: str | None = None) -> dict[str, str]:
         if info.get("init_lora_source"):  # the user's own file's digest, which their sha256sum matches (the card's)
             meta["alignprop_init_lora_source_sha256"] = info["init_lora_source"]["sha256"]
     if lora.kept:  # (ss_network_dim/alpha and the targets are the trained layers'; these have their own ranks)
-        from lowmem_alignprop.models.kept_lora import kept_kinds, kept_total
-        kept = f"{kept_total(lora.kept)} kept as its --init-lora had them: {', '.join(kept_kinds(lora.kept))}"
+        from lowmem_alignprop.models.kept_lora import kept_header
+        kept = kept_header(lora.kept)
         meta["ss_training_comment"] = meta["ss_training_comment"].replace(" only)", f" trained; {kept})")
         meta["alignprop_kept_layers"] = kept
     if not lora.flow:  # sd-scripts writes both: A1111 tells SD 2.x by ss_v2 alone, SD.Next by the architecture

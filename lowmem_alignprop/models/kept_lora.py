@@ -166,6 +166,18 @@ def kept_total(kept: dict[str, torch.Tensor]) -> str:
     return f"{n} layer{'s' if n != 1 else ''}"
 
 
+def them(n: int) -> str:
+    """The pronoun a line says ``n`` kept layers again with ("1 layer ... had it", "3 layers ... had them")."""
+    return "it" if n == 1 else "them"
+
+
+def kept_header(kept: dict[str, torch.Tensor]) -> str:
+    """The kohya header's words for ``kept`` (its training comment's and ``alignprop_kept_layers``): "3 layers kept
+    as its --init-lora had them: 1 text-encoder layer, 2 convolutions", "1 layer kept as its --init-lora had it:
+    ..."."""
+    return f"{kept_total(kept)} kept as its --init-lora had {them(len(kept) // 2)}: {', '.join(kept_kinds(kept))}"
+
+
 def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
     """``kept``'s layers counted by kind, as a card or a header says them: ["2 text-encoder layers (1 of
     text_encoder_2)", "3 convolutions", "1 other UNet linear"] (an SD3/FLUX run's: "4 other transformer linears"),
