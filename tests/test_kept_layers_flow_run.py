@@ -176,7 +176,6 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     _, reference = _step0(tmp_path / "fused", tmp_path / "ref")  # (FLOW's guidance 3.5: SD3's CFG scale here)
     trainer, images = _step0(base, tmp_path / "start", "--set", f"init_lora={file}")
     assert_rel_close(images, reference, REORDERED, "SD3 step 0 with --init-lora")
-    from lowmem_alignprop.models.kept_lora import kept_kinds
     assert kept_kinds(trainer.init_kept.kept) == ["2 other transformer linears"]
     assert sorted(trainer.init_kept.trained) == sorted(SD3_ATTENTION)
 
