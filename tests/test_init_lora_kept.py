@@ -253,8 +253,9 @@ def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civi
     with pytest.raises(UserError) as e:
         lora_file_ranks(tmp_path / "locon.safetensors", "locon.safetensors", flow=True)
     assert str(e.value) == (f"--init-lora locon.safetensors adapts 2 convolution layers (e.g. '{CONV3}.lora_down."
-                            "weight': a LoCon's): an SD3/FLUX run trains and keeps transformer linear layers only "
-                            "(a UNet run keeps convolutions as they came); pass a LoRA without convolution layers")
+                            "weight': a LoCon's): an SD3/FLUX run trains and keeps transformer linear layers only, "
+                            "and SD3's patch embedding pos_embed.proj (a UNet run keeps convolutions as they came); "
+                            "pass a LoRA without other convolution layers")
     assert lora_file_ranks(tmp_path / "locon.safetensors", "x") == set()  # (a UNet: kept, no layer trains from it)
 
 

@@ -114,7 +114,8 @@ def test_sample_of_the_flux_run_renders_what_its_lora_renders_in_diffusers(ai_to
 
 SD3_ATTENTION = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
                                                             "add_k_proj", "add_v_proj", "to_add_out")]
-SD3_KEPT = ["transformer_blocks.0.norm1.linear", "context_embedder"]  # (adaLN modulation; the text-side embedder)
+SD3_KEPT = ["transformer_blocks.0.norm1.linear", "context_embedder", "pos_embed.proj"]  # (adaLN modulation; the
+# text-side embedder; the patch embedding, a convolution)
 
 
 def _sd3_render(pipe) -> torch.Tensor:
@@ -154,6 +155,11 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     g, weights = torch.Generator().manual_seed(3), {}
     for path in SD3_ATTENTION + SD3_KEPT:
         layer, rank = transformer.get_submodule(path), 2 if path in SD3_KEPT else RANK
+        if isinstance(layer, torch.nn.Conv2d):  # (the patch embedding: A a convolution of its kernel, B a 1x1)
+            weights[f"{path}.lora_A.weight"] = torch.randn(rank, layer.in_channels, *layer.kernel_size,
+                                                           generator=g) * 0.3
+            weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_channels, rank, 1, 1, generator=g) * 0.1
+            continue
         weights[f"{path}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
         weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.1
     config = {"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": sorted(SD3_ATTENTION + SD3_KEPT),
@@ -176,16 +182,16 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     _, reference = _step0(tmp_path / "fused", tmp_path / "ref")  # (FLOW's guidance 3.5: SD3's CFG scale here)
     trainer, images = _step0(base, tmp_path / "start", "--set", f"init_lora={file}")
     assert_rel_close(images, reference, REORDERED, "SD3 step 0 with --init-lora")
-    assert kept_kinds(trainer.init_kept.kept) == ["2 other transformer linears"]
+    assert kept_kinds(trainer.init_kept.kept) == ["1 convolution", "2 other transformer linears"]
     assert sorted(trainer.init_kept.trained) == sorted(SD3_ATTENTION)
 
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(base), "--set", "sample_prompts=0", "--set", "lr=1e-30", "--steps", "1",
                  "--init-lora", str(file), "--output-dir", str(run)]) == 0
     lora = read_lora(str(run / "lora"))
-    assert kept_kinds(lora.kept) == ["2 other transformer linears"]
+    assert kept_kinds(lora.kept) == ["1 convolution", "2 other transformer linears"]
     assert set(SD3_ATTENTION) < set(lora.modules) and not set(SD3_KEPT) & set(lora.modules)  # (block 1's from 0)
     assert_rel_close(_sd3_render(_sd3_pipe(base, run / "lora")), whole, REORDERED, "the SD3 run's lora/ in diffusers")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["kept_layers"] == {"text_encoder": 0, "text_encoder_2": 0, "convolutions": 0, "other_linears": 2}
+    assert summary["kept_layers"] == {"text_encoder": 0, "text_encoder_2": 0, "convolutions": 1, "other_linears": 2}
     assert undocumented(summary, documented_keys(DOC.read_text(encoding="utf-8"))["summary.json"]) == []

@@ -169,10 +169,10 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
                     quant: str = "none") -> set[int]:
     """The ranks of the layers of a LoRA file that a run of ``layers`` trains (lora_layers.trains_layer), from its
     header alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its
-    other layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX transformer's
-    modulation, embedders, proj_out) are kept as they came, fused into the frozen base; an SD3/FLUX run (``flow``)
-    refuses text-encoder and convolution layers. ``quant``: the base's storage (base_quant): an int8/nf4 model's Linear
-    layers cannot take a kept layer's delta (refused)."""
+    other layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX
+    transformer's modulation, embedders, proj_out, SD3's patch embedding pos_embed.proj) are kept as they came, fused
+    into the frozen base; an SD3/FLUX run (``flow``) refuses text-encoder and other convolution layers. ``quant``:
+    the base's storage (base_quant): an int8/nf4 model's Linear layers cannot take a kept layer's delta (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
@@ -189,11 +189,13 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
         raise UserError(text_encoder_refusal(spec, text[0]))
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
         raise UserError(f"--init-lora {spec} {other}")
-    conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4)
-    if conv and flow:  # (SD3/FLUX: no layer this trainer adapts is a convolution)
+    conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4
+                  and not (flow and _layer_name(k).endswith("pos_embed.proj")))  # (SD3's patch embedding: kept)
+    if conv and flow:  # (SD3/FLUX: no other convolution in the transformer, a UNet's LoCon layers)
         raise UserError(f"--init-lora {spec} adapts {len(conv)} convolution layer{'s' if len(conv) > 1 else ''} (e.g. "
                         f"{quote(conv[0])}: a LoCon's): an SD3/FLUX run trains and keeps transformer linear layers "
-                        "only (a UNet run keeps convolutions as they came); pass a LoRA without convolution layers")
+                        "only, and SD3's patch embedding pos_embed.proj (a UNet run keeps convolutions as they came); "
+                        "pass a LoRA without other convolution layers")
     ff = sorted(k for k in shapes if _FF_KEY.search(k))
     if ff and layers == "attention":
         raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
