@@ -142,10 +142,10 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
     --format diffusers (``label``: the LoRA, for the line) for SD3's (no kohya reader in diffusers to check them
     against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
     names them without ``transformer.``, and its loader then drops them without a word)."""
-    from lowmem_alignprop.models.kept_lora import them
+    from lowmem_alignprop.models.kept_lora import layer_count, them
 
     if family != FLUX:
-        n = len(kept) // 2
+        n = layer_count(kept)
         raise UserError(f"--format kohya: {label} also holds {n} SD3 transformer layer{'s' if n != 1 else ''} its run "
                         f"kept as its --init-lora had {them(n)}, whose kohya names no reader we can check reads back "
                         "(diffusers' SD3 loader reads no kohya names): export --format diffusers or --format peft")

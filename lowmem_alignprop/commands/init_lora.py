@@ -365,7 +365,8 @@ class InitLora:
 
     @property
     def kept_layers(self) -> int:
-        return len(self.kept) // 2  # (an A and a B each)
+        from lowmem_alignprop.models.kept_lora import layer_count
+        return layer_count(self.kept)
 
     def kept_line(self, spec: str) -> str:
         """The log line of a LoRA with kept layers ("" with none), their kinds counted as the card counts them."""

@@ -127,10 +127,10 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     encoders = {k: v for k, v in lora.kept.items() if not k.startswith(lora.component + ".")}
     if fmt == "peft" and encoders:  # peft's adapter folder is one model's: the text encoders' layers would be lost
         # (the denoiser's kept layers, convolutions and linears, write_peft writes)
-        from lowmem_alignprop.models.kept_lora import kept_kinds, them
+        from lowmem_alignprop.models.kept_lora import kept_kinds, layer_count, them
 
         raise UserError(f"--format peft: {lora.named} also holds {kept_kinds(encoders)[0]} its run kept as its "
-                        f"--init-lora had {them(len(encoders) // 2)}, which a peft adapter of the UNet cannot hold: "
+                        f"--init-lora had {them(layer_count(encoders))}, which a peft adapter of the UNet cannot hold: "
                         "export --format diffusers or --format kohya")
     check_out(out)
     if single_file and (base := merge_base(lora, model)) in ("toy", "tiny"):  # (before the merge: nothing written)

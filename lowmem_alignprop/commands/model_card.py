@@ -647,10 +647,10 @@ def license_example(lora: Lora, version: str) -> str:
 
 def kept_row(kept: dict, merged_weight: float | None) -> str:
     """The card's row for a LoRA's kept --init-lora layers (Lora.kept): how many of each kind, and where they are."""
-    from lowmem_alignprop.models.kept_lora import kept_kinds, kept_total
+    from lowmem_alignprop.models.kept_lora import kept_kinds, kept_total, layer_count
     from lowmem_alignprop.models.kept_lora import them as pronoun
 
-    them = pronoun(len(kept) // 2)
+    them = pronoun(layer_count(kept))
     where = (f"the merged model holds {them}, fused with the trained layers at weight {num(merged_weight)}"
              if merged_weight is not None else f"loading this LoRA loads {them} with its trained layers, at the "
                                                "LoRA's weight")

@@ -189,7 +189,7 @@ class RunRecords:
         """A resume from init_lora/'s copy whose kept layers' file is gone (a tidy-up, a partial copy of the run
         folder): the layers it just fused again from that copy are written back, as the first start wrote them, so
         that lora/, best/, the checkpoints and every export hold them (read from that file) as training saw them."""
-        from lowmem_alignprop.models.kept_lora import kept_total, them, write_kept
+        from lowmem_alignprop.models.kept_lora import kept_total, layer_count, them, write_kept
         from lowmem_alignprop.run.filenames import KEPT_LAYERS_NAME
 
         folder = self.init_lora_copy.parent
@@ -202,7 +202,7 @@ class RunRecords:
             write_kept(self.init_kept.kept, tmp)
         layers = self.init_kept.kept
         log.warning("%s was gone: written again from %s (the %s this run keeps as its --init-lora had %s, which its "
-                    "LoRA files carry)", file, self.init_lora_copy, kept_total(layers), them(len(layers) // 2))
+                    "LoRA files carry)", file, self.init_lora_copy, kept_total(layers), them(layer_count(layers)))
 
     def profile_record(self) -> dict | None:
         """config.yaml's ``profile_values``: the user's profile file's values when the run started with it (a resume

@@ -159,10 +159,15 @@ def kept_counts(kept: dict[str, torch.Tensor]) -> dict[str, int]:
     return count
 
 
+def layer_count(kept: dict[str, torch.Tensor]) -> int:
+    """How many layers ``kept`` holds: an A and a B each."""
+    return len(kept) // 2
+
+
 def kept_total(kept: dict[str, torch.Tensor]) -> str:
-    """How many layers ``kept`` holds (an A and a B each), as a card, a header or a log line says it: "3 layers",
+    """How many layers ``kept`` holds (:func:`layer_count`), as a card, a header or a log line says it: "3 layers",
     "1 layer"."""
-    n = len(kept) // 2
+    n = layer_count(kept)
     return f"{n} layer{'s' if n != 1 else ''}"
 
 
@@ -175,7 +180,7 @@ def kept_header(kept: dict[str, torch.Tensor]) -> str:
     """The kohya header's words for ``kept`` (its training comment's and ``alignprop_kept_layers``): "3 layers kept
     as its --init-lora had them: 1 text-encoder layer, 2 convolutions", "1 layer kept as its --init-lora had it:
     ..."."""
-    return f"{kept_total(kept)} kept as its --init-lora had {them(len(kept) // 2)}: {', '.join(kept_kinds(kept))}"
+    return f"{kept_total(kept)} kept as its --init-lora had {them(layer_count(kept))}: {', '.join(kept_kinds(kept))}"
 
 
 def kept_kinds(kept: dict[str, torch.Tensor]) -> list[str]:
