@@ -18,6 +18,7 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  shared_image_settings, shared_name, shared_reward, temporary_folder,
                                                  v_prediction, zero_terminal_snr)
+from lowmem_alignprop.commands.kohya_layers import alphas_folded, diffusers_parts, every_alpha_folded
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -384,31 +385,8 @@ def kohya_alphas_folded(tensors: dict) -> Path | None:
     from safetensors.torch import save_file
 
     out = temporary_folder() / "kohya_alphas_folded.safetensors"
-    save_file(_alphas_folded(tensors, alphas), str(out))
+    save_file(alphas_folded(tensors, alphas), str(out))
     return out
-
-
-def _alphas_folded(tensors: dict, alphas: dict) -> dict:
-    """``tensors`` with each layer's alpha / rank (``alphas``: layer -> alpha) folded into its ``lora_up``, as
-    sd-scripts and ComfyUI apply it (alpha / rank * up @ down), and those alphas left out."""
-    folded = {}
-    for key, value in tensors.items():
-        layer = key.removesuffix(".lora_up.weight")
-        if key.endswith(".alpha") and key.removesuffix(".alpha") in alphas:
-            continue
-        if key.endswith(".lora_up.weight") and layer in alphas and f"{layer}.lora_down.weight" in tensors:
-            rank = tensors[f"{layer}.lora_down.weight"].shape[0]
-            value = value.float() * (float(alphas[layer]) / rank)  # alpha / rank * up @ down, as sd-scripts applies it
-        folded[key] = value.contiguous()
-    return folded
-
-
-def _every_alpha_folded(tensors: dict) -> dict:
-    """:func:`_alphas_folded` of every layer of ``tensors`` (kohya-named), alpha = rank where a layer has none (as
-    sd-scripts and ComfyUI apply such a layer): what diffusers' kohya reader then reads at scale 1."""
-    layers = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
-    return _alphas_folded(tensors, {m: tensors.get(f"{m}.alpha", tensors[f"{m}.lora_down.weight"].shape[0])
-                                    for m in layers})
 
 
 # a UNet LoRA as ComfyUI saves it (its LoRA save / extract nodes, and its generic reader's layout): the original
@@ -559,18 +537,13 @@ def _kohya_as_diffusers(tensors: dict, pipe) -> Path:
     (the UNet's config numbers sgm blocks), each encoder's part named in diffusers' layout, which its reader reads
     without telling (an encoder without out_proj included). A second encoder's layers on a model with one raise
     ValueError."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import StateDictType
+    from diffusers.utils import convert_unet_state_dict_to_peft
 
-    state, _ = type(pipe).lora_state_dict(_every_alpha_folded(tensors), unet_config=pipe.unet.config)
-    parts = {}
-    for key, value in state.items():
-        part, _, name = key.partition(".")
-        parts.setdefault(part, {})[name] = value
+    state, _ = type(pipe).lora_state_dict(every_alpha_folded(tensors), unet_config=pipe.unet.config)
+    parts = diffusers_parts(state)
     if "text_encoder_2" in parts and getattr(pipe, "text_encoder_2", None) is None:
         raise ValueError("it adapts a second text encoder (lora_te2_), which this model has not")
-    layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(named, original_type=StateDictType.DIFFUSERS_OLD)
-              for part, named in parts.items() if part != "unet"}
+    layers = {f"{part}_lora_layers": named for part, named in parts.items() if part != "unet"}
     if "unet" in parts:
         layers["unet_lora_layers"] = convert_unet_state_dict_to_peft(parts["unet"])
     out = temporary_folder() / "lora"
