@@ -179,7 +179,7 @@ class RunRecords:
                     earlier = started_commands(Path(origin))[:self.point.state.get("starts")] if origin else []
                     if earlier:
                         atomic.write_text(out / COMMAND_FILE, "\n".join(earlier) + "\n")
-                ckpt.append_line(out / COMMAND_FILE, self.command)
+                atomic.append_line(out / COMMAND_FILE, self.command)
             # where each start ran, aligned with command.txt's lines (a relative path in one names nothing without it)
             count = len(started_commands(out)) - bool(self.command)  # the starts before this one
             self.start_dirs = recorded_dirs(self.point.state if self.point is not None else {}, count) + (

@@ -173,6 +173,12 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
     return write_bytes(path, text.encode(encoding))
 
 
+def append_line(path: Path, line: str) -> None:
+    """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_text(path, old + line.rstrip("\n") + "\n")
+
+
 @contextlib.contextmanager
 def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new empty temporary folder beside ``path``; on leaving, its files are synced and it is renamed to

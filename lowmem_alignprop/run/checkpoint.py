@@ -579,12 +579,6 @@ def load_base_record(path: Path) -> dict[str, Any]:
     return base
 
 
-def append_line(path: Path, line: str) -> None:
-    """Add a line to a small text file, atomically (the old content and the line in a temporary file, renamed)."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    atomic.write_text(path, old + line.rstrip("\n") + "\n")
-
-
 def another_model(saved: dict[str, Any], model: str, problem: str, path: Path) -> UserError:
     """The one line for a resume of ``saved``'s checkpoint with another base model, ``model``."""
     return UserError(f"checkpoint {path} belongs to another base model ({saved.get('model')!r}; {problem} from "
