@@ -53,7 +53,7 @@ def lora_with_reference(base: Path, run: Path, model: torch.nn.Module, outputs: 
     does (``save(model, folder)``, then base_model.json), and returns the run's paths with ``outputs(model)`` of the
     base (``base_out``) and of base + LoRA (``ref``, peft in memory: the reference) and the adapted ``modules``.
     Each file adds its run's config.yaml and summary.json."""
-    from lowmem_alignprop.run import atomic, checkpoint as ckpt
+    from lowmem_alignprop.run import atomic, base_fingerprint
 
     base_out = outputs(model)
     add_lora(model)
@@ -65,8 +65,8 @@ def lora_with_reference(base: Path, run: Path, model: torch.nn.Module, outputs: 
     ref = outputs(model)
     with atomic.replacing_dir(run / "lora") as tmp:  # as the trainer writes it (the safetensors header in order)
         save(model, tmp)
-    (run / "lora" / "base_model.json").write_text(json.dumps(ckpt.fingerprint(type("C", (), {"model": str(base)}),
-                                                                               model)))
+    fp = base_fingerprint.fingerprint(type("C", (), {"model": str(base)}), model)
+    (run / "lora" / "base_model.json").write_text(json.dumps(fp))
     assert relative_difference(ref, base_out) > 100 * REORDERED, "the LoRA must change the outputs well above the " \
                                                                  "tolerances, else the tests prove nothing"
     return {"base": base, "run": run, "lora": run / "lora", "ref": ref, "base_out": base_out,
@@ -137,7 +137,7 @@ def make_sd_lora(base: Path, run: Path, xl: bool, seed: int = 0, layers: str = "
                                                "--set", f"lora_layers={layers}"])
     name, cfg = config_from_args(args)
     (run / "config.yaml").write_text(yaml.safe_dump({"profile": name, **cfg.to_dict()}, sort_keys=False))
-    from lowmem_alignprop.run.checkpoint import base_record
+    from lowmem_alignprop.run.base_fingerprint import base_record
 
     record = run / "lora" / "base_model.json"  # with the run's image settings, as the trainer writes it
     record.write_text(base_record(json.loads(record.read_text()), cfg.to_dict()))

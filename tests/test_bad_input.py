@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
@@ -1014,8 +1015,9 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     (lora / LORA_BASE_FILE).write_text('{"model": "m", "image_settings": [1]}')
     assert recorded_base(spec) is None
     assert f"--lora {lora}: {lora / LORA_BASE_FILE} cannot be read (" in caplog.text
-    assert ckpt.fingerprint_difference({"unet_config_sha": "s", "conv_in": ["a", {}]},
-                                       {"unet_config_sha": "s", "conv_in": [0.0]}) == "its weights' record is unreadable"
+    assert base_fingerprint.fingerprint_difference({"unet_config_sha": "s", "conv_in": ["a", {}]},
+                                                   {"unet_config_sha": "s", "conv_in": [0.0]}) == (
+        "its weights' record is unreadable")
 
 
 def test_a_training_checkpoint_file_that_imports_code_is_refused_as_such(tmp_path):

@@ -151,7 +151,7 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encod
     commit, or rank 1: nothing said."""
     import logging
 
-    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import base_fingerprint
     from lowmem_alignprop.settings.config import Config
 
     repo = tmp_path / f"models--{REPO.replace('/', '--')}"
@@ -169,13 +169,13 @@ def test_a_resume_after_the_components_hub_ids_main_moved_to_the_same_text_encod
         import shutil
         shutil.rmtree(repo / "snapshots" / MAIN)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(ckpt, "global_rank", lambda: 1 if case == "rank1" else 0)
+    monkeypatch.setattr(base_fingerprint, "global_rank", lambda: 1 if case == "rank1" else 0)
     fp = {"model": "flux.safetensors", "unet_config_sha": "x", "conv_in": [0.5, 0.1, 0.2]}
     saved = {"fingerprint": {**fp, **({} if case == "unrecorded" else {"components_revision": MAIN})},
              "config": {"model_components": REPO}}
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        ckpt.check_fingerprint(saved, {**fp, "components_revision": NEW},
-                               Config(model="flux.safetensors", model_components=REPO), tmp_path / "step-1")
+        base_fingerprint.check_fingerprint(saved, {**fp, "components_revision": NEW},
+                                           Config(model="flux.safetensors", model_components=REPO), tmp_path / "step-1")
     lines = [r.getMessage() for r in caplog.records]
     note = "the same text encoder weights"
     if case == "gone":
@@ -191,7 +191,7 @@ def test_the_cache_links_of_two_commits_to_other_blobs_are_other_text_encoder_we
     (not fetched) is not compared, nor a file one of them lacks beside files they share (`hf download` of the trained
     commit, which the resume refusal names, brings the fp16 variant and .bin files the loader never fetched: the
     same weights were refused as other ones); parts sharing no file name (sharded otherwise) differ."""
-    from lowmem_alignprop.run.checkpoint import text_encoders_differ
+    from lowmem_alignprop.run.base_fingerprint import text_encoders_differ
 
     a, b = tmp_path / "a", tmp_path / "b"
     for i, folder in enumerate((a, b)):

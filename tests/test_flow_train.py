@@ -92,10 +92,10 @@ def test_flux_run_resumes(flux_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() != saved  # step 3 trained on
     # a resume onto another transformer names it as one (the record of the model it was trained on)
-    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import base_fingerprint
     fp = json.loads((run / "lora" / "base_model.json").read_text())
     other = dict(fp, conv_in=[v + 1.0 for v in fp["conv_in"]])
-    assert ckpt.fingerprint_difference(other, fp) == "its transformer weights differ"
+    assert base_fingerprint.fingerprint_difference(other, fp) == "its transformer weights differ"
 
 
 def test_sd3_trains_and_exports_a_lora_its_pipeline_loads(dirs, tmp_path):

@@ -97,7 +97,7 @@ def test_a_checkpoint_is_read_with_one_block_and_the_lora_targets_in_full_precis
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.step.rollout import apply_memory_features
 
-    from lowmem_alignprop.run.checkpoint import fingerprint
+    from lowmem_alignprop.run.base_fingerprint import fingerprint
 
     block, targets, rest, whole = _bounds(dirs[family], torch.bfloat16)
     cfg = _cfg(dirs[family])

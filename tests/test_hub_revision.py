@@ -193,14 +193,14 @@ def test_a_resume_whose_hub_id_moved_to_the_same_weights_trains_on_with_one_warn
     every resume warning is: N processes said it N times)."""
     import logging
 
-    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import base_fingerprint
     from lowmem_alignprop.settings.config import Config
 
     fp = {"model": REPO, "unet_config_sha": "x", "conv_in": [0.5, 0.1, 0.2]}
-    monkeypatch.setattr(ckpt, "global_rank", lambda: rank)
+    monkeypatch.setattr(base_fingerprint, "global_rank", lambda: rank)
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-        ckpt.check_fingerprint({"fingerprint": {**fp, "revision": MAIN}}, {**fp, "revision": OTHER},
-                               Config(model=REPO), tmp_path / "step-1")
+        base_fingerprint.check_fingerprint({"fingerprint": {**fp, "revision": MAIN}}, {**fp, "revision": OTHER},
+                                           Config(model=REPO), tmp_path / "step-1")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == said
     assert all(x == f"resume: checkpoint {tmp_path / 'step-1'} trained on {REPO} at commit {MAIN}, and {REPO} resolves "
@@ -402,7 +402,7 @@ def test_a_resume_whose_hub_vae_moved_to_the_same_weights_or_gone_warns_naming_t
     import logging
     from types import SimpleNamespace
 
-    from lowmem_alignprop.run.checkpoint import check_vae_revision
+    from lowmem_alignprop.run.base_fingerprint import check_vae_revision
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     was, now = "a" * 40, "b" * 40

@@ -66,6 +66,7 @@ from lowmem_alignprop.models.sampler_check import ddim_settings
 from lowmem_alignprop.models.sampling import negative_prompts
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SAMPLE_GRID,
                                             SAMPLE_RESULTS)
 from lowmem_alignprop.run.runlock import hold_folder, holder
@@ -328,7 +329,7 @@ def recorded_base(spec: LoraSpec, *, model_given: bool = False) -> tuple[str, di
     if (record := base_record_file(spec)) is None:  # a LoRA from elsewhere (or a file shared alone)
         return None
     try:
-        base = ckpt.load_base_record(record)
+        base = base_fingerprint.load_base_record(record)
         model, recorded = base.get("model"), {**(base.get("image_settings") or {}), **(base.get("scoring") or {})}
     except (OSError, ValueError, TypeError) as e:  # damaged: the model it was trained on is unknown
         if not model_given:
@@ -389,7 +390,7 @@ def same_model(given: str, recorded: str, fingerprint: dict | None = None) -> bo
         return False
     into, held = first["into"], first.get("into_fingerprint")
     if isinstance(held, dict) and fingerprint:  # (two bases in folders of one name: their weights tell them apart)
-        return ckpt.fingerprint_difference(fingerprint, held) is None and (
+        return base_fingerprint.fingerprint_difference(fingerprint, held) is None and (
             same(into, recorded) or shared_name(into) == shared_name(recorded))
     # (a merged single file's header names its model by name only, lora_merge.shared_record: the recorded one's)
     return same(into, recorded) or (into == shared_name(recorded) and not Path(into).expanduser().exists())
@@ -407,7 +408,7 @@ def read_base_record(spec: LoraSpec) -> dict | None:
     if (record := base_record_file(spec)) is None:
         return None
     try:
-        return ckpt.load_base_record(record)
+        return base_fingerprint.load_base_record(record)
     except (OSError, ValueError):
         return None
 
@@ -513,7 +514,7 @@ def lora_model(path: Path, family: str | None, record: Path | None = None) -> st
     if family != "transformer":
         return family
     try:
-        recorded = ckpt.load_base_record(record or path.parent / LORA_BASE_FILE).get("model")
+        recorded = base_fingerprint.load_base_record(record or path.parent / LORA_BASE_FILE).get("model")
         kind = model_kind_of(recorded) if isinstance(recorded, str) and recorded else None
     except (OSError, ValueError):  # none (a LoRA from elsewhere), or damaged
         kind = None
@@ -632,22 +633,22 @@ def warn_other_base(unet, specs: list[LoraSpec], cfg) -> None:
         if not info.is_file():
             continue  # a LoRA from elsewhere: nothing to compare
         try:
-            saved = ckpt.load_base_record(info)
+            saved = base_fingerprint.load_base_record(info)
             if not isinstance(saved.get("conv_in", []), list):
                 raise ValueError("wrong shape")
         except (OSError, ValueError) as e:  # (a damaged one: read_lora refused it before)
             log.warning("--lora %s: %s is not the base-model record a training run writes (%s): which model the "
                         "LoRA belongs to is not checked", spec.arg, info, first_line(e, 80))
             continue
-        ours = ours or ckpt.fingerprint(cfg, unet)
-        problem = ckpt.fingerprint_difference(saved, ours)
+        ours = ours or base_fingerprint.fingerprint(cfg, unet)
+        problem = base_fingerprint.fingerprint_difference(saved, ours)
         if problem:  # (a hub id's commit: the name alone loads the hub's main, --model as given here maybe)
-            commit = ckpt.trained_commit(saved)
+            commit = base_fingerprint.trained_commit(saved)
             log.warning(
                 "--lora %s was trained on base model %r%s, and %s from --model %r here: the images show it on another "
                 "model; pass %s to see what training did", spec.arg, saved.get("model"),
                 f" at commit {commit}" if commit else "", problem, cfg.model,
-                ckpt.model_at_commit(str(saved.get("model")), commit)[1])
+                base_fingerprint.model_at_commit(str(saved.get("model")), commit)[1])
 
 
 def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:

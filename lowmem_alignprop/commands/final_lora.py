@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import FULL_DIR, LORA_BASE_FILE, LORA_DIR, LORA_WEIGHT_NAME, SUMMARY_FILE
 from lowmem_alignprop.settings.errors import UserError
 
@@ -29,7 +30,7 @@ def lora_problem(run: Path) -> str | None:
     except Exception as e:  # safetensors raises its own error types for a truncated file
         return f"{file} is damaged ({type(e).__name__})"
     try:
-        ckpt.load_base_record(run / LORA_DIR / LORA_BASE_FILE)
+        base_fingerprint.load_base_record(run / LORA_DIR / LORA_BASE_FILE)
     except (OSError, ValueError):
         return f"{run / LORA_DIR / LORA_BASE_FILE} is missing or damaged"
     return None

@@ -50,7 +50,7 @@ from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run.checkpoint import load_base_record
+from lowmem_alignprop.run.base_fingerprint import load_base_record
 from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
                                             step_grid_name)
 

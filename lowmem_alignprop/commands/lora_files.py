@@ -109,7 +109,7 @@ class Lora:
     def components_revision(self) -> str:
         """The commit a hub id model_components' parts were read at, as base_model.json (or the checkpoint's
         fingerprint) records it (``components_revision``), or ""."""
-        from lowmem_alignprop.run.checkpoint import recorded_commit
+        from lowmem_alignprop.run.base_fingerprint import recorded_commit
 
         return recorded_commit(self.base, "components_revision")
 
@@ -257,7 +257,7 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
     base = None
     if (path / LORA_BASE_FILE).is_file():
         try:
-            from lowmem_alignprop.run.checkpoint import load_base_record
+            from lowmem_alignprop.run.base_fingerprint import load_base_record
             base = load_base_record(path / LORA_BASE_FILE)
         except (OSError, ValueError) as e:
             raise UserError(f"--lora {spec}: {LORA_BASE_FILE} is damaged ({first_line(e, 80)}): export from a complete "

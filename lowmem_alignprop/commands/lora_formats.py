@@ -307,7 +307,7 @@ def write_base_record(lora: Lora, folder: Path) -> list[Path]:
     model it was trained on, as for the run's lora/. It also records the LoRA's digest (lora_files.lora_digest): whether
     an export is of the LoRA a run's lora/ holds now is told by its weights (a rewritten or copied lora/ has new times
     but the same weights)."""
-    from lowmem_alignprop.run.checkpoint import base_record
+    from lowmem_alignprop.run.base_fingerprint import base_record
 
     if not (lora.path / LORA_BASE_FILE).is_file():
         return []

@@ -45,7 +45,7 @@ def load_base(spec: str, run_config: dict | None = None):
     model_components), in fp32. The run's image settings go with it: the VAE it decoded with (``--set vae``: a
     "no-vae" single file has none of its own) and what its UNet was taken to predict (``prediction_type``), so that
     the merged model renders as the run did. A hub id's ``components_revision`` and ``vae_revision`` (the commits
-    the run's parts came from: checkpoint.recorded_pins) load those snapshots, not main's."""
+    the run's parts came from: base_fingerprint.recorded_pins) load those snapshots, not main's."""
     run = run_config or {}
     vae = run.get("vae") or ""
     pipe = _base_pipeline(spec, run, vae)
@@ -154,8 +154,8 @@ def refuse_held_loras(specs: list, model: str) -> None:
 
 def merged_into(entry: dict) -> tuple[str, str]:
     """The model an entry of a merged model's record (:func:`merge_record`) went into, in words and as the flags that
-    load it (a hub id with its commit, ``into_revision``: checkpoint.model_at_commit)."""
-    from lowmem_alignprop.run.checkpoint import model_at_commit, recorded_commit
+    load it (a hub id with its commit, ``into_revision``: base_fingerprint.model_at_commit)."""
+    from lowmem_alignprop.run.base_fingerprint import model_at_commit, recorded_commit
 
     return model_at_commit(str(entry.get("into")), recorded_commit(entry, "into_revision"))
 
@@ -197,7 +197,7 @@ def merge_components(lora: Lora, spec: str) -> str:
 def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
     last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
-    from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import base_fingerprint
     from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files, load_adapters
 
     spec = merge_base(lora, model)
@@ -206,26 +206,26 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     record[-1].update(run_settings(adapter))  # what `sample --model MERGED` renders with (the LoRA folder may go)
     components = merge_components(lora, spec)
     check_lora_files([adapter], spec, components, "--merge:")  # (before the model loads: minutes)
-    commit = ckpt.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
-    pins = ckpt.recorded_pins(lora.base, {**lora.run_config, "model_components": components})
+    commit = base_fingerprint.trained_commit(lora.base) if not model else ""  # a hub id's: the commit it trained on
+    pins = base_fingerprint.recorded_pins(lora.base, {**lora.run_config, "model_components": components})
     if components != lora.model_components:  # the hub id it trained on, for a transformer file: its parts at the
         # commit it trained on
-        pins.update(ckpt.recorded_pins({"components_revision": ckpt.trained_commit(lora.base)},
-                                       {"model_components": components}))
+        pins.update(base_fingerprint.recorded_pins({"components_revision": base_fingerprint.trained_commit(lora.base)},
+                                                   {"model_components": components}))
     pipe = load_base(spec, {**lora.run_config, "model_components": components, "revision": commit, **pins})
     unet = getattr(pipe, lora.component, None)
     if unet is None or not hasattr(pipe, "load_lora_weights"):
         theirs = "a UNet model (SD 1.x, 2.x or SDXL)" if not lora.flow else "an SD3/SD3.5 or FLUX.1 model"
         raise UserError(f"--merge onto {spec}: the LoRA adapts {theirs} and {spec} is not one: pass the model it was "
                         "trained on with --model")
-    ours = ckpt.fingerprint(type("Cfg", (), {"model": spec}), unet)
+    ours = base_fingerprint.fingerprint(type("Cfg", (), {"model": spec}), unet)
     # (the model it goes into, by its weights: `sample --model MERGED` tells a LoRA of it from one of a same-named base)
     record[-1]["into_fingerprint"] = {k: ours[k] for k in ("unet_config_sha", "conv_in")}
     if commit:  # a hub id at the commit the LoRA trained on (its name alone loads the hub's main)
         record[-1]["into_revision"] = commit
     record[-1].update(pins)  # the commits its other parts (text encoders, VAE...) were read at: the folder holds them
     if lora.base:
-        problem = ckpt.fingerprint_difference(lora.base, ours)
+        problem = base_fingerprint.fingerprint_difference(lora.base, ours)
         if problem:
             raise UserError(f"--merge: {lora.named} was trained on base model {lora.base.get('model')!r}, and "
                             f"{problem} in {spec!r}: merge it into the model it was trained on ({_merge_fix(lora)})")
@@ -242,7 +242,7 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
 def _merge_fix(lora: Lora) -> str:
     """How to merge into the model ``lora`` was trained on: leave --model out, or name it (a hub id's commit, which
     export takes no --set revision for: leaving --model out loads it; the name alone would load the hub's main)."""
-    from lowmem_alignprop.run.checkpoint import trained_commit
+    from lowmem_alignprop.run.base_fingerprint import trained_commit
 
     model, commit = lora.base.get("model"), trained_commit(lora.base)
     if commit:

@@ -12,7 +12,8 @@ from typing import Any
 
 from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
-from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema, recorded_pins, trained_commit
+from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
+from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
 from lowmem_alignprop.run.software import SOFTWARE_NAMES

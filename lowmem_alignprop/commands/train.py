@@ -26,6 +26,7 @@ from lowmem_alignprop.settings.errors import UserError, error_words, first_line,
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import disk_space, faults, schedule
 from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
                                              SAMPLES_DIR, step_grid_name)
@@ -283,9 +284,10 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                     log.warning("%s", moved)  # (a decaying schedule's end moved: the rates from here on)
                 if saved.get("model", self.cfg.model) != self.cfg.model and meta_models.denoiser_differs(self.cfg,
                                                                                                       saved):
-                    raise ckpt.another_model(self.point.state["fingerprint"], self.cfg.model,
-                                             f"its {self.point.state['fingerprint'].get('denoiser', 'denoiser')} "
-                                             "architecture differs", self.point.path)
+                    raise base_fingerprint.another_model(
+                        self.point.state["fingerprint"], self.cfg.model,
+                        f"its {self.point.state['fingerprint'].get('denoiser', 'denoiser')} architecture differs",
+                        self.point.path)
             if self.refinish and self.is_rank0():
                 log.warning("the run finished at step %d, but %s: writing its outputs again from checkpoint %s",
                             self.point.step, self.refinish, self.point.path)

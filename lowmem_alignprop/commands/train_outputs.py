@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.run import atomic
-from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import (CONFIG_FILE, FULL_DIR, GRID_FILE, GRID_RECORD, LORA_BASE_FILE, LORA_DIR,
                                             SAMPLES_DIR, SUMMARY_FILE, trained_dir)
@@ -143,7 +143,8 @@ class RunOutputs:
 
         self.family.save_lora(self.comps.pipeline_class, final, lora, folder, read_kept(self.out))  # the pipeline's
         # LoRA format, with the layers the run keeps as its --init-lora had them
-        (folder / LORA_BASE_FILE).write_text(ckpt.base_record(self.fingerprint, self.cfg.to_dict()), encoding="utf-8")
+        record = base_fingerprint.base_record(self.fingerprint, self.cfg.to_dict())
+        (folder / LORA_BASE_FILE).write_text(record, encoding="utf-8")
 
     def write_lora(self, folder: Path) -> None:
         """The trained weights as they are now into ``folder`` (best/): the LoRA, or with train_unet=full the UNet."""

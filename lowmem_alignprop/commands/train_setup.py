@@ -26,6 +26,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator, unused_apple_gpu_note
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import LORA_DIR, trained_dir
 from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded
@@ -173,11 +174,12 @@ class RunSetup:
         if untiled and self.is_rank0():
             log.warning("%s", untiled)
         # before DeepSpeed partitions the weights; with how the UNet is sampled (the exports read it)
-        self.fingerprint = ckpt.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5,
-                                            revision=comps.revision, components_revision=comps.components_revision,
-                                            vae_revision=comps.vae_revision)
+        self.fingerprint = base_fingerprint.fingerprint(cfg, self.unet, dict(comps.scheduler.config), t5=t5,
+                                                        revision=comps.revision,
+                                                        components_revision=comps.components_revision,
+                                                        vae_revision=comps.vae_revision)
         if self.point is not None:
-            ckpt.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
+            base_fingerprint.check_fingerprint(self.point.state, self.fingerprint, cfg, self.point.path)
         split = self.read_init_lora() if self.init_file is not None else None  # (kept layers: into the base)
         self.params, self.attention = apply_memory_features(comps, cfg, self.device, self.weight_dtype,
                                                             autocast=self.accelerator.native_amp)

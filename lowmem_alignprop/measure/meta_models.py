@@ -165,7 +165,7 @@ def denoiser_differs(cfg: Config, saved: dict[str, Any]) -> bool:
     file, a path gone): the weights' fingerprint after the load decides."""
     import dataclasses
 
-    from lowmem_alignprop.run.checkpoint import config_sha
+    from lowmem_alignprop.run.base_fingerprint import config_sha
     from lowmem_alignprop.models.loading import resolve_model
 
     theirs = dataclasses.replace(cfg, **{k: saved[k] for k in ("model", "model_arch", "model_components", "t5_encoder")

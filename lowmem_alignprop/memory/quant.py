@@ -203,14 +203,15 @@ def _plain_linears(model: nn.Module):
 
 
 # the statistics of a model's first weight as read (:func:`weight_stats`), kept on the bitsandbytes layer that took it
-# over: its weight now holds codes (int8 std ~70, nf4 packed bytes), and the fingerprint (run/checkpoint.fingerprint:
-# FLUX.1's first weight is its timestep embedder's Linear) names the model by its weights, not how they are stored
+# over: its weight now holds codes (int8 std ~70, nf4 packed bytes), and the fingerprint
+# (run/base_fingerprint.fingerprint: FLUX.1's first weight is its timestep embedder's Linear) names the model by its
+# weights, not how they are stored
 AS_READ = "weight_stats_as_read"
 
 
 def weight_stats(w: torch.Tensor) -> list[float]:
     """Mean, std and first 8 values of a weight in float32: what a fingerprint records of a denoiser's first weight
-    (run/checkpoint.fingerprint; close, not equal, for fp16/bf16/fp32 loads of one model)."""
+    (run/base_fingerprint.fingerprint; close, not equal, for fp16/bf16/fp32 loads of one model)."""
     w = w.detach().float().flatten()
     return [w.mean().item(), w.std().item()] + w[:8].tolist()
 

@@ -91,7 +91,8 @@ def fill_by_block(model, place: Placement, fill) -> int:
         count += quant.quantize_in_place(model, place.mode, place.dtype, device=place.device, quiet=True,
                                          stay=blocks[:place.host_blocks])
     # fp8: the rest (embedders; FLUX.1: 45M weights) waits for store_fp8 with the LoRA targets, so that the run's
-    # fingerprint (checkpoint.fingerprint: FLUX's first weight is its timestep embedder's) is of the weights as read
+    # fingerprint (base_fingerprint.fingerprint: FLUX's first weight is its timestep embedder's) is of the weights as
+    # read
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{type(model).__name__}: {len(left)} tensors were not filled, e.g. {left[0]}")

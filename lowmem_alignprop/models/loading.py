@@ -594,6 +594,7 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     from lowmem_alignprop.models.lora_layers import lora_config
     from lowmem_alignprop.models.lora_metadata import lora_metadata
     from lowmem_alignprop.run import checkpoint as ckpt
+    from lowmem_alignprop.run import base_fingerprint
 
     instead = "pass another step's checkpoint or the run's lora/ folder"
     if (newer := ckpt.newer_version(checkpoint, instead)) is not None:
@@ -629,7 +630,8 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
         writer = StableDiffusionXLPipeline if any(k.startswith("text_encoder_2.") for k in kept) else \
             StableDiffusionPipeline
         save_with_kept(writer, folder, convert_state_dict_to_diffusers(weights), lora_metadata(config), kept)
-    (folder / LORA_BASE_FILE).write_text(ckpt.base_record(state.get("fingerprint", {}), run_cfg), encoding="utf-8")
+    record = base_fingerprint.base_record(state.get("fingerprint", {}), run_cfg)
+    (folder / LORA_BASE_FILE).write_text(record, encoding="utf-8")
     return folder / LORA_WEIGHT_NAME
 
 
