@@ -1049,7 +1049,7 @@ def test_a_checkpoint_from_before_best_by_measured_by_the_reward():
     """A checkpoint whose config predates best_by (no such key) was chosen by the reward: resumed with
     best_by=fidelity its best (a toy_clip figure, ~60) is no measure of the exact score (0..1), so best/ and the
     patience start over; resumed as it was, nothing changed."""
-    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+    from lowmem_alignprop.run.resume_rules import eval_basis_changed
 
     old = {"config": {k: v for k, v in Config(eval_every=1).to_dict().items() if k != "best_by"}}
     assert eval_basis_changed(old, Config(eval_every=1, best_by="fidelity").validate()) == ["best_by"]
@@ -1059,7 +1059,7 @@ def test_a_checkpoint_from_before_best_by_measured_by_the_reward():
 def test_a_resume_whose_held_out_prompts_differ_starts_best_over():
     """best/ so far was measured on the held-out prompts the checkpoint's run set aside: another held-out set (its
     digest) is no measure for this run's evaluations; the same digest, or a checkpoint that kept none, is."""
-    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+    from lowmem_alignprop.run.resume_rules import eval_basis_changed
 
     cfg = Config(eval_every=1).validate()
     state = {"config": cfg.to_dict(), "evaluation": {"held_out_sha": "aaaa"}}
@@ -1074,7 +1074,7 @@ def test_a_resume_that_makes_the_held_out_images_otherwise_starts_best_over():
     patience) measured other images, no measure for this run's (the training reward's comparison in the summary
     already started over at such a change; the evaluation went on comparing). A checkpoint whose config predates a
     setting is not said to differ."""
-    from lowmem_alignprop.run.checkpoint import eval_basis_changed
+    from lowmem_alignprop.run.resume_rules import eval_basis_changed
 
     cfg = Config(eval_every=1).validate()
     state = {"config": cfg.to_dict(), "evaluation": {"held_out_sha": "aaaa", "best_step": 2}}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 from lowmem_alignprop.cli import main
@@ -502,8 +503,8 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
     cfg = Config(deepspeed_zero=2, steps=4)
     with pytest.raises(UserError, match=r"holds DeepSpeed partitions of 2 processes; this run has 1: resume under "
                                         r"accelerate launch --multi_gpu --num_processes 2 -m lowmem_alignprop"):
-        ckpt.check_config(state, cfg, tmp_path / "step-2")
-    ckpt.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
+        resume_rules.check_config(state, cfg, tmp_path / "step-2")
+    resume_rules.check_config({**state, "world_size": 1}, cfg, tmp_path / "step-2")  # one process: its own
 
 
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.step.prompts import PROMPT_SETS
@@ -1241,13 +1242,14 @@ def test_a_resume_that_changes_how_prompts_are_encoded_is_a_change_of_the_traini
     from lowmem_alignprop.settings.config import RUN_IMAGE_SETTINGS
 
     saved = Config(t5_encoder=False).to_dict()
-    changed = ckpt.resume_changes({"config": saved, "resume_changes": [{"step": 2, "changes": {"lr": [1, 2]}}]},
-                                  dataclasses.replace(Config(t5_encoder=False), t5_encoder=True,
-                                                      max_sequence_length=77), 4)
+    earlier = [{"step": 2, "changes": {"lr": [1, 2]}}]
+    changed = resume_rules.resume_changes({"config": saved, "resume_changes": earlier},
+                                          dataclasses.replace(Config(t5_encoder=False), t5_encoder=True,
+                                                              max_sequence_length=77), 4)
     assert changed == [{"step": 2, "changes": {"lr": [1, 2]}},
                        {"step": 4, "changes": {"t5_encoder": [False, True], "max_sequence_length": [0, 77]}}]
     # every setting of how the images are made is one the LoRA was trained with
-    assert set(RUN_IMAGE_SETTINGS) - {"model_components"} <= ckpt.TRAINED_WITH
+    assert set(RUN_IMAGE_SETTINGS) - {"model_components"} <= resume_rules.TRAINED_WITH
 
 
 def expected_software() -> dict:
@@ -1368,7 +1370,7 @@ def test_a_config_yaml_re_saved_by_a_windows_editor_is_read_at_a_resume(tmp_path
     said nothing, so the edit was lost without a word (a UTF-8 file said it)."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.run.checkpoint import edited_config_note
+    from lowmem_alignprop.run.resume_rules import edited_config_note
     from lowmem_alignprop.run.runfolder import RunFolder
 
     run = tmp_path / "run"

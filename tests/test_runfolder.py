@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.run.runfolder import RunFolder, keep_metrics_until
 
@@ -164,11 +165,11 @@ def test_a_resumes_changed_settings_are_said_once_by_rank_0(tmp_path, monkeypatc
     eval_cfg = Config(eval_every=1, eval_prompts=str(tmp_path / "eval.txt"))
     said = {}
     for rank in (0, 1):
-        monkeypatch.setattr(ckpt, "global_rank", lambda: rank)
+        monkeypatch.setattr(resume_rules, "global_rank", lambda: rank)
         monkeypatch.setattr(inputs, "global_rank", lambda: rank)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
-            ckpt.check_config(state, Config(lr=2e-3, steps=2), tmp_path)
+            resume_rules.check_config(state, Config(lr=2e-3, steps=2), tmp_path)
             inputs.split_eval_prompts(eval_cfg, ["a red circle", "a blue square"])
         said[rank] = [r.getMessage() for r in caplog.records]
     assert said[1] == [] and len(said[0]) == 2 and said[0][0] == "resume: lr was 0.001 in the checkpoint, now 0.002"
@@ -182,7 +183,7 @@ def test_a_resumes_model_is_judged_by_its_weights_and_a_new_seed_says_what_it_mo
 
     state = {"config": Config(model="tiny", seed=0).to_dict(), "step": 1}
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
-        ckpt.check_config(state, Config(model="toy", seed=7, steps=2), tmp_path)
+        resume_rules.check_config(state, Config(model="toy", seed=7, steps=2), tmp_path)
     assert [r.getMessage() for r in caplog.records] == [
         "resume: seed was 0 in the checkpoint, now 7 (the images' noise follows it; with prompt_order=random the "
         "prompt and K draws go on from the checkpoint's random state, and the held-out prompts stay those the run set "
@@ -199,16 +200,18 @@ def test_resume_changes_that_would_not_apply_are_refused(tmp_path):
     state = {"config": Config(steps=4).to_dict(), "step": 4}
     with pytest.raises(UserError, match=r"^--init-lora /x/lora: a resume continues the checkpoint's LoRA \(step 4\), "
                                         r"which would replace it: drop --init-lora"):
-        ckpt.check_config(state, Config(steps=6, init_lora="/x/lora"), tmp_path)
+        resume_rules.check_config(state, Config(steps=6, init_lora="/x/lora"), tmp_path)
     with pytest.raises(UserError, match=r"^eval_holdout=2: the run set aside its held-out prompts at its start \(4\), "
                                         r"and a resume keeps them"):
-        ckpt.check_config(state, Config(steps=6, eval_holdout=2), tmp_path)
+        resume_rules.check_config(state, Config(steps=6, eval_holdout=2), tmp_path)
     with pytest.raises(UserError, match=r"^the run finished at step 4, so this resume trains nothing .*: reward, lr "
                                         r"would apply to no step, .*; leave them out, or give --steps above 4"):
-        ckpt.check_config(state, Config(steps=4, lr=0.5, reward="colorfulness"), tmp_path, finished=True)
-    ckpt.check_config(state, Config(steps=4, checkpoint_every=1), tmp_path, finished=True)  # (free fields: fine)
-    ckpt.check_config(state, Config(steps=4, push_to_hub="you/x", export_format="kohya"), tmp_path, finished=True)
-    ckpt.check_config(state, Config(steps=6, lr=0.5), tmp_path)  # trained on with it: warned, applied
+        resume_rules.check_config(state, Config(steps=4, lr=0.5, reward="colorfulness"), tmp_path, finished=True)
+    resume_rules.check_config(state, Config(steps=4, checkpoint_every=1), tmp_path,
+                              finished=True)  # (free fields: fine)
+    resume_rules.check_config(state, Config(steps=4, push_to_hub="you/x", export_format="kohya"), tmp_path,
+                              finished=True)
+    resume_rules.check_config(state, Config(steps=6, lr=0.5), tmp_path)  # trained on with it: warned, applied
 
 
 def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
@@ -220,20 +223,21 @@ def test_a_resume_that_flips_ema_outputs_under_evaluation_is_refused(tmp_path):
     ema = dict(ema_decay=0.9, eval_every=2, steps=4)
     state = {"config": Config(**ema).to_dict(), "step": 2}
     with pytest.raises(UserError, match="resume with --set ema_outputs=true, or start a new run"):
-        ckpt.check_config(state, Config(**ema, ema_outputs=False), tmp_path)
-    ckpt.check_config(state, Config(**ema), tmp_path)
+        resume_rules.check_config(state, Config(**ema, ema_outputs=False), tmp_path)
+    resume_rules.check_config(state, Config(**ema), tmp_path)
     plain = {"config": Config(ema_decay=0.9, steps=4).to_dict(), "step": 2}
-    ckpt.check_config(plain, Config(ema_decay=0.9, steps=4, ema_outputs=False), tmp_path)
+    resume_rules.check_config(plain, Config(ema_decay=0.9, steps=4, ema_outputs=False), tmp_path)
     # the EMA turned off (or on) is the same change of the weights evaluated (it was only warned of)
     with pytest.raises(UserError, match=r"evaluated the EMA weights and this run would evaluate the trained ones: .* "
                                         r"resume with --set ema_decay=0.9, or start a new run"):
-        ckpt.check_config(state, Config(**{**ema, "ema_decay": 0.0}), tmp_path)
+        resume_rules.check_config(state, Config(**{**ema, "ema_decay": 0.0}), tmp_path)
     trained = {"config": Config(eval_every=2, steps=4).to_dict(), "step": 2}
     with pytest.raises(UserError, match=r"evaluated the trained weights and this run would evaluate the EMA ones: .* "
                                         r"resume with --set ema_decay=0.0, or start a new run"):
-        ckpt.check_config(trained, Config(**ema), tmp_path)
-    ckpt.check_config(trained, Config(**ema, ema_outputs=False), tmp_path)  # an EMA kept beside: nothing evaluated
-    ckpt.check_config(state, Config(**{**ema, "ema_decay": 0.99}), tmp_path)  # another decay: still the EMA's
+        resume_rules.check_config(trained, Config(**ema), tmp_path)
+    # an EMA kept beside: nothing evaluated
+    resume_rules.check_config(trained, Config(**ema, ema_outputs=False), tmp_path)
+    resume_rules.check_config(state, Config(**{**ema, "ema_decay": 0.99}), tmp_path)  # another decay: still the EMA's
 
 
 def test_a_resume_whose_new_early_stop_is_already_spent_trains_on_and_says_so(tmp_path, caplog):
@@ -253,31 +257,31 @@ def test_a_resume_whose_new_early_stop_is_already_spent_trains_on_and_says_so(tm
     caplog.set_level(logging.WARNING, logger="lowmem_alignprop")
     for ended in (state(0), state(2)):  # no early stop asked for; asked for, met at the last step
         caplog.clear()
-        ckpt.check_config(ended, now, tmp_path / "step-6")
-        assert ckpt.run_ended(ended, now) is False
+        resume_rules.check_config(ended, now, tmp_path / "step-6")
+        assert resume_rules.run_ended(ended, now) is False
         assert ("resume: the held-out evaluation has not improved for 2 evaluations (since step 4), already the "
                 "--early-stop 2 asked for now: the first evaluation that does not improve stops the run") in caplog.text
     with pytest.raises(UserError, match=r"is where the run stopped early \(its held-out evaluation had not improved "
                                         r"for 2 evaluations; the best step, 2, is in best/\): nothing left to train"):
-        ckpt.check_config(state(2, step=4), now, tmp_path / "step-4")
+        resume_rules.check_config(state(2, step=4), now, tmp_path / "step-4")
     caplog.clear()  # its outputs written again (no step trained): nothing to warn of
-    ckpt.check_config(state(2, step=4), Config(eval_every=1, early_stop=2, steps=6), tmp_path / "step-4",
-                      finished=True)
+    resume_rules.check_config(state(2, step=4), Config(eval_every=1, early_stop=2, steps=6), tmp_path / "step-4",
+                              finished=True)
     assert "resume: the held-out" not in caplog.text
     caplog.clear()
-    ckpt.check_config(state(0), Config(eval_every=1, early_stop=3, steps=12), tmp_path / "step-6")
+    resume_rules.check_config(state(0), Config(eval_every=1, early_stop=3, steps=12), tmp_path / "step-6")
     assert "resume: the held-out" not in caplog.text
 
 
 def test_the_docs_list_every_field_a_resume_changes_freely_and_every_one_it_keeps():
     """docs/bad_inputs.md's resume paragraph names the fields a resume may change without a word and those it must
-    keep, as run/checkpoint.py has them (it named 4 of the 13 free ones)."""
+    keep, as run/resume_rules.py has them (it named 4 of the 13 free ones)."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md").read_text()
     para = text[text.index("Fields a resumed run must keep"):]
     para = para.split("\n\n")[0]
-    assert all(f"`{name}`" in para for name in (*ckpt.FREE_FIELDS, *ckpt.STRICT_FIELDS)), para
+    assert all(f"`{name}`" in para for name in (*resume_rules.FREE_FIELDS, *resume_rules.STRICT_FIELDS)), para
 
 
 def test_a_resume_with_another_lora_alpha_is_refused_and_none_is_the_rank(tmp_path):
@@ -288,12 +292,12 @@ def test_a_resume_with_another_lora_alpha_is_refused_and_none_is_the_rank(tmp_pa
     state = {"config": Config(lora_rank=4, lora_alpha=8).to_dict(), "step": 1}
     with pytest.raises(UserError, match=r"was trained with lora_alpha=8, this run has lora_alpha=16: resume with "
                                         r"--set lora_alpha=8"):
-        ckpt.check_config(state, Config(lora_rank=4, lora_alpha=16, steps=2), tmp_path)
-    ckpt.check_config(state, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
+        resume_rules.check_config(state, Config(lora_rank=4, lora_alpha=16, steps=2), tmp_path)
+    resume_rules.check_config(state, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
     unset = {"config": Config(lora_rank=4).to_dict(), "step": 1}
-    ckpt.check_config(unset, Config(lora_rank=4, lora_alpha=4, steps=2), tmp_path)
+    resume_rules.check_config(unset, Config(lora_rank=4, lora_alpha=4, steps=2), tmp_path)
     with pytest.raises(UserError, match=r"was trained with lora_alpha=4, this run has lora_alpha=8"):
-        ckpt.check_config(unset, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
+        resume_rules.check_config(unset, Config(lora_rank=4, lora_alpha=8, steps=2), tmp_path)
 
 
 def test_a_config_from_before_ema_outputs_writes_the_emas_weights():

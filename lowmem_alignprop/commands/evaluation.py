@@ -24,6 +24,7 @@ import torch
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run.faults import finite_or_none
 from lowmem_alignprop.run import runfolder, schedule
 from lowmem_alignprop.run.filenames import BEST_DIR, BEST_FILE
@@ -105,9 +106,9 @@ def _stop_fixes(every: int, steps: int, patience: int, resumed_at: int, start: i
 def patience_spent(state: dict, cfg: Config, held_out_sha: str | None) -> int | None:
     """A resumed checkpoint's evaluations without improvement since its best so far, which this run goes on counting
     (:func:`schedule_note`'s ``spent``); None where its best and patience start over: no best yet, or its evaluation
-    measured otherwise (best_by, the reward, the held-out prompts...: :func:`checkpoint.eval_basis_changed`)."""
+    measured otherwise (best_by, the reward, the held-out prompts...: :func:`resume_rules.eval_basis_changed`)."""
     evaluation = state.get("evaluation") or {}
-    if evaluation.get("best_step") is None or ckpt.eval_basis_changed(state, cfg, held_out_sha):
+    if evaluation.get("best_step") is None or resume_rules.eval_basis_changed(state, cfg, held_out_sha):
         return None
     return int(evaluation.get("since_best") or 0)
 

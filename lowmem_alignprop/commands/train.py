@@ -26,6 +26,7 @@ from lowmem_alignprop.settings.errors import UserError, error_words, first_line,
 from lowmem_alignprop.memory import stages
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import disk_space, faults, schedule
 from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
@@ -278,7 +279,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         if self.point is not None:  # an incompatible checkpoint fails here, before any model loads
             with same_on_every_rank():
                 self.refinish = self.missing_outputs()
-                ckpt.check_config(self.point.state, self.cfg, self.point.path, finished=self.refinish is not None)
+                resume_rules.check_config(self.point.state, self.cfg, self.point.path,
+                                          finished=self.refinish is not None)
                 saved = self.point.state.get("config", {})
                 if self.is_rank0() and (moved := moved_schedule_note(saved, self.cfg, self.point.step)):
                     log.warning("%s", moved)  # (a decaying schedule's end moved: the rates from here on)

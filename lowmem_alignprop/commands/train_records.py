@@ -15,6 +15,7 @@ import yaml
 
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import faults, software
 from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, INIT_SOURCE_FILE, PROMPTS_FILE
 from lowmem_alignprop.run.rng_state import set_rng_state
@@ -65,9 +66,9 @@ class RunRecords:
             saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
-            self.resumed_with = ckpt.resume_changes(state, self.cfg, self.start + 1,  # e.g. K or lr: the card
-                                                    world_size(),  # says (processes: as check_config counts them)
-                                                    self.software_since(state.get("software")))
+            # e.g. K or lr: the card says them (processes: as check_config counts them)
+            self.resumed_with = resume_rules.resume_changes(state, self.cfg, self.start + 1, world_size(),
+                                                            self.software_since(state.get("software")))
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
@@ -81,7 +82,7 @@ class RunRecords:
                 log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
                             "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
             changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")
-                                           ) or bool(ckpt.images_changed(before, self.cfg))  # (64 vs 32 px...)
+                                           ) or bool(resume_rules.images_changed(before, self.cfg))  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
@@ -101,7 +102,8 @@ class RunRecords:
                             "(eval_every 0): it is not run, and best/ (if any) stays as it was", self.start)
             if self.held_out is not None:
                 evaluation = state.get("evaluation") or {}
-                changed = ckpt.eval_basis_changed(state, self.cfg, self.held_out_sha)  # what its objective reads
+                # what its objective reads
+                changed = resume_rules.eval_basis_changed(state, self.cfg, self.held_out_sha)
                 changed += ["reward's source"] if edited_reward and self.cfg.best_by == "reward" else []
                 if changed and evaluation and self.is_main:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
@@ -145,7 +147,7 @@ class RunRecords:
             # a hand edit of config.yaml would be written over without a word (of the newest checkpoint only: an
             # older one's or a set-aside branch's differs from what the live branch's later starts wrote, unedited)
             if self.resumes_newest:
-                note = ckpt.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
+                note = resume_rules.edited_config_note(out / CONFIG_FILE, self.point.state.get("config", {}), self.fits)
                 if note:
                     log.warning("%s", note)
             self.profile_values = self.profile_record()

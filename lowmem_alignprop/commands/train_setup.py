@@ -26,6 +26,7 @@ from lowmem_alignprop.memory.optim import build_optimizer
 from lowmem_alignprop.memory.placement import Placement, configure_cuda_allocator, unused_apple_gpu_note
 from lowmem_alignprop.memory.tiling import untiled_note
 from lowmem_alignprop.run import checkpoint as ckpt
+from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import LORA_DIR, trained_dir
@@ -93,7 +94,7 @@ class RunSetup:
         from lowmem_alignprop.commands.final_lora import outputs_problem
         from lowmem_alignprop.commands.lora_export import missing_exports
 
-        if (not ckpt.run_ended(self.point.state, self.cfg)
+        if (not resume_rules.run_ended(self.point.state, self.cfg)
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
             return None
         problem = outputs_problem(self.out, trained_dir(self.cfg.train_unet), self.point.step)
