@@ -345,6 +345,9 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
 
     from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
+    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.toy.fidelity import evaluate_batch
 
@@ -354,7 +357,7 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
     shown = (prompts * -(-images // len(prompts)))[:images]  # the run's prompts in order, round again
     seeds = [cfg.seed + JUDGE_SEED + n for n in range(len(shown))]
     reward = build_reward(cfg.reward, device="cpu")
-    pipe = ev.build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
 
     def row() -> dict:
         imgs = ev.generate(pipe, shown, seeds, cfg, cfg.batch_size)
@@ -367,9 +370,9 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
     for method, points in loras.items():
         out[method] = {0: base}
         for point, path in points.items():
-            spec = ev.parse_lora(str(path), 0)
-            ev.load_adapters(pipe, [spec], cfg.model)
-            ev.mix_adapters(pipe, [spec])
+            spec = parse_lora(str(path), 0)
+            load_adapters(pipe, [spec], cfg.model)
+            mix_adapters(pipe, [spec])
             out[method][point] = row()
             pipe.delete_adapters(spec.name)
             print(f"[toy_experiments] rl: judged {method} at {point}", flush=True)

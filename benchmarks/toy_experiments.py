@@ -10,7 +10,7 @@ fixed-seed images every N steps (the toy world's ``metrics.jsonl`` figures; step
 2. ``count``: ``toy_count=N`` for two targets on ``toy-train`` prompts: the exact detected count against steps;
 3. ``jpeg``: the ``jpeg_compressibility`` reward on ``toy-pairs``: the real JPEG size against steps;
 4. ``mix``: the LoRAs of (1)'s randomized-K run (toy_clip) and (3) (compressibility), mixed with
-   ``commands/evaluate.py``'s adapter mixing (what ``sample --lora A:w --lora B:w`` does) at weights
+   ``commands/adapters.py``'s adapter mixing (what ``sample --lora A:w --lora B:w`` does) at weights
    ``A: 1 - a, B: a``; toy_clip, jpeg_compressibility and the exact fidelity against ``a``;
 5. ``hack``: a long compressibility run: the reward keeps rising while the exact prompt fidelity falls; the
    plot marks the first evaluated step from which the fidelity stays below its start;
@@ -232,6 +232,9 @@ def mix(a: dict, b: dict, mode: Mode, threads: int) -> dict:
     from lowmem_alignprop.cli import common_parser, config_from_args
     from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
+    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.toy.fidelity import evaluate_batch
@@ -246,9 +249,9 @@ def mix(a: dict, b: dict, mode: Mode, threads: int) -> dict:
     prompts = [p for p in prompt_set for _ in range(per_prompt)]
     seeds = [s for row in ev.image_seeds(cfg.seed, len(prompt_set), per_prompt) for s in row]
     rewards = {name: build_reward(name, device="cpu") for name in (a["reward"], b["reward"])}
-    pipe = ev.build_pipeline(cfg, torch.device("cpu"), torch.float32)
-    specs = [ev.parse_lora(str(ROOT / a["lora"]), 0), ev.parse_lora(str(ROOT / b["lora"]), 1)]
-    ev.load_adapters(pipe, specs, cfg.model)
+    pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
+    specs = [parse_lora(str(ROOT / a["lora"]), 0), parse_lora(str(ROOT / b["lora"]), 1)]
+    load_adapters(pipe, specs, cfg.model)
 
     def judge(images) -> dict:
         row = {name: float(ev.score(r, images, prompts, torch.device("cpu"), cfg.batch_size).mean())
@@ -260,7 +263,7 @@ def mix(a: dict, b: dict, mode: Mode, threads: int) -> dict:
     rows = []
     for w in mode.mix_weights:
         specs[0].weight, specs[1].weight = 1.0 - w, w
-        ev.mix_adapters(pipe, specs)
+        mix_adapters(pipe, specs)
         rows.append({"weight_b": w, **judge(ev.generate(pipe, prompts, seeds, cfg, cfg.batch_size))})
         print(f"[toy_experiments] mixed A:{1 - w:g} B:{w:g}", flush=True)
     return {"a": a["reward"], "b": b["reward"], "lora_a": a["command"], "lora_b": b["command"], "prompts": a["prompts"],
@@ -435,7 +438,7 @@ HOW = {
     "jpeg": "`--reward jpeg_compressibility` (minus the differentiable estimate of the JPEG size, in kB) on "
             "`toy-pairs`; the real JPEG size of the same images from PIL.",
     "mix": "LoRA A (experiment 1's K ~ U{1..20} run, toy_clip) and LoRA B (experiment 3's run, compressibility) "
-           "loaded as two adapters of one pipeline (`commands/evaluate.py`, as `sample --lora A:1-w --lora B:w`); "
+           "loaded as two adapters of one pipeline (`commands/adapters.py`, as `sample --lora A:1-w --lora B:w`); "
            "every weight renders the same prompts and seeds, scored by both rewards and the exact evaluators.",
     "hack": "`jpeg_compressibility` on `toy-pairs`, trained long; the dashed line marks the first judged step "
             "from which the exact fidelity score stays below its start.",

@@ -972,7 +972,8 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.evaluate import LoraSpec, warn_other_base
+    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.commands.lora_checks import warn_other_base
 
     class Code:
         def __reduce__(self):
@@ -1005,7 +1006,7 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     # each other reader of base_model.json takes a record that is no JSON object, or has a list of settings, as damaged
     from lowmem_alignprop.commands.final_lora import lora_problem
     from lowmem_alignprop.commands.lora_files import read_lora
-    from lowmem_alignprop.commands.evaluate import recorded_base
+    from lowmem_alignprop.commands.base_records import recorded_base
     (lora / LORA_BASE_FILE).write_text("[1, 2]")
     with pytest.raises(UserError) as e:
         read_lora(str(lora))

@@ -16,7 +16,9 @@ import torch
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.commands.evaluate import generate, load_adapters, mix_adapters, parse_lora
+from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+from lowmem_alignprop.commands.evaluate import generate
+from lowmem_alignprop.commands.lora_args import parse_lora
 from lowmem_alignprop.run.filenames import SAMPLE_GRID, SAMPLE_RESULTS
 
 STEPS = "3"
@@ -242,7 +244,7 @@ def test_without_model_or_lora_the_default_model_is_sampled_and_named(tmp_path, 
 @pytest.fixture(scope="module")
 def mixer(tiny_dir, loras):
     from lowmem_alignprop.settings.config import Config
-    from lowmem_alignprop.commands.evaluate import build_pipeline
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
 
     cfg = Config(model=str(tiny_dir), sample_steps=int(STEPS), resolution=64, k=1)
     pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
@@ -298,7 +300,7 @@ def test_every_adapted_layer_computes_the_weighted_sum_of_updates(mixer):
 
     def outputs(**weights):
         if weights:
-            from lowmem_alignprop.commands.evaluate import LoraSpec
+            from lowmem_alignprop.commands.lora_args import LoraSpec
             mix_adapters(pipe, [LoraSpec("", None, w, {"a": name_a, "b": name_b}[k]) for k, w in weights.items()])
         else:
             pipe.disable_lora()
@@ -503,7 +505,7 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
 def test_the_same_lora_given_twice_is_said(loras, caplog, tmp_path):
     """Two --lora of one LoRA add up (a:0.5 a:0.5 is a:1): said, since it is mostly a typo in a mix (it was silent).
     A run folder's LoRA is recorded with where in it its weights were (lora/, not a checkpoint or best/)."""
-    from lowmem_alignprop.commands.evaluate import check_mixable
+    from lowmem_alignprop.commands.lora_checks import check_mixable
 
     shutil.copytree(loras["a"], tmp_path / "run" / "lora")
     assert parse_lora(str(tmp_path / "run"), 0).found_in == "lora/pytorch_lora_weights.safetensors"
@@ -907,7 +909,7 @@ def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
     traceback; now the one line every LoRA that does not fit gets."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.evaluate import load_adapter_file
+    from lowmem_alignprop.commands.adapters import load_adapter_file
 
     def load_lora_weights(*args, **kwargs):
         raise error

@@ -144,7 +144,8 @@ def test_sample_of_a_flux_lora_with_modulation_layers_applies_each_as_diffusers_
     from flowmodels import build_tiny_flux_pipeline
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.evaluate import load_adapters, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
 
     pipe = build_tiny_flux_pipeline()
     config = pipe.transformer.config
@@ -923,12 +924,12 @@ def test_an_sd3_lora_in_every_form_on_a_flux_model_is_refused_by_family_before_i
     converted copies name SD3's joint blocks as FLUX.1's double blocks and have no record beside them)."""
     import shutil
 
-    from lowmem_alignprop.commands import evaluate
+    from lowmem_alignprop.commands import sample_pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(evaluate, "build_pipeline", never)
+    monkeypatch.setattr(sample_pipeline, "build_pipeline", never)
     kohya = next(export(tmp_path / "k", sd3["lora"], "--format", "kohya").glob("*.safetensors"))
     alone = tmp_path / "alone" / kohya.name
     alone.parent.mkdir()
@@ -960,7 +961,8 @@ def test_a_lora_of_a_shipped_flow_width_is_named_and_one_of_the_models_width_pas
     output projections only), passes to loading."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files
+    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.commands.lora_checks import check_lora_files
 
     def lora(width: int, layer: str = "to_q") -> LoraSpec:
         file = tmp_path / f"{layer}-{width}.safetensors"
@@ -1134,7 +1136,7 @@ def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_pat
         f"--lora {alone} records no model it was trained on; its header (alignprop_base_model) says it was trained "
         "on base (a folder on the training machine): pass --model PATH")
     # mixed in after another LoRA: the settings its header says are compared with the first one's
-    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.commands.sample_cmd import say_other_runs
 
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
@@ -1150,7 +1152,7 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     LoRA twice. Another LoRA (the same one scaled) and a negative weight pass."""
     import shutil
 
-    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 
     merged = next(export(tmp_path / "m", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))

@@ -478,12 +478,12 @@ def _unet_lora(tmp_path, tiny_dir):
 
 
 def test_bad_input_lora_of_the_other_family(flux_run, dirs, tmp_path, tiny_dir, capsys, monkeypatch):
-    from lowmem_alignprop.commands import evaluate
+    from lowmem_alignprop.commands import sample_pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")  # the model's files tell its family: refused before loading
 
-    monkeypatch.setattr(evaluate, "build_pipeline", never)
+    monkeypatch.setattr(sample_pipeline, "build_pipeline", never)
     rc = main(["sample", *FLOW, "--model", "tiny", "--lora", str(flux_run / "lora"), "--output-dir",
                str(tmp_path / "a")])
     lines = _errors(capsys)

@@ -529,10 +529,11 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     lora_name = f"{sd['run'].name}/lora"
     assert [(r["lora"], r["weight"], r["into"]) for r in merged_record(str(upper))] == [(lora_name, 1.0,
                                                                                          sd["base"].name)]
-    from lowmem_alignprop.commands.evaluate import same_model  # `sample --model FILE`: the LoRA's run's settings
+    from lowmem_alignprop.commands.base_records import same_model  # `sample --model FILE`: the LoRA's run's settings
     assert same_model(str(upper), str(sd["base"])) and not same_model(str(upper), str(tmp_path / "other-base"))
     # the header names the base by its folder's name only; the weights it recorded tell a same-named other base apart
-    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_fingerprint
+    from lowmem_alignprop.commands.base_records import recorded_fingerprint
+    from lowmem_alignprop.commands.lora_args import LoraSpec
     ours = recorded_fingerprint(LoraSpec(arg="a", file=sd["lora"] / LORA_WEIGHT_NAME, weight=1.0, name="a"))
     theirs = {**ours, "conv_in": [v + 0.5 for v in ours["conv_in"]]}  # another model's first layer
     namesake = tmp_path / "elsewhere" / sd["base"].name
@@ -581,7 +582,7 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
 def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsys):
     """`sample LORA --model MERGED`, where export --merge fused LORA into MERGED, applied it twice (its "base" column
     was the LoRA's images): refused as export --merge refuses it; a negative weight (which takes it out) passes."""
-    from lowmem_alignprop.commands.evaluate import parse_lora
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.commands.lora_merge import refuse_held_loras
 
     merged = export(tmp_path / "merged", sd["lora"], "--merge")
@@ -1084,7 +1085,8 @@ def test_a_folder_pushed_to_the_hub_names_local_paths_by_name_in_its_base_model_
     here reads them). Downloaded, `sample FOLDER` of it says in one line to pass the local model with --model."""
     import huggingface_hub
 
-    from lowmem_alignprop.commands.evaluate import parse_lora, recorded_base
+    from lowmem_alignprop.commands.base_records import recorded_base
+    from lowmem_alignprop.commands.lora_args import parse_lora
     from lowmem_alignprop.settings.errors import UserError
 
     run = tmp_path / "my-run"

@@ -211,7 +211,9 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
     """sample --lora of a kohya file whose layers have their own alphas (and some none) adds, at weight 0.5, half
     of each layer's alpha / rank * up @ down: the LoRA it holds, as its plain export loads (the layers at alpha 2
     were applied at 8, 4x, and those without alpha at 8 / 4, 2x)."""
-    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, mix_adapters, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
 
     cfg = _cfg(tmp_path / "unused")
     pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32)
@@ -291,7 +293,10 @@ def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, peft_names, en
     from diffusers import UNet2DConditionModel
     from midsize import build_tiny_sdxl_pipeline
 
-    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, lora_family, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.commands.lora_kinds import lora_family
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
 
     if model == "sdxl":
         pipe = build_tiny_sdxl_pipeline()
@@ -341,7 +346,8 @@ def test_sample_applies_an_sdxl_loras_text_encoder_layers_to_both_encoders(layou
     from midsize import build_tiny_sdxl_pipeline
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.evaluate import load_adapters, mix_adapters, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
 
     pipe = build_tiny_sdxl_pipeline()
     g = torch.Generator().manual_seed(5)
@@ -414,7 +420,9 @@ def test_a_peft_adapter_of_attention_and_conv_layers_samples_every_layer(tmp_pat
     from peft.utils.other import get_pattern_key
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
     from lowmem_alignprop.models.loading import load_components
 
     cfg = _cfg(tmp_path / "unused")
@@ -482,7 +490,9 @@ def test_sample_of_a_dora_applies_its_magnitudes_or_is_one_line(made_lora, tmp_p
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.evaluate import build_pipeline, load_adapters, parse_lora
+    from lowmem_alignprop.commands.adapters import load_adapters
+    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.errors import quote
 
@@ -906,11 +916,11 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
     from safetensors.torch import save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import evaluate
+    from lowmem_alignprop.commands import lora_args, sample_pipeline
 
-    monkeypatch.setattr(evaluate, "build_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(sample_pipeline, "build_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     if kind in ("sd_checkpoint", "embedding", "embedding_diffusers"):  # a .safetensors file: told by its header
-        monkeypatch.setattr(evaluate, "read_tensor_file", lambda *a, **k: pytest.fail("the tensors were read"))
+        monkeypatch.setattr(lora_args, "read_tensor_file", lambda *a, **k: pytest.fail("the tensors were read"))
     spec = {"unet_folder": tiny_dir / "unet", "pipeline_folder": tiny_dir}.get(kind, tmp_path / f"{kind}.safetensors")
     if kind == "sd_checkpoint":
         save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(spec))
@@ -1125,7 +1135,8 @@ def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_
     before the schedule was recorded) or one not readable tells nothing, whatever its header says."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.evaluate import LoraSpec, read_base_record, recorded_fingerprint
+    from lowmem_alignprop.commands.base_records import read_base_record, recorded_fingerprint
+    from lowmem_alignprop.commands.lora_args import LoraSpec
     from lowmem_alignprop.commands.init_lora import other_sampler
 
     zero_v = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}

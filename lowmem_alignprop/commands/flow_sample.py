@@ -5,7 +5,7 @@ runs wherever training runs under the same profile:
    the family's prompt encoder, on the CPU with ``encode_on_cpu``, and the text encoders are freed; only then is
    the transformer read (``transformer_last``) or drawn (an architecture on meta): T5-XXL and the transformer are
    never in host memory together;
-2. the LoRA adapters are loaded into the pipeline (``evaluate.load_adapters``), then ``block_swap``'s blocks are
+2. the LoRA adapters are loaded into the pipeline (``adapters.load_adapters``), then ``block_swap``'s blocks are
    hooked (memory/block_swap.py) and the rest of the transformer goes to the device (``model_to``);
 3. each batch: the diffusers pipeline with the cached embeddings (``prompt_embeds``, ``pooled_prompt_embeds``,
    SD3's negative ones) returns latents; the VAE comes to the device for the decode (``offload_frozen``) and

@@ -249,7 +249,8 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
     """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` (the layers it
     trains: the others are kept, :func:`lora_file_ranks`) and of ``model``'s family as far as its files tell (a
     FLUX.1 LoRA for SD3, a UNet's for FLUX.1); ``quant``: the run's base_quant. Raises UserError."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files
+    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.commands.lora_checks import check_lora_files
     from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
 
     file = init_lora_file(spec)
@@ -303,7 +304,8 @@ def layers_taken(copied: int, trained: int) -> str:
 def trained_on(spec: str, file: Path, model: str) -> str:
     """" (it was trained on X, not --model Y: ...)" where the LoRA's run recorded another base model than ``model``
     (lora/base_model.json), for a message that the LoRA does not fit; else ""."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, recorded_base, recorded_fingerprint, same_model
+    from lowmem_alignprop.commands.base_records import recorded_base, recorded_fingerprint, same_model
+    from lowmem_alignprop.commands.lora_args import LoraSpec
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
@@ -316,7 +318,8 @@ def lora_sampler(spec: str, file: Path) -> tuple[dict, str]:
     where that is said: its run's base_model.json (the schedule the run resolved: both, where it records the
     prediction type), else its file's header (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`:
     what it says); ({}, "") where neither tells."""
-    from lowmem_alignprop.commands.evaluate import LoraSpec, base_record_file, read_base_record
+    from lowmem_alignprop.commands.base_records import read_base_record
+    from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file
     from lowmem_alignprop.commands.lora_files import header_image_settings
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
@@ -389,7 +392,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     untrained linears are kept as a UNet's are; its text encoders' layers (encoded and freed before), a kept linear
     of an int8/nf4 base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise
     UserError."""
-    from lowmem_alignprop.commands.evaluate import load_adapter_file
+    from lowmem_alignprop.commands.adapters import load_adapter_file
     from lowmem_alignprop.models.kept_lora import canonical_key
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"

@@ -135,7 +135,7 @@ def held_in(held: list[dict], digest: str) -> dict | None:
 
 
 def refuse_held_loras(specs: list, model: str) -> None:
-    """``sample``: a LoRA (evaluate.LoraSpec) given at a positive weight to a model that `export --merge` made with
+    """``sample``: a LoRA (lora_args.LoraSpec) given at a positive weight to a model that `export --merge` made with
     it (its merged_loras.json or single-file header records it): one line, as export --merge refuses it (a negative
     weight, which takes it out again, passes). An export is told by the digest its base_model.json records of the
     LoRA it was made from, a kohya file shared alone by its header's; a LoRA from elsewhere is not told apart."""
@@ -161,10 +161,10 @@ def merged_into(entry: dict) -> tuple[str, str]:
 
 
 def _digest_of(spec) -> str | None:
-    """The digest (:func:`lora_digest`) of the LoRA ``spec`` (evaluate.LoraSpec) names: a run's, or the one an export
+    """The digest (:func:`lora_digest`) of the LoRA ``spec`` (lora_args.LoraSpec) names: a run's, or the one an export
     was made from (its base_model.json's ``lora_digest``, or a kohya file's header, for the file shared alone); None
     for a LoRA from elsewhere."""
-    from lowmem_alignprop.commands.evaluate import read_base_record
+    from lowmem_alignprop.commands.base_records import read_base_record
 
     try:
         return lora_digest(read_lora(str(spec.named)))
@@ -198,7 +198,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
     last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
     from lowmem_alignprop.run import base_fingerprint
-    from lowmem_alignprop.commands.evaluate import LoraSpec, check_lora_files, load_adapters
+    from lowmem_alignprop.commands.adapters import load_adapters
+    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.commands.lora_checks import check_lora_files
 
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
@@ -286,11 +288,11 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
 
 
 def run_settings(adapter) -> dict:
-    """The image settings and scoring the run of the LoRA ``adapter`` (an evaluate.LoraSpec) sampled with, keyed as
-    its base_model.json keys them (``image_settings``, ``scoring``; evaluate.recorded_base reads its run's config.yaml,
+    """The image settings and scoring the run of the LoRA ``adapter`` (a lora_args.LoraSpec) sampled with, keyed as
+    its base_model.json keys them (``image_settings``, ``scoring``; base_records.recorded_base reads its run's config.yaml,
     a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample --model
     MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
-    from lowmem_alignprop.commands.evaluate import recorded_base
+    from lowmem_alignprop.commands.base_records import recorded_base
     from lowmem_alignprop.settings.config import RUN_SCORING_SETTINGS
 
     if (base := recorded_base(adapter, model_given=True)) is None:

@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_alignprop.commands.evaluate import (LoraSpec, base_record_file, check_mixable, evaluate, parse_lora,
-                                                print_summary, recorded_base, recorded_fingerprint, same_model,
-                                                usable_scoring)
+from lowmem_alignprop.commands.base_records import recorded_base, recorded_fingerprint, same_model, usable_scoring
+from lowmem_alignprop.commands.evaluate import evaluate, print_summary
+from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file, parse_lora
+from lowmem_alignprop.commands.lora_checks import check_mixable
 from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
                                                   merged_record)
 from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
@@ -175,7 +176,7 @@ def _dict(value) -> dict:
 
 
 def _lora_run_settings(lora) -> dict:
-    """The settings a merged LoRA's run sampled with, read beside the LoRA (evaluate.recorded_base) where it is still
+    """The settings a merged LoRA's run sampled with, read beside the LoRA (base_records.recorded_base) where it is still
     there; {} where it is gone, is no LoRA now, or records none."""
     if not isinstance(lora, str) or not lora or not Path(lora).expanduser().exists():
         return {}

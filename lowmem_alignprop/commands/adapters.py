@@ -1,0 +1,111 @@
+"""Loading LoRAs into a diffusers pipeline as named adapters (:func:`load_adapters`, :func:`load_adapter_file`:
+a LoRA that does not fit the model refused in one line), and mixing them (:func:`mix_adapters`).
+
+Mixing adapters (``--lora a:0.5 --lora b:0.5``), as AlignProp mixes LoRAs trained on different rewards:
+every adapter is loaded with ``pipe.load_lora_weights(..., adapter_name=...)`` and combined with
+``pipe.set_adapters(names, adapter_weights=weights)``. peft then computes, in every layer the adapters touch,
+``W x + sum_i w_i * dW_i x`` with ``dW_i = (alpha_i / r_i) B_i A_i`` the update adapter ``i`` learned. So the
+weights interpolate the adapters' *weight updates* linearly: ``a:1`` is adapter a as trained, ``a:0.5`` is
+halfway between the base model and a, ``a:0.5 b:0.5`` is the midpoint of a and b in weight space (not the
+average of their A and B matrices, which would not be linear), weights above 1 or below 0 extrapolate. The
+images are not a linear mix of the two adapters' images: the network is nonlinear in its weights. A DoRA (peft's
+magnitude vectors) is read at weight 1 only: peft scales its direction update by the weight, not its magnitudes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lowmem_alignprop.commands.lora_args import LoraSpec
+from lowmem_alignprop.commands.lora_files import LORA_DOWN_SUFFIXES
+from lowmem_alignprop.commands.lora_formats import kohya_encoders_as_diffusers, ldm_unet_as_diffusers
+from lowmem_alignprop.run.tensor_files import is_safetensors
+from lowmem_alignprop.settings.errors import UserError
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def adapted_layers(pipe, name: str) -> int:
+    """How many layers of the pipeline's models carry adapter ``name``."""
+    count = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            count += sum(1 for m in component.modules() if name in getattr(m, "lora_A", {}))
+    return count
+
+
+def layers_in_file(path: Path) -> int:
+    """How many adapted layers a LoRA file holds (one down/A matrix each); 0 for a .bin."""
+    if not is_safetensors(path):
+        return 0  # .bin: no cheap header read; rely on diffusers' own checks
+    with safe_open(str(path), framework="pt") as f:
+        return sum(1 for k in f.keys() if k.endswith(LORA_DOWN_SUFFIXES))
+
+
+def misfit_detail(error: Exception) -> str:
+    """A one-line reading of diffusers/peft's error for a LoRA that does not fit the model."""
+    text = str(error)
+    found = _SIZE_MISMATCH.findall(text)
+    if found:
+        key, theirs, ours = found[0]
+        layer = re.sub(r"\.lora_[AB]\.[^.]+\.weight$", "", key)
+        return (f"{len(found)} of its weights have other shapes than this model's layers "
+                f"(e.g. {layer}: {theirs} in the LoRA, {ours} here)")
+    if "not found in the base model" in text:
+        return "none of its layers exist in this model"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # (an assert of a format converter says nothing: which loader failed, then)
+    return (lines[0] if lines else f"diffusers' LoRA loader could not read its layers ({type(error).__name__})")[:200]
+
+
+def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:
+    """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError (``default``: why
+    ``model`` is the default one, said in the line as :func:`check_lora_family` says it)."""
+    now = f"now {model!r}" + (f", the default: {default}" if default else "")
+    for spec in specs:
+        load_adapter_file(pipe, spec.file, spec.name, f"--lora {spec.arg}",
+                          f"it was trained for another base model: pass that model with --model ({now})")
+
+
+# what diffusers' LoRA loading and its format converters raise for a file that does not fit the model (a converter's
+# assert on another model's widths, an index past a layer list)
+MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError, TypeError)
+
+
+def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
+    """``pipe.load_lora_weights`` of ``file`` as adapter ``name``; a file that does not fit (an error from diffusers
+    or its converters, or fewer of its layers found than it has) raises one UserError line: ``flag`` does not fit
+    this model, why, ``fix``."""
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
+    try:
+        with warnings.catch_warnings():
+            # our LoRAs adapt only the denoiser; diffusers warns that the text encoder has none
+            warnings.filterwarnings("ignore", message="No LoRA keys associated")
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
+            if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
+                file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
+                file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except MISFIT_ERRORS as e:
+        raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None
+    finally:
+        peft_log.setLevel(level)
+    expected, got = layers_in_file(file), adapted_layers(pipe, name)
+    if got == 0 or got < expected:
+        raise UserError(f"{flag} does not fit this model: only {got} of its {expected} layers exist here; {fix}")
+
+
+def mix_adapters(pipe, specs: list[LoraSpec]) -> None:
+    """Activate the adapters with their weights: each layer computes W x + sum_i w_i dW_i x (see module doc)."""
+    pipe.enable_lora()
+    pipe.set_adapters([s.name for s in specs], adapter_weights=[s.weight for s in specs])
