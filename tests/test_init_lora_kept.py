@@ -353,3 +353,31 @@ def test_a_lora_of_kept_layers_alone_says_none_train_from_it(civitai, tmp_path, 
            "2 convolutions), fused into the frozen base" in lines, lines  # (as the card counts them)
     assert f"starting from the LoRA {file} (none of the run's 32 layers (it adapts none of them): the run's LoRA " \
            "starts at zero, as a fresh one)" in lines, lines  # (no "the KL starts above 0": the LoRA is at zero)
+
+
+
+ATTN1 = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+@pytest.mark.parametrize("layer, down, up, trained", [
+    (f"unet.{ATTN1}.to_q", ".lora_A.weight", ".lora_B.weight", True),  # diffusers' and peft's
+    (f"unet.{ATTN1}.to_q", ".lora.down.weight", ".lora.up.weight", True),
+    (f"unet.{ATTN1}.processor.to_q", "_lora.down.weight", "_lora.up.weight", True),  # (before diffusers 0.21)
+    (f"lora_unet_{ATTN1.replace('.', '_')}_to_q", ".lora_down.weight", ".lora_up.weight", True),  # kohya's
+    # diffusers' older text-encoder layout: a layer to both readers, kept as it came (a text encoder is never trained)
+    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", ".lora_linear_layer.down.weight",
+     ".lora_linear_layer.up.weight", False),
+])
+def test_one_list_of_down_keys_counts_a_layer_for_sample_and_init_lora_alike(layer, down, up, trained, tmp_path):
+    """lora_files.LORA_DOWN_SUFFIXES: the one list of a LoRA's down (A) keys, read by `sample --lora` (its layer
+    count, adapters.layers_in_file) and by --init-lora (the layer's name, the key less the suffix and the separator
+    before it, tells whether a run trains it: lora_file_ranks, here rank 4 of a trained layer)."""
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands.adapters import layers_in_file
+    from lowmem_alignprop.commands.init_lora import lora_file_ranks
+
+    file = tmp_path / "one.safetensors"
+    save_file({layer + down: torch.ones(4, 32), layer + up: torch.zeros(32, 4)}, str(file))
+    assert layers_in_file(file) == 1
+    assert lora_file_ranks(file, "one") == ({4} if trained else set())

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
-from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
+from lowmem_alignprop.commands.lora_files import LORA_DOWN_SUFFIXES, is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
@@ -22,7 +22,6 @@ from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, 
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
-_DOWN_KEYS = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
 # a feed-forward layer's key in diffusers', peft's or kohya's names (lora_layers=attention+ff trains them)
 _FF_KEY = re.compile(r"(^|[._])ff(_context)?[._]net[._]|[._]proj_mlp[._]|single_transformer_blocks\.\d+\.proj_out\.")
 
@@ -162,7 +161,10 @@ def _damaged(spec: str, file: Path, e: Exception) -> UserError:
 
 
 def _layer_name(key: str) -> str:
-    return next(key.removesuffix(s) for s in _DOWN_KEYS if key.endswith(s))
+    """The layer a down (A) matrix's key names: the key less its :data:`LORA_DOWN_SUFFIXES` ending and the ``.`` or
+    ``_`` before it (``...attn1.to_q.lora_A.weight``, ``..._attn1_to_q.lora_down.weight``, ``...to_q_lora.down.weight``:
+    ``...to_q``)."""
+    return next(key.removesuffix(s)[:-1] for s in LORA_DOWN_SUFFIXES if key.endswith(s))
 
 
 def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool = False,
@@ -189,7 +191,7 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
         raise UserError(text_encoder_refusal(spec, text[0]))
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
         raise UserError(f"--init-lora {spec} {other}")
-    conv = sorted(k for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) == 4
+    conv = sorted(k for k, s in shapes.items() if k.endswith(LORA_DOWN_SUFFIXES) and len(s) == 4
                   and not (flow and _layer_name(k).endswith("pos_embed.proj")))  # (SD3's patch embedding: kept)
     if conv and flow:  # (SD3/FLUX: no other convolution in the transformer, a UNet's LoCon layers)
         raise UserError(f"--init-lora {spec} adapts {len(conv)} convolution layer{'s' if len(conv) > 1 else ''} (e.g. "
@@ -200,7 +202,7 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     if ff and layers == "attention":
         raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
                         "is on the attention projections: add --set lora_layers=attention+ff")
-    downs = {k: s for k, s in shapes.items() if k.endswith(_DOWN_KEYS) and len(s) >= 2}
+    downs = {k: s for k, s in shapes.items() if k.endswith(LORA_DOWN_SUFFIXES) and len(s) >= 2}
     if not downs:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
                         "LoRA of this base model (a run's lora/ folder, or a diffusers, kohya or peft LoRA file)")
