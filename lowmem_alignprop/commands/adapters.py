@@ -68,7 +68,7 @@ def misfit_detail(error: Exception) -> str:
 
 def load_adapters(pipe, specs: list[LoraSpec], model: str, default: str = "") -> None:
     """Load every LoRA as a named adapter. A LoRA made for another base model raises UserError (``default``: why
-    ``model`` is the default one, said in the line as :func:`check_lora_family` says it)."""
+    ``model`` is the default one, said in the line as :func:`.lora_checks.check_lora_family` says it)."""
     now = f"now {model!r}" + (f", the default: {default}" if default else "")
     for spec in specs:
         load_adapter_file(pipe, spec.file, spec.name, f"--lora {spec.arg}",

@@ -37,9 +37,9 @@ def lora_family(path: Path) -> str | None:
 
 def lora_model(path: Path, family: str | None, record: Path | None = None) -> str | None:
     """sd3 or flux for a transformer LoRA (``family``: :func:`lora_family`), from the base model our trainer recorded
-    (``record``: :func:`base_record_file`; None: lora/base_model.json beside it), else from its keys (FLUX.1's
-    single-stream blocks, kohya's double/single or SD3's joint blocks), else ``transformer``; ``family`` itself for
-    the others."""
+    (``record``: :func:`.lora_args.base_record_file`; None: lora/base_model.json beside it), else from its keys
+    (FLUX.1's single-stream blocks, kohya's double/single or SD3's joint blocks), else ``transformer``; ``family``
+    itself for the others."""
     if family != "transformer":
         return family
     try:
@@ -65,12 +65,13 @@ def same_family(a: str, b: str) -> bool:
 
 
 def pipeline_model(pipe) -> str:
-    """What :func:`check_lora_family` compares of a loaded pipeline: unet, sd3 or flux."""
+    """What :func:`.lora_checks.check_lora_family` compares of a loaded pipeline: unet, sd3 or flux."""
     if not hasattr(pipe, "transformer"):
         return "unet"
     return family_of(pipe.transformer)
 
 
 def model_of_kind(kind: str | None) -> str | None:
-    """What :func:`check_lora_family` compares of a settings/model_kind kind (sd, sdxl, sd35m, sd35l, flux)."""
+    """What :func:`.lora_checks.check_lora_family` compares of a settings/model_kind kind (sd, sdxl, sd35m, sd35l,
+    flux)."""
     return KIND_FAMILY.get(kind)
