@@ -289,9 +289,9 @@ def write_single_file(lora: Lora, pipe, folder: Path, merged: list[dict]) -> Pat
 
 def run_settings(adapter) -> dict:
     """The image settings and scoring the run of the LoRA ``adapter`` (a lora_args.LoraSpec) sampled with, keyed as
-    its base_model.json keys them (``image_settings``, ``scoring``; base_records.recorded_base reads its run's config.yaml,
-    a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample --model
-    MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
+    its base_model.json keys them (``image_settings``, ``scoring``; base_records.recorded_base reads its run's
+    config.yaml, a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample
+    --model MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
     from lowmem_alignprop.commands.base_records import recorded_base
     from lowmem_alignprop.settings.config import RUN_SCORING_SETTINGS
 

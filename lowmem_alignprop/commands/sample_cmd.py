@@ -176,8 +176,8 @@ def _dict(value) -> dict:
 
 
 def _lora_run_settings(lora) -> dict:
-    """The settings a merged LoRA's run sampled with, read beside the LoRA (base_records.recorded_base) where it is still
-    there; {} where it is gone, is no LoRA now, or records none."""
+    """The settings a merged LoRA's run sampled with, read beside the LoRA (base_records.recorded_base) where it is
+    still there; {} where it is gone, is no LoRA now, or records none."""
     if not isinstance(lora, str) or not lora or not Path(lora).expanduser().exists():
         return {}
     try:
