@@ -104,7 +104,7 @@ def same_model(given: str, recorded: str, fingerprint: dict | None = None) -> bo
 
 def recorded_fingerprint(spec: LoraSpec) -> dict | None:
     """The fingerprint of the model a LoRA was trained on (its base_model.json's denoiser config digest and first
-    weights, :func:`~lowmem_alignprop.run.checkpoint.fingerprint`), None without a readable one."""
+    weights, :func:`~lowmem_alignprop.run.base_fingerprint.fingerprint`), None without a readable one."""
     base = read_base_record(spec)
     return base if base is not None and isinstance(base.get("unet_config_sha"), str) else None
 
