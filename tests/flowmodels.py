@@ -75,14 +75,14 @@ def _vae(scaling_factor: float, shift_factor: float):
         scaling_factor=scaling_factor, shift_factor=shift_factor)
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True):
+def build_tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = True, layers: int = 2):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=FLOW_RESOLUTION // 2, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        num_layers=layers, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
     vae = _vae(scaling_factor=1.5305, shift_factor=0.0609)  # SD3.5's published factors
     tok, vocab = _clip_tokenizer()

@@ -4,6 +4,8 @@ check what it does: the loss and the LoRA gradients are those without it, every 
 be in every stage (at rest on the CPU, on the device while it runs, in forward, in the checkpoint recompute of
 backward), no layer ever runs on its CPU copy, and LoRA weights never move."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -19,8 +21,8 @@ RES = FLOW_RESOLUTION
 STEPS, K = 3, 2
 
 
-def _pipe(name, layers: str = "attention"):
-    pipe = build_tiny_flux_pipeline(seed=0) if name == "flux" else build_tiny_sd3_pipeline(seed=0)
+def _pipe(name, layers: str = "attention", sd3_blocks: int = 2):
+    pipe = build_tiny_flux_pipeline(seed=0) if name == "flux" else build_tiny_sd3_pipeline(seed=0, layers=sd3_blocks)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()  # built in code: train mode, and T5's dropout would make two runs differ
@@ -78,6 +80,50 @@ def _guard_layers(swap):
     return bad, handles
 
 
+def _poison_host_copies(swap):
+    """The swapped weights' CPU copies hold NaN and only their device copies (``swap.copy``) the real values: any
+    compute with a CPU copy, forward or backward (which _guard_layers does not see), gives a NaN."""
+    real = {}
+    for ws in swap.weights:
+        for w in ws:
+            real[w.host.data_ptr()] = w.host.clone()
+            w.host.fill_(float("nan"))
+    swap.copy = lambda t: real[t.data_ptr()].clone()
+
+
+def _forward_call(n):
+    """The log of one forward call through n swapped blocks: block 0 comes, block 1 is prefetched while it runs,
+    each leaves after its use while the next one's pre-hook prefetches the one after it."""
+    log = [(0, "device"), (1, "device"), (0, "cpu")] if n > 1 else [(0, "device"), (0, "cpu")]
+    for i in range(1, n):
+        log += ([(i + 1, "device")] if i + 1 < n else []) + [(i, "cpu")]
+    return log
+
+
+def _staged_run(swap, run):
+    """``run(stage)`` with the swap's layers guarded: the log split by stage (no-grad sampling, the window,
+    backward) and the layers that ran on their CPU copy."""
+    bad, handles = _guard_layers(swap)
+    marks = []
+
+    def stage(name):
+        marks.append((len(swap.log), name))
+        return torch.enable_grad() if name == stages.BACKWARD else contextlib.nullcontext()
+
+    out = run(stage)
+    for h in handles:
+        h.remove()
+    start = dict((name, i) for i, name in marks)
+    log = swap.log
+    return (log[start[stages.SAMPLE_NOGRAD]:start[stages.SAMPLE_GRAD]],
+            log[start[stages.SAMPLE_GRAD]:start[stages.BACKWARD]], log[start[stages.BACKWARD]:], bad, out)
+
+
+def _where(log, phase):
+    assert all(p == phase for _, _, p in log), log
+    return [(i, where) for i, where, _ in log]
+
+
 def test_placement_of_every_block_in_every_stage():
     pipe, params = _pipe("flux")
     lora_before = [(p.data_ptr(), p.device) for p in params]
@@ -85,24 +131,11 @@ def test_placement_of_every_block_in_every_stage():
     assert swap.where == ["cpu", "cpu"]
     for pairs in swap.host:  # at rest the frozen weights are the (pinned, on CUDA) CPU copy
         assert pairs and all(p.data.data_ptr() == h.data_ptr() for p, h in pairs)
-    bad, handles = _guard_layers(swap)
-    marks = []
-
-    def stage(name):
-        marks.append((len(swap.log), name))
-        return torch.enable_grad() if name == stages.BACKWARD else __import__("contextlib").nullcontext()
-
-    _loss_and_grads(pipe, params, stage=stage)
-    for h in handles:
-        h.remove()
+    nograd, grad, backward, bad, _ = _staged_run(swap, lambda stage: _loss_and_grads(pipe, params, stage=stage))
     assert bad == []  # no layer ever ran on its CPU copy: forward, the window, backward's recompute
-    log = swap.log
-    start = dict((name, i) for i, name in marks)
-    nograd = log[start[stages.SAMPLE_NOGRAD]:start[stages.SAMPLE_GRAD]]
-    grad = log[start[stages.SAMPLE_GRAD]:start[stages.BACKWARD]]
-    backward = log[start[stages.BACKWARD]:]
     # each transformer call: block 0 comes, block 1 is prefetched while block 0 runs, each leaves after its use
     call = [(0, "device", "forward"), (1, "device", "forward"), (0, "cpu", "forward"), (1, "cpu", "forward")]
+    assert [(i, w) for i, w, _ in call] == _forward_call(2)
     assert nograd == call * (STEPS - K)
     assert grad == call * K
     # backward, for the last window call first: the per-call checkpoint recomputes the call (blocks in order, each
@@ -118,6 +151,40 @@ def test_placement_of_every_block_in_every_stage():
     assert swap.where == ["cpu", "cpu"]
     assert [(p.data_ptr(), p.device) for p in params] == lora_before  # LoRA weights never moved
     assert not any(p.requires_grad for pairs in swap.host for p, _ in pairs)
+
+
+def test_placement_of_every_sd3_block_in_every_stage():
+    """SD3 with four joint blocks, the first three swapped (the fourth runs from the device): the exact log of
+    every stage, and no compute, forward or backward, on a CPU copy (they hold NaN here)."""
+    pipe, params = _pipe("sd3", sd3_blocks=4)
+    ref_loss, ref = _loss_and_grads(pipe, params)
+    lora_before = [(p.data_ptr(), p.device) for p in params]
+    swap = install(pipe.transformer, 3, "cpu")
+    assert swap.blocks == list(pipe.transformer.transformer_blocks[:3]) and swap.where == ["cpu"] * 3
+    _poison_host_copies(swap)
+    nograd, grad, backward, bad, (loss, grads) = _staged_run(
+        swap, lambda stage: _loss_and_grads(pipe, params, stage=stage))
+    assert bad == []
+    assert_rel_close(loss, ref_loss, SAME_OPS, "loss")
+    assert_rel_close(grads, ref, SAME_OPS, "LoRA gradients")  # a CPU copy used in backward would give NaN
+    call = [(0, "device"), (1, "device"), (0, "cpu"), (2, "device"), (1, "cpu"), (2, "cpu")]
+    assert call == _forward_call(3)
+    assert _where(nograd, "forward") == call * (STEPS - K)
+    assert _where(grad, "forward") == call * K
+    # the last window call's per-call recompute: block 0 has no prefetch (the block before it ran last, block 2,
+    # makes it guess a walk back), block 1 prefetches block 2 as in forward
+    recompute_last = [(0, "device"), (0, "cpu"), (1, "device"), (2, "device"), (1, "cpu"), (2, "cpu")]
+    # the per-block recomputes walk back: block 2 (nothing to guess from), then 1 with 0 prefetched; each stops
+    # after its last saved tensor (no forward hook), so a block leaves at the next one's pre-hook
+    walk = [(2, "device"), (2, "cpu"), (1, "device"), (0, "device"), (1, "cpu")]
+    # the earlier call's per-call recompute finds block 0 still there
+    recompute_earlier = [(0, "cpu"), (1, "device"), (2, "device"), (1, "cpu"), (2, "cpu")]
+    assert _where(backward, "backward") == recompute_last + walk + recompute_earlier + walk
+    assert swap.most_resident == 2
+    assert swap.where == ["device", "cpu", "cpu"]  # block 0's recompute was cut short: release() sends it back
+    swap.release()
+    assert swap.where == ["cpu"] * 3
+    assert [(p.data_ptr(), p.device) for p in params] == lora_before
 
 
 def test_unet_block_swap_through_the_training_step(tiny_dir):
