@@ -286,3 +286,29 @@ def assert_samples_and_merges_on_its_base(lora: Path, tmp_path: Path, caplog) ->
                      "--out", str(tmp_path / "grid.png")]) == 0
         assert main(["export", "--lora", str(lora), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert "another model" not in caplog.text and "differs" not in caplog.text, caplog.text
+
+
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+def clip_lora_parts(pipe, seed: int = 7) -> dict:
+    """``save_lora_weights``' keyword arguments for random rank-2 layers (alpha 3: scale 1.5) on the attention and
+    first MLP linears of each CLIP encoder diffusers' loader of ``pipe`` reads (FLUX.1's CLIP-L, SD3's CLIP-L and
+    CLIP-G), each encoder its own adapter config, as diffusers writes a LoRA trained with its text encoders. The
+    layers are injected into ``pipe``'s encoders (peft's, to draw and read them)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
+
+    config, parts = LoraConfig(r=2, lora_alpha=3.0, target_modules=CLIP_TARGETS), {}
+    g = torch.Generator().manual_seed(seed)
+    for encoder in ("text_encoder",) + (("text_encoder_2",) if type(pipe).__name__ != "FluxPipeline" else ()):
+        model = inject_adapter_in_model(config, getattr(pipe, encoder))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        parts[f"{encoder}_lora_layers"] = get_peft_model_state_dict(model)
+        parts[f"{encoder}_lora_adapter_metadata"] = lora_metadata(config)
+    return parts

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowmodels import FLOW_RESOLUTION, build_tiny_flux_dir, build_tiny_sd3_dir
+from loras import clip_lora_parts
 from numerics import REORDERED, assert_rel_close
 
 from lowmem_alignprop.cli import main
@@ -35,7 +36,9 @@ def _pipeline_class(name):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Each tiny model with two LoRAs of it (random non-zero updates on every attention projection)."""
+    """Each tiny model with two LoRAs of it (random non-zero updates on every attention projection); the first
+    adapts the CLIP text encoders diffusers' loader reads too (FLUX.1's CLIP-L, SD3's CLIP-L and CLIP-G: rank 2,
+    alpha 3), as a kohya or ai-toolkit LoRA trained with its text encoder does."""
     root = tmp_path_factory.mktemp("flowsample")
     out = {}
     for name, build in (("flux", build_tiny_flux_dir), ("sd3", build_tiny_sd3_dir)):
@@ -48,17 +51,34 @@ def models(tmp_path_factory):
                 g = torch.Generator().manual_seed(seed)
                 for p in params:  # lora_B starts at zero: give every update values so each layer matters
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
-            flow.save_flow_lora(type(pipe), pipe.transformer, root / f"{name}-lora{seed}")
+            if seed == 1:
+                save_with_clip_layers(pipe, root / f"{name}-lora{seed}")
+            else:
+                flow.save_flow_lora(type(pipe), pipe.transformer, root / f"{name}-lora{seed}")
             loras.append(root / f"{name}-lora{seed}")
         out[name] = (model, loras)
     return out
 
 
+def save_with_clip_layers(pipe, folder) -> None:
+    """The transformer's LoRA written into ``folder`` as flow.save_flow_lora writes it, with CLIP layers beside it
+    (loras.clip_lora_parts), each part its own adapter config, as diffusers writes a LoRA trained with its text
+    encoders."""
+    from peft.utils import get_peft_model_state_dict
+
+    from lowmem_alignprop.models.lora_metadata import lora_metadata
+
+    config = lora_metadata(pipe.transformer.peft_config["default"])
+    type(pipe).save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=config, **clip_lora_parts(pipe))
+
+
 def _today(name, model, loras, prompts, seeds, guidance, fp8=False):
-    """What ``sample`` did before: the diffusers pipeline with everything loaded at once, called with the prompt
-    strings (SD3: the empty negative prompt), the adapters loaded and mixed with ``set_adapters`` (no ``loras``: the
-    model's images, and None). ``fp8``: then the frozen Linear weights stored in fp8, as the trainer stores them after
-    LoRA (``sample`` ignored base_quant=fp8)."""
+    """The diffusers pipeline with everything loaded at once (what ``sample`` did before it freed the encoders before
+    the transformer was read), called with the prompt strings (SD3: the empty negative prompt), the adapters (their
+    CLIP layers too) loaded and mixed with ``set_adapters`` (no ``loras``: the model's images, and None). ``fp8``:
+    then the frozen Linear weights stored in fp8, as the trainer stores them after LoRA (``sample`` ignored
+    base_quant=fp8)."""
     from lowmem_alignprop.memory.quant import store_fp8
 
     pipe = _pipeline_class(name).from_pretrained(model)
@@ -190,10 +210,10 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
         assert relative_difference(base, _today(name, model, loras, prompts, seeds, guidance)[0]) > REORDERED
     assert (lora - base).abs().max() > 0.01  # the adapters change the images: the comparison covers the mix
 
-    # the text encoders (CLIP-L and T5; SD3: CLIP-L, CLIP-G, T5) encoded the set and were freed, then the
-    # transformer was read; with encode_on_cpu none ever went to the device; the transformer was freed before
-    # the reward scored
-    assert len(seen["encoders"]) == (2 if name == "flux" else 3) and seen["alive_at_read"] == [0]
+    # the text encoders (CLIP-L and T5; SD3: CLIP-L, CLIP-G, T5) encoded the set twice (the first LoRA adapts CLIP:
+    # by the base encoders, then with its layers) and were freed, then the transformer was read; with encode_on_cpu
+    # none ever went to the device; the transformer was freed before the reward scored
+    assert len(seen["encoders"]) == 2 * (2 if name == "flux" else 3) and seen["alive_at_read"] == [0]
     assert ("text_encoder" in seen["to_device"]) == ("encode_on_cpu" not in extra)
     assert "vae" in seen["to_device"]
     assert seen["transformer_alive_at_score"] and not any(seen["transformer_alive_at_score"])
@@ -218,23 +238,30 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
     assert adapters and [k for k, v in adapters.items() if v not in swapped] == []  # placed after they loaded
 
 
-def test_bad_input_lora_that_adapts_the_text_encoders_too(models, tmp_path, capsys):
-    """The prompts are encoded by the base text encoders and those are freed before any adapter loads: a LoRA with
-    text-encoder layers is one line (docs/bad_inputs.md), before any model loads; the transformer-only one runs."""
+@pytest.mark.parametrize("name, encoder", [("sd3", "text_encoder_3"), ("flux", "text_encoder_2")])
+def test_bad_input_lora_that_adapts_t5(models, tmp_path, capsys, name, encoder):
+    """No diffusers loader reads a LoRA's T5 layers (SD3's text_encoder_3, FLUX.1's text_encoder_2): loaded, they
+    would be dropped without a word. One line (docs/bad_inputs.md); SD3's before any model loads (its key says T5),
+    FLUX.1's once the pipeline tells (text_encoder_2 is SD3's CLIP-G); no sample folder."""
     from safetensors.torch import load_file, save_file
 
-    model, loras = models["flux"]
-    tensors = load_file(str(loras[0] / "pytorch_lora_weights.safetensors"))
-    layer = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    from lowmem_alignprop.settings.errors import quote
+
+    model, loras = models[name]
+    tensors = load_file(str(loras[1] / "pytorch_lora_weights.safetensors"))
+    layer = f"{encoder}.encoder.block.0.layer.0.SelfAttention.q"
     tensors.update({f"{layer}.lora_A.weight": torch.zeros(4, 32), f"{layer}.lora_B.weight": torch.zeros(32, 4)})
-    (tmp_path / "te").mkdir()
-    save_file(tensors, str(tmp_path / "te" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "t5").mkdir()
+    save_file(tensors, str(tmp_path / "t5" / "pytorch_lora_weights.safetensors"))
     out = tmp_path / "sample"
-    rc = main(["sample", *FLOW, "--model", str(model), "--lora", str(tmp_path / "te"), "--output-dir", str(out)])
+    rc = main(["sample", *FLOW, "--model", str(model), "--lora", str(tmp_path / "t5"), "--output-dir", str(out)])
     err = capsys.readouterr().err
     lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error: ")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert "also adapts the text encoders (2 weights)" in lines[0], lines[0]
+    assert lines[0] == (f"error: --lora {tmp_path / 't5'} adapts the T5 text encoder too (e.g. "
+                        f"{quote(layer + '.lora_A.weight')}), "
+                        "which no LoRA loader of diffusers reads (they would be dropped without a word): pass a LoRA "
+                        "without T5 layers (CLIP's and the transformer's apply)"), lines[0]
     assert not out.exists()
 
 

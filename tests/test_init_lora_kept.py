@@ -234,20 +234,21 @@ def test_a_kept_linear_is_never_added_into_an_int8_base(civitai, tmp_path, monke
     assert torch.equal(_module(comps, "unet", KEPT[TIME][1]).get_base_layer().weight, codes)
 
 
-def test_sd3_and_flux_runs_still_refuse_text_encoder_and_convolution_layers(civitai, tmp_path):
+def test_sd3_and_flux_runs_refuse_t5_and_convolution_layers(civitai, tmp_path):
+    """An SD3/FLUX run keeps CLIP's layers (tests/test_init_lora_kept_flow.py) but refuses T5's (sd-scripts'
+    lora_te3_: no diffusers loader reads them) and a UNet's convolutions, before any model loads."""
     from safetensors.torch import save_file
 
     from lowmem_alignprop.commands.init_lora import lora_file_ranks
-
     from lowmem_alignprop.settings.errors import quote
 
-    spec = str(civitai["file"])
-    first = sorted(k for k in civitai["weights"] if k.startswith("lora_te"))[0]
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"
+    save_file({t5: torch.zeros(2, 32), t5.replace("down", "up"): torch.zeros(32, 2)}, str(tmp_path / "t5.safetensors"))
     with pytest.raises(UserError) as e:
-        lora_file_ranks(civitai["file"], spec, flow=True)
-    assert str(e.value) == (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(first)}): an SD3/FLUX run "
-                            "encodes its prompts before it reads the transformer, so AlignProp keeps and trains "
-                            "transformer layers only; pass a LoRA without text-encoder layers")
+        lora_file_ranks(tmp_path / "t5.safetensors", "t5.safetensors", flow=True)
+    assert str(e.value) == (f"--init-lora t5.safetensors adapts the T5 text encoder too (e.g. {quote(t5)}), which no "
+                            "LoRA loader of diffusers reads (they would be dropped without a word): pass a LoRA "
+                            "without T5 layers (CLIP's and the transformer's apply)")
     convs = {k: v for k, v in civitai["weights"].items() if k.startswith((CONV1, CONV3))}
     save_file(convs, str(tmp_path / "locon.safetensors"))
     with pytest.raises(UserError) as e:

@@ -2,8 +2,9 @@
 adapts transformer linears this trainer does not train (the blocks' adaLN modulation ``norm1.linear``,
 ``norm1_context.linear``, a single block's ``norm.linear``, the ``x_embedder``). The attention layers start the
 trained adapter; the other linears are kept as they came, fused into the frozen transformer before anything reads
-it, and written back into every LoRA the run writes (as a UNet run keeps its: tests/test_init_lora_kept.py). A text
-encoder's layers stay refused (the prompts are encoded before the transformer is read)."""
+it, and written back into every LoRA the run writes (as a UNet run keeps its: tests/test_init_lora_kept.py). CLIP-L's
+layers are loaded into the encoder before the prompts are encoded (the encoders are freed before the transformer is
+read) and kept too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from loras import RANK
 from numerics import REORDERED, assert_rel_close, relative_difference
 
 from lowmem_alignprop.settings.errors import UserError
+from refusals import assert_refused
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
 
@@ -50,14 +52,18 @@ def _pipe(base, *loras):
     return pipe
 
 
-def _lora_case(root, attention, kept, single_layers: int = 1) -> dict:
+def _lora_case(root, attention, kept, single_layers: int = 1, clip: bool = False) -> dict:
     """A FLUX LoRA in diffusers' (ai-toolkit's) names of the tiny FLUX model: rank-4 ``attention`` layers (alpha 8)
-    and rank-2 ``kept`` linears (alpha 3, its rank_pattern / alpha_pattern); the images of the base with the whole
-    LoRA loaded by diffusers (the reference), which differ from those of its attention layers alone."""
+    and rank-2 ``kept`` linears (alpha 3, its rank_pattern / alpha_pattern), and with ``clip`` CLIP-L's layers
+    (loras.clip_lora_parts); the images of the base with the whole LoRA loaded by diffusers (the reference), which
+    differ from those of its attention layers alone."""
     from diffusers import FluxPipeline
 
+    from loras import clip_lora_parts
+
     base = build_tiny_flux_dir(root / "base", single_layers=single_layers)
-    transformer = FluxPipeline.from_pretrained(str(base)).transformer
+    pipe = FluxPipeline.from_pretrained(str(base))
+    transformer = pipe.transformer
     g = torch.Generator().manual_seed(3)
     weights = {}
     for path in attention + kept:
@@ -68,7 +74,7 @@ def _lora_case(root, attention, kept, single_layers: int = 1) -> dict:
     config = {"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": sorted(attention + kept),
               "rank_pattern": {p: KEPT_RANK for p in kept}, "alpha_pattern": {p: KEPT_ALPHA for p in kept}}
     FluxPipeline.save_lora_weights(str(root / "lora"), transformer_lora_layers=weights,
-                                   transformer_lora_adapter_metadata=config)
+                                   transformer_lora_adapter_metadata=config, **(clip_lora_parts(pipe) if clip else {}))
     only = {k: v for k, v in weights.items() if k.rsplit(".lora_", 1)[0] in attention}
     FluxPipeline.save_lora_weights(str(root / "attention"), transformer_lora_layers=only,
                                    transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK,
@@ -147,23 +153,75 @@ def test_an_int8_base_refuses_a_kept_transformer_linear_before_the_model_loads(a
     assert lora_file_ranks(ai_toolkit["file"], spec, flow=True) == {RANK}  # (the kept ones' rank 2: any rank)
 
 
-def test_text_encoder_layers_are_still_refused_saying_why(ai_toolkit, tmp_path):
+@pytest.fixture(scope="module")
+def with_clip(tmp_path_factory):
+    """The double block's modulation kept, beside its attention layers, and CLIP-L's layers (a kohya or ai-toolkit
+    LoRA trained with its text encoder). No single block: diffusers' kohya reader splits linear1 at FLUX.1's own
+    widths only."""
+    return _lora_case(tmp_path_factory.mktemp("kept-flux-clip"), ATTENTION[:8], KEPT[:2], single_layers=0, clip=True)
+
+
+def test_clip_layers_encode_the_prompts_at_step_0_and_are_kept(with_clip, tmp_path):
+    """CLIP-L's layers of the --init-lora are loaded into the encoder before the prompt set is encoded (the encoders
+    are freed before the transformer is read): step 0 renders the base with the whole LoRA fused by diffusers, CLIP
+    included (whose images differ from those without CLIP's layers); they are kept as they came, under
+    CLIP's text_model. names, their scale (alpha 3 / rank 2) folded into B."""
+    pipe = _pipe(with_clip["base"], with_clip["file"])
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(str(tmp_path / "fused"))
+    _, reference = _step0(tmp_path / "fused", tmp_path / "ref")
+    trainer, images = _step0(with_clip["base"], tmp_path / "run", "--set", f"init_lora={with_clip['file']}")
+    assert_rel_close(images, reference, REORDERED, "step 0 with an --init-lora that adapts CLIP-L")
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.init_lora import lora_file_ranks
-    from lowmem_alignprop.settings.errors import quote
+    file = str(with_clip["file"])  # the same LoRA without CLIP's layers renders other images: they show
+    save_file({k: v for k, v in load_file(file).items() if not k.startswith("text_encoder.")},
+              str(tmp_path / "no-clip.safetensors"), metadata=safe_open(file, "pt").metadata())
+    without = _render(_pipe(with_clip["base"], tmp_path / "no-clip.safetensors"))
+    assert relative_difference(without, with_clip["images"]) > 30 * REORDERED
+    split = trainer.init_kept
+    assert sorted(split.trained) == sorted(ATTENTION[:8])
+    clip = sorted({k.rsplit(".lora_", 1)[0] for k in split.kept if k.startswith("text_encoder.")})
+    assert len(clip) == 10 and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in clip), clip
+    assert split.kept_line("f") == ("--init-lora f: 8 layers train from it; 12 layers kept as they came (10 "
+                                    "text-encoder layers, 2 other transformer linears), fused into the frozen base")
 
-    state = load_file(str(ai_toolkit["file"]))
-    key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
-    state[key] = torch.zeros(2, 32)
-    state[key.replace("lora_A", "lora_B")] = torch.zeros(32, 2)
-    save_file(state, str(tmp_path / "te.safetensors"))
-    spec = str(tmp_path / "te.safetensors")
-    with pytest.raises(UserError) as e:
-        lora_file_ranks(tmp_path / "te.safetensors", spec, flow=True)
-    assert str(e.value) == (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(key)}): an SD3/FLUX run "
-                            "encodes its prompts before it reads the transformer, so AlignProp keeps and trains "
-                            "transformer layers only; pass a LoRA without text-encoder layers")
+
+def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path, capsys):
+    """End to end at lr 1e-30: the run's lora/ (CLIP-L's layers kept beside the transformer's) renders what its
+    starting LoRA renders in a plain FluxPipeline, and so do its kohya export (CLIP-L as sd-scripts' lora_te1_, read
+    by diffusers' kohya FLUX reader) and export --merge (the encoder fused too; sample of such a LoRA:
+    tests/test_flow_sample.py). Its peft export is refused with one line (a transformer's adapter cannot hold
+    an encoder's layers)."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.models.kept_lora import kept_kinds
+
+    run = tmp_path / "run"
+    _run(with_clip, run)
+    base, images = with_clip["base"], with_clip["images"]
+    assert_rel_close(_render(_pipe(base, run / "lora")), images, REORDERED, "the run's lora/ in diffusers")
+    lora = read_lora(str(run / "lora"))
+    assert kept_kinds(lora.kept) == ["10 text-encoder layers", "2 other transformer linears"]
+    assert main(["export", "--lora", str(run / "lora"), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    kohya = next((tmp_path / "k").glob("*.safetensors"))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in load_file(str(kohya)))
+    assert_rel_close(_render(_pipe(base, kohya)), images, REORDERED, "the kohya export in diffusers")
+    assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert_rel_close(_render(_pipe(tmp_path / "merged")), images, REORDERED, "export --merge")
+    for flags, said in ((["--format", "peft"], "--format peft: {} also holds 10 text-encoder layers its run kept as "
+                         "its --init-lora had them, which a peft adapter of the transformer cannot hold: export "
+                         "--format diffusers or --format kohya"),
+                        (["--merge", "--single-file"], "--single-file: {} also holds 10 text-encoder layers its run "
+                         "kept as its --init-lora had them, and an SD3/FLUX single file holds the merged transformer "
+                         "alone: export --merge without --single-file (a diffusers folder: the text encoders merged "
+                         "too)")):
+        assert_refused(main, ["export", "--lora", str(run / "lora"), *flags, "--out", str(tmp_path / "x")],
+                       "error: " + said.format(lora.named), tmp_path / "x", capsys)
 
 
 def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_from(ai_toolkit, tmp_path):
@@ -289,6 +347,6 @@ def test_the_kohya_export_of_an_sd3_runs_kept_layer_is_refused_naming_diffusers(
             "transformer_blocks.0.norm1.linear.lora_B.weight": torch.zeros(192, 2)}
     with pytest.raises(UserError) as e:
         kohya_kept(kept, SD3, "RUN/lora")
-    assert str(e.value) == ("--format kohya: RUN/lora also holds 1 SD3 transformer layer its run kept as its "
+    assert str(e.value) == ("--format kohya: RUN/lora also holds 1 SD3 layer its run kept as its "
                             "--init-lora had it, whose kohya names no reader we can check reads back (diffusers' SD3 "
                             "loader reads no kohya names): export --format diffusers or --format peft")

@@ -94,7 +94,7 @@ def test_a_mix_of_a_runs_lora_a_kohya_and_a_peft_export_renders_the_weighted_sum
     import lowmem_alignprop.commands.evaluate as ev
 
     made, generate = [], ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a: made.append(generate(*a)) or made[-1])
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: made.append(generate(*a, **k)) or made[-1])
     weights = (0.5, -0.7, 1.3)
     out = tmp_path / "s"
     assert main(["sample", "--profile", "cpu", "--reward", "brightness", "--prompt", "cat", "--prompt", "dog",

@@ -81,9 +81,10 @@ MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError,
 
 
 def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
-    """``pipe.load_lora_weights`` of ``file`` as adapter ``name``; a file that does not fit (an error from diffusers
-    or its converters, or fewer of its layers found than it has) raises one UserError line: ``flag`` does not fit
-    this model, why, ``fix``."""
+    """``pipe.load_lora_weights`` of ``file`` as adapter ``name`` (an SD3/FLUX pipeline whose text encoders were freed
+    once the prompts were encoded: the transformer's layers alone, :func:`_load_transformer_part`); a file that does
+    not fit (an error from diffusers or its converters, or fewer of its layers found than it has) raises one
+    UserError line: ``flag`` does not fit this model, why, ``fix``."""
     peft_log = logging.getLogger("diffusers.loaders.peft")
     level = peft_log.level
     peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
@@ -95,14 +96,63 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
                 file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            if encoders_freed(pipe):
+                expected = _load_transformer_part(pipe, file, name, flag)
+                if not expected:  # (a LoRA of the CLIP encoders alone: loaded before the prompts were encoded)
+                    return
+            else:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+                expected = layers_in_file(file)
     except MISFIT_ERRORS as e:
         raise UserError(f"{flag} does not fit this model: {misfit_detail(e)}; {fix}") from None
     finally:
         peft_log.setLevel(level)
-    expected, got = layers_in_file(file), adapted_layers(pipe, name)
+    got = adapted_layers(pipe, name)
     if got == 0 or got < expected:
         raise UserError(f"{flag} does not fit this model: only {got} of its {expected} layers exist here; {fix}")
+
+
+def load_encoder_part(pipe, file: Path, name: str, flag: str, fix: str) -> int:
+    """SD3/FLUX, before the prompt set is encoded: the CLIP text-encoder layers of ``file`` loaded into the
+    pipeline's encoders as adapter ``name`` (models/flow_lora_parts.py; its transformer's load once the transformer is
+    read: :func:`load_adapter_file`); returns how many. T5 layers (no diffusers loader reads them) and layers that do
+    not fit the encoders raise one UserError line (``flag``, ``fix`` as :func:`load_adapter_file`'s)."""
+    from lowmem_alignprop.models.flow_lora_parts import load_encoder_layers, read_flow_lora, t5_refusal, \
+        unloaded_encoder_layers
+
+    try:
+        lora = read_flow_lora(type(pipe), file)
+        if t5 := unloaded_encoder_layers(type(pipe), lora):
+            raise UserError(t5_refusal(flag, t5[0]))
+        expected = len(lora.encoder_layers())
+        got = load_encoder_layers(pipe, lora, name) if expected else 0
+    except MISFIT_ERRORS as e:
+        raise UserError(f"{flag} does not fit this model's text encoders: {misfit_detail(e)}; {fix}") from None
+    if got < expected:
+        raise UserError(f"{flag} does not fit this model: only {got} of its {expected} text-encoder layers exist "
+                        f"here; {fix}")
+    return got
+
+
+def encoders_freed(pipe) -> bool:
+    """An SD3/FLUX pipeline whose text encoders were freed once the prompt set was encoded (the trainer's and
+    ``sample``'s: models/family.encode_then_read)."""
+    return getattr(pipe, "transformer", None) is not None and all(
+        getattr(pipe, n, None) is None for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+
+def _load_transformer_part(pipe, file: Path, name: str, flag: str) -> int:
+    """The transformer's layers of ``file`` loaded as adapter ``name`` (its CLIP encoders' layers, if any, were loaded
+    before the prompts were encoded: models/flow_lora_parts.py); returns how many layers it holds there. T5 layers
+    (no diffusers loader reads them) raise UserError."""
+    from lowmem_alignprop.models.flow_lora_parts import (load_transformer_layers, read_flow_lora, t5_refusal,
+                                                         unloaded_encoder_layers)
+
+    lora = read_flow_lora(type(pipe), file)
+    if t5 := unloaded_encoder_layers(type(pipe), lora):
+        raise UserError(t5_refusal(flag, t5[0]))
+    load_transformer_layers(pipe, lora, name)
+    return len(lora.layers("transformer."))
 
 
 def mix_adapters(pipe, specs: list[LoraSpec]) -> None:

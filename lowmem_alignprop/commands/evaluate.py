@@ -65,10 +65,11 @@ def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[lis
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -> torch.Tensor:
-    """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n]."""
+def generate(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int, adapted: bool = False) -> torch.Tensor:
+    """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``; image n uses a generator seeded seeds[n].
+    ``adapted``: the LoRA images (SD3/FLUX: their prompts encoded by the encoders with the LoRAs' CLIP layers)."""
     if flow_sample.is_flow(pipe):  # SD3 (CFG on the negative prompt) / FLUX (guidance embedding): cached embeddings
-        return flow_sample.generate_flow(pipe, prompts, seeds, cfg, batch_size)
+        return flow_sample.generate_flow(pipe, prompts, seeds, cfg, batch_size, adapted)
     out = []
     for i in range(0, len(prompts), batch_size):  # batch_size images per pipeline call bounds the UNet's activations
         chunk = prompts[i:i + batch_size]
@@ -117,7 +118,7 @@ def evaluate(cfg, specs: list[LoraSpec], *, num_prompts: int, images_per_prompt:
     ``num_prompts`` of ``cfg.prompts``. ``default_model``: why cfg.model is the default (said where a LoRA does not
     fit it). Returns the JSON's content."""
     # a FLUX LoRA on SD1.5 (or the reverse) as the model's files tell: one line, before any note on the model
-    flow_sample.check_transformer_only([s for s in specs if s.family == "transformer"])
+    flow_sample.check_no_t5_layers([s for s in specs if s.family == "transformer"])
     check_lora_files(specs, cfg.model, cfg.model_components, default=default_model)
     # prompts, reward spec, model path, output dir: checked first
     given = prepare_inputs(cfg, prompts, training=False)
@@ -191,8 +192,9 @@ def _adapted_pipeline(cfg, specs: list[LoraSpec], prompts: list[str], device: to
     """The pipeline with the LoRAs loaded and the denoiser placed, each LoRA checked to fit the model first (its
     family as the files tell it: :func:`evaluate`, before the pipeline is built; a 24 GB transformer is not read for
     nothing)."""
-    # SD3/FLUX: the prompts are encoded with the base text encoders, freed before any adapter loads
-    pipe = sample_pipeline.build_pipeline(cfg, device, weight_dtype, prompts)
+    # SD3/FLUX: the prompts are encoded (by the base text encoders, and by those with the LoRAs' CLIP layers) and
+    # the encoders freed before the transformer is read
+    pipe = sample_pipeline.build_pipeline(cfg, device, weight_dtype, prompts, specs)
     check_lora_family(pipeline_model(pipe), specs, cfg.model, default=default_model)  # the files'
     # kind unknown before loading (a hub id out of the cache, an SD single file)
     if (cut := pipe._lowmem_family.cut_prompts_note(cfg, prompts)):  # (the trainer says it too)
@@ -216,7 +218,7 @@ def _render(cfg, specs: list[LoraSpec], prompts: list[str], flat_prompts: list[s
     lora_images = None
     if specs:
         mix_adapters(pipe, specs)
-        lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch)
+        lora_images = generate(pipe, flat_prompts, flat_seeds, cfg, batch, adapted=True)
     sampler, revision = _sampler(pipe, cfg), getattr(pipe, "_lowmem_revision", None)
     if flow_sample.is_flow(pipe):  # freed, not copied back: block swap's blocks are in host memory already
         del pipe

@@ -139,14 +139,14 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
     """A FLUX.1 run's kept transformer linears (peft names, scale folded into B: ``Lora.kept`` without its
     ``transformer.``) in kohya's names (the blocks' modulation: ``img_mod_lin``, ``txt_mod_lin``,
     ``modulation_lin``), alpha = rank, as diffusers' kohya FLUX reader reads them back. Raises UserError naming
-    --format diffusers (``label``: the LoRA, for the line) for SD3's (no kohya reader in diffusers to check them
-    against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
+    --format diffusers (``label``: the LoRA, for the line) for SD3's, transformer's or text encoders' (no kohya
+    reader in diffusers to check them against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
     names them without ``transformer.``, and its loader then drops them without a word)."""
     from lowmem_alignprop.models.kept_lora import layer_count, them
 
     if family != FLUX:
         n = layer_count(kept)
-        raise UserError(f"--format kohya: {label} also holds {n} SD3 transformer layer{'s' if n != 1 else ''} its run "
+        raise UserError(f"--format kohya: {label} also holds {n} SD3 layer{'s' if n != 1 else ''} its run "
                         f"kept as its --init-lora had {them(n)}, whose kohya names no reader we can check reads back "
                         "(diffusers' SD3 loader reads no kohya names): export --format diffusers or --format peft")
     top = sorted({k.rsplit(".lora_", 1)[0] for k in kept} & set(_FLUX_TOP))
@@ -180,6 +180,9 @@ _KOHYA_FLOW = re.compile(r"^(?:lora_unet_|(?:model\.)?diffusion_model\.)(double_
 _ORIGINAL_KEY = re.compile(r"^(?:model\.)?diffusion_model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|"
                            r"lora_up\.weight|alpha)$")
 _KOHYA_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+_KOHYA_CLIP = ("lora_te1_", "lora_te2_")  # sd-scripts' SD3/FLUX CLIP-L and (SD3's) CLIP-G layers; lora_te3_ is T5
 
 
 def is_kohya_flow(keys) -> bool:
@@ -278,31 +281,49 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
 def kohya_as_diffusers(file: Path, label: str) -> Path:
     """An SD3/FLUX kohya file split back into the transformer's own layers (:func:`kohya_to_peft`), written in
     diffusers' layout into a temporary folder (removed when the process ends): what ``--init-lora`` and
-    ``sample --lora`` load. ``label``: the option and path, for the messages."""
+    ``sample --lora`` load; its CLIP text-encoder layers (``lora_te1_``, SD3's ``lora_te2_``) beside them, as
+    diffusers' SDXL kohya reader names them (T5's, ``lora_te3_``, raise UserError: no diffusers loader reads them).
+    ``label``: the option and path, for the messages."""
     import atexit
     import shutil
     import tempfile
 
-    from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.models.kept_lora import layer_ranks
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
+    from lowmem_alignprop.models.flow_lora_parts import t5_refusal
+    from lowmem_alignprop.models.kept_lora import EITHER_TEXT_MODEL, TEXT_MODEL, layer_ranks
+    from lowmem_alignprop.models.lora_layers import T5_KEYS
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
-    weights, _ = kohya_to_peft(kohya_names(load_file(str(file))), label)
-    ranks = layer_ranks(weights)
-    common = collections.Counter(ranks.values()).most_common(1)[0][0]
-    other = {f"^{m}": r for m, r in ranks.items() if r != common}  # (the run says whether it trains them: their
-    # rank, or kept as they came)
+    state = kohya_names(load_file(str(file)))
+    encoders = {k: v for k, v in state.items() if k.startswith(_KOHYA_CLIP)}
+    if t5 := sorted(k for k in state if k.startswith(T5_KEYS)):
+        raise UserError(t5_refusal(label, t5[0]))
+    weights, family = kohya_to_peft({k: v for k, v in state.items() if k not in encoders}, label)
+    if family == FLUX and (second := sorted(k for k in encoders if k.startswith("lora_te2_"))):
+        raise UserError(f"{label} adapts a second CLIP text encoder (e.g. {quote(second[0])}), which FLUX.1 has not "
+                        "(its one CLIP is lora_te1_): pass a LoRA of this model")
     out = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
-    targets = sorted({k.split(".attn.")[-1].removesuffix(".lora_A.weight") for k in weights if ".lora_A." in k})
-    # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
-    config = lora_metadata(LoraConfig(r=common, lora_alpha=common, target_modules=targets, rank_pattern=other,
-                                      alpha_pattern=other))
-    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
-                                               transformer_lora_adapter_metadata=config)
+    parts = {"transformer": weights, **(kohya_encoder_layers(encoders) if encoders else {})}
+    layers = {}
+    for part, named in parts.items():  # (each part its adapter config: diffusers' reader of a file with one for
+        ranks = layer_ranks(named)  # any part reads none for a part without)
+        common = collections.Counter(ranks.values()).most_common(1)[0][0]
+        # (the run says whether it trains them: their rank, or kept as they came); an encoder's path under
+        # transformers 4 or 5 (CLIP's text_model. level or none)
+        other = {f"^{EITHER_TEXT_MODEL if part != 'transformer' else ''}{m.removeprefix(TEXT_MODEL)}": r
+                 for m, r in ranks.items() if r != common}
+        targets = sorted({k.removesuffix(".lora_A.weight").split(".attn.")[-1] if part == "transformer" else
+                          k.removesuffix(".lora_A.weight").removeprefix(TEXT_MODEL) for k in named if ".lora_A." in k})
+        # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
+        layers[f"{part}_lora_layers"] = named
+        layers[f"{part}_lora_adapter_metadata"] = lora_metadata(LoraConfig(
+            r=common, lora_alpha=common, target_modules=targets, rank_pattern=other, alpha_pattern=other))
+    (FluxPipeline if family == FLUX else StableDiffusion3Pipeline).save_lora_weights(str(out), **layers)
     return out / LORA_WEIGHT_NAME
 
 

@@ -1,11 +1,14 @@
 """``sample`` for SD3/SD3.5 and FLUX.1, loaded and placed as the trainer does (commands/train_setup.py ``_load``), so it
 runs wherever training runs under the same profile:
 
-1. the prompt set (every prompt of the evaluation: base and LoRA images use the same embeddings) is encoded with
+1. the prompt set (every prompt of the evaluation: base and LoRA images alike) is encoded with
    the family's prompt encoder, on the CPU with ``encode_on_cpu``, and the text encoders are freed; only then is
    the transformer read (``transformer_last``) or drawn (an architecture on meta): T5-XXL and the transformer are
    never in host memory together;
-2. the LoRA adapters are loaded into the pipeline (``adapters.load_adapters``), then ``block_swap``'s blocks are
+   A LoRA with CLIP text-encoder layers (FLUX.1's CLIP-L, SD3's CLIP-L and CLIP-G) has them loaded into the encoders
+   first, mixed at the LoRAs' weights, and the set is encoded twice: by the base encoders (the base images) and by
+   the adapted ones (the LoRA images), as a diffusers pipeline with the LoRAs loaded would encode it;
+2. the LoRA adapters are loaded into the transformer (``adapters.load_adapters``), then ``block_swap``'s blocks are
    hooked (memory/block_swap.py) and the rest of the transformer goes to the device (``model_to``);
 3. each batch: the diffusers pipeline with the cached embeddings (``prompt_embeds``, ``pooled_prompt_embeds``,
    SD3's negative ones) returns latents; the VAE comes to the device for the decode (``offload_frozen``) and
@@ -19,11 +22,8 @@ from typing import Any
 
 import torch
 
-from lowmem_alignprop.run.tensor_files import is_safetensors
+from lowmem_alignprop.run.tensor_files import is_safetensors, read_safetensors_shapes
 from lowmem_alignprop.settings.errors import UserError
-
-# diffusers' key prefixes of text-encoder layers in a LoRA file (CLIP-L, CLIP-G / T5, SD3's T5)
-_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 
 
 @dataclass
@@ -37,19 +37,25 @@ class FlowSampling:
     device: torch.device
     swap: Any = None
     dtype: torch.dtype = torch.float32  # the frozen weights' (fp8 storage upcasts each layer to it)
+    adapted: Any = None  # the prompt cache of the encoders with the LoRAs' layers (None: the LoRAs have none)
 
 
-def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: torch.dtype, prompts):
+def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: torch.dtype, prompts, specs=()):
     """The pipeline of components loaded with ``transformer_last``: ``prompts`` encoded and the text encoders
-    freed first, then the transformer read (or drawn) to ``device`` (block swap's blocks to host memory)."""
+    freed first, then the transformer read (or drawn) to ``device`` (block swap's blocks to host memory).
+    ``specs`` (the LoRAs, lora_args.LoraSpec) with CLIP layers: the set encoded by the base encoders, then by the
+    encoders with their layers mixed (:func:`_load_encoder_adapters`)."""
     from lowmem_alignprop.memory.placement import Placement
     from lowmem_alignprop.models.family import encode_then_read
 
     place = Placement(device, offload=cfg.offload_frozen)
-    embed = encode_then_read(comps, place, device, cfg, prompts, weight_dtype)  # the trainer's order
+    adapted = [s for s in specs if encoder_layers_in(s.file)]
+    prepare = [None] + ([lambda text_pipe: _load_encoder_adapters(text_pipe, specs)] if adapted else [])
+    embeds = encode_then_read(comps, place, device, cfg, prompts, weight_dtype, prepare=prepare)  # the trainer's order
     pipe = family.make_pipeline(comps)  # no text encoder: it is called with the cached embeddings
     pipe._lowmem_family = family
-    pipe._lowmem_flow = FlowSampling(family, comps, embed, place, device, dtype=weight_dtype)
+    pipe._lowmem_flow = FlowSampling(family, comps, embeds[0], place, device, dtype=weight_dtype,
+                                     adapted=embeds[1] if adapted else None)
     pipe.set_progress_bar_config(disable=True)
     if cfg.sliced_decode:
         pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
@@ -59,20 +65,37 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
     return pipe
 
 
-def check_transformer_only(specs) -> None:
-    """A LoRA with text-encoder layers cannot apply here: the prompts are encoded (by the base encoders, as in
-    training) and the encoders freed before any adapter loads. One line, before any model loads."""
-    from safetensors import safe_open
+def encoder_layers_in(file) -> int:
+    """How many text-encoder layers (their down weights) an SD3/FLUX LoRA file in diffusers' layout holds (a kohya
+    file is read in that layout first: lora_args); 0 for a .bin."""
+    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES, is_down_key
+
+    if not is_safetensors(file):
+        return 0
+    return sum(1 for k in read_safetensors_shapes(file) if k.startswith(ENCODER_PREFIXES) and is_down_key(k))
+
+
+def check_no_t5_layers(specs) -> None:
+    """A LoRA that adapts T5 (no diffusers loader reads its layers): one line, before any model loads."""
+    from lowmem_alignprop.models.flow_lora_parts import t5_refusal
+    from lowmem_alignprop.models.lora_layers import T5_KEYS
 
     for spec in specs:
-        if not is_safetensors(spec.file):
-            continue
-        with safe_open(str(spec.file), framework="pt") as f:
-            text = sum(1 for k in f.keys() if k.startswith(_TEXT_ENCODER_PREFIXES) and "lora" in k)
-        if text:
-            raise UserError(f"--lora {spec.arg} also adapts the text encoders ({text} weights): sample encodes the "
-                            "prompts with the base text encoders and frees them before the transformer loads, as "
-                            "training does; pass a LoRA of the transformer only (what training writes)")
+        if is_safetensors(spec.file) and (t5 := sorted(k for k in read_safetensors_shapes(spec.file)
+                                                        if k.startswith(T5_KEYS))):
+            raise UserError(t5_refusal(f"--lora {spec.arg}", t5[0]))
+
+
+def _load_encoder_adapters(text_pipe, specs) -> None:
+    """Each LoRA's CLIP layers loaded into the encoders as its adapter, active at its weight (the set's second
+    encoding, sample's LoRA images)."""
+    from lowmem_alignprop.commands.adapters import load_encoder_part
+    from lowmem_alignprop.models.flow_lora_parts import set_encoder_adapters
+
+    for spec in specs:
+        load_encoder_part(text_pipe, spec.file, spec.name, f"--lora {spec.arg}",
+                          "it was trained for another base model: pass that model with --model")
+    set_encoder_adapters(text_pipe, [s.name for s in specs], [s.weight for s in specs])
 
 
 def place_transformer(pipe, cfg) -> None:
@@ -92,14 +115,17 @@ def place_transformer(pipe, cfg) -> None:
 
 
 @torch.no_grad()
-def generate_flow(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int) -> torch.Tensor:
+def generate_flow(pipe, prompts: list[str], seeds: list[int], cfg, batch_size: int,
+                  adapted: bool = False) -> torch.Tensor:
     """Images in [0, 1] (float32, CPU), ``[len(prompts), 3, H, W]``: the pipeline (SD3: CFG on the negative prompt,
-    FLUX: the guidance embedding; Euler, no eta) from the cached embeddings, image n from a CPU generator seeded
+    FLUX: the guidance embedding; Euler, no eta) from the cached embeddings (``adapted``: the LoRA images, those of
+    the encoders with the LoRAs' CLIP layers where they have any), image n from a CPU generator seeded
     ``seeds[n]``, decoded as the pipeline decodes."""
     s = pipe._lowmem_flow
+    embed = s.adapted if adapted and s.adapted is not None else s.embed
     out = []
     for i in range(0, len(prompts), batch_size):
-        emb = s.embed(prompts[i:i + batch_size])
+        emb = embed(prompts[i:i + batch_size])
         gens = [torch.Generator(device="cpu").manual_seed(n) for n in seeds[i:i + batch_size]]
         embeds = {"prompt_embeds": emb.cond, "pooled_prompt_embeds": emb.pooled}
         if emb.uncond is not None:  # SD3 with CFG: the negative prompt as training encoded it
@@ -118,5 +144,6 @@ def is_flow(pipe) -> bool:
     return getattr(pipe, "_lowmem_flow", None) is not None
 
 
-__all__ = ["FlowSampling", "build_flow_pipeline", "check_transformer_only", "generate_flow", "is_flow",
+__all__ = ["FlowSampling", "build_flow_pipeline", "check_no_t5_layers", "encoder_layers_in", "generate_flow",
+           "is_flow",
            "place_transformer"]

@@ -15,7 +15,8 @@ from lowmem_alignprop.commands.lora_files import LORA_DOWN_SUFFIXES, is_peft_fol
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
-from lowmem_alignprop.models.lora_layers import TEXT_ENCODER_KEYS, trains_layer
+from lowmem_alignprop.models.flow_lora_parts import t5_refusal
+from lowmem_alignprop.models.lora_layers import T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -172,8 +173,9 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     """The ranks of the layers of a LoRA file that a run of ``layers`` trains (lora_layers.trains_layer), from its
     header alone. A file of no LoRA, or of feed-forward layers a run of ``layers`` does not train, raises UserError. Its
     other layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX
-    transformer's modulation, embedders, proj_out, SD3's patch embedding pos_embed.proj) are kept as they came, fused
-    into the frozen base; an SD3/FLUX run (``flow``) refuses text-encoder and other convolution layers. ``quant``:
+    transformer's modulation, embedders, proj_out, SD3's patch embedding pos_embed.proj, its CLIP encoders') are kept
+    as they came, fused into the frozen base; an SD3/FLUX run (``flow``) refuses T5's and other convolution layers.
+    ``quant``:
     the base's storage (base_quant): an int8/nf4 model's Linear layers cannot take a kept layer's delta (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
@@ -187,8 +189,9 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
         raise UserError(f"--init-lora {spec} is a DoRA (its magnitude vectors, e.g. {quote(dora[0])}): this trainer "
                         "trains plain LoRA and cannot start from one; pass a plain LoRA")
     text = sorted(k for k in shapes if k.startswith(TEXT_ENCODER_KEYS))
-    if text and flow:
-        raise UserError(text_encoder_refusal(spec, text[0]))
+    t5 = [k for k in text if k.startswith(T5_KEYS)]
+    if t5 and flow:
+        raise UserError(t5_refusal(f"--init-lora {spec}", t5[0]))
     if (other := ldm_unet_refusal(shapes)) is not None:  # (ComfyUI's full weight or bias differences)
         raise UserError(f"--init-lora {spec} {other}")
     conv = sorted(k for k, s in shapes.items() if k.endswith(LORA_DOWN_SUFFIXES) and len(s) == 4
@@ -224,15 +227,6 @@ def quantized_refusal(spec: str, linear: list[str], quant: str, flow: bool) -> s
             f"{'transformer' if flow else 'UNet'} this run does not train (e.g. {quote(linear[0])}), kept as they "
             f"came by adding them into the frozen base, which base_quant={quant} stores quantized: add --set "
             "base_quant=none")
-
-
-def text_encoder_refusal(spec: str, key: str) -> str:
-    """An SD3/FLUX ``--init-lora`` that adapts a text encoder (``key``: one of its layers): the run encodes its
-    prompts and frees the encoders before it reads the transformer, so those layers cannot be kept as a UNet run's
-    are."""
-    return (f"--init-lora {spec} adapts the text encoder too (e.g. {quote(key)}): an SD3/FLUX run encodes its prompts "
-            "before it reads the transformer, so AlignProp keeps and trains transformer layers only; pass a LoRA "
-            "without text-encoder layers")
 
 
 def _check_finite(file: Path, spec: str) -> None:
@@ -385,17 +379,17 @@ class InitLora:
 
 
 @torch.no_grad()
-def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", model: str = "") -> InitLora:
+def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", model: str = "",
+                    encoders: dict | None = None) -> InitLora:
     """Before the run's LoRA is added (and before anything reads the base: prompts, fp8 storage, block swap):
     diffusers loads ``file`` onto the pipeline as adapter "init" (its own converters read the diffusers and kohya
     layouts, alphas, text encoders and convolutions included); the layers the run trains are remembered (A, B times
     its scale), every other layer's delta (peft's get_delta_weight) is added into its frozen base weight (in fp32,
     rounded once to the base's dtype); then every layer of the "init" adapter goes. An SD3/FLUX transformer's
-    untrained linears are kept as a UNet's are; its text encoders' layers (encoded and freed before), a kept linear
-    of an int8/nf4 base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise
-    UserError."""
+    untrained linears are kept as a UNet's are; its text encoders' layers were kept before the prompts were encoded
+    (:func:`keep_encoder_layers`, ``encoders``: what it kept, the encoders freed since). A kept linear of an int8/nf4
+    base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise UserError."""
     from lowmem_alignprop.commands.adapters import load_adapter_file
-    from lowmem_alignprop.models.kept_lora import canonical_key
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     flow, fix = denoiser == "transformer", ("it was made for another base model: pass that model with --model, or "
@@ -403,33 +397,66 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     widths = {n: tuple(p.shape) for n, p in getattr(pipe, denoiser).named_parameters()}
     load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}", fix)
     _check_not_widened(getattr(pipe, denoiser), widths, spec, fix)
-    split, quantized = InitLora({}, {}), {}
-    for part, component in pipe.components.items():
-        if not isinstance(component, torch.nn.Module):
+    split, quantized = InitLora({}, dict(encoders or {})), {}
+    for part, name, module in _init_layers(pipe):
+        a, scaled = _a_and_scaled_b(module)
+        if part == denoiser and trains_layer(name, layers, flow):
+            split.trained[name] = (a.clone(), scaled.clone())
             continue
-        for name, module in component.named_modules():
-            if INIT_ADAPTER not in getattr(module, "lora_A", {}):
-                continue
-            a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
-            scaled = b * module.scaling[INIT_ADAPTER]
-            if part == denoiser and trains_layer(name, layers, flow):
-                split.trained[name] = (a.detach().clone(), scaled.detach().clone())
-                continue
-            if flow and part != denoiser:  # (lora_file_ranks said so before the model loaded)
-                raise UserError(text_encoder_refusal(spec, f"{part}.{name}"))
-            base = module.get_base_layer().weight
-            if not base.dtype.is_floating_point:  # (bitsandbytes' int8 / nf4 codes: a resume's base_quant, which
-                quantized[name] = base.dtype  # lora_file_ranks did not see: the run's init_lora/ copy is unchecked)
-                continue
-            base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
-            key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)
-            split.kept[f"{key}.lora_A.weight"] = a.detach().float().contiguous()
-            split.kept[f"{key}.lora_B.weight"] = scaled.detach().float().contiguous()
+        base = module.get_base_layer().weight
+        if not base.dtype.is_floating_point:  # (bitsandbytes' int8 / nf4 codes: a resume's base_quant, which
+            quantized[name] = base.dtype  # lora_file_ranks did not see: the run's init_lora/ copy is unchecked)
+            continue
+        base.copy_((base.float() + module.get_delta_weight(INIT_ADAPTER).float()).to(base.dtype))
+        _keep(split.kept, part, name, a, scaled)
     if quantized:
         raise UserError(quantized_refusal(spec, list(quantized), "int8" if torch.int8 in quantized.values() else "nf4",
                                           flow))
     pipe.unload_lora_weights()  # every layer of the "init" adapter, kept ones included: their base layers stay
     return split
+
+
+def _init_layers(pipe):
+    """(component name, module path, module) of every layer of the pipeline's models that carries the "init"
+    adapter."""
+    for part, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            for name, module in component.named_modules():
+                if INIT_ADAPTER in getattr(module, "lora_A", {}):
+                    yield part, name, module
+
+
+def _a_and_scaled_b(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "init" adapter's A and B times its scale, at the layer."""
+    a, b = module.lora_A[INIT_ADAPTER].weight, module.lora_B[INIT_ADAPTER].weight
+    return a.detach(), (b * module.scaling[INIT_ADAPTER]).detach()
+
+
+def _keep(kept: dict, part: str, name: str, a: torch.Tensor, scaled: torch.Tensor) -> None:
+    """A kept layer in the kept file's layout (fp32, each scale folded into B)."""
+    from lowmem_alignprop.models.kept_lora import canonical_key
+
+    key = canonical_key(f"{part}.{name}")  # (a text encoder's with text_model. whatever transformers)
+    kept[f"{key}.lora_A.weight"] = a.float().contiguous()
+    kept[f"{key}.lora_B.weight"] = scaled.float().contiguous()
+
+
+@torch.no_grad()
+def keep_encoder_layers(pipe, file: Path, spec: str) -> dict[str, torch.Tensor]:
+    """SD3/FLUX, before the prompt set is encoded: --init-lora's text-encoder layers (CLIP-L's, SD3's CLIP-G's) are
+    loaded into the encoders as adapter "init" by diffusers' loader, so the prompts are encoded as diffusers'
+    ``load_lora_weights`` of the whole file would encode them (the encoders are freed after). Returns them as kept
+    layers (:func:`split_init_lora` adds the transformer's); {} for a LoRA without any. A T5 layer, or one that does
+    not fit the encoders, raises UserError."""
+    from lowmem_alignprop.commands.adapters import load_encoder_part
+
+    load_encoder_part(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
+                      "it was made for another base model: pass that model with --model")
+    kept: dict[str, torch.Tensor] = {}
+    for part, name, module in _init_layers(pipe):
+        if part != "transformer":  # (the transformer is not read yet)
+            _keep(kept, part, name, *_a_and_scaled_b(module))
+    return kept
 
 
 def _check_not_widened(denoiser, widths: dict, spec: str, fix: str) -> None:

@@ -48,7 +48,7 @@ from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, sh
 from lowmem_alignprop.commands.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
-from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
+from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run.base_fingerprint import load_base_record
 from lowmem_alignprop.run.filenames import (GRID_FILE, LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE, SAMPLES_DIR,
@@ -125,13 +125,18 @@ def export(lora: Lora, fmt: str, out: Path, *, merge: bool = False, weight: floa
     card's code then loads from."""
     check_format(fmt, merge, weight, dtype, single_file)
     encoders = {k: v for k, v in lora.kept.items() if not k.startswith(lora.component + ".")}
-    if fmt == "peft" and encoders:  # peft's adapter folder is one model's: the text encoders' layers would be lost
-        # (the denoiser's kept layers, convolutions and linears, write_peft writes)
+    if encoders and (fmt == "peft" or lora.flow and merge and single_file):
+        # peft's adapter folder is one model's, and an SD3/FLUX single file the merged transformer alone: the text
+        # encoders' layers would be lost (the denoiser's kept layers, convolutions and linears, both write)
         from lowmem_alignprop.models.kept_lora import kept_kinds, layer_count, them
 
-        raise UserError(f"--format peft: {lora.named} also holds {kept_kinds(encoders)[0]} its run kept as its "
-                        f"--init-lora had {them(layer_count(encoders))}, which a peft adapter of the UNet cannot hold: "
-                        "export --format diffusers or --format kohya")
+        held = f"{lora.named} also holds {kept_kinds(encoders)[0]} its run kept as its --init-lora had " \
+               f"{them(layer_count(encoders))}"
+        if fmt == "peft":
+            raise UserError(f"--format peft: {held}, which a peft adapter of the {denoiser_label(lora.flow)} cannot "
+                            "hold: export --format diffusers or --format kohya")
+        raise UserError(f"--single-file: {held}, and an SD3/FLUX single file holds the merged transformer alone: "
+                        "export --merge without --single-file (a diffusers folder: the text encoders merged too)")
     check_out(out)
     if single_file and (base := merge_base(lora, model)) in ("toy", "tiny"):  # (before the merge: nothing written)
         raise UserError(f"--merge --single-file: the {base} model has no single-file layout that other tools (or "

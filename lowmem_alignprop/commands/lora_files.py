@@ -221,10 +221,10 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
     except (TensorFileError, OSError) as e:  # a truncated or foreign file
         raise UserError(f"--lora {spec}: {not_safetensors(file, e)}: export from a complete lora/ folder (train "
                         "again, or copy it again)") from None
-    component = denoiser_component(bool(raw) and all(k.startswith("transformer.") for k in raw))
+    component = denoiser_component(any(k.startswith("transformer.") for k in raw))  # (beside kept encoder layers)
     from lowmem_alignprop.models.kept_lora import split_kept
 
-    raw, kept = _kept_encoder_layers(raw, header, spec) if component == "unet" else (raw, {})
+    raw, kept = _kept_encoder_layers(raw, header, spec)
     others = sorted(k for k in raw if not k.startswith(component + "."))
     if others:
         raise UserError(f"--lora {spec} holds layers outside the UNet or transformer (e.g. {quote(others[0])}): only "

@@ -37,9 +37,14 @@ def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
     if lora.flow:
         from lowmem_alignprop.commands import flow_export
         from lowmem_alignprop.models.kept_lora import by_component
-        kept = by_component(lora.kept).get("transformer", {})  # (its kept linears: as they came, alpha = rank)
+        parts = by_component(lora.kept)
+        kept = parts.pop("transformer", {})  # (its kept linears: as they came, alpha = rank)
+        encoders = {f"{part}.{k}": v for part, layers in parts.items() for k, v in layers.items()}
+        if lora.kept and lora.family != flow_export.FLUX:  # (SD3: refused, counting every kept layer)
+            flow_export.kohya_kept({**kept, **encoders}, lora.family, str(lora.named))
         return {**flow_export.kohya_state_dict(lora.weights, lora.scale, lora.family),
-                **(flow_export.kohya_kept(kept, lora.family, str(lora.named)) if kept else {})}
+                **(flow_export.kohya_kept(kept, lora.family, str(lora.named)) if kept else {}),
+                **(kohya_kept(encoders, sdxl=True) if encoders else {})}  # (CLIP-L: lora_te1_, as sd-scripts names it)
 
     converted = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.weights.items()})
     for module in lora.modules:

@@ -10,15 +10,16 @@ from lowmem_alignprop.models import loading
 from lowmem_alignprop.models.family import family_for
 
 
-def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts=()):
+def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts=(), specs=()):
     """The diffusers pipeline over the components training loads: StableDiffusionPipeline or SDXL with the DDIM
     scheduler, or StableDiffusion3Pipeline / FluxPipeline with the model's flow-matching Euler scheduler, loaded as
     the trainer loads them (flow_sample.py: ``prompts`` encoded and the text encoders freed before the transformer
-    is read; :func:`place_denoiser` then places it, once the adapters are loaded)."""
+    is read, with the CLIP layers of the LoRAs ``specs`` where they have any; :func:`place_denoiser` then places it,
+    once the adapters are loaded)."""
     comps = loading.load_components(cfg, weight_dtype, device, transformer_last=True)  # (UNets: loaded as before)
     family = family_for(comps)
     if family.flow:  # (the architectures on meta, sd35m|sd35l|flux, are flow models: drawn there)
-        pipe = flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts)
+        pipe = flow_sample.build_flow_pipeline(cfg, comps, family, device, weight_dtype, prompts, specs)
         pipe._lowmem_revision = comps.revision  # a hub id's commit: sample_results.json's model_revision
         return pipe
     pipe = family.make_pipeline(comps)

@@ -85,7 +85,7 @@ class RunSetup:
     ``comps``, ``family``, ``embed``, ``unet``, ``vae``, ``fingerprint``, ``params``, ``attention``, ``swap``,
     ``reward``, ``unet_train``, ``optimizer``, ``learning_rate``, ``pipe``, ``rank``, ``rank_seed``, ``rng``,
     ``scheduler``, ``bare_unet``, ``nograd_unet``, ``engine``, ``gather``, ``samples_here``,
-    ``render_together``, ``ema``, ``held_out`` and ``init_kept``."""
+    ``render_together``, ``ema``, ``held_out``, ``init_encoder_layers`` and ``init_kept``."""
 
     def missing_outputs(self) -> str | None:
         """A --resume of a run that ended (its last step, or an early stop) whose LoRA, summary or export_format's
@@ -162,8 +162,10 @@ class RunSetup:
         self.family = family_for(comps)  # UNet (DDIM) or flow transformer (Euler): rollout, decode, LoRA format
         t5 = comps.text_encoder_3 is not None if comps.family == "sd3" else None  # (freed once the prompts are encoded)
         check_supported(comps, cfg)  # e.g. kl_coeff on a flow model: one line, nothing written yet
+        self.init_encoder_layers = {}  # SD3/FLUX: --init-lora's text-encoder layers, kept before the prompts encode
         if self.family.flow:  # T5-XXL (9.5 GB) is freed before the transformer is read: never both in memory
-            self.embed = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype)
+            [self.embed] = encode_then_read(comps, place, self.device, cfg, self.prompt_set(), self.weight_dtype,
+                                            prepare=[self.keep_init_encoder_layers if self.init_file else None])
             if self.is_rank0():  # what the prompt file costs: held for the whole run (plan counts it)
                 where = "host memory" if self.embed.on_host else f"{self.device.type} memory"
                 log.info("prompt set encoded once: %d distinct prompts hold %s of %s for the run",
@@ -216,11 +218,18 @@ class RunSetup:
         from lowmem_alignprop.commands.init_lora import split_init_lora
 
         split = split_init_lora(self.family.make_pipeline(self.comps), self.init_file, self.cfg.init_lora,
-                                self.cfg.lora_layers, self.cfg.model)
+                                self.cfg.lora_layers, self.cfg.model, encoders=self.init_encoder_layers)
         self.init_kept = split
         if split.kept and self.is_rank0():
             log.info("%s", split.kept_line(self.cfg.init_lora))
         return split
+
+    def keep_init_encoder_layers(self, text_pipe) -> None:
+        """SD3/FLUX: --init-lora's text-encoder layers, loaded into the encoders before the prompt set is encoded
+        (``text_pipe``: the pipeline of the encoders, freed once it is), kept for read_init_lora."""
+        from lowmem_alignprop.commands.init_lora import keep_encoder_layers
+
+        self.init_encoder_layers = keep_encoder_layers(text_pipe, self.init_file, self.cfg.init_lora)
 
     def start_from_init_lora(self, split) -> None:
         """The trained adapter (just added) starts as --init-lora's trained layers (``split``: read_init_lora's);

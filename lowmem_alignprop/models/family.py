@@ -298,24 +298,29 @@ def materialize_meta(comps, device, seed: int = 0, *, base_quant: str = "none", 
     comps.meta = text_only
 
 
-def encode_then_read(comps, place, device, cfg, prompts, dtype):
+def encode_then_read(comps, place, device, cfg, prompts, dtype, prepare=(None,)) -> list:
     """SD3/FLUX loaded with ``transformer_last`` (the trainer's and ``sample``'s order): the text encoders made (an
     architecture's drawn first, the same weights as in one call), every prompt in ``prompts`` encoded and the
     encoders freed, and only then the transformer read block by block to where it runs (or drawn there, block
-    swap's blocks to host memory). T5-XXL (9.5 GB) and the transformer are never in memory together. Returns the
-    filled prompt encoder."""
+    swap's blocks to host memory). T5-XXL (9.5 GB) and the transformer are never in memory together.
+    ``prepare``: one encoding of the set per item, each called first with the text pipeline unless None (a LoRA's
+    text-encoder layers loaded: models/flow_lora_parts.py). Returns the filled prompt encoders, one per item."""
     from lowmem_alignprop.models.loading import read_transformer
 
     family = family_for(comps)
     if comps.meta:
         materialize_meta(comps, device, cfg.seed, text_only=True)
-    embed = family.prompt_encoder(family.make_pipeline(comps), comps, place, device, cfg, prompts, final=True)
-    embed.encode_all()
+    pipe, embeds = family.make_pipeline(comps), []
+    for i, step in enumerate(prepare):
+        if step is not None:
+            step(pipe)
+        embeds.append(family.prompt_encoder(pipe, comps, place, device, cfg, prompts, final=i == len(prepare) - 1))
+        embeds[-1].encode_all()  # (the last frees the encoders)
     read_transformer(comps)  # a checkpoint's, block by block to the device (block swap's blocks to the CPU)
     if comps.meta:  # random weights drawn on the device, never initialised on the CPU
         materialize_meta(comps, device, cfg.seed, base_quant=cfg.base_quant, dtype=dtype, host_blocks=cfg.block_swap,
                          lora_layers=cfg.lora_layers)
-    return embed
+    return embeds
 
 
 def model_defaults_note(comps, cfg) -> str | None:

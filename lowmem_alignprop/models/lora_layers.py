@@ -27,6 +27,9 @@ FLOW_FF = FLOW_BLOCK_FF + FLUX_SINGLE_FF
 TOP_LEVEL_OUT = "proj_out"  # peft's exclude_modules as a string is a regex on the whole name: the top-level only
 # a text encoder's layer in a LoRA file (kohya's lora_te/te1/te2, diffusers' text_encoder(_2), peft's te_): not trained
 TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+# T5's layers in an SD3/FLUX LoRA (diffusers' SD3 text_encoder_3, kohya's lora_te3_, ComfyUI's t5xxl): no diffusers
+# loader reads them (FLUX's T5, diffusers' text_encoder_2, is told apart once the model is known)
+T5_KEYS = ("text_encoder_3.", "lora_te3_", "text_encoders.t5xxl.")
 
 
 def lora_targets(layers: str, flow: bool) -> list[str]:
