@@ -189,12 +189,13 @@ def test_clip_layers_encode_the_prompts_at_step_0_and_are_kept(with_clip, tmp_pa
                                     "text-encoder layers, 2 other transformer linears), fused into the frozen base")
 
 
-def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path, capsys):
+def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path, capsys, monkeypatch):
     """End to end at lr 1e-30: the run's lora/ (CLIP-L's layers kept beside the transformer's) renders what its
     starting LoRA renders in a plain FluxPipeline, and so do its kohya export (CLIP-L as sd-scripts' lora_te1_, read
-    by diffusers' kohya FLUX reader) and export --merge (the encoder fused too; sample of such a LoRA:
-    tests/test_flow_sample.py). Its peft export is refused with one line (a transformer's adapter cannot hold
+    by diffusers' kohya FLUX reader) and export --merge (the encoder fused too); sample of it renders what sample of
+    the starting LoRA renders (which is diffusers' rendering: tests/test_flow_sample.py). Its peft export is refused with one line (a transformer's adapter cannot hold
     an encoder's layers)."""
+    from loras import sampled
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
@@ -213,6 +214,13 @@ def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path
     assert_rel_close(_render(_pipe(base, kohya)), images, REORDERED, "the kohya export in diffusers")
     assert main(["export", "--lora", str(run / "lora"), "--merge", "--out", str(tmp_path / "merged")]) == 0
     assert_rel_close(_render(_pipe(tmp_path / "merged")), images, REORDERED, "export --merge")
+    drawn = {}
+    for name, lora_path in (("run", run / "lora"), ("start", with_clip["file"])):
+        (tmp_path / f"sample-{name}").mkdir()
+        drawn[name] = sampled(tmp_path / f"sample-{name}", monkeypatch, lora_path, "--model", str(base), *FLOW)
+    assert drawn["run"][0] == drawn["start"][0]  # (the same seed)
+    assert_rel_close(drawn["run"][2], drawn["start"][2], REORDERED, "sample of the run's lora/")
+    assert relative_difference(drawn["run"][1], drawn["run"][2]) > 0.01  # (the LoRA shows in sample's images)
     for flags, said in ((["--format", "peft"], "--format peft: {} also holds 10 text-encoder layers its run kept as "
                          "its --init-lora had them, which a peft adapter of the transformer cannot hold: export "
                          "--format diffusers or --format kohya"),
