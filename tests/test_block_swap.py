@@ -5,6 +5,7 @@ be in every stage (at rest on the CPU, on the device while it runs, in forward, 
 backward), no layer ever runs on its CPU copy, and LoRA weights never move."""
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -225,7 +226,8 @@ def _unet_step(block_swap: int):
 
 
 def test_unet_block_swap_through_the_training_step(tiny_dir):
-    """The UNet's units (resnets, attentions, samplers) through step.rollout_loss: same loss and gradients."""
+    """The UNet's units (resnets, attentions' transformer blocks) through step.rollout_loss: same loss and
+    gradients."""
     comps, params, run = _unet_step(5)
     ref_loss, ref = run()
     swap = install(comps.unet, 5, "cpu")
@@ -238,15 +240,57 @@ def test_unet_block_swap_through_the_training_step(tiny_dir):
     assert any(phase == "backward" for _, where, phase in swap.log if where == "device")
 
 
-# the tiny UNet's units in the order it runs them; diffusers does not checkpoint the samplers nor the mid block's
-# first resnet (the others it checkpoints one by one: what backward recomputes)
-UNET_UNITS = ["down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.1.resnets.0",
-              "down_blocks.1.attentions.0.transformer_blocks.0", "mid_block.resnets.0",
+# the tiny UNet's units in the order it runs them: what diffusers checkpoints one by one (what backward recomputes);
+# not the samplers nor the mid block's first resnet, which it calls without a checkpoint
+UNET_UNITS = ["down_blocks.0.resnets.0", "down_blocks.1.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0",
               "mid_block.attentions.0.transformer_blocks.0", "mid_block.resnets.1", "up_blocks.0.resnets.0",
               "up_blocks.0.attentions.0.transformer_blocks.0", "up_blocks.0.resnets.1",
-              "up_blocks.0.attentions.1.transformer_blocks.0", "up_blocks.0.upsamplers.0", "up_blocks.1.resnets.0",
-              "up_blocks.1.resnets.1"]
-UNET_NOT_RECOMPUTED = {1, 4, 11}
+              "up_blocks.0.attentions.1.transformer_blocks.0", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"]
+UNET_NOT_UNITS = ["down_blocks.0.downsamplers.0", "mid_block.resnets.0", "up_blocks.0.upsamplers.0"]
+
+
+def _sdxl_shaped_unet():
+    """A UNet shaped like SDXL's, tiny: 3 levels, 2 resnets per down block (3 per up block), 2 transformer blocks
+    per attention, the last down block without a downsampler."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=2, transformer_layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=8)
+
+
+SDXL_NOT_UNITS = ["down_blocks.0.downsamplers.0", "down_blocks.1.downsamplers.0", "mid_block.resnets.0",
+                  "up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0"]
+
+
+@pytest.mark.parametrize("shape, units, not_units", [("tiny", 11, UNET_NOT_UNITS), ("sdxl", 38, SDXL_NOT_UNITS)])
+def test_unet_units_are_exactly_what_diffusers_checkpoints(tiny_dir, shape, units, not_units):
+    """swappable_blocks' UNet units are the modules diffusers hands its checkpoint function, one call each, in the
+    order it calls them (a UNet forward with grad, checkpointing on): the tiny UNet (DownBlock2D, CrossAttnDownBlock2D,
+    UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D, UpBlock2D) and an SDXL-shaped one (2 transformer blocks per
+    attention). The resnets, samplers and transformer blocks that are not units are those diffusers calls plainly."""
+    from diffusers import UNet2DConditionModel
+
+    unet = (UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet") if shape == "tiny"
+            else _sdxl_shaped_unet())
+    checkpointed = []
+
+    def spy(module, *args):
+        checkpointed.append(module)
+        return module(*args)
+
+    unet.enable_gradient_checkpointing(spy)
+    c, res = unet.config, 8 * 2 ** (len(unet.config.block_out_channels) - 1)
+    unet(torch.randn(1, c.in_channels, res, res), 10, torch.randn(1, 3, c.cross_attention_dim))
+    names = {id(m): name for name, m in unet.named_modules()}
+    assert [names[id(m)] for m in swappable_blocks(unet)] == [names[id(m)] for m in checkpointed]
+    assert len(checkpointed) == units
+    candidates = {name for name in names.values()
+                  if re.fullmatch(r".*\.(resnets|downsamplers|upsamplers|transformer_blocks)\.\d+", name)}
+    assert sorted(candidates - {names[id(m)] for m in checkpointed}) == not_units
 
 
 def test_unet_placement_of_every_unit_in_every_stage(tiny_dir):
@@ -273,9 +317,9 @@ def test_unet_placement_of_every_unit_in_every_stage(tiny_dir):
     # per window call: the per-call recompute runs every unit in order, then the per-block recomputes walk back
     start = len(nograd) + len(grad)
     runs = [i for at, i in pre if at >= start]
-    walk = [i for i in reversed(range(n)) if i not in UNET_NOT_RECOMPUTED]
-    # the first window call's input needs no gradient: its walk ends at the first unit with LoRA layers (unit 3)
-    assert runs == list(range(n)) + walk + list(range(n)) + [i for i in walk if i >= 3]
+    walk = list(reversed(range(n)))  # every unit is recomputed on its own
+    # the first window call's input needs no gradient: its walk ends at the first unit with LoRA layers (unit 2)
+    assert runs == list(range(n)) + walk + list(range(n)) + [i for i in walk if i >= 2]
     # each load in backward is the unit's own pre-hook or a prefetch by the unit before or after it
     hook_at = {}
     for at, i in pre:
@@ -291,15 +335,17 @@ def test_unet_placement_of_every_unit_in_every_stage(tiny_dir):
     assert [(p.data_ptr(), p.device) for p in params] == lora_before
 
 
-@pytest.mark.xfail(strict=True, reason="a unit diffusers does not checkpoint (here down_blocks.0.downsamplers.0) "
-                   "runs its backward on the CPU copy: see the h226 report")
-def test_unet_backward_never_computes_with_a_cpu_copy(tiny_dir):
+@pytest.mark.parametrize("n", [2, len(UNET_UNITS)])
+def test_unet_backward_never_computes_with_a_cpu_copy(tiny_dir, n):
     """The swapped units' CPU copies hold NaN (only their device copies the real values): the loss and LoRA
     gradients are those without block swap. A unit's backward reading its CPU copy gives NaN (on a GPU: a device
-    mismatch)."""
-    comps, params, run = _unet_step(2)
+    mismatch): a unit diffusers does not checkpoint (a sampler, the mid block's first resnet) would, since torch
+    keeps its frozen weight by reference and its forward hook has pointed it back at the CPU copy by then."""
+    comps, params, run = _unet_step(n)
     ref_loss, ref = run()
-    swap = install(comps.unet, 2, "cpu")
+    swap = install(comps.unet, n, "cpu")
+    names = {id(m): name for name, m in comps.unet.named_modules()}
+    assert [names[id(b)] for b in swap.blocks] == UNET_UNITS[:n]
     _poison_host_copies(swap)
     loss, grads = run()
     assert_rel_close(loss, ref_loss, SAME_OPS, "loss")

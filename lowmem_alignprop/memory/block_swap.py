@@ -47,22 +47,27 @@ FORWARD, BACKWARD = "forward", "backward"
 
 
 def swappable_blocks(model) -> list[torch.nn.Module]:
-    """The denoiser's swap units in execution order: a flow transformer's joint (then FLUX's single) blocks; a
-    UNet's resnets, the transformer blocks of its attentions and its down/upsamplers, block by block (diffusers
-    checkpoints a UNet per resnet and per attention transformer block, not per down/up block: a unit must be what
-    backward recomputes, or inside it, for its hooks to run there)."""
+    """The denoiser's swap units in execution order. The rule: a unit is exactly what backward recomputes on its
+    own (a per-block checkpoint), since torch keeps a frozen weight by reference and the unit's backward must run
+    right after its recompute loaded it. A flow transformer: its joint (then FLUX's single) blocks. A UNet (diffusers
+    0.42.1's blocks): the resnets of the down and up blocks and ``mid_block.resnets[1:]``, and the transformer blocks
+    of the attentions; never the down/upsamplers nor ``mid_block.resnets[0]``, which diffusers calls without a
+    checkpoint (they stay on the device)."""
     model = getattr(model, "module", model)
     if hasattr(model, "transformer_blocks"):
         return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", None) or [])
     if hasattr(model, "down_blocks"):
         units = []
-        for block in list(model.down_blocks) + [model.mid_block] + list(model.up_blocks):
-            resnets, attentions = list(block.resnets), list(getattr(block, "attentions", None) or [])
-            for j, resnet in enumerate(resnets):
-                units.append(resnet)
-                if j < len(attentions):  # its transformer blocks: what diffusers checkpoints inside an attention
-                    units += list(attentions[j].transformer_blocks)
-            units += list(getattr(block, "downsamplers", None) or []) + list(getattr(block, "upsamplers", None) or [])
+        mid = [model.mid_block] if getattr(model, "mid_block", None) is not None else []
+        for block in list(model.down_blocks) + mid + list(model.up_blocks):
+            resnets = list(block.resnets)
+            attentions = [list(getattr(a, "transformer_blocks", None) or [])  # a plain Attention: not checkpointed
+                          for a in getattr(block, "attentions", None) or []]
+            if block in mid:  # resnets[0] plainly, then each attention and the resnet after it
+                units += [u for attn, resnet in zip(attentions, resnets[1:]) for u in attn + [resnet]]
+            else:  # each resnet, then its attention
+                units += [u for j, resnet in enumerate(resnets)
+                          for u in [resnet] + (attentions[j] if j < len(attentions) else [])]
         return units
     raise TypeError(f"block swap does not know the blocks of {type(model).__name__}")
 
