@@ -70,13 +70,14 @@ def test_block_swap_beyond_the_models_blocks_fails_at_startup_naming_the_profile
     assert err == ("error: profile rtx3060-flux is made for FLUX.1, not SD3.5 Medium; for SD3.5 Medium on "
                    "rtx3060-class cards: --profile rtx3060-sd35m (7 GiB budget); under rtx3060-flux: block_swap=41 "
                    "but the model has 24 blocks: use --set block_swap=24 or fewer\n"), err
-    # a UNet's blocks are counted once it is built (the toy model has 22): the plan and the run say the profile first
-    # too (they said only to lower block_swap, of a profile made for another model)
+    # a UNet's blocks are counted once it is built (the toy model has 17: its checkpointed resnets and transformer
+    # blocks, not its 2 downsamplers, 2 upsamplers nor the mid block's first resnet): the plan and the run say the
+    # profile first too (they said only to lower block_swap, of a profile made for another model)
     assert main(["plan", "--profile", "rtx3060-flux", "--model", "toy"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: profile rtx3060-flux is made for FLUX.1, not SD 1.x/2.x; for SD 1.x/2.x on "
+    assert err == ("error: profile rtx3060-flux is made for FLUX.1, not SD 1.x/2.x; for SD 1.x/2.x on "
                           "rtx3060-class cards: --profile rtx3060 (7.5 GiB budget); under rtx3060-flux: block_swap=41 "
-                          "but the model has 22 blocks"), err
+                          "but the model has 17 blocks: use --set block_swap=17 or fewer\n"), err
 
 
 def test_a_profile_made_for_another_model_names_this_cards_profiles_for_it():
