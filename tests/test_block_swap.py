@@ -293,6 +293,27 @@ def test_unet_units_are_exactly_what_diffusers_checkpoints(tiny_dir, shape, unit
     assert sorted(candidates - {names[id(m)] for m in checkpointed}) == not_units
 
 
+def test_sd15_and_sdxl_unit_counts_are_the_readmes():
+    """SD1.5's and SDXL's UNets (on the meta device, from their shipped configs) have 37 and 86 swap units, as README
+    says (44 and 91 when their 3 down- and 3 upsamplers (SDXL: 2 and 2) and the mid block's first resnet were
+    units)."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    import lowmem_alignprop
+
+    arch = Path(lowmem_alignprop.__file__).parent / "arch"
+    counts = {}
+    for m in ("sd15", "sdxl"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / m / "unet"))
+        counts[m] = len(swappable_blocks(unet))
+    assert counts == {"sd15": 37, "sdxl": 86}
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8").split())
+    assert "37 in SD1.5 and 86 in SDXL" in readme
+
+
 def test_unet_placement_of_every_unit_in_every_stage(tiny_dir):
     """Every unit of the tiny UNet swapped, through step.rollout_loss: the exact log of the no-grad steps, the
     window and the per-call recompute of backward; the per-block recomputes walk back over the units diffusers

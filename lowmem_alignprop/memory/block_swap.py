@@ -8,11 +8,12 @@ LoRA weights stay on the device) and hooks each one:
 * forward hook: the block's device copy is dropped (its parameters point at the CPU copy again).
 
 This covers the no-grad sampling steps, the gradient window's forward, and backward: with per-block checkpointing
-(which block swap requires) backward recomputes one block at a time through the same hooks, and the weights that
-recompute saves for its backward are the device copy it made, freed by autograd once that block's backward is
-done. So the blocks in flight are the one computing (forward, recompute, or its backward) plus one prefetched:
-what block swap saves is the other swapped blocks' weights, at the cost of copying each swapped block over PCIe
-once per transformer call and once more per window call in backward (docs/design.md, "Block swap").
+(which block swap requires) backward recomputes one block at a time through the same hooks, and each block's
+backward runs right after its recompute, on the device copy that recompute loaded (torch keeps a frozen weight by
+reference: this holds only for a unit that backward recomputes on its own, :func:`swappable_blocks`). So the
+blocks in flight are the one computing (forward, recompute, or its backward) plus one prefetched: what block swap
+saves is the other swapped blocks' weights, at the cost of copying each swapped block over PCIe once per
+transformer call and once more per window call in backward (docs/design.md, "Block swap").
 
 On a CPU the copies are CPU -> CPU (a real copy, so the placement logic is the same and tests can check it).
 ``where`` says where each swapped block's weights are, ``log`` records every move with the phase it happened in.
