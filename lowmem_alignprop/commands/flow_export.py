@@ -140,8 +140,9 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
     ``transformer.``) in kohya's names (the blocks' modulation: ``img_mod_lin``, ``txt_mod_lin``,
     ``modulation_lin``), alpha = rank, as diffusers' kohya FLUX reader reads them back. Raises UserError naming
     --format diffusers (``label``: the LoRA, for the line) for SD3's, transformer's or text encoders' (no kohya
-    reader in diffusers to check them against) and for FLUX.1's layers outside the blocks (``img_in``, ``final_layer``...: diffusers 0.42's reader
-    names them without ``transformer.``, and its loader then drops them without a word)."""
+    reader in diffusers to check them against) and for FLUX.1's layers outside the blocks (``img_in``,
+    ``final_layer``...: diffusers 0.42's reader names them without ``transformer.``, and its loader then drops them
+    without a word)."""
     from lowmem_alignprop.models.kept_lora import layer_count, them
 
     if family != FLUX:
@@ -232,6 +233,16 @@ def _zero_outside(block: torch.Tensor, lo: int, hi: int) -> bool:
     return not block[:, :lo].any() and not block[:, hi:].any()
 
 
+def second_clip_refusal(keys, label: str) -> str | None:
+    """The line for a FLUX.1 LoRA in kohya's names that adapts a second CLIP (``lora_te2_``: SD3's CLIP-G; FLUX.1 has
+    CLIP-L alone, sd-scripts' lora_te1_), whose layers diffusers' FLUX reader drops with a log line; None without
+    any. ``label``: the option and path."""
+    if second := sorted((k for k in keys if k.startswith("lora_te2_")), key=lambda k: not k.endswith("_down.weight")):
+        return (f"{label} adapts a second CLIP text encoder (e.g. {quote(second[0])}), which FLUX.1 has not (its one "
+                "CLIP is lora_te1_): pass a LoRA of this model")
+    return None
+
+
 def untrained_flux_layer(state: dict[str, torch.Tensor]) -> str | None:
     """The first layer of a FLUX.1 LoRA in kohya's names (:func:`kohya_names`) that :func:`kohya_to_peft` does not
     split (a layer lowmem-alignprop does not train: the blocks' modulation, img_in, final_layer...), None where it
@@ -303,9 +314,8 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     if t5 := sorted(k for k in state if k.startswith(T5_KEYS)):
         raise UserError(t5_refusal(label, t5[0]))
     weights, family = kohya_to_peft({k: v for k, v in state.items() if k not in encoders}, label)
-    if family == FLUX and (second := sorted(k for k in encoders if k.startswith("lora_te2_"))):
-        raise UserError(f"{label} adapts a second CLIP text encoder (e.g. {quote(second[0])}), which FLUX.1 has not "
-                        "(its one CLIP is lora_te1_): pass a LoRA of this model")
+    if family == FLUX and (refusal := second_clip_refusal(encoders, label)):
+        raise UserError(refusal)
     out = Path(tempfile.mkdtemp(prefix="lowmem-alignprop-lora-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     parts = {"transformer": weights, **(kohya_encoder_layers(encoders) if encoders else {})}

@@ -66,13 +66,15 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
 
 
 def encoder_layers_in(file) -> int:
-    """How many text-encoder layers (their down weights) an SD3/FLUX LoRA file in diffusers' layout holds (a kohya
-    file is read in that layout first: lora_args); 0 for a .bin."""
-    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES, is_down_key
+    """How many text-encoder layers (their down weights) an SD3/FLUX LoRA file holds: in diffusers' names, or in
+    kohya's or ComfyUI's (a FLUX.1 kohya file with modulation layers, which lora_args passes on in its own names for
+    diffusers' reader to map); 0 for a .bin."""
+    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES, OTHER_CLIP_PREFIXES, is_down_key
 
     if not is_safetensors(file):
         return 0
-    return sum(1 for k in read_safetensors_shapes(file) if k.startswith(ENCODER_PREFIXES) and is_down_key(k))
+    return sum(1 for k in read_safetensors_shapes(file)
+               if k.startswith(ENCODER_PREFIXES + OTHER_CLIP_PREFIXES) and is_down_key(k))
 
 
 def check_no_t5_layers(specs) -> None:

@@ -21,11 +21,16 @@ from lowmem_alignprop.settings.errors import quote
 # the encoders each pipeline's LoRA loader reads (diffusers' names, also the keys' prefixes)
 LOADED_ENCODERS = {"FluxPipeline": ("text_encoder",), "StableDiffusion3Pipeline": ("text_encoder", "text_encoder_2")}
 ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
-_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
+# a CLIP encoder's layers in the other names diffusers' SD3/FLUX readers map to text_encoder(_2). (sd-scripts'
+# lora_te1_ / lora_te2_ and lora_te_, ComfyUI's text_encoders.clip_l.): a file sample copies as it came (a FLUX.1 kohya
+# file with modulation layers, which diffusers' own reader maps) still holds them under these
+OTHER_CLIP_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
+# (diffusers' FLUX kohya reader names CLIP's layers as its oldest layout did: lora_linear_layer.down)
+_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
 
 
 def is_down_key(key: str) -> bool:
-    """A LoRA layer's down (A) weight, in peft's, diffusers' older or kohya's names."""
+    """A LoRA layer's down (A) weight, in peft's, diffusers' older (and oldest) or kohya's names."""
     return key.endswith(_DOWN)
 
 
@@ -110,6 +115,6 @@ def set_encoder_adapters(pipe, names: list[str], weights: list[float]) -> None:
             set_weights_and_activate_adapters(encoder, [n for n, _ in mine], [w for _, w in mine])
 
 
-__all__ = ["ENCODER_PREFIXES", "FlowLora", "LOADED_ENCODERS", "is_down_key", "load_encoder_layers",
-           "load_transformer_layers",
-           "read_flow_lora", "set_encoder_adapters", "t5_refusal", "unloaded_encoder_layers"]
+__all__ = ["ENCODER_PREFIXES", "FlowLora", "LOADED_ENCODERS", "OTHER_CLIP_PREFIXES", "is_down_key",
+           "load_encoder_layers", "load_transformer_layers", "read_flow_lora", "set_encoder_adapters", "t5_refusal",
+           "unloaded_encoder_layers"]
