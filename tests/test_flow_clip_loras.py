@@ -1,14 +1,15 @@
 """SD3/FLUX LoRAs that adapt CLIP (FLUX.1's CLIP-L; SD3's CLIP-L and CLIP-G), beyond the FLUX diffusers-file cases of
-tests/test_init_lora_kept_flow.py and tests/test_flow_sample.py: a FLUX.1 file in sd-scripts' names (``lora_te1_``)
-as ``sample --lora``, and the refusal of a second CLIP (``lora_te2_``) on FLUX.1."""
+tests/test_init_lora_kept_flow.py and tests/test_flow_sample.py: an SD3 --init-lora with both CLIP encoders' layers,
+a FLUX.1 file in sd-scripts' names (``lora_te1_``) as --init-lora and ``sample --lora``, ``plan --init-lora``, a
+resume, and the kohya reader's refusal of a second CLIP on FLUX.1."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from loras import sampled
+from loras import RANK, clip_lora_parts, sampled
 from numerics import REORDERED, assert_rel_close, relative_difference
-from test_init_lora_kept_flow import ATTENTION, FLOW, KEPT, KEPT_ALPHA, KEPT_RANK, RES, _lora_case, _pipe
+from test_init_lora_kept_flow import ATTENTION, FLOW, KEPT, KEPT_ALPHA, KEPT_RANK, RES, _lora_case, _pipe, _step0
 
 from lowmem_alignprop.settings.errors import UserError
 
@@ -51,6 +52,21 @@ def _kohya_twin(case, path) -> None:
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
 
 
+def test_init_lora_of_a_kohya_flux_file_with_clip_layers_starts_as_its_diffusers_twin(with_clip, tmp_path):
+    """--init-lora of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_: flow_export.
+    kohya_as_diffusers reads them back beside the transformer's) starts as its diffusers twin: the same step-0
+    images, the same layers trained and kept."""
+    _kohya_twin(with_clip, tmp_path / "kohya.safetensors")
+    kohya, images = _step0(with_clip["base"], tmp_path / "kohya", "--set",
+                           f"init_lora={tmp_path / 'kohya.safetensors'}")
+    twin, reference = _step0(with_clip["base"], tmp_path / "diffusers", "--set", f"init_lora={with_clip['file']}")
+    assert_rel_close(images, reference, REORDERED, "--init-lora of the kohya twin")
+    assert kohya.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
+        "--init-lora f: 8 layers train from it; 12 layers kept as they came (10 text-encoder layers, 2 other "
+        "transformer linears), fused into the frozen base")
+    assert sorted(kohya.init_kept.kept) == sorted(twin.init_kept.kept)
+
+
 def test_sample_of_a_kohya_flux_file_with_clip_layers_renders_as_its_diffusers_twin(with_clip, tmp_path,
                                                                                      monkeypatch):
     """`sample --lora` of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) renders what a plain
@@ -78,6 +94,103 @@ def test_sample_of_a_kohya_flux_file_with_clip_layers_renders_as_its_diffusers_t
     save_file({k: v for k, v in load_file(file).items() if not k.startswith("text_encoder.")},
               str(tmp_path / "no-clip.safetensors"), metadata=safe_open(file, "pt").metadata())
     assert relative_difference(image, render(tmp_path / "no-clip.safetensors")) > 30 * REORDERED
+
+
+def test_plan_counts_the_kept_clip_layers(with_clip, capsys):
+    """plan --init-lora of the FLUX LoRA with CLIP-L's layers, on the model built on meta (its encoders there):
+    the layers taken and the kept count, CLIP's 10 among them (as a run's kept line says)."""
+    from lowmem_alignprop.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", *FLOW, "--model", str(with_clip["base"]), "--init-lora", str(with_clip["file"])]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {with_clip['file']}: rank {RANK}, 8 layers; 12 more kept as they came, fused into "
+                    "the frozen base (no memory); training starts from it"], said
+
+
+def test_a_resumed_flux_run_from_a_lora_with_clip_layers_ends_as_an_uninterrupted_one(with_clip, tmp_path):
+    """A resume loads the init_lora/ copy's CLIP-L layers into the encoder again before the prompts are encoded
+    (the encoders are freed before the transformer is read): its LoRA after step 2 is the uninterrupted run's, bit
+    for bit (lr 1e-3: the LoRA moves; prompts encoded without CLIP's layers would move it otherwise), the CLIP
+    layers written back as they came."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.models.kept_lora import canonical_key
+
+    def lora(run):
+        return load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+
+    args = [*FLOW, "--model", str(with_clip["base"]), "--set", "sample_prompts=0", "--set", "lr=1e-3",
+            "--checkpoint-every", "1", "--init-lora", str(with_clip["file"])]
+    assert main([*args, "--steps", "2", "--output-dir", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--steps", "1", "--output-dir", str(tmp_path / "cut")]) == 0
+    after_one = lora(tmp_path / "cut")
+    assert main(["--output-dir", str(tmp_path / "cut"), "--steps", "2", "--resume", "latest"]) == 0
+    whole, cut = lora(tmp_path / "whole"), lora(tmp_path / "cut")
+    assert len(whole) == 2 * (8 + 2 + 10) and whole.keys() == cut.keys()
+    assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
+    b = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"  # (the second step moved the trained layers)
+    assert not torch.equal(whole[b], after_one[b])
+    start = {canonical_key(k): v for k, v in load_file(str(with_clip["file"])).items()}  # (text_model. or not)
+    clip = [k for k in whole if k.startswith("text_encoder.") and ".lora_B." in k]
+    assert len(clip) == 10
+    for k in clip:  # (CLIP's layers as they came, their scale folded into B)
+        assert torch.equal(whole[k], start[canonical_key(k)] * CLIP_SCALE), k
+
+
+def test_an_sd3_init_lora_with_clip_l_and_clip_g_layers_starts_as_diffusers_fuses_it(tmp_path):
+    """The tiny SD3 from an --init-lora that adapts block 0's attention (rank 4, alpha 8) and both CLIP encoders
+    (CLIP-L's and CLIP-G's attention and fc1: rank 2, alpha 3), as diffusers writes a LoRA trained with them: the
+    step-0 images are those of the base with the whole file fused in by diffusers (transformer and both encoders,
+    saved, read as --model); the CLIP layers show (the file without them renders otherwise) and are kept, under each
+    encoder's name; a run at lr 1e-30 writes them back (its lora/ renders the whole file in a plain pipeline)."""
+    from diffusers import StableDiffusion3Pipeline
+    from flowmodels import build_tiny_sd3_dir
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from test_kept_layers_flow_run import SD3_ATTENTION, _sd3_pipe, _sd3_render
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.models.kept_lora import kept_kinds
+
+    base = build_tiny_sd3_dir(tmp_path / "base")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
+    g, weights = torch.Generator().manual_seed(3), {}
+    for path in SD3_ATTENTION:
+        layer = pipe.transformer.get_submodule(path)
+        weights[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.3
+        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * 0.1
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(tmp_path / "lora"), transformer_lora_layers=weights, **clip_lora_parts(pipe),
+        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": SD3_ATTENTION})
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    whole = _sd3_render(_sd3_pipe(base, file))
+    save_file({k: v for k, v in load_file(str(file)).items() if k.startswith("transformer.")},
+              str(tmp_path / "no-clip.safetensors"), metadata=safe_open(str(file), "pt").metadata())
+    assert relative_difference(_sd3_render(_sd3_pipe(base, tmp_path / "no-clip.safetensors")), whole) > 30 * REORDERED
+
+    fused = _sd3_pipe(base, file)
+    fused.fuse_lora(components=["transformer", "text_encoder", "text_encoder_2"])
+    fused.unload_lora_weights()
+    fused.save_pretrained(str(tmp_path / "fused"))
+    _, reference = _step0(tmp_path / "fused", tmp_path / "ref")  # (FLOW's guidance 3.5: SD3's CFG scale here)
+    trainer, images = _step0(base, tmp_path / "start", "--set", f"init_lora={file}")
+    assert_rel_close(images, reference, REORDERED, "SD3 step 0 with an --init-lora that adapts CLIP-L and CLIP-G")
+    split = trainer.init_kept
+    assert sorted(split.trained) == sorted(SD3_ATTENTION)
+    assert split.kept_line("f") == ("--init-lora f: 8 layers train from it; 20 layers kept as they came (20 "
+                                    "text-encoder layers (10 of text_encoder_2)), fused into the frozen base")
+    for encoder in ("text_encoder", "text_encoder_2"):
+        layers = {k.rsplit(".lora_", 1)[0] for k in split.kept if k.startswith(f"{encoder}.")}
+        assert len(layers) == 10 and all(k.startswith(f"{encoder}.text_model.encoder.layers.") for k in layers)
+
+    run = tmp_path / "run"
+    assert main([*FLOW, "--model", str(base), "--set", "sample_prompts=0", "--set", "lr=1e-30", "--steps", "1",
+                 "--init-lora", str(file), "--output-dir", str(run)]) == 0
+    assert kept_kinds(read_lora(str(run / "lora")).kept) == ["20 text-encoder layers (10 of text_encoder_2)"]
+    assert_rel_close(_sd3_render(_sd3_pipe(base, run / "lora")), whole, REORDERED, "the SD3 run's lora/ in diffusers")
 
 
 def test_bad_input_a_flux_kohya_file_with_a_second_clip_is_refused(with_clip, tmp_path, capsys):
