@@ -3,7 +3,8 @@ convolutions, linears the run does not train), written back into every LoRA the 
 ``pipe.load_lora_weights(folder)`` gives base + kept + trained.
 
 The file's keys are diffusers' (``unet.<path>.lora_A.weight``, ``text_encoder.<path>.lora_B.weight``, SDXL's
-``text_encoder_2.``; an SD3/FLUX run's ``transformer.<path>``: its linears only), each layer's scale folded into
+``text_encoder_2.``; an SD3/FLUX run's ``transformer.<path>``, its linears and SD3's patch embedding, and its CLIP
+encoders' under the same names as SD's), each layer's scale folded into
 lora_B: loaded with alpha = rank (scale 1). In a run's LoRA file they sit beside the trained layers; the header's
 adapter config says so per layer (``rank_pattern`` and ``alpha_pattern`` keys ``^<path>``, alpha = that layer's
 rank), which is also how :func:`split_kept` tells them from the trained ones when a command reads the file back."""
