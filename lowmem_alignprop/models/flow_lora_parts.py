@@ -25,8 +25,9 @@ ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 # lora_te1_ / lora_te2_ and lora_te_, ComfyUI's text_encoders.clip_l.): a file sample copies as it came (a FLUX.1 kohya
 # file with modulation layers, which diffusers' own reader maps) still holds them under these
 OTHER_CLIP_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
-# (diffusers' FLUX kohya reader names CLIP's layers as its oldest layout did: lora_linear_layer.down)
-_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
+# (diffusers' FLUX kohya reader names CLIP's layers as its older layouts did: ``self_attn.to_q_lora.down.weight``,
+# ``mlp.fc1.lora_linear_layer.down.weight``)
+_DOWN = (".lora_A.weight", "lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
 
 
 def is_down_key(key: str) -> bool:
