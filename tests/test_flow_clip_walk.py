@@ -139,3 +139,15 @@ def test_sample_of_a_kohya_flux_file_applies_its_clip_l_layers(world, which, tmp
     _, files = world
     delta = _renders_as_diffusers(world, "flux", [(files[which], 0.7)], tmp_path, monkeypatch)
     assert delta.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("family, which", [("flux", "flux-clip"), ("sd3", "sd3-clip"), ("sd3", "sd3-clip-g")])
+def test_sample_of_a_lora_of_clip_layers_only(world, family, which, tmp_path, monkeypatch):
+    """A LoRA with no transformer layer (a text-encoder-only LoRA), alone and mixed with a transformer LoRA: the
+    images are diffusers' (it was a traceback: set_adapters of an adapter the transformer has not)."""
+    _, files = world
+    delta = _renders_as_diffusers(world, family, [(files[which], 0.8)], tmp_path, monkeypatch)
+    assert delta.abs().max() > 0.005  # the adapted prompts change the images
+    if family == "flux":
+        _renders_as_diffusers(world, family, [(files[which], 0.8), (files["kohya_unet"], -0.5)], tmp_path / "mix",
+                              monkeypatch)

@@ -156,6 +156,10 @@ def _load_transformer_part(pipe, file: Path, name: str, flag: str) -> int:
 
 
 def mix_adapters(pipe, specs: list[LoraSpec]) -> None:
-    """Activate the adapters with their weights: each layer computes W x + sum_i w_i dW_i x (see module doc)."""
+    """Activate the adapters with their weights: each layer computes W x + sum_i w_i dW_i x (see module doc). An
+    SD3/FLUX LoRA of CLIP layers only has no layer in the pipeline (its layers adapted the prompts' encoding,
+    mixed there at its weight: flow_sample), and is left out here."""
     pipe.enable_lora()
-    pipe.set_adapters([s.name for s in specs], adapter_weights=[s.weight for s in specs])
+    loaded = [s for s in specs if not encoders_freed(pipe) or adapted_layers(pipe, s.name)]
+    if loaded:
+        pipe.set_adapters([s.name for s in loaded], adapter_weights=[s.weight for s in loaded])
