@@ -151,3 +151,20 @@ def test_sample_of_a_lora_of_clip_layers_only(world, family, which, tmp_path, mo
     if family == "flux":
         _renders_as_diffusers(world, family, [(files[which], 0.8), (files["kohya_unet"], -0.5)], tmp_path / "mix",
                               monkeypatch)
+
+
+def test_sample_of_an_sd3_kohya_file_of_clip_layers_only(world, tmp_path, monkeypatch):
+    """sd-scripts' names for SD3's CLIP-G alone (``lora_te2_``, alpha 3 / rank 2; no lora_unet_ key): sample's images
+    are diffusers' of the same layers in its own layout (they were the base images: SD3's reader reads no kohya
+    names, and 0 layers loaded where none were expected)."""
+    from safetensors.torch import load_file, save_file
+
+    models, files = world
+    layers = {k.removeprefix("text_encoder_2."): v for k, v in load_file(str(files["sd3-clip-g"])).items()}
+    save_file(_kohya_encoder(layers, "lora_te2_", 3.0), str(tmp_path / "te2.safetensors"))
+    base, lora, prompts, seeds = _sample(models["sd3"], [(tmp_path / "te2.safetensors", 0.7)], tmp_path / "s",
+                                         monkeypatch, "sd3")
+    ref_base, ref_lora = _diffusers("sd3", models["sd3"], [(files["sd3-clip-g"], 0.7)], prompts, seeds)
+    assert_rel_close(base, ref_base, REORDERED, "base images")
+    assert_rel_close(lora, ref_lora, REORDERED, "LoRA images")
+    assert (lora - base).abs().max() > 0.005

@@ -121,7 +121,7 @@ def load_encoder_part(pipe, file: Path, name: str, flag: str, fix: str) -> int:
         unloaded_encoder_layers
 
     try:
-        lora = read_flow_lora(type(pipe), file)
+        lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
         if t5 := unloaded_encoder_layers(type(pipe), lora):
             raise UserError(t5_refusal(flag, t5[0]))
         expected = len(lora.encoder_layers())
@@ -132,6 +132,20 @@ def load_encoder_part(pipe, file: Path, name: str, flag: str, fix: str) -> int:
         raise UserError(f"{flag} does not fit this model: only {got} of its {expected} text-encoder layers exist "
                         f"here; {fix}")
     return got
+
+
+def _kohya_clip_read(lora):
+    """``lora`` (flow_lora_parts.FlowLora) with kohya's CLIP layers (``lora_te1_``, ``lora_te2_``) in diffusers'
+    names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names and leaves them as they are (a
+    kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert it); FLUX's converts them."""
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
+
+    kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(("lora_te1_", "lora_te2_"))}
+    if kohya:
+        lora.state_dict = {k: v for k, v in lora.state_dict.items() if k not in kohya}
+        for part, named in kohya_encoder_layers(kohya).items():
+            lora.state_dict.update({f"{part}.{k}": v for k, v in named.items()})
+    return lora
 
 
 def encoders_freed(pipe) -> bool:
