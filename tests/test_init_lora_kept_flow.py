@@ -193,8 +193,9 @@ def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path
     """End to end at lr 1e-30: the run's lora/ (CLIP-L's layers kept beside the transformer's) renders what its
     starting LoRA renders in a plain FluxPipeline, and so do its kohya export (CLIP-L as sd-scripts' lora_te1_, read
     by diffusers' kohya FLUX reader) and export --merge (the encoder fused too); sample of it renders what sample of
-    the starting LoRA renders (which is diffusers' rendering: tests/test_flow_sample.py). Its peft export is refused with one line (a transformer's adapter cannot hold
-    an encoder's layers)."""
+    the starting LoRA renders (which is diffusers' rendering: tests/test_flow_sample.py). Its peft export and
+    --merge --single-file are refused with one line each (a transformer's adapter, and an SD3/FLUX single file,
+    cannot hold an encoder's layers)."""
     from loras import sampled
     from safetensors.torch import load_file
 
