@@ -224,3 +224,188 @@ def test_bad_input_a_flux_kohya_file_with_a_second_clip_is_refused(with_clip, tm
         err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
         assert err == ["error: " + said.format(f"{label} {tmp_path / 'te2.safetensors'}")], err
         assert not out.exists()
+
+
+def _originals(modules, family: str) -> dict[str, str]:
+    """kohya's name (``lora_unet_double_blocks_0_img_attn_qkv``) -> the original transformer's path of ``modules``
+    (diffusers' names), what ComfyUI names the layer under ``diffusion_model.``."""
+    from lowmem_alignprop.commands.flow_export import kohya_name, original_slot
+
+    return {kohya_name(original): original for original, _, _ in (original_slot(m, family) for m in modules)}
+
+
+def _comfy_clip(file, encoders: dict[str, str]) -> dict:
+    """The CLIP layers of a diffusers LoRA ``file`` as ComfyUI saves them: ``text_encoders.<clip_l|clip_g>.
+    transformer.`` + CLIP's own path, kohya's lora_down / lora_up and each layer's alpha (loras.clip_lora_parts: 3)."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.models.kept_lora import canonical_key
+
+    out = {}
+    for key, value in load_file(str(file)).items():
+        encoder, _, rest = canonical_key(key).partition(".")
+        if encoder in encoders:
+            layer, _, suffix = rest.rpartition(".lora_")
+            name = f"text_encoders.{encoders[encoder]}.transformer.{layer}"
+            out[f"{name}.{'lora_down' if suffix.startswith('A') else 'lora_up'}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(3.0)
+    return out
+
+
+def _comfy_twin(case, path) -> None:
+    """``case``'s FLUX.1 file in ComfyUI's names at ``path``: the transformer's layers fused as kohya fuses them under
+    the original paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``, peft's lora_A / lora_B, an
+    alpha each), CLIP-L's as ``text_encoders.clip_l.transformer.text_model.encoder.layers...`` (lora_down / lora_up)."""
+    from safetensors.torch import load_file, save_file
+
+    _kohya_twin(case, path)
+    names = _originals(ATTENTION[:8] + KEPT[:2], "flux")
+    comfy = {}
+    for key, value in load_file(str(path)).items():
+        if key.startswith("lora_unet_"):
+            layer, _, suffix = key.partition(".")
+            suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix)
+            comfy[f"diffusion_model.{names[layer]}.{suffix}"] = value
+    comfy |= _comfy_clip(case["file"], {"text_encoder": "clip_l"})
+    assert {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight", "diffusion_model.double_blocks.0.img_mod.lin"
+            ".alpha", "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight"
+            } <= comfy.keys() and len(comfy) == 3 * (6 + 10), sorted(comfy)
+    save_file({k: v.contiguous() for k, v in comfy.items()}, str(path))
+
+
+def test_init_lora_of_a_comfyui_flux_file_with_clip_layers_starts_as_its_diffusers_twin(with_clip, tmp_path):
+    """--init-lora of the FLUX.1 LoRA in ComfyUI's names (the transformer under diffusion_model., CLIP-L under
+    text_encoders.clip_l.transformer.: flow_export.kohya_names reads both as kohya's) starts as its diffusers twin:
+    the same step-0 images, the same layers trained and kept."""
+    _comfy_twin(with_clip, tmp_path / "comfy.safetensors")
+    comfy, images = _step0(with_clip["base"], tmp_path / "comfy", "--set",
+                           f"init_lora={tmp_path / 'comfy.safetensors'}")
+    twin, reference = _step0(with_clip["base"], tmp_path / "diffusers", "--set", f"init_lora={with_clip['file']}")
+    assert_rel_close(images, reference, REORDERED, "--init-lora of the ComfyUI twin")
+    assert comfy.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
+        "--init-lora f: 8 layers train from it; 12 layers kept as they came (10 text-encoder layers, 2 other "
+        "transformer linears), fused into the frozen base")
+    assert sorted(comfy.init_kept.kept) == sorted(twin.init_kept.kept)
+
+
+def test_sample_of_a_comfyui_flux_file_with_clip_layers_renders_as_its_diffusers_twin(with_clip, tmp_path,
+                                                                                       monkeypatch):
+    """`sample --lora` of the FLUX.1 LoRA in ComfyUI's names (CLIP-L's layers under text_encoders.clip_l.; its
+    modulation and CLIP layers make sample hand it to diffusers' FLUX kohya reader, in kohya's names) renders what a
+    plain FluxPipeline renders with its diffusers twin loaded; the same file without CLIP's layers renders another
+    image. (It did before ComfyUI's CLIP names were read as kohya's: diffusers' reader maps them too.)"""
+    from safetensors.torch import load_file, save_file
+
+    _comfy_twin(with_clip, tmp_path / "comfy.safetensors")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    settings = ["--profile", "cpu", "--seed", "0", "--model", str(with_clip["base"]), "--set", f"resolution={RES}",
+                "--set", "sample_steps=4", "--set", "guidance_scale=3.5", "--set", "max_sequence_length=16",
+                "--images-per-prompt", "1", "--reward", "brightness"]
+    seed, _, image = sampled(tmp_path / "a", monkeypatch, tmp_path / "comfy.safetensors", *settings)
+    pipe = _pipe(with_clip["base"], with_clip["file"])
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = pipe(prompt=["a red car"], num_inference_steps=4, guidance_scale=3.5, height=RES, width=RES,
+                         generator=[torch.Generator().manual_seed(seed)], output_type="pt",
+                         max_sequence_length=16).images[0].float()
+    assert_rel_close(image, reference, REORDERED, "sample --lora of the ComfyUI twin")
+    save_file({k: v for k, v in load_file(str(tmp_path / "comfy.safetensors")).items()
+               if not k.startswith("text_encoders.")}, str(tmp_path / "no-clip.safetensors"))
+    _, _, without = sampled(tmp_path / "b", monkeypatch, tmp_path / "no-clip.safetensors", *settings)
+    assert relative_difference(image, without) > 30 * REORDERED
+
+
+@pytest.fixture(scope="module")
+def sd3_comfy(tmp_path_factory):
+    """The tiny SD3's LoRA of block 0's attention (rank 4, alpha 8) and both CLIP encoders' layers (CLIP-L's and
+    CLIP-G's attention and fc1: rank 2, alpha 3) in diffusers' names (``file``) and in ComfyUI's (``comfy``: the
+    transformer's fused as kohya fuses them under diffusion_model.joint_blocks..., lora_down / lora_up / alpha; the
+    encoders' under text_encoders.clip_l. / clip_g.)."""
+    from diffusers import StableDiffusion3Pipeline
+    from flowmodels import build_tiny_sd3_dir
+    from safetensors.torch import save_file
+    from test_kept_layers_flow_run import SD3_ATTENTION
+
+    from lowmem_alignprop.commands.flow_export import kohya_state_dict
+
+    root = tmp_path_factory.mktemp("sd3-comfy")
+    base = build_tiny_sd3_dir(root / "base")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
+    g, weights = torch.Generator().manual_seed(3), {}
+    for path in SD3_ATTENTION:
+        layer = pipe.transformer.get_submodule(path)
+        weights[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.3
+        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * 0.1
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(root / "lora"), transformer_lora_layers=weights, **clip_lora_parts(pipe),
+        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": SD3_ATTENTION})
+    file = root / "lora" / "pytorch_lora_weights.safetensors"
+    names = _originals(SD3_ATTENTION, "sd3")
+    comfy = {f"diffusion_model.{names[k.split('.')[0]]}.{k.partition('.')[2]}": v
+             for k, v in kohya_state_dict(weights, lambda m: 2.0, "sd3").items()}
+    comfy |= _comfy_clip(file, {"text_encoder": "clip_l", "text_encoder_2": "clip_g"})
+    assert {"diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight",
+            "text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc1.alpha"} <= comfy.keys()
+    assert len(comfy) == 3 * (4 + 2 * 10), sorted(comfy)
+    save_file({k: v.contiguous() for k, v in comfy.items()}, str(root / "comfy.safetensors"))
+    return {"base": base, "file": file, "comfy": root / "comfy.safetensors"}
+
+
+def test_init_lora_of_a_comfyui_sd3_file_with_clip_l_and_clip_g_starts_as_its_diffusers_twin(sd3_comfy, tmp_path):
+    """--init-lora of the SD3 LoRA in ComfyUI's names (CLIP-L's and CLIP-G's layers under text_encoders.clip_l. and
+    clip_g.: read as kohya's lora_te1_ / lora_te2_) starts as its diffusers twin: the same step-0 images, the same
+    layers trained and kept (20 CLIP layers, 10 of text_encoder_2)."""
+    comfy, images = _step0(sd3_comfy["base"], tmp_path / "comfy", "--set", f"init_lora={sd3_comfy['comfy']}")
+    twin, reference = _step0(sd3_comfy["base"], tmp_path / "diffusers", "--set", f"init_lora={sd3_comfy['file']}")
+    assert_rel_close(images, reference, REORDERED, "SD3 --init-lora of the ComfyUI twin")
+    assert comfy.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
+        "--init-lora f: 8 layers train from it; 20 layers kept as they came (20 text-encoder layers (10 of "
+        "text_encoder_2)), fused into the frozen base")
+    assert sorted(comfy.init_kept.kept) == sorted(twin.init_kept.kept)
+
+
+def test_sample_of_a_comfyui_sd3_file_with_clip_l_and_clip_g_renders_as_its_diffusers_twin(sd3_comfy, tmp_path,
+                                                                                            monkeypatch):
+    """`sample --lora` of the SD3 LoRA in ComfyUI's names (flow_export.kohya_as_diffusers splits it, its CLIP layers
+    read as kohya's) renders as its diffusers twin does; without CLIP's layers the image differs."""
+    from safetensors.torch import load_file, save_file
+
+    settings = ["--profile", "cpu", "--seed", "0", "--model", str(sd3_comfy["base"]), "--set", f"resolution={RES}",
+                "--set", "sample_steps=3", "--set", "max_sequence_length=16", "--images-per-prompt", "1",
+                "--reward", "brightness"]
+    images = []
+    save_file({k: v for k, v in load_file(str(sd3_comfy["comfy"])).items() if not k.startswith("text_encoders.")},
+              str(tmp_path / "no-clip.safetensors"))
+    for name, lora in (("comfy", sd3_comfy["comfy"]), ("twin", sd3_comfy["file"]),
+                       ("no-clip", tmp_path / "no-clip.safetensors")):
+        (tmp_path / name).mkdir()
+        images.append(sampled(tmp_path / name, monkeypatch, lora, *settings)[2])
+    assert_rel_close(images[0], images[1], REORDERED, "SD3 sample --lora of the ComfyUI twin")
+    assert relative_difference(images[0], images[2]) > 30 * REORDERED
+
+
+def test_bad_input_a_comfyui_file_with_t5_layers_is_refused(with_clip, tmp_path, capsys):
+    """A FLUX.1 LoRA in ComfyUI's names with a T5 layer (text_encoders.t5xxl.: no diffusers loader reads it) is refused
+    by --init-lora and `sample --lora` in T5's one line, before any model loads; no output folder."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.settings.errors import quote
+
+    _comfy_twin(with_clip, tmp_path / "twin.safetensors")
+    t5 = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    state = load_file(str(tmp_path / "twin.safetensors")) | {
+        f"{t5}.lora_A.weight": torch.ones(2, 32), f"{t5}.lora_B.weight": torch.ones(32, 2)}
+    file = tmp_path / "t5.safetensors"
+    save_file(state, str(file))
+    out = tmp_path / "out"
+    for argv, label in (([*FLOW, "--model", str(with_clip["base"]), "--init-lora", str(file), "--steps", "1"],
+                         "--init-lora"),
+                        (["sample", "--profile", "cpu", "--model", str(with_clip["base"]), "--reward", "brightness",
+                          "--lora", str(file)], "--lora")):
+        assert main([*argv, "--output-dir", str(out)]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert err == [f"error: {label} {file} adapts the T5 text encoder too (e.g. {quote(t5 + '.lora_A.weight')}), "
+                       "which no LoRA loader of diffusers reads (they would be dropped without a word): pass a LoRA "
+                       "without T5 layers (CLIP's and the transformer's apply)"], err
+        assert not out.exists()

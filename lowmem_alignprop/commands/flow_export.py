@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.commands.kohya_layers import comfy_encoder_name
 from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
@@ -192,11 +193,15 @@ def is_kohya_flow(keys) -> bool:
 
 def kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with the original transformer's paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``)
-    under kohya's names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``); other keys as they are."""
+    under kohya's names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), and ComfyUI's CLIP layers
+    (``text_encoders.clip_l.transformer.text_model.encoder.layers.0...``, SD3's ``clip_g``) under kohya's
+    (``lora_te1_``, ``lora_te2_``: kohya_layers.comfy_encoder_name, the rule a ComfyUI UNet LoRA's are read by); other
+    keys (T5's ``text_encoders.t5xxl.``) as they are."""
     out = {}
     for key, value in state.items():
         m = _ORIGINAL_KEY.match(key)
-        out[f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else key] = value
+        name = f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else None
+        out[name or comfy_encoder_name(key) or key] = value
     return out
 
 

@@ -1,8 +1,42 @@
 """kohya LoRA layers read the way sd-scripts and ComfyUI apply them: each layer's alpha / rank folded into its
 ``lora_up`` (what diffusers' kohya readers then read at scale 1), and kohya's text-encoder layers (``lora_te1_``,
-``lora_te2_``: CLIP-L and CLIP-G, in an SD1.x/SDXL file or an SD3/FLUX one) in diffusers' layout."""
+``lora_te2_``: CLIP-L and CLIP-G, in an SD1.x/SDXL file or an SD3/FLUX one) in diffusers' layout; ComfyUI's names of
+those text-encoder layers as kohya's (one rule for a UNet LoRA and an SD3/FLUX one)."""
 
 from __future__ import annotations
+
+import re
+
+# a LoRA layer's tensors as ComfyUI names them: kohya's (lora_down, lora_up, alpha; no alpha: alpha = rank) or peft's
+# (lora_A down, lora_B up: comfy/weight_adapter/lora.py reads both), and peft's as kohya's
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
+KOHYA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+# a ComfyUI LoRA's text-encoder layers (its save node's text_encoder_diff, and SD3/FLUX LoRAs it saves or reads):
+# ``text_encoders.`` + ComfyUI's CLIP model's path (comfy/lora.py model_lora_keys_clip's generic names): SD 1.x's
+# clip_l, SD 2.x's clip_h, SDXL's and SD3's clip_l and clip_g, FLUX.1's clip_l (T5's, text_encoders.t5xxl., no
+# diffusers loader reads). The layers diffusers' kohya readers apply, by kohya's encoder prefix (lora_te1_: the first
+# encoder, lora_te2_: the second): each encoder layer's attention and MLP linears, and clip_g's text_projection
+COMFY_ENCODER_PREFIX = "text_encoders."
+_COMFY_ENCODERS = {"clip_l": "lora_te1_", "clip_h": "lora_te1_", "clip_g": "lora_te2_"}
+_COMFY_ENCODER_LAYER = re.compile(r"text_encoders\.(clip_[lhg])\.transformer\.(text_model\.encoder\.layers\.\d+\."
+                                  r"(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12])|text_projection)")
+
+
+def lora_suffix(key: str) -> str | None:
+    """``key``'s LoRA suffix (:data:`LORA_SUFFIXES`), None for another name."""
+    return next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+
+
+def comfy_encoder_name(key: str) -> str | None:
+    """A ComfyUI text-encoder LoRA name (:data:`COMFY_ENCODER_PREFIX`) as kohya's for the same layer
+    (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight``), which diffusers' readers apply;
+    None for a layer they have no name for (the embeddings, clip_l's projection, which SD's encoders lack), T5's, or
+    another name."""
+    suffix = lora_suffix(key)
+    found = _COMFY_ENCODER_LAYER.fullmatch(key.removesuffix(suffix)) if suffix else None
+    if found is None or found[2] == "text_projection" and found[1] != "clip_g":
+        return None
+    return _COMFY_ENCODERS[found[1]] + found[2].replace(".", "_") + KOHYA_SUFFIX.get(suffix, suffix)
 
 
 def alphas_folded(tensors: dict, alphas: dict) -> dict:

@@ -18,7 +18,9 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  shared_image_settings, shared_name, shared_reward, temporary_folder,
                                                  v_prediction, zero_terminal_snr)
-from lowmem_alignprop.commands.kohya_layers import alphas_folded, diffusers_parts, every_alpha_folded
+from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, alphas_folded,
+                                                    comfy_encoder_name, diffusers_parts, every_alpha_folded,
+                                                    lora_suffix)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -397,19 +399,10 @@ def kohya_alphas_folded(tensors: dict) -> Path | None:
 # a UNet LoRA as ComfyUI saves it (its LoRA save / extract nodes, and its generic reader's layout): the original
 # LDM/sgm UNet's module paths under ``diffusion_model.`` (``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.
 # to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``; no alpha: alpha = rank); ComfyUI's trainer and others name
-# the pairs as peft does (``.lora_A.weight`` down, ``.lora_B.weight`` up: comfy/weight_adapter/lora.py reads both)
+# the pairs as peft does (``.lora_A.weight`` down, ``.lora_B.weight`` up: comfy/weight_adapter/lora.py reads both);
+# its text encoders' layers: kohya_layers.comfy_encoder_name
 LDM_UNET_PREFIX = "diffusion_model."
 _LDM_UNET_MODULES = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-LDM_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
-_KOHYA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
-# ... and its text encoders' layers (the save node's text_encoder_diff): ``text_encoders.`` + ComfyUI's CLIP model's
-# path (comfy/lora.py model_lora_keys_clip's generic names): SD 1.x's clip_l, SD 2.x's clip_h, SDXL's clip_l and
-# clip_g. The layers diffusers' kohya reader applies, by kohya's encoder prefix (lora_te1_: the first encoder,
-# lora_te2_: SDXL's second): each encoder layer's attention and MLP linears, and clip_g's text_projection
-COMFY_ENCODER_PREFIX = "text_encoders."
-_COMFY_ENCODERS = {"clip_l": "lora_te1_", "clip_h": "lora_te1_", "clip_g": "lora_te2_"}
-_COMFY_ENCODER_LAYER = re.compile(r"text_encoders\.(clip_[lhg])\.transformer\.(text_model\.encoder\.layers\.\d+\."
-                                  r"(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12])|text_projection)")
 
 
 def is_ldm_unet_lora(keys) -> bool:
@@ -418,27 +411,11 @@ def is_ldm_unet_lora(keys) -> bool:
     return any(k.startswith(LDM_UNET_PREFIX) and k[len(LDM_UNET_PREFIX):].startswith(_LDM_UNET_MODULES) for k in keys)
 
 
-def _lora_suffix(key: str) -> str | None:
-    return next((s for s in LDM_LORA_SUFFIXES if key.endswith(s)), None)
-
-
-def comfy_encoder_name(key: str) -> str | None:
-    """A ComfyUI text-encoder LoRA name (:data:`COMFY_ENCODER_PREFIX`) as kohya's for the same layer
-    (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight``), which diffusers' reader applies;
-    None for a layer it has no name for (the embeddings, clip_l's projection, which SD's encoders lack) or another
-    name."""
-    suffix = _lora_suffix(key)
-    found = _COMFY_ENCODER_LAYER.fullmatch(key.removesuffix(suffix)) if suffix else None
-    if found is None or found[2] == "text_projection" and found[1] != "clip_g":
-        return None
-    return _COMFY_ENCODERS[found[1]] + found[2].replace(".", "_") + _KOHYA_SUFFIX.get(suffix, suffix)
-
-
 def _unchanged(tensors, key: str) -> bool:
     """Whether ``key``'s layer in a ComfyUI LoRA (``tensors``: name -> tensor) adds nothing: its up or down all zeros,
     as the extract node writes a weight the fine-tune left as it was. False where ``tensors`` holds no values (a
     header's shapes)."""
-    layer = key.removesuffix(_lora_suffix(key) or "")
+    layer = key.removesuffix(lora_suffix(key) or "")
     pairs = [tensors.get(layer + s) for s in (".lora_up.weight", ".lora_B.weight", ".lora_down.weight",
                                               ".lora_A.weight")]
     return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
@@ -451,7 +428,7 @@ def ldm_unet_unreadable(tensors) -> str | None:
     changes the model; None if none (or for another layout)."""
     if not is_ldm_unet_lora(tensors):
         return None
-    return next((k for k in sorted(tensors) if not (k.startswith(LDM_UNET_PREFIX) and _lora_suffix(k) or (
+    return next((k for k in sorted(tensors) if not (k.startswith(LDM_UNET_PREFIX) and lora_suffix(k) or (
         k.startswith(COMFY_ENCODER_PREFIX) and (comfy_encoder_name(k) or _unchanged(tensors, k))))), None)
 
 
@@ -463,7 +440,7 @@ def ldm_unet_refusal(tensors) -> str | None:
     if key.endswith((".diff", ".diff_b")):
         return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
                 "lora_up: extract it again with lora_type standard and bias_diff off")
-    if key.startswith(COMFY_ENCODER_PREFIX) and _lora_suffix(key):
+    if key.startswith(COMFY_ENCODER_PREFIX) and lora_suffix(key):
         return (f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. {quote(key)}): only "
                 "the encoders' attention and MLP layers and SDXL's text_projection are read; save it again without "
                 "text_encoder_diff, or from a fine-tune that left that layer as it was")
@@ -477,10 +454,10 @@ def ldm_unet_name(key: str) -> str:
     ``output_blocks.N.1.conv`` (SD 1.x/2.x's first), is named by the index it has beside attention (``.2.conv``):
     diffusers reads index 1 as attentions (a ``.1.conv`` is an upsampler in every UNet: an attention block has no
     such layer)."""
-    suffix = _lora_suffix(key)
+    suffix = lora_suffix(key)
     path = re.sub(r"^(output_blocks\.\d+)\.1\.conv$", r"\1.2.conv",
                   key.removeprefix(LDM_UNET_PREFIX).removesuffix(suffix))
-    return kohya_name(path) + _KOHYA_SUFFIX.get(suffix, suffix)
+    return kohya_name(path) + KOHYA_SUFFIX.get(suffix, suffix)
 
 
 def ldm_unet_as_diffusers(file: Path, pipe) -> Path | None:
