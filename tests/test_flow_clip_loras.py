@@ -52,34 +52,40 @@ def _kohya_twin(case, path) -> None:
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
 
 
-def test_init_lora_of_a_kohya_flux_file_with_clip_layers_starts_as_its_diffusers_twin(with_clip, tmp_path):
-    """--init-lora of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_: flow_export.
-    kohya_as_diffusers reads them back beside the transformer's) starts as its diffusers twin: the same step-0
-    images, the same layers trained and kept."""
-    _kohya_twin(with_clip, tmp_path / "kohya.safetensors")
-    kohya, images = _step0(with_clip["base"], tmp_path / "kohya", "--set",
-                           f"init_lora={tmp_path / 'kohya.safetensors'}")
+@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+def test_init_lora_of_a_flux_file_with_clip_layers_in_other_names_starts_as_its_diffusers_twin(with_clip, tmp_path,
+                                                                                                layout):
+    """--init-lora of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) or ComfyUI's (the
+    transformer under diffusion_model., CLIP-L under text_encoders.clip_l.transformer.; flow_export.kohya_names reads
+    both as kohya's, kohya_as_diffusers the CLIP layers beside the transformer's) starts as its diffusers twin: the
+    same step-0 images, the same layers trained and kept."""
+    file = tmp_path / f"{layout}.safetensors"
+    (_kohya_twin if layout == "kohya" else _comfy_twin)(with_clip, file)
+    other, images = _step0(with_clip["base"], tmp_path / layout, "--set", f"init_lora={file}")
     twin, reference = _step0(with_clip["base"], tmp_path / "diffusers", "--set", f"init_lora={with_clip['file']}")
-    assert_rel_close(images, reference, REORDERED, "--init-lora of the kohya twin")
-    assert kohya.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
+    assert_rel_close(images, reference, REORDERED, f"--init-lora of the {layout} twin")
+    assert other.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
         "--init-lora f: 8 layers train from it; 12 layers kept as they came (10 text-encoder layers, 2 other "
         "transformer linears), fused into the frozen base")
-    assert sorted(kohya.init_kept.kept) == sorted(twin.init_kept.kept)
+    assert sorted(other.init_kept.kept) == sorted(twin.init_kept.kept)
 
 
-def test_sample_of_a_kohya_flux_file_with_clip_layers_renders_as_its_diffusers_twin(with_clip, tmp_path,
-                                                                                     monkeypatch):
-    """`sample --lora` of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) renders what a plain
-    FluxPipeline renders with its diffusers twin loaded (CLIP-L's layers applied to the prompt): the same prompt,
-    seed and settings; without CLIP's layers the image differs."""
+@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+def test_sample_of_a_flux_file_with_clip_layers_in_other_names_renders_as_its_diffusers_twin(with_clip, tmp_path,
+                                                                                             monkeypatch, layout):
+    """`sample --lora` of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) or ComfyUI's (under
+    text_encoders.clip_l.; with its modulation layers sample hands either to diffusers' FLUX kohya reader, in kohya's
+    names) renders what a plain FluxPipeline renders with its diffusers twin loaded (CLIP-L's layers applied to the
+    prompt): the same prompt, seed and settings; without CLIP's layers the image differs."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    _kohya_twin(with_clip, tmp_path / "kohya.safetensors")
+    file = tmp_path / f"{layout}.safetensors"
+    (_kohya_twin if layout == "kohya" else _comfy_twin)(with_clip, file)
     settings = ["--profile", "cpu", "--seed", "0", "--model", str(with_clip["base"]), "--set", f"resolution={RES}",
                 "--set", "sample_steps=4", "--set", "guidance_scale=3.5", "--set", "max_sequence_length=16",
                 "--images-per-prompt", "1", "--reward", "brightness"]
-    seed, _, image = sampled(tmp_path, monkeypatch, tmp_path / "kohya.safetensors", *settings)
+    seed, _, image = sampled(tmp_path, monkeypatch, file, *settings)
 
     def render(lora):
         pipe = _pipe(with_clip["base"], lora)
@@ -89,10 +95,10 @@ def test_sample_of_a_kohya_flux_file_with_clip_layers_renders_as_its_diffusers_t
                         generator=[torch.Generator().manual_seed(seed)], output_type="pt",
                         max_sequence_length=16).images[0].float()
 
-    assert_rel_close(image, render(with_clip["file"]), REORDERED, "sample --lora of the kohya twin")
-    file = str(with_clip["file"])  # (the same LoRA without CLIP's layers: another image)
-    save_file({k: v for k, v in load_file(file).items() if not k.startswith("text_encoder.")},
-              str(tmp_path / "no-clip.safetensors"), metadata=safe_open(file, "pt").metadata())
+    assert_rel_close(image, render(with_clip["file"]), REORDERED, f"sample --lora of the {layout} twin")
+    twin = str(with_clip["file"])  # (the same LoRA without CLIP's layers: another image)
+    save_file({k: v for k, v in load_file(twin).items() if not k.startswith("text_encoder.")},
+              str(tmp_path / "no-clip.safetensors"), metadata=safe_open(twin, "pt").metadata())
     assert relative_difference(image, render(tmp_path / "no-clip.safetensors")) > 30 * REORDERED
 
 
@@ -139,13 +145,30 @@ def test_a_resumed_flux_run_from_a_lora_with_clip_layers_ends_as_an_uninterrupte
         assert torch.equal(whole[k], start[canonical_key(k)] * CLIP_SCALE), k
 
 
+def _sd3_clip_lora(base, folder):
+    """(the file, its transformer weights) of a LoRA of the tiny SD3 ``base``: block 0's attention (rank 4, alpha 8)
+    and both CLIP encoders' layers (loras.clip_lora_parts), as diffusers writes a LoRA trained with them."""
+    from diffusers import StableDiffusion3Pipeline
+    from test_kept_layers_flow_run import SD3_ATTENTION
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
+    g, weights = torch.Generator().manual_seed(3), {}
+    for path in SD3_ATTENTION:
+        layer = pipe.transformer.get_submodule(path)
+        weights[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.3
+        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * 0.1
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(folder), transformer_lora_layers=weights, **clip_lora_parts(pipe),
+        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": SD3_ATTENTION})
+    return folder / "pytorch_lora_weights.safetensors", weights
+
+
 def test_an_sd3_init_lora_with_clip_l_and_clip_g_layers_starts_as_diffusers_fuses_it(tmp_path):
     """The tiny SD3 from an --init-lora that adapts block 0's attention (rank 4, alpha 8) and both CLIP encoders
     (CLIP-L's and CLIP-G's attention and fc1: rank 2, alpha 3), as diffusers writes a LoRA trained with them: the
     step-0 images are those of the base with the whole file fused in by diffusers (transformer and both encoders,
     saved, read as --model); the CLIP layers show (the file without them renders otherwise) and are kept, under each
     encoder's name; a run at lr 1e-30 writes them back (its lora/ renders the whole file in a plain pipeline)."""
-    from diffusers import StableDiffusion3Pipeline
     from flowmodels import build_tiny_sd3_dir
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -156,16 +179,7 @@ def test_an_sd3_init_lora_with_clip_l_and_clip_g_layers_starts_as_diffusers_fuse
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     base = build_tiny_sd3_dir(tmp_path / "base")
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
-    g, weights = torch.Generator().manual_seed(3), {}
-    for path in SD3_ATTENTION:
-        layer = pipe.transformer.get_submodule(path)
-        weights[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.3
-        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * 0.1
-    StableDiffusion3Pipeline.save_lora_weights(
-        str(tmp_path / "lora"), transformer_lora_layers=weights, **clip_lora_parts(pipe),
-        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": SD3_ATTENTION})
-    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    file, _ = _sd3_clip_lora(base, tmp_path / "lora")
     whole = _sd3_render(_sd3_pipe(base, file))
     save_file({k: v for k, v in load_file(str(file)).items() if k.startswith("transformer.")},
               str(tmp_path / "no-clip.safetensors"), metadata=safe_open(str(file), "pt").metadata())
@@ -273,55 +287,12 @@ def _comfy_twin(case, path) -> None:
     save_file({k: v.contiguous() for k, v in comfy.items()}, str(path))
 
 
-def test_init_lora_of_a_comfyui_flux_file_with_clip_layers_starts_as_its_diffusers_twin(with_clip, tmp_path):
-    """--init-lora of the FLUX.1 LoRA in ComfyUI's names (the transformer under diffusion_model., CLIP-L under
-    text_encoders.clip_l.transformer.: flow_export.kohya_names reads both as kohya's) starts as its diffusers twin:
-    the same step-0 images, the same layers trained and kept."""
-    _comfy_twin(with_clip, tmp_path / "comfy.safetensors")
-    comfy, images = _step0(with_clip["base"], tmp_path / "comfy", "--set",
-                           f"init_lora={tmp_path / 'comfy.safetensors'}")
-    twin, reference = _step0(with_clip["base"], tmp_path / "diffusers", "--set", f"init_lora={with_clip['file']}")
-    assert_rel_close(images, reference, REORDERED, "--init-lora of the ComfyUI twin")
-    assert comfy.init_kept.kept_line("f") == twin.init_kept.kept_line("f") == (
-        "--init-lora f: 8 layers train from it; 12 layers kept as they came (10 text-encoder layers, 2 other "
-        "transformer linears), fused into the frozen base")
-    assert sorted(comfy.init_kept.kept) == sorted(twin.init_kept.kept)
-
-
-def test_sample_of_a_comfyui_flux_file_with_clip_layers_renders_as_its_diffusers_twin(with_clip, tmp_path,
-                                                                                       monkeypatch):
-    """`sample --lora` of the FLUX.1 LoRA in ComfyUI's names (CLIP-L's layers under text_encoders.clip_l.; its
-    modulation and CLIP layers make sample hand it to diffusers' FLUX kohya reader, in kohya's names) renders what a
-    plain FluxPipeline renders with its diffusers twin loaded; the same file without CLIP's layers renders another
-    image. (It did before ComfyUI's CLIP names were read as kohya's: diffusers' reader maps them too.)"""
-    from safetensors.torch import load_file, save_file
-
-    _comfy_twin(with_clip, tmp_path / "comfy.safetensors")
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    settings = ["--profile", "cpu", "--seed", "0", "--model", str(with_clip["base"]), "--set", f"resolution={RES}",
-                "--set", "sample_steps=4", "--set", "guidance_scale=3.5", "--set", "max_sequence_length=16",
-                "--images-per-prompt", "1", "--reward", "brightness"]
-    seed, _, image = sampled(tmp_path / "a", monkeypatch, tmp_path / "comfy.safetensors", *settings)
-    pipe = _pipe(with_clip["base"], with_clip["file"])
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        reference = pipe(prompt=["a red car"], num_inference_steps=4, guidance_scale=3.5, height=RES, width=RES,
-                         generator=[torch.Generator().manual_seed(seed)], output_type="pt",
-                         max_sequence_length=16).images[0].float()
-    assert_rel_close(image, reference, REORDERED, "sample --lora of the ComfyUI twin")
-    save_file({k: v for k, v in load_file(str(tmp_path / "comfy.safetensors")).items()
-               if not k.startswith("text_encoders.")}, str(tmp_path / "no-clip.safetensors"))
-    _, _, without = sampled(tmp_path / "b", monkeypatch, tmp_path / "no-clip.safetensors", *settings)
-    assert relative_difference(image, without) > 30 * REORDERED
-
-
 @pytest.fixture(scope="module")
 def sd3_comfy(tmp_path_factory):
     """The tiny SD3's LoRA of block 0's attention (rank 4, alpha 8) and both CLIP encoders' layers (CLIP-L's and
     CLIP-G's attention and fc1: rank 2, alpha 3) in diffusers' names (``file``) and in ComfyUI's (``comfy``: the
     transformer's fused as kohya fuses them under diffusion_model.joint_blocks..., lora_down / lora_up / alpha; the
     encoders' under text_encoders.clip_l. / clip_g.)."""
-    from diffusers import StableDiffusion3Pipeline
     from flowmodels import build_tiny_sd3_dir
     from safetensors.torch import save_file
     from test_kept_layers_flow_run import SD3_ATTENTION
@@ -330,16 +301,7 @@ def sd3_comfy(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sd3-comfy")
     base = build_tiny_sd3_dir(root / "base")
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
-    g, weights = torch.Generator().manual_seed(3), {}
-    for path in SD3_ATTENTION:
-        layer = pipe.transformer.get_submodule(path)
-        weights[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.3
-        weights[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * 0.1
-    StableDiffusion3Pipeline.save_lora_weights(
-        str(root / "lora"), transformer_lora_layers=weights, **clip_lora_parts(pipe),
-        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 2.0 * RANK, "target_modules": SD3_ATTENTION})
-    file = root / "lora" / "pytorch_lora_weights.safetensors"
+    file, weights = _sd3_clip_lora(base, root / "lora")
     names = _originals(SD3_ATTENTION, "sd3")
     comfy = {f"diffusion_model.{names[k.split('.')[0]]}.{k.partition('.')[2]}": v
              for k, v in kohya_state_dict(weights, lambda m: 2.0, "sd3").items()}
