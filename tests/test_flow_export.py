@@ -1013,6 +1013,35 @@ def test_plan_fits_a_flux_init_lora_onto_the_model_as_training_does(flux, tmp_pa
     assert said[0] == said[1] and len(said[0]) == 1 and "have other shapes than this model's layers" in said[0][0], said
 
 
+def test_a_control_lora_width_is_refused_alike_with_and_without_the_text_encoders(tmp_path):
+    """A FLUX LoRA whose x_embedder takes twice the input (a Control LoRA's): FluxPipeline.load_lora_weights would
+    widen the bare layer in silence; loaded part by part (adapters.load_adapter_file), it is one "does not fit" line,
+    the same whether the pipeline still holds its text encoders (plan's meta model, --merge) or freed them once the
+    prompts were encoded (training, sample); the transformer is left as it was."""
+    from diffusers import FluxPipeline
+
+    from lowmem_alignprop.commands.adapters import load_adapter_file
+    from lowmem_alignprop.settings.errors import UserError
+    from flowmodels import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(0)
+    x = pipe.transformer.x_embedder
+    FluxPipeline.save_lora_weights(str(tmp_path / "wide"), transformer_lora_layers={
+        "x_embedder.lora_A.weight": torch.ones(2, 2 * x.in_features), "x_embedder.lora_B.weight": torch.ones(32, 2)})
+    said = []
+    for freed in (False, True):
+        pipe = build_tiny_flux_pipeline(0)
+        if freed:
+            pipe.text_encoder = pipe.text_encoder_2 = None
+        with pytest.raises(UserError) as e:
+            load_adapter_file(pipe, tmp_path / "wide" / "pytorch_lora_weights.safetensors", "init", "--init-lora x",
+                              "FIX")
+        said.append(str(e.value))
+        assert pipe.transformer.x_embedder.weight.shape == (32, 64)  # (not widened)
+    assert said == ["--init-lora x does not fit this model: 1 of its weights have other shapes than this model's "
+                    "layers (e.g. x_embedder: [2, 128] in the LoRA, [2, 64] here); FIX"] * 2, said
+
+
 # ---------------------------------------------------------------------------------------------------------
 # negative_prompt: SD3's unconditional branch; FLUX has none
 # ---------------------------------------------------------------------------------------------------------

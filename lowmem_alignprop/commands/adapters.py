@@ -81,10 +81,11 @@ MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError,
 
 
 def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
-    """``pipe.load_lora_weights`` of ``file`` as adapter ``name`` (an SD3/FLUX pipeline whose text encoders were freed
-    once the prompts were encoded: the transformer's layers alone, :func:`_load_transformer_part`); a file that does
-    not fit (an error from diffusers or its converters, or fewer of its layers found than it has) raises one
-    UserError line: ``flag`` does not fit this model, why, ``fix``."""
+    """``pipe.load_lora_weights`` of ``file`` as adapter ``name`` (an SD3/FLUX pipeline: each part by diffusers' own
+    loader of that part, the transformer's and the CLIP encoders' unless they were freed once the prompts were
+    encoded: :func:`_load_transformer_part`, :func:`load_encoder_part`; one path for sample, --init-lora, plan and
+    --merge); a file that does not fit (an error from diffusers or its converters, or fewer of its layers found than
+    it has) raises one UserError line: ``flag`` does not fit this model, why, ``fix``."""
     peft_log = logging.getLogger("diffusers.loaders.peft")
     level = peft_log.level
     peft_log.setLevel(logging.CRITICAL)  # diffusers logs the whole error before raising; we say it in one line
@@ -96,9 +97,11 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
                 file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
-            if encoders_freed(pipe):
+            if getattr(pipe, "transformer", None) is not None:  # SD3/FLUX: part by part, where each part is
                 expected = _load_transformer_part(pipe, file, name, flag)
-                if not expected:  # (a LoRA of the CLIP encoders alone: loaded before the prompts were encoded)
+                if not encoders_freed(pipe):  # (else its CLIP layers were loaded before the prompts were encoded)
+                    expected += load_encoder_part(pipe, file, name, flag, fix)
+                if not expected:  # (a LoRA of the CLIP encoders alone, loaded before the prompts were encoded)
                     return
             else:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
