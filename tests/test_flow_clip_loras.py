@@ -5,6 +5,8 @@ resume, and the kohya reader's refusal of a second CLIP on FLUX.1."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from loras import RANK, clip_lora_parts, sampled
@@ -371,3 +373,71 @@ def test_bad_input_a_comfyui_file_with_t5_layers_is_refused(with_clip, tmp_path,
                        "which no LoRA loader of diffusers reads (they would be dropped without a word): pass a LoRA "
                        "without T5 layers (CLIP's and the transformer's apply)"], err
         assert not out.exists()
+
+
+# CLIP layers a ComfyUI LoRA may hold that diffusers' readers have no name for (kohya_layers.comfy_encoder_name): the
+# token embedding (FLUX.1's CLIP-L), CLIP-L's text_projection (SD3's CLIP-L has one; only CLIP-G's is read)
+_UNNAMED_CLIP = {"flux": "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding",
+                 "sd3": "text_encoders.clip_l.transformer.text_projection"}
+
+
+def _with_unnamed_clip_layer(case, family, tmp_path, up) -> Path:
+    """``case``'s ComfyUI twin (FLUX.1: _comfy_twin, its modulation layers beside; SD3: sd3_comfy's) with
+    :data:`_UNNAMED_CLIP`'s layer added (lora_down ones, lora_up ``up``, alpha 2)."""
+    from safetensors.torch import load_file, save_file
+
+    if family == "flux":
+        _comfy_twin(case, tmp_path / "twin.safetensors")
+    twin = tmp_path / "twin.safetensors" if family == "flux" else case["comfy"]
+    layer = _UNNAMED_CLIP[family]
+    state = load_file(str(twin)) | {f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.alpha": torch.tensor(2.),
+                                    f"{layer}.lora_up.weight": torch.full((32, 2), up)}
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    return tmp_path / "extra.safetensors"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_bad_input_a_comfyui_flow_file_with_a_clip_layer_diffusers_cannot_name_is_refused(with_clip, sd3_comfy, family,
+                                                                                          tmp_path, capsys):
+    """A ComfyUI SD3/FLUX LoRA with a changed CLIP layer diffusers' readers have no name for (FLUX.1 CLIP-L's token
+    embedding; SD3 CLIP-L's text_projection) is refused by --init-lora and `sample --lora` in one line naming the key
+    and why (the line a ComfyUI UNet LoRA's gets: lora_formats.ldm_unet_refusal), before any model loads; it quoted
+    only 'text_encoders'. The FLUX.1 file holds modulation layers too (sample hands such a file to diffusers'
+    reader)."""
+    from lowmem_alignprop.cli import main
+    from lowmem_alignprop.settings.errors import quote
+
+    case = with_clip if family == "flux" else sd3_comfy
+    file = _with_unnamed_clip_layer(case, family, tmp_path, 1.0)
+    key = quote(f"{_UNNAMED_CLIP[family]}.lora_down.weight")
+    out = tmp_path / "out"
+    for argv, label in (([*FLOW, "--model", str(case["base"]), "--init-lora", str(file), "--steps", "1"],
+                         "--init-lora"),
+                        (["sample", "--profile", "cpu", "--model", str(case["base"]), "--reward", "brightness",
+                          "--lora", str(file)], "--lora")):
+        assert main([*argv, "--output-dir", str(out)]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert err == [f"error: {label} {file} changes a text-encoder layer that diffusers' LoRA loader has no layer "
+                       f"for (e.g. {key}): only the encoders' attention and MLP layers and CLIP-G's text_projection "
+                       "(SDXL's and SD3's second encoder) are read; save it again without text_encoder_diff, or from "
+                       "a fine-tune that left that layer as it was"], err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_an_all_zero_clip_layer_diffusers_cannot_name_in_a_comfyui_flow_file_is_left_out(with_clip, sd3_comfy, family,
+                                                                                         tmp_path):
+    """Such a layer with an all-zero lora_up (what ComfyUI's extract node writes for a layer the fine-tune left as it
+    was: it changes nothing) is left out, as a ComfyUI UNet LoRA's is: --init-lora's and `sample --lora`'s reading
+    of the file is that of the file without it, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from lowmem_alignprop.commands import flow_export, lora_args
+
+    case = with_clip if family == "flux" else sd3_comfy
+    file = _with_unnamed_clip_layer(case, family, tmp_path, 0.0)
+    twin = tmp_path / "twin.safetensors" if family == "flux" else case["comfy"]
+    for read in (lambda f: flow_export.kohya_as_diffusers(f, "--init-lora x"), lambda f: lora_args._lora_file(f, "x")):
+        ours, theirs = load_file(str(read(file))), load_file(str(read(twin)))
+        assert sorted(ours) == sorted(theirs) and len(ours) > 30, sorted(set(ours) ^ set(theirs))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)

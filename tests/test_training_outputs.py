@@ -402,9 +402,9 @@ def test_a_comfyui_lora_with_weight_differences_or_text_encoder_layers_is_one_li
     said = {"diff": f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
                     "lora_up: extract it again with lora_type standard and bias_diff off",
             "text_encoder": f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. "
-                            f"{quote(key)}): only the encoders' attention and MLP layers and SDXL's text_projection "
-                            "are read; save it again without text_encoder_diff, or from a fine-tune that left that "
-                            "layer as it was"}[extra]
+                            f"{quote(key)}): only the encoders' attention and MLP layers and CLIP-G's text_projection "
+                            "(SDXL's and SD3's second encoder) are read; save it again without text_encoder_diff, or "
+                            "from a fine-tune that left that layer as it was"}[extra]
     assert_refused(main, ["sample", "--profile", "cpu", "--lora", str(file), "--output-dir", str(tmp_path / "sample")],
                    f"--lora {file} {said}", tmp_path / "sample", capsys)
     if extra == "diff":  # (--init-lora refuses a text encoder's layers as it does in every layout: a UNet LoRA only)

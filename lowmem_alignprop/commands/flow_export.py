@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.kohya_layers import comfy_encoder_name
-from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF
+from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, comfy_encoder_name, comfy_encoder_refusal,
+                                                    lora_suffix, unchanged_layer)
+from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, T5_KEYS
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
@@ -191,17 +192,26 @@ def is_kohya_flow(keys) -> bool:
     return any(_KOHYA_FLOW.match(k) for k in keys)
 
 
-def kohya_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def kohya_names(state: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
     """``state`` with the original transformer's paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``)
     under kohya's names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), and ComfyUI's CLIP layers
     (``text_encoders.clip_l.transformer.text_model.encoder.layers.0...``, SD3's ``clip_g``) under kohya's
-    (``lora_te1_``, ``lora_te2_``: kohya_layers.comfy_encoder_name, the rule a ComfyUI UNet LoRA's are read by); other
-    keys (T5's ``text_encoders.t5xxl.``) as they are."""
-    out = {}
+    (``lora_te1_``, ``lora_te2_``: kohya_layers.comfy_encoder_name, the rule a ComfyUI UNet LoRA's are read by); a
+    CLIP layer diffusers has no name for (its embeddings, CLIP-L's text_projection) left out where it changes nothing
+    (all zeros, as ComfyUI's extract node writes a layer the fine-tune left as it was), else refused as a ComfyUI UNet
+    LoRA's (UserError: ``label``, the option and path, and kohya_layers.comfy_encoder_refusal); other keys (T5's
+    ``text_encoders.t5xxl.``) as they are."""
+    out, unnamed = {}, []
     for key, value in state.items():
         m = _ORIGINAL_KEY.match(key)
-        name = f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else None
-        out[name or comfy_encoder_name(key) or key] = value
+        name = f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else comfy_encoder_name(key)
+        if name is None and key.startswith(COMFY_ENCODER_PREFIX) and not key.startswith(T5_KEYS) and lora_suffix(key):
+            unnamed += [] if unchanged_layer(state, key) else [key]
+            continue
+        out[name or key] = value
+    if unnamed:  # (a layer's lora_down named first)
+        first = min(unnamed, key=lambda k: (lora_suffix(k) != ".lora_down.weight", k))
+        raise UserError(f"{label} {comfy_encoder_refusal(first)}")
     return out
 
 
@@ -311,10 +321,9 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
     from lowmem_alignprop.models.flow_lora_parts import t5_refusal
     from lowmem_alignprop.models.kept_lora import EITHER_TEXT_MODEL, TEXT_MODEL, layer_ranks
-    from lowmem_alignprop.models.lora_layers import T5_KEYS
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
-    state = kohya_names(load_file(str(file)))
+    state = kohya_names(load_file(str(file)), label)
     encoders = {k: v for k, v in state.items() if k.startswith(_KOHYA_CLIP)}
     if t5 := sorted(k for k in state if k.startswith(T5_KEYS)):
         raise UserError(t5_refusal(label, t5[0]))

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from lowmem_alignprop.settings.errors import quote
+
 # a LoRA layer's tensors as ComfyUI names them: kohya's (lora_down, lora_up, alpha; no alpha: alpha = rank) or peft's
 # (lora_A down, lora_B up: comfy/weight_adapter/lora.py reads both), and peft's as kohya's
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
@@ -37,6 +41,25 @@ def comfy_encoder_name(key: str) -> str | None:
     if found is None or found[2] == "text_projection" and found[1] != "clip_g":
         return None
     return _COMFY_ENCODERS[found[1]] + found[2].replace(".", "_") + KOHYA_SUFFIX.get(suffix, suffix)
+
+
+def unchanged_layer(tensors, key: str) -> bool:
+    """Whether ``key``'s layer in a ComfyUI LoRA (``tensors``: name -> tensor) adds nothing: its up or down all zeros,
+    as the extract node writes a weight the fine-tune left as it was. False where ``tensors`` holds no values (a
+    header's shapes)."""
+    layer = key.removesuffix(lora_suffix(key) or "")
+    pairs = [tensors.get(layer + s) for s in (".lora_up.weight", ".lora_B.weight", ".lora_down.weight",
+                                              ".lora_A.weight")]
+    return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
+
+
+def comfy_encoder_refusal(key: str) -> str:
+    """Why a ComfyUI LoRA's text-encoder layer ``key`` that :func:`comfy_encoder_name` has no name for, and that
+    changes the model (not :func:`unchanged_layer`), is refused, and what to do: to follow the option and its value
+    (a UNet LoRA's and an SD3/FLUX one's alike)."""
+    return (f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. {quote(key)}): only the "
+            "encoders' attention and MLP layers and CLIP-G's text_projection (SDXL's and SD3's second encoder) are "
+            "read; save it again without text_encoder_diff, or from a fine-tune that left that layer as it was")
 
 
 def alphas_folded(tensors: dict, alphas: dict) -> dict:

@@ -19,8 +19,8 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  shared_image_settings, shared_name, shared_reward, temporary_folder,
                                                  v_prediction, zero_terminal_snr)
 from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, alphas_folded,
-                                                    comfy_encoder_name, diffusers_parts, every_alpha_folded,
-                                                    lora_suffix)
+                                                    comfy_encoder_name, comfy_encoder_refusal, diffusers_parts,
+                                                    every_alpha_folded, lora_suffix, unchanged_layer)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -411,16 +411,6 @@ def is_ldm_unet_lora(keys) -> bool:
     return any(k.startswith(LDM_UNET_PREFIX) and k[len(LDM_UNET_PREFIX):].startswith(_LDM_UNET_MODULES) for k in keys)
 
 
-def _unchanged(tensors, key: str) -> bool:
-    """Whether ``key``'s layer in a ComfyUI LoRA (``tensors``: name -> tensor) adds nothing: its up or down all zeros,
-    as the extract node writes a weight the fine-tune left as it was. False where ``tensors`` holds no values (a
-    header's shapes)."""
-    layer = key.removesuffix(lora_suffix(key) or "")
-    pairs = [tensors.get(layer + s) for s in (".lora_up.weight", ".lora_B.weight", ".lora_down.weight",
-                                              ".lora_A.weight")]
-    return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
-
-
 def ldm_unet_unreadable(tensors) -> str | None:
     """The first name of a ComfyUI UNet LoRA (:func:`is_ldm_unet_lora`; ``tensors``: its names, or names -> tensors)
     that no LoRA layer applies: its extract node's weight or bias differences (``.diff``, ``.diff_b``: lora_type
@@ -429,7 +419,7 @@ def ldm_unet_unreadable(tensors) -> str | None:
     if not is_ldm_unet_lora(tensors):
         return None
     return next((k for k in sorted(tensors) if not (k.startswith(LDM_UNET_PREFIX) and lora_suffix(k) or (
-        k.startswith(COMFY_ENCODER_PREFIX) and (comfy_encoder_name(k) or _unchanged(tensors, k))))), None)
+        k.startswith(COMFY_ENCODER_PREFIX) and (comfy_encoder_name(k) or unchanged_layer(tensors, k))))), None)
 
 
 def ldm_unet_refusal(tensors) -> str | None:
@@ -441,9 +431,7 @@ def ldm_unet_refusal(tensors) -> str | None:
         return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
                 "lora_up: extract it again with lora_type standard and bias_diff off")
     if key.startswith(COMFY_ENCODER_PREFIX) and lora_suffix(key):
-        return (f"changes a text-encoder layer that diffusers' LoRA loader has no layer for (e.g. {quote(key)}): only "
-                "the encoders' attention and MLP layers and SDXL's text_projection are read; save it again without "
-                "text_encoder_diff, or from a fine-tune that left that layer as it was")
+        return comfy_encoder_refusal(key)
     return f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain LoRA"
 
 
@@ -478,7 +466,7 @@ def ldm_unet_as_diffusers(file: Path, pipe) -> Path | None:
             named[ldm_unet_name(key)] = value
         elif (name := comfy_encoder_name(key)) is not None:
             named[name] = value
-        elif not _unchanged(tensors, key):  # (sample and --init-lora refused it before: ldm_unet_refusal)
+        elif not unchanged_layer(tensors, key):  # (sample and --init-lora refused it before: ldm_unet_refusal)
             raise ValueError(f"{key} is a layer diffusers' LoRA loader has no name for")
     return _kohya_as_diffusers(named, pipe)
 
