@@ -116,6 +116,23 @@ def test_plan_counts_the_kept_clip_layers(with_clip, capsys):
                     "the frozen base (no memory); training starts from it"], said
 
 
+def test_plan_of_a_lora_of_clip_layers_alone_names_the_rank_as_the_runs(with_clip, tmp_path, capsys):
+    """plan --init-lora of a FLUX LoRA of CLIP-L's layers alone (rank 2: no layer the run trains) names the rank it
+    says as the run's (4, lora_rank), not the file's: it said "rank 4, none of the run's 8 layers"."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.cli import main
+
+    file = tmp_path / "clip-only.safetensors"
+    save_file({k: v for k, v in load_file(str(with_clip["file"])).items() if k.startswith("text_encoder.")}, str(file))
+    capsys.readouterr()
+    assert main(["plan", *FLOW, "--model", str(with_clip["base"]), "--init-lora", str(file)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {file}: the run's rank {RANK}, none of the run's 8 layers (it adapts none of them): "
+                    "the run's LoRA starts at zero, as a fresh one; 10 more kept as they came, fused into the frozen "
+                    "base (no memory); training starts from the base with those layers"], said
+
+
 def test_a_resumed_flux_run_from_a_lora_with_clip_layers_ends_as_an_uninterrupted_one(with_clip, tmp_path):
     """A resume loads the init_lora/ copy's CLIP-L layers into the encoder again before the prompts are encoded
     (the encoders are freed before the transformer is read): its LoRA after step 2 is the uninterrupted run's, bit

@@ -341,9 +341,9 @@ def test_a_lora_of_kept_layers_alone_says_none_train_from_it(civitai, tmp_path, 
     capsys.readouterr()
     assert main(["plan", "--profile", "cpu", "--init-lora", str(file)]) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
-    assert said == [f"--init-lora {file}: rank 4, none of the run's 32 layers (it adapts none of them): the run's "
-                    "LoRA starts at zero, as a fresh one; 4 more kept as they came, fused into the frozen base (no "
-                    "memory); training starts from the base with those layers"], said
+    assert said == [f"--init-lora {file}: the run's rank 4, none of the run's 32 layers (it adapts none of them): the "
+                    "run's LoRA starts at zero, as a fresh one; 4 more kept as they came, fused into the frozen base "
+                    "(no memory); training starts from the base with those layers"], said
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
                      "--set", "kl_coeff=0.1", "--steps", "1", "--init-lora", str(file), "--output-dir",

@@ -270,7 +270,8 @@ def check_fits_meta_model(cfg, file: Path) -> str:
     device (its shapes, no weights), as training loads it onto the real one (:func:`split_init_lora`,
     :func:`start_from_lora`): a LoRA of another model of the same family (other widths) is refused with training's
     line, not planned as FITS. Returns the line plan says of it (its rank, the layers taken and those kept: fused
-    into the base, they cost no memory)."""
+    into the base, they cost no memory). The rank is the run's (lora_rank), which a LoRA with a layer the run trains
+    has (check_init_lora); one with none (its kept layers alone, of any rank) says so: "the run's rank"."""
     from lowmem_alignprop.measure.meta_models import meta_components
     from lowmem_alignprop.models.family import family_for
 
@@ -280,7 +281,8 @@ def check_fits_meta_model(cfg, file: Path) -> str:
     family.add_lora(comps.unet, cfg)
     copied, trained = start_from_lora(comps.unet, split, cfg.init_lora, cfg.lora_layers)
     kept = split.kept_layers
-    return (f"--init-lora {cfg.init_lora}: rank {cfg.lora_rank}, {layers_taken(copied, trained)}"
+    rank = "rank" if copied else "the run's rank"  # (the file's kept layers may have another)
+    return (f"--init-lora {cfg.init_lora}: {rank} {cfg.lora_rank}, {layers_taken(copied, trained)}"
             + (f"; {kept} more kept as they came, fused into the frozen base (no memory)" if kept else "")
             + ("; training starts from it" if copied else "; training starts from the base with those layers"))
 
