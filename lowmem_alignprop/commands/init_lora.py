@@ -175,8 +175,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
     other layers (a text encoder's, convolutions, other linears: a civitai SD1.5/SDXL LoRA's; an SD3/FLUX
     transformer's modulation, embedders, proj_out, SD3's patch embedding pos_embed.proj, its CLIP encoders') are kept
     as they came, fused into the frozen base; an SD3/FLUX run (``flow``) refuses T5's and other convolution layers.
-    ``quant``:
-    the base's storage (base_quant): an int8/nf4 model's Linear layers cannot take a kept layer's delta (refused)."""
+    ``quant``: the base's storage (base_quant): an int8/nf4 model's Linear layers cannot take a kept layer's delta
+    (refused)."""
     try:
         shapes = read_safetensors_shapes(file)
     except (TensorFileError, OSError) as e:  # a truncated or foreign file

@@ -150,8 +150,8 @@ def save_with_kept(pipeline_class, folder, layers: dict, metadata: dict, kept: d
 
 def kept_counts(kept: dict[str, torch.Tensor]) -> dict[str, int]:
     """``kept``'s layers counted by kind (summary.json's ``kept_layers``): ``text_encoder``, ``text_encoder_2``
-    (SDXL's second encoder), ``convolutions`` and ``other_linears`` (the UNet's or transformer's linears the run
-    does not train), each kind present or not."""
+    (SDXL's and SD3's second CLIP, CLIP-G), ``convolutions`` and ``other_linears`` (the UNet's or transformer's
+    linears the run does not train), each kind present or not."""
     count = dict.fromkeys(("text_encoder", "text_encoder_2", "convolutions", "other_linears"), 0)
     for key, value in kept.items():
         if key.endswith(".lora_A.weight"):

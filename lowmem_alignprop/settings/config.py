@@ -164,9 +164,9 @@ class Config:
                         "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, or a peft adapter "
                         "folder, of this model, the layers the run trains from it of rank lora_rank. Its layers "
                         "the run does not train (SD 1.x/2.x/SDXL: text encoders, convolutions, other linears; "
-                        "SD3/FLUX: other transformer linears) are kept as they came, fused into the frozen base and "
-                        "written into every LoRA the run writes. Step 0 then renders what that LoRA renders. Empty: a "
-                        "fresh LoRA.")
+                        "SD3/FLUX: CLIP text encoders, other transformer linears) are kept as they came, fused into "
+                        "the frozen base and written into every LoRA the run writes. Step 0 then renders what that "
+                        "LoRA renders. Empty: a fresh LoRA.")
     optimizer: str = _f("adamw", "adamw (fp32 state, 8 bytes/param), adamw8bit (bitsandbytes, 2 bytes/param), "
                         "paged_adamw8bit (8-bit, state pages to CPU under pressure).",
                         ("adamw", "adamw8bit", "paged_adamw8bit"))
