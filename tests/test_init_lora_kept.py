@@ -370,7 +370,7 @@ ATTN1 = "mid_block.attentions.0.transformer_blocks.0.attn1"
      ".lora_linear_layer.up.weight", False),
 ])
 def test_one_list_of_down_keys_counts_a_layer_for_sample_and_init_lora_alike(layer, down, up, trained, tmp_path):
-    """lora_files.LORA_DOWN_SUFFIXES: the one list of a LoRA's down (A) keys, read by `sample --lora` (its layer
+    """lora_layers.LORA_DOWN_SUFFIXES: the one list of a LoRA's down (A) keys, read by `sample --lora` (its layer
     count, adapters.layers_in_file) and by --init-lora (the layer's name, the key less the suffix and the separator
     before it, tells whether a run trains it: lora_file_ranks, here rank 4 of a trained layer)."""
     from safetensors.torch import save_file

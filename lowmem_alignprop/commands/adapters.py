@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 
 from lowmem_alignprop.commands.lora_args import LoraSpec
-from lowmem_alignprop.commands.lora_files import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.commands.lora_formats import kohya_encoders_as_diffusers, ldm_unet_as_diffusers
+from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError
 

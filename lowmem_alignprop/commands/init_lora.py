@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
-from lowmem_alignprop.commands.lora_files import LORA_DOWN_SUFFIXES, is_peft_folder, lycoris_kind, not_a_lora
+from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.models.flow_lora_parts import t5_refusal
-from lowmem_alignprop.models.lora_layers import T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
+from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)

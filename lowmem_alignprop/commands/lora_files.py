@@ -29,9 +29,6 @@ log = logging.getLogger("lowmem_alignprop")
 
 # kohya's ss_base_model_version values
 SD_V1, SD_V2, SDXL = "sd_v1", "sd_v2", "sdxl_base_v1-0"
-# how the key of a LoRA's down (A) matrix ends in the layouts diffusers reads, one such key per adapted layer: sample
-# counts the layers by it (adapters.layers_in_file), --init-lora names them (init_lora._layer_name)
-LORA_DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight", "lora_linear_layer.down.weight")
 
 
 def check_recorded_base(model: str, lora: str, record: str = LORA_BASE_FILE) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.settings.errors import quote
 
 # the encoders each pipeline's LoRA loader reads (diffusers' names, also the keys' prefixes)
@@ -25,14 +26,13 @@ ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 # lora_te1_ / lora_te2_ and lora_te_, ComfyUI's text_encoders.clip_l.): a file sample copies as it came (a FLUX.1 kohya
 # file with modulation layers, which diffusers' own reader maps) still holds them under these
 OTHER_CLIP_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
-# (diffusers' FLUX kohya reader names CLIP's layers as its older layouts did: ``self_attn.to_q_lora.down.weight``,
-# ``mlp.fc1.lora_linear_layer.down.weight``)
-_DOWN = (".lora_A.weight", "lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
 
 
 def is_down_key(key: str) -> bool:
-    """A LoRA layer's down (A) weight, in peft's, diffusers' older (and oldest) or kohya's names."""
-    return key.endswith(_DOWN)
+    """A LoRA layer's down (A) weight, in peft's, diffusers' older (and oldest) or kohya's names
+    (:data:`~lowmem_alignprop.models.lora_layers.LORA_DOWN_SUFFIXES`; diffusers' FLUX kohya reader names CLIP's layers
+    as its older layouts did: ``self_attn.to_q_lora.down.weight``, ``mlp.fc1.lora_linear_layer.down.weight``)."""
+    return key.endswith(LORA_DOWN_SUFFIXES)
 
 
 @dataclass

@@ -30,6 +30,11 @@ TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 # T5's layers in an SD3/FLUX LoRA (diffusers' SD3 text_encoder_3, kohya's lora_te3_, ComfyUI's t5xxl): no diffusers
 # loader reads them (FLUX's T5, diffusers' text_encoder_2, is told apart once the model is known)
 T5_KEYS = ("text_encoder_3.", "lora_te3_", "text_encoders.t5xxl.")
+# how the key of a LoRA's down (A) matrix ends in the layouts diffusers reads (peft's lora_A, kohya's lora_down,
+# diffusers' older lora.down / lora_linear_layer.down: also what its FLUX kohya reader names CLIP's layers), one such
+# key per adapted layer: sample counts the layers by it (adapters.layers_in_file, flow_lora_parts.is_down_key),
+# --init-lora names them (init_lora._layer_name)
+LORA_DOWN_SUFFIXES = ("lora.down.weight", "lora_A.weight", "lora_down.weight", "lora_linear_layer.down.weight")
 
 
 def lora_targets(layers: str, flow: bool) -> list[str]:
