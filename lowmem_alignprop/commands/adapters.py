@@ -142,8 +142,9 @@ def _kohya_clip_read(lora):
     names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names and leaves them as they are (a
     kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert it); FLUX's converts them."""
     from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
+    from lowmem_alignprop.models.lora_layers import KOHYA_CLIP
 
-    kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(("lora_te1_", "lora_te2_"))}
+    kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(KOHYA_CLIP)}
     if kohya:
         lora.state_dict = {k: v for k, v in lora.state_dict.items() if k not in kohya}
         for part, named in kohya_encoder_layers(kohya).items():

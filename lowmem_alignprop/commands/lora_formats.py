@@ -22,7 +22,7 @@ from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_
                                                     comfy_encoder_name, comfy_encoder_refusal, diffusers_parts,
                                                     every_alpha_folded, lora_suffix, unchanged_layer)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
-from lowmem_alignprop.models.lora_layers import peft_exclude
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -84,7 +84,7 @@ def _one_rank_per_encoder(layers: dict[str, torch.Tensor]) -> dict[str, torch.Te
     same product, scale 1): diffusers' kohya reader gives an encoder one alpha and drops the alpha pattern of a layer
     of another rank (its names keep CLIP's ``text_model.``), so such a layer loaded at another scale."""
     out = dict(layers)
-    for prefix in {p for k in layers for p in _KOHYA_ENCODERS if k.startswith(p)}:
+    for prefix in {p for k in layers for p in KOHYA_ENCODERS if k.startswith(p)}:
         downs = [k for k in layers if k.startswith(prefix) and k.endswith(".lora_down.weight")]
         rank = max(layers[k].shape[0] for k in downs)
         for down in downs:
@@ -103,7 +103,7 @@ def _zero_out_proj(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     automatically infer state dict type") or drops its q/k/v layers (:func:`kohya_encoders_without_out_proj`); every
     loader adds nothing for it."""
     out = {}
-    for prefix in sorted({p for k in layers for p in _KOHYA_ENCODERS if k.startswith(p)}):
+    for prefix in sorted({p for k in layers for p in KOHYA_ENCODERS if k.startswith(p)}):
         mine = {k: v for k, v in layers.items() if k.startswith(prefix)}
         if any("_out_proj." in k for k in mine):
             continue
@@ -374,7 +374,7 @@ def attn_processor_as_diffusers(tensors: dict) -> Path | None:
                                                             for k, v in tensors.items()}), {})
 
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # sd-scripts' UNet and text encoders' keys
+KOHYA_PREFIXES = ("lora_unet_", *KOHYA_ENCODERS)  # sd-scripts' UNet and text encoders' keys
 
 
 def kohya_alphas_folded(tensors: dict) -> Path | None:
@@ -471,10 +471,6 @@ def ldm_unet_as_diffusers(file: Path, pipe) -> Path | None:
     return _kohya_as_diffusers(named, pipe)
 
 
-# kohya's text-encoder layers by encoder: lora_te_ (SD's one), lora_te1_ / lora_te2_ (SDXL's two)
-_KOHYA_ENCODERS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-
-
 def kohya_encoders_without_out_proj(keys) -> bool:
     """Whether a kohya LoRA has an encoder's layers (``lora_te_``, ``lora_te1_``, ``lora_te2_``) without any of its
     ``out_proj``: diffusers' reader names that encoder's attention layers in its old layout (``to_q_lora``) and
@@ -483,8 +479,8 @@ def kohya_encoders_without_out_proj(keys) -> bool:
     may not)."""
     parts = {}
     for key in keys:
-        if (prefix := next((p for p in _KOHYA_ENCODERS if key.startswith(p)), None)) is not None:
-            parts[_KOHYA_ENCODERS[prefix]] = parts.get(_KOHYA_ENCODERS[prefix], False) or "_out_proj." in key
+        if (prefix := next((p for p in KOHYA_ENCODERS if key.startswith(p)), None)) is not None:
+            parts[KOHYA_ENCODERS[prefix]] = parts.get(KOHYA_ENCODERS[prefix], False) or "_out_proj." in key
     return not all(parts.values())
 
 

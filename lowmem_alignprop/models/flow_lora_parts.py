@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES
 from lowmem_alignprop.settings.errors import quote
 
 # the encoders each pipeline's LoRA loader reads (diffusers' names, also the keys' prefixes)
@@ -25,7 +25,7 @@ ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 # a CLIP encoder's layers in the other names diffusers' SD3/FLUX readers map to text_encoder(_2). (sd-scripts'
 # lora_te1_ / lora_te2_ and lora_te_, ComfyUI's text_encoders.clip_l.): a file sample copies as it came (a FLUX.1 kohya
 # file with modulation layers, which diffusers' own reader maps) still holds them under these
-OTHER_CLIP_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
+OTHER_CLIP_PREFIXES = (*KOHYA_ENCODERS, "text_encoders.clip_l.", "text_encoders.clip_g.")
 
 
 def is_down_key(key: str) -> bool:

@@ -30,6 +30,10 @@ TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 # T5's layers in an SD3/FLUX LoRA (diffusers' SD3 text_encoder_3, kohya's lora_te3_, ComfyUI's t5xxl): no diffusers
 # loader reads them (FLUX's T5, diffusers' text_encoder_2, is told apart once the model is known)
 T5_KEYS = ("text_encoder_3.", "lora_te3_", "text_encoders.t5xxl.")
+# kohya's (sd-scripts') CLIP layers: lora_te1_ / lora_te2_ the first and second CLIP (SDXL's and SD3's CLIP-L and
+# CLIP-G, FLUX.1's CLIP-L), and SD 1.x/2.x's one encoder lora_te_; by the diffusers encoder each adapts
+KOHYA_CLIP = ("lora_te1_", "lora_te2_")
+KOHYA_ENCODERS = {"lora_te_": "text_encoder", **dict(zip(KOHYA_CLIP, ("text_encoder", "text_encoder_2")))}
 # how the key of a LoRA's down (A) matrix ends in the layouts diffusers reads (peft's lora_A, kohya's lora_down,
 # diffusers' older lora.down / lora_linear_layer.down: also what its FLUX kohya reader names CLIP's layers), one such
 # key per adapted layer: sample counts the layers by it (adapters.layers_in_file, flow_lora_parts.is_down_key),
