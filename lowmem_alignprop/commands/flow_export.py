@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, comfy_encoder_name, comfy_encoder_refusal,
-                                                    lora_suffix, unchanged_layer)
+from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, comfy_encoder_name,
+                                                    comfy_encoder_refusal, lora_suffix, unchanged_layer)
 from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, KOHYA_CLIP, T5_KEYS
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
@@ -180,9 +180,8 @@ def kohya_kept(kept: dict[str, torch.Tensor], family: str, label: str) -> dict[s
 # kohya's names (lora_unet_ + the original transformer's path, dots as underscores), and the original paths themselves
 # under diffusion_model. with diffusers' lora_A/lora_B or kohya's lora_down/lora_up (what ComfyUI reads and saves)
 _KOHYA_FLOW = re.compile(r"^(?:lora_unet_|(?:model\.)?diffusion_model\.)(double_blocks|single_blocks|joint_blocks)[._]")
-_ORIGINAL_KEY = re.compile(r"^(?:model\.)?diffusion_model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|"
-                           r"lora_up\.weight|alpha)$")
-_KOHYA_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_ORIGINAL_KEY = re.compile(r"^(?:model\.)?diffusion_model\.(.+)(\.lora_A\.weight|\.lora_B\.weight|\.lora_down\.weight|"
+                           r"\.lora_up\.weight|\.alpha)$")
 
 
 def is_kohya_flow(keys) -> bool:
@@ -201,7 +200,7 @@ def kohya_names(state: dict[str, torch.Tensor], label: str) -> dict[str, torch.T
     out, unnamed = {}, []
     for key, value in state.items():
         m = _ORIGINAL_KEY.match(key)
-        name = f"{kohya_name(m.group(1))}.{_KOHYA_SUFFIX.get(m.group(2), m.group(2))}" if m else comfy_encoder_name(key)
+        name = kohya_name(m.group(1)) + KOHYA_SUFFIX.get(m.group(2), m.group(2)) if m else comfy_encoder_name(key)
         if name is None and key.startswith(COMFY_ENCODER_PREFIX) and not key.startswith(T5_KEYS) and lora_suffix(key):
             unnamed += [] if unchanged_layer(state, key) else [key]
             continue
