@@ -9,7 +9,9 @@
   output ``proj_out`` (attention and MLP joined). What kohya sd-scripts and ai-toolkit train for FLUX by default.
 
 :func:`trains_layer` asks the same list of a LoRA file's layer name or a module path (what ``--init-lora`` starts
-training from, and what it keeps as it came).
+training from, and what it keeps as it came). The names a LoRA file's keys take are listed here once too: a text
+encoder's (:data:`TEXT_ENCODER_KEYS`), T5's (:data:`T5_KEYS`), kohya's CLIP prefixes (:data:`KOHYA_CLIP`,
+:data:`KOHYA_ENCODERS`) and a layer's down-key endings (:data:`LORA_DOWN_SUFFIXES`).
 
 Names are peft suffixes (``ff.net.2`` matches ``...transformer_blocks.0.ff.net.2``). The transformers' top-level
 ``proj_out`` (the last layer, to patches) is no block's and stays without LoRA.
