@@ -28,10 +28,11 @@ def with_clip(tmp_path_factory):
     return _lora_case(tmp_path_factory.mktemp("flux-clip"), ATTENTION[:8], KEPT[:2], single_layers=0, clip=True)
 
 
-def _kohya_twin(case, path) -> None:
+def _kohya_twin(case, path, clip_prefix: str = "lora_te1_") -> None:
     """``case``'s diffusers file written in sd-scripts' FLUX.1 names at ``path``: the attention layers fused as
     kohya fuses them (lora_unet_double_blocks_0_img_attn_qkv...), the modulation as img_mod_lin / txt_mod_lin,
-    CLIP-L's layers as lora_te1_text_model_encoder_layers_..., each scale folded into lora_up (alpha = rank)."""
+    CLIP-L's layers as lora_te1_text_model_encoder_layers_... (``clip_prefix``: or SD's one-encoder lora_te_, as some
+    tools name FLUX.1's one CLIP), each scale folded into lora_up (alpha = rank)."""
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.commands import flow_export, lora_formats
@@ -51,18 +52,21 @@ def _kohya_twin(case, path) -> None:
     names = {k.split(".")[0] for k in kohya}
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_mod_lin",
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= names, sorted(names)
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
+    save_file({k.replace("lora_te1_", clip_prefix, 1): v.contiguous() for k, v in kohya.items()}, str(path))
 
 
-@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+@pytest.mark.parametrize("layout", ["kohya", "kohya lora_te_", "comfyui"])
 def test_init_lora_of_a_flux_file_with_clip_layers_in_other_names_starts_as_its_diffusers_twin(with_clip, tmp_path,
                                                                                                 layout):
     """--init-lora of the FLUX.1 LoRA in sd-scripts' names (CLIP-L's layers as lora_te1_) or ComfyUI's (the
     transformer under diffusion_model., CLIP-L under text_encoders.clip_l.transformer.; flow_export.kohya_names reads
     both as kohya's, kohya_as_diffusers the CLIP layers beside the transformer's) starts as its diffusers twin: the
     same step-0 images, the same layers trained and kept."""
-    file = tmp_path / f"{layout}.safetensors"
-    (_kohya_twin if layout == "kohya" else _comfy_twin)(with_clip, file)
+    file = tmp_path / f"{layout.replace(' ', '-')}.safetensors"
+    if layout == "comfyui":
+        _comfy_twin(with_clip, file)
+    else:  # (lora_te_: SD's one-encoder prefix, which diffusers' readers take for the first CLIP)
+        _kohya_twin(with_clip, file, layout.partition(" ")[2] or "lora_te1_")
     other, images = _step0(with_clip["base"], tmp_path / layout, "--set", f"init_lora={file}")
     twin, reference = _step0(with_clip["base"], tmp_path / "diffusers", "--set", f"init_lora={with_clip['file']}")
     assert_rel_close(images, reference, REORDERED, f"--init-lora of the {layout} twin")

@@ -138,13 +138,14 @@ def load_encoder_part(pipe, file: Path, name: str, flag: str, fix: str) -> int:
 
 
 def _kohya_clip_read(lora):
-    """``lora`` (flow_lora_parts.FlowLora) with kohya's CLIP layers (``lora_te1_``, ``lora_te2_``) in diffusers'
-    names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names and leaves them as they are (a
-    kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert it); FLUX's converts them."""
+    """``lora`` (flow_lora_parts.FlowLora) with kohya's CLIP layers (``lora_te1_``, ``lora_te2_``, SD's ``lora_te_``:
+    the first CLIP) in diffusers' names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names
+    and leaves them as they are (a kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert
+    it); FLUX's converts them."""
     from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
-    from lowmem_alignprop.models.lora_layers import KOHYA_CLIP
+    from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS
 
-    kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(KOHYA_CLIP)}
+    kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(tuple(KOHYA_ENCODERS))}
     if kohya:
         lora.state_dict = {k: v for k, v in lora.state_dict.items() if k not in kohya}
         for part, named in kohya_encoder_layers(kohya).items():

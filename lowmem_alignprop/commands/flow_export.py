@@ -30,7 +30,7 @@ import torch
 
 from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, comfy_encoder_name,
                                                     comfy_encoder_refusal, lora_suffix, unchanged_layer)
-from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, KOHYA_CLIP, T5_KEYS
+from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, KOHYA_ENCODERS, T5_KEYS
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES
@@ -320,7 +320,7 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
     state = kohya_names(load_file(str(file)), label)
-    encoders = {k: v for k, v in state.items() if k.startswith(KOHYA_CLIP)}
+    encoders = {k: v for k, v in state.items() if k.startswith(tuple(KOHYA_ENCODERS))}  # (SD's lora_te_: CLIP-L)
     if t5 := sorted(k for k in state if k.startswith(T5_KEYS)):
         raise UserError(t5_refusal(label, t5[0]))
     weights, family = kohya_to_peft({k: v for k, v in state.items() if k not in encoders}, label)
