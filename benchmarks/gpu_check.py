@@ -64,7 +64,7 @@ PROFILE_RUNS = [
     ("a100-40gb sd15 512 batch 8", "a100-40gb", "sd15", {"truncation": "fixed", "k": 1}, 38.0),
     # UNet block swap on a real card (session 53 fixed its units: only what diffusers checkpoints one by one, 37 in
     # SD1.5; a sampler's backward had read its weight's CPU copy, a device mismatch on a GPU): runs, and its memory
-    ("rtx3060 sd15 512 block swap 20", "rtx3060", "sd15", {"grad_accum": 1, "unet_checkpointing": "blocks",
+    ("rtx3060 block swap 20 sd15 512", "rtx3060", "sd15", {"grad_accum": 1, "unet_checkpointing": "blocks",
                                                           "block_swap": 20}, 7.5),
     # SD3.5 / FLUX.1 (issue 18): built on the meta device, the transformer and VAE materialised on the GPU (with an
     # int8/nf4 base: drawn and quantized one block at a time), the text encoders on the CPU (encode_on_cpu; a
