@@ -203,7 +203,8 @@ def test_an_int8_base_refuses_a_kept_unet_linear_before_the_model_loads(civitai)
     assert str(e.value) == (f"--init-lora {civitai['file']} adapts 1 linear layer of the UNet this run does not train "
                             f"(e.g. {quote(TIME + '.lora_down.weight')}), kept as they came by adding them into the "
                             "frozen base, "
-                            "which base_quant=int8 stores quantized: add --set base_quant=none")
+                            "which base_quant=int8 stores quantized: add --set base_quant=fp8 (stored after they are "
+                            "added, one byte per weight as int8) or --set base_quant=none")
     assert check_init_lora(str(civitai["file"]), RANK, "tiny", quant="fp8").is_file()  # (fp8 is applied after it)
 
 
@@ -230,7 +231,8 @@ def test_a_kept_linear_is_never_added_into_an_int8_base(civitai, tmp_path, monke
         split_init_lora(make_pipeline(comps), civitai["file"], "my.safetensors")
     assert str(e.value) == ("--init-lora my.safetensors adapts 1 linear layer of the UNet this run does not train "
                             f"(e.g. '{KEPT[TIME][1]}'), kept as they came by adding them into the frozen base, which "
-                            "base_quant=int8 stores quantized: add --set base_quant=none")
+                            "base_quant=int8 stores quantized: add --set base_quant=fp8 (stored after they are "
+                            "added, one byte per weight as int8) or --set base_quant=none")
     assert torch.equal(_module(comps, "unet", KEPT[TIME][1]).get_base_layer().weight, codes)
 
 

@@ -148,7 +148,8 @@ def test_an_int8_base_refuses_a_kept_transformer_linear_before_the_model_loads(a
     first = "transformer.single_transformer_blocks.0.norm.linear.lora_A.weight"
     assert str(e.value) == (f"--init-lora {spec} adapts 4 linear layers of the transformer this run does not train "
                             f"(e.g. {quote(first)}), kept as they came by adding them into the frozen base, which "
-                            "base_quant=nf4 stores quantized: add --set base_quant=none")
+                            "base_quant=nf4 stores quantized: add --set base_quant=fp8 (stored after they are "
+                            "added, one byte per weight as int8) or --set base_quant=none")
     assert lora_file_ranks(ai_toolkit["file"], spec, flow=True, quant="fp8") == {RANK}  # (fp8: applied after)
     assert lora_file_ranks(ai_toolkit["file"], spec, flow=True) == {RANK}  # (the kept ones' rank 2: any rank)
 

@@ -222,11 +222,12 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
 def quantized_refusal(spec: str, linear: list[str], quant: str, flow: bool) -> str:
     """An ``--init-lora`` that adapts ``linear`` layers of the denoiser the run does not train (keys or module paths)
     when the base's linears are bitsandbytes' (``quant``: int8 or nf4): a kept layer's delta added to their codes
-    would be on the codes' scale, not the weights', and mostly rounded away."""
+    would be on the codes' scale, not the weights', and mostly rounded away. fp8 storage comes after the kept layers
+    are added (step/rollout.apply_memory_features), one byte per weight as int8's: the fix that still fits the card."""
     return (f"--init-lora {spec} adapts {len(linear)} linear layer{'s' if len(linear) > 1 else ''} of the "
             f"{'transformer' if flow else 'UNet'} this run does not train (e.g. {quote(linear[0])}), kept as they "
             f"came by adding them into the frozen base, which base_quant={quant} stores quantized: add --set "
-            "base_quant=none")
+            "base_quant=fp8 (stored after they are added, one byte per weight as int8) or --set base_quant=none")
 
 
 def _check_finite(file: Path, spec: str) -> None:
