@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from lowmem_alignprop.commands.lora_args import LoraSpec
 from lowmem_alignprop.commands.lora_formats import kohya_encoders_as_diffusers, ldm_unet_as_diffusers
+from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError
@@ -83,8 +84,8 @@ MISFIT_ERRORS = (RuntimeError, ValueError, KeyError, AssertionError, IndexError,
 def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
     """``pipe.load_lora_weights`` of ``file`` as adapter ``name`` (an SD3/FLUX pipeline: each part by diffusers' own
     loader of that part, the transformer's and the CLIP encoders' unless they were freed once the prompts were
-    encoded: :func:`_load_transformer_part`, :func:`load_encoder_part`; one path for sample, --init-lora, plan and
-    --merge); a file that does not fit (an error from diffusers or its converters, or fewer of its layers found than
+    encoded (:func:`load_encoder_part` loaded them before), the file read once: one path for sample, --init-lora, plan
+    and --merge); a file that does not fit (an error from diffusers or its converters, or fewer of its layers found than
     it has) raises one UserError line: ``flag`` does not fit this model, why, ``fix``."""
     peft_log = logging.getLogger("diffusers.loaders.peft")
     level = peft_log.level
@@ -98,9 +99,11 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
                 file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
             if getattr(pipe, "transformer", None) is not None:  # SD3/FLUX: part by part, where each part is
-                expected = _load_transformer_part(pipe, file, name, flag)
+                lora = _read_flow_lora(pipe, file, flag)  # (read once for both parts)
+                load_transformer_layers(pipe, lora, name)
+                expected = len(lora.layers("transformer."))
                 if not encoders_freed(pipe):  # (else its CLIP layers were loaded before the prompts were encoded)
-                    expected += load_encoder_part(pipe, file, name, flag, fix)
+                    expected += _load_encoder_layers(pipe, lora, name, flag, fix)
                 if not expected:  # (a LoRA of the CLIP encoders alone, loaded before the prompts were encoded)
                     return
             else:
@@ -120,14 +123,20 @@ def load_encoder_part(pipe, file: Path, name: str, flag: str, fix: str) -> int:
     pipeline's encoders as adapter ``name`` (models/flow_lora_parts.py; its transformer's load once the transformer is
     read: :func:`load_adapter_file`); returns how many. T5 layers (no diffusers loader reads them) and layers that do
     not fit the encoders raise one UserError line (``flag``, ``fix`` as :func:`load_adapter_file`'s)."""
-    from lowmem_alignprop.models.flow_lora_parts import load_encoder_layers, read_flow_lora, t5_refusal, \
-        unloaded_encoder_layers
-
     try:
-        lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
-        if t5 := unloaded_encoder_layers(type(pipe), lora):
-            raise UserError(t5_refusal(flag, t5[0]))
-        expected = len(lora.encoder_layers())
+        lora = _read_flow_lora(pipe, file, flag)
+    except MISFIT_ERRORS as e:
+        raise UserError(f"{flag} does not fit this model's text encoders: {misfit_detail(e)}; {fix}") from None
+    return _load_encoder_layers(pipe, lora, name, flag, fix)
+
+
+def _load_encoder_layers(pipe, lora, name: str, flag: str, fix: str) -> int:
+    """The CLIP layers of ``lora`` (:func:`_read_flow_lora`'s) loaded into the pipeline's encoders as adapter
+    ``name``; returns how many. Layers that do not fit raise one UserError line."""
+    from lowmem_alignprop.models.flow_lora_parts import load_encoder_layers
+
+    expected = len(lora.encoder_layers())
+    try:
         got = load_encoder_layers(pipe, lora, name) if expected else 0
     except MISFIT_ERRORS as e:
         raise UserError(f"{flag} does not fit this model's text encoders: {misfit_detail(e)}; {fix}") from None
@@ -160,18 +169,15 @@ def encoders_freed(pipe) -> bool:
         getattr(pipe, n, None) is None for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
 
 
-def _load_transformer_part(pipe, file: Path, name: str, flag: str) -> int:
-    """The transformer's layers of ``file`` loaded as adapter ``name`` (its CLIP encoders' layers, if any, were loaded
-    before the prompts were encoded: models/flow_lora_parts.py); returns how many layers it holds there. T5 layers
-    (no diffusers loader reads them) raise UserError."""
-    from lowmem_alignprop.models.flow_lora_parts import (load_transformer_layers, read_flow_lora, t5_refusal,
-                                                         unloaded_encoder_layers)
+def _read_flow_lora(pipe, file: Path, flag: str):
+    """``file`` read by the SD3/FLUX pipeline's own LoRA reader (models/flow_lora_parts.read_flow_lora), kohya's CLIP
+    names as diffusers' (:func:`_kohya_clip_read`); T5 layers (no diffusers loader reads them) raise UserError."""
+    from lowmem_alignprop.models.flow_lora_parts import read_flow_lora, t5_refusal, unloaded_encoder_layers
 
-    lora = read_flow_lora(type(pipe), file)
+    lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
     if t5 := unloaded_encoder_layers(type(pipe), lora):
         raise UserError(t5_refusal(flag, t5[0]))
-    load_transformer_layers(pipe, lora, name)
-    return len(lora.layers("transformer."))
+    return lora
 
 
 def mix_adapters(pipe, specs: list[LoraSpec]) -> None:

@@ -50,7 +50,7 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
 
     place = Placement(device, offload=cfg.offload_frozen)
     adapted = [s for s in specs if encoder_layers_in(s.file)]
-    prepare = [None] + ([lambda text_pipe: _load_encoder_adapters(text_pipe, specs)] if adapted else [])
+    prepare = [None] + ([lambda text_pipe: _load_encoder_adapters(text_pipe, adapted)] if adapted else [])
     embeds = encode_then_read(comps, place, device, cfg, prompts, weight_dtype, prepare=prepare)  # the trainer's order
     pipe = family.make_pipeline(comps)  # no text encoder: it is called with the cached embeddings
     pipe._lowmem_family = family
