@@ -383,17 +383,23 @@ def test_bad_input_a_comfyui_file_with_t5_layers_is_refused(with_clip, tmp_path,
         f"{t5}.lora_A.weight": torch.ones(2, 32), f"{t5}.lora_B.weight": torch.ones(32, 2)}
     file = tmp_path / "t5.safetensors"
     save_file(state, str(file))
-    out = tmp_path / "out"
-    for argv, label in (([*FLOW, "--model", str(with_clip["base"]), "--init-lora", str(file), "--steps", "1"],
-                         "--init-lora"),
-                        (["sample", "--profile", "cpu", "--model", str(with_clip["base"]), "--reward", "brightness",
-                          "--lora", str(file)], "--lora")):
-        assert main([*argv, "--output-dir", str(out)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    for label, err in _refused_by_init_lora_and_sample(main, with_clip["base"], file, tmp_path / "out", capsys):
         assert err == [f"error: {label} {file} adapts the T5 text encoder too (e.g. {quote(t5 + '.lora_A.weight')}), "
                        "which no LoRA loader of diffusers reads (they would be dropped without a word): pass a LoRA "
                        "without T5 layers (CLIP's and the transformer's apply)"], err
+
+
+def _refused_by_init_lora_and_sample(main, base, file, out, capsys) -> list[tuple[str, list[str]]]:
+    """``file`` given to a 1-step run as --init-lora and to `sample --lora` on ``base``: each exits 2 and leaves no
+    ``out``; returns (the option, its error: lines) of each."""
+    said = []
+    for argv, label in (([*FLOW, "--model", str(base), "--init-lora", str(file), "--steps", "1"], "--init-lora"),
+                        (["sample", "--profile", "cpu", "--model", str(base), "--reward", "brightness", "--lora",
+                          str(file)], "--lora")):
+        assert main([*argv, "--output-dir", str(out)]) == 2
+        said.append((label, [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]))
         assert not out.exists()
+    return said
 
 
 # CLIP layers a ComfyUI LoRA may hold that diffusers' readers have no name for (kohya_layers.comfy_encoder_name): the
@@ -431,18 +437,11 @@ def test_bad_input_a_comfyui_flow_file_with_a_clip_layer_diffusers_cannot_name_i
     case = with_clip if family == "flux" else sd3_comfy
     file = _with_unnamed_clip_layer(case, family, tmp_path, 1.0)
     key = quote(f"{_UNNAMED_CLIP[family]}.lora_down.weight")
-    out = tmp_path / "out"
-    for argv, label in (([*FLOW, "--model", str(case["base"]), "--init-lora", str(file), "--steps", "1"],
-                         "--init-lora"),
-                        (["sample", "--profile", "cpu", "--model", str(case["base"]), "--reward", "brightness",
-                          "--lora", str(file)], "--lora")):
-        assert main([*argv, "--output-dir", str(out)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    for label, err in _refused_by_init_lora_and_sample(main, case["base"], file, tmp_path / "out", capsys):
         assert err == [f"error: {label} {file} changes a text-encoder layer that diffusers' LoRA loader has no layer "
                        f"for (e.g. {key}): only the encoders' attention and MLP layers and CLIP-G's text_projection "
                        "(SDXL's and SD3's second encoder) are read; save it again without text_encoder_diff, or from "
                        "a fine-tune that left that layer as it was"], err
-        assert not out.exists()
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
