@@ -358,6 +358,28 @@ def test_a_lora_of_kept_layers_alone_says_none_train_from_it(civitai, tmp_path, 
            "starts at zero, as a fresh one)" in lines, lines  # (no "the KL starts above 0": the LoRA is at zero)
 
 
+def test_a_lora_at_zero_gets_no_kl_note(civitai, tmp_path, caplog, fresh_log_handlers):
+    """A LoRA whose trained layers are all zero (a fresh one's B, saved before its first step) starts the run at the
+    base: kl_coeff's "the KL starts above 0" would be false, so the start line does not say it."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.cli import main
+
+    at_zero = {k: (torch.zeros_like(v) if k.startswith(tuple(ATTENTION)) and "lora_up" in k else v)
+               for k, v in civitai["weights"].items() if k.startswith(tuple(ATTENTION))}
+    file = tmp_path / "at_zero.safetensors"
+    save_file(at_zero, str(file))
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=0",
+                     "--set", "kl_coeff=0.1", "--steps", "1", "--init-lora", str(file), "--output-dir",
+                     str(tmp_path / "run")]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting from")]
+    assert lines == [f"starting from the LoRA {file} (16 of the run's 32 layers; the other 16 (not in it) start at "
+                     "zero, as a fresh LoRA's)"], lines
+
+
 
 ATTN1 = "mid_block.attentions.0.transformer_blocks.0.attn1"
 

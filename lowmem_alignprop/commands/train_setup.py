@@ -251,7 +251,7 @@ class RunSetup:
             "the base model (its LoRA off)"
         log.info("starting from the LoRA %s (%s)%s", cfg.init_lora, taken,
                  f"; kl_coeff keeps the run near {base}, not near this LoRA: the KL starts above 0"
-                 if cfg.kl_coeff and copied else "")
+                 if cfg.kl_coeff and any(b.any() for _, b in split.trained.values()) else "")  # (a LoRA at zero: 0)
 
     def prompt_set(self) -> set[str]:
         """Every prompt the run will use: the encoder's set never grows (SD3/FLUX free their text encoders once it
