@@ -318,9 +318,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             raise failed  # under a launcher one rank's reward may fail alone: the others stop with it
         self.start_trackers()
         self.setup_sampling()
-        self.sample_before()  # from the untrained LoRA, so before a checkpoint is restored
-        self.fidelity_before = self.render_or_skip(  # the toy world's exact evaluators, likewise
-            self.judge, "judging the images before training", "a smaller --set fidelity_images")
+        self.render_before()  # the sample grid and the toy world's judged images of the untrained LoRA (a resume's read)
         # the ranks start their steps together: a Ctrl-C while rank 0 samples ends every rank as "interrupted" (the
         # others, already in a step, took it as a stop request and died in its collective with rank 0 gone)
         from lowmem_alignprop.run.distributed import wait_for_every_rank

@@ -11,7 +11,8 @@ import torch
 
 from lowmem_alignprop.memory import host_allocator
 from lowmem_alignprop.run import faults
-from lowmem_alignprop.run.filenames import SAMPLES_DIR, step_grid_name
+from lowmem_alignprop.run.before_images import before_key, read_before, write_before
+from lowmem_alignprop.run.filenames import BEFORE_FILE, SAMPLES_DIR, step_grid_name
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.commands.evaluation import EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, nonfinite_note, render_fixed_seed
@@ -33,8 +34,8 @@ class RunSamples:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
-    ``judge_prompts`` and ``before``, and its methods ``score``, ``render_or_skip``; sets ``before``,
-    ``samples_skipped`` and ``grid_of``."""
+    ``judge_prompts``, ``point``, ``render_together`` and ``before``, and its methods ``score``, ``render_or_skip``;
+    sets ``before``, ``fidelity_before``, ``samples_skipped`` and ``grid_of``."""
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
@@ -66,6 +67,28 @@ class RunSamples:
             place.park("vae", self.vae)
             place.park("reward", self.reward)
         return imgs.float().cpu(), r.cpu()
+
+    def render_before(self) -> None:
+        """The sample grid's images and the toy world's judged figures of the untrained LoRA (so before a checkpoint is
+        restored). A resume reads back those its run's start rendered with the same settings (samples/
+        before.safetensors: run/before_images.py) and renders the rest; under ZeRO-3 with several processes, which
+        render together, every start renders them."""
+        path = self.out / SAMPLES_DIR / BEFORE_FILE
+        key = before_key(self.cfg, self.sample_prompts, self.judge_prompts)
+        kept = read_before(path, key) if self.point is not None and self.is_main and not self.render_together else {}
+        if kept:
+            log.info("the images before training: read back from samples/%s (the run's start rendered them)",
+                     BEFORE_FILE)
+        if "samples" in kept:
+            self.before = kept["samples"]
+        else:
+            self.sample_before()
+        self.fidelity_before = kept["judged"] if "judged" in kept else self.render_or_skip(
+            self.judge, "judging the images before training", "a smaller --set fidelity_images")
+        rendered = ("samples" not in kept and self.before is not None) or \
+            ("judged" not in kept and self.fidelity_before is not None)
+        if self.is_main and rendered:  # (a resume's start renders them again only where they changed)
+            write_before(path, key, self.before, self.fidelity_before)
 
     def sample_before(self) -> None:
         cfg = self.cfg

@@ -23,6 +23,7 @@ CHECKPOINTS_DIR = "checkpoints"  # in the run folder: step-NNNNNNNN/ each
 SAMPLES_DIR = "samples"  # in the run folder: the before/after grid and --sample-every's
 GRID_FILE = "before_after.png"  # in samples/: before and after training, same seeds
 GRID_RECORD = "before_after.json"  # in samples/: the grid's prompts, seeds and rewards
+BEFORE_FILE = "before.safetensors"  # in samples/: the images before training, kept for a resume (run/before_images)
 
 
 def trained_dir(train_unet: str) -> str:

@@ -1,0 +1,72 @@
+"""The images a run renders before its first step, kept for its resumes (samples/before.safetensors): the sample
+grid's fixed-seed images and rewards, and the toy world's judged figures. They are of the untrained LoRA, so a resume
+with the same settings would render the same ones again: minutes for a large model on a small card (FLUX.1's 28
+steps a 1024 px image under block swap), at every start."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lowmem_alignprop.run import atomic
+from lowmem_alignprop.run.resume_rules import FREE_FIELDS
+
+log = logging.getLogger("lowmem_alignprop")
+
+
+def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str]) -> str:
+    """What the images before training depend on: every setting but those a resume changes silently (steps,
+    output_dir, ...: resume_rules.FREE_FIELDS; sample_prompts counts) and the prompts rendered. A resume that
+    changed any of them renders the images again."""
+    free = set(FREE_FIELDS) - {"sample_prompts"}
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in free}
+    text = json.dumps([values, sample_prompts, judge_prompts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_before(path: Path, key: str) -> dict:
+    """What :func:`write_before` kept at ``path`` for ``key``: "samples" (images in [0, 1], rewards) and "judged"
+    (the toy world's figures), each where it was rendered; {} for no file, another key, or a file that cannot be
+    read (a resume then renders them again)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return {}
+            kept = {"judged": json.loads(meta["judged"])} if "judged" in meta else {}
+            if "images" in f.keys():
+                kept["samples"] = (f.get_tensor("images").float() / 255, f.get_tensor("rewards"))
+    except Exception as e:  # a damaged file: worth a render, not the run
+        log.warning("%s cannot be read (%s): the images before training are rendered again", path,
+                    str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+        return {}
+    return kept
+
+
+def write_before(path: Path, key: str, samples: tuple[torch.Tensor, torch.Tensor] | None,
+                 judged: dict | None) -> None:
+    """Keep the images before training for a resume with the same ``key``: the sample grid's as 8-bit pixels (what
+    its PNG cells hold: the grid drawn from them is the same) with their rewards, the judged figures as JSON. A write
+    that fails (a full disk) is said and costs only that render at a resume."""
+    from safetensors.torch import save_file
+
+    tensors = {} if samples is None else {
+        "images": (samples[0].clamp(0, 1) * 255).round().to(torch.uint8).contiguous(),
+        "rewards": samples[1].float().contiguous()}
+    meta = {"key": key, **({"judged": json.dumps(judged)} if judged is not None else {})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as e:
+        log.warning("the images before training were not kept for a resume (%s): it renders them again",
+                    atomic.describe(e))

@@ -1,0 +1,92 @@
+"""The images before training are rendered once per run: a resume with the same settings reads them back from
+samples/before.safetensors (a large model's sample grid costs minutes at every start), one that changed how they are
+made renders them again, and a damaged file costs a render, not the run."""
+
+import json
+import logging
+
+import pytest
+from safetensors import safe_open
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.commands.train_samples import RunSamples
+from lowmem_alignprop.run.filenames import BEFORE_FILE, GRID_RECORD, SAMPLES_DIR
+
+# the toy world (the default model): two sample prompts and eight judged images, so both kinds are kept
+FAST = ["--model", "toy", "--profile", "cpu", "--seed", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
+        "--set", "batch_size=1", "--set", "fidelity_images=8", "--checkpoint-every", "1"]
+
+
+def _before(run) -> list[float]:
+    return [image["reward_before"] for image in json.loads((run / SAMPLES_DIR / GRID_RECORD).read_text())["images"]]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """A run of one step, its images before training kept; its grid's "before" rewards and judged figures."""
+    run = tmp_path_factory.mktemp("before") / "run"
+    assert main([*FAST, "--steps", "1", "--output-dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    return run, _before(run), summary["toy_world"]["before"]
+
+
+AFTER = ["render_samples", "judge"]  # the after samples and judged images: every start that ends the run renders them
+
+
+def _renders(monkeypatch) -> list[str]:
+    """Every render of fixed-seed images without gradient, by kind (before training and after)."""
+    calls = []
+    for name in ("render_samples", "judge"):
+        original = getattr(RunSamples, name)
+        monkeypatch.setattr(RunSamples, name, lambda self, _o=original, _n=name: calls.append(_n) or _o(self))
+    return calls
+
+
+def _resume(started, tmp_path, *extra):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(started[0], run)
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2", *extra]) == 0
+    return run
+
+
+def test_a_resume_reads_the_images_before_training_back(started, tmp_path, monkeypatch, caplog):
+    _, before, judged = started
+    with safe_open(str(started[0] / SAMPLES_DIR / BEFORE_FILE), "pt") as f:
+        assert sorted(f.keys()) == ["images", "rewards"] and f.get_slice("images").get_shape()[0] == 2
+        assert f.get_slice("images").get_dtype() == "U8"  # (the grid's pixels: 3 bytes a pixel, not 12)
+    renders = _renders(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        run = _resume(started, tmp_path)
+    assert renders == AFTER, renders  # before training: neither the grid's images nor the judged ones rendered again
+    assert "the images before training: read back from samples/before.safetensors (the run's start rendered " \
+           "them)" in caplog.messages
+    assert _before(run) == before  # the after grid's "before" row: the same rewards (and pixels, 8-bit as the PNG)
+    assert json.loads((run / "summary.json").read_text())["toy_world"]["before"] == judged
+
+
+def test_a_resume_that_changes_how_the_images_are_made_renders_them_again(started, tmp_path, monkeypatch):
+    renders = _renders(monkeypatch)
+    run = _resume(started, tmp_path, "--set", "sample_steps=4")
+    assert renders == ["render_samples", "judge", *AFTER], renders
+    assert _before(run) != started[1]  # 4 steps: other images
+    renders.clear()
+    assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "3"]) == 0
+    assert renders == AFTER, renders  # the file kept now is of the 4-step images
+
+
+def test_a_damaged_file_is_said_and_the_images_are_rendered_again(started, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(started[0], run)
+    kept = run / SAMPLES_DIR / BEFORE_FILE
+    kept.write_bytes(kept.read_bytes()[:100])  # (cut short: a disk that lost its tail)
+    renders = _renders(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 0
+    assert renders == ["render_samples", "judge", *AFTER], renders
+    assert any(m.startswith(f"{kept} cannot be read (") and m.endswith("): the images before training are rendered "
+                                                                      "again") for m in caplog.messages), caplog.messages
+    assert _before(run) == started[1]  # the same images, rendered
