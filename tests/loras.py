@@ -312,3 +312,18 @@ def clip_lora_parts(pipe, seed: int = 7) -> dict:
         parts[f"{encoder}_lora_layers"] = get_peft_model_state_dict(model)
         parts[f"{encoder}_lora_adapter_metadata"] = lora_metadata(config)
     return parts
+
+
+def warnings_of(call) -> list:
+    """The Python warnings ``call()`` (which must return True) raises, every one (simplefilter "always"). The CLI
+    sends warnings to its log (settings/quiet.py: logging.captureWarnings, once per process), which would hide them
+    from the record: that is set first, and catch_warnings(record=True) puts the record in its place."""
+    import warnings
+
+    from lowmem_alignprop.settings.quiet import quiet_libraries
+
+    quiet_libraries()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert call()
+    return caught

@@ -190,6 +190,23 @@ def test_clip_layers_encode_the_prompts_at_step_0_and_are_kept(with_clip, tmp_pa
                                     "text-encoder layers, 2 other transformer linears), fused into the frozen base")
 
 
+def test_plan_loads_an_init_lora_with_clip_layers_onto_the_meta_model_without_warnings(with_clip, capsys):
+    """plan --init-lora loads the LoRA (transformer, kept linears and CLIP-L's layers) onto the model built on meta
+    with its weights on meta too: torch warned once per weight ("copying from a non-meta parameter in the checkpoint
+    to a meta parameter ..., which is a no-op"), 20 lines a caller of plan saw for this tiny LoRA."""
+    from loras import warnings_of
+
+    from lowmem_alignprop.cli import main
+
+    caught = warnings_of(lambda: main(["plan", *FLOW, "--model", str(with_clip["base"]), "--init-lora",
+                                       str(with_clip["file"])]) == 0)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--init-lora")]
+    assert said == [f"--init-lora {with_clip['file']}: rank {RANK}, 8 layers; 12 more kept as they came, fused into "
+                    "the frozen base (no memory); training starts from it"], said
+    meta = [str(w.message) for w in caught if "meta parameter" in str(w.message)]
+    assert meta == [], f"{len(meta)} warnings: {meta[:2]}"
+
+
 def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path, capsys, monkeypatch):
     """End to end at lr 1e-30: the run's lora/ (CLIP-L's layers kept beside the transformer's) renders what its
     starting LoRA renders in a plain FluxPipeline, and so do its kohya export (CLIP-L as sd-scripts' lora_te1_, read

@@ -79,6 +79,14 @@ def t5_refusal(label: str, key: str) -> str:
             "apply)")
 
 
+def _onto(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``part`` as the LoRA's weights for ``model``: on the meta device where the model was built there (plan's
+    model: its shapes only), where copying real weights into its meta adapter is a no-op torch warns of per weight."""
+    if not next(model.parameters()).is_meta:
+        return part
+    return {k: v.to("meta") for k, v in part.items()}
+
+
 def load_encoder_layers(pipe, lora: FlowLora, name: str) -> int:
     """The LoRA's text-encoder layers loaded into the pipeline's encoders as adapter ``name`` (diffusers' loader);
     returns how many layers of the encoders now carry it."""
@@ -87,9 +95,9 @@ def load_encoder_layers(pipe, lora: FlowLora, name: str) -> int:
         encoder = getattr(pipe, encoder_name, None)
         if encoder is None or not lora.layers(f"{encoder_name}."):
             continue
-        cls.load_lora_into_text_encoder(lora.part(f"{encoder_name}."), network_alphas=lora.alphas, text_encoder=encoder,
-                                        prefix=encoder_name, adapter_name=name, metadata=lora.metadata,
-                                        _pipeline=pipe)
+        cls.load_lora_into_text_encoder(_onto(encoder, lora.part(f"{encoder_name}.")), network_alphas=lora.alphas,
+                                        text_encoder=encoder, prefix=encoder_name, adapter_name=name,
+                                        metadata=lora.metadata, _pipeline=pipe)
         count += sum(1 for m in encoder.modules() if name in getattr(m, "lora_A", {}))
     return count
 
@@ -99,8 +107,8 @@ def load_transformer_layers(pipe, lora: FlowLora, name: str) -> None:
     loaded before the prompts were encoded, or are not wanted)."""
     cls = type(pipe)
     kwargs = {"network_alphas": lora.alphas} if cls.__name__ == "FluxPipeline" else {}
-    cls.load_lora_into_transformer(lora.part("transformer."), transformer=pipe.transformer, adapter_name=name,
-                                   metadata=lora.metadata, _pipeline=pipe, **kwargs)
+    cls.load_lora_into_transformer(_onto(pipe.transformer, lora.part("transformer.")), transformer=pipe.transformer,
+                                   adapter_name=name, metadata=lora.metadata, _pipeline=pipe, **kwargs)
 
 
 def set_encoder_adapters(pipe, names: list[str], weights: list[float]) -> None:
