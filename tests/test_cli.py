@@ -274,6 +274,21 @@ def test_under_a_launcher_rank_0_alone_prints_an_input_error_and_other_errors_na
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the launcher's /proc/PID/cmdline")
+def test_reading_the_launchers_command_line_leaves_no_file_open(monkeypatch):
+    """Every run reads its parent's /proc/PID/cmdline: the file is closed (it raised "ResourceWarning: unclosed
+    file" for each train, resume and --eval-every run)."""
+    import warnings
+
+    from lowmem_alignprop.commands.train_cmd import warn_if_launcher_started_fewer_processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_launcher_started_fewer_processes()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the launcher's /proc/PID/cmdline")
 def test_a_launcher_that_started_one_process_of_several_is_pointed_out(monkeypatch, caplog):
     """`accelerate launch --cpu --num_processes 2` without --multi_gpu runs one plain process: the run says so."""
     import logging

@@ -59,7 +59,8 @@ def warn_if_launcher_started_fewer_processes() -> None:
     if world_size() > 1:
         return
     try:
-        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:  # (closed: a ResourceWarning else)
+            argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return  # not Linux, or no parent to read
     if not any("accelerate" in a for a in argv):
