@@ -64,12 +64,6 @@ def release_freed_tensors(threshold_kib: int) -> str:
             f"(freed tensors above {threshold_kib} KiB go back to the system)")
 
 
-def trim() -> bool:
-    """Give the free memory inside glibc's heaps back to the system now (``malloc_trim(0)``); False off glibc."""
-    libc = glibc()
-    return bool(libc is not None and libc.malloc_trim(0))
-
-
 class wider_threshold:
     """Inside the block (a no-grad render: the sample grid, the judged images) glibc keeps blocks up to ``kib`` in its
     heap instead of mapping and unmapping each one (each new mapping page-faults as it is first written); at the end
