@@ -35,7 +35,6 @@ class _EventAnalysis:
     calls: dict[str, int] = field(default_factory=dict)
     peak: int = 0  # max running total over the whole session (relative to its start)
     end: int = 0  # running total at the end: bytes allocated in the session and still alive
-    n_memory_events: int = 0
 
 
 def _analyse_events(events: Iterable[Any], names: set[str] | None = None) -> _EventAnalysis:
@@ -59,7 +58,7 @@ def _analyse_events(events: Iterable[Any], names: set[str] | None = None) -> _Ev
         elif e.is_user_annotation() and (names is None or name in names):
             ranges.setdefault(name, []).append((e.start_ns(), e.end_ns()))
 
-    out = _EventAnalysis(n_memory_events=len(times))
+    out = _EventAnalysis()
     t = np.asarray(times, dtype=np.int64)
     order = np.argsort(t, kind="stable")  # events of one thread come in order; keep ties as recorded
     t = t[order]
