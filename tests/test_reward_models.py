@@ -72,7 +72,7 @@ def images(batch=3, h=48, w=40, seed=0):
 @pytest.mark.parametrize("name", MODEL_REWARDS)
 def test_scores_and_gradients(dirs, name):
     reward = build_reward(name, weights=str(dirs[name]))
-    assert isinstance(reward, RewardModule) and reward.name == name and reward.higher_is_better
+    assert isinstance(reward, RewardModule) and reward.name == name
     assert not reward.training and all(not p.requires_grad for p in reward.parameters())
     x = images().requires_grad_(True)
     scores = reward(x, PROMPTS)

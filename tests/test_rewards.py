@@ -103,7 +103,7 @@ def test_registry_builds_each_named_reward(monkeypatch):
 @pytest.mark.parametrize("name", ["brightness", "colorfulness", "colourfulness", "jpeg_compressibility"])
 def test_weight_free_contract(name):
     reward = build_reward(name)
-    assert isinstance(reward, RewardModule) and reward.higher_is_better and reward.name
+    assert isinstance(reward, RewardModule) and reward.name
     assert not reward.training
     reward.train()
     assert not reward.training  # frozen rewards stay in eval mode

@@ -36,7 +36,6 @@ class RewardModule(torch.nn.Module):
     """
 
     name: str = "reward"
-    higher_is_better: bool = True
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
