@@ -392,16 +392,9 @@ def add_flow_lora(transformer, rank: int, alpha: float | None = None, seed: int 
                   layers: str = "attention") -> list[torch.nn.Parameter]:
     """peft LoRA adapters on the transformer's ``layers`` (models/lora_layers.py); only they train. Returns their
     parameters (fp32, whatever the transformer's dtype)."""
-    from lowmem_alignprop.models.lora_layers import lora_config
+    from lowmem_alignprop.models.lora_layers import add_adapter
 
-    transformer.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(lora_config(rank, alpha, layers, flow=True))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
+    return add_adapter(transformer, rank, alpha, seed, layers, flow=True)
 
 
 def save_flow_lora(pipeline_class, transformer, out_dir) -> None:

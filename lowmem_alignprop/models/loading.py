@@ -560,15 +560,9 @@ def set_attention(unet, vae, attention: str, device: torch.device) -> str:
 def add_lora(unet, rank: int, alpha: float | None, seed: int, layers: str = "attention") -> list[torch.nn.Parameter]:
     """Add peft LoRA adapters to the UNet's ``layers`` (models/lora_layers.py); only they train. Returns their
     parameters."""
-    from lowmem_alignprop.models.lora_layers import lora_config
+    from lowmem_alignprop.models.lora_layers import add_adapter
 
-    unet.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet.add_adapter(lora_config(rank, alpha, layers, flow=False))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights and their optimizer state stay fp32 for stable updates
+    params = add_adapter(unet, rank, alpha, seed, layers, flow=False)
     if getattr(unet, "is_loaded_in_4bit", False) or getattr(unet, "is_loaded_in_8bit", False):
         q.prepare_quantized_layers(unet)  # a quantized layer and its adapter share one fp16 input under autocast
     return params

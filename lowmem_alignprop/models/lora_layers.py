@@ -73,6 +73,22 @@ def lora_config(rank: int, alpha: float | None, layers: str, flow: bool):
                       exclude_modules=peft_exclude(targets))
 
 
+def add_adapter(model, rank: int, alpha: float | None, seed: int, layers: str, flow: bool) -> list:
+    """A fresh peft adapter (:func:`lora_config`) on ``model``'s ``layers``, drawn from ``seed`` without touching the
+    global RNG; only it trains. Returns its parameters, in fp32 whatever the model's dtype (the LoRA weights and
+    their optimizer state stay fp32 for stable updates)."""
+    import torch
+
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(lora_config(rank, alpha, layers, flow=flow))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
 def peft_exclude(targets) -> str | None:
     """peft's ``exclude_modules`` for ``targets``: the top-level ``proj_out`` when a block's ``proj_out`` is one."""
     return TOP_LEVEL_OUT if TOP_LEVEL_OUT in targets else None
