@@ -296,3 +296,17 @@ def test_a_flow_model_alone_is_scored_as_the_diffusers_pipeline_renders_it(model
     assert_rel_close(torch.tensor(scored), brightness(direct, prompts), REORDERED, "their rewards")
     assert all(p["lora"] is None and p["difference"] is None for p in r["per_prompt"]) and r["lora_mean"] is None
     assert r["base_mean"] == pytest.approx(sum(scored) / 4, abs=1e-7)
+
+
+@pytest.mark.parametrize("decode", [{}, {"sliced_decode": True, "tiled_decode": True}])
+def test_sample_pipeline_decodes_as_sliced_and_tiled_decode_ask(models, tiny_dir, decode):
+    """sample's pipeline, UNet and FLUX alike (flow_sample.set_decode): the VAE slices and tiles exactly when the
+    fields ask, and no progress bar is drawn."""
+    from lowmem_alignprop.commands.sample_pipeline import build_pipeline
+    from lowmem_alignprop.settings.config import Config
+
+    for model in (str(tiny_dir), str(models["flux"][0])):
+        cfg = Config(model=model, resolution=RES, max_sequence_length=MSL, **decode)
+        pipe = build_pipeline(cfg, torch.device("cpu"), torch.float32, prompts=["a cat"])
+        on = bool(decode)
+        assert (pipe.vae.use_slicing, pipe.vae.use_tiling, pipe._progress_bar_config) == (on, on, {"disable": True})

@@ -56,13 +56,19 @@ def build_flow_pipeline(cfg, comps, family, device: torch.device, weight_dtype: 
     pipe._lowmem_family = family
     pipe._lowmem_flow = FlowSampling(family, comps, embeds[0], place, device, dtype=weight_dtype,
                                      adapted=embeds[1] if adapted else None)
+    set_decode(pipe, cfg)
+    place.park("vae", pipe.vae)  # offload_frozen: on the CPU until the decode
+    return pipe
+
+
+def set_decode(pipe, cfg) -> None:
+    """``sample``'s pipeline, UNet or flow model (sample_pipeline.build_pipeline): no progress bar, and the VAE
+    decoding as ``sliced_decode`` and ``tiled_decode`` ask."""
     pipe.set_progress_bar_config(disable=True)
     if cfg.sliced_decode:
         pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
     if cfg.tiled_decode:
         pipe.vae.enable_tiling()  # decode in tiles: activations of one tile, not the whole image
-    place.park("vae", pipe.vae)  # offload_frozen: on the CPU until the decode
-    return pipe
 
 
 def encoder_layers_in(file) -> int:

@@ -25,12 +25,8 @@ def build_pipeline(cfg, device: torch.device, weight_dtype: torch.dtype, prompts
     pipe = family.make_pipeline(comps)
     pipe._lowmem_revision = comps.revision
     pipe._lowmem_family = family  # generate() calls the flow pipelines with their own arguments
-    pipe.set_progress_bar_config(disable=True)
-    if cfg.sliced_decode:
-        pipe.vae.enable_slicing()  # decode one image at a time: the decoder's activations exist for one image
-    if cfg.tiled_decode:
-        pipe.vae.enable_tiling()  # decode in tiles: activations of one tile, not the whole image
-    if cfg.attention == "sliced" and not family.flow:
+    flow_sample.set_decode(pipe, cfg)
+    if cfg.attention == "sliced":
         pipe.unet.set_attention_slice("auto")  # one attention slice at a time: lowest memory, slowest
     if cfg.offload_frozen and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)  # only the running module (text encoder/UNet/VAE) on the GPU
