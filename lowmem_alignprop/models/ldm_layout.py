@@ -119,17 +119,17 @@ def open_clip_to_ldm(sd: dict, prefix: str = "cond_stage_model.model.") -> dict:
     return out
 
 
-def pipeline_to_ldm(pipe, open_clip: bool | None = None) -> dict:
-    """One LDM-layout state dict for a StableDiffusion(XL)Pipeline (SD1 CLIP-L, SD2 OpenCLIP or SDXL both).
-    ``open_clip``: the text encoder in SD 2.x's OpenCLIP layout; None: when the UNet's cross-attention is 1024 wide
-    (SD 2.x) and the model is no SDXL."""
+def pipeline_to_ldm(pipe) -> dict:
+    """One LDM-layout state dict for a StableDiffusion(XL)Pipeline (SD1 CLIP-L, SD2 OpenCLIP or SDXL both): the
+    text encoder in SD 2.x's OpenCLIP layout when the UNet's cross-attention is 1024 wide (SD 2.x) and the model is
+    no SDXL."""
     sd = {}
     sd.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     sd.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
     if getattr(pipe, "text_encoder_2", None) is not None:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
         sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
-    elif open_clip or (open_clip is None and pipe.unet.config.cross_attention_dim == 1024):
+    elif pipe.unet.config.cross_attention_dim == 1024:
         sd.update(open_clip_to_ldm(pipe.text_encoder.state_dict()))
     else:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict()))
