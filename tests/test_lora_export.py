@@ -28,6 +28,8 @@ from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
 
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")  # each layer's keys in a kohya file
+
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory, tiny_dir):
@@ -105,13 +107,13 @@ def test_kohya_keys_are_what_comfyui_maps(case, tmp_path):
     assert len(names) == len(case["modules"]) == len(keys) // 3
     assert names == {"lora_unet_" + m.replace(".", "_") for m in case["modules"]}
     for name in names:
-        assert {f"{name}{s}" for s in formats.KOHYA_SUFFIXES} <= keys
+        assert {f"{name}{s}" for s in KOHYA_SUFFIXES} <= keys
         assert name in key_map, f"{name}: ComfyUI has no UNet weight of that name"
         weight = base[key_map[name]]
-        down, up, alpha = (tensors[f"{name}{s}"] for s in formats.KOHYA_SUFFIXES)
+        down, up, alpha = (tensors[f"{name}{s}"] for s in KOHYA_SUFFIXES)
         assert down.shape == (RANK, weight.shape[1]) and up.shape == (weight.shape[0], RANK)
         assert alpha.ndim == 0 and alpha.item() == ALPHA  # scale alpha / dim = 8 / 4, as trained
-    assert all(k.startswith("lora_unet_") and k.endswith(formats.KOHYA_SUFFIXES) for k in keys)
+    assert all(k.startswith("lora_unet_") and k.endswith(KOHYA_SUFFIXES) for k in keys)
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
     assert meta["ss_network_module"] == "networks.lora"
     # the LoRA it was made from, by its weights' digest (a merged model that holds it refuses the file shared alone)

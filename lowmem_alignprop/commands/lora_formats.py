@@ -28,7 +28,6 @@ from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
 
 PEFT_PREFIX = "base_model.model."
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
