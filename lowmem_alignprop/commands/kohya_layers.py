@@ -53,6 +53,18 @@ def unchanged_layer(tensors, key: str) -> bool:
     return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
 
 
+# ComfyUI's extract node's full weight and bias differences (lora_type full_diff, bias_diff): no LoRA loader applies
+# them (diffusers' SD3 and UNet readers refuse the file, its FLUX reader drops the changing ones with a log line)
+WEIGHT_DIFFERENCES = (".diff", ".diff_b")
+
+
+def weight_difference_refusal(key: str) -> str:
+    """Why a LoRA file holding ComfyUI's full weight or bias difference ``key`` that changes the model is refused,
+    and what to do: to follow the option and its value (a UNet LoRA's and an SD3/FLUX one's alike)."""
+    return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / lora_up: "
+            "extract it again with lora_type standard and bias_diff off")
+
+
 def comfy_encoder_refusal(key: str) -> str:
     """Why a ComfyUI LoRA's text-encoder layer ``key`` that :func:`comfy_encoder_name` has no name for, and that
     changes the model (not :func:`unchanged_layer`), is refused, and what to do: to follow the option and its value

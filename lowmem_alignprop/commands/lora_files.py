@@ -590,7 +590,7 @@ def shared_base_record(record: dict[str, Any]) -> dict[str, Any]:
 # LyCORIS's own weights (a1111's and ComfyUI's LyCORIS loaders read them; diffusers' LoRA reader reads none): kind, by
 # the name after the layer's
 _LYCORIS = (("LoHa", re.compile(r"\.hada_(w[12]_[ab]|t[12])$")), ("LoKr", re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$")),
-            ("OFT", re.compile(r"\.oft_(blocks|diag)$")))  # (.diff/.diff_b: diffusers reads FLUX's)
+            ("OFT", re.compile(r"\.oft_(blocks|diag)$")))  # (.diff/.diff_b: kohya_layers.WEIGHT_DIFFERENCES)
 
 
 def lycoris_kind(keys) -> str | None:

@@ -18,9 +18,10 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  shared_image_settings, shared_name, shared_reward, temporary_folder,
                                                  v_prediction, zero_terminal_snr)
-from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, alphas_folded,
-                                                    comfy_encoder_name, comfy_encoder_refusal, diffusers_parts,
-                                                    every_alpha_folded, lora_suffix, unchanged_layer)
+from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
+                                                    alphas_folded, comfy_encoder_name, comfy_encoder_refusal,
+                                                    diffusers_parts, every_alpha_folded, lora_suffix, unchanged_layer,
+                                                    weight_difference_refusal)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
@@ -426,9 +427,8 @@ def ldm_unet_refusal(tensors) -> str | None:
     instead, to follow the option and its value in one line; None where it holds LoRA layers only."""
     if (key := ldm_unet_unreadable(tensors)) is None:
         return None
-    if key.endswith((".diff", ".diff_b")):
-        return (f"holds ComfyUI's full weight or bias differences (e.g. {quote(key)}), not a LoRA's lora_down / "
-                "lora_up: extract it again with lora_type standard and bias_diff off")
+    if key.endswith(WEIGHT_DIFFERENCES):
+        return weight_difference_refusal(key)
     if key.startswith(COMFY_ENCODER_PREFIX) and lora_suffix(key):
         return comfy_encoder_refusal(key)
     return f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain LoRA"
