@@ -13,8 +13,8 @@ from lowmem_alignprop.commands.train_samples import RunSamples
 from lowmem_alignprop.run.filenames import BEFORE_FILE, GRID_RECORD, SAMPLES_DIR
 
 # the toy world (the default model): two sample prompts and eight judged images, so both kinds are kept
-FAST = ["--model", "toy", "--profile", "cpu", "--seed", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
-        "--set", "batch_size=1", "--set", "fidelity_images=8", "--checkpoint-every", "1"]
+FAST = ["--model", "toy", "--profile", "cpu", "--seed", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3",
+        "--set", "k=1", "--set", "batch_size=1", "--set", "fidelity_images=8", "--checkpoint-every", "1"]
 
 
 def _before(run) -> list[float]:
@@ -87,6 +87,33 @@ def test_a_damaged_file_is_said_and_the_images_are_rendered_again(started, tmp_p
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main(["--resume", "latest", "--output-dir", str(run), "--steps", "2"]) == 0
     assert renders == ["render_samples", "judge", *AFTER], renders
-    assert any(m.startswith(f"{kept} cannot be read (") and m.endswith("): the images before training are rendered "
-                                                                      "again") for m in caplog.messages), caplog.messages
+    said = "): the images before training are rendered again"
+    assert any(m.startswith(f"{kept} cannot be read (") and m.endswith(said) for m in caplog.messages), caplog.messages
     assert _before(run) == started[1]  # the same images, rendered
+
+
+def test_a_full_disk_while_the_images_are_kept_is_said_and_costs_only_a_render(tmp_path, caplog):
+    """safetensors says a failed write (a full disk, a file-size limit) in a SafetensorError of its own, not an
+    OSError: the run's start died of it. It is said in one line; the earlier file and no temporary one stay."""
+    import resource
+    import signal
+
+    import torch
+
+    from lowmem_alignprop.run import atomic
+    from lowmem_alignprop.run.before_images import read_before, write_before
+
+    path = tmp_path / SAMPLES_DIR / BEFORE_FILE
+    images = torch.rand(2, 3, 64, 64), torch.tensor([0.5, 0.25])
+    write_before(path, "a", images, {"reward": 0.5})
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # (a real limit: the write itself fails)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            write_before(path, "b", images, {"reward": 0.5})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert caplog.messages == ["the images before training were not kept for a resume (File too large): it renders "
+                               "them again"]
+    assert read_before(path, "a")["judged"] == {"reward": 0.5} and atomic.leftovers(tmp_path) == []

@@ -67,6 +67,8 @@ def write_before(path: Path, key: str, samples: tuple[torch.Tensor, torch.Tensor
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - safetensors says a full disk in a SafetensorError of its own
+        if (failed := atomic.write_failure(e, path.parent)) is None:
+            raise
         log.warning("the images before training were not kept for a resume (%s): it renders them again",
-                    atomic.describe(e))
+                    atomic.describe(failed))
