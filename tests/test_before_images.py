@@ -117,3 +117,36 @@ def test_a_full_disk_while_the_images_are_kept_is_said_and_costs_only_a_render(t
     assert caplog.messages == ["the images before training were not kept for a resume (File too large): it renders "
                                "them again"]
     assert read_before(path, "a")["judged"] == {"reward": 0.5} and atomic.leftovers(tmp_path) == []
+
+
+def test_a_reward_file_edited_before_a_resume_scores_the_images_before_training_again(tmp_path, monkeypatch):
+    """The same --reward whose file was edited since (a fix of a failure, as its line invites) is another reward, as
+    the resume's own rule counts it (rewards.reward_source_digest): the kept "before" rewards were the old file's
+    (x100), beside "after" rewards of the new one. The images are rendered and scored again."""
+    import sys
+
+    reward = tmp_path / "mine.py"
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3)) * 100\n")
+    run = tmp_path / "run"
+    args = [*FAST, "--reward", f"{reward}:score", "--output-dir", str(run)]
+    assert main([*args, "--steps", "1"]) == 0
+    assert min(_before(run)) > 1
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
+    for name in [n for n in sys.modules if n.startswith("lowmem_alignprop_user_reward_mine_")]:
+        del sys.modules[name]  # (a process loads a reward file once: the next command's process reads it again)
+    renders = _renders(monkeypatch)
+    assert main([*args, "--steps", "2", "--resume", "latest"]) == 0
+    assert renders == ["render_samples", "judge", *AFTER], renders
+    assert max(_before(run)) < 1  # the new file's scores of the images before training
+
+
+def test_a_resume_under_other_software_renders_the_images_before_training_again(started, tmp_path, monkeypatch):
+    """Another diffusers (its schedulers' steps) or another device renders other images: the resume records the
+    change (run/software.py), and its "before" row is what this software renders, not what the old one did."""
+    from lowmem_alignprop.run import software
+
+    real = software.library_versions
+    monkeypatch.setattr(software, "library_versions", lambda *a: {**real(*a), "diffusers": "99.0"})
+    renders = _renders(monkeypatch)
+    _resume(started, tmp_path)
+    assert renders == ["render_samples", "judge", *AFTER], renders

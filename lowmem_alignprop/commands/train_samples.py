@@ -34,8 +34,8 @@ class RunSamples:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
-    ``judge_prompts``, ``point``, ``render_together`` and ``before``, and its methods ``score``, ``render_or_skip``;
-    sets ``before``, ``fidelity_before``, ``samples_skipped`` and ``grid_of``."""
+    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha`` and ``before``, and its methods ``score``,
+    ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped`` and ``grid_of``."""
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
@@ -74,7 +74,7 @@ class RunSamples:
         before.safetensors: run/before_images.py) and renders the rest; under ZeRO-3 with several processes, which
         render together, every start renders them."""
         path = self.out / SAMPLES_DIR / BEFORE_FILE
-        key = before_key(self.cfg, self.sample_prompts, self.judge_prompts)
+        key = before_key(self.cfg, self.sample_prompts, self.judge_prompts, self.reward_sha, self.device)
         kept = read_before(path, key) if self.point is not None and self.is_main and not self.render_together else {}
         if kept:
             log.info("the images before training: read back from samples/%s (the run's start rendered them)",
