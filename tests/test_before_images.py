@@ -150,3 +150,26 @@ def test_a_resume_under_other_software_renders_the_images_before_training_again(
     renders = _renders(monkeypatch)
     _resume(started, tmp_path)
     assert renders == ["render_samples", "judge", *AFTER], renders
+
+
+def test_a_resume_that_changes_only_how_training_goes_reads_the_images_back_as_rendered(started, tmp_path,
+                                                                                        monkeypatch):
+    """lr, K, --sample-every: what only training reads (settings.config.TRAINING_ONLY) leaves the untrained LoRA's
+    images as they were, so they are read back (each such change cost a large model's render at every start); and
+    the grids drawn from them (--sample-every's, before_after.png) are pixel for pixel a fresh render's."""
+    import shutil
+
+    from PIL import Image
+
+    changes = ["--set", "lr=0.002", "--set", "k=2", "--sample-every", "1", "--set", "kl_coeff=0.1"]
+    renders = _renders(monkeypatch)
+    run = _resume(started, tmp_path, *changes)
+    assert renders == AFTER, renders  # (step 2's grid is the after one: rendered once)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(started[0], fresh)
+    (fresh / SAMPLES_DIR / BEFORE_FILE).unlink()
+    assert main(["--resume", "latest", "--output-dir", str(fresh), "--steps", "2", *changes]) == 0
+    for name in ("step-000002.png", "before_after.png"):
+        ours, theirs = (Image.open(r / SAMPLES_DIR / name) for r in (run, fresh))
+        assert ours.tobytes() == theirs.tobytes(), name
+    assert _before(run) == _before(fresh) == started[1]

@@ -14,20 +14,22 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.run import atomic, software
-from lowmem_alignprop.run.resume_rules import FREE_FIELDS
+from lowmem_alignprop.run.resume_rules import FREE_FIELDS, STRICT_FIELDS
+from lowmem_alignprop.settings.config import TRAINING_ONLY
 
 log = logging.getLogger("lowmem_alignprop")
 
 
 def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str], reward_sha: str | None,
                device: torch.device | str) -> str:
-    """What the images before training depend on: every setting but those a resume changes silently (steps,
-    output_dir, ...: resume_rules.FREE_FIELDS; sample_prompts counts), the prompts rendered, the reward's source
-    (``reward_sha``: rewards.reward_source_digest, whose change a resume counts as another reward) and the software
-    and device that render them (run/software.py's, whose change a resume records). A resume that changed any of
-    them renders the images again."""
-    free = set(FREE_FIELDS) - {"sample_prompts"}
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in free}
+    """What the images before training depend on: the settings but those a resume changes silently (steps,
+    output_dir, ...: resume_rules.FREE_FIELDS) and those only training reads (lr, k, sample_every...:
+    settings.config.TRAINING_ONLY, but the untrained LoRA's: STRICT_FIELDS and init_lora), the prompts rendered, the
+    reward's source (``reward_sha``: rewards.reward_source_digest, whose change a resume counts as another reward) and
+    the software and device that render them (run/software.py's, whose change a resume records). A resume that
+    changed any of them renders the images again."""
+    ignored = (set(FREE_FIELDS) | TRAINING_ONLY) - set(STRICT_FIELDS) - {"init_lora"}
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored}
     text = json.dumps([values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device)],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
