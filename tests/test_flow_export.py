@@ -142,6 +142,7 @@ def test_sample_of_a_flux_lora_with_modulation_layers_applies_each_as_diffusers_
     alpha, alpha = rank). It was refused: "adapts 'lora_unet_double_blocks_0_img_mod_lin', a layer lowmem-alignprop
     does not train"."""
     from flowmodels import build_tiny_flux_pipeline
+    from loras import warnings_of
     from safetensors.torch import save_file
 
     from lowmem_alignprop.commands.adapters import load_adapters
@@ -171,9 +172,12 @@ def test_sample_of_a_flux_lora_with_modulation_layers_applies_each_as_diffusers_
         for part, block in zip(parts, (alpha / 2 * up @ down).chunk(len(parts))):
             want[part] = block
     save_file(tensors, str(tmp_path / "flux.safetensors"))
-    load_adapters(pipe, [parse_lora(str(tmp_path / "flux.safetensors"), 0)], "tiny-flux")
+    caught = warnings_of(lambda: load_adapters(pipe, [parse_lora(str(tmp_path / "flux.safetensors"), 0)],
+                                               "tiny-flux") is None)
     loaded = {n: m for n, m in pipe.transformer.named_modules() if "lora0" in getattr(m, "lora_A", {})}
     assert sorted(loaded) == sorted(want)
+    # the rewritten file's header names its own layers: to_q & co. as suffixes named the single block's too
+    assert [str(w.message) for w in caught if "PEFT config" in str(w.message)] == []
     for name, m in loaded.items():
         got = m.scaling["lora0"] * m.lora_B["lora0"].weight @ m.lora_A["lora0"].weight
         assert relative_difference(got, want[name]) < 1e-6, name

@@ -344,8 +344,9 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
         # transformers 4 or 5 (CLIP's text_model. level or none)
         other = {f"^{EITHER_TEXT_MODEL if part != 'transformer' else ''}{m.removeprefix(TEXT_MODEL)}": r
                  for m, r in ranks.items() if r != common}
-        targets = sorted({k.removesuffix(".lora_A.weight").split(".attn.")[-1] if part == "transformer" else
-                          k.removesuffix(".lora_A.weight").removeprefix(TEXT_MODEL) for k in named if ".lora_A." in k})
+        # the file's own layers by path: a suffix (to_q) would name every block's, which peft (reading the state
+        # dict) leaves out but warns of ("The PEFT config contained these additional target modules")
+        targets = sorted({k.removesuffix(".lora_A.weight").removeprefix(TEXT_MODEL) for k in named if ".lora_A." in k})
         # the loaders' alpha / rank is folded into each lora_B: saved with alpha = rank (peft's scale 1)
         layers[f"{part}_lora_layers"] = named
         layers[f"{part}_lora_adapter_metadata"] = lora_metadata(LoraConfig(
