@@ -468,10 +468,15 @@ def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
 
 
 def test_diffusers_export_loads_in_its_pipeline(case, tmp_path):
+    """...and without peft's "PEFT config contained these additional target modules: ['proj_out']" (a run of
+    lora_layers=attention+ff: the header named the blocks' proj_out by a suffix, the transformer's last layer's too)."""
+    from loras import warnings_of
+
     out = export(tmp_path, case["lora"])
     pipe = _classes(case["family"])[0].from_pretrained(case["base"])
-    pipe.load_lora_weights(str(out))
+    caught = warnings_of(lambda: pipe.load_lora_weights(str(out)) is None)
     assert_rel_close(transformer_out(pipe.transformer), case["ref"], SAME_OPS, "diffusers export")
+    assert [str(w.message) for w in caught if "PEFT config" in str(w.message)] == []
 
 
 def test_merged_model_is_base_plus_lora(case, tmp_path):

@@ -29,6 +29,36 @@ def test_lora_metadata_writes_sets_sorted_whatever_their_iteration_order():
                                        "alpha_pattern": {}}
 
 
+def test_the_diffusers_header_names_the_blocks_proj_out_by_path_and_not_the_top_level_one():
+    """lora_layers=attention+ff on SD3/FLUX: ``proj_out`` (FLUX's single blocks') is a target whose exclusion keeps
+    the transformer's last layer out; the header (no exclude_modules: peft warns of one that excluded nothing) named
+    it by that suffix, which matches the top-level proj_out too (peft: "The PEFT config contained these additional
+    target modules: ['proj_out']"). It names the adapted blocks' by path: none on SD3; peft's own file keeps both."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from lowmem_alignprop.models.lora_layers import lora_config
+
+    config = lora_config(4, 8.0, "attention+ff", flow=True)
+    flux = {f"{m}.lora_{ab}.weight": torch.zeros(1) for m in ("transformer_blocks.0.ff.net.2", "single_transformer_"
+            "blocks.0.proj_out", "single_transformer_blocks.1.proj_out", "single_transformer_blocks.0.proj_mlp")
+            for ab in "AB"}
+    out = lora_metadata(config, layers=flux)
+    assert sorted(set(out["target_modules"]) - set(config.target_modules)) == [
+        "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
+    assert sorted(set(config.target_modules) - set(out["target_modules"])) == ["proj_out"]
+    assert "exclude_modules" not in out
+    read = LoraConfig(**{k: v for k, v in out.items() if k != "peft_type"})
+    matched = [m for m in ("proj_out", "single_transformer_blocks.1.proj_out", "transformer_blocks.0.ff.net.2",
+                           "single_transformer_blocks.1.proj_mlp") if check_target_module_exists(read, m)]
+    assert matched == ["single_transformer_blocks.1.proj_out", "transformer_blocks.0.ff.net.2",
+                       "single_transformer_blocks.1.proj_mlp"]
+    sd3 = {k: v for k, v in flux.items() if k.startswith("transformer_blocks.")}
+    assert "proj_out" not in lora_metadata(config, layers=sd3)["target_modules"]
+    peft_file = lora_metadata(config, peft_file=True, layers=flux)
+    assert "proj_out" in peft_file["target_modules"] and peft_file["exclude_modules"] == "proj_out"
+
+
 def test_lora_with_alpha_unlike_rank_keeps_its_scale_through_diffusers(tiny_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 

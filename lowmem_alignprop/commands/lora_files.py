@@ -86,8 +86,12 @@ class Lora:
     @property
     def adapted_targets(self) -> list[str]:
         """The config's target names that name adapted layers (an SD3 LoRA of lora_layers=attention+ff: not FLUX's
-        proj_mlp and block proj_out, which SD3 has none of), sorted: what the card and the kohya header list."""
-        targets = self.config.get("target_modules") or []
+        proj_mlp and block proj_out, which SD3 has none of), sorted: what the card and the kohya header list. The
+        blocks' proj_out, which the header names by path (lora_metadata: not the top-level one), is proj_out."""
+        from lowmem_alignprop.models.lora_layers import TOP_LEVEL_OUT
+
+        targets = {TOP_LEVEL_OUT if t.endswith(f".{TOP_LEVEL_OUT}") else t
+                   for t in self.config.get("target_modules") or []}
         return sorted(t for t in targets if any(m == t or m.endswith(f".{t}") for m in self.modules))
 
     @property

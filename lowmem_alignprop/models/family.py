@@ -205,8 +205,8 @@ class FlowFamily(UNetFamily):
         from lowmem_alignprop.models.kept_lora import save_with_kept
         from lowmem_alignprop.models.lora_metadata import lora_metadata
         bare = flow._bare(model)
-        save_with_kept(pipeline_class, out_dir, layers, lora_metadata(bare.peft_config["default"]), kept or {},
-                       denoiser="transformer")
+        save_with_kept(pipeline_class, out_dir, layers, lora_metadata(bare.peft_config["default"], layers=layers),
+                       kept or {}, denoiser="transformer")
 
     def resolution_note(self, cfg) -> str | None:
         # FLUX.1's config has no sample_size: it was trained at 1024 px (128 latent cells)

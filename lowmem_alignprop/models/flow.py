@@ -409,4 +409,5 @@ def save_flow_lora(pipeline_class, transformer, out_dir) -> None:
     bare = _bare(transformer)
     layers = get_peft_model_state_dict(bare)
     pipeline_class.save_lora_weights(str(out_dir), transformer_lora_layers=layers,
-                                     transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"]))
+                                     transformer_lora_adapter_metadata=lora_metadata(bare.peft_config["default"],
+                                                                                     layers=layers))

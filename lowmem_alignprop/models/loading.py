@@ -618,7 +618,8 @@ def write_checkpoint_lora(checkpoint: Path, folder: Path) -> Path:
     kept = read_kept(None, folder=checkpoint)
     if flow:
         from diffusers import StableDiffusion3Pipeline  # FluxPipeline writes the same keys and header
-        save_with_kept(StableDiffusion3Pipeline, folder, weights, lora_metadata(config), kept, denoiser="transformer")
+        save_with_kept(StableDiffusion3Pipeline, folder, weights, lora_metadata(config, layers=weights), kept,
+                       denoiser="transformer")
     else:
         from diffusers import StableDiffusionXLPipeline  # (the one with SDXL's second text encoder's argument)
         writer = StableDiffusionXLPipeline if any(k.startswith("text_encoder_2.") for k in kept) else \
