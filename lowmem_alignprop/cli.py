@@ -123,9 +123,9 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """train's and plan's arguments, with the flags of a run's config fields that have no FLAG_FIELDS entry (plan
-    takes a training command's as they are), passed on as --set."""
+def add_run_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """train's and plan's options of a run's config fields that have no FLAG_FIELDS entry (plan takes a training
+    command's as they are): :func:`parse_run_args` passes them on as --set."""
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, metavar="N", help="render the sample grid's fixed-seed prompts every N "
                    "steps: samples/step-NNNNNN.png, their rewards in metrics.jsonl, the images to --report-to")
@@ -133,6 +133,12 @@ def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Name
                    "a diffusers or kohya .safetensors, a peft folder) instead of a fresh one; its layers the run does "
                    "not train (text encoders, convolutions, other linears) are kept as they came, fused into the base "
                    "(plan checks it as training does)")
+    return p
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """train's and plan's arguments (``p``: :func:`train_parser` or :func:`plan_parser`), the options of
+    :func:`add_run_options` passed on as --set."""
     args = p.parse_args(argv)
     for flag in ("checkpoint_every", "sample_every", "init_lora"):
         if getattr(args, flag) is not None:
@@ -166,7 +172,7 @@ def parse_snapshot(spec: str | None) -> tuple[int, int] | None:
     return lo, hi
 
 
-def cmd_train(argv: list[str]) -> int:
+def train_parser() -> argparse.ArgumentParser:
     p = common_parser("lowmem-alignprop", "Align a text-to-image diffusion model to a differentiable reward with "
                                           "AlignProp, within your GPU's memory.\n\n" + COMMAND_LIST)
     p.add_argument("--memory-snapshot", metavar="STEPS",
@@ -181,7 +187,11 @@ def cmd_train(argv: list[str]) -> int:
                    "continue")
     p.add_argument("--push-to-hub", metavar="REPO", help="at the end, upload the LoRA's export with its model card to "
                    "this hub repository (owner/name); checked before training starts")
-    args = parse_run_args(p, argv)
+    return add_run_options(p)
+
+
+def cmd_train(argv: list[str]) -> int:
+    args = parse_run_args(train_parser(), argv)
     if args.push_to_hub is not None:
         args.set.append(f"push_to_hub={args.push_to_hub}")
     if args.auto_fit:
@@ -259,14 +269,18 @@ def auto_here() -> str:
     return name
 
 
-def cmd_profiles(argv: list[str]) -> int:
-    from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
-
+def profiles_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="lowmem-alignprop profiles", description="List the shipped hardware profiles and "
                             "recipes; with a NAME, print that one's file (every field it sets, with why) to copy and "
                             "edit: lowmem-alignprop profiles rtx3060 > mine.yaml, then --profile mine.yaml.")
     parser.add_argument("name", nargs="?", help="a shipped profile or recipe to print")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cmd_profiles(argv: list[str]) -> int:
+    from lowmem_alignprop.settings.profiles import describe, load_profile, shipped_profiles
+
+    args = profiles_parser().parse_args(argv)
     from lowmem_alignprop.settings.config import shipped_recipes
 
     profiles, recipes = shipped_profiles(), shipped_recipes()
@@ -308,12 +322,7 @@ def cmd_profiles(argv: list[str]) -> int:
     return 0
 
 
-def cmd_plan(argv: list[str]) -> int:
-    """``lowmem-alignprop plan``: the same options as training, plus --json and --device
-    (:func:`lowmem_alignprop.commands.plan_cmd.plan_main` plans and prints)."""
-    import time
-
-    started = time.perf_counter()
+def plan_parser() -> argparse.ArgumentParser:
     p = common_parser("lowmem-alignprop plan", "Estimate the peak memory of each stage of a training step on the "
                                                "target GPU, without a GPU and without weights, and say whether it "
                                                "fits the profile's budget (and what to change if not).")
@@ -334,7 +343,16 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--no-cache", action="store_true", help="estimate afresh, neither reading nor writing the "
                    "estimate cache (estimates of a configuration planned before are read from it; the cache "
                    "knows the package's code, the libraries and the model's files: docs/design.md section 4)")
-    args = parse_run_args(p, argv)
+    return add_run_options(p)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """``lowmem-alignprop plan``: the same options as training, plus --json and --device
+    (:func:`lowmem_alignprop.commands.plan_cmd.plan_main` plans and prints)."""
+    import time
+
+    started = time.perf_counter()
+    args = parse_run_args(plan_parser(), argv)
     if args.no_cache:  # an environment variable, so that --fastest's worker processes see it too
         from lowmem_alignprop.measure.estimate_cache import CACHE_ENV
         os.environ[CACHE_ENV] = "off"
