@@ -27,7 +27,7 @@ from lowmem_alignprop.commands.lora_formats import kohya_encoders_as_diffusers, 
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, quote
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
@@ -169,14 +169,62 @@ def encoders_freed(pipe) -> bool:
         getattr(pipe, n, None) is None for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
 
 
+# diffusers' FLUX.1 reader (lora_conversion_utils._convert_kohya_flux_lora_to_diffusers), for a file with any
+# kohya key (``.lora_down.weight``): beside diffusers' ``transformer.`` names it keeps those alone; beside the
+# "mixture" layout's ``lora_transformer_`` names it pops every ``lora_unet_`` key; else (sd-scripts', ComfyUI's) it
+# keeps only ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` names (ComfyUI's ``diffusion_model.`` and
+# ``text_encoders.clip_l.transformer.`` read as those): each without a word
+_FLUX_KOHYA_READ = ("lora_unet_", "lora_te_", "lora_te1_", "diffusion_model.", "text_encoders.clip_l.transformer.")
+
+
+def _flux_reader_drops(raw: dict) -> list[str]:
+    """The keys of ``raw`` (a file handed to diffusers' FLUX.1 reader) that the reader leaves out (above)."""
+    if not any(".lora_down.weight" in k for k in raw):
+        return []
+    if any(k.startswith("transformer.") for k in raw):
+        return [k for k in raw if not k.startswith("transformer.")]
+    if any(k.startswith("lora_transformer_") and ("lora_down" in k or "lora_up" in k or "alpha" in k) for k in raw):
+        return [k for k in raw if k.startswith("lora_unet_")]
+    return [k for k in raw if not k.startswith(_FLUX_KOHYA_READ)]
+
+
+def left_out_layer(pipeline_class, raw: dict, lora) -> str | None:
+    """The first layer of a LoRA file (``raw``: its tensors) that changes the model and that would be left out without
+    a word: by diffusers' FLUX.1 reader (:func:`_flux_reader_drops`), or, once read (``lora``: a
+    flow_lora_parts.FlowLora), a layer of no part loaded (not ``transformer.`` nor a text encoder: diffusers'
+    ``load_lora_weights`` leaves it out too) or a transformer weight that is no LoRA's (a Control LoRA's norm scales,
+    which only FluxPipeline.load_lora_weights writes into the model). A layer whose lora_up or lora_down is all zeros
+    changes nothing: None for it."""
+    from lowmem_alignprop.commands.kohya_layers import unchanged_layer
+    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES, is_down_key
+
+    dropped = [(raw, k) for k in (_flux_reader_drops(raw) if pipeline_class.__name__ == "FluxPipeline" else [])]
+    read = lora.state_dict
+    dropped += [(read, k) for k in read if not k.startswith(("transformer.", *ENCODER_PREFIXES)) or (
+        k.startswith("transformer.") and "lora" not in k and not k.endswith(".alpha"))]
+    changed = [k for tensors, k in dropped if not unchanged_layer(tensors, k)]
+    return min(changed, key=lambda k: (not is_down_key(k), k)) if changed else None
+
+
+def left_out_refusal(label: str, key: str) -> str:
+    """The line for a LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value)."""
+    return (f"{label} holds {quote(key)}, which diffusers' LoRA loader leaves out without a word (no layer of this "
+            "model by that name, or a second layout beside diffusers' transformer. / kohya's lora_unet_ names, of "
+            "which it reads one): the images would be the LoRA's without it; save the LoRA again in one layout, "
+            "without that layer")
+
+
 def _read_flow_lora(pipe, file: Path, flag: str):
     """``file`` read by the SD3/FLUX pipeline's own LoRA reader (models/flow_lora_parts.read_flow_lora), kohya's CLIP
     names as diffusers' (:func:`_kohya_clip_read`); T5 layers (no diffusers loader reads them) raise UserError."""
     from lowmem_alignprop.models.flow_lora_parts import read_flow_lora, t5_refusal, unloaded_encoder_layers
+    from lowmem_alignprop.run.tensor_files import read_tensor_file
 
     lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
     if t5 := unloaded_encoder_layers(type(pipe), lora):
         raise UserError(t5_refusal(flag, t5[0]))
+    if (key := left_out_layer(type(pipe), read_tensor_file(file), lora)) is not None:  # (diffusers: a log line or none)
+        raise UserError(left_out_refusal(flag, key))
     return lora
 
 

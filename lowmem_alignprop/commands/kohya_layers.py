@@ -43,6 +43,21 @@ def comfy_encoder_name(key: str) -> str | None:
     return _COMFY_ENCODERS[found[1]] + found[2].replace(".", "_") + KOHYA_SUFFIX.get(suffix, suffix)
 
 
+# the same layers in kohya's names (lora_te_ / lora_te1_: the first CLIP, lora_te2_: the second): what diffusers'
+# kohya readers map; another (the embeddings, the first CLIP's text_projection) they drop, FLUX.1's with a log line
+_KOHYA_ENCODER_LAYER = re.compile(r"lora_te[12]?_text_model_encoder_layers_\d+_(?:self_attn_(?:[qkv]|out)_proj|"
+                                  r"mlp_fc[12])|lora_te2_text_projection")
+
+
+def kohya_encoder_unread(key: str) -> bool:
+    """Whether ``key`` is a kohya text-encoder layer's (``lora_te_``, ``lora_te1_``, ``lora_te2_``) that diffusers'
+    kohya readers have no name for (its embeddings' position_embedding or token_embedding, the first CLIP's
+    text_projection)."""
+    suffix = lora_suffix(key)
+    return bool(suffix) and key.startswith(("lora_te_", "lora_te1_", "lora_te2_")) and \
+        _KOHYA_ENCODER_LAYER.fullmatch(key.removesuffix(suffix)) is None
+
+
 def unchanged_layer(tensors, key: str) -> bool:
     """Whether ``key``'s layer in a ComfyUI LoRA (``tensors``: name -> tensor) adds nothing: its up or down all zeros,
     as the extract node writes a weight the fine-tune left as it was. False where ``tensors`` holds no values (a

@@ -1,0 +1,97 @@
+"""Layers of an SD3/FLUX LoRA file that diffusers' reading leaves out with a log line (hidden by the CLI) or none:
+sd-scripts' CLIP-L embeddings and text_projection (``lora_te1_``: its FLUX.1 reader drops them; its SDXL reader,
+which --init-lora's conversion used, crashed on them), a key of another prefix in a kohya FLUX.1 file, kohya CLIP
+layers or diffusers' ``text_encoder.`` layers beside ``transformer.`` names (the reader keeps the ``transformer.``
+ones alone), ``lora_unet_`` keys beside the "mixture" layout's ``lora_transformer_`` (popped), a layer of no
+pipeline part (``unet.``) or a transformer weight that is no LoRA's (a Control LoRA's norm scale), which the
+part-by-part load left out. ``sample --lora`` and ``--init-lora`` rendered or trained from the LoRA without them;
+now one line names the layer. Such layers that change nothing (an all-zero lora_up) are left out, as diffusers
+does."""
+
+import pytest
+import torch
+from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from safetensors.torch import save_file
+
+from lowmem_alignprop.commands.adapters import adapted_layers, left_out_refusal, load_adapters
+from lowmem_alignprop.commands.init_lora import init_lora_file, split_init_lora
+from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal
+from lowmem_alignprop.commands.lora_args import parse_lora
+from lowmem_alignprop.settings.errors import UserError
+
+W, SD3_W = 32, 16  # the tiny FLUX pipeline's transformer width and CLIP width; the tiny SD3 transformer's
+KOHYA = "lora_unet_double_blocks_0_img_attn_proj"  # block 0's to_out.0
+PEFT = "transformer.transformer_blocks.0.attn.to_q"
+
+
+def _layer(name, down, up, fill=None, alpha=True, kohya=True):
+    g = torch.Generator().manual_seed(len(name))
+    d, u = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+    out = {name + d: torch.randn(2, down, generator=g),
+           name + u: torch.randn(up, 2, generator=g) if fill is None else torch.full((up, 2), fill)}
+    return out | ({f"{name}.alpha": torch.tensor(2.0)} if alpha and kohya else {})
+
+
+# case: (family, the file's tensors with the extra layer's up filled with ``fill``, the key the line names, comfy?)
+CASES = {
+    "lora_te1_ position_embedding": ("flux", lambda f: _layer(KOHYA, W, W) | _layer(
+        "lora_te1_text_model_embeddings_position_embedding", 16, W, f),
+        "lora_te1_text_model_embeddings_position_embedding.lora_down.weight", True),
+    "lora_te1_ text_projection": ("flux", lambda f: _layer(KOHYA, W, W) | _layer("lora_te1_text_projection", W, W, f),
+                                  "lora_te1_text_projection.lora_down.weight", True),
+    "another prefix in a kohya file": ("flux", lambda f: _layer(KOHYA, W, W) | _layer("lora_foo_bar", W, W, f),
+                                       "lora_foo_bar.lora_down.weight", False),
+    "kohya CLIP beside transformer.": ("flux", lambda f: _layer(PEFT, W, W, kohya=False) | _layer(
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", W, W, f),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", False),
+    "lora_unet_ beside lora_transformer_": ("flux", lambda f: _layer(
+        "lora_transformer_transformer_blocks_0_attn_to_q", W, W) | _layer("lora_unet_foo", W, W, f),
+        "lora_unet_foo.lora_down.weight", False),
+    "unet. in an SD3 file": ("sd3", lambda f: _layer(PEFT, SD3_W, SD3_W, kohya=False) | _layer(
+        "unet.foo", SD3_W, SD3_W, f, kohya=False), "unet.foo.lora_A.weight", False),
+}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"flux": build_tiny_flux_pipeline, "sd3": build_tiny_sd3_pipeline}
+
+
+def _file(tmp_path, case, fill):
+    family, tensors, key, comfy = CASES[case]
+    file = tmp_path / "lora.safetensors"
+    save_file(tensors(fill), str(file))
+    return family, file, key, comfy
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_a_layer_diffusers_reading_leaves_out_is_one_line(pipes, case, tmp_path):
+    family, file, key, comfy = _file(tmp_path, case, None)
+    loads = [(f"--lora {file}", lambda: load_adapters(pipes[family](), [parse_lora(str(file), 0)], "t")),
+             (f"--init-lora {file}", lambda: split_init_lora(pipes[family](), init_lora_file(str(file)), str(file),
+                                                             "attention+ff"))]
+    for label, load in loads[:1] if case == "another prefix in a kohya file" else loads:  # (--init-lora: its
+        # conversion refused that layer before, as one it does not train)
+        with pytest.raises(UserError) as refused:
+            load()
+        assert str(refused.value) == (f"{label} {comfy_encoder_refusal(key)}" if comfy else
+                                      left_out_refusal(label, key)), label
+
+
+def test_bad_input_a_control_lora_norm_scale_is_one_line(pipes, tmp_path):
+    """A FLUX.1 Control LoRA's norm scale (diffusers' layout): only FluxPipeline.load_lora_weights writes it into the
+    model; our part-by-part load left it out."""
+    norm = "transformer.transformer_blocks.0.attn.norm_q.weight"
+    save_file(_layer(PEFT, W, W, kohya=False) | {norm: torch.full((8,), 2.0)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(UserError) as refused:
+        load_adapters(pipes["flux"](), [parse_lora(str(tmp_path / "c.safetensors"), 0)], "t")
+    assert str(refused.value) == left_out_refusal(f"--lora {tmp_path / 'c.safetensors'}", norm)
+
+
+@pytest.mark.parametrize("case", ["lora_te1_ position_embedding", "another prefix in a kohya file",
+                                  "lora_unet_ beside lora_transformer_", "unet. in an SD3 file"])
+def test_an_all_zero_layer_diffusers_leaves_out_is_left_out_and_the_lora_loads(pipes, case, tmp_path):
+    family, file, _, _ = _file(tmp_path, case, 0.0)
+    pipe = pipes[family]()
+    load_adapters(pipe, [parse_lora(str(file), 0)], "t")
+    assert adapted_layers(pipe, "lora0") == 1
