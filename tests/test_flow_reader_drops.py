@@ -95,3 +95,18 @@ def test_an_all_zero_layer_diffusers_leaves_out_is_left_out_and_the_lora_loads(p
     pipe = pipes[family]()
     load_adapters(pipe, [parse_lora(str(file), 0)], "t")
     assert adapted_layers(pipe, "lora0") == 1
+
+
+def test_the_check_reads_the_lora_file_whole_once(tmp_path, monkeypatch):
+    """The check of what diffusers leaves out reads the file's names and the few tensors it tests for zeros, not the
+    whole file again (a FLUX.1 LoRA is hundreds of MB): each file is loaded whole once (this kohya file by sample's
+    conversion, its diffusers copy by diffusers' reader)."""
+    import safetensors.torch
+
+    file = tmp_path / "flux.safetensors"
+    save_file(_layer(KOHYA, W, W) | _layer("lora_foo_bar", W, W, 0.0), str(file))  # (an all-zero layer it tests)
+    loads, load_file = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: loads.append(a[0]) or load_file(*a, **k))
+    pipe = build_tiny_flux_pipeline()
+    load_adapters(pipe, [parse_lora(str(file), 0)], "tiny-flux")
+    assert adapted_layers(pipe, "lora0") and str(file) in loads and len(set(loads)) == len(loads), loads

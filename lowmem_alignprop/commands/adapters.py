@@ -218,12 +218,13 @@ def _read_flow_lora(pipe, file: Path, flag: str):
     """``file`` read by the SD3/FLUX pipeline's own LoRA reader (models/flow_lora_parts.read_flow_lora), kohya's CLIP
     names as diffusers' (:func:`_kohya_clip_read`); T5 layers (no diffusers loader reads them) raise UserError."""
     from lowmem_alignprop.models.flow_lora_parts import read_flow_lora, t5_refusal, unloaded_encoder_layers
-    from lowmem_alignprop.run.tensor_files import read_tensor_file
+    from lowmem_alignprop.run.tensor_files import tensors_on_demand
 
     lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
     if t5 := unloaded_encoder_layers(type(pipe), lora):
         raise UserError(t5_refusal(flag, t5[0]))
-    if (key := left_out_layer(type(pipe), read_tensor_file(file), lora)) is not None:  # (diffusers: a log line or none)
+    if (key := left_out_layer(type(pipe), tensors_on_demand(file), lora)) is not None:  # (diffusers: a log line, or
+        # none; the file's names, and the few tensors it checks for zeros, read again)
         raise UserError(left_out_refusal(flag, key))
     return lora
 

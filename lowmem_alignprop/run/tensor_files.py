@@ -26,6 +26,7 @@ import contextlib
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,35 @@ def read_safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+class TensorsOnDemand(Mapping):
+    """A ``.safetensors`` file's tensors by name, each read from the file when asked (its header read once): a check
+    of a few of a LoRA's layers does not read its hundreds of MB again. Raises as :func:`read_tensor_file`."""
+
+    def __init__(self, path):
+        self.path, self.shapes = Path(path), read_safetensors_shapes(path)
+
+    def __getitem__(self, key: str):
+        if key not in self.shapes:
+            raise KeyError(key)
+        with _typed_errors(self.path):
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def tensors_on_demand(path) -> Mapping:
+    """A tensor file's tensors by name: a ``.safetensors`` file's read one by one when asked (:class:`TensorsOnDemand`),
+    a torch file's as :func:`read_tensor_file` reads it (memory-mapped where it can be)."""
+    return TensorsOnDemand(path) if is_safetensors(path) else read_tensor_file(path)
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
