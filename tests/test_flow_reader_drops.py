@@ -110,3 +110,19 @@ def test_the_check_reads_the_lora_file_whole_once(tmp_path, monkeypatch):
     pipe = build_tiny_flux_pipeline()
     load_adapters(pipe, [parse_lora(str(file), 0)], "tiny-flux")
     assert adapted_layers(pipe, "lora0") and str(file) in loads and len(set(loads)) == len(loads), loads
+
+
+def test_sample_reads_a_flux_kohya_file_whose_clip_layers_are_q_k_v_alone_as_init_lora_does(tmp_path):
+    """A FLUX.1 kohya file of attention layers and CLIP-L's q/k/v alone (no out_proj, no MLP): --init-lora split it
+    (flow_export.kohya_as_diffusers); sample handed it to diffusers' FLUX reader, which cannot tell such a CLIP part
+    ("does not fit this model's text encoders: Could not automatically infer state dict type; it was trained for
+    another base model"). Now both split it, and every layer loads."""
+    pipe = build_tiny_flux_pipeline()
+    width = pipe.text_encoder.config.hidden_size
+    tensors = _layer(KOHYA, W, W)
+    for p in "qkv":
+        tensors |= _layer(f"lora_te1_text_model_encoder_layers_0_self_attn_{p}_proj", width, width)
+    save_file(tensors, str(tmp_path / "qkv.safetensors"))
+    load_adapters(pipe, [parse_lora(str(tmp_path / "qkv.safetensors"), 0)], "tiny-flux")
+    assert adapted_layers(pipe, "lora0") == 4  # block 0's to_out.0 and CLIP-L's q, k, v
+    assert init_lora_file(str(tmp_path / "qkv.safetensors")).is_file()

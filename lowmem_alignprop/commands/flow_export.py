@@ -266,8 +266,9 @@ def second_clip_refusal(keys, label: str) -> str | None:
 def untrained_flux_layer(state: dict[str, torch.Tensor]) -> str | None:
     """The first layer of a FLUX.1 LoRA in kohya's names (:func:`kohya_names`) that :func:`kohya_to_peft` does not
     split (a layer lowmem-alignprop does not train: the blocks' modulation, img_in, final_layer...), None where it
-    holds only those it trains, or for an SD3 file. diffusers' FLUX kohya reader maps every such layer."""
-    names = {k.split(".")[0] for k in state}
+    holds only those it trains (its CLIP layers, lora_te1_, are split as diffusers' SDXL reader names them:
+    :func:`kohya_as_diffusers`), or for an SD3 file. diffusers' FLUX kohya reader maps every such layer."""
+    names = {k.split(".")[0] for k in state if not k.startswith(tuple(KOHYA_ENCODERS))}
     if not any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names):
         return None
     known = _inverse_map(FLUX, names)
