@@ -794,3 +794,39 @@ def test_the_planners_flop_count_of_a_tiny_flux_step_matches_the_real_step_and_a
     # backward: the window call's recompute (2 one) and its 5 gradient matmuls per attention; the VAE's 5 (no
     # recompute: vae_checkpointing off)
     assert work[stages.BACKWARD]["attention_flops"] == 2 * (2 + 5) * joint + 5 * vae
+
+
+@pytest.mark.parametrize("settings, images", [
+    ({}, {"sample_grid": 8, "evaluation": 0, "judged": 0}),  # 4 prompts before and after
+    ({"sample_every": 5}, {"sample_grid": 20, "evaluation": 0, "judged": 0}),  # + steps 5, 10, 15, 20 (the after)
+    ({"steps": 22, "sample_every": 5}, {"sample_grid": 24, "evaluation": 0, "judged": 0}),  # + 5..20, after at 22
+    ({"eval_every": 10, "eval_on_start": True, "sample_prompts": 0}, {"sample_grid": 0, "evaluation": 12,
+                                                                      "judged": 0}),  # 4 held out at 0, 10, 20
+    ({"eval_every": 8}, {"sample_grid": 8, "evaluation": 12, "judged": 0}),  # at 8, 16 and the last, 20
+    ({"model": "toy", "fidelity_images": 6, "fidelity_every": 10}, {"sample_grid": 8, "evaluation": 0,
+                                                                    "judged": 24}),  # before, 10, 20, after
+])
+def test_the_plan_counts_the_images_rendered_without_gradient_beside_the_steps(settings, images):
+    """plan's "beside the steps" line: each image the run renders without gradient as a micro-step's forward stages
+    (every sampler step, decode, reward) cost one of its batch_size images; how many, by what they are for."""
+    from lowmem_alignprop.measure.reports import format_time
+    from lowmem_alignprop.measure.step_time import render_time
+
+    cfg = Config(**{"model": "tiny", "resolution": 64, "steps": 20, "batch_size": 2, **settings}).validate()
+    t = {"stages": {stages.SAMPLE_NOGRAD: 3.0, stages.SAMPLE_GRAD: 1.0, stages.DECODE: 0.5, stages.REWARD: 0.5,
+                    stages.BACKWARD: 9.0, stages.OPTIMIZER: 9.0}}
+    toy = ["a red triangle", "two blue squares", "a green circle", "a yellow diamond"]  # (the toy world's grammar)
+    renders = render_time(cfg, t, toy if cfg.model == "toy" else ["a cat", "a dog", "a horse", "a fox"])
+    assert renders["images"] == images
+    assert renders["seconds_per_image"] == 2.5  # (3 + 1 + 0.5 + 0.5) / 2: not the backward's, not the optimizer's
+    assert renders["seconds"] == 2.5 * sum(images.values())
+    line = format_time({**t, "k_mean": 1, "work_per_micro_step": dict.fromkeys(counters.WORK_KEYS, 0),
+                        "device": "cpu", "device_figures": devices.DEVICES["cpu"].to_dict(), "matmul_dtype": "fp32",
+                        "micro_step": 14.0, "optimizer_step": 23.0}, cfg.to_dict(), renders)[-1]
+    assert line.startswith("    beside the steps, ") and f"at most {sum(images.values()) * 2.5:.0f} s more" in line
+
+
+def test_a_plan_without_a_card_times_no_renders():
+    cfg = Config(model="tiny", resolution=64).validate()
+    from lowmem_alignprop.measure.step_time import render_time
+    assert render_time(cfg, {"device": None}, []) is None

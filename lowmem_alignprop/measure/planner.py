@@ -72,7 +72,7 @@ from lowmem_alignprop.measure.shared_step import StepParts, encode_at_load, run_
 from lowmem_alignprop.measure import estimate_cache
 from lowmem_alignprop.measure.figures import Estimate, figures, fragmentation_allowance, host_memory
 from lowmem_alignprop.measure.weight_bytes import block_swap, dequant_hooks, fake_weights, fp8_load_bytes, optimizer_for
-from lowmem_alignprop.measure.step_time import step_time, step_work
+from lowmem_alignprop.measure.step_time import render_time, step_time, step_work
 from lowmem_alignprop.measure.fit_changes import candidate_changes
 
 
@@ -626,7 +626,8 @@ def plan(cfg: Config, *, profile: str = "custom", target: str | None = None, sug
         "budget_bytes": int(cfg.budget_gb * GIB) if cfg.budget_gb else None, "fits": fits,
         "allowances": ALLOWANCES if target == "cuda" else {"none": "CPU target: exact bytes, nothing added"},
         "notes": est.notes, "profile_note": mismatch, "suggestion": None, "tried": [],
-        "time": step_time(cfg, est, device_for(cfg.card, profile, target)),
+        "time": (t := step_time(cfg, est, device_for(cfg.card, profile, target))),
+        "renders": render_time(cfg, t, prompts),  # the images rendered without gradient beside the steps
         **provenance(command or " ".join(["python", *sys.argv]), PLAN_LIBRARIES),
     }
     if fits is False and suggest_changes:

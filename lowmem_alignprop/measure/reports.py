@@ -148,7 +148,7 @@ def format_plan(r: dict[str, Any]) -> str:
             lines.append(f"  no change from the feature list made it fit ({len(r['tried'])} tried"
                          + ("; gave up after that many estimates" if r.get("suggestion_gave_up") else "") + ")")
             lines += _least_needed(r["tried"], r["config"])
-    lines += format_time(r.get("time"), r["config"])
+    lines += format_time(r.get("time"), r["config"], r.get("renders"))
     lines.append("")
     lines.append("  allowances for what fake tensors cannot see:")
     lines += [f"    - {k}: {v}" for k, v in r["allowances"].items()]
@@ -169,8 +169,9 @@ def format_plan(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_time(t: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
-    """The plan's time lines: seconds per stage on the card, per micro-step and per optimizer step."""
+def format_time(t: dict[str, Any] | None, cfg: dict[str, Any], renders: dict[str, Any] | None = None) -> list[str]:
+    """The plan's time lines: seconds per stage on the card, per micro-step and per optimizer step, and the images
+    rendered without gradient beside the steps (``renders``: step_time.render_time's)."""
     if not t:
         return []
     k = f"K = {t['k_mean']:g}" if cfg["truncation"] == "fixed" else f"mean K = {t['k_mean']:g}"
@@ -192,6 +193,11 @@ def format_time(t: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
                  f"{'s' if cfg['grad_accum'] > 1 else ''} + optimizer); the run's {cfg['steps']} steps: "
                  f"{fmt_duration(cfg['steps'] * t['optimizer_step'])} of training; an estimate (calibration and its "
                  "error: benchmarks/REPORT.md section 6)")
+    kinds = (("sample_grid", "sample-grid"), ("evaluation", "held-out evaluation"), ("judged", "toy-world judged"))
+    if renders and (parts := [f"{renders['images'][key]} {name}" for key, name in kinds if renders["images"][key]]):
+        lines.append(f"    beside the steps, {', '.join(parts)} images without gradient: at most "
+                     f"{fmt_duration(renders['seconds'])} more ({fmt_seconds(renders['seconds_per_image'])} s an image; "
+                     "sample_prompts, sample_every, eval_every set how many)")
     return lines
 
 

@@ -172,3 +172,33 @@ def step_time(cfg: Config, est: Estimate, device) -> dict[str, Any]:
             "beyond_compute": sum(devices.swap_seconds(w, device, dtype, tf32, est.swap_windows.get(name))
                                   for name, w in est.work.items() if name != stages.OPTIMIZER)}
     return out
+
+
+def nograd_images(cfg: Config, prompts: list[str]) -> dict[str, int]:
+    """The images a run renders without gradient beside its steps (``prompts``: its training prompts), by what they
+    are for: the sample grid (before, at --sample-every's steps, after; a resume reads the before ones back), the
+    held-out evaluation (eval_every's steps and the last, eval_on_start) and the toy world's judged images (before,
+    at fidelity_every's steps, after)."""
+    from lowmem_alignprop.run.schedule import due_after
+    from lowmem_alignprop.step.prompts import load_prompts
+    from lowmem_alignprop.toy.fidelity import judged_prompts
+
+    grids = 1 + (due_after(cfg.sample_every, cfg.steps, 0) if cfg.sample_every else 1)  # (the last step's: after)
+    held_out = len(load_prompts(cfg.eval_prompts)) if cfg.eval_prompts else cfg.eval_holdout
+    evaluations = due_after(cfg.eval_every, cfg.steps, 0) + bool(cfg.eval_on_start) if cfg.eval_every else 0
+    judged = len(judged_prompts(cfg.model, prompts, cfg.fidelity_images))
+    return {"sample_grid": cfg.sample_prompts * grids, "evaluation": held_out * evaluations,
+            "judged": judged * (2 + (cfg.steps // cfg.fidelity_every if cfg.fidelity_every else 0))}
+
+
+def render_time(cfg: Config, t: dict[str, Any], prompts: list[str]) -> dict[str, Any] | None:
+    """:func:`nograd_images` and their seconds on the card of ``t`` (:func:`step_time`'s; None without one): each
+    image as a micro-step's forward stages (every sampler step, the decode, the reward) cost one of its batch_size
+    images. An upper estimate: without gradient nothing is stored for a backward, and small images render in larger
+    batches."""
+    if t.get("stages") is None:
+        return None
+    per_image = sum(t["stages"].get(s, 0.0) for s in (stages.SAMPLE_NOGRAD, stages.SAMPLE_GRAD, stages.DECODE,
+                                                      stages.REWARD)) / cfg.batch_size
+    images = nograd_images(cfg, prompts)
+    return {"images": images, "seconds_per_image": per_image, "seconds": per_image * sum(images.values())}
