@@ -105,12 +105,12 @@ def test_a_full_disk_while_the_images_are_kept_is_said_and_costs_only_a_render(t
 
     path = tmp_path / SAMPLES_DIR / BEFORE_FILE
     images = torch.rand(2, 3, 64, 64), torch.tensor([0.5, 0.25])
-    write_before(path, "a", images, {"reward": 0.5})
+    write_before(path, "a", images, {"reward": 0.5}, {"samples": 1.0})
     limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # (a real limit: the write itself fails)
     try:
         with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
-            write_before(path, "b", images, {"reward": 0.5})
+            write_before(path, "b", images, {"reward": 0.5}, {"samples": 1.0})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, handler)
@@ -173,3 +173,20 @@ def test_a_resume_that_changes_only_how_training_goes_reads_the_images_back_as_r
         ours, theirs = (Image.open(r / SAMPLES_DIR / name) for r in (run, fresh))
         assert ours.tobytes() == theirs.tobytes(), name
     assert _before(run) == _before(fresh) == started[1]
+
+
+def test_the_time_left_counts_the_renders_after_training_at_the_start_and_at_a_resume(started, tmp_path,
+                                                                                        monkeypatch):
+    """The time each render before training took is kept with the images (metadata ``seconds``); the time left the
+    step lines say counts the renders after training as that long, at a resume that read the images back too."""
+    from lowmem_alignprop.commands.train import Trainer
+
+    kept = started[0] / SAMPLES_DIR / BEFORE_FILE
+    with safe_open(str(kept), "pt") as f:
+        seconds = json.loads(f.metadata()["seconds"])
+    assert sorted(seconds) == ["judged", "samples"] and all(s > 0 for s in seconds.values())
+    closing = []
+    original = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: closing.append(self.time_left.closing) or original(self))
+    _resume(started, tmp_path)
+    assert closing == [pytest.approx(seconds["samples"] + seconds["judged"], rel=1e-12)]

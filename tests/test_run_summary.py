@@ -283,3 +283,15 @@ def test_the_cards_processes_row_gives_each_stretch_the_images_it_averaged():
     assert processes_row(unbegun) == ("2 (`accelerate launch --multi_gpu --num_processes 2`): 8 images per optimizer "
                                       "step")
     assert processes_row({"steps": 3, "processes": 1, "batch_size": 2}) is None
+
+
+def test_time_left_counts_the_renders_after_the_last_step(monkeypatch):
+    """The sample grid's and the judged images after training take as long as those before it (``closing``): FLUX.1's
+    grid is half an hour on an 8 GB card, after a step line that said '1 s left'. Counted until the last step."""
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr(run_summary.time, "perf_counter", lambda: next(clock))
+    left = TimeLeft()
+    left.closing = 1800.0
+    assert left.after_step(1, 3, seconds=10.0) == f" | {run_summary.fmt_duration(2 * 10 + 1800)} left"
+    assert left.after_step(2, 3, seconds=10.0) == f" | {run_summary.fmt_duration(10 + 1800)} left"
+    assert left.after_step(3, 3, seconds=10.0) == ""  # (the end box follows)

@@ -65,7 +65,9 @@ class TimeLeft:
     bar's): the mean wall time between this process's last steps (sampling and checkpoints included; its first step,
     which pays the warm-up, left out once there are others) times the steps still to run, plus the held-out
     evaluations still to come times the mean one (an evaluation can take many steps' time: it is counted apart), and
-    the toy world's judgings (fidelity_every) likewise."""
+    the toy world's judgings (fidelity_every) likewise, and ``closing``: the renders after the last step (the sample
+    grid's and the judged images after training, as long as those before it took: FLUX.1's grid, half an hour on an
+    8 GB card)."""
 
     def __init__(self, recent: int = 10, eval_every: int = 0, judge_every: int = 0):
         self.ends: deque[tuple[float, float]] = deque(maxlen=recent + 1)  # (end time, evaluation seconds before it)
@@ -73,6 +75,7 @@ class TimeLeft:
         self.evals: list[float] = []  # each held-out evaluation's seconds
         self.judgings: list[float] = []  # each judging's seconds (it made the estimate jump after a judged step)
         self.pending = 0.0  # the evaluation after the step being recorded
+        self.closing = 0.0  # the renders after the last step (RunSamples.render_before sets it)
 
     def evaluated(self, seconds: float, judging: bool = False) -> None:
         """The held-out evaluation (``judging``: the toy world's judged images) after the step just trained took
@@ -97,7 +100,8 @@ class TimeLeft:
         mean_eval = sum(self.evals) / len(self.evals) if self.evals else 0.0  # none seen yet: not counted
         judged_left = steps // self.judge_every - step // self.judge_every if self.judge_every else 0
         mean_judging = sum(self.judgings) / len(self.judgings) if self.judgings else 0.0
-        return f" | {fmt_duration(left * per_step + evals_left * mean_eval + judged_left * mean_judging)} left"
+        total = left * per_step + evals_left * mean_eval + judged_left * mean_judging + self.closing
+        return f" | {fmt_duration(total)} left"
 
 
 def window_note(s: dict) -> str:

@@ -6,6 +6,7 @@ after; the toy world's judged images (fidelity_*) before, at --set fidelity_ever
 import contextlib
 import functools
 import logging
+import time
 
 import torch
 
@@ -34,8 +35,9 @@ class RunSamples:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
-    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha`` and ``before``, and its methods ``score``,
-    ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped`` and ``grid_of``."""
+    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``time_left`` and ``before``, and its methods
+    ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped``, ``grid_of`` and
+    ``time_left.closing``."""
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
@@ -79,16 +81,25 @@ class RunSamples:
         if kept:
             log.info("the images before training: read back from samples/%s (the run's start rendered them)",
                      BEFORE_FILE)
+        seconds, t0 = dict(kept.get("seconds", {})), time.perf_counter()
         if "samples" in kept:
             self.before = kept["samples"]
         else:
             self.sample_before()
-        self.fidelity_before = kept["judged"] if "judged" in kept else self.render_or_skip(
-            self.judge, "judging the images before training", "a smaller --set fidelity_images")
+            seconds["samples"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if "judged" in kept:
+            self.fidelity_before = kept["judged"]
+        else:
+            self.fidelity_before = self.render_or_skip(self.judge, "judging the images before training",
+                                                       "a smaller --set fidelity_images")
+            seconds["judged"] = time.perf_counter() - t0
+        after_grid = not (self.cfg.sample_every and self.cfg.steps % self.cfg.sample_every == 0)  # (else the last
+        # step's grid is the after one, in that step's time)
+        self.time_left.closing = seconds.get("samples", 0.0) * after_grid + seconds.get("judged", 0.0)
         rendered = ("samples" not in kept and self.before is not None) or \
             ("judged" not in kept and self.fidelity_before is not None)
         if self.is_main and rendered:  # (a resume's start renders them again only where they changed)
-            write_before(path, key, self.before, self.fidelity_before)
+            write_before(path, key, self.before, self.fidelity_before, seconds)
 
     def sample_before(self) -> None:
         cfg = self.cfg

@@ -37,8 +37,8 @@ def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str], reward_
 
 def read_before(path: Path, key: str) -> dict:
     """What :func:`write_before` kept at ``path`` for ``key``: "samples" (images in [0, 1], rewards) and "judged"
-    (the toy world's figures), each where it was rendered; {} for no file, another key, or a file that cannot be
-    read (a resume then renders them again)."""
+    (the toy world's figures), each where it was rendered, and "seconds" (each one's render time); {} for no file,
+    another key, or a file that cannot be read (a resume then renders them again)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -49,6 +49,7 @@ def read_before(path: Path, key: str) -> dict:
             if meta.get("key") != key:
                 return {}
             kept = {"judged": json.loads(meta["judged"])} if "judged" in meta else {}
+            kept["seconds"] = json.loads(meta.get("seconds", "{}"))
             if "images" in f.keys():
                 kept["samples"] = (f.get_tensor("images").float() / 255, f.get_tensor("rewards"))
     except Exception as e:  # a damaged file: worth a render, not the run
@@ -59,16 +60,18 @@ def read_before(path: Path, key: str) -> dict:
 
 
 def write_before(path: Path, key: str, samples: tuple[torch.Tensor, torch.Tensor] | None,
-                 judged: dict | None) -> None:
+                 judged: dict | None, seconds: dict[str, float]) -> None:
     """Keep the images before training for a resume with the same ``key``: the sample grid's as 8-bit pixels (what
-    its PNG cells hold: the grid drawn from them is the same) with their rewards, the judged figures as JSON. A write
-    that fails (a full disk) is said and costs only that render at a resume."""
+    its PNG cells hold: the grid drawn from them is the same) with their rewards, the judged figures as JSON, and
+    ``seconds``, each one's render time (what the renders after training will take: the time left a resume says).
+    A write that fails (a full disk) is said and costs only that render at a resume."""
     from safetensors.torch import save_file
 
     tensors = {} if samples is None else {
         "images": (samples[0].clamp(0, 1) * 255).round().to(torch.uint8).contiguous(),
         "rewards": samples[1].float().contiguous()}
-    meta = {"key": key, **({"judged": json.dumps(judged)} if judged is not None else {})}
+    meta = {"key": key, "seconds": json.dumps(seconds),
+            **({"judged": json.dumps(judged)} if judged is not None else {})}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(path) as tmp:
