@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 
 from lowmem_alignprop.commands.lora_args import LoraSpec
-from lowmem_alignprop.commands.lora_formats import kohya_encoders_as_diffusers, ldm_unet_as_diffusers
+from lowmem_alignprop.commands.lora_formats import (kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
+                                                    unet_layers_read)
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
@@ -96,6 +97,7 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             warnings.filterwarnings("ignore", message="No LoRA keys associated")
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
             if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
+                file = unet_layers_read(file, flag)  # (what diffusers' reader leaves out: one line, zeros left out)
                 file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
             if getattr(pipe, "transformer", None) is not None:  # SD3/FLUX: part by part, where each part is

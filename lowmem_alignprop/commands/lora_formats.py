@@ -23,7 +23,7 @@ from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_
                                                     diffusers_parts, every_alpha_folded, lora_suffix, unchanged_layer,
                                                     weight_difference_refusal)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
-from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -468,6 +468,83 @@ def ldm_unet_as_diffusers(file: Path, pipe) -> Path | None:
         elif not unchanged_layer(tensors, key):  # (sample and --init-lora refused it before: ldm_unet_refusal)
             raise ValueError(f"{key} is a layer diffusers' LoRA loader has no name for")
     return _kohya_as_diffusers(named, pipe)
+
+
+# diffusers' SD 1.x/2.x/SDXL LoRA reader (StableDiffusion(XL)LoraLoaderMixin.lora_state_dict, then its UNet's and text
+# encoders' loads): a file whose every key is kohya's (lora_unet_, lora_te_, lora_te1_, lora_te2_) is converted, and
+# where its UNet names are sgm's blocks (input_blocks, middle_block, output_blocks) beside diffusers' (down_blocks,
+# mid_block, up_blocks) the sgm ones are popped; any other file is read by its unet. / text_encoder. /
+# text_encoder_2. names, every other key (kohya's beside them, another prefix) left out: each without a word (sample
+# then refused such a file as "trained for another base model", or, a kohya file whose encoder lacks out_proj and so
+# was converted first, loaded it without them)
+_SGM_BLOCKS, _DIFFUSERS_BLOCKS = ("input_blocks", "middle_block", "output_blocks"), ("down_blocks", "mid_block",
+                                                                                    "up_blocks")
+_DIFFUSERS_PARTS = ("unet.", "text_encoder.", "text_encoder_2.")
+
+
+def unet_reader_drops(keys) -> list[str]:
+    """The keys of a UNet LoRA file (its tensor names ``keys``) that diffusers' SD/SDXL reader leaves out (above): in
+    a file of diffusers' names, those of another prefix, else (none) the kohya ones beside them; in a kohya file, sgm
+    block names beside diffusers' block names."""
+    kohya = [k for k in keys if k.startswith(KOHYA_PREFIXES)]
+    if len(kohya) < len(keys):
+        return [k for k in keys if not k.startswith(KOHYA_PREFIXES + _DIFFUSERS_PARTS)] or kohya
+    unet = [k for k in kohya if k.startswith("lora_unet_")]
+    sgm = [k for k in unet if any(p in k for p in _SGM_BLOCKS)]
+    return sgm if any(p in k for k in unet if k not in sgm for p in _DIFFUSERS_BLOCKS) else []
+
+
+def unet_left_out_refusal(label: str, key: str) -> str:
+    """The line for a UNet LoRA with a layer :func:`unet_reader_drops` found (``label``: the option and its value)."""
+    return (f"{label} holds {quote(key)}, which diffusers' LoRA loader leaves out without a word (it reads one layout: "
+            "kohya's lora_unet_ / lora_te_ names, sgm's input_blocks or diffusers' down_blocks, or diffusers' unet. / "
+            "text_encoder. names; no other prefix): the images would be the LoRA's without it; save the LoRA again in "
+            "one layout, without that layer")
+
+
+def _not_lora_key(keys) -> str | None:
+    """The first key of a UNet LoRA file that diffusers' reader fails on as no LoRA's (kohya's: not its lora_down /
+    lora_up / alpha; diffusers': no "lora" in it, a norm's weight), which it blames on the model."""
+    kohya = all(k.startswith(KOHYA_PREFIXES) for k in keys)
+    return next((k for k in sorted(keys) if (not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                                              if kohya else "lora" not in k and not k.endswith(".alpha"))), None)
+
+
+def unet_layers_read(file: Path, label: str) -> Path:
+    """``file`` (a UNet LoRA) as diffusers' SD/SDXL reader reads all of it: ``file`` itself, or a copy in a temporary
+    folder without the layers it would leave out (:func:`unet_reader_drops`; kohya's encoder layers it has no name
+    for, kohya_layers.kohya_encoder_unread) that change nothing (an all-zero lora_up or lora_down, as diffusers leaves
+    out zeros). Such a layer that changes the model, or a key of no LoRA's, raises UserError (``label``: the option
+    and its value). ComfyUI's LDM names are checked before (:func:`ldm_unet_refusal`)."""
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread
+    from lowmem_alignprop.run.tensor_files import tensors_on_demand
+
+    tensors = tensors_on_demand(file)
+    keys = set(tensors)
+    if is_ldm_unet_lora(keys):
+        return file
+    if (key := _not_lora_key(keys)) is not None:
+        raise UserError(f"{label} " + (weight_difference_refusal(key) if key.endswith(WEIGHT_DIFFERENCES) else
+                                       f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain "
+                                       "LoRA"))
+    left = set()
+    while dropped := unet_reader_drops(sorted(keys)) or sorted(k for k in keys if kohya_encoder_unread(k)):
+        if changed := [k for k in dropped if not unchanged_layer(tensors, k)]:
+            key = min(changed, key=lambda k: (not k.endswith(LORA_DOWN_SUFFIXES), k))
+            raise UserError(f"{label} {comfy_encoder_refusal(key)}" if kohya_encoder_unread(key) else
+                            unet_left_out_refusal(label, key))
+        layers = {k.removesuffix(lora_suffix(k) or "") for k in dropped}
+        left |= {k for k in keys if k.removesuffix(lora_suffix(k) or "") in layers}
+        keys -= left
+    if not left:
+        return file
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.run.tensor_files import read_safetensors_metadata
+
+    out = temporary_folder() / LORA_WEIGHT_NAME  # (its header kept: a diffusers file's adapter config, its alphas)
+    save_file({k: tensors[k].contiguous() for k in sorted(keys)}, str(out), metadata=read_safetensors_metadata(file))
+    return out
 
 
 def kohya_encoders_without_out_proj(keys) -> bool:
