@@ -11,6 +11,7 @@ does."""
 import pytest
 import torch
 from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from numerics import relative_difference
 from safetensors.torch import save_file
 
 from lowmem_alignprop.commands.adapters import adapted_layers, left_out_refusal, load_adapters
@@ -126,3 +127,20 @@ def test_sample_reads_a_flux_kohya_file_whose_clip_layers_are_q_k_v_alone_as_ini
     load_adapters(pipe, [parse_lora(str(tmp_path / "qkv.safetensors"), 0)], "tiny-flux")
     assert adapted_layers(pipe, "lora0") == 4  # block 0's to_out.0 and CLIP-L's q, k, v
     assert init_lora_file(str(tmp_path / "qkv.safetensors")).is_file()
+
+
+def test_init_lora_reads_a_flux_mixture_file_as_sample_does(tmp_path):
+    """A FLUX.1 LoRA in the "mixture" layout (``lora_transformer_`` + diffusers' module path) beside an all-zero
+    ``lora_unet_`` layer: sample read it (diffusers' FLUX reader, the zero layer left out); --init-lora split it as an
+    sd-scripts file and refused the mixture's to_q as "a layer lowmem-alignprop does not train". Now both read it alike
+    (flow_export.kohya_flow_for_diffusers): to_q trains from its alpha / rank * up @ down."""
+    pipe = build_tiny_flux_pipeline()
+    mixture = "lora_transformer_transformer_blocks_0_attn_to_q"
+    tensors = _layer(mixture, W, W) | _layer("lora_unet_double_blocks_0_img_mod_lin", W, 6 * W, 0.0)
+    save_file(tensors, str(tmp_path / "mixture.safetensors"))
+    split = split_init_lora(pipe, init_lora_file(str(tmp_path / "mixture.safetensors")), "x", "attention", "tiny-flux")
+    assert sorted(split.trained) == ["transformer_blocks.0.attn.to_q"] and split.kept_layers == 0
+    a, scaled_b = split.trained["transformer_blocks.0.attn.to_q"]
+    want = tensors[f"{mixture}.lora_up.weight"] @ tensors[f"{mixture}.lora_down.weight"]  # (alpha 2 / rank 2)
+    assert relative_difference(scaled_b @ a, want) < 1e-6
+    load_adapters(build_tiny_flux_pipeline(), [parse_lora(str(tmp_path / "mixture.safetensors"), 0)], "tiny-flux")

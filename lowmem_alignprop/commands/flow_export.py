@@ -310,12 +310,29 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
     return out, family
 
 
-def kohya_as_diffusers(file: Path, label: str) -> Path:
+def kohya_flow_for_diffusers(tensors: dict[str, torch.Tensor], file: Path, label: str) -> Path:
+    """An SD3/FLUX LoRA ``file`` in kohya's or the original transformer's names (``tensors``: its weights) as the file
+    diffusers' loaders read: split back into the transformer's layers (:func:`kohya_as_diffusers`), or, a FLUX.1
+    file with a layer lowmem-alignprop does not train (the blocks' modulation, img_in...), in kohya's names for
+    diffusers' FLUX reader, which maps every such layer (a second CLIP, which it drops, raises UserError). The one
+    rule of ``sample --lora`` and ``--init-lora`` (``label``: the option and its value)."""
+    from lowmem_alignprop.commands.lora_files import safetensors_copy
+
+    named = kohya_names(tensors, label)
+    if untrained_flux_layer(named) is None:
+        return kohya_as_diffusers(file, label, named)
+    if refusal := second_clip_refusal(named, label):
+        raise UserError(refusal)
+    return safetensors_copy(named)
+
+
+def kohya_as_diffusers(file: Path, label: str, named: dict[str, torch.Tensor] | None = None) -> Path:
     """An SD3/FLUX kohya file split back into the transformer's own layers (:func:`kohya_to_peft`), written in
     diffusers' layout into a temporary folder (removed when the process ends): what ``--init-lora`` and
     ``sample --lora`` load; its CLIP text-encoder layers (``lora_te1_``, SD3's ``lora_te2_``) beside them, as
     diffusers' SDXL kohya reader names them (T5's, ``lora_te3_``, raise UserError: no diffusers loader reads them).
-    ``label``: the option and path, for the messages."""
+    ``label``: the option and path, for the messages; ``named``: the file's weights under kohya's names
+    (:func:`kohya_names`) where they were read already."""
     import atexit
     import shutil
     import tempfile
@@ -329,7 +346,7 @@ def kohya_as_diffusers(file: Path, label: str) -> Path:
     from lowmem_alignprop.models.kept_lora import EITHER_TEXT_MODEL, TEXT_MODEL, layer_ranks
     from lowmem_alignprop.models.lora_metadata import lora_metadata
 
-    state = kohya_names(load_file(str(file)), label)
+    state = named if named is not None else kohya_names(load_file(str(file)), label)
     encoders = {k: v for k, v in state.items() if k.startswith(tuple(KOHYA_ENCODERS))}  # (SD's lora_te_: CLIP-L)
     if t5 := sorted(k for k in state if k.startswith(T5_KEYS)):
         raise UserError(t5_refusal(label, t5[0]))

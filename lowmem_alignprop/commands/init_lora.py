@@ -42,8 +42,9 @@ def init_lora_file(spec: str) -> Path:
             raise _damaged(spec, file, e) from None
         _check_an_adapter(spec, shapes)  # (the shapes tell diffusers' own embeddings: "<token>" -> its vectors)
         keys = list(shapes)
-        if flow_export.is_kohya_flow(keys):
-            return flow_export.kohya_as_diffusers(file, f"--init-lora {spec}")
+        if flow_export.is_kohya_flow(keys):  # (a FLUX.1 file's modulation layers: kept, as diffusers reads them)
+            from safetensors.torch import load_file
+            return flow_export.kohya_flow_for_diffusers(load_file(str(file)), file, f"--init-lora {spec}")
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
             from safetensors.torch import load_file
             return attn_processor_as_diffusers(load_file(str(file))) or file

@@ -123,12 +123,7 @@ def _lora_file(path: Path, arg: str) -> Path:
         raise UserError(f"--lora {arg}: {file} holds NaN or inf weights ({bad}): the run that wrote it diverged; "
                         "sample a checkpoint from before it, or train again with a lower learning rate")
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
-        if flow_export.untrained_flux_layer(named := flow_export.kohya_names(tensors, f"--lora {arg}")) is not None:
-            if refusal := flow_export.second_clip_refusal(named, f"--lora {arg}"):  # (diffusers' reader: dropped)
-                raise UserError(refusal)
-            return safetensors_copy(named)  # (a FLUX layer we do not train, its modulation, CLIP-L's lora_te1_:
-            # diffusers' reader maps it)
-        return flow_export.kohya_as_diffusers(file, f"--lora {arg}")
+        return flow_export.kohya_flow_for_diffusers(tensors, file, f"--lora {arg}")
     # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads; a torch
     # pickle as safetensors: the converters of other tools' names read those, as --init-lora's do)
     return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or (
