@@ -190,6 +190,31 @@ def test_a_resumes_model_is_judged_by_its_weights_and_a_new_seed_says_what_it_mo
         "aside)"]
 
 
+@pytest.mark.parametrize("truncation, was, now, unread", [("fixed", {"k_max": 4}, {"k_max": 3}, "k_max"),
+                                                           ("uniform", {"k": 4}, {"k": 3}, "k")])
+def test_a_resume_says_and_records_no_change_of_a_k_its_truncation_does_not_read(tmp_path, caplog, truncation, was,
+                                                                                 now, unread):
+    """A resume with fewer sample_steps lowers the K settings above them, those the run does not read too (k_max
+    under truncation=fixed): it said 'resume: k_max was 4 in the checkpoint, now 3' beside sample_steps' line, and
+    the card's resume changes listed it, for a setting no step reads (the FLUX walk: --resume --set sample_steps=3)."""
+    from lowmem_alignprop.settings.config import Config
+
+    common = {"truncation": truncation, "k_min": 1}
+    state = {"config": Config(**common, sample_steps=4, **was).to_dict(), "step": 1}
+    cfg = Config(**common, sample_steps=3, steps=2, **now)
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        resume_rules.check_config(state, cfg, tmp_path)
+    assert [r.getMessage() for r in caplog.records] == ["resume: sample_steps was 4 in the checkpoint, now 3"]
+    assert resume_rules.resume_changes(state, cfg, 2) == [{"step": 2, "changes": {"sample_steps": [4, 3]}}]
+    read = {"k": 2} if truncation == "fixed" else {"k_max": 2}  # (a change of a K the run reads is still said)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
+        resume_rules.check_config(state, Config(**common, sample_steps=4, steps=2, **was, **read), tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resume: {k} was {Config(**common, **was).to_dict()[k]} in the checkpoint, now {v}" for k, v in read.items()]
+    assert unread not in resume_rules.resume_changes(state, cfg, 2)[0]["changes"]
+
+
 def test_resume_changes_that_would_not_apply_are_refused(tmp_path):
     """Each was warned as a change, recorded in config.yaml, and did not apply: --init-lora on a resume (loaded, then
     replaced by the checkpoint's LoRA), another eval_holdout (the run keeps the prompts it set aside), and any

@@ -152,9 +152,11 @@ def check_config(state: dict[str, Any], cfg, path: Path, *, finished: bool = Fal
 
 def changed_fields(saved: dict[str, Any], cfg) -> list[str]:
     """The fields of a checkpoint's config ``saved`` a resume with ``cfg`` changes, with a warning (the model is not
-    one: the loaded weights' fingerprint judges another model)."""
+    one: the loaded weights' fingerprint judges another model; nor is a K that ``cfg``'s truncation does not read,
+    k_min / k_max under fixed, k under uniform or per_step: fewer sample_steps lower it with no effect on a step)."""
+    unread = {"k_min", "k_max"} if getattr(cfg, "truncation", "fixed") == "fixed" else {"k"}
     return [n for n in saved if n not in FREE_FIELDS and n not in STRICT_FIELDS and n != "model"
-            and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
+            and n not in unread and hasattr(cfg, n) and saved[n] != getattr(cfg, n)]
 
 
 def resume_changes(state: dict[str, Any], cfg, step: int, processes: int = 1,
