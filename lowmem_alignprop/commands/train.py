@@ -318,7 +318,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             raise failed  # under a launcher one rank's reward may fail alone: the others stop with it
         self.start_trackers()
         self.setup_sampling()
-        self.render_before()  # the sample grid and the toy world's judged images of the untrained LoRA (a resume's read)
+        self.render_before()  # the untrained LoRA's sample grid and judged images (a resume reads them back)
         # the ranks start their steps together: a Ctrl-C while rank 0 samples ends every rank as "interrupted" (the
         # others, already in a step, took it as a stop request and died in its collective with rank 0 gone)
         from lowmem_alignprop.run.distributed import wait_for_every_rank

@@ -195,9 +195,10 @@ def format_time(t: dict[str, Any] | None, cfg: dict[str, Any], renders: dict[str
                  "error: benchmarks/REPORT.md section 6)")
     kinds = (("sample_grid", "sample-grid"), ("evaluation", "held-out evaluation"), ("judged", "toy-world judged"))
     if renders and (parts := [f"{renders['images'][key]} {name}" for key, name in kinds if renders["images"][key]]):
+        each = fmt_seconds(renders["seconds_per_image"])
         lines.append(f"    beside the steps, {', '.join(parts)} images without gradient: at most "
-                     f"{fmt_duration(renders['seconds'])} more ({fmt_seconds(renders['seconds_per_image'])} s an image; "
-                     "sample_prompts, sample_every, eval_every set how many)")
+                     f"{fmt_duration(renders['seconds'])} more ({each} s an image; sample_prompts, sample_every, "
+                     "eval_every set how many)")
     return lines
 
 
