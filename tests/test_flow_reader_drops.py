@@ -133,7 +133,7 @@ def test_init_lora_reads_a_flux_mixture_file_as_sample_does(tmp_path):
     """A FLUX.1 LoRA in the "mixture" layout (``lora_transformer_`` + diffusers' module path) beside an all-zero
     ``lora_unet_`` layer: sample read it (diffusers' FLUX reader, the zero layer left out); --init-lora split it as an
     sd-scripts file and refused the mixture's to_q as "a layer lowmem-alignprop does not train". Now both read it alike
-    (flow_export.kohya_flow_for_diffusers): to_q trains from its alpha / rank * up @ down."""
+    (lora_formats.kohya_flow_for_diffusers): to_q trains from its alpha / rank * up @ down."""
     pipe = build_tiny_flux_pipeline()
     mixture = "lora_transformer_transformer_blocks_0_attn_to_q"
     tensors = _layer(mixture, W, W) | _layer("lora_unet_double_blocks_0_img_mod_lin", W, 6 * W, 0.0)

@@ -310,22 +310,6 @@ def kohya_to_peft(state: dict[str, torch.Tensor], label: str) -> tuple[dict[str,
     return out, family
 
 
-def kohya_flow_for_diffusers(tensors: dict[str, torch.Tensor], file: Path, label: str) -> Path:
-    """An SD3/FLUX LoRA ``file`` in kohya's or the original transformer's names (``tensors``: its weights) as the file
-    diffusers' loaders read: split back into the transformer's layers (:func:`kohya_as_diffusers`), or, a FLUX.1
-    file with a layer lowmem-alignprop does not train (the blocks' modulation, img_in...), in kohya's names for
-    diffusers' FLUX reader, which maps every such layer (a second CLIP, which it drops, raises UserError). The one
-    rule of ``sample --lora`` and ``--init-lora`` (``label``: the option and its value)."""
-    from lowmem_alignprop.commands.lora_files import safetensors_copy
-
-    named = kohya_names(tensors, label)
-    if untrained_flux_layer(named) is None:
-        return kohya_as_diffusers(file, label, named)
-    if refusal := second_clip_refusal(named, label):
-        raise UserError(refusal)
-    return safetensors_copy(named)
-
-
 def kohya_as_diffusers(file: Path, label: str, named: dict[str, torch.Tensor] | None = None) -> Path:
     """An SD3/FLUX kohya file split back into the transformer's own layers (:func:`kohya_to_peft`), written in
     diffusers' layout into a temporary folder (removed when the process ends): what ``--init-lora`` and

@@ -12,8 +12,8 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded, ldm_unet_refusal,
-                                                   peft_as_diffusers)
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded,
+                                                   kohya_flow_for_diffusers, ldm_unet_refusal, peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.models.flow_lora_parts import t5_refusal
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
@@ -44,7 +44,7 @@ def init_lora_file(spec: str) -> Path:
         keys = list(shapes)
         if flow_export.is_kohya_flow(keys):  # (a FLUX.1 file's modulation layers: kept, as diffusers reads them)
             from safetensors.torch import load_file
-            return flow_export.kohya_flow_for_diffusers(load_file(str(file)), file, f"--init-lora {spec}")
+            return kohya_flow_for_diffusers(load_file(str(file)), file, f"--init-lora {spec}")
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
             from safetensors.torch import load_file
             return attn_processor_as_diffusers(load_file(str(file))) or file

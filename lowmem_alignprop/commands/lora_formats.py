@@ -16,8 +16,8 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  KOHYA_V2, KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
                                                  MODELSPEC_PREDICTION, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1,
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
-                                                 shared_image_settings, shared_name, shared_reward, temporary_folder,
-                                                 v_prediction, zero_terminal_snr)
+                                                 safetensors_copy, shared_image_settings, shared_name, shared_reward,
+                                                 temporary_folder, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
                                                     alphas_folded, comfy_encoder_name, comfy_encoder_refusal,
                                                     diffusers_parts, every_alpha_folded, lora_suffix, unchanged_layer,
@@ -545,6 +545,23 @@ def unet_layers_read(file: Path, label: str) -> Path:
     out = temporary_folder() / LORA_WEIGHT_NAME  # (its header kept: a diffusers file's adapter config, its alphas)
     save_file({k: tensors[k].contiguous() for k in sorted(keys)}, str(out), metadata=read_safetensors_metadata(file))
     return out
+
+
+def kohya_flow_for_diffusers(tensors: dict[str, torch.Tensor], file: Path, label: str) -> Path:
+    """An SD3/FLUX LoRA ``file`` in kohya's or the original transformer's names (``tensors``: its weights) as the file
+    diffusers' loaders read: split back into the transformer's layers (flow_export.kohya_as_diffusers), or, a FLUX.1
+    file with a layer lowmem-alignprop does not train (the blocks' modulation, img_in...), in kohya's names for
+    diffusers' FLUX reader, which maps every such layer (a second CLIP, which it drops, raises UserError). The one
+    rule of ``sample --lora`` and ``--init-lora`` (``label``: the option and its value). (Here, not in flow_export:
+    the copy is lora_files', which imports flow_export.)"""
+    from lowmem_alignprop.commands import flow_export
+
+    named = flow_export.kohya_names(tensors, label)
+    if flow_export.untrained_flux_layer(named) is None:
+        return flow_export.kohya_as_diffusers(file, label, named)
+    if refusal := flow_export.second_clip_refusal(named, label):
+        raise UserError(refusal)
+    return safetensors_copy(named)
 
 
 def kohya_encoders_without_out_proj(keys) -> bool:
