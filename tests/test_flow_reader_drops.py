@@ -144,3 +144,38 @@ def test_init_lora_reads_a_flux_mixture_file_as_sample_does(tmp_path):
     want = tensors[f"{mixture}.lora_up.weight"] @ tensors[f"{mixture}.lora_down.weight"]  # (alpha 2 / rank 2)
     assert relative_difference(scaled_b @ a, want) < 1e-6
     load_adapters(build_tiny_flux_pipeline(), [parse_lora(str(tmp_path / "mixture.safetensors"), 0)], "tiny-flux")
+
+
+CLIP_PE = "lora_te1_text_model_embeddings_position_embedding"
+
+
+def _clip_alone(family, fill, tmp_path):
+    """A kohya LoRA of CLIP-L alone (no lora_unet_ key: no conversion of sample's or --init-lora's splits it): its
+    first layer's out_proj and an embeddings layer with its up filled with ``fill``."""
+    width = W if family == "flux" else SD3_W
+    file = tmp_path / f"{family}-clip.safetensors"
+    save_file(_layer("lora_te1_text_model_encoder_layers_0_self_attn_out_proj", width, width) | _layer(
+        CLIP_PE, 16, width, fill), str(file))
+    return file
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_bad_input_a_clip_lora_alone_with_an_embeddings_layer_is_one_line(pipes, family, tmp_path):
+    """sd-scripts' CLIP-L embeddings in a kohya file of CLIP layers alone: FLUX.1's reader dropped them with a log
+    line (the LoRA rendered and trained without them), SD3's load said "only 1 of its 2 text-encoder layers exist
+    here; it was trained for another base model". Now the line of such a layer in a file with transformer layers."""
+    file = _clip_alone(family, None, tmp_path)
+    for label, load in ((f"--lora {file}", lambda: load_adapters(pipes[family](), [parse_lora(str(file), 0)], "t")),
+                        (f"--init-lora {file}", lambda: split_init_lora(pipes[family](), init_lora_file(str(file)),
+                                                                        str(file), "attention+ff"))):
+        with pytest.raises(UserError) as refused:
+            load()
+        assert str(refused.value) == f"{label} {comfy_encoder_refusal(CLIP_PE + '.lora_down.weight')}", label
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_an_all_zero_embeddings_layer_of_a_clip_lora_alone_is_left_out(pipes, family, tmp_path):
+    """(SD3's load counted it as a text-encoder layer that does not exist here: "trained for another base model".)"""
+    pipe = pipes[family]()
+    load_adapters(pipe, [parse_lora(str(_clip_alone(family, 0.0, tmp_path)), 0)], "t")
+    assert adapted_layers(pipe, "lora0") == 1

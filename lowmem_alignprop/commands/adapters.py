@@ -28,7 +28,7 @@ from lowmem_alignprop.commands.lora_formats import (kohya_encoders_as_diffusers,
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
-from lowmem_alignprop.settings.errors import UserError, quote
+from lowmem_alignprop.settings.errors import UserError
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
@@ -153,13 +153,14 @@ def _kohya_clip_read(lora):
     the first CLIP) in diffusers' names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names
     and leaves them as they are (a kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert
     it); FLUX's converts them."""
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers, kohya_encoder_unread
     from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS
 
     kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(tuple(KOHYA_ENCODERS))}
     if kohya:
         lora.state_dict = {k: v for k, v in lora.state_dict.items() if k not in kohya}
-        for part, named in kohya_encoder_layers(kohya).items():
+        read = {k: v for k, v in kohya.items() if not kohya_encoder_unread(k)}  # (the embeddings: all zero, checked)
+        for part, named in kohya_encoder_layers(read).items():
             lora.state_dict.update({f"{part}.{k}": v for k, v in named.items()})
     return lora
 
@@ -196,37 +197,43 @@ def left_out_layer(pipeline_class, raw: dict, lora) -> str | None:
     flow_lora_parts.FlowLora), a layer of no part loaded (not ``transformer.`` nor a text encoder: diffusers'
     ``load_lora_weights`` leaves it out too) or a transformer weight that is no LoRA's (a Control LoRA's norm scales,
     which only FluxPipeline.load_lora_weights writes into the model). A layer whose lora_up or lora_down is all zeros
-    changes nothing: None for it."""
-    from lowmem_alignprop.commands.kohya_layers import unchanged_layer
-    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES, is_down_key
+    changes nothing: None for it (kohya_layers.first_changed)."""
+    from lowmem_alignprop.commands.kohya_layers import first_changed
+    from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES
 
     dropped = [(raw, k) for k in (_flux_reader_drops(raw) if pipeline_class.__name__ == "FluxPipeline" else [])]
     read = lora.state_dict
     dropped += [(read, k) for k in read if not k.startswith(("transformer.", *ENCODER_PREFIXES)) or (
         k.startswith("transformer.") and "lora" not in k and not k.endswith(".alpha"))]
-    changed = [k for tensors, k in dropped if not unchanged_layer(tensors, k)]
-    return min(changed, key=lambda k: (not is_down_key(k), k)) if changed else None
+    return first_changed(dropped)
 
 
 def left_out_refusal(label: str, key: str) -> str:
-    """The line for a LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value)."""
-    return (f"{label} holds {quote(key)}, which diffusers' LoRA loader leaves out without a word (no layer of this "
-            "model by that name, or a second layout beside diffusers' transformer. / kohya's lora_unet_ names, of "
-            "which it reads one): the images would be the LoRA's without it; save the LoRA again in one layout, "
-            "without that layer")
+    """The line for an SD3/FLUX LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value)."""
+    from lowmem_alignprop.commands.kohya_layers import left_out_refusal as refusal
+
+    return refusal(label, key, "no layer of this model by that name, or a second layout beside diffusers' "
+                               "transformer. / kohya's lora_unet_ names, of which it reads one")
 
 
 def _read_flow_lora(pipe, file: Path, flag: str):
     """``file`` read by the SD3/FLUX pipeline's own LoRA reader (models/flow_lora_parts.read_flow_lora), kohya's CLIP
-    names as diffusers' (:func:`_kohya_clip_read`); T5 layers (no diffusers loader reads them) raise UserError."""
+    names as diffusers' (:func:`_kohya_clip_read`); T5 layers (no diffusers loader reads them), kohya CLIP layers
+    diffusers has no name for (kohya_layers.kohya_encoder_unread: FLUX.1's reader drops them with a log line, SD3's
+    finds no such layer) and the layers :func:`left_out_layer` finds raise UserError, each where it changes the model
+    (all zeros: left out). A file in kohya's transformer names was split before (lora_formats.kohya_flow_for_diffusers,
+    whose kohya_names says the same line of such CLIP layers); one of CLIP layers alone is checked here."""
+    from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal, first_changed, kohya_encoder_unread
     from lowmem_alignprop.models.flow_lora_parts import read_flow_lora, t5_refusal, unloaded_encoder_layers
     from lowmem_alignprop.run.tensor_files import tensors_on_demand
 
+    raw = tensors_on_demand(file)  # (the file's names, and the few tensors checked for zeros: not the file again)
+    if (key := first_changed((raw, k) for k in raw if kohya_encoder_unread(k))) is not None:
+        raise UserError(f"{flag} {comfy_encoder_refusal(key)}")
     lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
     if t5 := unloaded_encoder_layers(type(pipe), lora):
         raise UserError(t5_refusal(flag, t5[0]))
-    if (key := left_out_layer(type(pipe), tensors_on_demand(file), lora)) is not None:  # (diffusers: a log line, or
-        # none; the file's names, and the few tensors it checks for zeros, read again)
+    if (key := left_out_layer(type(pipe), raw, lora)) is not None:  # (diffusers: a log line, or none)
         raise UserError(left_out_refusal(flag, key))
     return lora
 

@@ -9,11 +9,13 @@ import re
 
 import torch
 
+from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.settings.errors import quote
 
 # a LoRA layer's tensors as ComfyUI names them: kohya's (lora_down, lora_up, alpha; no alpha: alpha = rank) or peft's
 # (lora_A down, lora_B up: comfy/weight_adapter/lora.py reads both), and peft's as kohya's
-LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
+KOHYA_LAYER_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")  # (what diffusers' kohya readers read)
+LORA_SUFFIXES = (*KOHYA_LAYER_SUFFIXES, ".lora_A.weight", ".lora_B.weight")
 KOHYA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
 # a ComfyUI LoRA's text-encoder layers (its save node's text_encoder_diff, and SD3/FLUX LoRAs it saves or reads):
 # ``text_encoders.`` + ComfyUI's CLIP model's path (comfy/lora.py model_lora_keys_clip's generic names): SD 1.x's
@@ -66,6 +68,22 @@ def unchanged_layer(tensors, key: str) -> bool:
     pairs = [tensors.get(layer + s) for s in (".lora_up.weight", ".lora_B.weight", ".lora_down.weight",
                                               ".lora_A.weight")]
     return any(isinstance(t, torch.Tensor) and not t.any() for t in pairs)
+
+
+def first_changed(dropped) -> str | None:
+    """Of ``dropped`` ((tensors, key) pairs: a LoRA file's layers a loader would leave out, ``tensors`` name -> tensor),
+    the key a refusal names: of the layers that change the model (not :func:`unchanged_layer`), a layer's down weight
+    first, then by name; None where none does (all zeros: left out, as diffusers leaves out zeros). The one rule of
+    the UNet and SD3/FLUX checks (lora_formats.unet_layers_read, adapters.left_out_layer)."""
+    changed = [k for tensors, k in dropped if not unchanged_layer(tensors, k)]
+    return min(changed, key=lambda k: (not k.endswith(LORA_DOWN_SUFFIXES), k)) if changed else None
+
+
+def left_out_refusal(label: str, key: str, layouts: str) -> str:
+    """The line for a LoRA holding ``key``, a layer :func:`first_changed` named (``label``: the option and its value;
+    ``layouts``: what the reader reads, and so why it leaves that layer out)."""
+    return (f"{label} holds {quote(key)}, which diffusers' LoRA loader leaves out without a word ({layouts}): the "
+            "images would be the LoRA's without it; save the LoRA again in one layout, without that layer")
 
 
 # ComfyUI's extract node's full weight and bias differences (lora_type full_diff, bias_diff): no LoRA loader applies

@@ -18,12 +18,13 @@ from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAG
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  safetensors_copy, shared_image_settings, shared_name, shared_reward,
                                                  temporary_folder, v_prediction, zero_terminal_snr)
-from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
-                                                    alphas_folded, comfy_encoder_name, comfy_encoder_refusal,
-                                                    diffusers_parts, every_alpha_folded, lora_suffix, unchanged_layer,
+from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_LAYER_SUFFIXES, KOHYA_SUFFIX,
+                                                    WEIGHT_DIFFERENCES, alphas_folded, comfy_encoder_name,
+                                                    comfy_encoder_refusal, diffusers_parts, every_alpha_folded,
+                                                    first_changed, left_out_refusal, lora_suffix, unchanged_layer,
                                                     weight_difference_refusal)
 from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
-from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES, peft_exclude
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -427,10 +428,15 @@ def ldm_unet_refusal(tensors) -> str | None:
     instead, to follow the option and its value in one line; None where it holds LoRA layers only."""
     if (key := ldm_unet_unreadable(tensors)) is None:
         return None
+    return comfy_encoder_refusal(key) if key.startswith(COMFY_ENCODER_PREFIX) and lora_suffix(key) else \
+        not_lora_refusal(key)
+
+
+def not_lora_refusal(key: str) -> str:
+    """Why a UNet LoRA file holding ``key``, a name no LoRA layer applies (ComfyUI's weight or bias differences, a
+    norm's weight...), is refused, and what to pass instead: to follow the option and its value."""
     if key.endswith(WEIGHT_DIFFERENCES):
         return weight_difference_refusal(key)
-    if key.startswith(COMFY_ENCODER_PREFIX) and lora_suffix(key):
-        return comfy_encoder_refusal(key)
     return f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain LoRA"
 
 
@@ -496,17 +502,16 @@ def unet_reader_drops(keys) -> list[str]:
 
 def unet_left_out_refusal(label: str, key: str) -> str:
     """The line for a UNet LoRA with a layer :func:`unet_reader_drops` found (``label``: the option and its value)."""
-    return (f"{label} holds {quote(key)}, which diffusers' LoRA loader leaves out without a word (it reads one layout: "
-            "kohya's lora_unet_ / lora_te_ names, sgm's input_blocks or diffusers' down_blocks, or diffusers' unet. / "
-            "text_encoder. names; no other prefix): the images would be the LoRA's without it; save the LoRA again in "
-            "one layout, without that layer")
+    return left_out_refusal(label, key, "it reads one layout: kohya's lora_unet_ / lora_te_ names, sgm's input_blocks "
+                                        "or diffusers' down_blocks, or diffusers' unet. / text_encoder. names; no "
+                                        "other prefix")
 
 
 def _not_lora_key(keys) -> str | None:
     """The first key of a UNet LoRA file that diffusers' reader fails on as no LoRA's (kohya's: not its lora_down /
     lora_up / alpha; diffusers': no "lora" in it, a norm's weight), which it blames on the model."""
     kohya = all(k.startswith(KOHYA_PREFIXES) for k in keys)
-    return next((k for k in sorted(keys) if (not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+    return next((k for k in sorted(keys) if (not k.endswith(KOHYA_LAYER_SUFFIXES)
                                               if kohya else "lora" not in k and not k.endswith(".alpha"))), None)
 
 
@@ -524,13 +529,10 @@ def unet_layers_read(file: Path, label: str) -> Path:
     if is_ldm_unet_lora(keys):
         return file
     if (key := _not_lora_key(keys)) is not None:
-        raise UserError(f"{label} " + (weight_difference_refusal(key) if key.endswith(WEIGHT_DIFFERENCES) else
-                                       f"holds {quote(key)}, not a LoRA's lora_down / lora_up / alpha: pass a plain "
-                                       "LoRA"))
+        raise UserError(f"{label} {not_lora_refusal(key)}")
     left = set()
     while dropped := unet_reader_drops(sorted(keys)) or sorted(k for k in keys if kohya_encoder_unread(k)):
-        if changed := [k for k in dropped if not unchanged_layer(tensors, k)]:
-            key = min(changed, key=lambda k: (not k.endswith(LORA_DOWN_SUFFIXES), k))
+        if (key := first_changed((tensors, k) for k in dropped)) is not None:
             raise UserError(f"{label} {comfy_encoder_refusal(key)}" if kohya_encoder_unread(key) else
                             unet_left_out_refusal(label, key))
         layers = {k.removesuffix(lora_suffix(k) or "") for k in dropped}
