@@ -96,9 +96,10 @@ def load_adapter_file(pipe, file: Path, name: str, flag: str, fix: str) -> None:
             # our LoRAs adapt only the denoiser; diffusers warns that the text encoder has none
             warnings.filterwarnings("ignore", message="No LoRA keys associated")
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: wanted
-            if getattr(pipe, "unet", None) is not None and is_safetensors(file):  # ComfyUI's LDM names: their
+            if getattr(pipe, "unet", None) is not None and is_safetensors(file):
                 file = unet_layers_read(file, flag)  # (what diffusers' reader leaves out: one line, zeros left out)
-                file = ldm_unet_as_diffusers(file, pipe) or file  # blocks numbered by the UNet's config
+                file = ldm_unet_as_diffusers(file, pipe) or file  # ComfyUI's LDM names: their blocks numbered by the
+                # UNet's config
                 file = kohya_encoders_as_diffusers(file, pipe) or file  # (encoder layers without out_proj)
             if getattr(pipe, "transformer", None) is not None:  # SD3/FLUX: part by part, where each part is
                 lora = _read_flow_lora(pipe, file, flag)  # (read once for both parts)
