@@ -553,13 +553,16 @@ def test_merge_onto_the_other_flow_family_is_refused_before_the_model_loads(flux
         assert not out.exists()
 
 
-def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path, capsys):
+def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, tmp_path, capsys, monkeypatch):
     """The file is the merged folder's transformer in BFL's names (the mapping is read back by diffusers' converter
     at FLUX.1's width below; its converter cannot read this tiny model's linear1). Sampled alone without
-    model_components: one line naming both ways to give its parts (a folder or a hub id)."""
+    model_components: one line naming the folder its header says it was merged into (by its shared name, 'base'),
+    as the value to pass where that folder is here; beside both ways to give the parts where it is not, or is no
+    FLUX folder; a hub id (and the commit merged) as the value. It asked for model_components=DIR or OWNER/NAME
+    alone, though the line before it read the header."""
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.models.flow_layout import flux_to_original
 
@@ -573,12 +576,30 @@ def test_merged_flux_single_file_is_the_merged_transformer_in_bfl_layout(flux, t
     assert "single_blocks.0.linear1.weight" in single and "double_blocks.0.img_attn.qkv.weight" in single
     expected = flux_to_original(merged.state_dict())
     assert single.keys() == expected.keys() and all(torch.equal(single[k], expected[k]) for k in single)
-    capsys.readouterr()
-    assert main(["sample", "--model", str(file), "--output-dir", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {file} holds only a FLUX transformer: name the model's diffusers folder with the text encoders, VAE "
-        "and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)"]
-    assert not (tmp_path / "s").exists()
+    assert flux["base"].name == "base" and json.loads(meta["alignprop_merged_loras"])[0]["into"] == "base"
+
+    def refusal(model: Path) -> str:
+        capsys.readouterr()
+        assert main(["sample", "--model", str(model), "--output-dir", str(tmp_path / "s")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and not (tmp_path / "s").exists(), lines
+        return lines[0].removeprefix(f"error: {model} holds only a FLUX transformer: name the model's diffusers folder "
+                                     "with the text encoders, VAE and scheduler: ")
+
+    monkeypatch.chdir(tmp_path)  # no base/ here
+    assert refusal(file) == ("--set model_components=DIR, the diffusers folder of the model its header says it was "
+                             "merged into (base, not here), or its hub id (OWNER/NAME)")
+    (tmp_path / "base").mkdir()  # a folder of that name, not the model's
+    assert refusal(file) == ("--set model_components=DIR, the diffusers folder of the model its header says it was "
+                             "merged into (base, no SD3/FLUX diffusers folder here), or its hub id (OWNER/NAME)")
+    monkeypatch.chdir(flux["base"].parent)  # where it was merged
+    assert refusal(file) == ("--set model_components=base (its header says it was merged into base, a diffusers "
+                             "folder here)")
+    record = [{**json.loads(meta["alignprop_merged_loras"])[0], "into": "someone/flux-base", "into_revision": "a" * 40}]
+    hub = tmp_path / "hub.safetensors"  # merged into a hub id at a commit
+    save_file(single, str(hub), metadata={**meta, "alignprop_merged_loras": json.dumps(record)})
+    assert refusal(hub) == (f"--set model_components=someone/flux-base --set components_revision={'a' * 40} (its "
+                            f"header says it was merged into someone/flux-base at commit {'a' * 40})")
 
 
 def test_flux_bfl_layout_reads_back_exactly_with_diffusers_converter_at_flux1_width():

@@ -26,6 +26,7 @@ from lowmem_alignprop.commands import lora_files
 from lowmem_alignprop.commands import lora_formats as formats
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import hub
+from lowmem_alignprop.run import merged_models
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME, MERGED_FILE
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")  # each layer's keys in a kohya file
@@ -518,7 +519,7 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     assert [(r["lora"], r["weight"], r["into"]) for r in record] == [(str(sd["lora"]), 1.0, str(sd["base"]))]
     single = export(tmp_path / "single", sd["lora"], "--merge", "--single-file")
     copy = export(tmp_path / "copy", sd["lora"], "--format", "diffusers")  # the same weights, another folder
-    from lowmem_alignprop.commands.lora_files import merged_record
+    from lowmem_alignprop.run.merged_models import merged_record
     upper = tmp_path / "renamed.SAFETENSORS"  # a user's rename: the loaders read it, so its record counts too
     shutil.copyfile(next(single.glob("*.safetensors")), upper)
     assert merged_record(str(upper)) == merged_record(str(next(single.glob("*.safetensors")))) != []
@@ -1173,7 +1174,7 @@ def test_a_merged_single_file_names_a_reward_file_by_its_name(sd, tmp_path):
     path = next(export(tmp_path / "out", run / "lora", "--merge", "--single-file").glob("*.safetensors"))
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["alignprop_reward"] == "mine.py:score:0.5,brightness:1"
-    assert lora_files.merged_record(str(path))[-1]["scoring"]["reward"] == "mine.py:score:0.5,brightness:1"
+    assert merged_models.merged_record(str(path))[-1]["scoring"]["reward"] == "mine.py:score:0.5,brightness:1"
 
 
 def test_the_hub_commit_holds_the_files_in_subfolders_and_hub_copies_skips_a_broken_record(tmp_path):

@@ -10,10 +10,11 @@ from typing import Any
 
 from lowmem_alignprop import rewards
 from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file
-from lowmem_alignprop.commands.lora_files import check_recorded_base, merged_record, read_run, shared_name
+from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run, shared_name
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE
+from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import image_settings, scoring_settings
 from lowmem_alignprop.settings.errors import UserError, first_line
 from lowmem_alignprop.settings.model_kind import shipped_name

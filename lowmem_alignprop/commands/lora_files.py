@@ -1,7 +1,7 @@
 """A LoRA folder a run wrote, read and checked (``export --lora``): the UNet's or transformer's weights in peft's
 names, the adapter's config, the base model's fingerprint and the run's config and summary; a training checkpoint
 (checkpoints/step-N) is read as the run would have written its LoRA at that step. A missing or damaged folder raises
-UserError naming what is wrong. Also the record of the LoRAs an `export --merge` model holds (:func:`merged_record`).
+UserError naming what is wrong. (The record of the LoRAs an `export --merge` model holds: run/merged_models.py.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lowmem_alignprop.run.filenames import (BEST_DIR, BEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_DIR, LORA_BASE_FILE,
-                                            LORA_DIR, LORA_WEIGHT_NAME, MERGED_FILE, SUMMARY_FILE)
+                                            LORA_DIR, LORA_WEIGHT_NAME, SUMMARY_FILE)
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_metadata, read_safetensors_shapes, read_tensor_file)
 from lowmem_alignprop.settings.errors import UserError, first_line, quote
@@ -728,25 +728,3 @@ def lora_digest(lora: Lora) -> str:
             h.update(name.encode())
             h.update(layers[name].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-MERGED_KEY = "alignprop_merged_loras"  # a merged single file's header: what MERGED_FILE says of a merged folder
-
-
-def merged_record(spec: str) -> list[dict]:
-    """The LoRAs that `export --merge` fused into the model ``spec`` (its MERGED_FILE, or a single file's header);
-    [] for any other model."""
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            text = (path / MERGED_FILE).read_text(encoding="utf-8") if (path / MERGED_FILE).is_file() else "[]"
-        elif path.is_file() and is_safetensors(path):
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                text = (f.metadata() or {}).get(MERGED_KEY, "[]")
-        else:
-            return []
-        record = json.loads(text)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return []  # unreadable: loading the model says what is wrong with it
-    return [r for r in record if isinstance(r, dict)] if isinstance(record, list) else []

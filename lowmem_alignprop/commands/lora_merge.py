@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, MERGED_KEY, Lora,
-                                                  check_recorded_base, header_lora_digest, lora_digest, merged_record,
-                                                  read_lora, shared_base_record, shared_name, shared_reward)
+from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, Lora, check_recorded_base,
+                                                  header_lora_digest, lora_digest, read_lora, shared_base_record,
+                                                  shared_name, shared_reward)
 from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM, file_stem, model_spec
 from lowmem_alignprop.commands.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.run.merged_models import MERGED_KEY, merged_record
 from lowmem_alignprop.settings.errors import UserError, first_line
 
 

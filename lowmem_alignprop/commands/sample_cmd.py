@@ -14,11 +14,11 @@ from lowmem_alignprop.commands.base_records import recorded_base, recorded_finge
 from lowmem_alignprop.commands.evaluate import evaluate, print_summary
 from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file, parse_lora
 from lowmem_alignprop.commands.lora_checks import check_mixable
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, header_base_model, header_image_settings,
-                                                  merged_record)
+from lowmem_alignprop.commands.lora_files import HEADER_BASE_MODEL, header_base_model, header_image_settings
 from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
+from lowmem_alignprop.run.merged_models import merged_record
 from lowmem_alignprop.settings.config import (HUB_PINS, MODEL_ENV, TRAINING_ONLY, UNCONDITIONAL_USES, coerce,
                                               split_set)
 from lowmem_alignprop.settings.errors import UserError

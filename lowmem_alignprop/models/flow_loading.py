@@ -144,7 +144,7 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
     family, layout = transformer_layout(keys)
     if not components:
         raise UserError(f"{path} holds only {_a(family)} transformer: name the model's diffusers folder with the "
-                        "text encoders, VAE and scheduler: --set model_components=DIR or OWNER/NAME (a hub id)")
+                        f"text encoders, VAE and scheduler: {components_fix(path)}")
     comp = folder or components_folder(components, configs_only=configs_only, revision=revision)
     if kind_of(comp) != "directory":  # a path that is no folder
         raise UserError(f"model_components={components} {describe(comp)}: name the model's diffusers folder, or "
@@ -164,6 +164,27 @@ def single_file_transformer(path: str, components: str, folder: Path | None = No
         config["guidance_embeds"] = has_guidance(keys)  # dev (guidance_in) or schnell (none), as the file is
     check_block_counts(keys, config, family, f"{path} has", f"model_components={components}'s")
     return cls, config, family, layout
+
+
+def components_fix(path: str) -> str:
+    """The fix for a transformer file ``path`` loaded without model_components: the folder or hub id an `export
+    --merge --single-file` file's header says it was merged into (run.merged_models.merged_parts), as the value to
+    pass where it is an SD3/FLUX diffusers folder here or a hub id (at the commit merged, where recorded); where it
+    is not here (the header's shared name), the header's said beside the setting's forms; else those forms."""
+    from lowmem_alignprop.run.merged_models import merged_parts
+
+    model, commit = merged_parts(path)
+    if not model:
+        return "--set model_components=DIR or OWNER/NAME (a hub id)"
+    said = f"its header says it was merged into {model}"
+    if looks_like_hub_id(model) and kind_of(Path(model).expanduser()) == "missing":
+        pin, at = (f" --set components_revision={commit}", f" at commit {commit}") if commit else ("", "")
+        return f"--set model_components={model}{pin} ({said}{at})"
+    if is_flow_dir(Path(model).expanduser()):
+        return f"--set model_components={model} ({said}, a diffusers folder here)"
+    here = "no SD3/FLUX diffusers folder here" if kind_of(Path(model).expanduser()) != "missing" else "not here"
+    return (f"--set model_components=DIR, the diffusers folder of the model its header says it was merged into "
+            f"({model}, {here}), or its hub id (OWNER/NAME)")
 
 
 # a block's index in a transformer file's keys, in either layout (diffusers' or the original BFL/Stability names)
