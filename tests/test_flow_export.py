@@ -947,6 +947,38 @@ def test_flow_init_lora_of_another_rank_or_family_is_one_line_and_writes_nothing
         assert_refused(main, [*fast, *args, "--output-dir", str(out)], needle, out, capsys)
 
 
+def test_a_feed_forward_init_lora_in_an_attention_run_names_a_key_of_the_users_own_file(flux_ff, tmp_path, capsys):
+    """A LoRA of attention+ff in a run of the attention projections: the example is a key the user's file holds, in
+    full: a kohya file's own (with the transformer's layer it holds), the diffusers file's; a peft folder's, the
+    layer's path. It was the kohya file's converted diffusers key, cut in the middle by quote()
+    ('transformer.single_transfor...cks.0.proj_mlp.lora_A.weight'), a key the file does not hold."""
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_alignprop.commands import flow_export
+
+    kohya = next(export(tmp_path / "k", flux_ff["lora"], "--format", "kohya").glob("*.safetensors"))
+    peft = export(tmp_path / "p", flux_ff["lora"], "--format", "peft")
+    original = {flow_export.kohya_name(path): path for path in (  # the same file in BFL's names, as ComfyUI's
+        flow_export.original_slot(k[len("transformer."):-len(".lora_A.weight")], "flux")[0]
+        for k in load_file(str(flux_ff["lora"] / "pytorch_lora_weights.safetensors")) if k.endswith(".lora_A.weight"))}
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({f"diffusion_model.{original[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+               for k, v in load_file(str(kohya)).items()}, str(comfy))
+    fix = "and this run's LoRA is on the attention projections: add --set lora_layers=attention+ff"
+    cases = [(kohya, "'lora_unet_double_blocks_0_img_mlp_0.lora_down.weight', the transformer's "
+                     "transformer_blocks.0.ff.net.0.proj"),
+             (comfy, "'diffusion_model.double_blocks.0.img_mlp.0.lora_down.weight', the transformer's "
+                     "transformer_blocks.0.ff.net.0.proj"),
+             (flux_ff["lora"], "'transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight'"),
+             (peft, "layer transformer.single_transformer_blocks.0.proj_mlp")]
+    for i, (lora, example) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main([*FLOW, "--model", str(flux_ff["base"]), "--init-lora", str(lora), "--output-dir", str(out)]) == 2
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")] == [
+            f"error: --init-lora {lora} adapts feed-forward layers too (e.g. {example}) {fix}"]
+        assert not out.exists()
+
+
 def test_an_sd3_lora_in_every_form_on_a_flux_model_is_refused_by_family_before_it_loads(flux, sd3, tmp_path, capsys,
                                                                                        monkeypatch):
     """A kohya file (in its export folder, or copied alone) and a peft export of an SD3 LoRA: sample and --init-lora

@@ -787,9 +787,8 @@ def test_init_lora_of_another_rank_or_architecture_is_one_line_and_writes_nothin
               f"checkpoints, e.g. --init-lora {kept / 'step-00000300'} (the newest), or the run's lora/"),
              # before the model loads, from the file's names
              (["--init-lora", str(made_ff_lora["lora"])], f"--init-lora {made_ff_lora['lora']} adapts feed-forward "
-              "layers too (e.g. 'unet.down_blocks."),
-             (["--init-lora", str(made_ff_lora["lora"])], "ff.net.0.proj.lora_A.weight') and this run's LoRA is on the "
-              "attention projections: add --set lora_layers=attention+ff")]
+              "layers too (e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.lora_A.weight') "
+              "and this run's LoRA is on the attention projections: add --set lora_layers=attention+ff")]
     # a DoRA (its magnitudes were dropped in silence: the run started from another LoRA), a peft adapter of another
     # type (a traceback), a LoRA of a diverged run (the run stopped blaming its reward)
     plain = load_file(str(made_lora["lora"] / "pytorch_lora_weights.safetensors"))  # (one that fits: only the change

@@ -189,6 +189,19 @@ def is_kohya_flow(keys) -> bool:
     return any(_KOHYA_FLOW.match(k) for k in keys)
 
 
+def kohya_key_of(module: str, keys) -> str | None:
+    """The down (A) key of an SD3/FLUX LoRA in kohya's or the original transformer's names (``keys``: its file's) that
+    holds the transformer layer ``module`` (diffusers' path, ``single_transformer_blocks.0.proj_mlp``; a fused
+    module's part: ``lora_unet_single_blocks_0_linear1.lora_down.weight``), as :func:`kohya_names` reads it; None
+    where it holds none."""
+    try:
+        name = kohya_name(original_slot(module, family_of_kohya_keys(keys) or SD3)[0])
+    except UserError:  # (no name in the original layout: no such key)
+        return None
+    return next((k for k in sorted(keys) if k.endswith(("lora_down.weight", "lora_A.weight")) and (
+        kohya_name(m.group(1)) if (m := _ORIGINAL_KEY.match(k)) else k.split(".")[0]) == name), None)
+
+
 def kohya_names(state: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
     """``state`` with the original transformer's paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``)
     under kohya's names (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``), and ComfyUI's CLIP layers

@@ -20,7 +20,7 @@ from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, T5_KEYS, TEX
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
-from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.errors import UserError, first_line, quote, quote_name
 
 INIT_ADAPTER = "init"  # the name the starting LoRA loads under, before it is copied into the trained adapter
 # a feed-forward layer's key in diffusers', peft's or kohya's names (lora_layers=attention+ff trains them)
@@ -204,8 +204,8 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
                         "pass a LoRA without other convolution layers")
     ff = sorted(k for k in shapes if _FF_KEY.search(k))
     if ff and layers == "attention":
-        raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {quote(ff[0])}) and this run's LoRA "
-                        "is on the attention projections: add --set lora_layers=attention+ff")
+        raise UserError(f"--init-lora {spec} adapts feed-forward layers too (e.g. {_own_example(spec, file, ff)}) and "
+                        "this run's LoRA is on the attention projections: add --set lora_layers=attention+ff")
     downs = {k: s for k, s in shapes.items() if k.endswith(LORA_DOWN_SUFFIXES) and len(s) >= 2}
     if not downs:
         raise UserError(f"--init-lora {spec}: {file.name} holds no LoRA weights (no lora_A / lora_down keys): pass a "
@@ -218,6 +218,29 @@ def lora_file_ranks(file: Path, spec: str, layers: str = "attention", flow: bool
         raise UserError(quantized_refusal(spec, linear, quant, flow))
     _check_finite(file, spec)
     return {s[0] for s in trained.values()}
+
+
+def _own_example(spec: str, file: Path, keys: list[str]) -> str:
+    """The first of ``keys`` (of the file read, ``file``) as the user's own file that ``spec`` names holds it, in full:
+    the key itself where that file holds it; an SD3/FLUX file in kohya's or the original transformer's names (read
+    in diffusers' names: :func:`init_lora_file`) by its own key of such a layer, with the transformer's layer it
+    holds (a fused linear1's MLP rows: proj_mlp); else (a peft folder's, a checkpoint's) the layer's path."""
+    from lowmem_alignprop.commands import flow_export
+
+    try:
+        own = named_lora(spec)[2]
+        theirs = set(read_safetensors_shapes(own)) if own is not None and is_safetensors(own) else set()
+    except (UserError, TensorFileError, OSError):  # (read before: not expected)
+        theirs = set()
+    if keys[0] in theirs:
+        return quote_name(keys[0])
+    layers = [_layer_name(k) for k in keys if k.endswith(LORA_DOWN_SUFFIXES)]
+    if flow_export.is_kohya_flow(theirs):
+        found = sorted((key, layer) for layer in layers if (key := flow_export.kohya_key_of(
+            layer.removeprefix("transformer."), theirs)) is not None)
+        if found:
+            return f"{quote_name(found[0][0])}, the transformer's {found[0][1].removeprefix('transformer.')}"
+    return f"layer {layers[0]}" if layers else quote_name(keys[0])
 
 
 def quantized_refusal(spec: str, linear: list[str], quant: str, flow: bool) -> str:

@@ -69,6 +69,12 @@ def quote(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def quote_name(name: str, limit: int = 200) -> str:
+    """A name from a user's file (a LoRA's key, a layer's path) for a message, in full where it is no longer than
+    ``limit`` (:func:`quote` shortens anything past 60 characters in the middle: a key the file does not hold)."""
+    return repr(name) if len(name) <= limit else quote(name, limit)
+
+
 @contextlib.contextmanager
 def same_on_every_rank():
     """UserErrors raised inside depend on the inputs alone, so every process of an ``accelerate launch`` finds the
