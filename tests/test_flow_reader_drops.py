@@ -81,12 +81,16 @@ def test_bad_input_a_layer_diffusers_reading_leaves_out_is_one_line(pipes, case,
 
 def test_bad_input_a_control_lora_norm_scale_is_one_line(pipes, tmp_path):
     """A FLUX.1 Control LoRA's norm scale (diffusers' layout): only FluxPipeline.load_lora_weights writes it into the
-    model; our part-by-part load left it out."""
+    model; our part-by-part load left it out. One line that says what the file is (before its wider x_embedder's
+    "does not fit" line)."""
     norm = "transformer.transformer_blocks.0.attn.norm_q.weight"
     save_file(_layer(PEFT, W, W, kohya=False) | {norm: torch.full((8,), 2.0)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(UserError) as refused:
         load_adapters(pipes["flux"](), [parse_lora(str(tmp_path / "c.safetensors"), 0)], "t")
-    assert str(refused.value) == left_out_refusal(f"--lora {tmp_path / 'c.safetensors'}", norm)
+    assert str(refused.value) == (f"--lora {tmp_path / 'c.safetensors'} holds '{norm}', a layer's own weight, not a "
+                                  "LoRA's: a FLUX.1 Control LoRA's norm scale (Canny, Depth: they condition on an "
+                                  "image, through FluxControlPipeline, which lowmem-alignprop does not run); pass a "
+                                  "plain LoRA")
 
 
 @pytest.mark.parametrize("case", ["lora_te1_ position_embedding", "another prefix in a kohya file",

@@ -28,7 +28,7 @@ from lowmem_alignprop.commands.lora_formats import (kohya_encoders_as_diffusers,
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run.tensor_files import is_safetensors
-from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.errors import UserError, quote
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
@@ -196,17 +196,30 @@ def left_out_layer(pipeline_class, raw: dict, lora) -> str | None:
     """The first layer of a LoRA file (``raw``: its tensors) that changes the model and that would be left out without
     a word: by diffusers' FLUX.1 reader (:func:`_flux_reader_drops`), or, once read (``lora``: a
     flow_lora_parts.FlowLora), a layer of no part loaded (not ``transformer.`` nor a text encoder: diffusers'
-    ``load_lora_weights`` leaves it out too) or a transformer weight that is no LoRA's (a Control LoRA's norm scales,
-    which only FluxPipeline.load_lora_weights writes into the model). A layer whose lora_up or lora_down is all zeros
-    changes nothing: None for it (kohya_layers.first_changed)."""
+    ``load_lora_weights`` leaves it out too). A layer whose lora_up or lora_down is all zeros changes nothing: None
+    for it (kohya_layers.first_changed). A transformer weight that is no LoRA's: :func:`own_weight`."""
     from lowmem_alignprop.commands.kohya_layers import first_changed
     from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES
 
     dropped = [(raw, k) for k in (_flux_reader_drops(raw) if pipeline_class.__name__ == "FluxPipeline" else [])]
     read = lora.state_dict
-    dropped += [(read, k) for k in read if not k.startswith(("transformer.", *ENCODER_PREFIXES)) or (
-        k.startswith("transformer.") and "lora" not in k and not k.endswith(".alpha"))]
+    dropped += [(read, k) for k in read if not k.startswith(("transformer.", *ENCODER_PREFIXES))]
     return first_changed(dropped)
+
+
+def own_weight(lora) -> str | None:
+    """The first transformer weight of ``lora`` (a flow_lora_parts.FlowLora) that is no LoRA's: a FLUX.1 Control
+    LoRA's norm scales, which only FluxPipeline.load_lora_weights writes into the model (the part-by-part load leaves
+    them out); None for a LoRA of LoRA layers alone."""
+    return next((k for k in sorted(lora.state_dict) if k.startswith("transformer.") and "lora" not in k
+                 and not k.endswith(".alpha")), None)
+
+
+def own_weight_refusal(label: str, key: str) -> str:
+    """The line for a LoRA with a weight :func:`own_weight` found (``label``: the option and its value)."""
+    return (f"{label} holds {quote(key)}, a layer's own weight, not a LoRA's: a FLUX.1 Control LoRA's norm scale "
+            "(Canny, Depth: they condition on an image, through FluxControlPipeline, which lowmem-alignprop does not "
+            "run); pass a plain LoRA")
 
 
 def left_out_refusal(label: str, key: str) -> str:
@@ -234,6 +247,8 @@ def _read_flow_lora(pipe, file: Path, flag: str):
     lora = _kohya_clip_read(read_flow_lora(type(pipe), file))
     if t5 := unloaded_encoder_layers(type(pipe), lora):
         raise UserError(t5_refusal(flag, t5[0]))
+    if (key := own_weight(lora)) is not None:  # (a Control LoRA: its norm scales first, its x_embedder is wider)
+        raise UserError(own_weight_refusal(flag, key))
     if (key := left_out_layer(type(pipe), raw, lora)) is not None:  # (diffusers: a log line, or none)
         raise UserError(left_out_refusal(flag, key))
     return lora
