@@ -12,8 +12,9 @@ import torch
 
 from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded,
-                                                   kohya_flow_for_diffusers, ldm_unet_refusal, peft_as_diffusers)
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers, bare_part,
+                                                   kohya_alphas_folded, kohya_flow_for_diffusers, ldm_unet_refusal,
+                                                   peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.models.flow_lora_parts import t5_refusal
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
@@ -48,6 +49,9 @@ def init_lora_file(spec: str) -> Path:
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
             from safetensors.torch import load_file
             return attn_processor_as_diffusers(load_file(str(file))) or file
+        if any(bare_part(k) for k in keys):  # (peft's names without diffusers' unet. / transformer.: prefixed)
+            from safetensors.torch import load_file
+            return bare_lora_as_diffusers(load_file(str(file)), file, f"--init-lora {spec}") or file
         if any(k.endswith(".alpha") for k in keys):  # (kohya's per-layer alphas, which diffusers misreads: folded)
             from safetensors.torch import load_file
             return kohya_alphas_folded(load_file(str(file))) or file

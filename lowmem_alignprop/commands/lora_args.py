@@ -19,8 +19,9 @@ from safetensors import safe_open
 
 from lowmem_alignprop.commands import flow_export
 from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, nonfinite, not_a_lora, safetensors_copy
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, kohya_alphas_folded,
-                                                    kohya_flow_for_diffusers, ldm_unet_refusal, peft_as_diffusers)
+from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers,
+                                                    kohya_alphas_folded, kohya_flow_for_diffusers, ldm_unet_refusal,
+                                                    peft_as_diffusers)
 from lowmem_alignprop.commands.lora_kinds import lora_family, lora_model
 from lowmem_alignprop.models import loading
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
@@ -124,10 +125,11 @@ def _lora_file(path: Path, arg: str) -> Path:
                         "sample a checkpoint from before it, or train again with a lower learning rate")
     if flow_export.is_kohya_flow(tensors):  # SD3/FLUX kohya names: q/k/v split back (diffusers' SD3 loader reads none)
         return kohya_flow_for_diffusers(tensors, file, f"--lora {arg}")
-    # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads; a torch
-    # pickle as safetensors: the converters of other tools' names read those, as --init-lora's do)
-    return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or (
-        file if is_safetensors(file) else safetensors_copy(tensors))
+    # (diffusers' layout before 0.21, which it reads no more; kohya's per-layer alphas, which it misreads; peft's
+    # names without diffusers' unet. / transformer., which it leaves out; a torch pickle as safetensors: the
+    # converters of other tools' names read those, as --init-lora's do)
+    return attn_processor_as_diffusers(tensors) or kohya_alphas_folded(tensors) or bare_lora_as_diffusers(
+        tensors, file, f"--lora {arg}") or (file if is_safetensors(file) else safetensors_copy(tensors))
 
 
 def _read_tensors(file: Path, arg: str) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
-from lowmem_alignprop.settings.errors import UserError, first_line, quote
+from lowmem_alignprop.settings.errors import UserError, first_line, quote, quote_name
 
 PEFT_PREFIX = "base_model.model."
 
@@ -359,8 +359,94 @@ def peft_as_diffusers(folder: Path, label: str) -> Path:
         raise UserError(f"{label} is a peft {kind} adapter, not a LoRA: only LoRA adapters (peft_type LORA) are "
                         "read; pass a LoRA")
     weights = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
-    known = {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
-    return _diffusers_file(weights, known)
+    return _diffusers_file(weights, _lora_config(config))
+
+
+def _lora_config(config: dict) -> dict:
+    """A peft adapter's config as diffusers' adapter metadata reads it (not the base model's name, not peft's own
+    fields)."""
+    return {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "auto_mapping")}
+
+
+# a LoRA file in peft's names without diffusers' part prefix: ``get_peft_model_state_dict(unet)`` saved with
+# safetensors' save_file, a model's own ``save_lora_adapter`` (its peft config in the header's lora_adapter_metadata,
+# which ``unet.load_lora_adapter(file, prefix=None)`` reads), or a PeftModel's state dict (``base_model.model.``
+# before each name). diffusers' pipeline loader reads only unet. / transformer. / text_encoder. names: it left every
+# such layer out without a word (FLUX.1's reader raised KeyError on base_model.model.). Which part a layer is of is
+# told by its name's first module: a child of the SD 1.x/2.x/SDXL UNet, of the SD3/FLUX.1 transformer (the two share
+# none), or a text encoder's (CLIP's: text_model. before transformers 5; SDXL's and SD3's two CLIPs share their names:
+# diffusers' prefix tells them apart)
+BARE_MODULES = {"unet": ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_time_proj",
+                         "add_embedding", "encoder_hid_proj", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
+                         "conv_out"),
+                "transformer": ("pos_embed", "time_text_embed", "context_embedder", "x_embedder",
+                                "transformer_blocks", "single_transformer_blocks", "norm_out", "proj_out"),
+                "text_encoder": ("text_model", "text_projection", "embeddings", "encoder", "final_layer_norm")}
+_BARE_PART_NAMES = {"unet": "UNet", "transformer": "transformer", "text_encoder": "text encoder"}
+LORA_ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' header key of an adapter's peft config (lora_alpha...)
+
+
+def bare_part(key: str) -> str | None:
+    """The part (:data:`BARE_MODULES`: unet, transformer, text_encoder) whose module a LoRA key in peft's names
+    without diffusers' prefix starts with (``base_model.model.`` left out); None for another name."""
+    head = key.removeprefix(PEFT_PREFIX).split(".", 1)[0]
+    return next((part for part, heads in BARE_MODULES.items() if head in heads), None)
+
+
+def bare_lora_part(keys) -> str | None:
+    """unet or transformer: the denoiser a LoRA file in peft's names without diffusers' prefix adapts (the part most
+    of its keys start with a module of, :func:`bare_part`); None where no key names one."""
+    from collections import Counter
+
+    parts = Counter(p for k in keys if (p := bare_part(k)) in ("unet", "transformer"))
+    return parts.most_common(1)[0][0] if parts else None
+
+
+def bare_lora_as_diffusers(tensors: dict, file: Path, label: str) -> Path | None:
+    """A LoRA file in peft's names without diffusers' part prefix (above; ``tensors``: its weights) in diffusers'
+    layout, in a temporary folder (removed when the process ends): its names under ``unet.`` or ``transformer.``,
+    its header's peft config (lora_alpha; none: alpha = rank, as diffusers reads a LoRA without one) as that part's
+    adapter config, as :func:`peft_as_diffusers` writes a peft folder's. None for a file of another layout. A file
+    whose keys are not all one denoiser's layers (a text encoder's beside them, a name of neither) raises UserError
+    (``label``: the option and its value), naming the key and the prefixes diffusers reads; beside another layout's
+    names (unet., kohya's...), the left-out checks speak (adapters, :func:`unet_layers_read`)."""
+    if any(k.startswith((*KOHYA_PREFIXES, *_DIFFUSERS_PARTS, "transformer.", "lora_transformer_", LDM_UNET_PREFIX,
+                         COMFY_ENCODER_PREFIX)) for k in tensors):
+        return None  # (beside another layout's names: the left-out checks say it, all-zero layers left out)
+    part = bare_lora_part(tensors)
+    if part is None:  # (a text encoder's layers alone: which encoder is not in their names)
+        if tensors and all(bare_part(k) == "text_encoder" for k in tensors):
+            raise UserError(bare_refusal(label, min(tensors), None, ""))
+        return None
+    if (odd := next((k for k in sorted(tensors) if bare_part(k) != part), None)) is not None:
+        raise UserError(bare_refusal(label, odd, part, min(k for k in tensors if bare_part(k) == part)))
+    from lowmem_alignprop.run.tensor_files import is_safetensors, read_safetensors_metadata
+
+    try:
+        config = json.loads(read_safetensors_metadata(file).get(LORA_ADAPTER_METADATA) or "{}") \
+            if is_safetensors(file) else {}
+    except ValueError:  # (a damaged config: diffusers' own reader fails on it too)
+        raise UserError(f"{label}: the adapter config in its header ({LORA_ADAPTER_METADATA}) is damaged (not "
+                        "JSON): save the LoRA again") from None
+    known = _lora_config(config) if isinstance(config, dict) and "r" in config else {}  # (a peft config's own keys)
+    return _diffusers_file({k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}, known, part)
+
+
+def bare_refusal(label: str, key: str, part: str | None, example: str) -> str:
+    """The line for a LoRA file in peft's names without diffusers' prefix whose ``key`` is not of ``part`` (the
+    denoiser most of its keys are layers of, ``example`` one of them; None: a text encoder's layers alone)."""
+    said = {"unet": "unet.", "transformer": "transformer."}
+    reads = "text_encoder. (text_encoder_2. for SDXL's and SD3's second CLIP)"
+    if part is None:
+        return (f"{label} holds {quote_name(key)}, a text encoder's layer in peft's names without diffusers' part "
+                "prefix, which diffusers' LoRA loader leaves out without a word: it reads a text encoder's layers "
+                f"under {reads}; save the LoRA with its encoder's prefix")
+    what = "a text encoder's layer" if bare_part(key) == "text_encoder" else "no layer of an SD3/FLUX transformer" \
+        if part == "transformer" else "no layer of a UNet"
+    return (f"{label} holds {quote_name(key)}, {what}, beside the {_BARE_PART_NAMES[part]}'s layers in peft's names "
+            f"without diffusers' part prefix (e.g. {quote_name(example)}): diffusers' LoRA loader reads a "
+            f"{_BARE_PART_NAMES[part]}'s layers under {said[part]}, a text encoder's under {reads}, and leaves out "
+            "any other name without a word; save the LoRA with each layer's prefix")
 
 
 def attn_processor_as_diffusers(tensors: dict) -> Path | None:
@@ -612,14 +698,15 @@ def _kohya_as_diffusers(tensors: dict, pipe) -> Path:
     return out / LORA_WEIGHT_NAME
 
 
-def _diffusers_file(weights: dict, known: dict) -> Path:
-    """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file, in a temporary folder, the
-    names as they are: diffusers' peft-to-diffusers converter renames the attention layers' alone, and its reader,
-    finding a conv layer's peft names beside them (a LoCon adapter), then dropped every attention layer."""
+def _diffusers_file(weights: dict, known: dict, part: str | None = None) -> Path:
+    """peft-named weights (and their adapter config ``known``) as diffusers' LoRA file of ``part`` (unet or
+    transformer; None: the one its names tell, :func:`bare_lora_part`, else unet), in a temporary folder, the names as
+    they are: diffusers' peft-to-diffusers converter renames the attention layers' alone, and its reader, finding a
+    conv layer's peft names beside them (a LoCon adapter), then dropped every attention layer."""
     from diffusers import StableDiffusionPipeline
 
     out = temporary_folder() / "lora"
-    if weights and all(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in weights):
+    if (part or bare_lora_part(weights)) == "transformer":
         from diffusers import StableDiffusion3Pipeline  # an SD3/FLUX transformer's adapter: peft's keys as they are
         StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=weights,
                                                    transformer_lora_adapter_metadata=known)

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
-from lowmem_alignprop.commands.lora_formats import is_ldm_unet_lora
+from lowmem_alignprop.commands.lora_formats import PEFT_PREFIX, bare_lora_part, is_ldm_unet_lora
 from lowmem_alignprop.models.flow import family_of
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE
@@ -20,7 +20,8 @@ from lowmem_alignprop.settings.model_kind import KIND_FAMILY, model_kind_of
 
 def lora_family(path: Path) -> str | None:
     """``unet`` or ``transformer`` (SD3/FLUX): which denoiser a LoRA file adapts, from its key names (diffusers'
-    ``unet.`` / ``transformer.`` prefixes, kohya's ``lora_unet_`` / ``lora_transformer_``); None when unknown."""
+    ``unet.`` / ``transformer.`` prefixes, kohya's ``lora_unet_`` / ``lora_transformer_``, peft's names without a
+    prefix: lora_formats.bare_lora_part); None when unknown."""
     if not is_safetensors(path):
         return None
     with safe_open(str(path), framework="pt") as f:
@@ -32,7 +33,7 @@ def lora_family(path: Path) -> str | None:
     for family, prefixes in (("unet", ("unet.", "lora_unet_")), ("transformer", ("transformer.", "lora_transformer_"))):
         if any(k.startswith(prefixes) for k in keys):
             return family
-    return None
+    return bare_lora_part(keys)  # (peft's names without diffusers' prefix: the first module tells)
 
 
 def lora_model(path: Path, family: str | None, record: Path | None = None) -> str | None:
@@ -51,7 +52,7 @@ def lora_model(path: Path, family: str | None, record: Path | None = None) -> st
         return recorded_model
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-    modules = [k.removeprefix("transformer.") for k in keys]
+    modules = [k.removeprefix("transformer.").removeprefix(PEFT_PREFIX) for k in keys]
     return family_of_kohya_keys(keys) or ("flux" if family_of_weights(modules) == "flux" else "transformer")
 
 
