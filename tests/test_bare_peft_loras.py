@@ -148,3 +148,13 @@ def test_peft_names_beside_another_layout_are_left_to_the_left_out_checks(tmp_pa
     pipe = build_tiny_pipeline()
     load_adapters(pipe, [parse_lora(str(file), 0)], "t")
     assert adapted_layers(pipe, "lora0") == 1
+
+
+def test_bad_input_a_bare_peft_lora_with_a_damaged_adapter_config_is_one_line(tmp_path):
+    file = tmp_path / "x.safetensors"
+    save_file({Q: torch.ones(2, 64), Q.replace("lora_A", "lora_B"): torch.ones(64, 2)}, str(file),
+              metadata={"lora_adapter_metadata": '{"r": 2, "lora_alpha"'})
+    with pytest.raises(UserError) as refused:
+        parse_lora(str(file), 0)
+    assert str(refused.value) == (f"--lora {file}: the adapter config in its header (lora_adapter_metadata) is damaged "
+                                  "(not JSON): save the LoRA again")
