@@ -318,16 +318,34 @@ def test_disk_full_at_the_summary_names_the_file_and_what_is_safe(tmp_path, caps
     assert final_lora.outputs_problem(out) == f"{out / 'summary.json'} is missing or damaged"
 
 
+def killed_run(args: list[str], inject: str) -> int:
+    """The CLI with the write hook ``inject`` in a child process, as -signal or exit status. On Linux a fork of this
+    process (the libraries already imported: a fresh interpreter pays ~10 s of imports before its first line);
+    elsewhere (macOS: a fork after torch's imports can hang) a fresh ``python -m lowmem_alignprop``."""
+    if not sys.platform.startswith("linux"):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: inject}
+        return subprocess.run([sys.executable, "-m", "lowmem_alignprop", *args], env=env, capture_output=True,
+                              timeout=600).returncode
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest, whatever happens
+        code = 1
+        try:
+            torch.set_num_threads(1)  # the parent's OpenMP threads are not the child's
+            os.environ[atomic.INJECT_ENV] = inject
+            code = main(args)
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def test_a_kill_while_the_lora_is_written_leaves_no_half_and_resume_writes_it(tmp_path, tiny_dir, caplog):
     """A real SIGKILL just before the LoRA folder is renamed into place (test hook): no lora/ at all, only the
     temporary folder; --resume latest removes it and writes the LoRA from the last checkpoint (in this process: the
     folder the killed process left is all it reads)."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: "lora:kill"}
     args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "1"]
-    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert killed_run(args, "lora:kill") == -signal.SIGKILL
     assert not (out / "lora").exists() and [p.name.split("-", 2)[-1] for p in atomic.leftovers(out)] == ["lora"]
     assert ckpt.verify(out / "checkpoints" / "step-00000001") is None
     assert main([*args, "--resume", "latest"]) == 0
@@ -340,12 +358,9 @@ def test_a_kill_while_the_end_of_run_export_is_written_resumes_into_the_export(t
     --resume latest writes the export (before: "nothing left to train", the export missing and its temporary folder
     left for good); then the run is whole and a further --resume has nothing to do."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), atomic.INJECT_ENV: "kohya:kill"}
     args = [*FAST, "--set", "sample_prompts=0", "--output-dir", str(out), "--steps", "1", "--set",
             "export_format=kohya"]
-    proc = subprocess.run([sys.executable, "-m", "lowmem_alignprop", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert killed_run(args, "kohya:kill") == -signal.SIGKILL
     assert final_lora.outputs_problem(out) is None and not (out / "export" / "kohya").exists()
     assert [p.name.split("-", 2)[-1] for p in atomic.leftovers(out)] == ["kohya"]
     assert main([*args, "--resume", "latest"]) == 0
