@@ -183,3 +183,45 @@ def test_an_all_zero_embeddings_layer_of_a_clip_lora_alone_is_left_out(pipes, fa
     pipe = pipes[family]()
     load_adapters(pipe, [parse_lora(str(_clip_alone(family, 0.0, tmp_path)), 0)], "t")
     assert adapted_layers(pipe, "lora0") == 1
+
+
+# FLUX.1 files beside CASES' that take the reader's other ways: no kohya key (read as it is), sd-scripts' CLIP-L
+# names that it reads (lora_te_, lora_te1_) beside T5's (lora_te2_, dropped), ComfyUI's names
+READER_CASES = {
+    "sd-scripts' encoder names": lambda: _layer(KOHYA, W, W) | _layer(
+        "lora_te1_text_model_encoder_layers_0_self_attn_k_proj", W, W) | _layer(
+        "lora_te_text_model_encoder_layers_0_mlp_fc1", W, W) | _layer(
+        "lora_te2_encoder_block_0_layer_0_SelfAttention_q", W, W),
+    "no kohya key": lambda: _layer(PEFT, W, W, kohya=False) | _layer("unet.foo", W, W, kohya=False),
+    "ComfyUI names": lambda: _layer("diffusion_model.double_blocks.0.img_attn.proj", W, W) | _layer(
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", W, W) | _layer(
+        "lora_foo_bar", W, W),
+}
+
+
+@pytest.mark.parametrize("case", sorted([c for c in CASES if CASES[c][0] == "flux"] + list(READER_CASES)))
+def test_the_flux_reader_drops_are_those_diffusers_own_reader_drops(case, tmp_path):
+    """A guard against a diffusers upgrade changing what its FLUX.1 reader (FluxPipeline.lora_state_dict) drops
+    without a word: the layers adapters._flux_reader_drops (and kohya_layers.kohya_encoder_unread: the CLIP
+    embeddings, text_projection) predict as dropped are exactly those absent from the reader's result. Each read
+    layer is told by its lora_A / CLIP's ".down" (the file's lora_down times alpha / rank = 1: the same values under
+    any name)."""
+    from diffusers import FluxPipeline
+
+    from lowmem_alignprop.commands.adapters import _flux_reader_drops
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread, lora_suffix
+
+    raw = READER_CASES[case]() if case in READER_CASES else CASES[case][1](None)
+    save_file(raw, str(tmp_path / "lora.safetensors"))
+    layers = {k.removesuffix(lora_suffix(k)) for k in raw}
+    downs = {n: raw.get(n + ".lora_down.weight", raw.get(n + ".lora_A.weight")) for n in layers}
+    read = FluxPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"))
+    kept = []
+    for key in (k for k in read if k.endswith((".lora_A.weight", ".down.weight"))):  # (CLIP's: "to_q_lora.down")
+        same = [n for n in layers if downs[n].shape == read[key].shape and torch.equal(downs[n], read[key])]
+        assert len(same) == 1, (key, same)
+        kept += same
+    drops = set(_flux_reader_drops(raw))
+    predicted = {k.removesuffix(lora_suffix(k)) for k in raw if k in drops or kohya_encoder_unread(k)}
+    assert (sorted(layers - set(kept)), len(kept)) == (sorted(predicted), len(layers) - len(predicted))
+    assert predicted or case == "no kohya key"  # (each file but that one has a layer dropped)
