@@ -26,7 +26,7 @@ from lowmem_alignprop.commands.lora_args import LoraSpec
 from lowmem_alignprop.commands.lora_formats import (kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
                                                     unet_layers_read)
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
-from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
+from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, adapter_layers
 from lowmem_alignprop.run.tensor_files import is_safetensors
 from lowmem_alignprop.settings.errors import UserError, quote
 
@@ -35,13 +35,17 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shap
                             r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
 
+def pipeline_adapter_layers(pipe, name: str):
+    """(component name, module path, module) of every layer of the pipeline's models that carries adapter
+    ``name``."""
+    for part, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            yield from ((part, path, m) for path, m in adapter_layers(component, name))
+
+
 def adapted_layers(pipe, name: str) -> int:
     """How many layers of the pipeline's models carry adapter ``name``."""
-    count = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            count += sum(1 for m in component.modules() if name in getattr(m, "lora_A", {}))
-    return count
+    return sum(1 for _ in pipeline_adapter_layers(pipe, name))
 
 
 def layers_in_file(path: Path) -> int:

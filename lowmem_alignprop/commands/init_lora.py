@@ -17,7 +17,8 @@ from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
 from lowmem_alignprop.models.flow_lora_parts import t5_refusal
-from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, T5_KEYS, TEXT_ENCODER_KEYS, trains_layer
+from lowmem_alignprop.models.lora_layers import (LORA_DOWN_SUFFIXES, T5_KEYS, TEXT_ENCODER_KEYS, adapter_layers,
+                                                trains_layer)
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.run.tensor_files import (TensorFileError, is_safetensors, not_safetensors,
                                                read_safetensors_shapes)
@@ -420,7 +421,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     untrained linears are kept as a UNet's are; its text encoders' layers were kept before the prompts were encoded
     (:func:`keep_encoder_layers`, ``encoders``: what it kept, the encoders freed since). A kept linear of an int8/nf4
     base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise UserError."""
-    from lowmem_alignprop.commands.adapters import load_adapter_file
+    from lowmem_alignprop.commands.adapters import load_adapter_file, pipeline_adapter_layers
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     flow, fix = denoiser == "transformer", ("it was made for another base model: pass that model with --model, or "
@@ -429,7 +430,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     # x_embedder in silence, is not called; another width is one "does not fit" line)
     load_adapter_file(pipe, file, INIT_ADAPTER, f"--init-lora {spec}", fix)
     split, quantized = InitLora({}, dict(encoders or {})), {}
-    for part, name, module in _init_layers(pipe):
+    for part, name, module in pipeline_adapter_layers(pipe, INIT_ADAPTER):
         a, scaled = _a_and_scaled_b(module)
         if part == denoiser and trains_layer(name, layers, flow):
             split.trained[name] = (a.clone(), scaled.clone())
@@ -445,16 +446,6 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
                                           flow))
     pipe.unload_lora_weights()  # every layer of the "init" adapter, kept ones included: their base layers stay
     return split
-
-
-def _init_layers(pipe):
-    """(component name, module path, module) of every layer of the pipeline's models that carries the "init"
-    adapter."""
-    for part, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            for name, module in component.named_modules():
-                if INIT_ADAPTER in getattr(module, "lora_A", {}):
-                    yield part, name, module
 
 
 def _a_and_scaled_b(module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,12 +470,12 @@ def keep_encoder_layers(pipe, file: Path, spec: str) -> dict[str, torch.Tensor]:
     ``load_lora_weights`` of the whole file would encode them (the encoders are freed after). Returns them as kept
     layers (:func:`split_init_lora` adds the transformer's); {} for a LoRA without any. A T5 layer, or one that does
     not fit the encoders, raises UserError."""
-    from lowmem_alignprop.commands.adapters import load_encoder_part
+    from lowmem_alignprop.commands.adapters import load_encoder_part, pipeline_adapter_layers
 
     load_encoder_part(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
                       "it was made for another base model: pass that model with --model")
     kept: dict[str, torch.Tensor] = {}
-    for part, name, module in _init_layers(pipe):
+    for part, name, module in pipeline_adapter_layers(pipe, INIT_ADAPTER):
         if part != "transformer":  # (the transformer is not read yet)
             _keep(kept, part, name, *_a_and_scaled_b(module))
     return kept
@@ -509,6 +500,6 @@ def start_from_lora(unet, split: InitLora, spec: str, layers: str = "attention")
                             f"add --set lora_rank={a.shape[0]}")
         ours_a.copy_(a)
         ours_b.copy_(scaled / module.scaling["default"])  # the same scale * B @ A
-    trained = sum("default" in getattr(m, "lora_A", {}) for m in unet.modules())
+    trained = sum(1 for _ in adapter_layers(unet, "default"))
     return len(split.trained), trained
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES, adapter_layers
 from lowmem_alignprop.settings.errors import quote
 
 # the encoders each pipeline's LoRA loader reads (diffusers' names, also the keys' prefixes)
@@ -98,7 +98,7 @@ def load_encoder_layers(pipe, lora: FlowLora, name: str) -> int:
         cls.load_lora_into_text_encoder(_onto(encoder, lora.part(f"{encoder_name}.")), network_alphas=lora.alphas,
                                         text_encoder=encoder, prefix=encoder_name, adapter_name=name,
                                         metadata=lora.metadata, _pipeline=pipe)
-        count += sum(1 for m in encoder.modules() if name in getattr(m, "lora_A", {}))
+        count += sum(1 for _ in adapter_layers(encoder, name))
     return count
 
 

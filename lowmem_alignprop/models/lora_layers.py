@@ -89,6 +89,11 @@ def add_adapter(model, rank: int, alpha: float | None, seed: int, layers: str, f
     return params
 
 
+def adapter_layers(model, name: str):
+    """(module path, module) of every layer of ``model`` that carries the peft adapter ``name``."""
+    return ((path, m) for path, m in model.named_modules() if name in getattr(m, "lora_A", {}))
+
+
 def peft_exclude(targets) -> str | None:
     """peft's ``exclude_modules`` for ``targets``: the top-level ``proj_out`` when a block's ``proj_out`` is one."""
     return TOP_LEVEL_OUT if TOP_LEVEL_OUT in targets else None
