@@ -626,12 +626,13 @@ def unet_layers_read(file: Path, label: str) -> Path:
         keys -= left
     if not left:
         return file
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.run.tensor_files import read_safetensors_metadata
 
     out = temporary_folder() / LORA_WEIGHT_NAME  # (its header kept: a diffusers file's adapter config, its alphas)
-    save_file({k: tensors[k].contiguous() for k in sorted(keys)}, str(out), metadata=read_safetensors_metadata(file))
+    whole = load_file(str(file))  # (read once: not the file opened again for each tensor kept)
+    save_file({k: whole[k].contiguous() for k in sorted(keys)}, str(out), metadata=read_safetensors_metadata(file))
     return out
 
 
