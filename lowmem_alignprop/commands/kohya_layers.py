@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
+from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, LORA_DOWN_SUFFIXES
 from lowmem_alignprop.settings.errors import quote
 
 # a LoRA layer's tensors as ComfyUI names them: kohya's (lora_down, lora_up, alpha; no alpha: alpha = rank) or peft's
@@ -56,7 +56,7 @@ def kohya_encoder_unread(key: str) -> bool:
     kohya readers have no name for (its embeddings' position_embedding or token_embedding, the first CLIP's
     text_projection)."""
     suffix = lora_suffix(key)
-    return bool(suffix) and key.startswith(("lora_te_", "lora_te1_", "lora_te2_")) and \
+    return bool(suffix) and key.startswith(tuple(KOHYA_ENCODERS)) and \
         _KOHYA_ENCODER_LAYER.fullmatch(key.removesuffix(suffix)) is None
 
 
