@@ -225,3 +225,20 @@ def test_the_flux_reader_drops_are_those_diffusers_own_reader_drops(case, tmp_pa
     predicted = {k.removesuffix(lora_suffix(k)) for k in raw if k in drops or kohya_encoder_unread(k)}
     assert (sorted(layers - set(kept)), len(kept)) == (sorted(predicted), len(layers) - len(predicted))
     assert predicted or case == "no kohya key"  # (each file but that one has a layer dropped)
+
+
+@pytest.mark.parametrize("kohya", [True, False])
+def test_a_comfyui_clip_layer_without_a_diffusers_name_is_named_by_its_down_weight_in_either_naming(kohya):
+    """A ComfyUI FLUX.1 file's CLIP layer diffusers has no name for (its token embedding), in lora_down/lora_up or
+    peft's lora_A/lora_B naming with an alpha beside it, is refused naming its down weight, the key the other reader
+    checks name (kohya_layers.first_changed); in lora_A naming it named the alpha (the rule knew lora_down alone)."""
+    from lowmem_alignprop.commands.flow_export import kohya_names
+
+    layer = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding"
+    state = _layer(layer, 16, W, kohya=kohya) | {f"{layer}.alpha": torch.tensor(2.0)}
+    down = f"{layer}.{'lora_down' if kohya else 'lora_A'}.weight"
+    with pytest.raises(UserError) as refused:
+        kohya_names(state, "--lora x")
+    assert str(refused.value) == f"--lora x {comfy_encoder_refusal(down)}"
+    state = _layer(layer, 16, W, fill=0.0, kohya=kohya) | {f"{layer}.alpha": torch.tensor(2.0)}
+    assert kohya_names(state, "--lora x") == {}  # (all zeros: left out)

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
-                                                    comfy_encoder_name, comfy_encoder_refusal, kohya_encoder_unread,
-                                                    lora_suffix, unchanged_layer, weight_difference_refusal)
+                                                    comfy_encoder_name, comfy_encoder_refusal, first_changed,
+                                                    kohya_encoder_unread, lora_suffix, weight_difference_refusal)
 from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, KOHYA_ENCODERS, T5_KEYS
 from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError, quote
@@ -209,7 +209,8 @@ def kohya_names(state: dict[str, torch.Tensor], label: str) -> dict[str, torch.T
     (``lora_te1_``, ``lora_te2_``: kohya_layers.comfy_encoder_name, the rule a ComfyUI UNet LoRA's are read by); a
     CLIP layer diffusers has no name for (its embeddings, CLIP-L's text_projection) left out where it changes nothing
     (all zeros, as ComfyUI's extract node writes a layer the fine-tune left as it was), else refused as a ComfyUI UNet
-    LoRA's (UserError: ``label``, the option and path, and kohya_layers.comfy_encoder_refusal), and so is such a layer
+    LoRA's (UserError: ``label``, the option and path, and kohya_layers.comfy_encoder_refusal of the key
+    kohya_layers.first_changed names, as the UNet and SD3/FLUX reader checks name theirs), and so is such a layer
     in kohya's names (kohya_layers.kohya_encoder_unread: sd-scripts' lora_te1_ embeddings); ComfyUI's full weight
     or bias differences (``.diff``, ``.diff_b``) left out where all zero (as diffusers' FLUX reader does), else refused
     (diffusers' FLUX reader dropped them with a log line: the images were the LoRA's without them); other keys (T5's
@@ -224,11 +225,10 @@ def kohya_names(state: dict[str, torch.Tensor], label: str) -> dict[str, torch.T
         name = kohya_name(m.group(1)) + KOHYA_SUFFIX.get(m.group(2), m.group(2)) if m else comfy_encoder_name(key)
         if name is None and key.startswith(COMFY_ENCODER_PREFIX) and not key.startswith(T5_KEYS) and lora_suffix(key) \
                 or kohya_encoder_unread(key):  # (sd-scripts' lora_te1_ embeddings: diffusers drops them too)
-            unnamed += [] if unchanged_layer(state, key) else [key]
+            unnamed.append(key)
             continue
         out[name or key] = value
-    if unnamed:  # (a layer's lora_down named first)
-        first = min(unnamed, key=lambda k: (lora_suffix(k) != ".lora_down.weight", k))
+    if first := first_changed((state, k) for k in unnamed):  # (all-zero ones left out: they change nothing)
         raise UserError(f"{label} {comfy_encoder_refusal(first)}")
     return out
 
