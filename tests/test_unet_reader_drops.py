@@ -116,3 +116,48 @@ def test_an_all_zero_layer_diffusers_leaves_out_is_left_out_and_the_rest_loads(c
         made[f"unet.{ATTN}.lora_A.weight"], made[f"unet.{ATTN}.lora_B.weight"])
     delta = pipe.unet.get_submodule(ATTN).get_delta_weight("lora0")
     torch.testing.assert_close(delta, (2.0 if kohya else 1.0) * up @ down, rtol=1e-5, atol=1e-6)
+
+
+def _diffusers_loads(model, tensors, tmp_path) -> tuple[set, list] | None:
+    """The layers of ``tensors`` (a LoRA file's) and those diffusers' own pipeline loader (load_lora_weights) gave an
+    adapter, each told by its lora_down / lora_A (alpha / rank scales lora_up alone); None where it raised."""
+    from lowmem_alignprop.commands.kohya_layers import lora_suffix
+
+    pipe = MODELS[model]()
+    try:
+        pipe.load_lora_weights(str(_file(tmp_path, tensors)), adapter_name="x")
+    except ValueError:  # ("Could not automatically infer state dict type": not a silent drop)
+        return None
+    layers = {k.removesuffix(lora_suffix(k)) for k in tensors}
+    downs = {n: tensors.get(n + DOWN, tensors.get(n + ".lora_A.weight")) for n in layers}
+    kept = [n for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if part is not None
+            for module in part.modules() if "x" in getattr(module, "lora_A", {})
+            for n in layers if torch.equal(downs[n], module.lora_A["x"].weight)]
+    return layers, kept
+
+
+GUARD_CASES = {**{c: CASES[c][:2] for c in CASES if c != "sgm beside diffusers blocks, CLIP without out_proj"},
+               "kohya alone": ("sd", lambda f: _layer(KOHYA, W, W) | _layer(TE1_OUT.replace("te1", "te"), 32, 32)),
+               "unet. alone": ("sdxl", lambda f: _layer("unet." + ATTN, W, W, kohya=False))}
+
+
+@pytest.mark.parametrize("case", sorted(GUARD_CASES))
+def test_the_unet_reader_drops_are_those_diffusers_own_loader_drops(case, tmp_path):
+    """A guard against a diffusers upgrade changing what its SD/SDXL loader leaves out: the layers lora_formats.
+    unet_reader_drops and kohya_layers.kohya_encoder_unread predict as dropped are not loaded by diffusers' own
+    load_lora_weights (or it raises), and the file without them loads every other layer, each once: the copy
+    unet_layers_read hands on is read whole. (The sgm case with CLIP's q_proj alone is left out here: diffusers' own
+    loader raises on such CLIP layers, which ours converts first.)"""
+    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread, lora_suffix
+    from lowmem_alignprop.commands.lora_formats import unet_reader_drops
+
+    model, tensors = GUARD_CASES[case]
+    raw = tensors(None)
+    drops = set(unet_reader_drops(sorted(raw)))
+    predicted = {k.removesuffix(lora_suffix(k)) for k in raw if k in drops or kohya_encoder_unread(k)}
+    assert bool(predicted) == (case not in ("kohya alone", "unet. alone"))
+    if (whole := _diffusers_loads(model, raw, tmp_path)) is not None:
+        assert not predicted & set(whole[1]), (predicted, whole[1])
+    layers, kept = _diffusers_loads(model, {k: v for k, v in raw.items()
+                                            if k.removesuffix(lora_suffix(k)) not in predicted}, tmp_path)
+    assert sorted(kept) == sorted(layers) and layers
