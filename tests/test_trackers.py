@@ -182,12 +182,15 @@ def test_every_metrics_figure_reaches_tensorboard_in_its_documented_group(tmp_pa
     """The scalars were sent under metrics.jsonl's bare keys: TensorBoard drew 25 ungrouped charts (eval_fidelity_*
     beside loss) and docs/outputs.md named none of them. Each number of each line is now GROUP/KEY at the line's step,
     every tag matches a row of the doc's `logs/` table, and the settings are recorded once across a resume (each start
-    wrote another hparams folder, one more TensorBoard run per resume)."""
+    wrote another hparams folder, one more TensorBoard run per resume), in the run of the curves."""
     pytest.importorskip("tensorboard")
     import fnmatch
 
+    import yaml
     from outputs_doc import DOC, documented_keys
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
 
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "tensorboard",
@@ -213,5 +216,16 @@ def test_every_metrics_figure_reaches_tensorboard_in_its_documented_group(tmp_pa
     assert [e.step for e in acc.Images("samples/before_after")] == [2, 3]  # each start's end
     documented = documented_keys(DOC.read_text(encoding="utf-8"))["logs/"]
     assert [t for t in tags["scalars"] + tags["images"] if not any(fnmatch.fnmatchcase(t, p) for p in documented)] == []
-    assert len(list((out / "logs" / "lowmem_alignprop").glob("*/hparams.yml"))) == 1
-    assert len(list((out / "logs" / "lowmem_alignprop").glob("*/events.out.tfevents.*"))) == 1  # the HPARAMS run
+    # the settings: one session of the run whose scalars these are, from its first start, and no experiment summary,
+    # so that TensorBoard's HPARAMS tab makes each scalar tag a metric column (accelerate's add_hparams wrote them to
+    # a run of their own under an experiment of no metrics: settings with no figure beside them)
+    run = out / "logs" / "lowmem_alignprop"
+    assert [p.name for p in run.iterdir() if p.is_dir()] == []  # (no run beside it)
+    hparams = [(v.tag, v.metadata.plugin_data.content) for f in sorted(run.glob("events.out.tfevents.*"))
+               for e in EventFileLoader(str(f)).Load() for v in e.summary.value
+               if v.metadata.plugin_data.plugin_name == "hparams"]
+    assert [tag for tag, _ in hparams] == ["_hparams_/session_start_info"]
+    session = parse_session_start_info_plugin_data(hparams[0][1]).hparams
+    recorded = yaml.safe_load((run / "hparams.yml").read_text())
+    assert recorded["k"] == session["k"].number_value == 1 and session["reward"].string_value == recorded["reward"] \
+        == "colorfulness:1,brightness:0.5" and len(session) == len(recorded) > 40

@@ -30,7 +30,7 @@ from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import LORA_DIR, trained_dir
-from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded
+from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded, record_hparams
 from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
                                              model_kind)
 from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
@@ -281,11 +281,12 @@ class RunSetup:
                 # holds (a dead branch's, a killed run's) are hidden, as metrics.jsonl drops them; a run's outputs
                 # written again: its last step too (its before/after grid is sent again), sent again by fit()
                 kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
-            # the settings once: accelerate writes them to a folder of their own at each start, which TensorBoard
-            # listed as one more run per resume (config.yaml is the latest start's, command.txt each start's)
-            once = cfg.report_to == "tensorboard" and hparams_recorded(self.out / "logs")
-            self.accelerator.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs, config=None if once else {
-                k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+            values = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            tensorboard = cfg.report_to == "tensorboard"  # (its settings: record_hparams', below)
+            self.accelerator.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs, config=None if tensorboard else values)
+            # the settings once, from the first start (config.yaml is the latest start's, command.txt each start's)
+            if tensorboard and self.is_main and not hparams_recorded(self.out / "logs"):
+                record_hparams(self.accelerator, values, self.out / "logs")
 
     def wandb_dir(self) -> Path:
         """Where wandb writes its run files: logs/ of the run folder (it adds wandb/)."""

@@ -27,10 +27,30 @@ def tracker_figures(row: dict) -> dict:
     return figures
 
 
+HPARAMS_FILE = "hparams.yml"  # the settings TensorBoard's HPARAMS tab shows, beside the run's event files
+
+
 def hparams_recorded(logs: Path) -> bool:
-    """Whether the run's TensorBoard folder holds its hyperparameters already (accelerate writes them, with
-    hparams.yml, into a folder of their own at each init_trackers given a config): a resume records none again."""
-    return any((logs / TENSORBOARD_RUN).glob("*/hparams.yml"))
+    """Whether the run's TensorBoard folder holds its settings already (:func:`record_hparams`; a run from before it:
+    accelerate's folder of their own, ``<time>/hparams.yml``): a resume records none again."""
+    return (logs / TENSORBOARD_RUN / HPARAMS_FILE).exists() or any((logs / TENSORBOARD_RUN).glob(f"*/{HPARAMS_FILE}"))
+
+
+def record_hparams(accelerator, values: dict, logs: Path) -> None:
+    """The run's settings ``values`` (plain values) to TensorBoard's HPARAMS tab, on the main process: a session in
+    the run whose scalars are the curves, with no experiment summary, so TensorBoard makes each scalar tag a metric
+    column (accelerate's add_hparams put them in a run of their own under an experiment of no metrics: the tab
+    compared runs by settings with no figure beside them), and ``hparams.yml`` beside the event files."""
+    import yaml
+    from torch.utils.tensorboard.summary import hparams
+
+    from lowmem_alignprop.run import atomic
+
+    _, session_start, _ = hparams(values, {})  # (the experiment and the session's end left out: see above)
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    writer.file_writer.add_summary(session_start)
+    writer.flush()
+    atomic.write_text(logs / TENSORBOARD_RUN / HPARAMS_FILE, yaml.safe_dump(values, sort_keys=False))
 
 
 def log_images(accelerator, report_to: str, grid_path: Path, tag: str, step: int) -> None:
