@@ -28,7 +28,7 @@ from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
-from lowmem_alignprop.run import disk_space, faults, schedule
+from lowmem_alignprop.run import disk_space, faults, input_files, schedule
 from lowmem_alignprop.run.filenames import (INIT_LORA_DIR, KEPT_LAYERS_NAME, LORA_WEIGHT_NAME, PROMPTS_FILE,
                                              SAMPLES_DIR, step_grid_name)
 from lowmem_alignprop.run.rng_state import get_rng_state
@@ -192,6 +192,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         self.prompts_since = 1  # the first step on this run's prompts (a resume may change the prompt file)
         self.prompts_sha = prompt_digest(prompts)  # kept in each checkpoint: a resume tells an edited prompt file
         self.reward_sha = rewards.reward_source_digest(cfg.reward)  # ... and an edited reward file
+        # ... and a vae or reward_weights file replaced at its path (a checkpoint's record spares reading it again)
+        self.input_files = input_files.identities(cfg, point.state.get("input_files") if point is not None else None)
         self.time_left = TimeLeft(eval_every=cfg.eval_every, judge_every=cfg.fidelity_every)
         self.fits: list[dict] = []  # the --auto-fit changes made
         self.resumed_with: list[dict] = []  # what each resume changed of what the LoRA trains with (resume_changes)
@@ -753,7 +755,8 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 "skipped_steps": self.streak.skipped,
                                 "rollouts": self.rollouts_through(step),
                                 "reward_since": self.reward_since, "prompts_sha": self.prompts_sha,
-                                "reward_sha": self.reward_sha, "eval_owed": self.eval_owed,
+                                "reward_sha": self.reward_sha, "input_files": self.input_files,
+                                "eval_owed": self.eval_owed,
                                 "init_lora_sha": self.init_sha,
                                 "prompts_since": self.prompts_since, HELD_OUT_KEYS: self.aside,
                                 "starts": len(started_commands(self.out)),  # its model card: the starts up to it

@@ -16,7 +16,7 @@ import yaml
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import resume_rules
-from lowmem_alignprop.run import faults, software
+from lowmem_alignprop.run import faults, input_files, software
 from lowmem_alignprop.run.filenames import COMMAND_FILE, CONFIG_FILE, INIT_SOURCE_FILE, PROMPTS_FILE
 from lowmem_alignprop.run.rng_state import set_rng_state
 from lowmem_alignprop.run.runfolder import RunFolder, recorded_dirs, started_commands, working_folder
@@ -51,9 +51,9 @@ class RunRecords:
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``is_main``, ``accelerator``, ``device``, ``point``,
     ``start``, ``step``, ``refinish``, ``command``, ``profile_name``, ``prompts``, ``eval_prompts``, ``searched``,
     ``init_file``, ``init_lora_copy``, ``init_source``, ``init_kept``, ``bare_unet``, ``optimizer``, ``engine``,
-    ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha`` and ``fits``; sets
-    ``history``, ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``, ``eval_owed``,
-    ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
+    ``gather``, ``rng``, ``ema``, ``held_out``, ``held_out_sha``, ``prompts_sha``, ``reward_sha``, ``input_files`` and
+    ``fits``; sets ``history``, ``rollouts_before``, ``resumed_with``, ``fits``, ``reward_since``, ``prompts_since``,
+    ``eval_owed``, ``resumes_newest``, ``software``, ``profile_values`` and ``start_dirs``."""
 
     def restore(self) -> None:
         """A resumed run loads its checkpoint (weights, optimizer, RNG, history); rank 0 starts metrics.jsonl."""
@@ -81,8 +81,14 @@ class RunRecords:
             if edited_reward and self.is_main:
                 log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
                             "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
-            changed = edited_reward or any(before.get(f) != getattr(self.cfg, f) for f in ("reward", "reward_weights")
-                                           ) or bool(resume_rules.images_changed(before, self.cfg))  # (64 vs 32 px...)
+            # a vae or reward_weights file replaced at its path: other images, or another reward
+            swapped = input_files.replaced(state.get("input_files") or {}, self.input_files)
+            for field in swapped if self.is_main else ():
+                log.warning("resume: the file of %s=%s changed since the checkpoint: %s (the summary compares its steps "
+                            "from step %d on)", field, getattr(self.cfg, field), "the images decode otherwise" if
+                            field == "vae" else "it counts as another reward", self.start + 1)
+            changed = edited_reward or bool(swapped) or any(before.get(f) != getattr(self.cfg, f) for f in (
+                "reward", "reward_weights")) or bool(resume_rules.images_changed(before, self.cfg))  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
             other = state.get("prompts_sha") not in (None, self.prompts_sha)  # the rows before index other prompts
@@ -105,6 +111,7 @@ class RunRecords:
                 # what its objective reads
                 changed = resume_rules.eval_basis_changed(state, self.cfg, self.held_out_sha)
                 changed += ["reward's source"] if edited_reward and self.cfg.best_by == "reward" else []
+                changed += [f"{field} file" for field in swapped]
                 if changed and evaluation and self.is_main:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
                                 "early stop's patience start over", ", ".join(changed))

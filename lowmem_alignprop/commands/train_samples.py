@@ -11,7 +11,7 @@ import time
 import torch
 
 from lowmem_alignprop.memory import host_allocator
-from lowmem_alignprop.run import faults
+from lowmem_alignprop.run import faults, input_files
 from lowmem_alignprop.run.before_images import before_key, read_before, write_before
 from lowmem_alignprop.run.filenames import BEFORE_FILE, SAMPLES_DIR, step_grid_name
 from lowmem_alignprop.run.trackers import log_images
@@ -35,7 +35,7 @@ class RunSamples:
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
-    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``time_left`` and ``before``, and its methods
+    ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``input_files``, ``time_left`` and ``before``, and its methods
     ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped``, ``grid_of`` and
     ``time_left.closing``."""
 
@@ -76,7 +76,8 @@ class RunSamples:
         before.safetensors: run/before_images.py) and renders the rest; under ZeRO-3 with several processes, which
         render together, every start renders them."""
         path = self.out / SAMPLES_DIR / BEFORE_FILE
-        key = before_key(self.cfg, self.sample_prompts, self.judge_prompts, self.reward_sha, self.device)
+        key = before_key(self.cfg, self.sample_prompts, self.judge_prompts, self.reward_sha, self.device,
+                         input_files.contents(self.input_files))
         kept = read_before(path, key) if self.point is not None and self.is_main and not self.render_together else {}
         if kept:
             log.info("the images before training: read back from samples/%s (the run's start rendered them)",

@@ -21,16 +21,17 @@ log = logging.getLogger("lowmem_alignprop")
 
 
 def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str], reward_sha: str | None,
-               device: torch.device | str) -> str:
+               device: torch.device | str, files: dict[str, str] | None = None) -> str:
     """What the images before training depend on: the settings but those a resume changes silently (steps,
     output_dir, ...: resume_rules.FREE_FIELDS) and those only training reads (lr, k, sample_every...:
     settings.config.TRAINING_ONLY, but the untrained LoRA's: STRICT_FIELDS and init_lora), the prompts rendered, the
-    reward's source (``reward_sha``: rewards.reward_source_digest, whose change a resume counts as another reward) and
-    the software and device that render them (run/software.py's, whose change a resume records). A resume that
-    changed any of them renders the images again."""
+    reward's source (``reward_sha``: rewards.reward_source_digest, whose change a resume counts as another reward),
+    the contents of the vae and reward_weights files (``files``: run/input_files.contents) and the software and device
+    that render them (run/software.py's, whose change a resume records). A resume that changed any of them renders
+    the images again."""
     ignored = (set(FREE_FIELDS) | TRAINING_ONLY) - set(STRICT_FIELDS) - {"init_lora"}
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored}
-    text = json.dumps([values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device)],
+    text = json.dumps([values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device), files or {}],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
