@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import torch
 
@@ -17,7 +18,7 @@ from lowmem_alignprop.run import input_files
 from lowmem_alignprop.settings.config import Config
 
 FAST = ["--profile", "cpu", "--seed", "3", "--set", "sample_prompts=1", "--set", "sample_steps=3", "--set", "k=1",
-        "--set", "batch_size=1", "--reward", "brightness"]
+        "--set", "batch_size=1"]
 
 
 def _save_vae(tiny_dir, folder, bias):
@@ -33,11 +34,12 @@ def _save_vae(tiny_dir, folder, bias):
 
 
 def test_a_vae_replaced_at_its_path_is_told_at_a_resume_and_the_same_one_touched_is_not(tmp_path, tiny_dir, caplog):
-    vae, run = tmp_path / "vae", tmp_path / "run"
+    vae, run, reward = tmp_path / "vae", tmp_path / "run", tmp_path / "bright.py"
     (tmp_path / "eval.txt").write_text("a night sky\na dark cave\n")
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3))\n")
     _save_vae(tiny_dir, vae, -1.0)
     args = [*FAST, "--set", f"vae={vae}", "--output-dir", str(run), "--eval-every", "1", "--early-stop", "3",
-            "--set", f"eval_prompts={tmp_path / 'eval.txt'}"]
+            "--set", f"eval_prompts={tmp_path / 'eval.txt'}", "--reward", f"{reward}:score"]
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")
     assert main([*args, "--steps", "1"]) == 0
     for f in vae.rglob("*"):  # the same files touched (a copy again, a sync): the same VAE
@@ -47,19 +49,44 @@ def test_a_vae_replaced_at_its_path_is_told_at_a_resume_and_the_same_one_touched
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "changed since the checkpoint" in m], said
     assert [m for m in said if m.startswith("the images before training: read back")]
-    _save_vae(tiny_dir, vae, 1.0)  # another VAE at the same path
+    _save_vae(tiny_dir, vae, 1.0)  # another VAE at the same path, and the reward's source edited (the same scores)
+    reward.write_text("def score(images):\n    return images.mean(dim=(1, 2, 3)) * 1.0\n")
+    for name in [n for n in sys.modules if n.startswith("lowmem_alignprop_user_reward_bright_")]:
+        del sys.modules[name]  # (a process loads a reward file once: the next command's process reads it again)
     caplog.clear()
     assert main([*args, "--steps", "3", "--resume", "latest"]) == 0
     said = [r.getMessage() for r in caplog.records]
     changed = [m for m in said if "changed since the checkpoint" in m]
-    assert changed[0] == (f"resume: the file of vae={vae} changed since the checkpoint: the images decode otherwise "
+    assert changed[1] == (f"resume: the file of vae={vae} changed since the checkpoint: the images decode otherwise "
                           "(the summary compares its steps from step 3 on)"), changed
-    assert "vae file" in changed[1] and "best/ and the early stop's patience start over" in changed[1], changed
+    assert changed[0].startswith(f"resume: the source of --reward {reward}:score changed since the checkpoint")
+    assert "evaluation's reward's source, vae file changed" in changed[2], changed
+    assert "best/ and the early stop's patience start over" in changed[2], changed
     assert not [m for m in said if m.startswith("the images before training: read back")]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["reward_mean"] for r in rows[:2]) < min(r["reward_mean"] for r in rows[2:])  # (brighter: it told)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 3 and summary["best_step"] == 3
+    was, now = summary["resume_changes"][0]["changes"]["vae_file"]  # (the touch was no change)
+    assert [(c["step"], sorted(c["changes"])) for c in summary["resume_changes"]] == [
+        (3, ["reward_source", "vae_file"])] and was != now
+    assert main(["export", "--lora", str(run / "lora"), "--out", str(tmp_path / "card")]) == 0
+    source_was, source_now = summary["resume_changes"][0]["changes"]["reward_source"]
+    assert (f"| changed by a resume | from step 3: the reward's source, changed at the same path (digest {source_now}, "
+            f"was {source_was}), the vae file, changed at the same path (digest {now}, was {was}) |") \
+        in (tmp_path / "card" / "README.md").read_text()
+
+
+def test_the_card_names_each_file_a_resume_found_changed():
+    """The card's "changed by a resume" row says each kind of file changed at its path (the reward's source,
+    tests/test_resume.py's edited reward file, among them) by its digests, not as a --set of a setting."""
+    from lowmem_alignprop.commands.model_card import resume_change
+    from lowmem_alignprop.run.resume_rules import REPLACED
+
+    said = {name: resume_change(name, ["0123", "4567"], lambda n, v: v) for name in REPLACED}
+    assert said == {"reward_source": "the reward's source, changed at the same path (digest 4567, was 0123)",
+                    "vae_file": "the vae file, changed at the same path (digest 4567, was 0123)",
+                    "reward_weights_file": "the reward_weights file, changed at the same path (digest 4567, was 0123)"}
 
 
 def test_reward_weights_are_told_by_content_and_a_same_stat_file_is_not_read_again(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import INIT_LORA_DIR, INIT_SOURCE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.runfolder import recorded_dirs, started_commands
+from lowmem_alignprop.run.resume_rules import REPLACED
 from lowmem_alignprop.run.software import SOFTWARE_NAMES
 from lowmem_alignprop.settings.config import HUB_PINS, describe_k, flag_value, set_flags
 from lowmem_alignprop.settings.errors import UserError
@@ -508,12 +509,15 @@ def base_license(model: str | None, revision: str | None = None) -> dict[str, st
 
 def resume_change(name: str, change: list, said) -> str:
     """One change of the card's "changed by a resume" row (resume_changes' ``name: [was, now]``): a number of
-    processes, a library's version or the device (run/software.py), or a setting as its --set flag."""
+    processes, a library's version or the device (run/software.py), a file changed at the same path (the reward's
+    source, a vae or reward_weights file: resume_rules.REPLACED, their digests), or a setting as its --set flag."""
     was, now = change
     if name == "processes":
         return f"{now} process{'es' * (now != 1)} (was {was})"
     if name in SOFTWARE_NAMES:
         return f"{_software_name(name)} {now} (was {was})"
+    if name in REPLACED:
+        return f"the {REPLACED[name]}, changed at the same path (digest {now}, was {was})"
     return f"`{set_flags({name: said(name, now)})}` (was {_was(said(name, was))})"
 
 

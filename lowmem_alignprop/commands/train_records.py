@@ -66,28 +66,17 @@ class RunRecords:
             saved = state.get("config", {})  # (a checkpoint from before it counted them: its own sizes throughout)
             self.rollouts_before = int(state.get("rollouts", self.start * saved.get("grad_accum", self.cfg.grad_accum)
                                                  * saved.get("batch_size", self.cfg.batch_size)))
+            replaced = self.replaced_inputs(state)  # (said, one line each)
             # e.g. K or lr: the card says them (processes: as check_config counts them)
             self.resumed_with = resume_rules.resume_changes(state, self.cfg, self.start + 1, world_size(),
-                                                            self.software_since(state.get("software")))
+                                                            self.software_since(state.get("software")), replaced)
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(
                     f"step {f['step']} ({f['stage']}): {faults.Fit(f['why'], f['change']).as_flags()}"
                     for f in self.fits))
             before = state.get("config", {})
-            # the same --reward whose file was edited since (a fix of a failure, as its message invites): another reward
-            edited_reward = before.get("reward") == self.cfg.reward and state.get("reward_sha") not in (
-                None, self.reward_sha)
-            if edited_reward and self.is_main:
-                log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
-                            "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
-            # a vae or reward_weights file replaced at its path: other images, or another reward
-            swapped = input_files.replaced(state.get("input_files") or {}, self.input_files)
-            for field in swapped if self.is_main else ():
-                log.warning("resume: the file of %s=%s changed since the checkpoint: %s (the summary compares its steps "
-                            "from step %d on)", field, getattr(self.cfg, field), "the images decode otherwise" if
-                            field == "vae" else "it counts as another reward", self.start + 1)
-            changed = edited_reward or bool(swapped) or any(before.get(f) != getattr(self.cfg, f) for f in (
+            changed = bool(replaced) or any(before.get(f) != getattr(self.cfg, f) for f in (
                 "reward", "reward_weights")) or bool(resume_rules.images_changed(before, self.cfg))  # (64 vs 32 px...)
             # the first step scored by this reward: the summary's first -> last compares those steps only
             self.reward_since = self.start + 1 if changed else int(state.get("reward_since") or 1)
@@ -110,8 +99,8 @@ class RunRecords:
                 evaluation = state.get("evaluation") or {}
                 # what its objective reads
                 changed = resume_rules.eval_basis_changed(state, self.cfg, self.held_out_sha)
-                changed += ["reward's source"] if edited_reward and self.cfg.best_by == "reward" else []
-                changed += [f"{field} file" for field in swapped]
+                changed += [resume_rules.REPLACED[name] for name in replaced
+                            if name != "reward_source" or self.cfg.best_by == "reward"]
                 if changed and evaluation and self.is_main:
                     log.warning("resume: the held-out evaluation's %s changed since the checkpoint: best/ and the "
                                 "early stop's patience start over", ", ".join(changed))
@@ -133,6 +122,27 @@ class RunRecords:
             self.folder.remove_leftovers()  # temporary files of a write a kill cut short (the lock is ours)
         if point is not None and self.is_main:
             log.info("resumed from %s at step %d", point.path, self.start)
+
+    def replaced_inputs(self, state: dict) -> dict[str, list]:
+        """What the checkpoint's run read from files that changed since at the same path, each said in one line:
+        the source of the same --reward (a fix of a failure, as its message invites: another reward), a vae or
+        reward_weights file's contents (other images, or another reward): ``{name: [was, now]}`` of their digests
+        (resume_rules.REPLACED's names), which the card lists; the summary compares the steps from this resume on."""
+        replaced = {}
+        if state.get("config", {}).get("reward") == self.cfg.reward and state.get("reward_sha") not in (
+                None, self.reward_sha):
+            replaced["reward_source"] = [state["reward_sha"], self.reward_sha]
+            if self.is_main:
+                log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
+                            "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
+        saved = state.get("input_files") or {}
+        for field in input_files.replaced(saved, self.input_files):
+            replaced[f"{field}_file"] = [saved[field]["sha"], self.input_files[field]["sha"]]
+            if self.is_main:
+                log.warning("resume: the file of %s=%s changed since the checkpoint: %s (the summary compares its "
+                            "steps from step %d on)", field, getattr(self.cfg, field), "the images decode otherwise" if
+                            field == "vae" else "it counts as another reward", self.start + 1)
+        return replaced
 
     def software_since(self, stretches: list[dict] | None) -> dict[str, list]:
         """The software stretches (``stretches``: the checkpoint's, None for a new run) once this start trains under
