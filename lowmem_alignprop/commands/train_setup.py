@@ -282,7 +282,7 @@ class RunSetup:
                 # written again: its last step too (its before/after grid is sent again), sent again by fit()
                 kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
             values = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            tensorboard = cfg.report_to == "tensorboard"  # (its settings: record_hparams', below)
+            tensorboard = cfg.report_to == "tensorboard"  # (its settings: record_hparams, below)
             self.accelerator.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs, config=None if tensorboard else values)
             # the settings once, from the first start (config.yaml is the latest start's, command.txt each start's)
             if tensorboard and self.is_main and not hparams_recorded(self.out / "logs"):
