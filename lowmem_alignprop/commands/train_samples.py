@@ -36,8 +36,8 @@ class RunSamples:
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
     ``embed``, ``nograd_unet``, ``scheduler``, ``vae``, ``reward``, ``ema``, ``samples_here``, ``sample_prompts``,
     ``judge_prompts``, ``point``, ``render_together``, ``reward_sha``, ``input_files``, ``time_left`` and ``before``,
-    and its methods ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped``, ``grid_of`` and
-    ``time_left.closing``."""
+    and its methods ``score``, ``render_or_skip``; sets ``before``, ``fidelity_before``, ``samples_skipped``,
+    ``grid_of`` and ``time_left.closing``."""
 
     def output_weights(self):
         """The weights the after samples, evaluation, best/ and lora/ use: the EMA's with ema_outputs, else the
