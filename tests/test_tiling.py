@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from midsize import build_midsize_pipeline  # noqa: E402
 
 from lowmem_alignprop.measure.cpu_allocation import measure_cpu_stages  # noqa: E402
+from lowmem_alignprop.measure.resident_tensors import run_objects_only  # noqa: E402
 from lowmem_alignprop.models.sampling import decode, enable_vae_checkpointing  # noqa: E402
 from lowmem_alignprop.memory.tiling import ramp_weights, tile_starts, tiled_decode  # noqa: E402
 
@@ -40,6 +41,14 @@ pytestmark = pytest.mark.xdist_group("tiling")
 
 LATENT = 24  # 192 px images from the mid-size VAE
 TILE, OVERLAP = 12, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _run_objects_only():
+    """The module's measurements walk only the objects made here (run_objects_only, as a training run's measurement
+    does): each full collection and live-storage scan otherwise walked every object of the process."""
+    with run_objects_only():
+        yield
 
 
 @pytest.fixture(scope="module")
