@@ -12,10 +12,18 @@ from lowmem_alignprop.measure import profiler as profiler_mod
 from lowmem_alignprop.measure.cpu_allocation import CpuAllocationTracker, measure_cpu_stages, tracker_active
 from lowmem_alignprop.measure.profiler import StageProfiler, gib
 from lowmem_alignprop.measure.reports import fmt_bytes
-from lowmem_alignprop.measure.resident_tensors import live_tensor_bytes, resident_bytes
+from lowmem_alignprop.measure.resident_tensors import live_tensor_bytes, resident_bytes, run_objects_only
 from lowmem_alignprop.memory.stages import STAGES
 
 MiB = 1024**2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _run_objects_only():
+    """The module's trackers walk only the objects made here (run_objects_only, as a training run's measurement
+    does): each tracker's full collection and live-storage scan otherwise walked every object of the process."""
+    with run_objects_only():
+        yield
 
 
 def _alloc(nbytes: int) -> torch.Tensor:
