@@ -1618,7 +1618,7 @@ def test_a_resumed_run_samples_and_saves_at_the_steps_counted_from_step_0(tmp_pa
     cfg = _cfg(tmp_path / "run", "--set", "sample_every=2", "--set", "checkpoint_every=2", "--steps", "7")
     for start in (0, 3):
         trainer = Trainer(cfg, RunFolder(cfg.output_dir), PROMPTS,
-                          point=SimpleNamespace(step=start) if start else None)
+                          point=SimpleNamespace(step=start, state={}) if start else None)
         trainer.before, trainer.is_main = (torch.zeros(2, 3, 8, 8), torch.zeros(2)), False
         trainer.generate = lambda prompts, seeds: (torch.zeros(len(prompts), 3, 8, 8), torch.tensor(seeds, dtype=torch.float32))
         trainer.accelerator = SimpleNamespace(num_processes=1)
