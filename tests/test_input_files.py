@@ -75,6 +75,20 @@ def test_a_vae_replaced_at_its_path_is_told_at_a_resume_and_the_same_one_touched
     assert (f"| changed by a resume | from step 3: the reward's source, changed at the same path (digest {source_now}, "
             f"was {source_was}), the vae file, changed at the same path (digest {now}, was {was}) |") \
         in (tmp_path / "card" / "README.md").read_text()
+    # the finished run's outputs written again (lora/ lost) after the VAE was replaced once more: said, yet no step
+    # trains with it - it was recorded as a change from step 4 (a step never trained), the summary's reward figures
+    # went empty (no step since 4) and best/ and the patience started over
+    _save_vae(tiny_dir, vae, 0.5)
+    shutil.rmtree(run / "lora")
+    caplog.clear()
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 0
+    said = [r.getMessage() for r in caplog.records if "changed since the checkpoint" in r.getMessage()]
+    assert said == [f"resume: the file of vae={vae} changed since the checkpoint: the images decode otherwise (no step "
+                    "is left to train: the outputs written again are made with it, the run's records keep its trained "
+                    "steps')"], said
+    again = json.loads((run / "summary.json").read_text())
+    assert again["resume_changes"] == summary["resume_changes"] and again["reward_since_step"] == 3
+    assert again["best_step"] == 3 and again["reward_last"] == summary["reward_last"] is not None
 
 
 def test_the_card_names_each_file_a_resume_found_changed():

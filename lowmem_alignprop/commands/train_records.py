@@ -127,22 +127,26 @@ class RunRecords:
         """What the checkpoint's run read from files that changed since at the same path, each said in one line:
         the source of the same --reward (a fix of a failure, as its message invites: another reward), a vae or
         reward_weights file's contents (other images, or another reward): ``{name: [was, now]}`` of their digests
-        (resume_rules.REPLACED's names), which the card lists; the summary compares the steps from this resume on."""
-        replaced = {}
+        (resume_rules.REPLACED's names), which the card lists; the summary compares the steps from this resume on. A
+        start that trains no step (a finished run's outputs written again) says them and counts none: no step was
+        trained with them (as check_config refuses a changed setting there, and software_since records none)."""
+        replaced, said = {}, []
         if state.get("config", {}).get("reward") == self.cfg.reward and state.get("reward_sha") not in (
                 None, self.reward_sha):
             replaced["reward_source"] = [state["reward_sha"], self.reward_sha]
-            if self.is_main:
-                log.warning("resume: the source of --reward %s changed since the checkpoint: it counts as another "
-                            "reward (the summary compares its steps from step %d on)", self.cfg.reward, self.start + 1)
+            said.append(f"the source of --reward {self.cfg.reward} changed since the checkpoint: it counts as another "
+                        "reward")
         saved = state.get("input_files") or {}
         for field in input_files.replaced(saved, self.input_files):
             replaced[f"{field}_file"] = [saved[field]["sha"], self.input_files[field]["sha"]]
-            if self.is_main:
-                log.warning("resume: the file of %s=%s changed since the checkpoint: %s (the summary compares its "
-                            "steps from step %d on)", field, getattr(self.cfg, field), "the images decode otherwise" if
-                            field == "vae" else "it counts as another reward", self.start + 1)
-        return replaced
+            said.append(f"the file of {field}={getattr(self.cfg, field)} changed since the checkpoint: "
+                        + ("the images decode otherwise" if field == "vae" else "it counts as another reward"))
+        trains = not self.refinish  # (the last step's, or where it stopped early)
+        for line in said if self.is_main else ():
+            log.warning("resume: %s (%s)", line, f"the summary compares its steps from step {self.start + 1} on"
+                        if trains else "no step is left to train: the outputs written again are made with it, the "
+                        "run's records keep its trained steps'")
+        return replaced if trains else {}
 
     def software_since(self, stretches: list[dict] | None) -> dict[str, list]:
         """The software stretches (``stretches``: the checkpoint's, None for a new run) once this start trains under
