@@ -125,3 +125,33 @@ def test_reward_weights_are_told_by_content_and_a_same_stat_file_is_not_read_aga
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read again")))
     assert input_files.identities(cfg, other) == other  # (the stat matches: no read)
     assert input_files.identities(Config(reward_weights="", vae=str(tmp_path / "gone"))) == {}
+
+
+def test_the_files_told_are_those_read_through_a_pipeline_folder_a_linked_folder_and_each_reward_weights_part(tmp_path):
+    """vae= a pipeline's folder is read from its vae/ alone (load_vae): its unet/ was hashed too (gigabytes at each
+    start, and a replaced unet told as "the vae file changed"); a folder linked into it (a hub snapshot's, a shared
+    models folder's) was not followed, so its files went untold; and a reward_weights given per reward
+    ('aesthetic=PATH;clip=PATH') or as aesthetic's 'HEAD_FILE,CLIP_DIR' named no path, so nothing was told."""
+    pipe, shared, head = tmp_path / "pipe", tmp_path / "shared_vae", tmp_path / "head.pth"
+    (pipe / "unet").mkdir(parents=True)
+    shared.mkdir()
+    (pipe / "unet" / "model.safetensors").write_bytes(b"u" * 10)
+    (shared / "config.json").write_text("{}")
+    (shared / "diffusion_pytorch_model.safetensors").write_bytes(b"v" * 10)
+    (pipe / "vae").symlink_to(shared, target_is_directory=True)
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "model.safetensors").write_bytes(b"c" * 10)
+    head.write_bytes(b"h" * 10)
+    keyed = f"aesthetic={head},{tmp_path / 'clip'};clip={tmp_path / 'clip'}"
+    cfg = Config(vae=str(pipe), reward_weights=keyed)
+    first = input_files.identities(cfg)
+    assert [s[0] for s in first["vae"]["stat"]] == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert [s[0] for s in first["reward_weights"]["stat"]] == [
+        str(head), f"{tmp_path / 'clip'}/model.safetensors", f"{tmp_path / 'clip'}/model.safetensors"]
+    (pipe / "unet" / "model.safetensors").write_bytes(b"U" * 10)  # not the VAE's: no change of it
+    (shared / "diffusion_pytorch_model.safetensors").write_bytes(b"V" * 10)
+    head.write_bytes(b"H" * 10)
+    assert input_files.replaced(first, input_files.identities(cfg, first)) == ["vae", "reward_weights"]
+    single = tmp_path / "clip"  # one path: the record's form is as before (a checkpoint's record goes on matching)
+    assert input_files.identities(Config(reward_weights=str(single)))["reward_weights"]["stat"] == [
+        ["model.safetensors", 10, (single / "model.safetensors").stat().st_mtime_ns]]

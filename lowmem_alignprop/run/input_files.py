@@ -5,30 +5,60 @@ from the same file, as it tells an edited reward or prompt file. A hub id is lef
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
+from lowmem_alignprop.settings.paths import vae_subfolder
+
 FIELDS = ("vae", "reward_weights")
+_KEYED = re.compile(r"^\s*[A-Za-z_]\w*\s*=")  # a reward_weights entry per reward ('aesthetic=PATH': rewards._keyed)
 
 
 def _files(path: Path) -> list[Path]:
-    """``path`` itself (a file), or the files under it (a folder), in a fixed order."""
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """``path`` itself (a file), or the files under it (a folder, its linked folders followed: a hub snapshot's, a
+    shared models folder's), in a fixed order."""
+    if path.is_file():
+        return [path]
+    found, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        if (real := os.path.realpath(root)) in seen:  # (a link back up the tree)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [f for f in (Path(root, n) for n in names) if f.is_file()]
+    return sorted(found)
 
 
-def identity(value: str, known: dict | None = None) -> dict | None:
-    """What tells the local file or folder ``value`` names: each file's path (under the folder), size and modification
-    time ("stat"), and a digest of their contents ("sha"), read again only where the stat is not ``known``'s (an
-    earlier identity of it: a checkpoint's); None for an empty setting, a hub id or a path not there (the load says
-    so)."""
-    path = Path(value).expanduser() if value else None
-    if path is None or not path.exists():
+def _parts(field: str, value: str) -> list[tuple[str, Path, Path]]:
+    """The local paths ``value`` names, each as (its name in the record, the path, the folder or file read): the vae's
+    (a pipeline's folder: its vae/ alone, what load_vae reads), the reward_weights' (per reward, 'aesthetic=PATH;
+    clip=PATH', and aesthetic's 'HEAD_FILE,CLIP_DIR': each path there, named by itself). One path's name is "", so a
+    record of it keeps its form."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return [("", path, path / (vae_subfolder(path) or "") if field == "vae" and path.is_dir() else path)]
+    parts = [item.partition("=")[2] if _KEYED.match(item) else item for item in value.split(";")] \
+        if field == "reward_weights" else []
+    return [(p.strip(), q, q) for part in parts for p in part.split(",")
+            if p.strip() and (q := Path(p.strip()).expanduser()).exists()]
+
+
+def identity(value: str, known: dict | None = None, field: str = "") -> dict | None:
+    """What tells the local file or folder ``value`` names (``field``'s setting: :func:`_parts`): each file's path
+    (under the folder), size and modification time ("stat"), and a digest of their contents ("sha"), read again only
+    where the stat is not ``known``'s (an earlier identity of it: a checkpoint's); None for an empty setting, a hub id
+    or a path not there (the load says so)."""
+    parts = _parts(field, value) if value else []
+    if not parts:
         return None
-    files = _files(path)
-    stat = [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    files = [(f"{name}/" * bool(name) + str(f.relative_to(path)) if f != path else name, f)
+             for name, path, read in parts for f in _files(read)]
+    stat = [[name, f.stat().st_size, f.stat().st_mtime_ns] for name, f in files]
     if known and known.get("stat") == stat:
         return known
     digest = hashlib.sha256()
-    for f, (name, _, _) in zip(files, stat):
+    for name, f in files:
         digest.update(name.encode() + b"\0")
         with open(f, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
@@ -42,7 +72,7 @@ def identities(cfg, known: dict | None = None) -> dict[str, dict]:
     for field in FIELDS:
         value = getattr(cfg, field)
         earlier = (known or {}).get(field) if ((known or {}).get(field) or {}).get("value") == value else None
-        if (found := identity(value, earlier)) is not None:
+        if (found := identity(value, earlier, field)) is not None:
             out[field] = {**found, "value": value}
     return out
 
