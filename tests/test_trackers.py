@@ -229,3 +229,33 @@ def test_every_metrics_figure_reaches_tensorboard_in_its_documented_group(tmp_pa
     recorded = yaml.safe_load((run / "hparams.yml").read_text())
     assert recorded["k"] == session["k"].number_value == 1 and session["reward"].string_value == recorded["reward"] \
         == "colorfulness:1,brightness:0.5" and len(session) == len(recorded) > 40
+
+
+def test_a_new_run_after_a_start_that_trained_no_step_shows_its_own_settings_in_tensorboard(tmp_path, tiny_dir,
+                                                                                           monkeypatch):
+    """A start that failed before its first step (out of memory, a reward's error) leaves the folder free for a new run
+    (checkpoint.holds_a_run), and its TensorBoard files stayed: the new run found hparams.yml and recorded nothing, and
+    the HPARAMS tab (a tag's first session is the one it shows) gave the failed start's lr=0.5 for the run trained with
+    lr=0.001. A new run clears its TensorBoard folder of them."""
+    pytest.importorskip("tensorboard")
+    import yaml
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
+
+    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.settings.errors import UserError
+
+    out = tmp_path / "run"
+    args = ["--profile", "cpu", "--output-dir", str(out), "--steps", "1", "--report-to", "tensorboard", "--set",
+            "sample_prompts=1", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1"]
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "fit", lambda self: (_ for _ in ()).throw(UserError("out of memory at step 1")))
+        assert main([*args, "--set", "lr=0.5"]) == 2
+    assert main([*args, "--set", "lr=0.001"]) == 0
+    run = out / "logs" / "lowmem_alignprop"
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    session = parse_session_start_info_plugin_data(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).hparams
+    assert session["lr"].number_value == yaml.safe_load((run / "hparams.yml").read_text())["lr"] == 0.001
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1

@@ -30,7 +30,7 @@ from lowmem_alignprop.run import resume_rules
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.run.filenames import LORA_DIR, trained_dir
-from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, hparams_recorded, record_hparams
+from lowmem_alignprop.run.trackers import TENSORBOARD_RUN, clear_earlier_start, hparams_recorded, record_hparams
 from lowmem_alignprop.models.family import (check_supported, encode_then_read, family_for, model_defaults_note,
                                              model_kind)
 from lowmem_alignprop.models.loading import apply_speed_features, load_components, nograd_unet
@@ -283,6 +283,9 @@ class RunSetup:
                 kwargs = {"tensorboard": {"purge_step": self.start + (0 if self.refinish else 1)}}
             values = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             tensorboard = cfg.report_to == "tensorboard"  # (its settings: record_hparams, below)
+            if tensorboard and self.point is None and self.is_main and (gone := clear_earlier_start(self.out / "logs")):
+                log.info("logs/%s: removed an earlier start's TensorBoard files (it trained no step): %s",
+                         TENSORBOARD_RUN, ", ".join(gone))
             self.accelerator.init_trackers(TENSORBOARD_RUN, init_kwargs=kwargs, config=None if tensorboard else values)
             # the settings once, from the first start (config.yaml is the latest start's, command.txt each start's)
             if tensorboard and self.is_main and not hparams_recorded(self.out / "logs"):

@@ -36,6 +36,24 @@ def hparams_recorded(logs: Path) -> bool:
     return (logs / TENSORBOARD_RUN / HPARAMS_FILE).exists() or any((logs / TENSORBOARD_RUN).glob(f"*/{HPARAMS_FILE}"))
 
 
+def clear_earlier_start(logs: Path) -> list[str]:
+    """A new run's TensorBoard folder cleared of an earlier start's files (event files, hparams.yml, accelerate's
+    ``<time>/`` settings folders): a start that trained no step, as the folder holds no run (checkpoint.holds_a_run).
+    Kept, they gave its settings on the HPARAMS tab (TensorBoard shows a tag's first session) and in hparams.yml,
+    which stopped this run's being recorded. Returns the names removed."""
+    import shutil
+
+    run = logs / TENSORBOARD_RUN
+    earlier = [*run.glob("events.out.tfevents.*"), *run.glob(HPARAMS_FILE), *(p.parent for p in run.glob(
+        f"*/{HPARAMS_FILE}"))]
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return sorted(p.name for p in earlier)
+
+
 def record_hparams(accelerator, values: dict, logs: Path) -> None:
     """The run's settings ``values`` (plain values) to TensorBoard's HPARAMS tab, on the main process: a session in
     the run whose scalars are the curves, with no experiment summary, so TensorBoard makes each scalar tag a metric
