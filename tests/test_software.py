@@ -61,3 +61,26 @@ def test_the_card_says_each_stretch_and_each_software_change():
     assert resume_change("device", ["cpu", "NVIDIA L4"], None) == "device NVIDIA L4 (was cpu)"
     assert resume_change("processes", [2, 1], None) == "1 process (was 2)"
     assert resume_change("lr", [0.01, 0.02], lambda _, v: v) == "`--set lr=0.02` (was 0.01)"
+
+
+def test_outputs_written_again_for_a_run_that_stopped_early_record_no_software_change(caplog):
+    """A run that stopped early (step 6 of 10) whose lora/ is gone: --resume latest writes its outputs again and
+    trains no step, so other software on this machine is no change of what trained it. The check was "step <= steps"
+    (a finished run's 11 > 10), which an early stop's 7 passed: it warned and recorded a stretch from a step never
+    trained."""
+    import logging
+
+    from lowmem_alignprop.commands.train_records import RunRecords
+
+    cfg = Config(steps=10)
+    stretches = [{"step": 1, "versions": {"torch": "0.0.1"}, "device": "cpu"}]
+    for refinish, start in ((None, 6), ("its lora/ is missing", 6), ("its lora/ is missing", 10)):
+        trainer = type("T", (), {"cfg": cfg, "device": "cpu", "step": start + 1, "refinish": refinish,
+                                 "is_main": True})()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
+            changes = RunRecords.software_since(trainer, stretches)
+        trains = refinish is None
+        assert bool(changes) == trains and changes.get("torch", [None])[0] == ("0.0.1" if trains else None)
+        assert [s["step"] for s in trainer.software] == ([1, 7] if trains else [1]), refinish
+        assert bool(caplog.records) == trains

@@ -153,7 +153,7 @@ class RunRecords:
         this machine's versions and device; returns what a resume changes of them (said in one line: run/software.py;
         a checkpoint without the record or a start that trains no step: nothing)."""
         now = software.software(self.cfg, self.device)
-        trains = self.step <= self.cfg.steps  # (a finished run's outputs written again: no step)
+        trains = not self.refinish  # (an ended run's outputs written again, its last step's or an early stop's: none)
         changes = software.software_changes(stretches, now) if trains else {}
         if changes and self.is_main:
             log.warning("%s", software.software_line(changes, self.step))
