@@ -84,3 +84,14 @@ def test_outputs_written_again_for_a_run_that_stopped_early_record_no_software_c
         assert bool(changes) == trains and changes.get("torch", [None])[0] == ("0.0.1" if trains else None)
         assert [s["step"] for s in trainer.software] == ([1, 7] if trains else [1]), refinish
         assert bool(caplog.records) == trains
+
+
+def test_outputs_written_again_record_no_change_of_processes():
+    """The same for the number of processes: an ended run's outputs written again under 2 processes (its checkpoint
+    trained under 1) record no resume change, an early stop's (step 7 <= 10) included; a start that trains does."""
+    from lowmem_alignprop.run import resume_rules
+
+    state = {"config": Config(steps=10).to_dict(), "world_size": 1}
+    for trains in (True, False):
+        assert resume_rules.resume_changes(state, Config(steps=10), 7, 2, trains=trains) == (
+            [{"step": 7, "changes": {"processes": [1, 2]}}] if trains else [])

@@ -69,7 +69,8 @@ class RunRecords:
             replaced = self.replaced_inputs(state)  # (said, one line each)
             # e.g. K or lr: the card says them (processes: as check_config counts them)
             self.resumed_with = resume_rules.resume_changes(state, self.cfg, self.start + 1, world_size(),
-                                                            self.software_since(state.get("software")), replaced)
+                                                            self.software_since(state.get("software")), replaced,
+                                                            trains=not self.refinish)
             self.fits = list(state.get("auto_fit") or [])  # --auto-fit's changes so far: the checkpoint's config
             if self.fits and self.is_main:  # holds them, and config.yaml and the summary go on listing them
                 log.info("resume: --auto-fit's changes carry on: %s", "; ".join(

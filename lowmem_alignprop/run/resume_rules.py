@@ -166,15 +166,16 @@ REPLACED = {"reward_source": "reward's source", "vae_file": "vae file", "reward_
 
 def resume_changes(state: dict[str, Any], cfg, step: int, processes: int = 1,
                    software: dict[str, list] | None = None,
-                   replaced: dict[str, list] | None = None) -> list[dict[str, Any]]:
+                   replaced: dict[str, list] | None = None, trains: bool = True) -> list[dict[str, Any]]:
     """The changes of what the LoRA is trained with (:data:`TRAINED_WITH`) at each resume so far, the checkpoint's
     and this one's (from ``step``): ``[{"step": N, "changes": {name: [was, now]}}]``; a model card lists them. A resume
     under another number of ``processes`` is one too (``processes``: the images an optimizer step averages), one
     under other ``software`` (run/software.py's software_changes: library versions, the device), and one whose
-    files changed at the same paths (``replaced``: :data:`REPLACED`'s names, their digests)."""
+    files changed at the same paths (``replaced``: :data:`REPLACED`'s names, their digests). A start that ``trains``
+    no step (an ended run's outputs written again) changes no process count."""
     saved = state.get("config", {})
     now = {n: [saved[n], getattr(cfg, n)] for n in changed_fields(saved, cfg) if n in TRAINED_WITH}
-    if int(state.get("world_size", 1)) != processes and step <= cfg.steps:  # (a finished run's outputs: no step)
+    if int(state.get("world_size", 1)) != processes and trains:
         now["processes"] = [int(state.get("world_size", 1)), processes]
     now.update(software or {})  # (none for a finished run's outputs written again)
     now.update(replaced or {})
