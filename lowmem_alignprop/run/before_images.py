@@ -31,8 +31,8 @@ def before_key(cfg, sample_prompts: list[str], judge_prompts: list[str], reward_
     the images again."""
     ignored = (set(FREE_FIELDS) | TRAINING_ONLY) - set(STRICT_FIELDS) - {"init_lora"}
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored}
-    text = json.dumps([values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device), files or {}],
-                      sort_keys=True, default=str)
+    kept = [values, sample_prompts, judge_prompts, reward_sha, software.software(cfg, device)]
+    text = json.dumps(kept + ([files] if files else []), sort_keys=True, default=str)  # (none: a key kept before them)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
