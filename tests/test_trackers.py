@@ -13,8 +13,8 @@ def test_tensorboard_gets_metrics_and_sample_grid(tmp_path, tiny_dir, capsys):
 
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "3", "--report-to", "tensorboard",
-                 "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1", "--checkpoint-every", "1",
-                 "--reward", "colorfulness:1,brightness:0.5"]) == 0
+                 "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1",
+                 "--checkpoint-every", "1", "--reward", "colorfulness:1,brightness:0.5"]) == 0
     printed = capsys.readouterr().out
     assert f"        logs/ (tensorboard --logdir {out}/logs)\n" in printed  # the box says where
     steps = [line for line in printed.splitlines() if line.startswith("step ")]
@@ -104,7 +104,7 @@ def test_wandb_writes_its_run_files_in_the_run_folder(tmp_path, tiny_dir, capsys
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "wandb",
-                 "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+                 "--set", "sample_prompts=0", "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1"]) == 0
     import wandb
 
     [init] = [c for c in wandb.calls if c[0] == "init"]
@@ -140,7 +140,7 @@ def test_an_evaluation_a_resume_owed_reaches_the_tracker(tmp_path, tiny_dir, cap
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--eval-every", "2",
                  "--report-to", "tensorboard", "--reward", f"{reward}:reward", "--set", "sample_prompts=0",
-                 "--set", "sample_steps=3", "--set", "k=1"]) == 2
+                 "--set", "sample_steps=3", "--set", "k=1", "--set", "batch_size=1", "--set", "eval_holdout=2"]) == 2
     assert "step 2: the reward" in capsys.readouterr().err
     flag.unlink()
     assert main(["--resume", "latest", "--output-dir", str(out)]) == 0
@@ -163,7 +163,8 @@ def test_a_resume_that_writes_a_finished_runs_outputs_again_logs_no_step_twice(t
 
     out = tmp_path / "run"
     assert main(["--profile", "cpu", "--output-dir", str(out), "--steps", "2", "--report-to", "tensorboard",
-                 "--sample-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1"]) == 0
+                 "--sample-every", "2", "--set", "sample_prompts=1", "--set", "sample_steps=3", "--set", "k=1",
+                 "--set", "batch_size=1"]) == 0
     shutil.rmtree(out / "lora")
     assert main(["--resume", "latest", "--output-dir", str(out)]) == 0
     assert (out / "lora").is_dir()
