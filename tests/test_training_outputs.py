@@ -552,7 +552,7 @@ def test_a_resume_starts_from_the_lora_the_run_started_from_even_when_its_path_i
     shutil.copytree(made_lora["lora"], src)
     out = tmp_path / "run"
     args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=1",
-            "--output-dir", str(out)]
+            "--set", "batch_size=1", "--output-dir", str(out)]
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
         assert main([*args, "--steps", "1", "--init-lora", str(src)]) == 0
     assert f"starting from the LoRA {src} (" in caplog.text
@@ -607,7 +607,7 @@ def test_the_card_gives_the_digest_of_the_file_init_lora_named_not_of_its_conver
 
     peft, out = made_lora["run"] / "peft", tmp_path / "run"
     args = ["--profile", "cpu", "--set", "sample_steps=3", "--set", "k=1", "--set", "sample_prompts=1",
-            "--output-dir", str(out)]
+            "--set", "batch_size=1", "--output-dir", str(out)]
     assert main([*args, "--steps", "1", "--init-lora", str(peft)]) == 0
     theirs = sha(peft / "adapter_model.safetensors")
     assert theirs != sha(out / "init_lora" / "pytorch_lora_weights.safetensors")  # (converted: peft's names)
@@ -666,8 +666,8 @@ def test_an_init_lora_of_fewer_layers_says_the_rest_start_at_zero_and_plan_names
     assert said.err == "" and isinstance(json.loads(said.out), dict)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lowmem_alignprop"):
-        assert main([*args, "--set", "sample_prompts=0", "--steps", "1", "--output-dir", str(out),
-                     "--init-lora", str(lora)]) == 0
+        assert main([*args, "--set", "sample_prompts=0", "--set", "batch_size=1", "--steps", "1", "--output-dir",
+                     str(out), "--init-lora", str(lora)]) == 0
     assert f"starting from the LoRA {lora} ({layers} of the run's {line[1]} layers; the other {line[2]} (not in it) " \
         "start at zero, as a fresh LoRA's)" in caplog.text
 
@@ -1119,8 +1119,8 @@ def test_an_init_lora_of_another_sampler_is_warned_of_by_plan_and_training(made_
     assert warned not in caplog.text
     caplog.clear()  # training: before its first step
     caplog.set_level(logging.INFO, logger="lowmem_alignprop")  # (plan leaves the logger at WARNING)
-    assert main([*args, "--set", "sample_prompts=0", "--steps", "1", "--output-dir", str(tmp_path / "run"),
-                 "--init-lora", str(other)]) == 0
+    assert main([*args, "--set", "sample_prompts=0", "--set", "batch_size=1", "--steps", "1", "--output-dir",
+                 str(tmp_path / "run"), "--init-lora", str(other)]) == 0
     lines = [r.getMessage() for r in caplog.records if warned in r.getMessage()]
     assert len(lines) == 1 and "--set prediction_type=v_prediction --set zero_terminal_snr=true --set eta=0" in \
         lines[0], lines
@@ -1178,8 +1178,8 @@ def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_
 
 RUN_ARGS = ["--profile", "cpu", "--steps", "4", "--sample-every", "2", "--report-to", "tensorboard",
             "--checkpoint-every", "2", "--set", "sample_prompts=2", "--set", "sample_steps=3", "--set", "k=1",
-            "--set", "keep_checkpoints=0", "--set", "export_format=kohya,peft", "--set", "lr=0.01",
-            "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop",
+            "--set", "batch_size=1", "--set", "keep_checkpoints=0", "--set", "export_format=kohya,peft",
+            "--set", "lr=0.01", "--set", f"negative_prompt={NEGATIVE}", "--push-to-hub", "you/alignprop",
             "--reward", "brightness:1,colorfulness:0.01"]  # (a combined reward: its terms in the metrics)
 HUB_CALLS: list = []  # what the run asked of the (mocked) hub
 RENDERS: list = []  # the steps the run rendered the sample grid's images at (the trainer's render_samples)
