@@ -398,7 +398,7 @@ def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monk
     monkeypatch.setenv(faults.INJECT_ENV, "backward@2")
     out = tmp_path / "run"
     assert main([*FAST, "--output-dir", str(out), "--steps", "2", "--auto-fit",
-                 "--set", "expandable_segments=false"]) == 0
+                 "--set", "expandable_segments=false", "--set", "batch_size=1"]) == 0
     assert calls == [False, True]  # at start-up as configured, then switched by the auto-fit
     summary = json.loads((out / "summary.json").read_text())
     assert [c["change"] for c in summary["auto_fit"]] == [{"expandable_segments": True}]
@@ -486,7 +486,8 @@ def test_a_reward_that_changes_the_working_directory_moves_no_file_of_the_run(tm
     (tmp_path / "here").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path / "here")
-    assert main([*FAST, "--output-dir", "runc", "--steps", "3", "--reward", "qa_chdir:reward"]) == 0
+    assert main([*FAST, "--output-dir", "runc", "--steps", "3", "--reward", "qa_chdir:reward", "--set",
+                 "batch_size=1"]) == 0
     run = tmp_path / "here" / "runc"
     assert [r["step"] for r in rows(run)] == [1, 2, 3] and (run / "summary.json").is_file()
     assert not (run / ".run.lock").exists() and list((tmp_path / "elsewhere").iterdir()) == []
