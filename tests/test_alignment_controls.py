@@ -1037,7 +1037,8 @@ def test_eval_on_start_evaluates_the_untrained_lora_of_a_new_run_not_a_resumed_o
 
     cfg = Config(steps=4, eval_every=2, eval_on_start=True, output_dir=str(tmp_path / "run")).validate()
     for start, evaluated in ((0, [0]), (2, [])):
-        trainer = Trainer(cfg, RunFolder(cfg.output_dir), ["a cat"], point=SimpleNamespace(step=start, state={}) if start else None)
+        point = SimpleNamespace(step=start, state={}) if start else None
+        trainer = Trainer(cfg, RunFolder(cfg.output_dir), ["a cat"], point=point)
         calls = []
         trainer.evaluate_start, trainer.is_main = lambda: calls.append(0), False
         trainer.step = cfg.steps + 1  # no step left to train
