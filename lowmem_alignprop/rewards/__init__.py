@@ -44,6 +44,7 @@ import torch
 
 from ..run.stop_request import CtrlC
 from ..settings.errors import UserError, did_you_mean, error_words, first_line
+from ..settings.paths import per_reward_weights
 from .base import NOT_FROM_IMAGES, CallableReward, RewardModule, ScoresNotFromImages, WeightedSumReward, callable_label
 
 __all__ = ["REWARDS", "RewardModule", "RewardBuilder", "build_reward", "check_reward_spec", "parse_reward_spec",
@@ -282,11 +283,6 @@ def _user_reward(term: str, options: dict) -> RewardModule:
     return CallableReward(obj, term, label)
 
 
-def _keyed(weights: str) -> bool:
-    """reward_weights given per reward ('aesthetic=PATH;clip=PATH'), not as one path."""
-    return "=" in weights and re.match(r"^\s*[A-Za-z_]\w*\s*=", weights) is not None
-
-
 def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False) -> dict[str, str]:
     weights = (weights or "").strip()
     if not weights:
@@ -294,7 +290,7 @@ def _split_weights(weights: str, model_terms: list[str], *, quiet: bool = False)
     if len(weights) > 1 and weights[0] == weights[-1] and weights[0] in "'\"":  # quotes a shell would have taken
         raise UserError(f"reward_weights={weights}: its value is in quotes that a shell would have removed (a YAML "
                         f"file or a script kept them): write it without them: {weights[1:-1]}")
-    if _keyed(weights):
+    if per_reward_weights(weights):
         out = {}
         for item in weights.split(";"):
             if not item.strip():
@@ -473,7 +469,7 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
     resolved = reward_terms(spec)
     model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
     per_reward = _split_weights(weights, model_terms)
-    if (weights or "").strip() and not _keyed(weights) and not model_terms and all(k != "user" for k, _, _ in resolved):
+    if (weights or "").strip() and not per_reward_weights(weights) and not model_terms and all(k != "user" for k, _, _ in resolved):
         logging.getLogger(__name__).warning(  # (the keyed form's unused entries are said by _split_weights)
             "reward_weights=%s: --reward %s reads no weights (only %s and your own rewards do): it is not used",
             weights.strip(), spec, ", ".join(sorted(MODEL_REWARDS)))

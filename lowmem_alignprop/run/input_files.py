@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
-from lowmem_alignprop.settings.paths import vae_subfolder
+from lowmem_alignprop.settings.paths import per_reward_weights, vae_subfolder
 
 FIELDS = ("vae", "reward_weights")
-_KEYED = re.compile(r"^\s*[A-Za-z_]\w*\s*=")  # a reward_weights entry per reward ('aesthetic=PATH': rewards._keyed)
 
 
 def _files(path: Path) -> list[Path]:
@@ -38,7 +36,7 @@ def _parts(field: str, value: str) -> list[tuple[str, Path, Path]]:
     path = Path(value).expanduser()
     if path.exists():
         return [("", path, path / (vae_subfolder(path) or "") if field == "vae" and path.is_dir() else path)]
-    parts = [item.partition("=")[2] if _KEYED.match(item) else item for item in value.split(";")] \
+    parts = [item.partition("=")[2] if per_reward_weights(item) else item for item in value.split(";")] \
         if field == "reward_weights" else []
     return [(p.strip(), q, q) for part in parts for p in part.split(",")
             if p.strip() and (q := Path(p.strip()).expanduser()).exists()]

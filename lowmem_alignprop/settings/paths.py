@@ -131,6 +131,12 @@ def scheduler_prediction(folder: str | os.PathLike) -> str | None:
     return (scheduler_config(folder) or {}).get("prediction_type")
 
 
+def per_reward_weights(value: str) -> bool:
+    """Whether a reward_weights value (or one of its ';'-separated entries) names weights per reward
+    ('aesthetic=PATH;clip=PATH'), not one path: the rule rewards and run/input_files read it by."""
+    return "=" in value and re.match(r"^\s*[A-Za-z_]\w*\s*=", value) is not None
+
+
 def vae_subfolder(folder: str | os.PathLike) -> str | None:
     """``vae`` where a VAE folder given is a pipeline folder holding it (vae/config.json, no config.json of its own),
     else None: ``AutoencoderKL.from_pretrained(folder, subfolder=...)``."""
