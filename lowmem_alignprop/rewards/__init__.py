@@ -469,7 +469,8 @@ def build_reward(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32,
     resolved = reward_terms(spec)
     model_terms = [name for kind, name, _ in resolved if kind == "builtin" and name in MODEL_REWARDS]
     per_reward = _split_weights(weights, model_terms)
-    if (weights or "").strip() and not per_reward_weights(weights) and not model_terms and all(k != "user" for k, _, _ in resolved):
+    if (weights or "").strip() and not per_reward_weights(weights) and not model_terms and all(
+            k != "user" for k, _, _ in resolved):
         logging.getLogger(__name__).warning(  # (the keyed form's unused entries are said by _split_weights)
             "reward_weights=%s: --reward %s reads no weights (only %s and your own rewards do): it is not used",
             weights.strip(), spec, ", ".join(sorted(MODEL_REWARDS)))
