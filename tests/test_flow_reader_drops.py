@@ -14,7 +14,7 @@ from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from numerics import relative_difference
 from safetensors.torch import save_file
 
-from lowmem_alignprop.commands.adapters import adapted_layers, left_out_refusal, load_adapters
+from lowmem_alignprop.commands.adapters import adapted_layers, flow_left_out_refusal, load_adapters
 from lowmem_alignprop.commands.init_lora import init_lora_file, split_init_lora
 from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal
 from lowmem_alignprop.commands.lora_args import parse_lora
@@ -76,7 +76,7 @@ def test_bad_input_a_layer_diffusers_reading_leaves_out_is_one_line(pipes, case,
         with pytest.raises(UserError) as refused:
             load()
         assert str(refused.value) == (f"{label} {comfy_encoder_refusal(key)}" if comfy else
-                                      left_out_refusal(label, key)), label
+                                      flow_left_out_refusal(label, key)), label
 
 
 def test_bad_input_a_control_lora_norm_scale_is_one_line(pipes, tmp_path):

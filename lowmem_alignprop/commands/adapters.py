@@ -226,12 +226,13 @@ def own_weight_refusal(label: str, key: str) -> str:
             "run); pass a plain LoRA")
 
 
-def left_out_refusal(label: str, key: str) -> str:
-    """The line for an SD3/FLUX LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value)."""
-    from lowmem_alignprop.commands.kohya_layers import left_out_refusal as refusal
+def flow_left_out_refusal(label: str, key: str) -> str:
+    """The line for an SD3/FLUX LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value;
+    lora_formats.unet_left_out_refusal is the UNet's)."""
+    from lowmem_alignprop.commands.kohya_layers import left_out_refusal
 
-    return refusal(label, key, "no layer of this model by that name, or a second layout beside diffusers' "
-                               "transformer. / kohya's lora_unet_ names, of which it reads one")
+    return left_out_refusal(label, key, "no layer of this model by that name, or a second layout beside diffusers' "
+                                        "transformer. / kohya's lora_unet_ names, of which it reads one")
 
 
 def _read_flow_lora(pipe, file: Path, flag: str):
@@ -254,7 +255,7 @@ def _read_flow_lora(pipe, file: Path, flag: str):
     if (key := own_weight(lora)) is not None:  # (a Control LoRA: its norm scales first, its x_embedder is wider)
         raise UserError(own_weight_refusal(flag, key))
     if (key := left_out_layer(type(pipe), raw, lora)) is not None:  # (diffusers: a log line, or none)
-        raise UserError(left_out_refusal(flag, key))
+        raise UserError(flow_left_out_refusal(flag, key))
     return lora
 
 
