@@ -37,6 +37,8 @@ def init_lora_file(spec: str) -> Path:
     temporary folder first (removed when the process ends). Raises UserError."""
     file = _init_lora_source(spec)
     if is_safetensors(file):
+        from safetensors.torch import load_file
+
         from lowmem_alignprop.commands import flow_export
         try:
             shapes = read_safetensors_shapes(file)
@@ -45,16 +47,12 @@ def init_lora_file(spec: str) -> Path:
         _check_an_adapter(spec, shapes)  # (the shapes tell diffusers' own embeddings: "<token>" -> its vectors)
         keys = list(shapes)
         if flow_export.is_kohya_flow(keys):  # (a FLUX.1 file's modulation layers: kept, as diffusers reads them)
-            from safetensors.torch import load_file
             return kohya_flow_for_diffusers(load_file(str(file)), file, f"--init-lora {spec}")
         if any(".processor." in k for k in keys):  # (diffusers' layout before 0.21: converted)
-            from safetensors.torch import load_file
             return attn_processor_as_diffusers(load_file(str(file))) or file
         if any(bare_part(k) for k in keys):  # (peft's names without diffusers' unet. / transformer.: prefixed)
-            from safetensors.torch import load_file
             return bare_lora_as_diffusers(load_file(str(file)), file, f"--init-lora {spec}") or file
         if any(k.endswith(".alpha") for k in keys):  # (kohya's per-layer alphas, which diffusers misreads: folded)
-            from safetensors.torch import load_file
             return kohya_alphas_folded(load_file(str(file))) or file
     return file
 
