@@ -327,3 +327,15 @@ def warnings_of(call) -> list:
         warnings.simplefilter("always")
         assert call()
     return caught
+
+
+def lora_layer(name: str, down: int, up: int, fill: float | None = None, kohya: bool = True,
+               alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """One rank-2 LoRA layer's tensors under ``name``: kohya's lora_down / lora_up and ``alpha``, or (``kohya``
+    False) peft's lora_A / lora_B with no alpha; random from a seed of the name's length, the up weight ``fill``
+    everywhere where given (0.0: a layer that changes nothing). The reader-drop tests' files are made of them."""
+    g = torch.Generator().manual_seed(len(name))
+    d, u = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+    out = {name + d: torch.randn(2, down, generator=g),
+           name + u: torch.randn(up, 2, generator=g) if fill is None else torch.full((up, 2), fill)}
+    return out | ({f"{name}.alpha": torch.tensor(alpha)} if kohya else {})

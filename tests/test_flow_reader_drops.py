@@ -8,9 +8,12 @@ part-by-part load left out. ``sample --lora`` and ``--init-lora`` rendered or tr
 now one line names the layer. Such layers that change nothing (an all-zero lora_up) are left out, as diffusers
 does."""
 
+import functools
+
 import pytest
 import torch
 from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from loras import lora_layer
 from numerics import relative_difference
 from safetensors.torch import save_file
 
@@ -25,12 +28,7 @@ KOHYA = "lora_unet_double_blocks_0_img_attn_proj"  # block 0's to_out.0
 PEFT = "transformer.transformer_blocks.0.attn.to_q"
 
 
-def _layer(name, down, up, fill=None, alpha=True, kohya=True):
-    g = torch.Generator().manual_seed(len(name))
-    d, u = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
-    out = {name + d: torch.randn(2, down, generator=g),
-           name + u: torch.randn(up, 2, generator=g) if fill is None else torch.full((up, 2), fill)}
-    return out | ({f"{name}.alpha": torch.tensor(2.0)} if alpha and kohya else {})
+_layer = functools.partial(lora_layer, alpha=2.0)
 
 
 # case: (family, the file's tensors with the extra layer's up filled with ``fill``, the key the line names, comfy?)

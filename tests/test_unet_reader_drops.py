@@ -8,8 +8,11 @@ the drop, naming the wrong cause) or "Could not automatically infer state dict t
 layers lack out_proj (converted by diffusers' reader first) loaded without its sgm layers. Now one line names the
 layer; such a layer that changes nothing (all zeros) is left out and the rest loads."""
 
+import functools
+
 import pytest
 import torch
+from loras import lora_layer
 from midsize import build_tiny_sdxl_pipeline
 from safetensors.torch import save_file
 
@@ -30,12 +33,7 @@ TE1_OUT = "lora_te1_text_model_encoder_layers_0_self_attn_out_proj"
 DOWN = ".lora_down.weight"
 
 
-def _layer(name, down, up, fill=None, kohya=True):
-    g = torch.Generator().manual_seed(len(name))
-    d, u = (DOWN, ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
-    out = {name + d: torch.randn(2, down, generator=g),
-           name + u: torch.randn(up, 2, generator=g) if fill is None else torch.full((up, 2), fill)}
-    return out | ({f"{name}.alpha": torch.tensor(4.0)} if kohya else {})
+_layer = functools.partial(lora_layer, alpha=4.0)
 
 
 # case: (model, the file's tensors with the left-out layer's up filled with ``fill``, the key the line names, kind)
