@@ -346,8 +346,8 @@ def judge(cfg, prompts: list[str], loras: dict[str, dict[int, Path]], images: in
     from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
-    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.toy.fidelity import evaluate_batch
 

@@ -10,7 +10,7 @@ fixed-seed images every N steps (the toy world's ``metrics.jsonl`` figures; step
 2. ``count``: ``toy_count=N`` for two targets on ``toy-train`` prompts: the exact detected count against steps;
 3. ``jpeg``: the ``jpeg_compressibility`` reward on ``toy-pairs``: the real JPEG size against steps;
 4. ``mix``: the LoRAs of (1)'s randomized-K run (toy_clip) and (3) (compressibility), mixed with
-   ``commands/adapters.py``'s adapter mixing (what ``sample --lora A:w --lora B:w`` does) at weights
+   ``lora/adapters.py``'s adapter mixing (what ``sample --lora A:w --lora B:w`` does) at weights
    ``A: 1 - a, B: a``; toy_clip, jpeg_compressibility and the exact fidelity against ``a``;
 5. ``hack``: a long compressibility run: the reward keeps rising while the exact prompt fidelity falls; the
    plot marks the first evaluated step from which the fidelity stays below its start;
@@ -233,8 +233,8 @@ def mix(a: dict, b: dict, mode: Mode, threads: int) -> dict:
     from lowmem_alignprop.settings.quiet import quiet_libraries
     from lowmem_alignprop.commands import evaluate as ev
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
-    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.rewards import build_reward
     from lowmem_alignprop.step.prompts import load_prompts
     from lowmem_alignprop.toy.fidelity import evaluate_batch
@@ -438,7 +438,7 @@ HOW = {
     "jpeg": "`--reward jpeg_compressibility` (minus the differentiable estimate of the JPEG size, in kB) on "
             "`toy-pairs`; the real JPEG size of the same images from PIL.",
     "mix": "LoRA A (experiment 1's K ~ U{1..20} run, toy_clip) and LoRA B (experiment 3's run, compressibility) "
-           "loaded as two adapters of one pipeline (`commands/adapters.py`, as `sample --lora A:1-w --lora B:w`); "
+           "loaded as two adapters of one pipeline (`lora/adapters.py`, as `sample --lora A:1-w --lora B:w`); "
            "every weight renders the same prompts and seeds, scored by both rewards and the exact evaluators.",
     "hack": "`jpeg_compressibility` on `toy-pairs`, trained long; the dashed line marks the first judged step "
             "from which the exact fidelity score stays below its start.",

@@ -89,7 +89,7 @@ def drive_trl(job: dict) -> dict:
 def time_train_steps() -> list[float]:
     """From now on in this process, every ``Trainer.train_step`` appends its CPU seconds to the list returned."""
     sys.path.insert(0, str(ROOT))
-    import lowmem_alignprop.commands.train as train_mod
+    import lowmem_alignprop.training.train as train_mod
 
     seconds: list[float] = []
     plain = train_mod.Trainer.train_step

@@ -215,7 +215,7 @@ def cmd_train(argv: list[str]) -> int:
         if settings:  # the run goes on with its own settings; this command's flags change them
             name, cfg = config_from_args(args, resumed=settings, recorded=folder.recorded_profile()[1])
             if cfg.model == settings[1].get("model"):  # its model, gone (or a Windows path): not "leave --model out"
-                from lowmem_alignprop.commands.lora_files import check_recorded_base
+                from lowmem_alignprop.lora.lora_files import check_recorded_base
                 check_recorded_base(cfg.model, f"--resume {args.resume}: the run in {cfg.output_dir}",
                                     "its checkpoint's config")
         elif refused is not None:

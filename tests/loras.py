@@ -245,8 +245,8 @@ def cpu_cfg(out, *extra):
 def trainer_at_step_0(cfg, prompts: list[str]):
     """A trainer set up to its first step as train sets it up (--init-lora's LoRA checked before the model loads):
     its ``generate`` renders the fixed-seed images of the grid's "before"."""
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.lora.init_lora import check_init_lora
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     trainer = Trainer(cfg, RunFolder(cfg.output_dir), prompts)

@@ -258,7 +258,7 @@ def test_evaluation_peaking_early_keeps_that_step_in_best_and_stops(night, tmp_p
     (its LoRA equal to a 1-step run's), steps 2 and 3 do not improve on it, and the run ends at step 3 of 8; the
     before/after grid goes to the tracker at step 3 (it went at the planned last step, 8)."""
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import train, train_outputs, train_samples
+    from lowmem_alignprop.training import train, train_outputs, train_samples
 
     from lowmem_alignprop.measure.profiler import StageProfiler
 
@@ -371,7 +371,7 @@ def test_a_best_step_without_a_lora_kept_is_said_until_a_better_evaluation_write
     """keep_best_of with no best/ or checkpoint of the best step (rotated away; a full fine-tune's checkpoint holds
     no LoRA, and its resume must not fail on it): best_kept is False, and the next better evaluation's best/ makes it
     True again (the summary and the early stop read it)."""
-    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.training.evaluation import HeldOut
 
     def write_lora(folder):
         (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
@@ -394,7 +394,7 @@ def test_best_written_again_from_a_checkpoint_names_its_measure_by_best_by(tmp_p
     best.json it writes names the figure the run chose by under its own key. With best_by=fidelity that is
     eval_fidelity_score (0.625), not eval_objective (the reward's objective, 70.5 here, which the state does not
     keep)."""
-    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.training.evaluation import HeldOut
     from lowmem_alignprop.models import loading
 
     def write_checkpoint_lora(checkpoint, folder):
@@ -419,7 +419,7 @@ def test_the_held_out_evaluation_renders_every_prompt_with_the_same_seeds_and_av
     images; eval_objective -loss (reward_target: the mean distance); each evaluator gets every image with its own
     prompt. Then best/ and the early stop: a better step resets the patience, early_stop=2 stops at the 2nd
     evaluation without improvement, and best/ records the reward (not the objective)."""
-    from lowmem_alignprop.commands.evaluation import EVAL_SEED_OFFSET, HeldOut
+    from lowmem_alignprop.training.evaluation import EVAL_SEED_OFFSET, HeldOut
 
     prompts = ["a", "b", "c", "d", "e"]
     value = {p: float(i) for i, p in enumerate(prompts)}  # each image's reward: its prompt's index (+ an offset)
@@ -493,7 +493,7 @@ def test_resume_restores_ema_and_the_best_so_far(night, tmp_path):
     as_read = _lora(write_checkpoint_lora(split / "checkpoints" / "step-00000004", tmp_path / "read").parent)
     assert as_read.keys() == ema_lora.keys() and all(torch.equal(as_read[k], ema_lora[k]) for k in ema_lora)
     # and export writes a lost lora/ again from it (it left an EMA run's lora/ missing: the average was not there)
-    from lowmem_alignprop.commands.final_lora import rewrite_from_checkpoint
+    from lowmem_alignprop.lora.final_lora import rewrite_from_checkpoint
     shutil.rmtree(split / "lora")
     assert rewrite_from_checkpoint(split).name == "step-00000004"
     again = _lora(split / "lora")
@@ -650,7 +650,7 @@ def test_a_resume_with_another_seed_trains_and_holds_out_what_its_run_did(tmp_pa
 def test_early_stop_and_best_name_what_improving_means_with_a_cap_or_target():
     """With reward_cap or reward_target, best/ and early stop follow eval_objective, which may fall while eval_reward
     rises: their lines say so."""
-    from lowmem_alignprop.commands.evaluation import improvement_measure
+    from lowmem_alignprop.training.evaluation import improvement_measure
 
     assert improvement_measure(Config()) == "eval_reward"
     assert improvement_measure(Config(reward_cap=70.0)) == ("eval_objective, the held-out reward capped at "
@@ -663,7 +663,7 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
     """An early stop needs the best evaluation, then early_stop more, all before the last step: eval_every 10,
     early_stop 3 can stop a 41-step run at step 40 but not a 40-step one (its evaluations before the end: 10, 20,
     30). An eval_every past the run evaluates only the last step."""
-    from lowmem_alignprop.commands.evaluation import schedule_note
+    from lowmem_alignprop.training.evaluation import schedule_note
 
     def note(steps, every, patience=0):
         return schedule_note(Config(steps=steps, eval_every=every, early_stop=patience))
@@ -711,7 +711,7 @@ def test_an_early_stop_or_evaluation_this_run_cannot_make_is_said():
 def test_renders_past_the_last_step_and_judging_outside_the_toy_world_are_said():
     """--sample-every and fidelity_every past the run rendered nothing during it, and fidelity_every off the toy world
     judged nothing: both in silence (--eval-every's were said)."""
-    from lowmem_alignprop.commands.evaluation import renders_note
+    from lowmem_alignprop.training.evaluation import renders_note
     from lowmem_alignprop.toy.fidelity import unjudged_note
 
     assert renders_note(Config(steps=20, sample_every=20, fidelity_every=5)) is None
@@ -963,7 +963,7 @@ def test_best_by_fidelity_keeps_the_exactly_best_step_where_the_reward_disagrees
     rises at step 2. best_by=reward keeps step 1 and stops early at step 3; best_by=fidelity keeps step 2 (its
     best.json says both figures) and, fidelity falling once after it, does not stop yet. A step without the exact
     score (no prompt of the grammar) counts for neither."""
-    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.training.evaluation import HeldOut
 
     cfg = Config(eval_every=1, early_stop=2, best_by=best_by).validate()
     held = HeldOut(cfg, ["a red circle"], tmp_path, sample=None,
@@ -1032,7 +1032,7 @@ def test_eval_on_start_evaluates_the_untrained_lora_of_a_new_run_not_a_resumed_o
     them as "the untrained LoRA")."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     cfg = Config(steps=4, eval_every=2, eval_on_start=True, output_dir=str(tmp_path / "run")).validate()
@@ -1088,7 +1088,7 @@ def test_a_resume_that_makes_the_held_out_images_otherwise_starts_best_over():
 def test_a_resumed_ema_keeps_its_average_and_count_and_takes_this_runs_decay(tmp_path):
     """WeightEMA.load: the checkpoint's average and update count, and this run's ema_decay (a resume with another
     --set ema_decay averages on with it; the checkpoint's decay went on in silence)."""
-    from lowmem_alignprop.commands.evaluation import WeightEMA
+    from lowmem_alignprop.training.evaluation import WeightEMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = WeightEMA([p], 0.9, ["w"])

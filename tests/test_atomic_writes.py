@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.commands import final_lora
+from lowmem_alignprop.lora import final_lora
 from lowmem_alignprop.models.loading import write_checkpoint_lora
 from lowmem_alignprop.run import atomic
 from lowmem_alignprop.run import checkpoint as ckpt
@@ -658,7 +658,7 @@ def test_a_lora_is_never_written_again_from_a_damaged_checkpoint_nor_an_earlier_
 def test_a_metrics_line_the_disk_fills_in_the_middle_of_is_cut_back_off(tmp_path, monkeypatch):
     """metrics.jsonl is appended one line at a time: a write that fails after part of the line (a full disk) leaves
     the file as it was, every line whole (a half line made the next line unparsable), and the error names the file."""
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     path = tmp_path / "metrics.jsonl"
     grid.write_metrics_line(path, {"step": 1, "reward_mean": 0.5})
@@ -686,7 +686,7 @@ def test_best_arrives_whole_by_a_rename_and_replaces_the_earlier_best(tmp_path, 
     """best/ (the LoRA and best.json of the best step so far) is written into a temporary folder and renamed into
     place: a kill or a full disk while it is written leaves the previous best/ whole, and a later best leaves none of
     the earlier one's files behind."""
-    from lowmem_alignprop.commands.evaluation import HeldOut
+    from lowmem_alignprop.training.evaluation import HeldOut
     from lowmem_alignprop.settings.config import Config
 
     renames = Renames(monkeypatch)
@@ -741,7 +741,7 @@ def test_init_lora_of_an_older_ema_checkpoint_says_its_weights_are_the_trained_o
     checkpoint holds the trained weights, not the EMA, was said by each (twice), and is now said once."""
     import hashlib
 
-    from lowmem_alignprop.commands.init_lora import init_lora_file, init_lora_source
+    from lowmem_alignprop.lora.init_lora import init_lora_file, init_lora_source
 
     out, _ = finished
     step = tmp_path / "step-00000002"

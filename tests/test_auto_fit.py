@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lowmem_alignprop.rewards as rewards_pkg
-import lowmem_alignprop.commands.train as train_mod
-import lowmem_alignprop.commands.train_setup as train_setup
+import lowmem_alignprop.training.train as train_mod
+import lowmem_alignprop.training.train_setup as train_setup
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.measure import fit_changes, planner
 from lowmem_alignprop.cli import main
@@ -293,7 +293,7 @@ def test_auto_fit_applies_plan_fastest_before_the_first_step(tmp_path, monkeypat
 def test_auto_fit_without_a_card_or_a_fit_trains_as_configured(monkeypatch, tiny_dir, caplog):
     import logging
 
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.training import train
     from lowmem_alignprop.measure import fastest
     from lowmem_alignprop.settings.config import Config
 

@@ -342,7 +342,7 @@ def test_missing_model_weights(tmp_path, tiny_dir, capsys):
 def test_missing_reward_model_weights(reward, weights, needle, tmp_path, tiny_dir, capsys, monkeypatch):
     """A model reward's weight file that is not there is named before any model loads (the H200 check waited 2.7
     minutes and 22 GB of T5 for this line)."""
-    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.training import train_setup
 
     def no_load(*a, **k):
         raise AssertionError("the model loaded before the reward's weights were found")
@@ -508,7 +508,7 @@ def test_a_deepspeed_checkpoint_of_other_process_count_is_refused_before_any_mod
 
 
 def test_resume_another_models_checkpoint(trained, tmp_path, capsys, monkeypatch):
-    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.training import train_setup
     from lowmem_alignprop.models.tiny import build_tiny_pipeline
     other = tmp_path / "other"
     build_tiny_pipeline(seed=1).save_pretrained(other)  # same architecture, other weights
@@ -573,7 +573,7 @@ def test_a_metrics_line_that_cannot_be_written_mid_run_is_one_line(read_only, tm
 
     import safetensors.torch as st
 
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     real_line, real_save, real_unlink, broken = grid.write_metrics_line, st.save_file, pathlib.Path.unlink, []
     ro = OSError(errno.EROFS, "Read-only file system")
@@ -972,8 +972,8 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.lora_args import LoraSpec
-    from lowmem_alignprop.commands.lora_checks import warn_other_base
+    from lowmem_alignprop.lora.lora_args import LoraSpec
+    from lowmem_alignprop.lora.lora_checks import warn_other_base
 
     class Code:
         def __reduce__(self):
@@ -1004,9 +1004,9 @@ def test_a_lora_file_that_holds_code_nan_or_a_foreign_record_is_said_so(trained,
     warn_other_base(None, [spec], None)
     assert "base-model record a training run writes (wrong shape): which model" in caplog.text
     # each other reader of base_model.json takes a record that is no JSON object, or has a list of settings, as damaged
-    from lowmem_alignprop.commands.final_lora import lora_problem
-    from lowmem_alignprop.commands.lora_files import read_lora
-    from lowmem_alignprop.commands.base_records import recorded_base
+    from lowmem_alignprop.lora.final_lora import lora_problem
+    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.base_records import recorded_base
     (lora / LORA_BASE_FILE).write_text("[1, 2]")
     with pytest.raises(UserError) as e:
         read_lora(str(lora))

@@ -14,10 +14,10 @@ from midsize import build_tiny_sdxl_pipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lowmem_alignprop.commands.adapters import adapted_layers, load_adapters
-from lowmem_alignprop.commands.init_lora import init_lora_file, split_init_lora
-from lowmem_alignprop.commands.lora_args import parse_lora
-from lowmem_alignprop.commands import lora_formats
+from lowmem_alignprop.lora.adapters import adapted_layers, load_adapters
+from lowmem_alignprop.lora.init_lora import init_lora_file, split_init_lora
+from lowmem_alignprop.lora.lora_args import parse_lora
+from lowmem_alignprop.lora import lora_formats
 from lowmem_alignprop.models.tiny import build_tiny_pipeline
 from lowmem_alignprop.settings.errors import UserError
 

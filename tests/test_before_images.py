@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.commands.train_samples import RunSamples
+from lowmem_alignprop.training.train_samples import RunSamples
 from lowmem_alignprop.run.filenames import BEFORE_FILE, GRID_RECORD, SAMPLES_DIR
 
 # the toy world (the default model): two sample prompts and eight judged images, so both kinds are kept
@@ -179,7 +179,7 @@ def test_the_time_left_counts_the_renders_after_training_at_the_start_and_at_a_r
                                                                                         monkeypatch):
     """The time each render before training took is kept with the images (metadata ``seconds``); the time left the
     step lines say counts the renders after training as that long, at a resume that read the images back too."""
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
 
     kept = started[0] / SAMPLES_DIR / BEFORE_FILE
     with safe_open(str(kept), "pt") as f:

@@ -485,8 +485,8 @@ def test_the_ranks_stop_early_together_when_one_ranks_evaluation_says_so(monkeyp
     whose count ran out alone goes on. Between evaluations nothing is asked."""
     import types
 
-    from lowmem_alignprop.commands.evaluation import HeldOut
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.evaluation import HeldOut
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run import distributed
     from lowmem_alignprop.settings.config import Config
 

@@ -114,7 +114,7 @@ def test_lora_loads_in_diffusers_and_reproduces_the_trained_model(run_dir, tiny_
 def test_the_end_of_run_line_names_the_cuda_allocator_mode(tmp_path, capsys):
     """On a card the summary says what the allocator ran with (it changes the reserved peak); on a CPU nothing."""
     from lowmem_alignprop.settings.config import Config
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
 
     s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cuda:0", "seconds_per_step": 3.1,
          "peak_memory_gb": 3.59, "budget_gb": 7.5, "fits_budget": True, "attention": "sdpa",
@@ -129,9 +129,9 @@ def test_the_end_of_run_line_names_the_cuda_allocator_mode(tmp_path, capsys):
 def test_the_end_of_run_box_names_best_and_the_exports(tmp_path, capsys):
     """The box's `wrote:` lines name best/ when it holds the best step's LoRA, and export_format's folders; then where
     push_to_hub uploaded, or that it failed (it was one error line in the log, the box silent)."""
-    from lowmem_alignprop.commands.lora_export import Exported
+    from lowmem_alignprop.lora.lora_export import Exported
     from lowmem_alignprop.settings.config import Config
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
 
     s = {"reward_first": 0.5, "reward_last": 0.6, "device": "cpu", "seconds_per_step": 3.1, "peak_memory_gb": 1.0,
          "attention": "sdpa", "output_dir": str(tmp_path), "best_step": 4, "best_eval_reward": 0.7}

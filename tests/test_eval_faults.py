@@ -12,7 +12,7 @@ import torch
 from refusals import strict_rows
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.commands import evaluation as ev
+from lowmem_alignprop.training import evaluation as ev
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import faults
 from lowmem_alignprop.settings.config import Config
@@ -131,7 +131,7 @@ def test_out_of_memory_in_the_evaluation_keeps_the_trained_steps_and_says_what_t
                                                                                         monkeypatch):
     """Step 2's evaluation runs out of memory (its sampling, not the reward): step 2 is trained, so steps 1-2 are saved
     (its metrics line too), and the one line says what to change; the run resumes once the memory is there."""
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.training import train
 
     _, args = evalreward
     real, calls = train.Trainer.generate, {"eval": 0}

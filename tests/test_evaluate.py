@@ -16,9 +16,9 @@ import torch
 
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
+from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
 from lowmem_alignprop.commands.evaluate import generate
-from lowmem_alignprop.commands.lora_args import parse_lora
+from lowmem_alignprop.lora.lora_args import parse_lora
 from lowmem_alignprop.run.filenames import SAMPLE_GRID, SAMPLE_RESULTS
 
 STEPS = "3"
@@ -300,7 +300,7 @@ def test_every_adapted_layer_computes_the_weighted_sum_of_updates(mixer):
 
     def outputs(**weights):
         if weights:
-            from lowmem_alignprop.commands.lora_args import LoraSpec
+            from lowmem_alignprop.lora.lora_args import LoraSpec
             mix_adapters(pipe, [LoraSpec("", None, w, {"a": name_a, "b": name_b}[k]) for k, w in weights.items()])
         else:
             pipe.disable_lora()
@@ -505,7 +505,7 @@ def test_trained_brightness_lora_raises_brightness_on_new_seeds(tmp_path):
 def test_the_same_lora_given_twice_is_said(loras, caplog, tmp_path):
     """Two --lora of one LoRA add up (a:0.5 a:0.5 is a:1): said, since it is mostly a typo in a mix (it was silent).
     A run folder's LoRA is recorded with where in it its weights were (lora/, not a checkpoint or best/)."""
-    from lowmem_alignprop.commands.lora_checks import check_mixable
+    from lowmem_alignprop.lora.lora_checks import check_mixable
 
     shutil.copytree(loras["a"], tmp_path / "run" / "lora")
     assert parse_lora(str(tmp_path / "run"), 0).found_in == "lora/pytorch_lora_weights.safetensors"
@@ -600,7 +600,7 @@ def test_prompts_in_other_scripts_are_drawn_as_text_not_boxes(tmp_path, caplog, 
     import numpy as np
     from PIL import Image
 
-    from lowmem_alignprop.commands.grid import save_sample_grid
+    from lowmem_alignprop.training.grid import save_sample_grid
 
     imgs = (torch.zeros(2, 3, 8, 8), torch.zeros(2))
     grid = Image.open(save_sample_grid(tmp_path / "g.png", ["Жук", "Щит"], imgs, imgs))
@@ -621,7 +621,7 @@ def test_many_prompts_wrap_into_bands_of_the_grid_each_image_under_its_prompt(tm
     import numpy as np
     from PIL import Image
 
-    from lowmem_alignprop.commands.grid import GRID_COLUMNS, save_sample_grid
+    from lowmem_alignprop.training.grid import GRID_COLUMNS, save_sample_grid
 
     n, cell, label_h, left = 11, 192, 28, 64
     shade = torch.linspace(0.1, 0.9, n)
@@ -655,12 +655,12 @@ def test_a_character_no_font_has_leaves_labels_and_numbers_readable(tmp_path, ca
     from matplotlib import font_manager
     from PIL import Image
 
-    from lowmem_alignprop.commands.grid import save_sample_grid
+    from lowmem_alignprop.training.grid import save_sample_grid
 
     fonts = [f for f in font_manager.fontManager.ttflist if f.name in ("DejaVu Sans", "Last Resort High-Efficiency")]
     assert any(f.name == "DejaVu Sans" for f in fonts)
     monkeypatch.setattr(font_manager.fontManager, "ttflist", fonts)  # the machine of the report: no CJK font
-    monkeypatch.setattr("lowmem_alignprop.commands.grid.MISSING_SAID", set())  # (none said yet in this process)
+    monkeypatch.setattr("lowmem_alignprop.training.grid.MISSING_SAID", set())  # (none said yet in this process)
     imgs = (torch.zeros(2, 3, 8, 8), torch.tensor([0.1234, 0.5678]))
     with caplog.at_level("WARNING", logger="lowmem_alignprop"):
         odd = np.asarray(Image.open(save_sample_grid(tmp_path / "odd.png", ["a cat", "猫 and\x00 dog"], imgs, imgs)))
@@ -679,7 +679,7 @@ def test_a_label_of_a_million_characters_is_cut_at_once():
     character at a time, a minute of PIL calls, then PIL refused the string: the run's outputs never got written)."""
     from PIL import Image, ImageDraw
 
-    from lowmem_alignprop.commands.grid import GlyphText
+    from lowmem_alignprop.training.grid import GlyphText
 
     text, draw = GlyphText(), ImageDraw.Draw(Image.new("RGB", (200, 20)))
     label = text.fit(draw, "a" * 1_000_000, 150)
@@ -717,7 +717,7 @@ def test_each_image_is_labelled_with_its_own_reward(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from lowmem_alignprop.commands.grid import save_sample_grid
+    from lowmem_alignprop.training.grid import save_sample_grid
 
     cell, label_h, left = 192, 28, 64  # (the default cell: the whole label fits)
     imgs = torch.full((2, 3, 8, 8), 0.5)
@@ -909,7 +909,7 @@ def test_a_lora_a_format_converter_chokes_on_is_one_line(error, tmp_path):
     traceback; now the one line every LoRA that does not fit gets."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.adapters import load_adapter_file
+    from lowmem_alignprop.lora.adapters import load_adapter_file
 
     def load_lora_weights(*args, **kwargs):
         raise error
@@ -1008,8 +1008,8 @@ def test_prediction_type_samples_as_diffusers_does_and_the_runs_lora_keeps_it(tm
 
     from loras import export as export_lora
 
-    from lowmem_alignprop.commands import lora_files
-    from lowmem_alignprop.commands.lora_formats import kohya_metadata
+    from lowmem_alignprop.lora import lora_files
+    from lowmem_alignprop.lora.lora_formats import kohya_metadata
 
     out = tmp_path / "v"
     assert main(["sample", *COMMON, "--lora", str(loras["a"]), "--model", str(tiny_dir), "--prompt", "dog",
@@ -1145,7 +1145,7 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
     differ renders as the first one's, and says the other's."""
     import argparse
 
-    from lowmem_alignprop.commands.lora_files import header_image_settings
+    from lowmem_alignprop.lora.lora_files import header_image_settings
     from lowmem_alignprop.commands.sample_cmd import take_run_settings
 
     def read(**header):  # the settings taken, each as {setting: (value, the header key it came from)}
@@ -1179,7 +1179,7 @@ def test_which_header_words_a_lora_file_alone_is_sampled_with(tmp_path, loras, c
                                                      "resolution_x": 5})) == {
         k: (v, "alignprop_image_settings") for k, v in shared.items()}
     assert read(alignprop_image_settings="{resolution: 64") == {} and read(alignprop_image_settings="[64]") == {}
-    from lowmem_alignprop.commands.lora_files import shared_image_settings
+    from lowmem_alignprop.lora.lora_files import shared_image_settings
     assert shared_image_settings({**shared, "vae": str(tmp_path), "model_components": "/m", "prediction_type": "v"}) \
         == {k: v for k, v in shared.items() if k != "vae"}  # (a local path is the trainer's; its own keys say those)
 
@@ -1248,12 +1248,12 @@ def test_which_model_a_lora_files_header_names_is_taken(tmp_path, loras):
     assert taken({"alignprop_base_model": "run/best"}) == (None, "; its header (alignprop_base_model) says it was "
                                                            "trained on run/best (a folder on the training machine): "
                                                            "pass --model PATH")  # (a run's best/: no hub id)
-    from lowmem_alignprop.commands.lora_files import header_base_model
+    from lowmem_alignprop.lora.lora_files import header_base_model
     damaged = tmp_path / "damaged.safetensors"  # (a download cut short: loading it says what is wrong)
     damaged.write_bytes(b"\xff" * 16)
     assert header_base_model(damaged) == (None, "")
     # a local folder named like a shipped model: the header says it is a folder (./sdxl), not the shipped sdxl
-    from lowmem_alignprop.commands.lora_files import shared_name
+    from lowmem_alignprop.lora.lora_files import shared_name
     (tmp_path / "models" / "sdxl").mkdir(parents=True)
     assert shared_name(str(tmp_path / "models" / "sdxl")) == "./sdxl" and shared_name("sdxl") == "sdxl"
     assert taken({"alignprop_base_model": "./sdxl"}) == (None, "; its header (alignprop_base_model) says it was "

@@ -352,7 +352,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
     import torch
     from accelerate import Accelerator
 
-    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.training import train_setup
 
     def fp16_accelerator(cfg, output_dir):
         acc = Accelerator(cpu=True, mixed_precision="fp16")
@@ -383,7 +383,7 @@ def test_fp16_loss_scale_overflow_skips_the_update_and_training_goes_on(tmp_path
 def test_auto_fit_can_switch_the_allocator_to_expandable_segments(tmp_path, monkeypatch, tiny_dir):
     """On a card, the planner's first step for a run with fixed allocator segments is expandable segments: the
     live allocator must be switched (not only the config), and summary.json say what it runs with."""
-    from lowmem_alignprop.commands import train_faults, train_setup
+    from lowmem_alignprop.training import train_faults, train_setup
 
     calls = []
 
@@ -800,7 +800,7 @@ def test_a_stop_request_during_a_periodic_checkpoint_stops_at_that_checkpoint(tm
     whole, and that checkpoint is the stop's."""
     import types
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.settings.config import Config
 
     asked = iter([False, True])  # nothing at the step's end; the request came during the write
@@ -820,7 +820,7 @@ def test_a_stop_request_during_an_owed_evaluation_stops_at_its_checkpoint(tmp_pa
     step before it stopped: the checkpoint written with the owed evaluation is the stop's."""
     import types
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.settings.config import Config
 
     saved, tracked = [], []

@@ -35,7 +35,7 @@ def _kohya_twin(case, path, clip_prefix: str = "lora_te1_") -> None:
     tools name FLUX.1's one CLIP), each scale folded into lora_up (alpha = rank)."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export, lora_formats
+    from lowmem_alignprop.lora import flow_export, lora_formats
 
     state = load_file(str(case["file"]))
 
@@ -198,7 +198,7 @@ def test_an_sd3_init_lora_with_clip_l_and_clip_g_layers_starts_as_diffusers_fuse
     from test_kept_layers_flow_run import SD3_ATTENTION, _sd3_pipe, _sd3_render
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     base = build_tiny_sd3_dir(tmp_path / "base")
@@ -238,7 +238,7 @@ def test_bad_input_a_flux_kohya_file_with_a_second_clip_is_refused(with_clip, tm
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.flow_export import kohya_as_diffusers
+    from lowmem_alignprop.lora.flow_export import kohya_as_diffusers
     from lowmem_alignprop.settings.errors import quote
 
     _kohya_twin(with_clip, tmp_path / "twin.safetensors")
@@ -266,7 +266,7 @@ def test_bad_input_a_flux_kohya_file_with_a_second_clip_is_refused(with_clip, tm
 def _originals(modules, family: str) -> dict[str, str]:
     """kohya's name (``lora_unet_double_blocks_0_img_attn_qkv``) -> the original transformer's path of ``modules``
     (diffusers' names), what ComfyUI names the layer under ``diffusion_model.``."""
-    from lowmem_alignprop.commands.flow_export import kohya_name, original_slot
+    from lowmem_alignprop.lora.flow_export import kohya_name, original_slot
 
     return {kohya_name(original): original for original, _, _ in (original_slot(m, family) for m in modules)}
 
@@ -320,7 +320,7 @@ def sd3_comfy(tmp_path_factory):
     from safetensors.torch import save_file
     from test_kept_layers_flow_run import SD3_ATTENTION
 
-    from lowmem_alignprop.commands.flow_export import kohya_state_dict
+    from lowmem_alignprop.lora.flow_export import kohya_state_dict
 
     root = tmp_path_factory.mktemp("sd3-comfy")
     base = build_tiny_sd3_dir(root / "base")
@@ -459,7 +459,7 @@ def test_an_all_zero_clip_layer_diffusers_cannot_name_in_a_comfyui_flow_file_is_
     of the file is that of the file without it, tensor for tensor."""
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.commands import flow_export, lora_args
+    from lowmem_alignprop.lora import flow_export, lora_args
 
     case = with_clip if family == "flux" else sd3_comfy
     file = _with_unnamed_clip_layer(case, family, tmp_path, 0.0)

@@ -52,7 +52,7 @@ def world(tmp_path_factory):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.flow_export import kohya_state_dict
+    from lowmem_alignprop.lora.flow_export import kohya_state_dict
     from lowmem_alignprop.models import flow
 
     root = tmp_path_factory.mktemp("clipwalk")
@@ -89,7 +89,7 @@ def world(tmp_path_factory):
 
 def _sample(model, loras, out, monkeypatch, family):
     """``sample`` of ``loras`` ((file, weight) pairs): (base images, LoRA images, prompts, seeds)."""
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     grids, save = [], grid.save_sample_grid
     monkeypatch.setattr(grid, "save_sample_grid", lambda path, labels, base, lora, **kw: (

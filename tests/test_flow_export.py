@@ -107,7 +107,7 @@ def test_a_lora_in_the_original_transformers_names_reads_as_its_kohya_twin(case,
     here; trained for another base model")."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     kohya_file = sorted(export(tmp_path, case["lora"], "--format", "kohya").glob("*.safetensors"))[0]
     state = load_file(str(kohya_file))
@@ -145,8 +145,8 @@ def test_sample_of_a_flux_lora_with_modulation_layers_applies_each_as_diffusers_
     from loras import warnings_of
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.adapters import load_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
 
     pipe = build_tiny_flux_pipeline()
     config = pipe.transformer.config
@@ -302,7 +302,7 @@ def test_kohya_flux_single_block_is_what_diffusers_reads_at_flux1_width():
     gives back each of to_q/to_k/to_v the trained delta, and proj_mlp none."""
     from diffusers import FluxPipeline
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     g = torch.Generator().manual_seed(3)
     weights = {}
@@ -328,7 +328,7 @@ def test_kohya_folds_per_layer_scales_and_reads_back_to_each_layers_delta(case, 
     whole lora_down)."""
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     weights = {k[len("transformer."):]: v for k, v in load_file(str(case["lora"] / "pytorch_lora_weights.safetensors"))
                .items()}
@@ -366,7 +366,7 @@ def test_a_dense_fused_kohya_lora_loads_with_each_part_its_own_copy(flux, tmp_pa
     split file was not written, "Some tensors share memory") and its rows of the delta."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     weights = {k[len("transformer."):]: v for k, v in load_file(str(flux["lora"] / "pytorch_lora_weights.safetensors"))
                .items()}
@@ -497,7 +497,7 @@ def test_a_transformer_file_bases_metadata_and_card_read_its_components_folder(f
     from safetensors.torch import save_file
 
     from flowmodels import build_tiny_flux_pipeline
-    from lowmem_alignprop.commands import flow_export, model_card
+    from lowmem_alignprop.lora import flow_export, model_card
 
     schnell = tmp_path / "schnell.safetensors"
     save_file({k: v.contiguous() for k, v in build_tiny_flux_pipeline(schnell=True).transformer.state_dict().items()},
@@ -537,7 +537,7 @@ def test_a_merge_of_a_run_trained_without_t5_keeps_the_bases_t5(sd3, tmp_path, c
 
 def test_merge_onto_the_other_flow_family_is_refused_before_the_model_loads(flux, sd3, tmp_path, capsys,
                                                                            monkeypatch):
-    from lowmem_alignprop.commands import lora_merge
+    from lowmem_alignprop.lora import lora_merge
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")  # its files tell its family: refused before loading
@@ -728,8 +728,8 @@ def test_flux_run_samples_while_training_and_exports_kohya_and_peft_at_the_end(f
 def test_a_flux_runs_exports_card_metadata_reads_back_as_the_hub_reads_it(flux_run, flux, tmp_path):
     """The kohya and peft exports at the end of a FLUX run, as the hub reads their cards: the flux tag, the task, the
     run's grid (copied into each folder) as the widget's example; a hub-id base as the adapter's base_model."""
-    from lowmem_alignprop.commands import lora_export as lx
-    from lowmem_alignprop.commands import lora_files
+    from lowmem_alignprop.lora import lora_export as lx
+    from lowmem_alignprop.lora import lora_files
 
     tags = ["lowmem-alignprop", "alignprop", "lora", "reward-finetuning", "text-to-image", "flux"]
     widget = [{"text": "before and after training, same seeds", "output": {"url": "before_after.png"}}]
@@ -751,7 +751,7 @@ def test_a_ctrl_c_during_a_flux_runs_export_at_the_end_ends_the_run_whole(flux, 
     import os
     import signal
 
-    import lowmem_alignprop.commands.train_outputs as train_outputs
+    import lowmem_alignprop.training.train_outputs as train_outputs
     from lowmem_alignprop.run import checkpoint as ckpt
 
     real, sent = train_outputs.export_at_end, []
@@ -877,8 +877,8 @@ def test_a_lora_sampled_on_its_model_named_renders_as_its_run_and_an_unknown_mod
 def _images_at_step_0(base: Path, out: Path, *sets: str):
     """The fixed-seed images the trainer renders before its first step (its `generate`, as for the grid)."""
     from lowmem_alignprop.cli import common_parser, config_from_args
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.lora.init_lora import check_init_lora
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     args = common_parser("t", "t").parse_args([*FLOW, "--model", str(base), "--output-dir", str(out), "--set",
@@ -909,7 +909,7 @@ def _comfyui_lora_a_b(kohya_file: Path, lora: Path, out: Path) -> Path:
     with diffusers' lora_A/lora_B and no alpha (its scale folded into B)."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     state, weights = load_file(str(kohya_file)), load_file(str(lora / "pytorch_lora_weights.safetensors"))
     original = {flow_export.kohya_name(path): path for path in (
@@ -954,7 +954,7 @@ def test_a_feed_forward_init_lora_in_an_attention_run_names_a_key_of_the_users_o
     ('transformer.single_transfor...cks.0.proj_mlp.lora_A.weight'), a key the file does not hold."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     kohya = next(export(tmp_path / "k", flux_ff["lora"], "--format", "kohya").glob("*.safetensors"))
     peft = export(tmp_path / "p", flux_ff["lora"], "--format", "peft")
@@ -1023,8 +1023,8 @@ def test_a_lora_of_a_shipped_flow_width_is_named_and_one_of_the_models_width_pas
     output projections only), passes to loading."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.lora_args import LoraSpec
-    from lowmem_alignprop.commands.lora_checks import check_lora_files
+    from lowmem_alignprop.lora.lora_args import LoraSpec
+    from lowmem_alignprop.lora.lora_checks import check_lora_files
 
     def lora(width: int, layer: str = "to_q") -> LoraSpec:
         file = tmp_path / f"{layer}-{width}.safetensors"
@@ -1082,7 +1082,7 @@ def test_a_control_lora_width_is_refused_alike_with_and_without_the_text_encoder
     prompts were encoded (training, sample); the transformer is left as it was."""
     from diffusers import FluxPipeline
 
-    from lowmem_alignprop.commands.adapters import load_adapter_file
+    from lowmem_alignprop.lora.adapters import load_adapter_file
     from lowmem_alignprop.settings.errors import UserError
     from flowmodels import build_tiny_flux_pipeline
 
@@ -1227,7 +1227,7 @@ def test_a_flux_kohya_file_shared_alone_samples_as_its_header_says(flux, tmp_pat
         f"--lora {alone} records no model it was trained on; its header (alignprop_base_model) says it was trained "
         "on base (a folder on the training machine): pass --model PATH")
     # mixed in after another LoRA: the settings its header says are compared with the first one's
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.commands.sample_cmd import say_other_runs
 
     with caplog.at_level(logging.WARNING, logger="lowmem_alignprop"):
@@ -1243,8 +1243,8 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     LoRA twice. Another LoRA (the same one scaled) and a negative weight pass."""
     import shutil
 
-    from lowmem_alignprop.commands.lora_args import parse_lora
-    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+    from lowmem_alignprop.lora.lora_args import parse_lora
+    from lowmem_alignprop.lora.lora_merge import refuse_held_loras
 
     merged = next(export(tmp_path / "m", flux["lora"], "--merge", "--single-file").glob("*.safetensors"))
     kohya = next(export(tmp_path / "k", flux["lora"], "--format", "kohya").glob("*.safetensors"))
@@ -1265,7 +1265,7 @@ def test_a_merged_flux_file_refuses_the_exports_of_the_lora_it_holds(flux, tmp_p
     with pytest.raises(UserError, match=f"--lora {alone}: --model {merged} already holds this LoRA"):
         refuse_held_loras([parse_lora(str(alone), 0)], str(merged))
     refuse_held_loras([parse_lora(f"{kohya}:-1", 0)], str(merged))  # takes it out again: allowed
-    from lowmem_alignprop.commands.lora_files import header_lora_digest
+    from lowmem_alignprop.lora.lora_files import header_lora_digest
     (tmp_path / "cut.safetensors").write_bytes(alone.read_bytes()[:30])  # a damaged file's header tells no digest
     assert header_lora_digest(tmp_path / "cut.safetensors") is None and header_lora_digest(alone) is not None
     other = tmp_path / "other" / "kohya"  # another LoRA's export: its record's digest is not the merged one's
@@ -1312,7 +1312,7 @@ def test_a_second_lora_merges_into_a_flux_single_file_with_its_bases_text_encode
     # LoRA trained on a hub id of an SD3/FLUX pipeline takes it, one of another pipeline gets the line
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.lora_merge import merge_components
+    from lowmem_alignprop.lora.lora_merge import merge_components
     from lowmem_alignprop.models import loading
 
     def lora(base, parts=""):
@@ -1407,7 +1407,7 @@ def test_the_card_of_a_flux_dev_file_with_schnells_folder_loads_and_schedules_as
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
     from lowmem_alignprop.models.loading import load_components
 
     schnell = build_tiny_flux_dir(tmp_path / "schnell", schnell=True)

@@ -84,7 +84,7 @@ def test_resume_and_export_merge_of_a_run_with_a_hub_id_as_model_components(cach
     from safetensors.torch import load_file
 
     from loras import export
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.config import Config
 
@@ -218,7 +218,7 @@ def test_the_transformer_config_of_a_hub_id_components_is_read_at_the_commit_giv
     parts came from (components_revision), not the cache's main, which moved to a config of another model."""
     import shutil
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     hub = _own_cache(files, tmp_path, monkeypatch)
     repo = hub / f"models--{REPO.replace('/', '--')}"
@@ -326,7 +326,7 @@ def test_export_metadata_of_a_hub_id_as_model_components_fetches_its_two_config_
 
     import huggingface_hub
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
     from lowmem_alignprop.run import hub
 
     from lowmem_alignprop.settings import hub_access

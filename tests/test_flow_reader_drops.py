@@ -17,10 +17,10 @@ from loras import lora_layer
 from numerics import relative_difference
 from safetensors.torch import save_file
 
-from lowmem_alignprop.commands.adapters import adapted_layers, flow_left_out_refusal, load_adapters
-from lowmem_alignprop.commands.init_lora import init_lora_file, split_init_lora
-from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal
-from lowmem_alignprop.commands.lora_args import parse_lora
+from lowmem_alignprop.lora.adapters import adapted_layers, flow_left_out_refusal, load_adapters
+from lowmem_alignprop.lora.init_lora import init_lora_file, split_init_lora
+from lowmem_alignprop.lora.kohya_layers import comfy_encoder_refusal
+from lowmem_alignprop.lora.lora_args import parse_lora
 from lowmem_alignprop.settings.errors import UserError
 
 W, SD3_W = 32, 16  # the tiny FLUX pipeline's transformer width and CLIP width; the tiny SD3 transformer's
@@ -206,8 +206,8 @@ def test_the_flux_reader_drops_are_those_diffusers_own_reader_drops(case, tmp_pa
     any name)."""
     from diffusers import FluxPipeline
 
-    from lowmem_alignprop.commands.adapters import _flux_reader_drops
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread, lora_suffix
+    from lowmem_alignprop.lora.adapters import _flux_reader_drops
+    from lowmem_alignprop.lora.kohya_layers import kohya_encoder_unread, lora_suffix
 
     raw = READER_CASES[case]() if case in READER_CASES else CASES[case][1](None)
     save_file(raw, str(tmp_path / "lora.safetensors"))
@@ -230,7 +230,7 @@ def test_a_comfyui_clip_layer_without_a_diffusers_name_is_named_by_its_down_weig
     """A ComfyUI FLUX.1 file's CLIP layer diffusers has no name for (its token embedding), in lora_down/lora_up or
     peft's lora_A/lora_B naming with an alpha beside it, is refused naming its down weight, the key the other reader
     checks name (kohya_layers.first_changed); in lora_A naming it named the alpha (the rule knew lora_down alone)."""
-    from lowmem_alignprop.commands.flow_export import kohya_names
+    from lowmem_alignprop.lora.flow_export import kohya_names
 
     layer = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding"
     state = _layer(layer, 16, W, kohya=kohya) | {f"{layer}.alpha": torch.tensor(2.0)}

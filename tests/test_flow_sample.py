@@ -176,7 +176,7 @@ def test_sample_runs_as_the_trainer_loads_and_its_images_are_unchanged(models, t
                                                                        extra):
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     model, loras = models[name]
     where = ["--model", str(model)]
@@ -270,7 +270,7 @@ def test_a_flow_model_alone_is_scored_as_the_diffusers_pipeline_renders_it(model
     """`sample --model DIR` of an SD3 or FLUX model without a LoRA: one row of images, those the diffusers pipeline
     renders from the same seeds (to REORDERED: the prompts encoded in one batch here, per pipeline call there), each
     scored by the reward of that image; the LoRA's keys null."""
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
     from lowmem_alignprop.rewards import build_reward
 
     model, _ = models[name]

@@ -9,9 +9,9 @@ import torch
 from flowmodels import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from safetensors.torch import save_file
 
-from lowmem_alignprop.commands.adapters import load_adapters
-from lowmem_alignprop.commands.init_lora import init_lora_file
-from lowmem_alignprop.commands.lora_args import parse_lora
+from lowmem_alignprop.lora.adapters import load_adapters
+from lowmem_alignprop.lora.init_lora import init_lora_file
+from lowmem_alignprop.lora.lora_args import parse_lora
 from lowmem_alignprop.settings.errors import UserError, quote
 
 FIX = "not a LoRA's lora_down / lora_up: extract it again with lora_type standard and bias_diff off"

@@ -76,7 +76,7 @@ class Hang(Exception):
 
 
 def test_random_command_lines_exit_0_or_2_and_write_nothing_on_2(tmp_path, monkeypatch, capsys, tiny_dir):
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.training import train
 
     runs = []
     monkeypatch.setattr(train.Trainer, "run", lambda self: runs.append(self.cfg) or {})  # no step: the checks are fuzzed

@@ -138,7 +138,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(cpuinfo, has, t
     fp32 (14x for a 512x512 matmul on the 2-core Zen 3 this was written on): the run says so, once, at start."""
     import logging
 
-    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.training import train_setup
     from lowmem_alignprop.settings.config import Config
 
     path = tmp_path / "cpuinfo"

@@ -381,7 +381,7 @@ def test_a_card_training_command_pins_the_commit_where_its_start_gave_a_branch()
     """A start typed with `--set revision=main` (a branch: it moves) trained on commit C: the card's command, run
     again after main moved, trained on main's new commit (the pin was said given and left as typed). Each branch
     or empty pin now names the recorded commit; a commit (or its short form, 7+ hex digits) is kept as typed."""
-    from lowmem_alignprop.commands.model_card import pinned_command
+    from lowmem_alignprop.lora.model_card import pinned_command
 
     commit, vae = "a" * 39 + "1", "b" * 40
     pins = {"revision": commit, "vae_revision": vae}

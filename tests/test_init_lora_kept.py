@@ -195,7 +195,7 @@ def test_kept_layers_file_alone_plus_the_trained_part_is_the_whole_lora(civitai,
 
 
 def test_an_int8_base_refuses_a_kept_unet_linear_before_the_model_loads(civitai):
-    from lowmem_alignprop.commands.init_lora import check_init_lora
+    from lowmem_alignprop.lora.init_lora import check_init_lora
     from lowmem_alignprop.settings.errors import quote
 
     with pytest.raises(UserError) as e:
@@ -216,7 +216,7 @@ def test_a_kept_linear_is_never_added_into_an_int8_base(civitai, tmp_path, monke
     pytest.importorskip("bitsandbytes")
     from diffusers.quantizers.bitsandbytes import bnb_quantizer
 
-    from lowmem_alignprop.commands.init_lora import split_init_lora
+    from lowmem_alignprop.lora.init_lora import split_init_lora
     from lowmem_alignprop.memory import quant
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.models.sampling import make_pipeline
@@ -241,7 +241,7 @@ def test_sd3_and_flux_runs_refuse_t5_and_convolution_layers(civitai, tmp_path):
     lora_te3_: no diffusers loader reads them) and a UNet's convolutions, before any model loads."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.init_lora import lora_file_ranks
+    from lowmem_alignprop.lora.init_lora import lora_file_ranks
     from lowmem_alignprop.settings.errors import quote
 
     t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"
@@ -399,8 +399,8 @@ def test_one_list_of_down_keys_counts_a_layer_for_sample_and_init_lora_alike(lay
     before it, tells whether a run trains it: lora_file_ranks, here rank 4 of a trained layer)."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.adapters import layers_in_file
-    from lowmem_alignprop.commands.init_lora import lora_file_ranks
+    from lowmem_alignprop.lora.adapters import layers_in_file
+    from lowmem_alignprop.lora.init_lora import lora_file_ranks
 
     file = tmp_path / "one.safetensors"
     save_file({layer + down: torch.ones(4, 32), layer + up: torch.zeros(32, 4)}, str(file))

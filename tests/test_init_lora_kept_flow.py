@@ -139,7 +139,7 @@ def test_step_0_renders_the_base_with_the_whole_lora_and_keeps_the_untrained_lin
 
 
 def test_an_int8_base_refuses_a_kept_transformer_linear_before_the_model_loads(ai_toolkit):
-    from lowmem_alignprop.commands.init_lora import lora_file_ranks
+    from lowmem_alignprop.lora.init_lora import lora_file_ranks
     from lowmem_alignprop.settings.errors import quote
 
     spec = str(ai_toolkit["file"])
@@ -218,7 +218,7 @@ def test_a_run_from_a_lora_with_clip_layers_writes_them_back(with_clip, tmp_path
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     run = tmp_path / "run"
@@ -261,7 +261,7 @@ def test_a_run_that_learns_nothing_writes_back_the_whole_flux_lora_it_started_fr
     from peft import PeftModel
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     run = tmp_path / "run"
@@ -297,8 +297,8 @@ def test_the_kohya_export_of_kept_flux_modulation_layers_loads_in_diffusers(tmp_
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
-    from lowmem_alignprop.commands.lora_formats import kohya_state_dict
+    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_formats import kohya_state_dict
 
     case = _lora_case(tmp_path / "case", ATTENTION[:8], KEPT[:2], single_layers=0)
     _run(case, tmp_path / "run")
@@ -328,7 +328,7 @@ def test_init_lora_of_a_kohya_flux_file_with_layers_outside_the_blocks_keeps_the
     as its diffusers twin (our kohya reader; diffusers' drops the layers outside the blocks) and starts as it does."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     kept = ["transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "x_embedder",
             "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
@@ -368,7 +368,7 @@ def test_the_kohya_export_of_an_sd3_runs_kept_layer_is_refused_naming_diffusers(
     """An SD3 run's kept --init-lora layers have no kohya names a reader here checks (diffusers' SD3 loader reads
     none): the kohya export is refused with one line naming --format diffusers or peft (it had no test; of one
     layer it said "1 SD3 transformer layers")."""
-    from lowmem_alignprop.commands.flow_export import SD3, kohya_kept
+    from lowmem_alignprop.lora.flow_export import SD3, kohya_kept
 
     kept = {"transformer_blocks.0.norm1.linear.lora_A.weight": torch.zeros(2, 32),
             "transformer_blocks.0.norm1.linear.lora_B.weight": torch.zeros(192, 2)}

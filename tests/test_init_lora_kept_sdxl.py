@@ -70,7 +70,7 @@ def test_an_sdxl_run_that_learns_nothing_writes_back_the_whole_lora_with_both_en
     from safetensors import safe_open
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.run.filenames import LORA_WEIGHT_NAME
 
     run = tmp_path / "run"

@@ -94,7 +94,7 @@ def test_a_vae_replaced_at_its_path_is_told_at_a_resume_and_the_same_one_touched
 def test_the_card_names_each_file_a_resume_found_changed():
     """The card's "changed by a resume" row says each kind of file changed at its path (the reward's source,
     tests/test_resume.py's edited reward file, among them) by its digests, not as a --set of a setting."""
-    from lowmem_alignprop.commands.model_card import resume_change
+    from lowmem_alignprop.lora.model_card import resume_change
     from lowmem_alignprop.run.resume_rules import REPLACED
 
     said = {name: resume_change(name, ["0123", "4567"], lambda n, v: v) for name in REPLACED}

@@ -80,7 +80,7 @@ def test_sample_of_the_flux_run_renders_what_its_lora_renders_in_diffusers(ai_to
     run's lora/ loaded (load_lora_weights: trained + kept), the same prompt, seed and settings; the attention layers
     alone render otherwise (the kept layers are in what sample loads)."""
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     run = tmp_path / "run"
     assert main([*FLOW, "--model", str(ai_toolkit["base"]), "--set", "sample_prompts=0", "--set", "lr=1e-30",
@@ -147,7 +147,7 @@ def test_an_sd3_run_keeps_a_modulation_and_the_context_embedder_as_they_came(tmp
     from loras import RANK
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.models.kept_lora import kept_kinds
 
     base = build_tiny_sd3_dir(tmp_path / "base")

@@ -123,7 +123,7 @@ def run_lora(run):
 def test_read_lora_keeps_the_kept_layers_apart(run, run_lora):
     """read_lora of such a lora/: the trained layers and config as the run trained them (rank 4, alpha 8, the
     attention targets), the kept ones apart, as the file had them (it refused the text encoder's keys before)."""
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
 
     lora = read_lora(str(run_lora))
     assert sorted(lora.kept) == sorted(map(canonical_key, run["kept"]))  # (text_model.: kept_lora.canonical_key)
@@ -245,7 +245,7 @@ def test_text_encoder_layers_a_run_did_not_keep_are_refused(run, tmp_path, te_co
     """A foreign diffusers LoRA's text-encoder layers (their scale in their own header config, alpha != rank) are not
     a run's kept layers (the ``^`` patterns with alpha = rank that save_with_kept writes): refused with the line
     read_lora had for them, rather than exported at scale 1."""
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.settings.errors import UserError, quote
 
     folder = foreign_with_text_encoder(run, tmp_path / "foreign", te_config)
@@ -347,7 +347,7 @@ def test_the_lora_digest_covers_the_kept_layers(run_lora):
     kohya headers tell them apart); without kept layers the digest is the trained weights' alone, as before."""
     import dataclasses
 
-    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
+    from lowmem_alignprop.lora.lora_files import lora_digest, read_lora
 
     lora = read_lora(str(run_lora))
     other = dataclasses.replace(lora, kept={k: v + (k.endswith("conv1.lora_B.weight")) for k, v in lora.kept.items()})
@@ -380,7 +380,7 @@ def test_kohya_text_encoder_layers_of_several_ranks_load_in_diffusers_at_their_o
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.lora_formats import kohya_kept
+    from lowmem_alignprop.lora.lora_formats import kohya_kept
 
     g = torch.Generator().manual_seed(0)
     kept = {}
@@ -420,8 +420,8 @@ def test_the_cards_kept_words_count_each_kind_and_say_one_layer_in_the_singular(
     """The card's kept row and first-sentence note of kept layers of each mix (no model: the words alone): one
     convolution is "1 layer" (it said "1 layers", as the kohya header and the run's log line did: one rule,
     kept_total), SDXL's two encoders "the text encoders' included", a LoCon's convolutions alone no encoder."""
-    from lowmem_alignprop.commands.init_lora import InitLora
-    from lowmem_alignprop.commands.model_card import kept_note, kept_row
+    from lowmem_alignprop.lora.init_lora import InitLora
+    from lowmem_alignprop.lora.model_card import kept_note, kept_row
     from lowmem_alignprop.models.kept_lora import kept_header
 
     def layers(*keys, ndim=2):

@@ -21,9 +21,9 @@ import yaml
 from loras import ALPHA, RANK, each_of, export, hub_metadata, make_sd_lora, unet_out
 from numerics import REORDERED, SAME_OPS, assert_rel_close, relative_difference
 
-from lowmem_alignprop.commands import lora_export as lx
-from lowmem_alignprop.commands import lora_files
-from lowmem_alignprop.commands import lora_formats as formats
+from lowmem_alignprop.lora import lora_export as lx
+from lowmem_alignprop.lora import lora_files
+from lowmem_alignprop.lora import lora_formats as formats
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.run import hub
 from lowmem_alignprop.run import merged_models
@@ -237,7 +237,7 @@ def test_kohya_card_tells_comfyui_and_a1111_users_how_the_run_sampled(sd, tmp_pa
     sampling the LoRA was trained through, in their samplers' terms (neither samples DDIM at eta 1 by default)."""
     plain = (export(tmp_path / "plain", sd["lora"], "--format", "kohya") / "README.md").read_text()
     assert "ModelSamplingDiscrete" not in plain and "RescaleCFG" not in plain
-    from lowmem_alignprop.commands.model_card import num
+    from lowmem_alignprop.lora.model_card import num
     config = yaml.safe_load((sd["run"] / "config.yaml").read_text())
     steps, scale = config["sample_steps"], num(config["guidance_scale"])
     assert (f"- Its run rendered (and trained through) DDIM: {steps} steps at eta 1, guidance {scale}. The LoRA is "
@@ -327,8 +327,8 @@ def test_peft_folder_loads_with_peft_and_reproduces_the_lora(case, tmp_path):
 
 
 def test_diffusers_export_is_what_the_run_wrote(sd, tmp_path):
-    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
-    from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
+    from lowmem_alignprop.lora.lora_files import lora_digest, read_lora
+    from lowmem_alignprop.lora.lora_formats import EXPORTED_FROM
 
     out = export(tmp_path, sd["lora"])  # --format diffusers is the default
     assert (out / LORA_WEIGHT_NAME).read_bytes() == (sd["lora"] / LORA_WEIGHT_NAME).read_bytes()
@@ -450,7 +450,7 @@ def test_merged_single_file_has_the_model_spec_of_a_checkpoint(sd_or_xl, tmp_pat
 def test_the_cards_ddim_line_at_an_eta_no_webui_sampler_has_and_with_a_negative_prompt():
     """_ddim_line alone: eta 0.5 (neither ComfyUI sampler has it: both named, the nearest), the run's negative prompt,
     and a config without guidance_scale; none without the run's steps or eta."""
-    from lowmem_alignprop.commands.model_card import _ddim_line
+    from lowmem_alignprop.lora.model_card import _ddim_line
 
     assert _ddim_line({"sample_steps": 20, "eta": 0.5, "guidance_scale": 5.0, "negative_prompt": "blurry"}, True) == (
         "- Its run rendered (and trained through) DDIM: 20 steps at eta 0.5, guidance 5, negative prompt `blurry`. "
@@ -475,7 +475,7 @@ def test_a_lora_of_a_same_named_other_base_is_told_from_the_merged_files_by_its_
     single file's header names its base by that name alone."""
     import argparse
 
-    from lowmem_alignprop.commands.init_lora import trained_on
+    from lowmem_alignprop.lora.init_lora import trained_on
     from lowmem_alignprop.commands.sample_cmd import take_run_settings
 
     single = next(export(tmp_path / "single", sd["lora"], "--merge", "--single-file").glob("*.safetensors"))
@@ -532,11 +532,11 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
     lora_name = f"{sd['run'].name}/lora"
     assert [(r["lora"], r["weight"], r["into"]) for r in merged_record(str(upper))] == [(lora_name, 1.0,
                                                                                          sd["base"].name)]
-    from lowmem_alignprop.commands.base_records import same_model  # `sample --model FILE`: the LoRA's run's settings
+    from lowmem_alignprop.lora.base_records import same_model  # `sample --model FILE`: the LoRA's run's settings
     assert same_model(str(upper), str(sd["base"])) and not same_model(str(upper), str(tmp_path / "other-base"))
     # the header names the base by its folder's name only; the weights it recorded tell a same-named other base apart
-    from lowmem_alignprop.commands.base_records import recorded_fingerprint
-    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.lora.base_records import recorded_fingerprint
+    from lowmem_alignprop.lora.lora_args import LoraSpec
     ours = recorded_fingerprint(LoraSpec(arg="a", file=sd["lora"] / LORA_WEIGHT_NAME, weight=1.0, name="a"))
     theirs = {**ours, "conv_in": [v + 0.5 for v in ours["conv_in"]]}  # another model's first layer
     namesake = tmp_path / "elsewhere" / sd["base"].name
@@ -585,8 +585,8 @@ def test_a_lora_merged_into_a_model_that_holds_it_is_refused_and_another_stacks(
 def test_sampling_a_lora_on_a_model_that_holds_it_is_refused(sd, tmp_path, capsys):
     """`sample LORA --model MERGED`, where export --merge fused LORA into MERGED, applied it twice (its "base" column
     was the LoRA's images): refused as export --merge refuses it; a negative weight (which takes it out) passes."""
-    from lowmem_alignprop.commands.lora_args import parse_lora
-    from lowmem_alignprop.commands.lora_merge import refuse_held_loras
+    from lowmem_alignprop.lora.lora_args import parse_lora
+    from lowmem_alignprop.lora.lora_merge import refuse_held_loras
 
     merged = export(tmp_path / "merged", sd["lora"], "--merge")
     capsys.readouterr()
@@ -608,7 +608,7 @@ def test_a_merged_model_sampled_alone_renders_what_the_base_renders_with_the_lor
     the LoRA's run's settings (3 steps, not the cpu profile's 10; reward colorfulness), taken as `sample LORA` takes
     them; (W + s B A) x against W x + s B (A x) in every adapted layer, the same sums grouped otherwise, through 3
     DDIM steps and the VAE: REORDERED. A --set still wins."""
-    from lowmem_alignprop.commands import grid
+    from lowmem_alignprop.training import grid
 
     merged = export(tmp_path, sd["lora"], "--merge")
     entry = json.loads((merged / MERGED_FILE).read_text())[-1]  # the LoRA's run's settings, whether the LoRA stays
@@ -713,7 +713,7 @@ def test_a_merged_model_sampled_alone_takes_its_record_s_settings_else_its_lora_
 def test_a_merged_model_holds_a_lora_by_the_sum_of_its_merges():
     """merged_loras.json's entries of one LoRA add up: merged at weight 0 (the base model, as --weight says), or at
     0.5 then -0.5, the model holds none of it (sample and a second merge refused it as 'applied twice')."""
-    from lowmem_alignprop.commands.lora_merge import held_in
+    from lowmem_alignprop.lora.lora_merge import held_in
 
     one = {"digest": "a", "weight": 0.5, "into": "base"}
     assert held_in([one], "a")["weight"] == 0.5 and held_in([one], "b") is None
@@ -793,7 +793,7 @@ def test_the_card_of_a_toy_world_run_shows_the_exact_fidelity_and_code_that_load
     """In the toy world the card shows the exact evaluators' before -> after beside the reward (a reward that rose
     while the images went wrong read as a success), and its code loads the toy model from the package: it said
     from_pretrained("toy"), which fails (no such hub id or folder)."""
-    from lowmem_alignprop.commands.model_card import _usage
+    from lowmem_alignprop.lora.model_card import _usage
 
     run = tmp_path / "run"
     shutil.copytree(sd["run"], run)
@@ -918,7 +918,7 @@ def test_a_lora_exports_card_metadata_reads_back_as_the_hub_reads_it(case, fmt, 
 def test_a_merged_models_card_metadata_is_of_the_model_it_was_merged_into(sd, tmp_path, single_file):
     """A merged model (a folder, or one file): no lora tag, base_model_relation merge, and base_model the model
     whose weights it holds: the one it was merged into (it named the LoRA's base even for --merge --model OTHER)."""
-    from lowmem_alignprop.commands.model_card import front_matter
+    from lowmem_alignprop.lora.model_card import front_matter
 
     out = export(tmp_path, sd["lora"], "--merge", *(["--single-file"] if single_file else []))
     meta = hub_metadata(out)
@@ -1088,8 +1088,8 @@ def test_a_folder_pushed_to_the_hub_names_local_paths_by_name_in_its_base_model_
     here reads them). Downloaded, `sample FOLDER` of it says in one line to pass the local model with --model."""
     import huggingface_hub
 
-    from lowmem_alignprop.commands.base_records import recorded_base
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.base_records import recorded_base
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.settings.errors import UserError
 
     run = tmp_path / "my-run"
@@ -1239,7 +1239,7 @@ def test_a_pushed_card_names_the_model_merged_into_by_name_and_a_hub_base_as_it_
     (local_names: the local paths only)."""
     import dataclasses
 
-    from lowmem_alignprop.commands.model_card import model_card
+    from lowmem_alignprop.lora.model_card import model_card
 
     lora = lora_files.read_lora(str(sd["lora"]))
     other = tmp_path / "models" / "other-base"
@@ -1261,7 +1261,7 @@ def test_a_pushed_card_names_a_reward_file_and_a_resumes_changed_paths_by_name(s
     keeps them."""
     import dataclasses
 
-    from lowmem_alignprop.commands.model_card import model_card
+    from lowmem_alignprop.lora.model_card import model_card
 
     lora = lora_files.read_lora(str(sd["lora"]))
     home = tmp_path / "home" / "me"
@@ -1286,7 +1286,7 @@ def test_local_names_are_the_local_paths_a_card_names_and_no_hub_id():
     each local path by its shared name; a hub id or none is not among them."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.model_card import local_names
+    from lowmem_alignprop.lora.model_card import local_names
 
     file_based = SimpleNamespace(base_model="/models/flux1.safetensors", model_components="/models/flux-parts")
     assert local_names(file_based, {"vae": "you/vae"}, "/merged/into-here") == {
@@ -1300,7 +1300,7 @@ def test_shared_command_keeps_the_current_folder_and_a_line_it_cannot_split(tmp_
     """model_card.shared_command: a local path by its name (a --set value too); `.` stays `.`, alone or as
     `--opt=.` (its shared name is empty); a line shlex cannot split (an unbalanced quote) is kept as recorded, the
     others still named; no command stays none."""
-    from lowmem_alignprop.commands.model_card import shared_command
+    from lowmem_alignprop.lora.model_card import shared_command
 
     monkeypatch.chdir(tmp_path)
     base, vae = tmp_path / "models" / "base", tmp_path / "my-vae"
@@ -1626,7 +1626,7 @@ def test_the_card_of_an_exported_best_says_it_is_the_best_held_out_evaluation(sd
     """best/'s card says why this step: the run's best held-out evaluation, its eval_reward (and, with
     best_by=fidelity, the exact score it was chosen by); a best/ of step 0 (eval_on_start) is the LoRA before
     training, which no trained step beat. The run's lora/ says none of it."""
-    from lowmem_alignprop.commands import model_card
+    from lowmem_alignprop.lora import model_card
 
     run = tmp_path / "myrun"
     shutil.copytree(sd["run"], run)

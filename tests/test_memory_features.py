@@ -373,8 +373,8 @@ def _placement_run(cfg: Config) -> list[tuple[str, str | None, dict[str, str]]]:
     import contextlib
 
     import lowmem_alignprop.rewards as rewards_pkg
-    import lowmem_alignprop.commands.train as train_mod
-    import lowmem_alignprop.commands.train_setup as train_setup
+    import lowmem_alignprop.training.train as train_mod
+    import lowmem_alignprop.training.train_setup as train_setup
     from lowmem_alignprop.memory.placement import Placement
 
     current: list[str] = []

@@ -187,7 +187,7 @@ def test_a_vae_file_that_holds_no_vae_or_another_shape_is_one_line(tmp_path, tin
 def test_a_text_encoder_whose_files_lack_weights_is_refused_not_run_as_noise(tmp_path, tiny_dir, capsys):
     """transformers loads such a text encoder with random weights and a logged table only; train and
     ``export --merge`` stop with one line naming the part, how many weights are missing and one of them."""
-    from lowmem_alignprop.commands.lora_merge import load_base
+    from lowmem_alignprop.lora.lora_merge import load_base
     from lowmem_alignprop.settings.errors import UserError
 
     model = tmp_path / "model"

@@ -17,14 +17,14 @@ import torch
 
 from numerics import EPS32, REORDERED, flat, relative_difference
 
-import lowmem_alignprop.commands.train_setup as train_setup
+import lowmem_alignprop.training.train_setup as train_setup
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.models.loading import load_components
 from lowmem_alignprop.rewards import build_reward
 from lowmem_alignprop.models.sampling import encode_prompts, make_pipeline
 from lowmem_alignprop.step.rollout import apply_memory_features, rollout_loss
-from lowmem_alignprop.commands.train_setup import make_accelerator
+from lowmem_alignprop.training.train_setup import make_accelerator
 
 FAST = ["--steps", "8", "--set", "resolution=32", "--set", "sample_steps=3", "--set", "k=2",
         "--set", "batch_size=2", "--set", "sample_prompts=0"]

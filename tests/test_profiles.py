@@ -13,8 +13,8 @@ import torch
 import yaml
 
 import lowmem_alignprop.models.loading as models_mod
-import lowmem_alignprop.commands.train as train_mod
-import lowmem_alignprop.commands.train_setup as train_setup
+import lowmem_alignprop.training.train as train_mod
+import lowmem_alignprop.training.train_setup as train_setup
 from lowmem_alignprop.cli import main
 from lowmem_alignprop.settings.config import Config, build_config
 from lowmem_alignprop.settings.errors import UserError
@@ -773,7 +773,7 @@ def test_a_profile_saved_by_windows_powershell_is_read(tmp_path):
 
 def test_a_mac_is_told_its_gpu_is_not_used(monkeypatch, tmp_path, caplog):
     """No CUDA and an Apple GPU (MPS): the run says the CPU does the work (it trained on the CPU in silence)."""
-    from lowmem_alignprop.commands.train_setup import make_accelerator
+    from lowmem_alignprop.training.train_setup import make_accelerator
     from lowmem_alignprop.memory.placement import unused_apple_gpu_note
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -939,7 +939,7 @@ def test_config_yaml_writes_non_ascii_paths_as_they_are_and_reads_back(tmp_path)
     also as --profile RUN/config.yaml."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.settings.config import Config
 
     cfg = Config(prompts=str(tmp_path / "prompts é 日本.txt"), output_dir=str(tmp_path / "run é"))

@@ -262,7 +262,7 @@ def test_bnb_mode_is_a_query_the_check_is_apart(monkeypatch):
 
 
 def test_train_end_to_end_with_int8_base(tiny_dir, cpu_quant, tmp_path):
-    from lowmem_alignprop.commands.train import train
+    from lowmem_alignprop.training.train import train
 
     cfg = Config(model=str(tiny_dir), base_quant="int8", output_dir=str(tmp_path / "run"), steps=2, resolution=64,
                  sample_steps=3, k=1, batch_size=1, sample_prompts=0, lr=0.01).validate()

@@ -159,7 +159,7 @@ def test_a_resume_that_changes_the_reward_compares_only_the_steps_it_scored(runs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reward_since_step"] == 7 and summary["reward_steps"] == 3
     assert summary["reward_last"] == first_last_rewards(strict_rows(run)[6:])["reward_last"]
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     card = read_lora(str(run / "checkpoints" / "step-00000009")).summary  # export's model card of the checkpoint
     assert (card["reward_first"], card["reward_last"]) == (summary["reward_first"], summary["reward_last"])
     assert card["reward_since_step"] == 7
@@ -204,8 +204,8 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
     in. Each start's folder is recorded (summary.json's and each checkpoint's start_dirs, aligned with its lines), and
     the card puts `# in DIR` over each command with a relative path: a resume from one folder and one from another
     show their own; the fixture's starts, absolute, none; a card for the hub, none (its paths go by name)."""
-    from lowmem_alignprop.commands.lora_files import read_lora
-    from lowmem_alignprop.commands.model_card import model_card
+    from lowmem_alignprop.lora.lora_files import read_lora
+    from lowmem_alignprop.lora.model_card import model_card
 
     one, two = tmp_path / "one", tmp_path / "two"
     two.mkdir()
@@ -250,7 +250,7 @@ def test_the_model_card_says_the_folder_of_each_start_that_named_a_relative_path
 def test_which_recorded_commands_name_a_relative_path(tmp_path, command, relative):
     """A hub id, a shipped or built-in name and an absolute path need no folder; a path option's relative value, a
     ./ or ../ path and a name of something in the start's folder do."""
-    from lowmem_alignprop.commands.model_card import has_relative_path
+    from lowmem_alignprop.lora.model_card import has_relative_path
 
     (tmp_path / "here").mkdir()
     assert has_relative_path(f"lowmem-alignprop {command}", tmp_path) is relative
@@ -406,7 +406,7 @@ def test_a_prompt_file_edited_before_a_resume_is_said(tmp_path, tiny_dir, caplog
 def test_a_branch_from_an_earlier_step_keeps_the_prompt_lists_of_its_own_steps(tmp_path):
     """prompts.json of a run trained on A until step 6, then on B: a resume of its step-4 checkpoint on C indexes A
     until step 4 (the list of step 6 onwards belongs to the branch it replaces)."""
-    from lowmem_alignprop.commands.train_records import prompt_lists_before
+    from lowmem_alignprop.training.train_records import prompt_lists_before
 
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"train": ["b"], "earlier": [{"until_step": 6, "train": ["a"]}]}))
@@ -630,7 +630,7 @@ def test_a_ctrl_c_while_the_final_lora_is_written_says_so_and_the_run_ends_whole
     the run not interrupted."""
     import signal
 
-    import lowmem_alignprop.commands.train as train_mod
+    import lowmem_alignprop.training.train as train_mod
 
     out, save, sent = tmp_path / "run", train_mod.Trainer.save_lora, []
 
@@ -1176,7 +1176,7 @@ def test_a_checkpoint_that_lacks_some_of_the_models_trained_weights_is_refused(t
 def test_export_of_an_older_checkpoint_describes_that_step_with_its_own_settings(runs):
     """checkpoints/step-3 of a run resumed to 6 steps with other flags: its export (model card, the command that
     retrains it) takes the settings of step 3's run from the checkpoint, not the resumed run's config.yaml."""
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
 
     _, split, _ = runs
     lora = read_lora(str(split / "checkpoints" / "step-00000003"))
@@ -1189,7 +1189,7 @@ def test_a_resume_counts_the_reward_and_the_prompts_from_the_step_they_changed_a
     when the reward or its weights changed, else the checkpoint's own; prompts_since likewise for the prompt list."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.training import train as train_mod
     from lowmem_alignprop.run.runfolder import RunFolder
     from lowmem_alignprop.settings.config import Config
 
@@ -1222,7 +1222,7 @@ def test_a_resume_adds_its_command_line_under_the_earlier_starts(tmp_path):
     lists them as the commands that retrain the LoRA; overwritten, it named the resume alone)."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.filenames import COMMAND_FILE
     from lowmem_alignprop.run.runfolder import RunFolder, started_commands
     from lowmem_alignprop.settings.config import Config

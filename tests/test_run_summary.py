@@ -1,7 +1,7 @@
-"""commands/run_summary.py: the step line's time left (TimeLeft), on a fake clock."""
+"""training/run_summary.py: the step line's time left (TimeLeft), on a fake clock."""
 
-from lowmem_alignprop.commands import run_summary
-from lowmem_alignprop.commands.run_summary import TimeLeft
+from lowmem_alignprop.training import run_summary
+from lowmem_alignprop.training.run_summary import TimeLeft
 
 
 def test_time_left_is_the_mean_gap_between_the_last_steps_times_the_steps_to_run(monkeypatch):
@@ -80,7 +80,7 @@ def test_the_steps_that_evaluate_and_checkpoint_are_counted_as_they_are_done():
 
 def test_the_box_says_the_reward_first_to_last_and_its_change(tmp_path, capsys):
     """The end-of-run box's reward line: first -> last and last - first, signed (a fall is '-', a rise '+')."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
     s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
@@ -98,7 +98,7 @@ def test_the_box_says_the_reward_first_to_last_and_its_change(tmp_path, capsys):
 def test_the_toy_world_lines_put_each_rate_before_then_after():
     """The box's toy-world lines: each exact rate, the score, the reward, its median and the JPEG size, before ->
     after, each from its own side (an after read from before shows no change: a run that helped looks useless)."""
-    from lowmem_alignprop.commands.run_summary import toy_world_lines
+    from lowmem_alignprop.training.run_summary import toy_world_lines
 
     def side(base: float) -> dict:
         return {"reward": 10 * base, "reward_median": 20 * base, "fidelity_score": base, "jpeg_bytes": 1000 * base,
@@ -124,7 +124,7 @@ def test_a_judged_step_better_than_the_end_is_shown():
     """--set fidelity_every judges steps during the run: one whose exact fidelity beats the end's by more than one
     image's share (the docs' over-optimization run: 0.800 at step 10, 0.687 at the end, while toy_clip rose to step
     50) is in summary.json and the box; it showed only in metrics.jsonl, the box's before -> after both "rose"."""
-    from lowmem_alignprop.commands.run_summary import fidelity_peak, toy_world_lines
+    from lowmem_alignprop.training.run_summary import fidelity_peak, toy_world_lines
 
     after = {"fidelity_score": 0.6875, "fidelity_all_ok": 0.5, "fidelity_images": 32.0}
     history = [{"step": 1, "reward_mean": 60.0}, *({"step": s, "fidelity_score": f, "fidelity_all_ok": a,
@@ -147,7 +147,7 @@ def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
     """The box's best line: the best step, its held-out eval_reward (best_eval_reward, not the objective best/ was
     chosen by) and, with best_by=fidelity or a reward_cap/reward_target objective, that objective beside it; step 0
     is said to be the untrained LoRA."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
     s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
@@ -173,7 +173,7 @@ def test_the_box_names_the_best_step_and_its_own_eval_reward(tmp_path, capsys):
 def test_the_box_says_which_controls_against_over_optimization_were_on(tmp_path, capsys):
     """KL, DRaFT-LV, the reward cap/target and EMA change what a run's reward means (its EMA weights are what lora/
     holds): the box said none of them, only config.yaml and the card did. A run with none has no such line."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
     s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
@@ -190,7 +190,7 @@ def test_the_box_says_which_controls_against_over_optimization_were_on(tmp_path,
 
 def test_the_box_counts_skipped_steps_in_the_singular_and_plural(tmp_path, capsys):
     """One NaN-skipped step was said 'their loss ...: steps 2'."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
     from lowmem_alignprop.settings.config import Config
 
     s = {"reward_first": 0.5, "reward_last": 0.625, "device": "cpu", "seconds_per_step": 1.0, "peak_memory_gb": 1.0,
@@ -206,7 +206,7 @@ def test_the_box_counts_skipped_steps_in_the_singular_and_plural(tmp_path, capsy
 
 def box_head(s: dict, cfg, capsys) -> str:
     """The end box's first line (' AlignProp finished: ...' or ' AlignProp interrupted ...') for summary ``s``."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
 
     print_summary(s, cfg, "cpu")
     return next(line for line in capsys.readouterr().out.splitlines() if line.startswith(" AlignProp"))
@@ -271,7 +271,7 @@ def test_the_cards_processes_row_gives_each_stretch_the_images_it_averaged():
     """The card's "processes" row multiplied every stretch by the last start's batch_size x grad_accum (a resume that
     changed them gave the earlier steps the wrong images per step) and listed a stretch a resume began but trained no
     step of; the end box's rule (images_per_step) is now the card's too."""
-    from lowmem_alignprop.commands.model_card import processes_row
+    from lowmem_alignprop.lora.model_card import processes_row
 
     changed = {"steps": 6, "processes": 1, "batch_size": 4, "grad_accum": 1, "resume_changes": [
         {"step": 5, "changes": {"processes": [2, 1], "batch_size": [2, 4]}}]}

@@ -107,7 +107,7 @@ def test_the_default_folder_moves_past_a_live_run(tmp_path, live_run, caplog):
 
 def test_a_default_folder_taken_a_moment_ago_moves_on_to_the_next(tmp_path, live_run):
     """Two runs started together both choose outputs/run; the one that loses the lock goes to outputs/run-2."""
-    from lowmem_alignprop.commands.train import train
+    from lowmem_alignprop.training.train import train
 
     base = tmp_path / "outputs" / "run"
     live_run(base)  # the other run took it after this one chose it

@@ -1,4 +1,4 @@
-"""`sample --lora A:w --lora B:v ...`: mixing LoRAs in weight space (commands/adapters.py's module doc), checked against
+"""`sample --lora A:w --lora B:v ...`: mixing LoRAs in weight space (lora/adapters.py's module doc), checked against
 a model whose weights are W + sum_i w_i * scale_i * B_i A_i built here with peft and diffusers directly.
 
 The LoRAs differ in rank, alpha and adapted layers, and come in every form a user has: a run's lora/, a kohya export,
@@ -12,7 +12,7 @@ import torch
 from refusals import assert_refused
 
 from lowmem_alignprop.cli import main
-from lowmem_alignprop.commands.lora_args import parse_lora
+from lowmem_alignprop.lora.lora_args import parse_lora
 from lowmem_alignprop.settings.errors import UserError, quote
 
 MAGNITUDE = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_magnitude_vector"  # the dora's first

@@ -5,7 +5,7 @@ import dataclasses
 import importlib.metadata as md
 import platform
 
-from lowmem_alignprop.commands.model_card import resume_change, software_lines
+from lowmem_alignprop.lora.model_card import resume_change, software_lines
 from lowmem_alignprop.measure import provenance
 from lowmem_alignprop.run import software
 from lowmem_alignprop.settings.config import Config
@@ -70,7 +70,7 @@ def test_outputs_written_again_for_a_run_that_stopped_early_record_no_software_c
     trained."""
     import logging
 
-    from lowmem_alignprop.commands.train_records import RunRecords
+    from lowmem_alignprop.training.train_records import RunRecords
 
     cfg = Config(steps=10)
     stretches = [{"step": 1, "versions": {"torch": "0.0.1"}, "device": "cpu"}]

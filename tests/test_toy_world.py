@@ -666,7 +666,7 @@ def test_out_of_memory_while_judging_or_sampling_skips_them_and_the_run_goes_on(
     import logging
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.training import train
 
     calls = {"judge": 0, "samples": 0}
 
@@ -738,7 +738,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     # the same images after the last step, judged on the same weights (the EMA's: ema_outputs)
     assert (rows[-1]["fidelity_score"], rows[-1]["fidelity_reward"]) == \
         (toy["after"]["fidelity_score"], toy["after"]["reward"])
-    from lowmem_alignprop.commands.run_summary import fidelity_peak
+    from lowmem_alignprop.training.run_summary import fidelity_peak
     assert toy.get("peak") == fidelity_peak(rows, toy["after"])  # a judged step better than the end: said
     # the held-out evaluation's reward keeps its own key beside the judged images' (it was overwritten by theirs)
     best = json.loads((short_toy_run / "best" / "best.json").read_text())
@@ -751,7 +751,7 @@ def test_a_toy_run_reports_the_exact_evaluators_before_and_after(short_toy_run):
     config = yaml.safe_load((short_toy_run / "config.yaml").read_text())
     assert (config["model"], config["reward"], config["prompts"], config["resolution"]) == \
         ("toy", "toy_clip", "toy-pairs", 64)
-    from lowmem_alignprop.commands.run_summary import toy_world_lines
+    from lowmem_alignprop.training.run_summary import toy_world_lines
     lines = toy_world_lines(toy)
     assert lines[0].startswith(" toy world, 4 fixed-seed images of 4 prompts (all held out") and len(lines) == 3
     assert f"(median {toy['before']['reward_median']:.4f} -> {toy['after']['reward_median']:.4f})" in lines[0]
@@ -786,7 +786,7 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
     the start no longer makes a rising run look like a falling one)."""
     import json
 
-    from lowmem_alignprop.commands.run_summary import window_note
+    from lowmem_alignprop.training.run_summary import window_note
     from lowmem_alignprop.run.runfolder import first_last_rewards
 
     def row(ids, rewards):
@@ -816,7 +816,7 @@ def test_the_summarys_first_and_last_reward_compare_the_same_prompts(short_toy_r
 def test_a_one_step_runs_summary_shows_its_reward_without_a_change(tmp_path, capsys):
     """One step is both the first and the last: the box showed '83.09 -> 83.09 (+0.0000)', a change of nothing; and
     its figure is the step's mean reward, as its step line says (it was the mean of its prompts' means: 84.5 here)."""
-    from lowmem_alignprop.commands.run_summary import print_summary
+    from lowmem_alignprop.training.run_summary import print_summary
     from lowmem_alignprop.run.runfolder import first_last_rewards
     from lowmem_alignprop.settings.config import Config
 
@@ -1108,7 +1108,7 @@ def test_held_out_prompts_outside_the_toy_grammar_are_said_too(tmp_path, caplog,
     """A held-out file with a line the grammar does not read (docs/toy_world.md's example wrote a literal '...') was
     taken in silence: its images mean nothing, and the exact evaluators judge none of them. (Said before the trainer
     starts: the trainer is left out here.)"""
-    import lowmem_alignprop.commands.train as train_mod
+    import lowmem_alignprop.training.train as train_mod
     from lowmem_alignprop.cli import main
 
     monkeypatch.setattr(train_mod, "Trainer", lambda *a, **k: type("Ran", (), {"run": lambda self: {}})())

@@ -243,7 +243,7 @@ def test_a_new_run_after_a_start_that_trained_no_step_shows_its_own_settings_in_
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
 
-    from lowmem_alignprop.commands import train
+    from lowmem_alignprop.training import train
     from lowmem_alignprop.settings.errors import UserError
 
     out = tmp_path / "run"

@@ -162,7 +162,7 @@ def _comfy_layout(made_lora, tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.lora_formats import kohya_name
+    from lowmem_alignprop.lora.lora_formats import kohya_name
     from lowmem_alignprop.models.ldm_layout import unet_to_ldm
 
     weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
@@ -211,8 +211,8 @@ def test_sample_applies_each_layers_own_alpha_of_a_kohya_file(made_lora, tmp_pat
     """sample --lora of a kohya file whose layers have their own alphas (and some none) adds, at weight 0.5, half
     of each layer's alpha / rank * up @ down: the LoRA it holds, as its plain export loads (the layers at alpha 2
     were applied at 8, 4x, and those without alpha at 8 / 4, 2x)."""
-    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
 
     cfg = _cfg(tmp_path / "unused")
@@ -293,9 +293,9 @@ def test_sample_applies_every_layer_of_a_comfyui_unet_lora(model, peft_names, en
     from diffusers import UNet2DConditionModel
     from midsize import build_tiny_sdxl_pipeline
 
-    from lowmem_alignprop.commands.adapters import load_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
-    from lowmem_alignprop.commands.lora_kinds import lora_family
+    from lowmem_alignprop.lora.adapters import load_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
+    from lowmem_alignprop.lora.lora_kinds import lora_family
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
 
     if model == "sdxl":
@@ -346,8 +346,8 @@ def test_sample_applies_an_sdxl_loras_text_encoder_layers_to_both_encoders(layou
     from midsize import build_tiny_sdxl_pipeline
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
 
     pipe = build_tiny_sdxl_pipeline()
     g = torch.Generator().manual_seed(5)
@@ -420,8 +420,8 @@ def test_a_peft_adapter_of_attention_and_conv_layers_samples_every_layer(tmp_pat
     from peft.utils.other import get_pattern_key
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.adapters import load_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
     from lowmem_alignprop.models.loading import load_components
 
@@ -490,8 +490,8 @@ def test_sample_of_a_dora_applies_its_magnitudes_or_is_one_line(made_lora, tmp_p
     from safetensors.torch import load_file, save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.adapters import load_adapters
-    from lowmem_alignprop.commands.lora_args import parse_lora
+    from lowmem_alignprop.lora.adapters import load_adapters
+    from lowmem_alignprop.lora.lora_args import parse_lora
     from lowmem_alignprop.commands.sample_pipeline import build_pipeline
     from lowmem_alignprop.models.loading import load_components
     from lowmem_alignprop.settings.errors import quote
@@ -600,7 +600,7 @@ def test_the_card_gives_the_digest_of_the_file_init_lora_named_not_of_its_conver
     from lowmem_alignprop.cli import main
     from safetensors import safe_open
 
-    from lowmem_alignprop.commands.init_lora import init_lora_source
+    from lowmem_alignprop.lora.init_lora import init_lora_source
 
     def sha(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -694,7 +694,7 @@ def _sd_scripts_sdxl_names(made, kohya, out):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.lora_formats import kohya_name
+    from lowmem_alignprop.lora.lora_formats import kohya_name
     from lowmem_alignprop.models.ldm_layout import unet_to_ldm
 
     weights = load_file(str(kohya))
@@ -718,8 +718,8 @@ def test_init_lora_of_an_sdxl_lora_starts_where_diffusers_own_loader_puts_it(lay
     from loras import unet_out
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.commands.init_lora import check_init_lora
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.lora.init_lora import check_init_lora
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     from lowmem_alignprop.cli import main
@@ -842,7 +842,7 @@ def test_init_lora_of_a_model_or_an_embedding_says_what_it_is_before_the_model_l
     from safetensors.torch import save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import train_setup
+    from lowmem_alignprop.training import train_setup
 
     monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
 
@@ -915,7 +915,8 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
     from safetensors.torch import save_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import lora_args, sample_pipeline
+    from lowmem_alignprop.commands import sample_pipeline
+    from lowmem_alignprop.lora import lora_args
 
     monkeypatch.setattr(sample_pipeline, "build_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     if kind in ("sd_checkpoint", "embedding", "embedding_diffusers"):  # a .safetensors file: told by its header
@@ -963,7 +964,7 @@ def test_sample_and_export_of_a_model_or_an_embedding_say_what_it_is_as_init_lor
 def test_a_file_of_tokens_is_called_an_embedding_only_where_every_name_and_shape_says_so():
     """diffusers' own textual-inversion file is told by its names and shapes together ({"<cat-toy>": 768 wide or
     rows of 768, 1024, 1280}): a name alone, another width, a 3-D tensor or a LoRA key beside it are not one."""
-    from lowmem_alignprop.commands.lora_files import not_an_adapter
+    from lowmem_alignprop.lora.lora_files import not_an_adapter
 
     embedding = "a textual-inversion embedding ('<cat-toy>'), not a LoRA"
     assert not_an_adapter({"<cat-toy>": (768,)}) == embedding
@@ -1004,7 +1005,7 @@ def test_init_lora_with_convolution_layers_of_any_rank_passes_the_check_before_t
     rank of the attention layers it trains (4)."""
     from safetensors.torch import load_file, save_file
 
-    from lowmem_alignprop.commands.init_lora import check_init_lora, lora_file_ranks
+    from lowmem_alignprop.lora.init_lora import check_init_lora, lora_file_ranks
 
     weights = load_file(str(next((made_lora["run"] / "kohya").glob("*.safetensors"))))
     kernel = 3 if "conv" in conv else 1
@@ -1134,9 +1135,9 @@ def test_which_sampler_an_init_lora_is_warned_of_and_the_set_that_trains_as_its_
     before the schedule was recorded) or one not readable tells nothing, whatever its header says."""
     from safetensors.torch import save_file
 
-    from lowmem_alignprop.commands.base_records import read_base_record, recorded_fingerprint
-    from lowmem_alignprop.commands.lora_args import LoraSpec
-    from lowmem_alignprop.commands.init_lora import other_sampler
+    from lowmem_alignprop.lora.base_records import read_base_record, recorded_fingerprint
+    from lowmem_alignprop.lora.lora_args import LoraSpec
+    from lowmem_alignprop.lora.init_lora import other_sampler
 
     zero_v = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
     lora = tmp_path / "lora"
@@ -1190,7 +1191,7 @@ def full_run(tmp_path_factory, tiny_dir):
     import huggingface_hub
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run import hub
 
     out = tmp_path_factory.mktemp("full") / "run"
@@ -1263,8 +1264,8 @@ def test_the_run_records_its_command_and_exports_at_the_end(full_run, tmp_path):
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import shared_base_record
-    from lowmem_alignprop.commands.model_card import shared_command
+    from lowmem_alignprop.lora.lora_files import shared_base_record
+    from lowmem_alignprop.lora.model_card import shared_command
     from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 
     recorded = (full_run / "command.txt").read_text().splitlines()
@@ -1345,8 +1346,8 @@ def test_an_export_of_the_same_lora_is_told_by_its_weights_not_its_time(full_run
     import shutil
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
-    from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
+    from lowmem_alignprop.lora.lora_files import lora_digest, read_lora
+    from lowmem_alignprop.lora.lora_formats import EXPORTED_FROM
 
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
@@ -1471,8 +1472,8 @@ def test_export_of_a_checkpoint_is_that_steps_lora(full_run, tmp_path):
     from safetensors.torch import load_file
 
     from lowmem_alignprop.cli import main
-    from lowmem_alignprop.commands import lora_export as lx
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora import lora_export as lx
+    from lowmem_alignprop.lora.lora_files import read_lora
 
     lora = read_lora(str(full_run / "checkpoints" / "step-2"))
     assert lora.step == 2 and lora.run == full_run
@@ -1497,7 +1498,7 @@ def test_export_of_a_checkpoint_is_that_steps_lora(full_run, tmp_path):
 @pytest.mark.parametrize("error", ["oom", "reward"])
 def test_samples_that_fail_mid_run_are_skipped_and_training_goes_on(error, tmp_path):
     """Out of memory, or the reward's error, while rendering step N's samples: no samples that step, no crash."""
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.memory.placement import Placement
     from lowmem_alignprop.run.runfolder import RunFolder
     from lowmem_alignprop.settings.errors import UserError
@@ -1525,8 +1526,8 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
     sample grid (before, step N, after) in chunks of a micro-batch (of JUDGE_PIXELS at small resolutions), image n with
     seed + SAMPLE_SEED_OFFSET + n. Out of memory skips the grid, but not under ZeRO-3 with several processes, where
     every rank renders together (one rank's skip would leave the others waiting in a collective)."""
-    from lowmem_alignprop.commands import evaluation as ev
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training import evaluation as ev
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     calls = []
@@ -1584,8 +1585,8 @@ def test_held_out_evaluation_and_sample_grid_render_through_one_fixed_seed_loop(
 def test_the_judged_images_are_image_n_with_seed_plus_eval_offset_plus_n(tmp_path, monkeypatch):
     """docs/toy_world.md: judged image n is prompt n with seed + EVAL_SEED_OFFSET + n (not the sample grid's seeds),
     in chunks of nograd_chunk; its reward is image n's."""
-    from lowmem_alignprop.commands import evaluation as ev
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training import evaluation as ev
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
     from lowmem_alignprop.toy import fidelity
 
@@ -1612,7 +1613,7 @@ def test_a_resumed_run_samples_and_saves_at_the_steps_counted_from_step_0(tmp_pa
     checkpoints of a resumed run were not those of the run it continues)."""
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands.train import Trainer
+    from lowmem_alignprop.training.train import Trainer
     from lowmem_alignprop.run.runfolder import RunFolder
 
     cfg = _cfg(tmp_path / "run", "--set", "sample_every=2", "--set", "checkpoint_every=2", "--steps", "7")
@@ -1637,7 +1638,7 @@ def test_each_micro_batch_draws_the_next_rollouts_of_a_shuffled_pass(tmp_path, m
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from lowmem_alignprop.commands import train as train_mod
+    from lowmem_alignprop.training import train as train_mod
     from lowmem_alignprop.run.runfolder import RunFolder
 
     prompts = [f"prompt {i}" for i in range(8)]

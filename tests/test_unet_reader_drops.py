@@ -16,11 +16,11 @@ from loras import lora_layer
 from midsize import build_tiny_sdxl_pipeline
 from safetensors.torch import save_file
 
-from lowmem_alignprop.commands.adapters import adapted_layers, load_adapters
-from lowmem_alignprop.commands.init_lora import init_lora_file, split_init_lora
-from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal, weight_difference_refusal
-from lowmem_alignprop.commands.lora_args import parse_lora
-from lowmem_alignprop.commands.lora_formats import unet_left_out_refusal
+from lowmem_alignprop.lora.adapters import adapted_layers, load_adapters
+from lowmem_alignprop.lora.init_lora import init_lora_file, split_init_lora
+from lowmem_alignprop.lora.kohya_layers import comfy_encoder_refusal, weight_difference_refusal
+from lowmem_alignprop.lora.lora_args import parse_lora
+from lowmem_alignprop.lora.lora_formats import unet_left_out_refusal
 from lowmem_alignprop.models.tiny import build_tiny_pipeline
 from lowmem_alignprop.settings.errors import UserError
 
@@ -119,7 +119,7 @@ def test_an_all_zero_layer_diffusers_leaves_out_is_left_out_and_the_rest_loads(c
 def _diffusers_loads(model, tensors, tmp_path) -> tuple[set, list] | None:
     """The layers of ``tensors`` (a LoRA file's) and those diffusers' own pipeline loader (load_lora_weights) gave an
     adapter, each told by its lora_down / lora_A (alpha / rank scales lora_up alone); None where it raised."""
-    from lowmem_alignprop.commands.kohya_layers import lora_suffix
+    from lowmem_alignprop.lora.kohya_layers import lora_suffix
 
     pipe = MODELS[model]()
     try:
@@ -146,8 +146,8 @@ def test_the_unet_reader_drops_are_those_diffusers_own_loader_drops(case, tmp_pa
     load_lora_weights (or it raises), and the file without them loads every other layer, each once: the copy
     unet_layers_read hands on is read whole. (The sgm case with CLIP's q_proj alone is left out here: diffusers' own
     loader raises on such CLIP layers, which ours converts first.)"""
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread, lora_suffix
-    from lowmem_alignprop.commands.lora_formats import unet_reader_drops
+    from lowmem_alignprop.lora.kohya_layers import kohya_encoder_unread, lora_suffix
+    from lowmem_alignprop.lora.lora_formats import unet_reader_drops
 
     model, tensors = GUARD_CASES[case]
     raw = tensors(None)

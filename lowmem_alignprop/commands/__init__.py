@@ -1,1 +1,2 @@
-"""What a user runs: train (the Trainer), sample (evaluate), export of a LoRA, and the image grid they write."""
+"""What a user runs, after the command line's parsing and config: train, plan, sample (scored side by side), export,
+and the script that trains the toy world."""

@@ -16,7 +16,7 @@ Without a LoRA (``sample --model M``: a merged model, a base model before traini
 from the model alone: the grid has one row, and sample_results.json's LoRA keys are null (docs/outputs.md).
 
 Mixing adapters (``--lora a:0.5 --lora b:0.5``) adds each adapter's weight update times its weight to every layer
-it adapts: :mod:`lowmem_alignprop.commands.adapters` says how.
+it adapts: :mod:`lowmem_alignprop.lora.adapters` says how.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from typing import Any
 import torch
 
 from lowmem_alignprop import rewards
-from lowmem_alignprop.commands import flow_sample, grid, sample_pipeline
-from lowmem_alignprop.commands.adapters import load_adapters, mix_adapters
-from lowmem_alignprop.commands.lora_args import LoraSpec
-from lowmem_alignprop.commands.lora_checks import check_lora_family, check_lora_files, warn_other_base
-from lowmem_alignprop.commands.lora_kinds import pipeline_model
-from lowmem_alignprop.commands.run_summary import judged_of
+from lowmem_alignprop.commands import flow_sample, sample_pipeline
+from lowmem_alignprop.training import grid
+from lowmem_alignprop.lora.adapters import load_adapters, mix_adapters
+from lowmem_alignprop.lora.lora_args import LoraSpec
+from lowmem_alignprop.lora.lora_checks import check_lora_family, check_lora_files, warn_other_base
+from lowmem_alignprop.lora.lora_kinds import pipeline_model
+from lowmem_alignprop.training.run_summary import judged_of
 from lowmem_alignprop.measure.weight_bytes import check_host_memory
 from lowmem_alignprop.memory import precision
 from lowmem_alignprop.memory.placement import configure_cuda_allocator, unused_apple_gpu_note

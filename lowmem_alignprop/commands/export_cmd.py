@@ -55,8 +55,8 @@ def export_main(argv: list[str]) -> int:
     if not args.lora:
         raise UserError("which LoRA? give the folder a run wrote: lowmem-alignprop export outputs/run/lora (or the run "
                         "folder, or a checkpoint: outputs/run/checkpoints/step-300)")
-    from lowmem_alignprop.commands import lora_export as lx  # after parsing: --help imports no torch
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora import lora_export as lx  # after parsing: --help imports no torch
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.run import hub
     from lowmem_alignprop.settings.config import format_list
     formats = format_list(args.format) or ["diffusers"]  # one, or several as export_format takes them
@@ -94,7 +94,7 @@ def recover_lora(spec: str) -> None:
     """The LoRA of a run folder that is missing or damaged (a full disk or a kill while the run wrote it) is written
     again from the run's newest intact checkpoint, holding the run's lock meanwhile. A whole one is read as it is,
     without the lock (a read-only run folder: an archived or a colleague's run)."""
-    from lowmem_alignprop.commands.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint, run_steps
+    from lowmem_alignprop.lora.final_lora import LORA_WEIGHT_NAME, lora_problem, rewrite_from_checkpoint, run_steps
     from lowmem_alignprop.run.filenames import LORA_DIR
     from lowmem_alignprop.run import atomic
     from lowmem_alignprop.run import checkpoint as ckpt

@@ -1,4 +1,4 @@
-"""``sample`` for SD3/SD3.5 and FLUX.1, loaded and placed as the trainer does (commands/train_setup.py ``_load``), so it
+"""``sample`` for SD3/SD3.5 and FLUX.1, loaded and placed as the trainer does (training/train_setup.py ``_load``), so it
 runs wherever training runs under the same profile:
 
 1. the prompt set (every prompt of the evaluation: base and LoRA images alike) is encoded with
@@ -97,7 +97,7 @@ def check_no_t5_layers(specs) -> None:
 def _load_encoder_adapters(text_pipe, specs) -> None:
     """Each LoRA's CLIP layers loaded into the encoders as its adapter, active at its weight (the set's second
     encoding, sample's LoRA images)."""
-    from lowmem_alignprop.commands.adapters import load_encoder_part
+    from lowmem_alignprop.lora.adapters import load_encoder_part
     from lowmem_alignprop.models.flow_lora_parts import set_encoder_adapters
 
     for spec in specs:

@@ -30,7 +30,7 @@ def plan_main(cfg, profile: str, argv: list[str], *, started: float, as_json: bo
     # a user reward that fails, returns NaN or loses the gradient is named here, as train would
     check_reward_spec(cfg.reward, resolution=cfg.resolution, prompts=load_prompts(cfg.prompts))
     if cfg.init_lora:  # its rank, layers and model, as train checks it (its adapter costs what a fresh one does)
-        from lowmem_alignprop.commands.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
+        from lowmem_alignprop.lora.init_lora import (check_fits_meta_model, check_init_lora,  # (2 s of imports)
                                                          other_sampler)
         from lowmem_alignprop.models.loading import check_before_load
         file = check_init_lora(cfg.init_lora, cfg.lora_rank, cfg.model, cfg.model_components, cfg.lora_layers,

@@ -10,12 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_alignprop.commands.base_records import recorded_base, recorded_fingerprint, same_model, usable_scoring
+from lowmem_alignprop.lora.base_records import recorded_base, recorded_fingerprint, same_model, usable_scoring
 from lowmem_alignprop.commands.evaluate import evaluate, print_summary
-from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file, parse_lora
-from lowmem_alignprop.commands.lora_checks import check_mixable
-from lowmem_alignprop.commands.lora_files import HEADER_BASE_MODEL, header_base_model, header_image_settings
-from lowmem_alignprop.commands.lora_merge import held_in, merged_into, refuse_held_loras
+from lowmem_alignprop.lora.lora_args import LoraSpec, base_record_file, parse_lora
+from lowmem_alignprop.lora.lora_checks import check_mixable
+from lowmem_alignprop.lora.lora_files import HEADER_BASE_MODEL, header_base_model, header_image_settings
+from lowmem_alignprop.lora.lora_merge import held_in, merged_into, refuse_held_loras
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
 from lowmem_alignprop.run.filenames import SAMPLE_DIR
 from lowmem_alignprop.run.merged_models import merged_record
@@ -88,7 +88,7 @@ def _numbered(args: argparse.Namespace, given: set[str]) -> bool:
 
 def _header_model(args: argparse.Namespace, spec: LoraSpec) -> str:
     """A LoRA file shared alone (no base_model.json) whose header names a shipped model or a hub id
-    (:func:`~lowmem_alignprop.commands.lora_files.header_base_model`): taken as ``args.model`` where --model is not
+    (:func:`~lowmem_alignprop.lora.lora_files.header_base_model`): taken as ``args.model`` where --model is not
     given, said in one line; else what its header says of its model, for the line on the default model ("": nothing)."""
     model, said = header_base_model(spec.header_file)
     if model is None or args.model is not None:
@@ -135,7 +135,7 @@ def _with_pins(taken: dict, record: dict | None, given: set[str]) -> dict:
 
 def _take_header(args: argparse.Namespace, specs: list[LoraSpec], given: set[str]) -> None:
     """The image settings (prediction type, zero-SNR schedule, resolution, steps, guidance...) the first LoRA's file
-    header says its run sampled with (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`; no
+    header says its run sampled with (:func:`~lowmem_alignprop.lora.lora_files.header_image_settings`; no
     base_model.json beside it) not in ``given`` into ``args.set``, said in one line; another LoRA's run's other
     settings said."""
     settings, keys = header_image_settings(specs[0].header_file)

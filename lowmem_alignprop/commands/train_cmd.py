@@ -1,6 +1,6 @@
 """``lowmem-alignprop train``'s command, once the command line (:func:`lowmem_alignprop.cli.cmd_train`) has parsed it,
 built the config (a resume's with its run's own settings) and found the run folder: the checks of this machine and
-launcher, the run folder made ready, then :func:`lowmem_alignprop.commands.train.train`."""
+launcher, the run folder made ready, then :func:`lowmem_alignprop.training.train.train`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def train_main(cfg: Config, profile_name: str, folder: RunFolder, *, memory_snap
                 "--resume %s is in no run's checkpoints/ folder: the run goes on in %s (--output-dir chooses)",
                 lone_resume, cfg.output_dir)
     warn_if_launcher_started_fewer_processes()
-    from lowmem_alignprop.commands.train import train  # (after the checks: they are said without its imports)
+    from lowmem_alignprop.training.train import train  # (after the checks: they are said without its imports)
 
     train(cfg, profile_name=profile_name, memory_snapshot=memory_snapshot, folder=folder, command=command)
     return 0

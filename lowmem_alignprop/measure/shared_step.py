@@ -49,7 +49,7 @@ def warm_up_optimizer(parts: StepParts) -> None:
 
 
 def encode_at_load(parts: StepParts, *, final: bool = False):
-    """SD3/FLUX: the prompt set encoded as the trainer does it, while loading (commands/train_setup.py): before the
+    """SD3/FLUX: the prompt set encoded as the trainer does it, while loading (training/train_setup.py): before the
     transformer is read, the LoRA, the optimizer state and the reward exist. ``final`` frees the text encoders after
     (the CPU measurement; the estimate's :class:`Residency` only stops counting them). Returns the filled cache."""
     from lowmem_alignprop.models.family import family_for
@@ -62,7 +62,7 @@ def encode_at_load(parts: StepParts, *, final: bool = False):
 
 
 def run_step(parts: StepParts, *, k: int, seed: int = 0):
-    """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.commands.train.Trainer.train_step` runs
+    """One micro-step plus the optimizer step, as :meth:`~lowmem_alignprop.training.train.Trainer.train_step` runs
     them (the same :func:`~lowmem_alignprop.step.micro.micro_step` and optimizer_update, placement calls included).
     Returns what stays alive afterwards (the prompt cache and the batch's embeddings)."""
     from lowmem_alignprop.models.family import family_for

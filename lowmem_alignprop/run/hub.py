@@ -90,7 +90,7 @@ def check_push_to_hub(repo: str) -> None:
 
 def upload_operations(folder: Path, rewritten: dict[str, bytes] | None = None) -> list:
     """The commit that uploads ``folder``: its files, those named in ``rewritten`` (a path in the folder) with that
-    content instead (the copies shared on the hub: commands/lora_export.hub_copies)."""
+    content instead (the copies shared on the hub: lora/lora_export.hub_copies)."""
     from huggingface_hub import CommitOperationAdd
 
     rewritten = rewritten or {}

@@ -1,6 +1,6 @@
 """What an `export --merge` model records of the LoRAs fused into it (a folder's merged_loras.json, a single file's
 header), read where a command or the model loader needs it: below commands/ (the merge that writes it,
-commands/lora_merge.py) and models/ (a single transformer file's missing parts, models/flow_loading.py)."""
+lora/lora_merge.py) and models/ (a single transformer file's missing parts, models/flow_loading.py)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ MAX_SAMPLE_SEED = 2**63 - 1
 MODEL_ENV = "LOWMEM_ALIGNPROP_MODEL"  # the model when none is named (default toy)
 
 
-EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # what `export --format` writes (commands/lora_export.py)
+EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # what `export --format` writes (lora/lora_export.py)
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):

@@ -303,7 +303,7 @@ def load_profile(spec: str, model: str = "", components: str = "", revision: str
     if not isinstance(data, dict):
         raise UserError(f"profile {path} must be a mapping of `field: value` lines, got {type(data).__name__}")
     values = {}
-    run_config = is_run_config(data)  # a run's config.yaml (commands/train_records.py config_yaml)
+    run_config = is_run_config(data)  # a run's config.yaml (training/train_records.py config_yaml)
     if "profile" in data and not run_config:  # (it was taken for a run's record: the profile named went unapplied)
         raise UserError(f"profile {path} sets profile: {data['profile']}: a profile cannot build on another; copy "
                         f"that one and edit the copy (lowmem-alignprop profiles {data['profile']} > mine.yaml)")

@@ -1,5 +1,5 @@
 """One micro-batch of a training step — encode, draw the starting noise, roll out to the loss, backward, park — shared
-by the trainer (:meth:`~lowmem_alignprop.commands.train.Trainer.train_step`) and the planner's estimate and CPU
+by the trainer (:meth:`~lowmem_alignprop.training.train.Trainer.train_step`) and the planner's estimate and CPU
 measurement (:mod:`lowmem_alignprop.measure.shared_step`), so what is estimated is the step that trains.
 
 What differs between them is passed in (:class:`Rollout`): the accelerator's autocast and backward or plain torch's,

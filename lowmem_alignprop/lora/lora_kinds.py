@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lowmem_alignprop.commands.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
-from lowmem_alignprop.commands.lora_formats import PEFT_PREFIX, bare_lora_part, is_ldm_unet_lora
+from lowmem_alignprop.lora.flow_export import family_of_kohya_keys, family_of_weights, is_kohya_flow
+from lowmem_alignprop.lora.lora_formats import PEFT_PREFIX, bare_lora_part, is_ldm_unet_lora
 from lowmem_alignprop.models.flow import family_of
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE

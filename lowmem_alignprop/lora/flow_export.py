@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
+from lowmem_alignprop.lora.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_SUFFIX, WEIGHT_DIFFERENCES,
                                                     comfy_encoder_name, comfy_encoder_refusal, first_changed,
                                                     kohya_encoder_unread, lora_suffix, weight_difference_refusal)
 from lowmem_alignprop.models.lora_layers import FLOW_BLOCK_FF, FLUX_SINGLE_FF, KOHYA_ENCODERS, T5_KEYS
@@ -338,7 +338,7 @@ def kohya_as_diffusers(file: Path, label: str, named: dict[str, torch.Tensor] | 
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers
+    from lowmem_alignprop.lora.kohya_layers import kohya_encoder_layers
     from lowmem_alignprop.models.flow_lora_parts import t5_refusal
     from lowmem_alignprop.models.kept_lora import EITHER_TEXT_MODEL, TEXT_MODEL, layer_ranks
     from lowmem_alignprop.models.lora_metadata import lora_metadata

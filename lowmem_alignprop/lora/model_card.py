@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowmem_alignprop.commands.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
+from lowmem_alignprop.lora.lora_files import (SD_V1, SD_V2, SDXL, Lora, base_family, denoiser_name, shared_name,
                                                   shared_setting, v_prediction, zero_terminal_snr)
 from lowmem_alignprop.run.checkpoint import file_sha256, outputs_are_ema
 from lowmem_alignprop.run.base_fingerprint import recorded_pins, trained_commit
@@ -291,7 +291,7 @@ def start_folders(lora: Lora, count: int) -> list[str | None]:
     else summary.json's, else the newest checkpoint's for a run that wrote no summary); None where not recorded."""
     records = [lora.summary]
     if lora.run is not None and lora.starts is None:  # lora/ or best/: the run's own records
-        from lowmem_alignprop.commands.lora_files import read_run
+        from lowmem_alignprop.lora.lora_files import read_run
         from lowmem_alignprop.run import checkpoint as ckpt
 
         records.append(read_run(lora.run)[1])
@@ -640,7 +640,7 @@ def license_example(lora: Lora, version: str) -> str:
     """The front matter's licence hint: the base model's family's licence, in the hub's words (``version``: its
     :func:`base_family`, which the card has read)."""
     if lora.family == "flux":
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         key = flow_export.architecture(lora.family, lora.base_model, lora.modules, lora.model_components,
                                        lora.components_revision).removesuffix("/lora")
     else:
@@ -807,7 +807,7 @@ def _usage(fmt: str, files: list[str], base: str | None, merged: float | None, f
            components: str = "", sdxl: bool = False, version: str = "", pins: dict | None = None) -> list[str]:
     base = base or "BASE_MODEL"
     if family != "unet":  # (a transformer-file base: its parts are in its model_components folder)
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         # the parts' commit: model_components', else (a hub id's own parts) the one it trained on
         commit = (pins or {}).get("components_revision" if components else "revision", "")
         return flow_export.usage(fmt, files, base, merged, family, components or base, version, commit)

@@ -273,7 +273,7 @@ def read_lora(spec: str, merge: bool = False) -> Lora:
         if path.name == BEST_DIR and (path / BEST_FILE).is_file():
             _as_best(lora)
     if component == "transformer":
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         lora.family = flow_export.family_of_model(lora.base_model) or flow_export.family_of_weights(lora.modules)
     return lora
 
@@ -399,7 +399,7 @@ def zero_terminal_snr(lora: Lora) -> bool:
     return bool((lora.base or {}).get("zero_terminal_snr") or (lora.run_config or {}).get("zero_terminal_snr"))
 
 
-# a LoRA file's header keys that say how its run sampled (commands/lora_formats.kohya_metadata writes them; sd-scripts
+# a LoRA file's header keys that say how its run sampled (lora/lora_formats.kohya_metadata writes them; sd-scripts
 # writes the ss_ and modelspec. ones too): what `sample` of the file alone, with no base_model.json, renders with
 HEADER_PREDICTION = "alignprop_prediction_type"  # our run's --set prediction_type (the base's files say otherwise)
 HEADER_ZERO_SNR = "alignprop_zero_terminal_snr"
@@ -510,7 +510,7 @@ def base_family(lora: Lora) -> str:
     """kohya's ss_base_model_version: from the base model's UNet config when it is a local folder, else from the
     width of the cross-attention inputs (768 SD1.x, 1024 SD2.x, 2048 SDXL); SD3/FLUX as sd-scripts writes them."""
     if lora.flow:
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         return flow_export.base_model_version(lora.family, lora.base_model, lora.modules, lora.model_components,
                                               lora.components_revision)
     spec = lora.base_model or ""

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowmem_alignprop.commands import flow_export
-from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, nonfinite, not_a_lora, safetensors_copy
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers,
+from lowmem_alignprop.lora import flow_export
+from lowmem_alignprop.lora.lora_files import is_peft_folder, lycoris_kind, nonfinite, not_a_lora, safetensors_copy
+from lowmem_alignprop.lora.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers,
                                                     kohya_alphas_folded, kohya_flow_for_diffusers, ldm_unet_refusal,
                                                     peft_as_diffusers)
-from lowmem_alignprop.commands.lora_kinds import lora_family, lora_model
+from lowmem_alignprop.lora.lora_kinds import lora_family, lora_model
 from lowmem_alignprop.models import loading
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES
 from lowmem_alignprop.run import checkpoint as ckpt

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_LORA_DIGEST,
+from lowmem_alignprop.lora.lora_files import (HEADER_BASE_MODEL, HEADER_IMAGE_SETTINGS, HEADER_LORA_DIGEST,
                                                  HEADER_PREDICTION, HEADER_REWARD, HEADER_ZERO_SNR, KOHYA_MODEL_NAME,
                                                  KOHYA_V2, KOHYA_V_PREDICTION, KOHYA_ZERO_SNR, MODELSPEC_ARCHITECTURE,
                                                  MODELSPEC_PREDICTION, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, SD_V1,
                                                  SD_V2, SDXL, Lora, base_family, denoiser_name, lora_digest,
                                                  safetensors_copy, shared_image_settings, shared_name, shared_reward,
                                                  temporary_folder, v_prediction, zero_terminal_snr)
-from lowmem_alignprop.commands.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_LAYER_SUFFIXES, KOHYA_SUFFIX,
+from lowmem_alignprop.lora.kohya_layers import (COMFY_ENCODER_PREFIX, KOHYA_LAYER_SUFFIXES, KOHYA_SUFFIX,
                                                     WEIGHT_DIFFERENCES, alphas_folded, comfy_encoder_name,
                                                     comfy_encoder_refusal, diffusers_parts, every_alpha_folded,
                                                     first_changed, left_out_refusal, lora_suffix, unchanged_layer,
                                                     weight_difference_refusal)
-from lowmem_alignprop.commands.model_card import is_hub_id, num, run_info
+from lowmem_alignprop.lora.model_card import is_hub_id, num, run_info
 from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS, peft_exclude
 from lowmem_alignprop.models.lora_metadata import lora_metadata
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
@@ -34,11 +34,11 @@ PEFT_PREFIX = "base_model.model."
 
 def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
     """``lora_unet_*`` keys (diffusers' converter) with each ``.alpha`` set to the trained scale times the rank;
-    SD3/FLUX in their original module names, q/k/v fused (commands/flow_export.py)."""
+    SD3/FLUX in their original module names, q/k/v fused (lora/flow_export.py)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     if lora.flow:
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         from lowmem_alignprop.models.kept_lora import by_component
         parts = by_component(lora.kept)
         kept = parts.pop("transformer", {})  # (its kept linears: as they came, alpha = rank)
@@ -213,7 +213,7 @@ def model_spec(lora: Lora, info: dict, title: str, checkpoint: bool = False, v: 
     if isinstance(info.get("resolution"), int):  # the trained size
         meta["modelspec.resolution"] = f"{info['resolution']}x{info['resolution']}"
     if lora.flow:  # what sd-scripts writes beside it for these families
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         arch = flow_export.architecture(lora.family, lora.base_model, lora.modules, lora.model_components,
                                         lora.components_revision).removesuffix("/lora")
     else:
@@ -607,7 +607,7 @@ def unet_layers_read(file: Path, label: str) -> Path:
     for, kohya_layers.kohya_encoder_unread) that change nothing (an all-zero lora_up or lora_down, as diffusers leaves
     out zeros). Such a layer that changes the model, or a key of no LoRA's, raises UserError (``label``: the option
     and its value). ComfyUI's LDM names are checked before (:func:`ldm_unet_refusal`)."""
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_unread
+    from lowmem_alignprop.lora.kohya_layers import kohya_encoder_unread
     from lowmem_alignprop.run.tensor_files import tensors_on_demand
 
     tensors = tensors_on_demand(file)
@@ -643,7 +643,7 @@ def kohya_flow_for_diffusers(tensors: dict[str, torch.Tensor], file: Path, label
     diffusers' FLUX reader, which maps every such layer (a second CLIP, which it drops, raises UserError). The one
     rule of ``sample --lora`` and ``--init-lora`` (``label``: the option and its value). (Here, not in flow_export:
     the copy is lora_files', which imports flow_export.)"""
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     named = flow_export.kohya_names(tensors, label)
     if flow_export.untrained_flux_layer(named) is None:

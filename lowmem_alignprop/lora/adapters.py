@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowmem_alignprop.commands.lora_args import LoraSpec
-from lowmem_alignprop.commands.lora_formats import (kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
+from lowmem_alignprop.lora.lora_args import LoraSpec
+from lowmem_alignprop.lora.lora_formats import (kohya_encoders_as_diffusers, ldm_unet_as_diffusers,
                                                     unet_layers_read)
 from lowmem_alignprop.models.flow_lora_parts import load_transformer_layers
 from lowmem_alignprop.models.lora_layers import LORA_DOWN_SUFFIXES, adapter_layers
@@ -158,7 +158,7 @@ def _kohya_clip_read(lora):
     the first CLIP) in diffusers' names, each alpha / rank folded (kohya_layers): SD3's reader reads no kohya names
     and leaves them as they are (a kohya file of CLIP layers alone: no lora_unet_ key, so lora_args did not convert
     it); FLUX's converts them."""
-    from lowmem_alignprop.commands.kohya_layers import kohya_encoder_layers, kohya_encoder_unread
+    from lowmem_alignprop.lora.kohya_layers import kohya_encoder_layers, kohya_encoder_unread
     from lowmem_alignprop.models.lora_layers import KOHYA_ENCODERS
 
     kohya = {k: v for k, v in lora.state_dict.items() if k.startswith(tuple(KOHYA_ENCODERS))}
@@ -202,7 +202,7 @@ def left_out_layer(pipeline_class, raw: dict, lora) -> str | None:
     flow_lora_parts.FlowLora), a layer of no part loaded (not ``transformer.`` nor a text encoder: diffusers'
     ``load_lora_weights`` leaves it out too). A layer whose lora_up or lora_down is all zeros changes nothing: None
     for it (kohya_layers.first_changed). A transformer weight that is no LoRA's: :func:`own_weight`."""
-    from lowmem_alignprop.commands.kohya_layers import first_changed
+    from lowmem_alignprop.lora.kohya_layers import first_changed
     from lowmem_alignprop.models.flow_lora_parts import ENCODER_PREFIXES
 
     dropped = [(raw, k) for k in (_flux_reader_drops(raw) if pipeline_class.__name__ == "FluxPipeline" else [])]
@@ -229,7 +229,7 @@ def own_weight_refusal(label: str, key: str) -> str:
 def flow_left_out_refusal(label: str, key: str) -> str:
     """The line for an SD3/FLUX LoRA with a layer :func:`left_out_layer` found (``label``: the option and its value;
     lora_formats.unet_left_out_refusal is the UNet's)."""
-    from lowmem_alignprop.commands.kohya_layers import left_out_refusal
+    from lowmem_alignprop.lora.kohya_layers import left_out_refusal
 
     return left_out_refusal(label, key, "no layer of this model by that name, or a second layout beside diffusers' "
                                         "transformer. / kohya's lora_unet_ names, of which it reads one")
@@ -242,7 +242,7 @@ def _read_flow_lora(pipe, file: Path, flag: str):
     finds no such layer) and the layers :func:`left_out_layer` finds raise UserError, each where it changes the model
     (all zeros: left out). A file in kohya's transformer names was split before (lora_formats.kohya_flow_for_diffusers,
     whose kohya_names says the same line of such CLIP layers); one of CLIP layers alone is checked here."""
-    from lowmem_alignprop.commands.kohya_layers import comfy_encoder_refusal, first_changed, kohya_encoder_unread
+    from lowmem_alignprop.lora.kohya_layers import comfy_encoder_refusal, first_changed, kohya_encoder_unread
     from lowmem_alignprop.models.flow_lora_parts import read_flow_lora, t5_refusal, unloaded_encoder_layers
     from lowmem_alignprop.run.tensor_files import tensors_on_demand
 

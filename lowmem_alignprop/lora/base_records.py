@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_alignprop import rewards
-from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file
-from lowmem_alignprop.commands.lora_files import check_recorded_base, read_run, shared_name
+from lowmem_alignprop.lora.lora_args import LoraSpec, base_record_file
+from lowmem_alignprop.lora.lora_files import check_recorded_base, read_run, shared_name
 from lowmem_alignprop.run import checkpoint as ckpt
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import CONFIG_FILE, LORA_BASE_FILE

@@ -23,9 +23,9 @@ Every export writes a ``README.md`` model card (the hub's format: YAML front mat
 Each export is written to a temporary folder beside ``--out`` and renamed into place when complete, so bad
 input, or a failure half-way, leaves nothing behind.
 
-The pieces, each in its own module: reading and checking the LoRA folder (commands/lora_files.py), the model card
-(commands/model_card.py), the formats (commands/lora_formats.py), the merge (commands/lora_merge.py) and the hub
-(run/hub.py); a LoRA to start training from is commands/init_lora.py's. Here: the checks of the command's options
+The pieces, each in its own module: reading and checking the LoRA folder (lora/lora_files.py), the model card
+(lora/model_card.py), the formats (lora/lora_formats.py), the merge (lora/lora_merge.py) and the hub
+(run/hub.py); a LoRA to start training from is lora/init_lora.py's. Here: the checks of the command's options
 and one export.
 """
 
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import Lora, shared_base_record
-from lowmem_alignprop.commands.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
-from lowmem_alignprop.commands.lora_merge import merge_base, merged_pipeline, shared_record, write_single_file
-from lowmem_alignprop.commands.model_card import model_card
+from lowmem_alignprop.lora.lora_files import Lora, shared_base_record
+from lowmem_alignprop.lora.lora_formats import file_stem, write_base_record, write_diffusers, write_kohya, write_peft
+from lowmem_alignprop.lora.lora_merge import merge_base, merged_pipeline, shared_record, write_single_file
+from lowmem_alignprop.lora.model_card import model_card
 from lowmem_alignprop.settings.config import EXPORT_FORMATS
 from lowmem_alignprop.settings.errors import UserError, first_line, nearest, quote
 from lowmem_alignprop.settings.model_kind import SINGLE_FILE_SUFFIXES, denoiser_label
@@ -190,8 +190,8 @@ def _run_exports(lora_dir: Path) -> list[tuple[Path, bool]]:
     (the LoRA digest its base_model.json records, or a merge's record; an export from before those records: written
     after the LoRA): an older one was made before a --resume trained on. Exports of a checkpoint's LoRA
     (``F-step-N``) are of their step and not counted, nor temporary folders."""
-    from lowmem_alignprop.commands.lora_files import lora_digest, read_lora
-    from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM
+    from lowmem_alignprop.lora.lora_files import lora_digest, read_lora
+    from lowmem_alignprop.lora.lora_formats import EXPORTED_FROM
 
     folder = lora_dir.parent / "export"
     if not folder.is_dir() or not (lora_dir / LORA_WEIGHT_NAME).is_file():
@@ -261,7 +261,7 @@ def export_at_end(cfg, lora_dir: Path, *, keep_current: bool = False) -> Exporte
     leaves the run's files as they are and says how to redo it. ``keep_current``: the outputs of an ended run written
     again (from its checkpoint, the same LoRA and steps): an export of that very LoRA file is kept as it is, but the
     one to upload (its model card names the repository)."""
-    from lowmem_alignprop.commands.lora_files import read_lora
+    from lowmem_alignprop.lora.lora_files import read_lora
     from lowmem_alignprop.run import hub
 
     formats = cfg.export_formats() or (["diffusers"] if cfg.push_to_hub else [])

@@ -1,5 +1,5 @@
 """A run's records across its starts (:class:`RunRecords`, a phase of
-:class:`~lowmem_alignprop.commands.train.Trainer`): a resume's checkpoint restored (weights, optimizer, RNG,
+:class:`~lowmem_alignprop.training.train.Trainer`): a resume's checkpoint restored (weights, optimizer, RNG,
 history, what the resume changed), the software each stretch of steps trained under, and the run folder's
 config.yaml, command.txt and prompts.json, written once the checkpoint is restored.
 """
@@ -45,7 +45,7 @@ def prompt_lists_before(path: Path, prompts: list[str], start: int) -> dict[str,
 
 
 class RunRecords:
-    """:meth:`restore` and :meth:`write_config`, the end of the Trainer's setup (commands/train.py), and
+    """:meth:`restore` and :meth:`write_config`, the end of the Trainer's setup (training/train.py), and
     :meth:`config_yaml`, which the end of a run and an out-of-memory stop write again.
 
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``is_main``, ``accelerator``, ``device``, ``point``,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
-from lowmem_alignprop.commands.lora_files import is_peft_folder, lycoris_kind, not_a_lora
-from lowmem_alignprop.commands.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers, bare_part,
+from lowmem_alignprop.lora.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
+from lowmem_alignprop.lora.lora_files import is_peft_folder, lycoris_kind, not_a_lora
+from lowmem_alignprop.lora.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers, bare_part,
                                                    kohya_alphas_folded, kohya_flow_for_diffusers, ldm_unet_refusal,
                                                    peft_as_diffusers)
 from lowmem_alignprop.memory.quant import BNB_MODES
@@ -39,7 +39,7 @@ def init_lora_file(spec: str) -> Path:
     if is_safetensors(file):
         from safetensors.torch import load_file
 
-        from lowmem_alignprop.commands import flow_export
+        from lowmem_alignprop.lora import flow_export
         try:
             shapes = read_safetensors_shapes(file)
         except (TensorFileError, OSError) as e:  # a truncated or foreign file
@@ -67,7 +67,7 @@ def _init_lora_source(spec: str) -> Path:
     if kind == "peft":
         import json
 
-        from lowmem_alignprop.commands.lora_files import PEFT_CONFIG_NAME
+        from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME
         try:
             dora = json.loads((named / PEFT_CONFIG_NAME).read_text(encoding="utf-8")).get("use_dora")
         except (OSError, ValueError, AttributeError):  # (peft_as_diffusers says what is wrong with it)
@@ -98,7 +98,7 @@ def named_lora(spec: str) -> tuple[Path, str, Path | None]:
     if path.is_file():
         return path, "file", path
     if is_peft_folder(path):
-        from lowmem_alignprop.commands.lora_files import PEFT_WEIGHT_NAME
+        from lowmem_alignprop.lora.lora_files import PEFT_WEIGHT_NAME
         return path, "peft", path / PEFT_WEIGHT_NAME
     if (line := not_a_lora("--init-lora", spec, folder=path)) is not None:  # (it said "holds no .safetensors
         raise UserError(line)  # files": they are in its subfolders)
@@ -228,7 +228,7 @@ def _own_example(spec: str, file: Path, keys: list[str]) -> str:
     the key itself where that file holds it; an SD3/FLUX file in kohya's or the original transformer's names (read
     in diffusers' names: :func:`init_lora_file`) by its own key of such a layer, with the transformer's layer it
     holds (a fused linear1's MLP rows: proj_mlp); else (a peft folder's, a checkpoint's) the layer's path."""
-    from lowmem_alignprop.commands import flow_export
+    from lowmem_alignprop.lora import flow_export
 
     try:
         own = named_lora(spec)[2]
@@ -273,8 +273,8 @@ def check_init_lora(spec: str, rank: int, model: str, components: str = "", laye
     """Before any model loads: the LoRA file ``--init-lora`` names, of this run's rank and ``layers`` (the layers it
     trains: the others are kept, :func:`lora_file_ranks`) and of ``model``'s family as far as its files tell (a
     FLUX.1 LoRA for SD3, a UNet's for FLUX.1); ``quant``: the run's base_quant. Raises UserError."""
-    from lowmem_alignprop.commands.lora_args import LoraSpec
-    from lowmem_alignprop.commands.lora_checks import check_lora_files
+    from lowmem_alignprop.lora.lora_args import LoraSpec
+    from lowmem_alignprop.lora.lora_checks import check_lora_files
     from lowmem_alignprop.settings.model_kind import FLOW_KINDS, model_kind_of
 
     file = init_lora_file(spec)
@@ -330,8 +330,8 @@ def layers_taken(copied: int, trained: int) -> str:
 def trained_on(spec: str, file: Path, model: str) -> str:
     """" (it was trained on X, not --model Y: ...)" where the LoRA's run recorded another base model than ``model``
     (lora/base_model.json), for a message that the LoRA does not fit; else ""."""
-    from lowmem_alignprop.commands.base_records import recorded_base, recorded_fingerprint, same_model
-    from lowmem_alignprop.commands.lora_args import LoraSpec
+    from lowmem_alignprop.lora.base_records import recorded_base, recorded_fingerprint, same_model
+    from lowmem_alignprop.lora.lora_args import LoraSpec
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     base = recorded_base(lora, model_given=True)  # its run's record: the model it was trained on
@@ -342,11 +342,11 @@ def trained_on(spec: str, file: Path, model: str) -> str:
 def lora_sampler(spec: str, file: Path) -> tuple[dict, str]:
     """(settings, where): the prediction_type and zero_terminal_snr ``--init-lora``'s LoRA was trained with, and
     where that is said: its run's base_model.json (the schedule the run resolved: both, where it records the
-    prediction type), else its file's header (:func:`~lowmem_alignprop.commands.lora_files.header_image_settings`:
+    prediction type), else its file's header (:func:`~lowmem_alignprop.lora.lora_files.header_image_settings`:
     what it says); ({}, "") where neither tells."""
-    from lowmem_alignprop.commands.base_records import read_base_record
-    from lowmem_alignprop.commands.lora_args import LoraSpec, base_record_file
-    from lowmem_alignprop.commands.lora_files import header_image_settings
+    from lowmem_alignprop.lora.base_records import read_base_record
+    from lowmem_alignprop.lora.lora_args import LoraSpec, base_record_file
+    from lowmem_alignprop.lora.lora_files import header_image_settings
 
     lora = LoraSpec(arg=spec, file=file, weight=1.0, name="init", source=Path(spec).expanduser().absolute())
     if (record := base_record_file(lora)) is not None:
@@ -419,7 +419,7 @@ def split_init_lora(pipe, file: Path, spec: str, layers: str = "attention", mode
     untrained linears are kept as a UNet's are; its text encoders' layers were kept before the prompts were encoded
     (:func:`keep_encoder_layers`, ``encoders``: what it kept, the encoders freed since). A kept linear of an int8/nf4
     base (quantized as it loaded: :func:`quantized_refusal`) and a LoRA of another model raise UserError."""
-    from lowmem_alignprop.commands.adapters import load_adapter_file, pipeline_adapter_layers
+    from lowmem_alignprop.lora.adapters import load_adapter_file, pipeline_adapter_layers
 
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     flow, fix = denoiser == "transformer", ("it was made for another base model: pass that model with --model, or "
@@ -468,7 +468,7 @@ def keep_encoder_layers(pipe, file: Path, spec: str) -> dict[str, torch.Tensor]:
     ``load_lora_weights`` of the whole file would encode them (the encoders are freed after). Returns them as kept
     layers (:func:`split_init_lora` adds the transformer's); {} for a LoRA without any. A T5 layer, or one that does
     not fit the encoders, raises UserError."""
-    from lowmem_alignprop.commands.adapters import load_encoder_part, pipeline_adapter_layers
+    from lowmem_alignprop.lora.adapters import load_encoder_part, pipeline_adapter_layers
 
     load_encoder_part(pipe, file, INIT_ADAPTER, f"--init-lora {spec}",
                       "it was made for another base model: pass that model with --model")

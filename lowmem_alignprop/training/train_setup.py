@@ -1,5 +1,5 @@
 """The pieces of a training run's setup (:class:`RunSetup`, part of
-:class:`~lowmem_alignprop.commands.train.Trainer`, whose ``setup()`` calls them in the order their failures are
+:class:`~lowmem_alignprop.training.train.Trainer`, whose ``setup()`` calls them in the order their failures are
 reported): the accelerator and profiler, the models loaded and placed (LoRA, optimizer, block swap), the
 trackers, the sampling state (RNG, prompt encoder, EMA, held-out evaluation); what an ended run's resume writes
 again.
@@ -39,7 +39,7 @@ from lowmem_alignprop.toy.fidelity import applies
 from lowmem_alignprop.step.rollout import apply_memory_features
 from lowmem_alignprop.step.update import LearningRate
 from lowmem_alignprop.measure import planner
-from lowmem_alignprop.commands.evaluation import BEST_DIR, EVAL_FIX, EVAL_SCORING, HeldOut, WeightEMA
+from lowmem_alignprop.training.evaluation import BEST_DIR, EVAL_FIX, EVAL_SCORING, HeldOut, WeightEMA
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -76,7 +76,7 @@ def make_accelerator(cfg: Config, output_dir: Path):
 
 
 class RunSetup:
-    """Everything the Trainer builds before the first step, mixed into the Trainer (commands/train.py).
+    """Everything the Trainer builds before the first step, mixed into the Trainer (training/train.py).
 
     Reads the Trainer's ``cfg``, ``folder``, ``out``, ``point``, ``start``, ``refinish``, ``profile_name``,
     ``memory_snapshot``, ``prompts``, ``sample_prompts``, ``eval_prompts``, ``judge_prompts``, ``init_file``,
@@ -91,8 +91,8 @@ class RunSetup:
         """A --resume of a run that ended (its last step, or an early stop) whose LoRA, summary or export_format's
         exports are missing or damaged (a full disk or a kill while they were written): what is missing. The run then
         trains no step and writes them again from the checkpoint."""
-        from lowmem_alignprop.commands.final_lora import outputs_problem
-        from lowmem_alignprop.commands.lora_export import missing_exports
+        from lowmem_alignprop.lora.final_lora import outputs_problem
+        from lowmem_alignprop.lora.lora_export import missing_exports
 
         if (not resume_rules.run_ended(self.point.state, self.cfg)
                 or self.point.path.resolve().parent != ckpt.root_of(self.out).resolve()):
@@ -215,7 +215,7 @@ class RunSetup:
         """--init-lora's LoRA read onto the loaded models before anything else reads them (after the base's
         fingerprint, which the exports read): the layers the run trains remembered, the others fused into the frozen
         base (``init_kept``: what init_lora/ keeps of them). A resume fuses them again from the run's copy."""
-        from lowmem_alignprop.commands.init_lora import split_init_lora
+        from lowmem_alignprop.lora.init_lora import split_init_lora
 
         split = split_init_lora(self.family.make_pipeline(self.comps), self.init_file, self.cfg.init_lora,
                                 self.cfg.lora_layers, self.cfg.model, encoders=self.init_encoder_layers)
@@ -227,14 +227,14 @@ class RunSetup:
     def keep_init_encoder_layers(self, text_pipe) -> None:
         """SD3/FLUX: --init-lora's text-encoder layers, loaded into the encoders before the prompt set is encoded
         (``text_pipe``: the pipeline of the encoders, freed once it is), kept for read_init_lora."""
-        from lowmem_alignprop.commands.init_lora import keep_encoder_layers
+        from lowmem_alignprop.lora.init_lora import keep_encoder_layers
 
         self.init_encoder_layers = keep_encoder_layers(text_pipe, self.init_file, self.cfg.init_lora)
 
     def start_from_init_lora(self, split) -> None:
         """The trained adapter (just added) starts as --init-lora's trained layers (``split``: read_init_lora's);
         says so, with the sampler warning and kl_coeff's note at a fresh start."""
-        from lowmem_alignprop.commands.init_lora import layers_taken, other_sampler, start_from_lora
+        from lowmem_alignprop.lora.init_lora import layers_taken, other_sampler, start_from_lora
 
         cfg = self.cfg
         copied, trained = start_from_lora(self.unet, split, cfg.init_lora, cfg.lora_layers)

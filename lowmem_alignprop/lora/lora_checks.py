@@ -12,8 +12,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lowmem_alignprop.commands.lora_args import LoraSpec
-from lowmem_alignprop.commands.lora_kinds import MODEL_NAMES, model_of_kind, same_family
+from lowmem_alignprop.lora.lora_args import LoraSpec
+from lowmem_alignprop.lora.lora_kinds import MODEL_NAMES, model_of_kind, same_family
 from lowmem_alignprop.run import base_fingerprint
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE
 from lowmem_alignprop.settings.errors import UserError, first_line

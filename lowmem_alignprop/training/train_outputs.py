@@ -1,4 +1,4 @@
-"""The end of a training run (:class:`RunOutputs`, a phase of :class:`~lowmem_alignprop.commands.train.Trainer`):
+"""The end of a training run (:class:`RunOutputs`, a phase of :class:`~lowmem_alignprop.training.train.Trainer`):
 the LoRA (or full UNet), the after samples, before_after.json, config.yaml after an auto-fit, the reports,
 summary.json and export_format's exports. Every file here is written atomically (docs/design.md section 6).
 """
@@ -24,9 +24,9 @@ from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.settings.config import Config
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.paths import absolute_path
-from lowmem_alignprop.commands.evaluation import SAMPLE_SEED_OFFSET, nonfinite_note
-from lowmem_alignprop.commands.lora_export import export_at_end
-from lowmem_alignprop.commands.run_summary import fidelity_peak, print_summary
+from lowmem_alignprop.training.evaluation import SAMPLE_SEED_OFFSET, nonfinite_note
+from lowmem_alignprop.lora.lora_export import export_at_end
+from lowmem_alignprop.training.run_summary import fidelity_peak, print_summary
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -54,7 +54,7 @@ def grid_record(cfg: Config, prompts: list[str], before: torch.Tensor, after: to
 
 
 class RunOutputs:
-    """:meth:`finish`, the last of a run's phases, mixed into the Trainer (commands/train.py).
+    """:meth:`finish`, the last of a run's phases, mixed into the Trainer (training/train.py).
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``profile_name``, ``point``,
     ``start``, ``step``, ``refinish``, ``history``, ``skipped_peaks``, ``streak``, ``fits``, ``resumed_with``,
@@ -193,7 +193,7 @@ class RunOutputs:
             log.warning("%s (the toy world's before/after figures are left out)", e)
 
     def write_outputs(self, summary: dict, final, lora: dict | None, after) -> None:
-        from lowmem_alignprop.commands.grid import save_sample_grid
+        from lowmem_alignprop.training.grid import save_sample_grid
 
         cfg, out, before, history = self.cfg, self.out, self.before, self.history
         if lora is not None:  # every file here is written atomically: a full disk or a kill leaves none half-written

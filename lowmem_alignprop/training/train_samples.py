@@ -1,5 +1,5 @@
 """A run's fixed-seed renders without gradient (:class:`RunSamples`, part of
-:class:`~lowmem_alignprop.commands.train.Trainer`): the sample grid before training, at --sample-every's steps and
+:class:`~lowmem_alignprop.training.train.Trainer`): the sample grid before training, at --sample-every's steps and
 after; the toy world's judged images (fidelity_*) before, at --set fidelity_every's steps and after.
 """
 
@@ -16,7 +16,7 @@ from lowmem_alignprop.run.before_images import before_key, read_before, write_be
 from lowmem_alignprop.run.filenames import BEFORE_FILE, SAMPLES_DIR, step_grid_name
 from lowmem_alignprop.run.trackers import log_images
 from lowmem_alignprop.settings.errors import UserError
-from lowmem_alignprop.commands.evaluation import EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, nonfinite_note, render_fixed_seed
+from lowmem_alignprop.training.evaluation import EVAL_SEED_OFFSET, SAMPLE_SEED_OFFSET, nonfinite_note, render_fixed_seed
 
 log = logging.getLogger("lowmem_alignprop")
 JUDGE_PIXELS = 32 * 64 * 64  # pixels per no-grad chunk of the toy world's judged images
@@ -30,7 +30,7 @@ def judged_figures(judged: dict | None) -> dict:
 
 
 class RunSamples:
-    """The Trainer's renders with no gradient, mixed into the Trainer (commands/train.py); the held-out evaluation
+    """The Trainer's renders with no gradient, mixed into the Trainer (training/train.py); the held-out evaluation
     renders through :meth:`generate` too.
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``place``, ``family``,
@@ -176,7 +176,7 @@ class RunSamples:
     def sample_if_due(self, step: int) -> dict:
         """--sample-every N: the grid's prompts and seeds rendered at steps N, 2N, ...: samples/step-N.png (before
         vs step N), the image to the tracker; returns the rewards for the step's metrics line."""
-        from lowmem_alignprop.commands.grid import save_sample_grid
+        from lowmem_alignprop.training.grid import save_sample_grid
 
         cfg = self.cfg
         if not (cfg.sample_every and step % cfg.sample_every == 0 and self.before is not None):

@@ -9,8 +9,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from lowmem_alignprop.commands.evaluation import BEST_DIR, improvement_measure, step_zero
-from lowmem_alignprop.commands.model_card import images_per_step, trained_counts
+from lowmem_alignprop.training.evaluation import BEST_DIR, improvement_measure, step_zero
+from lowmem_alignprop.lora.model_card import images_per_step, trained_counts
 from lowmem_alignprop.measure.reports import fmt_duration
 from lowmem_alignprop.run import schedule
 from lowmem_alignprop.settings.config import Config

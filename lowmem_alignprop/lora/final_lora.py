@@ -46,7 +46,7 @@ def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -
         problem = None if (run / FULL_DIR / "config.json").is_file() else f"{run / FULL_DIR} is missing"
     if problem:
         return problem
-    from lowmem_alignprop.commands.lora_files import read_run
+    from lowmem_alignprop.lora.lora_files import read_run
 
     summary = read_run(run)[1]
     if not summary:
@@ -59,7 +59,7 @@ def outputs_problem(run: Path, trained: str = "lora", step: int | None = None) -
 def run_steps(run: Path) -> tuple[list[Path], int | None]:
     """The run's checkpoint folders (newest first, damaged ones too) and the step its summary.json says it ended at
     (None without one)."""
-    from lowmem_alignprop.commands.lora_files import read_run
+    from lowmem_alignprop.lora.lora_files import read_run
 
     done = read_run(run)[1].get("steps_done")
     return ckpt.list_checkpoints(ckpt.root_of(run)), done if isinstance(done, int) else None

@@ -1,5 +1,5 @@
 """The training loop's fault handling (:class:`LoopFaults`, a phase of
-:class:`~lowmem_alignprop.commands.train.Trainer`): an out-of-memory error steps down (--auto-fit) or stops with the
+:class:`~lowmem_alignprop.training.train.Trainer`): an out-of-memory error steps down (--auto-fit) or stops with the
 change that fits; any other error, a failed held-out evaluation or an unwritable metrics.jsonl keeps the finished
 steps in a checkpoint and raises one line; a render the run can go without is skipped. docs/design.md section 5.
 """
@@ -25,7 +25,7 @@ log = logging.getLogger("lowmem_alignprop")
 
 class LoopFaults:
     """What the loop (Trainer.fit and the step's renders) does when something fails, mixed into the Trainer
-    (commands/train.py).
+    (training/train.py).
 
     Reads the Trainer's ``cfg``, ``accelerator``, ``out``, ``is_main``, ``device``, ``prof``, ``optimizer``,
     ``rng``, ``history``, ``fits``, ``last_saved``, ``all_failed``, ``render_together``, ``place``, ``vae``,

@@ -46,14 +46,14 @@ from lowmem_alignprop.step.update import StepOutcome, StepUpdate, moved_schedule
 from lowmem_alignprop.measure import meta_models
 from lowmem_alignprop.measure.reports import fmt_seconds
 from lowmem_alignprop.measure.resident_tensors import run_objects_only
-from lowmem_alignprop.commands.evaluation import (BEST_DIR, HeldOut, WeightEMA, improvement_measure, patience_spent,
+from lowmem_alignprop.training.evaluation import (BEST_DIR, HeldOut, WeightEMA, improvement_measure, patience_spent,
                                                   renders_note, schedule_note)
-from lowmem_alignprop.commands.run_summary import TimeLeft
-from lowmem_alignprop.commands.train_faults import LoopFaults
-from lowmem_alignprop.commands.train_outputs import RunOutputs
-from lowmem_alignprop.commands.train_records import RunRecords
-from lowmem_alignprop.commands.train_samples import RunSamples, judged_figures
-from lowmem_alignprop.commands.train_setup import RunSetup
+from lowmem_alignprop.training.run_summary import TimeLeft
+from lowmem_alignprop.training.train_faults import LoopFaults
+from lowmem_alignprop.training.train_outputs import RunOutputs
+from lowmem_alignprop.training.train_records import RunRecords
+from lowmem_alignprop.training.train_samples import RunSamples, judged_figures
+from lowmem_alignprop.training.train_setup import RunSetup
 
 log = logging.getLogger("lowmem_alignprop")
 
@@ -243,7 +243,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
             return None
         if self.point is not None and self.init_lora_copy.is_file():
             return self.init_lora_copy
-        from lowmem_alignprop.commands.init_lora import check_init_lora
+        from lowmem_alignprop.lora.init_lora import check_init_lora
 
         copy, resume = self.init_lora_copy.parent, "resume with --set init_lora= (the trained LoRA is in the " \
             "checkpoint; the \"before\" samples are then the base model's)"
@@ -298,7 +298,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         self.init_file = self.find_init_lora()
         self.init_sha = ckpt.file_sha256(self.init_file) if self.init_file else None  # (see find_init_lora)
         if self.init_file is not None and self.init_file != self.init_lora_copy:  # (a resume's copy: its record kept)
-            from lowmem_alignprop.commands.init_lora import init_lora_source
+            from lowmem_alignprop.lora.init_lora import init_lora_source
             self.init_source = init_lora_source(self.cfg.init_lora) if self.is_rank0() else None
         self.setup_accelerator()
         self.load_models()
@@ -381,7 +381,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
         return StepOutcome(self.metrics_row(step, t0, rewards_all, ids_all, losses, ks, terms, update), None, update)
 
     def rollout(self) -> Rollout:
-        """What a micro-batch runs through (commands/train.py's models; step/micro.py runs it)."""
+        """What a micro-batch runs through (training/train.py's models; step/micro.py runs it)."""
         return Rollout(cfg=self.cfg, family=self.family, sample_unet=self.nograd_unet, train_unet=self.unet_train,
                        scheduler=self.scheduler, vae=self.vae, reward=self.reward, place=self.place, embed=self.embed,
                        stage=self.guard.stage, device=self.device, autocast=self.accelerator.autocast,
@@ -612,7 +612,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
 
     def record(self, step: int, done: StepOutcome) -> None:
         """The step's metrics line, progress bar and tracker; a NaN/inf step is skipped (too many in a row stop)."""
-        from lowmem_alignprop.commands.grid import write_metrics_line
+        from lowmem_alignprop.training.grid import write_metrics_line
 
         cfg, prof, row, bad = self.cfg, self.prof, done.row, done.bad
         mem = prof.end_step()
@@ -668,7 +668,7 @@ class Trainer(RunSetup, RunRecords, RunSamples, LoopFaults, RunOutputs):
                                 "out") from None
             raise failed
         if self.is_main:
-            from lowmem_alignprop.commands.grid import write_metrics_line
+            from lowmem_alignprop.training.grid import write_metrics_line
             write_metrics_line(self.folder.metrics, row)  # (its figures said by the evaluation's line)
         self.track(row, 0)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from lowmem_alignprop.commands.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, Lora, check_recorded_base,
+from lowmem_alignprop.lora.lora_files import (HEADER_BASE_MODEL, HEADER_REWARD, Lora, check_recorded_base,
                                                   header_lora_digest, lora_digest, read_lora, shared_base_record,
                                                   shared_name, shared_reward)
-from lowmem_alignprop.commands.lora_formats import EXPORTED_FROM, file_stem, model_spec
-from lowmem_alignprop.commands.model_card import num, run_info
+from lowmem_alignprop.lora.lora_formats import EXPORTED_FROM, file_stem, model_spec
+from lowmem_alignprop.lora.model_card import num, run_info
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.run.merged_models import MERGED_KEY, merged_record
 from lowmem_alignprop.settings.errors import UserError, first_line
@@ -165,7 +165,7 @@ def _digest_of(spec) -> str | None:
     """The digest (:func:`lora_digest`) of the LoRA ``spec`` (lora_args.LoraSpec) names: a run's, or the one an export
     was made from (its base_model.json's ``lora_digest``, or a kohya file's header, for the file shared alone); None
     for a LoRA from elsewhere."""
-    from lowmem_alignprop.commands.base_records import read_base_record
+    from lowmem_alignprop.lora.base_records import read_base_record
 
     try:
         return lora_digest(read_lora(str(spec.named)))
@@ -199,9 +199,9 @@ def merged_pipeline(lora: Lora, model: str | None, weight: float):
     """(the base pipeline with the LoRA fused at ``weight``, the merged model's record: :func:`merge_record`, its
     last entry this merge's); a LoRA of another base model, or a model that already holds it, raises UserError."""
     from lowmem_alignprop.run import base_fingerprint
-    from lowmem_alignprop.commands.adapters import load_adapters
-    from lowmem_alignprop.commands.lora_args import LoraSpec
-    from lowmem_alignprop.commands.lora_checks import check_lora_files
+    from lowmem_alignprop.lora.adapters import load_adapters
+    from lowmem_alignprop.lora.lora_args import LoraSpec
+    from lowmem_alignprop.lora.lora_checks import check_lora_files
 
     spec = merge_base(lora, model)
     record = merge_record(lora, spec, weight)  # (before the model loads: minutes)
@@ -293,7 +293,7 @@ def run_settings(adapter) -> dict:
     its base_model.json keys them (``image_settings``, ``scoring``; base_records.recorded_base reads its run's
     config.yaml, a checkpoint's state or that record): a merged model's record of each LoRA keeps them, and ``sample
     --model MERGED`` renders with them as ``sample LORA`` does. {} for a LoRA whose run records none."""
-    from lowmem_alignprop.commands.base_records import recorded_base
+    from lowmem_alignprop.lora.base_records import recorded_base
     from lowmem_alignprop.settings.config import RUN_SCORING_SETTINGS
 
     if (base := recorded_base(adapter, model_given=True)) is None:
