@@ -154,8 +154,7 @@ def _evaluate(cfg, specs: list[LoraSpec], prompts: list[str], out: Path, *, num_
     results = {
         "model": cfg.model, **({"model_revision": revision} if revision else {}),
         "profile": profile_name, "reward": cfg.reward, "prompts": prompt_set,
-        "loras": [{"path": str(s.named), "weight": s.weight, "adapter_name": s.name,
-                   **({"weights": s.found_in} if s.found_in else {})} for s in specs],
+        "loras": [s.record() for s in specs],
         "lora_weights_mean": "each adapter adds weight * (its trained weight update) to every layer it adapts"
                              if specs else None,
         "sampler": sampler,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_alignprop.lora.hub_lora import hub_lora
 from lowmem_alignprop.lora.lora_files import lora_dir_of, nonfinite, safetensors_copy, temporary_folder
 from lowmem_alignprop.lora.lora_files import is_peft_folder, lycoris_kind, not_a_lora
 from lowmem_alignprop.lora.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers, bare_part,
@@ -84,14 +85,16 @@ def named_lora(spec: str) -> tuple[Path, str, Path | None]:
     reads) and :func:`init_lora_source` (the user's own file, for its digest) both follow. ``kind``: "checkpoint"
     (``named`` its folder; ``file`` None: which of its weights files is the run's config's, said once where it is
     read), "file" (``named`` = ``file``: the path), "peft" (a peft adapter folder and its weights file) or "folder"
-    (a run's lora/ folder, the run folder, a folder of one .safetensors file: ``file`` that file). A path that names
-    none raises UserError."""
+    (a run's lora/ folder, the run folder, a folder of one .safetensors file: ``file`` that file; a hub id's LoRA,
+    lora/hub_lora.py: its snapshot folder in the hub cache and the file). A path that names none raises UserError."""
     from lowmem_alignprop.run.checkpoint import named_checkpoint
 
     path = Path(spec).expanduser()
     checkpoint = named_checkpoint(path)
     if checkpoint is not None:
         return checkpoint, "checkpoint", None
+    if not path.exists() and (hub := hub_lora(spec, "--init-lora")) is not None:  # owner/name[/file.safetensors]
+        return hub.snapshot, "folder", hub.path
     if not path.exists():
         raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
                         "checkpoint, a .safetensors file or a peft adapter folder)")
@@ -120,17 +123,19 @@ def init_lora_source(spec: str) -> dict[str, str] | None:
     card whose digest ``sha256sum`` of their own file matches (the run's copy is converted: a peft folder's, a
     .bin's, a kohya file's per-layer alphas folded...): ``file`` is that file's path from ``spec`` ("" where ``spec``
     is the file; a folder's weights file: a peft folder's adapter_model.safetensors, a run's lora/, a checkpoint's
-    trainable weights), found as :func:`named_lora` finds it. None where ``spec`` names none (it was checked before:
-    not expected)."""
+    trainable weights; a hub id's: its file in the repository), found as :func:`named_lora` finds it; a hub id's
+    ``revision``: the commit it was read at. None where ``spec`` names none (it was checked before: not expected)."""
     from lowmem_alignprop.run import checkpoint as ckpt
 
     try:
         named, kind, file = named_lora(spec)
         if kind == "checkpoint":  # (an old EMA checkpoint's warning was said where its LoRA was read)
             file = ckpt.output_weights_file(named, ckpt.read_state(named).get("config", {}), say=False)
+        hub = hub_lora(spec, "--init-lora") if kind == "folder" and not Path(spec).expanduser().exists() else None
     except (UserError, OSError, ValueError):
         return None
-    return {"file": "" if file == named else file.relative_to(named).as_posix(), "sha256": ckpt.file_sha256(file)}
+    return {"file": "" if file == named else file.relative_to(named).as_posix(), "sha256": ckpt.file_sha256(file),
+            **({"revision": hub.commit} if hub is not None else {})}
 
 
 def _as_safetensors(path: Path, spec: str) -> Path:

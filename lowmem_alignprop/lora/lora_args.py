@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from lowmem_alignprop.lora import flow_export
+from lowmem_alignprop.lora.hub_lora import HubLora, hub_lora
 from lowmem_alignprop.lora.lora_files import is_peft_folder, lycoris_kind, nonfinite, not_a_lora, safetensors_copy
 from lowmem_alignprop.lora.lora_formats import (attn_processor_as_diffusers, bare_lora_as_diffusers,
                                                     kohya_alphas_folded, kohya_flow_for_diffusers, ldm_unet_refusal,
@@ -41,6 +42,16 @@ class LoraSpec:
     weight: float
     name: str
     source: Path | None = None  # what the user named (``file`` may be in it, or a converted copy: a checkpoint, peft)
+    hub: HubLora | None = None  # a hub id's LoRA (``source``: its file in the hub cache), with the commit read
+
+    def record(self) -> dict:
+        """sample_results.json's entry: the LoRA as named, absolute (a hub id's: its repository, the file in it and the
+        commit read)."""
+        if self.hub is not None:
+            return {"path": self.hub.repo, "weight": self.weight, "adapter_name": self.name, "weights": self.hub.file,
+                    "revision": self.hub.commit}
+        return {"path": str(self.named), "weight": self.weight, "adapter_name": self.name,
+                **({"weights": self.found_in} if self.found_in else {})}
 
     @functools.cached_property
     def family(self) -> str | None:
@@ -214,7 +225,9 @@ def _is_number(text: str) -> bool:
 
 
 def parse_lora(arg: str, index: int) -> LoraSpec:
-    """``DIR`` (weight 1.0) or ``DIR:WEIGHT``. Raises UserError for a missing path or a weight that is no number."""
+    """``DIR`` (weight 1.0) or ``DIR:WEIGHT``; DIR may be a hub id where no such path exists (``owner/name``, or
+    ``owner/name/file.safetensors``: lora/hub_lora.py). Raises UserError for a missing path or a weight that is no
+    number."""
     text = arg.strip()
     if not text:
         raise UserError("--lora needs a path: --lora DIR or --lora DIR:WEIGHT (e.g. outputs/run/lora:0.5)")
@@ -235,13 +248,16 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
         if not where:
             raise UserError(f"--lora {arg}: the path is missing; write --lora DIR:{tail}")
     given = Path(where).expanduser()
+    hub = hub_lora(where, "--lora") if not given.exists() and ckpt.named_checkpoint(given) is None else None
+    if hub is not None:  # owner/name[/file.safetensors]: its file in the hub cache, read as a local one
+        given = hub.path
     file = _lora_file(given, arg)
     if weight != 1 and (magnitude := _dora_magnitude(file)) is not None:  # peft: m (W + w dW) / ||W + w dW||
         raise UserError(f"--lora {arg} is a DoRA (its magnitude vectors, e.g. {quote(magnitude)}): a weight scales its "
                         f"direction update but not its magnitudes, so at weight {weight:g} it is not {weight:g} x its "
                         "weight update (at 0 not the base model); give it weight 1 (alone or in a mix)")
     # the records name what the user gave (a folder, a file, a checkpoint), absolute, whatever was loaded from it
-    return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=given.absolute())
+    return LoraSpec(arg=arg, file=file, weight=weight, name=f"lora{index}", source=given.absolute(), hub=hub)
 
 
 def _dora_magnitude(file: Path) -> str | None:

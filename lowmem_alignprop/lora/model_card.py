@@ -80,7 +80,10 @@ def recorded_init_source(folder: Path) -> dict[str, str] | None:
         return None
     ok = isinstance(record, dict) and isinstance(record.get(FILE), str) and isinstance(record.get("sha256"), str) \
         and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])
-    return {FILE: record[FILE], "sha256": record["sha256"]} if ok else None
+    commit = record.get("revision") if ok else None  # (a hub id's: the commit it was read at)
+    return {FILE: record[FILE], "sha256": record["sha256"],
+            **({"revision": commit} if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else {})} \
+        if ok else None
 
 
 def started_from(info: dict[str, Any]) -> str:
@@ -88,10 +91,14 @@ def started_from(info: dict[str, Any]) -> str:
     user named where the run recorded it (init_lora/source.json: what sha256sum of their file says), else that of
     the run's converted copy (a run before the record)."""
     digest = f", sha256 {info['init_lora_sha'][:16]}" if info.get("init_lora_sha") else ""
+    name = f"`{shared_name(str(info['init_lora']))}`"
     if source := info.get("init_lora_source"):
         digest = f", sha256 {source['sha256']} (of {f'its {source[FILE]}' if source[FILE] else 'the file'})"
-    return (f"the LoRA `{shared_name(str(info['init_lora']))}`{digest} (its own training is not in the steps above; "
-            "the samples' \"before\" are its images)")
+        if source.get("revision"):  # a hub id's LoRA: its page, and the commit the run read it at
+            repo = "/".join(str(info["init_lora"]).split("/")[:2])
+            name = f"[`{info['init_lora']}`](https://huggingface.co/{repo}) at commit {source['revision']}"
+    return (f"the LoRA {name}{digest} (its own training is not in the steps above; the samples' \"before\" are its "
+            "images)")
 
 
 def chosen_as(best: dict[str, Any], run_config: dict[str, Any]) -> str:
@@ -316,6 +323,7 @@ def has_relative_path(command: str, folder: Path) -> bool:
     each term of a list of them); absolute paths, hub ids and names do not."""
     import shlex
 
+    from lowmem_alignprop.lora.hub_lora import hub_lora_id
     from lowmem_alignprop.step.prompts import PROMPT_SETS
 
     try:
@@ -331,7 +339,8 @@ def has_relative_path(command: str, folder: Path) -> bool:
         if value.startswith(("/", "~", "-")) or not value:
             continue
         named = value in PROMPT_SETS if option.lstrip("-") in ("prompts", "eval_prompts") else (
-            option == "--resume" and value == "latest")
+            option == "--resume" and value == "latest") or (  # a LoRA's hub id (lora/hub_lora.py)
+            option in ("--init-lora", "init_lora") and not (folder / value).exists() and hub_lora_id(value) is not None)
         if option in _PATH_OPTIONS and not named:
             return True
         parts = [p.partition(":")[0] if ".py:" in p else p for p in re.split(r"[,;=]", value)]

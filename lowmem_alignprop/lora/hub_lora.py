@@ -1,0 +1,155 @@
+"""A LoRA named by its Hugging Face hub id (``--init-lora`` and ``sample --lora``): ``owner/name`` (the repository's
+one LoRA weights file: diffusers' ``pytorch_lora_weights.safetensors`` where it holds one, else its only
+``.safetensors`` at the root) or ``owner/name/path/file.safetensors`` (that file). A path that exists wins, as for
+--model (settings/paths.looks_like_hub_id). The file comes through huggingface_hub into the hub cache at the hub's
+main (``list_repo_files``, ``hf_hub_download``); without network (run/hub.offline) from the cache's snapshot of main,
+and a LoRA not there is one line with the ``hf download`` that brings it, before any model loads. The commit it
+resolved to goes with it (:class:`HubLora`): the run's init_lora/source.json and sample_results.json record it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
+from lowmem_alignprop.settings.errors import UserError
+from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
+
+# owner/name/path/in/it.safetensors: one file of a repository
+_HUB_FILE = re.compile(r"([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)")
+SHOWN = 4  # the files a line lists at most
+
+
+@dataclass(frozen=True)
+class HubLora:
+    """A hub LoRA as fetched: ``repo`` (owner/name), ``file`` (its path in the repository), ``commit`` (the commit it
+    was read at: main's when fetched, the cache's main offline) and ``path`` (the file in the local hub cache)."""
+    repo: str
+    file: str
+    commit: str
+    path: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo}"
+
+    @property
+    def snapshot(self) -> Path:
+        """The cache's snapshot folder (named by the commit) that holds it."""
+        return _snapshot(self.path, self.file)
+
+
+def hub_lora_id(spec: str) -> tuple[str, str] | None:
+    """(repo, file) where ``spec`` names a LoRA on the hub and no local path: ``owner/name`` (file "": the
+    repository's one, :func:`choose_file`) or ``owner/name/path/file.safetensors``; None for anything else."""
+    spec = spec.strip()
+    if not spec or spec.startswith((".", "~", "/")) or windows_path(spec) or Path(spec).expanduser().exists():
+        return None
+    if looks_like_hub_id(spec):
+        return spec, ""
+    found = _HUB_FILE.fullmatch(spec)
+    return (found.group(1), found.group(2)) if found else None
+
+
+def choose_file(repo: str, files: list[str], what: str, spec: str) -> str:
+    """The LoRA file of a repository of ``files`` (paths in it): diffusers' pytorch_lora_weights.safetensors at its
+    root, else its only .safetensors there. None or several (none of them diffusers' name): UserError naming a few
+    and how to name one."""
+    root = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+    if LORA_WEIGHT_NAME in root or len(root) == 1:
+        return LORA_WEIGHT_NAME if LORA_WEIGHT_NAME in root else root[0]
+    if root:
+        raise UserError(f"{what} {spec}: the hub repository {repo} holds {len(root)} .safetensors files at its root "
+                        f"and none is diffusers' {LORA_WEIGHT_NAME} ({_few(root)}): name the one you mean, e.g. "
+                        f"{what} {repo}/{root[0]}")
+    deeper = sorted(f for f in files if f.endswith(".safetensors"))
+    if deeper:
+        raise UserError(f"{what} {spec}: the hub repository {repo} holds no .safetensors file at its root, "
+                        f"{len(deeper)} below it ({_few(deeper)}): name the one you mean, e.g. {what} "
+                        f"{repo}/{deeper[0]}")
+    raise UserError(f"{what} {spec}: the hub repository {repo} holds no .safetensors file: pass a LoRA in "
+                    "safetensors (diffusers, kohya or peft layout)")
+
+
+def _few(files: list[str]) -> str:
+    return ", ".join(files[:SHOWN]) + (f" and {len(files) - SHOWN} more" if len(files) > SHOWN else "")
+
+
+_FETCHED: dict[tuple[str, str, str], HubLora] = {}  # one request a process for each LoRA (its checks read it often)
+
+
+def fetch_hub_lora(repo: str, file: str, what: str, spec: str) -> HubLora:
+    """The hub LoRA ``repo`` (``file``: the one named, "": :func:`choose_file`'s) in the local hub cache, fetched
+    when the hub can be reached; ``what``/``spec``: the option and the value given, for messages. Raises UserError."""
+    from huggingface_hub import constants
+
+    from lowmem_alignprop.run.hub import offline
+
+    key = (repo, file, str(constants.HF_HUB_CACHE))
+    if key in _FETCHED and _FETCHED[key].path.is_file():
+        return _FETCHED[key]
+    found = _from_cache(repo, file, what, spec) if offline() else _download(repo, file, what, spec)
+    _FETCHED[key] = found
+    return found
+
+
+def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
+    import huggingface_hub
+
+    from lowmem_alignprop.run.hub import hub_message
+
+    try:
+        files = huggingface_hub.list_repo_files(repo)
+        chosen = file or choose_file(repo, files, what, spec)
+        if chosen not in files:
+            listed = sorted(f for f in files if f.endswith(".safetensors"))
+            raise UserError(f"{what} {spec}: the hub repository {repo} has no file {chosen}"
+                            + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
+                               "file"))
+        path = Path(huggingface_hub.hf_hub_download(repo, chosen))
+        if (record := _beside(chosen, LORA_BASE_FILE)) in files:  # our export's record of its base model (sample
+            huggingface_hub.hf_hub_download(repo, record)  # checks the model against it)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's: no such repository, gated, a failed request
+        raise UserError(hub_message(what, spec, e, use=f"pass that DIR to {what}")) from None
+    return HubLora(repo, chosen, _snapshot(path, chosen).name, path)
+
+
+def _from_cache(repo: str, file: str, what: str, spec: str) -> HubLora:
+    """Without network: the LoRA from the cache's snapshot of main (what ``hf download`` put there)."""
+    from huggingface_hub import snapshot_download
+
+    from lowmem_alignprop.run.hub import download_hint
+
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or no valid id: either is not here
+        snapshot = None
+    if snapshot is not None:
+        files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+        chosen = file or choose_file(repo, files, what, spec)
+        if (snapshot / chosen).is_file():
+            return HubLora(repo, chosen, snapshot.name, snapshot / chosen)
+    hint = download_hint(f"{repo} {file}" if file else repo,
+                         f"pass DIR/{file}" if file else f"pass that DIR to {what}")
+    raise UserError(f"{what} {spec}: no such file or folder here, and as a Hugging Face hub id it is not in the local "
+                    f"hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): {hint}")
+
+
+def _beside(file: str, name: str) -> str:
+    parent = PurePosixPath(file).parent
+    return name if str(parent) == "." else f"{parent}/{name}"
+
+
+def _snapshot(path: Path, file: str) -> Path:
+    """The snapshot folder (named by its commit) that holds ``file`` at ``path``."""
+    return path.parents[len(PurePosixPath(file).parts) - 1]
+
+
+def hub_lora(spec: str, what: str) -> HubLora | None:
+    """``spec``'s hub LoRA (:func:`hub_lora_id`, :func:`fetch_hub_lora`), or None where it names no hub id."""
+    named = hub_lora_id(spec)
+    return None if named is None else fetch_hub_lora(*named, what, spec)

@@ -1,0 +1,266 @@
+"""--init-lora and sample --lora of a LoRA on the Hugging Face hub (``owner/name``, ``owner/name/file.safetensors``):
+read from a hub cache built here (offline: conftest sets HF_HUB_OFFLINE), or fetched through fakes of
+huggingface_hub's requests (no test touches the network)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import socket
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import constants
+
+from hubcache import cached_snapshot
+from loras import cpu_cfg, sampled, trainer_at_step_0
+from refusals import assert_refused
+from test_hub import _no_dns
+
+from lowmem_alignprop.cli import main
+from lowmem_alignprop.lora import hub_lora
+from lowmem_alignprop.settings import hub_access
+from lowmem_alignprop.settings.errors import UserError
+
+REPO = "someone/style-lora"
+FAST = ["--profile", "cpu", "--set", "sample_prompts=0", "--set", "sample_steps=2", "--set", "k=1",
+        "--set", "batch_size=1"]
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
+
+def _commit(repo: str) -> str:
+    return hashlib.sha1(repo.encode()).hexdigest()  # (hubcache.cached_snapshot's)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_dir):
+    """A LoRA of the tiny model (rank 4, alpha 8) saved as a run saves it: lora/ with its base_model.json."""
+    from loras import make_sd_lora
+
+    return make_sd_lora(tiny_dir, tmp_path_factory.mktemp("lora-run"), xl=False)
+
+
+@pytest.fixture
+def online_by_setting(monkeypatch):
+    """No offline variable set, huggingface_hub in online mode (test_hub's): the probes made, listed."""
+    for var in hub_access.OFFLINE_VARS + hub_access.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_access.unreachable.cache_clear()
+    probes: list[tuple] = []
+    yield probes
+    hub_access.unreachable.cache_clear()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _repo(cache, tmp_path, repo: str, names: list[str]):
+    """``repo`` cached with files ``names`` (a few bytes each: the choice reads no file)."""
+    src = tmp_path / f"src-{repo.replace('/', '--')}"
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"{}")
+    return cached_snapshot(cache, repo, src)
+
+
+def test_the_repositorys_lora_file_is_diffusers_name_else_its_only_one_else_the_one_named(hub_cache, tmp_path):
+    snap = _repo(hub_cache, tmp_path, "o/diffusers", ["pytorch_lora_weights.safetensors", "a.safetensors", "README.md"])
+    found = hub_lora.hub_lora("o/diffusers", "--init-lora")
+    assert (found.file, found.commit, found.path) == ("pytorch_lora_weights.safetensors", _commit("o/diffusers"),
+                                                      snap / "pytorch_lora_weights.safetensors")
+    assert found.snapshot == snap and found.url == "https://huggingface.co/o/diffusers"
+    _repo(hub_cache, tmp_path, "o/one", ["my_style.safetensors", "README.md", "sub/other.safetensors"])
+    assert hub_lora.hub_lora("o/one", "--init-lora").file == "my_style.safetensors"
+    _repo(hub_cache, tmp_path, "o/several", [f"{c}.safetensors" for c in "edcba"] + ["sub/deep.safetensors"])
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("o/several", "--init-lora")
+    assert str(e.value) == ("--init-lora o/several: the hub repository o/several holds 5 .safetensors files at its "
+                            "root and none is diffusers' pytorch_lora_weights.safetensors (a.safetensors, "
+                            "b.safetensors, c.safetensors, d.safetensors and 1 more): name the one you mean, e.g. "
+                            "--init-lora o/several/a.safetensors")
+    for named in ("c.safetensors", "sub/deep.safetensors"):
+        found = hub_lora.hub_lora(f"o/several/{named}", "--lora")
+        assert found.file == named and found.path.read_bytes() == b"{}" and found.snapshot.name == _commit("o/several")
+    _repo(hub_cache, tmp_path, "o/nested", ["loras/v1.safetensors", "loras/v2.safetensors"])
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("o/nested", "--lora")
+    assert str(e.value) == ("--lora o/nested: the hub repository o/nested holds no .safetensors file at its root, 2 "
+                            "below it (loras/v1.safetensors, loras/v2.safetensors): name the one you mean, e.g. --lora "
+                            "o/nested/loras/v1.safetensors")
+
+
+def test_what_is_read_as_a_hub_id_a_path_that_exists_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub_lora.hub_lora_id("o/name") == ("o/name", "")
+    assert hub_lora.hub_lora_id("o/name/sub/x.safetensors") == ("o/name", "sub/x.safetensors")
+    (tmp_path / "o" / "name").mkdir(parents=True)
+    for local in ("o/name", "./a/b", "/abs/x", "~/x/y", "o/name/lora", "o/name/x.bin", "C:\\x\\y.safetensors"):
+        assert hub_lora.hub_lora_id(local) is None, local
+
+
+def test_several_lora_files_for_init_lora_is_one_line_before_any_model_loads(hub_cache, tmp_path, capsys,
+                                                                           monkeypatch):
+    from lowmem_alignprop.training import train_setup
+
+    monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("the model was loaded"))
+    _repo(hub_cache, tmp_path, "o/two", ["x.safetensors", "y.safetensors"])
+    out = tmp_path / "run"
+    assert_refused(main, [*FAST, "--steps", "1", "--init-lora", "o/two", "--output-dir", str(out)],
+                   "--init-lora o/two: the hub repository o/two holds 2 .safetensors files at its root and none is "
+                   "diffusers' pytorch_lora_weights.safetensors (x.safetensors, y.safetensors): name the one you "
+                   "mean, e.g. --init-lora o/two/x.safetensors", out, capsys)
+
+
+def test_a_hub_lora_not_cached_without_network_is_one_line_with_the_download_and_touches_nothing(
+        online_by_setting, hub_cache, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import file_download
+
+    from lowmem_alignprop.commands import sample_pipeline
+    from lowmem_alignprop.training import train_setup
+
+    monkeypatch.setattr(socket, "create_connection", _no_dns(online_by_setting))
+    for module, name in ((huggingface_hub, "list_repo_files"), (huggingface_hub, "hf_hub_download"),
+                         (file_download, "get_hf_file_metadata")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a request went to the hub"))
+    monkeypatch.setattr(train_setup, "load_components", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(sample_pipeline, "build_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "run"
+    assert_refused(main, [*FAST, "--steps", "1", "--init-lora", "someone/not-here", "--output-dir", str(out)],
+                   "--init-lora someone/not-here: no such file or folder here, and as a Hugging Face hub id it is not "
+                   "in the local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE set): on a "
+                   "machine with network run `hf download someone/not-here --local-dir DIR`, then pass that DIR to "
+                   "--init-lora", out, capsys)
+    assert_refused(main, ["sample", "--lora", "someone/not-here/v2/x.safetensors:0.5", "--output-dir", str(out)],
+                   "--lora someone/not-here/v2/x.safetensors: no such file or folder here, and as a Hugging Face hub "
+                   "id it is not in the local hub cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE "
+                   "set): on a machine with network run `hf download someone/not-here v2/x.safetensors --local-dir "
+                   "DIR`, then pass DIR/v2/x.safetensors", out, capsys)
+    assert len(online_by_setting) == 1  # one probe, no request
+
+
+def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside_it(online_by_setting, hub_cache,
+                                                                                  made, monkeypatch):
+    """With network: the repository listed, its LoRA file (and our export's base_model.json beside it) downloaded
+    into the hub cache at main's commit, which the LoRA carries."""
+    import huggingface_hub
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+    commit, asked = "c" * 40, []
+
+    def download(repo, filename, **kw):
+        asked.append((repo, filename))
+        target = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made["lora"] / filename, target)
+        return str(target)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: [
+        ".gitattributes", "README.md", "base_model.json", "pytorch_lora_weights.safetensors", "x/other.safetensors"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    found = hub_lora.hub_lora("online/lora", "--init-lora")
+    assert (found.file, found.commit) == ("pytorch_lora_weights.safetensors", commit)
+    assert asked == [("online/lora", "pytorch_lora_weights.safetensors"), ("online/lora", "base_model.json")]
+    assert found.path.read_bytes() == (made["lora"] / "pytorch_lora_weights.safetensors").read_bytes()
+    assert hub_lora.hub_lora("online/lora", "--init-lora") == found and len(asked) == 2  # asked once a process
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("online/lora/x/missing.safetensors", "--lora")
+    assert str(e.value) == ("--lora online/lora/x/missing.safetensors: the hub repository online/lora has no file "
+                            "x/missing.safetensors; its .safetensors files: pytorch_lora_weights.safetensors, "
+                            "x/other.safetensors")
+
+
+def _file_deltas(file) -> dict[str, torch.Tensor]:
+    """module path -> alpha / rank * B @ A of a diffusers LoRA file of the UNet (alpha 8, rank 4: made's)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(file))  # (diffusers' names: ...to_q.lora.down.weight, ...to_q.lora.up.weight)
+    return {k.removeprefix("unet.").removesuffix(".lora.down.weight"): 2.0 * weights[k.replace(".down.", ".up.")]
+            @ weights[k] for k in weights if k.endswith(".lora.down.weight")}
+
+
+def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the_cache(made, hub_cache, tmp_path):
+    """--init-lora owner/name: step 0's LoRA is the file's (each layer's delta), the run keeps the file as read in
+    init_lora/ and records the id's commit (source.json, the card's "started from" row); a resume with the hub cache
+    gone (and no network) starts from that copy."""
+    from lowmem_alignprop.run import checkpoint as ckpt
+
+    snapshot = cached_snapshot(hub_cache, REPO, made["lora"])
+    file = snapshot / "pytorch_lora_weights.safetensors"
+    trainer = trainer_at_step_0(cpu_cfg(tmp_path / "unused", "--set", f"init_lora={REPO}", "--seed", "5"), ["a cat"])
+    theirs = _file_deltas(file)
+    ours = {n: m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+            for n, m in trainer.unet.named_modules() if "default" in getattr(m, "lora_A", {})}
+    assert sorted(ours) == sorted(theirs) and len(ours) == len(made["modules"])
+    assert max(((ours[n] - theirs[n]).abs().max() / theirs[n].abs().max()).item() for n in ours) < 1e-6
+    del trainer
+
+    out = tmp_path / "run"
+    assert main([*FAST, "--steps", "1", "--init-lora", REPO, "--output-dir", str(out)]) == 0
+    assert (out / "init_lora" / "pytorch_lora_weights.safetensors").read_bytes() == file.read_bytes()
+    source = json.loads((out / "init_lora" / "source.json").read_text())
+    assert source == {"file": "pytorch_lora_weights.safetensors", "sha256": ckpt.file_sha256(file),
+                      "revision": _commit(REPO)}
+    assert yaml.safe_load((out / "config.yaml").read_text())["init_lora"] == REPO  # (the id as given)
+    shutil.rmtree(hub_cache)
+    assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
+    assert json.loads((out / "init_lora" / "source.json").read_text()) == source
+    assert main(["export", str(out / "lora"), "--format", "diffusers", "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    row = next(line for line in card.splitlines() if "started from" in line)
+    assert (f"the LoRA [`{REPO}`](https://huggingface.co/{REPO}) at commit {_commit(REPO)}, sha256 "
+            f"{source['sha256']} (of its pytorch_lora_weights.safetensors)") in row, row
+
+
+def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(made, hub_cache, tmp_path,
+                                                                               monkeypatch):
+    snapshot = cached_snapshot(hub_cache, REPO, made["lora"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    seed, base, by_id = sampled(tmp_path / "a", monkeypatch, REPO)
+    seed_2, base_2, by_path = sampled(tmp_path / "b", monkeypatch, snapshot / "pytorch_lora_weights.safetensors")
+    assert seed == seed_2 and torch.equal(base, base_2) and torch.equal(by_id, by_path)
+    assert (by_id - base).abs().max() > 0.01  # (the LoRA shows)
+    [lora] = json.loads((tmp_path / "a" / "sampled" / "sample_results.json").read_text())["loras"]
+    assert lora == {"path": REPO, "weight": 1.0, "adapter_name": "lora0", "weights": "pytorch_lora_weights.safetensors",
+                    "revision": _commit(REPO)}
+
+
+def test_a_flux_lora_from_the_hub_on_a_unet_model_is_refused_in_one_line(hub_cache, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lowmem_alignprop.commands import sample_pipeline
+
+    monkeypatch.setattr(sample_pipeline, "build_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    src = tmp_path / "flux-src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({f"transformer.single_transformer_blocks.0.attn.to_{p}.lora_{ab}.weight":
+               torch.randn(*((4, 32) if ab == "A" else (32, 4)), generator=g) for p in "qkv" for ab in "AB"},
+              str(src / "flux_style.safetensors"))
+    cached_snapshot(hub_cache, "o/flux-style", src)
+    out = tmp_path / "sampled"
+    assert_refused(main, ["sample", "--model", "tiny", "--lora", "o/flux-style:0.8", "--output-dir", str(out)],
+                   "--lora o/flux-style:0.8 adapts a FLUX.1 transformer, but --model tiny is a UNet model (SD 1.x/2.x/"
+                   "SDXL): pass the model it was trained on with --model", out, capsys)
+
+
+@pytest.mark.parametrize("command, relative", [
+    ("--init-lora owner/name", False), ("--set init_lora=owner/name/v2/x.safetensors", False),
+    ("--init-lora here/lora", True), ("--set init_lora=owner/name/lora", True)])
+def test_a_recorded_init_lora_hub_id_is_no_relative_path(tmp_path, command, relative):
+    """The card's commands: a hub id --init-lora needs no folder to run from (a folder of that name in the start's
+    folder, or a path that is no hub id's form, does)."""
+    from lowmem_alignprop.lora.model_card import has_relative_path
+
+    (tmp_path / "here" / "lora").mkdir(parents=True)
+    assert has_relative_path(f"lowmem-alignprop {command}", tmp_path) is relative
