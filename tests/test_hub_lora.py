@@ -17,6 +17,7 @@ from huggingface_hub import constants
 
 from hubcache import cached_snapshot
 from loras import cpu_cfg, sampled, trainer_at_step_0
+from outputs_doc import DOC, documented_keys, undocumented
 from refusals import assert_refused
 from test_hub import _no_dns
 
@@ -210,6 +211,7 @@ def test_a_run_starts_from_a_hub_lora_records_its_commit_and_resumes_without_the
     source = json.loads((out / "init_lora" / "source.json").read_text())
     assert source == {"file": "pytorch_lora_weights.safetensors", "sha256": ckpt.file_sha256(file),
                       "revision": _commit(REPO)}
+    assert undocumented(source, documented_keys(DOC.read_text(encoding="utf-8"))["init_lora/source.json"]) == []
     assert yaml.safe_load((out / "config.yaml").read_text())["init_lora"] == REPO  # (the id as given)
     shutil.rmtree(hub_cache)
     assert main(["--output-dir", str(out), "--steps", "2", "--resume", "latest"]) == 0
@@ -233,6 +235,8 @@ def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(m
     [lora] = json.loads((tmp_path / "a" / "sampled" / "sample_results.json").read_text())["loras"]
     assert lora == {"path": REPO, "weight": 1.0, "adapter_name": "lora0", "weights": "pytorch_lora_weights.safetensors",
                     "revision": _commit(REPO)}
+    assert undocumented({"loras": [lora]}, documented_keys(DOC.read_text(encoding="utf-8"))["sample_results.json"]) \
+        == []
 
 
 def test_a_flux_lora_from_the_hub_on_a_unet_model_is_refused_in_one_line(hub_cache, tmp_path, capsys, monkeypatch):

@@ -161,8 +161,10 @@ class Config:
                           "optimizer state; the kohya/ComfyUI exports name them too).", ("attention", "attention+ff"))
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank).")
     init_lora: str = _f("", "Start from an existing LoRA instead of a fresh one (--init-lora): a run's lora/ folder, a "
-                        "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, or a peft adapter "
-                        "folder, of this model, the layers the run trains from it of rank lora_rank. Its layers "
+                        "checkpoint (checkpoints/step-N), a diffusers or kohya .safetensors file, a peft adapter "
+                        "folder, or a Hugging Face hub id (owner/name: its pytorch_lora_weights.safetensors or only "
+                        ".safetensors; owner/name/file.safetensors; the hub's main, its commit recorded in "
+                        "init_lora/source.json), of this model, the layers the run trains from it of rank lora_rank. Its layers "
                         "the run does not train (SD 1.x/2.x/SDXL: text encoders, convolutions, other linears; "
                         "SD3/FLUX: CLIP text encoders, other transformer linears) are kept as they came, fused into "
                         "the frozen base and written into every LoRA the run writes. Step 0 then renders what that "
