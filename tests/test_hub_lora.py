@@ -16,7 +16,7 @@ import yaml
 from huggingface_hub import constants
 
 from hubcache import cached_snapshot
-from loras import cpu_cfg, sampled, trainer_at_step_0
+from loras import cpu_cfg, export, sampled, trainer_at_step_0
 from outputs_doc import DOC, documented_keys, undocumented
 from refusals import assert_refused
 from test_hub import _no_dns
@@ -237,6 +237,12 @@ def test_sample_of_a_hub_lora_renders_what_its_file_renders_and_records_the_id(m
                     "revision": _commit(REPO)}
     assert undocumented({"loras": [lora]}, documented_keys(DOC.read_text(encoding="utf-8"))["sample_results.json"]) \
         == []
+    # a peft adapter (export --format peft) on the hub: read with its adapter_config.json (its alpha 8, not the
+    # rank's 4: half the LoRA's update), as the folder is
+    peft = export(tmp_path, made["lora"], "--format", "peft")
+    cached_snapshot(hub_cache, "someone/style-peft", peft)
+    (tmp_path / "c").mkdir()
+    assert sampled(tmp_path / "c", monkeypatch, "someone/style-peft")[2].sub(by_path).abs().max() < 1e-3
 
 
 def test_a_flux_lora_from_the_hub_on_a_unet_model_is_refused_in_one_line(hub_cache, tmp_path, capsys, monkeypatch):

@@ -4,7 +4,9 @@ one LoRA weights file: diffusers' ``pytorch_lora_weights.safetensors`` where it 
 --model (settings/paths.looks_like_hub_id). The file comes through huggingface_hub into the hub cache at the hub's
 main (``list_repo_files``, ``hf_hub_download``); without network (run/hub.offline) from the cache's snapshot of main,
 and a LoRA not there is one line with the ``hf download`` that brings it, before any model loads. The commit it
-resolved to goes with it (:class:`HubLora`): the run's init_lora/source.json and sample_results.json record it.
+resolved to goes with it (:class:`HubLora`): the run's init_lora/source.json and sample_results.json record it. Our
+export's base_model.json and a peft adapter's adapter_config.json beside the file come with it (the model check, the
+adapter's alpha).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lowmem_alignprop.lora.lora_files import PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, is_peft_folder
 from lowmem_alignprop.run.filenames import LORA_BASE_FILE, LORA_WEIGHT_NAME
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.paths import looks_like_hub_id, windows_path
@@ -34,6 +37,12 @@ class HubLora:
     @property
     def url(self) -> str:
         return f"https://huggingface.co/{self.repo}"
+
+    @property
+    def peft(self) -> bool:
+        """Whether it is a peft adapter's weights with its adapter_config.json beside them (its alpha, DoRA...): read as
+        that folder."""
+        return self.path.name == PEFT_WEIGHT_NAME and is_peft_folder(self.path.parent)
 
     @property
     def snapshot(self) -> Path:
@@ -109,8 +118,9 @@ def _download(repo: str, file: str, what: str, spec: str) -> HubLora:
                             + (f"; its .safetensors files: {_few(listed)}" if listed else ", nor any .safetensors "
                                "file"))
         path = Path(huggingface_hub.hf_hub_download(repo, chosen))
-        if (record := _beside(chosen, LORA_BASE_FILE)) in files:  # our export's record of its base model (sample
-            huggingface_hub.hf_hub_download(repo, record)  # checks the model against it)
+        for record in (_beside(chosen, name) for name in (LORA_BASE_FILE, PEFT_CONFIG_NAME)):  # our export's
+            if record in files:  # record of its base model (sample checks the model against it), a peft adapter's
+                huggingface_hub.hf_hub_download(repo, record)  # config (its alpha)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - huggingface_hub's: no such repository, gated, a failed request

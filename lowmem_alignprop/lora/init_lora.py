@@ -94,7 +94,7 @@ def named_lora(spec: str) -> tuple[Path, str, Path | None]:
     if checkpoint is not None:
         return checkpoint, "checkpoint", None
     if not path.exists() and (hub := hub_lora(spec, "--init-lora")) is not None:  # owner/name[/file.safetensors]
-        return hub.snapshot, "folder", hub.path
+        return (hub.path.parent, "peft", hub.path) if hub.peft else (hub.snapshot, "folder", hub.path)
     if not path.exists():
         raise UserError(f"--init-lora {spec}: no such file or folder: pass a LoRA (a run's lora/ folder, a "
                         "checkpoint, a .safetensors file or a peft adapter folder)")
@@ -131,11 +131,12 @@ def init_lora_source(spec: str) -> dict[str, str] | None:
         named, kind, file = named_lora(spec)
         if kind == "checkpoint":  # (an old EMA checkpoint's warning was said where its LoRA was read)
             file = ckpt.output_weights_file(named, ckpt.read_state(named).get("config", {}), say=False)
-        hub = hub_lora(spec, "--init-lora") if kind == "folder" and not Path(spec).expanduser().exists() else None
+        hub = hub_lora(spec, "--init-lora") if kind in ("folder", "peft") and not Path(spec).expanduser().exists() \
+            else None
     except (UserError, OSError, ValueError):
         return None
-    return {"file": "" if file == named else file.relative_to(named).as_posix(), "sha256": ckpt.file_sha256(file),
-            **({"revision": hub.commit} if hub is not None else {})}
+    own = hub.file if hub is not None else "" if file == named else file.relative_to(named).as_posix()
+    return {"file": own, "sha256": ckpt.file_sha256(file), **({"revision": hub.commit} if hub is not None else {})}
 
 
 def _as_safetensors(path: Path, spec: str) -> Path:

@@ -250,7 +250,7 @@ def parse_lora(arg: str, index: int) -> LoraSpec:
     given = Path(where).expanduser()
     hub = hub_lora(where, "--lora") if not given.exists() and ckpt.named_checkpoint(given) is None else None
     if hub is not None:  # owner/name[/file.safetensors]: its file in the hub cache, read as a local one
-        given = hub.path
+        given = hub.path.parent if hub.peft else hub.path  # (a peft adapter: its folder, with its config)
     file = _lora_file(given, arg)
     if weight != 1 and (magnitude := _dora_magnitude(file)) is not None:  # peft: m (W + w dW) / ||W + w dW||
         raise UserError(f"--lora {arg} is a DoRA (its magnitude vectors, e.g. {quote(magnitude)}): a weight scales its "
