@@ -179,6 +179,15 @@ def test_online_the_file_is_downloaded_into_the_hub_cache_with_the_record_beside
                             "x/missing.safetensors; its .safetensors files: pytorch_lora_weights.safetensors, "
                             "x/other.safetensors")
 
+    def not_there(repo, **kw):
+        raise RuntimeError(f"404 Client Error. Repository Not Found for url: https://huggingface.co/api/models/{repo}")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", not_there)
+    with pytest.raises(UserError) as e:
+        hub_lora.hub_lora("online/typo", "--init-lora")
+    assert str(e.value) == ("could not load --init-lora 'online/typo' from the Hugging Face hub: 404 Client Error. "
+                            "Repository Not Found for url: https://huggingface.co/api/models/online/typo; check the hub "
+                            "id, or pass a local directory")
+
 
 def _file_deltas(file) -> dict[str, torch.Tensor]:
     """module path -> alpha / rank * B @ A of a diffusers LoRA file of the UNet (alpha 8, rank 4: made's)."""
