@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from lowmem_alignprop.settings.errors import UserError, did_you_mean, nearest, quote
+from lowmem_alignprop.settings.image_size import (EXAMPLE, image_sides, nearest_multiples, parse_resolution,
+                                                  resolution_of)
 from lowmem_alignprop.settings.model_kind import FLOW_KINDS, SD3_KINDS, SINGLE_FILE_SUFFIXES, model_kind_of
 from lowmem_alignprop.settings.paths import describe as describe_path
 from lowmem_alignprop.settings.paths import kind_of, looks_like_hub_id, scheduler_prediction, vae_subfolder
@@ -117,8 +119,10 @@ class Config:
     eta: float = _f(1.0, "DDIM eta: 0 is deterministic, 1 is as stochastic as DDPM. 1.0 as AlignProp's v2 code "
                         "and TRL's AlignPropTrainer sample (the paper's v1 code stepped with eta 0): each step "
                         "then draws fresh noise, so rollouts of one prompt differ.")
-    resolution: int = _f(512, "Image side in pixels: a multiple of 8 (SD3/SD3.5 and FLUX.1: of 16, the pixels a "
-                                "transformer token covers; SD3.5 Large: at most 3072).")
+    resolution: int | str = _f(512, "Image size in pixels: one side N for N x N images, or width x height "
+                                      "(1216x832, 832x1216: as A1111 and kohya write it). Each side a multiple of 8 "
+                                      "(SD3/SD3.5 and FLUX.1: of 16, the pixels a transformer token covers; SD3.5 "
+                                      "Large: at most 3072).")
     negative_prompt: str = _f("", "Negative prompt: the unconditional branch of classifier-free guidance in training, "
                               "the sample images, `sample` and `plan`. Empty: the empty prompt, and on SDXL zero "
                               "embeddings, as its pipeline does (force_zeros_for_empty_prompt in model_index.json).")
@@ -332,6 +336,36 @@ class Config:
                             "--set compile=none")
         return self
 
+    def __post_init__(self) -> None:
+        if isinstance(self.resolution, str):  # Config(resolution="512x512"), as --set and a profile give it: 512
+            try:
+                self.resolution = parse_resolution(self.resolution)
+            except UserError:
+                pass  # (validate says what is wrong with it)
+
+    @property
+    def width(self) -> int:
+        """The images' width in pixels (``resolution``: N, or W of "WxH")."""
+        return image_sides(self.resolution)[0]
+
+    @property
+    def height(self) -> int:
+        """The images' height in pixels (``resolution``: N, or H of "WxH")."""
+        return image_sides(self.resolution)[1]
+
+    def _validate_resolution(self) -> None:
+        """Each side at least 8 px and a multiple of 8 (an SD3/FLUX model's files may ask more: checked after)."""
+        width, height = image_sides(self.resolution)  # (a malformed value: its one line)
+        if min(width, height) < 8:
+            raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
+                            "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)" if width == height else
+                            f"resolution={self.resolution} is too small: each side 8 px or more, e.g. {EXAMPLE}")
+        if width % 8 or height % 8:
+            each = "" if width == height else " on each side"
+            raise UserError(f"resolution={self.resolution} must be a multiple of 8{each}: use --set resolution="
+                            f"{nearest_multiples(self.resolution, 8)[0]}")
+        _check_flow_resolution(self)
+
     def _validate_decode(self) -> None:
         """The VAE decode's piece-by-piece settings."""
         if self.tiled_decode and self.sliced_decode:
@@ -370,6 +404,7 @@ class Config:
             v = getattr(self, f.name)
             if isinstance(v, str) and "\0" in v and f.name not in TEXT_FIELDS:
                 raise UserError(f"{f.name}={quote(v)} holds a NUL character: no path or name can")
+        image_sides(self.resolution)  # a malformed size, e.g. "1216*832": its one line before any other
         self._validate_names()
         most = MAX_SEED if training else MAX_SAMPLE_SEED
         if not MIN_SEED <= self.seed <= most:
@@ -389,20 +424,18 @@ class Config:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)}): use --set {name}=1")
         for name, most, why in UPPER_BOUNDS:  # absurd sizes fail here: a plan or a start-up check would run for
-            if getattr(self, name) > most:     # hours or take all memory on them
-                raise UserError(f"{name}={getattr(self, name)} is larger than {most}, the most this tool takes "
-                                f"({why}): use --set {name}={most} or less")
+            value = max(self.width, self.height) if name == "resolution" else getattr(self, name)  # hours or take
+            if value > most:  # all memory on them
+                side, fix = "", most
+                if name == "resolution" and self.width != self.height:  # (the other side kept)
+                    side, fix = " on a side", resolution_of(min(self.width, most), min(self.height, most))
+                raise UserError(f"{name}={getattr(self, name)} is larger than {most}{side}, the most this tool takes "
+                                f"({why}): use --set {name}={fix} or less")
         lo, hi = GLIBC_MMAP_KIB
         if self.cpu_malloc_threshold_kib and not lo <= self.cpu_malloc_threshold_kib <= hi:
             raise UserError(f"cpu_malloc_threshold_kib={self.cpu_malloc_threshold_kib} is outside glibc's range: use "
                             f"--set cpu_malloc_threshold_kib=1024 ({lo} to {hi}, or 0 for glibc's own)")
-        if self.resolution < 8:
-            raise UserError(f"resolution={self.resolution} is too small: use the model's size, e.g. --set "
-                            "resolution=512 (SD1.5), 768 (SD2.1) or 1024 (SDXL)")
-        if self.resolution % 8:
-            raise UserError(f"resolution={self.resolution} must be a multiple of 8: use --set resolution="
-                            f"{max(8, self.resolution // 8 * 8)}")
-        _check_flow_resolution(self)
+        self._validate_resolution()
         if training:
             self._validate_window()
         if self.lr <= 0:
@@ -747,6 +780,8 @@ def coerce(name: str, value: Any) -> Any:
         hint = did_you_mean(name, FIELD_NAMES)  # (STEPS: as steps)
         raise UserError(f"unknown config key {name!r}{hint}: see `lowmem-alignprop --help` for the field list")
     t = get_type_hints(Config)[name]
+    if name == "resolution" and value is not None:  # N or "WxH"
+        return parse_resolution(value)
     if isinstance(value, str):
         s = value.strip()
         if t is bool:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from lowmem_alignprop.settings.errors import UserError
 from lowmem_alignprop.settings.hub_access import hub_file
+from lowmem_alignprop.settings.image_size import image_sides, nearest_multiples, resolution_of
 from lowmem_alignprop.settings.paths import model_index
 
 ARCH_FLOW_DIR = Path(__file__).resolve().parents[1] / "arch_flow"  # the shipped sd35m, sd35l, flux configs
@@ -173,16 +174,22 @@ def vae_scale(vae_config) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def check_flow_resolution(resolution: int, geometry: tuple[str, int, int | None]) -> None:
-    """One line when ``resolution`` does not suit an SD3/FLUX model (flow_geometry): before the model loads where the
-    files tell, else before the first step."""
+def check_flow_resolution(resolution: int | str, geometry: tuple[str, int, int | None]) -> None:
+    """One line when ``resolution`` (N, or "WxH") does not suit an SD3/FLUX model (flow_geometry): each side a multiple
+    of its token's pixels, and within SD3's position embeddings; before the model loads where the files tell, else
+    before the first step."""
     family, multiple, largest = geometry
     name = "FLUX.1" if family == "flux" else "SD3/SD3.5"
-    if resolution % multiple:
-        below = max(multiple, resolution // multiple * multiple)
-        raise UserError(f"resolution={resolution} is not a multiple of {multiple}: a token of this {name} model's "
-                        f"transformer covers {multiple}x{multiple} pixels: use --set resolution={below} or "
-                        f"{below + multiple}")
-    if largest and resolution > largest:
+    width, height = image_sides(resolution)
+    if width % multiple or height % multiple:
+        below, above = nearest_multiples(resolution, multiple)
+        if width == height:  # (the multiples either side, as it was said)
+            above = int(below) + multiple
+        each = "" if width == height else " on each side"
+        raise UserError(f"resolution={resolution} is not a multiple of {multiple}{each}: a token of this {name} "
+                        f"model's transformer covers {multiple}x{multiple} pixels: use --set resolution={below} or "
+                        f"{above}")
+    if largest and max(width, height) > largest:
+        fits = resolution_of(min(width, largest), min(height, largest))
         raise UserError(f"resolution={resolution} is larger than this {name} model's position embeddings reach "
-                        f"({largest} px a side): use --set resolution={largest} or less")
+                        f"({largest} px a side): use --set resolution={fits} or less")
